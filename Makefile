@@ -1,0 +1,38 @@
+# speciesid: `make test` sets up .venv (pip) and runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the releases this project is tested with (pip finds them on the dev machines' disk).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+SHARED ?= ../shared
+INDEX ?= runs/ph-snakes-mobilenet
+
+.PHONY: setup test lint bench demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/bench_build.py
+	$(PY) benchmarks/bench_identify.py
+	$(PY) benchmarks/bench_search.py
+
+# Quick start on the shared ph-snakes photos with the real MobileNetV1 weights.
+demo: setup
+	$(VENV)/bin/speciesid index build --dataset folder --root $(SHARED)/data/ph-snakes/train \
+		--encoder timm:local-dir:$(SHARED)/models/mobilenetv1_100.coral_in1k --index $(INDEX)
+	$(VENV)/bin/speciesid identify --index $(INDEX) "$(SHARED)/data/ph-snakes/val/Samar Cobra (Naja samarensis)" --k 3 | head -20
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The edges: the ``speciesid`` command line (and the HTTP service)."""

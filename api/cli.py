@@ -1,0 +1,422 @@
+"""``speciesid`` command line: build galleries, identify photos, manage references."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("speciesid")
+
+FORMATS = ("table", "json", "csv")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _expand_images(paths: Sequence[str]) -> list[Path]:
+    """Files as given; folders expanded to the photos inside them (recursively, sorted)."""
+    from index.datasets import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise ValueError(f"folder {p} holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            out.extend(found)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise ValueError(f"{p} does not exist")
+    return out
+
+
+def _fmt_bool(value: bool | None) -> str:
+    return "?" if value is None else ("yes" if value else "no")
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _csv(rows: list[dict], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) -> None:
+    from retrieval.encoders import PRECISIONS, SPEC_FORMS
+
+    help_spec = "encoder spec (" + ", ".join(SPEC_FORMS) + ")"
+    if default_spec:
+        help_spec += f"; default {default_spec}"
+    else:
+        help_spec += "; default: the one that built the index"
+    p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
+    p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight precision (default auto)")
+
+
+def _vote_args(p: argparse.ArgumentParser) -> None:
+    from retrieval.vote import DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_UNKNOWN_THRESHOLD
+
+    p.add_argument("--knn", type=int, default=DEFAULT_K, help=f"neighbours that vote (default {DEFAULT_K})")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"vote weight exp(similarity/T) (default {DEFAULT_TEMPERATURE})",
+    )
+    p.add_argument(
+        "--unknown-threshold",
+        type=float,
+        default=DEFAULT_UNKNOWN_THRESHOLD,
+        help=f"best score under this means 'unknown' (default {DEFAULT_UNKNOWN_THRESHOLD})",
+    )
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from index.vectors import VectorIndexConfig
+    from retrieval.encoders import EncoderConfig
+    from retrieval.session import build_gallery
+
+    result = build_gallery(
+        args.index,
+        args.dataset,
+        args.root,
+        metadata=args.metadata,
+        encoder=EncoderConfig(
+            spec=args.encoder,
+            weights=args.weights,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+        ),
+        index_config=VectorIndexConfig(kind=args.index_kind),
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    g = result.gallery
+    _emit(
+        f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "
+        f"encoder {g.encoder_spec}, {g.index.kind} index\n"
+        f"{result.report.summary()}"
+    )
+    for warning in result.scan.warnings:
+        _emit(f"warning: {warning}")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from index.gallery import Gallery
+
+    g = Gallery.open(args.index)
+    info = {
+        "index": str(g.root),
+        "encoder": g.info["encoder"],
+        "references": len(g),
+        "species": len(g.species()),
+        "index_kind": g.index.kind,
+        "store_version": g.store.version,
+    }
+    _emit(json.dumps(info, indent=2))
+    return 0
+
+
+def _open_identifier(args: argparse.Namespace):
+    from retrieval.session import open_identifier
+    from retrieval.vote import VoteConfig
+
+    vote = VoteConfig(k=args.knn, temperature=args.temperature, unknown_threshold=args.unknown_threshold)
+    return open_identifier(
+        args.index,
+        encoder=args.encoder,
+        weights=args.weights,
+        device=args.device,
+        precision=args.precision,
+        vote=vote,
+    )
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    from retrieval.pipeline import embed_sources
+
+    paths = _expand_images(args.images)
+    ident = _open_identifier(args)
+    emb, errors = embed_sources(paths, ident.encoder, progress=not args.quiet and len(paths) > 20)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    answers = dict(zip(ok, ident.identify_embeddings(emb[ok], top=args.k), strict=True)) if ok else {}
+    results = []
+    for i, path in enumerate(paths):
+        if errors[i] is not None:
+            results.append({"image": str(path), "error": errors[i]})
+        else:
+            results.append({"image": str(path), **answers[i].to_dict(neighbours=args.neighbours)})
+    if args.format == "json":
+        _emit(json.dumps(results, indent=2))
+    elif args.format == "csv":
+        rows = []
+        for r in results:
+            for rank, p in enumerate(r.get("predictions", []), 1):
+                rows.append({"image": r["image"], "rank": rank, **p, "unknown": r["unknown"]})
+            if "error" in r:
+                rows.append({"image": r["image"], "error": r["error"]})
+        fields = ["image", "rank", "species", "score", "common_name", "genus", "family", "venomous", "unknown"]
+        _emit(_csv(rows, [*fields, "error"]))
+    else:
+        for r in results:
+            _emit(f"{r['image']}")
+            if "error" in r:
+                _emit(f"  error: {r['error']}")
+                continue
+            if r["unknown"]:
+                _emit("  UNKNOWN: no species is supported strongly enough (best candidates below)")
+            for rank, p in enumerate(r["predictions"], 1):
+                name = f"{p['species']}" + (f" ({p['common_name']})" if p["common_name"] else "")
+                venom = "  VENOMOUS" if p["venomous"] else ""
+                _emit(f"  {rank}. {p['score']:6.1%}  {name}  [{p['family'] or '?'}]{venom}")
+            if r.get("venomous_score") is not None:
+                _emit(f"  probability medically important venomous: {r['venomous_score']:.1%}")
+    failed = sum(e is not None for e in errors)
+    if failed:
+        logger.warning("%d of %d photos could not be read", failed, len(paths))
+    return 1 if failed else 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from retrieval.pipeline import embed_sources
+
+    paths = _expand_images([args.image])
+    ident = _open_identifier(args)
+    emb, errors = embed_sources(paths[:1], ident.encoder)
+    if errors[0] is not None:
+        raise ValueError(f"{paths[0]}: {errors[0]}")
+    neighbours = [n.to_dict() for n in ident.search(emb, args.k)[0]]
+    if args.format == "json":
+        _emit(json.dumps({"image": str(paths[0]), "neighbours": neighbours}, indent=2))
+    elif args.format == "csv":
+        fields = ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]
+        _emit(_csv(neighbours, fields))
+    else:
+        for rank, n in enumerate(neighbours, 1):
+            _emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {n['path']}")
+    return 0
+
+
+def _parse_yes_no(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in ("yes", "y", "true", "1"):
+        return True
+    if v in ("no", "n", "false", "0"):
+        return False
+    raise ValueError(f"--venomous takes yes or no, not {value!r}")
+
+
+def cmd_references_add(args: argparse.Namespace) -> int:
+    from index.datasets import lookup_taxon
+    from index.records import ReferenceRecord
+    from retrieval.pipeline import add_references
+    from retrieval.session import open_gallery
+
+    paths = _expand_images(args.images)
+    species = " ".join(args.species.replace("_", " ").split())
+    if not species:
+        raise ValueError("--species must name the species, e.g. --species 'Naja haje'")
+    gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device)
+    known = {s.species: s for s in gallery.species()}
+    taxon = lookup_taxon(species)
+    prior = known.get(species)
+    venomous = _parse_yes_no(args.venomous)
+    if venomous is None:
+        venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
+    records = [
+        ReferenceRecord(
+            path=p,
+            species=species,
+            genus=args.genus or (prior.genus if prior else None) or (taxon.genus if taxon else None),
+            family=args.family or (prior.family if prior else None) or (taxon.family if taxon else None),
+            common_name=args.common_name or (prior.common_name if prior else None),
+            venomous=venomous,
+            dataset="added",
+        )
+        for p in paths
+    ]
+    report = add_references(gallery, enc, records, progress=not args.quiet and len(paths) > 20)
+    status = "existing" if prior else "new"
+    _emit(f"{species} ({status} species): {report.summary()}")
+    if report.ids:
+        _emit(f"ids: {', '.join(map(str, report.ids))}")
+    return 0 if report.added or not report.skipped else 1
+
+
+def cmd_references_delete(args: argparse.Namespace) -> int:
+    from index.gallery import Gallery
+
+    gallery = Gallery.open(args.index)
+    found = gallery.delete(args.ids)
+    _emit(f"deleted {found} of {len(args.ids)} references")
+    return 0 if found == len(args.ids) else 1
+
+
+def cmd_species_list(args: argparse.Namespace) -> int:
+    from index.gallery import Gallery
+
+    species = [
+        {
+            "species": s.species,
+            "common_name": s.common_name,
+            "genus": s.genus,
+            "family": s.family,
+            "venomous": s.venomous,
+            "count": s.count,
+        }
+        for s in Gallery.open(args.index).species()
+    ]
+    if args.format == "json":
+        _emit(json.dumps(species, indent=2))
+    elif args.format == "csv":
+        _emit(_csv(species, ["species", "common_name", "genus", "family", "venomous", "count"]))
+    else:
+        for s in species:
+            common = f" ({s['common_name']})" if s["common_name"] else ""
+            _emit(
+                f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  "
+                f"venomous: {_fmt_bool(s['venomous'])}"
+            )
+        _emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
+    return 0
+
+
+def cmd_encoders_list(args: argparse.Namespace) -> int:
+    from retrieval.encoders import ALIASES, list_encoders
+
+    for form in list_encoders():
+        _emit(f"{form}" + (f"  = {ALIASES[form]}" if form in ALIASES else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and docs)."""
+    from index.datasets import DATASETS
+
+    parser = argparse.ArgumentParser(
+        prog="speciesid",
+        description="Identify animal species from photos by embedding retrieval.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # index
+    p_index = sub.add_parser("index", help="build and inspect galleries")
+    s_index = p_index.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_index.add_parser("build", help="embed a dataset into a gallery (LanceDB store + FAISS index)")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout of --root")
+    p.add_argument("--root", required=True, help="folder holding the photos")
+    p.add_argument("--metadata", help="metadata CSV (required for snakeclef2021; rare-species: metadata.csv)")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory (created if new)")
+    _encoder_args(p, default_spec="bioclip")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument(
+        "--index-kind",
+        default="auto",
+        choices=("auto", "flat", "hnsw", "ivf"),
+        help="FAISS index: exact flat, or approximate (auto: flat below 50k references, HNSW above)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index_build)
+    p = s_index.add_parser("info", help="show what a gallery holds and which encoder built it")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_index_info)
+
+    # identify
+    p = sub.add_parser("identify", help="identify the species in photos")
+    p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders of photos")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--k", type=int, default=5, help="species to report per photo (default 5)")
+    p.add_argument("--neighbours", type=int, default=5, help="evidence photos to report (default 5)")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    _vote_args(p)
+    _encoder_args(p, default_spec=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_identify)
+
+    # search
+    p = sub.add_parser("search", help="raw nearest reference photos of one photo")
+    p.add_argument("image", metavar="IMG")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--k", type=int, default=10, help="neighbours (default 10)")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    _vote_args(p)
+    _encoder_args(p, default_spec=None)
+    p.set_defaults(func=cmd_search)
+
+    # references
+    p_ref = sub.add_parser("references", help="add or delete reference photos")
+    s_ref = p_ref.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_ref.add_parser("add", help="add reference photos of a species (created if new); no retraining")
+    p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje"')
+    p.add_argument("--common-name", help="English common name")
+    p.add_argument("--venomous", help="yes or no: medically important venomous (default: from taxonomy)")
+    p.add_argument("--genus", help="genus (default: first word of --species)")
+    p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
+    p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
+    p.add_argument("--weights", default=None, help="(default: the gallery's weights)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_references_add)
+    p = s_ref.add_parser("delete", help="delete reference photos by id")
+    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_references_delete)
+
+    # species
+    p_sp = sub.add_parser("species", help="species in a gallery")
+    s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_sp.add_parser("list", help="species with reference counts, family and venomous flag")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    p.set_defaults(func=cmd_species_list)
+
+    # encoders
+    p_enc = sub.add_parser("encoders", help="encoder specs")
+    s_enc = p_enc.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_enc.add_parser("list", help="the accepted encoder spec forms")
+    p.set_defaults(func=cmd_encoders_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"speciesid: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("speciesid: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared bits for the benchmark scripts: paths to ../shared, cached embeddings, timing helpers."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = REPO.parent / "shared"
+PH_SNAKES = SHARED / "data" / "ph-snakes"
+MOBILENET = SHARED / "models" / "mobilenetv1_100.coral_in1k"
+MOBILENET_SPEC = f"timm:local-dir:{MOBILENET}"
+VIT_SPEC = "open_clip:ViT-B-16"  # random weights: exactly BioCLIP's compute
+CACHE = REPO / "runs" / "cache"
+
+
+def require_shared() -> None:
+    """Exit with a clear message when ../shared is not beside the repo."""
+    if not PH_SNAKES.is_dir() or not MOBILENET.is_dir():
+        sys.exit(f"benchmarks need {PH_SNAKES} and {MOBILENET} (the shared assets beside the repo)")
+
+
+def split_embeddings(encoder_spec: str, split: str, precision: str = "fp32") -> tuple[np.ndarray, list[str], list[str]]:
+    """Embeddings, species labels and paths of one ph-snakes split, cached under runs/cache."""
+    from index.datasets import load_dataset
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import embed_sources
+
+    tag = encoder_spec.replace("/", "_").replace(":", "_")
+    path = CACHE / f"{tag}-{precision}-{split}.npz"
+    scan = load_dataset("folder", PH_SNAKES / split)
+    labels = [r.species for r in scan.records]
+    paths = [str(r.path) for r in scan.records]
+    if path.is_file():
+        data = np.load(path, allow_pickle=False)
+        if list(data["paths"]) == paths:
+            return data["emb"], labels, paths
+    enc = create_encoder(encoder_spec, precision=precision)
+    emb, errors = embed_sources(paths, enc, progress=True, desc=f"embed {split}")
+    assert not any(errors), [e for e in errors if e]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, emb=emb, paths=np.array(paths))
+    return emb, labels, paths
+
+
+def percentiles(values_ms: list[float]) -> str:
+    """'p50 / p95 / p99' of a list of milliseconds."""
+    v = np.asarray(values_ms)
+    return f"p50 {np.percentile(v, 50):.1f} ms, p95 {np.percentile(v, 95):.1f} ms, p99 {np.percentile(v, 99):.1f} ms"
+
+
+def median(values: list[float]) -> float:
+    """Median of a list."""
+    return float(statistics.median(values))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

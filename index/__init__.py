@@ -1,0 +1,1 @@
+"""Keep references and find neighbours: datasets -> LanceDB store -> FAISS index."""

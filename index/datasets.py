@@ -1,0 +1,429 @@
+"""Dataset loaders: turn a folder of labelled photos (and its metadata) into ``ReferenceRecord`` s.
+
+Each loader only finds files and labels them; it never decodes images (the build reports corrupt
+files later). Loaders:
+
+- ``moroccan``: the 26 native snake species of Morocco, one folder per species (``Genus-species``).
+- ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus_species``, ``cats``).
+- ``rare-species``: the Hugging Face ``imageomics/rare-species`` layout (``metadata.csv`` + files).
+- ``snakeclef2021``: SnakeCLEF 2021 metadata CSV plus the image root its ``image_path`` is relative to.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from index.records import HIGHER_RANKS, ReferenceRecord
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("moroccan", "folder", "rare-species", "snakeclef2021")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+MOROCCAN_CSV = DATA_DIR / "moroccan.csv"
+TAXONOMY_CSV = DATA_DIR / "snake_taxonomy.csv"
+
+#: How many example paths a "missing files" warning shows.
+_MAX_EXAMPLES = 5
+#: Class-folder names that suggest the root is one level too high (a split folder, not a class).
+_SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "dev"}
+
+_PAREN_RE = re.compile(r"^(?P<common>.*?)\s*\((?P<sci>[^()]+)\)\s*$")
+_GENUS_RE = re.compile(r"^[A-Z][a-z]+$")
+_EPITHET_RE = re.compile(r"^[a-z][a-z.]*$")
+
+
+@dataclass(frozen=True)
+class TaxonInfo:
+    """What the shipped snake taxonomy knows about one species."""
+
+    species: str
+    genus: str | None
+    family: str | None
+    venomous: bool | None  # medically important venomous (SnakeCLEF "mivs"); None = unknown
+
+
+@dataclass
+class DatasetScan:
+    """The result of scanning one dataset: records plus human-readable notes."""
+
+    name: str  # dataset loader name
+    root: Path  # image root
+    records: list[ReferenceRecord]  # one per photo file found
+    warnings: list[str] = field(default_factory=list)  # e.g. checklist species with no folder
+    species: list[str] = field(default_factory=list)  # sorted distinct species of the records
+
+
+# --------------------------------------------------------------------------------------------------
+# Taxonomy lookups
+
+
+def _norm(name: str) -> str:
+    """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, case-folded."""
+    return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
+
+
+def _read_taxon_csv(path: Path) -> list[TaxonInfo]:
+    rows: list[TaxonInfo] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            species = " ".join((row.get("species") or "").split())
+            if not species:
+                continue
+            flag = (row.get("venomous") or "").strip()
+            rows.append(
+                TaxonInfo(
+                    species=species,
+                    genus=(row.get("genus") or "").strip() or species.split(" ", 1)[0],
+                    family=(row.get("family") or "").strip() or None,
+                    venomous=True if flag == "1" else False if flag == "0" else None,
+                )
+            )
+    return rows
+
+
+@lru_cache(maxsize=1)
+def _taxonomy() -> dict[str, TaxonInfo]:
+    table: dict[str, TaxonInfo] = {}
+    for path in (TAXONOMY_CSV, MOROCCAN_CSV):  # the Moroccan checklist wins on a conflict
+        for info in _read_taxon_csv(path):
+            table[_norm(info.species)] = info
+    logger.debug("loaded %d taxa from %s", len(table), DATA_DIR)
+    return table
+
+
+@lru_cache(maxsize=1)
+def _moroccan_checklist() -> tuple[TaxonInfo, ...]:
+    return tuple(_read_taxon_csv(MOROCCAN_CSV))
+
+
+def lookup_taxon(species: str) -> TaxonInfo | None:
+    """Genus, family and venomous flag of a snake species, or None when it is not a known snake.
+
+    Matching ignores case and treats ``-``/``_`` as spaces. A trinomial (subspecies) that is not
+    listed falls back to its species (first two words).
+    """
+    table = _taxonomy()
+    key = _norm(species)
+    info = table.get(key)
+    if info is None:
+        words = key.split(" ")
+        if len(words) == 3:
+            info = table.get(" ".join(words[:2]))
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# Folder helpers
+
+
+def _looks_scientific(words: list[str]) -> bool:
+    return (
+        2 <= len(words) <= 3
+        and bool(_GENUS_RE.match(words[0]))
+        and all(_EPITHET_RE.match(w) for w in words[1:])
+    )
+
+
+def parse_folder_name(name: str) -> tuple[str, str | None]:
+    """Species label and common name from a class-folder name.
+
+    ``"Common Wolf Snake (Lycodon capucinus)"`` -> ``("Lycodon capucinus", "Common Wolf Snake")``;
+    ``"Lycodon-capucinus"`` / ``"Lycodon_capucinus"`` -> ``("Lycodon capucinus", None)``;
+    anything else (``"cats"``) is its own label: ``("cats", None)``.
+    """
+    text = " ".join(name.split())
+    match = _PAREN_RE.match(text)
+    if match:
+        sci_words = match["sci"].replace("_", " ").split()
+        if _looks_scientific(sci_words):
+            return " ".join(sci_words), match["common"].strip() or None
+    words = text.replace("_", " ").replace("-", " ").split()
+    if _looks_scientific(words):
+        return " ".join(words), None
+    return text, None
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _find_images(folder: Path) -> list[Path]:
+    """Photo files under ``folder`` (recursive, by extension, case-insensitive), sorted; hidden skipped."""
+    found = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p, folder) and p.is_file()
+    ]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _class_folders(root: Path, warnings: list[str]) -> list[Path]:
+    """Visible sub-folders of ``root``, sorted; warns about photos lying directly in ``root``."""
+    folders = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
+    )
+    loose = [
+        p.name
+        for p in root.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if loose:
+        warnings.append(
+            f"{len(loose)} photo file(s) directly in {root} ignored (photos must be in one folder per class): "
+            + _examples(sorted(loose))
+        )
+    splits = [p.name for p in folders if p.name.lower() in _SPLIT_NAMES]
+    if splits:
+        warnings.append(
+            f"class folder(s) {', '.join(splits)} look like dataset splits, not classes; "
+            f"did you mean --root {root / splits[0]}?"
+        )
+    return folders
+
+
+def _examples(items: Iterable[str]) -> str:
+    items = list(items)
+    shown = ", ".join(items[:_MAX_EXAMPLES])
+    return shown + (f", ... ({len(items) - _MAX_EXAMPLES} more)" if len(items) > _MAX_EXAMPLES else "")
+
+
+def _missing_files_warning(missing: list[str], source: Path) -> str:
+    return f"{len(missing)} file(s) listed in {source} not found on disk, skipped: {_examples(missing)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
+    checklist = _moroccan_checklist()
+    by_key = {_norm(t.species): t for t in checklist}
+    matched: dict[str, list[Path]] = {}
+    unknown: list[str] = []
+    for folder in _class_folders(root, warnings):
+        taxon = by_key.get(_norm(folder.name))
+        if taxon is None:
+            unknown.append(folder.name)
+        else:
+            matched.setdefault(taxon.species, []).append(folder)
+    if unknown:
+        keys = list(by_key)
+        details = []
+        for name in unknown:
+            close = difflib.get_close_matches(_norm(name), keys, n=3, cutoff=0.6)
+            hint = (
+                f" (closest checklist names: {', '.join(by_key[k].species for k in close)})" if close else ""
+            )
+            details.append(f"{name!r}{hint}")
+        raise ValueError(
+            f"folder(s) in {root} match no Moroccan checklist species: {'; '.join(details)}. "
+            f"The moroccan dataset only accepts the {len(checklist)} checklist species "
+            f"(folders named Genus-species, Genus_species or 'Genus species'); "
+            f"use --dataset folder for other taxa."
+        )
+    records: list[ReferenceRecord] = []
+    no_photos: list[str] = []
+    for taxon in checklist:
+        folders = matched.get(taxon.species, [])
+        if len(folders) > 1:
+            warnings.append(
+                f"{taxon.species}: {len(folders)} folders merged ({', '.join(f.name for f in folders)})"
+            )
+        paths = [p for folder in folders for p in _find_images(folder)]
+        if not paths:
+            no_photos.append(taxon.species)
+        records.extend(
+            ReferenceRecord(
+                path=p,
+                species=taxon.species,
+                genus=taxon.genus,
+                family=taxon.family,
+                venomous=taxon.venomous,
+                dataset="moroccan",
+            )
+            for p in paths
+        )
+    if no_photos:
+        warnings.append(
+            f"{len(no_photos)} of {len(checklist)} checklist species have no photos (no folder or an empty one): "
+            + ", ".join(no_photos)
+        )
+    return records
+
+
+def _load_folder(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
+    records: list[ReferenceRecord] = []
+    empty: list[str] = []
+    for folder in _class_folders(root, warnings):
+        species, common = parse_folder_name(folder.name)
+        paths = _find_images(folder)
+        if not paths:
+            empty.append(folder.name)
+            continue
+        taxon = lookup_taxon(species)
+        records.extend(
+            ReferenceRecord(
+                path=p,
+                species=species,
+                genus=taxon.genus if taxon else None,
+                family=taxon.family if taxon else None,
+                common_name=common,
+                venomous=taxon.venomous if taxon else None,
+                dataset="folder",
+            )
+            for p in paths
+        )
+    if empty:
+        warnings.append(f"{len(empty)} folder(s) with no photos ignored: {_examples(empty)}")
+    return records
+
+
+def _read_metadata(path: Path, required: Iterable[str], dataset: str) -> Iterator[dict[str, str]]:
+    if not path.is_file():
+        raise ValueError(f"{dataset} metadata file {path} does not exist (set it with --metadata)")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = {c.strip() for c in reader.fieldnames or ()}
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{dataset} metadata {path} lacks required column(s): {', '.join(missing)} "
+                f"(found: {', '.join(sorted(columns)) or 'none'})"
+            )
+        for row in reader:
+            yield {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
+
+
+def _resolve(root: Path, relative: str) -> Path:
+    path = Path(relative)
+    return path if path.is_absolute() else root / path
+
+
+def _load_rare_species(root: Path, metadata: Path | None, warnings: list[str]) -> list[ReferenceRecord]:
+    meta_path = metadata if metadata is not None else root / "metadata.csv"
+    records: list[ReferenceRecord] = []
+    missing: list[str] = []
+    unlabelled = 0
+    for row in _read_metadata(meta_path, ("file_name", "genus", "species"), "rare-species"):
+        file_name, genus, epithet = row["file_name"], row["genus"], row["species"]
+        if " " in epithet:
+            species = epithet
+        elif row.get("sciName"):
+            species = row["sciName"]
+        elif genus and epithet:
+            species = f"{genus} {epithet}"
+        else:
+            species = ""
+        if not file_name or not species:
+            unlabelled += 1
+            continue
+        path = _resolve(root, file_name)
+        if not path.is_file():
+            missing.append(file_name)
+            continue
+        taxon = lookup_taxon(species)
+        records.append(
+            ReferenceRecord(
+                path=path,
+                species=species,
+                genus=genus or None,
+                family=row.get("family") or (taxon.family if taxon else None),
+                common_name=row.get("common") or None,
+                venomous=taxon.venomous if taxon else None,
+                dataset="rare-species",
+                ranks={rank: row[rank] for rank in HIGHER_RANKS if row.get(rank)},
+            )
+        )
+    if unlabelled:
+        warnings.append(f"{unlabelled} row(s) of {meta_path} without file_name or species skipped")
+    if missing:
+        warnings.append(_missing_files_warning(missing, meta_path))
+    return records
+
+
+def _load_snakeclef2021(root: Path, metadata: Path | None, warnings: list[str]) -> list[ReferenceRecord]:
+    if metadata is None:
+        raise ValueError("--metadata CSV is required for snakeclef2021 (the SnakeCLEF 2021 metadata file)")
+    records: list[ReferenceRecord] = []
+    missing: list[str] = []
+    unlabelled = 0
+    for row in _read_metadata(metadata, ("binomial", "image_path"), "snakeclef2021"):
+        species, image_path = row["binomial"], row["image_path"]
+        if not species or not image_path:
+            unlabelled += 1
+            continue
+        path = _resolve(root, image_path)
+        if not path.is_file():
+            missing.append(image_path)
+            continue
+        taxon = lookup_taxon(species)
+        records.append(
+            ReferenceRecord(
+                path=path,
+                species=species,
+                genus=row.get("genus") or (taxon.genus if taxon else None),
+                family=row.get("family") or (taxon.family if taxon else None),
+                venomous=taxon.venomous if taxon else None,
+                dataset="snakeclef2021",
+                country=row.get("country") or None,
+            )
+        )
+    if unlabelled:
+        warnings.append(f"{unlabelled} row(s) of {metadata} without binomial or image_path skipped")
+    if missing:
+        warnings.append(_missing_files_warning(missing, metadata))
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by ``load_dataset``."""
+    return list(DATASETS)
+
+
+def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = None) -> DatasetScan:
+    """Scan dataset ``name`` under image root ``root`` (``metadata``: CSV for metadata-driven loaders).
+
+    Raises ``ValueError`` for an unknown name, a missing root or metadata file, missing metadata
+    columns, or (``moroccan``) a folder that is not a checklist species.
+    """
+    key = name.strip().lower().replace("_", "-")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    root_path = Path(root).expanduser()
+    if not root_path.exists():
+        raise ValueError(f"dataset root {root_path} does not exist (set the image folder with --root)")
+    if not root_path.is_dir():
+        raise ValueError(f"dataset root {root_path} is not a folder (set the image folder with --root)")
+    meta_path = Path(metadata).expanduser() if metadata is not None else None
+
+    warnings: list[str] = []
+    if key == "moroccan":
+        records = _load_moroccan(root_path, warnings)
+    elif key == "folder":
+        records = _load_folder(root_path, warnings)
+    elif key == "rare-species":
+        records = _load_rare_species(root_path, meta_path, warnings)
+    else:
+        records = _load_snakeclef2021(root_path, meta_path, warnings)
+    if meta_path is not None and key in {"moroccan", "folder"}:
+        warnings.append(f"--metadata {meta_path} is ignored by the {key} dataset")
+
+    species = sorted({r.species for r in records})
+    logger.info("dataset %s at %s: %d photos of %d species", key, root_path, len(records), len(species))
+    for warning in warnings:
+        logger.debug("dataset %s: %s", key, warning)
+    return DatasetScan(name=key, root=root_path, records=records, warnings=warnings, species=species)

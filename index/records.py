@@ -1,0 +1,30 @@
+"""The one record type that flows from datasets into the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Taxonomic ranks above genus that the store keeps when a dataset knows them.
+HIGHER_RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order")
+
+
+@dataclass
+class ReferenceRecord:
+    """One labelled reference photo, before it is embedded."""
+
+    path: Path  # where the photo file lives
+    species: str  # binomial, "Genus species" (the label everything votes on)
+    genus: str | None = None  # genus name; derived from the binomial when missing
+    family: str | None = None  # family name, when known
+    common_name: str | None = None  # English common name, when known
+    venomous: bool | None = None  # medically important venomous (SnakeCLEF "mivs"); None = unknown
+    dataset: str = "folder"  # which dataset loader produced it
+    ranks: dict[str, str] = field(default_factory=dict)  # kingdom/phylum/class/order when known
+    country: str | None = None  # where the photo was taken, when the metadata says
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.species = " ".join(self.species.split())
+        if not self.genus and " " in self.species:
+            self.genus = self.species.split(" ", 1)[0]

@@ -1,0 +1,247 @@
+"""The reference store: one LanceDB table, embedded on disk, the gallery's source of truth."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from index.records import HIGHER_RANKS, ReferenceRecord
+
+logger = logging.getLogger(__name__)
+
+TABLE = "references"
+#: Metadata columns (everything but the embedding), in table order.
+META_COLUMNS: tuple[str, ...] = (
+    "id",
+    "species",
+    "genus",
+    "family",
+    *HIGHER_RANKS,
+    "common_name",
+    "venomous",
+    "dataset",
+    "source_path",
+    "country",
+    "sha256",
+    "added_at",
+    "encoder",
+    "excluded",
+)
+
+
+def _schema(dim: int) -> pa.Schema:
+    text = pa.string()
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("species", text, nullable=False),
+            pa.field("genus", text),
+            pa.field("family", text),
+            *[pa.field(rank, text) for rank in HIGHER_RANKS],
+            pa.field("common_name", text),
+            pa.field("venomous", pa.bool_()),
+            pa.field("dataset", text),
+            pa.field("source_path", text),
+            pa.field("country", text),
+            pa.field("sha256", text, nullable=False),
+            pa.field("added_at", pa.timestamp("us", tz="UTC")),
+            pa.field("encoder", text, nullable=False),
+            pa.field("excluded", pa.bool_()),
+            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+
+
+@dataclass
+class SpeciesSummary:
+    """A species in the gallery, with how many reference photos it has."""
+
+    species: str  # binomial
+    genus: str | None  # genus name
+    family: str | None  # family name
+    common_name: str | None  # most frequent common name among its references
+    venomous: bool | None  # medically important venomous; None when unknown
+    count: int  # reference photos (excluded ones not counted)
+
+
+class ReferenceStore:
+    """LanceDB table of reference photos: metadata + embedding, one row per photo."""
+
+    def __init__(self, root: str | Path, dim: int) -> None:
+        self.root = Path(root)
+        self.dim = dim
+        self._db = lancedb.connect(str(self.root))
+        if TABLE in self._table_names():
+            self._table = self._db.open_table(TABLE)
+            got = self._table.schema.field("embedding").type.list_size
+            if got != dim:
+                raise ValueError(f"store {self.root} holds {got}-d embeddings, not {dim}-d")
+        else:
+            self._table = self._db.create_table(TABLE, schema=_schema(dim))
+        self._next_id = self._max_id() + 1
+
+    def _table_names(self) -> list[str]:
+        names = self._db.list_tables() if hasattr(self._db, "list_tables") else self._db.table_names()
+        return list(getattr(names, "tables", names))
+
+    def _max_id(self) -> int:
+        if self.count(include_excluded=True) == 0:
+            return 0
+        ids = self._read(["id"])["id"]
+        return int(ids.max()) if len(ids) else 0
+
+    def _read(self, columns: Sequence[str], where: str | None = None) -> pd.DataFrame:
+        query = self._table.search().select(list(columns)).limit(max(self._table.count_rows(), 1))
+        if where:
+            query = query.where(where)
+        return query.to_arrow().to_pandas()
+
+    @property
+    def version(self) -> int:
+        """LanceDB table version: grows with every write (the derived index records it)."""
+        return int(self._table.version)
+
+    def count(self, *, include_excluded: bool = False) -> int:
+        """Number of reference rows."""
+        if include_excluded:
+            return int(self._table.count_rows())
+        return int(self._table.count_rows("excluded = false OR excluded IS NULL"))
+
+    def known_sha256(self) -> dict[str, int]:
+        """Content digest -> reference id, for duplicate detection."""
+        df = self._read(["id", "sha256"])
+        return dict(zip(df["sha256"], df["id"].astype(int), strict=True))
+
+    def add(
+        self,
+        records: Sequence[ReferenceRecord],
+        sha256s: Sequence[str],
+        embeddings: np.ndarray,
+        encoder: str,
+    ) -> list[int]:
+        """Append rows; returns their new ids. Caller guarantees records are new (see known_sha256)."""
+        n = len(records)
+        if len(sha256s) != n or embeddings.shape != (n, self.dim):
+            raise ValueError(
+                f"add needs as many digests and ({n}, {self.dim}) embeddings as records; "
+                f"got {len(sha256s)} digests and {embeddings.shape}"
+            )
+        if n == 0:
+            return []
+        ids = list(range(self._next_id, self._next_id + n))
+        now = dt.datetime.now(dt.timezone.utc)
+        cols: dict[str, pa.Array] = {
+            "id": pa.array(ids, pa.int64()),
+            "species": pa.array([r.species for r in records], pa.string()),
+            "genus": pa.array([r.genus for r in records], pa.string()),
+            "family": pa.array([r.family for r in records], pa.string()),
+        }
+        for rank in HIGHER_RANKS:
+            cols[rank] = pa.array([r.ranks.get(rank) for r in records], pa.string())
+        cols.update(
+            {
+                "common_name": pa.array([r.common_name for r in records], pa.string()),
+                "venomous": pa.array([r.venomous for r in records], pa.bool_()),
+                "dataset": pa.array([r.dataset for r in records], pa.string()),
+                "source_path": pa.array([str(r.path) for r in records], pa.string()),
+                "country": pa.array([r.country for r in records], pa.string()),
+                "sha256": pa.array(list(sha256s), pa.string()),
+                "added_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                "encoder": pa.array([encoder] * n, pa.string()),
+                "excluded": pa.array([False] * n, pa.bool_()),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)), self.dim
+                ),
+            }
+        )
+        self._table.add(pa.table(cols, schema=_schema(self.dim)))
+        self._next_id += n
+        return ids
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Delete rows by id; returns how many existed."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        where = f"id IN ({', '.join(map(str, ids))})"
+        found = int(self._table.count_rows(where))
+        if found:
+            self._table.delete(where)
+        return found
+
+    def set_excluded(self, ids: Sequence[int], excluded: bool) -> int:
+        """Mark rows excluded from search (reversible); returns how many rows matched."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        where = f"id IN ({', '.join(map(str, ids))})"
+        found = int(self._table.count_rows(where))
+        if found:
+            self._table.update(where=where, values={"excluded": excluded})
+        return found
+
+    def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True) -> pd.DataFrame:
+        """Metadata rows (no embeddings), optionally only the given ids, indexed by id."""
+        clauses = []
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            if not ids:
+                return pd.DataFrame(columns=list(META_COLUMNS)).set_index("id")
+            clauses.append(f"id IN ({', '.join(map(str, ids))})")
+        if not include_excluded:
+            clauses.append("(excluded = false OR excluded IS NULL)")
+        df = self._read(META_COLUMNS, " AND ".join(clauses) or None)
+        return df.set_index("id", drop=False)
+
+    def vectors(self, *, include_excluded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 (N,), embeddings float32 (N, dim)) of the searchable rows."""
+        where = None if include_excluded else "excluded = false OR excluded IS NULL"
+        query = self._table.search().select(["id", "embedding"]).limit(max(self._table.count_rows(), 1))
+        if where:
+            query = query.where(where)
+        tbl = query.to_arrow()
+        ids = tbl.column("id").to_numpy().astype(np.int64)
+        flat = tbl.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return ids, np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), self.dim)
+
+    def species(self) -> list[SpeciesSummary]:
+        """Distinct species with reference counts and their metadata, sorted by name."""
+        df = self._read(["species", "genus", "family", "common_name", "venomous", "excluded"])
+        if df.empty:
+            return []
+        df = df[~df["excluded"].fillna(False).astype(bool)]
+        out = []
+        for name, group in df.groupby("species", sort=True):
+            common = group["common_name"].dropna()
+            venom = group["venomous"].dropna()
+            out.append(
+                SpeciesSummary(
+                    species=str(name),
+                    genus=_first(group["genus"]),
+                    family=_first(group["family"]),
+                    common_name=str(common.mode().iloc[0]) if len(common) else None,
+                    venomous=bool(venom.mode().iloc[0]) if len(venom) else None,
+                    count=int(len(group)),
+                )
+            )
+        return out
+
+    def optimize(self) -> None:
+        """Compact small fragments after a large build (best effort)."""
+        try:
+            self._table.optimize()
+        except Exception as exc:  # noqa: BLE001 - optional maintenance, depends on lancedb extras
+            logger.debug("lancedb optimize skipped: %s", exc)
+
+
+def _first(series: pd.Series) -> str | None:
+    values = series.dropna()
+    return str(values.iloc[0]) if len(values) else None

@@ -1,0 +1,519 @@
+"""FAISS vector index of the reference gallery.
+
+Embeddings are L2-normalised float32 rows and similarity is the inner product (cosine). Every index is
+keyed by stable int64 reference ids, never by FAISS positions, so ids survive removals, rebuilds and
+save/load. Shapes follow faiss: numpy in, ``(D, I)`` out, ``D`` float32 similarities best first and
+``I`` int64 ids, padded with ``-inf`` / ``-1`` where fewer than ``k`` results exist.
+
+Kinds:
+
+* ``"flat"``: exact search (``IndexIDMap2(IndexFlatIP)``).
+* ``"hnsw"``: graph search (``IndexIDMap2(IndexHNSWFlat)``), CPU only. HNSW cannot delete, so
+  :meth:`VectorIndex.remove` tombstones ids (searches filter them out with an ``IDSelector``) and the
+  graph is rebuilt from the kept vectors once tombstones pass a quarter of the graph, before a save, or
+  when a tombstoned id is added again.
+* ``"ivf"``: inverted lists (``IndexIVFFlat``), trained on the vectors given to :meth:`VectorIndex.build`.
+
+A CPU index is always kept as the source of truth; when a GPU is used, a GPU copy is cloned from it
+lazily for searching and dropped whenever the CPU index changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+KINDS: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf")
+#: FAISS warns below this many training points per IVF list; ``ivf_nlist=None`` keeps nlist <= n // 39.
+MIN_POINTS_PER_LIST = 39
+#: Rebuild an HNSW graph once tombstoned vectors exceed this fraction of it.
+HNSW_COMPACT_FRACTION = 0.25
+#: Largest k FAISS GPU indexes accept; larger searches run on the CPU copy.
+GPU_MAX_K = 2048
+
+
+@dataclass
+class VectorIndexConfig:
+    """How to build a :class:`VectorIndex`."""
+
+    kind: str = "auto"  # "flat" (exact), "hnsw", "ivf", or "auto" (flat up to approx_threshold, else hnsw)
+    approx_threshold: int = 50_000  # gallery size above which "auto" picks an approximate index
+    hnsw_m: int = 32  # HNSW graph degree
+    hnsw_ef_construction: int = 80  # HNSW build-time beam width
+    hnsw_ef_search: int = 128  # HNSW query-time beam width
+    ivf_nlist: int | None = None  # IVF lists; None = about 4*sqrt(n), at least 1, at most n // 39
+    ivf_nprobe: int = 16  # IVF lists visited per query
+    use_gpu: bool | None = None  # None = use a GPU when faiss-gpu sees one; True = require it; False = CPU
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.approx_threshold < 0:
+            raise ValueError(f"approx_threshold must be >= 0, got {self.approx_threshold!r}")
+        if self.ivf_nlist is not None and self.ivf_nlist < 1:
+            raise ValueError(f"ivf_nlist must be >= 1 or None, got {self.ivf_nlist!r}")
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _as_vectors(x: Any, name: str = "vectors", dim: int | None = None) -> np.ndarray:
+    """``x`` as a C-contiguous 2-D float32 array, else ValueError saying what was expected."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, dim), got {arr.ndim}-D with shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{name} must be float32 (or another float dtype), got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} must have dim {dim} to match the index, got dim {arr.shape[1]}")
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contain NaN or inf")
+    return arr
+
+
+def _as_ids(x: Any, n: int | None = None) -> np.ndarray:
+    """``x`` as a C-contiguous 1-D int64 array (of length ``n`` when given), else ValueError."""
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be a 1-D int64 array, got {arr.ndim}-D with shape {arr.shape}")
+    if arr.size == 0:
+        arr = arr.astype(np.int64)  # np.asarray([]) is float64
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"ids must be int64 (or another integer dtype), got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids must fit in int64, got uint64 values above 2**63 - 1")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"ids must have one entry per vector: expected {n} ids, got {arr.shape[0]}")
+    if (arr == -1).any():
+        raise ValueError("ids must not contain -1 (FAISS uses -1 to mark missing results)")
+    return arr
+
+
+def _check_unique(ids: np.ndarray) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    if uniq.size != ids.size:
+        dup = uniq[counts > 1]
+        raise ValueError(f"duplicate ids in input: {dup[:10].tolist()}{' ...' if dup.size > 10 else ''}")
+
+
+def _empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return int(k)
+
+
+# --------------------------------------------------------------------------- naive baseline
+
+
+def exact_search(
+    vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k in numpy (matrix product + argpartition): the naive baseline.
+
+    Same output contract as :meth:`VectorIndex.search`; ties are broken by the lower row position.
+    """
+    k = _check_k(k)
+    xb = _as_vectors(vectors)
+    ids = _as_ids(ids, xb.shape[0])
+    xq = _as_vectors(queries, "queries", xb.shape[1] if xb.shape[0] else None)
+    nq, n = xq.shape[0], xb.shape[0]
+    dists, labels = _empty_result(nq, k)
+    if n == 0 or nq == 0:
+        return dists, labels
+    kk = min(k, n)
+    chunk = max(1, (1 << 24) // n)  # bound the (chunk, n) score matrix to ~64 MB
+    for s in range(0, nq, chunk):
+        scores = xq[s : s + chunk] @ xb.T
+        if kk < n:
+            cand = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            cand.sort(axis=1)  # ascending positions so the stable sort below breaks ties by position
+        else:
+            cand = np.broadcast_to(np.arange(n), scores.shape)
+        cand_scores = np.take_along_axis(scores, cand, axis=1)
+        order = np.argsort(-cand_scores, axis=1, kind="stable")
+        dists[s : s + chunk, :kk] = np.take_along_axis(cand_scores, order, axis=1)
+        labels[s : s + chunk, :kk] = ids[np.take_along_axis(cand, order, axis=1)]
+    return dists, labels
+
+
+# --------------------------------------------------------------------------- GPU helpers
+
+
+def _gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _check_gpu_request(use_gpu: bool | None) -> None:
+    if use_gpu is True and not _gpu_available():
+        raise ValueError(
+            "use_gpu=True but faiss sees no GPU: install faiss-gpu (e.g. `pip install faiss-gpu-cu12` "
+            "instead of faiss-cpu) on a machine with a CUDA GPU, or pass use_gpu=None/False"
+        )
+
+
+def _wants_gpu(use_gpu: bool | None, kind: str) -> bool:
+    _check_gpu_request(use_gpu)
+    if use_gpu is False or not _gpu_available():
+        return False
+    if kind == "hnsw":
+        logger.info("FAISS has no GPU HNSW; the hnsw index stays on the CPU")
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- index construction
+
+
+def _nlist_for(n: int, requested: int | None) -> int:
+    """IVF list count for ``n`` training vectors; 0 means too few vectors to train IVF."""
+    if requested is not None:
+        if n < requested:
+            return 0
+        if n < MIN_POINTS_PER_LIST * requested:
+            logger.warning(
+                "training IVF with %d lists on only %d vectors (FAISS wants >= %d per list)",
+                requested,
+                n,
+                MIN_POINTS_PER_LIST,
+            )
+        return requested
+    return max(0, min(max(1, round(4 * math.sqrt(n))), n // MIN_POINTS_PER_LIST))
+
+
+def _new_flat(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _new_hnsw(dim: int, cfg: VectorIndexConfig) -> faiss.Index:
+    inner = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    inner.hnsw.efConstruction = cfg.hnsw_ef_construction
+    inner.hnsw.efSearch = cfg.hnsw_ef_search
+    return faiss.IndexIDMap2(inner)
+
+
+def _new_ivf(train: np.ndarray, nlist: int, nprobe: int) -> faiss.Index:
+    dim = train.shape[1]
+    # the Python wrapper keeps the quantizer alive as long as the index (do not set own_fields here)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(train)
+    index.nprobe = min(nprobe, nlist)
+    return index
+
+
+def _kind_of(index: faiss.Index) -> str:
+    """The kind of a CPU index this module wrote, else ValueError."""
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivf"
+    if isinstance(index, faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexHNSWFlat):
+            return "hnsw"
+        if isinstance(inner, faiss.IndexFlat):
+            return "flat"
+        raise ValueError(f"unsupported index inside IndexIDMap2: {type(inner).__name__}")
+    raise ValueError(f"unsupported FAISS index type {type(index).__name__}")
+
+
+def _stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
+    """All ids held by a CPU index (including HNSW tombstones)."""
+    if kind != "ivf":
+        return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+    invlists = index.invlists
+    parts = [np.zeros(0, dtype=np.int64)]
+    for lst in range(invlists.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+    return np.concatenate(parts).astype(np.int64, copy=False)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # not mkstemp: keep umask permissions
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------- the index
+
+
+class VectorIndex:
+    """A FAISS inner-product index keyed by stable int64 reference ids (never FAISS positions)."""
+
+    def __init__(self, cpu_index: faiss.Index, config: VectorIndexConfig, kind: str) -> None:
+        """Wrap an index made by :meth:`build` or :meth:`load` (use those rather than this)."""
+        self._cpu = cpu_index
+        self._kind = kind
+        self._dim = int(cpu_index.d)
+        self._config = config
+        self._ids = np.sort(_stored_ids(cpu_index, kind))  # live ids, sorted
+        if np.unique(self._ids).size != self._ids.size:
+            raise ValueError("index holds duplicate ids")
+        self._removed = np.zeros(0, dtype=np.int64)  # hnsw tombstones, sorted
+        self._on_gpu = _wants_gpu(config.use_gpu, kind)
+        self._gpu: faiss.Index | None = None  # lazily cloned from self._cpu
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        config: VectorIndexConfig | None = None,
+        *,
+        dim: int | None = None,
+    ) -> VectorIndex:
+        """Build an index over ``vectors`` (n, dim) keyed by ``ids`` (n,); ``dim`` is needed when n == 0."""
+        cfg = config if config is not None else VectorIndexConfig()
+        _check_gpu_request(cfg.use_gpu)
+        arr = np.asarray(vectors)
+        if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] == 0 and dim is not None:
+            arr = arr.reshape(0, dim)
+        xb = _as_vectors(arr, dim=dim)
+        ids = _as_ids(ids, xb.shape[0])
+        _check_unique(ids)
+        n, d = xb.shape
+        if d < 1:
+            raise ValueError(
+                "an empty build needs dim: pass dim=<embedding size> or vectors of shape (0, dim)"
+            )
+
+        kind = cfg.kind
+        if kind == "auto":
+            kind = "hnsw" if n > cfg.approx_threshold else "flat"
+        if kind == "ivf":
+            nlist = _nlist_for(n, cfg.ivf_nlist)
+            if nlist < 1:
+                logger.warning("only %d vectors: too few to train IVF, building a flat index instead", n)
+                kind = "flat"
+        if kind == "flat":
+            index = _new_flat(d)
+        elif kind == "hnsw":
+            index = _new_hnsw(d, cfg)
+        else:
+            index = _new_ivf(xb, nlist, cfg.ivf_nprobe)
+        if n:
+            index.add_with_ids(xb, ids)
+        logger.info("built %s vector index: %d vectors of dim %d", kind, n, d)
+        return cls(index, cfg, kind)
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def ntotal(self) -> int:
+        """Number of searchable vectors."""
+        return int(self._ids.size)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self._dim
+
+    @property
+    def kind(self) -> str:
+        """Resolved kind: "flat", "hnsw" or "ivf"."""
+        return self._kind
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on a GPU."""
+        return self._on_gpu
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Sorted copy of the ids currently in the index."""
+        return self._ids.copy()
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def __repr__(self) -> str:
+        return (
+            f"VectorIndex(kind={self._kind!r}, dim={self._dim}, ntotal={self.ntotal}, on_gpu={self._on_gpu})"
+        )
+
+    # ----------------------------------------------------------------- mutation
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``vectors`` (n, dim) under ``ids`` (n,); ids already in the index raise ValueError."""
+        xb = _as_vectors(vectors, dim=self._dim)
+        ids = _as_ids(ids, xb.shape[0])
+        if ids.size == 0:
+            return
+        _check_unique(ids)
+        present = ids[np.isin(ids, self._ids)]
+        if present.size:
+            raise ValueError(
+                f"ids already in the index: {present[:10].tolist()}{' ...' if present.size > 10 else ''}"
+            )
+        if self._removed.size and np.isin(ids, self._removed).any():
+            self._compact()  # the tombstoned copies must go before the id can be reused
+        self._cpu.add_with_ids(xb, ids)
+        self._ids = np.union1d(self._ids, ids)
+        self._gpu = None
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids`` (absent ids are ignored); returns how many were removed."""
+        ids = np.unique(_as_ids(ids))
+        ids = ids[np.isin(ids, self._ids, assume_unique=True)]
+        if ids.size == 0:
+            return 0
+        if self._kind == "hnsw":
+            self._removed = np.union1d(self._removed, ids)
+            self._ids = np.setdiff1d(self._ids, ids, assume_unique=True)
+            if self._removed.size > HNSW_COMPACT_FRACTION * self._cpu.ntotal:
+                self._compact()
+        else:
+            removed = int(self._cpu.remove_ids(ids))
+            if removed != ids.size:
+                raise RuntimeError(f"FAISS removed {removed} vectors, expected {ids.size}")
+            self._ids = np.setdiff1d(self._ids, ids, assume_unique=True)
+            self._gpu = None
+        return int(ids.size)
+
+    def _compact(self) -> None:
+        """Rebuild the HNSW graph without its tombstoned vectors."""
+        if not self._removed.size:
+            return
+        stored = _stored_ids(self._cpu, "hnsw")
+        keep = ~np.isin(stored, self._removed)
+        vectors = self._cpu.index.reconstruct_n(0, self._cpu.ntotal)[keep]
+        index = _new_hnsw(self._dim, self._config)
+        if keep.any():
+            index.add_with_ids(np.ascontiguousarray(vectors), np.ascontiguousarray(stored[keep]))
+        logger.info("rebuilt hnsw index without %d removed vectors (%d kept)", self._removed.size, keep.sum())
+        self._cpu = index
+        self._removed = np.zeros(0, dtype=np.int64)
+
+    # ----------------------------------------------------------------- search
+
+    def _search_index(self, k: int) -> faiss.Index:
+        if not self._on_gpu or k > GPU_MAX_K:
+            return self._cpu
+        if self._gpu is None:
+            self._gpu = faiss.index_cpu_to_all_gpus(self._cpu)
+        return self._gpu
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: ``D`` float32 (Q, k) best first, ``I`` int64 (Q, k) reference ids."""
+        k = _check_k(k)
+        xq = _as_vectors(queries, "queries", self._dim)
+        dists, labels = _empty_result(xq.shape[0], k)
+        if self.ntotal == 0 or xq.shape[0] == 0:
+            return dists, labels
+        kk = min(k, self.ntotal)
+        if self._removed.size:  # hnsw with tombstones: filter them out inside the graph search
+            keep = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._removed))
+            params = faiss.SearchParametersHNSW(sel=keep, efSearch=max(self._config.hnsw_ef_search, kk))
+            dk, ik = self._cpu.search(xq, kk, params=params)
+        else:
+            dk, ik = self._search_index(kk).search(xq, kk)
+        dk[ik < 0] = -np.inf
+        dists[:, :kk] = dk
+        labels[:, :kk] = ik
+        return dists, labels
+
+    # ----------------------------------------------------------------- persistence
+
+    def save(self, path: str | Path, manifest: dict) -> None:
+        """Write the index to ``path`` and ``manifest`` (+ kind/dim/count) to ``<path>.json``, each atomically."""
+        path = Path(path)
+        self._compact()  # never persist hnsw tombstones
+        meta = {**manifest, "kind": self._kind, "dim": self._dim, "count": self.ntotal}
+        text = json.dumps(meta, indent=2, sort_keys=True)  # fail on a bad manifest before touching disk
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: faiss.write_index(self._cpu, str(tmp)))
+        _atomic_write(_manifest_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        logger.info("saved %s vector index (%d vectors) to %s", self._kind, self.ntotal, path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, use_gpu: bool | None = None) -> tuple[VectorIndex, dict]:
+        """Read an index written by :meth:`save`; returns ``(index, manifest)``."""
+        path = Path(path)
+        mpath = _manifest_path(path)
+        for p in (path, mpath):
+            if not p.is_file():
+                raise FileNotFoundError(f"vector index file not found: {p}")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"vector index manifest {mpath} is unreadable: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise ValueError(
+                f"vector index manifest {mpath} must hold a JSON object, got {type(manifest).__name__}"
+            )
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise ValueError(f"vector index file {path} is corrupt or not a FAISS index: {exc}") from exc
+        try:
+            kind = _kind_of(index)
+        except ValueError as exc:
+            raise ValueError(f"vector index file {path} was not written by VectorIndex: {exc}") from exc
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"vector index file {path} does not use the inner-product metric")
+        expected = {"kind": kind, "dim": int(index.d), "count": int(index.ntotal)}
+        got = {key: manifest.get(key) for key in expected}
+        if got != expected:
+            raise ValueError(
+                f"vector index {path} and its manifest disagree (interrupted save?): "
+                f"index has {expected}, manifest says {got}"
+            )
+        cfg = VectorIndexConfig(kind=kind, use_gpu=use_gpu)
+        if kind == "hnsw":
+            hnsw = faiss.downcast_index(index.index).hnsw
+            cfg.hnsw_m = int(hnsw.nb_neighbors(1))
+            cfg.hnsw_ef_construction = int(hnsw.efConstruction)
+            cfg.hnsw_ef_search = int(hnsw.efSearch)
+        elif kind == "ivf":
+            cfg.ivf_nlist = int(index.nlist)
+            cfg.ivf_nprobe = int(index.nprobe)
+        logger.info(
+            "loaded %s vector index (%d vectors of dim %d) from %s", kind, index.ntotal, index.d, path
+        )
+        return cls(index, cfg, kind), manifest
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")

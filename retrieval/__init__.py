@@ -1,0 +1,1 @@
+"""Turn photos into answers: encoders, embedding pipeline, kNN vote, identification."""

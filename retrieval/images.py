@@ -1,0 +1,110 @@
+"""Decode photos into clean RGB images: EXIF orientation, odd modes, corrupt files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # HEIC/HEIF phone photos, when pillow-heif is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - optional
+    pass
+
+#: Refuse images with more pixels than this (decompression-bomb guard): 16,000 x 16,000.
+DEFAULT_MAX_PIXELS = 256_000_000
+
+
+class ImageLoadError(ValueError):
+    """A photo could not be decoded; the message says why."""
+
+
+@dataclass
+class LoadedImage:
+    """A decoded photo with the digest of its bytes."""
+
+    image: Image.Image  # RGB, EXIF orientation applied
+    sha256: str  # hex digest of the file's bytes (content identity)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of raw bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB the way a person would see the photo.
+
+    Transparency is composited on white; 16/32-bit and float grayscale are rescaled to 8 bits
+    (a plain ``convert("RGB")`` would clip them to white); CMYK and palette go through PIL.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16") and hi <= 65535 and lo >= 0:
+            lo, hi = 0.0, 65535.0 if hi > 255 else 255.0
+        scale = (hi - lo) or 1.0
+        arr8 = np.clip((arr - lo) * (255.0 / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image", draft: int | None = None
+) -> Image.Image:
+    """Decode bytes into an RGB image, or raise :class:`ImageLoadError` saying what is wrong.
+
+    ``draft``: for JPEG, let the decoder downscale (by 1/2, 1/4, 1/8) while keeping both sides at least
+    this many pixels -- much faster for large phone photos that are resized to ~224 px anyway.
+    """
+    if not data:
+        raise ImageLoadError(f"{name}: the file is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(
+                    f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,} (possible decompression bomb)"
+                )
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+        except ImageLoadError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({exc})") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageLoadError(f"{name}: not a recognised image format (JPEG, PNG, WebP, HEIC, ...)") from exc
+        except (OSError, SyntaxError, ValueError, TypeError) as exc:
+            raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
+
+
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read and decode a photo file; raises :class:`ImageLoadError` for unreadable files."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageLoadError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    return LoadedImage(image=decode_image(data, max_pixels=max_pixels, name=str(path)), sha256=sha256_bytes(data))

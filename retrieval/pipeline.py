@@ -1,0 +1,250 @@
+"""Photos -> embeddings at speed: parallel decode + preprocess, batched inference, streamed into a gallery.
+
+Decoding and resizing run in a small thread pool (PIL releases the GIL while it decodes) while the main
+thread runs the model, so the model never waits for JPEG decoding. A bad photo is recorded and skipped,
+never fatal; a photo whose bytes are already stored (sha256) is a duplicate and is not embedded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+from retrieval.encoders import Encoder
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, sha256_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """One photo after the worker has read, hashed, decoded and preprocessed it."""
+
+    position: int  # index in the input sequence
+    sha256: str | None = None  # digest of the file bytes (None when unreadable)
+    tensor: torch.Tensor | None = None  # preprocessed CHW tensor (None when skipped)
+    error: str | None = None  # why it was skipped
+    duplicate_of: int | None = None  # stored reference id with the same bytes
+
+
+@dataclass
+class BuildReport:
+    """What an add/build did."""
+
+    added: int = 0  # photos stored
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable photos
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, "id N" or path it repeats)
+    seconds: float = 0.0  # wall time
+    ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
+
+    @property
+    def images_per_second(self) -> float:
+        """Photos handled (added + duplicates + skipped) per second of wall time."""
+        n = self.added + len(self.skipped) + len(self.duplicates)
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One human-readable paragraph."""
+        lines = [
+            f"added {self.added}, skipped {len(self.skipped)} unreadable, "
+            f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
+        ]
+        for path, reason in self.skipped[:20]:
+            lines.append(f"  skipped {path}: {reason}")
+        if len(self.skipped) > 20:
+            lines.append(f"  ... and {len(self.skipped) - 20} more skipped")
+        for path, other in self.duplicates[:10]:
+            lines.append(f"  duplicate {path} (same bytes as {other})")
+        if len(self.duplicates) > 10:
+            lines.append(f"  ... and {len(self.duplicates) - 10} more duplicates")
+        return "\n".join(lines)
+
+
+def default_workers() -> int:
+    """Decode threads: half the cores (the model uses the rest), at least 1, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _draft_size(encoder: Encoder) -> int:
+    """Let JPEG decode at reduced scale down to twice the model input (big phone photos decode ~4x faster)."""
+    return 2 * int(getattr(encoder, "input_size", 224))
+
+
+def prepare(
+    position: int,
+    source: str | Path | bytes,
+    encoder: Encoder,
+    known: dict[str, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Prepared:
+    """Read + hash + decode + preprocess one photo (runs in a worker thread)."""
+    name = f"image #{position}" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as exc:
+        return Prepared(position, error=f"cannot be read ({exc.strerror or exc})")
+    digest = sha256_bytes(data)
+    if known is not None and digest in known:
+        return Prepared(position, sha256=digest, duplicate_of=known[digest])
+    try:
+        image = decode_image(data, max_pixels=max_pixels, name=name, draft=_draft_size(encoder))
+        tensor = encoder.preprocess(image)
+    except ImageLoadError as exc:
+        return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
+    except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
+        return Prepared(position, sha256=digest, error=f"preprocessing failed ({exc})")
+    return Prepared(position, sha256=digest, tensor=tensor)
+
+
+def iter_prepared(
+    sources: Sequence[str | Path | bytes],
+    encoder: Encoder,
+    *,
+    known: dict[str, int] | None = None,
+    workers: int | None = None,
+    prefetch: int = 256,
+) -> Iterator[Prepared]:
+    """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead."""
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool:
+        pending: deque[Future[Prepared]] = deque()
+        it = iter(enumerate(sources))
+        for pos, src in it:
+            pending.append(pool.submit(prepare, pos, src, encoder, known))
+            if len(pending) >= prefetch:
+                break
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known))
+            yield done
+
+
+def iter_embeddings(
+    prepared: Iterable[Prepared], encoder: Encoder
+) -> Iterator[tuple[list[Prepared], np.ndarray | None]]:
+    """Group prepared photos into batches and embed them.
+
+    Yields (items, embeddings) where embeddings has one row per item that has a tensor, in order;
+    items without a tensor (skipped or duplicate) ride along so callers see every input exactly once.
+    """
+    items: list[Prepared] = []
+    n_tensors = 0
+    for item in prepared:
+        items.append(item)
+        n_tensors += item.tensor is not None
+        if n_tensors >= encoder.batch_size:
+            yield items, encoder.encode_batch(torch.stack([i.tensor for i in items if i.tensor is not None]))
+            items, n_tensors = [], 0
+    if items:
+        tensors = [i.tensor for i in items if i.tensor is not None]
+        yield items, (encoder.encode_batch(torch.stack(tensors)) if tensors else None)
+
+
+def embed_sources(
+    sources: Sequence[str | Path | bytes],
+    encoder: Encoder,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> tuple[np.ndarray, list[str | None]]:
+    """Embed photos (paths or bytes). Returns (N, dim) float32 (zero rows where failed) and per-photo errors."""
+    out = np.zeros((len(sources), encoder.dim), dtype=np.float32)
+    errors: list[str | None] = [None] * len(sources)
+    with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
+        for items, emb in iter_embeddings(iter_prepared(sources, encoder, workers=workers), encoder):
+            row = 0
+            for item in items:
+                if item.tensor is None:
+                    errors[item.position] = item.error
+                else:
+                    out[item.position] = emb[row]
+                    row += 1
+            bar.update(len(items))
+    return out, errors
+
+
+def add_references(
+    gallery: Gallery,
+    encoder: Encoder,
+    records: Sequence[ReferenceRecord],
+    *,
+    workers: int | None = None,
+    chunk: int = 1024,
+    progress: bool = True,
+    desc: str = "adding references",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BuildReport:
+    """Embed reference photos and store them in the gallery (searchable when this returns).
+
+    Unreadable photos are skipped and reported; photos whose bytes are already stored, or repeat an
+    earlier photo of this call, are reported as duplicates and stored once.
+    """
+    if encoder.fingerprint != gallery.fingerprint:
+        raise ValueError(
+            f"encoder {encoder.spec!r} is not the one that built gallery {gallery.root} "
+            f"({gallery.encoder_spec!r}); references must be embedded with the gallery's encoder"
+        )
+    report = BuildReport()
+    start = time.perf_counter()
+    known = gallery.known_sha256()
+    seen_here: dict[str, str] = {}
+    buf_records: list[ReferenceRecord] = []
+    buf_sha: list[str] = []
+    buf_emb: list[np.ndarray] = []
+
+    def flush() -> None:
+        if buf_records:
+            ids = gallery.add(buf_records, buf_sha, np.concatenate(buf_emb), save_index=False)
+            report.ids.extend(ids)
+            report.added += len(ids)
+            buf_records.clear()
+            buf_sha.clear()
+            buf_emb.clear()
+
+    paths = [r.path for r in records]
+    done = 0
+    with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
+        for items, emb in iter_embeddings(iter_prepared(paths, encoder, known=known, workers=workers), encoder):
+            row = 0
+            for item in items:
+                rec = records[item.position]
+                if item.error is not None:
+                    report.skipped.append((str(rec.path), item.error))
+                elif item.duplicate_of is not None:
+                    report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
+                elif item.sha256 in seen_here:
+                    report.duplicates.append((str(rec.path), seen_here[item.sha256]))
+                    row += 1
+                else:
+                    seen_here[item.sha256] = str(rec.path)
+                    buf_records.append(rec)
+                    buf_sha.append(item.sha256)
+                    buf_emb.append(emb[row : row + 1])
+                    row += 1
+            if len(buf_records) >= chunk:
+                flush()
+            done += len(items)
+            bar.update(len(items))
+            if on_progress:
+                on_progress(done, len(records))
+    flush()
+    gallery.save_index()
+    report.seconds = time.perf_counter() - start
+    for path, reason in report.skipped:
+        logger.warning("skipped %s: %s", path, reason)
+    return report

@@ -1,0 +1,99 @@
+"""Nearest-neighbour voting: neighbours -> species probabilities, rolled up to genus and family."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+class Rank(str, Enum):
+    """Taxonomic rank that scores can be reported at."""
+
+    SPECIES = "species"
+    GENUS = "genus"
+    FAMILY = "family"
+
+
+#: Defaults measured by benchmarks/tune_knn.py (leave-one-out on ph-snakes train, MobileNetV1; see docs).
+DEFAULT_K = 30
+DEFAULT_TEMPERATURE = 0.03
+DEFAULT_UNKNOWN_THRESHOLD = 0.56
+
+
+@dataclass
+class VoteConfig:
+    """How neighbours are turned into species scores."""
+
+    k: int = DEFAULT_K  # neighbours that vote
+    temperature: float = DEFAULT_TEMPERATURE  # weight = exp(similarity / T); small T trusts the nearest more
+    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD  # best score under this -> answer "unknown"
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.unknown_threshold <= 1.0:
+            raise ValueError(f"unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
+
+
+class Votable(Protocol):
+    """Anything with a species label and a similarity (e.g. ``index.gallery.Neighbour``)."""
+
+    species: str
+    similarity: float
+
+
+def knn_vote(neighbours: Sequence[Votable], temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
+    """Weighted vote: each neighbour adds exp(similarity / T); scores are normalised to sum to 1.
+
+    Returns species -> probability, best first. No neighbours -> empty dict.
+    """
+    if not neighbours:
+        return {}
+    top = max(n.similarity for n in neighbours)
+    scores: dict[str, float] = defaultdict(float)
+    for n in neighbours:
+        scores[n.species] += math.exp((n.similarity - top) / temperature)
+    total = sum(scores.values())
+    return dict(sorted(((s, v / total) for s, v in scores.items()), key=lambda kv: -kv[1]))
+
+
+def rollup(scores: Mapping[str, float], parent: Mapping[str, str | None], rank: Rank) -> dict[str, float]:
+    """Sum species scores up to ``rank`` (``parent`` maps species -> genus or family), best first.
+
+    Species whose parent is unknown are summed under ``"unknown <rank>"``.
+    """
+    if rank is Rank.SPECIES:
+        return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+    out: dict[str, float] = defaultdict(float)
+    for species, score in scores.items():
+        out[parent.get(species) or f"unknown {rank.value}"] += score
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def top_k(scores: Mapping[str, float], k: int) -> list[tuple[str, float]]:
+    """The k best (label, score) pairs."""
+    return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
+
+
+def parse_rank(value: str | Rank) -> Rank:
+    """'species' / 'genus' / 'family' -> Rank, with a clear error otherwise."""
+    if isinstance(value, Rank):
+        return value
+    try:
+        return Rank(str(value).lower())
+    except ValueError:
+        raise ValueError(f"unknown rank {value!r}; choose one of {', '.join(r.value for r in Rank)}") from None
+
+
+def venomous_probability(scores: Mapping[str, float], venomous: Mapping[str, bool | None]) -> float | None:
+    """Total probability on species flagged medically important venomous (None if no flag is known)."""
+    flags: Iterable[bool | None] = (venomous.get(s) for s in scores)
+    if all(f is None for f in flags):
+        return None
+    return float(sum(p for s, p in scores.items() if venomous.get(s)))

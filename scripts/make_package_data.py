@@ -1,0 +1,127 @@
+"""Generate the package data in ``index/data/`` from the read-only shared reference files.
+
+Run from the project root::
+
+    .venv/bin/python scripts/make_package_data.py --shared ../shared
+
+Writes:
+
+- ``index/data/snake_taxonomy.csv``: ``species,genus,family,venomous`` for every species of
+  SnakeCLEF 2021's medical-importance table (``venomous`` is its ``mivs`` column, 1/0), deduplicated
+  and sorted by species.
+- ``index/data/moroccan.csv``: the same columns for the 26 species of ``moroccan_snakes.txt``, in
+  checklist order. Fails if a checklist species is missing from the medical-importance table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_DIR = REPO / "index" / "data"
+COLUMNS = ("species", "genus", "family", "venomous")
+MEDICAL_FILE = "reference/snakeclef2021_species_medical_importance.csv"
+MOROCCAN_FILE = "reference/moroccan_snakes.txt"
+#: The checklist's own comment names these seven as medically important; checked against the table.
+EXPECTED_MOROCCAN_VENOMOUS = frozenset(
+    {
+        "Bitis arietans",
+        "Cerastes cerastes",
+        "Cerastes vipera",
+        "Daboia mauritanica",
+        "Echis pyramidum",
+        "Naja haje",
+        "Vipera monticola",
+    }
+)
+EXPECTED_MOROCCAN_COUNT = 26
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def read_taxonomy(path: Path) -> dict[str, tuple[str, str, str, str]]:
+    """Read the medical-importance CSV into ``{species: (species, genus, family, venomous)}``."""
+    table: dict[str, tuple[str, str, str, str]] = {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"species", "genus", "family", "mivs"} - set(reader.fieldnames or ())
+        if missing:
+            raise SystemExit(f"{path}: missing columns {sorted(missing)}")
+        for row in reader:
+            species = _clean(row["species"])
+            if not species:
+                continue
+            genus = _clean(row["genus"]) or species.split(" ", 1)[0]
+            family = _clean(row["family"])
+            mivs = row["mivs"].strip()
+            if mivs not in {"0", "1"}:
+                raise SystemExit(f"{path}: {species!r} has mivs={mivs!r}, expected 0 or 1")
+            entry = (species, genus, family, mivs)
+            previous = table.get(species)
+            if previous is not None and previous != entry:
+                raise SystemExit(f"{path}: conflicting rows for {species!r}: {previous} vs {entry}")
+            table[species] = entry
+    return table
+
+
+def read_checklist(path: Path) -> list[str]:
+    """Species names of a one-name-a-line checklist, skipping blank and ``#`` comment lines."""
+    names: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(_clean(line))
+    return names
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shared", type=Path, default=REPO.parent / "shared", help="the shared assets folder"
+    )
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where to write the CSVs")
+    args = parser.parse_args(argv)
+
+    taxonomy = read_taxonomy(args.shared / MEDICAL_FILE)
+    checklist = read_checklist(args.shared / MOROCCAN_FILE)
+
+    if len(checklist) != EXPECTED_MOROCCAN_COUNT or len(set(checklist)) != len(checklist):
+        raise SystemExit(
+            f"expected {EXPECTED_MOROCCAN_COUNT} distinct Moroccan species, got {len(checklist)}"
+        )
+    missing = [name for name in checklist if name not in taxonomy]
+    if missing:
+        raise SystemExit(f"Moroccan species missing from {MEDICAL_FILE}: {', '.join(missing)}")
+    moroccan = [taxonomy[name] for name in checklist]
+    venomous = {row[0] for row in moroccan if row[3] == "1"}
+    if venomous != EXPECTED_MOROCCAN_VENOMOUS:
+        raise SystemExit(
+            f"Moroccan venomous species differ from the expected seven: "
+            f"extra {sorted(venomous - EXPECTED_MOROCCAN_VENOMOUS)}, "
+            f"missing {sorted(EXPECTED_MOROCCAN_VENOMOUS - venomous)}"
+        )
+
+    all_rows = [taxonomy[name] for name in sorted(taxonomy)]
+    write_csv(args.out / "snake_taxonomy.csv", all_rows)
+    write_csv(args.out / "moroccan.csv", moroccan)
+    for name, rows in (("snake_taxonomy.csv", all_rows), ("moroccan.csv", moroccan)):
+        size = (args.out / name).stat().st_size
+        print(f"wrote {args.out / name}: {len(rows)} species, {size:,} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

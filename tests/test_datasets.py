@@ -1,0 +1,433 @@
+"""Tests for index.datasets: every loader on small trees built in tmp_path, plus the real ph-snakes tree."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from index.datasets import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    DatasetScan,
+    TaxonInfo,
+    list_datasets,
+    load_dataset,
+    lookup_taxon,
+    parse_folder_name,
+)
+from index.records import ReferenceRecord
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PH_SNAKES_TRAIN = SHARED / "data" / "ph-snakes" / "train"
+SNAKECLEF_SAMPLE = SHARED / "reference" / "snakeclef2021_test_metadata_cleaned.sample.csv"
+
+MOROCCAN_VENOMOUS = {
+    "Bitis arietans",
+    "Cerastes cerastes",
+    "Cerastes vipera",
+    "Daboia mauritanica",
+    "Echis pyramidum",
+    "Naja haje",
+    "Vipera monticola",
+}
+
+
+def make_image(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
+    """Write a tiny real image (format from the suffix) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "PNG")
+    Image.new("RGB", (4, 4), color).save(path, format=fmt)
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# names, taxonomy
+
+
+def test_list_datasets_matches_constant() -> None:
+    assert list_datasets() == list(DATASETS) == ["moroccan", "folder", "rare-species", "snakeclef2021"]
+    assert ".heic" in IMAGE_EXTENSIONS and ".JPG".lower() in IMAGE_EXTENSIONS
+
+
+def test_unknown_dataset_lists_valid_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as excinfo:
+        load_dataset("inaturalist", tmp_path)
+    message = str(excinfo.value)
+    assert "inaturalist" in message
+    for name in DATASETS:
+        assert name in message
+
+
+def test_missing_root_names_path_and_option(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match="does not exist") as excinfo:
+        load_dataset("folder", missing)
+    assert str(missing) in str(excinfo.value)
+    assert "--root" in str(excinfo.value)
+
+
+def test_lookup_taxon_known_and_unknown() -> None:
+    naja = lookup_taxon("Naja haje")
+    assert naja == TaxonInfo(species="Naja haje", genus="Naja", family="Elapidae", venomous=True)
+    natrix = lookup_taxon("natrix_maura")
+    assert natrix is not None and natrix.venomous is False and natrix.family == "Colubridae"
+    # subspecies fall back to the species
+    sub = lookup_taxon("Naja haje legionis")
+    assert sub is not None and sub.species == "Naja haje"
+    assert lookup_taxon("Felis catus") is None
+    assert lookup_taxon("cats") is None
+
+
+def test_shipped_moroccan_checklist_has_seven_venomous() -> None:
+    with (Path(__file__).resolve().parents[1] / "index" / "data" / "moroccan.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 26
+    assert {r["species"] for r in rows if r["venomous"] == "1"} == MOROCCAN_VENOMOUS
+    assert all(r["family"] for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# moroccan
+
+
+def test_moroccan_accepts_three_folder_styles(tmp_path: Path) -> None:
+    make_image(tmp_path / "Naja-haje" / "b.png")
+    make_image(tmp_path / "Naja-haje" / "a.JPG")
+    make_image(tmp_path / "Naja-haje" / "sub" / "c.jpeg")
+    make_image(tmp_path / "Naja-haje" / ".hidden.png")
+    (tmp_path / "Naja-haje" / "notes.txt").write_text("not a photo")
+    make_image(tmp_path / "natrix_maura" / "x.png")
+    make_image(tmp_path / "Daboia Mauritanica" / "y.png")
+
+    scan = load_dataset("moroccan", tmp_path)
+
+    assert isinstance(scan, DatasetScan)
+    assert scan.name == "moroccan" and scan.root == tmp_path
+    assert scan.species == ["Daboia mauritanica", "Naja haje", "Natrix maura"]
+    naja = [r for r in scan.records if r.species == "Naja haje"]
+    assert [r.path.relative_to(tmp_path / "Naja-haje").as_posix() for r in naja] == [
+        "a.JPG",
+        "b.png",
+        "sub/c.jpeg",
+    ]
+    assert all(isinstance(r, ReferenceRecord) and r.dataset == "moroccan" for r in scan.records)
+    assert all(r.common_name is None for r in scan.records)
+    by_species = {r.species: r for r in scan.records}
+    assert by_species["Naja haje"].venomous is True
+    assert by_species["Naja haje"].family == "Elapidae"
+    assert by_species["Naja haje"].genus == "Naja"
+    assert by_species["Natrix maura"].venomous is False
+    assert by_species["Natrix maura"].family == "Colubridae"
+    assert by_species["Daboia mauritanica"].venomous is True
+    assert len(scan.records) == 5
+
+
+def test_moroccan_missing_species_warning(tmp_path: Path) -> None:
+    make_image(tmp_path / "Naja-haje" / "a.png")
+    make_image(tmp_path / "Natrix-maura" / "a.png")
+
+    scan = load_dataset("moroccan", tmp_path)
+
+    missing_warnings = [w for w in scan.warnings if "no photos" in w]
+    assert len(missing_warnings) == 1
+    warning = missing_warnings[0]
+    assert "24 of 26" in warning
+    assert "Vipera monticola" in warning and "Bitis arietans" in warning
+    assert "Naja haje" not in warning and "Natrix maura" not in warning
+
+
+def test_moroccan_unknown_folder_suggests_close_match(tmp_path: Path) -> None:
+    make_image(tmp_path / "Naja-haje" / "a.png")
+    make_image(tmp_path / "Naja-hajee" / "a.png")
+
+    with pytest.raises(ValueError) as excinfo:
+        load_dataset("moroccan", tmp_path)
+
+    message = str(excinfo.value)
+    assert "Naja-hajee" in message
+    assert "Naja haje" in message
+    assert "26" in message
+    assert "--dataset folder" in message
+
+
+def test_moroccan_rejects_other_taxa(tmp_path: Path) -> None:
+    make_image(tmp_path / "Python-regius" / "a.png")
+    with pytest.raises(ValueError, match="Python-regius"):
+        load_dataset("moroccan", tmp_path)
+
+
+def test_moroccan_warns_about_loose_root_files(tmp_path: Path) -> None:
+    make_image(tmp_path / "Naja-haje" / "a.png")
+    make_image(tmp_path / "stray.jpg")
+    scan = load_dataset("moroccan", tmp_path)
+    assert len(scan.records) == 1
+    assert any("stray.jpg" in w and "directly in" in w for w in scan.warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# folder
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Common Wolf Snake (Lycodon capucinus)", ("Lycodon capucinus", "Common Wolf Snake")),
+        (
+            "Red-tailed Green Ratsnake (Gonyosoma oxycephalum)",
+            ("Gonyosoma oxycephalum", "Red-tailed Green Ratsnake"),
+        ),
+        (
+            "North Philippine Temple Pit Viper (Tropidolaemus subannulatus)",
+            ("Tropidolaemus subannulatus", "North Philippine Temple Pit Viper"),
+        ),
+        ("Lycodon-capucinus", ("Lycodon capucinus", None)),
+        ("Lycodon_capucinus", ("Lycodon capucinus", None)),
+        ("Lycodon capucinus", ("Lycodon capucinus", None)),
+        ("Natrix natrix helvetica", ("Natrix natrix helvetica", None)),
+        ("cats", ("cats", None)),
+        ("Golden Retriever Dogs", ("Golden Retriever Dogs", None)),
+        ("(Lycodon capucinus)", ("Lycodon capucinus", None)),
+    ],
+)
+def test_parse_folder_name(name: str, expected: tuple[str, str | None]) -> None:
+    assert parse_folder_name(name) == expected
+
+
+def test_folder_loader_labels_and_taxonomy(tmp_path: Path) -> None:
+    make_image(tmp_path / "Equatorial Cobra (Naja sumatrana)" / "1.png")
+    make_image(tmp_path / "Equatorial Cobra (Naja sumatrana)" / "2.jpg")
+    make_image(tmp_path / "Lycodon_capucinus" / "1.png")
+    make_image(tmp_path / "cats" / "deep" / "tabby.webp")
+    (tmp_path / "empty").mkdir()
+    make_image(tmp_path / "loose.png")
+
+    scan = load_dataset("folder", tmp_path)
+
+    assert scan.name == "folder"
+    assert scan.species == ["Lycodon capucinus", "Naja sumatrana", "cats"]
+    assert len(scan.records) == 4
+    cobra = [r for r in scan.records if r.species == "Naja sumatrana"]
+    assert [r.path.name for r in cobra] == ["1.png", "2.jpg"]
+    assert all(
+        r.common_name == "Equatorial Cobra" and r.venomous is True and r.family == "Elapidae" for r in cobra
+    )
+    wolf = next(r for r in scan.records if r.species == "Lycodon capucinus")
+    assert wolf.venomous is False and wolf.family == "Colubridae" and wolf.common_name is None
+    cat = next(r for r in scan.records if r.species == "cats")
+    assert cat.venomous is None and cat.family is None and cat.genus is None
+    assert all(r.dataset == "folder" for r in scan.records)
+    assert any("loose.png" in w for w in scan.warnings)
+    assert any("empty" in w for w in scan.warnings)
+
+
+@pytest.mark.skipif(not PH_SNAKES_TRAIN.is_dir(), reason="shared ph-snakes data not available")
+def test_real_ph_snakes_train_tree() -> None:
+    scan = load_dataset("folder", PH_SNAKES_TRAIN)
+
+    assert len(scan.species) == 14
+    assert len(scan.records) == 980
+    assert scan.warnings == []
+    assert "Lycodon capucinus" in scan.species
+    assert all(r.common_name for r in scan.records)
+    # every ph-snakes species is in the shipped SnakeCLEF taxonomy
+    assert all(lookup_taxon(s) is not None for s in scan.species)
+    venomous = {r.species for r in scan.records if r.venomous}
+    assert venomous == {
+        "Naja philippinensis",
+        "Naja samarensis",
+        "Naja sumatrana",
+        "Trimeresurus flavomaculatus",
+        "Tropidolaemus philippensis",
+        "Tropidolaemus subannulatus",
+    }
+    assert all(r.venomous is not None and r.family for r in scan.records)
+    # deterministic order
+    assert [r.path for r in scan.records] == [r.path for r in load_dataset("folder", PH_SNAKES_TRAIN).records]
+
+
+# --------------------------------------------------------------------------------------------------
+# rare-species
+
+RARE_HEADER = [
+    "rarespecies_id",
+    "kingdom",
+    "phylum",
+    "class",
+    "order",
+    "family",
+    "genus",
+    "species",
+    "common",
+    "file_name",
+]
+
+
+def test_rare_species_loader(tmp_path: Path) -> None:
+    make_image(tmp_path / "dataset" / "a" / "1.jpg")
+    make_image(tmp_path / "dataset" / "b" / "2.jpg")
+    make_image(tmp_path / "dataset" / "c" / "3.jpg")
+    write_csv(
+        tmp_path / "metadata.csv",
+        RARE_HEADER,
+        [
+            [
+                "1",
+                "Animalia",
+                "Chordata",
+                "Reptilia",
+                "Squamata",
+                "Viperidae",
+                "Vipera",
+                "monticola",
+                "Atlas Mountain Viper",
+                "dataset/a/1.jpg",
+            ],
+            [
+                "2",
+                "Animalia",
+                "Chordata",
+                "Mammalia",
+                "Carnivora",
+                "Felidae",
+                "Panthera",
+                "Panthera tigris",
+                "Tiger",
+                "dataset/b/2.jpg",
+            ],
+            [
+                "3",
+                "Animalia",
+                "Chordata",
+                "Aves",
+                "Psittaciformes",
+                "Psittacidae",
+                "Ara",
+                "macao",
+                "",
+                "dataset/c/3.jpg",
+            ],
+            [
+                "4",
+                "Animalia",
+                "Chordata",
+                "Aves",
+                "Psittaciformes",
+                "Psittacidae",
+                "Ara",
+                "ararauna",
+                "Blue-and-yellow Macaw",
+                "dataset/d/missing.jpg",
+            ],
+        ],
+    )
+
+    scan = load_dataset("rare-species", tmp_path)
+
+    assert scan.name == "rare-species"
+    assert scan.species == ["Ara macao", "Panthera tigris", "Vipera monticola"]
+    viper, tiger, macaw = scan.records
+    assert viper.path == tmp_path / "dataset" / "a" / "1.jpg"
+    assert viper.genus == "Vipera" and viper.family == "Viperidae"
+    assert viper.common_name == "Atlas Mountain Viper"
+    assert viper.ranks == {
+        "kingdom": "Animalia",
+        "phylum": "Chordata",
+        "class": "Reptilia",
+        "order": "Squamata",
+    }
+    assert viper.venomous is True  # known snake
+    assert tiger.species == "Panthera tigris" and tiger.venomous is None
+    assert macaw.common_name is None
+    assert all(r.dataset == "rare-species" for r in scan.records)
+    missing = [w for w in scan.warnings if "not found" in w]
+    assert len(missing) == 1 and "1 file" in missing[0] and "dataset/d/missing.jpg" in missing[0]
+
+
+def test_rare_species_sciname_and_explicit_metadata(tmp_path: Path) -> None:
+    make_image(tmp_path / "images" / "x.png")
+    meta = write_csv(
+        tmp_path / "elsewhere" / "meta.csv",
+        ["genus", "species", "sciName", "file_name"],
+        [["Naja", "haje", "Naja haje", "images/x.png"]],
+    )
+    scan = load_dataset("rare-species", tmp_path, metadata=meta)
+    assert scan.species == ["Naja haje"]
+    record = scan.records[0]
+    assert record.ranks == {} and record.venomous is True and record.family == "Elapidae"
+
+
+def test_rare_species_missing_columns(tmp_path: Path) -> None:
+    write_csv(tmp_path / "metadata.csv", ["genus", "common"], [["Ara", "Macaw"]])
+    with pytest.raises(ValueError) as excinfo:
+        load_dataset("rare-species", tmp_path)
+    assert "file_name" in str(excinfo.value) and "species" in str(excinfo.value)
+
+
+def test_rare_species_missing_metadata_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="metadata.csv"):
+        load_dataset("rare-species", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# snakeclef2021
+
+
+def _sample_rows(n: int) -> tuple[list[str], list[dict[str, str]]]:
+    with SNAKECLEF_SAMPLE.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(itertools.islice(reader, n))
+        return list(reader.fieldnames or []), rows
+
+
+def test_snakeclef2021_requires_metadata(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--metadata CSV is required for snakeclef2021"):
+        load_dataset("snakeclef2021", tmp_path)
+
+
+@pytest.mark.skipif(not SNAKECLEF_SAMPLE.is_file(), reason="shared SnakeCLEF sample not available")
+def test_snakeclef2021_loader_with_real_rows(tmp_path: Path) -> None:
+    header, rows = _sample_rows(5)
+    meta = write_csv(tmp_path / "meta.csv", header, [[row[c] for c in header] for row in rows])
+    images = tmp_path / "images"
+    for row in rows[:4]:
+        make_image(images / row["image_path"])
+    absent = rows[4]["image_path"]
+
+    scan = load_dataset("snakeclef2021", images, metadata=meta)
+
+    assert scan.name == "snakeclef2021"
+    assert len(scan.records) == 4
+    for record, row in zip(scan.records, rows[:4], strict=True):
+        assert record.path == images / row["image_path"]
+        assert record.species == row["binomial"]
+        assert record.genus == row["genus"] and record.family == row["family"]
+        assert record.country == row["country"]
+        assert record.dataset == "snakeclef2021"
+        taxon = lookup_taxon(row["binomial"])
+        assert taxon is not None and record.venomous is taxon.venomous
+    assert scan.species == sorted({row["binomial"] for row in rows[:4]})
+    # the real sample starts with Imantodes cenchoa (harmless) and Bothriechis schlegelii (a pit viper)
+    by_species = {r.species: r for r in scan.records}
+    assert by_species["Bothriechis schlegelii"].venomous is True
+    assert by_species["Imantodes cenchoa"].venomous is False
+    missing = [w for w in scan.warnings if "not found" in w]
+    assert len(missing) == 1 and "1 file" in missing[0] and absent in missing[0]
+
+
+def test_snakeclef2021_missing_columns(tmp_path: Path) -> None:
+    meta = write_csv(tmp_path / "meta.csv", ["binomial", "country"], [["Naja haje", "Egypt"]])
+    with pytest.raises(ValueError, match="image_path"):
+        load_dataset("snakeclef2021", tmp_path, metadata=meta)

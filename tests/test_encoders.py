@@ -1,0 +1,129 @@
+"""Encoder factory: spec parsing, the open_clip and timm loading paths, fingerprints."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from conftest import MOBILENET_SPEC, needs_shared, save_tiny_open_clip
+from PIL import Image
+
+from retrieval.encoders import (
+    ALIASES,
+    ParsedSpec,
+    create_encoder,
+    list_encoders,
+    parse_spec,
+)
+
+
+def _photos(n: int = 3) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_bioclip_is_the_default_and_loads_from_the_hub_id():
+    assert inspect.signature(create_encoder).parameters["spec"].default == "bioclip"
+    assert parse_spec("bioclip") == ParsedSpec("open_clip", "hf-hub", "imageomics/bioclip")
+    assert parse_spec("bioclip-2") == ParsedSpec("open_clip", "hf-hub", "imageomics/bioclip-2")
+    assert ALIASES["bioclip"] == "open_clip:hf-hub:imageomics/bioclip"
+
+
+def test_spec_forms_parse():
+    assert parse_spec("open_clip:ViT-B-16@openai") == ParsedSpec("open_clip", "name", "ViT-B-16", "openai")
+    assert parse_spec("open_clip:local-dir:/m") == ParsedSpec("open_clip", "local-dir", "/m")
+    assert parse_spec("timm:efficientnet_b0") == ParsedSpec("timm", "name", "efficientnet_b0")
+    assert parse_spec("timm:hf-hub:timm/resnet18.a1_in1k") == ParsedSpec("timm", "hf-hub", "timm/resnet18.a1_in1k")
+    assert parse_spec("timm:local-dir:/x") == ParsedSpec("timm", "local-dir", "/x")
+    assert set(list_encoders()) >= {"bioclip", "timm:local-dir:PATH", "open_clip:local-dir:PATH"}
+
+
+@pytest.mark.parametrize("bad", ["", "clip", "tensorflow:resnet", "timm:", "open_clip:hf-hub:", "timm:resnet18@laion"])
+def test_unknown_spec_lists_valid_forms(bad):
+    with pytest.raises(ValueError) as err:
+        parse_spec(bad)
+    msg = str(err.value)
+    assert "unknown encoder spec" in msg and "Valid forms" in msg and "timm:local-dir:PATH" in msg
+
+
+def test_unknown_architecture_names_similar_ones():
+    with pytest.raises(ValueError, match="timm has no model 'mobilenetv1_1000'"):
+        create_encoder("timm:mobilenetv1_1000@random")
+    with pytest.raises(ValueError, match="open_clip has no architecture"):
+        create_encoder("open_clip:ViT-Q-99")
+
+
+def test_open_clip_local_dir_loads_and_encodes_images_and_text(tiny_clip_dir):
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", device="cpu", precision="fp32")
+    assert enc.supports_text and enc.dim == 32 and enc.input_size == 32
+    emb = enc.encode_images(_photos(5))
+    assert emb.shape == (5, 32) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    txt = enc.encode_text(["a photo of Naja haje", "a photo of Natrix maura"])
+    assert txt.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(txt[0], txt[1])
+    # bare local-dir: is recognised as open_clip by its config file
+    same = create_encoder(f"local-dir:{tiny_clip_dir}", device="cpu", precision="fp32")
+    np.testing.assert_allclose(same.encode_images(_photos(5)), emb, atol=1e-5)
+
+
+def test_fingerprint_follows_the_weights(tiny_clip_dir, tmp_path):
+    a = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}")
+    b = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}")
+    assert a.fingerprint == b.fingerprint and a.fingerprint.startswith("open_clip:local-dir:")
+    other = save_tiny_open_clip(tmp_path / "other", seed=1)
+    c = create_encoder(f"open_clip:local-dir:{other}")
+    assert c.fingerprint.split("#")[1] != a.fingerprint.split("#")[1]
+
+
+def test_batches_give_the_same_embeddings_as_one_by_one(tiny_clip_dir):
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", precision="fp32", batch_size=2)
+    photos = _photos(5)
+    batched = enc.encode_images(photos)
+    single = np.concatenate([enc.encode_images([p]) for p in photos])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_image_only_encoder_refuses_text():
+    enc = create_encoder("timm:test_efficientnet@random", precision="fp32")
+    with pytest.raises(ValueError, match="image-only"):
+        enc.encode_text(["a snake"])
+
+
+def test_timm_weights_file_replaces_the_spec_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = timm.create_model("test_efficientnet", num_classes=5)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    enc = create_encoder("timm:test_efficientnet", weights=str(tmp_path / "w.safetensors"), precision="fp32")
+    rand = create_encoder("timm:test_efficientnet@random", precision="fp32")
+    assert enc.fingerprint != rand.fingerprint
+    model.reset_classifier(0)
+    model.eval()
+    x = torch.stack([enc.preprocess(p) for p in _photos(2)])
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(model(x), dim=-1).numpy()
+    np.testing.assert_allclose(enc.encode_batch(x), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="does not exist"):
+        create_encoder("timm:test_efficientnet", weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_real_mobilenet_local_dir(mobilenet_encoder):
+    needs_shared()
+    enc = mobilenet_encoder
+    assert enc.dim == 1024 and enc.spec == MOBILENET_SPEC and not enc.supports_text
+    emb = enc.encode_images(_photos(2))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_bf16_embeddings_stay_close_to_fp32(tiny_clip_dir):
+    fp32 = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", precision="fp32")
+    bf16 = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", precision="bf16")
+    assert fp32.fingerprint == bf16.fingerprint  # same weights, different arithmetic
+    cos = (fp32.encode_images(_photos(3)) * bf16.encode_images(_photos(3))).sum(1)
+    assert cos.min() > 0.98

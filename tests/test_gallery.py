@@ -1,0 +1,135 @@
+"""Gallery = LanceDB store (truth) + derived FAISS index: writes, reopen, staleness, encoder refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index.gallery import VECTORS_FILE, EncoderMismatchError, Gallery
+from index.records import ReferenceRecord
+from index.vectors import VectorIndexConfig
+from retrieval.identify import Identifier
+
+DIM = 16
+ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
+
+
+def _unit(rng: np.random.Generator, n: int, centre: np.ndarray, noise: float = 0.1) -> np.ndarray:
+    x = centre + noise * rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _records(species: str, n: int, **kw) -> list[ReferenceRecord]:
+    return [ReferenceRecord(path=f"/photos/{species}/{i}.jpg", species=species, **kw) for i in range(n)]
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    rng = np.random.default_rng(0)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {"Naja haje": rng.standard_normal(DIM), "Natrix maura": rng.standard_normal(DIM)}
+    for i, (sp, c) in enumerate(centres.items()):
+        recs = _records(sp, 6, family="Elapidae" if i == 0 else "Natricidae", venomous=(i == 0))
+        g.add(recs, [f"{sp}-{j}" for j in range(6)], _unit(rng, 6, c))
+    g.centres = centres
+    return g
+
+
+class FakeEncoder:
+    """Stands in for an encoder when only embeddings matter."""
+
+    spec = ENC["spec"]
+    fingerprint = ENC["fingerprint"]
+    dim = DIM
+
+
+def test_add_search_returns_metadata_and_stable_ids(gallery):
+    assert len(gallery) == 12
+    q = gallery.centres["Naja haje"] / np.linalg.norm(gallery.centres["Naja haje"])
+    hits = gallery.search(q[None].astype(np.float32), 3)[0]
+    assert [h.species for h in hits] == ["Naja haje"] * 3
+    assert hits[0].similarity >= hits[1].similarity >= hits[2].similarity
+    assert hits[0].family == "Elapidae" and hits[0].venomous is True and hits[0].genus == "Naja"
+    assert hits[0].path.startswith("/photos/Naja haje/")
+    assert all(1 <= h.id <= 12 for h in hits)
+
+
+def test_identifier_votes_and_flags_unknown(gallery):
+    from retrieval.vote import VoteConfig
+
+    ident = Identifier(FakeEncoder(), gallery, VoteConfig(k=5, temperature=0.05, unknown_threshold=0.9))
+    q = gallery.centres["Natrix maura"] / np.linalg.norm(gallery.centres["Natrix maura"])
+    ans = ident.identify_embeddings(q[None].astype(np.float32), top=2)[0]
+    assert ans.predictions[0].species == "Natrix maura" and ans.predictions[0].score > 0.9
+    assert not ans.unknown and ans.venomous_score == pytest.approx(1 - ans.scores["Natrix maura"])
+    assert ans.family_scores["Natricidae"] == pytest.approx(ans.scores["Natrix maura"])
+    mixed = (gallery.centres["Natrix maura"] / np.linalg.norm(gallery.centres["Natrix maura"])) + (
+        gallery.centres["Naja haje"] / np.linalg.norm(gallery.centres["Naja haje"])
+    )
+    ans2 = ident.identify_embeddings((mixed / np.linalg.norm(mixed))[None].astype(np.float32))[0]
+    assert ans2.unknown  # half-way between two species: no answer is strong enough
+
+
+def test_reopen_keeps_everything_and_refuses_other_encoders(gallery):
+    root = gallery.root
+    again = Gallery.open(root, expected_fingerprint=ENC["fingerprint"])
+    assert len(again) == 12 and {s.species for s in again.species()} == {"Naja haje", "Natrix maura"}
+    with pytest.raises(EncoderMismatchError) as err:
+        Gallery.open(root, expected_fingerprint="timm:other#123")
+    assert "was built with encoder 'test:synthetic'" in str(err.value)
+    assert "--encoder test:synthetic" in str(err.value)
+
+
+def test_missing_or_stale_index_is_rebuilt_from_the_store(gallery, caplog):
+    root = gallery.root
+    (root / VECTORS_FILE).unlink()
+    reopened = Gallery.open(root)
+    assert reopened.index.ntotal == 12
+    # a crash between the store write and the index save: store ahead of the index file
+    rng = np.random.default_rng(5)
+    reopened.add(_records("Vipera monticola", 2), ["v1", "v2"], _unit(rng, 2, rng.standard_normal(DIM)),
+                 save_index=False)
+    with caplog.at_level("INFO"):
+        healed = Gallery.open(root)
+    assert healed.index.ntotal == 14 and "stale" in caplog.text
+    assert {s.species for s in healed.species()} >= {"Vipera monticola"}
+
+
+def test_delete_removes_from_search_and_store(gallery):
+    victim = gallery.search(np.asarray(gallery.store.vectors()[1][:1]), 1)[0][0].id
+    assert gallery.delete([victim]) == 1
+    assert gallery.delete([victim]) == 0
+    ids, _ = gallery.store.vectors()
+    assert victim not in ids
+    hits = gallery.search(np.asarray(gallery.store.vectors()[1]), 12)
+    assert all(h.id != victim for row in hits for h in row)
+    assert len(Gallery.open(gallery.root)) == 11
+
+
+def test_species_summary_counts(gallery):
+    summary = {s.species: s for s in gallery.species()}
+    assert summary["Naja haje"].count == 6 and summary["Naja haje"].venomous is True
+    assert summary["Natrix maura"].family == "Natricidae" and summary["Natrix maura"].venomous is False
+
+
+def test_create_refuses_a_non_gallery_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="is not a speciesid gallery"):
+        Gallery.create(tmp_path / "x", ENC)
+    with pytest.raises(ValueError, match="speciesid index build"):
+        Gallery.open(tmp_path / "nowhere")
+
+
+def test_dimension_mismatch_on_search(gallery):
+    with pytest.raises(ValueError, match="query embeddings are 8-d but this gallery holds 16-d"):
+        gallery.search(np.zeros((1, 8), np.float32), 3)
+
+
+def test_approximate_index_kind_is_used_above_threshold(tmp_path):
+    rng = np.random.default_rng(1)
+    g = Gallery.create(tmp_path / "h", ENC, index_config=VectorIndexConfig(approx_threshold=50))
+    g.add(_records("Naja haje", 80), [str(i) for i in range(80)], _unit(rng, 80, rng.standard_normal(DIM), 1.0))
+    g.finish_build()
+    assert g.index.kind == "hnsw"
+    assert Gallery.open(tmp_path / "h").index.kind == "hnsw"

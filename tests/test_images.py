@@ -1,0 +1,90 @@
+"""Photo decoding: modes, EXIF orientation, corrupt and hostile files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.images import ImageLoadError, decode_image, load_image, to_rgb
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_rgba_is_composited_on_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    out = decode_image(_bytes(img, "PNG"))
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_with_transparency_and_cmyk_and_grayscale():
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30] + [0] * 765)
+    assert decode_image(_bytes(pal, "PNG")).getpixel((0, 0)) == (10, 20, 30)
+    pal_t = pal.copy()
+    pal_t.info["transparency"] = 0
+    assert decode_image(_bytes(pal_t, "PNG", transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    r, g, b = decode_image(_bytes(cmyk, "JPEG", quality=100)).getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60
+    gray = Image.new("L", (4, 4), 77)
+    assert decode_image(_bytes(gray, "PNG")).getpixel((0, 0)) == (77, 77, 77)
+
+
+def test_16_bit_grayscale_is_rescaled_not_clipped():
+    arr = np.array([[0, 32768], [65535, 16384]], dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I")
+    out = decode_image(_bytes(img, "PNG"))
+    px = np.asarray(out)[..., 0]
+    assert px[0, 0] == 0 and px[1, 0] == 255 and 120 <= px[0, 1] <= 135  # mid-grey, not white
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode_image(_bytes(img, "JPEG", exif=exif))
+    assert out.size == (20, 40)
+
+
+def test_corrupt_truncated_empty_and_non_images(tmp_path):
+    good = _bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
+        decode_image(good[: len(good) // 3])
+    with pytest.raises(ImageLoadError, match="not a recognised image format"):
+        decode_image(b"this is a text file, not a photo")
+    with pytest.raises(ImageLoadError, match="empty"):
+        decode_image(b"")
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageLoadError, match="cannot be read"):
+        load_image(missing)
+
+
+def test_decompression_bomb_is_refused():
+    big = _bytes(Image.new("L", (2000, 2000)), "PNG")
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        decode_image(big, max_pixels=1_000_000)
+
+
+def test_load_image_hashes_bytes(tmp_path):
+    p = tmp_path / "a.png"
+    p.write_bytes(_bytes(Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"))
+    loaded = load_image(p)
+    import hashlib
+
+    assert loaded.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert to_rgb(loaded.image) is loaded.image
+
+
+def test_jpeg_draft_keeps_at_least_the_requested_size():
+    img = Image.new("RGB", (2000, 1500), (10, 200, 30))
+    out = decode_image(_bytes(img, "JPEG"), draft=448)
+    assert min(out.size) >= 448 and out.size[0] < 2000
