@@ -70,19 +70,24 @@ def _encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) -> No
 def _vote_args(p: argparse.ArgumentParser) -> None:
     from retrieval.vote import DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_UNKNOWN_THRESHOLD
 
-    p.add_argument("--knn", type=int, default=DEFAULT_K, help=f"neighbours that vote (default {DEFAULT_K})")
     p.add_argument(
-        "--temperature",
-        type=float,
-        default=DEFAULT_TEMPERATURE,
-        help=f"vote weight exp(similarity/T) (default {DEFAULT_TEMPERATURE})",
+        "--knn", type=int, default=None,
+        help=f"neighbours that vote (default: the probe's chosen value, else {DEFAULT_K})",
     )
     p.add_argument(
-        "--unknown-threshold",
-        type=float,
-        default=DEFAULT_UNKNOWN_THRESHOLD,
-        help=f"best score under this means 'unknown' (default {DEFAULT_UNKNOWN_THRESHOLD})",
+        "--temperature", type=float, default=None,
+        help=f"vote weight exp(similarity/T) (default: the probe's, else {DEFAULT_TEMPERATURE})",
     )
+    p.add_argument(
+        "--unknown-threshold", type=float, default=None,
+        help=f"best score under this means 'unknown' (default: the probe's calibrated one, else "
+        f"{DEFAULT_UNKNOWN_THRESHOLD})",
+    )
+    p.add_argument(
+        "--method", default="blend", choices=("blend", "knn", "probe"),
+        help="blend (kNN + probe + text prior, whatever exists; default), knn only, or probe only",
+    )
+    p.add_argument("--country", help="ISO code or name (e.g. MA): favour species recorded in that country")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -138,15 +143,30 @@ def _open_identifier(args: argparse.Namespace):
     from retrieval.session import open_identifier
     from retrieval.vote import VoteConfig
 
-    vote = VoteConfig(k=args.knn, temperature=args.temperature, unknown_threshold=args.unknown_threshold)
-    return open_identifier(
+    ident = open_identifier(
         args.index,
         encoder=args.encoder,
         weights=args.weights,
         device=args.device,
         precision=args.precision,
-        vote=vote,
+        use_probe=args.method != "knn",
     )
+    if args.knn is not None or args.temperature is not None or args.unknown_threshold is not None:
+        c = ident.config
+        ident.config = VoteConfig(
+            k=args.knn if args.knn is not None else c.k,
+            temperature=args.temperature if args.temperature is not None else c.temperature,
+            unknown_threshold=args.unknown_threshold if args.unknown_threshold is not None else c.unknown_threshold,
+        )
+    return ident
+
+
+def _presence(country: str | None) -> dict[str, bool] | None:
+    if not country:
+        return None
+    from index.geography import country_presence, resolve_country
+
+    return country_presence(resolve_country(country))
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
@@ -156,7 +176,13 @@ def cmd_identify(args: argparse.Namespace) -> int:
     ident = _open_identifier(args)
     emb, errors = embed_sources(paths, ident.encoder, progress=not args.quiet and len(paths) > 20)
     ok = [i for i, e in enumerate(errors) if e is None]
-    answers = dict(zip(ok, ident.identify_embeddings(emb[ok], top=args.k), strict=True)) if ok else {}
+    presence = _presence(args.country)
+    answers = (
+        dict(zip(ok, ident.identify_embeddings(emb[ok], top=args.k, method=args.method, presence=presence),
+                 strict=True))
+        if ok
+        else {}
+    )
     results = []
     for i, path in enumerate(paths):
         if errors[i] is not None:
@@ -269,6 +295,93 @@ def cmd_references_delete(args: argparse.Namespace) -> int:
     found = gallery.delete(args.ids)
     _emit(f"deleted {found} of {len(args.ids)} references")
     return 0 if found == len(args.ids) else 1
+
+
+def cmd_probe_train(args: argparse.Namespace) -> int:
+    from retrieval.session import train_gallery_probe
+
+    result = train_gallery_probe(
+        args.index,
+        val_dataset=args.val_dataset,
+        val_root=args.val_root,
+        val_metadata=args.val_metadata,
+        checklist=args.checklist,
+        text_strength=args.text_strength,
+        folds=args.folds,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    p = result.probe
+    s = p.settings
+    m = s.metrics
+    _emit(
+        f"probe: {len(p.species)} species, {p.trained_on} references, trained in {result.seconds_train:.1f} s "
+        f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on})\n"
+        f"chosen: C={s.C} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
+        f"unknown threshold={s.unknown_threshold}\n"
+        f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
+        f"probe {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; unknown threshold gives "
+        f"precision {m.get('unknown_precision', float('nan')):.3f} at coverage {m.get('unknown_coverage', 0):.3f}"
+    )
+    if result.text_species:
+        _emit(f"text prior: {result.text_species} species (gallery + checklist)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from index.datasets import load_dataset, lookup_taxon
+    from retrieval.metrics import EvalItem, evaluate, write_report
+    from retrieval.pipeline import embed_sources
+
+    scan = load_dataset(args.dataset, args.root, metadata=args.metadata)
+    ident = _open_identifier(args)
+    emb, errors = embed_sources([r.path for r in scan.records], ident.encoder, progress=not args.quiet,
+                                desc="evaluating")
+    ok = [i for i, e in enumerate(errors) if e is None]
+    presence = _presence(args.country)
+    methods = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
+    taxa = ident.taxa()
+    venomous = {s: t.venomous for s, t in taxa.items()}
+    for r in scan.records:
+        if venomous.get(r.species) is None:
+            info = lookup_taxon(r.species)
+            venomous[r.species] = r.venomous if r.venomous is not None else (info.venomous if info else None)
+    results = {}
+    for method in methods:
+        answers = ident.identify_embeddings(emb[ok], top=len(taxa) or 5, method=method, presence=presence)
+        items = [
+            EvalItem(
+                truth=scan.records[i].species,
+                scores=a.scores,
+                unknown=a.unknown,
+                country=scan.records[i].country,
+                image=str(scan.records[i].path),
+            )
+            for i, a in zip(ok, answers, strict=True)
+        ]
+        results[method] = evaluate(items, venomous=venomous)
+    notes = [
+        f"gallery {ident.gallery.root} ({len(ident.gallery)} references, encoder {ident.gallery.encoder_spec})",
+        f"queries: dataset {args.dataset} at {args.root}: {len(ok)} photos"
+        + (f", {len(errors) - len(ok)} unreadable and skipped" if len(ok) < len(errors) else ""),
+        f"kNN k={ident.config.k}, T={ident.config.temperature}, unknown threshold {ident.config.unknown_threshold}"
+        + (f"; blend weight {ident.blend_weight}" if ident.probe is not None else "; no probe (kNN only)"),
+    ]
+    if args.country:
+        notes.append(f"country prior: {args.country}")
+    files = write_report(args.report, results, title=f"speciesid evaluation: {args.dataset}", notes=notes)
+    for method, r in results.items():
+        _emit(
+            f"{method:6s} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+            f"venomous recall {_fmt_opt(r['venomous_recall'])}  coverage {r['coverage']:.3f}  "
+            f"accuracy answered {_fmt_opt(r['accuracy_answered'])}"
+        )
+    _emit("report: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def _fmt_opt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def cmd_species_list(args: argparse.Namespace) -> int:
@@ -385,6 +498,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", type=int, metavar="ID")
     p.add_argument("--index", required=True, metavar="DIR")
     p.set_defaults(func=cmd_references_delete)
+
+    # probe
+    p_probe = sub.add_parser("probe", help="linear-probe head blended with the kNN vote")
+    s_probe = p_probe.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_probe.add_parser(
+        "train",
+        help="train the probe on the gallery; choose k, T, blend weight, unknown threshold on validation data",
+    )
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
+    p.add_argument("--val-root", help="labelled validation photos (default: cross-validation on the gallery)")
+    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
+    p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
+    p.add_argument("--text-strength", type=float, default=1.0,
+                   help="text prior weight, in photos' worth of evidence (default 1)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_probe_train)
+
+    # evaluate
+    p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True)
+    p.add_argument("--metadata")
+    p.add_argument("--report", default="report", metavar="DIR", help="where to write the report (default report/)")
+    _vote_args(p)
+    _encoder_args(p, default_spec=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     # species
     p_sp = sub.add_parser("species", help="species in a gallery")

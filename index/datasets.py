@@ -427,3 +427,23 @@ def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = N
     for warning in warnings:
         logger.debug("dataset %s: %s", key, warning)
     return DatasetScan(name=key, root=root_path, records=records, warnings=warnings, species=species)
+
+
+def load_checklist(name_or_path: str | Path) -> list[TaxonInfo]:
+    """A species checklist: ``moroccan`` (shipped, 26 species) or a text file with one binomial a line.
+
+    Species found in the shipped snake taxonomy get their genus, family and venomous flag.
+    """
+    if str(name_or_path).lower() == "moroccan":
+        return list(_moroccan_checklist())
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"checklist {name_or_path!r} is neither 'moroccan' nor a readable text file")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name = " ".join(line.split("#", 1)[0].replace("_", " ").split())
+        if name:
+            out.append(lookup_taxon(name) or TaxonInfo(name, name.split(" ")[0], None, None))
+    if not out:
+        raise ValueError(f"checklist {path} names no species (one binomial a line, # for comments)")
+    return out

@@ -1,16 +1,28 @@
-"""Photos -> answers: encoder + gallery search + kNN vote."""
+"""Photos -> answers: encoder + gallery search + kNN vote, blended with the probe and text prior."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import numpy as np
 from PIL import Image
 
+from finetune.probe import LinearProbe
 from index.gallery import Gallery, Neighbour
+from index.store import SpeciesSummary
+from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
 from retrieval.vote import Rank, VoteConfig, knn_vote, rollup, top_k, venomous_probability
+
+
+class Method(str, Enum):
+    """Which sources score the species."""
+
+    KNN = "knn"  # nearest-neighbour vote only
+    PROBE = "probe"  # linear probe only (closed world: species it was trained on)
+    BLEND = "blend"  # kNN + probe (+ text prior when one is attached): the default
 
 
 @dataclass
@@ -31,7 +43,7 @@ class Identification:
 
     predictions: list[Prediction]  # best first
     neighbours: list[Neighbour]  # nearest reference photos, the evidence
-    unknown: bool  # True when the best score is under the unknown threshold (or the gallery is empty)
+    unknown: bool  # True when the best score is under the unknown threshold (or nothing scored)
     scores: dict[str, float] = field(default_factory=dict)  # every species with a non-zero score
     genus_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per genus
     family_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per family
@@ -53,51 +65,164 @@ class Identification:
         }
 
 
+@dataclass
+class TextPriorScores:
+    """Zero-shot species scores from text alone (see ``retrieval.textprior``), ready to blend."""
+
+    species: list[str]  # the candidate species, in column order
+    embeddings: np.ndarray  # (n_species, dim) prompt-ensemble text embeddings, L2-normalised
+    logit_scale: float = 100.0  # CLIP's temperature: softmax(scale * cosine)
+    strength: float = 1.0  # photos' worth of evidence the prior counts as (see blend.text_weight)
+    taxa: dict[str, SpeciesSummary] = field(default_factory=dict)  # metadata of photo-less species
+
+    def scores(self, embeddings: np.ndarray) -> list[dict[str, float]]:
+        """Per image embedding: species -> probability."""
+        z = self.logit_scale * (np.atleast_2d(embeddings) @ self.embeddings.T)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return [dict(zip(self.species, row.tolist(), strict=True)) for row in p]
+
+
 class Identifier:
     """Identify photos against a gallery with the encoder that built it."""
 
-    def __init__(self, encoder: Encoder, gallery: Gallery, config: VoteConfig | None = None) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        gallery: Gallery,
+        config: VoteConfig | None = None,
+        *,
+        probe: LinearProbe | None = None,
+        text_prior: TextPriorScores | None = None,
+        blend_weight: float | None = None,
+    ) -> None:
         if encoder.fingerprint != gallery.fingerprint:
             raise ValueError(
                 f"encoder {encoder.spec!r} (fingerprint {encoder.fingerprint}) did not build gallery "
                 f"{gallery.root}; it was built with {gallery.encoder_spec!r} ({gallery.fingerprint})"
             )
+        if probe is not None and probe.fingerprint != gallery.fingerprint:
+            raise ValueError(
+                f"the probe was trained on embeddings of {probe.fingerprint}, not of this gallery's encoder "
+                f"{gallery.fingerprint}; retrain it with 'speciesid probe train --index {gallery.root}'"
+            )
         self.encoder = encoder
         self.gallery = gallery
+        self.probe = probe
+        self.text_prior = text_prior
+        if config is None and probe is not None:
+            s = probe.settings
+            config = VoteConfig(k=s.k, temperature=s.temperature, unknown_threshold=s.unknown_threshold)
         self.config = config or VoteConfig()
+        self.blend_weight = probe.settings.blend_weight if blend_weight is None and probe else (blend_weight or 0.0)
+        self._taxa_version = -1
+        self._taxa: dict[str, SpeciesSummary] = {}
 
-    def identify_images(self, images: Sequence[Image.Image], *, top: int = 5) -> list[Identification]:
+    # ----------------------------------------------------------------- taxonomy
+    def taxa(self) -> dict[str, SpeciesSummary]:
+        """Species metadata of the gallery (and the text prior's photo-less species), cached per store version."""
+        version = self.gallery.store.version
+        if version != self._taxa_version:
+            taxa = dict(self.text_prior.taxa) if self.text_prior else {}
+            taxa.update({s.species: s for s in self.gallery.species()})
+            self._taxa, self._taxa_version = taxa, version
+        return self._taxa
+
+    # ------------------------------------------------------------------ answers
+    def identify_images(self, images: Sequence[Image.Image], **kw) -> list[Identification]:
         """One answer per photo."""
-        return self.identify_embeddings(self.encoder.encode_images(images), top=top)
+        return self.identify_embeddings(self.encoder.encode_images(images), **kw)
 
-    def identify_embeddings(self, embeddings: np.ndarray, *, top: int = 5) -> list[Identification]:
-        """One answer per embedding row."""
-        return [self.answer(n, top=top) for n in self.gallery.search(embeddings, self.config.k)]
+    def identify_embeddings(
+        self,
+        embeddings: np.ndarray,
+        *,
+        top: int = 5,
+        method: Method | str = Method.BLEND,
+        presence: Mapping[str, bool] | None = None,
+    ) -> list[Identification]:
+        """One answer per embedding row. ``presence``: species -> present in the photo's country."""
+        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        neighbours = self.gallery.search(emb, self.config.k)
+        return [
+            self.answer(ns, emb[i], top=top, method=method, presence=presence) for i, ns in enumerate(neighbours)
+        ]
 
-    def identify_observation(self, embeddings: np.ndarray, *, top: int = 5) -> Identification:
-        """Several photos of one animal -> one answer: the neighbours of all photos vote together."""
-        per_photo = self.gallery.search(embeddings, self.config.k)
+    def identify_observation(
+        self,
+        embeddings: np.ndarray,
+        *,
+        top: int = 5,
+        method: Method | str = Method.BLEND,
+        presence: Mapping[str, bool] | None = None,
+    ) -> Identification:
+        """Several photos of one animal -> one answer: neighbours vote together, the probe sees the mean."""
+        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        per_photo = self.gallery.search(emb, self.config.k)
         merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
-        return self.answer(merged, top=top)
+        mean = emb.mean(axis=0)
+        mean /= max(float(np.linalg.norm(mean)), 1e-12)
+        return self.answer(merged, mean, top=top, method=method, presence=presence)
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
         """Raw neighbours of each embedding."""
         return self.gallery.search(embeddings, k)
 
-    def answer(self, neighbours: list[Neighbour], *, top: int = 5) -> Identification:
-        """Vote over neighbours and dress the result with taxonomy."""
-        scores = knn_vote(neighbours, self.config.temperature)
-        info: dict[str, Neighbour] = {}
-        for n in neighbours:
-            info.setdefault(n.species, n)
+    def species_scores(
+        self, neighbours: list[Neighbour], embedding: np.ndarray | None, method: Method | str = Method.BLEND
+    ) -> dict[str, float]:
+        """Species probabilities from the chosen sources (before any country reweighting)."""
+        method = Method(method)
+        knn = knn_vote(neighbours, self.config.temperature)
+        if method is Method.KNN or embedding is None:
+            return knn
+        if self.probe is None:
+            if method is Method.PROBE:
+                raise ValueError("no probe for this gallery: train one with 'speciesid probe train --index DIR'")
+            scores = knn
+        else:
+            probe = self.probe.scores(embedding[None])[0]
+            if method is Method.PROBE:
+                return dict(sorted(probe.items(), key=lambda kv: -kv[1]))
+            scores = blend_knn_probe(knn, probe, self.blend_weight)
+        if self.text_prior is not None:
+            counts = [s.count for s in self.taxa().values() if s.count > 0]
+            lam = text_weight(float(np.median(counts)) if counts else 0.0, self.text_prior.strength)
+            scores = mix_text_prior(scores, self.text_prior.scores(embedding[None])[0], lam)
+        return scores
+
+    def answer(
+        self,
+        neighbours: list[Neighbour],
+        embedding: np.ndarray | None = None,
+        *,
+        top: int = 5,
+        method: Method | str = Method.BLEND,
+        presence: Mapping[str, bool] | None = None,
+    ) -> Identification:
+        """Score species and dress the result with taxonomy."""
+        scores = self.species_scores(neighbours, embedding, method)
+        if presence is not None:
+            scores = apply_country(scores, presence)
+        scores = {s: p for s, p in scores.items() if p > 0.0}
+        taxa = self.taxa()
+        for n in neighbours:  # species of neighbours are always in the gallery, but be safe
+            taxa.setdefault(
+                n.species, SpeciesSummary(n.species, n.genus, n.family, n.common_name, n.venomous, 0)
+            )
+
+        def info(s: str) -> SpeciesSummary:
+            return taxa.get(s) or SpeciesSummary(s, s.split(" ")[0], None, None, None, 0)
+
         predictions = [
             Prediction(
                 species=s,
                 score=float(p),
-                common_name=info[s].common_name,
-                genus=info[s].genus,
-                family=info[s].family,
-                venomous=info[s].venomous,
+                common_name=info(s).common_name,
+                genus=info(s).genus,
+                family=info(s).family,
+                venomous=info(s).venomous,
             )
             for s, p in top_k(scores, top)
         ]
@@ -107,7 +232,7 @@ class Identifier:
             neighbours=neighbours,
             unknown=best < self.config.unknown_threshold or not predictions,
             scores=scores,
-            genus_scores=rollup(scores, {s: n.genus for s, n in info.items()}, Rank.GENUS),
-            family_scores=rollup(scores, {s: n.family for s, n in info.items()}, Rank.FAMILY),
-            venomous_score=venomous_probability(scores, {s: n.venomous for s, n in info.items()}),
+            genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
+            family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
+            venomous_score=venomous_probability(scores, {s: info(s).venomous for s in scores}),
         )

@@ -6,12 +6,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from index.datasets import DatasetScan, load_dataset
+from finetune.probe import LinearProbe, has_probe, train_probe
+from index.datasets import DatasetScan, load_checklist, load_dataset
 from index.gallery import Gallery, read_gallery_info
+from index.store import SpeciesSummary
 from index.vectors import VectorIndexConfig
+from retrieval.calibrate import select_settings
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.identify import Identifier
-from retrieval.pipeline import BuildReport, add_references
+from retrieval.pipeline import BuildReport, add_references, embed_sources
+from retrieval.textprior import build_text_prior, load_text_prior, save_text_prior_config
 from retrieval.vote import VoteConfig
 
 logger = logging.getLogger(__name__)
@@ -86,10 +90,85 @@ def open_identifier(
     device: str = "auto",
     precision: str = "auto",
     vote: VoteConfig | None = None,
+    use_probe: bool = True,
 ) -> Identifier:
-    """Open a gallery and its encoder, ready to identify photos."""
+    """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
     gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision)
-    return Identifier(enc, gallery, vote)
+    probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint) if use_probe and has_probe(
+        index_dir) else None
+    text = load_text_prior(index_dir, enc) if use_probe else None
+    return Identifier(enc, gallery, vote, probe=probe, text_prior=text)
 
 
-__all__ = ["DEFAULT_ENCODER", "BuildResult", "build_gallery", "open_gallery", "open_identifier"]
+@dataclass
+class ProbeResult:
+    """What ``train_gallery_probe`` did."""
+
+    probe: LinearProbe  # the trained probe (saved beside the gallery)
+    seconds_select: float  # time spent choosing settings
+    seconds_train: float  # time spent training the final probe
+    text_species: int  # species covered by the text prior (0 when none)
+
+
+def train_gallery_probe(
+    index_dir: str | Path,
+    *,
+    val_dataset: str | None = None,
+    val_root: str | Path | None = None,
+    val_metadata: str | Path | None = None,
+    checklist: str | None = None,
+    text_strength: float = 1.0,
+    folds: int = 3,
+    device: str = "auto",
+    progress: bool = True,
+) -> ProbeResult:
+    """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
+
+    With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
+    plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
+    """
+    import time
+
+    gallery, enc = open_gallery(index_dir, device=device)
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    labels = [str(meta.at[int(i), "species"]) for i in ids]
+    val_emb = val_labels = None
+    if val_root is not None:
+        scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
+        val_emb, errors = embed_sources([r.path for r in scan.records], enc, progress=progress, desc="validation")
+        ok = [i for i, e in enumerate(errors) if e is None]
+        val_emb = val_emb[ok]
+        val_labels = [scan.records[i].species for i in ok]
+    t0 = time.perf_counter()
+    settings = select_settings(
+        vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb, val_labels=val_labels,
+        val_name=str(val_root), folds=folds,
+    )
+    t1 = time.perf_counter()
+    probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=settings.C)
+    probe.settings = settings
+    t2 = time.perf_counter()
+    probe.save(index_dir)
+    text_species = 0
+    if enc.supports_text:
+        taxa = {s.species: s for s in gallery.species()}
+        for t in load_checklist(checklist) if checklist else []:
+            taxa.setdefault(t.species, SpeciesSummary(t.species, t.genus, t.family, None, t.venomous, 0))
+        build_text_prior(enc, list(taxa.values()), Path(index_dir) / "text_prior_cache", strength=text_strength)
+        save_text_prior_config(index_dir, list(taxa.values()), text_strength, enc.fingerprint)
+        text_species = len(taxa)
+    elif checklist:
+        logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
+    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species)
+
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "BuildResult",
+    "ProbeResult",
+    "build_gallery",
+    "open_gallery",
+    "open_identifier",
+    "train_gallery_probe",
+]

@@ -11,6 +11,12 @@ Writes:
   and sorted by species.
 - ``index/data/moroccan.csv``: the same columns for the 26 species of ``moroccan_snakes.txt``, in
   checklist order. Fails if a checklist species is missing from the medical-importance table.
+- ``index/data/snake_countries.csv``: ``species,countries`` for every species of SnakeCLEF 2021's
+  species-to-country matrix, sorted by species; ``countries`` is the sorted ISO 3166-1 alpha-2 codes
+  of the columns where the species is marked 1, joined by ``;`` (empty if none). Every column name
+  must map to a code (pycountry lookup, or ``COUNTRY_ALIASES`` first), else the script fails.
+  Rows whose names differ only by whitespace (or by a known misspelling, ``SPECIES_FIXES``) are
+  merged by union.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+
+import pycountry
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "index" / "data"
@@ -38,6 +46,33 @@ EXPECTED_MOROCCAN_VENOMOUS = frozenset(
     }
 )
 EXPECTED_MOROCCAN_COUNT = 26
+COUNTRIES_FILE = "reference/snakeclef2021_species_to_country_mapping.csv"
+COUNTRY_COLUMNS = ("species", "countries")
+#: SnakeCLEF country names that pycountry does not resolve (or resolves only by luck, e.g. "usa" as an
+#: alpha-3 code); checked before pycountry. "n cyprus" (Northern Cyprus) has no ISO 3166 code of its
+#: own and is folded into CY; "kosovo" uses the user-assigned code XK (not in pycountry).
+COUNTRY_ALIASES = {
+    "brunei": "BN",
+    "burma": "MM",
+    "democratic republic of the congo": "CD",
+    "east timor": "TL",
+    "guinea bissau": "GW",
+    "ivory coast": "CI",
+    "kosovo": "XK",
+    "macedonia": "MK",
+    "n cyprus": "CY",
+    "palestine": "PS",
+    "republic of the congo": "CG",
+    "russia": "RU",
+    "st kitts and nevis": "KN",
+    "st vincent and the grenadines": "VC",
+    "swaziland": "SZ",
+    "turkey": "TR",
+    "turks and caicos": "TC",
+    "usa": "US",
+}
+#: Misspelt species rows of the country matrix, merged into the correctly spelt row.
+SPECIES_FIXES = {"Hemorhois nummifer": "Hemorrhois nummifer"}
 
 
 def _clean(text: str) -> str:
@@ -79,11 +114,56 @@ def read_checklist(path: Path) -> list[str]:
     return names
 
 
-def write_csv(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
+def country_code(name: str) -> str:
+    """ISO 3166-1 alpha-2 code of a SnakeCLEF country column name; ``LookupError`` if unknown."""
+    key = _clean(name).lower()
+    if key in COUNTRY_ALIASES:
+        return COUNTRY_ALIASES[key]
+    return pycountry.countries.lookup(key).alpha_2
+
+
+def read_countries(path: Path) -> dict[str, frozenset[str]]:
+    """Read the species x country 0/1 matrix into ``{species: alpha-2 codes where it is 1}``."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header or len(header) < 2:
+            raise SystemExit(f"{path}: expected a header of species then country names")
+        codes: list[str] = []
+        unmapped: list[str] = []
+        for name in header[1:]:
+            try:
+                codes.append(country_code(name))
+            except LookupError:
+                unmapped.append(name)
+        if unmapped:
+            raise SystemExit(
+                f"{path}: country columns with no ISO 3166 code (add them to COUNTRY_ALIASES): "
+                f"{', '.join(repr(name) for name in unmapped)}"
+            )
+        table: dict[str, set[str]] = {}
+        for line, row in enumerate(reader, start=2):
+            if not row or not _clean(row[0]):
+                continue
+            if len(row) != len(header):
+                raise SystemExit(f"{path}:{line}: {len(row)} fields, header has {len(header)}")
+            species = _clean(row[0])
+            species = SPECIES_FIXES.get(species, species)
+            present = table.setdefault(species, set())
+            for code, value in zip(codes, row[1:], strict=True):
+                value = value.strip()
+                if value not in {"0", "1"}:
+                    raise SystemExit(f"{path}:{line}: {species!r} has {value!r}, expected 0 or 1")
+                if value == "1":
+                    present.add(code)
+    return {species: frozenset(present) for species, present in table.items()}
+
+
+def write_csv(path: Path, rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         writer.writerows(rows)
 
 
@@ -114,10 +194,19 @@ def main(argv: list[str] | None = None) -> int:
             f"missing {sorted(EXPECTED_MOROCCAN_VENOMOUS - venomous)}"
         )
 
+    countries = read_countries(args.shared / COUNTRIES_FILE)
+    country_rows = [(name, ";".join(sorted(countries[name]))) for name in sorted(countries)]
+
     all_rows = [taxonomy[name] for name in sorted(taxonomy)]
     write_csv(args.out / "snake_taxonomy.csv", all_rows)
     write_csv(args.out / "moroccan.csv", moroccan)
-    for name, rows in (("snake_taxonomy.csv", all_rows), ("moroccan.csv", moroccan)):
+    write_csv(args.out / "snake_countries.csv", country_rows, COUNTRY_COLUMNS)
+    outputs = (
+        ("snake_taxonomy.csv", all_rows),
+        ("moroccan.csv", moroccan),
+        ("snake_countries.csv", country_rows),
+    )
+    for name, rows in outputs:
         size = (args.out / name).stat().st_size
         print(f"wrote {args.out / name}: {len(rows)} species, {size:,} bytes")
     return 0

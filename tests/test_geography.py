@@ -1,0 +1,116 @@
+"""Tests for index.geography against the real generated table index/data/snake_countries.csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from index.geography import COUNTRIES_CSV, country_presence, resolve_country, species_countries
+
+MOROCCAN_CSV = Path(__file__).resolve().parents[1] / "index" / "data" / "moroccan.csv"
+#: Checklist species the SnakeCLEF 2021 table does not mark present in Morocco (measured).
+MOROCCAN_ABSENT_FROM_MA = {"Echis pyramidum", "Natrix astreptophora"}
+
+
+def _moroccan_species() -> list[str]:
+    with MOROCCAN_CSV.open(newline="", encoding="utf-8") as fh:
+        return [row["species"] for row in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("text", ["MA", "ma", "Morocco", "morocco", " MOROCCO ", "MAR", "mar"])
+def test_morocco_resolves(text: str) -> None:
+    assert resolve_country(text) == "MA"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("PH", "PH"),
+        ("Philippines", "PH"),
+        ("usa", "US"),
+        ("United States", "US"),
+        ("Ivory Coast", "CI"),
+        ("Côte d'Ivoire", "CI"),
+        ("cote d'ivoire", "CI"),
+        ("Turkey", "TR"),
+        ("burma", "MM"),
+        ("Kosovo", "XK"),
+        ("guinea-bissau", "GW"),
+        ("DEU", "DE"),
+    ],
+)
+def test_other_countries_resolve(text: str, code: str) -> None:
+    assert resolve_country(text) == code
+
+
+@pytest.mark.parametrize("text", ["Xyz", "ZZ", "", "Atlantis"])
+def test_unknown_country_raises(text: str) -> None:
+    with pytest.raises(ValueError) as excinfo:
+        resolve_country(text)
+    message = str(excinfo.value)
+    assert message.startswith(f"unknown country {text!r}: ")
+    assert "give an ISO 3166 code such as MA or a name such as Morocco" in message
+
+
+def test_unknown_country_suggests_close_match() -> None:
+    with pytest.raises(ValueError, match=r"did you mean .*Morocco \(MA\)"):
+        resolve_country("Marocco")
+    with pytest.raises(ValueError, match=r"unknown country"):
+        country_presence("Marocco")
+
+
+def test_table_shape() -> None:
+    with COUNTRIES_CSV.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == ["species", "countries"]
+        rows = list(reader)
+    species = [row["species"] for row in rows]
+    assert len(rows) > 3000
+    assert species == sorted(species) and len(set(species)) == len(species)
+    for row in rows:
+        codes = row["countries"].split(";") if row["countries"] else []
+        assert codes == sorted(set(codes))
+        assert all(len(code) == 2 and code.isupper() for code in codes), row
+
+
+def test_presence_covers_every_species() -> None:
+    presence = country_presence("MA")
+    assert len(presence) == len(country_presence("Philippines"))
+    assert all(isinstance(value, bool) for value in presence.values())
+    assert presence["Daboia mauritanica"] is True
+    assert presence["Naja haje"] is True
+    assert presence["Naja philippinensis"] is False
+    assert country_presence("PH")["Naja philippinensis"] is True
+    assert country_presence("ma") == presence
+
+
+def test_moroccan_species_present_in_morocco() -> None:
+    moroccan = _moroccan_species()
+    assert len(moroccan) == 26
+    presence = country_presence("Morocco")
+    assert all(name in presence for name in moroccan)
+    absent = {name for name in moroccan if not presence[name]}
+    assert absent == MOROCCAN_ABSENT_FROM_MA
+    assert sum(presence[name] for name in moroccan) == 24
+
+
+def test_species_countries() -> None:
+    assert "MA" in species_countries("Daboia mauritanica")
+    naja_haje = species_countries("Naja haje")
+    assert naja_haje is not None and {"MA", "EG"} <= naja_haje
+    assert species_countries("Naja philippinensis") == frozenset({"PH"})
+    # Rows the source splits by a trailing space / misspelling are merged (Northern Cyprus -> CY).
+    assert "CY" in species_countries("Dolichophis jugularis")
+    assert species_countries("Hemorhois nummifer") is None
+
+
+@pytest.mark.parametrize("name", ["naja haje", "NAJA HAJE", "Naja-haje", "naja_haje", "  Naja   haje "])
+def test_species_name_matching(name: str) -> None:
+    assert species_countries(name) == species_countries("Naja haje")
+
+
+@pytest.mark.parametrize("name", ["Naja nonexistens", "", "Naja"])
+def test_unknown_species_is_none(name: str) -> None:
+    assert species_countries(name) is None
