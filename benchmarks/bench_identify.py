@@ -129,8 +129,8 @@ def bench(name: str, runners: dict, queries: list[str], truth: list[str], passes
             continue
         agree = float(np.mean([a == b for a, b in zip(answers[n], answers[naive], strict=True)]))
         print(
-            f"{n}: p50 {out[naive]['p50'] / out[n]['p50']:.2f}x faster than {naive} "
-            f"(ratio of median p50s), throughput {out[n]['ips'] / out[naive]['ips']:.2f}x; "
+            f"{n}: {out[naive]['p50'] / out[n]['p50']:.2f}x the speed of {naive} by median latency "
+            f"(naive p50 / ours p50), throughput {out[n]['ips'] / out[naive]['ips']:.2f}x; "
             f"same top-1 species as naive on {agree:.0%} of queries"
         )
     return out

@@ -9,47 +9,12 @@ chosen values, so the val figure is not tuned on val. Real MobileNetV1 weights.
 from __future__ import annotations
 
 import argparse
-import math
-from collections import defaultdict
 
 import numpy as np
 from _common import MOBILENET_SPEC, require_shared, split_embeddings
 
-
-def vote_scores(sims: np.ndarray, labels: list[str], k: int, t: float) -> list[dict[str, float]]:
-    """Per query: species -> probability from its k best (sims rows already sorted best first)."""
-    out = []
-    for row_s, row_l in zip(sims[:, :k], labels, strict=True):
-        top = row_s[0]
-        acc: dict[str, float] = defaultdict(float)
-        for s, lab in zip(row_s, row_l[:k], strict=True):
-            acc[lab] += math.exp((s - top) / t)
-        z = sum(acc.values())
-        out.append({lab: v / z for lab, v in acc.items()})
-    return out
-
-
-def neighbours(q: np.ndarray, g: np.ndarray, g_labels: list[str], k: int, exclude_self: bool):
-    sims = q @ g.T
-    if exclude_self:
-        np.fill_diagonal(sims, -np.inf)
-    order = np.argsort(-sims, axis=1)[:, :k]
-    return np.take_along_axis(sims, order, axis=1), [[g_labels[j] for j in row] for row in order]
-
-
-def accuracy(scores: list[dict[str, float]], truth: list[str]) -> float:
-    return float(np.mean([max(s, key=s.get) == t for s, t in zip(scores, truth, strict=True)]))
-
-
-def threshold_for_precision(scores, truth, target: float) -> tuple[float, float, float]:
-    """Smallest threshold whose answered set reaches `target` precision: (threshold, precision, coverage)."""
-    best = np.array([max(s.values()) for s in scores])
-    correct = np.array([max(s, key=s.get) == t for s, t in zip(scores, truth, strict=True)])
-    for thr in np.round(np.arange(0.0, 1.0001, 0.01), 2):
-        answered = best >= thr
-        if answered.sum() and correct[answered].mean() >= target:
-            return float(thr), float(correct[answered].mean()), float(answered.mean())
-    return 1.0, float("nan"), 0.0
+from retrieval.calibrate import knn_matrix
+from retrieval.metrics import precision_threshold
 
 
 def main() -> None:
@@ -61,33 +26,37 @@ def main() -> None:
     require_shared()
     tr, tr_lab, _ = split_embeddings(args.encoder, "train", args.precision)
     va, va_lab, _ = split_embeddings(args.encoder, "val", args.precision)
+    species = sorted(set(tr_lab))
+    index = {s: i for i, s in enumerate(species)}
+    y_tr = np.array([index[s] for s in tr_lab])
+    y_va = np.array([index[s] for s in va_lab])
+    n = len(species)
     ks = [1, 3, 5, 7, 10, 15, 20, 30]
     ts = [0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 1.0]
-    loo_s, loo_l = neighbours(tr, tr, tr_lab, max(ks), exclude_self=True)
-    va_s, va_l = neighbours(va, tr, tr_lab, max(ks), exclude_self=False)
     print(f"encoder {args.encoder} ({args.precision}); gallery {len(tr)} train photos, {len(va)} val queries")
     print("leave-one-out top-1 on train (rows k, columns T):")
     print("   k " + "".join(f"{t:>8}" for t in ts))
     grid = {}
     for k in ks:
-        row = []
         for t in ts:
-            grid[k, t] = accuracy(vote_scores(loo_s, loo_l, k, t), tr_lab)
-            row.append(grid[k, t])
-        print(f"{k:4d} " + "".join(f"{v:8.3f}" for v in row))
-    (k_best, t_best) = max(grid, key=lambda kt: (round(grid[kt], 3), -kt[0]))
-    chosen = vote_scores(va_s, va_l, k_best, t_best)
-    one_nn = vote_scores(va_s, va_l, 1, 1.0)
+            loo = knn_matrix(tr, tr, y_tr, n, k, t, exclude_self=True)
+            grid[k, t] = float((loo.argmax(1) == y_tr).mean())
+        print(f"{k:4d} " + "".join(f"{grid[k, t]:8.3f}" for t in ts))
+    k_best, t_best = max(grid, key=lambda kt: (round(grid[kt], 3), -kt[0]))
+    chosen = knn_matrix(va, tr, y_tr, n, k_best, t_best)
+    one_nn = knn_matrix(va, tr, y_tr, n, 1, 1.0)
     print(f"chosen k={k_best} T={t_best}: LOO train {grid[k_best, t_best]:.3f}")
-    print(f"val top-1: chosen vote {accuracy(chosen, va_lab):.3f}  |  1-NN {accuracy(one_nn, va_lab):.3f}")
-    thr, prec, cov = threshold_for_precision(vote_scores(loo_s, loo_l, k_best, t_best), tr_lab, args.target_precision)
-    best = np.array([max(s.values()) for s in chosen])
-    correct = np.array([max(s, key=s.get) == t for s, t in zip(chosen, va_lab, strict=True)])
-    ans = best >= thr
+    print(
+        f"val top-1: chosen vote {(chosen.argmax(1) == y_va).mean():.3f}  |  1-NN {(one_nn.argmax(1) == y_va).mean():.3f}"
+    )
+    loo = knn_matrix(tr, tr, y_tr, n, k_best, t_best, exclude_self=True)
+    thr, prec, cov = precision_threshold(loo.max(1), loo.argmax(1) == y_tr, args.target_precision)
+    answered = chosen.max(1) >= thr
+    correct = chosen.argmax(1) == y_va
     print(
         f"unknown threshold for {args.target_precision:.0%} precision (LOO train): {thr:.2f} "
         f"(train precision {prec:.3f}, coverage {cov:.3f}); on val: precision "
-        f"{correct[ans].mean():.3f}, coverage {ans.mean():.3f}"
+        f"{correct[answered].mean():.3f}, coverage {answered.mean():.3f}"
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finetune.probe import ProbeSettings, train_probe
+from retrieval.metrics import precision_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +58,6 @@ def blend_matrix(knn: np.ndarray, probe: np.ndarray, known: np.ndarray, weight: 
     """Matrix form of ``retrieval.blend.blend_knn_probe``; ``known`` masks the probe's classes."""
     mass = (knn * known).sum(axis=1, keepdims=True)
     return np.where(known, (1 - weight) * knn + weight * mass * probe, knn)
-
-
-def threshold_for_precision(best: np.ndarray, correct: np.ndarray, target: float) -> tuple[float, float, float]:
-    """Smallest threshold (0.01 steps) on the best score whose answered set reaches ``target`` precision.
-
-    Returns (threshold, precision, coverage); (1.0, nan, 0.0) when no threshold reaches it.
-    """
-    for thr in np.round(np.arange(0.0, 1.0001, 0.01), 2):
-        answered = best >= thr
-        if answered.any() and correct[answered].mean() >= target:
-            return float(thr), float(correct[answered].mean()), float(answered.mean())
-    return 1.0, float("nan"), 0.0
 
 
 def _folds(labels: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
@@ -144,7 +133,7 @@ def select_settings(
     c, k, t, w = best_key
     y_all = np.concatenate(truth)
     b = np.concatenate(oof[best_key])
-    thr, prec, cov = threshold_for_precision(b.max(1), b.argmax(1) == y_all, target_precision)
+    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y_all, target_precision)
     knn_acc = max(correct[(cc, k, t, 0.0)] for cc in grid.Cs) / total
     metrics = {
         "queries": float(total),

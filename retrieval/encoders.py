@@ -261,7 +261,7 @@ class OpenClipEncoder(Encoder):
         self.transform = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
         scale = getattr(model, "logit_scale", None)
-        self.logit_scale = float(scale.exp()) if scale is not None else 100.0  # CLIP's softmax temperature
+        self.logit_scale = float(scale.detach().exp()) if scale is not None else 100.0  # CLIP's softmax temperature
         with torch.inference_mode():
             size = getattr(model.visual, "image_size", 224)
             size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -259,23 +259,33 @@ def evaluate(
     )
 
 
-def threshold_for_precision(items: list[EvalItem], target: float = 0.95) -> tuple[float, float, float]:
-    """Smallest threshold t on the top-1 score (0.00..1.00, step 0.01) whose answered set (score >= t) reaches
-    ``target`` precision (share of answered items whose top-1 is right).
+def precision_threshold(confidence: np.ndarray, correct: np.ndarray, target: float = 0.95) -> tuple[float, float, float]:
+    """Smallest threshold t (0.00..1.00, step 0.01) on ``confidence`` whose answered set (conf >= t) reaches
+    ``target`` precision (share of answered items that are ``correct``).
 
     Returns (t, precision, coverage), coverage being the answered share of all items; (1.0, nan, 0.0) if no
-    threshold reaches the target. The ``unknown`` flag is ignored: the threshold defines its own answered set.
+    threshold reaches the target.
     """
-    preds = [_predict(it, {}) for it in items]
-    conf = np.array([p.confidence for p in preds], dtype=float)
-    correct = np.array([p.correct for p in preds], dtype=bool)
+    conf = np.asarray(confidence, dtype=float)
+    correct = np.asarray(correct, dtype=bool)
     for t in np.round(np.arange(101) / 100, 2):
         answered = conf >= t - 1e-12
         if answered.any():
             precision = float(correct[answered].mean())
             if precision >= target - 1e-12:
-                return float(t), precision, float(answered.sum() / len(items))
+                return float(t), precision, float(answered.sum() / len(conf))
     return 1.0, float("nan"), 0.0
+
+
+def threshold_for_precision(items: list[EvalItem], target: float = 0.95) -> tuple[float, float, float]:
+    """:func:`precision_threshold` on the items' top-1 scores.
+
+    The ``unknown`` flag is ignored: the threshold defines its own answered set.
+    """
+    preds = [_predict(it, {}) for it in items]
+    conf = np.array([p.confidence for p in preds], dtype=float)
+    correct = np.array([p.correct for p in preds], dtype=bool)
+    return precision_threshold(conf, correct, target)
 
 
 # ---------------------------------------------------------------------------------------------------- report

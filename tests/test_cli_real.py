@@ -118,6 +118,35 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     assert f"was built with encoder '{MOBILENET_SPEC}'" in err
     print(figures)
 
+    # probe + blend, then the evaluation report on val (kNN vs probe vs blend)
+    code, out, _ = _run(capsys, "probe", "train", "--index", index, "--folds", "2", "--quiet")
+    assert code == 0 and "probe: 14 species" in out and "chosen: C=" in out
+    report = index.parent / "report"
+    code, out, _ = _run(
+        capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", PH_SNAKES / "val",
+        "--report", report, "--quiet",
+    )
+    assert code == 0, out
+    data = json.loads((report / "report.json").read_text())["results"]
+    assert set(data) == {"knn", "probe", "blend"}
+    assert data["knn"]["top1"] >= FLOOR_TOP1_14 - 0.05  # k/T now the probe's CV choice, not the defaults
+    assert data["blend"]["top1"] >= data["knn"]["top1"]
+    assert data["blend"]["n"] == 210 and 0 <= data["blend"]["venomous_recall"] <= 1
+    for png in ("confusion_knn.png", "confusion_blend.png", "reliability.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| blend |" in (report / "report.md").read_text()
+
+    # country prior: the Philippine species are all recorded in PH; in Morocco (MA) none is, so the
+    # prior has nothing to keep and the answer is left as it was rather than emptied
+    cobra = PH_SNAKES / "val" / WITHHELD[0]
+    code, out, _ = _run(capsys, "identify", "--index", index, cobra, "--country", "PH", "--format", "json", "-q")
+    ph = json.loads(out)
+    code, out, _ = _run(capsys, "identify", "--index", index, cobra, "--country", "MA", "--format", "json", "-q")
+    ma = json.loads(out)
+    assert [r["predictions"][0]["species"] for r in ph] == [r["predictions"][0]["species"] for r in ma]
+    code, _, err = _run(capsys, "identify", "--index", index, cobra, "--country", "Atlantis")
+    assert code == 2 and "unknown country 'Atlantis'" in err
+
 
 def test_cli_help_everywhere(capsys):
     for argv in (

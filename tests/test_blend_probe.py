@@ -1,0 +1,153 @@
+"""Probe, open-world blend, country prior, settings selection and the zero-shot text prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from finetune.probe import LinearProbe, has_probe, train_probe
+from index.store import SpeciesSummary
+from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
+from retrieval.calibrate import SelectionGrid, blend_matrix, knn_matrix, select_settings
+
+
+def test_blend_redistributes_only_the_mass_on_probe_species():
+    knn = {"A a": 0.5, "B b": 0.2, "New n": 0.3}  # "New n" was added after the probe was trained
+    probe = {"A a": 0.1, "B b": 0.9}
+    out = blend_knn_probe(knn, probe, 0.5)
+    mass = 0.7
+    assert out["New n"] == pytest.approx(0.3)  # untouched: new species keep their kNN evidence
+    assert out["A a"] == pytest.approx(0.5 * 0.5 + 0.5 * mass * 0.1)
+    assert out["B b"] == pytest.approx(0.5 * 0.2 + 0.5 * mass * 0.9)
+    assert sum(out.values()) == pytest.approx(1.0)
+    assert blend_knn_probe(knn, probe, 0.0) == pytest.approx(knn)
+    # a probe species the neighbours missed still gets some of the probe's share
+    assert blend_knn_probe({"A a": 1.0}, {"A a": 0.5, "C c": 0.5}, 0.5)["C c"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="blend weight must be in"):
+        blend_knn_probe(knn, probe, 1.5)
+
+
+def test_matrix_blend_matches_dict_blend():
+    knn = np.array([[0.5, 0.2, 0.3]])
+    probe = np.array([[0.1, 0.9, 0.0]])
+    known = np.array([True, True, False])
+    b = blend_matrix(knn, probe, known, 0.5)[0]
+    d = blend_knn_probe({"a": 0.5, "b": 0.2, "n": 0.3}, {"a": 0.1, "b": 0.9}, 0.5)
+    assert b == pytest.approx([d["a"], d["b"], d["n"]])
+
+
+def test_country_prior_and_text_mixing():
+    scores = {"Naja haje": 0.5, "Naja philippinensis": 0.3, "Mystery m": 0.2}
+    present = {"Naja haje": True, "Naja philippinensis": False}
+    out = apply_country(scores, present)
+    assert "Naja philippinensis" not in out
+    assert out["Naja haje"] == pytest.approx(0.5 / 0.7) and out["Mystery m"] == pytest.approx(0.2 / 0.7)
+    weighted = apply_country(scores, present, absent_weight=0.5)
+    assert weighted["Naja philippinensis"] == pytest.approx(0.15 / 0.85)
+    all_absent = apply_country({"Naja philippinensis": 1.0}, present)
+    assert all_absent == {"Naja philippinensis": 1.0}  # better an answer outside the range than none
+    assert text_weight(0, 1.0) == 1.0 and text_weight(70, 1.0) == pytest.approx(1 / 71)
+    assert text_weight(10, 0.0) == 0.0
+    mixed = mix_text_prior({"A a": 1.0}, {"A a": 0.5, "C c": 0.5}, 0.2)
+    assert mixed == pytest.approx({"A a": 0.9, "C c": 0.1})
+
+
+def _clusters(n_per: int, n_cls: int, dim: int = 24, noise: float = 0.6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_cls, dim))
+    x = np.concatenate([c + noise * rng.standard_normal((n_per, dim)) for c in centres])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = [f"Genus s{i}" for i in range(n_cls) for _ in range(n_per)]
+    return x.astype(np.float32), labels
+
+
+def test_probe_trains_saves_loads_and_refuses_other_encoders(tmp_path):
+    x, y = _clusters(30, 4)
+    probe = train_probe(x, y, fingerprint="enc#1", C=10.0)
+    assert probe.species == sorted(set(y)) and probe.weight.shape == (4, 24)
+    acc = np.mean([max(s, key=s.get) == t for s, t in zip(probe.scores(x), y, strict=True)])
+    assert acc > 0.95
+    np.testing.assert_allclose(probe.predict_proba(x).sum(1), 1.0, rtol=1e-5)
+    probe.save(tmp_path)
+    assert has_probe(tmp_path)
+    loaded = LinearProbe.load(tmp_path, expected_fingerprint="enc#1")
+    np.testing.assert_allclose(loaded.predict_proba(x), probe.predict_proba(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="trained on embeddings of encoder enc#1, not other#2"):
+        LinearProbe.load(tmp_path, expected_fingerprint="other#2")
+    with pytest.raises(FileNotFoundError, match="speciesid probe train"):
+        LinearProbe.load(tmp_path / "none")
+    with pytest.raises(ValueError, match="at least 2 species"):
+        train_probe(x[:5], ["Genus s0"] * 5, fingerprint="enc#1")
+
+
+def test_binary_probe_is_a_proper_softmax():
+    x, y = _clusters(20, 2)
+    probe = train_probe(x, y, fingerprint="f", C=10.0)
+    assert probe.weight.shape[0] == 2
+    acc = np.mean([max(s, key=s.get) == t for s, t in zip(probe.scores(x), y, strict=True)])
+    assert acc > 0.95
+
+
+def test_select_settings_by_cv_returns_a_grid_point_and_a_calibrated_threshold():
+    x, y = _clusters(12, 5, noise=1.2, seed=3)
+    grid = SelectionGrid(Cs=(1.0, 10.0), ks=(3, 9), temperatures=(0.05,), weights=(0.0, 0.5, 1.0))
+    s = select_settings(x, y, fingerprint="f", folds=3, grid=grid)
+    assert s.selected_on == "cv:3-fold"
+    assert s.C in grid.Cs and s.k in grid.ks and s.blend_weight in grid.weights
+    assert s.metrics["queries"] == 60
+    assert s.metrics["blend_top1"] >= max(s.metrics["knn_top1"], s.metrics["probe_top1"]) - 1e-9
+    assert 0.0 <= s.unknown_threshold <= 1.0
+
+
+def test_knn_matrix_matches_hand_vote():
+    refs = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=np.float32)
+    labels = np.array([0, 1, 1])
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    m = knn_matrix(q, refs, labels, 2, k=2, temperature=0.1)[0]
+    w0, w1 = 1.0, np.exp((0.8 - 1.0) / 0.1)
+    assert m == pytest.approx([w0 / (w0 + w1), w1 / (w0 + w1)])
+
+
+# ------------------------------------------------------------------ text prior (tiny local CLIP)
+def test_text_prior_ensembles_caches_and_predicts_photo_less_species(tiny_clip_dir, tmp_path, monkeypatch):
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.encoders import create_encoder
+    from retrieval.identify import Identifier
+    from retrieval.textprior import TEMPLATES, build_text_prior, class_embeddings, prompts_for
+
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", precision="fp32")
+    taxa = [
+        SpeciesSummary("Naja haje", "Naja", "Elapidae", "Egyptian cobra", True, 1),
+        SpeciesSummary("Natrix maura", "Natrix", "Natricidae", None, False, 1),
+        SpeciesSummary("Vipera monticola", "Vipera", "Viperidae", "Atlas viper", True, 0),  # no photos
+    ]
+    prompts = prompts_for(taxa[0])
+    assert len(prompts) == 3 * len(TEMPLATES)
+    assert "a photo of Egyptian cobra (Naja haje)." in prompts and "a photo of Elapidae Naja haje." in prompts
+    emb = class_embeddings(enc, taxa[:1])[0]
+    manual = enc.encode_text(prompts).mean(0)
+    np.testing.assert_allclose(emb, manual / np.linalg.norm(manual), atol=1e-5)
+
+    cache = tmp_path / "cache"
+    prior = build_text_prior(enc, taxa, cache, strength=1000.0)
+    assert len(list(cache.glob("*.npy"))) == 1
+    monkeypatch.setattr(enc, "encode_text", lambda texts: (_ for _ in ()).throw(AssertionError("not cached")))
+    again = build_text_prior(enc, taxa, cache, strength=1000.0)  # served from the cache
+    np.testing.assert_array_equal(again.embeddings, prior.embeddings)
+    monkeypatch.undo()
+
+    gallery = Gallery.create(tmp_path / "g", enc.describe())
+    rng = np.random.default_rng(0)
+    photos = rng.standard_normal((2, enc.dim)).astype(np.float32)
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    recs = [ReferenceRecord(path=f"/p/{i}.jpg", species=t.species, family=t.family, venomous=t.venomous)
+            for i, t in enumerate(taxa[:2])]
+    gallery.add(recs, ["d0", "d1"], photos)
+    ident = Identifier(enc, gallery, text_prior=prior)
+    viper_text = prior.embeddings[prior.species.index("Vipera monticola")]
+    answer = ident.identify_embeddings(viper_text[None], top=3)[0]
+    top = answer.predictions[0]
+    assert top.species == "Vipera monticola" and top.family == "Viperidae" and top.venomous is True
+    assert top.common_name == "Atlas viper"
+    assert sum(answer.scores.values()) == pytest.approx(1.0)
