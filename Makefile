@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 SHARED ?= ../shared
 INDEX ?= runs/ph-snakes-mobilenet
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint bench demo serve clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ demo: setup
 	$(VENV)/bin/speciesid index build --dataset folder --root $(SHARED)/data/ph-snakes/train \
 		--encoder timm:local-dir:$(SHARED)/models/mobilenetv1_100.coral_in1k --index $(INDEX)
 	$(VENV)/bin/speciesid identify --index $(INDEX) "$(SHARED)/data/ph-snakes/val/Samar Cobra (Naja samarensis)" --k 3 | head -20
+
+# The HTTP API + web page on the demo gallery (http://127.0.0.1:8000/); writes need SPECIESID_API_KEYS.
+serve: setup
+	test -f $(INDEX)/gallery.json || $(MAKE) demo
+	$(VENV)/bin/speciesid serve --index $(INDEX) --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

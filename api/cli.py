@@ -384,6 +384,24 @@ def _fmt_opt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+    from index.gallery import read_gallery_info
+
+    read_gallery_info(args.index)  # fail fast, with the clear message, before uvicorn starts
+    overrides = {"index": args.index}
+    if args.device:
+        overrides["device"] = args.device
+    settings = Settings(**overrides)
+    if not settings.key_list():
+        logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def cmd_species_list(args: argparse.Namespace) -> int:
     from index.gallery import Gallery
 
@@ -537,6 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, metavar="DIR")
     p.add_argument("--format", default="table", choices=FORMATS)
     p.set_defaults(func=cmd_species_list)
+
+    # serve
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP API and web page (settings from SPECIESID_* environment variables or .env)",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
+    p.set_defaults(func=cmd_serve)
 
     # encoders
     p_enc = sub.add_parser("encoders", help="encoder specs")

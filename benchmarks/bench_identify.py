@@ -15,8 +15,10 @@ ViT build runs at only a few photos/s here), queried with 20 val photos. Both ga
 run in a temp dir with ``build_gallery`` / ``add_references``. ViT "ours" runs at precision ``auto`` (what
 the CLI uses: bf16 on CPUs with native bf16) and, to separate the precision from the pipeline, at fp32.
 
-Ours and naive alternate query by query (order flipped every query) so noise hits both alike; each
-pass over the queries is repeated and the medians of the per-pass figures are reported.
+Each pass runs every method over all queries, one method's block after the other (order reversed every
+pass, a short pause between blocks: alternating query by query would make numpy's OpenBLAS threads and
+torch's/FAISS's OpenMP threads spin against each other on 2 cores). Passes are repeated; the medians of
+the per-pass figures are reported.
 
     .venv/bin/python benchmarks/bench_identify.py           # default: 3 passes
     .venv/bin/python benchmarks/bench_identify.py --quick   # smoke run: small galleries, few queries, 1 pass
@@ -84,7 +86,7 @@ def naive_from_gallery(gallery, encoder, vote) -> NaiveIdentifier:
 
 
 def bench(name: str, runners: dict, queries: list[str], truth: list[str], passes: int) -> dict:
-    """Alternate the runners query by query; per pass: latency percentiles and img/s; medians over passes."""
+    """Run each runner over the queries in blocks; per pass: latency percentiles and img/s; medians over passes."""
     names = list(runners)
     for fn in runners.values():  # warm-up: two queries outside the timed region
         for q in queries[:2]:
@@ -94,9 +96,10 @@ def bench(name: str, runners: dict, queries: list[str], truth: list[str], passes
     for p in range(passes):
         lat: dict[str, list[float]] = {n: [] for n in names}
         got: dict[str, list[str]] = {n: [] for n in names}
-        for qi, q in enumerate(queries):
-            order = names if (qi + p) % 2 == 0 else names[::-1]
-            for n in order:
+        order = names if p % 2 == 0 else names[::-1]
+        for n in order:  # one method's block at a time, order reversed every pass
+            time.sleep(0.2)  # let the previous block's spinning BLAS/OpenMP threads go idle
+            for q in queries:
                 t0 = time.perf_counter()
                 got[n].append(runners[n](q))
                 lat[n].append((time.perf_counter() - t0) * 1000.0)

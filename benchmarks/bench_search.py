@@ -15,7 +15,9 @@ For each size, k = 10:
   graph takes far too long to build on 2 cores).
 * ``VectorIndex.save`` + ``VectorIndex.load`` time (with the fsyncs save does) and file size.
 
-Single queries alternate between the methods query by query; every figure is the median over repeats.
+Each repeat runs every method's block of queries in turn (order reversed on odd repeats, a short pause
+between blocks): interleaving query by query would make numpy's OpenBLAS threads and FAISS's OpenMP
+threads spin against each other on 2 cores. Every figure is the median over repeats.
 
     .venv/bin/python benchmarks/bench_search.py            # default: 1k..1M, 3 repeats
     .venv/bin/python benchmarks/bench_search.py --quick    # smoke run: 1k and 10k, 1 repeat
@@ -38,6 +40,8 @@ DIM = 512
 K = 10
 BATCH = 64
 N_CENTRES = 1000
+#: Idle gap before each method's block, so the previous library's spinning threads have gone to sleep.
+PAUSE_S = 0.2
 
 
 def clustered(n: int, centres: np.ndarray, rng: np.random.Generator, noise: float = 1.0) -> np.ndarray:
@@ -130,18 +134,17 @@ def bench_size(
     for rep in range(repeats):
         lat: dict[str, list[float]] = {m: [] for m in names}
         got: dict[str, list[np.ndarray]] = {m: [] for m in names}
-        for i in range(len(singles)):
-            q = singles[i : i + 1]
-            order = names if (i + rep) % 2 == 0 else names[::-1]
-            for m in order:
+        batch_s: dict[str, float] = {m: 0.0 for m in names}
+        order = names if rep % 2 == 0 else names[::-1]
+        for m in order:  # one method's block at a time: thread pools of different libraries never mix
+            time.sleep(PAUSE_S)
+            for i in range(len(singles)):
+                q = singles[i : i + 1]
                 t0 = time.perf_counter()
                 got[m].append(methods[m](q))
                 lat[m].append((time.perf_counter() - t0) * 1000.0)
-        batch_s: dict[str, float] = {m: 0.0 for m in names}
-        for b in range(n_batches):
-            qb = queries[(b * BATCH) % len(queries) :][:BATCH]
-            order = names if (b + rep) % 2 == 0 else names[::-1]
-            for m in order:
+            for b in range(n_batches):
+                qb = queries[(b * BATCH) % len(queries) :][:BATCH]
                 batch_s[m] += time_it(lambda m=m, qb=qb: methods[m](qb))
         for m in names:
             per_rep[m].append({**pct(lat[m]), "qps_batch": n_batches * BATCH / batch_s[m]})

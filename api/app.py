@@ -1,0 +1,84 @@
+"""The FastAPI application: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.concurrency import run_in_threadpool
+
+from api.routers import health, identify, references, species
+from api.service import SpeciesService
+from api.settings import Settings
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "speciesid_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "speciesid_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.gallery_size = Gauge("speciesid_gallery_references", "reference photos", registry=self.registry)
+        self.encoder_batches = Gauge("speciesid_encoder_batches", "encoder forward passes", registry=self.registry)
+        self.encoder_images = Gauge("speciesid_encoder_images", "photos encoded", registry=self.registry)
+
+
+def create_app(settings: Settings | None = None, service: SpeciesService | None = None) -> FastAPI:
+    """Build the app; the model loads at startup (``/readyz`` says when) unless a service is given."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if getattr(app.state, "service", None) is None:
+            app.state.service = await run_in_threadpool(SpeciesService, settings)
+            logger.info("serving gallery %s (%d references)", settings.index, len(app.state.service.gallery))
+        yield
+        app.state.service.close()
+
+    app = FastAPI(
+        title="speciesid",
+        version="0.1.0",
+        description="Identify animal species from photos by embedding retrieval. Writes need X-API-Key.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = Metrics()
+    body_limit = int((settings.max_upload_mb * max(settings.max_images, 100) + 1) * 1024 * 1024)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > body_limit:
+            return JSONResponse({"detail": f"request body over {body_limit // 2**20} MB"}, status_code=413)
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        m = app.state.metrics
+        m.requests.labels(request.method, path, str(response.status_code)).inc()
+        m.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    for router in (identify.router, species.router, references.router, health.router):
+        app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

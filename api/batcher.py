@@ -1,0 +1,94 @@
+"""Micro-batching of concurrent encode requests: one forward pass for many requests' photos."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from retrieval.encoders import Encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    tensors: torch.Tensor  # (n, C, H, W) preprocessed photos of one request
+    future: Future  # resolves to (n, dim) float32 embeddings
+
+
+class EncodeBatcher:
+    """Collects preprocessed photos from concurrent requests for up to ``window_ms`` and encodes them together.
+
+    With ``window_ms=0`` every request is encoded on its own (still on the single model thread).
+    """
+
+    def __init__(self, encoder: Encoder, *, window_ms: float = 5.0, max_batch: int = 32) -> None:
+        self.encoder = encoder
+        self.window = max(window_ms, 0.0) / 1000.0
+        self.max_batch = max(1, max_batch)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="speciesid-encoder", daemon=True)
+        self._thread.start()
+        self.batches = 0  # forward passes run (for metrics)
+        self.images = 0  # photos encoded
+
+    def submit(self, tensors: torch.Tensor) -> Future:
+        """Queue a (n, C, H, W) batch; the future gives its (n, dim) embeddings."""
+        fut: Future = Future()
+        self._queue.put(_Job(tensors, fut))
+        return fut
+
+    def encode(self, tensors: torch.Tensor) -> np.ndarray:
+        """Blocking form of :meth:`submit`."""
+        return self.submit(tensors).result()
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            size = len(job.tensors)
+            deadline = None
+            while size < self.max_batch:
+                try:
+                    if self.window <= 0:
+                        nxt = self._queue.get_nowait()
+                    else:
+                        deadline = deadline or time.monotonic() + self.window
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        nxt = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(nxt)
+                size += len(nxt.tensors)
+            try:
+                emb = self.encoder.encode_batch(torch.cat([j.tensors for j in jobs]))
+            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting request
+                for j in jobs:
+                    j.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += size
+            start = 0
+            for j in jobs:
+                n = len(j.tensors)
+                j.future.set_result(emb[start : start + n])
+                start += n

@@ -1,0 +1,46 @@
+"""Turning service errors and uploads into HTTP at the edge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from fastapi import HTTPException, UploadFile
+
+from api.service import ServiceError, SpeciesService, Upload
+
+T = TypeVar("T")
+
+ERRORS = {
+    400: {"description": "bad request (the message says what to fix)"},
+    401: {"description": "missing or wrong X-API-Key"},
+    404: {"description": "not found"},
+    413: {"description": "upload over the size limit"},
+    422: {"description": "not a photo, truncated, corrupt or refused (decompression bomb)"},
+}
+
+
+def edge(fn: Callable[[], T]) -> T:
+    """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException."""
+    try:
+        return fn()
+    except ServiceError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
+def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_most: int) -> list[Upload]:
+    """Size-check, read and decode uploads (all or nothing)."""
+    if not files:
+        raise HTTPException(400, "send at least one photo in the multipart field 'images'")
+    if len(files) > at_most:
+        raise HTTPException(400, f"at most {at_most} photos per request, got {len(files)}")
+    limit = int(service.settings.max_upload_mb * 1024 * 1024)
+    raw = []
+    for f in files:
+        if f.size is not None and f.size > limit:
+            raise HTTPException(413, f"{f.filename}: over the {service.settings.max_upload_mb:g} MB limit")
+        data = f.file.read(limit + 1)
+        raw.append((f.filename or "upload", data))
+    return edge(lambda: service.decode(raw))

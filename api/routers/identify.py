@@ -1,0 +1,92 @@
+"""POST /v1/identify and POST /v1/search."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from pydantic import ValidationError
+
+from api.deps import ReadKey, Service
+from api.routers._edge import ERRORS, edge, read_uploads
+from api.schemas import IdentifyOut, NeighbourOut, ResultOut, SearchOut, SearchVectorIn
+from index.geography import country_presence, resolve_country
+from retrieval.vote import Rank
+
+router = APIRouter(prefix="/v1", tags=["identify"])
+
+
+@router.post("/identify", response_model=IdentifyOut, responses=ERRORS)
+def identify(
+    service: Service,
+    _: ReadKey,
+    images: Annotated[list[UploadFile], File(description="1-5 photos of one animal (JPEG, PNG, WebP, HEIC)")],
+    k: Annotated[int, Query(ge=1, le=50, description="candidates to return")] = 5,
+    rank: Annotated[Rank, Query(description="report species, genus or family")] = Rank.SPECIES,
+    country: Annotated[str | None, Query(max_length=64, description="ISO code or name, e.g. MA")] = None,
+    neighbours: Annotated[bool, Query(description="include the evidence reference photos")] = True,
+) -> IdentifyOut:
+    """Identify the animal in 1-5 photos of one observation, combined into one answer."""
+    presence = edge(lambda: country_presence(resolve_country(country))) if country else None
+    uploads = read_uploads(service, images, at_most=service.settings.max_images)
+    answer, results = edge(lambda: service.identify(uploads, top=k, rank=rank, presence=presence))
+    out = []
+    for r in results:
+        evidence = [NeighbourOut(**n.to_dict()) for n in r.pop("neighbours")] if neighbours else []
+        out.append(ResultOut(**r, neighbours=evidence))
+    return IdentifyOut(
+        results=out,
+        unknown=answer.unknown,
+        venomous_score=answer.venomous_score,
+        encoder=service.gallery.encoder_spec,
+        images=len(uploads),
+    )
+
+
+_SEARCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+                    },
+                }
+            },
+            "application/json": {"schema": SearchVectorIn.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post("/search", response_model=SearchOut, responses=ERRORS, openapi_extra=_SEARCH_BODY)
+async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
+    """Raw kNN: a photo (multipart field ``image``) or an embedding (JSON ``{"embedding": [...], "k": 10}``)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        try:
+            body = SearchVectorIn.model_validate(json.loads(await request.body() or b"null"))
+        except (ValueError, ValidationError) as exc:
+            raise HTTPException(422, f"expected JSON {{'embedding': [...], 'k': 10}}: {exc}") from exc
+        hits = edge(lambda: service.search_vector(body.embedding, body.k))
+    elif ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        image = form.get("image")
+        if not isinstance(image, UploadFile) and not hasattr(image, "read"):
+            raise HTTPException(400, "send the photo in the multipart field 'image'")
+        try:
+            k = int(form.get("k", 10))
+        except (TypeError, ValueError) as exc:
+            raise HTTPException(422, "k must be an integer") from exc
+        if not 1 <= k <= 1000:
+            raise HTTPException(422, "k must be between 1 and 1000")
+        uploads = read_uploads(service, [image], at_most=1)
+        hits = edge(lambda: service.search_image(uploads[0], k))
+    else:
+        raise HTTPException(415, "send multipart/form-data with 'image', or application/json with 'embedding'")
+    return SearchOut(neighbours=[NeighbourOut(**h.to_dict()) for h in hits], encoder=service.gallery.encoder_spec)

@@ -1,0 +1,45 @@
+"""GET /v1/species, GET /v1/species/{name}, POST /v1/species/{name}/references."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
+
+from api.deps import ReadKey, Service, WriteKey
+from api.routers._edge import ERRORS, edge, read_uploads
+from api.schemas import AddReferencesOut, SpeciesOut
+
+router = APIRouter(prefix="/v1/species", tags=["species"])
+
+
+@router.get("", response_model=list[SpeciesOut])
+def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
+    """The gallery's species with reference counts and metadata."""
+    return [SpeciesOut(**asdict(s)) for s in service.species()]
+
+
+@router.get("/{name}", response_model=SpeciesOut, responses=ERRORS)
+def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_length=200)]) -> SpeciesOut:
+    """One species (``Genus species``; ``_`` or ``-`` may stand for the space)."""
+    wanted = " ".join(name.replace("_", " ").replace("-", " ").split()).lower()
+    for s in service.species():
+        if s.species.lower() == wanted:
+            return SpeciesOut(**asdict(s))
+    raise HTTPException(404, f"no species {name!r} in this gallery")
+
+
+@router.post("/{name}/references", response_model=AddReferencesOut, status_code=201, responses=ERRORS)
+def add_references(
+    service: Service,
+    _: WriteKey,
+    name: Annotated[str, Path(max_length=200, description="binomial, e.g. Naja haje")],
+    images: Annotated[list[UploadFile], File(description="reference photos of this species")],
+    common_name: Annotated[str | None, Form(max_length=200)] = None,
+    venomous: Annotated[bool | None, Form(description="medically important venomous")] = None,
+) -> AddReferencesOut:
+    """Add reference photos, creating the species if new; searchable by the very next request."""
+    uploads = read_uploads(service, images, at_most=100)
+    result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous))
+    return AddReferencesOut(**result)

@@ -1,0 +1,91 @@
+"""Response and request models of the HTTP API (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class NeighbourOut(BaseModel):
+    """A reference photo near the query."""
+
+    id: int = Field(description="stable reference id")
+    similarity: float = Field(description="cosine similarity to the query")
+    species: str
+    genus: str | None = None
+    family: str | None = None
+    common_name: str | None = None
+    venomous: bool | None = None
+    path: str = Field(description="source path of the reference photo")
+    dataset: str | None = None
+
+
+class ResultOut(BaseModel):
+    """One ranked candidate (a species, or a genus/family with rank=genus|family)."""
+
+    name: str = Field(description="species binomial, genus or family name")
+    rank: str
+    score: float = Field(description="probability in [0, 1]")
+    species: str | None = None
+    common_name: str | None = None
+    genus: str | None = None
+    family: str | None = None
+    venomous: bool | None = Field(None, description="medically important venomous (for a group: any member)")
+    neighbours: list[NeighbourOut] = Field(default_factory=list, description="evidence (with neighbours=true)")
+
+
+class IdentifyOut(BaseModel):
+    """The answer for one observation (1-5 photos of one animal)."""
+
+    results: list[ResultOut]
+    unknown: bool = Field(description="true when no candidate is supported strongly enough")
+    venomous_score: float | None = Field(None, description="probability that it is medically important venomous")
+    encoder: str = Field(description="the encoder that built the gallery")
+    images: int = Field(description="photos combined into this answer")
+
+
+class SearchVectorIn(BaseModel):
+    """Search by an embedding computed elsewhere (with the gallery's encoder)."""
+
+    embedding: list[float] = Field(description="the query embedding, gallery width")
+    k: int = Field(10, ge=1, le=1000)
+
+
+class SearchOut(BaseModel):
+    """Raw nearest reference photos."""
+
+    neighbours: list[NeighbourOut]
+    encoder: str
+
+
+class SpeciesOut(BaseModel):
+    """A species in the gallery."""
+
+    species: str
+    common_name: str | None = None
+    genus: str | None = None
+    family: str | None = None
+    venomous: bool | None = None
+    count: int = Field(description="reference photos")
+
+
+class DuplicateOut(BaseModel):
+    """An uploaded photo already in the gallery (same bytes)."""
+
+    file: str
+    id: int | None = None
+
+
+class AddReferencesOut(BaseModel):
+    """What adding reference photos did."""
+
+    species: str
+    created: bool = Field(description="the species was new to the gallery")
+    ids: list[int]
+    added: int
+    duplicates: list[DuplicateOut]
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx carries this body."""
+
+    detail: str

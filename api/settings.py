@@ -1,0 +1,28 @@
+"""Service settings from the environment (``SPECIESID_*``) or an env file, via pydantic-settings."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the HTTP service can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECIESID_", env_file=".env", extra="ignore")
+
+    index: str = Field("runs/gallery", description="gallery directory (built with `speciesid index build`)")
+    api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
+    reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
+    max_upload_mb: float = Field(20.0, description="largest accepted photo, in MB (bigger -> 413)")
+    max_pixels: int = Field(50_000_000, description="largest accepted photo, in pixels (decompression-bomb guard)")
+    max_images: int = Field(5, description="photos per identify request (one observation)")
+    device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
+    precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, fp16")
+    batch_window_ms: float = Field(5.0, description="how long the encoder waits to batch concurrent requests")
+    max_batch: int = Field(32, description="largest batch the encoder runs at once")
+    thumbnail_px: int = Field(256, description="longest side of reference thumbnails")
+
+    def key_list(self) -> list[str]:
+        """The configured API keys (empty strings dropped)."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
