@@ -43,11 +43,16 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if getattr(app.state, "service", None) is None:
+        # A service given to create_app belongs to the caller (left open); one loaded here is closed and
+        # dropped at shutdown, so a restarted lifespan loads a fresh one instead of reusing a closed one.
+        owned = getattr(app.state, "service", None) is None
+        if owned:
             app.state.service = await run_in_threadpool(SpeciesService, settings)
             logger.info("serving gallery %s (%d references)", settings.index, len(app.state.service.gallery))
         yield
-        app.state.service.close()
+        if owned:
+            app.state.service.close()
+            app.state.service = None
 
     app = FastAPI(
         title="speciesid",

@@ -26,7 +26,8 @@ class _Job:
 class EncodeBatcher:
     """Collects preprocessed photos from concurrent requests for up to ``window_ms`` and encodes them together.
 
-    With ``window_ms=0`` every request is encoded on its own (still on the single model thread).
+    With ``window_ms=0`` it never waits, but requests that queued up while the model was busy are still
+    encoded together; ``max_batch=1`` encodes every request on its own (still on the single model thread).
     """
 
     def __init__(self, encoder: Encoder, *, window_ms: float = 5.0, max_batch: int = 32) -> None:

@@ -111,6 +111,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index_config=VectorIndexConfig(kind=args.index_kind),
         workers=args.workers,
         progress=not args.quiet,
+        clean=_build_clean_config(args),
     )
     g = result.gallery
     _emit(
@@ -120,6 +121,60 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     )
     for warning in result.scan.warnings:
         _emit(f"warning: {warning}")
+    if result.clean is not None:
+        _emit(result.clean.summary())
+    return 0
+
+
+def _build_clean_config(args: argparse.Namespace):
+    if not args.clean:
+        return None
+    from retrieval.clean import CleanConfig
+
+    return CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from index.gallery import Gallery
+    from retrieval.clean import CleanConfig, clean, restore_exclusions
+    from retrieval.encoders import EncoderConfig
+
+    if args.restore:
+        if not args.index:
+            raise ValueError("--restore needs --index DIR: the gallery whose exclusions to undo")
+        if args.apply:
+            raise ValueError("--apply and --restore undo each other; give one of them")
+        gallery = Gallery.open(args.index)
+        found = restore_exclusions(gallery, args.restore)
+        _emit(f"restored {found} references ({args.restore}); gallery {gallery.root} now has {len(gallery)} "
+              "searchable references")
+        return 0
+    if not args.report:
+        raise ValueError("--report DIR is required: where findings.csv and contact_sheet.html are written")
+    kinds = [k.strip() for k in args.apply_to.split(",") if k.strip()]
+    result = clean(
+        dataset=args.dataset,
+        root=args.root,
+        metadata=args.metadata,
+        index=args.index,
+        against=args.against,
+        encoder=EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device,
+                              precision=args.precision, batch_size=args.batch_size),
+        config=CleanConfig(prompts=args.prompts, threshold=args.threshold, dup_threshold=args.dup_threshold,
+                           zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates),
+        report_dir=args.report,
+        apply=args.apply,
+        apply_kinds=kinds,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    _emit(result.summary())
+    if result.applied is not None and result.applied.excluded:
+        from finetune.probe import has_probe
+
+        if has_probe(args.index):
+            _emit(f"note: the probe of {args.index} was trained with the excluded references; retrain it with "
+                  f"'speciesid probe train --index {args.index}'")
     return 0
 
 
@@ -328,6 +383,74 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe_import(args: argparse.Namespace) -> int:
+    from retrieval.session import import_gallery_probe
+
+    result = import_gallery_probe(
+        args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
+        val_metadata=args.val_metadata, folds=args.folds, device=args.device, progress=not args.quiet,
+    )
+    p = result.probe
+    s = p.settings
+    m = s.metrics
+    _emit(
+        f"probe: the head of {args.from_dir} ({len(p.species)} species), no training; settings chosen in "
+        f"{result.seconds_select:.1f} s on {s.selected_on}\n"
+        f"chosen: k={s.k} T={s.temperature} blend weight={s.blend_weight} unknown threshold={s.unknown_threshold}\n"
+        f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
+        f"head {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; unknown threshold gives "
+        f"precision {m.get('unknown_precision', float('nan')):.3f} at coverage {m.get('unknown_coverage', 0):.3f}"
+    )
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from finetune.augment import AugmentConfig
+    from finetune.train import FinetuneConfig, FinetuneInterrupted, finetune
+
+    config = FinetuneConfig(
+        root=args.root, out=args.out, init=args.init, model=args.model, weights=args.weights,
+        dataset=args.dataset, metadata=args.metadata, val_root=args.val_root, val_dataset=args.val_dataset,
+        val_metadata=args.val_metadata, val_split=args.val_split, stage=args.stage, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, backbone_lr=args.backbone_lr, layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs,
+        freeze_layers=args.freeze_layers, bn=args.bn, label_smoothing=args.label_smoothing, balance=args.balance,
+        head_init=args.head_init, head_scale=args.head_scale, ema=args.ema, patience=args.patience,
+        train_size=args.train_size, tta=args.tta, drop_rate=args.drop_rate, seed=args.seed, device=args.device,
+        workers=args.workers, threads=args.threads, amp=not args.no_amp, time_limit=args.time_limit,
+        resume="no" if args.no_resume else "auto",
+        augment=AugmentConfig(
+            scale=(args.crop_scale, 1.0), vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=None if args.rand_augment in ("", "none") else args.rand_augment,
+        ),
+    )
+    try:
+        r = finetune(config, progress=not args.quiet)
+    except FinetuneInterrupted as exc:
+        sys.stderr.write(
+            f"speciesid: fine-tuning interrupted after epoch {exc.epoch}; the checkpoint {exc.out}/checkpoint.pt "
+            "is kept: run the same command again to resume\n"
+        )
+        return 130
+    b = r.best
+    _emit(
+        f"fine-tuned {len(r.species)} species: {r.epochs_run} epochs in {r.seconds / 60:.1f} min ({r.stopped}); "
+        f"best epoch {r.best_epoch}: val top-1 {b.get('val_top1', 0):.3f}, macro-F1 {b.get('val_macro_f1', 0):.3f}"
+    )
+    if r.final:
+        f = r.final
+        _emit(
+            f"validation with the kept weights (gallery = training photos): head {f['head_top1']:.3f}, "
+            f"kNN {f['knn_top1']:.3f}, blend {f['blend_top1']:.3f} (k={f['k']} T={f['temperature']} "
+            f"w={f['blend_weight']})"
+        )
+    _emit(
+        f"model: {r.out} (use --encoder timm:local-dir:{r.out}; log {r.out}/log.csv, curves {r.out}/curves.png)\n"
+        f"its head as the gallery's probe: speciesid probe import --index DIR --from {r.out} [--val-root DIR]"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from index.datasets import load_dataset, lookup_taxon
     from retrieval.metrics import EvalItem, evaluate, write_report
@@ -468,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "flat", "hnsw", "ivf"),
         help="FAISS index: exact flat, or approximate (auto: flat below 50k references, HNSW above)",
     )
+    p.add_argument(
+        "--clean", action="store_true",
+        help="after building, run the zero-shot filter (text-capable encoders) and exclude off-target "
+        "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report",
+    )
+    p.add_argument("--prompts", metavar="FILE", help="with --clean: prompt file or group (snakes, animals); "
+                   "default from the dataset's taxon group")
+    p.add_argument("--clean-threshold", type=float, default=0.5, metavar="P",
+                   help="with --clean: off-target probability at which a reference is excluded (default 0.5)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="show what a gallery holds and which encoder built it")
@@ -535,6 +667,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_probe_train)
+    p = s_probe.add_parser(
+        "import",
+        help="use a fine-tuned network's head (speciesid finetune --out DIR) as the probe of a gallery built with "
+        "that network; no training, only k, T, blend weight and unknown threshold are chosen",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery built with --encoder timm:local-dir:OUT")
+    p.add_argument("--from", dest="from_dir", required=True, metavar="OUT", help="the fine-tuned model folder")
+    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
+    p.add_argument("--val-root", help="labelled validation photos to choose the settings on (recommended; default: "
+                   "cross-validation over the gallery with the head fixed, which favours the head since it was "
+                   "trained on those photos)")
+    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_probe_import)
+
+    # finetune
+    _finetune_parser(sub, DATASETS)
 
     # evaluate
     p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots")
@@ -547,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     _encoder_args(p, default_spec=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    # clean
+    _clean_parser(sub, DATASETS)
 
     # species
     p_sp = sub.add_parser("species", help="species in a gallery")
@@ -573,6 +727,138 @@ def build_parser() -> argparse.ArgumentParser:
     p = s_enc.add_parser("list", help="the accepted encoder spec forms")
     p.set_defaults(func=cmd_encoders_list)
     return parser
+
+
+def _finetune_parser(sub, datasets: Sequence[str]) -> None:
+    from finetune.data import BALANCE_MODES
+    from finetune.train import STAGE_DEFAULTS, STAGES
+
+    def dflt(key: str) -> str:
+        return "stage default: " + ", ".join(f"{s} {STAGE_DEFAULTS[s][key]}" for s in STAGES)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a timm CNN encoder on labelled photos (stage global or local); the output folder is an "
+        "encoder (--encoder timm:local-dir:OUT) whose head is the gallery's probe (speciesid probe import)",
+        description="Fine-tune a timm CNN on class-per-folder (or other --dataset) photos. Stage 'global' trains "
+        "on a big dataset with a full head; stage 'local' (LP-FT) starts the head as a linear probe on frozen "
+        "features, keeps the backbone frozen for the first epoch(s), then trains it at a smaller, layer-wise "
+        "decayed learning rate with batch-norm statistics frozen and an EMA of the weights. Early stopping on "
+        "validation macro-F1 keeps the best weights. Every epoch writes OUT/log.csv, OUT/curves.png and "
+        "OUT/checkpoint.pt: after Ctrl-C or a crash, the same command resumes after the last finished epoch.",
+    )
+    p.add_argument("--dataset", default="folder", choices=datasets, help="dataset layout of --root (default folder)")
+    p.add_argument("--root", required=True, metavar="DIR", help="training photos")
+    p.add_argument("--metadata", help="metadata CSV (snakeclef2021; rare-species: default ROOT/metadata.csv)")
+    p.add_argument("--val-root", metavar="DIR", help="validation photos (early stopping, best epoch)")
+    p.add_argument("--val-dataset", default=None, choices=datasets, help="layout of --val-root (default --dataset)")
+    p.add_argument("--val-metadata", help="metadata CSV of the validation set")
+    p.add_argument("--val-split", type=float, default=0.15, metavar="F",
+                   help="without --val-root: hold out this fraction of each species (stratified, seeded; default 0.15)")
+    p.add_argument("--init", metavar="SPEC",
+                   help="starting encoder: any timm spec (timm:local-dir:DIR, timm:NAME [--weights FILE], "
+                   "timm:hf-hub:ORG/REPO), a previous stage's output folder, or a weights file with --model")
+    p.add_argument("--model", metavar="timm:NAME", help="architecture for a weights-file --init (alone: hub weights)")
+    p.add_argument("--weights", metavar="FILE", help="weights file for --init timm:NAME")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (timm local-dir + probe + log)")
+    p.add_argument("--stage", default="local", choices=STAGES, help="global or local (default local)")
+    p.add_argument("--epochs", type=int, help=dflt("epochs"))
+    p.add_argument("--batch-size", type=int, default=32, help="photos per step (default 32)")
+    p.add_argument("--lr", type=float, help="head learning rate, AdamW (" + dflt("lr") + ")")
+    p.add_argument("--backbone-lr", type=float, help="last backbone layer's learning rate (" + dflt("backbone_lr") + ")")
+    p.add_argument("--layer-decay", type=float, help="learning-rate factor per earlier layer group ("
+                   + dflt("layer_decay") + ")")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then cosine decay (default 1)")
+    p.add_argument("--freeze-epochs", type=int, help="first epochs with the backbone frozen (" + dflt("freeze_epochs") + ")")
+    p.add_argument("--freeze-layers", type=int, default=0, metavar="N",
+                   help="the first N layer groups (stem, blocks) never train: cheaper backward (default 0)")
+    p.add_argument("--bn", choices=("eval", "train"), help="batch-norm statistics frozen or updated (" + dflt("bn") + ")")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
+    p.add_argument("--balance", choices=BALANCE_MODES, help="class imbalance: class-weighted loss, class-balanced "
+                   "sampling, or none (" + dflt("balance") + ")")
+    p.add_argument("--head-init", choices=("probe", "keep", "random"),
+                   help="probe = linear probe on frozen features; keep = the init's head when its species match ("
+                   + dflt("head_init") + ")")
+    p.add_argument("--head-scale", type=float, default=24.0, help="cosine head logit scale (default 24)")
+    p.add_argument("--ema", type=float, help="EMA decay of the weights, 0 = off (" + dflt("ema") + ")")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val macro-F1 ("
+                   + dflt("patience") + ")")
+    p.add_argument("--train-size", type=int, metavar="PX", help="training resolution (default: the model's own)")
+    p.add_argument("--crop-scale", type=float, default=0.35, help="RandomResizedCrop smallest area (default 0.35)")
+    p.add_argument("--color-jitter", type=float, default=0.3, help="colour jitter strength (default 0.3; 0 = off)")
+    p.add_argument("--rand-augment", default="rand-m9-mstd0.5", metavar="POLICY",
+                   help="timm RandAugment policy (default rand-m9-mstd0.5; 'none' = off)")
+    p.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default 0)")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout on the pooled features (default 0)")
+    p.add_argument("--tta", action="store_true", help="validate with horizontal-flip test-time augmentation")
+    p.add_argument("--time-limit", type=float, metavar="MIN", help="stop before an epoch would run past MIN minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--workers", type=int, help="loader processes (default 1 on CPU, 4 on CUDA)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if OUT holds a checkpoint or a model (they are replaced)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
+
+
+def _clean_parser(sub, datasets: Sequence[str]) -> None:
+    from retrieval.clean import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_THRESHOLD, PROMPT_GROUPS
+    from retrieval.encoders import PRECISIONS, SPEC_FORMS
+
+    p = sub.add_parser(
+        "clean",
+        help="find off-target photos (zero-shot text prompts), duplicates and leakage; exclude them reversibly",
+        description="Zero-shot data cleaning. Scores every photo against target and off-target text prompts "
+        "(text-capable encoders such as bioclip; skipped with a notice for image-only ones), finds exact and "
+        "near duplicates in the set and against --against (leakage), and writes findings.csv + "
+        "contact_sheet.html to --report. --apply excludes flagged references from a gallery (--index); "
+        "--restore brings them back. Nothing is ever deleted.",
+    )
+    p.add_argument("--dataset", choices=datasets, help="dataset layout of --root (with --root)")
+    p.add_argument("--root", help="folder holding the photos to clean (with --dataset)")
+    p.add_argument("--metadata", help="metadata CSV (snakeclef2021; rare-species: default ROOT/metadata.csv)")
+    p.add_argument(
+        "--index", metavar="DIR",
+        help="gallery: without --dataset/--root its references are cleaned (stored embeddings reused); findings "
+        "map to its references by sha256; required by --apply and --restore",
+    )
+    p.add_argument("--against", metavar="DIR",
+                   help="another folder of photos (e.g. the evaluation set, any layout): report its photos that "
+                   "also sit in the cleaned set (leakage)")
+    p.add_argument("--encoder", default=None, metavar="SPEC",
+                   help="encoder spec (" + ", ".join(SPEC_FORMS) + "); default: the gallery's with --index, "
+                   "else bioclip")
+    p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight precision (default auto)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompt file ([target] / [off-target: NAME] sections, see docs/cleaning.md) or a shipped "
+                   f"group ({', '.join(PROMPT_GROUPS)}); default: from the dataset's taxon group")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P",
+                   help=f"flag a photo when its off-target probability is >= P (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
+                   help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS "
+                   f"(default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with MobileNetV1)")
+    p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot filter")
+    p.add_argument("--no-duplicates", action="store_true", help="skip duplicate and leakage detection")
+    p.add_argument("--report", metavar="DIR", help="where to write findings.csv, contact_sheet.html, summary.json "
+                   "(required unless --restore)")
+    p.add_argument("--apply", action="store_true",
+                   help="exclude the flagged references from the --index gallery's search and probe training "
+                   "(reversible with --restore; nothing is deleted)")
+    p.add_argument("--apply-to", default="off-target", metavar="KINDS",
+                   help="comma-separated finding kinds --apply excludes (" + ", ".join(APPLY_KINDS) + "; default "
+                   "off-target). Duplicate groups keep their oldest reference; leaks exclude the gallery's copy")
+    p.add_argument("--restore", nargs="?", const="last", choices=("last", "all"),
+                   help="bring excluded references of --index back: 'last' (default) undoes the last --apply run, "
+                   "'all' clears every exclusion of the gallery")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_clean)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,9 @@ from retrieval.vote import Rank
 logger = logging.getLogger(__name__)
 
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+#: Longest / shortest side above this is refused: the encoders resize the short side to ~224 px, so a
+#: 1 x 20,000 px strip (a few kB) would become a 224 x 4.5M px image (GBs of memory, seconds of CPU).
+MAX_ASPECT = 25
 
 
 class ServiceError(ValueError):
@@ -102,6 +105,9 @@ class SpeciesService:
                 fmt = Image.open(io.BytesIO(data)).format or "JPEG"
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
+            w, h = image.size
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise BadImage(f"{name}: {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to be a photo")
             return Upload(name=name, data=data, image=image, sha256=sha256_bytes(data), format=fmt)
 
         return list(self._pool.map(one, files))
@@ -155,12 +161,13 @@ class SpeciesService:
 
     def search_vector(self, vector: Sequence[float], k: int) -> list[Neighbour]:
         """Neighbours of an embedding (L2-normalised here)."""
-        v = np.asarray(vector, dtype=np.float32)
+        v = np.asarray(vector, dtype=np.float64)
         if v.ndim != 1 or v.shape[0] != self.gallery.dim:
             raise ServiceError(f"embedding must be a list of {self.gallery.dim} numbers, got shape {list(v.shape)}")
         if not np.all(np.isfinite(v)) or not np.any(v):
             raise ServiceError("embedding must be finite and not all zeros")
-        v = v / np.linalg.norm(v)
+        v = v / np.abs(v).max()  # scale first: tiny or huge values must not under/overflow the norm
+        v = (v / np.linalg.norm(v)).astype(np.float32)
         return self.gallery.search(v[None], k)[0]
 
     def search_image(self, upload: Upload, k: int) -> list[Neighbour]:

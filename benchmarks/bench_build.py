@@ -10,9 +10,13 @@ random-weight open_clip ViT-B-16 (BioCLIP's exact compute) at fp32 and bf16.
   fp32 forward on a batch of 1 (``encode_batch(x[None])``: inference mode + L2-normalise), rows collected
   into a numpy array. Nothing is written to disk.
 
-Each (configuration, repeat) runs in its own subprocess so its peak RSS (VmHWM) is clean; repeats are
-interleaved (ours, naive, ours, ...) so machine noise hits every configuration alike. Encoder loading and
-a one-photo warm-up are outside the timed region. Figures are medians over repeats.
+Each configuration runs in its own worker process (its peak RSS, VmHWM, is its own), which loads the
+encoder once and then runs one timed build per request; repeats interleave across the configurations of
+a model (order reversed every repeat) so drifting machine load hits them alike. Encoder loading and a
+one-photo warm-up are outside the timed region. Throughputs are medians over repeats. Peak RSS is given
+for the first build of the fresh process (what one ``speciesid index build`` sees) and over all repeats
+(it creeps up between builds in one process: glibc keeps freed memory, see docs/benchmarks.md). Each
+line also says how many cores other processes used meanwhile: this machine is shared.
 
     .venv/bin/python benchmarks/bench_build.py            # default: 300 MobileNet / 48 ViT photos, 3 repeats
     .venv/bin/python benchmarks/bench_build.py --quick    # smoke run: 40 / 6 photos, 1 repeat
@@ -31,6 +35,40 @@ from pathlib import Path
 
 from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, median, require_shared
 
+
+class CpuWatch:
+    """How much CPU other processes used while a benchmark ran (this machine is shared and noisy)."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.ours0 = self._snap()
+
+    @staticmethod
+    def _snap() -> tuple[float, float, float]:
+        import resource
+
+        try:
+            with open("/proc/stat") as fh:
+                v = [int(x) for x in fh.readline().split()[1:9]]
+            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = float("nan")
+        ours = sum(
+            r.ru_utime + r.ru_stime
+            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
+        return time.monotonic(), busy, ours
+
+    def report(self) -> str:
+        """'other processes used X of N cores on average' since construction."""
+        t, busy, ours = self._snap()
+        wall = max(t - self.t0, 1e-9)
+        other = max(0.0, (busy - self.busy0) - (ours - self.ours0)) / wall
+        return (
+            f"other processes used {other:.2f} of {os.cpu_count()} cores on average during this run "
+            f"(load average now {os.getloadavg()[0]:.2f})"
+        )
+
+
 #: ViT-B-16 image tower, 224 px: ~17.6 GMAC = ~35 GFLOP per image.
 VIT_GFLOP_PER_IMAGE = 35.0
 #: Measured once on this machine (2 cores): sustained GEMM speed.
@@ -46,6 +84,16 @@ def _status_mib(field: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _busy_s() -> float:
+    """CPU-seconds all processes have been busy since boot (/proc/stat)."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def _subset(n: int):
@@ -123,12 +171,18 @@ def worker_main(spec: str, precision: str, method: str, n: int) -> None:
     with Image.open(records[0].path) as im:  # warm-up: one forward outside the timed region
         enc.encode_batch(enc.preprocess(im.convert("RGB"))[None])
     say(
-        {"load_s": load_s, "dtype": str(enc.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+        {
+            "load_s": load_s,
+            "dtype": str(enc.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "rss_loaded_mib": _status_mib("VmRSS"),
+        }
     )
     for line in sys.stdin:
         if line.strip() != "run":
             break
         rss_before = _status_mib("VmRSS")
+        cpu0 = time.process_time()
         with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
             t0 = time.perf_counter()
             if method == "ours":
@@ -145,9 +199,11 @@ def worker_main(spec: str, precision: str, method: str, n: int) -> None:
                 emb = np.concatenate(rows)
                 done, skipped = emb.shape[0], 0
             seconds = time.perf_counter() - t0
+            cpu_s = time.process_time() - cpu0
         say(
             {
                 "seconds": seconds,
+                "cpu_s": cpu_s,
                 "images": done,
                 "skipped": skipped,
                 "rss_before_mib": rss_before,
@@ -202,6 +258,7 @@ def main() -> None:
         ]
     print(f"bench_build: ph-snakes train, {os.cpu_count()} CPU cores, {repeats} repeat(s) per configuration")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
+    watch = CpuWatch()
     results: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     info: dict[int, dict] = {}
     t_all = time.perf_counter()
@@ -217,12 +274,14 @@ def main() -> None:
                 order = family if rep % 2 == 0 else family[::-1]  # alternate so load drift favours no one
                 for i in order:
                     name, spec, prec, method, n = configs[i]
+                    busy0 = _busy_s()
                     r = workers[i].run()
+                    r["others"] = max(0.0, _busy_s() - busy0 - r["cpu_s"]) / r["seconds"]
                     results[i].append(r)
                     print(
                         f"  rep {rep + 1}: {name:18s} {prec:4s} ({info[i]['dtype']:8s}) {method:5s} {r['images']:4d} "
                         f"photos in {r['seconds']:6.2f} s = {r['images'] / r['seconds']:6.2f} img/s, "
-                        f"peak RSS {r['peak_rss_mib']:.0f} MiB",
+                        f"peak RSS {r['peak_rss_mib']:.0f} MiB; other processes used {r['others']:.2f} cores",
                         flush=True,
                     )
         finally:
@@ -235,9 +294,9 @@ def main() -> None:
     print()
     print(
         "| encoder | precision (dtype) | method | photos | img/s (median) | min-max | ours/naive | "
-        "RSS after load MiB | peak RSS MiB |"
+        "RSS after load MiB | peak RSS MiB, 1st build | peak RSS MiB, all repeats |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     naive_of = {configs[i][1]: i for i in range(len(configs)) if configs[i][3] == "naive"}
     for i, (name, spec, prec, method, _n) in enumerate(configs):
         vals = [r["images"] / r["seconds"] for r in results[i]]
@@ -245,8 +304,8 @@ def main() -> None:
         r0 = results[i][0]
         print(
             f"| {name} | {prec} ({info[i]['dtype']}) | {method} | {r0['images']} | {ips(i):.2f} | "
-            f"{min(vals):.2f}-{max(vals):.2f} | {ratio:.2f}x | {median([r['rss_before_mib'] for r in results[i]]):.0f} | "
-            f"{max(r['peak_rss_mib'] for r in results[i]):.0f} |"
+            f"{min(vals):.2f}-{max(vals):.2f} | {ratio:.2f}x | {info[i]['rss_loaded_mib']:.0f} | "
+            f"{results[i][0]['peak_rss_mib']:.0f} | {max(r['peak_rss_mib'] for r in results[i]):.0f} |"
         )
     print()
     for i, (name, spec, prec, method, _) in enumerate(configs):
@@ -268,7 +327,7 @@ def main() -> None:
                 f"{GIVEN_GFLOPS[key]:.0f} GFLOP/s ({ips(i) / lim:.0%} of it); GEMM measured now "
                 f"{measured[key]:.0f} GFLOP/s -> {lim_now:.2f} img/s ({ips(i) / lim_now:.0%})"
             )
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}; total wall {time.perf_counter() - t_all:.0f} s")
+    print(f"\n{watch.report()}; total wall {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ distribution (not in the gallery). Sizes 1k, 10k, 100k, 1M by default (1M = 2 GB
 
 For each size, k = 10:
 
-* FAISS flat (exact): ``VectorIndex.search`` single-query latency p50/p95/p99 and batch-of-64 throughput.
+* FAISS flat (exact): ``VectorIndex.search`` single-query latency p50/p95/p99 and batch-of-64 throughput,
+  with FAISS's default OpenMP threads (= cores) and with 1 thread.
 * numpy brute force: ``X @ q`` + ``argpartition`` + sort of the k best (the plain baseline), and the
   library's ``index.vectors.exact_search`` (same maths plus input validation on every call).
 * HNSW (``VectorIndexConfig(kind="hnsw")``, M=32, efConstruction=80, efSearch=128): build time, latency,
@@ -35,6 +36,40 @@ from pathlib import Path
 
 import numpy as np
 from _common import median, peak_rss_mib
+
+
+class CpuWatch:
+    """How much CPU other processes used while a benchmark ran (this machine is shared and noisy)."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.ours0 = self._snap()
+
+    @staticmethod
+    def _snap() -> tuple[float, float, float]:
+        import resource
+
+        try:
+            with open("/proc/stat") as fh:
+                v = [int(x) for x in fh.readline().split()[1:9]]
+            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = float("nan")
+        ours = sum(
+            r.ru_utime + r.ru_stime
+            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
+        return time.monotonic(), busy, ours
+
+    def report(self) -> str:
+        """'other processes used X of N cores on average' since construction."""
+        t, busy, ours = self._snap()
+        wall = max(t - self.t0, 1e-9)
+        other = max(0.0, (busy - self.busy0) - (ours - self.ours0)) / wall
+        return (
+            f"other processes used {other:.2f} of {os.cpu_count()} cores on average during this run "
+            f"(load average now {os.getloadavg()[0]:.2f})"
+        )
+
 
 DIM = 512
 K = 10
@@ -92,8 +127,11 @@ def bench_size(
     hnsw: bool,
     tmp: Path,
 ) -> dict:
+    import faiss
+
     from index.vectors import VectorIndex, VectorIndexConfig, exact_search
 
+    threads = faiss.omp_get_max_threads()
     ids = np.arange(n, dtype=np.int64)
     res: dict[str, object] = {"n": n}
     flat_build = []
@@ -118,6 +156,7 @@ def bench_size(
 
     methods = {
         "faiss flat": lambda q: flat.search(q, K)[1],
+        "faiss flat 1t": lambda q: flat.search(q, K)[1],  # same, with FAISS limited to 1 OpenMP thread
         "numpy": lambda q: numpy_topk(xb, q, K),
         "exact_search": lambda q: exact_search(xb, ids, q, K)[1],
     }
@@ -138,6 +177,7 @@ def bench_size(
         order = names if rep % 2 == 0 else names[::-1]
         for m in order:  # one method's block at a time: thread pools of different libraries never mix
             time.sleep(PAUSE_S)
+            faiss.omp_set_num_threads(1 if m.endswith(" 1t") else threads)
             for i in range(len(singles)):
                 q = singles[i : i + 1]
                 t0 = time.perf_counter()
@@ -146,6 +186,7 @@ def bench_size(
             for b in range(n_batches):
                 qb = queries[(b * BATCH) % len(queries) :][:BATCH]
                 batch_s[m] += time_it(lambda m=m, qb=qb: methods[m](qb))
+        faiss.omp_set_num_threads(threads)
         for m in names:
             per_rep[m].append({**pct(lat[m]), "qps_batch": n_batches * BATCH / batch_s[m]})
             answers[m] = np.concatenate(got[m])
@@ -199,6 +240,7 @@ def main() -> None:
         f"(faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads), {repeats} repeat(s); "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+    watch = CpuWatch()
     rng = np.random.default_rng(args.seed)
     centres = rng.standard_normal((N_CENTRES, DIM), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -216,7 +258,7 @@ def main() -> None:
                 n_single, n_batches = 30, 2
             else:
                 n_single = 200 if n <= 10_000 else (100 if n <= 100_000 else 30)
-                n_batches = 4 if n <= 100_000 else 2
+                n_batches = 4 if n <= 100_000 else 1
             t0 = time.perf_counter()
             r = bench_size(
                 n,
@@ -236,25 +278,27 @@ def main() -> None:
                 flush=True,
             )
 
-    print(
-        "\nSingle-query latency (ms, p50 / p95 / p99) and batch-of-64 throughput (queries/s); medians over repeats"
-    )
-    print(
-        "| gallery | FAISS flat | numpy | exact_search | HNSW | flat q/s (b64) | numpy q/s (b64) | HNSW q/s (b64) |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-
-    def lat(r, m):
-        return f"{r[m]['p50']:.3f} / {r[m]['p95']:.3f} / {r[m]['p99']:.3f}" if m in r else "-"
-
-    def qps(r, m):
-        return f"{r[m]['qps_batch']:,.0f}" if m in r else "-"
-
+    labels = {
+        "faiss flat": "FAISS flat",
+        "faiss flat 1t": "FAISS flat, 1 thread",
+        "numpy": "numpy",
+        "exact_search": "exact_search",
+        "hnsw": "HNSW",
+    }
+    print("\nSingle-query latency, ms: p50 / p95 / p99 (medians over repeats)")
+    print("| gallery | " + " | ".join(labels.values()) + " |")
+    print("|---:|" + "---:|" * len(labels))
     for r in rows:
-        print(
-            f"| {r['n']:,} | {lat(r, 'faiss flat')} | {lat(r, 'numpy')} | {lat(r, 'exact_search')} | {lat(r, 'hnsw')} "
-            f"| {qps(r, 'faiss flat')} | {qps(r, 'numpy')} | {qps(r, 'hnsw')} |"
-        )
+        cells = [
+            f"{r[m]['p50']:.3f} / {r[m]['p95']:.3f} / {r[m]['p99']:.3f}" if m in r else "-" for m in labels
+        ]
+        print(f"| {r['n']:,} | " + " | ".join(cells) + " |")
+    print(f"\nBatch-of-{BATCH} throughput, queries/s (medians over repeats)")
+    print("| gallery | " + " | ".join(labels.values()) + " |")
+    print("|---:|" + "---:|" * len(labels))
+    for r in rows:
+        cells = [f"{r[m]['qps_batch']:,.0f}" if m in r else "-" for m in labels]
+        print(f"| {r['n']:,} | " + " | ".join(cells) + " |")
     print("\nBuild, recall, save + load")
     print(
         "| gallery | flat build s | HNSW build s | HNSW recall@10 | flat save s | flat load s | flat file MiB "
@@ -274,12 +318,14 @@ def main() -> None:
             f"| {f(r, 'flat_load_s')} | {f(r, 'flat_file_mib', '{:.1f}')} | {f(r, 'hnsw_save_s')} "
             f"| {f(r, 'hnsw_load_s')} | {f(r, 'hnsw_file_mib', '{:.1f}')} |"
         )
+    threads = faiss.omp_get_max_threads()
     print("\nRatios (speed-ups, > 1 = the first is faster)")
     for r in rows:
         fl, nu, ex = r["faiss flat"], r["numpy"], r["exact_search"]
         line = (
             f"  {r['n']:>9,}: FAISS flat vs numpy: single p50 {nu['p50'] / fl['p50']:.2f}x, batch "
-            f"{fl['qps_batch'] / nu['qps_batch']:.2f}x; vs exact_search: single p50 {ex['p50'] / fl['p50']:.2f}x"
+            f"{fl['qps_batch'] / nu['qps_batch']:.2f}x; vs exact_search: single p50 {ex['p50'] / fl['p50']:.2f}x; "
+            f"1 FAISS thread vs {threads}: single p50 {fl['p50'] / r['faiss flat 1t']['p50']:.2f}x"
         )
         if "hnsw" in r:
             h = r["hnsw"]
@@ -292,7 +338,7 @@ def main() -> None:
             print(
                 f"             (numpy top-10 ids equal FAISS's on {r['numpy_agrees']:.1%} of slots: float ties)"
             )
-    print(f"\npeak RSS {peak_rss_mib():.0f} MiB; load average after {os.getloadavg()[0]:.2f}")
+    print(f"\npeak RSS {peak_rss_mib():.0f} MiB; {watch.report()}")
 
 
 if __name__ == "__main__":

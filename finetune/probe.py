@@ -47,6 +47,7 @@ class LinearProbe:
     fingerprint: str  # encoder fingerprint of the embeddings it was trained on
     settings: ProbeSettings = field(default_factory=ProbeSettings)
     trained_on: int = 0  # number of reference embeddings used
+    source: str | None = None  # where the weights come from: None = logistic regression, 'finetune:DIR' = a fine-tuned head
 
     @property
     def dim(self) -> int:
@@ -89,6 +90,7 @@ class LinearProbe:
             "fingerprint": self.fingerprint,
             "dim": self.dim,
             "trained_on": self.trained_on,
+            "source": self.source,
             "settings": asdict(self.settings),
         }
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".probe.", suffix=".json")
@@ -117,6 +119,7 @@ class LinearProbe:
             fingerprint=meta["fingerprint"],
             settings=ProbeSettings(**meta.get("settings", {})),
             trained_on=int(meta.get("trained_on", 0)),
+            source=meta.get("source"),
         )
 
 

@@ -237,6 +237,20 @@ class Gallery:
                 self.save_index()
             return found
 
+    def set_excluded(self, ids: Sequence[int], excluded: bool = True) -> int:
+        """Leave references out of search and probe training (or bring them back); nothing is deleted.
+
+        The store is written first; the FAISS index is then rebuilt from the store's searchable rows.
+        Returns how many of ``ids`` exist.
+        """
+        with self._lock:
+            found = self.store.set_excluded(ids, excluded)
+            if found:
+                for i in ids:
+                    self._meta_cache.pop(int(i), None)
+                self.rebuild_index()
+            return found
+
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the current store version."""
         with self._lock:

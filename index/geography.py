@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 COUNTRIES_CSV = Path(__file__).resolve().parent / "data" / "snake_countries.csv"
 #: Common names pycountry does not resolve (it knows e.g. "Türkiye", not "Turkey"); keys lowercase.
-_COUNTRY_ALIASES = {
+COUNTRY_ALIASES = {
     "brunei": "BN",
     "burma": "MM",
     "drc": "CD",
@@ -68,7 +68,7 @@ def _country_names() -> dict[str, tuple[str, str]]:
             if value:
                 names[_country_key(value)] = (country.alpha_2, value)
     names.update({_country_key(name): (code, name) for code, name in _EXTRA_CODES.items()})
-    names.update({alias: (code, alias.title()) for alias, code in _COUNTRY_ALIASES.items()})
+    names.update({alias: (code, alias.title()) for alias, code in COUNTRY_ALIASES.items()})
     return names
 
 

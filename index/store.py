@@ -166,24 +166,24 @@ class ReferenceStore:
         self._next_id += n
         return ids
 
-    def delete(self, ids: Sequence[int]) -> int:
-        """Delete rows by id; returns how many existed."""
+    def _matching(self, ids: Sequence[int]) -> tuple[str, int]:
+        """SQL filter for the ids and how many rows it matches."""
         ids = [int(i) for i in ids]
         if not ids:
-            return 0
+            return "", 0
         where = f"id IN ({', '.join(map(str, ids))})"
-        found = int(self._table.count_rows(where))
+        return where, int(self._table.count_rows(where))
+
+    def delete(self, ids: Sequence[int]) -> int:
+        """Delete rows by id; returns how many existed."""
+        where, found = self._matching(ids)
         if found:
             self._table.delete(where)
         return found
 
     def set_excluded(self, ids: Sequence[int], excluded: bool) -> int:
         """Mark rows excluded from search (reversible); returns how many rows matched."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            return 0
-        where = f"id IN ({', '.join(map(str, ids))})"
-        found = int(self._table.count_rows(where))
+        where, found = self._matching(ids)
         if found:
             self._table.update(where=where, values={"excluded": excluded})
         return found

@@ -215,8 +215,9 @@ def _pick_dtype(precision: str, device: torch.device, *, transformer: bool) -> t
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # Measured (benchmarks/bench_encode.py): bf16 weights make ViTs ~3x faster on CPUs with
-        # native bf16, while CNNs such as MobileNet gain nothing; fp32 elsewhere.
+        # Measured here (docs/benchmarks.md): bf16 weights make a ViT-B/16 ~3x faster on CPUs with native
+        # bf16. MobileNetV1 also runs ~1.7x faster in bf16 but lost 1.9 points of kNN top-1 on ph-snakes
+        # (0.805 -> 0.786, benchmarks/tune_knn.py --precision bf16), so CNNs stay fp32 by default.
         return torch.bfloat16 if transformer and cpu_has_fast_bf16() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -256,12 +257,12 @@ class OpenClipEncoder(Encoder):
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         model.eval()
         self.fingerprint = f"{spec}#{state_dict_digest(model)[:16]}"
+        scale = getattr(model, "logit_scale", None)
+        self.logit_scale = float(scale.detach().exp()) if scale is not None else 100.0  # CLIP's softmax temperature
         self.dtype = _pick_dtype(config.precision, self.device, transformer=True)
         self.model = model.to(self.device, dtype=self.dtype)
         self.transform = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        scale = getattr(model, "logit_scale", None)
-        self.logit_scale = float(scale.detach().exp()) if scale is not None else 100.0  # CLIP's softmax temperature
         with torch.inference_mode():
             size = getattr(model.visual, "image_size", 224)
             size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -12,6 +12,7 @@ from index.gallery import Gallery, read_gallery_info
 from index.store import SpeciesSummary
 from index.vectors import VectorIndexConfig
 from retrieval.calibrate import select_settings
+from retrieval.clean import CleanConfig, CleanResult, clean_built_gallery
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.identify import Identifier
 from retrieval.pipeline import BuildReport, add_references, embed_sources
@@ -28,6 +29,7 @@ class BuildResult:
     gallery: Gallery  # the gallery, open
     scan: DatasetScan  # what the dataset loader found (with its warnings)
     report: BuildReport  # added / skipped / duplicates / timing
+    clean: CleanResult | None = None  # the zero-shot filter's findings (build with clean=...)
 
 
 def build_gallery(
@@ -40,10 +42,12 @@ def build_gallery(
     index_config: VectorIndexConfig | None = None,
     workers: int | None = None,
     progress: bool = True,
+    clean: CleanConfig | None = None,
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
-    Building into an existing gallery adds what is new (identical photos are stored once).
+    Building into an existing gallery adds what is new (identical photos are stored once). With ``clean``,
+    the zero-shot filter then excludes off-target references (report in ``index_dir/clean-report``).
     """
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
@@ -55,7 +59,11 @@ def build_gallery(
     gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
     gallery.finish_build()
-    return BuildResult(gallery=gallery, scan=scan, report=report)
+    cleaned = None
+    if clean is not None:
+        cleaned = clean_built_gallery(gallery, enc, dataset=scan.name, species=scan.species, config=clean,
+                                      report_dir=Path(index_dir) / "clean-report")
+    return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned)
 
 
 def open_gallery(
@@ -163,11 +171,61 @@ def train_gallery_probe(
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species)
 
 
+def import_gallery_probe(
+    index_dir: str | Path,
+    from_dir: str | Path,
+    *,
+    val_dataset: str | None = None,
+    val_root: str | Path | None = None,
+    val_metadata: str | Path | None = None,
+    folds: int = 3,
+    device: str = "auto",
+    progress: bool = True,
+) -> ProbeResult:
+    """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
+
+    The gallery must have been built with that network as its encoder (same weights). No probe is trained:
+    only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else
+    out-of-fold over the gallery with the head fixed (which favours the head: it was trained on them).
+    """
+    import time
+
+    from finetune.export import digest_of, read_finetuned, select_blend_settings
+
+    read_finetuned(from_dir)
+    probe = LinearProbe.load(from_dir)
+    gallery, enc = open_gallery(index_dir, device=device)
+    if digest_of(probe.fingerprint) != digest_of(gallery.fingerprint):
+        raise ValueError(
+            f"gallery {index_dir} was built with encoder {gallery.encoder_spec} ({gallery.fingerprint}), not with the "
+            f"fine-tuned network in {from_dir} ({probe.fingerprint}); rebuild it with "
+            f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first"
+        )
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    labels = [str(meta.at[int(i), "species"]) for i in ids]
+    val_emb = val_labels = None
+    if val_root is not None:
+        scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
+        val_emb, errors = embed_sources([r.path for r in scan.records], enc, progress=progress, desc="validation")
+        ok = [i for i, e in enumerate(errors) if e is None]
+        val_emb = val_emb[ok]
+        val_labels = [scan.records[i].species for i in ok]
+    t0 = time.perf_counter()
+    probe.settings = select_blend_settings(vectors, labels, probe, val_embeddings=val_emb, val_labels=val_labels,
+                                           val_name=str(val_root), folds=folds)
+    probe.fingerprint = gallery.fingerprint
+    probe.source = f"finetune:{from_dir}"
+    probe.save(index_dir)
+    return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
 __all__ = [
     "DEFAULT_ENCODER",
     "BuildResult",
     "ProbeResult",
     "build_gallery",
+    "import_gallery_probe",
     "open_gallery",
     "open_identifier",
     "train_gallery_probe",

@@ -48,29 +48,12 @@ EXPECTED_MOROCCAN_VENOMOUS = frozenset(
 EXPECTED_MOROCCAN_COUNT = 26
 COUNTRIES_FILE = "reference/snakeclef2021_species_to_country_mapping.csv"
 COUNTRY_COLUMNS = ("species", "countries")
-#: SnakeCLEF country names that pycountry does not resolve (or resolves only by luck, e.g. "usa" as an
-#: alpha-3 code); checked before pycountry. "n cyprus" (Northern Cyprus) has no ISO 3166 code of its
+#: SnakeCLEF country names that pycountry does not resolve are mapped by the same alias table the
+#: package uses at run time (index.geography). "n cyprus" (Northern Cyprus) has no ISO 3166 code of its
 #: own and is folded into CY; "kosovo" uses the user-assigned code XK (not in pycountry).
-COUNTRY_ALIASES = {
-    "brunei": "BN",
-    "burma": "MM",
-    "democratic republic of the congo": "CD",
-    "east timor": "TL",
-    "guinea bissau": "GW",
-    "ivory coast": "CI",
-    "kosovo": "XK",
-    "macedonia": "MK",
-    "n cyprus": "CY",
-    "palestine": "PS",
-    "republic of the congo": "CG",
-    "russia": "RU",
-    "st kitts and nevis": "KN",
-    "st vincent and the grenadines": "VC",
-    "swaziland": "SZ",
-    "turkey": "TR",
-    "turks and caicos": "TC",
-    "usa": "US",
-}
+sys.path.insert(0, str(REPO))
+from index.geography import COUNTRY_ALIASES  # noqa: E402
+
 #: Misspelt species rows of the country matrix, merged into the correctly spelt row.
 SPECIES_FIXES = {"Hemorhois nummifer": "Hemorrhois nummifer"}
 

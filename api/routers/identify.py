@@ -33,7 +33,8 @@ def identify(
     answer, results = edge(lambda: service.identify(uploads, top=k, rank=rank, presence=presence))
     out = []
     for r in results:
-        evidence = [NeighbourOut(**n.to_dict()) for n in r.pop("neighbours")] if neighbours else []
+        found = r.pop("neighbours")  # always popped: with neighbours=false it must not reach ResultOut twice
+        evidence = [NeighbourOut(**n.to_dict()) for n in found] if neighbours else []
         out.append(ResultOut(**r, neighbours=evidence))
     return IdentifyOut(
         results=out,
@@ -71,7 +72,7 @@ async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
     if ctype.startswith("application/json"):
         try:
             body = SearchVectorIn.model_validate(json.loads(await request.body() or b"null"))
-        except (ValueError, ValidationError) as exc:
+        except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
             raise HTTPException(422, f"expected JSON {{'embedding': [...], 'k': 10}}: {exc}") from exc
         hits = edge(lambda: service.search_vector(body.embedding, body.k))
     elif ctype.startswith("multipart/form-data"):

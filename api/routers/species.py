@@ -23,9 +23,12 @@ def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
 @router.get("/{name}", response_model=SpeciesOut, responses=ERRORS)
 def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_length=200)]) -> SpeciesOut:
     """One species (``Genus species``; ``_`` or ``-`` may stand for the space)."""
-    wanted = " ".join(name.replace("_", " ").replace("-", " ").split()).lower()
+    def norm(text: str) -> str:
+        return " ".join(text.replace("_", " ").replace("-", " ").split()).lower()
+
+    wanted = norm(name)
     for s in service.species():
-        if s.species.lower() == wanted:
+        if norm(s.species) == wanted:  # both sides: a stored "Naja-haje" is found too
             return SpeciesOut(**asdict(s))
     raise HTTPException(404, f"no species {name!r} in this gallery")
 

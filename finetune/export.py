@@ -1,0 +1,242 @@
+"""A fine-tuned network as a timm ``local-dir`` folder whose head is also the gallery's probe.
+
+``OUT/`` holds:
+
+- ``model.safetensors`` + ``config.json``: timm's own format (``architecture``, ``num_classes``,
+  ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``), plus ``label_names`` (the species, in
+  head order) and a ``speciesid`` block (stage, init spec, epochs, best epoch, validation figures). So
+  ``--encoder timm:local-dir:OUT`` works (timm drops the head for ``num_classes=0``: pooled penultimate
+  features), and ``timm.create_model("local-dir:OUT", pretrained=True)`` is the classifier.
+- ``probe.npz`` + ``probe.json``: the same head as a :class:`~finetune.probe.LinearProbe` (weight =
+  ``scale * normalize(W)``, bias 0) recorded with the fingerprint of ``timm:local-dir:OUT``. On the gallery's
+  L2-normalised embeddings it gives exactly the cosine head's training-time probabilities.
+- ``log.csv``, ``curves.png``: the training history.
+
+``speciesid probe import`` copies the probe beside a gallery built with this encoder and chooses only the
+blend settings (k, T, blend weight, unknown threshold): no probe training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.model import CosineHead, InitSource
+from finetune.probe import LinearProbe, ProbeSettings
+from retrieval.calibrate import SelectionGrid, _folds, blend_matrix, knn_matrix
+from retrieval.encoders import _seeded
+from retrieval.metrics import precision_threshold
+
+logger = logging.getLogger(__name__)
+
+SPECIESID_KEY = "speciesid"
+_DROP_CFG_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "label_names")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def _atomic_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def classifier_name(model: nn.Module) -> str:
+    """Dotted name of a timm model's classifier module."""
+    clf = model.get_classifier()
+    for name, mod in model.named_modules():
+        if mod is clf and name:
+            return name
+    raise ValueError(f"cannot find the classifier module of {type(model).__name__}")
+
+
+def full_model(backbone: nn.Module, head: CosineHead, model_args: dict) -> tuple[nn.Module, str]:
+    """The timm architecture with ``num_classes = len(head)``: backbone weights + the head as its classifier."""
+    import timm
+
+    arch = backbone.pretrained_cfg.get("architecture") or backbone.default_cfg.get("architecture")
+    weight = head.export_weight()
+    n_classes = weight.shape[0]
+    with _seeded():
+        model = timm.create_model(arch, pretrained=False, num_classes=n_classes, **model_args)
+    missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
+    name = classifier_name(model)
+    bad = [k for k in missing if not k.startswith(name + ".")]
+    if bad or unexpected:
+        raise RuntimeError(f"{arch}: backbone and classifier model differ beyond the head ({bad[:5]}, {unexpected[:5]})")
+    clf = model.get_classifier()
+    with torch.no_grad():
+        clf.weight.copy_(weight.reshape(clf.weight.shape).to(clf.weight.dtype))
+        if getattr(clf, "bias", None) is not None:
+            clf.bias.zero_()
+    return model.eval(), name
+
+
+def save_finetuned(
+    out: str | Path,
+    backbone: nn.Module,
+    head: CosineHead,
+    species: Sequence[str],
+    source: InitSource,
+    info: dict,
+    *,
+    trained_on: int = 0,
+) -> LinearProbe:
+    """Write ``model.safetensors`` + ``config.json`` (timm local-dir) and the head as ``probe.npz/json``."""
+    from safetensors.torch import save_file
+
+    from retrieval.encoders import create_encoder
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = backbone.to("cpu")
+    model, clf_name = full_model(backbone, head, source.model_args)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic_bytes(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    pcfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in _DROP_CFG_KEYS}
+    pcfg["architecture"] = model.pretrained_cfg.get("architecture") or pcfg.get("architecture")
+    pcfg["num_classes"] = len(species)
+    pcfg["classifier"] = clf_name
+    pool = getattr(model, "global_pool", None)
+    pool_type = getattr(pool, "pool_type", pool if isinstance(pool, str) else "avg") or "avg"
+    config = {
+        "architecture": pcfg["architecture"],
+        "num_classes": len(species),
+        "num_features": int(getattr(model, "num_features", 0)),
+        "global_pool": pool_type,
+        "model_args": source.model_args,
+        "pretrained_cfg": pcfg,
+        "label_names": list(species),
+        SPECIESID_KEY: info,
+    }
+    text = json.dumps(_jsonable(config), indent=2)
+    _atomic_bytes(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32")
+    weight = head.export_weight().numpy().astype(np.float32)
+    probe = LinearProbe(
+        species=list(species),
+        weight=weight,
+        bias=np.zeros(len(species), dtype=np.float32),
+        fingerprint=enc.fingerprint,
+        settings=ProbeSettings(C=0.0, selected_on="default", metrics={
+            k: float(v) for k, v in (info.get("val") or {}).items() if isinstance(v, (int, float))}),
+        trained_on=trained_on,
+        source=f"finetune:{out}",
+    )
+    probe.save(out)
+    return probe
+
+
+def read_finetuned(folder: str | Path) -> dict:
+    """``config.json`` of a fine-tuned folder (raises when it is not one)."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{folder} is not a fine-tuned model folder (no config.json)")
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    if SPECIESID_KEY not in cfg:
+        raise ValueError(f"{folder} is a timm folder but not the output of 'speciesid finetune'")
+    return cfg
+
+
+def digest_of(fingerprint: str) -> str:
+    """The weights part of an encoder fingerprint (``spec#digest`` -> ``digest``)."""
+    return fingerprint.rsplit("#", 1)[-1]
+
+
+def select_blend_settings(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    probe: LinearProbe,
+    *,
+    val_embeddings: np.ndarray | None = None,
+    val_labels: Sequence[str] | None = None,
+    val_name: str = "val",
+    folds: int = 3,
+    grid: SelectionGrid | None = None,
+    target_precision: float = 0.95,
+    seed: int = 0,
+) -> ProbeSettings:
+    """Choose k, T, blend weight (best blended top-1) and the unknown threshold for a *fixed* probe.
+
+    With validation photos: the whole gallery votes for them. Without: out-of-fold over the gallery (each
+    fold's kNN votes from the other folds), the probe unchanged -- note the fine-tuned head saw these photos
+    in training, so this favours the head; validation photos are the better choice.
+    """
+    grid = grid or SelectionGrid()
+    species = sorted(set(labels) | set(probe.species))
+    index = {s: i for i, s in enumerate(species)}
+    n = len(species)
+    x = np.asarray(embeddings, dtype=np.float32)
+    y = np.array([index[s] for s in labels])
+    cols = [index[s] for s in probe.species]
+    if val_embeddings is not None:
+        keep = [i for i, s in enumerate(val_labels or []) if s in index]
+        dropped = sorted({s for s in (val_labels or []) if s not in index})
+        if dropped:
+            logger.warning("validation species neither in the gallery nor the probe are ignored: %s", dropped)
+        splits = [(np.arange(len(x)), np.asarray(val_embeddings, np.float32)[keep],
+                   np.array([index[val_labels[i]] for i in keep]))]
+        selected_on = f"val:{val_name}"
+    else:
+        counts = np.bincount(y)
+        n_folds = int(min(folds, counts[counts > 0].min()))
+        if n_folds < 2:
+            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
+        splits = [(np.setdiff1d(np.arange(len(x)), held), x[held], y[held]) for held in _folds(y, n_folds, seed)]
+        selected_on = f"cv:{n_folds}-fold (head fixed; it was trained on these photos)"
+    correct: dict[tuple, int] = {}
+    oof: dict[tuple, list[np.ndarray]] = {}
+    truth = []
+    total = 0
+    known = np.zeros(n, dtype=bool)
+    known[cols] = True
+    for rest, q, qy in splits:
+        total += len(q)
+        truth.append(qy)
+        p = np.zeros((len(q), n))
+        p[:, cols] = probe.predict_proba(q)
+        for k in grid.ks:
+            for t in grid.temperatures:
+                kn = knn_matrix(q, x[rest], y[rest], n, k, t)
+                for w in grid.weights:
+                    b = blend_matrix(kn, p, known, w)
+                    key = (k, t, w)
+                    correct[key] = correct.get(key, 0) + int((b.argmax(1) == qy).sum())
+                    oof.setdefault(key, []).append(b)
+    best = max(correct, key=lambda kk: (correct[kk], -abs(kk[2] - 0.5)))
+    k, t, w = best
+    y_all = np.concatenate(truth)
+    b = np.concatenate(oof[best])
+    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y_all, target_precision)
+    metrics = {
+        "queries": float(total),
+        "knn_top1": max(correct[(kk, tt, 0.0)] for kk in grid.ks for tt in grid.temperatures) / total,
+        "probe_top1": correct[(k, t, 1.0)] / total,
+        "blend_top1": correct[best] / total,
+        "unknown_precision": prec,
+        "unknown_coverage": cov,
+    }
+    logger.info("fixed-probe selection k=%s T=%s w=%s on %s: %s", k, t, w, selected_on, metrics)
+    return ProbeSettings(C=probe.settings.C, blend_weight=w, k=k, temperature=t, unknown_threshold=thr,
+                         selected_on=selected_on, metrics=metrics)

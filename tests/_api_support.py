@@ -1,0 +1,106 @@
+"""Shared helpers of the HTTP API tests: a small real gallery, photos in every format, a free port.
+
+The gallery holds ``PER_SPECIES`` train photos of each of ``SPECIES`` (ph-snakes, symlinked into tmp,
+never copied into the repo), embedded with the real MobileNetV1 weights. It is built once per test
+process and copied for each app that writes to it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+
+SPECIES = (
+    "Philippine Cobra (Naja philippinensis)",
+    "Samar Cobra (Naja samarensis)",
+    "Asian Sunbeam Snake (Xenopeltis unicolor)",
+    "Red-tailed Green Ratsnake (Gonyosoma oxycephalum)",
+)
+#: Not in the gallery: added through POST /v1/species/{name}/references by the tests.
+NEW_SPECIES = "Variable Reed Snake (Calamaria lumbricoidea)"
+PER_SPECIES = 10
+API_KEY = "secret"
+#: A val photo the small gallery identifies as Naja philippinensis with a score of ~1 (venomous).
+COBRA = PH_SNAKES / "val" / SPECIES[0] / "philippine_cobra__naja_philippinensis__val_0003.jpg"
+
+_BASE: dict[str, Path] = {}
+
+
+def binomial(folder: str) -> str:
+    """'Samar Cobra (Naja samarensis)' -> 'Naja samarensis'."""
+    return folder.split("(")[1].rstrip(")")
+
+
+def photos(split: str, folder: str, n: int | None = None) -> list[Path]:
+    """The first ``n`` photos of one ph-snakes species folder, sorted."""
+    return sorted((PH_SNAKES / split / folder).iterdir())[:n]
+
+
+def base_gallery(tmp_path_factory) -> Path:
+    """Build (once per process) the small MobileNetV1 gallery; callers must not write to it."""
+    if "dir" in _BASE:
+        return _BASE["dir"]
+    needs_shared()
+    from retrieval.encoders import EncoderConfig
+    from retrieval.session import build_gallery
+
+    root = tmp_path_factory.mktemp("api_photos")
+    for folder in SPECIES:
+        (root / folder).mkdir()
+        for f in photos("train", folder, PER_SPECIES):
+            os.symlink(f, root / folder / f.name)
+    index = tmp_path_factory.mktemp("api_gallery") / "g"
+    build_gallery(index, "folder", root, encoder=EncoderConfig(spec=MOBILENET_SPEC, precision="fp32"), progress=False)
+    _BASE["dir"] = index
+    return index
+
+
+def gallery_copy(tmp_path_factory, name: str) -> Path:
+    """A private, writable copy of the base gallery."""
+    dest = tmp_path_factory.mktemp(name) / "g"
+    shutil.copytree(base_gallery(tmp_path_factory), dest, symlinks=True)
+    return dest
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def encode_as(path: Path, fmt: str, **save_kw) -> bytes:
+    """A photo re-encoded in another format (JPEG, PNG, WEBP, HEIF)."""
+    from PIL import Image
+
+    if fmt == "HEIF":
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    buf = io.BytesIO()
+    with Image.open(path) as img:
+        img.convert("RGB").save(buf, fmt, **save_kw)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's signature)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    # IHDR chunk: 8-byte signature, 4-byte length, b"IHDR", then width, height, ... and a CRC over type+data
+    start = 8 + 4
+    ihdr = bytearray(data[start : start + 4 + 13])
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[start : start + 17] = ihdr
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)

@@ -1,0 +1,497 @@
+"""The HTTP API through FastAPI's TestClient, on a small real gallery (MobileNetV1, 4 ph-snakes species).
+
+Covers every /v1 endpoint and its parameters, auth, bad uploads (no 5xx, no partial write), image
+formats and EXIF orientation, new species identified by the very next request, reads in parallel with
+serialised writes, and the model loaded once.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _api_support import (
+    API_KEY,
+    COBRA,
+    NEW_SPECIES,
+    PER_SPECIES,
+    SPECIES,
+    binomial,
+    encode_as,
+    gallery_copy,
+    photos,
+    png_bomb,
+)
+from conftest import MOBILENET_SPEC, needs_shared
+
+KEYS = {"X-API-Key": API_KEY}
+
+
+def _files(paths: list[Path], field: str = "images") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+
+def _one(name: str, data: bytes, field: str = "images") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (name, data, "application/octet-stream"))]
+
+
+def _is_error(resp, status: int) -> str:
+    """The response is ``status`` with a JSON ``{"detail": "message"}`` body; returns the message."""
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    assert resp.headers["content-type"].startswith("application/json")
+    detail = resp.json()["detail"]
+    assert isinstance(detail, str) and detail
+    return detail
+
+
+@pytest.fixture(scope="module")
+def loads():
+    """Counts how often the service opens the model (must be once per app)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, loads):
+    needs_shared()
+    from fastapi.testclient import TestClient
+
+    import api.service
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = gallery_copy(tmp_path_factory, "api_rw")
+    real = api.service.open_identifier
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(api.service, "open_identifier", counting)
+    app = create_app(Settings(index=str(index), api_keys=f"{API_KEY}, other-key", precision="fp32"))
+    try:
+        with TestClient(app) as c:
+            yield c
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def service(client):
+    return client.app.state.service
+
+
+def _top(resp) -> str:
+    assert resp.status_code == 200, resp.text
+    return resp.json()["results"][0]["name"]
+
+
+# ------------------------------------------------------------------------------------------ health
+def test_health_and_ready(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "references": len(SPECIES) * PER_SPECIES, "encoder": MOBILENET_SPEC}
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="identify-button"' in page.text
+
+
+def test_not_ready_until_the_model_is_loaded(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    app = create_app(Settings(index=str(tmp_path)))
+    c = TestClient(app)  # no `with`: the lifespan (model load) does not run
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/readyz").status_code == 503
+    assert "loading" in _is_error(c.post("/v1/identify", files=_one("a.jpg", b"x")), 503)
+
+
+# ---------------------------------------------------------------------------------------- identify
+def test_identify_one_photo(client):
+    resp = client.post("/v1/identify", files=_files([COBRA]))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["images"] == 1 and body["encoder"] == MOBILENET_SPEC and body["unknown"] is False
+    best = body["results"][0]
+    assert best["name"] == best["species"] == "Naja philippinensis"
+    assert best["rank"] == "species" and best["genus"] == "Naja" and best["family"] == "Elapidae"
+    assert best["venomous"] is True and body["venomous_score"] > 0.5
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert sum(scores) <= 1 + 1e-6
+    assert best["neighbours"] and all(n["species"] == "Naja philippinensis" for n in best["neighbours"])
+    assert all(-1 <= n["similarity"] <= 1 + 1e-5 and n["path"] for n in best["neighbours"])
+
+
+def test_identify_combines_one_to_five_photos(client):
+    samar = photos("val", SPECIES[1])
+    for n in (2, 5):
+        body = client.post("/v1/identify", files=_files(samar[:n])).json()
+        assert body["images"] == n and body["results"][0]["name"] == "Naja samarensis"
+    # several photos of one animal give one answer that uses all of them (more evidence than each alone)
+    multi = client.post("/v1/identify", files=_files(samar[:3]), params={"neighbours": "true"}).json()
+    evidence = sum(len(r["neighbours"]) for r in multi["results"])
+    single = client.post("/v1/identify", files=_files(samar[:1])).json()
+    assert evidence > sum(len(r["neighbours"]) for r in single["results"])
+    assert "at most 5 photos" in _is_error(client.post("/v1/identify", files=_files(samar[:6])), 400)
+    resp = client.post("/v1/identify", data={"k": "3"})  # no photo at all
+    assert resp.status_code == 422 and resp.json()["detail"]
+
+
+def test_identify_parameters(client):
+    files = _files([COBRA])
+    body = client.post("/v1/identify", files=files, params={"k": 2}).json()
+    assert len(body["results"]) <= 2
+    body = client.post("/v1/identify", files=files, params={"k": 50}).json()
+    assert len(body["results"]) <= len(SPECIES)
+    genus = client.post("/v1/identify", files=files, params={"rank": "genus"}).json()["results"]
+    assert genus[0]["name"] == "Naja" and genus[0]["rank"] == "genus" and genus[0]["species"] is None
+    assert genus[0]["family"] == "Elapidae" and genus[0]["venomous"] is True
+    assert {r["name"] for r in genus} <= {"Naja", "Xenopeltis", "Gonyosoma"}
+    assert genus[0]["score"] >= client.post("/v1/identify", files=files).json()["results"][0]["score"] - 1e-6
+    family = client.post("/v1/identify", files=files, params={"rank": "family"}).json()["results"]
+    assert family[0]["name"] == "Elapidae" and family[0]["rank"] == "family"
+    assert {n["family"] for n in family[0]["neighbours"]} == {"Elapidae"}
+    bare = client.post("/v1/identify", files=files, params={"neighbours": "false"}).json()
+    assert all(r["neighbours"] == [] for r in bare["results"])
+    assert _top(client.post("/v1/identify", files=files, params={"country": "PH"})) == "Naja philippinensis"
+    assert _top(client.post("/v1/identify", files=files, params={"country": "Philippines"})) == "Naja philippinensis"
+    assert "unknown country 'Atlantis'" in _is_error(
+        client.post("/v1/identify", files=files, params={"country": "Atlantis"}), 400
+    )
+    for bad in ({"k": 0}, {"k": 51}, {"k": "many"}, {"rank": "order"}, {"country": "x" * 65}):
+        resp = client.post("/v1/identify", files=files, params=bad)
+        assert resp.status_code == 422, (bad, resp.text)
+
+
+def test_jpeg_png_webp_heic_accepted(client):
+    answers = {}
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("HEIF", "heic")):
+        data = encode_as(COBRA, fmt)
+        resp = client.post("/v1/search", files=_one(f"cobra.{ext}", data, "image"), data={"k": "5"})
+        assert resp.status_code == 200, (fmt, resp.text)
+        answers[fmt] = [n["id"] for n in resp.json()["neighbours"]]
+        assert _top(client.post("/v1/identify", files=_one(f"cobra.{ext}", data))) == "Naja philippinensis", fmt
+    assert answers["PNG"][:2] == answers["JPEG"][:2] == answers["WEBP"][:2] == answers["HEIF"][:2]
+
+
+def test_exif_orientation_is_applied(client):
+    from PIL import Image
+
+    with Image.open(COBRA) as img:
+        upright = img.convert("RGB")
+    # store the pixels rotated (as a phone sensor does) and say in EXIF how to turn them upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to view
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 90 CCW, which 6 undoes
+    with_exif, without = io.BytesIO(), io.BytesIO()
+    stored.save(with_exif, "JPEG", quality=95, exif=exif)
+    stored.save(without, "JPEG", quality=95)
+    ref = io.BytesIO()
+    upright.save(ref, "JPEG", quality=95)
+
+    def sims(data: bytes) -> dict[int, float]:
+        resp = client.post("/v1/search", files=_one("x.jpg", data, "image"), data={"k": "40"})
+        return {n["id"]: n["similarity"] for n in resp.json()["neighbours"]}
+
+    want, got, raw = sims(ref.getvalue()), sims(with_exif.getvalue()), sims(without.getvalue())
+    ids = sorted(want)
+    err_exif = max(abs(want[i] - got[i]) for i in ids)
+    err_raw = max(abs(want[i] - raw[i]) for i in ids)
+    assert err_exif < 0.02 and err_raw > 5 * err_exif, (err_exif, err_raw)
+
+
+# ----------------------------------------------------------------------------------- bad uploads
+def _bad_photos() -> dict[str, tuple[bytes, str]]:
+    jpeg = COBRA.read_bytes()
+    assert jpeg[:2] == b"\xff\xd8"
+    rng = np.random.default_rng(0)
+    return {
+        "notes.txt": (b"this is not a photo\n" * 50, "not a recognised image format"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated or corrupt"),
+        "corrupt.jpg": (jpeg[:20] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "corrupt"),
+        "empty.jpg": (b"", "empty"),
+        "bomb.png": (png_bomb(), "decompression bomb"),
+        "strip.png": (_png(1, 20_000), "too elongated"),  # tiny file; the encoder's resize would need GBs
+    }
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_uploads_are_clear_4xx(client):
+    for name, (data, says) in _bad_photos().items():
+        for path, field in (("/v1/identify", "images"), ("/v1/search", "image")):
+            msg = _is_error(client.post(path, files=_one(name, data, field)), 422)
+            assert name in msg and says in msg, (name, msg)
+        # one bad photo spoils the whole observation
+        files = _files([COBRA]) + _one(name, data)
+        assert name in _is_error(client.post("/v1/identify", files=files), 422)
+
+
+def test_over_size_upload_is_413(client):
+    big = COBRA.read_bytes() + b"\0" * (20 * 1024 * 1024)  # over the default 20 MB
+    assert "20 MB" in _is_error(client.post("/v1/identify", files=_one("big.jpg", big)), 413)
+    assert "20 MB" in _is_error(client.post("/v1/search", files=_one("big.jpg", big, "image")), 413)
+
+
+# ------------------------------------------------------------------------------------------ search
+def test_search_by_photo_and_by_vector(client, service):
+    from PIL import Image
+
+    member = photos("train", SPECIES[2], 1)[0]  # a photo that is in the gallery
+    resp = client.post("/v1/search", files=_files([member], "image"), data={"k": "3"})
+    assert resp.status_code == 200, resp.text
+    hits = resp.json()["neighbours"]
+    assert len(hits) == 3 and hits[0]["similarity"] > 0.999 and hits[0]["path"].endswith(member.name)
+    assert resp.json()["encoder"] == MOBILENET_SPEC
+
+    with Image.open(member) as img:
+        vector = service.encoder.encode_images([img.convert("RGB")])[0]
+    resp = client.post("/v1/search", json={"embedding": [float(x) for x in vector * 3.0], "k": 4})
+    assert resp.status_code == 200, resp.text
+    vec_hits = resp.json()["neighbours"]
+    assert len(vec_hits) == 4 and vec_hits[0]["id"] == hits[0]["id"] and vec_hits[0]["similarity"] > 0.999
+
+    dim = len(vector)
+    assert f"list of {dim} numbers" in _is_error(client.post("/v1/search", json={"embedding": [1.0, 2.0]}), 400)
+    assert "not all zeros" in _is_error(client.post("/v1/search", json={"embedding": [0.0] * dim}), 400)
+    for scale in (1e-40, 1e30):  # neither under- nor overflows the normalisation
+        resp = client.post("/v1/search", json={"embedding": [float(x) * scale for x in vector], "k": 1})
+        assert resp.status_code == 200 and resp.json()["neighbours"][0]["id"] == hits[0]["id"], scale
+    nan = b'{"embedding": [NaN' + b", 1.0" * (dim - 1) + b"]}"
+    assert "finite" in _is_error(client.post("/v1/search", content=nan, headers={"content-type": "application/json"}), 400)
+    assert client.post("/v1/search", json={"embedding": vector.tolist(), "k": 0}).status_code == 422
+    for body in (b"{", b"[1, 2]", b"", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000):
+        resp = client.post("/v1/search", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == 422, (body[:10], resp.status_code)
+    assert client.post("/v1/search", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
+    assert "field 'image'" in _is_error(client.post("/v1/search", data={"k": "3"}, files=_one("a", b"x", "other")), 400)
+    for k in ("0", "1001", "ten"):
+        assert client.post("/v1/search", files=_files([member], "image"), data={"k": k}).status_code == 422
+
+
+# ----------------------------------------------------------------------------------------- species
+def test_species_list_and_one(client):
+    listed = client.get("/v1/species")
+    assert listed.status_code == 200
+    by_name = {s["species"]: s for s in listed.json()}
+    assert set(by_name) >= {binomial(f) for f in SPECIES}
+    naja = by_name["Naja samarensis"]
+    assert naja["count"] == PER_SPECIES and naja["venomous"] is True and naja["family"] == "Elapidae"
+    for spelling in ("Naja samarensis", "naja_samarensis", "Naja-Samarensis"):
+        resp = client.get(f"/v1/species/{spelling}")
+        assert resp.status_code == 200 and resp.json() == naja, spelling
+    assert "Naja nowhere" in _is_error(client.get("/v1/species/Naja nowhere"), 404)
+
+
+def test_reference_thumbnail(client):
+    hits = client.post("/v1/search", files=_files([COBRA], "image"), data={"k": "1"}).json()["neighbours"]
+    resp = client.get(f"/v1/references/{hits[0]['id']}/image")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    from PIL import Image
+
+    thumb = Image.open(io.BytesIO(resp.content))
+    with Image.open(hits[0]["path"]) as source:
+        assert thumb.format == "JPEG" and max(thumb.size) == min(256, max(source.size))
+    assert "no reference with id 987654" in _is_error(client.get("/v1/references/987654/image"), 404)
+    assert client.get("/v1/references/-1/image").status_code == 422
+
+
+# ------------------------------------------------------------------------------------------- auth
+def test_writes_need_a_key_reads_are_open(client, service):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    url = "/v1/species/Naja samarensis/references"
+    photo = _files(photos("train", SPECIES[1], 1))
+    assert "X-API-Key" in _is_error(client.post(url, files=photo), 401)
+    assert "X-API-Key" in _is_error(client.post(url, files=photo, headers={"X-API-Key": "wrong"}), 401)
+    assert _is_error(client.delete("/v1/references/1"), 401)
+    assert _is_error(client.delete("/v1/references/1", headers={"X-API-Key": ""}), 401)
+    # both configured keys work (the photo is already stored: a duplicate, nothing added)
+    for key in (API_KEY, "other-key"):
+        resp = client.post(url, files=photo, headers={"X-API-Key": key})
+        assert resp.status_code == 201 and resp.json()["added"] == 0 and len(resp.json()["duplicates"]) == 1
+    assert client.get("/v1/species").status_code == 200  # reads open by default
+
+    # the same service behind other settings (no lifespan: the service is given and stays open)
+    base = service.settings.model_dump()
+    locked = TestClient(create_app(Settings(**{**base, "reads_require_key": True}), service=service))
+    assert _is_error(locked.get("/v1/species"), 401)
+    assert _is_error(locked.post("/v1/identify", files=_files([COBRA])), 401)
+    assert locked.get("/v1/species", headers=KEYS).status_code == 200
+    assert _top(locked.post("/v1/identify", files=_files([COBRA]), headers=KEYS)) == "Naja philippinensis"
+    assert locked.get("/healthz").status_code == 200 and locked.get("/readyz").status_code == 200
+    no_keys = TestClient(create_app(Settings(**{**base, "api_keys": " , "}), service=service))
+    assert "writes are disabled" in _is_error(no_keys.post(url, files=photo, headers=KEYS), 401)
+
+
+# ----------------------------------------------------------------------------------------- writes
+def test_new_species_is_identified_by_the_very_next_request(client, service):
+    name = binomial(NEW_SPECIES)
+    query = _files([photos("val", NEW_SPECIES)[2]])
+    before = client.post("/v1/identify", files=query).json()
+    assert name not in {r["name"] for r in before["results"]}
+    assert client.get(f"/v1/species/{name}").status_code == 404
+
+    refs = photos("train", NEW_SPECIES, PER_SPECIES)
+    resp = client.post(
+        f"/v1/species/{name.replace(' ', '_')}/references", files=_files(refs),
+        data={"common_name": "Variable Reed Snake", "venomous": "false"}, headers=KEYS,
+    )
+    assert resp.status_code == 201, resp.text
+    out = resp.json()
+    assert out["species"] == name and out["created"] is True and out["added"] == PER_SPECIES
+    assert len(out["ids"]) == PER_SPECIES and out["duplicates"] == []
+
+    after = client.post("/v1/identify", files=query).json()  # the very next request
+    best = after["results"][0]
+    assert best["name"] == name and best["common_name"] == "Variable Reed Snake" and best["venomous"] is False
+    assert {n["id"] for n in best["neighbours"]} <= set(out["ids"])
+    got = client.get(f"/v1/species/{name}").json()
+    assert got["count"] == PER_SPECIES and got["genus"] == "Calamaria"
+
+    again = client.post(f"/v1/species/{name}/references", files=_files(refs[:3]), headers=KEYS).json()
+    assert again["created"] is False and again["added"] == 0
+    assert [d["id"] for d in again["duplicates"]] == out["ids"][:3]
+    assert client.get(f"/v1/species/{name}").json()["count"] == PER_SPECIES
+
+
+def _snapshot(client, service) -> tuple:
+    uploads = sorted(p.name for p in service.uploads_dir.glob("*")) if service.uploads_dir.exists() else []
+    return len(service.gallery), service.gallery.store.version, client.get("/v1/species").json(), uploads
+
+
+def test_a_batch_with_one_bad_photo_writes_nothing(client, service):
+    viper = "Philippine Pit Viper (Trimeresurus flavomaculatus)"
+    good = photos("train", viper, 3)
+    url = f"/v1/species/{binomial(viper)}/references"
+    before = _snapshot(client, service)
+    for name, (data, _) in _bad_photos().items():
+        files = _files(good[:2]) + _one(name, data) + _files(good[2:])
+        assert name in _is_error(client.post(url, files=files, headers=KEYS), 422)
+        assert _snapshot(client, service) == before, name
+    big = b"\xff\xd8" + b"\0" * (20 * 1024 * 1024 + 1)
+    _is_error(client.post(url, files=_files(good) + _one("big.jpg", big), headers=KEYS), 413)
+    assert "venomous" in str(client.post(url, files=_files(good), data={"venomous": "maybe"}, headers=KEYS).json())
+    assert "empty" in _is_error(client.post("/v1/species/ _ /references", files=_files(good), headers=KEYS), 400)
+    assert _snapshot(client, service) == before
+    assert client.get(f"/v1/species/{binomial(viper)}").status_code == 404
+
+
+def test_delete_reference(client, service):
+    viper = "Philippine Pit Viper (Trimeresurus flavomaculatus)"
+    name = binomial(viper)
+    added = client.post(
+        f"/v1/species/{name}/references", files=_files(photos("train", viper, 3)), headers=KEYS
+    ).json()
+    assert added["created"] is True and added["added"] == 3
+    victim = added["ids"][0]
+    assert client.get(f"/v1/references/{victim}/image").status_code == 200
+    assert client.delete(f"/v1/references/{victim}").status_code == 401
+    resp = client.delete(f"/v1/references/{victim}", headers=KEYS)
+    assert resp.status_code == 204 and resp.content == b""
+    assert f"no reference with id {victim}" in _is_error(client.delete(f"/v1/references/{victim}", headers=KEYS), 404)
+    assert _is_error(client.get(f"/v1/references/{victim}/image"), 404)
+    assert client.get(f"/v1/species/{name}").json()["count"] == 2
+    hits = client.post("/v1/search", files=_files(photos("train", viper, 1), "image"), data={"k": "60"}).json()
+    assert victim not in {n["id"] for n in hits["neighbours"]}
+    assert client.delete("/v1/references/abc", headers=KEYS).status_code == 422
+
+    # a name with a hyphen is stored as given and found again by GET (which reads "-" as a space)
+    odd = client.post("/v1/species/Naja-haje/references", files=_one("grey.png", _png(40, 30)), headers=KEYS)
+    assert odd.status_code == 201 and odd.json()["species"] == "Naja-haje"
+    got = client.get("/v1/species/Naja-haje")
+    assert got.status_code == 200 and got.json()["species"] == "Naja-haje"
+    assert client.delete(f"/v1/references/{odd.json()['ids'][0]}", headers=KEYS).status_code == 204
+    assert client.get("/v1/species/Naja-haje").status_code == 404
+
+
+# ------------------------------------------------------------------------------------ concurrency
+def test_reads_run_while_a_write_waits_and_writes_are_serialised(client, service):
+    wolf = "Common Wolf Snake (Lycodon capucinus)"
+    name = binomial(wolf)
+    refs = photos("train", wolf, 8)
+    results: dict[str, object] = {}
+
+    def write(tag: str, files) -> None:
+        results[tag] = client.post(f"/v1/species/{name}/references", files=files, headers=KEYS)
+
+    # a write in progress (holding the write lock) blocks the next write, not the reads
+    with service._write_lock:
+        writer = threading.Thread(target=write, args=("blocked", _files(refs[:2])))
+        writer.start()
+        start = time.perf_counter()
+        assert _top(client.post("/v1/identify", files=_files([COBRA]))) == "Naja philippinensis"
+        assert client.get("/v1/species").status_code == 200
+        read_seconds = time.perf_counter() - start
+        time.sleep(0.2)
+        assert writer.is_alive() and "blocked" not in results
+    writer.join(30)
+    assert results["blocked"].status_code == 201 and results["blocked"].json()["added"] == 2
+    assert read_seconds < 10
+
+    # concurrent writes to one new species plus concurrent reads: each photo stored once, one "created"
+    with ThreadPoolExecutor(8) as pool:
+        writes = [pool.submit(client.post, f"/v1/species/{name}/references", files=_files(refs[i:i + 3]),
+                              headers=KEYS) for i in (2, 4, 5)]
+        reads = [pool.submit(client.post, "/v1/identify", files=_files([p])) for p in photos("val", SPECIES[3], 8)]
+        writes = [f.result() for f in writes]
+        reads = [f.result() for f in reads]
+    assert all(r.status_code == 200 for r in reads)
+    assert all(r.json()["results"] for r in reads)
+    assert all(w.status_code == 201 for w in writes), [w.text for w in writes]
+    assert sum(w.json()["added"] for w in writes) == 6  # refs[2:8]; refs[5:7] sent twice, stored once
+    assert sum(len(w.json()["duplicates"]) for w in writes) == 3
+    assert not any(w.json()["created"] for w in writes)  # the first, blocked write created the species
+    assert client.get(f"/v1/species/{name}").json()["count"] == 8
+
+
+def test_concurrent_identify_requests_are_batched_and_answers_unchanged(client, service):
+    val = [photos("val", f, 4) for f in SPECIES]
+    flat = [p for group in val for p in group]
+    alone = {p: client.post("/v1/identify", files=_files([p])).json()["results"][0] for p in flat}
+    batches_before, images_before = service.batcher.batches, service.batcher.images
+    with ThreadPoolExecutor(8) as pool:
+        answers = pool.map(lambda p: client.post("/v1/identify", files=_files([p])), flat)
+        together = dict(zip(flat, answers, strict=True))
+    for p in flat:
+        got = together[p].json()["results"][0]
+        assert got["name"] == alone[p]["name"] and abs(got["score"] - alone[p]["score"]) < 1e-3, p.name
+    assert service.batcher.images - images_before == len(flat)
+    assert service.batcher.batches - batches_before <= len(flat)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def test_metrics_and_model_loaded_once(client, service, loads):
+    client.post("/v1/identify", files=_files([COBRA]))
+    client.get("/v1/species/Nowhere nowhere")
+    text = client.get("/metrics").text
+    assert 'speciesid_requests_total{method="POST",route="/v1/identify",status="200"}' in text
+    assert 'speciesid_requests_total{method="GET",route="/v1/species/{name}",status="404"}' in text
+    assert 'speciesid_request_seconds_bucket{le="0.5",method="POST",route="/v1/identify"}' in text
+    assert 'speciesid_request_seconds_count{method="POST",route="/v1/identify"}' in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("speciesid_gallery_references "))
+    assert float(line.split()[1]) == len(service.gallery) > len(SPECIES) * PER_SPECIES
+    assert "speciesid_encoder_batches " in text and "speciesid_encoder_images " in text
+    count = next(ln for ln in text.splitlines() if ln.startswith('speciesid_request_seconds_count{method="POST"'
+                                                                    ',route="/v1/identify"}'))
+    assert float(count.split()[1]) >= 10
+    assert len(loads) == 1  # every request above used the one model loaded at startup

@@ -1,0 +1,225 @@
+"""Fine-tuning: the loss falls, the output folder is an encoder and a probe, runs resume, stage 2 from stage 1.
+
+A few photos of 3 ph-snakes species and the real MobileNetV1 trained at 64 px for 2-3 epochs (mechanics, not
+accuracy: the accuracy figures are in docs/finetune.md, from benchmarks/bench_finetune.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+
+
+def _subset(root: Path, species: list[str], n: int, split: str = "train") -> Path:
+    for d in species:
+        src = PH_SNAKES / split / d
+        (root / d).mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.iterdir())[:n]:
+            os.symlink(f, root / d / f.name)
+    return root
+
+
+def _species_dirs() -> list[str]:
+    return sorted(p.name for p in (PH_SNAKES / "train").iterdir())
+
+
+def _config(root: Path, out: Path, **kw):
+    from finetune.train import FinetuneConfig
+
+    base = dict(root=str(root), out=str(out), init=MOBILENET_SPEC, epochs=3, batch_size=8, train_size=64,
+                val_split=0.34, workers=0, freeze_epochs=0, ema=0.0, head_init="random", lr=0.02,
+                backbone_lr=1e-3, patience=10, final_eval=False)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    needs_shared()
+    return _subset(tmp_path_factory.mktemp("ft_data"), _species_dirs()[:3], 6)
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_set, tmp_path_factory):
+    from finetune.train import finetune
+
+    out = tmp_path_factory.mktemp("ft") / "stage1"
+    # stage "global" mechanics (full head, batch-norm in train mode, class-balanced sampling) on a tiny set
+    result = finetune(_config(tiny_set, out, stage="global", final_eval=True), progress=False)
+    return out, result
+
+
+def test_loss_falls_and_logs(stage1):
+    out, r = stage1
+    losses = [h["train_loss"] for h in r.history if h["epoch"] > 0]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0], losses
+    with (out / "log.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    assert {"train_loss", "val_loss", "val_top1", "val_macro_f1", "lr", "seconds"} <= set(rows[0])
+    assert (out / "curves.png").stat().st_size > 1000
+    assert not (out / "checkpoint.pt").exists()  # removed once the model is written
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["label_names"] == r.species and cfg["num_classes"] == 3
+    assert cfg["speciesid"]["stage"] == "global" and cfg["speciesid"]["best_epoch"] == r.best_epoch
+    assert cfg["speciesid"]["settings"]["bn"] == "train" and cfg["speciesid"]["settings"]["balance"] == "sampler"
+    assert set(r.final) >= {"head_top1", "knn_top1", "blend_top1"}
+
+
+def test_output_is_an_encoder_and_a_probe(stage1, tiny_set):
+    import timm
+    from PIL import Image
+
+    from finetune.probe import LinearProbe
+    from retrieval.encoders import create_encoder
+
+    out, r = stage1
+    enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32")
+    assert enc.dim == 1024
+    photos = sorted(p for p in tiny_set.rglob("*.jpg"))[:9]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    emb = enc.encode_images(images)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    probe = LinearProbe.load(out, expected_fingerprint=enc.fingerprint)
+    assert probe.species == r.species and probe.source == f"finetune:{out}"
+    assert np.all(probe.bias == 0)
+    # timm's own classifier (num_classes from config.json) ranks exactly as the probe on normalised features
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model.num_classes == 3 and model.pretrained_cfg["label_names"] == r.species
+    with torch.no_grad():
+        x = torch.stack([enc.preprocess(im) for im in images])
+        logits = model(x).numpy()
+        feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    assert (logits.argmax(1) == probe.predict_proba(emb).argmax(1)).all()
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    assert np.allclose(logits / norms, probe.logits(emb), atol=1e-3)
+    # a different class count drops the saved head cleanly (how stage 2 starts)
+    assert timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5).num_classes == 5
+
+
+def test_interrupted_run_resumes(tiny_set, tmp_path):
+    from finetune.train import FinetuneInterrupted, finetune
+
+    out = tmp_path / "run"
+    cfg = _config(tiny_set, out, epochs=2, ema=0.9)
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(FinetuneInterrupted) as exc:
+        finetune(cfg, progress=False, on_epoch_end=stop_after_first)
+    assert exc.value.epoch == 1
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.safetensors").exists()
+    with (out / "log.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
+    with pytest.raises(ValueError, match="other settings"):
+        finetune(_config(tiny_set, out, epochs=3, ema=0.9), progress=False)
+    seen = []
+    r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
+    assert seen == [2] and r.epochs_run == 2
+    assert [h["epoch"] for h in r.history] == [0, 1, 2]
+    with (out / "log.csv").open() as fh:
+        assert [int(row["epoch"]) for row in csv.DictReader(fh)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="already holds"):
+        finetune(cfg, progress=False)
+
+
+def test_stage2_from_stage1_with_other_species(stage1, tmp_path):
+    import timm
+
+    from finetune.train import finetune
+
+    out1, r1 = stage1
+    local = _subset(tmp_path / "local", _species_dirs()[3:5], 6)
+    out2 = tmp_path / "stage2"
+    r2 = finetune(_config(local, out2, init=str(out1), epochs=1, head_init="probe", freeze_epochs=1),
+                  progress=False)
+    assert r2.species != r1.species and len(r2.species) == 2
+    cfg = json.loads((out2 / "config.json").read_text())
+    assert cfg["label_names"] == r2.species and cfg["speciesid"]["init"] == f"timm:local-dir:{out1}"
+    assert timm.create_model(f"local-dir:{out2}", pretrained=True, num_classes=0).num_classes == 0
+    # the frozen first epoch leaves the backbone exactly as stage 1 left it
+    from retrieval.encoders import create_encoder
+
+    e1 = create_encoder(f"timm:local-dir:{out1}", device="cpu", precision="fp32")
+    e2 = create_encoder(f"timm:local-dir:{out2}", device="cpu", precision="fp32")
+    assert e1.fingerprint.split("#")[1] == e2.fingerprint.split("#")[1]
+
+
+def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
+    from PIL import Image
+
+    from api.cli import main
+    from retrieval.encoders import EncoderConfig
+    from retrieval.session import build_gallery, open_identifier
+
+    out, r = stage1
+    index = tmp_path / "gallery"
+    build_gallery(index, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32"),
+                  progress=False)
+    val = _subset(tmp_path / "val", _species_dirs()[:3], 3, split="val")
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "--val-root", str(val), "-q"]) == 0
+    ident = open_identifier(index, precision="fp32")
+    assert ident.probe is not None and ident.probe.source == f"finetune:{out}"
+    assert ident.probe.settings.selected_on.startswith("val:")
+    answers = ident.identify_images([Image.open(next(val.rglob("*.jpg"))).convert("RGB")])
+    assert answers[0].predictions[0].species in r.species
+    # a gallery built with another encoder is refused
+    other = tmp_path / "other"
+    build_gallery(other, "folder", tiny_set, encoder=EncoderConfig(spec="timm:test_efficientnet@random",
+                  precision="fp32"), progress=False)
+    assert main(["probe", "import", "--index", str(other), "--from", str(out), "-q"]) == 2
+
+
+def test_select_blend_settings_fixed_probe():
+    from finetune.export import select_blend_settings
+    from finetune.probe import LinearProbe
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16))
+    y = np.repeat(np.arange(3), 10)
+    x = centers[y] + 0.3 * rng.normal(size=(30, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = [f"s{i}" for i in y]
+    w = 10 * centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    probe = LinearProbe(["s0", "s1", "s2"], w.astype(np.float32), np.zeros(3, np.float32), "x#1")
+    s = select_blend_settings(x, labels, probe)
+    assert s.selected_on.startswith("cv:3-fold") and s.metrics["blend_top1"] > 0.9
+    s = select_blend_settings(x, labels, probe, val_embeddings=x[:6], val_labels=labels[:6])
+    assert s.selected_on == "val:val" and s.metrics["queries"] == 6
+
+
+def test_init_specs(tmp_path):
+    from finetune.model import resolve_init
+
+    with pytest.raises(ValueError, match="timm CNNs"):
+        resolve_init("open_clip:ViT-B-32")
+    with pytest.raises(ValueError, match="--init"):
+        resolve_init(None)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ValueError, match="--model"):
+        resolve_init(str(weights))
+    src = resolve_init(str(weights), model="timm:test_efficientnet")
+    assert src.timm_name == "test_efficientnet" and src.weights_file == str(weights)
+    src = resolve_init("timm:test_efficientnet@random")
+    assert src.timm_name == "test_efficientnet" and not src.pretrained
+
+
+def test_cli_finetune_help(capsys):
+    from api.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    text = capsys.readouterr().out
+    assert "--init" in text and "--stage" in text and "--val-split" in text

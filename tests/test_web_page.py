@@ -1,0 +1,158 @@
+"""The web page in a real headless Chromium (selenium + Debian's chromedriver) against a real uvicorn server.
+
+Upload a cobra photo -> the species, the venomous warning and the evidence thumbnails appear; a harmless
+snake shows no warning; a file that is not a photo shows the API's message; a curator adds a new species
+through the page and the next identification finds it. Skipped only when chromium or chromedriver is
+missing (CI installs Debian's ``chromium chromium-driver``, see .ci/run).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from _api_support import API_KEY, COBRA, NEW_SPECIES, SPECIES, binomial, free_port, gallery_copy, photos
+from conftest import needs_shared
+
+CHROMIUM = Path(os.environ.get("SPECIESID_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("SPECIESID_CHROMEDRIVER", "/usr/bin/chromedriver"))
+#: Set to a file path to keep a screenshot of the answer page (for a person to look at).
+SCREENSHOT = os.environ.get("SPECIESID_SCREENSHOT")
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The app (model loaded by its lifespan) served by uvicorn in a thread on 127.0.0.1."""
+    needs_shared()
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = gallery_copy(tmp_path_factory, "api_web")
+    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-web-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=900,1400",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _identify(driver, url: str, *files: Path) -> str:
+    """Open the page, choose the photos, click Identify; returns the results' text once it shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url + "/")
+    driver.find_element(By.ID, "photos").send_keys("\n".join(str(f) for f in files))
+    driver.find_element(By.ID, "identify-button").click()
+
+    def settled(d):
+        text = d.find_element(By.ID, "results").text
+        status = d.find_element(By.ID, "status").text
+        busy = not d.find_element(By.ID, "identify-button").is_enabled()
+        return (text or (status and status != "Identifying…")) and not busy
+
+    WebDriverWait(driver, WAIT_S).until(settled)
+    return driver.find_element(By.ID, "results").text
+
+
+def test_upload_a_photo_and_see_the_answer(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    text = _identify(browser, site, COBRA)
+    assert "Philippine Cobra" in text and "Naja philippinensis" in text, text
+    assert "venomous" in text and "1 photo(s)" in text
+    warning = browser.find_element(By.ID, "venom-warning")
+    assert warning.is_displayed() and "MEDICALLY IMPORTANT VENOMOUS" in warning.text
+    assert warning.value_of_css_property("background-color") in ("rgba(176, 0, 32, 1)", "rgb(176, 0, 32)")
+    # the evidence thumbnails come from GET /v1/references/{id}/image and really load
+    thumbs = browser.find_elements(By.CSS_SELECTOR, "#results .evidence img")
+    assert thumbs
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", t)
+                      for t in thumbs)
+    )
+    shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "identify.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+    harmless = photos("val", SPECIES[3])[3]  # Red-tailed Green Ratsnake, score ~0.99
+    text = _identify(browser, site, harmless, photos("val", SPECIES[3])[7])
+    assert "Red-tailed Green Ratsnake" in text and "2 photo(s)" in text, text
+    assert not browser.find_elements(By.ID, "venom-warning")
+
+
+def test_a_file_that_is_not_a_photo_shows_the_message(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo at all")
+    assert _identify(browser, site, notes) == ""
+    status = browser.find_element(By.ID, "status")
+    assert "notes.jpg: not a recognised image format" in status.text
+    assert status.find_element(By.CLASS_NAME, "error").is_displayed()
+
+
+def test_a_curator_adds_a_species_from_the_page(site, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name = binomial(NEW_SPECIES)
+    browser.get(site + "/")
+    browser.find_element(By.CSS_SELECTOR, "details summary").click()
+    browser.find_element(By.ID, "species").send_keys(name)
+    browser.find_element(By.ID, "common").send_keys("Variable Reed Snake")
+    browser.find_element(By.ID, "ref-photos").send_keys("\n".join(map(str, photos("train", NEW_SPECIES, 10))))
+    browser.find_element(By.ID, "apikey").send_keys("wrong key")
+    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+    status = WebDriverWait(browser, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "curate-status").text not in ("", "Uploading…")
+        and d.find_element(By.ID, "curate-status").text
+    )
+    assert "X-API-Key" in status
+    key = browser.find_element(By.ID, "apikey")
+    key.clear()
+    key.send_keys(API_KEY)
+    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+    status = WebDriverWait(browser, WAIT_S).until(
+        lambda d: "Added" in d.find_element(By.ID, "curate-status").text
+        and d.find_element(By.ID, "curate-status").text
+    )
+    assert status == f"Added 10 photo(s) to {name} (new species)."
+    text = _identify(browser, site, photos("val", NEW_SPECIES)[2])
+    assert text.splitlines()[0].startswith(f"Variable Reed Snake ({name})"), text
