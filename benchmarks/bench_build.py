@@ -20,6 +20,7 @@ line also says how many cores other processes used meanwhile: this machine is sh
 
     .venv/bin/python benchmarks/bench_build.py            # default: 300 MobileNet / 48 ViT photos, 3 repeats
     .venv/bin/python benchmarks/bench_build.py --quick    # smoke run: 40 / 6 photos, 1 repeat
+    .venv/bin/python benchmarks/bench_build.py --no-vit --batch-size 8   # MobileNet only, encoder batch 8
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ class Worker:
     repeats lets the repeats interleave across configurations without paying the model load each time.
     """
 
-    def __init__(self, spec: str, precision: str, method: str, n: int) -> None:
+    def __init__(self, spec: str, precision: str, method: str, n: int, batch_size: int) -> None:
         self.label = f"{method} {spec} {precision}"
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, __file__, "--worker", json.dumps([spec, precision, method, n])]
+        cmd = [sys.executable, __file__, "--worker", json.dumps([spec, precision, method, n, batch_size])]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
         )
@@ -148,7 +149,7 @@ class Worker:
 MARK = "@@bench@@ "
 
 
-def worker_main(spec: str, precision: str, method: str, n: int) -> None:
+def worker_main(spec: str, precision: str, method: str, n: int, batch_size: int) -> None:
     """The worker process: load, warm up, say ready, then one timed build per 'run' line on stdin."""
     import logging
 
@@ -166,7 +167,7 @@ def worker_main(spec: str, precision: str, method: str, n: int) -> None:
 
     records = _subset(n)
     t0 = time.perf_counter()
-    enc = create_encoder(spec, precision=precision)
+    enc = create_encoder(spec, precision=precision, batch_size=batch_size)
     load_s = time.perf_counter() - t0
     with Image.open(records[0].path) as im:  # warm-up: one forward outside the timed region
         enc.encode_batch(enc.preprocess(im.convert("RGB"))[None])
@@ -235,6 +236,9 @@ def main() -> None:
     ap.add_argument("--mobilenet-photos", type=int, default=None, help="photos for MobileNet (default 300)")
     ap.add_argument("--vit-photos", type=int, default=None, help="photos for ViT-B-16 (default 48)")
     ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-16 configurations")
+    ap.add_argument(
+        "--batch-size", type=int, default=32, help="encoder batch size for 'ours' (default 32, the library's)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -256,7 +260,10 @@ def main() -> None:
             ("ViT-B-16 (random)", VIT_SPEC, "bf16", "ours", n_vit),
             ("ViT-B-16 (random)", VIT_SPEC, "fp32", "naive", n_vit),
         ]
-    print(f"bench_build: ph-snakes train, {os.cpu_count()} CPU cores, {repeats} repeat(s) per configuration")
+    print(
+        f"bench_build: ph-snakes train, {os.cpu_count()} CPU cores, {repeats} repeat(s) per configuration, "
+        f"encoder batch size {args.batch_size} for ours"
+    )
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     watch = CpuWatch()
     results: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
@@ -266,7 +273,7 @@ def main() -> None:
         [i for i, c in enumerate(configs) if c[1] == spec] for spec in dict.fromkeys(c[1] for c in configs)
     ]
     for family in families:  # one model family at a time: its workers live together, the next family after
-        workers = {i: Worker(*configs[i][1:]) for i in family}
+        workers = {i: Worker(*configs[i][1:], args.batch_size) for i in family}
         try:
             for i, w in workers.items():
                 info[i] = w.ready()

@@ -2,7 +2,8 @@
 
 Training: RandomResizedCrop (a snake often fills only part of the frame, so crops down to ``scale[0]`` of the
 area), horizontal flip (vertical optional), colour jitter and timm RandAugment together (field photos vary in
-light, white balance and camera), normalised with the model's own mean/std. Evaluation: exactly what the
+light, exposure and camera), normalised with the model's own mean/std. Hue is left alone by default and
+RandAugment draws from colour-preserving operations (:data:`FIELD_OPS`): colour is a species trait. Evaluation: exactly what the
 gallery encoder does (``timm.data.create_transform(**model_data_config, is_training=False)``), so validation
 figures are those the gallery will see.
 """
@@ -15,6 +16,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+#: RandAugment operations that keep a photo's colours (snake species are told apart by colour and pattern, so
+#: Invert / Solarize / Posterize / Color / Equalize, which rewrite colours, are left out): geometry, light, focus.
+FIELD_OPS = (
+    "AutoContrast", "Rotate", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+
 
 @dataclass
 class AugmentConfig:
@@ -24,8 +32,10 @@ class AugmentConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = 0.5  # horizontal flip probability
     vflip: float = 0.0  # vertical flip probability
-    color_jitter: float = 0.3  # brightness/contrast/saturation strength (hue gets a quarter of it)
+    color_jitter: float = 0.3  # brightness / contrast / saturation strength
+    hue: float = 0.0  # hue jitter (0: colour is a species trait)
     auto_augment: str | None = "rand-m9-mstd0.5"  # timm RandAugment policy string; None or "" = off
+    ra_ops: str = "field"  # RandAugment operations: "field" (colour-preserving FIELD_OPS) or "all" (timm's set)
     re_prob: float = 0.0  # random erasing probability
 
 
@@ -38,24 +48,30 @@ def model_data_config(model: torch.nn.Module) -> dict:
 
 def train_transform(data_cfg: dict, size: int, aug: AugmentConfig | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """The training transform at ``size`` px (square)."""
-    from timm.data.transforms_factory import transforms_imagenet_train
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
 
     aug = aug or AugmentConfig()
-    cj = aug.color_jitter
-    return transforms_imagenet_train(
-        img_size=size,
-        scale=tuple(aug.scale),
-        ratio=tuple(aug.ratio),
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        color_jitter=(cj, cj, cj, cj / 4) if cj > 0 else None,
-        force_color_jitter=cj > 0,
-        auto_augment=aug.auto_augment or None,
-        interpolation=data_cfg.get("interpolation", "bilinear"),
-        mean=tuple(data_cfg["mean"]),
-        std=tuple(data_cfg["std"]),
-        re_prob=aug.re_prob,
-    )
+    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    tfl: list = [RandomResizedCropAndInterpolation(
+        size, scale=tuple(aug.scale), ratio=tuple(aug.ratio), interpolation=data_cfg.get("interpolation", "bilinear"))]
+    if aug.hflip > 0:
+        tfl.append(T.RandomHorizontalFlip(aug.hflip))
+    if aug.vflip > 0:
+        tfl.append(T.RandomVerticalFlip(aug.vflip))
+    if aug.color_jitter > 0 or aug.hue > 0:
+        cj = aug.color_jitter
+        tfl.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=aug.hue))
+    if aug.auto_augment:
+        hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
+        ops = list(FIELD_OPS) if aug.ra_ops == "field" else None
+        tfl.append(rand_augment_transform(aug.auto_augment, hparams, transforms=ops))
+    tfl += [T.ToTensor(), T.Normalize(mean, std)]
+    if aug.re_prob > 0:
+        tfl.append(RandomErasing(aug.re_prob, mode="pixel", device="cpu"))
+    return T.Compose(tfl)
 
 
 def eval_transform(data_cfg: dict, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:

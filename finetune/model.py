@@ -124,13 +124,15 @@ def resolve_init(init: str | None, *, model: str | None = None, weights: str | N
     )
 
 
-def create_backbone(source: InitSource, *, drop_rate: float = 0.0) -> nn.Module:
+def create_backbone(source: InitSource, *, drop_rate: float = 0.0, drop_path: float = 0.0) -> nn.Module:
     """The timm model without its classifier (``num_classes=0``): forward = pooled penultimate features."""
     import timm
 
     kwargs: dict = {"num_classes": 0}
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
     if source.weights_file:
         kwargs["pretrained_cfg_overlay"] = {"file": str(source.weights_file)}
     with _seeded():

@@ -121,6 +121,10 @@ class FinetuneConfig:
     train_size: int | None = None  # training resolution (default: the model's input size)
     tta: bool = False  # validation with horizontal-flip test-time augmentation
     drop_rate: float = 0.0  # dropout on the pooled features
+    drop_path: float = 0.0  # stochastic depth rate (timm models with drop_path_rate)
+    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # cutmix Beta(alpha, alpha); 0 = off (with mixup too: one of the two per batch)
+    mix_prob: float = 1.0  # share of batches mixed
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     device: str = "auto"
@@ -300,6 +304,27 @@ def _plot_curves(out: Path, history: list[dict]) -> None:
     os.replace(tmp, out / CURVES)
 
 
+def _mix(x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, rng: np.random.Generator):
+    """Mixup or CutMix of a batch: (mixed x, partner labels, lam); lam = 1 when the batch is left alone."""
+    if not (cfg.mixup or cfg.cutmix) or len(y) < 2 or rng.random() >= cfg.mix_prob:
+        return x, y, 1.0
+    perm = torch.from_numpy(rng.permutation(len(y))).to(y.device)
+    use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or rng.random() < 0.5)
+    if use_cutmix:
+        lam = float(rng.beta(cfg.cutmix, cfg.cutmix))
+        h, w = x.shape[-2:]
+        ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        lam = float(rng.beta(cfg.mixup, cfg.mixup))
+        x = lam * x + (1 - lam) * x[perm]
+    return x, y[perm], lam
+
+
 def _lr_factor(step: int, start: int, total: int, warmup: int) -> float:
     """0 before ``start``, linear warmup over ``warmup`` steps, then cosine to 0 at ``total``."""
     if step < start:
@@ -375,7 +400,7 @@ def finetune(
 
     # ---- model
     source = resolve_init(cfg.init, model=cfg.model, weights=cfg.weights)
-    backbone = create_backbone(source, drop_rate=cfg.drop_rate)
+    backbone = create_backbone(source, drop_rate=cfg.drop_rate, drop_path=cfg.drop_path)
     data_cfg = model_data_config(backbone)
     native = int(max(data_cfg["input_size"][1:]))
     train_size = cfg.train_size or native
@@ -496,6 +521,7 @@ def finetune(
             loader = _loader(train_ds, cfg.batch_size, shuffle=True, sampler=sampler, workers=workers,
                              generator=gen, device=device)
             frozen = ep <= cfg.freeze_epochs
+            mix_rng = np.random.default_rng(cfg.seed * 1000 + ep)
             net.train()
             if cfg.bn == "eval" or frozen:
                 set_bn_eval(net)
@@ -509,6 +535,7 @@ def finetune(
                 lr_now = set_lr(step)
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
+                x, y2, lam = _mix(x, y, cfg, mix_rng)
                 with _autocast(device, cfg.amp, train=True):
                     if frozen:
                         with torch.no_grad():
@@ -520,6 +547,9 @@ def finetune(
                     if cfg.margin:
                         z = z - net.head.scale.detach() * cfg.margin * F.one_hot(y, n_classes)
                     loss = F.cross_entropy(z, y, weight=cw, label_smoothing=cfg.label_smoothing)
+                    if lam < 1.0:
+                        loss = lam * loss + (1 - lam) * F.cross_entropy(
+                            z, y2, weight=cw, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
