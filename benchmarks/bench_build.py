@@ -34,41 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, median, require_shared
-
-
-class CpuWatch:
-    """How much CPU other processes used while a benchmark ran (this machine is shared and noisy)."""
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.ours0 = self._snap()
-
-    @staticmethod
-    def _snap() -> tuple[float, float, float]:
-        import resource
-
-        try:
-            with open("/proc/stat") as fh:
-                v = [int(x) for x in fh.readline().split()[1:9]]
-            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError):
-            busy = float("nan")
-        ours = sum(
-            r.ru_utime + r.ru_stime
-            for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-        )
-        return time.monotonic(), busy, ours
-
-    def report(self) -> str:
-        """'other processes used X of N cores on average' since construction."""
-        t, busy, ours = self._snap()
-        wall = max(t - self.t0, 1e-9)
-        other = max(0.0, (busy - self.busy0) - (ours - self.ours0)) / wall
-        return (
-            f"other processes used {other:.2f} of {os.cpu_count()} cores on average during this run "
-            f"(load average now {os.getloadavg()[0]:.2f})"
-        )
-
+from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, CpuWatch, median, require_shared
 
 #: ViT-B-16 image tower, 224 px: ~17.6 GMAC = ~35 GFLOP per image.
 VIT_GFLOP_PER_IMAGE = 35.0
