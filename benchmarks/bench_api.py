@@ -402,6 +402,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
     require_shared()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the servers are stopped too
     logging.disable(logging.WARNING)  # random-weights warning
     from index.datasets import load_dataset
 
