@@ -307,34 +307,16 @@ def _parse_yes_no(value: str | None) -> bool | None:
 
 
 def cmd_references_add(args: argparse.Namespace) -> int:
-    from index.datasets import lookup_taxon
-    from index.records import ReferenceRecord
+    from index.datasets import new_species_references
     from retrieval.pipeline import add_references
     from retrieval.session import open_gallery
 
     paths = _expand_images(args.images)
-    species = " ".join(args.species.replace("_", " ").split())
-    if not species:
-        raise ValueError("--species must name the species, e.g. --species 'Naja haje'")
     gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device)
-    known = {s.species: s for s in gallery.species()}
-    taxon = lookup_taxon(species)
-    prior = known.get(species)
-    venomous = _parse_yes_no(args.venomous)
-    if venomous is None:
-        venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
-    records = [
-        ReferenceRecord(
-            path=p,
-            species=species,
-            genus=args.genus or (prior.genus if prior else None) or (taxon.genus if taxon else None),
-            family=args.family or (prior.family if prior else None) or (taxon.family if taxon else None),
-            common_name=args.common_name or (prior.common_name if prior else None),
-            venomous=venomous,
-            dataset="added",
-        )
-        for p in paths
-    ]
+    species, records, prior = new_species_references(
+        args.species, gallery.species(), paths, dataset="added", common_name=args.common_name,
+        venomous=_parse_yes_no(args.venomous), genus=args.genus, family=args.family,
+    )
     report = add_references(gallery, enc, records, progress=not args.quiet and len(paths) > 20)
     status = "existing" if prior else "new"
     _emit(f"{species} ({status} species): {report.summary()}")
@@ -416,7 +398,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, freeze_epochs=args.freeze_epochs,
         freeze_layers=args.freeze_layers, bn=args.bn, label_smoothing=args.label_smoothing, balance=args.balance,
         head_init=args.head_init, head_scale=args.head_scale, ema=args.ema, patience=args.patience,
-        train_size=args.train_size, tta=args.tta, drop_rate=args.drop_rate, seed=args.seed, device=args.device,
+        min_epochs=args.min_epochs,
+        train_size=args.train_size, tta=args.tta, drop_rate=args.drop_rate, mixup=args.mixup, cutmix=args.cutmix,
+        mix_prob=args.mix_prob, seed=args.seed, device=args.device,
         workers=args.workers, threads=args.threads, amp=not args.no_amp, time_limit=args.time_limit,
         resume="no" if args.no_resume else "auto",
         augment=AugmentConfig(
@@ -771,8 +755,9 @@ def _finetune_parser(sub, datasets: Sequence[str]) -> None:
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then cosine decay (default 1)")
     p.add_argument("--freeze-epochs", type=int, help="first epochs with the backbone frozen (" + dflt("freeze_epochs") + ")")
-    p.add_argument("--freeze-layers", type=int, default=0, metavar="N",
-                   help="the first N layer groups (stem, blocks) never train: cheaper backward (default 0)")
+    p.add_argument("--freeze-layers", type=int, metavar="N",
+                   help="the first N layer groups (stem, blocks) never train: cheaper backward ("
+                   + dflt("freeze_layers") + ")")
     p.add_argument("--bn", choices=("eval", "train"), help="batch-norm statistics frozen or updated (" + dflt("bn") + ")")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
     p.add_argument("--balance", choices=BALANCE_MODES, help="class imbalance: class-weighted loss, class-balanced "
@@ -784,6 +769,7 @@ def _finetune_parser(sub, datasets: Sequence[str]) -> None:
     p.add_argument("--ema", type=float, help="EMA decay of the weights, 0 = off (" + dflt("ema") + ")")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val macro-F1 ("
                    + dflt("patience") + ")")
+    p.add_argument("--min-epochs", type=int, help="no early stopping before this epoch (" + dflt("min_epochs") + ")")
     p.add_argument("--train-size", type=int, metavar="PX", help="training resolution (default: the model's own)")
     p.add_argument("--crop-scale", type=float, default=0.35, help="RandomResizedCrop smallest area (default 0.35)")
     p.add_argument("--color-jitter", type=float, default=0.3, help="colour jitter strength (default 0.3; 0 = off)")
@@ -791,6 +777,10 @@ def _finetune_parser(sub, datasets: Sequence[str]) -> None:
                    help="timm RandAugment policy (default rand-m9-mstd0.5; 'none' = off)")
     p.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default 0)")
     p.add_argument("--drop-rate", type=float, default=0.0, help="dropout on the pooled features (default 0)")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup Beta(alpha, alpha), 0 = off (" + dflt("mixup") + ")")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix Beta(alpha, alpha), 0 = off; with mixup, one "
+                   "of the two per mixed batch (" + dflt("cutmix") + ")")
+    p.add_argument("--mix-prob", type=float, metavar="P", help="share of batches mixed (" + dflt("mix_prob") + ")")
     p.add_argument("--tta", action="store_true", help="validate with horizontal-flip test-time augmentation")
     p.add_argument("--time-limit", type=float, metavar="MIN", help="stop before an epoch would run past MIN minutes")
     p.add_argument("--seed", type=int, default=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -88,4 +90,5 @@ class AddReferencesOut(BaseModel):
 class ErrorOut(BaseModel):
     """Every 4xx carries this body."""
 
-    detail: str
+    detail: str | list[dict[str, Any]] = Field(
+        description="what is wrong and what to do; a list of field errors when a request parameter is invalid")

@@ -19,9 +19,8 @@ from PIL import Image
 
 from api.batcher import EncodeBatcher
 from api.settings import Settings
-from index.datasets import lookup_taxon
+from index.datasets import new_species_references
 from index.gallery import Neighbour
-from index.records import ReferenceRecord
 from retrieval.identify import Identification, Identifier
 from retrieval.images import ImageLoadError, decode_image, sha256_bytes
 from retrieval.session import open_identifier
@@ -30,9 +29,6 @@ from retrieval.vote import Rank
 logger = logging.getLogger(__name__)
 
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
-#: Longest / shortest side above this is refused: the encoders resize the short side to ~224 px, so a
-#: 1 x 20,000 px strip (a few kB) would become a 224 x 4.5M px image (GBs of memory, seconds of CPU).
-MAX_ASPECT = 25
 
 
 class ServiceError(ValueError):
@@ -105,9 +101,6 @@ class SpeciesService:
                 fmt = Image.open(io.BytesIO(data)).format or "JPEG"
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            w, h = image.size
-            if max(w, h) > MAX_ASPECT * min(w, h):
-                raise BadImage(f"{name}: {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to be a photo")
             return Upload(name=name, data=data, image=image, sha256=sha256_bytes(data), format=fmt)
 
         return list(self._pool.map(one, files))
@@ -203,18 +196,13 @@ class SpeciesService:
         venomous: bool | None = None,
     ) -> dict:
         """Store the photos as references of ``species`` (created if new); searchable when this returns."""
-        species = " ".join(species.replace("_", " ").split())
-        if not species:
+        if not " ".join(species.replace("_", " ").split()):
             raise ServiceError("species name is empty")
         emb = self.embed(uploads)
         with self._write_lock:
             known = self.gallery.known_sha256()
-            prior = next((s for s in self.gallery.species() if s.species == species), None)
-            taxon = lookup_taxon(species)
-            if venomous is None:
-                venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
             self.uploads_dir.mkdir(parents=True, exist_ok=True)
-            records, digests, rows, duplicates, seen = [], [], [], [], set()
+            paths, digests, rows, duplicates, seen = [], [], [], [], set()
             for i, u in enumerate(uploads):
                 if u.sha256 in known or u.sha256 in seen:
                     duplicates.append({"file": u.name, "id": known.get(u.sha256)})
@@ -225,15 +213,11 @@ class SpeciesService:
                     tmp = path.with_suffix(path.suffix + ".tmp")
                     tmp.write_bytes(u.data)
                     tmp.replace(path)
-                records.append(ReferenceRecord(
-                    path=path, species=species,
-                    genus=(prior.genus if prior else None) or (taxon.genus if taxon else None),
-                    family=(prior.family if prior else None) or (taxon.family if taxon else None),
-                    common_name=common_name or (prior.common_name if prior else None),
-                    venomous=venomous, dataset="api",
-                ))
+                paths.append(path)
                 digests.append(u.sha256)
                 rows.append(i)
+            species, records, prior = new_species_references(
+                species, self.gallery.species(), paths, dataset="api", common_name=common_name, venomous=venomous)
             ids = self.gallery.add(records, digests, emb[rows]) if records else []
         return {"species": species, "created": prior is None and bool(ids), "ids": ids, "added": len(ids),
                 "duplicates": duplicates}

@@ -65,12 +65,14 @@ CURVES = "curves.png"
 #: Stage defaults for the settings left as None in :class:`FinetuneConfig`.
 STAGE_DEFAULTS: dict[str, dict] = {
     "local": {
-        "epochs": 12, "lr": 1e-3, "backbone_lr": 2e-4, "layer_decay": 0.85, "freeze_epochs": 1, "bn": "eval",
-        "ema": 0.99, "patience": 4, "head_init": "probe", "balance": "weights",
+        "epochs": 30, "lr": 1e-3, "backbone_lr": 3e-4, "layer_decay": 0.8, "freeze_epochs": 1, "freeze_layers": 4,
+        "bn": "eval", "ema": 0.99, "patience": 6, "min_epochs": 15, "head_init": "probe", "balance": "weights",
+        "mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5,
     },
     "global": {
-        "epochs": 30, "lr": 1e-3, "backbone_lr": 1e-3, "layer_decay": 1.0, "freeze_epochs": 0, "bn": "train",
-        "ema": 0.999, "patience": 5, "head_init": "probe", "balance": "sampler",
+        "epochs": 30, "lr": 1e-3, "backbone_lr": 1e-3, "layer_decay": 1.0, "freeze_epochs": 0, "freeze_layers": 0,
+        "bn": "train", "ema": 0.999, "patience": 5, "min_epochs": 10, "head_init": "probe", "balance": "sampler",
+        "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0,
     },
 }
 
@@ -108,7 +110,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0  # linear warmup of each group's rate (the backbone's starts when it unfreezes)
     freeze_epochs: int | None = None  # epochs with the backbone frozen (head only)
-    freeze_layers: int = 0  # first N layer groups (stem, blocks) never train: a cheaper backward pass
+    freeze_layers: int | None = None  # first N layer groups (stem, blocks) never train: a cheaper backward pass
     bn: str | None = None  # "eval" (statistics frozen) or "train"
     label_smoothing: float = 0.1
     balance: str | None = None  # "weights" (class-weighted loss), "sampler" (class-balanced draws) or "none"
@@ -118,13 +120,14 @@ class FinetuneConfig:
     learn_scale: bool = False
     ema: float | None = None  # EMA decay of the weights; 0 = off
     patience: int | None = None  # early stopping: epochs without a better val macro-F1
+    min_epochs: int | None = None  # no early stopping before this epoch (the warmup and mixing first lower val)
     train_size: int | None = None  # training resolution (default: the model's input size)
     tta: bool = False  # validation with horizontal-flip test-time augmentation
     drop_rate: float = 0.0  # dropout on the pooled features
     drop_path: float = 0.0  # stochastic depth rate (timm models with drop_path_rate)
-    mixup: float = 0.0  # mixup Beta(alpha, alpha); 0 = off
-    cutmix: float = 0.0  # cutmix Beta(alpha, alpha); 0 = off (with mixup too: one of the two per batch)
-    mix_prob: float = 1.0  # share of batches mixed
+    mixup: float | None = None  # mixup Beta(alpha, alpha); 0 = off
+    cutmix: float | None = None  # cutmix Beta(alpha, alpha); 0 = off (with mixup too: one of the two per batch)
+    mix_prob: float | None = None  # share of batches mixed
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     device: str = "auto"
@@ -509,7 +512,7 @@ def finetune(
         _write_log(out, history)
     stopped = "epochs"
     since_best = epoch - best_epoch
-    if since_best >= cfg.patience and epoch > 0:
+    if since_best >= cfg.patience and epoch >= max(cfg.min_epochs, 1):
         stopped = "early-stopping"
     try:
         while epoch < cfg.epochs and stopped == "epochs":
@@ -588,7 +591,7 @@ def finetune(
                 )
             if on_epoch_end is not None:
                 on_epoch_end(ep, row)
-            if ep - best_epoch >= cfg.patience:
+            if ep - best_epoch >= cfg.patience and ep >= cfg.min_epochs:
                 stopped = "early-stopping"
             elif cfg.time_limit and epoch < cfg.epochs:
                 per_epoch = np.median([r["seconds"] for r in history if r["epoch"] > cfg.freeze_epochs] or
@@ -658,5 +661,7 @@ def _final_eval(net: Net, train_eval, val_ds, n_classes: int, device, cfg: Finet
         pred = m.argmax(1)
         out[f"{name}_top1"] = float((pred == qy).mean())
         out[f"{name}_macro_f1"] = _macro_f1(qy, pred, n_classes)
+        out[f"{name}_recall"] = [float((pred[qy == c] == c).mean()) if (qy == c).any() else None
+                                 for c in range(n_classes)]  # per species, head order
     out.update({"k": s.k, "temperature": s.temperature, "blend_weight": s.blend_weight})
     return out

@@ -19,8 +19,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from index.records import HIGHER_RANKS, ReferenceRecord
+
+if TYPE_CHECKING:
+    from index.store import SpeciesSummary
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ class DatasetScan:
 # Taxonomy lookups
 
 
-def _norm(name: str) -> str:
+def species_key(name: str) -> str:
     """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, case-folded."""
     return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
 
@@ -96,7 +100,7 @@ def _taxonomy() -> dict[str, TaxonInfo]:
     table: dict[str, TaxonInfo] = {}
     for path in (TAXONOMY_CSV, MOROCCAN_CSV):  # the Moroccan checklist wins on a conflict
         for info in _read_taxon_csv(path):
-            table[_norm(info.species)] = info
+            table[species_key(info.species)] = info
     logger.debug("loaded %d taxa from %s", len(table), DATA_DIR)
     return table
 
@@ -113,13 +117,46 @@ def lookup_taxon(species: str) -> TaxonInfo | None:
     listed falls back to its species (first two words).
     """
     table = _taxonomy()
-    key = _norm(species)
+    key = species_key(species)
     info = table.get(key)
     if info is None:
         words = key.split(" ")
         if len(words) == 3:
             info = table.get(" ".join(words[:2]))
     return info
+
+
+def new_species_references(
+    name: str,
+    gallery_species: Iterable[SpeciesSummary],
+    paths: Iterable[str | Path],
+    *,
+    dataset: str,
+    common_name: str | None = None,
+    venomous: bool | None = None,
+    genus: str | None = None,
+    family: str | None = None,
+) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
+    """(species name used, records for ``paths``, the gallery species they join or None when new).
+
+    ``name`` in another spelling (case, ``_``, ``-``) of a gallery species or a known taxon takes that
+    spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
+    as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy.
+    """
+    species = " ".join(name.replace("_", " ").split())
+    if not species:
+        raise ValueError("the species name is empty; give a binomial, e.g. 'Naja haje'")
+    prior = next((s for s in gallery_species if species_key(s.species) == species_key(species)), None)
+    taxon = lookup_taxon(species)
+    species = prior.species if prior else (taxon.species if taxon else species)
+    if venomous is None:
+        venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
+    genus = genus or (prior.genus if prior else None) or (taxon.genus if taxon else None)
+    family = family or (prior.family if prior else None) or (taxon.family if taxon else None)
+    common_name = common_name or (prior.common_name if prior else None)
+    records = [ReferenceRecord(path=Path(p), species=species, genus=genus, family=family, common_name=common_name,
+                               venomous=venomous, dataset=dataset) for p in paths]
+    return species, records, prior
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,11 +244,11 @@ def _missing_files_warning(missing: list[str], source: Path) -> str:
 
 def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
     checklist = _moroccan_checklist()
-    by_key = {_norm(t.species): t for t in checklist}
+    by_key = {species_key(t.species): t for t in checklist}
     matched: dict[str, list[Path]] = {}
     unknown: list[str] = []
     for folder in _class_folders(root, warnings):
-        taxon = by_key.get(_norm(folder.name))
+        taxon = by_key.get(species_key(folder.name))
         if taxon is None:
             unknown.append(folder.name)
         else:
@@ -220,7 +257,7 @@ def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
         keys = list(by_key)
         details = []
         for name in unknown:
-            close = difflib.get_close_matches(_norm(name), keys, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(species_key(name), keys, n=3, cutoff=0.6)
             hint = (
                 f" (closest checklist names: {', '.join(by_key[k].species for k in close)})" if close else ""
             )

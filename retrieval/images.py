@@ -20,6 +20,9 @@ except ImportError:  # pragma: no cover - optional
 
 #: Refuse images with more pixels than this (decompression-bomb guard): 16,000 x 16,000.
 DEFAULT_MAX_PIXELS = 256_000_000
+#: Longest / shortest side above this is refused: the encoders resize the short side to ~224 px, so a
+#: 1 x 20,000 px strip (a few kB) would become a 224 x 4.5M px image (GBs of memory, seconds of CPU).
+MAX_ASPECT = 25
 
 
 class ImageLoadError(ValueError):
@@ -85,6 +88,8 @@ def decode_image(
                 raise ImageLoadError(
                     f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,} (possible decompression bomb)"
                 )
+            if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+                raise ImageLoadError(f"{name}: {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to be a photo")
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
             img.load()

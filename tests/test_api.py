@@ -115,6 +115,28 @@ def test_not_ready_until_the_model_is_loaded(tmp_path):
     assert "loading" in _is_error(c.post("/v1/identify", files=_one("a.jpg", b"x")), 503)
 
 
+def test_lifespan_restarts_and_given_services(client, service, loads):
+    """An app started twice loads a fresh service each time; a service given to create_app stays open."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    before = len(loads)
+    own = create_app(service.settings)
+    for _ in range(2):  # the second start must not reuse the service the first shutdown closed
+        with TestClient(own) as c:
+            assert _top(c.post("/v1/identify", files=_files([COBRA]))) == "Naja philippinensis"
+        assert own.state.service is None
+    assert len(loads) == before + 2
+    del loads[before:]  # those were this test's own app; the module's app must still have loaded once
+    given = create_app(service.settings, service=service)
+    for _ in range(2):
+        with TestClient(given) as c:
+            assert _top(c.post("/v1/identify", files=_files([COBRA]))) == "Naja philippinensis"
+    assert given.state.service is service  # not closed by the app: the module's client still works
+    assert _top(client.post("/v1/identify", files=_files([COBRA]))) == "Naja philippinensis"
+
+
 # ---------------------------------------------------------------------------------------- identify
 def test_identify_one_photo(client):
     resp = client.post("/v1/identify", files=_files([COBRA]))
@@ -415,12 +437,19 @@ def test_delete_reference(client, service):
     assert victim not in {n["id"] for n in hits["neighbours"]}
     assert client.delete("/v1/references/abc", headers=KEYS).status_code == 422
 
-    # a name with a hyphen is stored as given and found again by GET (which reads "-" as a space)
-    odd = client.post("/v1/species/Naja-haje/references", files=_one("grey.png", _png(40, 30)), headers=KEYS)
-    assert odd.status_code == 201 and odd.json()["species"] == "Naja-haje"
-    got = client.get("/v1/species/Naja-haje")
-    assert got.status_code == 200 and got.json()["species"] == "Naja-haje"
-    assert client.delete(f"/v1/references/{odd.json()['ids'][0]}", headers=KEYS).status_code == 204
+    # a known species in another spelling is stored under the taxonomy's name, and later uploads in yet
+    # another spelling join it instead of starting a second species
+    odd = client.post("/v1/species/naja-haje/references", files=_one("grey.png", _png(40, 30)), headers=KEYS)
+    assert odd.status_code == 201 and odd.json()["species"] == "Naja haje" and odd.json()["created"] is True
+    again = client.post("/v1/species/Naja_Haje/references", files=_one("g2.png", _png(41, 30)), headers=KEYS)
+    assert again.json()["species"] == "Naja haje" and again.json()["created"] is False
+    assert client.get("/v1/species/Naja-haje").json()["count"] == 2
+    # an unknown name keeps its hyphen (some epithets have one) and GET finds it in any spelling
+    new = client.post("/v1/species/Testus c-album/references", files=_one("g3.png", _png(42, 30)), headers=KEYS)
+    assert new.json()["species"] == "Testus c-album"
+    assert client.get("/v1/species/testus_c-album").json()["species"] == "Testus c-album"
+    for ref in (odd, again, new):
+        assert client.delete(f"/v1/references/{ref.json()['ids'][0]}", headers=KEYS).status_code == 204
     assert client.get("/v1/species/Naja-haje").status_code == 404
 
 

@@ -431,3 +431,21 @@ def test_snakeclef2021_missing_columns(tmp_path: Path) -> None:
     meta = write_csv(tmp_path / "meta.csv", ["binomial", "country"], [["Naja haje", "Egypt"]])
     with pytest.raises(ValueError, match="image_path"):
         load_dataset("snakeclef2021", tmp_path, metadata=meta)
+
+
+def test_new_species_references_join_existing_spellings():
+    from index.datasets import new_species_references
+    from index.store import SpeciesSummary
+
+    species, records, prior = new_species_references("naja-haje", [], ["a.jpg", "b.jpg"], dataset="added")
+    assert species == "Naja haje" and prior is None  # the taxonomy's spelling, and what it knows
+    assert {(r.species, r.genus, r.family, r.venomous, r.dataset) for r in records} == {
+        ("Naja haje", "Naja", "Elapidae", True, "added")}
+    mine = SpeciesSummary("Naja haje", "Naja", "Elapidae", "Egyptian cobra", False, 3)  # the gallery's word wins
+    species, records, prior = new_species_references("NAJA_HAJE", [mine], ["c.jpg"], dataset="api")
+    assert prior is mine and records[0].venomous is False and records[0].common_name == "Egyptian cobra"
+    species, records, prior = new_species_references("Testus c-album", [mine], ["d.jpg"], dataset="api",
+                                                     venomous=True)
+    assert species == "Testus c-album" and prior is None and records[0].venomous is True
+    with pytest.raises(ValueError, match="species name is empty"):
+        new_species_references(" _ ", [], ["e.jpg"], dataset="api")

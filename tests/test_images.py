@@ -88,3 +88,15 @@ def test_jpeg_draft_keeps_at_least_the_requested_size():
     img = Image.new("RGB", (2000, 1500), (10, 200, 30))
     out = decode_image(_bytes(img, "JPEG"), draft=448)
     assert min(out.size) >= 448 and out.size[0] < 2000
+
+
+def test_long_strips_are_refused_before_decoding(tmp_path):
+    """A few-kB 1 x 20,000 strip would become a 224 x 4.5M px tensor after the short-side resize."""
+    strip = _bytes(Image.new("L", (20_000, 1)), "PNG")
+    with pytest.raises(ImageLoadError, match="too elongated"):
+        decode_image(strip)
+    p = tmp_path / "strip.png"  # the CLI / gallery path too
+    p.write_bytes(strip)
+    with pytest.raises(ImageLoadError, match=r"strip.png: 20000x1 pixels is too elongated \(over 25:1\)"):
+        load_image(p)
+    assert decode_image(_bytes(Image.new("RGB", (500, 20)), "PNG")).size == (500, 20)  # 25:1 still passes

@@ -7,16 +7,18 @@ from typing import TypeVar
 
 from fastapi import HTTPException, UploadFile
 
+from api.schemas import ErrorOut
 from api.service import ServiceError, SpeciesService, Upload
 
 T = TypeVar("T")
 
-ERRORS = {
-    400: {"description": "bad request (the message says what to fix)"},
-    401: {"description": "missing or wrong X-API-Key"},
-    404: {"description": "not found"},
-    413: {"description": "upload over the size limit"},
-    422: {"description": "not a photo, truncated, corrupt or refused (decompression bomb)"},
+ERRORS: dict[int | str, dict] = {
+    400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
+    401: {"model": ErrorOut, "description": "missing or wrong X-API-Key"},
+    404: {"model": ErrorOut, "description": "not found"},
+    413: {"model": ErrorOut, "description": "upload over the size limit"},
+    422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
+          "elongated), or an invalid parameter"},
 }
 
 

@@ -10,11 +10,12 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import ERRORS, edge, read_uploads
 from api.schemas import AddReferencesOut, SpeciesOut
+from index.datasets import species_key
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
 
 
-@router.get("", response_model=list[SpeciesOut])
+@router.get("", response_model=list[SpeciesOut], responses={401: ERRORS[401]})
 def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
     """The gallery's species with reference counts and metadata."""
     return [SpeciesOut(**asdict(s)) for s in service.species()]
@@ -23,12 +24,9 @@ def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
 @router.get("/{name}", response_model=SpeciesOut, responses=ERRORS)
 def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_length=200)]) -> SpeciesOut:
     """One species (``Genus species``; ``_`` or ``-`` may stand for the space)."""
-    def norm(text: str) -> str:
-        return " ".join(text.replace("_", " ").replace("-", " ").split()).lower()
-
-    wanted = norm(name)
+    wanted = species_key(name)
     for s in service.species():
-        if norm(s.species) == wanted:  # both sides: a stored "Naja-haje" is found too
+        if species_key(s.species) == wanted:  # both sides: a stored "Naja-haje" is found too
             return SpeciesOut(**asdict(s))
     raise HTTPException(404, f"no species {name!r} in this gallery")
 
