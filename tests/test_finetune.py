@@ -288,3 +288,17 @@ def test_timm_cnns_in_general(arch, tmp_path):
     with torch.no_grad():
         feats = torch.nn.functional.normalize(model.forward_head(model.forward_features(x), pre_logits=True), dim=-1)
         assert (model(x).argmax(1).numpy() == probe.predict_proba(feats.numpy()).argmax(1)).all()
+
+
+def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_path, monkeypatch, capsys):
+    import finetune.train as train
+    from api.cli import main
+
+    def interrupted(config, progress=True):
+        raise train.FinetuneInterrupted(Path(config.out), 3)
+
+    monkeypatch.setattr(train, "finetune", interrupted)
+    code = main(["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "o"), "-q"])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted after epoch 3" in err and "run the same command again to resume" in err
