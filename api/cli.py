@@ -378,7 +378,9 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
     _emit(
         f"probe: the head of {args.from_dir} ({len(p.species)} species), no training; settings chosen in "
         f"{result.seconds_select:.1f} s on {s.selected_on}\n"
-        f"chosen: k={s.k} T={s.temperature} blend weight={s.blend_weight} unknown threshold={s.unknown_threshold}\n"
+        + (f"head probabilities calibrated on the validation photos: logits / {m['head_temperature']:.3g}\n"
+           if "head_temperature" in m else "head probabilities uncalibrated (give --val-root to calibrate them)\n")
+        + f"chosen: k={s.k} T={s.temperature} blend weight={s.blend_weight} unknown threshold={s.unknown_threshold}\n"
         f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
         f"head {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; unknown threshold gives "
         f"precision {m.get('unknown_precision', float('nan')):.3f} at coverage {m.get('unknown_coverage', 0):.3f}"

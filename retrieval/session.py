@@ -190,7 +190,13 @@ def import_gallery_probe(
     """
     import time
 
-    from finetune.export import digest_of, read_finetuned, select_blend_settings
+    from finetune.export import (
+        digest_of,
+        fit_head_temperature,
+        read_finetuned,
+        scaled_probe,
+        select_blend_settings,
+    )
 
     read_finetuned(from_dir)
     probe = LinearProbe.load(from_dir)
@@ -212,8 +218,17 @@ def import_gallery_probe(
         val_emb = val_emb[ok]
         val_labels = [scan.records[i].species for i in ok]
     t0 = time.perf_counter()
+    head_temperature = None
+    if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on
+        head_temperature = fit_head_temperature(probe, val_emb, val_labels)
+        probe = scaled_probe(probe, head_temperature)
+    else:
+        logger.info("no --val-root: the head's probabilities are left uncalibrated (its training photos would "
+                    "make it over-confident)")
     probe.settings = select_blend_settings(vectors, labels, probe, val_embeddings=val_emb, val_labels=val_labels,
                                            val_name=str(val_root), folds=folds)
+    if head_temperature is not None:
+        probe.settings.metrics["head_temperature"] = head_temperature
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)

@@ -177,6 +177,7 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     ident = open_identifier(index, precision="fp32")
     assert ident.probe is not None and ident.probe.source == f"finetune:{out}"
     assert ident.probe.settings.selected_on.startswith("val:")
+    assert 0 < ident.probe.settings.metrics["head_temperature"] < 10  # calibrated on the val photos
     answers = ident.identify_images([Image.open(next(val.rglob("*.jpg"))).convert("RGB")])
     assert answers[0].predictions[0].species in r.species
     # a gallery built with another encoder is refused
@@ -302,3 +303,29 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
     assert code == 130
     err = capsys.readouterr().err
     assert "interrupted after epoch 3" in err and "run the same command again to resume" in err
+
+
+def test_head_temperature_calibrates_without_reranking():
+    from finetune.export import fit_head_temperature, scaled_probe
+    from finetune.probe import LinearProbe
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 16))
+    y = np.repeat(np.arange(3), 40)
+    x = centers[y] + 1.0 * rng.normal(size=(120, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = [f"s{i}" for i in y]
+    w = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+
+    def nll(p):
+        return -np.log(p.predict_proba(x)[np.arange(len(y)), y]).mean()
+
+    for scale, sharper in ((0.5, True), (200.0, False)):  # an under- and an over-confident head
+        probe = LinearProbe(["s0", "s1", "s2"], (scale * w).astype(np.float32), np.zeros(3, np.float32), "x#1")
+        t = fit_head_temperature(probe, x, labels)
+        assert (t < 1) if sharper else (t > 1), (scale, t)
+        calibrated = scaled_probe(probe, t)
+        assert (calibrated.predict_proba(x).argmax(1) == probe.predict_proba(x).argmax(1)).all()
+        assert nll(calibrated) < nll(probe)
+    with pytest.raises(ValueError, match="cannot fit its temperature"):
+        fit_head_temperature(probe, x[:2], ["zz", "zz"])
