@@ -187,17 +187,22 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert main(["probe", "import", "--index", str(other), "--from", str(out), "-q"]) == 2
 
 
+def _clusters(seed: int, per_class: int, noise: float):
+    """3 noisy clusters on the unit sphere: (x, y, labels "s0".."s2", unit class centres)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(3, 16))
+    y = np.repeat(np.arange(3), per_class)
+    x = centers[y] + noise * rng.normal(size=(len(y), 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, y, [f"s{i}" for i in y], centers / np.linalg.norm(centers, axis=1, keepdims=True)
+
+
 def test_select_blend_settings_fixed_probe():
     from finetune.export import select_blend_settings
     from finetune.probe import LinearProbe
 
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 16))
-    y = np.repeat(np.arange(3), 10)
-    x = centers[y] + 0.3 * rng.normal(size=(30, 16))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = [f"s{i}" for i in y]
-    w = 10 * centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    x, y, labels, w = _clusters(seed=0, per_class=10, noise=0.3)
+    w = 10 * w
     probe = LinearProbe(["s0", "s1", "s2"], w.astype(np.float32), np.zeros(3, np.float32), "x#1")
     s = select_blend_settings(x, labels, probe)
     assert s.selected_on.startswith("cv:3-fold") and s.metrics["blend_top1"] > 0.9
@@ -309,13 +314,7 @@ def test_head_temperature_calibrates_without_reranking():
     from finetune.export import fit_head_temperature, scaled_probe
     from finetune.probe import LinearProbe
 
-    rng = np.random.default_rng(1)
-    centers = rng.normal(size=(3, 16))
-    y = np.repeat(np.arange(3), 40)
-    x = centers[y] + 1.0 * rng.normal(size=(120, 16))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    labels = [f"s{i}" for i in y]
-    w = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    x, y, labels, w = _clusters(seed=1, per_class=40, noise=1.0)
 
     def nll(p):
         return -np.log(p.predict_proba(x)[np.arange(len(y)), y]).mean()
