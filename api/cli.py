@@ -91,9 +91,16 @@ def _vote_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- commands
+def _encoder_config(args: argparse.Namespace):
+    """The encoder options of ``index build`` and ``clean`` as an EncoderConfig."""
+    from retrieval.encoders import EncoderConfig
+
+    return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
+                         batch_size=args.batch_size)
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from index.vectors import VectorIndexConfig
-    from retrieval.encoders import EncoderConfig
     from retrieval.session import build_gallery
 
     result = build_gallery(
@@ -101,13 +108,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         args.dataset,
         args.root,
         metadata=args.metadata,
-        encoder=EncoderConfig(
-            spec=args.encoder,
-            weights=args.weights,
-            device=args.device,
-            precision=args.precision,
-            batch_size=args.batch_size,
-        ),
+        encoder=_encoder_config(args),
         index_config=VectorIndexConfig(kind=args.index_kind),
         workers=args.workers,
         progress=not args.quiet,
@@ -137,7 +138,6 @@ def _build_clean_config(args: argparse.Namespace):
 def cmd_clean(args: argparse.Namespace) -> int:
     from index.gallery import Gallery
     from retrieval.clean import CleanConfig, clean, restore_exclusions
-    from retrieval.encoders import EncoderConfig
 
     if args.restore:
         if not args.index:
@@ -158,8 +158,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         metadata=args.metadata,
         index=args.index,
         against=args.against,
-        encoder=EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device,
-                              precision=args.precision, batch_size=args.batch_size),
+        encoder=_encoder_config(args),
         config=CleanConfig(prompts=args.prompts, threshold=args.threshold, dup_threshold=args.dup_threshold,
                            zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates),
         report_dir=args.report,

@@ -51,6 +51,20 @@ def split_embeddings(encoder_spec: str, split: str, precision: str = "fp32") -> 
     return emb, labels, paths
 
 
+def gallery_from_embeddings(root: Path, enc, records, emb: np.ndarray):
+    """A gallery at ``root`` from already computed embeddings (byte-identical photos stored once)."""
+    import hashlib
+
+    from index.gallery import Gallery
+
+    g = Gallery.create(root, enc.describe())
+    digests = [hashlib.sha256(Path(r.path).read_bytes()).hexdigest() for r in records]
+    seen: set[str] = set()
+    keep = [i for i, d in enumerate(digests) if not (d in seen or seen.add(d))]
+    g.add([records[i] for i in keep], [digests[i] for i in keep], emb[keep])
+    return g
+
+
 def percentiles(values_ms: list[float]) -> str:
     """'p50 / p95 / p99' of a list of milliseconds."""
     v = np.asarray(values_ms)

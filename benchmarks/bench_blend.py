@@ -12,27 +12,17 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, require_shared, split_embeddings
+from _common import MOBILENET_SPEC, PH_SNAKES, gallery_from_embeddings, require_shared, split_embeddings
 
 from index.datasets import load_dataset
 from index.gallery import Gallery
 from retrieval.encoders import create_encoder
 from retrieval.pipeline import add_references
 from retrieval.session import open_identifier, train_gallery_probe
-
-
-def _gallery(root: Path, enc, records, emb) -> Gallery:
-    g = Gallery.create(root, enc.describe())
-    digests = [hashlib.sha256(Path(r.path).read_bytes()).hexdigest() for r in records]
-    seen: set[str] = set()
-    keep = [i for i, d in enumerate(digests) if not (d in seen or seen.add(d))]
-    g.add([records[i] for i in keep], [digests[i] for i in keep], emb[keep])
-    return g
 
 
 def _per_method(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, np.ndarray]:
@@ -60,13 +50,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp) / "full"
-        _gallery(full, enc, records, tr_emb)
+        gallery_from_embeddings(full, enc, records, tr_emb)
         res_full = train_gallery_probe(full, progress=False)
         full_acc = _per_method(full, va_emb, va_lab)
 
         part = Path(tmp) / "part"
         keep = [i for i, s in enumerate(tr_lab) if s not in withheld]
-        _gallery(part, enc, [records[i] for i in keep], tr_emb[keep])
+        gallery_from_embeddings(part, enc, [records[i] for i in keep], tr_emb[keep])
         res_part = train_gallery_probe(part, progress=False)
         gallery = Gallery.open(part)
         added = add_references(gallery, enc, [r for r in records if r.species in withheld], progress=False)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import hashlib
 import json
 import shutil
 import tempfile
@@ -31,24 +30,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, require_shared, split_embeddings
+from _common import MOBILENET_SPEC, PH_SNAKES, gallery_from_embeddings, require_shared, split_embeddings
 
 
 def _f1(truth: list[str], pred: list[str]) -> float:
     from sklearn.metrics import f1_score
 
     return float(f1_score(truth, pred, labels=sorted(set(truth)), average="macro", zero_division=0))
-
-
-def _gallery(root: Path, enc, records, emb):
-    from index.gallery import Gallery
-
-    g = Gallery.create(root, enc.describe())
-    digests = [hashlib.sha256(Path(r.path).read_bytes()).hexdigest() for r in records]
-    seen: set[str] = set()
-    keep = [i for i, d in enumerate(digests) if not (d in seen or seen.add(d))]
-    g.add([records[i] for i in keep], [digests[i] for i in keep], emb[keep])
-    return g
 
 
 def _methods(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, tuple[float, float]]:
@@ -72,7 +60,7 @@ def frozen(tmp: Path) -> tuple[dict, object]:
     tr_emb, _, _ = split_embeddings(MOBILENET_SPEC, "train")
     va_emb, va_lab, _ = split_embeddings(MOBILENET_SPEC, "val")
     records = load_dataset("folder", PH_SNAKES / "train").records
-    _gallery(tmp / "frozen", enc, records, tr_emb)
+    gallery_from_embeddings(tmp / "frozen", enc, records, tr_emb)
     res = train_gallery_probe(tmp / "frozen", progress=False)
     return _methods(tmp / "frozen", va_emb, va_lab), res.probe.settings
 
@@ -94,7 +82,7 @@ def finetuned(out: Path, tmp: Path, protocol: str) -> tuple[dict, object, dict]:
     va_emb, errors = embed_sources([r.path for r in val], enc, progress=True, desc="embed val (fine-tuned)")
     assert not any(errors)
     index = tmp / "finetuned"
-    _gallery(index, enc, records, tr_emb)
+    gallery_from_embeddings(index, enc, records, tr_emb)
     if protocol == "val":
         import_gallery_probe(index, out, val_root=PH_SNAKES / "val", progress=False)
     else:

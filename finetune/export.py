@@ -31,9 +31,8 @@ from torch import nn
 
 from finetune.model import CosineHead, InitSource
 from finetune.probe import LinearProbe, ProbeSettings
-from retrieval.calibrate import SelectionGrid, _folds, blend_matrix, knn_matrix
-from retrieval.encoders import _seeded
-from retrieval.metrics import precision_threshold
+from retrieval.calibrate import SelectionGrid, select_settings
+from retrieval.encoders import seeded_init
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def full_model(backbone: nn.Module, head: CosineHead, model_args: dict) -> tuple
     arch = backbone.pretrained_cfg.get("architecture") or backbone.default_cfg.get("architecture")
     weight = head.export_weight()
     n_classes = weight.shape[0]
-    with _seeded():
+    with seeded_init():
         model = timm.create_model(arch, pretrained=False, num_classes=n_classes, **model_args)
     missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
     name = classifier_name(model)
@@ -216,60 +215,7 @@ def select_blend_settings(
     fold's kNN votes from the other folds), the probe unchanged -- note the fine-tuned head saw these photos
     in training, so this favours the head; validation photos are the better choice.
     """
-    grid = grid or SelectionGrid()
-    species = sorted(set(labels) | set(probe.species))
-    index = {s: i for i, s in enumerate(species)}
-    n = len(species)
-    x = np.asarray(embeddings, dtype=np.float32)
-    y = np.array([index[s] for s in labels])
-    cols = [index[s] for s in probe.species]
-    if val_embeddings is not None:
-        keep = [i for i, s in enumerate(val_labels or []) if s in index]
-        dropped = sorted({s for s in (val_labels or []) if s not in index})
-        if dropped:
-            logger.warning("validation species neither in the gallery nor the probe are ignored: %s", dropped)
-        splits = [(np.arange(len(x)), np.asarray(val_embeddings, np.float32)[keep],
-                   np.array([index[val_labels[i]] for i in keep]))]
-        selected_on = f"val:{val_name}"
-    else:
-        counts = np.bincount(y)
-        n_folds = int(min(folds, counts[counts > 0].min()))
-        if n_folds < 2:
-            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
-        splits = [(np.setdiff1d(np.arange(len(x)), held), x[held], y[held]) for held in _folds(y, n_folds, seed)]
-        selected_on = f"cv:{n_folds}-fold (head fixed; it was trained on these photos)"
-    correct: dict[tuple, int] = {}
-    oof: dict[tuple, list[np.ndarray]] = {}
-    truth = []
-    total = 0
-    known = np.zeros(n, dtype=bool)
-    known[cols] = True
-    for rest, q, qy in splits:
-        total += len(q)
-        truth.append(qy)
-        p = np.zeros((len(q), n))
-        p[:, cols] = probe.predict_proba(q)
-        for k in grid.ks:
-            for t in grid.temperatures:
-                kn = knn_matrix(q, x[rest], y[rest], n, k, t)
-                for w in grid.weights:
-                    b = blend_matrix(kn, p, known, w)
-                    key = (k, t, w)
-                    correct[key] = correct.get(key, 0) + int((b.argmax(1) == qy).sum())
-                    oof.setdefault(key, []).append(b)
-    best = max(correct, key=lambda kk: (correct[kk], -abs(kk[2] - 0.5)))
-    k, t, w = best
-    y_all = np.concatenate(truth)
-    b = np.concatenate(oof[best])
-    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y_all, target_precision)
-    metrics = {
-        "queries": float(total),
-        "knn_top1": max(correct[(kk, tt, 0.0)] for kk in grid.ks for tt in grid.temperatures) / total,
-        "probe_top1": correct[(k, t, 1.0)] / total,
-        "blend_top1": correct[best] / total,
-        "unknown_precision": prec,
-        "unknown_coverage": cov,
-    }
-    logger.info("fixed-probe selection k=%s T=%s w=%s on %s: %s", k, t, w, selected_on, metrics)
-    return ProbeSettings(C=probe.settings.C, blend_weight=w, k=k, temperature=t, unknown_threshold=thr,
-                         selected_on=selected_on, metrics=metrics)
+    return select_settings(
+        embeddings, labels, fingerprint=probe.fingerprint, val_embeddings=val_embeddings, val_labels=val_labels,
+        val_name=val_name, folds=folds, grid=grid, target_precision=target_precision, seed=seed, probe=probe,
+    )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.encoders import _seeded, parse_spec
+from retrieval.encoders import parse_spec, seeded_init
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def create_backbone(source: InitSource, *, drop_rate: float = 0.0, drop_path: fl
         kwargs["drop_path_rate"] = drop_path
     if source.weights_file:
         kwargs["pretrained_cfg_overlay"] = {"file": str(source.weights_file)}
-    with _seeded():
+    with seeded_init():
         return timm.create_model(source.timm_name, pretrained=source.pretrained, **kwargs)
 
 

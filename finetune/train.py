@@ -510,10 +510,10 @@ def finetune(
     if checkpoint is None:
         save_checkpoint(0)
         _write_log(out, history)
-    stopped = "epochs"
-    since_best = epoch - best_epoch
-    if since_best >= cfg.patience and epoch >= max(cfg.min_epochs, 1):
-        stopped = "early-stopping"
+    def out_of_patience(ep: int) -> bool:
+        return ep - best_epoch >= cfg.patience and ep >= max(cfg.min_epochs, 1)
+
+    stopped = "early-stopping" if out_of_patience(epoch) else "epochs"  # a resumed run may already be done
     try:
         while epoch < cfg.epochs and stopped == "epochs":
             t_epoch = time.perf_counter()
@@ -591,7 +591,7 @@ def finetune(
                 )
             if on_epoch_end is not None:
                 on_epoch_end(ep, row)
-            if ep - best_epoch >= cfg.patience and ep >= cfg.min_epochs:
+            if out_of_patience(ep):
                 stopped = "early-stopping"
             elif cfg.time_limit and epoch < cfg.epochs:
                 per_epoch = np.median([r["seconds"] for r in history if r["epoch"] > cfg.freeze_epochs] or

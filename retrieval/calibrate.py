@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.probe import ProbeSettings, train_probe
+from finetune.probe import LinearProbe, ProbeSettings, train_probe
 from retrieval.metrics import precision_threshold
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,16 @@ def select_settings(
     grid: SelectionGrid | None = None,
     target_precision: float = 0.95,
     seed: int = 0,
+    probe: LinearProbe | None = None,
 ) -> ProbeSettings:
-    """Pick C, k, T, blend weight (best blended top-1) and the unknown threshold (target precision)."""
+    """Pick C, k, T, blend weight (best blended top-1) and the unknown threshold (target precision).
+
+    With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
+    and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
+    lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe.
+    """
     grid = grid or SelectionGrid()
-    species = sorted(set(labels))
+    species = sorted(set(labels) | set(probe.species if probe is not None else ()))
     index = {s: i for i, s in enumerate(species)}
     y = np.array([index[s] for s in labels])
     x = np.asarray(embeddings, dtype=np.float32)
@@ -98,15 +104,16 @@ def select_settings(
         selected_on = f"val:{val_name}"
     else:
         counts = np.bincount(y)
-        n_folds = int(min(folds, counts.min()))
+        n_folds = int(min(folds, counts[counts > 0].min()))
         if n_folds < 2:
             raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
         splits = []
         for held in _folds(y, n_folds, seed):
             rest = np.setdiff1d(np.arange(len(x)), held)
             splits.append((rest, x[held], y[held]))
-        selected_on = f"cv:{n_folds}-fold"
+        selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     n = len(species)
+    Cs = (probe.settings.C,) if probe is not None else grid.Cs
     correct: dict[tuple, int] = {}
     total = 0
     oof: dict[tuple, list[np.ndarray]] = {}
@@ -117,12 +124,13 @@ def select_settings(
         knns = {
             (k, t): knn_matrix(q, x[rest], y[rest], n, k, t) for k in grid.ks for t in grid.temperatures
         }
-        known = np.zeros(n, dtype=bool)
-        known[np.unique(y[rest])] = True
-        for c in grid.Cs:
-            probe = train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
+        for c in Cs:
+            fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
+            cols = [index[s] for s in fitted.species]
+            known = np.zeros(n, dtype=bool)
+            known[cols] = True
             p = np.zeros((len(q), n))
-            p[:, [index[s] for s in probe.species]] = probe.predict_proba(q)
+            p[:, cols] = fitted.predict_proba(q)
             for (k, t), kn in knns.items():
                 for w in grid.weights:
                     b = blend_matrix(kn, p, known, w)
@@ -134,7 +142,7 @@ def select_settings(
     y_all = np.concatenate(truth)
     b = np.concatenate(oof[best_key])
     thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y_all, target_precision)
-    knn_acc = max(correct[(cc, k, t, 0.0)] for cc in grid.Cs) / total
+    knn_acc = max(correct[(cc, k, t, 0.0)] for cc in Cs) / total
     metrics = {
         "queries": float(total),
         "knn_top1": knn_acc,

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from index.datasets import DATA_DIR, IMAGE_EXTENSIONS, load_dataset, lookup_taxon
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.prompts import ARTICLE_TEMPLATES
 
 if TYPE_CHECKING:  # the store (lancedb) loads only when a gallery is touched: the CLI parser imports this module
     from index.gallery import Gallery
@@ -50,18 +51,8 @@ logger = logging.getLogger(__name__)
 PROMPTS_DIR = DATA_DIR / "prompts"
 #: Shipped prompt files (``index/data/prompts/<group>.txt``).
 PROMPT_GROUPS: tuple[str, ...] = ("snakes", "animals")
-#: The text prior's templates (``retrieval.textprior.TEMPLATES``) that read well with a phrase that has
-#: its own article ("a drawing of a snake"): "a photo of the small {}" does not.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of {}.",
-    "a good photo of {}.",
-    "a close-up photo of {}.",
-    "a cropped photo of {}.",
-    "a bright photo of {}.",
-    "a dark photo of {}.",
-    "a blurry photo of {}.",
-    "a low resolution photo of {}.",
-)
+#: Prompt templates for the off-target phrases, which carry their own article ("a drawing of a snake").
+DEFAULT_TEMPLATES: tuple[str, ...] = ARTICLE_TEMPLATES
 DEFAULT_THRESHOLD = 0.5
 #: Chosen on the real ph-snakes val-vs-train pairs with MobileNetV1 (docs/cleaning.md): the same photo
 #: re-encoded, re-cropped or with its watermark cut off scored 0.959-1.000; different photos of the same

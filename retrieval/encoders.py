@@ -134,7 +134,7 @@ def state_dict_digest(module: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int = 0):
+def seeded_init(seed: int = 0):
     """Reproducible random initialisation without disturbing the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -253,7 +253,7 @@ class OpenClipEncoder(Encoder):
             pretrained = str(config.weights)
         if pretrained is None and parsed.source == "name":
             logger.warning("encoder %s has random weights: fine for speed tests, useless for accuracy", spec)
-        with _seeded():
+        with seeded_init():
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         model.eval()
         self.fingerprint = f"{spec}#{state_dict_digest(model)[:16]}"
@@ -318,7 +318,7 @@ class TimmEncoder(Encoder):
                 raise ValueError(f"weights file {weights} does not exist")
             pretrained = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-        with _seeded():
+        with seeded_init():
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         model.eval()
         self.fingerprint = f"{spec}#{state_dict_digest(model)[:16]}"

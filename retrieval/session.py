@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from finetune.probe import LinearProbe, has_probe, train_probe
 from index.datasets import DatasetScan, load_checklist, load_dataset
 from index.gallery import Gallery, read_gallery_info
@@ -118,6 +120,22 @@ class ProbeResult:
     text_species: int  # species covered by the text prior (0 when none)
 
 
+def _selection_data(
+    gallery: Gallery, enc: Encoder, val_dataset: str | None, val_root: str | Path | None,
+    val_metadata: str | Path | None, progress: bool,
+) -> tuple[np.ndarray, list[str], np.ndarray | None, list[str] | None]:
+    """The gallery's vectors and species, and the validation photos' embeddings and species (None without)."""
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    labels = [str(meta.at[int(i), "species"]) for i in ids]
+    if val_root is None:
+        return vectors, labels, None, None
+    scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
+    val_emb, errors = embed_sources([r.path for r in scan.records], enc, progress=progress, desc="validation")
+    ok = [i for i, e in enumerate(errors) if e is None]
+    return vectors, labels, val_emb[ok], [scan.records[i].species for i in ok]
+
+
 def train_gallery_probe(
     index_dir: str | Path,
     *,
@@ -138,16 +156,7 @@ def train_gallery_probe(
     import time
 
     gallery, enc = open_gallery(index_dir, device=device)
-    ids, vectors = gallery.store.vectors()
-    meta = gallery.store.metadata(ids)
-    labels = [str(meta.at[int(i), "species"]) for i in ids]
-    val_emb = val_labels = None
-    if val_root is not None:
-        scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
-        val_emb, errors = embed_sources([r.path for r in scan.records], enc, progress=progress, desc="validation")
-        ok = [i for i, e in enumerate(errors) if e is None]
-        val_emb = val_emb[ok]
-        val_labels = [scan.records[i].species for i in ok]
+    vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
     settings = select_settings(
         vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb, val_labels=val_labels,
@@ -207,16 +216,7 @@ def import_gallery_probe(
             f"fine-tuned network in {from_dir} ({probe.fingerprint}); rebuild it with "
             f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first"
         )
-    ids, vectors = gallery.store.vectors()
-    meta = gallery.store.metadata(ids)
-    labels = [str(meta.at[int(i), "species"]) for i in ids]
-    val_emb = val_labels = None
-    if val_root is not None:
-        scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
-        val_emb, errors = embed_sources([r.path for r in scan.records], enc, progress=progress, desc="validation")
-        ok = [i for i, e in enumerate(errors) if e is None]
-        val_emb = val_emb[ok]
-        val_labels = [scan.records[i].species for i in ok]
+    vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
     head_temperature = None
     if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on

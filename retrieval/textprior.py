@@ -20,22 +20,10 @@ import numpy as np
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.identify import TextPriorScores
+from retrieval.prompts import TEMPLATES
 
 logger = logging.getLogger(__name__)
 
-#: Templates, after open_clip's ImageNet zero-shot set (the ones that suit field photos).
-TEMPLATES: tuple[str, ...] = (
-    "a photo of {}.",
-    "a good photo of {}.",
-    "a close-up photo of {}.",
-    "a cropped photo of {}.",
-    "a bright photo of {}.",
-    "a dark photo of {}.",
-    "a blurry photo of {}.",
-    "a photo of the small {}.",
-    "a photo of the large {}.",
-    "a low resolution photo of {}.",
-)
 TEXT_PRIOR_FILE = "text_prior.json"
 CACHE_DIR = "text_prior_cache"
 
