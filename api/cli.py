@@ -169,7 +169,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     )
     _emit(result.summary())
     if result.applied is not None and result.applied.excluded:
-        from finetune.probe import has_probe
+        from retrieval.probe import has_probe
 
         if has_probe(args.index):
             _emit(f"note: the probe of {args.index} was trained with the excluded references; retrain it with "
@@ -348,7 +348,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     p = result.probe
-    s = p.settings
+    s = p.calibration
     m = s.metrics
     _emit(
         f"probe: {len(p.species)} species, {p.trained_on} references, trained in {result.seconds_train:.1f} s "
@@ -372,7 +372,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         val_metadata=args.val_metadata, folds=args.folds, device=args.device, progress=not args.quiet,
     )
     p = result.probe
-    s = p.settings
+    s = p.calibration
     m = s.metrics
     _emit(
         f"probe: the head of {args.from_dir} ({len(p.species)} species), no training; settings chosen in "

@@ -62,7 +62,7 @@ def main() -> None:
         added = add_references(gallery, enc, [r for r in records if r.species in withheld], progress=False)
         part_acc = _per_method(part, va_emb, va_lab)
 
-    s = res_full.probe.settings
+    s = res_full.probe.calibration
     print(f"encoder {MOBILENET_SPEC} (fp32); gallery = ph-snakes train, queries = val ({len(va_lab)} photos)")
     print(f"settings chosen on {s.selected_on}: C={s.C} k={s.k} T={s.temperature} w={s.blend_weight} "
           f"unknown threshold {s.unknown_threshold} (selection {res_full.seconds_select:.0f} s, "
@@ -72,7 +72,7 @@ def main() -> None:
         print(f"   {m:6s} {full_acc[m].mean():.3f}")
     print(f"   blend - knn = {100 * (full_acc['blend'].mean() - full_acc['knn'].mean()):+.1f} points; "
           f"blend - probe = {100 * (full_acc['blend'].mean() - full_acc['probe'].mean()):+.1f} points")
-    p = res_part.probe.settings
+    p = res_part.probe.calibration
     print(f"2) withheld from the probe, then added with references add ({added.added} photos): {withheld}")
     print(f"   probe knows {len(res_part.probe.species)} species; its settings: k={p.k} T={p.temperature} "
           f"w={p.blend_weight}")

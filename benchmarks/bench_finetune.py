@@ -62,15 +62,15 @@ def frozen(tmp: Path) -> tuple[dict, object]:
     records = load_dataset("folder", PH_SNAKES / "train").records
     gallery_from_embeddings(tmp / "frozen", enc, records, tr_emb)
     res = train_gallery_probe(tmp / "frozen", progress=False)
-    return _methods(tmp / "frozen", va_emb, va_lab), res.probe.settings
+    return _methods(tmp / "frozen", va_emb, va_lab), res.probe.calibration
 
 
 def finetuned(out: Path, tmp: Path, protocol: str) -> tuple[dict, object, dict]:
-    from finetune.export import select_blend_settings
-    from finetune.probe import LinearProbe
     from index.datasets import load_dataset
+    from retrieval.calibrate import select_settings
     from retrieval.encoders import create_encoder
     from retrieval.pipeline import embed_sources
+    from retrieval.probe import LinearProbe
     from retrieval.session import import_gallery_probe
 
     cfg = json.loads((out / "config.json").read_text())
@@ -92,14 +92,14 @@ def finetuned(out: Path, tmp: Path, protocol: str) -> tuple[dict, object, dict]:
         split = cfg["speciesid"]["settings"]
         tr_idx, va_idx = stratified_split(labels, split["val_split"], split["seed"])
         probe = LinearProbe.load(out)
-        settings = select_blend_settings(tr_emb[tr_idx], [labels[i] for i in tr_idx], probe,
-                                         val_embeddings=tr_emb[va_idx], val_labels=[labels[i] for i in va_idx],
+        settings = select_settings(tr_emb[tr_idx], [labels[i] for i in tr_idx], fingerprint=probe.fingerprint,
+                                   probe=probe, val_embeddings=tr_emb[va_idx], val_labels=[labels[i] for i in va_idx],
                                          val_name=f"split:{split['val_split']}")
         import_gallery_probe(index, out, progress=False)  # copies the head; settings replaced just below
         stored = LinearProbe.load(index)
-        stored.settings = settings
+        stored.calibration = settings
         stored.save(index)
-    settings = LinearProbe.load(index).settings
+    settings = LinearProbe.load(index).calibration
     return _methods(index, va_emb, [r.species for r in val]), settings, cfg["speciesid"]
 
 

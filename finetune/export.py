@@ -7,7 +7,7 @@
   head order) and a ``speciesid`` block (stage, init spec, epochs, best epoch, validation figures). So
   ``--encoder timm:local-dir:OUT`` works (timm drops the head for ``num_classes=0``: pooled penultimate
   features), and ``timm.create_model("local-dir:OUT", pretrained=True)`` is the classifier.
-- ``probe.npz`` + ``probe.json``: the same head as a :class:`~finetune.probe.LinearProbe` (weight =
+- ``probe.npz`` + ``probe.json``: the same head as a :class:`~retrieval.probe.LinearProbe` (weight =
   ``scale * normalize(W)``, bias 0) recorded with the fingerprint of ``timm:local-dir:OUT``. On the gallery's
   L2-normalised embeddings it gives exactly the cosine head's training-time probabilities.
 - ``log.csv``, ``curves.png``: the training history.
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,9 +28,9 @@ import torch
 from torch import nn
 
 from finetune.model import CosineHead, InitSource
-from finetune.probe import LinearProbe, ProbeSettings
-from retrieval.calibrate import SelectionGrid, select_settings
+from index.atomic import atomic_write
 from retrieval.encoders import seeded_init
+from retrieval.probe import Calibration, LinearProbe
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +46,6 @@ def _jsonable(obj):
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
     return obj
-
-
-def _atomic_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -111,7 +99,7 @@ def save_finetuned(
     backbone = backbone.to("cpu")
     model, clf_name = full_model(backbone, head, source.model_args)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_bytes(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     pcfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in _DROP_CFG_KEYS}
     pcfg["architecture"] = model.pretrained_cfg.get("architecture") or pcfg.get("architecture")
     pcfg["num_classes"] = len(species)
@@ -129,7 +117,7 @@ def save_finetuned(
         SPECIESID_KEY: info,
     }
     text = json.dumps(_jsonable(config), indent=2)
-    _atomic_bytes(out / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(out / "config.json", text)
     enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32")
     weight = head.export_weight().numpy().astype(np.float32)
     probe = LinearProbe(
@@ -137,7 +125,7 @@ def save_finetuned(
         weight=weight,
         bias=np.zeros(len(species), dtype=np.float32),
         fingerprint=enc.fingerprint,
-        settings=ProbeSettings(C=0.0, selected_on="default", metrics={
+        calibration=Calibration(C=0.0, selected_on="default", metrics={
             k: float(v) for k, v in (info.get("val") or {}).items() if isinstance(v, (int, float))}),
         trained_on=trained_on,
         source=f"finetune:{out}",
@@ -156,66 +144,3 @@ def read_finetuned(folder: str | Path) -> dict:
     if SPECIESID_KEY not in cfg:
         raise ValueError(f"{folder} is a timm folder but not the output of 'speciesid finetune'")
     return cfg
-
-
-def digest_of(fingerprint: str) -> str:
-    """The weights part of an encoder fingerprint (``spec#digest`` -> ``digest``)."""
-    return fingerprint.rsplit("#", 1)[-1]
-
-
-def fit_head_temperature(
-    probe: LinearProbe, embeddings: np.ndarray, labels: Sequence[str], grid: Sequence[float] | None = None
-) -> float:
-    """The softmax temperature of a fixed head that minimises log-loss on held-out photos.
-
-    A fine-tuned head trained with label smoothing and mixup is under-confident (on ph-snakes val: ECE 0.20,
-    0.05 after scaling); dividing its logits by the temperature changes no ranking, only the probabilities.
-    Fit it on photos the head did not train on (the gallery's would make it over-confident).
-    """
-    cols = {s: i for i, s in enumerate(probe.species)}
-    keep = [i for i, s in enumerate(labels) if s in cols]
-    if not keep:
-        raise ValueError("none of the held-out photos is of a species the head knows: cannot fit its temperature")
-    z = probe.logits(np.asarray(embeddings, dtype=np.float32)[keep]).astype(np.float64)
-    y = np.array([cols[labels[i]] for i in keep])
-    grid = np.geomspace(0.1, 10.0, 81) if grid is None else np.asarray(grid, dtype=np.float64)
-
-    def nll(t: float) -> float:
-        zt = z / t
-        zt -= zt.max(axis=1, keepdims=True)
-        return float(np.mean(np.log(np.exp(zt).sum(axis=1)) - zt[np.arange(len(y)), y]))
-
-    return float(min(grid, key=nll))
-
-
-def scaled_probe(probe: LinearProbe, temperature: float) -> LinearProbe:
-    """A copy of ``probe`` whose logits are divided by ``temperature`` (same ranking)."""
-    from dataclasses import replace
-
-    return replace(probe, weight=(probe.weight / temperature).astype(np.float32),
-                   bias=(probe.bias / temperature).astype(np.float32))
-
-
-def select_blend_settings(
-    embeddings: np.ndarray,
-    labels: Sequence[str],
-    probe: LinearProbe,
-    *,
-    val_embeddings: np.ndarray | None = None,
-    val_labels: Sequence[str] | None = None,
-    val_name: str = "val",
-    folds: int = 3,
-    grid: SelectionGrid | None = None,
-    target_precision: float = 0.95,
-    seed: int = 0,
-) -> ProbeSettings:
-    """Choose k, T, blend weight (best blended top-1) and the unknown threshold for a *fixed* probe.
-
-    With validation photos: the whole gallery votes for them. Without: out-of-fold over the gallery (each
-    fold's kNN votes from the other folds), the probe unchanged -- note the fine-tuned head saw these photos
-    in training, so this favours the head; validation photos are the better choice.
-    """
-    return select_settings(
-        embeddings, labels, fingerprint=probe.fingerprint, val_embeddings=val_embeddings, val_labels=val_labels,
-        val_name=val_name, folds=folds, grid=grid, target_precision=target_precision, seed=seed, probe=probe,
-    )

@@ -640,9 +640,8 @@ def _final_eval(net: Net, train_eval, val_ds, n_classes: int, device, cfg: Finet
 
     The blend uses the k, T and weight that ``speciesid probe import`` would choose on these photos.
     """
-    from finetune.export import select_blend_settings
-    from finetune.probe import LinearProbe
-    from retrieval.calibrate import blend_matrix, knn_matrix
+    from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
+    from retrieval.probe import LinearProbe
 
     loader = _loader(train_eval, 2 * cfg.batch_size, workers=cfg.workers or 0, device=device)
     _, ref, ref_y = predict(net, loader, device, amp=cfg.amp, progress=progress, desc="final: train features")
@@ -651,8 +650,8 @@ def _final_eval(net: Net, train_eval, val_ds, n_classes: int, device, cfg: Finet
     names = [str(i) for i in range(n_classes)]
     w = net.head.export_weight().numpy()
     probe = LinearProbe(species=names, weight=w, bias=np.zeros(n_classes, np.float32), fingerprint="")
-    s = select_blend_settings(ref, [names[i] for i in ref_y], probe, val_embeddings=q,
-                              val_labels=[names[i] for i in qy])
+    s = select_settings(ref, [names[i] for i in ref_y], fingerprint="", probe=probe, val_embeddings=q,
+                        val_labels=[names[i] for i in qy])
     p = probe.predict_proba(q)
     kn = knn_matrix(q, ref, ref_y, n_classes, s.k, s.temperature)
     b = blend_matrix(kn, p, np.ones(n_classes, bool), s.blend_weight)

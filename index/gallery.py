@@ -1,12 +1,6 @@
 """A gallery directory: the LanceDB store (truth) + the FAISS index derived from it.
 
-Layout of ``--index DIR``::
-
-    gallery.json          which encoder built it (spec, weights, fingerprint, dim) and the index settings
-    store/                LanceDB: one row per reference photo, metadata + embedding
-    vectors.faiss(.json)  FAISS index + manifest (fingerprint, dim, count, store version), rebuilt when stale
-
-Writes go to the store first, then the derived index; a crash in between is repaired on the next open
+The folder's files are named in :mod:`index.layout`. Writes go to the store first, then the derived index; a crash in between is repaired on the next open
 (the manifest's store version no longer matches, so the index is rebuilt from the store).
 """
 
@@ -14,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.atomic import write_json_atomic
+from index.layout import EncoderMismatchError, GalleryLayout, check_encoder
 from index.records import ReferenceRecord
 from index.store import ReferenceStore, SpeciesSummary
 from index.vectors import VectorIndex, VectorIndexConfig
@@ -30,13 +24,10 @@ from index.vectors import VectorIndex, VectorIndexConfig
 logger = logging.getLogger(__name__)
 
 GALLERY_FORMAT = 1
-GALLERY_FILE = "gallery.json"
-STORE_DIR = "store"
-VECTORS_FILE = "vectors.faiss"
 
-
-class EncoderMismatchError(ValueError):
-    """The gallery was built with another encoder than the one asked for."""
+__all__ = [
+    "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "read_gallery_info",
+]
 
 
 @dataclass
@@ -58,28 +49,15 @@ class Neighbour:
         return asdict(self)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON via a temporary file and ``os.replace`` so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
     def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig) -> None:
         self.root = root
+        self.layout = GalleryLayout(root)
         self.info = info
         self.index_config = index_config
-        self.store = ReferenceStore(root / STORE_DIR, int(info["dim"]))
+        self.store = ReferenceStore(self.layout.store, int(info["dim"]))
         self._lock = threading.RLock()
         self._meta_cache: dict[int, Neighbour] = {}
         self._index = self._load_or_rebuild_index()
@@ -99,7 +77,7 @@ class Gallery:
         ``encoder`` is ``Encoder.describe()``: it must hold spec, fingerprint and dim.
         """
         root = Path(root)
-        if (root / GALLERY_FILE).is_file():
+        if GalleryLayout(root).info.is_file():
             return cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config)
         if root.exists() and any(root.iterdir()):
             raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
@@ -111,7 +89,7 @@ class Gallery:
             "dim": int(encoder["dim"]),
             "index": asdict(config),
         }
-        write_json_atomic(root / GALLERY_FILE, info)
+        write_json_atomic(GalleryLayout(root).info, info)
         return cls(root, info, config)
 
     @classmethod
@@ -125,15 +103,8 @@ class Gallery:
         """Open an existing gallery; refuse one built by another encoder than ``expected_fingerprint``."""
         root = Path(root)
         info = read_gallery_info(root)
-        built = info["encoder"]
-        if expected_fingerprint is not None and expected_fingerprint != built["fingerprint"]:
-            raise EncoderMismatchError(
-                f"gallery {root} was built with encoder {built['spec']!r} (fingerprint {built['fingerprint']}), "
-                f"not with the encoder asked for (fingerprint {expected_fingerprint}); "
-                f"use --encoder {built['spec']}"
-                + (f" --weights {built['weights']}" if built.get("weights") else "")
-                + " or build a new index in another directory"
-            )
+        if expected_fingerprint is not None:
+            check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig(**info.get("index", {}))
         return cls(root, info, config)
 
@@ -160,7 +131,7 @@ class Gallery:
     # ------------------------------------------------------------ derived index
     @property
     def _vectors_path(self) -> Path:
-        return self.root / VECTORS_FILE
+        return self.layout.vectors
 
     def _manifest(self) -> dict:
         return {
@@ -304,13 +275,23 @@ class Gallery:
         return self.store.species()
 
 
+def check_gallery_encoder(root: str | Path, info: dict, fingerprint: str) -> None:
+    """Refuse an encoder that did not build the gallery, saying which one did (EncoderMismatchError)."""
+    built = info["encoder"]
+    check_encoder(
+        f"gallery {root}", built["fingerprint"], fingerprint,
+        fix=f"use --encoder {built['spec']}" + (f" --weights {built['weights']}" if built.get("weights") else "")
+        + " or build a new index in another directory",
+    )
+
+
 def read_gallery_info(root: str | Path) -> dict:
     """Read ``gallery.json``; clear ``ValueError`` when DIR is not a gallery."""
     root = Path(root)
-    path = root / GALLERY_FILE
+    path = GalleryLayout(root).info
     if not path.is_file():
         raise ValueError(
-            f"{root} is not a speciesid gallery (no {GALLERY_FILE}); build one with "
+            f"{root} is not a speciesid gallery (no {path.name}); build one with "
             "'speciesid index build --index DIR ...'"
         )
     try:

@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+
+from index.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -247,33 +247,6 @@ def _stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64, copy=False)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then ``os.replace`` it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # not mkstemp: keep umask permissions
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 # --------------------------------------------------------------------------- the index
 
 
@@ -463,8 +436,8 @@ class VectorIndex:
         meta = {**manifest, "kind": self._kind, "dim": self._dim, "count": self.ntotal}
         text = json.dumps(meta, indent=2, sort_keys=True)  # fail on a bad manifest before touching disk
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: faiss.write_index(self._cpu, str(tmp)))
-        _atomic_write(_manifest_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda tmp: faiss.write_index(self._cpu, str(tmp)))
+        atomic_write(_manifest_path(path), text)
         logger.info("saved %s vector index (%d vectors) to %s", self._kind, self.ntotal, path)
 
     @classmethod

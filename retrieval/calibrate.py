@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
-from finetune.probe import LinearProbe, ProbeSettings, train_probe
 from retrieval.metrics import precision_threshold
+from retrieval.probe import Calibration, LinearProbe, train_probe
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +61,6 @@ def blend_matrix(knn: np.ndarray, probe: np.ndarray, known: np.ndarray, weight: 
     return np.where(known, (1 - weight) * knn + weight * mass * probe, knn)
 
 
-def _folds(labels: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(labels), dtype=int)
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        fold_of[members] = np.arange(len(members)) % n_folds
-    return [np.flatnonzero(fold_of == f) for f in range(n_folds)]
-
-
 def select_settings(
     embeddings: np.ndarray,
     labels: Sequence[str],
@@ -82,7 +74,7 @@ def select_settings(
     target_precision: float = 0.95,
     seed: int = 0,
     probe: LinearProbe | None = None,
-) -> ProbeSettings:
+) -> Calibration:
     """Pick C, k, T, blend weight (best blended top-1) and the unknown threshold (target precision).
 
     With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
@@ -108,12 +100,12 @@ def select_settings(
         if n_folds < 2:
             raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
         splits = []
-        for held in _folds(y, n_folds, seed):
-            rest = np.setdiff1d(np.arange(len(x)), held)
+        folds_ = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        for rest, held in folds_.split(x, y):
             splits.append((rest, x[held], y[held]))
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     n = len(species)
-    Cs = (probe.settings.C,) if probe is not None else grid.Cs
+    Cs = (probe.calibration.C,) if probe is not None else grid.Cs
     correct: dict[tuple, int] = {}
     total = 0
     oof: dict[tuple, list[np.ndarray]] = {}
@@ -152,6 +144,6 @@ def select_settings(
         "unknown_coverage": cov,
     }
     logger.info("selected C=%s k=%s T=%s w=%s on %s: %s", c, k, t, w, selected_on, metrics)
-    return ProbeSettings(
+    return Calibration(
         C=c, blend_weight=w, k=k, temperature=t, unknown_threshold=thr, selected_on=selected_on, metrics=metrics
     )

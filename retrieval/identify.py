@@ -9,11 +9,13 @@ from enum import Enum
 import numpy as np
 from PIL import Image
 
-from finetune.probe import LinearProbe
-from index.gallery import Gallery, Neighbour
+from index.gallery import Gallery, Neighbour, check_gallery_encoder
+from index.layout import check_encoder
 from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
+from retrieval.probe import LinearProbe
+from retrieval.textprior import TextPriorScores
 from retrieval.vote import Rank, VoteConfig, knn_vote, rollup, top_k, venomous_probability
 
 
@@ -65,25 +67,6 @@ class Identification:
         }
 
 
-@dataclass
-class TextPriorScores:
-    """Zero-shot species scores from text alone (see ``retrieval.textprior``), ready to blend."""
-
-    species: list[str]  # the candidate species, in column order
-    embeddings: np.ndarray  # (n_species, dim) prompt-ensemble text embeddings, L2-normalised
-    logit_scale: float = 100.0  # CLIP's temperature: softmax(scale * cosine)
-    strength: float = 1.0  # photos' worth of evidence the prior counts as (see blend.text_weight)
-    taxa: dict[str, SpeciesSummary] = field(default_factory=dict)  # metadata of photo-less species
-
-    def scores(self, embeddings: np.ndarray) -> list[dict[str, float]]:
-        """Per image embedding: species -> probability."""
-        z = self.logit_scale * (np.atleast_2d(embeddings) @ self.embeddings.T)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        return [dict(zip(self.species, row.tolist(), strict=True)) for row in p]
-
-
 class Identifier:
     """Identify photos against a gallery with the encoder that built it."""
 
@@ -97,25 +80,19 @@ class Identifier:
         text_prior: TextPriorScores | None = None,
         blend_weight: float | None = None,
     ) -> None:
-        if encoder.fingerprint != gallery.fingerprint:
-            raise ValueError(
-                f"encoder {encoder.spec!r} (fingerprint {encoder.fingerprint}) did not build gallery "
-                f"{gallery.root}; it was built with {gallery.encoder_spec!r} ({gallery.fingerprint})"
-            )
-        if probe is not None and probe.fingerprint != gallery.fingerprint:
-            raise ValueError(
-                f"the probe was trained on embeddings of {probe.fingerprint}, not of this gallery's encoder "
-                f"{gallery.fingerprint}; retrain it with 'speciesid probe train --index {gallery.root}'"
-            )
+        check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
+        if probe is not None:
+            check_encoder(f"the probe of {gallery.root}", probe.fingerprint, gallery.fingerprint,
+                          fix=f"retrain it with 'speciesid probe train --index {gallery.root}'")
         self.encoder = encoder
         self.gallery = gallery
         self.probe = probe
         self.text_prior = text_prior
         if config is None and probe is not None:
-            s = probe.settings
+            s = probe.calibration
             config = VoteConfig(k=s.k, temperature=s.temperature, unknown_threshold=s.unknown_threshold)
         self.config = config or VoteConfig()
-        self.blend_weight = probe.settings.blend_weight if blend_weight is None and probe else (blend_weight or 0.0)
+        self.blend_weight = probe.calibration.blend_weight if blend_weight is None and probe else (blend_weight or 0.0)
         self._taxa_version = -1
         self._taxa: dict[str, SpeciesSummary] = {}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.probe import LinearProbe, has_probe, train_probe
 from index.datasets import DatasetScan, load_checklist, load_dataset
 from index.gallery import Gallery, read_gallery_info
+from index.layout import check_encoder
 from index.store import SpeciesSummary
 from index.vectors import VectorIndexConfig
 from retrieval.calibrate import select_settings
@@ -18,7 +18,8 @@ from retrieval.clean import CleanConfig, CleanResult, clean_built_gallery
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.identify import Identifier
 from retrieval.pipeline import BuildReport, add_references, embed_sources
-from retrieval.textprior import build_text_prior, load_text_prior, save_text_prior_config
+from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.textprior import load_text_prior, save_text_prior
 from retrieval.vote import VoteConfig
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def train_gallery_probe(
     )
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=settings.C)
-    probe.settings = settings
+    probe.calibration = settings
     t2 = time.perf_counter()
     probe.save(index_dir)
     text_species = 0
@@ -172,8 +173,7 @@ def train_gallery_probe(
         taxa = {s.species: s for s in gallery.species()}
         for t in load_checklist(checklist) if checklist else []:
             taxa.setdefault(t.species, SpeciesSummary(t.species, t.genus, t.family, None, t.venomous, 0))
-        build_text_prior(enc, list(taxa.values()), Path(index_dir) / "text_prior_cache", strength=text_strength)
-        save_text_prior_config(index_dir, list(taxa.values()), text_strength, enc.fingerprint)
+        save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
         text_species = len(taxa)
     elif checklist:
         logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
@@ -199,40 +199,41 @@ def import_gallery_probe(
     """
     import time
 
-    from finetune.export import (
-        digest_of,
-        fit_head_temperature,
-        read_finetuned,
-        scaled_probe,
-        select_blend_settings,
-    )
-
-    read_finetuned(from_dir)
-    probe = LinearProbe.load(from_dir)
+    probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, device=device)
-    if digest_of(probe.fingerprint) != digest_of(gallery.fingerprint):
-        raise ValueError(
-            f"gallery {index_dir} was built with encoder {gallery.encoder_spec} ({gallery.fingerprint}), not with the "
-            f"fine-tuned network in {from_dir} ({probe.fingerprint}); rebuild it with "
-            f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first"
-        )
+    check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
+                  fix=f"it must be built with the fine-tuned network of {from_dir}: "
+                  f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
     vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
     head_temperature = None
     if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on
         head_temperature = fit_head_temperature(probe, val_emb, val_labels)
-        probe = scaled_probe(probe, head_temperature)
+        probe = probe.scaled(head_temperature)
     else:
         logger.info("no --val-root: the head's probabilities are left uncalibrated (its training photos would "
                     "make it over-confident)")
-    probe.settings = select_blend_settings(vectors, labels, probe, val_embeddings=val_emb, val_labels=val_labels,
-                                           val_name=str(val_root), folds=folds)
+    probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
+                                        val_embeddings=val_emb, val_labels=val_labels, val_name=str(val_root),
+                                        folds=folds)
     if head_temperature is not None:
-        probe.settings.metrics["head_temperature"] = head_temperature
+        probe.calibration.metrics["head_temperature"] = head_temperature
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
+def _finetuned_head(folder: str | Path) -> LinearProbe:
+    """The head of a ``speciesid finetune`` output folder, as a probe (ValueError when it is not one)."""
+    folder = Path(folder)
+    if not has_probe(folder):
+        raise ValueError(f"{folder} is not a fine-tuned model folder (no probe.json): give the --out folder of "
+                         "'speciesid finetune'")
+    probe = LinearProbe.load(folder)
+    if not (probe.source or "").startswith("finetune:"):
+        raise ValueError(f"{folder} holds a probe, but not the head of a 'speciesid finetune' output")
+    return probe
 
 
 __all__ = [

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.probe import LinearProbe, has_probe, train_probe
+from index.layout import EncoderMismatchError
 from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.calibrate import SelectionGrid, blend_matrix, knn_matrix, select_settings
+from retrieval.probe import LinearProbe, has_probe, train_probe
 
 
 def test_blend_redistributes_only_the_mass_on_probe_species():
@@ -72,7 +73,7 @@ def test_probe_trains_saves_loads_and_refuses_other_encoders(tmp_path):
     assert has_probe(tmp_path)
     loaded = LinearProbe.load(tmp_path, expected_fingerprint="enc#1")
     np.testing.assert_allclose(loaded.predict_proba(x), probe.predict_proba(x), rtol=1e-6)
-    with pytest.raises(ValueError, match="trained on embeddings of encoder enc#1, not other#2"):
+    with pytest.raises(EncoderMismatchError, match=r"built with encoder 'enc' \(fingerprint enc#1\), not with the encoder given \(other#2\)"):
         LinearProbe.load(tmp_path, expected_fingerprint="other#2")
     with pytest.raises(FileNotFoundError, match="speciesid probe train"):
         LinearProbe.load(tmp_path / "none")
@@ -114,7 +115,8 @@ def test_text_prior_ensembles_caches_and_predicts_photo_less_species(tiny_clip_d
     from index.records import ReferenceRecord
     from retrieval.encoders import create_encoder
     from retrieval.identify import Identifier
-    from retrieval.textprior import TEMPLATES, build_text_prior, class_embeddings, prompts_for
+    from retrieval.textprior import TEMPLATES, build_text_prior, prompts_for
+    from retrieval.zeroshot import class_embeddings
 
     enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", precision="fp32")
     taxa = [
@@ -125,7 +127,7 @@ def test_text_prior_ensembles_caches_and_predicts_photo_less_species(tiny_clip_d
     prompts = prompts_for(taxa[0])
     assert len(prompts) == 3 * len(TEMPLATES)
     assert "a photo of Egyptian cobra (Naja haje)." in prompts and "a photo of Elapidae Naja haje." in prompts
-    emb = class_embeddings(enc, taxa[:1])[0]
+    emb = class_embeddings(enc, [prompts])[0]
     manual = enc.encode_text(prompts).mean(0)
     np.testing.assert_allclose(emb, manual / np.linalg.norm(manual), atol=1e-5)
 

@@ -239,9 +239,9 @@ def test_apply_excludes_from_search_and_probe_then_restore(tiny_clip_dir, tmp_pa
     assert bad_id not in [n.id for n in g.search(bad_emb[None], 8)[0]]
     assert {s.species: s.count for s in g.species()} == {"Naja haje": 4, "Natrix maura": 3}
     assert g.store.count(include_excluded=True) == 8  # nothing deleted
-    from finetune.probe import ProbeSettings
+    from retrieval.probe import Calibration
 
-    monkeypatch.setattr("retrieval.session.select_settings", lambda *a, **k: ProbeSettings(C=1.0))
+    monkeypatch.setattr("retrieval.session.select_settings", lambda *a, **k: Calibration(C=1.0))
     assert train_gallery_probe(index, progress=False).probe.trained_on == 7
     # a second run finds the same photo, already excluded: nothing new logged
     code, out, _ = _run(capsys, "clean", "--index", index, "--prompts", prompts, "--threshold", threshold,

@@ -84,8 +84,8 @@ def test_output_is_an_encoder_and_a_probe(stage1, tiny_set):
     import timm
     from PIL import Image
 
-    from finetune.probe import LinearProbe
     from retrieval.encoders import create_encoder
+    from retrieval.probe import LinearProbe
 
     out, r = stage1
     enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32")
@@ -176,8 +176,8 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "--val-root", str(val), "-q"]) == 0
     ident = open_identifier(index, precision="fp32")
     assert ident.probe is not None and ident.probe.source == f"finetune:{out}"
-    assert ident.probe.settings.selected_on.startswith("val:")
-    assert 0 < ident.probe.settings.metrics["head_temperature"] < 10  # calibrated on the val photos
+    assert ident.probe.calibration.selected_on.startswith("val:")
+    assert 0 < ident.probe.calibration.metrics["head_temperature"] < 10  # calibrated on the val photos
     answers = ident.identify_images([Image.open(next(val.rglob("*.jpg"))).convert("RGB")])
     assert answers[0].predictions[0].species in r.species
     # a gallery built with another encoder is refused
@@ -198,15 +198,16 @@ def _clusters(seed: int, per_class: int, noise: float):
 
 
 def test_select_blend_settings_fixed_probe():
-    from finetune.export import select_blend_settings
-    from finetune.probe import LinearProbe
+    from retrieval.calibrate import select_settings
+    from retrieval.probe import LinearProbe
 
     x, y, labels, w = _clusters(seed=0, per_class=10, noise=0.3)
     w = 10 * w
     probe = LinearProbe(["s0", "s1", "s2"], w.astype(np.float32), np.zeros(3, np.float32), "x#1")
-    s = select_blend_settings(x, labels, probe)
+    s = select_settings(x, labels, fingerprint=probe.fingerprint, probe=probe)
     assert s.selected_on.startswith("cv:3-fold") and s.metrics["blend_top1"] > 0.9
-    s = select_blend_settings(x, labels, probe, val_embeddings=x[:6], val_labels=labels[:6])
+    s = select_settings(x, labels, fingerprint=probe.fingerprint, probe=probe, val_embeddings=x[:6],
+                        val_labels=labels[:6])
     assert s.selected_on == "val:val" and s.metrics["queries"] == 6
 
 
@@ -267,8 +268,8 @@ def test_timm_cnns_in_general(arch, tmp_path):
         param_groups,
         resolve_init,
     )
-    from finetune.probe import LinearProbe
     from retrieval.encoders import create_encoder
+    from retrieval.probe import LinearProbe
 
     source = resolve_init(f"timm:{arch}@random")
     backbone = create_backbone(source)
@@ -311,8 +312,7 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
 
 
 def test_head_temperature_calibrates_without_reranking():
-    from finetune.export import fit_head_temperature, scaled_probe
-    from finetune.probe import LinearProbe
+    from retrieval.probe import LinearProbe, fit_head_temperature
 
     x, y, labels, w = _clusters(seed=1, per_class=40, noise=1.0)
 
@@ -323,7 +323,7 @@ def test_head_temperature_calibrates_without_reranking():
         probe = LinearProbe(["s0", "s1", "s2"], (scale * w).astype(np.float32), np.zeros(3, np.float32), "x#1")
         t = fit_head_temperature(probe, x, labels)
         assert (t < 1) if sharper else (t > 1), (scale, t)
-        calibrated = scaled_probe(probe, t)
+        calibrated = probe.scaled(t)
         assert (calibrated.predict_proba(x).argmax(1) == probe.predict_proba(x).argmax(1)).all()
         assert nll(calibrated) < nll(probe)
     with pytest.raises(ValueError, match="cannot fit its temperature"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.gallery import VECTORS_FILE, EncoderMismatchError, Gallery
+from index.gallery import EncoderMismatchError, Gallery
+from index.layout import VECTORS_FILE
 from index.records import ReferenceRecord
 from index.vectors import VectorIndexConfig
 from retrieval.identify import Identifier

@@ -1,0 +1,131 @@
+"""The gallery folder (``--index DIR``): every file in it is named here, and only here.
+
+::
+
+    DIR/
+      gallery.json            which encoder built the gallery (spec, weights, fingerprint, dim), index settings
+      store/                  LanceDB: one row per reference photo, metadata + embedding (the source of truth)
+      vectors.faiss(.json)    the FAISS index derived from the store + its manifest (store version, count)
+      probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration)
+      text_prior.json         which species the zero-shot text prior covers (+ its encoder)
+      text_prior_cache/       the text prior's class embeddings, per encoder and species list
+      clean_prompt_cache/     the cleaning filter's prompt-class embeddings
+      clean_log.json          which references each ``clean --apply`` run excluded (for ``--restore``)
+      clean-report/           the report of ``index build --clean``
+      uploads/                photos added through the HTTP API, stored by content digest
+
+The probe's two files have the same names in a fine-tuned model folder (``speciesid finetune --out``).
+
+Anything derived from embeddings records the fingerprint (``spec#digest``) of the encoder that made it;
+:func:`check_encoder` is the one check, :class:`EncoderMismatchError` the one error, with one message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GALLERY_FILE = "gallery.json"
+STORE_DIR = "store"
+VECTORS_FILE = "vectors.faiss"
+PROBE_WEIGHTS = "probe.npz"
+PROBE_META = "probe.json"
+TEXT_PRIOR_FILE = "text_prior.json"
+TEXT_PRIOR_CACHE = "text_prior_cache"
+PROMPT_CACHE = "clean_prompt_cache"
+CLEAN_LOG = "clean_log.json"
+CLEAN_REPORT = "clean-report"
+UPLOADS_DIR = "uploads"
+
+
+@dataclass(frozen=True)
+class GalleryLayout:
+    """Paths of one gallery folder."""
+
+    root: Path  # the --index DIR
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def info(self) -> Path:
+        """gallery.json: encoder identity and index settings."""
+        return self.root / GALLERY_FILE
+
+    @property
+    def store(self) -> Path:
+        """The LanceDB folder."""
+        return self.root / STORE_DIR
+
+    @property
+    def vectors(self) -> Path:
+        """The FAISS index file (its manifest is ``vectors.faiss.json``)."""
+        return self.root / VECTORS_FILE
+
+    @property
+    def probe_weights(self) -> Path:
+        """The probe's weight and bias arrays."""
+        return self.root / PROBE_WEIGHTS
+
+    @property
+    def probe_meta(self) -> Path:
+        """The probe's species, encoder fingerprint and calibration."""
+        return self.root / PROBE_META
+
+    @property
+    def text_prior(self) -> Path:
+        """The text prior's species list."""
+        return self.root / TEXT_PRIOR_FILE
+
+    @property
+    def text_prior_cache(self) -> Path:
+        """The text prior's cached class embeddings."""
+        return self.root / TEXT_PRIOR_CACHE
+
+    @property
+    def prompt_cache(self) -> Path:
+        """The cleaning filter's cached prompt-class embeddings."""
+        return self.root / PROMPT_CACHE
+
+    @property
+    def clean_log(self) -> Path:
+        """Exclusions made by ``clean --apply`` runs."""
+        return self.root / CLEAN_LOG
+
+    @property
+    def clean_report(self) -> Path:
+        """Report folder of ``index build --clean``."""
+        return self.root / CLEAN_REPORT
+
+    @property
+    def uploads(self) -> Path:
+        """Photos added through the HTTP API."""
+        return self.root / UPLOADS_DIR
+
+
+class EncoderMismatchError(ValueError):
+    """Something derived from embeddings (a gallery, a probe, a text prior) meets another encoder."""
+
+
+def weights_digest(fingerprint: str) -> str:
+    """The weights part of an encoder fingerprint (``spec#digest`` -> ``digest``)."""
+    return str(fingerprint).rsplit("#", 1)[-1]
+
+
+def _spec(fingerprint: str) -> str:
+    return str(fingerprint).rsplit("#", 1)[0]
+
+
+def check_encoder(what: str, recorded: str, given: str, *, fix: str) -> None:
+    """Refuse to use ``what`` (made with encoder fingerprint ``recorded``) with the encoder ``given``.
+
+    Encoders are the same when their weights are (the digest part of the fingerprint): one set of weights
+    reached through two spellings of a spec (``bioclip`` / ``open_clip:hf-hub:imageomics/bioclip``, a
+    relative / absolute folder) makes the same embeddings. ``fix`` says what to do instead.
+    """
+    if weights_digest(recorded) == weights_digest(given):
+        return
+    raise EncoderMismatchError(
+        f"{what} was built with encoder {_spec(recorded)!r} (fingerprint {recorded}), not with the encoder "
+        f"given ({given}); {fix}"
+    )
