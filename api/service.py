@@ -1,6 +1,8 @@
-"""The service behind the HTTP API: one encoder, one gallery, serialised writes, batched encoding.
+"""The service behind the HTTP API: one identifier (encoder + gallery), serialised writes, batched encoding.
 
-Only public functions of ``retrieval`` and ``index`` are used; HTTP concerns stay in the routers.
+Every flow goes through :mod:`retrieval.workflows`; what is left here is what only a server needs: the
+upload size and decode checks (all or nothing, before any work), and the micro-batcher that lets
+concurrent requests share forward passes.
 """
 
 from __future__ import annotations
@@ -19,16 +21,14 @@ from PIL import Image
 
 from api.batcher import EncodeBatcher
 from api.settings import Settings
-from index.datasets import new_species_references
 from index.gallery import Neighbour
-from retrieval.identify import Identification, Identifier
-from retrieval.images import ImageLoadError, decode_image, sha256_bytes
-from retrieval.session import open_identifier
+from index.store import SpeciesSummary
+from retrieval import workflows
+from retrieval.images import ImageLoadError, decode_image, image_format, sha256_bytes
 from retrieval.vote import Rank
+from retrieval.workflows import AddResult, Answer, open_identifier
 
 logger = logging.getLogger(__name__)
-
-_EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
 class ServiceError(ValueError):
@@ -69,7 +69,7 @@ class Upload:
 class SpeciesService:
     """Identify, search and curate one gallery."""
 
-    def __init__(self, settings: Settings, identifier: Identifier | None = None) -> None:
+    def __init__(self, settings: Settings, identifier: workflows.Identifier | None = None) -> None:
         self.settings = settings
         self.identifier = identifier or open_identifier(
             settings.index, device=settings.device, precision=settings.precision
@@ -77,7 +77,7 @@ class SpeciesService:
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
-        self.uploads_dir = Path(self.gallery.root) / "uploads"
+        self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
 
@@ -98,10 +98,10 @@ class SpeciesService:
             name, data = item
             try:
                 image = decode_image(data, max_pixels=self.settings.max_pixels, name=name)
-                fmt = Image.open(io.BytesIO(data)).format or "JPEG"
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, image=image, sha256=sha256_bytes(data), format=fmt)
+            return Upload(name=name, data=data, image=image, sha256=sha256_bytes(data),
+                          format=image_format(data) or "JPEG")
 
         return list(self._pool.map(one, files))
 
@@ -112,64 +112,23 @@ class SpeciesService:
 
     # ------------------------------------------------------------------ reads
     def identify(
-        self,
-        uploads: Sequence[Upload],
-        *,
-        top: int = 5,
-        rank: Rank = Rank.SPECIES,
-        presence: dict[str, bool] | None = None,
-    ) -> tuple[Identification, list[dict]]:
-        """One answer for the photos of one observation, plus results at the asked rank."""
-        emb = self.embed(uploads)
-        answer = self.identifier.identify_observation(emb, top=max(top, 1), presence=presence)
-        return answer, self.results_at_rank(answer, rank, top)
-
-    def results_at_rank(self, answer: Identification, rank: Rank, top: int) -> list[dict]:
-        """Ranked results: species predictions, or genus/family scores with their evidence."""
-        if rank is Rank.SPECIES:
-            out = []
-            for p in answer.predictions[:top]:
-                out.append({
-                    "name": p.species, "rank": rank.value, "score": p.score, "species": p.species,
-                    "common_name": p.common_name, "genus": p.genus, "family": p.family, "venomous": p.venomous,
-                    "neighbours": [n for n in answer.neighbours if n.species == p.species],
-                })
-            return out
-        taxa = self.identifier.taxa()
-        attr = "genus" if rank is Rank.GENUS else "family"
-        scores = answer.at_rank(rank)
-        out = []
-        for name, score in list(scores.items())[:top]:
-            members = [s for s in answer.scores if getattr(taxa.get(s), attr, None) == name]
-            flags = [taxa[s].venomous for s in members if s in taxa]
-            family = {taxa[s].family for s in members if s in taxa} if rank is Rank.GENUS else {name}
-            out.append({
-                "name": name, "rank": rank.value, "score": score, "species": None, "common_name": None,
-                "genus": name if rank is Rank.GENUS else None,
-                "family": next(iter(family)) if len(family) == 1 else None,
-                "venomous": True if any(flags) else (False if flags and all(f is False for f in flags) else None),
-                "neighbours": [n for n in answer.neighbours if getattr(n, attr) == name],
-            })
-        return out
+        self, uploads: Sequence[Upload], *, top: int = 5, rank: Rank = Rank.SPECIES, country: str | None = None
+    ) -> Answer:
+        """One answer for the photos of one observation, with the candidates at the asked rank."""
+        return workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
+                                  observation=True, top=top, rank=rank, country=country)[0]
 
     def search_vector(self, vector: Sequence[float], k: int) -> list[Neighbour]:
         """Neighbours of an embedding (L2-normalised here)."""
-        v = np.asarray(vector, dtype=np.float64)
-        if v.ndim != 1 or v.shape[0] != self.gallery.dim:
-            raise ServiceError(f"embedding must be a list of {self.gallery.dim} numbers, got shape {list(v.shape)}")
-        if not np.all(np.isfinite(v)) or not np.any(v):
-            raise ServiceError("embedding must be finite and not all zeros")
-        v = v / np.abs(v).max()  # scale first: tiny or huge values must not under/overflow the norm
-        v = (v / np.linalg.norm(v)).astype(np.float32)
-        return self.gallery.search(v[None], k)[0]
+        return workflows.search(self.identifier, embedding=vector, k=k)
 
     def search_image(self, upload: Upload, k: int) -> list[Neighbour]:
         """Neighbours of a photo."""
-        return self.gallery.search(self.embed([upload]), k)[0]
+        return workflows.search(self.identifier, embedding=self.embed([upload])[0], k=k)
 
-    def species(self) -> list:
+    def species(self) -> list[SpeciesSummary]:
         """Species summaries."""
-        return self.gallery.species()
+        return workflows.list_species(self.gallery)
 
     def thumbnail(self, ref_id: int) -> bytes:
         """A JPEG thumbnail of a reference photo."""
@@ -194,36 +153,16 @@ class SpeciesService:
         *,
         common_name: str | None = None,
         venomous: bool | None = None,
-    ) -> dict:
+    ) -> AddResult:
         """Store the photos as references of ``species`` (created if new); searchable when this returns."""
-        if not " ".join(species.replace("_", " ").split()):
+        if not " ".join(species.replace("_", " ").split()):  # refuse before the expensive encode
             raise ServiceError("species name is empty")
-        emb = self.embed(uploads)
         with self._write_lock:
-            known = self.gallery.known_sha256()
-            self.uploads_dir.mkdir(parents=True, exist_ok=True)
-            paths, digests, rows, duplicates, seen = [], [], [], [], set()
-            for i, u in enumerate(uploads):
-                if u.sha256 in known or u.sha256 in seen:
-                    duplicates.append({"file": u.name, "id": known.get(u.sha256)})
-                    continue
-                seen.add(u.sha256)
-                path = self.uploads_dir / f"{u.sha256}{_EXT.get(u.format, '.img')}"
-                if not path.exists():
-                    tmp = path.with_suffix(path.suffix + ".tmp")
-                    tmp.write_bytes(u.data)
-                    tmp.replace(path)
-                paths.append(path)
-                digests.append(u.sha256)
-                rows.append(i)
-            species, records, prior = new_species_references(
-                species, self.gallery.species(), paths, dataset="api", common_name=common_name, venomous=venomous)
-            ids = self.gallery.add(records, digests, emb[rows]) if records else []
-        return {"species": species, "created": prior is None and bool(ids), "ids": ids, "added": len(ids),
-                "duplicates": duplicates}
+            return workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
+                                        common_name=common_name, venomous=venomous, dataset="api")
 
     def delete_reference(self, ref_id: int) -> None:
         """Delete one reference (its uploaded file stays on disk)."""
         with self._write_lock:
-            if not self.gallery.delete([ref_id]):
+            if not workflows.delete_references(self.gallery, [ref_id]):
                 raise NotFound(f"no reference with id {ref_id}")

@@ -99,7 +99,7 @@ def vit_gallery(n: int) -> Path:
     from index.datasets import load_dataset
     from index.gallery import Gallery
     from retrieval.encoders import EncoderConfig
-    from retrieval.session import build_gallery
+    from retrieval.workflows import build_gallery
 
     root = RUNS / f"vit-b-16-{n}"
     if (root / "gallery.json").is_file() and len(Gallery.open(root)) > 0:

@@ -22,7 +22,7 @@ from index.datasets import load_dataset
 from index.gallery import Gallery
 from retrieval.encoders import create_encoder
 from retrieval.pipeline import add_references
-from retrieval.session import open_identifier, train_gallery_probe
+from retrieval.workflows import open_identifier, train_gallery_probe
 
 
 def _per_method(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, np.ndarray]:

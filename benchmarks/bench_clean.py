@@ -1,7 +1,7 @@
 """How long ``speciesid clean`` takes per 1,000 photos with BioCLIP's compute (a random ViT-B-16) on CPU.
 
 Sample: N ph-snakes train photos (default 64, spread over the 14 species; 224x224 JPEG/PNG), symlinked
-into a temp folder. Each run is ``retrieval.clean.clean`` as the CLI calls it: zero-shot filter with the
+into a temp folder. Each run is ``retrieval.workflows.clean`` as the CLI calls it: zero-shot filter with the
 shipped snake prompts (the encoder reads text), exact and near duplicates, the report (CSV, contact sheet
 with thumbnails of what was flagged, summary). A random-weight model flags photos at random, so the
 contact sheet holds more thumbnails than a real run would: the "rest" figure is, if anything, high.
@@ -62,8 +62,9 @@ def main() -> None:
 
     import torch
 
-    from retrieval.clean import CleanConfig, clean
+    from retrieval.clean import CleanConfig
     from retrieval.encoders import EncoderConfig, cpu_has_fast_bf16, create_encoder_from_config
+    from retrieval.workflows import clean
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"native CPU bf16: {cpu_has_fast_bf16()}")

@@ -40,7 +40,7 @@ def _f1(truth: list[str], pred: list[str]) -> float:
 
 
 def _methods(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, tuple[float, float]]:
-    from retrieval.session import open_identifier
+    from retrieval.workflows import open_identifier
 
     ident = open_identifier(index, precision="fp32")
     out = {}
@@ -54,7 +54,7 @@ def _methods(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, tu
 def frozen(tmp: Path) -> tuple[dict, object]:
     from index.datasets import load_dataset
     from retrieval.encoders import create_encoder
-    from retrieval.session import train_gallery_probe
+    from retrieval.workflows import train_gallery_probe
 
     enc = create_encoder(MOBILENET_SPEC, precision="fp32")
     tr_emb, _, _ = split_embeddings(MOBILENET_SPEC, "train")
@@ -71,7 +71,7 @@ def finetuned(out: Path, tmp: Path, protocol: str) -> tuple[dict, object, dict]:
     from retrieval.encoders import create_encoder
     from retrieval.pipeline import embed_sources
     from retrieval.probe import LinearProbe
-    from retrieval.session import import_gallery_probe
+    from retrieval.workflows import import_gallery_probe
 
     cfg = json.loads((out / "config.json").read_text())
     enc = create_encoder(f"timm:local-dir:{out}", precision="fp32")

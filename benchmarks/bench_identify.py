@@ -154,8 +154,8 @@ def main() -> None:
     from retrieval.encoders import EncoderConfig, create_encoder
     from retrieval.identify import Identifier
     from retrieval.pipeline import add_references
-    from retrieval.session import build_gallery
     from retrieval.vote import VoteConfig
+    from retrieval.workflows import build_gallery
 
     passes = args.passes or (1 if args.quick else 3)
     vote = VoteConfig()

@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from index.photos import find_photos, is_photo_name
 from index.records import HIGHER_RANKS, ReferenceRecord
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("moroccan", "folder", "rare-species", "snakeclef2021")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MOROCCAN_CSV = DATA_DIR / "moroccan.csv"
@@ -190,20 +190,6 @@ def parse_folder_name(name: str) -> tuple[str, str | None]:
     return text, None
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _find_images(folder: Path) -> list[Path]:
-    """Photo files under ``folder`` (recursive, by extension, case-insensitive), sorted; hidden skipped."""
-    found = [
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p, folder) and p.is_file()
-    ]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
 def _class_folders(root: Path, warnings: list[str]) -> list[Path]:
     """Visible sub-folders of ``root``, sorted; warns about photos lying directly in ``root``."""
     folders = sorted(
@@ -212,7 +198,7 @@ def _class_folders(root: Path, warnings: list[str]) -> list[Path]:
     loose = [
         p.name
         for p in root.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_file() and is_photo_name(p.name)
     ]
     if loose:
         warnings.append(
@@ -276,7 +262,7 @@ def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
             warnings.append(
                 f"{taxon.species}: {len(folders)} folders merged ({', '.join(f.name for f in folders)})"
             )
-        paths = [p for folder in folders for p in _find_images(folder)]
+        paths = [p for folder in folders for p in find_photos(folder)]
         if not paths:
             no_photos.append(taxon.species)
         records.extend(
@@ -303,7 +289,7 @@ def _load_folder(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
     empty: list[str] = []
     for folder in _class_folders(root, warnings):
         species, common = parse_folder_name(folder.name)
-        paths = _find_images(folder)
+        paths = find_photos(folder)
         if not paths:
             empty.append(folder.name)
             continue

@@ -213,3 +213,51 @@ class Identifier:
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=venomous_probability(scores, {s: info(s).venomous for s in scores}),
         )
+
+
+@dataclass
+class RankedResult:
+    """One ranked candidate: a species, or a genus / family with its summed score, and its evidence."""
+
+    name: str  # species binomial, genus or family name
+    rank: str  # "species", "genus" or "family"
+    score: float  # probability in [0, 1]
+    species: str | None = None  # the binomial (species rank only)
+    common_name: str | None = None  # English common name (species rank only)
+    genus: str | None = None  # genus name (species and genus rank)
+    family: str | None = None  # family name (when all members agree)
+    venomous: bool | None = None  # medically important venomous; for a group: any member
+    neighbours: list[Neighbour] = field(default_factory=list)  # the reference photos behind it
+
+    def to_dict(self, *, neighbours: bool = True) -> dict[str, object]:
+        """JSON-ready dict (evidence optional)."""
+        d = asdict(self)
+        d["neighbours"] = [n.to_dict() for n in self.neighbours] if neighbours else []
+        return d
+
+
+def ranked_results(
+    answer: Identification, rank: Rank, top: int, taxa: Mapping[str, SpeciesSummary]
+) -> list[RankedResult]:
+    """The ``top`` candidates of an answer at ``rank``: species predictions, or genus/family scores rolled
+    up from them, each with the neighbours (evidence) of its species."""
+    if rank is Rank.SPECIES:
+        return [
+            RankedResult(p.species, rank.value, p.score, p.species, p.common_name, p.genus, p.family, p.venomous,
+                         [n for n in answer.neighbours if n.species == p.species])
+            for p in answer.predictions[:top]
+        ]
+    attr = "genus" if rank is Rank.GENUS else "family"
+    out = []
+    for name, score in list(answer.at_rank(rank).items())[:top]:
+        members = [s for s in answer.scores if getattr(taxa.get(s), attr, None) == name]
+        flags = [taxa[s].venomous for s in members if s in taxa]
+        family = {taxa[s].family for s in members if s in taxa} if rank is Rank.GENUS else {name}
+        out.append(RankedResult(
+            name, rank.value, score, None, None,
+            genus=name if rank is Rank.GENUS else None,
+            family=next(iter(family)) if len(family) == 1 else None,
+            venomous=True if any(flags) else (False if flags and all(f is False for f in flags) else None),
+            neighbours=[n for n in answer.neighbours if getattr(n, attr) == name],
+        ))
+    return out

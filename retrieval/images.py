@@ -105,6 +105,14 @@ def decode_image(
             raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
 
 
+def image_format(data: bytes) -> str | None:
+    """PIL's name of the image format of ``data`` (JPEG, PNG, WEBP, HEIF, ...), None when not an image."""
+    try:
+        return Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - anything PIL cannot open is "not an image"
+        return None
+
+
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read and decode a photo file; raises :class:`ImageLoadError` for unreadable files."""
     path = Path(path)

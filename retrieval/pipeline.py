@@ -46,6 +46,7 @@ class BuildReport:
     added: int = 0  # photos stored
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable photos
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, "id N" or path it repeats)
+    duplicate_ids: list[int | None] = field(default_factory=list)  # per duplicate: the stored id it repeats
     seconds: float = 0.0  # wall time
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
 
@@ -154,6 +155,46 @@ def iter_embeddings(
         yield items, (encoder.encode_batch(torch.stack(tensors)) if tensors else None)
 
 
+@dataclass
+class Embedded:
+    """Photos run through :func:`embed_photos`."""
+
+    embeddings: np.ndarray  # (N, dim) float32, zero rows where a photo failed
+    sha256: list[str | None]  # digest of each photo's bytes (None when unreadable)
+    errors: list[str | None]  # why a photo has no embedding (None when it has one)
+    fresh: int = 0  # photos run through the encoder (the rest came from the cache, or failed)
+
+
+def embed_photos(
+    sources: Sequence[str | Path | bytes],
+    encoder: Encoder,
+    *,
+    cache: tuple[Sequence[str], np.ndarray] | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    desc: str = "embedding",
+) -> Embedded:
+    """Embed photos (paths or bytes); a photo whose sha256 is in ``cache`` (digests, embeddings) is not re-run."""
+    known = {sha: i for i, sha in enumerate(cache[0])} if cache is not None else None
+    out = Embedded(np.zeros((len(sources), encoder.dim), dtype=np.float32), [None] * len(sources),
+                   [None] * len(sources))
+    with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
+        for items, emb in iter_embeddings(iter_prepared(sources, encoder, known=known, workers=workers), encoder):
+            row = 0
+            for item in items:
+                out.sha256[item.position] = item.sha256
+                if item.duplicate_of is not None:
+                    out.embeddings[item.position] = cache[1][item.duplicate_of]  # type: ignore[index]
+                elif item.tensor is None:
+                    out.errors[item.position] = item.error or "unreadable"
+                else:
+                    out.embeddings[item.position] = emb[row]
+                    row += 1
+                    out.fresh += 1
+            bar.update(len(items))
+    return out
+
+
 def embed_sources(
     sources: Sequence[str | Path | bytes],
     encoder: Encoder,
@@ -163,19 +204,8 @@ def embed_sources(
     desc: str = "embedding",
 ) -> tuple[np.ndarray, list[str | None]]:
     """Embed photos (paths or bytes). Returns (N, dim) float32 (zero rows where failed) and per-photo errors."""
-    out = np.zeros((len(sources), encoder.dim), dtype=np.float32)
-    errors: list[str | None] = [None] * len(sources)
-    with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in iter_embeddings(iter_prepared(sources, encoder, workers=workers), encoder):
-            row = 0
-            for item in items:
-                if item.tensor is None:
-                    errors[item.position] = item.error
-                else:
-                    out[item.position] = emb[row]
-                    row += 1
-            bar.update(len(items))
-    return out, errors
+    done = embed_photos(sources, encoder, workers=workers, progress=progress, desc=desc)
+    return done.embeddings, done.errors
 
 
 def add_references(
@@ -227,8 +257,10 @@ def add_references(
                     report.skipped.append((str(rec.path), item.error))
                 elif item.duplicate_of is not None:
                     report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
+                    report.duplicate_ids.append(item.duplicate_of)
                 elif item.sha256 in seen_here:
                     report.duplicates.append((str(rec.path), seen_here[item.sha256]))
+                    report.duplicate_ids.append(None)
                     row += 1
                 else:
                     seen_here[item.sha256] = str(rec.path)

@@ -49,7 +49,7 @@ def base_gallery(tmp_path_factory) -> Path:
         return _BASE["dir"]
     needs_shared()
     from retrieval.encoders import EncoderConfig
-    from retrieval.session import build_gallery
+    from retrieval.workflows import build_gallery
 
     root = tmp_path_factory.mktemp("api_photos")
     for folder in SPECIES:

@@ -17,21 +17,17 @@ from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
 from PIL import Image
 
 from api.cli import main
+from index.pairs import similar_pairs
 from retrieval.clean import (
-    CSV_COLUMNS,
-    DEFAULT_TEMPLATES,
     CleanConfig,
     PhotoSet,
     ZeroShotResult,
     find_issues,
-    load_prompts,
     off_target_probability,
-    parse_prompts,
-    prompt_class_embeddings,
-    similar_pairs,
-    taxon_group,
-    zero_shot_probabilities,
 )
+from retrieval.clean_report import CSV_COLUMNS
+from retrieval.prompts import DEFAULT_TEMPLATES, load_prompts, parse_prompts, taxon_group
+from retrieval.zeroshot import class_embeddings, zero_shot_probabilities
 
 IMAGE_ONLY = "timm:test_vit@random"  # a tiny random timm ViT: no text tower, no download
 
@@ -121,22 +117,22 @@ def test_taxon_group_from_the_dataset():
 
 
 def test_class_embedding_is_the_normalised_mean_of_its_template_prompts(tiny_clip_dir, tmp_path, monkeypatch):
-    from retrieval.clean import cached_class_embeddings
     from retrieval.encoders import create_encoder
+    from retrieval.zeroshot import cached_class_embeddings
 
     enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", precision="fp32")
     ps = parse_prompts(PROMPTS)
-    emb = prompt_class_embeddings(enc, ps)
+    emb = class_embeddings(enc, ps.class_prompts())
     assert emb.shape == (2, enc.dim)
     for i, cls in enumerate(ps.classes):
         manual = enc.encode_text(ps.prompts(cls)).mean(axis=0)
         np.testing.assert_allclose(emb[i], manual / np.linalg.norm(manual), atol=1e-5)
     assert not np.allclose(emb[0], emb[1])
-    cached = cached_class_embeddings(enc, ps, tmp_path / "cache")
+    cached = cached_class_embeddings(enc, ps.class_prompts(), tmp_path / "cache")
     np.testing.assert_allclose(cached, emb, atol=1e-6)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     monkeypatch.setattr(enc, "encode_text", lambda texts: (_ for _ in ()).throw(AssertionError("not cached")))
-    np.testing.assert_array_equal(cached_class_embeddings(enc, ps, tmp_path / "cache"), cached)
+    np.testing.assert_array_equal(cached_class_embeddings(enc, ps.class_prompts(), tmp_path / "cache"), cached)
 
 
 # ------------------------------------------------------------------ scoring and thresholds
@@ -186,14 +182,16 @@ def test_similar_pairs_within_and_across_sets():
 def _stub_classes(monkeypatch, off_target_emb: np.ndarray, target_emb: np.ndarray) -> None:
     import retrieval.clean as rc
 
-    monkeypatch.setattr(rc, "prompt_class_embeddings", lambda enc, prompts: np.stack([target_emb, off_target_emb]))
+    monkeypatch.setattr(rc, "cached_class_embeddings",
+                        lambda enc, classes, cache_dir: np.stack([target_emb, off_target_emb]))
 
 
 def test_apply_excludes_from_search_and_probe_then_restore(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    from index.exclusions import excluded_ids
     from index.gallery import Gallery
-    from retrieval.clean import CLEAN_LOG, clean, excluded_ids
+    from index.layout import CLEAN_LOG
     from retrieval.encoders import EncoderConfig
-    from retrieval.session import build_gallery, train_gallery_probe
+    from retrieval.workflows import build_gallery, clean, train_gallery_probe
 
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
     paths = _photos(tmp_path / "photos")
@@ -241,7 +239,7 @@ def test_apply_excludes_from_search_and_probe_then_restore(tiny_clip_dir, tmp_pa
     assert g.store.count(include_excluded=True) == 8  # nothing deleted
     from retrieval.probe import Calibration
 
-    monkeypatch.setattr("retrieval.session.select_settings", lambda *a, **k: Calibration(C=1.0))
+    monkeypatch.setattr("retrieval.workflows.select_settings", lambda *a, **k: Calibration(C=1.0))
     assert train_gallery_probe(index, progress=False).probe.trained_on == 7
     # a second run finds the same photo, already excluded: nothing new logged
     code, out, _ = _run(capsys, "clean", "--index", index, "--prompts", prompts, "--threshold", threshold,

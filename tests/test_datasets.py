@@ -11,7 +11,6 @@ from PIL import Image
 
 from index.datasets import (
     DATASETS,
-    IMAGE_EXTENSIONS,
     DatasetScan,
     TaxonInfo,
     list_datasets,
@@ -19,6 +18,7 @@ from index.datasets import (
     lookup_taxon,
     parse_folder_name,
 )
+from index.photos import IMAGE_EXTENSIONS
 from index.records import ReferenceRecord
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

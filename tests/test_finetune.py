@@ -166,7 +166,7 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
 
     from api.cli import main
     from retrieval.encoders import EncoderConfig
-    from retrieval.session import build_gallery, open_identifier
+    from retrieval.workflows import build_gallery, open_identifier
 
     out, r = stage1
     index = tmp_path / "gallery"

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from api.deps import ReadKey, Service
 from api.routers._edge import ERRORS, edge, read_uploads
 from api.schemas import IdentifyOut, NeighbourOut, ResultOut, SearchOut, SearchVectorIn
-from index.geography import country_presence, resolve_country
+from index.geography import resolve_country
 from retrieval.vote import Rank
 
 router = APIRouter(prefix="/v1", tags=["identify"])
@@ -28,18 +28,19 @@ def identify(
     neighbours: Annotated[bool, Query(description="include the evidence reference photos")] = True,
 ) -> IdentifyOut:
     """Identify the animal in 1-5 photos of one observation, combined into one answer."""
-    presence = edge(lambda: country_presence(resolve_country(country))) if country else None
+    if country:
+        edge(lambda: resolve_country(country))  # a bad country is a 400 before any upload is decoded
     uploads = read_uploads(service, images, at_most=service.settings.max_images)
-    answer, results = edge(lambda: service.identify(uploads, top=k, rank=rank, presence=presence))
-    out = []
-    for r in results:
-        found = r.pop("neighbours")  # always popped: with neighbours=false it must not reach ResultOut twice
-        evidence = [NeighbourOut(**n.to_dict()) for n in found] if neighbours else []
-        out.append(ResultOut(**r, neighbours=evidence))
+    answer = edge(lambda: service.identify(uploads, top=k, rank=rank, country=country))
+    out = [
+        ResultOut(**{**r.to_dict(neighbours=False),
+                     "neighbours": [NeighbourOut(**n.to_dict()) for n in r.neighbours] if neighbours else []})
+        for r in answer.results
+    ]
     return IdentifyOut(
         results=out,
-        unknown=answer.unknown,
-        venomous_score=answer.venomous_score,
+        unknown=answer.identification.unknown,
+        venomous_score=answer.identification.venomous_score,
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
     )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
 
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import ERRORS, edge, read_uploads
-from api.schemas import AddReferencesOut, SpeciesOut
+from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
 from index.datasets import species_key
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
@@ -43,4 +43,6 @@ def add_references(
     """Add reference photos, creating the species if new; searchable by the very next request."""
     uploads = read_uploads(service, images, at_most=100)
     result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous))
-    return AddReferencesOut(**result)
+    return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
+                            added=result.report.added,
+                            duplicates=[DuplicateOut(file=f, id=i) for f, i in result.duplicates])

@@ -1,0 +1,122 @@
+"""Helpers shared by the command modules: output, common options, encoder and vote settings."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("speciesid")
+
+FORMATS = ("table", "json", "csv")
+
+
+def emit(text: str) -> None:
+    """Write one block of output (with a trailing newline) to stdout."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def fmt_bool(value: bool | None) -> str:
+    """yes / no / ?"""
+    return "?" if value is None else ("yes" if value else "no")
+
+
+def fmt_opt(value: float | None) -> str:
+    """A figure with 3 decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def to_csv(rows: list[dict], fields: Sequence[str]) -> str:
+    """Rows as CSV text with a header."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def parse_yes_no(value: str | None) -> bool | None:
+    """--venomous yes|no -> bool (None when not given)."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in ("yes", "y", "true", "1"):
+        return True
+    if v in ("no", "n", "false", "0"):
+        return False
+    raise ValueError(f"--venomous takes yes or no, not {value!r}")
+
+
+def photo_args(paths: Sequence[str]) -> tuple[list[Path], int]:
+    """Photos named on the command line (folders expanded, see index.photos); each bad argument is reported
+    on stderr and skipped. Returns (photos, how many arguments failed); no photo at all is an error."""
+    from index.photos import expand_photo_args
+
+    got = expand_photo_args(paths)
+    for arg, reason in got.problems:
+        logger.error("%s: %s", arg, reason)
+    if not got.photos:
+        raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
+    return got.photos, len(got.problems)
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    """-q / --quiet: no progress bar."""
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) -> None:
+    """--encoder, --weights, --device, --precision."""
+    from retrieval.encoders import PRECISIONS, SPEC_FORMS
+
+    help_spec = "encoder spec (" + ", ".join(SPEC_FORMS) + ")"
+    help_spec += f"; default {default_spec}" if default_spec else "; default: the one that built the index"
+    p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
+    p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight precision (default auto)")
+
+
+def encoder_config(args: argparse.Namespace):
+    """The encoder options (+ --batch-size) as an EncoderConfig."""
+    from retrieval.encoders import EncoderConfig
+
+    return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
+                         batch_size=args.batch_size)
+
+
+def add_vote_args(p: argparse.ArgumentParser) -> None:
+    """--knn, --temperature, --unknown-threshold, --method, --country."""
+    from retrieval.vote import DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_UNKNOWN_THRESHOLD
+
+    p.add_argument("--knn", type=int, default=None,
+                   help=f"neighbours that vote (default: the probe's chosen value, else {DEFAULT_K})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"vote weight exp(similarity/T) (default: the probe's, else {DEFAULT_TEMPERATURE})")
+    p.add_argument("--unknown-threshold", type=float, default=None,
+                   help="best score under this means 'unknown' (default: the probe's calibrated one, else "
+                   f"{DEFAULT_UNKNOWN_THRESHOLD})")
+    p.add_argument("--method", default="blend", choices=("blend", "knn", "probe"),
+                   help="blend (kNN + probe + text prior, whatever exists; default), knn only, or probe only")
+    p.add_argument("--country", help="ISO code or name (e.g. MA): favour species recorded in that country")
+
+
+def open_identifier(args: argparse.Namespace):
+    """The gallery's Identifier, with the command line's vote overrides."""
+    from retrieval.vote import VoteConfig
+    from retrieval.workflows import open_identifier as open_ident
+
+    ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
+                       precision=args.precision, use_probe=args.method != "knn")
+    if args.knn is not None or args.temperature is not None or args.unknown_threshold is not None:
+        c = ident.config
+        ident.config = VoteConfig(
+            k=args.knn if args.knn is not None else c.k,
+            temperature=args.temperature if args.temperature is not None else c.temperature,
+            unknown_threshold=args.unknown_threshold if args.unknown_threshold is not None else c.unknown_threshold,
+        )
+    return ident

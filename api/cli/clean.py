@@ -1,0 +1,102 @@
+"""``speciesid clean``: zero-shot filter, duplicates and leakage; reversible exclusions."""
+
+from __future__ import annotations
+
+import argparse
+
+from api.cli._common import add_quiet, emit, encoder_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the clean command."""
+    from index.datasets import DATASETS as datasets
+    from retrieval.clean import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_THRESHOLD
+    from retrieval.encoders import PRECISIONS, SPEC_FORMS
+    from retrieval.prompts import PROMPT_GROUPS
+
+    p = sub.add_parser(
+        "clean",
+        help="find off-target photos (zero-shot text prompts), duplicates and leakage; exclude them reversibly",
+        description="Zero-shot data cleaning. Scores every photo against target and off-target text prompts "
+        "(text-capable encoders such as bioclip; skipped with a notice for image-only ones), finds exact and "
+        "near duplicates in the set and against --against (leakage), and writes findings.csv + "
+        "contact_sheet.html to --report. --apply excludes flagged references from a gallery (--index); "
+        "--restore brings them back. Nothing is ever deleted.",
+    )
+    p.add_argument("--dataset", choices=datasets, help="dataset layout of --root (with --root)")
+    p.add_argument("--root", help="folder holding the photos to clean (with --dataset)")
+    p.add_argument("--metadata", help="metadata CSV (snakeclef2021; rare-species: default ROOT/metadata.csv)")
+    p.add_argument(
+        "--index", metavar="DIR",
+        help="gallery: without --dataset/--root its references are cleaned (stored embeddings reused); findings "
+        "map to its references by sha256; required by --apply and --restore",
+    )
+    p.add_argument("--against", metavar="DIR",
+                   help="another folder of photos (e.g. the evaluation set, any layout): report its photos that "
+                   "also sit in the cleaned set (leakage)")
+    p.add_argument("--encoder", default=None, metavar="SPEC",
+                   help="encoder spec (" + ", ".join(SPEC_FORMS) + "); default: the gallery's with --index, "
+                   "else bioclip")
+    p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight precision (default auto)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompt file ([target] / [off-target: NAME] sections, see docs/cleaning.md) or a shipped "
+                   f"group ({', '.join(PROMPT_GROUPS)}); default: from the dataset's taxon group")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P",
+                   help=f"flag a photo when its off-target probability is >= P (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
+                   help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS "
+                   f"(default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with MobileNetV1)")
+    p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot filter")
+    p.add_argument("--no-duplicates", action="store_true", help="skip duplicate and leakage detection")
+    p.add_argument("--report", metavar="DIR", help="where to write findings.csv, contact_sheet.html, summary.json "
+                   "(required unless --restore)")
+    p.add_argument("--apply", action="store_true",
+                   help="exclude the flagged references from the --index gallery's search and probe training "
+                   "(reversible with --restore; nothing is deleted)")
+    p.add_argument("--apply-to", default="off-target", metavar="KINDS",
+                   help="comma-separated finding kinds --apply excludes (" + ", ".join(APPLY_KINDS) + "; default "
+                   "off-target). Duplicate groups keep their oldest reference; leaks exclude the gallery's copy")
+    p.add_argument("--restore", nargs="?", const="last", choices=("last", "all"),
+                   help="bring excluded references of --index back: 'last' (default) undoes the last --apply run, "
+                   "'all' clears every exclusion of the gallery")
+    add_quiet(p)
+    p.set_defaults(func=cmd_clean)
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from retrieval.clean import CleanConfig
+    from retrieval.workflows import clean, restore_exclusions
+
+    if args.restore:
+        if not args.index:
+            raise ValueError("--restore needs --index DIR: the gallery whose exclusions to undo")
+        if args.apply:
+            raise ValueError("--apply and --restore undo each other; give one of them")
+        gallery, found = restore_exclusions(args.index, args.restore)
+        emit(f"restored {found} references ({args.restore}); gallery {gallery.root} now has {len(gallery)} "
+              "searchable references")
+        return 0
+    if not args.report:
+        raise ValueError("--report DIR is required: where findings.csv and contact_sheet.html are written")
+    kinds = [k.strip() for k in args.apply_to.split(",") if k.strip()]
+    result = clean(
+        dataset=args.dataset,
+        root=args.root,
+        metadata=args.metadata,
+        index=args.index,
+        against=args.against,
+        encoder=encoder_config(args),
+        config=CleanConfig(prompts=args.prompts, threshold=args.threshold, dup_threshold=args.dup_threshold,
+                           zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates),
+        report_dir=args.report,
+        apply=args.apply,
+        apply_kinds=kinds,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    emit(result.summary())
+    return 0

@@ -1,0 +1,39 @@
+"""``speciesid evaluate``: identify a labelled set and write a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from api.cli._common import add_encoder_args, add_quiet, add_vote_args, emit, fmt_opt, open_identifier
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the evaluate command."""
+    from index.datasets import DATASETS
+
+    p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True)
+    p.add_argument("--metadata")
+    p.add_argument("--report", default="report", metavar="DIR", help="where to write the report (default report/)")
+    add_vote_args(p)
+    add_encoder_args(p, default_spec=None)
+    add_quiet(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from retrieval.workflows import evaluate_dataset
+
+    ident = open_identifier(args)
+    run = evaluate_dataset(ident, args.dataset, args.root, metadata=args.metadata, country=args.country,
+                           report_dir=args.report, progress=not args.quiet)
+    for method, r in run.results.items():
+        emit(
+            f"{method:6s} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+            f"venomous recall {fmt_opt(r['venomous_recall'])}  coverage {r['coverage']:.3f}  "
+            f"accuracy answered {fmt_opt(r['accuracy_answered'])}"
+        )
+    emit("report: " + ", ".join(str(p) for p in run.files.values()))
+    return 0

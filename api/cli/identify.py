@@ -1,0 +1,137 @@
+"""``speciesid identify`` and ``speciesid search``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from api.cli._common import (
+    FORMATS,
+    add_encoder_args,
+    add_quiet,
+    add_vote_args,
+    emit,
+    logger,
+    open_identifier,
+    photo_args,
+    to_csv,
+)
+
+RANKS = ("species", "genus", "family")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the identify and search commands."""
+    p = sub.add_parser(
+        "identify", help="identify the species in photos",
+        description="Identify each photo (or, with --observation, all photos as one animal) against a gallery: "
+        "kNN vote blended with the gallery's probe and text prior, optionally weighted by --country, reported "
+        "as species or rolled up to --rank genus/family with the evidence photos.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders of photos")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--k", type=int, default=5, help="candidates to report per answer (default 5)")
+    p.add_argument("--neighbours", type=int, default=5, help="evidence photos to report (default 5)")
+    p.add_argument("--rank", default="species", choices=RANKS,
+                   help="report species (default), or scores rolled up to genus or family")
+    p.add_argument("--observation", action="store_true",
+                   help="the photos show one animal: one answer from all of them (neighbours vote together)")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    add_vote_args(p)
+    add_encoder_args(p, default_spec=None)
+    add_quiet(p)
+    p.set_defaults(func=cmd_identify)
+
+    p = sub.add_parser("search", help="raw nearest reference photos of one photo")
+    p.add_argument("image", metavar="IMG")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--k", type=int, default=10, help="neighbours (default 10)")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    add_vote_args(p)
+    add_encoder_args(p, default_spec=None)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    from retrieval.workflows import identify
+
+    paths, bad_args = photo_args(args.images)
+    ident = open_identifier(args)
+    answers = identify(ident, paths, observation=args.observation, top=args.k, method=args.method,
+                       rank=args.rank, country=args.country, progress=not args.quiet and len(paths) > 20)
+    results = []
+    for a in answers:
+        if a.error is not None:
+            results.append({"image": a.source, "error": a.error})
+            continue
+        r = {"image": a.source, **a.identification.to_dict(neighbours=args.neighbours)}
+        if args.rank != "species":
+            r["rank"] = args.rank
+            r["results"] = [
+                {**res.to_dict(neighbours=False), "evidence": [n.id for n in res.neighbours[: args.neighbours]]}
+                for res in a.results
+            ]
+        results.append(r)
+    if args.format == "json":
+        emit(json.dumps(results, indent=2))
+    elif args.format == "csv":
+        emit(_identify_csv(results, args.rank))
+    else:
+        for r in results:
+            emit(_identify_table(r, args.rank))
+    failed = sum("error" in r for r in results)
+    if failed:
+        logger.warning("%d of %d photos could not be read", failed, len(paths))
+    return 1 if failed or bad_args else 0
+
+
+def _identify_csv(results: list[dict], rank: str) -> str:
+    rows = []
+    for r in results:
+        ranked = r.get("results") if rank != "species" else r.get("predictions", [])
+        for i, p in enumerate(ranked or [], 1):
+            name = p.get("name", p.get("species"))
+            rows.append({"image": r["image"], "rank": i, "level": rank, **p, "name": name, "unknown": r["unknown"]})
+        if "error" in r:
+            rows.append({"image": r["image"], "error": r["error"]})
+    fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
+              "unknown", "error"]
+    return to_csv(rows, fields)
+
+
+def _identify_table(r: dict, rank: str) -> str:
+    lines = [r["image"]]
+    if "error" in r:
+        return "\n".join([*lines, f"  error: {r['error']}"])
+    if r["unknown"]:
+        lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
+    if rank == "species":
+        for i, p in enumerate(r["predictions"], 1):
+            name = p["species"] + (f" ({p['common_name']})" if p["common_name"] else "")
+            venom = "  VENOMOUS" if p["venomous"] else ""
+            lines.append(f"  {i}. {p['score']:6.1%}  {name}  [{p['family'] or '?'}]{venom}")
+    else:
+        for i, p in enumerate(r["results"], 1):
+            venom = "  VENOMOUS (some member)" if p["venomous"] else ""
+            family = f"  [{p['family']}]" if rank == "genus" and p["family"] else ""
+            evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
+            lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
+    if r.get("venomous_score") is not None:
+        lines.append(f"  probability medically important venomous: {r['venomous_score']:.1%}")
+    return "\n".join(lines)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from retrieval.workflows import search
+
+    paths, _ = photo_args([args.image])
+    ident = open_identifier(args)
+    neighbours = [n.to_dict() for n in search(ident, paths[0], k=args.k)]
+    if args.format == "json":
+        emit(json.dumps({"image": str(paths[0]), "neighbours": neighbours}, indent=2))
+    elif args.format == "csv":
+        emit(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
+    else:
+        for rank, n in enumerate(neighbours, 1):
+            emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {n['path']}")
+    return 0

@@ -1,0 +1,94 @@
+"""``speciesid index build|info`` and ``speciesid species list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from api.cli._common import FORMATS, add_encoder_args, add_quiet, emit, encoder_config, fmt_bool, to_csv
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the index and species command groups."""
+    from index.datasets import DATASETS
+    from index.vectors import KINDS
+
+    p_index = sub.add_parser("index", help="build and inspect galleries")
+    s_index = p_index.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_index.add_parser("build", help="embed a dataset into a gallery (LanceDB store + FAISS index)")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout of --root")
+    p.add_argument("--root", required=True, help="folder holding the photos")
+    p.add_argument("--metadata", help="metadata CSV (required for snakeclef2021; rare-species: metadata.csv)")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory (created if new)")
+    add_encoder_args(p, default_spec="bioclip")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--index-kind", default="auto", choices=KINDS,
+                   help="FAISS index: exact flat, or approximate (auto: flat below 50k references, HNSW above)")
+    p.add_argument("--clean", action="store_true",
+                   help="after building, run the zero-shot filter (text-capable encoders) and exclude off-target "
+                   "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report")
+    p.add_argument("--prompts", metavar="FILE", help="with --clean: prompt file or group (snakes, animals); "
+                   "default from the dataset's taxon group")
+    p.add_argument("--clean-threshold", type=float, default=0.5, metavar="P",
+                   help="with --clean: off-target probability at which a reference is excluded (default 0.5)")
+    add_quiet(p)
+    p.set_defaults(func=cmd_index_build)
+    p = s_index.add_parser("info", help="show what a gallery holds and which encoder built it")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_index_info)
+
+    p_sp = sub.add_parser("species", help="species in a gallery")
+    s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_sp.add_parser("list", help="species with reference counts, family and venomous flag")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--format", default="table", choices=FORMATS)
+    p.set_defaults(func=cmd_species_list)
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from index.vectors import VectorIndexConfig
+    from retrieval.clean import CleanConfig
+    from retrieval.workflows import build_gallery
+
+    clean = CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False) if args.clean else None
+    result = build_gallery(
+        args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
+        index_config=VectorIndexConfig(kind=args.index_kind), workers=args.workers, progress=not args.quiet,
+        clean=clean,
+    )
+    g = result.gallery
+    emit(
+        f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "
+        f"encoder {g.encoder_spec}, {g.index.kind} index\n"
+        f"{result.report.summary()}"
+    )
+    for warning in result.scan.warnings:
+        emit(f"warning: {warning}")
+    if result.clean is not None:
+        emit(result.clean.summary())
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from retrieval.workflows import gallery_info
+
+    emit(json.dumps(gallery_info(args.index), indent=2))
+    return 0
+
+
+def cmd_species_list(args: argparse.Namespace) -> int:
+    from retrieval.workflows import list_species
+
+    fields = ["species", "common_name", "genus", "family", "venomous", "count"]
+    species = [{f: getattr(s, f) for f in fields} for s in list_species(args.index)]
+    if args.format == "json":
+        emit(json.dumps(species, indent=2))
+    elif args.format == "csv":
+        emit(to_csv(species, fields))
+    else:
+        for s in species:
+            common = f" ({s['common_name']})" if s["common_name"] else ""
+            emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  venomous: {fmt_bool(s['venomous'])}")
+        emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
+    return 0

@@ -1,0 +1,96 @@
+"""``speciesid probe train|import``: calibrate the blend of the kNN vote with a probe."""
+
+from __future__ import annotations
+
+import argparse
+
+from api.cli._common import add_quiet, emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the probe command group."""
+    from index.datasets import DATASETS
+
+    p_probe = sub.add_parser("probe", help="linear-probe head blended with the kNN vote")
+    s_probe = p_probe.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_probe.add_parser(
+        "train",
+        help="train the probe on the gallery; choose k, T, blend weight, unknown threshold on validation data",
+    )
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
+    p.add_argument("--val-root", help="labelled validation photos (default: cross-validation on the gallery)")
+    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
+    p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
+    p.add_argument("--text-strength", type=float, default=1.0,
+                   help="text prior weight, in photos' worth of evidence (default 1)")
+    p.add_argument("--device", default="auto")
+    add_quiet(p)
+    p.set_defaults(func=cmd_probe_train)
+    p = s_probe.add_parser(
+        "import",
+        help="use a fine-tuned network's head (speciesid finetune --out DIR) as the probe of a gallery built with "
+        "that network; no training, only k, T, blend weight and unknown threshold are chosen",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery built with --encoder timm:local-dir:OUT")
+    p.add_argument("--from", dest="from_dir", required=True, metavar="OUT", help="the fine-tuned model folder")
+    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
+    p.add_argument("--val-root", help="labelled validation photos to choose the settings on (recommended; default: "
+                   "cross-validation over the gallery with the head fixed, which favours the head since it was "
+                   "trained on those photos)")
+    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
+    p.add_argument("--device", default="auto")
+    add_quiet(p)
+    p.set_defaults(func=cmd_probe_import)
+
+
+def _selection_line(m: dict, head: str) -> str:
+    return (
+        f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
+        f"{head} {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; unknown threshold gives "
+        f"precision {m.get('unknown_precision', float('nan')):.3f} at coverage {m.get('unknown_coverage', 0):.3f}"
+    )
+
+
+def cmd_probe_train(args: argparse.Namespace) -> int:
+    from retrieval.workflows import train_gallery_probe
+
+    result = train_gallery_probe(
+        args.index, val_dataset=args.val_dataset, val_root=args.val_root, val_metadata=args.val_metadata,
+        checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, device=args.device,
+        progress=not args.quiet,
+    )
+    p = result.probe
+    s = p.calibration
+    emit(
+        f"probe: {len(p.species)} species, {p.trained_on} references, trained in {result.seconds_train:.1f} s "
+        f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on})\n"
+        f"chosen: C={s.C} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
+        f"unknown threshold={s.unknown_threshold}\n" + _selection_line(s.metrics, "probe")
+    )
+    if result.text_species:
+        emit(f"text prior: {result.text_species} species (gallery + checklist)")
+    return 0
+
+
+def cmd_probe_import(args: argparse.Namespace) -> int:
+    from retrieval.workflows import import_gallery_probe
+
+    result = import_gallery_probe(
+        args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
+        val_metadata=args.val_metadata, folds=args.folds, device=args.device, progress=not args.quiet,
+    )
+    p = result.probe
+    s = p.calibration
+    m = s.metrics
+    emit(
+        f"probe: the head of {args.from_dir} ({len(p.species)} species), no training; settings chosen in "
+        f"{result.seconds_select:.1f} s on {s.selected_on}\n"
+        + (f"head probabilities calibrated on the validation photos: logits / {m['head_temperature']:.3g}\n"
+           if "head_temperature" in m else "head probabilities uncalibrated (give --val-root to calibrate them)\n")
+        + f"chosen: k={s.k} T={s.temperature} blend weight={s.blend_weight} unknown threshold={s.unknown_threshold}\n"
+        + _selection_line(m, "head")
+    )
+    return 0

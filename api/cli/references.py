@@ -1,0 +1,54 @@
+"""``speciesid references add|delete``."""
+
+from __future__ import annotations
+
+import argparse
+
+from api.cli._common import add_quiet, emit, parse_yes_no, photo_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the references command group."""
+    p_ref = sub.add_parser("references", help="add or delete reference photos")
+    s_ref = p_ref.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_ref.add_parser("add", help="add reference photos of a species (created if new); no retraining")
+    p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje"')
+    p.add_argument("--common-name", help="English common name")
+    p.add_argument("--venomous", help="yes or no: medically important venomous (default: from taxonomy)")
+    p.add_argument("--genus", help="genus (default: first word of --species)")
+    p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
+    p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
+    p.add_argument("--weights", default=None, help="(default: the gallery's weights)")
+    p.add_argument("--device", default="auto")
+    add_quiet(p)
+    p.set_defaults(func=cmd_references_add)
+    p = s_ref.add_parser("delete", help="delete reference photos by id")
+    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p.add_argument("--index", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_references_delete)
+
+
+def cmd_references_add(args: argparse.Namespace) -> int:
+    from retrieval.workflows import add_photos, open_gallery
+
+    paths, bad_args = photo_args(args.images)
+    gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device)
+    result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
+                        venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
+                        progress=not args.quiet and len(paths) > 20)
+    report = result.report
+    status = "existing" if result.existed else "new"
+    emit(f"{result.species} ({status} species): {report.summary()}")
+    if report.ids:
+        emit(f"ids: {', '.join(map(str, report.ids))}")
+    return 1 if report.skipped or bad_args else 0
+
+
+def cmd_references_delete(args: argparse.Namespace) -> int:
+    from retrieval.workflows import delete_references
+
+    found = delete_references(args.index, args.ids)
+    emit(f"deleted {found} of {len(args.ids)} references")
+    return 0 if found == len(args.ids) else 1

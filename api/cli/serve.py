@@ -1,0 +1,51 @@
+"""``speciesid serve`` (the HTTP API and web page) and ``speciesid encoders list``."""
+
+from __future__ import annotations
+
+import argparse
+
+from api.cli._common import emit, logger
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the serve command and the encoders command group."""
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP API and web page (settings from SPECIESID_* environment variables or .env)",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
+    p.set_defaults(func=cmd_serve)
+
+    p_enc = sub.add_parser("encoders", help="encoder specs")
+    s_enc = p_enc.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = s_enc.add_parser("list", help="the accepted encoder spec forms")
+    p.set_defaults(func=cmd_encoders_list)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings
+    from index.gallery import read_gallery_info
+
+    read_gallery_info(args.index)  # fail fast, with the clear message, before uvicorn starts
+    overrides = {"index": args.index}
+    if args.device:
+        overrides["device"] = args.device
+    settings = Settings(**overrides)
+    if not settings.key_list():
+        logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def cmd_encoders_list(args: argparse.Namespace) -> int:
+    from retrieval.encoders import ALIASES, list_encoders
+
+    for form in list_encoders():
+        emit(f"{form}" + (f"  = {ALIASES[form]}" if form in ALIASES else ""))
+    return 0

@@ -1,0 +1,660 @@
+"""The workflows the CLI and the HTTP API run, and nothing else: the one way each is put together.
+
+- build a gallery (:func:`build_gallery`), open one with its encoder (:func:`open_gallery`,
+  :func:`open_identifier`);
+- identify photos, bytes or embeddings, one photo or one multi-photo observation, at species, genus or
+  family rank, with a country prior (:func:`identify`);
+- evaluate on a labelled set (:func:`evaluate_dataset`);
+- add reference photos from paths or uploaded bytes, with one duplicate check (:func:`add_photos`);
+- calibrate the blend: train the probe (:func:`train_gallery_probe`) or import a fine-tuned head
+  (:func:`import_gallery_probe`);
+- clean a dataset or a gallery (:func:`clean`, :func:`restore_exclusions`).
+
+The work itself lives in the modules named in each function; this module only wires them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from index import exclusions
+from index.atomic import atomic_write
+from index.datasets import DatasetScan, load_checklist, load_dataset, lookup_taxon, new_species_references
+from index.gallery import Gallery, Neighbour, read_gallery_info
+from index.geography import country_presence, resolve_country
+from index.layout import GalleryLayout, check_encoder
+from index.photos import find_photos
+from index.store import SpeciesSummary
+from index.vectors import VectorIndexConfig
+from retrieval.calibrate import select_settings
+from retrieval.clean import APPLY_KINDS, CleanConfig, CleanResult, PhotoSet, apply_exclusions, check_photos
+from retrieval.clean_report import write_report as write_clean_report
+from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
+from retrieval.images import ImageLoadError, image_format, sha256_bytes
+from retrieval.metrics import EvalItem, evaluate, write_report
+from retrieval.pipeline import BuildReport, add_references, embed_photos
+from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.textprior import load_text_prior, save_text_prior
+from retrieval.vote import Rank, VoteConfig, parse_rank
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- build
+@dataclass
+class BuildResult:
+    """What ``build_gallery`` did."""
+
+    gallery: Gallery  # the gallery, open
+    scan: DatasetScan  # what the dataset loader found (with its warnings)
+    report: BuildReport  # added / skipped / duplicates / timing
+    clean: CleanResult | None = None  # the zero-shot filter's findings (build with clean=...)
+
+
+def build_gallery(
+    index_dir: str | Path,
+    dataset: str,
+    root: str | Path,
+    *,
+    metadata: str | Path | None = None,
+    encoder: EncoderConfig | None = None,
+    index_config: VectorIndexConfig | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    clean: CleanConfig | None = None,
+) -> BuildResult:
+    """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
+
+    Building into an existing gallery adds what is new (identical photos are stored once). With ``clean``,
+    the zero-shot filter then excludes off-target references (report in the gallery's ``clean-report``).
+    """
+    scan = load_dataset(dataset, root, metadata=metadata)
+    for warning in scan.warnings:
+        logger.warning("%s", warning)
+    if not scan.records:
+        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+    config = encoder or EncoderConfig()
+    enc = create_encoder_from_config(config)
+    gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights)
+    report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
+    gallery.finish_build()
+    cleaned = _clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
+    return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned)
+
+
+def open_gallery(
+    index_dir: str | Path,
+    *,
+    encoder: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+) -> tuple[Gallery, Encoder]:
+    """Open a gallery with the encoder that built it (or refuse another one, saying which built it)."""
+    built = read_gallery_info(index_dir)["encoder"]
+    config = EncoderConfig(
+        spec=encoder or built["spec"],
+        weights=weights if encoder else (weights or built.get("weights")),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+    )
+    enc = create_encoder_from_config(config)
+    return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint), enc
+
+
+def open_identifier(
+    index_dir: str | Path,
+    *,
+    encoder: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    vote: VoteConfig | None = None,
+    use_probe: bool = True,
+) -> Identifier:
+    """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
+    gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision)
+    probe = None
+    if use_probe and has_probe(index_dir):
+        probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
+    text = load_text_prior(index_dir, enc) if use_probe else None
+    return Identifier(enc, gallery, vote, probe=probe, text_prior=text)
+
+
+# -------------------------------------------------------------------------------------------- identify
+@dataclass
+class Answer:
+    """The answer for one photo, or for one observation (several photos of one animal)."""
+
+    source: str  # the photo's path or upload name ("a, b, c" for an observation)
+    error: str | None = None  # why there is no answer (unreadable photo)
+    identification: Identification | None = None  # scores, evidence, unknown flag
+    results: list[RankedResult] = field(default_factory=list)  # the best candidates at the asked rank
+
+
+def presence_for(country: str | None) -> dict[str, bool] | None:
+    """species -> recorded in ``country`` (ISO code or name); None without a country."""
+    return country_presence(resolve_country(country)) if country else None
+
+
+def identify(
+    ident: Identifier,
+    photos: Sequence[str | Path | bytes] | None = None,
+    *,
+    embeddings: np.ndarray | None = None,
+    names: Sequence[str] | None = None,
+    observation: bool = False,
+    top: int = 5,
+    method: Method | str = Method.BLEND,
+    rank: Rank | str = Rank.SPECIES,
+    country: str | None = None,
+    progress: bool = False,
+) -> list[Answer]:
+    """Identify photos (paths or bytes) or their ``embeddings``: one answer per photo, or one per observation.
+
+    ``observation``: the photos show one animal; their neighbours vote together and the probe sees their
+    mean embedding. ``rank``: candidates as species, or rolled up to genus or family with their evidence.
+    A photo that cannot be read gets an answer with its ``error`` (the others are still identified).
+    """
+    if (photos is None) == (embeddings is None):
+        raise ValueError("identify needs photos or embeddings (one of the two)")
+    rank = parse_rank(rank)
+    presence = presence_for(country)
+    if embeddings is None:
+        done = embed_photos(list(photos), ident.encoder, progress=progress, desc="identifying")
+        emb, errors = done.embeddings, done.errors
+        names = names or [f"image #{i}" if isinstance(p, bytes) else str(p) for i, p in enumerate(photos)]
+    else:
+        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        errors = [None] * len(emb)
+        names = names or [f"embedding #{i}" for i in range(len(emb))]
+    ok = [i for i, e in enumerate(errors) if e is None]
+    failed = [Answer(source=names[i], error=errors[i]) for i in range(len(errors)) if errors[i] is not None]
+    if observation:
+        if not ok:
+            return failed
+        found = ident.identify_observation(emb[ok], top=max(top, 1), method=method, presence=presence)
+        source = ", ".join(names[i] for i in ok)
+        return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa())), *failed]
+    found_each = ident.identify_embeddings(emb[ok], top=max(top, 1), method=method, presence=presence) if ok else []
+    answers: dict[int, Answer] = {
+        i: Answer(names[i], None, a, ranked_results(a, rank, top, ident.taxa()))
+        for i, a in zip(ok, found_each, strict=True)
+    }
+    answers.update({i: Answer(names[i], errors[i]) for i in range(len(errors)) if errors[i] is not None})
+    return [answers[i] for i in range(len(errors))]
+
+
+def search(
+    ident: Identifier, photo: str | Path | bytes | None = None, *, embedding: Sequence[float] | None = None, k: int = 10
+) -> list[Neighbour]:
+    """The ``k`` nearest reference photos of one photo, or of an embedding made elsewhere (L2-normalised here)."""
+    if (photo is None) == (embedding is None):
+        raise ValueError("search needs a photo or an embedding (one of the two)")
+    if embedding is None:
+        done = embed_photos([photo], ident.encoder)
+        if done.errors[0] is not None:
+            raise ImageLoadError(f"{'the photo' if isinstance(photo, bytes) else photo}: {done.errors[0]}")
+        return ident.search(done.embeddings, k)[0]
+    v = np.asarray(embedding, dtype=np.float64)
+    dim = ident.gallery.dim
+    if v.ndim != 1 or v.shape[0] != dim:
+        raise ValueError(f"embedding must be a list of {dim} numbers, got shape {list(v.shape)}")
+    if not np.all(np.isfinite(v)) or not np.any(v):
+        raise ValueError("embedding must be finite and not all zeros")
+    v = v / np.abs(v).max()  # scale first: tiny or huge values must not under/overflow the norm
+    return ident.search((v / np.linalg.norm(v)).astype(np.float32)[None], k)[0]
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvaluationRun:
+    """What ``evaluate_dataset`` measured and wrote."""
+
+    results: dict[str, dict]  # method -> metrics (retrieval.metrics.evaluate)
+    notes: list[str]  # what was evaluated, with which settings
+    files: dict[str, Path]  # the report files
+    queries: int  # photos identified
+    unreadable: int  # photos skipped
+
+
+def evaluate_dataset(
+    ident: Identifier,
+    dataset: str,
+    root: str | Path,
+    *,
+    metadata: str | Path | None = None,
+    country: str | None = None,
+    report_dir: str | Path = "report",
+    progress: bool = True,
+) -> EvaluationRun:
+    """Identify a labelled set with every method the gallery has; write the JSON + Markdown report."""
+    scan = load_dataset(dataset, root, metadata=metadata)
+    done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
+    ok = [i for i, e in enumerate(done.errors) if e is None]
+    presence = presence_for(country)
+    methods = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
+    taxa = ident.taxa()
+    venomous = {s: t.venomous for s, t in taxa.items()}
+    for r in scan.records:
+        if venomous.get(r.species) is None:
+            info = lookup_taxon(r.species)
+            venomous[r.species] = r.venomous if r.venomous is not None else (info.venomous if info else None)
+    results = {}
+    for method in methods:
+        answers = ident.identify_embeddings(done.embeddings[ok], top=len(taxa) or 5, method=method,
+                                            presence=presence)
+        items = [EvalItem(truth=scan.records[i].species, scores=a.scores, unknown=a.unknown,
+                          country=scan.records[i].country, image=str(scan.records[i].path))
+                 for i, a in zip(ok, answers, strict=True)]
+        results[method] = evaluate(items, venomous=venomous)
+    c = ident.config
+    notes = [
+        f"gallery {ident.gallery.root} ({len(ident.gallery)} references, encoder {ident.gallery.encoder_spec})",
+        f"queries: dataset {dataset} at {root}: {len(ok)} photos"
+        + (f", {len(scan.records) - len(ok)} unreadable and skipped" if len(ok) < len(scan.records) else ""),
+        f"kNN k={c.k}, T={c.temperature}, unknown threshold {c.unknown_threshold}"
+        + (f"; blend weight {ident.blend_weight}" if ident.probe is not None else "; no probe (kNN only)"),
+    ]
+    if country:
+        notes.append(f"country prior: {country}")
+    files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
+    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - len(ok))
+
+
+# ------------------------------------------------------------------------------------------ references
+@dataclass
+class AddResult:
+    """What ``add_photos`` did."""
+
+    species: str  # the name the photos were stored under (an existing spelling when one matched)
+    created: bool  # the species was new to the gallery and now has photos
+    existed: bool  # the gallery already had the species
+    report: BuildReport  # added ids, duplicates (with the id they repeat), unreadable photos
+    duplicates: list[tuple[str, int | None]] = field(default_factory=list)  # (photo or upload name, id it repeats)
+
+
+def add_photos(
+    gallery: Gallery,
+    encoder: Encoder,
+    species: str,
+    photos: Sequence[str | Path] | Sequence[tuple[str, bytes]],
+    *,
+    common_name: str | None = None,
+    venomous: bool | None = None,
+    genus: str | None = None,
+    family: str | None = None,
+    dataset: str = "added",
+    progress: bool = False,
+) -> AddResult:
+    """Store photos as references of ``species`` (created if new); searchable when this returns.
+
+    ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept in the gallery's ``uploads/``
+    folder by content digest. One duplicate check for both (:func:`retrieval.pipeline.add_references`):
+    photos whose bytes are already stored, or repeat an earlier photo of the call, are stored once.
+    """
+    paths: list[Path] = []
+    written: list[Path] = []
+    names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
+    for item in photos:
+        if isinstance(item, tuple):
+            path, new = _keep_upload(gallery.layout.uploads, *item)
+            names.setdefault(str(path), []).append(item[0])
+            paths.append(path)
+            written += [path] if new else []
+        else:
+            paths.append(Path(item))
+    name, records, prior = new_species_references(
+        species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
+        genus=genus, family=family,
+    )
+    report = add_references(gallery, encoder, records, progress=progress)
+    stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
+    for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
+        if str(path) not in stored:
+            path.unlink(missing_ok=True)
+    for path in stored & names.keys():
+        names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
+    duplicates = [(names[p].pop(0) if names.get(p) else p, i)
+                  for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
+    return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
+                     report=report, duplicates=duplicates)
+
+
+def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:
+    """Store uploaded bytes as ``folder/<sha256><ext>``; (path, whether this call wrote it)."""
+    ext = _EXTENSIONS.get(image_format(data) or "", Path(name).suffix.lower() or ".img")
+    path = folder / f"{sha256_bytes(data)}{ext}"
+    if path.exists():
+        return path, False
+    atomic_write(path, data)
+    return path, True
+
+
+_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "GIF": ".gif", "BMP": ".bmp",
+               "TIFF": ".tif"}
+
+
+def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> int:
+    """Delete references by id; returns how many existed."""
+    return _gallery(gallery).delete(ids)
+
+
+def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
+    """The gallery's species with reference counts and metadata, sorted by name."""
+    return _gallery(gallery).species()
+
+
+def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
+    """What a gallery holds and which encoder built it."""
+    g = _gallery(gallery)
+    return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g), "species": len(g.species()),
+            "index_kind": g.index.kind, "store_version": g.store.version}
+
+
+def _gallery(gallery: Gallery | str | Path) -> Gallery:
+    return gallery if isinstance(gallery, Gallery) else Gallery.open(gallery)
+
+
+# ---------------------------------------------------------------------------------------------- probe
+@dataclass
+class ProbeResult:
+    """What ``train_gallery_probe`` / ``import_gallery_probe`` did."""
+
+    probe: LinearProbe  # the probe (saved beside the gallery)
+    seconds_select: float  # time spent choosing settings
+    seconds_train: float  # time spent training the final probe
+    text_species: int  # species covered by the text prior (0 when none)
+
+
+def _selection_data(
+    gallery: Gallery, enc: Encoder, val_dataset: str | None, val_root: str | Path | None,
+    val_metadata: str | Path | None, progress: bool,
+) -> tuple[np.ndarray, list[str], np.ndarray | None, list[str] | None]:
+    """The gallery's vectors and species, and the validation photos' embeddings and species (None without)."""
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    labels = [str(meta.at[int(i), "species"]) for i in ids]
+    if val_root is None:
+        return vectors, labels, None, None
+    scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
+    done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
+    ok = [i for i, e in enumerate(done.errors) if e is None]
+    return vectors, labels, done.embeddings[ok], [scan.records[i].species for i in ok]
+
+
+def train_gallery_probe(
+    index_dir: str | Path,
+    *,
+    val_dataset: str | None = None,
+    val_root: str | Path | None = None,
+    val_metadata: str | Path | None = None,
+    checklist: str | None = None,
+    text_strength: float = 1.0,
+    folds: int = 3,
+    device: str = "auto",
+    progress: bool = True,
+) -> ProbeResult:
+    """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
+
+    With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
+    plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
+    """
+    gallery, enc = open_gallery(index_dir, device=device)
+    vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
+    t0 = time.perf_counter()
+    calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
+                                  val_labels=val_labels, val_name=str(val_root), folds=folds)
+    t1 = time.perf_counter()
+    probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
+    probe.calibration = calibration
+    t2 = time.perf_counter()
+    probe.save(index_dir)
+    text_species = 0
+    if enc.supports_text:
+        taxa = {s.species: s for s in gallery.species()}
+        for t in load_checklist(checklist) if checklist else []:
+            taxa.setdefault(t.species, SpeciesSummary(t.species, t.genus, t.family, None, t.venomous, 0))
+        save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
+        text_species = len(taxa)
+    elif checklist:
+        logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
+    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species)
+
+
+def import_gallery_probe(
+    index_dir: str | Path,
+    from_dir: str | Path,
+    *,
+    val_dataset: str | None = None,
+    val_root: str | Path | None = None,
+    val_metadata: str | Path | None = None,
+    folds: int = 3,
+    device: str = "auto",
+    progress: bool = True,
+) -> ProbeResult:
+    """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
+
+    The gallery must have been built with that network as its encoder (same weights). No probe is trained:
+    only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else
+    out-of-fold over the gallery with the head fixed (which favours the head: it was trained on them).
+    """
+    probe = _finetuned_head(from_dir)
+    gallery, enc = open_gallery(index_dir, device=device)
+    check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
+                  fix=f"it must be built with the fine-tuned network of {from_dir}: "
+                  f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
+    vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
+    t0 = time.perf_counter()
+    head_temperature = None
+    if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on
+        head_temperature = fit_head_temperature(probe, val_emb, val_labels)
+        probe = probe.scaled(head_temperature)
+    else:
+        logger.info("no --val-root: the head's probabilities are left uncalibrated (its training photos would "
+                    "make it over-confident)")
+    probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
+                                        val_embeddings=val_emb, val_labels=val_labels, val_name=str(val_root),
+                                        folds=folds)
+    if head_temperature is not None:
+        probe.calibration.metrics["head_temperature"] = head_temperature
+    probe.fingerprint = gallery.fingerprint
+    probe.source = f"finetune:{from_dir}"
+    probe.save(index_dir)
+    return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
+def _finetuned_head(folder: str | Path) -> LinearProbe:
+    """The head of a ``speciesid finetune`` output folder, as a probe (ValueError when it is not one)."""
+    folder = Path(folder)
+    if not has_probe(folder):
+        raise ValueError(f"{folder} is not a fine-tuned model folder (no probe.json): give the --out folder of "
+                         "'speciesid finetune'")
+    probe = LinearProbe.load(folder)
+    if not (probe.source or "").startswith("finetune:"):
+        raise ValueError(f"{folder} holds a probe, but not the head of a 'speciesid finetune' output")
+    return probe
+
+
+# ---------------------------------------------------------------------------------------------- clean
+def clean(
+    *,
+    dataset: str | None = None,
+    root: str | Path | None = None,
+    metadata: str | Path | None = None,
+    index: str | Path | None = None,
+    against: str | Path | None = None,
+    encoder: EncoderConfig | Encoder | None = None,
+    config: CleanConfig | None = None,
+    report_dir: str | Path | None = None,
+    apply: bool = False,
+    apply_kinds: Sequence[str] = ("off-target",),
+    workers: int | None = None,
+    progress: bool = True,
+) -> CleanResult:
+    """Check a dataset (``dataset`` + ``root``) or a gallery's references (``index`` alone) and report.
+
+    ``encoder`` is a config or a loaded encoder. With ``index``, findings map to the gallery's references by
+    sha256; without ``encoder.spec`` the gallery's own encoder is used and its stored embeddings are reused.
+    ``against`` is a folder of photos (any layout) checked for leakage into the set. ``apply`` excludes the
+    references of the findings of ``apply_kinds`` from the gallery (reversible: :func:`restore_exclusions`).
+    """
+    config = config or CleanConfig()
+    if (dataset is None) != (root is None):
+        raise ValueError("--dataset and --root go together (or give neither and --index to clean a gallery)")
+    if dataset is None and index is None:
+        raise ValueError("say what to clean: --dataset and --root, or --index DIR (a gallery's references)")
+    if apply and index is None:
+        raise ValueError("--apply needs --index DIR: the gallery whose references are to be excluded")
+    bad = [k for k in apply_kinds if k not in APPLY_KINDS]
+    if bad:
+        raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
+    against_paths = None
+    if against is not None:
+        if not Path(against).is_dir():
+            raise ValueError(f"{against} is not a folder of photos (--against)")
+        against_paths = find_photos(against)
+        if not against_paths:
+            raise ValueError(f"no photos under {against} (--against)")
+
+    gallery, enc, reuse = _clean_encoder(index, encoder)
+    t0 = time.perf_counter()
+    cache, known, stored, dataset_name = None, {}, None, None
+    if gallery is not None:
+        ids_all, vec_all = gallery.store.vectors(include_excluded=True)
+        meta = gallery.store.metadata(ids_all)
+        shas_all = [str(meta.at[int(i), "sha256"]) for i in ids_all]
+        known = dict(zip(shas_all, (int(i) for i in ids_all), strict=True))
+        cache = (shas_all, vec_all) if reuse else None
+        stored = ([str(meta.at[int(i), "source_path"]) for i in ids_all], [int(i) for i in ids_all],
+                  [str(meta.at[int(i), "species"]) for i in ids_all])
+        datasets = meta["dataset"].dropna()
+        dataset_name = str(datasets.mode().iloc[0]) if len(datasets) else None
+
+    def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True):
+        return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
+                            progress=progress, desc=desc)
+
+    if dataset is not None:
+        scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
+        for warning in scan.warnings:
+            logger.warning("%s", warning)
+        if not scan.records:
+            raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        done = embed([r.path for r in scan.records], "cleaning: embedding")
+        photos = PhotoSet.from_embedded([r.path for r in scan.records], done, [known.get(s or "") for s in done.sha256],
+                                        [r.species for r in scan.records])
+        dataset_name = scan.name
+    elif reuse:
+        photos = PhotoSet(stored[0], list(shas_all), vec_all, [None] * len(ids_all), stored[1], stored[2], 0)
+    else:
+        photos = PhotoSet.from_embedded(stored[0], embed(stored[0], "cleaning: embedding", False), stored[1], stored[2])
+    other = None
+    if against_paths is not None:
+        done = embed(against_paths, "cleaning: against")
+        other = PhotoSet.from_embedded(against_paths, done, [known.get(s or "") for s in done.sha256])
+    t1 = time.perf_counter()
+    findings, zs, notice = check_photos(photos, enc, config, against=other, dataset=dataset_name,
+                                        prompt_cache=GalleryLayout(index).prompt_cache if index is not None else None)
+    result = CleanResult(findings=findings, photos=photos, against=other, encoder=enc.spec, zero_shot=zs,
+                         zero_shot_notice=notice, config=config, seconds_embed=t1 - t0)
+    if apply:
+        result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
+        if result.applied.excluded and has_probe(index):
+            result.notes.append(f"the probe of {index} was trained with the excluded references; retrain it with "
+                                f"'speciesid probe train --index {index}'")
+    result.seconds_rest = time.perf_counter() - t1
+    if report_dir is not None:
+        title = "speciesid clean: " + (f"{dataset} {root}" if dataset else f"gallery {index}")
+        result.files = write_clean_report(report_dir, result, title=title)
+        result.seconds_report = time.perf_counter() - t1 - result.seconds_rest
+    return result
+
+
+def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery, int]:
+    """Bring back the references a ``clean --apply`` run excluded (``last``), or every one (``all``)."""
+    gallery = Gallery.open(index)
+    return gallery, exclusions.restore(gallery, which)
+
+
+def _clean_encoder(
+    index: str | Path | None, config: EncoderConfig | Encoder | None
+) -> tuple[Gallery | None, Encoder, bool]:
+    """(gallery or None, encoder, whether the gallery's stored embeddings are this encoder's)."""
+    if isinstance(config, Encoder):
+        enc = config
+    elif index is None:
+        config = config or EncoderConfig()
+        enc = create_encoder_from_config(replace(config, spec=config.spec or DEFAULT_ENCODER))
+    else:
+        config = config or EncoderConfig(spec="")
+        built = read_gallery_info(index)["encoder"]
+        if not config.spec:
+            config = replace(config, spec=built["spec"], weights=config.weights or built.get("weights"))
+        enc = create_encoder_from_config(config)
+    if index is None:
+        return None, enc, False
+    gallery = Gallery.open(index)  # any encoder may clean a gallery; only the gallery's own reuses its store
+    reuse = enc.fingerprint == gallery.fingerprint
+    if not reuse:
+        logger.info("encoder %s is not the gallery's (%s): every photo is embedded again", enc.spec,
+                    gallery.encoder_spec)
+    return gallery, enc, reuse
+
+
+def _clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, config: CleanConfig) -> CleanResult:
+    """The zero-shot filter over a gallery just built (``index build --clean``): score its searchable
+    references from the store, exclude the off-target ones, write the report."""
+    config = replace(config, duplicates=False)
+    t0 = time.perf_counter()
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    photos = PhotoSet([str(meta.at[int(i), "source_path"]) for i in ids], [str(meta.at[int(i), "sha256"]) for i in ids],
+                      vectors, [None] * len(ids), [int(i) for i in ids], [str(meta.at[int(i), "species"]) for i in ids])
+    findings, zs, notice = check_photos(photos, encoder, config, dataset=scan.name,
+                                        prompt_cache=gallery.layout.prompt_cache)
+    if notice:
+        notice = notice.replace("zero-shot filter skipped", "--clean skipped")
+    result = CleanResult(findings=findings, photos=photos, against=None, encoder=encoder.spec, zero_shot=zs,
+                         zero_shot_notice=notice, config=config)
+    report_dir = gallery.layout.clean_report
+    if zs is not None:
+        result.applied = apply_exclusions(gallery, findings, ("off-target",), report=report_dir)
+    result.seconds_rest = time.perf_counter() - t0
+    if zs is not None:
+        result.files = write_clean_report(report_dir, result, title=f"speciesid index build --clean: {gallery.root}")
+    return result
+
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "AddResult",
+    "Answer",
+    "BuildResult",
+    "EvaluationRun",
+    "ProbeResult",
+    "add_photos",
+    "build_gallery",
+    "clean",
+    "delete_references",
+    "evaluate_dataset",
+    "gallery_info",
+    "identify",
+    "import_gallery_probe",
+    "list_species",
+    "open_gallery",
+    "open_identifier",
+    "presence_for",
+    "restore_exclusions",
+    "search",
+    "train_gallery_probe",
+]
