@@ -62,8 +62,8 @@ def main() -> None:
 
     import torch
 
-    from retrieval.clean import CleanConfig
     from retrieval.encoders import EncoderConfig, cpu_has_fast_bf16, create_encoder_from_config
+    from retrieval.findings import CleanConfig
     from retrieval.workflows import clean
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "

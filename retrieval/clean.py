@@ -1,269 +1,41 @@
-"""Cleaning findings: off-target photos (zero-shot text prompts), duplicates, and leakage into another set.
+"""Cleaning a dataset or a gallery: run the checks of :mod:`retrieval.findings`, report, exclude reversibly.
 
-Three checks (the runner is :func:`retrieval.workflows.clean`; the report :mod:`retrieval.clean_report`):
-
-- **Zero-shot filter** (text-capable encoders only, e.g. BioCLIP): every photo is scored against prompt
-  classes read from a prompt file (:mod:`retrieval.prompts`): target classes ("a snake") and off-target
-  ones (drawings, maps, labels, skeletons, jars, shed skins, eggs, people, empty scenes...), with
-  :mod:`retrieval.zeroshot` (the same scoring as the text prior). The off-target probability is the
-  class probabilities' sum over the off-target classes; a photo is flagged when it reaches ``threshold``.
-- **Duplicates** in the set: same bytes (sha256), or embeddings with cosine >= ``dup_threshold``
-  (:func:`index.pairs.similar_pairs`).
-- **Leakage** against another set (``against``, e.g. the evaluation photos): the same two tests across sets.
-
-Nothing is deleted. :func:`apply_exclusions` marks findings' references as *excluded* in the gallery
-(left out of search and of probe training) through :mod:`index.exclusions`, which logs each run so that
-``clean --restore`` can undo it.
+:func:`run_clean` checks a dataset or a gallery's references (optionally against an evaluation set for
+leakage) and writes the report (:mod:`retrieval.clean_report`); with ``apply`` the findings' references are
+excluded from the gallery through :mod:`index.exclusions` (nothing is deleted; ``clean --restore`` undoes
+it). :func:`clean_built_gallery` is the zero-shot filter of ``index build --clean``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from index.datasets import DatasetScan, load_dataset
 from index.exclusions import exclude
-from index.pairs import similar_pairs
-from retrieval.encoders import Encoder
-from retrieval.pipeline import Embedded
-from retrieval.prompts import PromptSet, load_prompts, taxon_group
-from retrieval.zeroshot import cached_class_embeddings, logit_scale, zero_shot_probabilities
-
-if TYPE_CHECKING:  # the store (lancedb) loads only when a gallery is touched
-    from index.gallery import Gallery
+from index.gallery import Gallery, read_gallery_info
+from index.layout import GalleryLayout
+from index.photos import find_photos
+from retrieval.clean_report import write_report
+from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.findings import (
+    APPLY_KINDS,
+    KINDS,
+    CleanConfig,
+    Finding,
+    PhotoSet,
+    ZeroShotResult,
+    check_photos,
+)
+from retrieval.pipeline import embed_photos
+from retrieval.probe import has_probe
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_THRESHOLD = 0.5
-#: Chosen on the real ph-snakes val-vs-train pairs with MobileNetV1 (docs/cleaning.md): the same photo
-#: re-encoded, re-cropped or with its watermark cut off scored 0.959-1.000; different photos of the same
-#: animal (burst shots, same scene) 0.93 and below, with a few bursts at 0.95-0.96.
-DEFAULT_DUP_THRESHOLD = 0.95
-KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate", "unreadable")
-#: Kinds ``apply_exclusions`` can act on (unreadable photos are never in a store).
-APPLY_KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate")
-
-
-# ------------------------------------------------------------------------------------------ zero-shot
-def off_target_probability(probs: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
-    """(N,) probability mass on the off-target classes."""
-    return probs[:, ~np.asarray(target_mask, dtype=bool)].sum(axis=1)
-
-
-@dataclass
-class ZeroShotResult:
-    """Zero-shot class probabilities of every photo of a set."""
-
-    prompts: PromptSet
-    probs: np.ndarray  # (N, n_classes); rows of unreadable photos are NaN
-    off_target: np.ndarray  # (N,) off-target probability (NaN where unreadable)
-    logit_scale: float
-    seconds_text: float = 0.0  # encoding the prompts
-
-    def describe(self, i: int) -> str:
-        """'drawing 0.71; snake 0.20': the best off-target class and the best target class of photo ``i``."""
-        mask = self.prompts.target_mask
-        p = self.probs[i]
-        off = int(np.argmax(np.where(mask, -1.0, p)))
-        tgt = int(np.argmax(np.where(mask, p, -1.0)))
-        names = self.prompts.names
-        return f"{names[off]} {p[off]:.2f}; target {names[tgt]} {p[tgt]:.2f}"
-
-
-def score_zero_shot(
-    encoder: Encoder, embeddings: np.ndarray, ok: np.ndarray, prompts: PromptSet,
-    *, cache_dir: str | Path | None = None,
-) -> ZeroShotResult:
-    """Class probabilities and off-target probability of each photo (``ok``: rows that have an embedding).
-
-    ``cache_dir``: where the prompt class embeddings are cached (``None``: computed every time).
-    """
-    t0 = time.perf_counter()
-    class_emb = cached_class_embeddings(encoder, prompts.class_prompts(), cache_dir)
-    t1 = time.perf_counter()
-    scale = logit_scale(encoder)
-    probs = np.full((len(embeddings), len(prompts.classes)), np.nan, dtype=np.float32)
-    if ok.any():
-        probs[ok] = zero_shot_probabilities(embeddings[ok], class_emb, scale)
-    off = np.full(len(embeddings), np.nan, dtype=np.float32)
-    if ok.any():
-        off[ok] = off_target_probability(probs[ok], prompts.target_mask)
-    return ZeroShotResult(prompts=prompts, probs=probs, off_target=off, logit_scale=scale, seconds_text=t1 - t0)
-
-
-
-# ------------------------------------------------------------------------------------------ photos
-@dataclass
-class PhotoSet:
-    """Photos with their content digests and embeddings (zero rows where unreadable)."""
-
-    paths: list[str]
-    sha256: list[str | None]
-    embeddings: np.ndarray  # (N, dim) float32
-    errors: list[str | None]  # why a photo has no embedding
-    ids: list[int | None]  # gallery reference id, where the photo is in the gallery
-    species: list[str | None] = field(default_factory=list)
-    embedded: int = 0  # photos run through the encoder (the rest came from the gallery's store)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """(N,) bool: photos that have an embedding."""
-        return np.array([e is None for e in self.errors], dtype=bool)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @classmethod
-    def from_embedded(
-        cls, paths: Sequence[str | Path], done: Embedded, ids: Sequence[int | None], species: Sequence[str | None] = ()
-    ) -> PhotoSet:
-        """A set from :func:`retrieval.pipeline.embed_photos` output."""
-        return cls([str(p) for p in paths], list(done.sha256), done.embeddings, list(done.errors), list(ids),
-                   list(species), done.fresh)
-
-
-# ----------------------------------------------------------------------------------------- findings
-@dataclass
-class Finding:
-    """One row of the report."""
-
-    kind: str  # one of KINDS
-    score: float  # off-target probability, or cosine similarity (1.0 for same bytes); NaN for unreadable
-    path: str  # the photo of the cleaned set (the one an --apply would exclude)
-    paired_path: str | None = None  # the other photo of a duplicate / leak pair
-    detail: str = ""  # best classes (off-target), or why unreadable
-    reference_id: int | None = None  # gallery reference id of ``path``, when in the gallery
-    paired_reference_id: int | None = None  # gallery reference id of ``paired_path``, when in the gallery
-
-    def row(self) -> dict[str, object]:
-        """CSV row."""
-        return {
-            "kind": self.kind,
-            "score": "" if math.isnan(self.score) else f"{self.score:.4f}",
-            "path": self.path,
-            "paired_path": self.paired_path or "",
-            "detail": self.detail,
-            "reference_id": "" if self.reference_id is None else self.reference_id,
-            "paired_reference_id": "" if self.paired_reference_id is None else self.paired_reference_id,
-        }
-
-
-def find_issues(
-    photos: PhotoSet,
-    *,
-    against: PhotoSet | None = None,
-    zero_shot: ZeroShotResult | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    dup_threshold: float = DEFAULT_DUP_THRESHOLD,
-    duplicates: bool = True,
-) -> list[Finding]:
-    """All findings: off-target photos, duplicates within ``photos``, leaks from ``against``, unreadable ones."""
-    findings: list[Finding] = []
-    if zero_shot is not None:
-        for i in np.flatnonzero(photos.ok & (np.nan_to_num(zero_shot.off_target, nan=-1.0) >= threshold)):
-            findings.append(
-                Finding("off-target", float(zero_shot.off_target[i]), photos.paths[i],
-                        detail=zero_shot.describe(int(i)), reference_id=photos.ids[i])
-            )
-    if duplicates:
-        findings.extend(_duplicates(photos, dup_threshold))
-        if against is not None:
-            findings.extend(_leaks(photos, against, dup_threshold))
-    for s, name in ((photos, ""), (against, "against: ")):
-        if s is None:
-            continue
-        for i, err in enumerate(s.errors):
-            if err is not None:
-                findings.append(Finding("unreadable", float("nan"), s.paths[i], detail=name + err))
-    order = {k: n for n, k in enumerate(KINDS)}
-    findings.sort(key=lambda f: (order[f.kind], -(0.0 if math.isnan(f.score) else f.score), f.path))
-    return findings
-
-
-def check_photos(
-    photos: PhotoSet, encoder: Encoder, config: CleanConfig, *, against: PhotoSet | None = None,
-    dataset: str | None = None, prompt_cache: str | Path | None = None,
-) -> tuple[list[Finding], ZeroShotResult | None, str | None]:
-    """Run the checks ``config`` asks for: (findings, zero-shot result or None, why the filter did not run)."""
-    zs, notice = None, None
-    if config.zero_shot:
-        if encoder.supports_text:
-            prompts = load_prompts(config.prompts or taxon_group(dataset, photos.species))
-            zs = score_zero_shot(encoder, photos.embeddings, photos.ok, prompts, cache_dir=prompt_cache)
-        else:
-            notice = (
-                f"zero-shot filter skipped: encoder {encoder.spec} is image-only (it needs a text-capable encoder "
-                "such as bioclip)" + ("; duplicate and leakage detection still ran" if config.duplicates else "")
-            )
-            logger.info("%s", notice)
-    findings = find_issues(photos, against=against, zero_shot=zs, threshold=config.threshold,
-                           dup_threshold=config.dup_threshold, duplicates=config.duplicates)
-    return findings, zs, notice
-
-
-def _duplicates(photos: PhotoSet, dup_threshold: float) -> list[Finding]:
-    out: list[Finding] = []
-    first: dict[str, int] = {}
-    for i, sha in enumerate(photos.sha256):
-        if sha is None:
-            continue
-        if sha in first:
-            j = first[sha]
-            out.append(Finding("duplicate", 1.0, photos.paths[i], photos.paths[j], "same bytes (sha256)",
-                               photos.ids[i], photos.ids[j]))
-        else:
-            first[sha] = i
-    ok = np.flatnonzero(photos.ok)
-    for a, b, sim in similar_pairs(photos.embeddings[ok], threshold=dup_threshold):
-        i, j = int(ok[a]), int(ok[b])  # i < j: report the later photo, paired with the earlier one
-        if photos.sha256[i] is not None and photos.sha256[i] == photos.sha256[j]:
-            continue  # already reported as the same bytes
-        out.append(Finding("near-duplicate", sim, photos.paths[j], photos.paths[i], "",
-                           photos.ids[j], photos.ids[i]))
-    return out
-
-
-def _leaks(photos: PhotoSet, against: PhotoSet, dup_threshold: float) -> list[Finding]:
-    out: list[Finding] = []
-    by_sha: dict[str, list[int]] = {}
-    for i, sha in enumerate(photos.sha256):
-        if sha is not None:
-            by_sha.setdefault(sha, []).append(i)
-    for j, sha in enumerate(against.sha256):
-        for i in by_sha.get(sha or "", []):
-            out.append(Finding("leak", 1.0, photos.paths[i], against.paths[j], "same bytes (sha256)",
-                               photos.ids[i], against.ids[j]))
-    ok_g, ok_a = np.flatnonzero(photos.ok), np.flatnonzero(against.ok)
-    for a, g, sim in similar_pairs(against.embeddings[ok_a], photos.embeddings[ok_g], threshold=dup_threshold):
-        i, j = int(ok_g[g]), int(ok_a[a])
-        if photos.sha256[i] is not None and photos.sha256[i] == against.sha256[j]:
-            continue
-        out.append(Finding("near-leak", sim, photos.paths[i], against.paths[j], "", photos.ids[i], against.ids[j]))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ results
-@dataclass
-class CleanConfig:
-    """What ``clean`` checks and with which thresholds."""
-
-    prompts: str | None = None  # prompt file or shipped group; None = chosen from the dataset's taxon group
-    threshold: float = DEFAULT_THRESHOLD  # off-target probability at which a photo is flagged
-    dup_threshold: float = DEFAULT_DUP_THRESHOLD  # cosine similarity of near-duplicates / near-leaks
-    zero_shot: bool = True  # run the zero-shot filter (when the encoder reads text)
-    duplicates: bool = True  # look for duplicates and leaks
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"--threshold is a probability in (0, 1], got {self.threshold}")
-        if not -1.0 <= self.dup_threshold <= 1.0:
-            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
 
 
 @dataclass
@@ -398,3 +170,146 @@ def _all_but_oldest(pairs: Sequence[tuple[int, int]]) -> set[int]:
         oldest.setdefault(int(g), node)  # nodes are sorted: the first seen is the lowest id
     keep = set(oldest.values())
     return {n for n in nodes if n not in keep}
+
+
+def run_clean(
+    *,
+    dataset: str | None = None,
+    root: str | Path | None = None,
+    metadata: str | Path | None = None,
+    index: str | Path | None = None,
+    against: str | Path | None = None,
+    encoder: EncoderConfig | Encoder | None = None,
+    config: CleanConfig | None = None,
+    report_dir: str | Path | None = None,
+    apply: bool = False,
+    apply_kinds: Sequence[str] = ("off-target",),
+    workers: int | None = None,
+    progress: bool = True,
+) -> CleanResult:
+    """Check a dataset (``dataset`` + ``root``) or a gallery's references (``index`` alone) and report.
+
+    ``encoder`` is a config or a loaded encoder. With ``index``, findings map to the gallery's references by
+    sha256; without ``encoder.spec`` the gallery's own encoder is used and its stored embeddings are reused.
+    ``against`` is a folder of photos (any layout) checked for leakage into the set. ``apply`` excludes the
+    references of the findings of ``apply_kinds`` from the gallery (reversible: :func:`restore_exclusions`).
+    """
+    config = config or CleanConfig()
+    if (dataset is None) != (root is None):
+        raise ValueError("--dataset and --root go together (or give neither and --index to clean a gallery)")
+    if dataset is None and index is None:
+        raise ValueError("say what to clean: --dataset and --root, or --index DIR (a gallery's references)")
+    if apply and index is None:
+        raise ValueError("--apply needs --index DIR: the gallery whose references are to be excluded")
+    bad = [k for k in apply_kinds if k not in APPLY_KINDS]
+    if bad:
+        raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
+    against_paths = None
+    if against is not None:
+        if not Path(against).is_dir():
+            raise ValueError(f"{against} is not a folder of photos (--against)")
+        against_paths = find_photos(against)
+        if not against_paths:
+            raise ValueError(f"no photos under {against} (--against)")
+
+    gallery, enc, reuse = _resolve_encoder(index, encoder)
+    t0 = time.perf_counter()
+    cache, known, stored, dataset_name = None, {}, None, None
+    if gallery is not None:
+        ids_all, vec_all = gallery.store.vectors(include_excluded=True)
+        meta = gallery.store.metadata(ids_all)
+        shas_all = [str(meta.at[int(i), "sha256"]) for i in ids_all]
+        known = dict(zip(shas_all, (int(i) for i in ids_all), strict=True))
+        cache = (shas_all, vec_all) if reuse else None
+        stored = ([str(meta.at[int(i), "source_path"]) for i in ids_all], [int(i) for i in ids_all],
+                  [str(meta.at[int(i), "species"]) for i in ids_all])
+        datasets = meta["dataset"].dropna()
+        dataset_name = str(datasets.mode().iloc[0]) if len(datasets) else None
+
+    def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True):
+        return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
+                            progress=progress, desc=desc)
+
+    if dataset is not None:
+        scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
+        for warning in scan.warnings:
+            logger.warning("%s", warning)
+        if not scan.records:
+            raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        done = embed([r.path for r in scan.records], "cleaning: embedding")
+        photos = PhotoSet.from_embedded([r.path for r in scan.records], done, [known.get(s or "") for s in done.sha256],
+                                        [r.species for r in scan.records])
+        dataset_name = scan.name
+    elif reuse:
+        photos = PhotoSet(stored[0], list(shas_all), vec_all, [None] * len(ids_all), stored[1], stored[2], 0)
+    else:
+        photos = PhotoSet.from_embedded(stored[0], embed(stored[0], "cleaning: embedding", False), stored[1], stored[2])
+    other = None
+    if against_paths is not None:
+        done = embed(against_paths, "cleaning: against")
+        other = PhotoSet.from_embedded(against_paths, done, [known.get(s or "") for s in done.sha256])
+    t1 = time.perf_counter()
+    findings, zs, notice = check_photos(photos, enc, config, against=other, dataset=dataset_name,
+                                        prompt_cache=GalleryLayout(index).prompt_cache if index is not None else None)
+    result = CleanResult(findings=findings, photos=photos, against=other, encoder=enc.spec, zero_shot=zs,
+                         zero_shot_notice=notice, config=config, seconds_embed=t1 - t0)
+    if apply:
+        result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
+        if result.applied.excluded and has_probe(index):
+            result.notes.append(f"the probe of {index} was trained with the excluded references; retrain it with "
+                                f"'speciesid probe train --index {index}'")
+    result.seconds_rest = time.perf_counter() - t1
+    if report_dir is not None:
+        title = "speciesid clean: " + (f"{dataset} {root}" if dataset else f"gallery {index}")
+        result.files = write_report(report_dir, result, title=title)
+        result.seconds_report = time.perf_counter() - t1 - result.seconds_rest
+    return result
+
+
+def _resolve_encoder(
+    index: str | Path | None, config: EncoderConfig | Encoder | None
+) -> tuple[Gallery | None, Encoder, bool]:
+    """(gallery or None, encoder, whether the gallery's stored embeddings are this encoder's)."""
+    if isinstance(config, Encoder):
+        enc = config
+    elif index is None:
+        config = config or EncoderConfig()
+        enc = create_encoder_from_config(replace(config, spec=config.spec or DEFAULT_ENCODER))
+    else:
+        config = config or EncoderConfig(spec="")
+        built = read_gallery_info(index)["encoder"]
+        if not config.spec:
+            config = replace(config, spec=built["spec"], weights=config.weights or built.get("weights"))
+        enc = create_encoder_from_config(config)
+    if index is None:
+        return None, enc, False
+    gallery = Gallery.open(index)  # any encoder may clean a gallery; only the gallery's own reuses its store
+    reuse = enc.fingerprint == gallery.fingerprint
+    if not reuse:
+        logger.info("encoder %s is not the gallery's (%s): every photo is embedded again", enc.spec,
+                    gallery.encoder_spec)
+    return gallery, enc, reuse
+
+
+def clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, config: CleanConfig) -> CleanResult:
+    """The zero-shot filter over a gallery just built (``index build --clean``): score its searchable
+    references from the store, exclude the off-target ones, write the report."""
+    config = replace(config, duplicates=False)
+    t0 = time.perf_counter()
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    photos = PhotoSet([str(meta.at[int(i), "source_path"]) for i in ids], [str(meta.at[int(i), "sha256"]) for i in ids],
+                      vectors, [None] * len(ids), [int(i) for i in ids], [str(meta.at[int(i), "species"]) for i in ids])
+    findings, zs, notice = check_photos(photos, encoder, config, dataset=scan.name,
+                                        prompt_cache=gallery.layout.prompt_cache)
+    if notice:
+        notice = notice.replace("zero-shot filter skipped", "--clean skipped")
+    result = CleanResult(findings=findings, photos=photos, against=None, encoder=encoder.spec, zero_shot=zs,
+                         zero_shot_notice=notice, config=config)
+    report_dir = gallery.layout.clean_report
+    if zs is not None:
+        result.applied = apply_exclusions(gallery, findings, ("off-target",), report=report_dir)
+    result.seconds_rest = time.perf_counter() - t0
+    if zs is not None:
+        result.files = write_report(report_dir, result, title=f"speciesid index build --clean: {gallery.root}")
+    return result

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from index.atomic import atomic_write, write_json_atomic
-from retrieval.clean import KINDS
+from retrieval.findings import KINDS
 
 if TYPE_CHECKING:
-    from retrieval.clean import CleanResult, Finding, PhotoSet, ZeroShotResult
+    from retrieval.clean import CleanResult
+    from retrieval.findings import Finding, PhotoSet, ZeroShotResult
 
 CSV_COLUMNS: tuple[str, ...] = (
     "kind", "score", "path", "paired_path", "detail", "reference_id", "paired_reference_id",

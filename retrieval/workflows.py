@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,13 @@ from index.atomic import atomic_write
 from index.datasets import DatasetScan, load_checklist, load_dataset, lookup_taxon, new_species_references
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
-from index.layout import GalleryLayout, check_encoder
-from index.photos import find_photos
+from index.layout import check_encoder
 from index.store import SpeciesSummary
 from index.vectors import VectorIndexConfig
 from retrieval.calibrate import select_settings
-from retrieval.clean import APPLY_KINDS, CleanConfig, CleanResult, PhotoSet, apply_exclusions, check_photos
-from retrieval.clean_report import write_report as write_clean_report
+from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.findings import CleanConfig
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import ImageLoadError, image_format, sha256_bytes
 from retrieval.metrics import EvalItem, evaluate, write_report
@@ -85,7 +84,7 @@ def build_gallery(
     gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
     gallery.finish_build()
-    cleaned = _clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
+    cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned)
 
 
@@ -486,98 +485,8 @@ def _finetuned_head(folder: str | Path) -> LinearProbe:
 
 
 # ---------------------------------------------------------------------------------------------- clean
-def clean(
-    *,
-    dataset: str | None = None,
-    root: str | Path | None = None,
-    metadata: str | Path | None = None,
-    index: str | Path | None = None,
-    against: str | Path | None = None,
-    encoder: EncoderConfig | Encoder | None = None,
-    config: CleanConfig | None = None,
-    report_dir: str | Path | None = None,
-    apply: bool = False,
-    apply_kinds: Sequence[str] = ("off-target",),
-    workers: int | None = None,
-    progress: bool = True,
-) -> CleanResult:
-    """Check a dataset (``dataset`` + ``root``) or a gallery's references (``index`` alone) and report.
-
-    ``encoder`` is a config or a loaded encoder. With ``index``, findings map to the gallery's references by
-    sha256; without ``encoder.spec`` the gallery's own encoder is used and its stored embeddings are reused.
-    ``against`` is a folder of photos (any layout) checked for leakage into the set. ``apply`` excludes the
-    references of the findings of ``apply_kinds`` from the gallery (reversible: :func:`restore_exclusions`).
-    """
-    config = config or CleanConfig()
-    if (dataset is None) != (root is None):
-        raise ValueError("--dataset and --root go together (or give neither and --index to clean a gallery)")
-    if dataset is None and index is None:
-        raise ValueError("say what to clean: --dataset and --root, or --index DIR (a gallery's references)")
-    if apply and index is None:
-        raise ValueError("--apply needs --index DIR: the gallery whose references are to be excluded")
-    bad = [k for k in apply_kinds if k not in APPLY_KINDS]
-    if bad:
-        raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
-    against_paths = None
-    if against is not None:
-        if not Path(against).is_dir():
-            raise ValueError(f"{against} is not a folder of photos (--against)")
-        against_paths = find_photos(against)
-        if not against_paths:
-            raise ValueError(f"no photos under {against} (--against)")
-
-    gallery, enc, reuse = _clean_encoder(index, encoder)
-    t0 = time.perf_counter()
-    cache, known, stored, dataset_name = None, {}, None, None
-    if gallery is not None:
-        ids_all, vec_all = gallery.store.vectors(include_excluded=True)
-        meta = gallery.store.metadata(ids_all)
-        shas_all = [str(meta.at[int(i), "sha256"]) for i in ids_all]
-        known = dict(zip(shas_all, (int(i) for i in ids_all), strict=True))
-        cache = (shas_all, vec_all) if reuse else None
-        stored = ([str(meta.at[int(i), "source_path"]) for i in ids_all], [int(i) for i in ids_all],
-                  [str(meta.at[int(i), "species"]) for i in ids_all])
-        datasets = meta["dataset"].dropna()
-        dataset_name = str(datasets.mode().iloc[0]) if len(datasets) else None
-
-    def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True):
-        return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
-                            progress=progress, desc=desc)
-
-    if dataset is not None:
-        scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
-        for warning in scan.warnings:
-            logger.warning("%s", warning)
-        if not scan.records:
-            raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
-        done = embed([r.path for r in scan.records], "cleaning: embedding")
-        photos = PhotoSet.from_embedded([r.path for r in scan.records], done, [known.get(s or "") for s in done.sha256],
-                                        [r.species for r in scan.records])
-        dataset_name = scan.name
-    elif reuse:
-        photos = PhotoSet(stored[0], list(shas_all), vec_all, [None] * len(ids_all), stored[1], stored[2], 0)
-    else:
-        photos = PhotoSet.from_embedded(stored[0], embed(stored[0], "cleaning: embedding", False), stored[1], stored[2])
-    other = None
-    if against_paths is not None:
-        done = embed(against_paths, "cleaning: against")
-        other = PhotoSet.from_embedded(against_paths, done, [known.get(s or "") for s in done.sha256])
-    t1 = time.perf_counter()
-    findings, zs, notice = check_photos(photos, enc, config, against=other, dataset=dataset_name,
-                                        prompt_cache=GalleryLayout(index).prompt_cache if index is not None else None)
-    result = CleanResult(findings=findings, photos=photos, against=other, encoder=enc.spec, zero_shot=zs,
-                         zero_shot_notice=notice, config=config, seconds_embed=t1 - t0)
-    if apply:
-        result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
-        if result.applied.excluded and has_probe(index):
-            result.notes.append(f"the probe of {index} was trained with the excluded references; retrain it with "
-                                f"'speciesid probe train --index {index}'")
-    result.seconds_rest = time.perf_counter() - t1
-    if report_dir is not None:
-        title = "speciesid clean: " + (f"{dataset} {root}" if dataset else f"gallery {index}")
-        result.files = write_clean_report(report_dir, result, title=title)
-        result.seconds_report = time.perf_counter() - t1 - result.seconds_rest
-    return result
+#: Check a dataset or a gallery's references, report, optionally exclude what was found (see ``run_clean``).
+clean = run_clean
 
 
 def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery, int]:
@@ -586,57 +495,10 @@ def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery,
     return gallery, exclusions.restore(gallery, which)
 
 
-def _clean_encoder(
-    index: str | Path | None, config: EncoderConfig | Encoder | None
-) -> tuple[Gallery | None, Encoder, bool]:
-    """(gallery or None, encoder, whether the gallery's stored embeddings are this encoder's)."""
-    if isinstance(config, Encoder):
-        enc = config
-    elif index is None:
-        config = config or EncoderConfig()
-        enc = create_encoder_from_config(replace(config, spec=config.spec or DEFAULT_ENCODER))
-    else:
-        config = config or EncoderConfig(spec="")
-        built = read_gallery_info(index)["encoder"]
-        if not config.spec:
-            config = replace(config, spec=built["spec"], weights=config.weights or built.get("weights"))
-        enc = create_encoder_from_config(config)
-    if index is None:
-        return None, enc, False
-    gallery = Gallery.open(index)  # any encoder may clean a gallery; only the gallery's own reuses its store
-    reuse = enc.fingerprint == gallery.fingerprint
-    if not reuse:
-        logger.info("encoder %s is not the gallery's (%s): every photo is embedded again", enc.spec,
-                    gallery.encoder_spec)
-    return gallery, enc, reuse
-
-
-def _clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, config: CleanConfig) -> CleanResult:
-    """The zero-shot filter over a gallery just built (``index build --clean``): score its searchable
-    references from the store, exclude the off-target ones, write the report."""
-    config = replace(config, duplicates=False)
-    t0 = time.perf_counter()
-    ids, vectors = gallery.store.vectors()
-    meta = gallery.store.metadata(ids)
-    photos = PhotoSet([str(meta.at[int(i), "source_path"]) for i in ids], [str(meta.at[int(i), "sha256"]) for i in ids],
-                      vectors, [None] * len(ids), [int(i) for i in ids], [str(meta.at[int(i), "species"]) for i in ids])
-    findings, zs, notice = check_photos(photos, encoder, config, dataset=scan.name,
-                                        prompt_cache=gallery.layout.prompt_cache)
-    if notice:
-        notice = notice.replace("zero-shot filter skipped", "--clean skipped")
-    result = CleanResult(findings=findings, photos=photos, against=None, encoder=encoder.spec, zero_shot=zs,
-                         zero_shot_notice=notice, config=config)
-    report_dir = gallery.layout.clean_report
-    if zs is not None:
-        result.applied = apply_exclusions(gallery, findings, ("off-target",), report=report_dir)
-    result.seconds_rest = time.perf_counter() - t0
-    if zs is not None:
-        result.files = write_clean_report(report_dir, result, title=f"speciesid index build --clean: {gallery.root}")
-    return result
-
-
 __all__ = [
     "DEFAULT_ENCODER",
+    "CleanConfig",
+    "CleanResult",
     "AddResult",
     "Answer",
     "BuildResult",

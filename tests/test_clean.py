@@ -18,14 +18,14 @@ from PIL import Image
 
 from api.cli import main
 from index.pairs import similar_pairs
-from retrieval.clean import (
+from retrieval.clean_report import CSV_COLUMNS
+from retrieval.findings import (
     CleanConfig,
     PhotoSet,
     ZeroShotResult,
     find_issues,
     off_target_probability,
 )
-from retrieval.clean_report import CSV_COLUMNS
 from retrieval.prompts import DEFAULT_TEMPLATES, load_prompts, parse_prompts, taxon_group
 from retrieval.zeroshot import class_embeddings, zero_shot_probabilities
 
@@ -180,7 +180,7 @@ def test_similar_pairs_within_and_across_sets():
 
 # ------------------------------------------------------------------ apply / restore on a gallery
 def _stub_classes(monkeypatch, off_target_emb: np.ndarray, target_emb: np.ndarray) -> None:
-    import retrieval.clean as rc
+    import retrieval.findings as rc
 
     monkeypatch.setattr(rc, "cached_class_embeddings",
                         lambda enc, classes, cache_dir: np.stack([target_emb, off_target_emb]))

@@ -58,7 +58,7 @@ def photo_args(paths: Sequence[str]) -> tuple[list[Path], int]:
 
     got = expand_photo_args(paths)
     for arg, reason in got.problems:
-        logger.error("%s: %s", arg, reason)
+        sys.stderr.write(f"speciesid: skipped {arg}: {reason}\n")
     if not got.photos:
         raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     return got.photos, len(got.problems)

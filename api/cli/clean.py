@@ -10,8 +10,8 @@ from api.cli._common import add_quiet, emit, encoder_config
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the clean command."""
     from index.datasets import DATASETS as datasets
-    from retrieval.clean import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_THRESHOLD
     from retrieval.encoders import PRECISIONS, SPEC_FORMS
+    from retrieval.findings import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_THRESHOLD
     from retrieval.prompts import PROMPT_GROUPS
 
     p = sub.add_parser(
@@ -68,8 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from retrieval.clean import CleanConfig
-    from retrieval.workflows import clean, restore_exclusions
+    from retrieval.workflows import CleanConfig, clean, restore_exclusions
 
     if args.restore:
         if not args.index:

@@ -48,8 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from index.vectors import VectorIndexConfig
-    from retrieval.clean import CleanConfig
-    from retrieval.workflows import build_gallery
+    from retrieval.workflows import CleanConfig, build_gallery
 
     clean = CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False) if args.clean else None
     result = build_gallery(

@@ -1,0 +1,258 @@
+"""Cleaning findings: off-target photos (zero-shot text prompts), duplicates, and leakage into another set.
+
+Three checks (run by :mod:`retrieval.clean`; reported by :mod:`retrieval.clean_report`):
+
+- **Zero-shot filter** (text-capable encoders only, e.g. BioCLIP): every photo is scored against prompt
+  classes read from a prompt file (:mod:`retrieval.prompts`): target classes ("a snake") and off-target
+  ones (drawings, maps, labels, skeletons, jars, shed skins, eggs, people, empty scenes...), with
+  :mod:`retrieval.zeroshot` (the same scoring as the text prior). The off-target probability is the
+  class probabilities' sum over the off-target classes; a photo is flagged when it reaches ``threshold``.
+- **Duplicates** in the set: same bytes (sha256), or embeddings with cosine >= ``dup_threshold``
+  (:func:`index.pairs.similar_pairs`).
+- **Leakage** against another set (``against``, e.g. the evaluation photos): the same two tests across sets.
+
+Nothing here writes: :mod:`retrieval.clean` turns findings into reversible exclusions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index.pairs import similar_pairs
+from retrieval.encoders import Encoder
+from retrieval.pipeline import Embedded
+from retrieval.prompts import PromptSet, load_prompts, taxon_group
+from retrieval.zeroshot import cached_class_embeddings, logit_scale, zero_shot_probabilities
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+#: Chosen on the real ph-snakes val-vs-train pairs with MobileNetV1 (docs/cleaning.md): the same photo
+#: re-encoded, re-cropped or with its watermark cut off scored 0.959-1.000; different photos of the same
+#: animal (burst shots, same scene) 0.93 and below, with a few bursts at 0.95-0.96.
+DEFAULT_DUP_THRESHOLD = 0.95
+KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate", "unreadable")
+#: Kinds ``apply_exclusions`` can act on (unreadable photos are never in a store).
+APPLY_KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate")
+
+
+# ------------------------------------------------------------------------------------------ zero-shot
+def off_target_probability(probs: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
+    """(N,) probability mass on the off-target classes."""
+    return probs[:, ~np.asarray(target_mask, dtype=bool)].sum(axis=1)
+
+
+@dataclass
+class ZeroShotResult:
+    """Zero-shot class probabilities of every photo of a set."""
+
+    prompts: PromptSet
+    probs: np.ndarray  # (N, n_classes); rows of unreadable photos are NaN
+    off_target: np.ndarray  # (N,) off-target probability (NaN where unreadable)
+    logit_scale: float
+    seconds_text: float = 0.0  # encoding the prompts
+
+    def describe(self, i: int) -> str:
+        """'drawing 0.71; snake 0.20': the best off-target class and the best target class of photo ``i``."""
+        mask = self.prompts.target_mask
+        p = self.probs[i]
+        off = int(np.argmax(np.where(mask, -1.0, p)))
+        tgt = int(np.argmax(np.where(mask, p, -1.0)))
+        names = self.prompts.names
+        return f"{names[off]} {p[off]:.2f}; target {names[tgt]} {p[tgt]:.2f}"
+
+
+def score_zero_shot(
+    encoder: Encoder, embeddings: np.ndarray, ok: np.ndarray, prompts: PromptSet,
+    *, cache_dir: str | Path | None = None,
+) -> ZeroShotResult:
+    """Class probabilities and off-target probability of each photo (``ok``: rows that have an embedding).
+
+    ``cache_dir``: where the prompt class embeddings are cached (``None``: computed every time).
+    """
+    t0 = time.perf_counter()
+    class_emb = cached_class_embeddings(encoder, prompts.class_prompts(), cache_dir)
+    t1 = time.perf_counter()
+    scale = logit_scale(encoder)
+    probs = np.full((len(embeddings), len(prompts.classes)), np.nan, dtype=np.float32)
+    if ok.any():
+        probs[ok] = zero_shot_probabilities(embeddings[ok], class_emb, scale)
+    off = np.full(len(embeddings), np.nan, dtype=np.float32)
+    if ok.any():
+        off[ok] = off_target_probability(probs[ok], prompts.target_mask)
+    return ZeroShotResult(prompts=prompts, probs=probs, off_target=off, logit_scale=scale, seconds_text=t1 - t0)
+
+
+
+# ------------------------------------------------------------------------------------------ photos
+@dataclass
+class PhotoSet:
+    """Photos with their content digests and embeddings (zero rows where unreadable)."""
+
+    paths: list[str]
+    sha256: list[str | None]
+    embeddings: np.ndarray  # (N, dim) float32
+    errors: list[str | None]  # why a photo has no embedding
+    ids: list[int | None]  # gallery reference id, where the photo is in the gallery
+    species: list[str | None] = field(default_factory=list)
+    embedded: int = 0  # photos run through the encoder (the rest came from the gallery's store)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(N,) bool: photos that have an embedding."""
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @classmethod
+    def from_embedded(
+        cls, paths: Sequence[str | Path], done: Embedded, ids: Sequence[int | None], species: Sequence[str | None] = ()
+    ) -> PhotoSet:
+        """A set from :func:`retrieval.pipeline.embed_photos` output."""
+        return cls([str(p) for p in paths], list(done.sha256), done.embeddings, list(done.errors), list(ids),
+                   list(species), done.fresh)
+
+
+# ----------------------------------------------------------------------------------------- findings
+@dataclass
+class Finding:
+    """One row of the report."""
+
+    kind: str  # one of KINDS
+    score: float  # off-target probability, or cosine similarity (1.0 for same bytes); NaN for unreadable
+    path: str  # the photo of the cleaned set (the one an --apply would exclude)
+    paired_path: str | None = None  # the other photo of a duplicate / leak pair
+    detail: str = ""  # best classes (off-target), or why unreadable
+    reference_id: int | None = None  # gallery reference id of ``path``, when in the gallery
+    paired_reference_id: int | None = None  # gallery reference id of ``paired_path``, when in the gallery
+
+    def row(self) -> dict[str, object]:
+        """CSV row."""
+        return {
+            "kind": self.kind,
+            "score": "" if math.isnan(self.score) else f"{self.score:.4f}",
+            "path": self.path,
+            "paired_path": self.paired_path or "",
+            "detail": self.detail,
+            "reference_id": "" if self.reference_id is None else self.reference_id,
+            "paired_reference_id": "" if self.paired_reference_id is None else self.paired_reference_id,
+        }
+
+
+def find_issues(
+    photos: PhotoSet,
+    *,
+    against: PhotoSet | None = None,
+    zero_shot: ZeroShotResult | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    dup_threshold: float = DEFAULT_DUP_THRESHOLD,
+    duplicates: bool = True,
+) -> list[Finding]:
+    """All findings: off-target photos, duplicates within ``photos``, leaks from ``against``, unreadable ones."""
+    findings: list[Finding] = []
+    if zero_shot is not None:
+        for i in np.flatnonzero(photos.ok & (np.nan_to_num(zero_shot.off_target, nan=-1.0) >= threshold)):
+            findings.append(
+                Finding("off-target", float(zero_shot.off_target[i]), photos.paths[i],
+                        detail=zero_shot.describe(int(i)), reference_id=photos.ids[i])
+            )
+    if duplicates:
+        findings.extend(_duplicates(photos, dup_threshold))
+        if against is not None:
+            findings.extend(_leaks(photos, against, dup_threshold))
+    for s, name in ((photos, ""), (against, "against: ")):
+        if s is None:
+            continue
+        for i, err in enumerate(s.errors):
+            if err is not None:
+                findings.append(Finding("unreadable", float("nan"), s.paths[i], detail=name + err))
+    order = {k: n for n, k in enumerate(KINDS)}
+    findings.sort(key=lambda f: (order[f.kind], -(0.0 if math.isnan(f.score) else f.score), f.path))
+    return findings
+
+
+def check_photos(
+    photos: PhotoSet, encoder: Encoder, config: CleanConfig, *, against: PhotoSet | None = None,
+    dataset: str | None = None, prompt_cache: str | Path | None = None,
+) -> tuple[list[Finding], ZeroShotResult | None, str | None]:
+    """Run the checks ``config`` asks for: (findings, zero-shot result or None, why the filter did not run)."""
+    zs, notice = None, None
+    if config.zero_shot:
+        if encoder.supports_text:
+            prompts = load_prompts(config.prompts or taxon_group(dataset, photos.species))
+            zs = score_zero_shot(encoder, photos.embeddings, photos.ok, prompts, cache_dir=prompt_cache)
+        else:
+            notice = (
+                f"zero-shot filter skipped: encoder {encoder.spec} is image-only (it needs a text-capable encoder "
+                "such as bioclip)" + ("; duplicate and leakage detection still ran" if config.duplicates else "")
+            )
+            logger.info("%s", notice)
+    findings = find_issues(photos, against=against, zero_shot=zs, threshold=config.threshold,
+                           dup_threshold=config.dup_threshold, duplicates=config.duplicates)
+    return findings, zs, notice
+
+
+def _duplicates(photos: PhotoSet, dup_threshold: float) -> list[Finding]:
+    out: list[Finding] = []
+    first: dict[str, int] = {}
+    for i, sha in enumerate(photos.sha256):
+        if sha is None:
+            continue
+        if sha in first:
+            j = first[sha]
+            out.append(Finding("duplicate", 1.0, photos.paths[i], photos.paths[j], "same bytes (sha256)",
+                               photos.ids[i], photos.ids[j]))
+        else:
+            first[sha] = i
+    ok = np.flatnonzero(photos.ok)
+    for a, b, sim in similar_pairs(photos.embeddings[ok], threshold=dup_threshold):
+        i, j = int(ok[a]), int(ok[b])  # i < j: report the later photo, paired with the earlier one
+        if photos.sha256[i] is not None and photos.sha256[i] == photos.sha256[j]:
+            continue  # already reported as the same bytes
+        out.append(Finding("near-duplicate", sim, photos.paths[j], photos.paths[i], "",
+                           photos.ids[j], photos.ids[i]))
+    return out
+
+
+def _leaks(photos: PhotoSet, against: PhotoSet, dup_threshold: float) -> list[Finding]:
+    out: list[Finding] = []
+    by_sha: dict[str, list[int]] = {}
+    for i, sha in enumerate(photos.sha256):
+        if sha is not None:
+            by_sha.setdefault(sha, []).append(i)
+    for j, sha in enumerate(against.sha256):
+        for i in by_sha.get(sha or "", []):
+            out.append(Finding("leak", 1.0, photos.paths[i], against.paths[j], "same bytes (sha256)",
+                               photos.ids[i], against.ids[j]))
+    ok_g, ok_a = np.flatnonzero(photos.ok), np.flatnonzero(against.ok)
+    for a, g, sim in similar_pairs(against.embeddings[ok_a], photos.embeddings[ok_g], threshold=dup_threshold):
+        i, j = int(ok_g[g]), int(ok_a[a])
+        if photos.sha256[i] is not None and photos.sha256[i] == against.sha256[j]:
+            continue
+        out.append(Finding("near-leak", sim, photos.paths[i], against.paths[j], "", photos.ids[i], against.ids[j]))
+    return out
+
+
+@dataclass
+class CleanConfig:
+    """What ``clean`` checks and with which thresholds."""
+
+    prompts: str | None = None  # prompt file or shipped group; None = chosen from the dataset's taxon group
+    threshold: float = DEFAULT_THRESHOLD  # off-target probability at which a photo is flagged
+    dup_threshold: float = DEFAULT_DUP_THRESHOLD  # cosine similarity of near-duplicates / near-leaks
+    zero_shot: bool = True  # run the zero-shot filter (when the encoder reads text)
+    duplicates: bool = True  # look for duplicates and leaks
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"--threshold is a probability in (0, 1], got {self.threshold}")
+        if not -1.0 <= self.dup_threshold <= 1.0:
+            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")

@@ -1,0 +1,98 @@
+"""The one query flow (retrieval.workflows) through the CLI: ranks, observations, bytes vs paths, bad arguments.
+
+Uses the small real MobileNetV1 gallery of the API tests (4 ph-snakes species, 10 photos each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from _api_support import COBRA, SPECIES, base_gallery, binomial, gallery_copy, photos
+
+from api.cli import main
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return base_gallery(tmp_path_factory)
+
+
+def test_identify_rank_rolls_up_with_evidence(index, capsys):
+    code, out, _ = _run(capsys, "identify", "--index", index, COBRA, "--rank", "genus", "--format", "json", "-q")
+    assert code == 0
+    (answer,) = json.loads(out)
+    results = answer["results"]
+    assert answer["rank"] == "genus" and results[0]["name"] == "Naja" and results[0]["rank"] == "genus"
+    assert results[0]["venomous"] is True and results[0]["family"] == "Elapidae"
+    genus_scores = answer["genus_scores"]
+    assert results[0]["score"] == pytest.approx(genus_scores["Naja"])
+    assert sum(r["score"] for r in results) <= 1 + 1e-6
+    from index.gallery import Gallery
+
+    meta = Gallery.open(index).store.metadata(results[0]["evidence"])
+    assert len(results[0]["evidence"]) == 5 and set(meta["genus"]) == {"Naja"}  # evidence of the genus only
+    # the species predictions stay in the answer, and family works too
+    assert answer["predictions"][0]["species"] == binomial(SPECIES[0])
+    code, out, _ = _run(capsys, "identify", "--index", index, COBRA, "--rank", "family")
+    assert code == 0 and "family Elapidae" in out and "VENOMOUS" in out
+
+
+def test_identify_observation_gives_one_answer_from_all_photos(index, capsys, tmp_path):
+    shots = photos("val", SPECIES[2], 3)
+    code, out, _ = _run(capsys, "identify", "--index", index, *shots, "--format", "json", "-q")
+    assert code == 0 and len(json.loads(out)) == 3
+    code, out, _ = _run(capsys, "identify", "--index", index, *shots, "--observation", "--format", "json",
+                        "--neighbours", "1000", "-q")
+    (answer,) = json.loads(out)
+    assert code == 0 and answer["image"] == ", ".join(str(p) for p in shots)
+    assert answer["predictions"][0]["species"] == binomial(SPECIES[2])
+    assert len(answer["neighbours"]) > len({n["id"] for n in answer["neighbours"]}) or len(answer["neighbours"]) > 30
+
+
+def test_identify_reports_bad_arguments_and_answers_the_rest(index, capsys, tmp_path):
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "dangling.jpg", COBRA,
+                          tmp_path / "dir.jpg", "--format", "json")
+    assert code == 1
+    assert "dangling.jpg: broken symbolic link" in err and "dir.jpg: folder holds no photos" in err
+    assert [a["image"] for a in json.loads(out)] == [str(COBRA)]
+    code, _, err = _run(capsys, "identify", "--index", index, tmp_path / "nope.jpg")
+    assert code == 2 and "no photos to read" in err and "does not exist" in err
+
+
+def test_paths_bytes_and_embeddings_give_the_same_answer(index):
+    from retrieval.workflows import identify, open_identifier
+
+    ident = open_identifier(index, precision="fp32")
+    by_path = identify(ident, [COBRA], rank="genus")[0]
+    by_bytes = identify(ident, [COBRA.read_bytes()], rank="genus")[0]
+    emb = ident.encoder.encode_images([__import__("PIL.Image").Image.open(COBRA).convert("RGB")])
+    by_emb = identify(ident, embeddings=emb, rank="genus")[0]
+    for a in (by_bytes, by_emb):
+        assert [(r.name, round(r.score, 5)) for r in a.results] == [(r.name, round(r.score, 5)) for r in by_path.results]
+        assert [n.id for n in a.identification.neighbours] == [n.id for n in by_path.identification.neighbours]
+    bad = identify(ident, [b"not an image", COBRA.read_bytes()])
+    assert bad[0].error and bad[0].identification is None and bad[1].error is None
+    with pytest.raises(ValueError, match="photos or embeddings"):
+        identify(ident)
+    assert np.isclose(sum(by_path.identification.genus_scores.values()), sum(by_path.identification.scores.values()))
+
+
+def test_references_add_keeps_going_past_bad_arguments(tmp_path_factory, capsys, tmp_path):
+    index = gallery_copy(tmp_path_factory, "add_bad_args")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    new = photos("val", SPECIES[3], 2)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", binomial(SPECIES[3]),
+                          tmp_path / "dangling.jpg", *new, "-q")
+    assert code == 1 and "broken symbolic link" in err
+    assert "added 2" in out and "(existing species)" in out
