@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from index.atomic import write_json_atomic
 from index.layout import EncoderMismatchError, GalleryLayout, check_encoder
+from index.locks import WriteLock
 from index.records import ReferenceRecord
 from index.store import ReferenceStore, SpeciesSummary
 from index.vectors import VectorIndex, VectorIndexConfig
@@ -52,15 +54,20 @@ class Neighbour:
 class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
-    def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig) -> None:
+    def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig, *, refresh_s: float = 1.0) -> None:
         self.root = root
         self.layout = GalleryLayout(root)
         self.info = info
         self.index_config = index_config
-        self.store = ReferenceStore(self.layout.store, int(info["dim"]))
-        self._lock = threading.RLock()
+        self.refresh_s = refresh_s  # how often reads check for other processes' writes (seconds)
+        self.store = ReferenceStore(self.layout.store, int(info["dim"]), refresh_s=refresh_s)
+        self._lock = threading.RLock()  # this process's threads
+        self._writer = WriteLock(self.layout.write_lock)  # every process's writes
         self._meta_cache: dict[int, Neighbour] = {}
-        self._index = self._load_or_rebuild_index()
+        self._checked_at = time.monotonic()
+        self._synced_version = -1
+        self._index: VectorIndex = None  # type: ignore[assignment]
+        self._index = self._load_index()
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -71,6 +78,7 @@ class Gallery:
         *,
         index_config: VectorIndexConfig | None = None,
         weights: str | None = None,
+        refresh_s: float = 1.0,
     ) -> Gallery:
         """Create a new gallery (or open an existing one built with the same encoder).
 
@@ -78,7 +86,8 @@ class Gallery:
         """
         root = Path(root)
         if GalleryLayout(root).info.is_file():
-            return cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config)
+            return cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
+                            refresh_s=refresh_s)
         if root.exists() and any(root.iterdir()):
             raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
         root.mkdir(parents=True, exist_ok=True)
@@ -90,7 +99,7 @@ class Gallery:
             "index": asdict(config),
         }
         write_json_atomic(GalleryLayout(root).info, info)
-        return cls(root, info, config)
+        return cls(root, info, config, refresh_s=refresh_s)
 
     @classmethod
     def open(
@@ -99,14 +108,18 @@ class Gallery:
         *,
         expected_fingerprint: str | None = None,
         index_config: VectorIndexConfig | None = None,
+        refresh_s: float = 1.0,
     ) -> Gallery:
-        """Open an existing gallery; refuse one built by another encoder than ``expected_fingerprint``."""
+        """Open an existing gallery; refuse one built by another encoder than ``expected_fingerprint``.
+
+        ``refresh_s``: searches see other processes' writes at most this many seconds late.
+        """
         root = Path(root)
         info = read_gallery_info(root)
         if expected_fingerprint is not None:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig(**info.get("index", {}))
-        return cls(root, info, config)
+        return cls(root, info, config, refresh_s=refresh_s)
 
     @property
     def encoder_spec(self) -> str:
@@ -129,46 +142,95 @@ class Gallery:
         return int(self.info["dim"])
 
     # ------------------------------------------------------------ derived index
-    @property
-    def _vectors_path(self) -> Path:
-        return self.layout.vectors
-
     def _manifest(self) -> dict:
-        return {
-            "fingerprint": self.fingerprint,
-            "dim": self.dim,
-            "store_version": self.store.version,
-            "count": self.store.count(),
-        }
+        return {"fingerprint": self.fingerprint, "dim": self.dim, "store_version": self._synced_version,
+                "count": self._index.ntotal}
 
-    def _load_or_rebuild_index(self) -> VectorIndex:
-        reason = None
+    def _load_index(self) -> VectorIndex:
+        """The saved index brought up to the store's version (a diff), or rebuilt when unusable."""
+        self._synced_version = self.store.version
         try:
-            index, manifest = VectorIndex.load(self._vectors_path)
-            expected = self._manifest()
-            for key in ("fingerprint", "dim", "store_version", "count"):
-                if manifest.get(key) != expected[key]:
-                    reason = f"stale ({key}: index {manifest.get(key)!r}, store {expected[key]!r})"
-                    break
-            else:
-                if index.ntotal == expected["count"]:
-                    return index
-                reason = f"stale (index holds {index.ntotal} vectors, store {expected['count']})"
+            index, manifest = VectorIndex.load(self.layout.vectors)
+            bad = [k for k in ("fingerprint", "dim") if manifest.get(k) != {"fingerprint": self.fingerprint,
+                                                                             "dim": self.dim}[k]]
+            if bad:
+                raise ValueError(f"made for another {bad[0]}")
         except FileNotFoundError:
-            reason = "missing"
+            return self._rebuild("missing")
         except ValueError as exc:
-            reason = f"unreadable ({exc})"
+            return self._rebuild(f"unreadable ({exc})")
+        self._index = index
+        if manifest.get("store_version") != self._synced_version or index.ntotal != manifest.get("count"):
+            added, removed = self._sync_index()
+            logger.info("vector index behind the store (version %s, store %s): %d vectors added, %d removed",
+                        manifest.get("store_version"), self._synced_version, added, removed)
+            if added or removed:
+                self._save_quietly()
+        return self._index
+
+    def _rebuild(self, reason: str) -> VectorIndex:
         logger.info("vector index %s: rebuilding from the store", reason)
-        return self.rebuild_index()
+        self.rebuild_index()
+        return self._index
 
     def rebuild_index(self) -> VectorIndex:
-        """Rebuild the FAISS index from the store and save it atomically."""
-        with self._lock:
+        """Rebuild the FAISS index from the store's searchable rows and save it atomically."""
+        with self._lock, self._writer.hold():
+            self.store.refresh()
+            version = self.store.version
             ids, vectors = self.store.vectors()
-            index = VectorIndex.build(vectors, ids, self.index_config, dim=self.dim)
-            index.save(self._vectors_path, self._manifest())
-            self._index = index
-            return index
+            self._index = VectorIndex.build(vectors, ids, self.index_config, dim=self.dim)
+            self._synced_version = version
+            self._index.save(self.layout.vectors, self._manifest())
+            return self._index
+
+    def _sync_index(self) -> tuple[int, int]:
+        """Bring the in-memory index to the store's current version by difference; (added, removed).
+
+        Reads the store's id column, adds the vectors of ids the index lacks and removes ids the store no
+        longer searches (deleted or excluded): no rebuild, whatever other processes wrote meanwhile.
+        """
+        with self._lock:
+            version = self.store.version
+            stored = self.store.ids()
+            have = self._index.ids
+            new = np.setdiff1d(stored, have, assume_unique=True)
+            gone = np.setdiff1d(have, stored, assume_unique=True)
+            if gone.size:
+                self._index.remove(gone)
+            if new.size:
+                ids, vectors = self.store.vectors(ids=new.tolist())
+                self._index.add(vectors, ids)
+            self._synced_version = version
+            return int(new.size), int(gone.size)
+
+    def _save_quietly(self) -> None:
+        """Save the repaired index if the write lock is free soon (a reader must not wait on writers)."""
+        try:
+            with self._writer.hold():
+                self._index.save(self.layout.vectors, self._manifest())
+        except (OSError, TimeoutError) as exc:  # e.g. a read-only gallery: serve from memory
+            logger.info("could not save the repaired vector index: %s", exc)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """See other processes' writes: when the store has a newer version, sync the index by difference.
+
+        Checked at most every ``refresh_s`` seconds (``force``: now). Returns whether anything changed.
+        """
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.refresh_s:
+            return False
+        with self._lock:
+            self._checked_at = now
+            if force:
+                self.store.refresh()
+            if self.store.version == self._synced_version:
+                return False
+            added, removed = self._sync_index()
+            if added or removed:
+                logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root, added,
+                            removed, self._synced_version)
+            return bool(added or removed)
 
     @property
     def index(self) -> VectorIndex:
@@ -176,9 +238,22 @@ class Gallery:
         return self._index
 
     # ------------------------------------------------------------------ writes
-    def known_sha256(self) -> dict[str, int]:
-        """Content digest -> id of every stored photo (duplicates are stored once)."""
-        return self.store.known_sha256()
+    def _reserve_ids(self, n: int) -> list[int]:
+        """``n`` ids never used before, by any process (call with the write lock held).
+
+        The high-water mark in ``ids.json`` is written before the rows, so a crash in between leaves a gap,
+        never a reuse; deleting the highest id does not lower it.
+        """
+        path = self.layout.ids
+        try:
+            start = int(json.loads(path.read_text(encoding="utf-8"))["next"])
+        except FileNotFoundError:
+            start = self.store.max_id() + 1
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s unreadable (%s): next id recomputed from the store", path, exc)
+            start = self.store.max_id() + 1
+        write_json_atomic(path, {"next": start + n})
+        return list(range(start, start + n))
 
     def add(
         self,
@@ -188,48 +263,87 @@ class Gallery:
         *,
         save_index: bool = True,
     ) -> list[int]:
-        """Store new references and make them searchable at once; returns their ids."""
-        with self._lock:
-            ids = self.store.add(records, sha256s, embeddings, self.fingerprint)
-            if ids:
-                self._index.add(np.asarray(embeddings, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-                if save_index:
-                    self.save_index()
-            return ids
+        """Store new references and make them searchable at once; returns the ids of the rows stored.
+
+        Photos whose bytes are already stored (by any process) or repeat an earlier photo of the call are
+        not stored again: see :meth:`add_unique` for which ones.
+        """
+        return self.add_unique(records, sha256s, embeddings, save_index=save_index)[0]
+
+    def add_unique(
+        self,
+        records: Sequence[ReferenceRecord],
+        sha256s: Sequence[str],
+        embeddings: np.ndarray,
+        *,
+        save_index: bool = True,
+    ) -> tuple[list[int], dict[int, int | None]]:
+        """Store the references whose bytes are new, in one commit; (their ids, {position: id it repeats}).
+
+        Under the write lock: the digests are checked against the store's latest version, ids are reserved,
+        the rows committed, the index synced (other processes' writes included) and saved. A repeat of an
+        earlier photo of the same call maps to None.
+        """
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        with self._lock, self._writer.hold():
+            self.store.refresh()
+            stored = self.store.find_sha256(sha256s)
+            keep, dropped, seen = [], {}, set()
+            for i, sha in enumerate(sha256s):
+                if sha in stored:
+                    dropped[i] = stored[sha]
+                elif sha in seen:
+                    dropped[i] = None
+                else:
+                    seen.add(sha)
+                    keep.append(i)
+            if not keep:
+                return [], dropped
+            ids = self._reserve_ids(len(keep))
+            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+            self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
+                           self.fingerprint, ids)
+            if alone:  # the index only lacks our rows: no need to read the store's ids
+                self._index.add(embeddings[keep], np.asarray(ids, dtype=np.int64))
+                self._synced_version = self.store.version
+            else:
+                self._sync_index()
+            if save_index:
+                self._index.save(self.layout.vectors, self._manifest())
+            return ids, dropped
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete references by id; returns how many existed."""
-        with self._lock:
+        with self._lock, self._writer.hold():
+            self.store.refresh()
             found = self.store.delete(ids)
             if found:
-                self._index.remove(np.asarray(list(ids), dtype=np.int64))
-                for i in ids:
-                    self._meta_cache.pop(int(i), None)
-                self.save_index()
+                self._sync_index()
+                self._index.save(self.layout.vectors, self._manifest())
             return found
 
     def set_excluded(self, ids: Sequence[int], excluded: bool = True) -> int:
         """Leave references out of search and probe training (or bring them back); nothing is deleted.
 
-        The store is written first; the FAISS index is then rebuilt from the store's searchable rows.
-        Returns how many of ``ids`` exist.
+        The store is written first; the index then follows it (by difference). Returns how many of ``ids``
+        exist.
         """
-        with self._lock:
+        with self._lock, self._writer.hold():
+            self.store.refresh()
             found = self.store.set_excluded(ids, excluded)
             if found:
-                for i in ids:
-                    self._meta_cache.pop(int(i), None)
-                self.rebuild_index()
+                self._sync_index()
+                self._index.save(self.layout.vectors, self._manifest())
             return found
 
     def save_index(self) -> None:
-        """Persist the FAISS index with a manifest matching the current store version."""
-        with self._lock:
-            self._index.save(self._vectors_path, self._manifest())
+        """Persist the FAISS index with a manifest matching the store version it reflects."""
+        with self._lock, self._writer.hold():
+            self._index.save(self.layout.vectors, self._manifest())
 
     def finish_build(self) -> None:
         """After a bulk build: compact the store, pick the index kind for the final size, save."""
-        with self._lock:
+        with self._lock, self._writer.hold():
             self.store.optimize()
             self.rebuild_index()
 
@@ -242,6 +356,7 @@ class Gallery:
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings are {queries.shape[1]}-d but this gallery holds {self.dim}-d")
+        self.refresh()
         with self._lock:
             sims, ids = self._index.search(queries, k)
         return [self._neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]

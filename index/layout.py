@@ -13,6 +13,8 @@
       clean_log.json          which references each ``clean --apply`` run excluded (for ``--restore``)
       clean-report/           the report of ``index build --clean``
       uploads/                photos added through the HTTP API, stored by content digest
+      ids.json                the next reference id (ids are never reused, whichever process writes)
+      .write.lock             the lock writers hold across processes (index.locks)
 
 The probe's two files have the same names in a fine-tuned model folder (``speciesid finetune --out``).
 
@@ -36,6 +38,8 @@ PROMPT_CACHE = "clean_prompt_cache"
 CLEAN_LOG = "clean_log.json"
 CLEAN_REPORT = "clean-report"
 UPLOADS_DIR = "uploads"
+IDS_FILE = "ids.json"
+WRITE_LOCK = ".write.lock"
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,16 @@ class GalleryLayout:
     def uploads(self) -> Path:
         """Photos added through the HTTP API."""
         return self.root / UPLOADS_DIR
+
+    @property
+    def ids(self) -> Path:
+        """The next reference id (a high-water mark, never lowered)."""
+        return self.root / IDS_FILE
+
+    @property
+    def write_lock(self) -> Path:
+        """The lock file of the write path."""
+        return self.root / WRITE_LOCK
 
 
 class EncoderMismatchError(ValueError):

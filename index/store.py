@@ -1,12 +1,22 @@
-"""The reference store: one LanceDB table, embedded on disk, the gallery's source of truth."""
+"""The reference store: one LanceDB table, embedded on disk, the gallery's source of truth.
+
+Every write is one LanceDB commit (all or nothing); readers see committed versions only, and an open
+store notices other processes' commits within ``refresh_s`` seconds (LanceDB's read consistency
+interval). Ids are given by the caller (:class:`index.gallery.Gallery` reserves them under its write lock).
+
+Source paths are stored as text; a path that is not valid UTF-8 (possible on Linux) is stored as its
+``file://`` URI, which keeps every byte (:func:`source_text`, :func:`source_file`).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote_to_bytes, urlparse
 
 import lancedb
 import numpy as np
@@ -72,31 +82,61 @@ class SpeciesSummary:
     count: int  # reference photos (excluded ones not counted)
 
 
+def source_text(path: str | Path) -> str:
+    """A source path as storable text: itself, or its ``file://`` URI when it is not valid UTF-8."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:  # undecodable bytes of a Linux file name (surrogate escapes)
+        return Path(os.path.abspath(path)).as_uri()
+
+
+def source_file(text: str) -> Path:
+    """The file a stored source path names (the inverse of :func:`source_text`)."""
+    if text.startswith("file://"):
+        return Path(os.fsdecode(unquote_to_bytes(urlparse(text).path)))
+    return Path(text)
+
+
+#: Digests per ``sha256 IN (...)`` query.
+_IN_CHUNK = 1000
+
+
 class ReferenceStore:
     """LanceDB table of reference photos: metadata + embedding, one row per photo."""
 
-    def __init__(self, root: str | Path, dim: int) -> None:
+    def __init__(self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0) -> None:
         self.root = Path(root)
         self.dim = dim
-        self._db = lancedb.connect(str(self.root))
+        interval = None if refresh_s is None else dt.timedelta(seconds=refresh_s)
+        self._db = lancedb.connect(str(self.root), read_consistency_interval=interval)
         if TABLE in self._table_names():
             self._table = self._db.open_table(TABLE)
-            got = self._table.schema.field("embedding").type.list_size
-            if got != dim:
-                raise ValueError(f"store {self.root} holds {got}-d embeddings, not {dim}-d")
         else:
-            self._table = self._db.create_table(TABLE, schema=_schema(dim))
-        self._next_id = self._max_id() + 1
+            try:
+                self._table = self._db.create_table(TABLE, schema=_schema(dim))
+            except (ValueError, OSError) as exc:  # another process created it first
+                if TABLE not in self._table_names():
+                    raise
+                logger.debug("table created by another process: %s", exc)
+                self._table = self._db.open_table(TABLE)
+        got = self._table.schema.field("embedding").type.list_size
+        if got != dim:
+            raise ValueError(f"store {self.root} holds {got}-d embeddings, not {dim}-d")
 
     def _table_names(self) -> list[str]:
         names = self._db.list_tables() if hasattr(self._db, "list_tables") else self._db.table_names()
         return list(getattr(names, "tables", names))
 
-    def _max_id(self) -> int:
-        if self.count(include_excluded=True) == 0:
-            return 0
-        ids = self._read(["id"])["id"]
+    def max_id(self) -> int:
+        """The largest id stored (0 for an empty store); reads only the id column."""
+        ids = self.ids(include_excluded=True)
         return int(ids.max()) if len(ids) else 0
+
+    def refresh(self) -> None:
+        """See other processes' commits now (otherwise within ``refresh_s``)."""
+        self._table.checkout_latest()
 
     def _read(self, columns: Sequence[str], where: str | None = None) -> pd.DataFrame:
         query = self._table.search().select(list(columns)).limit(max(self._table.count_rows(), 1))
@@ -115,10 +155,23 @@ class ReferenceStore:
             return int(self._table.count_rows())
         return int(self._table.count_rows("excluded = false OR excluded IS NULL"))
 
-    def known_sha256(self) -> dict[str, int]:
-        """Content digest -> reference id, for duplicate detection."""
-        df = self._read(["id", "sha256"])
-        return dict(zip(df["sha256"], df["id"].astype(int), strict=True))
+    def find_sha256(self, digests: Iterable[str]) -> dict[str, int]:
+        """Digest -> reference id of the given digests that are stored (excluded rows too)."""
+        wanted = sorted({d for d in digests if d and all(c in "0123456789abcdef" for c in d)})
+        found: dict[str, int] = {}
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            df = self._read(["id", "sha256"], "sha256 IN (" + ", ".join(f"'{d}'" for d in chunk) + ")")
+            found.update(zip(df["sha256"], df["id"].astype(int), strict=True))
+        return found
+
+    def ids(self, *, include_excluded: bool = False) -> np.ndarray:
+        """Sorted int64 ids of the searchable rows (all rows with ``include_excluded``); reads one column."""
+        where = None if include_excluded else "excluded = false OR excluded IS NULL"
+        query = self._table.search().select(["id"]).limit(max(self._table.count_rows(), 1))
+        if where:
+            query = query.where(where)
+        return np.sort(query.to_arrow().column("id").to_numpy().astype(np.int64))
 
     def add(
         self,
@@ -126,17 +179,18 @@ class ReferenceStore:
         sha256s: Sequence[str],
         embeddings: np.ndarray,
         encoder: str,
+        ids: Sequence[int],
     ) -> list[int]:
-        """Append rows; returns their new ids. Caller guarantees records are new (see known_sha256)."""
+        """Append rows under the given (reserved, unused) ids, in one commit; returns the ids."""
         n = len(records)
-        if len(sha256s) != n or embeddings.shape != (n, self.dim):
+        if len(sha256s) != n or embeddings.shape != (n, self.dim) or len(ids) != n:
             raise ValueError(
-                f"add needs as many digests and ({n}, {self.dim}) embeddings as records; "
-                f"got {len(sha256s)} digests and {embeddings.shape}"
+                f"add needs as many digests, ids and ({n}, {self.dim}) embeddings as records; "
+                f"got {len(sha256s)} digests, {len(ids)} ids and {embeddings.shape}"
             )
         if n == 0:
             return []
-        ids = list(range(self._next_id, self._next_id + n))
+        ids = [int(i) for i in ids]
         now = dt.datetime.now(dt.timezone.utc)
         cols: dict[str, pa.Array] = {
             "id": pa.array(ids, pa.int64()),
@@ -151,7 +205,7 @@ class ReferenceStore:
                 "common_name": pa.array([r.common_name for r in records], pa.string()),
                 "venomous": pa.array([r.venomous for r in records], pa.bool_()),
                 "dataset": pa.array([r.dataset for r in records], pa.string()),
-                "source_path": pa.array([str(r.path) for r in records], pa.string()),
+                "source_path": pa.array([source_text(r.path) for r in records], pa.string()),
                 "country": pa.array([r.country for r in records], pa.string()),
                 "sha256": pa.array(list(sha256s), pa.string()),
                 "added_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
@@ -163,7 +217,6 @@ class ReferenceStore:
             }
         )
         self._table.add(pa.table(cols, schema=_schema(self.dim)))
-        self._next_id += n
         return ids
 
     def _matching(self, ids: Sequence[int]) -> tuple[str, int]:
@@ -201,9 +254,17 @@ class ReferenceStore:
         df = self._read(META_COLUMNS, " AND ".join(clauses) or None)
         return df.set_index("id", drop=False)
 
-    def vectors(self, *, include_excluded: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 (N,), embeddings float32 (N, dim)) of the searchable rows."""
-        where = None if include_excluded else "excluded = false OR excluded IS NULL"
+    def vectors(
+        self, *, include_excluded: bool = False, ids: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 (N,), embeddings float32 (N, dim)) of the searchable rows (or of ``ids``, any row)."""
+        if ids is not None:
+            parts = [self._vectors(f"id IN ({', '.join(map(str, map(int, ids[s : s + _IN_CHUNK])))})")
+                     for s in range(0, len(ids), _IN_CHUNK)] or [self._vectors("id < 0")]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return self._vectors(None if include_excluded else "excluded = false OR excluded IS NULL")
+
+    def _vectors(self, where: str | None) -> tuple[np.ndarray, np.ndarray]:
         query = self._table.search().select(["id", "embedding"]).limit(max(self._table.count_rows(), 1))
         if where:
             query = query.where(where)

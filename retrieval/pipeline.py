@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from index.gallery import Gallery
+from index.gallery import Gallery, check_gallery_encoder
 from index.records import ReferenceRecord
 from retrieval.encoders import Encoder
 from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, sha256_bytes
@@ -135,24 +135,34 @@ def iter_prepared(
 
 
 def iter_embeddings(
-    prepared: Iterable[Prepared], encoder: Encoder
+    prepared: Iterable[Prepared],
+    encoder: Encoder,
+    *,
+    before_encode: Callable[[list[Prepared]], None] | None = None,
 ) -> Iterator[tuple[list[Prepared], np.ndarray | None]]:
     """Group prepared photos into batches and embed them.
 
     Yields (items, embeddings) where embeddings has one row per item that has a tensor, in order;
     items without a tensor (skipped or duplicate) ride along so callers see every input exactly once.
+    ``before_encode`` sees each batch first and may drop tensors (e.g. photos already stored).
     """
+
+    def encode(items: list[Prepared]) -> np.ndarray | None:
+        if before_encode is not None:
+            before_encode(items)
+        tensors = [i.tensor for i in items if i.tensor is not None]
+        return encoder.encode_batch(torch.stack(tensors)) if tensors else None
+
     items: list[Prepared] = []
     n_tensors = 0
     for item in prepared:
         items.append(item)
         n_tensors += item.tensor is not None
         if n_tensors >= encoder.batch_size:
-            yield items, encoder.encode_batch(torch.stack([i.tensor for i in items if i.tensor is not None]))
+            yield items, encode(items)
             items, n_tensors = [], 0
     if items:
-        tensors = [i.tensor for i in items if i.tensor is not None]
-        yield items, (encoder.encode_batch(torch.stack(tensors)) if tensors else None)
+        yield items, encode(items)
 
 
 @dataclass
@@ -221,54 +231,59 @@ def add_references(
 ) -> BuildReport:
     """Embed reference photos and store them in the gallery (searchable when this returns).
 
-    Unreadable photos are skipped and reported; photos whose bytes are already stored, or repeat an
-    earlier photo of this call, are reported as duplicates and stored once.
+    Unreadable photos are skipped and reported; photos whose bytes are already stored (looked up per batch,
+    before embedding) or repeat an earlier photo of this call are reported as duplicates and stored once.
+    Rows are committed every ``chunk`` photos; the gallery re-checks the digests under its write lock, so
+    two processes adding the same photo at once store it once.
     """
-    if encoder.fingerprint != gallery.fingerprint:
-        raise ValueError(
-            f"encoder {encoder.spec!r} is not the one that built gallery {gallery.root} "
-            f"({gallery.encoder_spec!r}); references must be embedded with the gallery's encoder"
-        )
+    check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
     report = BuildReport()
     start = time.perf_counter()
-    known = gallery.known_sha256()
-    seen_here: dict[str, str] = {}
-    buf_records: list[ReferenceRecord] = []
-    buf_sha: list[str] = []
-    buf_emb: list[np.ndarray] = []
+    first_path: dict[str, str] = {}  # digest -> the first path of this call with those bytes
+    buf: list[tuple[ReferenceRecord, str, np.ndarray]] = []
+
+    def drop_stored(items: list[Prepared]) -> None:
+        stored = gallery.store.find_sha256(i.sha256 for i in items if i.tensor is not None)
+        for item in items:
+            if item.tensor is not None and item.sha256 in stored:
+                item.tensor, item.duplicate_of = None, stored[item.sha256]
 
     def flush() -> None:
-        if buf_records:
-            ids = gallery.add(buf_records, buf_sha, np.concatenate(buf_emb), save_index=False)
-            report.ids.extend(ids)
-            report.added += len(ids)
-            buf_records.clear()
-            buf_sha.clear()
-            buf_emb.clear()
+        if not buf:
+            return
+        ids, dropped = gallery.add_unique([b[0] for b in buf], [b[1] for b in buf], np.concatenate([b[2] for b in buf]),
+                                          save_index=False)
+        kept = iter(ids)
+        for pos, (rec, _, _) in enumerate(buf):
+            if pos in dropped:  # stored by another process since the batch was checked
+                report.duplicates.append((str(rec.path), f"id {dropped[pos]}"))
+                report.duplicate_ids.append(dropped[pos])
+            else:
+                report.ids.append(next(kept))
+        report.added += len(ids)
+        buf.clear()
 
-    paths = [r.path for r in records]
     done = 0
+    prepared = iter_prepared([r.path for r in records], encoder, workers=workers)
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in iter_embeddings(iter_prepared(paths, encoder, known=known, workers=workers), encoder):
+        for items, emb in iter_embeddings(prepared, encoder, before_encode=drop_stored):
             row = 0
             for item in items:
                 rec = records[item.position]
-                if item.error is not None:
-                    report.skipped.append((str(rec.path), item.error))
-                elif item.duplicate_of is not None:
+                if item.duplicate_of is not None:
                     report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
                     report.duplicate_ids.append(item.duplicate_of)
-                elif item.sha256 in seen_here:
-                    report.duplicates.append((str(rec.path), seen_here[item.sha256]))
+                elif item.error is not None:
+                    report.skipped.append((str(rec.path), item.error))
+                elif item.sha256 in first_path:
+                    report.duplicates.append((str(rec.path), first_path[item.sha256]))
                     report.duplicate_ids.append(None)
                     row += 1
                 else:
-                    seen_here[item.sha256] = str(rec.path)
-                    buf_records.append(rec)
-                    buf_sha.append(item.sha256)
-                    buf_emb.append(emb[row : row + 1])
+                    first_path[item.sha256] = str(rec.path)
+                    buf.append((rec, item.sha256, emb[row : row + 1]))
                     row += 1
-            if len(buf_records) >= chunk:
+            if len(buf) >= chunk:
                 flush()
             done += len(items)
             bar.update(len(items))

@@ -1,0 +1,88 @@
+"""A lock across processes on a gallery's write path (``DIR/.write.lock``, ``fcntl.flock``).
+
+Readers never take it: they read LanceDB's committed versions. Writers hold it for the few steps that
+must not interleave between processes: re-checking duplicates against the latest version, reserving ids,
+committing the rows, and saving the derived vector index. Embedding photos happens outside it.
+
+``flock`` locks belong to an open file description: a process killed while holding the lock releases it
+at once (the kernel closes its files), so a crashed writer never blocks the gallery. The lock is also
+re-entrant within a process (a thread lock guards the file lock), so nested writes do not deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one process per gallery (the thread lock still holds)
+    fcntl = None  # type: ignore[assignment]
+
+
+class WriteLock:
+    """Exclusive, re-entrant write lock of one gallery, across threads and processes."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 600.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout  # seconds to wait for another writer before giving up
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the lock for the ``with`` block (waits for other writers; TimeoutError after ``timeout``)."""
+        with self._thread_lock:
+            if self._depth == 0:
+                self._acquire()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._release()
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is None:  # pragma: no cover
+            self._fd = fd
+            return
+        start = time.monotonic()
+        warned = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                return
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > self.timeout:
+                    os.close(fd)
+                    raise TimeoutError(
+                        f"another process has been writing this gallery for over {self.timeout:.0f} s "
+                        f"(lock {self.path}); try again when it is done"
+                    ) from None
+                if waited > 2 and not warned:
+                    logger.info("waiting for another process writing this gallery (lock %s)", self.path)
+                    warned = True
+                time.sleep(0.02)
+
+    def _release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
