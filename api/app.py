@@ -11,7 +11,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.guard import EdgeGuard
 from api.routers import health, identify, references, species
 from api.service import SpeciesService
 from api.settings import Settings
@@ -63,13 +65,18 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = Metrics()
-    body_limit = int((settings.max_upload_mb * max(settings.max_images, 100) + 1) * 1024 * 1024)
+    app.add_middleware(EdgeGuard, settings=settings)  # keys, load shedding, body limits: before any body is read
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
+            limit = request.scope.get("starlette.max_body_size")
+            detail = f"request body over the {limit / 2**20:.0f} MB this route accepts" if limit else detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > body_limit:
-            return JSONResponse({"detail": f"request body over {body_limit // 2**20} MB"}, status_code=413)
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
+from api.guard import key_ok
 from api.service import SpeciesService
 from api.settings import Settings
 
@@ -24,15 +24,6 @@ def get_service(request: Request) -> SpeciesService:
     return service
 
 
-def _key_ok(given: str | None, keys: list[str]) -> bool:
-    if not given:
-        return False
-    ok = False
-    for key in keys:  # compare against every key, in constant time, whatever matches
-        ok |= hmac.compare_digest(given.encode(), key.encode())
-    return ok
-
-
 def require_write_key(
     settings: Annotated[Settings, Depends(get_settings)],
     x_api_key: Annotated[str | None, Header(description="API key for writes")] = None,
@@ -41,7 +32,7 @@ def require_write_key(
     keys = settings.key_list()
     if not keys:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "writes are disabled: no SPECIESID_API_KEYS configured")
-    if not _key_ok(x_api_key, keys):
+    if not key_ok(x_api_key, keys):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
 
 
@@ -50,7 +41,7 @@ def require_read_key(
     x_api_key: Annotated[str | None, Header(description="API key (when reads require one)")] = None,
 ) -> None:
     """Reads are open unless SPECIESID_READS_REQUIRE_KEY is set."""
-    if settings.reads_require_key and not _key_ok(x_api_key, settings.key_list()):
+    if settings.reads_require_key and not key_ok(x_api_key, settings.key_list()):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
 
 

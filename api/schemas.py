@@ -17,7 +17,7 @@ class NeighbourOut(BaseModel):
     family: str | None = None
     common_name: str | None = None
     venomous: bool | None = None
-    path: str = Field(description="source path of the reference photo")
+    thumbnail_url: str = Field(description="the reference photo's thumbnail: GET /v1/references/{id}/image")
     dataset: str | None = None
 
 

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +20,9 @@ from PIL import Image
 
 from api.batcher import EncodeBatcher
 from api.settings import Settings
+from index.datasets import check_name
 from index.gallery import Neighbour
-from index.store import SpeciesSummary
+from index.store import SpeciesSummary, source_file
 from retrieval import workflows
 from retrieval.images import ImageLoadError, decode_image, image_format, sha256_bytes
 from retrieval.vote import Rank
@@ -72,7 +72,7 @@ class SpeciesService:
     def __init__(self, settings: Settings, identifier: workflows.Identifier | None = None) -> None:
         self.settings = settings
         self.identifier = identifier or open_identifier(
-            settings.index, device=settings.device, precision=settings.precision
+            settings.index, device=settings.device, precision=settings.precision, refresh_s=settings.refresh_s
         )
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
@@ -135,7 +135,7 @@ class SpeciesService:
         meta = self.gallery.store.metadata([ref_id])
         if meta.empty:
             raise NotFound(f"no reference with id {ref_id}")
-        path = Path(str(meta.iloc[0]["source_path"]))
+        path = source_file(str(meta.iloc[0]["source_path"]))
         try:
             image = decode_image(path.read_bytes(), max_pixels=self.settings.max_pixels, name=str(path))
         except (OSError, ImageLoadError) as exc:
@@ -155,14 +155,22 @@ class SpeciesService:
         venomous: bool | None = None,
     ) -> AddResult:
         """Store the photos as references of ``species`` (created if new); searchable when this returns."""
-        if not " ".join(species.replace("_", " ").split()):  # refuse before the expensive encode
-            raise ServiceError("species name is empty")
+        check_name(species.replace("_", " "))  # refuse a bad name before the expensive encode (422)
+        if common_name is not None:
+            check_name(common_name, "common name")
+        least = self.settings.min_reference_px
+        small = [u for u in uploads if min(u.image.size) < least]
+        if small:
+            u = small[0]
+            raise BadImage(f"{u.name}: {u.image.size[0]}x{u.image.size[1]} pixels is too small for a reference photo "
+                           f"(at least {least} px on the short side)")
         with self._write_lock:
             return workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
-                                        common_name=common_name, venomous=venomous, dataset="api")
+                                        common_name=common_name, venomous=venomous, dataset="api",
+                                        min_side=least)
 
     def delete_reference(self, ref_id: int) -> None:
-        """Delete one reference (its uploaded file stays on disk)."""
+        """Delete one reference (and its uploaded photo, when no other reference uses it)."""
         with self._write_lock:
             if not workflows.delete_references(self.gallery, [ref_id]):
                 raise NotFound(f"no reference with id {ref_id}")

@@ -17,6 +17,14 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(20.0, description="largest accepted photo, in MB (bigger -> 413)")
     max_pixels: int = Field(50_000_000, description="largest accepted photo, in pixels (decompression-bomb guard)")
     max_images: int = Field(5, description="photos per identify request (one observation)")
+    max_add_images: int = Field(50, description="photos per add-references request")
+    max_request_mb: float = Field(256.0, description="largest request body of any route, in MB (bigger -> 413)")
+    max_identify_in_flight: int = Field(
+        4, ge=1, description="identify/search requests served at once; past it a fast 429 with Retry-After "
+        "(4 measured best on 2 cores: benchmarks/bench_api.py)")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429, in seconds")
+    min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
+    refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, fp16")
     batch_window_ms: float = Field(5.0, description="how long the encoder waits to batch concurrent requests")

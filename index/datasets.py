@@ -68,6 +68,43 @@ class DatasetScan:
 
 
 # --------------------------------------------------------------------------------------------------
+# Names
+
+#: Longest taxon or common name accepted (the longest binomials + authorities fit in well under this).
+MAX_NAME_LENGTH = 120
+
+
+class InvalidNameError(ValueError):
+    """A species or common name that cannot be stored (empty, too long, control or bidi characters)."""
+
+
+def check_name(value: str, what: str = "species name") -> str:
+    """``value`` with its spaces collapsed, or :class:`InvalidNameError` saying what is wrong with it.
+
+    Refused: empty names, names over :data:`MAX_NAME_LENGTH` characters, and any control, format (bidi
+    overrides, zero-width), surrogate, private-use or unassigned character, or line separator: a name is
+    shown in tables, files and web pages, where such characters hide or reorder text.
+    """
+    import unicodedata
+
+    text = " ".join(str(value).split())
+    if not text:
+        raise InvalidNameError(f"the {what} is empty; give e.g. 'Naja haje'")
+    if len(text) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat[0] == "C" or cat in ("Zl", "Zp"):
+            code = f"U+{ord(ch):04X}"
+            name = unicodedata.name(ch, code) if cat != "Cs" else "an undecodable byte"
+            raise InvalidNameError(
+                f"the {what} {text.encode('utf-8', 'backslashreplace').decode()!r} contains {name} ({code}); "
+                "use printable letters only"
+            )
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
 # Taxonomy lookups
 
 
@@ -143,9 +180,10 @@ def new_species_references(
     spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
     as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy.
     """
-    species = " ".join(name.replace("_", " ").split())
-    if not species:
-        raise ValueError("the species name is empty; give a binomial, e.g. 'Naja haje'")
+    species = check_name(name.replace("_", " "))
+    common_name = check_name(common_name, "common name") if common_name is not None else None
+    genus = check_name(genus, "genus") if genus else genus
+    family = check_name(family, "family") if family else family
     prior = next((s for s in gallery_species if species_key(s.species) == species_key(species)), None)
     taxon = lookup_taxon(species)
     species = prior.species if prior else (taxon.species if taxon else species)
@@ -289,6 +327,11 @@ def _load_folder(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
     empty: list[str] = []
     for folder in _class_folders(root, warnings):
         species, common = parse_folder_name(folder.name)
+        try:
+            species = check_name(species, "class folder name")
+        except InvalidNameError as exc:
+            warnings.append(f"folder skipped: {exc}")
+            continue
         paths = find_photos(folder)
         if not paths:
             empty.append(folder.name)

@@ -6,6 +6,7 @@ The folder's files are named in :mod:`index.layout`. Writes go to the store firs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -335,6 +336,10 @@ class Gallery:
                 self._sync_index()
                 self._index.save(self.layout.vectors, self._manifest())
             return found
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the gallery's write lock (across processes) for a few steps that must not interleave."""
+        return self._writer.hold()
 
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the store version it reflects."""

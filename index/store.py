@@ -165,6 +165,11 @@ class ReferenceStore:
             found.update(zip(df["sha256"], df["id"].astype(int), strict=True))
         return found
 
+    def uses_source(self, text: str) -> bool:
+        """Whether any row (excluded ones too) has this stored source path."""
+        quoted = text.replace("'", "''")
+        return self._table.count_rows(f"source_path = '{quoted}'") > 0
+
     def ids(self, *, include_excluded: bool = False) -> np.ndarray:
         """Sorted int64 ids of the searchable rows (all rows with ``include_excluded``); reads one column."""
         where = None if include_excluded else "excluded = false OR excluded IS NULL"

@@ -20,6 +20,9 @@ except ImportError:  # pragma: no cover - optional
 
 #: Refuse images with more pixels than this (decompression-bomb guard): 16,000 x 16,000.
 DEFAULT_MAX_PIXELS = 256_000_000
+#: Reference photos need at least this many pixels on their short side: the encoders upsample to ~224 px,
+#: and a thumbnail-sized or 1-pixel "photo" carries nothing to match against.
+MIN_REFERENCE_SIDE = 32
 #: Longest / shortest side above this is refused: the encoders resize the short side to ~224 px, so a
 #: 1 x 20,000 px strip (a few kB) would become a 224 x 4.5M px image (GBs of memory, seconds of CPU).
 MAX_ASPECT = 25

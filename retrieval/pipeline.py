@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 from index.gallery import Gallery, check_gallery_encoder
 from index.records import ReferenceRecord
 from retrieval.encoders import Encoder
-from retrieval.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, sha256_bytes
+from retrieval.images import (
+    DEFAULT_MAX_PIXELS,
+    MIN_REFERENCE_SIDE,
+    ImageLoadError,
+    decode_image,
+    sha256_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +95,12 @@ def prepare(
     encoder: Encoder,
     known: dict[str, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 0,
 ) -> Prepared:
-    """Read + hash + decode + preprocess one photo (runs in a worker thread)."""
+    """Read + hash + decode + preprocess one photo (runs in a worker thread).
+
+    ``min_side``: photos whose short side is under this many pixels are refused (reference photos).
+    """
     name = f"image #{position}" if isinstance(source, bytes) else str(source)
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -101,6 +111,9 @@ def prepare(
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
         image = decode_image(data, max_pixels=max_pixels, name=name, draft=_draft_size(encoder))
+        if min(image.size) < min_side:
+            return Prepared(position, sha256=digest, error=f"{image.size[0]}x{image.size[1]} pixels is too small for "
+                            f"a reference photo (at least {min_side} px on the short side)")
         tensor = encoder.preprocess(image)
     except ImageLoadError as exc:
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
@@ -116,6 +129,7 @@ def iter_prepared(
     known: dict[str, int] | None = None,
     workers: int | None = None,
     prefetch: int = 256,
+    min_side: int = 0,
 ) -> Iterator[Prepared]:
     """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead."""
     workers = workers or default_workers()
@@ -123,14 +137,14 @@ def iter_prepared(
         pending: deque[Future[Prepared]] = deque()
         it = iter(enumerate(sources))
         for pos, src in it:
-            pending.append(pool.submit(prepare, pos, src, encoder, known))
+            pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side))
             if len(pending) >= prefetch:
                 break
         while pending:
             done = pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known))
+                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side))
             yield done
 
 
@@ -228,6 +242,7 @@ def add_references(
     progress: bool = True,
     desc: str = "adding references",
     on_progress: Callable[[int, int], None] | None = None,
+    min_side: int = MIN_REFERENCE_SIDE,
 ) -> BuildReport:
     """Embed reference photos and store them in the gallery (searchable when this returns).
 
@@ -264,7 +279,7 @@ def add_references(
         buf.clear()
 
     done = 0
-    prepared = iter_prepared([r.path for r in records], encoder, workers=workers)
+    prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side)
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
         for items, emb in iter_embeddings(prepared, encoder, before_encode=drop_stored):
             row = 0

@@ -29,14 +29,14 @@ from index.datasets import DatasetScan, load_checklist, load_dataset, lookup_tax
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import check_encoder
-from index.store import SpeciesSummary
+from index.store import SpeciesSummary, source_file
 from index.vectors import VectorIndexConfig
 from retrieval.calibrate import select_settings
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.findings import CleanConfig
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
-from retrieval.images import ImageLoadError, image_format, sha256_bytes
+from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.metrics import EvalItem, evaluate, write_report
 from retrieval.pipeline import BuildReport, add_references, embed_photos
 from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
@@ -96,8 +96,12 @@ def open_gallery(
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 32,
+    refresh_s: float = 1.0,
 ) -> tuple[Gallery, Encoder]:
-    """Open a gallery with the encoder that built it (or refuse another one, saying which built it)."""
+    """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
+
+    ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
+    """
     built = read_gallery_info(index_dir)["encoder"]
     config = EncoderConfig(
         spec=encoder or built["spec"],
@@ -107,7 +111,7 @@ def open_gallery(
         batch_size=batch_size,
     )
     enc = create_encoder_from_config(config)
-    return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint), enc
+    return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
 
 
 def open_identifier(
@@ -119,9 +123,11 @@ def open_identifier(
     precision: str = "auto",
     vote: VoteConfig | None = None,
     use_probe: bool = True,
+    refresh_s: float = 1.0,
 ) -> Identifier:
     """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
-    gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision)
+    gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
+                                refresh_s=refresh_s)
     probe = None
     if use_probe and has_probe(index_dir):
         probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
@@ -294,6 +300,7 @@ def add_photos(
     family: str | None = None,
     dataset: str = "added",
     progress: bool = False,
+    min_side: int = MIN_REFERENCE_SIDE,
 ) -> AddResult:
     """Store photos as references of ``species`` (created if new); searchable when this returns.
 
@@ -316,11 +323,15 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family,
     )
-    report = add_references(gallery, encoder, records, progress=progress)
+    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if str(path) not in stored:
             path.unlink(missing_ok=True)
+    for upload, data in (item for item in photos if isinstance(item, tuple)):  # a concurrent delete of the last
+        path, _ = _keep_upload(gallery.layout.uploads, upload, data)  # reference of the same bytes may have
+        if str(path) in stored and not path.exists():  # removed the file between our write and commit
+            atomic_write(path, data)
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     duplicates = [(names[p].pop(0) if names.get(p) else p, i)
@@ -344,8 +355,19 @@ _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", 
 
 
 def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> int:
-    """Delete references by id; returns how many existed."""
-    return _gallery(gallery).delete(ids)
+    """Delete references by id; returns how many existed. A photo the API stored (``uploads/``) is removed
+    with its last reference."""
+    g = _gallery(gallery)
+    meta = g.store.metadata(ids)
+    found = g.delete(ids)
+    uploads = g.layout.uploads.resolve()
+    for text in set(meta["source_path"]) if found else ():
+        path = source_file(str(text))
+        with g.writing():  # an add of the same bytes commits under this lock too: never both
+            if path.parent.resolve() == uploads and not g.store.uses_source(str(text)):
+                path.unlink(missing_ok=True)
+                logger.info("removed %s: no reference uses it any more", path)
+    return found
 
 
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:

@@ -73,7 +73,9 @@ def client(tmp_path_factory, loads):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(api.service, "open_identifier", counting)
-    app = create_app(Settings(index=str(index), api_keys=f"{API_KEY}, other-key", precision="fp32"))
+    # these tests send up to 16 identifications at once to check batching: no load shedding here
+    app = create_app(Settings(index=str(index), api_keys=f"{API_KEY}, other-key", precision="fp32",
+                              max_identify_in_flight=64))
     try:
         with TestClient(app) as c:
             yield c
@@ -151,7 +153,9 @@ def test_identify_one_photo(client):
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     assert sum(scores) <= 1 + 1e-6
     assert best["neighbours"] and all(n["species"] == "Naja philippinensis" for n in best["neighbours"])
-    assert all(-1 <= n["similarity"] <= 1 + 1e-5 and n["path"] for n in best["neighbours"])
+    assert all(-1 <= n["similarity"] <= 1 + 1e-5 for n in best["neighbours"])
+    # evidence names the reference and its thumbnail, never a file path of the server
+    assert all(n["thumbnail_url"] == f"/v1/references/{n['id']}/image" and "path" not in n for n in best["neighbours"])
 
 
 def test_identify_combines_one_to_five_photos(client):
@@ -279,7 +283,7 @@ def test_search_by_photo_and_by_vector(client, service):
     resp = client.post("/v1/search", files=_files([member], "image"), data={"k": "3"})
     assert resp.status_code == 200, resp.text
     hits = resp.json()["neighbours"]
-    assert len(hits) == 3 and hits[0]["similarity"] > 0.999 and hits[0]["path"].endswith(member.name)
+    assert len(hits) == 3 and hits[0]["similarity"] > 0.999 and _source(service, hits[0]["id"]).endswith(member.name)
     assert resp.json()["encoder"] == MOBILENET_SPEC
 
     with Image.open(member) as img:
@@ -321,14 +325,19 @@ def test_species_list_and_one(client):
     assert "Naja nowhere" in _is_error(client.get("/v1/species/Naja nowhere"), 404)
 
 
-def test_reference_thumbnail(client):
+def _source(service, ref_id: int) -> str:
+    """The server-side source path of a reference (the API itself never shows it)."""
+    return str(service.gallery.store.metadata([ref_id]).iloc[0]["source_path"])
+
+
+def test_reference_thumbnail(client, service):
     hits = client.post("/v1/search", files=_files([COBRA], "image"), data={"k": "1"}).json()["neighbours"]
     resp = client.get(f"/v1/references/{hits[0]['id']}/image")
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
     from PIL import Image
 
     thumb = Image.open(io.BytesIO(resp.content))
-    with Image.open(hits[0]["path"]) as source:
+    with Image.open(_source(service, hits[0]["id"])) as source:
         assert thumb.format == "JPEG" and max(thumb.size) == min(256, max(source.size))
     assert "no reference with id 987654" in _is_error(client.get("/v1/references/987654/image"), 404)
     assert client.get("/v1/references/-1/image").status_code == 422
@@ -413,7 +422,7 @@ def test_a_batch_with_one_bad_photo_writes_nothing(client, service):
     big = b"\xff\xd8" + b"\0" * (20 * 1024 * 1024 + 1)
     _is_error(client.post(url, files=_files(good) + _one("big.jpg", big), headers=KEYS), 413)
     assert "venomous" in str(client.post(url, files=_files(good), data={"venomous": "maybe"}, headers=KEYS).json())
-    assert "empty" in _is_error(client.post("/v1/species/ _ /references", files=_files(good), headers=KEYS), 400)
+    assert "empty" in _is_error(client.post("/v1/species/ _ /references", files=_files(good), headers=KEYS), 422)
     assert _snapshot(client, service) == before
     assert client.get(f"/v1/species/{binomial(viper)}").status_code == 404
 
@@ -439,13 +448,13 @@ def test_delete_reference(client, service):
 
     # a known species in another spelling is stored under the taxonomy's name, and later uploads in yet
     # another spelling join it instead of starting a second species
-    odd = client.post("/v1/species/naja-haje/references", files=_one("grey.png", _png(40, 30)), headers=KEYS)
+    odd = client.post("/v1/species/naja-haje/references", files=_one("grey.png", _png(40, 32)), headers=KEYS)
     assert odd.status_code == 201 and odd.json()["species"] == "Naja haje" and odd.json()["created"] is True
-    again = client.post("/v1/species/Naja_Haje/references", files=_one("g2.png", _png(41, 30)), headers=KEYS)
+    again = client.post("/v1/species/Naja_Haje/references", files=_one("g2.png", _png(41, 32)), headers=KEYS)
     assert again.json()["species"] == "Naja haje" and again.json()["created"] is False
     assert client.get("/v1/species/Naja-haje").json()["count"] == 2
     # an unknown name keeps its hyphen (some epithets have one) and GET finds it in any spelling
-    new = client.post("/v1/species/Testus c-album/references", files=_one("g3.png", _png(42, 30)), headers=KEYS)
+    new = client.post("/v1/species/Testus c-album/references", files=_one("g3.png", _png(42, 32)), headers=KEYS)
     assert new.json()["species"] == "Testus c-album"
     assert client.get("/v1/species/testus_c-album").json()["species"] == "Testus c-album"
     for ref in (odd, again, new):

@@ -73,7 +73,8 @@ def server(tmp_path_factory):
     needs_shared()
     index = gallery_copy(tmp_path_factory, "api_server")
     log = index.parent / "server.log"
-    proc, url = start_server(index, log)
+    # 8 identifications at once are sent below: this fixture serves them all (shedding has its own test)
+    proc, url = start_server(index, log, SPECIESID_MAX_IDENTIFY_IN_FLIGHT="16")
     try:
         yield url
     finally:
@@ -122,3 +123,85 @@ def test_real_server_identifies_adds_and_reports(server):
         metrics = http.get("/metrics").text
         assert 'speciesid_requests_total{method="POST",route="/v1/identify",status="200"}' in metrics
         assert f"speciesid_gallery_references {float(len(SPECIES) * PER_SPECIES + PER_SPECIES)}" in metrics
+
+
+def _multipart_head(boundary: str, name: str = "images", filename: str = "big.jpg") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+
+
+def _raw_request(url: str, method: str, path: str, length: int, first: bytes, headers: dict | None = None) -> bytes:
+    """Send a request head announcing ``length`` body bytes and only ``first`` of them; return what the
+    server answers within 10 s (it must answer without the rest of the body)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
+             "Content-Type: multipart/form-data; boundary=x", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + first)
+        return sock.recv(65536)
+
+
+def test_limits_keys_and_load_shedding_on_a_real_server(tmp_path_factory):
+    """Keys before bodies, body limits while streaming (chunked too), 429 + Retry-After past the in-flight
+    bound with writes still served, and a write by another process (the CLI) seen without a restart."""
+    import httpx
+
+    needs_shared()
+    index = gallery_copy(tmp_path_factory, "api_limits")
+    log = index.parent / "server.log"
+    proc, url = start_server(index, log, SPECIESID_MAX_IDENTIFY_IN_FLIGHT="1", SPECIESID_MAX_ADD_IMAGES="2",
+                             SPECIESID_REFRESH_S="0.5")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            # an unauthenticated 100 MB upload to a write route: the 401 comes back while the client has sent
+            # only the headers and 64 kB of the body (nothing waits for the rest)
+            head = _raw_request(url, "POST", "/v1/species/Naja%20haje/references", 100 * 2**20, b"\0" * 2**16)
+            assert head.startswith(b"HTTP/1.1 401") and b"X-API-Key" in head, head[:300]
+            # the same for a Content-Length over the add route's limit, with a key: 413 at once
+            head = _raw_request(url, "POST", "/v1/species/Naja%20haje/references", 100 * 2**20, b"\0" * 2**16,
+                                {"X-API-Key": API_KEY})
+            assert head.startswith(b"HTTP/1.1 413"), head[:300]
+
+            # a chunked identify body (no Content-Length) over the route's limit: cut with a 413
+            def big():
+                yield _multipart_head("b")
+                for _ in range(200):
+                    yield b"\xff" * 2**20
+
+            resp = http.post("/v1/identify", content=big(), headers={"content-type": "multipart/form-data; boundary=b"})
+            assert resp.status_code == 413 and "MB this route accepts" in resp.json()["detail"]
+            # a Content-Length over the add route's limit (2 photos x 20 MB): 413 at once, key or not
+            resp = http.post("/v1/species/Naja haje/references", content=b"\0" * (42 * 2**20),
+                             headers={"X-API-Key": API_KEY, "content-type": "multipart/form-data; boundary=x"})
+            assert resp.status_code == 413
+
+            # load shedding: 1 identification in flight; 6 at once -> some 429 with Retry-After, none 5xx,
+            # and a write sent meanwhile completes
+            with ThreadPoolExecutor(7) as pool:
+                reads = [pool.submit(http.post, "/v1/identify", files=_files([COBRA])) for _ in range(6)]
+                write = pool.submit(http.post, f"/v1/species/{binomial(NEW_SPECIES)}/references",
+                                    files=_files(photos("train", NEW_SPECIES, 2)), headers={"X-API-Key": API_KEY})
+                codes = [f.result().status_code for f in reads]
+                shed = [f.result() for f in reads if f.result().status_code == 429]
+                assert write.result().status_code == 201, write.result().text
+            assert set(codes) <= {200, 429} and 200 in codes and shed, codes
+            assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["detail"] for r in shed)
+
+            # a reference added by another process (the CLI) is seen by the running server
+            new = photos("train", "Common Wolf Snake (Lycodon capucinus)", 4)
+            cli = subprocess.run(
+                [sys.executable, "-m", "api.cli", "references", "add", "--index", str(index), "--species",
+                 "Lycodon capucinus", *map(str, new), "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
+            assert cli.returncode == 0, cli.stderr
+            deadline = time.monotonic() + 10
+            while True:
+                names = {s["species"] for s in http.get("/v1/species").json()}
+                top = http.post("/v1/identify", files=_files([new[0]])).json()
+                if "Lycodon capucinus" in names and top["results"][0]["name"] == "Lycodon capucinus":
+                    break
+                assert time.monotonic() < deadline, (names, top)
+                time.sleep(0.25)
+    finally:
+        stop_server(proc)

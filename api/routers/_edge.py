@@ -7,8 +7,10 @@ from typing import TypeVar
 
 from fastapi import HTTPException, UploadFile
 
-from api.schemas import ErrorOut
+from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
+from index.datasets import InvalidNameError
+from index.gallery import Neighbour
 
 T = TypeVar("T")
 
@@ -18,7 +20,8 @@ ERRORS: dict[int | str, dict] = {
     404: {"model": ErrorOut, "description": "not found"},
     413: {"model": ErrorOut, "description": "upload over the size limit"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
-          "elongated), or an invalid parameter"},
+          "elongated, too small for a reference), an invalid name, or an invalid parameter"},
+    429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
 }
 
 
@@ -28,6 +31,8 @@ def edge(fn: Callable[[], T]) -> T:
         return fn()
     except ServiceError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
+    except InvalidNameError as exc:
+        raise HTTPException(422, str(exc)) from exc
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
 
@@ -46,3 +51,10 @@ def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_mos
         data = f.file.read(limit + 1)
         raw.append((f.filename or "upload", data))
     return edge(lambda: service.decode(raw))
+
+
+def neighbour_out(n: Neighbour) -> NeighbourOut:
+    """A neighbour as evidence: its reference id and thumbnail URL, never the server's file path."""
+    fields = n.to_dict()
+    fields.pop("path")
+    return NeighbourOut(**fields, thumbnail_url=f"/v1/references/{n.id}/image")

@@ -9,8 +9,8 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
 
 from api.deps import ReadKey, Service
-from api.routers._edge import ERRORS, edge, read_uploads
-from api.schemas import IdentifyOut, NeighbourOut, ResultOut, SearchOut, SearchVectorIn
+from api.routers._edge import ERRORS, edge, neighbour_out, read_uploads
+from api.schemas import IdentifyOut, ResultOut, SearchOut, SearchVectorIn
 from index.geography import resolve_country
 from retrieval.vote import Rank
 
@@ -34,7 +34,7 @@ def identify(
     answer = edge(lambda: service.identify(uploads, top=k, rank=rank, country=country))
     out = [
         ResultOut(**{**r.to_dict(neighbours=False),
-                     "neighbours": [NeighbourOut(**n.to_dict()) for n in r.neighbours] if neighbours else []})
+                     "neighbours": [neighbour_out(n) for n in r.neighbours] if neighbours else []})
         for r in answer.results
     ]
     return IdentifyOut(
@@ -91,4 +91,4 @@ async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
         hits = edge(lambda: service.search_image(uploads[0], k))
     else:
         raise HTTPException(415, "send multipart/form-data with 'image', or application/json with 'embedding'")
-    return SearchOut(neighbours=[NeighbourOut(**h.to_dict()) for h in hits], encoder=service.gallery.encoder_spec)
+    return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)

@@ -41,7 +41,7 @@ def add_references(
     venomous: Annotated[bool | None, Form(description="medically important venomous")] = None,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
-    uploads = read_uploads(service, images, at_most=100)
+    uploads = read_uploads(service, images, at_most=service.settings.max_add_images)
     result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous))
     return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
                             added=result.report.added,

@@ -1,0 +1,111 @@
+"""The edge guard (pure ASGI, before any body is read): API keys of write routes, load shedding, body limits.
+
+- **Keys first.** A write route (adding or deleting references) without a valid ``X-API-Key`` gets its 401
+  before a byte of the body is read; so do reads when ``reads_require_key`` is set.
+- **Load shedding.** At most ``max_identify_in_flight`` identify/search requests are served at once; past
+  that a fast 429 with ``Retry-After``. Writes do not count against it: they have their own lane.
+- **Body limits as the body arrives.** Each route accepts what it can use (its photos x the per-photo
+  limit, capped by ``max_request_mb``): a ``Content-Length`` over it is a 413 at once, and a chunked body
+  is counted as it streams and cut at the limit (Starlette's ``RequestBodyLimitResponder``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import threading
+
+from starlette.middleware.body_limit import RequestBodyLimitResponder
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.settings import Settings
+
+_MB = 1024 * 1024
+#: (method, path pattern, kind): kind is "write", "identify" (shed under load) or "read".
+ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("POST", re.compile(r"^/v1/species/[^/]+/references/?$"), "write"),
+    ("DELETE", re.compile(r"^/v1/references/[^/]+/?$"), "write"),
+    ("POST", re.compile(r"^/v1/identify/?$"), "identify"),
+    ("POST", re.compile(r"^/v1/search/?$"), "identify"),
+)
+
+
+def key_ok(given: str | None, keys: list[str]) -> bool:
+    """Whether ``given`` is one of ``keys`` (constant-time against every key)."""
+    if not given:
+        return False
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given.encode(), key.encode())
+    return ok
+
+
+def body_limit(settings: Settings, method: str, path: str) -> int:
+    """Bytes the route of ``method path`` may receive."""
+    photos = 0
+    if method == "POST" and path.startswith("/v1/identify"):
+        photos = settings.max_images
+    elif method == "POST" and path.startswith("/v1/search"):
+        photos = 1
+    elif method == "POST" and path.startswith("/v1/species/"):
+        photos = settings.max_add_images
+    limit = (photos * settings.max_upload_mb + 1) * _MB  # + 1 MB for the form fields and multipart framing
+    return int(min(limit, settings.max_request_mb * _MB))
+
+
+class EdgeGuard:
+    """ASGI middleware: see the module docstring."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.shed = 0  # requests answered 429 so far
+
+    def _kind(self, method: str, path: str) -> str:
+        return next((kind for m, pattern, kind in ROUTES if m == method and pattern.match(path)), "read")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        kind = self._kind(method, path)
+        s = self.settings
+        if kind == "write" or (kind == "identify" and s.reads_require_key):
+            key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"), None)
+            if not s.key_list():
+                return await _json(send, 401, "writes are disabled: no SPECIESID_API_KEYS configured")
+            if not key_ok(key, s.key_list()):
+                return await _json(send, 401, "missing or wrong X-API-Key")
+        if kind == "identify":
+            with self._lock:
+                full = self._in_flight >= s.max_identify_in_flight
+                if not full:
+                    self._in_flight += 1
+                else:
+                    self.shed += 1
+            if full:
+                return await _json(send, 429, f"busy: {s.max_identify_in_flight} identifications in progress; "
+                                   f"retry in {s.retry_after_s} s", {"retry-after": str(s.retry_after_s)})
+        try:
+            limited = RequestBodyLimitResponder(self.app, body_limit(s, method, path))
+            await limited(scope, receive, send)
+        finally:
+            if kind == "identify":
+                with self._lock:
+                    self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        """Identify/search requests being served now."""
+        return self._in_flight
+
+
+async def _json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,168 @@
+"""A gallery many processes write at once: ids for ever unique, every photo once, kills never lose a commit,
+bad names and paths reported without aborting a batch, uploads removed with their last reference."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _api_support import API_KEY, SPECIES, binomial, gallery_copy, photos
+from conftest import PH_SNAKES, REPO, needs_shared
+
+from api.cli import main
+
+CHAOS = REPO / "scripts" / "chaos_gallery.py"
+
+
+def _cli(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.cli", *map(str, argv)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_two_writer_processes_over_several_rounds_store_every_photo_once(tmp_path_factory):
+    from index.gallery import Gallery
+
+    index = gallery_copy(tmp_path_factory, "two_writers")
+    before = Gallery.open(index)
+    start_rows, start_ids = len(before), set(before.store.ids().tolist())
+    pool = photos("train", SPECIES[1], 30)[10:] + photos("train", SPECIES[3], 30)[10:]  # 40 new photos
+
+    def rounds(w: int) -> list[int]:
+        codes = []
+        for r in range(3):  # each round re-sends half of the other writer's photos too
+            part = pool[(w * 20 + r * 7) % 40:][:14] + pool[((1 - w) * 20 + r * 5) % 40:][:6]
+            species = binomial(SPECIES[1]) if w == 0 else binomial(SPECIES[3])
+            codes.append(_cli("references", "add", "--index", index, "--species", species, *part, "-q").returncode)
+        return codes
+
+    with ThreadPoolExecutor(2) as ex:
+        codes = [c for w in ex.map(rounds, (0, 1)) for c in w]
+    assert codes == [0] * 6
+    g = Gallery.open(index)
+    meta = g.store.metadata()
+    sent = {p.name for w in (0, 1) for r in range(3)
+            for p in (pool[(w * 20 + r * 7) % 40:][:14] + pool[((1 - w) * 20 + r * 5) % 40:][:6])}
+    stored_new = meta[~meta["id"].isin(start_ids)]
+    assert len(stored_new) == len(sent) and meta["sha256"].is_unique and meta["id"].is_unique
+    assert len(g) == start_rows + len(sent)
+    assert g.index.ids.tolist() == sorted(g.store.ids().tolist())  # the derived index follows the store
+
+
+def test_chaos_writers_killed_at_random_lose_nothing():
+    needs_shared()
+    out = subprocess.run([sys.executable, str(CHAOS), "--trials", "1", "--writers", "3", "--kill", "1", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["trials"] == 1 and summary["survived"] == 1 and summary["lost"] == 0, summary
+
+
+def test_ids_are_never_reused_after_deleting_the_highest(tmp_path_factory, capsys):
+    from index.gallery import Gallery
+
+    index = gallery_copy(tmp_path_factory, "ids")
+    new = photos("val", SPECIES[0], 2)
+    assert main(["references", "add", "--index", str(index), "--species", binomial(SPECIES[0]), str(new[0]), "-q"]) == 0
+    top = int(Gallery.open(index).store.ids().max())
+    assert main(["references", "delete", str(top), "--index", str(index)]) == 0
+    capsys.readouterr()
+    assert main(["references", "add", "--index", str(index), "--species", binomial(SPECIES[0]), str(new[1]), "-q"]) == 0
+    out = capsys.readouterr().out
+    again = int(out.split("ids: ")[1])
+    assert again > top, (again, top)
+    # the same photo as the deleted one comes back under a new id too
+    assert main(["references", "add", "--index", str(index), "--species", binomial(SPECIES[0]), str(new[0]), "-q"]) == 0
+    assert int(capsys.readouterr().out.split("ids: ")[1]) > again
+
+
+def test_bad_file_names_and_tiny_photos_do_not_abort_a_batch(tmp_path_factory, tmp_path, capsys):
+    from index.gallery import Gallery
+    from index.store import source_file
+
+    index = gallery_copy(tmp_path_factory, "bad_names")
+    src = photos("val", SPECIES[2], 3)
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9-latin1.jpg"))  # not valid UTF-8 on disk
+    odd.write_bytes(src[0].read_bytes())
+    from PIL import Image
+
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    code = main(["references", "add", "--index", str(index), "--species", binomial(SPECIES[2]), str(odd), str(tiny),
+                 str(src[1]), str(tmp_path / "missing.jpg"), "-q"])
+    out, err = capsys.readouterr()
+    assert code == 1  # some inputs failed ...
+    assert "added 2" in out and "too small for a reference photo" in out and "missing.jpg: does not exist" in err
+    g = Gallery.open(index)  # ... the rest is stored, the odd name included, and can be read back
+    paths = [str(p) for p in g.store.metadata()["source_path"]]
+    stored = [p for p in paths if p.startswith("file://")]
+    assert len(stored) == 1 and source_file(stored[0]) == odd and source_file(stored[0]).read_bytes()
+    assert main(["species", "list", "--index", str(index)]) == 0 and main(["identify", "--index", str(index),
+                                                                           str(src[2]), "-q"]) == 0
+
+
+@pytest.mark.parametrize("name", ["Naja\x00haje", "Naja \u202ehaje", "Naja\x07haje", "x" * 121, "   "])
+def test_bad_species_names_are_refused(tmp_path_factory, capsys, name):
+    index = gallery_copy(tmp_path_factory, "names")
+    code = main(["references", "add", "--index", str(index), "--species", name, str(photos("val", SPECIES[0], 1)[0])])
+    err = capsys.readouterr().err
+    assert code == 2 and ("contains" in err or "characters long" in err or "is empty" in err), err
+
+
+def test_api_names_min_side_delete_removes_the_upload(tmp_path_factory):
+    needs_shared()
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = gallery_copy(tmp_path_factory, "api_shared")
+    keys = {"X-API-Key": API_KEY}
+    with TestClient(create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))) as client:
+        photo = photos("val", SPECIES[1], 1)[0]
+        files = [("images", (photo.name, photo.read_bytes(), "image/jpeg"))]
+        for bad in ("Naja\u202esamarensis", "Naja%00samarensis", "x" * 121):
+            resp = client.post(f"/v1/species/{bad}/references", files=files, headers=keys)
+            assert resp.status_code == 422 and ("contains" in resp.json()["detail"] or "long" in resp.json()["detail"])
+        buf = io.BytesIO()
+        Image.new("RGB", (1, 1)).save(buf, "PNG")
+        resp = client.post("/v1/species/Naja samarensis/references", headers=keys,
+                           files=[("images", ("dot.png", buf.getvalue(), "image/png"))])
+        assert resp.status_code == 422 and "too small for a reference photo" in resp.json()["detail"]
+        added = client.post("/v1/species/Naja samarensis/references", files=files, headers=keys)
+        assert added.status_code == 201, added.text
+        uploads = list((index / "uploads").iterdir())
+        assert len(uploads) == 1
+        ref = added.json()["ids"][0]
+        assert client.delete(f"/v1/references/{ref}", headers=keys).status_code == 204
+        assert not uploads[0].exists()  # no other reference used it
+        # the same bytes twice under two species: the file stays until the last reference goes
+        a = client.post("/v1/species/Naja samarensis/references", files=files, headers=keys).json()["ids"][0]
+        assert client.post("/v1/species/Naja samarensis/references", files=files, headers=keys).json()["ids"] == []
+        kept = list((index / "uploads").iterdir())
+        assert len(kept) == 1 and client.get(f"/v1/references/{a}/image").status_code == 200
+        assert client.delete(f"/v1/references/{a}", headers=keys).status_code == 204 and not kept[0].exists()
+
+
+def test_a_long_running_reader_sees_other_processes_writes(tmp_path_factory):
+    from retrieval.workflows import identify, open_identifier
+
+    index = gallery_copy(tmp_path_factory, "reader")
+    ident = open_identifier(index, precision="fp32", refresh_s=0.2)
+    new = photos("train", "Common Wolf Snake (Lycodon capucinus)", 5)
+    assert _cli("references", "add", "--index", index, "--species", "Lycodon capucinus", *new[:4], "-q").returncode == 0
+    import time
+
+    time.sleep(0.3)
+    answer = identify(ident, [new[4]])[0]
+    assert answer.identification.predictions[0].species == "Lycodon capucinus"
+    assert "Lycodon capucinus" in {s.species for s in ident.gallery.species()}
+    assert np.isin(ident.gallery.store.ids(), ident.gallery.index.ids).all()
+    assert PH_SNAKES.is_dir()
