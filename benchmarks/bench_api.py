@@ -1,5 +1,12 @@
 """HTTP service benchmark: latency (p50/p95/p99) and throughput of ``POST /v1/identify`` at several
-concurrencies, beside the encoder called directly in-process, and the encode-batching window compared.
+concurrencies, beside the encoder called directly in-process, and the encode-batching window compared;
+and the service under overload (``--load``): load shedding against the unbounded queue.
+
+Load (``--load``, MobileNetV1): for c = 1, 8, 32, 64 clients, each sending identify requests back to back
+(a client told 429 waits its Retry-After, as a polite client does) while a curator adds one reference photo
+a second: accepted requests/s, p50/p95/p99 of the accepted ones, the share shed (429), 5xx count, the
+server's RSS (start and peak), adds completed. Once with the default in-flight bound and once unbounded
+(the naive way: every request queued). ``--sweep`` first compares in-flight bounds at c=32.
 
 A real ``speciesid serve`` (uvicorn, one process) runs on 127.0.0.1 for each configuration; the load comes
 from an ``httpx.AsyncClient`` in this process (one photo per request, val photos in turn, kept in memory),
@@ -363,6 +370,117 @@ def run_encoder(label: str, spec: str, precision: str, index: Path, queries: lis
     return res
 
 
+# ------------------------------------------------------------------------------------------------ load
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def _overload(url: str, bodies: list[tuple[str, bytes]], adds: list[Path], concurrency: int, seconds: float,
+                    pid: int) -> dict:
+    """``concurrency`` clients for ``seconds``, plus one add a second; figures of the accepted requests."""
+    import httpx
+
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    add_ok, add_lat, rss = 0, [], [_rss_mb(pid)]
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def reader(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop:
+                name, data = bodies[i % len(bodies)]
+                i += concurrency
+                t0 = time.perf_counter()
+                resp = await client.post("/v1/identify", files=[("images", (name, data, "image/jpeg"))])
+                codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
+                if resp.status_code == 200:
+                    lat.append((time.perf_counter() - t0) * 1000)
+                elif resp.status_code == 429:
+                    await asyncio.sleep(float(resp.headers.get("retry-after", "1")))
+
+        async def curator() -> None:
+            nonlocal add_ok
+            for photo in adds:
+                if time.perf_counter() >= stop:
+                    break
+                t0 = time.perf_counter()
+                resp = await client.post("/v1/species/Lycodon capucinus/references", headers={"X-API-Key": "bench"},
+                                         files=[("images", (photo.name, photo.read_bytes(), "image/jpeg"))])
+                add_lat.append(time.perf_counter() - t0)
+                add_ok += resp.status_code == 201
+                await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
+
+        async def watch() -> None:
+            while time.perf_counter() < stop:
+                rss.append(_rss_mb(pid))
+                await asyncio.sleep(0.5)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(reader(k) for k in range(concurrency)), curator(), watch())
+        wall = time.perf_counter() - t0
+    total = sum(codes.values())
+    return {**(percentiles(lat) if lat else {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}),
+            "accepted_rps": len(lat) / wall, "shed": codes.get(429, 0) / max(total, 1),
+            "errors_5xx": sum(n for c, n in codes.items() if c >= 500), "requests": total,
+            "adds_sent": len(add_lat), "adds_ok": add_ok, "add_p50_s": float(np.median(add_lat)) if add_lat else 0.0,
+            "rss_start_mb": rss[0], "rss_peak_mb": max(rss), "rss_end_mb": rss[-1], "concurrency": concurrency}
+
+
+def run_load(index: Path, queries: list[Path], levels: tuple[int, ...], seconds: float, bounds: list[str]) -> dict:
+    """Each in-flight bound (a server each; "none" = unbounded) at each concurrency level."""
+    import shutil
+
+    from index.datasets import load_dataset
+
+    adds = [r.path for r in load_dataset("folder", PH_SNAKES / "train").records
+            if "Lycodon" in str(r.path)] + [r.path for r in load_dataset("folder", PH_SNAKES / "val").records]
+    bodies = [(p.name, p.read_bytes()) for p in queries]
+    out: dict = {}
+    for bound in bounds:
+        work = RUNS / f"load-{bound}"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(index, work)  # the adds write to a copy
+        env = {"SPECIESID_API_KEYS": "bench", "SPECIESID_PRECISION": "fp32",
+               "SPECIESID_MAX_IDENTIFY_IN_FLIGHT": bound if bound != "none" else "100000"}
+        server = Server(work, env, f"load-{bound}")
+        try:
+            server.wait()
+            asyncio.run(_overload(server.url, bodies, [], 2, 3.0, server.proc.pid))  # warm-up
+            for c in levels:
+                fig = asyncio.run(_overload(server.url, bodies, adds, c, seconds, server.proc.pid))
+                out.setdefault(bound, {})[c] = fig
+                print(f"  in-flight bound {bound:>4}  c={c:<3} accepted {fig['accepted_rps']:6.2f} req/s  p50 "
+                      f"{fig['p50']:7.0f}  p95 {fig['p95']:7.0f}  p99 {fig['p99']:7.0f} ms  shed {fig['shed']:5.1%}  "
+                      f"5xx {fig['errors_5xx']}  RSS {fig['rss_start_mb']:.0f}->{fig['rss_peak_mb']:.0f} MB  adds "
+                      f"{fig['adds_ok']}/{fig['adds_sent']} (p50 {fig['add_p50_s']:.2f} s)", flush=True)
+                adds = adds[fig["adds_sent"]:]
+        finally:
+            server.stop()
+    return out
+
+
+def print_load(load: dict) -> None:
+    print("\n### overload (MobileNetV1): identify clients + 1 add a second")
+    print("| in-flight bound | clients | accepted req/s | p50 ms | p95 ms | p99 ms | shed (429) | 5xx | RSS start -> "
+          "peak MB | adds completed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for bound, levels in load.items():
+        for c, f in levels.items():
+            print(f"| {bound} | {c} | {f['accepted_rps']:.2f} | {f['p50']:.0f} | {f['p95']:.0f} | {f['p99']:.0f} | "
+                  f"{f['shed']:.1%} | {f['errors_5xx']} | {f['rss_start_mb']:.0f} -> {f['rss_peak_mb']:.0f} | "
+                  f"{f['adds_ok']}/{f['adds_sent']} |")
+        if 1 in levels and 64 in levels:
+            print(f"| {bound}: p99 at 64 clients / p99 at 1 | {levels[64]['p99'] / levels[1]['p99']:.1f}x |")
+
+
 def print_tables(results: dict) -> None:
     for label, r in results.items():
         print(f"\n### {label} ({r['dtype']}), gallery {Path(r['gallery']).name}")
@@ -400,6 +518,9 @@ def main() -> None:
     ap.add_argument("--vit-windows", action="store_true", help="also compare batch windows with ViT-B-16 (slow)")
     ap.add_argument("--windows", default=",".join(WINDOWS), help=f"batch windows to compare (default {','.join(WINDOWS)})")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--load", action="store_true", help="only the overload part (load shedding vs unbounded)")
+    ap.add_argument("--sweep", action="store_true", help="with --load: compare in-flight bounds 1, 2, 4, 8 at c=32")
+    ap.add_argument("--seconds", type=float, default=40.0, help="with --load: seconds per level (default 40)")
     args = ap.parse_args()
     require_shared()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the servers are stopped too
@@ -414,6 +535,22 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}, passes {passes}", flush=True)
     t0 = time.perf_counter()
     results = {}
+    if args.load:
+        from api.settings import Settings
+
+        default = str(Settings().max_identify_in_flight)
+        load = {}
+        if args.sweep:
+            print("\n## in-flight bounds at 32 clients", flush=True)
+            load.update(run_load(mobilenet_gallery(), val, (32,), args.seconds, ["1", "2", "4", "8"]))
+        print(f"\n## overload: default bound {default} vs unbounded", flush=True)
+        load.update({f"{k} (default)" if k == default else k: v for k, v in
+                     run_load(mobilenet_gallery(), val, (1, 8, 32, 64), args.seconds, [default, "none"]).items()})
+        print_load(load)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"date": started.isoformat(timespec="minutes"), "load": load}, indent=2))
+        return
     mob_plan = {"direct_n": 24 if args.quick else 48, "batch": 32, "concurrency": CONCURRENCY,
                 "window_concurrency": (8, 32), "windows": windows,
                 "n_c1": 16 if args.quick else 40, "n_per_slot": 2 if args.quick else 4, "n_min": 32}
