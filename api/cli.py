@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe_import)
 
     # finetune
-    _finetune_parser(sub, DATASETS)
+    from api.cli_finetune import register as register_finetune  # the options are FinetuneConfig's fields
+    register_finetune(sub, DATASETS)
 
     # evaluate
     p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots")

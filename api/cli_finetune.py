@@ -1,0 +1,168 @@
+"""``speciesid finetune``: the parser and the handler, both built from :class:`finetune.config.FinetuneConfig`.
+
+Every option is a config field whose ``metadata`` holds its help (``finetune.config.option``): the flag is the
+field's name (``--batch-size``), its type, default and ``required`` come from the field, the stage defaults are
+appended to the help. So a new setting is one field in ``finetune/config.py``; nothing here changes.
+(Destined for ``api/cli/finetune.py`` once the CLI is a package.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+DESCRIPTION = (
+    "Fine-tune a timm CNN on class-per-folder (or other --dataset) photos. Stage 'global' trains on a big dataset "
+    "with a full head; stage 'local' (LP-FT) starts the head as a linear probe on frozen features, keeps the "
+    "backbone frozen for the first epoch(s), then trains it at a smaller, layer-wise decayed learning rate with "
+    "batch-norm statistics frozen and an EMA of the weights. Early stopping on validation macro-F1 keeps the best "
+    "weights. Every epoch writes OUT/log.csv, OUT/curves.png and OUT/checkpoint.pt: after Ctrl-C or a crash, the "
+    "same command resumes after the last finished epoch."
+)
+HELP = (
+    "fine-tune a timm CNN encoder on labelled photos (stage global or local); the output folder is an encoder "
+    "(--encoder timm:local-dir:OUT) whose head is the gallery's probe (speciesid probe import)"
+)
+
+
+@dataclasses.dataclass
+class _Option:
+    path: tuple[str, ...]  # ("batch_size",) or ("augment", "scale")
+    field: dataclasses.Field
+    hint: Any  # the field's resolved type
+
+    @property
+    def spec(self) -> dict:
+        return self.field.metadata["cli"]
+
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
+
+
+def _options(cls: type | None = None, prefix: tuple[str, ...] = ()) -> Iterator[_Option]:
+    """The CLI options of the config's fields (nested dataclass fields, e.g. ``augment``, included)."""
+    from finetune.config import FinetuneConfig
+
+    cls = cls or FinetuneConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _options(hints[f.name], (*prefix, f.name))
+        elif "cli" in f.metadata:
+            yield _Option((*prefix, f.name), f, hints[f.name])
+
+
+def _scalar(hint: Any) -> Any:
+    """``int | None`` -> int; other hints as they are."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if isinstance(hint, types.UnionType) and len(args) == 1 else hint
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _argument(opt: _Option, datasets: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """(flag, ``add_argument`` keywords) of one option: the field's type and default unless its metadata says."""
+    from finetune.config import stage_default_help
+
+    spec = dict(opt.spec)
+    name = opt.path[-1]
+    help_text, flag = spec.pop("help"), spec.pop("flag", None)
+    default = spec.pop("default", _field_default(opt.field))
+    spec.pop("convert", None)
+    if spec.pop("layouts", False):
+        spec["choices"] = list(datasets)
+    kwargs: dict[str, Any] = {"dest": opt.dest, **spec}
+    kind = _scalar(opt.hint)
+    if kind is bool and "action" not in kwargs:
+        kwargs["action"] = "store_false" if default else "store_true"
+        flag = flag or ("--no-" if default else "--") + name.replace("_", "-")
+    flag = flag or "--" + name.replace("_", "-")
+    if "action" not in kwargs:
+        kwargs.setdefault("type", kind if kind in (int, float) else str)
+        if "choices" not in kwargs:  # as argparse would name it after the flag (the dest may be augment.NAME)
+            kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    if default is dataclasses.MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = default
+    stage = stage_default_help(name) if len(opt.path) == 1 else None
+    kwargs["help"] = (f"{help_text} ({stage})" if help_text else stage) if stage else help_text
+    return flag, kwargs
+
+
+def register(subparsers: Any, datasets: Sequence[str]) -> argparse.ArgumentParser:
+    """Add the ``finetune`` subcommand (one option per config field) to ``subparsers``."""
+    p = subparsers.add_parser("finetune", help=HELP, description=DESCRIPTION)
+    for opt in _options():
+        flag, kwargs = _argument(opt, datasets)
+        p.add_argument(flag, **kwargs)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_finetune)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`FinetuneConfig` of parsed ``finetune`` arguments (nested fields built too)."""
+    from finetune.config import FinetuneConfig
+
+    values: dict[str, Any] = {}
+    for opt in _options():
+        value = getattr(args, opt.dest)
+        convert = opt.spec.get("convert")
+        node = values
+        for key in opt.path[:-1]:
+            node = node.setdefault(key, {})
+        node[opt.path[-1]] = convert(value) if convert else value
+    hints = typing.get_type_hints(FinetuneConfig)
+    for key, sub in list(values.items()):
+        if isinstance(sub, dict):
+            values[key] = hints[key](**sub)
+    return FinetuneConfig(**values)
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Run ``speciesid finetune``; 130 (with how to resume) on Ctrl-C."""
+    from finetune import train
+
+    config = config_from_args(args)
+    try:
+        r = train.finetune(config, progress=not args.quiet)
+    except train.FinetuneInterrupted as exc:
+        sys.stderr.write(
+            f"speciesid: fine-tuning interrupted after epoch {exc.epoch}; the checkpoint {exc.out}/checkpoint.pt "
+            "is kept: run the same command again to resume\n"
+        )
+        return 130
+    b = r.best
+    _emit(
+        f"fine-tuned {len(r.species)} species: {r.epochs_run} epochs in {r.seconds / 60:.1f} min ({r.stopped}); "
+        f"best epoch {r.best_epoch}: val top-1 {b.get('val_top1', 0):.3f}, macro-F1 {b.get('val_macro_f1', 0):.3f}"
+    )
+    if r.final:
+        f = r.final
+        _emit(
+            f"validation with the kept weights (gallery = training photos): head {f['head_top1']:.3f}, "
+            f"kNN {f['knn_top1']:.3f}, blend {f['blend_top1']:.3f} (k={f['k']} T={f['temperature']} "
+            f"w={f['blend_weight']})"
+        )
+    _emit(
+        f"model: {r.out} (use --encoder timm:local-dir:{r.out}; log {r.out}/log.csv, curves {r.out}/curves.png)\n"
+        f"its head as the gallery's probe: speciesid probe import --index DIR --from {r.out} [--val-root DIR]"
+    )
+    return 0
