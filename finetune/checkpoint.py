@@ -119,6 +119,17 @@ def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: T
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
 
 
+def save_progress(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None) -> None:
+    """After an epoch: the checkpoint, ``log.csv`` and ``curves.png`` (a plotting problem only warns)."""
+    save_checkpoint(out, cfg, species, state, net, optimizer, scaler, ema)
+    write_log(out, state.history)
+    try:
+        plot_curves(out, state.history)
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
+        logger.warning("could not draw the curves in %s: %s", out, exc)
+
+
 def restore_checkpoint(checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                        ema=None) -> TrainState:
     """Optimiser, scaler, EMA and RNG states from ``checkpoint`` (the net's weights are loaded before the EMA is

@@ -36,11 +36,9 @@ from finetune.checkpoint import (
     TrainState,
     cpu_state,
     load_checkpoint,
-    plot_curves,
     restore_checkpoint,
-    save_checkpoint,
+    save_progress,
     seed_all,
-    write_log,
 )
 from finetune.config import STAGE_DEFAULTS, STAGES, AugmentConfig, FinetuneConfig
 from finetune.data import build_data, loader, split_photos
@@ -144,8 +142,7 @@ def finetune(
         state.seconds += row["seconds"]
         state.record(row, net)
         logger.info("head init: %s; epoch 0 (before fine-tuning): %s", how, row)
-        save_checkpoint(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
-        write_log(out, state.history)
+        save_progress(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
 
     # ---- epochs
     stopped = "early-stopping" if state.out_of_patience(cfg) else "epochs"  # a resumed run may already be done
@@ -167,12 +164,7 @@ def finetune(
             row = {"epoch": ep, "train_loss": train_row["train_loss"], "train_top1": train_row["train_top1"],
                    **metrics, "lr": train_row["lr"], "seconds": time.perf_counter() - t_epoch}
             state.record(row, model)
-            save_checkpoint(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
-            write_log(out, state.history)
-            try:
-                plot_curves(out, state.history)
-            except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
-                logger.warning("could not draw the curves in %s: %s", out, exc)
+            save_progress(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
             if progress:
                 tqdm.write(
                     f"epoch {ep}: train loss {row['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
