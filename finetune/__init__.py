@@ -1,8 +1,9 @@
-"""Make better encoders and probes.
+"""Make better encoders: two-stage fine-tuning of timm CNNs (``speciesid finetune``; see docs/finetune.md).
 
-- ``finetune.probe``: the linear probe (logistic regression on gallery embeddings; save/load).
-- ``finetune.train``: two-stage fine-tuning of timm CNNs (``speciesid finetune``; see docs/finetune.md), with
-  ``finetune.augment`` (transforms), ``finetune.data`` (photos, splits, class balance), ``finetune.model``
-  (backbone + cosine head, layer-wise learning rates, EMA) and ``finetune.export`` (the output folder: a timm
-  local-dir encoder whose head is also the gallery's probe; ``probe import`` settings for a fixed probe).
+Laid out as timm's own training script: ``finetune.config`` (the options, each field also a CLI option),
+``finetune.data`` (photos, split, loaders, class balance) with ``finetune.augment`` (transforms),
+``finetune.model`` (backbone + cosine head, layer groups, freezing), ``finetune.engine`` (one epoch, validation,
+optimiser / schedule / mixing / EMA from timm), ``finetune.checkpoint`` (resume, log.csv, curves.png),
+``finetune.export`` (the output folder: a timm local-dir encoder whose head is also the gallery's probe) and
+``finetune.train`` (the runner, :func:`finetune.train.finetune`).
 """

@@ -11,10 +11,13 @@ figures are those the gallery will see.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
+from finetune.config import AugmentConfig
+
+__all__ = ["FIELD_OPS", "AugmentConfig", "eval_transform", "model_data_config", "train_transform"]
 
 #: RandAugment operations that keep a photo's colours (snake species are told apart by colour and pattern, so
 #: Invert / Solarize / Posterize / Color / Equalize, which rewrite colours, are left out): geometry, light, focus.
@@ -22,21 +25,6 @@ FIELD_OPS = (
     "AutoContrast", "Rotate", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
     "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation."""
-
-    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
-    hflip: float = 0.5  # horizontal flip probability
-    vflip: float = 0.0  # vertical flip probability
-    color_jitter: float = 0.3  # brightness / contrast / saturation strength
-    hue: float = 0.0  # hue jitter (0: colour is a species trait)
-    auto_augment: str | None = "rand-m9-mstd0.5"  # timm RandAugment policy string; None or "" = off
-    ra_ops: str = "field"  # RandAugment operations: "field" (colour-preserving FIELD_OPS) or "all" (timm's set)
-    re_prob: float = 0.0  # random erasing probability
 
 
 def model_data_config(model: torch.nn.Module) -> dict:

@@ -1,4 +1,4 @@
-"""Labelled photos for fine-tuning: dataset records -> (image, class index), splits, class balance.
+"""Labelled photos for fine-tuning: dataset records -> (image, class index), splits, class balance, loaders.
 
 Small sets (the usual local case: a few thousand photos) are decoded once into memory, downscaled to at
 most ``cache_side`` px on the short side, so every epoch only pays for augmentation; large sets (a global
@@ -16,14 +16,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.augment import eval_transform, train_transform
+from finetune.config import BALANCE_MODES, FinetuneConfig
 from index.datasets import load_dataset
 from retrieval.images import decode_image
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "BALANCE_MODES", "CACHE_LIMIT", "FinetuneData", "LabelledPhotos", "PhotoDataset", "Split", "TransformView",
+    "balanced_sampler", "build_data", "class_weights", "load_photos", "loader", "split_photos", "stratified_split",
+]
+
 #: Sets up to this many photos are decoded once and kept in memory.
 CACHE_LIMIT = 20_000
-BALANCE_MODES = ("weights", "sampler", "none")
 
 
 @dataclass
@@ -55,7 +61,12 @@ def load_photos(dataset: str, root: str | Path, metadata: str | Path | None = No
 
 
 def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(train, val) indices: ``fraction`` of every species (at least 1 when it has 2+ photos) goes to val."""
+    """(train, val) indices: ``fraction`` of every species (at least 1 when it has 2+ photos) goes to val.
+
+    Not scikit-learn's ``train_test_split(stratify=...)``: that one refuses a species with a single photo and
+    rounds over the whole set, so species of 2-6 photos can get no validation photo at all (then their F1 is
+    an unearned 0 in the macro-F1 that early stopping reads); here every species of 2+ photos is in val.
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"--val-split must be between 0 and 1, got {fraction}")
     rng = np.random.default_rng(seed)
@@ -142,9 +153,13 @@ class TransformView(torch.utils.data.Dataset):
 
 
 def class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over the samples (all 1 for a balanced set)."""
-    counts = np.bincount(np.asarray(targets), minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, len(targets) / (n_classes * np.maximum(counts, 1)), 0.0)
+    """Inverse-frequency weights, mean 1 over the samples (all 1 for a balanced set): scikit-learn's "balanced".
+
+    Every class must have a photo (the species list comes from the training photos).
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
+    w = compute_class_weight("balanced", classes=np.arange(n_classes), y=np.asarray(targets))
     return torch.tensor(w, dtype=torch.float32)
 
 
@@ -155,3 +170,86 @@ def balanced_sampler(targets: Sequence[int], n_classes: int, generator: torch.Ge
     return torch.utils.data.WeightedRandomSampler(
         torch.tensor(w, dtype=torch.double), num_samples=len(targets), replacement=True, generator=generator
     )
+
+
+def loader(ds: torch.utils.data.Dataset, batch_size: int, *, device: torch.device, shuffle: bool = False,
+           sampler: torch.utils.data.Sampler | None = None, workers: int = 0,
+           generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``ds`` (all batches kept; pinned memory on CUDA)."""
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        num_workers=workers, generator=generator, pin_memory=device.type == "cuda", drop_last=False,
+        persistent_workers=False,
+    )
+
+
+@dataclass
+class Split:
+    """Training and validation photos of a run, and the species (head order)."""
+
+    train: LabelledPhotos
+    val: LabelledPhotos
+    species: list[str]
+    val_source: str  # "val:DIR" or "split:FRACTION" (recorded in the output's config.json)
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return {s: i for i, s in enumerate(self.species)}
+
+
+def split_photos(cfg: FinetuneConfig) -> Split:
+    """The run's photos: ``--val-root``, or a stratified ``--val-split`` of ``--root``.
+
+    Validation species without training photos are dropped (with a warning); at least 2 species are needed.
+    """
+    photos = load_photos(cfg.dataset, cfg.root, cfg.metadata)
+    if cfg.val_root:
+        train_photos = photos
+        val_photos = load_photos(cfg.val_dataset or cfg.dataset, cfg.val_root, cfg.val_metadata)
+        val_source = f"val:{cfg.val_root}"
+    else:
+        tr_idx, va_idx = stratified_split(photos.labels, cfg.val_split, cfg.seed)
+        train_photos, val_photos = photos.subset(tr_idx), photos.subset(va_idx)
+        val_source = f"split:{cfg.val_split}"
+    species = train_photos.species
+    if len(species) < 2:
+        raise ValueError(f"fine-tuning needs at least 2 species, found {len(species)} under {cfg.root}")
+    extra = sorted(set(val_photos.labels) - set(species))
+    if extra:
+        logger.warning("validation species with no training photos are ignored: %s", extra)
+        known = set(species)
+        val_photos = val_photos.subset([i for i, s in enumerate(val_photos.labels) if s in known])
+    if not len(val_photos):
+        raise ValueError("no validation photos (give --val-root, or a --val-split with 2+ photos a species)")
+    return Split(train_photos, val_photos, species, val_source)
+
+
+@dataclass
+class FinetuneData:
+    """The datasets of a run: training (augmented), the training photos as the model sees them, validation."""
+
+    train: PhotoDataset
+    train_eval: TransformView  # the training photos under the evaluation transform (head init, final kNN gallery)
+    val: PhotoDataset
+    n_classes: int
+    class_weight: torch.Tensor | None  # the loss's class weights (``--balance weights``), else None
+
+    def train_loader(self, cfg: FinetuneConfig, epoch: int, *, device: torch.device,
+                     workers: int) -> torch.utils.data.DataLoader:
+        """The epoch's shuffled (or class-balanced) batches; seeded by (seed, epoch) so a resumed run repeats them."""
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        sampler = balanced_sampler(self.train.targets, self.n_classes, gen) if cfg.balance == "sampler" else None
+        return loader(self.train, cfg.batch_size, shuffle=True, sampler=sampler, workers=workers, generator=gen,
+                      device=device)
+
+
+def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size: int, device: torch.device,
+               progress: bool = False) -> FinetuneData:
+    """Datasets with the model's transforms (training: augmentation at ``train_size`` px); photos decoded now."""
+    class_index = split.class_index
+    train_ds = PhotoDataset(split.train, class_index, train_transform(data_cfg, train_size, cfg.augment))
+    val_ds = PhotoDataset(split.val, class_index, eval_transform(data_cfg))
+    for bad in train_ds.preload(progress) + val_ds.preload(progress):
+        logger.warning("unreadable photo: %s", bad)
+    cw = class_weights(train_ds.targets, len(split.species)).to(device) if cfg.balance == "weights" else None
+    return FinetuneData(train_ds, TransformView(train_ds, eval_transform(data_cfg)), val_ds, len(split.species), cw)

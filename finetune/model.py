@@ -9,7 +9,6 @@ gallery's normalised embeddings gives exactly the training-time probabilities. S
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config import FinetuneConfig
 from retrieval.encoders import parse_spec, seeded_init
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def resolve_init(init: str | None, *, model: str | None = None, weights: str | N
             raise ValueError("--weights goes with --init timm:NAME; a hub model carries its own weights")
         model_args: dict = {}
         try:
-            from timm.models._hub import load_model_config_from_hf
+            from timm.models import load_model_config_from_hf
 
             _, _, model_args = load_model_config_from_hf(parsed.name)
         except Exception as exc:  # noqa: BLE001 - offline or no config: timm reports it on create_model
@@ -192,24 +192,22 @@ def set_bn_eval(module: nn.Module) -> None:
 
 
 def layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
-    """Parameter name -> layer group (0 = stem ... n-1 = last block), from timm's group_matcher."""
-    from timm.models import group_parameters
+    """Parameter name -> layer group (0 = stem ... n-1 = last block): the map timm's layer-wise decay uses.
 
-    names = [n for n, _ in backbone.named_parameters()]
+    timm's ``group_matcher(coarse=False)`` (every timm model has one; the CNN families checked: MobileNet,
+    EfficientNet, ConvNeXt, ResNet, VGG), else timm's ``auto_group_layers``. ``freeze_layers`` and
+    :func:`param_groups` (``timm.optim.param_groups_layer_decay``) agree on it.
+    """
+    from timm.models import group_parameters
+    from timm.optim import auto_group_layers
+
     if hasattr(backbone, "group_matcher"):
-        try:
-            ids = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
-            ids = {n: int(ids.get(n, max(ids.values()))) for n in names}
-            return ids, max(ids.values()) + 1
-        except Exception as exc:  # noqa: BLE001 - fall back to one group per top-level child
-            logger.debug("group_matcher failed: %s", exc)
-    tops: list[str] = []
-    for n in names:
-        t = n.split(".", 1)[0]
-        if t not in tops:
-            tops.append(t)
-    ids = {n: tops.index(n.split(".", 1)[0]) for n in names}
-    return ids, len(tops)
+        ids = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+    else:
+        ids = auto_group_layers(backbone)
+    last = max(ids.values())
+    ids = {n: int(ids.get(n, last)) for n, _ in backbone.named_parameters()}
+    return ids, max(ids.values()) + 1
 
 
 def freeze_layers(backbone: nn.Module, n_layers: int) -> int:
@@ -230,61 +228,47 @@ def param_groups(
 ) -> list[dict]:
     """AdamW groups: the head at ``lr``; backbone layer i at ``backbone_lr * layer_decay ** (last - i)``.
 
-    No weight decay on biases, norms and the head's scale.
+    The backbone's groups are timm's (``param_groups_layer_decay``: no weight decay on biases and norms, frozen
+    parameters left out), with the rate written out (``lr``) rather than as timm's ``lr_scale``; the head has
+    no weight decay (a cosine head's norm carries nothing) and neither has its scale.
     """
-    ids, n_layers = layer_ids(net.backbone)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in net.backbone.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = ids[name]
-        decay = p.ndim > 1
-        key = (layer, decay)
-        if key not in groups:
-            groups[key] = {
-                "params": [], "lr": backbone_lr * layer_decay ** (n_layers - 1 - layer),
-                "weight_decay": weight_decay if decay else 0.0, "name": f"layer{layer}{'' if decay else '-nd'}",
-            }
-        groups[key]["params"].append(p)
-    out = list(groups.values())
+    from timm.optim import param_groups_layer_decay
+
+    out = []
+    for g in param_groups_layer_decay(net.backbone, weight_decay=weight_decay, layer_decay=layer_decay):
+        scale = g.pop("lr_scale")
+        g.update(lr=backbone_lr * scale, name=f"layer-x{scale:.3g}{'' if g['weight_decay'] else '-nd'}")
+        out.append(g)
     out.append({"params": [net.head.weight], "lr": lr, "weight_decay": 0.0, "name": "head"})
     if net.head.log_scale.requires_grad:
         out.append({"params": [net.head.log_scale], "lr": lr, "weight_decay": 0.0, "name": "head-scale"})
-    for g in out:
-        g["base_lr"] = g["lr"]
     return out
 
 
-class EMA:
-    """Exponential moving average of a model's state (floats averaged, integer buffers copied)."""
+def fit_cosine_head(head: CosineHead, feats: torch.Tensor, y: torch.Tensor, *, label_smoothing: float,
+                    weight: torch.Tensor | None, steps: int = 300, lr: float = 0.05) -> None:
+    """Linear probe for the cosine head on frozen features: class means, then full-batch Adam."""
+    n_classes = head.weight.shape[0]
+    f = F.normalize(feats.float(), dim=-1)
+    with torch.no_grad():
+        means = torch.zeros(n_classes, f.shape[1])
+        means.index_add_(0, y, f)
+        head.weight.copy_(F.normalize(means + 1e-6 * torch.randn_like(means), dim=-1))
+    w = torch.nn.Parameter(head.weight.detach().clone())
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = head.scale.detach() * f @ F.normalize(w, dim=-1).T
+        F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing).backward()
+        opt.step()
+    with torch.no_grad():
+        head.weight.copy_(F.normalize(w, dim=-1))
 
-    def __init__(self, model: nn.Module, decay: float = 0.998, warmup: bool = True) -> None:
-        self.decay = decay
-        self.warmup = warmup
-        self.updates = 0
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
 
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+def create_net(source: InitSource, n_classes: int, cfg: FinetuneConfig) -> tuple[Net, int]:
+    """Backbone (``cfg.freeze_layers`` first layer groups frozen) + a new cosine head; and the frozen parameter count."""
+    backbone = create_backbone(source, drop_rate=cfg.drop_rate, drop_path=cfg.drop_path)
+    head = CosineHead(feature_dim(backbone), n_classes, scale=cfg.head_scale, learn_scale=cfg.learn_scale)
+    frozen = freeze_layers(backbone, cfg.freeze_layers)
+    return Net(backbone, head), frozen
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        self.updates += 1
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.dtype.is_floating_point:
-                e.lerp_(m.to(e.dtype), 1.0 - d)
-            else:
-                e.copy_(m)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "module": self.module.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.updates = state["updates"]
-        self.module.load_state_dict(state["module"])

@@ -5,7 +5,8 @@ Conventions used throughout (all items, whether or not the system declined to an
 * An item's species are ranked by score, highest first, ties broken by species name; species missing from
   ``scores`` (and scores <= 0 or NaN) have probability 0 and are never ranked. The top-1 prediction is the first
   ranked species, or ``None`` when no species has a positive score (then every prediction metric counts it wrong).
-* "Top-k correct" means the true species is among the first k ranked species.
+* "Top-k correct" means the true species is among the first k ranked species (not scikit-learn's
+  ``top_k_accuracy_score``, which would rank a species without a score among the zeros).
 * The top-1 confidence is the score of the top-1 species (0 when there is none).
 """
 
@@ -14,9 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+from index.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def reliability(
     """Equal-width bins [lo, hi) of the top-1 confidence (the last bin includes 1.0) and the count-weighted ECE.
 
     Each bin is {lo, hi, count, accuracy, confidence}; accuracy and confidence are None for an empty bin.
+    Not ``sklearn.calibration.calibration_curve``: its bins are (lo, hi] (a confidence of 0.4 falls in
+    0.3-0.4), and it returns neither the counts nor the empty bins this report and the ECE need.
     """
     buckets: list[list[tuple[float, bool]]] = [[] for _ in range(n_bins)]
     for c, ok in zip(confidences, correct, strict=True):
@@ -291,27 +294,8 @@ def threshold_for_precision(items: list[EvalItem], target: float = 0.95) -> tupl
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path`` and move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _fmt(v: Any) -> str:
@@ -467,11 +451,11 @@ def write_report(
 
     path = out / "report.json"
     payload = {"title": title, "notes": notes, "results": _jsonable(results)}
-    _atomic_write(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     written[path.name] = path
 
     path = out / "report.md"
-    _atomic_write(path, _markdown(results, title, notes))
+    atomic_write(path, _markdown(results, title, notes))
     written[path.name] = path
 
     for method, r in results.items():

@@ -32,8 +32,7 @@ def _species_dirs() -> list[str]:
 
 
 def _config(root: Path, out: Path, **kw):
-    from finetune.augment import AugmentConfig
-    from finetune.train import FinetuneConfig
+    from finetune.config import AugmentConfig, FinetuneConfig
 
     # mild augmentation and modest rates: 6 steps on 12 photos must make the training loss fall for any seed
     # (RandAugment, lr 0.02/1e-3 and 64-px batch-norm statistics made it rise for some seeds)
@@ -239,10 +238,11 @@ def test_cli_finetune_help(capsys):
 
 def test_early_stopping_waits_for_min_epochs(tiny_set, tmp_path, monkeypatch):
     """Validation that only gets worse stops the run after min_epochs, keeping the epoch-0 weights."""
+    import finetune.engine as engine
     import finetune.train as train
 
     scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    monkeypatch.setattr(train, "_macro_f1", lambda y, pred, n: next(scores))
+    monkeypatch.setattr(engine, "_macro_f1", lambda y, pred, n: next(scores))
     r = train.finetune(_config(tiny_set, tmp_path / "run", epochs=5, patience=1, min_epochs=3), progress=False)
     assert (r.epochs_run, r.best_epoch, r.stopped) == (3, 0, "early-stopping")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -1,0 +1,187 @@
+"""A run's state on disk: ``OUT/checkpoint.pt`` (save, load, restore), ``OUT/log.csv`` and ``OUT/curves.png``.
+
+The checkpoint is written atomically after every epoch (``index.atomic.atomic_write``): model, optimiser,
+gradient scaler, EMA, step, best weights so far, history and the RNG states, so an interrupted run resumes
+where the last finished epoch ended, and only under the settings that wrote it
+(:meth:`FinetuneConfig.training_key`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.config import FinetuneConfig
+from index.atomic import atomic_write
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.csv"
+CURVES = "curves.png"
+#: Version of the checkpoint's contents (2: timm's ModelEmaV3 state; 1, unnumbered: the hand-written EMA).
+FORMAT = 2
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def cpu_state(module: torch.nn.Module) -> dict:
+    """A detached CPU copy of a module's state."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: epochs and optimiser steps done, training time, the history and the best epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    best_metric: float = -1.0  # val macro-F1 of the best epoch
+    best_epoch: int = 0
+    best_state: dict | None = None  # the weights kept (EMA ones with an EMA), on CPU
+    best_row: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, row: dict, model: torch.nn.Module) -> bool:
+        """Add an epoch's row; keep ``model``'s weights when its val macro-F1 is the best so far (True then)."""
+        self.history.append(row)
+        if row["val_macro_f1"] > self.best_metric + 1e-9:
+            self.best_metric, self.best_epoch, self.best_row = row["val_macro_f1"], row["epoch"], dict(row)
+            self.best_state = cpu_state(model)
+            return True
+        return False
+
+    def out_of_patience(self, cfg: FinetuneConfig) -> bool:
+        """Early stopping: ``patience`` epochs without a better val macro-F1, and not before ``min_epochs``."""
+        return self.epoch - self.best_epoch >= cfg.patience and self.epoch >= max(cfg.min_epochs, 1)
+
+
+def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
+    """The checkpoint in ``out`` to resume, or None to start afresh.
+
+    Refused (ValueError): a checkpoint of other settings or an older format, and a finished model in ``out``
+    (both unless ``cfg.resume == "no"``, which starts afresh and replaces them).
+    """
+    path = out / CHECKPOINT
+    if cfg.resume == "no":
+        return None
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if checkpoint.get("key") != cfg.training_key():
+            raise ValueError(
+                f"{path} was written by a run with other settings ({checkpoint.get('settings')}); rerun with "
+                "those settings to resume it, or pass --no-resume to start afresh (the checkpoint is replaced)"
+            )
+        if checkpoint.get("format") != FORMAT:
+            raise ValueError(f"{path} was written by an older speciesid; pass --no-resume to start afresh")
+        logger.info("resuming %s after epoch %d", path, checkpoint["epoch"])
+        return checkpoint
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        raise ValueError(f"{out} already holds a fine-tuned model; choose another --out, or --no-resume to overwrite it")
+    return None
+
+
+def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None) -> None:
+    """Write ``OUT/checkpoint.pt`` atomically (after epoch ``state.epoch``)."""
+    payload = {
+        "format": FORMAT, "key": cfg.training_key(),
+        "settings": {k: v for k, v in asdict(cfg).items() if k != "out"},
+        "species": species, "epoch": state.epoch, "step": state.step, "seconds": state.seconds,
+        "net": net.state_dict(), "opt": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "best_metric": state.best_metric, "best_epoch": state.best_epoch, "best_state": state.best_state,
+        "best_row": state.best_row, "history": state.history, "rng": rng_state(),
+    }
+    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
+
+
+def save_progress(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None) -> None:
+    """After an epoch: the checkpoint, ``log.csv`` and ``curves.png`` (a plotting problem only warns)."""
+    save_checkpoint(out, cfg, species, state, net, optimizer, scaler, ema)
+    write_log(out, state.history)
+    try:
+        plot_curves(out, state.history)
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not stop training
+        logger.warning("could not draw the curves in %s: %s", out, exc)
+
+
+def restore_checkpoint(checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                       ema=None) -> TrainState:
+    """Optimiser, scaler, EMA and RNG states from ``checkpoint`` (the net's weights are loaded before the EMA is
+    made: ``checkpoint["net"]``); returns where the run stood."""
+    if checkpoint.get("opt") is not None:
+        optimizer.load_state_dict(checkpoint["opt"])
+    if checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None and checkpoint.get("ema") is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    set_rng_state(checkpoint["rng"])
+    return TrainState(
+        epoch=checkpoint["epoch"], step=checkpoint["step"], seconds=checkpoint["seconds"],
+        best_metric=checkpoint["best_metric"], best_epoch=checkpoint["best_epoch"],
+        best_state=checkpoint["best_state"], best_row=checkpoint["best_row"], history=checkpoint["history"],
+    )
+
+
+def write_log(out: Path, history: list[dict]) -> None:
+    """``OUT/log.csv``: one row an epoch (the union of the rows' columns, first row's order first)."""
+    if not history:
+        return
+    fields = list(history[0].keys())
+    for row in history:
+        fields += [k for k in row if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write(out / LOG, buf.getvalue())
+
+
+def plot_curves(out: Path, history: list[dict]) -> None:
+    """``OUT/curves.png``: train / val loss and val top-1 / macro-F1 by epoch."""
+    from matplotlib.figure import Figure
+
+    ep = [r["epoch"] for r in history]
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    tr = [(r["epoch"], r["train_loss"]) for r in history if r.get("train_loss") not in (None, "")]
+    if tr:
+        ax1.plot(*zip(*tr, strict=True), marker="o", label="train loss")
+    ax1.plot(ep, [r["val_loss"] for r in history], marker="o", label="val loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_title("loss")
+    ax1.legend()
+    ax2.plot(ep, [r["val_top1"] for r in history], marker="o", label="val top-1")
+    ax2.plot(ep, [r["val_macro_f1"] for r in history], marker="o", label="val macro-F1")
+    ax2.set_xlabel("epoch")
+    ax2.set_title("validation")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.tight_layout()
+    atomic_write(out / CURVES, lambda tmp: fig.savefig(tmp, format="png", dpi=90))

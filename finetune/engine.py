@@ -1,0 +1,305 @@
+"""One epoch of training and one validation pass, as free functions (the layout of timm's ``train.py``), with
+the pieces they use: the optimiser and its learning-rate schedule, mixing, the loss, mixed precision.
+
+timm does the standard parts: ``create_optimizer_v2`` (AdamW over :func:`finetune.model.param_groups`, timm's
+layer-wise decay groups), ``CosineLRScheduler`` (linear warmup, then cosine to 0, set every step),
+``Mixup`` (mixup / CutMix and label smoothing as soft targets) and ``ModelEmaV3`` (the EMA of the weights).
+What is ours: the backbone's schedule starting when it unfreezes (:class:`StagedCosineLR`), the frozen-backbone
+epochs, the CosFace margin, and class weights in the soft-target loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune.config import FinetuneConfig
+from finetune.model import InitSource, Net, fit_cosine_head, param_groups, set_bn_eval
+from retrieval.encoders import cpu_has_fast_bf16
+
+logger = logging.getLogger(__name__)
+
+
+def _macro_f1(y: np.ndarray, pred: np.ndarray, n: int) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, pred, labels=list(range(n)), average="macro", zero_division=0))
+
+
+def autocast(device: torch.device, amp: bool, *, train: bool = False):
+    """CUDA: bf16 (fp16 without bf16) autocast. CPU: bf16 autocast for training steps only, on CPUs with
+    native bf16 (AVX512-BF16/AMX; ~2x faster MobileNetV1 steps here); evaluation stays fp32 like the gallery."""
+    if device.type == "cuda" and amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and amp and train and cpu_has_fast_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ------------------------------------------------------------------------------------------ optimiser, schedule
+class _Groups:
+    """Some of an optimiser's parameter groups: a timm scheduler reads and writes only ``param_groups``."""
+
+    def __init__(self, groups: list[dict]) -> None:
+        self.param_groups = groups
+
+
+class StagedCosineLR:
+    """timm's ``CosineLRScheduler`` per step, the head's groups from step 0 and the backbone's from the step it
+    unfreezes (rate 0 before): each part warms up linearly over ``warmup`` steps, then decays to 0 at ``total``.
+
+    Step ``s`` of a part runs at timm's rate for ``t = s + 1`` (the warmup's first step at 1/warmup of the rate,
+    its last at the full rate); resumable, as the rate depends on the step only.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, total: int, warmup: int, unfreeze: int) -> None:
+        from timm.scheduler import CosineLRScheduler
+
+        head = [g for g in optimizer.param_groups if g["name"].startswith("head")]
+        backbone = [g for g in optimizer.param_groups if not g["name"].startswith("head")]
+        self.parts = []
+        for start, groups in ((0, head), (unfreeze, backbone)):
+            sched = None
+            if groups and start < total:
+                sched = CosineLRScheduler(_Groups(groups), t_initial=max(1, total - start - warmup), lr_min=0.0,
+                                          warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
+                                          t_in_epochs=False)
+            self.parts.append((start, groups, sched))
+        self.head_groups = head
+
+    def step(self, step: int) -> float:
+        """Set every group's rate for (0-based) optimiser step ``step``; returns the head's."""
+        for start, groups, sched in self.parts:
+            if sched is None or step < start:
+                for g in groups:
+                    g["lr"] = 0.0
+            else:
+                sched.step_update(step - start + 1)
+        return float(self.head_groups[0]["lr"]) if self.head_groups else 0.0
+
+
+@dataclass
+class Optimisation:
+    """Optimiser, its schedule, the fp16 gradient scaler (CUDA without bf16 only) and the steps of one epoch."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: StagedCosineLR
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+
+
+def create_optimisation(net: Net, cfg: FinetuneConfig, steps_per_epoch: int, device: torch.device) -> Optimisation:
+    """AdamW (timm's ``create_optimizer_v2``) over the layer-wise groups, with :class:`StagedCosineLR`."""
+    from timm.optim import create_optimizer_v2
+
+    groups = param_groups(net, lr=cfg.lr, backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay,
+                          weight_decay=cfg.weight_decay)
+    opt = create_optimizer_v2(groups, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = StagedCosineLR(opt, total=cfg.epochs * steps_per_epoch,
+                              warmup=int(round(cfg.warmup_epochs * steps_per_epoch)),
+                              unfreeze=cfg.freeze_epochs * steps_per_epoch)
+    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    return Optimisation(opt, schedule, torch.amp.GradScaler("cuda", enabled=use_scaler), steps_per_epoch)
+
+
+def create_ema(net: Net, decay: float):
+    """timm's ``ModelEmaV3`` of every float in the state (batch-norm statistics too), or None for ``decay`` 0.
+
+    Warm-up: decay ``min(decay, n / (9 + n))`` at the n-th update (timm's warm-up with inverse gamma 9 and
+    power 1; it starts from the weights as they are, and passes 0.9 after 81 updates, 0.99 after 891).
+    """
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(net, decay=decay, use_warmup=True, warmup_gamma=9.0, warmup_power=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- mixing, loss
+def create_mixup(cfg: FinetuneConfig, n_classes: int):
+    """timm's ``Mixup`` (per batch: mixup or CutMix, one of the two at random when both are on; the box's
+    area corrects lambda), None when both are off."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, switch_prob=0.5, mode="batch",
+                 label_smoothing=cfg.label_smoothing, num_classes=n_classes)
+
+
+def mix(mixup, x: torch.Tensor, y: torch.Tensor, n_classes: int, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(photos, soft targets): mixed by ``mixup`` (None: as they are), targets label-smoothed.
+
+    timm mixes photo i with photo n-1-i and wants an even batch: an odd (last) batch keeps its last photo unmixed.
+    """
+    from timm.data.mixup import mixup_target
+
+    if mixup is None or len(y) < 2:
+        return x, mixup_target(y, n_classes, 1.0, smoothing)
+    if len(y) % 2:
+        xm, tm = mixup(x[:-1], y[:-1])
+        return torch.cat([xm, x[-1:]]), torch.cat([tm, mixup_target(y[-1:], n_classes, 1.0, smoothing)])
+    return mixup(x, y)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, *, scale: torch.Tensor, margin: float,
+            class_weight: torch.Tensor | None) -> torch.Tensor:
+    """Soft-target cross-entropy (class-weighted: ``-sum_c w_c t_c log p_c``, averaged over the batch), with
+    the CosFace ``margin`` taken off the true class's cosine (``y``: the unmixed labels)."""
+    z = logits.float()
+    if margin:
+        z = z - scale.detach() * margin * F.one_hot(y, z.shape[1])
+    return F.cross_entropy(z, target, weight=class_weight)
+
+
+# ------------------------------------------------------------------------------------------ train, validate
+def train_one_epoch(
+    epoch: int,
+    net: Net,
+    loader: torch.utils.data.DataLoader,
+    optim: Optimisation,
+    step: int,
+    cfg: FinetuneConfig,
+    *,
+    n_classes: int,
+    device: torch.device,
+    class_weight: torch.Tensor | None = None,
+    mixup=None,
+    ema=None,
+    progress: bool = False,
+) -> tuple[dict, int]:
+    """One pass over ``loader`` from optimiser step ``step``: ({train_loss, train_top1, lr}, the next step).
+
+    During the first ``cfg.freeze_epochs`` epochs the backbone only runs forward (eval mode, no gradients);
+    with ``cfg.bn == "eval"`` batch-norm statistics stay frozen. The EMA follows every step.
+    """
+    from tqdm.auto import tqdm
+
+    frozen = epoch <= cfg.freeze_epochs
+    net.train()
+    if cfg.bn == "eval" or frozen:
+        set_bn_eval(net)
+    if frozen:
+        net.backbone.eval()
+    opt, scaler = optim.optimizer, optim.scaler
+    total_loss, seen, correct, lr_now = 0.0, 0, 0, 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}" + (" (backbone frozen)" if frozen else ""),
+               unit="batch", disable=not progress, leave=True)
+    for x, y in bar:
+        lr_now = optim.schedule.step(step)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        x, target = mix(mixup, x, y, n_classes, cfg.label_smoothing)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.amp, train=True):
+            if frozen:
+                with torch.no_grad():
+                    feats = net.backbone(x)
+                logits = net.head(feats.float())
+            else:
+                logits, _ = net(x)
+            loss = loss_fn(logits, target, y, scale=net.head.scale, margin=cfg.margin, class_weight=class_weight)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        if ema is not None:
+            ema.update(net, step=step)
+        total_loss += float(loss.detach()) * len(y)
+        seen += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", lr=f"{lr_now:.2e}")
+    bar.close()
+    return {"train_loss": total_loss / max(seen, 1), "train_top1": correct / max(seen, 1), "lr": lr_now}, step
+
+
+@torch.no_grad()
+def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: bool = True,
+            progress: bool = False, desc: str = "validating") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, L2-normalised features, targets) of a loader; ``tta`` averages with the flipped photo."""
+    from tqdm.auto import tqdm
+
+    net.eval()
+    logits, feats, ys = [], [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            f = net.backbone(x).float()
+            if tta:
+                f = F.normalize(f, dim=-1) + F.normalize(net.backbone(torch.flip(x, dims=[3])).float(), dim=-1)
+        logits.append(net.head(f).float().cpu())
+        feats.append(F.normalize(f, dim=-1).cpu())
+        ys.append(y)
+    return torch.cat(logits).numpy(), torch.cat(feats).numpy(), torch.cat(ys).numpy()
+
+
+def validate(net: Net, loader, device: torch.device, n_classes: int, *, tta: bool = False,
+             amp: bool = True) -> dict:
+    """{val_loss (plain cross-entropy), val_top1, val_macro_f1 (scikit-learn, over every species)}."""
+    logits, _, y = predict(net, loader, device, tta=tta, amp=amp)
+    pred = logits.argmax(1)
+    return {
+        "val_loss": float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y).long())),
+        "val_top1": float((pred == y).mean()),
+        "val_macro_f1": _macro_f1(y, pred, n_classes),
+    }
+
+
+def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneConfig, train_eval_loader,
+              device: torch.device, *, class_weight: torch.Tensor | None = None, progress: bool = False) -> str:
+    """Start the head as ``cfg.head_init`` says (the LP of LP-FT); returns how it started.
+
+    ``keep``: the init's head when its species are these; else (and for ``probe``) a linear probe on the frozen
+    features of the training photos (``train_eval_loader``: evaluation transform). ``random``: as created.
+    """
+    head = net.head
+    if cfg.head_init == "keep" and source.label_names == species and source.head_weight is not None \
+            and source.head_weight.shape == head.weight.shape:
+        with torch.no_grad():
+            head.weight.copy_(F.normalize(source.head_weight.to(head.weight.device), dim=-1))
+        return "kept the init's head (same species)"
+    if cfg.head_init in ("probe", "keep"):
+        _, feats, y = predict(net, train_eval_loader, device, amp=cfg.amp, progress=progress,
+                              desc="linear probe: features")
+        head.to("cpu")
+        fit_cosine_head(head, torch.from_numpy(feats), torch.from_numpy(y).long(), label_smoothing=cfg.label_smoothing,
+                        weight=class_weight.cpu() if class_weight is not None else None)
+        head.to(device)
+        return "linear probe on frozen features"
+    return "random"
+
+
+def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch.device, *, amp: bool = True,
+               progress: bool = False) -> dict:
+    """Head / kNN / blend on the validation photos with the kept weights (gallery = the training photos).
+
+    The blend uses the k, T and weight that ``speciesid probe import`` would choose on these photos.
+    """
+    from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
+    from retrieval.probe import LinearProbe
+
+    _, ref, ref_y = predict(net, train_loader, device, amp=amp, progress=progress, desc="final: train features")
+    _, q, qy = predict(net, val_loader, device, amp=amp, progress=progress, desc="final: val features")
+    names = [str(i) for i in range(n_classes)]
+    w = net.head.export_weight().numpy()
+    probe = LinearProbe(species=names, weight=w, bias=np.zeros(n_classes, np.float32), fingerprint="")
+    s = select_settings(ref, [names[i] for i in ref_y], fingerprint="", probe=probe, val_embeddings=q,
+                        val_labels=[names[i] for i in qy])
+    p = probe.predict_proba(q)
+    kn = knn_matrix(q, ref, ref_y, n_classes, s.k, s.temperature)
+    b = blend_matrix(kn, p, np.ones(n_classes, bool), s.blend_weight)
+    out = {}
+    for name, m in (("head", p), ("knn", kn), ("blend", b)):
+        pred = m.argmax(1)
+        out[f"{name}_top1"] = float((pred == qy).mean())
+        out[f"{name}_macro_f1"] = _macro_f1(qy, pred, n_classes)
+        out[f"{name}_recall"] = [float((pred[qy == c] == c).mean()) if (qy == c).any() else None
+                                 for c in range(n_classes)]  # per species, head order
+    out.update({"k": s.k, "temperature": s.temperature, "blend_weight": s.blend_weight})
+    return out
