@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from index.gallery import Gallery, check_gallery_encoder
@@ -40,7 +39,7 @@ class Prepared:
 
     position: int  # index in the input sequence
     sha256: str | None = None  # digest of the file bytes (None when unreadable)
-    tensor: torch.Tensor | None = None  # preprocessed CHW tensor (None when skipped)
+    tensor: np.ndarray | None = None  # preprocessed float32 CHW array (None when skipped)
     error: str | None = None  # why it was skipped
     duplicate_of: int | None = None  # stored reference id with the same bytes
 
@@ -165,7 +164,7 @@ def iter_embeddings(
         if before_encode is not None:
             before_encode(items)
         tensors = [i.tensor for i in items if i.tensor is not None]
-        return encoder.encode_batch(torch.stack(tensors)) if tensors else None
+        return encoder.encode_batch(np.stack(tensors)) if tensors else None
 
     items: list[Prepared] = []
     n_tensors = 0

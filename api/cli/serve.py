@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
+    p.add_argument("--runtime", default=None, choices=("auto", "torch", "onnx", "openvino"),
+                   help="inference runtime (default SPECIESID_RUNTIME or auto)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "int8", "fp16"),
+                   help="encoder precision (default SPECIESID_PRECISION or auto)")
     p.set_defaults(func=cmd_serve)
 
     p_enc = sub.add_parser("encoders", help="encoder specs")
@@ -34,8 +38,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     read_gallery_info(args.index)  # fail fast, with the clear message, before uvicorn starts
     overrides = {"index": args.index}
-    if args.device:
-        overrides["device"] = args.device
+    for name in ("device", "runtime", "precision"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
     settings = Settings(**overrides)
     if not settings.key_list():
         logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
