@@ -31,13 +31,11 @@ from index.geography import country_presence, resolve_country
 from index.layout import check_encoder
 from index.store import SpeciesSummary, source_file
 from index.vectors import VectorIndexConfig
-from retrieval.calibrate import select_settings
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.findings import CleanConfig
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
-from retrieval.metrics import EvalItem, evaluate, write_report
 from retrieval.pipeline import BuildReport, add_references, embed_photos
 from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
 from retrieval.textprior import load_text_prior, save_text_prior
@@ -257,6 +255,7 @@ def evaluate_dataset(
     progress: bool = True,
 ) -> EvaluationRun:
     """Identify a labelled set with every method the gallery has; write the JSON + Markdown report."""
+    from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
@@ -446,6 +445,8 @@ def train_gallery_probe(
     With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
     plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
     """
+    from retrieval.calibrate import select_settings  # sklearn: not on the query path
+
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
@@ -487,6 +488,8 @@ def import_gallery_probe(
     only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else
     out-of-fold over the gallery with the head fixed (which favours the head: it was trained on them).
     """
+    from retrieval.calibrate import select_settings  # sklearn: not on the query path
+
     probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
