@@ -9,6 +9,10 @@
   for ViTs; ``overflow_fix`` on CPUs without VNNI) calibrated on gallery photos, never evaluation photos.
 
 Every export is compared with torch fp32 on real photos; figures go to the entry's export.json.
+
+The converters' usage telemetry (OpenVINO's ``convert_model`` and NNCF post events through
+``openvino_telemetry``, which forks a process per event on Linux, unsafe beside LanceDB's runtime) is switched
+off for these calls (:func:`_no_telemetry`).
 """
 
 from __future__ import annotations
@@ -61,28 +65,47 @@ def quantize_onnx_dynamic(src: Path, dst: Path, *, family: str, vnni: bool) -> N
                          reduce_range=not vnni, op_types_to_quantize=ops)
 
 
+@contextlib.contextmanager
+def _no_telemetry():
+    """Within: OpenVINO's converter and NNCF send no usage telemetry (their CI switches; restored after)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("CI", "NNCF_CI")}
+    os.environ["CI"] = os.environ["NNCF_CI"] = "true"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def convert_openvino(onnx_path: Path, xml: Path) -> None:
     """ONNX -> OpenVINO IR with fp32 weights."""
     import openvino as ov
 
-    model = ov.convert_model(str(onnx_path))
+    with _no_telemetry():
+        model = ov.convert_model(str(onnx_path))
     ov.save_model(model, str(xml), compress_to_fp16=False)
 
 
 def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, family: str, vnni: bool) -> None:
     """NNCF post-training int8 of the OpenVINO model, calibrated on ``calibration`` (preprocessed photos)."""
-    import nncf
-    import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    with _no_telemetry():
+        import nncf  # reads NNCF_CI once, at import
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-    model = ov.convert_model(str(onnx_path))
+        model = ov.convert_model(str(onnx_path))
     data = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     kwargs: dict = {"subset_size": len(calibration)}
     if family == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if not vnni:  # pre-VNNI int8 sums pairs in 16 bits: keep the first layer's and all weights' range in 7 bits
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
-    with _quiet_loggers():
+    with _quiet_loggers(), _no_telemetry():
         quantized = nncf.quantize(model, data, **kwargs)
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
 
