@@ -12,7 +12,7 @@ Every export is compared with torch fp32 on real photos; figures go to the entry
 
 The converters' usage telemetry (OpenVINO's ``convert_model`` and NNCF post events through
 ``openvino_telemetry``, which forks a process per event on Linux, unsafe beside LanceDB's runtime) is switched
-off for these calls (:func:`_no_telemetry`).
+off for these calls (:func:`retrieval.runtimes.exported.no_telemetry`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.runtimes import MIN_COSINE
-from retrieval.runtimes.exported import Runner, onnx_runner, openvino_runner
+from retrieval.runtimes.exported import Runner, no_telemetry, onnx_runner, openvino_runner
 
 logger = logging.getLogger(__name__)
 
@@ -65,35 +65,18 @@ def quantize_onnx_dynamic(src: Path, dst: Path, *, family: str, vnni: bool) -> N
                          reduce_range=not vnni, op_types_to_quantize=ops)
 
 
-@contextlib.contextmanager
-def _no_telemetry():
-    """Within: OpenVINO's converter and NNCF send no usage telemetry (their CI switches; restored after)."""
-    import os
-
-    saved = {k: os.environ.get(k) for k in ("CI", "NNCF_CI")}
-    os.environ["CI"] = os.environ["NNCF_CI"] = "true"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def convert_openvino(onnx_path: Path, xml: Path) -> None:
     """ONNX -> OpenVINO IR with fp32 weights."""
-    import openvino as ov
+    with no_telemetry():
+        import openvino as ov
 
-    with _no_telemetry():
         model = ov.convert_model(str(onnx_path))
     ov.save_model(model, str(xml), compress_to_fp16=False)
 
 
 def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, family: str, vnni: bool) -> None:
     """NNCF post-training int8 of the OpenVINO model, calibrated on ``calibration`` (preprocessed photos)."""
-    with _no_telemetry():
+    with no_telemetry():
         import nncf  # reads NNCF_CI once, at import
         import openvino as ov
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -105,7 +88,7 @@ def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, fa
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if not vnni:  # pre-VNNI int8 sums pairs in 16 bits: keep the first layer's and all weights' range in 7 bits
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
-    with _quiet_loggers(), _no_telemetry():
+    with _quiet_loggers(), no_telemetry():
         quantized = nncf.quantize(model, data, **kwargs)
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
 

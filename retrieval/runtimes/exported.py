@@ -2,13 +2,18 @@
 
 Text (CLIP prompts) still goes through the torch model, loaded on first use only: prompts are encoded once
 per gallery and cached (:mod:`retrieval.zeroshot`), so queries never need it.
+
+``import openvino`` posts a usage event (openvino_telemetry forks a process for it and may hold the exit for
+up to 3 s); speciesid imports it with that telemetry switched off (:func:`no_telemetry`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +26,26 @@ logger = logging.getLogger(__name__)
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
+@contextlib.contextmanager
+def no_telemetry() -> Iterator[None]:
+    """Within: OpenVINO (its import, its converter) and NNCF send no usage telemetry. Their own switches are
+    the ``CI`` and ``NNCF_CI`` variables, read when the telemetry objects are made; both are restored after."""
+    saved = {k: os.environ.get(k) for k in ("CI", "NNCF_CI")}
+    os.environ["CI"] = os.environ["NNCF_CI"] = "true"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def openvino_runner(xml: Path, hint: str, cache_dir: Path | None) -> Runner:
     """A compiled OpenVINO model (``hint``: the inference precision, "f32" or "bf16"); thread-safe."""
-    import openvino as ov
+    with no_telemetry():
+        import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
     if cache_dir is not None:
