@@ -116,6 +116,9 @@ class TorchEncoder(Encoder):
         """Run the image tower at ``fp32``/``bf16``/``fp16``, or ``int8`` (dynamic, Linear layers)."""
         self.precision = precision
         if precision == "int8":
+            if not any(isinstance(m, torch.nn.Linear) for m in self.image_module().modules()):
+                raise ValueError(f"torch int8 quantises Linear layers and {self.spec} has none: use "
+                                 "--runtime openvino or onnx for int8, or another --precision")
             self._set_image_module(quantize_linear_int8(self.image_module().float()))
             self.dtype = torch.float32
         else:

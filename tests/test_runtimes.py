@@ -289,3 +289,22 @@ def test_auto_keeps_mobilenet_knn_top1_within_half_a_point_of_fp32(cache, monkey
           f"cosine min {cos.min():.4f}")
     assert ref > 0.75  # the real weights: measured 0.805
     assert abs(got - ref) <= 0.005 + 1e-9 and cos.min() >= 0.99
+
+
+def test_torch_int8_needs_linear_layers():
+    from retrieval.encoders import create_encoder
+
+    with pytest.raises(ValueError, match="has none"):
+        create_encoder("timm:test_efficientnet@random", runtime="torch", precision="int8")
+    enc = create_encoder("timm:test_vit@random", runtime="torch", precision="int8")
+    assert enc.precision == "int8" and enc.encode_images(_images()[:2]).shape == (2, enc.dim)
+
+
+def test_encoders_runtimes_command_reports_kind_order_and_cache(capsys, monkeypatch):
+    from api.cli import main
+
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "avx2")
+    assert main(["encoders", "runtimes"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU kind: avx2" in out and "auto order, transformer: onnx int8 -> torch int8" in out
+    assert "user cache:" in out

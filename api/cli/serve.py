@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s_enc = p_enc.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_enc.add_parser("list", help="the accepted encoder spec forms")
     p.set_defaults(func=cmd_encoders_list)
+    p = s_enc.add_parser("runtimes", help="this CPU's kind, the runtimes installed, what --runtime auto tries, "
+                         "and the exported models in the user cache")
+    p.set_defaults(func=cmd_encoders_runtimes)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -53,4 +56,27 @@ def cmd_encoders_list(args: argparse.Namespace) -> int:
 
     for form in list_encoders():
         emit(f"{form}" + (f"  = {ALIASES[form]}" if form in ALIASES else ""))
+    return 0
+
+
+def cmd_encoders_runtimes(args: argparse.Namespace) -> int:
+    from retrieval.cpu import cpu_features, cpu_kind
+    from retrieval.runtimes import EXTRAS, candidates
+    from retrieval.runtimes.cache import cache_root, entries, installed_runtimes
+
+    kind = cpu_kind()
+    feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_features().items())
+    lines = [f"CPU kind: {kind} ({feats})",
+             "installed: " + ", ".join(f"{k} {v or '-'}" for k, v in installed_runtimes().items())
+             + f" (extras: {', '.join(sorted(set(EXTRAS.values())))})"]
+    for family in ("transformer", "cnn"):
+        order = " -> ".join(f"{rt} {p}" for rt, p in candidates(kind, family))
+        lines.append(f"auto order, {family}: {order}")
+    lines.append(f"user cache: {cache_root()}")
+    for folder, info in entries():
+        faith = info.get("faithfulness") or {}
+        lines.append(f"  {folder.parent.name}/{folder.name}: {info.get('spec')} "
+                     f"{'accepted' if info.get('accepted') else 'refused'}, min cosine "
+                     f"{faith.get('min_cosine', float('nan')):.4f} on {faith.get('n_photos')} {faith.get('photos')} photos")
+    emit("\n".join(lines))
     return 0
