@@ -7,14 +7,14 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 SHARED ?= ../shared
 INDEX ?= runs/ph-snakes-mobilenet
 
-.PHONY: setup test lint bench demo serve clean
+.PHONY: setup test lint bench bench-quick demo serve clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx,openvino]'
 	touch $@
 
 test: setup
@@ -27,6 +27,10 @@ bench: setup
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_identify.py
 	$(PY) benchmarks/bench_search.py
+
+bench-quick: setup
+	$(PY) benchmarks/bench_build.py --quick
+	$(PY) benchmarks/bench_identify.py --quick
 
 # Quick start on the shared ph-snakes photos with the real MobileNetV1 weights.
 demo: setup

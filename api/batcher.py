@@ -10,7 +10,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from retrieval.encoders import Encoder
 
@@ -19,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    tensors: torch.Tensor  # (n, C, H, W) preprocessed photos of one request
+    tensors: np.ndarray  # (n, C, H, W) preprocessed photos of one request
     future: Future  # resolves to (n, dim) float32 embeddings
 
 
@@ -40,13 +39,13 @@ class EncodeBatcher:
         self.batches = 0  # forward passes run (for metrics)
         self.images = 0  # photos encoded
 
-    def submit(self, tensors: torch.Tensor) -> Future:
+    def submit(self, tensors: np.ndarray) -> Future:
         """Queue a (n, C, H, W) batch; the future gives its (n, dim) embeddings."""
         fut: Future = Future()
         self._queue.put(_Job(tensors, fut))
         return fut
 
-    def encode(self, tensors: torch.Tensor) -> np.ndarray:
+    def encode(self, tensors: np.ndarray) -> np.ndarray:
         """Blocking form of :meth:`submit`."""
         return self.submit(tensors).result()
 
@@ -81,7 +80,7 @@ class EncodeBatcher:
                 jobs.append(nxt)
                 size += len(nxt.tensors)
             try:
-                emb = self.encoder.encode_batch(torch.cat([j.tensors for j in jobs]))
+                emb = self.encoder.encode_batch(np.concatenate([j.tensors for j in jobs]))
             except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting request
                 for j in jobs:
                     j.future.set_exception(exc)

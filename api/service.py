@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from api.batcher import EncodeBatcher
@@ -72,7 +71,8 @@ class SpeciesService:
     def __init__(self, settings: Settings, identifier: workflows.Identifier | None = None) -> None:
         self.settings = settings
         self.identifier = identifier or open_identifier(
-            settings.index, device=settings.device, precision=settings.precision, refresh_s=settings.refresh_s
+            settings.index, device=settings.device, precision=settings.precision, refresh_s=settings.refresh_s,
+            runtime=settings.runtime,
         )
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
@@ -107,7 +107,7 @@ class SpeciesService:
 
     def embed(self, uploads: Sequence[Upload]) -> np.ndarray:
         """(n, dim) embeddings, through the shared batcher."""
-        tensors = torch.stack([self.encoder.preprocess(u.image) for u in uploads])
+        tensors = np.stack([self.encoder.preprocess(u.image) for u in uploads])
         return self.batcher.encode(tensors)
 
     # ------------------------------------------------------------------ reads

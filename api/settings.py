@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
-    precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, fp16")
+    precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
+    runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "
+                         "openvino (docs/runtimes.md)")
     batch_window_ms: float = Field(5.0, description="how long the encoder waits to batch concurrent requests")
     max_batch: int = Field(32, description="largest batch the encoder runs at once")
     thumbnail_px: int = Field(256, description="longest side of reference thumbnails")

@@ -174,7 +174,7 @@ def direct_batched(enc, data: list[bytes], decode_image, batch: int, torch) -> d
     cpu = CpuBlock()
     t0 = time.perf_counter()
     for i in range(0, len(data), batch):
-        enc.encode_batch(torch.stack([enc.preprocess(decode_image(b)) for b in data[i : i + batch]]))
+        enc.encode_batch(np.stack([enc.preprocess(decode_image(b)) for b in data[i : i + batch]]))
     wall = time.perf_counter() - t0
     return {"rps": len(data) / wall, "ms_per_image": wall * 1000 / len(data), "n": len(data),
             "batch": min(batch, len(data)), "other_cpu": cpu.other()}

@@ -1,24 +1,19 @@
-"""Per-photo identify latency (p50/p95/p99, ms) and throughput: our path against a naive one.
+"""Per-photo identify latency (p50/p95/p99, ms) per inference runtime, against a naive path; and start-up end to end.
 
 One request at a time, from the photo file to the answer: decode -> encode -> search -> vote.
 
-* ours:  ``retrieval.pipeline.embed_sources([path], encoder)`` + ``Identifier.identify_embeddings`` -- the
-  path ``speciesid identify PHOTO`` takes for one photo (FAISS search, neighbour metadata from LanceDB
-  (cached after first use), kNN vote, genus/family roll-up, venomous score).
-* naive: ``PIL.Image.open(p).convert("RGB")`` + ``encoder.preprocess`` + fp32 forward on 1 image (separate
-  fp32 encoder object) + numpy brute force ``gallery_matrix @ q`` + full ``argsort`` + a Python dict vote
-  (same k and temperature as ours, so the answers can be compared).
+* ours: ``retrieval.pipeline.embed_sources([path], encoder)`` + ``Identifier.identify_embeddings`` -- the path
+  ``speciesid identify PHOTO`` takes for one photo (FAISS search, neighbour metadata from LanceDB, kNN vote,
+  roll-up, venomous score) -- once per runtime: torch fp32, ``auto`` (what the CLI picks here), and each
+  exported runtime this CPU runs well (every runtime has the same fingerprint, so one gallery serves all).
+* naive: ``PIL.Image.open(p).convert("RGB")`` + ``encoder.preprocess`` + torch fp32 forward on 1 image + numpy
+  brute force ``gallery_matrix @ q`` + full ``argsort`` + a Python dict vote (same k and temperature).
+* start-up: ``speciesid identify --index GALLERY PHOTO`` as a fresh process on the ViT-B-16 gallery, warm cache
+  (the exported model made by an earlier run), per runtime: wall seconds, and whether torch was imported.
 
 Galleries: MobileNetV1 (real weights) over all 980 ph-snakes train photos, queried with the 210 val photos;
-and a random-weight open_clip ViT-B-16 (BioCLIP's compute) over 100 train photos (kept small because a
-ViT build runs at only a few photos/s here), queried with 20 val photos. Both galleries are built once per
-run in a temp dir with ``build_gallery`` / ``add_references``. ViT "ours" runs at precision ``auto`` (what
-the CLI uses: bf16 on CPUs with native bf16) and, to separate the precision from the pipeline, at fp32.
-
-Each pass runs every method over all queries, one method's block after the other (order reversed every
-pass, a short pause between blocks: alternating query by query would make numpy's OpenBLAS threads and
-torch's/FAISS's OpenMP threads spin against each other on 2 cores). Passes are repeated; the medians of
-the per-pass figures are reported.
+a random-weight ViT-B-16 (BioCLIP's compute, an open_clip local-dir folder) over 100 train photos, 20 queries.
+Each pass runs every method over all queries in blocks (order reversed every pass); medians over passes.
 
     .venv/bin/python benchmarks/bench_identify.py           # default: 3 passes
     .venv/bin/python benchmarks/bench_identify.py --quick   # smoke run: small galleries, few queries, 1 pass
@@ -30,21 +25,23 @@ import argparse
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, CpuWatch, median, require_shared
+from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, median, require_shared
+from _hardware import machine_report, random_vit_dir
 
 
 def evenly(items: list, n: int | None) -> list:
     """n items evenly spaced over the list (all when n is None or >= len)."""
     if n is None or n >= len(items):
         return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
+    return [items[int(i * len(items) / n)] for i in range(n)]
 
 
 class NaiveIdentifier:
@@ -60,10 +57,9 @@ class NaiveIdentifier:
         q = self.encoder.encode_batch(x[None])[0]
         sims = self.matrix @ q
         order = np.argsort(-sims)[: self.k]
-        top = sims[order[0]]
         votes: dict[str, float] = defaultdict(float)
         for j in order:
-            votes[self.labels[j]] += math.exp((sims[j] - top) / self.t)
+            votes[self.labels[j]] += math.exp((sims[j] - sims[order[0]]) / self.t)
         return max(votes, key=votes.get)
 
 
@@ -73,8 +69,7 @@ def ours_identify(identifier, path: str) -> str:
     emb, errors = embed_sources([path], identifier.encoder)
     if errors[0] is not None:
         raise RuntimeError(f"{path}: {errors[0]}")
-    answer = identifier.identify_embeddings(emb)[0]
-    return answer.predictions[0].species
+    return identifier.identify_embeddings(emb)[0].predictions[0].species
 
 
 def naive_from_gallery(gallery, encoder, vote) -> NaiveIdentifier:
@@ -85,8 +80,23 @@ def naive_from_gallery(gallery, encoder, vote) -> NaiveIdentifier:
     return NaiveIdentifier(encoder, matrix, labels, vote.k, vote.temperature)
 
 
+def runtime_configs(kind: str, transformer: bool, quick: bool) -> list[tuple[str, str]]:
+    """torch fp32, auto, then the exported runtimes this CPU kind runs well."""
+    from retrieval.cpu import has_native_bf16, has_vnni
+
+    out = [("torch", "fp32"), ("auto", "auto")]
+    if quick:
+        return out
+    out += [("onnx", "fp32"), ("openvino", "fp32")]
+    if has_native_bf16(kind):
+        out += [("openvino", "bf16"), ("torch", "bf16")]
+    if transformer:
+        out += [("onnx", "int8"), ("torch", "int8")] + ([("openvino", "int8")] if has_vnni(kind) else [])
+    return out
+
+
 def bench(name: str, runners: dict, queries: list[str], truth: list[str], passes: int) -> dict:
-    """Run each runner over the queries in blocks; per pass: latency percentiles and img/s; medians over passes."""
+    """Each runner over the queries in blocks; per pass latency percentiles and img/s; medians over passes."""
     names = list(runners)
     for fn in runners.values():  # warm-up: two queries outside the timed region
         for q in queries[:2]:
@@ -94,140 +104,142 @@ def bench(name: str, runners: dict, queries: list[str], truth: list[str], passes
     per_pass: dict[str, list[dict]] = {n: [] for n in names}
     answers: dict[str, list[str]] = {}
     for p in range(passes):
-        lat: dict[str, list[float]] = {n: [] for n in names}
-        got: dict[str, list[str]] = {n: [] for n in names}
-        order = names if p % 2 == 0 else names[::-1]
-        for n in order:  # one method's block at a time, order reversed every pass
+        for n in names if p % 2 == 0 else names[::-1]:
             time.sleep(0.2)  # let the previous block's spinning BLAS/OpenMP threads go idle
+            lat, got = [], []
             for q in queries:
                 t0 = time.perf_counter()
-                got[n].append(runners[n](q))
-                lat[n].append((time.perf_counter() - t0) * 1000.0)
-        for n in names:
-            v = np.asarray(lat[n])
-            per_pass[n].append(
-                {
-                    "p50": float(np.percentile(v, 50)),
-                    "p95": float(np.percentile(v, 95)),
-                    "p99": float(np.percentile(v, 99)),
-                    "ips": len(v) / (v.sum() / 1000.0),
-                }
-            )
-            answers[n] = got[n]
+                got.append(runners[n](q))
+                lat.append((time.perf_counter() - t0) * 1000.0)
+            v = np.asarray(lat)
+            per_pass[n].append({"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+                                "p99": float(np.percentile(v, 99)), "ips": len(v) / (v.sum() / 1000.0)})
+            answers[n] = got
     out = {}
     print(f"\n{name}: {len(queries)} queries, one at a time, {passes} pass(es); medians over passes")
-    print("| method | p50 ms | p95 ms | p99 ms | images/s | top-1 vs truth |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | p50 ms | p95 ms | p99 ms | images/s | top-1 vs truth | same answer as torch fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    ref = next(n for n in names if "torch fp32" in n and not n.startswith("naive"))
     for n in names:
         fig = {key: median([pp[key] for pp in per_pass[n]]) for key in ("p50", "p95", "p99", "ips")}
-        acc = float(np.mean([a == t for a, t in zip(answers[n], truth, strict=True)]))
-        fig["top1"] = acc
+        fig["top1"] = float(np.mean([a == t for a, t in zip(answers[n], truth, strict=True)]))
+        same = float(np.mean([a == b for a, b in zip(answers[n], answers[ref], strict=True)]))
         out[n] = fig
-        print(
-            f"| {n} | {fig['p50']:.1f} | {fig['p95']:.1f} | {fig['p99']:.1f} | {fig['ips']:.1f} | {acc:.3f} |"
-        )
-    naive = [n for n in names if n.startswith("naive")][0]
+        print(f"| {n} | {fig['p50']:.1f} | {fig['p95']:.1f} | {fig['p99']:.1f} | {fig['ips']:.1f} | "
+              f"{fig['top1']:.3f} | {same:.0%} |")
+    naive = next(n for n in names if n.startswith("naive"))
     for n in names:
-        if n == naive:
-            continue
-        agree = float(np.mean([a == b for a, b in zip(answers[n], answers[naive], strict=True)]))
-        print(
-            f"{n}: {out[naive]['p50'] / out[n]['p50']:.2f}x the speed of {naive} by median latency "
-            f"(naive p50 / ours p50), throughput {out[n]['ips'] / out[naive]['ips']:.2f}x; "
-            f"same top-1 species as naive on {agree:.0%} of queries"
-        )
+        if n != naive:
+            print(f"{n}: {out[naive]['p50'] / out[n]['p50']:.2f}x the naive path by median latency")
     return out
+
+
+def identifiers(spec: str, gallery, vote, configs, photos) -> dict:
+    """{label: identify function} per runtime (labels say what actually ran)."""
+    from retrieval.encoders import create_encoder
+    from retrieval.identify import Identifier
+
+    out = {}
+    for rt, prec in configs:
+        try:
+            t0 = time.perf_counter()
+            enc = create_encoder(spec, runtime=rt, precision=prec, device="cpu", photos=photos)
+        except ValueError as exc:
+            print(f"  {rt}:{prec}: not run ({exc})")
+            continue
+        label = f"ours {rt}:{prec} -> {enc.runtime} {enc.precision}"
+        print(f"  loaded {label} in {time.perf_counter() - t0:.1f} s", flush=True)
+        ident = Identifier(enc, gallery, vote)
+        out[label] = lambda p, ident=ident: ours_identify(ident, p)
+    return out
+
+
+def startup_section(index: Path, photo: str, configs: list[tuple[str, str]], runs: int) -> None:
+    """Fresh ``speciesid identify`` processes on a warm cache: wall seconds, and whether torch was imported."""
+    probe = ("import sys, time; t0 = time.perf_counter(); from api.cli import main; "
+             "rc = main(sys.argv[1:]); "
+             "print('@@', rc, time.perf_counter() - t0, 'torch' in sys.modules, file=sys.stderr)")
+    print(f"\nstart-up: `speciesid identify --index GALLERY PHOTO` on the ViT-B-16 gallery, fresh process, warm cache "
+          f"({runs} runs; the first run of a runtime may still fill OpenVINO's compiled-model cache)")
+    print("| runtime | wall s (median) | min | max | in-process s (median) | torch imported |")
+    print("|---|---:|---:|---:|---:|---|")
+    for rt, prec in configs:
+        walls, inner, torch_in = [], [], set()
+        for _ in range(runs):
+            cmd = [sys.executable, "-c", probe, "identify", "--index", str(index), photo, "--runtime", rt,
+                   "--precision", prec, "-q"]
+            t0 = time.perf_counter()
+            run = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                                 text=True)
+            walls.append(time.perf_counter() - t0)
+            tail = [ln for ln in run.stderr.splitlines() if ln.startswith("@@")]
+            if run.returncode != 0 or not tail:
+                print(f"| {rt}:{prec} | failed: {run.stderr[-300:]!r} | | | | |")
+                break
+            _, rc, secs, imported = tail[-1].split()
+            inner.append(float(secs))
+            torch_in.add(imported)
+        else:
+            print(f"| {rt}:{prec} | {median(walls):.2f} | {min(walls):.2f} | {max(walls):.2f} | {median(inner):.2f} | "
+                  f"{'/'.join(sorted(torch_in))} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 200/16 gallery photos, 20/3 queries, 1 pass"
-    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200/16 gallery photos, 20/3 queries, 1 pass")
     ap.add_argument("--passes", type=int, default=None, help="passes over the queries (default 3)")
-    ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-16 part")
+    ap.add_argument("--startup-runs", type=int, default=None, help="fresh identify processes per runtime (default 5)")
+    ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-16 part (and start-up)")
+    ap.add_argument("--no-mobilenet", action="store_true", help="skip the MobileNetV1 part")
     args = ap.parse_args()
     require_shared()
-    logging.disable(logging.WARNING)  # random-weights warning
+    logging.disable(logging.WARNING)  # random-weights warning, one-time export notices
     from index.datasets import load_dataset
     from index.gallery import Gallery
-    from retrieval.encoders import EncoderConfig, create_encoder
-    from retrieval.identify import Identifier
+    from retrieval.cpu import cpu_kind
+    from retrieval.encoders import create_encoder
     from retrieval.pipeline import add_references
     from retrieval.vote import VoteConfig
-    from retrieval.workflows import build_gallery
 
     passes = args.passes or (1 if args.quick else 3)
     vote = VoteConfig()
+    kind = cpu_kind()
     train = sorted(load_dataset("folder", PH_SNAKES / "train").records, key=lambda r: str(r.path))
     val = sorted(load_dataset("folder", PH_SNAKES / "val").records, key=lambda r: str(r.path))
-    print(f"bench_identify: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}")
-    print(f"vote: k={vote.k}, T={vote.temperature}")
+    print("bench_identify: where it ran\n" + machine_report() + f"\nvote: k={vote.k}, T={vote.temperature}")
     watch = CpuWatch()
-
+    calib = [r.path for r in evenly(train, 300)]
     with tempfile.TemporaryDirectory(prefix="bench_identify_") as tmp:
-        # ---------------------------------------------------------------- MobileNetV1
-        q_mob = evenly(val, 20 if args.quick else None)
-        if args.quick:
-            gal_dir = Path(tmp) / "mobilenet"
-            enc = create_encoder(MOBILENET_SPEC, precision="fp32")
-            gallery = Gallery.create(gal_dir, enc.describe())
-            add_references(gallery, enc, evenly(train, 200), progress=False)
-            gallery.finish_build()
-        else:
-            t0 = time.perf_counter()
-            res = build_gallery(
-                Path(tmp) / "mobilenet",
-                "folder",
-                PH_SNAKES / "train",
-                encoder=EncoderConfig(spec=MOBILENET_SPEC, precision="fp32"),
-                progress=False,
-            )
-            print(
-                f"MobileNetV1 gallery: build_gallery of {len(res.gallery)} photos in {time.perf_counter() - t0:.1f} s"
-            )
-            gallery = res.gallery
-            enc = create_encoder(MOBILENET_SPEC, precision="fp32")
-        ident = Identifier(enc, gallery, vote)
-        naive = naive_from_gallery(gallery, create_encoder(MOBILENET_SPEC, precision="fp32"), vote)
-        print(f"MobileNetV1 gallery: {len(gallery)} photos, {gallery.index.kind} index")
-        bench(
-            f"MobileNetV1 (real weights, fp32), gallery {len(gallery)} photos",
-            {"ours": lambda p: ours_identify(ident, p), "naive": naive.identify},
-            [str(r.path) for r in q_mob],
-            [r.species for r in q_mob],
-            passes,
-        )
-
-        # ---------------------------------------------------------------- ViT-B-16
+        parts = []
+        if not args.no_mobilenet:
+            parts.append(("MobileNetV1 (real weights)", MOBILENET_SPEC, evenly(train, 200 if args.quick else None),
+                          evenly(val, 20 if args.quick else None), False))
+        vit_index = None
         if not args.no_vit:
-            n_gal, n_q = (16, 3) if args.quick else (100, 20)
-            enc_auto = create_encoder(VIT_SPEC, precision="auto")
-            enc_fp32 = create_encoder(VIT_SPEC, precision="fp32")
-            gallery = Gallery.create(Path(tmp) / "vit", enc_auto.describe())
+            spec = f"open_clip:local-dir:{random_vit_dir()}"
+            parts.append(("ViT-B-16 (random weights)", spec, evenly(train, 16 if args.quick else 100),
+                          evenly(val, 3 if args.quick else 20), True))
+        for name, spec, refs, queries, transformer in parts:
             t0 = time.perf_counter()
-            add_references(gallery, enc_auto, evenly(train, n_gal), progress=False)
+            builder = create_encoder(spec, device="cpu", photos=calib)  # auto: the fastest faithful here
+            gallery = Gallery.create(Path(tmp) / name.split()[0], builder.describe())
+            report = add_references(gallery, builder, refs, progress=False)
             gallery.finish_build()
-            dt = str(enc_auto.dtype).removeprefix("torch.")
-            print(
-                f"\nViT-B-16 gallery: {len(gallery)} train photos embedded at {dt} in "
-                f"{time.perf_counter() - t0:.1f} s"
-            )
-            naive = naive_from_gallery(gallery, create_encoder(VIT_SPEC, precision="fp32"), vote)
-            ident_auto = Identifier(enc_auto, gallery, vote)
-            ident_fp32 = Identifier(enc_fp32, gallery, vote)
-            q_vit = evenly(val, n_q)
-            bench(
-                f"ViT-B-16 (random weights), gallery {len(gallery)} photos",
-                {
-                    f"ours auto ({dt})": lambda p: ours_identify(ident_auto, p),
-                    "ours fp32": lambda p: ours_identify(ident_fp32, p),
-                    "naive fp32": naive.identify,
-                },
-                [str(r.path) for r in q_vit],
-                [r.species for r in q_vit],
-                passes,
-            )
+            print(f"\n{name}: gallery of {len(gallery)} photos built with {builder.runtime} {builder.precision} in "
+                  f"{time.perf_counter() - t0:.1f} s (model waited for decoding "
+                  f"{report.stats.wait_share(report.seconds):.0%} of the time)")
+            runners = identifiers(spec, gallery, vote, runtime_configs(kind, transformer, args.quick), calib)
+            naive = naive_from_gallery(gallery, create_encoder(spec, runtime="torch", precision="fp32", device="cpu"),
+                                       vote)
+            runners["naive torch fp32"] = naive.identify
+            bench(f"{name}, gallery {len(gallery)} photos", runners, [str(r.path) for r in queries],
+                  [r.species for r in queries], passes)
+            if transformer:
+                vit_index = (gallery.root, str(queries[0].path))
+            del runners, naive, builder
+        if vit_index is not None:
+            configs = [("auto", "auto"), ("torch", "auto")] + ([] if args.quick else [("onnx", "fp32")])
+            startup_section(vit_index[0], vit_index[1], configs, args.startup_runs or (2 if args.quick else 5))
     print(f"\n{watch.report()}")
 
 

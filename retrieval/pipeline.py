@@ -1,7 +1,8 @@
 """Photos -> embeddings at speed: parallel decode + preprocess, batched inference, streamed into a gallery.
 
 Decoding and resizing run in a small thread pool (PIL releases the GIL while it decodes) while the main
-thread runs the model, so the model never waits for JPEG decoding. A bad photo is recorded and skipped,
+thread runs the model, so the model never waits for JPEG decoding; :class:`PipelineStats` measures whether it
+does (the time the model thread spends blocked on the decode queue, against the time it spends encoding). A bad photo is recorded and skipped,
 never fatal; a photo whose bytes are already stored (sha256) is a duplicate and is not embedded again.
 """
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from index.gallery import Gallery, check_gallery_encoder
@@ -40,9 +40,22 @@ class Prepared:
 
     position: int  # index in the input sequence
     sha256: str | None = None  # digest of the file bytes (None when unreadable)
-    tensor: torch.Tensor | None = None  # preprocessed CHW tensor (None when skipped)
+    tensor: np.ndarray | None = None  # preprocessed float32 CHW array (None when skipped)
     error: str | None = None  # why it was skipped
     duplicate_of: int | None = None  # stored reference id with the same bytes
+
+
+@dataclass
+class PipelineStats:
+    """Where the model thread's time went: blocked on decoding, or encoding."""
+
+    wait_s: float = 0.0  # blocked on the decode queue (the next photo not decoded yet)
+    encode_s: float = 0.0  # in encoder.encode_batch
+    batches: int = 0
+
+    def wait_share(self, wall_s: float) -> float:
+        """Share of ``wall_s`` the model thread spent waiting for decoded photos."""
+        return self.wait_s / wall_s if wall_s > 0 else 0.0
 
 
 @dataclass
@@ -55,6 +68,7 @@ class BuildReport:
     duplicate_ids: list[int | None] = field(default_factory=list)  # per duplicate: the stored id it repeats
     seconds: float = 0.0  # wall time
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
+    stats: PipelineStats = field(default_factory=PipelineStats)  # model-thread time: waiting vs encoding
 
     @property
     def images_per_second(self) -> float:
@@ -66,7 +80,8 @@ class BuildReport:
         """One human-readable paragraph."""
         lines = [
             f"added {self.added}, skipped {len(self.skipped)} unreadable, "
-            f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
+            f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s; "
+            f"the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time)"
         ]
         for path, reason in self.skipped[:20]:
             lines.append(f"  skipped {path}: {reason}")
@@ -130,8 +145,11 @@ def iter_prepared(
     workers: int | None = None,
     prefetch: int = 256,
     min_side: int = 0,
+    stats: PipelineStats | None = None,
 ) -> Iterator[Prepared]:
-    """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead."""
+    """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead.
+
+    ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared."""
     workers = workers or default_workers()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool:
         pending: deque[Future[Prepared]] = deque()
@@ -141,7 +159,10 @@ def iter_prepared(
             if len(pending) >= prefetch:
                 break
         while pending:
+            t0 = time.perf_counter()
             done = pending.popleft().result()
+            if stats is not None:
+                stats.wait_s += time.perf_counter() - t0
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side))
@@ -153,6 +174,7 @@ def iter_embeddings(
     encoder: Encoder,
     *,
     before_encode: Callable[[list[Prepared]], None] | None = None,
+    stats: PipelineStats | None = None,
 ) -> Iterator[tuple[list[Prepared], np.ndarray | None]]:
     """Group prepared photos into batches and embed them.
 
@@ -165,7 +187,14 @@ def iter_embeddings(
         if before_encode is not None:
             before_encode(items)
         tensors = [i.tensor for i in items if i.tensor is not None]
-        return encoder.encode_batch(torch.stack(tensors)) if tensors else None
+        if not tensors:
+            return None
+        t0 = time.perf_counter()
+        out = encoder.encode_batch(np.stack(tensors))
+        if stats is not None:
+            stats.encode_s += time.perf_counter() - t0
+            stats.batches += 1
+        return out
 
     items: list[Prepared] = []
     n_tensors = 0
@@ -279,9 +308,10 @@ def add_references(
         buf.clear()
 
     done = 0
-    prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side)
+    prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
+                             stats=report.stats)
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in iter_embeddings(prepared, encoder, before_encode=drop_stored):
+        for items, emb in iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats):
             row = 0
             for item in items:
                 rec = records[item.position]
@@ -307,6 +337,9 @@ def add_references(
     flush()
     gallery.save_index()
     report.seconds = time.perf_counter() - start
+    logger.info("model thread: %.1f s encoding, %.1f s waiting for decoded photos (%.0f%% of %.1f s)",
+                report.stats.encode_s, report.stats.wait_s, 100 * report.stats.wait_share(report.seconds),
+                report.seconds)
     for path, reason in report.skipped:
         logger.warning("skipped %s: %s", path, reason)
     return report

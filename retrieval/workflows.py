@@ -31,13 +31,11 @@ from index.geography import country_presence, resolve_country
 from index.layout import check_encoder
 from index.store import SpeciesSummary, source_file
 from index.vectors import VectorIndexConfig
-from retrieval.calibrate import select_settings
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.findings import CleanConfig
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
-from retrieval.metrics import EvalItem, evaluate, write_report
 from retrieval.pipeline import BuildReport, add_references, embed_photos
 from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
 from retrieval.textprior import load_text_prior, save_text_prior
@@ -80,7 +78,7 @@ def build_gallery(
     if not scan.records:
         raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
     config = encoder or EncoderConfig()
-    enc = create_encoder_from_config(config)
+    enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
     gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
     gallery.finish_build()
@@ -97,10 +95,13 @@ def open_gallery(
     precision: str = "auto",
     batch_size: int = 32,
     refresh_s: float = 1.0,
+    runtime: str | None = None,
 ) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
 
     ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
+    ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
+    exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
     """
     built = read_gallery_info(index_dir)["encoder"]
     config = EncoderConfig(
@@ -109,8 +110,9 @@ def open_gallery(
         device=device,
         precision=precision,
         batch_size=batch_size,
+        runtime=runtime,
     )
-    enc = create_encoder_from_config(config)
+    enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
     return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
 
 
@@ -124,15 +126,25 @@ def open_identifier(
     vote: VoteConfig | None = None,
     use_probe: bool = True,
     refresh_s: float = 1.0,
+    runtime: str | None = None,
 ) -> Identifier:
     """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
     gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
-                                refresh_s=refresh_s)
+                                refresh_s=refresh_s, runtime=runtime)
     probe = None
     if use_probe and has_probe(index_dir):
         probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
     text = load_text_prior(index_dir, enc) if use_probe else None
     return Identifier(enc, gallery, vote, probe=probe, text_prior=text)
+
+
+def _reference_photos(index_dir: str | Path, dim: int) -> list[Path]:
+    """The gallery's reference photos (what an exported encoder is checked and calibrated on)."""
+    from index.layout import GalleryLayout
+    from index.store import ReferenceStore
+
+    meta = ReferenceStore(GalleryLayout(Path(index_dir)).store, dim).metadata(include_excluded=False)
+    return [source_file(t) for t in meta["source_path"]]
 
 
 # -------------------------------------------------------------------------------------------- identify
@@ -243,6 +255,7 @@ def evaluate_dataset(
     progress: bool = True,
 ) -> EvaluationRun:
     """Identify a labelled set with every method the gallery has; write the JSON + Markdown report."""
+    from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
@@ -424,13 +437,17 @@ def train_gallery_probe(
     folds: int = 3,
     device: str = "auto",
     progress: bool = True,
+    precision: str = "auto",
+    runtime: str | None = None,
 ) -> ProbeResult:
     """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
 
     With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
     plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
     """
-    gallery, enc = open_gallery(index_dir, device=device)
+    from retrieval.calibrate import select_settings  # sklearn: not on the query path
+
+    gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
@@ -462,6 +479,8 @@ def import_gallery_probe(
     folds: int = 3,
     device: str = "auto",
     progress: bool = True,
+    precision: str = "auto",
+    runtime: str | None = None,
 ) -> ProbeResult:
     """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
 
@@ -469,8 +488,10 @@ def import_gallery_probe(
     only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else
     out-of-fold over the gallery with the head fixed (which favours the head: it was trained on them).
     """
+    from retrieval.calibrate import select_settings  # sklearn: not on the query path
+
     probe = _finetuned_head(from_dir)
-    gallery, enc = open_gallery(index_dir, device=device)
+    gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
                   fix=f"it must be built with the fine-tuned network of {from_dir}: "
                   f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")

@@ -50,7 +50,7 @@ def cached_class_embeddings(
     """
     if cache_dir is None:
         return class_embeddings(encoder, classes)
-    payload = json.dumps([encoder.fingerprint, str(encoder.dtype), [list(c) for c in classes]], ensure_ascii=True)
+    payload = json.dumps([encoder.fingerprint, encoder.text_dtype, [list(c) for c in classes]], ensure_ascii=True)
     path = Path(cache_dir) / f"{hashlib.sha256(payload.encode()).hexdigest()[:24]}.npy"
     if path.is_file():
         emb = np.load(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,22 @@ TINY_CLIP_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_user_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Exports and digests go to a temporary user cache; encoders run on torch unless a test asks otherwise
+    (run the suite with SPECIESID_RUNTIME=auto to put every test through the runtime choice)."""
+    names = ("SPECIESID_CACHE", "SPECIESID_RUNTIME")
+    old = {n: os.environ.get(n) for n in names}
+    os.environ["SPECIESID_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    os.environ.setdefault("SPECIESID_RUNTIME", "torch")
+    yield
+    for n, v in old.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
 
 
 def needs_shared() -> None:

@@ -239,7 +239,7 @@ def test_apply_excludes_from_search_and_probe_then_restore(tiny_clip_dir, tmp_pa
     assert g.store.count(include_excluded=True) == 8  # nothing deleted
     from retrieval.probe import Calibration
 
-    monkeypatch.setattr("retrieval.workflows.select_settings", lambda *a, **k: Calibration(C=1.0))
+    monkeypatch.setattr("retrieval.calibrate.select_settings", lambda *a, **k: Calibration(C=1.0))
     assert train_gallery_probe(index, progress=False).probe.trained_on == 7
     # a second run finds the same photo, already excluded: nothing new logged
     code, out, _ = _run(capsys, "clean", "--index", index, "--prompts", prompts, "--threshold", threshold,

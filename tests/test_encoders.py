@@ -105,7 +105,7 @@ def test_timm_weights_file_replaces_the_spec_weights(tmp_path):
     assert enc.fingerprint != rand.fingerprint
     model.reset_classifier(0)
     model.eval()
-    x = torch.stack([enc.preprocess(p) for p in _photos(2)])
+    x = torch.from_numpy(np.stack([enc.preprocess(p) for p in _photos(2)]))
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(model(x), dim=-1).numpy()
     np.testing.assert_allclose(enc.encode_batch(x), ref, atol=1e-5)

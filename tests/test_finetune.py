@@ -100,7 +100,7 @@ def test_output_is_an_encoder_and_a_probe(stage1, tiny_set):
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert model.num_classes == 3 and model.pretrained_cfg["label_names"] == r.species
     with torch.no_grad():
-        x = torch.stack([enc.preprocess(im) for im in images])
+        x = torch.from_numpy(np.stack([enc.preprocess(im) for im in images]))
         logits = model(x).numpy()
         feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
     assert (logits.argmax(1) == probe.predict_proba(emb).argmax(1)).all()

@@ -2,7 +2,8 @@
 
 Every module has ``register(subparsers)``, which adds its commands and sets ``func`` to their handler;
 handlers call :mod:`retrieval.workflows` (and nothing deeper) and print. Heavy libraries load only inside
-handlers, so ``--help`` is quick.
+handlers, and :func:`main` registers only the module of the command asked for, so a query pays for no other
+command's imports (``speciesid identify`` on a cached exported encoder never imports torch).
 """
 
 from __future__ import annotations
@@ -16,24 +17,39 @@ from api.cli import clean, evaluate, finetune, identify, index, probe, reference
 
 #: Command modules, in the order ``speciesid --help`` lists their commands.
 COMMANDS = (index, identify, references, probe, finetune, evaluate, clean, serve)
+#: The top-level commands each module registers (tests check this against the full parser).
+COMMAND_NAMES = {
+    index: ("index", "species"), identify: ("identify", "search"), references: ("references",), probe: ("probe",),
+    finetune: ("finetune",), evaluate: ("evaluate",), clean: ("clean",), serve: ("serve", "encoders"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (exposed for tests and docs)."""
+def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser of ``modules`` (all commands by default; exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
         prog="speciesid",
         description="Identify animal species from photos by embedding retrieval.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
+    for module in modules:
         module.register(sub)
     return parser
 
 
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the command ``argv`` names (only its module registered), else the full one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    for module, names in COMMAND_NAMES.items():
+        if first in names:
+            return build_parser((module,))
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser_for(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -70,15 +70,27 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) -> None:
-    """--encoder, --weights, --device, --precision."""
-    from retrieval.encoders import PRECISIONS, SPEC_FORMS
+    """--encoder, --weights, --device, --runtime, --precision."""
+    from retrieval.encoders import SPEC_FORMS
 
     help_spec = "encoder spec (" + ", ".join(SPEC_FORMS) + ")"
     help_spec += f"; default {default_spec}" if default_spec else "; default: the one that built the index"
     p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
     p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight precision (default auto)")
+    add_runtime_args(p)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    """--runtime and (unless the command has its own) --precision."""
+    from retrieval.encoders import PRECISIONS, RUNTIME_ENV, RUNTIMES
+
+    p.add_argument("--runtime", default=None, choices=RUNTIMES,
+                   help=f"inference runtime (default {RUNTIME_ENV} or auto: the fastest faithful one for this CPU, "
+                   "see docs/runtimes.md)")
+    if precision:
+        p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="fp32, bf16, int8 (fp16: CUDA); default auto: the fastest faithful one")
 
 
 def encoder_config(args: argparse.Namespace):
@@ -86,7 +98,7 @@ def encoder_config(args: argparse.Namespace):
     from retrieval.encoders import EncoderConfig
 
     return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, runtime=args.runtime)
 
 
 def add_vote_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +123,7 @@ def open_identifier(args: argparse.Namespace):
     from retrieval.workflows import open_identifier as open_ident
 
     ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                       precision=args.precision, use_probe=args.method != "knn")
+                       precision=args.precision, use_probe=args.method != "knn", runtime=args.runtime)
     if args.knn is not None or args.temperature is not None or args.unknown_threshold is not None:
         c = ident.config
         ident.config = VoteConfig(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, emit, encoder_config
+from api.cli._common import add_quiet, add_runtime_args, emit, encoder_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the clean command."""
     from index.datasets import DATASETS as datasets
-    from retrieval.encoders import PRECISIONS, SPEC_FORMS
+    from retrieval.encoders import SPEC_FORMS
     from retrieval.findings import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_THRESHOLD
     from retrieval.prompts import PROMPT_GROUPS
 
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "else bioclip")
     p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight precision (default auto)")
+    add_runtime_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
     p.add_argument("--prompts", metavar="FILE",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, emit
+from api.cli._common import add_quiet, add_runtime_args, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-strength", type=float, default=1.0,
                    help="text prior weight, in photos' worth of evidence (default 1)")
     p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_train)
     p = s_probe.add_parser(
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
     p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_import)
 
@@ -60,7 +62,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     result = train_gallery_probe(
         args.index, val_dataset=args.val_dataset, val_root=args.val_root, val_metadata=args.val_metadata,
         checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, device=args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, precision=args.precision, runtime=args.runtime,
     )
     p = result.probe
     s = p.calibration
@@ -81,6 +83,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
     result = import_gallery_probe(
         args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
         val_metadata=args.val_metadata, folds=args.folds, device=args.device, progress=not args.quiet,
+        precision=args.precision, runtime=args.runtime,
     )
     p = result.probe
     s = p.calibration

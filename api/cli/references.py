@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, emit, parse_yes_no, photo_args
+from api.cli._common import add_quiet, add_runtime_args, emit, parse_yes_no, photo_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
     p.add_argument("--weights", default=None, help="(default: the gallery's weights)")
     p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_references_add)
     p = s_ref.add_parser("delete", help="delete reference photos by id")
@@ -34,7 +35,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from retrieval.workflows import add_photos, open_gallery
 
     paths, bad_args = photo_args(args.images)
-    gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device)
+    gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
+                                precision=args.precision, runtime=args.runtime)
     result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                         venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
                         progress=not args.quiet and len(paths) > 20)

@@ -17,12 +17,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
+    p.add_argument("--runtime", default=None, choices=("auto", "torch", "onnx", "openvino"),
+                   help="inference runtime (default SPECIESID_RUNTIME or auto)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "int8", "fp16"),
+                   help="encoder precision (default SPECIESID_PRECISION or auto)")
     p.set_defaults(func=cmd_serve)
 
     p_enc = sub.add_parser("encoders", help="encoder specs")
     s_enc = p_enc.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_enc.add_parser("list", help="the accepted encoder spec forms")
     p.set_defaults(func=cmd_encoders_list)
+    p = s_enc.add_parser("runtimes", help="this CPU's kind, the runtimes installed, what --runtime auto tries, "
+                         "and the exported models in the user cache")
+    p.set_defaults(func=cmd_encoders_runtimes)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -34,8 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     read_gallery_info(args.index)  # fail fast, with the clear message, before uvicorn starts
     overrides = {"index": args.index}
-    if args.device:
-        overrides["device"] = args.device
+    for name in ("device", "runtime", "precision"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
     settings = Settings(**overrides)
     if not settings.key_list():
         logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
@@ -48,4 +56,27 @@ def cmd_encoders_list(args: argparse.Namespace) -> int:
 
     for form in list_encoders():
         emit(f"{form}" + (f"  = {ALIASES[form]}" if form in ALIASES else ""))
+    return 0
+
+
+def cmd_encoders_runtimes(args: argparse.Namespace) -> int:
+    from retrieval.cpu import cpu_features, cpu_kind
+    from retrieval.runtimes import EXTRAS, candidates
+    from retrieval.runtimes.cache import cache_root, entries, installed_runtimes
+
+    kind = cpu_kind()
+    feats = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_features().items())
+    lines = [f"CPU kind: {kind} ({feats})",
+             "installed: " + ", ".join(f"{k} {v or '-'}" for k, v in installed_runtimes().items())
+             + f" (extras: {', '.join(sorted(set(EXTRAS.values())))})"]
+    for family in ("transformer", "cnn"):
+        order = " -> ".join(f"{rt} {p}" for rt, p in candidates(kind, family))
+        lines.append(f"auto order, {family}: {order}")
+    lines.append(f"user cache: {cache_root()}")
+    for folder, info in entries():
+        faith = info.get("faithfulness") or {}
+        lines.append(f"  {folder.parent.name}/{folder.name}: {info.get('spec')} "
+                     f"{'accepted' if info.get('accepted') else 'refused'}, min cosine "
+                     f"{faith.get('min_cosine', float('nan')):.4f} on {faith.get('n_photos')} {faith.get('photos')} photos")
+    emit("\n".join(lines))
     return 0

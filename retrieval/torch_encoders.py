@@ -1,0 +1,400 @@
+"""The PyTorch encoders (open_clip and timm): the reference every exported runtime is checked against.
+
+Loading is lean: an open_clip checkpoint is adopted by a model built on the meta device (no random
+initialisation that is then overwritten), the weights digest comes from the user cache when the weights
+files are unchanged (keyed by their identity), and only the image tower is cast to bf16/fp16 until text is
+first encoded. Imported only when torch is wanted (see :mod:`retrieval.runtimes.select`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.encoders import Encoder, EncoderConfig, ParsedSpec, spec_error
+from retrieval.preprocess import from_open_clip, from_timm
+from retrieval.runtimes.cache import DigestCache, weights_identity
+
+logger = logging.getLogger(__name__)
+
+TORCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+        return False
+
+
+def state_dict_digest(module: torch.nn.Module) -> str:
+    """sha256 over the module's parameters and buffers, in name order (the weights' identity)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = 0):
+    """Reproducible random initialisation without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def pick_precision(precision: str, device: torch.device, *, transformer: bool) -> str:
+    """'auto' -> bf16/fp16 on CUDA; on CPU bf16 for transformers where bf16 is native, else fp32."""
+    if precision not in ("auto", *TORCH_PRECISIONS):
+        raise ValueError(f"unknown precision {precision!r}; choose one of auto, {', '.join(TORCH_PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Measured here (docs/benchmarks.md): bf16 weights make a ViT-B/16 ~3x faster on CPUs with native
+        # bf16. MobileNetV1 also runs ~1.7x faster in bf16 but lost 1.9 points of kNN top-1 on ph-snakes
+        # (0.805 -> 0.786, benchmarks/tune_knn.py --precision bf16), so CNNs stay fp32 by default.
+        return "bf16" if transformer and cpu_has_fast_bf16() else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("int8 (dynamic quantisation of the Linear layers) runs on the CPU only")
+    return precision
+
+
+def quantize_linear_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """PyTorch dynamic int8 of the Linear layers (fbgemm/x86 kernels; attention in-projections stay fp32)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def weights_digest(parsed: ParsedSpec, config: EncoderConfig, model: torch.nn.Module) -> str:
+    """:func:`state_dict_digest`, from the user cache when the weights files are unchanged."""
+    identity = weights_identity(parsed.library, parsed.source, parsed.name, parsed.tag, config.weights)
+    cache = DigestCache()
+    digest = cache.get(identity)
+    if digest is None:
+        digest = state_dict_digest(model)
+        cache.put(identity, digest)
+    return digest
+
+
+class TorchEncoder(Encoder):
+    """Shared by the two torch encoders: precision changes, the image tower for export."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    runtime = "torch"
+    weights_digest: str  # full sha256 of the weights (the fingerprint keeps 16 hex digits)
+
+    def image_module(self) -> torch.nn.Module:
+        """(N, 3, H, W) float32 -> (N, dim) unnormalised features (what exporters trace)."""
+        raise NotImplementedError
+
+    def set_precision(self, precision: str) -> None:
+        """Run the image tower at ``fp32``/``bf16``/``fp16``, or ``int8`` (dynamic, Linear layers)."""
+        self.precision = precision
+        if precision == "int8":
+            if not any(isinstance(m, torch.nn.Linear) for m in self.image_module().modules()):
+                raise ValueError(f"torch int8 quantises Linear layers and {self.spec} has none: use "
+                                 "--runtime openvino or onnx for int8, or another --precision")
+            self._set_image_module(quantize_linear_int8(self.image_module().float()))
+            self.dtype = torch.float32
+        else:
+            self.dtype = _DTYPES[precision]
+            self.image_module().to(self.device, dtype=self.dtype)
+
+    def _set_image_module(self, module: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def _forward_with(self, module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return module(batch)
+
+    def _forward_images(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(self.image_module(), batch)
+
+    def try_precision(self, precision: str, check: np.ndarray, reference: np.ndarray) -> dict:
+        """Run the image tower at ``precision`` if it stays faithful on ``check`` photos (cosine to the
+        fp32 ``reference`` embeddings); returns the figures (``passed`` says whether it switched)."""
+        import copy
+
+        from retrieval.runtimes.export import faithfulness
+
+        module = copy.deepcopy(self.image_module())
+        if precision == "int8":
+            module, dtype = quantize_linear_int8(module.float()), torch.float32
+        else:
+            dtype = _DTYPES[precision]
+            module.to(self.device, dtype=dtype)
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, len(check), 16):
+                x = torch.from_numpy(np.ascontiguousarray(check[i : i + 16])).to(self.device, dtype=dtype)
+                f = self._forward_with(module, x).float()
+                feats.append(torch.nn.functional.normalize(f, dim=-1).cpu().numpy())
+        faith = faithfulness(reference, np.concatenate(feats))
+        if faith["passed"]:
+            self._set_image_module(module)
+            self.dtype, self.precision = dtype, precision
+        return faith
+
+    def encode_batch(self, batch) -> np.ndarray:
+        """Preprocessed (N, C, H, W) array or tensor -> (N, dim) float32, L2-normalised."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+        if x.ndim != 4:
+            raise ValueError(f"expected a (N, C, H, W) batch, got shape {tuple(x.shape)}")
+        with torch.inference_mode():
+            x = x.to(self.device, dtype=self.dtype, non_blocking=True)
+            feats = torch.nn.functional.normalize(self._forward_images(x).float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32, copy=False)
+
+    def _forward_array(self, batch: np.ndarray) -> np.ndarray:
+        return self.encode_batch(batch)
+
+
+def _open_clip_checkpoint(open_clip, parsed: ParsedSpec, pretrained: str | None) -> str | None:
+    """The checkpoint file open_clip would load for this spec (None: random weights)."""
+    from open_clip import factory
+    from open_clip import pretrained as oc_pretrained
+
+    if parsed.source == "local-dir":
+        return factory._find_checkpoint_in_dir(Path(parsed.name))
+    if parsed.source == "hf-hub":
+        return oc_pretrained.download_pretrained_from_hf(parsed.name)
+    if pretrained is None:
+        return None
+    if Path(pretrained).is_file():
+        return pretrained
+    cfg = oc_pretrained.get_pretrained_cfg(parsed.name, pretrained)
+    return oc_pretrained.download_pretrained(cfg) if cfg else None
+
+
+def _load_open_clip_no_init(open_clip, model_name: str, pretrained: str | None, checkpoint: str):
+    """Build on the meta device (no initialisation), then adopt the checkpoint's tensors (``assign=True``)."""
+    from open_clip.factory import load_checkpoint
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly" for load_weights=False
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(model_name, pretrained=pretrained, load_weights=False, device="meta")
+    finally:
+        root.setLevel(level)
+    original = model.load_state_dict
+    model.load_state_dict = lambda sd, strict=True: original(sd, strict=strict, assign=True)
+    try:
+        load_checkpoint(model, checkpoint, strict=True)
+    finally:
+        del model.load_state_dict
+    for module in model.modules():  # the text tower's causal mask is a buffer no checkpoint holds: rebuild it
+        mask = module._buffers.get("attn_mask")
+        if mask is not None and mask.is_meta and mask.ndim == 2 and mask.shape[0] == mask.shape[1]:
+            module._buffers["attn_mask"] = torch.full(tuple(mask.shape), float("-inf")).triu_(1)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
+    return model
+
+
+class OpenClipEncoder(TorchEncoder):
+    """An open_clip CLIP model (BioCLIP, BioCLIP-2, OpenAI/LAION CLIP, local folders)."""
+
+    supports_text = True
+
+    def __init__(self, parsed: ParsedSpec, spec: str, config: EncoderConfig, precision: str | None = None) -> None:
+        import open_clip
+
+        self.spec = spec
+        self.device = resolve_device(config.device)
+        self.batch_size = config.batch_size
+        if parsed.source == "hf-hub":
+            model_name, pretrained = f"hf-hub:{parsed.name}", None
+        elif parsed.source == "local-dir":
+            path = Path(parsed.name)
+            if not (path / "open_clip_config.json").is_file():
+                raise ValueError(f"{path} is not an open_clip folder: open_clip_config.json is missing")
+            model_name, pretrained = f"local-dir:{path}", None
+        else:
+            known = open_clip.list_models()
+            if parsed.name not in known:
+                near = [m for m in known if parsed.name.lower() in m.lower()][:10]
+                raise spec_error(spec, f"open_clip has no architecture {parsed.name!r} (similar: {near})")
+            model_name = parsed.name
+            pretrained = None if parsed.tag in (None, "random") else parsed.tag
+        if config.weights:
+            if parsed.source != "name":
+                raise ValueError("--weights goes with 'open_clip:ARCH'; hub and local-dir specs carry their own")
+            pretrained = str(config.weights)
+        if pretrained is None and parsed.source == "name":
+            logger.warning("encoder %s has random weights: fine for speed tests, useless for accuracy", spec)
+        self.model_name = model_name
+        model = None
+        checkpoint = None
+        with contextlib.suppress(Exception):
+            checkpoint = _open_clip_checkpoint(open_clip, parsed, pretrained)
+        if checkpoint is not None:
+            try:
+                model = _load_open_clip_no_init(open_clip, model_name, pretrained, checkpoint)
+            except Exception as exc:  # noqa: BLE001 - any surprise: the library's own (slower) loading
+                logger.info("loading %s without initialisation failed (%s): loading it the usual way", spec, exc)
+        if model is None:
+            with seeded_init():
+                model = open_clip.create_model(model_name, pretrained=pretrained)
+        model.eval()
+        self.model = model
+        self.weights_digest = weights_digest(parsed, config, model)
+        self.fingerprint = f"{spec}#{self.weights_digest[:16]}"
+        scale = getattr(model, "logit_scale", None)
+        self.logit_scale = float(scale.detach().float().exp()) if scale is not None else 100.0  # CLIP's temperature
+        pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        self.preprocess_config = from_open_clip(pcfg)
+        if self.preprocess_config is None:
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            self.transform = image_transform_v2(PreprocessCfg(**pcfg), is_train=False)
+        size = getattr(model.visual, "image_size", 224)
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.input_size = int(max(size))
+        self._image_size = size
+        self._tokenizer = None
+        self._text_dtype: torch.dtype | None = None
+        trunk = getattr(model.visual, "trunk", None)  # open_clip's timm towers keep the timm model here
+        self.family = _timm_family(type(trunk if trunk is not None else model.visual).__name__)
+        self.dtype = torch.float32
+        self.set_precision(precision or pick_precision(config.precision, self.device, transformer=True))
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, *size, device=self.device, dtype=self.dtype)
+            self.dim = int(self._forward_images(probe).shape[-1])
+
+    def image_module(self) -> torch.nn.Module:
+        return self.model.visual
+
+    def _set_image_module(self, module: torch.nn.Module) -> None:
+        self.model.visual = module
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, dim) float32, L2-normalised, in the image embedding space."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        import open_clip
+
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        text_dtype = torch.float32 if self.precision == "int8" else self.dtype
+        if self._text_dtype != text_dtype:  # the text tower is cast on first use only
+            visual = self.model.visual
+            self.model.visual = torch.nn.Identity()
+            self.model.to(self.device, dtype=text_dtype)
+            self.model.visual = visual
+            self._text_dtype = text_dtype
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), 256):
+                tokens = self._tokenizer(list(texts[start : start + 256])).to(self.device)
+                feats = self.model.encode_text(tokens).float()
+                out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    @property
+    def text_dtype(self) -> str:
+        """What the text tower runs in (part of the zero-shot cache key)."""
+        return str(torch.float32 if self.precision == "int8" else self.dtype)
+
+
+_TRANSFORMER_NAMES = ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "levit", "pit", "mvit", "hiera",
+                      "vision_transformer", "visiontransformer", "naflex")
+
+
+def _timm_family(name: str) -> str:
+    """'transformer' or 'cnn', from a timm architecture or class name."""
+    low = name.lower()
+    return "transformer" if any(t in low for t in _TRANSFORMER_NAMES) else "cnn"
+
+
+class TimmEncoder(TorchEncoder):
+    """A timm image model used as a feature extractor (pooled penultimate features)."""
+
+    def __init__(self, parsed: ParsedSpec, spec: str, config: EncoderConfig, precision: str | None = None) -> None:
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+
+        self.spec = spec
+        self.device = resolve_device(config.device)
+        self.batch_size = config.batch_size
+        kwargs: dict[str, object] = {"num_classes": 0}
+        if parsed.source == "local-dir":
+            path = Path(parsed.name)
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{path} is not a timm folder: config.json is missing")
+            name, pretrained = f"local-dir:{path}", True
+        elif parsed.source == "hf-hub":
+            name, pretrained = f"hf-hub:{parsed.name}", True
+        else:
+            name = parsed.name
+            if not timm.is_model(name):
+                near = timm.list_models(f"*{name}*")[:10]
+                raise spec_error(spec, f"timm has no model {name!r} (similar: {near})")
+            pretrained = parsed.tag != "random"
+        if config.weights:
+            if parsed.source != "name":
+                raise ValueError("--weights goes with 'timm:NAME'; hub and local-dir specs carry their own")
+            weights = Path(config.weights)
+            if not weights.is_file():
+                raise ValueError(f"weights file {weights} does not exist")
+            pretrained = True
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        with seeded_init():
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model.eval()
+        self.weights_digest = weights_digest(parsed, config, model)
+        self.fingerprint = f"{spec}#{self.weights_digest[:16]}"
+        self.family = _timm_family(type(model).__name__)
+        data_cfg = resolve_model_data_config(model)
+        self.preprocess_config = from_timm(data_cfg)
+        if self.preprocess_config is None:
+            self.transform = create_transform(**data_cfg, is_training=False)
+        self.dim = int(model.num_features)
+        self.input_size = int(max(data_cfg["input_size"][1:]))
+        # channels_last: measured 1.5-2x faster for CNNs on CPU (oneDNN), harmless for ViTs.
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.dtype = torch.float32
+        self.set_precision(precision or pick_precision(config.precision, self.device,
+                                                       transformer=self.family == "transformer"))
+
+    def image_module(self) -> torch.nn.Module:
+        return self.model
+
+    def _set_image_module(self, module: torch.nn.Module) -> None:
+        self.model = module
+
+    def _forward_with(self, module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return module(batch.contiguous(memory_format=torch.channels_last))
+
+
+def create_torch_encoder(parsed: ParsedSpec, spec: str, config: EncoderConfig,
+                         precision: str | None = None) -> TorchEncoder:
+    """The torch encoder of a parsed spec (``precision``: a resolved one, else ``config.precision``)."""
+    cls = OpenClipEncoder if parsed.library == "open_clip" else TimmEncoder
+    return cls(parsed, spec, config, precision)

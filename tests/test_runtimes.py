@@ -1,0 +1,310 @@
+"""Runtimes: CPU kinds, numpy preprocessing = the torch transforms, exports checked and cached, ``auto``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import PH_SNAKES
+from PIL import Image
+
+from retrieval import cpu
+from retrieval.preprocess import from_open_clip, from_timm, preprocess_image
+from retrieval.runtimes import AUTO_ORDER, candidates
+
+
+def _images() -> list[Image.Image]:
+    """Odd sizes and aspect ratios (smaller than the crop too), plus real photos when the shared data is here."""
+    rng = np.random.default_rng(0)
+    sizes = [(17, 300), (300, 17), (500, 333), (224, 224), (20, 20), (225, 1000), (161, 160), (33, 31)]
+    out = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    out.append(Image.fromarray(rng.integers(0, 255, (90, 120), dtype=np.uint8), mode="L"))
+    real = sorted(PH_SNAKES.glob("val/*/*"))[:6] if PH_SNAKES.is_dir() else []
+    return out + [Image.open(p).convert("RGB") for p in real]
+
+
+# ------------------------------------------------------------------------------------------- CPU kinds
+def test_cpu_kind_override_cap_and_features(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "avx2")
+    assert cpu.cpu_kind() == "avx2"
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "pentium")
+    with pytest.raises(ValueError, match="SPECIESID_CPU_KIND"):
+        cpu.cpu_kind()
+    monkeypatch.delenv("SPECIESID_CPU_KIND")
+    monkeypatch.setattr(cpu, "_detected_kind", lambda: "avx512-bf16")
+    assert cpu.cpu_kind() == "avx512-bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the emulation knob: never pick kernels it forbids
+    assert cpu.cpu_kind() == "avx2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a cap above the CPU changes nothing
+    assert cpu.cpu_kind() == "avx512-bf16"
+    feats = cpu.cpu_features()
+    assert set(feats) == set(cpu.FEATURES) and all(isinstance(v, bool) for v in feats.values())
+    assert cpu.has_native_bf16("amx") and not cpu.has_native_bf16("vnni") and cpu.has_vnni("vnni")
+
+
+def test_detected_kind_follows_the_flags(monkeypatch):
+    monkeypatch.setattr(cpu, "is_arm", lambda: False)
+    for flags, kind in [({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}, "amx"),
+                        ({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}, "avx512-bf16"),
+                        ({"avx2", "fma", "avx_vnni"}, "vnni"), ({"avx2", "fma"}, "avx2"), ({"sse4_2"}, "baseline")]:
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flags: frozenset(f))
+        assert cpu._detected_kind() == kind
+
+
+def test_auto_order_per_kind():
+    assert candidates("avx512-bf16", "transformer")[0] == ("openvino", "int8")
+    assert candidates("avx512-bf16", "cnn")[0] == ("openvino", "bf16")
+    assert candidates("avx2", "transformer")[:2] == [("onnx", "int8"), ("torch", "int8")]
+    for (kind, family), order in AUTO_ORDER.items():
+        assert order[-1] == ("torch", "fp32"), (kind, family)  # torch fp32 closes every list
+        if kind in ("avx2", "vnni", "baseline", "arm"):
+            assert all(p != "bf16" for _, p in order), kind  # never emulated bf16
+        if kind in ("avx2", "baseline", "arm"):
+            assert ("openvino", "int8") not in order  # no VNNI: OpenVINO int8 gains nothing
+    assert candidates("avx2", "cnn", runtime="openvino") == [("openvino", "fp32")]
+    assert candidates("avx512-bf16", "transformer", precision="fp32")[-1] == ("torch", "fp32")
+    assert candidates("avx2", "transformer", precision="bf16") == [("torch", "bf16")]
+    assert candidates("vnni", "cnn", runtime="onnx", precision="int8") == [("onnx", "int8")]
+
+
+# -------------------------------------------------------------------------------------- preprocessing
+@pytest.mark.parametrize("cfg", [
+    {}, {"size": 32, "mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28], "interpolation": "bicubic"},
+    {"size": 64, "interpolation": "bilinear"}, {"size": 48, "resize_mode": "squash"},
+])
+def test_numpy_preprocessing_is_open_clips_transform_bit_for_bit(cfg):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    reference = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    ours = from_open_clip(cfg)
+    for image in _images():
+        np.testing.assert_array_equal(preprocess_image(image, ours), reference(image).numpy())
+
+
+@pytest.mark.parametrize("name", ["mobilenetv1_100", "test_vit", "test_efficientnet", "resnet18", "convnext_atto"])
+def test_numpy_preprocessing_is_timms_eval_transform_bit_for_bit(name):
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    data_cfg = resolve_model_data_config(timm.create_model(name, pretrained=False, num_classes=0))
+    reference = create_transform(**data_cfg, is_training=False)
+    ours = from_timm(data_cfg)
+    for image in _images():
+        np.testing.assert_array_equal(preprocess_image(image, ours), reference(image.convert("RGB")).numpy())
+    squash = from_timm({**data_cfg, "crop_mode": "squash"})
+    reference = create_transform(**{**data_cfg, "crop_mode": "squash"}, is_training=False)
+    for image in _images()[:4]:
+        np.testing.assert_array_equal(preprocess_image(image, squash), reference(image).numpy())
+
+
+def test_unsupported_transforms_fall_back_to_the_librarys_own():
+    assert from_open_clip({"resize_mode": "longest"}) is None
+    assert from_timm({"input_size": (3, 32, 32), "crop_mode": "border", "mean": (0.5,) * 3, "std": (0.5,) * 3}) is None
+
+
+# ---------------------------------------------------------------------------------- exports and cache
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh user cache for one test."""
+    monkeypatch.setenv("SPECIESID_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPECIESID_RUNTIME", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def check_photos(tmp_path_factory) -> list:
+    """40 photos to check and calibrate on (real ph-snakes train photos when present, else random ones)."""
+    real = sorted(PH_SNAKES.glob("train/*/*"))[::20][:40] if PH_SNAKES.is_dir() else []
+    if len(real) >= 40:
+        return real
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        out.append(folder / f"{i}.png")
+    return out
+
+
+def _cos_to_torch(enc, tiny_clip_dir) -> float:
+    from retrieval.encoders import create_encoder
+
+    ref = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="torch", precision="fp32", device="cpu")
+    ims = _images()
+    a, b = ref.encode_images(ims), enc.encode_images(ims)
+    assert ref.fingerprint == enc.fingerprint
+    return float((a * b).sum(1).min())
+
+
+@pytest.mark.parametrize("runtime,precision", [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
+                                               ("openvino", "bf16"), ("openvino", "int8")])
+def test_exports_are_checked_cached_and_faithful(tiny_clip_dir, cache, check_photos, monkeypatch, runtime, precision):
+    pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    from retrieval.encoders import create_encoder
+    from retrieval.runtimes import export as export_mod
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    enc = create_encoder(spec, runtime=runtime, precision=precision, photos=check_photos)
+    assert (enc.runtime, enc.precision) == (runtime, precision)
+    assert _cos_to_torch(enc, tiny_clip_dir) >= 0.995
+    (entry,) = [p for p in cache.glob("models/*/*") if p.is_dir() and p.name.startswith(f"{runtime}-")]
+    info = json.loads((entry / "export.json").read_text())
+    assert info["accepted"] and info["faithfulness"]["min_cosine"] >= 0.995
+    assert info["faithfulness"]["n_photos"] >= 16 and info["faithfulness"]["photos"] == "real"
+    assert info["fingerprint"] == enc.fingerprint and info["cpu_kind"] == cpu.cpu_kind()
+    if precision == "int8":
+        assert info["calibration"]["photos"] >= 8  # calibrated on photos other than the check's
+    # the second time nothing is exported: the cached entry is loaded
+    monkeypatch.setattr(export_mod, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    again = create_encoder(spec, runtime=runtime, precision=precision, photos=check_photos)
+    np.testing.assert_allclose(again.encode_images(_images()), enc.encode_images(_images()), atol=1e-6)
+    # text still works (through the torch text tower) and matches torch fp32
+    ref = create_encoder(spec, runtime="torch", precision="fp32", device="cpu")
+    np.testing.assert_allclose(again.encode_text(["a snake"]), ref.encode_text(["a snake"]), atol=1e-5)
+
+
+def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from retrieval.encoders import create_encoder
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    for kind, want in [("avx2", ("onnx", "int8")), ("baseline", ("onnx", "fp32")), ("vnni", ("openvino", "int8"))]:
+        monkeypatch.setenv("SPECIESID_CPU_KIND", kind)
+        enc = create_encoder(spec, photos=check_photos)
+        assert (enc.runtime, enc.precision) == want, kind
+        choice = json.loads(next(cache.glob(f"models/*/choice-auto-auto-{kind}.json")).read_text())
+        assert choice["chosen"] == {"runtime": want[0], "precision": want[1]} and not choice["retry_with_photos"]
+
+
+def test_auto_without_photos_skips_int8_until_photos_come(tiny_clip_dir, cache, check_photos, monkeypatch):
+    pytest.importorskip("openvino")
+    from retrieval.encoders import create_encoder
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "avx512-bf16")
+    enc = create_encoder(spec)  # no photos: int8 cannot be calibrated, the next candidate is used
+    assert (enc.runtime, enc.precision) == ("openvino", "bf16")
+    info = json.loads(next(cache.glob("models/*/openvino-*-bf16-*/export.json")).read_text())
+    assert info["faithfulness"]["photos"] == "synthetic"
+    again = create_encoder(spec)
+    assert (again.runtime, again.precision) == ("openvino", "bf16")
+    enc = create_encoder(spec, photos=check_photos)  # photos at last: the choice is made again
+    assert (enc.runtime, enc.precision) == ("openvino", "int8")
+
+
+def test_unfaithful_exports_are_refused_and_auto_falls_back(tiny_clip_dir, cache, check_photos, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from retrieval.encoders import create_encoder
+    from retrieval.runtimes import export as export_mod
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    monkeypatch.setattr(export_mod, "MIN_COSINE", 1.5)  # nothing can pass: every export is unfaithful
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
+    with pytest.raises(ValueError, match="not faithful"):
+        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    info = json.loads(next(cache.glob("models/*/onnx-*-fp32-baseline/export.json")).read_text())
+    assert not info["accepted"] and info["files"] == [] and info["faithfulness"]["min_cosine"] > 0.99
+    enc = create_encoder(spec, photos=check_photos)
+    assert (enc.runtime, enc.precision) == ("torch", "fp32")
+
+
+def test_missing_runtime_is_named_when_asked_and_skipped_by_auto(tiny_clip_dir, cache, monkeypatch):
+    from retrieval.encoders import create_encoder
+    from retrieval.runtimes import select
+
+    real = select.package_version
+    monkeypatch.setattr(select, "package_version", lambda name: None if name in ("openvino", "onnxruntime")
+                        else real(name))
+    with pytest.raises(ValueError, match=r"pip install 'speciesid\[openvino\]'"):
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="openvino")
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "avx2")
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}")
+    assert enc.runtime == "torch" and enc.precision == "int8"  # avx2: onnx int8 missing -> torch int8
+    with pytest.raises(ValueError, match="unknown runtime"):
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="tensorrt")
+
+
+def test_a_runtime_refuses_precisions_it_does_not_run(tiny_clip_dir, cache):
+    pytest.importorskip("onnxruntime")
+    from retrieval.encoders import create_encoder
+
+    with pytest.raises(ValueError, match="runs fp32, int8"):
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="onnx", precision="bf16")
+    with pytest.raises(ValueError, match="CUDA or fp16"):
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="onnx", precision="fp16")
+
+
+def test_stale_entries_are_rebuilt(tiny_clip_dir, cache, check_photos, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from retrieval.encoders import create_encoder
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    path = next(cache.glob("models/*/onnx-*-fp32-*/export.json"))
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "format": -1}))
+    for choice in cache.glob("models/*/choice-*.json"):
+        choice.unlink()
+    enc = create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    assert enc.runtime == "onnx"
+    assert json.loads(path.read_text())["format"] == info["format"]  # written anew
+
+
+@pytest.mark.slow
+def test_auto_keeps_mobilenet_knn_top1_within_half_a_point_of_fp32(cache, monkeypatch):
+    """The benchmark-level bar on real weights and photos: kNN top-1 on ph-snakes val (gallery = train) with the
+    runtime ``auto`` picks here stays within 0.5 points of torch fp32 (one val photo is 0.48 points)."""
+    from conftest import MOBILENET_SPEC, needs_shared
+
+    needs_shared()
+    from index.datasets import load_dataset
+    from retrieval.calibrate import knn_matrix
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import embed_sources
+    from retrieval.vote import VoteConfig
+
+    train = load_dataset("folder", PH_SNAKES / "train").records
+    val = load_dataset("folder", PH_SNAKES / "val").records
+    species = sorted({r.species for r in train})
+    y_train = np.array([species.index(r.species) for r in train])
+    y_val = np.array([species.index(r.species) for r in val])
+    paths = [str(r.path) for r in train + val]
+    vote = VoteConfig()
+
+    def top1(enc) -> tuple[float, np.ndarray]:
+        emb, errors = embed_sources(paths, enc)
+        assert not any(errors)
+        p = knn_matrix(emb[len(train):], emb[: len(train)], y_train, len(species), vote.k, vote.temperature)
+        return float((p.argmax(1) == y_val).mean()), emb
+
+    ref, ref_emb = top1(create_encoder(MOBILENET_SPEC, runtime="torch", precision="fp32", device="cpu"))
+    auto = create_encoder(MOBILENET_SPEC, runtime="auto", device="cpu", photos=[r.path for r in train[::4]])
+    got, emb = top1(auto)
+    cos = (emb * ref_emb).sum(1)
+    print(f"MobileNetV1 kNN top-1: torch fp32 {ref:.4f}, auto ({auto.runtime} {auto.precision}) {got:.4f}, "
+          f"cosine min {cos.min():.4f}")
+    assert ref > 0.75  # the real weights: measured 0.805
+    assert abs(got - ref) <= 0.005 + 1e-9 and cos.min() >= 0.99
+
+
+def test_torch_int8_needs_linear_layers():
+    from retrieval.encoders import create_encoder
+
+    with pytest.raises(ValueError, match="has none"):
+        create_encoder("timm:test_efficientnet@random", runtime="torch", precision="int8")
+    enc = create_encoder("timm:test_vit@random", runtime="torch", precision="int8")
+    assert enc.precision == "int8" and enc.encode_images(_images()[:2]).shape == (2, enc.dim)
+
+
+def test_encoders_runtimes_command_reports_kind_order_and_cache(capsys, monkeypatch):
+    from api.cli import main
+
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "avx2")
+    assert main(["encoders", "runtimes"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU kind: avx2" in out and "auto order, transformer: onnx int8 -> torch int8" in out
+    assert "user cache:" in out
