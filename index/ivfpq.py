@@ -167,6 +167,8 @@ def train(sample: np.ndarray, nlist: int, m: int, *, use_gpu: bool | None = None
     t0 = time.process_time()
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT)
+    if len(x) < 39 * 16:  # small galleries: 16 centroids per sub-quantizer on fewer points (FAISS warns per one)
+        index.pq.cp.min_points_per_centroid = 1
     with _threads(1 if len(x) * max(nlist, 16) < 50_000_000 else None):
         if nlist > 1:
             kmeans = faiss.Kmeans(dim, nlist, niter=10, max_points_per_centroid=64, seed=seed, gpu=gpu)
