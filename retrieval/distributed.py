@@ -306,7 +306,7 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
     ids = gallery.reserve_ids(len(keep))
     sub = table.take(pa.array(keep)).append_column("id", pa.array(ids, pa.int64())).append_column(
         "sha256", pa.array([digests[i] for i in keep], pa.string()))
-    ds = (ray.data.from_arrow(sub).repartition(_blocks(len(keep), max(batch_size, 32)))
+    ds = (ray.data.from_arrow(sub).repartition(_blocks(len(keep), batch_size))
           .map_batches(decode_batch, fn_kwargs={"preprocessor": pre, "min_side": min_side}, batch_format="numpy",
                        batch_size=max(8, batch_size), num_cpus=1)
           .map_batches(Embedder, fn_constructor_kwargs={"config": config, "fingerprint": encoder.fingerprint,
