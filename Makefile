@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,onnx,openvino]'
+	$(PY) -m pip install --quiet -e '.[dev,onnx,openvino,ray]'
 	touch $@
 
 test: setup

@@ -21,6 +21,7 @@ from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.datasets import check_name
 from index.gallery import Neighbour
+from index.sources import read_source
 from index.store import SpeciesSummary, source_file
 from retrieval import workflows
 from retrieval.images import ImageLoadError, decode_image, image_format, sha256_bytes
@@ -137,7 +138,7 @@ class SpeciesService:
             raise NotFound(f"no reference with id {ref_id}")
         path = source_file(str(meta.iloc[0]["source_path"]))
         try:
-            image = decode_image(path.read_bytes(), max_pixels=self.settings.max_pixels, name=str(path))
+            image = decode_image(read_source(path), max_pixels=self.settings.max_pixels, name=str(path))
         except (OSError, ImageLoadError) as exc:
             raise NotFound(f"the photo of reference {ref_id} is no longer readable at {path}") from exc
         image.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))

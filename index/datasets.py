@@ -7,6 +7,8 @@ files later). Loaders:
 - ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus_species``, ``cats``).
 - ``rare-species``: the Hugging Face ``imageomics/rare-species`` layout (``metadata.csv`` + files).
 - ``snakeclef2021``: SnakeCLEF 2021 metadata CSV plus the image root its ``image_path`` is relative to.
+- ``manifest`` (CSV or parquet table) and ``webdataset`` (tar shards, TreeOfLife-10M's layout): streamed,
+  for millions of photos (:mod:`index.streamed`; :func:`iter_dataset` yields their records lazily).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("moroccan", "folder", "rare-species", "snakeclef2021")
+DATASETS: tuple[str, ...] = ("moroccan", "folder", "rare-species", "snakeclef2021", "manifest", "webdataset")
+#: Datasets read lazily, whose root may be a file (a manifest table, a shard) or a glob of shards.
+STREAMED: tuple[str, ...] = ("manifest", "webdataset")
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -460,23 +464,43 @@ def list_datasets() -> list[str]:
     return list(DATASETS)
 
 
-def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = None) -> DatasetScan:
-    """Scan dataset ``name`` under image root ``root`` (``metadata``: CSV for metadata-driven loaders).
-
-    Raises ``ValueError`` for an unknown name, a missing root or metadata file, missing metadata
-    columns, or (``moroccan``) a folder that is not a checklist species.
-    """
+def _check_args(name: str, root: str | Path, metadata: str | Path | None) -> tuple[str, Path, Path | None]:
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     root_path = Path(root).expanduser()
-    if not root_path.exists():
+    glob_root = key == "webdataset" and any(c in str(root) for c in "*?[")
+    if not glob_root and not root_path.exists():
         raise ValueError(f"dataset root {root_path} does not exist (set the image folder with --root)")
-    if not root_path.is_dir():
+    if key not in STREAMED and not root_path.is_dir():
         raise ValueError(f"dataset root {root_path} is not a folder (set the image folder with --root)")
-    meta_path = Path(metadata).expanduser() if metadata is not None else None
+    return key, root_path, Path(metadata).expanduser() if metadata is not None else None
 
-    warnings: list[str] = []
+
+def iter_dataset(
+    name: str, root: str | Path, *, metadata: str | Path | None = None, warnings: list[str] | None = None
+) -> Iterator[ReferenceRecord]:
+    """The records of dataset ``name``, one at a time (streamed for ``manifest`` and ``webdataset``).
+
+    Arguments are checked before the first record (same errors as :func:`load_dataset`); ``warnings`` is
+    filled as the scan goes (complete when the iterator is exhausted).
+    """
+    from index import streamed
+
+    key, root_path, meta_path = _check_args(name, root, metadata)
+    notes = warnings if warnings is not None else []
+    if key == "manifest":
+        table, image_root = streamed.manifest_file(root_path, meta_path)
+        return streamed.iter_manifest(table, image_root, notes)
+    if key == "webdataset":
+        streamed.list_shards(root)  # fail now when there is none
+        if meta_path is not None:
+            notes.append(f"--metadata {meta_path} is ignored by the webdataset dataset")
+        return streamed.iter_webdataset(root, notes)
+    return iter(_load_listed(key, root_path, meta_path, notes))
+
+
+def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: list[str]) -> list[ReferenceRecord]:
     if key == "moroccan":
         records = _load_moroccan(root_path, warnings)
     elif key == "folder":
@@ -487,7 +511,18 @@ def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = N
         records = _load_snakeclef2021(root_path, meta_path, warnings)
     if meta_path is not None and key in {"moroccan", "folder"}:
         warnings.append(f"--metadata {meta_path} is ignored by the {key} dataset")
+    return records
 
+
+def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = None) -> DatasetScan:
+    """Scan dataset ``name`` under image root ``root`` (``metadata``: CSV for metadata-driven loaders).
+
+    Raises ``ValueError`` for an unknown name, a missing root or metadata file, missing metadata
+    columns, or (``moroccan``) a folder that is not a checklist species.
+    """
+    warnings: list[str] = []
+    key, root_path, _ = _check_args(name, root, metadata)
+    records = list(iter_dataset(name, root, metadata=metadata, warnings=warnings))
     species = sorted({r.species for r in records})
     logger.info("dataset %s at %s: %d photos of %d species", key, root_path, len(records), len(species))
     for warning in warnings:

@@ -2,6 +2,12 @@
 
 The folder's files are named in :mod:`index.layout`. Writes go to the store first, then the derived index; a crash in between is repaired on the next open
 (the manifest's store version no longer matches, so the index is rebuilt from the store).
+
+The store may live elsewhere: ``gallery.json`` may name an object-store URI (``"store": {"uri": "s3://…",
+"options": {...}}``, never credentials: those come from the AWS_* environment or ``storage_options``), so
+workers on other machines write to it; the folder itself (gallery.json, ids.json, the lock, the vector
+index) stays on the serving machine. Distributed builds reserve ids (:meth:`Gallery.reserve_ids`) and
+commit the fragments their workers wrote (:meth:`Gallery.commit_fragments`) under the write lock.
 """
 
 from __future__ import annotations
@@ -12,17 +18,19 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from index import ivfpq
 from index.atomic import write_json_atomic
+from index.ivfpq import MapFn
 from index.layout import EncoderMismatchError, GalleryLayout, check_encoder
 from index.locks import WriteLock
 from index.records import ReferenceRecord
-from index.store import ReferenceStore, SpeciesSummary
-from index.vectors import VectorIndex, VectorIndexConfig
+from index.store import ReferenceStore, SpeciesSummary, StoreVectors, is_uri, public_options, storage_options
+from index.vectors import VectorIndex, VectorIndexConfig, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +63,18 @@ class Neighbour:
 class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
-    def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig, *, refresh_s: float = 1.0) -> None:
+    def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig, *, refresh_s: float = 1.0,
+                 options: dict[str, str] | None = None) -> None:
         self.root = root
         self.layout = GalleryLayout(root)
         self.info = info
         self.index_config = index_config
         self.refresh_s = refresh_s  # how often reads check for other processes' writes (seconds)
-        self.store = ReferenceStore(self.layout.store, int(info["dim"]), refresh_s=refresh_s)
+        where = info.get("store") or {}
+        self.store_uri: str | Path = where.get("uri") or self.layout.store  # a folder or an object-store URI
+        self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
+        self.store = ReferenceStore(self.store_uri, int(info["dim"]), refresh_s=refresh_s,
+                                    options=self.storage_options)
         self._lock = threading.RLock()  # this process's threads
         self._writer = WriteLock(self.layout.write_lock)  # every process's writes
         self._meta_cache: dict[int, Neighbour] = {}
@@ -80,15 +93,25 @@ class Gallery:
         index_config: VectorIndexConfig | None = None,
         weights: str | None = None,
         refresh_s: float = 1.0,
+        store: str | None = None,
+        options: dict[str, str] | None = None,
     ) -> Gallery:
         """Create a new gallery (or open an existing one built with the same encoder).
 
-        ``encoder`` is ``Encoder.describe()``: it must hold spec, fingerprint and dim.
+        ``encoder`` is ``Encoder.describe()``: it must hold spec, fingerprint and dim. ``store``: an
+        object-store URI for the LanceDB table (default: ``DIR/store``); ``options``: Lance storage options
+        beside the AWS_* environment (only non-secret ones are recorded in gallery.json).
         """
         root = Path(root)
         if GalleryLayout(root).info.is_file():
-            return cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
-                            refresh_s=refresh_s)
+            gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
+                               refresh_s=refresh_s, options=options)
+            if store and str(gallery.store_uri) != str(store).rstrip("/"):
+                raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
+            return gallery
+        if store and not is_uri(store):
+            raise ValueError(f"--store takes an object-store URI (s3://bucket/path), not {store!r}; a local "
+                             "store always lives in the gallery folder")
         if root.exists() and any(root.iterdir()):
             raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
         root.mkdir(parents=True, exist_ok=True)
@@ -99,8 +122,10 @@ class Gallery:
             "dim": int(encoder["dim"]),
             "index": asdict(config),
         }
+        if store:
+            info["store"] = {"uri": str(store).rstrip("/"), "options": public_options(storage_options(None, options))}
         write_json_atomic(GalleryLayout(root).info, info)
-        return cls(root, info, config, refresh_s=refresh_s)
+        return cls(root, info, config, refresh_s=refresh_s, options=options)
 
     @classmethod
     def open(
@@ -110,17 +135,19 @@ class Gallery:
         expected_fingerprint: str | None = None,
         index_config: VectorIndexConfig | None = None,
         refresh_s: float = 1.0,
+        options: dict[str, str] | None = None,
     ) -> Gallery:
         """Open an existing gallery; refuse one built by another encoder than ``expected_fingerprint``.
 
-        ``refresh_s``: searches see other processes' writes at most this many seconds late.
+        ``refresh_s``: searches see other processes' writes at most this many seconds late. ``options``:
+        storage options for a store at an object-store URI (besides the AWS_* environment).
         """
         root = Path(root)
         info = read_gallery_info(root)
         if expected_fingerprint is not None:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig(**info.get("index", {}))
-        return cls(root, info, config, refresh_s=refresh_s)
+        return cls(root, info, config, refresh_s=refresh_s, options=options)
 
     @property
     def encoder_spec(self) -> str:
@@ -151,7 +178,7 @@ class Gallery:
         """The saved index brought up to the store's version (a diff), or rebuilt when unusable."""
         self._synced_version = self.store.version
         try:
-            index, manifest = VectorIndex.load(self.layout.vectors)
+            index, manifest = load_index(self.layout.vectors)
             bad = [k for k in ("fingerprint", "dim") if manifest.get(k) != {"fingerprint": self.fingerprint,
                                                                              "dim": self.dim}[k]]
             if bad:
@@ -174,13 +201,25 @@ class Gallery:
         self.rebuild_index()
         return self._index
 
-    def rebuild_index(self) -> VectorIndex:
-        """Rebuild the FAISS index from the store's searchable rows and save it atomically."""
+    def rebuild_index(self, *, map_fn: MapFn | None = None) -> VectorIndex:
+        """Rebuild the FAISS index from the store's searchable rows and save it atomically.
+
+        An ivfpq index (``auto`` above 50,000 references) is built from the store in shards, never holding
+        every vector: ``map_fn`` runs the shards (Ray tasks; default one after another in this process).
+        """
         with self._lock, self._writer.hold():
             self.store.refresh()
             version = self.store.version
-            ids, vectors = self.store.vectors()
-            self._index = VectorIndex.build(vectors, ids, self.index_config, dim=self.dim)
+            kind = self.index_config.resolve(self.store.count())
+            if kind == "ivfpq":
+                source = StoreVectors(str(self.store_uri), self.dim, self.storage_options, version)
+                self._index = ivfpq.build(source, folder=self.root, map_fn=map_fn,
+                                          **self.index_config.ivfpq_options())
+            else:
+                ids, vectors = self.store.vectors()
+                self._index = VectorIndex.build(vectors, ids, replace(self.index_config, kind=kind), dim=self.dim)
+                for part in self.layout.vectors_parts():  # an earlier ivfpq index's files
+                    part.unlink(missing_ok=True)
             self._synced_version = version
             self._index.save(self.layout.vectors, self._manifest())
             return self._index
@@ -239,6 +278,34 @@ class Gallery:
         return self._index
 
     # ------------------------------------------------------------------ writes
+    def reserve_ids(self, n: int) -> list[int]:
+        """``n`` ids never used before, for rows written by other processes (workers) and committed later
+        with :meth:`commit_fragments`. Takes the write lock for the few milliseconds it needs."""
+        with self._lock, self._writer.hold():
+            return self._reserve_ids(n)
+
+    def commit_fragments(self, fragments: Sequence[str], digests: dict[int, str]) -> dict[int, int]:
+        """Commit Lance fragments written by workers (one Append), under the write lock.
+
+        ``digests``: id -> sha256 of every row in the fragments. A photo another process stored since the
+        caller checked is deleted again right after the commit (the earlier copy stays); returns
+        {deleted id: the stored id it repeats}. The vector index is brought up to date by difference
+        (not saved: :meth:`finish_build` rebuilds it).
+        """
+        from index.fragments import commit_fragments
+
+        with self._lock, self._writer.hold():
+            self.store.refresh()
+            stored = self.store.find_sha256(digests.values()) if digests else {}
+            repeats = {rid: stored[sha] for rid, sha in digests.items() if sha in stored}
+            if fragments:
+                commit_fragments(self.store.uri, fragments, self.store.version, self.storage_options)
+                self.store.refresh()
+            if repeats:
+                self.store.delete(list(repeats))
+                logger.info("%d photo(s) stored meanwhile by another process were not stored again", len(repeats))
+            return repeats
+
     def _reserve_ids(self, n: int) -> list[int]:
         """``n`` ids never used before, by any process (call with the write lock held).
 
@@ -342,15 +409,24 @@ class Gallery:
         return self._writer.hold()
 
     def save_index(self) -> None:
-        """Persist the FAISS index with a manifest matching the store version it reflects."""
+        """Persist the FAISS index with a manifest matching the store version it reflects.
+
+        An ivfpq index that has grown 4× past the size its quantizers were trained on is rebuilt instead.
+        """
         with self._lock, self._writer.hold():
+            if getattr(self._index, "needs_retrain", False):
+                logger.info("gallery has grown 4x since the ivfpq index was trained: rebuilding it")
+                self.rebuild_index()
+                return
             self._index.save(self.layout.vectors, self._manifest())
 
-    def finish_build(self) -> None:
-        """After a bulk build: compact the store, pick the index kind for the final size, save."""
+    def finish_build(self, *, map_fn: MapFn | None = None) -> None:
+        """After a bulk build: compact the store, index ``id`` and ``sha256``, pick the index kind for the
+        final size, rebuild it (``map_fn`` runs ivfpq shards, e.g. as Ray tasks) and save."""
         with self._lock, self._writer.hold():
             self.store.optimize()
-            self.rebuild_index()
+            self.store.ensure_scalar_indexes()
+            self.rebuild_index(map_fn=map_fn)
 
     # ------------------------------------------------------------------- reads
     def __len__(self) -> int:

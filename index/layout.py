@@ -6,6 +6,8 @@
       gallery.json            which encoder built the gallery (spec, weights, fingerprint, dim), index settings
       store/                  LanceDB: one row per reference photo, metadata + embedding (the source of truth)
       vectors.faiss(.json)    the FAISS index derived from the store + its manifest (store version, count)
+      vectors-<token>.*       the IVF-PQ index's generation files, named by its manifest: .ivfpq (codes),
+                              .f16 + .ids (float16 vectors for the exact re-rank), .delta.npz (changes)
       probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration)
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
@@ -30,6 +32,8 @@ from pathlib import Path
 GALLERY_FILE = "gallery.json"
 STORE_DIR = "store"
 VECTORS_FILE = "vectors.faiss"
+#: Generation files of the IVF-PQ index: ``vectors-<token>.<part>``.
+VECTORS_PARTS = ("ivfpq", "f16", "ids", "delta.npz")
 PROBE_WEIGHTS = "probe.npz"
 PROBE_META = "probe.json"
 TEXT_PRIOR_FILE = "text_prior.json"
@@ -65,6 +69,16 @@ class GalleryLayout:
     def vectors(self) -> Path:
         """The FAISS index file (its manifest is ``vectors.faiss.json``)."""
         return self.root / VECTORS_FILE
+
+    def vectors_part(self, token: str, part: str) -> Path:
+        """One generation file of the IVF-PQ index (``part`` in :data:`VECTORS_PARTS`)."""
+        if part not in VECTORS_PARTS:
+            raise ValueError(f"unknown vectors part {part!r}")
+        return self.root / f"vectors-{token}.{part}"
+
+    def vectors_parts(self) -> list[Path]:
+        """Every IVF-PQ generation file present."""
+        return sorted(p for p in self.root.glob("vectors-*") if any(p.name.endswith("." + x) for x in VECTORS_PARTS))
 
     @property
     def probe_weights(self) -> Path:

@@ -6,6 +6,13 @@ interval). Ids are given by the caller (:class:`index.gallery.Gallery` reserves 
 
 Source paths are stored as text; a path that is not valid UTF-8 (possible on Linux) is stored as its
 ``file://`` URI, which keeps every byte (:func:`source_text`, :func:`source_file`).
+
+The store may live in a local folder or at an object-store URI (``s3://bucket/path``, through Lance's
+storage options: :func:`storage_options`), so that workers on other machines can write fragments to it
+(:mod:`index.fragments`). Reads that a big gallery needs stay small: ``id`` and ``sha256`` get BTREE scalar
+indexes once a build finishes (:meth:`ReferenceStore.ensure_scalar_indexes`), neighbours' metadata and
+duplicate checks are ``IN`` queries on them, the species summary is streamed over four columns and cached per
+table version, and vectors are read in batches (:meth:`ReferenceStore.iter_vectors`).
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
@@ -101,16 +110,111 @@ def source_file(text: str) -> Path:
 
 #: Digests per ``sha256 IN (...)`` query.
 _IN_CHUNK = 1000
+#: Columns that get a BTREE scalar index when a build finishes.
+SCALAR_INDEXED = ("id", "sha256")
+_NOT_EXCLUDED = "excluded = false OR excluded IS NULL"
+
+#: AWS environment variables -> Lance (object_store) storage options.
+_ENV_OPTIONS = {
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AWS_SESSION_TOKEN": "aws_session_token",
+    "AWS_REGION": "region",
+    "AWS_DEFAULT_REGION": "region",
+    "AWS_ENDPOINT_URL_S3": "aws_endpoint",
+    "AWS_ENDPOINT_URL": "aws_endpoint",
+    "AWS_ENDPOINT": "aws_endpoint",
+    "AWS_ALLOW_HTTP": "allow_http",
+}
+#: Storage options that are not secrets (the only ones a gallery.json may record).
+PUBLIC_OPTIONS = ("region", "aws_endpoint", "allow_http", "aws_virtual_hosted_style_request")
+
+
+def is_uri(root: str | Path) -> bool:
+    """Whether ``root`` is an object-store URI (``s3://``, ``gs://``, ``az://`` ...) rather than a folder."""
+    return "://" in str(root) and not str(root).startswith("file://")
+
+
+def storage_options(recorded: dict[str, str] | None = None, explicit: dict[str, str] | None = None) -> dict[str, str]:
+    """Lance storage options: ``recorded`` (gallery.json), then the usual AWS_* variables, then ``explicit``.
+
+    Later sources win. ``AWS_ENDPOINT_URL`` (an S3-compatible server: MinIO, moto, Ceph) sets the endpoint;
+    an ``http://`` endpoint also allows plain HTTP.
+    """
+    opts = {k: str(v) for k, v in (recorded or {}).items()}
+    for var, key in reversed(list(_ENV_OPTIONS.items())):  # the first listed variable wins among the env
+        if os.environ.get(var):
+            opts[key] = os.environ[var]
+    opts.update({k: str(v) for k, v in (explicit or {}).items()})
+    if opts.get("aws_endpoint", "").startswith("http://"):
+        opts.setdefault("allow_http", "true")
+    return opts
+
+
+def public_options(options: dict[str, str]) -> dict[str, str]:
+    """The options safe to write into gallery.json (no keys, no tokens)."""
+    return {k: v for k, v in options.items() if k in PUBLIC_OPTIONS}
+
+
+def rows_table(
+    records: Sequence[ReferenceRecord],
+    sha256s: Sequence[str],
+    embeddings: np.ndarray,
+    encoder: str,
+    ids: Sequence[int],
+    dim: int,
+    *,
+    added_at: dt.datetime | None = None,
+) -> pa.Table:
+    """The store's rows for these records (the one row builder: local adds and distributed writers use it)."""
+    n = len(records)
+    if len(sha256s) != n or embeddings.shape != (n, dim) or len(ids) != n:
+        raise ValueError(
+            f"rows need as many digests, ids and ({n}, {dim}) embeddings as records; "
+            f"got {len(sha256s)} digests, {len(ids)} ids and {embeddings.shape}"
+        )
+    now = added_at or dt.datetime.now(dt.timezone.utc)
+    cols: dict[str, pa.Array] = {
+        "id": pa.array([int(i) for i in ids], pa.int64()),
+        "species": pa.array([r.species for r in records], pa.string()),
+        "genus": pa.array([r.genus for r in records], pa.string()),
+        "family": pa.array([r.family for r in records], pa.string()),
+    }
+    for rank in HIGHER_RANKS:
+        cols[rank] = pa.array([r.ranks.get(rank) for r in records], pa.string())
+    cols.update(
+        {
+            "common_name": pa.array([r.common_name for r in records], pa.string()),
+            "venomous": pa.array([r.venomous for r in records], pa.bool_()),
+            "dataset": pa.array([r.dataset for r in records], pa.string()),
+            "source_path": pa.array([source_text(r.path) for r in records], pa.string()),
+            "country": pa.array([r.country for r in records], pa.string()),
+            "sha256": pa.array(list(sha256s), pa.string()),
+            "added_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "encoder": pa.array([encoder] * n, pa.string()),
+            "excluded": pa.array([False] * n, pa.bool_()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)), dim
+            ),
+        }
+    )
+    return pa.table(cols, schema=_schema(dim))
 
 
 class ReferenceStore:
     """LanceDB table of reference photos: metadata + embedding, one row per photo."""
 
-    def __init__(self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0) -> None:
-        self.root = Path(root)
+    def __init__(
+        self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0, options: dict[str, str] | None = None
+    ) -> None:
+        """Open (or create) the table under ``root``: a folder, or an object-store URI with ``options``."""
+        self.root: str | Path = str(root).rstrip("/") if is_uri(root) else Path(root)
         self.dim = dim
+        self.options = dict(options or {}) if is_uri(root) else {}
         interval = None if refresh_s is None else dt.timedelta(seconds=refresh_s)
-        self._db = lancedb.connect(str(self.root), read_consistency_interval=interval)
+        self._db = lancedb.connect(str(self.root), read_consistency_interval=interval,
+                                   storage_options=self.options or None)
+        self._species_cache: tuple[int, list[SpeciesSummary]] | None = None
         if TABLE in self._table_names():
             self._table = self._db.open_table(TABLE)
         else:
@@ -124,6 +228,11 @@ class ReferenceStore:
         got = self._table.schema.field("embedding").type.list_size
         if got != dim:
             raise ValueError(f"store {self.root} holds {got}-d embeddings, not {dim}-d")
+
+    @property
+    def uri(self) -> str:
+        """The Lance dataset of the table (what fragment writers and commits name)."""
+        return f"{self.root}/{TABLE}.lance"
 
     def _table_names(self) -> list[str]:
         names = self._db.list_tables() if hasattr(self._db, "list_tables") else self._db.table_names()
@@ -187,42 +296,10 @@ class ReferenceStore:
         ids: Sequence[int],
     ) -> list[int]:
         """Append rows under the given (reserved, unused) ids, in one commit; returns the ids."""
-        n = len(records)
-        if len(sha256s) != n or embeddings.shape != (n, self.dim) or len(ids) != n:
-            raise ValueError(
-                f"add needs as many digests, ids and ({n}, {self.dim}) embeddings as records; "
-                f"got {len(sha256s)} digests, {len(ids)} ids and {embeddings.shape}"
-            )
-        if n == 0:
-            return []
-        ids = [int(i) for i in ids]
-        now = dt.datetime.now(dt.timezone.utc)
-        cols: dict[str, pa.Array] = {
-            "id": pa.array(ids, pa.int64()),
-            "species": pa.array([r.species for r in records], pa.string()),
-            "genus": pa.array([r.genus for r in records], pa.string()),
-            "family": pa.array([r.family for r in records], pa.string()),
-        }
-        for rank in HIGHER_RANKS:
-            cols[rank] = pa.array([r.ranks.get(rank) for r in records], pa.string())
-        cols.update(
-            {
-                "common_name": pa.array([r.common_name for r in records], pa.string()),
-                "venomous": pa.array([r.venomous for r in records], pa.bool_()),
-                "dataset": pa.array([r.dataset for r in records], pa.string()),
-                "source_path": pa.array([source_text(r.path) for r in records], pa.string()),
-                "country": pa.array([r.country for r in records], pa.string()),
-                "sha256": pa.array(list(sha256s), pa.string()),
-                "added_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                "encoder": pa.array([encoder] * n, pa.string()),
-                "excluded": pa.array([False] * n, pa.bool_()),
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)), self.dim
-                ),
-            }
-        )
-        self._table.add(pa.table(cols, schema=_schema(self.dim)))
-        return ids
+        table = rows_table(records, sha256s, embeddings, encoder, ids, self.dim)
+        if table.num_rows:
+            self._table.add(table)
+        return [int(i) for i in ids]
 
     def _matching(self, ids: Sequence[int]) -> tuple[str, int]:
         """SQL filter for the ids and how many rows it matches."""
@@ -273,32 +350,95 @@ class ReferenceStore:
         query = self._table.search().select(["id", "embedding"]).limit(max(self._table.count_rows(), 1))
         if where:
             query = query.where(where)
-        tbl = query.to_arrow()
-        ids = tbl.column("id").to_numpy().astype(np.int64)
-        flat = tbl.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return ids, np.ascontiguousarray(flat, dtype=np.float32).reshape(len(ids), self.dim)
+        return _batch_vectors(query.to_arrow(), self.dim)
+
+    def iter_vectors(
+        self, *, batch_rows: int = 65_536, where: str | None = None, include_excluded: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, float32 (n, dim)) batches of the searchable rows (all with ``include_excluded``),
+        optionally filtered by ``where``: the whole table never sits in memory."""
+        clauses = [f"({where})"] if where else []
+        if not include_excluded:
+            clauses.append(f"({_NOT_EXCLUDED})")
+        query = self._table.search().select(["id", "embedding"])
+        if clauses:
+            query = query.where(" AND ".join(clauses))
+        for batch in query.limit(None).to_batches(batch_rows):
+            if batch.num_rows:
+                yield _batch_vectors(batch, self.dim)
+
+    def sample_vectors(self, n: int, *, seed: int = 0) -> np.ndarray:
+        """About ``n`` searchable vectors drawn at random (float32 (m, dim)), read by row offsets."""
+        total = self.count(include_excluded=True)
+        if total == 0 or n <= 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if n >= total:
+            parts = [v for _, v in self.iter_vectors()]
+            return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        offsets = np.sort(rng.choice(total, size=n, replace=False))
+        out = []
+        for start in range(0, n, 8192):
+            tbl = self._table.take_offsets(offsets[start : start + 8192].tolist()).select(
+                ["embedding", "excluded"]).to_arrow()
+            keep = ~np.asarray(tbl.column("excluded").fill_null(False).to_numpy(zero_copy_only=False), bool)
+            out.append(_batch_vectors(tbl, self.dim)[1][keep] if keep.any() else np.zeros((0, self.dim), np.float32))
+        return np.concatenate(out)
+
+    def ensure_scalar_indexes(self) -> None:
+        """BTREE indexes on ``id`` and ``sha256`` (point lookups of neighbours and duplicates), kept current."""
+        if self.count(include_excluded=True) == 0:
+            return
+        have = {tuple(getattr(i, "columns", ())) for i in self._table.list_indices()}
+        for column in SCALAR_INDEXED:
+            if (column,) in have:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._table.create_scalar_index(column, index_type="BTREE")
+                logger.info("store: BTREE index on %s created", column)
+            except Exception as exc:  # noqa: BLE001 - an index speeds reads up; reads work without it
+                logger.warning("store: could not index %s (%s); lookups will scan", column, exc)
 
     def species(self) -> list[SpeciesSummary]:
-        """Distinct species with reference counts and their metadata, sorted by name."""
-        df = self._read(["species", "genus", "family", "common_name", "venomous", "excluded"])
-        if df.empty:
-            return []
-        df = df[~df["excluded"].fillna(False).astype(bool)]
-        out = []
-        for name, group in df.groupby("species", sort=True):
-            common = group["common_name"].dropna()
-            venom = group["venomous"].dropna()
-            out.append(
-                SpeciesSummary(
-                    species=str(name),
-                    genus=_first(group["genus"]),
-                    family=_first(group["family"]),
-                    common_name=str(common.mode().iloc[0]) if len(common) else None,
-                    venomous=bool(venom.mode().iloc[0]) if len(venom) else None,
-                    count=int(len(group)),
-                )
+        """Distinct species with reference counts and their metadata, sorted by name.
+
+        Streamed over five columns (never the whole table) and cached until the table's version moves.
+        """
+        version = self.version
+        if self._species_cache is not None and self._species_cache[0] == version:
+            return list(self._species_cache[1])
+        counts: Counter[str] = Counter()
+        first: dict[str, tuple[str | None, str | None]] = {}
+        commons: dict[str, Counter[str]] = {}
+        venoms: dict[str, Counter[bool]] = {}
+        query = self._table.search().select(["species", "genus", "family", "common_name", "venomous"])
+        for batch in query.where(_NOT_EXCLUDED).limit(None).to_batches(65_536):
+            cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+            for sp, genus, family, common, venom in zip(cols["species"], cols["genus"], cols["family"],
+                                                        cols["common_name"], cols["venomous"], strict=True):
+                counts[sp] += 1
+                g0, f0 = first.get(sp, (None, None))
+                first[sp] = (g0 or genus, f0 or family)
+                if common is not None:
+                    commons.setdefault(sp, Counter())[common] += 1
+                if venom is not None:
+                    venoms.setdefault(sp, Counter())[bool(venom)] += 1
+        out = [
+            SpeciesSummary(
+                species=str(name),
+                genus=first[name][0],
+                family=first[name][1],
+                common_name=_mode(commons.get(name)),
+                venomous=_mode(venoms.get(name)),
+                count=int(counts[name]),
             )
-        return out
+            for name in sorted(counts)
+        ]
+        self._species_cache = (version, out)
+        return list(out)
 
     def optimize(self) -> None:
         """Compact small fragments after a large build (best effort)."""
@@ -308,6 +448,64 @@ class ReferenceStore:
             logger.debug("lancedb optimize skipped: %s", exc)
 
 
-def _first(series: pd.Series) -> str | None:
-    values = series.dropna()
-    return str(values.iloc[0]) if len(values) else None
+def _mode(counts: Counter | None):
+    """The most frequent value (the smallest among ties, as pandas' mode gives), or None."""
+    if not counts:
+        return None
+    top = max(counts.values())
+    return min(v for v, c in counts.items() if c == top)
+
+
+def _batch_vectors(batch: pa.RecordBatch | pa.Table, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 (n, dim)) of an Arrow batch with ``id`` (optional) and ``embedding`` columns."""
+    n = batch.num_rows
+    ids = (batch.column("id").to_numpy().astype(np.int64) if "id" in batch.schema.names
+           else np.zeros(0, dtype=np.int64))
+    emb = batch.column("embedding")
+    if isinstance(emb, pa.ChunkedArray):
+        emb = emb.combine_chunks()
+    flat = emb.flatten().to_numpy(zero_copy_only=False)
+    return ids, np.ascontiguousarray(flat, dtype=np.float32).reshape(n, dim)
+
+
+class StoreVectors:
+    """The searchable vectors of a store at one version, as an ``index.ivfpq.VectorSource``.
+
+    Picklable: a worker on another machine reopens the store (a folder it can reach, or an object-store URI
+    with ``options``) at the same version, so every shard reads the same snapshot.
+    """
+
+    def __init__(self, root: str, dim: int, options: dict[str, str] | None = None, version: int | None = None) -> None:
+        self.root, self.dim, self.options, self.version = str(root), int(dim), dict(options or {}), version
+        self._store: ReferenceStore | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_store"} | {"_store": None}
+
+    def _open(self) -> ReferenceStore:
+        if self._store is None:
+            self._store = ReferenceStore(self.root, self.dim, refresh_s=None, options=self.options)
+            if self.version is not None and self._store.version != self.version:
+                self._store._table.checkout(self.version)
+        return self._store
+
+    def count(self) -> int:
+        """Searchable rows."""
+        return self._open().count()
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """About ``n`` searchable vectors at random."""
+        return self._open().sample_vectors(n, seed=seed)
+
+    def shards(self, rows: int) -> list[tuple[int, int]]:
+        """Id ranges [lo, hi) of about ``rows`` searchable rows each, ascending."""
+        ids = self._open().ids()
+        if not len(ids):
+            return []
+        starts = ids[:: max(rows, 1)].tolist()
+        return [(lo, hi) for lo, hi in zip(starts, [*starts[1:], int(ids[-1]) + 1], strict=True)]
+
+    def read(self, shard: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) batches of the searchable rows with ``lo <= id < hi``."""
+        lo, hi = shard
+        yield from self._open().iter_vectors(where=f"id >= {int(lo)} AND id < {int(hi)}")

@@ -13,6 +13,11 @@ Kinds:
   graph is rebuilt from the kept vectors once tombstones pass a quarter of the graph, before a save, or
   when a tombstoned id is added again.
 * ``"ivf"``: inverted lists (``IndexIVFFlat``), trained on the vectors given to :meth:`VectorIndex.build`.
+* ``"ivfpq"``: for big galleries: IVF-PQ fast-scan codes + an exact re-rank from float16 vectors on disk,
+  built in shards (:mod:`index.ivfpq`, class ``IvfPqIndex`` with the same interface). ``"auto"`` picks
+  ``"flat"`` up to ``approx_threshold`` (50,000) vectors and ``"ivfpq"`` above.
+
+:func:`load_index` reads whichever kind a manifest names.
 
 A CPU index is always kept as the source of truth; when a GPU is used, a GPU copy is cloned from it
 lazily for searching and dropped whenever the CPU index changes.
@@ -34,7 +39,7 @@ from index.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf")
+KINDS: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 #: FAISS warns below this many training points per IVF list; ``ivf_nlist=None`` keeps nlist <= n // 39.
 MIN_POINTS_PER_LIST = 39
 #: Rebuild an HNSW graph once tombstoned vectors exceed this fraction of it.
@@ -47,7 +52,7 @@ GPU_MAX_K = 2048
 class VectorIndexConfig:
     """How to build a :class:`VectorIndex`."""
 
-    kind: str = "auto"  # "flat" (exact), "hnsw", "ivf", or "auto" (flat up to approx_threshold, else hnsw)
+    kind: str = "auto"  # "flat" (exact), "hnsw", "ivf", "ivfpq", or "auto" (flat up to approx_threshold, else ivfpq)
     approx_threshold: int = 50_000  # gallery size above which "auto" picks an approximate index
     hnsw_m: int = 32  # HNSW graph degree
     hnsw_ef_construction: int = 80  # HNSW build-time beam width
@@ -55,6 +60,11 @@ class VectorIndexConfig:
     ivf_nlist: int | None = None  # IVF lists; None = about 4*sqrt(n), at least 1, at most n // 39
     ivf_nprobe: int = 16  # IVF lists visited per query
     use_gpu: bool | None = None  # None = use a GPU when faiss-gpu sees one; True = require it; False = CPU
+    ivfpq_nlist: int | None = None  # ivfpq lists; None = the power of two nearest sqrt(n)
+    ivfpq_m: int | None = None  # ivfpq sub-quantizers; None = the largest divisor of dim up to min(128, dim/4)
+    ivfpq_nprobe: int | None = None  # ivfpq lists visited; None = calibrated at build time (recall@10 0.95)
+    ivfpq_candidates: int = 200  # ivfpq candidates re-ranked exactly per query (at least 10 k)
+    shard_rows: int = 262_144  # vectors per shard when an ivfpq index is built (a Ray task or a local step)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,6 +76,28 @@ class VectorIndexConfig:
             raise ValueError(f"approx_threshold must be >= 0, got {self.approx_threshold!r}")
         if self.ivf_nlist is not None and self.ivf_nlist < 1:
             raise ValueError(f"ivf_nlist must be >= 1 or None, got {self.ivf_nlist!r}")
+        for name in ("ivfpq_nlist", "ivfpq_m", "ivfpq_nprobe"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)!r}")
+        if self.ivfpq_candidates < 1 or self.shard_rows < 1:
+            raise ValueError("ivfpq_candidates and shard_rows must be >= 1")
+
+    def resolve(self, n: int) -> str:
+        """The kind to build for ``n`` vectors: "auto" by size; ivfpq below its minimum is flat."""
+        from index.ivfpq import MIN_VECTORS
+
+        kind = self.kind
+        if kind == "auto":
+            kind = "ivfpq" if n > self.approx_threshold else "flat"
+        if kind == "ivfpq" and n < MIN_VECTORS:
+            logger.info("only %d vectors: too few for ivfpq, building a flat index instead", n)
+            kind = "flat"
+        return kind
+
+    def ivfpq_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`index.ivfpq.build` from this config."""
+        return {"nlist": self.ivfpq_nlist, "m": self.ivfpq_m, "nprobe": self.ivfpq_nprobe,
+                "candidates": self.ivfpq_candidates, "shard_rows": self.shard_rows, "use_gpu": self.use_gpu}
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -292,9 +324,11 @@ class VectorIndex:
                 "an empty build needs dim: pass dim=<embedding size> or vectors of shape (0, dim)"
             )
 
-        kind = cfg.kind
-        if kind == "auto":
-            kind = "hnsw" if n > cfg.approx_threshold else "flat"
+        kind = cfg.resolve(n)
+        if kind == "ivfpq":
+            from index import ivfpq
+
+            return ivfpq.build(ivfpq.ArraySource(ids, xb), **cfg.ivfpq_options())  # type: ignore[return-value]
         if kind == "ivf":
             nlist = _nlist_for(n, cfg.ivf_nlist)
             if nlist < 1:
@@ -490,3 +524,22 @@ class VectorIndex:
 
 def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
+
+
+def load_index(path: str | Path, *, use_gpu: bool | None = None) -> tuple[Any, dict]:
+    """Read the index saved at ``path`` whatever its kind: (``VectorIndex`` or ``IvfPqIndex``, manifest).
+
+    FileNotFoundError when nothing was saved; ValueError when the files are unusable.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads(_manifest_path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"vector index manifest not found: {_manifest_path(path)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None  # VectorIndex.load says what is wrong
+    if isinstance(manifest, dict) and manifest.get("kind") == "ivfpq":
+        from index.ivfpq import IvfPqIndex
+
+        return IvfPqIndex.load(path, manifest), manifest
+    return VectorIndex.load(path, use_gpu=use_gpu)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from index.gallery import Gallery, check_gallery_encoder
 from index.records import ReferenceRecord
+from index.sources import read_source
 from retrieval.encoders import Encoder
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
@@ -118,7 +119,7 @@ def prepare(
     """
     name = f"image #{position}" if isinstance(source, bytes) else str(source)
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        data = source if isinstance(source, bytes) else read_source(source)
     except OSError as exc:
         return Prepared(position, error=f"cannot be read ({exc.strerror or exc})")
     digest = sha256_bytes(data)

@@ -18,20 +18,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from index import exclusions
 from index.atomic import atomic_write
-from index.datasets import DatasetScan, load_checklist, load_dataset, lookup_taxon, new_species_references
+from index.datasets import (
+    DatasetScan,
+    iter_dataset,
+    load_checklist,
+    load_dataset,
+    lookup_taxon,
+    new_species_references,
+)
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import check_encoder
 from index.store import SpeciesSummary, source_file
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
+from retrieval.distributed import RayOptions
 from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
 from retrieval.findings import CleanConfig
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
@@ -42,6 +50,9 @@ from retrieval.textprior import load_text_prior, save_text_prior
 from retrieval.vote import Rank, VoteConfig, parse_rank
 
 logger = logging.getLogger(__name__)
+
+#: Where a build embeds: this process, or a Ray cluster (the ``ray`` extra).
+ENGINES = ("local", "ray")
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -66,12 +77,26 @@ def build_gallery(
     workers: int | None = None,
     progress: bool = True,
     clean: CleanConfig | None = None,
+    engine: str = "local",
+    ray: RayOptions | None = None,
+    store: str | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
     Building into an existing gallery adds what is new (identical photos are stored once). With ``clean``,
     the zero-shot filter then excludes off-target references (report in the gallery's ``clean-report``).
+    ``engine="ray"``: embed on a Ray cluster (``ray``: address, actors, ...; see
+    :mod:`retrieval.distributed`), records streamed from the loader. ``store``: an object-store URI for a new
+    gallery's table (``s3://bucket/path``; credentials from AWS_* or ``storage_options``).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if engine == "ray":
+        if clean is not None:
+            raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
+        return _build_on_ray(index_dir, dataset, root, metadata=metadata, encoder=encoder,
+                             index_config=index_config, ray=ray, store=store, storage_options=storage_options)
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
         logger.warning("%s", warning)
@@ -79,11 +104,38 @@ def build_gallery(
         raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
     config = encoder or EncoderConfig()
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
-    gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights)
+    gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
+                             store=store, options=storage_options)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
     gallery.finish_build()
     cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned)
+
+
+def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
+                  encoder: EncoderConfig | None, index_config: VectorIndexConfig | None, ray: RayOptions | None,
+                  store: str | None, storage_options: dict[str, str] | None) -> BuildResult:
+    """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks."""
+    from retrieval.distributed import ray_add_references, ray_map, start_ray, stop_ray
+
+    warnings: list[str] = []
+    records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings)
+    config = encoder or EncoderConfig()
+    enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
+    gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
+                             store=store, options=storage_options)
+    options = ray or RayOptions()
+    started = start_ray(options)
+    try:
+        report = ray_add_references(gallery, config, records, encoder=enc, options=options)
+        gallery.finish_build(map_fn=ray_map)
+    finally:
+        if started:
+            stop_ray()
+    for warning in warnings:
+        logger.warning("%s", warning)
+    scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings)
+    return BuildResult(gallery=gallery, scan=scan, report=report)
 
 
 def open_gallery(

@@ -140,7 +140,18 @@ def _raw_request(url: str, method: str, path: str, length: int, first: bytes, he
              "Content-Type: multipart/form-data; boundary=x", *(f"{k}: {v}" for k, v in (headers or {}).items())]
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + first)
-        return sock.recv(65536)
+        got = sock.recv(65536)
+        # the head and the body may come in two segments: read until the announced body is all here
+        while b"\r\n\r\n" in got:
+            head, _, body = got.partition(b"\r\n\r\n")
+            sizes = [int(x.split(b":", 1)[1]) for x in head.lower().split(b"\r\n") if x.startswith(b"content-length:")]
+            if not sizes or len(body) >= sizes[0]:
+                break
+            more = sock.recv(65536)
+            if not more:
+                break
+            got += more
+        return got
 
 
 def test_limits_keys_and_load_shedding_on_a_real_server(tmp_path_factory):

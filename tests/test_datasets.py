@@ -58,7 +58,8 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 
 def test_list_datasets_matches_constant() -> None:
-    assert list_datasets() == list(DATASETS) == ["moroccan", "folder", "rare-species", "snakeclef2021"]
+    assert list_datasets() == list(DATASETS) == ["moroccan", "folder", "rare-species", "snakeclef2021", "manifest",
+                                                 "webdataset"]
     assert ".heic" in IMAGE_EXTENSIONS and ".JPG".lower() in IMAGE_EXTENSIONS
 
 

@@ -132,5 +132,5 @@ def test_approximate_index_kind_is_used_above_threshold(tmp_path):
     g = Gallery.create(tmp_path / "h", ENC, index_config=VectorIndexConfig(approx_threshold=50))
     g.add(_records("Naja haje", 80), [str(i) for i in range(80)], _unit(rng, 80, rng.standard_normal(DIM), 1.0))
     g.finish_build()
-    assert g.index.kind == "hnsw"
-    assert Gallery.open(tmp_path / "h").index.kind == "hnsw"
+    assert g.index.kind == "ivfpq"
+    assert Gallery.open(tmp_path / "h").index.kind == "ivfpq"

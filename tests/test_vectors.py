@@ -313,11 +313,11 @@ def test_input_validation_messages(small: tuple[np.ndarray, np.ndarray]) -> None
 # --------------------------------------------------------------------------- kind selection, empty, padding
 
 
-def test_auto_picks_flat_below_threshold_and_hnsw_above(small: tuple[np.ndarray, np.ndarray]) -> None:
+def test_auto_picks_flat_below_threshold_and_ivfpq_above(small: tuple[np.ndarray, np.ndarray]) -> None:
     x, ids = small
     cfg = VectorIndexConfig(kind="auto", approx_threshold=500)
     assert VectorIndex.build(x[:500], ids[:500], cfg).kind == "flat"
-    assert VectorIndex.build(x[:501], ids[:501], cfg).kind == "hnsw"
+    assert VectorIndex.build(x[:501], ids[:501], cfg).kind == "ivfpq"
     assert VectorIndex.build(x, ids).kind == "flat"  # default threshold 50,000
 
 

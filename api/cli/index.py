@@ -17,14 +17,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     s_index = p_index.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_index.add_parser("build", help="embed a dataset into a gallery (LanceDB store + FAISS index)")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout of --root")
-    p.add_argument("--root", required=True, help="folder holding the photos")
-    p.add_argument("--metadata", help="metadata CSV (required for snakeclef2021; rare-species: metadata.csv)")
+    p.add_argument("--root", required=True,
+                   help="folder holding the photos (manifest: the image root, or the table itself; webdataset: "
+                   "a shard, a folder of shards or a glob)")
+    p.add_argument("--metadata", help="metadata CSV (required for snakeclef2021; rare-species: metadata.csv; "
+                   "manifest: the CSV or parquet table: path, species [, genus, family, kingdom, phylum, class, "
+                   "order, common_name, venomous, country])")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory (created if new)")
+    p.add_argument("--store", metavar="URI",
+                   help="keep a new gallery's LanceDB table at an object-store URI (s3://bucket/path) that every "
+                   "worker reaches; credentials and endpoint from AWS_* variables (AWS_ENDPOINT_URL for "
+                   "S3-compatible servers)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="embed in this process (default) or on a Ray cluster (pip install -e '.[ray]')")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --engine ray: a running cluster (auto, HOST:6379, ray://HOST:10001); default: start "
+                   "a local Ray")
+    p.add_argument("--ray-actors", type=int, metavar="N",
+                   help="with --engine ray: embedding actors (default: one per GPU, else 2)")
+    p.add_argument("--ray-gpus-per-actor", type=float, metavar="G",
+                   help="with --engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs)")
+    p.add_argument("--chunk-rows", type=int, default=100_000, metavar="N",
+                   help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
     add_encoder_args(p, default_spec="bioclip")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
     p.add_argument("--index-kind", default="auto", choices=KINDS,
-                   help="FAISS index: exact flat, or approximate (auto: flat below 50k references, HNSW above)")
+                   help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
+                   "exact re-rank above; see docs/scale.md)")
     p.add_argument("--clean", action="store_true",
                    help="after building, run the zero-shot filter (text-capable encoders) and exclude off-target "
                    "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report")
@@ -48,13 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from index.vectors import VectorIndexConfig
+    from retrieval.distributed import RayOptions
     from retrieval.workflows import CleanConfig, build_gallery
 
     clean = CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False) if args.clean else None
+    ray = RayOptions(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
+                     chunk_rows=args.chunk_rows, batch_size=args.batch_size)
     result = build_gallery(
         args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
         index_config=VectorIndexConfig(kind=args.index_kind), workers=args.workers, progress=not args.quiet,
-        clean=clean,
+        clean=clean, engine=args.engine, ray=ray, store=args.store,
     )
     g = result.gallery
     emit(

@@ -173,6 +173,7 @@ class _Photos:
     def _load(self) -> None:
         if self._check is not None:
             return
+        from index.sources import read_source
         from retrieval.images import ImageLoadError, decode_image
 
         items = list(self.source() if callable(self.source) else (self.source or []))
@@ -182,7 +183,7 @@ class _Photos:
         for pos in positions if items else []:
             item = items[pos]
             try:
-                data = item if isinstance(item, bytes) else Path(item).read_bytes()
+                data = item if isinstance(item, bytes) else read_source(item)
                 image = decode_image(data, draft=2 * self.reference.input_size)
                 arrays.append(self.reference.preprocess(image))
             except (OSError, ImageLoadError, ValueError) as exc:

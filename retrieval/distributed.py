@@ -1,0 +1,340 @@
+"""Gallery builds on a Ray cluster (``speciesid index build --engine ray``): reader -> mapper -> writer -> runner.
+
+Per chunk of records (``chunk_rows``, streamed from any dataset loader; the driver never holds more):
+
+1. **hash** (Ray Data tasks): read each photo's bytes, sha256; unreadable photos are reported.
+2. **dedupe** (driver): a photo whose bytes are already stored (BTREE lookup) or that repeats an earlier
+   photo of the run is reported as a duplicate and not embedded, exactly as the local build decides; ids
+   for the rest are reserved under the gallery's write lock (``ids.json``).
+3. **decode + preprocess** (CPU tasks): :func:`retrieval.pipeline.prepare`, the local build's own function,
+   with a weight-free copy of the encoder's transform.
+4. **embed** (an actor pool, ``map_batches`` with ``ActorPoolStrategy``; one GPU per actor where the
+   cluster has GPUs): each actor holds the model once.
+5. **write** (tasks): the rows (:func:`index.store.rows_table`, the one row builder) as Lance fragments
+   in the gallery's store, which every worker reaches (a shared folder or an object-store URI).
+6. **commit** (driver): one Append of the chunk's fragments under the write lock
+   (:meth:`index.gallery.Gallery.commit_fragments`): all or nothing; a crash loses at most one chunk's work.
+
+After the last chunk the vector index is built (:meth:`Gallery.finish_build`), its IVF-PQ shards as Ray
+tasks (:func:`ray_map`). Photos travel between stages as preprocessed float32 arrays (~600 KB at 224 px):
+fine on one node, the first thing to watch on a network (docs/scale.md). Needs the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from index.gallery import Gallery, check_gallery_encoder
+from index.records import HIGHER_RANKS, ReferenceRecord
+from index.sources import read_source
+from index.store import rows_table, source_file, source_text
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.images import MIN_REFERENCE_SIDE, sha256_bytes
+from retrieval.pipeline import BuildReport, prepare
+
+logger = logging.getLogger(__name__)
+
+_TEXT = ("source", "species", "genus", "family", *HIGHER_RANKS, "common_name", "dataset", "country")
+
+
+@dataclass
+class RayOptions:
+    """How to run a build on Ray."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://host:10001", "host:6379"); None: start a local one
+    actors: int | None = None  # embedding actors; None: one per GPU, else 2 (local) / the cluster's CPUs / 4
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0  # CPU slots (and torch threads) of each embedding actor
+    local_cpus: int | None = None  # logical CPUs of a local Ray (default: cores + actors, so decode never starves)
+    chunk_rows: int = 100_000  # records per commit
+    batch_size: int | None = None  # photos per embedding batch (default: the encoder's)
+    write_rows: int = 1024  # rows per fragment-writer task
+
+
+# ------------------------------------------------------------------------------------------- Ray setup
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("--engine ray needs Ray Data: pip install -e '.[ray]'") from exc
+    return ray
+
+
+def start_ray(options: RayOptions) -> bool:
+    """Connect to ``options.address`` or start a local Ray; True when this call started it (shut it down)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    project = str(Path(__file__).resolve().parents[1])
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p),
+                        "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if options.address:
+        ray.init(address=options.address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
+    else:
+        actors = options.actors or 2
+        cpus = options.local_cpus or (os.cpu_count() or 2) + actors
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING",
+                 log_to_driver=False, object_store_memory=min(2 << 30, max(256 << 20, cpus * (128 << 20))))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    logger.info("ray: %s", ray.cluster_resources())
+    return True
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started."""
+    _ray().shutdown()
+
+
+def ray_map(fn: Callable[..., Any], args: list[tuple]) -> Iterator[Any]:
+    """Run ``fn(*a)`` for each ``a`` as Ray tasks (1 CPU each); results in order, fetched one at a time."""
+    ray = _ray()
+    remote = ray.remote(num_cpus=1)(fn)
+    refs = [remote.remote(*a) for a in args]
+    for ref in refs:
+        yield ray.get(ref)
+
+
+# ------------------------------------------------------------------------------------------- stages
+class Preprocessor:
+    """The encoder's eval transform without its weights (picklable for CPU tasks)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.transform = encoder.transform
+        self.input_size = int(getattr(encoder, "input_size", 224))
+
+    def preprocess(self, image):  # noqa: ANN001, ANN201 - whatever the encoder's transform takes and gives
+        """One RGB image -> the model input, as the encoder's own ``preprocess`` makes it."""
+        return self.transform(image)
+
+
+def hash_batch(batch: pa.Table) -> pa.Table:
+    """Stage 1: read + sha256 each photo (``error`` non-empty when unreadable)."""
+    digests, errors = [], []
+    for text in batch.column("source").to_pylist():
+        try:
+            digests.append(sha256_bytes(read_source(source_file(text))))
+            errors.append("")
+        except OSError as exc:
+            digests.append("")
+            errors.append(f"cannot be read ({exc.strerror or exc})")
+    return pa.table({"pos": batch.column("pos"), "sha256": pa.array(digests, pa.string()),
+                     "error": pa.array(errors, pa.string())})
+
+
+def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_side: int) -> dict[str, np.ndarray]:
+    """Stage 3: decode + preprocess with the local build's :func:`prepare` (same arrays); errors reported."""
+    import torch
+
+    torch.set_num_threads(1)
+    tensors: list[np.ndarray | None] = []
+    errors = list(batch["error"]) if "error" in batch else [""] * len(batch["pos"])
+    digests = list(batch["sha256"])
+    for i, text in enumerate(batch["source"]):
+        try:
+            data = read_source(source_file(str(text)))
+        except OSError as exc:
+            tensors.append(None)
+            errors[i] = f"cannot be read ({exc.strerror or exc})"
+            continue
+        done = prepare(int(batch["pos"][i]), data, preprocessor, min_side=min_side)  # type: ignore[arg-type]
+        tensors.append(None if done.tensor is None else np.asarray(done.tensor, dtype=np.float32))
+        errors[i] = done.error or ""
+        digests[i] = done.sha256 or digests[i]
+    shape = next((t.shape for t in tensors if t is not None), (3, preprocessor.input_size, preprocessor.input_size))
+    stacked = np.stack([t if t is not None else np.zeros(shape, np.float32) for t in tensors])
+    return {**{k: v for k, v in batch.items() if k not in ("error", "sha256")}, "tensor": stacked,
+            "sha256": np.asarray(digests, dtype=object), "error": np.asarray(errors, dtype=object)}
+
+
+class Embedder:
+    """Stage 4: an actor holding the model; embeds the rows without an error."""
+
+    def __init__(self, config: EncoderConfig, fingerprint: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() and config.device in ("auto", "cuda") else config.device
+        self.encoder = create_encoder_from_config(replace(config, device=device if device != "auto" else "cpu"))
+        if self.encoder.fingerprint.rsplit("#", 1)[-1] != fingerprint.rsplit("#", 1)[-1]:
+            raise ValueError(f"this worker's encoder {self.encoder.fingerprint} is not the gallery's {fingerprint}: "
+                             "install the same weights on every node")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        if ok.any():
+            emb[ok] = self.encoder.encode_batch(torch.from_numpy(np.ascontiguousarray(batch["tensor"][ok])))
+        return {**{k: v for k, v in batch.items() if k != "tensor"}, "embedding": emb}
+
+
+def write_batch(batch: dict[str, np.ndarray], uri: str, dim: int, fingerprint: str,
+                options: dict[str, str]) -> dict[str, np.ndarray]:
+    """Stage 5: the batch's good rows as Lance fragments (not committed); one summary row per batch."""
+    from index.fragments import write_fragments
+
+    ok = [i for i, e in enumerate(batch["error"]) if not e]
+    fragments: list[str] = []
+    if ok:
+        records = [_record(batch, i) for i in ok]
+        table = rows_table(records, [str(batch["sha256"][i]) for i in ok], np.asarray(batch["embedding"])[ok],
+                           fingerprint, [int(batch["id"][i]) for i in ok], dim)
+        fragments = write_fragments(table, uri, options)
+    written = {int(batch["id"][i]): str(batch["sha256"][i]) for i in ok}
+    failed = [(int(batch["pos"][i]), str(e)) for i, e in enumerate(batch["error"]) if e]
+    return {"fragments": np.asarray([json.dumps(fragments)], dtype=object),
+            "written": np.asarray([json.dumps(written)], dtype=object),
+            "failed": np.asarray([json.dumps(failed)], dtype=object)}
+
+
+def _record(batch: dict[str, np.ndarray], i: int) -> ReferenceRecord:
+    def text(name: str) -> str | None:
+        value = str(batch[name][i])
+        return value or None
+
+    venom = int(batch["venomous"][i])
+    return ReferenceRecord(path=source_file(str(batch["source"][i])), species=str(batch["species"][i]),
+                           genus=text("genus"), family=text("family"), common_name=text("common_name"),
+                           venomous=None if venom < 0 else bool(venom), dataset=str(batch["dataset"][i]),
+                           ranks={r: v for r in HIGHER_RANKS if (v := text(r))}, country=text("country"))
+
+
+def _records_table(records: list[ReferenceRecord], start: int) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in _TEXT}
+    for r in records:
+        cols["source"].append(source_text(r.path))
+        for name in ("species", "genus", "family", "common_name", "dataset", "country"):
+            cols[name].append(getattr(r, name) or "")
+        for rank in HIGHER_RANKS:
+            cols[rank].append(r.ranks.get(rank) or "")
+    table = {name: pa.array(values, pa.string()) for name, values in cols.items()}
+    table["pos"] = pa.array(range(start, start + len(records)), pa.int64())
+    table["venomous"] = pa.array([-1 if r.venomous is None else int(r.venomous) for r in records], pa.int8())
+    return pa.table(table)
+
+
+# ------------------------------------------------------------------------------------------- runner
+def _blocks(n: int, per: int) -> int:
+    return max(1, min(200, -(-n // max(per, 1))))
+
+
+def ray_add_references(
+    gallery: Gallery,
+    config: EncoderConfig,
+    records: Iterable[ReferenceRecord],
+    *,
+    encoder: Encoder,
+    options: RayOptions | None = None,
+    min_side: int = MIN_REFERENCE_SIDE,
+) -> BuildReport:
+    """Embed ``records`` on Ray into the gallery (see the module docstring); Ray must be started.
+
+    ``encoder``: the driver's copy (its fingerprint and transform; it embeds nothing).
+    """
+    ray = _ray()
+    opts = options or RayOptions()
+    check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    per_gpu = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    actors = opts.actors or (max(1, int(gpus // per_gpu)) if per_gpu else 2)
+    batch_size = opts.batch_size or encoder.batch_size
+    pre = Preprocessor(encoder)
+    report = BuildReport()
+    start = time.perf_counter()
+    it = iter(records)
+    done = 0
+    first_path: dict[str, str] = {}  # digest -> first path of this run (kept per run, as the local build does)
+    while chunk := list(itertools.islice(it, opts.chunk_rows)):
+        table = _records_table(chunk, done)
+        hashed = (ray.data.from_arrow(table.select(["pos", "source"]))
+                  .repartition(_blocks(len(chunk), 256))
+                  .map_batches(hash_batch, batch_format="pyarrow", batch_size=256, num_cpus=1)
+                  .to_arrow_refs())
+        hashed = pa.concat_tables(ray.get(hashed)).sort_by("pos")
+        digests = hashed.column("sha256").to_pylist()
+        errors = hashed.column("error").to_pylist()
+        stored = gallery.store.find_sha256(d for d in digests if d)
+        keep: list[int] = []
+        for i, (rec, sha, err) in enumerate(zip(chunk, digests, errors, strict=True)):
+            if err:
+                report.skipped.append((str(rec.path), err))
+            elif sha in stored:
+                report.duplicates.append((str(rec.path), f"id {stored[sha]}"))
+                report.duplicate_ids.append(stored[sha])
+            elif sha in first_path:
+                report.duplicates.append((str(rec.path), first_path[sha]))
+                report.duplicate_ids.append(None)
+            else:
+                first_path[sha] = str(rec.path)
+                keep.append(i)
+        if keep:
+            _embed_and_commit(gallery, config, encoder, chunk, table, keep, digests, report, pre=pre, actors=actors,
+                              per_gpu=per_gpu, cpus=opts.cpus_per_actor, batch_size=batch_size,
+                              write_rows=opts.write_rows, min_side=min_side)
+        done += len(chunk)
+        logger.info("ray build: %d records handled, %d stored so far", done, report.added)
+    report.seconds = time.perf_counter() - start
+    for path, reason in report.skipped:
+        logger.warning("skipped %s: %s", path, reason)
+    return report
+
+
+def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder, chunk: list[ReferenceRecord],
+                      table: pa.Table, keep: list[int], digests: list[str], report: BuildReport, *,
+                      pre: Preprocessor, actors: int, per_gpu: float, cpus: float, batch_size: int,
+                      write_rows: int, min_side: int) -> None:
+    ray = _ray()
+    ids = gallery.reserve_ids(len(keep))
+    sub = table.take(pa.array(keep)).append_column("id", pa.array(ids, pa.int64())).append_column(
+        "sha256", pa.array([digests[i] for i in keep], pa.string()))
+    ds = (ray.data.from_arrow(sub).repartition(_blocks(len(keep), batch_size))
+          .map_batches(decode_batch, fn_kwargs={"preprocessor": pre, "min_side": min_side}, batch_format="numpy",
+                       batch_size=max(8, batch_size), num_cpus=1)
+          .map_batches(Embedder, fn_constructor_kwargs={"config": config, "fingerprint": encoder.fingerprint,
+                                                         "threads": int(max(1, cpus))},
+                       compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy",
+                       batch_size=batch_size, num_cpus=cpus, **({"num_gpus": per_gpu} if per_gpu else {}))
+          .map_batches(write_batch, fn_kwargs={"uri": gallery.store.uri, "dim": gallery.dim,
+                                               "fingerprint": gallery.fingerprint,
+                                               "options": gallery.storage_options},
+                       batch_format="numpy", batch_size=write_rows, num_cpus=1))
+    fragments: list[str] = []
+    written: dict[int, str] = {}
+    failed: dict[int, str] = {}
+    for row in ds.iter_rows():
+        fragments += json.loads(row["fragments"])
+        written.update({int(k): v for k, v in json.loads(row["written"]).items()})
+        failed.update({int(p): e for p, e in json.loads(row["failed"])})
+    repeats = gallery.commit_fragments(fragments, written)
+    pos_of = dict(zip(ids, (chunk_pos for chunk_pos in keep), strict=True))
+    base = int(table.column("pos")[0].as_py())
+    for rid in ids:
+        i = pos_of[rid]
+        rec = chunk[i]
+        if (base + i) in failed:
+            report.skipped.append((str(rec.path), failed[base + i]))
+        elif rid in repeats:
+            report.duplicates.append((str(rec.path), f"id {repeats[rid]}"))
+            report.duplicate_ids.append(repeats[rid])
+        elif rid in written:
+            report.ids.append(rid)
+            report.added += 1

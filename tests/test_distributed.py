@@ -1,0 +1,113 @@
+"""Builds on a small local Ray cluster (2 embedding actors): the same gallery as a local build.
+
+Marked slow: starts Ray (10-20 s) and embeds ph-snakes photos with the real MobileNetV1 twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+
+from api.cli import main
+
+pytest.importorskip("ray.data")
+pytest.importorskip("lance")
+
+pytestmark = pytest.mark.slow
+
+SPECIES = ("Philippine Cobra (Naja philippinensis)", "Samar Cobra (Naja samarensis)",
+           "Asian Sunbeam Snake (Xenopeltis unicolor)")
+PER_SPECIES = 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from retrieval.distributed import RayOptions, start_ray, stop_ray
+
+    started = start_ray(RayOptions(actors=2, local_cpus=4))
+    yield
+    if started:
+        stop_ray()
+
+
+@pytest.fixture(scope="module")
+def photo_root(tmp_path_factory) -> Path:
+    """24 ph-snakes photos, a corrupt one and a byte copy of the first (reported, never fatal)."""
+    needs_shared()
+    root = tmp_path_factory.mktemp("ray_photos")
+    for folder in SPECIES:
+        (root / folder).mkdir()
+        for p in sorted((PH_SNAKES / "train" / folder).iterdir())[:PER_SPECIES]:
+            (root / folder / p.name).symlink_to(p)
+    first = sorted((root / SPECIES[0]).iterdir())[0]
+    shutil.copy(first.resolve(), root / SPECIES[0] / "zz-copy.jpg")
+    (root / SPECIES[1] / "zz-corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return root
+
+
+def _content(index: Path) -> tuple[dict, dict]:
+    from index.gallery import Gallery
+
+    g = Gallery.open(index)
+    ids, vectors = g.store.vectors()
+    meta = g.store.metadata(ids)
+    columns = ["species", "genus", "family", "common_name", "venomous", "dataset", "sha256", "encoder", "excluded"]
+    rows = {m["source_path"]: tuple(m[c] for c in columns) for _, m in meta.iterrows()}
+    vecs = {meta.loc[i, "source_path"]: v for i, v in zip(ids, vectors, strict=True)}
+    return rows, vecs
+
+
+def test_ray_build_holds_the_same_rows_as_a_local_build(cluster, photo_root, tmp_path, capsys):
+    outs = {}
+    for engine in ("local", "ray"):
+        code = main(["index", "build", "--dataset", "folder", "--root", str(photo_root), "--index",
+                     str(tmp_path / engine), "--encoder", MOBILENET_SPEC, "--precision", "fp32", "--engine", engine,
+                     "--ray-actors", "2", "--batch-size", "8", "-q"])
+        outs[engine] = capsys.readouterr().out
+        assert code == 0, outs[engine]
+    for engine, out in outs.items():
+        assert "24 references, 3 species" in out, (engine, out)
+        assert "skipped 1 unreadable, 1 duplicates" in out and "zz-corrupt.jpg: not a recognised image" in out
+        assert "zz-copy.jpg (same bytes as" in out
+    local_rows, local_vecs = _content(tmp_path / "local")
+    ray_rows, ray_vecs = _content(tmp_path / "ray")
+    assert ray_rows == local_rows and len(ray_rows) == 24
+    worst = max(float(np.abs(ray_vecs[k] - local_vecs[k]).max()) for k in local_vecs)
+    assert worst < 1e-5, worst
+    # ids are unique and come from ids.json; a second Ray run adds nothing (every photo is stored)
+    code = main(["index", "build", "--dataset", "folder", "--root", str(photo_root), "--index", str(tmp_path / "ray"),
+                 "--encoder", MOBILENET_SPEC, "--precision", "fp32", "--engine", "ray", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0 and "added 0, skipped 1 unreadable, 25 duplicates" in out, out
+
+
+def test_ivfpq_shards_as_ray_tasks_answer_like_one_process(cluster, tmp_path):
+    from index import ivfpq
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from index.vectors import VectorIndexConfig
+    from retrieval.distributed import ray_map
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((30, 32))
+    x = centres[rng.integers(0, 30, 3000)] + 0.5 * rng.standard_normal((3000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    galleries = []
+    for name, map_fn, rows in (("serial", None, 10_000), ("ray", ray_map, 700)):
+        g = Gallery.create(tmp_path / name, {"spec": "t", "fingerprint": "t#0", "dim": 32},
+                           index_config=VectorIndexConfig(kind="ivfpq", shard_rows=rows, ivfpq_nprobe=4))
+        g.add([ReferenceRecord(path=f"/p/{i}.jpg", species=f"G s{i % 30}") for i in range(3000)],
+              [f"{i:064x}" for i in range(3000)], x)
+        g.finish_build(map_fn=map_fn)  # ray: 5 shards read from the store by Ray tasks, merged here
+        galleries.append(g)
+    serial, ray_built = galleries
+    assert ray_built.index.kind == serial.index.kind == ivfpq.KIND
+    queries = x[:100] + 0.05 * rng.standard_normal((100, 32)).astype(np.float32)
+    d1, i1 = serial.index.search(queries, 10)
+    d2, i2 = ray_built.index.search(queries, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
