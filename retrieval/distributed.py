@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from index.gallery import Gallery, check_gallery_encoder
 from index.records import HIGHER_RANKS, ReferenceRecord
@@ -116,12 +117,13 @@ class Preprocessor:
     """The encoder's eval transform without its weights (picklable for CPU tasks)."""
 
     def __init__(self, encoder: Encoder) -> None:
-        self.transform = encoder.transform
+        self.preprocess_config = encoder.preprocess_config  # numpy preprocessing (every runtime)
+        self.transform = encoder.transform if encoder.preprocess_config is None else None
         self.input_size = int(getattr(encoder, "input_size", 224))
 
-    def preprocess(self, image):  # noqa: ANN001, ANN201 - whatever the encoder's transform takes and gives
+    def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB image -> the model input, as the encoder's own ``preprocess`` makes it."""
-        return self.transform(image)
+        return Encoder.preprocess(self, image)  # type: ignore[arg-type]
 
 
 def hash_batch(batch: pa.Table) -> pa.Table:
@@ -140,9 +142,6 @@ def hash_batch(batch: pa.Table) -> pa.Table:
 
 def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_side: int) -> dict[str, np.ndarray]:
     """Stage 3: decode + preprocess with the local build's :func:`prepare` (same arrays); errors reported."""
-    import torch
-
-    torch.set_num_threads(1)
     tensors: list[np.ndarray | None] = []
     errors = list(batch["error"]) if "error" in batch else [""] * len(batch["pos"])
     digests = list(batch["sha256"])
@@ -170,6 +169,7 @@ class Embedder:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))  # ONNX Runtime / OpenVINO threads
         device = "cuda" if torch.cuda.is_available() and config.device in ("auto", "cuda") else config.device
         self.encoder = create_encoder_from_config(replace(config, device=device if device != "auto" else "cpu"))
         if self.encoder.fingerprint.rsplit("#", 1)[-1] != fingerprint.rsplit("#", 1)[-1]:
@@ -177,12 +177,10 @@ class Embedder:
                              "install the same weights on every node")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
         if ok.any():
-            emb[ok] = self.encoder.encode_batch(torch.from_numpy(np.ascontiguousarray(batch["tensor"][ok])))
+            emb[ok] = self.encoder.encode_batch(np.ascontiguousarray(batch["tensor"][ok]))
         return {**{k: v for k, v in batch.items() if k != "tensor"}, "embedding": emb}
 
 
