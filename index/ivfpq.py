@@ -1,6 +1,6 @@
 """Approximate search for big galleries: FAISS IVF-PQ with 4-bit fast-scan codes + an exact re-rank.
 
-The design follows what was measured on 2 cores (docs/scale.md, /work/notes/issue12-research.md):
+The design follows what was measured on 2 cores (docs/scale.md):
 
 - ``IVF{nlist},PQ{M}x4fs``: ``nlist`` = the power of two nearest √n (at most n / 39), ``M`` = the largest
   divisor of the width up to min(128, dim / 4) (512-d: 128 sub-quantizers, 64-byte codes: ~75 B a vector

@@ -1,6 +1,6 @@
 """Inference runtimes per CPU: which (runtime, precision) ``--runtime auto`` tries, best first.
 
-The order comes from measurements (docs/runtimes.md, /work/notes/issue13-research.md): images per CPU-second
+The order comes from measurements (docs/runtimes.md): images per CPU-second
 of ViT-B-16 and MobileNetV1 on each CPU kind. Each candidate is used only when its runtime is installed and its
 export passes the faithfulness check (cosine >= :data:`MIN_COSINE` to torch fp32 on real photos); otherwise
 the next one is tried. torch fp32 closes every list. CUDA always runs torch.
