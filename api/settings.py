@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,8 +22,9 @@ class Settings(BaseSettings):
     max_add_images: int = Field(50, description="photos per add-references request")
     max_request_mb: float = Field(256.0, description="largest request body of any route, in MB (bigger -> 413)")
     max_identify_in_flight: int = Field(
-        4, ge=1, description="identify/search requests served at once; past it a fast 429 with Retry-After "
-        "(4 measured best on 2 cores: benchmarks/bench_api.py)")
+        default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1,
+        description="identify/search requests served at once; past it a fast 429 with Retry-After (default: one "
+        "per two cores; on 2 cores 1 kept the c=64 p99 within 4x of c=1, 4 did not: benchmarks/bench_api.py --load)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429, in seconds")
     min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
