@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import random
 import re
 import threading
 
@@ -87,8 +88,9 @@ class EdgeGuard:
                 else:
                     self.shed += 1
             if full:
+                wait = s.retry_after_s + random.randint(0, s.retry_jitter_s)  # noqa: S311 - spreading, not secrecy
                 return await _json(send, 429, f"busy: {s.max_identify_in_flight} identifications in progress; "
-                                   f"retry in {s.retry_after_s} s", {"retry-after": str(s.retry_after_s)})
+                                   f"retry in {wait} s", {"retry-after": str(wait)})
         try:
             limited = RequestBodyLimitResponder(self.app, body_limit(s, method, path))
             await limited(scope, receive, send)

@@ -24,8 +24,10 @@ class Settings(BaseSettings):
     max_identify_in_flight: int = Field(
         default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1,
         description="identify/search requests served at once; past it a fast 429 with Retry-After (default: one "
-        "per two cores; on 2 cores 1 kept the c=64 p99 within 4x of c=1, 4 did not: benchmarks/bench_api.py --load)")
-    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429, in seconds")
+        "per two cores; on 2 cores 1 kept the c=64 p99 at 3-4x the c=1 p99, 4 gave 22x: docs/api.md)")
+    retry_after_s: int = Field(1, ge=1, description="shortest Retry-After of a 429, in seconds")
+    retry_jitter_s: int = Field(2, ge=0, description="Retry-After is drawn from retry_after_s .. retry_after_s + "
+                                "retry_jitter_s, so shed clients do not all come back in the same second")
     min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")

@@ -13,7 +13,7 @@ moment, and records every row a reader saw committed before the kills. Then it c
     .venv/bin/python scripts/chaos_gallery.py --trials 20            # prints trials / survived / lost
     .venv/bin/python scripts/chaos_gallery.py --trials 3 --json       # one JSON line (the tests use it)
 
-``--no-lock`` shows why the write lock exists: writers then share ids and the gallery breaks.
+``--no-lock`` shows why the write lock exists: with `--writers 6 --chunk 1` photos get stored twice.
 """
 
 from __future__ import annotations
