@@ -486,7 +486,8 @@ def train_gallery_probe(
     val_metadata: str | Path | None = None,
     checklist: str | None = None,
     text_strength: float = 1.0,
-    folds: int = 3,
+    folds: int = 5,
+    rule: str = "seq-nll",
     device: str = "auto",
     progress: bool = True,
     precision: str = "auto",
@@ -503,7 +504,7 @@ def train_gallery_probe(
     vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
-                                  val_labels=val_labels, val_name=str(val_root), folds=folds)
+                                  val_labels=val_labels, val_name=str(val_root), folds=folds, rule=rule)
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
@@ -528,7 +529,8 @@ def import_gallery_probe(
     val_dataset: str | None = None,
     val_root: str | Path | None = None,
     val_metadata: str | Path | None = None,
-    folds: int = 3,
+    folds: int = 5,
+    rule: str = "seq-nll",
     device: str = "auto",
     progress: bool = True,
     precision: str = "auto",
@@ -558,7 +560,7 @@ def import_gallery_probe(
                     "make it over-confident)")
     probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
                                         val_embeddings=val_emb, val_labels=val_labels, val_name=str(val_root),
-                                        folds=folds)
+                                        folds=folds, rule=rule)
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
     probe.fingerprint = gallery.fingerprint
