@@ -148,9 +148,13 @@ def open_gallery(
     batch_size: int = 32,
     refresh_s: float = 1.0,
     runtime: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
 ) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
 
+    ``pool`` / ``views``: None = the gallery's own (recorded at build; galleries from before have neither, which
+    means ``model`` / ``single``); another value is refused by the fingerprint check.
     ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
     ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
     exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
@@ -163,6 +167,8 @@ def open_gallery(
         precision=precision,
         batch_size=batch_size,
         runtime=runtime,
+        pool=pool or built.get("pool", "model"),
+        views=views or built.get("views", "single"),
     )
     enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
     return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
@@ -179,10 +185,12 @@ def open_identifier(
     use_probe: bool = True,
     refresh_s: float = 1.0,
     runtime: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
 ) -> Identifier:
     """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
     gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
-                                refresh_s=refresh_s, runtime=runtime)
+                                refresh_s=refresh_s, runtime=runtime, pool=pool, views=views)
     probe = None
     if use_probe and has_probe(index_dir):
         probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
