@@ -103,7 +103,7 @@ def _log_step(value: float, prior: float) -> float:
     return abs(math.log(value / prior)) if value > 0 and prior > 0 else abs(value - prior)
 
 
-def _fold_groups(x: np.ndarray) -> np.ndarray:
+def duplicate_groups(x: np.ndarray) -> np.ndarray:
     """Connected components of near-duplicate gallery photos (cosine >= DUPLICATE_COSINE)."""
     from index.pairs import similar_pairs
 
@@ -124,10 +124,111 @@ def cv_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> list[tuple
     """Stratified folds of the gallery with near-duplicates kept together: [(rest, held), ...]."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    groups = _fold_groups(x)
+    groups = duplicate_groups(x)
     if len(np.unique(groups)) == len(x):
         return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
     return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups))
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold probabilities of every grid value: what a rule chooses from (``select_settings``)."""
+
+    y: np.ndarray  # (Q,) true class index of every held-out photo
+    knn: dict[tuple[int, float], np.ndarray]  # (k, T) -> (Q, n) kNN vote
+    probe: dict[float, np.ndarray]  # C -> (Q, n) probe probabilities (zero on species it does not know)
+    known: dict[float, np.ndarray]  # C -> (Q, n) bool: the species that probe knows
+    weights: tuple[float, ...]
+    selected_on: str
+
+    def blended(self, c: float, kt: tuple[int, float], w: float) -> np.ndarray:
+        """The blend of one grid point."""
+        return blend_matrix(self.knn[kt], self.probe[c], self.known[c], w)
+
+    def top1(self, p: np.ndarray) -> float:
+        """Top-1 accuracy of probabilities ``p``."""
+        return float((p.argmax(1) == self.y).mean())
+
+
+def out_of_fold(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    *,
+    fingerprint: str,
+    val_embeddings: np.ndarray | None = None,
+    val_labels: Sequence[str] | None = None,
+    val_name: str = "val",
+    folds: int = 5,
+    grid: SelectionGrid | None = None,
+    seed: int = 0,
+    probe: LinearProbe | None = None,
+) -> OutOfFold:
+    """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos."""
+    grid = grid or SelectionGrid()
+    species = sorted(set(labels) | set(probe.species if probe is not None else ()))
+    index = {s: i for i, s in enumerate(species)}
+    y = np.array([index[s] for s in labels])
+    x = np.asarray(embeddings, dtype=np.float32)
+    if val_embeddings is not None:
+        unknown_val = sorted(set(val_labels or []) - set(species))
+        if unknown_val:
+            logger.warning("validation species not in the gallery are ignored for selection: %s", unknown_val)
+        keep = [i for i, s in enumerate(val_labels or []) if s in index]
+        splits = [(np.arange(len(x)), np.asarray(val_embeddings, np.float32)[keep], np.array(
+            [index[val_labels[i]] for i in keep]))]
+        selected_on = f"val:{val_name}"
+    else:
+        counts = np.bincount(y)
+        n_folds = int(min(folds, counts[counts > 0].min()))
+        if n_folds < 2:
+            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
+        splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed)]
+        selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
+    n = len(species)
+    Cs = (probe.calibration.C,) if probe is not None else grid.Cs
+    knn_oof: dict[tuple, list[np.ndarray]] = {}
+    probe_oof: dict[float, list[np.ndarray]] = {}
+    known_oof: dict[float, list[np.ndarray]] = {}
+    truth: list[np.ndarray] = []
+    for rest, q, qy in splits:
+        truth.append(qy)
+        for k, t in itertools.product(grid.ks, grid.temperatures):
+            knn_oof.setdefault((k, t), []).append(knn_matrix(q, x[rest], y[rest], n, k, t))
+        for c in Cs:
+            fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
+            cols = [index[s] for s in fitted.species]
+            known = np.zeros(n, dtype=bool)
+            known[cols] = True
+            p = np.zeros((len(q), n))
+            p[:, cols] = fitted.predict_proba(q)
+            probe_oof.setdefault(c, []).append(p)
+            known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
+    return OutOfFold(
+        y=np.concatenate(truth),
+        knn={kt: np.concatenate(v) for kt, v in knn_oof.items()},
+        probe={c: np.concatenate(v) for c, v in probe_oof.items()},
+        known={c: np.concatenate(v) for c, v in known_oof.items()},
+        weights=tuple(grid.weights),
+        selected_on=selected_on,
+    )
+
+
+def choose(oof: OutOfFold, rule: str = DEFAULT_RULE) -> tuple[float, int, float, float]:
+    """(C, k, T, blend weight) chosen from out-of-fold scores by ``rule`` (see the module docstring)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
+    Cs, kts, ws, y = list(oof.probe), list(oof.knn), list(oof.weights), oof.y
+    if rule == "argmax":
+        scores = {(c, k, t, w): oof.top1(oof.blended(c, (k, t), w)) for c in Cs for k, t in kts for w in ws}
+        return max(scores, key=lambda kk: (scores[kk], -abs(kk[3] - 0.5), kk[0] == 10.0))
+    c = Cs[0]
+    if len(Cs) > 1:  # the probe alone
+        c, _ = plateau_pick(Cs, [photo_nll(oof.probe[cc], y) for cc in Cs], lambda cc: _log_step(cc, PRIOR["C"]))
+    (k, t), _ = plateau_pick(kts, [photo_nll(oof.knn[kt], y) for kt in kts],  # the kNN vote alone
+                             lambda kt: _log_step(kt[0], PRIOR["k"]) + _log_step(kt[1], PRIOR["temperature"]))
+    w, _ = plateau_pick(ws, [photo_nll(oof.blended(c, (k, t), ww), y) for ww in ws],  # then the blend of the two
+                        lambda ww: abs(ww - PRIOR["weight"]))
+    return c, k, t, w
 
 
 def select_settings(
@@ -153,84 +254,26 @@ def select_settings(
     """
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
-    grid = grid or SelectionGrid()
-    species = sorted(set(labels) | set(probe.species if probe is not None else ()))
-    index = {s: i for i, s in enumerate(species)}
-    y = np.array([index[s] for s in labels])
-    x = np.asarray(embeddings, dtype=np.float32)
-    if val_embeddings is not None:
-        unknown_val = sorted(set(val_labels or []) - set(species))
-        if unknown_val:
-            logger.warning("validation species not in the gallery are ignored for selection: %s", unknown_val)
-        keep = [i for i, s in enumerate(val_labels or []) if s in index]
-        splits = [(np.arange(len(x)), np.asarray(val_embeddings, np.float32)[keep], np.array(
-            [index[val_labels[i]] for i in keep]))]
-        selected_on = f"val:{val_name}"
-    else:
-        counts = np.bincount(y)
-        n_folds = int(min(folds, counts[counts > 0].min()))
-        if n_folds < 2:
-            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
-        splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed)]
-        selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
-    n = len(species)
-    Cs = (probe.calibration.C,) if probe is not None else grid.Cs
-    # out-of-fold probabilities of every kNN (k, T) and every probe C, and which classes each probe knows
-    knn_oof: dict[tuple, list[np.ndarray]] = {}
-    probe_oof: dict[float, list[np.ndarray]] = {}
-    known_oof: dict[float, list[np.ndarray]] = {}
-    truth: list[np.ndarray] = []
-    for rest, q, qy in splits:
-        truth.append(qy)
-        for k, t in itertools.product(grid.ks, grid.temperatures):
-            knn_oof.setdefault((k, t), []).append(knn_matrix(q, x[rest], y[rest], n, k, t))
-        for c in Cs:
-            fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
-            cols = [index[s] for s in fitted.species]
-            known = np.zeros(n, dtype=bool)
-            known[cols] = True
-            p = np.zeros((len(q), n))
-            p[:, cols] = fitted.predict_proba(q)
-            probe_oof.setdefault(c, []).append(p)
-            known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
-    y_all = np.concatenate(truth)
-    knns = {kt: np.concatenate(v) for kt, v in knn_oof.items()}
-    probes = {c: np.concatenate(v) for c, v in probe_oof.items()}
-    knowns = {c: np.concatenate(v) for c, v in known_oof.items()}
+    oof = out_of_fold(embeddings, labels, fingerprint=fingerprint, val_embeddings=val_embeddings,
+                      val_labels=val_labels, val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe)
+    return calibration_from(oof, rule, target_precision)
 
-    def blended(c: float, kt: tuple, w: float) -> np.ndarray:
-        return blend_matrix(knns[kt], probes[c], knowns[c], w)
 
-    def top1(p: np.ndarray) -> float:
-        return float((p.argmax(1) == y_all).mean())
-
-    if rule == "argmax":
-        scores = {(c, k, t, w): top1(blended(c, (k, t), w))
-                  for c in Cs for k, t in knns for w in grid.weights}
-        c, k, t, w = max(scores, key=lambda kk: (scores[kk], -abs(kk[3] - 0.5), kk[0] == 10.0))
-    else:
-        if len(Cs) > 1:  # the probe alone: log-loss on the photos of species it knows
-            c, _ = plateau_pick(list(Cs), [photo_nll(probes[cc], y_all) for cc in Cs],
-                                lambda cc: _log_step(cc, PRIOR["C"]))
-        else:
-            c = Cs[0]
-        kts = list(knns)
-        (k, t), _ = plateau_pick(kts, [photo_nll(knns[kt], y_all) for kt in kts],
-                                 lambda kt: _log_step(kt[0], PRIOR["k"]) + _log_step(kt[1], PRIOR["temperature"]))
-        ws = list(grid.weights)
-        w, _ = plateau_pick(ws, [photo_nll(blended(c, (k, t), ww), y_all) for ww in ws],
-                            lambda ww: abs(ww - PRIOR["weight"]))
-    b = blended(c, (k, t), w)
-    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y_all, target_precision)
+def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision: float = 0.95) -> Calibration:
+    """The :class:`Calibration` a rule chooses from out-of-fold scores, with its unknown threshold and figures."""
+    c, k, t, w = choose(oof, rule)
+    y = oof.y
+    b = oof.blended(c, (k, t), w)
+    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y, target_precision)
     metrics = {
-        "queries": float(len(y_all)),
-        "knn_top1": top1(knns[k, t]),
-        "probe_top1": top1(blended(c, (k, t), 1.0)),
-        "blend_top1": top1(b),
-        "blend_nll": float(photo_nll(b, y_all).mean()),
+        "queries": float(len(y)),
+        "knn_top1": oof.top1(oof.knn[k, t]),
+        "probe_top1": oof.top1(oof.blended(c, (k, t), 1.0)),
+        "blend_top1": oof.top1(b),
+        "blend_nll": float(photo_nll(b, y).mean()),
         "unknown_precision": prec,
         "unknown_coverage": cov,
     }
-    logger.info("selected C=%s k=%s T=%s w=%s on %s by %s: %s", c, k, t, w, selected_on, rule, metrics)
-    return Calibration(C=c, blend_weight=w, k=k, temperature=t, unknown_threshold=thr, selected_on=selected_on,
+    logger.info("selected C=%s k=%s T=%s w=%s on %s by %s: %s", c, k, t, w, oof.selected_on, rule, metrics)
+    return Calibration(C=c, blend_weight=w, k=k, temperature=t, unknown_threshold=thr, selected_on=oof.selected_on,
                        metrics=metrics, rule=rule)
