@@ -302,6 +302,7 @@ class EvaluationRun:
     files: dict[str, Path]  # the report files
     queries: int  # photos identified
     unreadable: int  # photos skipped
+    protocol: list[str] = field(default_factory=list)  # which photos chose what (retrieval.protocol)
 
 
 def evaluate_dataset(
@@ -313,12 +314,27 @@ def evaluate_dataset(
     country: str | None = None,
     report_dir: str | Path = "report",
     progress: bool = True,
+    keep_duplicates: bool = False,
+    settings_overridden: bool = False,
 ) -> EvaluationRun:
-    """Identify a labelled set with every method the gallery has; write the JSON + Markdown report."""
+    """Identify a labelled set with every method the gallery has; write the JSON + Markdown report.
+
+    The report says which photos chose the settings and how many evaluated photos the gallery already holds
+    (same bytes or near-copies); those are left out of the figures unless ``keep_duplicates``.
+    """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
+    from retrieval.protocol import Protocol, find_duplicates, settings_origin
+
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
+    dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
+    settings, chose = settings_origin(ident.probe, root, settings_overridden)
+    protocol = Protocol(settings, chose, dups, kinds, excluded=not keep_duplicates)
+    readable = len(ok)
+    if not keep_duplicates:
+        dup_set = set(dups)
+        ok = [i for i in ok if i not in dup_set]
     presence = presence_for(country)
     methods = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
     taxa = ident.taxa()
@@ -339,14 +355,15 @@ def evaluate_dataset(
     notes = [
         f"gallery {ident.gallery.root} ({len(ident.gallery)} references, encoder {ident.gallery.encoder_spec})",
         f"queries: dataset {dataset} at {root}: {len(ok)} photos"
-        + (f", {len(scan.records) - len(ok)} unreadable and skipped" if len(ok) < len(scan.records) else ""),
+        + (f", {len(scan.records) - readable} unreadable and skipped" if readable < len(scan.records) else ""),
         f"kNN k={c.k}, T={c.temperature}, unknown threshold {c.unknown_threshold}"
         + (f"; blend weight {ident.blend_weight}" if ident.probe is not None else "; no probe (kNN only)"),
     ]
     if country:
         notes.append(f"country prior: {country}")
+    notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
-    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - len(ok))
+    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines())
 
 
 # ------------------------------------------------------------------------------------------ references

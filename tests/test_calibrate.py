@@ -109,3 +109,25 @@ def test_near_duplicates_stay_in_one_fold():
         for i in range(8):
             n = len(x) - 8 + i
             assert (i in held) == (n in held) and (i in rest) == (n in rest)
+
+
+def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
+    from retrieval.protocol import Protocol, settings_origin
+
+    draw = _species()
+    x, y = draw(6, np.random.default_rng(6))
+    probe = train_probe(x, y, fingerprint="f")
+    assert settings_origin(None, tmp_path) == (
+        "kNN only: k, T and the unknown threshold are defaults (nothing was chosen)", False)
+    probe.calibration = Calibration(selected_on="cv:5-fold", rule="seq-nll")
+    text, chose = settings_origin(probe, tmp_path)
+    assert "5-fold cross-validation inside the gallery, rule seq-nll" in text and not chose
+    (tmp_path / "val").mkdir()
+    probe.calibration = Calibration(selected_on=f"val:{tmp_path / 'val'}", rule="argmax")
+    assert settings_origin(probe, tmp_path / "other")[1] is False
+    text, chose = settings_origin(probe, tmp_path / "val" / ".")
+    assert chose and "= the evaluated photos" in text
+    lines = Protocol(text, chose, [3, 7], {"same bytes": 1, "near-copy": 1}).lines()
+    assert lines[1].startswith("evaluated photos used to choose settings: YES")
+    assert lines[2] == ("evaluated photos already in the gallery: 2 (1 same bytes, 1 near-copy); left out of the "
+                        "figures (--keep-duplicates to count them)")

@@ -36,7 +36,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
     paths, bad_args = photo_args(args.images)
     gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                                precision=args.precision, runtime=args.runtime, pool=args.pool, views=args.views)
+                                precision=args.precision, runtime=args.runtime)
     result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                         venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
                         progress=not args.quiet and len(paths) > 20)
