@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=40, help="val photos queried (evenly spaced; default 40)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--runtimes", nargs="+", default=["auto", "torch"])
+    ap.add_argument("--options", nargs="+", default=[f"{p}/{v}" for p, v in OPTIONS],
+                    help="POOL/VIEWS pairs (default: all six; model/single is always run, the baseline)")
     args = ap.parse_args()
     require_shared()
     logging.disable(logging.WARNING)
@@ -57,7 +59,8 @@ def main() -> None:
     calib = [str(r.path) for r in train[::4]]
     runners = {}
     with tempfile.TemporaryDirectory(prefix="bench_views_") as tmp:
-        for pool, views in OPTIONS:
+        wanted = [tuple(o.split("/")) for o in args.options]
+        for pool, views in [("model", "single")] + [o for o in wanted if o != ("model", "single")]:
             for rt in args.runtimes:
                 if views in ("ms", "flipms") and rt == "auto" and "torch" in args.runtimes:
                     continue  # the scale view runs on torch: auto would be the torch row again
