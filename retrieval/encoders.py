@@ -51,14 +51,15 @@ SPEC_FORMS: tuple[str, ...] = (
 )
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
-#: Feature pooling: the model's own (average pooling for CNNs) or generalised-mean pooling with p = 3 (timm CNNs).
-POOLS = ("model", "gem3")
+#: Feature pooling: the model's own (average pooling for CNNs), generalised-mean pooling with p = 3 (timm CNNs), or
+#: ``auto``: gem3 for timm CNNs, the model's own for everything else (see :func:`resolve_pool`).
+POOLS = ("auto", "model", "gem3")
 #: Test-time views, each embedded and averaged (L2-normalised): the eval crop alone (``single``), plus its mirror
 #: image (``flip``), plus the whole photo squashed to ``SCALE_VIEW`` px (``ms``), or all four (``flipms``).
 VIEWS = ("single", "flip", "ms", "flipms")
 SCALE_VIEW = 288
 #: What a new gallery is built with (chosen by measurement on ph-snakes: docs/accuracy.md).
-DEFAULT_POOL = "model"
+DEFAULT_POOL = "auto"
 DEFAULT_VIEWS = "single"
 #: Environment variable that sets the runtime when none is given (``speciesid serve``, scripts).
 RUNTIME_ENV = "SPECIESID_RUNTIME"
@@ -86,6 +87,37 @@ def check_options(pool: str, views: str) -> None:
         raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
     if views not in VIEWS:
         raise ValueError(f"unknown views {views!r}; choose one of {', '.join(VIEWS)}")
+
+
+_TRANSFORMER_NAMES = ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "levit", "pit", "mvit", "hiera",
+                      "vision_transformer", "visiontransformer", "naflex")
+
+
+def timm_family(name: str) -> str:
+    """'transformer' or 'cnn', from a timm architecture or class name."""
+    low = name.lower()
+    return "transformer" if any(t in low for t in _TRANSFORMER_NAMES) else "cnn"
+
+
+def resolve_pool(pool: str, parsed: ParsedSpec) -> str:
+    """``auto`` -> ``gem3`` for a timm CNN (by its architecture name; a local folder's config.json), else ``model``
+    (also for a network fine-tuned here, whose head was trained on its own pooling)."""
+    if pool != "auto":
+        return pool
+    if parsed.library != "timm":
+        return "model"
+    name = parsed.name
+    if parsed.source == "local-dir":
+        import json
+
+        try:
+            cfg = json.loads((Path(parsed.name) / "config.json").read_text())
+        except (OSError, ValueError):
+            return "model"
+        if "speciesid" in cfg:  # a fine-tuned network: its head was trained on the model's own pooling
+            return "model"
+        name = str(cfg.get("architecture", name))
+    return "gem3" if timm_family(name) == "cnn" else "model"
 
 
 def options_suffix(pool: str, views: str) -> str:

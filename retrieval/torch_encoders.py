@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.encoders import Encoder, EncoderConfig, ParsedSpec, check_options, make_fingerprint, spec_error
+from retrieval.encoders import (
+    Encoder,
+    EncoderConfig,
+    ParsedSpec,
+    check_options,
+    make_fingerprint,
+    resolve_pool,
+    spec_error,
+    timm_family,
+)
 from retrieval.preprocess import from_open_clip, from_timm
 from retrieval.runtimes.cache import DigestCache, weights_identity
 
@@ -266,7 +275,7 @@ class OpenClipEncoder(TorchEncoder):
         self.model = model
         self.weights_digest = weights_digest(parsed, config, model)
         check_options(config.pool, config.views)
-        if config.pool != "model":
+        if config.pool not in ("model", "auto"):
             raise ValueError(f"--pool {config.pool} is for timm CNNs; {spec} keeps its own pooling")
         self.views = config.views
         self.fingerprint = make_fingerprint(spec, self.weights_digest, self.pool, self.views)
@@ -327,14 +336,7 @@ class OpenClipEncoder(TorchEncoder):
         return str(torch.float32 if self.precision == "int8" else self.dtype)
 
 
-_TRANSFORMER_NAMES = ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "levit", "pit", "mvit", "hiera",
-                      "vision_transformer", "visiontransformer", "naflex")
-
-
-def _timm_family(name: str) -> str:
-    """'transformer' or 'cnn', from a timm architecture or class name."""
-    low = name.lower()
-    return "transformer" if any(t in low for t in _TRANSFORMER_NAMES) else "cnn"
+_timm_family = timm_family
 
 
 class GeM(torch.nn.Module):
@@ -401,9 +403,10 @@ class TimmEncoder(TorchEncoder):
         self.weights_digest = weights_digest(parsed, config, model)
         check_options(config.pool, config.views)
         self.family = _timm_family(type(model).__name__)
-        if config.pool == "gem3":
+        pool = config.pool if config.pool != "auto" else resolve_pool("auto", parsed)
+        if pool == "gem3":
             use_gem(model, spec)
-        self.pool, self.views = config.pool, config.views
+        self.pool, self.views = pool, config.views
         self.fingerprint = make_fingerprint(spec, self.weights_digest, self.pool, self.views)
         data_cfg = resolve_model_data_config(model)
         self.preprocess_config = from_timm(data_cfg)

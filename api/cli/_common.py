@@ -80,8 +80,9 @@ def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) ->
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     builds = default_spec is not None
     p.add_argument("--pool", default=None, choices=POOLS,
-                   help="feature pooling: model (the model's own, average for CNNs) or gem3 (generalised mean, p=3; "
-                   "timm CNNs); default " + (DEFAULT_POOL if builds else "the one that built the index"))
+                   help="feature pooling: model (the model's own, average for CNNs), gem3 (generalised mean, p=3; "
+                   "timm CNNs) or auto (gem3 for timm CNNs, else model); default "
+                   + (DEFAULT_POOL if builds else "the one that built the index"))
     p.add_argument("--views", default=None, choices=VIEWS,
                    help="test-time views of every photo (references and queries), embeddings averaged: single, "
                    f"flip (+ mirror image, 2 passes), ms (+ whole photo at {SCALE_VIEW} px, torch only), flipms "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from retrieval.encoders import (
     cache_digest,
     check_options,
     parse_spec,
+    resolve_pool,
     resolve_runtime,
 )
 from retrieval.runtimes import (
@@ -90,6 +92,7 @@ def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Enco
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     parsed = parse_spec(config.spec)
     check_options(config.pool, config.views)
+    config = replace(config, pool=resolve_pool(config.pool, parsed))
     logger.info("loading encoder %s (runtime %s, precision %s, device %s, pool %s, views %s)", config.spec, runtime,
                 config.precision, config.device, config.pool, config.views)
     if config.views in ("ms", "flipms"):  # the exported towers take one input size; the scale view is another
