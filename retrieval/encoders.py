@@ -59,7 +59,7 @@ POOLS = ("auto", "model", "gem3")
 VIEWS = ("single", "flip", "ms", "flipms")
 SCALE_VIEW = 288
 #: What a new gallery is built with (chosen by measurement on ph-snakes: docs/accuracy.md).
-DEFAULT_POOL = "auto"
+DEFAULT_POOL = "model"
 DEFAULT_VIEWS = "single"
 #: Environment variable that sets the runtime when none is given (``speciesid serve``, scripts).
 RUNTIME_ENV = "SPECIESID_RUNTIME"

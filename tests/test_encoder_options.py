@@ -25,7 +25,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def test_gem3_pooling_is_the_generalised_mean_of_the_feature_map():
     plain = create_encoder(SPEC, runtime="torch", precision="fp32", pool="model")
     gem = create_encoder(SPEC, runtime="torch", precision="fp32", pool="gem3")
-    assert create_encoder(SPEC, runtime="torch", precision="fp32").pool == "gem3"  # auto: gem3 for a timm CNN
+    assert create_encoder(SPEC, runtime="torch", precision="fp32", pool="auto").pool == "gem3"  # a timm CNN
+    assert create_encoder(SPEC, runtime="torch", precision="fp32").pool == "model"  # the default
     assert gem.fingerprint == plain.fingerprint + "+pool=gem3"  # same weights, other embeddings
     x = torch.from_numpy(np.stack([plain.preprocess(p) for p in _photos()]))
     with torch.inference_mode():
