@@ -17,7 +17,7 @@ selection rules (seq-nll = the default, argmax = the old one) x kNN / probe / bl
 ``retrieval.pipeline.embed_sources`` with the encoder ``auto`` picks here (views ``ms``/``flipms`` run on torch),
 cached under runs/cache. Run it niced (it is an accuracy job, not a timing):
 
-    nice -n 19 .venv/bin/python benchmarks/bench_protocol.py                     # 3 seeds x 5 folds, ~1 h on 2 cores
+    nice -n 19 .venv/bin/python benchmarks/bench_protocol.py                     # 3 seeds x 5 folds, ~25 min (5 options) on 2 busy cores
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --seeds 1   # one row, quick
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --gallery-fracs 0.5   # + growth
 """
