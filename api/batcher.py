@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.encoders import Encoder
+from retrieval.encoders import Encoder, batch_len, concat_views
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class EncodeBatcher:
             if job is None:
                 return
             jobs = [job]
-            size = len(job.tensors)
+            size = batch_len(job.tensors)
             deadline = None
             while size < self.max_batch:
                 try:
@@ -78,9 +78,9 @@ class EncodeBatcher:
                     self._queue.put(None)
                     break
                 jobs.append(nxt)
-                size += len(nxt.tensors)
+                size += batch_len(nxt.tensors)
             try:
-                emb = self.encoder.encode_batch(np.concatenate([j.tensors for j in jobs]))
+                emb = self.encoder.encode_batch(concat_views([j.tensors for j in jobs]))
             except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting request
                 for j in jobs:
                     j.future.set_exception(exc)
@@ -89,6 +89,6 @@ class EncodeBatcher:
             self.images += size
             start = 0
             for j in jobs:
-                n = len(j.tensors)
+                n = batch_len(j.tensors)
                 j.future.set_result(emb[start : start + n])
                 start += n

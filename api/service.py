@@ -24,6 +24,7 @@ from index.gallery import Neighbour
 from index.sources import read_source
 from index.store import SpeciesSummary, source_file
 from retrieval import workflows
+from retrieval.encoders import stack_views
 from retrieval.images import ImageLoadError, decode_image, image_format, sha256_bytes
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
@@ -108,7 +109,7 @@ class SpeciesService:
 
     def embed(self, uploads: Sequence[Upload]) -> np.ndarray:
         """(n, dim) embeddings, through the shared batcher."""
-        tensors = np.stack([self.encoder.preprocess(u.image) for u in uploads])
+        tensors = stack_views([self.encoder.preprocess_views(u.image) for u in uploads])
         return self.batcher.encode(tensors)
 
     # ------------------------------------------------------------------ reads

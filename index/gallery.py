@@ -118,7 +118,8 @@ class Gallery:
         config = index_config or VectorIndexConfig()
         info = {
             "format": GALLERY_FORMAT,
-            "encoder": {k: encoder[k] for k in ("spec", "fingerprint", "dim")} | {"weights": weights},
+            "encoder": {k: encoder[k] for k in ("spec", "fingerprint", "dim")} | {"weights": weights}
+            | {k: encoder[k] for k in ("pool", "views") if k in encoder},  # embedding options (retrieval.encoders)
             "dim": int(encoder["dim"]),
             "index": asdict(config),
         }

@@ -136,7 +136,8 @@ class EncoderMismatchError(ValueError):
 
 
 def weights_digest(fingerprint: str) -> str:
-    """The weights part of an encoder fingerprint (``spec#digest`` -> ``digest``)."""
+    """The weights part of an encoder fingerprint (``spec#digest`` -> ``digest``), with the embedding options
+    that follow it (``spec#digest+pool=gem3+views=flip``) when there are any."""
     return str(fingerprint).rsplit("#", 1)[-1]
 
 
@@ -153,6 +154,14 @@ def check_encoder(what: str, recorded: str, given: str, *, fix: str) -> None:
     """
     if weights_digest(recorded) == weights_digest(given):
         return
+    rec_w, _, rec_opt = weights_digest(recorded).partition("+")
+    giv_w, _, giv_opt = weights_digest(given).partition("+")
+    if rec_w == giv_w:  # same weights, other embedding options (pooling, test-time views)
+        raise EncoderMismatchError(
+            f"{what} was built with encoder {_spec(recorded)!r} with options '{rec_opt or 'pool=model+views=single'}',"
+            f" not with the options given ('{giv_opt or 'pool=model+views=single'}'): its embeddings would not "
+            f"compare; leave --pool/--views out to use the gallery's own, or build a new index in another directory"
+        )
     raise EncoderMismatchError(
         f"{what} was built with encoder {_spec(recorded)!r} (fingerprint {recorded}), not with the encoder "
         f"given ({given}); {fix}"

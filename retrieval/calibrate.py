@@ -1,24 +1,42 @@
 """Choose the probe's C, the kNN k/T, the blend weight and the unknown threshold by measurement.
 
 Without a separate validation set the choice is made out-of-fold: the gallery is split into
-stratified folds, each fold is identified against the rest (kNN over the rest, a probe trained on the
-rest), and the settings with the best out-of-fold top-1 of the blend win. With a validation set
-(``val_emb``), the whole gallery is the reference set and the validation photos are the queries.
+stratified folds (near-duplicate photos kept in one fold), each fold is identified against the rest (kNN
+over the rest, a probe trained on the rest). With a validation set (``val_emb``), the whole gallery is the
+reference set and the validation photos are the queries.
+
+Two rules turn the out-of-fold scores into settings (``rule``; recorded in the :class:`Calibration`):
+
+- ``seq-nll`` (the default): one setting at a time, each by out-of-fold log-loss -- C alone (the probe),
+  then k and T (the kNN vote alone), then the blend weight for those -- and at each step the value nearest
+  the measured defaults (:data:`PRIOR`) among those within one standard error of the best (the plateau, not a
+  lucky point). Few free settings, each chosen on a smooth score: it does not over-fit small folds (docs/accuracy.md).
+- ``argmax``: the old rule, the grid point (C, k, T, w) with the best out-of-fold top-1 of the blend; 4
+  settings chosen jointly on a step-shaped score, it over-fits small folds (a bigger gallery could get a
+  worse blend). Kept for comparison.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from retrieval.metrics import precision_threshold
 from retrieval.probe import Calibration, LinearProbe, train_probe
 
 logger = logging.getLogger(__name__)
+
+RULES = ("seq-nll", "argmax")
+DEFAULT_RULE = "seq-nll"
+#: The measured defaults each step of ``seq-nll`` leans toward when the scores cannot tell values apart.
+PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5}
+#: Cosine at or above which two gallery photos count as the same photo (kept in one fold).
+DUPLICATE_COSINE = 0.95
 
 
 @dataclass
@@ -61,7 +79,78 @@ def blend_matrix(knn: np.ndarray, probe: np.ndarray, known: np.ndarray, weight: 
     return np.where(known, (1 - weight) * knn + weight * mass * probe, knn)
 
 
-def select_settings(
+def photo_nll(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-photo log-loss of probabilities ``p`` (N, n) for true classes ``y``."""
+    return -np.log(np.clip(p[np.arange(len(y)), y], 1e-9, 1.0))
+
+
+def plateau_pick(candidates: Sequence, losses: Sequence[np.ndarray], distance) -> tuple:
+    """Among ``candidates`` (each with per-photo losses), the one nearest the prior (``distance``) whose mean
+    loss is within one standard error (paired, per photo) of the best one's. Returns (candidate, index)."""
+    means = np.array([float(np.mean(v)) for v in losses])
+    best = int(np.argmin(means))
+    plateau = []
+    for i, v in enumerate(losses):
+        diff = v - losses[best]
+        se = float(np.std(diff, ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        if means[i] <= means[best] + se + 1e-12:
+            plateau.append(i)
+    i = min(plateau, key=lambda j: (distance(candidates[j]), means[j]))
+    return candidates[i], i
+
+
+def _log_step(value: float, prior: float) -> float:
+    return abs(math.log(value / prior)) if value > 0 and prior > 0 else abs(value - prior)
+
+
+def duplicate_groups(x: np.ndarray) -> np.ndarray:
+    """Connected components of near-duplicate gallery photos (cosine >= DUPLICATE_COSINE)."""
+    from index.pairs import similar_pairs
+
+    parent = np.arange(len(x))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for a, b, _ in similar_pairs(x, threshold=DUPLICATE_COSINE):
+        parent[find(a)] = find(b)
+    return np.array([find(i) for i in range(len(x))])
+
+
+def cv_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds of the gallery with near-duplicates kept together: [(rest, held), ...]."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    groups = duplicate_groups(x)
+    if len(np.unique(groups)) == len(x):
+        return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
+    return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups))
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold probabilities of every grid value: what a rule chooses from (``select_settings``)."""
+
+    y: np.ndarray  # (Q,) true class index of every held-out photo
+    knn: dict[tuple[int, float], np.ndarray]  # (k, T) -> (Q, n) kNN vote
+    probe: dict[float, np.ndarray]  # C -> (Q, n) probe probabilities (zero on species it does not know)
+    known: dict[float, np.ndarray]  # C -> (Q, n) bool: the species that probe knows
+    weights: tuple[float, ...]
+    selected_on: str
+
+    def blended(self, c: float, kt: tuple[int, float], w: float) -> np.ndarray:
+        """The blend of one grid point."""
+        return blend_matrix(self.knn[kt], self.probe[c], self.known[c], w)
+
+    def top1(self, p: np.ndarray) -> float:
+        """Top-1 accuracy of probabilities ``p``."""
+        return float((p.argmax(1) == self.y).mean())
+
+
+def out_of_fold(
     embeddings: np.ndarray,
     labels: Sequence[str],
     *,
@@ -69,18 +158,12 @@ def select_settings(
     val_embeddings: np.ndarray | None = None,
     val_labels: Sequence[str] | None = None,
     val_name: str = "val",
-    folds: int = 3,
+    folds: int = 5,
     grid: SelectionGrid | None = None,
-    target_precision: float = 0.95,
     seed: int = 0,
     probe: LinearProbe | None = None,
-) -> Calibration:
-    """Pick C, k, T, blend weight (best blended top-1) and the unknown threshold (target precision).
-
-    With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
-    and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
-    lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe.
-    """
+) -> OutOfFold:
+    """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos."""
     grid = grid or SelectionGrid()
     species = sorted(set(labels) | set(probe.species if probe is not None else ()))
     index = {s: i for i, s in enumerate(species)}
@@ -99,23 +182,18 @@ def select_settings(
         n_folds = int(min(folds, counts[counts > 0].min()))
         if n_folds < 2:
             raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
-        splits = []
-        folds_ = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        for rest, held in folds_.split(x, y):
-            splits.append((rest, x[held], y[held]))
+        splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed)]
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     n = len(species)
     Cs = (probe.calibration.C,) if probe is not None else grid.Cs
-    correct: dict[tuple, int] = {}
-    total = 0
-    oof: dict[tuple, list[np.ndarray]] = {}
+    knn_oof: dict[tuple, list[np.ndarray]] = {}
+    probe_oof: dict[float, list[np.ndarray]] = {}
+    known_oof: dict[float, list[np.ndarray]] = {}
     truth: list[np.ndarray] = []
     for rest, q, qy in splits:
-        total += len(q)
         truth.append(qy)
-        knns = {
-            (k, t): knn_matrix(q, x[rest], y[rest], n, k, t) for k in grid.ks for t in grid.temperatures
-        }
+        for k, t in itertools.product(grid.ks, grid.temperatures):
+            knn_oof.setdefault((k, t), []).append(knn_matrix(q, x[rest], y[rest], n, k, t))
         for c in Cs:
             fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
             cols = [index[s] for s in fitted.species]
@@ -123,27 +201,79 @@ def select_settings(
             known[cols] = True
             p = np.zeros((len(q), n))
             p[:, cols] = fitted.predict_proba(q)
-            for (k, t), kn in knns.items():
-                for w in grid.weights:
-                    b = blend_matrix(kn, p, known, w)
-                    key = (c, k, t, w)
-                    correct[key] = correct.get(key, 0) + int((b.argmax(1) == qy).sum())
-                    oof.setdefault(key, []).append(b)
-    best_key = max(correct, key=lambda kk: (correct[kk], -abs(kk[3] - 0.5), kk[0] == 10.0))
-    c, k, t, w = best_key
-    y_all = np.concatenate(truth)
-    b = np.concatenate(oof[best_key])
-    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y_all, target_precision)
-    knn_acc = max(correct[(cc, k, t, 0.0)] for cc in Cs) / total
+            probe_oof.setdefault(c, []).append(p)
+            known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
+    return OutOfFold(
+        y=np.concatenate(truth),
+        knn={kt: np.concatenate(v) for kt, v in knn_oof.items()},
+        probe={c: np.concatenate(v) for c, v in probe_oof.items()},
+        known={c: np.concatenate(v) for c, v in known_oof.items()},
+        weights=tuple(grid.weights),
+        selected_on=selected_on,
+    )
+
+
+def choose(oof: OutOfFold, rule: str = DEFAULT_RULE) -> tuple[float, int, float, float]:
+    """(C, k, T, blend weight) chosen from out-of-fold scores by ``rule`` (see the module docstring)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
+    Cs, kts, ws, y = list(oof.probe), list(oof.knn), list(oof.weights), oof.y
+    if rule == "argmax":
+        scores = {(c, k, t, w): oof.top1(oof.blended(c, (k, t), w)) for c in Cs for k, t in kts for w in ws}
+        return max(scores, key=lambda kk: (scores[kk], -abs(kk[3] - 0.5), kk[0] == 10.0))
+    c = Cs[0]
+    if len(Cs) > 1:  # the probe alone
+        c, _ = plateau_pick(Cs, [photo_nll(oof.probe[cc], y) for cc in Cs], lambda cc: _log_step(cc, PRIOR["C"]))
+    (k, t), _ = plateau_pick(kts, [photo_nll(oof.knn[kt], y) for kt in kts],  # the kNN vote alone
+                             lambda kt: _log_step(kt[0], PRIOR["k"]) + _log_step(kt[1], PRIOR["temperature"]))
+    w, _ = plateau_pick(ws, [photo_nll(oof.blended(c, (k, t), ww), y) for ww in ws],  # then the blend of the two
+                        lambda ww: abs(ww - PRIOR["weight"]))
+    return c, k, t, w
+
+
+def select_settings(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    *,
+    fingerprint: str,
+    val_embeddings: np.ndarray | None = None,
+    val_labels: Sequence[str] | None = None,
+    val_name: str = "val",
+    folds: int = 5,
+    grid: SelectionGrid | None = None,
+    target_precision: float = 0.95,
+    seed: int = 0,
+    probe: LinearProbe | None = None,
+    rule: str = DEFAULT_RULE,
+) -> Calibration:
+    """Pick C, k, T, blend weight (by ``rule``, see the module docstring) and the unknown threshold.
+
+    With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
+    and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
+    lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
+    oof = out_of_fold(embeddings, labels, fingerprint=fingerprint, val_embeddings=val_embeddings,
+                      val_labels=val_labels, val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe)
+    return calibration_from(oof, rule, target_precision)
+
+
+def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision: float = 0.95) -> Calibration:
+    """The :class:`Calibration` a rule chooses from out-of-fold scores, with its unknown threshold and figures."""
+    c, k, t, w = choose(oof, rule)
+    y = oof.y
+    b = oof.blended(c, (k, t), w)
+    thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y, target_precision)
     metrics = {
-        "queries": float(total),
-        "knn_top1": knn_acc,
-        "probe_top1": correct[(c, k, t, 1.0)] / total,
-        "blend_top1": correct[best_key] / total,
+        "queries": float(len(y)),
+        "knn_top1": oof.top1(oof.knn[k, t]),
+        "probe_top1": oof.top1(oof.blended(c, (k, t), 1.0)),
+        "blend_top1": oof.top1(b),
+        "blend_nll": float(photo_nll(b, y).mean()),
         "unknown_precision": prec,
         "unknown_coverage": cov,
     }
-    logger.info("selected C=%s k=%s T=%s w=%s on %s: %s", c, k, t, w, selected_on, metrics)
-    return Calibration(
-        C=c, blend_weight=w, k=k, temperature=t, unknown_threshold=thr, selected_on=selected_on, metrics=metrics
-    )
+    logger.info("selected C=%s k=%s T=%s w=%s on %s by %s: %s", c, k, t, w, oof.selected_on, rule, metrics)
+    return Calibration(C=c, blend_weight=w, k=k, temperature=t, unknown_threshold=thr, selected_on=oof.selected_on,
+                       metrics=metrics, rule=rule)

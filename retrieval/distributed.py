@@ -117,6 +117,8 @@ class Preprocessor:
     """The encoder's eval transform without its weights (picklable for CPU tasks)."""
 
     def __init__(self, encoder: Encoder) -> None:
+        if getattr(encoder, "views", "single") != "single":
+            raise ValueError(f"--engine ray builds single-view galleries; views {encoder.views!r} need --engine local")
         self.preprocess_config = encoder.preprocess_config  # numpy preprocessing (every runtime)
         self.transform = encoder.transform if encoder.preprocess_config is None else None
         self.input_size = int(getattr(encoder, "input_size", 224))
@@ -124,6 +126,10 @@ class Preprocessor:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB image -> the model input, as the encoder's own ``preprocess`` makes it."""
         return Encoder.preprocess(self, image)  # type: ignore[arg-type]
+
+    def preprocess_views(self, image: Image.Image) -> np.ndarray:
+        """The same as :meth:`preprocess` (single-view encoders only)."""
+        return self.preprocess(image)
 
 
 def hash_batch(batch: pa.Table) -> pa.Table:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.preprocess import PreprocessConfig, preprocess_image
+from retrieval.preprocess import PreprocessConfig, preprocess_image, squash_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ SPEC_FORMS: tuple[str, ...] = (
 )
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
+#: Feature pooling: the model's own (average pooling for CNNs), generalised-mean pooling with p = 3 (timm CNNs), or
+#: ``auto``: gem3 for timm CNNs, the model's own for everything else (see :func:`resolve_pool`).
+POOLS = ("auto", "model", "gem3")
+#: Test-time views, each embedded and averaged (L2-normalised): the eval crop alone (``single``), plus its mirror
+#: image (``flip``), plus the whole photo squashed to ``SCALE_VIEW`` px (``ms``), or all four (``flipms``).
+VIEWS = ("single", "flip", "ms", "flipms")
+SCALE_VIEW = 288
+#: What a new gallery is built with (chosen by measurement on ph-snakes: docs/accuracy.md).
+DEFAULT_POOL = "model"
+DEFAULT_VIEWS = "single"
 #: Environment variable that sets the runtime when none is given (``speciesid serve``, scripts).
 RUNTIME_ENV = "SPECIESID_RUNTIME"
 #: Photos for an export's faithfulness check and int8 calibration: a list of paths/bytes, or a callable giving one.
@@ -67,6 +77,86 @@ class EncoderConfig:
     precision: str = "auto"  # fp32, bf16, int8, fp16 (CUDA); auto = the fastest faithful one here
     batch_size: int = 32  # images per forward pass
     runtime: str | None = None  # auto, torch, onnx, openvino; None = $SPECIESID_RUNTIME, else auto
+    pool: str = DEFAULT_POOL  # one of POOLS
+    views: str = DEFAULT_VIEWS  # one of VIEWS
+
+
+def check_options(pool: str, views: str) -> None:
+    """Refuse unknown pooling / view names."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+    if views not in VIEWS:
+        raise ValueError(f"unknown views {views!r}; choose one of {', '.join(VIEWS)}")
+
+
+_TRANSFORMER_NAMES = ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "levit", "pit", "mvit", "hiera",
+                      "vision_transformer", "visiontransformer", "naflex")
+
+
+def timm_family(name: str) -> str:
+    """'transformer' or 'cnn', from a timm architecture or class name."""
+    low = name.lower()
+    return "transformer" if any(t in low for t in _TRANSFORMER_NAMES) else "cnn"
+
+
+def resolve_pool(pool: str, parsed: ParsedSpec) -> str:
+    """``auto`` -> ``gem3`` for a timm CNN (by its architecture name; a local folder's config.json), else ``model``
+    (also for a network fine-tuned here, whose head was trained on its own pooling)."""
+    if pool != "auto":
+        return pool
+    if parsed.library != "timm":
+        return "model"
+    name = parsed.name
+    if parsed.source == "local-dir":
+        import json
+
+        try:
+            cfg = json.loads((Path(parsed.name) / "config.json").read_text())
+        except (OSError, ValueError):
+            return "model"
+        if "speciesid" in cfg:  # a fine-tuned network: its head was trained on the model's own pooling
+            return "model"
+        name = str(cfg.get("architecture", name))
+    return "gem3" if timm_family(name) == "cnn" else "model"
+
+
+def options_suffix(pool: str, views: str) -> str:
+    """The fingerprint's record of the embedding options ('' for the model's pooling and a single view)."""
+    return (f"+pool={pool}" if pool != "model" else "") + (f"+views={views}" if views != "single" else "")
+
+
+def make_fingerprint(spec: str, digest: str, pool: str = "model", views: str = "single") -> str:
+    """``spec#digest16[+pool=..][+views=..]``: what every gallery, probe and text prior records. The options
+    sit after the digest, so :func:`index.layout.check_encoder` refuses a gallery built with other options."""
+    return f"{spec}#{digest[:16]}{options_suffix(pool, views)}"
+
+
+def cache_digest(digest: str, pool: str) -> str:
+    """The key of an exported image tower: the weights digest, changed when the pooling layer is not the model's."""
+    if pool == "model":
+        return digest
+    import hashlib
+
+    return hashlib.sha256(f"{digest}|pool={pool}".encode()).hexdigest()
+
+
+def stack_views(tensors: Sequence) -> Any:
+    """Preprocessed photos (each what :meth:`Encoder.preprocess_views` gives) -> one batch for ``encode_batch``."""
+    if tensors and isinstance(tensors[0], tuple):
+        return tuple(np.stack([t[g] for t in tensors]) for g in range(len(tensors[0])))
+    return np.stack(tensors)
+
+
+def batch_len(batch: Any) -> int:
+    """Photos in a batch from :func:`stack_views`."""
+    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
+
+
+def concat_views(batches: Sequence) -> Any:
+    """Batches (from :func:`stack_views`) -> one batch."""
+    if batches and isinstance(batches[0], tuple):
+        return tuple(np.concatenate([b[g] for b in batches]) for g in range(len(batches[0])))
+    return np.concatenate(batches)
 
 
 @dataclass(frozen=True)
@@ -140,6 +230,8 @@ class Encoder(ABC):
     supports_text: bool = False
     preprocess_config: PreprocessConfig | None = None  # the eval transform, reproduced in numpy
     transform: Callable[[Image.Image], Any] | None = None  # the library's own transform (when numpy cannot)
+    pool: str = "model"  # one of POOLS (applied inside the image tower)
+    views: str = "single"  # one of VIEWS (applied here: preprocessing, then the average of the embeddings)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB PIL image -> a float32 (C, H, W) array, with the model's own eval transform."""
@@ -147,12 +239,42 @@ class Encoder(ABC):
             return preprocess_image(image, self.preprocess_config)
         return np.asarray(self.transform(image), dtype=np.float32)  # type: ignore[misc]
 
+    def preprocess_views(self, image: Image.Image) -> np.ndarray | tuple[np.ndarray, ...]:
+        """One RGB image -> the model input of every view: (C, H, W) for a single view, (V, C, H, W) for views of
+        one size, a tuple of those per size otherwise (``stack_views`` batches them, ``encode_batch`` averages)."""
+        base = self.preprocess(image)
+        if self.views == "single":
+            return base
+        flip = self.views in ("flip", "flipms")
+        groups = [[base] + ([base[:, :, ::-1]] if flip else [])]
+        if self.views in ("ms", "flipms"):
+            cfg = self.preprocess_config
+            if cfg is None:
+                raise ValueError(f"views {self.views!r} need a preprocessing numpy reproduces ({self.spec})")
+            scaled = preprocess_image(image, squash_config(cfg, SCALE_VIEW))
+            groups.append([scaled] + ([scaled[:, :, ::-1]] if flip else []))
+        stacked = tuple(np.ascontiguousarray(np.stack(g)) for g in groups)
+        return stacked[0] if len(stacked) == 1 else stacked
+
     @abstractmethod
     def _forward_array(self, batch: np.ndarray) -> np.ndarray:
         """Model forward on a preprocessed float32 (N, C, H, W) batch -> (N, dim) unnormalised features."""
 
-    def encode_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed (N, C, H, W) array -> (N, dim) float32, L2-normalised."""
+    def encode_batch(self, batch: Any) -> np.ndarray:
+        """Preprocessed (N, C, H, W) array -> (N, dim) float32, L2-normalised. Views: (N, V, C, H, W), or a tuple
+        of those (one per input size): every view is embedded, the L2-normalised embeddings averaged, renormalised."""
+        if isinstance(batch, tuple) or batch.ndim == 5:
+            groups = batch if isinstance(batch, tuple) else (batch,)
+            total = None
+            for g in groups:
+                n, v = g.shape[:2]
+                e = self._encode_plain(g.reshape(n * v, *g.shape[2:])).reshape(n, v, -1).sum(axis=1)
+                total = e if total is None else total + e
+            return (total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return self._encode_plain(batch)
+
+    def _encode_plain(self, batch: Any) -> np.ndarray:
+        """(N, C, H, W) -> (N, dim) float32, L2-normalised."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4:
             raise ValueError(f"expected a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
@@ -167,7 +289,7 @@ class Encoder(ABC):
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            out.append(self.encode_batch(np.stack([self.preprocess(_rgb(im)) for im in chunk])))
+            out.append(self.encode_batch(stack_views([self.preprocess_views(_rgb(im)) for im in chunk])))
         return np.concatenate(out, axis=0)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -192,6 +314,8 @@ class Encoder(ABC):
             "runtime": self.runtime,
             "precision": str(self.dtype).removeprefix("torch.") if self.runtime == "torch" else self.precision,
             "supports_text": self.supports_text,
+            "pool": self.pool,
+            "views": self.views,
         }
 
 
@@ -212,14 +336,17 @@ def create_encoder(
     batch_size: int = 32,
     runtime: str | None = None,
     photos: Photos | None = None,
+    pool: str = DEFAULT_POOL,
+    views: str = DEFAULT_VIEWS,
 ) -> Encoder:
     """Build an encoder from a spec string (see module docstring); unknown specs raise ``ValueError``.
 
+    ``pool`` / ``views``: see :data:`POOLS` / :data:`VIEWS` (recorded in the fingerprint).
     ``photos``: real photos for checking (and int8-calibrating) an exported model the first time one is made
     for these weights on this CPU (see :func:`retrieval.runtimes.select.open_encoder`).
     """
     config = EncoderConfig(spec=spec, weights=weights, device=device, precision=precision, batch_size=batch_size,
-                           runtime=runtime)
+                           runtime=runtime, pool=pool, views=views)
     return create_encoder_from_config(config, photos=photos)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from index.gallery import Gallery, check_gallery_encoder
 from index.records import ReferenceRecord
 from index.sources import read_source
-from retrieval.encoders import Encoder
+from retrieval.encoders import Encoder, stack_views
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
     MIN_REFERENCE_SIDE,
@@ -41,7 +41,7 @@ class Prepared:
 
     position: int  # index in the input sequence
     sha256: str | None = None  # digest of the file bytes (None when unreadable)
-    tensor: np.ndarray | None = None  # preprocessed float32 CHW array (None when skipped)
+    tensor: np.ndarray | tuple | None = None  # preprocessed float32 CHW array, or its views (None when skipped)
     error: str | None = None  # why it was skipped
     duplicate_of: int | None = None  # stored reference id with the same bytes
 
@@ -130,7 +130,7 @@ def prepare(
         if min(image.size) < min_side:
             return Prepared(position, sha256=digest, error=f"{image.size[0]}x{image.size[1]} pixels is too small for "
                             f"a reference photo (at least {min_side} px on the short side)")
-        tensor = encoder.preprocess(image)
+        tensor = encoder.preprocess_views(image)
     except ImageLoadError as exc:
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
@@ -191,7 +191,7 @@ def iter_embeddings(
         if not tensors:
             return None
         t0 = time.perf_counter()
-        out = encoder.encode_batch(np.stack(tensors))
+        out = encoder.encode_batch(stack_views(tensors))
         if stats is not None:
             stats.encode_s += time.perf_counter() - t0
             stats.batches += 1

@@ -83,6 +83,11 @@ def from_timm(data_cfg: Mapping) -> PreprocessConfig | None:
     return None
 
 
+def squash_config(cfg: PreprocessConfig, side: int) -> PreprocessConfig:
+    """The whole photo squashed to ``side`` x ``side`` (no crop), normalised like ``cfg`` (a multi-scale view)."""
+    return PreprocessConfig((side, side), (side, side), "squash", cfg.interpolation, cfg.mean, cfg.std)
+
+
 def _triple(v) -> tuple[float, float, float]:
     v = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3))
     return (v[0], v[1], v[2])

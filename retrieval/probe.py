@@ -40,6 +40,7 @@ class Calibration:
     unknown_threshold: float = 0.5  # best blended score under this -> unknown
     selected_on: str = "default"  # "cv:N-fold", "val:PATH" or "default": where these values come from
     metrics: dict[str, float] = field(default_factory=dict)  # validation figures of kNN / probe / blend
+    rule: str = ""  # how the settings were chosen: "seq-nll", "argmax" ("" = not recorded: older files, defaults)
 
 
 @dataclass

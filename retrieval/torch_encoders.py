@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.encoders import Encoder, EncoderConfig, ParsedSpec, spec_error
+from retrieval.encoders import (
+    Encoder,
+    EncoderConfig,
+    ParsedSpec,
+    check_options,
+    make_fingerprint,
+    resolve_pool,
+    spec_error,
+    timm_family,
+)
 from retrieval.preprocess import from_open_clip, from_timm
 from retrieval.runtimes.cache import DigestCache, weights_identity
 
@@ -159,7 +168,7 @@ class TorchEncoder(Encoder):
             self.dtype, self.precision = dtype, precision
         return faith
 
-    def encode_batch(self, batch) -> np.ndarray:
+    def _encode_plain(self, batch) -> np.ndarray:
         """Preprocessed (N, C, H, W) array or tensor -> (N, dim) float32, L2-normalised."""
         x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
         if x.ndim != 4:
@@ -170,7 +179,7 @@ class TorchEncoder(Encoder):
         return feats.cpu().numpy().astype(np.float32, copy=False)
 
     def _forward_array(self, batch: np.ndarray) -> np.ndarray:
-        return self.encode_batch(batch)
+        return self._encode_plain(batch)
 
 
 def _open_clip_checkpoint(open_clip, parsed: ParsedSpec, pretrained: str | None) -> str | None:
@@ -265,7 +274,11 @@ class OpenClipEncoder(TorchEncoder):
         model.eval()
         self.model = model
         self.weights_digest = weights_digest(parsed, config, model)
-        self.fingerprint = f"{spec}#{self.weights_digest[:16]}"
+        check_options(config.pool, config.views)
+        if config.pool not in ("model", "auto"):
+            raise ValueError(f"--pool {config.pool} is for timm CNNs; {spec} keeps its own pooling")
+        self.views = config.views
+        self.fingerprint = make_fingerprint(spec, self.weights_digest, self.pool, self.views)
         scale = getattr(model, "logit_scale", None)
         self.logit_scale = float(scale.detach().float().exp()) if scale is not None else 100.0  # CLIP's temperature
         pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
@@ -323,14 +336,33 @@ class OpenClipEncoder(TorchEncoder):
         return str(torch.float32 if self.precision == "int8" else self.dtype)
 
 
-_TRANSFORMER_NAMES = ("vit", "deit", "beit", "eva", "swin", "cait", "xcit", "levit", "pit", "mvit", "hiera",
-                      "vision_transformer", "visiontransformer", "naflex")
+_timm_family = timm_family
 
 
-def _timm_family(name: str) -> str:
-    """'transformer' or 'cnn', from a timm architecture or class name."""
-    low = name.lower()
-    return "transformer" if any(t in low for t in _TRANSFORMER_NAMES) else "cnn"
+class GeM(torch.nn.Module):
+    """Generalised-mean pooling, ``mean(x ** p) ** (1 / p)`` over the feature map (p = 3: between average and max
+    pooling; +0.5 points of blend top-1 for MobileNetV1 on ph-snakes, docs/accuracy.md). Exports to ONNX as is."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, flatten: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.p, self.eps = float(p), float(eps)  # plain floats: the weights digest stays the weights'
+        self.flatten = flatten if flatten is not None else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.float().clamp(min=self.eps).pow(self.p).mean(dim=(2, 3), keepdim=True).pow(1.0 / self.p)
+        return self.flatten(pooled.to(x.dtype))
+
+
+def use_gem(model: torch.nn.Module, spec: str, p: float = 3.0) -> None:
+    """Replace a timm CNN's global average pooling by :class:`GeM` (in place)."""
+    from timm.layers import SelectAdaptivePool2d
+
+    for owner in (model, getattr(model, "head", None)):
+        pool = getattr(owner, "global_pool", None) if owner is not None else None
+        if isinstance(pool, SelectAdaptivePool2d) and pool.pool_type:
+            owner.global_pool = GeM(p, flatten=pool.flatten)
+            return
+    raise ValueError(f"--pool gem3 needs a timm CNN with a global pooling layer; {spec} has none")
 
 
 class TimmEncoder(TorchEncoder):
@@ -369,8 +401,13 @@ class TimmEncoder(TorchEncoder):
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         model.eval()
         self.weights_digest = weights_digest(parsed, config, model)
-        self.fingerprint = f"{spec}#{self.weights_digest[:16]}"
+        check_options(config.pool, config.views)
         self.family = _timm_family(type(model).__name__)
+        pool = config.pool if config.pool != "auto" else resolve_pool("auto", parsed)
+        if pool == "gem3":
+            use_gem(model, spec)
+        self.pool, self.views = pool, config.views
+        self.fingerprint = make_fingerprint(spec, self.weights_digest, self.pool, self.views)
         data_cfg = resolve_model_data_config(model)
         self.preprocess_config = from_timm(data_cfg)
         if self.preprocess_config is None:

@@ -148,9 +148,13 @@ def open_gallery(
     batch_size: int = 32,
     refresh_s: float = 1.0,
     runtime: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
 ) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
 
+    ``pool`` / ``views``: None = the gallery's own (recorded at build; galleries from before have neither, which
+    means ``model`` / ``single``); another value is refused by the fingerprint check.
     ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
     ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
     exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
@@ -163,6 +167,8 @@ def open_gallery(
         precision=precision,
         batch_size=batch_size,
         runtime=runtime,
+        pool=pool or built.get("pool", "model"),
+        views=views or built.get("views", "single"),
     )
     enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
     return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
@@ -179,10 +185,12 @@ def open_identifier(
     use_probe: bool = True,
     refresh_s: float = 1.0,
     runtime: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
 ) -> Identifier:
     """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
     gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
-                                refresh_s=refresh_s, runtime=runtime)
+                                refresh_s=refresh_s, runtime=runtime, pool=pool, views=views)
     probe = None
     if use_probe and has_probe(index_dir):
         probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
@@ -294,6 +302,7 @@ class EvaluationRun:
     files: dict[str, Path]  # the report files
     queries: int  # photos identified
     unreadable: int  # photos skipped
+    protocol: list[str] = field(default_factory=list)  # which photos chose what (retrieval.protocol)
 
 
 def evaluate_dataset(
@@ -305,12 +314,27 @@ def evaluate_dataset(
     country: str | None = None,
     report_dir: str | Path = "report",
     progress: bool = True,
+    keep_duplicates: bool = False,
+    settings_overridden: bool = False,
 ) -> EvaluationRun:
-    """Identify a labelled set with every method the gallery has; write the JSON + Markdown report."""
+    """Identify a labelled set with every method the gallery has; write the JSON + Markdown report.
+
+    The report says which photos chose the settings and how many evaluated photos the gallery already holds
+    (same bytes or near-copies); those are left out of the figures unless ``keep_duplicates``.
+    """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
+    from retrieval.protocol import Protocol, find_duplicates, settings_origin
+
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
+    dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
+    settings, chose = settings_origin(ident.probe, root, settings_overridden)
+    protocol = Protocol(settings, chose, dups, kinds, excluded=not keep_duplicates)
+    readable = len(ok)
+    if not keep_duplicates:
+        dup_set = set(dups)
+        ok = [i for i in ok if i not in dup_set]
     presence = presence_for(country)
     methods = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
     taxa = ident.taxa()
@@ -331,14 +355,15 @@ def evaluate_dataset(
     notes = [
         f"gallery {ident.gallery.root} ({len(ident.gallery)} references, encoder {ident.gallery.encoder_spec})",
         f"queries: dataset {dataset} at {root}: {len(ok)} photos"
-        + (f", {len(scan.records) - len(ok)} unreadable and skipped" if len(ok) < len(scan.records) else ""),
+        + (f", {len(scan.records) - readable} unreadable and skipped" if readable < len(scan.records) else ""),
         f"kNN k={c.k}, T={c.temperature}, unknown threshold {c.unknown_threshold}"
         + (f"; blend weight {ident.blend_weight}" if ident.probe is not None else "; no probe (kNN only)"),
     ]
     if country:
         notes.append(f"country prior: {country}")
+    notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
-    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - len(ok))
+    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines())
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -486,7 +511,8 @@ def train_gallery_probe(
     val_metadata: str | Path | None = None,
     checklist: str | None = None,
     text_strength: float = 1.0,
-    folds: int = 3,
+    folds: int = 5,
+    rule: str = "seq-nll",
     device: str = "auto",
     progress: bool = True,
     precision: str = "auto",
@@ -503,7 +529,7 @@ def train_gallery_probe(
     vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
-                                  val_labels=val_labels, val_name=str(val_root), folds=folds)
+                                  val_labels=val_labels, val_name=str(val_root), folds=folds, rule=rule)
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
@@ -528,7 +554,8 @@ def import_gallery_probe(
     val_dataset: str | None = None,
     val_root: str | Path | None = None,
     val_metadata: str | Path | None = None,
-    folds: int = 3,
+    folds: int = 5,
+    rule: str = "seq-nll",
     device: str = "auto",
     progress: bool = True,
     precision: str = "auto",
@@ -558,7 +585,7 @@ def import_gallery_probe(
                     "make it over-confident)")
     probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
                                         val_embeddings=val_emb, val_labels=val_labels, val_name=str(val_root),
-                                        folds=folds)
+                                        folds=folds, rule=rule)
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
     probe.fingerprint = gallery.fingerprint

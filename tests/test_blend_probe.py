@@ -92,8 +92,8 @@ def test_binary_probe_is_a_proper_softmax():
 def test_select_settings_by_cv_returns_a_grid_point_and_a_calibrated_threshold():
     x, y = _clusters(12, 5, noise=1.2, seed=3)
     grid = SelectionGrid(Cs=(1.0, 10.0), ks=(3, 9), temperatures=(0.05,), weights=(0.0, 0.5, 1.0))
-    s = select_settings(x, y, fingerprint="f", folds=3, grid=grid)
-    assert s.selected_on == "cv:3-fold"
+    s = select_settings(x, y, fingerprint="f", folds=3, grid=grid, rule="argmax")
+    assert s.selected_on == "cv:3-fold" and s.rule == "argmax"
     assert s.C in grid.Cs and s.k in grid.ks and s.blend_weight in grid.weights
     assert s.metrics["queries"] == 60
     assert s.metrics["blend_top1"] >= max(s.metrics["knn_top1"], s.metrics["probe_top1"]) - 1e-9

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,12 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     assert set(data) == {"knn", "probe", "blend"}
     assert data["knn"]["top1"] >= FLOOR_TOP1_14 - 0.05  # k/T now the probe's CV choice, not the defaults
     assert data["blend"]["top1"] >= data["knn"]["top1"]
-    assert data["blend"]["n"] == 210 and 0 <= data["blend"]["venomous_recall"] <= 1
+    # the protocol it ran under: settings by CV inside the gallery; val photos the gallery holds are left out
+    assert "protocol: settings: " in out and "cross-validation inside the gallery, rule seq-nll" in out
+    assert "protocol: evaluated photos used to choose settings: no" in out
+    n_dup = int(re.search(r"evaluated photos already in the gallery: (\d+)", out).group(1))
+    assert 1 <= n_dup <= 4  # ph-snakes val holds 4 near-copies of train photos (fewer when their pair is withheld)
+    assert data["blend"]["n"] == 210 - n_dup and 0 <= data["blend"]["venomous_recall"] <= 1
     for png in ("confusion_knn.png", "confusion_blend.png", "reliability.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| blend |" in (report / "report.md").read_text()

@@ -100,8 +100,9 @@ def test_timm_weights_file_replaces_the_spec_weights(tmp_path):
     torch.manual_seed(3)
     model = timm.create_model("test_efficientnet", num_classes=5)
     save_file(model.state_dict(), tmp_path / "w.safetensors")
-    enc = create_encoder("timm:test_efficientnet", weights=str(tmp_path / "w.safetensors"), precision="fp32")
-    rand = create_encoder("timm:test_efficientnet@random", precision="fp32")
+    enc = create_encoder("timm:test_efficientnet", weights=str(tmp_path / "w.safetensors"), precision="fp32",
+                         pool="model")
+    rand = create_encoder("timm:test_efficientnet@random", precision="fp32", pool="model")
     assert enc.fingerprint != rand.fingerprint
     model.reset_classifier(0)
     model.eval()

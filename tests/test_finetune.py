@@ -204,7 +204,7 @@ def test_select_blend_settings_fixed_probe():
     w = 10 * w
     probe = LinearProbe(["s0", "s1", "s2"], w.astype(np.float32), np.zeros(3, np.float32), "x#1")
     s = select_settings(x, labels, fingerprint=probe.fingerprint, probe=probe)
-    assert s.selected_on.startswith("cv:3-fold") and s.metrics["blend_top1"] > 0.9
+    assert s.selected_on.startswith("cv:5-fold") and s.rule == "seq-nll" and s.metrics["blend_top1"] > 0.9
     s = select_settings(x, labels, fingerprint=probe.fingerprint, probe=probe, val_embeddings=x[:6],
                         val_labels=labels[:6])
     assert s.selected_on == "val:val" and s.metrics["queries"] == 6

@@ -70,14 +70,23 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) -> None:
-    """--encoder, --weights, --device, --runtime, --precision."""
-    from retrieval.encoders import SPEC_FORMS
+    """--encoder, --weights, --device, --pool, --views, --runtime, --precision."""
+    from retrieval.encoders import DEFAULT_POOL, DEFAULT_VIEWS, POOLS, SCALE_VIEW, SPEC_FORMS, VIEWS
 
     help_spec = "encoder spec (" + ", ".join(SPEC_FORMS) + ")"
     help_spec += f"; default {default_spec}" if default_spec else "; default: the one that built the index"
     p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
     p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    builds = default_spec is not None
+    p.add_argument("--pool", default=None, choices=POOLS,
+                   help="feature pooling: model (the model's own, average for CNNs), gem3 (generalised mean, p=3; "
+                   "timm CNNs) or auto (gem3 for timm CNNs, else model); default "
+                   + (DEFAULT_POOL if builds else "the one that built the index"))
+    p.add_argument("--views", default=None, choices=VIEWS,
+                   help="test-time views of every photo (references and queries), embeddings averaged: single, "
+                   f"flip (+ mirror image, 2 passes), ms (+ whole photo at {SCALE_VIEW} px, torch only), flipms "
+                   "(all four); default " + (DEFAULT_VIEWS if builds else "the ones that built the index"))
     add_runtime_args(p)
 
 
@@ -95,10 +104,11 @@ def add_runtime_args(p: argparse.ArgumentParser, *, precision: bool = True) -> N
 
 def encoder_config(args: argparse.Namespace):
     """The encoder options (+ --batch-size) as an EncoderConfig."""
-    from retrieval.encoders import EncoderConfig
+    from retrieval.encoders import DEFAULT_POOL, DEFAULT_VIEWS, EncoderConfig
 
     return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
-                         batch_size=args.batch_size, runtime=args.runtime)
+                         batch_size=args.batch_size, runtime=args.runtime, pool=args.pool or DEFAULT_POOL,
+                         views=args.views or DEFAULT_VIEWS)
 
 
 def add_vote_args(p: argparse.ArgumentParser) -> None:
@@ -123,7 +133,8 @@ def open_identifier(args: argparse.Namespace):
     from retrieval.workflows import open_identifier as open_ident
 
     ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                       precision=args.precision, use_probe=args.method != "knn", runtime=args.runtime)
+                       precision=args.precision, use_probe=args.method != "knn", runtime=args.runtime,
+                       pool=args.pool, views=args.views)
     if args.knn is not None or args.temperature is not None or args.unknown_threshold is not None:
         c = ident.config
         ident.config = VoteConfig(

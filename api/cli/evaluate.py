@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True)
     p.add_argument("--metadata")
     p.add_argument("--report", default="report", metavar="DIR", help="where to write the report (default report/)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="count evaluated photos the gallery already holds (same bytes or near-copies, cosine >= 0.95);"
+                   " by default they are left out, and counted in the report")
     add_vote_args(p)
     add_encoder_args(p, default_spec=None)
     add_quiet(p)
@@ -27,8 +30,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from retrieval.workflows import evaluate_dataset
 
     ident = open_identifier(args)
+    overridden = any(v is not None for v in (args.knn, args.temperature, args.unknown_threshold))
     run = evaluate_dataset(ident, args.dataset, args.root, metadata=args.metadata, country=args.country,
-                           report_dir=args.report, progress=not args.quiet)
+                           report_dir=args.report, progress=not args.quiet, keep_duplicates=args.keep_duplicates,
+                           settings_overridden=overridden)
+    for line in run.protocol:
+        emit(f"protocol: {line}")
     for method, r in run.results.items():
         emit(
             f"{method:6s} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  macro-F1 {r['macro_f1']:.3f}  "

@@ -10,6 +10,7 @@ from api.cli._common import add_quiet, add_runtime_args, emit
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the probe command group."""
     from index.datasets import DATASETS
+    from retrieval.calibrate import RULES
 
     p_probe = sub.add_parser("probe", help="linear-probe head blended with the kNN vote")
     s_probe = p_probe.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
@@ -21,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
     p.add_argument("--val-root", help="labelled validation photos (default: cross-validation on the gallery)")
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
-    p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds without --val-root (default 5)")
+    p.add_argument("--rule", default="seq-nll", choices=RULES,
+                   help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
+                   "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
+                   "over-fits small folds)")
     p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
     p.add_argument("--text-strength", type=float, default=1.0,
                    help="text prior weight, in photos' worth of evidence (default 1)")
@@ -41,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cross-validation over the gallery with the head fixed, which favours the head since it was "
                    "trained on those photos)")
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
-    p.add_argument("--folds", type=int, default=3, help="cross-validation folds without --val-root (default 3)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds without --val-root (default 5)")
+    p.add_argument("--rule", default="seq-nll", choices=RULES,
+                   help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
+                   "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
+                   "over-fits small folds)")
     p.add_argument("--device", default="auto")
     add_runtime_args(p)
     add_quiet(p)
@@ -61,14 +70,14 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
 
     result = train_gallery_probe(
         args.index, val_dataset=args.val_dataset, val_root=args.val_root, val_metadata=args.val_metadata,
-        checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, device=args.device,
+        checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, rule=args.rule, device=args.device,
         progress=not args.quiet, precision=args.precision, runtime=args.runtime,
     )
     p = result.probe
     s = p.calibration
     emit(
         f"probe: {len(p.species)} species, {p.trained_on} references, trained in {result.seconds_train:.1f} s "
-        f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on})\n"
+        f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on}, rule {s.rule})\n"
         f"chosen: C={s.C} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
         f"unknown threshold={s.unknown_threshold}\n" + _selection_line(s.metrics, "probe")
     )
@@ -82,7 +91,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
 
     result = import_gallery_probe(
         args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
-        val_metadata=args.val_metadata, folds=args.folds, device=args.device, progress=not args.quiet,
+        val_metadata=args.val_metadata, folds=args.folds, rule=args.rule, device=args.device, progress=not args.quiet,
         precision=args.precision, runtime=args.runtime,
     )
     p = result.probe
@@ -90,7 +99,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
     m = s.metrics
     emit(
         f"probe: the head of {args.from_dir} ({len(p.species)} species), no training; settings chosen in "
-        f"{result.seconds_select:.1f} s on {s.selected_on}\n"
+        f"{result.seconds_select:.1f} s on {s.selected_on}, rule {s.rule}\n"
         + (f"head probabilities calibrated on the validation photos: logits / {m['head_temperature']:.3g}\n"
            if "head_temperature" in m else "head probabilities uncalibrated (give --val-root to calibrate them)\n")
         + f"chosen: k={s.k} T={s.temperature} blend weight={s.blend_weight} unknown threshold={s.unknown_threshold}\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.encoders import Encoder, EncoderConfig, parse_spec
+from retrieval.encoders import Encoder, EncoderConfig, make_fingerprint, parse_spec
 from retrieval.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,9 @@ class ExportedEncoder(Encoder):
     def __init__(self, folder: Path, info: dict, config: EncoderConfig, *, text_encoder: Encoder | None = None,
                  runner: Runner | None = None) -> None:
         self.spec = config.spec
-        self.fingerprint = f"{config.spec}#{info['digest'][:16]}"
+        self.pool, self.views = config.pool, config.views
+        self.fingerprint = make_fingerprint(config.spec, info.get("weights_digest", info["digest"]), self.pool,
+                                            self.views)
         self.dim = int(info["dim"])
         self.input_size = int(info["input_size"])
         self.preprocess_config = PreprocessConfig.from_dict(info["preprocess"])
@@ -119,7 +121,8 @@ class ExportedEncoder(Encoder):
 
             logger.info("loading the torch text tower of %s", self.spec)
             cfg = EncoderConfig(spec=self._config.spec, weights=self._config.weights, device="cpu",
-                                precision="fp32", batch_size=self._config.batch_size, runtime="torch")
+                                precision="fp32", batch_size=self._config.batch_size, runtime="torch",
+                                views=self._config.views)
             text = create_torch_encoder(parse_spec(cfg.spec), cfg.spec, cfg, "fp32")
             if text.fingerprint.rsplit("#", 1)[-1] != self.fingerprint.rsplit("#", 1)[-1]:
                 raise RuntimeError(f"the weights of {self.spec} changed since they were exported; run again")

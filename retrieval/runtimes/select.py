@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,15 @@ import numpy as np
 from retrieval.cpu import cpu_kind, cuda_driver_present
 from retrieval.encoders import (
     PRECISIONS,
+    SCALE_VIEW,
     Encoder,
     EncoderConfig,
     ParsedSpec,
     Photos,
+    cache_digest,
+    check_options,
     parse_spec,
+    resolve_pool,
     resolve_runtime,
 )
 from retrieval.runtimes import (
@@ -86,8 +91,14 @@ def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Enco
     if config.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     parsed = parse_spec(config.spec)
-    logger.info("loading encoder %s (runtime %s, precision %s, device %s)", config.spec, runtime,
-                config.precision, config.device)
+    check_options(config.pool, config.views)
+    config = replace(config, pool=resolve_pool(config.pool, parsed))
+    logger.info("loading encoder %s (runtime %s, precision %s, device %s, pool %s, views %s)", config.spec, runtime,
+                config.precision, config.device, config.pool, config.views)
+    if config.views in ("ms", "flipms"):  # the exported towers take one input size; the scale view is another
+        if runtime not in ("auto", "torch"):
+            raise ValueError(f"views {config.views!r} add a {SCALE_VIEW}-px view: they run on --runtime torch only")
+        runtime = "torch"
     if runtime == "torch" or config.precision == "fp16" or _wants_cuda(config.device):
         if runtime not in ("auto", "torch"):
             raise ValueError(f"runtime {runtime!r} runs on the CPU: use --runtime torch for CUDA or fp16")
@@ -104,6 +115,7 @@ def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Enco
     identity = weights_identity(parsed.library, parsed.source, parsed.name, parsed.tag, config.weights)
     digest = DigestCache().get(identity)
     if digest is not None:
+        digest = cache_digest(digest, config.pool)
         warm = _open_warm(config, parsed, runtime, kind, digest, photos)
         if warm is not None:
             return warm
@@ -227,10 +239,10 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
     from retrieval.torch_encoders import create_torch_encoder
 
     ref_config = EncoderConfig(spec=config.spec, weights=config.weights, device="cpu", precision="fp32",
-                               batch_size=config.batch_size, runtime="torch")
+                               batch_size=config.batch_size, runtime="torch", pool=config.pool, views=config.views)
     ref = create_torch_encoder(parsed, config.spec, ref_config, "fp32")
     ref.batch_size = config.batch_size
-    digest_full = ref.weights_digest
+    digest_full = cache_digest(ref.weights_digest, config.pool)
     sample = _Photos(photos, ref)
     reference_emb: np.ndarray | None = None
     tried: list[dict] = []
@@ -350,6 +362,7 @@ def _export_info(ref, config: EncoderConfig, key: EntryKey, files: list[str], hi
     calib = sample.calibration
     return {
         "format": EXPORT_FORMAT, "spec": config.spec, "fingerprint": ref.fingerprint, "digest": key.digest,
+        "weights_digest": ref.weights_digest,
         "runtime": key.runtime, "runtime_version": key.runtime_version, "precision": key.precision,
         "cpu_kind": key.cpu_kind, "hint": hint, "accepted": bool(faith["passed"]), "files": files,
         "faithfulness": faith,

@@ -1,0 +1,112 @@
+"""Identify latency of the embedding options (--pool, --views) for MobileNetV1: the cost side of docs/accuracy.md.
+
+One request at a time, photo file -> answer, the path ``speciesid identify PHOTO`` takes (read, decode, every
+view preprocessed, forward passes, FAISS search, kNN vote): ``retrieval.pipeline.embed_sources`` +
+``Identifier.identify_embeddings``. Per option: runtime ``auto`` (what the CLI picks here; ``ms`` views run on
+torch) and torch fp32. The gallery is ph-snakes train (975 photos) stored from the plain embeddings under each
+option's fingerprint: the search costs the same, the answers are not meaningful (accuracy: bench_protocol.py).
+Passes rotate the order of the options; medians over passes. Run it at normal priority, alone:
+
+    flock /tmp/speciesid-timing.lock .venv/bin/python benchmarks/bench_views.py [--queries 40 --passes 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    MOBILENET_SPEC,
+    PH_SNAKES,
+    CpuWatch,
+    gallery_from_embeddings,
+    median,
+    require_shared,
+    split_embeddings,
+)
+from _hardware import machine_report
+
+OPTIONS = [("model", "single"), ("gem3", "single"), ("model", "flip"), ("gem3", "flip"), ("model", "ms"),
+           ("gem3", "flipms")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=40, help="val photos queried (evenly spaced; default 40)")
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--runtimes", nargs="+", default=["auto", "torch"])
+    ap.add_argument("--options", nargs="+", default=[f"{p}/{v}" for p, v in OPTIONS],
+                    help="POOL/VIEWS pairs (default: all six; model/single is always run, the baseline)")
+    args = ap.parse_args()
+    require_shared()
+    logging.disable(logging.WARNING)
+    from index.datasets import load_dataset
+    from retrieval.encoders import create_encoder
+    from retrieval.identify import Identifier
+    from retrieval.pipeline import embed_sources
+    from retrieval.vote import VoteConfig
+
+    print("bench_views: where it ran\n" + machine_report())
+    watch = CpuWatch()
+    train = load_dataset("folder", PH_SNAKES / "train").records
+    emb, _, _ = split_embeddings(MOBILENET_SPEC, "train")
+    val = sorted(load_dataset("folder", PH_SNAKES / "val").records, key=lambda r: str(r.path))
+    queries = [str(val[int(i * len(val) / args.queries)].path) for i in range(min(args.queries, len(val)))]
+    calib = [str(r.path) for r in train[::4]]
+    runners = {}
+    with tempfile.TemporaryDirectory(prefix="bench_views_") as tmp:
+        wanted = [tuple(o.split("/")) for o in args.options]
+        for pool, views in [("model", "single")] + [o for o in wanted if o != ("model", "single")]:
+            for rt in args.runtimes:
+                if views in ("ms", "flipms") and rt == "auto" and "torch" in args.runtimes:
+                    continue  # the scale view runs on torch: auto would be the torch row again
+                prec = "fp32" if rt == "torch" else "auto"
+                enc = create_encoder(MOBILENET_SPEC, runtime=rt, precision=prec, device="cpu", photos=calib,
+                                     pool=pool, views=views)
+                g = gallery_from_embeddings(Path(tmp) / f"{pool}-{views}-{rt}", enc, train, emb)
+                ident = Identifier(enc, g, VoteConfig())
+                label = f"pool={pool} views={views} | {rt} -> {enc.runtime} {enc.precision}"
+
+                def run(p: str, ident=ident) -> None:
+                    e, err = embed_sources([p], ident.encoder)
+                    assert err[0] is None, err
+                    ident.identify_embeddings(e)
+
+                for q in queries[:2]:  # warm-up
+                    run(q)
+                runners[label] = run
+                print(f"  ready: {label}", flush=True)
+        names = list(runners)
+        per: dict[str, list[dict]] = {n: [] for n in names}
+        for p in range(args.passes):
+            order = names[p % len(names):] + names[: p % len(names)]
+            for n in order:
+                time.sleep(0.2)
+                lat = []
+                for q in queries:
+                    t0 = time.perf_counter()
+                    runners[n](q)
+                    lat.append((time.perf_counter() - t0) * 1000)
+                v = np.asarray(lat)
+                per[n].append({"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+                               "p99": float(np.percentile(v, 99))})
+    print(f"\n{len(queries)} queries one at a time, gallery {len(train)} photos, {args.passes} passes "
+          "(medians over passes)")
+    print("| options | runtime | p50 ms | p95 ms | p99 ms | p50 / today's (same runtime) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for n in names:
+        fig = {k: median([x[k] for x in per[n]]) for k in ("p50", "p95", "p99")}
+        opts, rt = n.split(" | ")
+        base = next(m for m in names if m.startswith("pool=model views=single") and m.split(" | ")[1].split(" ->")[0]
+                    == rt.split(" ->")[0])
+        ratio = fig["p50"] / median([x["p50"] for x in per[base]])
+        print(f"| {opts} | {rt} | {fig['p50']:.1f} | {fig['p95']:.1f} | {fig['p99']:.1f} | {ratio:.2f}x |")
+    print(watch.report())
+
+
+if __name__ == "__main__":
+    main()

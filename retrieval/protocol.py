@@ -1,0 +1,85 @@
+"""What an evaluation measured: which photos chose which settings, and which evaluated photos the gallery holds.
+
+``speciesid evaluate`` reports it beside its figures (issue 14): accuracy is only "on unseen photos" when the
+evaluated photos neither chose the settings (C, k, T, blend weight, unknown threshold) nor sit in the gallery
+(same bytes, or a near-copy: cosine >= :data:`DUPLICATE_COSINE`, the ``speciesid clean`` leak rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from index.gallery import Gallery
+from retrieval.probe import LinearProbe
+
+#: Cosine at or above which an evaluated photo counts as a copy of a gallery photo (retrieval.findings' leak rule).
+DUPLICATE_COSINE = 0.95
+
+
+@dataclass
+class Protocol:
+    """How the settings were chosen and how the evaluated photos relate to the gallery."""
+
+    settings: str  # where the blend settings come from, in words
+    evaluated_chose_settings: bool  # the evaluated photos themselves chose settings (the figures over-state)
+    duplicates: list[int] = field(default_factory=list)  # positions of evaluated photos the gallery holds
+    duplicate_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
+    excluded: bool = True  # duplicates left out of the figures
+
+    def lines(self) -> list[str]:
+        """The report's protocol lines."""
+        out = [f"settings: {self.settings}"]
+        out.append("evaluated photos used to choose settings: " + (
+            "YES: these figures over-state accuracy on unseen photos" if self.evaluated_chose_settings else "no"))
+        kinds = ", ".join(f"{n} {k}" for k, n in self.duplicate_kinds.items() if n) or "none"
+        dup = f"evaluated photos already in the gallery: {len(self.duplicates)} ({kinds})"
+        if self.duplicates:
+            dup += ("; left out of the figures (--keep-duplicates to count them)" if self.excluded
+                    else "; counted in the figures (they over-state accuracy)")
+        out.append(dup)
+        return out
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: bool = False) -> tuple[str, bool]:
+    """(where the settings come from, whether the photos at ``root`` chose them)."""
+    if probe is None:
+        return "kNN only: k, T and the unknown threshold are defaults (nothing was chosen)", False
+    cal = probe.calibration
+    rule = f", rule {cal.rule}" if cal.rule else ""
+    chosen = f"C={cal.C:g} k={cal.k} T={cal.temperature:g} blend weight={cal.blend_weight:g}"
+    head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
+    extra = "; k/T/threshold overridden on the command line" if overridden else ""
+    where = cal.selected_on
+    if where.startswith("cv:"):
+        return f"{head}{chosen}, chosen by {where[3:]} cross-validation inside the gallery{rule}{extra}", False
+    if where.startswith("val:"):
+        val = where[4:]
+        same = _same_folder(val, root)
+        return (f"{head}{chosen}, chosen on the validation photos {val}"
+                + (" = the evaluated photos" if same else " (not the evaluated photos)") + f"{rule}{extra}"), same
+    return f"{head}{chosen}, defaults (nothing was chosen){extra}", False
+
+
+def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: np.ndarray,
+                    positions: Sequence[int]) -> tuple[list[int], dict[str, int]]:
+    """Evaluated photos (``positions`` into ``sha256``; ``embeddings`` row per position) that the gallery holds."""
+    found = gallery.store.find_sha256([sha256[i] for i in positions if sha256[i]])
+    same = [i for i in positions if sha256[i] in found]
+    near: list[int] = []
+    rest = [j for j, i in enumerate(positions) if sha256[i] not in found]
+    if rest and len(gallery):
+        for j, hits in zip(rest, gallery.search(embeddings[rest], 1), strict=True):
+            if hits and hits[0].similarity >= DUPLICATE_COSINE:
+                near.append(positions[j])
+    return sorted(same + near), {"same bytes": len(same), "near-copy": len(near)}

@@ -1,0 +1,133 @@
+"""The blend's settings choice (retrieval.calibrate): behaviour of the default rule, not its speed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.calibrate import RULES, SelectionGrid, blend_matrix, knn_matrix, plateau_pick, select_settings
+from retrieval.probe import Calibration, LinearProbe, train_probe
+
+GRID = SelectionGrid(Cs=(1.0, 5.0, 20.0), ks=(5, 10, 20), temperatures=(0.02, 0.05), weights=(0.0, 0.25, 0.5, 0.75, 1.0))
+
+
+def _species(n_cls: int = 8, modes: int = 3, dim: int = 32, seed: int = 0):
+    """Species made of a few sub-clusters (poses, colour morphs), noisy: kNN and probe both ~0.6 top-1 on
+    16 photos a species, as hard and as ambiguous between the two as the real photos."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_cls, dim))
+    offsets = 1.0 * rng.standard_normal((n_cls, modes, dim))
+
+    def draw(n_per: int, rng: np.random.Generator):
+        x, y = [], []
+        for c in range(n_cls):
+            m = rng.integers(0, modes, n_per)
+            x.append(centres[c] + offsets[c, m] + 2.5 * rng.standard_normal((n_per, dim)))
+            y += [f"Genus s{c}"] * n_per
+        x = np.concatenate(x)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+    return draw
+
+
+def _blend_top1(cal: Calibration, refs, ref_y, queries, q_y) -> float:
+    probe = train_probe(refs, ref_y, fingerprint="f", C=cal.C)
+    species = probe.species
+    idx = {s: i for i, s in enumerate(species)}
+    yr, yq = np.array([idx[s] for s in ref_y]), np.array([idx[s] for s in q_y])
+    kn = knn_matrix(queries, refs, yr, len(species), cal.k, cal.temperature)
+    b = blend_matrix(kn, probe.predict_proba(queries), np.ones(len(species), bool), cal.blend_weight)
+    return float((b.argmax(1) == yq).mean())
+
+
+def test_default_rule_is_recorded_and_chooses_grid_values():
+    draw = _species()
+    x, y = draw(15, np.random.default_rng(1))
+    s = select_settings(x, y, fingerprint="f", grid=GRID)
+    assert s.rule == "seq-nll" == RULES[0] and s.selected_on == "cv:5-fold"
+    assert s.C in GRID.Cs and s.k in GRID.ks and s.temperature in GRID.temperatures and s.blend_weight in GRID.weights
+    assert s.metrics["queries"] == len(y) and 0.0 <= s.unknown_threshold <= 1.0
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        select_settings(x, y, fingerprint="f", grid=GRID, rule="best")
+
+
+def test_rule_survives_save_and_load(tmp_path):
+    draw = _species()
+    x, y = draw(10, np.random.default_rng(2))
+    probe = train_probe(x, y, fingerprint="f")
+    probe.calibration = select_settings(x, y, fingerprint="f", grid=GRID)
+    probe.save(tmp_path)
+    assert LinearProbe.load(tmp_path).calibration.rule == "seq-nll"
+
+
+def test_plateau_pick_prefers_the_prior_within_noise():
+    rng = np.random.default_rng(0)
+    base = rng.exponential(1.0, 400)
+    losses = [base + 0.002 + 0.1 * rng.standard_normal(400), base, base + 0.5]
+    # the best mean is candidate 1, candidate 0 is within noise of it and nearer the prior (value 10)
+    choice, i = plateau_pick([10.0, 50.0, 1.0], losses, lambda v: abs(np.log(v / 10.0)))
+    assert (choice, i) == (10.0, 0)
+    choice, _ = plateau_pick([10.0, 50.0, 1.0], [base + 0.3, base, base + 0.5], lambda v: abs(np.log(v / 10.0)))
+    assert choice == 50.0  # a clear winner is not overruled by the prior
+
+
+def test_chosen_settings_are_stable_under_fold_reshuffles():
+    draw = _species(seed=3)
+    x, y = draw(16, np.random.default_rng(4))
+    chosen = {rule: {(s.C, s.k, s.temperature, s.blend_weight) for s in (
+        select_settings(x, y, fingerprint="f", grid=GRID, seed=seed, rule=rule) for seed in range(4))}
+        for rule in RULES}
+    assert len(chosen["seq-nll"]) == 1, chosen
+    assert len(chosen["argmax"]) >= len(chosen["seq-nll"])  # (here the old rule picks 4 settings in 4 reshuffles)
+
+
+def test_more_reference_photos_do_not_make_the_chosen_blend_worse():
+    """The issue's symptom: the old rule's blend got worse with a bigger gallery. Same held-out queries,
+    gallery A (8 photos a species) inside gallery B (16 a species), averaged over 3 draws."""
+    small, big = [], []
+    for seed in range(3):
+        draw = _species(seed=10 + seed)
+        rng = np.random.default_rng(100 + seed)
+        xb, yb = draw(16, rng)
+        xq, yq = draw(40, rng)
+        keep = np.concatenate([np.arange(c * 16, c * 16 + 8) for c in range(8)])
+        xa, ya = xb[keep], [yb[i] for i in keep]
+        small.append(_blend_top1(select_settings(xa, ya, fingerprint="f", grid=GRID), xa, ya, xq, yq))
+        big.append(_blend_top1(select_settings(xb, yb, fingerprint="f", grid=GRID), xb, yb, xq, yq))
+    assert np.mean(big) >= np.mean(small), (small, big)
+
+
+def test_near_duplicates_stay_in_one_fold():
+    from retrieval.calibrate import cv_splits
+
+    draw = _species()
+    x, y = draw(10, np.random.default_rng(5))
+    x = np.concatenate([x, x[:8] + 1e-4])  # 8 near-copies of gallery photos
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.array([int(s[len("Genus s"):]) for s in y + y[:8]])
+    for rest, held in cv_splits(x, y, 5, seed=0):
+        for i in range(8):
+            n = len(x) - 8 + i
+            assert (i in held) == (n in held) and (i in rest) == (n in rest)
+
+
+def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
+    from retrieval.protocol import Protocol, settings_origin
+
+    draw = _species()
+    x, y = draw(6, np.random.default_rng(6))
+    probe = train_probe(x, y, fingerprint="f")
+    assert settings_origin(None, tmp_path) == (
+        "kNN only: k, T and the unknown threshold are defaults (nothing was chosen)", False)
+    probe.calibration = Calibration(selected_on="cv:5-fold", rule="seq-nll")
+    text, chose = settings_origin(probe, tmp_path)
+    assert "5-fold cross-validation inside the gallery, rule seq-nll" in text and not chose
+    (tmp_path / "val").mkdir()
+    probe.calibration = Calibration(selected_on=f"val:{tmp_path / 'val'}", rule="argmax")
+    assert settings_origin(probe, tmp_path / "other")[1] is False
+    text, chose = settings_origin(probe, tmp_path / "val" / ".")
+    assert chose and "= the evaluated photos" in text
+    lines = Protocol(text, chose, [3, 7], {"same bytes": 1, "near-copy": 1}).lines()
+    assert lines[1].startswith("evaluated photos used to choose settings: YES")
+    assert lines[2] == ("evaluated photos already in the gallery: 2 (1 same bytes, 1 near-copy); left out of the "
+                        "figures (--keep-duplicates to count them)")
