@@ -279,7 +279,8 @@ def _resolve_encoder(
         config = config or EncoderConfig(spec="")
         built = read_gallery_info(index)["encoder"]
         if not config.spec:
-            config = replace(config, spec=built["spec"], weights=config.weights or built.get("weights"))
+            config = replace(config, spec=built["spec"], weights=config.weights or built.get("weights"),
+                             pool=built.get("pool", "model"), views=built.get("views", "single"))
         enc = create_encoder_from_config(config)
     if index is None:
         return None, enc, False

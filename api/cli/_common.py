@@ -107,8 +107,9 @@ def encoder_config(args: argparse.Namespace):
     from retrieval.encoders import DEFAULT_POOL, DEFAULT_VIEWS, EncoderConfig
 
     return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
-                         batch_size=args.batch_size, runtime=args.runtime, pool=args.pool or DEFAULT_POOL,
-                         views=args.views or DEFAULT_VIEWS)
+                         batch_size=args.batch_size, runtime=args.runtime,
+                         pool=getattr(args, "pool", None) or DEFAULT_POOL,  # commands without --pool/--views
+                         views=getattr(args, "views", None) or DEFAULT_VIEWS)
 
 
 def add_vote_args(p: argparse.ArgumentParser) -> None:
