@@ -22,7 +22,13 @@ from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
 from index.photos import find_photos
 from retrieval.clean_report import write_report
-from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.encoders import (
+    DEFAULT_ENCODER,
+    Encoder,
+    EncoderConfig,
+    create_encoder_from_config,
+    recorded_encoder,
+)
 from retrieval.findings import (
     APPLY_KINDS,
     KINDS,
@@ -279,8 +285,7 @@ def _resolve_encoder(
         config = config or EncoderConfig(spec="")
         built = read_gallery_info(index)["encoder"]
         if not config.spec:
-            config = replace(config, spec=built["spec"], weights=config.weights or built.get("weights"),
-                             pool=built.get("pool", "model"), views=built.get("views", "single"))
+            config = replace(config, **recorded_encoder(built, weights=config.weights))
         enc = create_encoder_from_config(config)
     if index is None:
         return None, enc, False

@@ -41,7 +41,7 @@ from index.gallery import Gallery, check_gallery_encoder
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.sources import read_source
 from index.store import rows_table, source_file, source_text
-from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config, preprocess_with
 from retrieval.images import MIN_REFERENCE_SIDE, sha256_bytes
 from retrieval.pipeline import BuildReport, prepare
 
@@ -125,7 +125,7 @@ class Preprocessor:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB image -> the model input, as the encoder's own ``preprocess`` makes it."""
-        return Encoder.preprocess(self, image)  # type: ignore[arg-type]
+        return preprocess_with(image, self.preprocess_config, self.transform)
 
     def preprocess_views(self, image: Image.Image) -> np.ndarray:
         """The same as :meth:`preprocess` (single-view encoders only)."""

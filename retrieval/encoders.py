@@ -81,6 +81,22 @@ class EncoderConfig:
     views: str = DEFAULT_VIEWS  # one of VIEWS
 
 
+def recorded_encoder(built: dict[str, Any], *, spec: str | None = None, weights: str | None = None,
+                     pool: str | None = None, views: str | None = None) -> dict[str, Any]:
+    """spec, weights, pool and views for :class:`EncoderConfig`: the given ones, else those a gallery recorded
+    (``built`` = its ``gallery.json`` encoder; galleries from before the options have ``model`` / ``single``)."""
+    return {"spec": spec or built["spec"], "weights": weights if spec else (weights or built.get("weights")),
+            "pool": pool or built.get("pool", "model"), "views": views or built.get("views", "single")}
+
+
+def preprocess_with(image: Image.Image, config: PreprocessConfig | None,
+                    transform: Callable[[Image.Image], Any] | None) -> np.ndarray:
+    """One RGB PIL image -> a float32 (C, H, W) array: numpy preprocessing, else the library's transform."""
+    if config is not None:
+        return preprocess_image(image, config)
+    return np.asarray(transform(image), dtype=np.float32)  # type: ignore[misc]
+
+
 def check_options(pool: str, views: str) -> None:
     """Refuse unknown pooling / view names."""
     if pool not in POOLS:
@@ -235,9 +251,7 @@ class Encoder(ABC):
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB PIL image -> a float32 (C, H, W) array, with the model's own eval transform."""
-        if self.preprocess_config is not None:
-            return preprocess_image(image, self.preprocess_config)
-        return np.asarray(self.transform(image), dtype=np.float32)  # type: ignore[misc]
+        return preprocess_with(image, self.preprocess_config, self.transform)
 
     def preprocess_views(self, image: Image.Image) -> np.ndarray | tuple[np.ndarray, ...]:
         """One RGB image -> the model input of every view: (C, H, W) for a single view, (V, C, H, W) for views of

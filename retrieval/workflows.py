@@ -40,7 +40,13 @@ from index.store import SpeciesSummary, source_file
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions
-from retrieval.encoders import DEFAULT_ENCODER, Encoder, EncoderConfig, create_encoder_from_config
+from retrieval.encoders import (
+    DEFAULT_ENCODER,
+    Encoder,
+    EncoderConfig,
+    create_encoder_from_config,
+    recorded_encoder,
+)
 from retrieval.findings import CleanConfig
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
@@ -160,16 +166,8 @@ def open_gallery(
     exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
     """
     built = read_gallery_info(index_dir)["encoder"]
-    config = EncoderConfig(
-        spec=encoder or built["spec"],
-        weights=weights if encoder else (weights or built.get("weights")),
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        runtime=runtime,
-        pool=pool or built.get("pool", "model"),
-        views=views or built.get("views", "single"),
-    )
+    config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
+                           **recorded_encoder(built, spec=encoder, weights=weights, pool=pool, views=views))
     enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
     return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
 
