@@ -338,16 +338,11 @@ class IvfPqIndex:
     # ---------------------------------------------------------------- changes
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Encode and add ``vectors`` under ``ids`` (ids already in the index raise ValueError)."""
-        from index.vectors import _as_ids, _as_vectors, _check_unique
+        from index.vectors import new_entries
 
-        xb = _as_vectors(vectors, dim=self._dim)
-        ids = _as_ids(ids, xb.shape[0])
+        xb, ids = new_entries(vectors, ids, dim=self._dim, present=self._ids)
         if ids.size == 0:
             return
-        _check_unique(ids)
-        present = ids[np.isin(ids, self._ids)]
-        if present.size:
-            raise ValueError(f"ids already in the index: {present[:10].tolist()}")
         self._index.add_with_ids(xb, ids)
         self._rerank.put(ids, xb)
         self._ids = np.union1d(self._ids, ids)
@@ -357,10 +352,9 @@ class IvfPqIndex:
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids`` (absent ones ignored); returns how many were removed."""
-        from index.vectors import _as_ids
+        from index.vectors import held_ids
 
-        ids = np.unique(_as_ids(ids))
-        ids = ids[np.isin(ids, self._ids, assume_unique=True)]
+        ids = held_ids(ids, self._ids)
         if ids.size == 0:
             return 0
         removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))

@@ -144,6 +144,25 @@ def _check_unique(ids: np.ndarray) -> None:
         raise ValueError(f"duplicate ids in input: {dup[:10].tolist()}{' ...' if dup.size > 10 else ''}")
 
 
+def new_entries(vectors: Any, ids: Any, *, dim: int, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checked (vectors, ids) to add to an index holding the sorted ids ``present``: float32 rows of ``dim``,
+    int64 ids, unique, none already there (ValueError saying which otherwise)."""
+    xb = _as_vectors(vectors, dim=dim)
+    ids = _as_ids(ids, xb.shape[0])
+    if ids.size:
+        _check_unique(ids)
+        there = ids[np.isin(ids, present)]
+        if there.size:
+            raise ValueError(f"ids already in the index: {there[:10].tolist()}{' ...' if there.size > 10 else ''}")
+    return xb, ids
+
+
+def held_ids(ids: Any, present: np.ndarray) -> np.ndarray:
+    """The distinct ``ids`` that the index (sorted ids ``present``) holds: what a removal removes."""
+    ids = np.unique(_as_ids(ids))
+    return ids[np.isin(ids, present, assume_unique=True)]
+
+
 def _empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
 
@@ -384,16 +403,9 @@ class VectorIndex:
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add ``vectors`` (n, dim) under ``ids`` (n,); ids already in the index raise ValueError."""
-        xb = _as_vectors(vectors, dim=self._dim)
-        ids = _as_ids(ids, xb.shape[0])
+        xb, ids = new_entries(vectors, ids, dim=self._dim, present=self._ids)
         if ids.size == 0:
             return
-        _check_unique(ids)
-        present = ids[np.isin(ids, self._ids)]
-        if present.size:
-            raise ValueError(
-                f"ids already in the index: {present[:10].tolist()}{' ...' if present.size > 10 else ''}"
-            )
         if self._removed.size and np.isin(ids, self._removed).any():
             self._compact()  # the tombstoned copies must go before the id can be reused
         self._cpu.add_with_ids(xb, ids)
@@ -402,8 +414,7 @@ class VectorIndex:
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids`` (absent ids are ignored); returns how many were removed."""
-        ids = np.unique(_as_ids(ids))
-        ids = ids[np.isin(ids, self._ids, assume_unique=True)]
+        ids = held_ids(ids, self._ids)
         if ids.size == 0:
             return 0
         if self._kind == "hnsw":
