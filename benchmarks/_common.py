@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import statistics
@@ -53,8 +54,6 @@ def split_embeddings(encoder_spec: str, split: str, precision: str = "fp32") -> 
 
 def gallery_from_embeddings(root: Path, enc, records, emb: np.ndarray):
     """A gallery at ``root`` from already computed embeddings (byte-identical photos stored once)."""
-    import hashlib
-
     from index.gallery import Gallery
 
     g = Gallery.create(root, enc.describe())
@@ -110,3 +109,21 @@ class CpuWatch:
             f"other processes used {other:.2f} of {os.cpu_count()} cores on average during this run "
             f"(load average now {os.getloadavg()[0]:.2f})"
         )
+
+
+#: retrieval.findings.DEFAULT_DUP_THRESHOLD, the ``speciesid clean`` leak rule
+LEAK_COSINE = 0.95
+
+
+def dedup(train_emb: np.ndarray, train_paths: list[str], val_emb: np.ndarray, val_paths: list[str]) -> dict:
+    """Train photos kept (byte-identical copies once), val photos kept (no leak from train), the leaks."""
+    from index.pairs import similar_pairs
+
+    sha = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in train_paths + val_paths}
+    seen: set[str] = set()
+    keep_tr = np.array([i for i, p in enumerate(train_paths) if not (sha[p] in seen or seen.add(sha[p]))])
+    leaks = {j: ("sha256", 1.0) for j, p in enumerate(val_paths) if sha[p] in seen}
+    for j, _, s in similar_pairs(val_emb, train_emb[keep_tr], threshold=LEAK_COSINE):
+        leaks.setdefault(int(j), ("cosine", float(s)))
+    keep_va = np.array([j for j in range(len(val_paths)) if j not in leaks])
+    return {"train": keep_tr, "val": keep_va, "leaks": leaks}

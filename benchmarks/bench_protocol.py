@@ -30,15 +30,13 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _common import CACHE, MOBILENET_SPEC, PH_SNAKES, CpuWatch, require_shared  # noqa: E402
+from _common import CACHE, MOBILENET_SPEC, PH_SNAKES, CpuWatch, dedup, require_shared  # noqa: E402
 from _hardware import machine_report  # noqa: E402
 
-DUP = 0.95  # retrieval.findings.DEFAULT_DUP_THRESHOLD, the clean leak rule
 METHODS = ("knn", "probe", "blend")
 
 
@@ -65,20 +63,6 @@ def embeddings(pool: str, views: str, split: str, runtime: str) -> tuple[np.ndar
     print(f"  embedded {split} ({len(paths)} photos) with pool={pool} views={views} on {enc.runtime} {enc.precision} "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
     return emb, labels, paths
-
-
-def dedup(train_emb: np.ndarray, train_paths: list[str], val_emb: np.ndarray, val_paths: list[str]) -> dict:
-    """Train photos kept (byte-identical copies once), val photos kept (no leak from train), the leaks."""
-    from index.pairs import similar_pairs
-
-    sha = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in train_paths + val_paths}
-    seen: set[str] = set()
-    keep_tr = np.array([i for i, p in enumerate(train_paths) if not (sha[p] in seen or seen.add(sha[p]))])
-    leaks = {j: ("sha256", 1.0) for j, p in enumerate(val_paths) if sha[p] in seen}
-    for j, _, s in similar_pairs(val_emb, train_emb[keep_tr], threshold=DUP):
-        leaks.setdefault(int(j), ("cosine", float(s)))
-    keep_va = np.array([j for j in range(len(val_paths)) if j not in leaks])
-    return {"train": keep_tr, "val": keep_va, "leaks": leaks}
 
 
 def predict(x_ref, y_ref, x_q, n, settings: tuple, probes: dict) -> dict[str, np.ndarray]:

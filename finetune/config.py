@@ -180,6 +180,11 @@ class FinetuneConfig:
     # minutes: stop (like early stopping) before an epoch would overrun
     time_limit: float | None = field(default=None, metadata=option(
         "stop before an epoch would run past MIN minutes", metavar="MIN"))
+    # minutes for the whole run: training steps timed first, the epoch count (at most `epochs`) fitted to them
+    time_budget: float | None = field(default=None, metadata=option(
+        "fit the whole run (head init, epochs, final evaluation) in MIN minutes on this machine: a few training "
+        "steps are timed first and the epoch count (at most --epochs) is set so the run, its cosine schedule "
+        "complete, ends in time; an epoch that would overrun is not started", metavar="MIN"))
     # "auto": continue a checkpoint of the same settings; "no": start afresh
     resume: str = field(default="auto", metadata=option(
         "start afresh even if OUT holds a checkpoint or a model (they are replaced)", flag="--no-resume",
@@ -199,6 +204,8 @@ class FinetuneConfig:
             raise ValueError(f"unknown --balance {out.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
         if out.bn not in BN_MODES:
             raise ValueError(f"--bn must be eval or train, got {out.bn!r}")
+        if out.time_budget is not None and not out.time_budget > 0:
+            raise ValueError(f"--time-budget must be a positive number of minutes, got {out.time_budget}")
         if out.head_init not in HEAD_INITS:
             raise ValueError(f"--head-init must be probe, keep or random, got {out.head_init!r}")
         return out
@@ -206,6 +213,8 @@ class FinetuneConfig:
     def training_key(self) -> str:
         """Digest of the settings that shape the training trajectory (a checkpoint resumes only under them)."""
         skip = {"out", "device", "workers", "threads", "time_limit", "resume", "final_eval"}
+        if self.time_budget:  # the epochs were fitted to the machine's speed: the budget names the run
+            skip.add("epochs")
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

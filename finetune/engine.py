@@ -158,6 +158,40 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor, *, scal
 
 
 # ------------------------------------------------------------------------------------------ train, validate
+def set_train_mode(net: Net, cfg: FinetuneConfig, frozen: bool) -> None:
+    """Training mode, with batch-norm statistics frozen (``cfg.bn == "eval"``) and the whole backbone in eval mode
+    while it is ``frozen``."""
+    net.train()
+    if cfg.bn == "eval" or frozen:
+        set_bn_eval(net)
+    if frozen:
+        net.backbone.eval()
+
+
+def train_step(net: Net, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               cfg: FinetuneConfig, *, n_classes: int, device: torch.device, class_weight: torch.Tensor | None,
+               mixup, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch (mixed, the run's precision; the backbone forward-only when ``frozen``):
+    (loss, logits)."""
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    x, target = mix(mixup, x, y, n_classes, cfg.label_smoothing)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, cfg.amp, train=True):
+        if frozen:
+            with torch.no_grad():
+                feats = net.backbone(x)
+            logits = net.head(feats.float())
+        else:
+            logits, _ = net(x)
+        loss = loss_fn(logits, target, y, scale=net.head.scale, margin=cfg.margin, class_weight=class_weight)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss, logits
+
+
 def train_one_epoch(
     epoch: int,
     net: Net,
@@ -181,33 +215,16 @@ def train_one_epoch(
     from tqdm.auto import tqdm
 
     frozen = epoch <= cfg.freeze_epochs
-    net.train()
-    if cfg.bn == "eval" or frozen:
-        set_bn_eval(net)
-    if frozen:
-        net.backbone.eval()
+    set_train_mode(net, cfg, frozen)
     opt, scaler = optim.optimizer, optim.scaler
     total_loss, seen, correct, lr_now = 0.0, 0, 0, 0.0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}" + (" (backbone frozen)" if frozen else ""),
                unit="batch", disable=not progress, leave=True)
     for x, y in bar:
         lr_now = optim.schedule.step(step)
-        x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        x, target = mix(mixup, x, y, n_classes, cfg.label_smoothing)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.amp, train=True):
-            if frozen:
-                with torch.no_grad():
-                    feats = net.backbone(x)
-                logits = net.head(feats.float())
-            else:
-                logits, _ = net(x)
-            loss = loss_fn(logits, target, y, scale=net.head.scale, margin=cfg.margin, class_weight=class_weight)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss, logits = train_step(net, x, y, opt, scaler, cfg, n_classes=n_classes, device=device,
+                                  class_weight=class_weight, mixup=mixup, frozen=frozen)
         step += 1
         if ema is not None:
             ema.update(net, step=step)

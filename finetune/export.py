@@ -144,3 +144,27 @@ def read_finetuned(folder: str | Path) -> dict:
     if SPECIESID_KEY not in cfg:
         raise ValueError(f"{folder} is a timm folder but not the output of 'speciesid finetune'")
     return cfg
+
+
+def write_heldout(out: str | Path, paths: Sequence[Path], labels: Sequence[str]) -> None:
+    """``OUT/heldout.csv``: the training photos the run held out to choose its epoch (path, species, sha256).
+
+    ``speciesid probe import`` (no ``--val-root``) finds them in the gallery by content and chooses the blend
+    settings on them: photos of the training set that the head never trained on.
+    """
+    import csv
+    import io
+
+    from retrieval.images import sha256_bytes
+    from retrieval.protocol import HELDOUT_FILE
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "species", "sha256"])
+    for path, label in zip(paths, labels, strict=True):
+        try:
+            digest = sha256_bytes(Path(path).read_bytes())
+        except OSError:
+            digest = ""
+        writer.writerow([str(path), label, digest])
+    atomic_write(Path(out) / HELDOUT_FILE, buf.getvalue())

@@ -31,14 +31,17 @@ import numpy as np
 import torch
 
 from finetune.augment import model_data_config
+from finetune.budget import fit_to_budget
 from finetune.checkpoint import (
     CHECKPOINT,
     TrainState,
     cpu_state,
     load_checkpoint,
     restore_checkpoint,
+    rng_state,
     save_progress,
     seed_all,
+    set_rng_state,
 )
 from finetune.config import STAGE_DEFAULTS, STAGES, AugmentConfig, FinetuneConfig
 from finetune.data import build_data, loader, split_photos
@@ -82,7 +85,7 @@ class FinetuneResult:
     best: dict  # validation figures of the kept weights
     history: list[dict]
     seconds: float  # training wall time (over resumed runs)
-    stopped: str  # "epochs", "early-stopping", "time-limit"
+    stopped: str  # "epochs", "early-stopping", "time-limit", "time-budget"
     final: dict = field(default_factory=dict)  # kNN / head / blend on the validation photos
 
 
@@ -99,8 +102,9 @@ def finetune(
     """
     from tqdm.auto import tqdm
 
-    from finetune.export import save_finetuned
+    from finetune.export import save_finetuned, write_heldout
 
+    t_start = time.perf_counter()
     cfg = config.resolved()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,8 +125,20 @@ def finetune(
     data = build_data(split, data_cfg, cfg, train_size=cfg.train_size or int(max(data_cfg["input_size"][1:])),
                       device=device, progress=progress)
     val_loader = loader(data.val, 2 * cfg.batch_size, workers=workers, device=device)
-    optim = create_optimisation(net, cfg, math.ceil(len(data.train) / cfg.batch_size), device)
     mixup = create_mixup(cfg, n_classes)
+    plan = None
+    if cfg.time_budget and checkpoint is not None:
+        cfg.epochs = int(checkpoint["settings"]["epochs"])  # the epochs fitted when the run began
+    elif cfg.time_budget:
+        rng = rng_state()  # the timed steps draw augmentations: the run goes on as if they had not happened
+        plan = fit_to_budget(net, data, cfg, device=device, workers=workers, mixup=mixup,
+                             spent_s=time.perf_counter() - t_start)
+        set_rng_state(rng)
+        cfg.epochs = plan.epochs
+        if progress:
+            tqdm.write(f"time budget {cfg.time_budget:g} min: an epoch takes ~{plan.epoch_s:.0f} s here, head init "
+                       f"and final evaluation ~{plan.init_s + plan.final_s:.0f} s -> {plan.epochs} epochs")
+    optim = create_optimisation(net, cfg, math.ceil(len(data.train) / cfg.batch_size), device)
 
     evaluate = partial(validate, loader=val_loader, device=device, n_classes=n_classes, tta=cfg.tta, amp=cfg.amp)
 
@@ -175,6 +191,9 @@ def finetune(
                 on_epoch_end(ep, row)
             if state.out_of_patience(cfg):
                 stopped = "early-stopping"
+            elif plan is not None and state.epoch < cfg.epochs and (
+                    time.perf_counter() - t_start + row["seconds"] + plan.final_s > plan.budget_s):
+                stopped = "time-budget"
             elif cfg.time_limit and state.epoch < cfg.epochs:
                 per_epoch = np.median([r["seconds"] for r in state.history if r["epoch"] > cfg.freeze_epochs] or
                                       [row["seconds"]])
@@ -190,6 +209,8 @@ def finetune(
         "val_source": split.val_source,
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "root", "val_root", "metadata")},
         "frozen_parameters": frozen_params,
+        "time_budget": plan.to_dict() if plan is not None else None,
+        "process_wall_seconds": round(time.perf_counter() - t_start, 1),  # this process (not resumed ones)
     }
     exports = [(out, state.best_state, f"best val macro-F1 (epoch {state.best_epoch})", state.best_row)]
     if cfg.save_last:
@@ -206,6 +227,8 @@ def finetune(
         save_finetuned(folder, net.backbone, net.head, species, source, {
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,
         }, trained_on=len(data.train))
+        if split.val_source.startswith("split:"):
+            write_heldout(folder, split.val.paths, split.val.labels)
         net.to(device)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return FinetuneResult(out=out, species=species, epochs_run=state.epoch, best_epoch=state.best_epoch,

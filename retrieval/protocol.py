@@ -18,6 +18,10 @@ from retrieval.probe import LinearProbe
 
 #: Cosine at or above which an evaluated photo counts as a copy of a gallery photo (retrieval.findings' leak rule).
 DUPLICATE_COSINE = 0.95
+#: In a ``speciesid finetune`` output: the training photos held out to choose the epoch (path, species, sha256).
+HELDOUT_FILE = "heldout.csv"
+#: ``Calibration.selected_on`` prefix (after "val:") of settings chosen on a fine-tuning run's held-out photos.
+HELDOUT_PREFIX = "heldout:"
 
 
 @dataclass
@@ -61,6 +65,10 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
     extra = "; k/T/threshold overridden on the command line" if overridden else ""
     where = cal.selected_on
+    if where.startswith("val:" + HELDOUT_PREFIX):
+        return (f"{head}{chosen}, chosen on the photos the fine-tuning run held out of its training photos "
+                f"({where.removeprefix('val:' + HELDOUT_PREFIX)}; the head never trained on them, not the evaluated "
+                f"photos){rule}{extra}"), False
     if where.startswith("cv:"):
         return f"{head}{chosen}, chosen by {where[3:]} cross-validation inside the gallery{rule}{extra}", False
     if where.startswith("val:"):
@@ -83,3 +91,18 @@ def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: 
             if hits and hits[0].similarity >= DUPLICATE_COSINE:
                 near.append(positions[j])
     return sorted(same + near), {"same bytes": len(same), "near-copy": len(near)}
+
+
+def heldout_positions(gallery: Gallery, ids: np.ndarray, from_dir: str | Path) -> np.ndarray | None:
+    """Positions in ``ids`` (gallery rows) of the photos a fine-tuning run held out (its ``heldout.csv``), matched
+    by content (sha256); None when the run wrote no such file (it had a --val-root) or the gallery holds none."""
+    import csv
+
+    path = Path(from_dir) / HELDOUT_FILE
+    if not path.is_file():
+        return None
+    with path.open(newline="") as fh:
+        digests = {row["sha256"] for row in csv.DictReader(fh) if row.get("sha256")}
+    found = set(gallery.store.find_sha256(digests).values())
+    pos = np.flatnonzero(np.isin(ids, sorted(found)))
+    return pos if len(pos) else None

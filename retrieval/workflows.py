@@ -52,6 +52,7 @@ from retrieval.identify import Identification, Identifier, Method, RankedResult,
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import BuildReport, add_references, embed_photos
 from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions
 from retrieval.textprior import load_text_prior, save_text_prior
 from retrieval.vote import Rank, VoteConfig, parse_rank
 
@@ -488,17 +489,17 @@ class ProbeResult:
 def _selection_data(
     gallery: Gallery, enc: Encoder, val_dataset: str | None, val_root: str | Path | None,
     val_metadata: str | Path | None, progress: bool,
-) -> tuple[np.ndarray, list[str], np.ndarray | None, list[str] | None]:
-    """The gallery's vectors and species, and the validation photos' embeddings and species (None without)."""
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None, list[str] | None]:
+    """The gallery's ids, vectors and species, and the validation photos' embeddings and species (None without)."""
     ids, vectors = gallery.store.vectors()
     meta = gallery.store.metadata(ids)
     labels = [str(meta.at[int(i), "species"]) for i in ids]
     if val_root is None:
-        return vectors, labels, None, None
+        return ids, vectors, labels, None, None
     scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
     done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
     ok = [i for i, e in enumerate(done.errors) if e is None]
-    return vectors, labels, done.embeddings[ok], [scan.records[i].species for i in ok]
+    return ids, vectors, labels, done.embeddings[ok], [scan.records[i].species for i in ok]
 
 
 def train_gallery_probe(
@@ -524,7 +525,8 @@ def train_gallery_probe(
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
-    vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
+    _, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
+                                                              progress)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
                                   val_labels=val_labels, val_name=str(val_root), folds=folds, rule=rule)
@@ -562,8 +564,9 @@ def import_gallery_probe(
     """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
 
     The gallery must have been built with that network as its encoder (same weights). No probe is trained:
-    only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else
-    out-of-fold over the gallery with the head fixed (which favours the head: it was trained on them).
+    only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else on the
+    photos the run held out of its training photos (``heldout.csv``, matched in the gallery by content: kNN from
+    the other gallery photos), else out-of-fold over the gallery with the head fixed (which favours the head).
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
@@ -572,7 +575,17 @@ def import_gallery_probe(
     check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
                   fix=f"it must be built with the fine-tuned network of {from_dir}: "
                   f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
-    vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress)
+    ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
+                                                                progress)
+    val_name = str(val_root)
+    if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
+        held = heldout_positions(gallery, ids, from_dir)
+        if held is not None:
+            rest = np.setdiff1d(np.arange(len(labels)), held)
+            val_emb, val_labels = vectors[held], [labels[i] for i in held]
+            vectors, labels = vectors[rest], [labels[i] for i in rest]
+            val_name = f"{HELDOUT_PREFIX}{len(held)} photos listed in {Path(from_dir) / HELDOUT_FILE}"
+            logger.info("choosing the blend settings on the %d photos the fine-tuning run held out", len(held))
     t0 = time.perf_counter()
     head_temperature = None
     if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on
@@ -582,7 +595,7 @@ def import_gallery_probe(
         logger.info("no --val-root: the head's probabilities are left uncalibrated (its training photos would "
                     "make it over-confident)")
     probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
-                                        val_embeddings=val_emb, val_labels=val_labels, val_name=str(val_root),
+                                        val_embeddings=val_emb, val_labels=val_labels, val_name=val_name,
                                         folds=folds, rule=rule)
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature

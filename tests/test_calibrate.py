@@ -131,3 +131,7 @@ def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     assert lines[1].startswith("evaluated photos used to choose settings: YES")
     assert lines[2] == ("evaluated photos already in the gallery: 2 (1 same bytes, 1 near-copy); left out of the "
                         "figures (--keep-duplicates to count them)")
+    probe.calibration = Calibration(selected_on="val:heldout:140 photos listed in OUT/heldout.csv", rule="seq-nll")
+    text, chose = settings_origin(probe, tmp_path / "val")
+    assert not chose and "chosen on the photos the fine-tuning run held out of its training photos (140 photos " \
+        "listed in OUT/heldout.csv; the head never trained on them" in text

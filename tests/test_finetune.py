@@ -179,6 +179,15 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert 0 < ident.probe.calibration.metrics["head_temperature"] < 10  # calibrated on the val photos
     answers = ident.identify_images([Image.open(next(val.rglob("*.jpg"))).convert("RGB")])
     assert answers[0].predictions[0].species in r.species
+    # without --val-root: the photos the run held out of its training photos (heldout.csv), found in the gallery
+    with (out / "heldout.csv").open() as fh:
+        held = list(csv.DictReader(fh))
+    assert len(held) == 6 and all(len(row["sha256"]) == 64 for row in held)  # --val-split 0.34 of 6 photos: 2 each
+    assert {row["species"] for row in held} == set(r.species)
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "-q"]) == 0
+    cal = open_identifier(index, precision="fp32").probe.calibration
+    assert cal.selected_on == f"val:heldout:6 photos listed in {out / 'heldout.csv'}"
+    assert 0 < cal.metrics["head_temperature"] < 10
     # a gallery built with another encoder is refused
     other = tmp_path / "other"
     build_gallery(other, "folder", tiny_set, encoder=EncoderConfig(spec="timm:test_efficientnet@random",
@@ -328,3 +337,59 @@ def test_head_temperature_calibrates_without_reranking():
         assert nll(calibrated) < nll(probe)
     with pytest.raises(ValueError, match="cannot fit its temperature"):
         fit_head_temperature(probe, x[:2], ["zz", "zz"])
+
+
+def test_plan_epochs_fits_the_budget():
+    from finetune.budget import MARGIN, plan_epochs
+
+    # 100 s budget, 5 s fixed, frozen epoch 5 s then 10 s epochs: 95 - 5 = 90 s of room -> 5 + 8 * 10 = 85 s
+    assert MARGIN == 0.05
+    assert plan_epochs(100, 5, 10, 5, freeze_epochs=1, max_epochs=30) == 9
+    assert plan_epochs(100, 5, 10, 5, freeze_epochs=1, max_epochs=4) == 4  # --epochs stays the most
+    assert plan_epochs(100, 5, 10, 10, freeze_epochs=0, max_epochs=30) == 9
+    assert plan_epochs(10, 9, 10, 5, freeze_epochs=0, max_epochs=30) == 0  # nothing fits
+
+
+def test_time_budget_fits_the_epochs_and_trains_as_without_it(tiny_set, tmp_path):
+    from finetune.train import finetune
+
+    plain = finetune(_config(tiny_set, tmp_path / "plain", epochs=2), progress=False)
+    # a budget every epoch fits in: the plan keeps --epochs, and the timed steps leave the run unchanged
+    budgeted = finetune(_config(tiny_set, tmp_path / "budget", epochs=2, time_budget=30.0), progress=False)
+    assert budgeted.epochs_run == 2 and budgeted.stopped == "epochs"
+    assert [h["train_loss"] for h in budgeted.history] == [h["train_loss"] for h in plain.history]
+    info = json.loads((tmp_path / "budget" / "config.json").read_text())["speciesid"]
+    plan = info["time_budget"]
+    assert plan["epochs"] == 2 and plan["budget_s"] == 1800.0
+    assert plan["step_s"] > 0 and plan["epoch_s"] >= plan["step_s"] and plan["eval_batch_s"] > 0
+    assert info["settings"]["time_budget"] == 30.0 and info["settings"]["epochs"] == 2
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["speciesid"]["time_budget"] is None
+
+
+def test_time_budget_too_small_says_what_to_change(tiny_set, tmp_path):
+    from finetune.train import finetune
+
+    with pytest.raises(ValueError, match="fits no epoch on this machine.*bigger --time-budget"):
+        finetune(_config(tiny_set, tmp_path / "tiny", time_budget=0.001), progress=False)
+    with pytest.raises(ValueError, match="--time-budget must be a positive number of minutes"):
+        finetune(_config(tiny_set, tmp_path / "zero", time_budget=0.0), progress=False)
+
+
+def test_budgeted_run_resumes_with_the_epochs_it_fitted(tiny_set, tmp_path):
+    from finetune.train import FinetuneInterrupted, finetune
+
+    a = _config(tiny_set, tmp_path, epochs=30, time_budget=5.0).resolved()
+    b = _config(tiny_set, tmp_path, epochs=7, time_budget=5.0).resolved()
+    assert a.training_key() == b.training_key()  # the fitted epochs do not make it another run
+    assert a.training_key() != _config(tiny_set, tmp_path, epochs=30, time_budget=6.0).resolved().training_key()
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = _config(tiny_set, tmp_path / "run", epochs=2, time_budget=30.0)
+    with pytest.raises(FinetuneInterrupted):
+        finetune(cfg, progress=False, on_epoch_end=stop_after_first)
+    seen = []
+    r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
+    assert seen == [2] and r.epochs_run == 2

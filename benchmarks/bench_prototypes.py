@@ -1,0 +1,117 @@
+"""Class prototypes beside the kNN vote, and frozen + fine-tuned encoder ensembles, under the honest protocol.
+
+MobileNetV1 (real weights) on ph-snakes. Prints, never asserts. Settings are chosen inside train only -- C, k, T, w
+by ``retrieval.calibrate.select_settings`` (5-fold CV, rule seq-nll), the prototype temperature and its blend
+weight by 5-fold CV log-loss -- and val, de-duplicated against train with the ``clean`` leak rule, is read once.
+
+Columns: kNN vote, logistic probe, kNN + probe blend, nearest class prototype (softmax over species of the cosine
+to the species' mean embedding / T), prototype + probe blend, and the mean of kNN and prototype blended with the
+probe. Rows: the frozen encoder, then for each fine-tuned folder given (``speciesid finetune`` outputs) its own
+embeddings and the frozen + fine-tuned embeddings concatenated (each half unit length, scaled by 1/sqrt 2).
+
+    nice -n 19 .venv/bin/python benchmarks/bench_prototypes.py runs/ft-a runs/ft-b
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from _common import MOBILENET_SPEC, dedup, require_shared, split_embeddings
+from _hardware import machine_report
+
+PROTO_T = (0.02, 0.03, 0.05, 0.08)  # prototype temperatures tried
+PROTO_W = (0.25, 0.5, 0.75)  # prototype + probe blend weights tried
+
+
+def finetuned_embeddings(folder: str, paths: list[str]) -> np.ndarray:
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import embed_sources
+
+    enc = create_encoder(f"timm:local-dir:{folder}", runtime="torch", precision="fp32", device="cpu")
+    emb, errors = embed_sources(paths, enc)
+    assert not any(errors)
+    return emb
+
+
+def prototypes(xq: np.ndarray, xr: np.ndarray, yr: np.ndarray, n: int, t: float) -> np.ndarray:
+    """Softmax over species of the cosine to each species' (unit) mean reference embedding / t."""
+    mu = np.stack([xr[yr == c].mean(0) for c in range(n)])
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    z = xq @ mu.T / t
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def probe_proba(xr: np.ndarray, yr: np.ndarray, xq: np.ndarray, n: int, c: float) -> np.ndarray:
+    from retrieval.probe import train_probe
+
+    probe = train_probe(xr, [str(v) for v in yr], fingerprint="bench", C=c)
+    p = np.zeros((len(xq), n))
+    p[:, [int(s) for s in probe.species]] = probe.predict_proba(xq)
+    return p
+
+
+def prototype_settings(x: np.ndarray, y: np.ndarray, n: int, c: float) -> tuple[float, float]:
+    """(T, w) of the prototype + probe blend with the least 5-fold out-of-fold log-loss inside train."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from retrieval.calibrate import blend_matrix
+
+    nll = {(t, w): 0.0 for t in PROTO_T for w in PROTO_W}
+    for a, b in StratifiedKFold(5, shuffle=True, random_state=0).split(x, y):
+        pp = probe_proba(x[a], y[a], x[b], n, c)
+        for t in PROTO_T:
+            pt = prototypes(x[b], x[a], y[a], n, t)
+            for w in PROTO_W:
+                pb = blend_matrix(pt, pp, np.ones(n, bool), w)
+                nll[(t, w)] -= float(np.log(pb[np.arange(len(b)), y[b]] + 1e-12).sum())
+    return min(nll, key=nll.get)
+
+
+def row(name: str, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: int) -> None:
+    from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
+
+    t0 = time.perf_counter()
+    cal = select_settings(x, [str(v) for v in y], fingerprint="bench")
+    known = np.ones(n, bool)
+    pp = probe_proba(x, y, xv, n, cal.C)
+    kn = knn_matrix(xv, x, y, n, cal.k, cal.temperature)
+    t_p, w_p = prototype_settings(x, y, n, cal.C)
+    pt = prototypes(xv, x, y, n, t_p)
+    cols = [kn, pp, blend_matrix(kn, pp, known, cal.blend_weight), pt, blend_matrix(pt, pp, known, w_p),
+            blend_matrix(0.5 * (kn + pt), pp, known, cal.blend_weight)]
+    acc = " | ".join(f"{float((p.argmax(1) == yv).mean()):.3f}" for p in cols)
+    print(f"| {name} | C={cal.C:g} k={cal.k} T={cal.temperature:g} w={cal.blend_weight:g}; prototypes T={t_p:g} "
+          f"w={w_p:g} | {acc} | {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("finetuned", nargs="*", help="speciesid finetune output folders (timm local-dir)")
+    args = ap.parse_args()
+    require_shared()
+    print("bench_prototypes: where it ran\n" + machine_report(), flush=True)
+    tr, tr_species, tr_paths = split_embeddings(MOBILENET_SPEC, "train")
+    va, va_species, va_paths = split_embeddings(MOBILENET_SPEC, "val")
+    keep = dedup(tr, tr_paths, va, va_paths)["val"]
+    species = sorted(set(tr_species))
+    y = np.array([species.index(s) for s in tr_species])
+    yv = np.array([species.index(s) for s in va_species])[keep]
+    n = len(species)
+    print(f"val: {len(va_paths)} photos, {len(keep)} kept after de-duplication against train; read once")
+    print("| features | settings (inside train) | kNN | probe | blend | prototypes | prototypes + probe | "
+          "(kNN + prototypes)/2 + probe | time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    row("frozen", tr, y, va[keep], yv, n)
+    for folder in args.finetuned:
+        ft, ftv = finetuned_embeddings(folder, tr_paths), finetuned_embeddings(folder, va_paths)[keep]
+        name = folder.rstrip("/").split("/")[-1]
+        row(f"fine-tuned {name}", ft, y, ftv, yv, n)
+        row(f"frozen + fine-tuned {name}, concatenated", np.hstack([tr, ft]) / np.sqrt(2),
+            y, np.hstack([va[keep], ftv]) / np.sqrt(2), n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Fit a fine-tuning run into a time budget (``speciesid finetune --time-budget MIN``).
+
+Machines differ by 5x and more (an AVX2 laptop in fp32 against an AVX-512-BF16 server), so a fixed epoch count
+is 8 minutes on one and 40 on another. Before training, a few real training steps (augmented batches from the
+run's own loader, the run's precision) and evaluation batches are timed on a throw-away copy of the network;
+the epoch count is then the largest (at most ``--epochs``) for which head init + epochs + final evaluation fit
+95% of the budget, and the cosine schedule runs over exactly those epochs. During training the budget itself is
+the deadline: an epoch that would overrun it is not started.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from finetune.config import FinetuneConfig
+from finetune.engine import autocast, set_train_mode, train_step
+
+logger = logging.getLogger(__name__)
+
+#: Kept free of the estimate: timing noise, checkpoint writes, the export.
+MARGIN = 0.05
+#: Seconds added per epoch for its checkpoint, log and curves.
+EPOCH_OVERHEAD_S = 1.0
+
+
+@dataclass
+class BudgetPlan:
+    """How a budget was spent before the first epoch (all times in seconds)."""
+
+    budget_s: float  # the whole run's budget
+    spent_s: float  # already gone when the plan was made (decoding the photos, building the model, timing steps)
+    step_s: float  # one training step with the backbone training (loader wait included)
+    frozen_step_s: float  # one step with the backbone frozen (forward only through it)
+    eval_batch_s: float  # one evaluation batch (twice the training batch)
+    epoch_s: float  # one epoch with the backbone training: its steps, validation, checkpoint
+    frozen_epoch_s: float  # one epoch with the backbone frozen
+    init_s: float  # the head's initialisation (the training photos embedded once, the probe fitted)
+    final_s: float  # the final evaluation of the kept weights and the export
+    epochs: int  # the epochs that fit (at most --epochs)
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def plan_epochs(budget_s: float, fixed_s: float, epoch_s: float, frozen_epoch_s: float, *, freeze_epochs: int,
+                max_epochs: int) -> int:
+    """The most epochs (<= ``max_epochs``) whose cost, plus ``fixed_s``, stays within ``(1 - MARGIN) * budget_s``;
+    the first ``freeze_epochs`` cost ``frozen_epoch_s``, the others ``epoch_s``. 0 when not even one fits."""
+    room = (1.0 - MARGIN) * budget_s - fixed_s
+    epochs, used = 0, 0.0
+    while epochs < max_epochs:
+        cost = frozen_epoch_s if epochs < freeze_epochs else epoch_s
+        if used + cost > room:
+            break
+        used += cost
+        epochs += 1
+    return epochs
+
+
+def _median_seconds(batches, run, *, device: torch.device, steps: int) -> float | None:
+    """Median seconds of ``run(x, y)`` over the first ``steps`` + 1 batches, the loader's wait included; the first
+    is a warm-up. None when there is no batch."""
+    times = []
+    it = iter(batches)
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
+        run(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times = times[1:] or times
+    return sorted(times)[len(times) // 2] if times else None
+
+
+def _time_train_steps(net: torch.nn.Module, batches, cfg: FinetuneConfig, *, n_classes: int, device: torch.device,
+                      mixup, class_weight: torch.Tensor | None, frozen: bool, steps: int) -> float:
+    """Median seconds of a training step on a copy of ``net`` (its weights change, ``net``'s do not)."""
+    work = copy.deepcopy(net)
+    set_train_mode(work, cfg, frozen)
+    opt = torch.optim.AdamW([p for p in work.parameters() if p.requires_grad], lr=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> None:
+        train_step(work, x, y, opt, scaler, cfg, n_classes=n_classes, device=device, class_weight=class_weight,
+                   mixup=mixup, frozen=frozen)
+
+    seconds = _median_seconds(batches, run, device=device, steps=steps)
+    if seconds is None:
+        raise ValueError("no training batch to time: the training set is empty")
+    return seconds
+
+
+def _time_eval_batches(net: torch.nn.Module, batches, *, device: torch.device, amp: bool, steps: int) -> float:
+    """Median seconds of an evaluation batch (forward only, evaluation precision)."""
+    net.eval()
+
+    @torch.no_grad()
+    def run(x: torch.Tensor, _y: torch.Tensor) -> None:
+        with autocast(device, amp):
+            net(x.to(device).contiguous(memory_format=torch.channels_last))
+
+    return _median_seconds(batches, run, device=device, steps=steps) or 0.0
+
+
+def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: torch.device, workers: int, mixup,
+                  spent_s: float, steps: int = 4) -> BudgetPlan:
+    """Time a few steps of this run on this machine and plan its epochs within ``cfg.time_budget`` minutes.
+
+    Raises ValueError (saying what to change) when not even one epoch fits. ``net`` itself is not trained.
+    """
+    from finetune.data import loader
+
+    budget_s = float(cfg.time_budget) * 60.0
+    t0 = time.perf_counter()
+    n_train, n_val, bs = len(data.train), len(data.val), cfg.batch_size
+    steps_per_epoch = math.ceil(n_train / bs)
+    train_batches = data.train_loader(cfg, 0, device=device, workers=workers)
+    step_s = _time_train_steps(net, train_batches, cfg, n_classes=data.n_classes, device=device, mixup=mixup,
+                               class_weight=data.class_weight, frozen=False, steps=steps)
+    frozen_step_s = step_s
+    if cfg.freeze_epochs:
+        frozen_step_s = _time_train_steps(net, data.train_loader(cfg, 0, device=device, workers=workers), cfg,
+                                          n_classes=data.n_classes, device=device, mixup=mixup,
+                                          class_weight=data.class_weight, frozen=True, steps=max(2, steps // 2))
+    eval_bs = 2 * bs
+    eval_batch_s = _time_eval_batches(copy.deepcopy(net),
+                                      loader(data.train_eval, eval_bs, workers=workers, device=device),
+                                      device=device, amp=cfg.amp, steps=max(2, steps // 2))
+    val_s = math.ceil(n_val / eval_bs) * eval_batch_s * (2 if cfg.ema else 1)  # an EMA: raw weights evaluated too
+    train_eval_s = math.ceil(n_train / eval_bs) * eval_batch_s
+    epoch_s = steps_per_epoch * step_s + val_s + EPOCH_OVERHEAD_S
+    frozen_epoch_s = steps_per_epoch * frozen_step_s + val_s + EPOCH_OVERHEAD_S
+    init_s = (train_eval_s if cfg.head_init == "probe" else 0.0) + val_s
+    final_s = ((train_eval_s + math.ceil(n_val / eval_bs) * eval_batch_s) if cfg.final_eval else 0.0)
+    final_s = final_s * (2 if cfg.save_last else 1) + EPOCH_OVERHEAD_S
+    spent_s += time.perf_counter() - t0  # the timing itself
+    epochs = plan_epochs(budget_s, spent_s + init_s + final_s, epoch_s, frozen_epoch_s,
+                         freeze_epochs=cfg.freeze_epochs, max_epochs=cfg.epochs)
+    plan = BudgetPlan(budget_s=budget_s, spent_s=spent_s, step_s=step_s, frozen_step_s=frozen_step_s,
+                      eval_batch_s=eval_batch_s, epoch_s=epoch_s, frozen_epoch_s=frozen_epoch_s, init_s=init_s,
+                      final_s=final_s, epochs=epochs)
+    if epochs < 1:
+        raise ValueError(
+            f"--time-budget {cfg.time_budget:g} min fits no epoch on this machine: one epoch takes ~{epoch_s:.0f} s "
+            f"and the head init + final evaluation ~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give "
+            "a bigger --time-budget, a smaller --train-size, more --freeze-layers or fewer photos"
+        )
+    logger.info("time budget %.1f min: an epoch ~%.0f s (frozen %.0f s), head init ~%.0f s, final ~%.0f s -> "
+                "%d epochs", cfg.time_budget, epoch_s, frozen_epoch_s, init_s, final_s, epochs)
+    return plan
