@@ -109,8 +109,8 @@ def main() -> None:
         ft, ftv = finetuned_embeddings(folder, tr_paths), finetuned_embeddings(folder, va_paths)[keep]
         name = folder.rstrip("/").split("/")[-1]
         row(f"fine-tuned {name}", ft, y, ftv, yv, n)
-        row(f"frozen + fine-tuned {name}, concatenated", np.hstack([tr, ft]) / np.sqrt(2),
-            y, np.hstack([va[keep], ftv]) / np.sqrt(2), n)
+        row(f"frozen + fine-tuned {name}, concatenated", np.hstack([tr, ft]) / np.sqrt(2), y,
+            np.hstack([va[keep], ftv]) / np.sqrt(2), yv, n)
 
 
 if __name__ == "__main__":
