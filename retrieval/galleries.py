@@ -1,0 +1,77 @@
+"""Open a gallery with the encoder that built it (:func:`open_gallery`), ready to identify (:func:`open_identifier`).
+
+The one place a gallery folder and its encoder are put together; ``retrieval.workflows`` offers both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from index.gallery import Gallery, read_gallery_info
+from index.store import source_file
+from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config, recorded_encoder
+from retrieval.identify import Identifier
+from retrieval.probe import LinearProbe, has_probe
+from retrieval.textprior import load_text_prior
+from retrieval.vote import VoteConfig
+
+
+def open_gallery(
+    index_dir: str | Path,
+    *,
+    encoder: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    refresh_s: float = 1.0,
+    runtime: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
+) -> tuple[Gallery, Encoder]:
+    """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
+
+    ``pool`` / ``views``: None = the gallery's own (recorded at build; galleries from before have neither, which
+    means ``model`` / ``single``); another value is refused by the fingerprint check.
+    ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
+    ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
+    exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
+    """
+    built = read_gallery_info(index_dir)["encoder"]
+    config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
+                           **recorded_encoder(built, spec=encoder, weights=weights, pool=pool, views=views))
+    enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
+    return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
+
+
+def open_identifier(
+    index_dir: str | Path,
+    *,
+    encoder: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    vote: VoteConfig | None = None,
+    use_probe: bool = True,
+    refresh_s: float = 1.0,
+    runtime: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
+) -> Identifier:
+    """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
+    gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
+                                refresh_s=refresh_s, runtime=runtime, pool=pool, views=views)
+    probe = None
+    if use_probe and has_probe(index_dir):
+        probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
+    text = load_text_prior(index_dir, enc) if use_probe else None
+    return Identifier(enc, gallery, vote, probe=probe, text_prior=text)
+
+
+def _reference_photos(index_dir: str | Path, dim: int) -> list[Path]:
+    """The gallery's reference photos (what an exported encoder is checked and calibrated on)."""
+    from index.layout import GalleryLayout
+    from index.store import ReferenceStore
+
+    meta = ReferenceStore(GalleryLayout(Path(index_dir)).store, dim).metadata(include_excluded=False)
+    return [source_file(t) for t in meta["source_path"]]

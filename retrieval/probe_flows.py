@@ -1,0 +1,166 @@
+"""Calibrate a gallery's blend: train its linear probe (:func:`train_gallery_probe`) or use a fine-tuned network's
+head as the probe (:func:`import_gallery_probe`); ``retrieval.workflows`` offers both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.datasets import load_checklist, load_dataset
+from index.gallery import Gallery
+from index.layout import check_encoder
+from index.store import SpeciesSummary
+from retrieval.encoders import Encoder
+from retrieval.galleries import open_gallery
+from retrieval.pipeline import embed_photos
+from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions
+from retrieval.textprior import save_text_prior
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeResult:
+    """What ``train_gallery_probe`` / ``import_gallery_probe`` did."""
+
+    probe: LinearProbe  # the probe (saved beside the gallery)
+    seconds_select: float  # time spent choosing settings
+    seconds_train: float  # time spent training the final probe
+    text_species: int  # species covered by the text prior (0 when none)
+
+
+def _selection_data(
+    gallery: Gallery, enc: Encoder, val_dataset: str | None, val_root: str | Path | None,
+    val_metadata: str | Path | None, progress: bool,
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None, list[str] | None]:
+    """The gallery's ids, vectors and species, and the validation photos' embeddings and species (None without)."""
+    ids, vectors = gallery.store.vectors()
+    meta = gallery.store.metadata(ids)
+    labels = [str(meta.at[int(i), "species"]) for i in ids]
+    if val_root is None:
+        return ids, vectors, labels, None, None
+    scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
+    done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
+    ok = [i for i, e in enumerate(done.errors) if e is None]
+    return ids, vectors, labels, done.embeddings[ok], [scan.records[i].species for i in ok]
+
+
+def train_gallery_probe(
+    index_dir: str | Path,
+    *,
+    val_dataset: str | None = None,
+    val_root: str | Path | None = None,
+    val_metadata: str | Path | None = None,
+    checklist: str | None = None,
+    text_strength: float = 1.0,
+    folds: int = 5,
+    rule: str = "seq-nll",
+    device: str = "auto",
+    progress: bool = True,
+    precision: str = "auto",
+    runtime: str | None = None,
+) -> ProbeResult:
+    """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
+
+    With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
+    plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
+    """
+    from retrieval.calibrate import select_settings  # sklearn: not on the query path
+
+    gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
+    _, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
+                                                              progress)
+    t0 = time.perf_counter()
+    calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
+                                  val_labels=val_labels, val_name=str(val_root), folds=folds, rule=rule)
+    t1 = time.perf_counter()
+    probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
+    probe.calibration = calibration
+    t2 = time.perf_counter()
+    probe.save(index_dir)
+    text_species = 0
+    if enc.supports_text:
+        taxa = {s.species: s for s in gallery.species()}
+        for t in load_checklist(checklist) if checklist else []:
+            taxa.setdefault(t.species, SpeciesSummary(t.species, t.genus, t.family, None, t.venomous, 0))
+        save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
+        text_species = len(taxa)
+    elif checklist:
+        logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
+    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species)
+
+
+def import_gallery_probe(
+    index_dir: str | Path,
+    from_dir: str | Path,
+    *,
+    val_dataset: str | None = None,
+    val_root: str | Path | None = None,
+    val_metadata: str | Path | None = None,
+    folds: int = 5,
+    rule: str = "seq-nll",
+    device: str = "auto",
+    progress: bool = True,
+    precision: str = "auto",
+    runtime: str | None = None,
+) -> ProbeResult:
+    """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
+
+    The gallery must have been built with that network as its encoder (same weights). No probe is trained:
+    only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else on the
+    photos the run held out of its training photos (``heldout.csv``, matched in the gallery by content: kNN from
+    the other gallery photos), else out-of-fold over the gallery with the head fixed (which favours the head).
+    """
+    from retrieval.calibrate import select_settings  # sklearn: not on the query path
+
+    probe = _finetuned_head(from_dir)
+    gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
+    check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
+                  fix=f"it must be built with the fine-tuned network of {from_dir}: "
+                  f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
+    ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
+                                                                progress)
+    val_name = str(val_root)
+    if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
+        held = heldout_positions(gallery, ids, from_dir)
+        if held is not None:
+            rest = np.setdiff1d(np.arange(len(labels)), held)
+            val_emb, val_labels = vectors[held], [labels[i] for i in held]
+            vectors, labels = vectors[rest], [labels[i] for i in rest]
+            val_name = f"{HELDOUT_PREFIX}{len(held)} photos listed in {Path(from_dir) / HELDOUT_FILE}"
+            logger.info("choosing the blend settings on the %d photos the fine-tuning run held out", len(held))
+    t0 = time.perf_counter()
+    head_temperature = None
+    if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on
+        head_temperature = fit_head_temperature(probe, val_emb, val_labels)
+        probe = probe.scaled(head_temperature)
+    else:
+        logger.info("no --val-root: the head's probabilities are left uncalibrated (its training photos would "
+                    "make it over-confident)")
+    probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
+                                        val_embeddings=val_emb, val_labels=val_labels, val_name=val_name,
+                                        folds=folds, rule=rule)
+    if head_temperature is not None:
+        probe.calibration.metrics["head_temperature"] = head_temperature
+    probe.fingerprint = gallery.fingerprint
+    probe.source = f"finetune:{from_dir}"
+    probe.save(index_dir)
+    return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
+def _finetuned_head(folder: str | Path) -> LinearProbe:
+    """The head of a ``speciesid finetune`` output folder, as a probe (ValueError when it is not one)."""
+    folder = Path(folder)
+    if not has_probe(folder):
+        raise ValueError(f"{folder} is not a fine-tuned model folder (no probe.json): give the --out folder of "
+                         "'speciesid finetune'")
+    probe = LinearProbe.load(folder)
+    if not (probe.source or "").startswith("finetune:"):
+        raise ValueError(f"{folder} holds a probe, but not the head of a 'speciesid finetune' output")
+    return probe
