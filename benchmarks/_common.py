@@ -111,19 +111,18 @@ class CpuWatch:
         )
 
 
-#: retrieval.findings.DEFAULT_DUP_THRESHOLD, the ``speciesid clean`` leak rule
-LEAK_COSINE = 0.95
-
-
 def dedup(train_emb: np.ndarray, train_paths: list[str], val_emb: np.ndarray, val_paths: list[str]) -> dict:
-    """Train photos kept (byte-identical copies once), val photos kept (no leak from train), the leaks."""
+    """Train photos kept (byte-identical copies once), val photos kept (no leak from train: same bytes, or cosine at
+    or above the ``speciesid clean`` leak rule), the leaks."""
     from index.pairs import similar_pairs
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD
+    from retrieval.images import sha256_bytes
 
-    sha = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in train_paths + val_paths}
+    sha = {p: sha256_bytes(Path(p).read_bytes()) for p in train_paths + val_paths}
     seen: set[str] = set()
     keep_tr = np.array([i for i, p in enumerate(train_paths) if not (sha[p] in seen or seen.add(sha[p]))])
     leaks = {j: ("sha256", 1.0) for j, p in enumerate(val_paths) if sha[p] in seen}
-    for j, _, s in similar_pairs(val_emb, train_emb[keep_tr], threshold=LEAK_COSINE):
+    for j, _, s in similar_pairs(val_emb, train_emb[keep_tr], threshold=DEFAULT_DUP_THRESHOLD):
         leaks.setdefault(int(j), ("cosine", float(s)))
     keep_va = np.array([j for j in range(len(val_paths)) if j not in leaks])
     return {"train": keep_tr, "val": keep_va, "leaks": leaks}

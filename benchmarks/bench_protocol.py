@@ -67,15 +67,13 @@ def embeddings(pool: str, views: str, split: str, runtime: str) -> tuple[np.ndar
 
 def predict(x_ref, y_ref, x_q, n, settings: tuple, probes: dict) -> dict[str, np.ndarray]:
     """kNN / probe / blend probabilities of the queries under (C, k, T, w); probes: C -> fitted, filled lazily."""
-    from retrieval.calibrate import blend_matrix, knn_matrix
+    from retrieval.calibrate import blend_matrix, knn_matrix, probe_matrix
     from retrieval.probe import train_probe
 
     c, k, t, w = settings
     if c not in probes:
         probes[c] = train_probe(x_ref, [str(v) for v in y_ref], fingerprint="bench", C=c)
-    pr = probes[c]
-    p = np.zeros((len(x_q), n))
-    p[:, [int(s) for s in pr.species]] = pr.predict_proba(x_q)
+    p, _ = probe_matrix(probes[c], x_q, {str(i): i for i in range(n)}, n)
     kn = knn_matrix(x_q, x_ref, y_ref, n, k, t)
     return {"knn": kn, "probe": p, "blend": blend_matrix(kn, p, np.ones(n, bool), w)}
 

@@ -45,12 +45,11 @@ def prototypes(xq: np.ndarray, xr: np.ndarray, yr: np.ndarray, n: int, t: float)
 
 
 def probe_proba(xr: np.ndarray, yr: np.ndarray, xq: np.ndarray, n: int, c: float) -> np.ndarray:
+    from retrieval.calibrate import probe_matrix
     from retrieval.probe import train_probe
 
     probe = train_probe(xr, [str(v) for v in yr], fingerprint="bench", C=c)
-    p = np.zeros((len(xq), n))
-    p[:, [int(s) for s in probe.species]] = probe.predict_proba(xq)
-    return p
+    return probe_matrix(probe, xq, {str(i): i for i in range(n)}, n)[0]
 
 
 def prototype_settings(x: np.ndarray, y: np.ndarray, n: int, c: float) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +71,18 @@ def knn_matrix(
     rows = np.repeat(np.arange(len(queries)), k)
     np.add.at(out, (rows, ref_labels[top].reshape(-1)), w.reshape(-1))
     return out / out.sum(axis=1, keepdims=True)
+
+
+def probe_matrix(probe: LinearProbe, queries: np.ndarray, index: Mapping[str, int],
+                 n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, n_classes) with the probe's species at their ``index`` columns and 0 elsewhere, and a
+    (n_classes,) mask of the species the probe knows)."""
+    cols = [index[s] for s in probe.species]
+    known = np.zeros(n_classes, dtype=bool)
+    known[cols] = True
+    p = np.zeros((len(queries), n_classes))
+    p[:, cols] = probe.predict_proba(queries)
+    return p, known
 
 
 def blend_matrix(knn: np.ndarray, probe: np.ndarray, known: np.ndarray, weight: float) -> np.ndarray:
@@ -196,11 +208,7 @@ def out_of_fold(
             knn_oof.setdefault((k, t), []).append(knn_matrix(q, x[rest], y[rest], n, k, t))
         for c in Cs:
             fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
-            cols = [index[s] for s in fitted.species]
-            known = np.zeros(n, dtype=bool)
-            known[cols] = True
-            p = np.zeros((len(q), n))
-            p[:, cols] = fitted.predict_proba(q)
+            p, known = probe_matrix(fitted, q, index, n)
             probe_oof.setdefault(c, []).append(p)
             known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
     return OutOfFold(

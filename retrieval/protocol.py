@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from index.gallery import Gallery
+from retrieval.findings import DEFAULT_DUP_THRESHOLD
 from retrieval.probe import LinearProbe
 
-#: Cosine at or above which an evaluated photo counts as a copy of a gallery photo (retrieval.findings' leak rule).
-DUPLICATE_COSINE = 0.95
+#: Cosine at or above which an evaluated photo counts as a copy of a gallery photo (the ``clean`` leak rule).
+DUPLICATE_COSINE = DEFAULT_DUP_THRESHOLD
 #: In a ``speciesid finetune`` output: the training photos held out to choose the epoch (path, species, sha256).
 HELDOUT_FILE = "heldout.csv"
 #: ``Calibration.selected_on`` prefix (after "val:") of settings chosen on a fine-tuning run's held-out photos.
