@@ -180,10 +180,10 @@ def main() -> None:
               f"{plan['epochs']} epochs planned; whole run {info.get('process_wall_seconds', 0) / 60:.1f} min")
     for folder, (_, st, inf) in zip(folders, results, strict=True):
         print(f"{folder} ({inf.get('kept', 'best')}): blend settings ({st.selected_on}): k={st.k} "
-              f"T={st.temperature} w={st.blend_weight}")
+              f"T={st.temperature} w={st.blend_weight} kNN metric {st.metric}")
     if fz_settings is not None:
         print(f"frozen settings ({fz_settings.selected_on}): C={fz_settings.C} k={fz_settings.k} "
-              f"T={fz_settings.temperature} w={fz_settings.blend_weight}")
+              f"T={fz_settings.temperature} w={fz_settings.blend_weight} kNN metric {fz_settings.metric}")
     print("| encoder | kNN top-1 | probe/head top-1 | blend top-1 | kNN F1 | probe/head F1 | blend F1 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = ([("frozen (probe = logistic regression)", fz)] if fz else [])

@@ -6,14 +6,16 @@ Prints, never asserts. The protocol:
    photo, on the plain embeddings): the near-copies are left out of every figure; byte-identical train photos are
    kept once (as a gallery stores them).
 2. Outer cross-validation inside train (``--folds`` stratified folds, near-duplicates kept in one fold, ``--seeds``
-   reshuffles): for every outer fold, every setting (C, k, T, blend weight) is chosen by the rule on the other folds
+   reshuffles): for every outer fold, every setting (C, kNN metric, k, T, blend weight) is chosen by the rule on the other folds
    alone (inner CV, ``retrieval.calibrate``) -- nested, so the held-out fold chose nothing. Mean and spread over seeds.
 3. val read once at the end: settings chosen by CV on all of train, scored on the de-duplicated val photos.
 4. The old protocol as a labelled second row, ``val selects``: the settings that score best on val itself
    (argmax over the grid), scored on the same val photos. It over-states unseen-photo accuracy.
 
-Rows: the embedding options (``--options pool/views``: model/single = today's, gem3/flip, gem3/flipms) x the
-selection rules (seq-nll = the default, argmax = the old one) x kNN / probe / blend. Embeddings go through
+Rows: the embedding options (``--options pool/views``: model/single = today's, gem3/flip, gem3/flipms) x the kNN
+metrics the rule may choose from (``--metrics``: ``cosine`` alone = before the whitened metric, ``both`` = cosine
+or within-class whitened, ``retrieval.metric``; the default) x the selection rules (seq-nll = the default, argmax =
+the old one) x kNN / probe / blend. Embeddings go through
 ``retrieval.pipeline.embed_sources`` with the encoder ``auto`` picks here (views ``ms``/``flipms`` run on torch),
 cached under runs/cache. Run it niced (it is an accuracy job, not a timing):
 
@@ -70,15 +72,16 @@ def predict(x_ref, y_ref, x_q, n, settings: tuple, probes: dict) -> dict[str, np
     from retrieval.calibrate import blend_matrix, knn_matrix, probe_matrix
     from retrieval.probe import train_probe
 
-    c, k, t, w = settings
+    c, k, t, w, m = settings
     if c not in probes:
         probes[c] = train_probe(x_ref, [str(v) for v in y_ref], fingerprint="bench", C=c)
     p, _ = probe_matrix(probes[c], x_q, {str(i): i for i in range(n)}, n)
-    kn = knn_matrix(x_q, x_ref, y_ref, n, k, t)
+    kn = knn_matrix(x_q, x_ref, y_ref, n, k, t, metric=m)
     return {"knn": kn, "probe": p, "blend": blend_matrix(kn, p, np.ones(n, bool), w)}
 
 
-def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, final: bool = True) -> dict:
+def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, final: bool = True,
+             grid=None) -> dict:
     """Nested outer CV inside train + the final val read, per rule; plus the 'val selects' row.
 
     ``gallery_frac`` < 1: each outer fold's gallery is a stratified sample of that share of the other folds (the
@@ -96,7 +99,8 @@ def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, fi
             if gallery_frac < 1.0:
                 rest = np.sort(train_test_split(rest, train_size=gallery_frac, stratify=y[rest],
                                                 random_state=seed)[0])
-            oof = out_of_fold(x[rest], [labels[i] for i in rest], fingerprint="bench", folds=folds, seed=seed)
+            oof = out_of_fold(x[rest], [labels[i] for i in rest], fingerprint="bench", folds=folds, seed=seed,
+                              grid=grid)
             probes: dict = {}
             total += len(held)
             for r in rules:
@@ -108,13 +112,13 @@ def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, fi
             out[r]["cv"].append({m: hits[r][m] / total for m in METHODS})
     if not final:
         return out
-    oof = out_of_fold(x, labels, fingerprint="bench", folds=folds, seed=0)
+    oof = out_of_fold(x, labels, fingerprint="bench", folds=folds, seed=0, grid=grid)
     probes = {}
     for r in rules:
         st = choose(oof, r)
         out[r]["final"] = st
         out[r]["val"] = {m: float((p.argmax(1) == yv).mean()) for m, p in predict(x, y, xv, n, st, probes).items()}
-    vo = out_of_fold(x, labels, fingerprint="bench", val_embeddings=xv, val_labels=[str(v) for v in yv])
+    vo = out_of_fold(x, labels, fingerprint="bench", val_embeddings=xv, val_labels=[str(v) for v in yv], grid=grid)
     st = choose(vo, "argmax")
     out["val selects"] = {"final": st, "val": {m: float((p.argmax(1) == yv).mean())
                                                for m, p in predict(x, y, xv, n, st, probes).items()}}
@@ -122,7 +126,7 @@ def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, fi
 
 
 def fmt_settings(st: tuple) -> str:
-    return f"C={st[0]:g} k={st[1]} T={st[2]:g} w={st[3]:g}"
+    return f"C={st[0]:g} k={st[1]} T={st[2]:g} w={st[3]:g} {st[4]}"
 
 
 def main() -> None:
@@ -130,6 +134,8 @@ def main() -> None:
     ap.add_argument("--options", nargs="+", default=["model/single", "gem3/flip", "gem3/flipms"],
                     help="embedding options, POOL/VIEWS (default: today's, gem3/flip, gem3/flipms)")
     ap.add_argument("--rules", nargs="+", default=["seq-nll", "argmax"])
+    ap.add_argument("--metrics", nargs="+", default=["cosine", "both"], choices=["cosine", "both"],
+                    help="kNN metrics the rule chooses from: cosine alone, or cosine / whitened (default: both rows)")
     ap.add_argument("--seeds", type=int, default=3, help="outer-CV reshuffles (default 3)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--runtime", default="auto", help="runtime of the embeddings (default auto; ms views: torch)")
@@ -149,6 +155,9 @@ def main() -> None:
     print(f"train: {len(tr_paths)} photos, {len(d['train'])} kept (byte-identical copies once); val: {len(va_paths)} "
           f"photos, {len(d['leaks'])} left out as leaks of train photos ({leaks}); "
           f"{len(d['val'])} val photos read once at the end", flush=True)
+    from retrieval.calibrate import SelectionGrid
+    from retrieval.metric import METRICS as METRIC_NAMES
+
     rows = []
     for opt in args.options:
         pool, views = opt.split("/")
@@ -159,25 +168,29 @@ def main() -> None:
         idx = {s: i for i, s in enumerate(species)}
         x, y = xtr[d["train"]], np.array([idx[ytr_names[i]] for i in d["train"]])
         xv, yv = xva[d["val"]], np.array([idx[yva_names[j]] for j in d["val"]])
-        res = evaluate(x, y, xv, yv, len(species), args.rules, range(args.seeds), args.folds)
-        rows.append((opt, res))
-        print(f"  {opt}: {time.perf_counter() - t0:.0f} s", flush=True)
-        print_table(rows[-1:], args)
-        for frac in args.gallery_fracs:
-            small = evaluate(x, y, xv, yv, len(species), args.rules, range(args.seeds), args.folds, frac, final=False)
-            for r in args.rules:
-                a = np.array([c["blend"] for c in small[r]["cv"]])
-                b = np.array([c["blend"] for c in res[r]["cv"]])
-                print(f"| {opt} | {r} | outer CV, gallery {frac:g} of each outer-train -> all of it | blend "
-                      f"{a.mean():.3f} -> {b.mean():.3f} ({b.mean() - a.mean():+.3f}; per seed "
-                      + ", ".join(f"{d:+.3f}" for d in b - a) + ") |", flush=True)
+        for mg in args.metrics:
+            grid = SelectionGrid(metrics=("cosine",) if mg == "cosine" else METRIC_NAMES)
+            label = f"{opt}, kNN {'cosine' if mg == 'cosine' else 'cosine or whitened'}"
+            res = evaluate(x, y, xv, yv, len(species), args.rules, range(args.seeds), args.folds, grid=grid)
+            rows.append((label, res))
+            print(f"  {label}: {time.perf_counter() - t0:.0f} s", flush=True)
+            print_table(rows[-1:], args)
+            for frac in args.gallery_fracs:
+                small = evaluate(x, y, xv, yv, len(species), args.rules, range(args.seeds), args.folds, frac,
+                                 final=False, grid=grid)
+                for r in args.rules:
+                    a = np.array([c["blend"] for c in small[r]["cv"]])
+                    b = np.array([c["blend"] for c in res[r]["cv"]])
+                    print(f"| {label} | {r} | outer CV, gallery {frac:g} of each outer-train -> all of it | blend "
+                          f"{a.mean():.3f} -> {b.mean():.3f} ({b.mean() - a.mean():+.3f}; per seed "
+                          + ", ".join(f"{d:+.3f}" for d in b - a) + ") |", flush=True)
     print("\nAll rows")
     print_table(rows, args)
     print(f"\n{time.perf_counter() - t_all:.0f} s in all; " + watch.report())
 
 
 def print_table(rows: list, args) -> None:
-    print("\n| features (pool/views) | rule | protocol | kNN | probe | blend | blend - max(kNN, probe) | "
+    print("\n| features (pool/views), kNN metric | rule | protocol | kNN | probe | blend | blend - max(kNN, probe) | "
           "settings (chosen on all train) |")
     print("|---|---|---|---:|---:|---:|---:|---|")
     for opt, res in rows:

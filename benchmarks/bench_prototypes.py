@@ -76,7 +76,7 @@ def row(name: str, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
     cal = select_settings(x, [str(v) for v in y], fingerprint="bench")
     known = np.ones(n, bool)
     pp = probe_proba(x, y, xv, n, cal.C)
-    kn = knn_matrix(xv, x, y, n, cal.k, cal.temperature)
+    kn = knn_matrix(xv, x, y, n, cal.k, cal.temperature, metric=cal.metric)
     t_p, w_p = prototype_settings(x, y, n, cal.C)
     pt = prototypes(xv, x, y, n, t_p)
     cols = [kn, pp, blend_matrix(kn, pp, known, cal.blend_weight), pt, blend_matrix(pt, pp, known, w_p),

@@ -5,6 +5,8 @@ view preprocessed, forward passes, FAISS search, kNN vote): ``retrieval.pipeline
 ``Identifier.identify_embeddings``. Per option: runtime ``auto`` (what the CLI picks here; ``ms`` views run on
 torch) and torch fp32. The gallery is ph-snakes train (975 photos) stored from the plain embeddings under each
 option's fingerprint: the search costs the same, the answers are not meaningful (accuracy: bench_protocol.py).
+For today's embeddings also the blend with a linear probe, its kNN vote under the cosine metric and under the
+whitened one (``retrieval.metric``: the 200 cosine neighbours re-ranked in the whitened space).
 Passes rotate the order of the options; medians over passes. Run it at normal priority, alone:
 
     flock /tmp/speciesid-timing.lock .venv/bin/python benchmarks/bench_views.py [--queries 40 --passes 3]
@@ -32,6 +34,19 @@ from _hardware import machine_report
 
 OPTIONS = [("model", "single"), ("gem3", "single"), ("model", "flip"), ("gem3", "flip"), ("model", "ms"),
            ("gem3", "flipms")]
+
+
+def _probe_identifier(enc, gallery, records, emb: np.ndarray, metric: str):
+    """An identifier blending a C=50 probe (trained on the gallery's embeddings) with the kNN vote under ``metric``."""
+    from retrieval.identify import Identifier
+    from retrieval.metric import fit_whitening
+    from retrieval.probe import train_probe
+
+    labels = [r.species for r in records]
+    probe = train_probe(emb, labels, fingerprint=enc.fingerprint, C=50.0)
+    probe.calibration.metric = metric
+    probe.whitening = fit_whitening(emb, labels) if metric == "whitened" else None
+    return Identifier(enc, gallery, probe=probe)
 
 
 def main() -> None:
@@ -80,6 +95,20 @@ def main() -> None:
                     run(q)
                 runners[label] = run
                 print(f"  ready: {label}", flush=True)
+                if (pool, views) == ("model", "single"):
+                    for metric in ("cosine", "whitened"):
+                        blend = _probe_identifier(enc, g, train, emb, metric)
+                        name = f"pool={pool} views={views}, blend, kNN {metric} | {rt} -> {enc.runtime} {enc.precision}"
+
+                        def run_blend(p: str, ident=blend) -> None:
+                            e, err = embed_sources([p], ident.encoder)
+                            assert err[0] is None, err
+                            ident.identify_embeddings(e)
+
+                        for q in queries[:2]:
+                            run_blend(q)
+                        runners[name] = run_blend
+                        print(f"  ready: {name}", flush=True)
         names = list(runners)
         per: dict[str, list[dict]] = {n: [] for n in names}
         for p in range(args.passes):
@@ -101,7 +130,7 @@ def main() -> None:
     for n in names:
         fig = {k: median([x[k] for x in per[n]]) for k in ("p50", "p95", "p99")}
         opts, rt = n.split(" | ")
-        base = next(m for m in names if m.startswith("pool=model views=single") and m.split(" | ")[1].split(" ->")[0]
+        base = next(m for m in names if m.startswith("pool=model views=single |") and m.split(" | ")[1].split(" ->")[0]
                     == rt.split(" ->")[0])
         ratio = fig["p50"] / median([x["p50"] for x in per[base]])
         print(f"| {opts} | {rt} | {fig['p50']:.1f} | {fig['p95']:.1f} | {fig['p99']:.1f} | {ratio:.2f}x |")

@@ -309,7 +309,7 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
     s = select_settings(ref, [names[i] for i in ref_y], fingerprint="", probe=probe, val_embeddings=q,
                         val_labels=[names[i] for i in qy])
     p = probe.predict_proba(q)
-    kn = knn_matrix(q, ref, ref_y, n_classes, s.k, s.temperature)
+    kn = knn_matrix(q, ref, ref_y, n_classes, s.k, s.temperature, metric=s.metric)
     b = blend_matrix(kn, p, np.ones(n_classes, bool), s.blend_weight)
     out = {}
     for name, m in (("head", p), ("knn", kn), ("blend", b)):
@@ -318,5 +318,5 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
         out[f"{name}_macro_f1"] = _macro_f1(qy, pred, n_classes)
         out[f"{name}_recall"] = [float((pred[qy == c] == c).mean()) if (qy == c).any() else None
                                  for c in range(n_classes)]  # per species, head order
-    out.update({"k": s.k, "temperature": s.temperature, "blend_weight": s.blend_weight})
+    out.update({"k": s.k, "temperature": s.temperature, "blend_weight": s.blend_weight, "metric": s.metric})
     return out

@@ -35,6 +35,8 @@ from index.vectors import VectorIndex, VectorIndexConfig, load_index
 logger = logging.getLogger(__name__)
 
 GALLERY_FORMAT = 1
+#: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf, ivfpq).
+VECTOR_CACHE_ROWS = 100_000
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "read_gallery_info",
@@ -78,6 +80,7 @@ class Gallery:
         self._lock = threading.RLock()  # this process's threads
         self._writer = WriteLock(self.layout.write_lock)  # every process's writes
         self._meta_cache: dict[int, Neighbour] = {}
+        self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
         self._synced_version = -1
         self._index: VectorIndex = None  # type: ignore[assignment]
@@ -443,6 +446,26 @@ class Gallery:
             sims, ids = self._index.search(queries, k)
         return [self._neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]
 
+    def reference_vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored embeddings of references ``ids`` (e.g. search results), (len(ids), dim) float32 in that order.
+
+        From the FAISS index where it keeps them (flat, hnsw), else from the store (cached, at most
+        :data:`VECTOR_CACHE_ROWS` rows)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            got = self._index.reconstruct(ids) if isinstance(self._index, VectorIndex) else None
+            if got is not None:
+                return got
+            missing = [i for i in dict.fromkeys(ids) if i not in self._vector_cache]
+            if missing:
+                if len(self._vector_cache) + len(missing) > VECTOR_CACHE_ROWS:
+                    self._vector_cache.clear()
+                got_ids, vectors = self.store.vectors(ids=missing)
+                self._vector_cache.update(zip(got_ids.tolist(), vectors, strict=True))
+            return np.stack([self._vector_cache[i] for i in ids]).astype(np.float32, copy=False)
+
     def _neighbours(self, ids: np.ndarray, sims: np.ndarray) -> list[Neighbour]:
         wanted = [int(i) for i in ids if i >= 0]
         missing = [i for i in wanted if i not in self._meta_cache]
@@ -464,7 +487,7 @@ class Gallery:
         for rid, sim in zip(ids, sims, strict=True):
             base = self._meta_cache.get(int(rid))
             if base is not None:
-                out.append(Neighbour(**{**asdict(base), "similarity": float(sim)}))
+                out.append(replace(base, similarity=float(sim)))
         return out
 
     def species(self) -> list[SpeciesSummary]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -471,6 +472,16 @@ class VectorIndex:
         dists[:, :kk] = dk
         labels[:, :kk] = ik
         return dists, labels
+
+    def reconstruct(self, ids: Sequence[int]) -> np.ndarray | None:
+        """The stored vectors of ``ids`` (held by the index), (len(ids), dim) float32 in that order; None for an
+        ``ivf`` index, which keeps no id -> vector map (read them from the store instead)."""
+        if self._kind == "ivf":
+            return None
+        out = np.zeros((len(ids), self._dim), dtype=np.float32)
+        for row, i in enumerate(ids):
+            out[row] = self._cpu.reconstruct(int(i))
+        return out
 
     # ----------------------------------------------------------------- persistence
 

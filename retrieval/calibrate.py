@@ -8,7 +8,7 @@ reference set and the validation photos are the queries.
 Two rules turn the out-of-fold scores into settings (``rule``; recorded in the :class:`Calibration`):
 
 - ``seq-nll`` (the default): one setting at a time, each by out-of-fold log-loss -- C alone (the probe),
-  then k and T (the kNN vote alone), then the blend weight for those -- and at each step the value nearest
+  then the metric, k and T (the kNN vote alone), then the blend weight for those -- and at each step the value nearest
   the measured defaults (:data:`PRIOR`) among those within one standard error of the best (the plateau, not a
   lucky point). Few free settings, each chosen on a smooth score: it does not over-fit small folds (docs/accuracy.md).
 - ``argmax``: the old rule, the grid point (C, k, T, w) with the best out-of-fold top-1 of the blend; 4
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.metric import METRICS, fit_whitening
 from retrieval.metrics import precision_threshold
 from retrieval.probe import Calibration, LinearProbe, train_probe
 
@@ -34,7 +35,9 @@ logger = logging.getLogger(__name__)
 RULES = ("seq-nll", "argmax")
 DEFAULT_RULE = "seq-nll"
 #: The measured defaults each step of ``seq-nll`` leans toward when the scores cannot tell values apart.
-PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5}
+#: The metric leans to plain cosine: the whitened one (``retrieval.metric``) is chosen only where the gallery's own
+#: out-of-fold scores show it better by more than their standard error.
+PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
 #: Cosine at or above which two gallery photos count as the same photo (kept in one fold).
 DUPLICATE_COSINE = 0.95
 
@@ -47,6 +50,7 @@ class SelectionGrid:
     ks: tuple[int, ...] = (10, 20, 30)  # neighbours
     temperatures: tuple[float, ...] = (0.02, 0.03, 0.05)  # vote temperature
     weights: tuple[float, ...] = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0)  # blend weight (0 = kNN, 1 = probe)
+    metrics: tuple[str, ...] = METRICS  # the kNN vote's metric (retrieval.metric)
 
 
 def knn_matrix(
@@ -58,8 +62,15 @@ def knn_matrix(
     temperature: float,
     *,
     exclude_self: bool = False,
+    metric: str = "cosine",
 ) -> np.ndarray:
-    """Vectorised kNN vote: (Q, n_classes) probabilities (ref_labels are class indices)."""
+    """Vectorised kNN vote: (Q, n_classes) probabilities (ref_labels are class indices). ``metric`` "whitened" fits
+    the whitening (``retrieval.metric``) on the references and their labels first."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "whitened":
+        wh = fit_whitening(refs, ref_labels)
+        queries, refs = wh.apply(queries), wh.apply(refs)
     sims = queries @ refs.T
     if exclude_self:
         np.fill_diagonal(sims, -np.inf)
@@ -147,13 +158,13 @@ class OutOfFold:
     """Out-of-fold probabilities of every grid value: what a rule chooses from (``select_settings``)."""
 
     y: np.ndarray  # (Q,) true class index of every held-out photo
-    knn: dict[tuple[int, float], np.ndarray]  # (k, T) -> (Q, n) kNN vote
+    knn: dict[tuple[int, float, str], np.ndarray]  # (k, T, metric) -> (Q, n) kNN vote
     probe: dict[float, np.ndarray]  # C -> (Q, n) probe probabilities (zero on species it does not know)
     known: dict[float, np.ndarray]  # C -> (Q, n) bool: the species that probe knows
     weights: tuple[float, ...]
     selected_on: str
 
-    def blended(self, c: float, kt: tuple[int, float], w: float) -> np.ndarray:
+    def blended(self, c: float, kt: tuple[int, float, str], w: float) -> np.ndarray:
         """The blend of one grid point."""
         return blend_matrix(self.knn[kt], self.probe[c], self.known[c], w)
 
@@ -204,8 +215,13 @@ def out_of_fold(
     truth: list[np.ndarray] = []
     for rest, q, qy in splits:
         truth.append(qy)
-        for k, t in itertools.product(grid.ks, grid.temperatures):
-            knn_oof.setdefault((k, t), []).append(knn_matrix(q, x[rest], y[rest], n, k, t))
+        for metric in grid.metrics:
+            refs, qm = x[rest], q
+            if metric == "whitened":  # fitted on this fold's references only
+                wh = fit_whitening(refs, y[rest])
+                refs, qm = wh.apply(refs), wh.apply(q)
+            for k, t in itertools.product(grid.ks, grid.temperatures):
+                knn_oof.setdefault((k, t, metric), []).append(knn_matrix(qm, refs, y[rest], n, k, t))
         for c in Cs:
             fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
             p, known = probe_matrix(fitted, q, index, n)
@@ -221,22 +237,23 @@ def out_of_fold(
     )
 
 
-def choose(oof: OutOfFold, rule: str = DEFAULT_RULE) -> tuple[float, int, float, float]:
-    """(C, k, T, blend weight) chosen from out-of-fold scores by ``rule`` (see the module docstring)."""
+def choose(oof: OutOfFold, rule: str = DEFAULT_RULE) -> tuple[float, int, float, float, str]:
+    """(C, k, T, blend weight, metric) chosen from out-of-fold scores by ``rule`` (see the module docstring)."""
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
     Cs, kts, ws, y = list(oof.probe), list(oof.knn), list(oof.weights), oof.y
     if rule == "argmax":
-        scores = {(c, k, t, w): oof.top1(oof.blended(c, (k, t), w)) for c in Cs for k, t in kts for w in ws}
-        return max(scores, key=lambda kk: (scores[kk], -abs(kk[3] - 0.5), kk[0] == 10.0))
+        scores = {(c, k, t, w, m): oof.top1(oof.blended(c, (k, t, m), w)) for c in Cs for k, t, m in kts for w in ws}
+        return max(scores, key=lambda kk: (scores[kk], -abs(kk[3] - 0.5), kk[0] == 10.0, kk[4] == PRIOR["metric"]))
     c = Cs[0]
     if len(Cs) > 1:  # the probe alone
         c, _ = plateau_pick(Cs, [photo_nll(oof.probe[cc], y) for cc in Cs], lambda cc: _log_step(cc, PRIOR["C"]))
-    (k, t), _ = plateau_pick(kts, [photo_nll(oof.knn[kt], y) for kt in kts],  # the kNN vote alone
-                             lambda kt: _log_step(kt[0], PRIOR["k"]) + _log_step(kt[1], PRIOR["temperature"]))
-    w, _ = plateau_pick(ws, [photo_nll(oof.blended(c, (k, t), ww), y) for ww in ws],  # then the blend of the two
+    (k, t, m), _ = plateau_pick(kts, [photo_nll(oof.knn[kt], y) for kt in kts],  # the kNN vote alone
+                                lambda kt: 100.0 * (kt[2] != PRIOR["metric"]) + _log_step(kt[0], PRIOR["k"])
+                                + _log_step(kt[1], PRIOR["temperature"]))
+    w, _ = plateau_pick(ws, [photo_nll(oof.blended(c, (k, t, m), ww), y) for ww in ws],  # then the blend of the two
                         lambda ww: abs(ww - PRIOR["weight"]))
-    return c, k, t, w
+    return c, k, t, w, m
 
 
 def select_settings(
@@ -254,7 +271,7 @@ def select_settings(
     probe: LinearProbe | None = None,
     rule: str = DEFAULT_RULE,
 ) -> Calibration:
-    """Pick C, k, T, blend weight (by ``rule``, see the module docstring) and the unknown threshold.
+    """Pick C, the kNN metric, k, T, blend weight (by ``rule``, see the module docstring) and the unknown threshold.
 
     With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
     and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
@@ -269,19 +286,20 @@ def select_settings(
 
 def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision: float = 0.95) -> Calibration:
     """The :class:`Calibration` a rule chooses from out-of-fold scores, with its unknown threshold and figures."""
-    c, k, t, w = choose(oof, rule)
+    c, k, t, w, m = choose(oof, rule)
     y = oof.y
-    b = oof.blended(c, (k, t), w)
+    b = oof.blended(c, (k, t, m), w)
     thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y, target_precision)
     metrics = {
         "queries": float(len(y)),
-        "knn_top1": oof.top1(oof.knn[k, t]),
-        "probe_top1": oof.top1(oof.blended(c, (k, t), 1.0)),
+        "knn_top1": oof.top1(oof.knn[k, t, m]),
+        "probe_top1": oof.top1(oof.blended(c, (k, t, m), 1.0)),
         "blend_top1": oof.top1(b),
         "blend_nll": float(photo_nll(b, y).mean()),
         "unknown_precision": prec,
         "unknown_coverage": cov,
     }
-    logger.info("selected C=%s k=%s T=%s w=%s on %s by %s: %s", c, k, t, w, oof.selected_on, rule, metrics)
+    logger.info("selected C=%s k=%s T=%s w=%s metric=%s on %s by %s: %s", c, k, t, w, m, oof.selected_on, rule,
+                metrics)
     return Calibration(C=c, blend_weight=w, k=k, temperature=t, unknown_threshold=thr, selected_on=oof.selected_on,
-                       metrics=metrics, rule=rule)
+                       metrics=metrics, rule=rule, metric=m)

@@ -1,22 +1,44 @@
-"""Photos -> answers: encoder + gallery search + kNN vote, blended with the probe and text prior."""
+"""Photos -> answers: encoder + gallery search + kNN vote, blended with the probe and text prior.
+
+The vote's neighbours are the gallery's nearest references by cosine, or, when the probe's calibration chose the
+whitened metric (``retrieval.metric``), the nearest in that space among the :data:`RERANK_CANDIDATES` nearest
+by cosine (their ``similarity`` is then the whitened one); the whitening follows the gallery (fitted again when
+species come or go, see ``retrieval.metric``). ``Identifier.search`` always gives plain cosine.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import ThreadpoolController
 
 from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.layout import check_encoder
 from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
+from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, fit_whitening_batches
 from retrieval.probe import LinearProbe
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import Rank, VoteConfig, knn_vote, rollup, top_k, venomous_probability
+
+logger = logging.getLogger(__name__)
+
+#: Whitened reference vectors kept in memory for the vote's re-rank (the cache starts over beyond this).
+WHITENED_CACHE_ROWS = 200_000
+
+
+@functools.lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+    """The loaded thread pools, found once (looking them up costs ~5 ms, more than the re-rank)."""
+    return ThreadpoolController()
 
 
 class Method(str, Enum):
@@ -95,6 +117,10 @@ class Identifier:
         self.blend_weight = probe.calibration.blend_weight if blend_weight is None and probe else (blend_weight or 0.0)
         self._taxa_version = -1
         self._taxa: dict[str, SpeciesSummary] = {}
+        self._whitening_version = -1
+        self._whitening: Whitening | None = None
+        self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
+        self._whitened_lock = threading.Lock()  # the service identifies from several threads
 
     # ----------------------------------------------------------------- taxonomy
     def taxa(self) -> dict[str, SpeciesSummary]:
@@ -121,7 +147,7 @@ class Identifier:
     ) -> list[Identification]:
         """One answer per embedding row. ``presence``: species -> present in the photo's country."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        neighbours = self.gallery.search(emb, self.config.k)
+        neighbours = self.voting_neighbours(emb)
         return [
             self.answer(ns, emb[i], top=top, method=method, presence=presence) for i, ns in enumerate(neighbours)
         ]
@@ -136,15 +162,65 @@ class Identifier:
     ) -> Identification:
         """Several photos of one animal -> one answer: neighbours vote together, the probe sees the mean."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        per_photo = self.gallery.search(emb, self.config.k)
+        per_photo = self.voting_neighbours(emb)
         merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
         mean = emb.mean(axis=0)
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
         return self.answer(merged, mean, top=top, method=method, presence=presence)
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """Raw neighbours of each embedding."""
+        """Raw neighbours of each embedding (cosine)."""
         return self.gallery.search(embeddings, k)
+
+    def voting_neighbours(self, embeddings: np.ndarray) -> list[list[Neighbour]]:
+        """The ``config.k`` references that vote for each embedding, under the probe's metric (module docstring)."""
+        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        wh = self.whitening()
+        if wh is None:
+            return self.gallery.search(emb, self.config.k)
+        found = self.gallery.search(emb, max(self.config.k, RERANK_CANDIDATES))
+        out = []
+        with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
+            for z, ns in zip(wh.apply(emb), found, strict=True):
+                sims = self._whitened_refs([n.id for n in ns], wh) @ z
+                order = np.argsort(-sims, kind="stable")[: self.config.k]
+                out.append([replace(ns[j], similarity=float(sims[j])) for j in order])
+        return out
+
+    def _whitened_refs(self, ids: list[int], wh: Whitening) -> np.ndarray:
+        """Whitened vectors of references ``ids`` (len(ids), d), computed once per reference and whitening."""
+        if not ids:
+            return np.zeros((0, self.gallery.dim), dtype=np.float32)
+        with self._whitened_lock:
+            if wh is not self._whitening:  # refitted meanwhile by another thread: this request's own, uncached
+                return wh.apply(self.gallery.reference_vectors(ids))
+            missing = [i for i in dict.fromkeys(ids) if i not in self._whitened]
+            if missing:
+                if len(self._whitened) + len(missing) > WHITENED_CACHE_ROWS:
+                    self._whitened.clear()
+                vectors = wh.apply(self.gallery.reference_vectors(missing))
+                self._whitened.update(zip(missing, vectors, strict=True))
+            return np.stack([self._whitened[i] for i in ids])
+
+    def whitening(self) -> Whitening | None:
+        """The vote's whitening when the probe's calibration chose that metric (else None): the probe's own while
+        it still fits the gallery (:meth:`Whitening.fits`), else fitted again on the gallery's rows."""
+        if self.probe is None or self.probe.calibration.metric != "whitened":
+            return None
+        version = self.gallery.store.version
+        if version != self._whitening_version:
+            counts = {s.species: s.count for s in self.gallery.species() if s.count > 0}
+            current = self._whitening or self.probe.whitening
+            if current is None or not current.fits(counts):
+                shrink = current.shrink if current is not None and current.shrink > 0 else None
+                current = gallery_whitening(self.gallery, shrink)
+                logger.info("whitening fitted again on the gallery's %d photos of %d species", current.photos,
+                            len(current.species))
+            with self._whitened_lock:
+                if current is not self._whitening:
+                    self._whitened.clear()
+                self._whitening, self._whitening_version = current, version
+        return self._whitening
 
     def species_scores(
         self, neighbours: list[Neighbour], embedding: np.ndarray | None, method: Method | str = Method.BLEND
@@ -213,6 +289,16 @@ class Identifier:
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=venomous_probability(scores, {s: info(s).venomous for s in scores}),
         )
+
+
+def gallery_whitening(gallery: Gallery, shrink: float | None = None) -> Whitening:
+    """The within-class whitening of a gallery's searchable photos, streamed in batches (``retrieval.metric``)."""
+    def batches():
+        for ids, vectors in gallery.store.iter_vectors():
+            meta = gallery.store.metadata(ids.tolist())
+            yield vectors, [str(meta.at[int(i), "species"]) for i in ids]
+
+    return fit_whitening_batches(batches(), gallery.dim, DEFAULT_SHRINK if shrink is None else shrink)
 
 
 @dataclass

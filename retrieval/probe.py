@@ -19,6 +19,7 @@ import numpy as np
 
 from index.atomic import atomic_write, write_json_atomic
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
+from retrieval.metric import Whitening
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Calibration:
     selected_on: str = "default"  # "cv:N-fold", "val:PATH" or "default": where these values come from
     metrics: dict[str, float] = field(default_factory=dict)  # validation figures of kNN / probe / blend
     rule: str = ""  # how the settings were chosen: "seq-nll", "argmax" ("" = not recorded: older files, defaults)
+    metric: str = "cosine"  # the kNN vote's metric: "cosine" or "whitened" (retrieval.metric; fitted with the probe)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class LinearProbe:
     calibration: Calibration = field(default_factory=Calibration)  # blend settings chosen for this gallery
     trained_on: int = 0  # number of reference embeddings used
     source: str | None = None  # where the weights come from: None = logistic regression, 'finetune:DIR' = a fine-tuned head
+    whitening: Whitening | None = None  # the kNN vote's whitened metric when calibration.metric == "whitened"
 
     @property
     def dim(self) -> int:
@@ -83,7 +86,10 @@ class LinearProbe:
         """Write probe.npz + probe.json atomically into ``folder`` (a gallery or a fine-tuned model folder)."""
         folder = Path(folder)
         buf = io.BytesIO()
-        np.savez(buf, weight=self.weight.astype(np.float32), bias=self.bias.astype(np.float32))
+        arrays = {"weight": self.weight.astype(np.float32), "bias": self.bias.astype(np.float32)}
+        if self.whitening is not None:
+            arrays.update(whiten_mean=self.whitening.mean, whiten_matrix=self.whitening.matrix)
+        np.savez(buf, **arrays)
         atomic_write(folder / PROBE_WEIGHTS, buf.getvalue())
         meta = {
             "format": PROBE_FORMAT,
@@ -93,6 +99,9 @@ class LinearProbe:
             "trained_on": self.trained_on,
             "source": self.source,
             "settings": asdict(self.calibration),
+            "whitening": None if self.whitening is None else {
+                "shrink": self.whitening.shrink, "photos": self.whitening.photos,
+                "species": list(self.whitening.species)},
         }
         write_json_atomic(folder / PROBE_META, meta, sort_keys=False)
 
@@ -108,6 +117,12 @@ class LinearProbe:
             check_encoder(f"the probe in {folder}", meta["fingerprint"], expected_fingerprint,
                           fix=f"retrain it with 'speciesid probe train --index {folder}'")
         arrays = np.load(folder / PROBE_WEIGHTS)
+        whitening = None
+        if "whiten_matrix" in arrays.files:
+            fitted = meta.get("whitening") or {}
+            whitening = Whitening(mean=arrays["whiten_mean"], matrix=arrays["whiten_matrix"],
+                                  shrink=float(fitted.get("shrink", 0.0)), photos=int(fitted.get("photos", 0)),
+                                  species=tuple(fitted.get("species", ())))
         return cls(
             species=list(meta["species"]),
             weight=arrays["weight"],
@@ -116,6 +131,7 @@ class LinearProbe:
             calibration=Calibration(**meta.get("settings", {})),
             trained_on=int(meta.get("trained_on", 0)),
             source=meta.get("source"),
+            whitening=whitening,
         )
 
     def scaled(self, temperature: float) -> LinearProbe:

@@ -17,8 +17,9 @@ from index.layout import check_encoder
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
+from retrieval.metric import Whitening, fit_whitening
 from retrieval.pipeline import embed_photos
-from retrieval.probe import LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
 from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions
 from retrieval.textprior import save_text_prior
 
@@ -82,6 +83,7 @@ def train_gallery_probe(
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
+    probe.whitening = _metric_for(calibration, vectors, labels)
     t2 = time.perf_counter()
     probe.save(index_dir)
     text_species = 0
@@ -126,6 +128,7 @@ def import_gallery_probe(
                   f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
     ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
                                                                 progress)
+    all_vectors, all_labels = vectors, labels
     val_name = str(val_root)
     if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
         held = heldout_positions(gallery, ids, from_dir)
@@ -148,10 +151,16 @@ def import_gallery_probe(
                                         folds=folds, rule=rule)
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
+    probe.whitening = _metric_for(probe.calibration, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
+def _metric_for(calibration: Calibration, vectors: np.ndarray, labels: list[str]) -> Whitening | None:
+    """The whitening the chosen metric needs, fitted on every gallery photo the vote will search (else None)."""
+    return fit_whitening(vectors, labels) if calibration.metric == "whitened" else None
 
 
 def _finetuned_head(folder: str | Path) -> LinearProbe:

@@ -62,7 +62,7 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
         return "kNN only: k, T and the unknown threshold are defaults (nothing was chosen)", False
     cal = probe.calibration
     rule = f", rule {cal.rule}" if cal.rule else ""
-    chosen = f"C={cal.C:g} k={cal.k} T={cal.temperature:g} blend weight={cal.blend_weight:g}"
+    chosen = f"C={cal.C:g} kNN metric={cal.metric} k={cal.k} T={cal.temperature:g} blend weight={cal.blend_weight:g}"
     head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
     extra = "; k/T/threshold overridden on the command line" if overridden else ""
     where = cal.selected_on

@@ -157,8 +157,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f = r.final
         emit(
             f"validation with the kept weights (gallery = training photos): head {f['head_top1']:.3f}, "
-            f"kNN {f['knn_top1']:.3f}, blend {f['blend_top1']:.3f} (k={f['k']} T={f['temperature']} "
-            f"w={f['blend_weight']})"
+            f"kNN {f['knn_top1']:.3f}, blend {f['blend_top1']:.3f} (kNN metric {f.get('metric', 'cosine')} "
+            f"k={f['k']} T={f['temperature']} w={f['blend_weight']})"
         )
     emit(
         f"model: {r.out} (use --encoder timm:local-dir:{r.out}; log {r.out}/log.csv, curves {r.out}/curves.png)\n"

@@ -78,7 +78,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     emit(
         f"probe: {len(p.species)} species, {p.trained_on} references, trained in {result.seconds_train:.1f} s "
         f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on}, rule {s.rule})\n"
-        f"chosen: C={s.C} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
+        f"chosen: C={s.C} kNN metric={s.metric} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
         f"unknown threshold={s.unknown_threshold}\n" + _selection_line(s.metrics, "probe")
     )
     if result.text_species:
@@ -102,7 +102,8 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         f"{result.seconds_select:.1f} s on {s.selected_on}, rule {s.rule}\n"
         + (f"head probabilities calibrated on the validation photos: logits / {m['head_temperature']:.3g}\n"
            if "head_temperature" in m else "head probabilities uncalibrated (give --val-root to calibrate them)\n")
-        + f"chosen: k={s.k} T={s.temperature} blend weight={s.blend_weight} unknown threshold={s.unknown_threshold}\n"
+        + f"chosen: kNN metric={s.metric} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
+        f"unknown threshold={s.unknown_threshold}\n"
         + _selection_line(m, "head")
     )
     return 0

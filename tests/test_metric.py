@@ -1,0 +1,160 @@
+"""The kNN vote's whitened metric: fit, choice by out-of-fold scores, persistence, and the identifier's re-rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+from retrieval.calibrate import knn_matrix, select_settings
+from retrieval.identify import Identifier
+from retrieval.metric import DEFAULT_SHRINK, fit_whitening, fit_whitening_batches
+from retrieval.probe import LinearProbe, train_probe
+
+DIM = 16
+SPECIES_DIMS = 6  # species differ along these; the other 10 are nuisance shared by every species
+
+
+def _nuisance(n_per: int, classes: range = range(4), seed: int = 0, nuisance: float = 1.5):
+    """Species told apart by small directions of their own; photos vary far more along 10 nuisance directions
+    every species shares (light, pose): the cosine neighbours follow the nuisance, the whitened ones the species."""
+    rng = np.random.default_rng(seed)
+    x, labels = [], []
+    n_nuisance = DIM - SPECIES_DIMS
+    for c in classes:
+        centre = np.zeros(DIM)
+        centre[c] = 1.0
+        part = centre + 0.25 * rng.standard_normal((n_per, DIM)) * np.r_[np.ones(SPECIES_DIMS), np.zeros(n_nuisance)]
+        part[:, SPECIES_DIMS:] += nuisance * rng.standard_normal((n_per, n_nuisance)) * np.linspace(0.3, 1.0, n_nuisance)
+        x.append(part)
+        labels += [f"Genus s{c}"] * n_per
+    x = np.concatenate(x)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def _top1(p: np.ndarray, y: np.ndarray) -> float:
+    return float((p.argmax(1) == y).mean())
+
+
+def test_whitening_finds_the_species_directions_cosine_misses():
+    x, labels = _nuisance(40, seed=0)
+    q, q_labels = _nuisance(20, seed=1)
+    y, qy = np.array([int(s[-1]) for s in labels]), np.array([int(s[-1]) for s in q_labels])
+    wh = fit_whitening(x, labels)
+    assert wh.shrink == DEFAULT_SHRINK and wh.matrix.shape == (DIM, DIM) and wh.dim == DIM
+    np.testing.assert_allclose(wh.matrix, wh.matrix.T, atol=1e-5)  # the symmetric inverse square root
+    z = wh.apply(q)
+    assert z.dtype == np.float32 and z.shape == q.shape
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(wh.apply(q[0]), z[0], rtol=1e-5)  # one embedding or a batch
+    cosine = _top1(knn_matrix(q, x, y, 4, 10, 0.05), qy)
+    whitened = _top1(knn_matrix(q, x, y, 4, 10, 0.05, metric="whitened"), qy)
+    assert cosine < 0.7 and whitened > 0.85, (cosine, whitened)  # measured: 0.575 and 0.91
+    assert _top1(knn_matrix(q, x, y, 4, 10, 0.05, metric="cosine"), qy) == cosine
+
+
+def test_whitening_refuses_what_it_cannot_fit():
+    x, labels = _nuisance(5)
+    with pytest.raises(ValueError, match="2\\+ different reference photos"):
+        fit_whitening(np.repeat(x[:1], 3, axis=0), ["A a", "A a", "B b"])
+    with pytest.raises(ValueError, match="shrink must be in"):
+        fit_whitening(x, labels, shrink=0.0)
+    with pytest.raises(ValueError, match="embeddings but"):
+        fit_whitening(x, labels[:-1])
+    with pytest.raises(ValueError, match="expects 16-d embeddings"):
+        fit_whitening(x, labels).apply(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        knn_matrix(x, x, np.zeros(len(x), int), 4, 3, 0.05, metric="manhattan")
+
+
+def test_settings_choose_whitened_only_where_it_measures_better():
+    x, labels = _nuisance(25)
+    cal = select_settings(x, labels, fingerprint="t#1", folds=3)
+    assert cal.metric == "whitened" and cal.metrics["knn_top1"] > 0.85
+    # well-separated round clusters: whitening cannot beat cosine by its standard error -> the prior, cosine
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, DIM))
+    round_x = np.concatenate([c + 0.3 * rng.standard_normal((25, DIM)) for c in centres])
+    round_x = (round_x / np.linalg.norm(round_x, axis=1, keepdims=True)).astype(np.float32)
+    assert select_settings(round_x, labels, fingerprint="t#1", folds=3).metric == "cosine"
+
+
+def test_probe_keeps_its_whitening_on_disk(tmp_path):
+    x, labels = _nuisance(20)
+    probe = train_probe(x, labels, fingerprint="t#1", C=10.0)
+    probe.calibration.metric = "whitened"
+    probe.whitening = fit_whitening(x, labels, shrink=0.4)
+    probe.save(tmp_path / "with")
+    back = LinearProbe.load(tmp_path / "with")
+    assert back.calibration.metric == "whitened" and back.whitening.shrink == pytest.approx(0.4)
+    np.testing.assert_array_equal(back.whitening.matrix, probe.whitening.matrix)
+    np.testing.assert_array_equal(back.whitening.mean, probe.whitening.mean)
+    plain = train_probe(x, labels, fingerprint="t#1", C=10.0)
+    plain.save(tmp_path / "plain")
+    loaded = LinearProbe.load(tmp_path / "plain")
+    assert loaded.whitening is None and loaded.calibration.metric == "cosine"
+
+
+class _Enc:
+    spec = "test:synthetic"
+    fingerprint = "test:synthetic#abc"
+    dim = DIM
+
+
+def test_identifier_votes_with_the_whitened_neighbours_and_keeps_new_species(tmp_path):
+    x, labels = _nuisance(30)
+    gallery = Gallery.create(tmp_path / "g", {"spec": _Enc.spec, "fingerprint": _Enc.fingerprint, "dim": DIM})
+    gallery.add([ReferenceRecord(path=f"/p/{i}.jpg", species=s) for i, s in enumerate(labels)],
+                [f"d{i}" for i in range(len(labels))], x)
+    probe = train_probe(x, labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration.metric, probe.calibration.k, probe.calibration.temperature = "whitened", 7, 0.05
+    probe.whitening = fit_whitening(x, labels)
+    ident = Identifier(_Enc(), gallery, probe=probe)
+    q, _ = _nuisance(3, seed=2)
+    ids, _ = gallery.store.vectors()
+    got = ident.voting_neighbours(q)
+    zr = probe.whitening.apply(x)
+    for row, ns in zip(probe.whitening.apply(q), got, strict=True):
+        sims = zr @ row
+        assert [n.id for n in ns] == [int(ids[j]) for j in np.argsort(-sims)[:7]]  # exact: every photo a candidate
+        np.testing.assert_allclose([n.similarity for n in ns], np.sort(sims)[::-1][:7], rtol=1e-4, atol=1e-5)
+    assert [n.similarity for n in ident.search(q, 3)[0]] != [n.similarity for n in got[0][:3]]  # search: cosine
+    # a species added after the probe (and its whitening) was fitted is found by the vote and kept by the blend
+    new, _ = _nuisance(20, classes=range(5, 6), seed=3)  # its own direction, the shared nuisance
+    gallery.add([ReferenceRecord(path=f"/n/{i}.jpg", species="Novus n") for i in range(10)],
+                [f"n{i}" for i in range(10)], new[:10])
+    assert ident.whitening() is not probe.whitening  # a species came: fitted again, on the gallery as it is now
+    assert "Novus n" in ident.whitening().species and ident.whitening().photos == len(labels) + 10
+    refit = fit_whitening(np.concatenate([x, new[:10]]), labels + ["Novus n"] * 10)
+    np.testing.assert_allclose(ident.whitening().matrix, refit.matrix, rtol=1e-3, atol=1e-3)
+    answers = ident.identify_embeddings(new[10:20], top=1)
+    assert sum(a.predictions[0].species == "Novus n" for a in answers) >= 8
+
+
+def test_whitening_is_kept_while_it_fits_the_gallery():
+    x, labels = _nuisance(10)
+    wh = fit_whitening(x, labels)
+    counts = {s: labels.count(s) for s in set(labels)}
+    assert wh.fits(counts) and wh.photos == 40 and wh.species == tuple(sorted(counts))
+    assert wh.fits({**counts, "Genus s0": 13})  # 3 photos more: within 10%
+    assert not wh.fits({**counts, "Genus s0": 15})  # 5 more: fitted again
+    assert not wh.fits({**counts, "Novus n": 1})  # a new species: fitted again
+    streamed = fit_whitening_batches([(x[:15], labels[:15]), (x[15:], labels[15:])], DIM)
+    np.testing.assert_allclose(streamed.matrix, wh.matrix, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(streamed.mean, wh.mean, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_vectors_come_from_the_index_or_the_store(tmp_path, monkeypatch):
+    x, labels = _nuisance(5)
+    gallery = Gallery.create(tmp_path / "g", {"spec": _Enc.spec, "fingerprint": _Enc.fingerprint, "dim": DIM})
+    gallery.add([ReferenceRecord(path=f"/p/{i}.jpg", species=s) for i, s in enumerate(labels)],
+                [f"d{i}" for i in range(len(labels))], x)
+    ids, stored = gallery.store.vectors()
+    want = [int(ids[3]), int(ids[0]), int(ids[3])]
+    expected = stored[[3, 0, 3]]
+    np.testing.assert_array_equal(gallery.reference_vectors(want), expected)  # flat index: reconstructed
+    monkeypatch.setattr(type(gallery.index), "reconstruct", lambda self, ids: None)  # an index that keeps none
+    np.testing.assert_array_equal(gallery.reference_vectors(want), expected)  # from the store, cached
+    assert set(gallery._vector_cache) == {int(ids[3]), int(ids[0])}
+    assert gallery.reference_vectors([]).shape == (0, DIM)
