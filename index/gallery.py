@@ -35,7 +35,7 @@ from index.vectors import VectorIndex, VectorIndexConfig, load_index
 logger = logging.getLogger(__name__)
 
 GALLERY_FORMAT = 1
-#: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf, ivfpq).
+#: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf).
 VECTOR_CACHE_ROWS = 100_000
 
 __all__ = [
@@ -449,13 +449,13 @@ class Gallery:
     def reference_vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored embeddings of references ``ids`` (e.g. search results), (len(ids), dim) float32 in that order.
 
-        From the FAISS index where it keeps them (flat, hnsw), else from the store (cached, at most
-        :data:`VECTOR_CACHE_ROWS` rows)."""
+        From the index where it keeps them (flat, hnsw; ivfpq: its re-rank store, float16), else from the store
+        (cached, at most :data:`VECTOR_CACHE_ROWS` rows)."""
         ids = [int(i) for i in ids]
         if not ids:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            got = self._index.reconstruct(ids) if isinstance(self._index, VectorIndex) else None
+            got = self._index.reconstruct(ids)
             if got is not None:
                 return got
             missing = [i for i in dict.fromkeys(ids) if i not in self._vector_cache]

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -390,6 +390,10 @@ class IvfPqIndex:
             dists[r, : len(order)] = scores[order]
             labels[r, : len(order)] = uniq[row[order]]
         return dists, labels
+
+    def reconstruct(self, ids: Sequence[int]) -> np.ndarray:
+        """The re-rank store's vectors of ``ids`` (float16 on disk), (len(ids), dim) float32 in that order."""
+        return self._rerank.gather(np.asarray(ids, dtype=np.int64))
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: ``D`` float32 (Q, k) best first, ``I`` int64 (Q, k) ids (-1 padded)."""

@@ -213,9 +213,13 @@ def out_of_fold(
     probe_oof: dict[float, list[np.ndarray]] = {}
     known_oof: dict[float, list[np.ndarray]] = {}
     truth: list[np.ndarray] = []
+    metrics = list(grid.metrics)
+    if "whitened" in metrics and not all(_spread(y[rest]) for rest, _, _ in splits):
+        logger.info("kNN metric: cosine only (a fold has no species with 2+ references to fit the whitening on)")
+        metrics.remove("whitened")
     for rest, q, qy in splits:
         truth.append(qy)
-        for metric in grid.metrics:
+        for metric in metrics:
             refs, qm = x[rest], q
             if metric == "whitened":  # fitted on this fold's references only
                 wh = fit_whitening(refs, y[rest])
@@ -235,6 +239,11 @@ def out_of_fold(
         weights=tuple(grid.weights),
         selected_on=selected_on,
     )
+
+
+def _spread(labels: np.ndarray) -> bool:
+    """Whether some species has 2+ references (the whitening needs within-species spread)."""
+    return bool(len(labels)) and int(np.bincount(labels).max()) >= 2
 
 
 def choose(oof: OutOfFold, rule: str = DEFAULT_RULE) -> tuple[float, int, float, float, str]:

@@ -213,9 +213,14 @@ class Identifier:
             current = self._whitening or self.probe.whitening
             if current is None or not current.fits(counts):
                 shrink = current.shrink if current is not None and current.shrink > 0 else None
-                current = gallery_whitening(self.gallery, shrink)
-                logger.info("whitening fitted again on the gallery's %d photos of %d species", current.photos,
-                            len(current.species))
+                try:
+                    current = gallery_whitening(self.gallery, shrink)
+                except ValueError as exc:  # e.g. every species down to one photo: vote on cosine meanwhile
+                    logger.warning("kNN vote on cosine: cannot fit the whitening on this gallery (%s)", exc)
+                    current = None
+                else:
+                    logger.info("whitening fitted again on the gallery's %d photos of %d species", current.photos,
+                                len(current.species))
             with self._whitened_lock:
                 if current is not self._whitening:
                     self._whitened.clear()

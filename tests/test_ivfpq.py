@@ -54,6 +54,7 @@ def test_approximate_search_against_exact(data, tmp_path):
     assert recall >= 0.93, recall
     # the scores are exact (float16 vectors), not PQ estimates, and best first
     pos = np.searchsorted(ids, got)
+    np.testing.assert_allclose(index.reconstruct(got[0]), x[pos[0]], atol=1e-3)  # the vectors the re-rank uses
     np.testing.assert_allclose(d, np.einsum("qkd,qd->qk", x[pos], queries), atol=2e-3)
     assert (np.diff(d, axis=1) <= 0).all()
     # codes alone (PQ estimates, no re-rank) are worse: the re-rank is what buys recall

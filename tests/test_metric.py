@@ -158,3 +158,25 @@ def test_reference_vectors_come_from_the_index_or_the_store(tmp_path, monkeypatc
     np.testing.assert_array_equal(gallery.reference_vectors(want), expected)  # from the store, cached
     assert set(gallery._vector_cache) == {int(ids[3]), int(ids[0])}
     assert gallery.reference_vectors([]).shape == (0, DIM)
+
+
+def test_galleries_too_small_to_whiten_vote_on_cosine(tmp_path, caplog):
+    x, labels = _nuisance(2)  # 2 photos a species: each 2-fold training part holds one -> no within-species spread
+    assert select_settings(x, labels, fingerprint="t#1").metric == "cosine"
+    big, big_labels = _nuisance(10)
+    gallery = Gallery.create(tmp_path / "g", {"spec": _Enc.spec, "fingerprint": _Enc.fingerprint, "dim": DIM})
+    gallery.add([ReferenceRecord(path=f"/p/{i}.jpg", species=s) for i, s in enumerate(big_labels)],
+                [f"d{i}" for i in range(len(big_labels))], big)
+    probe = train_probe(big, big_labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration.metric, probe.calibration.k = "whitened", 3
+    probe.whitening = fit_whitening(big, big_labels)
+    ident = Identifier(_Enc(), gallery, probe=probe)
+    assert ident.whitening() is probe.whitening
+    ids, _ = gallery.store.vectors()
+    keep = {int(ids[i]) for i in range(0, len(ids), 10)}  # one photo of each species left
+    gallery.delete([int(i) for i in ids if int(i) not in keep])
+    with caplog.at_level("WARNING"):
+        assert ident.whitening() is None
+    assert "cannot fit the whitening" in caplog.text
+    answer = ident.identify_embeddings(big[:1], top=1)[0]  # still answers, on cosine
+    assert [n.similarity for n in answer.neighbours] == [n.similarity for n in ident.search(big[:1], 3)[0]]
