@@ -13,7 +13,7 @@ import numpy as np
 
 from index.datasets import load_checklist, load_dataset
 from index.gallery import Gallery
-from index.layout import check_encoder
+from index.layout import EncoderMismatchError, check_encoder, weights_digest
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
@@ -123,9 +123,15 @@ def import_gallery_probe(
 
     probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
-    check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
-                  fix=f"it must be built with the fine-tuned network of {from_dir}: "
-                  f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
+    weights, _, options = weights_digest(gallery.fingerprint).partition("+")
+    if weights != weights_digest(probe.fingerprint):
+        check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
+                      fix=f"it must be built with the fine-tuned network of {from_dir}: "
+                      f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
+    if "pool=" in options:  # test-time views (flip, ms) only average the head's input: those are fine
+        raise EncoderMismatchError(
+            f"gallery {index_dir} was built with '{options}', but the head of {from_dir} was trained on the "
+            f"network's own pooling: build the gallery without --pool (--views may stay)")
     ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
                                                                 progress)
     all_vectors, all_labels = vectors, labels

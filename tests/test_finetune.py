@@ -164,8 +164,9 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     from PIL import Image
 
     from api.cli import main
+    from index.layout import EncoderMismatchError
     from retrieval.encoders import EncoderConfig
-    from retrieval.workflows import build_gallery, open_identifier
+    from retrieval.workflows import build_gallery, import_gallery_probe, open_identifier
 
     out, r = stage1
     index = tmp_path / "gallery"
@@ -188,6 +189,18 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     cal = open_identifier(index, precision="fp32").probe.calibration
     assert cal.selected_on == f"val:heldout:6 photos listed in {out / 'heldout.csv'}"
     assert 0 < cal.metrics["head_temperature"] < 10
+    # test-time views average the head's input: a --views flip gallery of the same network takes the head
+    flip = tmp_path / "flip"
+    build_gallery(flip, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32",
+                  views="flip"), progress=False)
+    assert main(["probe", "import", "--index", str(flip), "--from", str(out), "-q"]) == 0
+    assert open_identifier(flip, precision="fp32").probe.fingerprint.endswith("+views=flip")
+    # another pooling is another embedding: refused, saying what to do
+    gem = tmp_path / "gem"
+    build_gallery(gem, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32",
+                  pool="gem3"), progress=False)
+    with pytest.raises(EncoderMismatchError, match="build the gallery without --pool"):
+        import_gallery_probe(gem, out, progress=False, precision="fp32")
     # a gallery built with another encoder is refused
     other = tmp_path / "other"
     build_gallery(other, "folder", tiny_set, encoder=EncoderConfig(spec="timm:test_efficientnet@random",
