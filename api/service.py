@@ -167,12 +167,15 @@ class SpeciesService:
             raise BadImage(f"{u.name}: {u.image.size[0]}x{u.image.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
         with self._write_lock:
-            return workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
-                                        common_name=common_name, venomous=venomous, dataset="api",
-                                        min_side=least)
+            result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
+                                          common_name=common_name, venomous=venomous, dataset="api",
+                                          min_side=least)
+        self.identifier.whitening()  # a new species refits the vote's metric now: on the writer's time, not a reader's
+        return result
 
     def delete_reference(self, ref_id: int) -> None:
         """Delete one reference (and its uploaded photo, when no other reference uses it)."""
         with self._write_lock:
             if not workflows.delete_references(self.gallery, [ref_id]):
                 raise NotFound(f"no reference with id {ref_id}")
+        self.identifier.whitening()

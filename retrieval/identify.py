@@ -25,7 +25,7 @@ from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
 from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, fit_whitening_batches
-from retrieval.probe import LinearProbe
+from retrieval.probe import LinearProbe, has_probe
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import Rank, VoteConfig, knn_vote, rollup, top_k, venomous_probability
 
@@ -211,6 +211,9 @@ class Identifier:
         if version != self._whitening_version:
             counts = {s.species: s.count for s in self.gallery.species() if s.count > 0}
             current = self._whitening or self.probe.whitening
+            if current is None or not current.fits(counts):  # a writer may have saved one that fits
+                saved = _saved_whitening(self.gallery, self.probe.fingerprint)
+                current = saved if saved is not None and saved.fits(counts) else current
             if current is None or not current.fits(counts):
                 shrink = current.shrink if current is not None and current.shrink > 0 else None
                 try:
@@ -294,6 +297,17 @@ class Identifier:
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=venomous_probability(scores, {s: info(s).venomous for s in scores}),
         )
+
+
+def _saved_whitening(gallery: Gallery, fingerprint: str) -> Whitening | None:
+    """The whitening saved with the gallery's probe (``retrieval.probe_flows.refresh_gallery_metric``), if any."""
+    if not has_probe(gallery.root):
+        return None
+    try:
+        return LinearProbe.load(gallery.root, expected_fingerprint=fingerprint).whitening
+    except (OSError, ValueError, KeyError) as exc:  # being replaced, or another encoder's: refit instead
+        logger.info("saved whitening not used: %s", exc)
+        return None
 
 
 def gallery_whitening(gallery: Gallery, shrink: float | None = None) -> Whitening:

@@ -17,6 +17,7 @@ from index.layout import EncoderMismatchError, check_encoder, weights_digest
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
+from retrieval.identify import gallery_whitening
 from retrieval.metric import Whitening, fit_whitening
 from retrieval.pipeline import embed_photos
 from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
@@ -162,6 +163,30 @@ def import_gallery_probe(
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
+def refresh_gallery_metric(gallery: Gallery) -> bool:
+    """After a write: when the gallery's probe votes on the whitened metric and its whitening no longer fits the
+    gallery (a species came or went, the count moved > 10%), fit it again on the gallery and save it with the probe,
+    so that every later reader (a CLI call, another server) starts from it. Returns whether it did."""
+    if not has_probe(gallery.root):
+        return False
+    with gallery.writing():
+        probe = LinearProbe.load(gallery.root)
+        if probe.calibration.metric != "whitened":
+            return False
+        counts = {s.species: s.count for s in gallery.species() if s.count > 0}
+        if probe.whitening is not None and probe.whitening.fits(counts):
+            return False
+        try:
+            probe.whitening = gallery_whitening(gallery, probe.whitening.shrink if probe.whitening else None)
+        except ValueError as exc:
+            logger.warning("the kNN vote's whitening cannot be fitted on this gallery: %s", exc)
+            return False
+        probe.save(gallery.root)
+    logger.info("kNN whitening fitted again on %d photos of %d species", probe.whitening.photos,
+                len(probe.whitening.species))
+    return True
 
 
 def _metric_for(calibration: Calibration, vectors: np.ndarray, labels: list[str]) -> Whitening | None:

@@ -50,7 +50,12 @@ from retrieval.galleries import open_gallery, open_identifier
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import BuildReport, add_references, embed_photos
-from retrieval.probe_flows import ProbeResult, import_gallery_probe, train_gallery_probe
+from retrieval.probe_flows import (
+    ProbeResult,
+    import_gallery_probe,
+    refresh_gallery_metric,
+    train_gallery_probe,
+)
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -368,6 +373,8 @@ def add_photos(
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     duplicates = [(names[p].pop(0) if names.get(p) else p, i)
                   for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
+    if report.ids:
+        refresh_gallery_metric(gallery)
     return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
                      report=report, duplicates=duplicates)
 
@@ -399,6 +406,8 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> int:
             if path.parent.resolve() == uploads and not g.store.uses_source(str(text)):
                 path.unlink(missing_ok=True)
                 logger.info("removed %s: no reference uses it any more", path)
+    if found:
+        refresh_gallery_metric(g)
     return found
 
 

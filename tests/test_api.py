@@ -375,10 +375,13 @@ def test_writes_need_a_key_reads_are_open(client, service):
 
 
 # ----------------------------------------------------------------------------------------- writes
-def test_new_species_is_identified_by_the_very_next_request(client, service):
+def test_new_species_is_identified_by_the_very_next_request(client, service, monkeypatch):
     name = binomial(NEW_SPECIES)
     query = _files([photos("val", NEW_SPECIES)[2]])
     before = client.post("/v1/identify", files=query).json()
+    refits, whitening = [], service.identifier.whitening
+    monkeypatch.setattr(service.identifier, "whitening", lambda: refits.append(service.gallery.store.version)
+                        or whitening())
     assert name not in {r["name"] for r in before["results"]}
     assert client.get(f"/v1/species/{name}").status_code == 404
 
@@ -391,6 +394,7 @@ def test_new_species_is_identified_by_the_very_next_request(client, service):
     out = resp.json()
     assert out["species"] == name and out["created"] is True and out["added"] == PER_SPECIES
     assert len(out["ids"]) == PER_SPECIES and out["duplicates"] == []
+    assert refits == [service.gallery.store.version]  # the vote's metric followed the write before it returned
 
     after = client.post("/v1/identify", files=query).json()  # the very next request
     best = after["results"][0]

@@ -180,3 +180,29 @@ def test_galleries_too_small_to_whiten_vote_on_cosine(tmp_path, caplog):
     assert "cannot fit the whitening" in caplog.text
     answer = ident.identify_embeddings(big[:1], top=1)[0]  # still answers, on cosine
     assert [n.similarity for n in answer.neighbours] == [n.similarity for n in ident.search(big[:1], 3)[0]]
+
+
+def test_a_write_saves_the_refitted_whitening_for_every_later_reader(tmp_path, monkeypatch):
+    from retrieval import identify
+    from retrieval.probe_flows import refresh_gallery_metric
+
+    x, labels = _nuisance(20)
+    gallery = Gallery.create(tmp_path / "g", {"spec": _Enc.spec, "fingerprint": _Enc.fingerprint, "dim": DIM})
+    gallery.add([ReferenceRecord(path=f"/p/{i}.jpg", species=s) for i, s in enumerate(labels)],
+                [f"d{i}" for i in range(len(labels))], x)
+    assert not refresh_gallery_metric(gallery)  # no probe: nothing to do
+    probe = train_probe(x, labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration.metric = "whitened"
+    probe.whitening = fit_whitening(x, labels)
+    probe.save(gallery.root)
+    assert not refresh_gallery_metric(gallery)  # it still fits
+    new, _ = _nuisance(10, classes=range(5, 6), seed=3)
+    gallery.add([ReferenceRecord(path=f"/n/{i}.jpg", species="Novus n") for i in range(10)],
+                [f"n{i}" for i in range(10)], new)
+    assert refresh_gallery_metric(gallery)  # what `references add` / the API's add do after their write
+    saved = LinearProbe.load(gallery.root).whitening
+    assert "Novus n" in saved.species and saved.photos == len(labels) + 10
+    # a reader whose probe predates the write takes the saved whitening instead of streaming the gallery again
+    monkeypatch.setattr(identify, "gallery_whitening", lambda *a, **k: pytest.fail("refitted instead of reading"))
+    ident = Identifier(_Enc(), gallery, probe=probe)
+    np.testing.assert_array_equal(ident.whitening().matrix, saved.matrix)
