@@ -438,13 +438,18 @@ class Gallery:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
         """Nearest references of each query embedding, best first, with metadata."""
+        sims, ids = self.nearest(queries, k)
+        return [self.neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]
+
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(D, I)`` of the ``k`` nearest references of each query embedding: cosine float32 (Q, k) best first,
+        ids int64 (Q, k), -1 padded. No metadata: :meth:`neighbours` dresses the ids kept."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings are {queries.shape[1]}-d but this gallery holds {self.dim}-d")
         self.refresh()
         with self._lock:
-            sims, ids = self._index.search(queries, k)
-        return [self._neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]
+            return self._index.search(queries, k)
 
     def reference_vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored embeddings of references ``ids`` (e.g. search results), (len(ids), dim) float32 in that order.
@@ -466,7 +471,9 @@ class Gallery:
                 self._vector_cache.update(zip(got_ids.tolist(), vectors, strict=True))
             return np.stack([self._vector_cache[i] for i in ids]).astype(np.float32, copy=False)
 
-    def _neighbours(self, ids: np.ndarray, sims: np.ndarray) -> list[Neighbour]:
+    def neighbours(self, ids: Sequence[int], sims: Sequence[float]) -> list[Neighbour]:
+        """References ``ids`` with their metadata and the given similarities, in that order (-1 and ids deleted
+        meanwhile left out)."""
         wanted = [int(i) for i in ids if i >= 0]
         missing = [i for i in wanted if i not in self._meta_cache]
         if missing:

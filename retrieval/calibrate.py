@@ -66,11 +66,7 @@ def knn_matrix(
 ) -> np.ndarray:
     """Vectorised kNN vote: (Q, n_classes) probabilities (ref_labels are class indices). ``metric`` "whitened" fits
     the whitening (``retrieval.metric``) on the references and their labels first."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if metric == "whitened":
-        wh = fit_whitening(refs, ref_labels)
-        queries, refs = wh.apply(queries), wh.apply(refs)
+    queries, refs = in_metric(queries, refs, ref_labels, metric)
     sims = queries @ refs.T
     if exclude_self:
         np.fill_diagonal(sims, -np.inf)
@@ -82,6 +78,18 @@ def knn_matrix(
     rows = np.repeat(np.arange(len(queries)), k)
     np.add.at(out, (rows, ref_labels[top].reshape(-1)), w.reshape(-1))
     return out / out.sum(axis=1, keepdims=True)
+
+
+def in_metric(queries: np.ndarray, refs: np.ndarray, ref_labels: np.ndarray,
+              metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, refs) in the space the vote compares under ``metric``: "whitened" fits the whitening on the
+    references and their labels (``retrieval.metric``)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric == "cosine":
+        return queries, refs
+    wh = fit_whitening(refs, ref_labels)
+    return wh.apply(queries), wh.apply(refs)
 
 
 def probe_matrix(probe: LinearProbe, queries: np.ndarray, index: Mapping[str, int],
@@ -220,10 +228,7 @@ def out_of_fold(
     for rest, q, qy in splits:
         truth.append(qy)
         for metric in metrics:
-            refs, qm = x[rest], q
-            if metric == "whitened":  # fitted on this fold's references only
-                wh = fit_whitening(refs, y[rest])
-                refs, qm = wh.apply(refs), wh.apply(q)
+            qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
             for k, t in itertools.product(grid.ks, grid.temperatures):
                 knn_oof.setdefault((k, t, metric), []).append(knn_matrix(qm, refs, y[rest], n, k, t))
         for c in Cs:

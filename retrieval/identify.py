@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -178,13 +178,14 @@ class Identifier:
         wh = self.whitening()
         if wh is None:
             return self.gallery.search(emb, self.config.k)
-        found = self.gallery.search(emb, max(self.config.k, RERANK_CANDIDATES))
+        _, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))
         out = []
         with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
-            for z, ns in zip(wh.apply(emb), found, strict=True):
-                sims = self._whitened_refs([n.id for n in ns], wh) @ z
+            for z, row in zip(wh.apply(emb), found, strict=True):
+                ids = [int(i) for i in row if i >= 0]
+                sims = self._whitened_refs(ids, wh) @ z
                 order = np.argsort(-sims, kind="stable")[: self.config.k]
-                out.append([replace(ns[j], similarity=float(sims[j])) for j in order])
+                out.append(self.gallery.neighbours([ids[j] for j in order], sims[order].tolist()))
         return out
 
     def _whitened_refs(self, ids: list[int], wh: Whitening) -> np.ndarray:
@@ -209,21 +210,12 @@ class Identifier:
             return None
         version = self.gallery.store.version
         if version != self._whitening_version:
-            counts = {s.species: s.count for s in self.gallery.species() if s.count > 0}
-            current = self._whitening or self.probe.whitening
-            if current is None or not current.fits(counts):  # a writer may have saved one that fits
-                saved = _saved_whitening(self.gallery, self.probe.fingerprint)
-                current = saved if saved is not None and saved.fits(counts) else current
-            if current is None or not current.fits(counts):
-                shrink = current.shrink if current is not None and current.shrink > 0 else None
-                try:
-                    current = gallery_whitening(self.gallery, shrink)
-                except ValueError as exc:  # e.g. every species down to one photo: vote on cosine meanwhile
-                    logger.warning("kNN vote on cosine: cannot fit the whitening on this gallery (%s)", exc)
-                    current = None
-                else:
-                    logger.info("whitening fitted again on the gallery's %d photos of %d species", current.photos,
-                                len(current.species))
+
+            def candidates() -> Iterator[Whitening | None]:
+                yield self._whitening or self.probe.whitening
+                yield _saved_whitening(self.gallery, self.probe.fingerprint)  # a writer may have saved one that fits
+
+            current = fitted_whitening(self.gallery, candidates())
             with self._whitened_lock:
                 if current is not self._whitening:
                     self._whitened.clear()
@@ -310,14 +302,35 @@ def _saved_whitening(gallery: Gallery, fingerprint: str) -> Whitening | None:
         return None
 
 
-def gallery_whitening(gallery: Gallery, shrink: float | None = None) -> Whitening:
+def gallery_whitening(gallery: Gallery, shrink: float = DEFAULT_SHRINK) -> Whitening:
     """The within-class whitening of a gallery's searchable photos, streamed in batches (``retrieval.metric``)."""
     def batches():
         for ids, vectors in gallery.store.iter_vectors():
             meta = gallery.store.metadata(ids.tolist())
             yield vectors, [str(meta.at[int(i), "species"]) for i in ids]
 
-    return fit_whitening_batches(batches(), gallery.dim, DEFAULT_SHRINK if shrink is None else shrink)
+    return fit_whitening_batches(batches(), gallery.dim, shrink)
+
+
+def fitted_whitening(gallery: Gallery, candidates: Iterable[Whitening | None]) -> Whitening | None:
+    """The first of ``candidates`` (looked at lazily) that still fits the gallery (:meth:`Whitening.fits`), else one
+    fitted again on the gallery's rows (with the candidates' shrinkage); None, logged, when the gallery has nothing
+    to fit it on (e.g. every species down to one photo): the vote then runs on cosine."""
+    counts = {s.species: s.count for s in gallery.species() if s.count > 0}
+    shrink = None
+    for wh in candidates:
+        if wh is not None:
+            if wh.fits(counts):
+                return wh
+            shrink = shrink or wh.shrink
+    try:
+        fresh = gallery_whitening(gallery, shrink or DEFAULT_SHRINK)
+    except ValueError as exc:
+        logger.warning("kNN vote on cosine: cannot fit the whitening on this gallery (%s)", exc)
+        return None
+    logger.info("kNN whitening fitted again on the gallery's %d photos of %d species", fresh.photos,
+                len(fresh.species))
+    return fresh
 
 
 @dataclass

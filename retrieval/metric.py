@@ -123,10 +123,8 @@ class WhiteningStats:
 def fit_whitening(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray,
                   shrink: float = DEFAULT_SHRINK) -> Whitening:
     """Fit the within-class whitening on labelled embeddings (see the module docstring)."""
-    x = np.asarray(embeddings)
-    if x.ndim != 2:
-        raise ValueError(f"{len(x)} embeddings but {len(labels)} labels")
-    stats = WhiteningStats(dim=x.shape[1])
+    x = np.atleast_2d(np.asarray(embeddings))
+    stats = WhiteningStats(dim=x.shape[-1])
     stats.add(x, [str(v) for v in labels])
     return stats.fit(shrink)
 
@@ -139,7 +137,3 @@ def fit_whitening_batches(batches: Iterable[tuple[np.ndarray, Sequence[str]]], d
         stats.add(x, labels)
     return stats.fit(shrink)
 
-
-def whitened_knn_similarities(query: np.ndarray, candidates: np.ndarray, whitening: Whitening) -> np.ndarray:
-    """Similarities of one query embedding to candidate reference embeddings (C, d) in the whitened space."""
-    return whitening.apply(candidates) @ whitening.apply(query)

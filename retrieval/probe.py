@@ -19,7 +19,7 @@ import numpy as np
 
 from index.atomic import atomic_write, write_json_atomic
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
-from retrieval.metric import Whitening
+from retrieval.metric import DEFAULT_SHRINK, Whitening
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class LinearProbe:
         if "whiten_matrix" in arrays.files:
             fitted = meta.get("whitening") or {}
             whitening = Whitening(mean=arrays["whiten_mean"], matrix=arrays["whiten_matrix"],
-                                  shrink=float(fitted.get("shrink", 0.0)), photos=int(fitted.get("photos", 0)),
+                                  shrink=float(fitted.get("shrink", DEFAULT_SHRINK)), photos=int(fitted.get("photos", 0)),
                                   species=tuple(fitted.get("species", ())))
         return cls(
             species=list(meta["species"]),

@@ -17,7 +17,7 @@ from index.layout import EncoderMismatchError, check_encoder, weights_digest
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
-from retrieval.identify import gallery_whitening
+from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening, fit_whitening
 from retrieval.pipeline import embed_photos
 from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
@@ -175,17 +175,11 @@ def refresh_gallery_metric(gallery: Gallery) -> bool:
         probe = LinearProbe.load(gallery.root)
         if probe.calibration.metric != "whitened":
             return False
-        counts = {s.species: s.count for s in gallery.species() if s.count > 0}
-        if probe.whitening is not None and probe.whitening.fits(counts):
+        fresh = fitted_whitening(gallery, [probe.whitening])
+        if fresh is None or fresh is probe.whitening:
             return False
-        try:
-            probe.whitening = gallery_whitening(gallery, probe.whitening.shrink if probe.whitening else None)
-        except ValueError as exc:
-            logger.warning("the kNN vote's whitening cannot be fitted on this gallery: %s", exc)
-            return False
+        probe.whitening = fresh
         probe.save(gallery.root)
-    logger.info("kNN whitening fitted again on %d photos of %d species", probe.whitening.photos,
-                len(probe.whitening.species))
     return True
 
 
