@@ -111,7 +111,8 @@ def finetuned(out: Path, tmp: Path, protocol: str, keep: np.ndarray) -> tuple[di
             write_heldout(out, [records[i].path for i in va_idx], [labels[i] for i in va_idx])
         import_gallery_probe(index, out, progress=False)
     settings = LinearProbe.load(index).calibration
-    return _methods(index, va_emb[keep], [val[i].species for i in keep]), settings, cfg["speciesid"]
+    info = {**cfg["speciesid"], "embedded_at": enc.input_size}  # what the encoder does (a config may be edited)
+    return _methods(index, va_emb[keep], [val[i].species for i in keep]), settings, info
 
 
 def main() -> None:
@@ -179,6 +180,10 @@ def main() -> None:
               f"{plan['step_s']:.2f} s), head init + final ~{plan['init_s'] + plan['final_s']:.0f} s -> "
               f"{plan['epochs']} epochs planned; whole run {info.get('process_wall_seconds', 0) / 60:.1f} min")
     for folder, (_, st, inf) in zip(folders, results, strict=True):
+        ts = inf.get("test_size") or {"size": "none (a run from before --test-size)"}
+        nll = ", ".join(f"{s} px {v:.3f}" for s, v in (ts.get("head_nll") or {}).items())
+        print(f"{folder} ({inf.get('kept', 'best')}): embedded at {inf['embedded_at']} px; the run chose "
+              f"{ts['size']}" + (f" (head log-loss on the {ts['photos']} held-out photos: {nll})" if nll else ""))
         print(f"{folder} ({inf.get('kept', 'best')}): blend settings ({st.selected_on}): k={st.k} "
               f"T={st.temperature} w={st.blend_weight} kNN metric {st.metric}")
     if fz_settings is not None:

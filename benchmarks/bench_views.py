@@ -7,7 +7,9 @@ torch) and torch fp32. The gallery is ph-snakes train (975 photos) stored from t
 option's fingerprint: the search costs the same, the answers are not meaningful (accuracy: bench_protocol.py).
 For today's embeddings also the blend with a linear probe, its kNN vote under the cosine metric and under the
 whitened one (``retrieval.metric``: the 200 cosine neighbours re-ranked in the whitened space).
-Passes rotate the order of the options; medians over passes. Run it at normal priority, alone:
+With ``--finetuned OUT`` (a ``speciesid finetune`` folder) also that network's blend, embedded at the test size
+its run chose and at the model's own size. Passes rotate the order of the options; medians over passes. Run it
+at normal priority, alone:
 
     flock /tmp/speciesid-timing.lock .venv/bin/python benchmarks/bench_views.py [--queries 40 --passes 3]
 """
@@ -49,6 +51,38 @@ def _probe_identifier(enc, gallery, records, emb: np.ndarray, metric: str):
     return Identifier(enc, gallery, probe=probe)
 
 
+def _add_runner(runners: dict, name: str, ident, queries: list[str]) -> None:
+    """Register one identify path: photo file -> answer (warmed up on two queries first)."""
+    from retrieval.pipeline import embed_sources
+
+    def run(p: str) -> None:
+        e, err = embed_sources([p], ident.encoder)
+        assert err[0] is None, err
+        ident.identify_embeddings(e)
+
+    for q in queries[:2]:
+        run(q)
+    runners[name] = run
+    print(f"  ready: {name}", flush=True)
+
+
+def _finetuned_variants(folder: Path, tmp: Path) -> list[tuple[Path, str]]:
+    """The fine-tuned folder as its run left it (its chosen test size), and a copy embedding at the model's size."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    if "test_input_size" not in cfg.get("pretrained_cfg", {}):
+        return [(folder, "the model's own size")]
+    plain = tmp / "finetuned-model-size"
+    plain.mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (plain / f.name).symlink_to(f.resolve())
+    cfg["pretrained_cfg"].pop("test_input_size")
+    (plain / "config.json").write_text(json.dumps(cfg))
+    return [(folder, "the test size chosen"), (plain, "the model's own size")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=40, help="val photos queried (evenly spaced; default 40)")
@@ -56,13 +90,14 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="+", default=["auto", "torch"])
     ap.add_argument("--options", nargs="+", default=[f"{p}/{v}" for p, v in OPTIONS],
                     help="POOL/VIEWS pairs (default: all six; model/single is always run, the baseline)")
+    ap.add_argument("--finetuned", type=Path, help="also a `speciesid finetune` output: the blend (kNN whitened) "
+                    "embedded at the test size its run chose, and at the model's own size")
     args = ap.parse_args()
     require_shared()
     logging.disable(logging.WARNING)
     from index.datasets import load_dataset
     from retrieval.encoders import create_encoder
     from retrieval.identify import Identifier
-    from retrieval.pipeline import embed_sources
     from retrieval.vote import VoteConfig
 
     print("bench_views: where it ran\n" + machine_report())
@@ -83,32 +118,23 @@ def main() -> None:
                 enc = create_encoder(MOBILENET_SPEC, runtime=rt, precision=prec, device="cpu", photos=calib,
                                      pool=pool, views=views)
                 g = gallery_from_embeddings(Path(tmp) / f"{pool}-{views}-{rt}", enc, train, emb)
-                ident = Identifier(enc, g, VoteConfig())
-                label = f"pool={pool} views={views} | {rt} -> {enc.runtime} {enc.precision}"
-
-                def run(p: str, ident=ident) -> None:
-                    e, err = embed_sources([p], ident.encoder)
-                    assert err[0] is None, err
-                    ident.identify_embeddings(e)
-
-                for q in queries[:2]:  # warm-up
-                    run(q)
-                runners[label] = run
-                print(f"  ready: {label}", flush=True)
+                _add_runner(runners, f"pool={pool} views={views} | {rt} -> {enc.runtime} {enc.precision}",
+                            Identifier(enc, g, VoteConfig()), queries)
                 if (pool, views) == ("model", "single"):
                     for metric in ("cosine", "whitened"):
-                        blend = _probe_identifier(enc, g, train, emb, metric)
-                        name = f"pool={pool} views={views}, blend, kNN {metric} | {rt} -> {enc.runtime} {enc.precision}"
-
-                        def run_blend(p: str, ident=blend) -> None:
-                            e, err = embed_sources([p], ident.encoder)
-                            assert err[0] is None, err
-                            ident.identify_embeddings(e)
-
-                        for q in queries[:2]:
-                            run_blend(q)
-                        runners[name] = run_blend
-                        print(f"  ready: {name}", flush=True)
+                        _add_runner(runners, f"pool={pool} views={views}, blend, kNN {metric} | {rt} -> "
+                                    f"{enc.runtime} {enc.precision}",
+                                    _probe_identifier(enc, g, train, emb, metric), queries)
+        if args.finetuned:
+            for folder, what in _finetuned_variants(args.finetuned, Path(tmp)):
+                for rt in args.runtimes:
+                    prec = "fp32" if rt == "torch" else "auto"
+                    enc = create_encoder(f"timm:local-dir:{folder}", runtime=rt, precision=prec, device="cpu",
+                                         photos=calib)
+                    g = gallery_from_embeddings(Path(tmp) / f"ft-{what}-{rt}", enc, train, emb)
+                    _add_runner(runners, f"fine-tuned at {enc.input_size} px ({what}), blend, kNN whitened | "
+                                f"{rt} -> {enc.runtime} {enc.precision}",
+                                _probe_identifier(enc, g, train, emb, "whitened"), queries)
         names = list(runners)
         per: dict[str, list[dict]] = {n: [] for n in names}
         for p in range(args.passes):

@@ -14,6 +14,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -113,9 +114,11 @@ def _time_eval_batches(net: torch.nn.Module, batches, *, device: torch.device, a
 
 
 def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: torch.device, workers: int, mixup,
-                  spent_s: float, steps: int = 4) -> BudgetPlan:
+                  spent_s: float, steps: int = 4, test_sizes: Sequence[int] = (), eval_size: int = 0) -> BudgetPlan:
     """Time a few steps of this run on this machine and plan its epochs within ``cfg.time_budget`` minutes.
 
+    ``test_sizes``: the sides the final evaluation measures the head at (``finetune.engine.choose_test_size``),
+    ``eval_size`` the side the timed evaluation batches have; an evaluation costs as the pixels do.
     Raises ValueError (saying what to change) when not even one epoch fits. ``net`` itself is not trained.
     """
     from finetune.data import loader
@@ -141,7 +144,10 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     epoch_s = steps_per_epoch * step_s + val_s + EPOCH_OVERHEAD_S
     frozen_epoch_s = steps_per_epoch * frozen_step_s + val_s + EPOCH_OVERHEAD_S
     init_s = (train_eval_s if cfg.head_init == "probe" else 0.0) + val_s
-    final_s = ((train_eval_s + math.ceil(n_val / eval_bs) * eval_batch_s) if cfg.final_eval else 0.0)
+    area = [(s / eval_size) ** 2 for s in test_sizes] if eval_size and test_sizes else [1.0]
+    val_once_s = math.ceil(n_val / eval_bs) * eval_batch_s
+    choose_s = val_once_s * sum(area) if len(area) > 1 else 0.0  # the head on the val photos at each side
+    final_s = ((train_eval_s + val_once_s) * max(area) if cfg.final_eval else 0.0) + choose_s  # at the largest
     final_s = final_s * (2 if cfg.save_last else 1) + EPOCH_OVERHEAD_S
     spent_s += time.perf_counter() - t0  # the timing itself
     epochs = plan_epochs(budget_s, spent_s + init_s + final_s, epoch_s, frozen_epoch_s,

@@ -153,6 +153,13 @@ class FinetuneConfig:
     # training resolution (default: the model's input size)
     train_size: int | None = field(default=None, metadata=option(
         "training resolution (default: the model's own)", metavar="PX"))
+    # the side the exported network is embedded at: "auto" (chosen after training on the validation photos, by the
+    # head's log-loss, among the training size x 1, 8/7, 9/7, 10/7 and the model's own), "train" (the model's own
+    # input size), or a number of pixels
+    test_size: str = field(default="auto", metadata=option(
+        "the size galleries embed photos at afterwards: auto (the one of the training size x 1, 8/7, 9/7, 10/7 and "
+        "the model's own whose head log-loss on the validation photos is least; recorded as the model's "
+        "test_input_size), train (the model's own input size), or PX", metavar="auto|train|PX"))
     # validation with horizontal-flip test-time augmentation
     tta: bool = field(default=False, metadata=option("validate with horizontal-flip test-time augmentation"))
     # dropout on the pooled features
@@ -206,13 +213,17 @@ class FinetuneConfig:
             raise ValueError(f"--bn must be eval or train, got {out.bn!r}")
         if out.time_budget is not None and not out.time_budget > 0:
             raise ValueError(f"--time-budget must be a positive number of minutes, got {out.time_budget}")
+        if out.test_size not in ("auto", "train") and not (str(out.test_size).isdigit() and int(out.test_size) >= 32):
+            raise ValueError(f"--test-size must be auto, train or a number of pixels (32 or more), got "
+                             f"{out.test_size!r}")
+        out.test_size = str(out.test_size)
         if out.head_init not in HEAD_INITS:
             raise ValueError(f"--head-init must be probe, keep or random, got {out.head_init!r}")
         return out
 
     def training_key(self) -> str:
         """Digest of the settings that shape the training trajectory (a checkpoint resumes only under them)."""
-        skip = {"out", "device", "workers", "threads", "time_limit", "resume", "final_eval"}
+        skip = {"out", "device", "workers", "threads", "time_limit", "resume", "final_eval", "test_size"}
         if self.time_budget:  # the epochs were fitted to the machine's speed: the budget names the run
             skip.add("epochs")
         d = {k: v for k, v in asdict(self).items() if k not in skip}

@@ -292,6 +292,68 @@ def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneCon
     return "random"
 
 
+# Candidate test sizes, x the training size. A network trained on RandomResizedCrop sees its subjects larger
+# than a whole photo at the same size shows them ("FixRes", Touvron et al. 2019): it is often better embedded at a
+# larger size. Rounded to multiples of 16 (224 -> 224, 256, 288, 320).
+TEST_SIZE_FACTORS = (1.0, 8 / 7, 9 / 7, 10 / 7)
+
+
+def size_candidates(setting: str, train_size: int, model_size: int) -> list[int]:
+    """The sizes ``--test-size`` lets the run choose from: ``auto`` the training size x TEST_SIZE_FACTORS and the
+    model's own input size, ``train`` the model's own input size (what every run embedded at before), or PX."""
+    if setting == "train":
+        return [model_size]
+    if setting != "auto":
+        return [int(setting)]
+    return sorted({int(round(train_size * f / 16)) * 16 for f in TEST_SIZE_FACTORS} | {model_size})
+
+
+@dataclass
+class SizeChoice:
+    """The input size the kept network is embedded at, and what chose it."""
+
+    size: int  # the chosen side, pixels
+    candidates: list[int]  # the sides measured
+    head_nll: dict[int, float]  # per side: the head's log-loss on the validation photos, its temperature fitted
+    head_top1: dict[int, float]  # per side: the head's top-1 on the same photos
+    photos: int  # validation photos measured on
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "candidates": self.candidates, "photos": self.photos,
+                "head_nll": {str(k): round(v, 4) for k, v in self.head_nll.items()},
+                "head_top1": {str(k): round(v, 4) for k, v in self.head_top1.items()},
+                "rule": "least head log-loss on the validation photos (temperature fitted at each size)"}
+
+
+def choose_test_size(net: Net, loaders: dict[int, object], device: torch.device, *, amp: bool = True,
+                     progress: bool = False) -> SizeChoice:
+    """The side (a key of ``loaders``: the validation photos at that size) whose head log-loss is least.
+
+    The head's softmax temperature is fitted at each size first (as ``speciesid probe import`` does), so the
+    sizes are compared on how well the head ranks and separates, not on how confident it happens to be. The
+    log-loss is smooth in the size (measured: it falls from 224 to 288 and rises after on MobileNetV1 runs), so
+    the least of a handful of sides is not a lucky pick; ties go to the smaller side (cheaper to embed).
+    """
+    from retrieval.calibrate import photo_nll
+    from retrieval.probe import LinearProbe, fit_head_temperature
+
+    sizes = sorted(loaders)
+    n_classes = int(net.head.export_weight().shape[0])
+    names = [str(i) for i in range(n_classes)]
+    probe = LinearProbe(species=names, weight=net.head.export_weight().numpy(),
+                        bias=np.zeros(n_classes, np.float32), fingerprint="")
+    nll, top1, photos = {}, {}, 0
+    for size in sizes:
+        _, feats, y = predict(net, loaders[size], device, amp=amp, progress=progress, desc=f"test size {size}")
+        scaled = probe.scaled(fit_head_temperature(probe, feats, [names[i] for i in y]))
+        p = scaled.predict_proba(feats)
+        nll[size], top1[size], photos = float(photo_nll(p, y).mean()), float((p.argmax(1) == y).mean()), len(y)
+    best = min(sizes, key=lambda s: (round(nll[s], 4), s))
+    logger.info("test size %d: head log-loss on %d validation photos %s", best, photos,
+                ", ".join(f"{s} px {nll[s]:.3f}" for s in sizes))
+    return SizeChoice(size=best, candidates=sizes, head_nll=nll, head_top1=top1, photos=photos)
+
+
 def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch.device, *, amp: bool = True,
                progress: bool = False) -> dict:
     """Head / kNN / blend on the validation photos with the kept weights (gallery = the training photos).

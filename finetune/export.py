@@ -88,8 +88,12 @@ def save_finetuned(
     info: dict,
     *,
     trained_on: int = 0,
+    test_size: int | None = None,
 ) -> LinearProbe:
-    """Write ``model.safetensors`` + ``config.json`` (timm local-dir) and the head as ``probe.npz/json``."""
+    """Write ``model.safetensors`` + ``config.json`` (timm local-dir) and the head as ``probe.npz/json``.
+
+    ``test_size``: the side galleries embed at, recorded as timm's ``pretrained_cfg.test_input_size`` when it is
+    not the model's own input size (``retrieval.encoders.finetuned_test_size`` reads it back)."""
     from safetensors.torch import save_file
 
     from retrieval.encoders import create_encoder
@@ -104,6 +108,9 @@ def save_finetuned(
     pcfg["architecture"] = model.pretrained_cfg.get("architecture") or pcfg.get("architecture")
     pcfg["num_classes"] = len(species)
     pcfg["classifier"] = clf_name
+    pcfg.pop("test_input_size", None)  # the init's own (a hub model's) says nothing about this network
+    if test_size and [3, test_size, test_size] != list(pcfg.get("input_size") or []):
+        pcfg["test_input_size"] = [3, int(test_size), int(test_size)]
     pool = getattr(model, "global_pool", None)
     pool_type = getattr(pool, "pool_type", pool if isinstance(pool, str) else "avg") or "avg"
     config = {

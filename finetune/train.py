@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.augment import model_data_config
+from finetune.augment import eval_transform, model_data_config
 from finetune.budget import fit_to_budget
 from finetune.checkpoint import (
     CHECKPOINT,
@@ -44,13 +44,15 @@ from finetune.checkpoint import (
     set_rng_state,
 )
 from finetune.config import STAGE_DEFAULTS, STAGES, AugmentConfig, FinetuneConfig
-from finetune.data import build_data, loader, split_photos
+from finetune.data import TransformView, build_data, loader, split_photos
 from finetune.engine import (
+    choose_test_size,
     create_ema,
     create_mixup,
     create_optimisation,
     final_eval,
     init_head,
+    size_candidates,
     train_one_epoch,
     validate,
 )
@@ -87,6 +89,7 @@ class FinetuneResult:
     seconds: float  # training wall time (over resumed runs)
     stopped: str  # "epochs", "early-stopping", "time-limit", "time-budget"
     final: dict = field(default_factory=dict)  # kNN / head / blend on the validation photos
+    test_size: dict = field(default_factory=dict)  # the side galleries embed at, and what chose it
 
 
 def finetune(
@@ -122,9 +125,11 @@ def finetune(
     net, frozen_params = create_net(source, n_classes, cfg)
     data_cfg = model_data_config(net.backbone)
     net = net.to(device, memory_format=torch.channels_last)
-    data = build_data(split, data_cfg, cfg, train_size=cfg.train_size or int(max(data_cfg["input_size"][1:])),
-                      device=device, progress=progress)
+    train_size = cfg.train_size or int(max(data_cfg["input_size"][1:]))
+    data = build_data(split, data_cfg, cfg, train_size=train_size, device=device, progress=progress)
     val_loader = loader(data.val, 2 * cfg.batch_size, workers=workers, device=device)
+    model_size = int(max(data_cfg["input_size"][1:]))
+    sizes = size_candidates(cfg.test_size, train_size, model_size)  # what galleries may embed at afterwards
     mixup = create_mixup(cfg, n_classes)
     plan = None
     if cfg.time_budget and checkpoint is not None:
@@ -132,7 +137,7 @@ def finetune(
     elif cfg.time_budget:
         rng = rng_state()  # the timed steps draw augmentations: the run goes on as if they had not happened
         plan = fit_to_budget(net, data, cfg, device=device, workers=workers, mixup=mixup,
-                             spent_s=time.perf_counter() - t_start)
+                             spent_s=time.perf_counter() - t_start, test_sizes=sizes, eval_size=model_size)
         set_rng_state(rng)
         cfg.epochs = plan.epochs
         if progress:
@@ -217,20 +222,33 @@ def finetune(
         exports.insert(0, (out / "last", cpu_state(ema.module if ema is not None else net),
                            f"last epoch ({state.epoch})", state.history[-1]))
     final: dict = {}
+    size_info: dict = {}
+
+    def at(dataset, size: int):  # the photos under the evaluation transform at another side
+        return loader(TransformView(dataset, eval_transform(data_cfg, size)), 2 * cfg.batch_size,
+                      workers=cfg.workers or 0, device=device)
+
     for folder, weights, kept, row in exports:
         net.load_state_dict(weights)
+        choice = None
+        if len(sizes) > 1:
+            choice = choose_test_size(net, {s: at(data.val, s) for s in sizes}, device, amp=cfg.amp,
+                                      progress=progress)
+        test_size = choice.size if choice is not None else sizes[0]
         final = {}
         if cfg.final_eval:
-            final = final_eval(net, loader(data.train_eval, 2 * cfg.batch_size, workers=cfg.workers or 0, device=device),
-                               loader(data.val, 2 * cfg.batch_size, workers=cfg.workers or 0, device=device),
-                               n_classes, device, amp=cfg.amp, progress=progress)
+            final = final_eval(net, at(data.train, test_size), at(data.val, test_size), n_classes, device,
+                               amp=cfg.amp, progress=progress)
+        size_info = choice.to_dict() if choice is not None else {"size": test_size, "setting": cfg.test_size}
         save_finetuned(folder, net.backbone, net.head, species, source, {
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,
-        }, trained_on=len(data.train))
+            "test_size": size_info,
+        }, trained_on=len(data.train), test_size=test_size)
         if split.val_source.startswith("split:"):
             write_heldout(folder, split.val.paths, split.val.labels)
         net.to(device)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return FinetuneResult(out=out, species=species, epochs_run=state.epoch, best_epoch=state.best_epoch,
                           best={k: v for k, v in state.best_row.items() if k.startswith("val_")},
-                          history=state.history, seconds=state.seconds, stopped=stopped, final=final)
+                          history=state.history, seconds=state.seconds, stopped=stopped, final=final,
+                          test_size=size_info)

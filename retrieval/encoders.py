@@ -115,6 +115,18 @@ def timm_family(name: str) -> str:
     return "transformer" if any(t in low for t in _TRANSFORMER_NAMES) else "cnn"
 
 
+def local_timm_config(parsed: ParsedSpec) -> dict | None:
+    """config.json of a ``timm:local-dir:`` folder (None for other specs, or when it cannot be read)."""
+    if parsed.library != "timm" or parsed.source != "local-dir":
+        return None
+    import json
+
+    try:
+        return json.loads((Path(parsed.name) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_pool(pool: str, parsed: ParsedSpec) -> str:
     """``auto`` -> ``gem3`` for a timm CNN (by its architecture name; a local folder's config.json), else ``model``
     (also for a network fine-tuned here, whose head was trained on its own pooling)."""
@@ -124,11 +136,8 @@ def resolve_pool(pool: str, parsed: ParsedSpec) -> str:
         return "model"
     name = parsed.name
     if parsed.source == "local-dir":
-        import json
-
-        try:
-            cfg = json.loads((Path(parsed.name) / "config.json").read_text())
-        except (OSError, ValueError):
+        cfg = local_timm_config(parsed)
+        if cfg is None:
             return "model"
         if "speciesid" in cfg:  # a fine-tuned network: its head was trained on the model's own pooling
             return "model"
@@ -136,24 +145,45 @@ def resolve_pool(pool: str, parsed: ParsedSpec) -> str:
     return "gem3" if timm_family(name) == "cnn" else "model"
 
 
-def options_suffix(pool: str, views: str) -> str:
-    """The fingerprint's record of the embedding options ('' for the model's pooling and a single view)."""
-    return (f"+pool={pool}" if pool != "model" else "") + (f"+views={views}" if views != "single" else "")
+def finetuned_test_size(parsed: ParsedSpec) -> int | None:
+    """The input side a network fine-tuned here is embedded at when ``speciesid finetune`` chose one other than
+    its training size (timm's ``pretrained_cfg.test_input_size``, written by ``finetune``), else None.
+
+    Only networks fine-tuned here: a hub model's own ``test_input_size`` is left to timm users, so galleries built
+    with those models keep their embeddings."""
+    cfg = local_timm_config(parsed)
+    if not cfg or "speciesid" not in cfg:
+        return None
+    pcfg = cfg.get("pretrained_cfg") or {}
+    test, train = pcfg.get("test_input_size"), pcfg.get("input_size")
+    if not test or list(test) == list(train or []):
+        return None
+    return int(max(test[1:]))
 
 
-def make_fingerprint(spec: str, digest: str, pool: str = "model", views: str = "single") -> str:
-    """``spec#digest16[+pool=..][+views=..]``: what every gallery, probe and text prior records. The options
-    sit after the digest, so :func:`index.layout.check_encoder` refuses a gallery built with other options."""
-    return f"{spec}#{digest[:16]}{options_suffix(pool, views)}"
+def options_suffix(pool: str, views: str, size: int | None = None) -> str:
+    """The fingerprint's record of the embedding options ('' for the model's pooling, a single view and the
+    model's own input size; ``size``: a test size other than the training one, :func:`finetuned_test_size`)."""
+    return ((f"+pool={pool}" if pool != "model" else "") + (f"+views={views}" if views != "single" else "")
+            + (f"+size={size}" if size else ""))
 
 
-def cache_digest(digest: str, pool: str) -> str:
-    """The key of an exported image tower: the weights digest, changed when the pooling layer is not the model's."""
-    if pool == "model":
+def make_fingerprint(spec: str, digest: str, pool: str = "model", views: str = "single",
+                     size: int | None = None) -> str:
+    """``spec#digest16[+pool=..][+views=..][+size=..]``: what every gallery, probe and text prior records. The
+    options sit after the digest, so :func:`index.layout.check_encoder` refuses a gallery built with other ones."""
+    return f"{spec}#{digest[:16]}{options_suffix(pool, views, size)}"
+
+
+def cache_digest(digest: str, pool: str, size: int | None = None) -> str:
+    """The key of an exported image tower: the weights digest, changed when the pooling layer is not the model's
+    or the input size is a chosen test size (:func:`finetuned_test_size`)."""
+    if pool == "model" and not size:
         return digest
     import hashlib
 
-    return hashlib.sha256(f"{digest}|pool={pool}".encode()).hexdigest()
+    key = f"{digest}|pool={pool}" + (f"|size={size}" if size else "")
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def stack_views(tensors: Sequence) -> Any:
@@ -236,6 +266,7 @@ class Encoder(ABC):
     spec: str  # the spec string it was created from
     dim: int  # embedding width
     input_size: int  # side of the square model input, in pixels
+    test_size: int | None = None  # input_size when it is a test size chosen by fine-tuning (``+size=`` in fingerprint)
     fingerprint: str  # spec + weights digest: what every derived artefact records
     device: Any  # where it runs ("cpu", or a torch.device for torch encoders)
     dtype: Any  # torch dtype (torch encoders) or the runtime's precision name

@@ -125,11 +125,11 @@ def import_gallery_probe(
     probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     weights, _, options = weights_digest(gallery.fingerprint).partition("+")
-    if weights != weights_digest(probe.fingerprint):
+    if weights != weights_digest(probe.fingerprint).partition("+")[0]:  # the head's own size may be another
         check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
                       fix=f"it must be built with the fine-tuned network of {from_dir}: "
                       f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")
-    if "pool=" in options:  # test-time views (flip, ms) only average the head's input: those are fine
+    if "pool=" in options:  # views (flip, ms) and the input size only change the head's input: those are fine
         raise EncoderMismatchError(
             f"gallery {index_dir} was built with '{options}', but the head of {from_dir} was trained on the "
             f"network's own pooling: build the gallery without --pool (--views may stay)")

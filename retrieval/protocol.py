@@ -34,10 +34,11 @@ class Protocol:
     duplicates: list[int] = field(default_factory=list)  # positions of evaluated photos the gallery holds
     duplicate_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
     excluded: bool = True  # duplicates left out of the figures
+    size: str | None = None  # where a fine-tuned encoder's input size comes from, in words (None: the model's own)
 
     def lines(self) -> list[str]:
         """The report's protocol lines."""
-        out = [f"settings: {self.settings}"]
+        out = [f"settings: {self.settings}"] + ([f"input size: {self.size}"] if self.size else [])
         out.append("evaluated photos used to choose settings: " + (
             "YES: these figures over-state accuracy on unseen photos" if self.evaluated_chose_settings else "no"))
         kinds = ", ".join(f"{n} {k}" for k, n in self.duplicate_kinds.items() if n) or "none"
@@ -78,6 +79,27 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
         return (f"{head}{chosen}, chosen on the validation photos {val}"
                 + (" = the evaluated photos" if same else " (not the evaluated photos)") + f"{rule}{extra}"), same
     return f"{head}{chosen}, defaults (nothing was chosen){extra}", False
+
+
+def size_origin(encoder, root: str | Path) -> tuple[str | None, bool]:
+    """(where the encoder's input size comes from, whether the photos at ``root`` chose it), for a network
+    fine-tuned here that embeds at the test size its run chose (``finetune.engine.choose_test_size``); (None,
+    False) for every other encoder."""
+    from retrieval.encoders import local_timm_config, parse_spec
+
+    size = getattr(encoder, "test_size", None)
+    if not size:
+        return None, False
+    run = (local_timm_config(parse_spec(encoder.spec)) or {}).get("speciesid") or {}
+    source = str(run.get("val_source", ""))
+    photos = (run.get("test_size") or {}).get("photos")
+    count = f"{photos} " if photos else ""
+    if source.startswith("val:"):
+        same = _same_folder(source[4:], root)
+        return (f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}validation photos "
+                f"{source[4:]}" + (" = the evaluated photos" if same else " (not the evaluated photos)")), same
+    return (f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}photos it held out of "
+            "its training photos (not the evaluated photos)"), False
 
 
 def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: np.ndarray,

@@ -23,6 +23,7 @@ from retrieval.encoders import (
     EncoderConfig,
     ParsedSpec,
     check_options,
+    finetuned_test_size,
     make_fingerprint,
     resolve_pool,
     spec_error,
@@ -407,8 +408,10 @@ class TimmEncoder(TorchEncoder):
         if pool == "gem3":
             use_gem(model, spec)
         self.pool, self.views = pool, config.views
-        self.fingerprint = make_fingerprint(spec, self.weights_digest, self.pool, self.views)
-        data_cfg = resolve_model_data_config(model)
+        # a network fine-tuned here is embedded at the test size its run chose (``finetune.engine.choose_test_size``)
+        self.test_size = finetuned_test_size(parsed)
+        self.fingerprint = make_fingerprint(spec, self.weights_digest, self.pool, self.views, self.test_size)
+        data_cfg = resolve_model_data_config(model, use_test_size=self.test_size is not None)
         self.preprocess_config = from_timm(data_cfg)
         if self.preprocess_config is None:
             self.transform = create_transform(**data_cfg, is_training=False)

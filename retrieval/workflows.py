@@ -270,14 +270,15 @@ def evaluate_dataset(
     (same bytes or near-copies); those are left out of the figures unless ``keep_duplicates``.
     """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
-    from retrieval.protocol import Protocol, find_duplicates, settings_origin
+    from retrieval.protocol import Protocol, find_duplicates, settings_origin, size_origin
 
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
     settings, chose = settings_origin(ident.probe, root, settings_overridden)
-    protocol = Protocol(settings, chose, dups, kinds, excluded=not keep_duplicates)
+    size, size_chose = size_origin(ident.encoder, root)
+    protocol = Protocol(settings, chose or size_chose, dups, kinds, excluded=not keep_duplicates, size=size)
     readable = len(ok)
     if not keep_duplicates:
         dup_set = set(dups)

@@ -406,3 +406,111 @@ def test_budgeted_run_resumes_with_the_epochs_it_fitted(tiny_set, tmp_path):
     seen = []
     r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
     assert seen == [2] and r.epochs_run == 2
+
+
+def test_size_candidates_and_the_setting_checked():
+    from finetune.config import FinetuneConfig
+    from finetune.engine import size_candidates
+
+    assert size_candidates("auto", 224, 224) == [224, 256, 288, 320]
+    assert size_candidates("auto", 160, 224) == [160, 176, 208, 224]  # the model's own size is always measured
+    assert size_candidates("train", 160, 224) == [224]  # what galleries embedded at before sizes were chosen
+    assert size_candidates("300", 224, 224) == [300]
+    for bad in ("big", "16", "-1"):
+        with pytest.raises(ValueError, match="--test-size must be auto, train or a number of pixels"):
+            FinetuneConfig(root=".", out=".", test_size=bad).resolved()
+
+
+def test_test_size_is_chosen_on_the_held_out_photos_recorded_and_used(stage1, tiny_set, tmp_path):
+    """The run measures the head at each candidate side on its held-out photos, keeps the least log-loss, and
+    writes it as timm's test_input_size; the encoder of the folder then embeds at it, and says so in its
+    fingerprint, so a gallery of the other side is refused."""
+    import shutil
+
+    from PIL import Image
+
+    from index.layout import EncoderMismatchError, check_encoder
+    from retrieval.encoders import create_encoder
+    from retrieval.protocol import Protocol, size_origin
+
+    out, r = stage1
+    ts = r.test_size
+    nll = {int(s): v for s, v in ts["head_nll"].items()}
+    assert sorted(nll) == ts["candidates"] == [64, 80, 96, 224] and ts["photos"] == 6
+    assert ts["size"] == min(nll, key=lambda s: (round(nll[s], 4), s))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["speciesid"]["test_size"]["size"] == ts["size"]
+    expected = None if ts["size"] == 224 else [3, ts["size"], ts["size"]]
+    assert cfg["pretrained_cfg"].get("test_input_size") == expected
+    enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32")
+    assert enc.input_size == ts["size"]
+    # a copy told to embed at 96 px: another input, another fingerprint, galleries of one refuse the other
+    other = tmp_path / "at96"
+    shutil.copytree(out, other)
+    cfg["pretrained_cfg"]["test_input_size"] = [3, 96, 96]
+    (other / "config.json").write_text(json.dumps(cfg))
+    e96 = create_encoder(f"timm:local-dir:{other}", device="cpu", precision="fp32")
+    assert e96.input_size == 96 and e96.test_size == 96 and e96.fingerprint.endswith("+size=96")
+    assert e96.preprocess(Image.open(next(tiny_set.rglob("*.jpg"))).convert("RGB")).shape == (3, 96, 96)
+    # `speciesid evaluate` says which photos chose the size: the run's held-out photos, or its --val-root
+    assert size_origin(e96, tiny_set) == ("photos embedded at 96 px, chosen by the fine-tuning run on the 6 photos "
+                                          "it held out of its training photos (not the evaluated photos)", False)
+    assert Protocol("s", False, size="x").lines()[:2] == ["settings: s", "input size: x"]
+    # the head takes a gallery embedded at another size (the size changes its input, as views do)
+    from retrieval.encoders import EncoderConfig
+    from retrieval.workflows import build_gallery, import_gallery_probe
+
+    build_gallery(tmp_path / "g96", "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{other}",
+                  precision="fp32"), progress=False)
+    assert import_gallery_probe(tmp_path / "g96", out, progress=False, precision="fp32").probe.fingerprint \
+        == e96.fingerprint
+    cfg["speciesid"]["val_source"] = f"val:{tiny_set}"
+    (other / "config.json").write_text(json.dumps(cfg))
+    text, chose = size_origin(e96, tiny_set)
+    assert chose and text.endswith("= the evaluated photos")
+    cfg["pretrained_cfg"].pop("test_input_size")
+    (other / "config.json").write_text(json.dumps(cfg))
+    e224 = create_encoder(f"timm:local-dir:{other}", device="cpu", precision="fp32")
+    assert e224.input_size == 224 and e224.test_size is None and "+size" not in e224.fingerprint
+    with pytest.raises(EncoderMismatchError, match="size=96"):
+        check_encoder("gallery G", e96.fingerprint, e224.fingerprint, fix="rebuild it")
+
+
+def test_an_exported_encoder_keeps_the_test_size(stage1, tiny_set, tmp_path, monkeypatch):
+    """ONNX export of a network embedded at a chosen test size: same input, fingerprint and embeddings as torch;
+    the export cache keeps one entry per size (the warm path does not hand the 96-px export to the 224-px one)."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from PIL import Image
+
+    from retrieval.encoders import create_encoder
+
+    monkeypatch.setenv("SPECIESID_CACHE", str(tmp_path / "cache"))
+    out, _ = stage1
+    folder = tmp_path / "net"
+    shutil.copytree(out, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    images = [Image.open(p).convert("RGB") for p in sorted(tiny_set.rglob("*.jpg"))[:6]]
+    for size in (96, None):
+        if size:
+            cfg["pretrained_cfg"]["test_input_size"] = [3, size, size]
+        else:
+            cfg["pretrained_cfg"].pop("test_input_size", None)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        ref = create_encoder(f"timm:local-dir:{folder}", device="cpu", precision="fp32")
+        for _ in range(2):  # cold (export), then warm (the cache)
+            onnx = create_encoder(f"timm:local-dir:{folder}", runtime="onnx", precision="fp32", device="cpu")
+            assert onnx.runtime == "onnx" and onnx.input_size == (size or 224) == ref.input_size
+            assert onnx.fingerprint == ref.fingerprint
+            cos = (onnx.encode_images(images) * ref.encode_images(images)).sum(axis=1)
+            assert cos.min() > 0.999, cos
+
+
+def test_test_size_train_keeps_the_model_size(tiny_set, tmp_path):
+    from finetune.train import finetune
+
+    out = tmp_path / "ft"
+    r = finetune(_config(tiny_set, out, epochs=1, test_size="train"), progress=False)
+    assert r.test_size == {"size": 224, "setting": "train"}
+    assert "test_input_size" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]

@@ -160,6 +160,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"kNN {f['knn_top1']:.3f}, blend {f['blend_top1']:.3f} (kNN metric {f.get('metric', 'cosine')} "
             f"k={f['k']} T={f['temperature']} w={f['blend_weight']})"
         )
+    ts = r.test_size
+    if ts.get("head_nll"):
+        emit(f"galleries embed at {ts['size']} px, the side with the least head log-loss on the {ts['photos']} "
+             "validation photos: " + ", ".join(f"{s} px {v:.3f}" for s, v in ts["head_nll"].items()))
+    elif ts:
+        emit(f"galleries embed at {ts['size']} px (--test-size {ts.get('setting')})")
     emit(
         f"model: {r.out} (use --encoder timm:local-dir:{r.out}; log {r.out}/log.csv, curves {r.out}/curves.png)\n"
         f"its head as the gallery's probe: speciesid probe import --index DIR --from {r.out} [--val-root DIR]"

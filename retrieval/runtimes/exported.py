@@ -93,8 +93,9 @@ class ExportedEncoder(Encoder):
                  runner: Runner | None = None) -> None:
         self.spec = config.spec
         self.pool, self.views = config.pool, config.views
+        self.test_size = info.get("test_size")
         self.fingerprint = make_fingerprint(config.spec, info.get("weights_digest", info["digest"]), self.pool,
-                                            self.views)
+                                            self.views, self.test_size)
         self.dim = int(info["dim"])
         self.input_size = int(info["input_size"])
         self.preprocess_config = PreprocessConfig.from_dict(info["preprocess"])

@@ -29,6 +29,7 @@ from retrieval.encoders import (
     Photos,
     cache_digest,
     check_options,
+    finetuned_test_size,
     parse_spec,
     resolve_pool,
     resolve_runtime,
@@ -115,7 +116,7 @@ def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Enco
     identity = weights_identity(parsed.library, parsed.source, parsed.name, parsed.tag, config.weights)
     digest = DigestCache().get(identity)
     if digest is not None:
-        digest = cache_digest(digest, config.pool)
+        digest = cache_digest(digest, config.pool, finetuned_test_size(parsed))
         warm = _open_warm(config, parsed, runtime, kind, digest, photos)
         if warm is not None:
             return warm
@@ -242,7 +243,7 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                                batch_size=config.batch_size, runtime="torch", pool=config.pool, views=config.views)
     ref = create_torch_encoder(parsed, config.spec, ref_config, "fp32")
     ref.batch_size = config.batch_size
-    digest_full = cache_digest(ref.weights_digest, config.pool)
+    digest_full = cache_digest(ref.weights_digest, config.pool, ref.test_size)
     sample = _Photos(photos, ref)
     reference_emb: np.ndarray | None = None
     tried: list[dict] = []
@@ -368,6 +369,7 @@ def _export_info(ref, config: EncoderConfig, key: EntryKey, files: list[str], hi
         "faithfulness": faith,
         "calibration": ({"photos": int(len(calib))} if key.precision == "int8" and calib is not None else None),
         "preprocess": ref.preprocess_config.to_dict(), "dim": ref.dim, "input_size": ref.input_size,
+        "test_size": ref.test_size,
         "family": ref.family, "supports_text": ref.supports_text,
         "logit_scale": float(getattr(ref, "logit_scale", 100.0)),
         "versions": {p: package_version(p) for p in ("torch", "open_clip_torch", "timm", "onnx", "onnxruntime",
