@@ -292,6 +292,16 @@ def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneCon
     return "random"
 
 
+def head_probe(net: Net):
+    """The network's head as a ``retrieval.probe.LinearProbe`` over L2-normalised features, its species named by
+    class index ("0", "1", ...)."""
+    from retrieval.probe import LinearProbe
+
+    w = net.head.export_weight().numpy()
+    return LinearProbe(species=[str(i) for i in range(len(w))], weight=w, bias=np.zeros(len(w), np.float32),
+                       fingerprint="")
+
+
 # Candidate test sizes, x the training size. A network trained on RandomResizedCrop sees its subjects larger
 # than a whole photo at the same size shows them ("FixRes", Touvron et al. 2019): it is often better embedded at a
 # larger size. Rounded to multiples of 16 (224 -> 224, 256, 288, 320).
@@ -335,13 +345,11 @@ def choose_test_size(net: Net, loaders: dict[int, object], device: torch.device,
     the least of a handful of sides is not a lucky pick; ties go to the smaller side (cheaper to embed).
     """
     from retrieval.calibrate import photo_nll
-    from retrieval.probe import LinearProbe, fit_head_temperature
+    from retrieval.probe import fit_head_temperature
 
     sizes = sorted(loaders)
-    n_classes = int(net.head.export_weight().shape[0])
-    names = [str(i) for i in range(n_classes)]
-    probe = LinearProbe(species=names, weight=net.head.export_weight().numpy(),
-                        bias=np.zeros(n_classes, np.float32), fingerprint="")
+    probe = head_probe(net)
+    names = probe.species
     nll, top1, photos = {}, {}, 0
     for size in sizes:
         _, feats, y = predict(net, loaders[size], device, amp=amp, progress=progress, desc=f"test size {size}")
@@ -361,13 +369,11 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
     The blend uses the k, T and weight that ``speciesid probe import`` would choose on these photos.
     """
     from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
-    from retrieval.probe import LinearProbe
 
     _, ref, ref_y = predict(net, train_loader, device, amp=amp, progress=progress, desc="final: train features")
     _, q, qy = predict(net, val_loader, device, amp=amp, progress=progress, desc="final: val features")
-    names = [str(i) for i in range(n_classes)]
-    w = net.head.export_weight().numpy()
-    probe = LinearProbe(species=names, weight=w, bias=np.zeros(n_classes, np.float32), fingerprint="")
+    probe = head_probe(net)
+    names = probe.species
     s = select_settings(ref, [names[i] for i in ref_y], fingerprint="", probe=probe, val_embeddings=q,
                         val_labels=[names[i] for i in qy])
     p = probe.predict_proba(q)

@@ -125,10 +125,10 @@ def finetune(
     net, frozen_params = create_net(source, n_classes, cfg)
     data_cfg = model_data_config(net.backbone)
     net = net.to(device, memory_format=torch.channels_last)
-    train_size = cfg.train_size or int(max(data_cfg["input_size"][1:]))
+    model_size = int(max(data_cfg["input_size"][1:]))
+    train_size = cfg.train_size or model_size
     data = build_data(split, data_cfg, cfg, train_size=train_size, device=device, progress=progress)
     val_loader = loader(data.val, 2 * cfg.batch_size, workers=workers, device=device)
-    model_size = int(max(data_cfg["input_size"][1:]))
     sizes = size_candidates(cfg.test_size, train_size, model_size)  # what galleries may embed at afterwards
     mixup = create_mixup(cfg, n_classes)
     plan = None

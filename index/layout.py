@@ -141,6 +141,12 @@ def weights_digest(fingerprint: str) -> str:
     return str(fingerprint).rsplit("#", 1)[-1]
 
 
+def weights_only(fingerprint: str) -> str:
+    """The digest of an encoder fingerprint without the embedding options (``spec#digest+size=288`` -> ``digest``):
+    the same network, whatever its pooling, views or input size."""
+    return weights_digest(fingerprint).partition("+")[0]
+
+
 def _spec(fingerprint: str) -> str:
     return str(fingerprint).rsplit("#", 1)[0]
 
@@ -154,9 +160,9 @@ def check_encoder(what: str, recorded: str, given: str, *, fix: str) -> None:
     """
     if weights_digest(recorded) == weights_digest(given):
         return
-    rec_w, _, rec_opt = weights_digest(recorded).partition("+")
-    giv_w, _, giv_opt = weights_digest(given).partition("+")
-    if rec_w == giv_w:  # same weights, other embedding options (pooling, test-time views)
+    rec_opt = weights_digest(recorded).partition("+")[2]
+    giv_opt = weights_digest(given).partition("+")[2]
+    if weights_only(recorded) == weights_only(given):  # same weights, other embedding options (pooling, test-time views)
         raise EncoderMismatchError(
             f"{what} was built with encoder {_spec(recorded)!r} with options '{rec_opt or 'pool=model+views=single'}',"
             f" not with the options given ('{giv_opt or 'pool=model+views=single'}'): its embeddings would not "

@@ -13,7 +13,7 @@ import numpy as np
 
 from index.datasets import load_checklist, load_dataset
 from index.gallery import Gallery
-from index.layout import EncoderMismatchError, check_encoder, weights_digest
+from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
@@ -124,8 +124,8 @@ def import_gallery_probe(
 
     probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
-    weights, _, options = weights_digest(gallery.fingerprint).partition("+")
-    if weights != weights_digest(probe.fingerprint).partition("+")[0]:  # the head's own size may be another
+    options = weights_digest(gallery.fingerprint).partition("+")[2]
+    if weights_only(gallery.fingerprint) != weights_only(probe.fingerprint):  # the head's own size may be another
         check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,
                       fix=f"it must be built with the fine-tuned network of {from_dir}: "
                       f"'speciesid index build --encoder timm:local-dir:{from_dir} ...' first")

@@ -57,6 +57,12 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def _photos_at(folder: str, root: str | Path) -> tuple[str, bool]:
+    """("FOLDER = the evaluated photos" or "FOLDER (not the evaluated photos)", whether it is ``root``)."""
+    same = _same_folder(folder, root)
+    return folder + (" = the evaluated photos" if same else " (not the evaluated photos)"), same
+
+
 def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: bool = False) -> tuple[str, bool]:
     """(where the settings come from, whether the photos at ``root`` chose them)."""
     if probe is None:
@@ -74,10 +80,8 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     if where.startswith("cv:"):
         return f"{head}{chosen}, chosen by {where[3:]} cross-validation inside the gallery{rule}{extra}", False
     if where.startswith("val:"):
-        val = where[4:]
-        same = _same_folder(val, root)
-        return (f"{head}{chosen}, chosen on the validation photos {val}"
-                + (" = the evaluated photos" if same else " (not the evaluated photos)") + f"{rule}{extra}"), same
+        photos, same = _photos_at(where[4:], root)
+        return f"{head}{chosen}, chosen on the validation photos {photos}{rule}{extra}", same
     return f"{head}{chosen}, defaults (nothing was chosen){extra}", False
 
 
@@ -95,9 +99,9 @@ def size_origin(encoder, root: str | Path) -> tuple[str | None, bool]:
     photos = (run.get("test_size") or {}).get("photos")
     count = f"{photos} " if photos else ""
     if source.startswith("val:"):
-        same = _same_folder(source[4:], root)
-        return (f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}validation photos "
-                f"{source[4:]}" + (" = the evaluated photos" if same else " (not the evaluated photos)")), same
+        photos, same = _photos_at(source[4:], root)
+        return f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}validation photos " \
+            f"{photos}", same
     return (f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}photos it held out of "
             "its training photos (not the evaluated photos)"), False
 
