@@ -9,6 +9,7 @@
       vectors-<token>.*       the IVF-PQ index's generation files, named by its manifest: .ivfpq (codes),
                               .f16 + .ids (float16 vectors for the exact re-rank), .delta.npz (changes)
       probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration)
+      whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
       clean_prompt_cache/     the cleaning filter's prompt-class embeddings
@@ -36,6 +37,7 @@ VECTORS_FILE = "vectors.faiss"
 VECTORS_PARTS = ("ivfpq", "f16", "ids", "delta.npz")
 PROBE_WEIGHTS = "probe.npz"
 PROBE_META = "probe.json"
+WHITENING_STATS = "whitening_stats.npz"
 TEXT_PRIOR_FILE = "text_prior.json"
 TEXT_PRIOR_CACHE = "text_prior_cache"
 PROMPT_CACHE = "clean_prompt_cache"
@@ -89,6 +91,11 @@ class GalleryLayout:
     def probe_meta(self) -> Path:
         """The probe's species, encoder fingerprint and calibration."""
         return self.root / PROBE_META
+
+    @property
+    def whitening_stats(self) -> Path:
+        """The whitening's sufficient statistics, the ids they cover and the store version they were read at."""
+        return self.root / WHITENING_STATS
 
     @property
     def text_prior(self) -> Path:

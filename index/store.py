@@ -247,6 +247,16 @@ class ReferenceStore:
         """See other processes' commits now (otherwise within ``refresh_s``)."""
         self._table.checkout_latest()
 
+    def at_version(self, version: int) -> ReferenceStore:
+        """A read-only view of the table as it was at ``version`` (rows deleted since are still there);
+        ValueError when that version is no longer kept (cleaned up by compaction)."""
+        view = ReferenceStore(self.root, self.dim, refresh_s=None, options=self.options)
+        try:
+            view._table.checkout(int(version))
+        except Exception as exc:  # noqa: BLE001 - lance raises ValueError, other backends their own kinds
+            raise ValueError(f"store {self.root} no longer keeps version {version}: {exc}") from exc
+        return view
+
     def _read(self, columns: Sequence[str], where: str | None = None) -> pd.DataFrame:
         query = self._table.search().select(list(columns)).limit(max(self._table.count_rows(), 1))
         if where:

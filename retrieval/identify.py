@@ -24,10 +24,11 @@ from index.layout import check_encoder
 from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
-from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, fit_whitening_batches
+from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening
 from retrieval.probe import LinearProbe, has_probe
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import Rank, VoteConfig, knn_vote, rollup, top_k, venomous_probability
+from retrieval.whitening_sync import gallery_stats
 
 logger = logging.getLogger(__name__)
 
@@ -302,20 +303,19 @@ def _saved_whitening(gallery: Gallery, fingerprint: str) -> Whitening | None:
         return None
 
 
-def gallery_whitening(gallery: Gallery, shrink: float = DEFAULT_SHRINK) -> Whitening:
-    """The within-class whitening of a gallery's searchable photos, streamed in batches (``retrieval.metric``)."""
-    def batches():
-        for ids, vectors in gallery.store.iter_vectors():
-            meta = gallery.store.metadata(ids.tolist())
-            yield vectors, [str(meta.at[int(i), "species"]) for i in ids]
-
-    return fit_whitening_batches(batches(), gallery.dim, shrink)
+def gallery_whitening(gallery: Gallery, shrink: float = DEFAULT_SHRINK, *, save_stats: bool = False) -> Whitening:
+    """The within-class whitening of a gallery's searchable photos, fitted from its statistics: the saved ones
+    brought up to date by difference, else streamed from the store (``retrieval.whitening_sync``). ``save_stats``:
+    write the statistics back (a writer, under the gallery's write lock)."""
+    return gallery_stats(gallery, save=save_stats).stats.fit(shrink)
 
 
-def fitted_whitening(gallery: Gallery, candidates: Iterable[Whitening | None]) -> Whitening | None:
+def fitted_whitening(gallery: Gallery, candidates: Iterable[Whitening | None], *,
+                     save_stats: bool = False) -> Whitening | None:
     """The first of ``candidates`` (looked at lazily) that still fits the gallery (:meth:`Whitening.fits`), else one
-    fitted again on the gallery's rows (with the candidates' shrinkage); None, logged, when the gallery has nothing
-    to fit it on (e.g. every species down to one photo): the vote then runs on cosine."""
+    fitted again from the gallery's statistics (with the candidates' shrinkage; ``save_stats`` as in
+    :func:`gallery_whitening`); None, logged, when the gallery has nothing to fit it on (e.g. every species down to
+    one photo): the vote then runs on cosine."""
     counts = {s.species: s.count for s in gallery.species() if s.count > 0}
     shrink = None
     for wh in candidates:
@@ -324,7 +324,7 @@ def fitted_whitening(gallery: Gallery, candidates: Iterable[Whitening | None]) -
                 return wh
             shrink = shrink or wh.shrink
     try:
-        fresh = gallery_whitening(gallery, shrink or DEFAULT_SHRINK)
+        fresh = gallery_whitening(gallery, shrink or DEFAULT_SHRINK, save_stats=save_stats)
     except ValueError as exc:
         logger.warning("kNN vote on cosine: cannot fit the whitening on this gallery (%s)", exc)
         return None

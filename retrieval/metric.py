@@ -11,8 +11,9 @@ references are the ones that share the species' traits rather than the photo's c
 Whether the vote uses it is chosen with the probe's settings (``retrieval.calibrate``, by out-of-fold scores); the
 transform itself needs only the species of the gallery's photos, so it follows the gallery: it is fitted when the
 probe is (``speciesid probe train`` / ``probe import``, kept in the probe's files) and fitted again, from the
-gallery's rows streamed through :class:`WhiteningStats`, when the gallery gains or loses a species or grows or
-shrinks by more than :data:`REFIT_CHANGE`. (A whitening fitted before three ph-snakes species were added let
+sums of :class:`WhiteningStats` (saved with the gallery and brought up to date by the rows that came and went,
+``retrieval.whitening_sync``), when the gallery gains or loses a species or grows or shrinks by more than
+:data:`REFIT_CHANGE`. (A whitening fitted before three ph-snakes species were added let
 those species take 19% of the other species' queries instead of 5% with cosine; refitted, 6%.) The gallery's
 stored vectors stay plain L2 embeddings: the vote re-ranks the nearest references by cosine
 (:data:`RERANK_CANDIDATES` of them) in the whitened space, so any index kind serves it.
@@ -83,21 +84,59 @@ class WhiteningStats:
 
     def add(self, embeddings: np.ndarray, labels: Sequence[str]) -> None:
         """Add a batch of embeddings (N, d) and their species."""
+        self._accumulate(embeddings, labels, 1)
+
+    def remove(self, embeddings: np.ndarray, labels: Sequence[str]) -> None:
+        """Take out a batch added before (references deleted or excluded since); a species left with no photo
+        is dropped."""
+        self._accumulate(embeddings, labels, -1)
+
+    def _accumulate(self, embeddings: np.ndarray, labels: Sequence[str], sign: int) -> None:
         x = np.asarray(embeddings, dtype=np.float64)
         if x.ndim != 2 or len(x) != len(labels):
             raise ValueError(f"{len(x)} embeddings but {len(labels)} labels")
         if x.shape[1] != self.dim:
             raise ValueError(f"the whitening expects {self.dim}-d embeddings, got {x.shape[1]}-d")
+        if not len(x):
+            return
         if self.total is None:
             self.total, self.scatter = np.zeros(self.dim), np.zeros((self.dim, self.dim))
-        self.count += len(x)
-        self.total += x.sum(0)
-        self.scatter += x.T @ x
         names, y = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+        if sign < 0:
+            short = [s for i, s in enumerate(names.tolist()) if self.species_count.get(s, 0) < int((y == i).sum())]
+            if short:
+                raise ValueError(f"cannot remove photos never added: species {short[:3]}")
+        self.count += sign * len(x)
+        self.total += sign * x.sum(0)
+        self.scatter += sign * (x.T @ x)
         for i, s in enumerate(names.tolist()):
             part = x[y == i]
-            self.species_sum[s] = self.species_sum.get(s, 0.0) + part.sum(0)
-            self.species_count[s] = self.species_count.get(s, 0) + len(part)
+            self.species_sum[s] = self.species_sum.get(s, 0.0) + sign * part.sum(0)
+            self.species_count[s] = self.species_count.get(s, 0) + sign * len(part)
+            if not self.species_count[s]:
+                del self.species_sum[s], self.species_count[s]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The sums as arrays (``np.savez``); :meth:`from_arrays` reads them back."""
+        names = sorted(self.species_count)
+        return {"count": np.asarray(self.count, dtype=np.int64),
+                "total": np.zeros(self.dim) if self.total is None else self.total,
+                "scatter": np.zeros((self.dim, self.dim)) if self.scatter is None else self.scatter,
+                "species": np.asarray(names, dtype=str),
+                "species_sum": np.stack([self.species_sum[s] for s in names]) if names else np.zeros((0, self.dim)),
+                "species_count": np.asarray([self.species_count[s] for s in names], dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> WhiteningStats:
+        """The sums written by :meth:`to_arrays`."""
+        total = np.asarray(arrays["total"], dtype=np.float64)
+        count = int(arrays["count"])
+        names = [str(s) for s in arrays["species"]]
+        sums = np.asarray(arrays["species_sum"], dtype=np.float64)
+        return cls(dim=int(total.shape[0]), count=count, total=total if count else None,
+                   scatter=np.asarray(arrays["scatter"], dtype=np.float64) if count else None,
+                   species_sum={s: sums[i] for i, s in enumerate(names)},
+                   species_count={s: int(c) for s, c in zip(names, arrays["species_count"], strict=True)})
 
     def fit(self, shrink: float = DEFAULT_SHRINK) -> Whitening:
         """The whitening of everything added (see the module docstring)."""
@@ -105,9 +144,10 @@ class WhiteningStats:
             raise ValueError(f"shrink must be in (0, 1], got {shrink}")
         if not self.count:
             raise ValueError("the whitening needs reference photos: the gallery is empty")
-        within = self.scatter.copy()
-        for s, total in self.species_sum.items():
-            within -= np.outer(total, total) / self.species_count[s]
+        names = list(self.species_sum)
+        sums = np.stack([self.species_sum[s] for s in names])  # (species, d)
+        counts = np.asarray([self.species_count[s] for s in names], dtype=np.float64)
+        within = self.scatter - (sums / counts[:, None]).T @ sums  # one product, not an outer product a species
         cov = within / self.count
         scale = float(np.trace(cov)) / self.dim
         if scale <= 1e-12:

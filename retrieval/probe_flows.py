@@ -18,11 +18,12 @@ from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
 from retrieval.identify import fitted_whitening
-from retrieval.metric import Whitening, fit_whitening
+from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
 from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
 from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions
 from retrieval.textprior import save_text_prior
+from retrieval.whitening_sync import save_stats, stats_from_rows
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def train_gallery_probe(
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
-    _, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
+    ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
                                                               progress)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
@@ -84,7 +85,7 @@ def train_gallery_probe(
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
-    probe.whitening = _metric_for(calibration, vectors, labels)
+    probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
     probe.save(index_dir)
     text_species = 0
@@ -135,7 +136,7 @@ def import_gallery_probe(
             f"network's own pooling: build the gallery without --pool (--views may stay)")
     ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
                                                                 progress)
-    all_vectors, all_labels = vectors, labels
+    all_ids, all_vectors, all_labels = ids, vectors, labels
     val_name = str(val_root)
     if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
         held = heldout_positions(gallery, ids, from_dir)
@@ -158,7 +159,7 @@ def import_gallery_probe(
                                         folds=folds, rule=rule)
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
-    probe.whitening = _metric_for(probe.calibration, all_vectors, all_labels)
+    probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
@@ -175,7 +176,7 @@ def refresh_gallery_metric(gallery: Gallery) -> bool:
         probe = LinearProbe.load(gallery.root)
         if probe.calibration.metric != "whitened":
             return False
-        fresh = fitted_whitening(gallery, [probe.whitening])
+        fresh = fitted_whitening(gallery, [probe.whitening], save_stats=True)
         if fresh is None or fresh is probe.whitening:
             return False
         probe.whitening = fresh
@@ -183,9 +184,15 @@ def refresh_gallery_metric(gallery: Gallery) -> bool:
     return True
 
 
-def _metric_for(calibration: Calibration, vectors: np.ndarray, labels: list[str]) -> Whitening | None:
-    """The whitening the chosen metric needs, fitted on every gallery photo the vote will search (else None)."""
-    return fit_whitening(vectors, labels) if calibration.metric == "whitened" else None
+def _metric_for(calibration: Calibration, gallery: Gallery, ids: np.ndarray, vectors: np.ndarray,
+                labels: list[str]) -> Whitening | None:
+    """The whitening the chosen metric needs, fitted on every gallery photo the vote will search (else None); its
+    statistics are saved with the gallery, so that later refits start from them (``retrieval.whitening_sync``)."""
+    if calibration.metric != "whitened":
+        return None
+    current = stats_from_rows(gallery, ids, vectors, labels)
+    save_stats(gallery, current)
+    return current.stats.fit()
 
 
 def _finetuned_head(folder: str | Path) -> LinearProbe:

@@ -111,3 +111,35 @@ def test_ivfpq_shards_as_ray_tasks_answer_like_one_process(cluster, tmp_path):
     d2, i2 = ray_built.index.search(queries, 10)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
+
+
+def test_ray_workers_embed_a_fine_tuned_network_at_the_size_its_run_chose(cluster, photo_root, tmp_path, capsys):
+    import json
+
+    from conftest import MOBILENET as MOBILENET_DIR
+
+    from retrieval.encoders import create_encoder
+
+    # a folder as `speciesid finetune` writes it when its run chose 256 px (the real MobileNetV1 weights inside)
+    model = tmp_path / "ft"
+    model.mkdir()
+    (model / "model.safetensors").symlink_to(MOBILENET_DIR / "model.safetensors")
+    cfg = json.loads((MOBILENET_DIR / "config.json").read_text())
+    cfg["pretrained_cfg"]["test_input_size"] = [3, 256, 256]
+    cfg["speciesid"] = {"test_size": {"size": 256, "candidates": [224, 256]}}
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert create_encoder(f"timm:local-dir:{model}", precision="fp32").input_size == 256
+    for engine in ("local", "ray"):
+        code = main(["index", "build", "--dataset", "folder", "--root", str(photo_root), "--index",
+                     str(tmp_path / engine), "--encoder", f"timm:local-dir:{model}", "--precision", "fp32",
+                     "--runtime", "torch", "--engine", engine, "--ray-actors", "2", "--batch-size", "8", "-q"])
+        out = capsys.readouterr().out
+        assert code == 0 and "24 references, 3 species" in out, (engine, out)
+    from index.gallery import Gallery
+
+    prints = {engine: Gallery.open(tmp_path / engine).fingerprint for engine in ("local", "ray")}
+    assert prints["ray"] == prints["local"] and prints["ray"].endswith("+size=256"), prints
+    _, local_vecs = _content(tmp_path / "local")
+    _, ray_vecs = _content(tmp_path / "ray")
+    worst = max(float(np.abs(ray_vecs[k] - local_vecs[k]).max()) for k in local_vecs)
+    assert worst < 1e-5, worst

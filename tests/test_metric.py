@@ -206,3 +206,145 @@ def test_a_write_saves_the_refitted_whitening_for_every_later_reader(tmp_path, m
     monkeypatch.setattr(identify, "gallery_whitening", lambda *a, **k: pytest.fail("refitted instead of reading"))
     ident = Identifier(_Enc(), gallery, probe=probe)
     np.testing.assert_array_equal(ident.whitening().matrix, saved.matrix)
+
+
+def _gallery_of(root, x, labels, prefix="p"):
+    gallery = Gallery.create(root, {"spec": _Enc.spec, "fingerprint": _Enc.fingerprint, "dim": DIM})
+    _add(gallery, x, labels, prefix)
+    return gallery
+
+
+def _add(gallery, x, labels, prefix):
+    return gallery.add([ReferenceRecord(path=f"/{prefix}/{i}.jpg", species=s) for i, s in enumerate(labels)],
+                       [f"{prefix}{i}" for i in range(len(labels))], x)
+
+
+def test_whitening_sums_remove_what_was_added():
+    from retrieval.metric import WhiteningStats
+
+    x, labels = _nuisance(10)
+    new, _ = _nuisance(6, classes=range(4, 5), seed=2)
+    stats = WhiteningStats(dim=DIM)
+    stats.add(x, labels)
+    stats.add(new, ["Novus n"] * 6)
+    stats.remove(new, ["Novus n"] * 6)
+    stats.remove(x[:3], labels[:3])
+    assert "Novus n" not in stats.species_count and stats.count == len(x) - 3  # a species left empty is dropped
+    again = WhiteningStats.from_arrays(stats.to_arrays())  # what the gallery saves
+    want = fit_whitening(x[3:], labels[3:])
+    for got in (stats.fit(), again.fit()):
+        np.testing.assert_allclose(got.matrix, want.matrix, atol=1e-4)
+        np.testing.assert_allclose(got.mean, want.mean, atol=1e-6)
+        assert got.species == want.species and got.photos == want.photos
+    with pytest.raises(ValueError, match="never added"):
+        stats.remove(new[:1], ["Novus n"])
+
+
+def test_a_refit_reads_only_the_rows_that_came_and_went(tmp_path, monkeypatch):
+    from index.store import ReferenceStore
+    from retrieval import whitening_sync
+    from retrieval.whitening_sync import gallery_stats, load_stats
+
+    x, labels = _nuisance(15)
+    gallery = _gallery_of(tmp_path / "g", x, labels)
+    first = gallery_stats(gallery, save=True)  # no saved sums yet: the store is streamed once
+    assert first.stats.count == len(x) and gallery.layout.whitening_stats.is_file()
+    # then: a new species, a deleted photo, an excluded photo, without streaming the store again
+    new, _ = _nuisance(8, classes=range(4, 5), seed=4)
+    _add(gallery, new, ["Novus n"] * 8, "n")
+    ids, _ = gallery.store.vectors()
+    gallery.delete([int(ids[0])])
+    gallery.set_excluded([int(ids[20])])
+    read = []
+    real_vectors = ReferenceStore.vectors
+    monkeypatch.setattr(ReferenceStore, "iter_vectors", lambda *a, **k: pytest.fail("streamed the whole store"))
+    monkeypatch.setattr(ReferenceStore, "vectors",
+                        lambda self, **k: read.append(len(k.get("ids") or [])) or real_vectors(self, **k))
+    synced = gallery_stats(gallery, save=True)
+    assert sorted(read) == [2, 8]  # the deleted and the excluded row (at the old version), then the 8 new rows
+    monkeypatch.undo()
+    scanned = whitening_sync.scan_stats(gallery)
+    np.testing.assert_array_equal(synced.ids, scanned.ids)
+    want, got = scanned.stats.fit(), synced.stats.fit()
+    np.testing.assert_allclose(got.matrix, want.matrix, atol=1e-4)
+    assert got.species == want.species and got.photos == len(x) + 8 - 2
+    assert load_stats(gallery).stats.count == got.photos  # saved for the next refit
+
+
+def test_a_refit_streams_the_store_when_no_difference_can_be_made(tmp_path, monkeypatch, caplog):
+    from index.store import ReferenceStore
+    from retrieval.whitening_sync import gallery_stats, load_stats, save_stats, scan_stats
+
+    x, labels = _nuisance(12)
+    gallery = _gallery_of(tmp_path / "g", x, labels)
+    saved = gallery_stats(gallery, save=True)
+    ids, _ = gallery.store.vectors()
+    gallery.delete([int(ids[0])])
+    # the version the sums were read at is cleaned up and the row went for good: only a full stream can tell
+    monkeypatch.setattr(ReferenceStore, "at_version", lambda self, v: (_ for _ in ()).throw(ValueError("cleaned")))
+    with caplog.at_level("INFO"):
+        current = gallery_stats(gallery)
+    assert "not brought up to date by difference" in caplog.text and current.stats.count == len(x) - 1
+    np.testing.assert_allclose(current.stats.fit().matrix, scan_stats(gallery).stats.fit().matrix, atol=1e-5)
+    # sums another encoder made, or an unreadable file, are not used
+    saved.fingerprint = "other#1"
+    save_stats(gallery, saved)
+    assert load_stats(gallery) is None
+    gallery.layout.whitening_stats.write_bytes(b"not an npz")
+    assert load_stats(gallery) is None and gallery_stats(gallery).stats.count == len(x) - 1
+
+
+def test_probe_training_saves_the_sums_the_next_write_starts_from(tmp_path, monkeypatch):
+    from index.store import ReferenceStore
+    from retrieval.probe import Calibration
+    from retrieval.probe_flows import _metric_for, refresh_gallery_metric
+
+    x, labels = _nuisance(20)
+    gallery = _gallery_of(tmp_path / "g", x, labels)
+    ids, vectors = gallery.store.vectors()
+    labels = [str(s) for s in gallery.store.metadata(ids)["species"]]
+    probe = train_probe(vectors, labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration = Calibration(metric="whitened")
+    probe.whitening = _metric_for(probe.calibration, gallery, ids, vectors, labels)
+    probe.save(gallery.root)
+    assert gallery.layout.whitening_stats.is_file()
+    new, _ = _nuisance(10, classes=range(5, 6), seed=3)
+    _add(gallery, new, ["Novus n"] * 10, "n")
+    monkeypatch.setattr(ReferenceStore, "iter_vectors", lambda *a, **k: pytest.fail("streamed the whole store"))
+    assert refresh_gallery_metric(gallery)  # a new species: refitted from the saved sums + the 10 new rows
+    saved = LinearProbe.load(gallery.root).whitening
+    want = fit_whitening(np.concatenate([vectors, new]), labels + ["Novus n"] * 10)
+    np.testing.assert_allclose(saved.matrix, want.matrix, atol=1e-4)
+    assert saved.photos == len(x) + 10
+
+
+def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from index.exclusions import exclude
+    from retrieval import workflows
+    from retrieval.probe import Calibration
+    from retrieval.probe_flows import _metric_for
+
+    x, labels = _nuisance(20)
+    gallery = _gallery_of(tmp_path / "g", x, labels)
+    ids, vectors = gallery.store.vectors()
+    labels = [str(s) for s in gallery.store.metadata(ids)["species"]]
+    probe = train_probe(vectors, labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration = Calibration(metric="whitened")
+    probe.whitening = _metric_for(probe.calibration, gallery, ids, vectors, labels)
+    probe.save(gallery.root)
+    gone = [int(i) for i in ids[::4]]  # a quarter of the photos: more than the 10% a whitening tolerates
+
+    def run_clean(**kwargs):  # `clean --apply` finding those photos (its checks are tested in test_clean.py)
+        excluded, _ = exclude(Gallery.open(kwargs["index"]), gone, kinds=("off-target",))
+        return SimpleNamespace(applied=SimpleNamespace(excluded=excluded))
+
+    monkeypatch.setattr(workflows, "run_clean", run_clean)
+    workflows.clean(index=gallery.root, apply=True)
+    assert LinearProbe.load(gallery.root).whitening.photos == len(x) - len(gone)  # refitted after the exclusions
+    _, restored = workflows.restore_exclusions(gallery.root)
+    assert restored == len(gone)
+    saved = LinearProbe.load(gallery.root).whitening
+    assert saved.photos == len(x)  # refitted by the restore, from the saved sums + the rows that came back
+    np.testing.assert_allclose(saved.matrix, fit_whitening(vectors, labels).matrix, atol=1e-4)
