@@ -219,6 +219,23 @@ def _add(gallery, x, labels, prefix):
                        [f"{prefix}{i}" for i in range(len(labels))], x)
 
 
+def _whitened_gallery(root):
+    """A gallery of 80 photos whose probe votes on the whitened metric, trained as `probe train` does (which saves
+    the whitening's statistics); (gallery, ids, vectors, species)."""
+    from retrieval.probe import Calibration
+    from retrieval.probe_flows import _metric_for
+
+    x, labels = _nuisance(20)
+    gallery = _gallery_of(root, x, labels)
+    ids, vectors = gallery.store.vectors()
+    labels = [str(s) for s in gallery.store.metadata(ids)["species"]]
+    probe = train_probe(vectors, labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration = Calibration(metric="whitened")
+    probe.whitening = _metric_for(probe.calibration, gallery, ids, vectors, labels)
+    probe.save(gallery.root)
+    return gallery, ids, vectors, labels
+
+
 def test_whitening_sums_remove_what_was_added():
     from retrieval.metric import WhiteningStats
 
@@ -296,18 +313,10 @@ def test_a_refit_streams_the_store_when_no_difference_can_be_made(tmp_path, monk
 
 def test_probe_training_saves_the_sums_the_next_write_starts_from(tmp_path, monkeypatch):
     from index.store import ReferenceStore
-    from retrieval.probe import Calibration
-    from retrieval.probe_flows import _metric_for, refresh_gallery_metric
+    from retrieval.probe_flows import refresh_gallery_metric
 
-    x, labels = _nuisance(20)
-    gallery = _gallery_of(tmp_path / "g", x, labels)
-    ids, vectors = gallery.store.vectors()
-    labels = [str(s) for s in gallery.store.metadata(ids)["species"]]
-    probe = train_probe(vectors, labels, fingerprint=_Enc.fingerprint, C=10.0)
-    probe.calibration = Calibration(metric="whitened")
-    probe.whitening = _metric_for(probe.calibration, gallery, ids, vectors, labels)
-    probe.save(gallery.root)
-    assert gallery.layout.whitening_stats.is_file()
+    gallery, ids, vectors, labels = _whitened_gallery(tmp_path / "g")
+    assert gallery.layout.whitening_stats.is_file()  # saved by the probe's training
     new, _ = _nuisance(10, classes=range(5, 6), seed=3)
     _add(gallery, new, ["Novus n"] * 10, "n")
     monkeypatch.setattr(ReferenceStore, "iter_vectors", lambda *a, **k: pytest.fail("streamed the whole store"))
@@ -315,7 +324,7 @@ def test_probe_training_saves_the_sums_the_next_write_starts_from(tmp_path, monk
     saved = LinearProbe.load(gallery.root).whitening
     want = fit_whitening(np.concatenate([vectors, new]), labels + ["Novus n"] * 10)
     np.testing.assert_allclose(saved.matrix, want.matrix, atol=1e-4)
-    assert saved.photos == len(x) + 10
+    assert saved.photos == len(ids) + 10
 
 
 def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path, monkeypatch):
@@ -323,17 +332,8 @@ def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path, monkey
 
     from index.exclusions import exclude
     from retrieval import workflows
-    from retrieval.probe import Calibration
-    from retrieval.probe_flows import _metric_for
 
-    x, labels = _nuisance(20)
-    gallery = _gallery_of(tmp_path / "g", x, labels)
-    ids, vectors = gallery.store.vectors()
-    labels = [str(s) for s in gallery.store.metadata(ids)["species"]]
-    probe = train_probe(vectors, labels, fingerprint=_Enc.fingerprint, C=10.0)
-    probe.calibration = Calibration(metric="whitened")
-    probe.whitening = _metric_for(probe.calibration, gallery, ids, vectors, labels)
-    probe.save(gallery.root)
+    gallery, ids, vectors, labels = _whitened_gallery(tmp_path / "g")
     gone = [int(i) for i in ids[::4]]  # a quarter of the photos: more than the 10% a whitening tolerates
 
     def run_clean(**kwargs):  # `clean --apply` finding those photos (its checks are tested in test_clean.py)
@@ -342,9 +342,9 @@ def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path, monkey
 
     monkeypatch.setattr(workflows, "run_clean", run_clean)
     workflows.clean(index=gallery.root, apply=True)
-    assert LinearProbe.load(gallery.root).whitening.photos == len(x) - len(gone)  # refitted after the exclusions
+    assert LinearProbe.load(gallery.root).whitening.photos == len(ids) - len(gone)  # refitted after the exclusions
     _, restored = workflows.restore_exclusions(gallery.root)
     assert restored == len(gone)
     saved = LinearProbe.load(gallery.root).whitening
-    assert saved.photos == len(x)  # refitted by the restore, from the saved sums + the rows that came back
+    assert saved.photos == len(ids)  # refitted by the restore, from the saved sums + the rows that came back
     np.testing.assert_allclose(saved.matrix, fit_whitening(vectors, labels).matrix, atol=1e-4)
