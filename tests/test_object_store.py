@@ -115,3 +115,16 @@ def test_workers_write_fragments_to_s3_and_the_driver_commits_once(s3_env, tmp_p
     g.finish_build()
     again = Gallery.open(tmp_path / "g")
     assert again.index.ntotal == 4 and len(again.search(rng.standard_normal((1, dim)), 4)[0]) == 4
+    # the whitened vote's statistics follow an S3 store by difference too: a deleted row is read back at the
+    # version the statistics were saved at (Lance keeps it in the bucket)
+    from index.store import ReferenceStore
+    from retrieval.whitening_sync import gallery_stats, scan_stats
+
+    saved = gallery_stats(again, save=True)
+    again.delete([ids[0]])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ReferenceStore, "iter_vectors", lambda *a, **k: pytest.fail("streamed the whole store"))
+        synced = gallery_stats(again)
+    assert saved.stats.count == 4 and synced.stats.count == 3
+    np.testing.assert_array_equal(synced.ids, scan_stats(again).ids)
+    np.testing.assert_allclose(synced.stats.scatter, scan_stats(again).stats.scatter, atol=1e-9)
