@@ -147,7 +147,10 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     area = [(s / eval_size) ** 2 for s in test_sizes] if eval_size and test_sizes else [1.0]
     val_once_s = math.ceil(n_val / eval_bs) * eval_batch_s
     choose_s = val_once_s * sum(area) if len(area) > 1 else 0.0  # the head on the val photos at each side
-    final_s = ((train_eval_s + val_once_s) * max(area) if cfg.final_eval else 0.0) + choose_s  # at the largest
+    # the final evaluation embeds the training photos at the chosen side (the largest, to be safe) and reuses the
+    # validation photos the choice embedded there; with one side it embeds them itself
+    final_s = (((train_eval_s + (val_once_s if len(area) == 1 else 0.0)) * max(area) if cfg.final_eval else 0.0)
+               + choose_s)
     final_s = final_s * (2 if cfg.save_last else 1) + EPOCH_OVERHEAD_S
     spent_s += time.perf_counter() - t0  # the timing itself
     epochs = plan_epochs(budget_s, spent_s + init_s + final_s, epoch_s, frozen_epoch_s,

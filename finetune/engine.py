@@ -11,7 +11,7 @@ epochs, the CosFace margin, and class weights in the soft-target loss.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -327,6 +327,8 @@ class SizeChoice:
     head_nll: dict[int, float]  # per side: the head's log-loss on the validation photos, its temperature fitted
     head_top1: dict[int, float]  # per side: the head's top-1 on the same photos
     photos: int  # validation photos measured on
+    # the validation photos' (embeddings, labels) at the chosen side: the final evaluation reuses them (not saved)
+    features: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {"size": self.size, "candidates": self.candidates, "photos": self.photos,
@@ -350,28 +352,35 @@ def choose_test_size(net: Net, loaders: dict[int, object], device: torch.device,
     sizes = sorted(loaders)
     probe = head_probe(net)
     names = probe.species
-    nll, top1, photos = {}, {}, 0
+    nll, top1, photos, features = {}, {}, 0, {}
     for size in sizes:
         _, feats, y = predict(net, loaders[size], device, amp=amp, progress=progress, desc=f"test size {size}")
+        features[size] = (feats, y)
         scaled = probe.scaled(fit_head_temperature(probe, feats, [names[i] for i in y]))
         p = scaled.predict_proba(feats)
         nll[size], top1[size], photos = float(photo_nll(p, y).mean()), float((p.argmax(1) == y).mean()), len(y)
     best = min(sizes, key=lambda s: (round(nll[s], 4), s))
     logger.info("test size %d: head log-loss on %d validation photos %s", best, photos,
                 ", ".join(f"{s} px {nll[s]:.3f}" for s in sizes))
-    return SizeChoice(size=best, candidates=sizes, head_nll=nll, head_top1=top1, photos=photos)
+    return SizeChoice(size=best, candidates=sizes, head_nll=nll, head_top1=top1, photos=photos,
+                      features={best: features[best]})
 
 
 def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch.device, *, amp: bool = True,
-               progress: bool = False) -> dict:
+               progress: bool = False, val_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Head / kNN / blend on the validation photos with the kept weights (gallery = the training photos).
 
     The blend uses the k, T and weight that ``speciesid probe import`` would choose on these photos.
+    ``val_features``: the validation photos' (embeddings, labels) already made by these weights at this size
+    (:attr:`SizeChoice.features`); ``val_loader`` is then not read.
     """
     from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
 
     _, ref, ref_y = predict(net, train_loader, device, amp=amp, progress=progress, desc="final: train features")
-    _, q, qy = predict(net, val_loader, device, amp=amp, progress=progress, desc="final: val features")
+    if val_features is None:
+        _, q, qy = predict(net, val_loader, device, amp=amp, progress=progress, desc="final: val features")
+    else:
+        q, qy = val_features
     probe = head_probe(net)
     names = probe.species
     s = select_settings(ref, [names[i] for i in ref_y], fingerprint="", probe=probe, val_embeddings=q,

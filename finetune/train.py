@@ -237,8 +237,9 @@ def finetune(
         test_size = choice.size if choice is not None else sizes[0]
         final = {}
         if cfg.final_eval:
-            final = final_eval(net, at(data.train, test_size), at(data.val, test_size), n_classes, device,
-                               amp=cfg.amp, progress=progress)
+            held = choice.features.get(test_size) if choice is not None else None  # embedded by the choice
+            final = final_eval(net, at(data.train, test_size), None if held else at(data.val, test_size), n_classes,
+                               device, amp=cfg.amp, progress=progress, val_features=held)
         size_info = choice.to_dict() if choice is not None else {"size": test_size, "setting": cfg.test_size}
         save_finetuned(folder, net.backbone, net.head, species, source, {
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,

@@ -514,3 +514,23 @@ def test_test_size_train_keeps_the_model_size(tiny_set, tmp_path):
     r = finetune(_config(tiny_set, out, epochs=1, test_size="train"), progress=False)
     assert r.test_size == {"size": 224, "setting": "train"}
     assert "test_input_size" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]
+
+
+def test_the_final_evaluation_reuses_the_held_out_photos_the_size_choice_embedded(tiny_set, tmp_path, monkeypatch):
+    from finetune import engine
+    from finetune.train import finetune
+
+    descs = []
+    real = engine.predict
+
+    def spy(*args, **kwargs):
+        descs.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "predict", spy)
+    r = finetune(_config(tiny_set, tmp_path / "ft", epochs=1, final_eval=True), progress=False)
+    size = r.test_size["size"]
+    assert [d for d in descs if d and d.startswith("test size")] == [f"test size {s}" for s in r.test_size["candidates"]]
+    assert "final: train features" in descs and "final: val features" not in descs  # embedded once, by the choice
+    # the same photos at the same side: the final head top-1 is the one the choice measured there
+    assert r.final["head_top1"] == pytest.approx(r.test_size["head_top1"][str(size)], abs=1e-4)
