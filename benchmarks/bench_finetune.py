@@ -178,7 +178,10 @@ def main() -> None:
         plan = info["time_budget"]
         print(f"time budget {plan['budget_s'] / 60:.0f} min: epoch ~{plan['epoch_s']:.0f} s (timed steps "
               f"{plan['step_s']:.2f} s), head init + final ~{plan['init_s'] + plan['final_s']:.0f} s -> "
-              f"{plan['epochs']} epochs planned; whole run {info.get('process_wall_seconds', 0) / 60:.1f} min")
+              f"{plan['epochs']} epochs planned" + (
+                  f", re-planned from epoch {re['after_epoch']} ({re['epoch_s']:.0f} s, final ~{re['final_s']:.0f} s) "
+                  f"-> {re['epochs']}" if (re := plan.get("replanned")) else "")
+              + f"; whole run {info.get('process_wall_seconds', 0) / 60:.1f} min")
     for folder, (_, st, inf) in zip(folders, results, strict=True):
         ts = inf.get("test_size") or {"size": "none (a run from before --test-size)"}
         nll = ", ".join(f"{s} px {v:.3f}" for s, v in (ts.get("head_nll") or {}).items())

@@ -4,8 +4,12 @@ Machines differ by 5x and more (an AVX2 laptop in fp32 against an AVX-512-BF16 s
 is 8 minutes on one and 40 on another. Before training, a few real training steps (augmented batches from the
 run's own loader, the run's precision) and evaluation batches are timed on a throw-away copy of the network;
 the epoch count is then the largest (at most ``--epochs``) for which head init + epochs + final evaluation fit
-95% of the budget, and the cosine schedule runs over exactly those epochs. During training the budget itself is
-the deadline: an epoch that would overrun it is not started.
+95% of the budget, and the cosine schedule runs over exactly those epochs. A few timed steps are a rough guess on 2
+cores (they were 1.2-1.5x the real steps' time on a machine whose photos were not yet in the page cache, leaving
+up to half the budget unused), so the plan is made again once, from the first epoch measured with the backbone
+training (its real seconds, its validation's seconds for the final evaluation), and the schedule stretched or
+shrunk to the new count (:func:`replan`). During training the budget itself is the deadline: an epoch that would
+overrun it is not started.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ class BudgetPlan:
     epoch_s: float  # one epoch with the backbone training: its steps, validation, checkpoint
     frozen_epoch_s: float  # one epoch with the backbone frozen
     init_s: float  # the head's initialisation (the training photos embedded once, the probe fitted)
-    final_s: float  # the final evaluation of the kept weights and the export
+    final_s: float  # the final evaluation of the kept weights and the export (re-scaled by the re-plan)
     epochs: int  # the epochs that fit (at most --epochs)
+    val_s: float = 0.0  # one epoch's validation (the raw weights too with an EMA)
+    max_epochs: int = 0  # --epochs: the most a re-plan may give
+    replanned: dict | None = None  # the re-plan: after which epoch, its measured seconds, the epochs it gave
 
     def to_dict(self) -> dict:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -157,7 +164,7 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
                          freeze_epochs=cfg.freeze_epochs, max_epochs=cfg.epochs)
     plan = BudgetPlan(budget_s=budget_s, spent_s=spent_s, step_s=step_s, frozen_step_s=frozen_step_s,
                       eval_batch_s=eval_batch_s, epoch_s=epoch_s, frozen_epoch_s=frozen_epoch_s, init_s=init_s,
-                      final_s=final_s, epochs=epochs)
+                      final_s=final_s, epochs=epochs, val_s=val_s, max_epochs=cfg.epochs)
     if epochs < 1:
         raise ValueError(
             f"--time-budget {cfg.time_budget:g} min fits no epoch on this machine: one epoch takes ~{epoch_s:.0f} s "
@@ -167,3 +174,21 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     logger.info("time budget %.1f min: an epoch ~%.0f s (frozen %.0f s), head init ~%.0f s, final ~%.0f s -> "
                 "%d epochs", cfg.time_budget, epoch_s, frozen_epoch_s, init_s, final_s, epochs)
     return plan
+
+
+def replan(plan: BudgetPlan, *, after_epoch: int, elapsed_s: float, epoch_s: float, val_s: float) -> int:
+    """The run's epoch count planned again from a measured epoch: ``epoch_s`` the real seconds of epoch
+    ``after_epoch`` (the first with the backbone training; its validation included), ``val_s`` its validation's,
+    ``elapsed_s`` the run's seconds so far. The final evaluation's estimate is scaled by the measured validation
+    against the timed one (``plan.final_s`` updated). Records the re-plan in ``plan.replanned``; at most
+    ``plan.max_epochs``, and never fewer than the epochs already run."""
+    if plan.val_s > 0 and val_s > 0:
+        plan.final_s = (plan.final_s - EPOCH_OVERHEAD_S) * (val_s / plan.val_s) + EPOCH_OVERHEAD_S
+    cost = epoch_s + EPOCH_OVERHEAD_S
+    epochs = after_epoch + plan_epochs(plan.budget_s, elapsed_s + plan.final_s, cost, cost, freeze_epochs=0,
+                                       max_epochs=max(plan.max_epochs - after_epoch, 0))
+    plan.replanned = {"after_epoch": after_epoch, "epoch_s": round(epoch_s, 2), "val_s": round(val_s, 2),
+                      "final_s": round(plan.final_s, 2), "epochs": epochs}
+    logger.info("time budget re-planned from epoch %d (%.0f s, of which validation %.0f s): %d -> %d epochs",
+                after_epoch, epoch_s, val_s, plan.epochs, epochs)
+    return epochs

@@ -100,11 +100,17 @@ def create_optimisation(net: Net, cfg: FinetuneConfig, steps_per_epoch: int, dev
     groups = param_groups(net, lr=cfg.lr, backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay,
                           weight_decay=cfg.weight_decay)
     opt = create_optimizer_v2(groups, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = StagedCosineLR(opt, total=cfg.epochs * steps_per_epoch,
-                              warmup=int(round(cfg.warmup_epochs * steps_per_epoch)),
-                              unfreeze=cfg.freeze_epochs * steps_per_epoch)
     use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    return Optimisation(opt, schedule, torch.amp.GradScaler("cuda", enabled=use_scaler), steps_per_epoch)
+    return Optimisation(opt, staged_schedule(opt, cfg, steps_per_epoch),
+                        torch.amp.GradScaler("cuda", enabled=use_scaler), steps_per_epoch)
+
+
+def staged_schedule(opt: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_epoch: int) -> StagedCosineLR:
+    """The run's :class:`StagedCosineLR` over ``cfg.epochs`` (made again when a time budget re-plans them: the
+    rate depends on the step and the total only, so the run goes on from the step it is at)."""
+    return StagedCosineLR(opt, total=cfg.epochs * steps_per_epoch,
+                          warmup=int(round(cfg.warmup_epochs * steps_per_epoch)),
+                          unfreeze=cfg.freeze_epochs * steps_per_epoch)
 
 
 def create_ema(net: Net, decay: float):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from finetune.augment import eval_transform, model_data_config
-from finetune.budget import fit_to_budget
+from finetune.budget import fit_to_budget, replan
 from finetune.checkpoint import (
     CHECKPOINT,
     TrainState,
@@ -53,6 +53,7 @@ from finetune.engine import (
     final_eval,
     init_head,
     size_candidates,
+    staged_schedule,
     train_one_epoch,
     validate,
 )
@@ -177,14 +178,25 @@ def finetune(
                 ep, net, train_loader, optim, state.step, cfg, n_classes=n_classes, device=device,
                 class_weight=data.class_weight, mixup=mixup, ema=ema, progress=progress)
             model = ema.module if ema is not None else net
+            t_val = time.perf_counter()
             metrics = evaluate(model)
             if ema is not None:  # the raw weights too, to measure what the EMA brings
                 metrics.update({f"{k}_raw": v for k, v in evaluate(net).items()})
+            t_val = time.perf_counter() - t_val
             state.epoch = ep
             state.seconds += time.perf_counter() - t_epoch
             row = {"epoch": ep, "train_loss": train_row["train_loss"], "train_top1": train_row["train_top1"],
                    **metrics, "lr": train_row["lr"], "seconds": time.perf_counter() - t_epoch}
             state.record(row, model)
+            replanned = ""
+            if plan is not None and plan.replanned is None and ep > cfg.freeze_epochs:  # once, from a real epoch
+                epochs = replan(plan, after_epoch=ep, elapsed_s=time.perf_counter() - t_start,
+                                epoch_s=row["seconds"], val_s=t_val)
+                if epochs != cfg.epochs:
+                    replanned = (f"time budget: epoch {ep} took {row['seconds']:.0f} s (~{plan.epoch_s:.0f} s "
+                                 f"timed before training) -> {epochs} epochs instead of {cfg.epochs}")
+                    cfg.epochs = epochs
+                    optim.schedule = staged_schedule(optim.optimizer, cfg, optim.steps_per_epoch)
             save_progress(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
             if progress:
                 tqdm.write(
@@ -192,6 +204,8 @@ def finetune(
                     f"val top-1 {metrics['val_top1']:.3f}, val macro-F1 {metrics['val_macro_f1']:.3f}"
                     f"{' (best)' if state.best_epoch == ep else ''}, {row['seconds']:.0f} s"
                 )
+                if replanned:
+                    tqdm.write(replanned)
             if on_epoch_end is not None:
                 on_epoch_end(ep, row)
             if state.out_of_patience(cfg):

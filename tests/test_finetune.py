@@ -379,6 +379,37 @@ def test_time_budget_fits_the_epochs_and_trains_as_without_it(tiny_set, tmp_path
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["speciesid"]["time_budget"] is None
 
 
+def test_replan_fits_the_measured_epochs():
+    from finetune.budget import EPOCH_OVERHEAD_S, BudgetPlan, replan
+
+    def plan(**kw):
+        base = dict(budget_s=100.0, spent_s=5.0, step_s=1.0, frozen_step_s=1.0, eval_batch_s=0.5, epoch_s=20.0,
+                    frozen_epoch_s=20.0, init_s=2.0, final_s=11.0, epochs=3, val_s=4.0, max_epochs=30)
+        return BudgetPlan(**{**base, **kw})
+
+    # timed at 20 s an epoch, run at 9 s (+1 s overhead): after epoch 1 at 20 s elapsed, the final evaluation scaled
+    # by the measured validation (2 s against 4 s timed: 1 + 10 * 0.5 = 6 s) -> 95 - 26 = 69 s of room -> 6 more
+    p = plan()
+    assert replan(p, after_epoch=1, elapsed_s=20.0, epoch_s=9.0, val_s=2.0) == 7
+    assert p.final_s == EPOCH_OVERHEAD_S + 10.0 * 0.5
+    assert p.replanned == {"after_epoch": 1, "epoch_s": 9.0, "val_s": 2.0, "final_s": 6.0, "epochs": 7}
+    assert replan(plan(max_epochs=4), after_epoch=1, elapsed_s=20.0, epoch_s=9.0, val_s=2.0) == 4  # --epochs caps
+    assert replan(plan(), after_epoch=2, elapsed_s=90.0, epoch_s=40.0, val_s=4.0) == 2  # slower: no epoch more
+
+
+def test_a_pessimistic_plan_is_made_again_from_the_first_real_epoch(tiny_set, tmp_path, monkeypatch):
+    from finetune import budget
+    from finetune.train import finetune
+
+    monkeypatch.setattr(budget, "_time_train_steps", lambda *a, **k: 6.0)  # steps "timed" far slower than they run
+    r = finetune(_config(tiny_set, tmp_path / "ft", epochs=6, time_budget=1.0), progress=False)
+    plan = json.loads((tmp_path / "ft" / "config.json").read_text())["speciesid"]["time_budget"]
+    assert plan["epochs"] < 6 and plan["replanned"]["after_epoch"] == 1 and plan["replanned"]["epochs"] == 6
+    assert r.epochs_run == 6 and r.stopped == "epochs"  # the epochs the real speed fits, on one schedule
+    lrs = [h["lr"] for h in r.history if h["epoch"] > 0]
+    assert lrs[-1] < lrs[1] and lrs[-1] < 0.2 * max(lrs)  # the stretched cosine still decays to the end
+
+
 def test_time_budget_too_small_says_what_to_change(tiny_set, tmp_path):
     from finetune.train import finetune
 
