@@ -181,7 +181,8 @@ def main() -> None:
               f"{plan['epochs']} epochs planned" + (
                   f", re-planned from epoch {re['after_epoch']} ({re['epoch_s']:.0f} s, final ~{re['final_s']:.0f} s) "
                   f"-> {re['epochs']}" if (re := plan.get("replanned")) else "")
-              + f"; whole run {info.get('process_wall_seconds', 0) / 60:.1f} min")
+              + f"; whole run {info.get('process_wall_seconds', 0) / 60:.1f} min (final evaluation from "
+              f"{info.get('seconds_before_final', 0) / 60:.1f} min)")
     for folder, (_, st, inf) in zip(folders, results, strict=True):
         ts = inf.get("test_size") or {"size": "none (a run from before --test-size)"}
         nll = ", ".join(f"{s} px {v:.3f}" for s, v in (ts.get("head_nll") or {}).items())

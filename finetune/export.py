@@ -141,6 +141,14 @@ def save_finetuned(
     return probe
 
 
+def record_wall_seconds(folder: str | Path, seconds: float) -> None:
+    """Add the whole run's wall seconds (known only once every folder is exported) to ``config.json``."""
+    folder = Path(folder)
+    cfg = read_finetuned(folder)
+    cfg[SPECIESID_KEY]["process_wall_seconds"] = round(float(seconds), 1)
+    atomic_write(folder / "config.json", json.dumps(cfg, indent=2))
+
+
 def read_finetuned(folder: str | Path) -> dict:
     """``config.json`` of a fine-tuned folder (raises when it is not one)."""
     folder = Path(folder)

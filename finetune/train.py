@@ -106,7 +106,7 @@ def finetune(
     """
     from tqdm.auto import tqdm
 
-    from finetune.export import save_finetuned, write_heldout
+    from finetune.export import record_wall_seconds, save_finetuned, write_heldout
 
     t_start = time.perf_counter()
     cfg = config.resolved()
@@ -229,7 +229,7 @@ def finetune(
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "root", "val_root", "metadata")},
         "frozen_parameters": frozen_params,
         "time_budget": plan.to_dict() if plan is not None else None,
-        "process_wall_seconds": round(time.perf_counter() - t_start, 1),  # this process (not resumed ones)
+        "seconds_before_final": round(time.perf_counter() - t_start, 1),  # this process, until the final evaluation
     }
     exports = [(out, state.best_state, f"best val macro-F1 (epoch {state.best_epoch})", state.best_row)]
     if cfg.save_last:
@@ -263,6 +263,8 @@ def finetune(
             write_heldout(folder, split.val.paths, split.val.labels)
         net.to(device)
     (out / CHECKPOINT).unlink(missing_ok=True)
+    for folder, *_ in exports:  # the whole run, final evaluation and export included (this process, not resumed ones)
+        record_wall_seconds(folder, time.perf_counter() - t_start)
     return FinetuneResult(out=out, species=species, epochs_run=state.epoch, best_epoch=state.best_epoch,
                           best={k: v for k, v in state.best_row.items() if k.startswith("val_")},
                           history=state.history, seconds=state.seconds, stopped=stopped, final=final,

@@ -376,6 +376,7 @@ def test_time_budget_fits_the_epochs_and_trains_as_without_it(tiny_set, tmp_path
     assert plan["epochs"] == 2 and plan["budget_s"] == 1800.0
     assert plan["step_s"] > 0 and plan["epoch_s"] >= plan["step_s"] and plan["eval_batch_s"] > 0
     assert info["settings"]["time_budget"] == 30.0 and info["settings"]["epochs"] == 2
+    assert info["process_wall_seconds"] >= info["seconds_before_final"] > 0  # the whole run: final and export too
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["speciesid"]["time_budget"] is None
 
 
