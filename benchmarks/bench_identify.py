@@ -75,8 +75,7 @@ def ours_identify(identifier, path: str) -> str:
 def naive_from_gallery(gallery, encoder, vote) -> NaiveIdentifier:
     """The naive side gets the same reference vectors and labels, as a plain matrix and list."""
     ids, matrix = gallery.store.vectors()
-    meta = gallery.store.metadata(list(map(int, ids)))
-    labels = [str(meta.loc[int(i), "species"]) for i in ids]
+    labels = gallery.store.species_of(list(map(int, ids)))
     return NaiveIdentifier(encoder, matrix, labels, vote.k, vote.temperature)
 
 

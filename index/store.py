@@ -333,6 +333,11 @@ class ReferenceStore:
             self._table.update(where=where, values={"excluded": excluded})
         return found
 
+    def species_of(self, ids: Sequence[int]) -> list[str]:
+        """The species of rows ``ids`` (any row, excluded ones too), in the order given."""
+        meta = self.metadata(ids)
+        return [str(meta.at[int(i), "species"]) for i in ids]
+
     def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True) -> pd.DataFrame:
         """Metadata rows (no embeddings), optionally only the given ids, indexed by id."""
         clauses = []

@@ -40,6 +40,7 @@ from retrieval.findings import (
 )
 from retrieval.pipeline import embed_photos
 from retrieval.probe import has_probe
+from retrieval.probe_flows import refresh_gallery_metric
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def apply_exclusions(
     if not wanted:
         return result
     result.excluded, result.already = exclude(gallery, sorted(wanted), kinds=kinds, report=report)
+    if result.excluded:  # like any write: the whitened vote follows the searchable photos
+        refresh_gallery_metric(gallery)
     return result
 
 

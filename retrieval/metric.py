@@ -22,7 +22,7 @@ On ph-snakes (MobileNetV1, outer CV inside train) it moved the kNN vote from 0.6
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -166,14 +166,5 @@ def fit_whitening(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray,
     x = np.atleast_2d(np.asarray(embeddings))
     stats = WhiteningStats(dim=x.shape[-1])
     stats.add(x, [str(v) for v in labels])
-    return stats.fit(shrink)
-
-
-def fit_whitening_batches(batches: Iterable[tuple[np.ndarray, Sequence[str]]], dim: int,
-                          shrink: float = DEFAULT_SHRINK) -> Whitening:
-    """Fit the whitening on (embeddings, species) batches streamed from a gallery."""
-    stats = WhiteningStats(dim=dim)
-    for x, labels in batches:
-        stats.add(x, labels)
     return stats.fit(shrink)
 

@@ -44,8 +44,7 @@ def _selection_data(
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None, list[str] | None]:
     """The gallery's ids, vectors and species, and the validation photos' embeddings and species (None without)."""
     ids, vectors = gallery.store.vectors()
-    meta = gallery.store.metadata(ids)
-    labels = [str(meta.at[int(i), "species"]) for i in ids]
+    labels = gallery.store.species_of(ids.tolist())
     if val_root is None:
         return ids, vectors, labels, None, None
     scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)

@@ -99,11 +99,6 @@ def stats_from_rows(gallery: Gallery, ids: np.ndarray, vectors: np.ndarray, labe
     return GalleryStats(stats, np.asarray(ids, dtype=np.int64)[order], gallery.store.version, gallery.fingerprint)
 
 
-def _species(store: ReferenceStore, ids: np.ndarray) -> list[str]:
-    meta = store.metadata(ids.tolist())
-    return [str(meta.at[int(i), "species"]) for i in ids]
-
-
 def _rows(store: ReferenceStore, ids: np.ndarray) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(vectors, species) of ``ids`` (any row, excluded ones too) in chunks; ValueError when one is missing."""
     for start in range(0, len(ids), _CHUNK):
@@ -111,7 +106,7 @@ def _rows(store: ReferenceStore, ids: np.ndarray) -> Iterator[tuple[np.ndarray, 
         got, vectors = store.vectors(ids=want.tolist())
         if len(got) != len(want):
             raise ValueError(f"{len(want) - len(got)} of the rows are not in the store at version {store.version}")
-        yield vectors, _species(store, got)
+        yield vectors, store.species_of(got.tolist())
 
 
 def scan_stats(gallery: Gallery) -> GalleryStats:
@@ -119,7 +114,7 @@ def scan_stats(gallery: Gallery) -> GalleryStats:
     version = gallery.store.version
     stats, seen = WhiteningStats(dim=gallery.dim), []
     for ids, vectors in gallery.store.iter_vectors():
-        stats.add(vectors, _species(gallery.store, ids))
+        stats.add(vectors, gallery.store.species_of(ids.tolist()))
         seen.append(ids)
     ids = np.sort(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
     return GalleryStats(stats, ids, version, gallery.fingerprint)
@@ -127,12 +122,13 @@ def scan_stats(gallery: Gallery) -> GalleryStats:
 
 def synced_stats(gallery: Gallery, saved: GalleryStats) -> tuple[GalleryStats, int, int] | None:
     """``saved`` brought to the store's searchable rows by difference: (statistics, rows added, rows taken out);
-    None when the difference cannot be made (a row that went is no longer readable)."""
+    None when the difference cannot be made (a row that went is no longer readable). ``saved.stats`` is updated in
+    place: a loaded copy, not to be used again after a None."""
     version = gallery.store.version
     now = gallery.store.ids()
     new = np.setdiff1d(now, saved.ids, assume_unique=True)
     gone = np.setdiff1d(saved.ids, now, assume_unique=True)
-    stats = WhiteningStats.from_arrays(saved.stats.to_arrays())  # a copy: ``saved`` stays as loaded
+    stats = saved.stats
     try:
         if len(gone):
             try:  # as they were when summed: deleted rows are still there

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -430,13 +429,8 @@ def _gallery(gallery: Gallery | str | Path) -> Gallery:
 
 
 # ---------------------------------------------------------------------------------------------- clean
-def clean(**kwargs: Any) -> CleanResult:
-    """Check a dataset or a gallery's references, report, optionally exclude what was found (``run_clean``'s
-    arguments); after exclusions, the gallery's whitened metric follows them as after any write."""
-    result = run_clean(**kwargs)
-    if result.applied is not None and result.applied.excluded and kwargs.get("index") is not None:
-        refresh_gallery_metric(Gallery.open(kwargs["index"]))
-    return result
+#: Check a dataset or a gallery's references, report, optionally exclude what was found (see ``run_clean``).
+clean = run_clean
 
 
 def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery, int]:

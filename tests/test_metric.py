@@ -9,7 +9,7 @@ from index.gallery import Gallery
 from index.records import ReferenceRecord
 from retrieval.calibrate import knn_matrix, select_settings
 from retrieval.identify import Identifier
-from retrieval.metric import DEFAULT_SHRINK, fit_whitening, fit_whitening_batches
+from retrieval.metric import DEFAULT_SHRINK, WhiteningStats, fit_whitening
 from retrieval.probe import LinearProbe, train_probe
 
 DIM = 16
@@ -140,7 +140,10 @@ def test_whitening_is_kept_while_it_fits_the_gallery():
     assert wh.fits({**counts, "Genus s0": 13})  # 3 photos more: within 10%
     assert not wh.fits({**counts, "Genus s0": 15})  # 5 more: fitted again
     assert not wh.fits({**counts, "Novus n": 1})  # a new species: fitted again
-    streamed = fit_whitening_batches([(x[:15], labels[:15]), (x[15:], labels[15:])], DIM)
+    batches = WhiteningStats(dim=DIM)  # streamed: the sums added batch by batch, as a gallery is read
+    for part in (slice(0, 15), slice(15, None)):
+        batches.add(x[part], labels[part])
+    streamed = batches.fit()
     np.testing.assert_allclose(streamed.matrix, wh.matrix, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(streamed.mean, wh.mean, rtol=1e-5, atol=1e-6)
 
@@ -237,8 +240,6 @@ def _whitened_gallery(root):
 
 
 def test_whitening_sums_remove_what_was_added():
-    from retrieval.metric import WhiteningStats
-
     x, labels = _nuisance(10)
     new, _ = _nuisance(6, classes=range(4, 5), seed=2)
     stats = WhiteningStats(dim=DIM)
@@ -327,21 +328,15 @@ def test_probe_training_saves_the_sums_the_next_write_starts_from(tmp_path, monk
     assert saved.photos == len(ids) + 10
 
 
-def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from index.exclusions import exclude
+def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path):
     from retrieval import workflows
+    from retrieval.clean import apply_exclusions
+    from retrieval.findings import Finding
 
     gallery, ids, vectors, labels = _whitened_gallery(tmp_path / "g")
     gone = [int(i) for i in ids[::4]]  # a quarter of the photos: more than the 10% a whitening tolerates
-
-    def run_clean(**kwargs):  # `clean --apply` finding those photos (its checks are tested in test_clean.py)
-        excluded, _ = exclude(Gallery.open(kwargs["index"]), gone, kinds=("off-target",))
-        return SimpleNamespace(applied=SimpleNamespace(excluded=excluded))
-
-    monkeypatch.setattr(workflows, "run_clean", run_clean)
-    workflows.clean(index=gallery.root, apply=True)
+    # what `clean --apply` does with off-target findings of those photos (its checks are tested in test_clean.py)
+    apply_exclusions(gallery, [Finding("off-target", 0.9, f"/p/{i}.jpg", reference_id=i) for i in gone])
     assert LinearProbe.load(gallery.root).whitening.photos == len(ids) - len(gone)  # refitted after the exclusions
     _, restored = workflows.restore_exclusions(gallery.root)
     assert restored == len(gone)
