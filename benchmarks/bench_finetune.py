@@ -129,16 +129,6 @@ def main() -> None:
     print("bench_finetune: where it ran\n" + machine_report(), flush=True)
     from finetune.train import FinetuneConfig, finetune
 
-    tr_frozen, _, tr_paths = split_embeddings(MOBILENET_SPEC, "train")
-    va_frozen, _, va_paths = split_embeddings(MOBILENET_SPEC, "val")
-    if args.protocol == "split":
-        leaks = dedup(tr_frozen, tr_paths, va_frozen, va_paths)
-        keep = leaks["val"]
-        print(f"val: {len(va_paths)} photos, {len(leaks['leaks'])} left out as leaks of train photos "
-              f"({', '.join(Path(va_paths[j]).name for j in leaks['leaks'])})")
-    else:
-        keep = np.arange(len(va_paths))
-
     out = Path(args.out)
     overrides = {}
     for item in args.set:
@@ -163,6 +153,18 @@ def main() -> None:
         minutes = (time.perf_counter() - t0) / 60
         print(f"fine-tuning: {result.epochs_run} epochs, best {result.best_epoch} ({result.stopped}), "
               f"{minutes:.1f} min wall (training loop {result.seconds / 60:.1f} min)")
+    # the leak check after training: it loads the gallery store (lancedb), which must not be loaded when the
+    # training loaders fork their worker processes
+    tr_frozen, _, tr_paths = split_embeddings(MOBILENET_SPEC, "train")
+    va_frozen, _, va_paths = split_embeddings(MOBILENET_SPEC, "val")
+    if args.protocol == "split":
+        leaks = dedup(tr_frozen, tr_paths, va_frozen, va_paths)
+        keep = leaks["val"]
+        print(f"val: {len(va_paths)} photos, {len(leaks['leaks'])} left out as leaks of train photos "
+              f"({', '.join(Path(va_paths[j]).name for j in leaks['leaks'])})")
+    else:
+        keep = np.arange(len(va_paths))
+
     folders = [out] + ([out / "last"] if (out / "last" / "config.json").is_file() else [])
     results = []
     with tempfile.TemporaryDirectory() as tmp:

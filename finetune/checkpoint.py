@@ -59,23 +59,31 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     seconds: float = 0.0
-    best_metric: float = -1.0  # val macro-F1 of the best epoch
+    best_metric: float = float("-inf")  # the best epoch's validation score, higher is better (see ``score``)
     best_epoch: int = 0
     best_state: dict | None = None  # the weights kept (EMA ones with an EMA), on CPU
     best_row: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
-    def record(self, row: dict, model: torch.nn.Module) -> bool:
-        """Add an epoch's row; keep ``model``'s weights when its val macro-F1 is the best so far (True then)."""
+    @staticmethod
+    def score(row: dict, select: str) -> float:
+        """An epoch's validation score under ``select`` (``FinetuneConfig.select``), higher is better: minus the
+        temperature-fitted log-loss, or macro-F1."""
+        return -row["val_nll"] if select == "nll" else row["val_macro_f1"]
+
+    def record(self, row: dict, model: torch.nn.Module, select: str = "nll") -> bool:
+        """Add an epoch's row; keep ``model``'s weights when its validation score (``select``) is the best so far
+        (True then). Ties keep the earlier epoch."""
         self.history.append(row)
-        if row["val_macro_f1"] > self.best_metric + 1e-9:
-            self.best_metric, self.best_epoch, self.best_row = row["val_macro_f1"], row["epoch"], dict(row)
+        score = self.score(row, select)
+        if score > self.best_metric + 1e-9:
+            self.best_metric, self.best_epoch, self.best_row = score, row["epoch"], dict(row)
             self.best_state = cpu_state(model)
             return True
         return False
 
     def out_of_patience(self, cfg: FinetuneConfig) -> bool:
-        """Early stopping: ``patience`` epochs without a better val macro-F1, and not before ``min_epochs``."""
+        """Early stopping: ``patience`` epochs without a better validation score, and not before ``min_epochs``."""
         return self.epoch - self.best_epoch >= cfg.patience and self.epoch >= max(cfg.min_epochs, 1)
 
 
@@ -174,6 +182,9 @@ def plot_curves(out: Path, history: list[dict]) -> None:
     if tr:
         ax1.plot(*zip(*tr, strict=True), marker="o", label="train loss")
     ax1.plot(ep, [r["val_loss"] for r in history], marker="o", label="val loss")
+    nll = [(r["epoch"], r["val_nll"]) for r in history if r.get("val_nll") not in (None, "")]
+    if nll:
+        ax1.plot(*zip(*nll, strict=True), marker="o", label="val log-loss, temperature fitted")
     ax1.set_xlabel("epoch")
     ax1.set_title("loss")
     ax1.legend()

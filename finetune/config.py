@@ -16,6 +16,9 @@ STAGES = ("global", "local")
 BALANCE_MODES = ("weights", "sampler", "none")
 BN_MODES = ("eval", "train")
 HEAD_INITS = ("probe", "keep", "random")
+# what chooses the kept epoch (and stops early), on the validation photos: the head's log-loss at a fitted
+# temperature (smooth in the epochs), or macro-F1 (steps of one photo; the rule before)
+SELECT_RULES = ("nll", "macro-f1")
 
 #: Stage defaults for the settings left as None in :class:`FinetuneConfig`.
 STAGE_DEFAULTS: dict[str, dict] = {
@@ -145,9 +148,14 @@ class FinetuneConfig:
     learn_scale: bool = False  # the head's logit scale trains too
     # EMA decay of the weights; 0 = off
     ema: float | None = field(default=None, metadata=option("EMA decay of the weights, 0 = off"))
-    # early stopping: epochs without a better val macro-F1
+    # what chooses the epoch kept and stops early, on the validation photos: "nll" = the head's log-loss at the
+    # softmax temperature fitted to them (least wins), "macro-f1" = their macro-F1 (most wins)
+    select: str = field(default="nll", metadata=option(
+        "what chooses the epoch kept and stops early, on the validation photos: nll = the head's log-loss at a "
+        "fitted temperature (default; smooth), macro-f1 = their macro-F1", choices=SELECT_RULES))
+    # early stopping: epochs without a better validation score (``select``)
     patience: int | None = field(default=None, metadata=option(
-        "early stopping: epochs without a better val macro-F1"))
+        "early stopping: epochs without a better validation score (--select)"))
     # no early stopping before this epoch (the warmup and mixing first lower val)
     min_epochs: int | None = field(default=None, metadata=option("no early stopping before this epoch"))
     # training resolution (default: the model's input size)
@@ -217,6 +225,8 @@ class FinetuneConfig:
             raise ValueError(f"--test-size must be auto, train or a number of pixels (32 or more), got "
                              f"{out.test_size!r}")
         out.test_size = str(out.test_size)
+        if out.select not in SELECT_RULES:
+            raise ValueError(f"--select must be {' or '.join(SELECT_RULES)}, got {out.select!r}")
         if out.head_init not in HEAD_INITS:
             raise ValueError(f"--head-init must be probe, keep or random, got {out.head_init!r}")
         return out

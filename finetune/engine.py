@@ -30,6 +30,13 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray, n: int) -> float:
     return float(f1_score(y, pred, labels=list(range(n)), average="macro", zero_division=0))
 
 
+def _fitted_nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean log-loss of ``logits`` at the softmax temperature fitted to them (``retrieval.probe.fit_temperature``)."""
+    from retrieval.probe import fit_temperature
+
+    return fit_temperature(logits, y)[1]
+
+
 def autocast(device: torch.device, amp: bool, *, train: bool = False):
     """CUDA: bf16 (fp16 without bf16) autocast. CPU: bf16 autocast for training steps only, on CPUs with
     native bf16 (AVX512-BF16/AMX; ~2x faster MobileNetV1 steps here); evaluation stays fp32 like the gallery."""
@@ -264,11 +271,13 @@ def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: b
 
 def validate(net: Net, loader, device: torch.device, n_classes: int, *, tta: bool = False,
              amp: bool = True) -> dict:
-    """{val_loss (plain cross-entropy), val_top1, val_macro_f1 (scikit-learn, over every species)}."""
+    """{val_loss (plain cross-entropy), val_nll (log-loss at the softmax temperature fitted to these photos: how
+    well the head ranks and separates them, whatever its confidence), val_top1, val_macro_f1 (over every species)}."""
     logits, _, y = predict(net, loader, device, tta=tta, amp=amp)
     pred = logits.argmax(1)
     return {
         "val_loss": float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y).long())),
+        "val_nll": _fitted_nll(logits, y),
         "val_top1": float((pred == y).mean()),
         "val_macro_f1": _macro_f1(y, pred, n_classes),
     }

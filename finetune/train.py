@@ -7,7 +7,8 @@ One code path for both stages; the stage only changes the defaults (:data:`STAGE
   slower), batch-norm statistics frozen (small CPU batches), an EMA of the weights evaluated and kept.
 - ``global``: the same with the backbone at the head's rate, batch-norm in train mode, no frozen epochs.
 
-Every epoch: validation loss / top-1 / macro-F1 (early stopping on macro-F1, best weights kept), a row in
+Every epoch: validation loss / temperature-fitted log-loss / top-1 / macro-F1 (the epoch kept and early
+stopping by ``--select``: the fitted log-loss by default), a row in
 ``OUT/log.csv``, ``OUT/curves.png``, and an atomic ``OUT/checkpoint.pt`` (model, optimiser, EMA, step, best,
 history, RNG states) so an interrupted run (Ctrl-C, crash) resumes where the last epoch ended. The result is
 written by :func:`finetune.export.save_finetuned` (timm local-dir folder + head-as-probe).
@@ -61,6 +62,9 @@ from finetune.model import create_net, resolve_init
 from retrieval.encoders import resolve_device
 
 logger = logging.getLogger(__name__)
+
+# how the exported folder's "kept" line names the epoch it holds, per ``FinetuneConfig.select``
+SELECTED_BY = {"nll": "least val log-loss, temperature fitted", "macro-f1": "best val macro-F1"}
 
 __all__ = [
     "STAGES", "STAGE_DEFAULTS", "AugmentConfig", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult",
@@ -162,7 +166,7 @@ def finetune(
         row = {"epoch": 0, "train_loss": None, "train_top1": None, **evaluate(net), "lr": 0.0,
                "seconds": time.perf_counter() - t0}
         state.seconds += row["seconds"]
-        state.record(row, net)
+        state.record(row, net, cfg.select)
         logger.info("head init: %s; epoch 0 (before fine-tuning): %s", how, row)
         save_progress(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
 
@@ -187,7 +191,7 @@ def finetune(
             state.seconds += time.perf_counter() - t_epoch
             row = {"epoch": ep, "train_loss": train_row["train_loss"], "train_top1": train_row["train_top1"],
                    **metrics, "lr": train_row["lr"], "seconds": time.perf_counter() - t_epoch}
-            state.record(row, model)
+            state.record(row, model, cfg.select)
             replanned = ""
             if plan is not None and plan.replanned is None and ep > cfg.freeze_epochs:  # once, from a real epoch
                 epochs = replan(plan, after_epoch=ep, elapsed_s=time.perf_counter() - t_start,
@@ -201,6 +205,7 @@ def finetune(
             if progress:
                 tqdm.write(
                     f"epoch {ep}: train loss {row['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
+                    f"val log-loss (temperature fitted) {metrics['val_nll']:.3f}, "
                     f"val top-1 {metrics['val_top1']:.3f}, val macro-F1 {metrics['val_macro_f1']:.3f}"
                     f"{' (best)' if state.best_epoch == ep else ''}, {row['seconds']:.0f} s"
                 )
@@ -231,7 +236,7 @@ def finetune(
         "time_budget": plan.to_dict() if plan is not None else None,
         "seconds_before_final": round(time.perf_counter() - t_start, 1),  # this process, until the final evaluation
     }
-    exports = [(out, state.best_state, f"best val macro-F1 (epoch {state.best_epoch})", state.best_row)]
+    exports = [(out, state.best_state, f"{SELECTED_BY[cfg.select]} (epoch {state.best_epoch})", state.best_row)]
     if cfg.save_last:
         exports.insert(0, (out / "last", cpu_state(ema.module if ema is not None else net),
                            f"last epoch ({state.epoch})", state.history[-1]))
