@@ -190,6 +190,9 @@ def main() -> None:
         nll = ", ".join(f"{s} px {v:.3f}" for s, v in (ts.get("head_nll") or {}).items())
         print(f"{folder} ({inf.get('kept', 'best')}): embedded at {inf['embedded_at']} px; the run chose "
               f"{ts['size']}" + (f" (head log-loss on the {ts['photos']} held-out photos: {nll})" if nll else ""))
+        if vs := inf.get("against_untrained"):
+            print(f"{folder}: kept epoch {vs['kept_epoch']}; head log-loss at its best side: fine-tuned epoch "
+                  f"{vs['fine_tuned_epoch']} {vs['fine_tuned_nll']}, the network before fine-tuning {vs['untrained_nll']}")
         print(f"{folder} ({inf.get('kept', 'best')}): blend settings ({st.selected_on}): k={st.k} "
               f"T={st.temperature} w={st.blend_weight} kNN metric {st.metric}")
     if fz_settings is not None:

@@ -153,7 +153,8 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     init_s = (train_eval_s if cfg.head_init == "probe" else 0.0) + val_s
     area = [(s / eval_size) ** 2 for s in test_sizes] if eval_size and test_sizes else [1.0]
     val_once_s = math.ceil(n_val / eval_bs) * eval_batch_s
-    choose_s = val_once_s * sum(area) if len(area) > 1 else 0.0  # the head on the val photos at each side
+    # the head on the val photos at each side, for the epoch kept and (--select nll) the network before training
+    choose_s = val_once_s * sum(area) * (2 if cfg.select == "nll" else 1) if len(area) > 1 else 0.0
     # the final evaluation embeds the training photos at the chosen side (the largest, to be safe) and reuses the
     # validation photos the choice embedded there; with one side it embeds them itself
     final_s = (((train_eval_s + (val_once_s if len(area) == 1 else 0.0)) * max(area) if cfg.final_eval else 0.0)

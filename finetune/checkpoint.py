@@ -64,6 +64,10 @@ class TrainState:
     best_state: dict | None = None  # the weights kept (EMA ones with an EMA), on CPU
     best_row: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    # under --select nll: the network before fine-tuning (epoch 0), weighed against the best fine-tuned epoch at
+    # the end, each at the size it would be embedded at (``finetune.train``), not among the epochs at 224 px
+    start_state: dict | None = None
+    start_row: dict = field(default_factory=dict)
 
     @staticmethod
     def score(row: dict, select: str) -> float:
@@ -73,8 +77,13 @@ class TrainState:
 
     def record(self, row: dict, model: torch.nn.Module, select: str = "nll") -> bool:
         """Add an epoch's row; keep ``model``'s weights when its validation score (``select``) is the best so far
-        (True then). Ties keep the earlier epoch."""
+        (True then). Ties keep the earlier epoch. Under ``nll`` epoch 0 (before fine-tuning) is set aside as
+        ``start_state`` instead: at the training size the untrained network, whose head was fitted there, is
+        favoured over fine-tuned epochs that gain most at larger sizes."""
         self.history.append(row)
+        if select == "nll" and row["epoch"] == 0:
+            self.start_state, self.start_row = cpu_state(model), dict(row)
+            return False
         score = self.score(row, select)
         if score > self.best_metric + 1e-9:
             self.best_metric, self.best_epoch, self.best_row = score, row["epoch"], dict(row)
@@ -123,6 +132,7 @@ def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: T
         "ema": ema.state_dict() if ema is not None else None,
         "best_metric": state.best_metric, "best_epoch": state.best_epoch, "best_state": state.best_state,
         "best_row": state.best_row, "history": state.history, "rng": rng_state(),
+        "start_state": state.start_state, "start_row": state.start_row,
     }
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
 
@@ -153,6 +163,7 @@ def restore_checkpoint(checkpoint: dict, optimizer: torch.optim.Optimizer, scale
         epoch=checkpoint["epoch"], step=checkpoint["step"], seconds=checkpoint["seconds"],
         best_metric=checkpoint["best_metric"], best_epoch=checkpoint["best_epoch"],
         best_state=checkpoint["best_state"], best_row=checkpoint["best_row"], history=checkpoint["history"],
+        start_state=checkpoint.get("start_state"), start_row=checkpoint.get("start_row") or {},
     )
 
 

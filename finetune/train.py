@@ -226,33 +226,59 @@ def finetune(
     except KeyboardInterrupt:
         raise FinetuneInterrupted(out, state.epoch) from None
 
-    # ---- export the best weights (and, with save_last, the last epoch's to OUT/last)
+    def at(dataset, size: int):  # the photos under the evaluation transform at another side
+        return loader(TransformView(dataset, eval_transform(data_cfg, size)), 2 * cfg.batch_size,
+                      workers=cfg.workers or 0, device=device)
+
+    def measured(weights: dict):  # the side these weights would be embedded at, and the head's log-loss there
+        net.load_state_dict(weights)
+        if len(sizes) < 2:
+            return None
+        return choose_test_size(net, {s: at(data.val, s) for s in sizes}, device, amp=cfg.amp, progress=progress)
+
+    # ---- the epoch kept; under --select nll, against the network before fine-tuning, each at its own side
+    kept_epoch, kept_state, kept_row = state.best_epoch, state.best_state, state.best_row
+    kept_choice, versus = None, None
+    if state.start_state is not None:
+        start_choice = measured(state.start_state)
+        start_nll = start_choice.head_nll[start_choice.size] if start_choice else state.start_row["val_nll"]
+        tuned_nll = None
+        if kept_state is not None:
+            kept_choice = measured(kept_state)
+            tuned_nll = kept_choice.head_nll[kept_choice.size] if kept_choice else kept_row["val_nll"]
+        if tuned_nll is None or round(start_nll, 4) < round(tuned_nll, 4):  # a tie keeps the fine-tuned epoch
+            kept_epoch, kept_state, kept_row, kept_choice = 0, state.start_state, state.start_row, start_choice
+        versus = {"fine_tuned_epoch": state.best_epoch if state.best_state is not None else None,
+                  "fine_tuned_nll": None if tuned_nll is None else round(tuned_nll, 4),
+                  "untrained_nll": round(start_nll, 4), "kept_epoch": kept_epoch,
+                  "rule": "least head log-loss on the validation photos, each at the side it would be embedded at"}
+        if progress:
+            tqdm.write(f"kept epoch {kept_epoch}: head log-loss (temperature fitted, at its best side) of the best "
+                       f"fine-tuned epoch {versus['fine_tuned_nll']}, of the network before fine-tuning "
+                       f"{versus['untrained_nll']}")
+
+    # ---- export the kept weights (and, with save_last, the last epoch's to OUT/last)
     info = {
-        "stage": cfg.stage, "init": source.spec, "epochs": state.epoch, "best_epoch": state.best_epoch,
+        "stage": cfg.stage, "init": source.spec, "epochs": state.epoch, "best_epoch": kept_epoch,
         "stopped": stopped, "train_seconds": round(state.seconds, 1), "train_photos": len(data.train),
         "val_source": split.val_source,
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "root", "val_root", "metadata")},
         "frozen_parameters": frozen_params,
         "time_budget": plan.to_dict() if plan is not None else None,
+        "against_untrained": versus,
         "seconds_before_final": round(time.perf_counter() - t_start, 1),  # this process, until the final evaluation
     }
-    exports = [(out, state.best_state, f"{SELECTED_BY[cfg.select]} (epoch {state.best_epoch})", state.best_row)]
+    exports = [(out, kept_state, f"{SELECTED_BY[cfg.select]} (epoch {kept_epoch})", kept_row, kept_choice)]
     if cfg.save_last:
         exports.insert(0, (out / "last", cpu_state(ema.module if ema is not None else net),
-                           f"last epoch ({state.epoch})", state.history[-1]))
+                           f"last epoch ({state.epoch})", state.history[-1], None))
     final: dict = {}
     size_info: dict = {}
 
-    def at(dataset, size: int):  # the photos under the evaluation transform at another side
-        return loader(TransformView(dataset, eval_transform(data_cfg, size)), 2 * cfg.batch_size,
-                      workers=cfg.workers or 0, device=device)
-
-    for folder, weights, kept, row in exports:
+    for folder, weights, kept, row, choice in exports:
+        if choice is None:
+            choice = measured(weights)
         net.load_state_dict(weights)
-        choice = None
-        if len(sizes) > 1:
-            choice = choose_test_size(net, {s: at(data.val, s) for s in sizes}, device, amp=cfg.amp,
-                                      progress=progress)
         test_size = choice.size if choice is not None else sizes[0]
         final = {}
         if cfg.final_eval:
@@ -270,7 +296,7 @@ def finetune(
     (out / CHECKPOINT).unlink(missing_ok=True)
     for folder, *_ in exports:  # the whole run, final evaluation and export included (this process, not resumed ones)
         record_wall_seconds(folder, time.perf_counter() - t_start)
-    return FinetuneResult(out=out, species=species, epochs_run=state.epoch, best_epoch=state.best_epoch,
-                          best={k: v for k, v in state.best_row.items() if k.startswith("val_")},
+    return FinetuneResult(out=out, species=species, epochs_run=state.epoch, best_epoch=kept_epoch,
+                          best={k: v for k, v in kept_row.items() if k.startswith("val_")},
                           history=state.history, seconds=state.seconds, stopped=stopped, final=final,
                           test_size=size_info)

@@ -284,13 +284,46 @@ def test_the_kept_epoch_follows_the_selection_rule(tiny_set, tmp_path, monkeypat
     nll = iter([0.895, 0.902, 0.854, 0.763])
     monkeypatch.setattr(engine, "_macro_f1", lambda y, pred, n: next(f1))
     monkeypatch.setattr(engine, "_fitted_nll", lambda logits, y: next(nll))
-    r = train.finetune(_config(tiny_set, tmp_path / "run", select=select), progress=False)
+    r = train.finetune(_config(tiny_set, tmp_path / "run", select=select, test_size="train"), progress=False)
     assert (r.epochs_run, r.best_epoch) == (3, kept)
     log = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert "val_nll" in log[0].split(",") and len(log) == 5
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["speciesid"]["settings"]["select"] == select
     assert cfg["speciesid"]["kept"].endswith(f"(epoch {kept})")
+
+
+@pytest.mark.parametrize("sizes, kept", [(None, 0), ({0: (224, 0.60), 3: (288, 0.55)}, 3)])
+def test_the_untrained_network_is_weighed_at_its_own_size(tiny_set, tmp_path, monkeypatch, sizes, kept):
+    """Under ``nll`` epoch 0 competes at the end, each network at the side it would be embedded at: at the training
+    size the untrained network (its head fitted there) wins (0.50 < 0.70); when the fine-tuned epoch's best side
+    (288 px, 0.55) beats the untrained one's (224 px, 0.60) the fine-tuned epoch is kept (an AVX2 run kept epoch 0
+    with 0.607 at 224 against 0.637 for its epoch 8, compared at 224 only)."""
+    import finetune.engine as engine
+    import finetune.train as train
+    from finetune.engine import SizeChoice
+
+    nll = iter([0.50, 0.90, 0.80, 0.70])
+    monkeypatch.setattr(engine, "_fitted_nll", lambda logits, y: next(nll))
+    if sizes is not None:
+        calls = iter(sorted(sizes))  # the untrained network is measured first
+
+        def fake_choice(net, loaders, device, **kw):
+            size, loss = sizes[next(calls)]
+            return SizeChoice(size=size, candidates=sorted(loaders), head_nll={size: loss}, head_top1={size: 0.5},
+                              photos=4)
+
+        monkeypatch.setattr(train, "choose_test_size", fake_choice)
+    cfg = _config(tiny_set, tmp_path / "run", test_size="train" if sizes is None else "auto")
+    r = train.finetune(cfg, progress=False)
+    assert r.best_epoch == kept
+    info = json.loads((tmp_path / "run" / "config.json").read_text())["speciesid"]
+    versus = info["against_untrained"]
+    assert versus["kept_epoch"] == kept and versus["fine_tuned_epoch"] == 3
+    assert (versus["untrained_nll"], versus["fine_tuned_nll"]) == ((0.5, 0.7) if sizes is None else (0.6, 0.55))
+    assert info["best_epoch"] == kept and info["kept"].endswith(f"(epoch {kept})")
+    if sizes is not None:
+        assert info["test_size"]["size"] == 288
 
 
 def test_select_rule_is_checked():
@@ -608,7 +641,8 @@ def test_the_final_evaluation_reuses_the_held_out_photos_the_size_choice_embedde
     monkeypatch.setattr(engine, "predict", spy)
     r = finetune(_config(tiny_set, tmp_path / "ft", epochs=1, final_eval=True), progress=False)
     size = r.test_size["size"]
-    assert [d for d in descs if d and d.startswith("test size")] == [f"test size {s}" for s in r.test_size["candidates"]]
+    # each side once for the network before fine-tuning and once for the fine-tuned epoch (--select nll), no more
+    assert [d for d in descs if d and d.startswith("test size")] == [f"test size {s}" for s in r.test_size["candidates"]] * 2
     assert "final: train features" in descs and "final: val features" not in descs  # embedded once, by the choice
     # the same photos at the same side: the final head top-1 is the one the choice measured there
     assert r.final["head_top1"] == pytest.approx(r.test_size["head_top1"][str(size)], abs=1e-4)
