@@ -356,24 +356,17 @@ def choose_test_size(net: Net, loaders: dict[int, object], device: torch.device,
                      progress: bool = False) -> SizeChoice:
     """The side (a key of ``loaders``: the validation photos at that size) whose head log-loss is least.
 
-    The head's softmax temperature is fitted at each size first (as ``speciesid probe import`` does), so the
-    sizes are compared on how well the head ranks and separates, not on how confident it happens to be. The
+    The head's softmax temperature is fitted at each size first (the epochs' ``val_nll``; as ``speciesid probe
+    import`` fits the head's), so the sizes are compared on how well the head ranks and separates, not on how confident it happens to be. The
     log-loss is smooth in the size (measured: it falls from 224 to 288 and rises after on MobileNetV1 runs), so
     the least of a handful of sides is not a lucky pick; ties go to the smaller side (cheaper to embed).
     """
-    from retrieval.calibrate import photo_nll
-    from retrieval.probe import fit_head_temperature
-
     sizes = sorted(loaders)
-    probe = head_probe(net)
-    names = probe.species
     nll, top1, photos, features = {}, {}, 0, {}
     for size in sizes:
-        _, feats, y = predict(net, loaders[size], device, amp=amp, progress=progress, desc=f"test size {size}")
+        logits, feats, y = predict(net, loaders[size], device, amp=amp, progress=progress, desc=f"test size {size}")
         features[size] = (feats, y)
-        scaled = probe.scaled(fit_head_temperature(probe, feats, [names[i] for i in y]))
-        p = scaled.predict_proba(feats)
-        nll[size], top1[size], photos = float(photo_nll(p, y).mean()), float((p.argmax(1) == y).mean()), len(y)
+        nll[size], top1[size], photos = _fitted_nll(logits, y), float((logits.argmax(1) == y).mean()), len(y)
     best = min(sizes, key=lambda s: (round(nll[s], 4), s))
     logger.info("test size %d: head log-loss on %d validation photos %s", best, photos,
                 ", ".join(f"{s} px {nll[s]:.3f}" for s in sizes))

@@ -47,6 +47,7 @@ from finetune.checkpoint import (
 from finetune.config import STAGE_DEFAULTS, STAGES, AugmentConfig, FinetuneConfig
 from finetune.data import TransformView, build_data, loader, split_photos
 from finetune.engine import (
+    SizeChoice,
     choose_test_size,
     create_ema,
     create_mixup,
@@ -95,6 +96,33 @@ class FinetuneResult:
     stopped: str  # "epochs", "early-stopping", "time-limit", "time-budget"
     final: dict = field(default_factory=dict)  # kNN / head / blend on the validation photos
     test_size: dict = field(default_factory=dict)  # the side galleries embed at, and what chose it
+
+
+def weigh_untrained(state: TrainState, measured: Callable[[dict], SizeChoice | None]) -> tuple:
+    """The weights to export: (epoch, weights, its validation row, its size choice or None, the comparison or None).
+
+    Under ``--select nll`` the network before fine-tuning (``state.start_state``) is weighed against the best
+    fine-tuned epoch, each by the head's log-loss at the side it would be embedded at (``measured``: the size
+    choice of some weights, None with one candidate side, when the epoch's own ``val_nll`` is that figure);
+    a tie keeps the fine-tuned epoch. Otherwise the best epoch, as recorded."""
+    if state.start_state is None:
+        return state.best_epoch, state.best_state, state.best_row, None, None
+
+    def side_nll(weights: dict, row: dict) -> tuple[float, SizeChoice | None]:
+        choice = measured(weights)
+        return (choice.head_nll[choice.size] if choice else row["val_nll"]), choice
+
+    start_nll, start_choice = side_nll(state.start_state, state.start_row)
+    tuned_nll, tuned_choice = (None, None) if state.best_state is None else side_nll(state.best_state,
+                                                                                       state.best_row)
+    untrained = tuned_nll is None or round(start_nll, 4) < round(tuned_nll, 4)
+    versus = {"fine_tuned_epoch": None if state.best_state is None else state.best_epoch,
+              "fine_tuned_nll": None if tuned_nll is None else round(tuned_nll, 4),
+              "untrained_nll": round(start_nll, 4), "kept_epoch": 0 if untrained else state.best_epoch,
+              "rule": "least head log-loss on the validation photos, each at the side it would be embedded at"}
+    if untrained:
+        return 0, state.start_state, state.start_row, start_choice, versus
+    return state.best_epoch, state.best_state, state.best_row, tuned_choice, versus
 
 
 def finetune(
@@ -237,25 +265,11 @@ def finetune(
         return choose_test_size(net, {s: at(data.val, s) for s in sizes}, device, amp=cfg.amp, progress=progress)
 
     # ---- the epoch kept; under --select nll, against the network before fine-tuning, each at its own side
-    kept_epoch, kept_state, kept_row = state.best_epoch, state.best_state, state.best_row
-    kept_choice, versus = None, None
-    if state.start_state is not None:
-        start_choice = measured(state.start_state)
-        start_nll = start_choice.head_nll[start_choice.size] if start_choice else state.start_row["val_nll"]
-        tuned_nll = None
-        if kept_state is not None:
-            kept_choice = measured(kept_state)
-            tuned_nll = kept_choice.head_nll[kept_choice.size] if kept_choice else kept_row["val_nll"]
-        if tuned_nll is None or round(start_nll, 4) < round(tuned_nll, 4):  # a tie keeps the fine-tuned epoch
-            kept_epoch, kept_state, kept_row, kept_choice = 0, state.start_state, state.start_row, start_choice
-        versus = {"fine_tuned_epoch": state.best_epoch if state.best_state is not None else None,
-                  "fine_tuned_nll": None if tuned_nll is None else round(tuned_nll, 4),
-                  "untrained_nll": round(start_nll, 4), "kept_epoch": kept_epoch,
-                  "rule": "least head log-loss on the validation photos, each at the side it would be embedded at"}
-        if progress:
-            tqdm.write(f"kept epoch {kept_epoch}: head log-loss (temperature fitted, at its best side) of the best "
-                       f"fine-tuned epoch {versus['fine_tuned_nll']}, of the network before fine-tuning "
-                       f"{versus['untrained_nll']}")
+    kept_epoch, kept_state, kept_row, kept_choice, versus = weigh_untrained(state, measured)
+    if versus is not None and progress:
+        tqdm.write(f"kept epoch {kept_epoch}: head log-loss (temperature fitted, at its best side) of the best "
+                   f"fine-tuned epoch {versus['fine_tuned_nll']}, of the network before fine-tuning "
+                   f"{versus['untrained_nll']}")
 
     # ---- export the kept weights (and, with save_last, the last epoch's to OUT/last)
     info = {
@@ -277,8 +291,9 @@ def finetune(
 
     for folder, weights, kept, row, choice in exports:
         if choice is None:
-            choice = measured(weights)
-        net.load_state_dict(weights)
+            choice = measured(weights)  # loads the weights
+        else:
+            net.load_state_dict(weights)
         test_size = choice.size if choice is not None else sizes[0]
         final = {}
         if cfg.final_eval:
