@@ -52,13 +52,18 @@ def _f1(truth: list[str], pred: list[str]) -> float:
     return float(f1_score(truth, pred, labels=sorted(set(truth)), average="macro", zero_division=0))
 
 
-def _methods(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, tuple[float, float]]:
+def _methods(index: Path, val_emb: np.ndarray, truth: list[str],
+             other_weight: float | None = None) -> dict[str, tuple[float, float]]:
+    """Top-1 and macro-F1 of kNN, probe and blend; with ``other_weight``, also ``blend@other``: the blend at that
+    weight instead of the gallery's, k/T/metric as chosen."""
     from retrieval.workflows import open_identifier
 
     ident = open_identifier(index, precision="fp32")
+    weight = ident.blend_weight
     out = {}
-    for method in ("knn", "probe", "blend"):
-        answers = ident.identify_embeddings(val_emb, top=1, method=method)
+    for method in ("knn", "probe", "blend") + (("blend@other",) if other_weight is not None else ()):
+        ident.blend_weight = other_weight if method == "blend@other" else weight
+        answers = ident.identify_embeddings(val_emb, top=1, method=method.partition("@")[0])
         pred = [a.predictions[0].species for a in answers]
         out[method] = (float(np.mean([p == t for p, t in zip(pred, truth, strict=True)])), _f1(truth, pred))
     return out
@@ -96,9 +101,8 @@ def finetuned(out: Path, tmp: Path, protocol: str, keep: np.ndarray) -> tuple[di
     assert not any(errors)
     index = tmp / "finetuned"
     gallery_from_embeddings(index, enc, records, tr_emb)
-    if protocol == "val":
-        import_gallery_probe(index, out, val_root=PH_SNAKES / "val", progress=False)
-    else:
+    val_root = PH_SNAKES / "val" if protocol == "val" else None
+    if protocol != "val":
         # what `speciesid probe import` does without --val-root: k, T, w (and the head's temperature) chosen on
         # the photos the run held out of train (OUT/heldout.csv), kNN from the other train photos
         if not (out / HELDOUT_FILE).is_file():  # a run from before heldout.csv: the same split, rebuilt
@@ -109,10 +113,14 @@ def finetuned(out: Path, tmp: Path, protocol: str, keep: np.ndarray) -> tuple[di
             split = cfg["speciesid"]["settings"]
             _, va_idx = stratified_split(labels, split["val_split"], split["seed"])
             write_heldout(out, [records[i].path for i in va_idx], [labels[i] for i in va_idx])
-        import_gallery_probe(index, out, progress=False)
+    # the weight `probe import --blend-weight choose` picks, read beside the shipped default (auto: the prior where
+    # the selection photos also chose the run's epoch)
+    import_gallery_probe(index, out, val_root=val_root, blend_weight="choose", progress=False)
+    chosen = LinearProbe.load(index).calibration.blend_weight
+    import_gallery_probe(index, out, val_root=val_root, progress=False)
     settings = LinearProbe.load(index).calibration
     info = {**cfg["speciesid"], "embedded_at": enc.input_size}  # what the encoder does (a config may be edited)
-    return _methods(index, va_emb[keep], [val[i].species for i in keep]), settings, info
+    return _methods(index, va_emb[keep], [val[i].species for i in keep], chosen), settings, info
 
 
 def main() -> None:
@@ -206,6 +214,11 @@ def main() -> None:
     for name, r in rows:
         print(f"| {name} | {r['knn'][0]:.3f} | {r['probe'][0]:.3f} | {r['blend'][0]:.3f} | {r['knn'][1]:.3f} | "
               f"{r['probe'][1]:.3f} | {r['blend'][1]:.3f} |")
+    for r, st, inf in results:
+        if "blend@other" in r:
+            print(f"fine-tuned, {inf.get('kept', 'best')}: blend weight {st.blend_weight:g} "
+                  f"({st.weight_fixed or 'chosen'}); with the weight --blend-weight choose picks instead: top-1 "
+                  f"{r['blend@other'][0]:.3f}, F1 {r['blend@other'][1]:.3f}")
     if fz:
         print(f"blend gain: {100 * (ft['blend'][0] - fz['blend'][0]):+.1f} points top-1; fine-tuned blend - head "
               f"{100 * (ft['blend'][0] - ft['probe'][0]):+.1f} points")

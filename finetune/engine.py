@@ -378,11 +378,12 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
                progress: bool = False, val_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Head / kNN / blend on the validation photos with the kept weights (gallery = the training photos).
 
-    The blend uses the k, T and weight that ``speciesid probe import`` would choose on these photos.
+    The blend uses the k, T and weight that ``speciesid probe import`` would give on these photos: k and T chosen on
+    them, the weight fixed at the prior (``retrieval.calibrate.PRIOR``), since these photos chose the epoch.
     ``val_features``: the validation photos' (embeddings, labels) already made by these weights at this size
     (:attr:`SizeChoice.features`); ``val_loader`` is then not read.
     """
-    from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
+    from retrieval.calibrate import PRIOR, blend_matrix, knn_matrix, select_settings
 
     _, ref, ref_y = predict(net, train_loader, device, amp=amp, progress=progress, desc="final: train features")
     if val_features is None:
@@ -392,7 +393,7 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
     probe = head_probe(net)
     names = probe.species
     s = select_settings(ref, [names[i] for i in ref_y], fingerprint="", probe=probe, val_embeddings=q,
-                        val_labels=[names[i] for i in qy])
+                        val_labels=[names[i] for i in qy], blend_weight=PRIOR["weight"])
     p = probe.predict_proba(q)
     kn = knn_matrix(q, ref, ref_y, n_classes, s.k, s.temperature, metric=s.metric)
     b = blend_matrix(kn, p, np.ones(n_classes, bool), s.blend_weight)

@@ -22,7 +22,7 @@ import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -51,6 +51,14 @@ class SelectionGrid:
     temperatures: tuple[float, ...] = (0.02, 0.03, 0.05)  # vote temperature
     weights: tuple[float, ...] = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 1.0)  # blend weight (0 = kNN, 1 = probe)
     metrics: tuple[str, ...] = METRICS  # the kNN vote's metric (retrieval.metric)
+
+
+def check_weight(weight: float) -> float:
+    """``weight`` as a float when it is a blend weight (the probe's share, 0 to 1); ValueError otherwise."""
+    w = float(weight)
+    if not 0.0 <= w <= 1.0:  # NaN fails too
+        raise ValueError(f"a blend weight is the probe's share, from 0 (kNN only) to 1 (probe only), not {weight}")
+    return w
 
 
 def knn_matrix(
@@ -284,15 +292,19 @@ def select_settings(
     seed: int = 0,
     probe: LinearProbe | None = None,
     rule: str = DEFAULT_RULE,
+    blend_weight: float | None = None,
 ) -> Calibration:
     """Pick C, the kNN metric, k, T, blend weight (by ``rule``, see the module docstring) and the unknown threshold.
 
     With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
     and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
-    lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe.
+    lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe. With ``blend_weight``
+    the weight is fixed there, not chosen (the other settings and the threshold still are).
     """
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
+    if blend_weight is not None:
+        grid = replace(grid or SelectionGrid(), weights=(check_weight(blend_weight),))
     oof = out_of_fold(embeddings, labels, fingerprint=fingerprint, val_embeddings=val_embeddings,
                       val_labels=val_labels, val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe)
     return calibration_from(oof, rule, target_precision)

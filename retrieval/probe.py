@@ -43,6 +43,7 @@ class Calibration:
     metrics: dict[str, float] = field(default_factory=dict)  # validation figures of kNN / probe / blend
     rule: str = ""  # how the settings were chosen: "seq-nll", "argmax" ("" = not recorded: older files, defaults)
     metric: str = "cosine"  # the kNN vote's metric: "cosine" or "whitened" (retrieval.metric; fitted with the probe)
+    weight_fixed: str = ""  # why the blend weight was fixed rather than chosen, in words ("" = chosen by the rule)
 
 
 @dataclass

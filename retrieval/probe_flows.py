@@ -15,17 +15,21 @@ from index.datasets import load_checklist, load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
 from index.store import SpeciesSummary
-from retrieval.encoders import Encoder
+from retrieval.encoders import Encoder, local_timm_config, parse_spec
 from retrieval.galleries import open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
 from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
-from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions
+from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions, same_folder
 from retrieval.textprior import save_text_prior
 from retrieval.whitening_sync import save_stats, stats_from_rows
 
 logger = logging.getLogger(__name__)
+
+#: ``probe import --blend-weight`` words: "auto" fixes the weight at the prior where the selection photos already
+#: chose the fine-tuning run's epoch (or trained the head), else chooses it; "choose" always chooses it.
+WEIGHT_RULES = ("auto", "choose")
 
 
 @dataclass
@@ -108,6 +112,7 @@ def import_gallery_probe(
     val_metadata: str | Path | None = None,
     folds: int = 5,
     rule: str = "seq-nll",
+    blend_weight: str | float = "auto",
     device: str = "auto",
     progress: bool = True,
     precision: str = "auto",
@@ -119,9 +124,15 @@ def import_gallery_probe(
     only k, T, blend weight and unknown threshold are chosen, on ``val_root`` photos when given, else on the
     photos the run held out of its training photos (``heldout.csv``, matched in the gallery by content: kNN from
     the other gallery photos), else out-of-fold over the gallery with the head fixed (which favours the head).
+
+    ``blend_weight`` (:func:`parse_weight_rule`): "auto" (default) fixes the weight at the prior
+    (``retrieval.calibrate.PRIOR``) when the selection photos cannot weigh the head fairly -- the run's held-out
+    photos or its own --val-root (they chose its epoch and test size by the head's log-loss), or the gallery the head
+    trained on -- and chooses it on fresh validation photos; "choose" always chooses it; a number fixes it there.
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
+    blend_weight = parse_weight_rule(blend_weight)  # before any slow work
     probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     options = weights_digest(gallery.fingerprint).partition("+")[2]
@@ -145,6 +156,9 @@ def import_gallery_probe(
             vectors, labels = vectors[rest], [labels[i] for i in rest]
             val_name = f"{HELDOUT_PREFIX}{len(held)} photos listed in {Path(from_dir) / HELDOUT_FILE}"
             logger.info("choosing the blend settings on the %d photos the fine-tuning run held out", len(held))
+    fixed, why = import_weight(blend_weight, _weight_bias(val_root, val_name, from_dir))
+    if why:
+        logger.info("blend weight %s", why)
     t0 = time.perf_counter()
     head_temperature = None
     if val_emb is not None:  # calibrate the head's probabilities on photos it did not train on
@@ -155,7 +169,8 @@ def import_gallery_probe(
                     "make it over-confident)")
     probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
                                         val_embeddings=val_emb, val_labels=val_labels, val_name=val_name,
-                                        folds=folds, rule=rule)
+                                        folds=folds, rule=rule, blend_weight=fixed)
+    probe.calibration.weight_fixed = why
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
@@ -163,6 +178,45 @@ def import_gallery_probe(
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+
+
+def parse_weight_rule(text: str | float) -> str | float:
+    """A ``--blend-weight`` value: "auto", "choose" or a weight from 0 to 1 (ValueError otherwise)."""
+    from retrieval.calibrate import check_weight
+
+    if text in WEIGHT_RULES:
+        return str(text)
+    try:
+        return check_weight(float(text))
+    except ValueError:
+        raise ValueError(f"blend weight: give auto, choose or a number from 0 (kNN only) to 1 (head only), not "
+                         f"{text!r}") from None
+
+
+def import_weight(rule: str | float, bias: str) -> tuple[float | None, str]:
+    """(the blend weight to fix, None to choose it; why it is fixed, "" when chosen) for ``rule`` (``auto``,
+    ``choose`` or a number), where ``bias`` says why the selection photos would favour the head ("" if fresh)."""
+    from retrieval.calibrate import PRIOR
+
+    rule = parse_weight_rule(rule)
+    if not isinstance(rule, str):
+        return rule, f"fixed at {rule:g} by the caller"
+    if rule == "choose" or not bias:
+        return None, ""
+    return PRIOR["weight"], f"fixed at the prior {PRIOR['weight']:g}: {bias}"
+
+
+def _weight_bias(val_root: str | Path | None, val_name: str, from_dir: str | Path) -> str:
+    """Why the photos that choose an imported head's blend settings would favour the head ("" when they are fresh)."""
+    if val_name.startswith(HELDOUT_PREFIX):
+        return "the photos the run held out also chose its epoch and test size"
+    if val_root is None:
+        return "the head was trained on the gallery photos it would be chosen on"
+    run = (local_timm_config(parse_spec(f"timm:local-dir:{from_dir}")) or {}).get("speciesid") or {}
+    source = str(run.get("val_source", ""))
+    if source.startswith("val:") and same_folder(source[4:], val_root):
+        return "these validation photos also chose the fine-tuning run's epoch"
+    return ""
 
 
 def refresh_gallery_metric(gallery: Gallery) -> bool:

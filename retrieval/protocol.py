@@ -50,7 +50,10 @@ class Protocol:
         return out
 
 
-def _same_folder(a: str | Path, b: str | Path) -> bool:
+def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether ``a`` and ``b`` name one folder (False when either is None or cannot be resolved)."""
+    if a is None or b is None:
+        return False
     try:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
@@ -59,7 +62,7 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
 
 def _photos_at(folder: str, root: str | Path) -> tuple[str, bool]:
     """("FOLDER = the evaluated photos" or "FOLDER (not the evaluated photos)", whether it is ``root``)."""
-    same = _same_folder(folder, root)
+    same = same_folder(folder, root)
     return folder + (" = the evaluated photos" if same else " (not the evaluated photos)"), same
 
 
@@ -70,6 +73,7 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     cal = probe.calibration
     rule = f", rule {cal.rule}" if cal.rule else ""
     chosen = f"C={cal.C:g} kNN metric={cal.metric} k={cal.k} T={cal.temperature:g} blend weight={cal.blend_weight:g}"
+    rule += (f" (blend weight {cal.weight_fixed})" if cal.weight_fixed else "")
     head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
     extra = "; k/T/threshold overridden on the command line" if overridden else ""
     where = cal.selected_on

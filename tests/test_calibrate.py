@@ -135,3 +135,43 @@ def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     text, chose = settings_origin(probe, tmp_path / "val")
     assert not chose and "chosen on the photos the fine-tuning run held out of its training photos (140 photos " \
         "listed in OUT/heldout.csv; the head never trained on them" in text
+
+
+def test_blend_weight_fixed_keeps_the_other_choices():
+    draw = _species()
+    x, y = draw(12, np.random.default_rng(7))
+    chosen = select_settings(x, y, fingerprint="f", grid=GRID)
+    fixed = select_settings(x, y, fingerprint="f", grid=GRID, blend_weight=0.4)  # 0.4 is not on the grid
+    assert fixed.blend_weight == 0.4
+    assert (fixed.C, fixed.k, fixed.temperature, fixed.metric) == (chosen.C, chosen.k, chosen.temperature,
+                                                                   chosen.metric)  # seq-nll: chosen before w
+    with pytest.raises(ValueError, match=r"a blend weight is the probe's share, from 0 \(kNN only\) to 1 \(probe "
+                       r"only\), not -0.1"):
+        select_settings(x, y, fingerprint="f", grid=GRID, blend_weight=-0.1)
+
+
+def test_an_imported_heads_weight_is_fixed_where_its_photos_favour_the_head(tmp_path):
+    import json
+
+    from retrieval.probe_flows import _weight_bias, import_weight, parse_weight_rule
+
+    assert parse_weight_rule("auto") == "auto" and parse_weight_rule("choose") == "choose"
+    assert parse_weight_rule("0.25") == 0.25 and parse_weight_rule(1) == 1.0
+    for bad in ("half", "1.01", "nan", "-1"):
+        with pytest.raises(ValueError, match=f"blend weight: give auto, choose or a number .* not '{bad}'"):
+            parse_weight_rule(bad)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"speciesid": {"val_source": f"val:{tmp_path / 'val'}"}}))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "fresh").mkdir()
+    assert _weight_bias(None, "heldout:140 photos listed in run/heldout.csv", run) == (
+        "the photos the run held out also chose its epoch and test size")
+    assert _weight_bias(tmp_path / "val" / ".", str(tmp_path / "val"), run) == (
+        "these validation photos also chose the fine-tuning run's epoch")
+    assert _weight_bias(None, "None", run) == "the head was trained on the gallery photos it would be chosen on"
+    assert _weight_bias(tmp_path / "fresh", str(tmp_path / "fresh"), run) == ""
+    assert import_weight("auto", "") == (None, "")  # fresh photos: chosen
+    assert import_weight("auto", "X") == (0.5, "fixed at the prior 0.5: X")
+    assert import_weight("choose", "X") == (None, "")
+    assert import_weight("0.7", "") == (0.7, "fixed at 0.7 by the caller")

@@ -77,6 +77,7 @@ def test_loss_falls_and_logs(stage1):
     assert cfg["speciesid"]["stage"] == "global" and cfg["speciesid"]["best_epoch"] == r.best_epoch
     assert cfg["speciesid"]["settings"]["bn"] == "eval" and cfg["speciesid"]["settings"]["balance"] == "sampler"
     assert set(r.final) >= {"head_top1", "knn_top1", "blend_top1"}
+    assert r.final["blend_weight"] == 0.5  # its val photos chose the epoch: the weight is the prior, not chosen
 
 
 def test_output_is_an_encoder_and_a_probe(stage1, tiny_set):
@@ -166,6 +167,7 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     from api.cli import main
     from index.layout import EncoderMismatchError
     from retrieval.encoders import EncoderConfig
+    from retrieval.protocol import settings_origin
     from retrieval.workflows import build_gallery, import_gallery_probe, open_identifier
 
     out, r = stage1
@@ -178,6 +180,7 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert ident.probe is not None and ident.probe.source == f"finetune:{out}"
     assert ident.probe.calibration.selected_on.startswith("val:")
     assert 0 < ident.probe.calibration.metrics["head_temperature"] < 10  # calibrated on the val photos
+    assert ident.probe.calibration.weight_fixed == ""  # fresh photos (the run chose on its held-out ones): chosen
     answers = ident.identify_images([Image.open(next(val.rglob("*.jpg"))).convert("RGB")])
     assert answers[0].predictions[0].species in r.species
     # without --val-root: the photos the run held out of its training photos (heldout.csv), found in the gallery
@@ -189,6 +192,21 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     cal = open_identifier(index, precision="fp32").probe.calibration
     assert cal.selected_on == f"val:heldout:6 photos listed in {out / 'heldout.csv'}"
     assert 0 < cal.metrics["head_temperature"] < 10
+    # those photos also chose the run's epoch by the head's log-loss: the blend weight stays at the prior
+    why = "fixed at the prior 0.5: the photos the run held out also chose its epoch and test size"
+    assert cal.blend_weight == 0.5 and cal.weight_fixed == why
+    assert f"rule seq-nll (blend weight {why})" in settings_origin(open_identifier(index, precision="fp32").probe, val)[0]
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "--blend-weight", "choose", "-q"]) == 0
+    cal = open_identifier(index, precision="fp32").probe.calibration
+    assert cal.weight_fixed == "" and cal.selected_on.startswith("val:heldout:")
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "--blend-weight", "0.3", "-q"]) == 0
+    cal = open_identifier(index, precision="fp32").probe.calibration
+    assert cal.blend_weight == 0.3 and cal.weight_fixed == "fixed at 0.3 by the caller"
+    with pytest.raises(ValueError, match=r"blend weight: give auto, choose or a number from 0 \(kNN only\) to 1 "
+                       r"\(head only\), not 1.5"):
+        import_gallery_probe(index, out, blend_weight=1.5, progress=False, precision="fp32")
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "--blend-weight", "half", "-q"]) == 2
+    assert open_identifier(index, precision="fp32").probe.calibration.blend_weight == 0.3  # left as it was
     # test-time views average the head's input: a --views flip gallery of the same network takes the head
     flip = tmp_path / "flip"
     build_gallery(flip, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32",

@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
                    "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
                    "over-fits small folds)")
+    p.add_argument("--blend-weight", default="auto", metavar="auto|choose|W",
+                   help="the head's share in the blend: auto (default) fixes it at the prior 0.5 when the photos that "
+                   "would choose it already chose the run's epoch and test size (its held-out photos, its own "
+                   "--val-root) or trained the head (the gallery), and chooses it on fresh --val-root photos; choose "
+                   "always chooses it; a number from 0 (kNN only) to 1 (head only) fixes it there")
     p.add_argument("--device", default="auto")
     add_runtime_args(p)
     add_quiet(p)
@@ -91,8 +96,8 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
 
     result = import_gallery_probe(
         args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
-        val_metadata=args.val_metadata, folds=args.folds, rule=args.rule, device=args.device, progress=not args.quiet,
-        precision=args.precision, runtime=args.runtime,
+        val_metadata=args.val_metadata, folds=args.folds, rule=args.rule, blend_weight=args.blend_weight,
+        device=args.device, progress=not args.quiet, precision=args.precision, runtime=args.runtime,
     )
     p = result.probe
     s = p.calibration
@@ -104,6 +109,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
            if "head_temperature" in m else "head probabilities uncalibrated (give --val-root to calibrate them)\n")
         + f"chosen: kNN metric={s.metric} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
         f"unknown threshold={s.unknown_threshold}\n"
+        + (f"blend weight {s.weight_fixed}\n" if s.weight_fixed else "")
         + _selection_line(m, "head")
     )
     return 0
