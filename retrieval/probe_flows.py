@@ -15,13 +15,20 @@ from index.datasets import load_checklist, load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
 from index.store import SpeciesSummary
-from retrieval.encoders import Encoder, local_timm_config, parse_spec
+from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
 from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
-from retrieval.protocol import HELDOUT_FILE, HELDOUT_PREFIX, heldout_positions, same_folder
+from retrieval.protocol import (
+    HELDOUT_FILE,
+    HELDOUT_PREFIX,
+    heldout_positions,
+    run_record,
+    run_val_root,
+    same_folder,
+)
 from retrieval.textprior import save_text_prior
 from retrieval.whitening_sync import save_stats, stats_from_rows
 
@@ -212,9 +219,7 @@ def _weight_bias(val_root: str | Path | None, val_name: str, from_dir: str | Pat
         return "the photos the run held out also chose its epoch and test size"
     if val_root is None:
         return "the head was trained on the gallery photos it would be chosen on"
-    run = (local_timm_config(parse_spec(f"timm:local-dir:{from_dir}")) or {}).get("speciesid") or {}
-    source = str(run.get("val_source", ""))
-    if source.startswith("val:") and same_folder(source[4:], val_root):
+    if same_folder(run_val_root(run_record(f"timm:local-dir:{from_dir}")), val_root):
         return "these validation photos also chose the fine-tuning run's epoch"
     return ""
 

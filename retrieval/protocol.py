@@ -89,21 +89,32 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     return f"{head}{chosen}, defaults (nothing was chosen){extra}", False
 
 
+def run_record(spec: str) -> dict:
+    """What a network fine-tuned here recorded of its run (``speciesid`` in its config.json; {} for other specs)."""
+    from retrieval.encoders import local_timm_config, parse_spec
+
+    return (local_timm_config(parse_spec(spec)) or {}).get("speciesid") or {}
+
+
+def run_val_root(run: dict) -> str | None:
+    """The --val-root folder a fine-tuning run chose its epoch and test size on (None: its own held-out photos)."""
+    source = str(run.get("val_source", ""))
+    return source.removeprefix("val:") if source.startswith("val:") else None
+
+
 def size_origin(encoder, root: str | Path) -> tuple[str | None, bool]:
     """(where the encoder's input size comes from, whether the photos at ``root`` chose it), for a network
     fine-tuned here that embeds at the test size its run chose (``finetune.engine.choose_test_size``); (None,
     False) for every other encoder."""
-    from retrieval.encoders import local_timm_config, parse_spec
-
     size = getattr(encoder, "test_size", None)
     if not size:
         return None, False
-    run = (local_timm_config(parse_spec(encoder.spec)) or {}).get("speciesid") or {}
-    source = str(run.get("val_source", ""))
+    run = run_record(encoder.spec)
+    val_root = run_val_root(run)
     photos = (run.get("test_size") or {}).get("photos")
     count = f"{photos} " if photos else ""
-    if source.startswith("val:"):
-        photos, same = _photos_at(source[4:], root)
+    if val_root is not None:
+        photos, same = _photos_at(val_root, root)
         return f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}validation photos " \
             f"{photos}", same
     return (f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}photos it held out of "
