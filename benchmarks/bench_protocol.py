@@ -22,6 +22,7 @@ cached under runs/cache. Run it niced (it is an accuracy job, not a timing):
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py                     # 3 seeds x 5 folds, ~25 min (5 options) on 2 busy cores
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --seeds 1   # one row, quick
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --gallery-fracs 0.5   # + growth
+    nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --metrics both --train-val   # + gallery = train + val
 """
 
 from __future__ import annotations
@@ -81,20 +82,23 @@ def predict(x_ref, y_ref, x_q, n, settings: tuple, probes: dict) -> dict[str, np
 
 
 def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, final: bool = True,
-             grid=None) -> dict:
+             grid=None, subset: np.ndarray | None = None) -> dict:
     """Nested outer CV inside train + the final val read, per rule; plus the 'val selects' row.
 
     ``gallery_frac`` < 1: each outer fold's gallery is a stratified sample of that share of the other folds (the
-    held-out photos stay the same): does a bigger gallery give a better chosen blend?"""
+    held-out photos stay the same): does a bigger gallery give a better chosen blend? ``subset`` (a boolean mask
+    over ``x``): also score the held-out photos inside it alone (``cv_subset``), e.g. the train photos of a pooled
+    train + val run, the same queries as a train-only run."""
     from sklearn.model_selection import train_test_split
 
     from retrieval.calibrate import choose, cv_splits, out_of_fold
 
     labels = [str(v) for v in y]
-    out = {r: {"cv": [], "chosen": []} for r in rules}
+    out = {r: {"cv": [], "cv_subset": [], "chosen": []} for r in rules}
     for seed in seeds:
         hits = {r: {m: 0 for m in METHODS} for r in rules}
-        total = 0
+        sub_hits = {r: {m: 0 for m in METHODS} for r in rules}
+        total = sub_total = 0
         for rest, held in cv_splits(x, y, folds, seed=100 + seed):
             if gallery_frac < 1.0:
                 rest = np.sort(train_test_split(rest, train_size=gallery_frac, stratify=y[rest],
@@ -103,13 +107,19 @@ def evaluate(x, y, xv, yv, n, rules, seeds, folds, gallery_frac: float = 1.0, fi
                               grid=grid)
             probes: dict = {}
             total += len(held)
+            inside = subset[held] if subset is not None else np.zeros(len(held), bool)
+            sub_total += int(inside.sum())
             for r in rules:
                 st = choose(oof, r)
                 out[r]["chosen"].append(st)
                 for m, p in predict(x[rest], y[rest], x[held], n, st, probes).items():
-                    hits[r][m] += int((p.argmax(1) == y[held]).sum())
+                    right = p.argmax(1) == y[held]
+                    hits[r][m] += int(right.sum())
+                    sub_hits[r][m] += int(right[inside].sum())
         for r in rules:
             out[r]["cv"].append({m: hits[r][m] / total for m in METHODS})
+            if sub_total:
+                out[r]["cv_subset"].append({m: sub_hits[r][m] / sub_total for m in METHODS})
     if not final:
         return out
     oof = out_of_fold(x, labels, fingerprint="bench", folds=folds, seed=0, grid=grid)
@@ -142,6 +152,9 @@ def main() -> None:
     ap.add_argument("--gallery-fracs", nargs="*", type=float, default=[],
                     help="also run the outer CV with each outer fold's gallery cut to these shares (e.g. 0.5): the "
                     "blend chosen on a bigger gallery must not be worse")
+    ap.add_argument("--train-val", action="store_true",
+                    help="also the gallery = train + val case (the issue's second row): nested outer CV over the "
+                    "de-duplicated train and val photos pooled (no val read: val is in the gallery)")
     args = ap.parse_args()
     require_shared()
     logging.disable(logging.WARNING)
@@ -184,9 +197,31 @@ def main() -> None:
                     print(f"| {label} | {r} | outer CV, gallery {frac:g} of each outer-train -> all of it | blend "
                           f"{a.mean():.3f} -> {b.mean():.3f} ({b.mean() - a.mean():+.3f}; per seed "
                           + ", ".join(f"{d:+.3f}" for d in b - a) + ") |", flush=True)
+            if args.train_val:
+                pooled = evaluate(np.vstack([x, xv]), np.concatenate([y, yv]), xv, yv, len(species), args.rules,
+                                  range(args.seeds), args.folds, final=False, grid=grid,
+                                  subset=np.arange(len(x) + len(xv)) < len(x))
+                print_pooled(label, pooled, res, args, len(x) + len(xv))
     print("\nAll rows")
     print_table(rows, args)
     print(f"\n{time.perf_counter() - t_all:.0f} s in all; " + watch.report())
+
+
+def print_pooled(label: str, pooled: dict, train_only: dict, args, n_photos: int) -> None:
+    """The gallery = train + val rows: outer CV over the pooled photos, beside the train-only outer CV."""
+    print("\n| features, kNN metric | rule | gallery | protocol | kNN | probe | blend | blend - max(kNN, probe) |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for r in args.rules:
+        for name, cvs, photos in (("train", train_only[r]["cv"], "train"),
+                                  ("train + val", pooled[r]["cv"], f"{n_photos} pooled"),
+                                  ("train + val", pooled[r]["cv_subset"], f"{n_photos} pooled, scored on its train "
+                                   "photos alone (the train-only row's queries)")):
+            cv = {m: np.array([c[m] for c in cvs]) for m in METHODS}
+            gap = cv["blend"] - np.maximum(cv["knn"], cv["probe"])
+            sd = (lambda v: f" ± {v.std(ddof=1):.3f}") if args.seeds > 1 else (lambda v: "")
+            print(f"| {label} | {r} | {name} | outer CV over {photos} ({args.seeds} seeds x {args.folds} folds, "
+                  f"nested) | " + " | ".join(f"{cv[m].mean():.3f}{sd(cv[m])}" for m in METHODS)
+                  + f" | {gap.mean():+.3f}{sd(gap)} |", flush=True)
 
 
 def print_table(rows: list, args) -> None:

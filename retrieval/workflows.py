@@ -59,10 +59,10 @@ from retrieval.probe_flows import (
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
-    "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "EvaluationRun", "Identifier", "ProbeResult",
-    "add_photos", "build_gallery", "clean", "delete_references", "evaluate_dataset", "gallery_info", "identify",
-    "import_gallery_probe", "list_species", "open_gallery", "open_identifier", "presence_for", "restore_exclusions",
-    "search", "train_gallery_probe",
+    "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
+    "Identifier", "ProbeResult", "add_photos", "build_gallery", "clean", "delete_references", "evaluate_dataset",
+    "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
+    "presence_for", "restore_exclusions", "search", "train_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -441,29 +441,3 @@ def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery,
         refresh_gallery_metric(gallery)
     return gallery, restored
 
-
-__all__ = [
-    "DEFAULT_ENCODER",
-    "CleanConfig",
-    "CleanResult",
-    "AddResult",
-    "Answer",
-    "BuildResult",
-    "EvaluationRun",
-    "ProbeResult",
-    "add_photos",
-    "build_gallery",
-    "clean",
-    "delete_references",
-    "evaluate_dataset",
-    "gallery_info",
-    "identify",
-    "import_gallery_probe",
-    "list_species",
-    "open_gallery",
-    "open_identifier",
-    "presence_for",
-    "restore_exclusions",
-    "search",
-    "train_gallery_probe",
-]
