@@ -207,8 +207,14 @@ def main() -> None:
     print(f"\n{time.perf_counter() - t_all:.0f} s in all; " + watch.report())
 
 
+def spread(args):
+    """Formats an array's standard deviation over seeds as " ± x" ("" with one seed)."""
+    return (lambda v: f" ± {v.std(ddof=1):.3f}") if args.seeds > 1 else (lambda v: "")
+
+
 def print_pooled(label: str, pooled: dict, train_only: dict, args, n_photos: int) -> None:
     """The gallery = train + val rows: outer CV over the pooled photos, beside the train-only outer CV."""
+    sd = spread(args)
     print("\n| features, kNN metric | rule | gallery | protocol | kNN | probe | blend | blend - max(kNN, probe) |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in args.rules:
@@ -218,7 +224,6 @@ def print_pooled(label: str, pooled: dict, train_only: dict, args, n_photos: int
                                    "photos alone (the train-only row's queries)")):
             cv = {m: np.array([c[m] for c in cvs]) for m in METHODS}
             gap = cv["blend"] - np.maximum(cv["knn"], cv["probe"])
-            sd = (lambda v: f" ± {v.std(ddof=1):.3f}") if args.seeds > 1 else (lambda v: "")
             print(f"| {label} | {r} | {name} | outer CV over {photos} ({args.seeds} seeds x {args.folds} folds, "
                   f"nested) | " + " | ".join(f"{cv[m].mean():.3f}{sd(cv[m])}" for m in METHODS)
                   + f" | {gap.mean():+.3f}{sd(gap)} |", flush=True)
@@ -231,7 +236,7 @@ def print_table(rows: list, args) -> None:
     for opt, res in rows:
         for r in args.rules:
             cv = {m: np.array([c[m] for c in res[r]["cv"]]) for m in METHODS}
-            sd = (lambda v: f" ± {v.std(ddof=1):.3f}") if args.seeds > 1 else (lambda v: "")
+            sd = spread(args)
             gap = cv["blend"] - np.maximum(cv["knn"], cv["probe"])
             print(f"| {opt} | {r} | outer CV in train ({args.seeds} seeds x {args.folds} folds, nested) | "
                   + " | ".join(f"{cv[m].mean():.3f}{sd(cv[m])}" for m in METHODS)
