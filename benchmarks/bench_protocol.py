@@ -207,14 +207,19 @@ def main() -> None:
     print(f"\n{time.perf_counter() - t_all:.0f} s in all; " + watch.report())
 
 
-def spread(args):
-    """Formats an array's standard deviation over seeds as " ± x" ("" with one seed)."""
-    return (lambda v: f" ± {v.std(ddof=1):.3f}") if args.seeds > 1 else (lambda v: "")
+def seed_stats(cvs: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-seed outer-CV top-1 -> each method's figures over seeds, and blend - max(kNN, probe) over seeds."""
+    cv = {m: np.array([c[m] for c in cvs]) for m in METHODS}
+    return cv, cv["blend"] - np.maximum(cv["knn"], cv["probe"])
 
 
-def print_pooled(label: str, pooled: dict, train_only: dict, args, n_photos: int) -> None:
+def mean_sd(v: np.ndarray, seeds: int, sign: str = "") -> str:
+    """Mean over seeds, and " ± sd" when there is more than one seed."""
+    return f"{v.mean():{sign}.3f}" + (f" ± {v.std(ddof=1):.3f}" if seeds > 1 else "")
+
+
+def print_pooled(label: str, pooled: dict, train_only: dict, args: argparse.Namespace, n_photos: int) -> None:
     """The gallery = train + val rows: outer CV over the pooled photos, beside the train-only outer CV."""
-    sd = spread(args)
     print("\n| features, kNN metric | rule | gallery | protocol | kNN | probe | blend | blend - max(kNN, probe) |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for r in args.rules:
@@ -222,24 +227,21 @@ def print_pooled(label: str, pooled: dict, train_only: dict, args, n_photos: int
                                   ("train + val", pooled[r]["cv"], f"{n_photos} pooled"),
                                   ("train + val", pooled[r]["cv_subset"], f"{n_photos} pooled, scored on its train "
                                    "photos alone (the train-only row's queries)")):
-            cv = {m: np.array([c[m] for c in cvs]) for m in METHODS}
-            gap = cv["blend"] - np.maximum(cv["knn"], cv["probe"])
+            cv, gap = seed_stats(cvs)
             print(f"| {label} | {r} | {name} | outer CV over {photos} ({args.seeds} seeds x {args.folds} folds, "
-                  f"nested) | " + " | ".join(f"{cv[m].mean():.3f}{sd(cv[m])}" for m in METHODS)
-                  + f" | {gap.mean():+.3f}{sd(gap)} |", flush=True)
+                  f"nested) | " + " | ".join(mean_sd(cv[m], args.seeds) for m in METHODS)
+                  + f" | {mean_sd(gap, args.seeds, '+')} |", flush=True)
 
 
-def print_table(rows: list, args) -> None:
+def print_table(rows: list, args: argparse.Namespace) -> None:
     print("\n| features (pool/views), kNN metric | rule | protocol | kNN | probe | blend | blend - max(kNN, probe) | "
           "settings (chosen on all train) |")
     print("|---|---|---|---:|---:|---:|---:|---|")
     for opt, res in rows:
         for r in args.rules:
-            cv = {m: np.array([c[m] for c in res[r]["cv"]]) for m in METHODS}
-            sd = spread(args)
-            gap = cv["blend"] - np.maximum(cv["knn"], cv["probe"])
+            cv, gap = seed_stats(res[r]["cv"])
             print(f"| {opt} | {r} | outer CV in train ({args.seeds} seeds x {args.folds} folds, nested) | "
-                  + " | ".join(f"{cv[m].mean():.3f}{sd(cv[m])}" for m in METHODS)
+                  + " | ".join(mean_sd(cv[m], args.seeds) for m in METHODS)
                   + f" | {gap.mean():+.3f} | {len({tuple(s) for s in res[r]['chosen']})} distinct in "
                   f"{len(res[r]['chosen'])} outer folds |")
             v = res[r]["val"]
