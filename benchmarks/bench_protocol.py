@@ -213,9 +213,9 @@ def seed_stats(cvs: list[dict]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return cv, cv["blend"] - np.maximum(cv["knn"], cv["probe"])
 
 
-def mean_sd(v: np.ndarray, seeds: int, sign: str = "") -> str:
-    """Mean over seeds, and " ± sd" when there is more than one seed."""
-    return f"{v.mean():{sign}.3f}" + (f" ± {v.std(ddof=1):.3f}" if seeds > 1 else "")
+def mean_sd(v: np.ndarray, sign: str = "") -> str:
+    """Mean over seeds (one value a seed), and " ± sd" when there is more than one seed."""
+    return f"{v.mean():{sign}.3f}" + (f" ± {v.std(ddof=1):.3f}" if v.size > 1 else "")
 
 
 def print_pooled(label: str, pooled: dict, train_only: dict, args: argparse.Namespace, n_photos: int) -> None:
@@ -229,8 +229,8 @@ def print_pooled(label: str, pooled: dict, train_only: dict, args: argparse.Name
                                    "photos alone (the train-only row's queries)")):
             cv, gap = seed_stats(cvs)
             print(f"| {label} | {r} | {name} | outer CV over {photos} ({args.seeds} seeds x {args.folds} folds, "
-                  f"nested) | " + " | ".join(mean_sd(cv[m], args.seeds) for m in METHODS)
-                  + f" | {mean_sd(gap, args.seeds, '+')} |", flush=True)
+                  f"nested) | " + " | ".join(mean_sd(cv[m]) for m in METHODS)
+                  + f" | {mean_sd(gap, '+')} |", flush=True)
 
 
 def print_table(rows: list, args: argparse.Namespace) -> None:
@@ -241,7 +241,7 @@ def print_table(rows: list, args: argparse.Namespace) -> None:
         for r in args.rules:
             cv, gap = seed_stats(res[r]["cv"])
             print(f"| {opt} | {r} | outer CV in train ({args.seeds} seeds x {args.folds} folds, nested) | "
-                  + " | ".join(mean_sd(cv[m], args.seeds) for m in METHODS)
+                  + " | ".join(mean_sd(cv[m]) for m in METHODS)
                   + f" | {gap.mean():+.3f} | {len({tuple(s) for s in res[r]['chosen']})} distinct in "
                   f"{len(res[r]['chosen'])} outer folds |")
             v = res[r]["val"]
