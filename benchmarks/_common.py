@@ -8,6 +8,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,18 @@ def split_embeddings(encoder_spec: str, split: str, precision: str = "fp32") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, emb=emb, paths=np.array(paths))
     return emb, labels, paths
+
+
+def finetuned_embeddings(folder: str | Path, paths: list[str]) -> np.ndarray:
+    """Embeddings of ``paths`` by a ``speciesid finetune`` output folder (timm local-dir), torch fp32 on the CPU, at
+    the test size the run chose (as a gallery built with it embeds)."""
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import embed_sources
+
+    enc = create_encoder(f"timm:local-dir:{folder}", runtime="torch", precision="fp32", device="cpu")
+    emb, errors = embed_sources(paths, enc)
+    assert not any(errors), [e for e in errors if e]
+    return emb
 
 
 def gallery_from_embeddings(root: Path, enc, records, emb: np.ndarray):
@@ -126,3 +139,29 @@ def dedup(train_emb: np.ndarray, train_paths: list[str], val_emb: np.ndarray, va
         leaks.setdefault(int(j), ("cosine", float(s)))
     keep_va = np.array([j for j in range(len(val_paths)) if j not in leaks])
     return {"train": keep_tr, "val": keep_va, "leaks": leaks}
+
+
+@dataclass
+class FrozenSplits:
+    """ph-snakes embedded by the frozen MobileNetV1 (torch fp32, cached): all of train, and val de-duplicated
+    against train (:func:`dedup`); labels are indices into ``species``."""
+
+    species: list[str]  # sorted species of train
+    train: np.ndarray  # train embeddings
+    y: np.ndarray  # train labels
+    train_paths: list[str]
+    val: np.ndarray  # the val photos kept
+    yv: np.ndarray
+    val_paths: list[str]  # of the kept photos
+    val_total: int  # val photos before de-duplication
+
+
+def frozen_splits() -> FrozenSplits:
+    """:class:`FrozenSplits` of ph-snakes (``require_shared`` first)."""
+    tr, tr_species, tr_paths = split_embeddings(MOBILENET_SPEC, "train")
+    va, va_species, va_paths = split_embeddings(MOBILENET_SPEC, "val")
+    keep = dedup(tr, tr_paths, va, va_paths)["val"]
+    species = sorted(set(tr_species))
+    return FrozenSplits(species, tr, np.array([species.index(s) for s in tr_species]), tr_paths, va[keep],
+                        np.array([species.index(s) for s in va_species])[keep], [va_paths[i] for i in keep],
+                        len(va_paths))

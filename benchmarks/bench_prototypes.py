@@ -18,21 +18,11 @@ import argparse
 import time
 
 import numpy as np
-from _common import MOBILENET_SPEC, dedup, require_shared, split_embeddings
+from _common import finetuned_embeddings, frozen_splits, require_shared
 from _hardware import machine_report
 
 PROTO_T = (0.02, 0.03, 0.05, 0.08)  # prototype temperatures tried
 PROTO_W = (0.25, 0.5, 0.75)  # prototype + probe blend weights tried
-
-
-def finetuned_embeddings(folder: str, paths: list[str]) -> np.ndarray:
-    from retrieval.encoders import create_encoder
-    from retrieval.pipeline import embed_sources
-
-    enc = create_encoder(f"timm:local-dir:{folder}", runtime="torch", precision="fp32", device="cpu")
-    emb, errors = embed_sources(paths, enc)
-    assert not any(errors)
-    return emb
 
 
 def prototypes(xq: np.ndarray, xr: np.ndarray, yr: np.ndarray, n: int, t: float) -> np.ndarray:
@@ -92,24 +82,19 @@ def main() -> None:
     args = ap.parse_args()
     require_shared()
     print("bench_prototypes: where it ran\n" + machine_report(), flush=True)
-    tr, tr_species, tr_paths = split_embeddings(MOBILENET_SPEC, "train")
-    va, va_species, va_paths = split_embeddings(MOBILENET_SPEC, "val")
-    keep = dedup(tr, tr_paths, va, va_paths)["val"]
-    species = sorted(set(tr_species))
-    y = np.array([species.index(s) for s in tr_species])
-    yv = np.array([species.index(s) for s in va_species])[keep]
-    n = len(species)
-    print(f"val: {len(va_paths)} photos, {len(keep)} kept after de-duplication against train; read once")
+    d = frozen_splits()
+    tr, y, yv, n = d.train, d.y, d.yv, len(d.species)
+    print(f"val: {d.val_total} photos, {len(yv)} kept after de-duplication against train; read once")
     print("| features | settings (inside train) | kNN | probe | blend | prototypes | prototypes + probe | "
           "(kNN + prototypes)/2 + probe | time |")
     print("|---|---|---|---|---|---|---|---|---|")
-    row("frozen", tr, y, va[keep], yv, n)
+    row("frozen", tr, y, d.val, yv, n)
     for folder in args.finetuned:
-        ft, ftv = finetuned_embeddings(folder, tr_paths), finetuned_embeddings(folder, va_paths)[keep]
+        ft, ftv = finetuned_embeddings(folder, d.train_paths), finetuned_embeddings(folder, d.val_paths)
         name = folder.rstrip("/").split("/")[-1]
         row(f"fine-tuned {name}", ft, y, ftv, yv, n)
         row(f"frozen + fine-tuned {name}, concatenated", np.hstack([tr, ft]) / np.sqrt(2), y,
-            np.hstack([va[keep], ftv]) / np.sqrt(2), yv, n)
+            np.hstack([d.val, ftv]) / np.sqrt(2), yv, n)
 
 
 if __name__ == "__main__":
