@@ -36,11 +36,11 @@ WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # blend weights the val-chosen
 FT_WEIGHT = 0.5  # the weight shipped for an imported fine-tuned head (``probe import --blend-weight auto``)
 
 
-def room(knn: np.ndarray, probe: np.ndarray, y: np.ndarray, weight: float) -> dict:
-    """The figures of one pipeline from its two sides' probabilities (N, n_classes) on the queries ``y``."""
+def room(knn: np.ndarray, probe: np.ndarray, known: np.ndarray, y: np.ndarray, weight: float) -> dict:
+    """The figures of one pipeline from its two sides' probabilities (N, n_classes) on the queries ``y`` (``known``:
+    the species the probe knows, as ``probe_matrix`` returns them)."""
     from retrieval.calibrate import blend_matrix
 
-    known = probe.max(axis=0) > 0  # the species the probe knows (``probe_matrix`` leaves the others at 0)
     hit_k, hit_p = knn.argmax(1) == y, probe.argmax(1) == y
     best = max(float(hit_k.mean()), float(hit_p.mean()))
     curve = np.array([float((blend_matrix(knn, probe, known, w).argmax(1) == y).mean()) for w in WEIGHTS])
@@ -64,9 +64,9 @@ def frozen_row(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: 
 
     cal = select_settings(x, [str(v) for v in y], fingerprint="bench")
     probe = train_probe(x, [str(v) for v in y], fingerprint="bench", C=cal.C)
-    pp = probe_matrix(probe, xv, {str(i): i for i in range(n)}, n)[0]
+    pp, known = probe_matrix(probe, xv, {str(i): i for i in range(n)}, n)
     kn = knn_matrix(xv, x, y, n, cal.k, cal.temperature, metric=cal.metric)
-    r = room(kn, pp, yv, cal.blend_weight)
+    r = room(kn, pp, known, yv, cal.blend_weight)
     r["settings"] = f"C={cal.C:g} {cal.metric} k={cal.k} T={cal.temperature:g} w={cal.blend_weight:g}"
     return r
 
@@ -78,18 +78,19 @@ def finetuned_rows(folder: Path, tr_paths: list[str], y: np.ndarray, va_paths: l
 
     from retrieval.calibrate import knn_matrix, probe_matrix
     from retrieval.probe import LinearProbe, fit_head_temperature
+    from retrieval.protocol import HELDOUT_FILE
 
     final = json.loads((folder / "config.json").read_text())["speciesid"]["final"]
     k, t, metric = final["k"], final["temperature"], final["metric"]
     n = len(species)
     x, xv = finetuned_embeddings(folder, tr_paths), finetuned_embeddings(folder, va_paths)
     pos = {p: i for i, p in enumerate(tr_paths)}
-    with open(folder / "heldout.csv", newline="") as f:
+    with open(folder / HELDOUT_FILE, newline="") as f:
         held = np.array(sorted(pos[r["path"]] for r in csv.DictReader(f)))
     head = LinearProbe.load(folder)
     head = head.scaled(fit_head_temperature(head, x[held], [species[i] for i in y[held]]))
-    ph = probe_matrix(head, xv, {s: i for i, s in enumerate(species)}, n)[0]
-    r = room(knn_matrix(xv, x, y, n, k, t, metric=metric), ph, yv, FT_WEIGHT)
+    ph, known = probe_matrix(head, xv, {s: i for i, s in enumerate(species)}, n)
+    r = room(knn_matrix(xv, x, y, n, k, t, metric=metric), ph, known, yv, FT_WEIGHT)
     r["settings"] = f"{metric} k={k} T={t:g} w={FT_WEIGHT:g}"
     if not train_val:
         return r, None
@@ -98,7 +99,7 @@ def finetuned_rows(folder: Path, tr_paths: list[str], y: np.ndarray, va_paths: l
         kn = np.zeros((len(yv), n))
         for g, q in StratifiedKFold(5, shuffle=True, random_state=seed).split(xv, yv):
             kn[q] = knn_matrix(xv[q], np.vstack([x, xv[g]]), np.concatenate([y, yv[g]]), n, k, t, metric=metric)
-        reads.append(room(kn, ph, yv, FT_WEIGHT))
+        reads.append(room(kn, ph, known, yv, FT_WEIGHT))
     rv = {key: float(np.mean([d[key] for d in reads])) for key in reads[0]}
     rv["settings"] = r["settings"]
     return r, rv
