@@ -61,7 +61,9 @@ def finetuned_embeddings(folder: str | Path, paths: list[str]) -> np.ndarray:
 
     enc = create_encoder(f"timm:local-dir:{folder}", runtime="torch", precision="fp32", device="cpu")
     emb, errors = embed_sources(paths, enc)
-    assert not any(errors), [e for e in errors if e]
+    bad = [f"{p}: {e}" for p, e in zip(paths, errors, strict=True) if e]
+    if bad:
+        raise RuntimeError(f"{folder}: {len(bad)} photos could not be embedded, e.g. {bad[:3]}")
     return emb
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import finetuned_embeddings, frozen_splits, require_shared
+from _common import FrozenSplits, finetuned_embeddings, frozen_splits, require_shared
 from _hardware import machine_report
 
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # blend weights the val-chosen ceiling searches
@@ -58,10 +58,12 @@ def print_row(name: str, r: dict, note: str = "") -> None:
           f"{note} |", flush=True)
 
 
-def frozen_row(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: int) -> dict:
+def frozen_row(d: FrozenSplits) -> dict:
+    """The frozen pipeline, every setting chosen inside train."""
     from retrieval.calibrate import knn_matrix, probe_matrix, select_settings
     from retrieval.probe import train_probe
 
+    x, y, xv, yv, n = d.train, d.y, d.val, d.yv, len(d.species)
     cal = select_settings(x, [str(v) for v in y], fingerprint="bench")
     probe = train_probe(x, [str(v) for v in y], fingerprint="bench", C=cal.C)
     pp, known = probe_matrix(probe, xv, {str(i): i for i in range(n)}, n)
@@ -71,8 +73,7 @@ def frozen_row(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: 
     return r
 
 
-def finetuned_rows(folder: Path, tr_paths: list[str], y: np.ndarray, va_paths: list[str], yv: np.ndarray,
-                   species: list[str], train_val: bool) -> tuple[dict, dict | None]:
+def finetuned_rows(folder: Path, d: FrozenSplits, train_val: bool) -> tuple[dict, dict | None]:
     """(train gallery, train + val gallery or None) figures of one fine-tuned run."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -82,9 +83,9 @@ def finetuned_rows(folder: Path, tr_paths: list[str], y: np.ndarray, va_paths: l
 
     final = json.loads((folder / "config.json").read_text())["speciesid"]["final"]
     k, t, metric = final["k"], final["temperature"], final["metric"]
-    n = len(species)
-    x, xv = finetuned_embeddings(folder, tr_paths), finetuned_embeddings(folder, va_paths)
-    pos = {p: i for i, p in enumerate(tr_paths)}
+    y, yv, species, n = d.y, d.yv, d.species, len(d.species)
+    x, xv = finetuned_embeddings(folder, d.train_paths), finetuned_embeddings(folder, d.val_paths)
+    pos = {p: i for i, p in enumerate(d.train_paths)}
     with open(folder / HELDOUT_FILE, newline="") as f:
         held = np.array(sorted(pos[r["path"]] for r in csv.DictReader(f)))
     head = LinearProbe.load(folder)
@@ -119,11 +120,11 @@ def main() -> None:
           "either right - max | one side right | phi | settings |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     t0 = time.perf_counter()
-    r = frozen_row(d.train, d.y, d.val, d.yv, len(d.species))
+    r = frozen_row(d)
     print_row("frozen, train gallery", r, r["settings"])
     rows: dict[str, list[dict]] = {}
     for folder in args.finetuned:
-        a, b = finetuned_rows(folder, d.train_paths, d.y, d.val_paths, d.yv, d.species, args.train_val)
+        a, b = finetuned_rows(folder, d, args.train_val)
         print_row(f"{folder.name}, train gallery", a, a["settings"])
         rows.setdefault("train gallery", []).append(a)
         if b is not None:
