@@ -7,8 +7,8 @@ torch) and torch fp32. The gallery is ph-snakes train (975 photos) stored from t
 option's fingerprint: the search costs the same, the answers are not meaningful (accuracy: bench_protocol.py).
 For today's embeddings also the blend with a linear probe, its kNN vote under the cosine metric and under the
 whitened one (``retrieval.metric``: the 200 cosine neighbours re-ranked in the whitened space).
-With ``--finetuned OUT`` (a ``speciesid finetune`` folder) also that network's blend, embedded at the test size
-its run chose and at the model's own size. Passes rotate the order of the options; medians over passes. Run it
+With ``--finetuned OUT`` (a ``speciesid finetune`` folder) also that network's blend (kNN cosine and whitened:
+``probe import`` chooses one per gallery), embedded at the test size its run chose and at the model's own size. Passes rotate the order of the options; medians over passes. Run it
 at normal priority, alone:
 
     flock /tmp/speciesid-timing.lock .venv/bin/python benchmarks/bench_views.py [--queries 40 --passes 3]
@@ -90,8 +90,8 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="+", default=["auto", "torch"])
     ap.add_argument("--options", nargs="+", default=[f"{p}/{v}" for p, v in OPTIONS],
                     help="POOL/VIEWS pairs (default: all six; model/single is always run, the baseline)")
-    ap.add_argument("--finetuned", type=Path, help="also a `speciesid finetune` output: the blend (kNN whitened) "
-                    "embedded at the test size its run chose, and at the model's own size")
+    ap.add_argument("--finetuned", type=Path, help="also a `speciesid finetune` output: the blend (kNN cosine and "
+                    "whitened) embedded at the test size its run chose, and at the model's own size")
     args = ap.parse_args()
     require_shared()
     logging.disable(logging.WARNING)
@@ -132,9 +132,10 @@ def main() -> None:
                     enc = create_encoder(f"timm:local-dir:{folder}", runtime=rt, precision=prec, device="cpu",
                                          photos=calib)
                     g = gallery_from_embeddings(Path(tmp) / f"ft-{what}-{rt}", enc, train, emb)
-                    _add_runner(runners, f"fine-tuned at {enc.input_size} px ({what}), blend, kNN whitened | "
-                                f"{rt} -> {enc.runtime} {enc.precision}",
-                                _probe_identifier(enc, g, train, emb, "whitened"), queries)
+                    for metric in ("cosine", "whitened"):  # `probe import` chooses one per gallery
+                        _add_runner(runners, f"fine-tuned at {enc.input_size} px ({what}), blend, kNN {metric} | "
+                                    f"{rt} -> {enc.runtime} {enc.precision}",
+                                    _probe_identifier(enc, g, train, emb, metric), queries)
         names = list(runners)
         per: dict[str, list[dict]] = {n: [] for n in names}
         for p in range(args.passes):
