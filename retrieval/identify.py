@@ -176,10 +176,13 @@ class Identifier:
     def voting_neighbours(self, embeddings: np.ndarray) -> list[list[Neighbour]]:
         """The ``config.k`` references that vote for each embedding, under the probe's metric (module docstring)."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        wh = self.whitening()
-        if wh is None:
+        if not self._votes_whitened():
             return self.gallery.search(emb, self.config.k)
-        _, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))
+        sims, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))  # sees other writers first
+        wh = self.whitening()
+        if wh is None:  # too few photos a species to fit one: the cosine neighbours, best first
+            k = self.config.k
+            return [self.gallery.neighbours(ids[:k], s[:k]) for ids, s in zip(found, sims, strict=True)]
         out = []
         with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
             for z, row in zip(wh.apply(emb), found, strict=True):
@@ -204,12 +207,15 @@ class Identifier:
                 self._whitened.update(zip(missing, vectors, strict=True))
             return np.stack([self._whitened[i] for i in ids])
 
+    def _votes_whitened(self) -> bool:
+        return self.probe is not None and self.probe.calibration.metric == "whitened"
+
     def whitening(self) -> Whitening | None:
         """The vote's whitening when the probe's calibration chose that metric (else None): the probe's own while
         it still fits the gallery (:meth:`Whitening.fits`), else fitted again on the gallery's rows."""
-        if self.probe is None or self.probe.calibration.metric != "whitened":
+        if not self._votes_whitened():
             return None
-        version = self.gallery.store.version
+        version = self.gallery.version  # the rows the index serves (a search refreshes it): no store round trip
         if version != self._whitening_version:
 
             def candidates() -> Iterator[Whitening | None]:

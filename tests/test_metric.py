@@ -343,3 +343,31 @@ def test_exclusions_and_their_restore_refit_the_saved_whitening(tmp_path):
     saved = LinearProbe.load(gallery.root).whitening
     assert saved.photos == len(ids)  # refitted by the restore, from the saved sums + the rows that came back
     np.testing.assert_allclose(saved.matrix, fit_whitening(vectors, labels).matrix, atol=1e-4)
+
+
+def test_the_whitened_vote_follows_other_writers_without_asking_the_store_on_every_query(tmp_path, monkeypatch):
+    """The vote's whitening is checked against the rows the index serves (``Gallery.version``), which a search
+    refreshes at most every ``refresh_s``: no store round trip per query, and another process's new species is
+    still voted on whitened after the refresh."""
+    from index.store import ReferenceStore
+
+    gallery, _, _, _ = _whitened_gallery(tmp_path / "g")
+    reader = Gallery.open(tmp_path / "g", refresh_s=3600.0)
+    ident = Identifier(_Enc(), reader, probe=LinearProbe.load(reader.root))
+    x, _ = _nuisance(3, seed=5)
+    ident.voting_neighbours(x)  # the first search checks the store and fits (or keeps) the whitening
+    first = ident.whitening()
+    calls = []
+    version = ReferenceStore.version
+    monkeypatch.setattr(ReferenceStore, "version", property(lambda self: calls.append(1) or version.fget(self)))
+    for _ in range(5):
+        ident.voting_neighbours(x)
+    assert calls == []  # within refresh_s: the index's own version, no LanceDB call
+    # another process (its own Gallery object) adds a species; the reader's next refresh sees it and refits
+    new, _ = _nuisance(10, classes=range(5, 6), seed=3)
+    _add(gallery, new, ["Novus n"] * 10, "n")
+    assert ident.whitening() is first  # not refreshed yet: the rows it serves are unchanged
+    reader.refresh(force=True)
+    assert "Novus n" in ident.whitening().species
+    assert ident.whitening().photos == first.photos + 10
+    assert calls  # the refresh asked the store
