@@ -8,8 +8,8 @@ option's fingerprint: the search costs the same, the answers are not meaningful 
 For today's embeddings also the blend with a linear probe, its kNN vote under the cosine metric and under the
 whitened one (``retrieval.metric``: the 200 cosine neighbours re-ranked in the whitened space).
 With ``--finetuned OUT`` (a ``speciesid finetune`` folder) also that network's blend (kNN cosine and whitened:
-``probe import`` chooses one per gallery), embedded at the test size its run chose and at the model's own size. Passes rotate the order of the options; medians over passes. Run it
-at normal priority, alone:
+``probe import`` chooses one per gallery), embedded at the test size its run chose and at the model's own size.
+Passes rotate the order of the options; medians over passes. Run it at normal priority, alone:
 
     flock /tmp/speciesid-timing.lock .venv/bin/python benchmarks/bench_views.py [--queries 40 --passes 3]
 """

@@ -178,11 +178,10 @@ class Identifier:
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
         if not self._votes_whitened():
             return self.gallery.search(emb, self.config.k)
-        sims, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))  # sees other writers first
+        _, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))  # sees other writers first
         wh = self.whitening()
-        if wh is None:  # too few photos a species to fit one: the cosine neighbours, best first
-            k = self.config.k
-            return [self.gallery.neighbours(ids[:k], s[:k]) for ids, s in zip(found, sims, strict=True)]
+        if wh is None:  # too few photos a species to fit one (rare): the cosine vote
+            return self.gallery.search(emb, self.config.k)
         out = []
         with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
             for z, row in zip(wh.apply(emb), found, strict=True):
