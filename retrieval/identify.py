@@ -125,8 +125,10 @@ class Identifier:
 
     # ----------------------------------------------------------------- taxonomy
     def taxa(self) -> dict[str, SpeciesSummary]:
-        """Species metadata of the gallery (and the text prior's photo-less species), cached per store version."""
-        version = self.gallery.store.version
+        """Species metadata of the gallery (and the text prior's photo-less species), cached per version of the
+        rows the index serves (``Gallery.version``: this process's writes at once, other processes' when a search
+        refreshes; no store round trip per answer)."""
+        version = self.gallery.version
         if version != self._taxa_version:
             taxa = dict(self.text_prior.taxa) if self.text_prior else {}
             taxa.update({s.species: s for s in self.gallery.species()})

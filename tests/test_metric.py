@@ -371,3 +371,33 @@ def test_the_whitened_vote_follows_other_writers_without_asking_the_store_on_eve
     assert "Novus n" in ident.whitening().species
     assert ident.whitening().photos == first.photos + 10
     assert calls  # the refresh asked the store
+
+
+def test_the_species_metadata_follow_the_served_rows_without_asking_the_store_on_every_answer(tmp_path, monkeypatch):
+    """``Identifier.taxa()`` is cached per ``Gallery.version``: answers within ``refresh_s`` make no store round
+    trip; this process's own add shows at once, another process's after the refresh that brings its rows."""
+    from index.store import ReferenceStore
+
+    gallery, _, _, _ = _whitened_gallery(tmp_path / "g")
+    reader = Gallery.open(tmp_path / "g", refresh_s=3600.0)
+    ident = Identifier(_Enc(), reader, probe=LinearProbe.load(reader.root))
+    x, _ = _nuisance(3, seed=5)
+    ident.identify_embeddings(x)  # the first answers read the species once
+    before = set(ident.taxa())
+    calls = []
+    version = ReferenceStore.version
+    monkeypatch.setattr(ReferenceStore, "version", property(lambda self: calls.append(1) or version.fget(self)))
+    for _ in range(3):
+        ident.identify_embeddings(x)
+    assert calls == []  # within refresh_s: no LanceDB call per answer
+    # another process (its own Gallery object) adds a species: not served yet, so not listed yet
+    new, _ = _nuisance(10, classes=range(5, 6), seed=3)
+    _add(gallery, new, ["Novus n"] * 10, "n")
+    assert set(ident.taxa()) == before
+    reader.refresh(force=True)
+    assert set(ident.taxa()) == before | {"Novus n"}
+    assert ident.taxa()["Novus n"].count == 10
+    # this process's own write shows at once (the add moves the index's version itself)
+    mine, _ = _nuisance(5, classes=range(6, 7), seed=4)
+    _add(reader, mine, ["Mea m"] * 5, "m")
+    assert "Mea m" in ident.taxa()

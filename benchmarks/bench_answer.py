@@ -1,0 +1,95 @@
+"""What an answer costs after the encoder: search, vote, probe, blend and dressing, from embeddings.
+
+A gallery of the ph-snakes train photos (real MobileNetV1 embeddings, cached under runs/cache), its probe trained as
+``speciesid probe train`` does; then every val embedding is identified one at a time (``identify_embeddings``), in
+two ways alternated pass by pass in one run:
+
+* **now**: ``Identifier.taxa()`` (the species metadata every answer is dressed with) cached per ``Gallery.version``,
+  the version of the rows the index serves;
+* **as before**: the same cache checked against ``store.version``, a LanceDB call per answer.
+
+Prints p50 / p95 / p99 per way and the ratio of medians. Nothing here asserts: it prints.
+
+    flock /tmp/speciesid-timing.lock .venv/bin/python benchmarks/bench_answer.py          # ~1 min
+    .venv/bin/python benchmarks/bench_answer.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    MOBILENET_SPEC,
+    PH_SNAKES,
+    CpuWatch,
+    gallery_from_embeddings,
+    percentiles,
+    require_shared,
+    split_embeddings,
+)
+from _hardware import machine_report
+
+
+def _taxa_as_before(self):
+    """``Identifier.taxa()`` as it was: the cache checked against the store's version (a LanceDB call)."""
+    version = self.gallery.store.version
+    if version != self._taxa_version:
+        taxa = dict(self.text_prior.taxa) if self.text_prior else {}
+        taxa.update({s.species: s for s in self.gallery.species()})
+        self._taxa, self._taxa_version = taxa, version
+    return self._taxa
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--passes", type=int, default=5, help="passes over the val embeddings per way (default 5)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 pass, 40 queries")
+    args = ap.parse_args()
+    require_shared()
+    print("bench_answer: where it ran\n" + machine_report(), flush=True)
+    from index.datasets import load_dataset
+    from retrieval.encoders import create_encoder
+    from retrieval.identify import Identifier
+    from retrieval.workflows import open_identifier, train_gallery_probe
+
+    enc = create_encoder(MOBILENET_SPEC, precision="fp32")
+    train, _, _ = split_embeddings(MOBILENET_SPEC, "train")
+    queries, _, _ = split_embeddings(MOBILENET_SPEC, "val")
+    passes = 1 if args.quick else args.passes
+    queries = queries[:40] if args.quick else queries
+    now = Identifier.taxa
+    ways = {"now (Gallery.version)": now, "as before (store.version per answer)": _taxa_as_before}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "g"
+        gallery_from_embeddings(root, enc, load_dataset("folder", PH_SNAKES / "train").records, train)
+        train_gallery_probe(root, progress=False)
+        ident = open_identifier(root, precision="fp32")
+        for q in queries:  # one untimed pass: the whitened vote caches each reference's whitened vector
+            ident.identify_embeddings(q[None])
+        watch = CpuWatch()
+        try:
+            for p in range(passes):
+                for name in list(ways)[:: 1 if p % 2 == 0 else -1]:  # alternate the order: drift hits both alike
+                    Identifier.taxa = ways[name]
+                    for q in queries:
+                        t0 = time.perf_counter()
+                        ident.identify_embeddings(q[None])
+                        times[name].append(1000 * (time.perf_counter() - t0))
+        finally:
+            Identifier.taxa = now
+        cal = ident.probe.calibration
+    print(f"\n{len(queries)} val embeddings one at a time, gallery {len(train)} photos, {passes} passes per way; "
+          f"blend w={cal.blend_weight} k={cal.k} kNN metric {cal.metric}")
+    for name, v in times.items():
+        print(f"  {name}: {percentiles(v)}")
+    a, b = (float(np.median(times[n])) for n in ways)
+    print(f"  p50 as before / now: {b / a:.2f}x\n{watch.report()}")
+
+
+if __name__ == "__main__":
+    main()
