@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from index import ivfpq
 from index.atomic import write_json_atomic
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 GALLERY_FORMAT = 1
 #: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf).
 VECTOR_CACHE_ROWS = 100_000
+#: A gallery of at most this many references has its answers' metadata read whole at the first answer (one scan).
+META_SCAN_ROWS = 5_000
+#: :meth:`Gallery.preload_metadata` (a server's start) reads the metadata of galleries up to this many references.
+META_PRELOAD_ROWS = 500_000
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "read_gallery_info",
@@ -79,7 +84,8 @@ class Gallery:
                                     options=self.storage_options)
         self._lock = threading.RLock()  # this process's threads
         self._writer = WriteLock(self.layout.write_lock)  # every process's writes
-        self._meta_cache: dict[int, Neighbour] = {}
+        self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
+        self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
         self._synced_version = -1
@@ -478,25 +484,42 @@ class Gallery:
                 self._vector_cache.update(zip(got_ids.tolist(), vectors, strict=True))
             return np.stack([self._vector_cache[i] for i in ids]).astype(np.float32, copy=False)
 
+    def preload_metadata(self, max_rows: int = META_PRELOAD_ROWS) -> int:
+        """Read the metadata answers are dressed with for every reference, in one scan, so that no answer waits on
+        a store lookup (a server calls this at start). Galleries over ``max_rows`` references are left to the
+        per-answer lookups (memory). Returns how many rows were read (0: over ``max_rows``)."""
+        if self._index.ntotal > max_rows:
+            return 0
+        t0 = time.perf_counter()
+        n = self._cache_metadata(self.store.metadata())
+        self._meta_scanned = True
+        logger.info("gallery %s: metadata of %d references read in %.2f s", self.root, n, time.perf_counter() - t0)
+        return n
+
+    def _cache_metadata(self, df: pd.DataFrame) -> int:
+        """Cache a :meth:`ReferenceStore.metadata` frame as neighbours (similarity 0); returns its rows."""
+        cols = {c: df[c].tolist() for c in ("id", "species", "genus", "family", "common_name", "venomous",
+                                            "source_path", "dataset")}
+        venomous = [None if _opt(v) is None else bool(v) for v in cols["venomous"]]
+        for rid, species, genus, family, common, ven, path, dataset in zip(
+                cols["id"], cols["species"], cols["genus"], cols["family"], cols["common_name"], venomous,
+                cols["source_path"], cols["dataset"], strict=True):
+            self._meta_cache[int(rid)] = Neighbour(id=int(rid), similarity=0.0, species=species, genus=_opt(genus),
+                                                   family=_opt(family), common_name=_opt(common), venomous=ven,
+                                                   path=path, dataset=_opt(dataset))
+        return len(df)
+
     def neighbours(self, ids: Sequence[int], sims: Sequence[float]) -> list[Neighbour]:
         """References ``ids`` with their metadata and the given similarities, in that order (-1 and ids deleted
-        meanwhile left out)."""
+        meanwhile left out). A gallery of at most :data:`META_SCAN_ROWS` references is read whole at the first
+        miss (one scan costs about one lookup); otherwise, and for rows added since, the missing ids are looked up."""
         wanted = [int(i) for i in ids if i >= 0]
         missing = [i for i in wanted if i not in self._meta_cache]
+        if missing and not self._meta_scanned and self._index.ntotal <= META_SCAN_ROWS:
+            self.preload_metadata(META_SCAN_ROWS)
+            missing = [i for i in wanted if i not in self._meta_cache]
         if missing:
-            df = self.store.metadata(missing)
-            for rid, row in df.iterrows():
-                self._meta_cache[int(rid)] = Neighbour(
-                    id=int(rid),
-                    similarity=0.0,
-                    species=row["species"],
-                    genus=_opt(row["genus"]),
-                    family=_opt(row["family"]),
-                    common_name=_opt(row["common_name"]),
-                    venomous=None if _opt(row["venomous"]) is None else bool(row["venomous"]),
-                    path=row["source_path"],
-                    dataset=_opt(row["dataset"]),
-                )
+            self._cache_metadata(self.store.metadata(missing))
         out = []
         for rid, sim in zip(ids, sims, strict=True):
             base = self._meta_cache.get(int(rid))

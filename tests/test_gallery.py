@@ -134,3 +134,52 @@ def test_approximate_index_kind_is_used_above_threshold(tmp_path):
     g.finish_build()
     assert g.index.kind == "ivfpq"
     assert Gallery.open(tmp_path / "h").index.kind == "ivfpq"
+
+
+def test_answers_metadata_read_whole_once_for_a_small_gallery_and_the_same_as_looked_up(gallery, monkeypatch):
+    """A small gallery's metadata is read in one scan at the first answer, and then no answer asks the store; the
+    neighbours are the same as per-id lookups give (None where a field is missing), and rows another process adds
+    later are still looked up."""
+    import index.gallery as gallery_module
+    from index.store import ReferenceStore
+
+    root = gallery.root
+    looked_up = Gallery.open(root)
+    monkeypatch.setattr(gallery_module, "META_SCAN_ROWS", 0)  # as before: every miss is a store lookup
+    q = np.stack([c / np.linalg.norm(c) for c in gallery.centres.values()]).astype(np.float32)
+    expected = looked_up.search(q, 12)
+    monkeypatch.undo()
+
+    calls = []
+    original = ReferenceStore.metadata
+    monkeypatch.setattr(ReferenceStore, "metadata", lambda self, ids=None, **kw: calls.append(ids) or original(
+        self, ids, **kw))
+    reader = Gallery.open(root)
+    assert reader.search(q, 12) == expected
+    assert calls == [None]  # one scan of the whole table, no per-id lookups
+    for _ in range(3):
+        reader.search(q, 5)
+    assert calls == [None]
+    assert {h.common_name for row in expected for h in row} == {None}
+    assert {h.venomous for row in expected for h in row} == {True, False}
+    # another process adds a species: its rows are not in the scan, so they are looked up by id
+    rng = np.random.default_rng(1)
+    centre = rng.standard_normal(DIM)
+    gallery.add(_records("Vipera latastei", 4, venomous=True, common_name="Lataste's viper"),
+                [f"v{j}" for j in range(4)], _unit(rng, 4, centre))
+    reader.refresh(force=True)
+    hits = reader.search((centre / np.linalg.norm(centre))[None].astype(np.float32), 4)[0]
+    assert [h.species for h in hits] == ["Vipera latastei"] * 4 and hits[0].common_name == "Lataste's viper"
+    assert len(calls) == 2 and sorted(calls[1]) == sorted(h.id for h in hits)
+
+
+def test_preload_metadata_reads_every_row_unless_the_gallery_is_over_the_cap(gallery, monkeypatch):
+    from index.store import ReferenceStore
+
+    reader = Gallery.open(gallery.root)
+    assert reader.preload_metadata(max_rows=5) == 0  # 12 references: over the cap, nothing read
+    assert reader.preload_metadata() == 12
+    monkeypatch.setattr(ReferenceStore, "metadata", lambda *a, **k: pytest.fail("no lookup after the preload"))
+    q = gallery.centres["Natrix maura"] / np.linalg.norm(gallery.centres["Natrix maura"])
+    hits = reader.search(q[None].astype(np.float32), 12)[0]
+    assert len(hits) == 12 and hits[0].species == "Natrix maura" and hits[0].family == "Natricidae"
