@@ -50,6 +50,16 @@ def _taxa_as_before(self):
     return self._taxa
 
 
+def answer_ms(ident, queries: np.ndarray) -> list[float]:
+    """Milliseconds of each answer, the embeddings identified one at a time."""
+    out = []
+    for q in queries:
+        t0 = time.perf_counter()
+        ident.identify_embeddings(q[None])
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passes", type=int, default=5, help="passes over the val embeddings per way (default 5)")
@@ -86,10 +96,7 @@ def main() -> None:
             for p in range(passes):
                 for name in list(ways)[:: 1 if p % 2 == 0 else -1]:  # alternate the order: drift hits both alike
                     Identifier.taxa = ways[name]
-                    for q in queries:
-                        t0 = time.perf_counter()
-                        ident.identify_embeddings(q[None])
-                        times[name].append(1000 * (time.perf_counter() - t0))
+                    times[name] += answer_ms(ident, queries)
         finally:
             Identifier.taxa = now
         cal = ident.probe.calibration
@@ -121,10 +128,7 @@ def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
                 ident.voting_neighbours(queries[:1])  # the index loaded, the whitening fitted: not what is measured
                 ident.gallery._meta_cache.clear()  # what that first answer read: the pass starts cold
                 ident.gallery._meta_scanned = False
-                for q in queries:
-                    t0 = time.perf_counter()
-                    ident.identify_embeddings(q[None])
-                    times[name].append(1000 * (time.perf_counter() - t0))
+                times[name] += answer_ms(ident, queries)
             finally:
                 gallery_module.META_SCAN_ROWS = scan_rows
     print(f"\nfirst pass of {len(queries)} answers on a freshly opened gallery ({passes} openings per way)")
