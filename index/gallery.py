@@ -42,6 +42,8 @@ VECTOR_CACHE_ROWS = 100_000
 META_SCAN_ROWS = 5_000
 #: :meth:`Gallery.preload_metadata` (a server's start) reads the metadata of galleries up to this many references.
 META_PRELOAD_ROWS = 500_000
+#: Metadata of at most this many references kept from per-answer lookups (~0.85 KB each); past it the cache restarts.
+META_CACHE_ROWS = 1_000_000
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "read_gallery_info",
@@ -519,6 +521,8 @@ class Gallery:
             self.preload_metadata(META_SCAN_ROWS)
             missing = [i for i in wanted if i not in self._meta_cache]
         if missing:
+            if len(self._meta_cache) + len(missing) > META_CACHE_ROWS:  # a gallery too big to keep whole
+                self._meta_cache.clear()
             self._cache_metadata(self.store.metadata(missing))
         out = []
         for rid, sim in zip(ids, sims, strict=True):

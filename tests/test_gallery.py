@@ -183,3 +183,16 @@ def test_preload_metadata_reads_every_row_unless_the_gallery_is_over_the_cap(gal
     q = gallery.centres["Natrix maura"] / np.linalg.norm(gallery.centres["Natrix maura"])
     hits = reader.search(q[None].astype(np.float32), 12)[0]
     assert len(hits) == 12 and hits[0].species == "Natrix maura" and hits[0].family == "Natricidae"
+
+
+def test_the_metadata_cache_of_a_gallery_too_big_to_keep_whole_restarts_instead_of_growing(gallery, monkeypatch):
+    import index.gallery as gallery_module
+
+    monkeypatch.setattr(gallery_module, "META_SCAN_ROWS", 0)  # looked up per answer, as a big gallery is
+    monkeypatch.setattr(gallery_module, "META_CACHE_ROWS", 8)
+    reader = Gallery.open(gallery.root)
+    for species, centre in gallery.centres.items():
+        q = (centre / np.linalg.norm(centre))[None].astype(np.float32)
+        hits = reader.search(q, 6)[0]
+        assert [h.species for h in hits] == [species] * 6  # every answer fully dressed
+        assert len(reader._meta_cache) <= 8
