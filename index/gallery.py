@@ -38,11 +38,11 @@ logger = logging.getLogger(__name__)
 GALLERY_FORMAT = 1
 #: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf).
 VECTOR_CACHE_ROWS = 100_000
-#: A gallery of at most this many references has its answers' metadata read whole at the first answer (one scan).
+#: A gallery of at most this many references has its answers' metadata read whole (one scan) at the first answer.
 META_SCAN_ROWS = 5_000
-#: :meth:`Gallery.preload_metadata` (a server's start) reads the metadata of galleries up to this many references.
+#: :meth:`Gallery.preload_metadata` (at a server's start) reads the metadata of galleries up to this size.
 META_PRELOAD_ROWS = 500_000
-#: Metadata of at most this many references kept from per-answer lookups (~0.85 KB each); past it the cache restarts.
+#: Metadata rows kept from per-answer lookups (~0.85 KB each); past this many the cache starts again.
 META_CACHE_ROWS = 1_000_000
 
 __all__ = [
@@ -493,40 +493,43 @@ class Gallery:
         if self._index.ntotal > max_rows:
             return 0
         t0 = time.perf_counter()
-        n = self._cache_metadata(self.store.metadata())
+        n = len(self._cache_metadata(self.store.metadata()))
         self._meta_scanned = True
         logger.info("gallery %s: metadata of %d references read in %.2f s", self.root, n, time.perf_counter() - t0)
         return n
 
-    def _cache_metadata(self, df: pd.DataFrame) -> int:
-        """Cache a :meth:`ReferenceStore.metadata` frame as neighbours (similarity 0); returns its rows."""
+    def _cache_metadata(self, df: pd.DataFrame) -> dict[int, Neighbour]:
+        """Cache a :meth:`ReferenceStore.metadata` frame as neighbours (similarity 0); returns them by id."""
         cols = {c: df[c].tolist() for c in ("id", "species", "genus", "family", "common_name", "venomous",
                                             "source_path", "dataset")}
         venomous = [None if _opt(v) is None else bool(v) for v in cols["venomous"]]
-        for rid, species, genus, family, common, ven, path, dataset in zip(
-                cols["id"], cols["species"], cols["genus"], cols["family"], cols["common_name"], venomous,
-                cols["source_path"], cols["dataset"], strict=True):
-            self._meta_cache[int(rid)] = Neighbour(id=int(rid), similarity=0.0, species=species, genus=_opt(genus),
-                                                   family=_opt(family), common_name=_opt(common), venomous=ven,
-                                                   path=path, dataset=_opt(dataset))
-        return len(df)
+        fresh = {int(rid): Neighbour(id=int(rid), similarity=0.0, species=species, genus=_opt(genus),
+                                     family=_opt(family), common_name=_opt(common), venomous=ven, path=path,
+                                     dataset=_opt(dataset))
+                 for rid, species, genus, family, common, ven, path, dataset in zip(
+                     cols["id"], cols["species"], cols["genus"], cols["family"], cols["common_name"], venomous,
+                     cols["source_path"], cols["dataset"], strict=True)}
+        self._meta_cache.update(fresh)
+        return fresh
 
     def neighbours(self, ids: Sequence[int], sims: Sequence[float]) -> list[Neighbour]:
         """References ``ids`` with their metadata and the given similarities, in that order (-1 and ids deleted
         meanwhile left out). A gallery of at most :data:`META_SCAN_ROWS` references is read whole at the first
-        miss (one scan costs about one lookup); otherwise, and for rows added since, the missing ids are looked up."""
+        miss (one scan costs a few lookups); otherwise, and for rows added since, the missing ids are looked up."""
         wanted = [int(i) for i in ids if i >= 0]
-        missing = [i for i in wanted if i not in self._meta_cache]
-        if missing and not self._meta_scanned and self._index.ntotal <= META_SCAN_ROWS:
+        # what this call uses is taken out of the shared cache first: another thread may clear it meanwhile
+        known = {i: n for i in wanted if (n := self._meta_cache.get(i)) is not None}
+        if len(known) < len(wanted) and not self._meta_scanned and self._index.ntotal <= META_SCAN_ROWS:
             self.preload_metadata(META_SCAN_ROWS)
-            missing = [i for i in wanted if i not in self._meta_cache]
+            known = {i: n for i in wanted if (n := self._meta_cache.get(i)) is not None}
+        missing = [i for i in wanted if i not in known]
         if missing:
             if len(self._meta_cache) + len(missing) > META_CACHE_ROWS:  # a gallery too big to keep whole
                 self._meta_cache.clear()
-            self._cache_metadata(self.store.metadata(missing))
+            known.update(self._cache_metadata(self.store.metadata(missing)))
         out = []
         for rid, sim in zip(ids, sims, strict=True):
-            base = self._meta_cache.get(int(rid))
+            base = known.get(int(rid))
             if base is not None:
                 out.append(replace(base, similarity=float(sim)))
         return out
