@@ -150,6 +150,7 @@ class Identifier:
     ) -> list[Identification]:
         """One answer per embedding row. ``presence``: species -> present in the photo's country."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        self.gallery.expect_answers(len(emb))  # a big batch reads the metadata in one scan, not one lookup an answer
         neighbours = self.voting_neighbours(emb)
         return [
             self.answer(ns, emb[i], top=top, method=method, presence=presence) for i, ns in enumerate(neighbours)

@@ -196,3 +196,25 @@ def test_the_metadata_cache_of_a_gallery_too_big_to_keep_whole_restarts_instead_
         hits = reader.search(q, 6)[0]
         assert [h.species for h in hits] == [species] * 6  # every answer fully dressed
         assert len(reader._meta_cache) <= 8
+
+
+def test_a_batch_of_answers_reads_the_metadata_in_one_scan_when_that_is_cheaper(gallery, monkeypatch):
+    """A gallery too big to be read at its first answer is read whole for a batch whose lookups would cost more."""
+    import index.gallery as gallery_module
+    from index.store import ReferenceStore
+
+    monkeypatch.setattr(gallery_module, "META_SCAN_ROWS", 0)
+    monkeypatch.setattr(gallery_module, "META_LOOKUP_ROWS", 5)  # 12 references: 3 answers' lookups cost a scan
+    calls = []
+    original = ReferenceStore.metadata
+    monkeypatch.setattr(ReferenceStore, "metadata", lambda self, ids=None, **kw: calls.append(ids) or original(
+        self, ids, **kw))
+    q = np.stack([c / np.linalg.norm(c) for c in gallery.centres.values()]).astype(np.float32)
+    ident = Identifier(FakeEncoder(), Gallery.open(gallery.root))
+    ident.identify_embeddings(q)  # 2 answers: 2 x 5 < 12, looked up
+    assert calls and all(c is not None for c in calls)
+    calls.clear()
+    ident = Identifier(FakeEncoder(), Gallery.open(gallery.root))
+    answers = ident.identify_embeddings(np.concatenate([q, q[:1]]))  # 3 answers: one scan
+    assert calls == [None]
+    assert [a.predictions[0].species for a in answers] == [*gallery.centres, next(iter(gallery.centres))]
