@@ -138,11 +138,13 @@ def peer_bioclip() -> str | None:
     return cmd if cmd and Path(cmd).exists() else None
 
 
-def run_peer(bioclip: str, model_dir: Path, photos: list[str]) -> float:
-    """Wall seconds of one fresh ``bioclip embed --model local-dir:DIR`` process over ``photos`` (offline)."""
+def run_peer(bioclip: str, model_dir: Path, photos: list[str], *, device: str | None = None) -> float:
+    """Wall seconds of one fresh ``bioclip embed --model local-dir:DIR`` process over ``photos`` (offline);
+    ``device``: its ``--device`` (its default: cpu)."""
     with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         out = Path(tmp) / "out.json"
-        cmd = [bioclip, "embed", "--model", f"local-dir:{model_dir}", "--output", str(out), *photos]
+        cmd = [bioclip, "embed", *(["--device", device] if device else []), "--model", f"local-dir:{model_dir}",
+               "--output", str(out), *photos]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)

@@ -9,8 +9,8 @@ two ways alternated pass by pass in one run:
 * **as before**: the same cache checked against ``store.version``, a LanceDB call per answer.
 
 Then the first answers on a freshly opened gallery, whose metadata cache is empty: **as before**, each answer looks
-up its neighbours' metadata it has not seen (a LanceDB query); **now**, a gallery of at most ``META_SCAN_ROWS``
-references is read whole at the first answer. And, on a synthetic gallery of ``--synthetic`` references, what a
+up its neighbours' metadata it has not seen (a LanceDB query); **now**, n answers read the gallery's metadata whole
+first when n x ``META_LOOKUP_ROWS`` reaches its size (a single answer: galleries up to 2,000 references). And, on a synthetic gallery of ``--synthetic`` references, what a
 lookup of 30 ids costs against reading the whole metadata once (``Gallery.preload_metadata``, what a server does at
 start), and a batch of 200 answers with and without that scan first.
 
@@ -117,13 +117,12 @@ def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
     import index.gallery as gallery_module
     from retrieval.workflows import open_identifier
 
-    scan_rows, lookup_rows = gallery_module.META_SCAN_ROWS, gallery_module.META_LOOKUP_ROWS
+    lookup_rows = gallery_module.META_LOOKUP_ROWS
     times: dict[str, list[float]] = {"now (read whole at the first answer)": [],
                                      "as before (each answer looks up what it has not seen)": []}
     for p in range(passes):
         for name in list(times)[:: 1 if p % 2 == 0 else -1]:
-            now = name.startswith("now")
-            gallery_module.META_SCAN_ROWS, gallery_module.META_LOOKUP_ROWS = (scan_rows, lookup_rows) if now else (0, 0)
+            gallery_module.META_LOOKUP_ROWS = lookup_rows if name.startswith("now") else 0
             try:
                 ident = open_identifier(root, precision="fp32")
                 ident.voting_neighbours(queries[:1])  # the index loaded, the whitening fitted: not what is measured
@@ -131,7 +130,7 @@ def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
                 ident.gallery._meta_scanned = False
                 times[name] += answer_ms(ident, queries)
             finally:
-                gallery_module.META_SCAN_ROWS, gallery_module.META_LOOKUP_ROWS = scan_rows, lookup_rows
+                gallery_module.META_LOOKUP_ROWS = lookup_rows
     print(f"\nfirst pass of {len(queries)} answers on a freshly opened gallery ({passes} openings per way)")
     for name, v in times.items():
         print(f"  {name}: {percentiles(v)}, {sum(v) / passes:.0f} ms a pass")
@@ -144,7 +143,7 @@ def synthetic(n: int) -> None:
     from index.records import ReferenceRecord
     from retrieval.identify import Identifier
 
-    scan_default, scan_rows = gallery_module.META_LOOKUP_ROWS, gallery_module.META_SCAN_ROWS
+    scan_default = gallery_module.META_LOOKUP_ROWS
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "g"
@@ -173,7 +172,6 @@ def synthetic(n: int) -> None:
         for way, lookup_rows in (("as before (a lookup an answer)", 0),
                                  ("now (one scan first)", gallery_module.META_LOOKUP_ROWS)):
             gallery_module.META_LOOKUP_ROWS = lookup_rows
-            gallery_module.META_SCAN_ROWS = scan_rows if lookup_rows else 0
             try:
                 ident = Identifier(_SyntheticEncoder(), Gallery.open(root))
                 ident.voting_neighbours(batch[:1])  # the index loaded: not what is measured
@@ -182,7 +180,7 @@ def synthetic(n: int) -> None:
                 ident.identify_embeddings(batch)
                 batch_s[way] = time.perf_counter() - t0
             finally:
-                gallery_module.META_LOOKUP_ROWS, gallery_module.META_SCAN_ROWS = scan_default, scan_rows
+                gallery_module.META_LOOKUP_ROWS = scan_default
     print(f"\nsynthetic gallery of {n:,} references: a lookup of 30 ids {percentiles(lookups)}; reading all "
           f"{rows:,} once {seconds:.2f} s (= {1000 * seconds / np.median(lookups):.0f} lookups' p50)")
     print("  a batch of 200 answers (as `speciesid evaluate` / identify of many photos): "

@@ -46,7 +46,14 @@ from pathlib import Path
 
 import numpy as np
 from _common import MOBILENET_SPEC, PH_SNAKES, median, peak_rss_mib, percentiles, require_shared
-from _hardware import GFLOP_PER_IMAGE, machine_report, peer_bioclip, random_vit_dir, steady_and_startup
+from _hardware import (
+    GFLOP_PER_IMAGE,
+    machine_report,
+    peer_bioclip,
+    random_vit_dir,
+    run_peer,
+    steady_and_startup,
+)
 
 
 def gpu_report(device: str) -> str:
@@ -213,27 +220,24 @@ def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
     print(f"\npeer (ViT-B-16, {len(small)} and {len(photos)} photos, fresh processes, median of {args.peer_repeats}):")
     results = {}
     peer_name = f"pybioclip bioclip embed --device {args.device} (fp32)"
-    with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
-        ways = {
-            peer_name: lambda ph: [
-                peer, "embed", "--device", args.device, "--model", f"local-dir:{vit_dir}",
-                "--output", str(Path(tmp) / "out.json"), *ph],
-            "ours, bf16": lambda ph: [sys.executable, "-c", script, repo, f"open_clip:local-dir:{vit_dir}",
-                                      args.device, "bf16", *ph],
-            "ours, fp32": lambda ph: [sys.executable, "-c", script, repo, f"open_clip:local-dir:{vit_dir}",
-                                      args.device, "fp32", *ph],
-        }
-        for name, cmd in ways.items():
-            try:
-                ts = [_fresh_process(cmd(small)) for _ in range(args.peer_repeats)]
-                tl = [_fresh_process(cmd(photos)) for _ in range(args.peer_repeats)]
-                rate, startup = steady_and_startup(len(small), median(ts), len(photos), median(tl))
-                results[name] = rate
-                print(f"  {name}: steady {rate:.1f} img/s, start-up {startup:.1f} s "
-                      f"(wall {median(ts):.1f} s / {median(tl):.1f} s)", flush=True)
-            except Exception:  # noqa: BLE001
-                print(f"  {name}: failed")
-                traceback.print_exc()
+
+    def ours(precision: str):
+        return lambda ph: _fresh_process([sys.executable, "-c", script, repo, f"open_clip:local-dir:{vit_dir}",
+                                          args.device, precision, *ph])
+
+    ways = {peer_name: lambda ph: run_peer(peer, vit_dir, ph, device=args.device),
+            "ours, bf16": ours("bf16"), "ours, fp32": ours("fp32")}
+    for name, seconds in ways.items():
+        try:
+            ts = [seconds(small) for _ in range(args.peer_repeats)]
+            tl = [seconds(photos) for _ in range(args.peer_repeats)]
+            rate, startup = steady_and_startup(len(small), median(ts), len(photos), median(tl))
+            results[name] = rate
+            print(f"  {name}: steady {rate:.1f} img/s, start-up {startup:.1f} s "
+                  f"(wall {median(ts):.1f} s / {median(tl):.1f} s)", flush=True)
+        except Exception:  # noqa: BLE001
+            print(f"  {name}: failed")
+            traceback.print_exc()
     copies.cleanup()
     p = results.get(peer_name)
     for name, r in results.items():

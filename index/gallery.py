@@ -38,12 +38,11 @@ logger = logging.getLogger(__name__)
 GALLERY_FORMAT = 1
 #: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf).
 VECTOR_CACHE_ROWS = 100_000
-#: A gallery of at most this many references has its answers' metadata read whole (one scan) at the first answer.
-META_SCAN_ROWS = 5_000
 #: :meth:`Gallery.preload_metadata` (at a server's start) reads the metadata of galleries up to this size.
 META_PRELOAD_ROWS = 500_000
 #: A lookup of one answer's neighbours costs about as much as scanning this many rows (~8 ms against 0.35 s for
-#: 100,000 rows, 2 cores): a batch of n answers reads the whole metadata when n x this reaches the gallery's size.
+#: 100,000 rows, 2 cores): n answers (one, for a single photo) read the whole metadata first when n x this reaches
+#: the gallery's size.
 META_LOOKUP_ROWS = 2_000
 #: Metadata rows kept from per-answer lookups (~0.85 KB each); past this many the cache starts again.
 META_CACHE_ROWS = 1_000_000
@@ -457,6 +456,7 @@ class Gallery:
     def search(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
         """Nearest references of each query embedding, best first, with metadata."""
         sims, ids = self.nearest(queries, k)
+        self.expect_answers(len(ids))
         return [self.neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -523,14 +523,10 @@ class Gallery:
 
     def neighbours(self, ids: Sequence[int], sims: Sequence[float]) -> list[Neighbour]:
         """References ``ids`` with their metadata and the given similarities, in that order (-1 and ids deleted
-        meanwhile left out). A gallery of at most :data:`META_SCAN_ROWS` references is read whole at the first
-        miss (one scan costs a few lookups); otherwise, and for rows added since, the missing ids are looked up."""
+        meanwhile left out). Ids not in the cache (see :meth:`expect_answers`) are looked up."""
         wanted = [int(i) for i in ids if i >= 0]
         # what this call uses is taken out of the shared cache first: another thread may clear it meanwhile
         known = {i: n for i in wanted if (n := self._meta_cache.get(i)) is not None}
-        if len(known) < len(wanted) and not self._meta_scanned and self._index.ntotal <= META_SCAN_ROWS:
-            self.preload_metadata(META_SCAN_ROWS)
-            known = {i: n for i in wanted if (n := self._meta_cache.get(i)) is not None}
         missing = [i for i in wanted if i not in known]
         if missing:
             if len(self._meta_cache) + len(missing) > META_CACHE_ROWS:  # a gallery too big to keep whole

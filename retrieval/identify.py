@@ -150,7 +150,6 @@ class Identifier:
     ) -> list[Identification]:
         """One answer per embedding row. ``presence``: species -> present in the photo's country."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        self.gallery.expect_answers(len(emb))  # a big batch reads the metadata in one scan, not one lookup an answer
         neighbours = self.voting_neighbours(emb)
         return [
             self.answer(ns, emb[i], top=top, method=method, presence=presence) for i, ns in enumerate(neighbours)
@@ -182,6 +181,7 @@ class Identifier:
         if not self._votes_whitened():
             return self.gallery.search(emb, self.config.k)
         _, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))  # sees other writers first
+        self.gallery.expect_answers(len(found))  # as Gallery.search does: many answers read the metadata in one scan
         wh = self.whitening()
         if wh is None:  # too few photos a species to fit one (rare): the cosine vote
             return self.gallery.search(emb, self.config.k)

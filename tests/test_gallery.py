@@ -145,7 +145,7 @@ def test_answers_metadata_read_whole_once_for_a_small_gallery_and_the_same_as_lo
 
     root = gallery.root
     looked_up = Gallery.open(root)
-    monkeypatch.setattr(gallery_module, "META_SCAN_ROWS", 0)  # as before: every miss is a store lookup
+    monkeypatch.setattr(gallery_module, "META_LOOKUP_ROWS", 0)  # as before: every miss is a store lookup
     q = np.stack([c / np.linalg.norm(c) for c in gallery.centres.values()]).astype(np.float32)
     expected = looked_up.search(q, 12)
     monkeypatch.undo()
@@ -188,7 +188,7 @@ def test_preload_metadata_reads_every_row_unless_the_gallery_is_over_the_cap(gal
 def test_the_metadata_cache_of_a_gallery_too_big_to_keep_whole_restarts_instead_of_growing(gallery, monkeypatch):
     import index.gallery as gallery_module
 
-    monkeypatch.setattr(gallery_module, "META_SCAN_ROWS", 0)  # looked up per answer, as a big gallery is
+    monkeypatch.setattr(gallery_module, "META_LOOKUP_ROWS", 0)  # looked up per answer, as a big gallery is
     monkeypatch.setattr(gallery_module, "META_CACHE_ROWS", 8)
     reader = Gallery.open(gallery.root)
     for species, centre in gallery.centres.items():
@@ -203,7 +203,6 @@ def test_a_batch_of_answers_reads_the_metadata_in_one_scan_when_that_is_cheaper(
     import index.gallery as gallery_module
     from index.store import ReferenceStore
 
-    monkeypatch.setattr(gallery_module, "META_SCAN_ROWS", 0)
     monkeypatch.setattr(gallery_module, "META_LOOKUP_ROWS", 5)  # 12 references: 3 answers' lookups cost a scan
     calls = []
     original = ReferenceStore.metadata
