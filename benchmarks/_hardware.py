@@ -138,17 +138,21 @@ def peer_bioclip() -> str | None:
     return cmd if cmd and Path(cmd).exists() else None
 
 
+def process_seconds(cmd: list[str]) -> float:
+    """Wall seconds of one fresh process running ``cmd`` offline (``HF_HUB_OFFLINE=1``; raises if it fails)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
 def run_peer(bioclip: str, model_dir: Path, photos: list[str], *, device: str | None = None) -> float:
     """Wall seconds of one fresh ``bioclip embed --model local-dir:DIR`` process over ``photos`` (offline);
     ``device``: its ``--device`` (its default: cpu)."""
     with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         out = Path(tmp) / "out.json"
-        cmd = [bioclip, "embed", *(["--device", device] if device else []), "--model", f"local-dir:{model_dir}",
-               "--output", str(out), *photos]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
-        seconds = time.perf_counter() - t0
+        seconds = process_seconds([bioclip, "embed", *(["--device", device] if device else []), "--model",
+                                   f"local-dir:{model_dir}", "--output", str(out), *photos])
         got = len(json.loads(out.read_text())["embeddings"])
     if got != len(photos):
         raise RuntimeError(f"bioclip embed returned {got} embeddings for {len(photos)} photos")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -112,25 +114,40 @@ def main() -> None:
     print(watch.report())
 
 
-def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
-    """The first pass of answers on a freshly opened gallery: per-answer lookups (as before) against one scan."""
+@contextmanager
+def metadata_rule(now: bool) -> Iterator[None]:
+    """Answers read the gallery's metadata as now (whole, when a batch's lookups would cost more) or as before
+    (``META_LOOKUP_ROWS`` 0: each answer looks up what it has not seen)."""
     import index.gallery as gallery_module
-    from retrieval.workflows import open_identifier
 
     lookup_rows = gallery_module.META_LOOKUP_ROWS
+    gallery_module.META_LOOKUP_ROWS = lookup_rows if now else 0
+    try:
+        yield
+    finally:
+        gallery_module.META_LOOKUP_ROWS = lookup_rows
+
+
+def warm_index_cold_metadata(ident, query: np.ndarray) -> None:
+    """One untimed answer loads the index (and fits the whitening); then its metadata cache is emptied, so what
+    is timed next starts cold."""
+    ident.voting_neighbours(query[None])
+    ident.gallery._meta_cache.clear()
+    ident.gallery._meta_scanned = False
+
+
+def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
+    """The first pass of answers on a freshly opened gallery: per-answer lookups (as before) against one scan."""
+    from retrieval.workflows import open_identifier
+
     times: dict[str, list[float]] = {"now (read whole at the first answer)": [],
                                      "as before (each answer looks up what it has not seen)": []}
     for p in range(passes):
         for name in list(times)[:: 1 if p % 2 == 0 else -1]:
-            gallery_module.META_LOOKUP_ROWS = lookup_rows if name.startswith("now") else 0
-            try:
+            with metadata_rule(now=name.startswith("now")):
                 ident = open_identifier(root, precision="fp32")
-                ident.voting_neighbours(queries[:1])  # the index loaded, the whitening fitted: not what is measured
-                ident.gallery._meta_cache.clear()  # what that first answer read: the pass starts cold
-                ident.gallery._meta_scanned = False
+                warm_index_cold_metadata(ident, queries[0])
                 times[name] += answer_ms(ident, queries)
-            finally:
-                gallery_module.META_LOOKUP_ROWS = lookup_rows
     print(f"\nfirst pass of {len(queries)} answers on a freshly opened gallery ({passes} openings per way)")
     for name, v in times.items():
         print(f"  {name}: {percentiles(v)}, {sum(v) / passes:.0f} ms a pass")
@@ -138,12 +155,10 @@ def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
 
 def synthetic(n: int) -> None:
     """A lookup of 30 ids against reading the whole metadata once, on ``n`` synthetic references."""
-    import index.gallery as gallery_module
     from index.gallery import Gallery
     from index.records import ReferenceRecord
     from retrieval.identify import Identifier
 
-    scan_default = gallery_module.META_LOOKUP_ROWS
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "g"
@@ -169,18 +184,13 @@ def synthetic(n: int) -> None:
         seconds = time.perf_counter() - t0
         batch = rng.standard_normal((200, 64)).astype(np.float32)
         batch_s = {}
-        for way, lookup_rows in (("as before (a lookup an answer)", 0),
-                                 ("now (one scan first)", gallery_module.META_LOOKUP_ROWS)):
-            gallery_module.META_LOOKUP_ROWS = lookup_rows
-            try:
+        for way, now in (("as before (a lookup an answer)", False), ("now (one scan first)", True)):
+            with metadata_rule(now):
                 ident = Identifier(_SyntheticEncoder(), Gallery.open(root))
-                ident.voting_neighbours(batch[:1])  # the index loaded: not what is measured
-                ident.gallery._meta_cache.clear()
+                warm_index_cold_metadata(ident, batch[0])
                 t0 = time.perf_counter()
                 ident.identify_embeddings(batch)
                 batch_s[way] = time.perf_counter() - t0
-            finally:
-                gallery_module.META_LOOKUP_ROWS = scan_default
     print(f"\nsynthetic gallery of {n:,} references: a lookup of 30 ids {percentiles(lookups)}; reading all "
           f"{rows:,} once {seconds:.2f} s (= {1000 * seconds / np.median(lookups):.0f} lookups' p50)")
     print("  a batch of 200 answers (as `speciesid evaluate` / identify of many photos): "

@@ -180,7 +180,8 @@ def main() -> None:
             results.append(finetuned(folder, Path(tmp) / str(i), args.protocol, keep))
         fz, fz_settings = (None, None) if args.skip_frozen else frozen(Path(tmp), keep)
     info = results[0][2]
-    print(f"\nph-snakes val ({len(keep)} photos), gallery = train (980 photos, byte-identical copies stored once), MobileNetV1 fp32, protocol {args.protocol}")
+    print(f"\nph-snakes val ({len(keep)} photos), gallery = train (980 photos, byte-identical copies stored once), "
+          f"MobileNetV1 fp32, protocol {args.protocol}")
     print(f"fine-tuning: stage {info['stage']}, {info['epochs']} epochs, best epoch {info['best_epoch']} "
           f"({info['stopped']}), training loop {info['train_seconds'] / 60:.1f} min"
           + (f", {minutes:.1f} min wall" if minutes else ""))

@@ -36,8 +36,8 @@ import csv
 import json
 import logging
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +50,7 @@ from _hardware import (
     GFLOP_PER_IMAGE,
     machine_report,
     peer_bioclip,
+    process_seconds,
     random_vit_dir,
     run_peer,
     steady_and_startup,
@@ -189,13 +190,6 @@ def encode_part(args: argparse.Namespace, photos: list[str]) -> None:
               f"{best[m] / cpu:.1f}x this machine's CPU ({cpu:.1f} img/s)")
 
 
-def _fresh_process(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
-    return time.perf_counter() - t0
-
-
 def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
     """pybioclip's ``bioclip embed`` and ours (``retrieval.pipeline``) as fresh processes on few photos and on
     ``--peer-copies`` copies of all of them (distinct file names)."""
@@ -206,12 +200,15 @@ def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
     vit_dir = random_vit_dir()
     photos = photos[: args.vit_photos]
     small = photos[: max(8, len(photos) // 8)]
-    copies = tempfile.TemporaryDirectory(prefix="peer-photos-")
-    if args.peer_copies > 1:
-        import shutil
+    with tempfile.TemporaryDirectory(prefix="peer-photos-") as copies:
+        if args.peer_copies > 1:
+            photos = [shutil.copyfile(p, Path(copies) / f"{c}-{i}{Path(p).suffix}")
+                      for c in range(args.peer_copies) for i, p in enumerate(photos)]
+        _peer_runs(args, peer, vit_dir, small, photos)
 
-        photos = [shutil.copyfile(p, Path(copies.name) / f"{c}-{i}{Path(p).suffix}")
-                  for c in range(args.peer_copies) for i, p in enumerate(photos)]
+
+def _peer_runs(args: argparse.Namespace, peer: str, vit_dir: Path, small: list[str], photos: list[str]) -> None:
+    """The peer and ours, fresh processes on ``small`` and on ``photos``; steady rates and their ratio."""
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from retrieval.encoders import create_encoder; "
               "from retrieval.pipeline import embed_sources; "
               "e = create_encoder(sys.argv[2], device=sys.argv[3], precision=sys.argv[4], runtime='torch'); "
@@ -222,8 +219,8 @@ def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
     peer_name = f"pybioclip bioclip embed --device {args.device} (fp32)"
 
     def ours(precision: str):
-        return lambda ph: _fresh_process([sys.executable, "-c", script, repo, f"open_clip:local-dir:{vit_dir}",
-                                          args.device, precision, *ph])
+        return lambda ph: process_seconds([sys.executable, "-c", script, repo, f"open_clip:local-dir:{vit_dir}",
+                                           args.device, precision, *ph])
 
     ways = {peer_name: lambda ph: run_peer(peer, vit_dir, ph, device=args.device),
             "ours, bf16": ours("bf16"), "ours, fp32": ours("fp32")}
@@ -238,7 +235,6 @@ def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
         except Exception:  # noqa: BLE001
             print(f"  {name}: failed")
             traceback.print_exc()
-    copies.cleanup()
     p = results.get(peer_name)
     for name, r in results.items():
         if p and name.startswith("ours"):
