@@ -37,14 +37,55 @@ def _fitted_nll(logits: np.ndarray, y: np.ndarray) -> float:
     return fit_temperature(logits, y)[1]
 
 
-def autocast(device: torch.device, amp: bool, *, train: bool = False):
+class _RoundBF16(torch.autograd.Function):
+    """Round to bf16 precision and back (fp32 kept), and the gradient likewise: what a cast to bf16 and back does
+    to a value and its gradient, without bf16 arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(torch.bfloat16).to(grad.dtype)
+
+
+def _round_bf16(x):
+    return _RoundBF16.apply(x) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
+
+
+class BF16Rounding(torch.overrides.TorchFunctionMode):
+    """fp32 arithmetic with CPU bf16 autocast's rounding imitated: the inputs (weights included) and outputs of
+    convolutions, linear layers and matrix products are rounded to bf16 precision, their gradients too, and so
+    are the outputs of batch norm and pooling (autocast leaves those in bf16). For CPUs without native bf16,
+    where real bf16 steps are emulated and slow; the rounding is elementwise."""
+
+    _ROUND_ARGS = frozenset({torch.conv2d, F.conv2d, F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm,
+                             torch.addmm, torch.bmm})
+    _ROUND_OUT = frozenset({F.batch_norm, torch.batch_norm, F.adaptive_avg_pool2d, torch.Tensor.mean,
+                            torch.mean, F.avg_pool2d})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._ROUND_ARGS:
+            args = tuple(_round_bf16(a) for a in args)
+            kwargs = {k: _round_bf16(v) for k, v in kwargs.items()}
+            return _round_bf16(func(*args, **kwargs))
+        out = func(*args, **kwargs)
+        return _round_bf16(out) if func in self._ROUND_OUT else out
+
+
+def autocast(device: torch.device, amp: bool, *, train: bool = False, emulate_bf16: bool = False):
     """CUDA: bf16 (fp16 without bf16) autocast. CPU: bf16 autocast for training steps only, on CPUs with
-    native bf16 (AVX512-BF16/AMX; ~2x faster MobileNetV1 steps here); evaluation stays fp32 like the gallery."""
+    native bf16 (AVX512-BF16/AMX; ~2x faster MobileNetV1 steps here); evaluation stays fp32 like the gallery.
+    ``emulate_bf16``: CPU training steps that would run in fp32 imitate bf16's rounding (:class:`BF16Rounding`)."""
     if device.type == "cuda" and amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     if device.type == "cpu" and amp and train and cpu_has_fast_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.type == "cpu" and train and emulate_bf16:
+        return BF16Rounding()
     return torch.autocast("cpu", enabled=False)
 
 
@@ -190,7 +231,7 @@ def train_step(net: Net, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Opti
     y = y.to(device, non_blocking=True)
     x, target = mix(mixup, x, y, n_classes, cfg.label_smoothing)
     x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, cfg.amp, train=True):
+    with autocast(device, cfg.amp, train=True, emulate_bf16=cfg.emulate_bf16):
         if frozen:
             with torch.no_grad():
                 feats = net.backbone(x)

@@ -273,7 +273,7 @@ def test_cli_finetune_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--help"])
     text = capsys.readouterr().out
-    assert "--init" in text and "--stage" in text and "--val-split" in text
+    assert "--init" in text and "--stage" in text and "--val-split" in text and "--no-emulate-bf16" in text
 
 
 def test_early_stopping_waits_for_min_epochs(tiny_set, tmp_path, monkeypatch):
@@ -664,3 +664,98 @@ def test_the_final_evaluation_reuses_the_held_out_photos_the_size_choice_embedde
     assert "final: train features" in descs and "final: val features" not in descs  # embedded once, by the choice
     # the same photos at the same side: the final head top-1 is the one the choice measured there
     assert r.final["head_top1"] == pytest.approx(r.test_size["head_top1"][str(size)], abs=1e-4)
+
+
+def _small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.nn.BatchNorm2d(32), torch.nn.ReLU6(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 5),
+    )
+
+
+def _forward_backward(net: torch.nn.Module, x: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    net.zero_grad()
+    with ctx:
+        feats = net[:-1](x)
+        out = net[-1](feats)
+        loss = out.float().square().mean()
+    loss.backward()
+    return out.float().detach(), feats.float().detach(), {n: p.grad for n, p in net.named_parameters()}
+
+
+def _is_bf16(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t, t.to(torch.bfloat16).float()))
+
+
+def test_bf16_rounding_rounds_what_autocast_rounds_and_keeps_fp32():
+    """The imitation's outputs, pooled features and gradients of conv / linear weights carry bf16 precision in
+    fp32 tensors; batch-norm affine weights are not rounded (autocast keeps them fp32)."""
+    from finetune.engine import BF16Rounding
+
+    net = _small_cnn().train()
+    x = torch.randn(4, 3, 16, 16)
+    out, feats, grads = _forward_backward(net, x, BF16Rounding())
+    assert out.dtype == torch.float32 and _is_bf16(out) and _is_bf16(feats)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    for name in ("0.weight", "0.bias", "3.weight", "8.weight", "8.bias"):
+        assert _is_bf16(grads[name]), name
+    plain_out, _, plain_grads = _forward_backward(net, x, torch.autocast("cpu", enabled=False))
+    assert not _is_bf16(plain_out) and not _is_bf16(plain_grads["0.weight"])
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_bf16_rounding_is_closer_to_real_bf16_than_fp32_is():
+    """Against real CPU bf16 autocast on the same batch, the imitation is nearer than fp32 is (outputs, features,
+    gradients), and as far from fp32 as bf16 is (within 2x)."""
+    from finetune.engine import BF16Rounding
+
+    net = _small_cnn().train()
+    x = torch.randn(8, 3, 32, 32)
+    ref = _forward_backward(net, x, torch.autocast("cpu", dtype=torch.bfloat16))
+    emu = _forward_backward(net, x, BF16Rounding())
+    fp = _forward_backward(net, x, torch.autocast("cpu", enabled=False))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    pairs = [(ref[0], emu[0], fp[0]), (ref[1], emu[1], fp[1])]
+    pairs += [(ref[2][n], emu[2][n], fp[2][n]) for n in ("0.weight", "3.weight", "8.weight")]
+    for bf16, imitation, fp32 in pairs:
+        assert rel(imitation, bf16) < rel(fp32, bf16)
+        assert 0.5 < rel(imitation, fp32) / rel(bf16, fp32) < 2.0
+
+
+def test_autocast_picks_the_imitation_for_fp32_cpu_training_steps_only(monkeypatch):
+    from finetune import engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    assert isinstance(engine.autocast(cpu, True, train=True, emulate_bf16=True), engine.BF16Rounding)
+    assert isinstance(engine.autocast(cpu, False, train=True, emulate_bf16=True), engine.BF16Rounding)
+    assert not isinstance(engine.autocast(cpu, True, train=False, emulate_bf16=True), engine.BF16Rounding)
+    assert not isinstance(engine.autocast(cpu, True, train=True), engine.BF16Rounding)
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
+    native = engine.autocast(cpu, True, train=True, emulate_bf16=True)
+    assert isinstance(native, torch.autocast) and native.fast_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("emulate", [True, False])
+def test_a_training_step_on_a_cpu_without_native_bf16_rounds_by_default(emulate, tmp_path, monkeypatch):
+    """The default config's steps on an fp32-only CPU carry bf16 precision (gradients of the conv weights);
+    ``--no-emulate-bf16`` gives plain fp32 steps."""
+    from finetune import engine
+    from finetune.model import CosineHead, Net
+
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    cfg = _config(tmp_path, tmp_path / "out", **({} if emulate else {"emulate_bf16": False})).resolved()
+    assert cfg.emulate_bf16 is emulate
+    net = Net(_small_cnn()[:-1], CosineHead(32, 5)).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    engine.train_step(net, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), opt,
+                      torch.amp.GradScaler("cpu", enabled=False), cfg, n_classes=5, device=torch.device("cpu"),
+                      class_weight=None, mixup=None, frozen=False)
+    grad = net.backbone[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert _is_bf16(grad) is emulate
