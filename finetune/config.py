@@ -196,7 +196,7 @@ class FinetuneConfig:
     # 3 paired runs it gave fp32 training the bf16 runs' stronger kNN side and blend (docs/accuracy.md)
     emulate_bf16: bool = field(default=True, metadata=option(
         "plain fp32 CPU training steps (no bf16 rounding imitated; by default, on CPUs without native bf16, "
-        "steps round like bf16 autocast: a stronger kNN side and blend, ~1.5x slower steps)"))
+        "steps round like bf16 autocast: a stronger kNN side and blend, 1.25-1.9x slower steps)"))
     # minutes: stop (like early stopping) before an epoch would overrun
     time_limit: float | None = field(default=None, metadata=option(
         "stop before an epoch would run past MIN minutes", metavar="MIN"))
