@@ -64,6 +64,7 @@ class BF16Rounding(torch.overrides.TorchFunctionMode):
                              torch.addmm, torch.bmm})
     _ROUND_OUT = frozenset({F.batch_norm, torch.batch_norm, F.adaptive_avg_pool2d, torch.Tensor.mean,
                             torch.mean, F.avg_pool2d})
+    _MEANS = frozenset({torch.Tensor.mean, torch.mean})  # rounded as pooling only (a feature map), not a loss
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -72,7 +73,9 @@ class BF16Rounding(torch.overrides.TorchFunctionMode):
             kwargs = {k: _round_bf16(v) for k, v in kwargs.items()}
             return _round_bf16(func(*args, **kwargs))
         out = func(*args, **kwargs)
-        return _round_bf16(out) if func in self._ROUND_OUT else out
+        if func in self._ROUND_OUT and (func not in self._MEANS or (args and args[0].dim() >= 3)):
+            return _round_bf16(out)
+        return out
 
 
 def autocast(device: torch.device, amp: bool, *, train: bool = False, emulate_bf16: bool = False):

@@ -701,6 +701,9 @@ def test_bf16_rounding_rounds_what_autocast_rounds_and_keeps_fp32():
     assert all(g.dtype == torch.float32 for g in grads.values())
     for name in ("0.weight", "0.bias", "3.weight", "8.weight", "8.bias"):
         assert _is_bf16(grads[name]), name
+    with BF16Rounding():
+        assert _is_bf16(torch.randn(2, 8, 4, 4).mean((2, 3)))  # pooling a feature map: rounded
+        assert not _is_bf16(torch.tensor([0.1, 0.2, 0.3]).mean())  # a loss's mean: fp32 (0.2 is no bf16 value)
     plain_out, _, plain_grads = _forward_backward(net, x, torch.autocast("cpu", enabled=False))
     assert not _is_bf16(plain_out) and not _is_bf16(plain_grads["0.weight"])
     assert all(p.dtype == torch.float32 for p in net.parameters())
