@@ -50,21 +50,20 @@ class _RoundBF16(torch.autograd.Function):
         return grad.to(torch.bfloat16).to(grad.dtype)
 
 
-def _round_bf16(x):
+def _round_bf16(x: object) -> object:
     return _RoundBF16.apply(x) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
 
 
 class BF16Rounding(torch.overrides.TorchFunctionMode):
     """fp32 arithmetic with CPU bf16 autocast's rounding imitated: the inputs (weights included) and outputs of
     convolutions, linear layers and matrix products are rounded to bf16 precision, their gradients too, and so
-    are the outputs of batch norm and pooling (autocast leaves those in bf16). For CPUs without native bf16,
-    where real bf16 steps are emulated and slow; the rounding is elementwise."""
+    are the outputs of batch norm and pooling (autocast leaves those in bf16; a loss's mean stays fp32). For CPUs
+    without native bf16, where real bf16 steps are emulated and slow; the rounding is elementwise."""
 
-    _ROUND_ARGS = frozenset({torch.conv2d, F.conv2d, F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm,
-                             torch.addmm, torch.bmm})
-    _ROUND_OUT = frozenset({F.batch_norm, torch.batch_norm, F.adaptive_avg_pool2d, torch.Tensor.mean,
-                            torch.mean, F.avg_pool2d})
-    _MEANS = frozenset({torch.Tensor.mean, torch.mean})  # rounded as pooling only (a feature map), not a loss
+    _ROUND_ARGS = frozenset({F.conv2d, F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.addmm,
+                             torch.bmm})
+    _ROUND_OUT = frozenset({F.batch_norm, torch.batch_norm, F.adaptive_avg_pool2d, F.avg_pool2d})
+    _MEANS = frozenset({torch.Tensor.mean, torch.mean})  # rounded when they pool a feature map (>= 3 dims)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,9 +72,8 @@ class BF16Rounding(torch.overrides.TorchFunctionMode):
             kwargs = {k: _round_bf16(v) for k, v in kwargs.items()}
             return _round_bf16(func(*args, **kwargs))
         out = func(*args, **kwargs)
-        if func in self._ROUND_OUT and (func not in self._MEANS or (args and args[0].dim() >= 3)):
-            return _round_bf16(out)
-        return out
+        pools = func in self._ROUND_OUT or (func in self._MEANS and bool(args) and args[0].dim() >= 3)
+        return _round_bf16(out) if pools else out
 
 
 def autocast(device: torch.device, amp: bool, *, train: bool = False, emulate_bf16: bool = False):

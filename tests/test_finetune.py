@@ -701,6 +701,7 @@ def test_bf16_rounding_rounds_what_autocast_rounds_and_keeps_fp32():
     assert all(g.dtype == torch.float32 for g in grads.values())
     for name in ("0.weight", "0.bias", "3.weight", "8.weight", "8.bias"):
         assert _is_bf16(grads[name]), name
+    assert not _is_bf16(grads["1.weight"]) and not _is_bf16(grads["4.bias"])  # batch norm's affine: not rounded
     with BF16Rounding():
         assert _is_bf16(torch.randn(2, 8, 4, 4).mean((2, 3)))  # pooling a feature map: rounded
         assert not _is_bf16(torch.tensor([0.1, 0.2, 0.3]).mean())  # a loss's mean: fp32 (0.2 is no bf16 value)
