@@ -21,8 +21,9 @@ DESCRIPTION = (
     "Fine-tune a timm CNN on class-per-folder (or other --dataset) photos. Stage 'global' trains on a big dataset "
     "with a full head; stage 'local' (LP-FT) starts the head as a linear probe on frozen features, keeps the "
     "backbone frozen for the first epoch(s), then trains it at a smaller, layer-wise decayed learning rate with "
-    "batch-norm statistics frozen and an EMA of the weights. Early stopping on validation macro-F1 keeps the best "
-    "weights. Every epoch writes OUT/log.csv, OUT/curves.png and OUT/checkpoint.pt: after Ctrl-C or a crash, the "
+    "batch-norm statistics frozen and an EMA of the weights. Early stopping keeps the epoch with the least "
+    "validation log-loss at a fitted temperature (--select; macro-F1 before); --time-budget fits the epochs to "
+    "this machine's timed steps. Every epoch writes OUT/log.csv, OUT/curves.png and OUT/checkpoint.pt: after Ctrl-C or a crash, the "
     "same command resumes after the last finished epoch."
 )
 HELP = (
