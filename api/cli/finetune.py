@@ -23,8 +23,8 @@ DESCRIPTION = (
     "backbone frozen for the first epoch(s), then trains it at a smaller, layer-wise decayed learning rate with "
     "batch-norm statistics frozen and an EMA of the weights. Early stopping keeps the epoch with the least "
     "validation log-loss at a fitted temperature (--select; macro-F1 before); --time-budget fits the epochs to "
-    "this machine's timed steps. Every epoch writes OUT/log.csv, OUT/curves.png and OUT/checkpoint.pt: after Ctrl-C or a crash, the "
-    "same command resumes after the last finished epoch."
+    "this machine's timed steps. Every epoch writes OUT/log.csv, OUT/curves.png and OUT/checkpoint.pt: after "
+    "Ctrl-C or a crash, the same command resumes after the last finished epoch."
 )
 HELP = (
     "fine-tune a timm CNN encoder on labelled photos (stage global or local); the output folder is an encoder "
