@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,18 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+
+
+def _route_path(app: FastAPI, request: Request) -> str:
+    """The route template a request was for (``/v1/species/{name}``), also when the edge guard answered it (a 401,
+    429 or 413 before routing), else ``unmatched``."""
+    route = request.scope.get("route")
+    if route is not None:
+        return route.path
+    if getattr(app.state, "route_templates", None) is None:  # the API's own paths, as its OpenAPI schema lists them
+        app.state.route_templates = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "/?$"), t)
+                                     for t in app.openapi()["paths"]]
+    return next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), "unmatched")
 
 
 class Metrics:
@@ -79,8 +92,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
+        path = _route_path(app, request)
         m = app.state.metrics
         m.requests.labels(request.method, path, str(response.status_code)).inc()
         m.latency.labels(request.method, path).observe(time.perf_counter() - start)

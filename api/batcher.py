@@ -27,6 +27,7 @@ class EncodeBatcher:
 
     With ``window_ms=0`` it never waits, but requests that queued up while the model was busy are still
     encoded together; ``max_batch=1`` encodes every request on its own (still on the single model thread).
+    A forward pass holds at most ``max_batch`` photos, unless one request alone has more (requests are never split).
     """
 
     def __init__(self, encoder: Encoder, *, window_ms: float = 5.0, max_batch: int = 32) -> None:
@@ -55,8 +56,9 @@ class EncodeBatcher:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        carry: _Job | None = None  # a request that would have overfilled the last batch: it opens the next one
         while True:
-            job = self._queue.get()
+            job, carry = (carry, None) if carry is not None else (self._queue.get(), None)
             if job is None:
                 return
             jobs = [job]
@@ -76,6 +78,9 @@ class EncodeBatcher:
                     break
                 if nxt is None:
                     self._queue.put(None)
+                    break
+                if size + batch_len(nxt.tensors) > self.max_batch:  # requests are never split
+                    carry = nxt
                     break
                 jobs.append(nxt)
                 size += batch_len(nxt.tensors)

@@ -92,8 +92,12 @@ class EdgeGuard:
                 return await _json(send, 429, f"busy: {s.max_identify_in_flight} identifications in progress; "
                                    f"retry in {wait} s", {"retry-after": str(wait)})
         try:
-            limited = RequestBodyLimitResponder(self.app, body_limit(s, method, path))
-            await limited(scope, receive, send)
+            limit = body_limit(s, method, path)
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+            if length.isdigit() and int(length) > limit:  # announced: refused before a byte is read
+                return await _json(send, 413, f"request body of {int(length) / _MB:.1f} MB is over the "
+                                   f"{limit / _MB:.0f} MB this route accepts (SPECIESID_MAX_UPLOAD_MB a photo)")
+            await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
         finally:
             if kind == "identify":
                 with self._lock:

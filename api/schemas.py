@@ -71,10 +71,12 @@ class SpeciesOut(BaseModel):
 
 
 class DuplicateOut(BaseModel):
-    """An uploaded photo already in the gallery (same bytes)."""
+    """An uploaded photo already in the gallery (same bytes), not stored again."""
 
     file: str
-    id: int | None = None
+    id: int | None = Field(None, description="the reference that holds these bytes")
+    species: str | None = Field(None, description="that reference's species: another species' when the photo is "
+                                "already a reference of it (the photo is not added to this one)")
 
 
 class AddReferencesOut(BaseModel):

@@ -141,8 +141,10 @@ class SpeciesService:
         path = source_file(str(meta.iloc[0]["source_path"]))
         try:
             image = decode_image(read_source(path), max_pixels=self.settings.max_pixels, name=str(path))
-        except (OSError, ImageLoadError) as exc:
-            raise NotFound(f"the photo of reference {ref_id} is no longer readable at {path}") from exc
+        except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
+            logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
+            raise NotFound(f"the photo of reference {ref_id} is no longer readable on the server; delete the "
+                           "reference or restore its photo") from exc
         image.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)

@@ -224,6 +224,11 @@ class FinetuneConfig:
             raise ValueError(f"unknown --balance {out.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
         if out.bn not in BN_MODES:
             raise ValueError(f"--bn must be eval or train, got {out.bn!r}")
+        for name in ("epochs", "batch_size", "patience", "min_epochs", "freeze_epochs", "freeze_layers"):
+            value = getattr(out, name, None)
+            if isinstance(value, int) and value < (1 if name == "batch_size" else 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be {'1' if name == 'batch_size' else '0'} or more, "
+                                 f"got {value}")
         if out.time_budget is not None and not out.time_budget > 0:
             raise ValueError(f"--time-budget must be a positive number of minutes, got {out.time_budget}")
         if out.test_size not in ("auto", "train") and not (str(out.test_size).isdigit() and int(out.test_size) >= 32):

@@ -85,25 +85,27 @@ class InvalidNameError(ValueError):
 def check_name(value: str, what: str = "species name") -> str:
     """``value`` with its spaces collapsed, or :class:`InvalidNameError` saying what is wrong with it.
 
-    Refused: empty names, names over :data:`MAX_NAME_LENGTH` characters, and any control, format (bidi
-    overrides, zero-width), surrogate, private-use or unassigned character, or line separator: a name is
-    shown in tables, files and web pages, where such characters hide or reorder text.
+    Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
+    control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
+    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text.
     """
     import unicodedata
 
     text = " ".join(str(value).split())
     if not text:
         raise InvalidNameError(f"the {what} is empty; give e.g. 'Naja haje'")
+    if not any(ch.isalnum() for ch in text):
+        raise InvalidNameError(f"the {what} {text!r} has no letters or digits; give e.g. 'Naja haje'")
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
     for ch in text:
         cat = unicodedata.category(ch)
         if cat[0] == "C" or cat in ("Zl", "Zp"):
             code = f"U+{ord(ch):04X}"
-            name = unicodedata.name(ch, code) if cat != "Cs" else "an undecodable byte"
+            name = unicodedata.name(ch, "") if cat != "Cs" else "an undecodable byte"
             raise InvalidNameError(
-                f"the {what} {text.encode('utf-8', 'backslashreplace').decode()!r} contains {name} ({code}); "
-                "use printable letters only"
+                f"the {what} {text.encode('utf-8', 'backslashreplace').decode()!r} contains "
+                f"{f'{name} ({code})' if name else f'the control character {code}'}; use printable letters only"
             )
     return text
 
@@ -188,9 +190,25 @@ def new_species_references(
     common_name = check_name(common_name, "common name") if common_name is not None else None
     genus = check_name(genus, "genus") if genus else genus
     family = check_name(family, "family") if family else family
-    prior = next((s for s in gallery_species if species_key(s.species) == species_key(species)), None)
+    gallery_species = list(gallery_species)
     taxon = lookup_taxon(species)
+    prior = _gallery_match(gallery_species, species) or (_gallery_match(gallery_species, taxon.species) if taxon
+                                                         else None)  # "Naja haje legionis" joins "Naja haje"
     species = prior.species if prior else (taxon.species if taxon else species)
+    if venomous is False and prior is not None and prior.venomous:
+        raise ValueError(
+            f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
+            "photos says so: leave the venomous flag out to add these photos, or delete the references that flag it "
+            "venomous first if that is wrong")
+    for what, given, have in (("genus", genus, prior.genus if prior else None),
+                              ("family", family, prior.family if prior else None),
+                              ("common name", common_name, prior.common_name if prior else None)):
+        if given and have and given.casefold() != have.casefold():
+            raise ValueError(f"{prior.species!r} is recorded with {what} {have!r}, not {given!r}: leave the {what} "
+                             "out to add these photos under the species' own")
+    if genus and len(species.split()) > 1 and species.split()[0].casefold() != genus.casefold():
+        raise ValueError(f"the genus {genus!r} does not match the species name {species!r}; leave --genus out "
+                         "(the first word of the name is the genus)")
     if venomous is None:
         venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
     genus = genus or (prior.genus if prior else None) or (taxon.genus if taxon else None)
@@ -199,6 +217,11 @@ def new_species_references(
     records = [ReferenceRecord(path=Path(p), species=species, genus=genus, family=family, common_name=common_name,
                                venomous=venomous, dataset=dataset) for p in paths]
     return species, records, prior
+
+
+def _gallery_match(gallery_species: list[SpeciesSummary], name: str) -> SpeciesSummary | None:
+    key = species_key(name)
+    return next((s for s in gallery_species if species_key(s.species) == key), None)
 
 
 # --------------------------------------------------------------------------------------------------

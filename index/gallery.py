@@ -127,6 +127,7 @@ class Gallery:
                              "store always lives in the gallery folder")
         if root.exists() and any(root.iterdir()):
             raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
+        made = [d for d in (root, *root.parents) if not d.exists()]  # the folders this call creates
         root.mkdir(parents=True, exist_ok=True)
         config = index_config or VectorIndexConfig()
         info = {
@@ -139,7 +140,17 @@ class Gallery:
         if store:
             info["store"] = {"uri": str(store).rstrip("/"), "options": public_options(storage_options(None, options))}
         write_json_atomic(GalleryLayout(root).info, info)
-        return cls(root, info, config, refresh_s=refresh_s, options=options)
+        try:
+            return cls(root, info, config, refresh_s=refresh_s, options=options)
+        except Exception as exc:  # nothing half-made is left behind: the same command can simply be run again
+            GalleryLayout(root).info.unlink(missing_ok=True)
+            for folder in made:  # innermost first; only folders left empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if store:
+                raise ValueError(f"cannot open the store {store} ({str(exc).splitlines()[0]}); check the URI and "
+                                 "the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)") from exc
+            raise
 
     @classmethod
     def open(

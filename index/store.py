@@ -418,7 +418,8 @@ class ReferenceStore:
                 logger.warning("store: could not index %s (%s); lookups will scan", column, exc)
 
     def species(self) -> list[SpeciesSummary]:
-        """Distinct species with reference counts and their metadata, sorted by name.
+        """Distinct species with reference counts and their metadata, sorted by name (the most common common name
+        of a species' references; venomous when any of its references says so).
 
         Streamed over five columns (never the whole table) and cached until the table's version moves.
         """
@@ -447,7 +448,7 @@ class ReferenceStore:
                 genus=first[name][0],
                 family=first[name][1],
                 common_name=_mode(commons.get(name)),
-                venomous=_mode(venoms.get(name)),
+                venomous=_venomous(venoms.get(name)),
                 count=int(counts[name]),
             )
             for name in sorted(counts)
@@ -461,6 +462,14 @@ class ReferenceStore:
             self._table.optimize()
         except Exception as exc:  # noqa: BLE001 - optional maintenance, depends on lancedb extras
             logger.debug("lancedb optimize skipped: %s", exc)
+
+
+def _venomous(counts: Counter | None) -> bool | None:
+    """A species' venomous flag from its references' flags: venomous when any reference says so (a harmless
+    answer for a venomous snake is the error that hurts), None when none says either."""
+    if not counts:
+        return None
+    return bool(counts.get(True))
 
 
 def _mode(counts: Counter | None):

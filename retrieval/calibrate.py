@@ -204,15 +204,24 @@ def out_of_fold(
 ) -> OutOfFold:
     """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos."""
     grid = grid or SelectionGrid()
+    if len(labels) == 0:
+        raise ValueError("the gallery has no searchable references (none added, or all excluded: see "
+                         "'speciesid clean --restore'); add reference photos first")
+    if val_embeddings is None and folds < 2:
+        raise ValueError(f"--folds must be at least 2 (got {folds})")
     species = sorted(set(labels) | set(probe.species if probe is not None else ()))
     index = {s: i for i, s in enumerate(species)}
-    y = np.array([index[s] for s in labels])
+    y = np.array([index[s] for s in labels], dtype=np.int64)
     x = np.asarray(embeddings, dtype=np.float32)
     if val_embeddings is not None:
         unknown_val = sorted(set(val_labels or []) - set(species))
         if unknown_val:
             logger.warning("validation species not in the gallery are ignored for selection: %s", unknown_val)
         keep = [i for i, s in enumerate(val_labels or []) if s in index]
+        if not keep:
+            raise ValueError(f"none of the {val_name} photos is of a gallery species (or none was readable), so "
+                             "they cannot choose the settings; give photos of the gallery's species, or leave "
+                             "--val-root out to choose by cross-validation")
         splits = [(np.arange(len(x)), np.asarray(val_embeddings, np.float32)[keep], np.array(
             [index[val_labels[i]] for i in keep]))]
         selected_on = f"val:{val_name}"

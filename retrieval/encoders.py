@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,17 @@ class EncoderConfig:
     runtime: str | None = None  # auto, torch, onnx, openvino; None = $SPECIESID_RUNTIME, else auto
     pool: str = DEFAULT_POOL  # one of POOLS
     views: str = DEFAULT_VIEWS  # one of VIEWS
+
+
+def portable(config: EncoderConfig) -> EncoderConfig:
+    """``config`` with a relative ``local-dir:`` folder and ``weights`` file made absolute: what a gallery records
+    must find them again from whatever folder it is used."""
+    spec = config.spec
+    for prefix in ("local-dir:", "timm:local-dir:", "open_clip:local-dir:"):
+        if spec.startswith(prefix) and not Path(spec[len(prefix):]).is_absolute():
+            spec = prefix + str(Path(spec[len(prefix):]).resolve())
+    weights = str(Path(config.weights).resolve()) if config.weights else config.weights
+    return replace(config, spec=spec, weights=weights)
 
 
 def recorded_encoder(built: dict[str, Any], *, spec: str | None = None, weights: str | None = None,
@@ -399,6 +411,8 @@ def create_encoder_from_config(config: EncoderConfig, *, photos: Photos | None =
     """Build an encoder from an :class:`EncoderConfig`, on the runtime it asks for (or the one ``auto`` picks)."""
     from retrieval.runtimes.select import open_encoder
 
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device or ""):
+        raise ValueError(f"unknown device {config.device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
     return open_encoder(config, photos=photos)
 
 

@@ -285,6 +285,8 @@ def add_references(
     report = BuildReport()
     start = time.perf_counter()
     first_path: dict[str, str] = {}  # digest -> the first path of this call with those bytes
+    stored_id: dict[str, int] = {}  # digest -> the id its first path of this call was stored under (or found at)
+    repeats: list[tuple[int, str]] = []  # (position in report.duplicate_ids, digest) of repeats within this call
     buf: list[tuple[ReferenceRecord, str, np.ndarray]] = []
 
     def drop_stored(items: list[Prepared]) -> None:
@@ -299,12 +301,14 @@ def add_references(
         ids, dropped = gallery.add_unique([b[0] for b in buf], [b[1] for b in buf], np.concatenate([b[2] for b in buf]),
                                           save_index=False)
         kept = iter(ids)
-        for pos, (rec, _, _) in enumerate(buf):
+        for pos, (rec, digest, _) in enumerate(buf):
             if pos in dropped:  # stored by another process since the batch was checked
                 report.duplicates.append((str(rec.path), f"id {dropped[pos]}"))
                 report.duplicate_ids.append(dropped[pos])
+                stored_id[digest] = dropped[pos]
             else:
                 report.ids.append(next(kept))
+                stored_id[digest] = report.ids[-1]
         report.added += len(ids)
         buf.clear()
 
@@ -323,7 +327,8 @@ def add_references(
                     report.skipped.append((str(rec.path), item.error))
                 elif item.sha256 in first_path:
                     report.duplicates.append((str(rec.path), first_path[item.sha256]))
-                    report.duplicate_ids.append(None)
+                    report.duplicate_ids.append(None)  # the id its first copy gets, once stored (below)
+                    repeats.append((len(report.duplicate_ids) - 1, item.sha256))
                     row += 1
                 else:
                     first_path[item.sha256] = str(rec.path)
@@ -336,6 +341,8 @@ def add_references(
             if on_progress:
                 on_progress(done, len(records))
     flush()
+    for pos, digest in repeats:
+        report.duplicate_ids[pos] = stored_id.get(digest)
     gallery.save_index()
     report.seconds = time.perf_counter() - start
     logger.info("model thread: %.1f s encoding, %.1f s waiting for decoded photos (%.0f%% of %.1f s)",

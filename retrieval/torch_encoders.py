@@ -200,6 +200,18 @@ def _open_clip_checkpoint(open_clip, parsed: ParsedSpec, pretrained: str | None)
     return oc_pretrained.download_pretrained(cfg) if cfg else None
 
 
+@contextlib.contextmanager
+def _weights_that_fit(weights: str | None, target: str):
+    """A ``--weights`` file made for another model (or no checkpoint at all) becomes a ValueError saying so."""
+    try:
+        yield
+    except (RuntimeError, KeyError, EOFError) as exc:
+        if not weights:
+            raise
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).strip())
+        raise ValueError(f"--weights {weights} does not load into {target}: {detail[:300]}") from exc
+
+
 def _load_open_clip_no_init(open_clip, model_name: str, pretrained: str | None, checkpoint: str):
     """Build on the meta device (no initialisation), then adopt the checkpoint's tensors (``assign=True``)."""
     from open_clip.factory import load_checkpoint
@@ -270,7 +282,7 @@ class OpenClipEncoder(TorchEncoder):
             except Exception as exc:  # noqa: BLE001 - any surprise: the library's own (slower) loading
                 logger.info("loading %s without initialisation failed (%s): loading it the usual way", spec, exc)
         if model is None:
-            with seeded_init():
+            with _weights_that_fit(config.weights, f"open_clip:{model_name}"), seeded_init():
                 model = open_clip.create_model(model_name, pretrained=pretrained)
         model.eval()
         self.model = model
@@ -398,7 +410,7 @@ class TimmEncoder(TorchEncoder):
                 raise ValueError(f"weights file {weights} does not exist")
             pretrained = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-        with seeded_init():
+        with _weights_that_fit(config.weights, f"timm:{name}"), seeded_init():
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         model.eval()
         self.weights_digest = weights_digest(parsed, config, model)

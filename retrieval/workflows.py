@@ -44,6 +44,7 @@ from retrieval.encoders import (
     Encoder,
     EncoderConfig,
     create_encoder_from_config,
+    portable,
 )
 from retrieval.findings import CleanConfig
 from retrieval.galleries import open_gallery, open_identifier
@@ -108,6 +109,7 @@ def build_gallery(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    encoder = portable(encoder or EncoderConfig())  # the gallery records where the weights are, usable from anywhere
     if engine == "ray":
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
@@ -272,9 +274,13 @@ def evaluate_dataset(
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     from retrieval.protocol import Protocol, find_duplicates, settings_origin, size_origin
 
+    if Path(report_dir).exists() and not Path(report_dir).is_dir():  # before the embedding work, not after it
+        raise ValueError(f"the report folder {report_dir} is a file; give a folder (it is created if missing)")
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
+    if not ok:
+        raise ValueError(f"none of the {len(scan.records)} photos under {root} could be read; nothing to evaluate")
     dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
     settings, chose = settings_origin(ident.probe, root, settings_overridden)
     size, size_chose = size_origin(ident.encoder, root)
@@ -283,6 +289,10 @@ def evaluate_dataset(
     if not keep_duplicates:
         dup_set = set(dups)
         ok = [i for i in ok if i not in dup_set]
+        if not ok:
+            raise ValueError(f"all {readable} readable photos under {root} are already in the gallery (same bytes or "
+                             "near-copies), so they would measure nothing; evaluate photos the gallery does not hold, "
+                             "or pass --keep-duplicates to count them anyway")
     presence = presence_for(country)
     methods = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
     taxa = ident.taxa()
@@ -323,7 +333,8 @@ class AddResult:
     created: bool  # the species was new to the gallery and now has photos
     existed: bool  # the gallery already had the species
     report: BuildReport  # added ids, duplicates (with the id they repeat), unreadable photos
-    duplicates: list[tuple[str, int | None]] = field(default_factory=list)  # (photo or upload name, id it repeats)
+    # (photo or upload name, id it repeats, that reference's species: another one's when the photo is stored there)
+    duplicates: list[tuple[str, int | None, str | None]] = field(default_factory=list)
 
 
 def add_photos(
@@ -372,7 +383,9 @@ def add_photos(
             atomic_write(path, data)
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
-    duplicates = [(names[p].pop(0) if names.get(p) else p, i)
+    known = [i for i in report.duplicate_ids if i is not None]
+    owner = gallery.store.metadata(known)["species"].to_dict() if known else {}
+    duplicates = [(names[p].pop(0) if names.get(p) else p, i, owner.get(i))
                   for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
     if report.ids:
         refresh_gallery_metric(gallery)

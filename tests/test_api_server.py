@@ -173,7 +173,7 @@ def test_limits_keys_and_load_shedding_on_a_real_server(tmp_path_factory):
             # the same for a Content-Length over the add route's limit, with a key: 413 at once
             head = _raw_request(url, "POST", "/v1/species/Naja%20haje/references", 100 * 2**20, b"\0" * 2**16,
                                 {"X-API-Key": API_KEY})
-            assert head.startswith(b"HTTP/1.1 413"), head[:300]
+            assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head, head[:300]
 
             # a chunked identify body (no Content-Length) over the route's limit: cut with a 413
             def big():
@@ -186,7 +186,7 @@ def test_limits_keys_and_load_shedding_on_a_real_server(tmp_path_factory):
             # a Content-Length over the add route's limit (2 photos x 20 MB): 413 at once, key or not
             resp = http.post("/v1/species/Naja haje/references", content=b"\0" * (42 * 2**20),
                              headers={"X-API-Key": API_KEY, "content-type": "multipart/form-data; boundary=x"})
-            assert resp.status_code == 413
+            assert resp.status_code == 413 and "MB this route accepts" in resp.json()["detail"], resp.text[:300]
 
             # load shedding: 1 identification in flight; 6 at once -> some 429 with Retry-After, none 5xx,
             # and a write sent meanwhile completes
@@ -200,6 +200,9 @@ def test_limits_keys_and_load_shedding_on_a_real_server(tmp_path_factory):
             assert set(codes) <= {200, 429} and 200 in codes and shed, codes
             # Retry-After spread over 1..3 s (retry_after_s + jitter) so shed clients do not return together
             assert all(1 <= int(r.headers["retry-after"]) <= 3 and "busy" in r.json()["detail"] for r in shed)
+            metrics = http.get("/metrics").text  # shed requests are counted under their route, not "unmatched"
+            assert f'route="/v1/identify",status="429"}} {float(len(shed))}' in metrics, metrics[-2000:]
+            assert 'route="/v1/species/{name}/references",status="413"}' in metrics
 
             # a reference added by another process (the CLI) is seen by the running server
             new = photos("train", "Common Wolf Snake (Lycodon capucinus)", 4)

@@ -78,7 +78,7 @@ def test_chosen_settings_are_stable_under_fold_reshuffles():
         select_settings(x, y, fingerprint="f", grid=GRID, seed=seed, rule=rule) for seed in range(4))}
         for rule in RULES}
     assert len(chosen["seq-nll"]) == 1, chosen
-    assert len(chosen["argmax"]) >= len(chosen["seq-nll"])  # (here the old rule picks 4 settings in 4 reshuffles)
+    assert len(chosen["argmax"]) > 1, chosen  # the old rule moves with the folds (here 4 settings in 4 reshuffles)
 
 
 def test_more_reference_photos_do_not_make_the_chosen_blend_worse():

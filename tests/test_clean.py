@@ -272,10 +272,10 @@ def test_index_build_clean_excludes_during_the_build(tiny_clip_dir, tmp_path, ca
     _photos(tmp_path / "photos", per_species=2)
     index = tmp_path / "g"
     # threshold 1e-6: every photo has some off-target probability, so all four are excluded
-    code, out, _ = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos",
-                        "--index", index, "--encoder", f"open_clip:local-dir:{tiny_clip_dir}", "--precision",
-                        "fp32", "--clean", "--prompts", "snakes", "--clean-threshold", "1e-6", "--quiet")
-    assert code == 0, out
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos",
+                          "--index", index, "--encoder", f"open_clip:local-dir:{tiny_clip_dir}", "--precision",
+                          "fp32", "--clean", "--prompts", "snakes", "--clean-threshold", "1e-6", "--quiet")
+    assert code == 1 and "no searchable references" in err and "the cleaning excluded them all" in err, out
     assert "off-target (p >= 1e-06, prompts" in out and "snakes.txt): 4 of 4 photos" in out
     assert "applied: 4 references excluded" in out
     assert len(Gallery.open(index)) == 0 and (index / "clean-report" / "findings.csv").is_file()

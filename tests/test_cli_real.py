@@ -19,7 +19,7 @@ from api.cli import main
 
 PER_SPECIES = 30
 WITHHELD = ("Equatorial Cobra (Naja sumatrana)", "Variable Reed Snake (Calamaria lumbricoidea)")
-# Measured on this data (see the closing note / docs/benchmarks.md); floors sit a few points below.
+# Measured on this data (docs/identification.md, "Adding species without retraining"); floors a few points below.
 FLOOR_TOP1_12 = 0.66  # measured 0.700 on the 12 gallery species (180 val photos)
 FLOOR_NEW_SPECIES_RECALL = 0.53  # measured 0.600 on the 2 species added by `references add`
 FLOOR_TOP1_14 = 0.64  # measured 0.676 on all 14 species after the additions (210 val photos)
@@ -154,18 +154,31 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     assert code == 2 and "unknown country 'Atlantis'" in err
 
 
+def _commands(parser, prefix=()):
+    """Every command path of the CLI (("index",), ("index", "build"), ...), walked from the parser itself."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(sub, (*prefix, name))
+
+
 def test_cli_help_everywhere(capsys):
-    for argv in (
-        [], ["index"], ["index", "build"], ["identify"], ["search"], ["references"],
-        ["references", "add"], ["species", "list"], ["encoders", "list"],
-    ):
+    from api.cli import build_parser
+
+    paths = [(), *_commands(build_parser())]
+    assert ("index", "build") in paths and ("encoders", "runtimes") in paths and ("serve",) in paths
+    for argv in paths:
         with pytest.raises(SystemExit) as exc:
             main([*argv, "--help"])
-        assert exc.value.code == 0
-        assert "usage: speciesid" in capsys.readouterr().out
+        assert exc.value.code == 0, argv
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: speciesid {' '.join(argv)}".rstrip()) and "-h, --help" in out, argv
 
 
-def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     code, _, err = _run(capsys, "identify", "--index", tmp_path, tmp_path / "nope.jpg")
     assert code == 2 and "does not exist" in err
     photo = tmp_path / "a.png"
@@ -174,3 +187,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(photo)
     code, _, err = _run(capsys, "identify", "--index", tmp_path, photo)
     assert code == 2 and "is not a speciesid gallery" in err and "speciesid index build" in err
+    # serve without --index takes SPECIESID_INDEX (and refuses a folder that is no gallery before listening)
+    monkeypatch.setenv("SPECIESID_INDEX", str(tmp_path / "from-env"))
+    code, _, err = _run(capsys, "serve")
+    assert code == 2 and f"{tmp_path / 'from-env'} is not a speciesid gallery" in err

@@ -450,3 +450,50 @@ def test_new_species_references_join_existing_spellings():
     assert species == "Testus c-album" and prior is None and records[0].venomous is True
     with pytest.raises(ValueError, match="species name is empty"):
         new_species_references(" _ ", [], ["e.jpg"], dataset="api")
+    for nameless in ("-", "...", "- -"):  # would match no species key but the empty one
+        with pytest.raises(ValueError, match="has no letters or digits"):
+            new_species_references(nameless, [], ["e.jpg"], dataset="api")
+    with pytest.raises(ValueError, match=r"contains the control character U\+0001; use printable"):
+        new_species_references("Naja\x01haje", [], ["e.jpg"], dataset="api")
+
+
+def test_a_subspecies_name_joins_its_gallery_species_and_takes_its_metadata():
+    from index.datasets import new_species_references
+    from index.store import SpeciesSummary
+
+    mine = SpeciesSummary("Naja haje", "Naja", "Elapidae", "Egyptian cobra", True, 3)
+    species, records, prior = new_species_references("Naja haje legionis", [mine], ["a.jpg"], dataset="api")
+    assert species == "Naja haje" and prior is mine and records[0].common_name == "Egyptian cobra"
+    listed = SpeciesSummary("Naja haje legionis", "Naja", "Elapidae", "Moroccan cobra", True, 2)
+    _, _, prior = new_species_references("naja haje legionis", [mine, listed], ["b.jpg"], dataset="api")
+    assert prior is listed  # a gallery species of exactly that name comes first
+
+
+def test_a_venomous_species_is_not_quietly_outvoted():
+    from collections import Counter
+
+    from index.datasets import new_species_references
+    from index.store import SpeciesSummary, _venomous
+
+    cobra = SpeciesSummary("Naja haje", "Naja", "Elapidae", None, True, 3)
+    with pytest.raises(ValueError, match="'Naja haje' is recorded as venomous.*leave the venomous flag out"):
+        new_species_references("Naja haje", [cobra], ["a.jpg"], dataset="api", venomous=False)
+    _, records, _ = new_species_references("Naja haje", [cobra], ["a.jpg"], dataset="api")
+    assert records[0].venomous is True
+    harmless = SpeciesSummary("Testus novus", None, None, None, False, 3)  # flagging a species venomous is taken
+    _, records, _ = new_species_references("Testus novus", [harmless], ["a.jpg"], dataset="api", venomous=True)
+    assert records[0].venomous is True
+    # the other species-level fields are not quietly stored against the species' own either
+    with pytest.raises(ValueError, match="recorded with family 'Elapidae', not 'Viperidae'"):
+        new_species_references("Naja haje", [cobra], ["a.jpg"], dataset="api", family="Viperidae")
+    mine = SpeciesSummary("Naja haje", "Naja", "Elapidae", "Egyptian cobra", True, 3)
+    with pytest.raises(ValueError, match="recorded with common name 'Egyptian cobra'"):
+        new_species_references("Naja haje", [mine], ["a.jpg"], dataset="api", common_name="Spitting cobra")
+    _, records, _ = new_species_references("Naja haje", [mine], ["a.jpg"], dataset="api", common_name="egyptian cobra",
+                                           family="Elapidae")
+    assert records[0].family == "Elapidae"
+    with pytest.raises(ValueError, match="genus 'Bitis' does not match the species name 'Naja haje'"):
+        new_species_references("Naja haje", [], ["a.jpg"], dataset="api", genus="Bitis")
+    # the species' flag over its references: venomous when any says so (a tie, or one of many, included)
+    assert _venomous(Counter({True: 1, False: 1})) is True and _venomous(Counter({True: 1, False: 9})) is True
+    assert _venomous(Counter({False: 2})) is False and _venomous(Counter()) is None and _venomous(None) is None

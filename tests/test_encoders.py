@@ -112,6 +112,23 @@ def test_timm_weights_file_replaces_the_spec_weights(tmp_path):
     np.testing.assert_allclose(enc.encode_batch(x), ref, atol=1e-5)
     with pytest.raises(ValueError, match="does not exist"):
         create_encoder("timm:test_efficientnet", weights=str(tmp_path / "missing.safetensors"))
+    other = dict(model.state_dict())  # weights of another shape (another model's): a clear refusal
+    first = next(k for k, v in other.items() if v.ndim == 4)
+    other[first] = torch.zeros(other[first].shape[0] + 1, *other[first].shape[1:])
+    save_file(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"--weights .*other.safetensors does not load into timm:test_efficientnet: "
+                       r".*size mismatch"):
+        create_encoder("timm:test_efficientnet", weights=str(tmp_path / "other.safetensors"))
+
+
+def test_a_relative_local_folder_or_weights_file_is_recorded_absolute(tmp_path, monkeypatch):
+    from retrieval.encoders import EncoderConfig, portable
+
+    monkeypatch.chdir(tmp_path)
+    got = portable(EncoderConfig(spec="timm:local-dir:models/m", weights="w/x.safetensors"))
+    assert got.spec == f"timm:local-dir:{tmp_path / 'models' / 'm'}" and got.weights == str(tmp_path / "w/x.safetensors")
+    assert portable(EncoderConfig(spec="bioclip")).spec == "bioclip"
+    assert portable(EncoderConfig(spec="local-dir:/abs/m")).spec == "local-dir:/abs/m"
 
 
 def test_real_mobilenet_local_dir(mobilenet_encoder):

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from tests.conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
 
 
 def _subset(root: Path, species: list[str], n: int, split: str = "train") -> Path:
@@ -270,8 +269,9 @@ def test_init_specs(tmp_path):
 def test_cli_finetune_help(capsys):
     from api.cli import build_parser
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["finetune", "--help"])
+    assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--init" in text and "--stage" in text and "--val-split" in text and "--no-emulate-bf16" in text
 
@@ -349,6 +349,10 @@ def test_select_rule_is_checked():
 
     with pytest.raises(ValueError, match="--select must be nll or macro-f1, got 'top1'"):
         FinetuneConfig(root="r", out="o", select="top1").resolved()
+    with pytest.raises(ValueError, match="--epochs must be 0 or more, got -1"):
+        FinetuneConfig(root="r", out="o", epochs=-1).resolved()
+    with pytest.raises(ValueError, match="--batch-size must be 1 or more, got 0"):
+        FinetuneConfig(root="r", out="o", batch_size=0).resolved()
 
 
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_convnext", "test_resnet", "mobilenetv1_100", "vgg11"])

@@ -49,10 +49,13 @@ def test_16_bit_grayscale_is_rescaled_not_clipped():
 
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (40, 20), (0, 128, 0))
+    img.paste((255, 0, 0), (0, 0, 8, 8))  # a red mark in the top-left corner shows which way it turned
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    out = decode_image(_bytes(img, "JPEG", exif=exif))
-    assert out.size == (20, 40)
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display: the top-left corner goes to the top right
+    out = np.asarray(decode_image(_bytes(img, "JPEG", exif=exif))).astype(int)
+    assert out.shape[:2] == (40, 20)  # (height, width)
+    red = lambda px: px[0] > 200 and px[1] < 60  # noqa: E731
+    assert red(out[3, 16]) and not red(out[3, 3]) and not red(out[36, 16]) and not red(out[36, 3])
 
 
 def test_corrupt_truncated_empty_and_non_images(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _api_support import API_KEY, SPECIES, binomial, gallery_copy, photos
-from conftest import PH_SNAKES, REPO, needs_shared
+from conftest import REPO, needs_shared
 
 from api.cli import main
 
@@ -32,14 +32,15 @@ def test_two_writer_processes_over_several_rounds_store_every_photo_once(tmp_pat
     index = gallery_copy(tmp_path_factory, "two_writers")
     before = Gallery.open(index)
     start_rows, start_ids = len(before), set(before.store.ids().tolist())
-    pool = photos("train", SPECIES[1], 30)[10:] + photos("train", SPECIES[3], 30)[10:]  # 40 new photos
+    pool = photos("train", SPECIES[1], 50)[10:]  # 40 new photos of one species (a photo of another species sent
+    # under this name would be refused as already that species' reference, with exit status 1)
 
     def rounds(w: int) -> list[int]:
         codes = []
         for r in range(3):  # each round re-sends half of the other writer's photos too
             part = pool[(w * 20 + r * 7) % 40:][:14] + pool[((1 - w) * 20 + r * 5) % 40:][:6]
-            species = binomial(SPECIES[1]) if w == 0 else binomial(SPECIES[3])
-            codes.append(_cli("references", "add", "--index", index, "--species", species, *part, "-q").returncode)
+            codes.append(_cli("references", "add", "--index", index, "--species", binomial(SPECIES[1]), *part,
+                              "-q").returncode)
         return codes
 
     with ThreadPoolExecutor(2) as ex:
@@ -105,14 +106,21 @@ def test_bad_file_names_and_tiny_photos_do_not_abort_a_batch(tmp_path_factory, t
     assert len(stored) == 1 and source_file(stored[0]) == odd and source_file(stored[0]).read_bytes()
     assert main(["species", "list", "--index", str(index)]) == 0 and main(["identify", "--index", str(index),
                                                                            str(src[2]), "-q"]) == 0
+    # a photo that is already another species' reference: not added, said, exit status 1; the other photo is added
+    capsys.readouterr()
+    code = main(["references", "add", "--index", str(index), "--species", "Testus novus", str(src[1]), str(src[2]),
+                 "-q"])
+    out = capsys.readouterr().out
+    assert code == 1 and "added 1" in out, out
+    assert f"not added: {src[1]} is already reference" in out and f"of {binomial(SPECIES[2])}" in out, out
 
 
-@pytest.mark.parametrize("name", ["Naja\x00haje", "Naja \u202ehaje", "Naja\x07haje", "x" * 121, "   "])
+@pytest.mark.parametrize("name", ["Naja\x00haje", "Naja \u202ehaje", "Naja\x07haje", "x" * 121, "   ", "-"])
 def test_bad_species_names_are_refused(tmp_path_factory, capsys, name):
     index = gallery_copy(tmp_path_factory, "names")
     code = main(["references", "add", "--index", str(index), "--species", name, str(photos("val", SPECIES[0], 1)[0])])
     err = capsys.readouterr().err
-    assert code == 2 and ("contains" in err or "characters long" in err or "is empty" in err), err
+    assert code == 2 and any(why in err for why in ("contains", "characters long", "is empty", "no letters")), err
 
 
 def test_api_names_min_side_delete_removes_the_upload(tmp_path_factory):
@@ -143,9 +151,11 @@ def test_api_names_min_side_delete_removes_the_upload(tmp_path_factory):
         ref = added.json()["ids"][0]
         assert client.delete(f"/v1/references/{ref}", headers=keys).status_code == 204
         assert not uploads[0].exists()  # no other reference used it
-        # the same bytes twice under two species: the file stays until the last reference goes
+        # the same bytes again, under this species and under another: stored once, the file kept for that reference
         a = client.post("/v1/species/Naja samarensis/references", files=files, headers=keys).json()["ids"][0]
         assert client.post("/v1/species/Naja samarensis/references", files=files, headers=keys).json()["ids"] == []
+        other = client.post("/v1/species/Naja philippinensis/references", files=files, headers=keys).json()
+        assert other["ids"] == [] and other["duplicates"][0]["species"] == "Naja samarensis"
         kept = list((index / "uploads").iterdir())
         assert len(kept) == 1 and client.get(f"/v1/references/{a}/image").status_code == 200
         assert client.delete(f"/v1/references/{a}", headers=keys).status_code == 204 and not kept[0].exists()
@@ -166,4 +176,60 @@ def test_a_long_running_reader_sees_other_processes_writes(tmp_path_factory):
     assert best.species == "Lycodon capucinus" and best.similarity > 0.999
     assert "Lycodon capucinus" in {s.species for s in ident.gallery.species()}
     assert np.isin(ident.gallery.store.ids(), ident.gallery.index.ids).all()
-    assert PH_SNAKES.is_dir()
+
+
+def test_cli_mistakes_get_one_clear_line_and_nothing_half_made(tmp_path_factory, tmp_path, capsys):
+    """Bad values, a report path that is a file, a gallery with nothing searchable: a one-line error (exit 2),
+    before any embedding work; an index build that adds nothing fails; the CSV keeps the candidates' order."""
+    index = gallery_copy(tmp_path_factory, "cli_errors")
+    val = photos("val", SPECIES[0], 2)
+
+    def run(*argv) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        got = capsys.readouterr()
+        return code, got.out, got.err
+
+    with pytest.raises(SystemExit) as exc:
+        main(["identify", "--index", str(index), str(val[0]), "--k", "0"])
+    assert exc.value.code == 2 and "'0' is not a whole number of at least 1" in capsys.readouterr().err
+    code, _, err = run("search", "--index", index, val[0].parent)
+    assert code == 2 and "search takes one photo" in err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run("evaluate", "--index", index, "--dataset", "folder", "--root", val[0].parent.parent,
+                       "--report", tmp_path / "a-file", "-q")
+    assert code == 2 and "is a file; give a folder" in err
+    for argv in (["probe", "train", "--index", str(index), "--folds", "1"],
+                 ["index", "build", "--dataset", "folder", "--root", str(tmp_path), "--index", str(tmp_path / "g"),
+                  "--batch-size", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "is not a whole number of at least" in capsys.readouterr().err
+    code, _, err = run("identify", "--index", index, val[0], "--device", "gpu")
+    assert code == 2 and "unknown device 'gpu'" in err
+    code, out, _ = run("identify", "--index", index, val[0], "--rank", "genus", "--k", "2", "--format", "csv", "-q")
+    rows = out.strip().splitlines()[1:]
+    assert code == 0 and [r.split(",")[1:3] for r in rows] == [["1", "genus"], ["2", "genus"]], out
+
+    bad = tmp_path / "photos" / "Naja haje"
+    bad.mkdir(parents=True)
+    (bad / "not-a-photo.jpg").write_text("text")
+    empty = tmp_path / "empty"
+    code, _, err = run("index", "build", "--dataset", "folder", "--root", bad.parent, "--index", empty,
+                       "--encoder", json.loads((index / "gallery.json").read_text())["encoder"]["spec"], "-q")
+    assert code == 1 and "has no searchable references: no photo could be added" in err
+    code, _, err = run("identify", "--index", empty, val[0])
+    assert code == 2 and "has no searchable references" in err
+
+
+def test_a_store_that_cannot_be_opened_leaves_no_gallery_behind(tmp_path, monkeypatch):
+    import index.gallery as gallery_module
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("lance error: Generic S3 error: Failed to resolve region\nmore detail")
+
+    monkeypatch.setattr(gallery_module, "ReferenceStore", unreachable)
+    root = tmp_path / "new" / "g"
+    encoder = {"spec": "timm:x", "fingerprint": "timm:x#0123456789abcdef", "dim": 4}
+    with pytest.raises(ValueError, match=r"cannot open the store s3://bucket/x \(lance error: .*region\); check"):
+        gallery_module.Gallery.create(root, encoder, store="s3://bucket/x")
+    assert not (tmp_path / "new").exists()  # the folders it made are gone: the same command can run again

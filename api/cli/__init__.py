@@ -9,7 +9,9 @@ command's imports (``speciesid identify`` on a cached exported encoder never imp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,7 +32,8 @@ def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
         prog="speciesid",
         description="Identify animal species from photos by embedding retrieval.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv for debug, and the traceback of an unexpected error)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in modules:
         module.register(sub)
@@ -47,7 +50,10 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted)."""
+    """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted).
+
+    Errors are one line on stderr; an unexpected one says how to see its traceback (``-vv`` re-raises it).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(argv)
     args = parser.parse_args(argv)
@@ -55,9 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other command-line tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
+    except (ValueError, OSError) as exc:  # bad input, a path that is missing / a file / not writable, ...
         sys.stderr.write(f"speciesid: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("speciesid: interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - a library's error on input we did not foresee: one line, not a trace
+        if args.verbose >= 2:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        sys.stderr.write(f"speciesid: error: {type(exc).__name__}: {first} (run with -vv for the traceback)\n")
+        return 2

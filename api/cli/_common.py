@@ -112,11 +112,27 @@ def encoder_config(args: argparse.Namespace):
                          views=getattr(args, "views", None) or DEFAULT_VIEWS)
 
 
+def at_least(low: int, high: int | None = None):
+    """An argparse ``type``: an int >= ``low`` (and <= ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            within = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {within}")
+        return value
+
+    return parse
+
+
 def add_vote_args(p: argparse.ArgumentParser) -> None:
     """--knn, --temperature, --unknown-threshold, --method, --country."""
     from retrieval.vote import DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_UNKNOWN_THRESHOLD
 
-    p.add_argument("--knn", type=int, default=None,
+    p.add_argument("--knn", type=at_least(1), default=None,
                    help=f"neighbours that vote (default: the probe's chosen value, else {DEFAULT_K})")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"vote weight exp(similarity/T) (default: the probe's, else {DEFAULT_TEMPERATURE})")
@@ -133,9 +149,15 @@ def open_identifier(args: argparse.Namespace):
     from retrieval.vote import VoteConfig
     from retrieval.workflows import open_identifier as open_ident
 
+    method = getattr(args, "method", "knn")  # commands without the vote's options (search) need no probe
     ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                       precision=args.precision, use_probe=args.method != "knn", runtime=args.runtime,
+                       precision=args.precision, use_probe=method != "knn", runtime=args.runtime,
                        pool=args.pool, views=args.views)
+    if not len(ident.gallery):
+        raise ValueError(f"gallery {args.index} has no searchable references (none added, or all excluded by "
+                         "'speciesid clean --apply': 'speciesid clean --restore' brings them back)")
+    if not hasattr(args, "knn"):
+        return ident
     if args.knn is not None or args.temperature is not None or args.unknown_threshold is not None:
         c = ident.config
         ident.config = VoteConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, add_runtime_args, emit, encoder_config
+from api.cli._common import add_quiet, add_runtime_args, at_least, emit, encoder_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     add_runtime_args(p)
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompt file ([target] / [off-target: NAME] sections, see docs/cleaning.md) or a shipped "
                    f"group ({', '.join(PROMPT_GROUPS)}); default: from the dataset's taxon group")

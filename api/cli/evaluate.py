@@ -11,11 +11,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluate command."""
     from index.datasets import DATASETS
 
-    p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots")
-    p.add_argument("--index", required=True, metavar="DIR")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--root", required=True)
-    p.add_argument("--metadata")
+    p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots",
+                       description="Identify every photo of a labelled set with each method the gallery has (kNN, "
+                       "probe, blend) and write a JSON + Markdown report with plots; the report says which photos "
+                       "chose the settings, and leaves out evaluated photos the gallery already holds.")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="how the labelled set is laid out")
+    p.add_argument("--root", required=True, metavar="DIR", help="folder holding the labelled photos")
+    p.add_argument("--metadata", metavar="CSV", help="metadata CSV (snakeclef2021; rare-species: default "
+                   "ROOT/metadata.csv)")
     p.add_argument("--report", default="report", metavar="DIR", help="where to write the report (default report/)")
     p.add_argument("--keep-duplicates", action="store_true",
                    help="count evaluated photos the gallery already holds (same bytes or near-copies, cosine >= 0.95);"

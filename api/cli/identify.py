@@ -10,6 +10,7 @@ from api.cli._common import (
     add_encoder_args,
     add_quiet,
     add_vote_args,
+    at_least,
     emit,
     logger,
     open_identifier,
@@ -30,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders of photos")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
-    p.add_argument("--k", type=int, default=5, help="candidates to report per answer (default 5)")
-    p.add_argument("--neighbours", type=int, default=5, help="evidence photos to report (default 5)")
+    p.add_argument("--k", type=at_least(1), default=5, help="candidates to report per answer (default 5)")
+    p.add_argument("--neighbours", type=at_least(0), default=5, help="evidence photos to report (default 5)")
     p.add_argument("--rank", default="species", choices=RANKS,
                    help="report species (default), or scores rolled up to genus or family")
     p.add_argument("--observation", action="store_true",
@@ -42,12 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(func=cmd_identify)
 
-    p = sub.add_parser("search", help="raw nearest reference photos of one photo")
-    p.add_argument("image", metavar="IMG")
-    p.add_argument("--index", required=True, metavar="DIR")
-    p.add_argument("--k", type=int, default=10, help="neighbours (default 10)")
+    p = sub.add_parser("search", help="raw nearest reference photos of one photo",
+                       description="The nearest reference photos of one photo by cosine similarity, with their "
+                       "ids and species: no vote, no probe (see identify for those).")
+    p.add_argument("image", metavar="IMG", help="one photo file")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--k", type=at_least(1), default=10, help="neighbours (default 10)")
     p.add_argument("--format", default="table", choices=FORMATS)
-    add_vote_args(p)
     add_encoder_args(p, default_spec=None)
     p.set_defaults(func=cmd_search)
 
@@ -91,7 +93,7 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         ranked = r.get("results") if rank != "species" else r.get("predictions", [])
         for i, p in enumerate(ranked or [], 1):
             name = p.get("name", p.get("species"))
-            rows.append({"image": r["image"], "rank": i, "level": rank, **p, "name": name, "unknown": r["unknown"]})
+            rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name, "unknown": r["unknown"]})
         if "error" in r:
             rows.append({"image": r["image"], "error": r["error"]})
     fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
@@ -125,6 +127,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from retrieval.workflows import search
 
     paths, _ = photo_args([args.image])
+    if len(paths) != 1:
+        raise ValueError(f"search takes one photo; {args.image} holds {len(paths)} (use identify for several)")
     ident = open_identifier(args)
     neighbours = [n.to_dict() for n in search(ident, paths[0], k=args.k)]
     if args.format == "json":

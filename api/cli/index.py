@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from api.cli._common import FORMATS, add_encoder_args, add_quiet, emit, encoder_config, fmt_bool, to_csv
+from api.cli._common import (
+    FORMATS,
+    add_encoder_args,
+    add_quiet,
+    at_least,
+    emit,
+    encoder_config,
+    fmt_bool,
+    to_csv,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,15 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", metavar="ADDR",
                    help="with --engine ray: a running cluster (auto, HOST:6379, ray://HOST:10001); default: start "
                    "a local Ray")
-    p.add_argument("--ray-actors", type=int, metavar="N",
+    p.add_argument("--ray-actors", type=at_least(1), metavar="N",
                    help="with --engine ray: embedding actors (default: one per GPU, else 2)")
     p.add_argument("--ray-gpus-per-actor", type=float, metavar="G",
                    help="with --engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs)")
-    p.add_argument("--chunk-rows", type=int, default=100_000, metavar="N",
+    p.add_argument("--chunk-rows", type=at_least(1), default=100_000, metavar="N",
                    help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
     add_encoder_args(p, default_spec="bioclip")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
     p.add_argument("--index-kind", default="auto", choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
                    "exact re-rank above; see docs/scale.md)")
@@ -55,13 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="show what a gallery holds and which encoder built it")
-    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
 
     p_sp = sub.add_parser("species", help="species in a gallery")
     s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_sp.add_parser("list", help="species with reference counts, family and venomous flag")
-    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--format", default="table", choices=FORMATS)
     p.set_defaults(func=cmd_species_list)
 
@@ -89,6 +99,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         emit(f"warning: {warning}")
     if result.clean is not None:
         emit(result.clean.summary())
+    if not len(g):  # nothing searchable: say so, and fail, rather than leave an empty gallery looking built
+        sys.stderr.write(f"speciesid: error: gallery {g.root} has no searchable references: no photo could be "
+                         "added" + (" or the cleaning excluded them all" if result.clean is not None else "")
+                         + "; see the list above\n")
+        return 1
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, add_runtime_args, emit
+from api.cli._common import add_quiet, add_runtime_args, at_least, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,11 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train the probe on the gallery; choose k, T, blend weight, unknown threshold on validation data",
     )
-    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
     p.add_argument("--val-root", help="labelled validation photos (default: cross-validation on the gallery)")
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds without --val-root (default 5)")
+    p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
     p.add_argument("--rule", default="seq-nll", choices=RULES,
                    help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
                    "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "cross-validation over the gallery with the head fixed, which favours the head since it was "
                    "trained on those photos)")
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds without --val-root (default 5)")
+    p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
     p.add_argument("--rule", default="seq-nll", choices=RULES,
                    help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
                    "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "

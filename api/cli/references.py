@@ -11,12 +11,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the references command group."""
     p_ref = sub.add_parser("references", help="add or delete reference photos")
     s_ref = p_ref.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    p = s_ref.add_parser("add", help="add reference photos of a species (created if new); no retraining")
+    p = s_ref.add_parser("add", help="add reference photos of a species (created if new); no retraining",
+                         description="Add reference photos of a species (created if new); no retraining. Photos "
+                         "already stored are not stored again. Exit status 1 when a photo was unreadable or is "
+                         "already a reference of another species (the other photos are added).")
     p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders")
-    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje"')
     p.add_argument("--common-name", help="English common name")
-    p.add_argument("--venomous", help="yes or no: medically important venomous (default: from taxonomy)")
+    p.add_argument("--venomous", help="yes or no: medically important venomous (default: the gallery species' flag, "
+                   "else the taxonomy's). A species is venomous while any of its references says so")
     p.add_argument("--genus", help="genus (default: first word of --species)")
     p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
     p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
@@ -27,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_references_add)
     p = s_ref.add_parser("delete", help="delete reference photos by id")
     p.add_argument("ids", nargs="+", type=int, metavar="ID")
-    p.add_argument("--index", required=True, metavar="DIR")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_references_delete)
 
 
@@ -45,7 +49,10 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     emit(f"{result.species} ({status} species): {report.summary()}")
     if report.ids:
         emit(f"ids: {', '.join(map(str, report.ids))}")
-    return 1 if report.skipped or bad_args else 0
+    elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
+    for f, i, sp in elsewhere:
+        emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
+    return 1 if report.skipped or bad_args or elsewhere else 0
 
 
 def cmd_references_delete(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import emit, logger
+from api.cli._common import at_least, emit, logger
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,9 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="run the HTTP API and web page (settings from SPECIESID_* environment variables or .env)",
     )
-    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--index", default=None, metavar="DIR",
+                   help="gallery directory (default SPECIESID_INDEX, else runs/gallery)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=at_least(1, 65535), default=8000, help="port, 1-65535 (default 8000)")
     p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
     p.add_argument("--runtime", default=None, choices=("auto", "torch", "onnx", "openvino"),
                    help="inference runtime (default SPECIESID_RUNTIME or auto)")
@@ -39,12 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.settings import Settings
     from index.gallery import read_gallery_info
 
-    read_gallery_info(args.index)  # fail fast, with the clear message, before uvicorn starts
-    overrides = {"index": args.index}
-    for name in ("device", "runtime", "precision"):
-        if getattr(args, name):
-            overrides[name] = getattr(args, name)
+    overrides = {name: getattr(args, name) for name in ("index", "device", "runtime", "precision")
+                 if getattr(args, name)}
     settings = Settings(**overrides)
+    read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
     if not settings.key_list():
         logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")

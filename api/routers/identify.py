@@ -69,7 +69,7 @@ _SEARCH_BODY = {
 @router.post("/search", response_model=SearchOut, responses=ERRORS, openapi_extra=_SEARCH_BODY)
 async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
     """Raw kNN: a photo (multipart field ``image``) or an embedding (JSON ``{"embedding": [...], "k": 10}``)."""
-    ctype = request.headers.get("content-type", "")
+    ctype = request.headers.get("content-type", "").lower()  # media types ignore case
     if ctype.startswith("application/json"):
         try:
             body = SearchVectorIn.model_validate(json.loads(await request.body() or b"null"))

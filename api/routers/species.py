@@ -45,4 +45,4 @@ def add_references(
     result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous))
     return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
                             added=result.report.added,
-                            duplicates=[DuplicateOut(file=f, id=i) for f, i in result.duplicates])
+                            duplicates=[DuplicateOut(file=f, id=i, species=sp) for f, i, sp in result.duplicates])
