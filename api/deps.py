@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import APIKeyHeader
 
 from api.guard import key_ok
 from api.service import SpeciesService
@@ -24,9 +25,16 @@ def get_service(request: Request) -> SpeciesService:
     return service
 
 
+#: The ``X-API-Key`` header, declared as the API's security scheme (the docs page gets its "Authorize" button);
+#: the edge guard has checked it before any body was read, these dependencies say so in the schema and check again.
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False,
+                       description="a key from SPECIESID_API_KEYS: writes need one, reads when "
+                       "SPECIESID_READS_REQUIRE_KEY is set")
+
+
 def require_write_key(
     settings: Annotated[Settings, Depends(get_settings)],
-    x_api_key: Annotated[str | None, Header(description="API key for writes")] = None,
+    x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> None:
     """Writes need a key from SPECIESID_API_KEYS."""
     keys = settings.key_list()
@@ -38,7 +46,7 @@ def require_write_key(
 
 def require_read_key(
     settings: Annotated[Settings, Depends(get_settings)],
-    x_api_key: Annotated[str | None, Header(description="API key (when reads require one)")] = None,
+    x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> None:
     """Reads are open unless SPECIESID_READS_REQUIRE_KEY is set."""
     if settings.reads_require_key and not key_ok(x_api_key, settings.key_list()):

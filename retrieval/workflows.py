@@ -407,10 +407,11 @@ _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", 
                "TIFF": ".tif"}
 
 
-def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> int:
-    """Delete references by id; returns how many existed. A photo the API stored (``uploads/``) is removed
-    with its last reference."""
+def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list[int]:
+    """Delete references by id; returns the ids that existed (and are gone now). A photo the API stored
+    (``uploads/``) is removed with its last reference."""
     g = _gallery(gallery)
+    ids = list(dict.fromkeys(int(i) for i in ids))
     meta = g.store.metadata(ids)
     found = g.delete(ids)
     uploads = g.layout.uploads.resolve()
@@ -422,7 +423,8 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> int:
                 logger.info("removed %s: no reference uses it any more", path)
     if found:
         refresh_gallery_metric(g)
-    return found
+    existed = set(meta.index.tolist())
+    return [i for i in ids if i in existed]
 
 
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:

@@ -361,6 +361,10 @@ def test_writes_need_a_key_reads_are_open(client, service):
         resp = client.post(url, files=photo, headers={"X-API-Key": key})
         assert resp.status_code == 201 and resp.json()["added"] == 0 and len(resp.json()["duplicates"]) == 1
     assert client.get("/v1/species").status_code == 200  # reads open by default
+    schema = client.get("/openapi.json").json()  # the key is the schema's security scheme (the docs' Authorize)
+    scheme = schema["components"]["securitySchemes"]["APIKeyHeader"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
+    assert schema["paths"]["/v1/species/{name}/references"]["post"]["security"] == [{"APIKeyHeader": []}]
 
     # the same service behind other settings (no lifespan: the service is given and stays open)
     base = service.settings.model_dump()

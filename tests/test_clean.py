@@ -341,6 +341,7 @@ def test_clean_errors_are_clear(tmp_path, capsys):
         (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--threshold", "0"], "--threshold"),
         (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--against", tmp_path / "nope"],
          "is not a folder"),
+        (["--index", tmp_path, "--report", tmp_path / "r", "--apply-to", "duplicate"], "add --apply"),
     ):
         code, _, err = _run(capsys, "clean", *argv)
         assert code == 2 and msg in err, (argv, err)

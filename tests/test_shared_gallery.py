@@ -72,8 +72,9 @@ def test_ids_are_never_reused_after_deleting_the_highest(tmp_path_factory, capsy
     new = photos("val", SPECIES[0], 2)
     assert main(["references", "add", "--index", str(index), "--species", binomial(SPECIES[0]), str(new[0]), "-q"]) == 0
     top = int(Gallery.open(index).store.ids().max())
-    assert main(["references", "delete", str(top), "--index", str(index)]) == 0
     capsys.readouterr()
+    assert main(["references", "delete", str(top), "987654", str(top), "--index", str(index)]) == 1
+    assert capsys.readouterr().out.strip() == "deleted 1 of 2 references; no reference with id 987654"
     assert main(["references", "add", "--index", str(index), "--species", binomial(SPECIES[0]), str(new[1]), "-q"]) == 0
     out = capsys.readouterr().out
     again = int(out.split("ids: ")[1])

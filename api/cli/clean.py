@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apply", action="store_true",
                    help="exclude the flagged references from the --index gallery's search and probe training "
                    "(reversible with --restore; nothing is deleted)")
-    p.add_argument("--apply-to", default="off-target", metavar="KINDS",
+    p.add_argument("--apply-to", default=None, metavar="KINDS",
                    help="comma-separated finding kinds --apply excludes (" + ", ".join(APPLY_KINDS) + "; default "
                    "off-target). Duplicate groups keep their oldest reference; leaks exclude the gallery's copy")
     p.add_argument("--restore", nargs="?", const="last", choices=("last", "all"),
@@ -81,7 +81,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         return 0
     if not args.report:
         raise ValueError("--report DIR is required: where findings.csv and contact_sheet.html are written")
-    kinds = [k.strip() for k in args.apply_to.split(",") if k.strip()]
+    if args.apply_to is not None and not args.apply:
+        raise ValueError("--apply-to says what --apply excludes; add --apply (or leave --apply-to out to only report)")
+    kinds = [k.strip() for k in (args.apply_to or "off-target").split(",") if k.strip()]
     result = clean(
         dataset=args.dataset,
         root=args.root,

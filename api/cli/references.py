@@ -58,6 +58,9 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 def cmd_references_delete(args: argparse.Namespace) -> int:
     from retrieval.workflows import delete_references
 
-    found = delete_references(args.index, args.ids)
-    emit(f"deleted {found} of {len(args.ids)} references")
-    return 0 if found == len(args.ids) else 1
+    wanted = list(dict.fromkeys(args.ids))
+    gone = delete_references(args.index, wanted)
+    missing = [i for i in wanted if i not in set(gone)]
+    emit(f"deleted {len(gone)} of {len(wanted)} references"
+         + (f"; no reference with id {', '.join(map(str, missing))}" if missing else ""))
+    return 1 if missing else 0
