@@ -39,7 +39,11 @@ class IdentifyOut(BaseModel):
     """The answer for one observation (1-5 photos of one animal)."""
 
     results: list[ResultOut]
-    unknown: bool = Field(description="true when no candidate is supported strongly enough")
+    unknown: bool = Field(description="true when no candidate is supported strongly enough, or the photo is unlike "
+                          "every reference (far)")
+    far: bool = Field(False, description="the photo is unlike every reference photo (its nearest one is less similar "
+                      "than 99.9% of references are to theirs): not what the gallery holds, or too small / blank")
+    nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos combined into this answer")

@@ -34,6 +34,29 @@ logger = logging.getLogger(__name__)
 
 #: Whitened reference vectors kept in memory for the vote's re-rank (the cache starts over beyond this).
 WHITENED_CACHE_ROWS = 200_000
+#: A photo is "unlike every reference" when its nearest reference is less similar (cosine) than all but this share
+#: of the gallery's references are to their own nearest other reference (see :func:`far_threshold`).
+FAR_QUANTILE = 0.001
+#: References sampled to estimate that threshold (all of them in a smaller gallery).
+FAR_SAMPLE = 2000
+
+
+def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
+                  seed: int = 0) -> float | None:
+    """The cosine under which a query is unlike every reference: the ``quantile`` of the references' similarity to
+    their nearest other reference (up to ``sample`` of them). None for a gallery of fewer than 2 references.
+
+    On ph-snakes with MobileNetV1 it is 0.60: the 206 val photos' nearest references lie at 0.64-0.97, while a
+    blank, a noise or a 5 x 5 px image lies at 0.30-0.49 (docs/identification.md)."""
+    ids = np.asarray(gallery.index.ids, dtype=np.int64)
+    if len(ids) < 2:
+        return None
+    if len(ids) > sample:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, sample, replace=False))
+    sims, found = gallery.nearest(gallery.reference_vectors(ids.tolist()), 2)
+    other = np.where(found[:, 0] == ids, sims[:, 1], sims[:, 0])  # an identical twin may come first: it counts
+    other = other[np.isfinite(other) & (found[:, 1] >= 0)]
+    return float(np.quantile(other, quantile)) if len(other) else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,11 +91,14 @@ class Identification:
 
     predictions: list[Prediction]  # best first
     neighbours: list[Neighbour]  # nearest reference photos, the evidence
-    unknown: bool  # True when the best score is under the unknown threshold (or nothing scored)
+    unknown: bool  # True when the best score is under the unknown threshold, nothing scored, or ``far``
     scores: dict[str, float] = field(default_factory=dict)  # every species with a non-zero score
     genus_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per genus
     family_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per family
     venomous_score: float | None = None  # probability mass on medically important venomous species
+    far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
+    # what the gallery holds, or too small / blank to tell
+    nearest: float | None = None  # cosine similarity of the nearest reference photo
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -84,6 +110,8 @@ class Identification:
             "predictions": [asdict(p) for p in self.predictions],
             "neighbours": [n.to_dict() for n in self.neighbours[:neighbours]],
             "unknown": self.unknown,
+            "far": self.far,
+            "nearest_similarity": self.nearest,
             "genus_scores": self.genus_scores,
             "family_scores": self.family_scores,
             "venomous_score": self.venomous_score,
@@ -122,6 +150,7 @@ class Identifier:
         self._whitening: Whitening | None = None
         self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
         self._whitened_lock = threading.Lock()  # the service identifies from several threads
+        self._far: tuple[int, float | None] | None = None  # (gallery size it was estimated at, far_threshold)
 
     # ----------------------------------------------------------------- taxonomy
     def taxa(self) -> dict[str, SpeciesSummary]:
@@ -150,9 +179,10 @@ class Identifier:
     ) -> list[Identification]:
         """One answer per embedding row. ``presence``: species -> present in the photo's country."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        neighbours = self.voting_neighbours(emb)
+        neighbours, nearest = self._neighbours(emb)
         return [
-            self.answer(ns, emb[i], top=top, method=method, presence=presence) for i, ns in enumerate(neighbours)
+            self.answer(ns, emb[i], top=top, method=method, presence=presence, nearest=float(nearest[i]))
+            for i, ns in enumerate(neighbours)
         ]
 
     def identify_observation(
@@ -165,11 +195,11 @@ class Identifier:
     ) -> Identification:
         """Several photos of one animal -> one answer: neighbours vote together, the probe sees the mean."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        per_photo = self.voting_neighbours(emb)
+        per_photo, nearest = self._neighbours(emb)
         merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
         mean = emb.mean(axis=0)
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
-        return self.answer(merged, mean, top=top, method=method, presence=presence)
+        return self.answer(merged, mean, top=top, method=method, presence=presence, nearest=float(nearest.max()))
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
         """Raw neighbours of each embedding (cosine)."""
@@ -177,14 +207,24 @@ class Identifier:
 
     def voting_neighbours(self, embeddings: np.ndarray) -> list[list[Neighbour]]:
         """The ``config.k`` references that vote for each embedding, under the probe's metric (module docstring)."""
+        return self._neighbours(embeddings)[0]
+
+    def _neighbours(self, embeddings: np.ndarray) -> tuple[list[list[Neighbour]], np.ndarray]:
+        """(the voting neighbours, each embedding's cosine to its nearest reference: -inf when the gallery is empty)."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+
+        def cosine_vote() -> tuple[list[list[Neighbour]], np.ndarray]:
+            found = self.gallery.search(emb, self.config.k)
+            return found, np.array([ns[0].similarity if ns else -np.inf for ns in found], dtype=np.float64)
+
         if not self._votes_whitened():
-            return self.gallery.search(emb, self.config.k)
-        _, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))  # sees other writers first
+            return cosine_vote()
+        cos, found = self.gallery.nearest(emb, max(self.config.k, RERANK_CANDIDATES))  # sees other writers first
+        nearest = np.where(found[:, 0] >= 0, cos[:, 0], -np.inf).astype(np.float64)
         self.gallery.expect_answers(len(found))  # as Gallery.search does: many answers read the metadata in one scan
         wh = self.whitening()
         if wh is None:  # too few photos a species to fit one (rare): the cosine vote
-            return self.gallery.search(emb, self.config.k)
+            return cosine_vote()
         out = []
         with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
             for z, row in zip(wh.apply(emb), found, strict=True):
@@ -192,7 +232,14 @@ class Identifier:
                 sims = self._whitened_refs(ids, wh) @ z
                 order = np.argsort(-sims, kind="stable")[: self.config.k]
                 out.append(self.gallery.neighbours([ids[j] for j in order], sims[order].tolist()))
-        return out
+        return out, nearest
+
+    def far_threshold(self) -> float | None:
+        """:func:`far_threshold` of the gallery, estimated again when its size has moved by more than 10%."""
+        size = self.gallery.index.ntotal  # no copy of the ids: this runs on every answer
+        if self._far is None or abs(size - self._far[0]) > 0.1 * max(self._far[0], 1):
+            self._far = (size, far_threshold(self.gallery))
+        return self._far[1]
 
     def _whitened_refs(self, ids: list[int], wh: Whitening) -> np.ndarray:
         """Whitened vectors of references ``ids`` (len(ids), d), computed once per reference and whitening."""
@@ -262,8 +309,10 @@ class Identifier:
         top: int = 5,
         method: Method | str = Method.BLEND,
         presence: Mapping[str, bool] | None = None,
+        nearest: float | None = None,
     ) -> Identification:
-        """Score species and dress the result with taxonomy."""
+        """Score species and dress the result with taxonomy; ``nearest`` (the cosine of the nearest reference) marks
+        a photo unlike every reference as ``far`` and ``unknown``."""
         scores = self.species_scores(neighbours, embedding, method)
         if presence is not None:
             scores = apply_country(scores, presence)
@@ -289,10 +338,14 @@ class Identifier:
             for s, p in top_k(scores, top)
         ]
         best = predictions[0].score if predictions else 0.0
+        limit = self.far_threshold() if nearest is not None else None
+        far = limit is not None and nearest < limit
         return Identification(
             predictions=predictions,
             neighbours=neighbours,
-            unknown=best < self.config.unknown_threshold or not predictions,
+            unknown=best < self.config.unknown_threshold or not predictions or far,
+            far=far,
+            nearest=nearest if nearest is not None and np.isfinite(nearest) else None,
             scores=scores,
             genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),

@@ -158,6 +158,42 @@ def test_identify_one_photo(client):
     assert all(n["thumbnail_url"] == f"/v1/references/{n['id']}/image" and "path" not in n for n in best["neighbours"])
 
 
+def test_a_photo_unlike_every_reference_is_unknown_whatever_its_scores(client):
+    from PIL import Image
+
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+
+    real = client.post("/v1/identify", files=_files(photos("val", SPECIES[2], 4))[:1]).json()
+    assert real["far"] is False and real["nearest_similarity"] > 0.6
+    cobra = Image.open(COBRA).convert("RGB")
+    for name, img in (("white.png", Image.new("RGB", (300, 300), (255, 255, 255))),
+                      ("black.png", Image.new("RGB", (300, 300))), ("tiny.png", cobra.resize((5, 5)))):
+        body = client.post("/v1/identify", files=_one(name, png(img))).json()
+        assert body["far"] is True and body["unknown"] is True, (name, body["nearest_similarity"])
+        assert body["nearest_similarity"] < 0.5 and body["results"], name  # candidates are still shown
+    # several photos of one animal: far only when every photo is
+    mixed = client.post("/v1/identify", files=_one("white.png", png(Image.new("RGB", (300, 300), (255,) * 3)))
+                        + _files([COBRA])).json()
+    assert mixed["far"] is False
+
+
+def test_far_threshold_is_a_low_quantile_of_the_references_nearest_other_similarity(service):
+    from retrieval.identify import far_threshold
+
+    g = service.gallery
+    ids = g.index.ids.tolist()
+    x = g.reference_vectors(ids)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    expected = float(np.quantile(sims.max(1), 0.001))
+    assert far_threshold(g) == pytest.approx(expected, abs=1e-5)
+    assert far_threshold(g, quantile=0.5) == pytest.approx(float(np.median(sims.max(1))), abs=1e-5)
+
+
 def test_identify_combines_one_to_five_photos(client):
     samar = photos("val", SPECIES[1])
     for n in (2, 5):

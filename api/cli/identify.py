@@ -105,7 +105,10 @@ def _identify_table(r: dict, rank: str) -> str:
     lines = [r["image"]]
     if "error" in r:
         return "\n".join([*lines, f"  error: {r['error']}"])
-    if r["unknown"]:
+    if r.get("far"):
+        lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {r['nearest_similarity']:.2f}): not "
+                     "what the gallery holds, or too small or blank to tell (best candidates below)")
+    elif r["unknown"]:
         lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
     if rank == "species":
         for i, p in enumerate(r["predictions"], 1):

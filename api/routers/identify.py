@@ -40,6 +40,8 @@ def identify(
     return IdentifyOut(
         results=out,
         unknown=answer.identification.unknown,
+        far=answer.identification.far,
+        nearest_similarity=answer.identification.nearest,
         venomous_score=answer.identification.venomous_score,
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
