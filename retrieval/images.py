@@ -72,6 +72,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+#: Formats Pillow decodes by running another program (PostScript through Ghostscript; Windows metafiles through a
+#: handler): refused, since the bytes come from anyone who can upload a photo.
+HANDED_TO_PROGRAMS = frozenset({"EPS", "WMF", "EMF"})
+
+
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image", draft: int | None = None
 ) -> Image.Image:
@@ -86,6 +91,9 @@ def decode_image(
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
+            if img.format in HANDED_TO_PROGRAMS:  # decoding would run an outside program on uploaded bytes
+                raise ImageLoadError(f"{name}: {img.format} files are not accepted; send a photo (JPEG, PNG, WebP, "
+                                     "HEIC, ...)")
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageLoadError(

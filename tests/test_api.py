@@ -401,6 +401,9 @@ def test_writes_need_a_key_reads_are_open(client, service):
     scheme = schema["components"]["securitySchemes"]["APIKeyHeader"]
     assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
     assert schema["paths"]["/v1/species/{name}/references"]["post"]["security"] == [{"APIKeyHeader": []}]
+    # each route lists the errors it can give: search's 415, every route's 503 while loading, no 404 on identify
+    search, ident = schema["paths"]["/v1/search"]["post"], schema["paths"]["/v1/identify"]["post"]
+    assert {"415", "503"} <= set(search["responses"]) and "404" not in ident["responses"]
 
     # the same service behind other settings (no lifespan: the service is given and stays open)
     base = service.settings.model_dump()

@@ -69,6 +69,9 @@ def test_corrupt_truncated_empty_and_non_images(tmp_path):
     missing = tmp_path / "nope.jpg"
     with pytest.raises(ImageLoadError, match="cannot be read"):
         load_image(missing)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nnewpath 0 0 moveto 40 40 lineto stroke\n%%EOF\n"
+    with pytest.raises(ImageLoadError, match="EPS files are not accepted"):  # never handed to Ghostscript
+        decode_image(eps, name="drawing.eps")
 
 
 def test_decompression_bomb_is_refused():

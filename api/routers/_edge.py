@@ -21,8 +21,15 @@ ERRORS: dict[int | str, dict] = {
     413: {"model": ErrorOut, "description": "upload over the size limit"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
           "elongated, too small for a reference), an invalid name, or an invalid parameter"},
+    415: {"model": ErrorOut, "description": "neither a multipart photo nor a JSON embedding"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
+    503: {"model": ErrorOut, "description": "the model is still loading"},
 }
+
+
+def errors(*codes: int) -> dict[int | str, dict]:
+    """The error answers a route can give (``codes``), and 503 while the model loads, for its OpenAPI entry."""
+    return {code: ERRORS[code] for code in (*codes, 503)}
 
 
 def edge(fn: Callable[[], T]) -> T:

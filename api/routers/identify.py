@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
 
 from api.deps import ReadKey, Service
-from api.routers._edge import ERRORS, edge, neighbour_out, read_uploads
+from api.routers._edge import edge, errors, neighbour_out, read_uploads
 from api.schemas import IdentifyOut, ResultOut, SearchOut, SearchVectorIn
 from index.geography import resolve_country
 from retrieval.vote import Rank
@@ -17,7 +17,7 @@ from retrieval.vote import Rank
 router = APIRouter(prefix="/v1", tags=["identify"])
 
 
-@router.post("/identify", response_model=IdentifyOut, responses=ERRORS)
+@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 413, 422, 429))
 def identify(
     service: Service,
     _: ReadKey,
@@ -68,7 +68,8 @@ _SEARCH_BODY = {
 }
 
 
-@router.post("/search", response_model=SearchOut, responses=ERRORS, openapi_extra=_SEARCH_BODY)
+@router.post("/search", response_model=SearchOut, responses=errors(400, 401, 413, 415, 422, 429),
+             openapi_extra=_SEARCH_BODY)
 async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
     """Raw kNN: a photo (multipart field ``image``) or an embedding (JSON ``{"embedding": [...], "k": 10}``)."""
     ctype = request.headers.get("content-type", "").lower()  # media types ignore case

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from api.deps import ReadKey, Service, WriteKey
-from api.routers._edge import ERRORS, edge
+from api.routers._edge import edge, errors
 
 router = APIRouter(prefix="/v1/references", tags=["references"])
 RefId = Annotated[int, Path(ge=0, le=2**62, description="reference id")]
 
 
-@router.delete("/{ref_id}", status_code=204, responses=ERRORS)
+@router.delete("/{ref_id}", status_code=204, responses=errors(401, 404, 422))
 def delete_reference(service: Service, _: WriteKey, ref_id: RefId) -> Response:
     """Delete a reference photo from the gallery."""
     edge(lambda: service.delete_reference(ref_id))
@@ -22,7 +22,7 @@ def delete_reference(service: Service, _: WriteKey, ref_id: RefId) -> Response:
 
 @router.get(
     "/{ref_id}/image",
-    responses={**ERRORS, 200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}},
+    responses={**errors(401, 404, 422), 200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}},
     response_class=Response,
 )
 def reference_image(service: Service, _: ReadKey, ref_id: RefId) -> Response:

@@ -8,20 +8,20 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
 
 from api.deps import ReadKey, Service, WriteKey
-from api.routers._edge import ERRORS, edge, read_uploads
+from api.routers._edge import edge, errors, read_uploads
 from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
 from index.datasets import species_key
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
 
 
-@router.get("", response_model=list[SpeciesOut], responses={401: ERRORS[401]})
+@router.get("", response_model=list[SpeciesOut], responses=errors(401))
 def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
     """The gallery's species with reference counts and metadata."""
     return [SpeciesOut(**asdict(s)) for s in service.species()]
 
 
-@router.get("/{name}", response_model=SpeciesOut, responses=ERRORS)
+@router.get("/{name}", response_model=SpeciesOut, responses=errors(401, 404, 422))
 def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_length=200)]) -> SpeciesOut:
     """One species (``Genus species``; ``_`` or ``-`` may stand for the space)."""
     wanted = species_key(name)
@@ -31,7 +31,8 @@ def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_leng
     raise HTTPException(404, f"no species {name!r} in this gallery")
 
 
-@router.post("/{name}/references", response_model=AddReferencesOut, status_code=201, responses=ERRORS)
+@router.post("/{name}/references", response_model=AddReferencesOut, status_code=201,
+             responses=errors(400, 401, 413, 422))
 def add_references(
     service: Service,
     _: WriteKey,
