@@ -156,3 +156,27 @@ def test_a_curator_adds_a_species_from_the_page(site, browser):
     assert status == f"Added 10 photo(s) to {name} (new species)."
     text = _identify(browser, site, photos("val", NEW_SPECIES)[2])
     assert text.splitlines()[0].startswith(f"Variable Reed Snake ({name})"), text
+    # one of those photos again under another name: the page says whose reference it already is
+    browser.get(site + "/")
+    browser.find_element(By.CSS_SELECTOR, "details summary").click()
+    browser.find_element(By.ID, "species").send_keys("Testus novus")
+    browser.find_element(By.ID, "ref-photos").send_keys(str(photos("train", NEW_SPECIES, 1)[0]))
+    browser.find_element(By.ID, "apikey").send_keys(API_KEY)
+    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+    status = WebDriverWait(browser, WAIT_S).until(
+        lambda d: "Added" in d.find_element(By.ID, "curate-status").text
+        and d.find_element(By.ID, "curate-status").text
+    )
+    assert f"a reference of {name}, not added here" in status and status.startswith("Added 0 photo(s)"), status
+
+
+def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_path):
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(blank)
+    text = _identify(browser, site, blank)
+    lines = text.splitlines()  # no species-based venom warning from meaningless scores: the safe advice instead
+    assert lines[0] == "⚠ This photo cannot be identified: if someone was bitten, treat the bite as venomous and " \
+        "seek medical care.", text
+    assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text

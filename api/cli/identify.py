@@ -121,7 +121,9 @@ def _identify_table(r: dict, rank: str) -> str:
             family = f"  [{p['family']}]" if rank == "genus" and p["family"] else ""
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
             lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
-    if r.get("venomous_score") is not None:
+    if r.get("far"):  # the scores say nothing about this photo
+        lines.append("  medically important venomous: cannot tell from this photo (treat a bite as venomous)")
+    elif r.get("venomous_score") is not None:
         lines.append(f"  probability medically important venomous: {r['venomous_score']:.1%}")
     return "\n".join(lines)
 
