@@ -321,6 +321,8 @@ def test_search_by_photo_and_by_vector(client, service):
     hits = resp.json()["neighbours"]
     assert len(hits) == 3 and hits[0]["similarity"] > 0.999 and _source(service, hits[0]["id"]).endswith(member.name)
     assert resp.json()["encoder"] == MOBILENET_SPEC
+    by_query = client.post("/v1/search", files=_files([member], "image"), params={"k": 2}).json()  # ?k= as identify
+    assert [h["id"] for h in by_query["neighbours"]] == [h["id"] for h in hits[:2]]
 
     with Image.open(member) as img:
         vector = service.encoder.encode_images([img.convert("RGB")])[0]
@@ -328,6 +330,8 @@ def test_search_by_photo_and_by_vector(client, service):
     assert resp.status_code == 200, resp.text
     vec_hits = resp.json()["neighbours"]
     assert len(vec_hits) == 4 and vec_hits[0]["id"] == hits[0]["id"] and vec_hits[0]["similarity"] > 0.999
+    upper = client.post("/v1/search", content=resp.request.content, headers={"content-type": "APPLICATION/JSON"})
+    assert upper.status_code == 200 and upper.json()["neighbours"][0]["id"] == hits[0]["id"]  # media types ignore case
 
     dim = len(vector)
     assert f"list of {dim} numbers" in _is_error(client.post("/v1/search", json={"embedding": [1.0, 2.0]}), 400)

@@ -85,7 +85,7 @@ async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
         if not isinstance(image, UploadFile) and not hasattr(image, "read"):
             raise HTTPException(400, "send the photo in the multipart field 'image'")
         try:
-            k = int(form.get("k", 10))
+            k = int(form.get("k", request.query_params.get("k", 10)))  # a form field, or ?k= as identify takes it
         except (TypeError, ValueError) as exc:
             raise HTTPException(422, "k must be an integer") from exc
         if not 1 <= k <= 1000:
