@@ -161,13 +161,12 @@ def test_identify_one_photo(client):
 def test_a_photo_unlike_every_reference_is_unknown_whatever_its_scores(client):
     from PIL import Image
 
-
     def png(img) -> bytes:
         buf = io.BytesIO()
         img.save(buf, "PNG")
         return buf.getvalue()
 
-    real = client.post("/v1/identify", files=_files(photos("val", SPECIES[2], 4))[:1]).json()
+    real = client.post("/v1/identify", files=_files(photos("val", SPECIES[2], 1))).json()
     assert real["far"] is False and real["nearest_similarity"] > 0.6
     cobra = Image.open(COBRA).convert("RGB")
     for name, img in (("white.png", Image.new("RGB", (300, 300), (255, 255, 255))),
