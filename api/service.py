@@ -79,6 +79,7 @@ class SpeciesService:
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
+        self.identifier.far_threshold()  # nor the first answer on estimating it
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()

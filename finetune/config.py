@@ -16,6 +16,8 @@ STAGES = ("global", "local")
 BALANCE_MODES = ("weights", "sampler", "none")
 BN_MODES = ("eval", "train")
 HEAD_INITS = ("probe", "keep", "random")
+#: The smallest value each count setting takes (after the stage defaults).
+COUNT_MINIMUMS = {"epochs": 0, "batch_size": 1, "patience": 0, "min_epochs": 0, "freeze_epochs": 0, "freeze_layers": 0}
 # what chooses the kept epoch (and stops early), on the validation photos: the head's log-loss at a fitted
 # temperature (smooth in the epochs), or macro-F1 (steps of one photo; the rule before)
 SELECT_RULES = ("nll", "macro-f1")
@@ -224,11 +226,10 @@ class FinetuneConfig:
             raise ValueError(f"unknown --balance {out.balance!r}; choose one of {', '.join(BALANCE_MODES)}")
         if out.bn not in BN_MODES:
             raise ValueError(f"--bn must be eval or train, got {out.bn!r}")
-        for name in ("epochs", "batch_size", "patience", "min_epochs", "freeze_epochs", "freeze_layers"):
-            value = getattr(out, name, None)
-            if isinstance(value, int) and value < (1 if name == "batch_size" else 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be {'1' if name == 'batch_size' else '0'} or more, "
-                                 f"got {value}")
+        for name, low in COUNT_MINIMUMS.items():
+            value = getattr(out, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be {low} or more, got {value}")
         if out.time_budget is not None and not out.time_budget > 0:
             raise ValueError(f"--time-budget must be a positive number of minutes, got {out.time_budget}")
         if out.test_size not in ("auto", "train") and not (str(out.test_size).isdigit() and int(out.test_size) >= 32):

@@ -192,7 +192,7 @@ def new_species_references(
     family = check_name(family, "family") if family else family
     gallery_species = list(gallery_species)
     taxon = lookup_taxon(species)
-    prior = _gallery_match(gallery_species, species) or (_gallery_match(gallery_species, taxon.species) if taxon
+    prior = find_species(gallery_species, species) or (find_species(gallery_species, taxon.species) if taxon
                                                          else None)  # "Naja haje legionis" joins "Naja haje"
     species = prior.species if prior else (taxon.species if taxon else species)
     if venomous is False and prior is not None and prior.venomous:
@@ -219,7 +219,8 @@ def new_species_references(
     return species, records, prior
 
 
-def _gallery_match(gallery_species: list[SpeciesSummary], name: str) -> SpeciesSummary | None:
+def find_species(gallery_species: Iterable[SpeciesSummary], name: str) -> SpeciesSummary | None:
+    """The gallery species ``name`` spells (case, ``_``, ``-`` ignored on both sides), or None."""
     key = species_key(name)
     return next((s for s in gallery_species if species_key(s.species) == key), None)
 

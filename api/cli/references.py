@@ -58,9 +58,9 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 def cmd_references_delete(args: argparse.Namespace) -> int:
     from retrieval.workflows import delete_references
 
-    wanted = list(dict.fromkeys(args.ids))
-    gone = delete_references(args.index, wanted)
-    missing = [i for i in wanted if i not in set(gone)]
+    wanted = list(dict.fromkeys(args.ids))  # a repeated id counts once
+    gone = set(delete_references(args.index, wanted))
+    missing = [i for i in wanted if i not in gone]
     emit(f"deleted {len(gone)} of {len(wanted)} references"
          + (f"; no reference with id {', '.join(map(str, missing))}" if missing else ""))
     return 1 if missing else 0
