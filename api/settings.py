@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Everything the HTTP service can be configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="SPECIESID_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SPECIESID_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)  # errors never echo an API key
 
     index: str = Field("runs/gallery", description="gallery directory (built with `speciesid index build`)")
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
@@ -37,6 +38,16 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, description="how long the encoder waits to batch concurrent requests")
     max_batch: int = Field(32, description="largest batch the encoder runs at once")
     thumbnail_px: int = Field(256, description="longest side of reference thumbnails")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _printable_ascii_keys(cls, value: str) -> str:
+        """Keys travel in an HTTP header, which carries ASCII: a key with other characters could never match."""
+        bad = [k.strip() for k in value.split(",") if not all(" " < ch < "\x7f" for ch in k.strip())]
+        if bad:
+            raise ValueError("SPECIESID_API_KEYS: a key may hold printable ASCII characters only (no spaces, accents "
+                             f"or other letters), as HTTP headers carry no others; {len(bad)} key(s) do not")
+        return value
 
     def key_list(self) -> list[str]:
         """The configured API keys (empty strings dropped)."""

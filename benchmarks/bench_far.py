@@ -4,10 +4,11 @@ An answer is ``far`` (and ``unknown``) when the cosine of the photo's nearest re
 ``retrieval.identify.far_threshold`` (the 0.1% quantile of the references' similarity to their nearest other one).
 This prints, for the ph-snakes train gallery (MobileNetV1, real weights, fp32), the threshold, how many of the
 de-duplicated val photos it marks far (they are snakes of the gallery's species: ideally none), and each junk
-image's nearest similarity, whether it is far and the species the scores alone would have named.
+image's nearest similarity, whether it is far and the species the scores alone would have named; the same for real
+photos of no snake (scikit-learn's two sample photos, and ``--others DIR``: e.g. scikit-image's sample photos).
 With ``--finetuned OUT...`` (``speciesid finetune`` folders) the same for each network's gallery and val photos.
 
-    .venv/bin/python benchmarks/bench_far.py [--finetuned runs/ft-amx-s42 ...]     # ~1 min, more a network
+    .venv/bin/python benchmarks/bench_far.py [--others DIR] [--finetuned runs/ft-amx-s42 ...]  # ~1 min, more a network
 """
 
 from __future__ import annotations
@@ -41,7 +42,20 @@ def junk_images(photo: str) -> dict[str, Image.Image]:
     return out
 
 
-def report(name: str, spec: str, train: np.ndarray, val: np.ndarray, val_paths: list[str], tmp: Path) -> None:
+def other_photos(folder: str | None) -> dict[str, Image.Image]:
+    """Real photos of no snake: scikit-learn's two sample photos (a temple, a flower), and ``folder``'s photos."""
+    from sklearn.datasets import load_sample_images
+
+    from index.photos import find_photos
+
+    samples = load_sample_images()
+    out = {Path(f).name: Image.fromarray(im) for f, im in zip(samples.filenames, samples.images, strict=True)}
+    out.update({p.name: Image.open(p).convert("RGB") for p in (find_photos(folder) if folder else [])})
+    return out
+
+
+def report(name: str, spec: str, train: np.ndarray, val: np.ndarray, val_paths: list[str], tmp: Path,
+           others: dict[str, Image.Image]) -> None:
     """One gallery's figures."""
     from index.datasets import load_dataset
     from retrieval.encoders import create_encoder
@@ -56,26 +70,31 @@ def report(name: str, spec: str, train: np.ndarray, val: np.ndarray, val_paths: 
     print(f"\n## {name}: gallery {len(gallery)} references, far threshold {far_threshold(gallery):.3f}")
     print(f"val photos ({len(val)}, de-duplicated): far {sum(a.far for a in answers)}; nearest similarity min "
           f"{near.min():.3f}, 1% {np.quantile(near, 0.01):.3f}, median {np.median(near):.3f}")
-    junk = junk_images(val_paths[0])
-    print("| image | nearest similarity | far | the scores' best species |\n|---|---:|---|---|")
-    for (label, _), a in zip(junk.items(), ident.identify_images(list(junk.values())), strict=True):
-        best = a.predictions[0]
-        print(f"| {label} | {a.nearest:.3f} | {'yes' if a.far else 'no'} | {best.species} {best.score:.2f} |")
+    for title, images in (("made-up image", junk_images(val_paths[0])), ("real photo of no snake", others)):
+        answers = ident.identify_images(list(images.values()))
+        print(f"\n{title.replace('photo', 'photos').replace('image', 'images')}: far {sum(a.far for a in answers)} "
+              f"of {len(answers)}")
+        print(f"| {title} | nearest similarity | far | unknown | the scores' best species |\n|---|---:|---|---|---|")
+        for label, a in zip(images, answers, strict=True):
+            best, yes = a.predictions[0], {True: "yes", False: "no"}
+            print(f"| {label} | {a.nearest:.3f} | {yes[a.far]} | {yes[a.unknown]} | {best.species} {best.score:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--finetuned", nargs="*", default=[], metavar="OUT", help="speciesid finetune folders")
+    ap.add_argument("--others", metavar="DIR", help="a folder of real photos of no snake, beside scikit-learn's two")
     args = ap.parse_args()
     require_shared()
     print(machine_report())
     d = frozen_splits()
     with tempfile.TemporaryDirectory() as tmp:
-        report("frozen MobileNetV1", MOBILENET_SPEC, d.train, d.val, d.val_paths, Path(tmp))
+        others = other_photos(args.others)
+        report("frozen MobileNetV1", MOBILENET_SPEC, d.train, d.val, d.val_paths, Path(tmp), others)
         for folder in args.finetuned:
             spec = f"timm:local-dir:{Path(folder).resolve()}"
             report(Path(folder).name, spec, finetuned_embeddings(folder, d.train_paths),
-                   finetuned_embeddings(folder, d.val_paths), d.val_paths, Path(tmp))
+                   finetuned_embeddings(folder, d.val_paths), d.val_paths, Path(tmp), others)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,12 @@ def _taxonomy() -> dict[str, TaxonInfo]:
 
 
 @lru_cache(maxsize=1)
+def _genera() -> dict[str, str]:
+    """Known genera (species_key) -> one species of each, for examples."""
+    return {species_key(info.genus): info.species for info in reversed(_taxonomy().values()) if info.genus}
+
+
+@lru_cache(maxsize=1)
 def _moroccan_checklist() -> tuple[TaxonInfo, ...]:
     return tuple(_read_taxon_csv(MOROCCAN_CSV))
 
@@ -192,6 +198,10 @@ def new_species_references(
     family = check_name(family, "family") if family else family
     gallery_species = list(gallery_species)
     taxon = lookup_taxon(species)
+    if taxon is None and " " not in species and species_key(species) in _genera() and not find_species(
+            gallery_species, species):
+        raise ValueError(f"{species!r} is a genus, not a species: give the species' full name, e.g. "
+                         f"{_genera()[species_key(species)]!r}")
     prior = find_species(gallery_species, species) or (find_species(gallery_species, taxon.species) if taxon
                                                          else None)  # "Naja haje legionis" joins "Naja haje"
     species = prior.species if prior else (taxon.species if taxon else species)

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".mpo", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
+                              ".heif", ".avif", ".ppm"})  # the formats of retrieval.images.ACCEPTED_FORMATS
 
 
 def is_photo_name(name: str) -> bool:

@@ -20,6 +20,9 @@ except ImportError:  # pragma: no cover - optional
 
 #: Refuse images with more pixels than this (decompression-bomb guard): 16,000 x 16,000.
 DEFAULT_MAX_PIXELS = 256_000_000
+#: Pillow's own guard (a warning past it, an error past twice it) moved to ours: without this, Pillow refuses anything
+#: over 179M pixels (a 200-megapixel phone photo) whatever the limit asked for; :func:`decode_image` checks that.
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 #: Reference photos need at least this many pixels on their short side: the encoders upsample to ~224 px,
 #: and a thumbnail-sized or 1-pixel "photo" carries nothing to match against.
 MIN_REFERENCE_SIDE = 32
@@ -72,9 +75,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-#: Formats Pillow decodes by running another program (PostScript through Ghostscript; Windows metafiles through a
-#: handler): refused, since the bytes come from anyone who can upload a photo.
-HANDED_TO_PROGRAMS = frozenset({"EPS", "WMF", "EMF"})
+#: The formats photos come in; only these decoders ever see the bytes (which come from anyone who can upload a photo):
+#: Pillow's other plugins (PostScript through Ghostscript, Windows metafiles, PSD, FITS, FLI, ...) are never tried.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF", "BMP", "GIF", "PPM")  # JPEG covers MPO
+_ACCEPTED_WORDS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP, GIF or PPM"
+
+
+def _openers() -> list[str]:
+    """The accepted formats this Pillow can open (HEIF needs pillow-heif, AVIF a recent Pillow)."""
+    Image.init()
+    return [f for f in ACCEPTED_FORMATS if f in Image.OPEN]
 
 
 def decode_image(
@@ -88,12 +98,9 @@ def decode_image(
     if not data:
         raise ImageLoadError(f"{name}: the file is empty")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is max_pixels, checked below
         try:
-            img = Image.open(io.BytesIO(data))
-            if img.format in HANDED_TO_PROGRAMS:  # decoding would run an outside program on uploaded bytes
-                raise ImageLoadError(f"{name}: {img.format} files are not accepted; send a photo (JPEG, PNG, WebP, "
-                                     "HEIC, ...)")
+            img = Image.open(io.BytesIO(data), formats=_openers())
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageLoadError(
@@ -108,10 +115,11 @@ def decode_image(
             return to_rgb(img)
         except ImageLoadError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError(f"{name}: refused as a possible decompression bomb ({exc})") from exc
+        except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening
+            limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+            raise ImageLoadError(f"{name}: more pixels than the limit of {limit:,} (possible decompression bomb)") from exc
         except UnidentifiedImageError as exc:
-            raise ImageLoadError(f"{name}: not a recognised image format (JPEG, PNG, WebP, HEIC, ...)") from exc
+            raise ImageLoadError(f"{name}: not a recognised image format: send a {_ACCEPTED_WORDS} photo") from exc
         except (OSError, SyntaxError, ValueError, TypeError) as exc:
             raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
 
@@ -119,7 +127,7 @@ def decode_image(
 def image_format(data: bytes) -> str | None:
     """PIL's name of the image format of ``data`` (JPEG, PNG, WEBP, HEIF, ...), None when not an image."""
     try:
-        return Image.open(io.BytesIO(data)).format
+        return Image.open(io.BytesIO(data), formats=_openers()).format
     except Exception:  # noqa: BLE001 - anything PIL cannot open is "not an image"
         return None
 

@@ -403,8 +403,8 @@ def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:
     return path, True
 
 
-_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "GIF": ".gif", "BMP": ".bmp",
-               "TIFF": ".tif"}
+_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "AVIF": ".avif",
+               "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "PPM": ".ppm"}
 
 
 def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list[int]:

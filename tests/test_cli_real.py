@@ -153,6 +153,14 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     code, _, err = _run(capsys, "identify", "--index", index, cobra, "--country", "Atlantis")
     assert code == 2 and "unknown country 'Atlantis'" in err
 
+    # an argument that is no photo is in the JSON output with its reason (not only on stderr), and fails the run
+    missing = root / "missing.jpg"
+    code, out, err = _run(capsys, "identify", "--index", index, sorted(cobra.iterdir())[0], missing, "-q",
+                          "--format", "json")
+    answers = json.loads(out)
+    assert code == 1 and len(answers) == 2 and "skipped" not in err
+    assert answers[0] == {"image": str(missing), "error": "does not exist"} and "predictions" in answers[1]
+
 
 def _commands(parser, prefix=()):
     """Every command path of the CLI (("index",), ("index", "build"), ...), walked from the parser itself."""
@@ -176,6 +184,10 @@ def test_cli_help_everywhere(capsys):
         assert exc.value.code == 0, argv
         out = capsys.readouterr().out
         assert out.startswith(f"usage: speciesid {' '.join(argv)}".rstrip()) and "-h, --help" in out, argv
+        assert "-v, --verbose" in out, argv  # -v is taken after any command, not only before it
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and re.fullmatch(r"speciesid \S+\n", capsys.readouterr().out)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
@@ -185,7 +197,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(photo)
-    code, _, err = _run(capsys, "identify", "--index", tmp_path, photo)
+    code, _, err = _run(capsys, "identify", "--index", tmp_path, photo, "-v")
     assert code == 2 and "is not a speciesid gallery" in err and "speciesid index build" in err
     # serve without --index takes SPECIESID_INDEX (and refuses a folder that is no gallery before listening)
     monkeypatch.setenv("SPECIESID_INDEX", str(tmp_path / "from-env"))

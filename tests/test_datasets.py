@@ -455,6 +455,10 @@ def test_new_species_references_join_existing_spellings():
             new_species_references(nameless, [], ["e.jpg"], dataset="api")
     with pytest.raises(ValueError, match=r"contains the control character U\+0001; use printable"):
         new_species_references("Naja\x01haje", [], ["e.jpg"], dataset="api")
+    # a genus alone is no species (a label that is no binomial, "cats", is taken)
+    with pytest.raises(ValueError, match=r"'naja' is a genus, not a species: give the species' full name, e\.g\. 'Naja "):
+        new_species_references("naja", [], ["e.jpg"], dataset="api")
+    assert new_species_references("cats", [], ["e.jpg"], dataset="api")[0] == "cats"
 
 
 def test_a_subspecies_name_joins_its_gallery_species_and_takes_its_metadata():

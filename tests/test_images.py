@@ -70,14 +70,29 @@ def test_corrupt_truncated_empty_and_non_images(tmp_path):
     with pytest.raises(ImageLoadError, match="cannot be read"):
         load_image(missing)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nnewpath 0 0 moveto 40 40 lineto stroke\n%%EOF\n"
-    with pytest.raises(ImageLoadError, match="EPS files are not accepted"):  # never handed to Ghostscript
-        decode_image(eps, name="drawing.eps")
+    with pytest.raises(ImageLoadError, match="drawing.eps: not a recognised image format: send a JPEG, PNG"):
+        decode_image(eps, name="drawing.eps")  # never handed to Ghostscript: only photo formats' decoders are tried
+    for fmt in ("PCX", "TGA", "SGI"):  # formats Pillow reads, no photo comes in, and whose decoders stay out of reach
+        with pytest.raises(ImageLoadError, match="not a recognised image format"):
+            decode_image(_bytes(Image.new("RGB", (40, 40)), fmt))
+    for fmt in ("PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM"):
+        assert decode_image(_bytes(Image.new("RGB", (40, 40), (9, 200, 9)), fmt)).getpixel((5, 5))[1] > 150
 
 
 def test_decompression_bomb_is_refused():
     big = _bytes(Image.new("L", (2000, 2000)), "PNG")
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         decode_image(big, max_pixels=1_000_000)
+    from _api_support import png_bomb  # a header of N x N pixels, no data
+
+    # the limit asked for is the limit: 169M pixels (a 200-megapixel phone photo's size) is not refused by Pillow's
+    # own 179M guard (the header-only file is then truncated); 900M is refused, naming the limit that applies
+    with pytest.raises(ImageLoadError, match="truncated"):
+        decode_image(png_bomb(13_000, 13_000))
+    with pytest.raises(ImageLoadError, match=r"more pixels than the limit of 256,000,000 \(possible decompression"):
+        decode_image(png_bomb(30_000, 30_000))
+    with pytest.raises(ImageLoadError, match=r"more pixels than the limit of 512,000,000"):  # Pillow's, at twice ours
+        decode_image(png_bomb(30_000, 30_000), max_pixels=1_000_000_000)
 
 
 def test_load_image_hashes_bytes(tmp_path):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
 
+VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
 #: Command modules, in the order ``speciesid --help`` lists their commands.
 COMMANDS = (index, identify, references, probe, finetune, evaluate, clean, serve)
 #: The top-level commands each module registers (tests check this against the full parser).
@@ -32,12 +33,34 @@ def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
         prog="speciesid",
         description="Identify animal species from photos by embedding retrieval.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-vv for debug, and the traceback of an unexpected error)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in modules:
         module.register(sub)
+    _verbose_anywhere(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed package's version ("unknown" when run from a tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("speciesid")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _verbose_anywhere(subparsers: argparse._SubParsersAction) -> None:
+    """Let ``-v`` also follow the command (``speciesid identify -v ...``); counts add up with one given before it."""
+    for command in subparsers.choices.values():
+        if "-v" not in command._option_string_actions:
+            command.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
+                                 help=VERBOSE_HELP)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_anywhere(action)
 
 
 def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -57,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(argv)
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "verbose_after", 0)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -51,17 +51,18 @@ def parse_yes_no(value: str | None) -> bool | None:
     raise ValueError(f"--venomous takes yes or no, not {value!r}")
 
 
-def photo_args(paths: Sequence[str]) -> tuple[list[Path], int]:
-    """Photos named on the command line (folders expanded, see index.photos); each bad argument is reported
-    on stderr and skipped. Returns (photos, how many arguments failed); no photo at all is an error."""
+def photo_args(paths: Sequence[str], *, report: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Photos named on the command line (folders expanded, see index.photos), and the (argument, reason) of each
+    bad argument, which is skipped (and reported on stderr unless ``report`` is False: the caller shows it in its
+    output). No photo at all is an error."""
     from index.photos import expand_photo_args
 
     got = expand_photo_args(paths)
-    for arg, reason in got.problems:
+    for arg, reason in got.problems if report else ():
         sys.stderr.write(f"speciesid: skipped {arg}: {reason}\n")
     if not got.photos:
         raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
-    return got.photos, len(got.problems)
+    return got.photos, got.problems
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

@@ -57,11 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_identify(args: argparse.Namespace) -> int:
     from retrieval.workflows import identify
 
-    paths, bad_args = photo_args(args.images)
+    paths, bad_args = photo_args(args.images, report=False)
     ident = open_identifier(args)
     answers = identify(ident, paths, observation=args.observation, top=args.k, method=args.method,
                        rank=args.rank, country=args.country, progress=not args.quiet and len(paths) > 20)
-    results = []
+    results = [{"image": arg, "error": reason} for arg, reason in bad_args]  # every input is in the output
     for a in answers:
         if a.error is not None:
             results.append({"image": a.source, "error": a.error})
@@ -83,8 +83,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
             emit(_identify_table(r, args.rank))
     failed = sum("error" in r for r in results)
     if failed:
-        logger.warning("%d of %d photos could not be read", failed, len(paths))
-    return 1 if failed or bad_args else 0
+        logger.warning("%d of %d photos could not be read", failed, len(paths) + len(bad_args))
+    return 1 if failed else 0
 
 
 def _identify_csv(results: list[dict], rank: str) -> str:

@@ -5,12 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
+from pydantic import BeforeValidator
 
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors
 
 router = APIRouter(prefix="/v1/references", tags=["references"])
-RefId = Annotated[int, Path(ge=0, le=2**62, description="reference id")]
+
+
+def _digits(value: object) -> object:
+    """A reference id is written in digits only: "1.0" or "1e3" is not an id (pydantic would take them as 1)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("a reference id is a whole number written in digits, e.g. 17")
+    return value
+
+
+RefId = Annotated[int, Path(ge=0, le=2**62, description="reference id"), BeforeValidator(_digits)]
 
 
 @router.delete("/{ref_id}", status_code=204, responses=errors(401, 404, 422))
