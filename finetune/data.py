@@ -112,17 +112,24 @@ class PhotoDataset(torch.utils.data.Dataset):
             self._cache = [None] * len(photos)
 
     def preload(self, progress: bool = False) -> list[str]:
-        """Decode every photo into the cache now (before loader workers fork). Returns unreadable paths."""
+        """Decode every photo into the cache now (before loader workers fork); unreadable photos are left out of
+        the set. Returns their paths, with why."""
         from tqdm.auto import tqdm
 
-        bad = []
+        bad: list[str] = []
         if self._cache is None:
             return bad
+        keep = []
         for i, p in enumerate(tqdm(self.paths, desc="decoding photos", unit="img", disable=not progress)):
             try:
                 self._cache[i] = _open(p, self.cache_side)
+                keep.append(i)
             except (OSError, ValueError) as exc:
-                bad.append(f"{p}: {exc}")
+                bad.append(str(exc) if str(p) in str(exc) else f"{p}: {exc}")
+        if bad:
+            self.paths = [self.paths[i] for i in keep]
+            self.targets = [self.targets[i] for i in keep]
+            self._cache = [self._cache[i] for i in keep]
         return bad
 
     def image(self, i: int) -> Image.Image:
@@ -134,7 +141,25 @@ class PhotoDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.image(i)), self.targets[i]
+        try:
+            image = self.image(i)
+        except (OSError, ValueError) as exc:  # a large set, read from disk: a photo that cannot be, on its turn
+            image = self._stand_in(i, exc)
+        return self.transform(image), self.targets[i]
+
+    def _stand_in(self, i: int, exc: Exception) -> Image.Image:
+        """Another photo of the same species, for an unreadable one of a set too large to decode up front."""
+        n = len(self.paths)
+        for j in ((i + d) % n for d in range(1, n)):  # the next of its species, wrapping round
+            if self.targets[j] != self.targets[i]:
+                continue
+            try:
+                image = self.image(j)
+            except (OSError, ValueError):
+                continue
+            logger.warning("unreadable photo (%s): %s used in its place", exc, self.paths[j])
+            return image
+        raise ValueError(f"{exc}; and no other photo of its species could be read") from exc
 
 
 class TransformView(torch.utils.data.Dataset):
@@ -250,6 +275,10 @@ def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size:
     train_ds = PhotoDataset(split.train, class_index, train_transform(data_cfg, train_size, cfg.augment))
     val_ds = PhotoDataset(split.val, class_index, eval_transform(data_cfg))
     for bad in train_ds.preload(progress) + val_ds.preload(progress):
-        logger.warning("unreadable photo: %s", bad)
+        logger.warning("unreadable photo, left out: %s", bad)
+    unread = [split.species[c] for c in sorted(set(class_index.values()) - set(train_ds.targets))]
+    if unread:
+        raise ValueError(f"no training photo of {', '.join(unread)} could be read (see the warnings above): fix or "
+                         "remove those photos, or the species' folder")
     cw = class_weights(train_ds.targets, len(split.species)).to(device) if cfg.balance == "weights" else None
     return FinetuneData(train_ds, TransformView(train_ds, eval_transform(data_cfg)), val_ds, len(split.species), cw)

@@ -111,7 +111,7 @@ class StagedCosineLR:
 
         head = [g for g in optimizer.param_groups if g["name"].startswith("head")]
         backbone = [g for g in optimizer.param_groups if not g["name"].startswith("head")]
-        self.parts = []
+        self.optimizer, self.parts = optimizer, []
         for start, groups in ((0, head), (unfreeze, backbone)):
             sched = None
             if groups and start < total:
@@ -123,6 +123,9 @@ class StagedCosineLR:
 
     def step(self, step: int) -> float:
         """Set every group's rate for (0-based) optimiser step ``step``; returns the head's."""
+        if not any(g is self.optimizer.param_groups[0] for _, groups, _ in self.parts for g in groups):
+            raise RuntimeError("the optimiser's parameter groups were replaced (load_state_dict) after its schedule "
+                               "was made: make the schedule again")
         for start, groups, sched in self.parts:
             if sched is None or step < start:
                 for g in groups:

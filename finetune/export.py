@@ -125,7 +125,7 @@ def save_finetuned(
     }
     text = json.dumps(_jsonable(config), indent=2)
     atomic_write(out / "config.json", text)
-    enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32")
+    enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32", runtime="torch")  # its fingerprint
     weight = head.export_weight().numpy().astype(np.float32)
     probe = LinearProbe(
         species=list(species),

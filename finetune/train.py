@@ -185,6 +185,8 @@ def finetune(
         net.load_state_dict(checkpoint["net"])
         ema = create_ema(net, cfg.ema)
         state = restore_checkpoint(checkpoint, optim.optimizer, optim.scaler, ema)
+        # loading the optimiser's state replaces its group dicts: the schedule must set the rates of the new ones
+        optim.schedule = staged_schedule(optim.optimizer, cfg, optim.steps_per_epoch)
     else:
         t0 = time.perf_counter()
         how = init_head(net, source, species, cfg, loader(data.train_eval, 2 * cfg.batch_size, workers=workers,
@@ -306,7 +308,7 @@ def finetune(
             "test_size": size_info,
         }, trained_on=len(data.train), test_size=test_size)
         if split.val_source.startswith("split:"):
-            write_heldout(folder, split.val.paths, split.val.labels)
+            write_heldout(folder, data.val.paths, [species[t] for t in data.val.targets])  # the readable ones
         net.to(device)
     (out / CHECKPOINT).unlink(missing_ok=True)
     for folder, *_ in exports:  # the whole run, final evaluation and export included (this process, not resumed ones)

@@ -132,10 +132,43 @@ def test_interrupted_run_resumes(tiny_set, tmp_path):
     r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
     assert seen == [2] and r.epochs_run == 2
     assert [h["epoch"] for h in r.history] == [0, 1, 2]
+    # the resumed epoch trains as in a run never stopped (its rates were the stale groups' once: nothing trained)
+    whole = finetune(_config(tiny_set, tmp_path / "whole", epochs=2, ema=0.9), progress=False)
+    for key in ("lr", "train_loss", "val_loss"):
+        assert r.history[2][key] == pytest.approx(whole.history[2][key], rel=1e-4), key
+    assert r.history[2]["val_loss"] != pytest.approx(r.history[1]["val_loss"], rel=1e-6)
     with (out / "log.csv").open() as fh:
         assert [int(row["epoch"]) for row in csv.DictReader(fh)] == [0, 1, 2]
     with pytest.raises(ValueError, match="already holds"):
         finetune(cfg, progress=False)
+
+
+def test_unreadable_photos_are_left_out_and_a_species_with_none_readable_is_named(tmp_path, caplog):
+    from finetune.data import PhotoDataset, load_photos
+    from finetune.train import finetune
+
+    root = _subset(tmp_path / "photos", _species_dirs()[:3], 4)
+    first = sorted(root.iterdir())[0]
+    (first / "empty.jpg").write_bytes(b"")
+    (first / "notes.jpg").write_text("not a photo")
+    r = finetune(_config(root, tmp_path / "run", epochs=1, val_split=0.5), progress=False)
+    assert r.epochs_run == 1
+    warned = [m for m in caplog.messages if m.startswith("unreadable photo, left out")]
+    assert len(warned) == 2 and all("jpg" in m for m in warned)
+    with (tmp_path / "run" / "heldout.csv").open() as fh:
+        held = [row["path"] for row in csv.DictReader(fh)]
+    assert held and not any(p.endswith(("empty.jpg", "notes.jpg")) for p in held)
+    # a set too large to decode up front reads photos in the loader: an unreadable one stands in for another
+    photos = load_photos("folder", root)
+    ds = PhotoDataset(photos, {s: i for i, s in enumerate(photos.species)}, lambda im: im.size, cache=False)
+    bad = photos.paths.index(first / "empty.jpg")
+    assert ds[bad][1] == ds.targets[bad] and "used in its place" in caplog.messages[-1]
+    # a species whose every photo is unreadable is named (it was a DataLoader worker's traceback)
+    for f in sorted(p for p in first.iterdir() if p.is_symlink()):
+        f.unlink()
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"no training photo of {first.name.split('(')[1][:-1]} could be read"):
+        finetune(_config(root, tmp_path / "run2", epochs=1, val_split=0.5), progress=False)
 
 
 def test_stage2_from_stage1_with_other_species(stage1, tmp_path):

@@ -254,6 +254,36 @@ def test_stale_entries_are_rebuilt(tiny_clip_dir, cache, check_photos, monkeypat
     assert json.loads(path.read_text())["format"] == info["format"]  # written anew
 
 
+def test_a_damaged_entry_is_exported_again(tiny_clip_dir, cache, check_photos):
+    pytest.importorskip("onnxruntime")
+    from retrieval.encoders import create_encoder
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    first = create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    model = next(cache.glob("models/*/onnx-*-fp32-*/model.onnx"))
+    model.write_bytes(model.read_bytes()[:1000])  # a copy cut short (disk full, an interrupted sync)
+    again = create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)  # was: "no runtime could run"
+    assert again.runtime == "onnx" and model.stat().st_size > 1000
+    np.testing.assert_allclose(again.encode_images(_images()), first.encode_images(_images()), atol=1e-6)
+
+
+def test_a_cache_that_cannot_be_written_leaves_auto_on_torch(tiny_clip_dir, cache, check_photos, monkeypatch, caplog):
+    pytest.importorskip("onnxruntime")
+    from retrieval.encoders import create_encoder
+    from retrieval.runtimes import select
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(cache / "models"))
+
+    monkeypatch.setattr(select, "_export_onnx_once", read_only)
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    enc = create_encoder(spec, photos=check_photos)
+    assert (enc.runtime, enc.precision) == ("torch", "fp32") and "cannot write the runtime cache" in caplog.text
+    with pytest.raises(OSError, match="point SPECIESID_CACHE at a writable folder, or use --runtime torch"):
+        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+
+
 @pytest.mark.slow
 def test_auto_keeps_mobilenet_knn_top1_within_half_a_point_of_fp32(cache, monkeypatch):
     """The benchmark-level bar on real weights and photos: kNN top-1 on ph-snakes val (gallery = train) with the

@@ -46,6 +46,7 @@ from retrieval.runtimes.cache import (
     EXPORT_FORMAT,
     DigestCache,
     EntryKey,
+    models_dir,
     package_version,
     read_choice,
     read_entry,
@@ -252,6 +253,15 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
     if ref.preprocess_config is None:  # a transform numpy does not reproduce: exported towers cannot be fed
         logger.info("encoder %s: its preprocessing needs torch, so it runs on torch", config.spec)
         order = [c for c in order if c[0] == "torch"] or [("torch", "fp32")]
+
+    def build(key: EntryKey) -> dict:  # export one candidate into the cache (replacing a damaged entry there)
+        nonlocal reference_emb, onnx_dir
+        if reference_emb is None:
+            reference_emb = ref.encode_batch(sample.check)
+        if onnx_dir is None:
+            onnx_dir = _export_onnx_once(ref, sample.check)
+        return _build_entry(ref, config, key, onnx_dir / "model.onnx", sample, reference_emb, kind)
+
     try:
         for rt, prec in order:
             if rt == "torch":
@@ -276,25 +286,34 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                 continue
             key = _entry_key(digest_full, rt, prec, kind)
             info = read_entry(key)
-            if info is None:
-                if prec == "int8" and (sample.calibration is None or not sample.real):
-                    logger.info("%s int8 needs real photos to calibrate on: skipped this time", rt)
-                    tried.append({"runtime": rt, "precision": prec, "status": "no photos"})
-                    continue
-                if reference_emb is None:
-                    reference_emb = ref.encode_batch(sample.check)
-                if onnx_dir is None:
-                    onnx_dir = _export_onnx_once(ref, sample.check)
-                info = _build_entry(ref, config, key, onnx_dir / "model.onnx", sample, reference_emb, kind)
-            faith = info.get("faithfulness") or {}
-            tried.append({"runtime": rt, "precision": prec, "status": "accepted" if info.get("accepted") else
-                          "not faithful", "min_cosine": faith.get("min_cosine")})
+            if info is None and prec == "int8" and (sample.calibration is None or not sample.real):
+                logger.info("%s int8 needs real photos to calibrate on: skipped this time", rt)
+                tried.append({"runtime": rt, "precision": prec, "status": "no photos"})
+                continue
+
+            try:
+                cached = info is not None
+                info = info if cached else build(key)
+                faith = info.get("faithfulness") or {}
+                enc = _load_entry(config, key, info, text_encoder=ref) if info.get("accepted") else None
+                if enc is None and cached and info.get("accepted"):  # damaged on disk: export it again
+                    info = build(key)
+                    faith = info.get("faithfulness") or {}
+                    enc = _load_entry(config, key, info, text_encoder=ref) if info.get("accepted") else None
+            except OSError as exc:  # the cache cannot be written (read-only, full): torch needs none
+                if runtime != "auto":
+                    raise OSError(f"cannot export {config.spec} for {rt} into the cache {models_dir()} ({exc}): "
+                                  "point SPECIESID_CACHE at a writable folder, or use --runtime torch") from exc
+                logger.warning("cannot write the runtime cache %s (%s): running on torch fp32 (set SPECIESID_CACHE "
+                               "to a writable folder to get the faster runtimes)", models_dir(), exc)
+                return ref
+            status = "not faithful" if not info.get("accepted") else ("accepted" if enc else "failed to load")
+            tried.append({"runtime": rt, "precision": prec, "status": status, "min_cosine": faith.get("min_cosine")})
             if not info.get("accepted"):
                 logger.info("%s %s rejected: min cosine %.4f to torch fp32", rt, prec, faith.get("min_cosine", 0))
                 if runtime != "auto" and config.precision != "auto":
                     _refuse(info)
                 continue
-            enc = _load_entry(config, key, info, text_encoder=ref)
             if enc is None:
                 continue
             _record(runtime, config, digest_full, kind, rt, prec, tried, sample, photos)
@@ -323,7 +342,6 @@ def _export_onnx_once(ref, example: np.ndarray) -> Path:
     """The fp32 ONNX export every candidate starts from (a temporary folder in the cache)."""
     import tempfile
 
-    from retrieval.runtimes.cache import models_dir
     from retrieval.runtimes.export import export_onnx
 
     base = models_dir()
