@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field
@@ -108,9 +109,13 @@ def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
     if path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         if checkpoint.get("key") != cfg.training_key():
+            then = checkpoint.get("settings") or {}
+            changed = [f"{k} {_shown(then[k])} (now {_shown(v)})" for k, v in cfg.training_settings().items()
+                       if k in then and _shown(then[k]) != _shown(v)]
             raise ValueError(
-                f"{path} was written by a run with other settings ({checkpoint.get('settings')}); rerun with "
-                "those settings to resume it, or pass --no-resume to start afresh (the checkpoint is replaced)"
+                f"{path} was written by a run with other settings: {'; '.join(changed) or 'an older set of them'}; "
+                "rerun with those settings to resume it, or pass --no-resume to start afresh (the checkpoint is "
+                "replaced)"
             )
         if checkpoint.get("format") != FORMAT:
             raise ValueError(f"{path} was written by an older speciesid; pass --no-resume to start afresh")
@@ -119,6 +124,11 @@ def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         raise ValueError(f"{out} already holds a fine-tuned model; choose another --out, or --no-resume to overwrite it")
     return None
+
+
+def _shown(value) -> str:
+    """A setting as the refusal shows it (and compares it: a tuple read back from a checkpoint is a list)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,

@@ -242,13 +242,16 @@ class FinetuneConfig:
             raise ValueError(f"--head-init must be probe, keep or random, got {out.head_init!r}")
         return out
 
-    def training_key(self) -> str:
-        """Digest of the settings that shape the training trajectory (a checkpoint resumes only under them)."""
+    def training_settings(self) -> dict:
+        """The settings that shape the training trajectory (a checkpoint resumes only under them)."""
         skip = {"out", "device", "workers", "threads", "time_limit", "resume", "final_eval", "test_size"}
         if self.time_budget:  # the epochs were fitted to the machine's speed: the budget names the run
             skip.add("epochs")
-        d = {k: v for k, v in asdict(self).items() if k not in skip}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def training_key(self) -> str:
+        """Digest of :meth:`training_settings`."""
+        return hashlib.sha256(json.dumps(self.training_settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def stage_default_help(name: str) -> str | None:

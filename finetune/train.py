@@ -143,6 +143,8 @@ def finetune(
     t_start = time.perf_counter()
     cfg = config.resolved()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(out, cfg)
     device = resolve_device(cfg.device)

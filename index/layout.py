@@ -175,6 +175,12 @@ def check_encoder(what: str, recorded: str, given: str, *, fix: str) -> None:
             f" not with the options given ('{giv_opt or 'pool=model+views=single'}'): its embeddings would not "
             f"compare; leave --pool/--views out to use the gallery's own, or build a new index in another directory"
         )
+    if _spec(recorded) == _spec(given):  # the same spec: the weights it names were replaced since
+        raise EncoderMismatchError(
+            f"{what} was built with encoder {_spec(recorded)!r} (fingerprint {recorded}), but the weights that spec "
+            f"names have changed since (now {given}): put the weights it was built with back, or build a new index "
+            "(in another directory) with these"
+        )
     raise EncoderMismatchError(
         f"{what} was built with encoder {_spec(recorded)!r} (fingerprint {recorded}), not with the encoder "
         f"given ({given}); {fix}"

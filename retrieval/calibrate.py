@@ -29,6 +29,7 @@ import numpy as np
 from retrieval.metric import METRICS, fit_whitening
 from retrieval.metrics import precision_threshold
 from retrieval.probe import Calibration, LinearProbe, train_probe
+from retrieval.vote import DEFAULT_UNKNOWN_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +326,10 @@ def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision:
     y = oof.y
     b = oof.blended(c, (k, t, m), w)
     thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y, target_precision)
+    if cov == 0.0:  # no threshold reaches the target here: one of 1.0 would answer "unknown" to every photo
+        logger.warning("no unknown threshold reaches %.0f%% precision on these %d photos (blend top-1 %.3f): the "
+                       "default %.2f is kept", 100 * target_precision, len(y), oof.top1(b), DEFAULT_UNKNOWN_THRESHOLD)
+        thr = DEFAULT_UNKNOWN_THRESHOLD
     metrics = {
         "queries": float(len(y)),
         "knn_top1": oof.top1(oof.knn[k, t, m]),

@@ -256,3 +256,5 @@ class CleanConfig:
             raise ValueError(f"--threshold is a probability in (0, 1], got {self.threshold}")
         if not -1.0 <= self.dup_threshold <= 1.0:
             raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
+        if self.prompts is not None and self.zero_shot:
+            load_prompts(self.prompts)  # a missing or malformed file is refused now, whatever the encoder reads

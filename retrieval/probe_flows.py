@@ -61,6 +61,9 @@ def _selection_data(
     scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
     done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
     ok = [i for i, e in enumerate(done.errors) if e is None]
+    if not ok:
+        raise ValueError(f"--val-root {val_root} holds no readable photo ({len(scan.records)} found): give a folder "
+                         "of labelled photos (one sub-folder a species), or leave --val-root out")
     return ids, vectors, labels, done.embeddings[ok], [scan.records[i].species for i in ok]
 
 
@@ -218,7 +221,8 @@ def _weight_bias(val_root: str | Path | None, val_name: str, from_dir: str | Pat
     if val_name.startswith(HELDOUT_PREFIX):
         return "the photos the run held out also chose its epoch and test size"
     if val_root is None:
-        return "the head was trained on the gallery photos it would be chosen on"
+        return ("no fresh photos to choose it on (no --val-root, and none of the run's held-out photos is in the "
+                "gallery): the gallery's photos may be the head's own training photos")
     if same_folder(run_val_root(run_record(f"timm:local-dir:{from_dir}")), val_root):
         return "these validation photos also chose the fine-tuning run's epoch"
     return ""

@@ -265,8 +265,10 @@ def evaluate_dataset(
     progress: bool = True,
     keep_duplicates: bool = False,
     settings_overridden: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> EvaluationRun:
-    """Identify a labelled set with every method the gallery has; write the JSON + Markdown report.
+    """Identify a labelled set with ``methods`` (default: every method the gallery has); write the JSON + Markdown
+    report.
 
     The report says which photos chose the settings and how many evaluated photos the gallery already holds
     (same bytes or near-copies); those are left out of the figures unless ``keep_duplicates``.
@@ -276,6 +278,10 @@ def evaluate_dataset(
 
     if Path(report_dir).exists() and not Path(report_dir).is_dir():  # before the embedding work, not after it
         raise ValueError(f"the report folder {report_dir} is a file; give a folder (it is created if missing)")
+    have = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
+    if methods is not None and (missing := [m for m in methods if m not in have]):
+        raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
+                         f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
     scan = load_dataset(dataset, root, metadata=metadata)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
@@ -294,7 +300,7 @@ def evaluate_dataset(
                              "near-copies), so they would measure nothing; evaluate photos the gallery does not hold, "
                              "or pass --keep-duplicates to count them anyway")
     presence = presence_for(country)
-    methods = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
+    methods = have if methods is None else list(methods)
     taxa = ident.taxa()
     venomous = {s: t.venomous for s, t in taxa.items()}
     for r in scan.records:

@@ -75,6 +75,8 @@ def test_probe_trains_saves_loads_and_refuses_other_encoders(tmp_path):
     np.testing.assert_allclose(loaded.predict_proba(x), probe.predict_proba(x), rtol=1e-6)
     with pytest.raises(EncoderMismatchError, match=r"built with encoder 'enc' \(fingerprint enc#1\), not with the encoder given \(other#2\)"):
         LinearProbe.load(tmp_path, expected_fingerprint="other#2")
+    with pytest.raises(EncoderMismatchError, match=r"but the weights that spec names have changed since \(now enc#3\)"):
+        LinearProbe.load(tmp_path, expected_fingerprint="enc#3")  # the same spec, its weights replaced
     with pytest.raises(FileNotFoundError, match="speciesid probe train"):
         LinearProbe.load(tmp_path / "none")
     with pytest.raises(ValueError, match="at least 2 species"):

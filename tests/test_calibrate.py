@@ -51,6 +51,18 @@ def test_default_rule_is_recorded_and_chooses_grid_values():
         select_settings(x, y, fingerprint="f", grid=GRID, rule="best")
 
 
+def test_no_threshold_reaching_the_target_precision_keeps_the_default(caplog):
+    from retrieval.vote import DEFAULT_UNKNOWN_THRESHOLD
+
+    rng = np.random.default_rng(3)  # labels that nothing predicts: no threshold answers at 95% precision
+    x = rng.standard_normal((60, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = [f"Genus s{i % 4}" for i in rng.permutation(60)]
+    s = select_settings(x, y, fingerprint="f", grid=GRID)
+    assert s.metrics["unknown_coverage"] == 0.0  # was: threshold 1.0, every later answer "unknown"
+    assert s.unknown_threshold == DEFAULT_UNKNOWN_THRESHOLD and "the default 0.56 is kept" in caplog.text
+
+
 def test_rule_survives_save_and_load(tmp_path):
     draw = _species()
     x, y = draw(10, np.random.default_rng(2))
@@ -169,7 +181,7 @@ def test_an_imported_heads_weight_is_fixed_where_its_photos_favour_the_head(tmp_
         "the photos the run held out also chose its epoch and test size")
     assert _weight_bias(tmp_path / "val" / ".", str(tmp_path / "val"), run) == (
         "these validation photos also chose the fine-tuning run's epoch")
-    assert _weight_bias(None, "None", run) == "the head was trained on the gallery photos it would be chosen on"
+    assert _weight_bias(None, "None", run).startswith("no fresh photos to choose it on (no --val-root")
     assert _weight_bias(tmp_path / "fresh", str(tmp_path / "fresh"), run) == ""
     assert import_weight("auto", "") == (None, "")  # fresh photos: chosen
     assert import_weight("auto", "X") == (0.5, "fixed at the prior 0.5: X")

@@ -106,6 +106,11 @@ def test_shipped_prompt_files_cover_the_off_target_kinds():
     assert load_prompts("snakes").classes[0].phrases[0] == "a snake"
     with pytest.raises(ValueError, match="snakes, animals"):
         load_prompts("no-such-group")
+    from retrieval.findings import CleanConfig
+
+    with pytest.raises(ValueError, match="prompt file '/no/such.txt' not found"):  # at once, whatever the encoder
+        CleanConfig(prompts="/no/such.txt")
+    assert CleanConfig(prompts="/no/such.txt", zero_shot=False).prompts  # --no-zero-shot reads no prompts
 
 
 def test_taxon_group_from_the_dataset():

@@ -141,6 +141,12 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     for png in ("confusion_knn.png", "confusion_blend.png", "reliability.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| blend |" in (report / "report.md").read_text()
+    # --method picks one row, and the kNN row is the same one (the probe's chosen k, T and metric; it used the
+    # defaults once, and --method probe printed all three rows)
+    knn_line = next(line for line in out.splitlines() if line.startswith("knn "))
+    code, out, _ = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", PH_SNAKES / "val",
+                        "--report", index.parent / "report-knn", "--method", "knn", "--quiet")
+    assert code == 0 and [line for line in out.splitlines() if " top-1 " in line] == [knn_line]
 
     # country prior: the Philippine species are all recorded in PH; in Morocco (MA) none is, so the
     # prior has nothing to keep and the answer is left as it was rather than emptied

@@ -126,8 +126,8 @@ def test_interrupted_run_resumes(tiny_set, tmp_path):
     assert (out / "checkpoint.pt").is_file() and not (out / "model.safetensors").exists()
     with (out / "log.csv").open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
-    with pytest.raises(ValueError, match="other settings"):
-        finetune(_config(tiny_set, out, epochs=3, ema=0.9), progress=False)
+    with pytest.raises(ValueError, match=r"other settings: epochs 2 \(now 3\); ema 0.9 \(now 0.5\); rerun"):
+        finetune(_config(tiny_set, out, epochs=3, ema=0.5), progress=False)
     seen = []
     r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
     assert seen == [2] and r.epochs_run == 2
@@ -448,6 +448,15 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
     assert code == 130
     err = capsys.readouterr().err
     assert "interrupted after epoch 3" in err and "run the same command again to resume" in err
+    # Ctrl-C outside the epochs (the head's start, the final evaluation and export) says what is left too
+    (tmp_path / "o").mkdir()
+    for checkpoint, says in ((False, "it had written no checkpoint yet"), (True, "run the same command again")):
+        if checkpoint:
+            (tmp_path / "o" / train.CHECKPOINT).write_bytes(b"x")
+        monkeypatch.setattr(train, "finetune", lambda config, progress=True: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "o"),
+                     "-q"]) == 130
+        assert says in capsys.readouterr().err
 
 
 def test_head_temperature_calibrates_without_reranking():
@@ -552,6 +561,9 @@ def test_time_budget_too_small_says_what_to_change(tiny_set, tmp_path):
         finetune(_config(tiny_set, tmp_path / "tiny", time_budget=0.001), progress=False)
     with pytest.raises(ValueError, match="--time-budget must be a positive number of minutes"):
         finetune(_config(tiny_set, tmp_path / "zero", time_budget=0.0), progress=False)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="--out .*a-file is a file; give a folder"):
+        finetune(_config(tiny_set, tmp_path / "a-file"), progress=False)
 
 
 def test_budgeted_run_resumes_with_the_epochs_it_fitted(tiny_set, tmp_path):

@@ -199,6 +199,9 @@ def test_cli_mistakes_get_one_clear_line_and_nothing_half_made(tmp_path_factory,
     code, _, err = run("evaluate", "--index", index, "--dataset", "folder", "--root", val[0].parent.parent,
                        "--report", tmp_path / "a-file", "-q")
     assert code == 2 and "is a file; give a folder" in err
+    code, _, err = run("evaluate", "--index", index, "--dataset", "folder", "--root", val[0].parent.parent,
+                       "--method", "probe", "-q")
+    assert code == 2 and "has no probe for method probe: train one with 'speciesid probe train" in err
     for argv in (["probe", "train", "--index", str(index), "--folds", "1"],
                  ["index", "build", "--dataset", "folder", "--root", str(tmp_path), "--index", str(tmp_path / "g"),
                   "--batch-size", "0"]):

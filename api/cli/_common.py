@@ -129,8 +129,8 @@ def at_least(low: int, high: int | None = None):
     return parse
 
 
-def add_vote_args(p: argparse.ArgumentParser) -> None:
-    """--knn, --temperature, --unknown-threshold, --method, --country."""
+def add_vote_args(p: argparse.ArgumentParser, *, rows: bool = False) -> None:
+    """--knn, --temperature, --unknown-threshold, --method, --country (``rows``: --method picks report rows)."""
     from retrieval.vote import DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_UNKNOWN_THRESHOLD
 
     p.add_argument("--knn", type=at_least(1), default=None,
@@ -140,8 +140,13 @@ def add_vote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unknown-threshold", type=float, default=None,
                    help="best score under this means 'unknown' (default: the probe's calibrated one, else "
                    f"{DEFAULT_UNKNOWN_THRESHOLD})")
-    p.add_argument("--method", default="blend", choices=("blend", "knn", "probe"),
-                   help="blend (kNN + probe + text prior, whatever exists; default), knn only, or probe only")
+    if rows:
+        p.add_argument("--method", default="all", choices=("all", "blend", "knn", "probe"),
+                       help="the rows to report: every method the gallery has (default), or one of them")
+    else:
+        p.add_argument("--method", default="blend", choices=("blend", "knn", "probe"),
+                       help="blend (kNN + probe + text prior, whatever exists; default), knn only (with the probe's "
+                       "chosen k, T and metric when there is one), or probe only")
     p.add_argument("--country", help="ISO code or name (e.g. MA): favour species recorded in that country")
 
 
@@ -150,9 +155,9 @@ def open_identifier(args: argparse.Namespace):
     from retrieval.vote import VoteConfig
     from retrieval.workflows import open_identifier as open_ident
 
-    method = getattr(args, "method", "knn")  # commands without the vote's options (search) need no probe
+    # commands without the vote's options (search) need no probe; --method knn still votes with its chosen settings
     ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                       precision=args.precision, use_probe=method != "knn", runtime=args.runtime,
+                       precision=args.precision, use_probe=hasattr(args, "method"), runtime=args.runtime,
                        pool=args.pool, views=args.views)
     if not len(ident.gallery):
         raise ValueError(f"gallery {args.index} has no searchable references (none added, or all excluded by "

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-duplicates", action="store_true",
                    help="count evaluated photos the gallery already holds (same bytes or near-copies, cosine >= 0.95);"
                    " by default they are left out, and counted in the report")
-    add_vote_args(p)
+    add_vote_args(p, rows=True)
     add_encoder_args(p, default_spec=None)
     add_quiet(p)
     p.set_defaults(func=cmd_evaluate)
@@ -37,7 +37,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overridden = any(v is not None for v in (args.knn, args.temperature, args.unknown_threshold))
     run = evaluate_dataset(ident, args.dataset, args.root, metadata=args.metadata, country=args.country,
                            report_dir=args.report, progress=not args.quiet, keep_duplicates=args.keep_duplicates,
-                           settings_overridden=overridden)
+                           settings_overridden=overridden, methods=None if args.method == "all" else [args.method])
     for line in run.protocol:
         emit(f"protocol: {line}")
     for method, r in run.results.items():

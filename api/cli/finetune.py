@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from api.cli._common import emit
@@ -148,6 +149,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             f"speciesid: fine-tuning interrupted after epoch {exc.epoch}; the checkpoint {exc.out}/checkpoint.pt "
             "is kept: run the same command again to resume\n"
         )
+        return 130
+    except KeyboardInterrupt:  # before the first epoch, or during the final evaluation and export
+        checkpoint = Path(config.out) / train.CHECKPOINT
+        sys.stderr.write("speciesid: fine-tuning interrupted; " + (
+            f"the checkpoint {checkpoint} is kept: run the same command again to resume\n" if checkpoint.is_file()
+            else "it had written no checkpoint yet: run the command again to start over\n"))
         return 130
     b = r.best
     emit(

@@ -65,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _selection_line(m: dict, head: str) -> str:
     return (
         f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
-        f"{head} {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; unknown threshold gives "
-        f"precision {m.get('unknown_precision', float('nan')):.3f} at coverage {m.get('unknown_coverage', 0):.3f}"
+        f"{head} {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; " + (
+            f"unknown threshold gives precision {m['unknown_precision']:.3f} at coverage {m['unknown_coverage']:.3f}"
+            if m.get("unknown_coverage") else "no unknown threshold reaches 95% precision here: the default is kept")
     )
 
 
