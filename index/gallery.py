@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -84,8 +85,13 @@ class Gallery:
         where = info.get("store") or {}
         self.store_uri: str | Path = where.get("uri") or self.layout.store  # a folder or an object-store URI
         self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
-        self.store = ReferenceStore(self.store_uri, int(info["dim"]), refresh_s=refresh_s,
-                                    options=self.storage_options)
+        try:
+            self.store = ReferenceStore(self.store_uri, int(info["dim"]), refresh_s=refresh_s,
+                                        options=self.storage_options)
+        except Exception as exc:
+            if not where.get("uri"):
+                raise
+            raise store_error(where["uri"], exc) from exc  # credentials, endpoint, bucket: one line, not lance's
         self._lock = threading.RLock()  # this process's threads
         self._writer = WriteLock(self.layout.write_lock)  # every process's writes
         self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
@@ -141,15 +147,21 @@ class Gallery:
             info["store"] = {"uri": str(store).rstrip("/"), "options": public_options(storage_options(None, options))}
         write_json_atomic(GalleryLayout(root).info, info)
         try:
-            return cls(root, info, config, refresh_s=refresh_s, options=options)
-        except Exception as exc:  # nothing half-made is left behind: the same command can simply be run again
-            GalleryLayout(root).info.unlink(missing_ok=True)
+            gallery = cls(root, info, config, refresh_s=refresh_s, options=options)
+            if store and gallery.store.max_id():  # another gallery's rows: two folders' ids would collide
+                raise ValueError(f"the store {store} already holds a gallery's references: give this gallery a "
+                                 "--store of its own, or use the folder of the gallery that made it (copy that "
+                                 "folder to serve it elsewhere)")
+            return gallery
+        except Exception:  # nothing half-made is left behind: the same command can simply be run again
+            for child in root.iterdir():  # the folder was empty or new: all in it is this call's
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
             for folder in made:  # innermost first; only folders left empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            if store:
-                raise ValueError(f"cannot open the store {store} ({str(exc).splitlines()[0]}); check the URI and "
-                                 "the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)") from exc
             raise
 
     @classmethod
@@ -270,9 +282,10 @@ class Gallery:
             return int(new.size), int(gone.size)
 
     def _save_quietly(self) -> None:
-        """Save the repaired index if the write lock is free soon (a reader must not wait on writers)."""
+        """Save the repaired index if the write lock is free now (a reader must not wait on writers: when it is not,
+        the index is served from memory, and the writer saves its own)."""
         try:
-            with self._writer.hold():
+            with self._writer.hold(timeout=0.0):
                 self._index.save(self.layout.vectors, self._manifest())
         except (OSError, TimeoutError) as exc:  # e.g. a read-only gallery: serve from memory
             logger.info("could not save the repaired vector index: %s", exc)
@@ -352,6 +365,10 @@ class Gallery:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("%s unreadable (%s): next id recomputed from the store", path, exc)
             start = self.store.max_id() + 1
+        # ids.json is this folder's: a copy of the folder, or another folder on the same object store, has its own,
+        # so ids the store already holds are stepped over (the index, synced to the store, knows its searchable ids)
+        start = max(start, self._index.max_id + 1, self.store.max_id() + 1 if self.store.version != self._synced_version
+                    else 0)
         write_json_atomic(path, {"next": start + n})
         return list(range(start, start + n))
 
@@ -553,6 +570,13 @@ class Gallery:
     def species(self) -> list[SpeciesSummary]:
         """Species in the gallery with counts and metadata."""
         return self.store.species()
+
+
+def store_error(uri: str, exc: BaseException) -> ValueError:
+    """A store at ``uri`` that cannot be opened, in one line that says what to check."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"cannot open the store {uri} ({first}); check the URI and the AWS_* settings (credentials, "
+                      "AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
 
 
 def check_gallery_encoder(root: str | Path, info: dict, fingerprint: str) -> None:

@@ -170,10 +170,13 @@ def check_encoder(what: str, recorded: str, given: str, *, fix: str) -> None:
     rec_opt = weights_digest(recorded).partition("+")[2]
     giv_opt = weights_digest(given).partition("+")[2]
     if weights_only(recorded) == weights_only(given):  # same weights, other embedding options (pooling, test-time views)
+        own = dict(part.split("=", 1) for part in (rec_opt or "pool=model+views=single").split("+") if "=" in part)
+        flags = " ".join(f"--{k} {own.get(k, d)}" for k, d in (("pool", "model"), ("views", "single")))
         raise EncoderMismatchError(
             f"{what} was built with encoder {_spec(recorded)!r} with options '{rec_opt or 'pool=model+views=single'}',"
             f" not with the options given ('{giv_opt or 'pool=model+views=single'}'): its embeddings would not "
-            f"compare; leave --pool/--views out to use the gallery's own, or build a new index in another directory"
+            f"compare; give the gallery's own ({flags}: queries take them when --pool/--views are left out), or "
+            "build a new index in another directory"
         )
     if _spec(recorded) == _spec(given):  # the same spec: the weights it names were replaced since
         raise EncoderMismatchError(

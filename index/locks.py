@@ -38,11 +38,12 @@ class WriteLock:
         self._fd: int | None = None
 
     @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Hold the lock for the ``with`` block (waits for other writers; TimeoutError after ``timeout``)."""
+    def hold(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the lock for the ``with`` block (waits for other writers; TimeoutError after ``timeout`` seconds,
+        the lock's own by default)."""
         with self._thread_lock:
             if self._depth == 0:
-                self._acquire()
+                self._acquire(self.timeout if timeout is None else timeout)
             self._depth += 1
             try:
                 yield
@@ -51,7 +52,7 @@ class WriteLock:
                 if self._depth == 0:
                     self._release()
 
-    def _acquire(self) -> None:
+    def _acquire(self, timeout: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is None:  # pragma: no cover
@@ -66,10 +67,10 @@ class WriteLock:
                 return
             except BlockingIOError:
                 waited = time.monotonic() - start
-                if waited > self.timeout:
+                if waited >= timeout:
                     os.close(fd)
                     raise TimeoutError(
-                        f"another process has been writing this gallery for over {self.timeout:.0f} s "
+                        f"another process has been writing this gallery for over {timeout:.0f} s "
                         f"(lock {self.path}); try again when it is done"
                     ) from None
                 if waited > 2 and not warned:

@@ -56,9 +56,13 @@ def _member_table(shard: str) -> dict[str, tuple[int, int]]:
             return table
     table = {}
     with tarfile.open(shard, "r:") as tar:
-        for info in tar:
-            if info.isfile():
-                table[info.name] = (info.offset_data, info.size)
+        try:
+            for info in tar:
+                if info.isfile():
+                    table[info.name] = (info.offset_data, info.size)
+        except tarfile.TarError:  # a shard cut short: the members before the cut are whole (the listing keeps them)
+            if not table:
+                raise
     with _lock:
         _tables[key] = table
         while len(_tables) > _CACHED_SHARDS:

@@ -92,8 +92,11 @@ class SpeciesSummary:
 
 
 def source_text(path: str | Path) -> str:
-    """A source path as storable text: itself, or its ``file://`` URI when it is not valid UTF-8."""
+    """A source path as storable text: made absolute (a relative one names nothing for a server started in another
+    folder, or a Ray worker), or its ``file://`` URI when it is not valid UTF-8. Object-store URIs stay as given."""
     text = str(path)
+    if not is_uri(text) and not text.startswith("file://"):
+        text = os.path.abspath(text)
     try:
         text.encode("utf-8")
         return text
@@ -208,7 +211,8 @@ class ReferenceStore:
         self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0, options: dict[str, str] | None = None
     ) -> None:
         """Open (or create) the table under ``root``: a folder, or an object-store URI with ``options``."""
-        self.root: str | Path = str(root).rstrip("/") if is_uri(root) else Path(root)
+        # a folder is kept absolute: fragment writers on Ray workers run in other working directories
+        self.root: str | Path = str(root).rstrip("/") if is_uri(root) else Path(root).absolute()
         self.dim = dim
         self.options = dict(options or {}) if is_uri(root) else {}
         interval = None if refresh_s is None else dt.timedelta(seconds=refresh_s)

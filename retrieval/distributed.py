@@ -55,7 +55,8 @@ class RayOptions:
     """How to run a build on Ray."""
 
     address: str | None = None  # a running cluster ("auto", "ray://host:10001", "host:6379"); None: start a local one
-    actors: int | None = None  # embedding actors; None: one per GPU, else 2 (local) / the cluster's CPUs / 4
+    actors: int | None = None  # embedding actors; None: one per GPU, else 2 (local), or on a cluster as many as leave
+    # one CPU for decoding and writing (at most 8)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # CPU slots (and torch threads) of each embedding actor
     local_cpus: int | None = None  # logical CPUs of a local Ray (default: cores + actors, so decode never starves)
@@ -240,6 +241,34 @@ def _blocks(n: int, per: int) -> int:
     return max(1, min(200, -(-n // max(per, 1))))
 
 
+def actor_count(cpus: float, opts: RayOptions, gpus: float = 0.0, per_gpu: float = 0.0) -> int:
+    """Embedding actors for a cluster of ``cpus`` CPUs: ``opts.actors``, else one per GPU, else 2 on a local Ray
+    (sized to fit them) and on a cluster as many as leave a CPU free (at most 8). The decode and write tasks need
+    that CPU: actors holding every one wait for them for ever, so such a count is refused."""
+    each = opts.cpus_per_actor
+    fit = int((cpus - 1) // each) if each > 0 else 8
+    if opts.actors:
+        actors = opts.actors
+    elif per_gpu:
+        actors = max(1, int(gpus // per_gpu))
+    else:
+        actors = 2 if opts.address is None else max(1, min(fit, 8))
+    if cpus - actors * each < 1:
+        raise ValueError(f"{actors} embedding actor(s) of {each:g} CPU leave none of this Ray cluster's {cpus:g} CPUs "
+                         "for decoding and writing, so the build would wait for ever: "
+                         + (f"give --ray-actors {fit} or fewer" if fit >= 1 else "use a cluster of 2 CPUs or more"))
+    return actors
+
+
+def plan_cluster(encoder: Encoder, opts: RayOptions) -> tuple[Preprocessor, int, float]:
+    """(the transform workers run, embedding actors, GPUs per actor) on the started Ray; ValueError for a build it
+    cannot run (embedding views; actors that would leave no CPU), before anything is written."""
+    resources = _ray().cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    per_gpu = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    return Preprocessor(encoder), actor_count(float(resources.get("CPU", 0)), opts, gpus, per_gpu), per_gpu
+
+
 def ray_add_references(
     gallery: Gallery,
     config: EncoderConfig,
@@ -256,12 +285,8 @@ def ray_add_references(
     ray = _ray()
     opts = options or RayOptions()
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
-    resources = ray.cluster_resources()
-    gpus = float(resources.get("GPU", 0))
-    per_gpu = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    actors = opts.actors or (max(1, int(gpus // per_gpu)) if per_gpu else 2)
+    pre, actors, per_gpu = plan_cluster(encoder, opts)
     batch_size = opts.batch_size or encoder.batch_size
-    pre = Preprocessor(encoder)
     report = BuildReport()
     start = time.perf_counter()
     it = iter(records)

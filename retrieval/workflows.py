@@ -134,17 +134,18 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
                   encoder: EncoderConfig | None, index_config: VectorIndexConfig | None, ray: RayOptions | None,
                   store: str | None, storage_options: dict[str, str] | None) -> BuildResult:
     """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks."""
-    from retrieval.distributed import ray_add_references, ray_map, start_ray, stop_ray
+    from retrieval.distributed import plan_cluster, ray_add_references, ray_map, start_ray, stop_ray
 
     warnings: list[str] = []
     records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings)
     config = encoder or EncoderConfig()
     enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
-    gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
-                             store=store, options=storage_options)
     options = ray or RayOptions()
     started = start_ray(options)
     try:
+        plan_cluster(enc, options)  # what Ray cannot build is refused before a gallery is made
+        gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
+                                 store=store, options=storage_options)
         report = ray_add_references(gallery, config, records, encoder=enc, options=options)
         gallery.finish_build(map_fn=ray_map)
     finally:

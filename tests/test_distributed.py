@@ -143,3 +143,28 @@ def test_ray_workers_embed_a_fine_tuned_network_at_the_size_its_run_chose(cluste
     _, ray_vecs = _content(tmp_path / "ray")
     worst = max(float(np.abs(ray_vecs[k] - local_vecs[k]).max()) for k in local_vecs)
     assert worst < 1e-5, worst
+
+
+def test_ray_refusals_come_before_a_gallery_is_made(cluster, photo_root, tmp_path, capsys):
+    from retrieval.distributed import RayOptions, actor_count
+
+    code = main(["index", "build", "--dataset", "folder", "--root", str(photo_root), "--index", str(tmp_path / "rv"),
+                 "--encoder", MOBILENET_SPEC, "--engine", "ray", "--views", "flip", "-q"])
+    assert code == 2 and "views 'flip' need --engine local" in capsys.readouterr().err
+    assert not (tmp_path / "rv").exists()  # the corrected command is not refused by a half-made gallery
+    # actors holding every CPU of a cluster leave none for the decode and write tasks: refused, not a hang
+    assert actor_count(2.0, RayOptions(address="auto")) == 1 and actor_count(40.0, RayOptions(address="auto")) == 8
+    assert actor_count(3.0, RayOptions()) == 2  # a local Ray is sized for its actors
+    with pytest.raises(ValueError, match="leave none of this Ray cluster's 2 CPUs .* give --ray-actors 1 or fewer"):
+        actor_count(2.0, RayOptions(address="auto", actors=2))
+    with pytest.raises(ValueError, match="use a cluster of 2 CPUs or more"):
+        actor_count(1.0, RayOptions(address="auto"))
+
+
+def test_stored_paths_and_the_store_are_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
+    from index.store import ReferenceStore, source_text
+
+    monkeypatch.chdir(tmp_path)
+    assert source_text("photos/a.jpg") == str(tmp_path / "photos" / "a.jpg")
+    assert source_text("s3://bucket/a.jpg") == "s3://bucket/a.jpg"
+    assert ReferenceStore("g/store", 4).uri == f"{tmp_path}/g/store/references.lance"

@@ -94,6 +94,19 @@ def test_missing_or_stale_index_is_rebuilt_from_the_store(gallery, caplog):
         healed = Gallery.open(root)
     assert healed.index.ntotal == 14 and "stale" in caplog.text
     assert {s.species for s in healed.species()} >= {"Vipera monticola"}
+    # the same, while another process holds the write lock: the reader repairs in memory, waits on nobody
+    import threading
+
+    from index.layout import GalleryLayout
+    from index.locks import WriteLock
+
+    healed.add(_records("Vipera latastei", 1), ["v3"], _unit(rng, 1, rng.standard_normal(DIM)), save_index=False)
+    opened = []
+    with WriteLock(GalleryLayout(root).write_lock).hold():  # a writer busy elsewhere (its own open file: flock)
+        reader = threading.Thread(target=lambda: opened.append(Gallery.open(root)), daemon=True)
+        reader.start()
+        reader.join(60)  # it waited for the lock's 600 s before
+        assert opened and opened[0].index.ntotal == 15
 
 
 def test_delete_removes_from_search_and_store(gallery):

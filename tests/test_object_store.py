@@ -128,3 +128,30 @@ def test_workers_write_fragments_to_s3_and_the_driver_commits_once(s3_env, tmp_p
     assert saved.stats.count == 4 and synced.stats.count == 3
     np.testing.assert_array_equal(synced.ids, scan_stats(again).ids)
     np.testing.assert_allclose(synced.stats.scatter, scan_stats(again).stats.scatter, atol=1e-9)
+
+
+def test_one_store_one_gallery_and_a_copied_folder_steps_over_the_stores_ids(s3_env, tmp_path, monkeypatch):
+    import shutil
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    dim, rng = 8, np.random.default_rng(1)
+    encoder = {"spec": "t", "fingerprint": "t#0", "dim": dim}
+    g = Gallery.create(tmp_path / "a", encoder, store=f"s3://{BUCKET}/g3")
+    g.add([ReferenceRecord(path="/a.jpg", species="Naja naja")] * 2, ["a" * 64, "b" * 64], rng.standard_normal((2, dim)))
+    # a second folder on the same store would keep its own ids.json: refused, and nothing is left of it
+    with pytest.raises(ValueError, match=rf"the store s3://{BUCKET}/g3 already holds a gallery's references"):
+        Gallery.create(tmp_path / "b", encoder, store=f"s3://{BUCKET}/g3")
+    assert not (tmp_path / "b").exists()
+    # a copy of the folder (a second server) whose ids.json fell behind: its next id is past the store's
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    g.add([ReferenceRecord(path="/c.jpg", species="Naja naja")], ["c" * 64], rng.standard_normal((1, dim)))
+    copy = Gallery.open(tmp_path / "copy")
+    (new,) = copy.add([ReferenceRecord(path="/d.jpg", species="Naja naja")], ["d" * 64], rng.standard_normal((1, dim)))
+    copy.store.refresh()
+    assert new == 4 and sorted(copy.store.ids(include_excluded=True).tolist()) == [1, 2, 3, 4]
+    # a store that cannot be reached, for a gallery that exists: one line that says what to check
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ValueError, match=rf"cannot open the store s3://{BUCKET}/g3 \(.*\); check the URI and the AWS_"):
+        Gallery.open(tmp_path / "a")

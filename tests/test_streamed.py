@@ -87,6 +87,16 @@ def test_webdataset_shard_streams_tol_labels_and_reads_members(tmp_path):
     assert (rec.species, rec.common_name, rec.country) == ("Naja naja", "Indian cobra", "IN")
     with pytest.raises(ValueError, match="no webdataset shards"):
         load_dataset("webdataset", tmp_path / "more" / "nothing-*.tar")
+    # a shard cut short, read by a process that never listed it (a Ray worker): its whole members still read
+    from index import sources
+
+    cut = tmp_path / "cut" / "shard-000002.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(shard.read_bytes()[: int(shard.stat().st_size * 0.6)])
+    sources._tables.clear()
+    assert sources.read_member(str(cut), f"{keys[0]}.jpg") == photos[0][0].read_bytes()
+    with pytest.raises(OSError):
+        sources.read_member(str(cut), f"{keys[-1]}.jpg")  # past the cut
 
 
 def _manifest_rows(photos, root: Path) -> list[dict]:

@@ -63,9 +63,11 @@ def test_identify_reports_bad_arguments_and_answers_the_rest(index, capsys, tmp_
     (tmp_path / "dir.jpg").mkdir()
     code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "dangling.jpg", COBRA,
                           tmp_path / "dir.jpg", "--format", "json")
-    assert code == 1
-    assert "dangling.jpg: broken symbolic link" in err and "dir.jpg: folder holds no photos" in err
-    assert [a["image"] for a in json.loads(out)] == [str(COBRA)]
+    assert code == 1 and "skipped" not in err  # the output itself names them, first, with why
+    answers = json.loads(out)
+    assert [a["image"] for a in answers] == [str(tmp_path / "dangling.jpg"), str(tmp_path / "dir.jpg"), str(COBRA)]
+    assert answers[0]["error"].startswith("broken symbolic link") and answers[1]["error"].startswith(
+        "folder holds no photos") and "predictions" in answers[2]
     code, _, err = _run(capsys, "identify", "--index", index, tmp_path / "nope.jpg")
     assert code == 2 and "no photos to read" in err and "does not exist" in err
 

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --engine ray: a running cluster (auto, HOST:6379, ray://HOST:10001); default: start "
                    "a local Ray")
     p.add_argument("--ray-actors", type=at_least(1), metavar="N",
-                   help="with --engine ray: embedding actors (default: one per GPU, else 2)")
+                   help="with --engine ray: embedding actors (default: one per GPU, else 2 on a local Ray, or as "
+                   "many as leave one CPU of the cluster free, at most 8)")
     p.add_argument("--ray-gpus-per-actor", type=float, metavar="G",
                    help="with --engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs)")
     p.add_argument("--chunk-rows", type=at_least(1), default=100_000, metavar="N",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, add_runtime_args, emit, parse_yes_no, photo_args
+from api.cli._common import add_quiet, add_runtime_args, at_least, emit, parse_yes_no, photo_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(func=cmd_references_add)
     p = s_ref.add_parser("delete", help="delete reference photos by id")
-    p.add_argument("ids", nargs="+", type=int, metavar="ID")
+    p.add_argument("ids", nargs="+", type=at_least(0, 2**62), metavar="ID")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_references_delete)
 
