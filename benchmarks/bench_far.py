@@ -5,10 +5,11 @@ An answer is ``far`` (and ``unknown``) when the cosine of the photo's nearest re
 This prints, for the ph-snakes train gallery (MobileNetV1, real weights, fp32), the threshold, how many of the
 de-duplicated val photos it marks far (they are snakes of the gallery's species: ideally none), and each junk
 image's nearest similarity, whether it is far and the species the scores alone would have named; the same for real
-photos of no snake (scikit-learn's two sample photos, and ``--others DIR``: e.g. scikit-image's sample photos).
+photos of no snake (scikit-learn's two sample photos, and ``--others DIR``: e.g. scikit-image's sample photos);
+with ``--open-world N``, how photos of species the gallery lacks are answered (N random draws of species).
 With ``--finetuned OUT...`` (``speciesid finetune`` folders) the same for each network's gallery and val photos.
 
-    .venv/bin/python benchmarks/bench_far.py [--others DIR] [--finetuned runs/ft-amx-s42 ...]  # ~1 min, more a network
+    .venv/bin/python benchmarks/bench_far.py [--others DIR] [--open-world 10] [--finetuned runs/ft-amx-s42 ...]
 """
 
 from __future__ import annotations
@@ -80,15 +81,54 @@ def report(name: str, spec: str, train: np.ndarray, val: np.ndarray, val_paths: 
             print(f"| {label} | {a.nearest:.3f} | {yes[a.far]} | {yes[a.unknown]} | {best.species} {best.score:.2f} |")
 
 
+def open_world(d, tmp: Path, splits: int, kept: int) -> None:
+    """Species the gallery lacks: ``splits`` random draws of ``kept`` species into a train gallery (kNN vote, the
+    defaults); the val photos of the other species are snakes no answer can name rightly."""
+    from index.datasets import load_dataset
+    from retrieval.encoders import create_encoder
+    from retrieval.identify import Identifier
+
+    enc = create_encoder(MOBILENET_SPEC, precision="fp32", runtime="torch", device="cpu")
+    records = load_dataset("folder", PH_SNAKES / "train").records
+    by_path = {str(r.path): r for r in records}
+    venomous = {r.species: r.venomous for r in records}
+    rows = {"seen": [], "unseen": []}
+    for split in range(splits):
+        inside = set(np.random.default_rng(split).choice(len(d.species), kept, replace=False).tolist())
+        pick = [i for i, y in enumerate(d.y) if y in inside]
+        gallery = gallery_from_embeddings(tmp / f"open-{split}", enc, [by_path[d.train_paths[i]] for i in pick],
+                                          d.train[pick])
+        answers = Identifier(enc, gallery).identify_embeddings(d.val)
+        for a, y in zip(answers, d.yv, strict=True):
+            truth = d.species[y]
+            answered = not a.unknown
+            rows["seen" if y in inside else "unseen"].append(
+                (a.far, a.unknown, answered and a.predictions[0].species == truth,
+                 answered and bool(venomous.get(truth)) and not a.predictions[0].venomous))
+    print(f"\n## open world: {splits} draws of {kept} of the {len(d.species)} species into the gallery (frozen "
+          "MobileNetV1, kNN vote with its defaults), the val photos of the species in it and of the others")
+    print("| val photos of | photos | far | unknown | answered | answered rightly | venomous answered harmless |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, got in rows.items():
+        far, unknown, right, harmless = (np.mean([g[i] for g in got]) for i in range(4))
+        print(f"| species {'in' if name == 'seen' else 'not in'} the gallery | {len(got)} | {far:.1%} | "
+              f"{unknown:.1%} | {1 - unknown:.1%} | {right:.1%} | {harmless:.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--finetuned", nargs="*", default=[], metavar="OUT", help="speciesid finetune folders")
     ap.add_argument("--others", metavar="DIR", help="a folder of real photos of no snake, beside scikit-learn's two")
+    ap.add_argument("--open-world", type=int, default=0, metavar="N",
+                    help="also N draws of species left out of the gallery (their photos can only be named wrongly)")
+    ap.add_argument("--kept", type=int, default=8, help="with --open-world: species in each draw's gallery")
     args = ap.parse_args()
     require_shared()
     print(machine_report())
     d = frozen_splits()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.open_world:
+            open_world(d, Path(tmp), args.open_world, args.kept)
         others = other_photos(args.others)
         report("frozen MobileNetV1", MOBILENET_SPEC, d.train, d.val, d.val_paths, Path(tmp), others)
         for folder in args.finetuned:

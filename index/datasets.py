@@ -210,6 +210,15 @@ def new_species_references(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
             "photos says so: leave the venomous flag out to add these photos, or delete the references that flag it "
             "venomous first if that is wrong")
+    if venomous is False and prior is None and taxon is not None and taxon.venomous:
+        raise ValueError(
+            f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
+            "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
+    if prior is None and taxon is None and venomous is None:
+        close = difflib.get_close_matches(species_key(species), list(_taxonomy()), n=3, cutoff=0.85)
+        logger.warning("%r is not in the shipped taxonomy and no venomous flag was given: its venom status stays "
+                       "unknown (answers count it as possibly venomous)%s", species,
+                       f"; did you mean {', '.join(repr(_taxonomy()[c].species) for c in close)}?" if close else "")
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),
                               ("common name", common_name, prior.common_name if prior else None)):

@@ -18,6 +18,9 @@ import pycountry
 log = logging.getLogger(__name__)
 
 COUNTRIES_CSV = Path(__file__).resolve().parent / "data" / "snake_countries.csv"
+#: National checklists shipped with the package: their species occur in that country, whatever the table says
+#: (SnakeCLEF's table lacks Morocco for Echis pyramidum and Natrix astreptophora, both on the Moroccan list).
+CHECKLISTS = {"MA": Path(__file__).resolve().parent / "data" / "moroccan.csv"}
 #: Common names pycountry does not resolve (it knows e.g. "Türkiye", not "Turkey"); keys lowercase.
 COUNTRY_ALIASES = {
     "brunei": "BN",
@@ -108,6 +111,11 @@ def _load_table() -> tuple[dict[str, frozenset[str]], dict[str, str]]:
             codes = frozenset(code for code in row["countries"].split(";") if code)
             table[species] = codes
             keys[_species_key(species)] = species
+    for code, checklist in CHECKLISTS.items():  # a country's own checklist wins over the table's gaps
+        with checklist.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                species = keys.setdefault(_species_key(row["species"]), row["species"].strip())
+                table[species] = table.get(species, frozenset()) | {code}
     log.debug("loaded %d species from %s", len(table), COUNTRIES_CSV)
     return table, keys
 

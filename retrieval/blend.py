@@ -51,8 +51,13 @@ def mix_text_prior(photo: Mapping[str, float], text: Mapping[str, float], lam: f
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+#: What a species not recorded in the photo's country keeps of its score: a prior, not a verdict (range tables have
+#: gaps, and a snake can be far from home); a setting chosen, not measured (no photos with countries here).
+ABSENT_WEIGHT = 0.1
+
+
 def apply_country(
-    scores: Mapping[str, float], present: Mapping[str, bool | None], absent_weight: float = 0.0
+    scores: Mapping[str, float], present: Mapping[str, bool | None], absent_weight: float = ABSENT_WEIGHT
 ) -> dict[str, float]:
     """Reweight by presence in a country: absent species x ``absent_weight``; unknown presence kept.
 

@@ -27,7 +27,15 @@ from retrieval.encoders import Encoder
 from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening
 from retrieval.probe import LinearProbe, has_probe
 from retrieval.textprior import TextPriorScores
-from retrieval.vote import Rank, VoteConfig, knn_vote, rollup, top_k, venomous_probability
+from retrieval.vote import (
+    Rank,
+    VoteConfig,
+    knn_vote,
+    rollup,
+    top_k,
+    unflagged_probability,
+    venomous_probability,
+)
 from retrieval.whitening_sync import gallery_stats
 
 logger = logging.getLogger(__name__)
@@ -44,7 +52,8 @@ FAR_SAMPLE = 2000
 def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
                   seed: int = 0) -> float | None:
     """The cosine under which a query is unlike every reference: the ``quantile`` of the references' similarity to
-    their nearest other reference (up to ``sample`` of them). None for a gallery of fewer than 2 references.
+    their nearest other reference (up to ``sample`` of them), leaving out references far below the rest (under
+    Q1 - 3 IQR: off-target ones). None for a gallery of fewer than 2 references.
 
     On ph-snakes with MobileNetV1 it is 0.60: the 206 val photos' nearest references lie at 0.64-0.97, while a
     blank, a noise or a 5 x 5 px image lies at 0.30-0.49 (docs/identification.md)."""
@@ -56,6 +65,9 @@ def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: i
     sims, found = gallery.nearest(gallery.reference_vectors(ids.tolist()), 2)
     other = np.where(found[:, 0] == ids, sims[:, 1], sims[:, 0])  # an identical twin may come first: it counts
     other = other[np.isfinite(other) & (found[:, 1] >= 0)]
+    if len(other) >= 8:  # an off-target reference (a drawing, noise) would set a small gallery's quantile alone:
+        q1, q3 = np.quantile(other, [0.25, 0.75])  # Tukey's far-out fence sets such outliers aside (on the
+        other = other[other >= q1 - 3 * (q3 - q1)]  # ph-snakes galleries, frozen and fine-tuned, it sets none aside)
     return float(np.quantile(other, quantile)) if len(other) else None
 
 
@@ -95,7 +107,8 @@ class Identification:
     scores: dict[str, float] = field(default_factory=dict)  # every species with a non-zero score
     genus_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per genus
     family_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per family
-    venomous_score: float | None = None  # probability mass on medically important venomous species
+    venomous_score: float | None = None  # probability mass on medically important venomous species (None: far)
+    unflagged_score: float = 0.0  # probability mass on species whose venom status the gallery does not record
     far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
     # what the gallery holds, or too small / blank to tell
     nearest: float | None = None  # cosine similarity of the nearest reference photo
@@ -115,6 +128,7 @@ class Identification:
             "genus_scores": self.genus_scores,
             "family_scores": self.family_scores,
             "venomous_score": self.venomous_score,
+            "venom_unknown_score": self.unflagged_score,
         }
 
 
@@ -193,13 +207,25 @@ class Identifier:
         method: Method | str = Method.BLEND,
         presence: Mapping[str, bool] | None = None,
     ) -> Identification:
-        """Several photos of one animal -> one answer: neighbours vote together, the probe sees the mean."""
+        """Several photos of one animal -> one answer: neighbours vote together, the probe sees the mean.
+
+        Photos unlike every reference (``far``: a blank frame, a thumbnail) are set aside while another photo is
+        not: they carry nothing about the animal. The evidence lists each reference once."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
         per_photo, nearest = self._neighbours(emb)
+        limit = self.far_threshold()
+        if limit is not None and (nearest >= limit).any():
+            keep = np.flatnonzero(nearest >= limit)
+            emb, nearest, per_photo = emb[keep], nearest[keep], [per_photo[i] for i in keep]
         merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
         mean = emb.mean(axis=0)
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
-        return self.answer(merged, mean, top=top, method=method, presence=presence, nearest=float(nearest.max()))
+        answer = self.answer(merged, mean, top=top, method=method, presence=presence, nearest=float(nearest.max()))
+        unique: dict[int, Neighbour] = {}
+        for n in merged:  # best first: a reference two photos found is listed once, at its best similarity
+            unique.setdefault(n.id, n)
+        answer.neighbours = list(unique.values())
+        return answer
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
         """Raw neighbours of each embedding (cosine)."""
@@ -313,9 +339,8 @@ class Identifier:
     ) -> Identification:
         """Score species and dress the result with taxonomy; ``nearest`` (the cosine of the nearest reference) marks
         a photo unlike every reference as ``far`` and ``unknown``."""
-        scores = self.species_scores(neighbours, embedding, method)
-        if presence is not None:
-            scores = apply_country(scores, presence)
+        seen = self.species_scores(neighbours, embedding, method)  # what the photo alone says
+        scores = apply_country(seen, presence) if presence is not None else seen
         scores = {s: p for s, p in scores.items() if p > 0.0}
         taxa = self.taxa()
         for n in neighbours:  # species of neighbours are always in the gallery, but be safe
@@ -337,7 +362,10 @@ class Identifier:
             )
             for s, p in top_k(scores, top)
         ]
-        best = predictions[0].score if predictions else 0.0
+        # the country reorders candidates, but never makes an answer surer, nor a bite safer, than the photo does
+        best = min(predictions[0].score if predictions else 0.0, max(seen.values(), default=0.0))
+        flags = {s: info(s).venomous for s in {*scores, *seen}}
+        venom = [v for v in (venomous_probability(d, flags) for d in (scores, seen)) if v is not None]
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         return Identification(
@@ -349,7 +377,8 @@ class Identifier:
             scores=scores,
             genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
-            venomous_score=venomous_probability(scores, {s: info(s).venomous for s in scores}),
+            venomous_score=None if far or not venom else max(venom),  # far: the scores say nothing of this photo
+            unflagged_score=0.0 if far else max(unflagged_probability(d, flags) for d in (scores, seen)),
         )
 
 

@@ -40,9 +40,10 @@ def test_matrix_blend_matches_dict_blend():
 def test_country_prior_and_text_mixing():
     scores = {"Naja haje": 0.5, "Naja philippinensis": 0.3, "Mystery m": 0.2}
     present = {"Naja haje": True, "Naja philippinensis": False}
-    out = apply_country(scores, present)
-    assert "Naja philippinensis" not in out
-    assert out["Naja haje"] == pytest.approx(0.5 / 0.7) and out["Mystery m"] == pytest.approx(0.2 / 0.7)
+    out = apply_country(scores, present)  # not recorded there: down-weighted (x0.1), not removed
+    assert out["Naja philippinensis"] == pytest.approx(0.03 / 0.73)
+    assert out["Naja haje"] == pytest.approx(0.5 / 0.73) and out["Mystery m"] == pytest.approx(0.2 / 0.73)
+    assert apply_country(scores, present, absent_weight=0.0).keys() == {"Naja haje", "Mystery m"}
     weighted = apply_country(scores, present, absent_weight=0.5)
     assert weighted["Naja philippinensis"] == pytest.approx(0.15 / 0.85)
     all_absent = apply_country({"Naja philippinensis": 1.0}, present)

@@ -496,6 +496,9 @@ def test_a_venomous_species_is_not_quietly_outvoted():
     _, records, _ = new_species_references("Naja haje", [mine], ["a.jpg"], dataset="api", common_name="egyptian cobra",
                                            family="Elapidae")
     assert records[0].family == "Elapidae"
+    # a new species the shipped taxonomy lists as venomous cannot be added as harmless either
+    with pytest.raises(ValueError, match="'Naja sumatrana' is medically important venomous in the shipped taxonomy"):
+        new_species_references("Naja sumatrana", [cobra], ["a.jpg"], dataset="api", venomous=False)
     with pytest.raises(ValueError, match="genus 'Bitis' does not match the species name 'Naja haje'"):
         new_species_references("Naja haje", [], ["a.jpg"], dataset="api", genus="Bitis")
     # the species' flag over its references: venomous when any says so (a tie, or one of many, included)

@@ -71,6 +71,38 @@ def test_identifier_votes_and_flags_unknown(gallery):
     assert ans2.unknown  # half-way between two species: no answer is strong enough
 
 
+def test_a_country_reorders_but_never_makes_an_answer_surer_or_a_bite_safer(tmp_path):
+    from retrieval.vote import VoteConfig
+
+    rng = np.random.default_rng(4)
+    g = Gallery.create(tmp_path / "g", ENC)  # both species look alike: their photos share one cluster
+    centre = rng.standard_normal(DIM)
+    g.add(_records("Naja haje", 8, venomous=True), [f"a{i}" for i in range(8)], _unit(rng, 8, centre))
+    g.add(_records("Natrix maura", 8, venomous=False), [f"b{i}" for i in range(8)], _unit(rng, 8, centre))
+    ident = Identifier(FakeEncoder(), g, VoteConfig(k=16, temperature=0.05, unknown_threshold=0.9))
+    q = (centre / np.linalg.norm(centre))[None].astype(np.float32)  # the photo cannot tell them apart
+    (plain,) = ident.identify_embeddings(q)
+    (abroad,) = ident.identify_embeddings(q, presence={"Naja haje": False, "Natrix maura": True})
+    assert plain.unknown and not plain.far and plain.venomous_score > 0.2
+    assert abroad.predictions[0].species == "Natrix maura" and abroad.predictions[0].score > 0.9
+    assert abroad.unknown  # the photo alone could not tell: the range table does not make it sure
+    assert abroad.venomous_score == pytest.approx(plain.venomous_score)  # nor the bite safer
+    assert abroad.scores["Naja haje"] > 0  # down-weighted, not removed
+
+
+def test_a_species_of_unknown_venom_status_is_not_counted_harmless(tmp_path):
+    rng = np.random.default_rng(3)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centre = rng.standard_normal(DIM)
+    g.add(_records("Tropidolaemus philippinensis", 6), [f"t{i}" for i in range(6)], _unit(rng, 6, centre))
+    g.add(_records("Natrix maura", 6, venomous=False), [f"n{i}" for i in range(6)],
+          _unit(rng, 6, rng.standard_normal(DIM)))
+    (ans,) = Identifier(FakeEncoder(), g).identify_embeddings((centre / np.linalg.norm(centre))[None])
+    assert ans.predictions[0].species == "Tropidolaemus philippinensis" and ans.predictions[0].venomous is None
+    assert ans.venomous_score < 0.01 and ans.unflagged_score > 0.9  # reported as unknown, not as harmless
+    assert ans.to_dict()["venom_unknown_score"] == ans.unflagged_score
+
+
 def test_reopen_keeps_everything_and_refuses_other_encoders(gallery):
     root = gallery.root
     again = Gallery.open(root, expected_fingerprint=ENC["fingerprint"])
@@ -230,3 +262,12 @@ def test_a_batch_of_answers_reads_the_metadata_in_one_scan_when_that_is_cheaper(
     answers = ident.identify_embeddings(np.concatenate([q, q[:1]]))  # 3 answers: one scan
     assert calls == [None]
     assert [a.predictions[0].species for a in answers] == [*gallery.centres, next(iter(gallery.centres))]
+
+
+def test_one_off_target_reference_does_not_set_the_far_threshold(gallery):
+    from retrieval.identify import far_threshold
+
+    before = far_threshold(gallery)
+    rng = np.random.default_rng(9)
+    gallery.add(_records("Natrix maura", 1), ["noise"], _unit(rng, 1, rng.standard_normal(DIM), noise=5.0))
+    assert far_threshold(gallery) == pytest.approx(before, abs=1e-6)  # it was the noise's own, far lower

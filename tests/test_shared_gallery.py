@@ -214,6 +214,12 @@ def test_cli_mistakes_get_one_clear_line_and_nothing_half_made(tmp_path_factory,
     code, out, _ = run("identify", "--index", index, val[0], "--rank", "genus", "--k", "2", "--format", "csv", "-q")
     rows = out.strip().splitlines()[1:]
     assert code == 0 and [r.split(",")[1:3] for r in rows] == [["1", "genus"], ["2", "genus"]], out
+    header = out.splitlines()[0].split(",")  # the answer's own fields ride on every row
+    assert {"far", "nearest_similarity", "venomous_score", "venom_unknown_score"} <= set(header)
+    # the table lists the evidence photos at species rank too (--neighbours did nothing there)
+    code, out, _ = run("identify", "--index", index, val[0], "--neighbours", "2", "-q")
+    evidence = [line for line in out.splitlines() if line.strip().startswith("evidence: ")]
+    assert code == 0 and len(evidence) == 1 and evidence[0].count("#") == 2, out
 
     bad = tmp_path / "photos" / "Naja haje"
     bad.mkdir(parents=True)

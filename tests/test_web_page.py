@@ -180,3 +180,17 @@ def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_
     assert lines[0] == "⚠ This photo cannot be identified: if someone was bitten, treat the bite as venomous and " \
         "seek medical care.", text
     assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text
+
+
+def test_a_species_of_unrecorded_venom_status_is_not_shown_as_harmless(site, browser):
+    import httpx
+
+    wolf = "Common Wolf Snake (Lycodon capucinus)"
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos("train", wolf, 10)]
+    added = httpx.post(f"{site}/v1/species/Testus incertus/references", files=files,
+                       headers={"X-API-Key": API_KEY}, timeout=WAIT_S)
+    assert added.status_code == 201, added.text  # a name no taxonomy knows, no venomous flag: status unknown
+    text = _identify(browser, site, photos("val", wolf)[0])
+    lines = text.splitlines()
+    assert lines[0].startswith("⚠ Possibly MEDICALLY IMPORTANT VENOMOUS") and "venom status is not recorded" in lines[0]
+    assert any(line.startswith("Testus incertus") and "venom status unknown" in line for line in lines), text

@@ -55,7 +55,17 @@ def test_identify_observation_gives_one_answer_from_all_photos(index, capsys, tm
     (answer,) = json.loads(out)
     assert code == 0 and answer["image"] == ", ".join(str(p) for p in shots)
     assert answer["predictions"][0]["species"] == binomial(SPECIES[2])
-    assert len(answer["neighbours"]) > len({n["id"] for n in answer["neighbours"]}) or len(answer["neighbours"]) > 30
+    ids = [n["id"] for n in answer["neighbours"]]
+    assert len(ids) == len(set(ids)) >= 30  # the photos' neighbours together, each reference listed once
+    # a blank frame in the observation is set aside (it is far): the answer is the photos' own
+    from PIL import Image
+
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(tmp_path / "white.png")
+    code, out, _ = _run(capsys, "identify", "--index", index, *shots, tmp_path / "white.png", "--observation",
+                        "--format", "json", "--neighbours", "1000", "-q")
+    (with_blank,) = json.loads(out)
+    assert with_blank["predictions"] == answer["predictions"] and not with_blank["far"]
+    assert with_blank["venomous_score"] == answer["venomous_score"]
 
 
 def test_identify_reports_bad_arguments_and_answers_the_rest(index, capsys, tmp_path):

@@ -19,6 +19,8 @@ from api.cli._common import (
 )
 
 RANKS = ("species", "genus", "family")
+#: The answer's own fields, repeated on each of its CSV rows.
+ANSWER_FIELDS = ("unknown", "far", "nearest_similarity", "venomous_score", "venom_unknown_score")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,7 +82,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         emit(_identify_csv(results, args.rank))
     else:
         for r in results:
-            emit(_identify_table(r, args.rank))
+            emit(_identify_table(r, args.rank, args.neighbours))
     failed = sum("error" in r for r in results)
     if failed:
         logger.warning("%d of %d photos could not be read", failed, len(paths) + len(bad_args))
@@ -93,21 +95,22 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         ranked = r.get("results") if rank != "species" else r.get("predictions", [])
         for i, p in enumerate(ranked or [], 1):
             name = p.get("name", p.get("species"))
-            rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name, "unknown": r["unknown"]})
+            rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name,
+                         **{k: r[k] for k in ANSWER_FIELDS}})
         if "error" in r:
             rows.append({"image": r["image"], "error": r["error"]})
     fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
-              "unknown", "error"]
+              *ANSWER_FIELDS, "error"]
     return to_csv(rows, fields)
 
 
-def _identify_table(r: dict, rank: str) -> str:
+def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
     lines = [r["image"]]
     if "error" in r:
         return "\n".join([*lines, f"  error: {r['error']}"])
     if r.get("far"):
-        lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {r['nearest_similarity']:.2f}): not "
-                     "what the gallery holds, or too small or blank to tell (best candidates below)")
+        lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {r['nearest_similarity']:.2f}): "
+                     "nothing like the gallery's photos, or too small or blank to tell (best candidates below)")
     elif r["unknown"]:
         lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
     if rank == "species":
@@ -121,10 +124,16 @@ def _identify_table(r: dict, rank: str) -> str:
             family = f"  [{p['family']}]" if rank == "genus" and p["family"] else ""
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
             lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
+    if rank == "species" and neighbours and r["neighbours"]:
+        lines.append("  evidence: " + ", ".join(f"#{n['id']} {n['species']} {n['similarity']:.2f}"
+                                                for n in r["neighbours"]))
+    unflagged = r.get("venom_unknown_score") or 0.0
     if r.get("far"):  # the scores say nothing about this photo
         lines.append("  medically important venomous: cannot tell from this photo (treat a bite as venomous)")
-    elif r.get("venomous_score") is not None:
-        lines.append(f"  probability medically important venomous: {r['venomous_score']:.1%}")
+    elif r.get("venomous_score") is not None or unflagged:
+        lines.append(f"  probability medically important venomous: {r.get('venomous_score') or 0.0:.1%}"
+                     + (f" (and {unflagged:.1%} on species whose venom status is not recorded: treat those as "
+                        "venomous)" if unflagged >= 0.005 else ""))
     return "\n".join(lines)
 
 
