@@ -290,15 +290,12 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                 logger.info("%s int8 needs real photos to calibrate on: skipped this time", rt)
                 tried.append({"runtime": rt, "precision": prec, "status": "no photos"})
                 continue
-
             try:
                 cached = info is not None
                 info = info if cached else build(key)
-                faith = info.get("faithfulness") or {}
                 enc = _load_entry(config, key, info, text_encoder=ref) if info.get("accepted") else None
                 if enc is None and cached and info.get("accepted"):  # damaged on disk: export it again
                     info = build(key)
-                    faith = info.get("faithfulness") or {}
                     enc = _load_entry(config, key, info, text_encoder=ref) if info.get("accepted") else None
             except OSError as exc:  # the cache cannot be written (read-only, full): torch needs none
                 if runtime != "auto":
@@ -307,6 +304,7 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                 logger.warning("cannot write the runtime cache %s (%s): running on torch fp32 (set SPECIESID_CACHE "
                                "to a writable folder to get the faster runtimes)", models_dir(), exc)
                 return ref
+            faith = info.get("faithfulness") or {}
             status = "not faithful" if not info.get("accepted") else ("accepted" if enc else "failed to load")
             tried.append({"runtime": rt, "precision": prec, "status": status, "min_cosine": faith.get("min_cosine")})
             if not info.get("accepted"):
