@@ -108,7 +108,7 @@ class Identification:
     genus_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per genus
     family_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per family
     venomous_score: float | None = None  # probability mass on medically important venomous species (None: far)
-    unflagged_score: float = 0.0  # probability mass on species whose venom status the gallery does not record
+    venom_unknown_score: float = 0.0  # probability mass on species whose venom status the gallery does not record
     far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
     # what the gallery holds, or too small / blank to tell
     nearest: float | None = None  # cosine similarity of the nearest reference photo
@@ -128,7 +128,7 @@ class Identification:
             "genus_scores": self.genus_scores,
             "family_scores": self.family_scores,
             "venomous_score": self.venomous_score,
-            "venom_unknown_score": self.unflagged_score,
+            "venom_unknown_score": self.venom_unknown_score,
         }
 
 
@@ -378,7 +378,7 @@ class Identifier:
             genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=None if far or not venom else max(venom),  # far: the scores say nothing of this photo
-            unflagged_score=0.0 if far else max(unflagged_probability(d, flags) for d in (scores, seen)),
+            venom_unknown_score=0.0 if far else max(unflagged_probability(d, flags) for d in (scores, seen)),
         )
 
 

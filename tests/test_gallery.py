@@ -99,8 +99,8 @@ def test_a_species_of_unknown_venom_status_is_not_counted_harmless(tmp_path):
           _unit(rng, 6, rng.standard_normal(DIM)))
     (ans,) = Identifier(FakeEncoder(), g).identify_embeddings((centre / np.linalg.norm(centre))[None])
     assert ans.predictions[0].species == "Tropidolaemus philippinensis" and ans.predictions[0].venomous is None
-    assert ans.venomous_score < 0.01 and ans.unflagged_score > 0.9  # reported as unknown, not as harmless
-    assert ans.to_dict()["venom_unknown_score"] == ans.unflagged_score
+    assert ans.venomous_score < 0.01 and ans.venom_unknown_score > 0.9  # reported as unknown, not as harmless
+    assert ans.to_dict()["venom_unknown_score"] == ans.venom_unknown_score
 
 
 def test_reopen_keeps_everything_and_refuses_other_encoders(gallery):

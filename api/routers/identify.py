@@ -43,7 +43,7 @@ def identify(
         far=answer.identification.far,
         nearest_similarity=answer.identification.nearest,
         venomous_score=answer.identification.venomous_score,
-        venom_unknown_score=answer.identification.unflagged_score,
+        venom_unknown_score=answer.identification.venom_unknown_score,
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
     )
