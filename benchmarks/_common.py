@@ -145,7 +145,8 @@ def dedup(train_emb: np.ndarray, train_paths: list[str], val_emb: np.ndarray, va
 
 @dataclass
 class FrozenSplits:
-    """ph-snakes embedded by the frozen MobileNetV1 (torch fp32, cached): all of train, and val de-duplicated
+    """ph-snakes embedded by the frozen MobileNetV1 (fp32 on the runtime ``auto`` picks for it: OpenVINO where
+    installed; cached under runs/cache): all of train, and val de-duplicated
     against train (:func:`dedup`); labels are indices into ``species``."""
 
     species: list[str]  # sorted species of train

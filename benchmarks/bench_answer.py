@@ -35,6 +35,7 @@ from _common import (
     PH_SNAKES,
     CpuWatch,
     gallery_from_embeddings,
+    peak_rss_mib,
     percentiles,
     require_shared,
     split_embeddings,
@@ -102,7 +103,8 @@ def main() -> None:
         finally:
             Identifier.taxa = now
         cal = ident.probe.calibration
-        print(f"\n{len(queries)} val embeddings one at a time, gallery {len(train)} photos, {passes} passes per way; "
+        print(f"\n{len(queries)} val embeddings one at a time, gallery {len(ident.gallery)} references, {passes} "
+              "passes per way; "
               f"blend w={cal.blend_weight} k={cal.k} kNN metric {cal.metric}")
         for name, v in times.items():
             print(f"  {name}: {percentiles(v)}")
@@ -112,6 +114,7 @@ def main() -> None:
     if args.synthetic:
         synthetic(args.synthetic)
     print(watch.report())
+    print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB (the synthetic gallery's metadata read whole included)")
 
 
 @contextmanager

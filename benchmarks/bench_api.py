@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import CACHE, MOBILENET_SPEC, PH_SNAKES, REPO, VIT_SPEC, require_shared, split_embeddings
+from _hardware import machine_report
 
 RUNS = REPO / "runs" / "bench_api"
 #: A block during which other processes used more CPU than this (in cores) is measured again (up to
@@ -323,7 +324,10 @@ def run_encoder(label: str, spec: str, precision: str, index: Path, queries: lis
     windows = [DEFAULT_WINDOW, *[w for w in plan["windows"] if w != DEFAULT_WINDOW]]
     servers = {}
     for window in windows:
-        env = {"SPECIESID_API_KEYS": "", "SPECIESID_PRECISION": precision, "SPECIESID_BATCH_WINDOW_MS": window}
+        # every request let in: the service's own costs and its batching (the default in-flight bound, one per two
+        # cores, answers the rest 429 at once: --load measures that)
+        env = {"SPECIESID_API_KEYS": "", "SPECIESID_PRECISION": precision, "SPECIESID_BATCH_WINDOW_MS": window,
+               "SPECIESID_MAX_IDENTIFY_IN_FLIGHT": "100000"}
         if window == "off":
             env.update(SPECIESID_BATCH_WINDOW_MS="0", SPECIESID_MAX_BATCH="1")
         servers[window] = Server(index, env, f"{label.split()[0]}-{window}")
@@ -354,6 +358,9 @@ def run_encoder(label: str, spec: str, precision: str, index: Path, queries: lis
                           f"(others used {fig['other_cpu']:.2f} cores)", flush=True)
         enc = None
         gc.collect()
+        res["server_peak_rss_mb"] = {w: _rss_mb(server.proc.pid, "VmHWM") for w, server in servers.items()}
+        print("servers' peak RSS: " + ", ".join(f"window {w} {mb:.0f} MB" for w, mb in
+                                                res["server_peak_rss_mb"].items()), flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -371,10 +378,11 @@ def run_encoder(label: str, spec: str, precision: str, index: Path, queries: lis
 
 
 # ------------------------------------------------------------------------------------------------ load
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (``VmHWM``: its peak so far), MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -505,6 +513,8 @@ def print_tables(results: dict) -> None:
         for c, f in r["http"].items():
             print(f"| HTTP /v1/identify, concurrency {c} | {f['n']:.0f} | {f['p50']:.1f} | {f['p95']:.1f} | "
                   f"{f['p99']:.1f} | {f['rps']:.2f} | {f['mean_batch']:.1f} |")
+        print(f"(no in-flight bound; the server's peak RSS over the run: "
+              f"{r['server_peak_rss_mb'][DEFAULT_WINDOW]:.0f} MB)")
         if r["windows"]:
             levels = sorted({c for w in r["windows"].values() for c in w})
             print(f"\nbatching ({label}): throughput req/s (p50 / p99 ms, mean batch)")
@@ -544,8 +554,7 @@ def main() -> None:
     windows = ["0", "5"] if args.quick else [w.strip() for w in args.windows.split(",") if w.strip()]
     val = [r.path for r in sorted(load_dataset("folder", PH_SNAKES / "val").records, key=lambda r: str(r.path))]
     started = dt.datetime.now()
-    print(f"bench_api {started:%Y-%m-%d %H:%M}: {os.cpu_count()} CPU cores, load average "
-          f"{os.getloadavg()[0]:.2f}, passes {passes}", flush=True)
+    print(f"bench_api {started:%Y-%m-%d %H:%M}, passes {passes}\n{machine_report()}", flush=True)
     t0 = time.perf_counter()
     results = {}
     if args.load:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import MOBILENET_SPEC, PH_SNAKES, require_shared
+from _hardware import machine_report
 
 
 def long_tail(root: Path, tail: float, seed: int = 0) -> dict[str, int]:
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["none", "weights", "sampler"], choices=["none", "weights", "sampler"])
     ap.add_argument("--epochs", type=int, help="override the stage default")
     args = ap.parse_args()
+    print(machine_report(), flush=True)
     require_shared()
     logging.basicConfig(level=logging.WARNING)
     from finetune.train import FinetuneConfig, finetune

@@ -1,12 +1,12 @@
 """kNN vs probe vs blend on ph-snakes (real MobileNetV1), and the open-world test of the blend.
 
-1. Gallery = train (all 14 species), probe trained with settings chosen by 3-fold CV on the gallery,
+1. Gallery = train (all 14 species), probe trained with settings chosen by 5-fold CV on the gallery,
    queries = val: top-1 of kNN alone, probe alone, blend.
 2. Three species (random, seed 0) are withheld when the probe is trained, then added to the gallery
    with ``references add``'s code path (``add_references``): their val recall under the blend vs kNN
    alone, and the other species' accuracy vs the full blend of (1).
 
-    .venv/bin/python benchmarks/bench_blend.py            # ~5-8 min on 2 cores
+    .venv/bin/python benchmarks/bench_blend.py            # ~1 min on 2 cores (embeddings cached under runs/cache)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import MOBILENET_SPEC, PH_SNAKES, gallery_from_embeddings, require_shared, split_embeddings
+from _hardware import machine_report
 
 from index.datasets import load_dataset
 from index.gallery import Gallery
@@ -38,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="which 3 species are withheld")
     args = ap.parse_args()
+    print(machine_report(), flush=True)
     require_shared()
     enc = create_encoder(MOBILENET_SPEC, precision="fp32")
     tr_emb, tr_lab, _ = split_embeddings(MOBILENET_SPEC, "train")

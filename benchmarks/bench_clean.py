@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PH_SNAKES, VIT_SPEC, median, require_shared
+from _common import PH_SNAKES, VIT_SPEC, median, peak_rss_mib, require_shared
+from _hardware import machine_report
 
 
 def _other_cpu() -> tuple[float, float]:
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per precision (default 3)")
     ap.add_argument("--precisions", default="auto,fp32", help="comma-separated (default auto,fp32)")
     args = ap.parse_args()
+    print(machine_report(), flush=True)
     require_shared()
 
     import torch
@@ -101,6 +103,7 @@ def main() -> None:
         for p, d, e, r, t, tot, busy, _ in rows:
             print(f"| {p} | {d} | {e:.0f} | {r:.1f} | {t:.1f} | {tot:.1f} | {busy:.2f} |")
         print("\nfindings in the last run:", rows[-1][-1])
+        print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -85,9 +85,10 @@ def finetuned_rows(folder: Path, d: FrozenSplits, train_val: bool) -> tuple[dict
     k, t, metric = final["k"], final["temperature"], final["metric"]
     y, yv, species, n = d.y, d.yv, d.species, len(d.species)
     x, xv = finetuned_embeddings(folder, d.train_paths), finetuned_embeddings(folder, d.val_paths)
-    pos = {p: i for i, p in enumerate(d.train_paths)}
+    # a run's held-out photos by species folder and file name: the run may have read them through another path
+    pos = {Path(p).parts[-2:]: i for i, p in enumerate(d.train_paths)}
     with open(folder / HELDOUT_FILE, newline="") as f:
-        held = np.array(sorted(pos[r["path"]] for r in csv.DictReader(f)))
+        held = np.array(sorted(pos[Path(r["path"]).parts[-2:]] for r in csv.DictReader(f)))
     head = LinearProbe.load(folder)
     head = head.scaled(fit_head_temperature(head, x[held], [species[i] for i in y[held]]))
     ph, known = probe_matrix(head, xv, {s: i for i, s in enumerate(species)}, n)

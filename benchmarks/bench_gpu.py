@@ -15,7 +15,8 @@ loads the same weights) and MobileNetV1 (the real weights), on ph-snakes photos 
   processes on few photos and on ``--peer-copies`` copies of all: steady images/s and start-up, beside ours run
   the same way.
 
-Fine-tuning: ``speciesid finetune --time-budget 20`` (the shipped recipe) on the GPU for each ``--seeds`` seed
+Fine-tuning (run first: its loaders fork worker processes, which must not happen once lancedb is loaded):
+``speciesid finetune --time-budget 20`` (the shipped recipe) on the GPU for each ``--seeds`` seed
 while ``--deadline-min`` leaves room for another (the first run's minutes are the estimate), into
 ``--out-root/ft-gpu-sSEED``; epochs, seconds an epoch, the whole run, the size chosen, the held-out figures and the
 peak GPU memory are printed. Val is read afterwards, on any machine, with
@@ -24,7 +25,7 @@ probe import, identify).
 
 Nothing here asserts: it prints. Each part runs on its own, so a failure in one is printed and the next one runs.
 
-    python benchmarks/bench_gpu.py                               # encoders, peer, then seeds 30-32 while time is left
+    python benchmarks/bench_gpu.py                               # seeds 30-32 while time is left, encoders, peer
     python benchmarks/bench_gpu.py --parts encode --repeats 5
     python benchmarks/bench_gpu.py --device cpu --quick          # smoke run without a GPU
 """
@@ -186,8 +187,8 @@ def encode_part(args: argparse.Namespace, photos: list[str]) -> None:
     for m in best:
         naive = next((r for (mm, w), r in rates.items() if mm == m and w.startswith("naive")), float("nan"))
         cpu = next((r for (mm, w), r in rates.items() if mm == m and "CPU" in w), float("nan"))
-        print(f"{m}: best build {best[m]:.0f} img/s = {best[m] / naive:.1f}x the naive loop, "
-              f"{best[m] / cpu:.1f}x this machine's CPU ({cpu:.1f} img/s)")
+        versus_cpu = f", {best[m] / cpu:.1f}x this machine's CPU on torch ({cpu:.1f} img/s)" if cpu == cpu else ""
+        print(f"{m}: best build {best[m]:.0f} img/s = {best[m] / naive:.1f}x the naive loop{versus_cpu}")
 
 
 def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
@@ -251,11 +252,11 @@ def finetune_part(args: argparse.Namespace, deadline: float | None) -> None:
     another run."""
     from finetune.train import FinetuneConfig, finetune
 
-    print(f"\nfine-tuning MobileNetV1 on {args.device}: the shipped recipe (--time-budget 20), seeds {args.seeds}",
-          flush=True)
-    print("| seed | epochs run (kept), stop | s / epoch (median) | whole run | size chosen | held-out head top-1 | "
-          "held-out kNN / head / blend | peak GPU MiB | peak RSS MiB |\n|---|---|---:|---:|---|---:|---|---:|---:|",
-          flush=True)
+    recipe = "--quick: 1 epoch, no time budget" if args.quick else "the shipped recipe (--time-budget 20)"
+    print(f"\nfine-tuning MobileNetV1 on {args.device}: {recipe}, seeds {args.seeds}", flush=True)
+    print("| seed | epochs run (kept), stop | s / epoch (median) | whole run | size chosen | held-out head top-1 (the "
+          "kept epoch, training size) | held-out kNN / head / blend (final evaluation, size chosen) | peak GPU MiB | "
+          "peak RSS MiB |\n|---|---|---:|---:|---|---:|---|---:|---:|", flush=True)
     last_min = None
     for seed in args.seeds:
         if deadline is not None and last_min is not None and time.monotonic() + 60 * 1.3 * last_min > deadline:
@@ -310,10 +311,12 @@ def main() -> None:
     ap.add_argument("--out-root", default="runs", help="where the fine-tuned runs go (default runs/)")
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    if args.quick:
-        args.repeats, args.vit_photos, args.mobilenet_photos = 1, 32, 64
-        args.cpu_vit_photos, args.latency_photos, args.forward_seconds, args.naive_photos = 8, 5, 0.5, 8
-        args.peer_copies = 2
+    if args.quick:  # smaller defaults; an option given on the command line still wins
+        quick = {"repeats": 1, "vit_photos": 32, "mobilenet_photos": 64, "cpu_vit_photos": 8, "latency_photos": 5,
+                 "forward_seconds": 0.5, "naive_photos": 8, "peer_copies": 2}
+        for name, value in quick.items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
     logging.basicConfig(level=logging.WARNING)
     require_shared()
     import torch
@@ -329,12 +332,12 @@ def main() -> None:
     parts = set(args.parts.split(","))
     t0 = time.perf_counter()
     deadline = time.monotonic() + 60 * args.deadline_min if args.deadline_min else None
+    if "finetune" in parts:  # first: its loaders fork worker processes, which must happen before lancedb is loaded
+        finetune_part(args, deadline)  # (the encode part builds galleries)
     if "encode" in parts:
         encode_part(args, photos)
     if "peer" in parts:
         peer_part(args, photos)
-    if "finetune" in parts:
-        finetune_part(args, deadline)
     print(f"\nbench_gpu: {time.perf_counter() - t0:.0f} s; peak RSS {peak_rss_mib():.0f} MiB")
 
 

@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, median, require_shared
+from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, median, peak_rss_mib, require_shared
 from _hardware import machine_report, random_vit_dir
 
 
@@ -240,6 +240,7 @@ def main() -> None:
             configs = [("auto", "auto"), ("torch", "auto")] + ([] if args.quick else [("onnx", "fp32")])
             startup_section(vit_index[0], vit_index[1], configs, args.startup_runs or (2 if args.quick else 5))
     print(f"\n{watch.report()}")
+    print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,15 @@ NQ = 1000
 
 
 def cpu_kind() -> str:
-    """The CPU model name and core count."""
+    """The CPU model, core count and kind (avx2 / avx512-bf16 / amx ...), on one line."""
+    from retrieval.cpu import cpu_kind as kind
+
     try:
         with open("/proc/cpuinfo") as fh:
             model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
     except OSError:
         model = "?"
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{model}, {os.cpu_count()} cores, kind {kind()}"
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -228,7 +230,7 @@ def bench_index(sizes: list[int], data: Path, exact_max: int, nprobes: list[int]
         g, q, gt = ensure_data(data, n)
         work = Path(tempfile.mkdtemp(prefix=f"scale{n}-", dir=data))
         try:
-            b = _run_child("build", gallery=g, out=work, shard_rows=min(1_000_000, max(65536, n // 4)))
+            b = _run_child("build", gallery=g, out=work, shard_rows=_shard_rows(n))
             s = _run_child("query", gallery=g, out=work, queries=q, truth=gt, nprobe=nprobes, exact=n <= exact_max)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -239,9 +241,15 @@ def bench_index(sizes: list[int], data: Path, exact_max: int, nprobes: list[int]
         _extrapolate(rows)
 
 
+def _shard_rows(n: int) -> int:
+    """Rows per add shard for a gallery of ``n``: four shards, 65,536 to 1,000,000 rows each."""
+    return min(1_000_000, max(65536, n // 4))
+
+
 def _print_size(n: int, b: dict, s: dict) -> None:
     print(f"\n  n = {n:,}: IVF{b['nlist']},PQ{b['m']}x4fs + exact re-rank of 200 (float16 file)")
-    print(f"    build {b['build_s']:.1f} s wall, {b['build_cpu_s']:.1f} CPU-s (train + {math.ceil(n / 1e6)}+ shard(s) "
+    shards = math.ceil(n / _shard_rows(n))
+    print(f"    build {b['build_s']:.1f} s wall, {b['build_cpu_s']:.1f} CPU-s (train + {shards} shard(s) "
           f"+ merge + calibration), save {b['save_s']:.1f} s, peak RSS {b['peak_rss_mib']:.0f} MiB")
     print(f"    index {b['index_bytes_per_vector']:.1f} B/vector in RAM (+ {b['rerank_bytes_per_vector']:.0f} B/vector "
           f"float16 on disk, mapped); RSS after load {s['rss_after_load_mib']:.0f} MiB, load {s['load_s']:.1f} s")

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import CpuWatch, median, peak_rss_mib
+from _hardware import machine_report
 
 DIM = 512
 K = 10
@@ -196,6 +197,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 3)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    print(machine_report(), flush=True)
     logging.disable(logging.INFO)
     import faiss
 

@@ -29,6 +29,7 @@ from _common import (
     CpuWatch,
     gallery_from_embeddings,
     median,
+    peak_rss_mib,
     require_shared,
     split_embeddings,
 )
@@ -150,7 +151,8 @@ def main() -> None:
                 v = np.asarray(lat)
                 per[n].append({"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
                                "p99": float(np.percentile(v, 99))})
-    print(f"\n{len(queries)} queries one at a time, gallery {len(train)} photos, {args.passes} passes "
+    print(f"\n{len(queries)} queries one at a time, gallery {len(g)} references ({len(train)} photos, byte copies "
+          f"stored once), {args.passes} passes "
           "(medians over passes)")
     print("| options | runtime | p50 ms | p95 ms | p99 ms | p50 / today's (same runtime) |")
     print("|---|---|---:|---:|---:|---:|")
@@ -162,6 +164,7 @@ def main() -> None:
         ratio = fig["p50"] / median([x["p50"] for x in per[base]])
         print(f"| {opts} | {rt} | {fig['p50']:.1f} | {fig['p95']:.1f} | {fig['p99']:.1f} | {ratio:.2f}x |")
     print(watch.report())
+    print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

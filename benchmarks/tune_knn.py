@@ -12,6 +12,7 @@ import argparse
 
 import numpy as np
 from _common import MOBILENET_SPEC, require_shared, split_embeddings
+from _hardware import machine_report
 
 from retrieval.calibrate import knn_matrix
 from retrieval.metrics import precision_threshold
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--target-precision", type=float, default=0.95)
     args = ap.parse_args()
+    print(machine_report(), flush=True)
     require_shared()
     tr, tr_lab, _ = split_embeddings(args.encoder, "train", args.precision)
     va, va_lab, _ = split_embeddings(args.encoder, "val", args.precision)
