@@ -12,6 +12,8 @@ class NeighbourOut(BaseModel):
 
     id: int = Field(description="stable reference id")
     similarity: float = Field(description="cosine similarity to the query")
+    vote_similarity: float | None = Field(None, description="the similarity the vote weighed: the same, unless the "
+                                          "gallery's probe chose the whitened metric (docs/identification.md)")
     species: str
     genus: str | None = None
     family: str | None = None
@@ -48,6 +50,8 @@ class IdentifyOut(BaseModel):
                                          "(null when far: the photo says nothing, treat a bite as venomous)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
                                        "not record: not a harmless share (treat as possibly venomous)")
+    country_applied: bool | None = Field(None, description="null without a country; false when none of the "
+                                         "candidates is recorded in it (the scores are then the photo's alone)")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos combined into this answer")
 

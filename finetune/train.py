@@ -184,6 +184,8 @@ def finetune(
 
     # ---- restore, or start: the head, then epoch 0 (before fine-tuning)
     if checkpoint is not None:
+        if progress:
+            tqdm.write(f"resuming {out / CHECKPOINT}: after epoch {checkpoint['epoch']} of {cfg.epochs}")
         net.load_state_dict(checkpoint["net"])
         ema = create_ema(net, cfg.ema)
         state = restore_checkpoint(checkpoint, optim.optimizer, optim.scaler, ema)

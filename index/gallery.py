@@ -58,7 +58,7 @@ class Neighbour:
     """One reference photo returned by a search, with its metadata."""
 
     id: int  # stable reference id (store row id)
-    similarity: float  # cosine similarity to the query
+    similarity: float  # similarity to the query in the vote's metric (cosine, or whitened cosine: retrieval.metric)
     species: str  # binomial
     genus: str | None  # genus name
     family: str | None  # family name
@@ -66,10 +66,15 @@ class Neighbour:
     venomous: bool | None  # medically important venomous, when known
     path: str  # source path of the reference photo
     dataset: str | None  # dataset it came from
+    cosine: float | None = None  # plain cosine similarity to the query, when the vote's metric is another
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict: ``similarity`` is the plain cosine (as search answers it), ``vote_similarity`` the
+        similarity the vote weighed (the same unless the vote runs on the whitened metric)."""
+        out = asdict(self)
+        cosine = out.pop("cosine")
+        out["similarity"], out["vote_similarity"] = (self.similarity if cosine is None else cosine), self.similarity
+        return out
 
 
 class Gallery:
@@ -549,9 +554,11 @@ class Gallery:
         self._meta_cache.update(fresh)
         return fresh
 
-    def neighbours(self, ids: Sequence[int], sims: Sequence[float]) -> list[Neighbour]:
-        """References ``ids`` with their metadata and the given similarities, in that order (-1 and ids deleted
-        meanwhile left out). Ids not in the cache (see :meth:`expect_answers`) are looked up."""
+    def neighbours(self, ids: Sequence[int], sims: Sequence[float],
+                   cosines: Sequence[float] | None = None) -> list[Neighbour]:
+        """References ``ids`` with their metadata and the given similarities (``cosines``: their plain cosines, when
+        ``sims`` are in another metric), in that order (-1 and ids deleted meanwhile left out). Ids not in the cache
+        (see :meth:`expect_answers`) are looked up."""
         wanted = [int(i) for i in ids if i >= 0]
         # what this call uses is taken out of the shared cache first: another thread may clear it meanwhile
         known = {i: n for i in wanted if (n := self._meta_cache.get(i)) is not None}
@@ -561,10 +568,11 @@ class Gallery:
                 self._meta_cache.clear()
             known.update(self._cache_metadata(self.store.metadata(missing)))
         out = []
-        for rid, sim in zip(ids, sims, strict=True):
+        for k, (rid, sim) in enumerate(zip(ids, sims, strict=True)):
             base = known.get(int(rid))
             if base is not None:
-                out.append(replace(base, similarity=float(sim)))
+                out.append(replace(base, similarity=float(sim),
+                                   cosine=None if cosines is None else float(cosines[k])))
         return out
 
     def species(self) -> list[SpeciesSummary]:

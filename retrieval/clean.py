@@ -95,7 +95,8 @@ class CleanResult:
             f"cleaned {n} photos" + (f" against {len(self.against)} others" if self.against is not None else "")
             + f" with {self.encoder} in {self.seconds_embed + self.seconds_rest:.1f} s "
             f"(embedding {self.seconds_embed:.1f} s: {embedded} photos through the encoder"
-            + (f", {reused} from the gallery's store)" if reused else ")")
+            + (f", {reused} read from the gallery's store: photos, of either set, whose bytes it holds)" if reused
+               else ")")
         )
         if self.zero_shot is not None:
             lines.append(

@@ -112,6 +112,8 @@ class Identification:
     far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
     # what the gallery holds, or too small / blank to tell
     nearest: float | None = None  # cosine similarity of the nearest reference photo
+    country_applied: bool | None = None  # None: no country given; False: none of the candidates is recorded there,
+    # so the scores were left as the photo gave them
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -129,6 +131,7 @@ class Identification:
             "family_scores": self.family_scores,
             "venomous_score": self.venomous_score,
             "venom_unknown_score": self.venom_unknown_score,
+            "country_applied": self.country_applied,
         }
 
 
@@ -253,11 +256,12 @@ class Identifier:
             return cosine_vote()
         out = []
         with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
-            for z, row in zip(wh.apply(emb), found, strict=True):
+            for z, row, cos_row in zip(wh.apply(emb), found, cos, strict=True):
                 ids = [int(i) for i in row if i >= 0]
                 sims = self._whitened_refs(ids, wh) @ z
                 order = np.argsort(-sims, kind="stable")[: self.config.k]
-                out.append(self.gallery.neighbours([ids[j] for j in order], sims[order].tolist()))
+                out.append(self.gallery.neighbours([ids[j] for j in order], sims[order].tolist(),
+                                                   [float(cos_row[j]) for j in order]))
         return out, nearest
 
     def far_threshold(self) -> float | None:
@@ -379,6 +383,8 @@ class Identifier:
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=None if far or not venom else max(venom),  # far: the scores say nothing of this photo
             venom_unknown_score=0.0 if far else max(unflagged_probability(d, flags) for d in (scores, seen)),
+            country_applied=None if presence is None else any(presence.get(s) is not False for s, p in seen.items()
+                                                               if p > 0),
         )
 
 

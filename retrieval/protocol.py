@@ -72,7 +72,8 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
         return "kNN only: k, T and the unknown threshold are defaults (nothing was chosen)", False
     cal = probe.calibration
     rule = f", rule {cal.rule}" if cal.rule else ""
-    chosen = f"C={cal.C:g} kNN metric={cal.metric} k={cal.k} T={cal.temperature:g} blend weight={cal.blend_weight:g}"
+    trained = "" if probe.source else f"C={cal.C:g} "  # a fine-tuned head has no C of ours
+    chosen = f"{trained}kNN metric={cal.metric} k={cal.k} T={cal.temperature:g} blend weight={cal.blend_weight:g}"
     rule += (f" (blend weight {cal.weight_fixed})" if cal.weight_fixed else "")
     head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
     extra = "; k/T/threshold overridden on the command line" if overridden else ""

@@ -449,4 +449,24 @@ def create_torch_encoder(parsed: ParsedSpec, spec: str, config: EncoderConfig,
                          precision: str | None = None) -> TorchEncoder:
     """The torch encoder of a parsed spec (``precision``: a resolved one, else ``config.precision``)."""
     cls = OpenClipEncoder if parsed.library == "open_clip" else TimmEncoder
-    return cls(parsed, spec, config, precision)
+    try:
+        return cls(parsed, spec, config, precision)
+    except (OSError, RuntimeError) as exc:  # the hub unreachable (open_clip wraps it in a RuntimeError)
+        if parsed.source in ("hf-hub", "alias", "name") and _hub_unreachable(exc):
+            raise ValueError(
+                f"cannot download the weights of {spec} from the Hugging Face hub ({str(exc).splitlines()[0][:160]}): "
+                "without network, download them once elsewhere and give --encoder open_clip:local-dir:DIR (or "
+                "timm:local-dir:DIR), and set HF_HUB_OFFLINE=1 so that nothing waits on the hub (README, "
+                "'Offline')") from exc
+        raise
+
+
+def _hub_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the hub could not be reached."""
+    while exc is not None:
+        text = f"{type(exc).__name__} {exc}".lower()
+        if any(word in text for word in ("hf hub", "connection", "offline", "name or service", "localentrynotfound",
+                                         "outgoing traffic has been disabled")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

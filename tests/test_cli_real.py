@@ -122,6 +122,15 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     # probe + blend, then the evaluation report on val (kNN vs probe vs blend)
     code, out, _ = _run(capsys, "probe", "train", "--index", index, "--folds", "2", "--quiet")
     assert code == 0 and "probe: 14 species" in out and "chosen: C=" in out
+    # the evidence's similarity is the plain cosine search gives, whatever metric the vote chose
+    one = sorted((PH_SNAKES / "val" / WITHHELD[0]).iterdir())[0]
+    code, out, _ = _run(capsys, "identify", "--index", index, one, "--format", "json", "--neighbours", "30", "-q")
+    (answer,) = json.loads(out)
+    code, out, _ = _run(capsys, "search", "--index", index, one, "--k", "200", "--format", "json")
+    cosine = {n["id"]: n["similarity"] for n in json.loads(out)["neighbours"]}
+    shown = [(n["similarity"], cosine[n["id"]]) for n in answer["neighbours"] if n["id"] in cosine]
+    assert shown and all(a == pytest.approx(b, abs=1e-4) for a, b in shown)
+    assert answer["nearest_similarity"] == pytest.approx(max(cosine.values()), abs=1e-4)
     report = index.parent / "report"
     code, out, _ = _run(
         capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", PH_SNAKES / "val",
@@ -156,6 +165,7 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     code, out, _ = _run(capsys, "identify", "--index", index, cobra, "--country", "MA", "--format", "json", "-q")
     ma = json.loads(out)
     assert [r["predictions"][0]["species"] for r in ph] == [r["predictions"][0]["species"] for r in ma]
+    assert all(r["country_applied"] is True for r in ph) and all(r["country_applied"] is False for r in ma)
     code, _, err = _run(capsys, "identify", "--index", index, cobra, "--country", "Atlantis")
     assert code == 2 and "unknown country 'Atlantis'" in err
 

@@ -145,3 +145,11 @@ def test_bf16_embeddings_stay_close_to_fp32(tiny_clip_dir):
     assert fp32.fingerprint == bf16.fingerprint  # same weights, different arithmetic
     cos = (fp32.encode_images(_photos(3)) * bf16.encode_images(_photos(3))).sum(1)
     assert cos.min() > 0.98
+
+
+def test_an_unreachable_hub_says_how_to_work_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the hub would be asked
+    with pytest.raises(ValueError, match="cannot download the weights of bioclip from the Hugging Face hub .*"
+                                         "open_clip:local-dir:DIR"):
+        create_encoder("bioclip", runtime="torch", device="cpu")

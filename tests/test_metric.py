@@ -130,6 +130,11 @@ def test_identifier_votes_with_the_whitened_neighbours_and_keeps_new_species(tmp
     np.testing.assert_allclose(ident.whitening().matrix, refit.matrix, rtol=1e-3, atol=1e-3)
     answers = ident.identify_embeddings(new[10:20], top=1)
     assert sum(a.predictions[0].species == "Novus n" for a in answers) >= 8
+    # what an answer shows is the plain cosine, as search gives it; the vote's whitened one beside it
+    cos = {n.id: n.similarity for n in gallery.search(new[10:11], 100)[0]}
+    shown = [n.to_dict() for n in answers[0].neighbours]
+    assert all(d["similarity"] == pytest.approx(cos[d["id"]], abs=1e-5) for d in shown)
+    assert any(abs(d["vote_similarity"] - d["similarity"]) > 0.01 for d in shown)
 
 
 def test_whitening_is_kept_while_it_fits_the_gallery():

@@ -113,7 +113,8 @@ def register(subparsers: Any, datasets: Sequence[str] | None = None) -> argparse
     for opt in _options():
         flag, kwargs = _argument(opt, datasets)
         p.add_argument(flag, **kwargs)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no line per epoch (the summary at the end stays)")
     p.set_defaults(func=cmd_finetune)
     return p
 
@@ -137,6 +138,11 @@ def config_from_args(args: argparse.Namespace):
     return FinetuneConfig(**values)
 
 
+#: Why a run stopped, in words.
+STOPPED = {"epochs": "every epoch run", "early-stopping": "stopped early: --patience epochs without a better one",
+           "time-limit": "stopped at --time-limit", "time-budget": "stopped to fit --time-budget"}
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Run ``speciesid finetune``; 130 (with how to resume) on Ctrl-C."""
     from finetune import train
@@ -158,7 +164,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 130
     b = r.best
     emit(
-        f"fine-tuned {len(r.species)} species: {r.epochs_run} epochs in {r.seconds / 60:.1f} min ({r.stopped}); "
+        f"fine-tuned {len(r.species)} species: {r.epochs_run} epochs in {r.seconds / 60:.1f} min "
+        f"({STOPPED.get(r.stopped, r.stopped)}); "
         f"best epoch {r.best_epoch}: val top-1 {b.get('val_top1', 0):.3f}, macro-F1 {b.get('val_macro_f1', 0):.3f}"
     )
     if r.final:

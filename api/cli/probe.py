@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="gallery built with --encoder timm:local-dir:OUT")
     p.add_argument("--from", dest="from_dir", required=True, metavar="OUT", help="the fine-tuned model folder")
     p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
-    p.add_argument("--val-root", help="labelled validation photos to choose the settings on (recommended; default: "
-                   "cross-validation over the gallery with the head fixed, which favours the head since it was "
-                   "trained on those photos)")
+    p.add_argument("--val-root", help="labelled photos to choose the settings on, other than those you will evaluate "
+                   "on (default: the photos the fine-tuning run held out, OUT/heldout.csv, found in the gallery; "
+                   "without them, cross-validation over the gallery with the head fixed, which favours the head)")
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
     p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
     p.add_argument("--rule", default="seq-nll", choices=RULES,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from api.cli._common import at_least, emit, logger
 
@@ -46,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
     if not settings.key_list():
         logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{args.port}/ (web page; API docs at /docs, "
+                     "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 

@@ -44,6 +44,7 @@ def identify(
         nearest_similarity=answer.identification.nearest,
         venomous_score=answer.identification.venomous_score,
         venom_unknown_score=answer.identification.venom_unknown_score,
+        country_applied=answer.identification.country_applied,
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
     )
