@@ -242,15 +242,16 @@ def _blocks(n: int, per: int) -> int:
 
 
 def actor_count(cpus: float, opts: RayOptions, gpus: float = 0.0, per_gpu: float = 0.0) -> int:
-    """Embedding actors for a cluster of ``cpus`` CPUs: ``opts.actors``, else one per GPU, else 2 on a local Ray
-    (sized to fit them) and on a cluster as many as leave a CPU free (at most 8). The decode and write tasks need
-    that CPU: actors holding every one wait for them for ever, so such a count is refused."""
+    """Embedding actors for a cluster of ``cpus`` CPUs: ``opts.actors``, else one per GPU (as many as leave a CPU
+    free), else 2 on a local Ray (sized to fit them) and on a cluster as many as leave a CPU free (at most 8). The
+    decode and write tasks need that CPU: actors holding every one wait for them for ever, so such a count is
+    refused."""
     each = opts.cpus_per_actor
     fit = int((cpus - 1) // each) if each > 0 else 8
     if opts.actors:
         actors = opts.actors
     elif per_gpu:
-        actors = max(1, int(gpus // per_gpu))
+        actors = max(1, min(int(gpus // per_gpu), fit))
     else:
         actors = 2 if opts.address is None else max(1, min(fit, 8))
     if cpus - actors * each < 1:

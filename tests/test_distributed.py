@@ -155,6 +155,7 @@ def test_ray_refusals_come_before_a_gallery_is_made(cluster, photo_root, tmp_pat
     # actors holding every CPU of a cluster leave none for the decode and write tasks: refused, not a hang
     assert actor_count(2.0, RayOptions(address="auto")) == 1 and actor_count(40.0, RayOptions(address="auto")) == 8
     assert actor_count(3.0, RayOptions()) == 2  # a local Ray is sized for its actors
+    assert actor_count(4.0, RayOptions(address="auto"), gpus=8.0, per_gpu=1.0) == 3  # a GPU each, a CPU left
     with pytest.raises(ValueError, match="leave none of this Ray cluster's 2 CPUs .* give --ray-actors 1 or fewer"):
         actor_count(2.0, RayOptions(address="auto", actors=2))
     with pytest.raises(ValueError, match="use a cluster of 2 CPUs or more"):
