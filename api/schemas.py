@@ -50,8 +50,8 @@ class IdentifyOut(BaseModel):
                                          "(null when far: the photo says nothing, treat a bite as venomous)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
                                        "not record: not a harmless share (treat as possibly venomous)")
-    country_applied: bool | None = Field(None, description="null without a country; false when none of the "
-                                         "candidates is recorded in it (the scores are then the photo's alone)")
+    country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
+                                         "every candidate recorded there, or none, or none in the country table")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos combined into this answer")
 

@@ -370,10 +370,8 @@ class Gallery:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("%s unreadable (%s): next id recomputed from the store", path, exc)
             start = self.store.max_id() + 1
-        # ids.json is this folder's: a copy of the folder, or another folder on the same object store, has its own,
-        # so ids the store already holds are stepped over (the index, synced to the store, knows its searchable ids)
-        start = max(start, self._index.max_id + 1, self.store.max_id() + 1 if self.store.version != self._synced_version
-                    else 0)
+        if is_uri(str(self.store_uri)):  # a copy of this folder elsewhere writes the same store with its own
+            start = max(start, self.store.max_id() + 1)  # ids.json: step over every id the store holds (excluded too)
         write_json_atomic(path, {"next": start + n})
         return list(range(start, start + n))
 

@@ -315,11 +315,6 @@ class IvfPqIndex:
         return self._ids.copy()
 
     @property
-    def max_id(self) -> int:
-        """The largest id in the index (0 when empty)."""
-        return int(self._ids[-1]) if self._ids.size else 0
-
-    @property
     def nlist(self) -> int:
         """Inverted lists."""
         return int(self._index.nlist)

@@ -378,11 +378,6 @@ class VectorIndex:
         return self._dim
 
     @property
-    def max_id(self) -> int:
-        """The largest id in the index (0 when empty)."""
-        return int(self._ids[-1]) if self._ids.size else 0
-
-    @property
     def kind(self) -> str:
         """Resolved kind: "flat", "hnsw" or "ivf"."""
         return self._kind

@@ -112,8 +112,8 @@ class Identification:
     far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
     # what the gallery holds, or too small / blank to tell
     nearest: float | None = None  # cosine similarity of the nearest reference photo
-    country_applied: bool | None = None  # None: no country given; False: none of the candidates is recorded there,
-    # so the scores were left as the photo gave them
+    country_applied: bool | None = None  # None: no country given; False: it changed nothing (every candidate
+    # recorded there, or none, or none in the table), so the scores are the photo's alone
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -257,11 +257,12 @@ class Identifier:
         out = []
         with _blas().limit(limits=1, user_api="blas"):  # small products: BLAS threads would only fight the encoder's
             for z, row, cos_row in zip(wh.apply(emb), found, cos, strict=True):
-                ids = [int(i) for i in row if i >= 0]
+                valid = row >= 0
+                ids, cosines = [int(i) for i in row[valid]], cos_row[valid]
                 sims = self._whitened_refs(ids, wh) @ z
                 order = np.argsort(-sims, kind="stable")[: self.config.k]
                 out.append(self.gallery.neighbours([ids[j] for j in order], sims[order].tolist(),
-                                                   [float(cos_row[j]) for j in order]))
+                                                   [float(cosines[j]) for j in order]))
         return out, nearest
 
     def far_threshold(self) -> float | None:
@@ -368,10 +369,14 @@ class Identifier:
         ]
         # the country reorders candidates, but never makes an answer surer, nor a bite safer, than the photo does
         best = min(predictions[0].score if predictions else 0.0, max(seen.values(), default=0.0))
-        flags = {s: info(s).venomous for s in {*scores, *seen}}
-        venom = [v for v in (venomous_probability(d, flags) for d in (scores, seen)) if v is not None]
+        views = (scores,) if presence is None else (scores, seen)
+        flags = {s: info(s).venomous for s in (seen if presence is not None else scores)}
+        venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
+        # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
+        records_venom = any(t.venomous is not None for t in taxa.values())
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
+        candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
         return Identification(
             predictions=predictions,
             neighbours=neighbours,
@@ -382,9 +387,11 @@ class Identifier:
             genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=None if far or not venom else max(venom),  # far: the scores say nothing of this photo
-            venom_unknown_score=0.0 if far else max(unflagged_probability(d, flags) for d in (scores, seen)),
-            country_applied=None if presence is None else any(presence.get(s) is not False for s, p in seen.items()
-                                                               if p > 0),
+            venom_unknown_score=0.0 if far or not records_venom else max(unflagged_probability(d, flags)
+                                                                         for d in views),
+            # the country changed the scores only when some candidate is recorded there and some is not
+            country_applied=None if presence is None else (False in candidates
+                                                           and any(c is not False for c in candidates)),
         )
 
 

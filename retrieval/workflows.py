@@ -35,7 +35,7 @@ from index.datasets import (
 )
 from index.gallery import Gallery, Neighbour
 from index.geography import country_presence, resolve_country
-from index.store import SpeciesSummary, source_file
+from index.store import SpeciesSummary, source_file, source_text
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions
@@ -370,7 +370,7 @@ def add_photos(
     for item in photos:
         if isinstance(item, tuple):
             path, new = _keep_upload(gallery.layout.uploads, *item)
-            names.setdefault(str(path), []).append(item[0])
+            names.setdefault(source_text(path), []).append(item[0])  # keyed as the store records paths
             paths.append(path)
             written += [path] if new else []
         else:
@@ -382,17 +382,17 @@ def add_photos(
     report = add_references(gallery, encoder, records, progress=progress, min_side=min_side)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
-        if str(path) not in stored:
+        if source_text(path) not in stored:
             path.unlink(missing_ok=True)
     for upload, data in (item for item in photos if isinstance(item, tuple)):  # a concurrent delete of the last
         path, _ = _keep_upload(gallery.layout.uploads, upload, data)  # reference of the same bytes may have
-        if str(path) in stored and not path.exists():  # removed the file between our write and commit
+        if source_text(path) in stored and not path.exists():  # removed the file between our write and commit
             atomic_write(path, data)
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     known = [i for i in report.duplicate_ids if i is not None]
     owner = gallery.store.metadata(known)["species"].to_dict() if known else {}
-    duplicates = [(names[p].pop(0) if names.get(p) else p, i, owner.get(i))
+    duplicates = [(names[source_text(p)].pop(0) if names.get(source_text(p)) else p, i, owner.get(i))
                   for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
     if report.ids:
         refresh_gallery_metric(gallery)

@@ -165,7 +165,8 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     code, out, _ = _run(capsys, "identify", "--index", index, cobra, "--country", "MA", "--format", "json", "-q")
     ma = json.loads(out)
     assert [r["predictions"][0]["species"] for r in ph] == [r["predictions"][0]["species"] for r in ma]
-    assert all(r["country_applied"] is True for r in ph) and all(r["country_applied"] is False for r in ma)
+    # every candidate recorded in PH, none in MA: neither changed anything, and the answers say so
+    assert all(r["country_applied"] is False for r in ph + ma)
     code, _, err = _run(capsys, "identify", "--index", index, cobra, "--country", "Atlantis")
     assert code == 2 and "unknown country 'Atlantis'" in err
 
@@ -201,6 +202,12 @@ def test_cli_help_everywhere(capsys):
         out = capsys.readouterr().out
         assert out.startswith(f"usage: speciesid {' '.join(argv)}".rstrip()) and "-h, --help" in out, argv
         assert "-v, --verbose" in out, argv  # -v is taken after any command, not only before it
+    from api.cli import build_parser as full
+
+    for argv in (["-v", "references", "delete", "--index", "g", "1"], ["references", "-v", "delete", "--index", "g", "1"],
+                 ["references", "delete", "--index", "g", "1", "-v"]):  # -v before, between and after the commands
+        args = full().parse_args(argv)
+        assert args.verbose + getattr(args, "verbose_after", 0) == 1, argv
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and re.fullmatch(r"speciesid \S+\n", capsys.readouterr().out)

@@ -88,6 +88,9 @@ def test_a_country_reorders_but_never_makes_an_answer_surer_or_a_bite_safer(tmp_
     assert abroad.unknown  # the photo alone could not tell: the range table does not make it sure
     assert abroad.venomous_score == pytest.approx(plain.venomous_score)  # nor the bite safer
     assert abroad.scores["Naja haje"] > 0  # down-weighted, not removed
+    assert plain.country_applied is None and abroad.country_applied is True
+    (home,) = ident.identify_embeddings(q, presence={"Naja haje": True, "Natrix maura": True})
+    assert home.country_applied is False and home.scores == pytest.approx(plain.scores)  # changed nothing
 
 
 def test_a_species_of_unknown_venom_status_is_not_counted_harmless(tmp_path):
@@ -101,6 +104,12 @@ def test_a_species_of_unknown_venom_status_is_not_counted_harmless(tmp_path):
     assert ans.predictions[0].species == "Tropidolaemus philippinensis" and ans.predictions[0].venomous is None
     assert ans.venomous_score < 0.01 and ans.venom_unknown_score > 0.9  # reported as unknown, not as harmless
     assert ans.to_dict()["venom_unknown_score"] == ans.venom_unknown_score
+    # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
+    birds = Gallery.create(tmp_path / "birds", ENC)
+    birds.add(_records("Corvus corax", 6), [f"c{i}" for i in range(6)], _unit(rng, 6, centre))
+    birds.add(_records("Passer domesticus", 6), [f"p{i}" for i in range(6)], _unit(rng, 6, rng.standard_normal(DIM)))
+    (bird,) = Identifier(FakeEncoder(), birds).identify_embeddings((centre / np.linalg.norm(centre))[None])
+    assert bird.venomous_score is None and bird.venom_unknown_score == 0.0
 
 
 def test_reopen_keeps_everything_and_refuses_other_encoders(gallery):

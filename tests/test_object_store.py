@@ -151,6 +151,15 @@ def test_one_store_one_gallery_and_a_copied_folder_steps_over_the_stores_ids(s3_
     (new,) = copy.add([ReferenceRecord(path="/d.jpg", species="Naja naja")], ["d" * 64], rng.standard_normal((1, dim)))
     copy.store.refresh()
     assert new == 4 and sorted(copy.store.ids(include_excluded=True).tolist()) == [1, 2, 3, 4]
+    # the same when the store's highest id is excluded (not in the vector index): it is stepped over too
+    g.refresh(force=True)
+    g.set_excluded([4])
+    shutil.rmtree(tmp_path / "copy2", ignore_errors=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy2")
+    (tmp_path / "copy2" / "ids.json").write_text('{"next": 4}')  # fell behind
+    (again,) = Gallery.open(tmp_path / "copy2").add([ReferenceRecord(path="/e.jpg", species="Naja naja")],
+                                                    ["e" * 64], rng.standard_normal((1, dim)))
+    assert again == 5
     # a store that cannot be reached, for a gallery that exists: one line that says what to check
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ValueError, match=rf"cannot open the store s3://{BUCKET}/g3 \(.*\); check the URI and the AWS_"):

@@ -108,3 +108,16 @@ def test_references_add_keeps_going_past_bad_arguments(tmp_path_factory, capsys,
                           tmp_path / "dangling.jpg", *new, "-q")
     assert code == 1 and "broken symbolic link" in err
     assert "added 2" in out and "(existing species)" in out
+
+
+def test_uploads_to_a_gallery_opened_by_a_relative_path_name_the_right_duplicate(tmp_path_factory, monkeypatch):
+    from retrieval.workflows import add_photos, open_identifier
+
+    index = gallery_copy(tmp_path_factory, "relative_uploads")
+    monkeypatch.chdir(index.parent)  # as `SPECIESID_INDEX=runs/gallery` opens it: stored paths are absolute
+    ident = open_identifier(index.name, precision="fp32")
+    data = photos("val", SPECIES[1], 1)[0].read_bytes()
+    res = add_photos(ident.gallery, ident.encoder, binomial(SPECIES[1]), [("first.jpg", data), ("second.jpg", data)])
+    (rid,) = res.report.ids
+    assert [(name, i) for name, i, _ in res.duplicates] == [("second.jpg", rid)]  # the first one is stored
+    assert (index / "uploads").is_dir() and len(list((index / "uploads").iterdir())) == 1  # and its file kept

@@ -56,8 +56,8 @@ def _verbose_anywhere(subparsers: argparse._SubParsersAction) -> None:
     """Let ``-v`` also follow the command (``speciesid identify -v ...``); counts add up with one given before it."""
     for command in subparsers.choices.values():
         if "-v" not in command._option_string_actions:
-            command.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0,
-                                 help=VERBOSE_HELP)
+            command.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=argparse.SUPPRESS,
+                                 help=VERBOSE_HELP)  # SUPPRESS: a sub-command's parser does not reset a group's -v
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _verbose_anywhere(action)

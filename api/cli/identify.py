@@ -128,7 +128,8 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
         lines.append("  evidence: " + ", ".join(f"#{n['id']} {n['species']} {n['similarity']:.2f}"
                                                 for n in r["neighbours"]))
     if r.get("country_applied") is False:
-        lines.append("  (--country: none of these species is recorded in that country, so it changed nothing)")
+        lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
+                     "is, or the country table does not list them)")
     unflagged = r.get("venom_unknown_score") or 0.0
     if r.get("far"):  # the scores say nothing about this photo
         lines.append("  medically important venomous: cannot tell from this photo (treat a bite as venomous)")

@@ -12,6 +12,7 @@ choice is made again the next time photos are given.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import replace
@@ -55,6 +56,8 @@ from retrieval.runtimes.cache import (
 )
 
 logger = logging.getLogger(__name__)
+#: The errors of a cache folder that cannot be written: `auto` then runs on torch (needing no export).
+CACHE_UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
 
 
 class RuntimeMissingError(ValueError):
@@ -297,7 +300,9 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                 if enc is None and cached and info.get("accepted"):  # damaged on disk: export it again
                     info = build(key)
                     enc = _load_entry(config, key, info, text_encoder=ref) if info.get("accepted") else None
-            except OSError as exc:  # the cache cannot be written (read-only, full): torch needs none
+            except OSError as exc:  # the cache cannot be written (read-only, full, no permission): torch needs none
+                if exc.errno not in CACHE_UNWRITABLE:
+                    raise
                 if runtime != "auto":
                     raise OSError(f"cannot export {config.spec} for {rt} into the cache {models_dir()} ({exc}): "
                                   "point SPECIESID_CACHE at a writable folder, or use --runtime torch") from exc
