@@ -163,6 +163,7 @@ class Identifier:
         self.blend_weight = probe.calibration.blend_weight if blend_weight is None and probe else (blend_weight or 0.0)
         self._taxa_version = -1
         self._taxa: dict[str, SpeciesSummary] = {}
+        self._records_venom = False  # some species of the gallery has a venom status (with the taxa's version)
         self._whitening_version = -1
         self._whitening: Whitening | None = None
         self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
@@ -179,6 +180,7 @@ class Identifier:
             taxa = dict(self.text_prior.taxa) if self.text_prior else {}
             taxa.update({s.species: s for s in self.gallery.species()})
             self._taxa, self._taxa_version = taxa, version
+            self._records_venom = any(t.venomous is not None for t in taxa.values())
         return self._taxa
 
     # ------------------------------------------------------------------ answers
@@ -373,7 +375,7 @@ class Identifier:
         flags = {s: info(s).venomous for s in (seen if presence is not None else scores)}
         venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
         # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
-        records_venom = any(t.venomous is not None for t in taxa.values())
+        records_venom = self._records_venom or any(n.venomous is not None for n in neighbours)
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
