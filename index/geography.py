@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pycountry
 
+from index.datasets import load_checklist
+
 log = logging.getLogger(__name__)
 
 COUNTRIES_CSV = Path(__file__).resolve().parent / "data" / "snake_countries.csv"
 #: National checklists shipped with the package: their species occur in that country, whatever the table says
 #: (SnakeCLEF's table lacks Morocco for Echis pyramidum and Natrix astreptophora, both on the Moroccan list).
-CHECKLISTS = {"MA": Path(__file__).resolve().parent / "data" / "moroccan.csv"}
+CHECKLISTS = {"MA": "moroccan"}  # country -> a checklist index.datasets.load_checklist knows
 #: Common names pycountry does not resolve (it knows e.g. "Türkiye", not "Turkey"); keys lowercase.
 COUNTRY_ALIASES = {
     "brunei": "BN",
@@ -112,10 +114,9 @@ def _load_table() -> tuple[dict[str, frozenset[str]], dict[str, str]]:
             table[species] = codes
             keys[_species_key(species)] = species
     for code, checklist in CHECKLISTS.items():  # a country's own checklist wins over the table's gaps
-        with checklist.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                species = keys.setdefault(_species_key(row["species"]), row["species"].strip())
-                table[species] = table.get(species, frozenset()) | {code}
+        for info in load_checklist(checklist):
+            species = keys.setdefault(_species_key(info.species), info.species)
+            table[species] = table.get(species, frozenset()) | {code}
     log.debug("loaded %d species from %s", len(table), COUNTRIES_CSV)
     return table, keys
 

@@ -20,8 +20,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".mpo", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
-                              ".heif", ".avif", ".ppm"})  # the formats of retrieval.images.ACCEPTED_FORMATS
+#: The formats photos are accepted in (Pillow's names; ``retrieval.images`` decodes only these) and their file
+#: extensions, the first one what a kept upload of that format is named with.
+PHOTO_FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".mpo"), "PNG": (".png",), "WEBP": (".webp",),
+    "HEIF": (".heic", ".heif"), "AVIF": (".avif",), "TIFF": (".tif", ".tiff"), "BMP": (".bmp",), "GIF": (".gif",),
+    "PPM": (".ppm",),
+}
+IMAGE_EXTENSIONS = frozenset(ext for exts in PHOTO_FORMATS.values() for ext in exts)
 
 
 def is_photo_name(name: str) -> bool:

@@ -372,7 +372,7 @@ class Identifier:
         # the country reorders candidates, but never makes an answer surer, nor a bite safer, than the photo does
         best = min(predictions[0].score if predictions else 0.0, max(seen.values(), default=0.0))
         views = (scores,) if presence is None else (scores, seen)
-        flags = {s: info(s).venomous for s in (seen if presence is not None else scores)}
+        flags = {s: info(s).venomous for s in seen}  # scores' species are seen's
         venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
         # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
         records_venom = self._records_venom or any(n.venomous is not None for n in neighbours)

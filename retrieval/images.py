@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from index.photos import PHOTO_FORMATS
+
 try:  # HEIC/HEIF phone photos, when pillow-heif is installed
     from pillow_heif import register_heif_opener
 
@@ -77,7 +79,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 #: The formats photos come in; only these decoders ever see the bytes (which come from anyone who can upload a photo):
 #: Pillow's other plugins (PostScript through Ghostscript, Windows metafiles, PSD, FITS, FLI, ...) are never tried.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF", "BMP", "GIF", "PPM")  # JPEG covers MPO
+ACCEPTED_FORMATS = tuple(PHOTO_FORMATS)  # Pillow opens MPO (phones' JPEG) through its JPEG plugin
 _ACCEPTED_WORDS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP, GIF or PPM"
 
 

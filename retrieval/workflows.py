@@ -35,6 +35,7 @@ from index.datasets import (
 )
 from index.gallery import Gallery, Neighbour
 from index.geography import country_presence, resolve_country
+from index.photos import PHOTO_FORMATS
 from index.store import SpeciesSummary, source_file, source_text
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
@@ -410,8 +411,7 @@ def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:
     return path, True
 
 
-_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "AVIF": ".avif",
-               "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "PPM": ".ppm"}
+_EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept upload's file name
 
 
 def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list[int]:
