@@ -323,6 +323,29 @@ def test_over_size_upload_is_413(client):
 
 
 # ------------------------------------------------------------------------------------------ search
+def test_a_slow_search_does_not_stall_the_server(client, service, monkeypatch):
+    """The search route reads its body asynchronously; its decode / encode / search must run off the event loop."""
+    entered, release = threading.Event(), threading.Event()
+    real = service.search_image
+
+    def stuck(upload, k):
+        entered.set()
+        release.wait(30)
+        return real(upload, k)
+
+    monkeypatch.setattr(service, "search_image", stuck)
+    member = photos("train", SPECIES[2], 1)[0]
+    with ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(client.post, "/v1/search", files=_files([member], "image"))
+        try:
+            assert entered.wait(30), "the search never reached the service"
+            health = pool.submit(client.get, "/healthz")
+            assert health.result(timeout=10).status_code == 200  # answered while the search is still stuck
+        finally:
+            release.set()
+        assert pending.result(timeout=60).status_code == 200
+
+
 def test_search_by_photo_and_by_vector(client, service):
     from PIL import Image
 

@@ -7,10 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import ReadKey, Service
 from api.routers._edge import edge, errors, neighbour_out, read_uploads
 from api.schemas import IdentifyOut, ResultOut, SearchOut, SearchVectorIn
+from api.service import SpeciesService
 from index.geography import resolve_country
 from retrieval.vote import Rank
 
@@ -73,14 +75,17 @@ _SEARCH_BODY = {
 @router.post("/search", response_model=SearchOut, responses=errors(400, 401, 413, 415, 422, 429),
              openapi_extra=_SEARCH_BODY)
 async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
-    """Raw kNN: a photo (multipart field ``image``) or an embedding (JSON ``{"embedding": [...], "k": 10}``)."""
+    """Raw kNN: a photo (multipart field ``image``) or an embedding (JSON ``{"embedding": [...], "k": 10}``).
+
+    Async only to read the body by content type; the decode, encode and search run in the threadpool, as
+    ``identify``'s do, so one slow search never stalls the event loop (health checks, the guard's 429s)."""
     ctype = request.headers.get("content-type", "").lower()  # media types ignore case
     if ctype.startswith("application/json"):
         try:
             body = SearchVectorIn.model_validate(json.loads(await request.body() or b"null"))
         except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
             raise HTTPException(422, f"expected JSON {{'embedding': [...], 'k': 10}}: {exc}") from exc
-        hits = edge(lambda: service.search_vector(body.embedding, body.k))
+        hits = await run_in_threadpool(edge, lambda: service.search_vector(body.embedding, body.k))
     elif ctype.startswith("multipart/form-data"):
         form = await request.form()
         image = form.get("image")
@@ -92,8 +97,13 @@ async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
             raise HTTPException(422, "k must be an integer") from exc
         if not 1 <= k <= 1000:
             raise HTTPException(422, "k must be between 1 and 1000")
-        uploads = read_uploads(service, [image], at_most=1)
-        hits = edge(lambda: service.search_image(uploads[0], k))
+        hits = await run_in_threadpool(_search_upload, service, image, k)
     else:
         raise HTTPException(415, "send multipart/form-data with 'image', or application/json with 'embedding'")
     return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)
+
+
+def _search_upload(service: SpeciesService, image: UploadFile, k: int) -> list:
+    """Read, decode and search one uploaded photo (blocking: called in the threadpool)."""
+    uploads = read_uploads(service, [image], at_most=1)
+    return edge(lambda: service.search_image(uploads[0], k))
