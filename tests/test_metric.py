@@ -406,3 +406,27 @@ def test_the_species_metadata_follow_the_served_rows_without_asking_the_store_on
     mine, _ = _nuisance(5, classes=range(6, 7), seed=4)
     _add(reader, mine, ["Mea m"] * 5, "m")
     assert "Mea m" in ident.taxa()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "whitened"])
+def test_served_vote_matches_the_vote_settings_are_chosen_for(tmp_path, metric):
+    """``knn_matrix`` (what calibration scores k, T and the metric with) and the identifier's vote (what is served)
+    give the same species probabilities for the same gallery, settings and queries."""
+    from retrieval.identify import Method
+
+    x, labels = _nuisance(25)
+    gallery = Gallery.create(tmp_path / "g", {"spec": _Enc.spec, "fingerprint": _Enc.fingerprint, "dim": DIM})
+    gallery.add([ReferenceRecord(path=f"/p/{i}.jpg", species=s) for i, s in enumerate(labels)],
+                [f"d{i}" for i in range(len(labels))], x)
+    probe = train_probe(x, labels, fingerprint=_Enc.fingerprint, C=10.0)
+    probe.calibration.metric, probe.calibration.k, probe.calibration.temperature = metric, 9, 0.04
+    probe.whitening = fit_whitening(x, labels) if metric == "whitened" else None
+    ident = Identifier(_Enc(), gallery, probe=probe)
+    species = sorted(set(labels))
+    col = {s: i for i, s in enumerate(species)}
+    q, _ = _nuisance(4, seed=5)
+    want = knn_matrix(q, x, np.array([col[s] for s in labels]), len(species), 9, 0.04, metric=metric)
+    for row, ns, emb in zip(want, ident.voting_neighbours(q), q, strict=True):
+        served = ident.species_scores(ns, emb, method=Method.KNN)
+        got = np.array([served.get(s, 0.0) for s in species])
+        np.testing.assert_allclose(got, row, rtol=1e-4, atol=1e-5)
