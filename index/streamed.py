@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from index.photos import IMAGE_EXTENSIONS
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.sources import SHARD_SUFFIXES, member_locator, remember_members
 
@@ -43,7 +44,8 @@ MANIFEST_COLUMNS: dict[str, tuple[str, ...]] = {
     "country": ("country", "country_code"),
 }
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+#: Member extensions that are the sample's photo: every photo format the gallery takes (``index.photos``).
+IMAGE_MEMBERS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _BATCH_ROWS = 65_536
 _TAG_RE = re.compile(r"\b(kingdom|phylum|class|order|family|genus|species)\s+([^\s.]+)")
 _TRUE = {"1", "true", "yes", "y", "t"}

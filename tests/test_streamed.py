@@ -29,6 +29,15 @@ def _photos(n_each: int = 3) -> list[tuple[Path, str, str]]:
     return out
 
 
+def _as_tiff(photo: Path) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(photo) as img:
+        img.convert("RGB").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
 def write_tol_shard(path: Path, photos: list[tuple[Path, str, str]], *, extra: bool = True) -> list[str]:
     """A shard in TreeOfLife-10M's layout (UUID-like keys, jpg + taxonomic text members); returns the keys.
 
@@ -79,12 +88,15 @@ def test_webdataset_shard_streams_tol_labels_and_reads_members(tmp_path):
     with tarfile.open(other, "w") as tar:
         for name, data in (("k1.png", photos[1][0].read_bytes()),
                            ("k1.json", b'{"scientific_name": "Naja naja", "vernacular_name": "Indian cobra", '
-                                       b'"country": "IN"}')):
+                                       b'"country": "IN"}'),
+                           ("k2.tiff", _as_tiff(photos[2][0])),  # every photo format a folder takes, not only JPEG
+                           ("k2.json", b'{"scientific_name": "Naja samarensis"}')):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    (rec,) = load_dataset("webdataset", str(tmp_path / "more" / "*.tar")).records
+    rec, tiff = load_dataset("webdataset", str(tmp_path / "more" / "*.tar")).records
     assert (rec.species, rec.common_name, rec.country) == ("Naja naja", "Indian cobra", "IN")
+    assert tiff.species == "Naja samarensis" and split_locator(tiff.path)[1] == "k2.tiff"
     with pytest.raises(ValueError, match="no webdataset shards"):
         load_dataset("webdataset", tmp_path / "more" / "nothing-*.tar")
     # a shard cut short, read by a process that never listed it (a Ray worker): its whole members still read
