@@ -49,6 +49,17 @@ class Settings(BaseSettings):
                              f"or other letters), as HTTP headers carry no others; {len(bad)} key(s) do not")
         return value
 
+    @field_validator("runtime", "precision")
+    @classmethod
+    def _known_choice(cls, value: str, info) -> str:
+        """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
+        from retrieval.encoders import PRECISIONS, RUNTIMES
+
+        choices = RUNTIMES if info.field_name == "runtime" else PRECISIONS
+        if value not in choices:
+            raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
     def key_list(self) -> list[str]:
         """The configured API keys (empty strings dropped)."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

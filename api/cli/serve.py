@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from api.cli._common import at_least, emit, logger
+from retrieval.encoders import PRECISIONS, RUNTIMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=at_least(1, 65535), default=8000, help="port, 1-65535 (default 8000)")
     p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
-    p.add_argument("--runtime", default=None, choices=("auto", "torch", "onnx", "openvino"),
+    p.add_argument("--runtime", default=None, choices=RUNTIMES,
                    help="inference runtime (default SPECIESID_RUNTIME or auto)")
-    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "int8", "fp16"),
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="encoder precision (default SPECIESID_PRECISION or auto)")
     p.set_defaults(func=cmd_serve)
 
