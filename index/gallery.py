@@ -32,7 +32,7 @@ from index.layout import EncoderMismatchError, GalleryLayout, check_encoder
 from index.locks import WriteLock
 from index.records import ReferenceRecord
 from index.store import ReferenceStore, SpeciesSummary, StoreVectors, is_uri, public_options, storage_options
-from index.vectors import VectorIndex, VectorIndexConfig, load_index
+from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Gallery:
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
         self._synced_version = -1
-        self._index: VectorIndex = None  # type: ignore[assignment]
+        self._index: SearchIndex = None  # type: ignore[assignment]
         self._index = self._load_index()
 
     # ----------------------------------------------------------------- opening
@@ -216,7 +216,7 @@ class Gallery:
         return {"fingerprint": self.fingerprint, "dim": self.dim, "store_version": self._synced_version,
                 "count": self._index.ntotal}
 
-    def _load_index(self) -> VectorIndex:
+    def _load_index(self) -> SearchIndex:
         """The saved index brought up to the store's version (a diff), or rebuilt when unusable."""
         self._synced_version = self.store.version
         try:
@@ -238,12 +238,12 @@ class Gallery:
                 self._save_quietly()
         return self._index
 
-    def _rebuild(self, reason: str) -> VectorIndex:
+    def _rebuild(self, reason: str) -> SearchIndex:
         logger.info("vector index %s: rebuilding from the store", reason)
         self.rebuild_index()
         return self._index
 
-    def rebuild_index(self, *, map_fn: MapFn | None = None) -> VectorIndex:
+    def rebuild_index(self, *, map_fn: MapFn | None = None) -> SearchIndex:
         """Rebuild the FAISS index from the store's searchable rows and save it atomically.
 
         An ivfpq index (``auto`` above 50,000 references) is built from the store in shards, never holding
@@ -323,7 +323,7 @@ class Gallery:
         return self._synced_version
 
     @property
-    def index(self) -> VectorIndex:
+    def index(self) -> SearchIndex:
         """The FAISS index (read-only use)."""
         return self._index
 

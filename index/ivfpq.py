@@ -41,6 +41,15 @@ import numpy as np
 from index.atomic import atomic_write
 from index.layout import GalleryLayout
 from index.rerank import RerankStore, new_token, write_generation
+from index.vectors import (
+    as_vectors,
+    check_k,
+    empty_result,
+    gpu_available,
+    held_ids,
+    manifest_path,
+    new_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +143,6 @@ def plan(n: int, dim: int, nlist: int | None = None, m: int | None = None) -> tu
 def train_size(n: int, nlist: int) -> int:
     """Training sample: 64 vectors a list, at least 16,384, at most 262,144 (and n)."""
     return int(min(n, max(64 * nlist, 16_384), 262_144))
-
-
-def gpu_available() -> bool:
-    """Whether faiss-gpu sees a CUDA device."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 @contextlib.contextmanager
@@ -338,8 +342,6 @@ class IvfPqIndex:
     # ---------------------------------------------------------------- changes
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Encode and add ``vectors`` under ``ids`` (ids already in the index raise ValueError)."""
-        from index.vectors import new_entries
-
         xb, ids = new_entries(vectors, ids, dim=self._dim, present=self._ids)
         if ids.size == 0:
             return
@@ -352,8 +354,6 @@ class IvfPqIndex:
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids`` (absent ones ignored); returns how many were removed."""
-        from index.vectors import held_ids
-
         ids = held_ids(ids, self._ids)
         if ids.size == 0:
             return 0
@@ -397,11 +397,9 @@ class IvfPqIndex:
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: ``D`` float32 (Q, k) best first, ``I`` int64 (Q, k) ids (-1 padded)."""
-        from index.vectors import _as_vectors, _check_k, _empty_result
-
-        k = _check_k(k)
-        xq = _as_vectors(queries, "queries", self._dim)
-        dists, labels = _empty_result(xq.shape[0], k)
+        k = check_k(k)
+        xq = as_vectors(queries, "queries", self._dim)
+        dists, labels = empty_result(xq.shape[0], k)
         if self.ntotal == 0 or xq.shape[0] == 0:
             return dists, labels
         kk = min(k, self.ntotal)
@@ -447,12 +445,11 @@ class IvfPqIndex:
         when the delta is large or when another process replaced it) or a small delta file, then the manifest,
         then removes generation files named by neither the new nor the previous manifest.
         """
-        from index.vectors import _manifest_path
 
         path = Path(path)
         folder = path.parent
         layout = GalleryLayout(folder)
-        disk = _read_manifest(_manifest_path(path))
+        disk = _read_manifest(manifest_path(path))
         disk_rerank = (disk["rerank"], int(disk["rerank_rows"])) if disk else None
         rtoken, rrows = self._rerank.persist(folder, self._ids, disk_rerank)
         code_bytes = self.ntotal * int(self._index.code_size)
@@ -470,7 +467,7 @@ class IvfPqIndex:
                 "rerank": rtoken, "rerank_rows": rrows, "delta": delta, "nlist": self.nlist,
                 "m": int(self._index.pq.M), "nprobe": self._nprobe, "candidates": self._candidates,
                 "trained_n": self._trained_n, "calibration": self.calibration}
-        atomic_write(_manifest_path(path), json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write(manifest_path(path), json.dumps(meta, indent=2, sort_keys=True))
         keep = _parts(layout, meta) | _parts(layout, disk)
         for part in layout.vectors_parts():
             if part not in keep:

@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -104,7 +104,7 @@ class VectorIndexConfig:
 # --------------------------------------------------------------------------- validation helpers
 
 
-def _as_vectors(x: Any, name: str = "vectors", dim: int | None = None) -> np.ndarray:
+def as_vectors(x: Any, name: str = "vectors", dim: int | None = None) -> np.ndarray:
     """``x`` as a C-contiguous 2-D float32 array, else ValueError saying what was expected."""
     arr = np.asarray(x)
     if arr.ndim != 2:
@@ -148,7 +148,7 @@ def _check_unique(ids: np.ndarray) -> None:
 def new_entries(vectors: Any, ids: Any, *, dim: int, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Checked (vectors, ids) to add to an index holding the sorted ids ``present``: float32 rows of ``dim``,
     int64 ids, unique, none already there (ValueError saying which otherwise)."""
-    xb = _as_vectors(vectors, dim=dim)
+    xb = as_vectors(vectors, dim=dim)
     ids = _as_ids(ids, xb.shape[0])
     if ids.size:
         _check_unique(ids)
@@ -164,11 +164,13 @@ def held_ids(ids: Any, present: np.ndarray) -> np.ndarray:
     return ids[np.isin(ids, present, assume_unique=True)]
 
 
-def _empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of ``nq`` queries with no hits yet: -inf distances, -1 ids."""
     return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
 
 
-def _check_k(k: int) -> int:
+def check_k(k: int) -> int:
+    """``k`` as an int when it is a positive count of neighbours, else ValueError."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     return int(k)
@@ -184,12 +186,12 @@ def exact_search(
 
     Same output contract as :meth:`VectorIndex.search`; ties are broken by the lower row position.
     """
-    k = _check_k(k)
-    xb = _as_vectors(vectors)
+    k = check_k(k)
+    xb = as_vectors(vectors)
     ids = _as_ids(ids, xb.shape[0])
-    xq = _as_vectors(queries, "queries", xb.shape[1] if xb.shape[0] else None)
+    xq = as_vectors(queries, "queries", xb.shape[1] if xb.shape[0] else None)
     nq, n = xq.shape[0], xb.shape[0]
-    dists, labels = _empty_result(nq, k)
+    dists, labels = empty_result(nq, k)
     if n == 0 or nq == 0:
         return dists, labels
     kk = min(k, n)
@@ -211,12 +213,13 @@ def exact_search(
 # --------------------------------------------------------------------------- GPU helpers
 
 
-def _gpu_available() -> bool:
+def gpu_available() -> bool:
+    """Whether faiss-gpu sees a CUDA device."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _check_gpu_request(use_gpu: bool | None) -> None:
-    if use_gpu is True and not _gpu_available():
+    if use_gpu is True and not gpu_available():
         raise ValueError(
             "use_gpu=True but faiss sees no GPU: install faiss-gpu (e.g. `pip install faiss-gpu-cu12` "
             "instead of faiss-cpu) on a machine with a CUDA GPU, or pass use_gpu=None/False"
@@ -225,7 +228,7 @@ def _check_gpu_request(use_gpu: bool | None) -> None:
 
 def _wants_gpu(use_gpu: bool | None, kind: str) -> bool:
     _check_gpu_request(use_gpu)
-    if use_gpu is False or not _gpu_available():
+    if use_gpu is False or not gpu_available():
         return False
     if kind == "hnsw":
         logger.info("FAISS has no GPU HNSW; the hnsw index stays on the CPU")
@@ -302,6 +305,30 @@ def _stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
 # --------------------------------------------------------------------------- the index
 
 
+class SearchIndex(Protocol):
+    """What a gallery needs of its vector index, whatever the kind: ``VectorIndex`` (flat, HNSW, IVF) and
+    ``index.ivfpq.IvfPqIndex`` both provide it."""
+
+    @property
+    def ntotal(self) -> int: ...  # searchable vectors
+
+    @property
+    def dim(self) -> int: ...  # embedding width
+
+    @property
+    def ids(self) -> np.ndarray: ...  # sorted copy of the ids held
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None: ...
+
+    def remove(self, ids: np.ndarray) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def reconstruct(self, ids: Sequence[int]) -> np.ndarray | None: ...
+
+    def save(self, path: str | Path, manifest: dict) -> None: ...
+
+
 class VectorIndex:
     """A FAISS inner-product index keyed by stable int64 reference ids (never FAISS positions)."""
 
@@ -335,7 +362,7 @@ class VectorIndex:
         arr = np.asarray(vectors)
         if arr.ndim == 2 and arr.shape[0] == 0 and arr.shape[1] == 0 and dim is not None:
             arr = arr.reshape(0, dim)
-        xb = _as_vectors(arr, dim=dim)
+        xb = as_vectors(arr, dim=dim)
         ids = _as_ids(ids, xb.shape[0])
         _check_unique(ids)
         n, d = xb.shape
@@ -456,9 +483,9 @@ class VectorIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: ``D`` float32 (Q, k) best first, ``I`` int64 (Q, k) reference ids."""
-        k = _check_k(k)
-        xq = _as_vectors(queries, "queries", self._dim)
-        dists, labels = _empty_result(xq.shape[0], k)
+        k = check_k(k)
+        xq = as_vectors(queries, "queries", self._dim)
+        dists, labels = empty_result(xq.shape[0], k)
         if self.ntotal == 0 or xq.shape[0] == 0:
             return dists, labels
         kk = min(k, self.ntotal)
@@ -493,14 +520,14 @@ class VectorIndex:
         text = json.dumps(meta, indent=2, sort_keys=True)  # fail on a bad manifest before touching disk
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: faiss.write_index(self._cpu, str(tmp)))
-        atomic_write(_manifest_path(path), text)
+        atomic_write(manifest_path(path), text)
         logger.info("saved %s vector index (%d vectors) to %s", self._kind, self.ntotal, path)
 
     @classmethod
     def load(cls, path: str | Path, *, use_gpu: bool | None = None) -> tuple[VectorIndex, dict]:
         """Read an index written by :meth:`save`; returns ``(index, manifest)``."""
         path = Path(path)
-        mpath = _manifest_path(path)
+        mpath = manifest_path(path)
         for p in (path, mpath):
             if not p.is_file():
                 raise FileNotFoundError(f"vector index file not found: {p}")
@@ -544,20 +571,21 @@ class VectorIndex:
         return cls(index, cfg, kind), manifest
 
 
-def _manifest_path(path: Path) -> Path:
+def manifest_path(path: Path) -> Path:
+    """The JSON manifest beside an index file (``vectors.faiss`` -> ``vectors.faiss.json``)."""
     return path.with_name(path.name + ".json")
 
 
-def load_index(path: str | Path, *, use_gpu: bool | None = None) -> tuple[Any, dict]:
+def load_index(path: str | Path, *, use_gpu: bool | None = None) -> tuple[SearchIndex, dict]:
     """Read the index saved at ``path`` whatever its kind: (``VectorIndex`` or ``IvfPqIndex``, manifest).
 
     FileNotFoundError when nothing was saved; ValueError when the files are unusable.
     """
     path = Path(path)
     try:
-        manifest = json.loads(_manifest_path(path).read_text(encoding="utf-8"))
+        manifest = json.loads(manifest_path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"vector index manifest not found: {_manifest_path(path)}") from None
+        raise FileNotFoundError(f"vector index manifest not found: {manifest_path(path)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         manifest = None  # VectorIndex.load says what is wrong
     if isinstance(manifest, dict) and manifest.get("kind") == "ivfpq":
