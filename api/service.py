@@ -10,12 +10,12 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from api.batcher import EncodeBatcher
 from api.settings import Settings
@@ -25,11 +25,14 @@ from index.sources import read_source
 from index.store import SpeciesSummary, source_file
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, decode_image, image_format, sha256_bytes
+from retrieval.images import ImageLoadError, decode_image
+from retrieval.pipeline import draft_size
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
 
 logger = logging.getLogger(__name__)
+#: Thumbnails kept in memory (~10-20 kB each): a page of answers shows up to 20, often the same references.
+THUMBNAILS_KEPT = 1024
 
 
 class ServiceError(ValueError):
@@ -58,13 +61,13 @@ class BadImage(ServiceError):
 
 @dataclass
 class Upload:
-    """One uploaded photo, decoded."""
+    """One uploaded photo, decoded and preprocessed (the decoded pixels are not kept: a request holds model inputs,
+    not full-size photos)."""
 
     name: str  # the client's file name
-    data: bytes  # the raw bytes
-    image: Image.Image  # RGB, EXIF orientation applied
-    sha256: str  # digest of the bytes
-    format: str  # PIL format name (JPEG, PNG, WEBP, HEIF, ...)
+    data: bytes  # the raw bytes (what a write stores)
+    size: tuple[int, int]  # (width, height) as decoded: at least the model's draft size when the photo was larger
+    views: np.ndarray | tuple  # the encoder's input (every view), as the CLI's pipeline makes it
 
 
 class SpeciesService:
@@ -84,6 +87,8 @@ class SpeciesService:
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
+        self._thumbs: OrderedDict[tuple[int, str], bytes] = OrderedDict()  # the latest thumbnails served
+        self._thumb_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop background threads."""
@@ -100,18 +105,18 @@ class SpeciesService:
 
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
-            try:
-                image = decode_image(data, max_pixels=self.settings.max_pixels, name=name)
+            try:  # decoded as a gallery build decodes it (retrieval.pipeline): the same photo, the same embedding
+                image = decode_image(data, max_pixels=self.settings.max_pixels, name=name,
+                                     draft=draft_size(self.encoder))
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, image=image, sha256=sha256_bytes(data),
-                          format=image_format(data) or "JPEG")
+            return Upload(name=name, data=data, size=image.size, views=self.encoder.preprocess_views(image))
 
         return list(self._pool.map(one, files))
 
     def embed(self, uploads: Sequence[Upload]) -> np.ndarray:
         """(n, dim) embeddings, through the shared batcher."""
-        tensors = stack_views([self.encoder.preprocess_views(u.image) for u in uploads])
+        tensors = stack_views([u.views for u in uploads])
         return self.batcher.encode(tensors)
 
     # ------------------------------------------------------------------ reads
@@ -140,8 +145,14 @@ class SpeciesService:
         if meta.empty:
             raise NotFound(f"no reference with id {ref_id}")
         path = source_file(str(meta.iloc[0]["source_path"]))
-        try:
-            image = decode_image(read_source(path), max_pixels=self.settings.max_pixels, name=str(path))
+        key = (ref_id, str(path))
+        with self._thumb_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        try:  # decoded at reduced scale: a 12 MP phone photo would cost ~0.3 s at full size, on every page view
+            image = decode_image(read_source(path), max_pixels=self.settings.max_pixels, name=str(path),
+                                 draft=2 * self.settings.thumbnail_px)
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
             raise NotFound(f"the photo of reference {ref_id} is no longer readable on the server; delete the "
@@ -149,6 +160,10 @@ class SpeciesService:
         image.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)
+        with self._thumb_lock:
+            self._thumbs[key] = buf.getvalue()
+            while len(self._thumbs) > THUMBNAILS_KEPT:
+                self._thumbs.popitem(last=False)
         return buf.getvalue()
 
     # ----------------------------------------------------------------- writes
@@ -165,10 +180,10 @@ class SpeciesService:
         if common_name is not None:
             check_name(common_name, "common name")
         least = self.settings.min_reference_px
-        small = [u for u in uploads if min(u.image.size) < least]
+        small = [u for u in uploads if min(u.size) < least]
         if small:
             u = small[0]
-            raise BadImage(f"{u.name}: {u.image.size[0]}x{u.image.size[1]} pixels is too small for a reference photo "
+            raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
         with self._write_lock:
             result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],

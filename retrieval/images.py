@@ -94,8 +94,9 @@ def decode_image(
 ) -> Image.Image:
     """Decode bytes into an RGB image, or raise :class:`ImageLoadError` saying what is wrong.
 
-    ``draft``: for JPEG, let the decoder downscale (by 1/2, 1/4, 1/8) while keeping both sides at least
-    this many pixels -- much faster for large phone photos that are resized to ~224 px anyway.
+    ``draft``: keep both sides at least this many pixels but no more than needed: a JPEG is decoded at reduced
+    scale (by 1/2, 1/4, 1/8: much faster for large phone photos that are resized to ~224 px anyway), any other
+    photo is box-reduced by a whole factor as soon as it is decoded, so a large PNG is not held at full size.
     """
     if not data:
         raise ImageLoadError(f"{name}: the file is empty")
@@ -113,8 +114,10 @@ def decode_image(
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
+            img = to_rgb(img)
+            factor = min(img.size) // draft if draft else 1
+            return img.reduce(factor) if factor >= 2 else img
         except ImageLoadError:
             raise
         except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening

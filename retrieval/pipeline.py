@@ -100,7 +100,7 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _draft_size(encoder: Encoder) -> int:
+def draft_size(encoder: Encoder) -> int:
     """Let JPEG decode at reduced scale down to twice the model input (big phone photos decode ~4x faster)."""
     return 2 * int(getattr(encoder, "input_size", 224))
 
@@ -126,7 +126,7 @@ def prepare(
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
-        image = decode_image(data, max_pixels=max_pixels, name=name, draft=_draft_size(encoder))
+        image = decode_image(data, max_pixels=max_pixels, name=name, draft=draft_size(encoder))
         if min(image.size) < min_side:
             return Prepared(position, sha256=digest, error=f"{image.size[0]}x{image.size[1]} pixels is too small for "
                             f"a reference photo (at least {min_side} px on the short side)")

@@ -306,6 +306,25 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
+def test_uploads_are_decoded_as_a_gallery_build_decodes_them(service):
+    """An upload keeps the model's input, not the photo at full size, and it is the input the CLI's pipeline makes
+    of the same bytes (a large JPEG decoded at reduced scale, a large PNG box-reduced): the same embedding."""
+    from PIL import Image
+
+    from retrieval.pipeline import prepare
+
+    big_png = io.BytesIO()
+    with Image.open(COBRA) as img:
+        img.convert("RGB").resize((3000, 2000)).save(big_png, "PNG")
+    big_jpeg = io.BytesIO()
+    Image.open(big_png).save(big_jpeg, "JPEG", quality=90)
+    for name, data in (("big.png", big_png.getvalue()), ("big.jpg", big_jpeg.getvalue())):
+        (upload,) = service.decode([(name, data)])
+        assert 448 <= min(upload.size) < 2 * 448, (name, upload.size)  # 2000 px short side: reduced by 4, not kept
+        cli = prepare(0, data, service.encoder).tensor
+        np.testing.assert_array_equal(np.asarray(upload.views), np.asarray(cli))
+
+
 def test_bad_uploads_are_clear_4xx(client):
     for name, (data, says) in _bad_photos().items():
         for path, field in (("/v1/identify", "images"), ("/v1/search", "image")):
@@ -404,9 +423,17 @@ def _source(service, ref_id: int) -> str:
     return str(service.gallery.store.metadata([ref_id]).iloc[0]["source_path"])
 
 
-def test_reference_thumbnail(client, service):
+def test_reference_thumbnail(client, service, monkeypatch):
+    import api.service
+
+    decoded = []
+    real_decode = api.service.decode_image
+    monkeypatch.setattr(api.service, "decode_image", lambda *a, **kw: decoded.append(kw) or real_decode(*a, **kw))
     hits = client.post("/v1/search", files=_files([COBRA], "image"), data={"k": "1"}).json()["neighbours"]
+    decoded.clear()
     resp = client.get(f"/v1/references/{hits[0]['id']}/image")
+    assert client.get(f"/v1/references/{hits[0]['id']}/image").content == resp.content
+    assert len(decoded) == 1 and decoded[0]["draft"] == 2 * 256  # decoded once, at reduced scale, then kept
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
     from PIL import Image
 
