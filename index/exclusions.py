@@ -40,6 +40,12 @@ def exclude(
     wanted = sorted({int(i) for i in ids})
     if not wanted:
         return [], 0
+    with gallery.writing():  # the exclusion and its log entry as one step: no concurrent run's entry is lost
+        return _exclude(gallery, wanted, kinds, report)
+
+
+def _exclude(gallery: Gallery, wanted: list[int], kinds: Sequence[str], report: str | Path | None
+             ) -> tuple[list[int], int]:
     meta = gallery.store.metadata(wanted)
     before = {int(i) for i, ex in zip(meta["id"], meta["excluded"].fillna(False), strict=True) if bool(ex)}
     new = [i for i in wanted if i not in before and i in set(meta["id"].astype(int))]
@@ -64,6 +70,11 @@ def restore(gallery: Gallery, which: str = "last") -> int:
     """
     if which not in ("last", "all"):
         raise ValueError(f"--restore takes 'last' or 'all', not {which!r}")
+    with gallery.writing():  # read, change and write the log under the lock its writers hold
+        return _restore(gallery, which)
+
+
+def _restore(gallery: Gallery, which: str) -> int:
     log = read_log(gallery)
     if which == "all":
         ids = excluded_ids(gallery)

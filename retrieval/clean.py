@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from index.datasets import DatasetScan, load_dataset
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
@@ -52,6 +50,7 @@ class ApplyResult:
     excluded: list[int] = field(default_factory=list)  # ids newly excluded
     already: int = 0  # flagged references that were excluded before
     not_in_gallery: int = 0  # findings of the chosen kinds whose photo is not a reference of the gallery
+    kept_last: list[str] = field(default_factory=list)  # species whose every reference was flagged: one kept
 
 
 @dataclass
@@ -71,6 +70,7 @@ class CleanResult:
     files: dict[str, Path] = field(default_factory=dict)
     applied: ApplyResult | None = None
     notes: list[str] = field(default_factory=list)  # what the user should do next (printed last)
+    index: str | None = None  # the gallery cleaned or applied to, when there is one
 
     def counts(self) -> dict[str, int]:
         """Findings per kind (every kind listed)."""
@@ -108,6 +108,9 @@ class CleanResult:
                 f"duplicates: {c['duplicate']} same bytes, {c['near-duplicate']} near "
                 f"(cosine >= {self.config.dup_threshold:g})"
             )
+            if c["label-conflict"]:
+                lines.append(f"label conflicts: {c['label-conflict']} photos filed under two species (the same or "
+                             "near-identical photo): check them by hand, one label is wrong")
             if self.against is not None:
                 near = [f.score for f in self.findings if f.kind == "near-leak"]
                 span = f", similarity {min(near):.3f}-{max(near):.3f}" if near else ""
@@ -120,8 +123,12 @@ class CleanResult:
             a = self.applied
             lines.append(
                 f"applied: {len(a.excluded)} references excluded ({a.already} already excluded, "
-                f"{a.not_in_gallery} findings not in the gallery); undo with 'speciesid clean --restore --index DIR'"
+                f"{a.not_in_gallery} findings not in the gallery); undo with 'speciesid clean --restore --index "
+                f"{self.index}'"
             )
+            if a.kept_last:
+                lines.append(f"kept: every reference of {', '.join(a.kept_last)} was flagged; the oldest of each is "
+                             "kept so no species disappears (check those findings by hand)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -135,9 +142,12 @@ def apply_exclusions(
 ) -> ApplyResult:
     """Exclude the references of the findings of ``kinds`` (searchable again after ``restore_exclusions``).
 
-    Duplicates and near-duplicates: each group of copies keeps its oldest reference (lowest id) and the
-    others are excluded; leaks and off-target photos exclude the gallery's reference. The ids newly excluded are logged as
-    one run in the gallery's exclusion log (:mod:`index.exclusions`).
+    Duplicates and near-duplicates: the oldest reference (lowest id) of copies is kept and those that are copies
+    of a kept one are excluded (a chain of look-alikes, A ~ B ~ C with A and C apart, keeps A and C); leaks and
+    off-target photos exclude the gallery's reference. Label conflicts are never acted on. A species is never
+    left without a searchable reference: when every one of its references is flagged, its oldest is kept and the
+    species named in ``kept_last``. The ids newly excluded are logged as one run in the gallery's exclusion log
+    (:mod:`index.exclusions`).
     """
     wanted: set[int] = set()
     result = ApplyResult()
@@ -157,6 +167,7 @@ def apply_exclusions(
                   and f.kind not in ("duplicate", "near-duplicate"))
     if not wanted:
         return result
+    wanted -= _last_of_their_species(gallery, wanted, result)
     result.excluded, result.already = exclude(gallery, sorted(wanted), kinds=kinds, report=report)
     if result.excluded:  # like any write: the whitened vote follows the searchable photos
         refresh_gallery_metric(gallery)
@@ -164,22 +175,37 @@ def apply_exclusions(
 
 
 def _all_but_oldest(pairs: Sequence[tuple[int, int]]) -> set[int]:
-    """Ids in groups of copies (connected by ``pairs``), except each group's oldest (lowest) id."""
-    if not pairs:
-        return set()
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    """Ids to exclude among copies (``pairs``): oldest first, a photo is kept unless it is a copy of a photo kept
+    already. Only direct copies are excluded: connected groups would let a chain of look-alikes, each a little
+    different from the last, take a whole species with it."""
+    copies: dict[int, set[int]] = {}
+    for a, b in pairs:
+        copies.setdefault(a, set()).add(b)
+        copies.setdefault(b, set()).add(a)
+    kept: set[int] = set()
+    out: set[int] = set()
+    for node in sorted(copies):
+        (out if copies[node] & kept else kept).add(node)
+    return out
 
-    nodes = sorted({i for pair in pairs for i in pair})
-    pos = {n: k for k, n in enumerate(nodes)}
-    rows, cols = zip(*((pos[a], pos[b]) for a, b in pairs), strict=True)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(nodes), len(nodes)))
-    _, group = connected_components(graph, directed=False)
-    oldest: dict[int, int] = {}
-    for node, g in zip(nodes, group, strict=True):
-        oldest.setdefault(int(g), node)  # nodes are sorted: the first seen is the lowest id
-    keep = set(oldest.values())
-    return {n for n in nodes if n not in keep}
+
+def _last_of_their_species(gallery: Gallery, wanted: set[int], result: ApplyResult) -> set[int]:
+    """Of ``wanted``, the oldest reference of each species whose every searchable reference is in ``wanted``
+    (those species are named in ``result.kept_last``)."""
+    meta = gallery.store.metadata(sorted(wanted))
+    by_species: dict[str, list[int]] = {}
+    for i, sp, gone in zip(meta["id"], meta["species"], meta["excluded"].fillna(False), strict=True):
+        if not gone:  # excluded before: not searchable now either
+            by_species.setdefault(str(sp), []).append(int(i))
+    searchable = {s.species: s.count for s in gallery.store.species()}
+    keep = set()
+    for sp, flagged in sorted(by_species.items()):
+        if searchable.get(sp, 0) and len(flagged) >= searchable[sp]:
+            keep.add(min(flagged))
+            result.kept_last.append(sp)
+            logger.warning("every reference of %s was flagged: its oldest (#%d) is kept, so the species stays "
+                           "searchable; check the findings by hand", sp, min(flagged))
+    return keep
 
 
 def run_clean(
@@ -223,6 +249,13 @@ def run_clean(
             raise ValueError(f"no photos under {against} (--against)")
 
     gallery, enc, reuse = _resolve_encoder(index, encoder)
+    if config.zero_shot and not enc.supports_text:  # refused before any photo is embedded for nothing
+        if not config.duplicates:
+            raise ValueError(f"nothing to check: encoder {enc.spec} is image-only, so the zero-shot filter cannot run, "
+                             "and --no-duplicates turns off the other checks; use a text-capable encoder (bioclip)")
+        if config.prompts is not None:
+            raise ValueError(f"--prompts needs an encoder that reads text (such as bioclip); {enc.spec} is image-only. "
+                             "Leave --prompts out to check duplicates and leaks only")
     t0 = time.perf_counter()
     cache, known, stored, dataset_name = None, {}, None, None
     if gallery is not None:
@@ -260,9 +293,11 @@ def run_clean(
         other = PhotoSet.from_embedded(against_paths, done, [known.get(s or "") for s in done.sha256])
     t1 = time.perf_counter()
     findings, zs, notice = check_photos(photos, enc, config, against=other, dataset=dataset_name,
-                                        prompt_cache=GalleryLayout(index).prompt_cache if index is not None else None)
+                                        prompt_cache=GalleryLayout(index).prompt_cache if index is not None else None,
+                                        progress=progress)
     result = CleanResult(findings=findings, photos=photos, against=other, encoder=enc.spec, zero_shot=zs,
-                         zero_shot_notice=notice, config=config, seconds_embed=t1 - t0)
+                         zero_shot_notice=notice, config=config, seconds_embed=t1 - t0,
+                         index=str(index) if index is not None else None)
     if apply:
         result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
         if result.applied.excluded and has_probe(index):
@@ -271,7 +306,7 @@ def run_clean(
     result.seconds_rest = time.perf_counter() - t1
     if report_dir is not None:
         title = "speciesid clean: " + (f"{dataset} {root}" if dataset else f"gallery {index}")
-        result.files = write_report(report_dir, result, title=title)
+        result.files = write_report(report_dir, result, title=title, progress=progress)
         result.seconds_report = time.perf_counter() - t1 - result.seconds_rest
     return result
 
@@ -315,7 +350,7 @@ def clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, c
     if notice:
         notice = notice.replace("zero-shot filter skipped", "--clean skipped")
     result = CleanResult(findings=findings, photos=photos, against=None, encoder=encoder.spec, zero_shot=zs,
-                         zero_shot_notice=notice, config=config)
+                         zero_shot_notice=notice, config=config, index=str(gallery.root))
     report_dir = gallery.layout.clean_report
     if zs is not None:
         result.applied = apply_exclusions(gallery, findings, ("off-target",), report=report_dir)

@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +85,8 @@ table.summary td{padding:2px 10px 2px 0}
 )
 
 _TITLES = {
+    "label-conflict": "Label conflicts: the same photo (or a near-identical one) filed under two species; one label "
+                      "is wrong (never excluded automatically)",
     "off-target": "Off-target photos (zero-shot): probability of the off-target classes",
     "leak": "Leaks: the same bytes in the gallery and in the other set",
     "near-leak": "Near-identical leaks: gallery photo | other-set photo, cosine similarity",
@@ -95,9 +98,13 @@ _TITLES = {
 
 def write_contact_sheet(
     path: str | Path, findings: Sequence[Finding], *, title: str, summary: dict[str, object],
-    limit: int = MAX_SHEET_FINDINGS,
+    limit: int = MAX_SHEET_FINDINGS, progress: bool = False,
 ) -> Path:
     """A self-contained HTML page: thumbnails (base64 JPEG) of flagged photos and duplicate pairs, with scores."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=min(limit, len(findings)), desc="cleaning: contact sheet", unit="finding",
+               disable=not progress)
     thumbs: dict[str, str] = {}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -117,6 +124,7 @@ def write_contact_sheet(
             if shown >= limit:
                 break
             shown += 1
+            bar.update()
             score = "" if math.isnan(f.score) else f"{f.score:.3f}"
             ref = f" #{f.reference_id}" if f.reference_id is not None else ""
             if f.paired_path:
@@ -137,16 +145,21 @@ def write_contact_sheet(
     if not findings:
         parts.append("<p>Nothing found.</p>")
     parts.append("</body></html>")
+    bar.close()
     return atomic_write(path, "\n".join(parts))
 
 
-def write_report(report_dir: str | Path, result: CleanResult, *, title: str) -> dict[str, Path]:
-    """findings.csv, contact_sheet.html, summary.json (and zero_shot_scores.csv when the filter ran)."""
+def write_report(report_dir: str | Path, result: CleanResult, *, title: str, progress: bool = False) -> dict[str, Path]:
+    """findings.csv, contact_sheet.html, summary.json (and zero_shot_scores.csv when the filter ran; an earlier
+    run's is removed otherwise, so a folder never mixes two runs). summary.json is written last."""
+    t0 = time.perf_counter()
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": write_findings_csv(out / FINDINGS_CSV, result.findings)}
     if result.zero_shot is not None:
         files["scores"] = _write_scores_csv(out / SCORES_CSV, result.photos, result.zero_shot)
+    else:
+        (out / SCORES_CSV).unlink(missing_ok=True)
     summary: dict[str, object] = {
         "encoder": result.encoder,
         "photos": len(result.photos),
@@ -163,7 +176,8 @@ def write_report(report_dir: str | Path, result: CleanResult, *, title: str) -> 
         "seconds_rest": round(result.seconds_rest, 3),
         "applied": (
             {"excluded": result.applied.excluded, "already": result.applied.already,
-             "not_in_gallery": result.applied.not_in_gallery} if result.applied is not None else None
+             "not_in_gallery": result.applied.not_in_gallery, "kept_last": result.applied.kept_last}
+            if result.applied is not None else None
         ),
     }
     shown = {k: v for k, v in summary.items() if k not in ("applied",)}
@@ -171,7 +185,9 @@ def write_report(report_dir: str | Path, result: CleanResult, *, title: str) -> 
         f"{result.zero_shot.prompts.source}, flagged at p >= {result.config.threshold:g}"
         if result.zero_shot is not None else result.zero_shot_notice
     )
-    files["sheet"] = write_contact_sheet(out / CONTACT_SHEET, result.findings, title=title, summary=shown)
+    files["sheet"] = write_contact_sheet(out / CONTACT_SHEET, result.findings, title=title, summary=shown,
+                                         progress=progress)
+    summary["seconds_report"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / SUMMARY_JSON, summary)
     files["summary"] = out / SUMMARY_JSON
     return files

@@ -6,9 +6,12 @@ Three checks (run by :mod:`retrieval.clean`; reported by :mod:`retrieval.clean_r
   classes read from a prompt file (:mod:`retrieval.prompts`): target classes ("a snake") and off-target
   ones (drawings, maps, labels, skeletons, jars, shed skins, eggs, people, empty scenes...), with
   :mod:`retrieval.zeroshot` (the same scoring as the text prior). The off-target probability is the
-  class probabilities' sum over the off-target classes; a photo is flagged when it reaches ``threshold``.
+  class probabilities' sum over the off-target classes; a photo is flagged when it reaches ``threshold`` and
+  its single most likely class is an off-target one (a sum alone grows with the number of off-target classes:
+  a photo the prompts say nothing about would score 0.9 with 9 off-target classes to 1 target).
 - **Duplicates** in the set: same bytes (sha256), or embeddings with cosine >= ``dup_threshold``
-  (:func:`index.pairs.similar_pairs`).
+  (:func:`index.pairs.similar_pairs`). A pair filed under two species is a **label conflict** instead: one of the
+  two labels is wrong, and no automatic rule can tell which, so ``--apply`` never acts on it.
 - **Leakage** against another set (``against``, e.g. the evaluation photos): the same two tests across sets.
 
 Nothing here writes: :mod:`retrieval.clean` turns findings into reversible exclusions.
@@ -38,7 +41,8 @@ DEFAULT_THRESHOLD = 0.5
 #: re-encoded, re-cropped or with its watermark cut off scored 0.959-1.000; different photos of the same
 #: animal (burst shots, same scene) 0.93 and below, with a few bursts at 0.95-0.96.
 DEFAULT_DUP_THRESHOLD = 0.95
-KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate", "unreadable")
+KINDS: tuple[str, ...] = ("label-conflict", "off-target", "leak", "near-leak", "duplicate", "near-duplicate",
+                          "unreadable")
 #: Kinds ``apply_exclusions`` can act on (unreadable photos are never in a store).
 APPLY_KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate")
 
@@ -47,6 +51,13 @@ APPLY_KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", 
 def off_target_probability(probs: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
     """(N,) probability mass on the off-target classes."""
     return probs[:, ~np.asarray(target_mask, dtype=bool)].sum(axis=1)
+
+
+def top_class_off_target(probs: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
+    """(N,) bool: an off-target class is more likely than every target class (a tie is not)."""
+    mask = np.asarray(target_mask, dtype=bool)
+    p = np.nan_to_num(probs, nan=-1.0)
+    return p[:, ~mask].max(axis=1, initial=-1.0) > p[:, mask].max(axis=1, initial=-1.0)
 
 
 @dataclass
@@ -71,14 +82,14 @@ class ZeroShotResult:
 
 def score_zero_shot(
     encoder: Encoder, embeddings: np.ndarray, ok: np.ndarray, prompts: PromptSet,
-    *, cache_dir: str | Path | None = None,
+    *, cache_dir: str | Path | None = None, progress: bool = False,
 ) -> ZeroShotResult:
     """Class probabilities and off-target probability of each photo (``ok``: rows that have an embedding).
 
     ``cache_dir``: where the prompt class embeddings are cached (``None``: computed every time).
     """
     t0 = time.perf_counter()
-    class_emb = cached_class_embeddings(encoder, prompts.class_prompts(), cache_dir)
+    class_emb = cached_class_embeddings(encoder, prompts.class_prompts(), cache_dir, progress=progress)
     t1 = time.perf_counter()
     scale = logit_scale(encoder)
     probs = np.full((len(embeddings), len(prompts.classes)), np.nan, dtype=np.float32)
@@ -156,10 +167,13 @@ def find_issues(
     dup_threshold: float = DEFAULT_DUP_THRESHOLD,
     duplicates: bool = True,
 ) -> list[Finding]:
-    """All findings: off-target photos, duplicates within ``photos``, leaks from ``against``, unreadable ones."""
+    """All findings: off-target photos, duplicates (or label conflicts) within ``photos``, leaks from ``against``,
+    unreadable ones (never also a duplicate or a leak: two empty files are not copies of a photo)."""
     findings: list[Finding] = []
     if zero_shot is not None:
-        for i in np.flatnonzero(photos.ok & (np.nan_to_num(zero_shot.off_target, nan=-1.0) >= threshold)):
+        flagged = (photos.ok & (np.nan_to_num(zero_shot.off_target, nan=-1.0) >= threshold)
+                   & top_class_off_target(zero_shot.probs, zero_shot.prompts.target_mask))
+        for i in np.flatnonzero(flagged):
             findings.append(
                 Finding("off-target", float(zero_shot.off_target[i]), photos.paths[i],
                         detail=zero_shot.describe(int(i)), reference_id=photos.ids[i])
@@ -181,14 +195,15 @@ def find_issues(
 
 def check_photos(
     photos: PhotoSet, encoder: Encoder, config: CleanConfig, *, against: PhotoSet | None = None,
-    dataset: str | None = None, prompt_cache: str | Path | None = None,
+    dataset: str | None = None, prompt_cache: str | Path | None = None, progress: bool = False,
 ) -> tuple[list[Finding], ZeroShotResult | None, str | None]:
     """Run the checks ``config`` asks for: (findings, zero-shot result or None, why the filter did not run)."""
     zs, notice = None, None
     if config.zero_shot:
         if encoder.supports_text:
             prompts = load_prompts(config.prompts or taxon_group(dataset, photos.species))
-            zs = score_zero_shot(encoder, photos.embeddings, photos.ok, prompts, cache_dir=prompt_cache)
+            zs = score_zero_shot(encoder, photos.embeddings, photos.ok, prompts, cache_dir=prompt_cache,
+                                 progress=progress)
         else:
             notice = (
                 f"zero-shot filter skipped: encoder {encoder.spec} is image-only (it needs a text-capable encoder "
@@ -200,16 +215,30 @@ def check_photos(
     return findings, zs, notice
 
 
+def _copy(photos: PhotoSet, later: int, earlier: int, score: float, how: str) -> Finding:
+    """A duplicate of ``earlier`` (``kind`` by ``how``: "same bytes (sha256)" or ""), or a label conflict when the
+    two are filed under different species."""
+    here, there = _species(photos, later), _species(photos, earlier)
+    if here and there and here != there:
+        detail = f"{how or 'near-identical'}: labelled {here} here, {there} there; one label is wrong"
+        return Finding("label-conflict", score, photos.paths[later], photos.paths[earlier], detail,
+                       photos.ids[later], photos.ids[earlier])
+    kind = "duplicate" if how else "near-duplicate"
+    return Finding(kind, score, photos.paths[later], photos.paths[earlier], how, photos.ids[later], photos.ids[earlier])
+
+
+def _species(photos: PhotoSet, i: int) -> str | None:
+    return photos.species[i] if i < len(photos.species) else None
+
+
 def _duplicates(photos: PhotoSet, dup_threshold: float) -> list[Finding]:
     out: list[Finding] = []
     first: dict[str, int] = {}
     for i, sha in enumerate(photos.sha256):
-        if sha is None:
+        if sha is None or photos.errors[i] is not None:
             continue
         if sha in first:
-            j = first[sha]
-            out.append(Finding("duplicate", 1.0, photos.paths[i], photos.paths[j], "same bytes (sha256)",
-                               photos.ids[i], photos.ids[j]))
+            out.append(_copy(photos, i, first[sha], 1.0, "same bytes (sha256)"))
         else:
             first[sha] = i
     ok = np.flatnonzero(photos.ok)
@@ -217,8 +246,7 @@ def _duplicates(photos: PhotoSet, dup_threshold: float) -> list[Finding]:
         i, j = int(ok[a]), int(ok[b])  # i < j: report the later photo, paired with the earlier one
         if photos.sha256[i] is not None and photos.sha256[i] == photos.sha256[j]:
             continue  # already reported as the same bytes
-        out.append(Finding("near-duplicate", sim, photos.paths[j], photos.paths[i], "",
-                           photos.ids[j], photos.ids[i]))
+        out.append(_copy(photos, j, i, sim, ""))
     return out
 
 
@@ -226,9 +254,11 @@ def _leaks(photos: PhotoSet, against: PhotoSet, dup_threshold: float) -> list[Fi
     out: list[Finding] = []
     by_sha: dict[str, list[int]] = {}
     for i, sha in enumerate(photos.sha256):
-        if sha is not None:
+        if sha is not None and photos.errors[i] is None:
             by_sha.setdefault(sha, []).append(i)
     for j, sha in enumerate(against.sha256):
+        if against.errors[j] is not None:
+            continue
         for i in by_sha.get(sha or "", []):
             out.append(Finding("leak", 1.0, photos.paths[i], against.paths[j], "same bytes (sha256)",
                                photos.ids[i], against.ids[j]))
@@ -252,6 +282,8 @@ class CleanConfig:
     duplicates: bool = True  # look for duplicates and leaks
 
     def __post_init__(self) -> None:
+        if not self.zero_shot and not self.duplicates:
+            raise ValueError("nothing to check: --no-zero-shot and --no-duplicates together turn off every check")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"--threshold is a probability in (0, 1], got {self.threshold}")
         if not -1.0 <= self.dup_threshold <= 1.0:

@@ -21,15 +21,27 @@ from index.atomic import atomic_write
 from retrieval.encoders import Encoder
 
 logger = logging.getLogger(__name__)
+#: Prompts encoded per call (the progress bar moves once a batch).
+TEXT_BATCH = 64
 
 
-def class_embeddings(encoder: Encoder, classes: Sequence[Sequence[str]]) -> np.ndarray:
-    """(n_classes, dim): each class's normalised prompt embeddings averaged, then re-normalised."""
+def class_embeddings(encoder: Encoder, classes: Sequence[Sequence[str]], *, progress: bool = False) -> np.ndarray:
+    """(n_classes, dim): each class's normalised prompt embeddings averaged, then re-normalised.
+
+    ``progress``: a bar over the prompts (encoding a shipped prompt file takes ~20 s on a CPU)."""
     if not encoder.supports_text:
         raise ValueError(
             f"encoder {encoder.spec!r} is image-only: zero-shot scoring needs a CLIP-style encoder (e.g. bioclip)"
         )
-    flat = encoder.encode_text([p for prompts in classes for p in prompts])
+    from tqdm import tqdm
+
+    prompts_flat = [p for prompts in classes for p in prompts]
+    with tqdm(total=len(prompts_flat), desc="zero-shot: encoding prompts", unit="prompt", disable=not progress) as bar:
+        parts = []
+        for start in range(0, len(prompts_flat), TEXT_BATCH):
+            parts.append(encoder.encode_text(prompts_flat[start : start + TEXT_BATCH]))
+            bar.update(len(parts[-1]))
+    flat = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype=np.float32)
     out = np.zeros((len(classes), encoder.dim), dtype=np.float32)
     start = 0
     for i, prompts in enumerate(classes):
@@ -42,14 +54,14 @@ def class_embeddings(encoder: Encoder, classes: Sequence[Sequence[str]]) -> np.n
 
 
 def cached_class_embeddings(
-    encoder: Encoder, classes: Sequence[Sequence[str]], cache_dir: str | Path | None
+    encoder: Encoder, classes: Sequence[Sequence[str]], cache_dir: str | Path | None, *, progress: bool = False
 ) -> np.ndarray:
     """:func:`class_embeddings`, kept in ``cache_dir`` per (encoder, precision, prompts); ``None``: no cache.
 
     Encoding the ~400 prompts of a shipped prompt file costs ~20 s on a CPU with BioCLIP's ViT-B-16.
     """
     if cache_dir is None:
-        return class_embeddings(encoder, classes)
+        return class_embeddings(encoder, classes, progress=progress)
     payload = json.dumps([encoder.fingerprint, encoder.text_dtype, [list(c) for c in classes]], ensure_ascii=True)
     path = Path(cache_dir) / f"{hashlib.sha256(payload.encode()).hexdigest()[:24]}.npy"
     if path.is_file():
@@ -57,7 +69,7 @@ def cached_class_embeddings(
         if emb.shape == (len(classes), encoder.dim):
             logger.info("zero-shot: %d class embeddings from cache %s", len(classes), path)
             return emb
-    emb = class_embeddings(encoder, classes)
+    emb = class_embeddings(encoder, classes, progress=progress)
     atomic_write(path, lambda tmp: np.save(tmp, emb))
     logger.info("zero-shot: %d class embeddings computed and cached at %s", len(classes), path)
     return emb

@@ -8,6 +8,7 @@ photos with the real MobileNetV1 weights.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -165,9 +166,31 @@ def test_zero_shot_probabilities_and_threshold_with_controlled_embeddings():
     assert flagged(0.5) == {"/p/1.jpg": pytest.approx(off[1]), "/p/2.jpg": pytest.approx(off[2])}
     assert set(flagged(float(off[2]))) == {"/p/1.jpg", "/p/2.jpg"}  # >= threshold is flagged
     assert set(flagged(float(off[2]) + 1e-4)) == {"/p/1.jpg"}
-    assert set(flagged(float(off[3]))) == {"/p/1.jpg", "/p/2.jpg", "/p/3.jpg"}
+    # photo 3 reaches its own off-target sum, but its most likely class is the target: not flagged
+    assert set(flagged(float(off[3]))) == {"/p/1.jpg", "/p/2.jpg"}
     top = find_issues(photos, zero_shot=zs, threshold=0.5, duplicates=False)[0]
     assert top.path == "/p/1.jpg" and top.reference_id == 11 and top.detail.startswith("drawing 1.00")
+
+
+def test_a_photo_the_prompts_say_nothing_about_is_not_off_target():
+    """The off-target sum grows with the number of off-target classes: with 9 of them to 1 target, a photo equally
+    like every class sums to 0.9, and one whose best class is the target can still sum past 0.5. Neither is flagged."""
+    classes = np.eye(10, dtype=np.float32)  # class 0 the target, 1-9 off-target
+    images = np.zeros((3, 11), dtype=np.float32)
+    images[0, 10] = 1.0  # equally far from every class
+    images[1, :10] = [0.4] + [0.3] * 9  # the target is its best class
+    images[2, :10] = [0.2, 0.9] + [0.1] * 8  # a drawing
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    probs = zero_shot_probabilities(images, np.pad(classes, ((0, 0), (0, 1))), logit_scale=10.0)
+    mask = np.arange(10) == 0
+    off = off_target_probability(probs, mask)
+    assert off[0] == pytest.approx(0.9, abs=1e-5) and off[1] > 0.5  # both past the threshold by the sum alone
+    names = "".join(f"[off-target: c{i}]\nx\n" for i in range(1, 10))
+    ps = parse_prompts("[target: snake]\na\n" + names)
+    photos = PhotoSet([f"/p/{i}.jpg" for i in range(3)], [f"sha{i}" for i in range(3)], images, [None] * 3, [0, 1, 2])
+    zs = ZeroShotResult(prompts=ps, probs=probs, off_target=off, logit_scale=10.0)
+    found = find_issues(photos, zero_shot=zs, threshold=0.5, duplicates=False)
+    assert [f.path for f in found if f.kind == "off-target"] == ["/p/2.jpg"]
 
 
 def test_similar_pairs_within_and_across_sets():
@@ -188,7 +211,7 @@ def _stub_classes(monkeypatch, off_target_emb: np.ndarray, target_emb: np.ndarra
     import retrieval.findings as rc
 
     monkeypatch.setattr(rc, "cached_class_embeddings",
-                        lambda enc, classes, cache_dir: np.stack([target_emb, off_target_emb]))
+                        lambda enc, classes, cache_dir, progress=False: np.stack([target_emb, off_target_emb]))
 
 
 def test_apply_excludes_from_search_and_probe_then_restore(tiny_clip_dir, tmp_path, monkeypatch, capsys):
@@ -276,16 +299,27 @@ def test_index_build_clean_excludes_during_the_build(tiny_clip_dir, tmp_path, ca
 
     _photos(tmp_path / "photos", per_species=2)
     index = tmp_path / "g"
-    # threshold 1e-6: every photo has some off-target probability, so all four are excluded
-    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos",
-                          "--index", index, "--encoder", f"open_clip:local-dir:{tiny_clip_dir}", "--precision",
-                          "fp32", "--clean", "--prompts", "snakes", "--clean-threshold", "1e-6", "--quiet")
-    assert code == 1 and "no searchable references" in err and "the cleaning excluded them all" in err, out
+    # threshold 1e-6 with every photo's best class off-target: all four are flagged, but no species is emptied
+    import retrieval.findings as rc
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rc, "top_class_off_target", lambda probs, mask: np.ones(len(probs), dtype=bool))
+    try:
+        code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos",
+                              "--index", index, "--encoder", f"open_clip:local-dir:{tiny_clip_dir}", "--precision",
+                              "fp32", "--clean", "--prompts", "snakes", "--clean-threshold", "1e-6", "--quiet")
+    finally:
+        mp.undo()
+    assert code == 0, err
     assert "off-target (p >= 1e-06, prompts" in out and "snakes.txt): 4 of 4 photos" in out
-    assert "applied: 4 references excluded" in out
-    assert len(Gallery.open(index)) == 0 and (index / "clean-report" / "findings.csv").is_file()
+    assert "applied: 2 references excluded" in out and "kept: every reference of Naja haje, Natrix maura" in out
+    g = Gallery.open(index)
+    assert len(g) == 2 and {s.species for s in g.store.species()} == {"Naja haje", "Natrix maura"}
+    assert (index / "clean-report" / "findings.csv").is_file()
+    summary = json.loads((index / "clean-report" / "summary.json").read_text())
+    assert summary["applied"]["kept_last"] == ["Naja haje", "Natrix maura"] and summary["seconds_report"] >= 0
     code, out, _ = _run(capsys, "clean", "--restore", "--index", index)
-    assert "restored 4 references" in out and len(Gallery.open(index)) == 4
+    assert "restored 2 references" in out and len(Gallery.open(index)) == 4
 
 
 # ------------------------------------------------------- image-only encoder, duplicates, CSV, errors
@@ -323,6 +357,69 @@ def test_image_only_encoder_skips_zero_shot_but_finds_duplicates_and_leaks(tmp_p
     sheet = (tmp_path / "report" / "contact_sheet.html").read_text()
     assert sheet.count("data:image/jpeg;base64,") >= 8 and "resaved.png" in sheet and "Leaks" in sheet
     assert not (tmp_path / "report" / "zero_shot_scores.csv").exists()
+
+
+def test_label_conflicts_unreadable_pairs_and_a_reused_report_folder(tmp_path, capsys):
+    """The same photo under two species is a label conflict (not a duplicate an --apply would resolve by age);
+    two empty files are unreadable, not copies of each other; a report folder holds one run's files."""
+    paths = _photos(tmp_path / "photos", per_species=2)
+    (tmp_path / "photos" / "Natrix maura" / "filed-twice.png").write_bytes(paths[0].read_bytes())  # Naja haje's
+    for name in ("empty1.jpg", "empty2.jpg"):
+        (tmp_path / "photos" / "Naja haje" / name).write_bytes(b"")
+    report = tmp_path / "report"
+    (report).mkdir()
+    (report / "zero_shot_scores.csv").write_text("path,off_target\nold run,0.9\n")  # an earlier run's
+    code, out, _ = _run(capsys, "clean", "--dataset", "folder", "--root", tmp_path / "photos", "--encoder",
+                        IMAGE_ONLY, "--precision", "fp32", "--dup-threshold", "0.999", "--report", report, "--quiet")
+    assert code == 0, out
+    assert "label conflicts: 1 photos filed under two species" in out and "duplicates: 0 same bytes, 0 near" in out
+    rows = _read_csv(report / "findings.csv")
+    assert sorted((r["kind"], Path(r["path"]).name) for r in rows) == [
+        ("label-conflict", "filed-twice.png"), ("unreadable", "empty1.jpg"), ("unreadable", "empty2.jpg")]
+    conflict = rows[0]
+    assert "labelled Natrix maura here, Naja haje there" in conflict["detail"]
+    assert not (report / "zero_shot_scores.csv").exists()  # not this run's: gone
+    assert "seconds_report" in json.loads((report / "summary.json").read_text())
+
+
+def test_apply_keeps_chains_of_look_alikes_and_never_resolves_label_conflicts(tmp_path):
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.clean import apply_exclusions
+    from retrieval.findings import Finding
+
+    g = Gallery.create(tmp_path / "g", {"spec": "test:x", "fingerprint": "test:x#1", "dim": 4})
+    x = np.eye(4, dtype=np.float32)[[0, 0, 0, 1, 2, 2]]
+    ids = g.add([ReferenceRecord(path=f"/p/{i}.jpg", species=s) for i, s in
+                 enumerate(["A a", "A a", "A a", "B b", "C c", "C c"])], [f"d{i}" for i in range(6)], x)
+    a0, a1, a2, b0, c0, c1 = ids
+
+    def near(i: int, j: int, kind: str = "near-duplicate") -> Finding:
+        return Finding(kind, 0.96, f"/p/{i}.jpg", f"/p/{j}.jpg", "", i, j)
+
+    # a chain a0 ~ a1 ~ a2 where a0 and a2 are not copies of each other: only a1 (a copy of the kept a0) goes
+    done = apply_exclusions(g, [near(a1, a0), near(a2, a1), near(b0, c0, "label-conflict")],
+                            ("duplicate", "near-duplicate"))
+    assert done.excluded == [a1] and done.kept_last == []
+    # every reference of C c flagged (off-target): the oldest stays, so the species stays searchable
+    off = [Finding("off-target", 0.9, f"/p/{i}.jpg", reference_id=i) for i in (c1, c0)]
+    done = apply_exclusions(g, off, ("off-target",))
+    assert done.excluded == [c1] and done.kept_last == ["C c"]
+    assert {s.species: s.count for s in g.store.species()} == {"A a": 2, "B b": 1, "C c": 1}
+
+
+def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, capsys, monkeypatch):
+    import retrieval.clean
+
+    _photos(tmp_path / "photos", per_species=1)
+    monkeypatch.setattr(retrieval.clean, "embed_photos", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    base = ["clean", "--dataset", "folder", "--root", tmp_path / "photos", "--report", tmp_path / "r",
+            "--encoder", IMAGE_ONLY, "--precision", "fp32"]
+    for extra, msg in ((["--no-duplicates"], "nothing to check: encoder timm:test_vit@random is image-only"),
+                       (["--prompts", "snakes"], "--prompts needs an encoder that reads text"),
+                       (["--no-duplicates", "--no-zero-shot"], "nothing to check: --no-zero-shot and")):
+        code, _, err = _run(capsys, *base, *extra)
+        assert code == 2 and msg in err, (extra, err)
 
 
 def _png_text(text: str):
