@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +23,12 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+#: Methods metrics are labelled with; any other is counted as "other" (a label per invented method would let
+#: anyone grow the metrics without bound).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The page holds an API-key field: no other site may frame it (clickjacking), and its type is never sniffed.
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff"}
 
 
 def _route_path(app: FastAPI, request: Request) -> str:
@@ -88,21 +96,31 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
             detail = f"request body over the {limit / 2**20:.0f} MB this route accepts" if limit else detail
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        for err in exc.errors():  # a photo field that holds no file: say how to send one
+            loc = tuple(err.get("loc", ()))
+            if len(loc) >= 2 and loc[0] == "body" and loc[1] in ("images", "image"):
+                return JSONResponse({"detail": f"send the photos as files in the multipart field '{loc[1]}' "
+                                               f"(e.g. curl -F {loc[1]}=@photo.jpg)"}, status_code=422)
+        return await request_validation_exception_handler(request, exc)
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         response = await call_next(request)
         path = _route_path(app, request)
         m = app.state.metrics
-        m.requests.labels(request.method, path, str(response.status_code)).inc()
-        m.latency.labels(request.method, path).observe(time.perf_counter() - start)
+        method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
+        m.requests.labels(method, path, str(response.status_code)).inc()
+        m.latency.labels(method, path).observe(time.perf_counter() - start)
         return response
 
     for router in (identify.router, species.router, references.router, health.router):
         app.include_router(router)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
     return app

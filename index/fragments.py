@@ -22,7 +22,7 @@ def _lance():
     try:
         import lance
     except ImportError as exc:  # pragma: no cover - the base install has no pylance
-        raise ImportError("writing fragments needs pylance: pip install -e '.[ray]'") from exc
+        raise ImportError("writing fragments needs pylance: pip install 'speciesid[ray]'") from exc
     return lance
 
 

@@ -71,7 +71,7 @@ def _ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise ImportError("--engine ray needs Ray Data: pip install -e '.[ray]'") from exc
+        raise ImportError("--engine ray needs Ray Data: pip install 'speciesid[ray]'") from exc
     return ray
 
 

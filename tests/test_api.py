@@ -460,7 +460,7 @@ def test_writes_need_a_key_reads_are_open(client, service):
     # both configured keys work (the photo is already stored: a duplicate, nothing added)
     for key in (API_KEY, "other-key"):
         resp = client.post(url, files=photo, headers={"X-API-Key": key})
-        assert resp.status_code == 201 and resp.json()["added"] == 0 and len(resp.json()["duplicates"]) == 1
+        assert resp.status_code == 200 and resp.json()["added"] == 0 and len(resp.json()["duplicates"]) == 1
     assert client.get("/v1/species").status_code == 200  # reads open by default
     schema = client.get("/openapi.json").json()  # the key is the schema's security scheme (the docs' Authorize)
     scheme = schema["components"]["securitySchemes"]["APIKeyHeader"]
@@ -489,6 +489,25 @@ def test_writes_need_a_key_reads_are_open(client, service):
         Settings(**{**base, "runtime": "onnxx"})
     with pytest.raises(ValueError, match="SPECIESID_PRECISION: 'fp64' is not one of auto, fp32"):
         Settings(**{**base, "precision": "fp64"})
+
+
+def test_edge_answers_say_what_to_do(client):
+    """The page is not frameable and answers HEAD; a photo field without a file, or a species name with a '/',
+    gets a message saying what to send; metrics take no label from an invented method."""
+    page = client.head("/")
+    assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
+    assert client.get("/").headers["content-security-policy"] == "frame-ancestors 'none'"
+    for field, url in (("images", "/v1/identify"), ("images", f"/v1/species/{binomial(NEW_SPECIES)}/references")):
+        detail = _is_error(client.post(url, data={field: "abc"}, headers=KEYS), 422)
+        assert f"send the photos as files in the multipart field '{field}'" in detail, detail
+    detail = _is_error(client.post("/v1/species/Naja%2Fhaje/references", files=_one("a.jpg", b"x"), headers=KEYS),
+                       422)
+    assert "cannot contain '/'" in detail
+    assert "cannot contain '/'" in _is_error(client.get("/v1/species/Naja%2Fhaje"), 422)
+    for method in ("X1ZZ", "X2ZZ"):
+        client.request(method, "/v1/species")
+    metrics = client.get("/metrics").text
+    assert 'method="X1ZZ"' not in metrics and 'method="other",route="/v1/species"' in metrics
 
 
 # ----------------------------------------------------------------------------------------- writes

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "worker reaches; credentials and endpoint from AWS_* variables (AWS_ENDPOINT_URL for "
                    "S3-compatible servers)")
     p.add_argument("--engine", default="local", choices=("local", "ray"),
-                   help="embed in this process (default) or on a Ray cluster (pip install -e '.[ray]')")
+                   help="embed in this process (default) or on a Ray cluster (pip install 'speciesid[ray]')")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="with --engine ray: a running cluster (auto, HOST:6379, ray://HOST:10001); default: start "
                    "a local Ray")

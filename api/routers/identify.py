@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from api.deps import ReadKey, Service
 from api.routers._edge import edge, errors, neighbour_out, read_uploads
@@ -80,6 +81,13 @@ async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
     Async only to read the body by content type; the decode, encode and search run in the threadpool, as
     ``identify``'s do, so one slow search never stalls the event loop (health checks, the guard's 429s)."""
     ctype = request.headers.get("content-type", "").lower()  # media types ignore case
+    try:
+        return await _search(request, service, ctype)
+    except ClientDisconnect:  # nobody to answer; a plain 400 keeps the log free of tracebacks and counts it
+        raise HTTPException(400, "the client closed the connection before the request body was sent") from None
+
+
+async def _search(request: Request, service: SpeciesService, ctype: str) -> SearchOut:
     if ctype.startswith("application/json"):
         try:
             body = SearchVectorIn.model_validate(json.loads(await request.body() or b"null"))

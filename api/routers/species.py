@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Path, Response, UploadFile
 
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
@@ -39,10 +39,20 @@ def add_references(
     images: Annotated[list[UploadFile], File(description="reference photos of this species")],
     common_name: Annotated[str | None, Form(max_length=200)] = None,
     venomous: Annotated[bool | None, Form(description="medically important venomous")] = None,
+    *, response: Response,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
     uploads = read_uploads(service, images, at_most=service.settings.max_add_images)
     result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous))
+    if not result.report.added:
+        response.status_code = 200  # nothing stored (every photo a reference already): nothing was created
     return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
                             added=result.report.added,
                             duplicates=[DuplicateOut(file=f, id=i, species=sp) for f, i, sp in result.duplicates])
+
+
+@router.api_route("/{name:path}/references", methods=["POST"], include_in_schema=False)
+@router.get("/{name:path}", include_in_schema=False)
+def name_with_a_slash(name: str) -> None:
+    """A name with ``/`` in it (``Naja%2Fhaje``) matches no route above: say why, instead of a bare 404/405."""
+    raise HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
