@@ -22,6 +22,7 @@ CHROMEDRIVER = Path(os.environ.get("SPECIESID_CHROMEDRIVER", "/usr/bin/chromedri
 #: Set to a file path to keep a screenshot of the answer page (for a person to look at).
 SCREENSHOT = os.environ.get("SPECIESID_SCREENSHOT")
 WAIT_S = 60
+_APPS: dict = {}  # the site's app, for tests that change its settings for a while
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def site(tmp_path_factory):
 
     index = gallery_copy(tmp_path_factory, "api_web")
     app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
+    _APPS["site"] = app
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn-web-test", daemon=True)
@@ -194,3 +196,28 @@ def test_a_species_of_unrecorded_venom_status_is_not_shown_as_harmless(site, bro
     lines = text.splitlines()
     assert lines[0].startswith("⚠ Possibly MEDICALLY IMPORTANT VENOMOUS") and "venom status is not recorded" in lines[0]
     assert any(line.startswith("Testus incertus") and "venom status unknown" in line for line in lines), text
+
+
+def test_a_server_that_needs_a_key_for_reads_gets_it_from_the_page(site, browser):
+    """With SPECIESID_READS_REQUIRE_KEY the page says where the key goes; typed there, it is sent with the
+    identification and the evidence thumbnails (fetched with the header: an <img src> cannot send one)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    settings = _APPS["site"].state.settings
+    settings.reads_require_key = True
+    try:
+        assert _identify(browser, site, COBRA) == ""
+        assert "needs an API key to identify" in browser.find_element(By.ID, "status").text
+        browser.find_element(By.CSS_SELECTOR, "details summary").click()
+        browser.find_element(By.ID, "apikey").send_keys(API_KEY)
+        browser.find_element(By.ID, "identify-button").click()
+        WebDriverWait(browser, WAIT_S).until(lambda d: "Naja philippinensis" in d.find_element(By.ID, "results").text)
+        thumbs = browser.find_elements(By.CSS_SELECTOR, "#results .evidence img")
+        assert thumbs
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", t)
+                          for t in thumbs)
+        )
+    finally:
+        settings.reads_require_key = False
