@@ -157,7 +157,7 @@ def main() -> None:
         if aug:
             config.augment = dataclasses.replace(config.augment, **aug)
         t0 = time.perf_counter()
-        result = finetune(config, progress=True)
+        result = finetune(config, progress=True, report=print)
         minutes = (time.perf_counter() - t0) / 60
         print(f"fine-tuning: {result.epochs_run} epochs, best {result.best_epoch} ({result.stopped}), "
               f"{minutes:.1f} min wall (training loop {result.seconds / 60:.1f} min)")

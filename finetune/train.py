@@ -13,7 +13,8 @@ stopping by ``--select``: the fitted log-loss by default), a row in
 history, RNG states) so an interrupted run (Ctrl-C, crash) resumes where the last epoch ended. The result is
 written by :func:`finetune.export.save_finetuned` (timm local-dir folder + head-as-probe).
 
-Laid out as timm's ``train.py``: :func:`finetune` is a short runner over the parts: the options
+Laid out as timm's ``train.py``: :func:`finetune` is a short runner over its steps (prepare, restore or start,
+train, weigh the untrained network, export) and the parts they call: the options
 (``finetune.config``), data (``finetune.data``), model (``finetune.model``), restore/resume
 (``finetune.checkpoint``), one epoch and validation (``finetune.engine``), export (``finetune.export``).
 """
@@ -27,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from finetune.augment import eval_transform, model_data_config
-from finetune.budget import fit_to_budget, replan
+from finetune.budget import BudgetPlan, fit_to_budget, replan
 from finetune.checkpoint import (
     CHECKPOINT,
     TrainState,
@@ -45,8 +47,9 @@ from finetune.checkpoint import (
     set_rng_state,
 )
 from finetune.config import STAGE_DEFAULTS, STAGES, AugmentConfig, FinetuneConfig
-from finetune.data import TransformView, build_data, loader, split_photos
+from finetune.data import FinetuneData, Split, TransformView, build_data, loader, split_photos
 from finetune.engine import (
+    Optimisation,
     SizeChoice,
     choose_test_size,
     create_ema,
@@ -59,7 +62,7 @@ from finetune.engine import (
     train_one_epoch,
     validate,
 )
-from finetune.model import create_net, resolve_init
+from finetune.model import InitSource, Net, create_net, resolve_init
 from retrieval.encoders import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -125,47 +128,85 @@ def weigh_untrained(state: TrainState, measured: Callable[[dict], SizeChoice | N
     return state.best_epoch, state.best_state, state.best_row, tuned_choice, versus
 
 
+@dataclass
+class _Run:
+    """What the parts of one run share (see :func:`finetune`)."""
+
+    cfg: FinetuneConfig  # resolved settings; ``epochs`` may be refitted by the time budget
+    out: Path  # the output folder
+    t_start: float  # when the run began (perf_counter)
+    device: torch.device  # where the network trains
+    workers: int  # DataLoader workers
+    species: list[str]  # the head's classes, in order
+    split: Split  # the train / val photos
+    source: InitSource  # the initial weights
+    net: Net  # backbone + cosine head
+    frozen_params: int  # parameters never trained (freeze_layers)
+    data_cfg: dict  # timm's data config of the backbone
+    data: FinetuneData  # datasets and loaders
+    sizes: list[int]  # the sides a gallery may embed at afterwards
+    mixup: Any  # timm's Mixup, or None
+    optim: Optimisation  # optimiser, schedule, scaler
+    evaluate: Callable[[torch.nn.Module], dict]  # validation figures of some weights
+    plan: BudgetPlan | None = None  # the time budget's plan; None without a budget
+    progress: bool = True  # progress bars
+    report: Callable[[str], None] = logger.info  # where status lines go
+    state: TrainState = field(default_factory=TrainState)  # epochs so far, best, history (checkpointed)
+    ema: Any = None  # timm's ModelEmaV3, or None
+    checkpoint: dict | None = None  # the checkpoint to resume from, until restored
+
+
 def finetune(
     config: FinetuneConfig,
     *,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``config.init`` on ``config.root``; write the model folder to ``config.out``.
 
     Resumes from ``OUT/checkpoint.pt`` when it was written under the same settings (``resume="auto"``).
     Ctrl-C raises :class:`FinetuneInterrupted` once the last finished epoch is safely checkpointed.
+    ``report`` receives the run's status lines (the budget's plan, a resume, each epoch, the epoch kept): the
+    log by default; the CLI prints them between its progress bars.
     """
-    from tqdm.auto import tqdm
+    run = _prepare(config, progress=progress, report=report or logger.info)
+    _restore_or_start(run)
+    stopped = _train(run, on_epoch_end)
+    kept = weigh_untrained(run.state, partial(_measured, run))
+    if kept[4] is not None:
+        run.report(f"kept epoch {kept[0]}: head log-loss (temperature fitted, at its best side) of the best "
+                   f"fine-tuned epoch {kept[4]['fine_tuned_nll']}, of the network before fine-tuning "
+                   f"{kept[4]['untrained_nll']}")
+    return _export(run, stopped, *kept)
 
-    from finetune.export import record_wall_seconds, save_finetuned, write_heldout
 
+def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], None]) -> _Run:
+    """Data and model, the time budget's plan, the optimiser: everything before the first epoch."""
     t_start = time.perf_counter()
     cfg = config.resolved()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_checkpoint(out, cfg)
+    checkpoint = load_checkpoint(out, cfg)  # refused now, before the data are read, when it cannot be resumed
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 1)
     seed_all(cfg.seed)
 
-    # ---- data and model
     split = split_photos(cfg)
-    species, n_classes = split.species, len(split.species)
     source = resolve_init(cfg.init, model=cfg.model, weights=cfg.weights)
-    net, frozen_params = create_net(source, n_classes, cfg)
+    net, frozen_params = create_net(source, len(split.species), cfg)
     data_cfg = model_data_config(net.backbone)
     net = net.to(device, memory_format=torch.channels_last)
     model_size = int(max(data_cfg["input_size"][1:]))
     train_size = cfg.train_size or model_size
     data = build_data(split, data_cfg, cfg, train_size=train_size, device=device, progress=progress)
     val_loader = loader(data.val, 2 * cfg.batch_size, workers=workers, device=device)
-    sizes = size_candidates(cfg.test_size, train_size, model_size)  # what galleries may embed at afterwards
-    mixup = create_mixup(cfg, n_classes)
+    sizes = size_candidates(cfg.test_size, train_size, model_size)
+    mixup = create_mixup(cfg, len(split.species))
     plan = None
     if cfg.time_budget and checkpoint is not None:
         cfg.epochs = int(checkpoint["settings"]["epochs"])  # the epochs fitted when the run began
@@ -175,118 +216,144 @@ def finetune(
                              spent_s=time.perf_counter() - t_start, test_sizes=sizes, eval_size=model_size)
         set_rng_state(rng)
         cfg.epochs = plan.epochs
-        if progress:
-            tqdm.write(f"time budget {cfg.time_budget:g} min: an epoch takes ~{plan.epoch_s:.0f} s here, head init "
-                       f"and final evaluation ~{plan.init_s + plan.final_s:.0f} s -> {plan.epochs} epochs")
+        report(f"time budget {cfg.time_budget:g} min: an epoch takes ~{plan.epoch_s:.0f} s here, head init "
+               f"and final evaluation ~{plan.init_s + plan.final_s:.0f} s -> {plan.epochs} epochs")
     optim = create_optimisation(net, cfg, math.ceil(len(data.train) / cfg.batch_size), device)
+    evaluate = partial(validate, loader=val_loader, device=device, n_classes=len(split.species), tta=cfg.tta,
+                       amp=cfg.amp)
+    return _Run(cfg=cfg, out=out, t_start=t_start, device=device, workers=workers, species=split.species,
+                split=split, source=source, net=net, frozen_params=frozen_params, data_cfg=data_cfg, data=data,
+                sizes=sizes, mixup=mixup, optim=optim, evaluate=evaluate, plan=plan,
+                progress=progress, report=report, checkpoint=checkpoint)
 
-    evaluate = partial(validate, loader=val_loader, device=device, n_classes=n_classes, tta=cfg.tta, amp=cfg.amp)
 
-    # ---- restore, or start: the head, then epoch 0 (before fine-tuning)
+def _restore_or_start(run: _Run) -> None:
+    """The checkpoint's state when the run resumes; else the head, then epoch 0 (before fine-tuning)."""
+    cfg, net = run.cfg, run.net
+    checkpoint, run.checkpoint = run.checkpoint, None  # read once; not kept for the rest of the run
     if checkpoint is not None:
-        if progress:
-            tqdm.write(f"resuming {out / CHECKPOINT}: after epoch {checkpoint['epoch']} of {cfg.epochs}")
+        run.report(f"resuming {run.out / CHECKPOINT}: after epoch {checkpoint['epoch']} of {cfg.epochs}")
         net.load_state_dict(checkpoint["net"])
-        ema = create_ema(net, cfg.ema)
-        state = restore_checkpoint(checkpoint, optim.optimizer, optim.scaler, ema)
+        run.ema = create_ema(net, cfg.ema)
+        run.state = restore_checkpoint(checkpoint, run.optim.optimizer, run.optim.scaler, run.ema)
         # loading the optimiser's state replaces its group dicts: the schedule must set the rates of the new ones
-        optim.schedule = staged_schedule(optim.optimizer, cfg, optim.steps_per_epoch)
-    else:
-        t0 = time.perf_counter()
-        how = init_head(net, source, species, cfg, loader(data.train_eval, 2 * cfg.batch_size, workers=workers,
-                        device=device), device, class_weight=data.class_weight, progress=progress)
-        ema = create_ema(net, cfg.ema)
-        state = TrainState()
-        row = {"epoch": 0, "train_loss": None, "train_top1": None, **evaluate(net), "lr": 0.0,
-               "seconds": time.perf_counter() - t0}
-        state.seconds += row["seconds"]
-        state.record(row, net, cfg.select)
-        logger.info("head init: %s; epoch 0 (before fine-tuning): %s", how, row)
-        save_progress(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
+        run.optim.schedule = staged_schedule(run.optim.optimizer, cfg, run.optim.steps_per_epoch)
+        return
+    t0 = time.perf_counter()
+    how = init_head(net, run.source, run.species, cfg, loader(run.data.train_eval, 2 * cfg.batch_size,
+                    workers=run.workers, device=run.device), run.device, class_weight=run.data.class_weight,
+                    progress=run.progress)
+    run.ema = create_ema(net, cfg.ema)
+    row = {"epoch": 0, "train_loss": None, "train_top1": None, **run.evaluate(net), "lr": 0.0,
+           "seconds": time.perf_counter() - t0}
+    run.state.seconds += row["seconds"]
+    run.state.record(row, net, cfg.select)
+    logger.info("head init: %s; epoch 0 (before fine-tuning): %s", how, row)
+    save_progress(run.out, cfg, run.species, run.state, net, run.optim.optimizer, run.optim.scaler, run.ema)
 
-    # ---- epochs
+
+def _train(run: _Run, on_epoch_end: Callable[[int, dict], None] | None) -> str:
+    """The epochs, each checkpointed; returns why they stopped ("epochs", "early-stopping", "time-budget",
+    "time-limit"). Ctrl-C: :class:`FinetuneInterrupted` once the last finished epoch is on disk."""
+    cfg, net, state, optim, ema = run.cfg, run.net, run.state, run.optim, run.ema
     stopped = "early-stopping" if state.out_of_patience(cfg) else "epochs"  # a resumed run may already be done
     try:
         while state.epoch < cfg.epochs and stopped == "epochs":
             t_epoch = time.perf_counter()
             ep = state.epoch + 1
             seed_all(cfg.seed * 1000 + ep)
-            train_loader = data.train_loader(cfg, ep, device=device, workers=workers)
+            train_loader = run.data.train_loader(cfg, ep, device=run.device, workers=run.workers)
             train_row, state.step = train_one_epoch(
-                ep, net, train_loader, optim, state.step, cfg, n_classes=n_classes, device=device,
-                class_weight=data.class_weight, mixup=mixup, ema=ema, progress=progress)
+                ep, net, train_loader, optim, state.step, cfg, n_classes=len(run.species), device=run.device,
+                class_weight=run.data.class_weight, mixup=run.mixup, ema=ema, progress=run.progress)
             model = ema.module if ema is not None else net
             t_val = time.perf_counter()
-            metrics = evaluate(model)
+            metrics = run.evaluate(model)
             if ema is not None:  # the raw weights too, to measure what the EMA brings
-                metrics.update({f"{k}_raw": v for k, v in evaluate(net).items()})
+                metrics.update({f"{k}_raw": v for k, v in run.evaluate(net).items()})
             t_val = time.perf_counter() - t_val
             state.epoch = ep
             state.seconds += time.perf_counter() - t_epoch
             row = {"epoch": ep, "train_loss": train_row["train_loss"], "train_top1": train_row["train_top1"],
                    **metrics, "lr": train_row["lr"], "seconds": time.perf_counter() - t_epoch}
             state.record(row, model, cfg.select)
-            replanned = ""
-            if plan is not None and plan.replanned is None and ep > cfg.freeze_epochs:  # once, from a real epoch
-                epochs = replan(plan, after_epoch=ep, elapsed_s=time.perf_counter() - t_start,
-                                epoch_s=row["seconds"], val_s=t_val)
-                if epochs != cfg.epochs:
-                    replanned = (f"time budget: epoch {ep} took {row['seconds']:.0f} s (~{plan.epoch_s:.0f} s "
-                                 f"timed before training) -> {epochs} epochs instead of {cfg.epochs}")
-                    cfg.epochs = epochs
-                    optim.schedule = staged_schedule(optim.optimizer, cfg, optim.steps_per_epoch)
-            save_progress(out, cfg, species, state, net, optim.optimizer, optim.scaler, ema)
-            if progress:
-                tqdm.write(
-                    f"epoch {ep}: train loss {row['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
-                    f"val log-loss (temperature fitted) {metrics['val_nll']:.3f}, "
-                    f"val top-1 {metrics['val_top1']:.3f}, val macro-F1 {metrics['val_macro_f1']:.3f}"
-                    f"{' (best)' if state.best_epoch == ep else ''}, {row['seconds']:.0f} s"
-                )
-                if replanned:
-                    tqdm.write(replanned)
+            replanned = _replan(run, ep, row["seconds"], t_val)
+            save_progress(run.out, cfg, run.species, state, net, optim.optimizer, optim.scaler, ema)
+            run.report(f"epoch {ep}: train loss {row['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
+                       f"val log-loss (temperature fitted) {metrics['val_nll']:.3f}, "
+                       f"val top-1 {metrics['val_top1']:.3f}, val macro-F1 {metrics['val_macro_f1']:.3f}"
+                       f"{' (best)' if state.best_epoch == ep else ''}, {row['seconds']:.0f} s")
+            if replanned:
+                run.report(replanned)
             if on_epoch_end is not None:
                 on_epoch_end(ep, row)
-            if state.out_of_patience(cfg):
-                stopped = "early-stopping"
-            elif plan is not None and state.epoch < cfg.epochs and (
-                    time.perf_counter() - t_start + row["seconds"] + plan.final_s > plan.budget_s):
-                stopped = "time-budget"
-            elif cfg.time_limit and state.epoch < cfg.epochs:
-                per_epoch = np.median([r["seconds"] for r in state.history if r["epoch"] > cfg.freeze_epochs] or
-                                      [row["seconds"]])
-                if state.seconds + per_epoch > cfg.time_limit * 60:
-                    stopped = "time-limit"
+            stopped = _stop_reason(run, row["seconds"])
     except KeyboardInterrupt:
-        raise FinetuneInterrupted(out, state.epoch) from None
+        raise FinetuneInterrupted(run.out, state.epoch) from None
+    return stopped
 
-    def at(dataset, size: int):  # the photos under the evaluation transform at another side
-        return loader(TransformView(dataset, eval_transform(data_cfg, size)), 2 * cfg.batch_size,
-                      workers=cfg.workers or 0, device=device)
 
-    def measured(weights: dict):  # the side these weights would be embedded at, and the head's log-loss there
-        net.load_state_dict(weights)
-        if len(sizes) < 2:
-            return None
-        return choose_test_size(net, {s: at(data.val, s) for s in sizes}, device, amp=cfg.amp, progress=progress)
+def _replan(run: _Run, ep: int, epoch_s: float, val_s: float) -> str:
+    """Once, after the first epoch that trained the backbone: refit the epochs to the budget; the line to report
+    when that changed them (else "")."""
+    cfg, plan = run.cfg, run.plan
+    if plan is None or plan.replanned is not None or ep <= cfg.freeze_epochs:
+        return ""
+    epochs = replan(plan, after_epoch=ep, elapsed_s=time.perf_counter() - run.t_start, epoch_s=epoch_s, val_s=val_s)
+    if epochs == cfg.epochs:
+        return ""
+    line = (f"time budget: epoch {ep} took {epoch_s:.0f} s (~{plan.epoch_s:.0f} s timed before training) -> "
+            f"{epochs} epochs instead of {cfg.epochs}")
+    cfg.epochs = epochs
+    run.optim.schedule = staged_schedule(run.optim.optimizer, cfg, run.optim.steps_per_epoch)
+    return line
 
-    # ---- the epoch kept; under --select nll, against the network before fine-tuning, each at its own side
-    kept_epoch, kept_state, kept_row, kept_choice, versus = weigh_untrained(state, measured)
-    if versus is not None and progress:
-        tqdm.write(f"kept epoch {kept_epoch}: head log-loss (temperature fitted, at its best side) of the best "
-                   f"fine-tuned epoch {versus['fine_tuned_nll']}, of the network before fine-tuning "
-                   f"{versus['untrained_nll']}")
 
-    # ---- export the kept weights (and, with save_last, the last epoch's to OUT/last)
+def _stop_reason(run: _Run, epoch_s: float) -> str:
+    """"epochs" to go on, else why the epochs stop now."""
+    cfg, state, plan = run.cfg, run.state, run.plan
+    if state.out_of_patience(cfg):
+        return "early-stopping"
+    if plan is not None and state.epoch < cfg.epochs and (
+            time.perf_counter() - run.t_start + epoch_s + plan.final_s > plan.budget_s):
+        return "time-budget"
+    if cfg.time_limit and state.epoch < cfg.epochs:
+        per_epoch = np.median([r["seconds"] for r in state.history if r["epoch"] > cfg.freeze_epochs] or [epoch_s])
+        if state.seconds + per_epoch > cfg.time_limit * 60:
+            return "time-limit"
+    return "epochs"
+
+
+def _at(run: _Run, dataset: Any, size: int) -> Any:
+    """A loader of ``dataset``'s photos under the evaluation transform at side ``size``."""
+    return loader(TransformView(dataset, eval_transform(run.data_cfg, size)), 2 * run.cfg.batch_size,
+                  workers=run.cfg.workers or 0, device=run.device)
+
+
+def _measured(run: _Run, weights: dict) -> SizeChoice | None:
+    """Load ``weights``; the side they would be embedded at and the head's log-loss there (None: one side)."""
+    run.net.load_state_dict(weights)
+    if len(run.sizes) < 2:
+        return None
+    return choose_test_size(run.net, {s: _at(run, run.data.val, s) for s in run.sizes}, run.device,
+                            amp=run.cfg.amp, progress=run.progress)
+
+
+def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row: dict,
+            kept_choice: SizeChoice | None, versus: dict | None) -> FinetuneResult:
+    """Write the kept weights (and, with ``save_last``, the last epoch's to OUT/last) as timm local-dir folders."""
+    from finetune.export import record_wall_seconds, save_finetuned, write_heldout
+
+    cfg, state, net, ema, out = run.cfg, run.state, run.net, run.ema, run.out
     info = {
-        "stage": cfg.stage, "init": source.spec, "epochs": state.epoch, "best_epoch": kept_epoch,
-        "stopped": stopped, "train_seconds": round(state.seconds, 1), "train_photos": len(data.train),
-        "val_source": split.val_source,
+        "stage": cfg.stage, "init": run.source.spec, "epochs": state.epoch, "best_epoch": kept_epoch,
+        "stopped": stopped, "train_seconds": round(state.seconds, 1), "train_photos": len(run.data.train),
+        "val_source": run.split.val_source,
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "root", "val_root", "metadata")},
-        "frozen_parameters": frozen_params,
-        "time_budget": plan.to_dict() if plan is not None else None,
+        "frozen_parameters": run.frozen_params,
+        "time_budget": run.plan.to_dict() if run.plan is not None else None,
         "against_untrained": versus,
-        "seconds_before_final": round(time.perf_counter() - t_start, 1),  # this process, until the final evaluation
+        "seconds_before_final": round(time.perf_counter() - run.t_start, 1),  # this process, until the final eval
     }
     exports = [(out, kept_state, f"{SELECTED_BY[cfg.select]} (epoch {kept_epoch})", kept_row, kept_choice)]
     if cfg.save_last:
@@ -294,30 +361,30 @@ def finetune(
                            f"last epoch ({state.epoch})", state.history[-1], None))
     final: dict = {}
     size_info: dict = {}
-
     for folder, weights, kept, row, choice in exports:
         if choice is None:
-            choice = measured(weights)  # loads the weights
+            choice = _measured(run, weights)  # loads the weights
         else:
             net.load_state_dict(weights)
-        test_size = choice.size if choice is not None else sizes[0]
+        test_size = choice.size if choice is not None else run.sizes[0]
         final = {}
         if cfg.final_eval:
             held = choice.features.get(test_size) if choice is not None else None  # embedded by the choice
-            final = final_eval(net, at(data.train, test_size), None if held else at(data.val, test_size), n_classes,
-                               device, amp=cfg.amp, progress=progress, val_features=held)
+            final = final_eval(net, _at(run, run.data.train, test_size),
+                               None if held else _at(run, run.data.val, test_size), len(run.species), run.device,
+                               amp=cfg.amp, progress=run.progress, val_features=held)
         size_info = choice.to_dict() if choice is not None else {"size": test_size, "setting": cfg.test_size}
-        save_finetuned(folder, net.backbone, net.head, species, source, {
+        save_finetuned(folder, net.backbone, net.head, run.species, run.source, {
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,
             "test_size": size_info,
-        }, trained_on=len(data.train), test_size=test_size)
-        if split.val_source.startswith("split:"):
-            write_heldout(folder, data.val.paths, [species[t] for t in data.val.targets])  # the readable ones
-        net.to(device)
+        }, trained_on=len(run.data.train), test_size=test_size)
+        if run.split.val_source.startswith("split:"):
+            write_heldout(folder, run.data.val.paths, [run.species[t] for t in run.data.val.targets])
+        net.to(run.device)
     (out / CHECKPOINT).unlink(missing_ok=True)
     for folder, *_ in exports:  # the whole run, final evaluation and export included (this process, not resumed ones)
-        record_wall_seconds(folder, time.perf_counter() - t_start)
-    return FinetuneResult(out=out, species=species, epochs_run=state.epoch, best_epoch=kept_epoch,
+        record_wall_seconds(folder, time.perf_counter() - run.t_start)
+    return FinetuneResult(out=out, species=run.species, epochs_run=state.epoch, best_epoch=kept_epoch,
                           best={k: v for k, v in kept_row.items() if k.startswith("val_")},
                           history=state.history, seconds=state.seconds, stopped=stopped, final=final,
                           test_size=size_info)

@@ -110,7 +110,7 @@ def test_output_is_an_encoder_and_a_probe(stage1, tiny_set):
     assert timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5).num_classes == 5
 
 
-def test_interrupted_run_resumes(tiny_set, tmp_path):
+def test_interrupted_run_resumes(tiny_set, tmp_path, capsys):
     from finetune.train import FinetuneInterrupted, finetune
 
     out = tmp_path / "run"
@@ -128,9 +128,13 @@ def test_interrupted_run_resumes(tiny_set, tmp_path):
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
     with pytest.raises(ValueError, match=r"other settings: epochs 2 \(now 3\); ema 0.9 \(now 0.5\); rerun"):
         finetune(_config(tiny_set, out, epochs=3, ema=0.5), progress=False)
-    seen = []
-    r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
+    seen, lines = [], []
+    capsys.readouterr()
+    r = finetune(cfg, progress=True, on_epoch_end=lambda e, row: seen.append(e), report=lines.append)
     assert seen == [2] and r.epochs_run == 2
+    # status lines go where the caller says (the CLI prints them between its bars), never straight to stdout
+    assert lines[0].startswith(f"resuming {out / 'checkpoint.pt'}: after epoch 1 of 2")
+    assert lines[1].startswith("epoch 2: train loss") and "epoch 2:" not in capsys.readouterr().out
     assert [h["epoch"] for h in r.history] == [0, 1, 2]
     # the resumed epoch trains as in a run never stopped (its rates were the stale groups' once: nothing trained)
     whole = finetune(_config(tiny_set, tmp_path / "whole", epochs=2, ema=0.9), progress=False)
@@ -443,7 +447,7 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
     import finetune.train as train
     from api.cli import main
 
-    def interrupted(config, progress=True):
+    def interrupted(config, progress=True, report=None):
         raise train.FinetuneInterrupted(Path(config.out), 3)
 
     monkeypatch.setattr(train, "finetune", interrupted)
@@ -456,7 +460,7 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
     for checkpoint, says in ((False, "it had written no checkpoint yet"), (True, "run the same command again")):
         if checkpoint:
             (tmp_path / "o" / train.CHECKPOINT).write_bytes(b"x")
-        monkeypatch.setattr(train, "finetune", lambda config, progress=True: (_ for _ in ()).throw(KeyboardInterrupt))
+        monkeypatch.setattr(train, "finetune", lambda config, progress=True, report=None: (_ for _ in ()).throw(KeyboardInterrupt))
         assert main(["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "o"),
                      "-q"]) == 130
         assert says in capsys.readouterr().err

@@ -149,7 +149,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     try:
-        r = train.finetune(config, progress=not args.quiet)
+        from tqdm.auto import tqdm
+
+        r = train.finetune(config, progress=not args.quiet, report=None if args.quiet else tqdm.write)
     except train.FinetuneInterrupted as exc:
         sys.stderr.write(
             f"speciesid: fine-tuning interrupted after epoch {exc.epoch}; the checkpoint {exc.out}/checkpoint.pt "
