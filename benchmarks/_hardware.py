@@ -8,6 +8,7 @@
 - :func:`random_vit_dir`: a random-weight ViT-B-16 saved as an open_clip local-dir folder (BioCLIP's exact
   compute), so speciesid and pybioclip load the same weights.
 - :func:`peer_bioclip` / :func:`run_peer`: pybioclip's ``bioclip embed`` (``SPECIESID_PEER_BIOCLIP`` or PATH).
+- :func:`peer_phash`: the python of a venv with ``imagehash`` (``SPECIESID_PEER_PHASH``), bench_clean's peer.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def peer_bioclip() -> str | None:
     """The pybioclip ``bioclip`` command: ``$SPECIESID_PEER_BIOCLIP``, else ``bioclip`` on PATH."""
     cmd = os.environ.get("SPECIESID_PEER_BIOCLIP") or shutil.which("bioclip")
     return cmd if cmd and Path(cmd).exists() else None
+
+
+def peer_phash() -> str | None:
+    """The python of a venv with ``imagehash`` (the pHash peer of bench_clean): ``$SPECIESID_PEER_PHASH``, else None."""
+    python = os.environ.get("SPECIESID_PEER_PHASH")
+    return python if python and Path(python).exists() else None
 
 
 def process_seconds(cmd: list[str]) -> float:

@@ -1,44 +1,95 @@
-"""How long ``speciesid clean`` takes per 1,000 photos with BioCLIP's compute (a random ViT-B-16) on CPU.
+"""``speciesid clean`` on CPU: zero-shot cost, the leak pass's speed and accuracy, pair-search growth, a peer.
 
-Sample: N ph-snakes train photos (default 64, spread over the 14 species; 224x224 JPEG/PNG), symlinked
-into a temp folder. Each run is ``retrieval.workflows.clean`` as the CLI calls it: zero-shot filter with the
-shipped snake prompts (the encoder reads text), exact and near duplicates, the report (CSV, contact sheet
-with thumbnails of what was flagged, summary). A random-weight model flags photos at random, so the
-contact sheet holds more thumbnails than a real run would: the "rest" figure is, if anything, high.
+Parts (``--parts``, default all; the CPU kind is printed first; medians over ``--repeats`` runs):
 
-Split:
-* embedding: read + sha256 + decode + preprocess (worker threads) + the image forward pass;
-* prompts: encoding the prompt ensemble (10 classes x ~5 phrases x 8 templates), once per run, not per photo;
-* rest: zero-shot scoring, duplicate search, writing the report.
+* zeroshot: s per 1,000 photos with BioCLIP's compute (a random ViT-B-16) on N ph-snakes train photos (default 64,
+  round-robin over the species), ``retrieval.workflows.clean`` as the CLI calls it (shipped snake prompts,
+  duplicates, report). Split: embedding (read, sha256, decode, preprocess, forward), prompts (once per run), rest
+  (scoring, pair search, report; random weights flag at random, so "rest" is if anything high). x 1000/N.
+* leaks: MobileNetV1 (real weights, image-only) over ph-snakes train (980) against val (210), as
+  ``speciesid clean --dataset folder --root TRAIN --against VAL`` runs it, one subprocess per precision: photos/s
+  (embedding phase; end to end), per-photo latency p50/p95/p99 of ``prepare`` (read + sha256 + decode + preprocess,
+  worker threads) and ``encode_batch`` (batch time / batch size), peak RSS, and accuracy: known val->train leaks
+  found (of 4), other val photos flagged, lowest leak cosine, highest cosine of any other val photo to train.
+* growth: pair search over synthetic 512-d unit vectors (a near-copy per 50 rows, cosine 0.96-0.999) at 1k, 5k, 20k
+  (``--large``: + 100k, slow): ``index.pairs.similar_pairs`` (blocked numpy tiles) beside the "before" (FAISS
+  ``range_search`` + a Python loop, the implementation it replaced, kept here) and the naive full matrix (``a @ a.T``
+  at once, up to ``--naive-max``), plus the finding pass ``find_issues`` (duplicates in n, leaks from n/5 others).
+  One subprocess per method and size: seconds, extra peak RSS, pairs found, ratios, fitted exponent (s ~ n^k).
+* peer: ``imagehash`` pHash (``SPECIESID_PEER_PHASH`` = the python of a venv with imagehash) on the same photos:
+  photos/s, latency, peak RSS, leaks found / others flagged at Hamming distance <= 10 of 64 bits (the usual pHash
+  rule, imagededup's default; ``--phash-max-distance``), and the ratio speciesid / peer.
 
-Per-1,000 figures are the N-photo times scaled by 1000/N (embedding and scoring are linear in N; the
-exact pair search is quadratic but takes milliseconds at these sizes). The encoder is loaded and warmed
-up (one 8-photo run) outside the timed region; figures are medians over repeats.
+The photos are read once up front, so every side finds them in the page cache.
 
-    .venv/bin/python benchmarks/bench_clean.py                  # 64 photos, auto (bf16 here) and fp32, 3 repeats
-    .venv/bin/python benchmarks/bench_clean.py --n 32 --repeats 1 --precisions fp32
+    .venv/bin/python benchmarks/bench_clean.py                      # everything, 3 repeats
+    .venv/bin/python benchmarks/bench_clean.py --quick              # smoke run: small sizes, 1 repeat
+    SPECIESID_PEER_PHASH=/path/to/venv/bin/python .venv/bin/python benchmarks/bench_clean.py --parts leaks,peer
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import PH_SNAKES, VIT_SPEC, median, peak_rss_mib, require_shared
-from _hardware import machine_report
+import numpy as np
+from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, median, peak_rss_mib, percentiles, require_shared
+from _hardware import machine_report, peer_phash
+
+MARK = "@@bench_clean "
+PARTS = ("zeroshot", "leaks", "growth", "peer")
+#: The val photos that are train photos (same bytes, or re-encoded / re-cropped; checked by eye): val -> train twin.
+_RAT = "philippine_rat_snake__coelognathus_erythrurus__"
+_VIPER = "south_philippine_temple_pit_viper__tropidolaemus_philippensis__"
+KNOWN_LEAKS = {_RAT + "val_0001.jpg": _RAT + "train_0068.jpg", _VIPER + "val_0004.jpg": _VIPER + "train_0066.jpg",
+               _RAT + "val_0010.jpeg": _RAT + "train_0045.jpeg", _RAT + "val_0003.jpeg": _RAT + "train_0011.jpeg"}
+#: --quick: only these species folders (all 4 leaks sit in them).
+LEAK_SPECIES = ("Philippine Rat Snake (Coelognathus erythrurus)",
+                "South Philippine Temple Pit Viper (Tropidolaemus philippensis)")
+
+PHASH_SCRIPT = r"""
+import json, sys, time
+import imagehash, numpy as np
+from PIL import Image
+lists, maxd, repeats = json.load(sys.stdin), int(sys.argv[1]), int(sys.argv[2])
+runs = []
+for _ in range(repeats):
+    lat, bits, t0 = [], {}, time.perf_counter()
+    for split in ("train", "val"):
+        rows = []
+        for p in lists[split]:
+            t = time.perf_counter()
+            with Image.open(p) as im:
+                rows.append(imagehash.phash(im).hash.flatten())
+            lat.append((time.perf_counter() - t) * 1000)
+        bits[split] = np.array(rows)
+    dist = (bits["val"][:, None, :] != bits["train"][None, :, :]).sum(-1)
+    runs.append({"seconds": time.perf_counter() - t0, "latency_ms": lat})
+pairs = [[int(v), int(t), int(dist[v, t])] for v, t in zip(*np.nonzero(dist <= maxd))]
+hwm = next(int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(json.dumps({"runs": runs, "pairs": pairs, "nearest": dist.min(1).tolist(), "peak_rss_mib": hwm,
+                  "version": imagehash.__version__}))
+"""
 
 
-def _other_cpu() -> tuple[float, float]:
-    """(monotonic time, CPU seconds used so far by the whole machine minus this process)."""
-    import resource
+def _status_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, MiB (ru_maxrss can carry the parent's peak over a fork)."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next((int(x.split()[1]) / 1024.0 for x in lines if x.startswith(key + ":")), float("nan"))
 
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:9]]
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return time.monotonic(), (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK") - r.ru_utime - r.ru_stime
+
+def _child(*args) -> dict:
+    """Run ``child_main(*args)`` in a fresh process; its reply (or {'error': ...})."""
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
+    lines = [x for x in p.stdout.splitlines() if x.startswith(MARK)]
+    return json.loads(lines[-1][len(MARK):]) if p.returncode == 0 and lines else {"error": p.stderr[-1500:]}
 
 
 def _sample(n: int, folder: Path) -> Path:
@@ -53,57 +104,347 @@ def _sample(n: int, folder: Path) -> Path:
     return folder
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=64, help="photos in the sample (default 64)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per precision (default 3)")
-    ap.add_argument("--precisions", default="auto,fp32", help="comma-separated (default auto,fp32)")
-    args = ap.parse_args()
-    print(machine_report(), flush=True)
-    require_shared()
+# ----------------------------------------------------------------------------- zeroshot: random ViT-B-16
+def _other_cpu() -> tuple[float, float]:
+    """(monotonic time, CPU seconds used so far by the whole machine minus this process)."""
+    import resource
 
-    import torch
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:9]]
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.monotonic(), (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK") - r.ru_utime - r.ru_stime
 
-    from retrieval.encoders import EncoderConfig, cpu_has_fast_bf16, create_encoder_from_config
+
+def zeroshot_part(n: int, repeats: int, precisions: list[str], tmp: Path) -> None:
+    from retrieval.encoders import EncoderConfig, create_encoder_from_config
     from retrieval.findings import CleanConfig
     from retrieval.workflows import clean
 
+    root, warm = _sample(n, tmp / "photos"), _sample(8, tmp / "warm")
+    rows, config = [], CleanConfig(prompts="snakes")
+    for precision in precisions:
+        enc = create_encoder_from_config(EncoderConfig(spec=VIT_SPEC, precision=precision))
+        clean(dataset="folder", root=warm, encoder=enc, config=config, report_dir=tmp / "r-warm", progress=False)
+        emb, text, rest, total = [], [], [], []
+        t_other, busy0 = _other_cpu()
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            res = clean(dataset="folder", root=root, encoder=enc, config=config, report_dir=tmp / f"r{r}",
+                        progress=False)
+            total.append(time.perf_counter() - t0)
+            emb.append(res.seconds_embed)
+            text.append(res.zero_shot.seconds_text)
+            rest.append(res.seconds_rest - res.zero_shot.seconds_text + res.seconds_report)
+        t1, busy1 = _other_cpu()
+        rows.append((precision, f"{enc.runtime} {enc.precision}", median(emb) * 1000 / n,
+                     median(rest) * 1000 / n, median(text), median(total), (busy1 - busy0) / (t1 - t_other)))
+    print(f"\n## zeroshot: random ViT-B-16, {n} photos, {repeats} repeats (medians); per 1k photos = x {1000 / n:.1f}")
+    print("| precision | ran | embedding s / 1k photos | rest s / 1k photos | prompts s (once) | total s for the "
+          "sample | cores used by other processes |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for p, d, e, r, t, tot, busy in rows:
+        print(f"| {p} | {d} | {e:.0f} | {r:.1f} | {t:.1f} | {tot:.1f} | {busy:.2f} |")
+    print(f"findings in the last run: {res.counts()}; peak RSS of this process so far: {peak_rss_mib():.0f} MiB")
+
+
+# ----------------------------------------------------------------------------- leaks: MobileNetV1 train vs val
+def leaks_child(precision: str, train: str, val: str, warm: str, repeats: int) -> dict:
+    """One precision: load, warm up, then ``repeats`` timed clean runs of train against val."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    import retrieval.pipeline as pipeline
+    from retrieval.encoders import EncoderConfig, create_encoder_from_config
+    from retrieval.findings import CleanConfig
+    from retrieval.workflows import clean
+
+    t0 = time.perf_counter()
+    enc = create_encoder_from_config(EncoderConfig(spec=MOBILENET_SPEC, precision=precision, device="cpu"))
+    load_s = time.perf_counter() - t0
+    encode_ms, prepare_ms = [], []
+    encode_batch, prepare = enc.encode_batch, pipeline.prepare
+
+    def timed_encode(batch):
+        t = time.perf_counter()
+        out = encode_batch(batch)
+        encode_ms.append((time.perf_counter() - t) * 1000 / len(batch[0] if isinstance(batch, tuple) else batch))
+        return out
+
+    def timed_prepare(*a, **k):
+        t = time.perf_counter()
+        out = prepare(*a, **k)
+        prepare_ms.append((time.perf_counter() - t) * 1000)
+        return out
+
+    enc.encode_batch, pipeline.prepare = timed_encode, timed_prepare
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_clean_") as tmp:
+        clean(dataset="folder", root=warm, encoder=enc, report_dir=Path(tmp) / "warm", progress=False)
+        rss_ready = _status_mib("VmRSS")
+        encode_ms.clear()
+        prepare_ms.clear()
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            res = clean(dataset="folder", root=train, against=val, encoder=enc, config=CleanConfig(),
+                        report_dir=Path(tmp) / f"r{r}", progress=False)
+            runs.append({"wall": time.perf_counter() - t0, "embed": res.seconds_embed, "search": res.seconds_rest,
+                         "report": res.seconds_report})
+    flagged: dict[str, list[tuple[str, float]]] = {}
+    for f in res.findings:
+        if f.kind in ("leak", "near-leak"):
+            flagged.setdefault(Path(f.paired_path).name, []).append((Path(f.path).name, f.score))
+    best = (res.against.embeddings @ res.photos.embeddings.T).max(axis=1)  # each val photo's nearest train cosine
+    val_names = [Path(p).name for p in res.against.paths]
+    return {"ran": f"{enc.runtime} {enc.precision}", "load_s": load_s, "runs": runs, "encode_ms": encode_ms,
+            "prepare_ms": prepare_ms, "photos": len(res.photos) + len(res.against), "flagged": flagged,
+            "counts": res.counts(), "rss_ready_mib": rss_ready, "peak_rss_mib": _status_mib("VmHWM"),
+            "best": dict(zip(val_names, best.tolist(), strict=True))}
+
+
+def _accuracy(flagged: dict[str, list[str]]) -> tuple[int, int]:
+    """(known leaks found, with their twin; other val photos flagged)."""
+    found = sum(KNOWN_LEAKS[v] in t for v, t in flagged.items() if v in KNOWN_LEAKS)
+    return found, sum(v not in KNOWN_LEAKS for v in flagged)
+
+
+def leaks_part(precisions: list[str], train: Path, val: Path, warm: Path, repeats: int) -> dict[str, tuple]:
+    """Prints the table; returns {precision: (end-to-end photos/s, leaks found, other val photos flagged)}."""
+    print(f"\n## leaks: MobileNetV1, {train} against {val}, image-only, cosine >= 0.95; {repeats} repeats (medians), "
+          "one subprocess per precision")
+    print("| precision | ran | photos | embedding photos/s | end-to-end photos/s | prepare ms/photo | encode ms/photo "
+          "(per batch) | pair search + report s | peak RSS MiB (after load) | leaks found / 4 | other val flagged | "
+          "lowest leak cos | highest other cos |\n" + "| --- " * 13 + "|")
+    rates = {}
+    for p in precisions:
+        r = _child("leaks", p, str(train), str(val), str(warm), repeats)
+        if "error" in r:
+            print(f"| {p} | failed: {r['error'][-300:]!r} |")
+            continue
+        found, other = _accuracy({v: [t for t, _ in ts] for v, ts in r["flagged"].items()})
+        n, runs = r["photos"], r["runs"]
+        rates[p] = (n / median([x["wall"] for x in runs]), found, other)
+        leak_cos = [s for v, ts in r["flagged"].items() if v in KNOWN_LEAKS for _, s in ts]
+        other_cos = max(s for v, s in r["best"].items() if v not in KNOWN_LEAKS)
+        print(f"| {p} | {r['ran']} | {n} | {n / median([x['embed'] for x in runs]):.0f} | {rates[p][0]:.0f} | "
+              f"{percentiles(r['prepare_ms'])} | {percentiles(r['encode_ms'])} | "
+              f"{median([x['search'] + x['report'] for x in runs]):.2f} | {r['peak_rss_mib']:.0f} "
+              f"({r['rss_ready_mib']:.0f}) | {found} | {other} | {min(leak_cos, default=float('nan')):.4f} | "
+              f"{other_cos:.4f} |")
+    print("(prepare runs in worker threads beside the forward pass, so its latency includes waiting for a core)")
+    return rates
+
+
+# ----------------------------------------------------------------------------- growth: synthetic pair search
+def faiss_range_pairs(a: np.ndarray, *, threshold: float) -> list[tuple[int, int, float]]:
+    """The "before": ``similar_pairs`` as it was (FAISS range search, Python loop over the hits), within one set."""
+    import faiss
+
+    index = faiss.IndexFlatIP(a.shape[1])
+    index.add(a)
+    out = []
+    for start in range(0, len(a), 4096):
+        lims, sims, ids = index.range_search(a[start : start + 4096], float(threshold) - 1e-5)
+        for q in range(len(lims) - 1):
+            for j, s in zip(ids[lims[q] : lims[q + 1]], sims[lims[q] : lims[q + 1]], strict=True):
+                if int(j) > start + q and s >= threshold - 1e-6:
+                    out.append((start + q, int(j), min(float(s), 1.0)))
+    out.sort(key=lambda t: (-t[2], t[0], t[1]))
+    return out
+
+
+def naive_pairs(a: np.ndarray, *, threshold: float) -> list[tuple[int, int, float]]:
+    """The naive way: the whole n x n similarity matrix at once (n^2 floats of memory)."""
+    sims = a @ a.T
+    i, j = np.nonzero(np.triu(sims >= threshold - 1e-6, k=1))
+    return sorted(zip(i.tolist(), j.tolist(), np.minimum(sims[i, j], 1.0).tolist(), strict=True),
+                  key=lambda t: (-t[2], t[0], t[1]))
+
+
+def synthetic(n: int, dim: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n unit vectors with row k+1 a near-copy of row k for every 50th k; n/5 others, every 25th near a photo."""
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def near(src, cos):
+        w = unit(rng.standard_normal(src.shape))
+        w = unit(w - (w * src).sum(1, keepdims=True) * src)
+        return unit(cos[:, None] * src + np.sqrt(1 - cos[:, None] ** 2) * w)
+
+    a = unit(rng.standard_normal((n, dim)))
+    k = np.arange(0, n - 1, 50)
+    a[k + 1] = near(a[k], rng.uniform(0.96, 0.999, len(k)))
+    b = unit(rng.standard_normal((n // 5, dim)))
+    m = np.arange(0, len(b), 25)
+    b[m] = near(a[rng.integers(0, n, len(m))], rng.uniform(0.96, 0.999, len(m)))
+    return a, b
+
+
+def _runner(method: str, a: np.ndarray, b: np.ndarray):
+    """A no-argument call of ``method`` on the data: a pair search within ``a``, or find_issues of a against b."""
+    from index.pairs import similar_pairs
+    from retrieval.findings import PhotoSet, find_issues
+
+    if method != "find_issues":
+        fn = {"ours": similar_pairs, "before": faiss_range_pairs, "naive": naive_pairs}[method]
+        return lambda: fn(a, threshold=0.95)
+    photos, others = (PhotoSet([f"{tag}{i}" for i in range(len(x))], [f"{tag}{i}" for i in range(len(x))], x,
+                               [None] * len(x), [None] * len(x)) for tag, x in (("p", a), ("v", b)))
+    return lambda: find_issues(photos, against=others)
+
+
+def pairs_child(method: str, n: int, repeats: int) -> dict:
+    """One method at one size: seconds per run, pairs found, a digest of them, extra peak RSS over the data."""
+    _runner(method, *synthetic(500, seed=1))()  # warm-up: imports, BLAS / OpenMP threads
+    a, b = synthetic(n)
+    run = _runner(method, a, b)
+    rss0, seconds = _status_mib("VmRSS"), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        seconds.append(time.perf_counter() - t0)
+    keys = sorted((f.kind, f.path, f.paired_path or "") for f in out) if method == "find_issues" else sorted(
+        (i, j) for i, j, _ in out)
+    return {"seconds": seconds, "pairs": len(out), "digest": hashlib.sha1(repr(keys).encode()).hexdigest()[:12],
+            "extra_mib": _status_mib("VmHWM") - rss0}
+
+
+def growth_part(sizes: list[int], repeats: int, naive_max: int) -> None:
+    methods = ("ours", "before", "naive", "find_issues")
+    res: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    for n in sizes:
+        for m in methods:
+            if m == "naive" and n > naive_max:
+                continue
+            res[m][n] = r = _child("pairs", m, n, repeats if n <= 20000 else 1)
+            if "error" not in r:
+                r["median"] = median(r["seconds"])
+            print(f"  n={n} {m}: {r.get('median', float('nan')):.3f} s {r.get('error', '')}", flush=True)
+    print(f"\n## growth: pair search over n synthetic 512-d vectors (n/50 planted near-copies), cosine >= 0.95; "
+          f"medians of {repeats} runs (1 run above 20k); extra peak RSS = peak minus RSS with the data loaded")
+    print("| n | similar_pairs s | before: FAISS range_search s | before / ours | naive full matrix s | naive / ours | "
+          "pairs (planted) | same pairs | extra MiB ours / before / naive | find_issues s (n + n/5 others) |\n"
+          + "| --- " * 10 + "|")
+
+    def cell(m, n, key="median", fmt="{:.3f}"):
+        r = res[m].get(n)
+        return fmt.format(r[key]) if r and key in r else "-"
+
+    def ratio(x, o):
+        return f"{x['median'] / o['median']:.1f}x" if "median" in x and "median" in o else "-"
+
+    for n in sizes:
+        o, b, v = (res[m].get(n, {}) for m in ("ours", "before", "naive"))
+        same = all(x.get("digest") == o.get("digest") for x in (b, v) if "digest" in x)
+        print(f"| {n:,} | {cell('ours', n)} | {cell('before', n)} | {ratio(b, o)} | {cell('naive', n)} | "
+              f"{ratio(v, o)} | {o.get('pairs', '-')} ({len(range(0, n - 1, 50))}) | {'yes' if same else 'NO'} | "
+              f"{' / '.join(cell(m, n, 'extra_mib', '{:.0f}') for m in ('ours', 'before', 'naive'))} | "
+              f"{cell('find_issues', n)} |")
+    for m in methods:
+        ns = [n for n in sizes if "median" in res[m].get(n, {})]
+        if len(ns) >= 2:
+            k = np.polyfit(np.log(ns), np.log([res[m][n]["median"] for n in ns]), 1)[0]
+            print(f"fitted exponent {m}: seconds ~ n^{k:.2f} over n = {', '.join(f'{n:,}' for n in ns)}")
+
+
+# ----------------------------------------------------------------------------- peer: imagehash pHash
+def peer_part(python: str | None, lists: dict[str, list[str]], max_distance: int, repeats: int,
+              ours: dict[str, tuple]) -> None:
+    print(f"\n## peer: imagehash pHash (64 bits), same photos, Hamming distance <= {max_distance}; {repeats} repeats")
+    if python is None:
+        print("skipped: set SPECIESID_PEER_PHASH=/path/to/venv/bin/python (a venv with `pip install imagehash`)")
+        return
+    p = subprocess.run([python, "-c", PHASH_SCRIPT, str(max_distance), str(repeats)], input=json.dumps(lists),
+                       capture_output=True, text=True)
+    if p.returncode:
+        print(f"peer failed: {p.stderr[-800:]}")
+        return
+    r = json.loads(p.stdout)
+    n = len(lists["train"]) + len(lists["val"])
+    rate = n / median([x["seconds"] for x in r["runs"]])
+    names = {k: [Path(x).name for x in v] for k, v in lists.items()}
+    flagged: dict[str, list[str]] = {}
+    for v, t, _ in r["pairs"]:
+        flagged.setdefault(names["val"][v], []).append(names["train"][t])
+    found, other = _accuracy(flagged)
+    nearest = dict(zip(names["val"], r["nearest"], strict=True))
+    print("| method | photos/s | latency per photo | peak RSS MiB | leaks found / 4 | other val flagged | "
+          "highest leak distance | lowest other distance |\n" + "| --- " * 8 + "|")
+    lat = [ms for run in r["runs"] for ms in run["latency_ms"]]
+    print(f"| imagehash {r['version']} pHash | {rate:.0f} | {percentiles(lat)} | "
+          f"{r['peak_rss_mib']:.0f} | {found} | {other} | {max(nearest[v] for v in KNOWN_LEAKS if v in nearest)} | "
+          f"{min(d for v, d in nearest.items() if v not in KNOWN_LEAKS)} |")
+    for precision, (ours_rate, ours_found, ours_other) in ours.items():
+        print(f"ratio speciesid {precision} / pHash, end-to-end photos/s: {ours_rate:.0f} / {rate:.0f} = "
+              f"{ours_rate / rate:.2f}x; leaks found {ours_found}/4 vs {found}/4, other val flagged {ours_other} vs "
+              f"{other} (pHash runs on one core, speciesid on all {os.cpu_count()})")
+
+
+# ----------------------------------------------------------------------------- main
+def child_main(spec: str) -> None:
+    kind, *args = json.loads(spec)
+    out = leaks_child(*args) if kind == "leaks" else pairs_child(*args)
+    print(MARK + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default all)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 16 zero-shot photos (auto only), the two leak "
+                    "species only, sizes 1k and 5k, 1 repeat")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 3; quick 1)")
+    ap.add_argument("--n", type=int, default=None, help="zeroshot: photos in the sample (default 64; quick 16)")
+    ap.add_argument("--precisions", default=None, help="zeroshot: comma-separated (default auto,fp32; quick auto)")
+    ap.add_argument("--leak-precisions", default=None, help="leaks: comma-separated (default auto,fp32; quick auto)")
+    ap.add_argument("--sizes", default=None, help="growth: comma-separated n (default 1000,5000,20000; quick "
+                    "1000,5000)")
+    ap.add_argument("--large", action="store_true", help="growth: add n = 100,000 (minutes per method)")
+    ap.add_argument("--naive-max", type=int, default=5000, help="growth: largest n for the full matrix (default 5000)")
+    ap.add_argument("--phash-max-distance", type=int, default=10, help="peer: Hamming threshold (default 10 of 64)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child_main(args.child)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if bad := [p for p in parts if p not in PARTS]:
+        ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
+    q = args.quick
+    repeats = args.repeats or (1 if q else 3)
+    print(machine_report(), flush=True)
+    require_shared()
+    import torch
+
+    from index.datasets import load_dataset
+    from index.photos import find_photos
+    from retrieval.encoders import cpu_has_fast_bf16
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"native CPU bf16: {cpu_has_fast_bf16()}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_clean_") as tmp:
         tmp = Path(tmp)
-        root = _sample(args.n, tmp / "photos")
-        warm = _sample(8, tmp / "warm")
-        rows = []
-        for precision in args.precisions.split(","):
-            cfg = EncoderConfig(spec=VIT_SPEC, precision=precision)
-            enc = create_encoder_from_config(cfg)
-            dtype = str(enc.dtype).removeprefix("torch.")
-            config = CleanConfig(prompts="snakes")
-            clean(dataset="folder", root=warm, encoder=enc, config=config, report_dir=tmp / "r-warm",
-                  progress=False)
-            emb, text, rest, total = [], [], [], []
-            t_other, busy0 = _other_cpu()
-            for r in range(args.repeats):
-                t0 = time.perf_counter()
-                res = clean(dataset="folder", root=root, encoder=enc, config=config, report_dir=tmp / f"r{r}",
-                            progress=False)
-                total.append(time.perf_counter() - t0)
-                emb.append(res.seconds_embed)
-                text.append(res.zero_shot.seconds_text)
-                rest.append(res.seconds_rest - res.zero_shot.seconds_text + res.seconds_report)
-            t1, busy1 = _other_cpu()
-            scale = 1000.0 / args.n
-            rows.append((precision, dtype, median(emb) * scale, median(rest) * scale, median(text),
-                         median(total), (busy1 - busy0) / (t1 - t_other), res.counts()))
-        print(f"\n{args.n} photos, {args.repeats} repeats (medians); per 1,000 photos = x {1000 / args.n:.1f}")
-        print("| precision | dtype | embedding s / 1k photos | rest s / 1k photos | prompts s (once) | "
-              "total s for the sample | cores used by other processes |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for p, d, e, r, t, tot, busy, _ in rows:
-            print(f"| {p} | {d} | {e:.0f} | {r:.1f} | {t:.1f} | {tot:.1f} | {busy:.2f} |")
-        print("\nfindings in the last run:", rows[-1][-1])
-        print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
+        if "zeroshot" in parts:
+            zeroshot_part(args.n or (16 if q else 64), repeats, (args.precisions or ("auto" if q else "auto,fp32"))
+                          .split(","), tmp / "zs")
+        train, val = PH_SNAKES / "train", PH_SNAKES / "val"
+        if q:  # the two species folders that hold the leaks, linked
+            for split in ("train", "val"):
+                for name in LEAK_SPECIES:
+                    (tmp / split).mkdir(exist_ok=True)
+                    os.symlink(PH_SNAKES / split / name, tmp / split / name)
+            train, val = tmp / "train", tmp / "val"
+        lists = {"train": [str(r.path) for r in load_dataset("folder", train).records],
+                 "val": [str(p) for p in find_photos(val)]}
+        for p in lists["train"] + lists["val"]:
+            Path(p).read_bytes()  # into the page cache: both sides read warm files
+        ours = {}
+        if "leaks" in parts:
+            ours = leaks_part((args.leak_precisions or ("auto" if q else "auto,fp32")).split(","), train, val,
+                              _sample(8, tmp / "warm"), repeats)
+        if "growth" in parts:
+            sizes = [int(s) for s in (args.sizes or ("1000,5000" if q else "1000,5000,20000")).split(",")]
+            growth_part(sizes + ([100000] if args.large else []), repeats, args.naive_max)
+        if "peer" in parts:
+            peer_part(peer_phash(), lists, args.phash_max_distance, repeats, ours)
 
 
 if __name__ == "__main__":
