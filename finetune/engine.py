@@ -19,15 +19,10 @@ import torch.nn.functional as F
 
 from finetune.config import FinetuneConfig
 from finetune.model import InitSource, Net, fit_cosine_head, param_groups, set_bn_eval
-from retrieval.encoders import cpu_has_fast_bf16
+from retrieval.metrics import macro_f1
+from retrieval.torch_encoders import cpu_has_fast_bf16
 
 logger = logging.getLogger(__name__)
-
-
-def _macro_f1(y: np.ndarray, pred: np.ndarray, n: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, pred, labels=list(range(n)), average="macro", zero_division=0))
 
 
 def _fitted_nll(logits: np.ndarray, y: np.ndarray) -> float:
@@ -324,7 +319,7 @@ def validate(net: Net, loader, device: torch.device, n_classes: int, *, tta: boo
         "val_loss": float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y).long())),
         "val_nll": _fitted_nll(logits, y),
         "val_top1": float((pred == y).mean()),
-        "val_macro_f1": _macro_f1(y, pred, n_classes),
+        "val_macro_f1": macro_f1(y, pred, range(n_classes)),
     }
 
 
@@ -446,7 +441,7 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
     for name, m in (("head", p), ("knn", kn), ("blend", b)):
         pred = m.argmax(1)
         out[f"{name}_top1"] = float((pred == qy).mean())
-        out[f"{name}_macro_f1"] = _macro_f1(qy, pred, n_classes)
+        out[f"{name}_macro_f1"] = macro_f1(qy, pred, range(n_classes))
         out[f"{name}_recall"] = [float((pred[qy == c] == c).mean()) if (qy == c).any() else None
                                  for c in range(n_classes)]  # per species, head order
     out.update({"k": s.k, "temperature": s.temperature, "blend_weight": s.blend_weight, "metric": s.metric})

@@ -29,8 +29,8 @@ from torch import nn
 
 from finetune.model import CosineHead, InitSource
 from index.atomic import atomic_write
-from retrieval.encoders import seeded_init
 from retrieval.probe import Calibration, LinearProbe
+from retrieval.torch_encoders import seeded_init
 
 logger = logging.getLogger(__name__)
 

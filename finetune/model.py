@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.config import FinetuneConfig
-from retrieval.encoders import parse_spec, seeded_init
+from retrieval.encoders import parse_spec
+from retrieval.torch_encoders import seeded_init
 
 logger = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ from finetune.engine import (
     validate,
 )
 from finetune.model import InitSource, Net, create_net, resolve_init
-from retrieval.encoders import resolve_device
+from retrieval.torch_encoders import resolve_device
 
 logger = logging.getLogger(__name__)
 

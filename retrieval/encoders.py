@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from retrieval.metric import l2_normalize
 from retrieval.preprocess import PreprocessConfig, preprocess_image, squash_config
 
 logger = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ class Encoder(ABC):
                 n, v = g.shape[:2]
                 e = self._encode_plain(g.reshape(n * v, *g.shape[2:])).reshape(n, v, -1).sum(axis=1)
                 total = e if total is None else total + e
-            return (total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+            return l2_normalize(total).astype(np.float32)
         return self._encode_plain(batch)
 
     def _encode_plain(self, batch: Any) -> np.ndarray:
@@ -336,8 +337,7 @@ class Encoder(ABC):
         if batch.ndim != 4:
             raise ValueError(f"expected a (N, C, H, W) batch, got shape {tuple(batch.shape)}")
         feats = np.asarray(self._forward_array(batch), dtype=np.float32)
-        norms = np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-        return (feats / norms).astype(np.float32, copy=False)
+        return l2_normalize(feats).astype(np.float32, copy=False)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> (N, dim) float32, L2-normalised, in batches of ``batch_size``."""

@@ -24,7 +24,7 @@ from index.layout import check_encoder
 from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
-from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening
+from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize
 from retrieval.probe import LinearProbe, has_probe
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import (
@@ -223,8 +223,7 @@ class Identifier:
             keep = np.flatnonzero(nearest >= limit)
             emb, nearest, per_photo = emb[keep], nearest[keep], [per_photo[i] for i in keep]
         merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
-        mean = emb.mean(axis=0)
-        mean /= max(float(np.linalg.norm(mean)), 1e-12)
+        mean = l2_normalize(emb.mean(axis=0))
         answer = self.answer(merged, mean, top=top, method=method, presence=presence, nearest=float(nearest.max()))
         unique: dict[int, Neighbour] = {}
         for n in merged:  # best first: a reference two photos found is listed once, at its best similarity

@@ -37,7 +37,8 @@ RERANK_CANDIDATES = 200
 REFIT_CHANGE = 0.1
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to unit L2 norm along its last axis (a zero vector stays zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -67,7 +68,7 @@ class Whitening:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[-1] != self.dim:
             raise ValueError(f"the whitening expects {self.dim}-d embeddings, got {x.shape[-1]}-d")
-        return _l2((x - self.mean) @ self.matrix).astype(np.float32)
+        return l2_normalize((x - self.mean) @ self.matrix).astype(np.float32)
 
 
 @dataclass

@@ -136,7 +136,8 @@ def reliability(
     return bins, (ece if n else None)
 
 
-def _macro_f1(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> float:
+def macro_f1(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> float:
+    """Macro-F1 over ``labels`` (a label never predicted nor present counts 0, as a missed species should)."""
     return float(f1_score(y_true, y_pred, labels=list(labels), average="macro", zero_division=0))
 
 
@@ -220,7 +221,7 @@ def evaluate(
     per_country = {}
     for c, idx in sorted(by_country.items()):
         ct = [y_true[i] for i in idx]
-        per_country[c] = {"n": len(idx), "macro_f1": _macro_f1(ct, [y_pred[i] for i in idx], sorted(set(ct)))}
+        per_country[c] = {"n": len(idx), "macro_f1": macro_f1(ct, [y_pred[i] for i in idx], sorted(set(ct)))}
 
     bins, ece = reliability([p.confidence for p in preds], [p.correct for p in preds])
 
@@ -240,7 +241,7 @@ def evaluate(
             "n": n,
             "top1": _mean([p.correct for p in preds]),
             "top5": _mean([p.top5 for p in preds]),
-            "macro_f1": _macro_f1(y_true, y_pred, labels) if labels else None,
+            "macro_f1": macro_f1(y_true, y_pred, labels) if labels else None,
             "labels": labels,
             "per_species": per_species,
             "roc_auc": roc_auc,

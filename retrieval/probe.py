@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 
 from index.atomic import atomic_write, write_json_atomic
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
@@ -73,10 +74,7 @@ class LinearProbe:
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, dim) -> (N, n_species) probabilities (softmax)."""
-        z = self.logits(embeddings)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logits(embeddings), axis=1)
 
     def scores(self, embeddings: np.ndarray) -> list[dict[str, float]]:
         """Per embedding: species -> probability."""
@@ -192,8 +190,7 @@ def fit_temperature(
 
     def nll(t: float) -> float:
         zt = z / t
-        zt -= zt.max(axis=1, keepdims=True)
-        return float(np.mean(np.log(np.exp(zt).sum(axis=1)) - zt[np.arange(len(y)), y]))
+        return float(np.mean(logsumexp(zt, axis=1) - zt[np.arange(len(y)), y]))
 
     best = float(min(grid, key=nll))
     return best, nll(best)

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from index.atomic import atomic_write
 from retrieval.encoders import Encoder
+from retrieval.metric import l2_normalize
 
 logger = logging.getLogger(__name__)
 #: Prompts encoded per call (the progress bar moves once a batch).
@@ -47,8 +49,7 @@ def class_embeddings(encoder: Encoder, classes: Sequence[Sequence[str]], *, prog
     for i, prompts in enumerate(classes):
         if not prompts:
             raise ValueError(f"zero-shot class #{i} has no prompts")
-        mean = flat[start : start + len(prompts)].mean(axis=0)
-        out[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        out[i] = l2_normalize(flat[start : start + len(prompts)].mean(axis=0))
         start += len(prompts)
     return out
 
@@ -78,9 +79,7 @@ def cached_class_embeddings(
 def zero_shot_probabilities(image_emb: np.ndarray, class_emb: np.ndarray, logit_scale: float) -> np.ndarray:
     """(N, n_classes) softmax over classes of ``logit_scale * cos(image, class)``."""
     logits = float(logit_scale) * (np.atleast_2d(np.asarray(image_emb, np.float32)) @ np.asarray(class_emb, np.float32).T)
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(logits, axis=1)
 
 
 def logit_scale(encoder: Encoder) -> float:

@@ -322,7 +322,7 @@ def test_early_stopping_waits_for_min_epochs(tiny_set, tmp_path, monkeypatch):
     import finetune.train as train
 
     scores = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    monkeypatch.setattr(engine, "_macro_f1", lambda y, pred, n: next(scores))
+    monkeypatch.setattr(engine, "macro_f1", lambda y, pred, labels: next(scores))
     r = train.finetune(_config(tiny_set, tmp_path / "run", epochs=5, patience=1, min_epochs=3, select="macro-f1"),
                        progress=False)
     assert (r.epochs_run, r.best_epoch, r.stopped) == (3, 0, "early-stopping")
@@ -340,7 +340,7 @@ def test_the_kept_epoch_follows_the_selection_rule(tiny_set, tmp_path, monkeypat
     import finetune.train as train
     f1 = iter([0.790, 0.737, 0.776, 0.783])
     nll = iter([0.895, 0.902, 0.854, 0.763])
-    monkeypatch.setattr(engine, "_macro_f1", lambda y, pred, n: next(f1))
+    monkeypatch.setattr(engine, "macro_f1", lambda y, pred, labels: next(f1))
     monkeypatch.setattr(engine, "_fitted_nll", lambda logits, y: next(nll))
     r = train.finetune(_config(tiny_set, tmp_path / "run", select=select, test_size="train"), progress=False)
     assert (r.epochs_run, r.best_epoch) == (3, kept)

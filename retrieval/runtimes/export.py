@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.metric import l2_normalize
 from retrieval.runtimes import MIN_COSINE
 from retrieval.runtimes.exported import Runner, no_telemetry, onnx_runner, openvino_runner
 
@@ -110,8 +111,7 @@ def _quiet_loggers():
 def embed_with(run: Runner, x: np.ndarray, batch: int = 16) -> np.ndarray:
     """L2-normalised embeddings of preprocessed photos through a runner."""
     out = [np.asarray(run(np.ascontiguousarray(x[i : i + batch])), dtype=np.float32) for i in range(0, len(x), batch)]
-    feats = np.concatenate(out)
-    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(np.concatenate(out))
 
 
 def faithfulness(reference: np.ndarray, candidate: np.ndarray) -> dict:
