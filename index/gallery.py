@@ -18,7 +18,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,11 +28,11 @@ import pandas as pd
 from index import ivfpq
 from index.atomic import write_json_atomic
 from index.ivfpq import MapFn
-from index.layout import EncoderMismatchError, GalleryLayout, check_encoder
-from index.locks import WriteLock
+from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
+from index.locks import write_lock
 from index.records import ReferenceRecord
 from index.store import ReferenceStore, SpeciesSummary, StoreVectors, is_uri, public_options, storage_options
-from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, load_index
+from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, as_vectors, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ class Neighbour:
         return out
 
 
+def _foreign(root: Path) -> bool:
+    """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file and the temporary files
+    of interrupted atomic writes (``index.atomic``): then it is someone else's folder, not a gallery begun."""
+    return any(c.name != WRITE_LOCK and not (c.name.startswith(".") and ".tmp" in c.name) for c in root.iterdir())
+
+
 class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
@@ -98,7 +104,7 @@ class Gallery:
                 raise
             raise store_error(where["uri"], exc) from exc  # credentials, endpoint, bucket: one line, not lance's
         self._lock = threading.RLock()  # this process's threads
-        self._writer = WriteLock(self.layout.write_lock)  # every process's writes
+        self._writer = write_lock(self.layout.write_lock)  # every process's writes (one per folder and process)
         self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
@@ -127,19 +133,35 @@ class Gallery:
         beside the AWS_* environment (only non-secret ones are recorded in gallery.json).
         """
         root = Path(root)
-        if GalleryLayout(root).info.is_file():
-            gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
-                               refresh_s=refresh_s, options=options)
-            if store and str(gallery.store_uri) != str(store).rstrip("/"):
-                raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
-            return gallery
         if store and not is_uri(store):
             raise ValueError(f"--store takes an object-store URI (s3://bucket/path), not {store!r}; a local "
                              "store always lives in the gallery folder")
-        if root.exists() and any(root.iterdir()):
+        layout = GalleryLayout(root)
+        if not layout.info.is_file():
+            if root.exists() and not root.is_dir():
+                raise ValueError(f"{root} is a file; --index takes a folder (made if missing)")
+            if root.is_dir() and _foreign(root):  # refused before a lock file is put in someone's folder
+                raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
+            made = [d for d in (root, *root.parents) if not d.exists()]  # the folders this call creates
+            root.mkdir(parents=True, exist_ok=True)
+            with write_lock(layout.write_lock).hold():  # two creators of one folder: one makes it, the other opens
+                if not layout.info.is_file():
+                    return cls._create_locked(root, encoder, made, index_config=index_config, weights=weights,
+                                              refresh_s=refresh_s, store=store, options=options)
+        gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
+                           refresh_s=refresh_s, options=options)
+        if store and str(gallery.store_uri) != str(store).rstrip("/"):
+            raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
+        return gallery
+
+    @classmethod
+    def _create_locked(cls, root: Path, encoder: dict, made: list[Path], *, index_config: VectorIndexConfig | None,
+                       weights: str | None, refresh_s: float, store: str | None,
+                       options: dict[str, str] | None) -> Gallery:
+        """The creation itself, under the write lock, in a folder no gallery is in yet."""
+        layout = GalleryLayout(root)
+        if _foreign(root):
             raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
-        made = [d for d in (root, *root.parents) if not d.exists()]  # the folders this call creates
-        root.mkdir(parents=True, exist_ok=True)
         config = index_config or VectorIndexConfig()
         info = {
             "format": GALLERY_FORMAT,
@@ -150,7 +172,7 @@ class Gallery:
         }
         if store:
             info["store"] = {"uri": str(store).rstrip("/"), "options": public_options(storage_options(None, options))}
-        write_json_atomic(GalleryLayout(root).info, info)
+        write_json_atomic(layout.info, info)
         try:
             gallery = cls(root, info, config, refresh_s=refresh_s, options=options)
             if store and gallery.store.max_id():  # another gallery's rows: two folders' ids would collide
@@ -159,12 +181,14 @@ class Gallery:
                                  "folder to serve it elsewhere)")
             return gallery
         except Exception:  # nothing half-made is left behind: the same command can simply be run again
-            for child in root.iterdir():  # the folder was empty or new: all in it is this call's
+            for child in root.iterdir():  # under the lock, in a folder that held no gallery: all but the lock is ours
+                if child.name == WRITE_LOCK:
+                    continue  # others may be waiting on it: never unlinked
                 if child.is_dir():
                     shutil.rmtree(child)
                 else:
                     child.unlink()
-            for folder in made:  # innermost first; only folders left empty
+            for folder in made[1:]:  # the gallery folder keeps its lock file; its parents, when left empty, go
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
@@ -249,7 +273,7 @@ class Gallery:
         An ivfpq index (``auto`` above 50,000 references) is built from the store in shards, never holding
         every vector: ``map_fn`` runs the shards (Ray tasks; default one after another in this process).
         """
-        with self._lock, self._writer.hold():
+        with self._write():
             self.store.refresh()
             version = self.store.version
             kind = self.index_config.resolve(self.store.count())
@@ -280,6 +304,9 @@ class Gallery:
             gone = np.setdiff1d(have, stored, assume_unique=True)
             if gone.size:
                 self._index.remove(gone)
+                for i in gone.tolist():  # an id a stale copy of the folder gives again must not show these rows
+                    self._meta_cache.pop(i, None)
+                    self._vector_cache.pop(i, None)
             if new.size:
                 ids, vectors = self.store.vectors(ids=new.tolist())
                 self._index.add(vectors, ids)
@@ -331,7 +358,7 @@ class Gallery:
     def reserve_ids(self, n: int) -> list[int]:
         """``n`` ids never used before, for rows written by other processes (workers) and committed later
         with :meth:`commit_fragments`. Takes the write lock for the few milliseconds it needs."""
-        with self._lock, self._writer.hold():
+        with self._write():
             return self._reserve_ids(n)
 
     def commit_fragments(self, fragments: Sequence[str], digests: dict[int, str]) -> dict[int, int]:
@@ -344,7 +371,7 @@ class Gallery:
         """
         from index.fragments import commit_fragments
 
-        with self._lock, self._writer.hold():
+        with self._write():
             self.store.refresh()
             stored = self.store.find_sha256(digests.values()) if digests else {}
             repeats = {rid: stored[sha] for rid, sha in digests.items() if sha in stored}
@@ -404,8 +431,12 @@ class Gallery:
         the rows committed, the index synced (other processes' writes included) and saved. A repeat of an
         earlier photo of the same call maps to None.
         """
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        with self._lock, self._writer.hold():
+        # checked before anything is committed: a NaN / inf row in the store would leave a gallery no one can open
+        embeddings = as_vectors(embeddings, "embeddings", self.dim)
+        if len(embeddings) != len(records) or len(sha256s) != len(records):
+            raise ValueError(f"{len(records)} records, {len(sha256s)} digests and {len(embeddings)} embeddings: "
+                             "one of each per photo")
+        with self._write():
             self.store.refresh()
             stored = self.store.find_sha256(sha256s)
             keep, dropped, seen = [], {}, set()
@@ -434,7 +465,7 @@ class Gallery:
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete references by id; returns how many existed."""
-        with self._lock, self._writer.hold():
+        with self._write():
             self.store.refresh()
             found = self.store.delete(ids)
             if found:
@@ -448,13 +479,20 @@ class Gallery:
         The store is written first; the index then follows it (by difference). Returns how many of ``ids``
         exist.
         """
-        with self._lock, self._writer.hold():
+        with self._write():
             self.store.refresh()
             found = self.store.set_excluded(ids, excluded)
             if found:
                 self._sync_index()
                 self._index.save(self.layout.vectors, self._manifest())
             return found
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write: the cross-process lock first, then this process's thread lock. Waiting for another process's
+        writer while holding the thread lock would stall every search of this process (they take it to sync)."""
+        with self._writer.hold(), self._lock:
+            yield
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave."""
@@ -465,7 +503,7 @@ class Gallery:
 
         An ivfpq index that has grown 4× past the size its quantizers were trained on is rebuilt instead.
         """
-        with self._lock, self._writer.hold():
+        with self._write():
             if getattr(self._index, "needs_retrain", False):
                 logger.info("gallery has grown 4x since the ivfpq index was trained: rebuilding it")
                 self.rebuild_index()
@@ -475,7 +513,7 @@ class Gallery:
     def finish_build(self, *, map_fn: MapFn | None = None) -> None:
         """After a bulk build: compact the store, index ``id`` and ``sha256``, pick the index kind for the
         final size, rebuild it (``map_fn`` runs ivfpq shards, e.g. as Ray tasks) and save."""
-        with self._lock, self._writer.hold():
+        with self._write():
             self.store.optimize()
             self.store.ensure_scalar_indexes()
             self.rebuild_index(map_fn=map_fn)

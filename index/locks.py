@@ -39,11 +39,15 @@ class WriteLock:
 
     @contextlib.contextmanager
     def hold(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold the lock for the ``with`` block (waits for other writers; TimeoutError after ``timeout`` seconds,
-        the lock's own by default)."""
-        with self._thread_lock:
+        """Hold the lock for the ``with`` block (waits for other writers, threads of this process included;
+        TimeoutError after ``timeout`` seconds, the lock's own by default; 0: do not wait at all)."""
+        wait = self.timeout if timeout is None else timeout
+        got = self._thread_lock.acquire(timeout=wait) if wait > 0 else self._thread_lock.acquire(blocking=False)
+        if not got:
+            raise TimeoutError(f"another thread of this process is writing this gallery (lock {self.path})")
+        try:
             if self._depth == 0:
-                self._acquire(self.timeout if timeout is None else timeout)
+                self._acquire(wait)
             self._depth += 1
             try:
                 yield
@@ -51,6 +55,8 @@ class WriteLock:
                 self._depth -= 1
                 if self._depth == 0:
                     self._release()
+        finally:
+            self._thread_lock.release()
 
     def _acquire(self, timeout: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,3 +93,19 @@ class WriteLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+_LOCKS: dict[Path, WriteLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def write_lock(path: str | Path) -> WriteLock:
+    """This process's one :class:`WriteLock` of a lock file: every object that writes a gallery (two ``Gallery``
+    objects of one folder, a ``Gallery.create`` and the gallery it makes) shares it, so holding it in one and
+    writing through another is re-entrance, not two ``flock``s of one process blocking each other."""
+    key = Path(os.path.abspath(path))
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = WriteLock(key)
+        return lock

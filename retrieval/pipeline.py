@@ -330,6 +330,9 @@ def add_references(
                     report.duplicate_ids.append(None)  # the id its first copy gets, once stored (below)
                     repeats.append((len(report.duplicate_ids) - 1, item.sha256))
                     row += 1
+                elif not np.isfinite(emb[row]).all():  # never committed: the gallery could not be opened again
+                    report.skipped.append((str(rec.path), "the encoder gave a non-finite embedding (NaN or inf)"))
+                    row += 1
                 else:
                     first_path[item.sha256] = str(rec.path)
                     buf.append((rec, item.sha256, emb[row : row + 1]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -280,3 +282,56 @@ def test_one_off_target_reference_does_not_set_the_far_threshold(gallery):
     rng = np.random.default_rng(9)
     gallery.add(_records("Natrix maura", 1), ["noise"], _unit(rng, 1, rng.standard_normal(DIM), noise=5.0))
     assert far_threshold(gallery) == pytest.approx(before, abs=1e-6)  # it was the noise's own, far lower
+
+
+def test_a_non_finite_embedding_is_refused_before_anything_is_committed(gallery):
+    """A NaN / inf row in the store would leave a gallery that no command can open, not even to delete it."""
+    before = len(gallery)
+    bad = np.full((1, DIM), np.inf, dtype=np.float32)
+    with pytest.raises(ValueError, match="embeddings contain NaN or inf"):
+        gallery.add(_records("Naja haje", 1), ["f" * 64], bad)
+    with pytest.raises(ValueError, match="one of each per photo"):
+        gallery.add(_records("Naja haje", 2), ["e" * 64], np.ones((2, DIM), dtype=np.float32))
+    assert len(gallery) == before and gallery.store.count(include_excluded=True) == before
+    assert len(Gallery.open(gallery.root)) == before
+
+
+def test_an_id_given_again_is_never_shown_with_the_deleted_rows_metadata(gallery):
+    """A folder whose ids.json fell behind (a stale copy, a restored backup) can give a deleted id again: a long
+    running reader must then show the new row, not what it cached for the deleted one."""
+    rng = np.random.default_rng(5)
+    vec = _unit(rng, 1, rng.standard_normal(DIM))
+    (old,) = gallery.add(_records("Naja haje", 1), ["a" * 64], vec)
+    assert gallery.search(vec, 1)[0][0].species == "Naja haje"  # its metadata is now cached
+    gallery.delete([old])
+    gallery.layout.ids.write_text(json.dumps({"next": old}))  # the copy's high-water mark, behind
+    (again,) = Gallery.open(gallery.root).add(_records("Natrix maura", 1), ["b" * 64], vec)
+    assert again == old
+    gallery.refresh(force=True)
+    assert gallery.search(vec, 1)[0][0].species == "Natrix maura"
+
+
+def test_a_photo_the_encoder_embeds_as_nan_is_skipped_and_the_rest_stored(tmp_path):
+    from PIL import Image
+
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import add_references
+
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    real = enc.encode_batch
+
+    def one_nan(batch):
+        out = real(batch)
+        out[0] = np.nan
+        return out
+
+    enc.encode_batch = one_nan
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
+    g = Gallery.create(tmp_path / "g", enc.describe())
+    report = add_references(g, enc, [ReferenceRecord(path=p, species="Naja haje") for p in paths], progress=False,
+                            workers=1)
+    assert report.added == 2 and report.skipped == [(str(paths[0]), "the encoder gave a non-finite embedding (NaN or inf)")]
+    assert len(Gallery.open(g.root)) == 2

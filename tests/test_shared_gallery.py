@@ -243,4 +243,85 @@ def test_a_store_that_cannot_be_opened_leaves_no_gallery_behind(tmp_path, monkey
     encoder = {"spec": "timm:x", "fingerprint": "timm:x#0123456789abcdef", "dim": 4}
     with pytest.raises(ValueError, match=r"cannot open the store s3://bucket/x \(lance error: .*region\); check"):
         gallery_module.Gallery.create(root, encoder, store="s3://bucket/x")
-    assert not (tmp_path / "new").exists()  # the folders it made are gone: the same command can run again
+    # nothing half-made is left: only the lock file, which another creator may be waiting on (never unlinked)
+    assert [p.name for p in root.iterdir()] == [".write.lock"]
+    monkeypatch.undo()
+    assert len(gallery_module.Gallery.create(root, encoder)) == 0  # the same folder is taken as empty
+
+
+_CREATE_AND_ADD = """
+import sys, time
+import numpy as np
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+root, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # every process creates at the same instant
+g = Gallery.create(root, {"spec": "t", "fingerprint": "t#0", "dim": 4})
+v = np.random.default_rng(n).standard_normal((1, 4)).astype(np.float32)
+g.add([ReferenceRecord(path=f"/p/{n}.jpg", species="Naja naja")], [f"{n:064d}"], v / np.linalg.norm(v))
+"""
+
+
+def test_processes_creating_one_gallery_at_once_all_succeed(tmp_path):
+    """One makes the gallery, the others open it (before: 'exists and is not a speciesid gallery' for them, and a
+    creator that failed afterwards cleaned up what the winner had committed)."""
+    import time
+
+    from index.gallery import Gallery
+
+    root = tmp_path / "g"
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE_AND_ADD, str(root), str(n), str(start)], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for n in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    g = Gallery.open(root)
+    assert len(g) == 3 and sorted(g.store.ids().tolist()) == [1, 2, 3]
+
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from index.locks import WriteLock
+lock, ready, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+with WriteLock(lock).hold():
+    ready.touch()
+    deadline = time.time() + 60
+    while not release.exists() and time.time() < deadline:
+        time.sleep(0.02)
+"""
+
+
+def test_a_write_waiting_for_another_process_never_stalls_this_processs_searches(tmp_path):
+    """The server shares one gallery between searches and uploads: an upload waiting for another process's writer
+    must not hold the lock searches sync under (before: every search waited as long as the upload did)."""
+    import threading
+    import time
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    g = Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": 4})
+    g.add([ReferenceRecord(path="/p/0.jpg", species="Naja naja")], ["0" * 64], np.eye(4, dtype=np.float32)[:1])
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(g.layout.write_lock), str(ready), str(release)],
+                              cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        adding = threading.Thread(target=g.add, args=([ReferenceRecord(path="/p/1.jpg", species="Naja naja")],
+                                                      ["1" * 64], np.eye(4, dtype=np.float32)[1:2]))
+        adding.start()
+        time.sleep(0.5)  # the add is now waiting for the other process
+        assert adding.is_alive()
+        g.refresh(force=True)  # takes the thread lock a search syncs under
+        hits = g.search(np.eye(4, dtype=np.float32)[:1], 1)[0]
+        assert adding.is_alive() and not release.exists()  # answered while the add still waits
+        assert hits[0].id == 1
+    finally:
+        release.touch()
+        holder.wait(60)
+    adding.join(60)
+    assert len(g) == 2
