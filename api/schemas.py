@@ -88,6 +88,8 @@ class DuplicateOut(BaseModel):
     id: int | None = Field(None, description="the reference that holds these bytes")
     species: str | None = Field(None, description="that reference's species: another species' when the photo is "
                                 "already a reference of it (the photo is not added to this one)")
+    excluded: bool = Field(False, description="that reference was excluded by a clean run: not searchable until "
+                           "'speciesid clean --restore'")
 
 
 class AddReferencesOut(BaseModel):

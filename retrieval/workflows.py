@@ -343,6 +343,7 @@ class AddResult:
     report: BuildReport  # added ids, duplicates (with the id they repeat), unreadable photos
     # (photo or upload name, id it repeats, that reference's species: another one's when the photo is stored there)
     duplicates: list[tuple[str, int | None, str | None]] = field(default_factory=list)
+    excluded: list[int] = field(default_factory=list)  # of those ids, the ones a clean run excluded (not searchable)
 
 
 def add_photos(
@@ -392,13 +393,15 @@ def add_photos(
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     known = [i for i in report.duplicate_ids if i is not None]
-    owner = gallery.store.metadata(known)["species"].to_dict() if known else {}
+    meta = gallery.store.metadata(known) if known else None
+    owner = meta["species"].to_dict() if meta is not None else {}
+    excluded = sorted(int(i) for i, ex in meta["excluded"].fillna(False).items() if ex) if meta is not None else []
     duplicates = [(names[source_text(p)].pop(0) if names.get(source_text(p)) else p, i, owner.get(i))
                   for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
     if report.ids:
         refresh_gallery_metric(gallery)
     return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
-                     report=report, duplicates=duplicates)
+                     report=report, duplicates=duplicates, excluded=excluded)
 
 
 def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:

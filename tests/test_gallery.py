@@ -335,3 +335,45 @@ def test_a_photo_the_encoder_embeds_as_nan_is_skipped_and_the_rest_stored(tmp_pa
                             workers=1)
     assert report.added == 2 and report.skipped == [(str(paths[0]), "the encoder gave a non-finite embedding (NaN or inf)")]
     assert len(Gallery.open(g.root)) == 2
+
+
+def test_building_into_a_gallery_keeps_its_index_kind(tmp_path, capsys):
+    """A later `index build` without --index-kind keeps the kind the gallery was made with (it was replaced by
+    auto, that is flat at this size, while gallery.json still said hnsw)."""
+    from PIL import Image
+
+    from api.cli import main
+
+    for i in range(6):
+        folder = tmp_path / "photos" / ("Naja haje" if i % 2 else "Natrix maura")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    args = ["index", "build", "--dataset", "folder", "--root", str(tmp_path / "photos"), "--index",
+            str(tmp_path / "g"), "--encoder", "timm:test_vit@random", "--precision", "fp32", "-q"]
+    assert main([*args, "--index-kind", "hnsw"]) == 0
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+        tmp_path / "photos" / "Naja haje" / "more.png")
+    assert main(args) == 0 and "7 references" in capsys.readouterr().out
+    assert Gallery.open(tmp_path / "g").index.kind == "hnsw"
+
+
+def test_adding_again_a_photo_a_clean_run_excluded_says_it_stays_unsearchable(tmp_path, capsys):
+    from PIL import Image
+
+    from api.cli import main
+
+    folder = tmp_path / "photos" / "Naja haje"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    index = tmp_path / "g"
+    assert main(["index", "build", "--dataset", "folder", "--root", str(tmp_path / "photos"), "--index", str(index),
+                 "--encoder", "timm:test_vit@random", "--precision", "fp32", "-q"]) == 0
+    g = Gallery.open(index)
+    (hidden,) = [int(i) for i in g.store.metadata().query("source_path.str.endswith('0.png')")["id"]]
+    g.set_excluded([hidden])
+    capsys.readouterr()
+    code = main(["references", "add", str(folder / "0.png"), "--index", str(index), "--species", "Naja haje",
+                 "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 1 and f"not searchable: {folder / '0.png'} is already reference {hidden}, excluded" in out, out

@@ -53,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_encoder_args(p, default_spec="bioclip")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
-    p.add_argument("--index-kind", default="auto", choices=KINDS,
+    p.add_argument("--index-kind", default=None, choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
-                   "exact re-rank above; see docs/scale.md)")
+                   "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one")
     p.add_argument("--clean", action="store_true",
                    help="after building, run the zero-shot filter (text-capable encoders) and exclude off-target "
                    "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report")
@@ -87,7 +87,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size)
     result = build_gallery(
         args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
-        index_config=VectorIndexConfig(kind=args.index_kind), workers=args.workers, progress=not args.quiet,
+        index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers, progress=not args.quiet,
         clean=clean, engine=args.engine, ray=ray, store=args.store,
     )
     g = result.gallery

@@ -52,7 +52,11 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
         emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
-    return 1 if report.skipped or bad_args or elsewhere else 0
+    hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
+    for f, i in hidden:
+        emit(f"not searchable: {f} is already reference {i}, excluded by a clean run ('speciesid clean --restore "
+             f"--index {args.index}' brings back that run's references)")
+    return 1 if report.skipped or bad_args or elsewhere or hidden else 0
 
 
 def cmd_references_delete(args: argparse.Namespace) -> int:

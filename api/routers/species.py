@@ -48,7 +48,8 @@ def add_references(
         response.status_code = 200  # nothing stored (every photo a reference already): nothing was created
     return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
                             added=result.report.added,
-                            duplicates=[DuplicateOut(file=f, id=i, species=sp) for f, i, sp in result.duplicates])
+                            duplicates=[DuplicateOut(file=f, id=i, species=sp, excluded=i in result.excluded)
+                                        for f, i, sp in result.duplicates])
 
 
 @router.api_route("/{name:path}/references", methods=["POST"], include_in_schema=False)
