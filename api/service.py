@@ -19,7 +19,7 @@ import numpy as np
 
 from api.batcher import EncodeBatcher
 from api.settings import Settings
-from index.datasets import check_name
+from index.datasets import check_name, find_species
 from index.gallery import Neighbour
 from index.sources import read_source
 from index.store import SpeciesSummary, source_file
@@ -138,6 +138,13 @@ class SpeciesService:
     def species(self) -> list[SpeciesSummary]:
         """Species summaries."""
         return workflows.list_species(self.gallery)
+
+    def get_species(self, name: str) -> SpeciesSummary:
+        """One species by name (``_`` or ``-`` may stand for the space; any case), or NotFound."""
+        found = find_species(self.species(), name)  # both sides normalised: a stored "Naja-haje" is found too
+        if found is None:
+            raise NotFound(f"no species {name!r} in this gallery")
+        return found
 
     def thumbnail(self, ref_id: int) -> bytes:
         """A JPEG thumbnail of a reference photo."""

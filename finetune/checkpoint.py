@@ -57,18 +57,18 @@ def cpu_state(module: torch.nn.Module) -> dict:
 class TrainState:
     """Where a run stands: epochs and optimiser steps done, training time, the history and the best epoch."""
 
-    epoch: int = 0
-    step: int = 0
-    seconds: float = 0.0
+    epoch: int = 0  # epochs finished (0: only the head's start and epoch 0's evaluation)
+    step: int = 0  # optimiser steps taken, over every epoch (the schedule's position)
+    seconds: float = 0.0  # training wall time, summed over resumed runs
     best_metric: float = float("-inf")  # the best epoch's validation score, higher is better (see ``score``)
-    best_epoch: int = 0
+    best_epoch: int = 0  # the epoch that score belongs to
     best_state: dict | None = None  # the weights kept (EMA ones with an EMA), on CPU
-    best_row: dict = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
+    best_row: dict = field(default_factory=dict)  # that epoch's row of log.csv
+    history: list[dict] = field(default_factory=list)  # every epoch's row of log.csv, epoch 0 first
     # under --select nll: the network before fine-tuning (epoch 0), weighed against the best fine-tuned epoch at
     # the end, each at the size it would be embedded at (``finetune.train``), not among the epochs at 224 px
-    start_state: dict | None = None
-    start_row: dict = field(default_factory=dict)
+    start_state: dict | None = None  # its weights, on CPU
+    start_row: dict = field(default_factory=dict)  # its row of log.csv
 
     @staticmethod
     def score(row: dict, select: str) -> float:

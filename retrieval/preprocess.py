@@ -29,9 +29,9 @@ class PreprocessConfig:
     size: tuple[int, int]  # (height, width) of the model input
     resize: tuple[int, ...]  # (short side,) for mode "shortest"; (height, width) for "squash"
     mode: str = "shortest"  # "shortest" (keep aspect, resize the short side) or "squash"
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"  # PIL resampling of the resize: bicubic, bilinear, nearest, ...
+    mean: tuple[float, float, float] = OPENAI_MEAN  # per-channel mean subtracted, RGB order, on a 0-1 scale
+    std: tuple[float, float, float] = OPENAI_STD  # per-channel standard deviation divided by, RGB order
 
     def to_dict(self) -> dict:
         """JSON-ready."""

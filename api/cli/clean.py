@@ -53,13 +53,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot filter")
     p.add_argument("--no-duplicates", action="store_true", help="skip duplicate and leakage detection")
     p.add_argument("--report", metavar="DIR", help="where to write findings.csv, contact_sheet.html, summary.json "
-                   "(required unless --restore)")
+                   "and zero_shot_scores.csv (required unless --restore). Finding kinds: label-conflict, off-target, "
+                   "leak, near-leak, duplicate, near-duplicate, unreadable (docs/cleaning.md)")
     p.add_argument("--apply", action="store_true",
                    help="exclude the flagged references from the --index gallery's search and probe training "
                    "(reversible with --restore; nothing is deleted)")
     p.add_argument("--apply-to", default=None, metavar="KINDS",
                    help="comma-separated finding kinds --apply excludes (" + ", ".join(APPLY_KINDS) + "; default "
-                   "off-target). Duplicate groups keep their oldest reference; leaks exclude the gallery's copy")
+                   "off-target). A duplicate goes when it copies a reference kept (oldest first); leaks exclude the "
+                   "gallery's copy; label conflicts are never acted on; a species always keeps one reference")
     p.add_argument("--restore", nargs="?", const="last", choices=("last", "all"),
                    help="bring excluded references of --index back: 'last' (default) undoes the last --apply run, "
                    "'all' clears every exclusion of the gallery")

@@ -9,9 +9,6 @@ from api.cli._common import add_quiet, add_runtime_args, at_least, emit
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the probe command group."""
-    from index.datasets import DATASETS
-    from retrieval.calibrate import RULES
-
     p_probe = sub.add_parser("probe", help="linear-probe head blended with the kNN vote")
     s_probe = p_probe.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_probe.add_parser(
@@ -19,14 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the probe on the gallery; choose k, T, blend weight, unknown threshold on validation data",
     )
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
-    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
-    p.add_argument("--val-root", help="labelled validation photos (default: cross-validation on the gallery)")
-    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
-    p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
-    p.add_argument("--rule", default="seq-nll", choices=RULES,
-                   help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
-                   "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
-                   "over-fits small folds)")
+    _add_selection_args(p, "labelled validation photos (default: cross-validation on the gallery)")
     p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
     p.add_argument("--text-strength", type=float, default=1.0,
                    help="text prior weight, in photos' worth of evidence (default 1)")
@@ -41,16 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--index", required=True, metavar="DIR", help="gallery built with --encoder timm:local-dir:OUT")
     p.add_argument("--from", dest="from_dir", required=True, metavar="OUT", help="the fine-tuned model folder")
-    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
-    p.add_argument("--val-root", help="labelled photos to choose the settings on, other than those you will evaluate "
-                   "on (default: the photos the fine-tuning run held out, OUT/heldout.csv, found in the gallery; "
-                   "without them, cross-validation over the gallery with the head fixed, which favours the head)")
-    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
-    p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
-    p.add_argument("--rule", default="seq-nll", choices=RULES,
-                   help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
-                   "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
-                   "over-fits small folds)")
+    _add_selection_args(p, "labelled photos to choose the settings on, other than those you will evaluate on "
+                        "(default: the photos the fine-tuning run held out, OUT/heldout.csv, found in the gallery; "
+                        "without them, cross-validation over the gallery with the head fixed, which favours the head)")
     p.add_argument("--blend-weight", default="auto", metavar="auto|choose|W",
                    help="the head's share in the blend: auto (default) fixes it at the prior 0.5 when the photos that "
                    "would choose it already chose the run's epoch and test size (its held-out photos, its own "
@@ -114,3 +97,19 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         + _selection_line(m, "head")
     )
     return 0
+
+
+def _add_selection_args(p: argparse.ArgumentParser, val_root_help: str) -> None:
+    """The options of what chooses the settings (validation photos or folds, and the rule), as train and import
+    both take them."""
+    from index.datasets import DATASETS
+    from retrieval.calibrate import RULES
+
+    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
+    p.add_argument("--val-root", help=val_root_help)
+    p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
+    p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
+    p.add_argument("--rule", default="seq-nll", choices=RULES,
+                   help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
+                   "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
+                   "over-fits small folds)")

@@ -25,12 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
     p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
     p.add_argument("--weights", default=None, help="(default: the gallery's weights)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_references_add)
-    p = s_ref.add_parser("delete", help="delete reference photos by id")
-    p.add_argument("ids", nargs="+", type=at_least(0, 2**62), metavar="ID")
+    p = s_ref.add_parser("delete", help="delete reference photos by id",
+                         description="Delete references for good (to leave one out reversibly, use 'speciesid clean "
+                         "--apply'). Ids are those 'references add', 'search' and 'identify --format json' print. "
+                         "An uploaded photo kept by the server goes with its last reference. Exit status 1 when an "
+                         "id is not in the gallery.")
+    p.add_argument("ids", nargs="+", type=at_least(0, 2**62), metavar="ID", help="reference ids")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_references_delete)
 

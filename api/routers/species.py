@@ -10,7 +10,6 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, Response, Upload
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
 from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
-from index.datasets import find_species
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
 
@@ -24,10 +23,7 @@ def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
 @router.get("/{name}", response_model=SpeciesOut, responses=errors(401, 404, 422))
 def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_length=200)]) -> SpeciesOut:
     """One species (``Genus species``; ``_`` or ``-`` may stand for the space)."""
-    found = find_species(service.species(), name)  # both sides normalised: a stored "Naja-haje" is found too
-    if found is None:
-        raise HTTPException(404, f"no species {name!r} in this gallery")
-    return SpeciesOut(**asdict(found))
+    return SpeciesOut(**asdict(edge(lambda: service.get_species(name))))
 
 
 @router.post("/{name}/references", response_model=AddReferencesOut, status_code=201,
