@@ -263,8 +263,19 @@ class Gallery:
         return self._index
 
     def _rebuild(self, reason: str) -> SearchIndex:
+        """At open, an index that cannot be used: built again from the store. A flat / HNSW / IVF one is built in
+        memory without the write lock (a reader never waits on writers, and a read-only gallery still opens) and
+        saved only if the lock is free; an IVF-PQ one, built in shards into files, under the lock."""
         logger.info("vector index %s: rebuilding from the store", reason)
-        self.rebuild_index()
+        kind = self.index_config.resolve(self.store.count())
+        if kind == "ivfpq":
+            self.rebuild_index()
+            return self._index
+        version = self.store.version
+        ids, vectors = self.store.vectors()
+        self._index = VectorIndex.build(vectors, ids, replace(self.index_config, kind=kind), dim=self.dim)
+        self._synced_version = version
+        self._save_quietly()
         return self._index
 
     def rebuild_index(self, *, map_fn: MapFn | None = None) -> SearchIndex:

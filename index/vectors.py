@@ -549,13 +549,18 @@ class VectorIndex:
             raise ValueError(f"vector index file {path} was not written by VectorIndex: {exc}") from exc
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"vector index file {path} does not use the inner-product metric")
-        expected = {"kind": kind, "dim": int(index.d), "count": int(index.ntotal)}
+        expected = {"kind": kind, "dim": int(index.d)}
         got = {key: manifest.get(key) for key in expected}
         if got != expected:
             raise ValueError(
                 f"vector index {path} and its manifest disagree (interrupted save?): "
                 f"index has {expected}, manifest says {got}"
             )
+        if manifest.get("count") != int(index.ntotal):  # read between the file's save and its manifest's: the file
+            # is a valid index keyed by ids, the manifest an older one; whoever opens it syncs it by id
+            logger.info("vector index %s holds %d vectors, its manifest says %s: the manifest is older",
+                        path, index.ntotal, manifest.get("count"))
+            manifest = {**manifest, "store_version": None}
         cfg = VectorIndexConfig(kind=kind, use_gpu=use_gpu)
         if kind == "hnsw":
             hnsw = faiss.downcast_index(index.index).hnsw

@@ -325,3 +325,37 @@ def test_a_write_waiting_for_another_process_never_stalls_this_processs_searches
         holder.wait(60)
     adding.join(60)
     assert len(g) == 2
+
+
+def test_a_reader_never_waits_on_a_writer_to_repair_the_index(tmp_path):
+    """A vectors.faiss caught between its save and its manifest's, or missing, is repaired by the reader in memory
+    (synced by id, or built from the store) while another process holds the write lock: before, the open waited
+    for that writer (up to the lock's 600 s) to rebuild it under the lock."""
+    import shutil
+    import time
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    g = Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": 4})
+    eye = np.eye(4, dtype=np.float32)
+    g.add([ReferenceRecord(path="/p/0.jpg", species="Naja naja")], ["0" * 64], eye[:1])
+    old_manifest = (g.root / "vectors.faiss.json").read_bytes()
+    g.add([ReferenceRecord(path="/p/1.jpg", species="Naja naja")], ["1" * 64], eye[1:2])
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(g.layout.write_lock), str(ready), str(release)],
+                              cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        (g.root / "vectors.faiss.json").write_bytes(old_manifest)  # the new file, the old manifest
+        mid_save = Gallery.open(g.root)
+        assert sorted(mid_save.index.ids.tolist()) == [1, 2] and holder.poll() is None  # the writer still holds it
+        shutil.move(g.root / "vectors.faiss", tmp_path / "moved.faiss")  # missing altogether
+        missing = Gallery.open(g.root)
+        assert missing.search(eye[1:2], 1)[0][0].id == 2 and holder.poll() is None
+    finally:
+        release.touch()
+        holder.wait(60)

@@ -254,9 +254,14 @@ def test_load_errors(small: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> No
     manifest.write_text("{not json")
     with pytest.raises(ValueError, match="manifest .* unreadable"):
         VectorIndex.load(path)
-    manifest.write_text(json.dumps({"kind": "flat", "dim": 32, "count": 7}))
+    manifest.write_text(json.dumps({"kind": "hnsw", "dim": 32, "count": len(ids)}))
     with pytest.raises(ValueError, match="disagree"):
         VectorIndex.load(path)
+    # only the count differs: the file was saved after this manifest (read between the two renames); it loads,
+    # and its manifest's store version is dropped so that the gallery syncs it by id
+    manifest.write_text(json.dumps({"kind": "flat", "dim": 32, "count": 7, "store_version": 3}))
+    index, got = VectorIndex.load(path)
+    assert index.ntotal == len(ids) and got["store_version"] is None
     manifest.unlink()
     with pytest.raises(FileNotFoundError):
         VectorIndex.load(path)
