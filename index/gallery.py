@@ -83,6 +83,18 @@ def _foreign(root: Path) -> bool:
     return any(c.name != WRITE_LOCK and not (c.name.startswith(".") and ".tmp" in c.name) for c in root.iterdir())
 
 
+def _one_row_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows with their first vector per id. Two machines writing one S3 store can give an id twice; indexing
+    both would make the gallery impossible to open, even to delete them (``references delete`` removes both)."""
+    uniq, first = np.unique(ids, return_index=True)
+    if len(uniq) == len(ids):
+        return ids, vectors
+    dup = np.unique(ids[np.setdiff1d(np.arange(len(ids)), first)])
+    logger.error("the store holds ids %s more than once (two writers on one store?): each is searched with one "
+                 "of its rows; 'speciesid references delete' removes every row of an id", dup[:10].tolist())
+    return uniq, vectors[first]
+
+
 class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
@@ -272,7 +284,7 @@ class Gallery:
             self.rebuild_index()
             return self._index
         version = self.store.version
-        ids, vectors = self.store.vectors()
+        ids, vectors = _one_row_per_id(*self.store.vectors())
         self._index = VectorIndex.build(vectors, ids, replace(self.index_config, kind=kind), dim=self.dim)
         self._synced_version = version
         self._save_quietly()
@@ -293,7 +305,7 @@ class Gallery:
                 self._index = ivfpq.build(source, folder=self.root, map_fn=map_fn,
                                           **self.index_config.ivfpq_options())
             else:
-                ids, vectors = self.store.vectors()
+                ids, vectors = _one_row_per_id(*self.store.vectors())
                 self._index = VectorIndex.build(vectors, ids, replace(self.index_config, kind=kind), dim=self.dim)
                 for part in self.layout.vectors_parts():  # an earlier ivfpq index's files
                     part.unlink(missing_ok=True)
@@ -309,7 +321,7 @@ class Gallery:
         """
         with self._lock:
             version = self.store.version
-            stored = self.store.ids()
+            stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
             have = self._index.ids
             new = np.setdiff1d(stored, have, assume_unique=True)
             gone = np.setdiff1d(have, stored, assume_unique=True)
@@ -319,7 +331,7 @@ class Gallery:
                     self._meta_cache.pop(i, None)
                     self._vector_cache.pop(i, None)
             if new.size:
-                ids, vectors = self.store.vectors(ids=new.tolist())
+                ids, vectors = _one_row_per_id(*self.store.vectors(ids=new.tolist()))
                 self._index.add(vectors, ids)
             self._synced_version = version
             return int(new.size), int(gone.size)

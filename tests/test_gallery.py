@@ -377,3 +377,23 @@ def test_adding_again_a_photo_a_clean_run_excluded_says_it_stays_unsearchable(tm
                  "--precision", "fp32"])
     out = capsys.readouterr().out
     assert code == 1 and f"not searchable: {folder / '0.png'} is already reference {hidden}, excluded" in out, out
+
+
+def test_a_store_holding_an_id_twice_still_opens_searches_and_can_be_repaired(tmp_path, caplog):
+    """Two machines writing one S3 store can give an id twice; the gallery must still open (before: every open,
+    even 'references delete', failed on the duplicate id)."""
+    from retrieval.workflows import delete_references
+
+    g = Gallery.create(tmp_path / "g", ENC)
+    rng = np.random.default_rng(3)
+    vec = _unit(rng, 3, rng.standard_normal(DIM))
+    (first, second) = g.add(_records("Naja haje", 2), ["a" * 64, "b" * 64], vec[:2])
+    g.store.add(_records("Natrix maura", 1), ["c" * 64], vec[2:], g.fingerprint, [second])  # the other writer's row
+    (g.root / "vectors.faiss").unlink()  # rebuilt from the store on open
+    with caplog.at_level("ERROR"):
+        again = Gallery.open(g.root)
+    assert f"the store holds ids [{second}] more than once" in caplog.text
+    assert sorted(again.index.ids.tolist()) == [first, second]
+    assert {n.id for n in again.search(vec[1:2], 2)[0]} == {first, second}
+    assert delete_references(again, [second]) == [second]
+    assert again.store.count(include_excluded=True) == 1 and len(Gallery.open(g.root)) == 1
