@@ -3,8 +3,9 @@
 A write goes to a temporary file beside the target, is flushed and fsynced, replaces the target with
 ``os.replace`` (atomic on POSIX and Windows), and the folder is fsynced so the rename itself survives a
 power cut. Readers therefore see the old file or the new one, never half of one; a crash leaves at most a
-hidden ``.NAME.*.tmp`` file, which is removed when the write fails in-process. :func:`atomic_directory` does
-the same for a whole folder (an exported model).
+hidden ``.NAME.*.tmp`` file, which is removed when the write fails in-process (and by
+:func:`remove_leftovers` when the process was killed). :func:`atomic_directory` does the same for a whole folder
+(an exported model).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -100,3 +103,37 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+#: The temporary names of :func:`atomic_write` and :func:`atomic_directory` (``.NAME.<32 hex>.tmp[.suffix]``, and
+#: ``.old`` for a folder renamed aside).
+_LEFTOVER = re.compile(r"^\..+\.[0-9a-f]{32}\.(tmp|old)(\.[^/]*)?$")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is a temporary name of :func:`atomic_write` or :func:`atomic_directory`."""
+    return bool(_LEFTOVER.match(name))
+
+
+def remove_leftovers(folder: str | Path, *, older_than_s: float = 600.0) -> list[Path]:
+    """Remove what writes killed mid-way left in ``folder`` (temporary files and folders of this module, untouched
+    for ``older_than_s`` seconds: a write in progress is never that old); returns what was removed. Call it where
+    no write of the folder can be in progress, e.g. under a gallery's write lock."""
+    removed = []
+    now = time.time()
+    try:
+        children = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for child in children:
+        if not is_leftover(child.name):
+            continue
+        with contextlib.suppress(OSError):
+            if now - child.lstat().st_mtime < older_than_s:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+            removed.append(child)
+    return removed

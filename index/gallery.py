@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from index import ivfpq
-from index.atomic import write_json_atomic
+from index.atomic import is_leftover, remove_leftovers, write_json_atomic
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.locks import write_lock
@@ -80,7 +80,7 @@ class Neighbour:
 def _foreign(root: Path) -> bool:
     """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file and the temporary files
     of interrupted atomic writes (``index.atomic``): then it is someone else's folder, not a gallery begun."""
-    return any(c.name != WRITE_LOCK and not (c.name.startswith(".") and ".tmp" in c.name) for c in root.iterdir())
+    return any(c.name != WRITE_LOCK and not is_leftover(c.name) for c in root.iterdir())
 
 
 def _one_row_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -515,6 +515,8 @@ class Gallery:
         """A write: the cross-process lock first, then this process's thread lock. Waiting for another process's
         writer while holding the thread lock would stall every search of this process (they take it to sync)."""
         with self._writer.hold(), self._lock:
+            for left in remove_leftovers(self.root):  # of writers killed mid-write (no write is in progress now)
+                logger.info("removed %s, left by an interrupted write", left.name)
             yield
 
     def writing(self) -> contextlib.AbstractContextManager[None]:

@@ -397,3 +397,19 @@ def test_a_store_holding_an_id_twice_still_opens_searches_and_can_be_repaired(tm
     assert {n.id for n in again.search(vec[1:2], 2)[0]} == {first, second}
     assert delete_references(again, [second]) == [second]
     assert again.store.count(include_excluded=True) == 1 and len(Gallery.open(g.root)) == 1
+
+
+def test_a_write_removes_what_writes_killed_mid_way_left(gallery):
+    import os
+    import time
+
+    old = gallery.root / f".vectors.faiss.{'a' * 32}.tmp.faiss"
+    fresh = gallery.root / f".gallery.json.{'b' * 32}.tmp.json"
+    mine = gallery.root / ".my-notes.tmp"  # not a temporary name of index.atomic: never touched
+    for f in (old, fresh, mine):
+        f.write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(mine, (time.time() - 3600, time.time() - 3600))
+    rng = np.random.default_rng(8)
+    gallery.add(_records("Naja haje", 1), ["9" * 64], _unit(rng, 1, rng.standard_normal(DIM)))
+    assert not old.exists() and fresh.exists() and mine.exists()
