@@ -643,9 +643,16 @@ class Gallery:
 
 def store_error(uri: str, exc: BaseException) -> ValueError:
     """A store at ``uri`` that cannot be opened, in one line that says what to check."""
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return ValueError(f"cannot open the store {uri} ({first}); check the URI and the AWS_* settings (credentials, "
-                      "AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
+    text = str(exc)
+    first = (text.strip().splitlines() or [""])[0][:200]
+    cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
+    return ValueError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
+                      "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
+
+
+#: Causes an object store names deep in Lance's error text, put first in what the user reads.
+STORE_CAUSES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                "Connection refused", "dns error", "timed out")
 
 
 def check_gallery_encoder(root: str | Path, info: dict, fingerprint: str) -> None:

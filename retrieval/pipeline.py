@@ -352,5 +352,5 @@ def add_references(
                 report.stats.encode_s, report.stats.wait_s, 100 * report.stats.wait_share(report.seconds),
                 report.seconds)
     for path, reason in report.skipped:
-        logger.warning("skipped %s: %s", path, reason)
+        logger.info("skipped %s: %s", path, reason)  # the report says it to the caller
     return report

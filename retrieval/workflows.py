@@ -445,7 +445,8 @@ def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     """What a gallery holds and which encoder built it."""
     g = _gallery(gallery)
-    return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g), "species": len(g.species()),
+    return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
+            "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version}
 
 

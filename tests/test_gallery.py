@@ -377,6 +377,9 @@ def test_adding_again_a_photo_a_clean_run_excluded_says_it_stays_unsearchable(tm
                  "--precision", "fp32"])
     out = capsys.readouterr().out
     assert code == 1 and f"not searchable: {folder / '0.png'} is already reference {hidden}, excluded" in out, out
+    assert main(["index", "info", "--index", str(index)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["references"] == 2 and info["excluded"] == 1
 
 
 def test_a_store_holding_an_id_twice_still_opens_searches_and_can_be_repaired(tmp_path, caplog):

@@ -164,3 +164,12 @@ def test_one_store_one_gallery_and_a_copied_folder_steps_over_the_stores_ids(s3_
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ValueError, match=rf"cannot open the store s3://{BUCKET}/g3 \(.*\); check the URI and the AWS_"):
         Gallery.open(tmp_path / "a")
+
+
+def test_a_store_error_puts_the_cause_first():
+    from index.gallery import store_error
+
+    lance = ("lance error: Invalid input, Failed to connect to namespace: IO { source: Generic { store: \"S3\", "
+             + "x" * 300 + " } }\nresponse: <Code>NoSuchBucket</Code><Message>The specified bucket does not exist")
+    msg = str(store_error("s3://b/g", RuntimeError(lance)))
+    assert msg.startswith("cannot open the store s3://b/g (NoSuchBucket: lance error: Invalid input") and "AWS_" in msg
