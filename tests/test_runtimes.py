@@ -338,3 +338,28 @@ def test_encoders_runtimes_command_reports_kind_order_and_cache(capsys, monkeypa
     out = capsys.readouterr().out
     assert "CPU kind: avx2" in out and "auto order, transformer: onnx int8 -> torch int8" in out
     assert "user cache:" in out
+
+
+def test_the_dynamo_exporter_fallback_writes_a_faithful_onnx(tmp_path, monkeypatch):
+    """When torch's TorchScript exporter fails, export_onnx falls back on the dynamo one (onnxscript, in the onnx
+    and openvino extras); its dynamic batch is given by position, whatever the forward's argument is called (it
+    was keyed "x", which nn.Sequential's "input" refused)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from retrieval.runtimes.export import export_onnx
+
+    real = torch.onnx.export
+
+    def no_torchscript(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript exporter is gone")
+        return real(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    export_onnx(net, np.zeros((1, 3, 32, 32), np.float32), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)  # another batch size than exported
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, net(torch.from_numpy(x)).detach().numpy(), atol=1e-5)

@@ -51,7 +51,8 @@ def export_onnx(module, example: np.ndarray, path: Path) -> None:
         batch = torch.export.Dim("batch", min=1, max=4096)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes={"x": {0: batch}},
+            # dynamic_shapes by position: the forward's argument may have any name ("input" in nn.Sequential)
+            program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({0: batch},),
                                         opset_version=max(OPSET, 18), input_names=["x"], output_names=["features"])
             program.save(str(path), external_data=False)
 
