@@ -19,10 +19,10 @@ import numpy as np
 
 from api.batcher import EncodeBatcher
 from api.settings import Settings
-from index.datasets import check_name, find_species
 from index.gallery import Neighbour
 from index.sources import read_source
 from index.store import SpeciesSummary, source_file
+from index.taxonomy import check_name, find_species
 from retrieval import workflows
 from retrieval.encoders import stack_views
 from retrieval.images import ImageLoadError, decode_image

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pycountry
 
-from index.datasets import load_checklist
+from index.taxonomy import load_checklist
 
 log = logging.getLogger(__name__)
 
 COUNTRIES_CSV = Path(__file__).resolve().parent / "data" / "snake_countries.csv"
 #: National checklists shipped with the package: their species occur in that country, whatever the table says
 #: (SnakeCLEF's table lacks Morocco for Echis pyramidum and Natrix astreptophora, both on the Moroccan list).
-CHECKLISTS = {"MA": "moroccan"}  # country -> a checklist index.datasets.load_checklist knows
+CHECKLISTS = {"MA": "moroccan"}  # country -> a checklist index.taxonomy.load_checklist knows
 #: Common names pycountry does not resolve (it knows e.g. "Türkiye", not "Turkey"); keys lowercase.
 COUNTRY_ALIASES = {
     "brunei": "BN",

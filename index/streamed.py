@@ -70,7 +70,7 @@ def _flag(value: object) -> bool | None:
 
 def make_record(fields: dict[str, object], path: str | Path, dataset: str) -> ReferenceRecord | None:
     """A record from manifest-style fields (canonical names), or None without a species."""
-    from index.datasets import InvalidNameError, check_name, lookup_taxon
+    from index.taxonomy import InvalidNameError, check_name, lookup_taxon
 
     species, genus = _text(fields.get("species")), _text(fields.get("genus"))
     if species and " " not in species and genus:

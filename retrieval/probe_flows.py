@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from index.datasets import load_checklist, load_dataset
+from index.datasets import load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
 from index.store import SpeciesSummary
+from index.taxonomy import load_checklist
 from retrieval.encoders import Encoder
 from retrieval.galleries import open_gallery
 from retrieval.identify import fitted_whitening

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.datasets import DATA_DIR, lookup_taxon
+from index.taxonomy import DATA_DIR, lookup_taxon
 
 #: Templates, after open_clip's ImageNet zero-shot set (the ones that suit field photos).
 TEMPLATES: tuple[str, ...] = (

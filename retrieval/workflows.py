@@ -26,17 +26,12 @@ import numpy as np
 
 from index import exclusions
 from index.atomic import atomic_write
-from index.datasets import (
-    DatasetScan,
-    iter_dataset,
-    load_dataset,
-    lookup_taxon,
-    new_species_references,
-)
+from index.datasets import DatasetScan, iter_dataset, load_dataset
 from index.gallery import Gallery, Neighbour
 from index.geography import country_presence, resolve_country
 from index.photos import PHOTO_FORMATS
 from index.store import SpeciesSummary, source_file, source_text
+from index.taxonomy import lookup_taxon, new_species_references
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions

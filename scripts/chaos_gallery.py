@@ -50,7 +50,7 @@ def writer(index: str, species: str, paths: list[str], chunk: int, lock: bool) -
         import contextlib
 
         gallery._writer.hold = contextlib.nullcontext  # type: ignore[method-assign]
-    from index.datasets import new_species_references
+    from index.taxonomy import new_species_references
 
     _, records, _ = new_species_references(species, gallery.species(), paths, dataset="chaos")
     add_references(gallery, enc, records, chunk=chunk, progress=False)

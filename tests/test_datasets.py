@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from index.datasets import (
-    DATASETS,
-    DatasetScan,
-    TaxonInfo,
-    list_datasets,
-    load_dataset,
-    lookup_taxon,
-    parse_folder_name,
-)
+from index.datasets import DATASETS, DatasetScan, list_datasets, load_dataset, parse_folder_name
 from index.photos import IMAGE_EXTENSIONS
 from index.records import ReferenceRecord
+from index.taxonomy import TaxonInfo, lookup_taxon
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PH_SNAKES_TRAIN = SHARED / "data" / "ph-snakes" / "train"
@@ -435,8 +428,8 @@ def test_snakeclef2021_missing_columns(tmp_path: Path) -> None:
 
 
 def test_new_species_references_join_existing_spellings():
-    from index.datasets import new_species_references
     from index.store import SpeciesSummary
+    from index.taxonomy import new_species_references
 
     species, records, prior = new_species_references("naja-haje", [], ["a.jpg", "b.jpg"], dataset="added")
     assert species == "Naja haje" and prior is None  # the taxonomy's spelling, and what it knows
@@ -462,8 +455,8 @@ def test_new_species_references_join_existing_spellings():
 
 
 def test_a_subspecies_name_joins_its_gallery_species_and_takes_its_metadata():
-    from index.datasets import new_species_references
     from index.store import SpeciesSummary
+    from index.taxonomy import new_species_references
 
     mine = SpeciesSummary("Naja haje", "Naja", "Elapidae", "Egyptian cobra", True, 3)
     species, records, prior = new_species_references("Naja haje legionis", [mine], ["a.jpg"], dataset="api")
@@ -476,8 +469,8 @@ def test_a_subspecies_name_joins_its_gallery_species_and_takes_its_metadata():
 def test_a_venomous_species_is_not_quietly_outvoted():
     from collections import Counter
 
-    from index.datasets import new_species_references
     from index.store import SpeciesSummary, _venomous
+    from index.taxonomy import new_species_references
 
     cobra = SpeciesSummary("Naja haje", "Naja", "Elapidae", None, True, 3)
     with pytest.raises(ValueError, match="'Naja haje' is recorded as venomous.*leave the venomous flag out"):

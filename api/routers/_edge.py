@@ -9,8 +9,8 @@ from fastapi import HTTPException, UploadFile
 
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
-from index.datasets import InvalidNameError
 from index.gallery import Neighbour
+from index.taxonomy import InvalidNameError
 
 T = TypeVar("T")
 

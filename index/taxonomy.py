@@ -1,0 +1,232 @@
+"""Names and taxonomy: which names can be stored, what the shipped snake taxonomy knows of a species, how a name
+joins a gallery's species, and species checklists (``moroccan`` or a file).
+
+The taxonomy (``data/snake_taxonomy.csv``, SnakeCLEF 2021's species / family / venomous list, and
+``data/moroccan.csv``, which wins on a conflict) is read once per process.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from index.records import ReferenceRecord
+
+if TYPE_CHECKING:
+    from index.store import SpeciesSummary
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+MOROCCAN_CSV = DATA_DIR / "moroccan.csv"
+TAXONOMY_CSV = DATA_DIR / "snake_taxonomy.csv"
+
+
+@dataclass(frozen=True)
+class TaxonInfo:
+    """What the shipped snake taxonomy knows about one species."""
+
+    species: str
+    genus: str | None
+    family: str | None
+    venomous: bool | None  # medically important venomous (SnakeCLEF "mivs"); None = unknown
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+
+#: Longest taxon or common name accepted (the longest binomials + authorities fit in well under this).
+MAX_NAME_LENGTH = 120
+
+
+class InvalidNameError(ValueError):
+    """A species or common name that cannot be stored (empty, too long, control or bidi characters)."""
+
+
+def check_name(value: str, what: str = "species name") -> str:
+    """``value`` with its spaces collapsed, or :class:`InvalidNameError` saying what is wrong with it.
+
+    Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
+    control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
+    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text.
+    """
+    import unicodedata
+
+    text = " ".join(str(value).split())
+    if not text:
+        raise InvalidNameError(f"the {what} is empty; give e.g. 'Naja haje'")
+    if not any(ch.isalnum() for ch in text):
+        raise InvalidNameError(f"the {what} {text!r} has no letters or digits; give e.g. 'Naja haje'")
+    if len(text) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat[0] == "C" or cat in ("Zl", "Zp"):
+            code = f"U+{ord(ch):04X}"
+            name = unicodedata.name(ch, "") if cat != "Cs" else "an undecodable byte"
+            raise InvalidNameError(
+                f"the {what} {text.encode('utf-8', 'backslashreplace').decode()!r} contains "
+                f"{f'{name} ({code})' if name else f'the control character {code}'}; use printable letters only"
+            )
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Taxonomy lookups
+
+
+def species_key(name: str) -> str:
+    """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, case-folded."""
+    return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
+
+
+def _read_taxon_csv(path: Path) -> list[TaxonInfo]:
+    rows: list[TaxonInfo] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            species = " ".join((row.get("species") or "").split())
+            if not species:
+                continue
+            flag = (row.get("venomous") or "").strip()
+            rows.append(
+                TaxonInfo(
+                    species=species,
+                    genus=(row.get("genus") or "").strip() or species.split(" ", 1)[0],
+                    family=(row.get("family") or "").strip() or None,
+                    venomous=True if flag == "1" else False if flag == "0" else None,
+                )
+            )
+    return rows
+
+
+@lru_cache(maxsize=1)
+def _taxonomy() -> dict[str, TaxonInfo]:
+    table: dict[str, TaxonInfo] = {}
+    for path in (TAXONOMY_CSV, MOROCCAN_CSV):  # the Moroccan checklist wins on a conflict
+        for info in _read_taxon_csv(path):
+            table[species_key(info.species)] = info
+    logger.debug("loaded %d taxa from %s", len(table), DATA_DIR)
+    return table
+
+
+@lru_cache(maxsize=1)
+def _genera() -> dict[str, str]:
+    """Known genera (species_key) -> one species of each, for examples."""
+    return {species_key(info.genus): info.species for info in reversed(_taxonomy().values()) if info.genus}
+
+
+@lru_cache(maxsize=1)
+def moroccan_checklist() -> tuple[TaxonInfo, ...]:
+    """The 26 native snake species of Morocco (``data/moroccan.csv``), in its order."""
+    return tuple(_read_taxon_csv(MOROCCAN_CSV))
+
+
+def lookup_taxon(species: str) -> TaxonInfo | None:
+    """Genus, family and venomous flag of a snake species, or None when it is not a known snake.
+
+    Matching ignores case and treats ``-``/``_`` as spaces. A trinomial (subspecies) that is not
+    listed falls back to its species (first two words).
+    """
+    table = _taxonomy()
+    key = species_key(species)
+    info = table.get(key)
+    if info is None:
+        words = key.split(" ")
+        if len(words) == 3:
+            info = table.get(" ".join(words[:2]))
+    return info
+
+
+def new_species_references(
+    name: str,
+    gallery_species: Iterable[SpeciesSummary],
+    paths: Iterable[str | Path],
+    *,
+    dataset: str,
+    common_name: str | None = None,
+    venomous: bool | None = None,
+    genus: str | None = None,
+    family: str | None = None,
+) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
+    """(species name used, records for ``paths``, the gallery species they join or None when new).
+
+    ``name`` in another spelling (case, ``_``, ``-``) of a gallery species or a known taxon takes that
+    spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
+    as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy.
+    """
+    species = check_name(name.replace("_", " "))
+    common_name = check_name(common_name, "common name") if common_name is not None else None
+    genus = check_name(genus, "genus") if genus else genus
+    family = check_name(family, "family") if family else family
+    gallery_species = list(gallery_species)
+    taxon = lookup_taxon(species)
+    if taxon is None and " " not in species and species_key(species) in _genera() and not find_species(
+            gallery_species, species):
+        raise ValueError(f"{species!r} is a genus, not a species: give the species' full name, e.g. "
+                         f"{_genera()[species_key(species)]!r}")
+    prior = find_species(gallery_species, species) or (find_species(gallery_species, taxon.species) if taxon
+                                                         else None)  # "Naja haje legionis" joins "Naja haje"
+    species = prior.species if prior else (taxon.species if taxon else species)
+    if venomous is False and prior is not None and prior.venomous:
+        raise ValueError(
+            f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
+            "photos says so: leave the venomous flag out to add these photos, or delete the references that flag it "
+            "venomous first if that is wrong")
+    if venomous is False and prior is None and taxon is not None and taxon.venomous:
+        raise ValueError(
+            f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
+            "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
+    if prior is None and taxon is None and venomous is None:
+        close = difflib.get_close_matches(species_key(species), list(_taxonomy()), n=3, cutoff=0.85)
+        logger.warning("%r is not in the shipped taxonomy and no venomous flag was given: its venom status stays "
+                       "unknown (answers count it as possibly venomous)%s", species,
+                       f"; did you mean {', '.join(repr(_taxonomy()[c].species) for c in close)}?" if close else "")
+    for what, given, have in (("genus", genus, prior.genus if prior else None),
+                              ("family", family, prior.family if prior else None),
+                              ("common name", common_name, prior.common_name if prior else None)):
+        if given and have and given.casefold() != have.casefold():
+            raise ValueError(f"{prior.species!r} is recorded with {what} {have!r}, not {given!r}: leave the {what} "
+                             "out to add these photos under the species' own")
+    if genus and len(species.split()) > 1 and species.split()[0].casefold() != genus.casefold():
+        raise ValueError(f"the genus {genus!r} does not match the species name {species!r}; leave --genus out "
+                         "(the first word of the name is the genus)")
+    if venomous is None:
+        venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
+    genus = genus or (prior.genus if prior else None) or (taxon.genus if taxon else None)
+    family = family or (prior.family if prior else None) or (taxon.family if taxon else None)
+    common_name = common_name or (prior.common_name if prior else None)
+    records = [ReferenceRecord(path=Path(p), species=species, genus=genus, family=family, common_name=common_name,
+                               venomous=venomous, dataset=dataset) for p in paths]
+    return species, records, prior
+
+
+def find_species(gallery_species: Iterable[SpeciesSummary], name: str) -> SpeciesSummary | None:
+    """The gallery species ``name`` spells (case, ``_``, ``-`` ignored on both sides), or None."""
+    key = species_key(name)
+    return next((s for s in gallery_species if species_key(s.species) == key), None)
+
+
+def load_checklist(name_or_path: str | Path) -> list[TaxonInfo]:
+    """A species checklist: ``moroccan`` (shipped, 26 species) or a text file with one binomial a line.
+
+    Species found in the shipped snake taxonomy get their genus, family and venomous flag.
+    """
+    if str(name_or_path).lower() == "moroccan":
+        return list(moroccan_checklist())
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"checklist {name_or_path!r} is neither 'moroccan' nor a readable text file")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name = " ".join(line.split("#", 1)[0].replace("_", " ").split())
+        if name:
+            out.append(lookup_taxon(name) or TaxonInfo(name, name.split(" ")[0], None, None))
+    if not out:
+        raise ValueError(f"checklist {path} names no species (one binomial a line, # for comments)")
+    return out
