@@ -3,6 +3,7 @@ bad names and paths reported without aborting a batch, uploads removed with thei
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -292,6 +293,25 @@ with WriteLock(lock).hold():
 """
 
 
+@contextlib.contextmanager
+def _lock_held_elsewhere(gallery, tmp_path: Path):
+    """Another process holds the gallery's write lock for the block (yields that process)."""
+    import time
+
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(gallery.layout.write_lock), str(ready),
+                               str(release)], cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        yield holder
+    finally:
+        release.touch()
+        holder.wait(60)
+
+
 def test_a_write_waiting_for_another_process_never_stalls_this_processs_searches(tmp_path):
     """The server shares one gallery between searches and uploads: an upload waiting for another process's writer
     must not hold the lock searches sync under (before: every search waited as long as the upload did)."""
@@ -303,14 +323,7 @@ def test_a_write_waiting_for_another_process_never_stalls_this_processs_searches
 
     g = Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": 4})
     g.add([ReferenceRecord(path="/p/0.jpg", species="Naja naja")], ["0" * 64], np.eye(4, dtype=np.float32)[:1])
-    ready, release = tmp_path / "ready", tmp_path / "release"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(g.layout.write_lock), str(ready), str(release)],
-                              cwd=REPO)
-    try:
-        deadline = time.time() + 60
-        while not ready.exists():
-            assert holder.poll() is None and time.time() < deadline
-            time.sleep(0.02)
+    with _lock_held_elsewhere(g, tmp_path) as holder:
         adding = threading.Thread(target=g.add, args=([ReferenceRecord(path="/p/1.jpg", species="Naja naja")],
                                                       ["1" * 64], np.eye(4, dtype=np.float32)[1:2]))
         adding.start()
@@ -318,11 +331,8 @@ def test_a_write_waiting_for_another_process_never_stalls_this_processs_searches
         assert adding.is_alive()
         g.refresh(force=True)  # takes the thread lock a search syncs under
         hits = g.search(np.eye(4, dtype=np.float32)[:1], 1)[0]
-        assert adding.is_alive() and not release.exists()  # answered while the add still waits
+        assert adding.is_alive() and holder.poll() is None  # answered while the add still waits
         assert hits[0].id == 1
-    finally:
-        release.touch()
-        holder.wait(60)
     adding.join(60)
     assert len(g) == 2
 
@@ -332,7 +342,6 @@ def test_a_reader_never_waits_on_a_writer_to_repair_the_index(tmp_path):
     (synced by id, or built from the store) while another process holds the write lock: before, the open waited
     for that writer (up to the lock's 600 s) to rebuild it under the lock."""
     import shutil
-    import time
 
     from index.gallery import Gallery
     from index.records import ReferenceRecord
@@ -342,20 +351,10 @@ def test_a_reader_never_waits_on_a_writer_to_repair_the_index(tmp_path):
     g.add([ReferenceRecord(path="/p/0.jpg", species="Naja naja")], ["0" * 64], eye[:1])
     old_manifest = (g.root / "vectors.faiss.json").read_bytes()
     g.add([ReferenceRecord(path="/p/1.jpg", species="Naja naja")], ["1" * 64], eye[1:2])
-    ready, release = tmp_path / "ready", tmp_path / "release"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(g.layout.write_lock), str(ready), str(release)],
-                              cwd=REPO)
-    try:
-        deadline = time.time() + 60
-        while not ready.exists():
-            assert holder.poll() is None and time.time() < deadline
-            time.sleep(0.02)
+    with _lock_held_elsewhere(g, tmp_path) as holder:
         (g.root / "vectors.faiss.json").write_bytes(old_manifest)  # the new file, the old manifest
         mid_save = Gallery.open(g.root)
         assert sorted(mid_save.index.ids.tolist()) == [1, 2] and holder.poll() is None  # the writer still holds it
         shutil.move(g.root / "vectors.faiss", tmp_path / "moved.faiss")  # missing altogether
         missing = Gallery.open(g.root)
         assert missing.search(eye[1:2], 1)[0][0].id == 2 and holder.poll() is None
-    finally:
-        release.touch()
-        holder.wait(60)
