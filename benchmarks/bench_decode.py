@@ -1,0 +1,86 @@
+"""What decoding uploads costs the server: peak memory and time, the way the API decodes them now and before.
+
+A request of 5 large photos (default 7000 x 7000 PNGs, 49 MP each: under the 50 MP per-photo limit), decoded on
+the service's 4 decode threads, each photo kept until the request is encoded:
+
+* now: ``api.service.SpeciesService.decode``'s way: ``decode_image(..., draft=2 x model input)`` (JPEG decoded at
+  reduced scale, any other format box-reduced at once), then the model input, the photo itself not kept;
+* before (the naive way, as the API decoded until 2026-12-06): the photo decoded at full size, EXIF applied on a
+  full-size copy, the full-size photo kept for the request.
+
+Each side runs in a fresh process (peak RSS = that process's high-water mark); medians over ``--repeats``.
+
+    .venv/bin/python benchmarks/bench_decode.py                  # 5 x 49 MP PNG
+    .venv/bin/python benchmarks/bench_decode.py --format JPEG --side 6000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import REPO, median
+from _hardware import machine_report
+
+_CHILD = """
+import json, resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from retrieval.images import decode_image
+from retrieval.preprocess import PreprocessConfig, preprocess_image
+path, photos, way = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+data = open(path, "rb").read()
+cfg = PreprocessConfig(size=(224, 224), resize=(224,))
+
+def now(d):  # the model input only
+    return preprocess_image(decode_image(d, max_pixels=50_000_000, draft=2 * 224), cfg)
+
+def before(d):  # the photo at full size, kept: decode_image as it was (a full-size copy to apply EXIF, always)
+    import io
+    from PIL import Image, ImageOps
+    from retrieval.images import to_rgb
+    img = Image.open(io.BytesIO(d))
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+t = time.perf_counter()
+with ThreadPoolExecutor(4) as pool:
+    kept = list(pool.map(now if way == "now" else before, [data] * photos))
+print(json.dumps({"s": time.perf_counter() - t,
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", type=int, default=7000, help="photo side in pixels (default 7000: 49 MP)")
+    ap.add_argument("--format", default="PNG", choices=("PNG", "JPEG", "WEBP"), help="photo format (default PNG)")
+    ap.add_argument("--photos", type=int, default=5, help="photos in the request (default 5, the identify limit)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side (default 3)")
+    args = ap.parse_args()
+    print(machine_report(), flush=True)
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        photo = Path(tmp) / f"big.{args.format.lower()}"
+        Image.new("RGB", (args.side, args.side), (90, 120, 60)).save(photo, args.format)
+        rows = {}
+        for way in ("before", "now"):
+            runs = [json.loads(subprocess.run([sys.executable, "-c", _CHILD, str(photo), str(args.photos), way],
+                                              cwd=REPO, check=True, capture_output=True, text=True).stdout)
+                    for _ in range(args.repeats)]
+            rows[way] = (median([r["s"] for r in runs]), median([r["peak_mib"] for r in runs]))
+    print(f"\n{args.photos} x {args.side}x{args.side} {args.format} ({args.side * args.side / 1e6:.0f} MP each), "
+          f"4 decode threads; medians of {args.repeats}")
+    print("| way | seconds | peak RSS MiB |\n| --- | ---: | ---: |")
+    for way, (s, mib) in rows.items():
+        print(f"| {way} | {s:.2f} | {mib:.0f} |")
+    print(f"peak memory before / now: {rows['before'][1] / rows['now'][1]:.2f}x; "
+          f"time before / now: {rows['before'][0] / rows['now'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
