@@ -25,7 +25,7 @@ from index.store import SpeciesSummary, source_file
 from index.taxonomy import check_name, find_species
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, decode_image
+from retrieval.images import ImageLoadError, decode_image, photo_size
 from retrieval.pipeline import draft_size
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
@@ -66,7 +66,7 @@ class Upload:
 
     name: str  # the client's file name
     data: bytes  # the raw bytes (what a write stores)
-    size: tuple[int, int]  # (width, height) as decoded: at least the model's draft size when the photo was larger
+    size: tuple[int, int]  # (width, height) of the photo as stored (the decode itself may be reduced)
     views: np.ndarray | tuple  # the encoder's input (every view), as the CLI's pipeline makes it
 
 
@@ -110,7 +110,7 @@ class SpeciesService:
                                      draft=draft_size(self.encoder))
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, size=image.size, views=self.encoder.preprocess_views(image))
+            return Upload(name=name, data=data, size=photo_size(image), views=self.encoder.preprocess_views(image))
 
         return list(self._pool.map(one, files))
 

@@ -33,6 +33,10 @@ MIN_REFERENCE_SIDE = 32
 MAX_ASPECT = 25
 
 
+#: ``image.info`` key of the photo's size as stored (before any reduction at decode).
+PHOTO_SIZE = "speciesid_photo_size"
+
+
 class ImageLoadError(ValueError):
     """A photo could not be decoded; the message says why."""
 
@@ -97,6 +101,7 @@ def decode_image(
     ``draft``: keep both sides at least this many pixels but no more than needed: a JPEG is decoded at reduced
     scale (by 1/2, 1/4, 1/8: much faster for large phone photos that are resized to ~224 px anyway), any other
     photo is box-reduced by a whole factor as soon as it is decoded, so a large PNG is not held at full size.
+    The photo's own size, as stored, is in ``image.info[PHOTO_SIZE]`` (:func:`photo_size`).
     """
     if not data:
         raise ImageLoadError(f"{name}: the file is empty")
@@ -117,7 +122,10 @@ def decode_image(
             ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)
             factor = min(img.size) // draft if draft else 1
-            return img.reduce(factor) if factor >= 2 else img
+            if factor >= 2:
+                img = img.reduce(factor)
+            img.info[PHOTO_SIZE] = (w, h)  # as stored (before draft and reduce), for checks on the photo's size
+            return img
         except ImageLoadError:
             raise
         except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening
@@ -127,6 +135,11 @@ def decode_image(
             raise ImageLoadError(f"{name}: not a recognised image format: send a {_ACCEPTED_WORDS} photo") from exc
         except (OSError, SyntaxError, ValueError, TypeError) as exc:
             raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
+
+
+def photo_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the photo as stored, whatever :func:`decode_image` reduced it to (EXIF rotation aside)."""
+    return tuple(image.info.get(PHOTO_SIZE, image.size))  # type: ignore[return-value]
 
 
 def image_format(data: bytes) -> str | None:

@@ -29,6 +29,7 @@ from retrieval.images import (
     MIN_REFERENCE_SIDE,
     ImageLoadError,
     decode_image,
+    photo_size,
     sha256_bytes,
 )
 
@@ -127,8 +128,9 @@ def prepare(
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
         image = decode_image(data, max_pixels=max_pixels, name=name, draft=draft_size(encoder))
-        if min(image.size) < min_side:
-            return Prepared(position, sha256=digest, error=f"{image.size[0]}x{image.size[1]} pixels is too small for "
+        width, height = photo_size(image)  # the photo's, not the reduced decode's
+        if min(width, height) < min_side:
+            return Prepared(position, sha256=digest, error=f"{width}x{height} pixels is too small for "
                             f"a reference photo (at least {min_side} px on the short side)")
         tensor = encoder.preprocess_views(image)
     except ImageLoadError as exc:

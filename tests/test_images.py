@@ -121,3 +121,21 @@ def test_long_strips_are_refused_before_decoding(tmp_path):
     with pytest.raises(ImageLoadError, match=r"strip.png: 20000x1 pixels is too elongated \(over 25:1\)"):
         load_image(p)
     assert decode_image(_bytes(Image.new("RGB", (500, 20)), "PNG")).size == (500, 20)  # 25:1 still passes
+
+
+def test_a_photo_reduced_at_decode_is_size_checked_at_its_own_size():
+    """decode_image(draft=...) box-reduces a large PNG at once; the reference size check must still see the photo's
+    size (a 4000 x 3000 PNG was refused as "667x500 is too small" under a 600 px minimum)."""
+    from retrieval.encoders import create_encoder
+    from retrieval.images import decode_image, photo_size
+    from retrieval.pipeline import prepare
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (80, 120, 60)).save(buf, "PNG")
+    img = decode_image(buf.getvalue(), draft=448)
+    assert max(img.size) < 4000 and photo_size(img) == (4000, 3000)
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    assert prepare(0, buf.getvalue(), enc, min_side=600).error is None
+    small = io.BytesIO()
+    Image.new("RGB", (500, 400), (80, 120, 60)).save(small, "PNG")
+    assert prepare(0, small.getvalue(), enc, min_side=600).error.startswith("500x400 pixels is too small")

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Response, UploadFile
+from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
@@ -27,7 +28,8 @@ def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_leng
 
 
 @router.post("/{name}/references", response_model=AddReferencesOut, status_code=201,
-             responses=errors(400, 401, 413, 422))
+             responses={200: {"model": AddReferencesOut, "description": "nothing stored: every photo was a reference "
+                              "already (listed in duplicates)"}, **errors(400, 401, 413, 422)})
 def add_references(
     service: Service,
     _: WriteKey,
@@ -48,8 +50,29 @@ def add_references(
                                         for f, i, sp in result.duplicates])
 
 
-@router.api_route("/{name:path}/references", methods=["POST"], include_in_schema=False)
-@router.get("/{name:path}", include_in_schema=False)
-def name_with_a_slash(name: str) -> None:
-    """A name with ``/`` in it (``Naja%2Fhaje``) matches no route above: say why, instead of a bare 404/405."""
+class _SlashedName(Convertor):
+    """A path part that holds a ``/`` inside a name (``Naja/haje``): what ``Naja%2Fhaje`` arrives as. Not a name
+    followed by ``/references`` (that is the references route, or its 405)."""
+
+    regex = "[^/]+/(?!references$).+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("slashed", _SlashedName())
+
+
+@router.post("/{name:slashed}/references", include_in_schema=False)
+def add_under_a_name_with_a_slash(_: WriteKey, name: str) -> None:
+    """A name with ``/`` in it matches no route above: say why (after the key), instead of a bare 404."""
+    raise HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
+
+
+@router.get("/{name:slashed}", include_in_schema=False)
+def get_a_name_with_a_slash(_: ReadKey, name: str) -> None:
+    """As above, for a read."""
     raise HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
