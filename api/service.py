@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -87,7 +88,7 @@ class SpeciesService:
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
-        self._thumbs: OrderedDict[tuple[int, str], bytes] = OrderedDict()  # the latest thumbnails served
+        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()  # the latest thumbnails served
         self._thumb_lock = threading.Lock()
 
     def close(self) -> None:
@@ -152,7 +153,11 @@ class SpeciesService:
         if meta.empty:
             raise NotFound(f"no reference with id {ref_id}")
         path = source_file(str(meta.iloc[0]["source_path"]))
-        key = (ref_id, str(path))
+        try:  # the file as it is now: a photo replaced or removed on disk is not answered from the cache
+            st = os.stat(path)
+            key: tuple = (ref_id, str(path), st.st_mtime_ns, st.st_size)
+        except OSError:  # a member of a tar shard (SHARD#MEMBER), or gone: read below, which says so
+            key = (ref_id, str(path))
         with self._thumb_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)

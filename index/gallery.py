@@ -32,7 +32,7 @@ from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_
 from index.locks import write_lock
 from index.records import ReferenceRecord
 from index.store import ReferenceStore, SpeciesSummary, StoreVectors, is_uri, public_options, storage_options
-from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, as_vectors, load_index
+from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, as_vectors, load_index, manifest_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ class Neighbour:
         return out
 
 
-def _foreign(root: Path) -> bool:
-    """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file and the temporary files
-    of interrupted atomic writes (``index.atomic``): then it is someone else's folder, not a gallery begun."""
-    return any(c.name != WRITE_LOCK and not is_leftover(c.name) for c in root.iterdir())
+def _foreign(root: Path, *also: str) -> bool:
+    """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file, the temporary files of
+    interrupted atomic writes (``index.atomic``) and the names ``also``: then it is someone else's folder."""
+    return any(c.name != WRITE_LOCK and c.name not in also and not is_leftover(c.name) for c in root.iterdir())
 
 
 def _one_row_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,22 +152,26 @@ class Gallery:
         if not layout.info.is_file():
             if root.exists() and not root.is_dir():
                 raise ValueError(f"{root} is a file; --index takes a folder (made if missing)")
-            if root.is_dir() and _foreign(root):  # refused before a lock file is put in someone's folder
+            if root.is_dir() and _foreign(root, GalleryLayout(root).info.name):  # refused before a lock file is put
+                # in someone's folder (a gallery.json another creator wrote meanwhile is not foreign: re-checked below)
                 raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
-            made = [d for d in (root, *root.parents) if not d.exists()]  # the folders this call creates
             root.mkdir(parents=True, exist_ok=True)
             with write_lock(layout.write_lock).hold():  # two creators of one folder: one makes it, the other opens
                 if not layout.info.is_file():
-                    return cls._create_locked(root, encoder, made, index_config=index_config, weights=weights,
+                    return cls._create_locked(root, encoder, index_config=index_config, weights=weights,
                                               refresh_s=refresh_s, store=store, options=options)
         gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
                            refresh_s=refresh_s, options=options)
         if store and str(gallery.store_uri) != str(store).rstrip("/"):
             raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
+        if index_config is not None and gallery.info.get("index") != asdict(index_config):
+            with gallery.writing():  # an index asked for explicitly is the gallery's from now on
+                gallery.info = {**read_gallery_info(root), "index": asdict(index_config)}
+                write_json_atomic(layout.info, gallery.info)
         return gallery
 
     @classmethod
-    def _create_locked(cls, root: Path, encoder: dict, made: list[Path], *, index_config: VectorIndexConfig | None,
+    def _create_locked(cls, root: Path, encoder: dict, *, index_config: VectorIndexConfig | None,
                        weights: str | None, refresh_s: float, store: str | None,
                        options: dict[str, str] | None) -> Gallery:
         """The creation itself, under the write lock, in a folder no gallery is in yet."""
@@ -200,10 +204,7 @@ class Gallery:
                     shutil.rmtree(child)
                 else:
                     child.unlink()
-            for folder in made[1:]:  # the gallery folder keeps its lock file; its parents, when left empty, go
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise
+            raise  # the folder stays, holding only its lock file, which others may be waiting on
 
     @classmethod
     def open(
@@ -341,9 +342,22 @@ class Gallery:
         the index is served from memory, and the writer saves its own)."""
         try:
             with self._writer.hold(timeout=0.0):
+                if self._saved_is_newer():
+                    return  # a writer saved a later version (or another kind) meanwhile: ours is not better
                 self._index.save(self.layout.vectors, self._manifest())
         except (OSError, TimeoutError) as exc:  # e.g. a read-only gallery: serve from memory
             logger.info("could not save the repaired vector index: %s", exc)
+
+    def _saved_is_newer(self) -> bool:
+        """Whether the index saved on disk reflects a store version past the one this process's index does, or is
+        of another kind (an IVF-PQ one written when the gallery grew past the threshold)."""
+        try:
+            saved = json.loads(manifest_path(self.layout.vectors).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        version = saved.get("store_version") if isinstance(saved, dict) else None
+        return (isinstance(version, int) and version > self._synced_version) or (
+            isinstance(saved, dict) and saved.get("kind") not in (None, getattr(self._index, "kind", "ivfpq")))
 
     def refresh(self, *, force: bool = False) -> bool:
         """See other processes' writes: when the store has a newer version, sync the index by difference.

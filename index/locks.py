@@ -103,9 +103,13 @@ def write_lock(path: str | Path) -> WriteLock:
     """This process's one :class:`WriteLock` of a lock file: every object that writes a gallery (two ``Gallery``
     objects of one folder, a ``Gallery.create`` and the gallery it makes) shares it, so holding it in one and
     writing through another is re-entrance, not two ``flock``s of one process blocking each other."""
-    key = Path(os.path.abspath(path))
+    key = Path(os.path.realpath(path))  # one gallery reached by two paths (a symbolic link) is one lock
     with _LOCKS_GUARD:
         lock = _LOCKS.get(key)
         if lock is None:
             lock = _LOCKS[key] = WriteLock(key)
         return lock
+
+
+if hasattr(os, "register_at_fork"):  # a forked child holds none of its parent's locks
+    os.register_at_fork(after_in_child=_LOCKS.clear)

@@ -43,7 +43,7 @@ from index.sources import read_source
 from index.store import rows_table, source_file, source_text
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config, preprocess_with
 from retrieval.images import MIN_REFERENCE_SIDE, sha256_bytes
-from retrieval.pipeline import BuildReport, prepare
+from retrieval.pipeline import NON_FINITE, BuildReport, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,10 @@ class Embedder:
         emb = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
         if ok.any():
             emb[ok] = self.encoder.encode_batch(np.ascontiguousarray(batch["tensor"][ok]))
-        return {**{k: v for k, v in batch.items() if k != "tensor"}, "embedding": emb}
+        errors = np.asarray(batch["error"], dtype=object).copy()
+        for i in np.flatnonzero(ok & ~np.isfinite(emb).all(axis=1)):  # never committed: the gallery would not open
+            errors[i], emb[i] = NON_FINITE, 0.0
+        return {**{k: v for k, v in batch.items() if k not in ("tensor", "error")}, "error": errors, "embedding": emb}
 
 
 def write_batch(batch: dict[str, np.ndarray], uri: str, dim: int, fingerprint: str,

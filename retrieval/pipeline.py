@@ -34,6 +34,8 @@ from retrieval.images import (
 )
 
 logger = logging.getLogger(__name__)
+#: Why a photo whose embedding is NaN or inf is skipped (never committed: a gallery with such a row cannot open).
+NON_FINITE = "the encoder gave a non-finite embedding (NaN or inf)"
 
 
 @dataclass
@@ -333,7 +335,7 @@ def add_references(
                     repeats.append((len(report.duplicate_ids) - 1, item.sha256))
                     row += 1
                 elif not np.isfinite(emb[row]).all():  # never committed: the gallery could not be opened again
-                    report.skipped.append((str(rec.path), "the encoder gave a non-finite embedding (NaN or inf)"))
+                    report.skipped.append((str(rec.path), NON_FINITE))
                     row += 1
                 else:
                     first_path[item.sha256] = str(rec.path)

@@ -442,6 +442,18 @@ def test_reference_thumbnail(client, service, monkeypatch):
         assert thumb.format == "JPEG" and max(thumb.size) == min(256, max(source.size))
     assert "no reference with id 987654" in _is_error(client.get("/v1/references/987654/image"), 404)
     assert client.get("/v1/references/-1/image").status_code == 422
+    # a photo replaced or removed on disk is not answered from the cache
+    added = client.post("/v1/species/Testus thumbus/references", files=_one("t.png", _png(64, 48)), headers=KEYS)
+    (ref,) = added.json()["ids"]
+    first = client.get(f"/v1/references/{ref}/image").content
+    from index.store import source_file
+
+    photo = source_file(_source(service, ref))
+    Image.new("RGB", (96, 48), (200, 30, 30)).save(photo, "PNG")
+    assert client.get(f"/v1/references/{ref}/image").content != first
+    photo.unlink()
+    assert "no longer readable" in _is_error(client.get(f"/v1/references/{ref}/image"), 404)
+    assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
 
 
 # ------------------------------------------------------------------------------------------- auth

@@ -169,3 +169,26 @@ def test_stored_paths_and_the_store_are_absolute_for_workers_elsewhere(tmp_path,
     assert source_text("photos/a.jpg") == str(tmp_path / "photos" / "a.jpg")
     assert source_text("s3://bucket/a.jpg") == "s3://bucket/a.jpg"
     assert ReferenceStore("g/store", 4).uri == f"{tmp_path}/g/store/references.lance"
+
+
+def test_a_worker_marks_a_non_finite_embedding_as_an_error_before_any_fragment_is_written():
+    """A Ray build commits what its writers stage: a NaN / inf row must be a failed photo by then (a gallery holding
+    one could not be opened again)."""
+    from retrieval.distributed import Embedder
+    from retrieval.pipeline import NON_FINITE
+
+    class _Stub:
+        dim = 4
+
+        def encode_batch(self, x):
+            out = np.ones((len(x), 4), dtype=np.float32) / 2
+            out[0, 1] = np.nan
+            return out
+
+    embedder = object.__new__(Embedder)  # the model is a stub: no actor, no weights
+    embedder.encoder = _Stub()
+    batch = {"pos": np.arange(3), "tensor": np.zeros((3, 3, 8, 8), np.float32),
+             "error": np.asarray(["", "", "cannot be read"], dtype=object)}
+    out = embedder(batch)
+    assert list(out["error"]) == [NON_FINITE, "", "cannot be read"]
+    assert np.isfinite(out["embedding"]).all() and "tensor" not in out

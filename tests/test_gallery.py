@@ -355,6 +355,9 @@ def test_building_into_a_gallery_keeps_its_index_kind(tmp_path, capsys):
         tmp_path / "photos" / "Naja haje" / "more.png")
     assert main(args) == 0 and "7 references" in capsys.readouterr().out
     assert Gallery.open(tmp_path / "g").index.kind == "hnsw"
+    # a kind asked for explicitly is the gallery's from then on, not for that build only
+    assert main([*args, "--index-kind", "flat"]) == 0 and main(args) == 0
+    assert Gallery.open(tmp_path / "g").index.kind == "flat"
 
 
 def test_adding_again_a_photo_a_clean_run_excluded_says_it_stays_unsearchable(tmp_path, capsys):
@@ -416,3 +419,31 @@ def test_a_write_removes_what_writes_killed_mid_way_left(gallery):
     rng = np.random.default_rng(8)
     gallery.add(_records("Naja haje", 1), ["9" * 64], _unit(rng, 1, rng.standard_normal(DIM)))
     assert not old.exists() and fresh.exists() and mine.exists()
+
+
+def test_one_lock_per_gallery_and_process(gallery, tmp_path):
+    """Two Gallery objects of one folder (or of a link to it) share the process's lock: a write nested in the
+    other's `writing()` is re-entrance, not a wait for itself; a no-wait hold from another thread gives up at once."""
+    import threading
+
+    link = tmp_path / "link"
+    link.symlink_to(gallery.root)
+    other = Gallery.open(link)
+    assert other._writer is gallery._writer
+    rng = np.random.default_rng(11)
+    with gallery.writing():
+        (new,) = other.add(_records("Naja haje", 1), ["7" * 64], _unit(rng, 1, rng.standard_normal(DIM)))
+        failed = []
+
+        def no_wait() -> None:
+            try:
+                with gallery._writer.hold(timeout=0.0):
+                    failed.append(False)
+            except TimeoutError:
+                failed.append(True)
+
+        t = threading.Thread(target=no_wait)
+        t.start()
+        t.join(10)
+        assert failed == [True]
+    assert new in Gallery.open(gallery.root).store.ids().tolist()

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt file ([target] / [off-target: NAME] sections, see docs/cleaning.md) or a shipped "
                    f"group ({', '.join(PROMPT_GROUPS)}); default: from the dataset's taxon group")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P",
-                   help=f"flag a photo when its off-target probability is >= P (default {DEFAULT_THRESHOLD})")
+                   help=f"flag a photo when its off-target probability is >= P (default {DEFAULT_THRESHOLD}) and "
+                   "an off-target class is more likely than every target class")
     p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
                    help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS "
                    f"(default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with MobileNetV1)")

@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", metavar="FILE", help="with --clean: prompt file or group (snakes, animals); "
                    "default from the dataset's taxon group")
     p.add_argument("--clean-threshold", type=float, default=0.5, metavar="P",
-                   help="with --clean: off-target probability at which a reference is excluded (default 0.5)")
+                   help="with --clean: off-target probability at which a reference is excluded (default 0.5; an "
+                   "off-target class must also be more likely than every target class)")
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="show what a gallery holds and which encoder built it")

@@ -58,8 +58,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
     hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
     for f, i in hidden:
-        emit(f"not searchable: {f} is already reference {i}, excluded by a clean run ('speciesid clean --restore "
-             f"--index {args.index}' brings back that run's references)")
+        emit(f"not searchable: {f} is already reference {i}, excluded by a clean run (see {args.index}/clean_log.json; "
+             f"'speciesid clean --restore --index {args.index}' undoes the last run, '--restore all' every one)")
     return 1 if report.skipped or bad_args or elsewhere or hidden else 0
 
 
