@@ -231,7 +231,7 @@ def split_photos(cfg: FinetuneConfig) -> Split:
     if cfg.val_root:
         train_photos = photos
         val_photos = load_photos(cfg.val_dataset or cfg.dataset, cfg.val_root, cfg.val_metadata)
-        val_source = f"val:{cfg.val_root}"
+        val_source = f"val:{Path(cfg.val_root).resolve()}"  # absolute: evaluate may run from another folder
     else:
         tr_idx, va_idx = stratified_split(photos.labels, cfg.val_split, cfg.seed)
         train_photos, val_photos = photos.subset(tr_idx), photos.subset(va_idx)

@@ -148,7 +148,9 @@ def evaluate(
 
     ``venomous`` maps species to True (venomous), False (known harmless) or None (unknown); species absent from it
     count as None. ``labels`` (default: sorted union of true and top-1 predicted species) are the species that
-    macro-F1, per-species scores, ROC-AUC and the confusion matrix range over; top-1/top-5 use every item.
+    per-species scores, ROC-AUC and the confusion matrix range over; macro-F1 is over those of them that truly occur
+    in the items (as SnakeCLEF's, and as the per-country figure: a gallery species absent from the evaluated photos
+    adds no F1 of 0 when it is wrongly predicted); top-1/top-5 use every item.
 
     Venomous safety: an item is *flagged venomous* when its top-1 species is venomous OR the total probability
     on venomous species is >= 0.5. ``venomous_recall`` is the share of truly venomous items that are flagged,
@@ -241,7 +243,7 @@ def evaluate(
             "n": n,
             "top1": _mean([p.correct for p in preds]),
             "top5": _mean([p.top5 for p in preds]),
-            "macro_f1": macro_f1(y_true, y_pred, labels) if labels else None,
+            "macro_f1": macro_f1(y_true, y_pred, [s for s in labels if s in set(y_true)]) if labels else None,
             "labels": labels,
             "per_species": per_species,
             "roc_auc": roc_auc,

@@ -95,7 +95,7 @@ def train_gallery_probe(
                                                               progress)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
-                                  val_labels=val_labels, val_name=str(val_root), folds=folds, rule=rule)
+                                  val_labels=val_labels, val_name=_abs(val_root), folds=folds, rule=rule)
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
@@ -158,7 +158,7 @@ def import_gallery_probe(
     ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
                                                                 progress)
     all_ids, all_vectors, all_labels = ids, vectors, labels
-    val_name = str(val_root)
+    val_name = _abs(val_root)
     if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
         held = heldout_positions(gallery, ids, from_dir)
         if held is not None:
@@ -268,3 +268,8 @@ def _finetuned_head(folder: str | Path) -> LinearProbe:
     if not (probe.source or "").startswith("finetune:"):
         raise ValueError(f"{folder} holds a probe, but not the head of a 'speciesid finetune' output")
     return probe
+
+
+def _abs(folder: str | Path | None) -> str:
+    """A selection folder as recorded: absolute, so that `evaluate` run from elsewhere still recognises it."""
+    return str(Path(folder).resolve()) if folder is not None else "None"

@@ -34,11 +34,11 @@ class Protocol:
     duplicates: list[int] = field(default_factory=list)  # positions of evaluated photos the gallery holds
     duplicate_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
     excluded: bool = True  # duplicates left out of the figures
-    size: str | None = None  # where a fine-tuned encoder's input size comes from, in words (None: the model's own)
+    size: str | None = None  # what chose a network fine-tuned here (its epoch, its input size), in words
 
     def lines(self) -> list[str]:
         """The report's protocol lines."""
-        out = [f"settings: {self.settings}"] + ([f"input size: {self.size}"] if self.size else [])
+        out = [f"settings: {self.settings}"] + ([f"network: {self.size}"] if self.size else [])
         out.append("evaluated photos used to choose settings: " + (
             "YES: these figures over-state accuracy on unseen photos" if self.evaluated_chose_settings else "no"))
         kinds = ", ".join(f"{n} {k}" for k, n in self.duplicate_kinds.items() if n) or "none"
@@ -60,15 +60,42 @@ def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
         return False
 
 
-def _photos_at(folder: str, root: str | Path) -> tuple[str, bool]:
-    """("FOLDER = the evaluated photos" or "FOLDER (not the evaluated photos)", whether it is ``root``)."""
-    same = same_folder(folder, root)
-    return folder + (" = the evaluated photos" if same else " (not the evaluated photos)"), same
+def evaluated_among(folder: str | Path, evaluated: Sequence[str | None]) -> int:
+    """How many of the evaluated photos (their sha256) are among the photos under ``folder``, by content: a copy,
+    a subset or a parent of the folder, reached by any path, counts (0 when the folder is gone)."""
+    from index.photos import find_photos
+    from retrieval.images import sha256_bytes
+
+    wanted = [d for d in evaluated if d]
+    if not wanted or not Path(folder).is_dir():
+        return 0
+    there = set()
+    for photo in find_photos(folder):
+        try:
+            there.add(sha256_bytes(photo.read_bytes()))
+        except OSError:
+            continue
+    return sum(d in there for d in wanted)
 
 
-def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: bool = False) -> tuple[str, bool]:
-    """(where the settings come from, whether the photos at ``root`` chose them)."""
+def _photos_at(folder: str, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str, bool]:
+    """("FOLDER = the evaluated photos", "FOLDER (N of the evaluated photos are among them)" or "FOLDER (not the
+    evaluated photos)", whether the evaluated photos are among them): by path, then by content."""
+    if same_folder(folder, root):
+        return folder + " = the evaluated photos", True
+    n = evaluated_among(folder, evaluated)
+    if n:
+        return f"{folder} ({n} of the evaluated photos are among them)", True
+    return folder + " (not the evaluated photos)", False
+
+
+def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: bool = False,
+                    evaluated: Sequence[str | None] = (), gallery_size: int | None = None) -> tuple[str, bool]:
+    """(where the settings come from, whether the evaluated photos at ``root`` (``evaluated``: their sha256) chose
+    them). ``gallery_size``: the gallery's references now, to say when a probe trained here was trained on others."""
     if probe is None:
+        if overridden:
+            return "kNN only: k, T and the unknown threshold set on the command line (nothing was chosen)", False
         return "kNN only: k, T and the unknown threshold are defaults (nothing was chosen)", False
     cal = probe.calibration
     rule = f", rule {cal.rule}" if cal.rule else ""
@@ -77,6 +104,9 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     rule += (f" (blend weight {cal.weight_fixed})" if cal.weight_fixed else "")
     head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
     extra = "; k/T/threshold overridden on the command line" if overridden else ""
+    if not probe.source and gallery_size is not None and probe.trained_on and probe.trained_on != gallery_size:
+        extra += (f"; the probe trained on {probe.trained_on} references and the gallery now holds {gallery_size}: "
+                  "photos that left it may have trained it (retrain: speciesid probe train)")
     where = cal.selected_on
     if where.startswith("val:" + HELDOUT_PREFIX):
         return (f"{head}{chosen}, chosen on the photos the fine-tuning run held out of its training photos "
@@ -85,7 +115,7 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     if where.startswith("cv:"):
         return f"{head}{chosen}, chosen by {where[3:]} cross-validation inside the gallery{rule}{extra}", False
     if where.startswith("val:"):
-        photos, same = _photos_at(where[4:], root)
+        photos, same = _photos_at(where[4:], root, evaluated)
         return f"{head}{chosen}, chosen on the validation photos {photos}{rule}{extra}", same
     return f"{head}{chosen}, defaults (nothing was chosen){extra}", False
 
@@ -103,23 +133,23 @@ def run_val_root(run: dict) -> str | None:
     return source.removeprefix("val:") if source.startswith("val:") else None
 
 
-def size_origin(encoder, root: str | Path) -> tuple[str | None, bool]:
-    """(where the encoder's input size comes from, whether the photos at ``root`` chose it), for a network
-    fine-tuned here that embeds at the test size its run chose (``finetune.engine.choose_test_size``); (None,
-    False) for every other encoder."""
-    size = getattr(encoder, "test_size", None)
-    if not size:
-        return None, False
+def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str | None, bool]:
+    """(what chose a network fine-tuned here, whether the evaluated photos at ``root`` did): its run chose the epoch
+    kept and, when it embeds at another side, the test size (``finetune.engine.choose_test_size``) on its --val-root
+    photos or on photos it held out of its training photos; (None, False) for every other encoder."""
     run = run_record(encoder.spec)
-    val_root = run_val_root(run)
+    if not run.get("val_source"):
+        return None, False
+    size = getattr(encoder, "test_size", None)
+    what = f"the epoch kept and the input size ({size} px)" if size else "the epoch kept"
     photos = (run.get("test_size") or {}).get("photos")
     count = f"{photos} " if photos else ""
+    val_root = run_val_root(run)
     if val_root is not None:
-        photos, same = _photos_at(val_root, root)
-        return f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}validation photos " \
-            f"{photos}", same
-    return (f"photos embedded at {size} px, chosen by the fine-tuning run on the {count}photos it held out of "
-            "its training photos (not the evaluated photos)"), False
+        where, same = _photos_at(val_root, root, evaluated)
+        return f"{what}, chosen by the fine-tuning run on the {count}validation photos {where}", same
+    return (f"{what}, chosen by the fine-tuning run on the {count}photos it held out of its training photos (not "
+            "the evaluated photos)"), False
 
 
 def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: np.ndarray,

@@ -285,8 +285,12 @@ def evaluate_dataset(
     if not ok:
         raise ValueError(f"none of the {len(scan.records)} photos under {root} could be read; nothing to evaluate")
     dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
-    settings, chose = settings_origin(ident.probe, root, settings_overridden)
-    size, size_chose = size_origin(ident.encoder, root)
+    evaluated = [done.sha256[i] for i in ok]
+    settings, chose = settings_origin(ident.probe, root, settings_overridden, evaluated, len(ident.gallery))
+    size, size_chose = size_origin(ident.encoder, root, evaluated)
+    if keep_duplicates and dups and ident.probe is not None and ident.probe.calibration.selected_on.startswith("cv:"):
+        chose = True  # the gallery members kept in the figures were the folds that chose the settings
+        settings += f"; {len(dups)} of the evaluated photos are gallery members: they were among those folds"
     protocol = Protocol(settings, chose or size_chose, dups, kinds, excluded=not keep_duplicates, size=size)
     readable = len(ok)
     if not keep_duplicates:

@@ -124,6 +124,7 @@ def test_near_duplicates_stay_in_one_fold():
 
 
 def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
+    from retrieval.images import sha256_bytes
     from retrieval.protocol import Protocol, settings_origin
 
     draw = _species()
@@ -139,6 +140,16 @@ def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     assert settings_origin(probe, tmp_path / "other")[1] is False
     text, chose = settings_origin(probe, tmp_path / "val" / ".")
     assert chose and "= the evaluated photos" in text
+    # the same photos in another folder (a copy, a subset, another path) are recognised by content
+    (tmp_path / "val" / "a.jpg").write_bytes(b"photo a")
+    (tmp_path / "val" / "b.jpg").write_bytes(b"photo b")
+    text, chose = settings_origin(probe, tmp_path / "copy", evaluated=[sha256_bytes(b"photo b"), sha256_bytes(b"x")])
+    assert chose and "(1 of the evaluated photos are among them)" in text
+    assert settings_origin(None, tmp_path, overridden=True)[0].startswith(
+        "kNN only: k, T and the unknown threshold set on the command line")
+    probe.trained_on = 12  # a probe trained here on references the gallery no longer holds all of
+    assert "the probe trained on 12 references and the gallery now holds 9" in settings_origin(
+        probe, tmp_path / "other", gallery_size=9)[0]
     lines = Protocol(text, chose, [3, 7], {"same bytes": 1, "near-copy": 1}).lines()
     assert lines[1].startswith("evaluated photos used to choose settings: YES")
     assert lines[2] == ("evaluated photos already in the gallery: 2 (1 same bytes, 1 near-copy); left out of the "

@@ -156,6 +156,11 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
     code, out, _ = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", PH_SNAKES / "val",
                         "--report", index.parent / "report-knn", "--method", "knn", "--quiet")
     assert code == 0 and [line for line in out.splitlines() if " top-1 " in line] == [knn_line]
+    # with --keep-duplicates the gallery members counted in the figures were the folds that chose the settings
+    code, out, _ = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", PH_SNAKES / "val",
+                        "--report", index.parent / "report-keep", "--method", "knn", "--keep-duplicates", "--quiet")
+    assert code == 0 and "protocol: evaluated photos used to choose settings: YES" in out
+    assert f"{n_dup} of the evaluated photos are gallery members: they were among those folds" in out
 
     # country prior: the Philippine species are all recorded in PH; in Morocco (MA) none is, so the
     # prior has nothing to keep and the answer is left as it was rather than emptied

@@ -638,9 +638,10 @@ def test_test_size_is_chosen_on_the_held_out_photos_recorded_and_used(stage1, ti
     assert e96.input_size == 96 and e96.test_size == 96 and e96.fingerprint.endswith("+size=96")
     assert e96.preprocess(Image.open(next(tiny_set.rglob("*.jpg"))).convert("RGB")).shape == (3, 96, 96)
     # `speciesid evaluate` says which photos chose the size: the run's held-out photos, or its --val-root
-    assert size_origin(e96, tiny_set) == ("photos embedded at 96 px, chosen by the fine-tuning run on the 6 photos "
-                                          "it held out of its training photos (not the evaluated photos)", False)
-    assert Protocol("s", False, size="x").lines()[:2] == ["settings: s", "input size: x"]
+    assert size_origin(e96, tiny_set) == ("the epoch kept and the input size (96 px), chosen by the fine-tuning run "
+                                          "on the 6 photos it held out of its training photos (not the evaluated "
+                                          "photos)", False)
+    assert Protocol("s", False, size="x").lines()[:2] == ["settings: s", "network: x"]
     # the head takes a gallery embedded at another size (the size changes its input, as views do)
     from retrieval.encoders import EncoderConfig
     from retrieval.workflows import build_gallery, import_gallery_probe
@@ -657,6 +658,18 @@ def test_test_size_is_chosen_on_the_held_out_photos_recorded_and_used(stage1, ti
     (other / "config.json").write_text(json.dumps(cfg))
     e224 = create_encoder(f"timm:local-dir:{other}", device="cpu", precision="fp32")
     assert e224.input_size == 224 and e224.test_size is None and "+size" not in e224.fingerprint
+    # a run that kept its training size still chose its epoch on its --val-root: evaluating those photos says so
+    # (before, only a run that also chose another size was reported), from any folder, through any path or copy
+    text, chose = size_origin(e224, tiny_set)
+    assert chose and text.startswith("the epoch kept, chosen by the fine-tuning run on the")
+    copy = tmp_path / "val-copy"
+    shutil.copytree(tiny_set, copy)
+    from index.photos import find_photos
+    from retrieval.images import sha256_bytes
+
+    digests = [sha256_bytes(p.read_bytes()) for p in find_photos(copy)]
+    text, chose = size_origin(e224, copy, digests)
+    assert chose and f"({len(digests)} of the evaluated photos are among them)" in text
     with pytest.raises(EncoderMismatchError, match="size=96"):
         check_encoder("gallery G", e96.fingerprint, e224.fingerprint, fix="rebuild it")
 

@@ -64,9 +64,18 @@ def test_per_species_and_macro_f1(res):
 
 
 def test_macro_f1_over_given_labels():
-    # Over A and B only: (1/2 + 1/2) / 2; an extra label nobody predicted or is adds an F1 of 0.
+    # Over A and B only: (1/2 + 1/2) / 2; a label no evaluated photo truly is adds nothing (SnakeCLEF's way, and
+    # the per-country figure's): it stays in the per-species table and the confusion matrix
     assert evaluate(ITEMS, venomous=VENOMOUS, labels=["A", "B"])["macro_f1"] == pytest.approx(0.5)
-    assert evaluate(ITEMS, venomous=VENOMOUS, labels=["A", "B", "E"])["macro_f1"] == pytest.approx(1 / 3)
+    res = evaluate(ITEMS, venomous=VENOMOUS, labels=["A", "B", "E"])
+    assert res["macro_f1"] == pytest.approx(0.5) and "E" in res["labels"]
+
+
+def test_macro_f1_is_over_the_evaluated_species():
+    """A gallery species wrongly predicted but absent from the evaluated photos used to add an F1 of 0."""
+    items = [EvalItem(truth=t, scores={p: 0.9}) for t, p in (("A", "A"), ("A", "A"), ("B", "B"), ("B", "C"))]
+    res = evaluate(items, venomous={})
+    assert res["macro_f1"] == pytest.approx((1.0 + 2 / 3) / 2)  # A: F1 1, B: precision 1, recall 1/2
 
 
 def test_confusion_matrix(res):
