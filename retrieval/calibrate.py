@@ -230,7 +230,10 @@ def out_of_fold(
         counts = np.bincount(y)
         n_folds = int(min(folds, counts[counts > 0].min()))
         if n_folds < 2:
-            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation")
+            few = [species[i] for i in np.flatnonzero(counts == 1)]
+            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation; "
+                             f"{len(few)} have one ({', '.join(few[:5])}{', ...' if len(few) > 5 else ''}): add photos "
+                             "of them, or choose the settings on other photos (--val-root)")
         splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed)]
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     n = len(species)

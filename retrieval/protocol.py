@@ -113,7 +113,9 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
                 f"({where.removeprefix('val:' + HELDOUT_PREFIX)}; the head never trained on them, not the evaluated "
                 f"photos){rule}{extra}"), False
     if where.startswith("cv:"):
-        return f"{head}{chosen}, chosen by {where[3:]} cross-validation inside the gallery{rule}{extra}", False
+        folds, _, note = where[3:].partition(" (")  # "5-fold (head fixed; ...)": the note after the phrase
+        note = f" ({note}" if note else ""
+        return f"{head}{chosen}, chosen by {folds} cross-validation inside the gallery{note}{rule}{extra}", False
     if where.startswith("val:"):
         photos, same = _photos_at(where[4:], root, evaluated)
         return f"{head}{chosen}, chosen on the validation photos {photos}{rule}{extra}", same

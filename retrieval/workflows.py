@@ -280,6 +280,8 @@ def evaluate_dataset(
         raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
                          f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
     scan = load_dataset(dataset, root, metadata=metadata)
+    if not scan.records:
+        raise ValueError(f"no photos found under {root} for dataset {dataset!r}; nothing to evaluate")
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:

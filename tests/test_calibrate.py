@@ -135,6 +135,13 @@ def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     probe.calibration = Calibration(selected_on="cv:5-fold", rule="seq-nll")
     text, chose = settings_origin(probe, tmp_path)
     assert "5-fold cross-validation inside the gallery, rule seq-nll" in text and not chose
+    probe.calibration = Calibration(selected_on="cv:5-fold (head fixed; it was trained on these photos)")
+    assert "chosen by 5-fold cross-validation inside the gallery (head fixed; it was trained on these photos)" in \
+        settings_origin(probe, tmp_path)[0]  # the note after the phrase, not inside it
+    one = ["Genus a"] * 3 + ["Genus b"]  # a species with one photo: no folds for it
+    with pytest.raises(ValueError, match=r"1 have one \(Genus b\): add photos of them, or choose the settings on"):
+        select_settings(draw(2, np.random.default_rng(1))[0][:4], one, fingerprint="f")
+    probe.calibration = Calibration(selected_on="cv:5-fold", rule="seq-nll")
     (tmp_path / "val").mkdir()
     probe.calibration = Calibration(selected_on=f"val:{tmp_path / 'val'}", rule="argmax")
     assert settings_origin(probe, tmp_path / "other")[1] is False
