@@ -26,8 +26,8 @@ from index.store import SpeciesSummary, source_file
 from index.taxonomy import check_name, find_species
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, decode_image, photo_size
-from retrieval.pipeline import draft_size
+from retrieval.images import ImageLoadError, decode_image
+from retrieval.pipeline import model_input
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
 
@@ -106,12 +106,11 @@ class SpeciesService:
 
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
-            try:  # decoded as a gallery build decodes it (retrieval.pipeline): the same photo, the same embedding
-                image = decode_image(data, max_pixels=self.settings.max_pixels, name=name,
-                                     draft=draft_size(self.encoder))
+            try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding
+                views, size = model_input(data, self.encoder, max_pixels=self.settings.max_pixels, name=name)
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, size=photo_size(image), views=self.encoder.preprocess_views(image))
+            return Upload(name=name, data=data, size=size, views=views)
 
         return list(self._pool.map(one, files))
 

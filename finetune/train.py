@@ -173,12 +173,12 @@ def finetune(
     run = _prepare(config, progress=progress, report=report or logger.info)
     _restore_or_start(run)
     stopped = _train(run, on_epoch_end)
-    kept = weigh_untrained(run.state, partial(_measured, run))
-    if kept[4] is not None:
-        run.report(f"kept epoch {kept[0]}: head log-loss (temperature fitted, at its best side) of the best "
-                   f"fine-tuned epoch {kept[4]['fine_tuned_nll']}, of the network before fine-tuning "
-                   f"{kept[4]['untrained_nll']}")
-    return _export(run, stopped, *kept)
+    epoch, weights, row, choice, versus = weigh_untrained(run.state, partial(_measured, run))
+    if versus is not None:
+        run.report(f"kept epoch {epoch}: head log-loss (temperature fitted, at its best side) of the best "
+                   f"fine-tuned epoch {versus['fine_tuned_nll']}, of the network before fine-tuning "
+                   f"{versus['untrained_nll']}")
+    return _export(run, stopped, epoch, weights, row, choice, versus)
 
 
 def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], None]) -> _Run:

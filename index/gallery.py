@@ -152,7 +152,7 @@ class Gallery:
         if not layout.info.is_file():
             if root.exists() and not root.is_dir():
                 raise ValueError(f"{root} is a file; --index takes a folder (made if missing)")
-            if root.is_dir() and _foreign(root, GalleryLayout(root).info.name):  # refused before a lock file is put
+            if root.is_dir() and _foreign(root, layout.info.name):  # refused before a lock file is put
                 # in someone's folder (a gallery.json another creator wrote meanwhile is not foreign: re-checked below)
                 raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
             root.mkdir(parents=True, exist_ok=True)

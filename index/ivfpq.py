@@ -445,7 +445,6 @@ class IvfPqIndex:
         when the delta is large or when another process replaced it) or a small delta file, then the manifest,
         then removes generation files named by neither the new nor the previous manifest.
         """
-
         path = Path(path)
         folder = path.parent
         layout = GalleryLayout(folder)

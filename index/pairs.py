@@ -23,7 +23,7 @@ def _tile_pairs(
     sims = a @ base.T
     hit = sims >= threshold - _SLACK
     if upper:
-        hit &= np.triu(np.ones(hit.shape, dtype=bool), k=1)
+        hit = np.triu(hit, k=1)
     i, j = np.nonzero(hit)
     return i, j, sims[i, j]
 

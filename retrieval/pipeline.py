@@ -103,9 +103,18 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def draft_size(encoder: Encoder) -> int:
+def _draft_size(encoder: Encoder) -> int:
     """Let JPEG decode at reduced scale down to twice the model input (big phone photos decode ~4x faster)."""
     return 2 * int(getattr(encoder, "input_size", 224))
+
+
+def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                name: str = "image") -> tuple[np.ndarray | tuple, tuple[int, int]]:
+    """A photo's bytes -> (the encoder's input of every view, the photo's (width, height) as stored), decoded at
+    reduced scale (twice the model input): the one way every path (builds, the CLI, the server) turns a photo into
+    what the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be decoded."""
+    image = decode_image(data, max_pixels=max_pixels, name=name, draft=_draft_size(encoder))
+    return encoder.preprocess_views(image), photo_size(image)
 
 
 def prepare(
@@ -129,12 +138,10 @@ def prepare(
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
-        image = decode_image(data, max_pixels=max_pixels, name=name, draft=draft_size(encoder))
-        width, height = photo_size(image)  # the photo's, not the reduced decode's
-        if min(width, height) < min_side:
+        tensor, (width, height) = model_input(data, encoder, max_pixels=max_pixels, name=name)
+        if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels is too small for "
                             f"a reference photo (at least {min_side} px on the short side)")
-        tensor = encoder.preprocess_views(image)
     except ImageLoadError as exc:
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build

@@ -7,6 +7,7 @@ evaluated photos neither chose the settings (C, k, T, blend weight, unknown thre
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,19 +64,27 @@ def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
 def evaluated_among(folder: str | Path, evaluated: Sequence[str | None]) -> int:
     """How many of the evaluated photos (their sha256) are among the photos under ``folder``, by content: a copy,
     a subset or a parent of the folder, reached by any path, counts (0 when the folder is gone)."""
-    from index.photos import find_photos
-    from retrieval.images import sha256_bytes
-
     wanted = [d for d in evaluated if d]
     if not wanted or not Path(folder).is_dir():
         return 0
+    there = _digests_under(str(Path(folder).resolve()), Path(folder).stat().st_mtime_ns)
+    return sum(d in there for d in wanted)
+
+
+@functools.lru_cache(maxsize=8)
+def _digests_under(folder: str, mtime_ns: int) -> frozenset[str]:
+    """The sha256 of every photo under ``folder``, read once per state of the folder (``mtime_ns``: the settings'
+    and the network's origins are often the same --val-root folder)."""
+    from index.photos import find_photos
+    from retrieval.images import sha256_bytes
+
     there = set()
     for photo in find_photos(folder):
         try:
             there.add(sha256_bytes(photo.read_bytes()))
         except OSError:
             continue
-    return sum(d in there for d in wanted)
+    return frozenset(there)
 
 
 def _photos_at(folder: str, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str, bool]:

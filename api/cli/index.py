@@ -88,8 +88,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size)
     result = build_gallery(
         args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
-        index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers, progress=not args.quiet,
-        clean=clean, engine=args.engine, ray=ray, store=args.store,
+        index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,
+        progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
     )
     g = result.gallery
     emit(
