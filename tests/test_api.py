@@ -117,6 +117,42 @@ def test_not_ready_until_the_model_is_loaded(tmp_path):
     assert "loading" in _is_error(c.post("/v1/identify", files=_one("a.jpg", b"x")), 503)
 
 
+def test_the_docs_pages_load_nothing_from_another_host(tmp_path):
+    """/docs and /redoc work offline: every script, style sheet and icon they name is served by this app."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    c = TestClient(create_app(Settings(index=str(tmp_path))))  # no model needed: the lifespan does not run
+    for page in ("/docs", "/redoc"):
+        html = c.get(page).text
+        assert "http://" not in html and "https://" not in html, page
+        urls = re.findall(r'(?:src|href|spec-url)="([^"]+)"', html)
+        assert len(urls) >= 2, (page, urls)
+        for url in urls:
+            assert url.startswith("/") and not url.startswith("//"), url
+            got = c.get(url)
+            assert got.status_code == 200 and got.content, url
+    assert '"validatorUrl": null' in c.get("/docs").text  # no badge fetched from validator.swagger.io
+
+
+def test_without_fastapi_offline_the_docs_fall_back_to_the_cdn_and_say_so(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    monkeypatch.setitem(sys.modules, "fastapi_offline", None)  # as if not installed: importing it fails
+    c = TestClient(create_app(Settings(index=str(tmp_path))))
+    assert c.get("/docs").status_code == 200
+    assert any("fastapi-offline is not installed" in r.getMessage() for r in caplog.records)
+
+
 def test_lifespan_restarts_and_given_services(client, service, loads):
     """An app started twice loads a fresh service each time; a service given to create_app stays open."""
     from fastapi.testclient import TestClient
