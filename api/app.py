@@ -29,6 +29,22 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 #: The page holds an API-key field: no other site may frame it (clickjacking), and its type is never sniffed.
 PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff"}
+#: Where /docs and /redoc get Swagger UI's and ReDoc's files: from this server (the fastapi-offline package), not
+#: a CDN, so the docs work on a host with no internet (rangers in the field).
+DOCS_STATIC = "/static-offline-docs"
+
+
+def _fastapi(**kwargs) -> FastAPI:
+    """The app, with /docs and /redoc served from local files (fastapi-offline); without that package, FastAPI's
+    own pages, which load their scripts from a CDN (blank offline), and a warning saying so."""
+    kwargs["swagger_ui_parameters"] = {"validatorUrl": None}  # no badge fetched from validator.swagger.io
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:
+        logger.warning("fastapi-offline is not installed: /docs and /redoc load their scripts from a CDN and stay "
+                       "blank without internet (pip install fastapi-offline)")
+        return FastAPI(**kwargs)
+    return FastAPIOffline(static_url=DOCS_STATIC, **kwargs)
 
 
 def _route_path(app: FastAPI, request: Request) -> str:
@@ -77,7 +93,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
             app.state.service.close()
             app.state.service = None
 
-    app = FastAPI(
+    app = _fastapi(
         title="speciesid",
         version="0.1.0",
         description="Identify animal species from photos by embedding retrieval. Writes need X-API-Key.",

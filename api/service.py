@@ -26,7 +26,7 @@ from index.store import SpeciesSummary, source_file
 from index.taxonomy import check_name, find_species
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, decode_image
+from retrieval.images import ImageLoadError, decode_image, header_size
 from retrieval.pipeline import model_input
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
@@ -52,6 +52,10 @@ class TooLarge(ServiceError):
     """The upload is over the size limit."""
 
     status = 413
+
+
+class TooManyPixels(TooLarge):
+    """The photos of one request hold more pixels than the server decodes for one request."""
 
 
 class BadImage(ServiceError):
@@ -103,6 +107,8 @@ class SpeciesService:
         for name, data in files:
             if len(data) > limit:
                 raise TooLarge(f"{name}: {len(data) / 1e6:.1f} MB is over the {self.settings.max_upload_mb:g} MB limit")
+        self.check_pixels(files)
+
 
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
@@ -113,6 +119,18 @@ class SpeciesService:
             return Upload(name=name, data=data, size=size, views=views)
 
         return list(self._pool.map(one, files))
+
+    def check_pixels(self, files: Sequence[tuple[str, bytes]]) -> None:
+        """TooManyPixels (413) when the photos' sizes, read from their headers, sum past the request's budget
+        (``max_request_megapixels``); what is not a photo is left to the decode, which names it (422)."""
+        budget = self.settings.max_request_megapixels
+        sizes = [header_size(data) for _, data in files]
+        total = sum(w * h for w, h in (s for s in sizes if s is not None)) / 1e6
+        if total > budget:
+            what = f"the {len(files)} photos of this request hold" if len(files) > 1 else f"{files[0][0]} holds"
+            raise TooManyPixels(f"{what} {total:,.1f} megapixels, over this server's limit of {budget:g} per request: "
+                                "send fewer or smaller photos per request, or have the server's operator raise "
+                                "SPECIESID_MAX_REQUEST_MEGAPIXELS")
 
     def embed(self, uploads: Sequence[Upload]) -> np.ndarray:
         """(n, dim) embeddings, through the shared batcher."""

@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
     max_upload_mb: float = Field(20.0, description="largest accepted photo, in MB (bigger -> 413)")
     max_pixels: int = Field(50_000_000, description="largest accepted photo, in pixels (decompression-bomb guard)")
+    # The pixels of all the photos of one request, summed from their headers before any is decoded (bigger -> 413):
+    # it bounds the decoding one request may ask of the server, which max_pixels bounds per photo only. The
+    # default admits an identify at its own limits (max_images 5 x max_pixels 50 MP = 250 MP) and an add of
+    # max_add_images 50 photos from a 12 MP phone camera (600 MP).
+    max_request_megapixels: float = Field(600.0, gt=0, description="pixels of all the photos of one request, in "
+                                          "millions, read from their headers before any is decoded (more -> 413)")
     max_images: int = Field(5, description="photos per identify request (one observation)")
     max_add_images: int = Field(50, description="photos per add-references request")
     max_request_mb: float = Field(256.0, description="largest request body of any route, in MB (bigger -> 413)")

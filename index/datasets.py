@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index.photos import find_photos, is_photo_name
+from index.photos import entry_problem, is_photo_name, scan_photos, warn_skipped
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.taxonomy import InvalidNameError, check_name, lookup_taxon, moroccan_checklist, species_key
 
@@ -51,6 +51,7 @@ class DatasetScan:
     records: list[ReferenceRecord]  # one per photo file found
     warnings: list[str] = field(default_factory=list)  # e.g. checklist species with no folder
     species: list[str] = field(default_factory=list)  # sorted distinct species of the records
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # entries not read (broken links...), with why
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,11 +85,14 @@ def parse_folder_name(name: str) -> tuple[str, str | None]:
     return text, None
 
 
-def _class_folders(root: Path, warnings: list[str]) -> list[Path]:
-    """Visible sub-folders of ``root``, sorted; warns about photos lying directly in ``root``."""
+def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Visible sub-folders of ``root``, sorted; warns about photos lying directly in ``root``; a visible entry
+    that is neither a folder nor a file (a broken link to a class folder) goes to ``skipped``."""
     folders = sorted(
         (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
     )
+    skipped.extend((p, entry_problem(p)) for p in sorted(root.iterdir())
+                   if not p.name.startswith(".") and not p.is_dir() and not p.is_file())
     loose = [
         p.name
         for p in root.iterdir()
@@ -122,12 +126,19 @@ def _missing_files_warning(missing: list[str], source: Path) -> str:
 # Loaders
 
 
-def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
+def _photos_in(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """The photos under a class folder; what had to be skipped goes to ``skipped`` (reported once per dataset)."""
+    scan = scan_photos(folder)
+    skipped.extend(scan.skipped)
+    return scan.photos
+
+
+def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
     checklist = moroccan_checklist()
     by_key = {species_key(t.species): t for t in checklist}
     matched: dict[str, list[Path]] = {}
     unknown: list[str] = []
-    for folder in _class_folders(root, warnings):
+    for folder in _class_folders(root, warnings, skipped):
         taxon = by_key.get(species_key(folder.name))
         if taxon is None:
             unknown.append(folder.name)
@@ -156,7 +167,7 @@ def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
             warnings.append(
                 f"{taxon.species}: {len(folders)} folders merged ({', '.join(f.name for f in folders)})"
             )
-        paths = [p for folder in folders for p in find_photos(folder)]
+        paths = [p for folder in folders for p in _photos_in(folder, skipped)]
         if not paths:
             no_photos.append(taxon.species)
         records.extend(
@@ -178,17 +189,17 @@ def _load_moroccan(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
     return records
 
 
-def _load_folder(root: Path, warnings: list[str]) -> list[ReferenceRecord]:
+def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
     records: list[ReferenceRecord] = []
     empty: list[str] = []
-    for folder in _class_folders(root, warnings):
+    for folder in _class_folders(root, warnings, skipped):
         species, common = parse_folder_name(folder.name)
         try:
             species = check_name(species, "class folder name")
         except InvalidNameError as exc:
             warnings.append(f"folder skipped: {exc}")
             continue
-        paths = find_photos(folder)
+        paths = _photos_in(folder, skipped)
         if not paths:
             empty.append(folder.name)
             continue
@@ -330,12 +341,14 @@ def _check_args(name: str, root: str | Path, metadata: str | Path | None) -> tup
 
 
 def iter_dataset(
-    name: str, root: str | Path, *, metadata: str | Path | None = None, warnings: list[str] | None = None
+    name: str, root: str | Path, *, metadata: str | Path | None = None, warnings: list[str] | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> Iterator[ReferenceRecord]:
     """The records of dataset ``name``, one at a time (streamed for ``manifest`` and ``webdataset``).
 
     Arguments are checked before the first record (same errors as :func:`load_dataset`); ``warnings`` is
-    filled as the scan goes (complete when the iterator is exhausted).
+    filled as the scan goes (complete when the iterator is exhausted); ``skipped`` gets the entries of a
+    class-per-folder dataset that could not be read (broken links...), which are also logged, once.
     """
     from index import streamed
 
@@ -349,20 +362,23 @@ def iter_dataset(
         if meta_path is not None:
             notes.append(f"--metadata {meta_path} is ignored by the webdataset dataset")
         return streamed.iter_webdataset(root, notes)
-    return iter(_load_listed(key, root_path, meta_path, notes))
+    return iter(_load_listed(key, root_path, meta_path, notes, skipped if skipped is not None else []))
 
 
-def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: list[str]) -> list[ReferenceRecord]:
+def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: list[str],
+                 skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
+    first = len(skipped)
     if key == "moroccan":
-        records = _load_moroccan(root_path, warnings)
+        records = _load_moroccan(root_path, warnings, skipped)
     elif key == "folder":
-        records = _load_folder(root_path, warnings)
+        records = _load_folder(root_path, warnings, skipped)
     elif key == "rare-species":
         records = _load_rare_species(root_path, meta_path, warnings)
     else:
         records = _load_snakeclef2021(root_path, meta_path, warnings)
     if meta_path is not None and key in {"moroccan", "folder"}:
         warnings.append(f"--metadata {meta_path} is ignored by the {key} dataset")
+    warn_skipped(skipped[first:], root_path)  # one warning for the whole dataset, not one per class folder
     return records
 
 
@@ -373,10 +389,12 @@ def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = N
     columns, or (``moroccan``) a folder that is not a checklist species.
     """
     warnings: list[str] = []
+    skipped: list[tuple[Path, str]] = []
     key, root_path, _ = _check_args(name, root, metadata)
-    records = list(iter_dataset(name, root, metadata=metadata, warnings=warnings))
+    records = list(iter_dataset(name, root, metadata=metadata, warnings=warnings, skipped=skipped))
     species = sorted({r.species for r in records})
     logger.info("dataset %s at %s: %d photos of %d species", key, root_path, len(records), len(species))
     for warning in warnings:
         logger.debug("dataset %s: %s", key, warning)
-    return DatasetScan(name=key, root=root_path, records=records, warnings=warnings, species=species)
+    return DatasetScan(name=key, root=root_path, records=records, warnings=warnings, species=species,
+                       skipped=skipped)

@@ -31,7 +31,15 @@ from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.locks import write_lock
 from index.records import ReferenceRecord
-from index.store import ReferenceStore, SpeciesSummary, StoreVectors, is_uri, public_options, storage_options
+from index.store import (
+    HalfCreatedStoreError,
+    ReferenceStore,
+    SpeciesSummary,
+    StoreVectors,
+    is_uri,
+    public_options,
+    storage_options,
+)
 from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, as_vectors, load_index, manifest_path
 
 logger = logging.getLogger(__name__)
@@ -109,8 +117,9 @@ class Gallery:
         self.store_uri: str | Path = where.get("uri") or self.layout.store  # a folder or an object-store URI
         self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
         try:
-            self.store = ReferenceStore(self.store_uri, int(info["dim"]), refresh_s=refresh_s,
-                                        options=self.storage_options)
+            self.store = self._open_store(refresh_s)
+        except HalfCreatedStoreError:
+            raise
         except Exception as exc:
             if not where.get("uri"):
                 raise
@@ -126,6 +135,35 @@ class Gallery:
         self._index = self._load_index()
 
     # ----------------------------------------------------------------- opening
+    def _open_store(self, refresh_s: float) -> ReferenceStore:
+        """The store; a local table left half-created by an interrupted create and holding no data is removed
+        under the write lock (a creator still at work holds it: its table is complete once the lock is ours) and
+        made again. One that holds data is never removed: its error says what to do."""
+        def store() -> ReferenceStore:
+            return ReferenceStore(self.store_uri, int(self.info["dim"]), refresh_s=refresh_s,
+                                  options=self.storage_options)
+
+        try:
+            return store()
+        except HalfCreatedStoreError as exc:
+            if exc.data is None or exc.data:  # on an object store, or holding files: never deleted here
+                raise
+            first = exc
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(write_lock(self.layout.write_lock).hold())
+            except OSError as lock_error:  # a read-only gallery: the lock cannot be taken, nothing can be repaired
+                raise first from lock_error
+            try:
+                return store()  # made whole meanwhile by the creator that held the lock
+            except HalfCreatedStoreError as exc:
+                if exc.data is None or exc.data:
+                    raise
+                logger.warning("removing %s: a table left half-created by an interrupted create (no version was "
+                               "committed, no data in it); making it again", exc.where)
+                shutil.rmtree(exc.where)
+            return store()
+
     @classmethod
     def create(
         cls,

@@ -8,6 +8,9 @@ The rule:
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
   each real folder is visited once, so a link loop cannot recurse for ever. A link whose target is
   missing is not a photo.
+- Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
+  a photo-named entry that is not a regular file are returned as *skipped*, with the reason
+  (:func:`scan_photos`); :func:`find_photos` logs one warning naming how many and the first few.
 - A path named explicitly (a command-line argument) is taken as given, hidden or not: a file is a photo
   whatever its name; a folder is searched by the rule above. A missing path, or a folder without photos,
   is reported with the reason and the other arguments are still used.
@@ -15,10 +18,17 @@ The rule:
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: How many skipped paths a warning names (the rest are counted).
+SKIPPED_SHOWN = 5
 
 #: The formats photos are accepted in (Pillow's names; ``retrieval.images`` decodes only these) and their file
 #: extensions, the first one what a kept upload of that format is named with.
@@ -35,15 +45,51 @@ def is_photo_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_photos(folder: str | Path) -> list[Path]:
-    """Photo files under ``folder`` by the module's rule, sorted by relative path ([] when none)."""
+def entry_problem(path: Path) -> str:
+    """Why ``path``, an entry that is neither a folder nor a regular file once links are followed, cannot be read."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if path.is_symlink():
+            if exc.errno == errno.ELOOP:
+                return "symbolic link loop (it never reaches a file)"
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return "broken symbolic link (its target does not exist)"
+        if exc.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read ({exc.strerror or exc})"
+    return "not a regular file or folder"
+
+
+@dataclass
+class PhotoScan:
+    """What a folder holds: its photos, and the entries skipped because they cannot be read (with why)."""
+
+    photos: list[Path] = field(default_factory=list)  # sorted by relative path
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason), in the order met
+
+
+def scan_photos(folder: str | Path) -> PhotoScan:
+    """Photo files under ``folder`` by the module's rule, and what was skipped (logs nothing; [] when missing).
+
+    Skipped: broken symbolic links (any name but hidden ones: a broken link to a class folder has no photo
+    extension), photo-named entries that are not regular files, and folders that cannot be listed.
+    """
     root = Path(folder)
-    found: list[Path] = []
+    out = PhotoScan()
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unlistable(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else root
+        if where == root and isinstance(exc, FileNotFoundError):
+            return  # a missing folder holds no photos: callers say so
+        out.skipped.append((where, f"folder cannot be listed ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
         try:
             st = os.stat(dirpath)
-        except OSError:
+        except OSError as exc:
+            unlistable(exc)
             dirnames[:] = []
             continue
         if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already searched
@@ -51,12 +97,35 @@ def find_photos(folder: str | Path) -> list[Path]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
+        for name in filenames:  # os.walk lists here what is not a folder once links are followed
             path = Path(dirpath) / name
-            if is_photo_name(name) and path.is_file():  # is_file follows links: dangling ones are dropped
-                found.append(path)
-    found.sort(key=lambda p: p.relative_to(root).as_posix())
-    return found
+            if name.startswith("."):
+                continue
+            if path.is_file():  # follows links
+                if is_photo_name(name):
+                    out.photos.append(path)
+            elif is_photo_name(name) or path.is_symlink():
+                out.skipped.append((path, entry_problem(path)))
+    out.photos.sort(key=lambda p: p.relative_to(root).as_posix())
+    return out
+
+
+def warn_skipped(skipped: Sequence[tuple[Path, str]], where: str | Path) -> None:
+    """One warning for the entries skipped under ``where``: how many, and the first few with their reasons."""
+    if not skipped:
+        return
+    shown = "; ".join(f"{p}: {why}" for p, why in skipped[:SKIPPED_SHOWN])
+    more = f"; ... ({len(skipped) - SKIPPED_SHOWN} more)" if len(skipped) > SKIPPED_SHOWN else ""
+    logger.warning("%d entr%s under %s skipped, not read as photos: %s%s", len(skipped),
+                   "y" if len(skipped) == 1 else "ies", where, shown, more)
+
+
+def find_photos(folder: str | Path) -> list[Path]:
+    """Photo files under ``folder`` by the module's rule, sorted by relative path ([] when none); what had to be
+    skipped is logged (:func:`warn_skipped`)."""
+    scan = scan_photos(folder)
+    warn_skipped(scan.skipped, folder)
+    return scan.photos
 
 
 @dataclass
@@ -68,24 +137,21 @@ class PhotoArgs:
 
 
 def expand_photo_args(paths: Iterable[str | Path]) -> PhotoArgs:
-    """Files as given, folders expanded to the photos inside; bad arguments reported, never fatal."""
+    """Files as given, folders expanded to the photos inside; bad arguments, and entries inside a folder that had
+    to be skipped, reported in ``problems``, never fatal."""
     out = PhotoArgs()
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            found = find_photos(p)
-            if found:
-                out.photos.extend(found)
-            else:
+            scan = scan_photos(p)
+            out.photos.extend(scan.photos)
+            out.problems.extend((str(path), why) for path, why in scan.skipped)
+            if not scan.photos:
                 out.problems.append((str(p), f"folder holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
         elif p.is_file():
             out.photos.append(p)
-        elif p.is_symlink():
-            out.problems.append((str(p), "broken symbolic link (its target does not exist)"))
-        elif p.exists():
-            out.problems.append((str(p), "not a regular file or folder"))
         else:
-            out.problems.append((str(p), "does not exist"))
+            out.problems.append((str(p), entry_problem(p)))
     return out
 
 

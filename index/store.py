@@ -204,13 +204,48 @@ def rows_table(
     return pa.table(cols, schema=_schema(dim))
 
 
+class HalfCreatedStoreError(ValueError):
+    """The store's table folder exists but no version of it was ever committed: a create killed inside LanceDB's
+    table creation. ``data`` lists the files in it beyond Lance's bookkeeping (none: nothing to lose)."""
+
+    def __init__(self, where: str, data: list[str] | None) -> None:
+        self.where = where
+        self.data = data  # None when it cannot be listed (an object store)
+        if data:
+            what = (f"it holds {len(data)} data file(s) ({', '.join(data[:3])}) that no reader can see. Nothing "
+                    f"was deleted: if this gallery is new, move {where} aside (or delete it) and run the command "
+                    "again; if those files matter, keep them and rebuild the gallery from its photos")
+        elif data is None:
+            what = f"delete {where} and run the command again (nothing committed is lost)"
+        else:
+            what = (f"it holds no data: open the gallery with write access (any speciesid command on it removes "
+                    f"it), or delete {where}")
+        super().__init__(f"the store's table {where} was left half-created by an interrupted create (no version "
+                         f"of it was ever committed): {what}")
+
+
+def half_created(table: str | Path) -> list[str] | None:
+    """The files beyond Lance's bookkeeping (``_versions``, ``_transactions``) in a local table folder that holds
+    no committed version (a create interrupted inside Lance); None when the folder holds a version, or is
+    missing."""
+    folder = Path(table)
+    versions = folder / "_versions"
+    if not folder.is_dir() or (versions.is_dir() and any(p.suffix == ".manifest" for p in versions.iterdir())):
+        return None
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if not p.is_dir() and p.relative_to(folder).parts[0] not in ("_versions", "_transactions"))
+
+
 class ReferenceStore:
     """LanceDB table of reference photos: metadata + embedding, one row per photo."""
 
     def __init__(
         self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0, options: dict[str, str] | None = None
     ) -> None:
-        """Open (or create) the table under ``root``: a folder, or an object-store URI with ``options``."""
+        """Open (or create) the table under ``root``: a folder, or an object-store URI with ``options``.
+
+        :class:`HalfCreatedStoreError` when the table was left half-created (:meth:`Gallery.open` removes one
+        that holds no data, under the gallery's write lock)."""
         # a folder is kept absolute: fragment writers on Ray workers run in other working directories
         self.root: str | Path = str(root).rstrip("/") if is_uri(root) else Path(root).absolute()
         self.dim = dim
@@ -220,7 +255,17 @@ class ReferenceStore:
                                    storage_options=self.options or None)
         self._species_cache: tuple[int, list[SpeciesSummary]] | None = None
         if TABLE in self._table_names():
-            self._table = self._db.open_table(TABLE)
+            try:
+                self._table = self._db.open_table(TABLE)
+            except Exception as exc:  # noqa: BLE001 - lance's kinds vary; only a half-created table is told apart
+                if is_uri(self.root):
+                    if "not found" in str(exc).lower():  # listed, yet no version to open
+                        raise HalfCreatedStoreError(self.uri, None) from exc
+                    raise
+                data = half_created(self.uri)
+                if data is None:
+                    raise
+                raise HalfCreatedStoreError(self.uri, data) from exc
         else:
             try:
                 self._table = self._db.create_table(TABLE, schema=_schema(dim))

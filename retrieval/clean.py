@@ -18,7 +18,7 @@ from index.datasets import DatasetScan, load_dataset
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
-from index.photos import find_photos
+from index.photos import SKIPPED_SHOWN, scan_photos, warn_skipped
 from retrieval.clean_report import write_report
 from retrieval.encoders import (
     DEFAULT_ENCODER,
@@ -71,6 +71,7 @@ class CleanResult:
     applied: ApplyResult | None = None
     notes: list[str] = field(default_factory=list)  # what the user should do next (printed last)
     index: str | None = None  # the gallery cleaned or applied to, when there is one
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # entries the photo search could not read
 
     def counts(self) -> dict[str, int]:
         """Findings per kind (every kind listed)."""
@@ -116,7 +117,10 @@ class CleanResult:
                 span = f", similarity {min(near):.3f}-{max(near):.3f}" if near else ""
                 lines.append(f"leaks: {c['leak']} same bytes, {c['near-leak']} near-identical{span}")
         if c["unreadable"]:
-            lines.append(f"unreadable: {c['unreadable']}")
+            lines.append(f"unreadable: {c['unreadable']}" + (
+                f" ({len(self.skipped)} skipped by the photo search, e.g. broken links: "
+                + ", ".join(str(p) for p, _ in self.skipped[:SKIPPED_SHOWN])
+                + (", ..." if len(self.skipped) > SKIPPED_SHOWN else "") + ")" if self.skipped else ""))
         if self.files:
             lines.append("report: " + ", ".join(str(p) for p in self.files.values()))
         if self.applied is not None:
@@ -241,10 +245,14 @@ def run_clean(
     if bad:
         raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
     against_paths = None
+    skipped: list[tuple[Path, str]] = []  # entries the photo search could not read: reported as unreadable
     if against is not None:
         if not Path(against).is_dir():
             raise ValueError(f"{against} is not a folder of photos (--against)")
-        against_paths = find_photos(against)
+        found = scan_photos(against)
+        warn_skipped(found.skipped, against)
+        against_paths = found.photos
+        skipped.extend((p, "against: " + why) for p, why in found.skipped)
         if not against_paths:
             raise ValueError(f"no photos under {against} (--against)")
 
@@ -279,6 +287,7 @@ def run_clean(
             logger.warning("%s", warning)
         if not scan.records:
             raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        skipped[:0] = scan.skipped
         done = embed([r.path for r in scan.records], "cleaning: embedding")
         photos = PhotoSet.from_embedded([r.path for r in scan.records], done, [known.get(s or "") for s in done.sha256],
                                         [r.species for r in scan.records])
@@ -294,10 +303,10 @@ def run_clean(
     t1 = time.perf_counter()
     findings, zs, notice = check_photos(photos, enc, config, against=other, dataset=dataset_name,
                                         prompt_cache=GalleryLayout(index).prompt_cache if index is not None else None,
-                                        progress=progress)
+                                        progress=progress, skipped=skipped)
     result = CleanResult(findings=findings, photos=photos, against=other, encoder=enc.spec, zero_shot=zs,
                          zero_shot_notice=notice, config=config, seconds_embed=t1 - t0,
-                         index=str(index) if index is not None else None)
+                         index=str(index) if index is not None else None, skipped=skipped)
     if apply:
         result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
         if result.applied.excluded and has_probe(index):

@@ -166,10 +166,12 @@ def find_issues(
     threshold: float = DEFAULT_THRESHOLD,
     dup_threshold: float = DEFAULT_DUP_THRESHOLD,
     duplicates: bool = True,
+    skipped: Sequence[tuple[str | Path, str]] = (),
 ) -> list[Finding]:
     """All findings: off-target photos, duplicates (or label conflicts) within ``photos``, leaks from ``against``,
-    unreadable ones (never also a duplicate or a leak: two empty files are not copies of a photo)."""
-    findings: list[Finding] = []
+    unreadable ones (never also a duplicate or a leak: two empty files are not copies of a photo), and the
+    ``skipped`` entries the photo search could not read (broken links...: :func:`index.photos.scan_photos`)."""
+    findings: list[Finding] = [Finding("unreadable", float("nan"), str(p), detail=why) for p, why in skipped]
     if zero_shot is not None:
         flagged = (photos.ok & (np.nan_to_num(zero_shot.off_target, nan=-1.0) >= threshold)
                    & top_class_off_target(zero_shot.probs, zero_shot.prompts.target_mask))
@@ -196,8 +198,10 @@ def find_issues(
 def check_photos(
     photos: PhotoSet, encoder: Encoder, config: CleanConfig, *, against: PhotoSet | None = None,
     dataset: str | None = None, prompt_cache: str | Path | None = None, progress: bool = False,
+    skipped: Sequence[tuple[str | Path, str]] = (),
 ) -> tuple[list[Finding], ZeroShotResult | None, str | None]:
-    """Run the checks ``config`` asks for: (findings, zero-shot result or None, why the filter did not run)."""
+    """Run the checks ``config`` asks for: (findings, zero-shot result or None, why the filter did not run);
+    ``skipped``: entries the photo search could not read, reported as unreadable."""
     zs, notice = None, None
     if config.zero_shot:
         if encoder.supports_text:
@@ -211,7 +215,7 @@ def check_photos(
             )
             logger.info("%s", notice)
     findings = find_issues(photos, against=against, zero_shot=zs, threshold=config.threshold,
-                           dup_threshold=config.dup_threshold, duplicates=config.duplicates)
+                           dup_threshold=config.dup_threshold, duplicates=config.duplicates, skipped=skipped)
     return findings, zs, notice
 
 

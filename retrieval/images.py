@@ -142,12 +142,27 @@ def photo_size(image: Image.Image) -> tuple[int, int]:
     return tuple(image.info.get(PHOTO_SIZE, image.size))  # type: ignore[return-value]
 
 
+def _header(data: bytes) -> Image.Image | None:
+    """The photo opened lazily (Pillow reads its header, not its pixels), None when not an accepted image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header: nothing is decoded
+        try:
+            return Image.open(io.BytesIO(data), formats=_openers())
+        except Exception:  # noqa: BLE001 - anything PIL cannot open is "not an image"
+            return None
+
+
 def image_format(data: bytes) -> str | None:
     """PIL's name of the image format of ``data`` (JPEG, PNG, WEBP, HEIF, ...), None when not an image."""
-    try:
-        return Image.open(io.BytesIO(data), formats=_openers()).format
-    except Exception:  # noqa: BLE001 - anything PIL cannot open is "not an image"
-        return None
+    img = _header(data)
+    return img.format if img is not None else None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the photo as stored, read from its header without decoding any pixel (None when it is
+    not an accepted image: :func:`decode_image` says why)."""
+    img = _header(data)
+    return img.size if img is not None else None
 
 
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:

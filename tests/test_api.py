@@ -117,6 +117,42 @@ def test_not_ready_until_the_model_is_loaded(tmp_path):
     assert "loading" in _is_error(c.post("/v1/identify", files=_one("a.jpg", b"x")), 503)
 
 
+def test_the_docs_pages_load_nothing_from_another_host(tmp_path):
+    """/docs and /redoc work offline: every script, style sheet and icon they name is served by this app."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    c = TestClient(create_app(Settings(index=str(tmp_path))))  # no model needed: the lifespan does not run
+    for page in ("/docs", "/redoc"):
+        html = c.get(page).text
+        assert "http://" not in html and "https://" not in html, page
+        urls = re.findall(r'(?:src|href|spec-url)="([^"]+)"', html)
+        assert len(urls) >= 2, (page, urls)
+        for url in urls:
+            assert url.startswith("/") and not url.startswith("//"), url
+            got = c.get(url)
+            assert got.status_code == 200 and got.content, url
+    assert '"validatorUrl": null' in c.get("/docs").text  # no badge fetched from validator.swagger.io
+
+
+def test_without_fastapi_offline_the_docs_fall_back_to_the_cdn_and_say_so(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    monkeypatch.setitem(sys.modules, "fastapi_offline", None)  # as if not installed: importing it fails
+    c = TestClient(create_app(Settings(index=str(tmp_path))))
+    assert c.get("/docs").status_code == 200
+    assert any("fastapi-offline is not installed" in r.getMessage() for r in caplog.records)
+
+
 def test_lifespan_restarts_and_given_services(client, service, loads):
     """An app started twice loads a fresh service each time; a service given to create_app stays open."""
     from fastapi.testclient import TestClient
@@ -339,6 +375,39 @@ def test_over_size_upload_is_413(client):
     big = COBRA.read_bytes() + b"\0" * (20 * 1024 * 1024)  # over the default 20 MB
     assert "20 MB" in _is_error(client.post("/v1/identify", files=_one("big.jpg", big)), 413)
     assert "20 MB" in _is_error(client.post("/v1/search", files=_one("big.jpg", big, "image")), 413)
+
+
+def test_a_request_over_its_pixel_budget_is_413_before_any_photo_is_decoded(client, service, monkeypatch):
+    """The photos' pixels are summed from their headers: past max_request_megapixels the request is refused (413,
+    saying the limit and the setting) and nothing is decoded; the 413 is in the OpenAPI entries."""
+    import api.service
+
+    decoded = []
+    real = api.service.model_input
+    monkeypatch.setattr(api.service, "model_input", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    monkeypatch.setattr(service.settings, "max_request_megapixels", 1.0)
+    two = _one("a.png", _png(800, 800)) + _one("b.png", _png(800, 800))  # 1.28 MP together
+    msg = _is_error(client.post("/v1/identify", files=two), 413)
+    assert msg.startswith("the 2 photos of this request hold 1.3 megapixels, over this server's limit of 1 per "
+                          "request") and "SPECIESID_MAX_REQUEST_MEGAPIXELS" in msg
+    msg = _is_error(client.post("/v1/search", files=_one("big.png", _png(1100, 1000), "image")), 413)
+    assert msg.startswith("big.png holds 1.1 megapixels")
+    url = f"/v1/species/{binomial(NEW_SPECIES)}/references"
+    assert "megapixels" in _is_error(client.post(url, files=two, headers=KEYS), 413)
+    assert decoded == []  # refused from the headers alone
+    assert client.post("/v1/identify", files=_one("a.png", _png(800, 800))).status_code == 200
+    assert len(decoded) == 1
+    schema = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/identify", "/v1/search", "/v1/species/{name}/references"):
+        assert "max_request_megapixels" in schema[path]["post"]["responses"]["413"]["description"]
+
+
+def test_the_default_pixel_budget_admits_an_identify_at_its_own_limits():
+    from api.settings import Settings
+
+    s = Settings(_env_file=None)
+    assert s.max_request_megapixels * 1e6 >= s.max_images * s.max_pixels  # 5 photos of the largest size accepted
+    assert s.max_request_megapixels >= s.max_add_images * 12  # a full add of 12 MP phone photos
 
 
 # ------------------------------------------------------------------------------------------ search

@@ -382,6 +382,28 @@ def test_label_conflicts_unreadable_pairs_and_a_reused_report_folder(tmp_path, c
     assert "seconds_report" in json.loads((report / "summary.json").read_text())
 
 
+def test_broken_links_are_listed_as_unreadable_in_the_report(tmp_path, capsys):
+    """A broken link among the photos (of the set, of --against, or a whole class folder) is an unreadable finding
+    of the report and named in the summary: nothing the photo search skipped is lost silently."""
+    _photos(tmp_path / "photos", per_species=2)
+    (tmp_path / "photos" / "Naja haje" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "photos" / "Vipera latastei").symlink_to(tmp_path / "unmounted")
+    _noise(tmp_path / "val" / "x" / "new.png", seed=7)
+    (tmp_path / "val" / "x" / "dangling-val.png").symlink_to(tmp_path / "gone.png")
+    report = tmp_path / "report"
+    code, out, _ = _run(capsys, "clean", "--dataset", "folder", "--root", tmp_path / "photos", "--against",
+                        tmp_path / "val", "--encoder", IMAGE_ONLY, "--precision", "fp32", "--report", report,
+                        "--quiet")
+    assert code == 0, out
+    assert "unreadable: 3 (3 skipped by the photo search, e.g. broken links: " in out and "dangling.jpg" in out
+    rows = {Path(r["path"]).name: r for r in _read_csv(report / "findings.csv") if r["kind"] == "unreadable"}
+    assert sorted(rows) == ["Vipera latastei", "dangling-val.png", "dangling.jpg"]
+    assert rows["dangling.jpg"]["detail"] == "broken symbolic link (its target does not exist)"
+    assert rows["dangling-val.png"]["detail"] == "against: broken symbolic link (its target does not exist)"
+    assert json.loads((report / "summary.json").read_text())["counts"]["unreadable"] == 3
+    assert "dangling.jpg" in (report / "contact_sheet.html").read_text()
+
+
 def test_apply_keeps_chains_of_look_alikes_and_never_resolves_label_conflicts(tmp_path):
     from index.gallery import Gallery
     from index.records import ReferenceRecord

@@ -227,6 +227,24 @@ def test_folder_loader_labels_and_taxonomy(tmp_path: Path) -> None:
     assert any("empty" in w for w in scan.warnings)
 
 
+def test_folder_loader_reports_broken_links_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken link to a photo or to a whole class folder is in the scan's ``skipped`` and in one warning for the
+    dataset (not one per class folder), never dropped silently."""
+    make_image(tmp_path / "Naja haje" / "1.png")
+    (tmp_path / "Naja haje" / "2.jpg").symlink_to(tmp_path / "elsewhere" / "2.jpg")
+    make_image(tmp_path / "Natrix maura" / "1.png")
+    (tmp_path / "Natrix maura" / "3.png").symlink_to(tmp_path / "elsewhere" / "3.png")
+    (tmp_path / "Vipera latastei").symlink_to(tmp_path / "unmounted-disk" / "Vipera latastei")
+    caplog.set_level("WARNING", logger="index")
+    scan = load_dataset("folder", tmp_path)
+    assert len(scan.records) == 2
+    assert sorted(p.relative_to(tmp_path).as_posix() for p, _ in scan.skipped) == [
+        "Naja haje/2.jpg", "Natrix maura/3.png", "Vipera latastei"]
+    assert all(why.startswith("broken symbolic link") for _, why in scan.skipped)
+    warned = [r.getMessage() for r in caplog.records if "skipped, not read as photos" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"3 entries under {tmp_path} skipped")
+
+
 @pytest.mark.skipif(not PH_SNAKES_TRAIN.is_dir(), reason="shared ph-snakes data not available")
 def test_real_ph_snakes_train_tree() -> None:
     scan = load_dataset("folder", PH_SNAKES_TRAIN)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -447,3 +452,68 @@ def test_one_lock_per_gallery_and_process(gallery, tmp_path):
         t.join(10)
         assert failed == [True]
     assert new in Gallery.open(gallery.root).store.ids().tolist()
+
+
+_KILLED_IN_CREATE = """
+import os, signal, sys
+import lancedb.db
+
+def killed(self, name, *args, **kwargs):  # what a kill inside Lance's table creation leaves: no version committed
+    table = os.path.join(sys.argv[1], "store", name + ".lance")
+    os.makedirs(os.path.join(table, "_versions"))
+    os.makedirs(os.path.join(table, "_transactions"))
+    open(os.path.join(table, "_transactions", "0-unfinished.txn"), "wb").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+lancedb.db.LanceDBConnection.create_table = killed
+from index.gallery import Gallery
+Gallery.create(sys.argv[1], {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": 16})
+"""
+
+
+def test_a_create_killed_inside_the_table_creation_is_made_whole_by_the_next_open(tmp_path, caplog):
+    """A create SIGKILLed inside LanceDB's table creation leaves gallery.json and a table folder with no version:
+    the next open (or create) removes that empty folder under the write lock and makes the table again."""
+    root = tmp_path / "g"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _KILLED_IN_CREATE, str(root)], cwd=repo, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert (root / "gallery.json").is_file() and (root / "store" / "references.lance" / "_versions").is_dir()
+    g = Gallery.open(root)
+    assert len(g) == 0 and "left half-created by an interrupted create" in caplog.text
+    rng = np.random.default_rng(3)
+    (new,) = g.add(_records("Naja haje", 1), ["1" * 64], _unit(rng, 1, rng.standard_normal(DIM)))
+    assert Gallery.create(root, ENC).store.ids().tolist() == [new]  # create again: the same gallery, opened
+
+
+def test_a_half_created_table_holding_data_or_out_of_reach_is_never_deleted(tmp_path, monkeypatch):
+    """A half-created table with files in it is not removed: the error names the folder and what to do; a gallery
+    whose lock cannot be taken (read-only) is not repaired either, and says how."""
+    from index.locks import WriteLock
+    from index.store import HalfCreatedStoreError
+
+    root = tmp_path / "g"
+    Gallery.create(root, ENC)
+    table = root / "store" / "references.lance"
+    shutil.rmtree(table)
+    (table / "_versions").mkdir(parents=True)
+    (table / "data").mkdir()
+    (table / "data" / "rows.lance").write_bytes(b"x" * 100)
+    for attempt in (lambda: Gallery.open(root), lambda: Gallery.create(root, ENC)):
+        with pytest.raises(HalfCreatedStoreError, match="left half-created by an interrupted create") as exc:
+            attempt()
+        assert f"move {table} aside" in str(exc.value) and "data/rows.lance" in str(exc.value)
+        assert "Nothing was deleted" in str(exc.value)
+        assert (table / "data" / "rows.lance").read_bytes() == b"x" * 100
+    (table / "data" / "rows.lance").unlink()
+
+    def read_only(self, timeout):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(WriteLock, "_acquire", read_only)
+    with pytest.raises(HalfCreatedStoreError, match="open the gallery with write access"):
+        Gallery.open(root)
+    assert (table / "data").is_dir()
+    monkeypatch.undo()
+    assert len(Gallery.open(root)) == 0 and not (table / "data").exists()

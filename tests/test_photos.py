@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from index.photos import expand_photo_args, find_photos, require_photos
+from index.photos import expand_photo_args, find_photos, require_photos, scan_photos
 
 
 def _touch(path: Path) -> Path:
@@ -49,3 +50,46 @@ def test_expand_photo_args_reports_bad_arguments_and_keeps_the_rest(tmp_path):
     assert reasons[str(tmp_path / "nope.jpg")] == "does not exist"
     with pytest.raises(ValueError, match="no photos to read .*does not exist"):
         require_photos([tmp_path / "nope.jpg"])
+
+
+def test_skipped_entries_are_returned_and_logged_never_dropped_silently(tmp_path, caplog, monkeypatch):
+    """A broken link (to a photo or to a class folder), a link loop and a folder that cannot be listed are
+    skipped with the reason, and find_photos logs one warning naming how many and the first few."""
+    root = tmp_path / "root"
+    _touch(root / "a" / "1.jpg")
+    os.symlink(tmp_path / "missing.jpg", root / "a" / "dangling.jpg")
+    os.symlink(tmp_path / "unplugged-disk", root / "Naja haje")  # a class folder whose disk is not mounted
+    os.symlink(root / "a" / "self.png", root / "a" / "self.png")  # points at itself
+    os.symlink(tmp_path / "gone", root / "a" / ".hidden-dangling.jpg")  # hidden: skipped by rule, not reported
+    locked = root / "locked"
+    _touch(locked / "2.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args):  # as for a folder without read permission (tests may run as root)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scan = scan_photos(root)
+    reasons = {p.relative_to(root).as_posix(): why for p, why in scan.skipped}
+    assert [p.relative_to(root).as_posix() for p in scan.photos] == ["a/1.jpg"]
+    assert reasons["a/dangling.jpg"].startswith("broken symbolic link")
+    assert reasons["Naja haje"].startswith("broken symbolic link")
+    assert reasons["a/self.png"].startswith("symbolic link loop")
+    assert reasons["locked"] == "folder cannot be listed (Permission denied)"
+    assert len(reasons) == 4  # the hidden link is skipped by the rule, not reported
+    caplog.set_level(logging.WARNING, logger="index.photos")
+    assert find_photos(root) == scan.photos
+    warned = [r.getMessage() for r in caplog.records if r.name == "index.photos"]
+    assert len(warned) == 1 and warned[0].startswith(f"4 entries under {root} skipped, not read as photos")
+    assert "dangling.jpg: broken symbolic link" in warned[0] and "Naja haje" in warned[0]
+
+
+def test_expand_photo_args_reports_what_it_skipped_inside_a_folder(tmp_path):
+    folder = tmp_path / "photos"
+    good = _touch(folder / "ok.jpg")
+    os.symlink(tmp_path / "gone.jpg", folder / "dangling.jpg")
+    got = expand_photo_args([folder])
+    assert got.photos == [good]
+    assert got.problems == [(str(folder / "dangling.jpg"), "broken symbolic link (its target does not exist)")]

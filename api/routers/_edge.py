@@ -18,7 +18,8 @@ ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
     401: {"model": ErrorOut, "description": "missing or wrong X-API-Key"},
     404: {"model": ErrorOut, "description": "not found"},
-    413: {"model": ErrorOut, "description": "upload over the size limit"},
+    413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
+          "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
           "elongated, too small for a reference), an invalid name, or an invalid parameter"},
     415: {"model": ErrorOut, "description": "neither a multipart photo nor a JSON embedding"},
