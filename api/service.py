@@ -166,10 +166,10 @@ class SpeciesService:
 
     def thumbnail(self, ref_id: int) -> bytes:
         """A JPEG thumbnail of a reference photo."""
-        meta = self.gallery.store.metadata([ref_id])
-        if meta.empty:
+        stored = self.gallery.source_path(ref_id)
+        if stored is None:
             raise NotFound(f"no reference with id {ref_id}")
-        path = source_file(str(meta.iloc[0]["source_path"]))
+        path = source_file(stored)
         try:  # the file as it is now: a photo replaced or removed on disk is not answered from the cache
             st = os.stat(path)
             key: tuple = (ref_id, str(path), st.st_mtime_ns, st.st_size)

@@ -688,6 +688,13 @@ class Gallery:
                                    cosine=None if cosines is None else float(cosines[k])))
         return out
 
+    def source_path(self, ref_id: int) -> str | None:
+        """The stored source of reference ``ref_id``'s photo (a file, or ``SHARD#MEMBER``; excluded ones too), or None
+        when there is none. Read from the store on each call, not from the answers' metadata cache: a reference
+        another process deleted is gone here as soon as the store shows it (within ``refresh_s``)."""
+        meta = self.store.metadata([int(ref_id)])
+        return None if meta.empty else str(meta.iloc[0]["source_path"])
+
     def species(self) -> list[SpeciesSummary]:
         """Species in the gallery with counts and metadata."""
         return self.store.species()

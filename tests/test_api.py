@@ -489,7 +489,7 @@ def test_species_list_and_one(client):
 
 def _source(service, ref_id: int) -> str:
     """The server-side source path of a reference (the API itself never shows it)."""
-    return str(service.gallery.store.metadata([ref_id]).iloc[0]["source_path"])
+    return service.gallery.source_path(ref_id)
 
 
 def test_reference_thumbnail(client, service, monkeypatch):

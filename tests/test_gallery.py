@@ -168,6 +168,20 @@ def test_delete_removes_from_search_and_store(gallery):
     assert len(Gallery.open(gallery.root)) == 11
 
 
+def test_source_path_of_a_reference_is_read_from_the_store(gallery):
+    """The photo a reference was read from (the thumbnail's read): excluded ones too, None once deleted or never
+    stored, and another process's delete seen although this gallery's answers' metadata is cached."""
+    ids = gallery.store.ids().tolist()
+    assert gallery.source_path(ids[0]) == "/photos/Naja haje/0.jpg"
+    gallery.set_excluded([ids[1]])
+    assert gallery.source_path(ids[1]) == "/photos/Naja haje/1.jpg"
+    assert gallery.source_path(987654) is None
+    gallery.preload_metadata()  # the answers' cache holds every row now
+    Gallery.open(gallery.root).delete([ids[2]])  # another writer
+    gallery.store.refresh()
+    assert gallery.source_path(ids[2]) is None
+
+
 def test_species_summary_counts(gallery):
     summary = {s.species: s for s in gallery.species()}
     assert summary["Naja haje"].count == 6 and summary["Naja haje"].venomous is True

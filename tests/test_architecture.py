@@ -1,0 +1,61 @@
+"""Data flows one way (docs/architecture.md): what each package may import, and the API never reaching through a
+gallery into its store."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: package -> the project's packages it must never import (the ones above it).
+ABOVE = {"index": {"retrieval", "finetune", "api"}, "retrieval": {"finetune", "api"}, "finetune": {"api"}}
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _trees(package: str) -> list[tuple[str, ast.AST]]:
+    return [(p.relative_to(ROOT).as_posix(), ast.parse(p.read_text(encoding="utf-8"))) for p in _modules(package)]
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    """Top-level package names imported anywhere in ``tree`` (lazy imports inside functions included)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(ABOVE))
+def test_a_package_imports_only_the_packages_below_it(package: str) -> None:
+    wrong = {path: sorted(_imported(tree) & ABOVE[package]) for path, tree in _trees(package)}
+    assert not {path: names for path, names in wrong.items() if names}
+
+
+def _through_store(tree: ast.AST) -> list[str]:
+    """``X.store.Y`` (a call through a gallery's store) and ``<...>gallery.store``, as source text."""
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr == "store"):
+            continue
+        owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+        if owner.endswith("gallery"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "store":
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return sorted(set(found))
+
+
+def test_the_api_never_reaches_through_a_gallery_into_its_store() -> None:
+    """The edges call the gallery's (or retrieval's) public reads, never its store (``Gallery.source_path`` for a
+    thumbnail): the store is the index layer's own."""
+    assert _trees("api")
+    found = {path: hits for path, tree in _trees("api") if (hits := _through_store(tree))}
+    assert not found
