@@ -348,7 +348,8 @@ def iter_dataset(
 
     Arguments are checked before the first record (same errors as :func:`load_dataset`); ``warnings`` is
     filled as the scan goes (complete when the iterator is exhausted); ``skipped`` gets the entries of a
-    class-per-folder dataset that could not be read (broken links...), which are also logged, once.
+    class-per-folder dataset, or among ``webdataset`` shards, that could not be read (broken links...), which
+    are also logged, once.
     """
     from index import streamed
 
@@ -358,10 +359,10 @@ def iter_dataset(
         table, image_root = streamed.manifest_file(root_path, meta_path)
         return streamed.iter_manifest(table, image_root, notes)
     if key == "webdataset":
-        streamed.list_shards(root)  # fail now when there is none
+        shards = streamed.list_shards(root, skipped)  # fail now when there is none; what was skipped logged once
         if meta_path is not None:
             notes.append(f"--metadata {meta_path} is ignored by the webdataset dataset")
-        return streamed.iter_webdataset(root, notes)
+        return streamed.iter_webdataset(root, notes, shards=shards)
     return iter(_load_listed(key, root_path, meta_path, notes, skipped if skipped is not None else []))
 
 

@@ -14,6 +14,9 @@ The rule:
 - A path named explicitly (a command-line argument) is taken as given, hidden or not: a file is a photo
   whatever its name; a folder is searched by the rule above. A missing path, or a folder without photos,
   is reported with the reason and the other arguments are still used.
+
+The same search finds other files by their names (:func:`scan_files`: webdataset shards, ``index.streamed``),
+and their skipped entries are reported the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: How many skipped paths a warning names (the rest are counted).
 SKIPPED_SHOWN = 5
+#: An entry a search could not read, and why: ``(path, reason)``.
+Skipped = tuple[Path, str]
 
 #: The formats photos are accepted in (Pillow's names; ``retrieval.images`` decodes only these) and their file
 #: extensions, the first one what a kept upload of that format is named with.
@@ -66,7 +71,7 @@ class PhotoScan:
     """What a folder holds: its photos, and the entries skipped because they cannot be read (with why)."""
 
     photos: list[Path] = field(default_factory=list)  # sorted by relative path
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason), in the order met
+    skipped: list[Skipped] = field(default_factory=list)  # (path, reason), in the order met
 
 
 def scan_photos(folder: str | Path) -> PhotoScan:
@@ -76,14 +81,23 @@ def scan_photos(folder: str | Path) -> PhotoScan:
     extension), photo-named entries that are not regular files, and folders that cannot be listed.
     """
     root = Path(folder)
-    out = PhotoScan()
+    photos, skipped = scan_files(root, is_photo_name)
+    return PhotoScan(sorted(photos, key=lambda p: p.relative_to(root).as_posix()), skipped)
+
+
+def scan_files(folder: str | Path, wanted: Callable[[str], bool]) -> tuple[list[Path], list[Skipped]]:
+    """(files, skipped): the files under ``folder`` whose visible name ``wanted`` accepts, by the module's rule, in
+    the order met, and the entries skipped with why, as :func:`scan_photos` skips them (logs nothing)."""
+    root = Path(folder)
+    files: list[Path] = []
+    skipped: list[Skipped] = []
     seen: set[tuple[int, int]] = set()
 
     def unlistable(exc: OSError) -> None:
         where = Path(exc.filename) if exc.filename else root
         if where == root and isinstance(exc, FileNotFoundError):
             return  # a missing folder holds no photos: callers say so
-        out.skipped.append((where, f"folder cannot be listed ({exc.strerror or exc})"))
+        skipped.append((where, f"folder cannot be listed ({exc.strerror or exc})"))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
         try:
@@ -102,22 +116,26 @@ def scan_photos(folder: str | Path) -> PhotoScan:
             if name.startswith("."):
                 continue
             if path.is_file():  # follows links
-                if is_photo_name(name):
-                    out.photos.append(path)
-            elif is_photo_name(name) or path.is_symlink():
-                out.skipped.append((path, entry_problem(path)))
-    out.photos.sort(key=lambda p: p.relative_to(root).as_posix())
-    return out
+                if wanted(name):
+                    files.append(path)
+            elif wanted(name) or path.is_symlink():
+                skipped.append((path, entry_problem(path)))
+    return files, skipped
 
 
-def warn_skipped(skipped: Sequence[tuple[Path, str]], where: str | Path) -> None:
-    """One warning for the entries skipped under ``where``: how many, and the first few with their reasons."""
+def skipped_text(skipped: Sequence[Skipped]) -> str:
+    """The first few skipped entries with their reasons, and how many more: one line."""
+    shown = "; ".join(f"{p}: {why}" for p, why in skipped[:SKIPPED_SHOWN])
+    return shown + (f"; ... ({len(skipped) - SKIPPED_SHOWN} more)" if len(skipped) > SKIPPED_SHOWN else "")
+
+
+def warn_skipped(skipped: Sequence[Skipped], where: str | Path, what: str = "photos") -> None:
+    """One warning for the entries skipped under ``where``: how many, and the first few with their reasons
+    (``what``: what they were not read as)."""
     if not skipped:
         return
-    shown = "; ".join(f"{p}: {why}" for p, why in skipped[:SKIPPED_SHOWN])
-    more = f"; ... ({len(skipped) - SKIPPED_SHOWN} more)" if len(skipped) > SKIPPED_SHOWN else ""
-    logger.warning("%d entr%s under %s skipped, not read as photos: %s%s", len(skipped),
-                   "y" if len(skipped) == 1 else "ies", where, shown, more)
+    logger.warning("%d entr%s under %s skipped, not read as %s: %s", len(skipped),
+                   "y" if len(skipped) == 1 else "ies", where, what, skipped_text(skipped))
 
 
 def find_photos(folder: str | Path) -> list[Path]:

@@ -21,12 +21,12 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
 
-from index.photos import IMAGE_EXTENSIONS
+from index.photos import IMAGE_EXTENSIONS, Skipped, entry_problem, scan_files, skipped_text, warn_skipped
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.sources import SHARD_SUFFIXES, member_locator, remember_members
 
@@ -162,18 +162,39 @@ def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[Refer
 
 
 # ----------------------------------------------------------------------------------------- webdataset
-def list_shards(root: str | Path) -> list[Path]:
-    """Tar shards named by ``root``: one shard, a folder of shards (recursive, sorted), or a glob."""
+def is_shard_name(name: str) -> bool:
+    """True for a visible file name with a shard suffix (``.tar``, ``.tar.gz``, ``.tgz``)."""
+    return not name.startswith(".") and name.endswith(SHARD_SUFFIXES)
+
+
+def list_shards(root: str | Path, skipped: list[Skipped] | None = None) -> list[Path]:
+    """Tar shards named by ``root``: one shard, a folder of shards (searched by ``index.photos``' rule: recursive,
+    hidden names skipped, links followed), or a glob; sorted.
+
+    Nothing is dropped silently: a shard-named entry that is no readable file (a broken link, a link loop, a
+    folder), a broken link of any name inside the folder and a folder that cannot be listed are logged in one
+    warning (:func:`index.photos.warn_skipped`) and appended to ``skipped`` as ``(path, reason)``. ValueError
+    when there is no shard (naming what was skipped).
+    """
     text = str(root)
     if any(c in text for c in "*?["):
-        found = sorted(Path(p) for p in glob.glob(text, recursive=True))
+        matched = [Path(p) for p in glob.glob(text, recursive=True)]
+        shards = [p for p in matched if p.name.endswith(SHARD_SUFFIXES) and p.is_file()]
+        missed = [(p, "a folder, not a tar shard" if p.is_dir() else entry_problem(p))
+                  for p in matched if p.name.endswith(SHARD_SUFFIXES) and not p.is_file()]
     elif Path(text).is_dir():
-        found = sorted(p for p in Path(text).rglob("*") if p.is_file() and not p.name.startswith("."))
+        shards, missed = scan_files(text, is_shard_name)
+    elif Path(text).is_file():
+        shards, missed = [Path(text)], []
     else:
-        found = [Path(text)] if Path(text).is_file() else []
-    shards = [p for p in found if p.name.endswith(SHARD_SUFFIXES)]
+        shards, missed = [], ([(Path(text), entry_problem(Path(text)))] if Path(text).is_symlink() else [])
+    shards = sorted(p for p in shards if p.name.endswith(SHARD_SUFFIXES))
+    warn_skipped(missed, root, "shards")
+    if skipped is not None:
+        skipped.extend(missed)
     if not shards:
-        raise ValueError(f"no webdataset shards (.tar, .tar.gz, .tgz) at {root}")
+        raise ValueError(f"no webdataset shards (.tar, .tar.gz, .tgz) at {root}"
+                         + (f" (skipped: {skipped_text(missed)})" if missed else ""))
     return shards
 
 
@@ -239,10 +260,12 @@ def _samples(shard: Path, table: dict[str, tuple[int, int]], warnings: list[str]
         yield image, members
 
 
-def iter_webdataset(root: str | Path, warnings: list[str]) -> Iterator[ReferenceRecord]:
-    """Records of webdataset shards, streamed; images are not read (only tar headers and label members)."""
+def iter_webdataset(root: str | Path, warnings: list[str], *, shards: Sequence[Path] | None = None
+                    ) -> Iterator[ReferenceRecord]:
+    """Records of webdataset shards, streamed; images are not read (only tar headers and label members).
+    ``shards``: those :func:`list_shards` already found at ``root`` (otherwise listed here)."""
     no_image = no_label = 0
-    for shard in list_shards(root):
+    for shard in list_shards(root) if shards is None else shards:
         table: dict[str, tuple[int, int]] = {}
         for image, members in _samples(shard, table, warnings):
             if image is None:

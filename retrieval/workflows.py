@@ -133,7 +133,8 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     from retrieval.distributed import plan_cluster, ray_add_references, ray_map, start_ray, stop_ray
 
     warnings: list[str] = []
-    records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings)
+    skipped: list[tuple[Path, str]] = []  # entries the listing could not read (broken links...), logged once
+    records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings, skipped=skipped)
     config = encoder or EncoderConfig()
     enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
     options = ray or RayOptions()
@@ -149,7 +150,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
             stop_ray()
     for warning in warnings:
         logger.warning("%s", warning)
-    scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings)
+    scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings, skipped=skipped)
     return BuildResult(gallery=gallery, scan=scan, report=report)
 
 

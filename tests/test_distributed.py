@@ -36,7 +36,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def photo_root(tmp_path_factory) -> Path:
-    """24 ph-snakes photos, a corrupt one and a byte copy of the first (reported, never fatal)."""
+    """24 ph-snakes photos, a corrupt one, a byte copy of the first and a broken link (reported, never fatal)."""
     needs_shared()
     root = tmp_path_factory.mktemp("ray_photos")
     for folder in SPECIES:
@@ -46,6 +46,7 @@ def photo_root(tmp_path_factory) -> Path:
     first = sorted((root / SPECIES[0]).iterdir())[0]
     shutil.copy(first.resolve(), root / SPECIES[0] / "zz-copy.jpg")
     (root / SPECIES[1] / "zz-corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / SPECIES[2] / "zz-gone.jpg").symlink_to(root / "unmounted.jpg")
     return root
 
 
@@ -73,6 +74,7 @@ def test_ray_build_holds_the_same_rows_as_a_local_build(cluster, photo_root, tmp
         assert "24 references, 3 species" in out, (engine, out)
         assert "skipped 1 unreadable, 1 duplicates" in out and "zz-corrupt.jpg: not a recognised image" in out
         assert "zz-copy.jpg (same bytes as" in out
+        assert f"warning: 1 entry under {photo_root} not read: {photo_root / SPECIES[2] / 'zz-gone.jpg'}: broken" in out
     local_rows, local_vecs = _content(tmp_path / "local")
     ray_rows, ray_vecs = _content(tmp_path / "ray")
     assert ray_rows == local_rows and len(ray_rows) == 24

@@ -111,6 +111,47 @@ def test_webdataset_shard_streams_tol_labels_and_reads_members(tmp_path):
         sources.read_member(str(cut), f"{keys[-1]}.jpg")  # past the cut
 
 
+def _json_shard(path: Path) -> None:
+    """A one-sample shard (a small PNG + a json label) that needs no shared data."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 120, 30)).save(buf, "PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("k1.png", buf.getvalue()), ("k1.json", b'{"scientific_name": "Naja naja"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_listing_reports_a_broken_link_once_instead_of_dropping_it(tmp_path, caplog):
+    """A dangling ``.tar`` link among the shards (a disk not mounted) is skipped with its reason, named in one
+    warning and in the scan's ``skipped``, as the photo finder does; the valid shard is still read."""
+    from index.streamed import list_shards
+
+    shards = tmp_path / "shards"
+    _json_shard(shards / "shard-000000.tar")
+    gone = shards / "shard-000001.tar"
+    gone.symlink_to(tmp_path / "unmounted" / "shard-000001.tar")
+    caplog.set_level("WARNING", logger="index")
+    scan = load_dataset("webdataset", shards)  # the shards listed once: one warning, the valid shard's photo read
+    assert [r.species for r in scan.records] == ["Naja naja"]
+    assert [p for p, _ in scan.skipped] == [gone] and scan.skipped[0][1].startswith("broken symbolic link")
+    warned = [r.getMessage() for r in caplog.records if "not read as shards" in r.getMessage()]
+    assert warned == [f"1 entry under {shards} skipped, not read as shards: {gone}: {scan.skipped[0][1]}"]
+    caplog.clear()
+    skipped: list[tuple[Path, str]] = []
+    assert list_shards(shards, skipped) == [shards / "shard-000000.tar"] and skipped == scan.skipped
+    # a glob that matches the broken link reports it too; with no shard left, the error names it
+    caplog.clear()
+    assert list_shards(str(shards / "*.tar")) == [shards / "shard-000000.tar"]
+    assert any(str(gone) in r.getMessage() for r in caplog.records)
+    (shards / "shard-000000.tar").unlink()
+    with pytest.raises(ValueError, match=r"no webdataset shards .* \(skipped: .*shard-000001.tar: broken symbolic"):
+        list_shards(shards)
+
+
 def _manifest_rows(photos, root: Path) -> list[dict]:
     rows = []
     for i, (photo, species, family) in enumerate(photos):
@@ -153,6 +194,7 @@ def test_manifest_and_webdataset_build_through_the_cli(tmp_path, tiny_clip_dir, 
     shards = tmp_path / "shards"
     shards.mkdir()
     write_tol_shard(shards / "shard-000000.tar", photos, extra=False)
+    (shards / "shard-000001.tar").symlink_to(tmp_path / "unmounted.tar")  # reported by the build, not fatal
     pq.write_table(pa.Table.from_pylist(_manifest_rows(photos, root)), tmp_path / "m.parquet")
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
     for name, args in (("wds", ["--dataset", "webdataset", "--root", shards]),
@@ -161,6 +203,8 @@ def test_manifest_and_webdataset_build_through_the_cli(tmp_path, tiny_clip_dir, 
                                       "--precision", "fp32", "-q"]])
         out = capsys.readouterr().out
         assert code == 0 and "4 references, 2 species" in out, out
+        assert (name == "wds") == (f"warning: 1 entry under {shards} not read: {shards / 'shard-000001.tar'}: broken"
+                                   in out), out
     from index.gallery import Gallery
 
     wds, man = Gallery.open(tmp_path / "wds"), Gallery.open(tmp_path / "man")
