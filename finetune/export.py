@@ -11,6 +11,8 @@
   ``scale * normalize(W)``, bias 0) recorded with the fingerprint of ``timm:local-dir:OUT``. On the gallery's
   L2-normalised embeddings it gives exactly the cosine head's training-time probabilities.
 - ``log.csv``, ``curves.png``: the training history.
+- ``trained.csv``, and ``validation.csv`` (with --val-root) or ``heldout.csv`` (without): the photos the network
+  trained on and those that chose its epoch (path, species, sha256), read by ``speciesid evaluate``.
 
 ``speciesid probe import`` copies the probe beside a gallery built with this encoder and chooses only the
 blend settings (k, T, blend weight, unknown threshold): no probe training.
@@ -167,19 +169,26 @@ def write_heldout(out: str | Path, paths: Sequence[Path], labels: Sequence[str])
     ``speciesid probe import`` (no ``--val-root``) finds them in the gallery by content and chooses the blend
     settings on them: photos of the training set that the head never trained on.
     """
+    from retrieval.protocol import HELDOUT_FILE
+
+    write_photo_list(out, HELDOUT_FILE, paths, labels)
+
+
+def write_photo_list(out: str | Path, name: str, paths: Sequence[Path], labels: Sequence[str],
+                     digests: Sequence[str | None] | None = None) -> None:
+    """``OUT/<name>``: photos of the run (path, species, sha256; the digest "" where unreadable), so that
+    ``speciesid evaluate`` can tell evaluated photos that trained the network or chose its epoch
+    (``retrieval.protocol``: ``TRAINED_FILE``, ``VAL_FILE``, ``HELDOUT_FILE``). ``digests``: already computed."""
     import csv
     import io
 
-    from retrieval.images import sha256_bytes
-    from retrieval.protocol import HELDOUT_FILE
+    from retrieval.images import sha256_file
 
+    if digests is None:
+        digests = [sha256_file(path) for path in paths]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "species", "sha256"])
-    for path, label in zip(paths, labels, strict=True):
-        try:
-            digest = sha256_bytes(Path(path).read_bytes())
-        except OSError:
-            digest = ""
-        writer.writerow([str(path), label, digest])
-    atomic_write(Path(out) / HELDOUT_FILE, buf.getvalue())
+    for path, label, digest in zip(paths, labels, digests, strict=True):
+        writer.writerow([str(path), label, digest or ""])
+    atomic_write(Path(out) / name, buf.getvalue())

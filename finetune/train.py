@@ -342,7 +342,9 @@ def _measured(run: _Run, weights: dict) -> SizeChoice | None:
 def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row: dict,
             kept_choice: SizeChoice | None, versus: dict | None) -> FinetuneResult:
     """Write the kept weights (and, with ``save_last``, the last epoch's to OUT/last) as timm local-dir folders."""
-    from finetune.export import record_wall_seconds, save_finetuned, write_heldout
+    from finetune.export import record_wall_seconds, save_finetuned, write_photo_list
+    from retrieval.images import sha256_file
+    from retrieval.protocol import HELDOUT_FILE, TRAINED_FILE, VAL_FILE
 
     cfg, state, net, ema, out = run.cfg, run.state, run.net, run.ema, run.out
     info = {
@@ -361,6 +363,10 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
                            f"last epoch ({state.epoch})", state.history[-1], None))
     final: dict = {}
     size_info: dict = {}
+    # the photos that trained the network and those that chose its epoch, by content, for `speciesid evaluate`
+    val_list = HELDOUT_FILE if run.split.val_source.startswith("split:") else VAL_FILE
+    photo_lists = [(name, ds.paths, [run.species[t] for t in ds.targets], [sha256_file(p) for p in ds.paths])
+                   for name, ds in ((TRAINED_FILE, run.data.train), (val_list, run.data.val))]
     for folder, weights, kept, row, choice in exports:
         if choice is None:
             choice = _measured(run, weights)  # loads the weights
@@ -378,8 +384,8 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,
             "test_size": size_info,
         }, trained_on=len(run.data.train), test_size=test_size)
-        if run.split.val_source.startswith("split:"):
-            write_heldout(folder, run.data.val.paths, [run.species[t] for t in run.data.val.targets])
+        for name, paths, labels, digests in photo_lists:
+            write_photo_list(folder, name, paths, labels, digests)
         net.to(run.device)
     (out / CHECKPOINT).unlink(missing_ok=True)
     for folder, *_ in exports:  # the whole run, final evaluation and export included (this process, not resumed ones)

@@ -160,11 +160,13 @@ def duplicate_groups(x: np.ndarray) -> np.ndarray:
     return np.array([find(i) for i in range(len(x))])
 
 
-def cv_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified folds of the gallery with near-duplicates kept together: [(rest, held), ...]."""
+def cv_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int,
+              groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds of the gallery with near-duplicates kept together: [(rest, held), ...]. ``groups``:
+    :func:`duplicate_groups` of ``x``, when already computed."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    groups = duplicate_groups(x)
+    groups = duplicate_groups(x) if groups is None else groups
     if len(np.unique(groups)) == len(x):
         return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
     return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups))
@@ -227,14 +229,9 @@ def out_of_fold(
             [index[val_labels[i]] for i in keep]))]
         selected_on = f"val:{val_name}"
     else:
-        counts = np.bincount(y)
-        n_folds = int(min(folds, counts[counts > 0].min()))
-        if n_folds < 2:
-            few = [species[i] for i in np.flatnonzero(counts == 1)]
-            raise ValueError("every species needs at least 2 reference photos to choose settings by cross-validation; "
-                             f"{len(few)} have one ({', '.join(few[:5])}{', ...' if len(few) > 5 else ''}): add photos "
-                             "of them, or choose the settings on other photos (--val-root)")
-        splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed)]
+        groups = duplicate_groups(x)
+        n_folds = _fold_count(y, groups, species, folds)
+        splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed, groups)]
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     n = len(species)
     Cs = (probe.calibration.C,) if probe is not None else grid.Cs
@@ -265,6 +262,29 @@ def out_of_fold(
         weights=tuple(grid.weights),
         selected_on=selected_on,
     )
+
+
+def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds: int) -> int:
+    """The folds cross-validation can make: at most ``folds``, and no more than the distinct photos (near-duplicate
+    groups, :func:`duplicate_groups`: one fold holds a whole group) of the species with the fewest. ValueError,
+    naming them, when a species has fewer than 2: no fold could hold one of its photos out and keep another."""
+    distinct = {c: len(np.unique(groups[y == c])) for c in np.unique(y)}
+    few = sorted(species[c] for c, n in distinct.items() if n < 2)
+    if few:
+        photos = {species[c]: int((y == c).sum()) for c in distinct}
+        named = ", ".join(f"{s} ({photos[s]} photo{'s' * (photos[s] > 1)}"
+                          + (", all near-copies of one" if photos[s] > 1 else "") + ")" for s in few[:5])
+        raise ValueError(
+            "every species needs at least 2 distinct reference photos (not near-copies of each other: cosine "
+            f"< {DUPLICATE_COSINE}) to choose settings by cross-validation; {len(few)} have one: {named}"
+            f"{', ...' if len(few) > 5 else ''}: add other photos of them, or choose the settings on other photos "
+            "(--val-root)")
+    n_folds = int(min(folds, min(distinct.values())))
+    if n_folds < folds:
+        fewest = min(distinct, key=lambda c: distinct[c])
+        logger.info("cross-validation in %d folds, not %d: %s has %d distinct photos (near-copies count once)",
+                    n_folds, folds, species[fewest], distinct[fewest])
+    return n_folds
 
 
 def _spread(labels: np.ndarray) -> bool:

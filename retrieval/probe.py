@@ -45,6 +45,7 @@ class Calibration:
     rule: str = ""  # how the settings were chosen: "seq-nll", "argmax" ("" = not recorded: older files, defaults)
     metric: str = "cosine"  # the kNN vote's metric: "cosine" or "whitened" (retrieval.metric; fitted with the probe)
     weight_fixed: str = ""  # why the blend weight was fixed rather than chosen, in words ("" = chosen by the rule)
+    selection_sha256: list[str] = field(default_factory=list)  # the validation photos that chose ([]: none, or older)
 
 
 @dataclass

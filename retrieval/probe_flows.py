@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,9 @@ from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_
 from retrieval.protocol import (
     HELDOUT_FILE,
     HELDOUT_PREFIX,
+    find_duplicates,
     heldout_positions,
+    kinds_text,
     run_record,
     run_val_root,
     same_folder,
@@ -48,24 +50,58 @@ class ProbeResult:
     seconds_select: float  # time spent choosing settings
     seconds_train: float  # time spent training the final probe
     text_species: int  # species covered by the text prior (0 when none)
+    dropped: list[str] = field(default_factory=list)  # --val-root photos left out: the gallery holds them
+    dropped_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
+
+
+@dataclass
+class ValidationPhotos:
+    """The --val-root photos that choose the settings (readable, not held by the gallery unless kept)."""
+
+    embeddings: np.ndarray  # (N, dim)
+    labels: list[str]  # species of each
+    sha256: list[str]  # content digest of each (recorded with the settings: Calibration.selection_sha256)
+    dropped: list[str] = field(default_factory=list)  # photos left out: copies or near-copies of gallery references
+    dropped_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
 
 
 def _selection_data(
     gallery: Gallery, enc: Encoder, val_dataset: str | None, val_root: str | Path | None,
-    val_metadata: str | Path | None, progress: bool,
-) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None, list[str] | None]:
-    """The gallery's ids, vectors and species, and the validation photos' embeddings and species (None without)."""
+    val_metadata: str | Path | None, progress: bool, keep_duplicates: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[str], ValidationPhotos | None]:
+    """The gallery's ids, vectors and species, and the validation photos (None without ``val_root``).
+
+    Validation photos the gallery holds (same bytes, or near-copies by the ``speciesid clean`` leak rule: the
+    evaluation's :func:`retrieval.protocol.find_duplicates`) would find themselves among the references and favour
+    the kNN vote: they are left out unless ``keep_duplicates`` (logged, with their paths)."""
     ids, vectors = gallery.store.vectors()
     labels = gallery.store.species_of(ids.tolist())
     if val_root is None:
-        return ids, vectors, labels, None, None
+        return ids, vectors, labels, None
     scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
     done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:
         raise ValueError(f"--val-root {val_root} holds no readable photo ({len(scan.records)} found): give a folder "
                          "of labelled photos (one sub-folder a species), or leave --val-root out")
-    return ids, vectors, labels, done.embeddings[ok], [scan.records[i].species for i in ok]
+    dups, kinds = find_duplicates(gallery, done.sha256, done.embeddings[ok], ok)
+    dropped: list[str] = []
+    if dups and not keep_duplicates:
+        dropped = [str(scan.records[i].path) for i in dups]
+        held = set(dups)
+        ok = [i for i in ok if i not in held]
+        if not ok:
+            raise ValueError(f"all {len(dropped)} readable photos under --val-root {val_root} are already in the "
+                             "gallery (same bytes or near-copies): they would find themselves among the references; "
+                             "give other photos, leave --val-root out, or pass --keep-duplicates")
+        logger.info("%d of the --val-root photos left out of the selection, the gallery holds them (%s): %s",
+                    len(dropped), kinds_text(kinds), ", ".join(dropped))
+    elif dups:
+        logger.warning("%d of the --val-root photos are in the gallery (%s) and kept (--keep-duplicates): they find "
+                       "themselves among the references", len(dups), kinds_text(kinds))
+    return ids, vectors, labels, ValidationPhotos(
+        done.embeddings[ok], [scan.records[i].species for i in ok], [done.sha256[i] for i in ok], dropped,
+        kinds if dropped else {})
 
 
 def train_gallery_probe(
@@ -82,20 +118,25 @@ def train_gallery_probe(
     progress: bool = True,
     precision: str = "auto",
     runtime: str | None = None,
+    keep_duplicates: bool = False,
 ) -> ProbeResult:
     """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
 
+    Validation photos the gallery holds are left out of the selection unless ``keep_duplicates``; the digests of
+    those that chose are recorded with the settings (``Calibration.selection_sha256``) for ``speciesid evaluate``.
     With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
     plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
-    ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
-                                                              progress)
+    ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
+                                                keep_duplicates)
     t0 = time.perf_counter()
+    val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
                                   val_labels=val_labels, val_name=_abs(val_root), folds=folds, rule=rule)
+    calibration.selection_sha256 = val.sha256 if val else []
     t1 = time.perf_counter()
     probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
@@ -111,7 +152,8 @@ def train_gallery_probe(
         text_species = len(taxa)
     elif checklist:
         logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
-    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species)
+    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species,
+                       dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {})
 
 
 def import_gallery_probe(
@@ -128,6 +170,7 @@ def import_gallery_probe(
     progress: bool = True,
     precision: str = "auto",
     runtime: str | None = None,
+    keep_duplicates: bool = False,
 ) -> ProbeResult:
     """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
 
@@ -155,8 +198,9 @@ def import_gallery_probe(
         raise EncoderMismatchError(
             f"gallery {index_dir} was built with '{options}', but the head of {from_dir} was trained on the "
             f"network's own pooling: build the gallery without --pool (--views may stay)")
-    ids, vectors, labels, val_emb, val_labels = _selection_data(gallery, enc, val_dataset, val_root, val_metadata,
-                                                                progress)
+    ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
+                                                keep_duplicates)
+    val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
     all_ids, all_vectors, all_labels = ids, vectors, labels
     val_name = _abs(val_root)
     if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
@@ -182,13 +226,15 @@ def import_gallery_probe(
                                         val_embeddings=val_emb, val_labels=val_labels, val_name=val_name,
                                         folds=folds, rule=rule, blend_weight=fixed)
     probe.calibration.weight_fixed = why
+    probe.calibration.selection_sha256 = val.sha256 if val else []
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
-    return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0)
+    return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
+                       dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {})
 
 
 def parse_weight_rule(text: str | float) -> str | float:

@@ -1,8 +1,10 @@
 """What an evaluation measured: which photos chose which settings, and which evaluated photos the gallery holds.
 
 ``speciesid evaluate`` reports it beside its figures (issue 14): accuracy is only "on unseen photos" when the
-evaluated photos neither chose the settings (C, k, T, blend weight, unknown threshold) nor sit in the gallery
-(same bytes, or a near-copy: cosine >= :data:`DUPLICATE_COSINE`, the ``speciesid clean`` leak rule).
+evaluated photos neither chose the settings (C, k, T, blend weight, unknown threshold), nor trained a network
+fine-tuned here, nor sit in the gallery (same bytes, or a near-copy: cosine >= :data:`DUPLICATE_COSINE`, the
+``speciesid clean`` leak rule). Photos are matched by content (sha256): against the digests recorded when they
+chose or trained (the probe's ``Calibration.selection_sha256``, a run's photo lists), else against a folder's photos.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from retrieval.probe import LinearProbe
 DUPLICATE_COSINE = DEFAULT_DUP_THRESHOLD
 #: In a ``speciesid finetune`` output: the training photos held out to choose the epoch (path, species, sha256).
 HELDOUT_FILE = "heldout.csv"
+#: In a ``speciesid finetune`` output: its --val-root photos, which chose the epoch (path, species, sha256).
+VAL_FILE = "validation.csv"
+#: In a ``speciesid finetune`` output: the photos the network trained on (path, species, sha256).
+TRAINED_FILE = "trained.csv"
 #: ``Calibration.selected_on`` prefix (after "val:") of settings chosen on a fine-tuning run's held-out photos.
 HELDOUT_PREFIX = "heldout:"
 
@@ -36,19 +42,55 @@ class Protocol:
     duplicate_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
     excluded: bool = True  # duplicates left out of the figures
     size: str | None = None  # what chose a network fine-tuned here (its epoch, its input size), in words
+    trained: list[int] | None = None  # positions of evaluated photos that trained the network (None: not known)
+    trained_from: str = ""  # the lists of the network's training photos, in words ("" = not fine-tuned here)
+
+    @property
+    def trained_counted(self) -> int:
+        """Evaluated photos that trained the network and are counted in the figures."""
+        if not self.trained:
+            return 0
+        return len(set(self.trained) - set(self.duplicates)) if self.excluded else len(self.trained)
+
+    @property
+    def unseen(self) -> bool:
+        """Whether the figures are on unseen photos: none of those counted chose the settings, trained the network
+        (as far as its runs listed) or sits in the gallery."""
+        return not (self.evaluated_chose_settings or self.trained_counted or (self.duplicates and not self.excluded)
+                    or (self.trained_from and self.trained is None))
 
     def lines(self) -> list[str]:
         """The report's protocol lines."""
         out = [f"settings: {self.settings}"] + ([f"network: {self.size}"] if self.size else [])
         out.append("evaluated photos used to choose settings: " + (
             "YES: these figures over-state accuracy on unseen photos" if self.evaluated_chose_settings else "no"))
-        kinds = ", ".join(f"{n} {k}" for k, n in self.duplicate_kinds.items() if n) or "none"
-        dup = f"evaluated photos already in the gallery: {len(self.duplicates)} ({kinds})"
+        if self.trained_from:
+            out.append(self._trained_line())
+        dup = f"evaluated photos already in the gallery: {len(self.duplicates)} ({kinds_text(self.duplicate_kinds)})"
         if self.duplicates:
             dup += ("; left out of the figures (--keep-duplicates to count them)" if self.excluded
                     else "; counted in the figures (they over-state accuracy)")
         out.append(dup)
         return out
+
+    def _trained_line(self) -> str:
+        """How many evaluated photos trained the network fine-tuned here, and whether the figures count them."""
+        if self.trained is None:
+            return (f"network training photos: not recorded, {self.trained_from}; evaluated photos that trained "
+                    "the network cannot be told from unseen ones")
+        line = (f"network training photos: {len(self.trained)} of the evaluated photos trained the network "
+                f"(matched by content: {self.trained_from})")
+        if self.trained_counted:
+            line += (f"; {self.trained_counted} counted in the figures: these figures over-state accuracy on unseen "
+                     "photos")
+        elif self.trained:
+            line += "; all left out of the figures as gallery photos"
+        return line
+
+
+def kinds_text(kinds: dict[str, int]) -> str:
+    """"1 same bytes, 3 near-copy" (or "none"): how photos the gallery holds are held (:func:`find_duplicates`)."""
+    return ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "none"
 
 
 def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
@@ -76,26 +118,30 @@ def _digests_under(folder: str, mtime_ns: int) -> frozenset[str]:
     """The sha256 of every photo under ``folder``, read once per state of the folder (``mtime_ns``: the settings'
     and the network's origins are often the same --val-root folder)."""
     from index.photos import find_photos
-    from retrieval.images import sha256_bytes
+    from retrieval.images import sha256_file
 
-    there = set()
-    for photo in find_photos(folder):
-        try:
-            there.add(sha256_bytes(photo.read_bytes()))
-        except OSError:
-            continue
-    return frozenset(there)
+    return frozenset(d for d in map(sha256_file, find_photos(folder)) if d)
 
 
-def _photos_at(folder: str, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str, bool]:
-    """("FOLDER = the evaluated photos", "FOLDER (N of the evaluated photos are among them)" or "FOLDER (not the
-    evaluated photos)", whether the evaluated photos are among them): by path, then by content."""
+def _photos_at(folder: str, root: str | Path, evaluated: Sequence[str | None] = (),
+               recorded: frozenset[str] | None = None) -> tuple[str, bool]:
+    """("FOLDER (N of the evaluated photos are among them)", "FOLDER (not the evaluated photos)" or "FOLDER = the
+    evaluated photos", whether the evaluated photos are among them): by the digests ``recorded`` when the photos
+    chose; for a record from before those, by the folder's path, then by the photos in it now (which says so)."""
+    if recorded is not None:
+        n = sum(d in recorded for d in evaluated if d)
+        return (f"{folder} ({n} of the evaluated photos are among them)", True) if n else (
+            folder + " (not the evaluated photos)", False)
     if same_folder(folder, root):
         return folder + " = the evaluated photos", True
+    if not Path(folder).is_dir():
+        return (f"{folder} (gone, and their digests were not recorded when they chose: whether the evaluated photos "
+                "are among them cannot be told)"), False
     n = evaluated_among(folder, evaluated)
+    now = "; matched by the photos in that folder now: their digests were not recorded when they chose"
     if n:
-        return f"{folder} ({n} of the evaluated photos are among them)", True
-    return folder + " (not the evaluated photos)", False
+        return f"{folder} ({n} of the evaluated photos are among them{now})", True
+    return f"{folder} (not the evaluated photos{now})", False
 
 
 def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: bool = False,
@@ -126,7 +172,8 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
         note = f" ({note}" if note else ""
         return f"{head}{chosen}, chosen by {folds} cross-validation inside the gallery{note}{rule}{extra}", False
     if where.startswith("val:"):
-        photos, same = _photos_at(where[4:], root, evaluated)
+        recorded = frozenset(cal.selection_sha256) if cal.selection_sha256 else None  # None: an older probe
+        photos, same = _photos_at(where[4:], root, evaluated, recorded)
         return f"{head}{chosen}, chosen on the validation photos {photos}{rule}{extra}", same
     return f"{head}{chosen}, defaults (nothing was chosen){extra}", False
 
@@ -136,6 +183,64 @@ def run_record(spec: str) -> dict:
     from retrieval.encoders import local_timm_config, parse_spec
 
     return (local_timm_config(parse_spec(spec)) or {}).get("speciesid") or {}
+
+
+def run_folders(spec: str) -> list[Path]:
+    """The folder of a network fine-tuned here and those of the runs it started from (its ``init``, and so on),
+    newest first; [] for every other encoder."""
+    from retrieval.encoders import parse_spec
+
+    folders: list[Path] = []
+    seen: set[str] = set()
+    while spec and spec not in seen:
+        seen.add(spec)
+        try:
+            run = run_record(spec)
+            folder = Path(parse_spec(spec).name)
+        except ValueError:
+            break
+        if not run:
+            break
+        folders.append(folder)
+        spec = str(run.get("init") or "")
+    return folders
+
+
+def listed_digests(folder: str | Path, name: str) -> frozenset[str] | None:
+    """The sha256 column of a photo list a fine-tuning run wrote into ``folder`` (``TRAINED_FILE``, ``VAL_FILE``,
+    ``HELDOUT_FILE``); None when the run wrote no such file."""
+    import csv
+
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    with path.open(newline="") as fh:
+        return frozenset(row["sha256"] for row in csv.DictReader(fh) if row.get("sha256"))
+
+
+def network_trained(spec: str, sha256: Sequence[str | None],
+                    positions: Sequence[int]) -> tuple[list[int] | None, str]:
+    """(the evaluated photos (``positions`` into ``sha256``) that trained a network fine-tuned here, or the runs it
+    started from, matched by content against their ``TRAINED_FILE``; None when no run listed them; where they
+    were listed, in words: "" for every other encoder)."""
+    folders = run_folders(spec)
+    if not folders:
+        return None, ""
+    trained: set[str] = set()
+    listed, unlisted = [], []
+    for folder in folders:
+        digests = listed_digests(folder, TRAINED_FILE)
+        if digests is None:
+            unlisted.append(str(folder))
+        else:
+            trained |= digests
+            listed.append(str(folder / TRAINED_FILE))
+    missing = (f"the run in {', '.join(unlisted)} listed none (fine-tuned before {TRAINED_FILE} was written)"
+               if unlisted else "")
+    if not listed:
+        return None, missing
+    where = ", ".join(listed) + (f"; {missing}" if missing else "")
+    return [i for i in positions if sha256[i] in trained], where
 
 
 def run_val_root(run: dict) -> str | None:
@@ -155,10 +260,16 @@ def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ())
     what = f"the epoch kept and the input size ({size} px)" if size else "the epoch kept"
     photos = (run.get("test_size") or {}).get("photos")
     count = f"{photos} " if photos else ""
+    folder = run_folders(encoder.spec)[0]
     val_root = run_val_root(run)
     if val_root is not None:
-        where, same = _photos_at(val_root, root, evaluated)
+        where, same = _photos_at(val_root, root, evaluated, listed_digests(folder, VAL_FILE))
         return f"{what}, chosen by the fine-tuning run on the {count}validation photos {where}", same
+    held = listed_digests(folder, HELDOUT_FILE) or frozenset()
+    n = sum(d in held for d in evaluated if d)
+    if n:
+        return (f"{what}, chosen by the fine-tuning run on the {count}photos it held out of its training photos "
+                f"({n} of the evaluated photos are among them, {folder / HELDOUT_FILE})"), True
     return (f"{what}, chosen by the fine-tuning run on the {count}photos it held out of its training photos (not "
             "the evaluated photos)"), False
 
@@ -180,13 +291,9 @@ def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: 
 def heldout_positions(gallery: Gallery, ids: np.ndarray, from_dir: str | Path) -> np.ndarray | None:
     """Positions in ``ids`` (gallery rows) of the photos a fine-tuning run held out (its ``heldout.csv``), matched
     by content (sha256); None when the run wrote no such file (it had a --val-root) or the gallery holds none."""
-    import csv
-
-    path = Path(from_dir) / HELDOUT_FILE
-    if not path.is_file():
+    digests = listed_digests(from_dir, HELDOUT_FILE)
+    if digests is None:
         return None
-    with path.open(newline="") as fh:
-        digests = {row["sha256"] for row in csv.DictReader(fh) if row.get("sha256")}
     found = set(gallery.store.find_sha256(digests).values())
     pos = np.flatnonzero(np.isin(ids, sorted(found)))
     return pos if len(pos) else None

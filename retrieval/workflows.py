@@ -250,6 +250,7 @@ class EvaluationRun:
     queries: int  # photos identified
     unreadable: int  # photos skipped
     protocol: list[str] = field(default_factory=list)  # which photos chose what (retrieval.protocol)
+    unseen: bool = False  # the figures are on unseen photos (retrieval.protocol.Protocol.unseen)
 
 
 def evaluate_dataset(
@@ -268,11 +269,12 @@ def evaluate_dataset(
     """Identify a labelled set with ``methods`` (default: every method the gallery has); write the JSON + Markdown
     report.
 
-    The report says which photos chose the settings and how many evaluated photos the gallery already holds
-    (same bytes or near-copies); those are left out of the figures unless ``keep_duplicates``.
+    The report says which photos chose the settings, how many evaluated photos trained a network fine-tuned here,
+    and how many the gallery already holds (same bytes or near-copies); those are left out of the figures unless
+    ``keep_duplicates`` (:mod:`retrieval.protocol`).
     """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
-    from retrieval.protocol import Protocol, find_duplicates, settings_origin, size_origin
+    from retrieval.protocol import Protocol, find_duplicates, network_trained, settings_origin, size_origin
 
     if Path(report_dir).exists() and not Path(report_dir).is_dir():  # before the embedding work, not after it
         raise ValueError(f"the report folder {report_dir} is a file; give a folder (it is created if missing)")
@@ -294,7 +296,9 @@ def evaluate_dataset(
     if keep_duplicates and dups and ident.probe is not None and ident.probe.calibration.selected_on.startswith("cv:"):
         chose = True  # the gallery members kept in the figures were the folds that chose the settings
         settings += f"; {len(dups)} of the evaluated photos are gallery members: they were among those folds"
-    protocol = Protocol(settings, chose or size_chose, dups, kinds, excluded=not keep_duplicates, size=size)
+    trained, trained_from = network_trained(ident.encoder.spec, done.sha256, ok)
+    protocol = Protocol(settings, chose or size_chose, dups, kinds, excluded=not keep_duplicates, size=size,
+                        trained=trained, trained_from=trained_from)
     readable = len(ok)
     if not keep_duplicates:
         dup_set = set(dups)
@@ -331,7 +335,8 @@ def evaluate_dataset(
         notes.append(f"country prior: {country}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
-    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines())
+    return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines(),
+                         protocol.unseen)
 
 
 # ------------------------------------------------------------------------------------------ references

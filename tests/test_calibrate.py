@@ -123,6 +123,34 @@ def test_near_duplicates_stay_in_one_fold():
             assert (i in held) == (n in held) and (i in rest) == (n in rest)
 
 
+def test_cv_counts_distinct_photos_not_near_copies():
+    """Folds hold near-copies together, so a species needs 2 distinct photos (not 2 photos) to be held out and
+    still voted for: one whose photos are all near-copies of one is named, with what to do (it was scikit-learn's
+    "Cannot have number of splits n_splits=5 greater than the number of groups: 3", or 5 folds, one holding every
+    photo of the species, the others none); the fold count follows the distinct photos."""
+    rng = np.random.default_rng(0)
+
+    def near_copies(n: int) -> np.ndarray:
+        x = rng.standard_normal(32) + 1e-3 * rng.standard_normal((n, 32))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    x = np.vstack([near_copies(6) for _ in range(3)])
+    with pytest.raises(ValueError, match=r"3 have one: Genus a \(6 photos, all near-copies of one\), Genus b \(6 "
+                       r"photos, all near-copies of one\), Genus c .*: add other photos of them, or choose the "
+                       r"settings on other photos \(--val-root\)"):
+        select_settings(x, ["Genus a"] * 6 + ["Genus b"] * 6 + ["Genus c"] * 6, fingerprint="f", grid=GRID)
+    xd, yd = _species(n_cls=3)(6, rng)
+    with pytest.raises(ValueError, match=r"every species needs at least 2 distinct reference photos \(not "
+                       r"near-copies of each other: cosine < 0.95\) .*; 1 have one: Genus c \(6 photos, all "
+                       r"near-copies of one\)"):
+        select_settings(np.vstack([xd, near_copies(6)]), yd + ["Genus c"] * 6, fingerprint="f", grid=GRID)
+    # 3 distinct photos a species, each twice: 3 folds (it was 5, by the 6 photos)
+    twice = np.vstack([xd[::2], xd[::2] + 1e-4])
+    twice /= np.linalg.norm(twice, axis=1, keepdims=True)
+    s = select_settings(twice, yd[::2] * 2, fingerprint="f", grid=GRID)
+    assert s.selected_on == "cv:3-fold"
+
+
 def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     from retrieval.images import sha256_bytes
     from retrieval.protocol import Protocol, settings_origin
@@ -139,7 +167,8 @@ def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     assert "chosen by 5-fold cross-validation inside the gallery (head fixed; it was trained on these photos)" in \
         settings_origin(probe, tmp_path)[0]  # the note after the phrase, not inside it
     one = ["Genus a"] * 3 + ["Genus b"]  # a species with one photo: no folds for it
-    with pytest.raises(ValueError, match=r"1 have one \(Genus b\): add photos of them, or choose the settings on"):
+    with pytest.raises(ValueError, match=r"1 have one: Genus b \(1 photo\): add other photos of them, or choose the "
+                       r"settings on other photos \(--val-root\)"):
         select_settings(draw(2, np.random.default_rng(1))[0][:4], one, fingerprint="f")
     probe.calibration = Calibration(selected_on="cv:5-fold", rule="seq-nll")
     (tmp_path / "val").mkdir()
@@ -151,7 +180,15 @@ def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     (tmp_path / "val" / "a.jpg").write_bytes(b"photo a")
     (tmp_path / "val" / "b.jpg").write_bytes(b"photo b")
     text, chose = settings_origin(probe, tmp_path / "copy", evaluated=[sha256_bytes(b"photo b"), sha256_bytes(b"x")])
-    assert chose and "(1 of the evaluated photos are among them)" in text
+    assert chose and ("(1 of the evaluated photos are among them; matched by the photos in that folder now: their "
+                      "digests were not recorded when they chose)") in text
+    # digests recorded with the settings: the photos that chose, not those in the folder now (nor its path)
+    probe.calibration.selection_sha256 = [sha256_bytes(b"photo a")]
+    text, chose = settings_origin(probe, tmp_path / "val", evaluated=[sha256_bytes(b"photo b")])
+    assert not chose and text.endswith(f"{tmp_path / 'val'} (not the evaluated photos), rule argmax")
+    text, chose = settings_origin(probe, tmp_path / "copy", evaluated=[sha256_bytes(b"photo a")])
+    assert chose and "(1 of the evaluated photos are among them), rule argmax" in text
+    probe.calibration.selection_sha256 = []
     assert settings_origin(None, tmp_path, overridden=True)[0].startswith(
         "kNN only: k, T and the unknown threshold set on the command line")
     probe.trained_on = 12  # a probe trained here on references the gallery no longer holds all of

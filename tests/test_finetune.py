@@ -178,7 +178,7 @@ def test_unreadable_photos_are_left_out_and_a_species_with_none_readable_is_name
         finetune(_config(root, tmp_path / "run2", epochs=1, val_split=0.5), progress=False)
 
 
-def test_stage2_from_stage1_with_other_species(stage1, tmp_path):
+def test_stage2_from_stage1_with_other_species(stage1, tiny_set, tmp_path):
     import timm
 
     from finetune.train import finetune
@@ -198,6 +198,50 @@ def test_stage2_from_stage1_with_other_species(stage1, tmp_path):
     e1 = create_encoder(f"timm:local-dir:{out1}", device="cpu", precision="fp32")
     e2 = create_encoder(f"timm:local-dir:{out2}", device="cpu", precision="fp32")
     assert e1.fingerprint.split("#")[1] == e2.fingerprint.split("#")[1]
+    # the photos that trained stage 1 trained stage 2's network too: evaluate counts them for both
+    from index.photos import find_photos
+    from retrieval.images import sha256_file
+    from retrieval.protocol import network_trained
+
+    digests = [sha256_file(p) for p in find_photos(tiny_set)]
+    trained, where = network_trained(f"timm:local-dir:{out2}", digests, range(len(digests)))
+    assert trained is not None and len(trained) == 12  # stage 1 held out 6 of the 18 (--val-split 0.34)
+    assert where == f"{out2 / 'trained.csv'}, {out1 / 'trained.csv'}"
+
+
+def test_a_run_lists_the_photos_that_trained_it_and_chose_its_epoch(stage1, tiny_set, tmp_path):
+    """``trained.csv``, and ``heldout.csv`` or (with --val-root) ``validation.csv``: what ``speciesid evaluate``
+    matches the evaluated photos against by content, wherever they are by then (the --val-root photos were matched
+    by their folder only while it existed, and the training photos not at all)."""
+    import shutil
+
+    from finetune.train import finetune
+    from index.photos import find_photos
+    from retrieval.encoders import create_encoder
+    from retrieval.images import sha256_file
+    from retrieval.protocol import size_origin
+
+    def listed(path: Path) -> list[dict]:
+        with path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    out, _ = stage1
+    trained, held = listed(out / "trained.csv"), listed(out / "heldout.csv")
+    assert len(trained) == 12 and len(held) == 6 and all(len(row["sha256"]) == 64 for row in trained + held)
+    assert {row["path"] for row in trained}.isdisjoint(row["path"] for row in held)
+    assert {row["sha256"] for row in trained + held} == {sha256_file(p) for p in find_photos(tiny_set)}
+    val = _subset(tmp_path / "val", _species_dirs()[:3], 2, split="val")
+    run = tmp_path / "run"
+    finetune(_config(tiny_set, run, epochs=1, val_root=str(val), test_size="train"), progress=False)
+    assert len(listed(run / "trained.csv")) == 18 and not (run / "heldout.csv").exists()
+    assert {row["sha256"] for row in listed(run / "validation.csv")} == {sha256_file(p) for p in find_photos(val)}
+    copy = tmp_path / "copy"
+    shutil.copytree(val, copy)
+    shutil.rmtree(val)  # the folder that chose the epoch is gone; the same photos are evaluated from a copy
+    enc = create_encoder(f"timm:local-dir:{run}", device="cpu", precision="fp32")
+    text, chose = size_origin(enc, copy, [sha256_file(p) for p in find_photos(copy)])
+    assert chose and text == (f"the epoch kept, chosen by the fine-tuning run on the validation photos {val} (6 of "
+                              "the evaluated photos are among them)")
 
 
 def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
@@ -669,7 +713,8 @@ def test_test_size_is_chosen_on_the_held_out_photos_recorded_and_used(stage1, ti
 
     digests = [sha256_bytes(p.read_bytes()) for p in find_photos(copy)]
     text, chose = size_origin(e224, copy, digests)
-    assert chose and f"({len(digests)} of the evaluated photos are among them)" in text
+    assert chose and (f"({len(digests)} of the evaluated photos are among them; matched by the photos in that "
+                      "folder now: their digests were not recorded when they chose)") in text  # no validation.csv
     with pytest.raises(EncoderMismatchError, match="size=96"):
         check_encoder("gallery G", e96.fingerprint, e224.fingerprint, fix="rebuild it")
 

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="identify a labelled set and write a JSON + Markdown report with plots",
                        description="Identify every photo of a labelled set with each method the gallery has (kNN, "
                        "probe, blend) and write a JSON + Markdown report with plots; the report says which photos "
-                       "chose the settings, and leaves out evaluated photos the gallery already holds.")
+                       "chose the settings or trained a network fine-tuned here, and leaves out evaluated photos the "
+                       "gallery already holds.")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="how the labelled set is laid out")
     p.add_argument("--root", required=True, metavar="DIR", help="folder holding the labelled photos")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from api.cli._common import add_quiet, add_runtime_args, at_least, emit
+
+if TYPE_CHECKING:
+    from retrieval.probe_flows import ProbeResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +64,9 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     result = train_gallery_probe(
         args.index, val_dataset=args.val_dataset, val_root=args.val_root, val_metadata=args.val_metadata,
         checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, rule=args.rule, device=args.device,
-        progress=not args.quiet, precision=args.precision, runtime=args.runtime,
+        progress=not args.quiet, precision=args.precision, runtime=args.runtime, keep_duplicates=args.keep_duplicates,
     )
+    _emit_dropped(result)
     p = result.probe
     s = p.calibration
     emit(
@@ -82,7 +87,9 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
         val_metadata=args.val_metadata, folds=args.folds, rule=args.rule, blend_weight=args.blend_weight,
         device=args.device, progress=not args.quiet, precision=args.precision, runtime=args.runtime,
+        keep_duplicates=args.keep_duplicates,
     )
+    _emit_dropped(result)
     p = result.probe
     s = p.calibration
     m = s.metrics
@@ -99,6 +106,15 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit_dropped(result: ProbeResult) -> None:
+    """Say which --val-root photos were left out of the selection because the gallery holds them."""
+    from retrieval.protocol import kinds_text
+
+    if result.dropped:
+        emit(f"validation photos left out, the gallery holds them: {len(result.dropped)} "
+             f"({kinds_text(result.dropped_kinds)}; --keep-duplicates to keep them): " + ", ".join(result.dropped))
+
+
 def _add_selection_args(p: argparse.ArgumentParser, val_root_help: str) -> None:
     """The options of what chooses the settings (validation photos or folds, and the rule), as train and import
     both take them."""
@@ -108,6 +124,10 @@ def _add_selection_args(p: argparse.ArgumentParser, val_root_help: str) -> None:
     p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
     p.add_argument("--val-root", help=val_root_help)
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep --val-root photos the gallery holds (same bytes, or near-copies: cosine >= 0.95, the "
+                   "'speciesid clean' leak rule) among those that choose the settings; by default they are left out, "
+                   "since each finds itself among the references")
     p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
     p.add_argument("--rule", default="seq-nll", choices=RULES,
                    help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "

@@ -1,0 +1,185 @@
+"""What ``speciesid evaluate`` says about its protocol, and what ``probe train --val-root`` selects on.
+
+The small real MobileNetV1 gallery of the API tests (4 ph-snakes species, 10 train photos each); val photos of the
+same species, symlinked or copied into tmp.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from _api_support import SPECIES, gallery_copy, photos
+from conftest import MOBILENET, needs_shared
+
+from api.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return code, out
+
+
+def _val(root, n: int = 3):
+    """``n`` val photos of each gallery species, copied (the tests move and delete them)."""
+    for folder in SPECIES:
+        (root / folder).mkdir(parents=True)
+        for f in photos("val", folder, n):
+            shutil.copy(f, root / folder / f.name)
+    return root
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digests(root) -> list[str]:
+    from index.photos import find_photos
+
+    return [_sha256(p) for p in find_photos(root)]
+
+
+def _photo_list(path, photos) -> None:
+    """A fine-tuning run's photo list (path, species, sha256), as ``finetune`` writes it."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "species", "sha256"])
+        writer.writerows([str(p), "x", _sha256(p)] for p in photos)
+
+
+def test_the_photos_that_chose_the_settings_are_known_after_their_folder_is_gone(tmp_path_factory, tmp_path, capsys):
+    """The selection photos' digests are stored with the probe: evaluating them from another folder is "YES"
+    after the --val-root folder is gone (it was "no": they were matched by the folder's photos only while it
+    existed); a probe from before the record says how it matched, or that it cannot tell."""
+    from retrieval.probe import LinearProbe
+
+    index = gallery_copy(tmp_path_factory, "protocol_chose")
+    val = _val(tmp_path / "val")
+    _run(capsys, "probe", "train", "--index", index, "--val-root", val, "-q")
+    digests = _digests(val)
+    moved = tmp_path / "moved"
+    val.rename(moved)  # the folder that chose the settings is gone; the same photos are evaluated from elsewhere
+    _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", moved, "--report",
+                  tmp_path / "report", "-q")
+    assert "protocol: evaluated photos used to choose settings: YES" in out
+    assert f"chosen on the validation photos {val} (12 of the evaluated photos are among them)" in out
+    recorded = LinearProbe.load(index).calibration.selection_sha256
+    assert sorted(recorded) == sorted(digests) and len(recorded) == 12
+    # a probe saved before the digests were recorded: matched by the folder's photos, and it says so
+    meta = json.loads((index / "probe.json").read_text())
+    meta["settings"].pop("selection_sha256")
+    (index / "probe.json").write_text(json.dumps(meta))
+    _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", moved, "--report",
+                  tmp_path / "report", "-q")
+    assert f"{val} (gone, and their digests were not recorded when they chose: whether the evaluated photos are " \
+        "among them cannot be told)" in out
+    moved.rename(val)
+    shutil.copytree(val, tmp_path / "copy")
+    _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", tmp_path / "copy",
+                  "--report", tmp_path / "report", "-q")
+    assert (f"{val} (12 of the evaluated photos are among them; matched by the photos in that folder now: their "
+            "digests were not recorded when they chose)") in out
+
+
+def test_probe_train_leaves_out_val_photos_the_gallery_holds(tmp_path_factory, tmp_path, capsys):
+    """A --val-root photo that is a copy (same bytes) or a near-copy (same pixels, other bytes) of a gallery photo
+    finds itself among the references: it is left out of the selection, said, and kept with --keep-duplicates."""
+    from PIL import Image
+
+    from retrieval.probe import LinearProbe
+
+    index = gallery_copy(tmp_path_factory, "protocol_dedup")
+    val = _val(tmp_path / "val")
+    twin = photos("train", SPECIES[0], 1)[0]
+    copy = shutil.copy(twin, val / SPECIES[0] / "copy_of_a_gallery_photo.jpg")
+    near = val / SPECIES[1] / "near_copy.png"
+    with Image.open(photos("train", SPECIES[1], 1)[0]) as img:
+        img.convert("RGB").save(near)
+    _, out = _run(capsys, "probe", "train", "--index", index, "--val-root", val, "-q")
+    assert ("validation photos left out, the gallery holds them: 2 (1 same bytes, 1 near-copy; --keep-duplicates "
+            "to keep them):") in out
+    assert str(copy) in out and str(near) in out
+    assert "selection top-1 (12 queries)" in out
+    recorded = LinearProbe.load(index).calibration.selection_sha256
+    assert len(recorded) == 12 and _sha256(copy) not in recorded and _sha256(near) not in recorded
+    _, out = _run(capsys, "probe", "train", "--index", index, "--val-root", val, "--keep-duplicates", "-q")
+    assert "selection top-1 (14 queries)" in out and "left out" not in out
+    # only copies of gallery photos: nothing left to choose on, said plainly
+    only = tmp_path / "only"
+    (only / SPECIES[0]).mkdir(parents=True)
+    shutil.copy(twin, only / SPECIES[0])
+    assert main(["probe", "train", "--index", str(index), "--val-root", str(only), "-q"]) == 2
+    assert "are already in the gallery (same bytes or near-copies)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finetuned_gallery(tmp_path_factory):
+    """A gallery of a network 'fine-tuned here': the MobileNetV1 weights in a run folder whose config.json has the
+    run's ``speciesid`` record (its held-out photos chose the epoch), built from the small gallery's photos."""
+    needs_shared()
+    from retrieval.encoders import EncoderConfig
+    from retrieval.workflows import build_gallery
+
+    run = tmp_path_factory.mktemp("protocol_run") / "ft"
+    run.mkdir()
+    os.symlink(MOBILENET / "model.safetensors", run / "model.safetensors")
+    cfg = json.loads((MOBILENET / "config.json").read_text())
+    cfg["speciesid"] = {"val_source": "split:0.2", "best_epoch": 3, "init": f"timm:local-dir:{MOBILENET}"}
+    (run / "config.json").write_text(json.dumps(cfg))
+    root = tmp_path_factory.mktemp("protocol_train")
+    for folder in SPECIES:
+        (root / folder).mkdir()
+        for f in photos("train", folder, 4):
+            os.symlink(f, root / folder / f.name)
+    index = tmp_path_factory.mktemp("protocol_ft_gallery") / "g"
+    build_gallery(index, "folder", root, encoder=EncoderConfig(spec=f"timm:local-dir:{run}", precision="fp32"),
+                  progress=False)
+    return index, run
+
+
+def test_evaluated_photos_that_trained_the_network_are_not_unseen(finetuned_gallery, tmp_path, capsys):
+    """Photos that trained a network fine-tuned here but are not in the gallery were counted as unseen: the run
+    lists them (trained.csv) and evaluate says how many of the evaluated photos trained the network."""
+    from index.photos import find_photos
+    from retrieval.workflows import evaluate_dataset, open_identifier
+
+    index, run = finetuned_gallery
+    val = _val(tmp_path / "val")
+    evaluated = sorted(find_photos(val))
+    ident = open_identifier(index, precision="fp32")
+
+    def evaluate():
+        return evaluate_dataset(ident, "folder", val, report_dir=tmp_path / "report", progress=False)
+
+    _photo_list(run / "trained.csv", evaluated[:5])  # 5 of the evaluated photos trained the network
+    _photo_list(run / "heldout.csv", evaluated[5:7])  # 2 chose its epoch
+    done = evaluate()
+    assert (f"network training photos: 5 of the evaluated photos trained the network (matched by content: "
+            f"{run / 'trained.csv'}); 5 counted in the figures: these figures over-state accuracy on unseen "
+            "photos") in done.protocol
+    assert not done.unseen
+    network = next(line for line in done.protocol if line.startswith("network: "))
+    assert f"held out of its training photos (2 of the evaluated photos are among them, {run / 'heldout.csv'})" \
+        in network
+    assert "evaluated photos used to choose settings: YES: these figures over-state accuracy on unseen photos" \
+        in done.protocol
+    # none of them trained it nor chose its epoch: the figures are on unseen photos
+    _photo_list(run / "trained.csv", [])
+    _photo_list(run / "heldout.csv", [])
+    done = evaluate()
+    assert "network training photos: 0 of the evaluated photos trained the network (matched by content: " \
+        f"{run / 'trained.csv'})" in done.protocol and done.unseen
+    # a run from before the lists: it cannot tell, and does not call the figures unseen
+    (run / "trained.csv").unlink()
+    done = evaluate()
+    assert any(line.startswith(f"network training photos: not recorded, the run in {run} listed none")
+               for line in done.protocol) and not done.unseen
