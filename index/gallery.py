@@ -40,7 +40,16 @@ from index.store import (
     public_options,
     storage_options,
 )
-from index.vectors import SearchIndex, VectorIndex, VectorIndexConfig, as_vectors, load_index, manifest_path
+from index.vectors import (
+    SearchIndex,
+    VectorIndex,
+    VectorIndexConfig,
+    as_vectors,
+    load_index,
+    manifest_path,
+    one_row_per_id,
+    report_repeated_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +101,10 @@ def _foreign(root: Path, *also: str) -> bool:
 
 
 def _one_row_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows with their first vector per id. Two machines writing one S3 store can give an id twice; indexing
-    both would make the gallery impossible to open, even to delete them (``references delete`` removes both)."""
-    uniq, first = np.unique(ids, return_index=True)
-    if len(uniq) == len(ids):
-        return ids, vectors
-    dup = np.unique(ids[np.setdiff1d(np.arange(len(ids)), first)])
-    logger.error("the store holds ids %s more than once (two writers on one store?): each is searched with one "
-                 "of its rows; 'speciesid references delete' removes every row of an id", dup[:10].tolist())
-    return uniq, vectors[first]
+    """The rows with their first vector per id (:func:`index.vectors.one_row_per_id`), repeats reported."""
+    ids, vectors, repeated = one_row_per_id(ids, vectors)
+    report_repeated_ids(repeated)
+    return ids, vectors
 
 
 class Gallery:

@@ -10,6 +10,8 @@ The design follows what was measured on 2 cores (docs/scale.md):
   plain 4-bit ``IndexIVFPQ`` (fast-scan indexes cannot be merged safely: ``merge_from`` of fast-scan shards
   segfaults at the 5th 1M shard in faiss 1.15), merged with ``merge_from`` and converted to
   ``IndexIVFPQFastScan`` for serving. Sharded and one-process builds hold the same codes in the same order.
+  An id's rows all fall in one shard, which indexes its first row only (a store written by two machines can
+  hold an id twice: :func:`index.vectors.one_row_per_id`, the rule of every index kind).
 - A query takes ``candidates`` (200) neighbours from ``nprobe`` lists and **re-ranks them exactly** from the
   float16 vectors of :mod:`index.rerank` (memory-mapped): codes alone give recall@10 ≈ 0.72; with the re-rank
   0.95-0.97. ``nprobe`` is **calibrated at build time**: 200 stored vectors as queries (self excluded),
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import faiss
 import numpy as np
@@ -49,6 +51,8 @@ from index.vectors import (
     held_ids,
     manifest_path,
     new_entries,
+    one_row_per_id,
+    report_repeated_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ class VectorSource(Protocol):
         """About ``n`` vectors at random (float32)."""
 
     def shards(self, rows: int) -> list[Any]:
-        """Shard descriptions of about ``rows`` vectors each, in id order."""
+        """Shard descriptions of about ``rows`` vectors each, in id order; all rows of an id in one shard."""
 
     def read(self, shard: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids int64, float32 vectors) batches of one shard."""
@@ -184,20 +188,40 @@ def train(sample: np.ndarray, nlist: int, m: int, *, use_gpu: bool | None = None
     return faiss.serialize_index(index)
 
 
-def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Add one shard's vectors to a copy of the trained index: (serialised shard index, ids, float16 rows).
+class ShardCodes(NamedTuple):
+    """What :func:`encode_shard` gives back for one shard."""
+
+    codes: np.ndarray  # the serialised shard index
+    ids: np.ndarray  # int64 ids, in the order their rows were added
+    f16: np.ndarray  # their float16 rows (the re-rank store's)
+    repeated: np.ndarray  # ids the shard held more than once (each indexed with its first row)
+    dropped: int  # rows left out as repeats
+
+
+def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> ShardCodes:
+    """Add one shard's vectors to a copy of the trained index, one row per id (the first: an id a store holds twice,
+    :func:`index.vectors.one_row_per_id`).
 
     A top-level function: Ray tasks run it on other machines (the source reopens the store there).
     """
     index = faiss.deserialize_index(trained)
-    ids_parts, rows = [], []
-    for ids, vectors in source.read(shard):
-        index.add_with_ids(vectors, ids)
+    ids_parts, rows, repeats = [], [], []
+    seen = np.zeros(0, dtype=np.int64)
+    dropped = 0
+    for batch_ids, vectors in source.read(shard):
+        ids, vectors, repeated = one_row_per_id(batch_ids, vectors, seen=seen)
+        dropped += len(batch_ids) - len(ids)
+        if repeated.size:
+            repeats.append(repeated)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+            seen = np.union1d(seen, ids)
         ids_parts.append(ids)
         rows.append(vectors.astype(np.float16))
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
     f16 = np.concatenate(rows) if rows else np.zeros((0, index.d), dtype=np.float16)
-    return faiss.serialize_index(index), ids, f16
+    repeated = np.unique(np.concatenate(repeats)) if repeats else np.zeros(0, dtype=np.int64)
+    return ShardCodes(faiss.serialize_index(index), ids, f16, repeated, dropped)
 
 
 def build(
@@ -228,11 +252,16 @@ def build(
     shards = source.shards(shard_rows)
     results = (map_fn or serial_map)(encode_shard, [(trained, source, s) for s in shards])
     memory = RerankStore(dim)
+    repeats: list[np.ndarray] = []
+    dropped = 0
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for codes, ids, f16 in results:
-            merged.merge_from(faiss.deserialize_index(codes), 0)
-            yield ids, f16
+        nonlocal dropped
+        for part in results:
+            merged.merge_from(faiss.deserialize_index(part.codes), 0)
+            repeats.append(part.repeated)
+            dropped += part.dropped
+            yield part.ids, part.f16
 
     if folder is not None:
         token, file_ids = write_generation(Path(folder), chunks())
@@ -241,10 +270,12 @@ def build(
         for ids, f16 in chunks():
             memory.put(ids, f16)
         rerank = memory
+    report_repeated_ids(np.unique(np.concatenate(repeats)) if repeats else np.zeros(0, dtype=np.int64))
+    n -= dropped
     index = IvfPqIndex(faiss.IndexIVFPQFastScan(merged), rerank, nprobe=nprobe or 1, candidates=candidates,
                        trained_n=n)
     if index.ntotal != n:
-        raise ValueError(f"ivfpq build indexed {index.ntotal} vectors of {n} (duplicate ids in the source?)")
+        raise ValueError(f"ivfpq build indexed {index.ntotal} vectors of {n}")
     logger.info("ivfpq: %d vectors in %d shard(s) added and merged in %.1f s", n, len(shards), time.perf_counter() - t0)
     if nprobe is None:
         index.calibrate(seed=seed)

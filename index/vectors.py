@@ -145,6 +145,37 @@ def _check_unique(ids: np.ndarray) -> None:
         raise ValueError(f"duplicate ids in input: {dup[:10].tolist()}{' ...' if dup.size > 10 else ''}")
 
 
+def one_row_per_id(
+    ids: np.ndarray, vectors: np.ndarray, *, seen: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, vectors, repeated): the first row of each id, and the ids met more than once (sorted).
+
+    Two machines writing one S3 store can give an id twice; indexing both rows would make the gallery impossible to
+    open, even to delete them. Every index kind keeps each id's first row by this rule. ``seen``: sorted ids whose
+    first row came in an earlier chunk of the same read (a shard read in batches): their rows here are repeats too.
+    Without repeats the rows come back as given; with them, in id order.
+    """
+    uniq, first = np.unique(ids, return_index=True)
+    repeated = np.unique(ids[np.setdiff1d(np.arange(len(ids)), first)])
+    if seen is not None and seen.size:
+        earlier = np.isin(uniq, seen)
+        repeated = np.union1d(repeated, uniq[earlier])
+        uniq, first = uniq[~earlier], first[~earlier]
+    if len(uniq) == len(ids):
+        return ids, vectors, repeated
+    return uniq, vectors[first], repeated
+
+
+def report_repeated_ids(repeated: np.ndarray) -> None:
+    """Say (once per build or sync) that the store holds ``repeated`` ids more than once: how many, which."""
+    if not len(repeated):
+        return
+    shown = np.asarray(repeated)[:10].tolist()
+    logger.error("the store holds %d id%s more than once (%s%s; two writers on one store?): each is searched with "
+                 "its first row; 'speciesid references delete' removes every row of an id", len(repeated),
+                 "" if len(repeated) == 1 else "s", shown, " ..." if len(repeated) > 10 else "")
+
+
 def new_entries(vectors: Any, ids: Any, *, dim: int, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Checked (vectors, ids) to add to an index holding the sorted ids ``present``: float32 rows of ``dim``,
     int64 ids, unique, none already there (ValueError saying which otherwise)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,61 @@ def test_store_reads_stay_small(tmp_path):
     batches = list(g.store.iter_vectors(batch_rows=64))
     assert sum(len(i) for i, _ in batches) == 299 and max(len(i) for i, _ in batches) <= 64
     assert g.store.find_sha256([f"{5:064x}", "f" * 64]) == {f"{5:064x}": 6}
+
+
+def test_a_store_holding_ids_twice_rebuilds_an_ivfpq_index_with_one_row_per_id(data, tmp_path, caplog):
+    """Two machines writing one S3 store can give an id twice. The IVF-PQ build (in shards, into files) keeps the
+    first row of each id, as the flat / HNSW builds do (before: the rebuild failed on the duplicate ids)."""
+    from index.vectors import VectorIndex, manifest_path
+
+    x, _, queries = data
+    n = 600
+    g = _gallery(tmp_path / "g", n, x)
+    ids = np.sort(g.store.ids())
+    twice = ids[[7, n - 1]]  # one inside a shard, the highest id
+    others = clustered(2, seed=9)  # the other writer's rows: other vectors under the same ids
+    g.store.add([ReferenceRecord(path=f"/other/{i}.jpg", species="Genus other") for i in twice],
+                ["d" * 64, "e" * 64], others, g.fingerprint, twice.tolist())
+    assert g.store.count() == n + 2
+    manifest_path(g.layout.vectors).unlink()  # the index is built again from the store when the gallery opens
+    with caplog.at_level("WARNING"):
+        again = Gallery.open(g.root, index_config=VectorIndexConfig(kind="ivfpq", shard_rows=128))  # 5 shards
+    assert "the store holds 2 ids more than once" in caplog.text
+    index = again.index
+    assert index.kind == "ivfpq" and index.ntotal == n
+    np.testing.assert_array_equal(index.ids, ids)
+    # the row kept is each id's first, the one the flat / HNSW builds keep
+    np.testing.assert_allclose(index.reconstruct(twice), x[[7, n - 1]], atol=1e-3)
+    flat = VectorIndex.build(x[:n], ids, VectorIndexConfig(kind="flat"))
+    probe = np.vstack([queries, others, x[[7, n - 1]]])  # fresh vectors, the rows left out, the rows kept
+    d, got = index.search(probe, 10)
+    assert all(len(set(row.tolist())) == 10 for row in got)  # each id once
+    exact_d, exact = flat.search(probe, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact, strict=True)])
+    assert recall >= 0.9, recall  # 600 vectors, nprobe calibrated for recall@10 0.95 on stored vectors
+    assert (got[-2:, 0] == twice).all()  # a kept row finds its own id first
+    kept = x[np.searchsorted(ids, got)]  # scores are the kept rows', re-ranked exactly (float16)
+    np.testing.assert_allclose(d, np.einsum("qkd,qd->qk", kept, probe), atol=2e-3)
+    assert (d[:, 0] <= exact_d[:, 0] + 2e-3).all()  # never above the flat index's best
+    # saved: the next open loads it as it is
+    assert Gallery.open(g.root).index.ntotal == n
+
+
+class _SmallBatches(ivfpq.ArraySource):
+    """Reads a shard in batches of 50 rows (a store reads 65,536), so an id's rows can come in two batches."""
+
+    def read(self, shard: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for s in range(shard[0], shard[1], 50):
+            e = min(s + 50, shard[1])
+            yield self.ids[s:e], np.ascontiguousarray(self.vectors[s:e])
+
+
+def test_an_id_repeated_in_a_later_batch_of_its_shard_is_indexed_once(caplog):
+    x = clustered(300, seed=6)
+    ids = np.arange(1, 301, dtype=np.int64)
+    ids[[60, 61, 120]] = ids[10], ids[11], ids[10]  # repeats in the 2nd and 3rd batches of the one shard
+    with caplog.at_level("WARNING"):
+        index = ivfpq.build(_SmallBatches(ids, x), shard_rows=len(ids))
+    assert "the store holds 2 ids more than once ([11, 12]" in caplog.text
+    assert index.ntotal == 297 and index.ids.tolist() == np.unique(ids).tolist()
+    np.testing.assert_allclose(index.reconstruct([11, 12]), x[[10, 11]], atol=1e-3)  # the first rows
