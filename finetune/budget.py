@@ -79,10 +79,12 @@ def _median_seconds(batches, run, *, device: torch.device, steps: int) -> float 
     for _ in range(steps + 1):
         t0 = time.perf_counter()
         try:
-            x, y = next(it)
+            batch = next(it)
         except StopIteration:
             break
-        run(x, y)
+        if batch is None:  # every photo of the batch unreadable: nothing to time
+            continue
+        run(*batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -146,18 +148,21 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     eval_batch_s = _time_eval_batches(copy.deepcopy(net),
                                       loader(data.train_eval, eval_bs, workers=workers, device=device),
                                       device=device, amp=cfg.amp, steps=max(2, steps // 2))
-    val_s = math.ceil(n_val / eval_bs) * eval_batch_s * (2 if cfg.ema else 1)  # an EMA: raw weights evaluated too
+    # an EMA: the raw weights are evaluated too; --tta: each photo twice (flipped)
+    val_s = math.ceil(n_val / eval_bs) * eval_batch_s * (2 if cfg.ema else 1) * (2 if cfg.tta else 1)
     train_eval_s = math.ceil(n_train / eval_bs) * eval_batch_s
     epoch_s = steps_per_epoch * step_s + val_s + EPOCH_OVERHEAD_S
     frozen_epoch_s = steps_per_epoch * frozen_step_s + val_s + EPOCH_OVERHEAD_S
     init_s = (train_eval_s if cfg.head_init == "probe" else 0.0) + val_s
     area = [(s / eval_size) ** 2 for s in test_sizes] if eval_size and test_sizes else [1.0]
     val_once_s = math.ceil(n_val / eval_bs) * eval_batch_s
-    # the head on the val photos at each side, for the epoch kept and (--select nll) the network before training
-    choose_s = val_once_s * sum(area) * (2 if cfg.select == "nll" else 1) if len(area) > 1 else 0.0
+    # the head on the val photos at each side (one side other than the model's own is measured too), for the epoch
+    # kept and (--select nll) the network before training
+    measured = len(area) > 1 or area[0] != 1.0
+    choose_s = val_once_s * sum(area) * (2 if cfg.select == "nll" else 1) if measured else 0.0
     # the final evaluation embeds the training photos at the chosen side (the largest, to be safe) and reuses the
-    # validation photos the choice embedded there; with one side it embeds them itself
-    final_s = (((train_eval_s + (val_once_s if len(area) == 1 else 0.0)) * max(area) if cfg.final_eval else 0.0)
+    # validation photos the choice embedded there; at the model's own side alone it embeds them itself
+    final_s = (((train_eval_s + (0.0 if measured else val_once_s)) * max(area) if cfg.final_eval else 0.0)
                + choose_s)
     final_s = final_s * (2 if cfg.save_last else 1) + EPOCH_OVERHEAD_S
     spent_s += time.perf_counter() - t0  # the timing itself
@@ -171,6 +176,14 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
             f"--time-budget {cfg.time_budget:g} min fits no epoch on this machine: one epoch takes ~{epoch_s:.0f} s "
             f"and the head init + final evaluation ~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give "
             "a bigger --time-budget, a smaller --train-size, more --freeze-layers or fewer photos"
+        )
+    if epochs <= cfg.freeze_epochs:  # the exported backbone would be the starting one, called fine-tuned
+        raise ValueError(
+            f"--time-budget {cfg.time_budget:g} min fits only {epochs} epoch(s) on this machine, all with the backbone "
+            f"frozen (--freeze-epochs {cfg.freeze_epochs}): the backbone would not train. An epoch that trains it "
+            f"takes ~{epoch_s:.0f} s, a frozen one ~{frozen_epoch_s:.0f} s, the head init + final evaluation "
+            f"~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give a bigger --time-budget, fewer "
+            "--freeze-epochs, a smaller --train-size, more --freeze-layers or fewer photos"
         )
     logger.info("time budget %.1f min: an epoch ~%.0f s (frozen %.0f s), head init ~%.0f s, final ~%.0f s -> "
                 "%d epochs", cfg.time_budget, epoch_s, frozen_epoch_s, init_s, final_s, epochs)

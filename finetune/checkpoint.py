@@ -1,9 +1,11 @@
 """A run's state on disk: ``OUT/checkpoint.pt`` (save, load, restore), ``OUT/log.csv`` and ``OUT/curves.png``.
 
 The checkpoint is written atomically after every epoch (``index.atomic.atomic_write``): model, optimiser,
-gradient scaler, EMA, step, best weights so far, history and the RNG states, so an interrupted run resumes
-where the last finished epoch ended, and only under the settings that wrote it
-(:meth:`FinetuneConfig.training_key`).
+gradient scaler, EMA, step, best weights so far, history, the RNG states, the time budget's plan and the time
+spent, and what the photos were (:func:`finetune.data.photo_inventory`), so an interrupted run resumes where the
+last finished epoch ended, and only under the settings that wrote it (:meth:`FinetuneConfig.training_key`) and on
+the same photos (:func:`check_photos`). :func:`check_out` refuses an ``--out`` the run must not write into, and
+:func:`clear_run` removes an earlier run's files when a run starts afresh.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
 CURVES = "curves.png"
-#: Version of the checkpoint's contents (2: timm's ModelEmaV3 state; 1, unnumbered: the hand-written EMA).
-FORMAT = 2
+#: Version of the checkpoint's contents (3: the photos, the budget's plan and the time spent; 2: timm's ModelEmaV3
+#: state; 1, unnumbered: the hand-written EMA).
+FORMAT = 3
+#: The files a run writes into its output folder (and into OUT/last), removed when a run starts afresh there.
+RUN_FILES = ("model.safetensors", "config.json", "probe.npz", "probe.json", "heldout.csv", "trained.csv",
+             "validation.csv", LOG, CURVES)
+#: The folder of the last epoch's export (``save_last``).
+LAST_DIR = "last"
+#: How many example paths a refused resume names per kind of change.
+_EXAMPLES = 3
 
 
 def seed_all(seed: int) -> None:
@@ -97,17 +107,48 @@ class TrainState:
         return self.epoch - self.best_epoch >= cfg.patience and self.epoch >= max(cfg.min_epochs, 1)
 
 
+def check_out(out: Path) -> None:
+    """Refuse (ValueError) an ``--out`` the run would damage: a file, a gallery folder, or a folder holding a probe
+    that is not a fine-tuning run's head (its probe.npz / probe.json would be overwritten)."""
+    from index.layout import GALLERY_FILE, PROBE_META
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
+    if (out / GALLERY_FILE).is_file():
+        raise ValueError(f"--out {out} is a gallery folder (it holds {GALLERY_FILE}): the run would overwrite its probe "
+                         "and write model files into it; give the fine-tuning run its own --out folder (the gallery "
+                         "is built from it afterwards: speciesid index build --encoder timm:local-dir:OUT --index DIR)")
+    meta = out / PROBE_META
+    if meta.is_file():
+        try:
+            source = json.loads(meta.read_text(encoding="utf-8")).get("source") or ""
+        except (OSError, ValueError, AttributeError):
+            source = ""
+        if not str(source).startswith("finetune:"):
+            raise ValueError(f"--out {out} holds a probe that is not a fine-tuning run's head ({meta}): the run would "
+                             "overwrite it; give another --out")
+
+
 def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
     """The checkpoint in ``out`` to resume, or None to start afresh.
 
-    Refused (ValueError): a checkpoint of other settings or an older format, and a finished model in ``out``
-    (both unless ``cfg.resume == "no"``, which starts afresh and replaces them).
+    Refused (ValueError): a checkpoint that cannot be read, of an older format or of other settings, and a finished
+    model in ``out`` (all unless ``cfg.resume == "no"``, which starts afresh: :func:`clear_run`). Whether its
+    photos are the run's is checked once they are listed (:func:`check_photos`).
     """
     path = out / CHECKPOINT
     if cfg.resume == "no":
         return None
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError ...
+            raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             "): it may be cut short (a full disk, a copy interrupted); pass --no-resume to start "
+                             "afresh (it is replaced), or give another --out") from exc
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+            raise ValueError(f"{path} was written by another version of speciesid; pass --no-resume to start afresh "
+                             "(it is replaced), or give another --out")
         if checkpoint.get("key") != cfg.training_key():
             then = checkpoint.get("settings") or {}
             changed = [f"{k} {_shown(then[k])} (now {_shown(v)})" for k, v in cfg.training_settings().items()
@@ -117,13 +158,65 @@ def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
                 "rerun with those settings to resume it, or pass --no-resume to start afresh (the checkpoint is "
                 "replaced)"
             )
-        if checkpoint.get("format") != FORMAT:
-            raise ValueError(f"{path} was written by an older speciesid; pass --no-resume to start afresh")
         logger.info("resuming %s after epoch %d", path, checkpoint["epoch"])
         return checkpoint
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         raise ValueError(f"{out} already holds a fine-tuned model; choose another --out, or --no-resume to overwrite it")
     return None
+
+
+def check_photos(out: Path, checkpoint: dict, species: list[str], inventory: dict[str, list[list]]) -> None:
+    """Refuse (ValueError, naming what changed) to resume ``checkpoint`` on photos other than those it trained on:
+    photos added, removed, relabelled or changed (size, time) under --root or --val-root, or other species (head
+    order). Resuming then would move photos the network trained on into the held-out ones, or export head rows
+    under the wrong species."""
+    changes: list[str] = []
+    then_species = list(checkpoint.get("species") or [])
+    if then_species != list(species):
+        gone, new = sorted(set(then_species) - set(species)), sorted(set(species) - set(then_species))
+        changes.append("species " + (", ".join(
+            [f"gone: {', '.join(gone)}"] * bool(gone) + [f"new: {', '.join(new)}"] * bool(new)) or "in another order"))
+    then = checkpoint.get("photos") or {}
+    for key, flag in (("root", "--root"), ("val_root", "--val-root")):
+        before = {row[0]: tuple(row[1:]) for row in then.get(key) or []}
+        now = {row[0]: tuple(row[1:]) for row in inventory.get(key) or []}
+        kinds = {
+            "added": sorted(now.keys() - before.keys()),
+            "removed": sorted(before.keys() - now.keys()),
+            "of another species": sorted(p for p in now.keys() & before.keys() if now[p][0] != before[p][0]),
+            "changed (size or time)": sorted(p for p in now.keys() & before.keys()
+                                             if now[p][0] == before[p][0] and now[p][1:] != before[p][1:]),
+        }
+        said = [f"{len(paths)} {kind} ({', '.join(paths[:_EXAMPLES])}{', ...' if len(paths) > _EXAMPLES else ''})"
+                for kind, paths in kinds.items() if paths]
+        if said:
+            changes.append(f"photos under {flag}: " + "; ".join(said))
+    if changes:
+        raise ValueError(
+            f"{out / CHECKPOINT} was written for other photos: {'; '.join(changes)}. Resuming would train on other "
+            "photos (photos trained on could become held-out ones, and the head's rows could name the wrong "
+            "species): restore the photos as they were to resume, or pass --no-resume to start afresh (the "
+            "checkpoint is replaced), or give a new --out"
+        )
+
+
+def clear_run(out: Path) -> list[Path]:
+    """Remove an earlier run's files from ``out`` (and ``out/last``) before a run starts afresh there, so that none
+    of them (a ``heldout.csv``, a model) is read as the new run's. Returns what was removed."""
+    removed = []
+    for folder in (out, out / LAST_DIR):
+        for name in (*RUN_FILES, CHECKPOINT):
+            path = folder / name
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    last = out / LAST_DIR
+    if last.is_dir() and not any(last.iterdir()):
+        last.rmdir()
+    if removed:
+        logger.info("starting afresh in %s: removed the earlier run's %s", out,
+                    ", ".join(str(p.relative_to(out)) for p in removed))
+    return removed
 
 
 def _shown(value) -> str:
@@ -132,25 +225,37 @@ def _shown(value) -> str:
 
 
 def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None) -> None:
-    """Write ``OUT/checkpoint.pt`` atomically (after epoch ``state.epoch``)."""
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None, *,
+                    extra: dict | None = None) -> None:
+    """Write ``OUT/checkpoint.pt`` atomically (after epoch ``state.epoch``); ``extra``: more of the run's state
+    (the photos' inventory, the budget's plan, the time spent, why the epochs stopped). A failed write (a full
+    disk) raises OSError naming the file and the checkpoint that is kept."""
     payload = {
         "format": FORMAT, "key": cfg.training_key(),
-        "settings": {k: v for k, v in asdict(cfg).items() if k != "out"},
+        "settings": {**{k: v for k, v in asdict(cfg).items() if k != "out"}, **cfg.training_settings()},
         "species": species, "epoch": state.epoch, "step": state.step, "seconds": state.seconds,
         "net": net.state_dict(), "opt": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "best_metric": state.best_metric, "best_epoch": state.best_epoch, "best_state": state.best_state,
         "best_row": state.best_row, "history": state.history, "rng": rng_state(),
-        "start_state": state.start_state, "start_row": state.start_row,
+        "start_state": state.start_state, "start_row": state.start_row, **(extra or {}),
     }
-    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(payload, tmp))
-
-
+    path = out / CHECKPOINT
+    kept = path.is_file()
+    try:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except (OSError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(
+            f"could not write {path} after epoch {state.epoch} ({first}; is the disk full?): "
+            + ("the checkpoint of the epoch before is kept: free some space and run the same command again to resume"
+               if kept else "no checkpoint was kept: free some space and run the command again")
+        ) from exc
 def save_progress(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None) -> None:
+                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None, *,
+                  extra: dict | None = None) -> None:
     """After an epoch: the checkpoint, ``log.csv`` and ``curves.png`` (a plotting problem only warns)."""
-    save_checkpoint(out, cfg, species, state, net, optimizer, scaler, ema)
+    save_checkpoint(out, cfg, species, state, net, optimizer, scaler, ema, extra=extra)
     write_log(out, state.history)
     try:
         plot_curves(out, state.history)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 STAGES = ("global", "local")
@@ -113,7 +114,8 @@ class FinetuneConfig:
     # "global" or "local": which STAGE_DEFAULTS fill the settings left as None
     stage: str = field(default="local", metadata=option("global or local (default local)", choices=STAGES))
     # epochs in all (frozen ones included)
-    epochs: int | None = field(default=None, metadata=option(""))
+    epochs: int | None = field(default=None, metadata=option(
+        "epochs in all, the frozen ones included (with --time-budget: the most it may fit)"))
     # photos per step
     batch_size: int = field(default=32, metadata=option("photos per step (default 32)"))
     # head learning rate (AdamW)
@@ -185,7 +187,8 @@ class FinetuneConfig:
     # training augmentation (its CLI options are AugmentConfig's fields)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # seed of the split, the head init, the batches and the augmentation
-    seed: int = field(default=0, metadata=option(None))
+    seed: int = field(default=0, metadata=option(
+        "seed of the split, the head init, the batches and the augmentation (default 0)"))
     # auto (CUDA when present), cpu, cuda, cuda:N
     device: str = field(default="auto", metadata=option("auto (CUDA when present), cpu, cuda, cuda:N"))
     # loader processes (default: 1 on CPU, 4 on CUDA)
@@ -193,7 +196,8 @@ class FinetuneConfig:
     # torch CPU threads (default: torch's)
     threads: int | None = field(default=None, metadata=option("torch CPU threads (default: torch's choice)"))
     # mixed precision: CUDA (bf16/fp16); CPU training steps in bf16 where the CPU has native bf16
-    amp: bool = field(default=True, metadata=option("no mixed precision on CUDA"))
+    amp: bool = field(default=True, metadata=option(
+        "no mixed precision: fp32 on CUDA, and fp32 training steps on CPUs with native bf16 (slower there)"))
     # CPU training steps that run in fp32 (no native bf16, or --no-amp) imitate bf16 autocast's rounding: on
     # 3 paired runs it gave fp32 training the bf16 runs' stronger kNN side and blend (docs/accuracy.md)
     emulate_bf16: bool = field(default=True, metadata=option(
@@ -209,8 +213,9 @@ class FinetuneConfig:
         "complete, ends in time; an epoch that would overrun is not started", metavar="MIN"))
     # "auto": continue a checkpoint of the same settings; "no": start afresh
     resume: str = field(default="auto", metadata=option(
-        "start afresh even if OUT holds a checkpoint or a model (they are replaced)", flag="--no-resume",
-        action="store_const", const="no"))
+        "start afresh even if OUT holds a checkpoint or a finished run: the earlier run's files in OUT (checkpoint, "
+        "model, probe, photo lists, log, curves, last/) are removed when the new run starts training",
+        flag="--no-resume", action="store_const", const="no"))
     final_eval: bool = True  # after training: kNN / head / blend on the validation photos (gallery = train)
     save_last: bool = False  # also export the last epoch's weights to OUT/last (a fixed-epoch-count model)
 
@@ -243,15 +248,30 @@ class FinetuneConfig:
         return out
 
     def training_settings(self) -> dict:
-        """The settings that shape the training trajectory (a checkpoint resumes only under them)."""
+        """The settings that shape the training trajectory (a checkpoint resumes only under them); the folders and
+        files as absolute paths, so that ``--root photos/`` and ``--root ./photos`` name one run."""
         skip = {"out", "device", "workers", "threads", "time_limit", "resume", "final_eval", "test_size"}
         if self.time_budget:  # the epochs were fitted to the machine's speed: the budget names the run
             skip.add("epochs")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
+        for key in PATH_SETTINGS:
+            settings[key] = _absolute(settings[key])
+        return settings
 
     def training_key(self) -> str:
         """Digest of :meth:`training_settings`."""
         return hashlib.sha256(json.dumps(self.training_settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+#: The settings that name folders or files (compared as absolute paths).
+PATH_SETTINGS = ("root", "val_root", "metadata", "val_metadata")
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path setting as compared: absolute (a URI or a glob's pattern as written beside it)."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def stage_default_help(name: str) -> str | None:

@@ -2,15 +2,19 @@
 
 Small sets (the usual local case: a few thousand photos) are decoded once into memory, downscaled to at
 most ``cache_side`` px on the short side, so every epoch only pays for augmentation; large sets (a global
-stage on SnakeCLEF) are decoded from disk in the loader workers.
+stage on SnakeCLEF) are decoded from disk in the loader workers, where an unreadable photo is warned about and
+stood in for (training) or left out (evaluation), never fatal. Photos are read by ``index.sources.read_source``
+(files and webdataset shard members, as ``index build`` reads them).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +23,8 @@ from PIL import Image
 from finetune.augment import eval_transform, train_transform
 from finetune.config import BALANCE_MODES, FinetuneConfig
 from index.datasets import load_dataset
-from retrieval.images import decode_image
+from index.sources import read_source, split_locator
+from retrieval.images import decode_image, sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +88,9 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
 
 
 def _open(path: Path, max_side: int | None) -> Image.Image:
-    img = decode_image(path.read_bytes(), name=str(path), draft=max_side)
+    """A photo (a file, or a ``SHARD#MEMBER`` of a webdataset shard: ``index.sources.read_source``, the reader
+    ``index build`` uses) decoded by ``retrieval.images.decode_image``, at most ``max_side`` px on the short side."""
+    img = decode_image(read_source(path), name=str(path), draft=max_side)
     if max_side and min(img.size) > max_side:
         w, h = img.size
         r = max_side / min(w, h)
@@ -92,7 +99,12 @@ def _open(path: Path, max_side: int | None) -> Image.Image:
 
 
 class PhotoDataset(torch.utils.data.Dataset):
-    """(tensor, class index) pairs; decoded photos cached in memory for small sets."""
+    """(tensor, class index) pairs; decoded photos cached in memory for small sets.
+
+    A photo that cannot be read when its turn comes (a set too large to decode up front) is warned about once
+    and, in training (``stand_in``), replaced by another photo of its species; in evaluation it is left out
+    (the item is None, which :func:`loader`'s batches drop). Never fatal.
+    """
 
     def __init__(
         self,
@@ -102,11 +114,14 @@ class PhotoDataset(torch.utils.data.Dataset):
         *,
         cache_side: int | None = 448,
         cache: bool | None = None,
+        stand_in: bool = True,
     ) -> None:
         self.paths = photos.paths
         self.targets = [class_index[s] for s in photos.labels]
         self.transform = transform
         self.cache_side = cache_side
+        self.stand_in = stand_in
+        self._warned: set[int] = set()  # photos already warned about (in this process)
         self._cache: list[Image.Image | None] | None = None
         if cache if cache is not None else len(photos) <= CACHE_LIMIT:
             self._cache = [None] * len(photos)
@@ -125,7 +140,7 @@ class PhotoDataset(torch.utils.data.Dataset):
                 self._cache[i] = _open(p, self.cache_side)
                 keep.append(i)
             except (OSError, ValueError) as exc:
-                bad.append(str(exc) if str(p) in str(exc) else f"{p}: {exc}")
+                bad.append(_why(p, exc))
         if bad:
             self.paths = [self.paths[i] for i in keep]
             self.targets = [self.targets[i] for i in keep]
@@ -137,18 +152,32 @@ class PhotoDataset(torch.utils.data.Dataset):
             return self._cache[i]
         return _open(self.paths[i], self.cache_side)
 
+    def readable(self, i: int, *, stand_in: bool) -> Image.Image | None:
+        """Photo ``i``; when it cannot be read, another photo of its species (``stand_in``) or None (left out),
+        with a warning the first time."""
+        try:
+            return self.image(i)
+        except (OSError, ValueError) as exc:  # a large set, read from disk: a photo that cannot be, on its turn
+            if stand_in:
+                return self._stand_in(i, exc)
+            self._warn(i, f"unreadable photo, left out: {_why(self.paths[i], exc)}")
+            return None
+
+    def _warn(self, i: int, message: str) -> None:
+        if i not in self._warned:
+            self._warned.add(i)
+            logger.warning("%s", message)
+
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        try:
-            image = self.image(i)
-        except (OSError, ValueError) as exc:  # a large set, read from disk: a photo that cannot be, on its turn
-            image = self._stand_in(i, exc)
-        return self.transform(image), self.targets[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        image = self.readable(i, stand_in=self.stand_in)
+        return None if image is None else (self.transform(image), self.targets[i])
 
-    def _stand_in(self, i: int, exc: Exception) -> Image.Image:
-        """Another photo of the same species, for an unreadable one of a set too large to decode up front."""
+    def _stand_in(self, i: int, exc: Exception) -> Image.Image | None:
+        """Another photo of the same species, for an unreadable one of a set too large to decode up front (None,
+        the photo left out, when no other photo of its species can be read)."""
         n = len(self.paths)
         for j in ((i + d) % n for d in range(1, n)):  # the next of its species, wrapping round
             if self.targets[j] != self.targets[i]:
@@ -157,13 +186,20 @@ class PhotoDataset(torch.utils.data.Dataset):
                 image = self.image(j)
             except (OSError, ValueError):
                 continue
-            logger.warning("unreadable photo (%s): %s used in its place", exc, self.paths[j])
+            self._warn(i, f"unreadable photo ({_why(self.paths[i], exc)}): {self.paths[j]} used in its place")
             return image
-        raise ValueError(f"{exc}; and no other photo of its species could be read") from exc
+        self._warn(i, f"unreadable photo, left out: {_why(self.paths[i], exc)}; and no other photo of its species "
+                   "could be read")
+        return None
+
+
+def _why(path: Path, exc: Exception) -> str:
+    """An unreadable photo's path and why (the decoder's message names it already)."""
+    return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
 
 
 class TransformView(torch.utils.data.Dataset):
-    """The same photos (and cache) under another transform."""
+    """The same photos (and cache) under another transform, for evaluation: an unreadable photo is left out."""
 
     def __init__(self, base: PhotoDataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.base = base
@@ -173,8 +209,9 @@ class TransformView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.base.image(i)), self.base.targets[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        image = self.base.readable(i, stand_in=False)
+        return None if image is None else (self.transform(image), self.base.targets[i])
 
 
 def class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
@@ -200,12 +237,28 @@ def balanced_sampler(targets: Sequence[int], n_classes: int, generator: torch.Ge
 def loader(ds: torch.utils.data.Dataset, batch_size: int, *, device: torch.device, shuffle: bool = False,
            sampler: torch.utils.data.Sampler | None = None, workers: int = 0,
            generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``ds`` (all batches kept; pinned memory on CUDA)."""
+    """A DataLoader over ``ds`` (all batches kept; pinned memory on CUDA). Items that are None (photos left out)
+    are dropped from their batch; a batch of none is None."""
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
         num_workers=workers, generator=generator, pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=False,
+        persistent_workers=False, collate_fn=collate_readable,
     )
+
+
+def collate_readable(items: list) -> Any:
+    """torch's default batch of the items that are not None (None when every one is)."""
+    kept = [item for item in items if item is not None]
+    return torch.utils.data.default_collate(kept) if kept else None
+
+
+def source_sha256(path: str | Path) -> str | None:
+    """The sha256 of a photo's bytes, read as training reads them (``index.sources.read_source``); None when
+    unreadable."""
+    try:
+        return sha256_bytes(read_source(path))
+    except OSError:
+        return None
 
 
 @dataclass
@@ -216,10 +269,36 @@ class Split:
     val: LabelledPhotos
     species: list[str]
     val_source: str  # "val:DIR" or "split:FRACTION" (recorded in the output's config.json)
+    # what the photos were when the run started, per folder ("root", "val_root"): :func:`photo_inventory`
+    inventory: dict[str, list[list]] = field(default_factory=dict)
 
     @property
     def class_index(self) -> dict[str, int]:
         return {s: i for i, s in enumerate(self.species)}
+
+
+def photo_inventory(photos: LabelledPhotos, root: str | Path) -> list[list]:
+    """[path relative to ``root``, species, size, mtime_ns] of every photo, sorted: what a checkpoint records of
+    the photos it trained on, so that a resume on other photos is refused (``finetune.checkpoint.check_photos``).
+    A shard member (``SHARD#MEMBER``) has its shard's size and time; an unreadable entry -1, -1."""
+    base = os.path.abspath(Path(root).expanduser())
+    if not os.path.isdir(base):  # a shard, a glob of shards or a manifest table: the folder holding it
+        base = os.path.dirname(base)
+    rows = []
+    for path, label in zip(photos.paths, photos.labels, strict=True):
+        text = os.fspath(path)
+        try:  # links not followed: a renamed folder of links is a change
+            rel = os.path.relpath(os.path.abspath(text), base)
+        except ValueError:  # another drive (Windows)
+            rel = text
+        parts = split_locator(text)
+        try:
+            st = os.stat(text if parts is None or os.path.isfile(text) else parts[0])
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = [-1, -1]
+        rows.append([rel, label, *stamp])
+    return sorted(rows)
 
 
 def split_photos(cfg: FinetuneConfig) -> Split:
@@ -227,15 +306,19 @@ def split_photos(cfg: FinetuneConfig) -> Split:
 
     Validation species without training photos are dropped (with a warning); at least 2 species are needed.
     """
+    from retrieval.protocol import SPLIT_SOURCE, VAL_SOURCE
+
     photos = load_photos(cfg.dataset, cfg.root, cfg.metadata)
+    inventory = {"root": photo_inventory(photos, cfg.root)}
     if cfg.val_root:
         train_photos = photos
         val_photos = load_photos(cfg.val_dataset or cfg.dataset, cfg.val_root, cfg.val_metadata)
-        val_source = f"val:{Path(cfg.val_root).resolve()}"  # absolute: evaluate may run from another folder
+        inventory["val_root"] = photo_inventory(val_photos, cfg.val_root)
+        val_source = f"{VAL_SOURCE}{Path(cfg.val_root).resolve()}"  # absolute: evaluate may run from another folder
     else:
         tr_idx, va_idx = stratified_split(photos.labels, cfg.val_split, cfg.seed)
         train_photos, val_photos = photos.subset(tr_idx), photos.subset(va_idx)
-        val_source = f"split:{cfg.val_split}"
+        val_source = f"{SPLIT_SOURCE}{cfg.val_split}"
     species = train_photos.species
     if len(species) < 2:
         raise ValueError(f"fine-tuning needs at least 2 species, found {len(species)} under {cfg.root}")
@@ -245,8 +328,12 @@ def split_photos(cfg: FinetuneConfig) -> Split:
         known = set(species)
         val_photos = val_photos.subset([i for i, s in enumerate(val_photos.labels) if s in known])
     if not len(val_photos):
-        raise ValueError("no validation photos (give --val-root, or a --val-split with 2+ photos a species)")
-    return Split(train_photos, val_photos, species, val_source)
+        if cfg.val_root:
+            raise ValueError(f"none of the photos under --val-root {cfg.val_root} is of a training species (see the "
+                             "warning above): give validation photos of the species under --root")
+        raise ValueError("no validation photos: every species has a single photo; give --val-root, or 2+ photos a "
+                         "species for --val-split to hold some out")
+    return Split(train_photos, val_photos, species, val_source, inventory)
 
 
 @dataclass
@@ -280,5 +367,9 @@ def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size:
     if unread:
         raise ValueError(f"no training photo of {', '.join(unread)} could be read (see the warnings above): fix or "
                          "remove those photos, or the species' folder")
+    unvalidated = [split.species[c] for c in sorted(set(class_index.values()) - set(val_ds.targets))]
+    if unvalidated:
+        logger.warning("%d training species have no validation photo (the val macro-F1 is over the species that "
+                       "have): %s", len(unvalidated), ", ".join(unvalidated))
     cw = class_weights(train_ds.targets, len(split.species)).to(device) if cfg.balance == "weights" else None
     return FinetuneData(train_ds, TransformView(train_ds, eval_transform(data_cfg)), val_ds, len(split.species), cw)

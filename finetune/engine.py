@@ -10,7 +10,9 @@ epochs, the CosFace margin, and class weights in the soft-target loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,6 +95,22 @@ class _Groups:
         self.param_groups = groups
 
 
+@contextlib.contextmanager
+def _quiet_restart_warning() -> Iterator[None]:
+    """timm warns that a cosine of one step "will have no effect" (it is about restarts, which this schedule never
+    uses; a short schedule, e.g. 2 epochs with 1 frozen, has such a part): not shown to the user."""
+    log = logging.getLogger("timm.scheduler.cosine_lr")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "will have no effect" not in record.getMessage()
+
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 class StagedCosineLR:
     """timm's ``CosineLRScheduler`` per step, the head's groups from step 0 and the backbone's from the step it
     unfreezes (rate 0 before): each part warms up linearly over ``warmup`` steps, then decays to 0 at ``total``.
@@ -110,9 +128,10 @@ class StagedCosineLR:
         for start, groups in ((0, head), (unfreeze, backbone)):
             sched = None
             if groups and start < total:
-                sched = CosineLRScheduler(_Groups(groups), t_initial=max(1, total - start - warmup), lr_min=0.0,
-                                          warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
-                                          t_in_epochs=False)
+                with _quiet_restart_warning():
+                    sched = CosineLRScheduler(_Groups(groups), t_initial=max(1, total - start - warmup), lr_min=0.0,
+                                              warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
+                                              t_in_epochs=False)
             self.parts.append((start, groups, sched))
         self.head_groups = head
 
@@ -273,7 +292,10 @@ def train_one_epoch(
     total_loss, seen, correct, lr_now = 0.0, 0, 0, 0.0
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}" + (" (backbone frozen)" if frozen else ""),
                unit="batch", disable=not progress, leave=True)
-    for x, y in bar:
+    for batch in bar:
+        if batch is None:  # every photo of the batch unreadable (warned about): nothing to train on
+            continue
+        x, y = batch
         lr_now = optim.schedule.step(step)
         y = y.to(device, non_blocking=True)
         loss, logits = train_step(net, x, y, opt, scaler, cfg, n_classes=n_classes, device=device,
@@ -297,7 +319,10 @@ def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: b
 
     net.eval()
     logits, feats, ys = [], [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        if batch is None:  # every photo of the batch unreadable (warned about, left out)
+            continue
+        x, y = batch
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             f = net.backbone(x).float()
@@ -306,21 +331,30 @@ def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: b
         logits.append(net.head(f).float().cpu())
         feats.append(F.normalize(f, dim=-1).cpu())
         ys.append(y)
+    if not ys:
+        raise ValueError(f"{desc}: none of the photos could be read (see the warnings above)")
     return torch.cat(logits).numpy(), torch.cat(feats).numpy(), torch.cat(ys).numpy()
 
 
 def validate(net: Net, loader, device: torch.device, n_classes: int, *, tta: bool = False,
              amp: bool = True) -> dict:
     """{val_loss (plain cross-entropy), val_nll (log-loss at the softmax temperature fitted to these photos: how
-    well the head ranks and separates them, whatever its confidence), val_top1, val_macro_f1 (over every species)}."""
+    well the head ranks and separates them, whatever its confidence), val_top1, val_macro_f1 (over the species that
+    have validation photos: :func:`present_macro_f1`)}."""
     logits, _, y = predict(net, loader, device, tta=tta, amp=amp)
     pred = logits.argmax(1)
     return {
         "val_loss": float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y).long())),
         "val_nll": _fitted_nll(logits, y),
         "val_top1": float((pred == y).mean()),
-        "val_macro_f1": macro_f1(y, pred, range(n_classes)),
+        "val_macro_f1": present_macro_f1(y, pred),
     }
+
+
+def present_macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Macro-F1 over the species present among the true labels ``y`` (``retrieval.metrics.macro_f1``, as
+    ``retrieval.metrics.evaluate`` counts it): a training species with no validation photo adds no F1 of 0."""
+    return macro_f1(y, pred, sorted(set(np.asarray(y).tolist())))
 
 
 def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneConfig, train_eval_loader,
@@ -441,7 +475,7 @@ def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch
     for name, m in (("head", p), ("knn", kn), ("blend", b)):
         pred = m.argmax(1)
         out[f"{name}_top1"] = float((pred == qy).mean())
-        out[f"{name}_macro_f1"] = macro_f1(qy, pred, range(n_classes))
+        out[f"{name}_macro_f1"] = present_macro_f1(qy, pred)
         out[f"{name}_recall"] = [float((pred[qy == c] == c).mean()) if (qy == c).any() else None
                                  for c in range(n_classes)]  # per species, head order
     out.update({"k": s.k, "temperature": s.temperature, "blend_weight": s.blend_weight, "metric": s.metric})

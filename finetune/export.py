@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,12 +32,13 @@ from torch import nn
 
 from finetune.model import CosineHead, InitSource
 from index.atomic import atomic_write
+from retrieval.encoders import FINETUNE_RECORD
 from retrieval.probe import Calibration, LinearProbe
 from retrieval.torch_encoders import seeded_init
 
 logger = logging.getLogger(__name__)
 
-SPECIESID_KEY = "speciesid"
+SPECIESID_KEY = FINETUNE_RECORD  # the block of config.json that retrieval reads back
 _DROP_CFG_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "label_names")
 
 
@@ -105,7 +107,11 @@ def save_finetuned(
     backbone = backbone.to("cpu")
     model, clf_name = full_model(backbone, head, source.model_args)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    def write_weights(tmp: Path) -> None:  # safetensors creates its file owner-only: the umask's mode, as elsewhere
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())
+
+    atomic_write(out / "model.safetensors", write_weights)
     pcfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in _DROP_CFG_KEYS}
     pcfg["architecture"] = model.pretrained_cfg.get("architecture") or pcfg.get("architecture")
     pcfg["num_classes"] = len(species)
@@ -141,6 +147,13 @@ def save_finetuned(
     )
     probe.save(out)
     return probe
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def record_wall_seconds(folder: str | Path, seconds: float) -> None:
@@ -182,10 +195,10 @@ def write_photo_list(out: str | Path, name: str, paths: Sequence[Path], labels: 
     import csv
     import io
 
-    from retrieval.images import sha256_file
+    from finetune.data import source_sha256
 
     if digests is None:
-        digests = [sha256_file(path) for path in paths]
+        digests = [source_sha256(path) for path in paths]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "species", "sha256"])

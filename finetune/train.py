@@ -38,10 +38,14 @@ from finetune.budget import BudgetPlan, fit_to_budget, replan
 from finetune.checkpoint import (
     CHECKPOINT,
     TrainState,
+    check_out,
+    check_photos,
+    clear_run,
     cpu_state,
     load_checkpoint,
     restore_checkpoint,
     rng_state,
+    save_checkpoint,
     save_progress,
     seed_all,
     set_rng_state,
@@ -99,6 +103,9 @@ class FinetuneResult:
     stopped: str  # "epochs", "early-stopping", "time-limit", "time-budget"
     final: dict = field(default_factory=dict)  # kNN / head / blend on the validation photos
     test_size: dict = field(default_factory=dict)  # the side galleries embed at, and what chose it
+    epochs_planned: int = 0  # the epochs the run was to train (--epochs, or what --time-budget fitted of them)
+    max_epochs: int = 0  # --epochs
+    backbone_trained: bool = True  # whether the kept weights' backbone trained (False: the starting network's)
 
 
 def weigh_untrained(state: TrainState, measured: Callable[[dict], SizeChoice | None]) -> tuple:
@@ -106,7 +113,7 @@ def weigh_untrained(state: TrainState, measured: Callable[[dict], SizeChoice | N
 
     Under ``--select nll`` the network before fine-tuning (``state.start_state``) is weighed against the best
     fine-tuned epoch, each by the head's log-loss at the side it would be embedded at (``measured``: the size
-    choice of some weights, None with one candidate side, when the epoch's own ``val_nll`` is that figure);
+    choice of some weights, None at the model's own side alone, where the epoch's own ``val_nll`` is that figure);
     a tie keeps the fine-tuned epoch. Otherwise the best epoch, as recorded."""
     if state.start_state is None:
         return state.best_epoch, state.best_state, state.best_row, None, None
@@ -148,7 +155,10 @@ class _Run:
     mixup: Any  # timm's Mixup, or None
     optim: Optimisation  # optimiser, schedule, scaler
     evaluate: Callable[[torch.nn.Module], dict]  # validation figures of some weights
-    plan: BudgetPlan | None = None  # the time budget's plan; None without a budget
+    plan: BudgetPlan | None = None  # the time budget's plan (restored on resume); None without a budget
+    max_epochs: int = 0  # --epochs (a budget fits at most these)
+    elapsed_before: float = 0.0  # process wall seconds of the earlier runs this one resumes, up to their checkpoint
+    stopped_before: str | None = None  # why the resumed run's epochs had stopped ("time-budget"), else None
     progress: bool = True  # progress bars
     report: Callable[[str], None] = logger.info  # where status lines go
     state: TrainState = field(default_factory=TrainState)  # epochs so far, best, history (checkpointed)
@@ -186,8 +196,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     t_start = time.perf_counter()
     cfg = config.resolved()
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
+    check_out(out)  # a file, a gallery: refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(out, cfg)  # refused now, before the data are read, when it cannot be resumed
     device = resolve_device(cfg.device)
@@ -197,6 +206,8 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     seed_all(cfg.seed)
 
     split = split_photos(cfg)
+    if checkpoint is not None:  # the photos listed (not yet decoded): refused now when they are not the same
+        check_photos(out, checkpoint, split.species, split.inventory)
     source = resolve_init(cfg.init, model=cfg.model, weights=cfg.weights)
     net, frozen_params = create_net(source, len(split.species), cfg)
     data_cfg = model_data_config(net.backbone)
@@ -207,9 +218,11 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     val_loader = loader(data.val, 2 * cfg.batch_size, workers=workers, device=device)
     sizes = size_candidates(cfg.test_size, train_size, model_size)
     mixup = create_mixup(cfg, len(split.species))
-    plan = None
+    plan, max_epochs = None, cfg.epochs
     if cfg.time_budget and checkpoint is not None:
-        cfg.epochs = int(checkpoint["settings"]["epochs"])  # the epochs fitted when the run began
+        cfg.epochs = int(checkpoint["settings"]["epochs"])  # the epochs fitted when the run began (or re-planned)
+        plan = BudgetPlan(**checkpoint["plan"]) if checkpoint.get("plan") else None  # its deadline goes on
+        max_epochs = plan.max_epochs if plan is not None else max_epochs
     elif cfg.time_budget:
         rng = rng_state()  # the timed steps draw augmentations: the run goes on as if they had not happened
         plan = fit_to_budget(net, data, cfg, device=device, workers=workers, mixup=mixup,
@@ -223,7 +236,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
                        amp=cfg.amp)
     return _Run(cfg=cfg, out=out, t_start=t_start, device=device, workers=workers, species=split.species,
                 split=split, source=source, net=net, frozen_params=frozen_params, data_cfg=data_cfg, data=data,
-                sizes=sizes, mixup=mixup, optim=optim, evaluate=evaluate, plan=plan,
+                sizes=sizes, mixup=mixup, optim=optim, evaluate=evaluate, plan=plan, max_epochs=max_epochs,
                 progress=progress, report=report, checkpoint=checkpoint)
 
 
@@ -236,9 +249,12 @@ def _restore_or_start(run: _Run) -> None:
         net.load_state_dict(checkpoint["net"])
         run.ema = create_ema(net, cfg.ema)
         run.state = restore_checkpoint(checkpoint, run.optim.optimizer, run.optim.scaler, run.ema)
+        run.elapsed_before = float(checkpoint.get("elapsed_s") or 0.0)
+        run.stopped_before = checkpoint.get("stopped")
         # loading the optimiser's state replaces its group dicts: the schedule must set the rates of the new ones
         run.optim.schedule = staged_schedule(run.optim.optimizer, cfg, run.optim.steps_per_epoch)
         return
+    clear_run(run.out)  # an earlier run's files (--no-resume): none of them may pass for this run's
     t0 = time.perf_counter()
     how = init_head(net, run.source, run.species, cfg, loader(run.data.train_eval, 2 * cfg.batch_size,
                     workers=run.workers, device=run.device), run.device, class_weight=run.data.class_weight,
@@ -249,7 +265,22 @@ def _restore_or_start(run: _Run) -> None:
     run.state.seconds += row["seconds"]
     run.state.record(row, net, cfg.select)
     logger.info("head init: %s; epoch 0 (before fine-tuning): %s", how, row)
-    save_progress(run.out, cfg, run.species, run.state, net, run.optim.optimizer, run.optim.scaler, run.ema)
+    _save(run)
+
+
+def _elapsed(run: _Run) -> float:
+    """Process wall seconds of the whole run so far: this process and the earlier ones it resumes."""
+    return run.elapsed_before + time.perf_counter() - run.t_start
+
+
+def _save(run: _Run, stopped: str | None = None, *, progress: bool = True) -> None:
+    """The checkpoint (with ``progress``: log.csv and curves.png too), with what a resume needs beyond the training
+    state: the photos, the budget's plan, the time spent, and why the epochs stopped (``stopped``)."""
+    extra = {"photos": run.split.inventory, "plan": asdict(run.plan) if run.plan is not None else None,
+             "elapsed_s": _elapsed(run), "stopped": stopped}
+    save = save_progress if progress else save_checkpoint
+    save(run.out, run.cfg, run.species, run.state, run.net, run.optim.optimizer, run.optim.scaler, run.ema,
+         extra=extra)
 
 
 def _train(run: _Run, on_epoch_end: Callable[[int, dict], None] | None) -> str:
@@ -257,6 +288,11 @@ def _train(run: _Run, on_epoch_end: Callable[[int, dict], None] | None) -> str:
     "time-limit"). Ctrl-C: :class:`FinetuneInterrupted` once the last finished epoch is on disk."""
     cfg, net, state, optim, ema = run.cfg, run.net, run.state, run.optim, run.ema
     stopped = "early-stopping" if state.out_of_patience(cfg) else "epochs"  # a resumed run may already be done
+    if stopped == "epochs" and state.epoch > 0:  # resumed: its budget had run out, or its deadline or limit is near
+        epoch_s = _epoch_estimate(run)
+        stopped = run.stopped_before or (_stop_reason(run, epoch_s) if epoch_s is not None else "epochs")
+        if stopped != "epochs":
+            run.report(f"resumed after epoch {state.epoch}: no epoch more ({stopped})")
     try:
         while state.epoch < cfg.epochs and stopped == "epochs":
             t_epoch = time.perf_counter()
@@ -278,7 +314,7 @@ def _train(run: _Run, on_epoch_end: Callable[[int, dict], None] | None) -> str:
                    **metrics, "lr": train_row["lr"], "seconds": time.perf_counter() - t_epoch}
             state.record(row, model, cfg.select)
             replanned = _replan(run, ep, row["seconds"], t_val)
-            save_progress(run.out, cfg, run.species, state, net, optim.optimizer, optim.scaler, ema)
+            _save(run)
             run.report(f"epoch {ep}: train loss {row['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
                        f"val log-loss (temperature fitted) {metrics['val_nll']:.3f}, "
                        f"val top-1 {metrics['val_top1']:.3f}, val macro-F1 {metrics['val_macro_f1']:.3f}"
@@ -288,6 +324,8 @@ def _train(run: _Run, on_epoch_end: Callable[[int, dict], None] | None) -> str:
             if on_epoch_end is not None:
                 on_epoch_end(ep, row)
             stopped = _stop_reason(run, row["seconds"])
+            if stopped == "time-budget":  # kept, so that a resume (a Ctrl-C in the export) trains no epoch more
+                _save(run, stopped, progress=False)
     except KeyboardInterrupt:
         raise FinetuneInterrupted(run.out, state.epoch) from None
     return stopped
@@ -299,7 +337,7 @@ def _replan(run: _Run, ep: int, epoch_s: float, val_s: float) -> str:
     cfg, plan = run.cfg, run.plan
     if plan is None or plan.replanned is not None or ep <= cfg.freeze_epochs:
         return ""
-    epochs = replan(plan, after_epoch=ep, elapsed_s=time.perf_counter() - run.t_start, epoch_s=epoch_s, val_s=val_s)
+    epochs = replan(plan, after_epoch=ep, elapsed_s=_elapsed(run), epoch_s=epoch_s, val_s=val_s)
     if epochs == cfg.epochs:
         return ""
     line = (f"time budget: epoch {ep} took {epoch_s:.0f} s (~{plan.epoch_s:.0f} s timed before training) -> "
@@ -314,8 +352,7 @@ def _stop_reason(run: _Run, epoch_s: float) -> str:
     cfg, state, plan = run.cfg, run.state, run.plan
     if state.out_of_patience(cfg):
         return "early-stopping"
-    if plan is not None and state.epoch < cfg.epochs and (
-            time.perf_counter() - run.t_start + epoch_s + plan.final_s > plan.budget_s):
+    if plan is not None and state.epoch < cfg.epochs and _elapsed(run) + epoch_s + plan.final_s > plan.budget_s:
         return "time-budget"
     if cfg.time_limit and state.epoch < cfg.epochs:
         per_epoch = np.median([r["seconds"] for r in state.history if r["epoch"] > cfg.freeze_epochs] or [epoch_s])
@@ -324,16 +361,31 @@ def _stop_reason(run: _Run, epoch_s: float) -> str:
     return "epochs"
 
 
+def _epoch_estimate(run: _Run) -> float | None:
+    """Seconds of the next epoch, for a resumed run's first stop check: the last epoch's, else the plan's."""
+    rows = [r for r in run.state.history if r["epoch"] >= 1]
+    if rows:
+        return float(rows[-1]["seconds"])
+    return run.plan.epoch_s if run.plan is not None else None
+
+
 def _at(run: _Run, dataset: Any, size: int) -> Any:
-    """A loader of ``dataset``'s photos under the evaluation transform at side ``size``."""
+    """A loader of ``dataset``'s photos under the evaluation transform at side ``size`` (the run's loader processes,
+    as the budget timed them)."""
     return loader(TransformView(dataset, eval_transform(run.data_cfg, size)), 2 * run.cfg.batch_size,
-                  workers=run.cfg.workers or 0, device=run.device)
+                  workers=run.workers, device=run.device)
+
+
+def _model_size(run: _Run) -> int:
+    """The backbone's own input side (what the epochs' validation embeds at)."""
+    return int(max(run.data_cfg["input_size"][1:]))
 
 
 def _measured(run: _Run, weights: dict) -> SizeChoice | None:
-    """Load ``weights``; the side they would be embedded at and the head's log-loss there (None: one side)."""
+    """Load ``weights``; the side they would be embedded at and the head's log-loss there (None: the model's own
+    side alone, where each epoch's ``val_nll`` is that figure)."""
     run.net.load_state_dict(weights)
-    if len(run.sizes) < 2:
+    if len(run.sizes) < 2 and run.sizes[0] == _model_size(run):
         return None
     return choose_test_size(run.net, {s: _at(run, run.data.val, s) for s in run.sizes}, run.device,
                             amp=run.cfg.amp, progress=run.progress)
@@ -342,9 +394,9 @@ def _measured(run: _Run, weights: dict) -> SizeChoice | None:
 def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row: dict,
             kept_choice: SizeChoice | None, versus: dict | None) -> FinetuneResult:
     """Write the kept weights (and, with ``save_last``, the last epoch's to OUT/last) as timm local-dir folders."""
+    from finetune.data import source_sha256
     from finetune.export import record_wall_seconds, save_finetuned, write_photo_list
-    from retrieval.images import sha256_file
-    from retrieval.protocol import HELDOUT_FILE, TRAINED_FILE, VAL_FILE
+    from retrieval.protocol import HELDOUT_FILE, SPLIT_SOURCE, TRAINED_FILE, VAL_FILE
 
     cfg, state, net, ema, out = run.cfg, run.state, run.net, run.ema, run.out
     info = {
@@ -354,6 +406,9 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "root", "val_root", "metadata")},
         "frozen_parameters": run.frozen_params,
         "time_budget": run.plan.to_dict() if run.plan is not None else None,
+        "epochs_planned": cfg.epochs, "max_epochs": run.max_epochs,
+        # False: the kept weights' backbone is the starting network's (kept before it trained, or it never did)
+        "backbone_trained": kept_epoch > cfg.freeze_epochs,
         "against_untrained": versus,
         "seconds_before_final": round(time.perf_counter() - run.t_start, 1),  # this process, until the final eval
     }
@@ -364,8 +419,8 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
     final: dict = {}
     size_info: dict = {}
     # the photos that trained the network and those that chose its epoch, by content, for `speciesid evaluate`
-    val_list = HELDOUT_FILE if run.split.val_source.startswith("split:") else VAL_FILE
-    photo_lists = [(name, ds.paths, [run.species[t] for t in ds.targets], [sha256_file(p) for p in ds.paths])
+    val_list = HELDOUT_FILE if run.split.val_source.startswith(SPLIT_SOURCE) else VAL_FILE
+    photo_lists = [(name, ds.paths, [run.species[t] for t in ds.targets], [source_sha256(p) for p in ds.paths])
                    for name, ds in ((TRAINED_FILE, run.data.train), (val_list, run.data.val))]
     for folder, weights, kept, row, choice in exports:
         if choice is None:
@@ -379,7 +434,9 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
             final = final_eval(net, _at(run, run.data.train, test_size),
                                None if held else _at(run, run.data.val, test_size), len(run.species), run.device,
                                amp=cfg.amp, progress=run.progress, val_features=held)
-        size_info = choice.to_dict() if choice is not None else {"size": test_size, "setting": cfg.test_size}
+        size_info = {"size": test_size, "setting": cfg.test_size}  # one side: fixed, nothing chosen
+        if choice is not None and len(run.sizes) > 1:
+            size_info = choice.to_dict()
         save_finetuned(folder, net.backbone, net.head, run.species, run.source, {
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,
             "test_size": size_info,
@@ -393,4 +450,5 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
     return FinetuneResult(out=out, species=run.species, epochs_run=state.epoch, best_epoch=kept_epoch,
                           best={k: v for k, v in kept_row.items() if k.startswith("val_")},
                           history=state.history, seconds=state.seconds, stopped=stopped, final=final,
-                          test_size=size_info)
+                          test_size=size_info, epochs_planned=cfg.epochs, max_epochs=run.max_epochs,
+                          backbone_trained=info["backbone_trained"])

@@ -52,6 +52,8 @@ SPEC_FORMS: tuple[str, ...] = (
     "local-dir:PATH",
 )
 PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+#: The block of a local-dir config.json that ``speciesid finetune`` writes (what marks a network fine-tuned here).
+FINETUNE_RECORD = "speciesid"
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 #: Feature pooling: the model's own (average pooling for CNNs), generalised-mean pooling with p = 3 (timm CNNs), or
 #: ``auto``: gem3 for timm CNNs, the model's own for everything else (see :func:`resolve_pool`).
@@ -152,7 +154,7 @@ def resolve_pool(pool: str, parsed: ParsedSpec) -> str:
         cfg = local_timm_config(parsed)
         if cfg is None:
             return "model"
-        if "speciesid" in cfg:  # a fine-tuned network: its head was trained on the model's own pooling
+        if FINETUNE_RECORD in cfg:  # a fine-tuned network: its head was trained on the model's own pooling
             return "model"
         name = str(cfg.get("architecture", name))
     return "gem3" if timm_family(name) == "cnn" else "model"
@@ -165,7 +167,7 @@ def finetuned_test_size(parsed: ParsedSpec) -> int | None:
     Only networks fine-tuned here: a hub model's own ``test_input_size`` is left to timm users, so galleries built
     with those models keep their embeddings."""
     cfg = local_timm_config(parsed)
-    if not cfg or "speciesid" not in cfg:
+    if not cfg or FINETUNE_RECORD not in cfg:
         return None
     pcfg = cfg.get("pretrained_cfg") or {}
     test, train = pcfg.get("test_input_size"), pcfg.get("input_size")

@@ -52,6 +52,8 @@ class ProbeResult:
     text_species: int  # species covered by the text prior (0 when none)
     dropped: list[str] = field(default_factory=list)  # --val-root photos left out: the gallery holds them
     dropped_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
+    head_only: list[str] = field(default_factory=list)  # an imported head's species the gallery has no photo of
+    gallery_only: list[str] = field(default_factory=list)  # the gallery's species the imported head does not name
 
 
 @dataclass
@@ -198,6 +200,8 @@ def import_gallery_probe(
         raise EncoderMismatchError(
             f"gallery {index_dir} was built with '{options}', but the head of {from_dir} was trained on the "
             f"network's own pooling: build the gallery without --pool (--views may stay)")
+    head_only, gallery_only = species_differences(probe.species, [s.species for s in gallery.species()],
+                                                  index_dir, from_dir)
     ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
                                                 keep_duplicates)
     val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
@@ -234,7 +238,27 @@ def import_gallery_probe(
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
-                       dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {})
+                       dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {},
+                       head_only=head_only, gallery_only=gallery_only)
+
+
+def species_differences(head: list[str], gallery: list[str], index_dir: str | Path,
+                        from_dir: str | Path) -> tuple[list[str], list[str]]:
+    """(the head's species the gallery has no photo of, the gallery's species the head does not name), warned
+    about: the first are never answered by the kNN vote, the second only by it (the blend's open-world rule). A
+    head that shares no species with the gallery is refused (ValueError)."""
+    head_only, gallery_only = sorted(set(head) - set(gallery)), sorted(set(gallery) - set(head))
+    if gallery and not set(head) & set(gallery):
+        raise ValueError(f"the head of {from_dir} names none of the species of gallery {index_dir} (head: "
+                         f"{', '.join(sorted(head)[:5])}...; gallery: {', '.join(sorted(gallery)[:5])}...): was the "
+                         "gallery built from the photos the network was fine-tuned on?")
+    if head_only:
+        logger.warning("%d species of the head of %s have no photo in gallery %s (renamed or left out?): %s",
+                       len(head_only), from_dir, index_dir, ", ".join(head_only))
+    if gallery_only:
+        logger.warning("%d species of gallery %s are not among the head's (the kNN vote alone answers them): %s",
+                       len(gallery_only), index_dir, ", ".join(gallery_only))
+    return head_only, gallery_only
 
 
 def parse_weight_rule(text: str | float) -> str | float:

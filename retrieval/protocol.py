@@ -30,6 +30,10 @@ VAL_FILE = "validation.csv"
 TRAINED_FILE = "trained.csv"
 #: ``Calibration.selected_on`` prefix (after "val:") of settings chosen on a fine-tuning run's held-out photos.
 HELDOUT_PREFIX = "heldout:"
+#: A fine-tuning run's ``val_source`` (its config.json): ``VAL_SOURCE + FOLDER`` (--val-root), or
+#: ``SPLIT_SOURCE + FRACTION`` (photos held out of its training photos).
+VAL_SOURCE = "val:"
+SPLIT_SOURCE = "split:"
 
 
 @dataclass
@@ -180,9 +184,9 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
 
 def run_record(spec: str) -> dict:
     """What a network fine-tuned here recorded of its run (``speciesid`` in its config.json; {} for other specs)."""
-    from retrieval.encoders import local_timm_config, parse_spec
+    from retrieval.encoders import FINETUNE_RECORD, local_timm_config, parse_spec
 
-    return (local_timm_config(parse_spec(spec)) or {}).get("speciesid") or {}
+    return (local_timm_config(parse_spec(spec)) or {}).get(FINETUNE_RECORD) or {}
 
 
 def run_folders(spec: str) -> list[Path]:
@@ -246,7 +250,7 @@ def network_trained(spec: str, sha256: Sequence[str | None],
 def run_val_root(run: dict) -> str | None:
     """The --val-root folder a fine-tuning run chose its epoch and test size on (None: its own held-out photos)."""
     source = str(run.get("val_source", ""))
-    return source.removeprefix("val:") if source.startswith("val:") else None
+    return source.removeprefix(VAL_SOURCE) if source.startswith(VAL_SOURCE) else None
 
 
 def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str | None, bool]:

@@ -877,3 +877,347 @@ def test_a_training_step_on_a_cpu_without_native_bf16_rounds_by_default(emulate,
     grad = net.backbone[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert _is_bf16(grad) is emulate
+
+
+# ------------------------------------------------------------------ s44 audit of finetune (resume, data, output)
+def _stop_after(n: int):
+    """An ``on_epoch_end`` that interrupts the run (as Ctrl-C does) after epoch ``n``."""
+
+    def stop(epoch, row):
+        if epoch == n:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+def test_a_resume_on_other_photos_is_refused_naming_what_changed(tiny_set, tmp_path):
+    """The checkpoint records the photos (path, species, size, time) and species: a renamed species folder (the
+    head's rows would name the wrong species), an added photo (the split would move trained-on photos into the
+    held-out ones) or another species count are refused before any data is decoded; the root may be spelled
+    another way."""
+    import shutil
+
+    from finetune.train import FinetuneInterrupted, finetune
+
+    root = tmp_path / "photos"
+    shutil.copytree(tiny_set, root, symlinks=True)
+    out = tmp_path / "run"
+    with pytest.raises(FinetuneInterrupted):
+        finetune(_config(root, out, epochs=2), progress=False, on_epoch_end=_stop_after(1))
+    cobra = next(p for p in root.iterdir() if "Naja" in p.name)
+    renamed = root / cobra.name.replace("Naja sumatrana", "Naja sputatrix")
+    cobra.rename(renamed)
+    with pytest.raises(ValueError, match=r"checkpoint.pt was written for other photos: species gone: Naja sumatrana, "
+                       r"new: Naja sputatrix; photos under --root: 6 added .* 6 removed .*--no-resume.*new --out"):
+        finetune(_config(root, out, epochs=2), progress=False)
+    renamed.rename(cobra)
+    extra = cobra / "extra.jpg"
+    shutil.copyfile(next(cobra.iterdir()), extra)
+    with pytest.raises(ValueError, match=r"photos under --root: 1 added \(Equatorial Cobra \(Naja sumatrana\)/extra"
+                       r".jpg\)\. Resuming would train on other photos"):
+        finetune(_config(root, out, epochs=2), progress=False)
+    extra.unlink()
+    other = next(p for p in root.iterdir() if "Lycodon" in p.name)
+    shutil.rmtree(other)  # 2 species: the head's shape differs (it was torch's state_dict error)
+    with pytest.raises(ValueError, match="species gone: Lycodon capucinus"):
+        finetune(_config(root, out, epochs=2), progress=False)
+    _subset(root, [other.name], 6)
+    r = finetune(_config(str(root) + "/", out, epochs=2), progress=False)  # the same photos: resumed
+    assert r.epochs_run == 2 and [h["epoch"] for h in r.history] == [0, 1, 2]
+
+
+def test_a_large_set_leaves_unreadable_photos_out_everywhere(tmp_path, monkeypatch, caplog):
+    """Over the memory cache's limit photos are read on their turn: an unreadable one must never stop the run, in
+    the head's init, the epochs, the test-size choice or the final evaluation (it stopped the export before)."""
+    import logging
+
+    import finetune.data as data
+    from finetune.train import finetune
+
+    monkeypatch.setattr(data, "CACHE_LIMIT", 0)  # every set counts as too large to decode up front
+    root = _subset(tmp_path / "photos", _species_dirs()[:3], 4)
+    first = sorted(root.iterdir())[0]
+    (first / "empty.jpg").write_bytes(b"")
+    (first / "notes.jpg").write_text("not a photo")
+    caplog.set_level(logging.WARNING, logger="finetune.data")
+    r = finetune(_config(root, tmp_path / "run", epochs=2, val_split=0.5, head_init="probe", final_eval=True),
+                 progress=False)
+    assert r.epochs_run == 2 and r.final["head_top1"] >= 0 and r.test_size["size"] in r.test_size["candidates"]
+    warned = [m for m in caplog.messages if m.startswith("unreadable photo")]
+    assert warned and all(("empty.jpg" in m) or ("notes.jpg" in m) for m in warned)
+    assert len(warned) == len(set(warned))  # once a photo, not once an epoch or a pass
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_time_budget_and_limit_survive_a_resume(tiny_set, tmp_path, monkeypatch):
+    """A run the budget had stopped, interrupted in its export, trains no epoch more when run again, and keeps its
+    plan in config.json; a killed budgeted run resumes under the same deadline (the time already spent counts);
+    a --time-limit is looked at before the first resumed epoch."""
+    import finetune.train as train
+
+    cfg = _config(tiny_set, tmp_path / "budget", epochs=4, time_budget=30.0)
+    real_stop, real_export = train._stop_reason, train._export
+    monkeypatch.setattr(train, "_stop_reason", lambda run, s: "time-budget" if run.state.epoch >= 1 else "epochs")
+    monkeypatch.setattr(train, "_export", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train.finetune(cfg, progress=False)
+    monkeypatch.setattr(train, "_stop_reason", real_stop)
+    monkeypatch.setattr(train, "_export", real_export)
+    r = train.finetune(cfg, progress=False)
+    assert (r.epochs_run, r.stopped) == (1, "time-budget")
+    info = json.loads((tmp_path / "budget" / "config.json").read_text())["speciesid"]
+    assert info["stopped"] == "time-budget" and info["time_budget"]["budget_s"] == 1800.0
+    # killed after epoch 1 with (as recorded) its 30 minutes spent: the resumed run starts no epoch
+    cfg = _config(tiny_set, tmp_path / "killed", epochs=4, time_budget=30.0)
+    with pytest.raises(train.FinetuneInterrupted):
+        train.finetune(cfg, progress=False, on_epoch_end=_stop_after(1))
+    checkpoint = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    checkpoint["elapsed_s"] = 30 * 60.0
+    torch.save(checkpoint, tmp_path / "killed" / "checkpoint.pt")
+    r = train.finetune(cfg, progress=False)
+    assert (r.epochs_run, r.stopped) == (1, "time-budget")
+    # --time-limit (not a training setting: it may change between runs) is applied before the next epoch starts
+    cfg = _config(tiny_set, tmp_path / "limit", epochs=4)
+    with pytest.raises(train.FinetuneInterrupted):
+        train.finetune(cfg, progress=False, on_epoch_end=_stop_after(1))
+    cfg.time_limit = 1e-6
+    r = train.finetune(cfg, progress=False)
+    assert (r.epochs_run, r.stopped) == (1, "time-limit")
+
+
+def test_no_resume_removes_the_earlier_runs_files(tiny_set, tmp_path):
+    """An earlier split run's heldout.csv (or last/, or its model) left beside a --no-resume run with --val-root
+    would be read as the new run's: probe import chose settings on photos the new network trained on."""
+    from finetune.train import finetune
+
+    out = tmp_path / "run"
+    (out / "last").mkdir(parents=True)
+    for name in ("heldout.csv", "trained.csv", "validation.csv", "model.safetensors", "config.json"):
+        (out / name).write_text("an earlier run's")
+    (out / "last" / "heldout.csv").write_text("an earlier run's")
+    (out / "notes.txt").write_text("the user's")
+    val = _subset(tmp_path / "val", _species_dirs()[:3], 2, split="val")
+    finetune(_config(tiny_set, out, epochs=1, val_root=str(val), test_size="train", resume="no"), progress=False)
+    assert not (out / "heldout.csv").exists() and not (out / "last").exists()
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert "an earlier run's" not in (out / "trained.csv").read_text() + (out / "validation.csv").read_text()
+
+
+def test_an_out_that_is_a_gallery_or_holds_another_probe_is_refused(tiny_set, tmp_path):
+    from finetune.train import finetune
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    (gallery / "gallery.json").write_text("{}")
+    (gallery / "probe.json").write_text('{"source": null}')
+    for resume in ("auto", "no"):
+        with pytest.raises(ValueError, match=r"--out .*gallery is a gallery folder .*overwrite its probe"):
+            finetune(_config(tiny_set, gallery, resume=resume), progress=False)
+    (gallery / "gallery.json").unlink()
+    with pytest.raises(ValueError, match="holds a probe that is not a fine-tuning run's head"):
+        finetune(_config(tiny_set, gallery), progress=False)
+    assert sorted(p.name for p in gallery.iterdir()) == ["probe.json"]  # nothing written
+
+
+def test_the_resume_hint_of_a_no_resume_command_says_to_drop_it(tiny_set, tmp_path, monkeypatch, capsys):
+    import finetune.train as train
+    from api.cli import main
+
+    def interrupted(config, progress=True, report=None):
+        raise train.FinetuneInterrupted(Path(config.out), 2)
+
+    monkeypatch.setattr(train, "finetune", interrupted)
+    args = ["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "o"), "-q"]
+    assert main([*args, "--no-resume"]) == 130
+    err = capsys.readouterr().err
+    assert "run the command again without --no-resume to resume" in err and "same command" not in err
+    assert main(args) == 130 and "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_webdataset_shards_fine_tune(tiny_set, tmp_path):
+    """``--dataset webdataset`` photos (SHARD.tar#MEMBER) are read as ``index build`` reads them (every one was
+    "unreadable"), and the run's photo lists carry their digests."""
+    import io
+    import tarfile
+
+    from finetune.train import finetune
+    from retrieval.images import sha256_file
+
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    shard.parent.mkdir()
+    digests = set()
+    with tarfile.open(shard, "w") as tar:
+        for k, photo in enumerate(sorted(p for p in tiny_set.rglob("*") if p.is_file())):
+            species = photo.parent.name.split("(")[1].rstrip(")")
+            for name, data in ((f"k{k:03d}{photo.suffix}", photo.read_bytes()),
+                               (f"k{k:03d}.json", json.dumps({"scientific_name": species}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            digests.add(sha256_file(photo))
+    out = tmp_path / "run"
+    r = finetune(_config(shard.parent, out, epochs=1, dataset="webdataset", test_size="train"), progress=False)
+    assert len(r.species) == 3 and r.epochs_run == 1
+    with (out / "trained.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12 and all("#k" in row["path"] for row in rows)
+    assert {row["sha256"] for row in rows} <= digests
+
+
+def test_a_budget_that_fits_only_the_frozen_epochs_is_refused(tiny_set, tmp_path, monkeypatch):
+    """One epoch fits and it is the frozen one: the export would be the starting backbone, called fine-tuned."""
+    from finetune import budget
+    from finetune.train import finetune
+
+    monkeypatch.setattr(budget, "_time_train_steps", lambda *a, **k: 15.0)  # a slow machine: ~31 s an epoch
+    with pytest.raises(ValueError, match=r"fits only 1 epoch\(s\) on this machine, all with the backbone frozen "
+                       r"\(--freeze-epochs 1\): the backbone would not train.*fewer --freeze-epochs"):
+        finetune(_config(tiny_set, tmp_path / "run", epochs=4, freeze_epochs=1, time_budget=1.0), progress=False)
+
+
+def test_weights_kept_before_the_backbone_trained_are_said_so(tiny_set, tmp_path, monkeypatch, capsys):
+    import finetune.train as train
+    from api.cli import main
+
+    r = train.finetune(_config(tiny_set, tmp_path / "run", epochs=1, freeze_epochs=1, test_size="train"),
+                       progress=False)
+    info = json.loads((tmp_path / "run" / "config.json").read_text())["speciesid"]
+    assert r.backbone_trained is False and info["backbone_trained"] is False
+    # the CLI's summary says so, and names the epochs a budget allowed rather than "every epoch run"
+    r.epochs_planned, r.max_epochs = 1, 30
+    monkeypatch.setattr(train, "finetune", lambda config, progress=True, report=None: r)
+    assert main(["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "o"),
+                 "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "every epoch --time-budget allowed: 1 of --epochs 30" in text and "every epoch run" not in text
+    assert "are from before the backbone trained" in text and "backbone_trained false" in text
+
+
+def test_val_macro_f1_is_over_the_species_with_validation_photos(tiny_set, tmp_path, monkeypatch, caplog):
+    """A --val-root without one training species: that species adds no F1 of 0 (epochs and final evaluation),
+    and a warning names it."""
+    import finetune.engine as engine
+    from finetune.train import finetune
+
+    seen = []
+    real = engine.macro_f1
+    monkeypatch.setattr(engine, "macro_f1", lambda y, pred, labels: seen.append(list(labels)) or real(y, pred, labels))
+    val = _subset(tmp_path / "val", _species_dirs()[:2], 2, split="val")
+    r = finetune(_config(tiny_set, tmp_path / "run", epochs=1, val_root=str(val), test_size="train",
+                         final_eval=True), progress=False)
+    present = sorted(r.species.index(d.split("(")[1].rstrip(")")) for d in _species_dirs()[:2])
+    assert len(present) == 2 and seen and all(labels == present for labels in seen), seen
+    missing = next(s for i, s in enumerate(r.species) if i not in present)
+    assert any("1 training species have no validation photo" in m and missing in m for m in caplog.messages)
+
+
+def test_a_fixed_test_size_weighs_the_untrained_network_at_that_side(tiny_set, tmp_path, monkeypatch):
+    """``--test-size 96``: the untrained network and the fine-tuned one are compared at 96 px, where the gallery
+    embeds (they were compared at the model's 224 px while config.json said otherwise)."""
+    import finetune.train as train
+
+    sides = []
+    real = train.choose_test_size
+
+    def measured(net, loaders, device, **kw):
+        sides.append(sorted(loaders))
+        return real(net, loaders, device, **kw)
+
+    monkeypatch.setattr(train, "choose_test_size", measured)
+    r = train.finetune(_config(tiny_set, tmp_path / "run", epochs=1, test_size="96"), progress=False)
+    assert sides == [[96], [96]]  # the untrained network, then the best fine-tuned epoch
+    info = json.loads((tmp_path / "run" / "config.json").read_text())["speciesid"]
+    assert r.test_size == {"size": 96, "setting": "96"} == info["test_size"]
+    assert info["against_untrained"]["untrained_nll"] is not None
+
+
+def test_model_weights_follow_the_umask(tmp_path):
+    from finetune.export import save_finetuned
+    from finetune.model import CosineHead, create_backbone, feature_dim, resolve_init
+
+    source = resolve_init("timm:test_resnet@random")
+    backbone = create_backbone(source)
+    old = os.umask(0o022)
+    try:
+        save_finetuned(tmp_path / "out", backbone, CosineHead(feature_dim(backbone), 2, scale=24.0), ["a b", "c d"],
+                       source, {"stage": "local"})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o644 == modes["config.json"], modes
+
+
+def test_an_unreadable_checkpoint_and_a_failed_write_say_what_to_do(tiny_set, tmp_path, monkeypatch):
+    import finetune.checkpoint as checkpoint
+    from finetune.train import finetune
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read .*pass --no-resume to start afresh"):
+        finetune(_config(tiny_set, out), progress=False)
+    saves, real_save = [], torch.save
+
+    def full_disk(payload, path):  # epoch 0's checkpoint is written, epoch 1's finds the disk full
+        saves.append(path)
+        if len(saves) > 1:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 40718720 vs 40718616")
+        real_save(payload, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*checkpoint.pt after epoch 1 \(.*unexpected pos.*is the disk "
+                       r"full\?\): the checkpoint of the epoch before is kept"):
+        finetune(_config(tiny_set, out, resume="no"), progress=False)
+
+
+def test_messages_say_what_is_wrong(tiny_set, tmp_path, capsys, caplog):
+    """--val-root of none of the training species; the help of --no-amp, --no-resume, --epochs, --seed; no timm
+    warning about the cosine schedule of a 2-epoch run with a frozen first epoch."""
+    import logging
+
+    from api.cli import main
+    from finetune.config import FinetuneConfig
+    from finetune.engine import StagedCosineLR
+    from finetune.train import finetune
+
+    val = _subset(tmp_path / "val", _species_dirs()[3:5], 2, split="val")
+    with pytest.raises(ValueError, match=r"none of the photos under --val-root .* is of a training species"):
+        finetune(_config(tiny_set, tmp_path / "run", val_root=str(val)), progress=False)
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fp32 training steps on CPUs with native bf16" in text
+    assert "the earlier run's files in OUT (checkpoint, model, probe, photo lists, log, curves, last/) are removed" in text
+    assert "--epochs EPOCHS epochs in all, the frozen ones included" in text and "--seed SEED seed of the split" in text
+    cfg = FinetuneConfig(root="r", out="o", epochs=2).resolved()
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "head"},
+                           {"params": [torch.zeros(1, requires_grad=True)], "name": "layer0"}], lr=0.1)
+    caplog.set_level(logging.WARNING)
+    StagedCosineLR(opt, total=2 * 2, warmup=2, unfreeze=cfg.freeze_epochs * 2)
+    assert not [r for r in caplog.records if "Cosine annealing" in r.getMessage()]
+
+
+def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set, tmp_path, capsys):
+    """A gallery whose folder of one species was renamed took the head silently (the head's species answered as an
+    unknown taxon); a gallery of none of the head's species is refused."""
+    import shutil
+
+    from api.cli import main
+    from retrieval.encoders import EncoderConfig
+    from retrieval.workflows import build_gallery, import_gallery_probe
+
+    out, r = stage1
+    photos = tmp_path / "photos"
+    shutil.copytree(tiny_set, photos, symlinks=True)
+    cobra = next(p for p in photos.iterdir() if "Naja sumatrana" in p.name)
+    cobra.rename(photos / cobra.name.replace("Naja sumatrana", "Naja sputatrix"))
+    encoder = EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32")
+    build_gallery(tmp_path / "g", "folder", photos, encoder=encoder, progress=False)
+    assert main(["probe", "import", "--index", str(tmp_path / "g"), "--from", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "species of the head with no photo in the gallery (1; renamed or left out?): Naja sumatrana" in text
+    assert "gallery species the head does not name (1; only the kNN vote answers them): Naja sputatrix" in text
+    other = _subset(tmp_path / "other", _species_dirs()[3:5], 2)
+    build_gallery(tmp_path / "g2", "folder", other, encoder=encoder, progress=False)
+    with pytest.raises(ValueError, match="names none of the species of gallery"):
+        import_gallery_probe(tmp_path / "g2", out, progress=False, precision="fp32")

@@ -148,6 +148,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from finetune import train
 
     config = config_from_args(args)
+    # how to resume: a command with --no-resume would start over, throwing the finished epochs away
+    again = ("run the command again without --no-resume to resume (with it, the run starts over)"
+             if config.resume == "no" else "run the same command again to resume")
     try:
         from tqdm.auto import tqdm
 
@@ -155,21 +158,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except train.FinetuneInterrupted as exc:
         sys.stderr.write(
             f"speciesid: fine-tuning interrupted after epoch {exc.epoch}; the checkpoint {exc.out}/checkpoint.pt "
-            "is kept: run the same command again to resume\n"
+            f"is kept: {again}\n"
         )
         return 130
     except KeyboardInterrupt:  # before the first epoch, or during the final evaluation and export
         checkpoint = Path(config.out) / train.CHECKPOINT
         sys.stderr.write("speciesid: fine-tuning interrupted; " + (
-            f"the checkpoint {checkpoint} is kept: run the same command again to resume\n" if checkpoint.is_file()
+            f"the checkpoint {checkpoint} is kept: {again}\n" if checkpoint.is_file()
             else "it had written no checkpoint yet: run the command again to start over\n"))
         return 130
     b = r.best
+    stopped = STOPPED.get(r.stopped, r.stopped)
+    if r.stopped == "epochs" and r.max_epochs and r.epochs_planned < r.max_epochs:
+        stopped = f"every epoch --time-budget allowed: {r.epochs_planned} of --epochs {r.max_epochs}"
     emit(
-        f"fine-tuned {len(r.species)} species: {r.epochs_run} epochs in {r.seconds / 60:.1f} min "
-        f"({STOPPED.get(r.stopped, r.stopped)}); "
+        f"fine-tuned {len(r.species)} species: {r.epochs_run} epochs in {r.seconds / 60:.1f} min ({stopped}); "
         f"best epoch {r.best_epoch}: val top-1 {b.get('val_top1', 0):.3f}, macro-F1 {b.get('val_macro_f1', 0):.3f}"
     )
+    if not r.backbone_trained:
+        emit(f"note: the kept weights (epoch {r.best_epoch}) are from before the backbone trained (epoch 0, or a "
+             "frozen epoch): the encoder embeds as the starting network does, only its head is new (config.json: "
+             "backbone_trained false)")
     if r.final:
         f = r.final
         emit(

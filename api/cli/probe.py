@@ -90,6 +90,12 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         keep_duplicates=args.keep_duplicates,
     )
     _emit_dropped(result)
+    if result.head_only:
+        emit(f"species of the head with no photo in the gallery ({len(result.head_only)}; renamed or left out?): "
+             + ", ".join(result.head_only))
+    if result.gallery_only:
+        emit(f"gallery species the head does not name ({len(result.gallery_only)}; only the kNN vote answers them): "
+             + ", ".join(result.gallery_only))
     p = result.probe
     s = p.calibration
     m = s.metrics
