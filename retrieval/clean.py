@@ -28,12 +28,12 @@ from retrieval.encoders import (
     recorded_encoder,
 )
 from retrieval.findings import (
-    APPLY_KINDS,
     KINDS,
     CleanConfig,
     Finding,
     PhotoSet,
     ZeroShotResult,
+    check_apply_kinds,
     check_photos,
 )
 from retrieval.pipeline import embed_photos
@@ -90,7 +90,7 @@ class CleanResult:
         lines = []
         if self.zero_shot_notice:
             lines.append(f"notice: {self.zero_shot_notice}")
-            if not self.config.duplicates:
+            if not self.config.duplicates and not self.config.suspect_labels:
                 return lines[0]  # nothing ran
         lines.append(
             f"cleaned {n} photos" + (f" against {len(self.against)} others" if self.against is not None else "")
@@ -116,6 +116,11 @@ class CleanResult:
                 near = [f.score for f in self.findings if f.kind == "near-leak"]
                 span = f", similarity {min(near):.3f}-{max(near):.3f}" if near else ""
                 lines.append(f"leaks: {c['leak']} same bytes, {c['near-leak']} near-identical{span}")
+        if self.config.suspect_labels:
+            lines.append(
+                f"suspect labels: {c['suspect-label']} photos whose {self.config.suspect_k} nearest other photos all "
+                "carry one other species (report only, never excluded: check them by hand)"
+            )
         if c["unreadable"]:
             lines.append(f"unreadable: {c['unreadable']}" + (
                 f" ({len(self.skipped)} skipped by the photo search, e.g. broken links: "
@@ -148,11 +153,13 @@ def apply_exclusions(
 
     Duplicates and near-duplicates: the oldest reference (lowest id) of copies is kept and those that are copies
     of a kept one are excluded (a chain of look-alikes, A ~ B ~ C with A and C apart, keeps A and C); leaks and
-    off-target photos exclude the gallery's reference. Label conflicts are never acted on. A species is never
-    left without a searchable reference: when every one of its references is flagged, its oldest is kept and the
-    species named in ``kept_last``. The ids newly excluded are logged as one run in the gallery's exclusion log
+    off-target photos exclude the gallery's reference. Label conflicts and suspect labels are never acted on (asking
+    for them is refused: :func:`retrieval.findings.check_apply_kinds`). A species is never left without a
+    searchable reference: when every one of its references is flagged, its oldest is kept and the species named in
+    ``kept_last``. The ids newly excluded are logged as one run in the gallery's exclusion log
     (:mod:`index.exclusions`).
     """
+    check_apply_kinds(kinds)
     wanted: set[int] = set()
     result = ApplyResult()
     copies: list[tuple[int, int]] = []
@@ -241,9 +248,7 @@ def run_clean(
         raise ValueError("say what to clean: --dataset and --root, or --index DIR (a gallery's references)")
     if apply and index is None:
         raise ValueError("--apply needs --index DIR: the gallery whose references are to be excluded")
-    bad = [k for k in apply_kinds if k not in APPLY_KINDS]
-    if bad:
-        raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
+    check_apply_kinds(apply_kinds)
     against_paths = None
     skipped: list[tuple[Path, str]] = []  # entries the photo search could not read: reported as unreadable
     if against is not None:
@@ -258,9 +263,10 @@ def run_clean(
 
     gallery, enc, reuse = _resolve_encoder(index, encoder)
     if config.zero_shot and not enc.supports_text:  # refused before any photo is embedded for nothing
-        if not config.duplicates:
+        if not config.duplicates and not config.suspect_labels:
             raise ValueError(f"nothing to check: encoder {enc.spec} is image-only, so the zero-shot filter cannot run, "
-                             "and --no-duplicates turns off the other checks; use a text-capable encoder (bioclip)")
+                             "and --no-duplicates with --no-suspect-labels turns off the other checks; use a "
+                             "text-capable encoder (bioclip)")
         if config.prompts is not None:
             raise ValueError(f"--prompts needs an encoder that reads text (such as bioclip); {enc.spec} is image-only. "
                              "Leave --prompts out to check duplicates and leaks only")
@@ -348,7 +354,7 @@ def _resolve_encoder(
 def clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, config: CleanConfig) -> CleanResult:
     """The zero-shot filter over a gallery just built (``index build --clean``): score its searchable
     references from the store, exclude the off-target ones, write the report."""
-    config = replace(config, duplicates=False)
+    config = replace(config, duplicates=False, suspect_labels=False)
     t0 = time.perf_counter()
     ids, vectors = gallery.store.vectors()
     meta = gallery.store.metadata(ids)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from retrieval.findings import Finding, PhotoSet, ZeroShotResult
 
 CSV_COLUMNS: tuple[str, ...] = (
-    "kind", "score", "path", "paired_path", "detail", "reference_id", "paired_reference_id",
+    "kind", "score", "path", "paired_path", "detail", "reference_id", "paired_reference_id", "suggested_species",
 )
 FINDINGS_CSV = "findings.csv"
 SCORES_CSV = "zero_shot_scores.csv"
@@ -87,6 +87,8 @@ table.summary td{padding:2px 10px 2px 0}
 _TITLES = {
     "label-conflict": "Label conflicts: the same photo (or a near-identical one) filed under two species; one label "
                       "is wrong (never excluded automatically)",
+    "suspect-label": "Suspect labels: photo | its nearest neighbour; its nearest other photos all carry another "
+                     "species, named below with their mean cosine similarity (report only, never excluded)",
     "off-target": "Off-target photos (zero-shot): probability of the off-target classes",
     "leak": "Leaks: the same bytes in the gallery and in the other set",
     "near-leak": "Near-identical leaks: gallery photo | other-set photo, cosine similarity",
@@ -131,7 +133,8 @@ def write_contact_sheet(
                 parts.append(
                     f"<div class='card pair'><div class='score'>{score}{ref}</div><div class='imgs'>"
                     f"{_thumbnail(f.path, thumbs)}{_thumbnail(f.paired_path, thumbs)}</div>"
-                    f"<div>{html.escape(f.path)}</div><div>&harr; {html.escape(f.paired_path)}</div></div>"
+                    f"<div>{html.escape(f.path)}</div><div>&harr; {html.escape(f.paired_path)}</div>"
+                    + (f"<div>{html.escape(f.detail)}</div>" if f.detail else "") + "</div>"
                 )
             else:
                 img = _thumbnail(f.path, thumbs) if kind != "unreadable" else ""
@@ -171,6 +174,7 @@ def write_report(report_dir: str | Path, result: CleanResult, *, title: str, pro
             if result.zero_shot is not None else result.zero_shot_notice
         ),
         "dup_threshold": result.config.dup_threshold if result.config.duplicates else None,
+        "suspect_k": result.config.suspect_k if result.config.suspect_labels else None,
         "counts": result.counts(),
         "seconds_embed": round(result.seconds_embed, 3),
         "seconds_rest": round(result.seconds_rest, 3),

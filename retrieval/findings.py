@@ -1,6 +1,6 @@
-"""Cleaning findings: off-target photos (zero-shot text prompts), duplicates, and leakage into another set.
+"""Cleaning findings: off-target photos (zero-shot text prompts), duplicates, leakage into another set, suspect labels.
 
-Three checks (run by :mod:`retrieval.clean`; reported by :mod:`retrieval.clean_report`):
+Four checks (run by :mod:`retrieval.clean`; reported by :mod:`retrieval.clean_report`):
 
 - **Zero-shot filter** (text-capable encoders only, e.g. BioCLIP): every photo is scored against prompt
   classes read from a prompt file (:mod:`retrieval.prompts`): target classes ("a snake") and off-target
@@ -13,6 +13,11 @@ Three checks (run by :mod:`retrieval.clean`; reported by :mod:`retrieval.clean_r
   (:func:`index.pairs.similar_pairs`). A pair filed under two species is a **label conflict** instead: one of the
   two labels is wrong, and no automatic rule can tell which, so ``--apply`` never acts on it.
 - **Leakage** against another set (``against``, e.g. the evaluation photos): the same two tests across sets.
+- **Suspect labels** (report only): leave-one-out kNN over the set, cosine. A photo is flagged when its ``k``
+  nearest other photos (itself and its copies left out: same bytes, or cosine >= ``dup_threshold``) all carry one
+  species that is not its label, and its own species has at least ``k`` other photos. The finding names that
+  species and the neighbours' mean similarity. It is evidence for a person, never a verdict: ``--apply`` never
+  acts on it.
 
 Nothing here writes: :mod:`retrieval.clean` turns findings into reversible exclusions.
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from index.pairs import similar_pairs
+from index.vectors import exact_search
 from retrieval.encoders import Encoder
 from retrieval.pipeline import Embedded
 from retrieval.prompts import PromptSet, load_prompts, taxon_group
@@ -41,10 +47,35 @@ DEFAULT_THRESHOLD = 0.5
 #: re-encoded, re-cropped or with its watermark cut off scored 0.959-1.000; different photos of the same
 #: animal (burst shots, same scene) 0.93 and below, with a few bursts at 0.95-0.96.
 DEFAULT_DUP_THRESHOLD = 0.95
-KINDS: tuple[str, ...] = ("label-conflict", "off-target", "leak", "near-leak", "duplicate", "near-duplicate",
-                          "unreadable")
+#: Neighbours that must all carry one other species for a suspect label. Chosen on ph-snakes train only with
+#: MobileNetV1 (20 photos moved to another species' folder, 5 seeds; best F1 of k 3 / 5 / 7:
+#: benchmarks/bench_suspect.py, docs/cleaning.md).
+DEFAULT_SUSPECT_K = 3
+KINDS: tuple[str, ...] = ("label-conflict", "suspect-label", "off-target", "leak", "near-leak", "duplicate",
+                          "near-duplicate", "unreadable")
 #: Kinds ``apply_exclusions`` can act on (unreadable photos are never in a store).
 APPLY_KINDS: tuple[str, ...] = ("off-target", "leak", "near-leak", "duplicate", "near-duplicate")
+#: Kinds for a person to review: no rule can tell which label is right, so nothing excludes them.
+REPORT_ONLY_KINDS: tuple[str, ...] = ("label-conflict", "suspect-label")
+#: Queries per neighbour search (a progress bar step); exact_search bounds its own score matrix.
+_QUERY_CHUNK = 1024
+#: Neighbours searched beyond ``k + 1`` at first, for the copies left out (more are searched where too few remain).
+_SEARCH_SLACK = 8
+#: Rounding slack of the copy test (as index.pairs): a copy a hair under the threshold in float32 is still a copy.
+_COPY_SLACK = 1e-6
+
+
+def check_apply_kinds(kinds: Sequence[str]) -> None:
+    """ValueError unless every kind is one ``--apply`` may exclude (:data:`APPLY_KINDS`); the report-only kinds are
+    refused with why."""
+    review = [k for k in kinds if k in REPORT_ONLY_KINDS]
+    if review:
+        raise ValueError(f"{', '.join(review)} findings are report only: no rule can tell which label is right, so "
+                         "--apply never excludes them; review them in findings.csv and contact_sheet.html. "
+                         f"--apply-to takes {', '.join(APPLY_KINDS)}")
+    bad = [k for k in kinds if k not in APPLY_KINDS]
+    if bad:
+        raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -138,12 +169,14 @@ class Finding:
     """One row of the report."""
 
     kind: str  # one of KINDS
-    score: float  # off-target probability, or cosine similarity (1.0 for same bytes); NaN for unreadable
+    score: float  # off-target probability, or cosine similarity (1.0 for same bytes; a suspect label: the
+    #               neighbours' mean); NaN for unreadable
     path: str  # the photo of the cleaned set (the one an --apply would exclude)
-    paired_path: str | None = None  # the other photo of a duplicate / leak pair
+    paired_path: str | None = None  # the other photo of a duplicate / leak pair; a suspect label's nearest neighbour
     detail: str = ""  # best classes (off-target), or why unreadable
     reference_id: int | None = None  # gallery reference id of ``path``, when in the gallery
     paired_reference_id: int | None = None  # gallery reference id of ``paired_path``, when in the gallery
+    suggested_species: str | None = None  # suspect label: the species all its nearest neighbours carry
 
     def row(self) -> dict[str, object]:
         """CSV row."""
@@ -155,6 +188,7 @@ class Finding:
             "detail": self.detail,
             "reference_id": "" if self.reference_id is None else self.reference_id,
             "paired_reference_id": "" if self.paired_reference_id is None else self.paired_reference_id,
+            "suggested_species": self.suggested_species or "",
         }
 
 
@@ -166,11 +200,14 @@ def find_issues(
     threshold: float = DEFAULT_THRESHOLD,
     dup_threshold: float = DEFAULT_DUP_THRESHOLD,
     duplicates: bool = True,
+    suspect_k: int | None = None,
     skipped: Sequence[tuple[str | Path, str]] = (),
+    progress: bool = False,
 ) -> list[Finding]:
     """All findings: off-target photos, duplicates (or label conflicts) within ``photos``, leaks from ``against``,
-    unreadable ones (never also a duplicate or a leak: two empty files are not copies of a photo), and the
-    ``skipped`` entries the photo search could not read (broken links...: :func:`index.photos.scan_photos`)."""
+    suspect labels (when ``suspect_k`` is given: :func:`suspect_labels`), unreadable ones (never also a duplicate
+    or a leak: two empty files are not copies of a photo), and the ``skipped`` entries the photo search could not
+    read (broken links...: :func:`index.photos.scan_photos`)."""
     findings: list[Finding] = [Finding("unreadable", float("nan"), str(p), detail=why) for p, why in skipped]
     if zero_shot is not None:
         flagged = (photos.ok & (np.nan_to_num(zero_shot.off_target, nan=-1.0) >= threshold)
@@ -184,6 +221,8 @@ def find_issues(
         findings.extend(_duplicates(photos, dup_threshold))
         if against is not None:
             findings.extend(_leaks(photos, against, dup_threshold))
+    if suspect_k is not None:
+        findings.extend(suspect_labels(photos, suspect_k, dup_threshold=dup_threshold, progress=progress))
     for s, name in ((photos, ""), (against, "against: ")):
         if s is None:
             continue
@@ -209,13 +248,17 @@ def check_photos(
             zs = score_zero_shot(encoder, photos.embeddings, photos.ok, prompts, cache_dir=prompt_cache,
                                  progress=progress)
         else:
+            still = [name for name, on in (("duplicate and leakage detection", config.duplicates),
+                                           ("suspect labels", config.suspect_labels)) if on]
             notice = (
                 f"zero-shot filter skipped: encoder {encoder.spec} is image-only (it needs a text-capable encoder "
-                "such as bioclip)" + ("; duplicate and leakage detection still ran" if config.duplicates else "")
+                "such as bioclip)" + ("; " + " and ".join(still) + " still ran" if still else "")
             )
             logger.info("%s", notice)
     findings = find_issues(photos, against=against, zero_shot=zs, threshold=config.threshold,
-                           dup_threshold=config.dup_threshold, duplicates=config.duplicates, skipped=skipped)
+                           dup_threshold=config.dup_threshold, duplicates=config.duplicates,
+                           suspect_k=config.suspect_k if config.suspect_labels else None, skipped=skipped,
+                           progress=progress)
     return findings, zs, notice
 
 
@@ -275,6 +318,91 @@ def _leaks(photos: PhotoSet, against: PhotoSet, dup_threshold: float) -> list[Fi
     return out
 
 
+def other_neighbours(
+    embeddings: np.ndarray, k: int, *, sha256: Sequence[str | None] = (), dup_threshold: float | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out neighbours: (positions (N, k), cosine similarities (N, k)) of each row's ``k`` nearest other
+    rows, best first, found by :func:`index.vectors.exact_search` (rows L2-normalised). A row's copies are left out
+    with it (the same ``sha256``, or cosine >= ``dup_threshold``; ``None``: only the same bytes): a copy is the same
+    photo again, not another photo's evidence. Where fewer than ``k`` other rows remain, the rest of the row is
+    -1 / NaN. ``progress``: a bar over the rows, like clean's other steps."""
+    from tqdm import tqdm
+
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n = len(emb)
+    positions = np.full((n, k), -1, dtype=np.int64)
+    sims = np.full((n, k), np.nan, dtype=np.float32)
+    digests = np.array([d or "" for d in sha256] if len(sha256) else [""] * n, dtype=object)
+    rows = np.arange(n, dtype=np.int64)
+    bar = tqdm(total=n, desc="cleaning: neighbours", unit="photo", disable=not progress)
+    pending, want = rows, k + 1 + _SEARCH_SLACK
+    while pending.size:
+        searched = min(want, n)
+        short: list[np.ndarray] = []
+        for start in range(0, pending.size, _QUERY_CHUNK):
+            q = pending[start : start + _QUERY_CHUNK]
+            s, pos = exact_search(emb, rows, emb[q], searched)
+            copy = (pos == q[:, None]) | (pos < 0)
+            if dup_threshold is not None:
+                copy |= s >= dup_threshold - _COPY_SLACK
+            copy |= (digests[np.maximum(pos, 0)] == digests[q][:, None]) & (digests[q][:, None] != "")
+            keep = ~copy
+            enough = keep.sum(axis=1) >= k
+            done = enough | (searched >= n)  # nothing more to search: keep what there is
+            for r in np.flatnonzero(done):
+                got = np.flatnonzero(keep[r])[:k]
+                positions[q[r], : got.size] = pos[r, got]
+                sims[q[r], : got.size] = s[r, got]
+            short.append(q[~done])
+            bar.update(int(done.sum()))
+        pending, want = np.concatenate(short), 2 * want
+    bar.close()
+    return positions, sims
+
+
+def suspect_labels(
+    photos: PhotoSet, k: int = DEFAULT_SUSPECT_K, *, dup_threshold: float = DEFAULT_DUP_THRESHOLD,
+    progress: bool = False,
+) -> list[Finding]:
+    """Photos whose ``k`` nearest other photos of the set (cosine, leave-one-out: :func:`other_neighbours`) all
+    carry one species that is not theirs, when their own species has at least ``k`` other photos (a species of a
+    few photos has no neighbourhood to lose). Score: the neighbours' mean similarity; ``suggested_species``: their
+    species; ``paired_path``: the nearest of them. Photos without an embedding or a label are not judged."""
+    if k < 1:
+        raise ValueError(f"k (--suspect-k) must be at least 1, got {k}")
+    labels = [_species(photos, i) or "" for i in range(len(photos))]
+    judged = np.flatnonzero(photos.ok & np.array([bool(s) for s in labels], dtype=bool))
+    if not judged.size:
+        return []
+    count: dict[str, int] = {}
+    for i in judged:
+        count[labels[i]] = count.get(labels[i], 0) + 1
+    positions, sims = other_neighbours(photos.embeddings[judged], k,
+                                       sha256=[photos.sha256[i] for i in judged], dup_threshold=dup_threshold,
+                                       progress=progress)
+    out: list[Finding] = []
+    for r, i in enumerate(judged):
+        own = labels[i]
+        if count[own] - 1 < k or positions[r, -1] < 0:
+            continue
+        near = [int(judged[p]) for p in positions[r]]
+        theirs = {labels[j] for j in near}
+        if len(theirs) != 1 or own in theirs:
+            continue
+        other = theirs.pop()
+        mean = float(sims[r].mean())
+        out.append(Finding(
+            "suspect-label", mean, photos.paths[i], photos.paths[near[0]],
+            f"labelled {own}; its {k} nearest other photos are all {other} (mean cosine {mean:.3f}): check the label",
+            photos.ids[i], photos.ids[near[0]], suggested_species=other,
+        ))
+    logger.info("suspect labels: %d of %d photos (k=%d)", len(out), judged.size, k)
+    return out
+
+
 @dataclass
 class CleanConfig:
     """What ``clean`` checks and with which thresholds."""
@@ -284,10 +412,15 @@ class CleanConfig:
     dup_threshold: float = DEFAULT_DUP_THRESHOLD  # cosine similarity of near-duplicates / near-leaks
     zero_shot: bool = True  # run the zero-shot filter (when the encoder reads text)
     duplicates: bool = True  # look for duplicates and leaks
+    suspect_labels: bool = True  # report photos whose nearest neighbours all carry another species
+    suspect_k: int = DEFAULT_SUSPECT_K  # how many nearest neighbours must agree
 
     def __post_init__(self) -> None:
-        if not self.zero_shot and not self.duplicates:
-            raise ValueError("nothing to check: --no-zero-shot and --no-duplicates together turn off every check")
+        if not self.zero_shot and not self.duplicates and not self.suspect_labels:
+            raise ValueError("nothing to check: --no-zero-shot, --no-duplicates and --no-suspect-labels together "
+                             "turn off every check")
+        if self.suspect_k < 1:
+            raise ValueError(f"--suspect-k is a count of neighbours, at least 1, got {self.suspect_k}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"--threshold is a probability in (0, 1], got {self.threshold}")
         if not -1.0 <= self.dup_threshold <= 1.0:

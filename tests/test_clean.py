@@ -337,13 +337,13 @@ def test_image_only_encoder_skips_zero_shot_but_finds_duplicates_and_leaks(tmp_p
 
     code, out, _ = _run(capsys, "clean", "--dataset", "folder", "--root", tmp_path / "photos", "--against", val,
                         "--encoder", IMAGE_ONLY, "--precision", "fp32", "--dup-threshold", "0.999",
-                        "--report", tmp_path / "report", "--quiet")
+                        "--report", tmp_path / "report", "--no-suspect-labels", "--quiet")  # random features
     assert code == 0, out
     assert "zero-shot filter skipped: encoder timm:test_vit@random is image-only" in out
     assert "duplicates: 1 same bytes, 1 near" in out and "leaks: 1 same bytes, 1 near-identical" in out
     rows = _read_csv(tmp_path / "report" / "findings.csv")
     assert tuple(rows[0].keys()) == CSV_COLUMNS == (
-        "kind", "score", "path", "paired_path", "detail", "reference_id", "paired_reference_id")
+        "kind", "score", "path", "paired_path", "detail", "reference_id", "paired_reference_id", "suggested_species")
     found = {(r["kind"], Path(r["path"]).name, Path(r["paired_path"]).name if r["paired_path"] else "") for r in rows}
     assert found == {
         ("leak", "2.png", "leaked.png"),
@@ -430,6 +430,125 @@ def test_apply_keeps_chains_of_look_alikes_and_never_resolves_label_conflicts(tm
     assert {s.species: s.count for s in g.store.species()} == {"A a": 2, "B b": 1, "C c": 1}
 
 
+# ------------------------------------------------------------------------------ suspect labels
+def _clusters(per_species: int = 8, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Three species, each a cluster of unit vectors around its own random centre (cosine ~0.75 within)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((3, dim))
+    x = np.concatenate([c + 0.6 * rng.standard_normal((per_species, dim)) for c in centres]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, [s for s in ("A a", "B b", "C c") for _ in range(per_species)]
+
+
+def _set(x: np.ndarray, species: list[str], sha: list[str] | None = None) -> PhotoSet:
+    n = len(x)
+    return PhotoSet([f"/p/{i}.jpg" for i in range(n)], sha or [f"d{i}" for i in range(n)], x, [None] * n,
+                    list(range(100, 100 + n)), list(species))
+
+
+def test_suspect_label_flags_a_planted_mislabel_with_its_suggestion():
+    from retrieval.findings import suspect_labels
+
+    x, species = _clusters()
+    assert [f for f in find_issues(_set(x, species), suspect_k=5, duplicates=False) if f.kind == "suspect-label"] == []
+    planted = 10  # a B b photo filed under A a
+    wrong = list(species)
+    wrong[planted] = "A a"
+    found = suspect_labels(_set(x, wrong), 5)
+    assert [(f.path, f.suggested_species, f.reference_id) for f in found] == [("/p/10.jpg", "B b", 110)]
+    sims = x[planted] @ x.T
+    sims[planted] = -np.inf
+    nearest = np.argsort(-sims)[:5]
+    assert found[0].score == pytest.approx(float(sims[nearest].mean()), abs=1e-5)
+    assert found[0].paired_path == f"/p/{nearest[0]}.jpg" and found[0].paired_reference_id == 100 + nearest[0]
+    assert "labelled A a; its 5 nearest other photos are all B b" in found[0].detail
+    assert found[0].row()["suggested_species"] == "B b"
+    # through find_issues, sorted with the other kinds
+    assert [f.kind for f in find_issues(_set(x, wrong), suspect_k=5, duplicates=False)] == ["suspect-label"]
+
+
+def test_suspect_label_rules_copies_small_species_and_k():
+    from retrieval.findings import suspect_labels
+
+    x, species = _clusters()
+    # the mislabelled photo filed twice under the wrong species: its copy is not its evidence
+    x2 = np.concatenate([x, x[10:11]])
+    wrong = [*species, "A a"]
+    wrong[10] = "A a"
+    sha = [f"d{i}" for i in range(len(x))] + ["d10"]
+    found = suspect_labels(_set(x2, wrong, sha), 5)
+    assert sorted(f.path for f in found) == ["/p/10.jpg", "/p/24.jpg"]
+    assert all(f.paired_path not in ("/p/10.jpg", "/p/24.jpg") for f in found)
+    # a near-identical copy (cosine >= dup_threshold) is left out the same way; below it, it counts
+    x3 = x2.copy()
+    x3[24] = x[10] + 0.01 * np.random.default_rng(1).standard_normal(x.shape[1])
+    x3[24] /= np.linalg.norm(x3[24])
+    assert len(suspect_labels(_set(x3, wrong), 5, dup_threshold=0.95)) == 2
+    assert suspect_labels(_set(x3, wrong), 1, dup_threshold=1.0) == []  # each one's nearest is the other, also A a
+    # a species with fewer than k other photos has no neighbourhood to lose: not judged
+    lone = [*species[:-1], "D d"]
+    assert suspect_labels(_set(x, lone), 5) == []
+    # k: every one of the k nearest must agree; the planted photo has only 7 other B b photos around it
+    planted = list(species)
+    planted[10] = "A a"
+    assert [[f.path for f in suspect_labels(_set(x, planted), k)] for k in (1, 3, 7, 8)] == [["/p/10.jpg"]] * 3 + [[]]
+    # unreadable photos are neither judged nor neighbours
+    ps = _set(x, wrong[:-1])
+    ps.errors[10] = "cannot decode"
+    assert suspect_labels(ps, 5) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        suspect_labels(ps, 0)
+    with pytest.raises(ValueError, match="--suspect-k"):
+        CleanConfig(suspect_k=0)
+
+
+def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
+    """A gallery (image-only encoder, stored embeddings reused) with one photo filed under the wrong species: the
+    CLI reports it with its suggestion, --apply leaves it searchable, and --apply-to suspect-label is refused."""
+    from index.exclusions import excluded_ids
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.clean import apply_exclusions
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(IMAGE_ONLY, precision="fp32")
+    x, species = _clusters(per_species=7, dim=enc.dim)
+    species[3] = "B b"  # an A a photo filed under B b
+    g = Gallery.create(tmp_path / "g", enc.describe())
+    ids = g.add([ReferenceRecord(path=str(tmp_path / f"{i}.png"), species=s) for i, s in enumerate(species)],
+                [f"d{i}" for i in range(len(species))], x)
+    index = tmp_path / "g"
+    code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r", "--apply", "--apply-to",
+                        "off-target,duplicate,near-duplicate,leak,near-leak", "--quiet")
+    assert code == 0, out
+    assert "suspect labels: 1 photos whose 3 nearest other photos all carry one other species" in out
+    assert "applied: 0 references excluded" in out
+    rows = [r for r in _read_csv(tmp_path / "r" / "findings.csv") if r["kind"] == "suspect-label"]
+    assert [(Path(r["path"]).name, r["suggested_species"], r["reference_id"]) for r in rows] == [
+        ("3.png", "A a", str(ids[3]))]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["counts"]["suspect-label"] == 1
+    assert "Suspect labels" in (tmp_path / "r" / "contact_sheet.html").read_text()
+    g = Gallery.open(index)
+    assert excluded_ids(g) == [] and len(g) == len(species)
+    assert ids[3] in [n.id for n in g.search(x[3][None], 1)[0]]
+    code, _, err = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r2", "--apply", "--apply-to",
+                        "suspect-label", "--quiet")
+    assert code == 2 and "suspect-label findings are report only" in err
+    from retrieval.findings import Finding
+
+    with pytest.raises(ValueError, match="report only"):
+        apply_exclusions(g, [Finding("suspect-label", 0.9, "x", reference_id=ids[3])], ("suspect-label",))
+    assert excluded_ids(Gallery.open(index)) == []
+    # --no-suspect-labels: not looked for; an image-only encoder with --no-duplicates still checks labels
+    code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r3", "--no-suspect-labels",
+                        "--quiet")
+    assert code == 0 and "suspect labels" not in out
+    code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r4", "--no-duplicates",
+                        "--suspect-k", "5", "--quiet")
+    assert code == 0 and "suspect labels: 1 photos whose 5 nearest" in out and "duplicates:" not in out, out
+    assert "suspect labels still ran" in out
+
+
 def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, capsys, monkeypatch):
     import retrieval.clean
 
@@ -437,9 +556,11 @@ def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, caps
     monkeypatch.setattr(retrieval.clean, "embed_photos", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     base = ["clean", "--dataset", "folder", "--root", tmp_path / "photos", "--report", tmp_path / "r",
             "--encoder", IMAGE_ONLY, "--precision", "fp32"]
-    for extra, msg in ((["--no-duplicates"], "nothing to check: encoder timm:test_vit@random is image-only"),
+    for extra, msg in ((["--no-duplicates", "--no-suspect-labels"],
+                        "nothing to check: encoder timm:test_vit@random is image-only"),
                        (["--prompts", "snakes"], "--prompts needs an encoder that reads text"),
-                       (["--no-duplicates", "--no-zero-shot"], "nothing to check: --no-zero-shot and")):
+                       (["--no-duplicates", "--no-zero-shot", "--no-suspect-labels"],
+                        "nothing to check: --no-zero-shot, --no-duplicates and --no-suspect-labels")):
         code, _, err = _run(capsys, *base, *extra)
         assert code == 2 and msg in err, (extra, err)
 
@@ -471,7 +592,12 @@ def test_clean_errors_are_clear(tmp_path, capsys):
         assert code == 2 and msg in err, (argv, err)
     with pytest.raises(SystemExit) as exc:
         main(["clean", "--help"])
-    assert exc.value.code == 0 and "--dup-threshold" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad_k:
+        main(["clean", "--dataset", "folder", "--root", str(root), "--report", str(tmp_path / "r"), "--suspect-k", "0"])
+    assert bad_k.value.code == 2 and "--suspect-k: '0' is not a whole number of at least 1" in capsys.readouterr().err
+    assert exc.value.code == 0 and "--dup-threshold" in help_text
+    assert "--suspect-k" in help_text and "--no-suspect-labels" in help_text
 
 
 # ------------------------------------------------------------------ real photos: leakage val vs train

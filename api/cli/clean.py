@@ -1,4 +1,4 @@
-"""``speciesid clean``: zero-shot filter, duplicates and leakage; reversible exclusions."""
+"""``speciesid clean``: zero-shot filter, duplicates and leakage, suspect labels; reversible exclusions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the clean command."""
     from index.datasets import DATASETS as datasets
     from retrieval.encoders import SPEC_FORMS
-    from retrieval.findings import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_THRESHOLD
+    from retrieval.findings import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_SUSPECT_K, DEFAULT_THRESHOLD
     from retrieval.prompts import PROMPT_GROUPS
 
     p = sub.add_parser(
@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="find off-target photos (zero-shot text prompts), duplicates and leakage; exclude them reversibly",
         description="Zero-shot data cleaning. Scores every photo against target and off-target text prompts "
         "(text-capable encoders such as bioclip; skipped with a notice for image-only ones), finds exact and "
-        "near duplicates in the set and against --against (leakage), and writes findings.csv + "
+        "near duplicates in the set and against --against (leakage), reports photos whose nearest neighbours all "
+        "carry another species (suspect labels, for a person to check), and writes findings.csv + "
         "contact_sheet.html to --report. --apply excludes flagged references from a gallery (--index); "
         "--restore brings them back. Nothing is ever deleted.",
     )
@@ -51,18 +52,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
                    help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS "
                    f"(default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with MobileNetV1)")
+    p.add_argument("--suspect-k", type=at_least(1), default=DEFAULT_SUSPECT_K, metavar="K",
+                   help="suspect label: a photo whose K nearest other photos of the set (cosine; its copies left "
+                   "out) all carry one species other than its own, when its own species has at least K other photos "
+                   f"(default {DEFAULT_SUSPECT_K}, chosen by injected label noise on real photos with MobileNetV1). "
+                   "Report only: --apply never excludes it")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot filter")
     p.add_argument("--no-duplicates", action="store_true", help="skip duplicate and leakage detection")
+    p.add_argument("--no-suspect-labels", action="store_true", help="skip the suspect-label check")
     p.add_argument("--report", metavar="DIR", help="where to write findings.csv, contact_sheet.html, summary.json "
-                   "and zero_shot_scores.csv (required unless --restore). Finding kinds: label-conflict, off-target, "
-                   "leak, near-leak, duplicate, near-duplicate, unreadable (docs/cleaning.md)")
+                   "and zero_shot_scores.csv (required unless --restore). Finding kinds: label-conflict, suspect-label, "
+                   "off-target, leak, near-leak, duplicate, near-duplicate, unreadable (docs/cleaning.md)")
     p.add_argument("--apply", action="store_true",
                    help="exclude the flagged references from the --index gallery's search and probe training "
                    "(reversible with --restore; nothing is deleted)")
     p.add_argument("--apply-to", default=None, metavar="KINDS",
                    help="comma-separated finding kinds --apply excludes (" + ", ".join(APPLY_KINDS) + "; default "
                    "off-target). A duplicate goes when it copies a reference kept (oldest first); leaks exclude the "
-                   "gallery's copy; label conflicts are never acted on; a species always keeps one reference")
+                   "gallery's copy; label conflicts and suspect labels are never acted on; a species always keeps one "
+                   "reference")
     p.add_argument("--restore", nargs="?", const="last", choices=("last", "all"),
                    help="bring excluded references of --index back: 'last' (default) undoes the last --apply run, "
                    "'all' clears every exclusion of the gallery")
@@ -95,7 +103,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         against=args.against,
         encoder=encoder_config(args),
         config=CleanConfig(prompts=args.prompts, threshold=args.threshold, dup_threshold=args.dup_threshold,
-                           zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates),
+                           zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates,
+                           suspect_labels=not args.no_suspect_labels, suspect_k=args.suspect_k),
         report_dir=args.report,
         apply=args.apply,
         apply_kinds=kinds,
