@@ -76,6 +76,18 @@ class Metrics:
         self.encoder_images = Gauge("speciesid_encoder_images", "photos encoded", registry=self.registry)
 
 
+def photo_field_error(field: str, content_type: str) -> JSONResponse:
+    """The answer to a request whose photo ``field`` holds no file, the same on every route: 415 when the body is not
+    multipart at all, 422 when it is but the field is missing or holds text (FastAPI's code for a missing field)."""
+    how = f"(e.g. curl -F {field}=@photo.jpg)"
+    if not content_type.lower().startswith("multipart/form-data"):
+        sent = content_type.split(";")[0].strip() or "no content type"
+        return JSONResponse({"detail": f"send multipart/form-data with the photos as files in the field '{field}' "
+                                       f"{how}, not {sent}"}, status_code=415)
+    return JSONResponse({"detail": f"send the photos as files in the multipart field '{field}' {how}"},
+                        status_code=422)
+
+
 def create_app(settings: Settings | None = None, service: SpeciesService | None = None) -> FastAPI:
     """Build the app; the model loads at startup (``/readyz`` says when) unless a service is given."""
     settings = settings or Settings()
@@ -109,7 +121,8 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
             limit = request.scope.get("starlette.max_body_size")
-            detail = f"request body over the {limit / 2**20:.0f} MB this route accepts" if limit else detail
+            detail = (f"request body over the {limit / 2**20:.0f} MB this route accepts (SPECIESID_MAX_UPLOAD_MB a "
+                      "photo, SPECIESID_MAX_REQUEST_MB in all)") if limit else detail
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -117,8 +130,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         for err in exc.errors():  # a photo field that holds no file: say how to send one
             loc = tuple(err.get("loc", ()))
             if len(loc) >= 2 and loc[0] == "body" and loc[1] in ("images", "image"):
-                return JSONResponse({"detail": f"send the photos as files in the multipart field '{loc[1]}' "
-                                               f"(e.g. curl -F {loc[1]}=@photo.jpg)"}, status_code=422)
+                return photo_field_error(str(loc[1]), request.headers.get("content-type", ""))
         return await request_validation_exception_handler(request, exc)
 
     @app.middleware("http")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader
 
-from api.guard import key_ok
+from api.guard import key_ok, no_keys_message
 from api.service import SpeciesService
 from api.settings import Settings
 
@@ -39,7 +39,7 @@ def require_write_key(
     """Writes need a key from SPECIESID_API_KEYS."""
     keys = settings.key_list()
     if not keys:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "writes are disabled: no SPECIESID_API_KEYS configured")
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, no_keys_message("write"))
     if not key_ok(x_api_key, keys):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
 
@@ -49,6 +49,8 @@ def require_read_key(
     x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> None:
     """Reads are open unless SPECIESID_READS_REQUIRE_KEY is set."""
+    if settings.reads_require_key and not settings.key_list():
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, no_keys_message("read"))
     if settings.reads_require_key and not key_ok(x_api_key, settings.key_list()):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
 

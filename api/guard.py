@@ -32,6 +32,14 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
 )
 
 
+def no_keys_message(kind: str) -> str:
+    """The 401 of a request that needs a key when no SPECIESID_API_KEYS is configured (``kind``: write or a read)."""
+    if kind == "write":
+        return "writes are disabled: no SPECIESID_API_KEYS configured"
+    return ("reads need an X-API-Key here (SPECIESID_READS_REQUIRE_KEY), but no SPECIESID_API_KEYS is configured, "
+            "so none can be served: ask the server's operator")
+
+
 def key_ok(given: str | None, keys: list[str]) -> bool:
     """Whether ``given`` is one of ``keys`` (constant-time against every key)."""
     if not given:
@@ -77,7 +85,7 @@ class EdgeGuard:
         if kind == "write" or (kind == "identify" and s.reads_require_key):
             key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"), None)
             if not s.key_list():
-                return await _json(send, 401, "writes are disabled: no SPECIESID_API_KEYS configured")
+                return await _json(send, 401, no_keys_message(kind))
             if not key_ok(key, s.key_list()):
                 return await _json(send, 401, "missing or wrong X-API-Key")
         if kind == "identify":

@@ -26,7 +26,7 @@ from index.store import SpeciesSummary, source_file
 from index.taxonomy import check_name, find_species
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, decode_image, header_size
+from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
 from retrieval.pipeline import model_input
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
@@ -82,7 +82,7 @@ class SpeciesService:
         self.settings = settings
         self.identifier = identifier or open_identifier(
             settings.index, device=settings.device, precision=settings.precision, refresh_s=settings.refresh_s,
-            runtime=settings.runtime,
+            runtime=settings.runtime, follow_probe=True,  # `probe train` / `probe import` elsewhere: no restart
         )
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
@@ -106,7 +106,9 @@ class SpeciesService:
         limit = int(self.settings.max_upload_mb * 1024 * 1024)
         for name, data in files:
             if len(data) > limit:
-                raise TooLarge(f"{name}: {len(data) / 1e6:.1f} MB is over the {self.settings.max_upload_mb:g} MB limit")
+                raise TooLarge(f"{name}: {len(data) / 1e6:.1f} MB is over this server's limit of "
+                               f"{self.settings.max_upload_mb:g} MB a photo (ask its operator to raise "
+                               "SPECIESID_MAX_UPLOAD_MB)")
         self.check_pixels(files)
 
 
@@ -114,6 +116,8 @@ class SpeciesService:
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding
                 views, size = model_input(data, self.encoder, max_pixels=self.settings.max_pixels, name=name)
+            except PixelLimitError as exc:
+                raise BadImage(f"{exc}: this server's limit (ask its operator to raise SPECIESID_MAX_PIXELS)") from exc
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
             return Upload(name=name, data=data, size=size, views=views)

@@ -66,6 +66,16 @@ class Settings(BaseSettings):
             raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
         return value
 
+    def startup_warnings(self) -> list[str]:
+        """What an operator should hear when the server starts: settings that refuse writes, or every read."""
+        if self.key_list():
+            return []
+        if self.reads_require_key:
+            return ["SPECIESID_READS_REQUIRE_KEY is set but no SPECIESID_API_KEYS is: every read (identify, search, "
+                    "species, thumbnails) and every write will be refused with 401; set SPECIESID_API_KEYS, or unset "
+                    "SPECIESID_READS_REQUIRE_KEY"]
+        return ["no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled"]
+
     def key_list(self) -> list[str]:
         """The configured API keys (empty strings dropped)."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

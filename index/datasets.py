@@ -103,13 +103,30 @@ def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, st
             f"{len(loose)} photo file(s) directly in {root} ignored (photos must be in one folder per class): "
             + _examples(sorted(loose))
         )
-    splits = [p.name for p in folders if p.name.lower() in _SPLIT_NAMES]
-    if splits:
+    splits = [p.name for p in folders if p.name.lower() in _SPLIT_NAMES and not _holds_folders(p)]
+    if splits:  # a split name holding photos: maybe a class after all (one holding class folders is refused)
         warnings.append(
             f"class folder(s) {', '.join(splits)} look like dataset splits, not classes; "
             f"did you mean --root {root / splits[0]}?"
         )
     return folders
+
+
+def _holds_folders(folder: Path) -> bool:
+    """Whether ``folder`` has visible sub-folders (False when it cannot be listed)."""
+    try:
+        return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _split_error(root: Path, splits: list[Path], dataset: str) -> ValueError:
+    """The error for a root whose class folders are dataset splits (``train/``, ``test/``) holding the classes."""
+    first = next((p for p in splits if p.name.lower() == "train"), splits[0])
+    return ValueError(
+        f"{root} holds dataset split folder(s) ({', '.join(p.name for p in splits)}) with the class folders inside, "
+        f"not one folder per species: give one split as the root, e.g. --dataset {dataset} --root {first}"
+    )
 
 
 def _examples(items: Iterable[str]) -> str:
@@ -144,6 +161,9 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
             unknown.append(folder.name)
         else:
             matched.setdefault(taxon.species, []).append(folder)
+    splits = [root / n for n in unknown if n.lower() in _SPLIT_NAMES or _holds_species(root / n, by_key)]
+    if splits:  # e.g. train/Naja-haje, test/Naja-haje: the split is the root
+        raise _split_error(root, splits, "moroccan")
     if unknown:
         keys = list(by_key)
         details = []
@@ -189,10 +209,22 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
     return records
 
 
+def _holds_species(folder: Path, by_key: dict) -> bool:
+    """Whether ``folder`` has a sub-folder named as a checklist species (``by_key``: species_key -> taxon)."""
+    try:
+        return any(p.is_dir() and species_key(p.name) in by_key for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
     records: list[ReferenceRecord] = []
     empty: list[str] = []
-    for folder in _class_folders(root, warnings, skipped):
+    folders = _class_folders(root, warnings, skipped)
+    splits = [p for p in folders if p.name.lower() in _SPLIT_NAMES and _holds_folders(p)]
+    if splits:  # each would become one "species" of every photo under it
+        raise _split_error(root, splits, "folder")
+    for folder in folders:
         species, common = parse_folder_name(folder.name)
         try:
             species = check_name(species, "class folder name")

@@ -43,6 +43,14 @@ PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosi
 DUPLICATE_COSINE = 0.95
 
 
+class FewPhotosError(ValueError):
+    """Cross-validation cannot hold out a photo of these species (fewer than 2 distinct photos each)."""
+
+    def __init__(self, species: Sequence[str], message: str) -> None:
+        super().__init__(message)
+        self.species = list(species)  # every such species, sorted
+
+
 @dataclass
 class SelectionGrid:
     """Values tried during selection."""
@@ -274,7 +282,8 @@ def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds
         photos = {species[c]: int((y == c).sum()) for c in distinct}
         named = ", ".join(f"{s} ({photos[s]} photo{'s' * (photos[s] > 1)}"
                           + (", all near-copies of one" if photos[s] > 1 else "") + ")" for s in few[:5])
-        raise ValueError(
+        raise FewPhotosError(
+            few,
             "every species needs at least 2 distinct reference photos (not near-copies of each other: cosine "
             f"< {DUPLICATE_COSINE}) to choose settings by cross-validation; {len(few)} have one: {named}"
             f"{', ...' if len(few) > 5 else ''}: add other photos of them, or choose the settings on other photos "
@@ -329,6 +338,8 @@ def select_settings(
 ) -> Calibration:
     """Pick C, the kNN metric, k, T, blend weight (by ``rule``, see the module docstring) and the unknown threshold.
 
+    Species with fewer than 2 distinct photos cannot be cross-validated: they are left out of the choice, recorded in
+    ``Calibration.left_out`` (refused only when fewer than 2 species remain).
     With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
     and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
     lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe. With ``blend_weight``
@@ -338,9 +349,23 @@ def select_settings(
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
     if blend_weight is not None:
         grid = replace(grid or SelectionGrid(), weights=(check_weight(blend_weight),))
-    oof = out_of_fold(embeddings, labels, fingerprint=fingerprint, val_embeddings=val_embeddings,
-                      val_labels=val_labels, val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe)
-    return calibration_from(oof, rule, target_precision)
+    def oof_of(x: np.ndarray, y: Sequence[str]) -> OutOfFold:
+        return out_of_fold(x, y, fingerprint=fingerprint, val_embeddings=val_embeddings, val_labels=val_labels,
+                           val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe)
+
+    left_out: dict[str, int] = {}
+    try:
+        oof = oof_of(embeddings, labels)
+    except FewPhotosError as exc:  # a rare species' single photo must not keep the rest from being calibrated
+        few = set(exc.species)
+        keep = [i for i, s in enumerate(labels) if s not in few]
+        if len({labels[i] for i in keep}) < 2:
+            raise
+        left_out = {s: sum(1 for x in labels if x == s) for s in sorted(few)}
+        oof = oof_of(np.asarray(embeddings)[keep], [labels[i] for i in keep])
+    calibration = calibration_from(oof, rule, target_precision)
+    calibration.left_out = left_out
+    return calibration
 
 
 def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision: float = 0.95) -> Calibration:

@@ -1,4 +1,5 @@
-"""Open a gallery with the encoder that built it (:func:`open_gallery`), ready to identify (:func:`open_identifier`).
+"""Open a gallery with the encoder that built it (:func:`open_gallery`), ready to identify (:func:`open_identifier`);
+the encoder a build into a folder uses (:func:`build_encoder`).
 
 The one place a gallery folder and its encoder are put together; ``retrieval.workflows`` offers both.
 """
@@ -8,11 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from index.gallery import Gallery, read_gallery_info
+from index.layout import GalleryLayout
 from index.store import source_file
-from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config, recorded_encoder
-from retrieval.identify import Identifier
+from retrieval.encoders import (
+    DEFAULT_ENCODER,
+    DEFAULT_POOL,
+    DEFAULT_VIEWS,
+    Encoder,
+    EncoderConfig,
+    create_encoder_from_config,
+    recorded_encoder,
+)
+from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
-from retrieval.textprior import load_text_prior
+from retrieval.textprior import TextPriorScores, load_text_prior
 from retrieval.vote import VoteConfig
 
 
@@ -44,6 +54,30 @@ def open_gallery(
     return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
 
 
+def build_encoder(
+    index_dir: str | Path,
+    *,
+    spec: str | None = None,
+    weights: str | None = None,
+    pool: str | None = None,
+    views: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    runtime: str | None = None,
+) -> EncoderConfig:
+    """The encoder a build into ``index_dir`` uses: what is given, else, when ``index_dir`` already holds a gallery,
+    the encoder that built it (as every other command opens a gallery), else a new gallery's defaults (bioclip,
+    model pooling, one view). Nothing is loaded here: an encoder the gallery would refuse costs no download."""
+    if GalleryLayout(Path(index_dir)).info.is_file():
+        chosen = recorded_encoder(read_gallery_info(index_dir)["encoder"], spec=spec, weights=weights, pool=pool,
+                                  views=views)
+    else:
+        chosen = {"spec": spec or DEFAULT_ENCODER, "weights": weights, "pool": pool or DEFAULT_POOL,
+                  "views": views or DEFAULT_VIEWS}
+    return EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime, **chosen)
+
+
 def open_identifier(
     index_dir: str | Path,
     *,
@@ -57,20 +91,33 @@ def open_identifier(
     runtime: str | None = None,
     pool: str | None = None,
     views: str | None = None,
+    follow_probe: bool = False,
 ) -> Identifier:
-    """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify."""
+    """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify.
+
+    ``follow_probe``: load the probe and text prior again when ``speciesid probe train`` / ``probe import`` (another
+    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened)."""
     gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
                                 refresh_s=refresh_s, runtime=runtime, pool=pool, views=views)
-    probe = None
-    if use_probe and has_probe(index_dir):
-        probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
-    text = load_text_prior(index_dir, enc) if use_probe else None
-    return Identifier(enc, gallery, vote, probe=probe, text_prior=text)
+
+    def load() -> tuple[LinearProbe | None, TextPriorScores | None]:
+        probe = None
+        if use_probe and has_probe(index_dir):
+            probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
+        return probe, load_text_prior(index_dir, enc) if use_probe else None
+
+    layout = GalleryLayout(Path(index_dir))
+    files = [layout.probe_meta, layout.probe_weights, layout.text_prior]
+    marks = file_marks(files)  # before loading: a write meanwhile is seen at the first look
+    probe, text = load()
+    ident = Identifier(enc, gallery, vote, probe=probe, text_prior=text)
+    if follow_probe and use_probe:
+        ident.follow_probe(files, load, refresh_s, marks=marks)
+    return ident
 
 
 def _reference_photos(index_dir: str | Path, dim: int) -> list[Path]:
     """The gallery's reference photos (what an exported encoder is checked and calibrated on)."""
-    from index.layout import GalleryLayout
     from index.store import ReferenceStore
 
     meta = ReferenceStore(GalleryLayout(Path(index_dir)).store, dim).metadata(include_excluded=False)

@@ -8,12 +8,15 @@ species come or go, see ``retrieval.metric``). ``Identifier.search`` always give
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -135,8 +138,25 @@ class Identification:
         }
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """What the gallery's probe files set, swapped whole when they change (:meth:`Identifier.follow_probe`)."""
+
+    probe: LinearProbe | None  # the linear probe (or a fine-tuned head), None without one
+    config: VoteConfig  # the vote's k, T and unknown threshold
+    blend_weight: float  # the probe's share in the blend
+    text_prior: TextPriorScores | None  # the zero-shot text prior, None without one
+
+
+#: Loads the gallery's probe and text prior again (:meth:`Identifier.follow_probe`).
+ProbeLoader = Callable[[], tuple[LinearProbe | None, TextPriorScores | None]]
+
+
 class Identifier:
-    """Identify photos against a gallery with the encoder that built it."""
+    """Identify photos against a gallery with the encoder that built it.
+
+    ``probe``, ``config``, ``blend_weight`` and ``text_prior`` are read from one :class:`Calibrated` state; an
+    answer keeps the state it started with, even when :meth:`follow_probe` swaps in a new one meanwhile."""
 
     def __init__(
         self,
@@ -154,21 +174,136 @@ class Identifier:
                           fix=f"retrain it with 'speciesid probe train --index {gallery.root}'")
         self.encoder = encoder
         self.gallery = gallery
-        self.probe = probe
-        self.text_prior = text_prior
-        if config is None and probe is not None:
-            s = probe.calibration
-            config = VoteConfig(k=s.k, temperature=s.temperature, unknown_threshold=s.unknown_threshold)
-        self.config = config or VoteConfig()
-        self.blend_weight = probe.calibration.blend_weight if blend_weight is None and probe else (blend_weight or 0.0)
+        self._given_config = config  # set by the caller: kept when the probe changes (else the probe's)
+        self._given_weight = blend_weight
+        self._state = self._calibrated(probe, text_prior)
+        self._pinned_state = threading.local()  # the state an answer in progress on this thread started with
+        self._follow: tuple[list[Path], ProbeLoader, float] | None = None  # (files, loader, refresh_s)
+        self._probe_files: tuple | None = None  # their (mtime_ns, size) when the state was loaded
+        self._probe_checked = 0.0  # time.monotonic() of the last look at them
+        self._reload_lock = threading.Lock()
         self._taxa_version = -1
         self._taxa: dict[str, SpeciesSummary] = {}
+        self._held: frozenset[str] = frozenset()  # species with searchable references (with the taxa's version)
         self._records_venom = False  # some species of the gallery has a venom status (with the taxa's version)
+        self._probe_noted: dict[str, tuple[int, int]] = {}  # what was warned -> (gallery version, probe id) then
         self._whitening_version = -1
         self._whitening: Whitening | None = None
         self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
         self._whitened_lock = threading.Lock()  # the service identifies from several threads
         self._far: tuple[int, float | None] | None = None  # (gallery size it was estimated at, far_threshold)
+
+    # ------------------------------------------------------- probe, settings, text prior
+    def _calibrated(self, probe: LinearProbe | None, text_prior: TextPriorScores | None) -> Calibrated:
+        """The state for ``probe`` and ``text_prior``: the caller's vote settings and weight, else the probe's."""
+        config = self._given_config
+        if config is None and probe is not None:
+            s = probe.calibration
+            config = VoteConfig(k=s.k, temperature=s.temperature, unknown_threshold=s.unknown_threshold)
+        weight = self._given_weight
+        if weight is None:
+            weight = probe.calibration.blend_weight if probe is not None else 0.0
+        return Calibrated(probe, config or VoteConfig(), weight, text_prior)
+
+    def _current(self) -> Calibrated:
+        return getattr(self._pinned_state, "state", None) or self._state
+
+    @property
+    def probe(self) -> LinearProbe | None:
+        """The gallery's probe (None without one)."""
+        return self._current().probe
+
+    @probe.setter
+    def probe(self, value: LinearProbe | None) -> None:
+        self._state = replace(self._state, probe=value)
+
+    @property
+    def config(self) -> VoteConfig:
+        """The vote's k, T and unknown threshold."""
+        return self._current().config
+
+    @config.setter
+    def config(self, value: VoteConfig) -> None:
+        self._given_config = value
+        self._state = replace(self._state, config=value)
+
+    @property
+    def blend_weight(self) -> float:
+        """The probe's share in the blend."""
+        return self._current().blend_weight
+
+    @blend_weight.setter
+    def blend_weight(self, value: float) -> None:
+        self._given_weight = value
+        self._state = replace(self._state, blend_weight=value)
+
+    @property
+    def text_prior(self) -> TextPriorScores | None:
+        """The zero-shot text prior (None without one)."""
+        return self._current().text_prior
+
+    @text_prior.setter
+    def text_prior(self, value: TextPriorScores | None) -> None:
+        self._state = replace(self._state, text_prior=value)
+        self._taxa_version = -1
+
+    def follow_probe(self, files: Sequence[str | Path], load: ProbeLoader, refresh_s: float = 1.0, *,
+                     marks: tuple | None = None) -> None:
+        """Load the probe and text prior again (``load``) when one of ``files`` changes (:func:`file_marks`), looked
+        at most every ``refresh_s`` seconds before an answer: a server follows ``speciesid probe train`` / ``probe
+        import`` as it follows other processes' reference writes. Settings the caller gave stay. ``marks``: the
+        files' marks when the current state was loaded (default: now)."""
+        self._follow = ([Path(f) for f in files], load, refresh_s)
+        self._probe_files = file_marks(self._follow[0]) if marks is None else marks
+        self._probe_checked = time.monotonic()
+
+    def refresh_probe(self, *, force: bool = False) -> bool:
+        """Swap in the probe files' new state when they changed (see :meth:`follow_probe`; ``force``: look now).
+        Returns whether it did. Files caught half-written, or refused, leave the current state in place."""
+        if self._follow is None:
+            return False
+        files, load, refresh_s = self._follow
+        if not force and time.monotonic() - self._probe_checked < refresh_s:
+            return False
+        if not self._reload_lock.acquire(blocking=force):  # another thread is at it: answer with the state we have
+            return False
+        try:
+            self._probe_checked = time.monotonic()
+            marks = file_marks(files)
+            if marks == self._probe_files:
+                return False
+            self._probe_files = marks  # a failed load is warned once: the write it caught half-done changes them
+            try:
+                probe, text = load()
+                if probe is not None and probe.weight.shape[0] != len(probe.species):
+                    raise ValueError("its weights and species list differ (being replaced?)")
+            except (OSError, ValueError, KeyError) as exc:  # mid-write, or another encoder's: looked at again later
+                logger.warning("the probe files of %s changed but cannot be loaded (%s): answering with the "
+                               "ones loaded before", self.gallery.root, exc)
+                return False
+            self._state = self._calibrated(probe, text)
+            with self._whitened_lock:  # the vote's metric comes with the probe
+                self._whitening, self._whitening_version = None, -1
+                self._whitened.clear()
+            self._taxa_version = -1
+            logger.info("probe of %s loaded again: %s", self.gallery.root,
+                        f"{len(probe.species)} species" if probe is not None else "none")
+            return True
+        finally:
+            self._reload_lock.release()
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[Calibrated]:
+        """One answer's state: the probe files looked at first, then the state kept for this thread until done."""
+        outer = getattr(self._pinned_state, "state", None)
+        if outer is None:
+            self.refresh_probe()
+            self._pinned_state.state = self._state
+        try:
+            yield self._pinned_state.state
+        finally:
+            if outer is None:
+                self._pinned_state.state = None
 
     # ----------------------------------------------------------------- taxonomy
     def taxa(self) -> dict[str, SpeciesSummary]:
@@ -178,10 +313,17 @@ class Identifier:
         version = self.gallery.version
         if version != self._taxa_version:
             taxa = dict(self.text_prior.taxa) if self.text_prior else {}
-            taxa.update({s.species: s for s in self.gallery.species()})
+            held = self.gallery.species()
+            taxa.update({s.species: s for s in held})
+            self._held = frozenset(s.species for s in held if s.count > 0)
             self._taxa, self._taxa_version = taxa, version
             self._records_venom = any(t.venomous is not None for t in taxa.values())
         return self._taxa
+
+    def held_species(self) -> frozenset[str]:
+        """The species the gallery holds searchable references of (cached as :meth:`taxa` is)."""
+        self.taxa()
+        return self._held
 
     # ------------------------------------------------------------------ answers
     def identify_images(self, images: Sequence[Image.Image], **kw) -> list[Identification]:
@@ -198,11 +340,12 @@ class Identifier:
     ) -> list[Identification]:
         """One answer per embedding row. ``presence``: species -> present in the photo's country."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        neighbours, nearest = self._neighbours(emb)
-        return [
-            self.answer(ns, emb[i], top=top, method=method, presence=presence, nearest=float(nearest[i]))
-            for i, ns in enumerate(neighbours)
-        ]
+        with self._pinned():
+            neighbours, nearest = self._neighbours(emb)
+            return [
+                self.answer(ns, emb[i], top=top, method=method, presence=presence, nearest=float(nearest[i]))
+                for i, ns in enumerate(neighbours)
+            ]
 
     def identify_observation(
         self,
@@ -217,14 +360,16 @@ class Identifier:
         Photos unlike every reference (``far``: a blank frame, a thumbnail) are set aside while another photo is
         not: they carry nothing about the animal. The evidence lists each reference once."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        per_photo, nearest = self._neighbours(emb)
-        limit = self.far_threshold()
-        if limit is not None and (nearest >= limit).any():
-            keep = np.flatnonzero(nearest >= limit)
-            emb, nearest, per_photo = emb[keep], nearest[keep], [per_photo[i] for i in keep]
-        merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
-        mean = l2_normalize(emb.mean(axis=0))
-        answer = self.answer(merged, mean, top=top, method=method, presence=presence, nearest=float(nearest.max()))
+        with self._pinned():
+            per_photo, nearest = self._neighbours(emb)
+            limit = self.far_threshold()
+            if limit is not None and (nearest >= limit).any():
+                keep = np.flatnonzero(nearest >= limit)
+                emb, nearest, per_photo = emb[keep], nearest[keep], [per_photo[i] for i in keep]
+            merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
+            mean = l2_normalize(emb.mean(axis=0))
+            answer = self.answer(merged, mean, top=top, method=method, presence=presence,
+                                 nearest=float(nearest.max()))
         unique: dict[int, Neighbour] = {}
         for n in merged:  # best first: a reference two photos found is listed once, at its best similarity
             unique.setdefault(n.id, n)
@@ -237,7 +382,8 @@ class Identifier:
 
     def voting_neighbours(self, embeddings: np.ndarray) -> list[list[Neighbour]]:
         """The ``config.k`` references that vote for each embedding, under the probe's metric (module docstring)."""
-        return self._neighbours(embeddings)[0]
+        with self._pinned():
+            return self._neighbours(embeddings)[0]
 
     def _neighbours(self, embeddings: np.ndarray) -> tuple[list[list[Neighbour]], np.ndarray]:
         """(the voting neighbours, each embedding's cosine to its nearest reference: -inf when the gallery is empty)."""
@@ -323,7 +469,7 @@ class Identifier:
                 raise ValueError("no probe for this gallery: train one with 'speciesid probe train --index DIR'")
             scores = knn
         else:
-            probe = self.probe.scores(embedding[None])[0]
+            probe = self._held_only(self.probe.scores(embedding[None])[0], method)
             if method is Method.PROBE:
                 return dict(sorted(probe.items(), key=lambda kv: -kv[1]))
             scores = blend_knn_probe(knn, probe, self.blend_weight)
@@ -332,6 +478,34 @@ class Identifier:
             lam = text_weight(float(np.median(counts)) if counts else 0.0, self.text_prior.strength)
             scores = mix_text_prior(scores, self.text_prior.scores(embedding[None])[0], lam)
         return scores
+
+    def _held_only(self, probe: dict[str, float], method: Method) -> dict[str, float]:
+        """The probe's probabilities over the species the gallery holds now, renormalised: a species whose
+        references were all deleted (or renamed away) is no answer, and has no evidence to show. Says once per
+        gallery version (and probe) when the probe names species the gallery no longer holds, and, for ``--method
+        probe``, the gallery's species it cannot name."""
+        held = self.held_species()
+        kept = {s: p for s, p in probe.items() if s in held}
+        version = (self.gallery.version, id(self.probe))
+        if self._probe_noted.get("gone") != version:
+            self._probe_noted["gone"] = version
+            gone = sorted(s for s in probe if s not in held)
+            if gone:
+                logger.warning("the probe of %s names %d species the gallery no longer holds (%s): they are left "
+                               "out of its answers; retrain: speciesid probe train --index %s", self.gallery.root,
+                               len(gone), _names(gone), self.gallery.root)
+        if method is Method.PROBE and self._probe_noted.get("unknown") != version:
+            self._probe_noted["unknown"] = version
+            unknown = sorted(held - probe.keys())
+            if unknown:
+                logger.warning("the probe of %s cannot name %d of the gallery's species (%s: added since it was "
+                               "trained, or left out of its training); --method blend or knn answers them; "
+                               "retrain: speciesid probe train --index %s", self.gallery.root, len(unknown),
+                               _names(unknown), self.gallery.root)
+        total = sum(kept.values())
+        if len(kept) == len(probe) or total <= 0.0:
+            return kept if total > 0.0 else {}
+        return {s: p / total for s, p in kept.items()}
 
     def answer(
         self,
@@ -394,6 +568,23 @@ class Identifier:
             country_applied=None if presence is None else (False in candidates
                                                            and any(c is not False for c in candidates)),
         )
+
+
+def _names(species: Sequence[str], shown: int = 5) -> str:
+    """Species names for a message: the first ``shown``, then how many more."""
+    return ", ".join(species[:shown]) + (f", ... ({len(species) - shown} more)" if len(species) > shown else "")
+
+
+def file_marks(files: Sequence[Path]) -> tuple:
+    """What says a file changed: (inode, mtime_ns, size) of each (None when missing)."""
+    marks = []
+    for f in files:
+        try:
+            st = f.stat()
+            marks.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            marks.append(None)
+    return tuple(marks)
 
 
 def _saved_whitening(gallery: Gallery, fingerprint: str) -> Whitening | None:

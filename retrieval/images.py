@@ -41,6 +41,10 @@ class ImageLoadError(ValueError):
     """A photo could not be decoded; the message says why."""
 
 
+class PixelLimitError(ImageLoadError):
+    """A photo with more pixels than the limit asked for (the decompression-bomb guard)."""
+
+
 @dataclass
 class LoadedImage:
     """A decoded photo with the digest of its bytes."""
@@ -110,6 +114,10 @@ def decode_image(
     scale (by 1/2, 1/4, 1/8: much faster for large phone photos that are resized to ~224 px anyway), any other
     photo is box-reduced by a whole factor as soon as it is decoded, so a large PNG is not held at full size.
     The photo's own size, as stored, is in ``image.info[PHOTO_SIZE]`` (:func:`photo_size`).
+
+    ``max_pixels`` bounds the pixels decoded, read from the header before any is (:class:`PixelLimitError`): for
+    a JPEG decoded at reduced scale, the reduced size; and no photo is taken over :data:`DEFAULT_MAX_PIXELS` (nor
+    ``max_pixels``, when larger) as stored, whatever its decode would cost.
     """
     if not data:
         raise ImageLoadError(f"{name}: the file is empty")
@@ -118,14 +126,17 @@ def decode_image(
         try:
             img = Image.open(io.BytesIO(data), formats=_openers())
             w, h = img.size
-            if w * h > max_pixels:
-                raise ImageLoadError(
-                    f"{name}: {w}x{h} pixels is over the limit of {max_pixels:,} (possible decompression bomb)"
-                )
             if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
                 raise ImageLoadError(f"{name}: {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to be a photo")
             if draft and img.format == "JPEG":
-                img.draft("RGB", (draft, draft))
+                img.draft("RGB", (draft, draft))  # only sets the scale: the size below is what will be decoded
+            dw, dh = img.size
+            cap = max(max_pixels, DEFAULT_MAX_PIXELS)
+            if w * h > cap or dw * dh > max_pixels:
+                limit, scaled = (cap, "") if w * h > cap else (max_pixels, f" ({dw}x{dh} decoded at reduced scale)"
+                                                                if (dw, dh) != (w, h) else "")
+                raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} (possible "
+                                      "decompression bomb)")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)
@@ -138,7 +149,7 @@ def decode_image(
             raise
         except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening
             limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
-            raise ImageLoadError(f"{name}: more pixels than the limit of {limit:,} (possible decompression bomb)") from exc
+            raise PixelLimitError(f"{name}: more pixels than the limit of {limit:,} (possible decompression bomb)") from exc
         except UnidentifiedImageError as exc:
             raise ImageLoadError(f"{name}: not a recognised image format: send a {_ACCEPTED_WORDS} photo") from exc
         except (OSError, SyntaxError, ValueError, TypeError) as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +46,9 @@ class Calibration:
     metric: str = "cosine"  # the kNN vote's metric: "cosine" or "whitened" (retrieval.metric; fitted with the probe)
     weight_fixed: str = ""  # why the blend weight was fixed rather than chosen, in words ("" = chosen by the rule)
     selection_sha256: list[str] = field(default_factory=list)  # the validation photos that chose ([]: none, or older)
+    # gallery species with too few distinct photos to cross-validate -> their photo counts: left out of the choice
+    # (and of a probe trained here); the kNN vote alone answers them
+    left_out: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,10 +137,45 @@ class LinearProbe:
             whitening=whitening,
         )
 
+    def added_since(self, gallery: Mapping[str, int]) -> list[str]:
+        """The gallery's species (species -> searchable references) this probe neither knows nor left out when it
+        was made: added since, so it cannot name them."""
+        known = set(self.species) | set(self.calibration.left_out)
+        return sorted(s for s, n in gallery.items() if n > 0 and s not in known)
+
+    def out_of_date(self, gallery: Mapping[str, int]) -> str:
+        """In words, how the gallery (species -> searchable references now) moved on since this probe was made,
+        "" when it did not: species added since (the probe cannot name them), species gone (left out of its
+        answers) and, for a probe trained here, references that left or came."""
+        left_out = self.calibration.left_out
+        added = self.added_since(gallery)
+        parts = []
+        if added:
+            parts.append(f"{len(added)} species added since the probe was {'made' if self.source else 'trained'} "
+                         f"({_first(added)}): it cannot name them (the blend answers them by the kNN vote alone)")
+        if not self.source:  # a fine-tuned head's species and photos are not the gallery's own
+            gone = sorted(s for s in self.species if gallery.get(s, 0) <= 0)
+            if gone:
+                parts.append(f"{len(gone)} species it was trained on are no longer in the gallery ({_first(gone)}): "
+                             "they are left out of its answers")
+            then, now = self.trained_on + sum(left_out.values()), sum(gallery.values())
+            held = (f"the probe trained on {then} references" if not left_out else
+                    f"the gallery held {then} references when the probe was trained")
+            if self.trained_on and now < then:
+                parts.append(f"{held} and the gallery now holds {now}: photos that left it may have trained it")
+            elif self.trained_on and now > then and not added:
+                parts.append(f"{held} and the gallery now holds {now}: {now - then} references were added since")
+        return "; ".join(parts) + (" (retrain: speciesid probe train)" if parts else "")
+
     def scaled(self, temperature: float) -> LinearProbe:
         """A copy whose logits are divided by ``temperature`` (same ranking, other confidence)."""
         return replace(self, weight=(self.weight / temperature).astype(np.float32),
                        bias=(self.bias / temperature).astype(np.float32))
+
+
+def _first(names: Sequence[str], shown: int = 5) -> str:
+    """Names for a message: the first ``shown``, then how many more."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def has_probe(folder: str | Path) -> bool:

@@ -140,7 +140,9 @@ def train_gallery_probe(
                                   val_labels=val_labels, val_name=_abs(val_root), folds=folds, rule=rule)
     calibration.selection_sha256 = val.sha256 if val else []
     t1 = time.perf_counter()
-    probe = train_probe(vectors, labels, fingerprint=gallery.fingerprint, C=calibration.C)
+    learn = [i for i, s in enumerate(labels) if s not in calibration.left_out]  # all, unless some were left out
+    _warn_left_out(calibration.left_out, "left out of the probe's training and of the choice of its settings")
+    probe = train_probe(vectors[learn], [labels[i] for i in learn], fingerprint=gallery.fingerprint, C=calibration.C)
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
@@ -230,6 +232,8 @@ def import_gallery_probe(
                                         val_embeddings=val_emb, val_labels=val_labels, val_name=val_name,
                                         folds=folds, rule=rule, blend_weight=fixed)
     probe.calibration.weight_fixed = why
+    _warn_left_out(probe.calibration.left_out, "left out of the choice of the blend settings (the head still knows "
+                   "those it was fine-tuned on)")
     probe.calibration.selection_sha256 = val.sha256 if val else []
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
@@ -240,6 +244,15 @@ def import_gallery_probe(
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {},
                        head_only=head_only, gallery_only=gallery_only)
+
+
+def _warn_left_out(left_out: dict[str, int], what: str) -> None:
+    """One warning naming the species cross-validation had to leave out (fewer than 2 distinct photos)."""
+    if left_out:
+        named = ", ".join(f"{s} ({n} photo{'s' * (n > 1)})" for s, n in list(left_out.items())[:10])
+        logger.warning("%d species with fewer than 2 distinct reference photos %s: %s%s. The kNN vote alone answers "
+                       "them until they have 2 (not near-copies); then train the probe again", len(left_out), what,
+                       named, ", ..." if len(left_out) > 10 else "")
 
 
 def species_differences(head: list[str], gallery: list[str], index_dir: str | Path,
@@ -297,6 +310,25 @@ def _weight_bias(val_root: str | Path | None, val_name: str, from_dir: str | Pat
     if same_folder(run_val_root(run_record(f"timm:local-dir:{from_dir}")), val_root):
         return "these validation photos also chose the fine-tuning run's epoch"
     return ""
+
+
+def probe_cannot_name(gallery: Gallery) -> str:
+    """A note naming the gallery's species its probe does not know, added since it was made ("" when there are
+    none, or no probe)."""
+    if not has_probe(gallery.root):
+        return ""
+    try:
+        probe = LinearProbe.load(gallery.root)
+    except (OSError, ValueError, KeyError) as exc:  # being replaced: nothing to say now
+        logger.info("probe of %s not read: %s", gallery.root, exc)
+        return ""
+    added = probe.added_since({s.species: s.count for s in gallery.species()})
+    if not added:
+        return ""
+    names = ", ".join(added[:5]) + (f", ... ({len(added) - 5} more)" if len(added) > 5 else "")
+    return (f"the probe of {gallery.root} does not know {len(added)} species added since it was made ({names}): the "
+            "blend answers them by the kNN vote alone and --method probe cannot name them; retrain: speciesid probe "
+            f"train --index {gallery.root}")
 
 
 def refresh_gallery_metric(gallery: Gallery) -> bool:

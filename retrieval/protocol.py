@@ -10,7 +10,7 @@ chose or trained (the probe's ``Calibration.selection_sha256``, a run's photo li
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,9 +149,11 @@ def _photos_at(folder: str, root: str | Path, evaluated: Sequence[str | None] = 
 
 
 def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: bool = False,
-                    evaluated: Sequence[str | None] = (), gallery_size: int | None = None) -> tuple[str, bool]:
+                    evaluated: Sequence[str | None] = (), gallery_size: int | None = None,
+                    gallery_species: Mapping[str, int] | None = None) -> tuple[str, bool]:
     """(where the settings come from, whether the evaluated photos at ``root`` (``evaluated``: their sha256) chose
-    them). ``gallery_size``: the gallery's references now, to say when a probe trained here was trained on others."""
+    them). ``gallery_size``: the gallery's references now, to say when a probe trained here was trained on others;
+    ``gallery_species`` (species -> references now), to say how the gallery moved on since (it replaces the size)."""
     if probe is None:
         if overridden:
             return "kNN only: k, T and the unknown threshold set on the command line (nothing was chosen)", False
@@ -163,7 +165,10 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     rule += (f" (blend weight {cal.weight_fixed})" if cal.weight_fixed else "")
     head = f"the fine-tuned head of {probe.source.removeprefix('finetune:')}; " if probe.source else ""
     extra = "; k/T/threshold overridden on the command line" if overridden else ""
-    if not probe.source and gallery_size is not None and probe.trained_on and probe.trained_on != gallery_size:
+    if gallery_species is not None:
+        moved = probe.out_of_date(gallery_species)
+        extra += f"; {moved}" if moved else ""
+    elif not probe.source and gallery_size is not None and probe.trained_on and probe.trained_on != gallery_size:
         extra += (f"; the probe trained on {probe.trained_on} references and the gallery now holds {gallery_size}: "
                   "photos that left it may have trained it (retrain: speciesid probe train)")
     where = cal.selected_on

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -445,20 +446,103 @@ class TimmEncoder(TorchEncoder):
         return module(batch.contiguous(memory_format=torch.channels_last))
 
 
+#: How long the hub's reachability check waits for a connection, in seconds: a setting, not a measurement (one
+#: connection, where the libraries would retry each file five times with growing waits).
+HUB_CONNECT_TIMEOUT_S = 3.0
+#: Environment variables that send the hub's traffic through a proxy: a direct connection then tells nothing.
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
 def create_torch_encoder(parsed: ParsedSpec, spec: str, config: EncoderConfig,
                          precision: str | None = None) -> TorchEncoder:
-    """The torch encoder of a parsed spec (``precision``: a resolved one, else ``config.precision``)."""
+    """The torch encoder of a parsed spec (``precision``: a resolved one, else ``config.precision``).
+
+    Weights that come from the Hugging Face hub: when one connection to it fails (:func:`hub_unreachable`), they are
+    loaded from the local cache alone (hub offline mode for this load), and when they are not cached the error comes
+    at once, saying what to do, rather than after the libraries' retries of every file."""
     cls = OpenClipEncoder if parsed.library == "open_clip" else TimmEncoder
+    unreachable = hub_unreachable() if _from_hub(parsed, config) else None
     try:
-        return cls(parsed, spec, config, precision)
+        with _hub_offline(unreachable is not None):
+            return cls(parsed, spec, config, precision)
     except (OSError, RuntimeError) as exc:  # the hub unreachable (open_clip wraps it in a RuntimeError)
-        if parsed.source in ("hf-hub", "alias", "name") and _hub_unreachable(exc):
-            raise ValueError(
-                f"cannot download the weights of {spec} from the Hugging Face hub ({str(exc).splitlines()[0][:160]}): "
-                "without network, download them once elsewhere and give --encoder open_clip:local-dir:DIR (or "
-                "timm:local-dir:DIR), and set HF_HUB_OFFLINE=1 so that nothing waits on the hub (README, "
-                "'Offline')") from exc
+        if parsed.source in ("hf-hub", "alias", "name") and (unreachable is not None or _hub_unreachable(exc)):
+            raise ValueError(_offline_message(spec, unreachable, exc)) from exc
         raise
+
+
+def _from_hub(parsed: ParsedSpec, config: EncoderConfig) -> bool:
+    """Whether the spec's weights come from the Hugging Face hub (or its cache)."""
+    if config.weights or parsed.source == "local-dir":
+        return False
+    if parsed.source == "hf-hub":
+        return True
+    return parsed.tag != "random" if parsed.library == "timm" else parsed.tag not in (None, "random")
+
+
+def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached from here, or None when a connection to it opens,
+    or a proxy is set (only the download itself can tell then). ``HF_HUB_OFFLINE`` set counts as unreachable."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _offline_asked():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=connect, name="speciesid-hub-check", daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    if outcome and outcome[0] is None:
+        return None
+    why = outcome[0] if outcome else f"no answer in {timeout:g} s"
+    return f"no connection to {host}:{port}: {why}"
+
+
+@contextlib.contextmanager
+def _hub_offline(forced: bool) -> Iterator[None]:
+    """Hub offline mode for one load (``forced``): the cache answers, nothing waits on the network."""
+    if not forced:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read by huggingface_hub at each request
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _offline_asked() -> bool:
+    """Whether the user set HF_HUB_OFFLINE (read now: huggingface_hub read it once, at its import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _offline_message(spec: str, unreachable: str | None, exc: BaseException) -> str:
+    """What to do when the weights of ``spec`` are neither cached nor downloadable, with the library's cause whole."""
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    user_offline = _offline_asked()
+    why = f" ({unreachable}), and they are not in the local Hugging Face cache" if unreachable else ""
+    return (f"cannot download the weights of {spec} from the Hugging Face hub{why}. Without network, download them "
+            "once elsewhere and give --encoder open_clip:local-dir:DIR (or timm:local-dir:DIR)"
+            + ("" if user_offline else "; HF_HUB_OFFLINE=1 skips even the hub's connection check")
+            + f" (README, 'Offline'). The library said: {cause}")
 
 
 def _hub_unreachable(exc: BaseException) -> bool:

@@ -17,8 +17,10 @@ functions are offered here with the rest.
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,13 +45,14 @@ from retrieval.encoders import (
     portable,
 )
 from retrieval.findings import CleanConfig
-from retrieval.galleries import open_gallery, open_identifier
+from retrieval.galleries import build_encoder, open_gallery, open_identifier
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import BuildReport, add_references, embed_photos
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
+    probe_cannot_name,
     refresh_gallery_metric,
     train_gallery_probe,
 )
@@ -57,7 +60,7 @@ from retrieval.vote import Rank, parse_rank
 
 __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
-    "Identifier", "ProbeResult", "add_photos", "build_gallery", "clean", "delete_references", "evaluate_dataset",
+    "Identifier", "ProbeResult", "add_photos", "build_encoder", "build_gallery", "clean", "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
     "presence_for", "restore_exclusions", "search", "train_gallery_probe",
 ]
@@ -97,7 +100,8 @@ def build_gallery(
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
-    Building into an existing gallery adds what is new (identical photos are stored once). With ``clean``,
+    Building into an existing gallery adds what is new (identical photos are stored once); ``encoder`` None: the
+    gallery's own, or bioclip for a new one (:func:`build_encoder`). With ``clean``,
     the zero-shot filter then excludes off-target references (report in the gallery's ``clean-report``).
     ``engine="ray"``: embed on a Ray cluster (``ray``: address, actors, ...; see
     :mod:`retrieval.distributed`), records streamed from the loader. ``store``: an object-store URI for a new
@@ -105,7 +109,8 @@ def build_gallery(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
-    encoder = portable(encoder or EncoderConfig())  # the gallery records where the weights are, usable from anywhere
+    encoder = portable(encoder or build_encoder(index_dir))  # the gallery records where the weights are, usable
+    # from anywhere
     if engine == "ray":
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
@@ -291,7 +296,9 @@ def evaluate_dataset(
         raise ValueError(f"none of the {len(scan.records)} photos under {root} could be read; nothing to evaluate")
     dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
     evaluated = [done.sha256[i] for i in ok]
-    settings, chose = settings_origin(ident.probe, root, settings_overridden, evaluated, len(ident.gallery))
+    held = {s.species: s.count for s in ident.gallery.species() if s.count > 0}
+    settings, chose = settings_origin(ident.probe, root, settings_overridden, evaluated, len(ident.gallery),
+                                      gallery_species=held)
     size, size_chose = size_origin(ident.encoder, root, evaluated)
     if keep_duplicates and dups and ident.probe is not None and ident.probe.calibration.selected_on.startswith("cv:"):
         chose = True  # the gallery members kept in the figures were the folds that chose the settings
@@ -333,10 +340,31 @@ def evaluate_dataset(
     ]
     if country:
         notes.append(f"country prior: {country}")
+    if absent := species_not_held([scan.records[i].species for i in ok], held):
+        logger.warning("%s", absent)
+        notes.append(f"warning: {absent}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
     return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines(),
                          protocol.unseen)
+
+
+def species_not_held(evaluated: Sequence[str], held: Collection[str]) -> str:
+    """A warning naming the evaluated species the gallery holds no reference of (their photos count as misses that no
+    setting could get right), with their photo counts and the closest gallery names (a misspelt folder?); "" when
+    there are none."""
+    counts = Counter(s for s in evaluated if s not in held)
+    if not counts:
+        return ""
+    names = sorted(held)
+    shown = []
+    for species, n in sorted(counts.items())[:10]:
+        close = difflib.get_close_matches(species, names, n=2, cutoff=0.75)
+        shown.append(f"{species} ({n} photo{'s' * (n > 1)}" + (f"; closest: {', '.join(close)}" if close else "")
+                     + ")")
+    return (f"{len(counts)} evaluated species have no reference in the gallery, so the {sum(counts.values())} photos "
+            f"of them count as misses whatever the settings: {'; '.join(shown)}{'; ...' if len(counts) > 10 else ''}"
+            ". Add their photos to the gallery, or check the folder names")
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -351,6 +379,7 @@ class AddResult:
     # (photo or upload name, id it repeats, that reference's species: another one's when the photo is stored there)
     duplicates: list[tuple[str, int | None, str | None]] = field(default_factory=list)
     excluded: list[int] = field(default_factory=list)  # of those ids, the ones a clean run excluded (not searchable)
+    probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
 
 
 def add_photos(
@@ -407,8 +436,9 @@ def add_photos(
                   for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
     if report.ids:
         refresh_gallery_metric(gallery)
-    return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
-                     report=report, duplicates=duplicates, excluded=excluded)
+    created = prior is None and bool(report.ids)
+    return AddResult(species=name, created=created, existed=prior is not None, report=report, duplicates=duplicates,
+                     excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "")
 
 
 def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:

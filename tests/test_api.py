@@ -252,7 +252,7 @@ def test_identify_combines_one_to_five_photos(client):
     single = client.post("/v1/identify", files=_files(samar[:1])).json()
     assert evidence > sum(len(r["neighbours"]) for r in single["results"])
     assert "at most 5 photos" in _is_error(client.post("/v1/identify", files=_files(samar[:6])), 400)
-    resp = client.post("/v1/identify", data={"k": "3"})  # no photo at all
+    resp = client.post("/v1/identify", files={"k": (None, "3")})  # multipart, no photo at all
     assert resp.status_code == 422 and resp.json()["detail"]
 
 
@@ -373,8 +373,23 @@ def test_bad_uploads_are_clear_4xx(client):
 
 def test_over_size_upload_is_413(client):
     big = COBRA.read_bytes() + b"\0" * (20 * 1024 * 1024)  # over the default 20 MB
-    assert "20 MB" in _is_error(client.post("/v1/identify", files=_one("big.jpg", big)), 413)
-    assert "20 MB" in _is_error(client.post("/v1/search", files=_one("big.jpg", big, "image")), 413)
+    for resp in (client.post("/v1/identify", files=_one("big.jpg", big)),
+                 client.post("/v1/search", files=_one("big.jpg", big, "image"))):
+        detail = _is_error(resp, 413)
+        assert "limit of 20 MB a photo" in detail and "raise SPECIESID_MAX_UPLOAD_MB" in detail, detail
+
+
+def test_a_large_camera_jpeg_is_identified_and_a_photo_over_the_pixel_limit_names_the_setting(client):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(COBRA).convert("RGB").resize((9000, 6000)).save(buf, "JPEG", quality=80)  # 54 MP, decoded at 1/8
+    resp = client.post("/v1/identify", files=_one("big54.jpg", buf.getvalue()), params={"k": 1})
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.json()["results"][0]["name"] == "Naja philippinensis"
+    detail = _is_error(client.post("/v1/identify", files=_one("big.png", _png(9000, 6000))), 422)  # decoded whole
+    assert detail.startswith("big.png: 9000x6000 pixels is over the limit of 50,000,000") and detail.endswith(
+        "this server's limit (ask its operator to raise SPECIESID_MAX_PIXELS)"), detail
 
 
 def test_a_request_over_its_pixel_budget_is_413_before_any_photo_is_decoded(client, service, monkeypatch):
@@ -468,7 +483,7 @@ def test_search_by_photo_and_by_vector(client, service):
         resp = client.post("/v1/search", content=body, headers={"content-type": "application/json"})
         assert resp.status_code == 422, (body[:10], resp.status_code)
     assert client.post("/v1/search", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
-    assert "field 'image'" in _is_error(client.post("/v1/search", data={"k": "3"}, files=_one("a", b"x", "other")), 400)
+    assert "field 'image'" in _is_error(client.post("/v1/search", data={"k": "3"}, files=_one("a", b"x", "other")), 422)
     for k in ("0", "1001", "ten"):
         assert client.post("/v1/search", files=_files([member], "image"), data={"k": k}).status_code == 422
 
@@ -579,7 +594,7 @@ def test_edge_answers_say_what_to_do(client):
     assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
     assert client.get("/").headers["content-security-policy"] == "frame-ancestors 'none'"
     for field, url in (("images", "/v1/identify"), ("images", f"/v1/species/{binomial(NEW_SPECIES)}/references")):
-        detail = _is_error(client.post(url, data={field: "abc"}, headers=KEYS), 422)
+        detail = _is_error(client.post(url, files={field: (None, "abc")}, headers=KEYS), 422)
         assert f"send the photos as files in the multipart field '{field}'" in detail, detail
     detail = _is_error(client.post("/v1/species/Naja%2Fhaje/references", files=_one("a.jpg", b"x"), headers=KEYS),
                        422)
@@ -595,6 +610,47 @@ def test_edge_answers_say_what_to_do(client):
         client.request(method, "/v1/species")
     metrics = client.get("/metrics").text
     assert 'method="X1ZZ"' not in metrics and 'method="other",route="/v1/species"' in metrics
+
+
+def test_identify_and_search_answer_the_same_mistakes_with_the_same_codes(client):
+    """A photo field missing from a multipart body is a 422 on every route (FastAPI's code for a missing field), and
+    a body that is not multipart at all (nor, for search, JSON) a 415."""
+    routes = (("/v1/identify", "images"), ("/v1/search", "image"),
+              (f"/v1/species/{binomial(NEW_SPECIES)}/references", "images"))
+    for url, field in routes:
+        other = "image" if field == "images" else "images"  # the other route's field name
+        detail = _is_error(client.post(url, files=_one("q.jpg", COBRA.read_bytes(), other), headers=KEYS), 422)
+        assert f"field '{field}'" in detail and f"curl -F {field}=@photo.jpg" in detail, (url, detail)
+        for ctype in ("text/plain", "image/jpeg", "application/x-www-form-urlencoded"):
+            resp = client.post(url, content=COBRA.read_bytes(), headers={**KEYS, "content-type": ctype})
+            assert resp.status_code == 415, (url, ctype, resp.status_code, resp.text[:200])
+        detail = _is_error(client.post(url, data={field: "abc"}, headers=KEYS), 415)  # curl -d, not -F
+        assert "send multipart/form-data" in detail and "not application/x-www-form-urlencoded" in detail, detail
+    for url, _ in routes:
+        assert "415" in client.app.openapi()["paths"][url.replace(binomial(NEW_SPECIES), "{name}")]["post"][
+            "responses"], url
+
+
+def test_reads_that_need_a_key_when_none_is_configured_say_so(service):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    base = service.settings.model_dump()
+    settings = Settings(**{**base, "reads_require_key": True, "api_keys": ""})
+    (warning,) = settings.startup_warnings()  # what `speciesid serve` logs at start-up
+    assert warning.startswith("SPECIESID_READS_REQUIRE_KEY is set but no SPECIESID_API_KEYS is: every read")
+    locked = TestClient(create_app(settings, service=service))
+    for resp in (locked.post("/v1/identify", files=_files([COBRA])), locked.get("/v1/species"),
+                 locked.post("/v1/search", files=_files([COBRA], "image"))):
+        detail = _is_error(resp, 401)
+        assert detail.startswith("reads need an X-API-Key here (SPECIESID_READS_REQUIRE_KEY), but no "
+                                 "SPECIESID_API_KEYS is configured") and "writes" not in detail, detail
+    assert "writes are disabled" in _is_error(locked.delete("/v1/references/1"), 401)
+    assert Settings(**{**base, "api_keys": ""}).startup_warnings() == [
+        "no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled"]
+    assert Settings(**base).startup_warnings() == []
 
 
 # ----------------------------------------------------------------------------------------- writes

@@ -232,3 +232,27 @@ def test_limits_keys_and_load_shedding_on_a_real_server(tmp_path_factory):
                 time.sleep(0.25)
     finally:
         stop_server(proc)
+
+
+def test_serve_on_a_busy_port_exits_2_before_loading_the_model(tmp_path_factory, capsys, caplog, monkeypatch):
+    import logging
+    import socket
+
+    import api.service
+    from api.cli import main
+
+    index = gallery_copy(tmp_path_factory, "busy_port")
+    monkeypatch.setattr(api.service, "open_identifier", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setenv("SPECIESID_READS_REQUIRE_KEY", "true")  # and no keys: said at start-up
+    monkeypatch.delenv("SPECIESID_API_KEYS", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with caplog.at_level(logging.WARNING, logger="speciesid"):
+            code = main(["serve", "--index", str(index), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"speciesid: error: port {port} on 127.0.0.1 is in use (another server?): choose another with --port" in err
+    assert "serving" not in err  # no banner for a server that never ran
+    assert "SPECIESID_READS_REQUIRE_KEY is set but no SPECIESID_API_KEYS is: every read" in caplog.text

@@ -163,6 +163,36 @@ def test_moroccan_rejects_other_taxa(tmp_path: Path) -> None:
         load_dataset("moroccan", tmp_path)
 
 
+def test_moroccan_split_folders_point_to_the_split_not_another_dataset(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        make_image(tmp_path / split / "Naja-haje" / "a.jpg")
+    with pytest.raises(ValueError) as excinfo:
+        load_dataset("moroccan", tmp_path)
+    message = str(excinfo.value)
+    assert "dataset split folder(s) (test, train)" in message
+    assert f"--dataset moroccan --root {tmp_path / 'train'}" in message and "--dataset folder" not in message
+    make_image(tmp_path / "2024" / "Daboia-mauritanica" / "b.jpg")  # not a split name, but it holds species folders
+    with pytest.raises(ValueError, match=r"split folder\(s\) \(2024, test, train\)"):
+        load_dataset("moroccan", tmp_path)
+
+
+def test_folder_refuses_split_folders_holding_the_classes(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        make_image(tmp_path / split / "Naja naja" / "a.jpg")
+    make_image(tmp_path / "val2" / "Naja naja" / "b.jpg")
+    with pytest.raises(ValueError) as excinfo:
+        load_dataset("folder", tmp_path)
+    message = str(excinfo.value)
+    assert "dataset split folder(s) (train, val) with the class folders inside" in message
+    assert f"--root {tmp_path / 'train'}" in message
+    # a class that happens to be called like a split, holding photos, is still read (with a warning)
+    other = tmp_path.parent / (tmp_path.name + "-classes")
+    make_image(other / "test" / "c.jpg")
+    make_image(other / "Naja naja" / "d.jpg")
+    scan = load_dataset("folder", other)
+    assert scan.species == ["Naja naja", "test"] and any("look like dataset splits" in w for w in scan.warnings)
+
+
 def test_moroccan_warns_about_loose_root_files(tmp_path: Path) -> None:
     make_image(tmp_path / "Naja-haje" / "a.png")
     make_image(tmp_path / "stray.jpg")

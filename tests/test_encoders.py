@@ -150,6 +150,67 @@ def test_bf16_embeddings_stay_close_to_fp32(tiny_clip_dir):
 def test_an_unreachable_hub_says_how_to_work_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the hub would be asked
-    with pytest.raises(ValueError, match="cannot download the weights of bioclip from the Hugging Face hub .*"
+    with pytest.raises(ValueError, match="cannot download the weights of bioclip from the Hugging Face hub.*"
                                          "open_clip:local-dir:DIR"):
         create_encoder("bioclip", runtime="torch", device="cpu")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_cause_whole(monkeypatch, tmp_path):
+    import time
+
+    from huggingface_hub import constants
+
+    port = _closed_port()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # no hub there: every request refused
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    with pytest.raises(ValueError) as caught:
+        create_encoder("timm:hf-hub:speciesid-tests/not-cached", runtime="torch", device="cpu")
+    took = time.monotonic() - start
+    message = str(caught.value)
+    assert took < 10, took  # one refused connection, not the libraries' retries of every file (1+2+4+8+8 s each)
+    assert message.startswith("cannot download the weights of timm:hf-hub:speciesid-tests/not-cached from the "
+                              f"Hugging Face hub (no connection to 127.0.0.1:{port}: ")
+    assert "timm:local-dir:DIR" in message and "HF_HUB_OFFLINE=1 skips even the hub's connection check" in message
+    cause = str(caught.value.__cause__).strip().splitlines()[0]
+    assert message.endswith(f"The library said: {cause}")  # whole, not cut mid-sentence
+    assert constants.HF_HUB_OFFLINE is False  # the offline mode was for that one load
+
+
+def test_with_hf_hub_offline_set_the_message_does_not_ask_to_set_it(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match=r"hub \(HF_HUB_OFFLINE is set\), and they are not in the local") as caught:
+        create_encoder("bioclip", runtime="torch", device="cpu")
+    assert "HF_HUB_OFFLINE=1" not in str(caught.value)
+
+
+def test_the_cli_prints_each_huggingface_hub_line_once(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging, huggingface_hub\n"  # the library puts a handler of its own on its logger
+            "from api.cli import main\n"
+            "main(['encoders', 'list'])\n"  # the CLI's logging set up
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr

@@ -95,6 +95,24 @@ def test_decompression_bomb_is_refused():
         decode_image(png_bomb(30_000, 30_000), max_pixels=1_000_000_000)
 
 
+def test_the_pixel_limit_counts_the_pixels_decoded():
+    """A JPEG decoded at reduced scale (``draft``) is held to the limit at that scale: a 54 MP camera JPEG passes a
+    50 MP limit; the same photo decoded whole, or a PNG (decoded whole), does not; none passes the 256 MP cap."""
+    from retrieval.images import PixelLimitError
+
+    jpeg = _bytes(Image.new("RGB", (9000, 6000), (120, 90, 60)), "JPEG")
+    image = decode_image(jpeg, max_pixels=50_000_000, draft=448)
+    assert image.size == (1125, 750) and image.info["speciesid_photo_size"] == (9000, 6000)
+    with pytest.raises(PixelLimitError, match=r"9000x6000 pixels is over the limit of 50,000,000"):
+        decode_image(jpeg, max_pixels=50_000_000)
+    with pytest.raises(PixelLimitError, match=r"9000x6000 pixels \(2250x1500 decoded at reduced scale\) is over "
+                                              r"the limit of 1,000,000"):
+        decode_image(jpeg, max_pixels=1_000_000, draft=1500)
+    png = _bytes(Image.new("L", (9000, 6000)), "PNG")
+    with pytest.raises(PixelLimitError, match=r"9000x6000 pixels is over the limit of 50,000,000"):
+        decode_image(png, max_pixels=50_000_000, draft=448)
+
+
 def test_load_image_hashes_bytes(tmp_path):
     p = tmp_path / "a.png"
     p.write_bytes(_bytes(Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"))

@@ -121,3 +121,27 @@ def test_uploads_to_a_gallery_opened_by_a_relative_path_name_the_right_duplicate
     (rid,) = res.report.ids
     assert [(name, i) for name, i, _ in res.duplicates] == [("second.jpg", rid)]  # the first one is stored
     assert (index / "uploads").is_dir() and len(list((index / "uploads").iterdir())) == 1  # and its file kept
+
+
+def test_index_build_into_a_gallery_uses_its_own_encoder_by_default(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    from index.gallery import Gallery
+
+    index = gallery_copy(tmp_path_factory, "build_again")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # bioclip (the default of a new gallery) cannot load here
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    more = tmp_path / "more"
+    (more / SPECIES[3]).mkdir(parents=True)
+    for p in photos("val", SPECIES[3], 2):
+        os.symlink(p, more / SPECIES[3] / p.name)
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", more, "--index", index, "-q")
+    assert code == 0, err
+    assert "added 2" in out and f"encoder {Gallery.open(index).encoder_spec}" in out  # MobileNetV1, the gallery's
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", more, "--index", tmp_path / "new",
+                        "-q")
+    assert code == 2 and "cannot download the weights of bioclip" in err  # a new gallery: bioclip, as before
+    with pytest.raises(SystemExit):
+        main(["index", "build", "--help"])
+    assert "default: the one that built --index when it holds a gallery, else bioclip" in " ".join(
+        capsys.readouterr().out.split())

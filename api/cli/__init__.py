@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.verbose += getattr(args, "verbose_after", 0)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other command-line tools do

@@ -70,24 +70,34 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None) -> None:
-    """--encoder, --weights, --device, --pool, --views, --runtime, --precision."""
-    from retrieval.encoders import DEFAULT_POOL, DEFAULT_VIEWS, POOLS, SCALE_VIEW, SPEC_FORMS, VIEWS
+def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None, builds: bool = False) -> None:
+    """--encoder, --weights, --device, --pool, --views, --runtime, --precision. ``builds``: the command builds into
+    --index (the gallery's own encoder when it holds one, else a new gallery's defaults)."""
+    from retrieval.encoders import (
+        DEFAULT_ENCODER,
+        DEFAULT_POOL,
+        DEFAULT_VIEWS,
+        POOLS,
+        SCALE_VIEW,
+        SPEC_FORMS,
+        VIEWS,
+    )
 
+    own = "the one that built the index"
+    if builds:
+        own = "the one that built --index when it holds a gallery, else {}"
     help_spec = "encoder spec (" + ", ".join(SPEC_FORMS) + ")"
-    help_spec += f"; default {default_spec}" if default_spec else "; default: the one that built the index"
+    help_spec += f"; default {default_spec}" if default_spec else "; default: " + own.format(DEFAULT_ENCODER)
     p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
     p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    builds = default_spec is not None
+    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     p.add_argument("--pool", default=None, choices=POOLS,
                    help="feature pooling: model (the model's own, average for CNNs), gem3 (generalised mean, p=3; "
-                   "timm CNNs) or auto (gem3 for timm CNNs, else model); default "
-                   + (DEFAULT_POOL if builds else "the one that built the index"))
+                   "timm CNNs) or auto (gem3 for timm CNNs, else model); default " + own.format(DEFAULT_POOL))
     p.add_argument("--views", default=None, choices=VIEWS,
                    help="test-time views of every photo (references and queries), embeddings averaged: single, "
                    f"flip (+ mirror image, 2 passes), ms (+ whole photo at {SCALE_VIEW} px, torch only), flipms "
-                   "(all four); default " + (DEFAULT_VIEWS if builds else "the ones that built the index"))
+                   "(all four); default " + own.format(DEFAULT_VIEWS).replace("the one that", "the ones that"))
     add_runtime_args(p)
 
 

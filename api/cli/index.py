@@ -12,7 +12,6 @@ from api.cli._common import (
     add_quiet,
     at_least,
     emit,
-    encoder_config,
     fmt_bool,
     to_csv,
 )
@@ -50,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs)")
     p.add_argument("--chunk-rows", type=at_least(1), default=100_000, metavar="N",
                    help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
-    add_encoder_args(p, default_spec="bioclip")
+    add_encoder_args(p, default_spec=None, builds=True)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
     p.add_argument("--index-kind", default=None, choices=KINDS,
@@ -82,13 +81,16 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from index.photos import skipped_text
     from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
-    from retrieval.workflows import CleanConfig, build_gallery
+    from retrieval.workflows import CleanConfig, build_encoder, build_gallery
 
     clean = CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False) if args.clean else None
     ray = RayOptions(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size)
+    encoder = build_encoder(args.index, spec=args.encoder, weights=args.weights, pool=args.pool, views=args.views,
+                            device=args.device, precision=args.precision, batch_size=args.batch_size,
+                            runtime=args.runtime)
     result = build_gallery(
-        args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
+        args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder,
         index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,
         progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
     )

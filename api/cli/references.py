@@ -53,6 +53,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     emit(f"{result.species} ({status} species): {report.summary()}")
     if report.ids:
         emit(f"ids: {', '.join(map(str, report.ids))}")
+    if result.probe_note:
+        emit(f"note: {result.probe_note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
         emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")

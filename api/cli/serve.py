@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 
 from api.cli._common import at_least, emit, logger
@@ -46,13 +48,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  if getattr(args, name)}
     settings = Settings(**overrides)
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
-    if not settings.key_list():
-        logger.warning("no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled")
+    for warning in settings.startup_warnings():
+        logger.warning("%s", warning)
+    sock = listening_socket(args.host, args.port)  # a port in use is said now, before the model loads (exit 2)
     host = f"[{args.host}]" if ":" in args.host else args.host
     sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{args.port}/ (web page; API docs at /docs, "
                      "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info" if args.verbose else "warning"))
+    server.run(sockets=[sock])
+    if not server.started:  # the app did not start (the model did not load): uvicorn logged why
+        sys.stderr.write("speciesid: error: the server did not start (see the lines above)\n")
+        return 2
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds one (SO_REUSEADDR; IPv6 for an address with ':'), for
+    uvicorn to serve on; ValueError saying what to do when the port is in use or the address is not this
+    machine's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use (another server?): choose another with --port") from exc
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --host or "
+                         "--port") from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def cmd_encoders_list(args: argparse.Namespace) -> int:

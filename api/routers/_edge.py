@@ -22,7 +22,7 @@ ERRORS: dict[int | str, dict] = {
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
           "elongated, too small for a reference), an invalid name, or an invalid parameter"},
-    415: {"model": ErrorOut, "description": "neither a multipart photo nor a JSON embedding"},
+    415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     503: {"model": ErrorOut, "description": "the model is still loading"},
 }
@@ -55,7 +55,8 @@ def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_mos
     raw = []
     for f in files:
         if f.size is not None and f.size > limit:
-            raise HTTPException(413, f"{f.filename}: over the {service.settings.max_upload_mb:g} MB limit")
+            raise HTTPException(413, f"{f.filename}: over this server's limit of {service.settings.max_upload_mb:g} "
+                                "MB a photo (ask its operator to raise SPECIESID_MAX_UPLOAD_MB)")
         data = f.file.read(limit + 1)
         raw.append((f.filename or "upload", data))
     return edge(lambda: service.decode(raw))

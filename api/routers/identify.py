@@ -20,7 +20,7 @@ from retrieval.vote import Rank
 router = APIRouter(prefix="/v1", tags=["identify"])
 
 
-@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 413, 422, 429))
+@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 413, 415, 422, 429))
 def identify(
     service: Service,
     _: ReadKey,
@@ -97,8 +97,9 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
     elif ctype.startswith("multipart/form-data"):
         form = await request.form()
         image = form.get("image")
-        if not isinstance(image, UploadFile) and not hasattr(image, "read"):
-            raise HTTPException(400, "send the photo in the multipart field 'image'")
+        if not isinstance(image, UploadFile) and not hasattr(image, "read"):  # as identify answers it: a 422
+            raise HTTPException(422, "send the photo as a file in the multipart field 'image' (e.g. curl -F "
+                                "image=@photo.jpg)")
         try:
             k = int(form.get("k", request.query_params.get("k", 10)))  # a form field, or ?k= as identify takes it
         except (TypeError, ValueError) as exc:
@@ -107,7 +108,9 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
             raise HTTPException(422, "k must be between 1 and 1000")
         hits = await run_in_threadpool(_search_upload, service, image, k)
     else:
-        raise HTTPException(415, "send multipart/form-data with 'image', or application/json with 'embedding'")
+        sent = ctype.split(";")[0].strip() or "no content type"
+        raise HTTPException(415, "send multipart/form-data with the photo as a file in the field 'image' (e.g. curl -F "
+                            f"image=@photo.jpg), or application/json with 'embedding', not {sent}")
     return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)
 
 

@@ -1,0 +1,185 @@
+"""The probe as the gallery moves on after it was trained: species deleted, species added, a rare species with one
+photo, a server that keeps running while the probe is trained again, an evaluation of species the gallery lacks.
+
+Uses the small real MobileNetV1 gallery of the API tests (4 ph-snakes species, 10 photos each), copied per test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from _api_support import SPECIES, binomial, gallery_copy, photos
+
+from api.cli import main
+
+#: A ph-snakes species the small gallery does not hold.
+WOLF = "Common Wolf Snake (Lycodon capucinus)"
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _train(index) -> None:
+    from retrieval.workflows import train_gallery_probe
+
+    train_gallery_probe(index, progress=False, precision="fp32")
+
+
+def _ids_of(index, species: str) -> list[int]:
+    from index.gallery import Gallery
+
+    meta = Gallery.open(index).store.metadata()
+    return [int(i) for i in meta.index[meta["species"] == species]]
+
+
+def test_a_species_deleted_from_the_gallery_is_no_answer_of_the_probe(tmp_path_factory, capsys, caplog):
+    from retrieval.workflows import delete_references, identify, open_identifier
+
+    index = gallery_copy(tmp_path_factory, "probe_deleted")
+    _train(index)
+    gone = binomial(SPECIES[1])
+    assert len(delete_references(index, _ids_of(index, gone))) == 10  # every reference of it: the species is gone
+    ident = open_identifier(index, precision="fp32")
+    assert gone in ident.probe.species  # the probe was trained with it, and is not retrained
+    photo = photos("val", SPECIES[1], 1)[0]
+    with caplog.at_level(logging.WARNING, logger="retrieval.identify"):
+        for method in ("blend", "probe", "knn"):
+            (answer,) = identify(ident, [photo], method=method, top=10)
+            scores = answer.identification.scores
+            assert gone not in scores and all(r.name != gone for r in answer.results), method
+            assert sum(scores.values()) == pytest.approx(1.0), method  # the probe's share renormalised over the rest
+    assert caplog.text.count(f"names 1 species the gallery no longer holds ({gone})") == 1  # said once
+    # the CLI (and the API: the same Identifier) gives no ghost either
+    code, out, _ = _run(capsys, "identify", "--index", index, photo, "--method", "probe", "--format", "json", "-q")
+    (answer,) = json.loads(out)
+    assert code == 0 and gone not in [p["species"] for p in answer["predictions"]]
+
+
+def test_a_running_service_follows_probe_train_without_a_restart(tmp_path_factory):
+    from api.service import SpeciesService
+    from api.settings import Settings
+    from index.layout import GalleryLayout
+    from retrieval.workflows import identify, open_identifier
+
+    index = gallery_copy(tmp_path_factory, "probe_followed")
+    service = SpeciesService(Settings(index=str(index), precision="fp32", refresh_s=0.0))
+    try:
+        photo = photos("val", SPECIES[2], 1)[0]
+        uploads = service.decode([(photo.name, photo.read_bytes())])
+        before = service.identify(uploads)
+        assert service.identifier.probe is None
+        _train(index)  # `speciesid probe train`, as another process would run it
+        after = service.identify(uploads)
+        fresh = open_identifier(index, precision="fp32")  # what the CLI, or a restarted server, answers
+        expected = identify(fresh, embeddings=service.embed(uploads), observation=True)[0]
+        assert service.identifier.probe is not None
+        assert service.identifier.probe.species == fresh.probe.species
+        assert service.identifier.config == fresh.config
+        assert service.identifier.blend_weight == fresh.blend_weight
+        assert after.identification.scores == pytest.approx(expected.identification.scores)
+        assert after.identification.scores != pytest.approx(before.identification.scores)
+        layout = GalleryLayout(index)  # the probe removed: back to the kNN vote alone
+        layout.probe_meta.unlink()
+        layout.probe_weights.unlink()
+        again = service.identify(uploads)
+        assert service.identifier.probe is None
+        assert again.identification.scores == pytest.approx(before.identification.scores)
+    finally:
+        service.close()
+
+
+def test_probe_files_caught_half_written_leave_the_loaded_probe_in_place(tmp_path_factory, caplog):
+    from index.layout import GalleryLayout
+    from retrieval.workflows import open_identifier
+
+    index = gallery_copy(tmp_path_factory, "probe_half")
+    _train(index)
+    ident = open_identifier(index, precision="fp32", refresh_s=0.0, follow_probe=True)
+    species = ident.probe.species
+    meta = GalleryLayout(index).probe_meta
+    data = json.loads(meta.read_text())
+    data["species"] = data["species"][:-1]  # the weights of one probe, the species list of another
+    meta.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="retrieval.identify"):
+        assert not ident.refresh_probe(force=True)
+    assert ident.probe.species == species and "cannot be loaded" in caplog.text
+    ident.identify_embeddings(np.ones((1, ident.gallery.dim), dtype=np.float32))  # still answers
+
+
+def test_a_single_photo_species_is_left_to_the_knn_vote_not_a_refusal(tmp_path_factory, capsys, caplog):
+    from retrieval.probe import LinearProbe
+    from retrieval.workflows import identify, open_identifier
+
+    index = gallery_copy(tmp_path_factory, "probe_rare")
+    one = photos("train", WOLF, 1)[0]
+    code, out, _ = _run(capsys, "references", "add", "--index", index, "--species", binomial(WOLF), one, "-q")
+    assert code == 0
+    with caplog.at_level(logging.WARNING, logger="retrieval.probe_flows"):
+        code, out, err = _run(capsys, "probe", "train", "--index", index, "-q")
+    assert code == 0, err
+    wolf = binomial(WOLF)
+    assert f"probe: 4 species (1 other species left to the kNN vote, too few distinct photos: {wolf})" in out
+    assert f"{wolf} (1 photo)" in caplog.text and "kNN vote alone answers them" in caplog.text
+    probe = LinearProbe.load(index)
+    assert wolf not in probe.species and probe.calibration.left_out == {wolf: 1}
+    assert probe.trained_on == 40
+    ident = open_identifier(index, precision="fp32")
+    assert ident.probe.out_of_date({s.species: s.count for s in ident.gallery.species()}) == ""  # not out of date
+    (answer,) = identify(ident, [one])
+    assert answer.results[0].name == wolf  # its kNN score, untouched by the probe (the open-world rule)
+
+
+def test_select_settings_refuses_only_when_fewer_than_two_species_can_be_cross_validated():
+    from retrieval.calibrate import FewPhotosError, SelectionGrid, select_settings
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 16))
+    x = np.concatenate([c + 0.3 * rng.standard_normal((n, 16)) for c, n in zip(centres, (8, 8, 1), strict=True)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = ["A a"] * 8 + ["B b"] * 8 + ["C c"]
+    grid = SelectionGrid(Cs=(10.0,), ks=(3,), temperatures=(0.05,), weights=(0.5,), metrics=("cosine",))
+    cal = select_settings(x, labels, fingerprint="f", folds=3, grid=grid)
+    assert cal.left_out == {"C c": 1} and cal.metrics["queries"] == 16
+    with pytest.raises(FewPhotosError, match="C c"):
+        select_settings(x[8:], labels[8:], fingerprint="f", folds=3, grid=grid)  # B b alone would remain
+
+
+def test_an_out_of_date_probe_says_so(tmp_path_factory, tmp_path, capsys, caplog):
+    index = gallery_copy(tmp_path_factory, "probe_stale")
+    _train(index)
+    wolf = binomial(WOLF)
+    code, out, _ = _run(capsys, "references", "add", "--index", index, "--species", wolf,
+                        *photos("train", WOLF, 8), "-q")
+    assert code == 0
+    assert f"note: the probe of {index} does not know 1 species added since it was made ({wolf})" in out
+    code, out, _ = _run(capsys, "references", "add", "--index", index, "--species", wolf,
+                        *photos("train", WOLF)[8:9], "-q")
+    assert code == 0 and "note:" not in out  # an existing species: nothing new to say
+    query = photos("val", WOLF, 1)[0]
+    with caplog.at_level(logging.WARNING, logger="retrieval.identify"):
+        code, out, _ = _run(capsys, "identify", "--index", index, query, "--method", "probe", "-q")
+    assert code == 0 and f"cannot name 1 of the gallery's species ({wolf}: added since it was trained" in caplog.text
+    # evaluate: the right reason (species added, not photos that left), and the species the gallery lacks
+    val = tmp_path / "val"
+    for folder, name in ((SPECIES[0], SPECIES[0]), (WOLF, WOLF), (SPECIES[1], "Samar Cobra (Naja samarenses)")):
+        (val / name).mkdir(parents=True)
+        for p in photos("val", folder, 2):
+            os.symlink(p, val / name / p.name)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        code, out, err = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", val,
+                              "--report", tmp_path / "report", "-q")
+    assert code == 0, err
+    assert f"1 species added since the probe was trained ({wolf}): it cannot name them" in out
+    assert "photos that left it" not in out
+    warning = ("1 evaluated species have no reference in the gallery, so the 2 photos of them count as misses "
+               "whatever the settings: Naja samarenses (2 photos; closest: Naja samarensis)")
+    assert warning in caplog.text
+    assert warning in (tmp_path / "report" / "report.md").read_text()
