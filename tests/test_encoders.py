@@ -205,7 +205,7 @@ def test_the_cli_prints_each_huggingface_hub_line_once(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import logging, huggingface_hub\n"  # the library puts a handler of its own on its logger
+    code = ("import logging, huggingface_hub.utils.logging\n"  # the library puts a handler of its own on its logger
             "from api.cli import main\n"
             "main(['encoders', 'list'])\n"  # the CLI's logging set up
             "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
