@@ -109,7 +109,6 @@ class SpeciesService:
                 raise TooLarge(f"{name}: {len(data) / 1e6:.1f} MB is over the {self.settings.max_upload_mb:g} MB limit")
         self.check_pixels(files)
 
-
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding

@@ -547,7 +547,7 @@ def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
     code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r", "--apply", "--apply-to",
                         "off-target,duplicate,near-duplicate,leak,near-leak", "--quiet")
     assert code == 0, out
-    assert "suspect labels: 1 photos whose 3 nearest other photos all carry one other species" in out
+    assert "suspect labels: 1 photo whose 3 nearest other photos all carry one other species" in out
     assert "applied: 0 references excluded" in out
     rows = [r for r in _read_csv(tmp_path / "r" / "findings.csv") if r["kind"] == "suspect-label"]
     assert [(Path(r["path"]).name, r["suggested_species"], r["reference_id"]) for r in rows] == [
@@ -571,7 +571,7 @@ def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
     assert code == 0 and "suspect labels" not in out
     code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r4", "--no-duplicates",
                         "--suspect-k", "5", "--quiet")
-    assert code == 0 and "suspect labels: 1 photos whose 5 nearest" in out and "duplicates:" not in out, out
+    assert code == 0 and "suspect labels: 1 photo whose 5 nearest" in out and "duplicates:" not in out, out
     assert "suspect labels still ran" in out
 
 
