@@ -111,7 +111,6 @@ class SpeciesService:
                                "SPECIESID_MAX_UPLOAD_MB)")
         self.check_pixels(files)
 
-
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding

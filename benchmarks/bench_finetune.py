@@ -107,12 +107,12 @@ def finetuned(out: Path, tmp: Path, protocol: str, keep: np.ndarray) -> tuple[di
         # the photos the run held out of train (OUT/heldout.csv), kNN from the other train photos
         if not (out / HELDOUT_FILE).is_file():  # a run from before heldout.csv: the same split, rebuilt
             from finetune.data import stratified_split
-            from finetune.export import write_heldout
+            from finetune.export import write_photo_list
 
             labels = [r.species for r in records]
             split = cfg["speciesid"]["settings"]
             _, va_idx = stratified_split(labels, split["val_split"], split["seed"])
-            write_heldout(out, [records[i].path for i in va_idx], [labels[i] for i in va_idx])
+            write_photo_list(out, HELDOUT_FILE, [records[i].path for i in va_idx], [labels[i] for i in va_idx])
     # the weight `probe import --blend-weight choose` picks, read beside the shipped default (auto: the prior where
     # the selection photos also chose the run's epoch)
     import_gallery_probe(index, out, val_root=val_root, blend_weight="choose", progress=False)

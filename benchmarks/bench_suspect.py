@@ -94,10 +94,11 @@ def main() -> None:
     print(f"\nas-is: {len(base.photos)} train photos, {args.encoder} ({args.precision}); clean run "
           f"{time.perf_counter() - t0:.1f} s")
     species_of = {Path(p).name: s for p, s in zip(base.photos.paths, base.photos.species, strict=True)}
+    from index.pairs import copy_groups
     from retrieval.findings import other_neighbours
 
-    nearest, _ = other_neighbours(base.photos.embeddings, 1, sha256=base.photos.sha256,
-                                  dup_threshold=base.config.dup_threshold)
+    groups = copy_groups(base.photos.embeddings, threshold=base.config.dup_threshold, sha256=base.photos.sha256)
+    nearest, _ = other_neighbours(base.photos.embeddings, 1, groups=groups)
     labels = np.array(base.photos.species, dtype=object)
     print(f"context: the nearest other photo (copies left out) carries the photo's own label for "
           f"{(labels[nearest[:, 0]] == labels).mean():.3f} of them")

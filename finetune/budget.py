@@ -3,12 +3,13 @@
 Machines differ by 5x and more (an AVX2 laptop in fp32 against an AVX-512-BF16 server), so a fixed epoch count
 is 8 minutes on one and 40 on another. Before training, a few real training steps (augmented batches from the
 run's own loader, the run's precision) and evaluation batches are timed on a throw-away copy of the network;
-the epoch count is then the largest (at most ``--epochs``) for which head init + epochs + final evaluation fit
-95% of the budget, and the cosine schedule runs over exactly those epochs. A few timed steps are a rough guess on 2
-cores (they were 1.2-1.5x the real steps' time on a machine whose photos were not yet in the page cache, leaving
-up to half the budget unused), so the plan is made again once, from the first epoch measured with the backbone
-training (its real seconds, its validation's seconds for the final evaluation), and the schedule stretched or
-shrunk to the new count (:func:`replan`). During training the budget itself is the deadline: an epoch that would
+the epoch count is then the largest (at most ``--epochs``) for which head init + epochs + final evaluation (and
+the export's reading of the photos not read up front, for their sha256) fit 95% of the budget, and the cosine
+schedule runs over exactly those epochs. A few timed steps are a rough guess on 2 cores (they were 1.2-1.5x the
+real steps' time on a machine whose photos were not yet in the page cache, leaving up to half the budget unused),
+so the plan is made again once, from the first epoch measured with the backbone training (its real seconds, its
+validation's seconds for the final evaluation), and the schedule stretched or shrunk to the new count
+(:func:`replan`). During training the budget itself is the deadline: an epoch that would
 overrun it is not started.
 """
 
@@ -48,6 +49,7 @@ class BudgetPlan:
     init_s: float  # the head's initialisation (the training photos embedded once, the probe fitted)
     final_s: float  # the final evaluation of the kept weights and the export (re-scaled by the re-plan)
     epochs: int  # the epochs that fit (at most --epochs)
+    hash_s: float = 0.0  # of final_s: reading the photos not read yet for the photo lists' sha256 (not re-scaled)
     val_s: float = 0.0  # one epoch's validation (the raw weights too with an EMA)
     max_epochs: int = 0  # --epochs: the most a re-plan may give
     replanned: dict | None = None  # the re-plan: after which epoch, its measured seconds, the epochs it gave
@@ -90,6 +92,19 @@ def _median_seconds(batches, run, *, device: torch.device, steps: int) -> float 
         times.append(time.perf_counter() - t0)
     times = times[1:] or times
     return sorted(times)[len(times) // 2] if times else None
+
+
+def _time_hashing(paths: Sequence, sample: int = 8) -> float:
+    """Seconds to read and hash ``paths`` for the run's photo lists (``finetune.data.PhotoDataset.sha256``),
+    estimated from the first ``sample`` of them."""
+    from retrieval.images import sha256_file
+
+    if not paths:
+        return 0.0
+    t0 = time.perf_counter()
+    for path in paths[:sample]:
+        sha256_file(path)
+    return (time.perf_counter() - t0) / min(sample, len(paths)) * len(paths)
 
 
 def _time_train_steps(net: torch.nn.Module, batches, cfg: FinetuneConfig, *, n_classes: int, device: torch.device,
@@ -164,20 +179,26 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     # validation photos the choice embedded there; at the model's own side alone it embeds them itself
     final_s = (((train_eval_s + (0.0 if measured else val_once_s)) * max(area) if cfg.final_eval else 0.0)
                + choose_s)
-    final_s = final_s * (2 if cfg.save_last else 1) + EPOCH_OVERHEAD_S
+    # the photos a large set did not read up front are read once more for their sha256 (trained.csv ...)
+    hash_s = _time_hashing(data.train.unhashed() + data.val.unhashed())
+    final_s = final_s * (2 if cfg.save_last else 1) + EPOCH_OVERHEAD_S + hash_s
     spent_s += time.perf_counter() - t0  # the timing itself
     epochs = plan_epochs(budget_s, spent_s + init_s + final_s, epoch_s, frozen_epoch_s,
                          freeze_epochs=cfg.freeze_epochs, max_epochs=cfg.epochs)
     plan = BudgetPlan(budget_s=budget_s, spent_s=spent_s, step_s=step_s, frozen_step_s=frozen_step_s,
                       eval_batch_s=eval_batch_s, epoch_s=epoch_s, frozen_epoch_s=frozen_epoch_s, init_s=init_s,
-                      final_s=final_s, epochs=epochs, val_s=val_s, max_epochs=cfg.epochs)
+                      final_s=final_s, epochs=epochs, val_s=val_s, max_epochs=cfg.epochs, hash_s=hash_s)
     if epochs < 1:
         raise ValueError(
             f"--time-budget {cfg.time_budget:g} min fits no epoch on this machine: one epoch takes ~{epoch_s:.0f} s "
             f"and the head init + final evaluation ~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give "
             "a bigger --time-budget, a smaller --train-size, more --freeze-layers or fewer photos"
         )
-    if epochs <= cfg.freeze_epochs:  # the exported backbone would be the starting one, called fine-tuned
+    if epochs <= cfg.freeze_epochs and epochs == cfg.epochs:  # --epochs is the cap, not the budget: as without one
+        logger.warning("--epochs %d with --freeze-epochs %d leaves no epoch that trains the backbone (the time budget "
+                       "is not what stops it): only the head is fitted; raise --epochs or lower --freeze-epochs to "
+                       "fine-tune the backbone", cfg.epochs, cfg.freeze_epochs)
+    elif epochs <= cfg.freeze_epochs:  # the exported backbone would be the starting one, called fine-tuned
         raise ValueError(
             f"--time-budget {cfg.time_budget:g} min fits only {epochs} epoch(s) on this machine, all with the backbone "
             f"frozen (--freeze-epochs {cfg.freeze_epochs}): the backbone would not train. An epoch that trains it "
@@ -196,8 +217,9 @@ def replan(plan: BudgetPlan, *, after_epoch: int, elapsed_s: float, epoch_s: flo
     ``elapsed_s`` the run's seconds so far. The final evaluation's estimate is scaled by the measured validation
     against the timed one (``plan.final_s`` updated). Records the re-plan in ``plan.replanned``; at most
     ``plan.max_epochs``, and never fewer than the epochs already run."""
-    if plan.val_s > 0 and val_s > 0:
-        plan.final_s = (plan.final_s - EPOCH_OVERHEAD_S) * (val_s / plan.val_s) + EPOCH_OVERHEAD_S
+    if plan.val_s > 0 and val_s > 0:  # the photos' hashing does not scale with the validation
+        fixed = EPOCH_OVERHEAD_S + plan.hash_s
+        plan.final_s = (plan.final_s - fixed) * (val_s / plan.val_s) + fixed
     cost = epoch_s + EPOCH_OVERHEAD_S
     epochs = after_epoch + plan_epochs(plan.budget_s, elapsed_s + plan.final_s, cost, cost, freeze_epochs=0,
                                        max_epochs=max(plan.max_epochs - after_epoch, 0))

@@ -2,15 +2,19 @@
 
 The checkpoint is written atomically after every epoch (``index.atomic.atomic_write``): model, optimiser,
 gradient scaler, EMA, step, best weights so far, history, the RNG states, the time budget's plan and the time
-spent, and what the photos were (:func:`finetune.data.photo_inventory`), so an interrupted run resumes where the
-last finished epoch ended, and only under the settings that wrote it (:meth:`FinetuneConfig.training_key`) and on
-the same photos (:func:`check_photos`). :func:`check_out` refuses an ``--out`` the run must not write into, and
-:func:`clear_run` removes an earlier run's files when a run starts afresh.
+spent, and the digest of what the photos were (:func:`finetune.data.photo_inventory`; the list itself is written
+once beside it, :data:`PHOTOS_FILE`), so an interrupted run resumes where the last finished epoch ended, and only
+under the settings that wrote it (:meth:`FinetuneConfig.training_key`) and on the same photos
+(:func:`check_photos`). :func:`check_out` refuses an ``--out`` the run must not write into (a gallery, the
+``--init`` folder, files that are not an earlier run's of ours), and :func:`clear_run` removes an earlier run's
+files when a run starts afresh.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import io
 import json
 import logging
@@ -23,18 +27,25 @@ import torch
 
 from finetune.config import FinetuneConfig
 from index.atomic import atomic_write
+from retrieval.encoders import FINETUNE_RECORD
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
 CURVES = "curves.png"
-#: Version of the checkpoint's contents (3: the photos, the budget's plan and the time spent; 2: timm's ModelEmaV3
-#: state; 1, unnumbered: the hand-written EMA).
-FORMAT = 3
+#: Version of the checkpoint's contents (4: the photos' digest, the list in PHOTOS_FILE; 3: the photos inline, the
+#: budget's plan and the time spent; 2: timm's ModelEmaV3 state; 1, unnumbered: the hand-written EMA).
+FORMAT = 4
+#: Formats still resumed (2: its photos were not recorded, so they cannot be checked: a warning says so).
+RESUMABLE = (2, 3, 4)
+#: Beside the checkpoint while a run is unfinished: the photos it trains on (:func:`save_photo_list`).
+PHOTOS_FILE = "checkpoint-photos.json.gz"
 #: The files a run writes into its output folder (and into OUT/last), removed when a run starts afresh there.
 RUN_FILES = ("model.safetensors", "config.json", "probe.npz", "probe.json", "heldout.csv", "trained.csv",
              "validation.csv", LOG, CURVES)
+#: What an unfinished run adds (OUT only).
+PROGRESS_FILES = (CHECKPOINT, PHOTOS_FILE)
 #: The folder of the last epoch's export (``save_last``).
 LAST_DIR = "last"
 #: How many example paths a refused resume names per kind of change.
@@ -107,9 +118,12 @@ class TrainState:
         return self.epoch - self.best_epoch >= cfg.patience and self.epoch >= max(cfg.min_epochs, 1)
 
 
-def check_out(out: Path) -> None:
-    """Refuse (ValueError) an ``--out`` the run would damage: a file, a gallery folder, or a folder holding a probe
-    that is not a fine-tuning run's head (its probe.npz / probe.json would be overwritten)."""
+def check_out(out: Path, cfg: FinetuneConfig) -> None:
+    """Refuse (ValueError), before anything is written, an ``--out`` the run would damage: a file, a gallery
+    folder, a folder holding a probe that is not a fine-tuning run's head, the ``--init`` folder (or one inside
+    it, or holding it), and a folder holding files of the names a run writes (:data:`RUN_FILES`) that are not an
+    earlier speciesid run's (:func:`earlier_run`): they would be overwritten, or removed when the run starts
+    afresh."""
     from index.layout import GALLERY_FILE, PROBE_META
 
     if out.exists() and not out.is_dir():
@@ -118,6 +132,7 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out} is a gallery folder (it holds {GALLERY_FILE}): the run would overwrite its probe "
                          "and write model files into it; give the fine-tuning run its own --out folder (the gallery "
                          "is built from it afterwards: speciesid index build --encoder timm:local-dir:OUT --index DIR)")
+    _check_init(out, cfg)
     meta = out / PROBE_META
     if meta.is_file():
         try:
@@ -127,14 +142,102 @@ def check_out(out: Path) -> None:
         if not str(source).startswith("finetune:"):
             raise ValueError(f"--out {out} holds a probe that is not a fine-tuning run's head ({meta}): the run would "
                              "overwrite it; give another --out")
+    foreign = earlier_run(out, cfg)[1]
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign)
+        raise ValueError(
+            f"--out {out} holds {names}, not written by a speciesid fine-tuning run (no config.json with a "
+            f"'{FINETUNE_RECORD}' block, or checkpoint.pt of one): the run writes files of those names, and removes "
+            "an earlier run's when it starts afresh; give another --out (a new or empty folder)")
+
+
+def init_paths(cfg: FinetuneConfig) -> list[Path]:
+    """The folders and files the run starts from: a local ``--init`` folder (``timm:local-dir:DIR``,
+    ``local-dir:DIR`` or ``DIR``), an ``--init`` weights file, a ``--weights`` file."""
+    paths = []
+    init = cfg.init or ""
+    for prefix in ("timm:local-dir:", "local-dir:"):
+        if init.startswith(prefix):
+            paths.append(Path(init[len(prefix):]))
+            break
+    else:
+        if init and "://" not in init and not init.startswith(("timm:", "open_clip:")) and Path(init).exists():
+            paths.append(Path(init))
+    if cfg.weights:
+        paths.append(Path(cfg.weights))
+    return paths
+
+
+def _check_init(out: Path, cfg: FinetuneConfig) -> None:
+    """Refuse an ``--out`` that is the ``--init`` folder, lies inside it, or holds it (or a weights file it
+    starts from): the run would write over the starting model, and remove its files when it starts afresh."""
+    here = out.expanduser().resolve()
+    for path in init_paths(cfg):
+        start = path.expanduser().resolve()
+        what = "--weights" if cfg.weights and path == Path(cfg.weights) else "--init"
+        if here == start:
+            where = f"is the {what} folder"
+        elif start in here.parents:
+            where = f"is inside the {what} folder {path}"
+        elif here in start.parents:
+            where = f"holds the {what} {'folder' if start.is_dir() else 'file'} {path}"
+        else:
+            continue
+        raise ValueError(f"--out {out} {where}: the run would write its model over the one it starts from (and "
+                         "remove that one's files when it starts afresh); give the run its own --out folder, "
+                         "outside the starting model's")
+
+
+def _ours(folder: Path) -> bool | None:
+    """Whether ``folder``'s config.json is a speciesid fine-tuning run's (None: it holds no config.json)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return FINETUNE_RECORD in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _our_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint a speciesid fine-tuning run wrote (read memory-mapped: the weights are
+    not loaded)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - not a torch file, cut short, another pickle
+        return False
+    return isinstance(checkpoint, dict) and "format" in checkpoint and "key" in checkpoint
+
+
+def earlier_run(out: Path, cfg: FinetuneConfig) -> tuple[list[Path], list[Path]]:
+    """(an earlier speciesid run's files in ``out`` and ``out/last``, which a fresh start removes; files of those
+    names that are not a run's, which the run must not touch). ``out``'s files are a run's when its config.json
+    carries the ``speciesid`` block (``retrieval.encoders.FINETUNE_RECORD``) or, without a config.json (a run
+    that never finished), when its checkpoint.pt is a run's (with ``resume`` auto, :func:`load_checkpoint` reads
+    and checks it); ``out/last``'s when its own config.json carries the block, or, without one, when ``out``'s
+    files are a run's."""
+    found = {folder: [folder / n for n in names if (folder / n).is_file()]
+             for folder, names in ((out, (*RUN_FILES, *PROGRESS_FILES)), (out / LAST_DIR, RUN_FILES))}
+    if not any(found.values()):
+        return [], []
+    ours_out = _ours(out)
+    if ours_out is None:
+        checkpoint = out / CHECKPOINT
+        ours_out = checkpoint.is_file() and (cfg.resume != "no" or _our_checkpoint(checkpoint))
+    ours_last = _ours(out / LAST_DIR)
+    ours_last = ours_out if ours_last is None else ours_last
+    run, foreign = [], []
+    for folder, ours in ((out, ours_out), (out / LAST_DIR, ours_last)):
+        (run if ours else foreign).extend(found[folder])
+    return run, foreign
 
 
 def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
     """The checkpoint in ``out`` to resume, or None to start afresh.
 
-    Refused (ValueError): a checkpoint that cannot be read, of an older format or of other settings, and a finished
-    model in ``out`` (all unless ``cfg.resume == "no"``, which starts afresh: :func:`clear_run`). Whether its
-    photos are the run's is checked once they are listed (:func:`check_photos`).
+    Refused (ValueError): a checkpoint that cannot be read, of a format no longer resumed or of other settings,
+    and a finished model in ``out`` (all unless ``cfg.resume == "no"``, which starts afresh: :func:`clear_run`).
+    Whether its photos are the run's is checked once they are listed (:func:`check_photos`).
     """
     path = out / CHECKPOINT
     if cfg.resume == "no":
@@ -144,12 +247,17 @@ def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError ...
             raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                             "): it may be cut short (a full disk, a copy interrupted); pass --no-resume to start "
-                             "afresh (it is replaced), or give another --out") from exc
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-            raise ValueError(f"{path} was written by another version of speciesid; pass --no-resume to start afresh "
-                             "(it is replaced), or give another --out")
-        if checkpoint.get("key") != cfg.training_key():
+                             "): it may be cut short (a full disk, a copy interrupted); delete it to start afresh, or "
+                             "give another --out") from exc
+        if not isinstance(checkpoint, dict) or "key" not in checkpoint:
+            raise ValueError(f"{path} is not a speciesid fine-tuning checkpoint; give another --out")
+        if checkpoint.get("format") not in RESUMABLE:
+            raise ValueError(f"{path} was written by another version of speciesid (checkpoint format "
+                             f"{checkpoint.get('format')}, this one resumes {', '.join(map(str, RESUMABLE))}); pass "
+                             "--no-resume to start afresh (it is replaced), or give another --out")
+        keys = (cfg.training_key(), cfg.training_key(absolute=False)) if checkpoint["format"] == 2 else (
+            cfg.training_key(),)  # format 2 compared the folders as given
+        if checkpoint.get("key") not in keys:
             then = checkpoint.get("settings") or {}
             changed = [f"{k} {_shown(then[k])} (now {_shown(v)})" for k, v in cfg.training_settings().items()
                        if k in then and _shown(then[k]) != _shown(v)]
@@ -160,23 +268,75 @@ def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
             )
         logger.info("resuming %s after epoch %d", path, checkpoint["epoch"])
         return checkpoint
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        raise ValueError(f"{out} already holds a fine-tuned model; choose another --out, or --no-resume to overwrite it")
+    if _ours(out) and (out / "model.safetensors").is_file():
+        raise ValueError(f"{out} already holds a finished fine-tuning run (config.json + model.safetensors of "
+                         "speciesid finetune); give another --out, or pass --no-resume to start afresh there (that "
+                         "run's files are removed when the new one starts)")
     return None
+
+
+def photos_digest(inventory: dict[str, list[list]]) -> str:
+    """The sha256 of a run's photo inventory (:func:`finetune.data.photo_inventory` per folder), as the checkpoint
+    records it."""
+    return hashlib.sha256(json.dumps(inventory, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_photo_list(out: Path, inventory: dict[str, list[list]], digest: str) -> None:
+    """``OUT/PHOTOS_FILE``: the run's photo inventory, written once (kept while it matches ``digest``), so that each
+    epoch's checkpoint holds only its digest and a refused resume can still name what changed."""
+    path = out / PHOTOS_FILE
+    if _read_photo_list(path, digest) is not None:
+        return
+    atomic_write(path, gzip.compress(json.dumps({"sha256": digest, "photos": inventory}).encode(), mtime=0))
+
+
+def _read_photo_list(path: Path, digest: str | None) -> dict | None:
+    """The inventory in ``path`` when it is there, readable and of ``digest`` (any, with None); else None."""
+    try:
+        data = json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(data, dict) or (digest is not None and data.get("sha256") != digest):
+        return None
+    return data.get("photos") or {}
 
 
 def check_photos(out: Path, checkpoint: dict, species: list[str], inventory: dict[str, list[list]]) -> None:
     """Refuse (ValueError, naming what changed) to resume ``checkpoint`` on photos other than those it trained on:
     photos added, removed, relabelled or changed (size, time) under --root or --val-root, or other species (head
     order). Resuming then would move photos the network trained on into the held-out ones, or export head rows
-    under the wrong species."""
+    under the wrong species. A checkpoint of format 2 recorded no photos: a warning says they cannot be checked."""
     changes: list[str] = []
     then_species = list(checkpoint.get("species") or [])
     if then_species != list(species):
         gone, new = sorted(set(then_species) - set(species)), sorted(set(species) - set(then_species))
         changes.append("species " + (", ".join(
             [f"gone: {', '.join(gone)}"] * bool(gone) + [f"new: {', '.join(new)}"] * bool(new)) or "in another order"))
-    then = checkpoint.get("photos") or {}
+    if checkpoint.get("photos") is not None:  # format 3: the inventory itself
+        changes += _photo_changes(checkpoint["photos"], inventory)
+    elif checkpoint.get("photos_sha256") is not None:
+        if checkpoint["photos_sha256"] != photos_digest(inventory):
+            then = _read_photo_list(out / PHOTOS_FILE, checkpoint["photos_sha256"])
+            changes += (_photo_changes(then, inventory) if then is not None else []) or [
+                f"the photos under --root or --val-root differ from those it trained on ({out / PHOTOS_FILE}, the "
+                "list of those, is missing or of other photos: what changed cannot be named)"]
+    else:
+        logger.warning("%s was written by an earlier speciesid (checkpoint format %s), which did not record the "
+                       "photos: whether the photos under --root and --val-root are still those it trained on cannot "
+                       "be checked; resuming (pass --no-resume to start afresh if they changed)", out / CHECKPOINT,
+                       checkpoint.get("format"))
+    if changes:
+        raise ValueError(
+            f"{out / CHECKPOINT} was written for other photos: {'; '.join(changes)}. Resuming would train on other "
+            "photos (photos trained on could become held-out ones, and the head's rows could name the wrong "
+            "species): restore the photos as they were to resume, or pass --no-resume to start afresh (the "
+            "checkpoint is replaced), or give a new --out"
+        )
+
+
+def _photo_changes(then: dict[str, list[list]], inventory: dict[str, list[list]]) -> list[str]:
+    """What changed between two photo inventories, per folder, a few paths of each kind named."""
+    changes = []
     for key, flag in (("root", "--root"), ("val_root", "--val-root")):
         before = {row[0]: tuple(row[1:]) for row in then.get(key) or []}
         now = {row[0]: tuple(row[1:]) for row in inventory.get(key) or []}
@@ -191,31 +351,23 @@ def check_photos(out: Path, checkpoint: dict, species: list[str], inventory: dic
                 for kind, paths in kinds.items() if paths]
         if said:
             changes.append(f"photos under {flag}: " + "; ".join(said))
-    if changes:
-        raise ValueError(
-            f"{out / CHECKPOINT} was written for other photos: {'; '.join(changes)}. Resuming would train on other "
-            "photos (photos trained on could become held-out ones, and the head's rows could name the wrong "
-            "species): restore the photos as they were to resume, or pass --no-resume to start afresh (the "
-            "checkpoint is replaced), or give a new --out"
-        )
+    return changes
 
 
-def clear_run(out: Path) -> list[Path]:
-    """Remove an earlier run's files from ``out`` (and ``out/last``) before a run starts afresh there, so that none
-    of them (a ``heldout.csv``, a model) is read as the new run's. Returns what was removed."""
-    removed = []
-    for folder in (out, out / LAST_DIR):
-        for name in (*RUN_FILES, CHECKPOINT):
-            path = folder / name
-            if path.is_file():
-                path.unlink()
-                removed.append(path)
+def clear_run(out: Path, cfg: FinetuneConfig) -> list[Path]:
+    """Remove an earlier speciesid run's files from ``out`` (and ``out/last``) before a run starts afresh there
+    (``--no-resume``, or no checkpoint to resume), so that none of them (a ``heldout.csv``, a model) is read as the
+    new run's. Only a run's files (:func:`earlier_run`); :func:`check_out` refused the others before anything was
+    written. Returns what was removed."""
+    removed, foreign = earlier_run(out, cfg)
+    if foreign:  # only when the folder changed since check_out
+        raise ValueError(f"--out {out} now holds files that are not a speciesid run's: "
+                         f"{', '.join(str(p) for p in foreign)}; give another --out")
+    for path in removed:
+        path.unlink()
     last = out / LAST_DIR
-    if last.is_dir() and not any(last.iterdir()):
+    if removed and last.is_dir() and not any(last.iterdir()):
         last.rmdir()
-    if removed:
-        logger.info("starting afresh in %s: removed the earlier run's %s", out,
-                    ", ".join(str(p.relative_to(out)) for p in removed))
     return removed
 
 
@@ -251,6 +403,8 @@ def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: T
             + ("the checkpoint of the epoch before is kept: free some space and run the same command again to resume"
                if kept else "no checkpoint was kept: free some space and run the command again")
         ) from exc
+
+
 def save_progress(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None, *,
                   extra: dict | None = None) -> None:

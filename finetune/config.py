@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+from index.sources import absolute_path
 
 STAGES = ("global", "local")
 BALANCE_MODES = ("weights", "sampler", "none")
@@ -213,8 +214,10 @@ class FinetuneConfig:
         "complete, ends in time; an epoch that would overrun is not started", metavar="MIN"))
     # "auto": continue a checkpoint of the same settings; "no": start afresh
     resume: str = field(default="auto", metadata=option(
-        "start afresh even if OUT holds a checkpoint or a finished run: the earlier run's files in OUT (checkpoint, "
-        "model, probe, photo lists, log, curves, last/) are removed when the new run starts training",
+        "start afresh even if OUT holds a checkpoint or a finished run. Whenever a run starts afresh (this, or no "
+        "checkpoint in OUT) the earlier speciesid run's files in OUT (checkpoint, model, probe, photo lists, log, "
+        "curves, last/) are removed before its first epoch; files of those names that are not a speciesid run's, "
+        "and an OUT that is the --init folder, are refused before anything is written",
         flag="--no-resume", action="store_const", const="no"))
     final_eval: bool = True  # after training: kNN / head / blend on the validation photos (gallery = train)
     save_last: bool = False  # also export the last epoch's weights to OUT/last (a fixed-epoch-count model)
@@ -247,31 +250,27 @@ class FinetuneConfig:
             raise ValueError(f"--head-init must be probe, keep or random, got {out.head_init!r}")
         return out
 
-    def training_settings(self) -> dict:
+    def training_settings(self, *, absolute: bool = True) -> dict:
         """The settings that shape the training trajectory (a checkpoint resumes only under them); the folders and
-        files as absolute paths, so that ``--root photos/`` and ``--root ./photos`` name one run."""
+        files as absolute paths, so that ``--root photos/`` and ``--root ./photos`` name one run (``absolute``
+        False: as given, how checkpoints of format 2 recorded them)."""
         skip = {"out", "device", "workers", "threads", "time_limit", "resume", "final_eval", "test_size"}
         if self.time_budget:  # the epochs were fitted to the machine's speed: the budget names the run
             skip.add("epochs")
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
-        for key in PATH_SETTINGS:
-            settings[key] = _absolute(settings[key])
+        if absolute:
+            for key in PATH_SETTINGS:
+                settings[key] = absolute_path(settings[key])
         return settings
 
-    def training_key(self) -> str:
+    def training_key(self, *, absolute: bool = True) -> str:
         """Digest of :meth:`training_settings`."""
-        return hashlib.sha256(json.dumps(self.training_settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        settings = self.training_settings(absolute=absolute)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 #: The settings that name folders or files (compared as absolute paths).
 PATH_SETTINGS = ("root", "val_root", "metadata", "val_metadata")
-
-
-def _absolute(path: str | None) -> str | None:
-    """A path setting as compared: absolute (a URI or a glob's pattern as written beside it)."""
-    if not path or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
 
 
 def stage_default_help(name: str) -> str | None:

@@ -24,7 +24,7 @@ from finetune.augment import eval_transform, train_transform
 from finetune.config import BALANCE_MODES, FinetuneConfig
 from index.datasets import load_dataset
 from index.sources import read_source, split_locator
-from retrieval.images import decode_image, sha256_bytes
+from retrieval.images import decode_image, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,11 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
     return sorted(train), sorted(val)
 
 
-def _open(path: Path, max_side: int | None) -> Image.Image:
+def _open(path: Path, max_side: int | None, data: bytes | None = None) -> Image.Image:
     """A photo (a file, or a ``SHARD#MEMBER`` of a webdataset shard: ``index.sources.read_source``, the reader
-    ``index build`` uses) decoded by ``retrieval.images.decode_image``, at most ``max_side`` px on the short side."""
-    img = decode_image(read_source(path), name=str(path), draft=max_side)
+    ``index build`` uses; ``data``: its bytes, already read) decoded by ``retrieval.images.decode_image``, at most
+    ``max_side`` px on the short side."""
+    img = decode_image(read_source(path) if data is None else data, name=str(path), draft=max_side)
     if max_side and min(img.size) > max_side:
         w, h = img.size
         r = max_side / min(w, h)
@@ -123,12 +124,14 @@ class PhotoDataset(torch.utils.data.Dataset):
         self.stand_in = stand_in
         self._warned: set[int] = set()  # photos already warned about (in this process)
         self._cache: list[Image.Image | None] | None = None
+        self._sha256: list[str | None] = [None] * len(photos)  # digests of the bytes read by :meth:`preload`
         if cache if cache is not None else len(photos) <= CACHE_LIMIT:
             self._cache = [None] * len(photos)
 
     def preload(self, progress: bool = False) -> list[str]:
-        """Decode every photo into the cache now (before loader workers fork); unreadable photos are left out of
-        the set. Returns their paths, with why."""
+        """Decode every photo into the cache now (before loader workers fork), and keep the digest of the bytes
+        read (:meth:`sha256`: the run's photo lists need no second read); unreadable photos are left out of the set.
+        Returns their paths, with why."""
         from tqdm.auto import tqdm
 
         bad: list[str] = []
@@ -137,7 +140,9 @@ class PhotoDataset(torch.utils.data.Dataset):
         keep = []
         for i, p in enumerate(tqdm(self.paths, desc="decoding photos", unit="img", disable=not progress)):
             try:
-                self._cache[i] = _open(p, self.cache_side)
+                data = read_source(p)
+                self._cache[i] = _open(p, self.cache_side, data)
+                self._sha256[i] = sha256_bytes(data)
                 keep.append(i)
             except (OSError, ValueError) as exc:
                 bad.append(_why(p, exc))
@@ -145,7 +150,22 @@ class PhotoDataset(torch.utils.data.Dataset):
             self.paths = [self.paths[i] for i in keep]
             self.targets = [self.targets[i] for i in keep]
             self._cache = [self._cache[i] for i in keep]
+            self._sha256 = [self._sha256[i] for i in keep]
         return bad
+
+    def unhashed(self) -> list[Path]:
+        """The photos whose digest :meth:`sha256` would still have to read (a set too large to preload)."""
+        return [p for p, d in zip(self.paths, self._sha256, strict=True) if d is None]
+
+    def sha256(self, progress: bool = False) -> list[str | None]:
+        """The sha256 of every photo's bytes (None: unreadable), for the run's photo lists: the digests taken when
+        :meth:`preload` read them, the rest read now (``retrieval.images.sha256_file``; a bar with ``progress``)."""
+        from tqdm.auto import tqdm
+
+        todo = [i for i, d in enumerate(self._sha256) if d is None]
+        for i in tqdm(todo, desc="hashing photos for the photo lists", unit="img", disable=not progress or not todo):
+            self._sha256[i] = sha256_file(self.paths[i])
+        return list(self._sha256)
 
     def image(self, i: int) -> Image.Image:
         if self._cache is not None and self._cache[i] is not None:
@@ -250,15 +270,6 @@ def collate_readable(items: list) -> Any:
     """torch's default batch of the items that are not None (None when every one is)."""
     kept = [item for item in items if item is not None]
     return torch.utils.data.default_collate(kept) if kept else None
-
-
-def source_sha256(path: str | Path) -> str | None:
-    """The sha256 of a photo's bytes, read as training reads them (``index.sources.read_source``); None when
-    unreadable."""
-    try:
-        return sha256_bytes(read_source(path))
-    except OSError:
-        return None
 
 
 @dataclass

@@ -12,7 +12,9 @@
   L2-normalised embeddings it gives exactly the cosine head's training-time probabilities.
 - ``log.csv``, ``curves.png``: the training history.
 - ``trained.csv``, and ``validation.csv`` (with --val-root) or ``heldout.csv`` (without): the photos the network
-  trained on and those that chose its epoch (path, species, sha256), read by ``speciesid evaluate``.
+  trained on and those that chose its epoch (path, species, sha256), read by ``speciesid evaluate``;
+  ``trained.csv`` also lists the photos that trained the runs it started from (``--init`` a run of ours, and
+  so on), with the run's folder in its ``run`` column.
 
 ``speciesid probe import`` copies the probe beside a gallery built with this encoder and chooses only the
 blend settings (k, T, blend weight, unknown threshold): no probe training.
@@ -107,9 +109,16 @@ def save_finetuned(
     backbone = backbone.to("cpu")
     model, clf_name = full_model(backbone, head, source.model_args)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    def write_weights(tmp: Path) -> None:  # safetensors creates its file owner-only: the umask's mode, as elsewhere
+
+    def write_weights(tmp: Path) -> None:
+        """safetensors creates its file owner-only: given the mode any new file gets here, as the other files."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies, nothing is changed
+        try:
+            mode = os.fstat(fd).st_mode & 0o777
+        finally:
+            os.close(fd)
         save_file(state, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
 
     atomic_write(out / "model.safetensors", write_weights)
     pcfg = {k: v for k, v in dict(backbone.pretrained_cfg).items() if k not in _DROP_CFG_KEYS}
@@ -149,13 +158,6 @@ def save_finetuned(
     return probe
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it, then setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def record_wall_seconds(folder: str | Path, seconds: float) -> None:
     """Add the whole run's wall seconds (known only once every folder is exported) to ``config.json``."""
     folder = Path(folder)
@@ -176,32 +178,28 @@ def read_finetuned(folder: str | Path) -> dict:
     return cfg
 
 
-def write_heldout(out: str | Path, paths: Sequence[Path], labels: Sequence[str]) -> None:
-    """``OUT/heldout.csv``: the training photos the run held out to choose its epoch (path, species, sha256).
-
-    ``speciesid probe import`` (no ``--val-root``) finds them in the gallery by content and chooses the blend
-    settings on them: photos of the training set that the head never trained on.
-    """
-    from retrieval.protocol import HELDOUT_FILE
-
-    write_photo_list(out, HELDOUT_FILE, paths, labels)
-
-
 def write_photo_list(out: str | Path, name: str, paths: Sequence[Path], labels: Sequence[str],
-                     digests: Sequence[str | None] | None = None) -> None:
+                     digests: Sequence[str | None] | None = None, *,
+                     inherited: Sequence[Sequence[str]] | None = None) -> None:
     """``OUT/<name>``: photos of the run (path, species, sha256; the digest "" where unreadable), so that
     ``speciesid evaluate`` can tell evaluated photos that trained the network or chose its epoch
-    (``retrieval.protocol``: ``TRAINED_FILE``, ``VAL_FILE``, ``HELDOUT_FILE``). ``digests``: already computed."""
+    (``retrieval.protocol``: ``TRAINED_FILE``, ``VAL_FILE``, ``HELDOUT_FILE``). ``digests``: already computed
+    (else read now: ``retrieval.images.sha256_file``). ``inherited``: rows (path, species, sha256, run folder) of
+    the photos that trained the runs this one started from (``retrieval.protocol.inherited_training``), written
+    after this run's own under a fourth column ``run`` ("" on this run's rows), so that the list needs none of
+    those folders later."""
     import csv
     import io
 
-    from finetune.data import source_sha256
+    from retrieval.images import sha256_file
 
     if digests is None:
-        digests = [source_sha256(path) for path in paths]
+        digests = [sha256_file(path) for path in paths]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "species", "sha256"])
+    writer.writerow(["path", "species", "sha256"] + (["run"] if inherited is not None else []))
     for path, label, digest in zip(paths, labels, digests, strict=True):
-        writer.writerow([str(path), label, digest or ""])
+        writer.writerow([str(path), label, digest or ""] + ([""] if inherited is not None else []))
+    for row in inherited or ():
+        writer.writerow(list(row))
     atomic_write(Path(out) / name, buf.getvalue())

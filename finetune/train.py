@@ -37,15 +37,18 @@ from finetune.augment import eval_transform, model_data_config
 from finetune.budget import BudgetPlan, fit_to_budget, replan
 from finetune.checkpoint import (
     CHECKPOINT,
+    PHOTOS_FILE,
     TrainState,
     check_out,
     check_photos,
     clear_run,
     cpu_state,
     load_checkpoint,
+    photos_digest,
     restore_checkpoint,
     rng_state,
     save_checkpoint,
+    save_photo_list,
     save_progress,
     seed_all,
     set_rng_state,
@@ -164,6 +167,7 @@ class _Run:
     state: TrainState = field(default_factory=TrainState)  # epochs so far, best, history (checkpointed)
     ema: Any = None  # timm's ModelEmaV3, or None
     checkpoint: dict | None = None  # the checkpoint to resume from, until restored
+    photos_sha256: str = ""  # the digest of the photos' inventory (the checkpoint's; the list: PHOTOS_FILE)
 
 
 def finetune(
@@ -196,7 +200,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     t_start = time.perf_counter()
     cfg = config.resolved()
     out = Path(cfg.out)
-    check_out(out)  # a file, a gallery: refused before anything is written
+    check_out(out, cfg)  # a file, a gallery, the --init folder, files not of a run: refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(out, cfg)  # refused now, before the data are read, when it cannot be resumed
     device = resolve_device(cfg.device)
@@ -206,6 +210,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     seed_all(cfg.seed)
 
     split = split_photos(cfg)
+    photos_sha256 = photos_digest(split.inventory)
     if checkpoint is not None:  # the photos listed (not yet decoded): refused now when they are not the same
         check_photos(out, checkpoint, split.species, split.inventory)
     source = resolve_init(cfg.init, model=cfg.model, weights=cfg.weights)
@@ -237,7 +242,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     return _Run(cfg=cfg, out=out, t_start=t_start, device=device, workers=workers, species=split.species,
                 split=split, source=source, net=net, frozen_params=frozen_params, data_cfg=data_cfg, data=data,
                 sizes=sizes, mixup=mixup, optim=optim, evaluate=evaluate, plan=plan, max_epochs=max_epochs,
-                progress=progress, report=report, checkpoint=checkpoint)
+                progress=progress, report=report, checkpoint=checkpoint, photos_sha256=photos_sha256)
 
 
 def _restore_or_start(run: _Run) -> None:
@@ -253,8 +258,13 @@ def _restore_or_start(run: _Run) -> None:
         run.stopped_before = checkpoint.get("stopped")
         # loading the optimiser's state replaces its group dicts: the schedule must set the rates of the new ones
         run.optim.schedule = staged_schedule(run.optim.optimizer, cfg, run.optim.steps_per_epoch)
+        save_photo_list(run.out, run.split.inventory, run.photos_sha256)  # a checkpoint from before the list
         return
-    clear_run(run.out)  # an earlier run's files (--no-resume): none of them may pass for this run's
+    removed = clear_run(run.out, cfg)  # an earlier run's files: none of them may pass for this run's
+    if removed:
+        run.report(f"starting afresh in {run.out}: removed the earlier fine-tuning run's "
+                   + ", ".join(str(p.relative_to(run.out)) for p in removed))
+    save_photo_list(run.out, run.split.inventory, run.photos_sha256)
     t0 = time.perf_counter()
     how = init_head(net, run.source, run.species, cfg, loader(run.data.train_eval, 2 * cfg.batch_size,
                     workers=run.workers, device=run.device), run.device, class_weight=run.data.class_weight,
@@ -275,8 +285,9 @@ def _elapsed(run: _Run) -> float:
 
 def _save(run: _Run, stopped: str | None = None, *, progress: bool = True) -> None:
     """The checkpoint (with ``progress``: log.csv and curves.png too), with what a resume needs beyond the training
-    state: the photos, the budget's plan, the time spent, and why the epochs stopped (``stopped``)."""
-    extra = {"photos": run.split.inventory, "plan": asdict(run.plan) if run.plan is not None else None,
+    state: the photos' digest (their list: PHOTOS_FILE), the budget's plan, the time spent, and why the epochs
+    stopped (``stopped``)."""
+    extra = {"photos_sha256": run.photos_sha256, "plan": asdict(run.plan) if run.plan is not None else None,
              "elapsed_s": _elapsed(run), "stopped": stopped}
     save = save_progress if progress else save_checkpoint
     save(run.out, run.cfg, run.species, run.state, run.net, run.optim.optimizer, run.optim.scaler, run.ema,
@@ -391,14 +402,27 @@ def _measured(run: _Run, weights: dict) -> SizeChoice | None:
                             amp=run.cfg.amp, progress=run.progress)
 
 
+def _inherited(run: _Run) -> tuple[list[list[str]], list[str]]:
+    """The training photos of the runs this one started from (``retrieval.protocol.inherited_training``: rows
+    path, species, sha256, run folder) and, in words, those runs whose photos are not known; none without a
+    local ``--init`` folder."""
+    from retrieval.protocol import inherited_training
+
+    if not run.source.timm_name.startswith("local-dir:"):
+        return [], []
+    return inherited_training(run.source.spec)
+
+
 def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row: dict,
             kept_choice: SizeChoice | None, versus: dict | None) -> FinetuneResult:
     """Write the kept weights (and, with ``save_last``, the last epoch's to OUT/last) as timm local-dir folders."""
-    from finetune.data import source_sha256
     from finetune.export import record_wall_seconds, save_finetuned, write_photo_list
-    from retrieval.protocol import HELDOUT_FILE, SPLIT_SOURCE, TRAINED_FILE, VAL_FILE
+    from retrieval.protocol import HELDOUT_FILE, LINEAGE_KEY, SPLIT_SOURCE, TRAINED_FILE, VAL_FILE
 
     cfg, state, net, ema, out = run.cfg, run.state, run.net, run.ema, run.out
+    # the photos that trained the network and those that chose its epoch, by content, for `speciesid evaluate`;
+    # the training photos of the runs it started from too, so that no older folder is needed to know them
+    inherited, unlisted = _inherited(run)
     info = {
         "stage": cfg.stage, "init": run.source.spec, "epochs": state.epoch, "best_epoch": kept_epoch,
         "stopped": stopped, "train_seconds": round(state.seconds, 1), "train_photos": len(run.data.train),
@@ -411,17 +435,20 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
         "backbone_trained": kept_epoch > cfg.freeze_epochs,
         "against_untrained": versus,
         "seconds_before_final": round(time.perf_counter() - run.t_start, 1),  # this process, until the final eval
+        LINEAGE_KEY: {"carried": sorted({row[3] for row in inherited}), "unlisted": unlisted},
     }
     exports = [(out, kept_state, f"{SELECTED_BY[cfg.select]} (epoch {kept_epoch})", kept_row, kept_choice)]
     if cfg.save_last:
         exports.insert(0, (out / "last", cpu_state(ema.module if ema is not None else net),
                            f"last epoch ({state.epoch})", state.history[-1], None))
+    val_list = HELDOUT_FILE if run.split.val_source.startswith(SPLIT_SOURCE) else VAL_FILE
+    unhashed = len(run.data.train.unhashed()) + len(run.data.val.unhashed())
+    if unhashed:  # a set too large to decode up front: read once more (counted in the budget's final part)
+        run.report(f"reading {unhashed} photos for their sha256 ({TRAINED_FILE}, {val_list})")
+    photo_lists = [(name, ds.paths, [run.species[t] for t in ds.targets], ds.sha256(run.progress), more)
+                   for name, ds, more in ((TRAINED_FILE, run.data.train, inherited), (val_list, run.data.val, None))]
     final: dict = {}
     size_info: dict = {}
-    # the photos that trained the network and those that chose its epoch, by content, for `speciesid evaluate`
-    val_list = HELDOUT_FILE if run.split.val_source.startswith(SPLIT_SOURCE) else VAL_FILE
-    photo_lists = [(name, ds.paths, [run.species[t] for t in ds.targets], [source_sha256(p) for p in ds.paths])
-                   for name, ds in ((TRAINED_FILE, run.data.train), (val_list, run.data.val))]
     for folder, weights, kept, row, choice in exports:
         if choice is None:
             choice = _measured(run, weights)  # loads the weights
@@ -441,10 +468,11 @@ def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row
             **info, "kept": kept, "val": {k: v for k, v in row.items() if k.startswith("val_")}, "final": final,
             "test_size": size_info,
         }, trained_on=len(run.data.train), test_size=test_size)
-        for name, paths, labels, digests in photo_lists:
-            write_photo_list(folder, name, paths, labels, digests)
+        for name, paths, labels, digests, more in photo_lists:
+            write_photo_list(folder, name, paths, labels, digests, inherited=more)
         net.to(run.device)
     (out / CHECKPOINT).unlink(missing_ok=True)
+    (out / PHOTOS_FILE).unlink(missing_ok=True)
     for folder, *_ in exports:  # the whole run, final evaluation and export included (this process, not resumed ones)
         record_wall_seconds(folder, time.perf_counter() - run.t_start)
     return FinetuneResult(out=out, species=run.species, epochs_run=state.epoch, best_epoch=kept_epoch,

@@ -33,6 +33,7 @@ from index.locks import write_lock
 from index.records import ReferenceRecord
 from index.store import (
     HalfCreatedStoreError,
+    MissingTableError,
     ReferenceStore,
     SpeciesSummary,
     StoreVectors,
@@ -122,7 +123,7 @@ class Gallery:
         self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
         try:
             self.store = self._open_store(refresh_s)
-        except HalfCreatedStoreError:
+        except (HalfCreatedStoreError, TimeoutError):  # their messages say what to do
             raise
         except Exception as exc:
             if not where.get("uri"):
@@ -140,15 +141,20 @@ class Gallery:
 
     # ----------------------------------------------------------------- opening
     def _open_store(self, refresh_s: float) -> ReferenceStore:
-        """The store; a local table left half-created by an interrupted create and holding no data is removed
-        under the write lock (a creator still at work holds it: its table is complete once the lock is ours) and
-        made again. One that holds data is never removed: its error says what to do."""
-        def store() -> ReferenceStore:
+        """The store. Its table is made only under the write lock: one that does not exist yet (a creator between
+        writing gallery.json and making it, or a create killed then) is made once the lock is ours, after the
+        creator at work, if any, has made it. A local table left half-created by an interrupted create and
+        holding no data is removed under the lock (a creator still at work holds it: its table is complete once
+        the lock is ours) and made again. One that holds data is never removed: its error says what to do."""
+        def store(create: bool) -> ReferenceStore:
             return ReferenceStore(self.store_uri, int(self.info["dim"]), refresh_s=refresh_s,
-                                  options=self.storage_options)
+                                  options=self.storage_options, create=create)
 
+        first: HalfCreatedStoreError | None = None
         try:
-            return store()
+            return store(create=False)
+        except MissingTableError:
+            pass
         except HalfCreatedStoreError as exc:
             if exc.data is None or exc.data:  # on an object store, or holding files: never deleted here
                 raise
@@ -156,17 +162,24 @@ class Gallery:
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(write_lock(self.layout.write_lock).hold())
-            except OSError as lock_error:  # a read-only gallery: the lock cannot be taken, nothing can be repaired
-                raise first from lock_error
+            except TimeoutError as exc:  # a writer at work, not a read-only gallery
+                raise TimeoutError(f"{exc}; the store's table {self.store_uri} is not made yet, and is made only "
+                                   "under that lock") from exc
+            except OSError as lock_error:  # a read-only gallery: the lock cannot be taken, nothing can be made
+                if first is not None:
+                    raise first from lock_error
+                raise ValueError(f"gallery {self.root}: its store {self.store_uri} holds no table yet, and it cannot "
+                                 f"be made here ({lock_error}): open the gallery with write access once, or "
+                                 "rebuild it") from lock_error
             try:
-                return store()  # made whole meanwhile by the creator that held the lock
+                return store(create=True)  # made meanwhile by the creator that held the lock, or made now
             except HalfCreatedStoreError as exc:
                 if exc.data is None or exc.data:
                     raise
                 logger.warning("removing %s: a table left half-created by an interrupted create (no version was "
                                "committed, no data in it); making it again", exc.where)
                 shutil.rmtree(exc.where)
-            return store()
+            return store(create=True)
 
     @classmethod
     def create(

@@ -274,8 +274,12 @@ def build(
     n -= dropped
     index = IvfPqIndex(faiss.IndexIVFPQFastScan(merged), rerank, nprobe=nprobe or 1, candidates=candidates,
                        trained_n=n)
-    if index.ntotal != n:
-        raise ValueError(f"ivfpq build indexed {index.ntotal} vectors of {n}")
+    if index.ntotal != n:  # each shard indexes one row per id: a mismatch is a bug, not a property of the data
+        raise RuntimeError(
+            f"ivfpq build indexed {index.ntotal} vectors of the {n} rows it read (one per id): an internal error, "
+            "please report it with the gallery's size and shard count. The rows in the store are not touched by "
+            "the index build; running 'speciesid index build' again with --index-kind flat (or hnsw) gives the "
+            "gallery an index that does not use this code meanwhile")
     logger.info("ivfpq: %d vectors in %d shard(s) added and merged in %.1f s", n, len(shards), time.perf_counter() - t0)
     if nprobe is None:
         index.calibrate(seed=seed)

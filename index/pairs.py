@@ -1,4 +1,5 @@
-"""Pair search: every pair of embeddings at or above a cosine similarity (duplicates, near-duplicates, leaks).
+"""Pair search: every pair of embeddings at or above a cosine similarity (duplicates, near-duplicates, leaks), and
+the groups of copies those pairs make (:func:`copy_groups`: the one copy rule of suspect labels and of cross-validation's folds).
 
 Exact, by blocked inner products of L2-normalised rows (numpy matmul, one ``block`` x ``block`` tile at a time,
 so memory stays at a tile whatever the sizes); numpy in, pairs out. Within one set only the tiles on and above
@@ -7,6 +8,8 @@ benchmarks/bench_clean.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -57,3 +60,28 @@ def similar_pairs(
             parts_j.append(j + t)
             parts_s.append(sims)
     return _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
+
+
+def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None] = (),
+                block: int = DEFAULT_BLOCK) -> np.ndarray:
+    """The copy rule, in one place: (N,) group label of every row, rows in one group being copies of one photo:
+    connected components of the pairs with cosine >= ``threshold`` (:func:`similar_pairs`, rows L2-normalised)
+    and of the rows with the same ``sha256`` (when given; None or "" never matches). A burst of near-copies is
+    one group. Labels are row positions (a group's label is one of its rows)."""
+    parent = np.arange(len(x))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for a, b, _ in similar_pairs(x, threshold=threshold, block=block):
+        parent[find(a)] = find(b)
+    first: dict[str, int] = {}
+    for i, digest in enumerate(sha256):
+        if digest:
+            j = first.setdefault(digest, i)
+            if j != i:
+                parent[find(i)] = find(j)
+    return np.array([find(i) for i in range(len(x))], dtype=np.int64)

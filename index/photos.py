@@ -7,7 +7,7 @@ The rule:
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
   each real folder is visited once, so a link loop cannot recurse for ever. A link whose target is
-  missing is not a photo.
+  missing is not a photo (nor reported, when its name is another kind of file's: ``notes.txt``).
 - Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
   a photo-named entry that is not a regular file are returned as *skipped*, with the reason
   (:func:`scan_photos`); :func:`find_photos` logs one warning naming how many and the first few.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: How many skipped paths a warning names (the rest are counted).
 SKIPPED_SHOWN = 5
+#: What to do about skipped entries (said once, with them: :func:`skipped_summary`).
+SKIPPED_ADVICE = ("To use them: mount the disk a broken link points to, or fix the link, or make the folder "
+                  "readable; to silence this, remove them. Then run again.")
 #: An entry a search could not read, and why: ``(path, reason)``.
 Skipped = tuple[Path, str]
 
@@ -43,6 +47,12 @@ PHOTO_FORMATS: dict[str, tuple[str, ...]] = {
     "PPM": (".ppm",),
 }
 IMAGE_EXTENSIONS = frozenset(ext for exts in PHOTO_FORMATS.values() for ext in exts)
+
+
+def _file_suffix(name: str) -> bool:
+    """Whether ``name`` ends in a file extension (``notes.txt``), not a name a folder may carry (``Naja sp.``,
+    ``Crotalus v. viridis``, ``Dendroaspis viridis``)."""
+    return re.fullmatch(r"\.[A-Za-z0-9]{1,5}", Path(name).suffix) is not None
 
 
 def is_photo_name(name: str) -> bool:
@@ -77,8 +87,9 @@ class PhotoScan:
 def scan_photos(folder: str | Path) -> PhotoScan:
     """Photo files under ``folder`` by the module's rule, and what was skipped (logs nothing; [] when missing).
 
-    Skipped: broken symbolic links (any name but hidden ones: a broken link to a class folder has no photo
-    extension), photo-named entries that are not regular files, and folders that cannot be listed.
+    Skipped: broken symbolic links with a photo's name or a name without a file extension (a broken link to a
+    class folder; ``notes.txt`` would not have been read either way, so its broken link is not), photo-named
+    entries that are not regular files, and folders that cannot be listed.
     """
     root = Path(folder)
     photos, skipped = scan_files(root, is_photo_name)
@@ -118,24 +129,34 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool]) -> tuple[list[
             if path.is_file():  # follows links
                 if wanted(name):
                     files.append(path)
-            elif wanted(name) or path.is_symlink():
+            elif wanted(name) or (path.is_symlink() and not _file_suffix(name)):
                 skipped.append((path, entry_problem(path)))
     return files, skipped
 
 
+def first_few(items: Sequence[object], sep: str = ", ") -> str:
+    """The first :data:`SKIPPED_SHOWN` items joined by ``sep``, and how many more: one line however many."""
+    shown = sep.join(str(item) for item in items[:SKIPPED_SHOWN])
+    return shown + (f"{sep}... ({len(items) - SKIPPED_SHOWN} more)" if len(items) > SKIPPED_SHOWN else "")
+
+
 def skipped_text(skipped: Sequence[Skipped]) -> str:
     """The first few skipped entries with their reasons, and how many more: one line."""
-    shown = "; ".join(f"{p}: {why}" for p, why in skipped[:SKIPPED_SHOWN])
-    return shown + (f"; ... ({len(skipped) - SKIPPED_SHOWN} more)" if len(skipped) > SKIPPED_SHOWN else "")
+    return first_few([f"{p}: {why}" for p, why in skipped], "; ")
+
+
+def skipped_summary(skipped: Sequence[Skipped], where: str | Path, what: str = "photos") -> str:
+    """The one report of entries skipped under ``where``: how many, the first few with their reasons (``what``:
+    what they were not read as), and what to do about them."""
+    n = len(skipped)
+    return (f"{n} entr{'y' if n == 1 else 'ies'} under {where} skipped, not read as {what}: {skipped_text(skipped)}. "
+            f"{SKIPPED_ADVICE}")
 
 
 def warn_skipped(skipped: Sequence[Skipped], where: str | Path, what: str = "photos") -> None:
-    """One warning for the entries skipped under ``where``: how many, and the first few with their reasons
-    (``what``: what they were not read as)."""
-    if not skipped:
-        return
-    logger.warning("%d entr%s under %s skipped, not read as %s: %s", len(skipped),
-                   "y" if len(skipped) == 1 else "ies", where, what, skipped_text(skipped))
+    """One warning for the entries skipped under ``where`` (:func:`skipped_summary`); nothing when there is none."""
+    if skipped:
+        logger.warning("%s", skipped_summary(skipped, where, what))
 
 
 def find_photos(folder: str | Path) -> list[Path]:

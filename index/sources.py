@@ -29,6 +29,18 @@ _lock = threading.Lock()
 _tables: OrderedDict[tuple[str, int, int], dict[str, tuple[int, int]]] = OrderedDict()
 
 
+def absolute_path(path: str | Path | None) -> str | None:
+    """A folder or file setting as recorded and compared: absolute, ``~`` expanded, links resolved, so that
+    ``photos/``, ``./photos`` and the full path name one folder; None and "" as they are, a URI (``s3://...``) as
+    written."""
+    if path is None or path == "":
+        return None if path is None else ""
+    text = os.fspath(path)
+    if "://" in text:
+        return text
+    return str(Path(text).expanduser().resolve())
+
+
 def member_locator(shard: str | Path, member: str) -> str:
     """The locator of ``member`` inside ``shard``."""
     return f"{shard}{MEMBER_SEP}{member}"

@@ -204,6 +204,11 @@ def rows_table(
     return pa.table(cols, schema=_schema(dim))
 
 
+class MissingTableError(ValueError):
+    """The store holds no table yet (``ReferenceStore(create=False)``): :meth:`Gallery.open` makes it under the
+    gallery's write lock."""
+
+
 class HalfCreatedStoreError(ValueError):
     """The store's table folder exists but no version of it was ever committed: a create killed inside LanceDB's
     table creation. ``data`` lists the files in it beyond Lance's bookkeeping (none: nothing to lose)."""
@@ -215,8 +220,12 @@ class HalfCreatedStoreError(ValueError):
             what = (f"it holds {len(data)} data file(s) ({', '.join(data[:3])}) that no reader can see. Nothing "
                     f"was deleted: if this gallery is new, move {where} aside (or delete it) and run the command "
                     "again; if those files matter, keep them and rebuild the gallery from its photos")
-        elif data is None:
-            what = f"delete {where} and run the command again (nothing committed is lost)"
+        elif data is None:  # an object store: its objects were not listed here
+            what = (f"list {where}: if it holds nothing but _versions/ and _transactions/ objects (no data/ "
+                    "objects), nothing was committed: delete it and run the command again. If it holds data/ "
+                    "objects, do not delete it: its version objects may be missing or unreadable for another "
+                    "reason (a lifecycle rule, replication, permissions); restore them, or rebuild the gallery "
+                    "from its photos")
         else:
             what = (f"it holds no data: open the gallery with write access (any speciesid command on it removes "
                     f"it), or delete {where}")
@@ -240,12 +249,15 @@ class ReferenceStore:
     """LanceDB table of reference photos: metadata + embedding, one row per photo."""
 
     def __init__(
-        self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0, options: dict[str, str] | None = None
+        self, root: str | Path, dim: int, *, refresh_s: float | None = 1.0, options: dict[str, str] | None = None,
+        create: bool = True,
     ) -> None:
-        """Open (or create) the table under ``root``: a folder, or an object-store URI with ``options``.
+        """Open (or, with ``create``, create) the table under ``root``: a folder, or an object-store URI with
+        ``options``.
 
         :class:`HalfCreatedStoreError` when the table was left half-created (:meth:`Gallery.open` removes one
-        that holds no data, under the gallery's write lock)."""
+        that holds no data, under the gallery's write lock); :class:`MissingTableError` when there is none and
+        ``create`` is False (a gallery makes it only under its write lock)."""
         # a folder is kept absolute: fragment writers on Ray workers run in other working directories
         self.root: str | Path = str(root).rstrip("/") if is_uri(root) else Path(root).absolute()
         self.dim = dim
@@ -266,6 +278,8 @@ class ReferenceStore:
                 if data is None:
                     raise
                 raise HalfCreatedStoreError(self.uri, data) from exc
+        elif not create:
+            raise MissingTableError(f"the store {self.root} holds no table {TABLE} yet")
         else:
             try:
                 self._table = self._db.create_table(TABLE, schema=_schema(dim))

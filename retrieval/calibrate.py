@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from index.pairs import copy_groups
 from retrieval.metric import METRICS, fit_whitening
 from retrieval.metrics import precision_threshold
 from retrieval.probe import Calibration, LinearProbe, train_probe
@@ -151,30 +152,13 @@ def _log_step(value: float, prior: float) -> float:
     return abs(math.log(value / prior)) if value > 0 and prior > 0 else abs(value - prior)
 
 
-def duplicate_groups(x: np.ndarray) -> np.ndarray:
-    """Connected components of near-duplicate gallery photos (cosine >= DUPLICATE_COSINE)."""
-    from index.pairs import similar_pairs
-
-    parent = np.arange(len(x))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = int(parent[i])
-        return i
-
-    for a, b, _ in similar_pairs(x, threshold=DUPLICATE_COSINE):
-        parent[find(a)] = find(b)
-    return np.array([find(i) for i in range(len(x))])
-
-
 def cv_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int,
               groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified folds of the gallery with near-duplicates kept together: [(rest, held), ...]. ``groups``:
-    :func:`duplicate_groups` of ``x``, when already computed."""
+    ``index.pairs.copy_groups`` of ``x`` (cosine >= DUPLICATE_COSINE), when already computed."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    groups = duplicate_groups(x) if groups is None else groups
+    groups = copy_groups(x, threshold=DUPLICATE_COSINE) if groups is None else groups
     if len(np.unique(groups)) == len(x):
         return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
     return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups))
@@ -237,7 +221,7 @@ def out_of_fold(
             [index[val_labels[i]] for i in keep]))]
         selected_on = f"val:{val_name}"
     else:
-        groups = duplicate_groups(x)
+        groups = copy_groups(x, threshold=DUPLICATE_COSINE)
         n_folds = _fold_count(y, groups, species, folds)
         splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed, groups)]
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
@@ -274,7 +258,7 @@ def out_of_fold(
 
 def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds: int) -> int:
     """The folds cross-validation can make: at most ``folds``, and no more than the distinct photos (near-duplicate
-    groups, :func:`duplicate_groups`: one fold holds a whole group) of the species with the fewest. ValueError,
+    groups, ``index.pairs.copy_groups``: one fold holds a whole group) of the species with the fewest. ValueError,
     naming them, when a species has fewer than 2: no fold could hold one of its photos out and keep another."""
     distinct = {c: len(np.unique(groups[y == c])) for c in np.unique(y)}
     few = sorted(species[c] for c, n in distinct.items() if n < 2)

@@ -18,7 +18,7 @@ from index.datasets import DatasetScan, load_dataset
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
-from index.photos import SKIPPED_SHOWN, scan_photos, warn_skipped
+from index.photos import first_few, scan_photos, warn_skipped
 from retrieval.clean_report import write_report
 from retrieval.encoders import (
     DEFAULT_ENCODER,
@@ -118,14 +118,14 @@ class CleanResult:
                 lines.append(f"leaks: {c['leak']} same bytes, {c['near-leak']} near-identical{span}")
         if self.config.suspect_labels:
             lines.append(
-                f"suspect labels: {c['suspect-label']} photos whose {self.config.suspect_k} nearest other photos all "
-                "carry one other species (report only, never excluded: check them by hand)"
+                f"suspect labels: {c['suspect-label']} photo{'' if c['suspect-label'] == 1 else 's'} whose "
+                f"{self.config.suspect_k} nearest other photos all carry one other species (report only, never "
+                "excluded: check them by hand)"
             )
         if c["unreadable"]:
             lines.append(f"unreadable: {c['unreadable']}" + (
                 f" ({len(self.skipped)} skipped by the photo search, e.g. broken links: "
-                + ", ".join(str(p) for p, _ in self.skipped[:SKIPPED_SHOWN])
-                + (", ..." if len(self.skipped) > SKIPPED_SHOWN else "") + ")" if self.skipped else ""))
+                + first_few([p for p, _ in self.skipped]) + ")" if self.skipped else ""))
         if self.files:
             lines.append("report: " + ", ".join(str(p) for p in self.files.values()))
         if self.applied is not None:

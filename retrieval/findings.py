@@ -14,8 +14,10 @@ Four checks (run by :mod:`retrieval.clean`; reported by :mod:`retrieval.clean_re
   two labels is wrong, and no automatic rule can tell which, so ``--apply`` never acts on it.
 - **Leakage** against another set (``against``, e.g. the evaluation photos): the same two tests across sets.
 - **Suspect labels** (report only): leave-one-out kNN over the set, cosine. A photo is flagged when its ``k``
-  nearest other photos (itself and its copies left out: same bytes, or cosine >= ``dup_threshold``) all carry one
-  species that is not its label, and its own species has at least ``k`` other photos. The finding names that
+  nearest other photos all carry one species that is not its label, and its own species has at least ``k`` other
+  photos. Copies of one photo (same bytes, or cosine >= ``dup_threshold``, joined into groups:
+  :func:`index.pairs.copy_groups`) count as one photo there: a photo's own copies are not its neighbours, and a
+  burst of copies is one neighbour. The finding names that
   species and the neighbours' mean similarity. It is evidence for a person, never a verdict: ``--apply`` never
   acts on it.
 
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.pairs import similar_pairs
+from index.pairs import copy_groups, similar_pairs
 from index.vectors import exact_search
 from retrieval.encoders import Encoder
 from retrieval.pipeline import Embedded
@@ -61,8 +63,6 @@ REPORT_ONLY_KINDS: tuple[str, ...] = ("label-conflict", "suspect-label")
 _QUERY_CHUNK = 1024
 #: Neighbours searched beyond ``k + 1`` at first, for the copies left out (more are searched where too few remain).
 _SEARCH_SLACK = 8
-#: Rounding slack of the copy test (as index.pairs): a copy a hair under the threshold in float32 is still a copy.
-_COPY_SLACK = 1e-6
 
 
 def check_apply_kinds(kinds: Sequence[str]) -> None:
@@ -319,13 +319,13 @@ def _leaks(photos: PhotoSet, against: PhotoSet, dup_threshold: float) -> list[Fi
 
 
 def other_neighbours(
-    embeddings: np.ndarray, k: int, *, sha256: Sequence[str | None] = (), dup_threshold: float | None = None,
-    progress: bool = False,
+    embeddings: np.ndarray, k: int, *, groups: np.ndarray | None = None, progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out neighbours: (positions (N, k), cosine similarities (N, k)) of each row's ``k`` nearest other
-    rows, best first, found by :func:`index.vectors.exact_search` (rows L2-normalised). A row's copies are left out
-    with it (the same ``sha256``, or cosine >= ``dup_threshold``; ``None``: only the same bytes): a copy is the same
-    photo again, not another photo's evidence. Where fewer than ``k`` other rows remain, the rest of the row is
+    rows, best first, found by :func:`index.vectors.exact_search` (rows L2-normalised). ``groups``: copies of one
+    photo (:func:`index.pairs.copy_groups`; None: every row its own). A row's own group is left out with it (a
+    copy is the same photo again, not another photo's evidence), and another group counts once, by its nearest
+    row (a burst of copies is one neighbour). Where fewer than ``k`` groups remain, the rest of the row is
     -1 / NaN. ``progress``: a bar over the rows, like clean's other steps."""
     from tqdm import tqdm
 
@@ -333,10 +333,10 @@ def other_neighbours(
         raise ValueError(f"k must be at least 1, got {k}")
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = len(emb)
+    rows = np.arange(n, dtype=np.int64)
+    group = rows if groups is None else np.asarray(groups, dtype=np.int64)
     positions = np.full((n, k), -1, dtype=np.int64)
     sims = np.full((n, k), np.nan, dtype=np.float32)
-    digests = np.array([d or "" for d in sha256] if len(sha256) else [""] * n, dtype=object)
-    rows = np.arange(n, dtype=np.int64)
     bar = tqdm(total=n, desc="cleaning: neighbours", unit="photo", disable=not progress)
     pending, want = rows, k + 1 + _SEARCH_SLACK
     while pending.size:
@@ -345,11 +345,8 @@ def other_neighbours(
         for start in range(0, pending.size, _QUERY_CHUNK):
             q = pending[start : start + _QUERY_CHUNK]
             s, pos = exact_search(emb, rows, emb[q], searched)
-            copy = (pos == q[:, None]) | (pos < 0)
-            if dup_threshold is not None:
-                copy |= s >= dup_threshold - _COPY_SLACK
-            copy |= (digests[np.maximum(pos, 0)] == digests[q][:, None]) & (digests[q][:, None] != "")
-            keep = ~copy
+            theirs = np.where(pos < 0, -1, group[np.maximum(pos, 0)])
+            keep = (pos >= 0) & (theirs != group[q][:, None]) & _first_of_group(theirs)
             enough = keep.sum(axis=1) >= k
             done = enough | (searched >= n)  # nothing more to search: keep what there is
             for r in np.flatnonzero(done):
@@ -363,30 +360,44 @@ def other_neighbours(
     return positions, sims
 
 
+def _first_of_group(theirs: np.ndarray) -> np.ndarray:
+    """(Q, W) bool: whether each entry is its row's first (nearest) of its group."""
+    order = np.argsort(theirs, axis=1, kind="stable")  # stable: the nearest of a group comes first
+    ranked = np.take_along_axis(theirs, order, axis=1)
+    repeat = np.zeros(theirs.shape, dtype=bool)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    first = np.empty_like(repeat)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first
+
+
 def suspect_labels(
     photos: PhotoSet, k: int = DEFAULT_SUSPECT_K, *, dup_threshold: float = DEFAULT_DUP_THRESHOLD,
     progress: bool = False,
 ) -> list[Finding]:
     """Photos whose ``k`` nearest other photos of the set (cosine, leave-one-out: :func:`other_neighbours`) all
     carry one species that is not theirs, when their own species has at least ``k`` other photos (a species of a
-    few photos has no neighbourhood to lose). Score: the neighbours' mean similarity; ``suggested_species``: their
-    species; ``paired_path``: the nearest of them. Photos without an embedding or a label are not judged."""
+    few photos has no neighbourhood to lose). Photos are counted as distinct photos: copies of one photo (the same
+    bytes, or cosine >= ``dup_threshold``: :func:`index.pairs.copy_groups`) are one photo, in that count and among
+    the neighbours, and a photo's own copies are neither. Score: the neighbours' mean similarity;
+    ``suggested_species``: their species; ``paired_path``: the nearest of them. Photos without an embedding or a
+    label are not judged."""
     if k < 1:
         raise ValueError(f"k (--suspect-k) must be at least 1, got {k}")
     labels = [_species(photos, i) or "" for i in range(len(photos))]
     judged = np.flatnonzero(photos.ok & np.array([bool(s) for s in labels], dtype=bool))
     if not judged.size:
         return []
-    count: dict[str, int] = {}
-    for i in judged:
-        count[labels[i]] = count.get(labels[i], 0) + 1
-    positions, sims = other_neighbours(photos.embeddings[judged], k,
-                                       sha256=[photos.sha256[i] for i in judged], dup_threshold=dup_threshold,
-                                       progress=progress)
+    groups = copy_groups(photos.embeddings[judged], threshold=dup_threshold,
+                         sha256=[photos.sha256[i] for i in judged])
+    distinct: dict[str, set[int]] = {}  # species -> its photos' copy groups
+    for r, i in enumerate(judged):
+        distinct.setdefault(labels[i], set()).add(int(groups[r]))
+    positions, sims = other_neighbours(photos.embeddings[judged], k, groups=groups, progress=progress)
     out: list[Finding] = []
     for r, i in enumerate(judged):
         own = labels[i]
-        if count[own] - 1 < k or positions[r, -1] < 0:
+        if len(distinct[own]) - 1 < k or positions[r, -1] < 0:
             continue
         near = [int(judged[p]) for p in positions[r]]
         theirs = {labels[j] for j in near}

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from index.photos import PHOTO_FORMATS
+from index.sources import read_source
 
 try:  # HEIC/HEIF phone photos, when pillow-heif is installed
     from pillow_heif import register_heif_opener
@@ -59,9 +60,10 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str | Path) -> str | None:
-    """Hex sha256 of a file's bytes (its content identity); None when it cannot be read."""
+    """Hex sha256 of a photo's bytes (its content identity), read as ``index build`` and fine-tuning read them
+    (``index.sources.read_source``: a file, or a webdataset ``SHARD#MEMBER``); None when it cannot be read."""
     try:
-        return sha256_bytes(Path(path).read_bytes())
+        return sha256_bytes(read_source(path))
     except OSError:
         return None
 

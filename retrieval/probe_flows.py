@@ -14,6 +14,7 @@ import numpy as np
 from index.datasets import load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
+from index.sources import absolute_path
 from index.store import SpeciesSummary
 from index.taxonomy import load_checklist
 from retrieval.encoders import Encoder
@@ -137,7 +138,7 @@ def train_gallery_probe(
     t0 = time.perf_counter()
     val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
-                                  val_labels=val_labels, val_name=_abs(val_root), folds=folds, rule=rule)
+                                  val_labels=val_labels, val_name=str(absolute_path(val_root)), folds=folds, rule=rule)
     calibration.selection_sha256 = val.sha256 if val else []
     t1 = time.perf_counter()
     learn = [i for i, s in enumerate(labels) if s not in calibration.left_out]  # all, unless some were left out
@@ -208,7 +209,7 @@ def import_gallery_probe(
                                                 keep_duplicates)
     val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
     all_ids, all_vectors, all_labels = ids, vectors, labels
-    val_name = _abs(val_root)
+    val_name = str(absolute_path(val_root))  # absolute: `evaluate` run from elsewhere still recognises it
     if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
         held = heldout_positions(gallery, ids, from_dir)
         if held is not None:
@@ -258,19 +259,23 @@ def _warn_left_out(left_out: dict[str, int], what: str) -> None:
 def species_differences(head: list[str], gallery: list[str], index_dir: str | Path,
                         from_dir: str | Path) -> tuple[list[str], list[str]]:
     """(the head's species the gallery has no photo of, the gallery's species the head does not name), warned
-    about: the first are never answered by the kNN vote, the second only by it (the blend's open-world rule). A
-    head that shares no species with the gallery is refused (ValueError)."""
+    about once here, with what to do (the CLI does not repeat them): the first are never answered by the kNN vote,
+    the second only by it (the blend's open-world rule). A head that shares no species with the gallery is refused
+    (ValueError)."""
     head_only, gallery_only = sorted(set(head) - set(gallery)), sorted(set(gallery) - set(head))
     if gallery and not set(head) & set(gallery):
         raise ValueError(f"the head of {from_dir} names none of the species of gallery {index_dir} (head: "
                          f"{', '.join(sorted(head)[:5])}...; gallery: {', '.join(sorted(gallery)[:5])}...): was the "
                          "gallery built from the photos the network was fine-tuned on?")
     if head_only:
-        logger.warning("%d species of the head of %s have no photo in gallery %s (renamed or left out?): %s",
-                       len(head_only), from_dir, index_dir, ", ".join(head_only))
+        logger.warning("%d species of the head of %s have no photo in gallery %s, so the kNN vote never answers "
+                       "them: %s. Renamed or left out? Name their folders as the head does (the run's config.json, "
+                       "label_names) and rebuild the gallery, or add their photos", len(head_only), from_dir,
+                       index_dir, ", ".join(head_only))
     if gallery_only:
-        logger.warning("%d species of gallery %s are not among the head's (the kNN vote alone answers them): %s",
-                       len(gallery_only), index_dir, ", ".join(gallery_only))
+        logger.warning("%d species of gallery %s are not among the head's, so only the kNN vote answers them: %s. "
+                       "Fine-tune with their photos for the head to know them", len(gallery_only), index_dir,
+                       ", ".join(gallery_only))
     return head_only, gallery_only
 
 
@@ -370,8 +375,3 @@ def _finetuned_head(folder: str | Path) -> LinearProbe:
     if not (probe.source or "").startswith("finetune:"):
         raise ValueError(f"{folder} holds a probe, but not the head of a 'speciesid finetune' output")
     return probe
-
-
-def _abs(folder: str | Path | None) -> str:
-    """A selection folder as recorded: absolute, so that `evaluate` run from elsewhere still recognises it."""
-    return str(Path(folder).resolve()) if folder is not None else "None"

@@ -48,6 +48,7 @@ class Protocol:
     size: str | None = None  # what chose a network fine-tuned here (its epoch, its input size), in words
     trained: list[int] | None = None  # positions of evaluated photos that trained the network (None: not known)
     trained_from: str = ""  # the lists of the network's training photos, in words ("" = not fine-tuned here)
+    trained_complete: bool = True  # every run of the network listed its photos (False: some cannot be told)
 
     @property
     def trained_counted(self) -> int:
@@ -59,9 +60,10 @@ class Protocol:
     @property
     def unseen(self) -> bool:
         """Whether the figures are on unseen photos: none of those counted chose the settings, trained the network
-        (as far as its runs listed) or sits in the gallery."""
+        or sits in the gallery. Not when some of the network's runs did not list their photos: those cannot be
+        told."""
         return not (self.evaluated_chose_settings or self.trained_counted or (self.duplicates and not self.excluded)
-                    or (self.trained_from and self.trained is None))
+                    or (self.trained_from and (self.trained is None or not self.trained_complete)))
 
     def lines(self) -> list[str]:
         """The report's protocol lines."""
@@ -84,6 +86,9 @@ class Protocol:
                     "the network cannot be told from unseen ones")
         line = (f"network training photos: {len(self.trained)} of the evaluated photos trained the network "
                 f"(matched by content: {self.trained_from})")
+        if not self.trained_complete:
+            line += ("; evaluated photos that trained the runs not listed cannot be told from unseen ones, so these "
+                     "figures are not called unseen")
         if self.trained_counted:
             line += (f"; {self.trained_counted} counted in the figures: these figures over-state accuracy on unseen "
                      "photos")
@@ -98,11 +103,14 @@ def kinds_text(kinds: dict[str, int]) -> str:
 
 
 def same_folder(a: str | Path | None, b: str | Path | None) -> bool:
-    """Whether ``a`` and ``b`` name one folder (False when either is None or cannot be resolved)."""
+    """Whether ``a`` and ``b`` name one folder (``index.sources.absolute_path``; False when either is None or
+    cannot be resolved)."""
+    from index.sources import absolute_path
+
     if a is None or b is None:
         return False
     try:
-        return Path(a).resolve() == Path(b).resolve()
+        return absolute_path(a) == absolute_path(b)
     except OSError:
         return False
 
@@ -194,29 +202,62 @@ def run_record(spec: str) -> dict:
     return (local_timm_config(parse_spec(spec)) or {}).get(FINETUNE_RECORD) or {}
 
 
-def run_folders(spec: str) -> list[Path]:
-    """The folder of a network fine-tuned here and those of the runs it started from (its ``init``, and so on),
-    newest first; [] for every other encoder."""
-    from retrieval.encoders import parse_spec
+#: In a fine-tuning run's config.json ``speciesid`` block: its ``TRAINED_FILE`` carries the photos that trained
+#: the runs it started from (``carried``: their folders) and names those whose photos could not be listed
+#: (``unlisted``, in words), so that nothing older need be read.
+LINEAGE_KEY = "trained_lineage"
 
-    folders: list[Path] = []
+
+@dataclass
+class RunChain:
+    """A network fine-tuned here and the runs it started from (its ``init``, and so on), newest first."""
+
+    runs: list[tuple[Path, dict]] = field(default_factory=list)  # (folder, its config.json ``speciesid`` block)
+    lost: str | None = None  # the ``init`` the oldest run read recorded, whose folder cannot be read now
+
+    @property
+    def folders(self) -> list[Path]:
+        return [folder for folder, _ in self.runs]
+
+
+def _names_folder(spec: str) -> bool:
+    return spec.startswith(("local-dir:", "timm:local-dir:"))
+
+
+def run_chain(spec: str) -> RunChain:
+    """The runs a network fine-tuned here comes from, followed through each run's recorded ``init`` while it is a
+    run of ours; a recorded ``init`` folder that cannot be read any more (moved, deleted) is ``lost``: the photos
+    that trained it cannot be known from it. Empty for every other encoder."""
+    from retrieval.encoders import local_timm_config, parse_spec
+
+    chain = RunChain()
     seen: set[str] = set()
     while spec and spec not in seen:
         seen.add(spec)
         try:
-            run = run_record(spec)
-            folder = Path(parse_spec(spec).name)
-        except ValueError:
+            parsed = parse_spec(spec)
+        except ValueError:  # "local-dir:DIR" of a folder without config.json
+            if chain.runs and _names_folder(spec):
+                chain.lost = spec
             break
+        run = run_record(spec)
         if not run:
+            if chain.runs and parsed.source == "local-dir" and local_timm_config(parsed) is None:
+                chain.lost = spec
             break
-        folders.append(folder)
+        chain.runs.append((Path(parsed.name), run))
         spec = str(run.get("init") or "")
-    return folders
+    return chain
 
 
-def listed_digests(folder: str | Path, name: str) -> frozenset[str] | None:
-    """The sha256 column of a photo list a fine-tuning run wrote into ``folder`` (``TRAINED_FILE``, ``VAL_FILE``,
+def run_folders(spec: str) -> list[Path]:
+    """The folder of a network fine-tuned here and those of the runs it started from (its ``init``, and so on),
+    newest first; [] for every other encoder."""
+    return run_chain(spec).folders
+
+
+def read_photo_list(folder: str | Path, name: str) -> list[dict[str, str]] | None:
+    """The rows of a photo list a fine-tuning run wrote into ``folder`` (``TRAINED_FILE``, ``VAL_FILE``,
     ``HELDOUT_FILE``); None when the run wrote no such file."""
     import csv
 
@@ -224,32 +265,78 @@ def listed_digests(folder: str | Path, name: str) -> frozenset[str] | None:
     if not path.is_file():
         return None
     with path.open(newline="") as fh:
-        return frozenset(row["sha256"] for row in csv.DictReader(fh) if row.get("sha256"))
+        return list(csv.DictReader(fh))
+
+
+def listed_digests(folder: str | Path, name: str) -> frozenset[str] | None:
+    """The sha256 column of a photo list a fine-tuning run wrote into ``folder`` (:func:`read_photo_list`); None
+    when the run wrote no such file."""
+    rows = read_photo_list(folder, name)
+    return None if rows is None else frozenset(row["sha256"] for row in rows if row.get("sha256"))
+
+
+def _unlisted(folder: Path) -> str:
+    return f"the run in {folder} listed none (fine-tuned before {TRAINED_FILE} was written)"
+
+
+def _lost(chain: RunChain) -> list[str]:
+    if chain.lost is None:
+        return []
+    return [f"the run {chain.folders[-1]} started from, {chain.lost}, cannot be read (moved or deleted), so the "
+            "photos that trained it are not known"]
+
+
+def inherited_training(init: str) -> tuple[list[list[str]], list[str]]:
+    """What a new run starting from ``init`` records of the photos that trained the runs ``init`` comes from (a
+    run of ours, its own ``init``, and so on): rows (path, species, sha256, run folder) of their
+    ``TRAINED_FILE``, and, in words, the runs whose photos could not be listed. A list that carried its own
+    chain (:data:`LINEAGE_KEY`) ends the reading."""
+    chain = run_chain(init)
+    rows: list[list[str]] = []
+    unlisted: list[str] = []
+    for folder, run in chain.runs:
+        listed = read_photo_list(folder, TRAINED_FILE)
+        if listed is None:
+            unlisted.append(_unlisted(folder))
+        else:
+            rows += [[row.get("path", ""), row.get("species", ""), row.get("sha256", ""), row.get("run") or str(folder)]
+                     for row in listed]
+        if LINEAGE_KEY in run:
+            unlisted += list(run[LINEAGE_KEY].get("unlisted") or [])
+            return rows, unlisted
+    return rows, unlisted + _lost(chain)
 
 
 def network_trained(spec: str, sha256: Sequence[str | None],
-                    positions: Sequence[int]) -> tuple[list[int] | None, str]:
+                    positions: Sequence[int]) -> tuple[list[int] | None, str, bool]:
     """(the evaluated photos (``positions`` into ``sha256``) that trained a network fine-tuned here, or the runs it
     started from, matched by content against their ``TRAINED_FILE``; None when no run listed them; where they
-    were listed, in words: "" for every other encoder)."""
-    folders = run_folders(spec)
-    if not folders:
-        return None, ""
+    were listed, in words: "" for every other encoder; whether every run's photos were listed: False when a run
+    listed none, or a run it started from cannot be read any more, and evaluated photos that trained that one
+    cannot be told from unseen ones)."""
+    chain = run_chain(spec)
+    if not chain.runs:
+        return None, "", True
     trained: set[str] = set()
-    listed, unlisted = [], []
-    for folder in folders:
+    listed: list[str] = []
+    unlisted: list[str] = []
+    for folder, run in chain.runs:
         digests = listed_digests(folder, TRAINED_FILE)
         if digests is None:
-            unlisted.append(str(folder))
+            unlisted.append(_unlisted(folder))
         else:
             trained |= digests
             listed.append(str(folder / TRAINED_FILE))
-    missing = (f"the run in {', '.join(unlisted)} listed none (fine-tuned before {TRAINED_FILE} was written)"
-               if unlisted else "")
+        if LINEAGE_KEY in run:  # its list carries the runs it started from: nothing older is read
+            unlisted += list(run[LINEAGE_KEY].get("unlisted") or [])
+            break
+    else:
+        unlisted += _lost(chain)
+    missing = "; ".join(unlisted)
     if not listed:
-        return None, missing
+        return None, missing, False
     where = ", ".join(listed) + (f"; {missing}" if missing else "")
-    return [i for i in positions if sha256[i] in trained], where
+    return [i for i in positions if sha256[i] in trained], where, not unlisted
 
 
 def run_val_root(run: dict) -> str | None:

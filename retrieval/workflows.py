@@ -303,9 +303,9 @@ def evaluate_dataset(
     if keep_duplicates and dups and ident.probe is not None and ident.probe.calibration.selected_on.startswith("cv:"):
         chose = True  # the gallery members kept in the figures were the folds that chose the settings
         settings += f"; {len(dups)} of the evaluated photos are gallery members: they were among those folds"
-    trained, trained_from = network_trained(ident.encoder.spec, done.sha256, ok)
+    trained, trained_from, trained_complete = network_trained(ident.encoder.spec, done.sha256, ok)
     protocol = Protocol(settings, chose or size_chose, dups, kinds, excluded=not keep_duplicates, size=size,
-                        trained=trained, trained_from=trained_from)
+                        trained=trained, trained_from=trained_from, trained_complete=trained_complete)
     readable = len(ok)
     if not keep_duplicates:
         dup_set = set(dups)

@@ -38,19 +38,31 @@ def test_a_package_imports_only_the_packages_below_it(package: str) -> None:
     assert not {path: names for path, names in wrong.items() if names}
 
 
+#: Names whose ``.store`` is not a gallery's: argparse namespaces (``args.store`` is the ``--store`` option).
+_NOT_GALLERIES = {"args"}
+
+
 def _through_store(tree: ast.AST) -> list[str]:
-    """``X.store.Y`` (a call through a gallery's store) and ``<...>gallery.store``, as source text."""
+    """Every reach for a gallery's store, as source text: ``X.store`` however it is used (``g.store.ids()``,
+    ``f(g.store)``, ``s = self.gallery.store``) but ``args.store``, and ``getattr(X, "store")``."""
     found = []
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Attribute) and node.attr == "store"):
-            continue
-        owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
-        if owner.endswith("gallery"):
-            found.append(f"line {node.lineno}: {ast.unparse(node)}")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "store":
+        if isinstance(node, ast.Attribute) and node.attr == "store":
+            if not (isinstance(node.value, ast.Name) and node.value.id in _NOT_GALLERIES):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value == "store"):
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return sorted(set(found))
+
+
+def test_the_store_check_sees_every_way_of_reaching_it() -> None:
+    """The check missed a store passed whole (``f(g.store)``) or read by name (``getattr(gallery, "store")``)."""
+    reaches = ["f(g.store)", "getattr(gallery, 'store')", "g.store.ids()", "x = self.gallery.store",
+               "hasattr(g, 'store')"]
+    for code in reaches:
+        assert _through_store(ast.parse(code)), code
+    assert _through_store(ast.parse("build(store=args.store)\nfrom index.store import source_file")) == []
 
 
 def test_the_api_never_reaches_through_a_gallery_into_its_store() -> None:

@@ -502,6 +502,32 @@ def test_suspect_label_rules_copies_small_species_and_k():
         CleanConfig(suspect_k=0)
 
 
+def test_suspect_label_counts_a_burst_of_copies_as_one_photo():
+    """Near-copies (cosine >= --dup-threshold) are one photo: a species that is one burst has no other photo of its
+    own to lose (every photo of it was flagged), and a burst of another species is one neighbour, not k."""
+    from retrieval.findings import suspect_labels
+
+    rng = np.random.default_rng(0)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    def flagged(x: list[np.ndarray], species: list[str]) -> list[str]:
+        return [f.path for f in suspect_labels(_set(np.stack(x), species), 3)]
+
+    centre = rng.standard_normal(64)
+    burst = [unit(centre + 0.01 * rng.standard_normal(64)) for _ in range(4)]  # A a: 4 near-copies of one shot
+    spread = [unit(centre + 0.9 * rng.standard_normal(64)) for _ in range(6)]  # B b: 6 photos around it
+    assert float((np.stack(burst) @ np.stack(burst).T).min()) > 0.95 > float((np.stack(burst) @ np.stack(spread).T).max())
+    assert flagged(burst + spread, ["A a"] * 4 + ["B b"] * 6) == []
+    b = [unit(rng.standard_normal(64)) for _ in range(4)]  # B b: 4 unrelated photos
+    near_b0 = unit(b[0] + 0.25 * rng.standard_normal(64))
+    c = [unit(near_b0 + 0.01 * rng.standard_normal(64)) for _ in range(3)]  # C c: a burst of 3 nearest to b0
+    c += [unit(rng.standard_normal(64)) for _ in range(3)]
+    assert float(max(b[0] @ x for x in b[1:])) < float(min(b[0] @ x for x in c[:3]))
+    assert "/p/0.jpg" not in flagged(b + c, ["B b"] * 4 + ["C c"] * 6)
+
+
 def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
     """A gallery (image-only encoder, stored embeddings reused) with one photo filed under the wrong species: the
     CLI reports it with its suggestion, --apply leaves it searchable, and --apply-to suspect-label is refused."""
@@ -521,7 +547,7 @@ def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
     code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r", "--apply", "--apply-to",
                         "off-target,duplicate,near-duplicate,leak,near-leak", "--quiet")
     assert code == 0, out
-    assert "suspect labels: 1 photos whose 3 nearest other photos all carry one other species" in out
+    assert "suspect labels: 1 photo whose 3 nearest other photos all carry one other species" in out
     assert "applied: 0 references excluded" in out
     rows = [r for r in _read_csv(tmp_path / "r" / "findings.csv") if r["kind"] == "suspect-label"]
     assert [(Path(r["path"]).name, r["suggested_species"], r["reference_id"]) for r in rows] == [
@@ -545,7 +571,7 @@ def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
     assert code == 0 and "suspect labels" not in out
     code, out, _ = _run(capsys, "clean", "--index", index, "--report", tmp_path / "r4", "--no-duplicates",
                         "--suspect-k", "5", "--quiet")
-    assert code == 0 and "suspect labels: 1 photos whose 5 nearest" in out and "duplicates:" not in out, out
+    assert code == 0 and "suspect labels: 1 photo whose 5 nearest" in out and "duplicates:" not in out, out
     assert "suspect labels still ran" in out
 
 

@@ -204,9 +204,17 @@ def test_stage2_from_stage1_with_other_species(stage1, tiny_set, tmp_path):
     from retrieval.protocol import network_trained
 
     digests = [sha256_file(p) for p in find_photos(tiny_set)]
-    trained, where = network_trained(f"timm:local-dir:{out2}", digests, range(len(digests)))
-    assert trained is not None and len(trained) == 12  # stage 1 held out 6 of the 18 (--val-split 0.34)
-    assert where == f"{out2 / 'trained.csv'}, {out1 / 'trained.csv'}"
+    trained, where, complete = network_trained(f"timm:local-dir:{out2}", digests, range(len(digests)))
+    assert trained is not None and len(trained) == 12 and complete  # stage 1 held out 6 of the 18 (--val-split 0.34)
+    # stage 2's own list carries them (run column): stage 1's folder is no longer needed to know them
+    assert where == str(out2 / "trained.csv")
+    with (out2 / "trained.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with (out1 / "trained.csv").open(newline="") as fh:
+        stage1_rows = list(csv.DictReader(fh))
+    assert [r for r in rows if r["run"] == str(out1)] == [{**r, "run": str(out1)} for r in stage1_rows]
+    assert len([r for r in rows if r["run"] == ""]) == cfg["speciesid"]["train_photos"] > 0
+    assert cfg["speciesid"]["trained_lineage"] == {"carried": [str(out1)], "unlisted": []}
 
 
 def test_a_run_lists_the_photos_that_trained_it_and_chose_its_epoch(stage1, tiny_set, tmp_path):
@@ -926,6 +934,85 @@ def test_a_resume_on_other_photos_is_refused_naming_what_changed(tiny_set, tmp_p
     assert r.epochs_run == 2 and [h["epoch"] for h in r.history] == [0, 1, 2]
 
 
+def test_the_checkpoint_keeps_the_photos_digest_and_an_older_checkpoint_resumes(tiny_set, tmp_path, monkeypatch,
+                                                                                caplog):
+    """The photo list (a row per photo: tens of MB at 400k photos) was pickled into every epoch's checkpoint: now
+    its digest, the list written once beside it (removed with the checkpoint), from which a change is still named.
+    A checkpoint of format 2 (written before the photos were recorded) resumed nowhere after an upgrade: it resumes
+    with a warning that its photos cannot be checked."""
+    import dataclasses
+    import logging
+    import re
+    import shutil
+
+    from finetune.checkpoint import PHOTOS_FILE
+    from finetune.train import FinetuneInterrupted, finetune
+
+    shutil.copytree(tiny_set, tmp_path / "photos", symlinks=True)
+    monkeypatch.chdir(tmp_path)  # --root as given, relative: format 2's key compared it so
+    out = tmp_path / "run"
+    cfg = _config(Path("photos"), out, epochs=2)
+    with pytest.raises(FinetuneInterrupted):
+        finetune(cfg, progress=False, on_epoch_end=_stop_after(1))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["format"] == 4 and "photos" not in checkpoint and len(checkpoint["photos_sha256"]) == 64
+    assert (out / PHOTOS_FILE).is_file()
+    folder = sorted((tmp_path / "photos").iterdir())[0]
+    extra = folder / "extra.jpg"
+    shutil.copyfile(sorted(folder.iterdir())[0], extra)
+    with pytest.raises(ValueError, match=re.escape(f"photos under --root: 1 added ({folder.name}/extra.jpg)")):
+        finetune(cfg, progress=False)
+    extra.unlink()
+    resolved = cfg.resolved()
+    old = {k: v for k, v in checkpoint.items() if k not in ("photos_sha256", "plan", "elapsed_s", "stopped")}
+    old.update(format=2, key=resolved.training_key(absolute=False),
+               settings={k: v for k, v in dataclasses.asdict(resolved).items() if k != "out"})
+    assert old["key"] != resolved.training_key()
+    torch.save(old, out / "checkpoint.pt")
+    (out / PHOTOS_FILE).unlink()
+    caplog.set_level(logging.WARNING, logger="finetune.checkpoint")
+    r = finetune(cfg, progress=False)
+    assert r.epochs_run == 2 and [h["epoch"] for h in r.history] == [0, 1, 2]
+    assert any("(checkpoint format 2), which did not record the photos" in m and "cannot be checked" in m
+               for m in caplog.messages)
+    assert not (out / PHOTOS_FILE).exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_photos_not_read_up_front_are_hashed_within_the_budget_and_said(tiny_set, tmp_path, monkeypatch):
+    """A set too large to decode up front is read once more at export for trained.csv's sha256: counted in the
+    time budget's final part and announced (with a bar); the digests are the photos' bytes'."""
+    import finetune.budget as budget
+    import finetune.data as data
+    from finetune.train import finetune
+    from retrieval.images import sha256_file
+
+    timed, real = [], budget._time_hashing
+
+    def spy(paths, sample=8):
+        timed.append(len(paths))
+        return real(paths, sample) + (7.0 if paths else 0.0)  # 18 small photos take ms: make it show in the plan
+
+    monkeypatch.setattr(budget, "_time_hashing", spy)
+    monkeypatch.setattr(data, "CACHE_LIMIT", 0)
+    lines: list[str] = []
+    out = tmp_path / "run"
+    finetune(_config(tiny_set, out, epochs=1, time_budget=30.0, test_size="train"), progress=False,
+             report=lines.append)
+    plan = json.loads((out / "config.json").read_text())["speciesid"]["time_budget"]
+    assert timed == [18] and plan["hash_s"] >= 7.0 and plan["final_s"] >= plan["hash_s"]
+    assert any(line.startswith("reading 18 photos for their sha256 (trained.csv, heldout.csv)") for line in lines)
+    with (out / "trained.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(row["sha256"] == sha256_file(row["path"]) for row in rows)
+    # a set decoded up front is hashed as it is read: nothing is read again, nothing added to the budget
+    monkeypatch.setattr(data, "CACHE_LIMIT", 20_000)
+    lines.clear()
+    finetune(_config(tiny_set, tmp_path / "cached", epochs=1, time_budget=30.0, test_size="train"), progress=False,
+             report=lines.append)
+    plan = json.loads((tmp_path / "cached" / "config.json").read_text())["speciesid"]["time_budget"]
+    assert timed[-1] == 0 and plan["hash_s"] == 0 and not any(line.startswith("reading ") for line in lines)
+
+
 def test_a_large_set_leaves_unreadable_photos_out_everywhere(tmp_path, monkeypatch, caplog):
     """Over the memory cache's limit photos are read on their turn: an unreadable one must never stop the run, in
     the head's init, the epochs, the test-size choice or the final evaluation (it stopped the export before)."""
@@ -985,22 +1072,97 @@ def test_the_time_budget_and_limit_survive_a_resume(tiny_set, tmp_path, monkeypa
     assert (r.epochs_run, r.stopped) == (1, "time-limit")
 
 
+def _a_runs_config(folder: Path) -> None:
+    """An earlier speciesid run's config.json (its ``speciesid`` block)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"architecture": "x", "speciesid": {"stage": "local"}}))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_no_resume_removes_the_earlier_runs_files(tiny_set, tmp_path):
     """An earlier split run's heldout.csv (or last/, or its model) left beside a --no-resume run with --val-root
-    would be read as the new run's: probe import chose settings on photos the new network trained on."""
+    would be read as the new run's: probe import chose settings on photos the new network trained on. Removed
+    only because its config.json is a speciesid run's; the removal is said (the CLI prints the run's lines)."""
     from finetune.train import finetune
 
     out = tmp_path / "run"
     (out / "last").mkdir(parents=True)
-    for name in ("heldout.csv", "trained.csv", "validation.csv", "model.safetensors", "config.json"):
+    _a_runs_config(out)
+    for name in ("heldout.csv", "trained.csv", "validation.csv", "model.safetensors"):
         (out / name).write_text("an earlier run's")
     (out / "last" / "heldout.csv").write_text("an earlier run's")
     (out / "notes.txt").write_text("the user's")
     val = _subset(tmp_path / "val", _species_dirs()[:3], 2, split="val")
-    finetune(_config(tiny_set, out, epochs=1, val_root=str(val), test_size="train", resume="no"), progress=False)
+    lines: list[str] = []
+    finetune(_config(tiny_set, out, epochs=1, val_root=str(val), test_size="train", resume="no"), progress=False,
+             report=lines.append)
+    assert (f"starting afresh in {out}: removed the earlier fine-tuning run's model.safetensors, config.json, "
+            "heldout.csv, trained.csv, validation.csv, last/heldout.csv") in lines
     assert not (out / "heldout.csv").exists() and not (out / "last").exists()
     assert (out / "notes.txt").read_text() == "the user's"
     assert "an earlier run's" not in (out / "trained.csv").read_text() + (out / "validation.csv").read_text()
+
+
+def test_an_out_that_is_the_init_folder_or_holds_a_model_is_refused_and_kept(tiny_set, tmp_path):
+    """A fresh run removed, by name, files it never wrote: the --init model's own config.json and weights when
+    --out was that folder (the run could then neither resume nor start again). Now refused before anything is
+    written; and a pretrained model in --out is not called "a fine-tuned model" but named as not a run's."""
+    import shutil
+
+    from conftest import MOBILENET
+
+    from finetune.train import finetune
+
+    model = tmp_path / "my-model"
+    shutil.copytree(MOBILENET, model)
+    before = _tree(model)
+    spec = f"timm:local-dir:{model}"
+    for resume in ("auto", "no"):
+        with pytest.raises(ValueError, match=r"--out .*my-model is the --init folder: the run would write its model "
+                           r"over the one it starts from .*give the run its own --out folder"):
+            finetune(_config(tiny_set, model, init=spec, epochs=1, resume=resume), progress=False)
+        with pytest.raises(ValueError, match=r"--out .*my-model/run is inside the --init folder"):
+            finetune(_config(tiny_set, model / "run", init=str(model), resume=resume), progress=False)
+        with pytest.raises(ValueError, match=r"--out .* holds the --init folder .*my-model"):
+            finetune(_config(tiny_set, tmp_path, init=spec, resume=resume), progress=False)
+    assert _tree(model) == before
+    # a pretrained model that is not the --init: its files are not a run's
+    for resume in ("auto", "no"):
+        with pytest.raises(ValueError, match=r"--out .*my-model holds model.safetensors, config.json, not written by "
+                           r"a speciesid fine-tuning run .*give another --out"):
+            finetune(_config(tiny_set, model, resume=resume), progress=False)
+    assert _tree(model) == before
+
+
+def test_an_out_holding_files_of_a_runs_names_that_are_not_a_runs_is_refused_and_kept(tiny_set, tmp_path):
+    """The user's own config.json, log.csv, probe.npz and last/config.json were removed by the default (resume
+    auto) fresh start, last/ with them (a run without save_last never writes it): refused now, naming them."""
+    from finetune.train import finetune
+
+    # the user's own files under the names a run writes, last/ included
+    project = tmp_path / "project"
+    (project / "last").mkdir(parents=True)
+    (project / "config.json").write_text('{"my": "app settings"}')
+    (project / "log.csv").write_text("my lab log\n")
+    (project / "probe.npz").write_bytes(b"my numpy data")
+    (project / "last" / "config.json").write_text('{"other": 1}')
+    before = _tree(project)
+    for resume in ("auto", "no"):
+        with pytest.raises(ValueError, match=r"holds config.json, probe.npz, log.csv, last/config.json, not written"):
+            finetune(_config(tiny_set, project, epochs=1, resume=resume), progress=False)
+    assert _tree(project) == before
+    # a run's folder whose last/ holds another config.json: that one is named, nothing is removed
+    (project / "config.json").unlink()
+    (project / "log.csv").unlink()
+    (project / "probe.npz").unlink()
+    _a_runs_config(project)
+    before = _tree(project)
+    with pytest.raises(ValueError, match=r"holds last/config.json, not written by a speciesid"):
+        finetune(_config(tiny_set, project, epochs=1, resume="no"), progress=False)
+    assert _tree(project) == before
 
 
 def test_an_out_that_is_a_gallery_or_holds_another_probe_is_refused(tiny_set, tmp_path):
@@ -1064,8 +1226,10 @@ def test_webdataset_shards_fine_tune(tiny_set, tmp_path):
     assert {row["sha256"] for row in rows} <= digests
 
 
-def test_a_budget_that_fits_only_the_frozen_epochs_is_refused(tiny_set, tmp_path, monkeypatch):
+def test_a_budget_that_fits_only_the_frozen_epochs_is_refused(tiny_set, tmp_path, monkeypatch, caplog):
     """One epoch fits and it is the frozen one: the export would be the starting backbone, called fine-tuned."""
+    import logging
+
     from finetune import budget
     from finetune.train import finetune
 
@@ -1073,6 +1237,15 @@ def test_a_budget_that_fits_only_the_frozen_epochs_is_refused(tiny_set, tmp_path
     with pytest.raises(ValueError, match=r"fits only 1 epoch\(s\) on this machine, all with the backbone frozen "
                        r"\(--freeze-epochs 1\): the backbone would not train.*fewer --freeze-epochs"):
         finetune(_config(tiny_set, tmp_path / "run", epochs=4, freeze_epochs=1, time_budget=1.0), progress=False)
+    # a generous budget, and --epochs the cap: not refused as a too small budget, but run as without a budget (the
+    # CLI notes that the backbone did not train), and the warning names the cap
+    caplog.set_level(logging.WARNING, logger="finetune.budget")
+    r = finetune(_config(tiny_set, tmp_path / "capped", epochs=1, freeze_epochs=1, time_budget=120.0,
+                         test_size="train"), progress=False)
+    assert (r.epochs_run, r.backbone_trained) == (1, False)
+    assert any(m.startswith("--epochs 1 with --freeze-epochs 1 leaves no epoch that trains the backbone (the time "
+                            "budget is not what stops it)") and "raise --epochs or lower --freeze-epochs" in m
+               for m in caplog.messages)
 
 
 def test_weights_kept_before_the_backbone_trained_are_said_so(tiny_set, tmp_path, monkeypatch, capsys):
@@ -1154,8 +1327,12 @@ def test_an_unreadable_checkpoint_and_a_failed_write_say_what_to_do(tiny_set, tm
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
-    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read .*pass --no-resume to start afresh"):
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read .*delete it to start afresh"):
         finetune(_config(tiny_set, out), progress=False)
+    # it cannot be told to be a run's: --no-resume does not remove it either
+    with pytest.raises(ValueError, match=r"holds checkpoint.pt, not written by a speciesid fine-tuning run"):
+        finetune(_config(tiny_set, out, resume="no"), progress=False)
+    (out / "checkpoint.pt").unlink()
     saves, real_save = [], torch.save
 
     def full_disk(payload, path):  # epoch 0's checkpoint is written, epoch 1's finds the disk full
@@ -1187,7 +1364,9 @@ def test_messages_say_what_is_wrong(tiny_set, tmp_path, capsys, caplog):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "fp32 training steps on CPUs with native bf16" in text
-    assert "the earlier run's files in OUT (checkpoint, model, probe, photo lists, log, curves, last/) are removed" in text
+    assert ("Whenever a run starts afresh (this, or no checkpoint in OUT) the earlier speciesid run's files in OUT "
+            "(checkpoint, model, probe, photo lists, log, curves, last/) are removed before its first epoch; files of "
+            "those names that are not a speciesid run's, and an OUT that is the --init folder, are refused") in text
     assert "--epochs EPOCHS epochs in all, the frozen ones included" in text and "--seed SEED seed of the split" in text
     cfg = FinetuneConfig(root="r", out="o", epochs=2).resolved()
     opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "head"},
@@ -1197,9 +1376,10 @@ def test_messages_say_what_is_wrong(tiny_set, tmp_path, capsys, caplog):
     assert not [r for r in caplog.records if "Cosine annealing" in r.getMessage()]
 
 
-def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set, tmp_path, capsys):
+def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set, tmp_path, capsys, caplog):
     """A gallery whose folder of one species was renamed took the head silently (the head's species answered as an
     unknown taxon); a gallery of none of the head's species is refused."""
+    import logging
     import shutil
 
     from api.cli import main
@@ -1213,10 +1393,14 @@ def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set
     cobra.rename(photos / cobra.name.replace("Naja sumatrana", "Naja sputatrix"))
     encoder = EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32")
     build_gallery(tmp_path / "g", "folder", photos, encoder=encoder, progress=False)
+    caplog.set_level(logging.WARNING, logger="retrieval.probe_flows")
     assert main(["probe", "import", "--index", str(tmp_path / "g"), "--from", str(out), "-q"]) == 0
     text = capsys.readouterr().out
-    assert "species of the head with no photo in the gallery (1; renamed or left out?): Naja sumatrana" in text
-    assert "gallery species the head does not name (1; only the kNN vote answers them): Naja sputatrix" in text
+    warned = [m for m in caplog.messages if "species of" in m]  # said once, with what to do: not again on stdout
+    assert len(warned) == 2 and "Naja sumatrana" not in text and "Naja sputatrix" not in text
+    assert warned[0].startswith(f"1 species of the head of {out} have no photo in gallery") and \
+        "so the kNN vote never answers them: Naja sumatrana. Renamed or left out? Name their folders" in warned[0]
+    assert "not among the head's, so only the kNN vote answers them: Naja sputatrix. Fine-tune with" in warned[1]
     other = _subset(tmp_path / "other", _species_dirs()[3:5], 2)
     build_gallery(tmp_path / "g2", "folder", other, encoder=encoder, progress=False)
     with pytest.raises(ValueError, match="names none of the species of gallery"):

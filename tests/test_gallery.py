@@ -531,3 +531,35 @@ def test_a_half_created_table_holding_data_or_out_of_reach_is_never_deleted(tmp_
     assert (table / "data").is_dir()
     monkeypatch.undo()
     assert len(Gallery.open(root)) == 0 and not (table / "data").exists()
+
+
+def test_the_table_is_made_only_under_the_lock_and_a_lock_timeout_is_not_read_only(tmp_path, monkeypatch):
+    """A plain open that found gallery.json and no table made the table without the lock (the premise of the
+    half-created repair is that a creator at work holds it); a lock that timed out was reported as a read-only
+    gallery ("open the gallery with write access"); an object store's half-created table was said to lose
+    nothing when deleted, unchecked."""
+    from index.locks import WriteLock
+    from index.store import HalfCreatedStoreError
+
+    root = tmp_path / "g"
+    Gallery.create(root, ENC)
+    table = root / "store" / "references.lance"
+    shutil.rmtree(table)  # gallery.json, no table: as between a creator's two steps
+
+    def busy(self, timeout):
+        raise TimeoutError(f"another process has been writing this gallery for over 600 s (lock {self.path}); try "
+                           "again when it is done")
+
+    monkeypatch.setattr(WriteLock, "_acquire", busy)
+    with pytest.raises(TimeoutError, match=r"for over 600 s .*is not made yet, and is made only under that lock"):
+        Gallery.open(root)
+    assert not table.exists()  # not made behind the lock holder's back
+    (table / "_versions").mkdir(parents=True)  # half-created, holding no data, and the lock busy
+    with pytest.raises(TimeoutError, match="another process has been writing this gallery"):
+        Gallery.open(root)
+    monkeypatch.undo()
+    assert len(Gallery.open(root)) == 0 and (table / "_versions").is_dir()
+    said = str(HalfCreatedStoreError("s3://bucket/g/references.lance", None))
+    assert "nothing committed is lost" not in said
+    assert ("if it holds nothing but _versions/ and _transactions/ objects (no data/ objects), nothing was committed: "
+            "delete it") in said and "If it holds data/ objects, do not delete it" in said

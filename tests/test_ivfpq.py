@@ -216,3 +216,14 @@ def test_an_id_repeated_in_a_later_batch_of_its_shard_is_indexed_once(caplog):
     assert "the store holds 2 ids more than once ([11, 12]" in caplog.text
     assert index.ntotal == 297 and index.ids.tolist() == np.unique(ids).tolist()
     np.testing.assert_allclose(index.reconstruct([11, 12]), x[[10, 11]], atol=1e-3)  # the first rows
+
+
+def test_a_count_mismatch_says_it_is_an_internal_error_and_what_to_do(monkeypatch):
+    """The error said only "indexed N vectors of M": neither the cause nor a next step."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    monkeypatch.setattr(ivfpq.IvfPqIndex, "ntotal", property(lambda self: int(self._ids.size) - 1))
+    with pytest.raises(RuntimeError, match=r"indexed 299 vectors of the 300 rows it read \(one per id\): an internal "
+                       r"error, please report it .*--index-kind flat \(or hnsw\)"):
+        ivfpq.build(ivfpq.ArraySource(np.arange(300, dtype=np.int64), x))

@@ -84,6 +84,8 @@ def test_skipped_entries_are_returned_and_logged_never_dropped_silently(tmp_path
     warned = [r.getMessage() for r in caplog.records if r.name == "index.photos"]
     assert len(warned) == 1 and warned[0].startswith(f"4 entries under {root} skipped, not read as photos")
     assert "dangling.jpg: broken symbolic link" in warned[0] and "Naja haje" in warned[0]
+    assert warned[0].endswith("To use them: mount the disk a broken link points to, or fix the link, or make the folder "
+                              "readable; to silence this, remove them. Then run again.")  # what to do, said once
 
 
 def test_expand_photo_args_reports_what_it_skipped_inside_a_folder(tmp_path):
@@ -93,3 +95,15 @@ def test_expand_photo_args_reports_what_it_skipped_inside_a_folder(tmp_path):
     got = expand_photo_args([folder])
     assert got.photos == [good]
     assert got.problems == [(str(folder / "dangling.jpg"), "broken symbolic link (its target does not exist)")]
+
+
+def test_a_broken_link_named_as_another_kind_of_file_is_not_an_unreadable_photo(tmp_path):
+    """notes.txt -> missing would never have been read as a photo, yet it made `identify DIR` exit 1 and `clean`
+    list it as unreadable; a broken link without an extension may be a class folder's, and is still reported."""
+    folder = tmp_path / "photos"
+    good = _touch(folder / "a.jpg")
+    for name in ("notes.txt", "manual.pdf", "Naja sp.", "Crotalus v. viridis", "Dendroaspis viridis"):
+        os.symlink(tmp_path / "missing", folder / name)
+    got = expand_photo_args([folder])
+    assert got.photos == [good]
+    assert sorted(Path(p).name for p, _ in got.problems) == ["Crotalus v. viridis", "Dendroaspis viridis", "Naja sp."]

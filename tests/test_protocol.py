@@ -106,7 +106,7 @@ def test_probe_train_leaves_out_val_photos_the_gallery_holds(tmp_path_factory, t
         img.convert("RGB").save(near)
     _, out = _run(capsys, "probe", "train", "--index", index, "--val-root", val, "-q")
     assert ("validation photos left out, the gallery holds them: 2 (1 same bytes, 1 near-copy; --keep-duplicates "
-            "to keep them):") in out
+            "to keep them; -v lists them all):") in out
     assert str(copy) in out and str(near) in out
     assert "selection top-1 (12 queries)" in out
     recorded = LinearProbe.load(index).calibration.selection_sha256
@@ -119,6 +119,19 @@ def test_probe_train_leaves_out_val_photos_the_gallery_holds(tmp_path_factory, t
     shutil.copy(twin, only / SPECIES[0])
     assert main(["probe", "train", "--index", str(index), "--val-root", str(only), "-q"]) == 2
     assert "are already in the gallery (same bytes or near-copies)" in capsys.readouterr().err
+
+
+def test_the_photos_left_out_are_named_a_few_and_counted(capsys):
+    """Every dropped --val-root path went on one line (thousands, for a val folder copied from the gallery)."""
+    from types import SimpleNamespace
+
+    from api.cli.probe import _emit_dropped
+
+    dropped = [f"/val/{i}.jpg" for i in range(8)]
+    _emit_dropped(SimpleNamespace(dropped=dropped, dropped_kinds={"same bytes": 8}))
+    out = capsys.readouterr().out
+    assert out.strip().endswith("/val/0.jpg, /val/1.jpg, /val/2.jpg, /val/3.jpg, /val/4.jpg, ... (3 more)")
+    assert "/val/5.jpg" not in out and "-v lists them all" in out
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +196,41 @@ def test_evaluated_photos_that_trained_the_network_are_not_unseen(finetuned_gall
     done = evaluate()
     assert any(line.startswith(f"network training photos: not recorded, the run in {run} listed none")
                for line in done.protocol) and not done.unseen
+
+
+def _run_folder(folder: Path, init: str, digest: str, lineage: dict | None = None) -> None:
+    """A fine-tuning run's folder as evaluate reads it: config.json (its init, and the lineage record of a run that
+    carried its init's photos) and trained.csv."""
+    folder.mkdir(parents=True)
+    record = {"init": init, **({"trained_lineage": lineage} if lineage is not None else {})}
+    (folder / "config.json").write_text(json.dumps({"architecture": "x", "speciesid": record}))
+    (folder / "trained.csv").write_text(f"path,species,sha256\np.jpg,A a,{digest}\n")
+
+
+def test_a_stage_1_folder_moved_away_is_said_and_the_figures_are_not_called_unseen(tmp_path):
+    """Stage 2 started from stage 1, whose folder was then moved: its training photos dropped out of the count
+    without a word, and photos that trained stage 1 were called unseen. A run that carried stage 1's photos into
+    its own trained.csv (what finetune writes now) needs no stage-1 folder."""
+    from retrieval.protocol import Protocol, network_trained
+
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    _run_folder(s1, "timm:hf-hub:x", "a" * 64)
+    _run_folder(s2, f"timm:local-dir:{s1}", "b" * 64)
+    evaluated = ["a" * 64, "b" * 64]
+    trained, where, complete = network_trained(f"timm:local-dir:{s2}", evaluated, [0, 1])
+    assert (trained, where, complete) == ([0, 1], f"{s2 / 'trained.csv'}, {s1 / 'trained.csv'}", True)
+    shutil.move(s1, tmp_path / "stage1-archived")
+    trained, where, complete = network_trained(f"timm:local-dir:{s2}", evaluated[:1], [0])  # a stage-1 photo
+    assert trained == [] and not complete
+    assert where == (f"{s2 / 'trained.csv'}; the run {s2} started from, timm:local-dir:{s1}, cannot be read (moved "
+                     "or deleted), so the photos that trained it are not known")
+    protocol = Protocol("s", False, trained=trained, trained_from=where, trained_complete=complete)
+    assert not protocol.unseen
+    assert any("cannot be told from unseen ones, so these figures are not called unseen" in line
+               for line in protocol.lines())
+    # stage 2 carried stage 1's photos (the run column) when it trained: stage 1's folder is not needed
+    s3 = tmp_path / "stage3"
+    _run_folder(s3, f"timm:local-dir:{s1}", "b" * 64, lineage={"carried": [str(s1)], "unlisted": []})
+    with (s3 / "trained.csv").open("w") as fh:
+        fh.write(f"path,species,sha256,run\nq.jpg,A a,{'b' * 64},\np.jpg,A a,{'a' * 64},{s1}\n")
+    assert network_trained(f"timm:local-dir:{s3}", evaluated, [0, 1]) == ([0, 1], str(s3 / "trained.csv"), True)

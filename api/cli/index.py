@@ -78,7 +78,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from index.photos import skipped_text
     from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
     from retrieval.workflows import CleanConfig, build_encoder, build_gallery
@@ -102,9 +101,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     )
     for warning in result.scan.warnings:
         emit(f"warning: {warning}")
-    if skipped := result.scan.skipped:  # what the dataset's listing could not read (broken links...)
-        emit(f"warning: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} not read: "
-             f"{skipped_text(skipped)}")
+    if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
+        emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
+             "or unreadable folders: see the warning above), besides the unreadable photos counted above")
     if result.clean is not None:
         emit(result.clean.summary())
     if not len(g):  # nothing searchable: say so, and fail, rather than leave an empty gallery looking built

@@ -91,13 +91,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.quiet, precision=args.precision, runtime=args.runtime,
         keep_duplicates=args.keep_duplicates,
     )
-    _emit_dropped(result)
-    if result.head_only:
-        emit(f"species of the head with no photo in the gallery ({len(result.head_only)}; renamed or left out?): "
-             + ", ".join(result.head_only))
-    if result.gallery_only:
-        emit(f"gallery species the head does not name ({len(result.gallery_only)}; only the kNN vote answers them): "
-             + ", ".join(result.gallery_only))
+    _emit_dropped(result)  # the species the head and the gallery do not share: warned about once, by the library
     p = result.probe
     s = p.calibration
     m = s.metrics
@@ -115,12 +109,15 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
 
 
 def _emit_dropped(result: ProbeResult) -> None:
-    """Say which --val-root photos were left out of the selection because the gallery holds them."""
+    """Say how many --val-root photos were left out of the selection because the gallery holds them, naming the
+    first few (-v logs them all)."""
+    from index.photos import first_few
     from retrieval.protocol import kinds_text
 
     if result.dropped:
         emit(f"validation photos left out, the gallery holds them: {len(result.dropped)} "
-             f"({kinds_text(result.dropped_kinds)}; --keep-duplicates to keep them): " + ", ".join(result.dropped))
+             f"({kinds_text(result.dropped_kinds)}; --keep-duplicates to keep them; -v lists them all): "
+             + first_few(result.dropped))
 
 
 def _add_selection_args(p: argparse.ArgumentParser, val_root_help: str) -> None:
