@@ -172,7 +172,7 @@ class FinetuneConfig:
     test_size: str = field(default="auto", metadata=option(
         "the size galleries embed photos at afterwards: auto (the one of the training size x 1, 8/7, 9/7, 10/7 and "
         "the model's own whose head log-loss on the validation photos is least; recorded as the model's "
-        "test_input_size), train (the model's own input size), or PX", metavar="auto|train|PX"))
+        "test_input_size; default), train (the model's own input size), or PX", metavar="auto|train|PX"))
     # validation with horizontal-flip test-time augmentation
     tta: bool = field(default=False, metadata=option("validate with horizontal-flip test-time augmentation"))
     # dropout on the pooled features
@@ -191,7 +191,7 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata=option(
         "seed of the split, the head init, the batches and the augmentation (default 0)"))
     # auto (CUDA when present), cpu, cuda, cuda:N
-    device: str = field(default="auto", metadata=option("auto (CUDA when present), cpu, cuda, cuda:N"))
+    device: str = field(default="auto", metadata=option("auto (CUDA when present; default), cpu, cuda, cuda:N"))
     # loader processes (default: 1 on CPU, 4 on CUDA)
     workers: int | None = field(default=None, metadata=option("loader processes (default 1 on CPU, 4 on CUDA)"))
     # torch CPU threads (default: torch's)

@@ -113,13 +113,16 @@ def in_metric(queries: np.ndarray, refs: np.ndarray, ref_labels: np.ndarray,
 def probe_matrix(probe: LinearProbe, queries: np.ndarray, index: Mapping[str, int],
                  n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (N, n_classes) with the probe's species at their ``index`` columns and 0 elsewhere, and a
-    (n_classes,) mask of the species the probe knows)."""
-    cols = [index[s] for s in probe.species]
+    (n_classes,) mask of the species the probe knows). A probe's species outside ``index`` (a fine-tuned head's
+    species the gallery has no photo of) are left out and the rest renormalised, as identification does."""
+    pairs = [(i, index[s]) for i, s in enumerate(probe.species) if s in index]
+    rows, cols = [i for i, _ in pairs], [c for _, c in pairs]
     known = np.zeros(n_classes, dtype=bool)
     known[cols] = True
     p = np.zeros((len(queries), n_classes))
-    p[:, cols] = probe.predict_proba(queries)
-    return p, known
+    p[:, cols] = probe.predict_proba(queries)[:, rows]
+    total = p.sum(axis=1, keepdims=True)
+    return np.divide(p, total, out=np.zeros_like(p), where=total > 0), known
 
 
 def blend_matrix(knn: np.ndarray, probe: np.ndarray, known: np.ndarray, weight: float) -> np.ndarray:
@@ -204,7 +207,7 @@ def out_of_fold(
                          "'speciesid clean --restore'); add reference photos first")
     if val_embeddings is None and folds < 2:
         raise ValueError(f"--folds must be at least 2 (got {folds})")
-    species = sorted(set(labels) | set(probe.species if probe is not None else ()))
+    species = sorted(set(labels))  # the gallery's: a fixed head's other species are no answer (probe_matrix)
     index = {s: i for i, s in enumerate(species)}
     y = np.array([index[s] for s in labels], dtype=np.int64)
     x = np.asarray(embeddings, dtype=np.float32)

@@ -268,8 +268,8 @@ def species_differences(head: list[str], gallery: list[str], index_dir: str | Pa
                          f"{', '.join(sorted(head)[:5])}...; gallery: {', '.join(sorted(gallery)[:5])}...): was the "
                          "gallery built from the photos the network was fine-tuned on?")
     if head_only:
-        logger.warning("%d species of the head of %s have no photo in gallery %s, so the kNN vote never answers "
-                       "them: %s. Renamed or left out? Name their folders as the head does (the run's config.json, "
+        logger.warning("%d species of the head of %s have no photo in gallery %s, so they are never answered (the "
+                       "blend answers only the gallery's species): %s. Renamed or left out? Name their folders as the head does (the run's config.json, "
                        "label_names) and rebuild the gallery, or add their photos", len(head_only), from_dir,
                        index_dir, ", ".join(head_only))
     if gallery_only:

@@ -218,6 +218,43 @@ def test_cli_help_everywhere(capsys):
     assert exc.value.code == 0 and re.fullmatch(r"speciesid \S+\n", capsys.readouterr().out)
 
 
+def test_every_command_says_what_it_does_and_every_option_its_default():
+    """``--help`` of every command has a description, every option a help text, and one that takes a value with a
+    default says it; ``serve --help`` names every SPECIESID_* setting and where they are described."""
+    import argparse
+
+    from api.cli import build_parser
+    from api.cli.serve import SETTINGS
+    from api.settings import Settings
+
+    def parsers(parser, path=()):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, (*path, name))
+
+    flags = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction, argparse._CountAction,
+             argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction)
+    gaps = []
+    for path, parser in parsers(build_parser()):
+        if not parser.description:
+            gaps.append((path, "no description"))
+        for action in parser._actions:
+            if isinstance(action, flags[:3]):
+                continue
+            if not action.help:
+                gaps.append((path, action.option_strings or action.dest, "no help"))
+            elif (action.option_strings and not isinstance(action, flags) and action.default is not None
+                  and "default" not in action.help.lower()):
+                gaps.append((path, action.option_strings, f"default {action.default!r} not said"))
+    assert gaps == []
+    assert set(SETTINGS) == {f"SPECIESID_{name.upper()}" for name in Settings.model_fields}
+    serve = dict(parsers(build_parser()))[("serve",)]
+    text = " ".join(serve.format_help().split())
+    assert all(name in text for name in SETTINGS) and "docs/api.md ('Settings')" in text
+
+
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     code, _, err = _run(capsys, "identify", "--index", tmp_path, tmp_path / "nope.jpg")
     assert code == 2 and "does not exist" in err

@@ -1398,8 +1398,9 @@ def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set
     text = capsys.readouterr().out
     warned = [m for m in caplog.messages if "species of" in m]  # said once, with what to do: not again on stdout
     assert len(warned) == 2 and "Naja sumatrana" not in text and "Naja sputatrix" not in text
-    assert warned[0].startswith(f"1 species of the head of {out} have no photo in gallery") and \
-        "so the kNN vote never answers them: Naja sumatrana. Renamed or left out? Name their folders" in warned[0]
+    assert warned[0].startswith(f"1 species of the head of {out} have no photo in gallery") and (
+        "so they are never answered (the blend answers only the gallery's species): Naja sumatrana. Renamed or left "
+        "out? Name their folders") in warned[0]
     assert "not among the head's, so only the kNN vote answers them: Naja sputatrix. Fine-tune with" in warned[1]
     other = _subset(tmp_path / "other", _species_dirs()[3:5], 2)
     build_gallery(tmp_path / "g2", "folder", other, encoder=encoder, progress=False)

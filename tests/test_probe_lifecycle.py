@@ -183,3 +183,20 @@ def test_an_out_of_date_probe_says_so(tmp_path_factory, tmp_path, capsys, caplog
                "whatever the settings: Naja samarenses (2 photos; closest: Naja samarensis)")
     assert warning in caplog.text
     assert warning in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_calibration_scores_a_head_over_the_gallerys_species_as_identification_does():
+    """A fine-tuned head may know species the gallery has no photo of: the choice of settings renormalises its
+    probabilities over the gallery's species, as the answers do (it chose on another blend before)."""
+    from retrieval.calibrate import probe_matrix
+    from retrieval.probe import LinearProbe
+
+    rng = np.random.default_rng(0)
+    head = LinearProbe(["A a", "B b", "Gone g"], rng.standard_normal((3, 8)).astype(np.float32),
+                       np.zeros(3, np.float32), "f#1")
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    p, known = probe_matrix(head, q, {"A a": 0, "B b": 1}, 2)
+    full = head.predict_proba(q)
+    assert known.tolist() == [True, True]
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p, full[:, :2] / full[:, :2].sum(axis=1, keepdims=True), rtol=1e-6)

@@ -39,7 +39,19 @@ def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
     for module in modules:
         module.register(sub)
     _verbose_anywhere(sub)
+    _describe_everywhere(sub)
     return parser
+
+
+def _describe_everywhere(subparsers: argparse._SubParsersAction) -> None:
+    """A command's ``--help`` says what it does: its line in the parent's list, when it has no description."""
+    for choice in subparsers._choices_actions:
+        command = subparsers.choices[choice.dest]
+        if command.description is None and choice.help:
+            command.description = choice.help[0].upper() + choice.help[1:] + "."
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _describe_everywhere(action)
 
 
 def _version() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 logger = logging.getLogger("speciesid")
 
 FORMATS = ("table", "json", "csv")
+FORMAT_HELP = "output: table (for people; default), json or csv"
 
 
 def emit(text: str) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from api.cli._common import (
+    FORMAT_HELP,
     FORMATS,
     add_encoder_args,
     add_quiet,
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="report species (default), or scores rolled up to genus or family")
     p.add_argument("--observation", action="store_true",
                    help="the photos show one animal: one answer from all of them (neighbours vote together)")
-    p.add_argument("--format", default="table", choices=FORMATS)
+    p.add_argument("--format", default="table", choices=FORMATS, help=FORMAT_HELP)
     add_vote_args(p)
     add_encoder_args(p, default_spec=None)
     add_quiet(p)
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMG", help="one photo file")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--k", type=at_least(1), default=10, help="neighbours (default 10)")
-    p.add_argument("--format", default="table", choices=FORMATS)
+    p.add_argument("--format", default="table", choices=FORMATS, help=FORMAT_HELP)
     add_encoder_args(p, default_spec=None)
     p.set_defaults(func=cmd_search)
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from api.cli._common import (
+    FORMAT_HELP,
     FORMATS,
     add_encoder_args,
     add_quiet,
@@ -65,15 +66,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "off-target class must also be more likely than every target class)")
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
-    p = s_index.add_parser("info", help="show what a gallery holds and which encoder built it")
+    p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
+                           "ones, index kind) and which encoder built it")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
 
     p_sp = sub.add_parser("species", help="species in a gallery")
     s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    p = s_sp.add_parser("list", help="species with reference counts, family and venomous flag")
+    p = s_sp.add_parser("list", help="print the gallery's species with their reference counts, common name, "
+                        "family and venomous flag")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
-    p.add_argument("--format", default="table", choices=FORMATS)
+    p.add_argument("--format", default="table", choices=FORMATS, help=FORMAT_HELP)
     p.set_defaults(func=cmd_species_list)
 
 

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
     p.add_argument("--text-strength", type=float, default=1.0,
                    help="text prior weight, in photos' worth of evidence (default 1)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_train)
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "would choose it already chose the run's epoch and test size (its held-out photos, its own "
                    "--val-root) or trained the head (the gallery), and chooses it on fresh --val-root photos; choose "
                    "always chooses it; a number from 0 (kNN only) to 1 (head only) fixes it there")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_import)
@@ -126,7 +126,7 @@ def _add_selection_args(p: argparse.ArgumentParser, val_root_help: str) -> None:
     from index.datasets import DATASETS
     from retrieval.calibrate import RULES
 
-    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root")
+    p.add_argument("--val-dataset", default="folder", choices=DATASETS, help="layout of --val-root (default folder)")
     p.add_argument("--val-root", help=val_root_help)
     p.add_argument("--val-metadata", help="metadata CSV of the validation set (snakeclef2021, rare-species)")
     p.add_argument("--keep-duplicates", action="store_true",

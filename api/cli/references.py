@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
     p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
     p.add_argument("--weights", default=None, help="(default: the gallery's weights)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_references_add)

@@ -10,12 +10,28 @@ import sys
 from api.cli._common import at_least, emit, logger
 from retrieval.encoders import PRECISIONS, RUNTIMES
 
+#: The server's settings as environment variables (``api.settings.Settings``; a test keeps the two lists equal).
+SETTINGS = (
+    "SPECIESID_INDEX", "SPECIESID_DEVICE", "SPECIESID_RUNTIME", "SPECIESID_PRECISION", "SPECIESID_API_KEYS",
+    "SPECIESID_READS_REQUIRE_KEY", "SPECIESID_MAX_UPLOAD_MB", "SPECIESID_MAX_PIXELS", "SPECIESID_MAX_REQUEST_MEGAPIXELS",
+    "SPECIESID_MAX_IMAGES", "SPECIESID_MAX_ADD_IMAGES", "SPECIESID_MAX_REQUEST_MB", "SPECIESID_MAX_IDENTIFY_IN_FLIGHT",
+    "SPECIESID_RETRY_AFTER_S", "SPECIESID_RETRY_JITTER_S", "SPECIESID_MIN_REFERENCE_PX", "SPECIESID_REFRESH_S",
+    "SPECIESID_BATCH_WINDOW_MS", "SPECIESID_MAX_BATCH", "SPECIESID_THUMBNAIL_PX",
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the serve command and the encoders command group."""
     p = sub.add_parser(
         "serve",
         help="run the HTTP API and web page (settings from SPECIESID_* environment variables or .env)",
+        description="Run the HTTP API (/v1/identify, /v1/search, /v1/species, adding and deleting references) and "
+        "the web page on one gallery, until Ctrl-C. The port is checked before the model loads; /readyz answers "
+        "200 once it has. Exit status 2 when the gallery cannot be opened, the port is in use, or the server does "
+        "not start.",
+        epilog="Settings (environment variables, or a .env file in this folder; the options above override the "
+        "first four): " + ", ".join(SETTINGS) + ". Each, with its default and what it does: docs/api.md "
+        "('Settings').",
     )
     p.add_argument("--index", default=None, metavar="DIR",
                    help="gallery directory (default SPECIESID_INDEX, else runs/gallery)")
@@ -28,12 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encoder precision (default SPECIESID_PRECISION or auto)")
     p.set_defaults(func=cmd_serve)
 
-    p_enc = sub.add_parser("encoders", help="encoder specs")
+    p_enc = sub.add_parser("encoders", help="the encoder specs accepted, and the inference runtimes of this machine")
     s_enc = p_enc.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    p = s_enc.add_parser("list", help="the accepted encoder spec forms")
+    p = s_enc.add_parser("list", help="print the accepted encoder spec forms (--encoder SPEC), aliases with what "
+                         "they stand for")
     p.set_defaults(func=cmd_encoders_list)
-    p = s_enc.add_parser("runtimes", help="this CPU's kind, the runtimes installed, what --runtime auto tries, "
-                         "and the exported models in the user cache")
+    p = s_enc.add_parser("runtimes", help="print this CPU's kind, the runtimes installed, what --runtime auto "
+                         "tries, and the exported models in the user cache")
     p.set_defaults(func=cmd_encoders_runtimes)
 
 
