@@ -224,8 +224,6 @@ def test_every_command_says_what_it_does_and_every_option_its_default():
     import argparse
 
     from api.cli import build_parser
-    from api.cli.serve import SETTINGS
-    from api.settings import Settings
 
     def parsers(parser, path=()):
         yield path, parser
@@ -249,6 +247,9 @@ def test_every_command_says_what_it_does_and_every_option_its_default():
                   and "default" not in action.help.lower()):
                 gaps.append((path, action.option_strings, f"default {action.default!r} not said"))
     assert gaps == []
+    from api.cli.serve import SETTINGS
+    from api.settings import Settings
+
     assert set(SETTINGS) == {f"SPECIESID_{name.upper()}" for name in Settings.model_fields}
     serve = dict(parsers(build_parser()))[("serve",)]
     text = " ".join(serve.format_help().split())
