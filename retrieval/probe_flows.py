@@ -32,6 +32,7 @@ from retrieval.protocol import (
     run_record,
     run_val_root,
     same_folder,
+    without_copies,
 )
 from retrieval.textprior import save_text_prior
 from retrieval.whitening_sync import save_stats, stats_from_rows
@@ -91,12 +92,9 @@ def _selection_data(
     dropped: list[str] = []
     if dups and not keep_duplicates:
         dropped = [str(scan.records[i].path) for i in dups]
-        held = set(dups)
-        ok = [i for i in ok if i not in held]
-        if not ok:
-            raise ValueError(f"all {len(dropped)} readable photos under --val-root {val_root} are already in the "
-                             "gallery (same bytes or near-copies): they would find themselves among the references; "
-                             "give other photos, leave --val-root out, or pass --keep-duplicates")
+        ok = without_copies(ok, dups, f"all {len(dropped)} readable photos under --val-root {val_root} are already "
+                            "in the gallery (same bytes or near-copies): they would find themselves among the "
+                            "references; give other photos, leave --val-root out, or pass --keep-duplicates")
         logger.info("%d of the --val-root photos left out of the selection, the gallery holds them (%s): %s",
                     len(dropped), kinds_text(kinds), ", ".join(dropped))
     elif dups:

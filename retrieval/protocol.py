@@ -286,25 +286,31 @@ def _lost(chain: RunChain) -> list[str]:
             "photos that trained it are not known"]
 
 
+def _chain_lists(chain: RunChain) -> tuple[list[tuple[Path, list[dict[str, str]]]], list[str]]:
+    """The ``TRAINED_FILE`` rows of each run in ``chain`` that wrote one, newest first, and, in words, the runs
+    whose photos could not be listed. A list that carried its own chain (:data:`LINEAGE_KEY`) ends the reading:
+    nothing older is read."""
+    listed: list[tuple[Path, list[dict[str, str]]]] = []
+    unlisted: list[str] = []
+    for folder, run in chain.runs:
+        rows = read_photo_list(folder, TRAINED_FILE)
+        if rows is None:
+            unlisted.append(_unlisted(folder))
+        else:
+            listed.append((folder, rows))
+        if LINEAGE_KEY in run:
+            return listed, unlisted + list(run[LINEAGE_KEY].get("unlisted") or [])
+    return listed, unlisted + _lost(chain)
+
+
 def inherited_training(init: str) -> tuple[list[list[str]], list[str]]:
     """What a new run starting from ``init`` records of the photos that trained the runs ``init`` comes from (a
     run of ours, its own ``init``, and so on): rows (path, species, sha256, run folder) of their
-    ``TRAINED_FILE``, and, in words, the runs whose photos could not be listed. A list that carried its own
-    chain (:data:`LINEAGE_KEY`) ends the reading."""
-    chain = run_chain(init)
-    rows: list[list[str]] = []
-    unlisted: list[str] = []
-    for folder, run in chain.runs:
-        listed = read_photo_list(folder, TRAINED_FILE)
-        if listed is None:
-            unlisted.append(_unlisted(folder))
-        else:
-            rows += [[row.get("path", ""), row.get("species", ""), row.get("sha256", ""), row.get("run") or str(folder)]
-                     for row in listed]
-        if LINEAGE_KEY in run:
-            unlisted += list(run[LINEAGE_KEY].get("unlisted") or [])
-            return rows, unlisted
-    return rows, unlisted + _lost(chain)
+    ``TRAINED_FILE``, and, in words, the runs whose photos could not be listed (:func:`_chain_lists`)."""
+    listed, unlisted = _chain_lists(run_chain(init))
+    rows = [[row.get("path", ""), row.get("species", ""), row.get("sha256", ""), row.get("run") or str(folder)]
+            for folder, found in listed for row in found]
+    return rows, unlisted
 
 
 def network_trained(spec: str, sha256: Sequence[str | None],
@@ -317,25 +323,12 @@ def network_trained(spec: str, sha256: Sequence[str | None],
     chain = run_chain(spec)
     if not chain.runs:
         return None, "", True
-    trained: set[str] = set()
-    listed: list[str] = []
-    unlisted: list[str] = []
-    for folder, run in chain.runs:
-        digests = listed_digests(folder, TRAINED_FILE)
-        if digests is None:
-            unlisted.append(_unlisted(folder))
-        else:
-            trained |= digests
-            listed.append(str(folder / TRAINED_FILE))
-        if LINEAGE_KEY in run:  # its list carries the runs it started from: nothing older is read
-            unlisted += list(run[LINEAGE_KEY].get("unlisted") or [])
-            break
-    else:
-        unlisted += _lost(chain)
+    listed, unlisted = _chain_lists(chain)
     missing = "; ".join(unlisted)
     if not listed:
         return None, missing, False
-    where = ", ".join(listed) + (f"; {missing}" if missing else "")
+    trained = {row["sha256"] for _, rows in listed for row in rows if row.get("sha256")}
+    where = ", ".join(str(folder / TRAINED_FILE) for folder, _ in listed) + (f"; {missing}" if missing else "")
     return [i for i in positions if sha256[i] in trained], where, not unlisted
 
 
@@ -368,6 +361,16 @@ def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ())
                 f"({n} of the evaluated photos are among them, {folder / HELDOUT_FILE})"), True
     return (f"{what}, chosen by the fine-tuning run on the {count}photos it held out of its training photos (not "
             "the evaluated photos)"), False
+
+
+def without_copies(positions: Sequence[int], dups: Sequence[int], refusal: str) -> list[int]:
+    """``positions`` less the gallery's copies ``dups`` (:func:`find_duplicates`); ValueError(``refusal``) when
+    none is left."""
+    held = set(dups)
+    kept = [i for i in positions if i not in held]
+    if not kept:
+        raise ValueError(refusal)
+    return kept
 
 
 def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: np.ndarray,

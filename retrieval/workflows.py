@@ -279,7 +279,14 @@ def evaluate_dataset(
     ``keep_duplicates`` (:mod:`retrieval.protocol`).
     """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
-    from retrieval.protocol import Protocol, find_duplicates, network_trained, settings_origin, size_origin
+    from retrieval.protocol import (
+        Protocol,
+        find_duplicates,
+        network_trained,
+        settings_origin,
+        size_origin,
+        without_copies,
+    )
 
     if Path(report_dir).exists() and not Path(report_dir).is_dir():  # before the embedding work, not after it
         raise ValueError(f"the report folder {report_dir} is a file; give a folder (it is created if missing)")
@@ -308,12 +315,9 @@ def evaluate_dataset(
                         trained=trained, trained_from=trained_from, trained_complete=trained_complete)
     readable = len(ok)
     if not keep_duplicates:
-        dup_set = set(dups)
-        ok = [i for i in ok if i not in dup_set]
-        if not ok:
-            raise ValueError(f"all {readable} readable photos under {root} are already in the gallery (same bytes or "
-                             "near-copies), so they would measure nothing; evaluate photos the gallery does not hold, "
-                             "or pass --keep-duplicates to count them anyway")
+        ok = without_copies(ok, dups, f"all {readable} readable photos under {root} are already in the gallery (same "
+                            "bytes or near-copies), so they would measure nothing; evaluate photos the gallery does "
+                            "not hold, or pass --keep-duplicates to count them anyway")
     presence = presence_for(country)
     methods = have if methods is None else list(methods)
     taxa = ident.taxa()
