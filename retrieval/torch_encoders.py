@@ -449,8 +449,6 @@ class TimmEncoder(TorchEncoder):
 #: How long the hub's reachability check waits for a connection, in seconds: a setting, not a measurement (one
 #: connection, where the libraries would retry each file five times with growing waits).
 HUB_CONNECT_TIMEOUT_S = 3.0
-#: Environment variables that send the hub's traffic through a proxy: a direct connection then tells nothing.
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def create_torch_encoder(parsed: ParsedSpec, spec: str, config: EncoderConfig,
@@ -466,7 +464,9 @@ def create_torch_encoder(parsed: ParsedSpec, spec: str, config: EncoderConfig,
         with _hub_offline(unreachable is not None):
             return cls(parsed, spec, config, precision)
     except (OSError, RuntimeError) as exc:  # the hub unreachable (open_clip wraps it in a RuntimeError)
-        if parsed.source in ("hf-hub", "alias", "name") and (unreachable is not None or _hub_unreachable(exc)):
+        # offline, only a cache miss is told as one: any other failure (CUDA out of memory...) goes up as it came
+        missed = _cache_miss(exc) if unreachable is not None else _hub_unreachable(exc)
+        if parsed.source in ("hf-hub", "alias", "name") and missed:
             raise ValueError(_offline_message(spec, unreachable, exc)) from exc
         raise
 
@@ -482,19 +482,22 @@ def _from_hub(parsed: ParsedSpec, config: EncoderConfig) -> bool:
 
 def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> str | None:
     """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached from here, or None when a connection to it opens,
-    or a proxy is set (only the download itself can tell then). ``HF_HUB_OFFLINE`` set counts as unreachable."""
+    or a proxy applies to it (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` for its scheme, not bypassed by
+    ``NO_PROXY``: only the download through it can tell then). ``HF_HUB_OFFLINE`` set counts as unreachable."""
     import socket
     import threading
     from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or _offline_asked():
         return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
-        return None
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    proxies = getproxies()  # as the libraries' HTTP clients read them
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(url.netloc or host):
+        return None
     outcome: list[BaseException | None] = []
 
     def connect() -> None:  # in a thread: a name lookup has no timeout of its own
@@ -543,6 +546,18 @@ def _offline_message(spec: str, unreachable: str | None, exc: BaseException) -> 
             "once elsewhere and give --encoder open_clip:local-dir:DIR (or timm:local-dir:DIR)"
             + ("" if user_offline else "; HF_HUB_OFFLINE=1 skips even the hub's connection check")
             + f" (README, 'Offline'). The library said: {cause}")
+
+
+def _cache_miss(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is huggingface_hub saying, in offline mode, that a file is not in the
+    local cache (``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``; open_clip and timm wrap them)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    while exc is not None:
+        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _hub_unreachable(exc: BaseException) -> bool:

@@ -256,3 +256,19 @@ def test_serve_on_a_busy_port_exits_2_before_loading_the_model(tmp_path_factory,
     assert f"speciesid: error: port {port} on 127.0.0.1 is in use (another server?): choose another with --port" in err
     assert "serving" not in err  # no banner for a server that never ran
     assert "SPECIESID_READS_REQUIRE_KEY is set but no SPECIESID_API_KEYS is: every read" in caplog.text
+
+
+def test_listening_socket_refuses_a_port_held_by_a_server_still_loading():
+    """A first ``serve`` holds its socket while its model loads (before uvicorn listens); a second one on that
+    port is refused at the check, not after loading its own model."""
+    from api.cli.serve import listening_socket
+
+    first = listening_socket("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use \\(another server\\?\\): "
+                                             "choose another with --port"):
+            listening_socket("127.0.0.1", port).close()
+    finally:
+        first.close()
+

@@ -173,7 +173,7 @@ def test_an_unreachable_hub_fails_at_once_with_the_cause_whole(monkeypatch, tmp_
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # no hub there: every request refused
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     start = time.monotonic()
     with pytest.raises(ValueError) as caught:
@@ -214,3 +214,49 @@ def test_the_cli_prints_each_huggingface_hub_line_once(tmp_path):
                           env={**__import__("os").environ, "PYTHONPATH": str(repo)})
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+
+
+def test_offline_a_failure_other_than_a_cache_miss_goes_up_as_it_came(monkeypatch):
+    """HF_HUB_OFFLINE set (or the hub unreachable), weights cached, CUDA out of memory while loading: that error,
+    not "download the weights elsewhere"."""
+    from huggingface_hub import constants
+
+    from retrieval import torch_encoders
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch_encoders.OpenClipEncoder, "__init__", out_of_memory)
+    with pytest.raises(RuntimeError, match="^CUDA out of memory$"):
+        create_encoder("bioclip", runtime="torch", device="cpu")
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "http_proxy", "ALL_PROXY"])
+def test_a_proxy_for_the_hub_skips_the_direct_connection(monkeypatch, variable):
+    """A proxy applying to HF_ENDPOINT: no direct connection tried, no offline mode forced (the download goes
+    through the proxy); NO_PROXY naming the endpoint's host brings the direct check back."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from retrieval.torch_encoders import hub_unreachable
+
+    scheme = "http" if variable == "http_proxy" else "https"
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                 "no_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"{scheme}://hub.mirror.invalid:{_closed_port()}")
+    monkeypatch.setenv(variable, "http://proxy.invalid:3128")
+    tried = []
+
+    def no_direct(address, *args, **kwargs):
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", no_direct)
+    assert hub_unreachable() is None and tried == []
+    monkeypatch.setenv("NO_PROXY", "hub.mirror.invalid")
+    assert hub_unreachable() is not None and tried

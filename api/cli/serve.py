@@ -69,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("%s", warning)
     sock = listening_socket(args.host, args.port)  # a port in use is said now, before the model loads (exit 2)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{args.port}/ (web page; API docs at /docs, "
+    port = sock.getsockname()[1]  # the port bound (--port is 1..65535, so the one given)
+    sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{port}/ (web page; API docs at /docs, "
                      "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info" if args.verbose else "warning"))
     server.run(sockets=[sock])
@@ -80,14 +81,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` as uvicorn binds one (SO_REUSEADDR; IPv6 for an address with ':'), for
-    uvicorn to serve on; ValueError saying what to do when the port is in use or the address is not this
+    """A socket bound to ``host:port`` and listening, as uvicorn binds one (SO_REUSEADDR; IPv6 for an address
+    with ':'), for uvicorn to serve on (connections wait in the backlog while the model loads); ValueError saying what to do when the port is in use or the address is not this
     machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog; two bound, not yet listening SO_REUSEADDR sockets may share a port
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
