@@ -103,8 +103,8 @@ def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, st
             f"{len(loose)} photo file(s) directly in {root} ignored (photos must be in one folder per class): "
             + _examples(sorted(loose))
         )
-    splits = [p.name for p in folders if p.name.lower() in _SPLIT_NAMES and not _holds_folders(p)]
-    if splits:  # a split name holding photos: maybe a class after all (one holding class folders is refused)
+    splits = [p.name for p in folders if p.name.lower() in _SPLIT_NAMES]
+    if splits:  # maybe a class after all (split folders holding the classes, and nothing else, are refused)
         warnings.append(
             f"class folder(s) {', '.join(splits)} look like dataset splits, not classes; "
             f"did you mean --root {root / splits[0]}?"
@@ -112,10 +112,18 @@ def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, st
     return folders
 
 
-def _holds_folders(folder: Path) -> bool:
-    """Whether ``folder`` has visible sub-folders (False when it cannot be listed)."""
+def _holds_photos(folder: Path) -> bool:
+    """Whether ``folder`` has photos directly inside (False when it cannot be listed)."""
     try:
-        return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+        return any(p.is_file() and is_photo_name(p.name) for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _holds_classes(folder: Path) -> bool:
+    """Whether ``folder`` has visible sub-folders with photos directly inside (False when it cannot be listed)."""
+    try:
+        return any(p.is_dir() and not p.name.startswith(".") and _holds_photos(p) for p in folder.iterdir())
     except OSError:
         return False
 
@@ -161,8 +169,8 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
             unknown.append(folder.name)
         else:
             matched.setdefault(taxon.species, []).append(folder)
-    splits = [root / n for n in unknown if n.lower() in _SPLIT_NAMES or _holds_species(root / n, by_key)]
-    if splits:  # e.g. train/Naja-haje, test/Naja-haje: the split is the root
+    splits = [root / n for n in unknown if _holds_species(root / n, by_key)]
+    if splits:  # e.g. train/Naja-haje, test/Naja-haje: the split is the root (a bare 'test' is an unknown folder)
         raise _split_error(root, splits, "moroccan")
     if unknown:
         keys = list(by_key)
@@ -221,8 +229,10 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     records: list[ReferenceRecord] = []
     empty: list[str] = []
     folders = _class_folders(root, warnings, skipped)
-    splits = [p for p in folders if p.name.lower() in _SPLIT_NAMES and _holds_folders(p)]
-    if splits:  # each would become one "species" of every photo under it
+    splits = [p for p in folders if p.name.lower() in _SPLIT_NAMES and _holds_classes(p)]
+    # each would become one "species" of every photo under it; but beside classes holding photos, a split-named
+    # folder is a class too (test/2024-05/*.jpg: photos sorted by date), read with _class_folders' warning
+    if splits and not any(_holds_photos(p) for p in folders if p not in splits):
         raise _split_error(root, splits, "folder")
     for folder in folders:
         species, common = parse_folder_name(folder.name)

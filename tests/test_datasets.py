@@ -545,3 +545,23 @@ def test_a_venomous_species_is_not_quietly_outvoted():
     # the species' flag over its references: venomous when any says so (a tie, or one of many, included)
     assert _venomous(Counter({True: 1, False: 1})) is True and _venomous(Counter({True: 1, False: 9})) is True
     assert _venomous(Counter({False: 2})) is False and _venomous(Counter()) is None and _venomous(None) is None
+
+
+def test_folder_reads_a_class_named_like_a_split_with_dated_sub_folders(tmp_path: Path) -> None:
+    """A species folder called ``test`` with photos sorted into date folders, beside species holding photos: read,
+    with a warning, not refused as a split."""
+    make_image(tmp_path / "Naja haje" / "0.jpg")
+    make_image(tmp_path / "Vipera latastei" / "0.jpg")
+    make_image(tmp_path / "test" / "2024-05" / "0.jpg")
+    scan = load_dataset("folder", tmp_path)
+    assert scan.species == ["Naja haje", "Vipera latastei", "test"]
+    assert any("look like dataset splits" in w for w in scan.warnings)
+
+
+def test_moroccan_a_photo_only_folder_named_test_is_an_unknown_folder_not_a_split(tmp_path: Path) -> None:
+    make_image(tmp_path / "Naja-haje" / "a.jpg")
+    make_image(tmp_path / "test" / "b.jpg")
+    with pytest.raises(ValueError) as excinfo:
+        load_dataset("moroccan", tmp_path)
+    message = str(excinfo.value)
+    assert "match no Moroccan checklist species: 'test'" in message and "split folder" not in message
