@@ -186,9 +186,10 @@ class Identifier:
         self._taxa: dict[str, SpeciesSummary] = {}
         self._held: frozenset[str] = frozenset()  # species with searchable references (with the taxa's version)
         self._records_venom = False  # some species of the gallery has a venom status (with the taxa's version)
-        self._probe_noted: dict[str, tuple[int, int]] = {}  # what was warned -> (gallery version, probe id) then
+        self._probe_noted: dict[str, tuple[int, LinearProbe | None]] = {}  # warned -> (gallery version, probe) then
         self._whitening_version = -1
         self._whitening: Whitening | None = None
+        self._whitening_probe: LinearProbe | None = None  # the probe the cached whitening came with
         self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
         self._whitened_lock = threading.Lock()  # the service identifies from several threads
         self._far: tuple[int, float | None] | None = None  # (gallery size it was estimated at, far_threshold)
@@ -283,7 +284,7 @@ class Identifier:
                 return False
             self._state = self._calibrated(probe, text)
             with self._whitened_lock:  # the vote's metric comes with the probe
-                self._whitening, self._whitening_version = None, -1
+                self._whitening, self._whitening_version, self._whitening_probe = None, -1, None
                 self._whitened.clear()
             self._taxa_version = -1
             logger.info("probe of %s loaded again: %s", self.gallery.root,
@@ -434,6 +435,16 @@ class Identifier:
                 self._whitened.update(zip(missing, vectors, strict=True))
             return np.stack([self._whitened[i] for i in ids])
 
+    def _note_once(self, what: str) -> bool:
+        """Whether warning ``what`` is due: once per gallery version and probe (the object, whose id could be
+        reused by a later one)."""
+        version, probe = self.gallery.version, self.probe
+        noted = self._probe_noted.get(what)
+        if noted is not None and noted[0] == version and noted[1] is probe:
+            return False
+        self._probe_noted[what] = (version, probe)
+        return True
+
     def _votes_whitened(self) -> bool:
         return self.probe is not None and self.probe.calibration.metric == "whitened"
 
@@ -442,18 +453,22 @@ class Identifier:
         it still fits the gallery (:meth:`Whitening.fits`), else fitted again on the gallery's rows."""
         if not self._votes_whitened():
             return None
+        probe = self.probe  # this answer's (pinned) probe: the whitening comes with it
         version = self.gallery.version  # the rows the index serves (a search refreshes it): no store round trip
-        if version != self._whitening_version:
+        if version != self._whitening_version or probe is not self._whitening_probe:
+            kept = self._whitening if probe is self._whitening_probe else None
 
             def candidates() -> Iterator[Whitening | None]:
-                yield self._whitening or self.probe.whitening
-                yield _saved_whitening(self.gallery, self.probe.fingerprint)  # a writer may have saved one that fits
+                yield kept or probe.whitening
+                yield _saved_whitening(self.gallery, probe.fingerprint)  # a writer may have saved one that fits
 
             current = fitted_whitening(self.gallery, candidates())
+            if probe is not self._state.probe:  # an answer begun before the probe was loaded again: its own, uncached
+                return current
             with self._whitened_lock:
                 if current is not self._whitening:
                     self._whitened.clear()
-                self._whitening, self._whitening_version = current, version
+                self._whitening, self._whitening_version, self._whitening_probe = current, version, probe
         return self._whitening
 
     def species_scores(
@@ -486,16 +501,13 @@ class Identifier:
         probe``, the gallery's species it cannot name."""
         held = self.held_species()
         kept = {s: p for s, p in probe.items() if s in held}
-        version = (self.gallery.version, id(self.probe))
-        if self._probe_noted.get("gone") != version:
-            self._probe_noted["gone"] = version
+        if self._note_once("gone"):
             gone = sorted(s for s in probe if s not in held)
             if gone:
                 logger.warning("the probe of %s names %d species the gallery no longer holds (%s): they are left "
                                "out of its answers; retrain: speciesid probe train --index %s", self.gallery.root,
                                len(gone), _names(gone), self.gallery.root)
-        if method is Method.PROBE and self._probe_noted.get("unknown") != version:
-            self._probe_noted["unknown"] = version
+        if method is Method.PROBE and self._note_once("unknown"):
             unknown = sorted(held - probe.keys())
             if unknown:
                 logger.warning("the probe of %s cannot name %d of the gallery's species (%s: added since it was "

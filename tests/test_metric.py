@@ -430,3 +430,26 @@ def test_served_vote_matches_the_vote_settings_are_chosen_for(tmp_path, metric):
         served = ident.species_scores(ns, emb, method=Method.KNN)
         got = np.array([served.get(s, 0.0) for s in species])
         np.testing.assert_allclose(got, row, rtol=1e-4, atol=1e-5)
+
+
+def test_an_answer_begun_before_a_probe_reload_does_not_leave_its_whitening_to_the_next(tmp_path):
+    """A server loads the probe again while an answer is still voting with the old one: that answer whitens with the
+    old probe's whitening, and every later answer with the new probe's (it was cached for the gallery's version,
+    whichever probe asked first)."""
+    from retrieval.probe_flows import _metric_for
+
+    gallery, ids, vectors, labels = _whitened_gallery(tmp_path / "g")
+    ident = Identifier(_Enc(), gallery, probe=LinearProbe.load(gallery.root))
+    ident.follow_probe([gallery.root / "probe.json", gallery.root / "probe.npz"],
+                       lambda: (LinearProbe.load(gallery.root), None), refresh_s=3600.0)
+    old = ident.whitening()
+    assert old is not None
+    new_probe = LinearProbe.load(gallery.root)
+    new_probe.whitening = _metric_for(new_probe.calibration, gallery, ids, vectors, labels)
+    new_probe.whitening.shrink = 0.9  # told apart from the old one, and it still fits the gallery
+    with ident._pinned():  # an answer in progress, on the old probe
+        new_probe.save(gallery.root)
+        assert ident.refresh_probe(force=True)  # another thread's answer loaded the new files
+        assert ident.whitening().shrink == old.shrink  # this answer keeps its probe's whitening
+    after = ident.whitening()
+    assert after.shrink == pytest.approx(0.9)  # the new probe's, not the one the older answer fitted meanwhile
