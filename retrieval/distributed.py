@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -75,11 +76,31 @@ def _ray():
     return ray
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse (ValueError) a cluster address where nothing answers: ``ray.init`` would retry it for minutes with no
+    word of ours. ``auto`` (the cluster this machine belongs to) is left to Ray."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--ray-address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, or ray://10.0.0.5:10001 "
+                         "for Ray Client), nor 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ValueError(f"nothing answers at the Ray address {address} ({exc}): check the head node's address and "
+                         "port ('ray start --head' prints them; 6379 by default, 10001 for ray://), or leave "
+                         "--ray-address out to start a Ray on this machine") from exc
+
+
 def start_ray(options: RayOptions) -> bool:
-    """Connect to ``options.address`` or start a local Ray; True when this call started it (shut it down)."""
+    """Connect to ``options.address`` (checked first: :func:`check_ray_address`) or start a local Ray; True when
+    this call started it (shut it down)."""
     ray = _ray()
     if ray.is_initialized():
         return False
+    if options.address:
+        check_ray_address(options.address)
     project = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p),
                         "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}

@@ -18,6 +18,7 @@ functions are offered here with the rest.
 from __future__ import annotations
 
 import difflib
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -140,6 +141,10 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     warnings: list[str] = []
     skipped: list[tuple[Path, str]] = []  # entries the listing could not read (broken links...), logged once
     records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings, skipped=skipped)
+    first = next(records, None)  # before Ray starts and the gallery is made: an empty folder creates nothing
+    if first is None:
+        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+    records = itertools.chain([first], records)
     config = encoder or EncoderConfig()
     enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
     options = ray or RayOptions()

@@ -155,6 +155,11 @@ def test_ray_refusals_come_before_a_gallery_is_made(cluster, photo_root, tmp_pat
                  "--encoder", MOBILENET_SPEC, "--engine", "ray", "--views", "flip", "-q"])
     assert code == 2 and "views 'flip' need --engine local" in capsys.readouterr().err
     assert not (tmp_path / "rv").exists()  # the corrected command is not refused by a half-made gallery
+    (tmp_path / "empty").mkdir()  # nothing to build: refused as the local build refuses it, no gallery made
+    code = main(["index", "build", "--dataset", "folder", "--root", str(tmp_path / "empty"), "--index",
+                 str(tmp_path / "re"), "--encoder", MOBILENET_SPEC, "--engine", "ray", "-q"])
+    assert code == 2 and "no photos found under" in capsys.readouterr().err
+    assert not (tmp_path / "re").exists()
     # actors holding every CPU of a cluster leave none for the decode and write tasks: refused, not a hang
     assert actor_count(2.0, RayOptions(address="auto")) == 1 and actor_count(40.0, RayOptions(address="auto")) == 8
     assert actor_count(3.0, RayOptions()) == 2  # a local Ray is sized for its actors
@@ -195,3 +200,39 @@ def test_a_worker_marks_a_non_finite_embedding_as_an_error_before_any_fragment_i
     out = embedder(batch)
     assert list(out["error"]) == [NON_FINITE, "", "cannot be read"]
     assert np.isfinite(out["embedding"]).all() and "tensor" not in out
+
+
+def test_a_ray_address_where_nothing_answers_is_refused_before_ray_is_asked(monkeypatch):
+    """``ray.init`` retries an address where nothing listens for minutes, printing only Ray's own lines: the address
+    is tried first, and refused with what to check."""
+    import socket
+
+    from retrieval import distributed
+    from retrieval.distributed import RayOptions, check_ray_address, start_ray
+
+    calls = []
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+        @staticmethod
+        def init(**kwargs) -> None:
+            calls.append(kwargs)
+
+    monkeypatch.setattr(distributed, "_ray", lambda: FakeRay)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ValueError, match=f"nothing answers at the Ray address {address} .*leave --ray-address out"):
+            start_ray(RayOptions(address=address))
+    assert calls == []
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        check_ray_address("head-node")
+    with socket.socket() as server:  # something listening: let through to Ray
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_ray_address(f"127.0.0.1:{server.getsockname()[1]}")
+    check_ray_address("auto")
