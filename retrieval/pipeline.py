@@ -82,10 +82,12 @@ class BuildReport:
 
     def summary(self) -> str:
         """One human-readable paragraph."""
+        waited = (f"; the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time"
+                  if self.stats.batches else "")  # measured by the local pipeline's model thread only
         lines = [
             f"added {self.added}, skipped {len(self.skipped)} unreadable, "
-            f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s; "
-            f"the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time)"
+            f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s"
+            f"{waited})"
         ]
         for path, reason in self.skipped[:20]:
             lines.append(f"  skipped {path}: {reason}")
