@@ -49,9 +49,12 @@ def require_read_key(
     x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> None:
     """Reads are open unless SPECIESID_READS_REQUIRE_KEY is set."""
-    if settings.reads_require_key and not settings.key_list():
+    if not settings.reads_require_key:
+        return
+    keys = settings.key_list()
+    if not keys:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, no_keys_message("read"))
-    if settings.reads_require_key and not key_ok(x_api_key, settings.key_list()):
+    if not key_ok(x_api_key, keys):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
 
 

@@ -84,9 +84,10 @@ class EdgeGuard:
         s = self.settings
         if kind == "write" or (kind == "identify" and s.reads_require_key):
             key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"), None)
-            if not s.key_list():
+            keys = s.key_list()
+            if not keys:
                 return await _json(send, 401, no_keys_message(kind))
-            if not key_ok(key, s.key_list()):
+            if not key_ok(key, keys):
                 return await _json(send, 401, "missing or wrong X-API-Key")
         if kind == "identify":
             with self._lock:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from finetune.config import FinetuneConfig
-from finetune.engine import autocast, set_train_mode, train_step
+from finetune.engine import autocast, set_train_mode, sizes_measured, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     val_once_s = math.ceil(n_val / eval_bs) * eval_batch_s
     # the head on the val photos at each side (one side other than the model's own is measured too), for the epoch
     # kept and (--select nll) the network before training
-    measured = len(area) > 1 or area[0] != 1.0
+    measured = bool(eval_size and test_sizes) and sizes_measured(list(test_sizes), eval_size)
     choose_s = val_once_s * sum(area) * (2 if cfg.select == "nll" else 1) if measured else 0.0
     # the final evaluation embeds the training photos at the chosen side (the largest, to be safe) and reuses the
     # validation photos the choice embedded there; at the model's own side alone it embeds them itself

@@ -232,6 +232,11 @@ def earlier_run(out: Path, cfg: FinetuneConfig) -> tuple[list[Path], list[Path]]
     return run, foreign
 
 
+def _first_line(exc: BaseException, empty: str) -> str:
+    """The first line of ``exc``'s message (``empty`` when it has none): what a one-line message quotes of it."""
+    return str(exc).splitlines()[0] if str(exc) else empty
+
+
 def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
     """The checkpoint in ``out`` to resume, or None to start afresh.
 
@@ -246,7 +251,7 @@ def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError ...
-            raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {_first_line(exc, '')}"
                              "): it may be cut short (a full disk, a copy interrupted); delete it to start afresh, or "
                              "give another --out") from exc
         if not isinstance(checkpoint, dict) or "key" not in checkpoint:
@@ -397,7 +402,7 @@ def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: T
     try:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except (OSError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = _first_line(exc, type(exc).__name__)
         raise OSError(
             f"could not write {path} after epoch {state.epoch} ({first}; is the disk full?): "
             + ("the checkpoint of the epoch before is kept: free some space and run the same command again to resume"

@@ -397,6 +397,12 @@ def head_probe(net: Net):
 TEST_SIZE_FACTORS = (1.0, 8 / 7, 9 / 7, 10 / 7)
 
 
+def sizes_measured(sizes: list[int], model_size: int) -> bool:
+    """Whether the head is measured at the test sides ``sizes`` (a choice among them, or one side other than the
+    model's own); else each epoch's ``val_nll`` at the model's own side is that figure."""
+    return len(sizes) > 1 or sizes[0] != model_size
+
+
 def size_candidates(setting: str, train_size: int, model_size: int) -> list[int]:
     """The sizes ``--test-size`` lets the run choose from: ``auto`` the training size x TEST_SIZE_FACTORS and the
     model's own input size, ``train`` the model's own input size (what every run embedded at before), or PX."""

@@ -65,6 +65,7 @@ from finetune.engine import (
     final_eval,
     init_head,
     size_candidates,
+    sizes_measured,
     staged_schedule,
     train_one_epoch,
     validate,
@@ -396,33 +397,29 @@ def _measured(run: _Run, weights: dict) -> SizeChoice | None:
     """Load ``weights``; the side they would be embedded at and the head's log-loss there (None: the model's own
     side alone, where each epoch's ``val_nll`` is that figure)."""
     run.net.load_state_dict(weights)
-    if len(run.sizes) < 2 and run.sizes[0] == _model_size(run):
+    if not sizes_measured(run.sizes, _model_size(run)):
         return None
     return choose_test_size(run.net, {s: _at(run, run.data.val, s) for s in run.sizes}, run.device,
                             amp=run.cfg.amp, progress=run.progress)
-
-
-def _inherited(run: _Run) -> tuple[list[list[str]], list[str]]:
-    """The training photos of the runs this one started from (``retrieval.protocol.inherited_training``: rows
-    path, species, sha256, run folder) and, in words, those runs whose photos are not known; none without a
-    local ``--init`` folder."""
-    from retrieval.protocol import inherited_training
-
-    if not run.source.timm_name.startswith("local-dir:"):
-        return [], []
-    return inherited_training(run.source.spec)
 
 
 def _export(run: _Run, stopped: str, kept_epoch: int, kept_state: dict, kept_row: dict,
             kept_choice: SizeChoice | None, versus: dict | None) -> FinetuneResult:
     """Write the kept weights (and, with ``save_last``, the last epoch's to OUT/last) as timm local-dir folders."""
     from finetune.export import record_wall_seconds, save_finetuned, write_photo_list
-    from retrieval.protocol import HELDOUT_FILE, LINEAGE_KEY, SPLIT_SOURCE, TRAINED_FILE, VAL_FILE
+    from retrieval.protocol import (
+        HELDOUT_FILE,
+        LINEAGE_KEY,
+        SPLIT_SOURCE,
+        TRAINED_FILE,
+        VAL_FILE,
+        inherited_training,
+    )
 
     cfg, state, net, ema, out = run.cfg, run.state, run.net, run.ema, run.out
     # the photos that trained the network and those that chose its epoch, by content, for `speciesid evaluate`;
     # the training photos of the runs it started from too, so that no older folder is needed to know them
-    inherited, unlisted = _inherited(run)
+    inherited, unlisted = inherited_training(run.source.spec)  # none but for a local --init run of ours
     info = {
         "stage": cfg.stage, "init": run.source.spec, "epochs": state.epoch, "best_epoch": kept_epoch,
         "stopped": stopped, "train_seconds": round(state.seconds, 1), "train_photos": len(run.data.train),

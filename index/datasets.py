@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index.photos import entry_problem, is_photo_name, scan_photos, warn_skipped
+from index.photos import entry_problem, first_few, is_photo_name, scan_photos, warn_skipped
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.taxonomy import InvalidNameError, check_name, lookup_taxon, moroccan_checklist, species_key
 
@@ -32,8 +32,6 @@ DATASETS: tuple[str, ...] = ("moroccan", "folder", "rare-species", "snakeclef202
 #: Datasets read lazily, whose root may be a file (a manifest table, a shard) or a glob of shards.
 STREAMED: tuple[str, ...] = ("manifest", "webdataset")
 
-#: How many example paths a "missing files" warning shows.
-_MAX_EXAMPLES = 5
 #: Class-folder names that suggest the root is one level too high (a split folder, not a class).
 _SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "dev"}
 
@@ -88,20 +86,15 @@ def parse_folder_name(name: str) -> tuple[str, str | None]:
 def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[Path]:
     """Visible sub-folders of ``root``, sorted; warns about photos lying directly in ``root``; a visible entry
     that is neither a folder nor a file (a broken link to a class folder) goes to ``skipped``."""
-    folders = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
-    )
-    skipped.extend((p, entry_problem(p)) for p in sorted(root.iterdir())
-                   if not p.name.startswith(".") and not p.is_dir() and not p.is_file())
-    loose = [
-        p.name
-        for p in root.iterdir()
-        if p.is_file() and is_photo_name(p.name)
-    ]
+    entries = sorted(root.iterdir())  # listed once
+    visible = [p for p in entries if not p.name.startswith(".")]
+    folders = sorted((p for p in visible if p.is_dir()), key=lambda p: p.name)
+    skipped.extend((p, entry_problem(p)) for p in visible if not p.is_dir() and not p.is_file())
+    loose = [p.name for p in entries if p.is_file() and is_photo_name(p.name)]
     if loose:
         warnings.append(
             f"{len(loose)} photo file(s) directly in {root} ignored (photos must be in one folder per class): "
-            + _examples(sorted(loose))
+            + first_few(sorted(loose))
         )
     splits = [p.name for p in folders if p.name.lower() in _SPLIT_NAMES]
     if splits:  # maybe a class after all (split folders holding the classes, and nothing else, are refused)
@@ -137,14 +130,8 @@ def _split_error(root: Path, splits: list[Path], dataset: str) -> ValueError:
     )
 
 
-def _examples(items: Iterable[str]) -> str:
-    items = list(items)
-    shown = ", ".join(items[:_MAX_EXAMPLES])
-    return shown + (f", ... ({len(items) - _MAX_EXAMPLES} more)" if len(items) > _MAX_EXAMPLES else "")
-
-
 def _missing_files_warning(missing: list[str], source: Path) -> str:
-    return f"{len(missing)} file(s) listed in {source} not found on disk, skipped: {_examples(missing)}"
+    return f"{len(missing)} file(s) listed in {source} not found on disk, skipped: {first_few(missing)}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +246,7 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
             for p in paths
         )
     if empty:
-        warnings.append(f"{len(empty)} folder(s) with no photos ignored: {_examples(empty)}")
+        warnings.append(f"{len(empty)} folder(s) with no photos ignored: {first_few(empty)}")
     return records
 
 

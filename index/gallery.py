@@ -410,9 +410,11 @@ class Gallery:
             saved = json.loads(manifest_path(self.layout.vectors).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        version = saved.get("store_version") if isinstance(saved, dict) else None
+        if not isinstance(saved, dict):
+            return False
+        version = saved.get("store_version")
         return (isinstance(version, int) and version > self._synced_version) or (
-            isinstance(saved, dict) and saved.get("kind") not in (None, getattr(self._index, "kind", "ivfpq")))
+            saved.get("kind") not in (None, getattr(self._index, "kind", "ivfpq")))
 
     def refresh(self, *, force: bool = False) -> bool:
         """See other processes' writes: when the store has a newer version, sync the index by difference.

@@ -215,7 +215,7 @@ def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> Shard
             repeats.append(repeated)
         if len(ids):
             index.add_with_ids(vectors, ids)
-            seen = np.union1d(seen, ids)
+            seen = np.concatenate([seen, ids])  # disjoint from seen already: no re-sort per batch
         ids_parts.append(ids)
         rows.append(vectors.astype(np.float16))
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)

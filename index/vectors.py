@@ -151,7 +151,7 @@ def one_row_per_id(
     """(ids, vectors, repeated): the first row of each id, and the ids met more than once (sorted).
 
     Two machines writing one S3 store can give an id twice; indexing both rows would make the gallery impossible to
-    open, even to delete them. Every index kind keeps each id's first row by this rule. ``seen``: sorted ids whose
+    open, even to delete them. Every index kind keeps each id's first row by this rule. ``seen``: ids whose
     first row came in an earlier chunk of the same read (a shard read in batches): their rows here are repeats too.
     Without repeats the rows come back as given; with them, in id order.
     """

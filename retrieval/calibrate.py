@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -348,7 +349,8 @@ def select_settings(
         keep = [i for i, s in enumerate(labels) if s not in few]
         if len({labels[i] for i in keep}) < 2:
             raise
-        left_out = {s: sum(1 for x in labels if x == s) for s in sorted(few)}
+        counts = Counter(labels)
+        left_out = {s: counts[s] for s in sorted(few)}
         oof = oof_of(np.asarray(embeddings)[keep], [labels[i] for i in keep])
     calibration = calibration_from(oof, rule, target_precision)
     calibration.left_out = left_out

@@ -24,6 +24,7 @@ from threadpoolctl import ThreadpoolController
 
 from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.layout import check_encoder
+from index.photos import first_few
 from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
@@ -275,9 +276,7 @@ class Identifier:
                 return False
             self._probe_files = marks  # a failed load is warned once: the write it caught half-done changes them
             try:
-                probe, text = load()
-                if probe is not None and probe.weight.shape[0] != len(probe.species):
-                    raise ValueError("its weights and species list differ (being replaced?)")
+                probe, text = load()  # ValueError for files of two saves (LinearProbe.load)
             except (OSError, ValueError, KeyError) as exc:  # mid-write, or another encoder's: looked at again later
                 logger.warning("the probe files of %s changed but cannot be loaded (%s): answering with the "
                                "ones loaded before", self.gallery.root, exc)
@@ -506,14 +505,14 @@ class Identifier:
             if gone:
                 logger.warning("the probe of %s names %d species the gallery no longer holds (%s): they are left "
                                "out of its answers; retrain: speciesid probe train --index %s", self.gallery.root,
-                               len(gone), _names(gone), self.gallery.root)
+                               len(gone), first_few(gone), self.gallery.root)
         if method is Method.PROBE and self._note_once("unknown"):
             unknown = sorted(held - probe.keys())
             if unknown:
                 logger.warning("the probe of %s cannot name %d of the gallery's species (%s: added since it was "
                                "trained, or left out of its training); --method blend or knn answers them; "
                                "retrain: speciesid probe train --index %s", self.gallery.root, len(unknown),
-                               _names(unknown), self.gallery.root)
+                               first_few(unknown), self.gallery.root)
         total = sum(kept.values())
         if len(kept) == len(probe) or total <= 0.0:
             return kept if total > 0.0 else {}
@@ -580,11 +579,6 @@ class Identifier:
             country_applied=None if presence is None else (False in candidates
                                                            and any(c is not False for c in candidates)),
         )
-
-
-def _names(species: Sequence[str], shown: int = 5) -> str:
-    """Species names for a message: the first ``shown``, then how many more."""
-    return ", ".join(species[:shown]) + (f", ... ({len(species) - shown} more)" if len(species) > shown else "")
 
 
 def file_marks(files: Sequence[Path]) -> tuple:

@@ -20,6 +20,7 @@ from scipy.special import logsumexp, softmax
 
 from index.atomic import atomic_write, write_json_atomic
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
+from index.photos import first_few
 from retrieval.metric import DEFAULT_SHRINK, Whitening
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ class LinearProbe:
             check_encoder(f"the probe in {folder}", meta["fingerprint"], expected_fingerprint,
                           fix=f"retrain it with 'speciesid probe train --index {folder}'")
         arrays = np.load(folder / PROBE_WEIGHTS)
+        if arrays["weight"].shape[0] != len(meta["species"]):  # the two files of two saves (one being replaced)
+            raise ValueError(f"the probe in {folder}: its weights have {arrays['weight'].shape[0]} rows for "
+                             f"{len(meta['species'])} species (being replaced?); train it again: speciesid probe "
+                             f"train --index {folder}")
         whitening = None
         if "whiten_matrix" in arrays.files:
             fitted = meta.get("whitening") or {}
@@ -152,11 +157,11 @@ class LinearProbe:
         parts = []
         if added:
             parts.append(f"{len(added)} species added since the probe was {'made' if self.source else 'trained'} "
-                         f"({_first(added)}): it cannot name them (the blend answers them by the kNN vote alone)")
+                         f"({first_few(added)}): it cannot name them (the blend answers them by the kNN vote alone)")
         if not self.source:  # a fine-tuned head's species and photos are not the gallery's own
             gone = sorted(s for s in self.species if gallery.get(s, 0) <= 0)
             if gone:
-                parts.append(f"{len(gone)} species it was trained on are no longer in the gallery ({_first(gone)}): "
+                parts.append(f"{len(gone)} species it was trained on are no longer in the gallery ({first_few(gone)}): "
                              "they are left out of its answers")
             then, now = self.trained_on + sum(left_out.values()), sum(gallery.values())
             held = (f"the probe trained on {then} references" if not left_out else
@@ -171,11 +176,6 @@ class LinearProbe:
         """A copy whose logits are divided by ``temperature`` (same ranking, other confidence)."""
         return replace(self, weight=(self.weight / temperature).astype(np.float32),
                        bias=(self.bias / temperature).astype(np.float32))
-
-
-def _first(names: Sequence[str], shown: int = 5) -> str:
-    """Names for a message: the first ``shown``, then how many more."""
-    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 def has_probe(folder: str | Path) -> bool:

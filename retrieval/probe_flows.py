@@ -14,6 +14,7 @@ import numpy as np
 from index.datasets import load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
+from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
 from index.taxonomy import load_checklist
@@ -328,8 +329,8 @@ def probe_cannot_name(gallery: Gallery) -> str:
     added = probe.added_since({s.species: s.count for s in gallery.species()})
     if not added:
         return ""
-    names = ", ".join(added[:5]) + (f", ... ({len(added) - 5} more)" if len(added) > 5 else "")
-    return (f"the probe of {gallery.root} does not know {len(added)} species added since it was made ({names}): the "
+    return (f"the probe of {gallery.root} does not know {len(added)} species added since it was made "
+            f"({first_few(added)}): the "
             "blend answers them by the kNN vote alone and --method probe cannot name them; retrain: speciesid probe "
             f"train --index {gallery.root}")
 

@@ -250,12 +250,6 @@ def run_chain(spec: str) -> RunChain:
     return chain
 
 
-def run_folders(spec: str) -> list[Path]:
-    """The folder of a network fine-tuned here and those of the runs it started from (its ``init``, and so on),
-    newest first; [] for every other encoder."""
-    return run_chain(spec).folders
-
-
 def read_photo_list(folder: str | Path, name: str) -> list[dict[str, str]] | None:
     """The rows of a photo list a fine-tuning run wrote into ``folder`` (``TRAINED_FILE``, ``VAL_FILE``,
     ``HELDOUT_FILE``); None when the run wrote no such file."""
@@ -342,6 +336,8 @@ def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ())
     """(what chose a network fine-tuned here, whether the evaluated photos at ``root`` did): its run chose the epoch
     kept and, when it embeds at another side, the test size (``finetune.engine.choose_test_size``) on its --val-root
     photos or on photos it held out of its training photos; (None, False) for every other encoder."""
+    from retrieval.encoders import parse_spec
+
     run = run_record(encoder.spec)
     if not run.get("val_source"):
         return None, False
@@ -349,7 +345,7 @@ def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ())
     what = f"the epoch kept and the input size ({size} px)" if size else "the epoch kept"
     photos = (run.get("test_size") or {}).get("photos")
     count = f"{photos} " if photos else ""
-    folder = run_folders(encoder.spec)[0]
+    folder = Path(parse_spec(encoder.spec).name)  # the run's own folder (run_record found it there)
     val_root = run_val_root(run)
     if val_root is not None:
         where, same = _photos_at(val_root, root, evaluated, listed_digests(folder, VAL_FILE))

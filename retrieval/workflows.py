@@ -122,7 +122,7 @@ def build_gallery(
         logger.warning("%s", warning)
     if not scan.records:
         raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
-    config = encoder or EncoderConfig()
+    config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
     gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                              store=store, options=storage_options)
@@ -133,7 +133,7 @@ def build_gallery(
 
 
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
-                  encoder: EncoderConfig | None, index_config: VectorIndexConfig | None, ray: RayOptions | None,
+                  encoder: EncoderConfig, index_config: VectorIndexConfig | None, ray: RayOptions | None,
                   store: str | None, storage_options: dict[str, str] | None) -> BuildResult:
     """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks."""
     from retrieval.distributed import plan_cluster, ray_add_references, ray_map, start_ray, stop_ray
@@ -145,7 +145,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     if first is None:
         raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
     records = itertools.chain([first], records)
-    config = encoder or EncoderConfig()
+    config = encoder  # build_gallery's: the gallery's own, or the default for a new one
     enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
     options = ray or RayOptions()
     started = start_ray(options)
