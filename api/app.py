@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.guard import EdgeGuard
 from api.routers import health, identify, references, species
+from api.routers._edge import photo_field_error
 from api.service import SpeciesService
 from api.settings import Settings
 
@@ -76,18 +77,6 @@ class Metrics:
         self.encoder_images = Gauge("speciesid_encoder_images", "photos encoded", registry=self.registry)
 
 
-def photo_field_error(field: str, content_type: str) -> JSONResponse:
-    """The answer to a request whose photo ``field`` holds no file, the same on every route: 415 when the body is not
-    multipart at all, 422 when it is but the field is missing or holds text (FastAPI's code for a missing field)."""
-    how = f"(e.g. curl -F {field}=@photo.jpg)"
-    if not content_type.lower().startswith("multipart/form-data"):
-        sent = content_type.split(";")[0].strip() or "no content type"
-        return JSONResponse({"detail": f"send multipart/form-data with the photos as files in the field '{field}' "
-                                       f"{how}, not {sent}"}, status_code=415)
-    return JSONResponse({"detail": f"send the photos as files in the multipart field '{field}' {how}"},
-                        status_code=422)
-
-
 def create_app(settings: Settings | None = None, service: SpeciesService | None = None) -> FastAPI:
     """Build the app; the model loads at startup (``/readyz`` says when) unless a service is given."""
     settings = settings or Settings()
@@ -130,7 +119,8 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         for err in exc.errors():  # a photo field that holds no file: say how to send one
             loc = tuple(err.get("loc", ()))
             if len(loc) >= 2 and loc[0] == "body" and loc[1] in ("images", "image"):
-                return photo_field_error(str(loc[1]), request.headers.get("content-type", ""))
+                error = photo_field_error(str(loc[1]), request.headers.get("content-type", ""))
+                return JSONResponse({"detail": error.detail}, status_code=error.status_code)
         return await request_validation_exception_handler(request, exc)
 
     @app.middleware("http")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader
 
-from api.guard import key_ok, no_keys_message
+from api.guard import key_refusal
 from api.service import SpeciesService
 from api.settings import Settings
 
@@ -37,11 +37,7 @@ def require_write_key(
     x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> None:
     """Writes need a key from SPECIESID_API_KEYS."""
-    keys = settings.key_list()
-    if not keys:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, no_keys_message("write"))
-    if not key_ok(x_api_key, keys):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
+    _require_key(settings, x_api_key, "write")
 
 
 def require_read_key(
@@ -49,13 +45,15 @@ def require_read_key(
     x_api_key: Annotated[str | None, Security(API_KEY)] = None,
 ) -> None:
     """Reads are open unless SPECIESID_READS_REQUIRE_KEY is set."""
-    if not settings.reads_require_key:
-        return
-    keys = settings.key_list()
-    if not keys:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, no_keys_message("read"))
-    if not key_ok(x_api_key, keys):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong X-API-Key")
+    if settings.reads_require_key:
+        _require_key(settings, x_api_key, "read")
+
+
+def _require_key(settings: Settings, given: str | None, kind: str) -> None:
+    """A 401 unless ``given`` is one of the configured keys (:func:`api.guard.key_refusal`)."""
+    refusal = key_refusal(given, settings.key_list(), kind)
+    if refusal:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, refusal)
 
 
 Service = Annotated[SpeciesService, Depends(get_service)]

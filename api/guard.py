@@ -40,6 +40,16 @@ def no_keys_message(kind: str) -> str:
             "so none can be served: ask the server's operator")
 
 
+def key_refusal(given: str | None, keys: list[str], kind: str) -> str | None:
+    """The 401's message for a request of ``kind`` (write or a read) that needs a key and gave ``given``, where
+    ``keys`` are configured; None when the key is accepted."""
+    if not keys:
+        return no_keys_message(kind)
+    if not key_ok(given, keys):
+        return "missing or wrong X-API-Key"
+    return None
+
+
 def key_ok(given: str | None, keys: list[str]) -> bool:
     """Whether ``given`` is one of ``keys`` (constant-time against every key)."""
     if not given:
@@ -84,11 +94,9 @@ class EdgeGuard:
         s = self.settings
         if kind == "write" or (kind == "identify" and s.reads_require_key):
             key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"), None)
-            keys = s.key_list()
-            if not keys:
-                return await _json(send, 401, no_keys_message(kind))
-            if not key_ok(key, keys):
-                return await _json(send, 401, "missing or wrong X-API-Key")
+            refusal = key_refusal(key, s.key_list(), kind)
+            if refusal:
+                return await _json(send, 401, refusal)
         if kind == "identify":
             with self._lock:
                 full = self._in_flight >= s.max_identify_in_flight

@@ -103,12 +103,8 @@ class SpeciesService:
     # ---------------------------------------------------------------- uploads
     def decode(self, files: Sequence[tuple[str, bytes]]) -> list[Upload]:
         """Decode every upload or raise (413 / 422) naming the bad one; nothing is kept on failure."""
-        limit = int(self.settings.max_upload_mb * 1024 * 1024)
         for name, data in files:
-            if len(data) > limit:
-                raise TooLarge(f"{name}: {len(data) / 1e6:.1f} MB is over this server's limit of "
-                               f"{self.settings.max_upload_mb:g} MB a photo (ask its operator to raise "
-                               "SPECIESID_MAX_UPLOAD_MB)")
+            self.check_size(name, len(data))
         self.check_pixels(files)
 
         def one(item: tuple[str, bytes]) -> Upload:
@@ -122,6 +118,18 @@ class SpeciesService:
             return Upload(name=name, data=data, size=size, views=views)
 
         return list(self._pool.map(one, files))
+
+    @property
+    def upload_limit(self) -> int:
+        """The most bytes one photo may have (``max_upload_mb``)."""
+        return int(self.settings.max_upload_mb * 1024 * 1024)
+
+    def check_size(self, name: str, size: int) -> None:
+        """TooLarge (413) when the photo ``name`` of ``size`` bytes is over :attr:`upload_limit`."""
+        if size > self.upload_limit:
+            raise TooLarge(f"{name}: {size / 1e6:.1f} MB is over this server's limit of "
+                           f"{self.settings.max_upload_mb:g} MB a photo (ask its operator to raise "
+                           "SPECIESID_MAX_UPLOAD_MB)")
 
     def check_pixels(self, files: Sequence[tuple[str, bytes]]) -> None:
         """TooManyPixels (413) when the photos' sizes, read from their headers, sum past the request's budget

@@ -61,11 +61,12 @@ class ProbeResult:
 
 @dataclass
 class ValidationPhotos:
-    """The --val-root photos that choose the settings (readable, not held by the gallery unless kept)."""
+    """The --val-root photos that choose the settings (readable, not held by the gallery unless kept); without
+    --val-root, none (``embeddings`` and ``labels`` None)."""
 
-    embeddings: np.ndarray  # (N, dim)
-    labels: list[str]  # species of each
-    sha256: list[str]  # content digest of each (recorded with the settings: Calibration.selection_sha256)
+    embeddings: np.ndarray | None = None  # (N, dim)
+    labels: list[str] | None = None  # species of each
+    sha256: list[str] = field(default_factory=list)  # content digest of each (Calibration.selection_sha256)
     dropped: list[str] = field(default_factory=list)  # photos left out: copies or near-copies of gallery references
     dropped_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
 
@@ -73,8 +74,8 @@ class ValidationPhotos:
 def _selection_data(
     gallery: Gallery, enc: Encoder, val_dataset: str | None, val_root: str | Path | None,
     val_metadata: str | Path | None, progress: bool, keep_duplicates: bool = False,
-) -> tuple[np.ndarray, np.ndarray, list[str], ValidationPhotos | None]:
-    """The gallery's ids, vectors and species, and the validation photos (None without ``val_root``).
+) -> tuple[np.ndarray, np.ndarray, list[str], ValidationPhotos]:
+    """The gallery's ids, vectors and species, and the validation photos (none without ``val_root``).
 
     Validation photos the gallery holds (same bytes, or near-copies by the ``speciesid clean`` leak rule: the
     evaluation's :func:`retrieval.protocol.find_duplicates`) would find themselves among the references and favour
@@ -82,7 +83,7 @@ def _selection_data(
     ids, vectors = gallery.store.vectors()
     labels = gallery.store.species_of(ids.tolist())
     if val_root is None:
-        return ids, vectors, labels, None
+        return ids, vectors, labels, ValidationPhotos()
     scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
     done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
     ok = [i for i, e in enumerate(done.errors) if e is None]
@@ -135,10 +136,9 @@ def train_gallery_probe(
     ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
                                                 keep_duplicates)
     t0 = time.perf_counter()
-    val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
-    calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val_emb,
-                                  val_labels=val_labels, val_name=str(absolute_path(val_root)), folds=folds, rule=rule)
-    calibration.selection_sha256 = val.sha256 if val else []
+    calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val.embeddings,
+                                  val_labels=val.labels, val_name=str(absolute_path(val_root)), folds=folds, rule=rule)
+    calibration.selection_sha256 = val.sha256
     t1 = time.perf_counter()
     learn = [i for i, s in enumerate(labels) if s not in calibration.left_out]  # all, unless some were left out
     _warn_left_out(calibration.left_out, "left out of the probe's training and of the choice of its settings")
@@ -157,7 +157,7 @@ def train_gallery_probe(
     elif checklist:
         logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species,
-                       dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {})
+                       dropped=val.dropped, dropped_kinds=val.dropped_kinds)
 
 
 def import_gallery_probe(
@@ -206,7 +206,7 @@ def import_gallery_probe(
                                                   index_dir, from_dir)
     ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
                                                 keep_duplicates)
-    val_emb, val_labels = (val.embeddings, val.labels) if val else (None, None)
+    val_emb, val_labels = val.embeddings, val.labels  # replaced by the run's held-out photos below, when none
     all_ids, all_vectors, all_labels = ids, vectors, labels
     val_name = str(absolute_path(val_root))  # absolute: `evaluate` run from elsewhere still recognises it
     if val_emb is None:  # the run's own held-out training photos, when it wrote them: the head never saw them
@@ -234,7 +234,7 @@ def import_gallery_probe(
     probe.calibration.weight_fixed = why
     _warn_left_out(probe.calibration.left_out, "left out of the choice of the blend settings (the head still knows "
                    "those it was fine-tuned on)")
-    probe.calibration.selection_sha256 = val.sha256 if val else []
+    probe.calibration.selection_sha256 = val.sha256
     if head_temperature is not None:
         probe.calibration.metrics["head_temperature"] = head_temperature
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
@@ -242,7 +242,7 @@ def import_gallery_probe(
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
-                       dropped=val.dropped if val else [], dropped_kinds=val.dropped_kinds if val else {},
+                       dropped=val.dropped, dropped_kinds=val.dropped_kinds,
                        head_only=head_only, gallery_only=gallery_only)
 
 
@@ -264,8 +264,8 @@ def species_differences(head: list[str], gallery: list[str], index_dir: str | Pa
     head_only, gallery_only = sorted(set(head) - set(gallery)), sorted(set(gallery) - set(head))
     if gallery and not set(head) & set(gallery):
         raise ValueError(f"the head of {from_dir} names none of the species of gallery {index_dir} (head: "
-                         f"{', '.join(sorted(head)[:5])}...; gallery: {', '.join(sorted(gallery)[:5])}...): was the "
-                         "gallery built from the photos the network was fine-tuned on?")
+                         f"{first_few(sorted(head))}; gallery: {first_few(sorted(gallery))}): was the gallery built "
+                         "from the photos the network was fine-tuned on?")
     if head_only:
         logger.warning("%d species of the head of %s have no photo in gallery %s, so they are never answered (the "
                        "blend answers only the gallery's species): %s. Renamed or left out? Name their folders as the head does (the run's config.json, "

@@ -8,6 +8,7 @@ serialised writes, and the model loaded once.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -377,6 +378,7 @@ def test_over_size_upload_is_413(client):
                  client.post("/v1/search", files=_one("big.jpg", big, "image"))):
         detail = _is_error(resp, 413)
         assert "limit of 20 MB a photo" in detail and "raise SPECIESID_MAX_UPLOAD_MB" in detail, detail
+        assert re.match(r"big\.jpg: 2\d\.\d MB is over this server's limit", detail), detail  # one text, its size
 
 
 def test_a_large_camera_jpeg_is_identified_and_a_photo_over_the_pixel_limit_names_the_setting(client):
@@ -626,6 +628,12 @@ def test_identify_and_search_answer_the_same_mistakes_with_the_same_codes(client
             assert resp.status_code == 415, (url, ctype, resp.status_code, resp.text[:200])
         detail = _is_error(client.post(url, data={field: "abc"}, headers=KEYS), 415)  # curl -d, not -F
         assert "send multipart/form-data" in detail and "not application/x-www-form-urlencoded" in detail, detail
+    # search's texts are those of the other routes, with the JSON it also takes
+    assert _is_error(client.post("/v1/search", content=b"x", headers={"content-type": "text/plain"}), 415) == (
+        "send multipart/form-data with the photo as a file in the field 'image' (e.g. curl -F image=@photo.jpg), or "
+        "application/json with 'embedding', not text/plain")
+    assert _is_error(client.post("/v1/search", files=_one("q.jpg", b"x", "images")), 422) == (
+        "send the photo as a file in the multipart field 'image' (e.g. curl -F image=@photo.jpg)")
     for url, _ in routes:
         assert "415" in client.app.openapi()["paths"][url.replace(binomial(NEW_SPECIES), "{name}")]["post"][
             "responses"], url

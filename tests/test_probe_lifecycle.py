@@ -200,3 +200,16 @@ def test_calibration_scores_a_head_over_the_gallerys_species_as_identification_d
     assert known.tolist() == [True, True]
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(p, full[:, :2] / full[:, :2].sum(axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_a_head_sharing_no_species_with_the_gallery_is_refused_naming_the_first_few_of_each():
+    """The refusal names a few species of each side and how many more: no '...' after a list that is whole."""
+    from retrieval.probe_flows import species_differences
+
+    with pytest.raises(ValueError) as refused:
+        species_differences(["Naja haje"], ["Vipera latastei", "Natrix maura"], "g", "run")
+    assert "(head: Naja haje; gallery: Natrix maura, Vipera latastei): was the gallery built" in str(refused.value)
+    many = [f"Species {i}" for i in range(8)]
+    with pytest.raises(ValueError, match=r"\(head: Species 0, Species 1, Species 2, Species 3, Species 4, \.\.\. "
+                       r"\(3 more\); gallery: Naja haje\)"):
+        species_differences(many, ["Naja haje"], "g", "run")

@@ -10,14 +10,17 @@ import sys
 from api.cli._common import at_least, emit, logger
 from retrieval.encoders import PRECISIONS, RUNTIMES
 
-#: The server's settings as environment variables (``api.settings.Settings``; a test keeps the two lists equal).
-SETTINGS = (
-    "SPECIESID_INDEX", "SPECIESID_DEVICE", "SPECIESID_RUNTIME", "SPECIESID_PRECISION", "SPECIESID_API_KEYS",
-    "SPECIESID_READS_REQUIRE_KEY", "SPECIESID_MAX_UPLOAD_MB", "SPECIESID_MAX_PIXELS", "SPECIESID_MAX_REQUEST_MEGAPIXELS",
-    "SPECIESID_MAX_IMAGES", "SPECIESID_MAX_ADD_IMAGES", "SPECIESID_MAX_REQUEST_MB", "SPECIESID_MAX_IDENTIFY_IN_FLIGHT",
-    "SPECIESID_RETRY_AFTER_S", "SPECIESID_RETRY_JITTER_S", "SPECIESID_MIN_REFERENCE_PX", "SPECIESID_REFRESH_S",
-    "SPECIESID_BATCH_WINDOW_MS", "SPECIESID_MAX_BATCH", "SPECIESID_THUMBNAIL_PX",
-)
+#: The settings ``serve``'s options override (``--index`` ... ``--precision``), as ``api.settings.Settings`` names them.
+OPTION_SETTINGS = ("index", "device", "runtime", "precision")
+
+
+def setting_names() -> list[str]:
+    """The server's settings as environment variables, from ``api.settings.Settings``: those the options override
+    first, then the others in the order ``Settings`` declares them."""
+    from api.settings import Settings  # pydantic-settings: only when serve's parser is built
+
+    names = [*OPTION_SETTINGS, *(n for n in Settings.model_fields if n not in OPTION_SETTINGS)]
+    return [f"{Settings.model_config['env_prefix']}{n.upper()}" for n in names]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "200 once it has. Exit status 2 when the gallery cannot be opened, the port is in use, or the server does "
         "not start.",
         epilog="Settings (environment variables, or a .env file in this folder; the options above override the "
-        "first four): " + ", ".join(SETTINGS) + ". Each, with its default and what it does: docs/api.md "
+        "first four): " + ", ".join(setting_names()) + ". Each, with its default and what it does: docs/api.md "
         "('Settings').",
     )
     p.add_argument("--index", default=None, metavar="DIR",
@@ -61,8 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.settings import Settings
     from index.gallery import read_gallery_info
 
-    overrides = {name: getattr(args, name) for name in ("index", "device", "runtime", "precision")
-                 if getattr(args, name)}
+    overrides = {name: getattr(args, name) for name in OPTION_SETTINGS if getattr(args, name)}
     settings = Settings(**overrides)
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
     for warning in settings.startup_warnings():

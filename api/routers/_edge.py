@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 from fastapi import HTTPException, UploadFile
@@ -33,6 +34,22 @@ def errors(*codes: int) -> dict[int | str, dict]:
     return {code: ERRORS[code] for code in (*codes, 503)}
 
 
+#: How each photo field is named in an answer saying how to send it.
+_PHOTO_FIELDS = {"images": "the photos as files", "image": "the photo as a file"}
+
+
+def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPException:
+    """The answer to a request whose photo ``field`` holds no file, the same on every route: 415 when the body is not
+    multipart at all, 422 when it is but the field is missing or holds text (FastAPI's code for a missing field).
+    ``also``: what else the route accepts, said in the 415 (search: ", or application/json with 'embedding'")."""
+    what, how = _PHOTO_FIELDS.get(field, "the photos as files"), f"(e.g. curl -F {field}=@photo.jpg)"
+    if not content_type.lower().startswith("multipart/form-data"):
+        sent = content_type.split(";")[0].strip() or "no content type"
+        return HTTPException(415, f"send multipart/form-data with {what} in the field '{field}' {how}{also}, "
+                             f"not {sent}")
+    return HTTPException(422, f"send {what} in the multipart field '{field}' {how}")
+
+
 def edge(fn: Callable[[], T]) -> T:
     """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException."""
     try:
@@ -51,14 +68,12 @@ def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_mos
         raise HTTPException(400, "send at least one photo in the multipart field 'images'")
     if len(files) > at_most:
         raise HTTPException(400, f"at most {at_most} photos per request, got {len(files)}")
-    limit = int(service.settings.max_upload_mb * 1024 * 1024)
     raw = []
     for f in files:
-        if f.size is not None and f.size > limit:
-            raise HTTPException(413, f"{f.filename}: over this server's limit of {service.settings.max_upload_mb:g} "
-                                "MB a photo (ask its operator to raise SPECIESID_MAX_UPLOAD_MB)")
-        data = f.file.read(limit + 1)
-        raw.append((f.filename or "upload", data))
+        name, size = f.filename or "upload", f.size
+        if size is not None:  # known from the spooled upload: refused before it is read
+            edge(partial(service.check_size, name, size))
+        raw.append((name, f.file.read(service.upload_limit + 1)))
     return edge(lambda: service.decode(raw))
 
 

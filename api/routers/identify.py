@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import ReadKey, Service
-from api.routers._edge import edge, errors, neighbour_out, read_uploads
+from api.routers._edge import edge, errors, neighbour_out, photo_field_error, read_uploads
 from api.schemas import IdentifyOut, ResultOut, SearchOut, SearchVectorIn
 from api.service import SpeciesService
 from index.geography import resolve_country
@@ -98,8 +98,7 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
         form = await request.form()
         image = form.get("image")
         if not isinstance(image, UploadFile) and not hasattr(image, "read"):  # as identify answers it: a 422
-            raise HTTPException(422, "send the photo as a file in the multipart field 'image' (e.g. curl -F "
-                                "image=@photo.jpg)")
+            raise photo_field_error("image", ctype)
         try:
             k = int(form.get("k", request.query_params.get("k", 10)))  # a form field, or ?k= as identify takes it
         except (TypeError, ValueError) as exc:
@@ -108,9 +107,7 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
             raise HTTPException(422, "k must be between 1 and 1000")
         hits = await run_in_threadpool(_search_upload, service, image, k)
     else:
-        sent = ctype.split(";")[0].strip() or "no content type"
-        raise HTTPException(415, "send multipart/form-data with the photo as a file in the field 'image' (e.g. curl -F "
-                            f"image=@photo.jpg), or application/json with 'embedding', not {sent}")
+        raise photo_field_error("image", ctype, also=", or application/json with 'embedding'")
     return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)
 
 

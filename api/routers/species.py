@@ -69,10 +69,15 @@ register_url_convertor("slashed", _SlashedName())
 @router.post("/{name:slashed}/references", include_in_schema=False)
 def add_under_a_name_with_a_slash(_: WriteKey, name: str) -> None:
     """A name with ``/`` in it matches no route above: say why (after the key), instead of a bare 404."""
-    raise HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
+    raise _slashed(name)
 
 
 @router.get("/{name:slashed}", include_in_schema=False)
 def get_a_name_with_a_slash(_: ReadKey, name: str) -> None:
     """As above, for a read."""
-    raise HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
+    raise _slashed(name)
+
+
+def _slashed(name: str) -> HTTPException:
+    """The 422 of a species name with a ``/`` in it."""
+    return HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
