@@ -6,14 +6,18 @@ Per chunk of records (``chunk_rows``, streamed from any dataset loader; the driv
 2. **dedupe** (driver): a photo whose bytes are already stored (BTREE lookup) or that repeats an earlier
    photo of the run is reported as a duplicate and not embedded, exactly as the local build decides; ids
    for the rest are reserved under the gallery's write lock (``ids.json``).
-3. **decode + preprocess** (CPU tasks): :func:`retrieval.pipeline.prepare`, the local build's own function,
-   with a weight-free copy of the encoder's transform.
-4. **embed** (an actor pool, ``map_batches`` with ``ActorPoolStrategy``; one GPU per actor where the
-   cluster has GPUs): each actor holds the model once.
+3. **decode + preprocess**: :func:`retrieval.pipeline.prepare`, the local build's own function, with a
+   weight-free copy of the encoder's transform. Ray Data fuses this step into the embedding actors where they
+   take CPUs only (same resources: the arrays never leave the actor's process); with GPU actors it runs as
+   separate CPU tasks.
+4. **embed** (an actor pool, ``map_batches`` with ``ActorPoolStrategy``, never more actors than the chunk has
+   batches; one GPU per actor where the cluster has GPUs): each actor holds the model once.
 5. **write** (tasks): the rows (:func:`index.store.rows_table`, the one row builder) as Lance fragments
    in the gallery's store, which every worker reaches (a shared folder or an object-store URI).
 6. **commit** (driver): one Append of the chunk's fragments under the write lock
    (:meth:`index.gallery.Gallery.commit_fragments`): all or nothing; a crash loses at most one chunk's work.
+   The data files the writers reported are journalled until then and removed when the chunk is not committed
+   (:class:`index.fragments.PendingFiles`).
 
 After the last chunk the vector index is built (:meth:`Gallery.finish_build`), its IVF-PQ shards as Ray
 tasks (:func:`ray_map`). Photos travel between stages as preprocessed float32 arrays (~600 KB at 224 px):
@@ -106,6 +110,8 @@ def start_ray(options: RayOptions) -> bool:
                         "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}}
     warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for name, notice in _NOTICES.items():  # Ray's notices of what we chose, on every build: not news
+        logging.getLogger(name).addFilter(notice)
     if options.address:
         ray.init(address=options.address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
     else:
@@ -118,6 +124,25 @@ def start_ray(options: RayOptions) -> bool:
     ctx.execution_options.preserve_order = True
     logger.info("ray: %s", ray.cluster_resources())
     return True
+
+
+class _DropNotice(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix``; every other record passes."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+#: logger -> the one notice of Ray's dropped there: the progress bars we turn off; the token authentication a
+#: local Ray turns on by default (RAY_AUTH_MODE unset). Setting RAY_AUTH_MODE ourselves would need it before
+#: Ray is imported (Ray caches its config then: a local Ray started with it set later refuses its own driver).
+_NOTICES = {"ray.data._internal.progress": _DropNotice("Progress bars disabled"),
+            "ray._private.authentication.authentication_token_setup":
+                _DropNotice("Token authentication is enabled for this Ray cluster")}
 
 
 def stop_ray() -> None:
@@ -307,10 +332,13 @@ def ray_add_references(
 
     ``encoder``: the driver's copy (its fingerprint and transform; it embeds nothing).
     """
+    from index.fragments import sweep_pending
+
     ray = _ray()
     opts = options or RayOptions()
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
     pre, actors, per_gpu = plan_cluster(encoder, opts)
+    sweep_pending(gallery.root, gallery.store.uri, gallery.storage_options)  # files of a killed build's chunk
     batch_size = opts.batch_size or encoder.batch_size
     report = BuildReport()
     start = time.perf_counter()
@@ -356,16 +384,19 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
                       table: pa.Table, keep: list[int], digests: list[str], report: BuildReport, *,
                       pre: Preprocessor, actors: int, per_gpu: float, cpus: float, batch_size: int,
                       write_rows: int, min_side: int) -> None:
+    from index.fragments import PendingFiles
+
     ray = _ray()
     ids = gallery.reserve_ids(len(keep))
     sub = table.take(pa.array(keep)).append_column("id", pa.array(ids, pa.int64())).append_column(
         "sha256", pa.array([digests[i] for i in keep], pa.string()))
-    ds = (ray.data.from_arrow(sub).repartition(_blocks(len(keep), batch_size))
+    blocks = _blocks(len(keep), batch_size)
+    ds = (ray.data.from_arrow(sub).repartition(blocks)
           .map_batches(decode_batch, fn_kwargs={"preprocessor": pre, "min_side": min_side}, batch_format="numpy",
                        batch_size=max(8, batch_size), num_cpus=1)
           .map_batches(Embedder, fn_constructor_kwargs={"config": config, "fingerprint": encoder.fingerprint,
                                                          "threads": int(max(1, cpus))},
-                       compute=ray.data.ActorPoolStrategy(size=actors), batch_format="numpy",
+                       compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)), batch_format="numpy",
                        batch_size=batch_size, num_cpus=cpus, **({"num_gpus": per_gpu} if per_gpu else {}))
           .map_batches(write_batch, fn_kwargs={"uri": gallery.store.uri, "dim": gallery.dim,
                                                "fingerprint": gallery.fingerprint,
@@ -374,11 +405,22 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
     fragments: list[str] = []
     written: dict[int, str] = {}
     failed: dict[int, str] = {}
-    for row in ds.iter_rows():
-        fragments += json.loads(row["fragments"])
-        written.update({int(k): v for k, v in json.loads(row["written"]).items()})
-        failed.update({int(p): e for p, e in json.loads(row["failed"])})
-    repeats = gallery.commit_fragments(fragments, written)
+    pending = PendingFiles(gallery.root, gallery.store.uri, gallery.store.version, gallery.storage_options)
+    try:
+        for row in ds.iter_rows():
+            done = json.loads(row["fragments"])
+            pending.add(done)
+            fragments += done
+            written.update({int(k): v for k, v in json.loads(row["written"]).items()})
+            failed.update({int(p): e for p, e in json.loads(row["failed"])})
+        repeats = gallery.commit_fragments(fragments, written)
+    except BaseException:  # a failed or interrupted chunk: its workers' files go now, not in Lance's 7 days
+        try:
+            pending.abandon()
+        except Exception as exc:  # noqa: BLE001 - the chunk's own error is the one to raise
+            logger.warning("the uncommitted files of this chunk stay (journal %s): %s", pending.path, exc)
+        raise
+    pending.committed()
     pos_of = dict(zip(ids, (chunk_pos for chunk_pos in keep), strict=True))
     base = int(table.column("pos")[0].as_py())
     for rid in ids:

@@ -5,6 +5,7 @@ Marked slow: starts Ray (10-20 s) and embeds ph-snakes photos with the real Mobi
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -236,3 +237,96 @@ def test_a_ray_address_where_nothing_answers_is_refused_before_ray_is_asked(monk
         server.listen()
         check_ray_address(f"127.0.0.1:{server.getsockname()[1]}")
     check_ray_address("auto")
+
+
+def test_a_ray_build_prints_its_summary_without_rays_notices(photo_root, tmp_path):
+    """A successful Ray build's terminal shows the build's own lines, not Ray's notices of what the build chose:
+    the progress bars it turns off, the token authentication a local Ray turns on, the pool's "fewer inputs than
+    actors" warning (a chunk of fewer batches than actors: the pool is sized to the batches). Problems with
+    photos are still said."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "api.cli", "index", "build", "--dataset", "folder", "--root",
+                          str(photo_root), "--index", str(tmp_path / "g"), "--encoder", MOBILENET_SPEC,
+                          "--precision", "fp32", "--engine", "ray", "--ray-actors", "2", "-q"],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "added 24, skipped 1 unreadable, 1 duplicates" in out and "zz-corrupt.jpg" in out and "zz-gone.jpg" in out
+    for notice in ("Progress bars disabled", "Token authentication is enabled",
+                   "The minimum number of concurrent actors", "UserWarning", "DeprecationWarning"):
+        assert notice not in out, out
+
+
+def test_a_chunk_that_is_not_committed_takes_its_workers_files_with_it(cluster, photo_root, tmp_path, monkeypatch):
+    """A chunk whose commit fails leaves none of the data files its workers wrote (they waited 7 days for Lance's
+    cleanup); the files of the committed chunk before it stay, and so does the gallery."""
+    import lance
+
+    from index.gallery import Gallery
+
+    index = tmp_path / "g"
+    args = ["index", "build", "--dataset", "folder", "--root", str(photo_root), "--index", str(index),
+            "--encoder", MOBILENET_SPEC, "--precision", "fp32", "--engine", "ray", "--ray-actors", "2",
+            "--chunk-rows", "12", "--batch-size", "8", "-q"]
+    calls = []
+    real = Gallery.commit_fragments
+
+    def second_fails(self, fragments, digests):
+        calls.append(len(fragments))
+        if len(calls) == 2:
+            raise OSError("the store went away")
+        return real(self, fragments, digests)
+
+    monkeypatch.setattr(Gallery, "commit_fragments", second_fails)
+    assert main(args) != 0 and len(calls) == 2 and calls[1] > 0
+    g = Gallery.open(index)
+    data = g.store.uri + "/data"
+    committed = {f.path for frag in lance.dataset(g.store.uri).get_fragments()
+                 for f in frag.metadata.files}
+    assert committed and set(Path(data).iterdir()) == {Path(data) / name for name in committed}
+    assert not list(index.glob(".uncommitted-*.json"))
+
+
+def test_the_journal_of_a_killed_build_removes_only_its_own_uncommitted_files(tmp_path):
+    """A driver killed before its commit leaves its journal: the next build removes the files named there that
+    no later version references, and nothing else (not another build's files, nor those of a journal still held
+    by a running build, nor committed ones)."""
+    import os
+
+    import lance
+    import pyarrow as pa
+
+    from index.fragments import PendingFiles, commit_fragments, sweep_pending, write_fragments
+
+    uri = str(tmp_path / "t.lance")
+    table = pa.table({"a": pa.array([1, 2, 3], pa.int64())})
+    lance.write_dataset(table, uri)
+
+    def files() -> set[str]:
+        return {p.name for p in Path(uri, "data").iterdir()}
+
+    base = files()
+    killed = PendingFiles(tmp_path, uri, 1)
+    lost = write_fragments(table, uri)
+    killed.add(lost)
+    os.close(killed._fd)  # SIGKILL: the lock goes with the process, the journal stays
+    running = PendingFiles(tmp_path, uri, 1)  # a build still at work holds its journal
+    busy = write_fragments(table, uri)
+    running.add(busy)
+    stranger = write_fragments(table, uri)  # another writer's files, in no journal
+    done = PendingFiles(tmp_path, uri, 1)  # committed, then killed before the journal went
+    kept = write_fragments(table, uri)
+    done.add(kept)
+    commit_fragments(uri, kept, 1)
+    os.close(done._fd)
+    before = files()
+    assert sweep_pending(tmp_path, uri) == 1
+    gone = before - files()
+    assert gone == {json.loads(f)["files"][0]["path"] for f in lost}
+    assert base <= files() and len(list(tmp_path.glob(".uncommitted-*.json"))) == 1  # the running build's
+    assert lance.dataset(uri).count_rows() == 6
+    running.committed()
+    assert not list(tmp_path.glob(".uncommitted-*.json")) and stranger
