@@ -7,7 +7,9 @@ The store may live elsewhere: ``gallery.json`` may name an object-store URI (``"
 "options": {...}}``, never credentials: those come from the AWS_* environment or ``storage_options``), so
 workers on other machines write to it; the folder itself (gallery.json, ids.json, the lock, the vector
 index) stays on the serving machine. Distributed builds reserve ids (:meth:`Gallery.reserve_ids`) and
-commit the fragments their workers wrote (:meth:`Gallery.commit_fragments`) under the write lock.
+commit the fragments their workers wrote (:meth:`Gallery.commit_fragments`) under the write lock. A store on S3
+is written by several machines (copies of the folder) safely: the write lock then also holds the store's write
+lease (:mod:`index.lease`), and the id high-water mark is shared in the store beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
-from index.locks import write_lock
+from index.lease import S3Lease, half_created_objects, is_s3
+from index.locks import WriteLock, write_lock
 from index.records import ReferenceRecord
 from index.store import (
     HalfCreatedStoreError,
@@ -121,6 +124,7 @@ class Gallery:
         where = info.get("store") or {}
         self.store_uri: str | Path = where.get("uri") or self.layout.store  # a folder or an object-store URI
         self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
+        self._writer = self._write_lock()  # every process's writes (one per folder and process; + the S3 lease)
         try:
             self.store = self._open_store(refresh_s)
         except (HalfCreatedStoreError, TimeoutError):  # their messages say what to do
@@ -130,7 +134,6 @@ class Gallery:
                 raise
             raise store_error(where["uri"], exc) from exc  # credentials, endpoint, bucket: one line, not lance's
         self._lock = threading.RLock()  # this process's threads
-        self._writer = write_lock(self.layout.write_lock)  # every process's writes (one per folder and process)
         self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
@@ -140,12 +143,24 @@ class Gallery:
         self._index = self._load_index()
 
     # ----------------------------------------------------------------- opening
+    def _write_lock(self) -> WriteLock:
+        """The folder's write lock; for a store on S3 it holds the store's write lease too (one lease object per
+        lock, so nested writes of one process take it once)."""
+        lock = write_lock(self.layout.write_lock)
+        uri = str(self.store_uri)
+        if lock.remote is not None and lock.remote.uri != uri and not lock.remote.held:
+            lock.remote = None  # another store's lease (a create that failed, a folder made again)
+        if is_s3(uri) and lock.remote is None:
+            lock.remote = S3Lease(uri, self.storage_options)
+        return lock
+
     def _open_store(self, refresh_s: float) -> ReferenceStore:
         """The store. Its table is made only under the write lock: one that does not exist yet (a creator between
         writing gallery.json and making it, or a create killed then) is made once the lock is ours, after the
         creator at work, if any, has made it. A local table left half-created by an interrupted create and
         holding no data is removed under the lock (a creator still at work holds it: its table is complete once
-        the lock is ours) and made again. One that holds data is never removed: its error says what to do."""
+        the lock is ours) and made again; so is one on S3, listed and removed under the store's write lease. One that
+        holds data is never removed: its error says what to do."""
         def store(create: bool) -> ReferenceStore:
             return ReferenceStore(self.store_uri, int(self.info["dim"]), refresh_s=refresh_s,
                                   options=self.storage_options, create=create)
@@ -156,12 +171,12 @@ class Gallery:
         except MissingTableError:
             pass
         except HalfCreatedStoreError as exc:
-            if exc.data is None or exc.data:  # on an object store, or holding files: never deleted here
-                raise
+            if exc.data or (exc.data is None and self._writer.remote is None):  # holding files, or on an object
+                raise  # store without a lease (not S3): never deleted here
             first = exc
         with contextlib.ExitStack() as held:
             try:
-                held.enter_context(write_lock(self.layout.write_lock).hold())
+                held.enter_context(self._writer.hold())
             except TimeoutError as exc:  # a writer at work, not a read-only gallery
                 raise TimeoutError(f"{exc}; the store's table {self.store_uri} is not made yet, and is made only "
                                    "under that lock") from exc
@@ -174,12 +189,31 @@ class Gallery:
             try:
                 return store(create=True)  # made meanwhile by the creator that held the lock, or made now
             except HalfCreatedStoreError as exc:
-                if exc.data is None or exc.data:
-                    raise
-                logger.warning("removing %s: a table left half-created by an interrupted create (no version was "
-                               "committed, no data in it); making it again", exc.where)
-                shutil.rmtree(exc.where)
+                if exc.data is None and self._writer.remote is not None:
+                    self._remove_half_created_objects(exc)
+                else:
+                    if exc.data is None or exc.data:
+                        raise
+                    logger.warning("removing %s: a table left half-created by an interrupted create (no version was "
+                                   "committed, no data in it); making it again", exc.where)
+                    shutil.rmtree(exc.where)
             return store(create=True)
+
+    def _remove_half_created_objects(self, exc: HalfCreatedStoreError) -> None:
+        """A table on S3 with no committed version, under the store's lease: its objects are removed when they are
+        only Lance's bookkeeping (``_versions/``, ``_transactions/``), as a local folder's are; otherwise
+        HalfCreatedStoreError names the data objects and what to do."""
+        lease = self._writer.remote
+        assert lease is not None and lease.held
+        found = half_created_objects(lease, exc.where)
+        if found is None:  # a version appeared: not half-created after all (open it again)
+            return
+        keys, data = found
+        if data:
+            raise HalfCreatedStoreError(exc.where, data) from exc
+        logger.warning("removing %s: a table left half-created by an interrupted create (no version was committed, "
+                       "no data in it: %d bookkeeping object(s)); making it again", exc.where, len(keys))
+        lease.delete_keys(keys)
 
     @classmethod
     def create(
@@ -252,6 +286,7 @@ class Gallery:
                                  "folder to serve it elsewhere)")
             return gallery
         except Exception:  # nothing half-made is left behind: the same command can simply be run again
+            write_lock(layout.write_lock).remote = None  # nor the lease of the store it named
             for child in root.iterdir():  # under the lock, in a folder that held no gallery: all but the lock is ours
                 if child.name == WRITE_LOCK:
                     continue  # others may be waiting on it: never unlinked
@@ -396,7 +431,7 @@ class Gallery:
         """Save the repaired index if the write lock is free now (a reader must not wait on writers: when it is not,
         the index is served from memory, and the writer saves its own)."""
         try:
-            with self._writer.hold(timeout=0.0):
+            with self._writer.hold(timeout=0.0, local=True):  # the folder's own file: not the store's lease
                 if self._saved_is_newer():
                     return  # a writer saved a later version (or another kind) meanwhile: ours is not better
                 self._index.save(self.layout.vectors, self._manifest())
@@ -469,6 +504,7 @@ class Gallery:
             self.store.refresh()
             stored = self.store.find_sha256(digests.values()) if digests else {}
             repeats = {rid: stored[sha] for rid, sha in digests.items() if sha in stored}
+            self._writer.check()
             if fragments:
                 commit_fragments(self.store.uri, fragments, self.store.version, self.storage_options)
                 self.store.refresh()
@@ -481,7 +517,9 @@ class Gallery:
         """``n`` ids never used before, by any process (call with the write lock held).
 
         The high-water mark in ``ids.json`` is written before the rows, so a crash in between leaves a gap,
-        never a reuse; deleting the highest id does not lower it.
+        never a reuse; deleting the highest id does not lower it. A store on S3 keeps the mark every machine
+        shares (``_speciesid/ids.json`` beside the table, read and written under the store's lease, before the
+        local copy), so copies of this folder on other machines never give one id twice.
         """
         path = self.layout.ids
         try:
@@ -491,8 +529,15 @@ class Gallery:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("%s unreadable (%s): next id recomputed from the store", path, exc)
             start = self.store.max_id() + 1
-        if is_uri(str(self.store_uri)):  # a copy of this folder elsewhere writes the same store with its own
-            start = max(start, self.store.max_id() + 1)  # ids.json: step over every id the store holds (excluded too)
+        lease = self._writer.remote
+        shared, etag = lease.read_next_id() if lease is not None and lease.held else (None, None)
+        if shared is not None:
+            start = max(start, shared)
+        if shared is None and is_uri(str(self.store_uri)):  # a copy of this folder elsewhere writes the same store
+            # with its own ids.json, and no shared mark yet: step over every id the store holds (excluded too)
+            start = max(start, self.store.max_id() + 1)
+        if lease is not None and lease.held:
+            lease.write_next_id(start + n, etag)  # the shared mark first: every machine steps over these ids
         write_json_atomic(path, {"next": start + n})
         return list(range(start, start + n))
 
@@ -546,6 +591,7 @@ class Gallery:
                 return [], dropped
             ids = self._reserve_ids(len(keep))
             alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+            self._writer.check()  # on S3: the store's lease is still ours
             self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
                            self.fingerprint, ids)
             if alone:  # the index only lacks our rows: no need to read the store's ids
@@ -561,6 +607,7 @@ class Gallery:
         """Delete references by id; returns how many existed."""
         with self._write():
             self.store.refresh()
+            self._writer.check()
             found = self.store.delete(ids)
             if found:
                 self._sync_index()
@@ -575,6 +622,7 @@ class Gallery:
         """
         with self._write():
             self.store.refresh()
+            self._writer.check()
             found = self.store.set_excluded(ids, excluded)
             if found:
                 self._sync_index()

@@ -7,6 +7,10 @@ committing the rows, and saving the derived vector index. Embedding photos happe
 ``flock`` locks belong to an open file description: a process killed while holding the lock releases it
 at once (the kernel closes its files), so a crashed writer never blocks the gallery. The lock is also
 re-entrant within a process (a thread lock guards the file lock), so nested writes do not deadlock.
+
+A gallery whose store is on S3 is written from other machines too: its lock also holds the store's write lease
+(:mod:`index.lease`, ``remote``), taken after the ``flock`` and released before it, at the outermost hold that
+asks for it. A hold with ``local=True`` (saving the folder's own derived index) takes the ``flock`` only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from index.lease import S3Lease
 
 logger = logging.getLogger(__name__)
 
@@ -36,27 +44,48 @@ class WriteLock:
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
+        self.remote: S3Lease | None = None  # the store's write lease, when the store is on S3 (index.lease)
 
     @contextlib.contextmanager
-    def hold(self, timeout: float | None = None) -> Iterator[None]:
+    def hold(self, timeout: float | None = None, *, local: bool = False) -> Iterator[None]:
         """Hold the lock for the ``with`` block (waits for other writers, threads of this process included;
-        TimeoutError after ``timeout`` seconds, the lock's own by default; 0: do not wait at all)."""
+        TimeoutError after ``timeout`` seconds, the lock's own by default; 0: do not wait at all). With a
+        ``remote`` lease the store's lease is held too, unless ``local`` (the folder's own files only)."""
         wait = self.timeout if timeout is None else timeout
+        start = time.monotonic()
         got = self._thread_lock.acquire(timeout=wait) if wait > 0 else self._thread_lock.acquire(blocking=False)
         if not got:
             raise TimeoutError(f"another thread of this process is writing this gallery (lock {self.path})")
         try:
             if self._depth == 0:
                 self._acquire(wait)
+            lease = None if local else self.remote
+            took = lease is not None and not lease.held
+            if took:
+                try:
+                    lease.acquire(max(wait - (time.monotonic() - start), 0.0))
+                except BaseException:
+                    if self._depth == 0:
+                        self._release()
+                    raise
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
-                if self._depth == 0:
-                    self._release()
+                try:
+                    if took:
+                        lease.release()
+                finally:
+                    if self._depth == 0:
+                        self._release()
         finally:
             self._thread_lock.release()
+
+    def check(self) -> None:
+        """Before a commit: the store's lease, when one is held, is still this writer's (LeaseLostError if not)."""
+        if self.remote is not None and self.remote.held:
+            self.remote.check()
 
     def _acquire(self, timeout: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

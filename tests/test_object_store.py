@@ -173,3 +173,163 @@ def test_a_store_error_puts_the_cause_first():
              + "x" * 300 + " } }\nresponse: <Code>NoSuchBucket</Code><Message>The specified bucket does not exist")
     msg = str(store_error("s3://b/g", RuntimeError(lance)))
     assert msg.startswith("cannot open the store s3://b/g (NoSuchBucket: lance error: Invalid input") and "AWS_" in msg
+
+
+# ------------------------------------------------------------------ writers on several machines: the S3 lease
+_MACHINE = """
+import sys, time
+import numpy as np
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+root, me, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+g = Gallery.open(root)
+time.sleep(max(0.0, start - time.time()))  # both machines write at the same instant
+rng = np.random.default_rng(me)
+shared = [f"{i:064x}" for i in range(24)]  # both machines add these, in the same order: the worst case
+own = [f"{1000 * (me + 1) + i:064x}" for i in range(6)]
+for k in range(0, 24, 2):
+    digests = shared[k:k + 2] + own[k // 4:k // 4 + 1] * (k % 4 == 0)
+    v = rng.standard_normal((len(digests), 8)).astype(np.float32)
+    g.add([ReferenceRecord(path=f"/{d[-4:]}.jpg", species="Naja naja") for d in digests], digests, v)
+"""
+
+
+def test_two_machines_writing_one_s3_store_store_every_photo_once_and_give_every_id_once(s3_env, tmp_path):
+    """Two gallery folders (two machines: no shared file, so no shared flock) on one S3 store, adding overlapping
+    photos at once. Before the store's lease: photos stored twice and ids given twice."""
+    import shutil
+
+    from conftest import REPO
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    endpoint, client = s3_env
+    store = f"s3://{BUCKET}/machines"
+    a = Gallery.create(tmp_path / "a", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=store)
+    a.add([ReferenceRecord(path="/first.jpg", species="Naja naja")], ["f" * 64], np.ones((1, 8), np.float32))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the folder copied to a second machine
+    start = time.time() + 4.0
+    procs = [subprocess.Popen([sys.executable, "-c", _MACHINE, str(tmp_path / name), str(me), str(start)], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for me, name in enumerate("ab")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    meta = Gallery.open(tmp_path / "a").store.metadata()
+    assert len(meta) == 1 + 24 + 2 * 6
+    assert meta["sha256"].is_unique, meta["sha256"].value_counts().head(3)
+    assert meta["id"].is_unique, meta["id"].value_counts().head(3)
+    # the shared high-water mark is past every id given; no lease is left behind
+    mark = json.loads(client.get_object(Bucket=BUCKET, Key="machines/_speciesid/ids.json")["Body"].read())
+    assert mark["next"] > int(meta["id"].max())
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="machines/_speciesid/")["Contents"]]
+    assert keys == ["machines/_speciesid/ids.json"]
+
+
+def _lease(endpoint: str, uri: str, ttl: float):
+    from index.lease import S3Lease
+    from index.store import storage_options
+
+    return S3Lease(uri, storage_options(None, {"aws_endpoint": endpoint}), ttl=ttl)
+
+
+def test_a_held_lease_is_renewed_waits_its_rival_out_naming_the_holder_and_is_released(s3_env):
+    from index.lease import LEASE_DIR
+
+    endpoint, client = s3_env
+    uri, key = f"s3://{BUCKET}/lease1", f"lease1/{LEASE_DIR}/write.lock"
+    holder, rival = _lease(endpoint, uri, 1.5), _lease(endpoint, uri, 1.5)
+    holder.acquire(timeout=0)
+    first = client.head_object(Bucket=BUCKET, Key=key)["ETag"]
+    time.sleep(2.5)  # past its TTL: only the heartbeat keeps it
+    assert client.head_object(Bucket=BUCKET, Key=key)["ETag"] != first
+    with pytest.raises(TimeoutError, match=r"another writer has held the store s3://galleries/lease1 for over 1 s "
+                                           r"\(held by host .+, pid \d+, since 20.+; lease .+write.lock.*try again"):
+        rival.acquire(timeout=1.0)
+    holder.check()  # still ours
+    holder.release()
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=f"lease1/{LEASE_DIR}/")
+    rival.acquire(timeout=0)
+    assert rival.held
+    rival.release()
+
+
+def test_a_stale_lease_is_broken_by_the_servers_clock_and_a_lost_one_stops_its_holder(s3_env, monkeypatch, caplog):
+    import datetime as dt
+    import types
+
+    import index.lease as lease_module
+    from index.lease import LEASE_DIR, LeaseLostError
+
+    endpoint, client = s3_env
+    uri, key = f"s3://{BUCKET}/lease2", f"lease2/{LEASE_DIR}/write.lock"
+    dead = {"host": "gone-host", "pid": 4242, "since": "2025-01-01T00:00:00+00:00", "ttl_s": 1}
+    client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(dead).encode())  # a holder killed: never renewed
+
+    class Later(dt.datetime):  # this machine's clock an hour ahead: a fresh lease must not look stale
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + dt.timedelta(hours=1)
+
+    monkeypatch.setattr(lease_module, "dt", types.SimpleNamespace(datetime=Later, timezone=dt.timezone))
+    waiter = _lease(endpoint, uri, 30)
+    with pytest.raises(TimeoutError, match="held by host gone-host, pid 4242, since 2025-01-01"):
+        waiter.acquire(timeout=0)  # 0-1 s old on the server's clock: not stale, whatever this clock says
+    time.sleep(2.2)  # now over its 1 s TTL on the server's clock (whole seconds)
+    waiter.acquire(timeout=5)
+    assert "broke the stale write lease" in caplog.text and "gone-host" in caplog.text
+    # the waiter's lease is broken in turn (as if it stalled past its TTL): it notices and commits nothing more
+    client.delete_object(Bucket=BUCKET, Key=key)
+    other = _lease(endpoint, uri, 30)
+    other.acquire(timeout=0)
+    with pytest.raises(LeaseLostError, match="was broken by another"):
+        waiter.renew()
+    with pytest.raises(LeaseLostError):
+        waiter.check()
+    waiter.release()  # never deletes the other's lease
+    assert client.head_object(Bucket=BUCKET, Key=key)
+    other.release()
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_env):
+    from index.lease import ConditionalWritesUnsupported, S3Lease
+
+    endpoint, client = s3_env
+
+    class Careless:  # an S3-compatible server that drops If-None-Match / If-Match
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def put_object(self, **kw):
+            return client.put_object(**{k: v for k, v in kw.items() if k not in ("IfNoneMatch", "IfMatch")})
+
+    lease = S3Lease(f"s3://{BUCKET}/lease3", client=Careless())
+    with pytest.raises(ConditionalWritesUnsupported, match="does not honour conditional writes"):
+        lease.acquire(timeout=0)
+    assert not lease.held and "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="lease3/")
+
+
+def test_a_half_created_table_on_s3_is_removed_under_the_lease_and_one_with_data_is_kept(s3_env, tmp_path, caplog):
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from index.store import HalfCreatedStoreError
+
+    endpoint, client = s3_env
+    encoder = {"spec": "t", "fingerprint": "t#0", "dim": 8}
+    table = "half/references.lance/"
+
+    def half_create(*extra: str) -> None:  # what a create killed inside Lance leaves: no committed version
+        for o in client.list_objects_v2(Bucket=BUCKET, Prefix=table).get("Contents", []):
+            client.delete_object(Bucket=BUCKET, Key=o["Key"])
+        for rel in ("_transactions/0-unfinished.txn", *extra):
+            client.put_object(Bucket=BUCKET, Key=table + rel, Body=b"x")
+
+    Gallery.create(tmp_path / "g", encoder, store=f"s3://{BUCKET}/half")
+    half_create("data/rows.lance")
+    with pytest.raises(HalfCreatedStoreError, match=r"it holds 1 data file\(s\) \(data/rows.lance\).*Nothing was "):
+        Gallery.open(tmp_path / "g")
+    assert client.head_object(Bucket=BUCKET, Key=table + "data/rows.lance")  # never deleted
+    half_create()
+    g = Gallery.open(tmp_path / "g")
+    assert len(g) == 0 and "left half-created by an interrupted create" in caplog.text
+    (new,) = g.add([ReferenceRecord(path="/a.jpg", species="Naja naja")], ["a" * 64], np.ones((1, 8), np.float32))
+    assert Gallery.open(tmp_path / "g").store.ids().tolist() == [new]
