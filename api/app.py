@@ -52,8 +52,8 @@ def _route_path(app: FastAPI, request: Request) -> str:
     """The route template a request was for (``/v1/species/{name}``), also when the edge guard answered it (a 401,
     429 or 413 before routing), else ``unmatched``."""
     route = request.scope.get("route")
-    if route is not None:
-        return route.path
+    if route is not None:  # a path convertor ({name:slashed}) is not part of the route's name
+        return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)
     if getattr(app.state, "route_templates", None) is None:  # the API's own paths, as its OpenAPI schema lists them
         app.state.route_templates = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "/?$"), t)
                                      for t in app.openapi()["paths"]]

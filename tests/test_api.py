@@ -882,9 +882,12 @@ def test_concurrent_identify_requests_answer_as_they_do_alone(client, service):
 def test_metrics_and_model_loaded_once(client, service, loads):
     client.post("/v1/identify", files=_files([COBRA]))
     client.get("/v1/species/Nowhere nowhere")
+    client.get("/v1/species/Naja/haje")  # a name with '/': the same route's label, not the convertor's
     text = client.get("/metrics").text
     assert 'speciesid_requests_total{method="POST",route="/v1/identify",status="200"}' in text
     assert 'speciesid_requests_total{method="GET",route="/v1/species/{name}",status="404"}' in text
+    assert 'speciesid_requests_total{method="GET",route="/v1/species/{name}",status="422"}' in text
+    assert ":slashed" not in text
     assert 'speciesid_request_seconds_bucket{le="0.5",method="POST",route="/v1/identify"}' in text
     assert 'speciesid_request_seconds_count{method="POST",route="/v1/identify"}' in text
     line = next(ln for ln in text.splitlines() if ln.startswith("speciesid_gallery_references "))
