@@ -3,9 +3,10 @@
 Training: RandomResizedCrop (a snake often fills only part of the frame, so crops down to ``scale[0]`` of the
 area), horizontal flip (vertical optional), colour jitter and timm RandAugment together (field photos vary in
 light, exposure and camera), normalised with the model's own mean/std. Hue is left alone by default and
-RandAugment draws from colour-preserving operations (:data:`FIELD_OPS`): colour is a species trait. Evaluation: exactly what the
-gallery encoder does (``timm.data.create_transform(**model_data_config, is_training=False)``), so validation
-figures are those the gallery will see.
+RandAugment draws from colour-preserving operations (:data:`FIELD_OPS`): colour is a species trait. Evaluation:
+the gallery encoder's transform (``timm.data.create_transform(**model_data_config, is_training=False)``) on the
+photo decoded as a gallery decodes it (``retrieval.pipeline.model_image``: ``finetune.data.EvalView``), so
+validation figures are those the gallery will see.
 """
 
 from __future__ import annotations

@@ -145,8 +145,6 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
     ``eval_size`` the side the timed evaluation batches have; an evaluation costs as the pixels do.
     Raises ValueError (saying what to change) when not even one epoch fits. ``net`` itself is not trained.
     """
-    from finetune.data import loader
-
     budget_s = float(cfg.time_budget) * 60.0
     t0 = time.perf_counter()
     n_train, n_val, bs = len(data.train), len(data.val), cfg.batch_size
@@ -161,7 +159,7 @@ def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: to
                                           class_weight=data.class_weight, frozen=True, steps=max(2, steps // 2))
     eval_bs = 2 * bs
     eval_batch_s = _time_eval_batches(copy.deepcopy(net),
-                                      loader(data.train_eval, eval_bs, workers=workers, device=device),
+                                      data.eval_loader(data.train, cfg, device=device, workers=workers),
                                       device=device, amp=cfg.amp, steps=max(2, steps // 2))
     # an EMA: the raw weights are evaluated too; --tta: each photo twice (flipped)
     val_s = math.ceil(n_val / eval_bs) * eval_batch_s * (2 if cfg.ema else 1) * (2 if cfg.tta else 1)

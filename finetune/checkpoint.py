@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from finetune.config import FinetuneConfig
+from finetune.model import parse_init
 from index.atomic import atomic_write
 from retrieval.encoders import FINETUNE_RECORD
 
@@ -118,12 +120,13 @@ class TrainState:
         return self.epoch - self.best_epoch >= cfg.patience and self.epoch >= max(cfg.min_epochs, 1)
 
 
-def check_out(out: Path, cfg: FinetuneConfig) -> None:
+def check_out(out: Path, cfg: FinetuneConfig) -> list[Path]:
     """Refuse (ValueError), before anything is written, an ``--out`` the run would damage: a file, a gallery
     folder, a folder holding a probe that is not a fine-tuning run's head, the ``--init`` folder (or one inside
     it, or holding it), and a folder holding files of the names a run writes (:data:`RUN_FILES`) that are not an
     earlier speciesid run's (:func:`earlier_run`): they would be overwritten, or removed when the run starts
-    afresh."""
+    afresh. Returns the earlier run's files (the folder's one scan), which :func:`clear_run` removes when the
+    run starts afresh."""
     from index.layout import GALLERY_FILE, PROBE_META
 
     if out.exists() and not out.is_dir():
@@ -142,27 +145,24 @@ def check_out(out: Path, cfg: FinetuneConfig) -> None:
         if not str(source).startswith("finetune:"):
             raise ValueError(f"--out {out} holds a probe that is not a fine-tuning run's head ({meta}): the run would "
                              "overwrite it; give another --out")
-    foreign = earlier_run(out, cfg)[1]
+    run, foreign = earlier_run(out, cfg)
     if foreign:
         names = ", ".join(str(p.relative_to(out)) for p in foreign)
         raise ValueError(
             f"--out {out} holds {names}, not written by a speciesid fine-tuning run (no config.json with a "
             f"'{FINETUNE_RECORD}' block, or checkpoint.pt of one): the run writes files of those names, and removes "
             "an earlier run's when it starts afresh; give another --out (a new or empty folder)")
+    return run
 
 
 def init_paths(cfg: FinetuneConfig) -> list[Path]:
     """The folders and files the run starts from: a local ``--init`` folder (``timm:local-dir:DIR``,
-    ``local-dir:DIR`` or ``DIR``), an ``--init`` weights file, a ``--weights`` file."""
+    ``local-dir:DIR`` or ``DIR``), an ``--init`` weights file (as ``finetune.model.parse_init`` reads ``--init``),
+    a ``--weights`` file."""
     paths = []
-    init = cfg.init or ""
-    for prefix in ("timm:local-dir:", "local-dir:"):
-        if init.startswith(prefix):
-            paths.append(Path(init[len(prefix):]))
-            break
-    else:
-        if init and "://" not in init and not init.startswith(("timm:", "open_clip:")) and Path(init).exists():
-            paths.append(Path(init))
+    start = parse_init(cfg.init).path if cfg.init else None
+    if start is not None:
+        paths.append(start)
     if cfg.weights:
         paths.append(Path(cfg.weights))
     return paths
@@ -359,17 +359,18 @@ def _photo_changes(then: dict[str, list[list]], inventory: dict[str, list[list]]
     return changes
 
 
-def clear_run(out: Path, cfg: FinetuneConfig) -> list[Path]:
+def clear_run(out: Path, files: Sequence[Path]) -> list[Path]:
     """Remove an earlier speciesid run's files from ``out`` (and ``out/last``) before a run starts afresh there
     (``--no-resume``, or no checkpoint to resume), so that none of them (a ``heldout.csv``, a model) is read as the
-    new run's. Only a run's files (:func:`earlier_run`); :func:`check_out` refused the others before anything was
-    written. Returns what was removed."""
-    removed, foreign = earlier_run(out, cfg)
-    if foreign:  # only when the folder changed since check_out
-        raise ValueError(f"--out {out} now holds files that are not a speciesid run's: "
-                         f"{', '.join(str(p) for p in foreign)}; give another --out")
-    for path in removed:
-        path.unlink()
+    new run's. ``files``: what :func:`check_out` found of a run's (:func:`earlier_run`; it refused the others before
+    anything was written). Returns what was removed."""
+    removed = []
+    for path in files:
+        try:
+            path.unlink()
+        except FileNotFoundError:  # gone since the scan
+            continue
+        removed.append(path)
     last = out / LAST_DIR
     if removed and last.is_dir() and not any(last.iterdir()):
         last.rmdir()

@@ -1,10 +1,16 @@
 """Labelled photos for fine-tuning: dataset records -> (image, class index), splits, class balance, loaders.
 
-Small sets (the usual local case: a few thousand photos) are decoded once into memory, downscaled to at
-most ``cache_side`` px on the short side, so every epoch only pays for augmentation; large sets (a global
-stage on SnakeCLEF) are decoded from disk in the loader workers, where an unreadable photo is warned about and
-stood in for (training) or left out (evaluation), never fatal. Photos are read by ``index.sources.read_source``
-(files and webdataset shard members, as ``index build`` reads them).
+Small sets (the usual local case: a few thousand photos) are decoded once into memory (training photos
+downscaled to at most ``cache_side`` px on the short side, so every epoch only pays for augmentation; validation
+photos as a gallery decodes them for the model's input); large sets (a global stage on SnakeCLEF) are decoded
+from disk in the loader workers, where an unreadable photo is warned about and stood in for (training) or left
+out (evaluation), never fatal. Photos are read by ``index.sources.read_source`` (files and webdataset shard
+members, as ``index build`` reads them).
+
+Every evaluation (validation, the head's init, the test-size choice, the final evaluation) sees a photo exactly
+as a gallery's encoder at that side would: decoded by ``retrieval.pipeline.model_image`` (at reduced scale, down
+to twice the side), then the model's evaluation transform at that side (:class:`EvalView`,
+:meth:`FinetuneData.eval_loader`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from retrieval.images import decode_image, sha256_bytes, sha256_file
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BALANCE_MODES", "CACHE_LIMIT", "FinetuneData", "LabelledPhotos", "PhotoDataset", "Split", "TransformView",
+    "BALANCE_MODES", "CACHE_LIMIT", "EvalView", "FinetuneData", "LabelledPhotos", "PhotoDataset", "Split",
     "balanced_sampler", "build_data", "class_weights", "load_photos", "loader", "split_photos", "stratified_split",
 ]
 
@@ -87,11 +93,18 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
     return sorted(train), sorted(val)
 
 
-def _open(path: Path, max_side: int | None, data: bytes | None = None) -> Image.Image:
+def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_side: int | None = None
+          ) -> Image.Image:
     """A photo (a file, or a ``SHARD#MEMBER`` of a webdataset shard: ``index.sources.read_source``, the reader
     ``index build`` uses; ``data``: its bytes, already read) decoded by ``retrieval.images.decode_image``, at most
-    ``max_side`` px on the short side."""
-    img = decode_image(read_source(path) if data is None else data, name=str(path), draft=max_side)
+    ``max_side`` px on the short side; with ``model_side``, as a gallery decodes it for a model input of that side
+    (``retrieval.pipeline.model_image``) instead."""
+    data = read_source(path) if data is None else data
+    if model_side:
+        from retrieval.pipeline import model_image  # its gallery imports are not needed unless evaluating
+
+        return model_image(data, model_side, name=str(path))
+    img = decode_image(data, name=str(path), draft=max_side)
     if max_side and min(img.size) > max_side:
         w, h = img.size
         r = max_side / min(w, h)
@@ -101,6 +114,9 @@ def _open(path: Path, max_side: int | None, data: bytes | None = None) -> Image.
 
 class PhotoDataset(torch.utils.data.Dataset):
     """(tensor, class index) pairs; decoded photos cached in memory for small sets.
+
+    ``model_side``: photos decoded as a gallery decodes them for a model input of that side (evaluation photos,
+    :class:`EvalView` at that side reads the cache); else downscaled to ``cache_side`` (training photos).
 
     A photo that cannot be read when its turn comes (a set too large to decode up front) is warned about once
     and, in training (``stand_in``), replaced by another photo of its species; in evaluation it is left out
@@ -116,11 +132,13 @@ class PhotoDataset(torch.utils.data.Dataset):
         cache_side: int | None = 448,
         cache: bool | None = None,
         stand_in: bool = True,
+        model_side: int | None = None,
     ) -> None:
         self.paths = photos.paths
         self.targets = [class_index[s] for s in photos.labels]
         self.transform = transform
         self.cache_side = cache_side
+        self.model_side = model_side
         self.stand_in = stand_in
         self._warned: set[int] = set()  # photos already warned about (in this process)
         self._cache: list[Image.Image | None] | None = None
@@ -141,7 +159,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         for i, p in enumerate(tqdm(self.paths, desc="decoding photos", unit="img", disable=not progress)):
             try:
                 data = read_source(p)
-                self._cache[i] = _open(p, self.cache_side, data)
+                self._cache[i] = _open(p, self.cache_side, data, model_side=self.model_side)
                 self._sha256[i] = sha256_bytes(data)
                 keep.append(i)
             except (OSError, ValueError) as exc:
@@ -168,15 +186,23 @@ class PhotoDataset(torch.utils.data.Dataset):
         return list(self._sha256)
 
     def image(self, i: int) -> Image.Image:
+        """Photo ``i`` as this dataset decodes it (the cache when it holds it)."""
         if self._cache is not None and self._cache[i] is not None:
             return self._cache[i]
-        return _open(self.paths[i], self.cache_side)
+        return _open(self.paths[i], self.cache_side, model_side=self.model_side)
 
-    def readable(self, i: int, *, stand_in: bool) -> Image.Image | None:
-        """Photo ``i``; when it cannot be read, another photo of its species (``stand_in``) or None (left out),
-        with a warning the first time."""
-        try:
+    def model_image(self, i: int, side: int) -> Image.Image:
+        """Photo ``i`` as a gallery decodes it for a model input of ``side`` px (``retrieval.pipeline.model_image``):
+        the cache when it holds the photo so, else read now."""
+        if side == self.model_side:
             return self.image(i)
+        return _open(self.paths[i], None, model_side=side)
+
+    def readable(self, i: int, *, stand_in: bool, side: int | None = None) -> Image.Image | None:
+        """Photo ``i`` (with ``side``: as a gallery decodes it for that side, :meth:`model_image`); when it cannot
+        be read, another photo of its species (``stand_in``) or None (left out), with a warning the first time."""
+        try:
+            return self.image(i) if side is None else self.model_image(i, side)
         except (OSError, ValueError) as exc:  # a large set, read from disk: a photo that cannot be, on its turn
             if stand_in:
                 return self._stand_in(i, exc)
@@ -218,19 +244,23 @@ def _why(path: Path, exc: Exception) -> str:
     return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
 
 
-class TransformView(torch.utils.data.Dataset):
-    """The same photos (and cache) under another transform, for evaluation: an unreadable photo is left out."""
+class EvalView(torch.utils.data.Dataset):
+    """A dataset's photos as a gallery's encoder at ``side`` px gets them: each decoded as the gallery decodes it
+    (``retrieval.pipeline.model_image``; the dataset's cache when it holds the photos so), under the model's
+    evaluation transform at that side (:func:`finetune.augment.eval_transform`). An unreadable photo is left out."""
 
-    def __init__(self, base: PhotoDataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, base: PhotoDataset, data_cfg: dict, side: int) -> None:
         self.base = base
-        self.transform = transform
+        self.side = int(side)
+        own = self.side == int(max(data_cfg["input_size"][1:]))  # the model's own input size, as its config says
+        self.transform = eval_transform(data_cfg, None if own else self.side)
         self.targets = base.targets
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        image = self.base.readable(i, stand_in=False)
+        image = self.base.readable(i, stand_in=False, side=self.side)
         return None if image is None else (self.transform(image), self.base.targets[i])
 
 
@@ -349,13 +379,27 @@ def split_photos(cfg: FinetuneConfig) -> Split:
 
 @dataclass
 class FinetuneData:
-    """The datasets of a run: training (augmented), the training photos as the model sees them, validation."""
+    """The datasets of a run: training (augmented; its cache for augmentation only), validation (cached as a
+    gallery decodes its photos at the model's own side); evaluation batches of either: :meth:`eval_loader`."""
 
     train: PhotoDataset
-    train_eval: TransformView  # the training photos under the evaluation transform (head init, final kNN gallery)
     val: PhotoDataset
     n_classes: int
     class_weight: torch.Tensor | None  # the loss's class weights (``--balance weights``), else None
+    data_cfg: dict  # timm's data config of the backbone (the evaluation transform's)
+
+    @property
+    def model_side(self) -> int:
+        """The backbone's own input side (what the epochs' validation embeds at)."""
+        return int(max(self.data_cfg["input_size"][1:]))
+
+    def eval_loader(self, dataset: PhotoDataset, cfg: FinetuneConfig, *, side: int | None = None,
+                    device: torch.device, workers: int) -> torch.utils.data.DataLoader:
+        """The one way evaluation batches are made (validation, the head's init, the test-size choice, the final
+        evaluation, the budget's timing): ``dataset``'s photos as a gallery embeds them at ``side`` px (the model's
+        own by default; :class:`EvalView`), in batches of twice the training batch, unreadable photos left out."""
+        return loader(EvalView(dataset, self.data_cfg, side or self.model_side), 2 * cfg.batch_size,
+                      workers=workers, device=device)
 
     def train_loader(self, cfg: FinetuneConfig, epoch: int, *, device: torch.device,
                      workers: int) -> torch.utils.data.DataLoader:
@@ -368,10 +412,13 @@ class FinetuneData:
 
 def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size: int, device: torch.device,
                progress: bool = False) -> FinetuneData:
-    """Datasets with the model's transforms (training: augmentation at ``train_size`` px); photos decoded now."""
+    """Datasets with the model's transforms (training: augmentation at ``train_size`` px; validation: as a gallery
+    embeds its photos at the model's own side, an unreadable one left out); photos decoded now."""
     class_index = split.class_index
+    model_side = int(max(data_cfg["input_size"][1:]))
     train_ds = PhotoDataset(split.train, class_index, train_transform(data_cfg, train_size, cfg.augment))
-    val_ds = PhotoDataset(split.val, class_index, eval_transform(data_cfg))
+    val_ds = PhotoDataset(split.val, class_index, eval_transform(data_cfg), stand_in=False,
+                          model_side=model_side)
     for bad in train_ds.preload(progress) + val_ds.preload(progress):
         logger.warning("unreadable photo, left out: %s", bad)
     unread = [split.species[c] for c in sorted(set(class_index.values()) - set(train_ds.targets))]
@@ -383,4 +430,4 @@ def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size:
         logger.warning("%d training species have no validation photo (the val macro-F1 is over the species that "
                        "have): %s", len(unvalidated), ", ".join(unvalidated))
     cw = class_weights(train_ds.targets, len(split.species)).to(device) if cfg.balance == "weights" else None
-    return FinetuneData(train_ds, TransformView(train_ds, eval_transform(data_cfg)), val_ds, len(split.species), cw)
+    return FinetuneData(train_ds, val_ds, len(split.species), cw, data_cfg)

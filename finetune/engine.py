@@ -362,7 +362,8 @@ def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneCon
     """Start the head as ``cfg.head_init`` says (the LP of LP-FT); returns how it started.
 
     ``keep``: the init's head when its species are these; else (and for ``probe``) a linear probe on the frozen
-    features of the training photos (``train_eval_loader``: evaluation transform). ``random``: as created.
+    features of the training photos (``train_eval_loader``: as a gallery embeds them, ``FinetuneData.eval_loader``).
+    ``random``: as created.
     """
     head = net.head
     if cfg.head_init == "keep" and source.label_names == species and source.head_weight is not None \

@@ -64,6 +64,28 @@ def _classifier_weight(path: Path, cfg: dict) -> torch.Tensor | None:
     return w.reshape(w.shape[0], -1)
 
 
+@dataclass(frozen=True)
+class InitArg:
+    """What ``--init`` names, read from the string (and whether it is a local file or folder), nothing loaded."""
+
+    spec: str | None  # the encoder spec (a bare folder as ``timm:local-dir:DIR``); None for a weights file
+    path: Path | None  # the local folder or weights file the run starts from; None for a hub or timm name
+
+
+def parse_init(init: str) -> InitArg:
+    """The one reading of ``--init``: a weights file (an existing file named ``*.safetensors``, ``*.pt``, ...), a
+    local folder (``timm:local-dir:DIR``, ``local-dir:DIR``, or an existing ``DIR``), else an encoder spec.
+    :func:`resolve_init` loads what it names; ``finetune.checkpoint.init_paths`` keeps ``--out`` off its path."""
+    if Path(init).is_file() and init.lower().endswith(WEIGHT_SUFFIXES):
+        return InitArg(None, Path(init))
+    if Path(init).is_dir() and not init.startswith(("timm:", "open_clip:", "local-dir:")):
+        init = f"timm:local-dir:{init}"
+    for prefix in ("timm:local-dir:", "local-dir:"):
+        if init.startswith(prefix):
+            return InitArg(init, Path(init[len(prefix):]))
+    return InitArg(init, None)
+
+
 def resolve_init(init: str | None, *, model: str | None = None, weights: str | None = None) -> InitSource:
     """Resolve the starting point: any timm encoder spec, a previous stage's folder, or a weights file.
 
@@ -81,14 +103,12 @@ def resolve_init(init: str | None, *, model: str | None = None, weights: str | N
         arch = model.removeprefix("timm:")
         if not timm.is_model(arch):
             raise ValueError(f"--model {model!r}: timm has no model {arch!r} (similar: {timm.list_models(f'*{arch}*')[:10]})")
-    if init is not None and Path(init).is_file() and init.lower().endswith(WEIGHT_SUFFIXES):
+    arg = parse_init(init if init is not None else f"timm:{arch}")
+    if arg.spec is None:  # a weights file
         if arch is None:
             raise ValueError(f"--init {init} is a weights file: name its architecture with --model timm:NAME")
         return InitSource(spec=f"timm:{arch}+{init}", timm_name=arch, pretrained=True, weights_file=init)
-    if init is None:
-        init = f"timm:{arch}"
-    elif Path(init).is_dir() and not init.startswith(("timm:", "open_clip:", "local-dir:")):
-        init = f"timm:local-dir:{init}"
+    init = arg.spec
     parsed = parse_spec(init)
     if parsed.library != "timm":
         raise ValueError(f"--init {init!r}: fine-tuning works on timm CNNs; {parsed.library} encoders are not supported")

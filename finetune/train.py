@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.augment import eval_transform, model_data_config
+from finetune.augment import model_data_config
 from finetune.budget import BudgetPlan, fit_to_budget, replan
 from finetune.checkpoint import (
     CHECKPOINT,
@@ -54,7 +54,7 @@ from finetune.checkpoint import (
     set_rng_state,
 )
 from finetune.config import STAGE_DEFAULTS, STAGES, AugmentConfig, FinetuneConfig
-from finetune.data import FinetuneData, Split, TransformView, build_data, loader, split_photos
+from finetune.data import FinetuneData, PhotoDataset, Split, build_data, split_photos
 from finetune.engine import (
     Optimisation,
     SizeChoice,
@@ -153,7 +153,6 @@ class _Run:
     source: InitSource  # the initial weights
     net: Net  # backbone + cosine head
     frozen_params: int  # parameters never trained (freeze_layers)
-    data_cfg: dict  # timm's data config of the backbone
     data: FinetuneData  # datasets and loaders
     sizes: list[int]  # the sides a gallery may embed at afterwards
     mixup: Any  # timm's Mixup, or None
@@ -169,6 +168,7 @@ class _Run:
     ema: Any = None  # timm's ModelEmaV3, or None
     checkpoint: dict | None = None  # the checkpoint to resume from, until restored
     photos_sha256: str = ""  # the digest of the photos' inventory (the checkpoint's; the list: PHOTOS_FILE)
+    earlier: list[Path] = field(default_factory=list)  # an earlier run's files in out (check_out's scan)
 
 
 def finetune(
@@ -201,7 +201,8 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     t_start = time.perf_counter()
     cfg = config.resolved()
     out = Path(cfg.out)
-    check_out(out, cfg)  # a file, a gallery, the --init folder, files not of a run: refused before anything is written
+    # a file, a gallery, the --init folder, files not of a run: refused before anything is written
+    earlier = check_out(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(out, cfg)  # refused now, before the data are read, when it cannot be resumed
     device = resolve_device(cfg.device)
@@ -221,7 +222,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     model_size = int(max(data_cfg["input_size"][1:]))
     train_size = cfg.train_size or model_size
     data = build_data(split, data_cfg, cfg, train_size=train_size, device=device, progress=progress)
-    val_loader = loader(data.val, 2 * cfg.batch_size, workers=workers, device=device)
+    val_loader = data.eval_loader(data.val, cfg, device=device, workers=workers)
     sizes = size_candidates(cfg.test_size, train_size, model_size)
     mixup = create_mixup(cfg, len(split.species))
     plan, max_epochs = None, cfg.epochs
@@ -241,9 +242,10 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     evaluate = partial(validate, loader=val_loader, device=device, n_classes=len(split.species), tta=cfg.tta,
                        amp=cfg.amp)
     return _Run(cfg=cfg, out=out, t_start=t_start, device=device, workers=workers, species=split.species,
-                split=split, source=source, net=net, frozen_params=frozen_params, data_cfg=data_cfg, data=data,
+                split=split, source=source, net=net, frozen_params=frozen_params, data=data,
                 sizes=sizes, mixup=mixup, optim=optim, evaluate=evaluate, plan=plan, max_epochs=max_epochs,
-                progress=progress, report=report, checkpoint=checkpoint, photos_sha256=photos_sha256)
+                progress=progress, report=report, checkpoint=checkpoint, photos_sha256=photos_sha256,
+                earlier=earlier)
 
 
 def _restore_or_start(run: _Run) -> None:
@@ -261,15 +263,14 @@ def _restore_or_start(run: _Run) -> None:
         run.optim.schedule = staged_schedule(run.optim.optimizer, cfg, run.optim.steps_per_epoch)
         save_photo_list(run.out, run.split.inventory, run.photos_sha256)  # a checkpoint from before the list
         return
-    removed = clear_run(run.out, cfg)  # an earlier run's files: none of them may pass for this run's
+    removed = clear_run(run.out, run.earlier)  # an earlier run's files: none of them may pass for this run's
     if removed:
         run.report(f"starting afresh in {run.out}: removed the earlier fine-tuning run's "
                    + ", ".join(str(p.relative_to(run.out)) for p in removed))
     save_photo_list(run.out, run.split.inventory, run.photos_sha256)
     t0 = time.perf_counter()
-    how = init_head(net, run.source, run.species, cfg, loader(run.data.train_eval, 2 * cfg.batch_size,
-                    workers=run.workers, device=run.device), run.device, class_weight=run.data.class_weight,
-                    progress=run.progress)
+    how = init_head(net, run.source, run.species, cfg, _at(run, run.data.train, run.data.model_side), run.device,
+                    class_weight=run.data.class_weight, progress=run.progress)
     run.ema = create_ema(net, cfg.ema)
     row = {"epoch": 0, "train_loss": None, "train_top1": None, **run.evaluate(net), "lr": 0.0,
            "seconds": time.perf_counter() - t0}
@@ -381,23 +382,17 @@ def _epoch_estimate(run: _Run) -> float | None:
     return run.plan.epoch_s if run.plan is not None else None
 
 
-def _at(run: _Run, dataset: Any, size: int) -> Any:
-    """A loader of ``dataset``'s photos under the evaluation transform at side ``size`` (the run's loader processes,
-    as the budget timed them)."""
-    return loader(TransformView(dataset, eval_transform(run.data_cfg, size)), 2 * run.cfg.batch_size,
-                  workers=run.workers, device=run.device)
-
-
-def _model_size(run: _Run) -> int:
-    """The backbone's own input side (what the epochs' validation embeds at)."""
-    return int(max(run.data_cfg["input_size"][1:]))
+def _at(run: _Run, dataset: PhotoDataset, size: int) -> torch.utils.data.DataLoader:
+    """:meth:`FinetuneData.eval_loader` of ``dataset`` at side ``size`` with the run's batch size and loader
+    processes (as the budget timed them)."""
+    return run.data.eval_loader(dataset, run.cfg, side=size, device=run.device, workers=run.workers)
 
 
 def _measured(run: _Run, weights: dict) -> SizeChoice | None:
     """Load ``weights``; the side they would be embedded at and the head's log-loss there (None: the model's own
     side alone, where each epoch's ``val_nll`` is that figure)."""
     run.net.load_state_dict(weights)
-    if not sizes_measured(run.sizes, _model_size(run)):
+    if not sizes_measured(run.sizes, run.data.model_side):
         return None
     return choose_test_size(run.net, {s: _at(run, run.data.val, s) for s in run.sizes}, run.device,
                             amp=run.cfg.amp, progress=run.progress)

@@ -1406,3 +1406,131 @@ def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set
     build_gallery(tmp_path / "g2", "folder", other, encoder=encoder, progress=False)
     with pytest.raises(ValueError, match="names none of the species of gallery"):
         import_gallery_probe(tmp_path / "g2", out, progress=False, precision="fp32")
+
+
+def _textured_photos(root: Path, species: tuple[str, ...], n: int,
+                     size: tuple[int, int] = (1600, 1200)) -> list[Path]:
+    """Large JPEGs with fine texture (stripes and noise): where decoding at another scale shows in the pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    paths = []
+    for s, name in enumerate(species):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            stripes = 127 + 100 * np.sin(xx * (0.3 + 0.1 * k) + yy * (0.2 + 0.05 * s))
+            rgb = np.stack([stripes, np.roll(stripes, 7 * k + 3, axis=1), 255 - stripes], axis=-1)
+            rgb = np.clip(rgb + rng.normal(0, 25, rgb.shape), 0, 255).astype(np.uint8)
+            path = root / name / f"{k}.jpg"
+            Image.fromarray(rgb).save(path, quality=92)
+            paths.append(path)
+    return paths
+
+
+def test_evaluation_photos_are_what_the_gallery_encoder_gets(tmp_path):
+    """Audit #10: validation, the test-size choice and the final evaluation read the photos cached at 448 px on the
+    short side (a bilinear resize), where a gallery decodes at twice the model input and reduces by a whole factor
+    (``retrieval.pipeline.model_input``): on a large photo the epoch and the test size were chosen on inputs no
+    gallery sees. Every evaluation input is now the gallery encoder's, at the model's own side and a test side."""
+    needs_shared()
+    from finetune.augment import model_data_config
+    from finetune.data import LabelledPhotos, Split, build_data
+    from finetune.model import create_backbone, resolve_init
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import model_input
+    from retrieval.preprocess import from_timm
+
+    paths = _textured_photos(tmp_path / "photos", ("a", "b"), 3)
+    photos = LabelledPhotos(paths, [p.parent.name for p in paths])
+    split = Split(photos.subset([0, 1, 3, 4]), photos.subset([2, 5]), ["a", "b"], "split:0.34")
+    data_cfg = model_data_config(create_backbone(resolve_init(MOBILENET_SPEC)))
+    cfg = _config(tmp_path / "photos", tmp_path / "out")
+    data = build_data(split, data_cfg, cfg, train_size=64, device=torch.device("cpu"))
+    enc = create_encoder(MOBILENET_SPEC, device="cpu", precision="fp32", runtime="torch")
+    assert enc.input_size == 224
+
+    def gallery(ds) -> np.ndarray:
+        return np.stack([model_input(p.read_bytes(), enc, name=str(p))[0] for p in ds.paths])
+
+    # the epochs' validation (the dataset itself, and its loader) at the model's own side
+    val = np.stack([data.val[i][0].numpy() for i in range(len(data.val))])
+    np.testing.assert_allclose(val, gallery(data.val), atol=1e-6)
+    for side in (224, 288):  # the head's init / final kNN gallery (training photos) and the test-size candidates
+        if side != enc.input_size:  # what TimmEncoder gives a network exported with timm's test_input_size
+            enc.input_size = side
+            enc.preprocess_config = from_timm({**data_cfg, "input_size": (3, side, side)})
+        for ds in (data.train, data.val):
+            batches = list(data.eval_loader(ds, cfg, side=side, device=torch.device("cpu"), workers=0))
+            got = torch.cat([x for x, _ in batches]).numpy()
+            np.testing.assert_allclose(got, gallery(ds), atol=1e-6)
+
+
+def test_validation_leaves_an_unreadable_photo_out(tmp_path, monkeypatch, caplog):
+    """A set too large to decode up front: an unreadable validation photo was replaced by another of its species
+    (the training datasets' stand-in), so it was counted twice in the epochs' validation; the docs say left out."""
+    needs_shared()
+    import finetune.data
+    from finetune.data import Split, build_data, load_photos
+
+    monkeypatch.setattr(finetune.data, "CACHE_LIMIT", 0)  # read on each photo's turn
+    root = _subset(tmp_path / "photos", _species_dirs()[:2], 3)
+    bad = sorted(root.iterdir())[0] / "empty.jpg"
+    bad.write_bytes(b"")
+    photos = load_photos("folder", root)
+    val_idx = [i for i, p in enumerate(photos.paths) if p == bad or p.name == sorted(bad.parent.iterdir())[1].name]
+    split = Split(photos.subset([i for i in range(len(photos)) if i not in val_idx]), photos.subset(val_idx),
+                  photos.species, "split:0.3")
+    data_cfg = {"input_size": (3, 64, 64), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    cfg = _config(root, tmp_path / "out")
+    data = build_data(split, data_cfg, cfg, train_size=64, device=torch.device("cpu"))
+    i = data.val.paths.index(bad)
+    assert data.val[i] is None
+    assert any(m.startswith("unreadable photo, left out") and "empty.jpg" in m for m in caplog.messages)
+    batches = list(data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=0))
+    assert sum(len(y) for _, y in batches) == len(data.val) - 1
+
+
+def test_init_is_read_once(tmp_path):
+    """``--init`` is read by one function (``parse_init``): the run's starting files (kept off ``--out``) and
+    what ``resolve_init`` loads come from the same reading."""
+    from finetune.checkpoint import init_paths
+    from finetune.model import parse_init
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert parse_init(str(weights)).path == weights and parse_init(str(weights)).spec is None
+    assert parse_init(str(folder)).spec == f"timm:local-dir:{folder}" and parse_init(str(folder)).path == folder
+    for spec in (f"timm:local-dir:{folder}", f"local-dir:{folder}"):
+        assert parse_init(spec).path == folder and parse_init(spec).spec == spec
+    assert parse_init("timm:mobilenetv1_100").path is None
+    cfg = _config(tmp_path, tmp_path / "out", init=str(folder), weights=str(weights))
+    assert init_paths(cfg) == [folder, weights]
+    assert init_paths(_config(tmp_path, tmp_path / "out", init="timm:hf-hub:org/repo")) == []
+
+
+def test_out_is_scanned_once(tmp_path, monkeypatch):
+    """``check_out`` and ``clear_run`` each listed the output folder; now ``check_out``'s scan is what
+    ``clear_run`` removes (and an emptied ``last/`` with it)."""
+    import finetune.checkpoint as ck
+
+    out = tmp_path / "run"
+    _a_runs_config(out)
+    (out / "last").mkdir()
+    for name in ("heldout.csv", "model.safetensors"):
+        (out / name).write_text("an earlier run's")
+    (out / "last" / "heldout.csv").write_text("an earlier run's")
+    (out / "notes.txt").write_text("the user's")
+    scans = []
+    real = ck.earlier_run
+    monkeypatch.setattr(ck, "earlier_run", lambda *a: scans.append(a) or real(*a))
+    files = ck.check_out(out, _config(tmp_path, out, resume="no"))
+    removed = ck.clear_run(out, files)
+    assert len(scans) == 1
+    assert sorted(p.relative_to(out).as_posix() for p in removed) == [
+        "config.json", "heldout.csv", "last/heldout.csv", "model.safetensors"]
+    assert not (out / "last").exists() and (out / "notes.txt").is_file()
