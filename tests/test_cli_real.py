@@ -246,6 +246,8 @@ def test_every_command_says_what_it_does_and_every_option_its_default():
             elif (action.option_strings and not isinstance(action, flags) and action.default is not None
                   and "default" not in action.help.lower()):
                 gaps.append((path, action.option_strings, f"default {action.default!r} not said"))
+            if "--encoder" in action.option_strings and "local-dir:PATH" not in (action.help or ""):
+                gaps.append((path, "--encoder", "the spec forms not listed"))
     assert gaps == []
     from api.cli.serve import OPTION_SETTINGS
     from api.settings import Settings

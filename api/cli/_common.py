@@ -71,6 +71,16 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+WEIGHTS_HELP = "weights file for 'open_clip:ARCH' or 'timm:NAME' specs"
+
+
+def spec_help(default: str) -> str:
+    """--encoder's help: the spec forms, then ``default`` (what an unset --encoder means)."""
+    from retrieval.encoders import SPEC_FORMS
+
+    return "encoder spec (" + ", ".join(SPEC_FORMS) + "); default" + default
+
+
 def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None, builds: bool = False) -> None:
     """--encoder, --weights, --device, --pool, --views, --runtime, --precision. ``builds``: the command builds into
     --index (the gallery's own encoder when it holds one, else a new gallery's defaults)."""
@@ -80,17 +90,15 @@ def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None, bu
         DEFAULT_VIEWS,
         POOLS,
         SCALE_VIEW,
-        SPEC_FORMS,
         VIEWS,
     )
 
     own = "the one that built the index"
     if builds:
         own = "the one that built --index when it holds a gallery, else {}"
-    help_spec = "encoder spec (" + ", ".join(SPEC_FORMS) + ")"
-    help_spec += f"; default {default_spec}" if default_spec else "; default: " + own.format(DEFAULT_ENCODER)
+    help_spec = spec_help(f" {default_spec}" if default_spec else ": " + own.format(DEFAULT_ENCODER))
     p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
-    p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
+    p.add_argument("--weights", metavar="FILE", help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     p.add_argument("--pool", default=None, choices=POOLS,
                    help="feature pooling: model (the model's own, average for CNNs), gem3 (generalised mean, p=3; "

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, add_runtime_args, at_least, emit, encoder_config
+from api.cli._common import (
+    WEIGHTS_HELP,
+    add_quiet,
+    add_runtime_args,
+    at_least,
+    emit,
+    encoder_config,
+    spec_help,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the clean command."""
     from index.datasets import DATASETS as datasets
-    from retrieval.encoders import SPEC_FORMS
     from retrieval.findings import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_SUSPECT_K, DEFAULT_THRESHOLD
     from retrieval.prompts import PROMPT_GROUPS
 
@@ -36,9 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="another folder of photos (e.g. the evaluation set, any layout): report its photos that "
                    "also sit in the cleaned set (leakage)")
     p.add_argument("--encoder", default=None, metavar="SPEC",
-                   help="encoder spec (" + ", ".join(SPEC_FORMS) + "); default: the gallery's with --index, "
-                   "else bioclip")
-    p.add_argument("--weights", metavar="FILE", help="weights file for 'open_clip:ARCH' or 'timm:NAME' specs")
+                   help=spec_help(": the gallery's with --index, else bioclip"))
+    p.add_argument("--weights", metavar="FILE", help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")

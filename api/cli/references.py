@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_quiet, add_runtime_args, at_least, emit, parse_yes_no, photo_args
+from api.cli._common import (
+    WEIGHTS_HELP,
+    add_quiet,
+    add_runtime_args,
+    at_least,
+    emit,
+    parse_yes_no,
+    photo_args,
+    spec_help,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "else the taxonomy's). A species is venomous while any of its references says so")
     p.add_argument("--genus", help="genus (default: first word of --species)")
     p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
-    p.add_argument("--encoder", default=None, help="(default: the gallery's encoder)")
-    p.add_argument("--weights", default=None, help="(default: the gallery's weights)")
+    p.add_argument("--encoder", default=None, metavar="SPEC", help=spec_help(": the gallery's encoder"))
+    p.add_argument("--weights", default=None, metavar="FILE", help=WEIGHTS_HELP + "; default: the gallery's weights")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)

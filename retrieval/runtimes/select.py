@@ -191,7 +191,8 @@ class _Photos:
         if self._check is not None:
             return
         from index.sources import read_source
-        from retrieval.images import ImageLoadError, decode_image
+        from retrieval.images import ImageLoadError
+        from retrieval.pipeline import model_image
 
         items = list(self.source() if callable(self.source) else (self.source or []))
         arrays = []
@@ -201,7 +202,7 @@ class _Photos:
             item = items[pos]
             try:
                 data = item if isinstance(item, bytes) else read_source(item)
-                image = decode_image(data, draft=2 * self.reference.input_size)
+                image = model_image(data, self.reference.input_size)
                 arrays.append(self.reference.preprocess(image))
             except (OSError, ImageLoadError, ValueError) as exc:
                 logger.debug("check photo %s skipped: %s", item if not isinstance(item, bytes) else "#", exc)
