@@ -5,7 +5,7 @@ area), horizontal flip (vertical optional), colour jitter and timm RandAugment t
 light, exposure and camera), normalised with the model's own mean/std. Hue is left alone by default and
 RandAugment draws from colour-preserving operations (:data:`FIELD_OPS`): colour is a species trait. Evaluation:
 the gallery encoder's transform (``timm.data.create_transform(**model_data_config, is_training=False)``) on the
-photo decoded as a gallery decodes it (``retrieval.pipeline.model_image``: ``finetune.data.EvalView``), so
+photo decoded as a gallery decodes it (``retrieval.images.model_image``: ``finetune.data.EvalView``), so
 validation figures are those the gallery will see.
 """
 

@@ -1,14 +1,14 @@
 """Labelled photos for fine-tuning: dataset records -> (image, class index), splits, class balance, loaders.
 
-Small sets (the usual local case: a few thousand photos) are decoded once into memory (training photos
-downscaled to at most ``cache_side`` px on the short side, so every epoch only pays for augmentation; validation
-photos as a gallery decodes them for the model's input); large sets (a global stage on SnakeCLEF) are decoded
-from disk in the loader workers, where an unreadable photo is warned about and stood in for (training) or left
-out (evaluation), never fatal. Photos are read by ``index.sources.read_source`` (files and webdataset shard
-members, as ``index build`` reads them).
+Small sets (the usual local case: a few thousand photos; :data:`CACHE_LIMIT` photos, :data:`CACHE_PIXELS` pixels
+decoded) are decoded once into memory (training photos downscaled to at most ``cache_side`` px on the short side,
+so every epoch only pays for augmentation; validation photos as a gallery decodes them for the model's input);
+large sets (a global stage on SnakeCLEF) are decoded from disk in the loader workers, where an unreadable photo is
+warned about and stood in for (training) or left out (evaluation), never fatal. Photos are read by
+``index.sources.read_source`` (files and webdataset shard members, as ``index build`` reads them).
 
 Every evaluation (validation, the head's init, the test-size choice, the final evaluation) sees a photo exactly
-as a gallery's encoder at that side would: decoded by ``retrieval.pipeline.model_image`` (at reduced scale, down
+as a gallery's encoder at that side would: decoded by ``retrieval.images.model_image`` (at reduced scale, down
 to twice the side), then the model's evaluation transform at that side (:class:`EvalView`,
 :meth:`FinetuneData.eval_loader`).
 """
@@ -30,17 +30,26 @@ from finetune.augment import eval_transform, train_transform
 from finetune.config import BALANCE_MODES, FinetuneConfig
 from index.datasets import load_dataset
 from index.sources import read_source, split_locator
-from retrieval.images import decode_image, sha256_bytes, sha256_file
+from retrieval.images import decode_image, model_image, sha256_bytes, sha256_file
+from retrieval.preprocess import timm_input_side
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BALANCE_MODES", "CACHE_LIMIT", "EvalView", "FinetuneData", "LabelledPhotos", "PhotoDataset", "Split",
+    "BALANCE_MODES", "CACHE_LIMIT", "CACHE_PIXELS", "CACHE_SIDE", "EvalView", "FinetuneData", "LabelledPhotos",
+    "PhotoDataset", "Split",
     "balanced_sampler", "build_data", "class_weights", "load_photos", "loader", "split_photos", "stratified_split",
 ]
 
-#: Sets up to this many photos are decoded once and kept in memory.
+#: Sets up to this many photos are decoded once and kept in memory (when their pixels fit :data:`CACHE_PIXELS`).
 CACHE_LIMIT = 20_000
+#: Training photos are kept at most this many px on the short side (the augmentation crops from them).
+CACHE_SIDE = 448
+#: A set's decoded photos kept in memory hold at most this many pixels (3 bytes each), counted as they are decoded:
+#: what :data:`CACHE_LIMIT` 4:3 photos (a phone camera's 4000x3000) take at :data:`CACHE_SIDE` px on the short side.
+#: Validation photos are kept as a gallery decodes them (up to ~4x the model side on the short side), so a set of
+#: large ones reaches it with fewer photos; a set over it is read from disk on each photo's turn instead.
+CACHE_PIXELS = CACHE_LIMIT * CACHE_SIDE * (CACHE_SIDE * 4 // 3)
 
 
 @dataclass
@@ -98,11 +107,9 @@ def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_
     """A photo (a file, or a ``SHARD#MEMBER`` of a webdataset shard: ``index.sources.read_source``, the reader
     ``index build`` uses; ``data``: its bytes, already read) decoded by ``retrieval.images.decode_image``, at most
     ``max_side`` px on the short side; with ``model_side``, as a gallery decodes it for a model input of that side
-    (``retrieval.pipeline.model_image``) instead."""
+    (``retrieval.images.model_image``) instead."""
     data = read_source(path) if data is None else data
     if model_side:
-        from retrieval.pipeline import model_image  # its gallery imports are not needed unless evaluating
-
         return model_image(data, model_side, name=str(path))
     img = decode_image(data, name=str(path), draft=max_side)
     if max_side and min(img.size) > max_side:
@@ -113,7 +120,9 @@ def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_
 
 
 class PhotoDataset(torch.utils.data.Dataset):
-    """(tensor, class index) pairs; decoded photos cached in memory for small sets.
+    """(tensor, class index) pairs; decoded photos cached in memory for small sets (``cache``: None, the default,
+    when the set has at most :data:`CACHE_LIMIT` photos and their decoded pixels fit :data:`CACHE_PIXELS`; True,
+    always; False, never).
 
     ``model_side``: photos decoded as a gallery decodes them for a model input of that side (evaluation photos,
     :class:`EvalView` at that side reads the cache); else downscaled to ``cache_side`` (training photos).
@@ -129,7 +138,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         class_index: dict[str, int],
         transform: Callable[[Image.Image], torch.Tensor],
         *,
-        cache_side: int | None = 448,
+        cache_side: int | None = CACHE_SIDE,
         cache: bool | None = None,
         stand_in: bool = True,
         model_side: int | None = None,
@@ -143,32 +152,47 @@ class PhotoDataset(torch.utils.data.Dataset):
         self._warned: set[int] = set()  # photos already warned about (in this process)
         self._cache: list[Image.Image | None] | None = None
         self._sha256: list[str | None] = [None] * len(photos)  # digests of the bytes read by :meth:`preload`
+        self._bounded = cache is None  # the cache's pixels are counted against CACHE_PIXELS
         if cache if cache is not None else len(photos) <= CACHE_LIMIT:
             self._cache = [None] * len(photos)
 
     def preload(self, progress: bool = False) -> list[str]:
         """Decode every photo into the cache now (before loader workers fork), and keep the digest of the bytes
         read (:meth:`sha256`: the run's photo lists need no second read); unreadable photos are left out of the set.
-        Returns their paths, with why."""
+        Returns their paths, with why. When the decoded photos' pixels pass :data:`CACHE_PIXELS`, the cache is
+        dropped there and the photos are read from disk on their turn (the rest's digests are read by :meth:`sha256`).
+        """
         from tqdm.auto import tqdm
 
         bad: list[str] = []
         if self._cache is None:
             return bad
-        keep = []
+        unread: set[int] = set()
+        pixels = 0
         for i, p in enumerate(tqdm(self.paths, desc="decoding photos", unit="img", disable=not progress)):
             try:
                 data = read_source(p)
-                self._cache[i] = _open(p, self.cache_side, data, model_side=self.model_side)
-                self._sha256[i] = sha256_bytes(data)
-                keep.append(i)
+                image = _open(p, self.cache_side, data, model_side=self.model_side)
             except (OSError, ValueError) as exc:
                 bad.append(_why(p, exc))
-        if bad:
+                unread.add(i)
+                continue
+            self._sha256[i] = sha256_bytes(data)
+            pixels += image.width * image.height
+            if self._bounded and pixels > CACHE_PIXELS:
+                logger.info("the first %d photos decoded hold over %s pixels (finetune.data.CACHE_PIXELS: %.1f GB): "
+                            "the set's %d photos are read from disk on their turn instead", i + 1,
+                            f"{CACHE_PIXELS:,}", 3 * CACHE_PIXELS / 1e9, len(self.paths))
+                self._cache = None
+                break
+            self._cache[i] = image
+        if unread:
+            keep = [i for i in range(len(self.paths)) if i not in unread]
             self.paths = [self.paths[i] for i in keep]
             self.targets = [self.targets[i] for i in keep]
-            self._cache = [self._cache[i] for i in keep]
             self._sha256 = [self._sha256[i] for i in keep]
+            if self._cache is not None:
+                self._cache = [self._cache[i] for i in keep]
         return bad
 
     def unhashed(self) -> list[Path]:
@@ -192,7 +216,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         return _open(self.paths[i], self.cache_side, model_side=self.model_side)
 
     def model_image(self, i: int, side: int) -> Image.Image:
-        """Photo ``i`` as a gallery decodes it for a model input of ``side`` px (``retrieval.pipeline.model_image``):
+        """Photo ``i`` as a gallery decodes it for a model input of ``side`` px (``retrieval.images.model_image``):
         the cache when it holds the photo so, else read now."""
         if side == self.model_side:
             return self.image(i)
@@ -246,13 +270,13 @@ def _why(path: Path, exc: Exception) -> str:
 
 class EvalView(torch.utils.data.Dataset):
     """A dataset's photos as a gallery's encoder at ``side`` px gets them: each decoded as the gallery decodes it
-    (``retrieval.pipeline.model_image``; the dataset's cache when it holds the photos so), under the model's
+    (``retrieval.images.model_image``; the dataset's cache when it holds the photos so), under the model's
     evaluation transform at that side (:func:`finetune.augment.eval_transform`). An unreadable photo is left out."""
 
     def __init__(self, base: PhotoDataset, data_cfg: dict, side: int) -> None:
         self.base = base
         self.side = int(side)
-        own = self.side == int(max(data_cfg["input_size"][1:]))  # the model's own input size, as its config says
+        own = self.side == timm_input_side(data_cfg)  # the model's own input size, as its config says
         self.transform = eval_transform(data_cfg, None if own else self.side)
         self.targets = base.targets
 
@@ -391,7 +415,7 @@ class FinetuneData:
     @property
     def model_side(self) -> int:
         """The backbone's own input side (what the epochs' validation embeds at)."""
-        return int(max(self.data_cfg["input_size"][1:]))
+        return timm_input_side(self.data_cfg)
 
     def eval_loader(self, dataset: PhotoDataset, cfg: FinetuneConfig, *, side: int | None = None,
                     device: torch.device, workers: int) -> torch.utils.data.DataLoader:
@@ -415,7 +439,7 @@ def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size:
     """Datasets with the model's transforms (training: augmentation at ``train_size`` px; validation: as a gallery
     embeds its photos at the model's own side, an unreadable one left out); photos decoded now."""
     class_index = split.class_index
-    model_side = int(max(data_cfg["input_size"][1:]))
+    model_side = timm_input_side(data_cfg)
     train_ds = PhotoDataset(split.train, class_index, train_transform(data_cfg, train_size, cfg.augment))
     val_ds = PhotoDataset(split.val, class_index, eval_transform(data_cfg), stand_in=False,
                           model_side=model_side)

@@ -71,6 +71,7 @@ from finetune.engine import (
     validate,
 )
 from finetune.model import InitSource, Net, create_net, resolve_init
+from retrieval.preprocess import timm_input_side
 from retrieval.torch_encoders import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     net, frozen_params = create_net(source, len(split.species), cfg)
     data_cfg = model_data_config(net.backbone)
     net = net.to(device, memory_format=torch.channels_last)
-    model_size = int(max(data_cfg["input_size"][1:]))
+    model_size = timm_input_side(data_cfg)
     train_size = cfg.train_size or model_size
     data = build_data(split, data_cfg, cfg, train_size=train_size, device=device, progress=progress)
     val_loader = data.eval_loader(data.val, cfg, device=device, workers=workers)

@@ -397,7 +397,7 @@ def half_created_objects(lease: S3Lease, table_uri: str) -> tuple[list[str], lis
     ``_versions/`` and ``_transactions/``, relative to the table); None when it holds a version (a ``.manifest``)."""
     prefix = table_uri.split("://", 1)[1].partition("/")[2].rstrip("/") + "/"
     keys = lease.list_keys(prefix)
-    rel = [k[len(prefix):] for k in keys]
-    if any(r.startswith("_versions/") and r.endswith(".manifest") for r in rel):
-        return None
-    return keys, sorted(r for r in rel if r.split("/", 1)[0] not in ("_versions", "_transactions"))
+    from index.store import uncommitted_files  # the one rule (index.store.half_created's)
+
+    beyond = uncommitted_files(k[len(prefix):] for k in keys)
+    return None if beyond is None else (keys, beyond)

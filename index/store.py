@@ -233,16 +233,24 @@ class HalfCreatedStoreError(ValueError):
                          f"of it was ever committed): {what}")
 
 
+def uncommitted_files(names: Iterable[str]) -> list[str] | None:
+    """The one rule of a half-created table, over its files' names relative to the table (``a/b``, local or on an
+    object store): None when one is a version (a ``.manifest`` under ``_versions/``); else those beyond Lance's
+    bookkeeping (``_versions``, ``_transactions``), sorted."""
+    names = list(names)
+    if any(n.startswith("_versions/") and n.endswith(".manifest") for n in names):
+        return None
+    return sorted(n for n in names if n.split("/", 1)[0] not in ("_versions", "_transactions"))
+
+
 def half_created(table: str | Path) -> list[str] | None:
     """The files beyond Lance's bookkeeping (``_versions``, ``_transactions``) in a local table folder that holds
     no committed version (a create interrupted inside Lance); None when the folder holds a version, or is
-    missing."""
+    missing (:func:`uncommitted_files`)."""
     folder = Path(table)
-    versions = folder / "_versions"
-    if not folder.is_dir() or (versions.is_dir() and any(p.suffix == ".manifest" for p in versions.iterdir())):
+    if not folder.is_dir():
         return None
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if not p.is_dir() and p.relative_to(folder).parts[0] not in ("_versions", "_transactions"))
+    return uncommitted_files(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
 class ReferenceStore:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from index.gallery import Gallery, check_gallery_encoder
@@ -29,7 +28,7 @@ from retrieval.images import (
     DEFAULT_MAX_PIXELS,
     MIN_REFERENCE_SIDE,
     ImageLoadError,
-    decode_image,
+    model_image,
     photo_size,
     sha256_bytes,
 )
@@ -106,20 +105,12 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def model_image(data: bytes, input_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                name: str = "image") -> Image.Image:
-    """A photo's bytes decoded as every path decodes them for a model input of ``input_size`` px: at reduced scale
-    down to twice the model input (``decode_image``'s draft: big phone photos decode ~4x faster). What
-    :func:`model_input` gives the encoder's transform, and what fine-tuning evaluates on
-    (``finetune.data.EvalView``). :class:`ImageLoadError` when it cannot be decoded."""
-    return decode_image(data, max_pixels=max_pixels, name=name, draft=2 * int(input_size))
-
-
 def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 name: str = "image") -> tuple[np.ndarray | tuple, tuple[int, int]]:
     """A photo's bytes -> (the encoder's input of every view, the photo's (width, height) as stored), decoded at
-    reduced scale (:func:`model_image`): the one way every path (builds, the CLI, the server) turns a photo into
-    what the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be decoded."""
+    reduced scale (``retrieval.images.model_image``): the one way every path (builds, the CLI, the server) turns a
+    photo into what the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be
+    decoded."""
     image = model_image(data, int(getattr(encoder, "input_size", 224)), max_pixels=max_pixels, name=name)
     return encoder.preprocess_views(image), photo_size(image)
 

@@ -66,6 +66,13 @@ def from_open_clip(cfg: Mapping | None) -> PreprocessConfig | None:
     return None
 
 
+def timm_input_side(data_cfg: Mapping) -> int:
+    """The input side, in px, of a model with timm's data config ``data_cfg`` (the longer of its input's height
+    and width): what a gallery decodes its photos for (``retrieval.images.model_image``), and what fine-tuning
+    evaluates at by default."""
+    return int(max(data_cfg["input_size"][1:]))
+
+
 def from_timm(data_cfg: Mapping) -> PreprocessConfig | None:
     """timm's ``resolve_model_data_config`` dict -> a config, or None for crop modes not reproduced here."""
     _, h, w = data_cfg["input_size"]

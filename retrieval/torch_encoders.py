@@ -30,7 +30,7 @@ from retrieval.encoders import (
     spec_error,
     timm_family,
 )
-from retrieval.preprocess import from_open_clip, from_timm
+from retrieval.preprocess import from_open_clip, from_timm, timm_input_side
 from retrieval.runtimes.cache import DigestCache, weights_identity
 
 logger = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ class TimmEncoder(TorchEncoder):
         if self.preprocess_config is None:
             self.transform = create_transform(**data_cfg, is_training=False)
         self.dim = int(model.num_features)
-        self.input_size = int(max(data_cfg["input_size"][1:]))
+        self.input_size = timm_input_side(data_cfg)
         # channels_last: measured 1.5-2x faster for CNNs on CPU (oneDNN), harmless for ViTs.
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.dtype = torch.float32

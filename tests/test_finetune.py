@@ -1013,6 +1013,33 @@ def test_photos_not_read_up_front_are_hashed_within_the_budget_and_said(tiny_set
     assert timed[-1] == 0 and plan["hash_s"] == 0 and not any(line.startswith("reading ") for line in lines)
 
 
+def test_the_memory_cache_counts_the_pixels_it_holds(tmp_path, monkeypatch):
+    """Validation photos are kept as a gallery decodes them for the model (a 1600x1200 JPEG at side 384: 1600x1200,
+    against 597x448 in the training cache): the cache's limit counts the pixels really held, so a set whose decoded
+    photos pass it is read from disk on each photo's turn (it was kept, at 7x the training cache's pixels)."""
+    from PIL import Image
+
+    import finetune.data as data
+    import retrieval.images as images
+    from finetune.data import LabelledPhotos, PhotoDataset
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(paths[-1])
+    photos, index = LabelledPhotos(paths, ["a", "a", "b", "b"]), {"a": 0, "b": 1}
+    monkeypatch.setattr(data, "CACHE_PIXELS", 4 * 597 * 448, raising=False)  # the four at the training cache's size
+    train = PhotoDataset(photos, index, lambda im: im)
+    val = PhotoDataset(photos, index, lambda im: im, stand_in=False, model_side=384)
+    assert train.preload() == [] and val.preload() == []
+    assert train._cache is not None and [im.size for im in train._cache] == [(597, 448)] * 4
+    assert val._cache is None  # 4 x 1600x1200 pixels: over the limit, not held
+    assert val.image(1).tobytes() == images.model_image(paths[1].read_bytes(), 384).tobytes()  # read from disk
+    assert val.sha256() == [images.sha256_file(p) for p in paths]
+    assert len(val) == 4 and val.targets == [0, 0, 1, 1]
+
+
 def test_a_large_set_leaves_unreadable_photos_out_everywhere(tmp_path, monkeypatch, caplog):
     """Over the memory cache's limit photos are read on their turn: an unreadable one must never stop the run, in
     the head's init, the epochs, the test-size choice or the final evaluation (it stopped the export before)."""
@@ -1534,3 +1561,23 @@ def test_out_is_scanned_once(tmp_path, monkeypatch):
     assert sorted(p.relative_to(out).as_posix() for p in removed) == [
         "config.json", "heldout.csv", "last/heldout.csv", "model.safetensors"]
     assert not (out / "last").exists() and (out / "notes.txt").is_file()
+
+
+def test_clear_run_removes_only_what_check_out_listed(tmp_path):
+    """``--out`` is scanned once, by ``check_out`` (which refuses a folder holding files of a run's names that are
+    not a run's). A file that appears there later, while the photos are read (a race), is neither refused nor
+    removed by ``clear_run``: the run writes its own file of that name over it when it gets there."""
+    import finetune.checkpoint as ck
+
+    out = tmp_path / "run"
+    _a_runs_config(out)
+    (out / "heldout.csv").write_text("an earlier run's")
+    files = ck.check_out(out, _config(tmp_path, out, resume="no"))
+    (out / "trained.csv").write_text("the user's, written after the scan")
+    (out / "last").mkdir()
+    (out / "last" / "model.safetensors").write_text("the user's, written after the scan")
+    removed = ck.clear_run(out, files)
+    assert sorted(p.relative_to(out).as_posix() for p in removed) == ["config.json", "heldout.csv"]
+    assert (out / "trained.csv").read_text() == "the user's, written after the scan"
+    assert (out / "last" / "model.safetensors").is_file()
+    assert ck.clear_run(out, files) == []  # listed files gone since: nothing removed, no error

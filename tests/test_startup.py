@@ -99,6 +99,22 @@ def test_every_command_is_mapped_and_the_query_parser_imports_nothing_heavy():
     assert out.split() == ["onnx", "[]"]
 
 
+def test_decoding_photos_for_a_model_imports_no_gallery_stack(tmp_path):
+    """Fine-tuning's photos and the runtime choice's check photos are decoded by ``retrieval.images.model_image``:
+    neither loads the gallery's LanceDB or FAISS to do it (the rule lived in ``retrieval.pipeline``)."""
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(photo)
+    code = ("import sys; import numpy as np; from pathlib import Path; import finetune.data as d; "
+            "from retrieval.runtimes.select import _Photos; "
+            "Ref = type('Ref', (), {'input_size': 224, "
+            "'preprocess': staticmethod(lambda im: np.asarray(im.resize((8, 8)), dtype=np.float32))}); "
+            f"im = d._open(Path({str(photo)!r}), None, model_side=224); "
+            f"p = _Photos([Path({str(photo)!r})] * 10, Ref()); p._load(); "
+            "print(im.size, p.real, sorted(m for m in ('lancedb', 'faiss', 'index.gallery') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(800,", "600)", "True", "[]"]
+
+
 def test_identify_on_a_warm_cache_never_imports_torch(tiny_clip_dir, tmp_path, capsys, monkeypatch):
     """Build with ``--runtime auto`` (the export is made and checked on the dataset's photos), then identify in a
     fresh process: the cached exported tower answers, and torch, open_clip, timm, sklearn are never imported."""

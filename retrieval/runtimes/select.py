@@ -191,8 +191,7 @@ class _Photos:
         if self._check is not None:
             return
         from index.sources import read_source
-        from retrieval.images import ImageLoadError
-        from retrieval.pipeline import model_image
+        from retrieval.images import ImageLoadError, model_image
 
         items = list(self.source() if callable(self.source) else (self.source or []))
         arrays = []
