@@ -31,7 +31,7 @@ from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
-from index.lease import S3Lease, half_created_objects, is_s3
+from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
 from index.locks import WriteLock, write_lock
 from index.records import ReferenceRecord
 from index.store import (
@@ -127,7 +127,7 @@ class Gallery:
         self._writer = self._write_lock()  # every process's writes (one per folder and process; + the S3 lease)
         try:
             self.store = self._open_store(refresh_s)
-        except (HalfCreatedStoreError, TimeoutError):  # their messages say what to do
+        except (HalfCreatedStoreError, TimeoutError, LeaseError):  # their messages say what to do: never re-worded
             raise
         except Exception as exc:
             if not where.get("uri"):
@@ -254,7 +254,7 @@ class Gallery:
         if store and str(gallery.store_uri) != str(store).rstrip("/"):
             raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
         if index_config is not None and gallery.info.get("index") != asdict(index_config):
-            with gallery.writing():  # an index asked for explicitly is the gallery's from now on
+            with gallery.writing(local=True):  # an index asked for explicitly is the gallery's from now on
                 gallery.info = {**read_gallery_info(root), "index": asdict(index_config)}
                 write_json_atomic(layout.info, gallery.info)
         return gallery
@@ -385,9 +385,10 @@ class Gallery:
         """Rebuild the FAISS index from the store's searchable rows and save it atomically.
 
         An ivfpq index (``auto`` above 50,000 references) is built from the store in shards, never holding
-        every vector: ``map_fn`` runs the shards (Ray tasks; default one after another in this process).
+        every vector: ``map_fn`` runs the shards (Ray tasks; default one after another in this process). It reads
+        the store and writes only the folder: the store's lease is not taken for it.
         """
-        with self._write():
+        with self._write(local=True):
             self.store.refresh()
             version = self.store.version
             kind = self.index_config.resolve(self.store.count())
@@ -630,24 +631,28 @@ class Gallery:
             return found
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self, *, local: bool = False) -> Iterator[None]:
         """A write: the cross-process lock first, then this process's thread lock. Waiting for another process's
-        writer while holding the thread lock would stall every search of this process (they take it to sync)."""
-        with self._writer.hold(), self._lock:
+        writer while holding the thread lock would stall every search of this process (they take it to sync).
+        ``local``: a step that writes only the folder's own files (not the store's lease, on S3)."""
+        with self._writer.hold(local=local), self._lock:
             for left in remove_leftovers(self.root):  # of writers killed mid-write (no write is in progress now)
                 logger.info("removed %s, left by an interrupted write", left.name)
             yield
 
-    def writing(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the gallery's write lock (across processes) for a few steps that must not interleave."""
-        return self._writer.hold()
+    def writing(self, *, local: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:
+        steps that write only the folder's own files take the folder's lock alone, not the store's lease (on S3);
+        a store write nested in them takes the lease itself."""
+        return self._writer.hold(local=local)
 
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the store version it reflects.
 
-        An ivfpq index that has grown 4× past the size its quantizers were trained on is rebuilt instead.
+        An ivfpq index that has grown 4× past the size its quantizers were trained on is rebuilt instead. The
+        folder's files only: the store's lease is not taken for it.
         """
-        with self._write():
+        with self._write(local=True):
             if getattr(self._index, "needs_retrain", False):
                 logger.info("gallery has grown 4x since the ivfpq index was trained: rebuilding it")
                 self.rebuild_index()

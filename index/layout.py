@@ -18,6 +18,9 @@
       uploads/                photos added through the HTTP API, stored by content digest
       ids.json                the next reference id (ids are never reused, whichever process writes)
       .write.lock             the lock writers hold across processes (index.locks)
+      .uncommitted-<id>.json  a Ray build's journal of data files its workers wrote to the store and not yet
+                              committed, held (flock) by the build; one left by a killed build is acted on by
+                              the next Ray build on the same host (index.fragments)
 
 The probe's two files have the same names in a fine-tuned model folder (``speciesid finetune --out``).
 
@@ -46,6 +49,9 @@ CLEAN_REPORT = "clean-report"
 UPLOADS_DIR = "uploads"
 IDS_FILE = "ids.json"
 WRITE_LOCK = ".write.lock"
+#: A Ray build's journal of uncommitted data files: ``.uncommitted-<uuid>.json`` (index.fragments).
+JOURNAL_PREFIX, JOURNAL_SUFFIX = ".uncommitted-", ".json"
+JOURNAL_GLOB = f"{JOURNAL_PREFIX}*{JOURNAL_SUFFIX}"
 
 
 @dataclass(frozen=True)

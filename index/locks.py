@@ -1,8 +1,10 @@
 """A lock across processes on a gallery's write path (``DIR/.write.lock``, ``fcntl.flock``).
 
-Readers never take it: they read LanceDB's committed versions. Writers hold it for the few steps that
-must not interleave between processes: re-checking duplicates against the latest version, reserving ids,
-committing the rows, and saving the derived vector index. Embedding photos happens outside it.
+Readers never take it (they read LanceDB's committed versions), except an open that finds the store's table
+missing or half-created: it makes the table under the lock (and, on S3, the store's lease). Writers hold it
+for the few steps that must not interleave between processes: re-checking duplicates against the latest
+version, reserving ids, committing the rows, and saving the derived vector index. Embedding photos happens
+outside it.
 
 ``flock`` locks belong to an open file description: a process killed while holding the lock releases it
 at once (the kernel closes its files), so a crashed writer never blocks the gallery. The lock is also
@@ -10,7 +12,9 @@ re-entrant within a process (a thread lock guards the file lock), so nested writ
 
 A gallery whose store is on S3 is written from other machines too: its lock also holds the store's write lease
 (:mod:`index.lease`, ``remote``), taken after the ``flock`` and released before it, at the outermost hold that
-asks for it. A hold with ``local=True`` (saving the folder's own derived index) takes the ``flock`` only.
+asks for it. A hold with ``local=True`` (steps that write only the folder's own files: the derived index, the
+probe's whitening, gallery.json, a kept upload) takes the ``flock`` only; a store write nested in it takes the
+lease itself.
 """
 
 from __future__ import annotations
@@ -61,20 +65,18 @@ class WriteLock:
                 self._acquire(wait)
             lease = None if local else self.remote
             took = lease is not None and not lease.held
-            if took:
-                try:
-                    lease.acquire(max(wait - (time.monotonic() - start), 0.0))
-                except BaseException:
-                    if self._depth == 0:
-                        self._release()
-                    raise
-            self._depth += 1
             try:
-                yield
-            finally:
-                self._depth -= 1
+                if took:
+                    spent = time.monotonic() - start
+                    lease.acquire(max(wait - spent, 0.0), waited=spent)
+                self._depth += 1
                 try:
-                    if took:
+                    yield
+                finally:
+                    self._depth -= 1
+            finally:
+                try:
+                    if took and lease.held:  # also after an interrupt that came once the lease was taken
                         lease.release()
                 finally:
                     if self._depth == 0:

@@ -319,6 +319,18 @@ def plan_cluster(encoder: Encoder, opts: RayOptions) -> tuple[Preprocessor, int,
     return Preprocessor(encoder), actor_count(float(resources.get("CPU", 0)), opts, gpus, per_gpu), per_gpu
 
 
+def sweep_quietly(gallery: Gallery) -> int:
+    """Remove the uncommitted files of builds killed earlier (:func:`index.fragments.sweep_pending`); a failure is
+    a warning, never the reason this build does not run. Returns how many files were removed."""
+    from index.fragments import sweep_pending
+
+    try:
+        return sweep_pending(gallery.root, gallery.store.uri, gallery.storage_options)
+    except Exception as exc:  # noqa: BLE001 - best-effort cleanup of an earlier build
+        logger.warning("could not look for the uncommitted files of earlier builds (%s); this build goes on", exc)
+        return 0
+
+
 def ray_add_references(
     gallery: Gallery,
     config: EncoderConfig,
@@ -332,13 +344,11 @@ def ray_add_references(
 
     ``encoder``: the driver's copy (its fingerprint and transform; it embeds nothing).
     """
-    from index.fragments import sweep_pending
-
     ray = _ray()
     opts = options or RayOptions()
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
     pre, actors, per_gpu = plan_cluster(encoder, opts)
-    sweep_pending(gallery.root, gallery.store.uri, gallery.storage_options)  # files of a killed build's chunk
+    sweep_quietly(gallery)  # files of a killed build's chunk
     batch_size = opts.batch_size or encoder.batch_size
     report = BuildReport()
     start = time.perf_counter()
@@ -418,7 +428,8 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
         try:
             pending.abandon()
         except Exception as exc:  # noqa: BLE001 - the chunk's own error is the one to raise
-            logger.warning("the uncommitted files of this chunk stay (journal %s): %s", pending.path, exc)
+            logger.warning("the uncommitted files of this chunk stay (journal %s): %s; the next Ray build into this "
+                           "gallery removes them", pending.path, exc)
         raise
     pending.committed()
     pos_of = dict(zip(ids, (chunk_pos for chunk_pos in keep), strict=True))

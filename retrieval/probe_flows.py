@@ -341,7 +341,7 @@ def refresh_gallery_metric(gallery: Gallery) -> bool:
     so that every later reader (a CLI call, another server) starts from it. Returns whether it did."""
     if not has_probe(gallery.root):
         return False
-    with gallery.writing():
+    with gallery.writing(local=True):  # reads the store, writes the folder's probe files: not the store's lease
         probe = LinearProbe.load(gallery.root)
         if probe.calibration.metric != "whitened":
             return False

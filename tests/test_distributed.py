@@ -290,29 +290,46 @@ def test_a_chunk_that_is_not_committed_takes_its_workers_files_with_it(cluster, 
     assert not list(index.glob(".uncommitted-*.json"))
 
 
-def test_the_journal_of_a_killed_build_removes_only_its_own_uncommitted_files(tmp_path):
-    """A driver killed before its commit leaves its journal: the next build removes the files named there that
-    no later version references, and nothing else (not another build's files, nor those of a journal still held
-    by a running build, nor committed ones)."""
+def _killed(pending) -> None:
+    """What a SIGKILL of its driver leaves of a journal: the lock goes with the process, the file stays (this
+    process stands for the dead one: it no longer holds the journal)."""
     import os
 
+    from index import fragments
+
+    os.close(pending._fd)
+    pending._fd = None
+    fragments._LIVE.discard(pending.path.name)
+
+
+def _table(tmp_path: Path):
     import lance
     import pyarrow as pa
-
-    from index.fragments import PendingFiles, commit_fragments, sweep_pending, write_fragments
 
     uri = str(tmp_path / "t.lance")
     table = pa.table({"a": pa.array([1, 2, 3], pa.int64())})
     lance.write_dataset(table, uri)
+    return uri, table
 
-    def files() -> set[str]:
-        return {p.name for p in Path(uri, "data").iterdir()}
 
-    base = files()
+def _data_files(uri: str) -> set[str]:
+    return {p.name for p in Path(uri, "data").iterdir()}
+
+
+def test_the_journal_of_a_killed_build_removes_only_its_own_uncommitted_files(tmp_path):
+    """A driver killed before its commit leaves its journal: the next build removes the files named there that
+    no later version references, and nothing else (not another build's files, nor those of a journal still held
+    by a running build, nor committed ones)."""
+    import lance
+
+    from index.fragments import PendingFiles, commit_fragments, sweep_pending, write_fragments
+
+    uri, table = _table(tmp_path)
+    base = _data_files(uri)
     killed = PendingFiles(tmp_path, uri, 1)
     lost = write_fragments(table, uri)
     killed.add(lost)
-    os.close(killed._fd)  # SIGKILL: the lock goes with the process, the journal stays
+    _killed(killed)
     running = PendingFiles(tmp_path, uri, 1)  # a build still at work holds its journal
     busy = write_fragments(table, uri)
     running.add(busy)
@@ -321,12 +338,146 @@ def test_the_journal_of_a_killed_build_removes_only_its_own_uncommitted_files(tm
     kept = write_fragments(table, uri)
     done.add(kept)
     commit_fragments(uri, kept, 1)
-    os.close(done._fd)
-    before = files()
+    _killed(done)
+    before = _data_files(uri)
     assert sweep_pending(tmp_path, uri) == 1
-    gone = before - files()
+    gone = before - _data_files(uri)
     assert gone == {json.loads(f)["files"][0]["path"] for f in lost}
-    assert base <= files() and len(list(tmp_path.glob(".uncommitted-*.json"))) == 1  # the running build's
+    assert base <= _data_files(uri) and len(list(tmp_path.glob(".uncommitted-*.json"))) == 1  # the running build's
     assert lance.dataset(uri).count_rows() == 6
     running.committed()
     assert not list(tmp_path.glob(".uncommitted-*.json")) and stranger
+
+
+def test_a_copied_folder_never_sweeps_a_running_builds_files(tmp_path, caplog):
+    """A gallery folder copied while a Ray build runs carries its journal, unlocked. Before, the copy's next build
+    deleted the files the running build was about to commit (on S3 both name the same store)."""
+    import shutil
+
+    from index.fragments import PendingFiles, sweep_pending, write_fragments
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    uri, table = _table(tmp_path)
+    running = PendingFiles(a, uri, 1)
+    running.add(write_fragments(table, uri))
+    shutil.copytree(a, b)  # on this host: the build's pid is alive (here: this process, which holds it)
+    files = _data_files(uri)
+    assert sweep_pending(b, uri) == 0 and _data_files(uri) == files and list(b.glob(".uncommitted-*.json"))
+    # a journal written on another host is left alone, saying how to remove it by hand
+    journal = next(b.glob(".uncommitted-*.json"))
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([json.dumps({**json.loads(lines[0]), "host": "build-host", "pid": 1}), *lines[1:]]))
+    caplog.set_level("INFO", logger="index.fragments")
+    assert sweep_pending(b, uri) == 0 and _data_files(uri) == files and journal.exists()
+    assert "written by a build on host build-host" in caplog.text and f"rm '{journal}'" in caplog.text
+    running.committed()
+
+
+_KILLED_DRIVER = """
+import os, signal, sys
+import lance, pyarrow as pa
+from index.fragments import PendingFiles, write_fragments
+folder, uri = sys.argv[1], sys.argv[2]
+pending = PendingFiles(folder, uri, 1)
+pending.add(write_fragments(pa.table({"a": pa.array([7], pa.int64())}), uri))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_journal_of_a_driver_really_killed_on_this_host_is_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from index.fragments import sweep_pending
+
+    uri, _ = _table(tmp_path)
+    base = _data_files(uri)
+    run = subprocess.run([sys.executable, "-c", _KILLED_DRIVER, str(tmp_path), uri], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == -9, run.stderr[-2000:]
+    (journal,) = tmp_path.glob(".uncommitted-*.json")
+    assert json.loads(journal.read_text().splitlines()[0])["pid"] != __import__("os").getpid()
+    assert len(_data_files(uri) - base) == 1
+    assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) == base and not journal.exists()
+
+
+def test_an_abandon_that_cannot_remove_the_files_keeps_the_journal_for_the_next_build(tmp_path, monkeypatch):
+    """Before, the journal went even when removing the files failed (the store unreachable): they stayed for Lance's
+    7-day cleanup, and the warning named a journal that was gone."""
+    import index.fragments as fragments
+    from index.fragments import PendingFiles, sweep_pending, write_fragments
+
+    uri, table = _table(tmp_path)
+    base = _data_files(uri)
+    pending = PendingFiles(tmp_path, uri, 1)
+    pending.add(write_fragments(table, uri))
+    real = fragments.remove_uncommitted
+
+    def unreachable(*args, **kwargs):
+        raise OSError("the store went away")
+
+    monkeypatch.setattr(fragments, "remove_uncommitted", unreachable)
+    with pytest.raises(OSError, match="went away"):
+        pending.abandon()
+    assert pending.path.exists() and _data_files(uri) != base
+    monkeypatch.setattr(fragments, "remove_uncommitted", real)
+    assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) == base and not pending.path.exists()
+
+
+def test_a_sweep_that_fails_is_a_warning_and_the_build_goes_on(tmp_path, monkeypatch, caplog):
+    """A journal whose store cannot be opened now: a warning, the journal kept for later; before, every Ray build
+    failed before it started, for as long as the journal stayed."""
+    import types
+
+    import index.fragments as fragments
+    from index.fragments import PendingFiles, sweep_pending
+    from retrieval.distributed import sweep_quietly
+
+    uri = str(tmp_path / "gone.lance")  # no dataset there
+    pending = PendingFiles(tmp_path, uri, 1)
+    pending._append({"files": ["data/x.lance"]})
+    _killed(pending)
+    caplog.set_level("WARNING")
+    assert sweep_pending(tmp_path, uri) == 0
+    assert "left " in caplog.text and pending.path.exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pylance broke")
+
+    monkeypatch.setattr(fragments, "sweep_pending", broken)
+    gallery = types.SimpleNamespace(root=tmp_path, store=types.SimpleNamespace(uri=uri), storage_options={})
+    assert sweep_quietly(gallery) == 0 and "this build goes on" in caplog.text
+
+
+def test_the_check_of_uncommitted_files_reads_few_versions(tmp_path, monkeypatch):
+    """Files committed in the latest version: one version read. Files in no version, many versions since: at most
+    ``limit`` read, and the files are kept for Lance's cleanup (never deleted unchecked)."""
+    import lance
+
+    from index.fragments import commit_fragments, remove_uncommitted, write_fragments
+
+    uri, table = _table(tmp_path)
+    for _ in range(6):
+        lance.write_dataset(table, uri, mode="append")
+    since = lance.dataset(uri).version
+    read = []
+    real = lance.LanceDataset.checkout_version
+
+    def counting(self, version):
+        read.append(version)
+        return real(self, version)
+
+    monkeypatch.setattr(lance.LanceDataset, "checkout_version", counting)
+    done = write_fragments(table, uri)
+    commit_fragments(uri, done, since)
+    names = [f"data/{json.loads(f)['files'][0]['path']}" for f in done]
+    assert remove_uncommitted(uri, names, 1) == 0 and read == []  # found in the latest version, opened anyway
+    lost = write_fragments(table, uri)
+    lost_names = [f"data/{json.loads(f)['files'][0]['path']}" for f in lost]
+    assert remove_uncommitted(uri, lost_names, 1, limit=3) == 0 and len(read) == 2  # the latest + 2 checked out
+    assert {n.split("/", 1)[1] for n in lost_names} <= _data_files(uri)
+    assert remove_uncommitted(uri, lost_names, since) == 1 and not {n.split("/", 1)[1] for n in lost_names} & \
+        _data_files(uri)

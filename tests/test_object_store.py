@@ -242,8 +242,9 @@ def test_a_held_lease_is_renewed_waits_its_rival_out_naming_the_holder_and_is_re
     first = client.head_object(Bucket=BUCKET, Key=key)["ETag"]
     time.sleep(2.5)  # past its TTL: only the heartbeat keeps it
     assert client.head_object(Bucket=BUCKET, Key=key)["ETag"] != first
-    with pytest.raises(TimeoutError, match=r"another writer has held the store s3://galleries/lease1 for over 1 s "
-                                           r"\(held by host .+, pid \d+, since 20.+; lease .+write.lock.*try again"):
+    with pytest.raises(TimeoutError, match=r"another writer holds the store s3://galleries/lease1 \(held by host .+, "
+                                           r"pid \d+, since 20.+, for [23] s; lease .+write.lock, renewed [01] s "
+                                           r"ago\); this one waited 1 s: try again.*lapses 2 s after"):
         rival.acquire(timeout=1.0)
     holder.check()  # still ours
     holder.release()
@@ -333,3 +334,358 @@ def test_a_half_created_table_on_s3_is_removed_under_the_lease_and_one_with_data
     assert len(g) == 0 and "left half-created by an interrupted create" in caplog.text
     (new,) = g.add([ReferenceRecord(path="/a.jpg", species="Naja naja")], ["a" * 64], np.ones((1, 8), np.float32))
     assert Gallery.open(tmp_path / "g").store.ids().tolist() == [new]
+
+
+# ------------------------------------------------------------------ the lease against a fake store (review s45)
+def _client_error(code: str, status: int, op: str = "PutObject", message: str = "") -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       op)
+
+
+class FakeS3:
+    """An S3 that honours If-None-Match / If-Match, counts requests, and raises the errors queued in ``fail``
+    ((operation, exception) pairs, each raised once, at the next matching request)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[str, bytes]] = {}
+        self.calls: list[tuple[str, dict]] = []
+        self.fail: list[tuple[str, Exception]] = []
+        self._n = 0
+
+    def _queued(self, op: str) -> None:
+        for i, (which, exc) in enumerate(self.fail):
+            if which == op:
+                del self.fail[i]
+                raise exc
+
+    def put_object(self, *, Key, Body, IfNoneMatch=None, IfMatch=None, **_):  # noqa: N803 - boto3's names
+        self.calls.append(("put", {"Key": Key, "IfNoneMatch": IfNoneMatch, "IfMatch": IfMatch}))
+        self._queued("put")
+        have = self.objects.get(Key)
+        if (IfNoneMatch == "*" and have) or (IfMatch and (not have or have[0] != IfMatch)):
+            raise _client_error("PreconditionFailed", 412)
+        self._n += 1
+        self.objects[Key] = (f'"{self._n}"', Body)
+        return {"ETag": f'"{self._n}"'}
+
+    def get_object(self, *, Key, **_):  # noqa: N803
+        import datetime as dt
+        import io
+
+        self.calls.append(("get", {"Key": Key}))
+        self._queued("get")
+        if Key not in self.objects:
+            raise _client_error("NoSuchKey", 404, "GetObject")
+        etag, body = self.objects[Key]
+        now = dt.datetime.now(dt.timezone.utc)
+        return {"Body": io.BytesIO(body), "ETag": etag, "LastModified": now, "ResponseMetadata": {}}
+
+    def delete_object(self, *, Key, IfMatch=None, **_):  # noqa: N803
+        self.calls.append(("delete", {"Key": Key, "IfMatch": IfMatch}))
+        self._queued("delete")
+        have = self.objects.get(Key)
+        if IfMatch and (not have or have[0] != IfMatch):
+            raise _client_error("PreconditionFailed", 412, "DeleteObject")
+        self.objects.pop(Key, None)
+        return {}
+
+
+def _fake_lease(client, ttl: float = 30.0):
+    from index.lease import S3Lease
+
+    return S3Lease("s3://b/g", client=client, ttl=ttl)
+
+
+def test_acquire_pauses_and_honours_its_timeout_when_the_holder_cannot_be_read():
+    """S3 answers 409 to the create and the holder is gone by the GET (a holder taking and releasing the lease
+    between short writes): before, acquire looped at once, for ever, ignoring its timeout."""
+    fake = FakeS3()
+
+    class Racing(FakeS3):
+        def put_object(self, **kw):
+            if len(fake.calls) > 200:
+                raise AssertionError("acquire spins: over 200 requests")
+            fake.calls.append(("put", kw))
+            raise _client_error("ConditionalRequestConflict", 409)
+
+        def get_object(self, **kw):
+            fake.calls.append(("get", kw))
+            raise _client_error("NoSuchKey", 404, "GetObject")
+
+    lease = _fake_lease(Racing())
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="other writers kept taking its write lease"):
+        lease.acquire(timeout=0.5)
+    assert time.monotonic() - start < 1.5 and len(fake.calls) < 50, len(fake.calls)
+    assert not lease.held
+
+
+def test_a_409_conflict_is_retried_not_taken_for_a_lost_lease_and_release_still_deletes():
+    """AWS answers 409 ConditionalRequestConflict to a write racing another on the key, and says to retry: the
+    holder renews, writes the id mark and releases as usual. Before: 'lease lost', and its object was left."""
+    fake = FakeS3()
+    lease = _fake_lease(fake)
+    lease.acquire(timeout=0)
+    fake.fail.append(("put", _client_error("ConditionalRequestConflict", 409)))
+    lease.renew()  # retried after a pause, not lost
+    lease.check()
+    fake.fail.append(("put", _client_error("ConditionalRequestConflict", 409)))
+    lease.write_next_id(7, None)
+    assert json.loads(fake.objects["g/_speciesid/ids.json"][1]) == {"next": 7}
+    fake.fail.append(("delete", _client_error("ConditionalRequestConflict", 409, "DeleteObject")))
+    lease.release()
+    assert "g/_speciesid/write.lock" not in fake.objects
+    deletes = [c for op, c in fake.calls if op == "delete" and c["Key"].endswith("write.lock")]
+    assert deletes[-1]["IfMatch"] and deletes[-1]["IfMatch"] != '"0"'  # its own etag, never another's
+    # a 412 is still a lease lost: the holder stops and never deletes the new holder's lease
+    lease.acquire(timeout=0)
+    fake.objects["g/_speciesid/write.lock"] = ('"other"', b"{}")
+    from index.lease import LeaseLostError
+
+    with pytest.raises(LeaseLostError):
+        lease.renew()
+    lease.release()
+    assert fake.objects["g/_speciesid/write.lock"][0] == '"other"'
+
+
+def test_a_lease_put_then_failing_or_interrupted_is_deleted_again(monkeypatch):
+    """A network error in the store check, or an interrupt before the heartbeat starts, after the lease object was
+    put: it is deleted again (before, others waited a TTL out), and the lease is not held."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from index.lease import S3Lease
+
+    fake = FakeS3()
+    lease = _fake_lease(fake)
+    calls = {"n": 0}
+
+    def failing_put(**kw):  # the first put (the lease) goes through; the second (the store check) fails
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise EndpointConnectionError(endpoint_url="http://s3")
+        return FakeS3.put_object(fake, **kw)
+
+    fake.put_object = failing_put  # type: ignore[method-assign]
+    with pytest.raises(EndpointConnectionError):
+        lease.acquire(timeout=0)
+    assert not lease.held and not fake.objects
+    # an interrupt (Ctrl-C) between the put and the heartbeat
+    fake.put_object = lambda **kw: FakeS3.put_object(fake, **kw)  # type: ignore[method-assign]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S3Lease, "_start_heartbeat", interrupted)
+    again = _fake_lease(fake)
+    with pytest.raises(KeyboardInterrupt):
+        again.acquire(timeout=0)
+    assert not again.held and not fake.objects
+
+
+def test_the_timeout_message_gives_the_wait_and_the_holders_own_ttl():
+    fake = FakeS3()
+    body = {"host": "busy-host", "pid": 99, "since": "2025-01-01T00:00:00+00:00", "ttl_s": 7}
+    fake.objects["g/_speciesid/write.lock"] = ('"h"', json.dumps(body).encode())
+    lease = _fake_lease(fake, ttl=30)
+    with pytest.raises(TimeoutError) as caught:
+        lease.acquire(timeout=0.2, waited=100)
+    msg = str(caught.value)
+    assert "this one waited 100 s" in msg and "lapses 7 s after its last renewal" in msg, msg
+    assert "held by host busy-host, pid 99" in msg and "for " in msg and "renewed 0 s ago" in msg, msg
+
+
+def test_refusals_of_the_lease_name_it_and_say_what_to_do():
+    """AccessDenied names the lease object and the permissions; an InvalidArgument that is not about conditional
+    headers (a bucket policy wanting SSE headers) is not reported as 'no conditional writes'."""
+    from index.lease import ConditionalWritesUnsupported, LeaseStoreError
+
+    fake = FakeS3()
+    fake.fail.append(("put", _client_error("AccessDenied", 403, message="Access Denied")))
+    with pytest.raises(LeaseStoreError, match=r"s3://b/g/_speciesid/write.lock: taking it .* was refused "
+                                              r"\(AccessDenied.*s3:GetObject, s3:PutObject and s3:DeleteObject on "
+                                              r"s3://b/g/_speciesid/\*"):
+        _fake_lease(fake).acquire(timeout=0)
+    fake.fail.append(("put", _client_error("InvalidArgument", 400, message="Requests specifying Server Side "
+                                           "Encryption with AWS KMS managed keys require AWS Signature Version 4.")))
+    with pytest.raises(LeaseStoreError, match="InvalidArgument") as caught:
+        _fake_lease(fake).acquire(timeout=0)
+    assert not isinstance(caught.value, ConditionalWritesUnsupported)
+    fake.fail.append(("put", _client_error("NotImplemented", 501, message="A header you provided implies "
+                                           "functionality that is not implemented (If-None-Match)")))
+    with pytest.raises(ConditionalWritesUnsupported):
+        _fake_lease(fake).acquire(timeout=0)
+    assert not fake.objects
+
+
+def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_is_told_to_upgrade():
+    import types
+
+    from index.lease import NEEDED_PARAMS, LeaseStoreError, check_client, s3_client
+
+    client = s3_client({"aws_endpoint": "http://127.0.0.1:9", "region": "us-east-1"})  # no request is sent
+    model = client.meta.service_model
+    for op, names in NEEDED_PARAMS.items():
+        assert set(names) <= set(model.operation_model(op).input_shape.members), op
+
+    class OldShape:
+        members = {"Bucket": None, "Key": None, "Body": None}
+
+    old = types.SimpleNamespace(meta=types.SimpleNamespace(service_model=types.SimpleNamespace(
+        operation_model=lambda op: types.SimpleNamespace(input_shape=OldShape))))
+    with pytest.raises(LeaseStoreError, match=r"too old .*PutObject IfNoneMatch.*upgrade boto3 to 1.35.69 or later: "
+                                              r"pip install -U 'speciesid\[s3\]'"):
+        check_client(old)
+
+
+def test_a_store_that_honours_if_none_match_but_ignores_if_match_is_refused(s3_env):
+    """If-Match is what stops a stalled holder renewing over a new holder's lease, and a release deleting another's:
+    a store ignoring it (on PUT or DELETE) must be refused too. Before, only If-None-Match was checked."""
+    from index.lease import ConditionalWritesUnsupported, S3Lease
+
+    endpoint, client = s3_env
+
+    class HalfCareless:
+        def __init__(self, drop_put: bool, drop_delete: bool) -> None:
+            self.drop_put, self.drop_delete = drop_put, drop_delete
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def put_object(self, **kw):
+            return client.put_object(**{k: v for k, v in kw.items() if not (self.drop_put and k == "IfMatch")})
+
+        def delete_object(self, **kw):
+            return client.delete_object(**{k: v for k, v in kw.items() if not (self.drop_delete and k == "IfMatch")})
+
+    for n, drops in enumerate(((True, False), (False, True))):
+        lease = S3Lease(f"s3://{BUCKET}/lease4-{n}", client=HalfCareless(*drops))
+        with pytest.raises(ConditionalWritesUnsupported, match="If-Match"):
+            lease.acquire(timeout=0)
+        assert not lease.held and "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=f"lease4-{n}/")
+
+
+def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, monkeypatch):
+    """Gallery.create on S3 takes the lease: its errors come out whole (before: cut to 200 characters, and told to
+    'check the AWS_* settings')."""
+    import index.lease as lease_module
+    from index.gallery import Gallery
+
+    endpoint, client = s3_env
+    real = lease_module.s3_client
+
+    class Careless:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def put_object(self, **kw):
+            return client.put_object(**{k: v for k, v in kw.items() if k not in ("IfNoneMatch", "IfMatch")})
+
+    monkeypatch.setattr(lease_module, "s3_client", lambda options: Careless())
+    encoder = {"spec": "t", "fingerprint": "t#0", "dim": 8}
+    with pytest.raises(ValueError, match=r"Use a store that supports them .*or keep the gallery's store in its "
+                                         r"folder \(no --store\)") as caught:
+        Gallery.create(tmp_path / "c", encoder, store=f"s3://{BUCKET}/careless")
+    assert "check the URI and the AWS_" not in str(caught.value)
+
+    class Denied:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def put_object(self, **kw):
+            if "_speciesid/" in kw["Key"]:
+                raise _client_error("AccessDenied", 403, message="Access Denied")
+            return client.put_object(**kw)
+
+    monkeypatch.setattr(lease_module, "s3_client", lambda options: Denied())
+    with pytest.raises(ValueError, match=r"the write lease s3://galleries/denied/_speciesid/write.lock: .*refused "
+                                         r"\(AccessDenied.*s3:PutObject"):
+        Gallery.create(tmp_path / "d", encoder, store=f"s3://{BUCKET}/denied")
+    monkeypatch.setattr(lease_module, "s3_client", real)
+
+
+def test_steps_that_write_only_the_folder_do_not_take_the_stores_lease(s3_env, tmp_path, monkeypatch):
+    """Saving or rebuilding the vector index and removing kept uploads write the folder alone: no lease (4 requests
+    and a wait on other machines' writers each). Store writes still take it, once."""
+    from index.gallery import Gallery
+    from index.lease import S3Lease
+    from index.records import ReferenceRecord
+    from retrieval.workflows import delete_references
+
+    endpoint, client = s3_env
+    g = Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=f"s3://{BUCKET}/local")
+    g.layout.uploads.mkdir()
+    paths = [g.layout.uploads / f"{i}.jpg" for i in range(3)]
+    for p in paths:
+        p.write_bytes(b"x")
+    ids = g.add([ReferenceRecord(path=str(p), species="Naja naja") for p in paths], [f"{i:064x}" for i in range(3)],
+                np.eye(3, 8, dtype=np.float32))
+    taken = []
+    real = S3Lease.acquire
+
+    def counting(self, timeout, **kw):
+        taken.append(timeout)
+        return real(self, timeout, **kw)
+
+    monkeypatch.setattr(S3Lease, "acquire", counting)
+    g.save_index()
+    g.rebuild_index()
+    assert taken == []
+    assert sorted(delete_references(g, ids)) == sorted(ids)
+    assert len(taken) == 1 and not any(p.exists() for p in paths)  # the delete itself; not once per upload
+
+
+_KILLED_HOLDER = """
+import os, signal, sys
+import numpy as np
+import index.store
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+
+def killed(*args, **kwargs):  # the ids are reserved (the shared mark written), the lease held: killed mid-write
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+index.store.ReferenceStore.add = killed
+g = Gallery.open(sys.argv[1])
+g.add([ReferenceRecord(path="/killed.jpg", species="Naja naja")], ["e" * 64], np.ones((1, 8), np.float32))
+"""
+
+
+def test_a_writer_killed_while_holding_the_lease_blocks_others_only_for_its_ttl(s3_env, tmp_path, caplog):
+    """A real process takes the lease (a 2 s TTL) during a write and is SIGKILLed holding it. A writer on another
+    folder (another machine) of the same store waits its TTL out, breaks it and writes: no row lost, ids once."""
+    import os
+    import shutil
+    import signal
+
+    from conftest import REPO
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    endpoint, client = s3_env
+    store = f"s3://{BUCKET}/killed"
+    a = Gallery.create(tmp_path / "a", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=store)
+    (first,) = a.add([ReferenceRecord(path="/first.jpg", species="Naja naja")], ["f" * 64], np.ones((1, 8), np.float32))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the folder copied to a second machine
+    env = {**os.environ, "SPECIESID_LEASE_TTL_S": "2"}
+    run = subprocess.run([sys.executable, "-c", _KILLED_HOLDER, str(tmp_path / "a")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == -signal.SIGKILL and "holding" in run.stdout, run.stderr[-2000:]
+    lock = json.loads(client.get_object(Bucket=BUCKET, Key="killed/_speciesid/write.lock")["Body"].read())
+    assert lock["ttl_s"] == 2.0 and lock["pid"] != os.getpid()  # left behind by the killed holder
+    killed_mark = json.loads(client.get_object(Bucket=BUCKET, Key="killed/_speciesid/ids.json")["Body"].read())
+    start = time.monotonic()
+    b = Gallery.open(tmp_path / "b")
+    new = b.add([ReferenceRecord(path=f"/{i}.jpg", species="Naja naja") for i in range(3)],
+                [f"{i:064x}" for i in range(3)], np.eye(3, 8, dtype=np.float32))
+    assert time.monotonic() - start < 20
+    assert "broke the stale write lease" in caplog.text and f"pid {lock['pid']}" in caplog.text
+    assert min(new) >= killed_mark["next"]  # the killed writer's reserved id is never given again
+    meta = Gallery.open(tmp_path / "a").store.metadata()
+    assert sorted(meta["id"].tolist()) == sorted([first, *new]) and meta["id"].is_unique
+    assert "e" * 64 not in set(meta["sha256"])  # the killed write committed nothing
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="killed/_speciesid/")["Contents"]]
+    assert keys == ["killed/_speciesid/ids.json"]  # the broken lease is gone; the new holder released its own
