@@ -7,6 +7,8 @@ median and p90 in ms. Needs the ``s3`` extra and ``moto[server]`` (the ``dev`` e
 
     .venv/bin/python benchmarks/bench_lease.py                 # with the lease, 3 runs
     .venv/bin/python benchmarks/bench_lease.py --no-lease      # without it
+    for i in 1 2 3; do .venv/bin/python benchmarks/bench_lease.py --runs 1
+        .venv/bin/python benchmarks/bench_lease.py --runs 1 --no-lease; done   # in pairs (docs/shared-gallery.md)
 """
 
 from __future__ import annotations

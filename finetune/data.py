@@ -36,8 +36,8 @@ from retrieval.preprocess import timm_input_side
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BALANCE_MODES", "CACHE_LIMIT", "CACHE_PIXELS", "CACHE_SIDE", "EvalView", "FinetuneData", "LabelledPhotos",
-    "PhotoDataset", "Split",
+    "BALANCE_MODES", "CACHE_BYTES_PER_PIXEL", "CACHE_LIMIT", "CACHE_PIXELS", "CACHE_SIDE", "EvalView", "FinetuneData",
+    "LabelledPhotos", "PhotoDataset", "Split",
     "balanced_sampler", "build_data", "class_weights", "load_photos", "loader", "split_photos", "stratified_split",
 ]
 
@@ -45,11 +45,15 @@ __all__ = [
 CACHE_LIMIT = 20_000
 #: Training photos are kept at most this many px on the short side (the augmentation crops from them).
 CACHE_SIDE = 448
-#: A set's decoded photos kept in memory hold at most this many pixels (3 bytes each), counted as they are decoded:
-#: what :data:`CACHE_LIMIT` 4:3 photos (a phone camera's 4000x3000) take at :data:`CACHE_SIDE` px on the short side.
+#: A set's decoded photos kept in memory hold at most this many pixels, counted as they are decoded: what
+#: :data:`CACHE_LIMIT` 4:3 photos (a phone camera's 4000x3000) take at :data:`CACHE_SIDE` px on the short side.
 #: Validation photos are kept as a gallery decodes them (up to ~4x the model side on the short side), so a set of
-#: large ones reaches it with fewer photos; a set over it is read from disk on each photo's turn instead.
+#: large ones reaches it with fewer photos; the photos past it are read from disk on their turn instead.
 CACHE_PIXELS = CACHE_LIMIT * CACHE_SIDE * (CACHE_SIDE * 4 // 3)
+#: Bytes of memory a decoded photo's pixel takes: Pillow keeps an RGB image at 4 bytes a pixel (RGBX); measured:
+#: 4.01 bytes a pixel of process memory for 100 1000x1000 RGB images (Pillow 13.0). The cache's most, a set:
+#: ``CACHE_BYTES_PER_PIXEL * CACHE_PIXELS`` (21.4 GB), for the training and the validation set each.
+CACHE_BYTES_PER_PIXEL = 4
 
 
 @dataclass
@@ -121,8 +125,8 @@ def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_
 
 class PhotoDataset(torch.utils.data.Dataset):
     """(tensor, class index) pairs; decoded photos cached in memory for small sets (``cache``: None, the default,
-    when the set has at most :data:`CACHE_LIMIT` photos and their decoded pixels fit :data:`CACHE_PIXELS`; True,
-    always; False, never).
+    when the set has at most :data:`CACHE_LIMIT` photos, as many of them as fit :data:`CACHE_PIXELS` decoded, the
+    rest read from disk; True, all of them; False, none).
 
     ``model_side``: photos decoded as a gallery decodes them for a model input of that side (evaluation photos,
     :class:`EvalView` at that side reads the cache); else downscaled to ``cache_side`` (training photos).
@@ -159,8 +163,9 @@ class PhotoDataset(torch.utils.data.Dataset):
     def preload(self, progress: bool = False) -> list[str]:
         """Decode every photo into the cache now (before loader workers fork), and keep the digest of the bytes
         read (:meth:`sha256`: the run's photo lists need no second read); unreadable photos are left out of the set.
-        Returns their paths, with why. When the decoded photos' pixels pass :data:`CACHE_PIXELS`, the cache is
-        dropped there and the photos are read from disk on their turn (the rest's digests are read by :meth:`sha256`).
+        Returns their paths, with why. When the decoded photos' pixels would pass :data:`CACHE_PIXELS`, decoding
+        stops there: the photos decoded so far stay cached, the rest are read from disk on their turn
+        (:meth:`image`; their digests are read by :meth:`sha256`, and an unreadable one is found on its turn).
         """
         from tqdm.auto import tqdm
 
@@ -180,10 +185,11 @@ class PhotoDataset(torch.utils.data.Dataset):
             self._sha256[i] = sha256_bytes(data)
             pixels += image.width * image.height
             if self._bounded and pixels > CACHE_PIXELS:
-                logger.info("the first %d photos decoded hold over %s pixels (finetune.data.CACHE_PIXELS: %.1f GB): "
-                            "the set's %d photos are read from disk on their turn instead", i + 1,
-                            f"{CACHE_PIXELS:,}", 3 * CACHE_PIXELS / 1e9, len(self.paths))
-                self._cache = None
+                logger.info("the first %d photos decoded would hold over %s pixels (finetune.data.CACHE_PIXELS: "
+                            "%.1f GB at %d bytes a pixel): the %d decoded before stay in memory, the set's other %d "
+                            "are read from disk on their turn", i + 1, f"{CACHE_PIXELS:,}",
+                            CACHE_BYTES_PER_PIXEL * CACHE_PIXELS / 1e9, CACHE_BYTES_PER_PIXEL, i - len(unread),
+                            len(self.paths) - i)
                 break
             self._cache[i] = image
         if unread:

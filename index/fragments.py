@@ -6,7 +6,7 @@ commits all of them at once with :func:`commit_fragments` (one new table version
 a run that dies before its commit are never seen. Their data files are removed by the driver
 (:class:`PendingFiles`): the files its workers reported are journalled in the gallery folder until the commit; a
 chunk that fails removes them at once, a driver killed (SIGKILL) leaves the journal, which the next Ray build
-into the gallery on the same host finds and acts on once that driver is gone (a journal from another host, in a
+into the gallery on the same machine finds and acts on once that driver is gone (a journal from another machine, in a
 copied folder, is left alone: that build may still run). Only files named in a journal are ever removed, and
 none that a version committed since references. The removal runs outside the write lock and the store's lease:
 the files are in no version, so no writer reads them. Files of a write task still running when its chunk died
@@ -141,23 +141,60 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None  # field 22 of the line, the 20th after the name
 
 
+#: Where a machine's identity is kept (systemd's, then D-Bus's): unlike the hostname, it differs between machines.
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def _machine_id() -> str | None:
+    """This machine's identity (:data:`MACHINE_ID_FILES`), or None when it has none."""
+    for name in MACHINE_ID_FILES:
+        try:
+            text = Path(name).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux ``/proc/self/ns/pid``, e.g. ``pid:[4026531836]``), or None."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _owner() -> dict[str, Any]:
-    """Who writes a journal: this host, boot and process (with its start time, against a reused pid)."""
+    """Who writes a journal: this host and machine, boot, pid namespace and process (with its start time, against a
+    reused pid)."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "boot": _boot_id(), "started": _start_time(pid)}
+    return {"host": socket.gethostname(), "machine": _machine_id(), "boot": _boot_id(), "pidns": _pid_namespace(),
+            "pid": pid, "started": _start_time(pid)}
 
 
 def _writer_state(head: dict[str, Any], name: str) -> str:
-    """Whether the process that wrote a journal (whose lock is free) is ``gone``, may still ``run``, or ran on
-    ``another`` host (or an unknown one: a journal written before hosts were recorded)."""
-    if head.get("host") != socket.gethostname():
+    """Whether the process that wrote a journal (whose lock is free) is ``gone``, may still ``run``, ran on
+    ``another`` machine, or cannot be told apart from a running one (``unknown``).
+
+    Hostnames repeat (cloned VMs, containers given one hostname), so only a journal whose machine id
+    (:data:`MACHINE_ID_FILES`) equals this machine's is judged: written on a boot before this one, its writer is
+    gone; on this boot, in another pid namespace (another container on this kernel), it is another's; in this one,
+    the pid and its start time tell. A journal without a machine id (none recorded, or this machine has none) is
+    another's. One written without /proc (no boot id, no start time) is ``unknown``: its pid may be reused."""
+    machine = _machine_id()
+    if head.get("host") != socket.gethostname() or not machine or head.get("machine") != machine:
         return "another"
-    boot = _boot_id()
-    if head.get("boot") and boot and head["boot"] != boot:
-        return "gone"  # the machine restarted since
     pid = head.get("pid")
     if not isinstance(pid, int):
         return "another"
+    boot = _boot_id()
+    if not head.get("boot") or not boot:
+        return "unknown"
+    if head["boot"] != boot:
+        return "gone"  # this machine restarted since
+    if head.get("pidns") != _pid_namespace():
+        return "another"  # another container on this kernel: its pids are not ours to check
     if pid == os.getpid():
         return "run" if name in _LIVE else "gone"  # a copy of a journal this process holds elsewhere: in use
     try:
@@ -179,11 +216,11 @@ _LIVE: set[str] = set()
 class PendingFiles:
     """A journal of the data files a chunk's workers wrote, held (``flock``) by the driver until the commit.
 
-    Its first line names the store, the version the writes began from and the driver (host, boot, pid and its
-    start time). ``add`` appends the files of each write as it is reported (one JSON line each; a line cut by a
-    crash is ignored), ``committed`` deletes the journal, ``abandon`` deletes the files and the journal (the
-    journal stays when the files could not be removed). A driver killed before either leaves the journal
-    unlocked; :func:`sweep_pending` acts on it later, on the same host, once that driver is gone.
+    Its first line names the store, the version the writes began from and the driver (host, machine id, boot, pid
+    namespace, pid and its start time). ``add`` appends the files of each write as it is reported (one JSON line
+    each; a line cut by a crash is ignored), ``committed`` deletes the journal, ``abandon`` deletes the files and
+    the journal (the journal stays when the files could not be removed). A driver killed before either leaves the
+    journal unlocked; :func:`sweep_pending` acts on it later, on the same machine, once that driver is gone.
     """
 
     def __init__(self, folder: str | Path, uri: str, since: int, options: dict[str, str] | None = None) -> None:
@@ -258,10 +295,12 @@ def sweep_pending(folder: str | Path, uri: str, options: dict[str, str] | None =
     """Act on the journals of drivers killed before their commit: delete the data files they name that no later
     version references. Returns how many were deleted.
 
-    Only a journal whose lock is free, written on this host by a process that is gone, is acted on. One written
-    on another host (a copied gallery folder carries the journals of builds that may still run there, writing
-    the same S3 store) is left alone, with a note saying how to remove it by hand. A journal that cannot be acted
-    on now (the store unreachable) is left for the next build, with a warning: it never stops this one."""
+    Only a journal whose lock is free, written on this machine (its machine id, not only its hostname) by a process
+    that is gone, is acted on (:func:`_writer_state`). One written on another machine (a copied gallery folder
+    carries the journals of builds that may still run there, writing the same S3 store), or one whose writer
+    cannot be told apart from a running process, is left alone, with a note saying how to remove it by hand. A
+    journal that cannot be acted on now (the store unreachable) is left for the next build, with a warning: it
+    never stops this one."""
     removed = 0
     for path in sorted(Path(folder).glob(JOURNAL_GLOB)):
         try:
@@ -294,10 +333,17 @@ def _sweep_one(path: Path, uri: str, options: dict[str, str] | None) -> int:
             return 0
         state = _writer_state(head, path.name)
         if state == "another":
-            logger.info("%s was written by a build on host %s (pid %s): left alone, as it may still run there and "
-                        "commit the files it names. Once that build is over, delete it by hand (rm '%s'); files it "
-                        "names that were never committed go with Lance's cleanup of old versions", path,
-                        head.get("host", "unknown"), head.get("pid", "?"), path)
+            logger.info("%s was written by a build on host %s (pid %s), on another machine or container (or one "
+                        "without a machine id, %s): left alone, as it may still run there and commit the files it "
+                        "names. Once that build is over, delete it by hand (rm '%s'); files it names that were never "
+                        "committed go with Lance's cleanup of old versions", path, head.get("host", "unknown"),
+                        head.get("pid", "?"), " or ".join(MACHINE_ID_FILES), path)
+            return 0
+        if state == "unknown":
+            logger.info("%s was written by pid %s on this machine without /proc (no boot id recorded, or none "
+                        "readable now): whether that build still runs cannot be told, so it is left alone. Once "
+                        "no build runs into this gallery, delete it by hand (rm '%s'); files it names that were "
+                        "never committed go with Lance's cleanup of old versions", path, head.get("pid", "?"), path)
             return 0
         if state == "run":
             logger.info("%s belongs to a build still running on this host (pid %s): left alone", path,

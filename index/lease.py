@@ -2,19 +2,27 @@
 
 ``fcntl.flock`` (:mod:`index.locks`) serialises the processes of one machine, on one gallery folder. Two
 machines (two copies of a gallery folder) writing one S3 store share no file: they share the bucket. The lease is
-an object beside the table, ``<store uri>/_speciesid/write.lock``, holding who holds it (host, pid, since):
+an object beside the table, ``<store uri>/_speciesid/write.lock``, whose body names its holder (host, pid, since,
+TTL) or says it is free. Every change to it is a conditional PUT; it is never deleted, so a store needs to honour
+``If-None-Match`` and ``If-Match`` on PutObject only, never a conditional DELETE:
 
-- taken with a conditional PUT (``If-None-Match: *``): of writers racing, exactly one creates it;
+- taken with a PUT ``If-None-Match: *`` when the object is absent (of writers racing, exactly one creates it), or
+  ``If-Match: <etag>`` of a free (or stale) body just read (exactly one replaces that version);
 - renewed by a heartbeat thread while held (PUT ``If-Match: <etag>``; the body changes each time, so does the
-  etag): a holder that lost it (broken as stale) notices, and :meth:`S3Lease.check` refuses to commit;
-- released by a conditional DELETE (``If-Match: <etag>``): never someone else's lease;
+  etag): a holder that lost it (taken over as stale) notices, and :meth:`S3Lease.check` refuses to commit;
+- released by a PUT ``If-Match: <its etag>`` of a free body: never someone else's lease;
 - a lease not renewed for its TTL is stale (a holder killed, or cut off): judged by the object's LastModified
-  against the S3 server's clock (the response's ``Date`` header), never this machine's; it is broken by a
-  conditional DELETE of exactly that etag (a holder that renews meanwhile keeps it), then taken again;
+  against the S3 server's clock (the response's ``Date`` header), never this machine's; it is taken over by a
+  PUT ``If-Match`` on exactly that etag (a holder that renews meanwhile keeps it);
 - a conditional write S3 answers with 409 ConditionalRequestConflict (it raced another on the key) is tried again
   after a short pause, as S3 asks; only 412 (and 404 on a renewal) means the lease is someone else's now;
-- before a store is trusted, a second create of the held lease and a PUT and a DELETE naming a wrong etag must all
-  be refused: a store that ignores If-None-Match or If-Match is refused (:class:`ConditionalWritesUnsupported`).
+- every body carries a fresh nonce: a put refused on botocore's retry (the first try went through, its response
+  was lost) is told apart by reading the object back, and its etag adopted, not taken for a lost lease;
+- before a store is trusted, a create of the held lease (If-None-Match) and a PUT naming a wrong etag (If-Match)
+  must both be refused: a store that ignores either is refused (:class:`ConditionalWritesUnsupported`).
+
+A lease object left by this module's earlier form (deleted on release, a holder body without ``free``) is read as
+a holder: taken over once stale.
 
 The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are.
 
@@ -36,6 +44,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -62,7 +71,7 @@ _DENIED = {"AccessDenied", "403", "AllAccessDisabled"}
 #: Tries of a conditional write that keeps meeting 409 ConditionalRequestConflict, and the first pause (doubled).
 CONFLICT_TRIES, CONFLICT_PAUSE_S = 5, 0.05
 #: The parameters the lease sends, by S3 operation; botocore's S3 model has all of them from 1.35.69 on.
-NEEDED_PARAMS = {"PutObject": ("IfNoneMatch", "IfMatch"), "DeleteObject": ("IfMatch",)}
+NEEDED_PARAMS = {"PutObject": ("IfNoneMatch", "IfMatch")}
 BOTO3_FLOOR = "1.35.69"
 
 
@@ -75,7 +84,7 @@ class ConditionalWritesUnsupported(LeaseError, ValueError):
 
 
 class LeaseLostError(LeaseError, RuntimeError):
-    """This writer's lease was broken by another writer (it was not renewed in time): nothing more is committed."""
+    """This writer's lease was taken over by another writer (not renewed in time): nothing more is committed."""
 
 
 class LeaseStoreError(LeaseError, ValueError):
@@ -167,6 +176,18 @@ def _server_now(response: dict) -> dt.datetime | None:
         return None
 
 
+@dataclass
+class _Seen:
+    """The lease object as read: its body, its holder as people read it (with ``age_s``, ``held_s`` and
+    ``ttl_s``), its etag, whether it is free (released) or stale (not renewed within its holder's TTL)."""
+
+    body: dict[str, Any]
+    holder: dict[str, Any]
+    etag: str
+    free: bool
+    stale: bool
+
+
 class S3Lease:
     """The write lease of one S3 store (``<uri>/_speciesid/write.lock``). Not re-entrant: :class:`index.locks.
     WriteLock` holds it once per process and gallery folder, inside its ``flock``."""
@@ -189,6 +210,7 @@ class S3Lease:
         self._renewed = 0.0  # monotonic time of the last successful put
         self._lost: str | None = None  # why the lease was lost while held
         self._probed = False  # the store was shown to refuse a conditional put it should refuse
+        self._free_etag: str | None = None  # the free body this writer put at its last release (a hint)
         self._guard = threading.Lock()  # the etag between the heartbeat and the holder
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -212,27 +234,25 @@ class S3Lease:
 
     # ------------------------------------------------------------------ taking it
     def acquire(self, timeout: float, *, waited: float = 0.0) -> None:
-        """Take the lease, waiting up to ``timeout`` seconds for its holder (0: one try); a stale one is broken.
+        """Take the lease, waiting up to ``timeout`` seconds for its holder (0: one try); a stale one is taken over.
         ``waited``: seconds this writer already waited before (for the local lock), told in the timeout message.
 
         Every try that finds the lease taken pauses (growing to 1 s) before the next, and the timeout is honoured
-        whether or not the holder could be read; only a try right after breaking a stale lease is immediate.
-        TimeoutError names the holder and what to do; :class:`ConditionalWritesUnsupported` when the store does not
-        honour conditional writes. A failure after the lease object was put deletes it again (nothing is left
-        for others to wait out), an interrupt included."""
+        whether or not the holder could be read. TimeoutError names the holder and what to do;
+        :class:`ConditionalWritesUnsupported` when the store does not honour conditional writes. A failure after
+        this writer's holder body was put frees the lease again (nothing is left for others to wait out), an
+        interrupt included."""
         if self.held:
             raise RuntimeError(f"lease {self.where} is already held by this object")
         start = time.monotonic()
         pause, warned = 0.05, False
         while True:
-            if self._take():
+            holder = self._take()
+            if holder is None:
                 return
-            holder, broke = self._break_if_stale()
-            if broke:
-                continue  # a stale lease was broken just now: try again at once
             spent = time.monotonic() - start
             if spent >= timeout:
-                raise TimeoutError(self._busy_message(holder, waited + spent))
+                raise TimeoutError(self._busy_message(holder or None, waited + spent))
             if spent > 2 and not warned:
                 logger.info("waiting for another writer of the store %s (%s)", self.uri,
                             _who(holder) if holder else "taken and released meanwhile")
@@ -240,15 +260,18 @@ class S3Lease:
             time.sleep(min(pause, max(timeout - spent, 0.0)))
             pause = min(pause * 1.5, 1.0)
 
-    def _take(self) -> bool:
-        """One try: put the lease object, check the store honours conditional writes, start renewing it. Whether
-        the lease is ours now; on any failure once it was put (an interrupt too), the object is deleted again."""
+    def _take(self) -> dict | None:
+        """One try: put this writer's holder body, check the store honours conditional writes, start renewing it.
+        None when the lease is ours now; else its holder as read (``{}``: none could be read, another writer took
+        it between the read and the put). On any failure once the body was put (an interrupt too), the lease is
+        freed again."""
         try:
-            if not self._try_put():
-                return False
+            holder = self._try_take()
+            if holder is not None:
+                return holder
             self._probe()
             self._start_heartbeat()
-            return True
+            return None
         except BaseException as exc:
             with self._guard:
                 etag = self._etag
@@ -256,47 +279,110 @@ class S3Lease:
             if etag is not None:  # ours was put: never left for others to wait a TTL out
                 careless = isinstance(exc, ConditionalWritesUnsupported)  # If-Match unheeded: the object is ours
                 with contextlib.suppress(Exception):
-                    self.client.delete_object(Bucket=self.bucket, Key=self.key,
-                                              **({} if careless else {"IfMatch": etag}))
+                    self._free(etag, conditional=not careless)
             raise
 
-    def _body(self) -> bytes:
-        """What the lease object says (fresh each put: a new etag even for the same holder)."""
-        return json.dumps({**self._holder, "renewed": time.time(), "nonce": uuid.uuid4().hex}).encode()
+    def _holder_body(self) -> dict[str, Any]:
+        """A holder body of this writer (a new nonce: a new etag even for the same holder, and a put of it that S3
+        refuses is told from one that went through, its response lost)."""
+        return {**self._holder, "renewed": time.time(), "nonce": uuid.uuid4().hex}
 
-    def _try_put(self) -> bool:
-        """One conditional create of the lease object; whether it is ours now (False: another's, or a racing
-        write made S3 answer 409 ConditionalRequestConflict: the caller pauses and tries again)."""
+    def _try_take(self) -> dict | None:
+        """One conditional put of this writer's holder body: on the free body this writer released last (no read
+        needed), else on what a read finds: the object absent (``If-None-Match: *``), free, or stale
+        (``If-Match`` on its etag: a holder that renewed meanwhile keeps it). None when the lease is ours now, else
+        its holder (``{}``: taken by another between the read and the put, or a 409 conflict)."""
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
                         "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "ttl_s": self.ttl}
+        body = self._holder_body()
+        hint, self._free_etag = self._free_etag, None
+        if hint is not None and self._put_holder(body, IfMatch=hint):
+            return None
+        seen = self._look()
+        if seen is not None and seen.body.get("nonce") == body["nonce"]:
+            self._adopt(seen.etag)  # the put above went through; its response was lost
+            return None
+        if seen is None:
+            condition = {"IfNoneMatch": "*"}
+        elif seen.free or seen.stale:
+            condition = {"IfMatch": seen.etag}
+        else:
+            return seen.holder
+        if self._put_holder(body, **condition):
+            if seen is not None and seen.stale and not seen.free:
+                logger.warning("broke the stale write lease of the store %s (%s, not renewed for %.0f s, past its "
+                               "%.0f s): taken over; that writer is gone or cut off", self.uri, _who(seen.holder),
+                               seen.holder["age_s"], seen.holder["ttl_s"])
+            return None
+        again = self._look()
+        if again is not None and again.body.get("nonce") == body["nonce"]:
+            self._adopt(again.etag)
+            return None
+        return {} if again is None or again.free else again.holder
+
+    def _put_holder(self, body: dict, **condition: str) -> bool:
+        """One conditional put of a holder body; whether it went through (False: refused, 412, 404 or a 409
+        conflict: the caller reads the object to tell a lost race from its own put whose response was lost)."""
         try:
-            response = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*",
-                                              ContentType="application/json")
+            response = self._send(body, **condition)
         except Exception as exc:  # noqa: BLE001 - botocore's ClientError, told apart by code
-            if _code(exc) in _PRECONDITION | _CONFLICT:
+            if _code(exc) in _PRECONDITION | _CONFLICT | _MISSING:
                 return False
-            raise self._failure(exc, "taking it (a PUT with If-None-Match)") from exc
-        with self._guard:
-            self._etag, self._renewed, self._lost = response["ETag"], time.monotonic(), None
+            raise self._failure(exc, "taking it (a conditional PUT)") from exc
+        self._adopt(response["ETag"])
         return True
 
+    def _adopt(self, etag: str) -> None:
+        """The lease is ours, at ``etag``."""
+        with self._guard:
+            self._etag, self._renewed, self._lost = etag, time.monotonic(), None
+
+    def _send(self, body: dict, **condition: str) -> dict:
+        """PUT ``body`` as the lease object, on ``condition`` (If-None-Match / If-Match)."""
+        return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(body).encode(),
+                                      ContentType="application/json", **condition)
+
+    def _put(self, body: dict, doing: str, **condition: str) -> str:
+        """A conditional put of ``body`` (tried again on 409 conflicts, :meth:`_conditional`); its new etag. A refusal
+        is raised as it is, unless the object holds ``body`` itself (its nonce): botocore tried the request again
+        after a response was lost, and the first try had gone through; its etag is then adopted."""
+        try:
+            return self._conditional(lambda: self._send(body, **condition), doing)["ETag"]
+        except Exception as exc:  # noqa: BLE001
+            if not (isinstance(exc, LeaseStoreError) or _code(exc) in _PRECONDITION | _MISSING):
+                raise
+            seen = None
+            with contextlib.suppress(Exception):
+                seen = self._look()
+            if seen is None or seen.body.get("nonce") != body.get("nonce"):
+                raise
+            logger.info("the write lease %s: %s was refused on a retry, but the first try had gone through",
+                        self.where, doing)
+            return seen.etag
+
+    def _free(self, etag: str, *, conditional: bool = True) -> str:
+        """Put the free body over this writer's lease at ``etag`` (``If-Match``; ``conditional=False``: a store
+        that ignores the condition anyway); the free body's etag."""
+        body = {"free": True, "by": self._holder.get("host"), "pid": self._holder.get("pid"),
+                "released": time.time(), "nonce": uuid.uuid4().hex}
+        if not conditional:
+            return self._send(body)["ETag"]
+        return self._put(body, "releasing it", IfMatch=etag)
+
     def _probe(self) -> None:
-        """Once per lease object, holding the lease: a second create of it (If-None-Match), a put and a delete
-        naming a wrong etag (If-Match) must all be refused. A store that accepts one ignores that condition, and
-        would let two writers hold the lease at once (or delete another's)."""
+        """Once per lease object, holding the lease: a create of it (If-None-Match) and a put naming a wrong etag
+        (If-Match) must both be refused. A store that accepts one ignores that condition, and would let two writers
+        hold the lease at once (or one renew or release another's). Only conditional PUTs are needed: the lease
+        object is never deleted."""
         if self._probed:
             return
-        wrong = '"0"'
-        checks = (("a create of an object that exists (If-None-Match)",
-                   lambda: self.client.put_object(Bucket=self.bucket, Key=self.key, Body=b"{}", IfNoneMatch="*")),
-                  ("a put naming a wrong etag (If-Match)",
-                   lambda: self.client.put_object(Bucket=self.bucket, Key=self.key, Body=b"{}", IfMatch=wrong)),
-                  ("a delete naming a wrong etag (If-Match)",
-                   lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=wrong)))
-        for what, request in checks:
+        wrong, probe = '"0"', {"probe": True}
+        checks = (("a create of an object that exists (If-None-Match)", {"IfNoneMatch": "*"}),
+                  ("a put naming a wrong etag (If-Match)", {"IfMatch": wrong}))
+        for what, condition in checks:
             for attempt in range(CONFLICT_TRIES):
                 try:
-                    request()
+                    self._send(probe, **condition)
                 except Exception as exc:  # noqa: BLE001
                     code = _code(exc)
                     if code in _CONFLICT and attempt + 1 < CONFLICT_TRIES:
@@ -311,10 +397,11 @@ class S3Lease:
     def _unsupported(self, exc: BaseException | None, said: str = "") -> ConditionalWritesUnsupported:
         said = f" ({_code(exc)}: {_first(exc)})" if exc is not None else f" ({said})"
         return ConditionalWritesUnsupported(
-            f"the object store of {self.uri} does not honour conditional writes (If-None-Match / If-Match){said}: "
-            "speciesid's write lease, which keeps writers on several machines from storing a photo twice or giving "
-            "an id twice, needs them. Use a store that supports them (AWS S3, MinIO, Ceph RGW and R2 do), or keep "
-            "the gallery's store in its folder (no --store)")
+            f"the object store of {self.uri} does not honour conditional writes (If-None-Match and If-Match on "
+            f"PutObject){said}: speciesid's write lease, which keeps writers on several machines from storing a "
+            "photo twice or giving an id twice, needs both. Use a store that honours them (AWS S3 does; other "
+            "S3-compatible stores when they implement both on PutObject), or keep the gallery's store in its "
+            "folder (no --store)")
 
     def _failure(self, exc: BaseException, doing: str) -> BaseException:
         """The error to raise for a request on the lease's objects that failed with ``exc``: one that names the lease
@@ -334,50 +421,40 @@ class S3Lease:
         if code in _DENIED:
             return LeaseStoreError(
                 f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). The lease keeps writers "
-                f"on several machines apart; the credentials need s3:GetObject, s3:PutObject and s3:DeleteObject on "
+                f"on several machines apart; the credentials need s3:GetObject and s3:PutObject on "
                 f"s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the lease and the shared id mark beside the table)")
         return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)})")
 
-    def _break_if_stale(self) -> tuple[dict | None, bool]:
-        """(the holder of the lease: its body, with ``age_s`` and ``held_s``, or None when it could not be read, or
-        was gone; whether it was stale and is broken now). Staleness is judged on the server's clock: LastModified
-        against the response's Date, and the holder's own TTL."""
+    def _look(self) -> _Seen | None:
+        """The lease object as it is now (None: absent). Its holder gets ``age_s`` (since the last renewal) and
+        ``held_s``, judged on the server's clock: LastModified against the response's Date; stale when older than
+        the holder's own TTL."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
-            body = response["Body"].read()
+            raw = response["Body"].read()
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in _MISSING:
-                return None, False  # released meanwhile
+                return None
             raise self._failure(exc, "reading who holds it (a GET)") from exc
         try:
-            holder = json.loads(body or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError:
-            holder = {}
-        holder = holder if isinstance(holder, dict) else {}
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        holder = dict(body)
         now = _server_now(response)
         if now is None:  # no Date header (not S3 over HTTP): this machine's clock, the only one there is
             now = dt.datetime.now(dt.timezone.utc)
-        modified = response["LastModified"]
-        age = (now - modified).total_seconds()
+        age = (now - response["LastModified"]).total_seconds()
         holder["age_s"] = age
-        with contextlib.suppress(TypeError, ValueError):
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # a free body, or a holder's without "since"
             holder["held_s"] = max((now - dt.datetime.fromisoformat(str(holder["since"]))).total_seconds(), age)
         try:
             ttl = float(holder.get("ttl_s") or self.ttl)
         except (TypeError, ValueError):
             ttl = self.ttl
         holder["ttl_s"] = ttl
-        if age <= ttl:
-            return holder, False
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=response["ETag"])
-        except Exception as exc:  # noqa: BLE001
-            if _code(exc) in _PRECONDITION | _MISSING | _CONFLICT:
-                return None, False  # renewed, released or broken by someone else meanwhile: look again
-            raise self._failure(exc, "breaking a stale lease (a DELETE with If-Match)") from exc
-        logger.warning("broke the stale write lease of the store %s (%s, not renewed for %.0f s, past its %.0f s); "
-                       "that writer is gone or cut off", self.uri, _who(holder), age, ttl)
-        return None, True
+        return _Seen(body=body, holder=holder, etag=response["ETag"], free=body.get("free") is True, stale=age > ttl)
 
     def _busy_message(self, holder: dict | None, waited: float) -> str:
         if not holder:
@@ -390,16 +467,17 @@ class S3Lease:
         return (f"another writer holds the store {self.uri} ({_who(holder)}{held_for}; lease {self.where}, "
                 f"renewed {holder.get('age_s', 0):.0f} s ago); this one waited {waited:.0f} s: try again when it is "
                 f"done. If that writer is gone, its lease lapses {ttl:.0f} s after its last renewal (its TTL) and is "
-                "then broken by the next writer; if its process still runs, let it finish or stop it")
+                "then taken over by the next writer; if its process still runs, let it finish or stop it")
 
     # ------------------------------------------------------------------ holding it
     def _start_heartbeat(self) -> None:
-        self._stop.clear()
-        self._beat = threading.Thread(target=self._heartbeat, name=f"lease {self.where}", daemon=True)
+        self._stop = threading.Event()  # one per hold: a beat left from an earlier hold (a join that timed out) ends
+        self._beat = threading.Thread(target=self._heartbeat, args=(self._stop,), name=f"lease {self.where}",
+                                      daemon=True)
         self._beat.start()
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl / 3):
             try:
                 self.renew()
             except LeaseLostError:
@@ -430,25 +508,22 @@ class S3Lease:
                 raise LeaseLostError(f"the write lease {self.where} is not held")
             if self._lost:
                 raise LeaseLostError(self._lost)
-            etag = self._etag
             try:
-                response = self._conditional(
-                    lambda: self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
-                                                   IfMatch=etag, ContentType="application/json"),
-                    "renewing it")
+                etag = self._put(self._holder_body(), "renewing it", IfMatch=self._etag)
             except LeaseStoreError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 if _code(exc) in _PRECONDITION | _MISSING:
-                    self._lost = (f"the write lease {self.where} of this writer was broken by another (not renewed "
-                                  f"within {self.ttl:.0f} s): nothing more is committed; run the command again")
+                    self._lost = (f"the write lease {self.where} of this writer was taken over by another (not "
+                                  f"renewed within {self.ttl:.0f} s): nothing more is committed; run the command "
+                                  "again")
                     logger.error("%s", self._lost)
                     raise LeaseLostError(self._lost) from exc
                 failure = self._failure(exc, "renewing it (a PUT with If-Match)")
                 if failure is exc:
                     raise
                 raise failure from exc
-            self._etag, self._renewed = response["ETag"], time.monotonic()
+            self._etag, self._renewed = etag, time.monotonic()
 
     def check(self) -> None:
         """Before a commit: the lease is still ours (renewed now when its last renewal is over half the TTL
@@ -459,8 +534,9 @@ class S3Lease:
             self.renew()
 
     def release(self) -> None:
-        """Stop renewing and delete the lease object if it is still ours (a conditional delete on its etag, tried
-        again while S3 answers 409 ConditionalRequestConflict)."""
+        """Stop renewing and, if the lease is still ours, put the free body over it (a conditional put on its etag,
+        tried again while S3 answers 409 ConditionalRequestConflict). The object stays: the next writer takes the
+        free lease with a conditional put on its etag (no store needs to honour a conditional DELETE)."""
         self._stop.set()
         if self._beat is not None and self._beat is not threading.current_thread():
             self._beat.join(timeout=self.ttl)
@@ -471,11 +547,10 @@ class S3Lease:
         if etag is None or lost:
             return
         try:
-            self._conditional(lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag),
-                              "releasing it")
+            self._free_etag = self._free(etag)
         except Exception as exc:  # noqa: BLE001 - it lapses after its TTL anyway
             if _code(exc) in _PRECONDITION | _MISSING:
-                logger.warning("the write lease %s was broken by another writer before this one released it",
+                logger.warning("the write lease %s was taken over by another writer before this one released it",
                                self.where)
             else:
                 logger.warning("could not release the write lease %s (%s): it lapses in %.0f s", self.where, exc,
@@ -506,7 +581,8 @@ class S3Lease:
         lease that wrote it meanwhile makes this fail (LeaseLostError), never a silent overwrite."""
         self.check()
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-        body = json.dumps({"next": int(next_id)}).encode()
+        nonce = uuid.uuid4().hex
+        body = json.dumps({"next": int(next_id), "nonce": nonce}).encode()
         try:
             self._conditional(lambda: self.client.put_object(Bucket=self.bucket, Key=self.ids_key, Body=body,
                                                              ContentType="application/json", **condition),
@@ -514,6 +590,8 @@ class S3Lease:
         except LeaseStoreError:
             raise
         except Exception as exc:  # noqa: BLE001
+            if _code(exc) in _PRECONDITION | _MISSING and self._wrote_ids(nonce):
+                return  # botocore's retry was refused: its first try had gone through (the response was lost)
             if _code(exc) in _PRECONDITION | _MISSING:
                 raise LeaseLostError(f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT} changed under this writer's lease "
                                      "(another writer without it?): nothing was committed; run the command "
@@ -522,6 +600,14 @@ class S3Lease:
             if failure is exc:
                 raise
             raise failure from exc
+
+    def _wrote_ids(self, nonce: str) -> bool:
+        """Whether the shared id mark holds the body this writer put with ``nonce``."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.ids_key)
+            return json.loads(response["Body"].read()).get("nonce") == nonce
+        except Exception:  # noqa: BLE001 - unreadable: not known to be ours
+            return False
 
     # ------------------------------------------------------------------ a half-created table
     def list_keys(self, prefix: str) -> list[str]:

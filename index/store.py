@@ -141,8 +141,9 @@ def is_uri(root: str | Path) -> bool:
 def storage_options(recorded: dict[str, str] | None = None, explicit: dict[str, str] | None = None) -> dict[str, str]:
     """Lance storage options: ``recorded`` (gallery.json), then the usual AWS_* variables, then ``explicit``.
 
-    Later sources win. ``AWS_ENDPOINT_URL`` (an S3-compatible server: MinIO, moto, Ceph) sets the endpoint;
-    an ``http://`` endpoint also allows plain HTTP.
+    Later sources win. ``AWS_ENDPOINT_URL`` (an S3-compatible server, or moto) sets the endpoint; an ``http://``
+    endpoint also allows plain HTTP. Writes need the server to honour the write lease's conditional PUTs
+    (:mod:`index.lease`).
     """
     opts = {k: str(v) for k, v in (recorded or {}).items()}
     for var, key in reversed(list(_ENV_OPTIONS.items())):  # the first listed variable wins among the env

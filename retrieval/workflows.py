@@ -473,7 +473,7 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list
     uploads = g.layout.uploads.resolve()
     for text in set(meta["source_path"]) if found else ():
         path = source_file(str(text))
-        with g.writing(local=True):  # an add of the same bytes into uploads/ holds this lock too: never both
+        with g.writing(local=True):  # an add of the same bytes commits under this lock too: never both
             if path.parent.resolve() == uploads and not g.store.uses_source(str(text)):
                 path.unlink(missing_ok=True)
                 logger.info("removed %s: no reference uses it any more", path)

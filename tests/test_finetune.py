@@ -1034,10 +1034,41 @@ def test_the_memory_cache_counts_the_pixels_it_holds(tmp_path, monkeypatch):
     val = PhotoDataset(photos, index, lambda im: im, stand_in=False, model_side=384)
     assert train.preload() == [] and val.preload() == []
     assert train._cache is not None and [im.size for im in train._cache] == [(597, 448)] * 4
-    assert val._cache is None  # 4 x 1600x1200 pixels: over the limit, not held
+    assert val._cache == [None] * 4  # 4 x 1600x1200 pixels: the first is over the limit already, none held
     assert val.image(1).tobytes() == images.model_image(paths[1].read_bytes(), 384).tobytes()  # read from disk
     assert val.sha256() == [images.sha256_file(p) for p in paths]
     assert len(val) == 4 and val.targets == [0, 0, 1, 1]
+
+
+def test_a_set_past_the_memory_cache_keeps_the_photos_that_fit(tmp_path, monkeypatch, caplog):
+    """Past CACHE_PIXELS the photos decoded so far stay in memory (before, the whole cache was dropped and every
+    photo read from disk), the rest are read on their turn; the log's memory figure counts 4 bytes a pixel, as
+    Pillow keeps an RGB image (review 2, D: it said 3)."""
+    import re
+
+    from PIL import Image
+
+    import finetune.data as data
+    import retrieval.images as images
+    from finetune.data import LabelledPhotos, PhotoDataset
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(paths[-1])
+    photos = LabelledPhotos(paths, ["a", "a", "b", "b", "b"])
+    monkeypatch.setattr(data, "CACHE_PIXELS", 2 * 400 * 300 + 1000, raising=False)  # two photos fit
+    caplog.set_level("INFO", logger="finetune.data")
+    ds = PhotoDataset(photos, {"a": 0, "b": 1}, lambda im: im, stand_in=False, model_side=224)
+    assert ds.preload() == []
+    assert ds._cache is not None and [im is not None for im in ds._cache] == [True, True, False, False, False]
+    for i in range(5):  # cached or read from disk: the same photo
+        assert ds.image(i).tobytes() == images.model_image(paths[i].read_bytes(), 224).tobytes()
+    assert ds.sha256() == [images.sha256_file(p) for p in paths]
+    gb = float(re.search(r"CACHE_PIXELS: ([\d.]+) GB at 4 bytes a pixel", caplog.text).group(1))
+    assert gb == round(4 * data.CACHE_PIXELS / 1e9, 1)
+    assert "the 2 decoded before stay in memory, the set's other 3 are read from disk" in caplog.text
 
 
 def test_a_large_set_leaves_unreadable_photos_out_everywhere(tmp_path, monkeypatch, caplog):

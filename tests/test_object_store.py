@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -218,11 +219,17 @@ def test_two_machines_writing_one_s3_store_store_every_photo_once_and_give_every
     assert len(meta) == 1 + 24 + 2 * 6
     assert meta["sha256"].is_unique, meta["sha256"].value_counts().head(3)
     assert meta["id"].is_unique, meta["id"].value_counts().head(3)
-    # the shared high-water mark is past every id given; no lease is left behind
+    # the shared high-water mark is past every id given; the lease is left free
     mark = json.loads(client.get_object(Bucket=BUCKET, Key="machines/_speciesid/ids.json")["Body"].read())
     assert mark["next"] > int(meta["id"].max())
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="machines/_speciesid/")["Contents"]]
-    assert keys == ["machines/_speciesid/ids.json"]
+    assert keys == ["machines/_speciesid/ids.json", "machines/_speciesid/write.lock"]
+    assert _lease_body(client, "machines/_speciesid/write.lock")["free"] is True
+
+
+def _lease_body(client, key: str) -> dict:
+    """The lease object's body (the lease is never deleted: released, it says it is free)."""
+    return json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
 
 def _lease(endpoint: str, uri: str, ttl: float):
@@ -243,15 +250,18 @@ def test_a_held_lease_is_renewed_waits_its_rival_out_naming_the_holder_and_is_re
     time.sleep(2.5)  # past its TTL: only the heartbeat keeps it
     assert client.head_object(Bucket=BUCKET, Key=key)["ETag"] != first
     with pytest.raises(TimeoutError, match=r"another writer holds the store s3://galleries/lease1 \(held by host .+, "
-                                           r"pid \d+, since 20.+, for [23] s; lease .+write.lock, renewed [01] s "
+                                           r"pid \d+, since 20.+, for [2-5] s; lease .+write.lock, renewed [01] s "
                                            r"ago\); this one waited 1 s: try again.*lapses 2 s after"):
         rival.acquire(timeout=1.0)
     holder.check()  # still ours
     holder.release()
-    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=f"lease1/{LEASE_DIR}/")
+    assert _lease_body(client, key)["free"] is True  # released: free, never deleted
     rival.acquire(timeout=0)
-    assert rival.held
+    assert rival.held and _lease_body(client, key)["pid"] == os.getpid()
     rival.release()
+    holder.acquire(timeout=0)  # again on the free body it released (no read first)
+    holder.release()
+    assert _lease_body(client, key)["free"] is True
 
 
 def test_a_stale_lease_is_broken_by_the_servers_clock_and_a_lost_one_stops_its_holder(s3_env, monkeypatch, caplog):
@@ -278,16 +288,16 @@ def test_a_stale_lease_is_broken_by_the_servers_clock_and_a_lost_one_stops_its_h
     time.sleep(2.2)  # now over its 1 s TTL on the server's clock (whole seconds)
     waiter.acquire(timeout=5)
     assert "broke the stale write lease" in caplog.text and "gone-host" in caplog.text
-    # the waiter's lease is broken in turn (as if it stalled past its TTL): it notices and commits nothing more
-    client.delete_object(Bucket=BUCKET, Key=key)
+    # the waiter's lease is taken over in turn (as if it stalled past its TTL): it notices and commits nothing more
+    client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({"free": True}).encode())
     other = _lease(endpoint, uri, 30)
     other.acquire(timeout=0)
-    with pytest.raises(LeaseLostError, match="was broken by another"):
+    with pytest.raises(LeaseLostError, match="was taken over by another"):
         waiter.renew()
     with pytest.raises(LeaseLostError):
         waiter.check()
-    waiter.release()  # never deletes the other's lease
-    assert client.head_object(Bucket=BUCKET, Key=key)
+    waiter.release()  # never frees the other's lease
+    assert _lease_body(client, key).get("free") is None
     other.release()
 
 
@@ -304,9 +314,10 @@ def test_a_store_that_ignores_conditional_writes_is_refused(s3_env):
             return client.put_object(**{k: v for k, v in kw.items() if k not in ("IfNoneMatch", "IfMatch")})
 
     lease = S3Lease(f"s3://{BUCKET}/lease3", client=Careless())
-    with pytest.raises(ConditionalWritesUnsupported, match="does not honour conditional writes"):
+    with pytest.raises(ConditionalWritesUnsupported, match="does not honour conditional writes") as caught:
         lease.acquire(timeout=0)
-    assert not lease.held and "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="lease3/")
+    assert not lease.held and _lease_body(client, "lease3/_speciesid/write.lock")["free"] is True
+    assert "MinIO" not in str(caught.value) and "R2" not in str(caught.value)
 
 
 def test_a_half_created_table_on_s3_is_removed_under_the_lease_and_one_with_data_is_kept(s3_env, tmp_path, caplog):
@@ -352,6 +363,7 @@ class FakeS3:
         self.objects: dict[str, tuple[str, bytes]] = {}
         self.calls: list[tuple[str, dict]] = []
         self.fail: list[tuple[str, Exception]] = []
+        self.lost: list[str] = []  # conditions ("IfMatch", "IfNoneMatch") of puts applied, then answered 412
         self._n = 0
 
     def _queued(self, op: str) -> None:
@@ -368,6 +380,10 @@ class FakeS3:
             raise _client_error("PreconditionFailed", 412)
         self._n += 1
         self.objects[Key] = (f'"{self._n}"', Body)
+        condition = "IfMatch" if IfMatch else "IfNoneMatch" if IfNoneMatch else None
+        if condition in self.lost:  # the write went through, its response was lost; botocore's retry got 412
+            self.lost.remove(condition)
+            raise _client_error("PreconditionFailed", 412)
         return {"ETag": f'"{self._n}"'}
 
     def get_object(self, *, Key, **_):  # noqa: N803
@@ -433,12 +449,14 @@ def test_a_409_conflict_is_retried_not_taken_for_a_lost_lease_and_release_still_
     lease.check()
     fake.fail.append(("put", _client_error("ConditionalRequestConflict", 409)))
     lease.write_next_id(7, None)
-    assert json.loads(fake.objects["g/_speciesid/ids.json"][1]) == {"next": 7}
-    fake.fail.append(("delete", _client_error("ConditionalRequestConflict", 409, "DeleteObject")))
+    assert json.loads(fake.objects["g/_speciesid/ids.json"][1])["next"] == 7
+    held = fake.objects["g/_speciesid/write.lock"][0]
+    fake.fail.append(("put", _client_error("ConditionalRequestConflict", 409)))
     lease.release()
-    assert "g/_speciesid/write.lock" not in fake.objects
-    deletes = [c for op, c in fake.calls if op == "delete" and c["Key"].endswith("write.lock")]
-    assert deletes[-1]["IfMatch"] and deletes[-1]["IfMatch"] != '"0"'  # its own etag, never another's
+    assert json.loads(fake.objects["g/_speciesid/write.lock"][1])["free"] is True
+    puts = [c for op, c in fake.calls if op == "put" and c["Key"].endswith("write.lock")]
+    assert puts[-1]["IfMatch"] == held  # its own etag, never another's
+    assert not [c for op, c in fake.calls if op == "delete"]  # never a DELETE
     # a 412 is still a lease lost: the holder stops and never deletes the new holder's lease
     lease.acquire(timeout=0)
     fake.objects["g/_speciesid/write.lock"] = ('"other"', b"{}")
@@ -450,9 +468,9 @@ def test_a_409_conflict_is_retried_not_taken_for_a_lost_lease_and_release_still_
     assert fake.objects["g/_speciesid/write.lock"][0] == '"other"'
 
 
-def test_a_lease_put_then_failing_or_interrupted_is_deleted_again(monkeypatch):
+def test_a_lease_put_then_failing_or_interrupted_is_freed_again(monkeypatch):
     """A network error in the store check, or an interrupt before the heartbeat starts, after the lease object was
-    put: it is deleted again (before, others waited a TTL out), and the lease is not held."""
+    put: it is freed again (before, others waited a TTL out), and the lease is not held."""
     from botocore.exceptions import EndpointConnectionError
 
     from index.lease import S3Lease
@@ -470,7 +488,7 @@ def test_a_lease_put_then_failing_or_interrupted_is_deleted_again(monkeypatch):
     fake.put_object = failing_put  # type: ignore[method-assign]
     with pytest.raises(EndpointConnectionError):
         lease.acquire(timeout=0)
-    assert not lease.held and not fake.objects
+    assert not lease.held and json.loads(fake.objects["g/_speciesid/write.lock"][1])["free"] is True
     # an interrupt (Ctrl-C) between the put and the heartbeat
     fake.put_object = lambda **kw: FakeS3.put_object(fake, **kw)  # type: ignore[method-assign]
 
@@ -481,7 +499,62 @@ def test_a_lease_put_then_failing_or_interrupted_is_deleted_again(monkeypatch):
     again = _fake_lease(fake)
     with pytest.raises(KeyboardInterrupt):
         again.acquire(timeout=0)
-    assert not again.held and not fake.objects
+    assert not again.held and json.loads(fake.objects["g/_speciesid/write.lock"][1])["free"] is True
+
+
+def test_a_conditional_put_whose_response_was_lost_is_not_taken_for_a_lost_lease():
+    """botocore retries a PUT whose response was lost; when the first try had gone through, the retry gets 412
+    (review 2, C). The body's nonce, read back, tells it from a lease taken by another: taking, renewing, the id
+    mark and releasing carry on. Before: the renewal was 'lost' (and the release skipped), the create waited on
+    its own lease."""
+    fake = FakeS3()
+    lease = _fake_lease(fake)
+    fake.lost.append("IfNoneMatch")
+    start = time.monotonic()
+    lease.acquire(timeout=5)  # its own create: taken at once, not waited out
+    assert lease.held and time.monotonic() - start < 1
+    key = "g/_speciesid/write.lock"
+    fake.lost.append("IfMatch")
+    lease.renew()
+    assert lease._etag == fake.objects[key][0]  # the etag of what it put
+    lease.check()
+    fake.lost.append("IfNoneMatch")
+    lease.write_next_id(5, None)
+    fake.lost.append("IfMatch")
+    lease.release()
+    assert json.loads(fake.objects[key][1])["free"] is True
+    fake.lost.append("IfMatch")  # the free body it released, taken again without a read: that put's reply lost
+    lease.acquire(timeout=0)
+    assert lease.held and lease._etag == fake.objects[key][0]
+    lease.release()
+
+
+def test_a_heartbeat_left_from_an_earlier_hold_stops(monkeypatch):
+    """release() waits a TTL for the heartbeat; one stuck longer in a renewal went on beating beside the next hold's
+    (its stop event was cleared by the next acquire). Each hold now has its own stop event."""
+    import threading
+
+    fake = FakeS3()
+    lease = _fake_lease(fake, ttl=0.3)
+    lease.acquire(timeout=0)
+    entered, go = threading.Event(), threading.Event()
+    real = lease.renew
+
+    def slow() -> None:
+        if not entered.is_set():  # the first renewal hangs (a slow store)
+            entered.set()
+            go.wait(10)
+        real()
+
+    monkeypatch.setattr(lease, "renew", slow)
+    assert entered.wait(5)
+    old = lease._beat
+    lease.release()  # its join times out
+    lease.acquire(timeout=0)
+    go.set()
+    old.join(2)
+    assert not old.is_alive()
+    lease.release()
 
 
 def test_the_timeout_message_gives_the_wait_and_the_holders_own_ttl():
@@ -504,7 +577,7 @@ def test_refusals_of_the_lease_name_it_and_say_what_to_do():
     fake = FakeS3()
     fake.fail.append(("put", _client_error("AccessDenied", 403, message="Access Denied")))
     with pytest.raises(LeaseStoreError, match=r"s3://b/g/_speciesid/write.lock: taking it .* was refused "
-                                              r"\(AccessDenied.*s3:GetObject, s3:PutObject and s3:DeleteObject on "
+                                              r"\(AccessDenied.*s3:GetObject and s3:PutObject on "
                                               r"s3://b/g/_speciesid/\*"):
         _fake_lease(fake).acquire(timeout=0)
     fake.fail.append(("put", _client_error("InvalidArgument", 400, message="Requests specifying Server Side "
@@ -516,7 +589,7 @@ def test_refusals_of_the_lease_name_it_and_say_what_to_do():
                                            "functionality that is not implemented (If-None-Match)")))
     with pytest.raises(ConditionalWritesUnsupported):
         _fake_lease(fake).acquire(timeout=0)
-    assert not fake.objects
+    assert not fake.objects and not [c for op, c in fake.calls if op == "delete"]
 
 
 def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_is_told_to_upgrade():
@@ -540,30 +613,69 @@ def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_
 
 
 def test_a_store_that_honours_if_none_match_but_ignores_if_match_is_refused(s3_env):
-    """If-Match is what stops a stalled holder renewing over a new holder's lease, and a release deleting another's:
-    a store ignoring it (on PUT or DELETE) must be refused too. Before, only If-None-Match was checked."""
+    """If-Match is what stops a stalled holder renewing over a new holder's lease, and a release freeing another's:
+    a store ignoring it on PUT must be refused too."""
     from index.lease import ConditionalWritesUnsupported, S3Lease
 
     endpoint, client = s3_env
 
     class HalfCareless:
-        def __init__(self, drop_put: bool, drop_delete: bool) -> None:
-            self.drop_put, self.drop_delete = drop_put, drop_delete
-
         def __getattr__(self, name):
             return getattr(client, name)
 
         def put_object(self, **kw):
-            return client.put_object(**{k: v for k, v in kw.items() if not (self.drop_put and k == "IfMatch")})
+            return client.put_object(**{k: v for k, v in kw.items() if k != "IfMatch"})
+
+    lease = S3Lease(f"s3://{BUCKET}/lease4", client=HalfCareless())
+    with pytest.raises(ConditionalWritesUnsupported, match="If-Match"):
+        lease.acquire(timeout=0)
+    assert not lease.held and _lease_body(client, "lease4/_speciesid/write.lock")["free"] is True
+
+
+def test_the_lease_needs_no_conditional_delete(s3_env, caplog):
+    """A store that honours If-None-Match and If-Match on PUT but ignores If-Match on DELETE (review 2, B: the store
+    check refused such stores, so every write failed there). The lease works on it: taken, renewed, released,
+    taken over once stale, one holder at a time; it never sends a DELETE."""
+    from index.lease import LEASE_DIR, LeaseLostError, S3Lease
+
+    endpoint, client = s3_env
+    key = f"lease5/{LEASE_DIR}/write.lock"
+    deletes: list[dict] = []
+
+    class NoConditionalDelete:
+        def __getattr__(self, name):
+            return getattr(client, name)
 
         def delete_object(self, **kw):
-            return client.delete_object(**{k: v for k, v in kw.items() if not (self.drop_delete and k == "IfMatch")})
+            deletes.append(kw)
+            return client.delete_object(**{k: v for k, v in kw.items() if k != "IfMatch"})
 
-    for n, drops in enumerate(((True, False), (False, True))):
-        lease = S3Lease(f"s3://{BUCKET}/lease4-{n}", client=HalfCareless(*drops))
-        with pytest.raises(ConditionalWritesUnsupported, match="If-Match"):
-            lease.acquire(timeout=0)
-        assert not lease.held and "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix=f"lease4-{n}/")
+    def lease(ttl: float) -> S3Lease:
+        return S3Lease(f"s3://{BUCKET}/lease5", client=NoConditionalDelete(), ttl=ttl)
+
+    first, second = lease(30), lease(30)
+    first.acquire(timeout=0)
+    first.renew()
+    with pytest.raises(TimeoutError, match="another writer holds"):
+        second.acquire(timeout=0)  # one holder at a time
+    first.release()
+    assert _lease_body(client, key)["free"] is True
+    second.acquire(timeout=0)
+    assert second.held and _lease_body(client, key).get("free") is None
+    second.release()
+    stalled, waiter = lease(1), lease(1)
+    stalled.acquire(timeout=0)
+    stalled._stop.set()  # its heartbeat stops: the lease goes stale
+    time.sleep(2.2)  # past its 1 s TTL on the server's clock (whole seconds)
+    caplog.set_level("WARNING", logger="index.lease")
+    waiter.acquire(timeout=0)
+    assert "broke the stale write lease" in caplog.text
+    with pytest.raises(LeaseLostError):
+        stalled.check()
+    stalled.release()  # never frees the waiter's lease
+    assert _lease_body(client, key).get("free") is None
+    waiter.release()
+    assert _lease_body(client, key)["free"] is True and deletes == []
 
 
 def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, monkeypatch):
@@ -584,7 +696,7 @@ def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, mo
 
     monkeypatch.setattr(lease_module, "s3_client", lambda options: Careless())
     encoder = {"spec": "t", "fingerprint": "t#0", "dim": 8}
-    with pytest.raises(ValueError, match=r"Use a store that supports them .*or keep the gallery's store in its "
+    with pytest.raises(ValueError, match=r"Use a store that honours them .*or keep the gallery's store in its "
                                          r"folder \(no --store\)") as caught:
         Gallery.create(tmp_path / "c", encoder, store=f"s3://{BUCKET}/careless")
     assert "check the URI and the AWS_" not in str(caught.value)
@@ -687,5 +799,4 @@ def test_a_writer_killed_while_holding_the_lease_blocks_others_only_for_its_ttl(
     meta = Gallery.open(tmp_path / "a").store.metadata()
     assert sorted(meta["id"].tolist()) == sorted([first, *new]) and meta["id"].is_unique
     assert "e" * 64 not in set(meta["sha256"])  # the killed write committed nothing
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="killed/_speciesid/")["Contents"]]
-    assert keys == ["killed/_speciesid/ids.json"]  # the broken lease is gone; the new holder released its own
+    assert _lease_body(client, "killed/_speciesid/write.lock")["free"] is True  # taken over, then released
