@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import socket
 import statistics
 import sys
 import time
@@ -77,6 +78,13 @@ def gallery_from_embeddings(root: Path, enc, records, emb: np.ndarray):
     keep = [i for i, d in enumerate(digests) if not (d in seen or seen.add(d))]
     g.add([records[i] for i in keep], [digests[i] for i in keep], emb[keep])
     return g
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def percentiles(values_ms: list[float]) -> str:

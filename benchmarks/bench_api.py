@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,16 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, MOBILENET_SPEC, PH_SNAKES, REPO, VIT_SPEC, require_shared, split_embeddings
+from _common import (
+    CACHE,
+    MOBILENET_SPEC,
+    PH_SNAKES,
+    REPO,
+    VIT_SPEC,
+    free_port,
+    require_shared,
+    split_embeddings,
+)
 from _hardware import machine_report
 
 RUNS = REPO / "runs" / "bench_api"
@@ -187,12 +195,6 @@ def percentiles(ms: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``python -m api.cli serve`` on 127.0.0.1 with SPECIESID_* settings; :meth:`wait` until /readyz is 200."""
 

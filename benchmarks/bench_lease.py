@@ -1,14 +1,13 @@
 """The S3 write lease's cost: ``Gallery.add`` of one photo on a store on S3 (moto's S3 server on 127.0.0.1,
-started here), with the store's lease and without it (``--no-lease``: the lock's lease dropped, as before the
-lease existed; the id mark is then found by reading the store's whole id column).
+started here), with the store's lease and without it (the lock's lease dropped, as before the lease existed; the
+id mark is then found by reading the store's whole id column), side by side in one run.
 
-Each run: a fresh gallery on the store, ``--warmup`` adds, then ``--adds`` timed adds of one 8-float row; the
-median and p90 in ms. Needs the ``s3`` extra and ``moto[server]`` (the ``dev`` extra).
+Each run: a fresh gallery on the store per side, ``--warmup`` adds, then ``--adds`` timed adds of one 8-float row;
+the sides alternate run by run. Prints the machine, each run's median, then p50/p95/p99 over all timed adds per
+side and the ratio of the medians. Needs the ``s3`` extra and ``moto[server]`` (the ``dev`` extra).
 
-    .venv/bin/python benchmarks/bench_lease.py                 # with the lease, 3 runs
-    .venv/bin/python benchmarks/bench_lease.py --no-lease      # without it
-    for i in 1 2 3; do .venv/bin/python benchmarks/bench_lease.py --runs 1
-        .venv/bin/python benchmarks/bench_lease.py --runs 1 --no-lease; done   # in pairs (docs/shared-gallery.md)
+    .venv/bin/python benchmarks/bench_lease.py                 # both sides, 3 runs each (docs/shared-gallery.md)
+    .venv/bin/python benchmarks/bench_lease.py --side lease    # one side only
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,21 +26,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import free_port  # noqa: E402
+from _hardware import machine_report  # noqa: E402
+
 logger = logging.getLogger("bench_lease")
 BUCKET = "bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _moto() -> tuple[subprocess.Popen, str]:
     """moto's S3 server on a free port, with the bucket made; (the process, its endpoint)."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
@@ -83,24 +78,38 @@ def one_run(run: int, *, adds: int, warmup: int, lease: bool) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--adds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--no-lease", action="store_true", help="drop the store's lease (as before it existed)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per side (default 3)")
+    parser.add_argument("--adds", type=int, default=20, help="timed adds per run (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed adds before them (default 5)")
+    parser.add_argument("--side", choices=("both", "lease", "none"), default="both",
+                        help="with the lease, without it (none: as before it existed) or both (default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    print(machine_report(), flush=True)
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+    sides = [True, False] if args.side == "both" else [args.side == "lease"]
     proc, endpoint = _moto()
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    every: dict[bool, list[float]] = {side: [] for side in sides}
     try:
         for run in range(args.runs):
-            times = one_run(run, adds=args.adds, warmup=args.warmup, lease=not args.no_lease)
-            ms = sorted(t * 1000 for t in times)
-            print(f"run {run + 1}: {'lease' if not args.no_lease else 'no lease'}, {len(ms)} adds: median "
-                  f"{statistics.median(ms):.0f} ms, p90 {ms[int(0.9 * (len(ms) - 1))]:.0f} ms", flush=True)
+            for lease in sides:
+                ms = [t * 1000 for t in one_run(run, adds=args.adds, warmup=args.warmup, lease=lease)]
+                every[lease] += ms
+                print(f"run {run + 1}, {'lease' if lease else 'no lease'}: median {statistics.median(ms):.0f} ms "
+                      f"({len(ms)} adds)", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    print("\n| side | adds | p50 ms | p95 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+    for lease, ms in every.items():
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        print(f"| {'lease' if lease else 'no lease'} | {len(ms)} | {p50:.0f} | {p95:.0f} | {p99:.0f} |")
+    if len(every) == 2:
+        ratio = statistics.median(every[True]) / statistics.median(every[False])
+        print(f"\nlease / no lease, medians: {ratio:.2f}x "
+              f"(+{statistics.median(every[True]) - statistics.median(every[False]):.0f} ms an add)")
 
 
 if __name__ == "__main__":
