@@ -23,11 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import free_port  # noqa: E402
-from _hardware import machine_report  # noqa: E402
+from _common import free_port  # puts the repo on sys.path
+from _hardware import machine_report
 
 logger = logging.getLogger("bench_lease")
 BUCKET = "bench"

@@ -29,6 +29,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
+from index.errors import first_line
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
@@ -203,8 +204,8 @@ class Gallery:
         """A table on S3 with no committed version, under the store's lease: its objects are removed when they are
         only Lance's bookkeeping (``_versions/``, ``_transactions/``), as a local folder's are; otherwise
         HalfCreatedStoreError names the data objects and what to do."""
-        lease = self._writer.remote
-        assert lease is not None and lease.held
+        lease = self._writer.held_lease
+        assert lease is not None
         found = half_created_objects(lease, exc.where)
         if found is None:  # a version appeared: not half-created after all (open it again)
             return
@@ -530,14 +531,14 @@ class Gallery:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("%s unreadable (%s): next id recomputed from the store", path, exc)
             start = self.store.max_id() + 1
-        lease = self._writer.remote
-        shared, etag = lease.read_next_id() if lease is not None and lease.held else (None, None)
+        lease = self._writer.held_lease
+        shared, etag = lease.read_next_id() if lease is not None else (None, None)
         if shared is not None:
             start = max(start, shared)
         if shared is None and is_uri(str(self.store_uri)):  # a copy of this folder elsewhere writes the same store
             # with its own ids.json, and no shared mark yet: step over every id the store holds (excluded too)
             start = max(start, self.store.max_id() + 1)
-        if lease is not None and lease.held:
+        if lease is not None:
             lease.write_next_id(start + n, etag)  # the shared mark first: every machine steps over these ids
         write_json_atomic(path, {"next": start + n})
         return list(range(start, start + n))
@@ -775,7 +776,7 @@ class Gallery:
 def store_error(uri: str, exc: BaseException) -> ValueError:
     """A store at ``uri`` that cannot be opened, in one line that says what to check."""
     text = str(exc)
-    first = (text.strip().splitlines() or [""])[0][:200]
+    first = first_line(text, 200)
     cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
     return ValueError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
                       "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")

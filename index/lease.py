@@ -44,8 +44,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NoReturn
+
+from index.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ _PRECONDITION = {"PreconditionFailed", "412"}
 _CONFLICT = {"ConditionalRequestConflict", "409"}
 #: Error codes of an object that is not there.
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+#: Error codes of a conditional write on an object that is someone else's now (changed, or gone).
+_TAKEN = _PRECONDITION | _MISSING
 #: Error codes of a store that does not implement conditional requests.
 _UNSUPPORTED = {"NotImplemented", "501"}
 #: Error codes of a request refused as malformed: a store without conditional writes when it names their headers.
@@ -162,7 +168,18 @@ def _upgrade_message(why: str) -> str:
 
 def _first(exc: BaseException | None) -> str:
     """The first line of an error's text, cut at 300 characters."""
-    return (str(exc).strip().splitlines() or [""])[0][:300]
+    return first_line(exc, 300)
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    """The bucket and the key (prefix) of an ``s3://`` URI."""
+    bucket, _, key = str(uri).split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def _is_ours(seen: _Seen | None, body: dict) -> bool:
+    """Whether the lease object as read holds ``body`` itself (its nonce): a put of it went through."""
+    return seen is not None and seen.body.get("nonce") == body.get("nonce")
 
 
 def _server_now(response: dict) -> dt.datetime | None:
@@ -197,7 +214,7 @@ class S3Lease:
         if not is_s3(uri):
             raise ValueError(f"a write lease needs an s3:// store, not {uri}")
         self.uri = str(uri).rstrip("/")
-        bucket, _, prefix = self.uri.split("://", 1)[1].partition("/")
+        bucket, prefix = _bucket_key(self.uri)
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.key = f"{self.prefix}{LEASE_DIR}/{LEASE_OBJECT}"
@@ -299,7 +316,7 @@ class S3Lease:
         if hint is not None and self._put_holder(body, IfMatch=hint):
             return None
         seen = self._look()
-        if seen is not None and seen.body.get("nonce") == body["nonce"]:
+        if _is_ours(seen, body):
             self._adopt(seen.etag)  # the put above went through; its response was lost
             return None
         if seen is None:
@@ -315,7 +332,7 @@ class S3Lease:
                                seen.holder["age_s"], seen.holder["ttl_s"])
             return None
         again = self._look()
-        if again is not None and again.body.get("nonce") == body["nonce"]:
+        if _is_ours(again, body):
             self._adopt(again.etag)
             return None
         return {} if again is None or again.free else again.holder
@@ -326,9 +343,9 @@ class S3Lease:
         try:
             response = self._send(body, **condition)
         except Exception as exc:  # noqa: BLE001 - botocore's ClientError, told apart by code
-            if _code(exc) in _PRECONDITION | _CONFLICT | _MISSING:
+            if _code(exc) in _TAKEN | _CONFLICT:
                 return False
-            raise self._failure(exc, "taking it (a conditional PUT)") from exc
+            self._raise(exc, "taking it (a conditional PUT)")
         self._adopt(response["ETag"])
         return True
 
@@ -349,12 +366,12 @@ class S3Lease:
         try:
             return self._conditional(lambda: self._send(body, **condition), doing)["ETag"]
         except Exception as exc:  # noqa: BLE001
-            if not (isinstance(exc, LeaseStoreError) or _code(exc) in _PRECONDITION | _MISSING):
+            if not (isinstance(exc, LeaseStoreError) or _code(exc) in _TAKEN):
                 raise
             seen = None
             with contextlib.suppress(Exception):
                 seen = self._look()
-            if seen is None or seen.body.get("nonce") != body.get("nonce"):
+            if not _is_ours(seen, body):
                 raise
             logger.info("the write lease %s: %s was refused on a retry, but the first try had gone through",
                         self.where, doing)
@@ -380,18 +397,17 @@ class S3Lease:
         checks = (("a create of an object that exists (If-None-Match)", {"IfNoneMatch": "*"}),
                   ("a put naming a wrong etag (If-Match)", {"IfMatch": wrong}))
         for what, condition in checks:
-            for attempt in range(CONFLICT_TRIES):
-                try:
-                    self._send(probe, **condition)
-                except Exception as exc:  # noqa: BLE001
-                    code = _code(exc)
-                    if code in _CONFLICT and attempt + 1 < CONFLICT_TRIES:
-                        time.sleep(CONFLICT_PAUSE_S * 2 ** attempt)  # a racing create: ask again
-                        continue
-                    if code in _PRECONDITION:
-                        break  # refused, as it must be
-                    raise self._failure(exc, f"checking the store refuses {what}") from exc
-                raise self._unsupported(None, f"it accepted {what}")
+            doing = f"checking the store refuses {what}"
+            try:  # a racing create (409) is asked again; the last one is told as any other failure of the check
+                self._conditional(partial(self._send, probe, **condition), doing,
+                                  exhausted=partial(self._failure, doing=doing))
+            except LeaseStoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if _code(exc) in _PRECONDITION:
+                    continue  # refused, as it must be
+                self._raise(exc, doing)
+            raise self._unsupported(None, f"it accepted {what}")
         self._probed = True
 
     def _unsupported(self, exc: BaseException | None, said: str = "") -> ConditionalWritesUnsupported:
@@ -402,6 +418,13 @@ class S3Lease:
             "photo twice or giving an id twice, needs both. Use a store that honours them (AWS S3 does; other "
             "S3-compatible stores when they implement both on PutObject), or keep the gallery's store in its "
             "folder (no --store)")
+
+    def _raise(self, exc: BaseException, doing: str) -> NoReturn:
+        """Raise the error :meth:`_failure` makes of ``exc`` (from ``exc``), or ``exc`` itself as it is."""
+        failure = self._failure(exc, doing)
+        if failure is exc:
+            raise exc
+        raise failure from exc
 
     def _failure(self, exc: BaseException, doing: str) -> BaseException:
         """The error to raise for a request on the lease's objects that failed with ``exc``: one that names the lease
@@ -435,7 +458,7 @@ class S3Lease:
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in _MISSING:
                 return None
-            raise self._failure(exc, "reading who holds it (a GET)") from exc
+            self._raise(exc, "reading who holds it (a GET)")
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -485,10 +508,12 @@ class S3Lease:
             except Exception as exc:  # noqa: BLE001 - a network error: try again at the next beat
                 logger.warning("could not renew the write lease %s: %s", self.where, exc)
 
-    def _conditional(self, request: Any, doing: str) -> Any:
+    def _conditional(self, request: Callable[[], Any], doing: str, *,
+                     exhausted: Callable[[BaseException], BaseException] | None = None) -> Any:
         """``request()`` (a conditional write), tried again after a short, growing pause while S3 answers 409
-        ConditionalRequestConflict (a racing write on the key; S3 says to retry), at most CONFLICT_TRIES times.
-        Any other failure is raised as it is, for the caller to tell apart."""
+        ConditionalRequestConflict (a racing write on the key; S3 says to retry), at most CONFLICT_TRIES times;
+        then a LeaseStoreError saying so, or ``exhausted(the last 409)`` when given. Any other failure is raised
+        as it is, for the caller to tell apart."""
         for attempt in range(CONFLICT_TRIES):
             try:
                 return request()
@@ -496,6 +521,8 @@ class S3Lease:
                 if _code(exc) not in _CONFLICT:
                     raise
                 if attempt + 1 == CONFLICT_TRIES:
+                    if exhausted is not None:
+                        raise exhausted(exc) from exc
                     raise LeaseStoreError(f"the write lease {self.where}: {doing} met {CONFLICT_TRIES} conflicting "
                                           "writes in a row (409 ConditionalRequestConflict): try again") from exc
                 time.sleep(CONFLICT_PAUSE_S * 2 ** attempt)
@@ -513,16 +540,13 @@ class S3Lease:
             except LeaseStoreError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                if _code(exc) in _PRECONDITION | _MISSING:
+                if _code(exc) in _TAKEN:
                     self._lost = (f"the write lease {self.where} of this writer was taken over by another (not "
                                   f"renewed within {self.ttl:.0f} s): nothing more is committed; run the command "
                                   "again")
                     logger.error("%s", self._lost)
                     raise LeaseLostError(self._lost) from exc
-                failure = self._failure(exc, "renewing it (a PUT with If-Match)")
-                if failure is exc:
-                    raise
-                raise failure from exc
+                self._raise(exc, "renewing it (a PUT with If-Match)")
             self._etag, self._renewed = etag, time.monotonic()
 
     def check(self) -> None:
@@ -549,7 +573,7 @@ class S3Lease:
         try:
             self._free_etag = self._free(etag)
         except Exception as exc:  # noqa: BLE001 - it lapses after its TTL anyway
-            if _code(exc) in _PRECONDITION | _MISSING:
+            if _code(exc) in _TAKEN:
                 logger.warning("the write lease %s was taken over by another writer before this one released it",
                                self.where)
             else:
@@ -571,10 +595,7 @@ class S3Lease:
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in _MISSING:
                 return None, None
-            failure = self._failure(exc, f"reading the shared id mark {IDS_OBJECT}")
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._raise(exc, f"reading the shared id mark {IDS_OBJECT}")
 
     def write_next_id(self, next_id: int, etag: str | None) -> None:
         """Record the shared next id, conditional on the version read (:meth:`read_next_id`): a writer without the
@@ -590,16 +611,13 @@ class S3Lease:
         except LeaseStoreError:
             raise
         except Exception as exc:  # noqa: BLE001
-            if _code(exc) in _PRECONDITION | _MISSING and self._wrote_ids(nonce):
-                return  # botocore's retry was refused: its first try had gone through (the response was lost)
-            if _code(exc) in _PRECONDITION | _MISSING:
+            if _code(exc) in _TAKEN:
+                if self._wrote_ids(nonce):
+                    return  # botocore's retry was refused: its first try had gone through (the response was lost)
                 raise LeaseLostError(f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT} changed under this writer's lease "
                                      "(another writer without it?): nothing was committed; run the command "
                                      "again") from exc
-            failure = self._failure(exc, f"writing the shared id mark {IDS_OBJECT}")
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._raise(exc, f"writing the shared id mark {IDS_OBJECT}")
 
     def _wrote_ids(self, nonce: str) -> bool:
         """Whether the shared id mark holds the body this writer put with ``nonce``."""
@@ -633,7 +651,7 @@ def _who(holder: dict) -> str:
 def half_created_objects(lease: S3Lease, table_uri: str) -> tuple[list[str], list[str]] | None:
     """A table on the lease's store that holds no committed version: (all its keys, those beyond Lance's bookkeeping
     ``_versions/`` and ``_transactions/``, relative to the table); None when it holds a version (a ``.manifest``)."""
-    prefix = table_uri.split("://", 1)[1].partition("/")[2].rstrip("/") + "/"
+    prefix = _bucket_key(table_uri)[1].rstrip("/") + "/"
     keys = lease.list_keys(prefix)
     from index.store import uncommitted_files  # the one rule (index.store.half_created's)
 

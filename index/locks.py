@@ -84,10 +84,15 @@ class WriteLock:
         finally:
             self._thread_lock.release()
 
+    @property
+    def held_lease(self) -> S3Lease | None:
+        """The store's lease while this process holds it (None: no lease, or not held)."""
+        return self.remote if self.remote is not None and self.remote.held else None
+
     def check(self) -> None:
         """Before a commit: the store's lease, when one is held, is still this writer's (LeaseLostError if not)."""
-        if self.remote is not None and self.remote.held:
-            self.remote.check()
+        if (lease := self.held_lease) is not None:
+            lease.check()
 
     def _acquire(self, timeout: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

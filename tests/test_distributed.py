@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
 
 from api.cli import main
+from index.layout import JOURNAL_GLOB
+
+if TYPE_CHECKING:
+    from index.fragments import PendingFiles
 
 pytest.importorskip("ray.data")
 pytest.importorskip("lance")
@@ -287,7 +292,7 @@ def test_a_chunk_that_is_not_committed_takes_its_workers_files_with_it(cluster, 
     committed = {f.path for frag in lance.dataset(g.store.uri).get_fragments()
                  for f in frag.metadata.files}
     assert committed and set(Path(data).iterdir()) == {Path(data) / name for name in committed}
-    assert not list(index.glob(".uncommitted-*.json"))
+    assert not list(index.glob(JOURNAL_GLOB))
 
 
 @pytest.fixture(autouse=True)
@@ -326,13 +331,31 @@ def _data_files(uri: str) -> set[str]:
     return {p.name for p in Path(uri, "data").iterdir()}
 
 
+def _rewrite_head(journal: Path, **changes) -> None:
+    """Change fields of a journal's first line (its writer's record)."""
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([json.dumps({**json.loads(lines[0]), **changes}), *lines[1:]]) + "\n")
+
+
+def _killed_journal(tmp_path: Path) -> tuple[str, PendingFiles]:
+    """A table at ``tmp_path`` with one fragment written for a build whose driver was killed before its commit:
+    (the table's URI, the build's journal, left behind)."""
+    from index.fragments import PendingFiles, write_fragments
+
+    uri, table = _table(tmp_path)
+    pending = PendingFiles(tmp_path, uri, 1)
+    pending.add(write_fragments(table, uri))
+    _killed(pending)
+    return uri, pending
+
+
 def test_the_journal_of_a_killed_build_removes_only_its_own_uncommitted_files(tmp_path):
     """A driver killed before its commit leaves its journal: the next build removes the files named there that
     no later version references, and nothing else (not another build's files, nor those of a journal still held
     by a running build, nor committed ones)."""
     import lance
 
-    from index.fragments import PendingFiles, commit_fragments, sweep_pending, write_fragments
+    from index.fragments import PendingFiles, commit_fragments, fragment_files, sweep_pending, write_fragments
 
     uri, table = _table(tmp_path)
     base = _data_files(uri)
@@ -352,11 +375,11 @@ def test_the_journal_of_a_killed_build_removes_only_its_own_uncommitted_files(tm
     before = _data_files(uri)
     assert sweep_pending(tmp_path, uri) == 1
     gone = before - _data_files(uri)
-    assert gone == {json.loads(f)["files"][0]["path"] for f in lost}
-    assert base <= _data_files(uri) and len(list(tmp_path.glob(".uncommitted-*.json"))) == 1  # the running build's
+    assert gone == {name.split("/", 1)[1] for name in fragment_files(lost)}
+    assert base <= _data_files(uri) and len(list(tmp_path.glob(JOURNAL_GLOB))) == 1  # the running build's
     assert lance.dataset(uri).count_rows() == 6
     running.committed()
-    assert not list(tmp_path.glob(".uncommitted-*.json")) and stranger
+    assert not list(tmp_path.glob(JOURNAL_GLOB)) and stranger
 
 
 def test_a_copied_folder_never_sweeps_a_running_builds_files(tmp_path, caplog):
@@ -373,20 +396,14 @@ def test_a_copied_folder_never_sweeps_a_running_builds_files(tmp_path, caplog):
     running.add(write_fragments(table, uri))
     shutil.copytree(a, b)  # on this host: the build's pid is alive (here: this process, which holds it)
     files = _data_files(uri)
-    assert sweep_pending(b, uri) == 0 and _data_files(uri) == files and list(b.glob(".uncommitted-*.json"))
+    assert sweep_pending(b, uri) == 0 and _data_files(uri) == files and list(b.glob(JOURNAL_GLOB))
     # a journal written on another host is left alone, saying how to remove it by hand
-    journal = next(b.glob(".uncommitted-*.json"))
-    lines = journal.read_text().splitlines()
-    journal.write_text("\n".join([json.dumps({**json.loads(lines[0]), "host": "build-host", "pid": 1}), *lines[1:]]))
+    journal = next(b.glob(JOURNAL_GLOB))
+    _rewrite_head(journal, host="build-host", pid=1)
     caplog.set_level("INFO", logger="index.fragments")
     assert sweep_pending(b, uri) == 0 and _data_files(uri) == files and journal.exists()
     assert "written by a build on host build-host" in caplog.text and f"rm '{journal}'" in caplog.text
     running.committed()
-
-
-def _rewrite_head(journal: Path, **changes) -> None:
-    lines = journal.read_text().splitlines()
-    journal.write_text("\n".join([json.dumps({**json.loads(lines[0]), **changes}), *lines[1:]]) + "\n")
 
 
 def test_a_journal_of_another_machine_with_this_hostname_is_never_swept(tmp_path, caplog):
@@ -397,12 +414,9 @@ def test_a_journal_of_another_machine_with_this_hostname_is_never_swept(tmp_path
     import uuid
 
     from index import fragments
-    from index.fragments import PendingFiles, sweep_pending, write_fragments
+    from index.fragments import sweep_pending
 
-    uri, table = _table(tmp_path)
-    pending = PendingFiles(tmp_path, uri, 1)
-    pending.add(write_fragments(table, uri))
-    _killed(pending)
+    uri, pending = _killed_journal(tmp_path)
     files = _data_files(uri)
     caplog.set_level("INFO", logger="index.fragments")
     pid = 2 ** 22 + 7  # over Linux's pid_max: no such process here
@@ -421,12 +435,9 @@ def test_a_journal_of_another_machine_with_this_hostname_is_never_swept(tmp_path
 
 def test_a_machine_without_a_machine_id_sweeps_no_journal(tmp_path, monkeypatch, caplog):
     from index import fragments
-    from index.fragments import PendingFiles, sweep_pending, write_fragments
+    from index.fragments import sweep_pending
 
-    uri, table = _table(tmp_path)
-    pending = PendingFiles(tmp_path, uri, 1)
-    pending.add(write_fragments(table, uri))
-    _killed(pending)
+    uri, pending = _killed_journal(tmp_path)
     _rewrite_head(pending.path, pid=2 ** 22 + 7)  # a writer gone
     monkeypatch.setattr(fragments, "_machine_id", lambda: None)
     caplog.set_level("INFO", logger="index.fragments")
@@ -439,12 +450,9 @@ def test_a_journal_written_without_proc_says_to_remove_it_by_hand(tmp_path, capl
     was held as 'a build still running on this host' for ever; now it says that it cannot be told, and what to do."""
     import os
 
-    from index.fragments import PendingFiles, sweep_pending, write_fragments
+    from index.fragments import sweep_pending
 
-    uri, table = _table(tmp_path)
-    pending = PendingFiles(tmp_path, uri, 1)
-    pending.add(write_fragments(table, uri))
-    _killed(pending)
+    uri, pending = _killed_journal(tmp_path)
     _rewrite_head(pending.path, boot=None, started=None, pid=os.getppid())  # a live pid: perhaps not that build
     caplog.set_level("INFO", logger="index.fragments")
     assert sweep_pending(tmp_path, uri) == 0 and pending.path.exists()
@@ -479,7 +487,7 @@ def test_the_journal_of_a_driver_really_killed_on_this_host_is_swept(tmp_path):
     run = subprocess.run([sys.executable, "-c", _KILLED_DRIVER, str(tmp_path), uri], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == -9, run.stderr[-2000:]
-    (journal,) = tmp_path.glob(".uncommitted-*.json")
+    (journal,) = tmp_path.glob(JOURNAL_GLOB)
     assert json.loads(journal.read_text().splitlines()[0])["pid"] != __import__("os").getpid()
     assert len(_data_files(uri) - base) == 1
     assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) == base and not journal.exists()
@@ -538,7 +546,7 @@ def test_the_check_of_uncommitted_files_reads_few_versions(tmp_path, monkeypatch
     ``limit`` read, and the files are kept for Lance's cleanup (never deleted unchecked)."""
     import lance
 
-    from index.fragments import commit_fragments, remove_uncommitted, write_fragments
+    from index.fragments import commit_fragments, fragment_files, remove_uncommitted, write_fragments
 
     uri, table = _table(tmp_path)
     for _ in range(6):
@@ -554,10 +562,10 @@ def test_the_check_of_uncommitted_files_reads_few_versions(tmp_path, monkeypatch
     monkeypatch.setattr(lance.LanceDataset, "checkout_version", counting)
     done = write_fragments(table, uri)
     commit_fragments(uri, done, since)
-    names = [f"data/{json.loads(f)['files'][0]['path']}" for f in done]
+    names = fragment_files(done)
     assert remove_uncommitted(uri, names, 1) == 0 and read == []  # found in the latest version, opened anyway
     lost = write_fragments(table, uri)
-    lost_names = [f"data/{json.loads(f)['files'][0]['path']}" for f in lost]
+    lost_names = fragment_files(lost)
     assert remove_uncommitted(uri, lost_names, 1, limit=3) == 0 and len(read) == 2  # the latest + 2 checked out
     assert {n.split("/", 1)[1] for n in lost_names} <= _data_files(uri)
     assert remove_uncommitted(uri, lost_names, since) == 1 and not {n.split("/", 1)[1] for n in lost_names} & \

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -17,10 +18,15 @@ from conftest import PH_SNAKES, needs_shared
 
 from api.cli import main
 
+if TYPE_CHECKING:
+    from index.gallery import Gallery
+
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")
 
 BUCKET = "galleries"
+#: The encoder of the tests' galleries (8-float rows, no model).
+_TINY = {"spec": "t", "fingerprint": "t#0", "dim": 8}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,8 @@ def test_workers_write_fragments_to_s3_and_the_driver_commits_once(s3_env, tmp_p
     from index.records import ReferenceRecord
     from index.store import rows_table
 
-    dim = 8
-    g = Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": dim}, store=f"s3://{BUCKET}/g2")
+    dim = _TINY["dim"]
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/g2")
     rng = np.random.default_rng(0)
     first = g.reserve_ids(2)
     g.add([ReferenceRecord(path="/a.jpg", species="Naja naja")], ["a" * 64], rng.standard_normal((1, dim)))
@@ -138,8 +144,8 @@ def test_one_store_one_gallery_and_a_copied_folder_steps_over_the_stores_ids(s3_
     from index.gallery import Gallery
     from index.records import ReferenceRecord
 
-    dim, rng = 8, np.random.default_rng(1)
-    encoder = {"spec": "t", "fingerprint": "t#0", "dim": dim}
+    dim, rng = _TINY["dim"], np.random.default_rng(1)
+    encoder = _TINY
     g = Gallery.create(tmp_path / "a", encoder, store=f"s3://{BUCKET}/g3")
     g.add([ReferenceRecord(path="/a.jpg", species="Naja naja")] * 2, ["a" * 64, "b" * 64], rng.standard_normal((2, dim)))
     # a second folder on the same store would keep its own ids.json: refused, and nothing is left of it
@@ -199,18 +205,13 @@ for k in range(0, 24, 2):
 def test_two_machines_writing_one_s3_store_store_every_photo_once_and_give_every_id_once(s3_env, tmp_path):
     """Two gallery folders (two machines: no shared file, so no shared flock) on one S3 store, adding overlapping
     photos at once. Before the store's lease: photos stored twice and ids given twice."""
-    import shutil
 
     from conftest import REPO
 
     from index.gallery import Gallery
-    from index.records import ReferenceRecord
 
     endpoint, client = s3_env
-    store = f"s3://{BUCKET}/machines"
-    a = Gallery.create(tmp_path / "a", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=store)
-    a.add([ReferenceRecord(path="/first.jpg", species="Naja naja")], ["f" * 64], np.ones((1, 8), np.float32))
-    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the folder copied to a second machine
+    _two_machines(tmp_path, f"s3://{BUCKET}/machines")
     start = time.time() + 4.0
     procs = [subprocess.Popen([sys.executable, "-c", _MACHINE, str(tmp_path / name), str(me), str(start)], cwd=REPO,
                               stderr=subprocess.PIPE, text=True) for me, name in enumerate("ab")]
@@ -221,16 +222,52 @@ def test_two_machines_writing_one_s3_store_store_every_photo_once_and_give_every
     assert meta["sha256"].is_unique, meta["sha256"].value_counts().head(3)
     assert meta["id"].is_unique, meta["id"].value_counts().head(3)
     # the shared high-water mark is past every id given; the lease is left free
-    mark = json.loads(client.get_object(Bucket=BUCKET, Key="machines/_speciesid/ids.json")["Body"].read())
+    mark = _object_json(client, "machines/_speciesid/ids.json")
     assert mark["next"] > int(meta["id"].max())
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="machines/_speciesid/")["Contents"]]
     assert keys == ["machines/_speciesid/ids.json", "machines/_speciesid/write.lock"]
-    assert _lease_body(client, "machines/_speciesid/write.lock")["free"] is True
+    assert _object_json(client, "machines/_speciesid/write.lock")["free"] is True
 
 
-def _lease_body(client, key: str) -> dict:
-    """The lease object's body (the lease is never deleted: released, it says it is free)."""
+def _two_machines(tmp_path: Path, store: str) -> tuple[Gallery, int]:
+    """A gallery folder ``a`` on ``store`` with one photo added, copied to ``b`` (a second machine): (the gallery
+    of ``a``, the photo's id)."""
+    import shutil
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    a = Gallery.create(tmp_path / "a", _TINY, store=store)
+    (first,) = a.add([ReferenceRecord(path="/first.jpg", species="Naja naja")], ["f" * 64],
+                     np.ones((1, _TINY["dim"]), np.float32))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the folder copied to a second machine
+    return a, first
+
+
+def _object_json(client: Any, key: str) -> dict:
+    """The JSON body of an object in the bucket (the lease is never deleted: released, its body says it is free)."""
     return json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+class _Proxy:
+    """An S3 client that passes every call on to ``client`` (subclasses change some)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class _Dropping(_Proxy):
+    """An S3-compatible server that drops the conditional ``headers`` (If-None-Match, If-Match) of a PutObject."""
+
+    def __init__(self, client: Any, *headers: str) -> None:
+        super().__init__(client)
+        self._headers = headers
+
+    def put_object(self, **kw: Any) -> dict:
+        return self._client.put_object(**{k: v for k, v in kw.items() if k not in self._headers})
 
 
 def _lease(endpoint: str, uri: str, ttl: float):
@@ -258,13 +295,13 @@ def test_a_held_lease_is_renewed_waits_its_rival_out_naming_the_holder_and_is_re
     assert held >= 3  # the holder's real age: 2.5 s slept + the rival's 1 s wait (a loaded machine only adds to it)
     holder.check()  # still ours
     holder.release()
-    assert _lease_body(client, key)["free"] is True  # released: free, never deleted
+    assert _object_json(client, key)["free"] is True  # released: free, never deleted
     rival.acquire(timeout=0)
-    assert rival.held and _lease_body(client, key)["pid"] == os.getpid()
+    assert rival.held and _object_json(client, key)["pid"] == os.getpid()
     rival.release()
     holder.acquire(timeout=0)  # again on the free body it released (no read first)
     holder.release()
-    assert _lease_body(client, key)["free"] is True
+    assert _object_json(client, key)["free"] is True
 
 
 def test_a_stale_lease_is_broken_by_the_servers_clock_and_a_lost_one_stops_its_holder(s3_env, monkeypatch, caplog):
@@ -300,7 +337,7 @@ def test_a_stale_lease_is_broken_by_the_servers_clock_and_a_lost_one_stops_its_h
     with pytest.raises(LeaseLostError):
         waiter.check()
     waiter.release()  # never frees the other's lease
-    assert _lease_body(client, key).get("free") is None
+    assert _object_json(client, key).get("free") is None
     other.release()
 
 
@@ -308,18 +345,10 @@ def test_a_store_that_ignores_conditional_writes_is_refused(s3_env):
     from index.lease import ConditionalWritesUnsupported, S3Lease
 
     endpoint, client = s3_env
-
-    class Careless:  # an S3-compatible server that drops If-None-Match / If-Match
-        def __getattr__(self, name):
-            return getattr(client, name)
-
-        def put_object(self, **kw):
-            return client.put_object(**{k: v for k, v in kw.items() if k not in ("IfNoneMatch", "IfMatch")})
-
-    lease = S3Lease(f"s3://{BUCKET}/lease3", client=Careless())
+    lease = S3Lease(f"s3://{BUCKET}/lease3", client=_Dropping(client, "IfNoneMatch", "IfMatch"))
     with pytest.raises(ConditionalWritesUnsupported, match="does not honour conditional writes") as caught:
         lease.acquire(timeout=0)
-    assert not lease.held and _lease_body(client, "lease3/_speciesid/write.lock")["free"] is True
+    assert not lease.held and _object_json(client, "lease3/_speciesid/write.lock")["free"] is True
     assert "MinIO" not in str(caught.value) and "R2" not in str(caught.value)
 
 
@@ -329,7 +358,7 @@ def test_a_half_created_table_on_s3_is_removed_under_the_lease_and_one_with_data
     from index.store import HalfCreatedStoreError
 
     endpoint, client = s3_env
-    encoder = {"spec": "t", "fingerprint": "t#0", "dim": 8}
+    encoder = _TINY
     table = "half/references.lance/"
 
     def half_create(*extra: str) -> None:  # what a create killed inside Lance leaves: no committed version
@@ -621,18 +650,10 @@ def test_a_store_that_honours_if_none_match_but_ignores_if_match_is_refused(s3_e
     from index.lease import ConditionalWritesUnsupported, S3Lease
 
     endpoint, client = s3_env
-
-    class HalfCareless:
-        def __getattr__(self, name):
-            return getattr(client, name)
-
-        def put_object(self, **kw):
-            return client.put_object(**{k: v for k, v in kw.items() if k != "IfMatch"})
-
-    lease = S3Lease(f"s3://{BUCKET}/lease4", client=HalfCareless())
+    lease = S3Lease(f"s3://{BUCKET}/lease4", client=_Dropping(client, "IfMatch"))
     with pytest.raises(ConditionalWritesUnsupported, match="If-Match"):
         lease.acquire(timeout=0)
-    assert not lease.held and _lease_body(client, "lease4/_speciesid/write.lock")["free"] is True
+    assert not lease.held and _object_json(client, "lease4/_speciesid/write.lock")["free"] is True
 
 
 def test_the_lease_needs_no_conditional_delete(s3_env, caplog):
@@ -645,16 +666,13 @@ def test_the_lease_needs_no_conditional_delete(s3_env, caplog):
     key = f"lease5/{LEASE_DIR}/write.lock"
     deletes: list[dict] = []
 
-    class NoConditionalDelete:
-        def __getattr__(self, name):
-            return getattr(client, name)
-
+    class NoConditionalDelete(_Proxy):
         def delete_object(self, **kw):
             deletes.append(kw)
             return client.delete_object(**{k: v for k, v in kw.items() if k != "IfMatch"})
 
     def lease(ttl: float) -> S3Lease:
-        return S3Lease(f"s3://{BUCKET}/lease5", client=NoConditionalDelete(), ttl=ttl)
+        return S3Lease(f"s3://{BUCKET}/lease5", client=NoConditionalDelete(client), ttl=ttl)
 
     first, second = lease(30), lease(30)
     first.acquire(timeout=0)
@@ -662,9 +680,9 @@ def test_the_lease_needs_no_conditional_delete(s3_env, caplog):
     with pytest.raises(TimeoutError, match="another writer holds"):
         second.acquire(timeout=0)  # one holder at a time
     first.release()
-    assert _lease_body(client, key)["free"] is True
+    assert _object_json(client, key)["free"] is True
     second.acquire(timeout=0)
-    assert second.held and _lease_body(client, key).get("free") is None
+    assert second.held and _object_json(client, key).get("free") is None
     second.release()
     stalled, waiter = lease(1), lease(1)
     stalled.acquire(timeout=0)
@@ -676,9 +694,9 @@ def test_the_lease_needs_no_conditional_delete(s3_env, caplog):
     with pytest.raises(LeaseLostError):
         stalled.check()
     stalled.release()  # never frees the waiter's lease
-    assert _lease_body(client, key).get("free") is None
+    assert _object_json(client, key).get("free") is None
     waiter.release()
-    assert _lease_body(client, key)["free"] is True and deletes == []
+    assert _object_json(client, key)["free"] is True and deletes == []
 
 
 def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, monkeypatch):
@@ -689,31 +707,20 @@ def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, mo
 
     endpoint, client = s3_env
     real = lease_module.s3_client
-
-    class Careless:
-        def __getattr__(self, name):
-            return getattr(client, name)
-
-        def put_object(self, **kw):
-            return client.put_object(**{k: v for k, v in kw.items() if k not in ("IfNoneMatch", "IfMatch")})
-
-    monkeypatch.setattr(lease_module, "s3_client", lambda options: Careless())
-    encoder = {"spec": "t", "fingerprint": "t#0", "dim": 8}
+    monkeypatch.setattr(lease_module, "s3_client", lambda options: _Dropping(client, "IfNoneMatch", "IfMatch"))
+    encoder = _TINY
     with pytest.raises(ValueError, match=r"Use a store that honours them .*or keep the gallery's store in its "
                                          r"folder \(no --store\)") as caught:
         Gallery.create(tmp_path / "c", encoder, store=f"s3://{BUCKET}/careless")
     assert "check the URI and the AWS_" not in str(caught.value)
 
-    class Denied:
-        def __getattr__(self, name):
-            return getattr(client, name)
-
+    class Denied(_Proxy):
         def put_object(self, **kw):
             if "_speciesid/" in kw["Key"]:
                 raise _client_error("AccessDenied", 403, message="Access Denied")
             return client.put_object(**kw)
 
-    monkeypatch.setattr(lease_module, "s3_client", lambda options: Denied())
+    monkeypatch.setattr(lease_module, "s3_client", lambda options: Denied(client))
     with pytest.raises(ValueError, match=r"the write lease s3://galleries/denied/_speciesid/write.lock: .*refused "
                                          r"\(AccessDenied.*s3:PutObject"):
         Gallery.create(tmp_path / "d", encoder, store=f"s3://{BUCKET}/denied")
@@ -729,7 +736,7 @@ def test_steps_that_write_only_the_folder_do_not_take_the_stores_lease(s3_env, t
     from retrieval.workflows import delete_references
 
     endpoint, client = s3_env
-    g = Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=f"s3://{BUCKET}/local")
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/local")
     g.layout.uploads.mkdir()
     paths = [g.layout.uploads / f"{i}.jpg" for i in range(3)]
     for p in paths:
@@ -772,7 +779,6 @@ def test_a_writer_killed_while_holding_the_lease_blocks_others_only_for_its_ttl(
     """A real process takes the lease (a 2 s TTL) during a write and is SIGKILLed holding it. A writer on another
     folder (another machine) of the same store waits its TTL out, breaks it and writes: no row lost, ids once."""
     import os
-    import shutil
     import signal
 
     from conftest import REPO
@@ -781,17 +787,14 @@ def test_a_writer_killed_while_holding_the_lease_blocks_others_only_for_its_ttl(
     from index.records import ReferenceRecord
 
     endpoint, client = s3_env
-    store = f"s3://{BUCKET}/killed"
-    a = Gallery.create(tmp_path / "a", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=store)
-    (first,) = a.add([ReferenceRecord(path="/first.jpg", species="Naja naja")], ["f" * 64], np.ones((1, 8), np.float32))
-    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the folder copied to a second machine
+    _, first = _two_machines(tmp_path, f"s3://{BUCKET}/killed")
     env = {**os.environ, "SPECIESID_LEASE_TTL_S": "2"}
     run = subprocess.run([sys.executable, "-c", _KILLED_HOLDER, str(tmp_path / "a")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == -signal.SIGKILL and "holding" in run.stdout, run.stderr[-2000:]
-    lock = json.loads(client.get_object(Bucket=BUCKET, Key="killed/_speciesid/write.lock")["Body"].read())
+    lock = _object_json(client, "killed/_speciesid/write.lock")
     assert lock["ttl_s"] == 2.0 and lock["pid"] != os.getpid()  # left behind by the killed holder
-    killed_mark = json.loads(client.get_object(Bucket=BUCKET, Key="killed/_speciesid/ids.json")["Body"].read())
+    killed_mark = _object_json(client, "killed/_speciesid/ids.json")
     start = time.monotonic()
     b = Gallery.open(tmp_path / "b")
     new = b.add([ReferenceRecord(path=f"/{i}.jpg", species="Naja naja") for i in range(3)],
@@ -802,4 +805,4 @@ def test_a_writer_killed_while_holding_the_lease_blocks_others_only_for_its_ttl(
     meta = Gallery.open(tmp_path / "a").store.metadata()
     assert sorted(meta["id"].tolist()) == sorted([first, *new]) and meta["id"].is_unique
     assert "e" * 64 not in set(meta["sha256"])  # the killed write committed nothing
-    assert _lease_body(client, "killed/_speciesid/write.lock")["free"] is True  # taken over, then released
+    assert _object_json(client, "killed/_speciesid/write.lock")["free"] is True  # taken over, then released

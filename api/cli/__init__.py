@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
+from index.errors import first_line
 
 VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
 #: Command modules, in the order ``speciesid --help`` lists their commands.
@@ -111,6 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a library's error on input we did not foresee: one line, not a trace
         if args.verbose >= 2:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        first = first_line(exc, 500)
         sys.stderr.write(f"speciesid: error: {type(exc).__name__}: {first} (run with -vv for the traceback)\n")
         return 2
