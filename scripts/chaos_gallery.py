@@ -14,6 +14,15 @@ moment, and records every row a reader saw committed before the kills. Then it c
     .venv/bin/python scripts/chaos_gallery.py --trials 3 --json       # one JSON line (the tests use it)
 
 ``--no-lock`` shows why the write lock exists: with `--writers 6 --chunk 1` photos get stored twice.
+
+``--s3``: the gallery's store is on S3 (moto's server on 127.0.0.1, started once per run) and EACH writer has its
+own copy of the gallery folder, as separate machines would: only the store's write lease (:mod:`index.lease`, a
+TTL of ``--lease-ttl`` seconds for the writers, so a killed holder blocks the others only briefly) keeps them
+apart. The checks read the store through the first folder (its vector index synced from the store at open); the
+ids' high-water mark checked is the store's shared one (``_speciesid/ids.json``); a killed writer is re-run on its
+own folder.
+
+    .venv/bin/python scripts/chaos_gallery.py --s3 --trials 5
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PH_SNAKES = REPO.parent / "shared" / "data" / "ph-snakes"
 ENCODER = "timm:test_vit@random"  # tiny: the processes spend their time writing, not embedding
+BUCKET = "chaos"
+#: Set by ``--s3``: the environment of every writer process (AWS_* of moto's server, the lease's TTL).
+WRITER_ENV: dict[str, str] | None = None
 
 
 def _photos(n: int, seed: int) -> list[Path]:
@@ -58,9 +72,14 @@ def writer(index: str, species: str, paths: list[str], chunk: int, lock: bool) -
 
 def _committed(index: Path) -> dict[int, str]:
     """id -> sha256 of every row committed now (read by another process, as any reader would)."""
-    from index.store import ReferenceStore
+    from index.store import ReferenceStore, storage_options
 
-    store = ReferenceStore(index / "store", _dim(index), refresh_s=0)
+    where = json.loads((index / "gallery.json").read_text()).get("store") or {}
+    if where.get("uri"):  # the store on S3: read it there, as another machine would
+        store = ReferenceStore(where["uri"], _dim(index), refresh_s=0, options=storage_options(where.get("options")),
+                               create=False)
+    else:
+        store = ReferenceStore(index / "store", _dim(index), refresh_s=0)
     meta = store.metadata()
     return {int(i): str(s) for i, s in zip(meta["id"], meta["sha256"], strict=True)}
 
@@ -74,6 +93,7 @@ def check(index: Path, seen: dict[int, str], expected_photos: int | None = None)
     import numpy as np
 
     from index.gallery import Gallery
+    from index.store import is_uri
     from index.vectors import VectorIndex
 
     problems = []
@@ -98,22 +118,72 @@ def check(index: Path, seen: dict[int, str], expected_photos: int | None = None)
     saved, manifest = VectorIndex.load(g.layout.vectors)
     if sorted(saved.ids.tolist()) != sorted(g.store.ids().tolist()):
         problems.append(f"saved index differs from the store (manifest {manifest})")
-    nxt = json.loads(g.layout.ids.read_text())["next"] if g.layout.ids.is_file() else None
+    if is_uri(str(g.store_uri)):  # writers on other folders: the mark they share is the store's own
+        nxt, where = _shared_next(str(g.store_uri)), "the store's _speciesid/ids.json"
+    else:
+        nxt = json.loads(g.layout.ids.read_text())["next"] if g.layout.ids.is_file() else None
+        where = "ids.json"
     if ids and (nxt is None or nxt <= max(ids)):
-        problems.append(f"ids.json next={nxt} is not above the largest id {max(ids)}")
+        problems.append(f"{where} next={nxt} is not above the largest id {max(ids)}")
     if expected_photos is not None and len(set(shas)) != expected_photos:
         problems.append(f"{len(set(shas))} photos stored, {expected_photos} expected")
     return problems
 
 
+def _shared_next(uri: str) -> int | None:
+    """The ``next`` of the store's shared id mark (``<uri>/_speciesid/ids.json``), None when there is none."""
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    key = f"{prefix.rstrip('/')}/_speciesid/ids.json" if prefix else "_speciesid/ids.json"
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    try:
+        return int(json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())["next"])
+    except client.exceptions.NoSuchKey:
+        return None
+
+
 def _spawn(index: Path, species: str, paths: list[Path], chunk: int, lock: bool) -> subprocess.Popen:
     args = [sys.executable, __file__, "_writer", str(index), species, str(chunk), "1" if lock else "0",
             *map(str, paths)]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=WRITER_ENV)
 
 
-def trial(seed: int, writers: int, kill: int, photos: int, chunk: int, lock: bool, tmp: Path) -> dict:
-    """One trial; returns {"ok": bool, "lost": n, "problems": [...], ...}."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_s3(lease_ttl: float) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1 with a bucket; sets the AWS_* environment (this process and the writers')."""
+    import boto3
+
+    global WRITER_ENV
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                sys.exit("moto's S3 server did not start (pip install moto[server])")
+            time.sleep(0.2)
+    WRITER_ENV = {**os.environ, "SPECIESID_LEASE_TTL_S": str(lease_ttl)}
+    return proc
+
+
+def trial(seed: int, writers: int, kill: int, photos: int, chunk: int, lock: bool, tmp: Path,
+          s3: bool = False) -> dict:
+    """One trial; returns {"ok": bool, "lost": n, "problems": [...], ...}. ``s3``: the store on S3 (moto's server,
+    started by :func:`start_s3`), each writer on its own copy of the gallery folder (a machine of its own)."""
     from retrieval.encoders import EncoderConfig
     from retrieval.workflows import build_gallery
 
@@ -123,21 +193,30 @@ def trial(seed: int, writers: int, kill: int, photos: int, chunk: int, lock: boo
     base = tmp / f"base{seed}" / "Naja philippinensis"
     base.mkdir(parents=True)
     os.symlink(pool[0], base / pool[0].name)
-    build_gallery(index, "folder", base.parent, encoder=EncoderConfig(spec=ENCODER, precision="fp32"), progress=False)
+    build_gallery(index, "folder", base.parent, encoder=EncoderConfig(spec=ENCODER, precision="fp32"), progress=False,
+                  store=f"s3://{BUCKET}/g{seed}-{os.getpid()}" if s3 else None)
     plans = []
     for w in range(writers):  # overlapping halves: every photo goes to at least two writers
         start = (w * len(pool)) // writers
         plans.append([pool[(start + k) % len(pool)] for k in range(len(pool) // 2 + 2)])
     covered = {p for plan in plans for p in plan} | {pool[0]}
-    procs = [_spawn(index, f"Species w{w}", plan, chunk, lock) for w, plan in enumerate(plans)]
+    folders = [index] * writers
+    if s3:  # each writer a machine of its own: its own copy of the folder (no shared flock), one store
+        folders = [tmp / f"g{seed}-machine{w}" for w in range(writers)]
+        for folder in folders:
+            shutil.copytree(index, folder)
+    procs = [_spawn(folders[w], f"Species w{w}", plan, chunk, lock) for w, plan in enumerate(plans)]
     victims = rng.sample(range(writers), kill)
     target = 1 + rng.randrange(len(covered))  # kill once this many rows are committed (a random moment)
     seen = _committed(index)
     while len(seen) < target and any(procs[v].poll() is None for v in victims):
         time.sleep(rng.uniform(0.0, 0.1))
         seen = _committed(index)
-    for v in victims:
-        os.kill(procs[v].pid, signal.SIGKILL)
+    killed = 0
+    for v in victims:  # a victim that finished before the moment came (and was reaped by poll) is not killed
+        if procs[v].poll() is None:
+            procs[v].send_signal(signal.SIGKILL)
+            killed += 1
     errors = []
     for w, p in enumerate(procs):
         _, err = p.communicate(timeout=600)
@@ -146,13 +225,14 @@ def trial(seed: int, writers: int, kill: int, photos: int, chunk: int, lock: boo
     problems = errors + check(index, seen)
     lost = sum(1 for pr in problems if pr.startswith("lost"))
     for v in victims:  # the same command again completes the gallery
-        p = _spawn(index, f"Species w{v}", plans[v], chunk, lock)
+        p = _spawn(folders[v], f"Species w{v}", plans[v], chunk, lock)
         _, err = p.communicate(timeout=600)
         if p.returncode != 0:
             problems.append(f"re-run of writer {v} exited {p.returncode}: {err.decode()[-500:]}")
     final = check(index, seen, expected_photos=len(covered))
     problems += [f"after re-runs: {x}" for x in final]
-    return {"seed": seed, "ok": not problems, "lost": lost, "seen_before_kill": len(seen), "problems": problems}
+    return {"seed": seed, "ok": not problems, "lost": lost, "seen_before_kill": len(seen), "killed": killed,
+            "problems": problems}
 
 
 def main() -> None:
@@ -165,26 +245,43 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-lock", action="store_true", help="writers skip the write lock (shows what breaks)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    ap.add_argument("--s3", action="store_true",
+                    help="store on S3 (moto's server on 127.0.0.1), each writer on its own copy of the folder")
+    ap.add_argument("--lease-ttl", type=float, default=3.0,
+                    help="with --s3: the writers' SPECIESID_LEASE_TTL_S (default 3 s)")
     args = ap.parse_args()
     if not PH_SNAKES.is_dir():
         sys.exit(f"needs the shared photos at {PH_SNAKES}")
     results = []
-    with tempfile.TemporaryDirectory(prefix="speciesid-chaos-") as tmp:
-        for t in range(args.trials):
-            r = trial(args.seed + t, args.writers, args.kill, args.photos, args.chunk, not args.no_lock, Path(tmp))
-            results.append(r)
-            if not args.json:
-                status = "ok" if r["ok"] else "FAILED: " + "; ".join(r["problems"])
-                print(f"trial {t + 1}/{args.trials} (seed {r['seed']}, {r['seen_before_kill']} rows committed "
-                      f"before the kill): {status}", flush=True)
+    server = start_s3(args.lease_ttl) if args.s3 else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="speciesid-chaos-") as tmp:
+            _trials(args, Path(tmp), results)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
     summary = {"trials": len(results), "survived": sum(r["ok"] for r in results),
-               "lost": sum(r["lost"] for r in results), "writers": args.writers, "killed_per_trial": args.kill,
-               "lock": not args.no_lock, "failures": [r for r in results if not r["ok"]][:5]}
+               "lost": sum(r["lost"] for r in results),
+               "killed": sum(r["killed"] for r in results), "writers": args.writers, "killed_per_trial": args.kill,
+               "lock": not args.no_lock, "s3": args.s3, "failures": [r for r in results if not r["ok"]][:5]}
     if args.json:
         print(json.dumps(summary))
     else:
+        lock = "on" if summary["lock"] else "OFF"
         print(f"trials {summary['trials']}  survived {summary['survived']}  lost {summary['lost']}  "
-              f"({args.writers} writers, {args.kill} killed per trial, lock {'on' if summary['lock'] else 'OFF'})")
+              f"killed {summary['killed']}  ({args.writers} writers, {args.kill} killed per trial, lock {lock}"
+              f"{', store on S3, a folder per writer' if args.s3 else ''})")
+
+
+def _trials(args: argparse.Namespace, tmp: Path, results: list[dict]) -> None:
+    for t in range(args.trials):
+        r = trial(args.seed + t, args.writers, args.kill, args.photos, args.chunk, not args.no_lock, tmp, s3=args.s3)
+        results.append(r)
+        if not args.json:
+            status = "ok" if r["ok"] else "FAILED: " + "; ".join(r["problems"])
+            print(f"trial {t + 1}/{args.trials} (seed {r['seed']}, {r['seen_before_kill']} rows committed "
+                  f"before the kill, {r['killed']} killed): {status}", flush=True)
 
 
 if __name__ == "__main__":
