@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import free_port  # puts the repo on sys.path
 from _hardware import machine_report
 
 logger = logging.getLogger("bench_lease")
@@ -31,25 +30,12 @@ BUCKET = "bench"
 
 
 def _moto() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server on a free port, with the bucket made; (the process, its endpoint)."""
-    import boto3
+    """moto's S3 server, with the bucket made; (the process, its endpoint)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from moto_s3 import start_moto_s3
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            return proc, endpoint
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto's S3 server did not start") from None
-            time.sleep(0.2)
+    proc, endpoint, _ = start_moto_s3(BUCKET)
+    return proc, endpoint
 
 
 def one_run(run: int, *, adds: int, warmup: int, lease: bool) -> list[float]:

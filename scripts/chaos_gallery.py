@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -149,33 +148,17 @@ def _spawn(index: Path, species: str, paths: list[Path], chunk: int, lock: bool)
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=WRITER_ENV)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_s3(lease_ttl: float) -> subprocess.Popen:
     """moto's S3 server on 127.0.0.1 with a bucket; sets the AWS_* environment (this process and the writers')."""
-    import boto3
+    from moto_s3 import start_moto_s3
 
     global WRITER_ENV
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc, endpoint, _ = start_moto_s3(BUCKET)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                sys.exit("moto's S3 server did not start (pip install moto[server])")
-            time.sleep(0.2)
+                       "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
     WRITER_ENV = {**os.environ, "SPECIESID_LEASE_TTL_S": str(lease_ttl)}
     return proc
 

@@ -32,22 +32,12 @@ _TINY = {"spec": "t", "fingerprint": "t#0", "dim": 8}
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server in a subprocess on a free port, with a bucket; its endpoint URL."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("moto's S3 server did not start")
-            time.sleep(0.2)
+    from scripts.moto_s3 import start_moto_s3
+
+    try:
+        proc, endpoint, client = start_moto_s3(BUCKET)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     yield endpoint, client
     proc.terminate()
     proc.wait(timeout=10)
