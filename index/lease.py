@@ -76,6 +76,9 @@ _INVALID = {"InvalidArgument", "InvalidRequest", "400"}
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled"}
 #: Tries of a conditional write that keeps meeting 409 ConditionalRequestConflict, and the first pause (doubled).
 CONFLICT_TRIES, CONFLICT_PAUSE_S = 5, 0.05
+#: Attempts of one request on the lease's objects (botocore's ``total_max_attempts``: the first and one retry), and
+#: the bounds of its connect and read timeouts (each a sixth of the lease's TTL within them; :func:`request_timeout`).
+REQUEST_ATTEMPTS, REQUEST_TIMEOUT_S = 2, (1.0, 10.0)
 #: The parameters the lease sends, by S3 operation; botocore's S3 model has all of them from 1.35.69 on.
 NEEDED_PARAMS = {"PutObject": ("IfNoneMatch", "IfMatch")}
 BOTO3_FLOOR = "1.35.69"
@@ -119,9 +122,19 @@ def _opt(options: dict[str, str], *names: str) -> str | None:
     return None
 
 
-def s3_client(options: dict[str, str]) -> Any:
+def request_timeout(ttl: float) -> float:
+    """The connect and read timeout of the lease's requests for a lease of ``ttl`` seconds: a sixth of it, within
+    REQUEST_TIMEOUT_S. With REQUEST_ATTEMPTS tries, a request that hangs gives up well within the TTL (30 s: 5 s
+    timeouts, about 21 s at most in all): a renewal cut off fails, and a commit's check with it, before the lease
+    could lapse, not minutes later."""
+    low, high = REQUEST_TIMEOUT_S
+    return min(max(ttl / 6, low), high)
+
+
+def s3_client(options: dict[str, str], *, timeout: float = REQUEST_TIMEOUT_S[1]) -> Any:
     """A boto3 S3 client for the endpoint, region and credentials in Lance storage ``options`` (those not given
-    there come from boto3's own chain: environment, profile, instance role)."""
+    there come from boto3's own chain: environment, profile, instance role), with ``timeout`` seconds to connect
+    and to read, and REQUEST_ATTEMPTS tries of each request."""
     try:
         import boto3
         from botocore.config import Config
@@ -138,8 +151,9 @@ def s3_client(options: dict[str, str]) -> Any:
         aws_access_key_id=_opt(options, "aws_access_key_id", "access_key_id"),
         aws_secret_access_key=_opt(options, "aws_secret_access_key", "secret_access_key"),
         aws_session_token=_opt(options, "aws_session_token", "session_token", "token"),
-        config=Config(s3={"addressing_style": style}, retries={"max_attempts": 3, "mode": "standard"},
-                      connect_timeout=10, read_timeout=30),
+        config=Config(s3={"addressing_style": style},
+                      retries={"total_max_attempts": REQUEST_ATTEMPTS, "mode": "standard"},
+                      connect_timeout=timeout, read_timeout=timeout),
     )
     check_client(client)
     return client
@@ -224,7 +238,7 @@ class S3Lease:
         self._client = client
         self._etag: str | None = None
         self._holder: dict[str, Any] = {}
-        self._renewed = 0.0  # monotonic time of the last successful put
+        self._renewed = 0.0  # monotonic time the last put known to have gone through was sent (not answered)
         self._lost: str | None = None  # why the lease was lost while held
         self._probed = False  # the store was shown to refuse a conditional put it should refuse
         self._free_etag: str | None = None  # the free body this writer put at its last release (a hint)
@@ -234,9 +248,9 @@ class S3Lease:
 
     @property
     def client(self) -> Any:
-        """The boto3 client (made on first use)."""
+        """The boto3 client (made on first use; its timeouts a sixth of the TTL: :func:`request_timeout`)."""
         if self._client is None:
-            self._client = s3_client(self._options)
+            self._client = s3_client(self._options, timeout=request_timeout(self.ttl))
         return self._client
 
     @property
@@ -309,15 +323,16 @@ class S3Lease:
         needed), else on what a read finds: the object absent (``If-None-Match: *``), free, or stale
         (``If-Match`` on its etag: a holder that renewed meanwhile keeps it). None when the lease is ours now, else
         its holder (``{}``: taken by another between the read and the put, or a 409 conflict)."""
+        sent = time.monotonic()  # before any put of this body: the lease, once adopted, is timed from here
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
                         "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "ttl_s": self.ttl}
         body = self._holder_body()
         hint, self._free_etag = self._free_etag, None
-        if hint is not None and self._put_holder(body, IfMatch=hint):
+        if hint is not None and self._put_holder(body, sent, IfMatch=hint):
             return None
         seen = self._look()
         if _is_ours(seen, body):
-            self._adopt(seen.etag)  # the put above went through; its response was lost
+            self._adopt(seen.etag, sent)  # the put above went through; its response was lost
             return None
         if seen is None:
             condition = {"IfNoneMatch": "*"}
@@ -325,7 +340,7 @@ class S3Lease:
             condition = {"IfMatch": seen.etag}
         else:
             return seen.holder
-        if self._put_holder(body, **condition):
+        if self._put_holder(body, sent, **condition):
             if seen is not None and seen.stale and not seen.free:
                 logger.warning("broke the stale write lease of the store %s (%s, not renewed for %.0f s, past its "
                                "%.0f s): taken over; that writer is gone or cut off", self.uri, _who(seen.holder),
@@ -333,26 +348,29 @@ class S3Lease:
             return None
         again = self._look()
         if _is_ours(again, body):
-            self._adopt(again.etag)
+            self._adopt(again.etag, sent)
             return None
         return {} if again is None or again.free else again.holder
 
-    def _put_holder(self, body: dict, **condition: str) -> bool:
-        """One conditional put of a holder body; whether it went through (False: refused, 412, 404 or a 409
-        conflict: the caller reads the object to tell a lost race from its own put whose response was lost)."""
+    def _put_holder(self, body: dict, sent: float, **condition: str) -> bool:
+        """One conditional put of a holder body (first sent at monotonic time ``sent``); whether it went through
+        (False: refused, 412, 404 or a 409 conflict: the caller reads the object to tell a lost race from its own
+        put whose response was lost)."""
         try:
             response = self._send(body, **condition)
         except Exception as exc:  # noqa: BLE001 - botocore's ClientError, told apart by code
             if _code(exc) in _TAKEN | _CONFLICT:
                 return False
             self._raise(exc, "taking it (a conditional PUT)")
-        self._adopt(response["ETag"])
+        self._adopt(response["ETag"], sent)
         return True
 
-    def _adopt(self, etag: str) -> None:
-        """The lease is ours, at ``etag``."""
+    def _adopt(self, etag: str, sent: float) -> None:
+        """The lease is ours, at ``etag``, put by a request sent at monotonic time ``sent``: the lease is timed from
+        the send, never the reply (S3 dates the object when the request arrives; a reply can come late, after
+        botocore's retries, and the lease lapses ``ttl`` after that date)."""
         with self._guard:
-            self._etag, self._renewed, self._lost = etag, time.monotonic(), None
+            self._etag, self._renewed, self._lost = etag, sent, None
 
     def _send(self, body: dict, **condition: str) -> dict:
         """PUT ``body`` as the lease object, on ``condition`` (If-None-Match / If-Match)."""
@@ -529,12 +547,14 @@ class S3Lease:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def renew(self) -> None:
-        """Renew the held lease now (a conditional put on its etag); LeaseLostError when it is not ours any more."""
+        """Renew the held lease now (a conditional put on its etag); LeaseLostError when it is not ours any more. The
+        renewal is timed from when its request was sent, not from its reply (:meth:`_adopt`)."""
         with self._guard:
             if self._etag is None:
                 raise LeaseLostError(f"the write lease {self.where} is not held")
             if self._lost:
                 raise LeaseLostError(self._lost)
+            sent = time.monotonic()
             try:
                 etag = self._put(self._holder_body(), "renewing it", IfMatch=self._etag)
             except LeaseStoreError:
@@ -547,11 +567,12 @@ class S3Lease:
                     logger.error("%s", self._lost)
                     raise LeaseLostError(self._lost) from exc
                 self._raise(exc, "renewing it (a PUT with If-Match)")
-            self._etag, self._renewed = etag, time.monotonic()
+            self._etag, self._renewed = etag, sent
 
     def check(self) -> None:
-        """Before a commit: the lease is still ours (renewed now when its last renewal is over half the TTL
-        old); LeaseLostError otherwise."""
+        """Before a commit: the lease is still ours (renewed now when its last renewal was sent over half the TTL
+        ago); LeaseLostError otherwise. A renewal that succeeds proves the lease was never taken over meanwhile (its
+        If-Match names the etag this writer put last; any other writer's put changes it), however old the last one."""
         if self._lost:
             raise LeaseLostError(self._lost)
         if time.monotonic() - self._renewed > self.ttl / 2:

@@ -551,6 +551,98 @@ def test_a_conditional_put_whose_response_was_lost_is_not_taken_for_a_lost_lease
     lease.release()
 
 
+class _LateReply(FakeS3):
+    """A FakeS3 whose next ``slow`` request ("put" or "get") on the lease object, once ``armed``, is answered
+    ``delay`` s late. S3 dated a put when it arrived, so the lease went stale on the server's clock meanwhile, and
+    another writer took it over: its holder body is over the lease when the late reply comes."""
+
+    def __init__(self, slow: str, delay: float) -> None:
+        super().__init__()
+        self.slow, self.delay, self.armed = slow, delay, False
+
+    def _late(self, op: str, key: str) -> None:
+        if self.armed and op == self.slow and key.endswith("write.lock"):
+            self.armed = False
+            time.sleep(self.delay)
+            self.objects[key] = ('"rival"', json.dumps({"host": "rival", "pid": 1, "nonce": "theirs"}).encode())
+
+    def put_object(self, **kw: Any) -> dict:
+        out = super().put_object(**kw)
+        self._late("put", kw["Key"])
+        return out
+
+    def get_object(self, **kw: Any) -> dict:
+        out = super().get_object(**kw)
+        self._late("get", kw["Key"])
+        return out
+
+
+@pytest.mark.parametrize("how", ["take answered late", "renewal answered late", "renewal adopted by its nonce late"])
+def test_a_lease_is_timed_from_when_its_put_was_sent_not_from_its_late_reply(how, monkeypatch):
+    """Review s46, 1: a put's reply 0.7 s late (a slow link; botocore's retries after a read timeout; a read-back of
+    a put refused on botocore's retry) while the TTL is 1 s. Before, the lease was timed from the reply, so check()
+    vouched for it without asking the store for half a TTL more, while a rival held it: the holder wrote ids.json
+    under the rival's lease. Timed from the send, check() renews, is refused and stops the holder."""
+    from index.lease import LeaseLostError, S3Lease
+
+    monkeypatch.setattr(S3Lease, "_start_heartbeat", lambda self: None)  # renewals driven by hand
+    fake = _LateReply("get" if "nonce" in how else "put", delay=0.7)
+    lease = _fake_lease(fake, ttl=1.0)
+    if how.startswith("take"):
+        fake.armed = True
+        lease.acquire(timeout=5)
+    else:
+        lease.acquire(timeout=0)
+        fake.armed = True
+        if "nonce" in how:
+            fake.lost.append("IfMatch")  # the renewal went through, botocore's retry got 412, the read-back is late
+        lease.renew()
+    assert not fake.armed and lease.held
+    with pytest.raises(LeaseLostError, match="taken over by another"):
+        lease.check()
+    with pytest.raises(LeaseLostError):
+        lease.write_next_id(9, None)
+    assert "g/_speciesid/ids.json" not in fake.objects
+    lease.release()
+    assert fake.objects["g/_speciesid/write.lock"][0] == '"rival"'  # never freed
+
+
+def test_a_lease_request_that_hangs_gives_up_well_within_the_ttl():
+    """Review s46, 1: the lease's client had 30 s reads and 4 tries against a 30 s TTL, so one renewal could outlast
+    the lease. Its timeouts are a sixth of the TTL now (1 s to 10 s), with 2 tries: against a server that never
+    answers (a socket on 127.0.0.1 that accepts and stays silent), a 6 s lease gives up on a request in about 2 s."""
+    import socket
+    import threading
+
+    from index.lease import S3Lease
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    options = {"aws_endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}", "region": "us-east-1",
+               "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    lease = S3Lease("s3://b/g", options, ttl=6.0)
+    config = lease.client.meta.config
+    assert config.connect_timeout == config.read_timeout == 1.0 and config.retries["total_max_attempts"] == 2
+    assert S3Lease("s3://b/g", options, ttl=30).client.meta.config.read_timeout == 5.0
+    failed: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            lease.read_next_id()
+        except Exception as exc:  # noqa: BLE001
+            failed.append(exc)
+
+    start = time.monotonic()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(lease.ttl)
+    spent = time.monotonic() - start
+    silent.close()  # a request still waiting gets its connection closed, and ends
+    reader.join(10)
+    assert spent < lease.ttl and failed and "timeout" in str(failed[0]).lower(), (spent, failed)
+
+
 def test_a_heartbeat_left_from_an_earlier_hold_stops(monkeypatch):
     """release() waits a TTL for the heartbeat; one stuck longer in a renewal went on beating beside the next hold's
     (its stop event was cleared by the next acquire). Each hold now has its own stop event."""
@@ -697,7 +789,7 @@ def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, mo
 
     endpoint, client = s3_env
     real = lease_module.s3_client
-    monkeypatch.setattr(lease_module, "s3_client", lambda options: _Dropping(client, "IfNoneMatch", "IfMatch"))
+    monkeypatch.setattr(lease_module, "s3_client", lambda options, **kw: _Dropping(client, "IfNoneMatch", "IfMatch"))
     encoder = _TINY
     with pytest.raises(ValueError, match=r"Use a store that honours them .*or keep the gallery's store in its "
                                          r"folder \(no --store\)") as caught:
@@ -710,7 +802,7 @@ def test_lease_errors_of_a_gallery_create_keep_their_advice(s3_env, tmp_path, mo
                 raise _client_error("AccessDenied", 403, message="Access Denied")
             return client.put_object(**kw)
 
-    monkeypatch.setattr(lease_module, "s3_client", lambda options: Denied(client))
+    monkeypatch.setattr(lease_module, "s3_client", lambda options, **kw: Denied(client))
     with pytest.raises(ValueError, match=r"the write lease s3://galleries/denied/_speciesid/write.lock: .*refused "
                                          r"\(AccessDenied.*s3:PutObject"):
         Gallery.create(tmp_path / "d", encoder, store=f"s3://{BUCKET}/denied")
