@@ -17,7 +17,9 @@ TTL) or says it is free. Every change to it is a conditional PUT; it is never de
 - a conditional write S3 answers with 409 ConditionalRequestConflict (it raced another on the key) is tried again
   after a short pause, as S3 asks; only 412 (and 404 on a renewal) means the lease is someone else's now;
 - every body carries a fresh nonce: a put refused on botocore's retry (the first try went through, its response
-  was lost) is told apart by reading the object back, and its etag adopted, not taken for a lost lease;
+  was lost) is told apart by reading the object back, and its etag adopted, not taken for a lost lease; so is a
+  put of this hold that failed with a network error after it went through (the next renewal is put over it), and
+  a take that failed so is freed again: only a refusal while the object holds a body not this writer's is a loss;
 - before a store is trusted, a create of the held lease (If-None-Match) and a PUT naming a wrong etag (If-Match)
   must both be refused: a store that ignores either is refused (:class:`ConditionalWritesUnsupported`).
 
@@ -240,6 +242,7 @@ class S3Lease:
         self._holder: dict[str, Any] = {}
         self._renewed = 0.0  # monotonic time the last put known to have gone through was sent (not answered)
         self._lost: str | None = None  # why the lease was lost while held
+        self._unsure: set[str] = set()  # nonces of this hold's lease puts not known to have gone through or not
         self._probed = False  # the store was shown to refuse a conditional put it should refuse
         self._free_etag: str | None = None  # the free body this writer put at its last release (a hint)
         self._guard = threading.Lock()  # the etag between the heartbeat and the holder
@@ -270,9 +273,9 @@ class S3Lease:
 
         Every try that finds the lease taken pauses (growing to 1 s) before the next, and the timeout is honoured
         whether or not the holder could be read. TimeoutError names the holder and what to do;
-        :class:`ConditionalWritesUnsupported` when the store does not honour conditional writes. A failure after
-        this writer's holder body was put frees the lease again (nothing is left for others to wait out), an
-        interrupt included."""
+        :class:`ConditionalWritesUnsupported` when the store does not honour conditional writes. A failure once
+        this writer's holder body may have been put (a network error with the put itself too: the object is read
+        to tell) frees the lease again (nothing is left for others to wait out), an interrupt included."""
         if self.held:
             raise RuntimeError(f"lease {self.where} is already held by this object")
         start = time.monotonic()
@@ -294,8 +297,8 @@ class S3Lease:
     def _take(self) -> dict | None:
         """One try: put this writer's holder body, check the store honours conditional writes, start renewing it.
         None when the lease is ours now; else its holder as read (``{}``: none could be read, another writer took
-        it between the read and the put). On any failure once the body was put (an interrupt too), the lease is
-        freed again."""
+        it between the read and the put). On any failure once the body may have been put (an interrupt too), the
+        lease is freed again: when its put was answered, or when the object holds one of its nonces."""
         try:
             holder = self._try_take()
             if holder is not None:
@@ -305,8 +308,13 @@ class S3Lease:
             return None
         except BaseException as exc:
             with self._guard:
-                etag = self._etag
+                etag, unsure = self._etag, set(self._unsure)
                 self._forget()
+            if etag is None and unsure:  # the put failed (a network error): it may have gone through all the same
+                with contextlib.suppress(Exception):
+                    seen = self._look()
+                    if seen is not None and seen.body.get("nonce") in unsure:
+                        etag = seen.etag
             if etag is not None:  # ours was put: never left for others to wait a TTL out
                 careless = isinstance(exc, ConditionalWritesUnsupported)  # If-Match unheeded: the object is ours
                 with contextlib.suppress(Exception):
@@ -327,6 +335,7 @@ class S3Lease:
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
                         "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "ttl_s": self.ttl}
         body = self._holder_body()
+        self._unsure = set()  # a put of the body below adds its nonce: on a failure, _take reads the object to tell
         hint, self._free_etag = self._free_etag, None
         if hint is not None and self._put_holder(body, sent, IfMatch=hint):
             return None
@@ -355,7 +364,9 @@ class S3Lease:
     def _put_holder(self, body: dict, sent: float, **condition: str) -> bool:
         """One conditional put of a holder body (first sent at monotonic time ``sent``); whether it went through
         (False: refused, 412, 404 or a 409 conflict: the caller reads the object to tell a lost race from its own
-        put whose response was lost)."""
+        put whose response was lost). Until a reply its nonce is unsure: :meth:`_take` frees what it put on a
+        failure."""
+        self._unsure.add(body["nonce"])
         try:
             response = self._send(body, **condition)
         except Exception as exc:  # noqa: BLE001 - botocore's ClientError, told apart by code
@@ -371,6 +382,7 @@ class S3Lease:
         botocore's retries, and the lease lapses ``ttl`` after that date)."""
         with self._guard:
             self._etag, self._renewed, self._lost = etag, sent, None
+            self._unsure.clear()
 
     def _send(self, body: dict, **condition: str) -> dict:
         """PUT ``body`` as the lease object, on ``condition`` (If-None-Match / If-Match)."""
@@ -378,22 +390,38 @@ class S3Lease:
                                       ContentType="application/json", **condition)
 
     def _put(self, body: dict, doing: str, **condition: str) -> str:
-        """A conditional put of ``body`` (tried again on 409 conflicts, :meth:`_conditional`); its new etag. A refusal
-        is raised as it is, unless the object holds ``body`` itself (its nonce): botocore tried the request again
-        after a response was lost, and the first try had gone through; its etag is then adopted."""
-        try:
-            return self._conditional(lambda: self._send(body, **condition), doing)["ETag"]
-        except Exception as exc:  # noqa: BLE001
-            if not (isinstance(exc, LeaseStoreError) or _code(exc) in _TAKEN):
-                raise
-            seen = None
-            with contextlib.suppress(Exception):
-                seen = self._look()
-            if not _is_ours(seen, body):
-                raise
-            logger.info("the write lease %s: %s was refused on a retry, but the first try had gone through",
-                        self.where, doing)
-            return seen.etag
+        """A conditional put of ``body`` over this writer's lease (tried again on 409 conflicts,
+        :meth:`_conditional`); its new etag. Until a reply, its nonce is among this hold's puts of unknown outcome
+        (a network error leaves it there). A refusal (412, 404, or 409s throughout) is told apart by reading the
+        object back: holding ``body`` itself, botocore tried the request again after a response was lost and the
+        first try had gone through (its etag is adopted); holding an earlier put of this hold whose reply never
+        came, ``body`` is put once more, over that one. Only a body not this writer's (or none) means the lease is
+        someone else's: the refusal is raised as it is (a failure of the read instead: not known to be lost)."""
+        for attempt in range(2):
+            self._unsure.add(body["nonce"])
+            try:
+                etag = self._conditional(partial(self._send, body, **condition), doing)["ETag"]
+            except Exception as exc:  # noqa: BLE001
+                if not (isinstance(exc, LeaseStoreError) or _code(exc) in _TAKEN):
+                    raise  # a network error: it may have gone through (its nonce stays unsure)
+                seen = self._look()  # its failure is raised: the lease is not known to be lost
+                nonce = seen.body.get("nonce") if seen is not None else None
+                if nonce is None or nonce not in self._unsure:
+                    raise
+                if nonce == body.get("nonce"):
+                    logger.info("the write lease %s: %s was refused on a retry, but the first try had gone through",
+                                self.where, doing)
+                    self._unsure.clear()
+                    return seen.etag
+                if attempt:
+                    raise
+                logger.info("the write lease %s holds an earlier put of this writer whose reply was lost: %s over "
+                            "it", self.where, doing)
+                condition = {"IfMatch": seen.etag}
+                continue
+            self._unsure.clear()
+            return etag
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _free(self, etag: str, *, conditional: bool = True) -> str:
         """Put the free body over this writer's lease at ``etag`` (``If-Match``; ``conditional=False``: a store

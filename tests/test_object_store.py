@@ -551,6 +551,78 @@ def test_a_conditional_put_whose_response_was_lost_is_not_taken_for_a_lost_lease
     lease.release()
 
 
+def _applied_then(fake: FakeS3, exc: BaseException) -> None:
+    """The next put on ``fake`` goes through, then fails with ``exc`` (every retry failed too: its reply is lost)."""
+    real, once = fake.put_object, [exc]
+
+    def put_object(**kw: Any) -> dict:
+        out = real(**kw)
+        if once:
+            raise once.pop()
+        return out
+
+    fake.put_object = put_object  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("then", ["renew", "release", "read back fails"])
+def test_a_renewal_that_went_through_with_its_reply_lost_is_not_taken_for_a_lost_lease(then):
+    """Review s46, 2A: a renewal went through, then botocore gave up (a read timeout); the next renewal, on the etag
+    before it, gets 412. The object holds that earlier renewal (its nonce): the lease is this writer's, and the next
+    renewal or the release is put over it. Before: 'taken over by another', and the lease left held for a TTL. A
+    412 whose read-back fails is not a loss either (only a body not this writer's is)."""
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    fake = FakeS3()
+    lease = _fake_lease(fake)
+    lease.acquire(timeout=0)
+    lease._stop.set()  # renewals driven by hand
+    key = "g/_speciesid/write.lock"
+    _applied_then(fake, ReadTimeoutError(endpoint_url="http://s3"))
+    with pytest.raises(ReadTimeoutError):
+        lease.renew()  # the heartbeat logs this and tries again at the next beat
+    unanswered = json.loads(fake.objects[key][1])
+    if then == "read back fails":
+        fake.fail.append(("get", EndpointConnectionError(endpoint_url="http://s3")))
+        with pytest.raises(EndpointConnectionError):
+            lease.renew()  # refused, and who holds it could not be read: not known to be lost
+        assert lease._lost is None
+    if then != "release":
+        lease.renew()
+        now = json.loads(fake.objects[key][1])
+        assert now["pid"] == os.getpid() and now["nonce"] != unanswered["nonce"] and lease._etag == fake.objects[key][0]
+        lease.check()
+        lease.write_next_id(3, None)
+        assert json.loads(fake.objects["g/_speciesid/ids.json"][1])["next"] == 3
+    lease.release()
+    assert json.loads(fake.objects[key][1])["free"] is True  # freed: nobody waits a TTL out
+
+
+@pytest.mark.parametrize("failure", ["network error", "interrupt"])
+def test_a_take_that_went_through_with_its_reply_lost_is_freed_again(failure):
+    """Review s46, 2B: the put that takes the lease went through, then failed (botocore gave up on its reply) or a
+    Ctrl-C came while it was in flight. Before, the lease was left naming this writer for a TTL; now the object is
+    read, holds this take's nonce, and is freed (If-Match on its etag). A put that failed before it went through
+    leaves another writer's object as it is."""
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    error = ReadTimeoutError(endpoint_url="http://s3") if failure == "network error" else KeyboardInterrupt()
+    fake = FakeS3()
+    lease = _fake_lease(fake)
+    key = "g/_speciesid/write.lock"
+    _applied_then(fake, error)
+    with pytest.raises(type(error)):
+        lease.acquire(timeout=5)
+    left = json.loads(fake.objects[key][1])
+    assert not lease.held and left["free"] is True and left["pid"] == os.getpid()
+    # another writer's free lease, and a take whose put fails before it gets there: nothing of it is touched
+    theirs = ('"theirs"', json.dumps({"free": True, "by": "other-host", "nonce": "theirs"}).encode())
+    fake.objects[key] = theirs
+    fake.fail.append(("put", EndpointConnectionError(endpoint_url="http://s3")))
+    with pytest.raises(EndpointConnectionError):
+        _fake_lease(fake).acquire(timeout=5)
+    assert fake.objects[key] == theirs
+
+
 class _LateReply(FakeS3):
     """A FakeS3 whose next ``slow`` request ("put" or "get") on the lease object, once ``armed``, is answered
     ``delay`` s late. S3 dated a put when it arrived, so the lease went stale on the server's clock meanwhile, and
