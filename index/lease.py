@@ -638,9 +638,14 @@ class S3Lease:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.ids_key)
             return int(json.loads(response["Body"].read())["next"]), response["ETag"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT} is unreadable ({exc}): delete it (the next "
-                             "writer steps over every id the store holds) and run the command again") from exc
+        except (ValueError, KeyError, TypeError) as exc:  # never repaired here: see the message
+            mark = f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT}"
+            raise ValueError(
+                f"{mark} is unreadable ({exc}). It is the only record of the ids a running build (or writer) on any "
+                "machine reserved and has not committed yet, so no writer can rebuild it: wait until no writer or "
+                f"build runs on any machine that writes {self.uri}, then delete it (the next writer steps over every "
+                "id the store holds) and run the command again. Deleted while one runs, its reserved ids could be "
+                "given twice") from exc
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in _MISSING:
                 return None, None

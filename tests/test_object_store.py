@@ -715,6 +715,20 @@ def test_a_lease_request_that_hangs_gives_up_well_within_the_ttl():
     assert spent < lease.ttl and failed and "timeout" in str(failed[0]).lower(), (spent, failed)
 
 
+def test_an_unreadable_id_mark_is_deleted_only_when_no_writer_or_build_runs_anywhere():
+    """Review s46, 6: the shared id mark is the only record of the ids a running (Ray) build reserved and has not
+    committed. The error said 'delete it' outright: deleted meanwhile, the next writer steps over the store's ids
+    only, and gives those reserved ids again. It says to wait until no writer or build runs on any machine."""
+    fake = FakeS3()
+    fake.objects["g/_speciesid/ids.json"] = ('"1"', b"{not json")
+    lease = _fake_lease(fake)
+    with pytest.raises(ValueError, match=r"s3://b/g/_speciesid/ids.json is unreadable .*reserved and has not "
+                                         r"committed.*wait until no writer or build runs on any machine that writes "
+                                         r"s3://b/g, then delete it .*could be given twice"):
+        lease.read_next_id()
+    assert fake.objects["g/_speciesid/ids.json"][1] == b"{not json"  # never rewritten by a guess
+
+
 def test_a_heartbeat_left_from_an_earlier_hold_stops(monkeypatch):
     """release() waits a TTL for the heartbeat; one stuck longer in a renewal went on beating beside the next hold's
     (its stop event was cleared by the next acquire). Each hold now has its own stop event."""
