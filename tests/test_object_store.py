@@ -31,7 +31,7 @@ _TINY = {"spec": "t", "fingerprint": "t#0", "dim": 8}
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server in a subprocess on a free port, with a bucket; its endpoint URL."""
+    """moto's S3 server in a subprocess on a port it bound itself, with a bucket; its endpoint URL."""
     from scripts.moto_s3 import start_moto_s3
 
     try:
@@ -267,6 +267,32 @@ def _lease(endpoint: str, uri: str, ttl: float):
     return S3Lease(uri, storage_options(None, {"aws_endpoint": endpoint}), ttl=ttl)
 
 
+def test_the_moto_launcher_serves_from_its_own_process_when_another_takes_the_port_it_would_pick(s3_endpoint,
+                                                                                               monkeypatch):
+    """Review s46 (minor): start_moto_s3 found a free port, then started moto on it. When another process (another
+    session's server) took that port meanwhile, the create_bucket was answered by that server, and the tests used
+    it, while the launched process exited ('Address already in use') a moment later. The server process now binds
+    a port of its own before it tells it: whatever another process holds, the endpoint is the process returned."""
+    from botocore.config import Config
+
+    import scripts.moto_s3 as moto_s3
+
+    other = s3_endpoint[0]
+    # the race lost: the port found free is another server's by the time moto binds it (no such step any more)
+    monkeypatch.setattr(moto_s3, "free_port", lambda: int(other.rsplit(":", 1)[1]), raising=False)
+    proc, endpoint, client = moto_s3.start_moto_s3("own-bucket", timeout=60)
+    try:
+        assert endpoint != other and proc.poll() is None
+        assert "own-bucket" in [b["Name"] for b in client.list_buckets()["Buckets"]]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    once = boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"total_max_attempts": 1}),
+                        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+    with pytest.raises(Exception, match="Could not connect"):
+        once.list_buckets()  # the process returned was the one serving that endpoint
+
+
 def test_a_held_lease_is_renewed_waits_its_rival_out_naming_the_holder_and_is_released(s3_env):
     from index.lease import LEASE_DIR
 
@@ -460,7 +486,7 @@ def test_acquire_pauses_and_honours_its_timeout_when_the_holder_cannot_be_read()
     assert not lease.held
 
 
-def test_a_409_conflict_is_retried_not_taken_for_a_lost_lease_and_release_still_deletes():
+def test_a_409_conflict_is_retried_not_taken_for_a_lost_lease_and_release_still_frees_it():
     """AWS answers 409 ConditionalRequestConflict to a write racing another on the key, and says to retry: the
     holder renews, writes the id mark and releases as usual. Before: 'lease lost', and its object was left."""
     fake = FakeS3()
