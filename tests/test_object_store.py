@@ -748,6 +748,52 @@ def test_steps_that_write_only_the_folder_do_not_take_the_stores_lease(s3_env, t
     assert len(taken) == 1 and not any(p.exists() for p in paths)  # the delete itself; not once per upload
 
 
+def test_the_end_of_a_build_holds_the_stores_lease_for_its_store_steps_only(s3_env, tmp_path, monkeypatch):
+    """finish_build compacts and indexes the store under its lease (checked first), then rebuilds the vector index
+    holding the folder's lock alone: another machine's writer does not wait for the rebuild, and its row is in the
+    index (added by difference when the rebuild read the store before it)."""
+    from index.gallery import Gallery
+    from index.lease import LeaseLostError, S3Lease
+    from index.records import ReferenceRecord
+    from index.store import ReferenceStore
+
+    a, first = _two_machines(tmp_path, f"s3://{BUCKET}/finish")
+    b = Gallery.open(tmp_path / "b")
+    b._writer.timeout = 1.0  # a writer on the other machine that waits no longer than that for the lease
+    held, added = {}, []
+    real_optimize, real_rebuild = ReferenceStore.optimize, Gallery.rebuild_index
+
+    def optimize(store):
+        held["optimize"] = a._writer.held_lease is not None
+        return real_optimize(store)
+
+    def rebuild_index(self, **kw):
+        if self is a:
+            held["rebuild"] = a._writer.held_lease is not None
+            added.extend(b.add([ReferenceRecord(path="/b.jpg", species="Naja naja")], ["b" * 64],
+                               np.full((1, _TINY["dim"]), 2, np.float32)))  # the other machine commits meanwhile
+        return real_rebuild(self, **kw)
+
+    monkeypatch.setattr(ReferenceStore, "optimize", optimize)
+    monkeypatch.setattr(Gallery, "rebuild_index", rebuild_index)
+    a.finish_build()
+    assert held == {"optimize": True, "rebuild": False} and len(added) == 1
+    assert sorted(a.index.ids.tolist()) == sorted([first, *added])
+    c = b.add([ReferenceRecord(path="/c.jpg", species="Naja naja")], ["c" * 64], np.full((1, _TINY["dim"]), 3,
+                                                                                        np.float32))
+    assert sorted(Gallery.open(tmp_path / "a").index.ids.tolist()) == sorted([first, *added, *c])  # by difference
+    # a lease lost before the store steps: nothing is compacted
+    held.clear()
+
+    def lost(self):
+        raise LeaseLostError("the write lease was taken over by another")
+
+    monkeypatch.setattr(S3Lease, "check", lost)
+    with pytest.raises(LeaseLostError):
+        a.finish_build()
+    assert held == {}
+
+
 _KILLED_HOLDER = """
 import os, signal, sys
 import numpy as np
