@@ -250,9 +250,13 @@ class PendingFiles:
         self.files: list[str] = []
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         _LIVE.add(self.path.name)
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._append({"uri": uri, "since": since, **_owner()})
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._append({"uri": uri, "since": since, **_owner()})
+        except BaseException:  # no empty, unlocked journal left for every later sweep to warn about
+            self._close()
+            raise
 
     def _append(self, entry: dict) -> None:
         if self._fd is not None:

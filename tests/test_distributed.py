@@ -567,6 +567,28 @@ def test_an_abandon_that_cannot_remove_the_files_keeps_the_journal_for_the_next_
     assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) == base and not pending.path.exists()
 
 
+def test_a_journal_that_cannot_be_locked_or_written_is_not_left_behind(tmp_path, monkeypatch):
+    """Before, a flock or first write that failed leaked the journal's descriptor and left an empty, unlocked journal
+    that every later sweep warned about ('names another store (None)')."""
+    import os
+    import types
+
+    from index import fragments
+    from index.fragments import PendingFiles
+
+    def refused(*args, **kwargs):
+        raise OSError("no locks on this filesystem")
+
+    for patch in (("fcntl", types.SimpleNamespace(flock=refused, LOCK_EX=2)), ("_owner", refused)):
+        open_fds = len(os.listdir("/proc/self/fd"))
+        with monkeypatch.context() as m:
+            m.setattr(fragments, *patch)
+            with pytest.raises(OSError, match="no locks"):
+                PendingFiles(tmp_path, str(tmp_path / "t.lance"), 1)
+        assert not list(tmp_path.glob(JOURNAL_GLOB)) and not fragments._LIVE, patch[0]
+        assert len(os.listdir("/proc/self/fd")) == open_fds, patch[0]
+
+
 def test_a_sweep_that_fails_is_a_warning_and_the_build_goes_on(tmp_path, monkeypatch, caplog):
     """A journal whose store cannot be opened now: a warning, the journal kept for later; before, every Ray build
     failed before it started, for as long as the journal stayed."""
