@@ -614,6 +614,35 @@ def test_refusals_of_the_lease_name_it_and_say_what_to_do():
     assert not fake.objects and not [c for op, c in fake.calls if op == "delete"]
 
 
+def test_the_api_answers_the_leases_own_refusals_503_to_retry_or_500_misconfigured(monkeypatch):
+    """The errors the lease really raises (their S3 cause chained) reach an API client as 503 + Retry-After (racing
+    writes, a wait past the timeout) or 500 (credentials refused, no conditional writes): before, each was a 400."""
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+
+    def answer(fake: FakeS3, timeout: float = 0, step=None) -> HTTPException:
+        with pytest.raises(HTTPException) as caught:
+            edge(step or (lambda: _fake_lease(fake).acquire(timeout=timeout)))
+        return caught.value
+
+    monkeypatch.setattr("index.lease.CONFLICT_PAUSE_S", 0.0)
+    fake = FakeS3()
+    holder = _fake_lease(fake)
+    holder.acquire(timeout=0)
+    fake.fail += [("put", _client_error("ConditionalRequestConflict", 409))] * 5  # a renewal meeting racing writes
+    got = answer(fake, step=holder.renew)
+    assert got.status_code == 503 and "conflicting writes" in got.detail and got.headers["Retry-After"]
+    got = answer(fake, timeout=0.2)  # another writer holds it: a waiter's TimeoutError
+    assert got.status_code == 503 and "waited" in got.detail and "try again" in got.detail.lower()
+    holder.release()
+    fake.fail.append(("put", _client_error("AccessDenied", 403, message="Access Denied")))
+    got = answer(fake)
+    assert got.status_code == 500 and "misconfigured" in got.detail and "s3:" not in got.detail
+    fake.fail.append(("put", _client_error("NotImplemented", 501, message="If-None-Match is not implemented")))
+    assert answer(fake).status_code == 500
+
+
 def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_is_told_to_upgrade():
     import types
 
