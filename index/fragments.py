@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import string
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,14 +147,28 @@ MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
 def _machine_id() -> str | None:
-    """This machine's identity (:data:`MACHINE_ID_FILES`), or None when it has none."""
+    """This machine's identity (:data:`MACHINE_ID_FILES`), or None when it has none. Text that is not hex (systemd's
+    ``uninitialized`` of an image not booted yet) is no id: machines made from one image would share it."""
     for name in MACHINE_ID_FILES:
         try:
             text = Path(name).read_text().strip()
         except OSError:
             continue
-        if text:
+        if text and all(c in string.hexdigits for c in text):
             return text
+        if text:
+            logger.debug("%s holds %r, not a machine id: ignored", name, text[:40])
+    return None
+
+
+def _boot_time() -> float | None:
+    """When this machine booted, in seconds since the epoch (Linux ``/proc/stat`` btime), or None."""
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
     return None
 
 
@@ -173,15 +188,18 @@ def _owner() -> dict[str, Any]:
             "pid": pid, "started": _start_time(pid)}
 
 
-def _writer_state(head: dict[str, Any], name: str) -> str:
+def _writer_state(head: dict[str, Any], name: str, modified: float | None = None) -> str:
     """Whether the process that wrote a journal (whose lock is free) is ``gone``, may still ``run``, ran on
     ``another`` machine, or cannot be told apart from a running one (``unknown``).
 
     Hostnames repeat (cloned VMs, containers given one hostname), so only a journal whose machine id
     (:data:`MACHINE_ID_FILES`) equals this machine's is judged: written on a boot before this one, its writer is
     gone; on this boot, in another pid namespace (another container on this kernel), it is another's; in this one,
-    the pid and its start time tell. A journal without a machine id (none recorded, or this machine has none) is
-    another's. One written without /proc (no boot id, no start time) is ``unknown``: its pid may be reused."""
+    the pid and its start time tell. Machine ids are copied too (cloned VMs, images that bake one in), so another
+    boot means an earlier one only when the journal was last written (``modified``, seconds since the epoch) before
+    this machine booted; otherwise it is another's. A journal without a machine id (none recorded, or this machine
+    has none) is another's. One written without /proc (no boot id, no start time) is ``unknown``: its pid may be
+    reused."""
     machine = _machine_id()
     if head.get("host") != socket.gethostname() or not machine or head.get("machine") != machine:
         return "another"
@@ -192,6 +210,9 @@ def _writer_state(head: dict[str, Any], name: str) -> str:
     if not head.get("boot") or not boot:
         return "unknown"
     if head["boot"] != boot:
+        booted = _boot_time()
+        if modified is None or booted is None or modified >= booted:
+            return "another"  # written since this boot: a machine with a copy of this machine's id
         return "gone"  # this machine restarted since
     if head.get("pidns") != _pid_namespace():
         return "another"  # another container on this kernel: its pids are not ours to check
@@ -229,9 +250,13 @@ class PendingFiles:
         self.files: list[str] = []
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         _LIVE.add(self.path.name)
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._append({"uri": uri, "since": since, **_owner()})
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._append({"uri": uri, "since": since, **_owner()})
+        except BaseException:  # no empty, unlocked journal left for every later sweep to warn about
+            self._close()
+            raise
 
     def _append(self, entry: dict) -> None:
         if self._fd is not None:
@@ -331,12 +356,13 @@ def _sweep_one(path: Path, uri: str, options: dict[str, str] | None) -> int:
         if head.get("uri") != uri:
             logger.warning("%s names another store (%s), not %s: left alone", path, head.get("uri"), uri)
             return 0
-        state = _writer_state(head, path.name)
+        state = _writer_state(head, path.name, os.fstat(fd).st_mtime)
         if state == "another":
             logger.info("%s was written by a build on host %s (pid %s), on another machine or container (or one "
-                        "without a machine id, %s): left alone, as it may still run there and commit the files it "
-                        "names. Once that build is over, delete it by hand (rm '%s'); files it names that were never "
-                        "committed go with Lance's cleanup of old versions", path, head.get("host", "unknown"),
+                        "without a machine id, %s, or one sharing this machine's id, written since this boot): left "
+                        "alone, as it may still run there and commit the files it names. Once that build is over, "
+                        "delete it by hand (rm '%s'); files it names that were never committed go with Lance's "
+                        "cleanup of old versions", path, head.get("host", "unknown"),
                         head.get("pid", "?"), " or ".join(MACHINE_ID_FILES), path)
             return 0
         if state == "unknown":

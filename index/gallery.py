@@ -662,11 +662,16 @@ class Gallery:
 
     def finish_build(self, *, map_fn: MapFn | None = None) -> None:
         """After a bulk build: compact the store, index ``id`` and ``sha256``, pick the index kind for the
-        final size, rebuild it (``map_fn`` runs ivfpq shards, e.g. as Ray tasks) and save."""
+        final size, rebuild it (``map_fn`` runs ivfpq shards, e.g. as Ray tasks) and save.
+
+        Only the store's steps hold its lease (on S3): the rebuild writes the folder alone, so it takes the
+        folder's lock, and other machines' writers are not kept waiting for it. A commit another machine makes
+        meanwhile is in the rebuilt index or is added by difference (the index records the version it read)."""
         with self._write():
+            self._writer.check()  # on S3: the store's lease is still ours
             self.store.optimize()
             self.store.ensure_scalar_indexes()
-            self.rebuild_index(map_fn=map_fn)
+        self.rebuild_index(map_fn=map_fn)
 
     # ------------------------------------------------------------------- reads
     def __len__(self) -> int:

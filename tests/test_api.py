@@ -614,6 +614,96 @@ def test_edge_answers_say_what_to_do(client):
     assert 'method="X1ZZ"' not in metrics and 'method="other",route="/v1/species"' in metrics
 
 
+class _S3Refusal(Exception):
+    """What botocore raises for an S3 error answer: its code in ``response``."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"An error occurred ({code})")
+        self.response = {"Error": {"Code": code, "Message": "refused"}}
+
+
+def _lease_failures() -> dict[str, list[Exception]]:
+    """Failures of the store's write lease, by the answer they must get (before: 400 'bad request', or 500)."""
+    from index.lease import ConditionalWritesUnsupported, LeaseLostError, LeaseStoreError
+
+    def caused(error: Exception, cause: Exception) -> Exception:
+        error.__cause__ = cause
+        return error
+
+    return {
+        "retry": [LeaseLostError("the write lease s3://b/g/_speciesid/write.lock of this writer was taken over by "
+                                 "another (not renewed within 30 s): nothing more is committed; run the command again"),
+                  caused(LeaseStoreError("the write lease s3://b/g/_speciesid/write.lock: renewing it met 5 "
+                                         "conflicting writes in a row (409 ConditionalRequestConflict): try again"),
+                         _S3Refusal("ConditionalRequestConflict")),
+                  caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate)"),
+                         _S3Refusal("SlowDown")),
+                  TimeoutError("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
+                               "waited 600 s: try again when it is done")],
+        "misconfigured": [ConditionalWritesUnsupported("the object store of s3://b/g does not honour conditional "
+                                                       "writes"),
+                          caused(LeaseStoreError("the write lease ...: taking it was refused (AccessDenied: no). The "
+                                                 "credentials need s3:GetObject and s3:PutObject on s3://b/g/*"),
+                                 _S3Refusal("AccessDenied")),
+                          LeaseStoreError("a store on S3 needs boto3 for its write lease: pip install "
+                                          "'speciesid[s3]'")],
+    }
+
+
+def test_a_write_the_stores_lease_refuses_is_a_503_to_retry_or_a_500_never_a_400():
+    """A lost lease, racing writes or a writer that held the store past the wait: 503 with Retry-After and the
+    message. A store refusing the lease for good (conditional writes unsupported, credentials denied): 500 saying the
+    server's store is misconfigured, naming no bucket or credential. Before: 400 'bad request', or an unhandled 500."""
+    from fastapi import HTTPException
+
+    from api.routers._edge import WRITE_RETRY_AFTER_S, edge
+
+    def answer(exc: Exception) -> HTTPException:
+        def fail() -> None:
+            raise exc
+        with pytest.raises(HTTPException) as caught:
+            edge(fail)
+        return caught.value
+
+    failures = _lease_failures()
+    for exc in failures["retry"]:
+        got = answer(exc)
+        assert got.status_code == 503 and got.headers == {"Retry-After": str(WRITE_RETRY_AFTER_S)}, exc
+        assert str(exc) in got.detail and f"retry in {WRITE_RETRY_AFTER_S} s" in got.detail
+    for exc in failures["misconfigured"]:
+        got = answer(exc)
+        assert got.status_code == 500 and "the server's gallery store is misconfigured" in got.detail, exc
+        assert "s3://" not in got.detail and "s3:GetObject" not in got.detail and not got.headers
+    assert answer(ValueError("unknown country 'Atlantis'")).status_code == 400  # the request's fault: still 400
+
+
+def test_lease_failures_of_writes_reach_clients_as_503_or_500(client, service, monkeypatch):
+    """Through the app: the add and the delete routes answer a lease failure with its code, JSON detail and
+    Retry-After, and the OpenAPI entries of both list 500 and 503."""
+    import api.service
+    from api.routers._edge import WRITE_RETRY_AFTER_S
+
+    failures = _lease_failures()
+    retry, broken = failures["retry"][0], failures["misconfigured"][1]
+
+    def raising(exc: Exception):
+        def fail(*args, **kwargs):
+            raise exc
+        return fail
+
+    monkeypatch.setattr(api.service.workflows, "add_photos", raising(retry))
+    resp = client.post(f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)),
+                       headers=KEYS)
+    assert "taken over by another" in _is_error(resp, 503)
+    assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
+    monkeypatch.setattr(api.service.workflows, "delete_references", raising(broken))
+    resp = client.delete("/v1/references/1", headers=KEYS)
+    assert "misconfigured" in _is_error(resp, 500) and "retry-after" not in resp.headers
+    paths = client.app.openapi()["paths"]
+    for route in (paths["/v1/species/{name}/references"]["post"], paths["/v1/references/{ref_id}"]["delete"]):
+        assert {"500", "503"} <= set(route["responses"])
+
+
 def test_identify_and_search_answer_the_same_mistakes_with_the_same_codes(client):
     """A photo field missing from a multipart body is a 422 on every route (FastAPI's code for a missing field), and
     a body that is not multipart at all (nor, for search, JSON) a 415."""

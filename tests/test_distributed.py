@@ -15,6 +15,7 @@ import pytest
 from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
 
 from api.cli import main
+from index.fragments import _machine_id as read_machine_id  # the real one (the fixture below may stand in)
 from index.layout import JOURNAL_GLOB
 
 if TYPE_CHECKING:
@@ -428,9 +429,59 @@ def test_a_journal_of_another_machine_with_this_hostname_is_never_swept(tmp_path
     # this machine, the same boot, another pid namespace (another container on this kernel): not ours to judge
     _rewrite_head(pending.path, machine=fragments._machine_id(), boot=fragments._boot_id(), pidns="pid:[1]")
     assert sweep_pending(tmp_path, uri) == 0 and pending.path.exists()
-    # this machine, written on an earlier boot: its writer is gone
+    # this machine, written on an earlier boot (last written before this one began): its writer is gone
     _rewrite_head(pending.path, pidns=fragments._pid_namespace(), boot=str(uuid.uuid4()))
+    _before_this_boot(pending.path)
     assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) != files and not pending.path.exists()
+
+
+def _before_this_boot(journal: Path) -> None:
+    """Date a journal's last write to before this machine booted (as one written on an earlier boot is)."""
+    import os
+
+    from index import fragments
+
+    booted = fragments._boot_time()
+    if booted is None:
+        pytest.skip("no boot time here (/proc/stat): a journal of another boot is never swept")
+    os.utime(journal, (booted - 3600, booted - 3600))
+
+
+def test_a_journal_of_another_boot_written_since_this_boot_is_another_machines(tmp_path, caplog):
+    """Machine ids are copied (cloned VMs, images that bake one in): a journal naming this hostname, this machine id
+    and another boot was read as 'this machine restarted' and swept, though a build on a clone may still run. It is
+    judged gone only when last written before this machine booted."""
+    import uuid
+
+    from index import fragments
+    from index.fragments import sweep_pending
+
+    uri, pending = _killed_journal(tmp_path)
+    files = _data_files(uri)
+    _rewrite_head(pending.path, boot=str(uuid.uuid4()), pid=2 ** 22 + 7)  # written just now, on another boot
+    caplog.set_level("INFO", logger="index.fragments")
+    assert sweep_pending(tmp_path, uri) == 0 and _data_files(uri) == files and pending.path.exists()
+    assert "on another machine or container" in caplog.text
+    head = json.loads(pending.path.read_text().splitlines()[0])
+    assert fragments._writer_state(head, pending.path.name) == "another"  # when it was written is not known
+    _before_this_boot(pending.path)
+    assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) != files and not pending.path.exists()
+
+
+def test_a_placeholder_machine_id_is_no_machine_id(tmp_path, monkeypatch):
+    """systemd's literal ``uninitialized`` (an image not booted yet), shared by every machine made from that image,
+    was taken for this machine's id; so were blank and non-hex text."""
+    from index import fragments
+
+    etc, dbus = tmp_path / "machine-id", tmp_path / "dbus-machine-id"
+    monkeypatch.setattr(fragments, "MACHINE_ID_FILES", (str(etc), str(dbus)))
+    for text in ("uninitialized\n", "  \n", "not a machine id\n", ""):
+        etc.write_text(text)
+        assert read_machine_id() is None, text
+    dbus.write_text("3D1219C7C4C5404AAA1F6D2A48ADFDA4\n")  # D-Bus's, when systemd's is a placeholder
+    assert read_machine_id() == "3D1219C7C4C5404AAA1F6D2A48ADFDA4"
+    etc.write_text("0123456789abcdef0123456789abcdef\n")
+    assert read_machine_id() == "0123456789abcdef0123456789abcdef"
 
 
 def test_a_machine_without_a_machine_id_sweeps_no_journal(tmp_path, monkeypatch, caplog):
@@ -478,9 +529,9 @@ def test_the_journal_of_a_driver_really_killed_on_this_host_is_swept(tmp_path):
 
     from conftest import REPO
 
-    from index.fragments import MACHINE_ID_FILES, sweep_pending
+    from index.fragments import sweep_pending
 
-    if not any(Path(f).is_file() and Path(f).read_text().strip() for f in MACHINE_ID_FILES):
+    if read_machine_id() is None:
         pytest.skip("this machine has no machine id: journals are never swept here (they are another machine's)")
     uri, _ = _table(tmp_path)
     base = _data_files(uri)
@@ -514,6 +565,28 @@ def test_an_abandon_that_cannot_remove_the_files_keeps_the_journal_for_the_next_
     assert pending.path.exists() and _data_files(uri) != base
     monkeypatch.setattr(fragments, "remove_uncommitted", real)
     assert sweep_pending(tmp_path, uri) == 1 and _data_files(uri) == base and not pending.path.exists()
+
+
+def test_a_journal_that_cannot_be_locked_or_written_is_not_left_behind(tmp_path, monkeypatch):
+    """Before, a flock or first write that failed leaked the journal's descriptor and left an empty, unlocked journal
+    that every later sweep warned about ('names another store (None)')."""
+    import os
+    import types
+
+    from index import fragments
+    from index.fragments import PendingFiles
+
+    def refused(*args, **kwargs):
+        raise OSError("no locks on this filesystem")
+
+    for patch in (("fcntl", types.SimpleNamespace(flock=refused, LOCK_EX=2)), ("_owner", refused)):
+        open_fds = len(os.listdir("/proc/self/fd"))
+        with monkeypatch.context() as m:
+            m.setattr(fragments, *patch)
+            with pytest.raises(OSError, match="no locks"):
+                PendingFiles(tmp_path, str(tmp_path / "t.lance"), 1)
+        assert not list(tmp_path.glob(JOURNAL_GLOB)) and not fragments._LIVE, patch[0]
+        assert len(os.listdir("/proc/self/fd")) == open_fds, patch[0]
 
 
 def test_a_sweep_that_fails_is_a_warning_and_the_build_goes_on(tmp_path, monkeypatch, caplog):

@@ -818,6 +818,35 @@ def test_refusals_of_the_lease_name_it_and_say_what_to_do():
     assert not fake.objects and not [c for op, c in fake.calls if op == "delete"]
 
 
+def test_the_api_answers_the_leases_own_refusals_503_to_retry_or_500_misconfigured(monkeypatch):
+    """The errors the lease really raises (their S3 cause chained) reach an API client as 503 + Retry-After (racing
+    writes, a wait past the timeout) or 500 (credentials refused, no conditional writes): before, each was a 400."""
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+
+    def answer(fake: FakeS3, timeout: float = 0, step=None) -> HTTPException:
+        with pytest.raises(HTTPException) as caught:
+            edge(step or (lambda: _fake_lease(fake).acquire(timeout=timeout)))
+        return caught.value
+
+    monkeypatch.setattr("index.lease.CONFLICT_PAUSE_S", 0.0)
+    fake = FakeS3()
+    holder = _fake_lease(fake)
+    holder.acquire(timeout=0)
+    fake.fail += [("put", _client_error("ConditionalRequestConflict", 409))] * 5  # a renewal meeting racing writes
+    got = answer(fake, step=holder.renew)
+    assert got.status_code == 503 and "conflicting writes" in got.detail and got.headers["Retry-After"]
+    got = answer(fake, timeout=0.2)  # another writer holds it: a waiter's TimeoutError
+    assert got.status_code == 503 and "waited" in got.detail and "try again" in got.detail.lower()
+    holder.release()
+    fake.fail.append(("put", _client_error("AccessDenied", 403, message="Access Denied")))
+    got = answer(fake)
+    assert got.status_code == 500 and "misconfigured" in got.detail and "s3:" not in got.detail
+    fake.fail.append(("put", _client_error("NotImplemented", 501, message="If-None-Match is not implemented")))
+    assert answer(fake).status_code == 500
+
+
 def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_is_told_to_upgrade():
     import types
 
@@ -950,6 +979,52 @@ def test_steps_that_write_only_the_folder_do_not_take_the_stores_lease(s3_env, t
     assert taken == []
     assert sorted(delete_references(g, ids)) == sorted(ids)
     assert len(taken) == 1 and not any(p.exists() for p in paths)  # the delete itself; not once per upload
+
+
+def test_the_end_of_a_build_holds_the_stores_lease_for_its_store_steps_only(s3_env, tmp_path, monkeypatch):
+    """finish_build compacts and indexes the store under its lease (checked first), then rebuilds the vector index
+    holding the folder's lock alone: another machine's writer does not wait for the rebuild, and its row is in the
+    index (added by difference when the rebuild read the store before it)."""
+    from index.gallery import Gallery
+    from index.lease import LeaseLostError, S3Lease
+    from index.records import ReferenceRecord
+    from index.store import ReferenceStore
+
+    a, first = _two_machines(tmp_path, f"s3://{BUCKET}/finish")
+    b = Gallery.open(tmp_path / "b")
+    b._writer.timeout = 1.0  # a writer on the other machine that waits no longer than that for the lease
+    held, added = {}, []
+    real_optimize, real_rebuild = ReferenceStore.optimize, Gallery.rebuild_index
+
+    def optimize(store):
+        held["optimize"] = a._writer.held_lease is not None
+        return real_optimize(store)
+
+    def rebuild_index(self, **kw):
+        if self is a:
+            held["rebuild"] = a._writer.held_lease is not None
+            added.extend(b.add([ReferenceRecord(path="/b.jpg", species="Naja naja")], ["b" * 64],
+                               np.full((1, _TINY["dim"]), 2, np.float32)))  # the other machine commits meanwhile
+        return real_rebuild(self, **kw)
+
+    monkeypatch.setattr(ReferenceStore, "optimize", optimize)
+    monkeypatch.setattr(Gallery, "rebuild_index", rebuild_index)
+    a.finish_build()
+    assert held == {"optimize": True, "rebuild": False} and len(added) == 1
+    assert sorted(a.index.ids.tolist()) == sorted([first, *added])
+    c = b.add([ReferenceRecord(path="/c.jpg", species="Naja naja")], ["c" * 64], np.full((1, _TINY["dim"]), 3,
+                                                                                        np.float32))
+    assert sorted(Gallery.open(tmp_path / "a").index.ids.tolist()) == sorted([first, *added, *c])  # by difference
+    # a lease lost before the store steps: nothing is compacted
+    held.clear()
+
+    def lost(self):
+        raise LeaseLostError("the write lease was taken over by another")
+
+    monkeypatch.setattr(S3Lease, "check", lost)
+    with pytest.raises(LeaseLostError):
+        a.finish_build()
+    assert held == {}
 
 
 _KILLED_HOLDER = """

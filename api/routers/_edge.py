@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TypeVar
@@ -11,9 +12,18 @@ from fastapi import HTTPException, UploadFile
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
 from index.gallery import Neighbour
+from index.lease import LeaseError, LeaseLostError, LeaseStoreError
 from index.taxonomy import InvalidNameError
 
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+#: Retry-After (seconds) of a write the gallery's store could not take now (another writer, a lost lease).
+WRITE_RETRY_AFTER_S = 5
+#: S3 error codes of a lease request that a later try may get past: racing writes (409), a busy or failing server.
+_TRANSIENT_CODES = {"ConditionalRequestConflict", "409", "SlowDown", "ServiceUnavailable", "503", "InternalError",
+                    "500", "RequestTimeout"}
 
 ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
@@ -25,7 +35,10 @@ ERRORS: dict[int | str, dict] = {
           "elongated, too small for a reference), an invalid name, or an invalid parameter"},
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
-    503: {"model": ErrorOut, "description": "the model is still loading"},
+    500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "
+          "(credentials, a store without conditional writes); its log says what to fix"},
+    503: {"model": ErrorOut, "description": "the model is still loading; for a write, the gallery's store could not "
+          "take it now (another writer held it too long, or its write lease was lost): retry after Retry-After s"},
 }
 
 
@@ -51,15 +64,43 @@ def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPE
 
 
 def edge(fn: Callable[[], T]) -> T:
-    """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException."""
+    """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException, and so does a failure
+    of the store's write lease (:func:`lease_answer`): never a 400, as the request was not at fault."""
     try:
         return fn()
     except ServiceError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
+    except (LeaseError, TimeoutError) as exc:  # before ValueError: some lease errors are ValueErrors
+        raise lease_answer(exc) from exc
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
+
+
+def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
+    """The answer to a write the gallery's store did not take. 503 with Retry-After when a later try may succeed
+    (the lease was lost or met racing writes; another writer held the store past the wait, a TimeoutError); 500
+    otherwise: the server's store is misconfigured (credentials refused, a store without conditional writes, a
+    client too old), which the client cannot fix. The 500 names no bucket or credential: the log has the detail."""
+    if isinstance(exc, (LeaseLostError, TimeoutError)) or (
+            isinstance(exc, LeaseStoreError) and _s3_code(exc.__cause__) in _TRANSIENT_CODES):
+        logger.warning("write answered 503 (retry in %d s): %s", WRITE_RETRY_AFTER_S, exc)
+        return HTTPException(503, f"the gallery's store could not take this write now; retry in "
+                             f"{WRITE_RETRY_AFTER_S} s ({exc})", headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
+    logger.error("write refused by the gallery's store, answered 500 (fix the server's store): %s", exc)
+    return HTTPException(500, "the server's gallery store is misconfigured: it refused this write, and will refuse "
+                         "every write until the server's operator fixes it (the server's log says what to fix); "
+                         "retrying does not help")
+
+
+def _s3_code(exc: BaseException | None) -> str:
+    """The error code of a botocore ClientError ('' for anything else)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    code = str((response.get("Error") or {}).get("Code") or "")
+    return code or str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or "")
 
 
 def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_most: int) -> list[Upload]:

@@ -23,7 +23,7 @@ def _digits(value: object) -> object:
 RefId = Annotated[int, Path(ge=0, le=2**62, description="reference id"), BeforeValidator(_digits)]
 
 
-@router.delete("/{ref_id}", status_code=204, responses=errors(401, 404, 422))
+@router.delete("/{ref_id}", status_code=204, responses=errors(401, 404, 422, 500))
 def delete_reference(service: Service, _: WriteKey, ref_id: RefId) -> Response:
     """Delete a reference photo from the gallery."""
     edge(lambda: service.delete_reference(ref_id))
