@@ -89,6 +89,22 @@ def service(client):
     return client.app.state.service
 
 
+@pytest.fixture(autouse=True)
+def _undo_writes(request):
+    """Every test that uses the module's app finds its gallery as built: the references a test adds are deleted
+    after it, so no test depends on which others ran before it (the order, a test run alone)."""
+    if not {"client", "service"} & set(request.fixturenames):
+        yield  # a test with an app of its own (or none): not the module's gallery, and no assets needed
+        return
+    service = request.getfixturevalue("service")
+    before = set(service.gallery.index.ids.tolist())
+    yield
+    after = set(service.gallery.index.ids.tolist())
+    for ref_id in sorted(after - before):
+        service.delete_reference(ref_id)
+    assert before <= after, f"the test deleted references of the built gallery: {sorted(before - after)}"
+
+
 def _top(resp) -> str:
     assert resp.status_code == 200, resp.text
     return resp.json()["results"][0]["name"]
@@ -969,21 +985,50 @@ def test_concurrent_identify_requests_answer_as_they_do_alone(client, service):
 
 
 # ----------------------------------------------------------------------------------------- metrics
+def _sample(text: str, series: str) -> float:
+    """One series' value in /metrics' text (``series`` as it prints it: name{labels}); 0 if not there yet."""
+    return next((float(ln.split()[1]) for ln in text.splitlines() if ln.startswith(series + " ")), 0.0)
+
+
 def test_metrics_and_model_loaded_once(client, service, loads):
-    client.post("/v1/identify", files=_files([COBRA]))
-    client.get("/v1/species/Nowhere nowhere")
-    client.get("/v1/species/Naja/haje")  # a name with '/': the same route's label, not the convertor's
+    """The counters count exactly the requests this test sends (deltas: other tests' requests may come before),
+    the gauges follow the gallery and the batcher, and every request used the one model loaded at startup."""
+    ident = 'method="POST",route="/v1/identify"'
+    by_name = 'method="GET",route="/v1/species/{name}"'
+    refs = 'method="POST",route="/v1/species/{name}/references"'
+    n = 3
+    before = client.get("/metrics").text
+    for _ in range(n):
+        assert _top(client.post("/v1/identify", files=_files([COBRA]))) == "Naja philippinensis"
+    assert client.get("/v1/species/Nowhere nowhere").status_code == 404
+    assert client.get("/v1/species/Naja/haje").status_code == 422  # a name with '/': the same route's label
     text = client.get("/metrics").text
-    assert 'speciesid_requests_total{method="POST",route="/v1/identify",status="200"}' in text
-    assert 'speciesid_requests_total{method="GET",route="/v1/species/{name}",status="404"}' in text
-    assert 'speciesid_requests_total{method="GET",route="/v1/species/{name}",status="422"}' in text
-    assert ":slashed" not in text
-    assert 'speciesid_request_seconds_bucket{le="0.5",method="POST",route="/v1/identify"}' in text
-    assert 'speciesid_request_seconds_count{method="POST",route="/v1/identify"}' in text
-    line = next(ln for ln in text.splitlines() if ln.startswith("speciesid_gallery_references "))
-    assert float(line.split()[1]) == len(service.gallery) > len(SPECIES) * PER_SPECIES
-    assert "speciesid_encoder_batches " in text and "speciesid_encoder_images " in text
-    count = next(ln for ln in text.splitlines() if ln.startswith('speciesid_request_seconds_count{method="POST"'
-                                                                    ',route="/v1/identify"}'))
-    assert float(count.split()[1]) >= 10
+
+    def delta(series: str) -> float:
+        return _sample(text, series) - _sample(before, series)
+
+    assert delta(f'speciesid_requests_total{{{ident},status="200"}}') == n
+    assert delta(f'speciesid_requests_total{{{by_name},status="404"}}') == 1
+    assert delta(f'speciesid_requests_total{{{by_name},status="422"}}') == 1
+    assert delta('speciesid_requests_total{method="GET",route="/metrics",status="200"}') == 1  # the first read
+    assert ":slashed" not in text  # not the convertor's label
+    assert delta(f'speciesid_request_seconds_count{{{ident}}}') == n
+    assert delta(f'speciesid_request_seconds_bucket{{le="+Inf",{ident}}}') == n
+    assert f'speciesid_request_seconds_bucket{{le="0.5",{ident}}}' in text
+    # the encoder's gauges are the batcher's counts: one forward pass and one photo per identify sent one by one
+    assert _sample(text, "speciesid_encoder_batches") == service.batcher.batches
+    assert _sample(text, "speciesid_encoder_images") == service.batcher.images
+    assert delta("speciesid_encoder_batches") == delta("speciesid_encoder_images") == n
+    # the gallery's gauge follows its writes (a reference added, then deleted)
+    size = len(service.gallery)
+    assert _sample(text, "speciesid_gallery_references") == size >= len(SPECIES) * PER_SPECIES
+    added = client.post("/v1/species/Naja sumatrana/references",
+                        files=_files(photos("val", "Equatorial Cobra (Naja sumatrana)", 1)), headers=KEYS)
+    assert added.status_code == 201, added.text
+    grown = client.get("/metrics").text
+    assert _sample(grown, "speciesid_gallery_references") == len(service.gallery) == size + 1
+    assert _sample(grown, f'speciesid_requests_total{{{refs},status="201"}}') - _sample(
+        text, f'speciesid_requests_total{{{refs},status="201"}}') == 1
+    assert client.delete(f"/v1/references/{added.json()['ids'][0]}", headers=KEYS).status_code == 204
+    assert _sample(client.get("/metrics").text, "speciesid_gallery_references") == len(service.gallery) == size
     assert len(loads) == 1  # every request above used the one model loaded at startup
