@@ -126,8 +126,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
             lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
     if rank == "species" and neighbours and r["neighbours"]:
-        lines.append("  evidence: " + ", ".join(f"#{n['id']} {n['species']} {n['similarity']:.2f}"
-                                                for n in r["neighbours"]))
+        lines.append(_evidence_line(r["neighbours"]))
     if r.get("country_applied") is False:
         lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
                      "is, or the country table does not list them)")
@@ -139,6 +138,17 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
                      + (f" (and {unflagged:.1%} on species whose venom status is not recorded: treat those as "
                         "venomous)" if unflagged >= 0.005 else ""))
     return "\n".join(lines)
+
+
+def _evidence_line(neighbours: list[dict]) -> str:
+    """The evidence photos, nearest first, with the similarity they are ordered by: the vote's own, and the plain
+    cosine beside it in brackets when the vote runs on the whitened metric (the two orders then differ)."""
+    whitened = any(abs(n["vote_similarity"] - n["similarity"]) > 1e-6 for n in neighbours)
+    if not whitened:
+        return "  evidence, by cosine similarity: " + ", ".join(
+            f"#{n['id']} {n['species']} {n['similarity']:.2f}" for n in neighbours)
+    return "  evidence, by the vote's similarity (whitened metric; cosine in brackets): " + ", ".join(
+        f"#{n['id']} {n['species']} {n['vote_similarity']:.2f} ({n['similarity']:.2f})" for n in neighbours)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
