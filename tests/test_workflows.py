@@ -109,6 +109,28 @@ def test_the_evidence_line_prints_the_similarity_it_is_ordered_by():
     assert _evidence_figures(line) == [0.89, 0.67, 0.60]
 
 
+def test_a_far_answer_prints_the_gallery_threshold_beside_the_nearest_similarity(index, capsys, tmp_path):
+    """'unlike every reference photo (nearest similarity 0.98)' alone reads as a contradiction: the threshold it
+    is under is printed beside it, with as many decimals as it takes to tell the two apart."""
+    from PIL import Image
+
+    from api.cli.identify import _identify_table
+    from index.gallery import Gallery
+    from retrieval.identify import far_threshold
+
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(tmp_path / "white.png")
+    code, out, _ = _run(capsys, "identify", "--index", index, tmp_path / "white.png", "--precision", "fp32", "-q")
+    limit = far_threshold(Gallery.open(index))
+    found = re.search(r"unlike every reference photo \(nearest similarity (\d\.\d+), under this gallery's far "
+                      r"threshold (\d\.\d+)\)", out)
+    assert code == 0 and found, out
+    assert float(found[1]) < float(found[2]) and float(found[2]) == pytest.approx(limit, abs=0.005)
+    close = {"image": "a.png", "far": True, "unknown": True, "nearest_similarity": 0.9851, "predictions": [],
+             "neighbours": [], "venomous_score": None, "venom_unknown_score": 0.0}
+    text = _identify_table(close, "species", far_threshold=0.9874)
+    assert "(nearest similarity 0.985, under this gallery's far threshold 0.987)" in text, text
+
+
 def test_paths_bytes_and_embeddings_give_the_same_answer(index):
     from retrieval.workflows import identify, open_identifier
 
