@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.guard import EdgeGuard
 from api.routers import health, identify, references, species
 from api.routers._edge import photo_field_error
-from api.service import SpeciesService
+from api.service import EMPTY_GALLERY, SpeciesService
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         if owned:
             app.state.service = await run_in_threadpool(SpeciesService, settings)
             logger.info("serving gallery %s (%d references)", settings.index, len(app.state.service.gallery))
+        if app.state.service.empty:  # the CLI refuses such a gallery; a server may be where references get added
+            logger.warning("gallery %s: %s", settings.index, EMPTY_GALLERY)
         yield
         if owned:
             app.state.service.close()

@@ -64,6 +64,18 @@ class BadImage(ServiceError):
     status = 422
 
 
+class EmptyGallery(ServiceError):
+    """The gallery holds no searchable reference: nothing to compare a photo with."""
+
+    status = 409
+
+
+#: What identify and search answer (409), ``/readyz`` says and ``serve`` warns while the gallery is empty.
+EMPTY_GALLERY = ("this gallery holds no searchable references yet: add some with POST /v1/species/{name}/references "
+                 "(with an API key) or 'speciesid references add' (or, if 'speciesid clean --apply' excluded them all, "
+                 "bring them back with 'speciesid clean --restore'); identify and search answer once it holds some")
+
+
 @dataclass
 class Upload:
     """One uploaded photo, decoded and preprocessed (the decoded pixels are not kept: a request holds model inputs,
@@ -149,19 +161,34 @@ class SpeciesService:
         return self.batcher.encode(tensors)
 
     # ------------------------------------------------------------------ reads
+    @property
+    def empty(self) -> bool:
+        """Whether the gallery holds no searchable reference now (other processes' writes seen, ``refresh_s`` late
+        at most); costs no store round trip within ``refresh_s`` of the last look."""
+        self.gallery.refresh()
+        return not self.gallery.index.ntotal
+
+    def require_references(self) -> None:
+        """EmptyGallery (409) while the gallery holds no searchable reference: checked before any photo is decoded."""
+        if self.empty:
+            raise EmptyGallery(EMPTY_GALLERY)
+
     def identify(
         self, uploads: Sequence[Upload], *, top: int = 5, rank: Rank = Rank.SPECIES, country: str | None = None
     ) -> Answer:
         """One answer for the photos of one observation, with the candidates at the asked rank."""
+        self.require_references()
         return workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
                                   observation=True, top=top, rank=rank, country=country)[0]
 
     def search_vector(self, vector: Sequence[float], k: int) -> list[Neighbour]:
         """Neighbours of an embedding (L2-normalised here)."""
+        self.require_references()
         return workflows.search(self.identifier, embedding=vector, k=k)
 
     def search_image(self, upload: Upload, k: int) -> list[Neighbour]:
         """Neighbours of a photo."""
+        self.require_references()
         return workflows.search(self.identifier, embedding=self.embed([upload])[0], k=k)
 
     def species(self) -> list[SpeciesSummary]:

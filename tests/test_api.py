@@ -134,6 +134,43 @@ def test_not_ready_until_the_model_is_loaded(tmp_path):
     assert "loading" in _is_error(c.post("/v1/identify", files=_one("a.jpg", b"x")), 503)
 
 
+def test_an_empty_gallery_is_said_at_start_in_readyz_and_by_a_409_until_references_are_added(
+        tmp_path_factory, caplog, loads):
+    """A gallery with no searchable reference: the server warns at start, /readyz says so (still ready: references
+    are added through it), identify and search answer 409 saying how to add some (not a 200 with no result,
+    unknown but not far); once a reference is added, both answer."""
+    needs_shared()
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+    from index.gallery import Gallery
+    from retrieval.workflows import delete_references
+
+    index = gallery_copy(tmp_path_factory, "api_empty")
+    delete_references(index, Gallery.open(index).index.ids.tolist())
+    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
+    before = len(loads)  # this test's own app: not the module's, which must load its model once
+    with caplog.at_level("WARNING", logger="api.app"), TestClient(app) as c:
+        assert "holds no searchable references yet" in caplog.text and "speciesid references add" in caplog.text
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["references"] == 0
+        assert "holds no searchable references yet" in ready.json()["warning"]
+        detail = _is_error(c.post("/v1/identify", files=_files([COBRA])), 409)
+        assert "holds no searchable references yet" in detail and "POST /v1/species/{name}/references" in detail
+        assert detail == _is_error(c.post("/v1/search", files=_files([COBRA], "image")), 409)
+        dim = c.app.state.service.gallery.dim
+        assert detail == _is_error(c.post("/v1/search", json={"embedding": [1.0] * dim, "k": 1}), 409)
+        spec = c.get("/openapi.json").json()["paths"]
+        assert {"409"} <= set(spec["/v1/identify"]["post"]["responses"]) & set(spec["/v1/search"]["post"]["responses"])
+        added = c.post(f"/v1/species/{binomial(SPECIES[0])}/references", files=_files(photos("train", SPECIES[0], 2)),
+                       headers=KEYS)
+        assert added.status_code == 201, added.text
+        assert _top(c.post("/v1/identify", files=_files([COBRA]))) == "Naja philippinensis"
+        assert "warning" not in c.get("/readyz").json()
+    del loads[before:]
+
+
 def test_the_docs_pages_load_nothing_from_another_host(tmp_path):
     """/docs and /redoc work offline: every script, style sheet and icon they name is served by this app."""
     import re

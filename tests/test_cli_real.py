@@ -259,6 +259,26 @@ def test_every_command_says_what_it_does_and_every_option_its_default():
     assert "docs/api.md ('Settings')" in text
 
 
+def test_argument_errors_are_one_line_naming_the_help_to_read(capsys):
+    """A mistyped option, value or command is one line on stderr (exit 2), the error and the `--help` to read, as
+    the README says of every error: not argparse's usage of 6-14 lines first."""
+    for argv, prog, says in (
+        (["identify", "--index", "g", "a.jpg", "--rank", "specis"], "speciesid identify", "invalid choice: 'specis'"),
+        (["identify", "--index", "g", "a.jpg", "--k", "0"], "speciesid identify", "'0' is not a whole number"),
+        (["index", "build", "--root", "r"], "speciesid index build", "required: --dataset, --index"),
+        (["references", "delete", "--index", "g", "--", "-1"], "speciesid references delete", "'-1' is not a whole"),
+        (["identify", "--index", "g", "a.jpg", "--bogus"], "speciesid", "unrecognized arguments: --bogus"),
+        (["identfy"], "speciesid", "invalid choice: 'identfy'"),
+        (["index"], "speciesid index", "required: SUBCOMMAND"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        got = capsys.readouterr()
+        assert exc.value.code == 2 and got.out == "", argv
+        assert got.err.count("\n") == 1 and got.err.startswith(f"{prog}: error: ") and says in got.err, argv
+        assert got.err.endswith(f"; see '{prog} --help'\n") and "usage:" not in got.err, argv
+
+
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, monkeypatch):
     code, _, err = _run(capsys, "identify", "--index", tmp_path, tmp_path / "nope.jpg")
     assert code == 2 and "does not exist" in err

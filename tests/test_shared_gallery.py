@@ -222,7 +222,7 @@ def test_cli_mistakes_get_one_clear_line_and_nothing_half_made(tmp_path_factory,
     assert {"far", "nearest_similarity", "venomous_score", "venom_unknown_score"} <= set(header)
     # the table lists the evidence photos at species rank too (--neighbours did nothing there)
     code, out, _ = run("identify", "--index", index, val[0], "--neighbours", "2", "-q")
-    evidence = [line for line in out.splitlines() if line.strip().startswith("evidence: ")]
+    evidence = [line for line in out.splitlines() if line.strip().startswith("evidence, by cosine similarity: ")]
     assert code == 0 and len(evidence) == 1 and evidence[0].count("#") == 2, out
 
     bad = tmp_path / "photos" / "Naja haje"

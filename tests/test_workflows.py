@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -80,6 +81,54 @@ def test_identify_reports_bad_arguments_and_answers_the_rest(index, capsys, tmp_
         "folder holds no photos") and "predictions" in answers[2]
     code, _, err = _run(capsys, "identify", "--index", index, tmp_path / "nope.jpg")
     assert code == 2 and "no photos to read" in err and "does not exist" in err
+
+
+def _evidence_figures(line: str) -> list[float]:
+    """The similarity printed right after each evidence photo's species."""
+    return [float(x) for x in re.findall(r"#\d+ [A-Z][a-z]+ [a-z]+ (-?\d\.\d+)", line)]
+
+
+def test_the_evidence_line_prints_the_similarity_it_is_ordered_by():
+    """With the whitened metric the evidence is ordered by the vote's similarity: that is what is printed (cosine
+    beside it, labelled), so the list reads in order; with plain cosine the one figure is labelled cosine."""
+    from api.cli.identify import _identify_table
+
+    def answer(pairs: list[tuple[float, float]]) -> dict:
+        neighbours = [{"id": 400 + i, "species": "Naja samarensis", "vote_similarity": vote, "similarity": cos}
+                      for i, (vote, cos) in enumerate(pairs)]
+        return {"image": "a.jpg", "unknown": False, "far": False, "nearest_similarity": max(c for _, c in pairs),
+                "predictions": [], "neighbours": neighbours, "venomous_score": None, "venom_unknown_score": 0.0}
+
+    whitened = [(0.71, 0.89), (0.69, 0.67), (0.65, 0.60), (0.62, 0.66), (0.58, 0.63)]  # the walkthrough's cosines
+    (line,) = [x for x in _identify_table(answer(whitened), "species", 5).splitlines() if "evidence" in x]
+    assert _evidence_figures(line) == [0.71, 0.69, 0.65, 0.62, 0.58], line  # sorted, as the list is
+    assert "whitened metric; cosine in brackets" in line and "0.71 (0.89)" in line and "0.62 (0.66)" in line
+    plain = [(0.89, 0.89), (0.67, 0.67), (0.60, 0.60)]
+    (line,) = [x for x in _identify_table(answer(plain), "species", 5).splitlines() if "evidence" in x]
+    assert line.strip().startswith("evidence, by cosine similarity: ") and "(" not in line
+    assert _evidence_figures(line) == [0.89, 0.67, 0.60]
+
+
+def test_a_far_answer_prints_the_gallery_threshold_beside_the_nearest_similarity(index, capsys, tmp_path):
+    """'unlike every reference photo (nearest similarity 0.98)' alone reads as a contradiction: the threshold it
+    is under is printed beside it, with as many decimals as it takes to tell the two apart."""
+    from PIL import Image
+
+    from api.cli.identify import _identify_table
+    from index.gallery import Gallery
+    from retrieval.identify import far_threshold
+
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(tmp_path / "white.png")
+    code, out, _ = _run(capsys, "identify", "--index", index, tmp_path / "white.png", "--precision", "fp32", "-q")
+    limit = far_threshold(Gallery.open(index))
+    found = re.search(r"unlike every reference photo \(nearest similarity (\d\.\d+), under this gallery's far "
+                      r"threshold (\d\.\d+)\)", out)
+    assert code == 0 and found, out
+    assert float(found[1]) < float(found[2]) and float(found[2]) == pytest.approx(limit, abs=0.005)
+    close = {"image": "a.png", "far": True, "unknown": True, "nearest_similarity": 0.9851, "predictions": [],
+             "neighbours": [], "venomous_score": None, "venom_unknown_score": 0.0}
+    text = _identify_table(close, "species", far_threshold=0.9874)
+    assert "(nearest similarity 0.985, under this gallery's far threshold 0.987)" in text, text
 
 
 def test_paths_bytes_and_embeddings_give_the_same_answer(index):

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
 from index.errors import first_line
@@ -28,9 +29,18 @@ COMMAND_NAMES = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, the error and where to read the usage (exit 2), as
+    every other error of the CLI is; ``--help`` is argparse's own. Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        """Exit 2 with ``PROG: error: MESSAGE; see 'PROG --help'`` (not the usage first, as argparse prints it)."""
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
     """The argument parser of ``modules`` (all commands by default; exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="speciesid",
         description="Identify animal species from photos by embedding retrieval.",
     )

@@ -82,8 +82,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         emit(_identify_csv(results, args.rank))
     else:
+        limit = ident.far_threshold() if any(r.get("far") for r in results) else None
         for r in results:
-            emit(_identify_table(r, args.rank, args.neighbours))
+            emit(_identify_table(r, args.rank, args.neighbours, far_threshold=limit))
     failed = sum("error" in r for r in results)
     if failed:
         logger.warning("%d of %d photos could not be read", failed, len(paths) + len(bad_args))
@@ -105,13 +106,17 @@ def _identify_csv(results: list[dict], rank: str) -> str:
     return to_csv(rows, fields)
 
 
-def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
+def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: float | None = None) -> str:
+    """One answer as lines for people; ``far_threshold``: the gallery's, said beside a far answer's nearest
+    similarity (which is under it)."""
     lines = [r["image"]]
     if "error" in r:
         return "\n".join([*lines, f"  error: {r['error']}"])
     if r.get("far"):
-        lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {r['nearest_similarity']:.2f}): "
-                     "nothing like the gallery's photos, or too small or blank to tell (best candidates below)")
+        nearest, limit = _apart(r["nearest_similarity"], far_threshold)
+        under = f", under this gallery's far threshold {limit}" if limit else ""
+        lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {nearest}{under}): nothing like "
+                     "the gallery's photos, or too small or blank to tell (best candidates below)")
     elif r["unknown"]:
         lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
     if rank == "species":
@@ -126,8 +131,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
             lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
     if rank == "species" and neighbours and r["neighbours"]:
-        lines.append("  evidence: " + ", ".join(f"#{n['id']} {n['species']} {n['similarity']:.2f}"
-                                                for n in r["neighbours"]))
+        lines.append(_evidence_line(r["neighbours"]))
     if r.get("country_applied") is False:
         lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
                      "is, or the country table does not list them)")
@@ -139,6 +143,25 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0) -> str:
                      + (f" (and {unflagged:.1%} on species whose venom status is not recorded: treat those as "
                         "venomous)" if unflagged >= 0.005 else ""))
     return "\n".join(lines)
+
+
+def _apart(value: float, other: float | None) -> tuple[str, str]:
+    """``value`` and ``other`` with 2 decimals, or up to 4 where 2 would print them alike ('' for no ``other``)."""
+    if other is None:
+        return f"{value:.2f}", ""
+    digits = next((d for d in (2, 3) if f"{value:.{d}f}" != f"{other:.{d}f}"), 4)
+    return f"{value:.{digits}f}", f"{other:.{digits}f}"
+
+
+def _evidence_line(neighbours: list[dict]) -> str:
+    """The evidence photos, nearest first, with the similarity they are ordered by: the vote's own, and the plain
+    cosine beside it in brackets when the vote runs on the whitened metric (the two orders then differ)."""
+    whitened = any(abs(n["vote_similarity"] - n["similarity"]) > 1e-6 for n in neighbours)
+    if not whitened:
+        return "  evidence, by cosine similarity: " + ", ".join(
+            f"#{n['id']} {n['species']} {n['similarity']:.2f}" for n in neighbours)
+    return "  evidence, by the vote's similarity (whitened metric; cosine in brackets): " + ", ".join(
+        f"#{n['id']} {n['species']} {n['vote_similarity']:.2f} ({n['similarity']:.2f})" for n in neighbours)
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
     401: {"model": ErrorOut, "description": "missing or wrong X-API-Key"},
     404: {"model": ErrorOut, "description": "not found"},
+    409: {"model": ErrorOut, "description": "the gallery holds no searchable references yet: add some first "
+          "(POST /v1/species/{name}/references, or `speciesid references add`)"},
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "

@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.service import EMPTY_GALLERY
+
 router = APIRouter(tags=["health"])
 
 
@@ -17,11 +19,15 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """The model and gallery are loaded (503 until then)."""
+    """The model and gallery are loaded (503 until then). An empty gallery is ready (references can be added
+    through this server) and says so in ``warning``: identify and search answer 409 until it holds references."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "references": len(service.gallery), "encoder": service.gallery.encoder_spec})
+    body = {"status": "ready", "references": len(service.gallery), "encoder": service.gallery.encoder_spec}
+    if service.empty:
+        body["warning"] = EMPTY_GALLERY
+    return JSONResponse(body)
 
 
 @router.get("/metrics", response_class=Response)

@@ -20,7 +20,7 @@ from retrieval.vote import Rank
 router = APIRouter(prefix="/v1", tags=["identify"])
 
 
-@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 413, 415, 422, 429))
+@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 409, 413, 415, 422, 429))
 def identify(
     service: Service,
     _: ReadKey,
@@ -33,6 +33,7 @@ def identify(
     """Identify the animal in 1-5 photos of one observation, combined into one answer."""
     if country:
         edge(lambda: resolve_country(country))  # a bad country is a 400 before any upload is decoded
+    edge(service.require_references)  # an empty gallery is a 409 before any upload is decoded
     uploads = read_uploads(service, images, at_most=service.settings.max_images)
     answer = edge(lambda: service.identify(uploads, top=k, rank=rank, country=country))
     out = [
@@ -73,7 +74,7 @@ _SEARCH_BODY = {
 }
 
 
-@router.post("/search", response_model=SearchOut, responses=errors(400, 401, 413, 415, 422, 429),
+@router.post("/search", response_model=SearchOut, responses=errors(400, 401, 409, 413, 415, 422, 429),
              openapi_extra=_SEARCH_BODY)
 async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
     """Raw kNN: a photo (multipart field ``image``) or an embedding (JSON ``{"embedding": [...], "k": 10}``).
@@ -113,5 +114,6 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
 
 def _search_upload(service: SpeciesService, image: UploadFile, k: int) -> list:
     """Read, decode and search one uploaded photo (blocking: called in the threadpool)."""
+    edge(service.require_references)  # an empty gallery is a 409 before the photo is decoded, as in identify
     uploads = read_uploads(service, [image], at_most=1)
     return edge(lambda: service.search_image(uploads[0], k))
