@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     _add_selection_args(p, "labelled validation photos (default: cross-validation on the gallery)")
-    p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
+    p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior "
+                   "(needs a gallery of a CLIP-style encoder such as bioclip; refused for an image-only one)")
     p.add_argument("--text-strength", type=float, default=1.0,
                    help="text prior weight, in photos' worth of evidence (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
