@@ -129,11 +129,14 @@ def train_gallery_probe(
     those that chose are recorded with the settings (``Calibration.selection_sha256``) for ``speciesid evaluate``.
     With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
     plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
-    Bad input is refused (ValueError) before any work, leaving the gallery as it was: a checklist that cannot
-    be read, or one given for an image-only encoder.
+    Bad input is refused (ValueError) before any work, leaving the gallery as it was: a negative
+    ``text_strength``, a checklist that cannot be read, or one given for an image-only encoder.
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
+    if not text_strength >= 0:  # NaN too
+        raise ValueError(f"--text-strength is the text prior's weight in photos' worth of evidence: 0 (the prior "
+                         f"counts for nothing) or more, got {text_strength:g}")
     listed = load_checklist(checklist) if checklist else []  # a missing or empty file: refused before any work
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
     if checklist and not enc.supports_text:

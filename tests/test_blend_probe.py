@@ -185,8 +185,8 @@ def _gallery_files(index) -> dict[str, bytes]:
 @pytest.mark.parametrize("encoder", ["image-only", "clip"])
 def test_probe_train_refuses_bad_input_before_any_work_and_leaves_the_gallery(encoder, tiny_clip_dir, tmp_path,
                                                                                monkeypatch, capsys):
-    """A checklist that cannot be read and a --checklist on an image-only encoder (no text prior can take it) are
-    refused before the settings are chosen, with the earlier probe left in place."""
+    """A checklist that cannot be read, a --checklist on an image-only encoder (no text prior can take it) and a
+    negative --text-strength are refused before the settings are chosen, with the earlier probe left in place."""
     import retrieval.calibrate
     from api.cli import main
     from retrieval.probe import Calibration
@@ -203,7 +203,8 @@ def test_probe_train_refuses_bad_input_before_any_work_and_leaves_the_gallery(en
         raise AssertionError("the settings were chosen before the input was checked")
 
     monkeypatch.setattr(retrieval.calibrate, "select_settings", no_work)
-    refusals = [(["--checklist", str(tmp_path / "nosuch.txt")], "is neither 'moroccan' nor a readable text file")]
+    refusals = [(["--checklist", str(tmp_path / "nosuch.txt")], "is neither 'moroccan' nor a readable text file"),
+                (["--text-strength", "-1"], "--text-strength is the text prior's weight")]
     if encoder == "image-only":
         refusals.append((["--checklist", "moroccan"], "--checklist adds species to the text prior, which needs an "
                          "encoder that reads text (a CLIP-style encoder such as bioclip)"))
