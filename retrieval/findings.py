@@ -78,6 +78,32 @@ def check_apply_kinds(kinds: Sequence[str]) -> None:
         raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
 
 
+def unfindable_kinds(kinds: Sequence[str], config: CleanConfig, encoder: Encoder, *,
+                     against: bool) -> dict[str, str]:
+    """Of the ``--apply-to`` kinds, those this run cannot find (a check off, an image-only encoder for the zero-shot
+    filter, no ``--against`` set for leaks), each with why and what would find them."""
+    why: dict[str, str] = {}
+    for kind in dict.fromkeys(kinds):
+        if kind == "off-target" and not config.zero_shot:
+            why[kind] = "--no-zero-shot turns off the zero-shot filter that finds them"
+        elif kind == "off-target" and not encoder.supports_text:
+            why[kind] = (f"encoder {encoder.spec} is image-only, and the zero-shot filter that finds them needs one "
+                         "that reads text (--encoder bioclip)")
+        elif kind in ("leak", "near-leak", "duplicate", "near-duplicate") and not config.duplicates:
+            why[kind] = "--no-duplicates turns off the check that finds them"
+        elif kind in ("leak", "near-leak") and not against:
+            why[kind] = "leaks are photos also in the --against DIR set, and none was given"
+    return why
+
+
+def unfindable_text(why: dict[str, str]) -> str:
+    """``unfindable_kinds`` as one clause: the kinds that share a reason named together."""
+    by_reason: dict[str, list[str]] = {}
+    for kind, reason in why.items():
+        by_reason.setdefault(reason, []).append(kind)
+    return "; ".join(f"{', '.join(kinds)}: {reason}" for reason, kinds in by_reason.items())
+
+
 # ------------------------------------------------------------------------------------------ zero-shot
 def off_target_probability(probs: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
     """(N,) probability mass on the off-target classes."""
