@@ -113,8 +113,9 @@ class CleanResult:
                 f"(cosine >= {self.config.dup_threshold:g})"
             )
             if c["label-conflict"]:
-                lines.append(f"label conflicts: {c['label-conflict']} photos filed under two species (the same or "
-                             "near-identical photo): check them by hand, one label is wrong")
+                pairs = c["label-conflict"]
+                lines.append(f"label conflicts: {pairs} pair{'' if pairs == 1 else 's'} of photos filed under two "
+                             "species (the same or near-identical photo): check them by hand, one label is wrong")
             if self.against is not None:
                 near = [f.score for f in self.findings if f.kind == "near-leak"]
                 span = f", similarity {min(near):.3f}-{max(near):.3f}" if near else ""

@@ -372,7 +372,7 @@ def test_label_conflicts_unreadable_pairs_and_a_reused_report_folder(tmp_path, c
     code, out, _ = _run(capsys, "clean", "--dataset", "folder", "--root", tmp_path / "photos", "--encoder",
                         IMAGE_ONLY, "--precision", "fp32", "--dup-threshold", "0.999", "--report", report, "--quiet")
     assert code == 0, out
-    assert "label conflicts: 1 photos filed under two species" in out and "duplicates: 0 same bytes, 0 near" in out
+    assert "label conflicts: 1 pair of photos filed under two species" in out and "duplicates: 0 same bytes, 0 near" in out
     rows = _read_csv(report / "findings.csv")
     assert sorted((r["kind"], Path(r["path"]).name) for r in rows) == [
         ("label-conflict", "filed-twice.png"), ("unreadable", "empty1.jpg"), ("unreadable", "empty2.jpg")]
@@ -653,6 +653,11 @@ def test_clean_errors_are_clear(tmp_path, capsys):
         (["--dataset", "folder", "--report", tmp_path / "r"], "--dataset and --root go together"),
         (["--index", tmp_path, "--report", tmp_path / "r"], "is not a speciesid gallery"),
         (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--threshold", "0"], "--threshold"),
+        *((["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--dup-threshold", bad],
+           "--dup-threshold is the cosine similarity from which two photos count as copies, from 0.8 to 1 "
+           "(default 0.95: copies scored 0.959-1 with MobileNetV1, ") for bad in ("-1", "0.5", "0.79", "1.5")),
+        *((["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--dup-threshold", bad],
+           f"docs/cleaning.md), got {bad}") for bad in ("-1", "0.5")),
         (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--against", tmp_path / "nope"],
          "is not a folder"),
         (["--index", tmp_path, "--report", tmp_path / "r", "--apply-to", "duplicate"], "add --apply"),
