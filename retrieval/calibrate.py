@@ -279,8 +279,8 @@ def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds
     n_folds = int(min(folds, min(distinct.values())))
     if n_folds < folds:
         fewest = min(distinct, key=lambda c: distinct[c])
-        logger.info("cross-validation in %d folds, not %d: %s has %d distinct photos (near-copies count once)",
-                    n_folds, folds, species[fewest], distinct[fewest])
+        logger.warning("cross-validation in %d folds, not %d: %s has %d distinct photos (near-copies count once), "
+                       "and each fold must hold one out", n_folds, folds, species[fewest], distinct[fewest])
     return n_folds
 
 

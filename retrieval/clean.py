@@ -28,6 +28,7 @@ from retrieval.encoders import (
     recorded_encoder,
 )
 from retrieval.findings import (
+    APPLY_KINDS,
     KINDS,
     CleanConfig,
     Finding,
@@ -35,6 +36,8 @@ from retrieval.findings import (
     ZeroShotResult,
     check_apply_kinds,
     check_photos,
+    unfindable_kinds,
+    unfindable_text,
 )
 from retrieval.pipeline import embed_photos
 from retrieval.probe import has_probe
@@ -110,8 +113,9 @@ class CleanResult:
                 f"(cosine >= {self.config.dup_threshold:g})"
             )
             if c["label-conflict"]:
-                lines.append(f"label conflicts: {c['label-conflict']} photos filed under two species (the same or "
-                             "near-identical photo): check them by hand, one label is wrong")
+                pairs = c["label-conflict"]
+                lines.append(f"label conflicts: {pairs} pair{'' if pairs == 1 else 's'} of photos filed under two "
+                             "species (the same or near-identical photo): check them by hand, one label is wrong")
             if self.against is not None:
                 near = [f.score for f in self.findings if f.kind == "near-leak"]
                 span = f", similarity {min(near):.3f}-{max(near):.3f}" if near else ""
@@ -132,8 +136,9 @@ class CleanResult:
             a = self.applied
             lines.append(
                 f"applied: {len(a.excluded)} references excluded ({a.already} already excluded, "
-                f"{a.not_in_gallery} findings not in the gallery); undo with 'speciesid clean --restore --index "
-                f"{self.index}'"
+                f"{a.not_in_gallery} findings not in the gallery)" + (
+                    f"; undo with 'speciesid clean --restore --index {self.index}'" if a.excluded else
+                    "; nothing to undo (no run logged: --restore would undo an earlier one)")
             )
             if a.kept_last:
                 lines.append(f"kept: every reference of {', '.join(a.kept_last)} was flagged; the oldest of each is "
@@ -270,6 +275,13 @@ def run_clean(
         if config.prompts is not None:
             raise ValueError(f"--prompts needs an encoder that reads text (such as bioclip); {enc.spec} is image-only. "
                              "Leave --prompts out to check duplicates and leaks only")
+    cannot = unfindable_kinds(apply_kinds, config, enc, against=against is not None) if apply else {}
+    if cannot and len(cannot) == len(set(apply_kinds)):  # refused before any photo is embedded for nothing
+        found = [k for k in APPLY_KINDS
+                 if k not in unfindable_kinds(APPLY_KINDS, config, enc, against=against is not None)]
+        raise ValueError(f"--apply would exclude nothing: it acts on {', '.join(cannot)} findings (--apply-to, "
+                         f"default off-target), which this run cannot find: {unfindable_text(cannot)}"
+                         + (f"; what it finds: --apply-to {','.join(found)}" if found else ""))
     t0 = time.perf_counter()
     cache, known, stored, dataset_name = None, {}, None, None
     if gallery is not None:
@@ -314,6 +326,9 @@ def run_clean(
                          zero_shot_notice=notice, config=config, seconds_embed=t1 - t0,
                          index=str(index) if index is not None else None, skipped=skipped)
     if apply:
+        if cannot:
+            result.notes.append(f"--apply-to {', '.join(cannot)} excluded nothing, this run cannot find them "
+                                f"({unfindable_text(cannot)})")
         result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
         if result.applied.excluded and has_probe(index):
             result.notes.append(f"the probe of {index} was trained with the excluded references; retrain it with "

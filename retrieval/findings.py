@@ -49,6 +49,10 @@ DEFAULT_THRESHOLD = 0.5
 #: re-encoded, re-cropped or with its watermark cut off scored 0.959-1.000; different photos of the same
 #: animal (burst shots, same scene) 0.93 and below, with a few bursts at 0.95-0.96.
 DEFAULT_DUP_THRESHOLD = 0.95
+#: The lowest --dup-threshold taken. Pairs of the 975 ph-snakes train photos (MobileNetV1, docs/cleaning.md): 8 at
+#: >= 0.95, 117 at 0.85, 341 at 0.80 (36 of them across species), 9,682 at 0.70, 344,851 at 0.50. Copies sit far
+#: above it with any encoder; below it a slip (0.5 for 0.95) lists most pairs of photos as "copies".
+MIN_DUP_THRESHOLD = 0.8
 #: Neighbours that must all carry one other species for a suspect label. Chosen on ph-snakes train only with
 #: MobileNetV1 (20 photos moved to another species' folder, 5 seeds; best F1 of k 3 / 5 / 7:
 #: benchmarks/bench_suspect.py, docs/cleaning.md).
@@ -76,6 +80,32 @@ def check_apply_kinds(kinds: Sequence[str]) -> None:
     bad = [k for k in kinds if k not in APPLY_KINDS]
     if bad:
         raise ValueError(f"unknown finding kind(s) {', '.join(bad)} for --apply-to; choose from {', '.join(APPLY_KINDS)}")
+
+
+def unfindable_kinds(kinds: Sequence[str], config: CleanConfig, encoder: Encoder, *,
+                     against: bool) -> dict[str, str]:
+    """Of the ``--apply-to`` kinds, those this run cannot find (a check off, an image-only encoder for the zero-shot
+    filter, no ``--against`` set for leaks), each with why and what would find them."""
+    why: dict[str, str] = {}
+    for kind in dict.fromkeys(kinds):
+        if kind == "off-target" and not config.zero_shot:
+            why[kind] = "--no-zero-shot turns off the zero-shot filter that finds them"
+        elif kind == "off-target" and not encoder.supports_text:
+            why[kind] = (f"encoder {encoder.spec} is image-only, and the zero-shot filter that finds them needs one "
+                         "that reads text (--encoder bioclip)")
+        elif kind in ("leak", "near-leak", "duplicate", "near-duplicate") and not config.duplicates:
+            why[kind] = "--no-duplicates turns off the check that finds them"
+        elif kind in ("leak", "near-leak") and not against:
+            why[kind] = "leaks are photos also in the --against DIR set, and none was given"
+    return why
+
+
+def unfindable_text(why: dict[str, str]) -> str:
+    """``unfindable_kinds`` as one clause: the kinds that share a reason named together."""
+    by_reason: dict[str, list[str]] = {}
+    for kind, reason in why.items():
+        by_reason.setdefault(reason, []).append(kind)
+    return "; ".join(f"{', '.join(kinds)}: {reason}" for reason, kinds in by_reason.items())
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -434,7 +464,11 @@ class CleanConfig:
             raise ValueError(f"--suspect-k is a count of neighbours, at least 1, got {self.suspect_k}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"--threshold is a probability in (0, 1], got {self.threshold}")
-        if not -1.0 <= self.dup_threshold <= 1.0:
-            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
+        if not MIN_DUP_THRESHOLD <= self.dup_threshold <= 1.0:
+            raise ValueError(
+                f"--dup-threshold is the cosine similarity from which two photos count as copies, from "
+                f"{MIN_DUP_THRESHOLD:g} to 1 (default {DEFAULT_DUP_THRESHOLD:g}: copies scored 0.959-1 with "
+                f"MobileNetV1, other shots of one animal 0.93 and below; below {MIN_DUP_THRESHOLD:g} most pairs "
+                f"of photos of a species would be listed, docs/cleaning.md), got {self.dup_threshold:g}")
         if self.prompts is not None and self.zero_shot:
             load_prompts(self.prompts)  # a missing or malformed file is refused now, whatever the encoder reads

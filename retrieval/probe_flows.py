@@ -13,7 +13,7 @@ import numpy as np
 
 from index.datasets import load_dataset
 from index.gallery import Gallery
-from index.layout import EncoderMismatchError, check_encoder, weights_digest, weights_only
+from index.layout import EncoderMismatchError, GalleryLayout, check_encoder, weights_digest, weights_only
 from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
@@ -35,7 +35,7 @@ from retrieval.protocol import (
     same_folder,
     without_copies,
 )
-from retrieval.textprior import save_text_prior
+from retrieval.textprior import build_text_prior, save_text_prior
 from retrieval.whitening_sync import save_stats, stats_from_rows
 
 logger = logging.getLogger(__name__)
@@ -129,12 +129,28 @@ def train_gallery_probe(
     those that chose are recorded with the settings (``Calibration.selection_sha256``) for ``speciesid evaluate``.
     With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
     plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
+    Bad input is refused (ValueError) before any work, leaving the gallery as it was: a negative
+    ``text_strength``, a checklist that cannot be read, or one given for an image-only encoder.
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
+    if not text_strength >= 0:  # NaN too
+        raise ValueError(f"--text-strength is the text prior's weight in photos' worth of evidence: 0 (the prior "
+                         f"counts for nothing) or more, got {text_strength:g}")
+    listed = load_checklist(checklist) if checklist else []  # a missing or empty file: refused before any work
     gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime)
+    if checklist and not enc.supports_text:
+        raise ValueError(f"--checklist adds species to the text prior, which needs an encoder that reads text (a "
+                         f"CLIP-style encoder such as bioclip); gallery {index_dir} was built with {enc.spec}, which "
+                         "is image-only: leave --checklist out, or build the gallery with --encoder bioclip")
     ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
                                                 keep_duplicates)
+    taxa: dict[str, SpeciesSummary] = {}
+    if enc.supports_text:  # its prompts embedded (and cached) before the slow work and before any write
+        taxa = {s.species: s for s in gallery.species()}
+        for t in listed:
+            taxa.setdefault(t.species, SpeciesSummary(t.species, t.genus, t.family, None, t.venomous, 0))
+        build_text_prior(enc, list(taxa.values()), GalleryLayout(Path(index_dir)).text_prior_cache, strength=text_strength)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val.embeddings,
                                   val_labels=val.labels, val_name=str(absolute_path(val_root)), folds=folds, rule=rule)
@@ -147,16 +163,9 @@ def train_gallery_probe(
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
     probe.save(index_dir)
-    text_species = 0
-    if enc.supports_text:
-        taxa = {s.species: s for s in gallery.species()}
-        for t in load_checklist(checklist) if checklist else []:
-            taxa.setdefault(t.species, SpeciesSummary(t.species, t.genus, t.family, None, t.venomous, 0))
+    if taxa:
         save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
-        text_species = len(taxa)
-    elif checklist:
-        logger.warning("encoder %s cannot read text: the checklist is ignored (no text prior)", enc.spec)
-    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=text_species,
+    return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds)
 
 

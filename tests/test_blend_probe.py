@@ -156,3 +156,66 @@ def test_text_prior_ensembles_caches_and_predicts_photo_less_species(tiny_clip_d
     assert top.species == "Vipera monticola" and top.family == "Viperidae" and top.venomous is True
     assert top.common_name == "Atlas viper"
     assert sum(answer.scores.values()) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ probe train: bad input refused before any work
+def _noise_gallery(tmp_path, spec: str):
+    """A fp32 gallery of two species, three random photos each, built with ``spec``."""
+    from PIL import Image
+
+    from retrieval.encoders import EncoderConfig
+    from retrieval.workflows import build_gallery
+
+    rng = np.random.default_rng(0)
+    for species in ("Naja haje", "Natrix maura"):
+        (tmp_path / "photos" / species).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / species / f"{i}.png")
+    index = tmp_path / "g"
+    build_gallery(index, "folder", tmp_path / "photos", encoder=EncoderConfig(spec=spec, precision="fp32"),
+                  progress=False)
+    return index
+
+
+def _gallery_files(index) -> dict[str, bytes]:
+    return {str(p.relative_to(index)): p.read_bytes() for p in sorted(index.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("encoder", ["image-only", "clip"])
+def test_probe_train_refuses_bad_input_before_any_work_and_leaves_the_gallery(encoder, tiny_clip_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A checklist that cannot be read, a --checklist on an image-only encoder (no text prior can take it) and a
+    negative --text-strength are refused before the settings are chosen, with the earlier probe left in place."""
+    import retrieval.calibrate
+    from api.cli import main
+    from retrieval.probe import Calibration
+
+    spec = "timm:test_vit@random" if encoder == "image-only" else f"open_clip:local-dir:{tiny_clip_dir}"
+    index = _noise_gallery(tmp_path, spec)
+    monkeypatch.setattr(retrieval.calibrate, "select_settings", lambda *a, **k: Calibration(C=1.0))
+    assert main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q"]) == 0  # an earlier probe
+    capsys.readouterr()
+    before = _gallery_files(index)
+    assert "probe.json" in before
+
+    def no_work(*a, **k):
+        raise AssertionError("the settings were chosen before the input was checked")
+
+    monkeypatch.setattr(retrieval.calibrate, "select_settings", no_work)
+    refusals = [(["--checklist", str(tmp_path / "nosuch.txt")], "is neither 'moroccan' nor a readable text file"),
+                (["--text-strength", "-1"], "--text-strength is the text prior's weight")]
+    if encoder == "image-only":
+        refusals.append((["--checklist", "moroccan"], "--checklist adds species to the text prior, which needs an "
+                         "encoder that reads text (a CLIP-style encoder such as bioclip)"))
+    for extra, message in refusals:
+        code = main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert _gallery_files(index) == before, extra
+    if encoder == "clip":  # a readable checklist on a text encoder: the prior takes its species (ours are in it)
+        monkeypatch.setattr(retrieval.calibrate, "select_settings", lambda *a, **k: Calibration(C=1.0))
+        code = main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q",
+                     "--checklist", "moroccan"])
+        out = capsys.readouterr().out
+        assert code == 0 and "text prior: 26 species (gallery + checklist)" in out, out

@@ -150,6 +150,21 @@ def test_cv_counts_distinct_photos_not_near_copies():
     assert s.selected_on == "cv:3-fold"
 
 
+def test_fewer_folds_than_asked_is_a_warning(caplog):
+    """--folds above what the photos allow is reduced, and said at WARNING (shown without -v), not silently."""
+    import logging
+
+    x, y = _species(n_cls=3)(4, np.random.default_rng(1))
+    with caplog.at_level(logging.WARNING, logger="retrieval.calibrate"):
+        s = select_settings(x, y, fingerprint="f", grid=GRID, folds=1000)
+    assert s.selected_on == "cv:4-fold"
+    assert "cross-validation in 4 folds, not 1000: Genus s0 has 4 distinct photos" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrieval.calibrate"):
+        select_settings(x, y, fingerprint="f", grid=GRID, folds=3)
+    assert "folds, not" not in caplog.text  # what was asked: nothing to say
+
+
 def test_evaluation_protocol_says_which_photos_chose_the_settings(tmp_path):
     from retrieval.images import sha256_bytes
     from retrieval.protocol import Protocol, settings_origin

@@ -372,7 +372,7 @@ def test_label_conflicts_unreadable_pairs_and_a_reused_report_folder(tmp_path, c
     code, out, _ = _run(capsys, "clean", "--dataset", "folder", "--root", tmp_path / "photos", "--encoder",
                         IMAGE_ONLY, "--precision", "fp32", "--dup-threshold", "0.999", "--report", report, "--quiet")
     assert code == 0, out
-    assert "label conflicts: 1 photos filed under two species" in out and "duplicates: 0 same bytes, 0 near" in out
+    assert "label conflicts: 1 pair of photos filed under two species" in out and "duplicates: 0 same bytes, 0 near" in out
     rows = _read_csv(report / "findings.csv")
     assert sorted((r["kind"], Path(r["path"]).name) for r in rows) == [
         ("label-conflict", "filed-twice.png"), ("unreadable", "empty1.jpg"), ("unreadable", "empty2.jpg")]
@@ -575,6 +575,49 @@ def test_apply_never_excludes_a_suspect_label(tmp_path, capsys):
     assert "suspect labels still ran" in out
 
 
+def test_an_apply_that_cannot_act_is_refused_and_one_that_excluded_nothing_offers_no_undo(tmp_path, capsys):
+    """--apply whose kinds this run cannot find (off-target with an image-only encoder, leaks without --against) is
+    refused before any work; some of them: a note says which. A run that excluded nothing logs no run, so it
+    prints no "undo with" (--restore would undo an earlier run)."""
+    from index.exclusions import excluded_ids
+    from index.gallery import Gallery
+    from index.layout import CLEAN_LOG
+    from index.records import ReferenceRecord
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(IMAGE_ONLY, precision="fp32")
+    x, species = _clusters(per_species=4, dim=enc.dim)
+    x = np.vstack([x, x[1:2]])  # a near-copy of the second A a photo (other bytes): a near-duplicate
+    species.append("A a")
+    index = tmp_path / "g"
+    ids = Gallery.create(index, enc.describe()).add(
+        [ReferenceRecord(path=str(tmp_path / f"{i}.png"), species=s) for i, s in enumerate(species)],
+        [f"d{i}" for i in range(len(species))], x)
+    base = ["clean", "--index", index, "--no-suspect-labels", "--quiet", "--apply"]
+    for extra, message in (
+        ([], "--apply would exclude nothing: it acts on off-target findings (--apply-to, default off-target), "
+         "which this run cannot find: off-target: encoder timm:test_vit@random is image-only, and the zero-shot "
+         "filter that finds them needs one that reads text (--encoder bioclip); what it finds: --apply-to "
+         "duplicate,near-duplicate"),
+        (["--apply-to", "leak,near-leak"], "leak, near-leak: leaks are photos also in the --against DIR set, and "
+         "none was given"),
+        (["--apply-to", "off-target", "--no-zero-shot"], "--no-zero-shot turns off the zero-shot filter"),
+    ):
+        code, _, err = _run(capsys, *base, "--report", tmp_path / "refused", *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "refused").exists() and not (index / CLEAN_LOG).exists()
+    code, out, _ = _run(capsys, *base, "--report", tmp_path / "r1", "--apply-to", "near-duplicate")
+    assert code == 0 and f"applied: 1 references excluded (0 already excluded, 0 findings not in the gallery); " \
+        f"undo with 'speciesid clean --restore --index {index}'" in out, out
+    assert excluded_ids(Gallery.open(index)) == [ids[-1]]
+    # the same again, with off-target too: nothing new, and no "undo with" (that would undo the first run)
+    code, out, _ = _run(capsys, *base, "--report", tmp_path / "r2", "--apply-to", "off-target,near-duplicate")
+    assert code == 0 and "applied: 0 references excluded (1 already excluded" in out and "undo with" not in out
+    assert "nothing to undo (no run logged: --restore would undo an earlier one)" in out
+    assert "note: --apply-to off-target excluded nothing, this run cannot find them (off-target: encoder " in out
+    assert len(json.loads((index / CLEAN_LOG).read_text())["runs"]) == 1
+
+
 def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, capsys, monkeypatch):
     import retrieval.clean
 
@@ -610,6 +653,11 @@ def test_clean_errors_are_clear(tmp_path, capsys):
         (["--dataset", "folder", "--report", tmp_path / "r"], "--dataset and --root go together"),
         (["--index", tmp_path, "--report", tmp_path / "r"], "is not a speciesid gallery"),
         (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--threshold", "0"], "--threshold"),
+        *((["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--dup-threshold", bad],
+           "--dup-threshold is the cosine similarity from which two photos count as copies, from 0.8 to 1 "
+           "(default 0.95: copies scored 0.959-1 with MobileNetV1, ") for bad in ("-1", "0.5", "0.79", "1.5")),
+        *((["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--dup-threshold", bad],
+           f"docs/cleaning.md), got {bad}") for bad in ("-1", "0.5")),
         (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--against", tmp_path / "nope"],
          "is not a folder"),
         (["--index", tmp_path, "--report", tmp_path / "r", "--apply-to", "duplicate"], "add --apply"),

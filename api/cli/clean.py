@@ -18,7 +18,13 @@ from api.cli._common import (
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the clean command."""
     from index.datasets import DATASETS as datasets
-    from retrieval.findings import APPLY_KINDS, DEFAULT_DUP_THRESHOLD, DEFAULT_SUSPECT_K, DEFAULT_THRESHOLD
+    from retrieval.findings import (
+        APPLY_KINDS,
+        DEFAULT_DUP_THRESHOLD,
+        DEFAULT_SUSPECT_K,
+        DEFAULT_THRESHOLD,
+        MIN_DUP_THRESHOLD,
+    )
     from retrieval.prompts import PROMPT_GROUPS
 
     p = sub.add_parser(
@@ -56,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"flag a photo when its off-target probability is >= P (default {DEFAULT_THRESHOLD}) and "
                    "an off-target class is more likely than every target class")
     p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
-                   help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS "
-                   f"(default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with MobileNetV1)")
+                   help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS, from "
+                   f"{MIN_DUP_THRESHOLD} to 1 (default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with "
+                   "MobileNetV1)")
     p.add_argument("--suspect-k", type=at_least(1), default=DEFAULT_SUSPECT_K, metavar="K",
                    help="suspect label: a photo whose K nearest other photos of the set (cosine; its copies left "
                    "out) all carry one species other than its own, when its own species has at least K other photos "

@@ -21,9 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     _add_selection_args(p, "labelled validation photos (default: cross-validation on the gallery)")
-    p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior")
+    p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior "
+                   "(needs a gallery of a CLIP-style encoder such as bioclip; refused for an image-only one)")
     p.add_argument("--text-strength", type=float, default=1.0,
-                   help="text prior weight, in photos' worth of evidence (default 1)")
+                   help="text prior weight, in photos' worth of evidence: 0 or more (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
@@ -133,7 +134,9 @@ def _add_selection_args(p: argparse.ArgumentParser, val_root_help: str) -> None:
                    help="keep --val-root photos the gallery holds (same bytes, or near-copies: cosine >= 0.95, the "
                    "'speciesid clean' leak rule) among those that choose the settings; by default they are left out, "
                    "since each finds itself among the references")
-    p.add_argument("--folds", type=at_least(2), default=5, help="cross-validation folds without --val-root (default 5)")
+    p.add_argument("--folds", type=at_least(2), default=5,
+                   help="cross-validation folds without --val-root (default 5); at most the distinct photos of the "
+                   "species with the fewest, with a warning when that is fewer")
     p.add_argument("--rule", default="seq-nll", choices=RULES,
                    help="how settings are chosen: seq-nll (default: one at a time by out-of-fold log-loss, the "
                    "value nearest the defaults within one standard error) or argmax (the old joint best top-1, "
