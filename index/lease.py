@@ -26,7 +26,8 @@ TTL) or says it is free. Every change to it is a conditional PUT; it is never de
 A lease object left by this module's earlier form (deleted on release, a holder body without ``free``) is read as
 a holder: taken over once stale.
 
-The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are.
+The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are;
+their ``transient`` says whether a later try may get past them (set where each is raised, never guessed from a cause).
 
 Under the lease sits the gallery's shared id high-water mark, ``<store uri>/_speciesid/ids.json``, written (also
 conditionally) before the rows it names, so two machines never give one id. boto3 talks to the store (the
@@ -76,6 +77,11 @@ _UNSUPPORTED = {"NotImplemented", "501"}
 _INVALID = {"InvalidArgument", "InvalidRequest", "400"}
 #: Error codes of credentials that may not do what the lease needs.
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled"}
+#: Error codes of a request a later try may get past: racing writes on the key (409), a busy or failing server
+#: (throttling, a 5xx; any 5xx status but 501 counts too: :func:`_transient`).
+_TRANSIENT = _CONFLICT | {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                          "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "429", "BadGateway",
+                          "GatewayTimeout"}
 #: Tries of a conditional write that keeps meeting 409 ConditionalRequestConflict, and the first pause (doubled).
 CONFLICT_TRIES, CONFLICT_PAUSE_S = 5, 0.05
 #: Attempts of one request on the lease's objects (botocore's ``total_max_attempts``: the first and one retry), and
@@ -87,7 +93,12 @@ BOTO3_FLOOR = "1.35.69"
 
 
 class LeaseError(Exception):
-    """A failure of the store's write lease whose message says what to do (passed on as it is, never re-worded)."""
+    """A failure of the store's write lease whose message says what to do (passed on as it is, never re-worded).
+    ``transient``: whether a later try may get past it (racing writes, a busy or failing server, the lease lost),
+    or not until someone fixes the store or this machine's setup (credentials, a store or client too old); the
+    API answers the one 503 with Retry-After, the other 500."""
+
+    transient: bool = False
 
 
 class ConditionalWritesUnsupported(LeaseError, ValueError):
@@ -97,9 +108,16 @@ class ConditionalWritesUnsupported(LeaseError, ValueError):
 class LeaseLostError(LeaseError, RuntimeError):
     """This writer's lease was taken over by another writer (not renewed in time): nothing more is committed."""
 
+    transient = True
+
 
 class LeaseStoreError(LeaseError, ValueError):
-    """A request on the lease's objects was refused (permissions, a client too old, another store error)."""
+    """A request on the lease's objects was refused or failed (permissions, a client too old, a busy store, another
+    store error); ``transient`` says whether a later try may get past it, as set where it is raised."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def is_s3(uri: str) -> bool:
@@ -114,6 +132,15 @@ def _code(exc: BaseException) -> str:
     status = str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
     code = str(error.get("Code", ""))
     return code if code and code != "None" else status
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether an S3 error answer is one a later try may get past (:data:`_TRANSIENT`, or a 5xx but 501)."""
+    try:
+        status = int(((getattr(exc, "response", None) or {}).get("ResponseMetadata") or {}).get("HTTPStatusCode", 0))
+    except (TypeError, ValueError):
+        status = 0
+    return _code(exc) in _TRANSIENT or (500 <= status < 600 and status != 501)
 
 
 def _opt(options: dict[str, str], *names: str) -> str | None:
@@ -492,6 +519,9 @@ class S3Lease:
                 f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). The lease keeps writers "
                 f"on several machines apart; the credentials need s3:GetObject and s3:PutObject on "
                 f"s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the lease and the shared id mark beside the table)")
+        if _transient(exc):
+            return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)}): the store "
+                                   "is busy or failing for now; try again shortly", transient=True)
         return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)})")
 
     def _look(self) -> _Seen | None:
@@ -570,7 +600,8 @@ class S3Lease:
                     if exhausted is not None:
                         raise exhausted(exc) from exc
                     raise LeaseStoreError(f"the write lease {self.where}: {doing} met {CONFLICT_TRIES} conflicting "
-                                          "writes in a row (409 ConditionalRequestConflict): try again") from exc
+                                          "writes in a row (409 ConditionalRequestConflict): try again",
+                                          transient=True) from exc
                 time.sleep(CONFLICT_PAUSE_S * 2 ** attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -623,7 +623,9 @@ class _S3Refusal(Exception):
 
 
 def _lease_failures() -> dict[str, list[Exception]]:
-    """Failures of the store's write lease, by the answer they must get (before: 400 'bad request', or 500)."""
+    """Failures of the store's write lease, by the answer they must get (before: 400 'bad request', or 500). Each
+    says itself whether a later try may get past it (``transient``): a conflict raised without its S3 cause chained
+    is a 503 too (before, the API read the S3 code off ``__cause__``, and answered it 500)."""
     from index.lease import ConditionalWritesUnsupported, LeaseLostError, LeaseStoreError
 
     def caused(error: Exception, cause: Exception) -> Exception:
@@ -633,10 +635,10 @@ def _lease_failures() -> dict[str, list[Exception]]:
     return {
         "retry": [LeaseLostError("the write lease s3://b/g/_speciesid/write.lock of this writer was taken over by "
                                  "another (not renewed within 30 s): nothing more is committed; run the command again"),
-                  caused(LeaseStoreError("the write lease s3://b/g/_speciesid/write.lock: renewing it met 5 "
-                                         "conflicting writes in a row (409 ConditionalRequestConflict): try again"),
-                         _S3Refusal("ConditionalRequestConflict")),
-                  caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate)"),
+                  LeaseStoreError("the write lease s3://b/g/_speciesid/write.lock: renewing it met 5 conflicting "
+                                  "writes in a row (409 ConditionalRequestConflict): try again", transient=True),
+                  caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate): the "
+                                         "store is busy or failing for now; try again shortly", transient=True),
                          _S3Refusal("SlowDown")),
                   TimeoutError("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
                                "waited 600 s: try again when it is done")],

@@ -847,6 +847,36 @@ def test_the_api_answers_the_leases_own_refusals_503_to_retry_or_500_misconfigur
     assert answer(fake).status_code == 500
 
 
+@pytest.mark.parametrize(("code", "status"), [("SlowDown", 503), ("BadGateway", 502), ("TooManyRequests", 429)])
+def test_a_lease_error_says_itself_whether_a_retry_may_help_and_the_api_answers_by_it(code, status):
+    """Review s46 (lease, 2nd pass), 1: the API read an S3 code off a lease error's __cause__, from a short list: a
+    busy store answering 502 or 429 was a 500 'misconfigured', as was a transient error raised without ``from``.
+    Each lease error now carries ``transient``, set where it is raised (kept when pickled, as a Ray task's is)."""
+    import pickle
+
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+    from index.lease import LeaseStoreError
+
+    fake = FakeS3()
+    fake.fail.append(("get", _client_error(code, status, "GetObject", "please slow down")))
+    with pytest.raises(LeaseStoreError) as caught:
+        _fake_lease(fake).acquire(timeout=0)
+    error = caught.value
+    assert error.transient and "try again" in str(error) and code in str(error)
+    error.__cause__ = None  # its kind is its own, not read off the S3 error it came from
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.transient and str(copy) == str(error)
+    for exc in (error, copy):
+        def fail(exc: Exception = exc) -> None:
+            raise exc
+
+        with pytest.raises(HTTPException) as answer:
+            edge(fail)
+        assert answer.value.status_code == 503 and answer.value.headers["Retry-After"], answer.value.detail
+
+
 def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_is_told_to_upgrade():
     import types
 
