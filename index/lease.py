@@ -28,6 +28,8 @@ a holder: taken over once stale.
 
 The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are;
 their ``transient`` says whether a later try may get past them (set where each is raised, never guessed from a cause).
+A request that got no answer (botocore's network errors) is a transient :class:`LeaseStoreError` naming the lease and
+the endpoint, its cause kept, once the lease gives up on it: after its own handling of a put whose reply was lost.
 
 Under the lease sits the gallery's shared id high-water mark, ``<store uri>/_speciesid/ids.json``, written (also
 conditionally) before the rows it names, so two machines never give one id. boto3 talks to the store (the
@@ -46,6 +48,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +144,24 @@ def _transient(exc: BaseException) -> bool:
     except (TypeError, ValueError):
         status = 0
     return _code(exc) in _TRANSIENT or (500 <= status < 600 and status != 501)
+
+
+def _network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's for a request that got no answer (no connection, a timeout, the connection
+    closed before or while it replied): whether it went through on the server is not known."""
+    try:
+        from botocore.exceptions import ConnectionError as NoConnection
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - the s3 extra not installed
+        return False
+    return isinstance(exc, (NoConnection, HTTPClientError))
+
+
+def _endpoint(exc: BaseException) -> str | None:
+    """The scheme and host of the URL a botocore network error names (None when it names none)."""
+    url = str((getattr(exc, "kwargs", None) or {}).get("endpoint_url") or "")
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
 
 
 def _opt(options: dict[str, str], *names: str) -> str | None:
@@ -500,12 +521,16 @@ class S3Lease:
         raise failure from exc
 
     def _failure(self, exc: BaseException, doing: str) -> BaseException:
-        """The error to raise for a request on the lease's objects that failed with ``exc``: one that names the lease
-        and what to do for a store's refusal; ``exc`` itself for anything else (a network error)."""
+        """The error to raise for a request on the lease's objects that failed with ``exc``, where the lease gives
+        up on it: one that names the lease and what to do for a store's refusal or a request that got no answer (a
+        network error: :meth:`_unreachable`); ``exc`` itself for anything else. Only here, never on the request
+        itself: the lease tells a put whose reply was lost by the raw error first (its nonce stays unsure)."""
         code = _code(exc)
         if not code:
             if type(exc).__name__ == "ParamValidationError" and ("IfMatch" in str(exc) or "IfNoneMatch" in str(exc)):
                 return LeaseStoreError(_upgrade_message(str(exc)))
+            if _network_error(exc):
+                return self._unreachable(exc, doing)
             return exc
         if code in _UNSUPPORTED:
             return self._unsupported(exc)
@@ -523,6 +548,19 @@ class S3Lease:
             return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)}): the store "
                                    "is busy or failing for now; try again shortly", transient=True)
         return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)})")
+
+    def _unreachable(self, exc: BaseException, doing: str) -> LeaseStoreError:
+        """The error of a request on the lease's objects that got no answer (``exc``: botocore's, the endpoint in
+        its message): transient, as a later try may get through; a TLS failure is not (a certificate to fix)."""
+        endpoint = _endpoint(exc) or _opt(self._options, "aws_endpoint", "endpoint", "aws_endpoint_url",
+                                          "endpoint_url") or "the store's S3 endpoint"
+        said = f"{type(exc).__name__}: {_first(exc)}"
+        if type(exc).__name__ == "SSLError":
+            return LeaseStoreError(f"the write lease {self.where}: {doing} failed: no TLS connection to {endpoint} "
+                                   f"({said}): check the endpoint's URL and its certificate (AWS_CA_BUNDLE names "
+                                   "the certificates to trust)")
+        return LeaseStoreError(f"the write lease {self.where}: {doing} got no answer from {endpoint} ({said}): check "
+                               "the network between this machine and the store, then try again", transient=True)
 
     def _look(self) -> _Seen | None:
         """The lease object as it is now (None: absent). Its holder gets ``age_s`` (since the last renewal) and
