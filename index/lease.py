@@ -703,13 +703,14 @@ class S3Lease:
 
     # ------------------------------------------------------------------ shared ids
     def read_next_id(self) -> tuple[int | None, str | None]:
-        """(the shared next id, its etag), (None, None) when no writer recorded one yet (call holding the lease)."""
+        """(the shared next id, its etag), (None, None) when no writer recorded one yet (call holding the lease).
+        An unreadable mark is a LeaseStoreError (not transient: someone has to delete it, as its message says)."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.ids_key)
             return int(json.loads(response["Body"].read())["next"]), response["ETag"]
         except (ValueError, KeyError, TypeError) as exc:  # never repaired here: see the message
             mark = f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT}"
-            raise ValueError(
+            raise LeaseStoreError(
                 f"{mark} is unreadable ({exc}). It is the only record of the ids a running build (or writer) on any "
                 "machine reserved and has not committed yet, so no writer can rebuild it: wait until no writer or "
                 f"build runs on any machine that writes {self.uri}, then delete it (the next writer steps over every "

@@ -763,6 +763,33 @@ def test_an_unreadable_id_mark_is_deleted_only_when_no_writer_or_build_runs_anyw
     assert fake.objects["g/_speciesid/ids.json"][1] == b"{not json"  # never rewritten by a guess
 
 
+@pytest.mark.parametrize("body", [b"{not json", b'{"next": "many"}', b"[]"])
+def test_an_unreadable_id_mark_is_a_500_whose_log_has_the_whole_message(body, caplog):
+    """Review s46 (lease, 2nd pass), 3: an unreadable shared id mark raised a plain ValueError, which the API answered
+    400 (the request's fault, it said). It is a LeaseStoreError, not transient: a 500 saying the server's store is
+    misconfigured or damaged (no bucket named), its whole message, what to do, in the server's log."""
+    import logging
+
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+    from index.lease import LeaseStoreError
+
+    fake = FakeS3()
+    fake.objects["g/_speciesid/ids.json"] = ('"1"', body)
+    lease = _fake_lease(fake)
+    with pytest.raises(LeaseStoreError) as raised:
+        lease.read_next_id()
+    assert not raised.value.transient
+    with caplog.at_level(logging.ERROR, logger="api.routers._edge"), pytest.raises(HTTPException) as caught:
+        edge(lease.read_next_id)
+    got = caught.value
+    assert got.status_code == 500 and "misconfigured or damaged" in got.detail and not got.headers
+    assert "s3://" not in got.detail and "ids.json" not in got.detail
+    assert "s3://b/g/_speciesid/ids.json is unreadable" in caplog.text, caplog.text
+    assert "wait until no writer or build runs on any machine that writes s3://b/g, then delete it" in caplog.text
+
+
 def test_a_heartbeat_left_from_an_earlier_hold_stops(monkeypatch):
     """release() waits a TTL for the heartbeat; one stuck longer in a renewal went on beating beside the next hold's
     (its stop event was cleared by the next acquire). Each hold now has its own stop event."""
