@@ -126,6 +126,9 @@ class Gallery:
         self.store_uri: str | Path = where.get("uri") or self.layout.store  # a folder or an object-store URI
         self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
         self._writer = self._write_lock()  # every process's writes (one per folder and process; + the S3 lease)
+        # seconds a write of this object waits for other writers (the lock's, and on S3 the store's lease) before its
+        # TimeoutError; None: the lock's own (600 s). A server sets a shorter one: its clients wait on the answer.
+        self.write_wait_s: float | None = None
         try:
             self.store = self._open_store(refresh_s)
         except (HalfCreatedStoreError, TimeoutError, LeaseError):  # their messages say what to do: never re-worded
@@ -635,8 +638,9 @@ class Gallery:
     def _write(self, *, local: bool = False) -> Iterator[None]:
         """A write: the cross-process lock first, then this process's thread lock. Waiting for another process's
         writer while holding the thread lock would stall every search of this process (they take it to sync).
-        ``local``: a step that writes only the folder's own files (not the store's lease, on S3)."""
-        with self._writer.hold(local=local), self._lock:
+        ``local``: a step that writes only the folder's own files (not the store's lease, on S3). It waits up to
+        ``write_wait_s`` for other writers."""
+        with self._writer.hold(self.write_wait_s, local=local), self._lock:
             for left in remove_leftovers(self.root):  # of writers killed mid-write (no write is in progress now)
                 logger.info("removed %s, left by an interrupted write", left.name)
             yield
@@ -644,8 +648,8 @@ class Gallery:
     def writing(self, *, local: bool = False) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:
         steps that write only the folder's own files take the folder's lock alone, not the store's lease (on S3);
-        a store write nested in them takes the lease itself."""
-        return self._writer.hold(local=local)
+        a store write nested in them takes the lease itself. It waits up to ``write_wait_s`` for other writers."""
+        return self._writer.hold(self.write_wait_s, local=local)
 
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the store version it reflects.

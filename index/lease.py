@@ -26,7 +26,10 @@ TTL) or says it is free. Every change to it is a conditional PUT; it is never de
 A lease object left by this module's earlier form (deleted on release, a holder body without ``free``) is read as
 a holder: taken over once stale.
 
-The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are.
+The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are;
+their ``transient`` says whether a later try may get past them (set where each is raised, never guessed from a cause).
+A request that got no answer (botocore's network errors) is a transient :class:`LeaseStoreError` naming the lease and
+the endpoint, its cause kept, once the lease gives up on it: after its own handling of a put whose reply was lost.
 
 Under the lease sits the gallery's shared id high-water mark, ``<store uri>/_speciesid/ids.json``, written (also
 conditionally) before the rows it names, so two machines never give one id. boto3 talks to the store (the
@@ -45,6 +48,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +80,11 @@ _UNSUPPORTED = {"NotImplemented", "501"}
 _INVALID = {"InvalidArgument", "InvalidRequest", "400"}
 #: Error codes of credentials that may not do what the lease needs.
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled"}
+#: Error codes of a request a later try may get past: racing writes on the key (409), a busy or failing server
+#: (throttling, a 5xx; any 5xx status but 501 counts too: :func:`_transient`).
+_TRANSIENT = _CONFLICT | {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                          "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "429", "BadGateway",
+                          "GatewayTimeout"}
 #: Tries of a conditional write that keeps meeting 409 ConditionalRequestConflict, and the first pause (doubled).
 CONFLICT_TRIES, CONFLICT_PAUSE_S = 5, 0.05
 #: Attempts of one request on the lease's objects (botocore's ``total_max_attempts``: the first and one retry), and
@@ -87,7 +96,12 @@ BOTO3_FLOOR = "1.35.69"
 
 
 class LeaseError(Exception):
-    """A failure of the store's write lease whose message says what to do (passed on as it is, never re-worded)."""
+    """A failure of the store's write lease whose message says what to do (passed on as it is, never re-worded).
+    ``transient``: whether a later try may get past it (racing writes, a busy or failing server, the lease lost),
+    or not until someone fixes the store or this machine's setup (credentials, a store or client too old); the
+    API answers the one 503 with Retry-After, the other 500."""
+
+    transient: bool = False
 
 
 class ConditionalWritesUnsupported(LeaseError, ValueError):
@@ -97,9 +111,16 @@ class ConditionalWritesUnsupported(LeaseError, ValueError):
 class LeaseLostError(LeaseError, RuntimeError):
     """This writer's lease was taken over by another writer (not renewed in time): nothing more is committed."""
 
+    transient = True
+
 
 class LeaseStoreError(LeaseError, ValueError):
-    """A request on the lease's objects was refused (permissions, a client too old, another store error)."""
+    """A request on the lease's objects was refused or failed (permissions, a client too old, a busy store, another
+    store error); ``transient`` says whether a later try may get past it, as set where it is raised."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def is_s3(uri: str) -> bool:
@@ -114,6 +135,33 @@ def _code(exc: BaseException) -> str:
     status = str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
     code = str(error.get("Code", ""))
     return code if code and code != "None" else status
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether an S3 error answer is one a later try may get past (:data:`_TRANSIENT`, or a 5xx but 501)."""
+    try:
+        status = int(((getattr(exc, "response", None) or {}).get("ResponseMetadata") or {}).get("HTTPStatusCode", 0))
+    except (TypeError, ValueError):
+        status = 0
+    return _code(exc) in _TRANSIENT or (500 <= status < 600 and status != 501)
+
+
+def _network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's for a request that got no answer (no connection, a timeout, the connection
+    closed before or while it replied): whether it went through on the server is not known."""
+    try:
+        from botocore.exceptions import ConnectionError as NoConnection
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - the s3 extra not installed
+        return False
+    return isinstance(exc, (NoConnection, HTTPClientError))
+
+
+def _endpoint(exc: BaseException) -> str | None:
+    """The scheme and host of the URL a botocore network error names (None when it names none)."""
+    url = str((getattr(exc, "kwargs", None) or {}).get("endpoint_url") or "")
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
 
 
 def _opt(options: dict[str, str], *names: str) -> str | None:
@@ -473,12 +521,16 @@ class S3Lease:
         raise failure from exc
 
     def _failure(self, exc: BaseException, doing: str) -> BaseException:
-        """The error to raise for a request on the lease's objects that failed with ``exc``: one that names the lease
-        and what to do for a store's refusal; ``exc`` itself for anything else (a network error)."""
+        """The error to raise for a request on the lease's objects that failed with ``exc``, where the lease gives
+        up on it: one that names the lease and what to do for a store's refusal or a request that got no answer (a
+        network error: :meth:`_unreachable`); ``exc`` itself for anything else. Only here, never on the request
+        itself: the lease tells a put whose reply was lost by the raw error first (its nonce stays unsure)."""
         code = _code(exc)
         if not code:
             if type(exc).__name__ == "ParamValidationError" and ("IfMatch" in str(exc) or "IfNoneMatch" in str(exc)):
                 return LeaseStoreError(_upgrade_message(str(exc)))
+            if _network_error(exc):
+                return self._unreachable(exc, doing)
             return exc
         if code in _UNSUPPORTED:
             return self._unsupported(exc)
@@ -492,7 +544,23 @@ class S3Lease:
                 f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). The lease keeps writers "
                 f"on several machines apart; the credentials need s3:GetObject and s3:PutObject on "
                 f"s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the lease and the shared id mark beside the table)")
+        if _transient(exc):
+            return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)}): the store "
+                                   "is busy or failing for now; try again shortly", transient=True)
         return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)})")
+
+    def _unreachable(self, exc: BaseException, doing: str) -> LeaseStoreError:
+        """The error of a request on the lease's objects that got no answer (``exc``: botocore's, the endpoint in
+        its message): transient, as a later try may get through; a TLS failure is not (a certificate to fix)."""
+        endpoint = _endpoint(exc) or _opt(self._options, "aws_endpoint", "endpoint", "aws_endpoint_url",
+                                          "endpoint_url") or "the store's S3 endpoint"
+        said = f"{type(exc).__name__}: {_first(exc)}"
+        if type(exc).__name__ == "SSLError":
+            return LeaseStoreError(f"the write lease {self.where}: {doing} failed: no TLS connection to {endpoint} "
+                                   f"({said}): check the endpoint's URL and its certificate (AWS_CA_BUNDLE names "
+                                   "the certificates to trust)")
+        return LeaseStoreError(f"the write lease {self.where}: {doing} got no answer from {endpoint} ({said}): check "
+                               "the network between this machine and the store, then try again", transient=True)
 
     def _look(self) -> _Seen | None:
         """The lease object as it is now (None: absent). Its holder gets ``age_s`` (since the last renewal) and
@@ -570,7 +638,8 @@ class S3Lease:
                     if exhausted is not None:
                         raise exhausted(exc) from exc
                     raise LeaseStoreError(f"the write lease {self.where}: {doing} met {CONFLICT_TRIES} conflicting "
-                                          "writes in a row (409 ConditionalRequestConflict): try again") from exc
+                                          "writes in a row (409 ConditionalRequestConflict): try again",
+                                          transient=True) from exc
                 time.sleep(CONFLICT_PAUSE_S * 2 ** attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -634,13 +703,14 @@ class S3Lease:
 
     # ------------------------------------------------------------------ shared ids
     def read_next_id(self) -> tuple[int | None, str | None]:
-        """(the shared next id, its etag), (None, None) when no writer recorded one yet (call holding the lease)."""
+        """(the shared next id, its etag), (None, None) when no writer recorded one yet (call holding the lease).
+        An unreadable mark is a LeaseStoreError (not transient: someone has to delete it, as its message says)."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.ids_key)
             return int(json.loads(response["Body"].read())["next"]), response["ETag"]
         except (ValueError, KeyError, TypeError) as exc:  # never repaired here: see the message
             mark = f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT}"
-            raise ValueError(
+            raise LeaseStoreError(
                 f"{mark} is unreadable ({exc}). It is the only record of the ids a running build (or writer) on any "
                 "machine reserved and has not committed yet, so no writer can rebuild it: wait until no writer or "
                 f"build runs on any machine that writes {self.uri}, then delete it (the next writer steps over every "

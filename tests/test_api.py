@@ -676,7 +676,9 @@ class _S3Refusal(Exception):
 
 
 def _lease_failures() -> dict[str, list[Exception]]:
-    """Failures of the store's write lease, by the answer they must get (before: 400 'bad request', or 500)."""
+    """Failures of the store's write lease, by the answer they must get (before: 400 'bad request', or 500). Each
+    says itself whether a later try may get past it (``transient``): a conflict raised without its S3 cause chained
+    is a 503 too (before, the API read the S3 code off ``__cause__``, and answered it 500)."""
     from index.lease import ConditionalWritesUnsupported, LeaseLostError, LeaseStoreError
 
     def caused(error: Exception, cause: Exception) -> Exception:
@@ -686,10 +688,10 @@ def _lease_failures() -> dict[str, list[Exception]]:
     return {
         "retry": [LeaseLostError("the write lease s3://b/g/_speciesid/write.lock of this writer was taken over by "
                                  "another (not renewed within 30 s): nothing more is committed; run the command again"),
-                  caused(LeaseStoreError("the write lease s3://b/g/_speciesid/write.lock: renewing it met 5 "
-                                         "conflicting writes in a row (409 ConditionalRequestConflict): try again"),
-                         _S3Refusal("ConditionalRequestConflict")),
-                  caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate)"),
+                  LeaseStoreError("the write lease s3://b/g/_speciesid/write.lock: renewing it met 5 conflicting "
+                                  "writes in a row (409 ConditionalRequestConflict): try again", transient=True),
+                  caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate): the "
+                                         "store is busy or failing for now; try again shortly", transient=True),
                          _S3Refusal("SlowDown")),
                   TimeoutError("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
                                "waited 600 s: try again when it is done")],
@@ -755,6 +757,48 @@ def test_lease_failures_of_writes_reach_clients_as_503_or_500(client, service, m
     paths = client.app.openapi()["paths"]
     for route in (paths["/v1/species/{name}/references"]["post"], paths["/v1/references/{ref_id}"]["delete"]):
         assert {"500", "503"} <= set(route["responses"])
+
+
+def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_600_s(client, service):
+    """Review s46 (lease, 2nd pass), 4: a server's write waited the CLI's 600 s for another writer of the gallery (its
+    lock; on S3 the store's lease) before its 503, past most HTTP clients' timeouts. It waits SPECIESID_WRITE_WAIT_S
+    (30 s by default), then answers 503 with Retry-After; the CLI keeps its 600 s. Before, this add waited out the
+    other writer (5 s) and was stored."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.routers._edge import WRITE_RETRY_AFTER_S
+    from api.service import SpeciesService
+    from api.settings import Settings
+    from index.locks import WriteLock
+
+    assert Settings(_env_file=None).write_wait_s == 30 and WriteLock("unused").timeout == 600  # the CLI's
+    assert service.gallery.write_wait_s == service.settings.write_wait_s == 30
+    quick = SpeciesService(Settings(**{**service.settings.model_dump(), "write_wait_s": 1}),
+                           identifier=service.identifier)  # the same gallery, another server's settings
+    other, busy, done = WriteLock(service.gallery.layout.write_lock), threading.Event(), threading.Event()
+
+    def another_writer() -> None:  # its own open file: a flock another process would hold
+        with other.hold():
+            busy.set()
+            done.wait(5)
+
+    holder = threading.Thread(target=another_writer)
+    holder.start()
+    try:
+        assert busy.wait(10)
+        start = time.monotonic()
+        resp = TestClient(create_app(quick.settings, service=quick)).post(
+            f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)), headers=KEYS)
+        spent = time.monotonic() - start
+    finally:
+        done.set()
+        holder.join(10)
+        quick.close()
+        service.gallery.write_wait_s = service.settings.write_wait_s
+    assert "another process has been writing this gallery for over 1 s" in _is_error(resp, 503), resp.text
+    assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S) and spent < 4, spent
+    assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
 
 
 def test_identify_and_search_answer_the_same_mistakes_with_the_same_codes(client):

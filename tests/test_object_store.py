@@ -521,7 +521,7 @@ def test_a_lease_put_then_failing_or_interrupted_is_freed_again(monkeypatch):
     put: it is freed again (before, others waited a TTL out), and the lease is not held."""
     from botocore.exceptions import EndpointConnectionError
 
-    from index.lease import S3Lease
+    from index.lease import LeaseStoreError, S3Lease
 
     fake = FakeS3()
     lease = _fake_lease(fake)
@@ -534,8 +534,9 @@ def test_a_lease_put_then_failing_or_interrupted_is_freed_again(monkeypatch):
         return FakeS3.put_object(fake, **kw)
 
     fake.put_object = failing_put  # type: ignore[method-assign]
-    with pytest.raises(EndpointConnectionError):
+    with pytest.raises(LeaseStoreError, match="got no answer") as caught:  # the network error, where the lease gives up
         lease.acquire(timeout=0)
+    assert caught.value.transient and isinstance(caught.value.__cause__, EndpointConnectionError)
     assert not lease.held and json.loads(fake.objects["g/_speciesid/write.lock"][1])["free"] is True
     # an interrupt (Ctrl-C) between the put and the heartbeat
     fake.put_object = lambda **kw: FakeS3.put_object(fake, **kw)  # type: ignore[method-assign]
@@ -595,8 +596,11 @@ def test_a_renewal_that_went_through_with_its_reply_lost_is_not_taken_for_a_lost
     """Review s46, 2A: a renewal went through, then botocore gave up (a read timeout); the next renewal, on the etag
     before it, gets 412. The object holds that earlier renewal (its nonce): the lease is this writer's, and the next
     renewal or the release is put over it. Before: 'taken over by another', and the lease left held for a TTL. A
-    412 whose read-back fails is not a loss either (only a body not this writer's is)."""
+    412 whose read-back fails is not a loss either (only a body not this writer's is). The network errors reach
+    the caller as transient LeaseStoreErrors (wrapped where the lease gives up: its nonce logic sees the raw one)."""
     from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    from index.lease import LeaseStoreError
 
     fake = FakeS3()
     lease = _fake_lease(fake)
@@ -604,14 +608,15 @@ def test_a_renewal_that_went_through_with_its_reply_lost_is_not_taken_for_a_lost
     lease._stop.set()  # renewals driven by hand
     key = "g/_speciesid/write.lock"
     _applied_then(fake, ReadTimeoutError(endpoint_url="http://s3"))
-    with pytest.raises(ReadTimeoutError):
+    with pytest.raises(LeaseStoreError, match="renewing it .*got no answer") as caught:
         lease.renew()  # the heartbeat logs this and tries again at the next beat
+    assert caught.value.transient and isinstance(caught.value.__cause__, ReadTimeoutError)
     unanswered = json.loads(fake.objects[key][1])
     if then == "read back fails":
         fake.fail.append(("get", EndpointConnectionError(endpoint_url="http://s3")))
-        with pytest.raises(EndpointConnectionError):
+        with pytest.raises(LeaseStoreError, match="reading who holds it") as caught:
             lease.renew()  # refused, and who holds it could not be read: not known to be lost
-        assert lease._lost is None
+        assert lease._lost is None and isinstance(caught.value.__cause__, EndpointConnectionError)
     if then != "release":
         lease.renew()
         now = json.loads(fake.objects[key][1])
@@ -631,20 +636,23 @@ def test_a_take_that_went_through_with_its_reply_lost_is_freed_again(failure):
     leaves another writer's object as it is."""
     from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 
+    from index.lease import LeaseStoreError
+
     error = ReadTimeoutError(endpoint_url="http://s3") if failure == "network error" else KeyboardInterrupt()
     fake = FakeS3()
     lease = _fake_lease(fake)
     key = "g/_speciesid/write.lock"
     _applied_then(fake, error)
-    with pytest.raises(type(error)):
+    with pytest.raises(LeaseStoreError if failure == "network error" else KeyboardInterrupt) as caught:
         lease.acquire(timeout=5)
+    assert failure != "network error" or caught.value.__cause__ is error
     left = json.loads(fake.objects[key][1])
     assert not lease.held and left["free"] is True and left["pid"] == os.getpid()
     # another writer's free lease, and a take whose put fails before it gets there: nothing of it is touched
     theirs = ('"theirs"', json.dumps({"free": True, "by": "other-host", "nonce": "theirs"}).encode())
     fake.objects[key] = theirs
     fake.fail.append(("put", EndpointConnectionError(endpoint_url="http://s3")))
-    with pytest.raises(EndpointConnectionError):
+    with pytest.raises(LeaseStoreError, match="taking it"):
         _fake_lease(fake).acquire(timeout=5)
     assert fake.objects[key] == theirs
 
@@ -755,6 +763,33 @@ def test_an_unreadable_id_mark_is_deleted_only_when_no_writer_or_build_runs_anyw
     assert fake.objects["g/_speciesid/ids.json"][1] == b"{not json"  # never rewritten by a guess
 
 
+@pytest.mark.parametrize("body", [b"{not json", b'{"next": "many"}', b"[]"])
+def test_an_unreadable_id_mark_is_a_500_whose_log_has_the_whole_message(body, caplog):
+    """Review s46 (lease, 2nd pass), 3: an unreadable shared id mark raised a plain ValueError, which the API answered
+    400 (the request's fault, it said). It is a LeaseStoreError, not transient: a 500 saying the server's store is
+    misconfigured or damaged (no bucket named), its whole message, what to do, in the server's log."""
+    import logging
+
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+    from index.lease import LeaseStoreError
+
+    fake = FakeS3()
+    fake.objects["g/_speciesid/ids.json"] = ('"1"', body)
+    lease = _fake_lease(fake)
+    with pytest.raises(LeaseStoreError) as raised:
+        lease.read_next_id()
+    assert not raised.value.transient
+    with caplog.at_level(logging.ERROR, logger="api.routers._edge"), pytest.raises(HTTPException) as caught:
+        edge(lease.read_next_id)
+    got = caught.value
+    assert got.status_code == 500 and "misconfigured or damaged" in got.detail and not got.headers
+    assert "s3://" not in got.detail and "ids.json" not in got.detail
+    assert "s3://b/g/_speciesid/ids.json is unreadable" in caplog.text, caplog.text
+    assert "wait until no writer or build runs on any machine that writes s3://b/g, then delete it" in caplog.text
+
+
 def test_a_heartbeat_left_from_an_earlier_hold_stops(monkeypatch):
     """release() waits a TTL for the heartbeat; one stuck longer in a renewal went on beating beside the next hold's
     (its stop event was cleared by the next acquire). Each hold now has its own stop event."""
@@ -845,6 +880,96 @@ def test_the_api_answers_the_leases_own_refusals_503_to_retry_or_500_misconfigur
     assert got.status_code == 500 and "misconfigured" in got.detail and "s3:" not in got.detail
     fake.fail.append(("put", _client_error("NotImplemented", 501, message="If-None-Match is not implemented")))
     assert answer(fake).status_code == 500
+
+
+@pytest.mark.parametrize(("code", "status"), [("SlowDown", 503), ("BadGateway", 502), ("TooManyRequests", 429)])
+def test_a_lease_error_says_itself_whether_a_retry_may_help_and_the_api_answers_by_it(code, status):
+    """Review s46 (lease, 2nd pass), 1: the API read an S3 code off a lease error's __cause__, from a short list: a
+    busy store answering 502 or 429 was a 500 'misconfigured', as was a transient error raised without ``from``.
+    Each lease error now carries ``transient``, set where it is raised (kept when pickled, as a Ray task's is)."""
+    import pickle
+
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+    from index.lease import LeaseStoreError
+
+    fake = FakeS3()
+    fake.fail.append(("get", _client_error(code, status, "GetObject", "please slow down")))
+    with pytest.raises(LeaseStoreError) as caught:
+        _fake_lease(fake).acquire(timeout=0)
+    error = caught.value
+    assert error.transient and "try again" in str(error) and code in str(error)
+    error.__cause__ = None  # its kind is its own, not read off the S3 error it came from
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.transient and str(copy) == str(error)
+    for exc in (error, copy):
+        def fail(exc: Exception = exc) -> None:
+            raise exc
+
+        with pytest.raises(HTTPException) as answer:
+            edge(fail)
+        assert answer.value.status_code == 503 and answer.value.headers["Retry-After"], answer.value.detail
+
+
+@pytest.mark.parametrize("error", ["EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                                   "ConnectionClosedError"])
+def test_a_lease_request_that_gets_no_answer_is_a_503_naming_the_store_and_the_network(error, monkeypatch):
+    """Review s46 (lease, 2nd pass), 2: botocore's network errors went through the lease as they were, and reached an
+    API client as a plain-text 500. Where the lease gives up on one, it is a transient LeaseStoreError naming the
+    lease object and the endpoint and saying to check the network and try again (the error kept as its cause): a
+    503 with Retry-After. A renewal that went through with its reply lost is still told apart: the next one is put
+    over it, and the release frees the lease."""
+    import botocore.exceptions
+    from fastapi import HTTPException
+
+    from api.routers._edge import edge
+    from index.lease import LeaseStoreError, S3Lease
+
+    monkeypatch.setattr(S3Lease, "_start_heartbeat", lambda self: None)  # renewals driven by hand
+    kind = getattr(botocore.exceptions, error)
+    url = "http://s3.example:9000/b/g/_speciesid/write.lock"
+
+    def answer(step) -> HTTPException:
+        with pytest.raises(HTTPException) as caught:
+            edge(step)
+        got = caught.value
+        assert got.status_code == 503 and got.headers["Retry-After"], got.detail
+        assert "s3://b/g/_speciesid/write.lock" in got.detail and "http://s3.example:9000" in got.detail
+        assert "check the network between this machine and the store, then try again" in got.detail
+        assert isinstance(got.__cause__, LeaseStoreError) and isinstance(got.__cause__.__cause__, kind)
+        return got
+
+    fake = FakeS3()
+    fake.fail.append(("get", kind(endpoint_url=url)))  # taking it: who holds it could not be read
+    assert "reading who holds it" in answer(lambda: _fake_lease(fake).acquire(timeout=0)).detail
+    lease = _fake_lease(fake)
+    lease.acquire(timeout=0)
+    _applied_then(fake, kind(endpoint_url=url))  # a commit's check renews: the put goes through, its reply is lost
+    lease._renewed = -1e9
+    assert "renewing it" in answer(lease.check).detail
+    lease.check()  # the next renewal (412 on the etag before) finds that put's nonce: put over it, not 'lost'
+    lease.write_next_id(4, None)
+    fake.fail.append(("put", kind(endpoint_url=url)))
+    assert "writing the shared id mark" in answer(lambda: lease.write_next_id(5, fake.objects[lease.ids_key][0])).detail
+    lease.release()
+    assert json.loads(fake.objects[lease.key][1])["free"] is True
+
+
+def test_a_tls_failure_of_the_lease_says_to_check_the_certificate_and_is_no_503():
+    """A TLS handshake refused (botocore's SSLError, a ConnectionError too) is no passing network failure: a later
+    try meets the same certificate. It is a LeaseStoreError naming the endpoint and the certificate, not transient."""
+    from botocore.exceptions import SSLError
+
+    from api.routers._edge import lease_answer
+    from index.lease import LeaseStoreError
+
+    fake = FakeS3()
+    fake.fail.append(("get", SSLError(endpoint_url="https://s3.example/b/g", error="CERTIFICATE_VERIFY_FAILED")))
+    with pytest.raises(LeaseStoreError, match=r"no TLS connection to https://s3.example .*CERTIFICATE_VERIFY_FAILED"
+                                              r".*certificate") as caught:
+        _fake_lease(fake).acquire(timeout=0)
+    assert not caught.value.transient and lease_answer(caught.value).status_code == 500
 
 
 def test_the_installed_boto3_sends_every_conditional_parameter_and_an_older_one_is_told_to_upgrade():

@@ -12,7 +12,7 @@ from fastapi import HTTPException, UploadFile
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
 from index.gallery import Neighbour
-from index.lease import LeaseError, LeaseLostError, LeaseStoreError
+from index.lease import LeaseError
 from index.taxonomy import InvalidNameError
 
 logger = logging.getLogger(__name__)
@@ -21,9 +21,6 @@ T = TypeVar("T")
 
 #: Retry-After (seconds) of a write the gallery's store could not take now (another writer, a lost lease).
 WRITE_RETRY_AFTER_S = 5
-#: S3 error codes of a lease request that a later try may get past: racing writes (409), a busy or failing server.
-_TRANSIENT_CODES = {"ConditionalRequestConflict", "409", "SlowDown", "ServiceUnavailable", "503", "InternalError",
-                    "500", "RequestTimeout"}
 
 ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
@@ -38,9 +35,11 @@ ERRORS: dict[int | str, dict] = {
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "
-          "(credentials, a store without conditional writes); its log says what to fix"},
+          "(credentials, a store without conditional writes) or damaged (its shared id mark unreadable); its log "
+          "says what to fix"},
     503: {"model": ErrorOut, "description": "the model is still loading; for a write, the gallery's store could not "
-          "take it now (another writer held it too long, or its write lease was lost): retry after Retry-After s"},
+          "take it now (another writer held it too long, its write lease was lost, the store was busy): retry after "
+          "Retry-After s"},
 }
 
 
@@ -82,27 +81,18 @@ def edge(fn: Callable[[], T]) -> T:
 
 def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
     """The answer to a write the gallery's store did not take. 503 with Retry-After when a later try may succeed
-    (the lease was lost or met racing writes; another writer held the store past the wait, a TimeoutError); 500
-    otherwise: the server's store is misconfigured (credentials refused, a store without conditional writes, a
-    client too old), which the client cannot fix. The 500 names no bucket or credential: the log has the detail."""
-    if isinstance(exc, (LeaseLostError, TimeoutError)) or (
-            isinstance(exc, LeaseStoreError) and _s3_code(exc.__cause__) in _TRANSIENT_CODES):
+    (another writer held the store past the wait, a TimeoutError; a lease error whose ``transient`` says so: the
+    lease lost, racing writes, a busy store); 500 otherwise: the server's store is misconfigured (credentials
+    refused, a store without conditional writes, a client too old) or damaged (an unreadable shared id mark), which
+    the client cannot fix. The 500 names no bucket or credential: the log has the error's whole message."""
+    if isinstance(exc, TimeoutError) or getattr(exc, "transient", False):
         logger.warning("write answered 503 (retry in %d s): %s", WRITE_RETRY_AFTER_S, exc)
         return HTTPException(503, f"the gallery's store could not take this write now; retry in "
                              f"{WRITE_RETRY_AFTER_S} s ({exc})", headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
     logger.error("write refused by the gallery's store, answered 500 (fix the server's store): %s", exc)
-    return HTTPException(500, "the server's gallery store is misconfigured: it refused this write, and will refuse "
-                         "every write until the server's operator fixes it (the server's log says what to fix); "
-                         "retrying does not help")
-
-
-def _s3_code(exc: BaseException | None) -> str:
-    """The error code of a botocore ClientError ('' for anything else)."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    code = str((response.get("Error") or {}).get("Code") or "")
-    return code or str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or "")
+    return HTTPException(500, "the server's gallery store is misconfigured or damaged: it refused this write, and "
+                         "will refuse every write until the server's operator fixes it (the server's log says what "
+                         "to fix); retrying does not help")
 
 
 def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_most: int) -> list[Upload]:
