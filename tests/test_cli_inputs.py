@@ -1,0 +1,64 @@
+"""What the CLI says and returns for inputs a new user gets wrong: a build that adds nothing, names the API could
+not address, options named in errors, an encoder a gallery refuses before it loads, near-duplicate species names.
+
+Galleries here use the tiny random ``timm:test_vit@random`` encoder on random photos: fast, no shared assets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.cli import main
+
+ENCODER = ["--encoder", "timm:test_vit@random", "--precision", "fp32"]
+
+
+def _photo(path: Path, seed: int, side: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def built(tmp_path, capsys) -> tuple[Path, Path]:
+    """(gallery, its photo folder): 6 random photos of two species."""
+    root = tmp_path / "photos"
+    for i in range(6):
+        _photo(root / ("Naja samarensis (Samar Cobra)" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                        *ENCODER, "-q")
+    assert code == 0, err
+    return index, root
+
+
+def test_a_build_into_a_gallery_that_adds_nothing_but_skips_photos_fails(built, tmp_path, capsys):
+    """README: exit status 1 when an index build could add nothing; a re-run finding every photo stored is 0."""
+    index, root = built
+    bad = tmp_path / "bad" / "Naja haje"
+    bad.mkdir(parents=True)
+    (bad / "fake.jpg").write_text("not a photo")
+    (bad / "empty.jpg").write_bytes(b"")
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", bad.parent, "--index", index,
+                          *ENCODER, "-q")
+    assert code == 1 and "added 0, skipped 2 unreadable" in out, (out, err)
+    assert f"nothing was added to gallery {index} from {bad.parent}: 2 photo(s) could not be read" in err, err
+    # a re-run whose photos are all stored already had nothing to add, nothing failed: 0, with or without an
+    # unreadable photo beside them (reported again; a dataset's one bad file must not fail every later re-run)
+    for broken in (False, True):
+        if broken:
+            (root / "Natrix maura" / "broken.jpg").write_text("not a photo")
+        code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                              *ENCODER, "-q")
+        assert code == 0 and f"added 0, skipped {int(broken)} unreadable, 6 duplicates" in out, (out, err)
+        assert "error" not in err, err
