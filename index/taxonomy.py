@@ -49,6 +49,11 @@ class InvalidNameError(ValueError):
     """A species or common name that cannot be stored (empty, too long, control or bidi characters)."""
 
 
+#: An example of each kind of name :func:`check_name` checks, for its messages.
+NAME_EXAMPLES = {"species name": "Naja haje", "genus": "Naja", "family": "Elapidae", "common name": "Egyptian cobra",
+                 "class folder name": "Naja haje"}
+
+
 def check_name(value: str, what: str = "species name") -> str:
     """``value`` with its spaces collapsed, or :class:`InvalidNameError` saying what is wrong with it.
 
@@ -59,10 +64,11 @@ def check_name(value: str, what: str = "species name") -> str:
     import unicodedata
 
     text = " ".join(str(value).split())
+    example = f"give e.g. {NAME_EXAMPLES.get(what, NAME_EXAMPLES['species name'])!r}"
     if not text:
-        raise InvalidNameError(f"the {what} is empty; give e.g. 'Naja haje'")
+        raise InvalidNameError(f"the {what} is empty; {example}")
     if not any(ch.isalnum() for ch in text):
-        raise InvalidNameError(f"the {what} {text!r} has no letters or digits; give e.g. 'Naja haje'")
+        raise InvalidNameError(f"the {what} {text!r} has no letters or digits; {example}")
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
     for ch in text:

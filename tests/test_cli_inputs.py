@@ -62,3 +62,24 @@ def test_a_build_into_a_gallery_that_adds_nothing_but_skips_photos_fails(built, 
                               *ENCODER, "-q")
         assert code == 0 and f"added 0, skipped {int(broken)} unreadable, 6 duplicates" in out, (out, err)
         assert "error" not in err, err
+
+
+@pytest.mark.parametrize(("what", "example"), [("species name", "'Naja haje'"), ("genus", "'Naja'"),
+                                               ("family", "'Elapidae'"), ("common name", "'Egyptian cobra'")])
+def test_an_empty_name_gets_an_example_of_its_own_kind(what, example):
+    from index.taxonomy import InvalidNameError, check_name
+
+    for bad, why in (("", "is empty"), (" - ", "has no letters or digits")):
+        with pytest.raises(InvalidNameError) as exc:
+            check_name(bad, what)
+        assert why in str(exc.value) and str(exc.value).endswith(f"give e.g. {example}"), exc.value
+
+
+def test_references_add_with_an_empty_common_name_suggests_a_common_name(built, tmp_path, capsys):
+    index, _ = built
+    photo = _photo(tmp_path / "new.png", 99)
+    for option, example in (("--common-name", "'Egyptian cobra'"), ("--genus", "'Naja'"),
+                            ("--family", "'Elapidae'")):
+        code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", option, " ",
+                            photo, *ENCODER)
+        assert code == 2 and f"is empty; give e.g. {example}" in err, err
