@@ -59,7 +59,9 @@ def check_name(value: str, what: str = "species name") -> str:
 
     Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
-    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text.
+    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text. A taxon
+    name (anything but a common name) with a ``/`` is refused too: the HTTP API's ``/v1/species/{name}`` could not
+    address it. The one rule of the CLI, the API and the dataset loaders; messages end with an example of ``what``.
     """
     import unicodedata
 
@@ -69,6 +71,9 @@ def check_name(value: str, what: str = "species name") -> str:
         raise InvalidNameError(f"the {what} is empty; {example}")
     if not any(ch.isalnum() for ch in text):
         raise InvalidNameError(f"the {what} {text!r} has no letters or digits; {example}")
+    if "/" in text and what != "common name":  # no taxon name holds one, and the HTTP API cannot address it
+        raise InvalidNameError(f"the {what} {text!r} cannot contain '/' (the HTTP API could not address it); "
+                               f"{example}")
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
     for ch in text:

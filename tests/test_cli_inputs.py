@@ -83,3 +83,26 @@ def test_references_add_with_an_empty_common_name_suggests_a_common_name(built, 
         code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", option, " ",
                             photo, *ENCODER)
         assert code == 2 and f"is empty; give e.g. {example}" in err, err
+
+
+def test_a_species_name_the_api_could_not_address_is_refused_by_the_cli_with_the_apis_message(built, tmp_path,
+                                                                                             capsys):
+    """One naming rule (index.taxonomy.check_name): the CLI no longer creates 'Naja/haje', which the API's
+    /v1/species/{name} could neither show nor add to; the API's 422 is the same rule's message."""
+    from index.gallery import Gallery
+    from index.taxonomy import InvalidNameError, check_name
+
+    index, _ = built
+    photo = _photo(tmp_path / "new.png", 99)
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja/haje", photo, *ENCODER)
+    message = "the species name 'Naja/haje' cannot contain '/' (the HTTP API could not address it); give e.g. 'Naja haje'"
+    assert code == 2 and message in err, err
+    assert "Naja/haje" not in {s.species for s in Gallery.open(index).species()}
+    for what in ("genus", "family"):
+        with pytest.raises(InvalidNameError, match="cannot contain '/'"):
+            check_name("Naja/Boaedon", what)
+    assert check_name("Cobra / asp", "common name") == "Cobra / asp"  # a common name is never a URL part
+
+    from api.routers.species import _slashed
+
+    assert _slashed("Naja/haje").status_code == 422 and _slashed("Naja/haje").detail == message

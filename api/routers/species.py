@@ -11,6 +11,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
 from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
+from index.taxonomy import InvalidNameError, check_name
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
 
@@ -79,5 +80,10 @@ def get_a_name_with_a_slash(_: ReadKey, name: str) -> None:
 
 
 def _slashed(name: str) -> HTTPException:
-    """The 422 of a species name with a ``/`` in it."""
-    return HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
+    """The 422 of a species name with a ``/`` in it: the naming rule's own message (:func:`check_name`, which the
+    CLI applies too)."""
+    try:
+        check_name(name.replace("_", " "))
+    except InvalidNameError as exc:
+        return HTTPException(422, str(exc))
+    return HTTPException(422, f"the species name {name!r} cannot contain '/'")  # not reached: check_name refuses it
