@@ -106,3 +106,22 @@ def test_a_species_name_the_api_could_not_address_is_refused_by_the_cli_with_the
     from api.routers.species import _slashed
 
     assert _slashed("Naja/haje").status_code == 422 and _slashed("Naja/haje").detail == message
+
+
+def test_the_readme_references_add_example_takes_photos_of_every_format(tmp_path):
+    """README's example, run as a shell would (its glob expanded), adds .jpeg and .png photos too, not only .jpg."""
+    import glob
+    import shlex
+
+    from conftest import REPO
+
+    from index.photos import expand_photo_args
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    (command,) = [line for line in text.splitlines() if " references add " in line and "new_photos" in line]
+    words = shlex.split(command, comments=True)
+    photos_arg = next(w for w in words if "new_photos" in w)
+    for i, ext in enumerate(("jpg", "jpeg", "png", "JPG")):
+        _photo(tmp_path / "new_photos" / f"{i}.{ext}", i)
+    expanded = sorted(glob.glob(str(tmp_path / photos_arg))) or [str(tmp_path / photos_arg)]
+    assert len(expand_photo_args(expanded).photos) == 4, (photos_arg, expanded)
