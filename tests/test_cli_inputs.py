@@ -125,3 +125,24 @@ def test_the_readme_references_add_example_takes_photos_of_every_format(tmp_path
         _photo(tmp_path / "new_photos" / f"{i}.{ext}", i)
     expanded = sorted(glob.glob(str(tmp_path / photos_arg))) or [str(tmp_path / photos_arg)]
     assert len(expand_photo_args(expanded).photos) == 4, (photos_arg, expanded)
+
+
+def test_a_bad_val_root_is_named_as_the_option_given(built, tmp_path, capsys):
+    """probe train has no --root: its --val-root errors name --val-root (and finetune's too)."""
+    from finetune.config import FinetuneConfig
+    from finetune.data import split_photos
+
+    index, root = built
+    code, _, err = _run(capsys, "probe", "train", "--index", index, "--val-root", tmp_path / "nowhere", *ENCODER[2:])
+    assert code == 2 and "does not exist (set the image folder with --val-root)" in err, err
+    split = tmp_path / "splits"
+    _photo(split / "train" / "Naja haje" / "a.png", 1)
+    code, _, err = _run(capsys, "probe", "train", "--index", index, "--val-root", split)
+    assert code == 2 and f"give one split as the root, e.g. --val-dataset folder --val-root {split / 'train'}" in err
+    assert " --root" not in err and " --dataset" not in err, err
+    with pytest.raises(ValueError, match=r"is not a folder \(set the image folder with --val-root\)"):
+        split_photos(FinetuneConfig(root=str(root), out=str(tmp_path / "out"), val_root=str(split / "train" /
+                                                                                              "Naja haje" / "a.png")))
+    # a command whose option is --root still says --root
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", split, "--index", index, *ENCODER)
+    assert code == 2 and "e.g. --dataset folder --root" in err, err
