@@ -30,8 +30,9 @@ import numpy as np
 from index import exclusions
 from index.atomic import atomic_write
 from index.datasets import DatasetScan, iter_dataset, load_dataset
-from index.gallery import Gallery, Neighbour
+from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
+from index.layout import GalleryLayout
 from index.photos import PHOTO_FORMATS
 from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references
@@ -46,7 +47,7 @@ from retrieval.encoders import (
     portable,
 )
 from retrieval.findings import CleanConfig
-from retrieval.galleries import build_encoder, open_gallery, open_identifier
+from retrieval.galleries import build_encoder, check_encoder_choice, open_gallery, open_identifier
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import BuildReport, add_references, embed_photos
@@ -112,6 +113,8 @@ def build_gallery(
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     encoder = portable(encoder or build_encoder(index_dir))  # the gallery records where the weights are, usable
     # from anywhere
+    if GalleryLayout(Path(index_dir)).info.is_file():  # another encoder is refused before it loads (or downloads)
+        check_encoder_choice(index_dir, read_gallery_info(index_dir), encoder)
     if engine == "ray":
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")

@@ -146,3 +146,53 @@ def test_a_bad_val_root_is_named_as_the_option_given(built, tmp_path, capsys):
     # a command whose option is --root still says --root
     code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", split, "--index", index, *ENCODER)
     assert code == 2 and "e.g. --dataset folder --root" in err, err
+
+
+def test_another_encoder_is_refused_before_it_is_loaded(built, tmp_path, capsys, monkeypatch):
+    """README: a gallery queried with another encoder is refused naming the right one; build_encoder: an encoder the
+    gallery would refuse costs no download. Spec, pool, views and weights are compared before any loading."""
+    import retrieval.runtimes.select as select
+
+    index, root = built
+    photo = _photo(tmp_path / "q.png", 7)
+    loaded = []
+    real_open = select.open_encoder
+    monkeypatch.setattr(select, "open_encoder", lambda config, **kw: loaded.append(config) or real_open(config, **kw))
+    fix = "use --encoder timm:test_vit@random or build a new index in another directory"
+    for argv in (["identify", "--index", index, photo, "--encoder", "bioclip"],
+                 ["search", "--index", index, photo, "--encoder", "timm:test_vit"],  # pretrained, not @random
+                 ["references", "add", "--index", index, "--species", "Naja haje", photo, "--encoder", "bioclip-2"],
+                 ["index", "build", "--dataset", "folder", "--root", root, "--index", index, "--encoder", "bioclip"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and f"gallery {index} was built with encoder 'timm:test_vit@random', not with the encoder " \
+            f"given ({argv[-1]}); {fix}" in err, err
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the gallery was built without weights
+    code, _, err = _run(capsys, "identify", "--index", index, photo, "--encoder", "timm:test_vit@random",
+                        "--weights", weights)
+    assert code == 2 and f"not with the encoder given (timm:test_vit@random with weights {weights})" in err, err
+    for argv in (["identify", "--index", index, photo, "--pool", "gem3"],
+                 ["index", "build", "--dataset", "folder", "--root", root, "--index", index, "--views", "flip"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and "not with the options given" in err and "--pool model --views single" in err, err
+    assert loaded == []
+    code, out, err = _run(capsys, "identify", "--index", index, photo, "-q")  # its own encoder: loads and answers
+    assert code == 0 and len(loaded) == 1, err
+
+
+def test_a_copy_of_the_gallerys_model_folder_is_still_accepted(tiny_clip_dir, tmp_path, capsys):
+    """The same weights in another folder (a gallery moved to another machine) are not refused by the spec check:
+    the fingerprint decides after loading (nothing to download)."""
+    import shutil
+
+    root = tmp_path / "photos"
+    for i in range(4):
+        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, "--encoder", spec,
+                "--precision", "fp32", "-q")[0] == 0
+    copy = shutil.copytree(tiny_clip_dir, tmp_path / "moved")
+    code, _, err = _run(capsys, "identify", "--index", index, root / "Naja haje" / "1.png", "--encoder",
+                        f"local-dir:{copy}", "--precision", "fp32", "-q")
+    assert code == 0, err
