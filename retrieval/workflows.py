@@ -407,8 +407,12 @@ def add_photos(
     dataset: str = "added",
     progress: bool = False,
     min_side: int = MIN_REFERENCE_SIDE,
+    new_species: bool = False,
 ) -> AddResult:
     """Store photos as references of ``species`` (created if new); searchable when this returns.
+
+    ``new_species``: the caller confirmed that a new name looking like a gallery species (a near-spelling, or its
+    common name) is a new species; without it such a name is refused (SpeciesNameConflictError) before any work.
 
     ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept in the gallery's ``uploads/``
     folder by content digest. One duplicate check for both (:func:`retrieval.pipeline.add_references`):
@@ -417,18 +421,23 @@ def add_photos(
     paths: list[Path] = []
     written: list[Path] = []
     names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
+    uploads: list[tuple[Path, bytes]] = []
     for item in photos:
         if isinstance(item, tuple):
-            path, new = _keep_upload(gallery.layout.uploads, *item)
+            path = _upload_path(gallery.layout.uploads, *item)
             names.setdefault(source_text(path), []).append(item[0])  # keyed as the store records paths
             paths.append(path)
-            written += [path] if new else []
+            uploads.append((path, item[1]))
         else:
             paths.append(Path(item))
     name, records, prior = new_species_references(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
-        genus=genus, family=family,
-    )
+        genus=genus, family=family, new_species=new_species,
+    )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
+    for path, data in uploads:
+        if not path.exists():
+            atomic_write(path, data)
+            written.append(path)
     report = add_references(gallery, encoder, records, progress=progress, min_side=min_side)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
@@ -453,10 +462,15 @@ def add_photos(
                      excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "")
 
 
+def _upload_path(folder: Path, name: str, data: bytes) -> Path:
+    """Where uploaded bytes are kept: ``folder/<sha256><ext>``."""
+    ext = _EXTENSIONS.get(image_format(data) or "", Path(name).suffix.lower() or ".img")
+    return folder / f"{sha256_bytes(data)}{ext}"
+
+
 def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:
     """Store uploaded bytes as ``folder/<sha256><ext>``; (path, whether this call wrote it)."""
-    ext = _EXTENSIONS.get(image_format(data) or "", Path(name).suffix.lower() or ".img")
-    path = folder / f"{sha256_bytes(data)}{ext}"
+    path = _upload_path(folder, name, data)
     if path.exists():
         return path, False
     atomic_write(path, data)

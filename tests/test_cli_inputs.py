@@ -34,7 +34,7 @@ def built(tmp_path, capsys) -> tuple[Path, Path]:
     """(gallery, its photo folder): 6 random photos of two species."""
     root = tmp_path / "photos"
     for i in range(6):
-        _photo(root / ("Naja samarensis (Samar Cobra)" if i % 2 else "Natrix maura") / f"{i}.png", i)
+        _photo(root / ("Samar Cobra (Naja samarensis)" if i % 2 else "Natrix maura") / f"{i}.png", i)
     index = tmp_path / "g"
     code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
                         *ENCODER, "-q")
@@ -196,3 +196,54 @@ def test_a_copy_of_the_gallerys_model_folder_is_still_accepted(tiny_clip_dir, tm
     code, _, err = _run(capsys, "identify", "--index", index, root / "Naja haje" / "1.png", "--encoder",
                         f"local-dir:{copy}", "--precision", "fp32", "-q")
     assert code == 0, err
+
+
+def test_a_new_species_that_looks_like_a_gallery_species_needs_confirming(built, tmp_path, capsys):
+    """A one-letter typo of a gallery species, or its common name typed as the species, is refused naming that
+    species and its reference count (not only a taxonomy warning); --new-species confirms a new one, which gets
+    its family from its genus. Missing and too-small photos are counted apart from unreadable ones."""
+    from index.gallery import Gallery
+
+    index, _ = built
+    photo = _photo(tmp_path / "new.png", 99)
+    before = {s.species: s.count for s in Gallery.open(index).species()}
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja samarensiss", photo,
+                        *ENCODER)
+    assert code == 2 and ("'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is: give "
+                          "--species 'Naja samarensis' to add to it, or confirm that 'Naja samarensiss' is a new "
+                          "species (CLI --new-species; API form field new_species=true)") in err, err
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "samar cobra", photo, *ENCODER)
+    assert code == 2 and "'samar cobra' is the common name of 'Naja samarensis' (3 references)" in err, err
+    assert {s.species: s.count for s in Gallery.open(index).species()} == before  # nothing added
+    tiny = _photo(tmp_path / "tiny.png", 5, side=20)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja samarensiss",
+                          "--new-species", photo, tiny, tmp_path / "missing.jpg", *ENCODER)
+    assert code == 1 and "Naja samarensiss (new species): added 1, skipped 0 unreadable, 1 too small, " \
+        "0 duplicates" in out and "; 1 argument(s) not found or holding no photo (named above)" in out, out
+    (new,) = [s for s in Gallery.open(index).species() if s.species == "Naja samarensiss"]
+    assert (new.genus, new.family, new.count) == ("Naja", "Elapidae", 1)
+    # a species the taxonomy knows is added as before (only names it does not know are checked for a lookalike)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix natrix",
+                          _photo(tmp_path / "n.png", 103), *ENCODER)
+    assert code == 0 and "Natrix natrix (new species)" in out, (out, err)
+
+
+def test_the_api_refuses_a_lookalike_new_species_with_the_cli_message_unless_confirmed(built, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index, _ = built
+    data = _photo(tmp_path / "new.png", 99).read_bytes()
+    keys = {"X-API-Key": "k"}
+    with TestClient(create_app(Settings(index=str(index), api_keys="k", precision="fp32", runtime="torch"))) as c:
+        url = "/v1/species/Naja samarensiss/references"
+        resp = c.post(url, files=[("images", ("a.png", data, "image/png"))], headers=keys)
+        assert resp.status_code == 409 and resp.json()["detail"].startswith(
+            "'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is"), resp.text
+        assert not list((index / "uploads").glob("*"))  # the refused upload is not kept
+        resp = c.post(url, files=[("images", ("a.png", data, "image/png"))], data={"new_species": "true"},
+                      headers=keys)
+        assert resp.status_code == 201 and resp.json()["created"] is True, resp.text
+        assert c.get("/v1/species/Naja samarensiss").json()["family"] == "Elapidae"
