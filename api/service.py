@@ -242,8 +242,10 @@ class SpeciesService:
         *,
         common_name: str | None = None,
         venomous: bool | None = None,
+        new_species: bool = False,
     ) -> AddResult:
-        """Store the photos as references of ``species`` (created if new); searchable when this returns."""
+        """Store the photos as references of ``species`` (created if new); searchable when this returns.
+        ``new_species``: a new name that looks like a gallery species is meant (else refused, a 409)."""
         check_name(species.replace("_", " "))  # refuse a bad name before the expensive encode (422)
         if common_name is not None:
             check_name(common_name, "common name")
@@ -256,7 +258,7 @@ class SpeciesService:
         with self._write_lock:
             result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
                                           common_name=common_name, venomous=venomous, dataset="api",
-                                          min_side=least)
+                                          min_side=least, new_species=new_species)
         self.identifier.whitening()  # a new species refits the vote's metric now: on the writer's time, not a reader's
         return result
 

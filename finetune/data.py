@@ -74,9 +74,11 @@ class LabelledPhotos:
         return sorted(set(self.labels))
 
 
-def load_photos(dataset: str, root: str | Path, metadata: str | Path | None = None) -> LabelledPhotos:
-    """A dataset layout (``index.datasets``) as paths + species labels."""
-    scan = load_dataset(dataset, root, metadata=metadata)
+def load_photos(dataset: str, root: str | Path, metadata: str | Path | None = None, *,
+                options: str = "--") -> LabelledPhotos:
+    """A dataset layout (``index.datasets``) as paths + species labels (``options``: the prefix of the options
+    that gave them, named in errors: ``--val-`` for --val-root)."""
+    scan = load_dataset(dataset, root, metadata=metadata, options=options)
     for warning in scan.warnings:
         logger.warning("%s", warning)
     if not scan.records:
@@ -383,7 +385,7 @@ def split_photos(cfg: FinetuneConfig) -> Split:
     inventory = {"root": photo_inventory(photos, cfg.root)}
     if cfg.val_root:
         train_photos = photos
-        val_photos = load_photos(cfg.val_dataset or cfg.dataset, cfg.val_root, cfg.val_metadata)
+        val_photos = load_photos(cfg.val_dataset or cfg.dataset, cfg.val_root, cfg.val_metadata, options="--val-")
         inventory["val_root"] = photo_inventory(val_photos, cfg.val_root)
         val_source = f"{VAL_SOURCE}{Path(cfg.val_root).resolve()}"  # absolute: evaluate may run from another folder
     else:

@@ -369,6 +369,11 @@ def _check_args(name: str, root: str | Path, metadata: str | Path | None) -> tup
     return key, root_path, Path(metadata).expanduser() if metadata is not None else None
 
 
+def _named_options(text: str, options: str) -> str:
+    """``text`` (a loader's message) with --dataset, --root and --metadata named as the command's own options."""
+    return re.sub(r"(?<![\w-])--(dataset|root|metadata)\b", lambda m: f"{options}{m.group(1)}", text)
+
+
 def iter_dataset(
     name: str, root: str | Path, *, metadata: str | Path | None = None, warnings: list[str] | None = None,
     skipped: list[tuple[Path, str]] | None = None,
@@ -412,16 +417,25 @@ def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: li
     return records
 
 
-def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = None) -> DatasetScan:
+def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = None,
+                 options: str = "--") -> DatasetScan:
     """Scan dataset ``name`` under image root ``root`` (``metadata``: CSV for metadata-driven loaders).
 
     Raises ``ValueError`` for an unknown name, a missing root or metadata file, missing metadata
-    columns, or (``moroccan``) a folder that is not a checklist species.
+    columns, or (``moroccan``) a folder that is not a checklist species. ``options``: the prefix of the command's
+    options that gave the three (``--val-``: --val-dataset, --val-root, --val-metadata), named in errors and
+    warnings instead of --dataset, --root and --metadata.
     """
     warnings: list[str] = []
     skipped: list[tuple[Path, str]] = []
-    key, root_path, _ = _check_args(name, root, metadata)
-    records = list(iter_dataset(name, root, metadata=metadata, warnings=warnings, skipped=skipped))
+    try:
+        key, root_path, _ = _check_args(name, root, metadata)
+        records = list(iter_dataset(name, root, metadata=metadata, warnings=warnings, skipped=skipped))
+    except ValueError as exc:
+        if options == "--":
+            raise
+        raise ValueError(_named_options(str(exc), options)) from exc
+    warnings = [_named_options(w, options) for w in warnings]
     species = sorted({r.species for r in records})
     logger.info("dataset %s at %s: %d photos of %d species", key, root_path, len(records), len(species))
     for warning in warnings:

@@ -71,7 +71,8 @@ META_LOOKUP_ROWS = 2_000
 META_CACHE_ROWS = 1_000_000
 
 __all__ = [
-    "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "read_gallery_info",
+    "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "gallery_encoder_fix",
+    "read_gallery_info",
 ]
 
 
@@ -799,11 +800,14 @@ STORE_CAUSES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Signature
 def check_gallery_encoder(root: str | Path, info: dict, fingerprint: str) -> None:
     """Refuse an encoder that did not build the gallery, saying which one did (EncoderMismatchError)."""
     built = info["encoder"]
-    check_encoder(
-        f"gallery {root}", built["fingerprint"], fingerprint,
-        fix=f"use --encoder {built['spec']}" + (f" --weights {built['weights']}" if built.get("weights") else "")
-        + " or build a new index in another directory",
-    )
+    check_encoder(f"gallery {root}", built["fingerprint"], fingerprint, fix=gallery_encoder_fix(info))
+
+
+def gallery_encoder_fix(info: dict) -> str:
+    """What to do instead of using another encoder with the gallery of ``info`` (its ``gallery.json``)."""
+    built = info["encoder"]
+    return (f"use --encoder {built['spec']}" + (f" --weights {built['weights']}" if built.get("weights") else "")
+            + " or build a new index in another directory")
 
 
 def read_gallery_info(root: str | Path) -> dict:

@@ -49,20 +49,31 @@ class InvalidNameError(ValueError):
     """A species or common name that cannot be stored (empty, too long, control or bidi characters)."""
 
 
+#: An example of each kind of name :func:`check_name` checks, for its messages.
+NAME_EXAMPLES = {"species name": "Naja haje", "genus": "Naja", "family": "Elapidae", "common name": "Egyptian cobra",
+                 "class folder name": "Naja haje"}
+
+
 def check_name(value: str, what: str = "species name") -> str:
     """``value`` with its spaces collapsed, or :class:`InvalidNameError` saying what is wrong with it.
 
     Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
-    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text.
+    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text. A taxon
+    name (anything but a common name) with a ``/`` is refused too: the HTTP API's ``/v1/species/{name}`` could not
+    address it. The one rule of the CLI, the API and the dataset loaders; messages end with an example of ``what``.
     """
     import unicodedata
 
     text = " ".join(str(value).split())
+    example = f"give e.g. {NAME_EXAMPLES.get(what, NAME_EXAMPLES['species name'])!r}"
     if not text:
-        raise InvalidNameError(f"the {what} is empty; give e.g. 'Naja haje'")
+        raise InvalidNameError(f"the {what} is empty; {example}")
     if not any(ch.isalnum() for ch in text):
-        raise InvalidNameError(f"the {what} {text!r} has no letters or digits; give e.g. 'Naja haje'")
+        raise InvalidNameError(f"the {what} {text!r} has no letters or digits; {example}")
+    if "/" in text and what != "common name":  # no taxon name holds one, and the HTTP API cannot address it
+        raise InvalidNameError(f"the {what} {text!r} cannot contain '/' (the HTTP API could not address it); "
+                               f"{example}")
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
     for ch in text:
@@ -153,12 +164,16 @@ def new_species_references(
     venomous: bool | None = None,
     genus: str | None = None,
     family: str | None = None,
+    new_species: bool = False,
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
     ``name`` in another spelling (case, ``_``, ``-``) of a gallery species or a known taxon takes that
     spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
-    as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy.
+    as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy (a new
+    species' family from its genus). A new name the taxonomy does not know that is a near-spelling of a gallery
+    species, or a gallery species' common name, is refused (:class:`SpeciesNameConflictError`) unless
+    ``new_species``.
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -173,6 +188,8 @@ def new_species_references(
     prior = find_species(gallery_species, species) or (find_species(gallery_species, taxon.species) if taxon
                                                          else None)  # "Naja haje legionis" joins "Naja haje"
     species = prior.species if prior else (taxon.species if taxon else species)
+    if prior is None and taxon is None and not new_species and (like := _gallery_lookalike(gallery_species, species)):
+        raise like
     if venomous is False and prior is not None and prior.venomous:
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
@@ -199,11 +216,41 @@ def new_species_references(
     if venomous is None:
         venomous = prior.venomous if prior else (taxon.venomous if taxon else None)
     genus = genus or (prior.genus if prior else None) or (taxon.genus if taxon else None)
-    family = family or (prior.family if prior else None) or (taxon.family if taxon else None)
+    family = family or (prior.family if prior else None) or (taxon.family if taxon else None) or genus_family(
+        genus or species.split(" ")[0])
     common_name = common_name or (prior.common_name if prior else None)
     records = [ReferenceRecord(path=Path(p), species=species, genus=genus, family=family, common_name=common_name,
                                venomous=venomous, dataset=dataset) for p in paths]
     return species, records, prior
+
+
+class SpeciesNameConflictError(ValueError):
+    """A new species name that looks like a mistake for a gallery species (a near-spelling, or its common name)."""
+
+
+def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> SpeciesNameConflictError | None:
+    """The error for a new species ``name`` that is a gallery species' common name or a near-spelling of one (a
+    one-letter typo), naming that species and its reference count; None when it is neither."""
+    key = species_key(name)
+    same_common = [s for s in gallery_species if s.common_name and species_key(s.common_name) == key]
+    by_key = {species_key(s.species): s for s in gallery_species}
+    close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.9)]
+    found = same_common[:1] or close
+    if not found:
+        return None
+    names = " and ".join(f"{s.species!r} ({s.count} reference{'' if s.count == 1 else 's'})" for s in found)
+    how = (f"is the common name of {names}" if same_common else
+           f"is not in the gallery, but {names} {'is' if len(found) == 1 else 'are'}")
+    return SpeciesNameConflictError(
+        f"{name!r} {how}: give --species {found[0].species!r} to add to it, or confirm that {name!r} is a new "
+        "species (CLI --new-species; API form field new_species=true)")
+
+
+def genus_family(genus: str | None) -> str | None:
+    """The family of a genus the shipped snake taxonomy knows, else None."""
+    example = _genera().get(species_key(genus)) if genus else None
+    taxon = lookup_taxon(example) if example else None
+    return taxon.family if taxon else None
 
 
 def find_species(gallery_species: Iterable[SpeciesSummary], name: str) -> SpeciesSummary | None:

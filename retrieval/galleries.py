@@ -6,19 +6,24 @@ The one place a gallery folder and its encoder are put together; ``retrieval.wor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from index.gallery import Gallery, read_gallery_info
-from index.layout import GalleryLayout
+from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
+from index.layout import EncoderMismatchError, GalleryLayout, weights_only
 from index.store import source_file
 from retrieval.encoders import (
+    ALIASES,
     DEFAULT_ENCODER,
     DEFAULT_POOL,
     DEFAULT_VIEWS,
     Encoder,
     EncoderConfig,
     create_encoder_from_config,
+    options_suffix,
+    parse_spec,
     recorded_encoder,
+    resolve_pool,
 )
 from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
@@ -47,9 +52,11 @@ def open_gallery(
     ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
     exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
     """
-    built = read_gallery_info(index_dir)["encoder"]
+    info = read_gallery_info(index_dir)
+    built = info["encoder"]
     config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
                            **recorded_encoder(built, spec=encoder, weights=weights, pool=pool, views=views))
+    check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
     enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
     return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
 
@@ -69,13 +76,58 @@ def build_encoder(
     """The encoder a build into ``index_dir`` uses: what is given, else, when ``index_dir`` already holds a gallery,
     the encoder that built it (as every other command opens a gallery), else a new gallery's defaults (bioclip,
     model pooling, one view). Nothing is loaded here: an encoder the gallery would refuse costs no download."""
-    if GalleryLayout(Path(index_dir)).info.is_file():
-        chosen = recorded_encoder(read_gallery_info(index_dir)["encoder"], spec=spec, weights=weights, pool=pool,
-                                  views=views)
+    info = read_gallery_info(index_dir) if GalleryLayout(Path(index_dir)).info.is_file() else None
+    if info is not None:
+        chosen = recorded_encoder(info["encoder"], spec=spec, weights=weights, pool=pool, views=views)
     else:
         chosen = {"spec": spec or DEFAULT_ENCODER, "weights": weights, "pool": pool or DEFAULT_POOL,
                   "views": views or DEFAULT_VIEWS}
-    return EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime, **chosen)
+    config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime, **chosen)
+    if info is not None:
+        check_encoder_choice(index_dir, info, config)
+    return config
+
+
+#: Spec prefixes that name a folder on this machine (loading it downloads nothing).
+_LOCAL_PREFIXES = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")
+
+
+def _weights_source(spec: str) -> tuple[str, str]:
+    """("local", resolved folder) for a local-dir spec, else ("named", the spec with its alias expanded)."""
+    full = ALIASES.get(spec, spec)
+    for prefix in _LOCAL_PREFIXES:
+        if full.startswith(prefix):
+            return "local", str(Path(full[len(prefix):]).expanduser().resolve())
+    return "named", full
+
+
+def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfig) -> None:
+    """Refuse, before anything is loaded or downloaded, an encoder the gallery of ``info`` (its ``gallery.json``)
+    would refuse by its fingerprint, with the message the fingerprint check gives (EncoderMismatchError).
+
+    Refused: other pooling or views; a named encoder (an alias, a hub or timm model) other than the one that built
+    the gallery while that one is at hand here; the same spec with or without a ``--weights`` file where the gallery
+    was built the other way. Two folders or two weights files may hold the same weights: those are left to the
+    fingerprint check after loading (nothing is downloaded for them)."""
+    built = info["encoder"]
+    source, built_source = _weights_source(config.spec), _weights_source(str(built["spec"]))
+    built_weights = built.get("weights")
+    at_hand = ((built_source[0] == "named" or Path(built_source[1]).exists())
+               and (not built_weights or Path(str(built_weights)).exists()))
+    if (source == built_source and bool(config.weights) != bool(built_weights)) or (
+            source != built_source and source[0] == "named" and at_hand):
+        given = config.spec + (f" with weights {config.weights}" if config.weights else "")
+        raise EncoderMismatchError(
+            f"gallery {index_dir} was built with encoder {built['spec']!r}"
+            + (f" with weights {built_weights}" if built_weights else "")
+            + f", not with the encoder given ({given}); {gallery_encoder_fix(info)}")
+    pool = resolve_pool(config.pool, parse_spec(config.spec)) if config.pool == "auto" else config.pool
+    if (pool, config.views) != (built.get("pool", "model"), built.get("views", "single")):
+        recorded = str(built["fingerprint"])
+        size = re.search(r"\+size=(\d+)", recorded)
+        same_weights = f"{recorded.rsplit('#', 1)[0]}#{weights_only(recorded)}"
+        check_gallery_encoder(index_dir, info, same_weights + options_suffix(pool, config.views,
+                                                                              int(size[1]) if size else None))
 
 
 def open_identifier(

@@ -62,6 +62,10 @@ class PipelineStats:
         return self.wait_s / wall_s if wall_s > 0 else 0.0
 
 
+#: The reason of a readable photo skipped for its size (what the report counts as "too small", not "unreadable").
+TOO_SMALL = "is too small for a reference photo"
+
+
 @dataclass
 class BuildReport:
     """What an add/build did."""
@@ -84,9 +88,11 @@ class BuildReport:
         """One human-readable paragraph."""
         waited = (f"; the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time"
                   if self.stats.batches else "")  # measured by the local pipeline's model thread only
+        small = sum(TOO_SMALL in reason for _, reason in self.skipped)  # readable, but under the reference size
         lines = [
-            f"added {self.added}, skipped {len(self.skipped)} unreadable, "
-            f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s"
+            f"added {self.added}, skipped {len(self.skipped) - small} unreadable, "
+            + (f"{small} too small, " if small else "")
+            + f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s"
             f"{waited})"
         ]
         for path, reason in self.skipped[:20]:
@@ -138,8 +144,8 @@ def prepare(
     try:
         tensor, (width, height) = model_input(data, encoder, max_pixels=max_pixels, name=name)
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
-            return Prepared(position, sha256=digest, error=f"{width}x{height} pixels is too small for "
-                            f"a reference photo (at least {min_side} px on the short side)")
+            return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "
+                            f"(at least {min_side} px on the short side)")
     except ImageLoadError as exc:
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build

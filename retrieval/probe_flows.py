@@ -84,7 +84,7 @@ def _selection_data(
     labels = gallery.store.species_of(ids.tolist())
     if val_root is None:
         return ids, vectors, labels, ValidationPhotos()
-    scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata)
+    scan = load_dataset(val_dataset or "folder", val_root, metadata=val_metadata, options="--val-")
     done = embed_photos([r.path for r in scan.records], enc, progress=progress, desc="validation")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:

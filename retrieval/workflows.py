@@ -30,8 +30,9 @@ import numpy as np
 from index import exclusions
 from index.atomic import atomic_write
 from index.datasets import DatasetScan, iter_dataset, load_dataset
-from index.gallery import Gallery, Neighbour
+from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
+from index.layout import GalleryLayout
 from index.photos import PHOTO_FORMATS
 from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references
@@ -46,7 +47,7 @@ from retrieval.encoders import (
     portable,
 )
 from retrieval.findings import CleanConfig
-from retrieval.galleries import build_encoder, open_gallery, open_identifier
+from retrieval.galleries import build_encoder, check_encoder_choice, open_gallery, open_identifier
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import BuildReport, add_references, embed_photos
@@ -112,6 +113,8 @@ def build_gallery(
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     encoder = portable(encoder or build_encoder(index_dir))  # the gallery records where the weights are, usable
     # from anywhere
+    if GalleryLayout(Path(index_dir)).info.is_file():  # another encoder is refused before it loads (or downloads)
+        check_encoder_choice(index_dir, read_gallery_info(index_dir), encoder)
     if engine == "ray":
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
@@ -404,8 +407,12 @@ def add_photos(
     dataset: str = "added",
     progress: bool = False,
     min_side: int = MIN_REFERENCE_SIDE,
+    new_species: bool = False,
 ) -> AddResult:
     """Store photos as references of ``species`` (created if new); searchable when this returns.
+
+    ``new_species``: the caller confirmed that a new name looking like a gallery species (a near-spelling, or its
+    common name) is a new species; without it such a name is refused (SpeciesNameConflictError) before any work.
 
     ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept in the gallery's ``uploads/``
     folder by content digest. One duplicate check for both (:func:`retrieval.pipeline.add_references`):
@@ -414,18 +421,23 @@ def add_photos(
     paths: list[Path] = []
     written: list[Path] = []
     names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
+    uploads: list[tuple[Path, bytes]] = []
     for item in photos:
         if isinstance(item, tuple):
-            path, new = _keep_upload(gallery.layout.uploads, *item)
+            path = _upload_path(gallery.layout.uploads, *item)
             names.setdefault(source_text(path), []).append(item[0])  # keyed as the store records paths
             paths.append(path)
-            written += [path] if new else []
+            uploads.append((path, item[1]))
         else:
             paths.append(Path(item))
     name, records, prior = new_species_references(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
-        genus=genus, family=family,
-    )
+        genus=genus, family=family, new_species=new_species,
+    )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
+    for path, data in uploads:
+        if not path.exists():
+            atomic_write(path, data)
+            written.append(path)
     report = add_references(gallery, encoder, records, progress=progress, min_side=min_side)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
@@ -450,10 +462,15 @@ def add_photos(
                      excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "")
 
 
+def _upload_path(folder: Path, name: str, data: bytes) -> Path:
+    """Where uploaded bytes are kept: ``folder/<sha256><ext>``."""
+    ext = _EXTENSIONS.get(image_format(data) or "", Path(name).suffix.lower() or ".img")
+    return folder / f"{sha256_bytes(data)}{ext}"
+
+
 def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:
     """Store uploaded bytes as ``folder/<sha256><ext>``; (path, whether this call wrote it)."""
-    ext = _EXTENSIONS.get(image_format(data) or "", Path(name).suffix.lower() or ".img")
-    path = folder / f"{sha256_bytes(data)}{ext}"
+    path = _upload_path(folder, name, data)
     if path.exists():
         return path, False
     atomic_write(path, data)

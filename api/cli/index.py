@@ -114,6 +114,16 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                          "added" + (" or the cleaning excluded them all" if result.clean is not None else "")
                          + "; see the list above\n")
         return 1
+    report, scan = result.report, result.scan
+    if not report.added and not report.duplicates:
+        # into a gallery that holds other photos: no photo of this build is in it, every one was unreadable. A re-run
+        # whose photos are stored already (an unreadable one beside them or not) had nothing to add: that is 0
+        why = [f"{len(report.skipped)} photo(s) could not be read"]
+        if scan.skipped:
+            why.append(f"{len(scan.skipped)} entr{'y' if len(scan.skipped) == 1 else 'ies'} could not be listed")
+        sys.stderr.write(f"speciesid: error: nothing was added to gallery {g.root} from {args.root}: "
+                         f"{', '.join(why)}; see the list above\n")
+        return 1
     return 0
 
 

@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--venomous", help="yes or no: medically important venomous (default: the gallery species' flag, "
                    "else the taxonomy's). A species is venomous while any of its references says so")
     p.add_argument("--genus", help="genus (default: first word of --species)")
-    p.add_argument("--family", help="family (default: from the snake taxonomy when known)")
+    p.add_argument("--family", help="family (default: from the snake taxonomy when known, or from the genus)")
+    p.add_argument("--new-species", action="store_true",
+                   help="confirm that --species is a new species although it looks like a gallery species (a "
+                   "near-spelling of one, or its common name), which is refused without this")
     p.add_argument("--encoder", default=None, metavar="SPEC", help=spec_help(": the gallery's encoder"))
     p.add_argument("--weights", default=None, metavar="FILE", help=WEIGHTS_HELP + "; default: the gallery's weights")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
@@ -51,15 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_references_add(args: argparse.Namespace) -> int:
     from retrieval.workflows import add_photos, open_gallery
 
-    paths, bad_args = photo_args(args.images)
+    paths, bad_args = photo_args(args.images)  # named on stderr now, counted in the summary below
     gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
                                 precision=args.precision, runtime=args.runtime)
     result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                         venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
+                        new_species=args.new_species,
                         progress=not args.quiet and len(paths) > 20)
     report = result.report
     status = "existing" if result.existed else "new"
-    emit(f"{result.species} ({status} species): {report.summary()}")
+    lines = report.summary().split("\n")
+    if bad_args:  # a missing file or a folder without photos: counted beside the photos that were read
+        lines[0] += f"; {len(bad_args)} argument(s) not found or holding no photo (named above)"
+    emit(f"{result.species} ({status} species): " + "\n".join(lines))
     if report.ids:
         emit(f"ids: {', '.join(map(str, report.ids))}")
     if result.probe_note:

@@ -13,7 +13,7 @@ from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
 from index.gallery import Neighbour
 from index.lease import LeaseError
-from index.taxonomy import InvalidNameError
+from index.taxonomy import InvalidNameError, SpeciesNameConflictError
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,10 @@ ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
     401: {"model": ErrorOut, "description": "missing or wrong X-API-Key"},
     404: {"model": ErrorOut, "description": "not found"},
-    409: {"model": ErrorOut, "description": "the gallery holds no searchable references yet: add some first "
-          "(POST /v1/species/{name}/references, or `speciesid references add`)"},
+    409: {"model": ErrorOut, "description": "identify / search: the gallery holds no searchable references yet, add "
+          "some first (POST /v1/species/{name}/references, or `speciesid references add`); adding references: a new "
+          "species name that looks like a gallery species (a near-spelling, or its common name), the message names "
+          "it; send new_species=true if the species is new"},
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
@@ -73,6 +75,8 @@ def edge(fn: Callable[[], T]) -> T:
         raise HTTPException(exc.status, str(exc)) from exc
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
+    except SpeciesNameConflictError as exc:
+        raise HTTPException(409, str(exc)) from exc
     except (LeaseError, TimeoutError) as exc:  # before ValueError: some lease errors are ValueErrors
         raise lease_answer(exc) from exc
     except ValueError as exc:

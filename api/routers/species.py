@@ -11,6 +11,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
 from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
+from index.taxonomy import InvalidNameError, check_name
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
 
@@ -29,7 +30,7 @@ def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_leng
 
 @router.post("/{name}/references", response_model=AddReferencesOut, status_code=201,
              responses={200: {"model": AddReferencesOut, "description": "nothing stored: every photo was a reference "
-                              "already (listed in duplicates)"}, **errors(400, 401, 413, 415, 422, 500)})
+                              "already (listed in duplicates)"}, **errors(400, 401, 409, 413, 415, 422, 500)})
 def add_references(
     service: Service,
     _: WriteKey,
@@ -37,11 +38,14 @@ def add_references(
     images: Annotated[list[UploadFile], File(description="reference photos of this species")],
     common_name: Annotated[str | None, Form(max_length=200)] = None,
     venomous: Annotated[bool | None, Form(description="medically important venomous")] = None,
+    new_species: Annotated[bool, Form(description="confirm a new species whose name looks like a gallery "
+                                      "species (a near-spelling, or its common name): refused (409) without")] = False,
     *, response: Response,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
     uploads = read_uploads(service, images, at_most=service.settings.max_add_images)
-    result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous))
+    result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous,
+                                                 new_species=new_species))
     if not result.report.added:
         response.status_code = 200  # nothing stored (every photo a reference already): nothing was created
     return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
@@ -79,5 +83,10 @@ def get_a_name_with_a_slash(_: ReadKey, name: str) -> None:
 
 
 def _slashed(name: str) -> HTTPException:
-    """The 422 of a species name with a ``/`` in it."""
-    return HTTPException(422, f"a species name cannot contain '/': {name!r}; write it as 'Genus species'")
+    """The 422 of a species name with a ``/`` in it: the naming rule's own message (:func:`check_name`, which the
+    CLI applies too)."""
+    try:
+        check_name(name.replace("_", " "))
+    except InvalidNameError as exc:
+        return HTTPException(422, str(exc))
+    return HTTPException(422, f"the species name {name!r} cannot contain '/'")  # not reached: check_name refuses it

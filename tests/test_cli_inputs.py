@@ -1,0 +1,249 @@
+"""What the CLI says and returns for inputs a new user gets wrong: a build that adds nothing, names the API could
+not address, options named in errors, an encoder a gallery refuses before it loads, near-duplicate species names.
+
+Galleries here use the tiny random ``timm:test_vit@random`` encoder on random photos: fast, no shared assets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.cli import main
+
+ENCODER = ["--encoder", "timm:test_vit@random", "--precision", "fp32"]
+
+
+def _photo(path: Path, seed: int, side: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def built(tmp_path, capsys) -> tuple[Path, Path]:
+    """(gallery, its photo folder): 6 random photos of two species."""
+    root = tmp_path / "photos"
+    for i in range(6):
+        _photo(root / ("Samar Cobra (Naja samarensis)" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                        *ENCODER, "-q")
+    assert code == 0, err
+    return index, root
+
+
+def test_a_build_into_a_gallery_that_adds_nothing_but_skips_photos_fails(built, tmp_path, capsys):
+    """README: exit status 1 when an index build could add nothing; a re-run finding every photo stored is 0."""
+    index, root = built
+    bad = tmp_path / "bad" / "Naja haje"
+    bad.mkdir(parents=True)
+    (bad / "fake.jpg").write_text("not a photo")
+    (bad / "empty.jpg").write_bytes(b"")
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", bad.parent, "--index", index,
+                          *ENCODER, "-q")
+    assert code == 1 and "added 0, skipped 2 unreadable" in out, (out, err)
+    assert f"nothing was added to gallery {index} from {bad.parent}: 2 photo(s) could not be read" in err, err
+    # a re-run whose photos are all stored already had nothing to add, nothing failed: 0, with or without an
+    # unreadable photo beside them (reported again; a dataset's one bad file must not fail every later re-run)
+    for broken in (False, True):
+        if broken:
+            (root / "Natrix maura" / "broken.jpg").write_text("not a photo")
+        code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                              *ENCODER, "-q")
+        assert code == 0 and f"added 0, skipped {int(broken)} unreadable, 6 duplicates" in out, (out, err)
+        assert "error" not in err, err
+
+
+@pytest.mark.parametrize(("what", "example"), [("species name", "'Naja haje'"), ("genus", "'Naja'"),
+                                               ("family", "'Elapidae'"), ("common name", "'Egyptian cobra'")])
+def test_an_empty_name_gets_an_example_of_its_own_kind(what, example):
+    from index.taxonomy import InvalidNameError, check_name
+
+    for bad, why in (("", "is empty"), (" - ", "has no letters or digits")):
+        with pytest.raises(InvalidNameError) as exc:
+            check_name(bad, what)
+        assert why in str(exc.value) and str(exc.value).endswith(f"give e.g. {example}"), exc.value
+
+
+def test_references_add_with_an_empty_common_name_suggests_a_common_name(built, tmp_path, capsys):
+    index, _ = built
+    photo = _photo(tmp_path / "new.png", 99)
+    for option, example in (("--common-name", "'Egyptian cobra'"), ("--genus", "'Naja'"),
+                            ("--family", "'Elapidae'")):
+        code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", option, " ",
+                            photo, *ENCODER)
+        assert code == 2 and f"is empty; give e.g. {example}" in err, err
+
+
+def test_a_species_name_the_api_could_not_address_is_refused_by_the_cli_with_the_apis_message(built, tmp_path,
+                                                                                             capsys):
+    """One naming rule (index.taxonomy.check_name): the CLI no longer creates 'Naja/haje', which the API's
+    /v1/species/{name} could neither show nor add to; the API's 422 is the same rule's message."""
+    from index.gallery import Gallery
+    from index.taxonomy import InvalidNameError, check_name
+
+    index, _ = built
+    photo = _photo(tmp_path / "new.png", 99)
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja/haje", photo, *ENCODER)
+    message = "the species name 'Naja/haje' cannot contain '/' (the HTTP API could not address it); give e.g. 'Naja haje'"
+    assert code == 2 and message in err, err
+    assert "Naja/haje" not in {s.species for s in Gallery.open(index).species()}
+    for what in ("genus", "family"):
+        with pytest.raises(InvalidNameError, match="cannot contain '/'"):
+            check_name("Naja/Boaedon", what)
+    assert check_name("Cobra / asp", "common name") == "Cobra / asp"  # a common name is never a URL part
+
+    from api.routers.species import _slashed
+
+    assert _slashed("Naja/haje").status_code == 422 and _slashed("Naja/haje").detail == message
+
+
+def test_the_readme_references_add_example_takes_photos_of_every_format(tmp_path):
+    """README's example, run as a shell would (its glob expanded), adds .jpeg and .png photos too, not only .jpg."""
+    import glob
+    import shlex
+
+    from conftest import REPO
+
+    from index.photos import expand_photo_args
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    (command,) = [line for line in text.splitlines() if " references add " in line and "new_photos" in line]
+    words = shlex.split(command, comments=True)
+    photos_arg = next(w for w in words if "new_photos" in w)
+    for i, ext in enumerate(("jpg", "jpeg", "png", "JPG")):
+        _photo(tmp_path / "new_photos" / f"{i}.{ext}", i)
+    expanded = sorted(glob.glob(str(tmp_path / photos_arg))) or [str(tmp_path / photos_arg)]
+    assert len(expand_photo_args(expanded).photos) == 4, (photos_arg, expanded)
+
+
+def test_a_bad_val_root_is_named_as_the_option_given(built, tmp_path, capsys):
+    """probe train has no --root: its --val-root errors name --val-root (and finetune's too)."""
+    from finetune.config import FinetuneConfig
+    from finetune.data import split_photos
+
+    index, root = built
+    code, _, err = _run(capsys, "probe", "train", "--index", index, "--val-root", tmp_path / "nowhere", *ENCODER[2:])
+    assert code == 2 and "does not exist (set the image folder with --val-root)" in err, err
+    split = tmp_path / "splits"
+    _photo(split / "train" / "Naja haje" / "a.png", 1)
+    code, _, err = _run(capsys, "probe", "train", "--index", index, "--val-root", split)
+    assert code == 2 and f"give one split as the root, e.g. --val-dataset folder --val-root {split / 'train'}" in err
+    assert " --root" not in err and " --dataset" not in err, err
+    with pytest.raises(ValueError, match=r"is not a folder \(set the image folder with --val-root\)"):
+        split_photos(FinetuneConfig(root=str(root), out=str(tmp_path / "out"), val_root=str(split / "train" /
+                                                                                              "Naja haje" / "a.png")))
+    # a command whose option is --root still says --root
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", split, "--index", index, *ENCODER)
+    assert code == 2 and "e.g. --dataset folder --root" in err, err
+
+
+def test_another_encoder_is_refused_before_it_is_loaded(built, tmp_path, capsys, monkeypatch):
+    """README: a gallery queried with another encoder is refused naming the right one; build_encoder: an encoder the
+    gallery would refuse costs no download. Spec, pool, views and weights are compared before any loading."""
+    import retrieval.runtimes.select as select
+
+    index, root = built
+    photo = _photo(tmp_path / "q.png", 7)
+    loaded = []
+    real_open = select.open_encoder
+    monkeypatch.setattr(select, "open_encoder", lambda config, **kw: loaded.append(config) or real_open(config, **kw))
+    fix = "use --encoder timm:test_vit@random or build a new index in another directory"
+    for argv in (["identify", "--index", index, photo, "--encoder", "bioclip"],
+                 ["search", "--index", index, photo, "--encoder", "timm:test_vit"],  # pretrained, not @random
+                 ["references", "add", "--index", index, "--species", "Naja haje", photo, "--encoder", "bioclip-2"],
+                 ["index", "build", "--dataset", "folder", "--root", root, "--index", index, "--encoder", "bioclip"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and f"gallery {index} was built with encoder 'timm:test_vit@random', not with the encoder " \
+            f"given ({argv[-1]}); {fix}" in err, err
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # never read: the gallery was built without weights
+    code, _, err = _run(capsys, "identify", "--index", index, photo, "--encoder", "timm:test_vit@random",
+                        "--weights", weights)
+    assert code == 2 and f"not with the encoder given (timm:test_vit@random with weights {weights})" in err, err
+    for argv in (["identify", "--index", index, photo, "--pool", "gem3"],
+                 ["index", "build", "--dataset", "folder", "--root", root, "--index", index, "--views", "flip"]):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and "not with the options given" in err and "--pool model --views single" in err, err
+    assert loaded == []
+    code, out, err = _run(capsys, "identify", "--index", index, photo, "-q")  # its own encoder: loads and answers
+    assert code == 0 and len(loaded) == 1, err
+
+
+def test_a_copy_of_the_gallerys_model_folder_is_still_accepted(tiny_clip_dir, tmp_path, capsys):
+    """The same weights in another folder (a gallery moved to another machine) are not refused by the spec check:
+    the fingerprint decides after loading (nothing to download)."""
+    import shutil
+
+    root = tmp_path / "photos"
+    for i in range(4):
+        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, "--encoder", spec,
+                "--precision", "fp32", "-q")[0] == 0
+    copy = shutil.copytree(tiny_clip_dir, tmp_path / "moved")
+    code, _, err = _run(capsys, "identify", "--index", index, root / "Naja haje" / "1.png", "--encoder",
+                        f"local-dir:{copy}", "--precision", "fp32", "-q")
+    assert code == 0, err
+
+
+def test_a_new_species_that_looks_like_a_gallery_species_needs_confirming(built, tmp_path, capsys):
+    """A one-letter typo of a gallery species, or its common name typed as the species, is refused naming that
+    species and its reference count (not only a taxonomy warning); --new-species confirms a new one, which gets
+    its family from its genus. Missing and too-small photos are counted apart from unreadable ones."""
+    from index.gallery import Gallery
+
+    index, _ = built
+    photo = _photo(tmp_path / "new.png", 99)
+    before = {s.species: s.count for s in Gallery.open(index).species()}
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja samarensiss", photo,
+                        *ENCODER)
+    assert code == 2 and ("'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is: give "
+                          "--species 'Naja samarensis' to add to it, or confirm that 'Naja samarensiss' is a new "
+                          "species (CLI --new-species; API form field new_species=true)") in err, err
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "samar cobra", photo, *ENCODER)
+    assert code == 2 and "'samar cobra' is the common name of 'Naja samarensis' (3 references)" in err, err
+    assert {s.species: s.count for s in Gallery.open(index).species()} == before  # nothing added
+    tiny = _photo(tmp_path / "tiny.png", 5, side=20)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja samarensiss",
+                          "--new-species", photo, tiny, tmp_path / "missing.jpg", *ENCODER)
+    assert code == 1 and "Naja samarensiss (new species): added 1, skipped 0 unreadable, 1 too small, " \
+        "0 duplicates" in out and "; 1 argument(s) not found or holding no photo (named above)" in out, out
+    (new,) = [s for s in Gallery.open(index).species() if s.species == "Naja samarensiss"]
+    assert (new.genus, new.family, new.count) == ("Naja", "Elapidae", 1)
+    # a species the taxonomy knows is added as before (only names it does not know are checked for a lookalike)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix natrix",
+                          _photo(tmp_path / "n.png", 103), *ENCODER)
+    assert code == 0 and "Natrix natrix (new species)" in out, (out, err)
+
+
+def test_the_api_refuses_a_lookalike_new_species_with_the_cli_message_unless_confirmed(built, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index, _ = built
+    data = _photo(tmp_path / "new.png", 99).read_bytes()
+    keys = {"X-API-Key": "k"}
+    with TestClient(create_app(Settings(index=str(index), api_keys="k", precision="fp32", runtime="torch"))) as c:
+        url = "/v1/species/Naja samarensiss/references"
+        resp = c.post(url, files=[("images", ("a.png", data, "image/png"))], headers=keys)
+        assert resp.status_code == 409 and resp.json()["detail"].startswith(
+            "'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is"), resp.text
+        assert not list((index / "uploads").glob("*"))  # the refused upload is not kept
+        resp = c.post(url, files=[("images", ("a.png", data, "image/png"))], data={"new_species": "true"},
+                      headers=keys)
+        assert resp.status_code == 201 and resp.json()["created"] is True, resp.text
+        assert c.get("/v1/species/Naja samarensiss").json()["family"] == "Elapidae"
