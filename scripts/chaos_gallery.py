@@ -65,7 +65,8 @@ def writer(index: str, species: str, paths: list[str], chunk: int, lock: bool) -
         gallery._writer.hold = contextlib.nullcontext  # type: ignore[method-assign]
     from index.taxonomy import new_species_references
 
-    _, records, _ = new_species_references(species, gallery.species(), paths, dataset="chaos")
+    _, records, _ = new_species_references(species, gallery.species(), paths, dataset="chaos",
+                                              new_species=True)  # each writer its own species, by design
     add_references(gallery, enc, records, chunk=chunk, progress=False)
 
 
