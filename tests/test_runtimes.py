@@ -165,6 +165,21 @@ def test_exports_are_checked_cached_and_faithful(tiny_clip_dir, cache, check_pho
     np.testing.assert_allclose(again.encode_text(["a snake"]), ref.encode_text(["a snake"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_int8_exports_keep_stdout_clean(tiny_clip_dir, cache, check_photos, capfd, runtime):
+    """A model's first use quantises it: NNCF/ORT progress goes to stderr, so `--format json > f` stays valid."""
+    pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime=runtime, precision="int8",
+                         photos=check_photos)
+    assert (enc.runtime, enc.precision) == (runtime, "int8")
+    out, err = capfd.readouterr()
+    assert out == ""
+    if runtime == "openvino":
+        assert "Statistics collection" in err  # NNCF's progress is kept, on stderr
+
+
 def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
