@@ -1612,3 +1612,58 @@ def test_clear_run_removes_only_what_check_out_listed(tmp_path):
     assert (out / "trained.csv").read_text() == "the user's, written after the scan"
     assert (out / "last" / "model.safetensors").is_file()
     assert ck.clear_run(out, files) == []  # listed files gone since: nothing removed, no error
+
+
+def test_a_run_forks_its_loader_workers_without_the_store_loaded(tiny_set, tmp_path):
+    """Walkthrough s46 #6: every run printed lancedb's "fork support is experimental ... deadlock" warning once per
+    loader worker: the data path (``split_photos``) and the export imported ``retrieval.protocol``, which loaded
+    the gallery store (LanceDB) before the workers forked. What a run imports and reads no longer loads it (a fresh
+    process: this one has loaded it for other tests)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = f"""
+import sys
+import api.cli.finetune, finetune.train, finetune.export, finetune.checkpoint
+from finetune.config import FinetuneConfig
+from finetune.data import split_photos
+from retrieval.protocol import HELDOUT_FILE, LINEAGE_KEY, SPLIT_SOURCE, TRAINED_FILE, VAL_FILE, inherited_training
+split = split_photos(FinetuneConfig(root={str(tiny_set)!r}, out={str(tmp_path / "run")!r}, val_split=0.34))
+inherited_training({MOBILENET_SPEC!r})
+print(len(split.species), [m for m in sys.modules if m.split(".")[0] == "lancedb"][:1])
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["3", "[]"], run.stdout
+
+
+def test_loader_workers_start_from_a_fork_server_once_lancedb_is_loaded(tiny_set, tmp_path):
+    """A library caller that opened a gallery (LanceDB loaded) and then fine-tunes: its loader workers are not
+    forked from a process running LanceDB's threads; they start from a fork server, and the batches are the same."""
+    import multiprocessing
+
+    pytest.importorskip("lancedb")
+    import lancedb  # noqa: F401 - what opening a gallery loads
+
+    from finetune.augment import model_data_config
+    from finetune.data import build_data, split_photos, worker_context
+    from finetune.model import create_backbone, resolve_init
+
+    if (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) != "fork":
+        pytest.skip("workers do not fork on this platform")
+    assert worker_context(0) is None  # no workers, nothing started
+    assert worker_context(2) == "forkserver"
+    cfg = _config(tiny_set, tmp_path / "out")
+    split = split_photos(cfg)
+    data = build_data(split, model_data_config(create_backbone(resolve_init(MOBILENET_SPEC))), cfg, train_size=64,
+                      device=torch.device("cpu"))
+    inline = list(data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=0))
+    served = data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=1)
+    assert served.multiprocessing_context.get_start_method() == "forkserver"
+    batches = list(served)
+    assert len(batches) == len(inline)
+    for (x, y), (x0, y0) in zip(batches, inline, strict=True):
+        torch.testing.assert_close(x, x0)
+        assert y.tolist() == y0.tolist()
