@@ -11,14 +11,14 @@ validation figures are those the gallery will see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
 
 from finetune.config import AugmentConfig
 
-__all__ = ["FIELD_OPS", "AugmentConfig", "eval_transform", "model_data_config", "train_transform"]
+__all__ = ["FIELD_OPS", "AugmentConfig", "eval_transform", "model_data_config", "rand_augment", "train_transform"]
 
 #: RandAugment operations that keep a photo's colours (snake species are told apart by colour and pattern, so
 #: Invert / Solarize / Posterize / Color / Equalize, which rewrite colours, are left out): geometry, light, focus.
@@ -37,7 +37,6 @@ def model_data_config(model: torch.nn.Module) -> dict:
 
 def train_transform(data_cfg: dict, size: int, aug: AugmentConfig | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """The training transform at ``size`` px (square)."""
-    from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
@@ -54,13 +53,26 @@ def train_transform(data_cfg: dict, size: int, aug: AugmentConfig | None = None)
         cj = aug.color_jitter
         tfl.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=aug.hue))
     if aug.auto_augment:
-        hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
-        ops = list(FIELD_OPS) if aug.ra_ops == "field" else None
-        tfl.append(rand_augment_transform(aug.auto_augment, hparams, transforms=ops))
+        tfl.append(rand_augment(aug.auto_augment, size, mean, aug.ra_ops))
     tfl += [T.ToTensor(), T.Normalize(mean, std)]
     if aug.re_prob > 0:
         tfl.append(RandomErasing(aug.re_prob, mode="pixel", device="cpu"))
     return T.Compose(tfl)
+
+
+def rand_augment(policy: str, size: int = 224, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 ops: str = "field") -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment of ``policy`` (``--rand-augment``) at ``size`` px; ``ops`` "field" draws from
+    :data:`FIELD_OPS`, "all" from timm's set. A policy timm cannot read is refused in one line."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
+    try:
+        return rand_augment_transform(policy, hparams, transforms=list(FIELD_OPS) if ops == "field" else None)
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:  # timm asserts on what it cannot parse
+        raise ValueError(f"--rand-augment {policy!r} is not a timm RandAugment policy; use e.g. rand-m9-mstd0.5 "
+                         "(rand, then m: magnitude 0-10, n: operations per photo, mstd: magnitude spread), "
+                         "or none for off") from exc
 
 
 def eval_transform(data_cfg: dict, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:

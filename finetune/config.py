@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +20,18 @@ BALANCE_MODES = ("weights", "sampler", "none")
 BN_MODES = ("eval", "train")
 HEAD_INITS = ("probe", "keep", "random")
 #: The smallest value each count setting takes (after the stage defaults).
-COUNT_MINIMUMS = {"epochs": 0, "batch_size": 1, "patience": 0, "min_epochs": 0, "freeze_epochs": 0, "freeze_layers": 0}
+COUNT_MINIMUMS = {"epochs": 0, "batch_size": 1, "patience": 0, "min_epochs": 0, "freeze_epochs": 0, "freeze_layers": 0,
+                  "train_size": 32, "workers": 0, "threads": 1, "seed": 0}
+#: The range of each real-valued setting (after the stage defaults; None = not set, not checked), as
+#: (low, high, bounds): ``bounds`` in interval notation ("[)": low included, high excluded); high None = no upper
+#: bound. ``augment.X`` is an :class:`AugmentConfig` field (``augment.scale``: its smallest area, ``--crop-scale``).
+RANGES: dict[str, tuple[float, float | None, str]] = {
+    "val_split": (0, 1, "()"), "lr": (0, None, "()"), "backbone_lr": (0, None, "[)"), "layer_decay": (0, 1, "(]"),
+    "weight_decay": (0, None, "[)"), "warmup_epochs": (0, None, "[)"), "label_smoothing": (0, 1, "[)"),
+    "head_scale": (0, None, "()"), "ema": (0, 1, "[)"), "drop_rate": (0, 1, "[)"), "mixup": (0, None, "[)"),
+    "cutmix": (0, None, "[)"), "mix_prob": (0, 1, "[]"), "time_limit": (0, None, "()"),
+    "augment.scale": (0, 1, "(]"), "augment.vflip": (0, 1, "[]"), "augment.color_jitter": (0, None, "[)"),
+}
 # what chooses the kept epoch (and stops early), on the validation photos: the head's log-loss at a fitted
 # temperature (smooth in the epochs), or macro-F1 (steps of one photo; the rule before)
 SELECT_RULES = ("nll", "macro-f1")
@@ -238,8 +250,17 @@ class FinetuneConfig:
             value = getattr(out, name)
             if value is not None and value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be {low} or more, got {value}")
-        if out.time_budget is not None and not out.time_budget > 0:
+        for name, (low, high, bounds) in RANGES.items():
+            _check_range(name, _setting(out, name), low, high, bounds)
+        if out.time_budget is not None and not (math.isfinite(out.time_budget) and out.time_budget > 0):
             raise ValueError(f"--time-budget must be a positive number of minutes, got {out.time_budget}")
+        from retrieval.encoders import check_device
+
+        check_device(out.device)
+        if out.augment.auto_augment:  # timm's parser asserts: a bare AssertionError after the photos were decoded
+            from finetune.augment import rand_augment
+
+            rand_augment(out.augment.auto_augment, ops=out.augment.ra_ops)
         if out.test_size not in ("auto", "train") and not (str(out.test_size).isdigit() and int(out.test_size) >= 32):
             raise ValueError(f"--test-size must be auto, train or a number of pixels (32 or more), got "
                              f"{out.test_size!r}")
@@ -267,6 +288,34 @@ class FinetuneConfig:
         """Digest of :meth:`training_settings`."""
         settings = self.training_settings(absolute=absolute)
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _setting(cfg: FinetuneConfig, name: str) -> Any:
+    """The value of setting ``name`` (``augment.scale``: the crop's smallest area, what --crop-scale sets)."""
+    if name.startswith("augment."):
+        value = getattr(cfg.augment, name.removeprefix("augment."))
+        return value[0] if name == "augment.scale" else value
+    return getattr(cfg, name)
+
+
+#: The CLI flags of the settings whose flag is not ``--NAME``.
+_FLAGS = {"augment.scale": "--crop-scale"}
+
+
+def _check_range(name: str, value: float | None, low: float, high: float | None, bounds: str) -> None:
+    """Refuse a value of setting ``name`` outside its range, naming its flag and the range (NaN and inf too)."""
+    if value is None:
+        return
+    above = value >= low if bounds[0] == "[" else value > low
+    below = high is None or (value <= high if bounds[1] == "]" else value < high)
+    if math.isfinite(value) and above and below:
+        return
+    flag = _FLAGS.get(name, "--" + name.removeprefix("augment.").replace("_", "-"))
+    if high is None:
+        allowed = f"{low} or more" if bounds[0] == "[" else f"more than {low}"
+    else:
+        allowed = f"in {bounds[0]}{low}, {high}{bounds[1]}"
+    raise ValueError(f"{flag} must be {allowed}, got {value}")
 
 
 #: The settings that name folders or files (compared as absolute paths).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,12 +321,25 @@ def loader(ds: torch.utils.data.Dataset, batch_size: int, *, device: torch.devic
            sampler: torch.utils.data.Sampler | None = None, workers: int = 0,
            generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over ``ds`` (all batches kept; pinned memory on CUDA). Items that are None (photos left out)
-    are dropped from their batch; a batch of none is None."""
+    are dropped from their batch; a batch of none is None. Workers start as :func:`worker_context` says."""
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
         num_workers=workers, generator=generator, pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=False, collate_fn=collate_readable,
+        persistent_workers=False, collate_fn=collate_readable, multiprocessing_context=worker_context(workers),
     )
+
+
+def worker_context(workers: int) -> str | None:
+    """How loader workers start: the platform's default (``fork`` on Linux: workers share the decoded photos),
+    but from a fork server when this process has loaded LanceDB (a library caller that opened a gallery), whose
+    runtime threads do not survive a fork (a chance of deadlock). Fine-tuning itself never loads it."""
+    import multiprocessing
+
+    default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if not workers or default != "fork" or "lancedb" not in sys.modules:
+        return None
+    logger.info("LanceDB is loaded in this process: loader workers start from a fork server (slower to start)")
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def collate_readable(items: list) -> Any:

@@ -413,9 +413,14 @@ def create_encoder_from_config(config: EncoderConfig, *, photos: Photos | None =
     """Build an encoder from an :class:`EncoderConfig`, on the runtime it asks for (or the one ``auto`` picks)."""
     from retrieval.runtimes.select import open_encoder
 
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device or ""):
-        raise ValueError(f"unknown device {config.device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
+    check_device(config.device)
     return open_encoder(config, photos=photos)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` other than auto, cpu, cuda or cuda:N (before anything is loaded)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+        raise ValueError(f"unknown device {device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 _TORCH_NAMES = ("OpenClipEncoder", "TimmEncoder", "TorchEncoder", "state_dict_digest", "seeded_init",

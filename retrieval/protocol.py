@@ -2,9 +2,13 @@
 
 ``speciesid evaluate`` reports it beside its figures (issue 14): accuracy is only "on unseen photos" when the
 evaluated photos neither chose the settings (C, k, T, blend weight, unknown threshold), nor trained a network
-fine-tuned here, nor sit in the gallery (same bytes, or a near-copy: cosine >= :data:`DUPLICATE_COSINE`, the
-``speciesid clean`` leak rule). Photos are matched by content (sha256): against the digests recorded when they
-chose or trained (the probe's ``Calibration.selection_sha256``, a run's photo lists), else against a folder's photos.
+fine-tuned here, nor sit in the gallery (same bytes, or a near-copy: cosine >=
+``retrieval.findings.DEFAULT_DUP_THRESHOLD``, the ``speciesid clean`` leak rule). Photos are matched by content
+(sha256): against the digests recorded when they chose or trained (the probe's ``Calibration.selection_sha256``, a
+run's photo lists), else against a folder's photos.
+
+Importing this module does not load the gallery's store (LanceDB): fine-tuning reads its names, and forks loader
+workers, which LanceDB's runtime threads do not survive.
 """
 
 from __future__ import annotations
@@ -13,15 +17,15 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from index.gallery import Gallery
-from retrieval.findings import DEFAULT_DUP_THRESHOLD
 from retrieval.probe import LinearProbe
 
-#: Cosine at or above which an evaluated photo counts as a copy of a gallery photo (the ``clean`` leak rule).
-DUPLICATE_COSINE = DEFAULT_DUP_THRESHOLD
+if TYPE_CHECKING:  # not at run time: it loads the store (see above)
+    from index.gallery import Gallery
+
 #: In a ``speciesid finetune`` output: the training photos held out to choose the epoch (path, species, sha256).
 HELDOUT_FILE = "heldout.csv"
 #: In a ``speciesid finetune`` output: its --val-root photos, which chose the epoch (path, species, sha256).
@@ -372,13 +376,15 @@ def without_copies(positions: Sequence[int], dups: Sequence[int], refusal: str) 
 def find_duplicates(gallery: Gallery, sha256: Sequence[str | None], embeddings: np.ndarray,
                     positions: Sequence[int]) -> tuple[list[int], dict[str, int]]:
     """Evaluated photos (``positions`` into ``sha256``; ``embeddings`` row per position) that the gallery holds."""
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD  # the clean leak rule (here: it loads the store)
+
     found = gallery.store.find_sha256([sha256[i] for i in positions if sha256[i]])
     same = [i for i in positions if sha256[i] in found]
     near: list[int] = []
     rest = [j for j, i in enumerate(positions) if sha256[i] not in found]
     if rest and len(gallery):
         for j, hits in zip(rest, gallery.search(embeddings[rest], 1), strict=True):
-            if hits and hits[0].similarity >= DUPLICATE_COSINE:
+            if hits and hits[0].similarity >= DEFAULT_DUP_THRESHOLD:
                 near.append(positions[j])
     return sorted(same + near), {"same bytes": len(same), "near-copy": len(near)}
 

@@ -447,6 +447,49 @@ def test_select_rule_is_checked():
         FinetuneConfig(root="r", out="o", batch_size=0).resolved()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--rand-augment", "bogus"], "--rand-augment 'bogus' is not a timm RandAugment policy; use e.g. rand-m9-mstd0.5"),
+    (["--rand-augment", "rand-m9x"], "--rand-augment 'rand-m9x' is not a timm RandAugment policy"),
+    (["--device", "tpu"], "unknown device 'tpu'; use auto (CUDA when present), cpu, cuda or cuda:N"),
+    (["--mixup", "-1"], "--mixup must be 0 or more, got -1.0"),
+    (["--cutmix", "-0.5"], "--cutmix must be 0 or more, got -0.5"),
+    (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1], got 1.5"),
+    (["--ema", "1.5"], "--ema must be in [0, 1), got 1.5"),
+    (["--crop-scale", "2"], "--crop-scale must be in (0, 1], got 2.0"),
+    (["--time-limit", "-1"], "--time-limit must be more than 0, got -1.0"),
+    (["--lr", "0"], "--lr must be more than 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be more than 0, got nan"),
+    (["--backbone-lr", "-1"], "--backbone-lr must be 0 or more, got -1.0"),
+    (["--layer-decay", "2"], "--layer-decay must be in (0, 1], got 2.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more, got -1.0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--head-scale", "0"], "--head-scale must be more than 0, got 0.0"),
+    (["--drop-rate", "1"], "--drop-rate must be in [0, 1), got 1.0"),
+    (["--vflip", "2"], "--vflip must be in [0, 1], got 2.0"),
+    (["--color-jitter", "-0.1"], "--color-jitter must be 0 or more, got -0.1"),
+    (["--val-split", "1"], "--val-split must be in (0, 1), got 1.0"),
+    (["--train-size", "8"], "--train-size must be 32 or more, got 8"),
+    (["--workers", "-1"], "--workers must be 0 or more, got -1"),
+    (["--threads", "0"], "--threads must be 1 or more, got 0"),
+    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+])
+def test_option_values_out_of_range_are_refused_before_any_work(args, message, tmp_path, monkeypatch, capsys):
+    """Walkthrough s46 #7: --rand-augment bogus gave a bare AssertionError and --device tpu torch's error, both
+    after the photos were decoded; --mixup -1, --ema 1.5, --crop-scale 2, --time-limit -1 (and the other numeric
+    options) were not checked at all. Each is refused in one line naming the option and its range, before the
+    photos are listed or OUT is made."""
+    import finetune.train as train
+    from api.cli import main
+
+    monkeypatch.setattr(train, "split_photos", lambda cfg: pytest.fail("the photos were read"))
+    code = main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC, "--out",
+                 str(tmp_path / "out"), "-q", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"speciesid: error: {message}"), lines
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_convnext", "test_resnet", "mobilenetv1_100", "vgg11"])
 def test_timm_cnns_in_general(arch, tmp_path):
     """Layer groups, freezing, layer-wise rates and the export (encoder + head-as-probe) across timm CNN families.
@@ -1612,3 +1655,58 @@ def test_clear_run_removes_only_what_check_out_listed(tmp_path):
     assert (out / "trained.csv").read_text() == "the user's, written after the scan"
     assert (out / "last" / "model.safetensors").is_file()
     assert ck.clear_run(out, files) == []  # listed files gone since: nothing removed, no error
+
+
+def test_a_run_forks_its_loader_workers_without_the_store_loaded(tiny_set, tmp_path):
+    """Walkthrough s46 #6: every run printed lancedb's "fork support is experimental ... deadlock" warning once per
+    loader worker: the data path (``split_photos``) and the export imported ``retrieval.protocol``, which loaded
+    the gallery store (LanceDB) before the workers forked. What a run imports and reads no longer loads it (a fresh
+    process: this one has loaded it for other tests)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = f"""
+import sys
+import api.cli.finetune, finetune.train, finetune.export, finetune.checkpoint
+from finetune.config import FinetuneConfig
+from finetune.data import split_photos
+from retrieval.protocol import HELDOUT_FILE, LINEAGE_KEY, SPLIT_SOURCE, TRAINED_FILE, VAL_FILE, inherited_training
+split = split_photos(FinetuneConfig(root={str(tiny_set)!r}, out={str(tmp_path / "run")!r}, val_split=0.34))
+inherited_training({MOBILENET_SPEC!r})
+print(len(split.species), [m for m in sys.modules if m.split(".")[0] == "lancedb"][:1])
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["3", "[]"], run.stdout
+
+
+def test_loader_workers_start_from_a_fork_server_once_lancedb_is_loaded(tiny_set, tmp_path):
+    """A library caller that opened a gallery (LanceDB loaded) and then fine-tunes: its loader workers are not
+    forked from a process running LanceDB's threads; they start from a fork server, and the batches are the same."""
+    import multiprocessing
+
+    pytest.importorskip("lancedb")
+    import lancedb  # noqa: F401 - what opening a gallery loads
+
+    from finetune.augment import model_data_config
+    from finetune.data import build_data, split_photos, worker_context
+    from finetune.model import create_backbone, resolve_init
+
+    if (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) != "fork":
+        pytest.skip("workers do not fork on this platform")
+    assert worker_context(0) is None  # no workers, nothing started
+    assert worker_context(2) == "forkserver"
+    cfg = _config(tiny_set, tmp_path / "out")
+    split = split_photos(cfg)
+    data = build_data(split, model_data_config(create_backbone(resolve_init(MOBILENET_SPEC))), cfg, train_size=64,
+                      device=torch.device("cpu"))
+    inline = list(data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=0))
+    served = data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=1)
+    assert served.multiprocessing_context.get_start_method() == "forkserver"
+    batches = list(served)
+    assert len(batches) == len(inline)
+    for (x, y), (x0, y0) in zip(batches, inline, strict=True):
+        torch.testing.assert_close(x, x0)
+        assert y.tolist() == y0.tolist()

@@ -165,6 +165,21 @@ def test_exports_are_checked_cached_and_faithful(tiny_clip_dir, cache, check_pho
     np.testing.assert_allclose(again.encode_text(["a snake"]), ref.encode_text(["a snake"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_int8_exports_keep_stdout_clean(tiny_clip_dir, cache, check_photos, capfd, runtime):
+    """A model's first use quantises it: NNCF/ORT progress goes to stderr, so `--format json > f` stays valid."""
+    pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime=runtime, precision="int8",
+                         photos=check_photos)
+    assert (enc.runtime, enc.precision) == (runtime, "int8")
+    out, err = capfd.readouterr()
+    assert out == ""
+    if runtime == "openvino":
+        assert "Statistics collection" in err  # NNCF's progress is kept, on stderr
+
+
 def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
@@ -236,6 +251,38 @@ def test_a_runtime_refuses_precisions_it_does_not_run(tiny_clip_dir, cache):
         create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="onnx", precision="bf16")
     with pytest.raises(ValueError, match="CUDA or fp16"):
         create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="onnx", precision="fp16")
+
+
+def test_fp16_off_cuda_is_refused_before_the_model_loads(tiny_clip_dir, cache, tmp_path, monkeypatch, capsys):
+    """Walkthrough s46 #12: --precision fp16 on a CPU ran torch fp16 silently, 2.4x slower than fp32 and with no
+    faithfulness check (index build stored its embeddings). The help and docs say fp16 is for CUDA: off CUDA it
+    is refused, pointing to auto, bf16 or fp32, before any weights load or anything is written."""
+    import torch
+
+    from api.cli import main
+    from retrieval import torch_encoders
+    from retrieval.encoders import create_encoder
+
+    message = ("--precision fp16 is for CUDA GPUs, and device 'cpu' runs on the CPU here (fp16 is slower there than "
+               "fp32); use --precision auto (the fastest faithful one on this CPU), bf16 or fp32")
+    with pytest.raises(ValueError, match="fp16 is for CUDA GPUs"):
+        torch_encoders.pick_precision("fp16", torch.device("cpu"), transformer=False)
+    monkeypatch.setattr(torch_encoders, "OpenClipEncoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    for runtime in ("auto", "torch"):
+        with pytest.raises(ValueError) as exc:
+            create_encoder(spec, runtime=runtime, precision="fp16", device="cpu")
+        assert str(exc.value) == message
+    if not torch.cuda.is_available():  # auto is the CPU here
+        with pytest.raises(ValueError, match="device 'auto' runs on the CPU here"):
+            create_encoder(spec, precision="fp16")
+    photos = tmp_path / "photos" / "Naja haje"
+    photos.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(photos / "a.jpg")
+    code = main(["index", "build", "--dataset", "folder", "--root", str(photos.parent), "--index",
+                 str(tmp_path / "g"), "--encoder", spec, "--precision", "fp16", "--device", "cpu", "-q"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"speciesid: error: {message}"]
+    assert not (tmp_path / "g").exists()
 
 
 def test_stale_entries_are_rebuilt(tiny_clip_dir, cache, check_photos, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -97,13 +98,15 @@ def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, fa
 
 @contextlib.contextmanager
 def _quiet_loggers():
-    """NNCF and ORT quantisation log progress bars and INFO lines: keep them at WARNING."""
+    """NNCF and ORT quantisation log INFO lines: keep them at WARNING. NNCF's progress bars (rich, printed to
+    ``sys.stdout``) go to stderr, so stdout carries only the command's output (``--format json > file``)."""
     names = ("nncf", "onnxruntime", "root")
     levels = {n: logging.getLogger(n if n != "root" else None).level for n in names}
     for n in names:
         logging.getLogger(n if n != "root" else None).setLevel(max(levels[n], logging.WARNING))
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         for n, level in levels.items():
             logging.getLogger(n if n != "root" else None).setLevel(level)

@@ -107,8 +107,10 @@ def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Enco
     if runtime == "torch" or config.precision == "fp16" or _wants_cuda(config.device):
         if runtime not in ("auto", "torch"):
             raise ValueError(f"runtime {runtime!r} runs on the CPU: use --runtime torch for CUDA or fp16")
-        from retrieval.torch_encoders import create_torch_encoder
+        from retrieval.torch_encoders import create_torch_encoder, fp16_needs_cuda
 
+        if config.precision == "fp16" and not _wants_cuda(config.device):  # before the model loads
+            raise ValueError(fp16_needs_cuda(config.device))
         return create_torch_encoder(parsed, config.spec, config)
     if runtime != "auto":
         if not runtime_installed(runtime):
