@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,25 +320,15 @@ def loader(ds: torch.utils.data.Dataset, batch_size: int, *, device: torch.devic
            sampler: torch.utils.data.Sampler | None = None, workers: int = 0,
            generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over ``ds`` (all batches kept; pinned memory on CUDA). Items that are None (photos left out)
-    are dropped from their batch; a batch of none is None. Workers start as :func:`worker_context` says."""
+    are dropped from their batch; a batch of none is None. Workers fork (Linux): they share the decoded photos.
+    A run never loads LanceDB (whose threads do not survive a fork); a library caller that opened a gallery in
+    this process before fine-tuning gets LanceDB's fork warning. Starting workers from a fork server instead was
+    tried and dropped: the test suite's process crashed (a segfault) minutes after one such loader had run."""
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
         num_workers=workers, generator=generator, pin_memory=device.type == "cuda", drop_last=False,
-        persistent_workers=False, collate_fn=collate_readable, multiprocessing_context=worker_context(workers),
+        persistent_workers=False, collate_fn=collate_readable,
     )
-
-
-def worker_context(workers: int) -> str | None:
-    """How loader workers start: the platform's default (``fork`` on Linux: workers share the decoded photos),
-    but from a fork server when this process has loaded LanceDB (a library caller that opened a gallery), whose
-    runtime threads do not survive a fork (a chance of deadlock). Fine-tuning itself never loads it."""
-    import multiprocessing
-
-    default = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    if not workers or default != "fork" or "lancedb" not in sys.modules:
-        return None
-    logger.info("LanceDB is loaded in this process: loader workers start from a fork server (slower to start)")
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def collate_readable(items: list) -> Any:

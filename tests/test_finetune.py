@@ -1681,32 +1681,3 @@ print(len(split.species), [m for m in sys.modules if m.split(".")[0] == "lancedb
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["3", "[]"], run.stdout
 
-
-def test_loader_workers_start_from_a_fork_server_once_lancedb_is_loaded(tiny_set, tmp_path):
-    """A library caller that opened a gallery (LanceDB loaded) and then fine-tunes: its loader workers are not
-    forked from a process running LanceDB's threads; they start from a fork server, and the batches are the same."""
-    import multiprocessing
-
-    pytest.importorskip("lancedb")
-    import lancedb  # noqa: F401 - what opening a gallery loads
-
-    from finetune.augment import model_data_config
-    from finetune.data import build_data, split_photos, worker_context
-    from finetune.model import create_backbone, resolve_init
-
-    if (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) != "fork":
-        pytest.skip("workers do not fork on this platform")
-    assert worker_context(0) is None  # no workers, nothing started
-    assert worker_context(2) == "forkserver"
-    cfg = _config(tiny_set, tmp_path / "out")
-    split = split_photos(cfg)
-    data = build_data(split, model_data_config(create_backbone(resolve_init(MOBILENET_SPEC))), cfg, train_size=64,
-                      device=torch.device("cpu"))
-    inline = list(data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=0))
-    served = data.eval_loader(data.val, cfg, device=torch.device("cpu"), workers=1)
-    assert served.multiprocessing_context.get_start_method() == "forkserver"
-    batches = list(served)
-    assert len(batches) == len(inline)
-    for (x, y), (x0, y0) in zip(batches, inline, strict=True):
-        torch.testing.assert_close(x, x0)
-        assert y.tolist() == y0.tolist()
