@@ -257,6 +257,10 @@ class FinetuneConfig:
         from retrieval.encoders import check_device
 
         check_device(out.device)
+        if out.device != "auto":  # a CUDA device on a machine without one: refused before OUT is made
+            from retrieval.torch_encoders import resolve_device
+
+            resolve_device(out.device)
         if out.augment.auto_augment:  # timm's parser asserts: a bare AssertionError after the photos were decoded
             from finetune.augment import rand_augment
 

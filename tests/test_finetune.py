@@ -490,6 +490,23 @@ def test_option_values_out_of_range_are_refused_before_any_work(args, message, t
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_cuda_device_without_a_gpu_is_refused_before_out_is_made(device, tmp_path, monkeypatch, capsys):
+    """--device cuda on a machine whose torch sees no GPU was refused only after OUT was made (an empty folder
+    left); now in the option checks, one line, nothing made."""
+    import finetune.train as train
+    from api.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "split_photos", lambda cfg: pytest.fail("the photos were read"))
+    code = main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC, "--out",
+                 str(tmp_path / "out"), "-q", "--device", device])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == [f"speciesid: error: device {device!r} asked for, but torch sees no CUDA GPU; "
+                                   "use --device cpu"], lines
+    assert not (tmp_path / "out").exists()
+
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_convnext", "test_resnet", "mobilenetv1_100", "vgg11"])
 def test_timm_cnns_in_general(arch, tmp_path):
     """Layer groups, freezing, layer-wise rates and the export (encoder + head-as-probe) across timm CNN families.
