@@ -275,10 +275,10 @@ def run_clean(
         if config.prompts is not None:
             raise ValueError(f"--prompts needs an encoder that reads text (such as bioclip); {enc.spec} is image-only. "
                              "Leave --prompts out to check duplicates and leaks only")
-    cannot = unfindable_kinds(apply_kinds, config, enc, against=against is not None) if apply else {}
+    unfindable = unfindable_kinds(APPLY_KINDS, config, enc, against=against is not None) if apply else {}
+    cannot = {k: unfindable[k] for k in dict.fromkeys(apply_kinds) if k in unfindable}
     if cannot and len(cannot) == len(set(apply_kinds)):  # refused before any photo is embedded for nothing
-        found = [k for k in APPLY_KINDS
-                 if k not in unfindable_kinds(APPLY_KINDS, config, enc, against=against is not None)]
+        found = [k for k in APPLY_KINDS if k not in unfindable]
         raise ValueError(f"--apply would exclude nothing: it acts on {', '.join(cannot)} findings (--apply-to, "
                          f"default off-target), which this run cannot find: {unfindable_text(cannot)}"
                          + (f"; what it finds: --apply-to {','.join(found)}" if found else ""))

@@ -75,17 +75,15 @@ def build_encoder(
 ) -> EncoderConfig:
     """The encoder a build into ``index_dir`` uses: what is given, else, when ``index_dir`` already holds a gallery,
     the encoder that built it (as every other command opens a gallery), else a new gallery's defaults (bioclip,
-    model pooling, one view). Nothing is loaded here: an encoder the gallery would refuse costs no download."""
-    info = read_gallery_info(index_dir) if GalleryLayout(Path(index_dir)).info.is_file() else None
-    if info is not None:
-        chosen = recorded_encoder(info["encoder"], spec=spec, weights=weights, pool=pool, views=views)
+    model pooling, one view). Nothing is loaded here; ``build_gallery`` refuses one the gallery would refuse before
+    loading it (:func:`check_encoder_choice`)."""
+    if GalleryLayout(Path(index_dir)).info.is_file():
+        chosen = recorded_encoder(read_gallery_info(index_dir)["encoder"], spec=spec, weights=weights, pool=pool,
+                                  views=views)
     else:
         chosen = {"spec": spec or DEFAULT_ENCODER, "weights": weights, "pool": pool or DEFAULT_POOL,
                   "views": views or DEFAULT_VIEWS}
-    config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime, **chosen)
-    if info is not None:
-        check_encoder_choice(index_dir, info, config)
-    return config
+    return EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime, **chosen)
 
 
 #: Spec prefixes that name a folder on this machine (loading it downloads nothing).

@@ -419,7 +419,6 @@ def add_photos(
     photos whose bytes are already stored, or repeat an earlier photo of the call, are stored once.
     """
     paths: list[Path] = []
-    written: list[Path] = []
     names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
     uploads: list[tuple[Path, bytes]] = []
     for item in photos:
@@ -434,19 +433,15 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
-    for path, data in uploads:
-        if not path.exists():
-            atomic_write(path, data)
-            written.append(path)
+    written = [path for path, data in uploads if _keep_upload(path, data)]
     report = add_references(gallery, encoder, records, progress=progress, min_side=min_side)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if source_text(path) not in stored:
             path.unlink(missing_ok=True)
-    for upload, data in (item for item in photos if isinstance(item, tuple)):  # a concurrent delete of the last
-        path, _ = _keep_upload(gallery.layout.uploads, upload, data)  # reference of the same bytes may have
-        if source_text(path) in stored and not path.exists():  # removed the file between our write and commit
-            atomic_write(path, data)
+    for path, data in uploads:  # a concurrent delete of the last reference of the same bytes may have removed the
+        if source_text(path) in stored:  # file between our write and commit
+            _keep_upload(path, data)
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     known = [i for i in report.duplicate_ids if i is not None]
@@ -468,13 +463,12 @@ def _upload_path(folder: Path, name: str, data: bytes) -> Path:
     return folder / f"{sha256_bytes(data)}{ext}"
 
 
-def _keep_upload(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:
-    """Store uploaded bytes as ``folder/<sha256><ext>``; (path, whether this call wrote it)."""
-    path = _upload_path(folder, name, data)
+def _keep_upload(path: Path, data: bytes) -> bool:
+    """Write uploaded bytes at ``path`` (:func:`_upload_path`) unless they are there; whether this call wrote them."""
     if path.exists():
-        return path, False
+        return False
     atomic_write(path, data)
-    return path, True
+    return True
 
 
 _EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept upload's file name

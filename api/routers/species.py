@@ -86,7 +86,7 @@ def _slashed(name: str) -> HTTPException:
     """The 422 of a species name with a ``/`` in it: the naming rule's own message (:func:`check_name`, which the
     CLI applies too)."""
     try:
-        check_name(name.replace("_", " "))
+        check_name(name.replace("_", " "))  # refuses it: the path matched a '/'
     except InvalidNameError as exc:
         return HTTPException(422, str(exc))
-    return HTTPException(422, f"the species name {name!r} cannot contain '/'")  # not reached: check_name refuses it
+    raise AssertionError(f"check_name took a name with '/': {name!r}")
