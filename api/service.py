@@ -7,12 +7,13 @@ concurrent requests share forward passes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -235,6 +236,20 @@ class SpeciesService:
         return buf.getvalue()
 
     # ----------------------------------------------------------------- writes
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This server's turn to write (one write at a time). A write queued behind this server's other writes waits
+        up to ``write_wait_s`` for its turn, then a TimeoutError (a 503 with Retry-After): it never runs after that,
+        so a client answered 503 has nothing written. The wait for other processes' writers comes after it."""
+        wait = self.settings.write_wait_s
+        if not self._write_lock.acquire(timeout=wait):
+            raise TimeoutError(f"this server's other writes to this gallery have kept this one waiting for over "
+                               f"{wait:.0f} s; try again when they are done")
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
     def add_references(
         self,
         species: str,
@@ -255,7 +270,7 @@ class SpeciesService:
             u = small[0]
             raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
-        with self._write_lock:
+        with self._writing():
             result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
                                           common_name=common_name, venomous=venomous, dataset="api",
                                           min_side=least, new_species=new_species)
@@ -264,7 +279,7 @@ class SpeciesService:
 
     def delete_reference(self, ref_id: int) -> None:
         """Delete one reference (and its uploaded photo, when no other reference uses it)."""
-        with self._write_lock:
+        with self._writing():
             if not workflows.delete_references(self.gallery, [ref_id]):
                 raise NotFound(f"no reference with id {ref_id}")
         self.identifier.whitening()

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
     # The CLI waits 600 s for another writer; a client of the server waits on the answer, and most give up long before.
     write_wait_s: float = Field(30.0, ge=0.0, description="how long an add or delete waits for another writer of the "
-                                "gallery (another process, or on S3 another machine's lease) before a 503 with "
-                                "Retry-After, in seconds")
+                                "gallery (another process, or on S3 another machine's lease), and for its turn "
+                                "behind this server's own writes, before a 503 with Retry-After, in seconds")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")

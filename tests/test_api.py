@@ -801,6 +801,46 @@ def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_
     assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
 
 
+def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_s_and_never_runs(client, service):
+    """A write queued behind this server's own writes (its one-at-a-time turn) waited for its turn unboundedly:
+    SPECIESID_WRITE_WAIT_S bounded only the wait for other processes' writers. It waits write_wait_s for its turn too,
+    then answers 503 with Retry-After, and is not run once its turn comes. Before, this add waited out the other
+    write (5 s) and was stored (201)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.routers._edge import WRITE_RETRY_AFTER_S
+    from api.service import SpeciesService
+    from api.settings import Settings
+
+    quick = SpeciesService(Settings(**{**service.settings.model_dump(), "write_wait_s": 1}),
+                           identifier=service.identifier)  # the same gallery, another server's settings
+    busy, done = threading.Event(), threading.Event()
+
+    def another_api_write() -> None:  # this server writing another request
+        with quick._write_lock:
+            busy.set()
+            done.wait(5)
+
+    holder = threading.Thread(target=another_api_write)
+    holder.start()
+    try:
+        assert busy.wait(10)
+        start = time.monotonic()
+        resp = TestClient(create_app(quick.settings, service=quick)).post(
+            f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)), headers=KEYS)
+        spent = time.monotonic() - start
+    finally:
+        done.set()
+        holder.join(10)
+        quick.close()
+    assert "this server's other writes to this gallery have kept this one waiting for over 1 s" in _is_error(
+        resp, 503), resp.text
+    assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S) and spent < 4, spent
+    time.sleep(0.5)  # its turn has come: it does not run now
+    assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
+
+
 def test_identify_and_search_answer_the_same_mistakes_with_the_same_codes(client):
     """A photo field missing from a multipart body is a 422 on every route (FastAPI's code for a missing field), and
     a body that is not multipart at all (nor, for search, JSON) a 415."""
