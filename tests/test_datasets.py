@@ -475,6 +475,37 @@ def test_snakeclef2021_missing_columns(tmp_path: Path) -> None:
         load_dataset("snakeclef2021", tmp_path, metadata=meta)
 
 
+@pytest.mark.parametrize("dataset", ["rare-species", "snakeclef2021"])
+def test_metadata_loaders_skip_and_report_rows_whose_species_name_check_name_refuses(dataset, tmp_path, caplog):
+    """The rare-species and snakeclef2021 loaders took a species name as the metadata gave it: a bidi override or a
+    '/' went into the gallery (which the API could not address), against the one naming rule the folder loader and
+    the streamed loaders apply (index.taxonomy.check_name). Such a row is skipped, counted and reported with an
+    example (a warning every caller logs); the other rows load, their names' spaces collapsed as the rule does."""
+    import logging
+
+    from finetune.data import load_photos
+
+    good, bidi, slash = "Naja  haje", "Naja \u202ehaje", "Naja/haje"
+    for name in ("a", "b", "c"):
+        make_image(tmp_path / "img" / f"{name}.jpg")
+    if dataset == "rare-species":
+        meta = write_csv(tmp_path / "metadata.csv", ["genus", "species", "file_name"],
+                         [["Naja", sp, f"img/{n}.jpg"] for sp, n in ((good, "a"), (bidi, "b"), (slash, "c"))])
+        root = tmp_path
+    else:
+        meta = write_csv(tmp_path / "meta.csv", ["binomial", "image_path"],
+                         [[sp, f"{n}.jpg"] for sp, n in ((good, "a"), (bidi, "b"), (slash, "c"))])
+        root = tmp_path / "img"
+    scan = load_dataset(dataset, root, metadata=meta)
+    assert scan.species == ["Naja haje"] and len(scan.records) == 1
+    (warning,) = [w for w in scan.warnings if "invalid species name" in w]
+    assert warning.startswith(f"2 row(s) of {meta} with an invalid species name skipped"), warning
+    assert "b.jpg: the species name " in warning and "RIGHT-TO-LEFT OVERRIDE (U+202E)" in warning, warning
+    with caplog.at_level(logging.WARNING):
+        assert load_photos(dataset, root, metadata=meta).labels == ["Naja haje"]
+    assert f"2 row(s) of {meta} with an invalid species name skipped" in caplog.text, caplog.text
+
+
 def test_new_species_references_join_existing_spellings():
     from index.store import SpeciesSummary
     from index.taxonomy import new_species_references
