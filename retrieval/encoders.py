@@ -83,6 +83,7 @@ class EncoderConfig:
     runtime: str | None = None  # auto, torch, onnx, openvino; None = $SPECIESID_RUNTIME, else auto
     pool: str = DEFAULT_POOL  # one of POOLS
     views: str = DEFAULT_VIEWS  # one of VIEWS
+    progress: bool = True  # a first use's export shows its converters' progress bars (NNCF's) on stderr; -q: not
 
 
 def portable(config: EncoderConfig) -> EncoderConfig:

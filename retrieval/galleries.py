@@ -43,6 +43,7 @@ def open_gallery(
     runtime: str | None = None,
     pool: str | None = None,
     views: str | None = None,
+    progress: bool = True,
 ) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
 
@@ -50,11 +51,13 @@ def open_gallery(
     means ``model`` / ``single``); another value is refused by the fingerprint check.
     ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
     ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
-    exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
+    exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos;
+    ``progress``: that export's progress bars on stderr (False: none, the command line's -q).
     """
     info = read_gallery_info(index_dir)
     built = info["encoder"]
     config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
+                           progress=progress,
                            **recorded_encoder(built, spec=encoder, weights=weights, pool=pool, views=views))
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
     enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
@@ -72,18 +75,20 @@ def build_encoder(
     precision: str = "auto",
     batch_size: int = 32,
     runtime: str | None = None,
+    progress: bool = True,
 ) -> EncoderConfig:
     """The encoder a build into ``index_dir`` uses: what is given, else, when ``index_dir`` already holds a gallery,
     the encoder that built it (as every other command opens a gallery), else a new gallery's defaults (bioclip,
     model pooling, one view). Nothing is loaded here; ``build_gallery`` refuses one the gallery would refuse before
-    loading it (:func:`check_encoder_choice`)."""
+    loading it (:func:`check_encoder_choice`). ``progress``: see :attr:`EncoderConfig.progress`."""
     if GalleryLayout(Path(index_dir)).info.is_file():
         chosen = recorded_encoder(read_gallery_info(index_dir)["encoder"], spec=spec, weights=weights, pool=pool,
                                   views=views)
     else:
         chosen = {"spec": spec or DEFAULT_ENCODER, "weights": weights, "pool": pool or DEFAULT_POOL,
                   "views": views or DEFAULT_VIEWS}
-    return EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime, **chosen)
+    return EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
+                         progress=progress, **chosen)
 
 
 #: Spec prefixes that name a folder on this machine (loading it downloads nothing).
@@ -142,13 +147,15 @@ def open_identifier(
     pool: str | None = None,
     views: str | None = None,
     follow_probe: bool = False,
+    progress: bool = True,
 ) -> Identifier:
     """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify.
 
     ``follow_probe``: load the probe and text prior again when ``speciesid probe train`` / ``probe import`` (another
-    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened)."""
+    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened).
+    ``progress``: a first export's progress bars on stderr (False: none, the command line's -q)."""
     gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
-                                refresh_s=refresh_s, runtime=runtime, pool=pool, views=views)
+                                refresh_s=refresh_s, runtime=runtime, pool=pool, views=views, progress=progress)
 
     def load() -> tuple[LinearProbe | None, TextPriorScores | None]:
         probe = None

@@ -180,6 +180,35 @@ def test_int8_exports_keep_stdout_clean(tiny_clip_dir, cache, check_photos, capf
         assert "Statistics collection" in err  # NNCF's progress is kept, on stderr
 
 
+def test_the_command_lines_quiet_flag_silences_nncfs_progress_bars(tiny_clip_dir, tmp_path, check_photos, capfd,
+                                                                    monkeypatch):
+    """A CLIP model's first use exports it, and NNCF's int8 calibration printed its progress bars (on stderr) even
+    with -q: the flag never reached the export. -q now reaches it through EncoderConfig.progress; without -q the
+    bars still go to stderr, stdout stays clean either way. A real export of a tiny open_clip model, run twice,
+    each in a fresh cache."""
+    pytest.importorskip("openvino")
+    from api.cli import main
+
+    monkeypatch.delenv("SPECIESID_RUNTIME", raising=False)
+    root = tmp_path / "photos"
+    for i, photo in enumerate(check_photos[:24]):
+        folder = root / ("Naja haje" if i % 2 else "Naja naja")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}{photo.suffix}").symlink_to(photo)
+    for quiet in (True, False):
+        monkeypatch.setenv("SPECIESID_CACHE", str(tmp_path / f"cache-{quiet}"))  # the export is made again
+        code = main(["index", "build", "--dataset", "folder", "--root", str(root), "--index",
+                     str(tmp_path / f"g-{quiet}"), "--encoder", f"open_clip:local-dir:{tiny_clip_dir}",
+                     "--runtime", "openvino", "--precision", "int8", "--device", "cpu", *(["-q"] if quiet else [])])
+        out, err = capfd.readouterr()
+        assert code == 0 and "24 references" in out, (out, err)
+        assert "Statistics collection" not in out and "━" not in out
+        if quiet:
+            assert "Statistics collection" not in err and "━" not in err, err
+        else:
+            assert "Statistics collection" in err and "━" in err, err
+
+
 def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")

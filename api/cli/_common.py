@@ -129,7 +129,8 @@ def encoder_config(args: argparse.Namespace):
     return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
                          batch_size=args.batch_size, runtime=args.runtime,
                          pool=getattr(args, "pool", None) or DEFAULT_POOL,  # commands without --pool/--views
-                         views=getattr(args, "views", None) or DEFAULT_VIEWS)
+                         views=getattr(args, "views", None) or DEFAULT_VIEWS,
+                         progress=not getattr(args, "quiet", False))  # -q: no export progress bars either
 
 
 def at_least(low: int, high: int | None = None):
@@ -177,7 +178,7 @@ def open_identifier(args: argparse.Namespace):
     # commands without the vote's options (search) need no probe; --method knn still votes with its chosen settings
     ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
                        precision=args.precision, use_probe=hasattr(args, "method"), runtime=args.runtime,
-                       pool=args.pool, views=args.views)
+                       pool=args.pool, views=args.views, progress=not getattr(args, "quiet", False))
     if not len(ident.gallery):
         raise ValueError(f"gallery {args.index} has no searchable references (none added, or all excluded by "
                          "'speciesid clean --apply': 'speciesid clean --restore' brings them back)")

@@ -90,7 +90,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size)
     encoder = build_encoder(args.index, spec=args.encoder, weights=args.weights, pool=args.pool, views=args.views,
                             device=args.device, precision=args.precision, batch_size=args.batch_size,
-                            runtime=args.runtime)
+                            runtime=args.runtime, progress=not args.quiet)
     result = build_gallery(
         args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder,
         index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,

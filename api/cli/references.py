@@ -56,7 +56,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
     paths, bad_args = photo_args(args.images)  # named on stderr now, counted in the summary below
     gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                                precision=args.precision, runtime=args.runtime)
+                                precision=args.precision, runtime=args.runtime, progress=not args.quiet)
     result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                         venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
                         new_species=args.new_species,

@@ -368,7 +368,8 @@ def _build_entry(ref, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sam
     t0 = time.perf_counter()
     with atomic_directory(key.folder()) as tmp:
         files, hint = build_files(key.runtime, key.precision, tmp, onnx_fp32, family=ref.family, kind=kind,
-                                  calibration=sample.calibration if key.precision == "int8" else None)
+                                  calibration=sample.calibration if key.precision == "int8" else None,
+                                  progress=config.progress)
         run = runner_for(key.runtime, tmp, files, hint)
         faith = faithfulness(reference_emb, embed_with(run, sample.check))
         faith["photos"] = "real" if sample.real else "synthetic"
