@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.guard import EdgeGuard
 from api.routers import health, identify, references, species
-from api.routers._edge import photo_field_error
+from api.routers._edge import photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
 from api.settings import Settings
 
@@ -72,7 +72,9 @@ class Metrics:
             "speciesid_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.gallery_size = Gauge("speciesid_gallery_references", "reference photos", registry=self.registry)
+        self.gallery_size = Gauge("speciesid_gallery_references", "searchable reference photos, as of the server's "
+                                  "last look at the store (at most SPECIESID_REFRESH_S old while it answers)",
+                                  registry=self.registry)
         self.encoder_batches = Gauge("speciesid_encoder_batches", "encoder forward passes", registry=self.registry)
         self.encoder_images = Gauge("speciesid_encoder_images", "photos encoded", registry=self.registry)
 
@@ -125,16 +127,30 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
                 return JSONResponse({"detail": error.detail}, status_code=error.status_code)
         return await request_validation_exception_handler(request, exc)
 
+    @app.exception_handler(RuntimeError)
+    @app.exception_handler(OSError)
+    async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        """A store outage on a route that does not go through ``edge()`` (the species list): the same 503 as
+        theirs. Any other RuntimeError or OSError is a bug: raised on, a 500 with its traceback in the log."""
+        answer = store_answer(exc)
+        if answer is None:
+            raise exc
+        return JSONResponse({"detail": answer.detail}, status_code=answer.status_code, headers=answer.headers)
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
-        path = _route_path(app, request)
-        m = app.state.metrics
-        method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
-        m.requests.labels(method, path, str(response.status_code)).inc()
-        m.latency.labels(method, path).observe(time.perf_counter() - start)
-        return response
+        status = 500  # what the server answers a request that raised
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:  # a request that raised is counted too (as the 500 it is answered)
+            path = _route_path(app, request)
+            m = app.state.metrics
+            method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
+            m.requests.labels(method, path, str(status)).inc()
+            m.latency.labels(method, path).observe(time.perf_counter() - start)
 
     for router in (identify.router, species.router, references.router, health.router):
         app.include_router(router)

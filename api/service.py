@@ -100,6 +100,7 @@ class SpeciesService:
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
         self.gallery.write_wait_s = settings.write_wait_s  # a busy gallery: a prompt 503, not the CLI's 600 s wait
+        self.gallery.stale_reads = True  # the store unreachable: identify answers from the references loaded
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
         self.identifier.far_threshold()  # nor the first answer on estimating it
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)

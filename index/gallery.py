@@ -29,7 +29,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
-from index.errors import first_line
+from index.errors import first_line, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
@@ -130,6 +130,10 @@ class Gallery:
         # seconds a write of this object waits for other writers (the lock's, and on S3 the store's lease) before its
         # TimeoutError; None: the lock's own (600 s). A server sets a shorter one: its clients wait on the answer.
         self.write_wait_s: float | None = None
+        # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
+        # CLI leaves it off and fails, saying so. Writes never do.
+        self.stale_reads = False
+        self._stale_since: float | None = None  # when the store last became unreadable to a stale read
         try:
             self.store = self._open_store(refresh_s)
         except (HalfCreatedStoreError, TimeoutError, LeaseError):  # their messages say what to do: never re-worded
@@ -467,15 +471,34 @@ class Gallery:
             return False
         with self._lock:
             self._checked_at = now
-            if force:
-                self.store.refresh()
-            if self.store.version == self._synced_version:
+            try:
+                if force:
+                    self.store.refresh()
+                if self.store.version == self._synced_version:
+                    self._readable_again()
+                    return False
+                added, removed = self._sync_index()
+            except (RuntimeError, OSError) as exc:
+                if not self.stale_reads or store_io_failure(exc) is None:
+                    raise
+                if self._stale_since is None:  # said once an outage, not on every read of it
+                    self._stale_since = now
+                    logger.warning("gallery %s: its store %s cannot be read (%s): answering from the %d references "
+                                   "loaded at store version %d until it can", self.root, self.store_uri,
+                                   first_line(exc, 300), self._index.ntotal, self._synced_version)
                 return False
-            added, removed = self._sync_index()
+            self._readable_again()
             if added or removed:
                 logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root, added,
                             removed, self._synced_version)
             return bool(added or removed)
+
+    def _readable_again(self) -> None:
+        """Say that the store answers again, after stale reads."""
+        if self._stale_since is not None:
+            logger.warning("gallery %s: its store %s answers again (after %.0f s of answers from the references "
+                           "loaded before)", self.root, self.store_uri, time.monotonic() - self._stale_since)
+            self._stale_since = None
 
     @property
     def version(self) -> int:

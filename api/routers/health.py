@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.routers._edge import store_answer
 from api.service import EMPTY_GALLERY
 
 router = APIRouter(tags=["health"])
@@ -24,7 +25,15 @@ def readyz(request: Request) -> JSONResponse:
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    body = {"status": "ready", "references": len(service.gallery), "encoder": service.gallery.encoder_spec}
+    try:  # asks the store: an unreachable one is a 503 naming it (identify still answers, from what is loaded)
+        references = len(service.gallery)
+    except (RuntimeError, OSError) as exc:
+        answer = store_answer(exc)
+        if answer is None:
+            raise
+        return JSONResponse({"status": "store unreachable", "store": str(service.gallery.store_uri),
+                             "detail": answer.detail}, status_code=503, headers=answer.headers)
+    body = {"status": "ready", "references": references, "encoder": service.gallery.encoder_spec}
     if service.empty:
         body["warning"] = EMPTY_GALLERY
     return JSONResponse(body)
@@ -32,11 +41,13 @@ def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
-    """Prometheus metrics: request counts and latencies, gallery size, encoder batches."""
+    """Prometheus metrics: request counts and latencies, gallery size, encoder batches. Never asks the store more
+    than a read does (at most once per ``refresh_s``): while it is unreachable, the size is the last one known."""
     m = request.app.state.metrics
     service = getattr(request.app.state, "service", None)
     if service is not None:
-        m.gallery_size.set(len(service.gallery))
+        service.gallery.refresh()  # never raises on a store outage (stale reads): the index keeps what it had
+        m.gallery_size.set(service.gallery.index.ntotal)
         m.encoder_batches.set(service.batcher.batches)
         m.encoder_images.set(service.batcher.images)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
