@@ -89,7 +89,11 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         # dropped at shutdown, so a restarted lifespan loads a fresh one instead of reusing a closed one.
         owned = getattr(app.state, "service", None) is None
         if owned:
-            app.state.service = await run_in_threadpool(SpeciesService, settings)
+            try:
+                app.state.service = await run_in_threadpool(SpeciesService, settings)
+            except Exception as exc:
+                app.state.startup_error = exc  # what `serve` says in one line (uvicorn only exits, status 3)
+                raise
             logger.info("serving gallery %s (%d references)", settings.index, len(app.state.service.gallery))
         if app.state.service.empty:  # the CLI refuses such a gallery; a server may be where references get added
             logger.warning("gallery %s: %s", settings.index, EMPTY_GALLERY)
@@ -106,6 +110,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.startup_error = None  # why the gallery or the model did not load, once the lifespan failed
     app.state.metrics = Metrics()
     app.add_middleware(EdgeGuard, settings=settings)  # keys, load shedding, body limits: before any body is read
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import socket
 import sys
 
@@ -74,12 +75,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]  # the port bound (--port is 1..65535, so the one given)
     sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{port}/ (web page; API docs at /docs, "
                      "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info" if args.verbose else "warning"))
-    server.run(sockets=[sock])
-    if not server.started:  # the app did not start (the model did not load): uvicorn logged why
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning"))
+    quiet = _StartupFailure(app)  # uvicorn's traceback of a failed load: only under -vv, as other commands show one
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if args.verbose < 2:
+        uvicorn_log.addFilter(quiet)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit (status 3) when the app's startup failed: the loader's error says why
+        if app.state.startup_error is not None:
+            raise app.state.startup_error from None  # its one line, exit 2, by main() as for other commands
+        raise
+    finally:
+        uvicorn_log.removeFilter(quiet)
+    if not server.started:  # the app did not start, for another reason: uvicorn logged why
         sys.stderr.write("speciesid: error: the server did not start (see the lines above)\n")
         return 2
     return 0
+
+
+class _StartupFailure(logging.Filter):
+    """Drops uvicorn's records once the app's startup failed (the loader's traceback and "Application startup
+    failed. Exiting."): ``serve`` says the error itself, in one line."""
+
+    def __init__(self, app) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.app.state.startup_error is None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
