@@ -225,8 +225,10 @@ class SpeciesService:
                                  draft=2 * self.settings.thumbnail_px)
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
-            raise NotFound(f"the photo of reference {ref_id} is no longer readable on the server; delete the "
-                           "reference or restore its photo") from exc
+            raise NotFound(f"the photo of reference {ref_id} is not on this server's machine: it was added through "
+                           "another machine that shares this gallery's store, or moved or deleted here. The "
+                           "reference itself is valid: restore the photo on this machine (or sync the machines' "
+                           "uploads folders), or add it here again") from exc
         image.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)

@@ -612,7 +612,9 @@ def test_reference_thumbnail(client, service, monkeypatch):
     Image.new("RGB", (96, 48), (200, 30, 30)).save(photo, "PNG")
     assert client.get(f"/v1/references/{ref}/image").content != first
     photo.unlink()
-    assert "no longer readable" in _is_error(client.get(f"/v1/references/{ref}/image"), 404)
+    gone = _is_error(client.get(f"/v1/references/{ref}/image"), 404)
+    assert "is not on this server's machine" in gone and "another machine" in gone  # not "delete the reference"
+    assert "delete the reference" not in gone and "restore the photo" in gone
     assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
 
 
@@ -1010,7 +1012,7 @@ def test_delete_reference(client, service):
         detail = _is_error(client.get(f"/v1/references/{gone}/image"), 404)
     finally:
         moved.rename(source)
-    assert f"reference {gone} is no longer readable" in detail and str(source.parent) not in detail
+    assert f"reference {gone} is not on this server's machine" in detail and str(source.parent) not in detail
     assert client.get(f"/v1/species/{name}").json()["count"] == 2
     hits = client.post("/v1/search", files=_files(photos("train", viper, 1), "image"), data={"k": "60"}).json()
     assert victim not in {n["id"] for n in hits["neighbours"]}
