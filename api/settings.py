@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from index.lease import LEASE_TTL_S
+
+#: ``SPECIESID_*`` variables read outside the server's settings (the model cache, the CPU kind, the benchmarks' and
+#: tests' helpers): not a typo when set.
+OTHER_VARIABLES = ("SPECIESID_CACHE", "SPECIESID_CPU_KIND", "SPECIESID_PEER_BIOCLIP", "SPECIESID_PEER_PHASH",
+                   "SPECIESID_CHROMIUM", "SPECIESID_CHROMEDRIVER", "SPECIESID_SCREENSHOT")
 
 
 class Settings(BaseSettings):
@@ -41,6 +51,9 @@ class Settings(BaseSettings):
                                 "gallery (another process, or on S3 another machine's lease), and for its turn "
                                 "behind this server's own writes, before a 503 with Retry-After, in seconds")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
+    lease_ttl_s: float = Field(LEASE_TTL_S, gt=0, description="a store on S3: how long this server's write lease "
+                               "lasts unrenewed before another machine may take it over (a server killed or cut off), "
+                               "in seconds; the CLI reads the same variable")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
     runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "
@@ -79,6 +92,28 @@ class Settings(BaseSettings):
                     "species, thumbnails) and every write will be refused with 401; set SPECIESID_API_KEYS, or unset "
                     "SPECIESID_READS_REQUIRE_KEY"]
         return ["no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled"]
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = None
+                          ) -> list[str]:
+        """One line per ``SPECIESID_*`` variable set (in ``environ``, default the process's, or in ``env_file``,
+        default the settings' ``.env``) that no setting reads: a misspelt name would otherwise be dropped without
+        a word. Each names the closest known variable when one is close."""
+        prefix = cls.model_config["env_prefix"]
+        known = {f"{prefix}{n.upper()}" for n in cls.model_fields} | set(OTHER_VARIABLES)
+        names = {k.upper() for k in (os.environ if environ is None else environ)}
+        path = Path(env_file if env_file is not None else cls.model_config["env_file"])
+        if path.is_file():
+            from dotenv import dotenv_values  # pydantic-settings' own .env reader
+
+            names |= {k.upper() for k in dotenv_values(path)}
+        lines = []
+        for name in sorted(n for n in names if n.startswith(prefix) and n not in known):
+            # compared without the prefix they all share, which would make any two names look alike
+            close = difflib.get_close_matches(name[len(prefix):], sorted(k[len(prefix):] for k in known), n=1)
+            lines.append(f"{name} is set but is not a setting of speciesid: it is ignored" + (
+                f" (did you mean {prefix}{close[0]}?)" if close else " (the settings: docs/api.md, 'Settings')"))
+        return lines
 
     def key_list(self) -> list[str]:
         """The configured API keys (empty strings dropped)."""

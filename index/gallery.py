@@ -151,6 +151,12 @@ class Gallery:
         self._index: SearchIndex = None  # type: ignore[assignment]
         self._index = self._load_index()
 
+    def set_lease_ttl(self, ttl_s: float) -> None:
+        """A store on S3: the TTL of this process's write lease (``SPECIESID_LEASE_TTL_S`` as a server's settings read
+        it, a .env file included); by default the lease reads the environment. No effect on another store."""
+        if self._writer.remote is not None:
+            self._writer.remote.ttl = float(ttl_s)
+
     # ----------------------------------------------------------------- opening
     def _write_lock(self) -> WriteLock:
         """The folder's write lock; for a store on S3 it holds the store's write lease too (one lease object per

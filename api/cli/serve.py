@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in OPTION_SETTINGS if getattr(args, name)}
     settings = Settings(**overrides)
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
-    for warning in settings.startup_warnings():
+    for warning in [*Settings.unknown_variables(), *settings.startup_warnings()]:
         logger.warning("%s", warning)
     sock = listening_socket(args.host, args.port)  # a port in use is said now, before the model loads (exit 2)
     host = f"[{args.host}]" if ":" in args.host else args.host
