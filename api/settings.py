@@ -27,17 +27,17 @@ class Settings(BaseSettings):
     index: str = Field("runs/gallery", description="gallery directory (built with `speciesid index build`)")
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
-    max_upload_mb: float = Field(20.0, description="largest accepted photo, in MB (bigger -> 413)")
-    max_pixels: int = Field(50_000_000, description="largest accepted photo, in pixels (decompression-bomb guard)")
+    max_upload_mb: float = Field(20.0, gt=0, description="largest accepted photo, in MB (bigger -> 413)")
+    max_pixels: int = Field(50_000_000, ge=1, description="largest accepted photo, in pixels (decompression-bomb guard)")
     # The pixels of all the photos of one request, summed from their headers before any is decoded (bigger -> 413):
     # it bounds the decoding one request may ask of the server, which max_pixels bounds per photo only. The
     # default admits an identify at its own limits (max_images 5 x max_pixels 50 MP = 250 MP) and an add of
     # max_add_images 50 photos from a 12 MP phone camera (600 MP).
     max_request_megapixels: float = Field(600.0, gt=0, description="pixels of all the photos of one request, in "
                                           "millions, read from their headers before any is decoded (more -> 413)")
-    max_images: int = Field(5, description="photos per identify request (one observation)")
-    max_add_images: int = Field(50, description="photos per add-references request")
-    max_request_mb: float = Field(256.0, description="largest request body of any route, in MB (bigger -> 413)")
+    max_images: int = Field(5, ge=1, description="photos per identify request (one observation)")
+    max_add_images: int = Field(50, ge=1, description="photos per add-references request")
+    max_request_mb: float = Field(256.0, gt=0, description="largest request body of any route, in MB (bigger -> 413)")
     max_identify_in_flight: int = Field(
         default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1,
         description="identify/search requests served at once; past it a fast 429 with Retry-After (default: one "
@@ -58,9 +58,20 @@ class Settings(BaseSettings):
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
     runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "
                          "openvino (docs/runtimes.md)")
-    batch_window_ms: float = Field(5.0, description="how long the encoder waits to batch concurrent requests")
-    max_batch: int = Field(32, description="largest batch the encoder runs at once")
-    thumbnail_px: int = Field(256, description="longest side of reference thumbnails")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the encoder waits to batch concurrent requests")
+    max_batch: int = Field(32, ge=1, description="largest batch the encoder runs at once")
+    thumbnail_px: int = Field(256, ge=1, description="longest side of reference thumbnails")
+
+    @classmethod
+    def load(cls, **overrides: object) -> Settings:
+        """The settings from the environment and ``.env`` (``overrides``: what command-line options set); a refused
+        value is a :class:`SettingsError` in one line naming each variable and its value (never an API key's)."""
+        from pydantic import ValidationError
+
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise SettingsError(exc) from None
 
     @field_validator("api_keys")
     @classmethod
@@ -118,3 +129,24 @@ class Settings(BaseSettings):
     def key_list(self) -> list[str]:
         """The configured API keys (empty strings dropped)."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+
+class SettingsError(ValueError):
+    """Settings refused at start, said in one line: ``SPECIESID_MAX_IMAGES=abc: input should be a valid integer``
+    (several joined by ``; ``), rather than pydantic's report naming the Python field."""
+
+    def __init__(self, exc) -> None:
+        prefix = Settings.model_config["env_prefix"]
+        parts = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            name = f"{prefix}{field.upper()}" if field else "settings"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if msg.startswith(name):  # a validator of ours names the variable already
+                parts.append(msg)
+                continue
+            msg = msg[:1].lower() + msg[1:]
+            value = err.get("input")
+            shown = "" if field == "api_keys" or value is None or isinstance(value, dict) else f"={str(value)[:80]}"
+            parts.append(f"{name}{shown}: {msg}")
+        super().__init__("; ".join(parts))

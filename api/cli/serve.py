@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from index.gallery import read_gallery_info
 
     overrides = {name: getattr(args, name) for name in OPTION_SETTINGS if getattr(args, name)}
-    settings = Settings(**overrides)
+    settings = Settings.load(**overrides)  # a refused value: one line naming the variable, exit 2
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
     for warning in [*Settings.unknown_variables(), *settings.startup_warnings()]:
         logger.warning("%s", warning)
