@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.guard import EdgeGuard
+from api.guard import EdgeGuard, body_limit_detail
 from api.routers import health, identify, references, species
 from api.routers._edge import photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
@@ -118,9 +118,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
-            limit = request.scope.get("starlette.max_body_size")
-            detail = (f"request body over the {limit / 2**20:.0f} MB this route accepts (SPECIESID_MAX_UPLOAD_MB a "
-                      "photo, SPECIESID_MAX_REQUEST_MB in all)") if limit else detail
+            detail = body_limit_detail(settings, request.method, request.scope["path"])  # as the guard words its own
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
