@@ -79,8 +79,12 @@ def edge(fn: Callable[[], T]) -> T:
         raise HTTPException(exc.status, str(exc)) from exc
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
-    except SpeciesNameConflictError as exc:
-        raise HTTPException(409, str(exc)) from exc
+    except SpeciesNameConflictError as exc:  # worded for an HTTP client: the route and the form field
+        path = exc.meant.replace(" ", "_")
+        raise HTTPException(409, exc.advice(use=f"send the photos to POST /v1/species/{path}/references to add them "
+                                            f"to {exc.meant!r}",
+                                            confirm=f"send the form field new_species=true to create {exc.name!r} "
+                                            "as a new species")) from exc
     except (LeaseError, TimeoutError) as exc:  # before ValueError: some lease errors are ValueErrors
         raise lease_answer(exc) from exc
     except ValueError as exc:
