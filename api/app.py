@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -60,10 +63,29 @@ def _route_path(app: FastAPI, request: Request) -> str:
     return next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), "unmatched")
 
 
-class Metrics:
-    """The app's Prometheus metrics, in a registry of its own."""
+class EncoderCounts(Collector):
+    """The micro-batcher's cumulative counts as Prometheus counters (``*_total``), read at each scrape: they only
+    grow while a service runs (a restarted service starts them at 0 again, which ``rate()`` takes as a reset)."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: Callable[[], SpeciesService | None]) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        service = self.service()
+        batcher = service.batcher if service is not None else None
+        yield CounterMetricFamily("speciesid_encoder_batches", "encoder forward passes run for identify and search "
+                                  "photos (the request batcher's); reference photos added are not counted",
+                                  value=batcher.batches if batcher else 0)
+        yield CounterMetricFamily("speciesid_encoder_images", "identify and search photos encoded (through the "
+                                  "request batcher); reference photos added are not counted",
+                                  value=batcher.images if batcher else 0)
+
+
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own (``service``: the app's service now, for the encoder's
+    counters)."""
+
+    def __init__(self, service: Callable[[], SpeciesService | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "speciesid_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -75,8 +97,7 @@ class Metrics:
         self.gallery_size = Gauge("speciesid_gallery_references", "searchable reference photos, as of the server's "
                                   "last look at the store (at most SPECIESID_REFRESH_S old while it answers)",
                                   registry=self.registry)
-        self.encoder_batches = Gauge("speciesid_encoder_batches", "encoder forward passes", registry=self.registry)
-        self.encoder_images = Gauge("speciesid_encoder_images", "photos encoded", registry=self.registry)
+        self.registry.register(EncoderCounts(service))
 
 
 def create_app(settings: Settings | None = None, service: SpeciesService | None = None) -> FastAPI:
@@ -111,7 +132,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     app.state.settings = settings
     app.state.service = service
     app.state.startup_error = None  # why the gallery or the model did not load, once the lifespan failed
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(lambda: getattr(app.state, "service", None))
     app.add_middleware(EdgeGuard, settings=settings)  # keys, load shedding, body limits: before any body is read
 
     @app.exception_handler(StarletteHTTPException)

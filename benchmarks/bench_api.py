@@ -242,10 +242,10 @@ def encoder_counts(url: str) -> tuple[float, float]:
 
     vals = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(("speciesid_encoder_batches ", "speciesid_encoder_images ")):
+        if line.startswith(("speciesid_encoder_batches_total ", "speciesid_encoder_images_total ")):
             name, value = line.split()
             vals[name] = float(value)
-    return vals["speciesid_encoder_batches"], vals["speciesid_encoder_images"]
+    return vals["speciesid_encoder_batches_total"], vals["speciesid_encoder_images_total"]
 
 
 async def _load(url: str, bodies: list[tuple[str, bytes]], n: int, concurrency: int) -> tuple[list[float], float]:

@@ -1159,10 +1159,12 @@ def test_metrics_and_model_loaded_once(client, service, loads):
     assert delta(f'speciesid_request_seconds_count{{{ident}}}') == n
     assert delta(f'speciesid_request_seconds_bucket{{le="+Inf",{ident}}}') == n
     assert f'speciesid_request_seconds_bucket{{le="0.5",{ident}}}' in text
-    # the encoder's gauges are the batcher's counts: one forward pass and one photo per identify sent one by one
-    assert _sample(text, "speciesid_encoder_batches") == service.batcher.batches
-    assert _sample(text, "speciesid_encoder_images") == service.batcher.images
-    assert delta("speciesid_encoder_batches") == delta("speciesid_encoder_images") == n
+    # the encoder's counters are the batcher's counts: one forward pass and one photo per identify sent one by one
+    for name in ("batches", "images"):  # counters (rate() over them is right), not gauges
+        assert re.search(rf"^# TYPE speciesid_encoder_{name}(_total)? counter$", text, re.M), text
+    assert _sample(text, "speciesid_encoder_batches_total") == service.batcher.batches
+    assert _sample(text, "speciesid_encoder_images_total") == service.batcher.images
+    assert delta("speciesid_encoder_batches_total") == delta("speciesid_encoder_images_total") == n
     # the gallery's gauge follows its writes (a reference added, then deleted)
     size = len(service.gallery)
     assert _sample(text, "speciesid_gallery_references") == size >= len(SPECIES) * PER_SPECIES

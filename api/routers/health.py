@@ -47,7 +47,5 @@ def metrics(request: Request) -> Response:
     service = getattr(request.app.state, "service", None)
     if service is not None:
         service.gallery.refresh()  # never raises on a store outage (stale reads): the index keeps what it had
-        m.gallery_size.set(service.gallery.index.ntotal)
-        m.encoder_batches.set(service.batcher.batches)
-        m.encoder_images.set(service.batcher.images)
+        m.gallery_size.set(service.gallery.index.ntotal)  # the encoder's counters are read by their collector
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
