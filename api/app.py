@@ -97,6 +97,9 @@ class Metrics:
         self.gallery_size = Gauge("speciesid_gallery_references", "searchable reference photos, as of the server's "
                                   "last look at the store (at most SPECIESID_REFRESH_S old while it answers)",
                                   registry=self.registry)
+        self.store_up = Gauge("speciesid_store_up", "1 while the gallery's store answers, 0 while reads answer from "
+                              "the references loaded before an outage (alert on it: /readyz stays 200, degraded)",
+                              registry=self.registry)
         self.registry.register(EncoderCounts(service))
 
 

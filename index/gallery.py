@@ -499,6 +499,11 @@ class Gallery:
                             removed, self._synced_version)
             return bool(added or removed)
 
+    @property
+    def reading_stale(self) -> bool:
+        """Whether reads answer from the references loaded before a store outage (``stale_reads`` only)."""
+        return self._stale_since is not None
+
     def _readable_again(self) -> None:
         """Say that the store answers again, after stale reads."""
         if self._stale_since is not None:

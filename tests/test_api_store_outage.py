@@ -67,11 +67,14 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
             ident = client.post("/v1/identify", files=cobra)  # answered from the references loaded: stale, not down
             assert ident.status_code == 200 and ident.json()["results"][0]["name"] == binomial(SPECIES[0])
             assert "cannot be read" in caplog.text and "answering from the" in caplog.text
-            ready = client.get("/readyz")
-            detail = _unavailable(ready)
-            assert ready.json()["store"] == str(service.gallery.store_uri) and "S3 store" in detail
-            assert "retry in" in detail and "LanceError" not in detail  # the store's error is in the log, not here
-            _unavailable(client.get("/v1/species"))  # no edge(): the app's handler
+            ready = client.get("/readyz")  # still ready (identify answers), degraded, naming the store
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["status"] == "degraded" and ready.json()["references"] == size
+            assert ready.json()["store"] == str(service.gallery.store_uri) and "503" in ready.json()["warning"]
+            assert "\nspeciesid_store_up 0.0\n" in client.get("/metrics").text
+            detail = _unavailable(client.get("/v1/species"))  # no edge(): the app's handler
+            assert "S3 store" in detail and "retry in" in detail
+            assert "LanceError" not in detail  # the store's error is in the log, not here
             _unavailable(client.get(f"/v1/species/{binomial(SPECIES[1])}"))
             _unavailable(client.get("/v1/references/1/image"))
             new = photos("val", SPECIES[1], 1)[0]
@@ -84,12 +87,14 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
     finally:
         store._table = table
     text = client.get("/metrics").text
-    for series in ('method="GET",route="/readyz",status="503"', 'method="GET",route="/v1/species",status="503"',
+    for series in ('method="GET",route="/readyz",status="200"', 'method="GET",route="/v1/species",status="503"',
                    'method="DELETE",route="/v1/references/{ref_id}",status="503"'):
         assert _sample(text, f"speciesid_requests_total{{{series}}}") - _sample(
             before, f"speciesid_requests_total{{{series}}}") == 1, series
     # the store answers again: so does every route
-    assert client.get("/readyz").json()["references"] == size
+    assert client.get("/readyz").json() == {"status": "ready", "references": size,
+                                            "encoder": service.gallery.encoder_spec}
+    assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text
     assert client.get("/v1/species").status_code == 200
     assert client.get("/v1/references/1/image").status_code == 200
 

@@ -9,6 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.routers._edge import store_answer
 from api.service import EMPTY_GALLERY
 
+#: /readyz's warning while the gallery's store cannot be reached.
+STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
+                  "before; adding, deleting, listing species and reference photos answer 503 until it answers again")
+
 router = APIRouter(tags=["health"])
 
 
@@ -21,21 +25,29 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
     """The model and gallery are loaded (503 until then). An empty gallery is ready (references can be added
-    through this server) and says so in ``warning``: identify and search answer 409 until it holds references."""
+    through this server) and says so in ``warning``: identify and search answer 409 until it holds references.
+    While the gallery's store cannot be reached the server is still ready, ``"status": "degraded"``: identify and
+    search answer from the references loaded before (a 503 here would take every replica out of a load balancer at
+    once during a store outage); ``warning`` names the store and what answers 503 meanwhile."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    try:  # asks the store: an unreachable one is a 503 naming it (identify still answers, from what is loaded)
-        references = len(service.gallery)
+    gallery = service.gallery
+    try:
+        gallery.refresh()  # at most once per refresh_s; never raises on a store outage (stale reads)
+        references = None if gallery.reading_stale else len(gallery)
     except (RuntimeError, OSError) as exc:
-        answer = store_answer(exc)
-        if answer is None:
+        if store_answer(exc) is None:
             raise
-        return JSONResponse({"status": "store unreachable", "store": str(service.gallery.store_uri),
-                             "detail": answer.detail}, status_code=503, headers=answer.headers)
-    body = {"status": "ready", "references": references, "encoder": service.gallery.encoder_spec}
-    if service.empty:
-        body["warning"] = EMPTY_GALLERY
+        references = None
+    body = {"status": "ready", "encoder": gallery.encoder_spec}
+    if references is None:  # the store did not answer: what identify answers from
+        body.update(status="degraded", references=gallery.index.ntotal, store=str(gallery.store_uri),
+                    warning=STORE_DEGRADED)
+    else:
+        body["references"] = references
+        if service.empty:
+            body["warning"] = EMPTY_GALLERY
     return JSONResponse(body)
 
 
@@ -47,5 +59,6 @@ def metrics(request: Request) -> Response:
     service = getattr(request.app.state, "service", None)
     if service is not None:
         service.gallery.refresh()  # never raises on a store outage (stale reads): the index keeps what it had
-        m.gallery_size.set(service.gallery.index.ntotal)  # the encoder's counters are read by their collector
+        m.gallery_size.set(service.gallery.index.ntotal)
+        m.store_up.set(0 if service.gallery.reading_stale else 1)  # the encoder's counters are read by their collector
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
