@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from _api_support import free_port
-from conftest import PH_SNAKES, needs_shared
+from conftest import PH_SNAKES, needs_shared, require_module
 
 from api.cli import main
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
 
-pytest.importorskip("moto")
-boto3 = pytest.importorskip("boto3")
+require_module("moto")
+boto3 = require_module("boto3")
 
 BUCKET = "galleries"
 #: The encoder of the tests' galleries (8-float rows, no model).

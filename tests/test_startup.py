@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PH_SNAKES, REPO
+from conftest import PH_SNAKES, REPO, require_module
 from PIL import Image
 
 HEAVY = ("torch", "open_clip", "timm", "sklearn", "torchvision")
@@ -118,7 +118,7 @@ def test_decoding_photos_for_a_model_imports_no_gallery_stack(tmp_path):
 def test_identify_on_a_warm_cache_never_imports_torch(tiny_clip_dir, tmp_path, capsys, monkeypatch):
     """Build with ``--runtime auto`` (the export is made and checked on the dataset's photos), then identify in a
     fresh process: the cached exported tower answers, and torch, open_clip, timm, sklearn are never imported."""
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from api.cli import main
 
     photos = _photo_tree(tmp_path / "photos")
