@@ -336,7 +336,7 @@ def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: b
     return torch.cat(logits).numpy(), torch.cat(feats).numpy(), torch.cat(ys).numpy()
 
 
-def validate(net: Net, loader, device: torch.device, n_classes: int, *, tta: bool = False,
+def validate(net: Net, loader, device: torch.device, *, tta: bool = False,
              amp: bool = True) -> dict:
     """{val_loss (plain cross-entropy), val_nll (log-loss at the softmax temperature fitted to these photos: how
     well the head ranks and separates them, whatever its confidence), val_top1, val_macro_f1 (over the species that

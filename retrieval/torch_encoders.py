@@ -192,7 +192,7 @@ class TorchEncoder(Encoder):
         return self._encode_plain(batch)
 
 
-def _open_clip_checkpoint(open_clip, parsed: ParsedSpec, pretrained: str | None) -> str | None:
+def _open_clip_checkpoint(parsed: ParsedSpec, pretrained: str | None) -> str | None:
     """The checkpoint file open_clip would load for this spec (None: random weights)."""
     from open_clip import factory
     from open_clip import pretrained as oc_pretrained
@@ -284,7 +284,7 @@ class OpenClipEncoder(TorchEncoder):
         model = None
         checkpoint = None
         with contextlib.suppress(Exception):
-            checkpoint = _open_clip_checkpoint(open_clip, parsed, pretrained)
+            checkpoint = _open_clip_checkpoint(parsed, pretrained)
         if checkpoint is not None:
             try:
                 model = _load_open_clip_no_init(open_clip, model_name, pretrained, checkpoint)
@@ -312,7 +312,6 @@ class OpenClipEncoder(TorchEncoder):
         size = getattr(model.visual, "image_size", 224)
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.input_size = int(max(size))
-        self._image_size = size
         self._tokenizer = None
         self._text_dtype: torch.dtype | None = None
         trunk = getattr(model.visual, "trunk", None)  # open_clip's timm towers keep the timm model here
