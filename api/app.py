@@ -15,6 +15,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.base import RequestResponseEndpoint
+from starlette.responses import Response
 
 from api.guard import EdgeGuard
 from api.routers import health, identify, references, species
@@ -126,7 +128,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         return await request_validation_exception_handler(request, exc)
 
     @app.middleware("http")
-    async def observe(request: Request, call_next):
+    async def observe(request: Request, call_next: RequestResponseEndpoint) -> Response:
         start = time.perf_counter()
         response = await call_next(request)
         path = _route_path(app, request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
 
     @field_validator("runtime", "precision")
     @classmethod
-    def _known_choice(cls, value: str, info) -> str:
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
         from retrieval.encoders import PRECISIONS, RUNTIMES
 

@@ -15,6 +15,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def state_dict_digest(module: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def seeded_init(seed: int = 0):
+def seeded_init(seed: int = 0) -> Iterator[None]:
     """Reproducible random initialisation without disturbing the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -178,7 +179,7 @@ class TorchEncoder(Encoder):
             self.dtype, self.precision = dtype, precision
         return faith
 
-    def _encode_plain(self, batch) -> np.ndarray:
+    def _encode_plain(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Preprocessed (N, C, H, W) array or tensor -> (N, dim) float32, L2-normalised."""
         x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
         if x.ndim != 4:
@@ -221,7 +222,7 @@ def _weights_that_fit(weights: str | None, target: str):
         raise ValueError(f"--weights {weights} does not load into {target}: {detail[:300]}") from exc
 
 
-def _load_open_clip_no_init(open_clip, model_name: str, pretrained: str | None, checkpoint: str):
+def _load_open_clip_no_init(open_clip: ModuleType, model_name: str, pretrained: str | None, checkpoint: str):
     """Build on the meta device (no initialisation), then adopt the checkpoint's tensors (``assign=True``)."""
     from open_clip.factory import load_checkpoint
 

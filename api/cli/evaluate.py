@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """speciesid evaluate: identify a labelled set, print the figures and write the report (exit status)."""
     from retrieval.workflows import evaluate_dataset
 
     ident = open_identifier(args)
