@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.base import RequestResponseEndpoint
+from starlette.responses import Response
 
 from api.guard import EdgeGuard, body_limit_detail
 from api.routers import health, identify, references, species
@@ -165,7 +167,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         return JSONResponse({"detail": answer.detail}, status_code=answer.status_code, headers=answer.headers)
 
     @app.middleware("http")
-    async def observe(request: Request, call_next):
+    async def observe(request: Request, call_next: RequestResponseEndpoint) -> Response:
         start = time.perf_counter()
         status = 500  # what the server answers a request that raised
         try:

@@ -146,11 +146,6 @@ class EdgeGuard:
                 with self._lock:
                     self._in_flight -= 1
 
-    @property
-    def in_flight(self) -> int:
-        """Identify/search requests being served now."""
-        return self._in_flight
-
 
 async def _json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()

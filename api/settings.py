@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.lease import LEASE_TTL_S
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
 
     @field_validator("runtime", "precision")
     @classmethod
-    def _known_choice(cls, value: str, info) -> str:
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
         from retrieval.encoders import PRECISIONS, RUNTIMES
 

@@ -339,11 +339,6 @@ class Gallery:
         return str(self.info["encoder"]["spec"])
 
     @property
-    def encoder_weights(self) -> str | None:
-        """Weights file the encoder was built with, if any."""
-        return self.info["encoder"].get("weights")
-
-    @property
     def fingerprint(self) -> str:
         """Fingerprint of the encoder that built this gallery."""
         return str(self.info["encoder"]["fingerprint"])

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+from conftest import SHARED, needs_shared
 from PIL import Image
 
 from index.datasets import DATASETS, DatasetScan, list_datasets, load_dataset, parse_folder_name
@@ -14,7 +15,6 @@ from index.photos import IMAGE_EXTENSIONS
 from index.records import ReferenceRecord
 from index.taxonomy import TaxonInfo, lookup_taxon
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PH_SNAKES_TRAIN = SHARED / "data" / "ph-snakes" / "train"
 SNAKECLEF_SAMPLE = SHARED / "reference" / "snakeclef2021_test_metadata_cleaned.sample.csv"
 
@@ -275,8 +275,8 @@ def test_folder_loader_reports_broken_links_once(tmp_path: Path, caplog: pytest.
     assert len(warned) == 1 and warned[0].startswith(f"3 entries under {tmp_path} skipped")
 
 
-@pytest.mark.skipif(not PH_SNAKES_TRAIN.is_dir(), reason="shared ph-snakes data not available")
 def test_real_ph_snakes_train_tree() -> None:
+    needs_shared(PH_SNAKES_TRAIN)
     scan = load_dataset("folder", PH_SNAKES_TRAIN)
 
     assert len(scan.species) == 14
@@ -439,8 +439,8 @@ def test_snakeclef2021_requires_metadata(tmp_path: Path) -> None:
         load_dataset("snakeclef2021", tmp_path)
 
 
-@pytest.mark.skipif(not SNAKECLEF_SAMPLE.is_file(), reason="shared SnakeCLEF sample not available")
 def test_snakeclef2021_loader_with_real_rows(tmp_path: Path) -> None:
+    needs_shared(SNAKECLEF_SAMPLE)
     header, rows = _sample_rows(5)
     meta = write_csv(tmp_path / "meta.csv", header, [[row[c] for c in header] for row in rows])
     images = tmp_path / "images"

@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    """speciesid index build: embed a dataset into a new or existing gallery (exit status)."""
     from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
     from retrieval.workflows import CleanConfig, build_encoder, build_gallery
@@ -128,6 +129,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
+    """speciesid index info: what a gallery holds and how it was built (exit status)."""
     from retrieval.workflows import gallery_info
 
     emit(json.dumps(gallery_info(args.index), indent=2))
@@ -135,6 +137,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def cmd_species_list(args: argparse.Namespace) -> int:
+    """speciesid species list: the gallery's species with their reference counts (exit status)."""
     from retrieval.workflows import list_species
 
     fields = ["species", "common_name", "genus", "family", "venomous", "count"]

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_references_add(args: argparse.Namespace) -> int:
+    """speciesid references add: store photos as references of one species (exit status)."""
     from index.taxonomy import SpeciesNameConflictError
     from retrieval.workflows import add_photos, open_gallery
 
@@ -87,6 +88,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
 
 def cmd_references_delete(args: argparse.Namespace) -> int:
+    """speciesid references delete: delete references by id (exit status)."""
     from retrieval.workflows import delete_references
 
     wanted = list(dict.fromkeys(args.ids))  # a repeated id counts once

@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """speciesid serve: run the HTTP API on a gallery (exit status)."""
     import uvicorn
 
     from api.app import create_app
@@ -128,6 +129,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def cmd_encoders_list(args: argparse.Namespace) -> int:
+    """speciesid encoders list: the encoder specs and aliases this install knows (exit status)."""
     from retrieval.encoders import ALIASES, list_encoders
 
     for form in list_encoders():
@@ -136,6 +138,7 @@ def cmd_encoders_list(args: argparse.Namespace) -> int:
 
 
 def cmd_encoders_runtimes(args: argparse.Namespace) -> int:
+    """speciesid encoders runtimes: the inference runtimes and CPU features here (exit status)."""
     from retrieval.cpu import cpu_features, cpu_kind
     from retrieval.runtimes import EXTRAS, candidates
     from retrieval.runtimes.cache import cache_root, entries, installed_runtimes

@@ -24,11 +24,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.metric import l2_normalize
 from retrieval.runtimes import MIN_COSINE
+
+if TYPE_CHECKING:  # imported where a model is exported: the warm path never loads torch
+    import torch
 from retrieval.runtimes.exported import Runner, no_telemetry, onnx_runner, openvino_runner
 
 logger = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 
 
-def export_onnx(module, example: np.ndarray, path: Path) -> None:
+def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path) -> None:
     """Write ``module`` (float32 in, features out) as ONNX with a dynamic batch axis."""
     import torch
 

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from retrieval.runtimes.cache import (
     weights_identity,
     write_choice,
 )
+
+if TYPE_CHECKING:  # imported on the cold path only: the warm path never loads torch
+    from retrieval.torch_encoders import TorchEncoder
 
 logger = logging.getLogger(__name__)
 #: The errors of a cache folder that cannot be written: `auto` then runs on torch (needing no export).
@@ -134,7 +138,8 @@ def _entry_key(digest: str, runtime: str, precision: str, kind: str) -> EntryKey
     return EntryKey(digest, runtime, runtime_version(runtime), precision, kind)
 
 
-def _load_entry(config: EncoderConfig, key: EntryKey, info: dict, text_encoder=None) -> Encoder | None:
+def _load_entry(config: EncoderConfig, key: EntryKey, info: dict,
+                text_encoder: Encoder | None = None) -> Encoder | None:
     from retrieval.runtimes.exported import ExportedEncoder
 
     try:
@@ -182,7 +187,7 @@ def _refuse(info: dict) -> None:
 class _Photos:
     """Check and calibration sets, decoded and preprocessed on first use."""
 
-    def __init__(self, photos: Photos | None, reference) -> None:
+    def __init__(self, photos: Photos | None, reference: TorchEncoder) -> None:
         self.source = photos
         self.reference = reference
         self._check: np.ndarray | None = None
@@ -343,7 +348,7 @@ def _record(runtime: str, config: EncoderConfig, digest: str, kind: str, rt: str
     })
 
 
-def _export_onnx_once(ref, example: np.ndarray) -> Path:
+def _export_onnx_once(ref: TorchEncoder, example: np.ndarray) -> Path:
     """The fp32 ONNX export every candidate starts from (a temporary folder in the cache)."""
     import tempfile
 
@@ -359,7 +364,7 @@ def _export_onnx_once(ref, example: np.ndarray) -> Path:
     return folder
 
 
-def _build_entry(ref, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sample: _Photos,
+def _build_entry(ref: TorchEncoder, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sample: _Photos,
                  reference_emb: np.ndarray, kind: str) -> dict:
     """Export one candidate into its cache folder (written whole), check it, return its export.json."""
     from index.atomic import atomic_directory, write_json_atomic
@@ -382,7 +387,7 @@ def _build_entry(ref, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sam
     return info
 
 
-def _export_info(ref, config: EncoderConfig, key: EntryKey, files: list[str], hint: str, faith: dict,
+def _export_info(ref: TorchEncoder, config: EncoderConfig, key: EntryKey, files: list[str], hint: str, faith: dict,
                  sample: _Photos, t0: float) -> dict:
     calib = sample.calibration
     return {
