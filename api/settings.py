@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.lease import LEASE_TTL_S
@@ -135,7 +135,7 @@ class SettingsError(ValueError):
     """Settings refused at start, said in one line: ``SPECIESID_MAX_IMAGES=abc: input should be a valid integer``
     (several joined by ``; ``), rather than pydantic's report naming the Python field."""
 
-    def __init__(self, exc) -> None:
+    def __init__(self, exc: ValidationError) -> None:
         prefix = Settings.model_config["env_prefix"]
         parts = []
         for err in exc.errors():

@@ -846,18 +846,17 @@ def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_
     holder.start()
     try:
         assert busy.wait(10)
-        start = time.monotonic()
         resp = TestClient(create_app(quick.settings, service=quick)).post(
             f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)), headers=KEYS)
-        spent = time.monotonic() - start
     finally:
         done.set()
         holder.join(10)
         quick.close()
     assert "this server's other writes to this gallery have kept this one waiting for over 1 s" in _is_error(
         resp, 503), resp.text
-    assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S) and spent < 4, spent
-    time.sleep(0.5)  # its turn has come: it does not run now
+    assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
+    with quick._write_lock:  # its turn has come (the other write is done): it does not run now
+        pass
     assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
 
 

@@ -7,9 +7,13 @@ import errno
 import logging
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from api.cli._common import at_least, emit, logger
 from retrieval.encoders import PRECISIONS, RUNTIMES
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 #: The settings ``serve``'s options override (``--index`` ... ``--precision``), as ``api.settings.Settings`` names them.
 OPTION_SETTINGS = ("index", "device", "runtime", "precision")
@@ -100,7 +104,7 @@ class _StartupFailure(logging.Filter):
     """Drops uvicorn's records once the app's startup failed (the loader's traceback and "Application startup
     failed. Exiting."): ``serve`` says the error itself, in one line."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: FastAPI) -> None:
         super().__init__()
         self.app = app
 
