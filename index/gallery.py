@@ -646,6 +646,12 @@ class Gallery:
                 logger.info("removed %s, left by an interrupted write", left.name)
             yield
 
+    @property
+    def write_waited_s(self) -> float:
+        """Seconds this process's writes of the gallery spent waiting for other writers so far (their lock; on S3
+        the store's lease): a caller that times its work takes the difference out."""
+        return self._writer.waited_s
+
     def writing(self, *, local: bool = False) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:
         steps that write only the folder's own files take the folder's lock alone, not the store's lease (on S3);

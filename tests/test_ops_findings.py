@@ -1,0 +1,91 @@
+"""What an operator sees (the s47 walkthrough's findings): a writer that waits says for whom, and for how long."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - moto's S3 server, as fixtures
+
+
+def test_a_waiting_writer_warns_naming_the_locks_holder_and_how_long_it_waits(tmp_path, monkeypatch, caplog):
+    """A writer waiting on another's lock logged at INFO only: the command line (WARNING and above) was silent for
+    up to 600 s, and nothing could shorten that. SPECIESID_WRITE_WAIT_S now sets the wait of every writer, and the
+    first "waiting" line is a warning naming the holder (host, pid) and the wait."""
+    from index.locks import WriteLock
+
+    path = tmp_path / ".write.lock"
+    monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "4")
+    waiter = WriteLock(path)
+    assert waiter.timeout == 4
+    holder = WriteLock(path, timeout=0)  # another open file: flock's locks belong to it, as another process's do
+    caplog.set_level(logging.WARNING, logger="index.locks")
+    with holder.hold():
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="for over 4 s"), waiter.hold():
+            pass
+        assert time.monotonic() - started < 10
+    assert f"pid {os.getpid()}" in caplog.text and "waiting up to 4 s in all" in caplog.text, caplog.text
+    assert "SPECIESID_WRITE_WAIT_S" in caplog.text
+    monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "soon")
+    with pytest.raises(ValueError, match="SPECIESID_WRITE_WAIT_S='soon' is not a number of seconds"):
+        WriteLock(path).hold().__enter__()
+    monkeypatch.delenv("SPECIESID_WRITE_WAIT_S")
+    assert WriteLock(path).timeout == 600
+
+
+def test_a_writer_waiting_for_the_s3_lease_warns_naming_its_holder_and_ttl(s3_env, caplog):  # noqa: F811
+    """The lease's "waiting for another writer" was INFO, and named neither the TTL nor how long this one waits."""
+    from index.lease import LEASE_DIR, S3Lease
+    from index.store import storage_options
+
+    endpoint, client = s3_env
+    uri, key = f"s3://{BUCKET}/waiting", f"waiting/{LEASE_DIR}/write.lock"
+    held = {"host": "otherclinic", "pid": 77, "since": "2025-01-01T00:00:00+00:00", "ttl_s": 300}
+    client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(held).encode())
+    caplog.set_level(logging.WARNING, logger="index.lease")
+    lease = S3Lease(uri, storage_options(None, {"aws_endpoint": endpoint}), ttl=30)
+    with pytest.raises(TimeoutError, match="held by host otherclinic"):
+        lease.acquire(timeout=5.0)  # past the 2 s after which it warns, with room on a busy machine
+    assert "waiting up to 5 s in all for another writer of the store s3://galleries/waiting (held by host " \
+           "otherclinic, pid 77" in caplog.text, caplog.text
+    assert "lapses 300 s after its last renewal" in caplog.text
+
+
+def test_the_summarys_images_per_second_leaves_out_the_wait_for_another_writer(tmp_path, mobilenet_encoder):
+    """An add that waited 20 s for another writer reported "0.0 images/s": the wait counted as embedding time."""
+    from index.gallery import Gallery
+    from index.locks import WriteLock
+    from index.records import ReferenceRecord
+    from retrieval.pipeline import BuildReport, add_references
+
+    assert BuildReport(added=10, seconds=10.0, waited_s=8.0).images_per_second == pytest.approx(5.0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(paths[-1])
+    g = Gallery.create(tmp_path / "g", mobilenet_encoder.describe())
+    other, taken, done = WriteLock(g.layout.write_lock), threading.Event(), threading.Event()
+
+    def hold_a_while() -> None:
+        with other.hold():
+            taken.set()
+            time.sleep(5.0)  # longer than the embedding of 3 photos: the add then waits for it
+        done.set()
+
+    thread = threading.Thread(target=hold_a_while)
+    thread.start()
+    taken.wait(10)
+    report = add_references(g, mobilenet_encoder, [ReferenceRecord(path=Path(p), species="Naja haje") for p in paths],
+                            progress=False, workers=1)
+    thread.join()
+    assert report.added == 3 and report.waited_s > 1.0, report
+    assert report.images_per_second == pytest.approx(3 / (report.seconds - report.waited_s))
+    assert "waiting for another writer, not counted" in report.summary()
