@@ -89,3 +89,43 @@ def test_the_summarys_images_per_second_leaves_out_the_wait_for_another_writer(t
     assert report.added == 3 and report.waited_s > 1.0, report
     assert report.images_per_second == pytest.approx(3 / (report.seconds - report.waited_s))
     assert "waiting for another writer, not counted" in report.summary()
+
+
+def _photos(tmp_path: Path, per_species: int = 3) -> Path:
+    """``per_species`` ph-snakes photos of two species (links), as a folder dataset."""
+    from conftest import PH_SNAKES, needs_shared
+
+    needs_shared()
+    root = tmp_path / "photos"
+    for folder in ("Samar Cobra (Naja samarensis)", "Asian Sunbeam Snake (Xenopeltis unicolor)"):
+        (root / folder).mkdir(parents=True)
+        for p in sorted((PH_SNAKES / "train" / folder).iterdir())[:per_species]:
+            (root / folder / p.name).symlink_to(p)
+    return root
+
+
+@pytest.mark.slow
+def test_a_ray_build_shows_its_progress_per_chunk_unless_quiet(tmp_path, capsys):
+    """A Ray build printed nothing between its chunks without -v (a default 100k-photo chunk: about 45 min of
+    silence on 2 cores). It now moves a bar on stderr at each committed chunk, as the local build does; -q hides it."""
+    pytest.importorskip("ray.data")
+    from conftest import MOBILENET_SPEC
+
+    from api.cli import main
+    from retrieval.distributed import RayOptions, start_ray, stop_ray
+
+    root = _photos(tmp_path)
+    started = start_ray(RayOptions(actors=1, local_cpus=2))
+    try:
+        args = ["index", "build", "--dataset", "folder", "--root", str(root), "--encoder", MOBILENET_SPEC,
+                "--precision", "fp32", "--engine", "ray", "--ray-actors", "1", "--chunk-rows", "4"]
+        code = main([*args, "--index", str(tmp_path / "g")])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert "building on ray" in err and "6/6" in err and "chunk 2 committed; 6 stored" in err, err
+        code = main([*args, "--index", str(tmp_path / "q"), "-q"])
+        err = capsys.readouterr().err
+        assert code == 0 and "building on ray" not in err, err
+    finally:
+        if started:
+            stop_ray()
