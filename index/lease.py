@@ -621,6 +621,21 @@ class S3Lease:
                 f"renewed {holder.get('age_s', 0):.0f} s ago; its lease lapses {ttl:.0f} s after its last renewal "
                 f"if that writer is gone; lease {self.where}); SPECIESID_WRITE_WAIT_S sets how long a writer waits")
 
+    def look(self) -> dict[str, Any] | None:
+        """The lease as it is now, for people to see (read only; None: no writer ever took it): ``state`` ``free``
+        (released), ``held`` or ``stale`` (not renewed within its TTL: the next writer takes it over), and for a
+        held or stale one its holder (``host``, ``pid``, ``since``), ``renewed_s_ago`` and ``ttl_s``, on the store's
+        clock. A failure to read it is the LeaseStoreError a writer would get."""
+        seen = self._look()
+        if seen is None:
+            return None
+        if seen.free:
+            return {"state": "free", "object": self.where}
+        holder = seen.holder
+        return {"state": "stale" if seen.stale else "held", "host": holder.get("host"), "pid": holder.get("pid"),
+                "since": holder.get("since"), "renewed_s_ago": round(float(holder["age_s"]), 1),
+                "ttl_s": holder["ttl_s"], "object": self.where}
+
     def _busy_message(self, holder: dict | None, waited: float) -> str:
         if not holder:
             return (f"this writer waited {waited:.0f} s for the store {self.uri}: other writers kept taking its "

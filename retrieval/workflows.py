@@ -35,6 +35,7 @@ from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
 from index.photos import PHOTO_FORMATS
+from index.status import store_status
 from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references
 from index.vectors import VectorIndexConfig
@@ -505,11 +506,12 @@ def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
 
 
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
-    """What a gallery holds and which encoder built it."""
+    """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
+    S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`)."""
     g = _gallery(gallery)
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
-            "index_kind": g.index.kind, "store_version": g.store.version}
+            "index_kind": g.index.kind, "store_version": g.store.version, "store": store_status(g)}
 
 
 def _gallery(gallery: Gallery | str | Path) -> Gallery:

@@ -129,3 +129,62 @@ def test_a_ray_build_shows_its_progress_per_chunk_unless_quiet(tmp_path, capsys)
     finally:
         if started:
             stop_ray()
+
+
+#: The encoder of galleries built from rows alone (8-float rows, no model).
+_TINY = {"spec": "t", "fingerprint": "t#0", "dim": 8}
+
+
+def _rows(n: int, seed: int = 0):
+    from index.records import ReferenceRecord
+
+    vectors = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    records = [ReferenceRecord(path=f"/p/{seed}-{i}.jpg", species="Naja haje") for i in range(n)]
+    return records, [f"{seed}-{i}" for i in range(n)], vectors
+
+
+def _info(index: Path, capsys) -> dict:
+    from api.cli import main
+
+    assert main(["index", "info", "--index", str(index)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_index_info_shows_a_local_gallerys_store_and_its_leftover_build_journals(tmp_path, capsys):
+    """`index info` named no store: where it is, nor the journals a killed Ray build left (with host and pid)."""
+    from index.gallery import Gallery
+
+    g = Gallery.create(tmp_path / "g", _TINY)
+    g.add(*_rows(3))
+    journal = {"uri": str(g.store_uri), "since": 1, "host": "buildhost", "machine": "m", "boot": "b", "pidns": "p",
+               "pid": 4242, "started": "1"}
+    (g.root / ".uncommitted-abc.json").write_text(json.dumps(journal) + "\n" + json.dumps({"files": ["d/1.lance"]})
+                                                 + "\n")
+    store = _info(g.root, capsys)["store"]
+    assert store["uri"] == str(g.root / "store") and "lease" not in store
+    (left,) = store["journals"]
+    assert left["file"] == ".uncommitted-abc.json" and left["host"] == "buildhost" and left["pid"] == 4242
+    assert left["files"] == 1 and left["driver"] == "another machine"  # another host: never swept by a build here
+
+
+def test_index_info_shows_an_s3_stores_lease_holder_and_shared_id_mark(s3_env, tmp_path, capsys):  # noqa: F811
+    """On S3 the operator had to use boto3 by hand to see the lease's holder and the shared id mark."""
+    from index.gallery import Gallery
+    from index.lease import LEASE_DIR
+
+    endpoint, client = s3_env
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/info")
+    g.add(*_rows(3))
+    store = _info(g.root, capsys)["store"]
+    assert store["uri"] == f"s3://{BUCKET}/info" and store["journals"] == []
+    assert store["lease"]["state"] == "free"  # released after the add
+    assert store["ids"] == {"next": 4, "object": f"s3://{BUCKET}/info/{LEASE_DIR}/ids.json"}
+    held = {"host": "otherclinic", "pid": 77, "since": "2025-01-01T00:00:00+00:00", "ttl_s": 300}
+    client.put_object(Bucket=BUCKET, Key=f"info/{LEASE_DIR}/write.lock", Body=json.dumps(held).encode())
+    lease = _info(g.root, capsys)["store"]["lease"]
+    assert lease["state"] == "held" and lease["host"] == "otherclinic" and lease["pid"] == 77
+    assert lease["ttl_s"] == 300 and 0 <= lease["renewed_s_ago"] < 60
+    client.put_object(Bucket=BUCKET, Key=f"info/{LEASE_DIR}/ids.json", Body=b"garbage")
+    ids = _info(g.root, capsys)["store"]["ids"]
+    assert "is unreadable" in ids["error"], ids  # told as that part's error; the rest of the block still shows

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
-                           "ones, index kind) and which encoder built it")
+                           "ones, index kind), which encoder built it, and its store (uri; leftover Ray build "
+                           "journals; on S3 the write lease's holder and the shared id mark)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
 
