@@ -188,3 +188,27 @@ def test_index_info_shows_an_s3_stores_lease_holder_and_shared_id_mark(s3_env, t
     client.put_object(Bucket=BUCKET, Key=f"info/{LEASE_DIR}/ids.json", Body=b"garbage")
     ids = _info(g.root, capsys)["store"]["ids"]
     assert "is unreadable" in ids["error"], ids  # told as that part's error; the rest of the block still shows
+
+
+def test_skipped_manifest_rows_are_named_with_their_line_and_reason_and_said_once(tmp_path, capsys, caplog):
+    """A manifest's skipped rows were only counted ("2 row(s) ... skipped"), and the warning came twice: logged,
+    then again in the summary. The first few are now named (line, reason: check_name's message), once."""
+    from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+
+    from api.cli import main
+
+    needs_shared()
+    folder = PH_SNAKES / "train" / "Samar Cobra (Naja samarensis)"
+    photos = sorted(folder.iterdir())[:2]
+    manifest = tmp_path / "m.csv"
+    lines = ["path,species"] + [f"{p},Naja samarensis" for p in photos]
+    lines += [f"{photos[0]},", f"{photos[1]},Naja\u200bsamar", ",Naja samarensis"]
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code = main(["index", "build", "--dataset", "manifest", "--root", str(tmp_path), "--metadata", str(manifest),
+                 "--index", str(tmp_path / "g"), "--encoder", MOBILENET_SPEC, "--precision", "fp32", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    said = out + err + caplog.text
+    assert said.count("3 row(s) of") == 1, said
+    assert "line 4: no species" in said and "line 6: no path" in said, said
+    assert "line 5: the species name" in said and "ZERO WIDTH SPACE (U+200B)" in said, said

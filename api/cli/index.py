@@ -103,8 +103,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"
         f"{result.report.summary()}"
     )
-    for warning in result.scan.warnings:
-        emit(f"warning: {warning}")
+    # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
              "or unreadable folders: see the warning above), besides the unreadable photos counted above")
