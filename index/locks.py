@@ -73,6 +73,15 @@ def _lock_holder(fd: int) -> str:
     return f"held by host {holder.get('host', '?')}, pid {holder['pid']}, since {holder.get('since', '?')}"
 
 
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether the file open on ``fd`` is still the one at ``path`` (not unlinked, nor replaced)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows: one process per gallery (the thread lock still holds)
@@ -157,6 +166,11 @@ class WriteLock:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _still_there(fd, self.path):  # removed by its holder meanwhile (a create that failed
+                    os.close(fd)  # removes the folder it made): a lock on it locks nothing; the path's own is taken
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                    continue
                 self._fd = fd
                 self._sign(fd)
                 return

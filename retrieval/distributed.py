@@ -161,12 +161,18 @@ def ray_map(fn: Callable[..., Any], args: list[tuple]) -> Iterator[Any]:
 
 
 # ------------------------------------------------------------------------------------------- stages
+def check_ray_views(views: str | None) -> None:
+    """Refuse test-time views other than ``single`` (ValueError): a Ray build embeds one view of each photo. Needs
+    only the option, so a build checks it before any model loads."""
+    if (views or "single") != "single":
+        raise ValueError(f"--engine ray builds single-view galleries; views {views!r} need --engine local")
+
+
 class Preprocessor:
     """The encoder's eval transform without its weights (picklable for CPU tasks)."""
 
     def __init__(self, encoder: Encoder) -> None:
-        if getattr(encoder, "views", "single") != "single":
-            raise ValueError(f"--engine ray builds single-view galleries; views {encoder.views!r} need --engine local")
+        check_ray_views(getattr(encoder, "views", "single"))
         self.preprocess_config = encoder.preprocess_config  # numpy preprocessing (every runtime)
         self.transform = encoder.transform if encoder.preprocess_config is None else None
         self.input_size = int(getattr(encoder, "input_size", 224))

@@ -40,7 +40,7 @@ from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
-from retrieval.distributed import RayOptions
+from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
     DEFAULT_ENCODER,
     Encoder,
@@ -117,7 +117,8 @@ def build_gallery(
     # from anywhere
     if GalleryLayout(Path(index_dir)).info.is_file():  # another encoder is refused before it loads (or downloads)
         check_encoder_choice(index_dir, read_gallery_info(index_dir), encoder)
-    if engine == "ray":
+    if engine == "ray":  # options Ray cannot build: refused before the model loads (or downloads)
+        check_ray_views(encoder.views)
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
         return _build_on_ray(index_dir, dataset, root, metadata=metadata, encoder=encoder,

@@ -212,3 +212,64 @@ def test_skipped_manifest_rows_are_named_with_their_line_and_reason_and_said_onc
     assert said.count("3 row(s) of") == 1, said
     assert "line 4: no species" in said and "line 6: no path" in said, said
     assert "line 5: the species name" in said and "ZERO WIDTH SPACE (U+200B)" in said, said
+
+
+def test_a_ray_only_refusal_of_views_comes_before_any_model_loads(tmp_path, monkeypatch):
+    """`--engine ray --views flip` loaded the model (13 s; without --encoder it tried to download bioclip first) before
+    saying Ray builds single-view galleries. It is now refused with the other option checks."""
+    import retrieval.workflows as workflows
+    from retrieval.encoders import EncoderConfig
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the views were checked")
+
+    monkeypatch.setattr(workflows, "create_encoder_from_config", no_model)
+    (tmp_path / "photos" / "Naja haje").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "Naja haje" / "a.jpg")
+    with pytest.raises(ValueError, match="views 'flip' need --engine local"):
+        workflows.build_gallery(tmp_path / "g", "folder", tmp_path / "photos", engine="ray",
+                                encoder=EncoderConfig(spec="timm:local-dir:/nowhere", views="flip"))
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_store_that_cannot_be_made_leaves_no_folder_holding_only_the_lock(s3_env, tmp_path):  # noqa: F811
+    """`index build --store s3://missing-bucket/x` left DIR holding only .write.lock, which `serve` then called "not a
+    speciesid gallery". The folder the failed create made is removed; a folder that was there before stays."""
+    from index.gallery import Gallery
+
+    with pytest.raises(ValueError, match="cannot open the store"):
+        Gallery.create(tmp_path / "new" / "g", _TINY, store="s3://missing-bucket/x")
+    assert not (tmp_path / "new" / "g").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="cannot open the store"):
+        Gallery.create(tmp_path / "mine", _TINY, store="s3://missing-bucket/x")
+    assert (tmp_path / "mine").is_dir()  # the operator's own folder: not this command's to remove
+    g = Gallery.create(tmp_path / "new" / "g", _TINY, store=f"s3://{BUCKET}/remade")  # the corrected command
+    assert len(g) == 0
+
+
+def test_a_writer_waiting_on_a_lock_file_its_holder_removed_takes_the_paths_own(tmp_path):
+    """A failed create now removes the folder it made, lock file included: a creator that waited on that lock must
+    not hold a lock on the removed file (another creator would lock the new one: two holders at once)."""
+    import os
+
+    from index.locks import WriteLock
+
+    path = tmp_path / "g" / ".write.lock"
+    holder, waiter = WriteLock(path, timeout=0), WriteLock(path, timeout=10)
+    got = threading.Event()
+
+    def wait_for_it() -> None:
+        with waiter.hold():
+            got.set()
+            time.sleep(0.5)
+
+    with holder.hold():
+        thread = threading.Thread(target=wait_for_it)
+        thread.start()
+        time.sleep(0.3)
+        path.unlink()
+        path.parent.rmdir()
+    assert got.wait(10)
+    assert os.path.samestat(os.fstat(waiter._fd), os.stat(path))  # the lock at the path, which others would take
+    thread.join()
