@@ -100,6 +100,18 @@ class Neighbour:
         return out
 
 
+def _remove_made_folder(root: Path) -> None:
+    """After a failed create, remove the folder that create made, when only its lock file is left in it (under that
+    lock): a folder holding just ``.write.lock`` is no gallery, and ``serve`` would call it "not a speciesid
+    gallery". A failure to remove it is logged, never raised over the create's own error."""
+    try:
+        if {c.name for c in root.iterdir()} <= {WRITE_LOCK}:
+            (root / WRITE_LOCK).unlink(missing_ok=True)
+            root.rmdir()
+    except OSError as exc:
+        logger.warning("could not remove %s, made by the create that failed: %s", root, exc)
+
+
 def _foreign(root: Path, *also: str) -> bool:
     """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file, the temporary files of
     interrupted atomic writes (``index.atomic``) and the names ``also``: then it is someone else's folder."""
@@ -259,11 +271,17 @@ class Gallery:
             if root.is_dir() and _foreign(root, layout.info.name):  # refused before a lock file is put
                 # in someone's folder (a gallery.json another creator wrote meanwhile is not foreign: re-checked below)
                 raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
+            made = not root.exists()
             root.mkdir(parents=True, exist_ok=True)
             with write_lock(layout.write_lock).hold():  # two creators of one folder: one makes it, the other opens
                 if not layout.info.is_file():
-                    return cls._create_locked(root, encoder, index_config=index_config, weights=weights,
-                                              refresh_s=refresh_s, store=store, options=options)
+                    try:
+                        return cls._create_locked(root, encoder, index_config=index_config, weights=weights,
+                                                  refresh_s=refresh_s, store=store, options=options)
+                    except Exception:
+                        if made:
+                            _remove_made_folder(root)
+                        raise
         gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
                            refresh_s=refresh_s, options=options)
         if store and str(gallery.store_uri) != str(store).rstrip("/"):
@@ -674,6 +692,12 @@ class Gallery:
             for left in remove_leftovers(self.root):  # of writers killed mid-write (no write is in progress now)
                 logger.info("removed %s, left by an interrupted write", left.name)
             yield
+
+    @property
+    def write_waited_s(self) -> float:
+        """Seconds this process's writes of the gallery spent waiting for other writers so far (their lock; on S3
+        the store's lease): a caller that times its work takes the difference out."""
+        return self._writer.waited_s
 
     def writing(self, *, local: bool = False) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:

@@ -346,8 +346,7 @@ class S3Lease:
             if spent >= timeout:
                 raise TimeoutError(self._busy_message(holder or None, waited + spent))
             if spent > 2 and not warned:
-                logger.info("waiting for another writer of the store %s (%s)", self.uri,
-                            _who(holder) if holder else "taken and released meanwhile")
+                logger.warning("%s", self._waiting_message(holder or None, waited + timeout))
                 warned = True
             time.sleep(min(pause, max(timeout - spent, 0.0)))
             pause = min(pause * 1.5, 1.0)
@@ -610,6 +609,32 @@ class S3Lease:
             ttl = self.ttl
         holder["ttl_s"] = ttl
         return _Seen(body=body, holder=holder, etag=response["ETag"], free=body.get("free") is True, stale=age > ttl)
+
+    def _waiting_message(self, holder: dict | None, wait: float) -> str:
+        """The one line a writer logs once it has waited a while for the lease: whom it waits for, the holder's TTL,
+        and how long it will wait in all (``wait`` seconds; SPECIESID_WRITE_WAIT_S sets it)."""
+        if not holder:
+            return (f"waiting up to {wait:.0f} s in all for the write lease of the store {self.uri}: other writers "
+                    "keep taking it (SPECIESID_WRITE_WAIT_S sets how long a writer waits)")
+        ttl = holder.get("ttl_s", self.ttl)
+        return (f"waiting up to {wait:.0f} s in all for another writer of the store {self.uri} ({_who(holder)}, "
+                f"renewed {holder.get('age_s', 0):.0f} s ago; its lease lapses {ttl:.0f} s after its last renewal "
+                f"if that writer is gone; lease {self.where}); SPECIESID_WRITE_WAIT_S sets how long a writer waits")
+
+    def look(self) -> dict[str, Any] | None:
+        """The lease as it is now, for people to see (read only; None: no writer ever took it): ``state`` ``free``
+        (released), ``held`` or ``stale`` (not renewed within its TTL: the next writer takes it over), and for a
+        held or stale one its holder (``host``, ``pid``, ``since``), ``renewed_s_ago`` and ``ttl_s``, on the store's
+        clock. A failure to read it is the LeaseStoreError a writer would get."""
+        seen = self._look()
+        if seen is None:
+            return None
+        if seen.free:
+            return {"state": "free", "object": self.where}
+        holder = seen.holder
+        return {"state": "stale" if seen.stale else "held", "host": holder.get("host"), "pid": holder.get("pid"),
+                "since": holder.get("since"), "renewed_s_ago": round(float(holder["age_s"]), 1),
+                "ttl_s": holder["ttl_s"], "object": self.where}
 
     def _busy_message(self, holder: dict | None, waited: float) -> str:
         if not holder:
