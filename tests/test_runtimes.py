@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,6 +353,31 @@ def test_a_cache_that_cannot_be_written_leaves_auto_on_torch(tiny_clip_dir, cach
         raise OSError(30, "Read-only file system", str(cache / "models"))
 
     monkeypatch.setattr(select, "_export_onnx_once", read_only)
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    enc = create_encoder(spec, photos=check_photos)
+    assert (enc.runtime, enc.precision) == ("torch", "fp32") and "cannot write the runtime cache" in caplog.text
+    with pytest.raises(OSError, match="point SPECIESID_CACHE at a writable folder, or use --runtime torch"):
+        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+
+
+@pytest.mark.parametrize("where", ["under a regular file", "where no folder can be made"])
+def test_a_cache_folder_that_cannot_be_made_leaves_auto_on_torch(where, tiny_clip_dir, tmp_path, check_photos,
+                                                                 monkeypatch, caplog):
+    """ENOTDIR / ENOENT while making the cache fall back like EROFS (was: a bare ``[Errno 20] Not a directory``);
+    an explicit runtime is refused with a message naming SPECIESID_CACHE (docs/runtimes.md, "The cache")."""
+    require_module("onnxruntime")
+    from retrieval.encoders import create_encoder
+
+    if where == "under a regular file":
+        (tmp_path / "a-file").write_text("x")
+        root = tmp_path / "a-file" / "cache"
+    else:
+        root = Path("/proc/speciesid-no-such-folder/cache")
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs /proc")
+    monkeypatch.setenv("SPECIESID_CACHE", str(root))
+    monkeypatch.delenv("SPECIESID_RUNTIME", raising=False)
     monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
     enc = create_encoder(spec, photos=check_photos)

@@ -48,6 +48,7 @@ from retrieval.runtimes.cache import (
     EXPORT_FORMAT,
     DigestCache,
     EntryKey,
+    cache_root,
     models_dir,
     package_version,
     read_choice,
@@ -62,6 +63,21 @@ if TYPE_CHECKING:  # imported on the cold path only: the warm path never loads t
 logger = logging.getLogger(__name__)
 #: The errors of a cache folder that cannot be written: `auto` then runs on torch (needing no export).
 CACHE_UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+
+
+def cache_unwritable(exc: OSError) -> bool:
+    """True when ``exc`` says the runtime cache cannot be made or written: one of :data:`CACHE_UNWRITABLE`, or
+    any error on a path inside the cache or on a folder above it while it is made (``SPECIESID_CACHE`` under a
+    regular file: ENOTDIR; under a folder where none can be made, such as ``/proc``: ENOENT; a name too long)."""
+    if exc.errno in CACHE_UNWRITABLE:
+        return True
+    root = cache_root().absolute()
+    for name in (exc.filename, exc.filename2):
+        if isinstance(name, (str, Path)):
+            path = Path(name).absolute()
+            if path == root or root in path.parents or path in root.parents:
+                return True
+    return False
 
 
 class RuntimeMissingError(ValueError):
@@ -307,8 +323,8 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                 if enc is None and cached and info.get("accepted"):  # damaged on disk: export it again
                     info = build(key)
                     enc = _load_entry(config, key, info, text_encoder=ref) if info.get("accepted") else None
-            except OSError as exc:  # the cache cannot be written (read-only, full, no permission): torch needs none
-                if exc.errno not in CACHE_UNWRITABLE:
+            except OSError as exc:  # the cache cannot be made or written (read-only, full, ...): torch needs none
+                if not cache_unwritable(exc):
                     raise
                 if runtime != "auto":
                     raise OSError(f"cannot export {config.spec} for {rt} into the cache {models_dir()} ({exc}): "
