@@ -386,6 +386,29 @@ def test_a_cache_folder_that_cannot_be_made_leaves_auto_on_torch(where, tiny_cli
         create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
 
 
+def test_onnx_int8_export_drops_ort_preprocessing_advice_only_during_the_call(tiny_clip_dir, cache, check_photos,
+                                                                            caplog):
+    """ONNX Runtime's root-logger "Please consider to run pre-processing before quantization" (logged before our
+    own verdict on the export) is dropped while we quantise; the root logger's filters are as before afterwards,
+    and the same text from a named logger, or from the root logger after the call, still gets through."""
+    import logging
+
+    require_module("onnxruntime")
+    from retrieval.encoders import create_encoder
+
+    root = logging.getLogger()
+    filters = list(root.filters)
+    try:
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="onnx", precision="int8", photos=check_photos)
+    except ValueError as exc:  # refused as unfaithful: the advice must not come first either
+        assert "not faithful" in str(exc)
+    assert not [r for r in caplog.records if "pre-processing before quantization" in r.getMessage()]
+    assert root.filters == filters
+    logging.warning("Please consider to run pre-processing before quantization (after the call)")
+    logging.getLogger("elsewhere").warning("pre-processing before quantization (a named logger)")
+    assert len([r for r in caplog.records if "pre-processing before quantization" in r.getMessage()]) == 2
+
+
 @pytest.mark.slow
 def test_auto_keeps_mobilenet_knn_top1_within_half_a_point_of_fp32(cache, monkeypatch):
     """The benchmark-level bar on real weights and photos: kNN top-1 on ph-snakes val (gallery = train) with the

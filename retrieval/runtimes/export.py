@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,7 @@ def quantize_onnx_dynamic(src: Path, dst: Path, *, family: str, vnni: bool, prog
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Gemm"] if family == "transformer" else ["MatMul", "Gemm", "Conv"]
-    with _quiet_loggers(progress):
+    with _quiet_loggers(progress), _without_root_record(_ORT_PREPROCESS_ADVICE):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=family != "transformer",
                          reduce_range=not vnni, op_types_to_quantize=ops)
 
@@ -101,6 +102,37 @@ def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, fa
     with _quiet_loggers(progress), no_telemetry():
         quantized = nncf.quantize(model, data, **kwargs)
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
+
+
+#: ONNX Runtime's advice, logged on the root logger at WARNING by every ``quantize_dynamic``: its shape-inference
+#: pre-processing does not change what is checked here (the export's cosine to torch), so it only confuses.
+_ORT_PREPROCESS_ADVICE = "pre-processing before quantization"
+
+
+class _DropRootRecord(logging.Filter):
+    """Drops records logged on the root logger itself whose message holds ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for the root logger's own records holding the text."""
+        return not (record.name == "root" and self.text in record.getMessage())
+
+
+@contextlib.contextmanager
+def _without_root_record(text: str) -> Iterator[None]:
+    """While the block runs, records logged on the root logger (``logging.warning(...)``) holding ``text`` are
+    dropped; a filter on the root logger sees only its own records, never those propagated from named loggers,
+    and it is removed afterwards."""
+    root = logging.getLogger()
+    drop = _DropRootRecord(text)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 @contextlib.contextmanager
