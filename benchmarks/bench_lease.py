@@ -43,19 +43,20 @@ def one_run(run: int, *, adds: int, warmup: int, lease: bool) -> list[float]:
     from index.gallery import Gallery
     from index.records import ReferenceRecord
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_lease_"))
-    g = Gallery.create(folder / "g", {"spec": "t", "fingerprint": "t#0", "dim": 8},
-                       store=f"s3://{BUCKET}/run{run}-{'lease' if lease else 'none'}")
-    if not lease:
-        g._writer.remote = None  # as before the lease: the flock alone
-    rng = np.random.default_rng(run)
-    times = []
-    for i in range(warmup + adds):
-        row = rng.standard_normal((1, 8)).astype(np.float32)
-        start = time.perf_counter()
-        g.add([ReferenceRecord(path=f"/{i}.jpg", species="Naja naja")], [f"{run:08x}{i:056x}"], row)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="bench_lease_") as folder:  # the gallery folder goes with the run
+        g = Gallery.create(Path(folder) / "g", {"spec": "t", "fingerprint": "t#0", "dim": 8},
+                           store=f"s3://{BUCKET}/run{run}-{'lease' if lease else 'none'}")
+        if not lease:
+            g._writer.remote = None  # as before the lease: the flock alone
+        rng = np.random.default_rng(run)
+        times = []
+        for i in range(warmup + adds):
+            row = rng.standard_normal((1, 8)).astype(np.float32)
+            start = time.perf_counter()
+            g.add([ReferenceRecord(path=f"/{i}.jpg", species="Naja naja")], [f"{run:08x}{i:056x}"], row)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        del g
     return times
 
 
