@@ -273,3 +273,62 @@ def test_a_writer_waiting_on_a_lock_file_its_holder_removed_takes_the_paths_own(
     assert got.wait(10)
     assert os.path.samestat(os.fstat(waiter._fd), os.stat(path))  # the lock at the path, which others would take
     thread.join()
+
+
+def test_a_store_outage_mid_build_or_add_says_what_was_kept_and_to_run_again(tmp_path, monkeypatch, capsys):
+    """Lance's RuntimeError for an unreachable S3 store, mid-command, was printed as the generic
+    ``speciesid: error: RuntimeError: lance error ... (run with -vv for the traceback)``. It is now one line naming the
+    store, what was kept and what to do, exit 2; and what it says holds: the same command run again adds the rest."""
+    import functools
+
+    from test_api_store_outage import LANCE_S3_DOWN
+
+    from api.cli import main
+    from index.store import ReferenceStore
+    from retrieval import pipeline, workflows
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for species, n in (("Naja haje", 3), ("Naja naja", 3)):
+        (root / species).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / species / f"{i}.png")
+    index = str(tmp_path / "g")
+    encoder = ["--encoder", "timm:test_vit@random", "--precision", "fp32", "--runtime", "torch", "-q"]
+    build = ["index", "build", "--dataset", "folder", "--root", str(root), "--index", index, "--batch-size", "2",
+             *encoder]
+    monkeypatch.setattr(workflows, "add_references", functools.partial(pipeline.add_references, chunk=2))
+    real_add, calls = ReferenceStore.add, []
+
+    def add_until_the_store_goes(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second commit of two photos: the first two are stored
+            raise RuntimeError(LANCE_S3_DOWN)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceStore, "add", add_until_the_store_goes)
+    assert main(build) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("speciesid: error: the gallery's S3 store could not be reached (lance "
+                                               "error: LanceError(IO): Generic S3 error"), err
+    assert "the references committed before it stay in the gallery, and running the same command again adds the " \
+           "rest" in err[0] and err[0].endswith("check the network and the endpoint (AWS_ENDPOINT_URL), then run the "
+                                                "command again"), err
+    assert "RuntimeError" not in err[0] and "-vv" not in err[0]
+
+    monkeypatch.setattr(ReferenceStore, "add", real_add)  # the store is back: the re-run adds the rest
+    assert main(build) == 0
+    out = capsys.readouterr().out
+    assert "6 references" in out and "added 4" in out, out
+
+    photo = tmp_path / "new.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
+
+    def store_down(self, *args, **kwargs):
+        raise RuntimeError(LANCE_S3_DOWN)
+
+    monkeypatch.setattr(ReferenceStore, "find_sha256", store_down)
+    add = ["references", "add", "--index", index, "--species", "Naja haje", str(photo), "-q"]
+    assert main(add) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "S3 store could not be reached" in err[0] and "adds the rest" in err[0], err

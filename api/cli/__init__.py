@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
-from index.errors import first_line
+from index.errors import first_line, store_io_failure
 
+logger = logging.getLogger(__name__)
 VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
 #: The epilog of the commands that write a gallery: how long they wait for another writer.
 WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
@@ -135,14 +136,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
     except (ValueError, OSError) as exc:  # bad input, a path that is missing / a file / not writable, ...
-        sys.stderr.write(f"speciesid: error: {exc}\n")
+        sys.stderr.write(f"speciesid: error: {store_outage(exc, args) or exc}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("speciesid: interrupted\n")
         return 130
     except Exception as exc:  # noqa: BLE001 - a library's error on input we did not foresee: one line, not a trace
+        if (outage := store_outage(exc, args)) is not None:  # Lance's RuntimeError: an operational error, not a bug
+            sys.stderr.write(f"speciesid: error: {outage}\n")
+            return 2
         if args.verbose >= 2:
             raise
         first = first_line(exc, 500)
         sys.stderr.write(f"speciesid: error: {type(exc).__name__}: {first} (run with -vv for the traceback)\n")
         return 2
+
+
+def store_outage(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for a gallery store that failed mid-command (:func:`index.errors.store_io_failure`: an object store
+    unreachable, a request cut off): which store, what was kept, what to do; None for any other error.
+
+    ``index build`` and ``references add`` commit their rows chunk by chunk and skip photos whose bytes are stored,
+    so what was committed stays and the same command run again adds the rest. The traceback is logged at DEBUG
+    (``-vv``)."""
+    kind = store_io_failure(exc)
+    if kind is None:
+        return None
+    logger.debug("the gallery's store failed", exc_info=exc)
+    store = f"the gallery's {kind} store" if kind else "the gallery's store"
+    kept = ""
+    if getattr(args, "func", None) in (index.cmd_index_build, references.cmd_references_add):
+        kept = ("; the references committed before it stay in the gallery, and running the same command again "
+                "adds the rest (photos already stored are skipped)")
+    where = ("the network and the endpoint (AWS_ENDPOINT_URL)" if kind in ("S3", "")
+             else "the network and the store's endpoint or mount")
+    return f"{store} could not be reached ({first_line(exc, 300)}){kept}; check {where}, then run the command again"
