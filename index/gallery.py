@@ -43,6 +43,7 @@ from index.store import (
     StoreVectors,
     is_uri,
     public_options,
+    source_file,
     storage_options,
 )
 from index.vectors import (
@@ -781,6 +782,10 @@ class Gallery:
     def species(self) -> list[SpeciesSummary]:
         """Species in the gallery with counts and metadata."""
         return self.store.species()
+
+    def reference_sources(self) -> list[Path]:
+        """The photo files of the searchable references (what an exported encoder is checked and calibrated on)."""
+        return [source_file(t) for t in self.store.metadata(include_excluded=False)["source_path"]]
 
 
 def store_error(uri: str, exc: BaseException) -> ValueError:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
-from index.store import source_file
 from retrieval.encoders import (
     ALIASES,
     DEFAULT_ENCODER,
@@ -57,8 +56,10 @@ def open_gallery(
     config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
                            **recorded_encoder(built, spec=encoder, weights=weights, pool=pool, views=views))
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
-    enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
-    return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
+    gallery = Gallery.open(index_dir, refresh_s=refresh_s)  # the gallery alone knows where its store is (S3 or here)
+    enc = create_encoder_from_config(config, photos=gallery.reference_sources)
+    check_gallery_encoder(index_dir, gallery.info, enc.fingerprint)
+    return gallery, enc
 
 
 def build_encoder(
@@ -165,10 +166,3 @@ def open_identifier(
         ident.follow_probe(files, load, refresh_s, marks=marks)
     return ident
 
-
-def _reference_photos(index_dir: str | Path, dim: int) -> list[Path]:
-    """The gallery's reference photos (what an exported encoder is checked and calibrated on)."""
-    from index.store import ReferenceStore
-
-    meta = ReferenceStore(GalleryLayout(Path(index_dir)).store, dim).metadata(include_excluded=False)
-    return [source_file(t) for t in meta["source_path"]]
