@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from retrieval.encoders import EncoderConfig
 
 
 class Settings(BaseSettings):
@@ -69,6 +73,12 @@ class Settings(BaseSettings):
         if value not in choices:
             raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
         return value
+
+    def encoder_config(self) -> EncoderConfig:
+        """How the gallery's encoder runs here: device, precision and runtime (the rest is the gallery's own)."""
+        from retrieval.encoders import EncoderConfig
+
+        return EncoderConfig(device=self.device, precision=self.precision, runtime=self.runtime)
 
     def startup_warnings(self) -> list[str]:
         """What an operator should hear when the server starts: settings that refuse writes, or every read."""

@@ -102,8 +102,8 @@ def build_gallery(
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
-    Building into an existing gallery adds what is new (identical photos are stored once); ``encoder`` None: the
-    gallery's own, or bioclip for a new one (:func:`build_encoder`). With ``clean``,
+    Building into an existing gallery adds what is new (identical photos are stored once); ``encoder``'s unset
+    options: the gallery's own, or a new gallery's defaults (bioclip; :func:`build_encoder`). With ``clean``,
     the zero-shot filter then excludes off-target references (report in the gallery's ``clean-report``).
     ``engine="ray"``: embed on a Ray cluster (``ray``: address, actors, ...; see
     :mod:`retrieval.distributed`), records streamed from the loader. ``store``: an object-store URI for a new
@@ -111,10 +111,11 @@ def build_gallery(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
-    encoder = portable(encoder or build_encoder(index_dir))  # the gallery records where the weights are, usable
-    # from anywhere
-    if GalleryLayout(Path(index_dir)).info.is_file():  # another encoder is refused before it loads (or downloads)
-        check_encoder_choice(index_dir, read_gallery_info(index_dir), encoder)
+    info = read_gallery_info(index_dir) if GalleryLayout(Path(index_dir)).info.is_file() else None
+    # unset options: the gallery's own (build_encoder); it records where the weights are, usable from anywhere
+    encoder = portable((encoder or EncoderConfig()).resolved(info["encoder"] if info else None))
+    if info is not None:  # another encoder is refused before it loads (or downloads)
+        check_encoder_choice(index_dir, info, encoder)
     if engine == "ray":
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")

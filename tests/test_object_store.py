@@ -108,7 +108,7 @@ def test_an_s3_gallery_checks_its_export_on_its_own_photos_and_makes_no_local_st
         return real(config, photos=photos)
 
     monkeypatch.setattr(retrieval.galleries, "create_encoder_from_config", offering)
-    gallery, _ = open_gallery(index, precision="fp32")
+    gallery, _ = open_gallery(index, EncoderConfig(precision="fp32"))
     assert len(gallery) == 6 and sorted(map(Path, offered)) == stored and len(stored) == 6
     assert all(p.is_file() for p in offered)
     assert not (index / "store").exists()  # nothing made in the folder: the table is in the bucket

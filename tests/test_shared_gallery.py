@@ -18,6 +18,7 @@ from _api_support import API_KEY, SPECIES, binomial, gallery_copy, photos
 from conftest import REPO, needs_shared
 
 from api.cli import main
+from retrieval.encoders import EncoderConfig
 
 CHAOS = REPO / "scripts" / "chaos_gallery.py"
 
@@ -167,7 +168,7 @@ def test_a_long_running_reader_sees_other_processes_writes(tmp_path_factory):
     from retrieval.workflows import identify, open_identifier
 
     index = gallery_copy(tmp_path_factory, "reader")
-    ident = open_identifier(index, precision="fp32", refresh_s=0.2)
+    ident = open_identifier(index, EncoderConfig(precision="fp32"), refresh_s=0.2)
     new = photos("train", "Common Wolf Snake (Lycodon capucinus)", 5)
     assert _cli("references", "add", "--index", index, "--species", "Lycodon capucinus", *new[:4], "-q").returncode == 0
     import time

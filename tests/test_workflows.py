@@ -14,6 +14,7 @@ import pytest
 from _api_support import COBRA, SPECIES, base_gallery, binomial, gallery_copy, photos
 
 from api.cli import main
+from retrieval.encoders import EncoderConfig
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -134,7 +135,7 @@ def test_a_far_answer_prints_the_gallery_threshold_beside_the_nearest_similarity
 def test_paths_bytes_and_embeddings_give_the_same_answer(index):
     from retrieval.workflows import identify, open_identifier
 
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     by_path = identify(ident, [COBRA], rank="genus")[0]
     by_bytes = identify(ident, [COBRA.read_bytes()], rank="genus")[0]
     emb = ident.encoder.encode_images([__import__("PIL.Image").Image.open(COBRA).convert("RGB")])
@@ -164,7 +165,7 @@ def test_uploads_to_a_gallery_opened_by_a_relative_path_name_the_right_duplicate
 
     index = gallery_copy(tmp_path_factory, "relative_uploads")
     monkeypatch.chdir(index.parent)  # as `SPECIESID_INDEX=runs/gallery` opens it: stored paths are absolute
-    ident = open_identifier(index.name, precision="fp32")
+    ident = open_identifier(index.name, EncoderConfig(precision="fp32"))
     data = photos("val", SPECIES[1], 1)[0].read_bytes()
     res = add_photos(ident.gallery, ident.encoder, binomial(SPECIES[1]), [("first.jpg", data), ("second.jpg", data)])
     (rid,) = res.report.ids
