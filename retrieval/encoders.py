@@ -111,12 +111,11 @@ class EncoderConfig:
 def portable(config: EncoderConfig) -> EncoderConfig:
     """``config`` with a relative ``local-dir:`` folder and ``weights`` file made absolute: what a gallery records
     must find them again from whatever folder it is used."""
-    spec = config.spec or ""
-    for prefix in ("local-dir:", "timm:local-dir:", "open_clip:local-dir:"):
-        if spec.startswith(prefix) and not Path(spec[len(prefix):]).is_absolute():
-            spec = prefix + str(Path(spec[len(prefix):]).resolve())
+    spec, folder = config.spec, local_folder(config.spec or "")
+    if spec and folder is not None and not folder.is_absolute():
+        spec = spec.partition("local-dir:")[0] + "local-dir:" + str(folder.resolve())
     weights = str(Path(config.weights).resolve()) if config.weights else config.weights
-    return replace(config, spec=spec or config.spec, weights=weights)
+    return replace(config, spec=spec, weights=weights)
 
 
 def preprocess_with(image: Image.Image, config: PreprocessConfig | None,
@@ -253,6 +252,20 @@ def list_encoders() -> list[str]:
 def spec_error(spec: str, why: str) -> ValueError:
     forms = "\n  ".join(SPEC_FORMS)
     return ValueError(f"unknown encoder spec {spec!r}: {why}. Valid forms:\n  {forms}")
+
+
+#: Spec prefixes that name a folder on this machine (``local-dir:``: an open_clip or timm folder, by its config file).
+LOCAL_PREFIXES = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")
+
+
+def local_folder(spec: str) -> Path | None:
+    """The folder a ``local-dir:`` spec names (see :data:`LOCAL_PREFIXES`; an alias expanded), as written, whether it
+    exists or not (unlike :func:`parse_spec`, which reads its config file); None for every other spec."""
+    full = ALIASES.get(spec, spec)
+    for prefix in LOCAL_PREFIXES:
+        if full.startswith(prefix):
+            return Path(full[len(prefix):])
+    return None
 
 
 def parse_spec(spec: str) -> ParsedSpec:

@@ -16,6 +16,7 @@ from retrieval.encoders import (
     Encoder,
     EncoderConfig,
     create_encoder_from_config,
+    local_folder,
     options_suffix,
     parse_spec,
     resolve_pool,
@@ -53,17 +54,11 @@ def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -
     return (encoder or EncoderConfig()).resolved(built)
 
 
-#: Spec prefixes that name a folder on this machine (loading it downloads nothing).
-_LOCAL_PREFIXES = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")
-
-
 def _weights_source(spec: str) -> tuple[str, str]:
-    """("local", resolved folder) for a local-dir spec, else ("named", the spec with its alias expanded)."""
-    full = ALIASES.get(spec, spec)
-    for prefix in _LOCAL_PREFIXES:
-        if full.startswith(prefix):
-            return "local", str(Path(full[len(prefix):]).expanduser().resolve())
-    return "named", full
+    """("local", resolved folder) for a local-dir spec (loading it downloads nothing), else ("named", the spec with
+    its alias expanded)."""
+    folder = local_folder(spec)
+    return ("local", str(folder.expanduser().resolve())) if folder is not None else ("named", ALIASES.get(spec, spec))
 
 
 def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfig) -> None:
