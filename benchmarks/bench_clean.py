@@ -416,7 +416,7 @@ def main() -> None:
 
     from index.datasets import load_dataset
     from index.photos import find_photos
-    from retrieval.encoders import cpu_has_fast_bf16
+    from retrieval.torch_encoders import cpu_has_fast_bf16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"native CPU bf16: {cpu_has_fast_bf16()}")

@@ -441,15 +441,3 @@ def check_device(device: str | None) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
         raise ValueError(f"unknown device {device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
 
-
-_TORCH_NAMES = ("OpenClipEncoder", "TimmEncoder", "TorchEncoder", "state_dict_digest", "seeded_init",
-                "resolve_device", "cpu_has_fast_bf16")
-
-
-def __getattr__(name: str):
-    """The torch-side names, imported on first use (so importing this module does not import torch)."""
-    if name in _TORCH_NAMES:
-        from retrieval import torch_encoders
-
-        return getattr(torch_encoders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
