@@ -824,12 +824,20 @@ def read_gallery_info(root: str | Path) -> dict:
             f"{root} is not a speciesid gallery (no {path.name}); build one with "
             "'speciesid index build --index DIR ...'"
         )
+    rebuild = "rebuild the gallery into a new folder with 'speciesid index build --index NEW_DIR ...'"
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc})") from exc
-    if info.get("format") != GALLERY_FORMAT:
-        raise ValueError(f"{path} has format {info.get('format')!r}; this speciesid reads {GALLERY_FORMAT}")
+        if not isinstance(info, dict):
+            raise ValueError(f"a JSON {type(info).__name__}, not an object")
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is unreadable ({exc}); speciesid writes it whole (atomically), so it was changed "
+                         f"or damaged by something else: check its permissions, restore it from a backup, or "
+                         f"{rebuild}") from exc
+    found = info.get("format")
+    if found != GALLERY_FORMAT:
+        newer = isinstance(found, int) and found > GALLERY_FORMAT
+        fix = "upgrade speciesid to open it" if newer else rebuild
+        raise ValueError(f"{path} has format {found!r}; this speciesid reads format {GALLERY_FORMAT}: {fix}")
     return info
 
 

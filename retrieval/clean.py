@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from index.datasets import DatasetScan, load_dataset
+from index.datasets import DatasetScan, load_dataset, require_records
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
@@ -301,8 +301,7 @@ def run_clean(
         scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
         for warning in scan.warnings:
             logger.warning("%s", warning)
-        if not scan.records:
-            raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        require_records(scan)
         skipped[:0] = scan.skipped
         done = embed([r.path for r in scan.records], "cleaning: embedding")
         photos = PhotoSet.from_embedded([r.path for r in scan.records], done, [known.get(s or "") for s in done.sha256],

@@ -29,7 +29,7 @@ import numpy as np
 
 from index import exclusions
 from index.atomic import atomic_write
-from index.datasets import DatasetScan, iter_dataset, load_dataset
+from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
@@ -124,8 +124,7 @@ def build_gallery(
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
         logger.warning("%s", warning)
-    if not scan.records:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+    require_records(scan)
     config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
     gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
@@ -147,7 +146,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings, skipped=skipped)
     first = next(records, None)  # before Ray starts and the gallery is made: an empty folder creates nothing
     if first is None:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        raise no_photos_error(dataset, root)
     records = itertools.chain([first], records)
     config = encoder  # build_gallery's: the gallery's own, or the default for a new one
     enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
@@ -304,8 +303,7 @@ def evaluate_dataset(
         raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
                          f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
     scan = load_dataset(dataset, root, metadata=metadata)
-    if not scan.records:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}; nothing to evaluate")
+    require_records(scan)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:

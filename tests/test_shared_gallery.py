@@ -206,7 +206,7 @@ def test_cli_mistakes_get_one_clear_line_and_nothing_half_made(tmp_path_factory,
     assert code == 2 and "has no probe for method probe: train one with 'speciesid probe train" in err
     (tmp_path / "no-photos" / "Naja haje").mkdir(parents=True)  # a species folder with no photo in it
     code, _, err = run("evaluate", "--index", index, "--dataset", "folder", "--root", tmp_path / "no-photos", "-q")
-    assert code == 2 and "no photos found under" in err and "nothing to evaluate" in err
+    assert code == 2 and "no photos found under" in err and "which expects ROOT/<species>/<photos>" in err, err
     for argv in (["probe", "train", "--index", str(index), "--folds", "1"],
                  ["references", "delete", "--index", str(index), str(2**70)],  # was a DataFusion error
                  ["index", "build", "--dataset", "folder", "--root", str(tmp_path), "--index", str(tmp_path / "g"),
