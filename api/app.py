@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,12 +14,16 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.base import RequestResponseEndpoint
+from starlette.responses import Response
 
-from api.guard import EdgeGuard
+from api.guard import EdgeGuard, body_limit_detail
 from api.routers import health, identify, references, species
-from api.routers._edge import photo_field_error
+from api.routers._edge import photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
 from api.settings import Settings
 
@@ -60,10 +65,29 @@ def _route_path(app: FastAPI, request: Request) -> str:
     return next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), "unmatched")
 
 
-class Metrics:
-    """The app's Prometheus metrics, in a registry of its own."""
+class EncoderCounts(Collector):
+    """The micro-batcher's cumulative counts as Prometheus counters (``*_total``), read at each scrape: they only
+    grow while a service runs (a restarted service starts them at 0 again, which ``rate()`` takes as a reset)."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: Callable[[], SpeciesService | None]) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        service = self.service()
+        batcher = service.batcher if service is not None else None
+        yield CounterMetricFamily("speciesid_encoder_batches", "encoder forward passes run for identify and search "
+                                  "photos (the request batcher's); reference photos added are not counted",
+                                  value=batcher.batches if batcher else 0)
+        yield CounterMetricFamily("speciesid_encoder_images", "identify and search photos encoded (through the "
+                                  "request batcher); reference photos added are not counted",
+                                  value=batcher.images if batcher else 0)
+
+
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own (``service``: the app's service now, for the encoder's
+    counters)."""
+
+    def __init__(self, service: Callable[[], SpeciesService | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "speciesid_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -72,9 +96,13 @@ class Metrics:
             "speciesid_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.gallery_size = Gauge("speciesid_gallery_references", "reference photos", registry=self.registry)
-        self.encoder_batches = Gauge("speciesid_encoder_batches", "encoder forward passes", registry=self.registry)
-        self.encoder_images = Gauge("speciesid_encoder_images", "photos encoded", registry=self.registry)
+        self.gallery_size = Gauge("speciesid_gallery_references", "searchable reference photos, as of the server's "
+                                  "last look at the store (at most SPECIESID_REFRESH_S old while it answers)",
+                                  registry=self.registry)
+        self.store_up = Gauge("speciesid_store_up", "1 while the gallery's store answers, 0 while reads answer from "
+                              "the references loaded before an outage (alert on it: /readyz stays 200, degraded)",
+                              registry=self.registry)
+        self.registry.register(EncoderCounts(service))
 
 
 def create_app(settings: Settings | None = None, service: SpeciesService | None = None) -> FastAPI:
@@ -87,7 +115,11 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         # dropped at shutdown, so a restarted lifespan loads a fresh one instead of reusing a closed one.
         owned = getattr(app.state, "service", None) is None
         if owned:
-            app.state.service = await run_in_threadpool(SpeciesService, settings)
+            try:
+                app.state.service = await run_in_threadpool(SpeciesService, settings)
+            except Exception as exc:
+                app.state.startup_error = exc  # what `serve` says in one line (uvicorn only exits, status 3)
+                raise
             logger.info("serving gallery %s (%d references)", settings.index, len(app.state.service.gallery))
         if app.state.service.empty:  # the CLI refuses such a gallery; a server may be where references get added
             logger.warning("gallery %s: %s", settings.index, EMPTY_GALLERY)
@@ -104,16 +136,15 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     )
     app.state.settings = settings
     app.state.service = service
-    app.state.metrics = Metrics()
+    app.state.startup_error = None  # why the gallery or the model did not load, once the lifespan failed
+    app.state.metrics = Metrics(lambda: getattr(app.state, "service", None))
     app.add_middleware(EdgeGuard, settings=settings)  # keys, load shedding, body limits: before any body is read
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
-            limit = request.scope.get("starlette.max_body_size")
-            detail = (f"request body over the {limit / 2**20:.0f} MB this route accepts (SPECIESID_MAX_UPLOAD_MB a "
-                      "photo, SPECIESID_MAX_REQUEST_MB in all)") if limit else detail
+            detail = body_limit_detail(settings, request.method, request.scope["path"])  # as the guard words its own
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -125,16 +156,30 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
                 return JSONResponse({"detail": error.detail}, status_code=error.status_code)
         return await request_validation_exception_handler(request, exc)
 
+    @app.exception_handler(RuntimeError)
+    @app.exception_handler(OSError)
+    async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        """A store outage on a route that does not go through ``edge()`` (the species list): the same 503 as
+        theirs. Any other RuntimeError or OSError is a bug: raised on, a 500 with its traceback in the log."""
+        answer = store_answer(exc)
+        if answer is None:
+            raise exc
+        return JSONResponse({"detail": answer.detail}, status_code=answer.status_code, headers=answer.headers)
+
     @app.middleware("http")
-    async def observe(request: Request, call_next):
+    async def observe(request: Request, call_next: RequestResponseEndpoint) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
-        path = _route_path(app, request)
-        m = app.state.metrics
-        method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
-        m.requests.labels(method, path, str(response.status_code)).inc()
-        m.latency.labels(method, path).observe(time.perf_counter() - start)
-        return response
+        status = 500  # what the server answers a request that raised
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:  # a request that raised is counted too (as the 500 it is answered)
+            path = _route_path(app, request)
+            m = app.state.metrics
+            method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
+            m.requests.labels(method, path, str(status)).inc()
+            m.latency.labels(method, path).observe(time.perf_counter() - start)
 
     for router in (identify.router, species.router, references.router, health.router):
         app.include_router(router)

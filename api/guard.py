@@ -60,17 +60,44 @@ def key_ok(given: str | None, keys: list[str]) -> bool:
     return ok
 
 
+def _route_photos(settings: Settings, method: str, path: str) -> int:
+    """How many photos the route of ``method path`` takes in one request (0: none)."""
+    if method == "POST" and path.startswith("/v1/identify"):
+        return settings.max_images
+    if method == "POST" and path.startswith("/v1/search"):
+        return 1
+    if method == "POST" and path.startswith("/v1/species/"):
+        return settings.max_add_images
+    return 0
+
+
+def _photo_limit(settings: Settings, photos: int) -> float:
+    """Bytes a route taking ``photos`` photos needs: each up to the per-photo limit, + 1 MB for the form fields
+    and multipart framing."""
+    return (photos * settings.max_upload_mb + 1) * _MB
+
+
 def body_limit(settings: Settings, method: str, path: str) -> int:
     """Bytes the route of ``method path`` may receive."""
-    photos = 0
-    if method == "POST" and path.startswith("/v1/identify"):
-        photos = settings.max_images
-    elif method == "POST" and path.startswith("/v1/search"):
-        photos = 1
-    elif method == "POST" and path.startswith("/v1/species/"):
-        photos = settings.max_add_images
-    limit = (photos * settings.max_upload_mb + 1) * _MB  # + 1 MB for the form fields and multipart framing
-    return int(min(limit, settings.max_request_mb * _MB))
+    return int(min(_photo_limit(settings, _route_photos(settings, method, path)), settings.max_request_mb * _MB))
+
+
+def body_limit_detail(settings: Settings, method: str, path: str, size: int | None = None) -> str:
+    """The 413 of a body over :func:`body_limit` (``size``: its Content-Length, when it announced one), naming the
+    limit that applied: ``SPECIESID_MAX_REQUEST_MB`` where it caps the route, else the route's photos at
+    ``SPECIESID_MAX_UPLOAD_MB`` each. The same words whether the body was refused from its Content-Length or cut
+    as it streamed in."""
+    photos = _route_photos(settings, method, path)
+    limit = body_limit(settings, method, path)
+    if settings.max_request_mb * _MB < _photo_limit(settings, photos):
+        why = "SPECIESID_MAX_REQUEST_MB, the cap of every request's body"
+    elif photos:
+        why = (f"{photos} photo{'s' if photos > 1 else ''} at SPECIESID_MAX_UPLOAD_MB ({settings.max_upload_mb:g} MB) "
+               "each, + 1 MB for the form")
+    else:
+        why = "a route without photos"
+    what = f"request body of {size / _MB:.1f} MB is" if size is not None else "request body"
+    return f"{what} over the {limit / _MB:.0f} MB this route accepts ({why})"
 
 
 class EdgeGuard:
@@ -112,18 +139,12 @@ class EdgeGuard:
             limit = body_limit(s, method, path)
             length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
             if length.isdigit() and int(length) > limit:  # announced: refused before a byte is read
-                return await _json(send, 413, f"request body of {int(length) / _MB:.1f} MB is over the "
-                                   f"{limit / _MB:.0f} MB this route accepts (SPECIESID_MAX_UPLOAD_MB a photo)")
+                return await _json(send, 413, body_limit_detail(s, method, path, int(length)))
             await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
         finally:
             if kind == "identify":
                 with self._lock:
                     self._in_flight -= 1
-
-    @property
-    def in_flight(self) -> int:
-        """Identify/search requests being served now."""
-        return self._in_flight
 
 
 async def _json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:

@@ -7,12 +7,13 @@ concurrent requests share forward passes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ class SpeciesService:
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery
         self.gallery.write_wait_s = settings.write_wait_s  # a busy gallery: a prompt 503, not the CLI's 600 s wait
+        self.gallery.set_lease_ttl(settings.lease_ttl_s)  # a store on S3: SPECIESID_LEASE_TTL_S, .env included
+        self.gallery.stale_reads = True  # the store unreachable: identify answers from the references loaded
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
         self.identifier.far_threshold()  # nor the first answer on estimating it
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
@@ -223,8 +226,10 @@ class SpeciesService:
                                  draft=2 * self.settings.thumbnail_px)
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
-            raise NotFound(f"the photo of reference {ref_id} is no longer readable on the server; delete the "
-                           "reference or restore its photo") from exc
+            raise NotFound(f"the photo of reference {ref_id} is not on this server's machine: it was added through "
+                           "another machine that shares this gallery's store, or moved or deleted here. The "
+                           "reference itself is valid: restore the photo on this machine (or sync the machines' "
+                           "uploads folders), or add it here again") from exc
         image.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)
@@ -235,6 +240,20 @@ class SpeciesService:
         return buf.getvalue()
 
     # ----------------------------------------------------------------- writes
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This server's turn to write (one write at a time). A write queued behind this server's other writes waits
+        up to ``write_wait_s`` for its turn, then a TimeoutError (a 503 with Retry-After): it never runs after that,
+        so a client answered 503 has nothing written. The wait for other processes' writers comes after it."""
+        wait = self.settings.write_wait_s
+        if not self._write_lock.acquire(timeout=wait):
+            raise TimeoutError(f"this server's other writes to this gallery have kept this one waiting for over "
+                               f"{wait:.0f} s; try again when they are done")
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
     def add_references(
         self,
         species: str,
@@ -255,7 +274,7 @@ class SpeciesService:
             u = small[0]
             raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
-        with self._write_lock:
+        with self._writing():
             result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
                                           common_name=common_name, venomous=venomous, dataset="api",
                                           min_side=least, new_species=new_species)
@@ -264,7 +283,7 @@ class SpeciesService:
 
     def delete_reference(self, ref_id: int) -> None:
         """Delete one reference (and its uploaded photo, when no other reference uses it)."""
-        with self._write_lock:
+        with self._writing():
             if not workflows.delete_references(self.gallery, [ref_id]):
                 raise NotFound(f"no reference with id {ref_id}")
         self.identifier.whitening()

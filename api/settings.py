@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from index.lease import LEASE_TTL_S
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
+
+#: ``SPECIESID_*`` variables read outside the server's settings (the model cache, the CPU kind, the benchmarks' and
+#: tests' helpers): not a typo when set.
+OTHER_VARIABLES = ("SPECIESID_CACHE", "SPECIESID_CPU_KIND", "SPECIESID_PEER_BIOCLIP", "SPECIESID_PEER_PHASH",
+                   "SPECIESID_CHROMIUM", "SPECIESID_CHROMEDRIVER", "SPECIESID_SCREENSHOT")
 
 
 class Settings(BaseSettings):
@@ -21,17 +31,17 @@ class Settings(BaseSettings):
     index: str = Field("runs/gallery", description="gallery directory (built with `speciesid index build`)")
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
-    max_upload_mb: float = Field(20.0, description="largest accepted photo, in MB (bigger -> 413)")
-    max_pixels: int = Field(50_000_000, description="largest accepted photo, in pixels (decompression-bomb guard)")
+    max_upload_mb: float = Field(20.0, gt=0, description="largest accepted photo, in MB (bigger -> 413)")
+    max_pixels: int = Field(50_000_000, ge=1, description="largest accepted photo, in pixels (decompression-bomb guard)")
     # The pixels of all the photos of one request, summed from their headers before any is decoded (bigger -> 413):
     # it bounds the decoding one request may ask of the server, which max_pixels bounds per photo only. The
     # default admits an identify at its own limits (max_images 5 x max_pixels 50 MP = 250 MP) and an add of
     # max_add_images 50 photos from a 12 MP phone camera (600 MP).
     max_request_megapixels: float = Field(600.0, gt=0, description="pixels of all the photos of one request, in "
                                           "millions, read from their headers before any is decoded (more -> 413)")
-    max_images: int = Field(5, description="photos per identify request (one observation)")
-    max_add_images: int = Field(50, description="photos per add-references request")
-    max_request_mb: float = Field(256.0, description="largest request body of any route, in MB (bigger -> 413)")
+    max_images: int = Field(5, ge=1, description="photos per identify request (one observation)")
+    max_add_images: int = Field(50, ge=1, description="photos per add-references request")
+    max_request_mb: float = Field(256.0, gt=0, description="largest request body of any route, in MB (bigger -> 413)")
     max_identify_in_flight: int = Field(
         default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1,
         description="identify/search requests served at once; past it a fast 429 with Retry-After (default: one "
@@ -42,16 +52,30 @@ class Settings(BaseSettings):
     min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
     # The CLI waits 600 s for another writer; a client of the server waits on the answer, and most give up long before.
     write_wait_s: float = Field(30.0, ge=0.0, description="how long an add or delete waits for another writer of the "
-                                "gallery (another process, or on S3 another machine's lease) before a 503 with "
-                                "Retry-After, in seconds")
+                                "gallery (another process, or on S3 another machine's lease), and for its turn "
+                                "behind this server's own writes, before a 503 with Retry-After, in seconds")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
+    lease_ttl_s: float = Field(LEASE_TTL_S, gt=0, description="a store on S3: how long this server's write lease "
+                               "lasts unrenewed before another machine may take it over (a server killed or cut off), "
+                               "in seconds; the CLI reads the same variable")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
     runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "
                          "openvino (docs/runtimes.md)")
-    batch_window_ms: float = Field(5.0, description="how long the encoder waits to batch concurrent requests")
-    max_batch: int = Field(32, description="largest batch the encoder runs at once")
-    thumbnail_px: int = Field(256, description="longest side of reference thumbnails")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the encoder waits to batch concurrent requests")
+    max_batch: int = Field(32, ge=1, description="largest batch the encoder runs at once")
+    thumbnail_px: int = Field(256, ge=1, description="longest side of reference thumbnails")
+
+    @classmethod
+    def load(cls, **overrides: object) -> Settings:
+        """The settings from the environment and ``.env`` (``overrides``: what command-line options set); a refused
+        value is a :class:`SettingsError` in one line naming each variable and its value (never an API key's)."""
+        from pydantic import ValidationError
+
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise SettingsError(exc) from None
 
     @field_validator("api_keys")
     @classmethod
@@ -65,7 +89,7 @@ class Settings(BaseSettings):
 
     @field_validator("runtime", "precision")
     @classmethod
-    def _known_choice(cls, value: str, info) -> str:
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
         from retrieval.encoders import PRECISIONS, RUNTIMES
 
@@ -90,6 +114,49 @@ class Settings(BaseSettings):
                     "SPECIESID_READS_REQUIRE_KEY"]
         return ["no SPECIESID_API_KEYS set: writes (adding/deleting references) are disabled"]
 
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = None
+                          ) -> list[str]:
+        """One line per ``SPECIESID_*`` variable set (in ``environ``, default the process's, or in ``env_file``,
+        default the settings' ``.env``) that no setting reads: a misspelt name would otherwise be dropped without
+        a word. Each names the closest known variable when one is close."""
+        prefix = cls.model_config["env_prefix"]
+        known = {f"{prefix}{n.upper()}" for n in cls.model_fields} | set(OTHER_VARIABLES)
+        names = {k.upper() for k in (os.environ if environ is None else environ)}
+        path = Path(env_file if env_file is not None else cls.model_config["env_file"])
+        if path.is_file():
+            from dotenv import dotenv_values  # pydantic-settings' own .env reader
+
+            names |= {k.upper() for k in dotenv_values(path)}
+        lines = []
+        for name in sorted(n for n in names if n.startswith(prefix) and n not in known):
+            # compared without the prefix they all share, which would make any two names look alike
+            close = difflib.get_close_matches(name[len(prefix):], sorted(k[len(prefix):] for k in known), n=1)
+            lines.append(f"{name} is set but is not a setting of speciesid: it is ignored" + (
+                f" (did you mean {prefix}{close[0]}?)" if close else " (the settings: docs/api.md, 'Settings')"))
+        return lines
+
     def key_list(self) -> list[str]:
         """The configured API keys (empty strings dropped)."""
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+
+class SettingsError(ValueError):
+    """Settings refused at start, said in one line: ``SPECIESID_MAX_IMAGES=abc: input should be a valid integer``
+    (several joined by ``; ``), rather than pydantic's report naming the Python field."""
+
+    def __init__(self, exc: ValidationError) -> None:
+        prefix = Settings.model_config["env_prefix"]
+        parts = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            name = f"{prefix}{field.upper()}" if field else "settings"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if msg.startswith(name):  # a validator of ours names the variable already
+                parts.append(msg)
+                continue
+            msg = msg[:1].lower() + msg[1:]
+            value = err.get("input")
+            shown = "" if field == "api_keys" or value is None or isinstance(value, dict) else f"={str(value)[:80]}"
+            parts.append(f"{name}{shown}: {msg}")
+        super().__init__("; ".join(parts))

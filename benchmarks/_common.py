@@ -87,10 +87,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def percentile_values(values_ms: list[float]) -> dict[str, float]:
+    """{p50, p95, p99} of a list of milliseconds."""
+    v = np.asarray(values_ms)
+    return {f"p{q}": float(np.percentile(v, q)) for q in (50, 95, 99)}
+
+
 def percentiles(values_ms: list[float]) -> str:
     """'p50 / p95 / p99' of a list of milliseconds."""
-    v = np.asarray(values_ms)
-    return f"p50 {np.percentile(v, 50):.1f} ms, p95 {np.percentile(v, 95):.1f} ms, p99 {np.percentile(v, 99):.1f} ms"
+    return ", ".join(f"{name} {ms:.1f} ms" for name, ms in percentile_values(values_ms).items())
+
+
+def evenly(items: list, n: int | None) -> list:
+    """n items evenly spaced over the list (all when n is None or >= len)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def median(values: list[float]) -> float:
@@ -101,6 +113,16 @@ def median(values: list[float]) -> float:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def status_mib(field: str) -> float:
+    """A VmXXX line of /proc/self/status, MiB: VmRSS (now) or VmHWM (peak; ru_maxrss can carry the parent's peak
+    over a fork); NaN where /proc is missing."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    return next((int(x.split()[1]) / 1024.0 for x in lines if x.startswith(field + ":")), float("nan"))
 
 
 class CpuWatch:

@@ -57,7 +57,9 @@ from _common import (
     PH_SNAKES,
     REPO,
     VIT_SPEC,
+    evenly,
     free_port,
+    percentile_values,
     require_shared,
     split_embeddings,
 )
@@ -71,14 +73,6 @@ RETRIES = 3
 CONCURRENCY = (1, 8, 32)
 WINDOWS = ("off", "0", "5", "20")  # "off": max_batch 1 (no batching at all)
 DEFAULT_WINDOW = "5"
-
-
-def evenly(items: list, n: int | None) -> list:
-    """n items evenly spaced over the list (all when n is None or >= len)."""
-    if n is None or n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------- galleries
@@ -174,7 +168,7 @@ def direct_one(enc, data: list[bytes], decode_image) -> dict:
         t0 = time.perf_counter()
         enc.encode_batch(enc.preprocess(decode_image(b))[None])
         lat.append((time.perf_counter() - t0) * 1000)
-    return {**percentiles(lat), "rps": len(lat) / (sum(lat) / 1000), "n": len(lat), "other_cpu": cpu.other()}
+    return {**percentile_values(lat), "rps": len(lat) / (sum(lat) / 1000), "n": len(lat), "other_cpu": cpu.other()}
 
 
 def direct_batched(enc, data: list[bytes], decode_image, batch: int, torch) -> dict:
@@ -187,11 +181,6 @@ def direct_batched(enc, data: list[bytes], decode_image, batch: int, torch) -> d
     wall = time.perf_counter() - t0
     return {"rps": len(data) / wall, "ms_per_image": wall * 1000 / len(data), "n": len(data),
             "batch": min(batch, len(data)), "other_cpu": cpu.other()}
-
-
-def percentiles(ms: list[float]) -> dict:
-    v = np.asarray(ms)
-    return {f"p{q}": float(np.percentile(v, q)) for q in (50, 95, 99)}
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -242,10 +231,10 @@ def encoder_counts(url: str) -> tuple[float, float]:
 
     vals = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(("speciesid_encoder_batches ", "speciesid_encoder_images ")):
+        if line.startswith(("speciesid_encoder_batches_total ", "speciesid_encoder_images_total ")):
             name, value = line.split()
             vals[name] = float(value)
-    return vals["speciesid_encoder_batches"], vals["speciesid_encoder_images"]
+    return vals["speciesid_encoder_batches_total"], vals["speciesid_encoder_images_total"]
 
 
 async def _load(url: str, bodies: list[tuple[str, bytes]], n: int, concurrency: int) -> tuple[list[float], float]:
@@ -283,7 +272,7 @@ def http_load(server: Server, bodies: list[tuple[str, bytes]], n: int, concurren
     lat, wall = asyncio.run(_load(server.url, bodies, n, concurrency))
     other = cpu.other()
     b1, i1 = encoder_counts(server.url)
-    return {**percentiles(lat), "rps": n / wall, "n": n, "concurrency": concurrency,
+    return {**percentile_values(lat), "rps": n / wall, "n": n, "concurrency": concurrency,
             "mean_batch": (i1 - i0) / max(b1 - b0, 1), "other_cpu": other}
 
 
@@ -447,7 +436,7 @@ async def _overload(url: str, bodies: list[tuple[str, bytes]], adds: list[Path],
         await asyncio.gather(*(reader(k) for k in range(concurrency)), curator(), watch())
         wall = time.perf_counter() - t0
     total = sum(codes.values())
-    return {**(percentiles(lat) if lat else {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}),
+    return {**(percentile_values(lat) if lat else {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}),
             "accepted_rps": len(lat) / wall, "shed": codes.get(429, 0) / max(total, 1),
             "errors_5xx": sum(n for c, n in codes.items() if c >= 500), "requests": total,
             "adds_sent": len(add_lat), "adds_ok": add_ok, "add_p50_s": float(np.median(add_lat)) if add_lat else 0.0,

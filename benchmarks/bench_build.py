@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, median, require_shared
+from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, median, require_shared, status_mib
 from _hardware import (
     GFLOP_PER_IMAGE,
     ceiling_for,
@@ -48,17 +48,6 @@ from _hardware import (
 )
 
 MARK = "@@bench@@ "
-
-
-def _status_mib(field: str) -> float:
-    """A VmXXX line of /proc/self/status, MiB (NaN where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
 
 
 def subset(n: int, split: str = "train") -> list:
@@ -139,7 +128,7 @@ def worker_main(spec: str, method: str, runtime: str, precision: str, n: int, ba
     load_s = time.perf_counter() - t0
     with Image.open(records[0].path) as im:  # warm-up: one forward outside the timed region
         enc.encode_batch(enc.preprocess(im.convert("RGB"))[None])
-    say({"load_s": load_s, "ran": f"{enc.runtime} {enc.precision}", "rss_loaded_mib": _status_mib("VmRSS")})
+    say({"load_s": load_s, "ran": f"{enc.runtime} {enc.precision}", "rss_loaded_mib": status_mib("VmRSS")})
     for line in sys.stdin:
         if line.strip() != "run":
             break
@@ -161,7 +150,7 @@ def worker_main(spec: str, method: str, runtime: str, precision: str, n: int, ba
                 done = int(np.concatenate(rows).shape[0])
             seconds = time.perf_counter() - t0
         say({"seconds": seconds, "cpu_s": time.process_time() - cpu0, "images": done, "wait_s": wait_s,
-             "encode_s": encode_s, "peak_rss_mib": _status_mib("VmHWM")})
+             "encode_s": encode_s, "peak_rss_mib": status_mib("VmHWM")})
 
 
 def _busy_s() -> float:

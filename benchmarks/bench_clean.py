@@ -40,7 +40,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, median, peak_rss_mib, percentiles, require_shared
+from _common import (
+    MOBILENET_SPEC,
+    PH_SNAKES,
+    VIT_SPEC,
+    median,
+    peak_rss_mib,
+    percentiles,
+    require_shared,
+    status_mib,
+)
 from _hardware import machine_report, peer_phash
 
 MARK = "@@bench_clean "
@@ -77,12 +86,6 @@ hwm = next(int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.star
 print(json.dumps({"runs": runs, "pairs": pairs, "nearest": dist.min(1).tolist(), "peak_rss_mib": hwm,
                   "version": imagehash.__version__}))
 """
-
-
-def _status_mib(key: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process, MiB (ru_maxrss can carry the parent's peak over a fork)."""
-    lines = Path("/proc/self/status").read_text().splitlines()
-    return next((int(x.split()[1]) / 1024.0 for x in lines if x.startswith(key + ":")), float("nan"))
 
 
 def _child(*args) -> dict:
@@ -179,7 +182,7 @@ def leaks_child(precision: str, train: str, val: str, warm: str, repeats: int) -
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_clean_") as tmp:
         clean(dataset="folder", root=warm, encoder=enc, report_dir=Path(tmp) / "warm", progress=False)
-        rss_ready = _status_mib("VmRSS")
+        rss_ready = status_mib("VmRSS")
         encode_ms.clear()
         prepare_ms.clear()
         for r in range(repeats):
@@ -196,7 +199,7 @@ def leaks_child(precision: str, train: str, val: str, warm: str, repeats: int) -
     val_names = [Path(p).name for p in res.against.paths]
     return {"ran": f"{enc.runtime} {enc.precision}", "load_s": load_s, "runs": runs, "encode_ms": encode_ms,
             "prepare_ms": prepare_ms, "photos": len(res.photos) + len(res.against), "flagged": flagged,
-            "counts": res.counts(), "rss_ready_mib": rss_ready, "peak_rss_mib": _status_mib("VmHWM"),
+            "counts": res.counts(), "rss_ready_mib": rss_ready, "peak_rss_mib": status_mib("VmHWM"),
             "best": dict(zip(val_names, best.tolist(), strict=True))}
 
 
@@ -298,7 +301,7 @@ def pairs_child(method: str, n: int, repeats: int) -> dict:
     _runner(method, *synthetic(500, seed=1))()  # warm-up: imports, BLAS / OpenMP threads
     a, b = synthetic(n)
     run = _runner(method, a, b)
-    rss0, seconds = _status_mib("VmRSS"), []
+    rss0, seconds = status_mib("VmRSS"), []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = run()
@@ -306,7 +309,7 @@ def pairs_child(method: str, n: int, repeats: int) -> dict:
     keys = sorted((f.kind, f.path, f.paired_path or "") for f in out) if method == "find_issues" else sorted(
         (i, j) for i, j, _ in out)
     return {"seconds": seconds, "pairs": len(out), "digest": hashlib.sha1(repr(keys).encode()).hexdigest()[:12],
-            "extra_mib": _status_mib("VmHWM") - rss0}
+            "extra_mib": status_mib("VmHWM") - rss0}
 
 
 def growth_part(sizes: list[int], repeats: int, naive_max: int) -> None:

@@ -33,15 +33,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, median, peak_rss_mib, require_shared
+from _common import MOBILENET_SPEC, PH_SNAKES, REPO, CpuWatch, evenly, median, peak_rss_mib, require_shared
 from _hardware import machine_report, random_vit_dir
-
-
-def evenly(items: list, n: int | None) -> list:
-    """n items evenly spaced over the list (all when n is None or >= len)."""
-    if n is None or n >= len(items):
-        return list(items)
-    return [items[int(i * len(items) / n)] for i in range(n)]
 
 
 class NaiveIdentifier:

@@ -19,13 +19,22 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from finetune.config import FinetuneConfig
 from finetune.engine import autocast, set_train_mode, sizes_measured, train_step
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+
+    from finetune.data import FinetuneData
+
+#: Batches as a loader yields them: (photos, labels), None for a batch none of whose photos could be read.
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor] | None]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +82,8 @@ def plan_epochs(budget_s: float, fixed_s: float, epoch_s: float, frozen_epoch_s:
     return epochs
 
 
-def _median_seconds(batches, run, *, device: torch.device, steps: int) -> float | None:
+def _median_seconds(batches: Batches, run: Callable[..., object], *, device: torch.device,
+                    steps: int) -> float | None:
     """Median seconds of ``run(x, y)`` over the first ``steps`` + 1 batches, the loader's wait included; the first
     is a warm-up. None when there is no batch."""
     times = []
@@ -107,8 +117,9 @@ def _time_hashing(paths: Sequence, sample: int = 8) -> float:
     return (time.perf_counter() - t0) / min(sample, len(paths)) * len(paths)
 
 
-def _time_train_steps(net: torch.nn.Module, batches, cfg: FinetuneConfig, *, n_classes: int, device: torch.device,
-                      mixup, class_weight: torch.Tensor | None, frozen: bool, steps: int) -> float:
+def _time_train_steps(net: torch.nn.Module, batches: Batches, cfg: FinetuneConfig, *, n_classes: int,
+                      device: torch.device, mixup: Mixup | None, class_weight: torch.Tensor | None, frozen: bool,
+                      steps: int) -> float:
     """Median seconds of a training step on a copy of ``net`` (its weights change, ``net``'s do not)."""
     work = copy.deepcopy(net)
     set_train_mode(work, cfg, frozen)
@@ -125,7 +136,8 @@ def _time_train_steps(net: torch.nn.Module, batches, cfg: FinetuneConfig, *, n_c
     return seconds
 
 
-def _time_eval_batches(net: torch.nn.Module, batches, *, device: torch.device, amp: bool, steps: int) -> float:
+def _time_eval_batches(net: torch.nn.Module, batches: Batches, *, device: torch.device, amp: bool,
+                       steps: int) -> float:
     """Median seconds of an evaluation batch (forward only, evaluation precision)."""
     net.eval()
 
@@ -137,7 +149,8 @@ def _time_eval_batches(net: torch.nn.Module, batches, *, device: torch.device, a
     return _median_seconds(batches, run, device=device, steps=steps) or 0.0
 
 
-def fit_to_budget(net: torch.nn.Module, data, cfg: FinetuneConfig, *, device: torch.device, workers: int, mixup,
+def fit_to_budget(net: torch.nn.Module, data: FinetuneData, cfg: FinetuneConfig, *, device: torch.device,
+                  workers: int, mixup: Mixup | None,
                   spent_s: float, steps: int = 4, test_sizes: Sequence[int] = (), eval_size: int = 0) -> BudgetPlan:
     """Time a few steps of this run on this machine and plan its epochs within ``cfg.time_budget`` minutes.
 

@@ -22,6 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from finetune.config import FinetuneConfig
 from finetune.model import parse_init
 from index.atomic import atomic_write
 from retrieval.encoders import FINETUNE_RECORD
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +66,12 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """The Python, numpy and torch (CPU) random states, for a checkpoint (:func:`set_rng_state` restores them)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the random states :func:`rng_state` saved."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -377,13 +383,13 @@ def clear_run(out: Path, files: Sequence[Path]) -> list[Path]:
     return removed
 
 
-def _shown(value) -> str:
+def _shown(value: Any) -> str:
     """A setting as the refusal shows it (and compares it: a tuple read back from a checkpoint is a list)."""
     return json.dumps(value, sort_keys=True, default=str)
 
 
 def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None, *,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None = None, *,
                     extra: dict | None = None) -> None:
     """Write ``OUT/checkpoint.pt`` atomically (after epoch ``state.epoch``); ``extra``: more of the run's state
     (the photos' inventory, the budget's plan, the time spent, why the epochs stopped). A failed write (a full
@@ -412,7 +418,7 @@ def save_checkpoint(out: Path, cfg: FinetuneConfig, species: list[str], state: T
 
 
 def save_progress(out: Path, cfg: FinetuneConfig, species: list[str], state: TrainState, net: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema=None, *,
+                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None = None, *,
                   extra: dict | None = None) -> None:
     """After an epoch: the checkpoint, ``log.csv`` and ``curves.png`` (a plotting problem only warns)."""
     save_checkpoint(out, cfg, species, state, net, optimizer, scaler, ema, extra=extra)
@@ -424,7 +430,7 @@ def save_progress(out: Path, cfg: FinetuneConfig, species: list[str], state: Tra
 
 
 def restore_checkpoint(checkpoint: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                       ema=None) -> TrainState:
+                       ema: ModelEmaV3 | None = None) -> TrainState:
     """Optimiser, scaler, EMA and RNG states from ``checkpoint`` (the net's weights are loaded before the EMA is
     made: ``checkpoint["net"]``); returns where the run stood."""
     if checkpoint.get("opt") is not None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,13 @@ from finetune.config import FinetuneConfig
 from finetune.model import InitSource, Net, fit_cosine_head, param_groups, set_bn_eval
 from retrieval.metrics import macro_f1
 from retrieval.torch_encoders import cpu_has_fast_bf16
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
+    from torch.utils.data import DataLoader
+
+    from retrieval.probe import LinearProbe
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +47,11 @@ class _RoundBF16(torch.autograd.Function):
     to a value and its gradient, without bf16 arithmetic."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.bfloat16).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad.to(torch.bfloat16).to(grad.dtype)
 
 
@@ -62,7 +70,7 @@ class BF16Rounding(torch.overrides.TorchFunctionMode):
     _ROUND_OUT = frozenset({F.batch_norm, torch.batch_norm, F.adaptive_avg_pool2d, F.avg_pool2d})
     _MEANS = frozenset({torch.Tensor.mean, torch.mean})  # rounded when they pool a feature map (>= 3 dims)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in self._ROUND_ARGS:
             args = tuple(_round_bf16(a) for a in args)
@@ -73,7 +81,8 @@ class BF16Rounding(torch.overrides.TorchFunctionMode):
         return _round_bf16(out) if pools else out
 
 
-def autocast(device: torch.device, amp: bool, *, train: bool = False, emulate_bf16: bool = False):
+def autocast(device: torch.device, amp: bool, *, train: bool = False,
+             emulate_bf16: bool = False) -> contextlib.AbstractContextManager:
     """CUDA: bf16 (fp16 without bf16) autocast. CPU: bf16 autocast for training steps only, on CPUs with
     native bf16 (AVX512-BF16/AMX; ~2x faster MobileNetV1 steps here); evaluation stays fp32 like the gallery.
     ``emulate_bf16``: CPU training steps that would run in fp32 imitate bf16's rounding (:class:`BF16Rounding`)."""
@@ -179,7 +188,7 @@ def staged_schedule(opt: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_e
                           unfreeze=cfg.freeze_epochs * steps_per_epoch)
 
 
-def create_ema(net: Net, decay: float):
+def create_ema(net: Net, decay: float) -> ModelEmaV3 | None:
     """timm's ``ModelEmaV3`` of every float in the state (batch-norm statistics too), or None for ``decay`` 0.
 
     Warm-up: decay ``min(decay, n / (9 + n))`` at the n-th update (timm's warm-up with inverse gamma 9 and
@@ -193,7 +202,7 @@ def create_ema(net: Net, decay: float):
 
 
 # ---------------------------------------------------------------------------------------------- mixing, loss
-def create_mixup(cfg: FinetuneConfig, n_classes: int):
+def create_mixup(cfg: FinetuneConfig, n_classes: int) -> Mixup | None:
     """timm's ``Mixup`` (per batch: mixup or CutMix, one of the two at random when both are on; the box's
     area corrects lambda), None when both are off."""
     if not (cfg.mixup or cfg.cutmix):
@@ -204,7 +213,8 @@ def create_mixup(cfg: FinetuneConfig, n_classes: int):
                  label_smoothing=cfg.label_smoothing, num_classes=n_classes)
 
 
-def mix(mixup, x: torch.Tensor, y: torch.Tensor, n_classes: int, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(mixup: Mixup | None, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+        smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(photos, soft targets): mixed by ``mixup`` (None: as they are), targets label-smoothed.
 
     timm mixes photo i with photo n-1-i and wants an even batch: an odd (last) batch keeps its last photo unmixed.
@@ -242,7 +252,7 @@ def set_train_mode(net: Net, cfg: FinetuneConfig, frozen: bool) -> None:
 
 def train_step(net: Net, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                cfg: FinetuneConfig, *, n_classes: int, device: torch.device, class_weight: torch.Tensor | None,
-               mixup, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               mixup: Mixup | None, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch (mixed, the run's precision; the backbone forward-only when ``frozen``):
     (loss, logits)."""
     x = x.to(device, non_blocking=True)
@@ -275,8 +285,8 @@ def train_one_epoch(
     n_classes: int,
     device: torch.device,
     class_weight: torch.Tensor | None = None,
-    mixup=None,
-    ema=None,
+    mixup: Mixup | None = None,
+    ema: ModelEmaV3 | None = None,
     progress: bool = False,
 ) -> tuple[dict, int]:
     """One pass over ``loader`` from optimiser step ``step``: ({train_loss, train_top1, lr}, the next step).
@@ -312,7 +322,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: bool = True,
+def predict(net: Net, loader: DataLoader, device: torch.device, *, tta: bool = False, amp: bool = True,
             progress: bool = False, desc: str = "validating") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, L2-normalised features, targets) of a loader; ``tta`` averages with the flipped photo."""
     from tqdm.auto import tqdm
@@ -336,8 +346,7 @@ def predict(net: Net, loader, device: torch.device, *, tta: bool = False, amp: b
     return torch.cat(logits).numpy(), torch.cat(feats).numpy(), torch.cat(ys).numpy()
 
 
-def validate(net: Net, loader, device: torch.device, n_classes: int, *, tta: bool = False,
-             amp: bool = True) -> dict:
+def validate(net: Net, loader: DataLoader, device: torch.device, *, tta: bool = False, amp: bool = True) -> dict:
     """{val_loss (plain cross-entropy), val_nll (log-loss at the softmax temperature fitted to these photos: how
     well the head ranks and separates them, whatever its confidence), val_top1, val_macro_f1 (over the species that
     have validation photos: :func:`present_macro_f1`)}."""
@@ -357,7 +366,7 @@ def present_macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return macro_f1(y, pred, sorted(set(np.asarray(y).tolist())))
 
 
-def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneConfig, train_eval_loader,
+def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneConfig, train_eval_loader: DataLoader,
               device: torch.device, *, class_weight: torch.Tensor | None = None, progress: bool = False) -> str:
     """Start the head as ``cfg.head_init`` says (the LP of LP-FT); returns how it started.
 
@@ -382,7 +391,7 @@ def init_head(net: Net, source: InitSource, species: list[str], cfg: FinetuneCon
     return "random"
 
 
-def head_probe(net: Net):
+def head_probe(net: Net) -> LinearProbe:
     """The network's head as a ``retrieval.probe.LinearProbe`` over L2-normalised features, its species named by
     class index ("0", "1", ...)."""
     from retrieval.probe import LinearProbe
@@ -455,8 +464,9 @@ def choose_test_size(net: Net, loaders: dict[int, object], device: torch.device,
                       features={best: features[best]})
 
 
-def final_eval(net: Net, train_loader, val_loader, n_classes: int, device: torch.device, *, amp: bool = True,
-               progress: bool = False, val_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def final_eval(net: Net, train_loader: DataLoader, val_loader: DataLoader, n_classes: int, device: torch.device, *,
+               amp: bool = True, progress: bool = False,
+               val_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Head / kNN / blend on the validation photos with the kept weights (gallery = the training photos).
 
     The blend uses the k, T and weight that ``speciesid probe import`` would give on these photos: k and T chosen on

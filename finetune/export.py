@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ SPECIESID_KEY = FINETUNE_RECORD  # the block of config.json that retrieval reads
 _DROP_CFG_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "label_names")
 
 
-def _jsonable(obj):
+def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

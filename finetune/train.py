@@ -240,8 +240,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
         report(f"time budget {cfg.time_budget:g} min: an epoch takes ~{plan.epoch_s:.0f} s here, head init "
                f"and final evaluation ~{plan.init_s + plan.final_s:.0f} s -> {plan.epochs} epochs")
     optim = create_optimisation(net, cfg, math.ceil(len(data.train) / cfg.batch_size), device)
-    evaluate = partial(validate, loader=val_loader, device=device, n_classes=len(split.species), tta=cfg.tta,
-                       amp=cfg.amp)
+    evaluate = partial(validate, loader=val_loader, device=device, tta=cfg.tta, amp=cfg.amp)
     return _Run(cfg=cfg, out=out, t_start=t_start, device=device, workers=workers, species=split.species,
                 split=split, source=source, net=net, frozen_params=frozen_params, data=data,
                 sizes=sizes, mixup=mixup, optim=optim, evaluate=evaluate, plan=plan, max_epochs=max_epochs,

@@ -134,6 +134,13 @@ def _missing_files_warning(missing: list[str], source: Path) -> str:
     return f"{len(missing)} file(s) listed in {source} not found on disk, skipped: {first_few(missing)}"
 
 
+def _invalid_names_warning(invalid: list[str], source: Path) -> str:
+    """The warning for rows of ``source`` whose species name :func:`check_name` refused (``invalid``: each row's
+    file and the refusal), with the first as an example."""
+    return (f"{len(invalid)} row(s) of {source} with an invalid species name skipped (fix the name in {source} to "
+            f"include them), e.g. {invalid[0]}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Loaders
 
@@ -275,6 +282,7 @@ def _load_rare_species(root: Path, metadata: Path | None, warnings: list[str]) -
     meta_path = metadata if metadata is not None else root / "metadata.csv"
     records: list[ReferenceRecord] = []
     missing: list[str] = []
+    invalid: list[str] = []
     unlabelled = 0
     for row in _read_metadata(meta_path, ("file_name", "genus", "species"), "rare-species"):
         file_name, genus, epithet = row["file_name"], row["genus"], row["species"]
@@ -288,6 +296,11 @@ def _load_rare_species(root: Path, metadata: Path | None, warnings: list[str]) -
             species = ""
         if not file_name or not species:
             unlabelled += 1
+            continue
+        try:
+            species = check_name(species)
+        except InvalidNameError as exc:
+            invalid.append(f"{file_name}: {exc}")
             continue
         path = _resolve(root, file_name)
         if not path.is_file():
@@ -308,6 +321,8 @@ def _load_rare_species(root: Path, metadata: Path | None, warnings: list[str]) -
         )
     if unlabelled:
         warnings.append(f"{unlabelled} row(s) of {meta_path} without file_name or species skipped")
+    if invalid:
+        warnings.append(_invalid_names_warning(invalid, meta_path))
     if missing:
         warnings.append(_missing_files_warning(missing, meta_path))
     return records
@@ -318,11 +333,17 @@ def _load_snakeclef2021(root: Path, metadata: Path | None, warnings: list[str]) 
         raise ValueError("--metadata CSV is required for snakeclef2021 (the SnakeCLEF 2021 metadata file)")
     records: list[ReferenceRecord] = []
     missing: list[str] = []
+    invalid: list[str] = []
     unlabelled = 0
     for row in _read_metadata(metadata, ("binomial", "image_path"), "snakeclef2021"):
         species, image_path = row["binomial"], row["image_path"]
         if not species or not image_path:
             unlabelled += 1
+            continue
+        try:
+            species = check_name(species)
+        except InvalidNameError as exc:
+            invalid.append(f"{image_path}: {exc}")
             continue
         path = _resolve(root, image_path)
         if not path.is_file():
@@ -342,6 +363,8 @@ def _load_snakeclef2021(root: Path, metadata: Path | None, warnings: list[str]) 
         )
     if unlabelled:
         warnings.append(f"{unlabelled} row(s) of {metadata} without binomial or image_path skipped")
+    if invalid:
+        warnings.append(_invalid_names_warning(invalid, metadata))
     if missing:
         warnings.append(_missing_files_warning(missing, metadata))
     return records

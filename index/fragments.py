@@ -316,6 +316,40 @@ def _read_journal(text: str) -> tuple[dict[str, Any], list[str]]:
     return head, files
 
 
+def list_journals(folder: str | Path) -> list[dict[str, Any]]:
+    """The Ray build journals left in a gallery folder (read only; none is acted on), for people to see: per journal
+    its ``file``, the ``store`` it names, the driver's ``host`` and ``pid``, ``modified`` (ISO time), the data
+    ``files`` it names, and ``driver``: ``running`` (its lock is held), ``gone`` (killed: the next Ray build on this
+    machine sweeps it), ``another machine`` or ``unknown`` (left alone by builds: removed by hand, as
+    docs/scale.md says, once no build runs)."""
+    import datetime as dt
+
+    found: list[dict[str, Any]] = []
+    for path in sorted(Path(folder).glob(JOURNAL_GLOB)):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # committed or swept meanwhile
+            continue
+        try:
+            running = False
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    running = True
+            stat = os.fstat(fd)
+            head, files = _read_journal(os.pread(fd, max(stat.st_size, 1), 0).decode(errors="replace"))
+        finally:
+            os.close(fd)
+        state = "running" if running else _writer_state(head, path.name, stat.st_mtime)
+        found.append({"file": path.name, "store": head.get("uri"), "host": head.get("host"), "pid": head.get("pid"),
+                      "modified": dt.datetime.fromtimestamp(stat.st_mtime, dt.timezone.utc).isoformat(
+                          timespec="seconds"),
+                      "files": len(files), "driver": {"run": "running", "another": "another machine"}.get(state, state)})
+    return found
+
+
 def sweep_pending(folder: str | Path, uri: str, options: dict[str, str] | None = None) -> int:
     """Act on the journals of drivers killed before their commit: delete the data files they name that no later
     version references. Returns how many were deleted.

@@ -29,7 +29,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
-from index.errors import first_line
+from index.errors import first_line, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
@@ -101,6 +101,18 @@ class Neighbour:
         return out
 
 
+def _remove_made_folder(root: Path) -> None:
+    """After a failed create, remove the folder that create made, when only its lock file is left in it (under that
+    lock): a folder holding just ``.write.lock`` is no gallery, and ``serve`` would call it "not a speciesid
+    gallery". A failure to remove it is logged, never raised over the create's own error."""
+    try:
+        if {c.name for c in root.iterdir()} <= {WRITE_LOCK}:
+            (root / WRITE_LOCK).unlink(missing_ok=True)
+            root.rmdir()
+    except OSError as exc:
+        logger.warning("could not remove %s, made by the create that failed: %s", root, exc)
+
+
 def _foreign(root: Path, *also: str) -> bool:
     """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file, the temporary files of
     interrupted atomic writes (``index.atomic``) and the names ``also``: then it is someone else's folder."""
@@ -131,6 +143,10 @@ class Gallery:
         # seconds a write of this object waits for other writers (the lock's, and on S3 the store's lease) before its
         # TimeoutError; None: the lock's own (600 s). A server sets a shorter one: its clients wait on the answer.
         self.write_wait_s: float | None = None
+        # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
+        # CLI leaves it off and fails, saying so. Writes never do.
+        self.stale_reads = False
+        self._stale_since: float | None = None  # when the store last became unreadable to a stale read
         try:
             self.store = self._open_store(refresh_s)
         except (HalfCreatedStoreError, TimeoutError, LeaseError):  # their messages say what to do: never re-worded
@@ -147,6 +163,12 @@ class Gallery:
         self._synced_version = -1
         self._index: SearchIndex = None  # type: ignore[assignment]
         self._index = self._load_index()
+
+    def set_lease_ttl(self, ttl_s: float) -> None:
+        """A store on S3: the TTL of this process's write lease (``SPECIESID_LEASE_TTL_S`` as a server's settings read
+        it, a .env file included); by default the lease reads the environment. No effect on another store."""
+        if self._writer.remote is not None:
+            self._writer.remote.ttl = float(ttl_s)
 
     # ----------------------------------------------------------------- opening
     def _write_lock(self) -> WriteLock:
@@ -250,11 +272,17 @@ class Gallery:
             if root.is_dir() and _foreign(root, layout.info.name):  # refused before a lock file is put
                 # in someone's folder (a gallery.json another creator wrote meanwhile is not foreign: re-checked below)
                 raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
+            made = not root.exists()
             root.mkdir(parents=True, exist_ok=True)
             with write_lock(layout.write_lock).hold():  # two creators of one folder: one makes it, the other opens
                 if not layout.info.is_file():
-                    return cls._create_locked(root, encoder, index_config=index_config, weights=weights,
-                                              refresh_s=refresh_s, store=store, options=options)
+                    try:
+                        return cls._create_locked(root, encoder, index_config=index_config, weights=weights,
+                                                  refresh_s=refresh_s, store=store, options=options)
+                    except Exception:
+                        if made:
+                            _remove_made_folder(root)
+                        raise
         gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
                            refresh_s=refresh_s, options=options)
         if store and str(gallery.store_uri) != str(store).rstrip("/"):
@@ -328,11 +356,6 @@ class Gallery:
     def encoder_spec(self) -> str:
         """Spec string of the encoder that built this gallery."""
         return str(self.info["encoder"]["spec"])
-
-    @property
-    def encoder_weights(self) -> str | None:
-        """Weights file the encoder was built with, if any."""
-        return self.info["encoder"].get("weights")
 
     @property
     def fingerprint(self) -> str:
@@ -468,15 +491,39 @@ class Gallery:
             return False
         with self._lock:
             self._checked_at = now
-            if force:
-                self.store.refresh()
-            if self.store.version == self._synced_version:
+            try:
+                if force:
+                    self.store.refresh()
+                if self.store.version == self._synced_version:
+                    self._readable_again()
+                    return False
+                added, removed = self._sync_index()
+            except (RuntimeError, OSError) as exc:
+                if not self.stale_reads or store_io_failure(exc) is None:
+                    raise
+                if self._stale_since is None:  # said once an outage, not on every read of it
+                    self._stale_since = now
+                    logger.warning("gallery %s: its store %s cannot be read (%s): answering from the %d references "
+                                   "loaded at store version %d until it can", self.root, self.store_uri,
+                                   first_line(exc, 300), self._index.ntotal, self._synced_version)
                 return False
-            added, removed = self._sync_index()
+            self._readable_again()
             if added or removed:
                 logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root, added,
                             removed, self._synced_version)
             return bool(added or removed)
+
+    @property
+    def reading_stale(self) -> bool:
+        """Whether reads answer from the references loaded before a store outage (``stale_reads`` only)."""
+        return self._stale_since is not None
+
+    def _readable_again(self) -> None:
+        """Say that the store answers again, after stale reads."""
+        if self._stale_since is not None:
+            logger.warning("gallery %s: its store %s answers again (after %.0f s of answers from the references "
+                           "loaded before)", self.root, self.store_uri, time.monotonic() - self._stale_since)
+            self._stale_since = None
 
     @property
     def version(self) -> int:
@@ -646,6 +693,12 @@ class Gallery:
             for left in remove_leftovers(self.root):  # of writers killed mid-write (no write is in progress now)
                 logger.info("removed %s, left by an interrupted write", left.name)
             yield
+
+    @property
+    def write_waited_s(self) -> float:
+        """Seconds this process's writes of the gallery spent waiting for other writers so far (their lock; on S3
+        the store's lease): a caller that times its work takes the difference out."""
+        return self._writer.waited_s
 
     def writing(self, *, local: bool = False) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:

@@ -103,8 +103,9 @@ def resolve_country(text: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _load_table() -> tuple[dict[str, frozenset[str]], dict[str, str]]:
-    """``({species: codes}, {normalised name: species})`` from ``snake_countries.csv``, read once."""
+def _load_table() -> dict[str, frozenset[str]]:
+    """``{species: codes}`` from ``snake_countries.csv`` and the countries' checklists (a checklist's spelling of
+    a table species, told by :func:`_species_key`, joins it), read once."""
     table: dict[str, frozenset[str]] = {}
     keys: dict[str, str] = {}
     with COUNTRIES_CSV.open(newline="", encoding="utf-8") as fh:
@@ -118,22 +119,12 @@ def _load_table() -> tuple[dict[str, frozenset[str]], dict[str, str]]:
             species = keys.setdefault(_species_key(info.species), info.species)
             table[species] = table.get(species, frozenset()) | {code}
     log.debug("loaded %d species from %s", len(table), COUNTRIES_CSV)
-    return table, keys
+    return table
 
 
 def country_presence(country: str) -> dict[str, bool]:
     """``{species: present in country}`` for every species of the table; ``country`` as for
     :func:`resolve_country` (``ValueError`` if unknown)."""
     code = resolve_country(country)
-    table, _ = _load_table()
+    table = _load_table()
     return {species: code in codes for species, codes in table.items()}
-
-
-def species_countries(species: str) -> frozenset[str] | None:
-    """Alpha-2 codes of the countries where ``species`` occurs; ``None`` if it is not in the table.
-
-    Names match case-insensitively, with ``-`` and ``_`` read as spaces.
-    """
-    table, keys = _load_table()
-    name = keys.get(_species_key(species))
-    return None if name is None else table[name]

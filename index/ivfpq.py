@@ -47,8 +47,10 @@ from index.vectors import (
     as_vectors,
     check_k,
     empty_result,
+    exact_topk,
     gpu_available,
     held_ids,
+    invlist_ids,
     manifest_path,
     new_entries,
     one_row_per_id,
@@ -287,32 +289,6 @@ def build(
 
 
 # ----------------------------------------------------------------------------------------------- index
-def _list_ids(index: faiss.Index) -> np.ndarray:
-    invlists = index.invlists
-    parts = [np.zeros(0, dtype=np.int64)]
-    for lst in range(invlists.nlist):
-        size = invlists.list_size(lst)
-        if size:
-            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-    return np.concatenate(parts).astype(np.int64, copy=False)
-
-
-def exact_topk(queries: np.ndarray, rows: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner products of ``queries`` over streamed (ids, vectors) chunks: (scores, ids)."""
-    nq = len(queries)
-    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((nq, 0), dtype=np.int64)
-    for ids, vecs in rows:
-        s = np.concatenate([best_s, queries @ vecs.T], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(ids, (nq, len(ids)))], axis=1)
-        if s.shape[1] > k:
-            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, i = np.take_along_axis(s, part, 1), np.take_along_axis(i, part, 1)
-        best_s, best_i = s, i
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-
-
 class IvfPqIndex:
     """IVF-PQ fast-scan codes + exact float16 re-rank, keyed by reference ids (the ``VectorIndex`` interface)."""
 
@@ -326,7 +302,7 @@ class IvfPqIndex:
         self._index = index
         self._rerank = rerank
         self._dim = int(index.d)
-        self._ids = np.sort(_list_ids(index))
+        self._ids = np.sort(invlist_ids(index))
         if np.unique(self._ids).size != self._ids.size:
             raise ValueError("index holds duplicate ids")
         self._nprobe = max(1, min(int(nprobe), int(index.nlist)))

@@ -29,7 +29,8 @@ a holder: taken over once stale.
 The lease's errors are :class:`LeaseError` subclasses, whose messages say what to do and are passed on as they are;
 their ``transient`` says whether a later try may get past them (set where each is raised, never guessed from a cause).
 A request that got no answer (botocore's network errors) is a transient :class:`LeaseStoreError` naming the lease and
-the endpoint, its cause kept, once the lease gives up on it: after its own handling of a put whose reply was lost.
+the endpoint, its cause kept, once the lease gives up on it: after its own handling of a put whose reply was lost. No
+credentials found, or only part of them, is a LeaseStoreError too, not transient, naming the variables to set.
 
 Under the lease sits the gallery's shared id high-water mark, ``<store uri>/_speciesid/ids.json``, written (also
 conditionally) before the rows it names, so two machines never give one id. boto3 talks to the store (the
@@ -155,6 +156,15 @@ def _network_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - the s3 extra not installed
         return False
     return isinstance(exc, (NoConnection, HTTPClientError))
+
+
+def _no_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's for credentials not found (none anywhere boto3 looks, or only part of them)."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:  # pragma: no cover - the s3 extra not installed
+        return False
+    return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
 
 
 def _endpoint(exc: BaseException) -> str | None:
@@ -336,8 +346,7 @@ class S3Lease:
             if spent >= timeout:
                 raise TimeoutError(self._busy_message(holder or None, waited + spent))
             if spent > 2 and not warned:
-                logger.info("waiting for another writer of the store %s (%s)", self.uri,
-                            _who(holder) if holder else "taken and released meanwhile")
+                logger.warning("%s", self._waiting_message(holder or None, waited + timeout))
                 warned = True
             time.sleep(min(pause, max(timeout - spent, 0.0)))
             pause = min(pause * 1.5, 1.0)
@@ -513,24 +522,31 @@ class S3Lease:
             "S3-compatible stores when they implement both on PutObject), or keep the gallery's store in its "
             "folder (no --store)")
 
-    def _raise(self, exc: BaseException, doing: str) -> NoReturn:
+    def _raise(self, exc: BaseException, doing: str, *, needs: str | None = None) -> NoReturn:
         """Raise the error :meth:`_failure` makes of ``exc`` (from ``exc``), or ``exc`` itself as it is."""
-        failure = self._failure(exc, doing)
+        failure = self._failure(exc, doing, needs=needs)
         if failure is exc:
             raise exc
         raise failure from exc
 
-    def _failure(self, exc: BaseException, doing: str) -> BaseException:
+    def _failure(self, exc: BaseException, doing: str, *, needs: str | None = None) -> BaseException:
         """The error to raise for a request on the lease's objects that failed with ``exc``, where the lease gives
-        up on it: one that names the lease and what to do for a store's refusal or a request that got no answer (a
-        network error: :meth:`_unreachable`); ``exc`` itself for anything else. Only here, never on the request
-        itself: the lease tells a put whose reply was lost by the raw error first (its nonce stays unsure)."""
+        up on it: one that names the lease and what to do for a store's refusal, a request that got no answer (a
+        network error: :meth:`_unreachable`) or credentials not found; ``exc`` itself for anything else. Only here,
+        never on the request itself: the lease tells a put whose reply was lost by the raw error first (its nonce
+        stays unsure). ``needs``: the permissions a refusal (AccessDenied) names, when not the lease's own."""
         code = _code(exc)
         if not code:
             if type(exc).__name__ == "ParamValidationError" and ("IfMatch" in str(exc) or "IfNoneMatch" in str(exc)):
                 return LeaseStoreError(_upgrade_message(str(exc)))
             if _network_error(exc):
                 return self._unreachable(exc, doing)
+            if _no_credentials(exc):
+                return LeaseStoreError(
+                    f"the write lease {self.where}: {doing} found no credentials for the store "
+                    f"({type(exc).__name__}: {_first(exc)}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
+                    "AWS_SESSION_TOKEN for temporary ones) in the environment of this process, or AWS_PROFILE "
+                    "naming a profile in ~/.aws/credentials, or run it where an instance or task role gives them")
             return exc
         if code in _UNSUPPORTED:
             return self._unsupported(exc)
@@ -540,10 +556,11 @@ class S3Lease:
                                                           "conditional")):
             return self._unsupported(exc)
         if code in _DENIED:
+            needs = needs or (f"s3:GetObject and s3:PutObject on s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the "
+                              "lease and the shared id mark beside the table)")
             return LeaseStoreError(
                 f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). The lease keeps writers "
-                f"on several machines apart; the credentials need s3:GetObject and s3:PutObject on "
-                f"s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the lease and the shared id mark beside the table)")
+                f"on several machines apart; the credentials need {needs}")
         if _transient(exc):
             return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)}): the store "
                                    "is busy or failing for now; try again shortly", transient=True)
@@ -592,6 +609,32 @@ class S3Lease:
             ttl = self.ttl
         holder["ttl_s"] = ttl
         return _Seen(body=body, holder=holder, etag=response["ETag"], free=body.get("free") is True, stale=age > ttl)
+
+    def _waiting_message(self, holder: dict | None, wait: float) -> str:
+        """The one line a writer logs once it has waited a while for the lease: whom it waits for, the holder's TTL,
+        and how long it will wait in all (``wait`` seconds; SPECIESID_WRITE_WAIT_S sets it)."""
+        if not holder:
+            return (f"waiting up to {wait:.0f} s in all for the write lease of the store {self.uri}: other writers "
+                    "keep taking it (SPECIESID_WRITE_WAIT_S sets how long a writer waits)")
+        ttl = holder.get("ttl_s", self.ttl)
+        return (f"waiting up to {wait:.0f} s in all for another writer of the store {self.uri} ({_who(holder)}, "
+                f"renewed {holder.get('age_s', 0):.0f} s ago; its lease lapses {ttl:.0f} s after its last renewal "
+                f"if that writer is gone; lease {self.where}); SPECIESID_WRITE_WAIT_S sets how long a writer waits")
+
+    def look(self) -> dict[str, Any] | None:
+        """The lease as it is now, for people to see (read only; None: no writer ever took it): ``state`` ``free``
+        (released), ``held`` or ``stale`` (not renewed within its TTL: the next writer takes it over), and for a
+        held or stale one its holder (``host``, ``pid``, ``since``), ``renewed_s_ago`` and ``ttl_s``, on the store's
+        clock. A failure to read it is the LeaseStoreError a writer would get."""
+        seen = self._look()
+        if seen is None:
+            return None
+        if seen.free:
+            return {"state": "free", "object": self.where}
+        holder = seen.holder
+        return {"state": "stale" if seen.stale else "held", "host": holder.get("host"), "pid": holder.get("pid"),
+                "since": holder.get("since"), "renewed_s_ago": round(float(holder["age_s"]), 1),
+                "ttl_s": holder["ttl_s"], "object": self.where}
 
     def _busy_message(self, holder: dict | None, waited: float) -> str:
         if not holder:
@@ -753,17 +796,25 @@ class S3Lease:
 
     # ------------------------------------------------------------------ a half-created table
     def list_keys(self, prefix: str) -> list[str]:
-        """Keys under ``prefix`` (relative to the bucket)."""
+        """Keys under ``prefix`` (relative to the bucket). A failure is a LeaseStoreError (:meth:`_failure`)."""
         keys: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys += [o["Key"] for o in page.get("Contents", [])]
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys += [o["Key"] for o in page.get("Contents", [])]
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, f"listing the objects under s3://{self.bucket}/{prefix} (a ListObjectsV2)",
+                        needs=f"s3:ListBucket on s3://{self.bucket} (to list s3://{self.bucket}/{prefix})")
         return keys
 
     def delete_keys(self, keys: list[str]) -> None:
-        """Delete the objects ``keys`` (call holding the lease)."""
+        """Delete the objects ``keys`` (call holding the lease). A failure is a LeaseStoreError (:meth:`_failure`)."""
         self.check()
         for key in keys:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001
+                self._raise(exc, f"deleting s3://{self.bucket}/{key} (a DeleteObject)",
+                            needs=f"s3:DeleteObject on s3://{self.bucket}/{key}")
 
 
 def _who(holder: dict) -> str:

@@ -20,8 +20,11 @@ lease itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +36,52 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a writer waits for another (this lock's holder, and on S3 the store's lease) before its TimeoutError, unless
+#: :data:`WAIT_ENV` says otherwise; a server sets its own (``api.settings``: ``write_wait_s``).
+WRITE_WAIT_S = 600.0
+#: The variable that sets :data:`WRITE_WAIT_S` for every writer (the command line's too; the server reads it itself).
+WAIT_ENV = "SPECIESID_WRITE_WAIT_S"
+#: Seconds of waiting after which a writer says, once, whom it waits for.
+WARN_AFTER_S = 2.0
+
+
+def default_wait() -> float:
+    """Seconds a writer waits for another: :data:`WAIT_ENV` when set, else :data:`WRITE_WAIT_S`. A value that is not
+    a number of seconds (0 or more) is a ValueError saying what to set."""
+    raw = os.environ.get(WAIT_ENV, "").strip()
+    if not raw:
+        return WRITE_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{WAIT_ENV}={raw!r} is not a number of seconds: set it to how long a writer waits for "
+                         f"another (0: not at all; default {WRITE_WAIT_S:.0f}), or unset it")
+    return value
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock file open on ``fd``, as its holder wrote it (host, pid, since), or '' when it wrote nothing
+    readable (a holder of an earlier version)."""
+    try:
+        holder = json.loads(os.pread(fd, 512, 0) or b"{}")
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return ""
+    return f"held by host {holder.get('host', '?')}, pid {holder['pid']}, since {holder.get('since', '?')}"
+
+
+def _still_there(fd: int, path: Path) -> bool:
+    """Whether the file open on ``fd`` is still the one at ``path`` (not unlinked, nor replaced)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows: one process per gallery (the thread lock still holds)
@@ -42,19 +91,30 @@ except ImportError:  # pragma: no cover - Windows: one process per gallery (the 
 class WriteLock:
     """Exclusive, re-entrant write lock of one gallery, across threads and processes."""
 
-    def __init__(self, path: str | Path, *, timeout: float = 600.0) -> None:
+    def __init__(self, path: str | Path, *, timeout: float | None = None) -> None:
         self.path = Path(path)
-        self.timeout = timeout  # seconds to wait for another writer before giving up
+        self._timeout = timeout  # None: SPECIESID_WRITE_WAIT_S, read at each hold (a reader never needs it)
+        self.waited_s = 0.0  # seconds this process's holds spent waiting for other writers, all together
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
         self.remote: S3Lease | None = None  # the store's write lease, when the store is on S3 (index.lease)
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a hold waits for another writer before giving up: the lock's own, else :func:`default_wait`."""
+        return default_wait() if self._timeout is None else self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
+
     @contextlib.contextmanager
     def hold(self, timeout: float | None = None, *, local: bool = False) -> Iterator[None]:
         """Hold the lock for the ``with`` block (waits for other writers, threads of this process included;
         TimeoutError after ``timeout`` seconds, the lock's own by default; 0: do not wait at all). With a
-        ``remote`` lease the store's lease is held too, unless ``local`` (the folder's own files only)."""
+        ``remote`` lease the store's lease is held too, unless ``local`` (the folder's own files only). The time
+        spent waiting for other writers is added to :attr:`waited_s`."""
         wait = self.timeout if timeout is None else timeout
         start = time.monotonic()
         got = self._thread_lock.acquire(timeout=wait) if wait > 0 else self._thread_lock.acquire(blocking=False)
@@ -69,6 +129,7 @@ class WriteLock:
                 if took:
                     spent = time.monotonic() - start
                     lease.acquire(max(wait - spent, 0.0), waited=spent)
+                self.waited_s += time.monotonic() - start
                 self._depth += 1
                 try:
                     yield
@@ -105,7 +166,13 @@ class WriteLock:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _still_there(fd, self.path):  # removed by its holder meanwhile (a create that failed
+                    os.close(fd)  # removes the folder it made): a lock on it locks nothing; the path's own is taken
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                    continue
                 self._fd = fd
+                self._sign(fd)
                 return
             except BlockingIOError:
                 waited = time.monotonic() - start
@@ -115,10 +182,22 @@ class WriteLock:
                         f"another process has been writing this gallery for over {timeout:.0f} s "
                         f"(lock {self.path}); try again when it is done"
                     ) from None
-                if waited > 2 and not warned:
-                    logger.info("waiting for another process writing this gallery (lock %s)", self.path)
+                if waited > WARN_AFTER_S and not warned:
+                    holder = _lock_holder(fd) or "its holder not recorded"
+                    logger.warning("waiting up to %.0f s in all for another process writing this gallery (%s; lock "
+                                   "%s); %s sets how long a writer waits", timeout, holder, self.path, WAIT_ENV)
                     warned = True
                 time.sleep(0.02)
+
+    @staticmethod
+    def _sign(fd: int) -> None:
+        """Write this holder (host, pid, since) into the lock file, for the writers that wait on it to name (the
+        lock is the ``flock``, never the file's text: a failure to write it changes nothing)."""
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
 
     def _release(self) -> None:
         fd, self._fd = self._fd, None

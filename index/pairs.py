@@ -67,7 +67,12 @@ def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None]
     """The copy rule, in one place: (N,) group label of every row, rows in one group being copies of one photo:
     connected components of the pairs with cosine >= ``threshold`` (:func:`similar_pairs`, rows L2-normalised)
     and of the rows with the same ``sha256`` (when given; None or "" never matches). A burst of near-copies is
-    one group. Labels are row positions (a group's label is one of its rows)."""
+    one group. Labels are row positions (a group's label is one of its rows).
+
+    The labels are the roots of this union-find (the pairs best first, then the same-sha256 rows), kept rather
+    than scipy's ``connected_components``: the groups would be the same, but any relabelling of them (each to its
+    smallest row, say) reorders them, and cross-validation's folds (``StratifiedGroupKFold`` sorts the labels)
+    and every CV figure with them would move (tests/test_pairs.py freezes the labels)."""
     parent = np.arange(len(x))
 
     def find(i: int) -> int:

@@ -192,12 +192,3 @@ def expand_photo_args(paths: Iterable[str | Path]) -> PhotoArgs:
         else:
             out.problems.append((str(p), entry_problem(p)))
     return out
-
-
-def require_photos(paths: Sequence[str | Path]) -> PhotoArgs:
-    """:func:`expand_photo_args`, but ``ValueError`` when not a single photo was found (saying why)."""
-    got = expand_photo_args(paths)
-    if not got.photos:
-        why = "; ".join(f"{arg}: {reason}" for arg, reason in got.problems) or "no paths given"
-        raise ValueError(f"no photos to read ({why})")
-    return got

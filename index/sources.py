@@ -129,11 +129,3 @@ def read_source(source: str | Path) -> bytes:
         if parts is None or not os.path.isfile(parts[0]):
             raise
         return read_member(*parts)
-
-
-def source_exists(source: str | Path) -> bool:
-    """Whether :func:`read_source` could find ``source`` (a file, or a shard that exists)."""
-    if os.path.isfile(source):
-        return True
-    parts = split_locator(source)
-    return parts is not None and os.path.isfile(parts[0])

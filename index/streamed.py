@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from index.photos import IMAGE_EXTENSIONS, Skipped, entry_problem, scan_files, skipped_text, warn_skipped
+from index.photos import (
+    IMAGE_EXTENSIONS,
+    SKIPPED_SHOWN,
+    Skipped,
+    entry_problem,
+    scan_files,
+    skipped_text,
+    warn_skipped,
+)
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.sources import SHARD_SUFFIXES, member_locator, remember_members
 
@@ -97,6 +105,23 @@ def make_record(fields: dict[str, object], path: str | Path, dataset: str) -> Re
     )
 
 
+def record_problem(fields: dict[str, object]) -> str:
+    """Why :func:`make_record` makes no record of manifest-style ``fields`` that have a path: no species, or the
+    species name :func:`index.taxonomy.check_name` refuses (its message); '' when it would make one."""
+    from index.taxonomy import InvalidNameError, check_name
+
+    species, genus = _text(fields.get("species")), _text(fields.get("genus"))
+    if species and " " not in species and genus:
+        species = f"{genus} {species}"
+    if not species:
+        return "no species"
+    try:
+        check_name(species)
+    except InvalidNameError as exc:
+        return str(exc)
+    return ""
+
+
 # ------------------------------------------------------------------------------------------- manifest
 def _manifest_batches(path: Path) -> Iterator[pa.RecordBatch]:
     if path.suffix.lower() in (".parquet", ".pq"):
@@ -137,28 +162,38 @@ def manifest_file(root: Path, metadata: Path | None) -> tuple[Path, Path]:
 
 
 def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[ReferenceRecord]:
-    """Records of a CSV or parquet manifest, streamed; rows without a path or a usable species are counted."""
+    """Records of a CSV or parquet manifest, streamed; rows without a path or a usable species are counted, and
+    the first few named in the warning (CSV: the line, counting the header as line 1; parquet: the row) with
+    why."""
     if not path.is_file():
         raise ValueError(f"manifest {path} does not exist")
     columns: dict[str, str] | None = None
     bad = 0
+    named: list[str] = []  # the first SKIPPED_SHOWN skipped rows: "line N: why"
+    csv = path.suffix.lower() not in (".parquet", ".pq")
+    row = 0
     for batch in _manifest_batches(path):
         if columns is None:
             columns = _columns(batch.schema.names, path)
         data = {canon: batch.column(src).to_pylist() for canon, src in columns.items()}
         for i in range(batch.num_rows):
+            row += 1
             fields = {canon: values[i] for canon, values in data.items()}
             rel = _text(fields.get("path"))
             record = make_record(fields, rel if rel is None or Path(rel).is_absolute() else root / rel,
                                  "manifest") if rel else None
             if record is None:
                 bad += 1
+                if len(named) < SKIPPED_SHOWN:
+                    why = record_problem(fields) if rel else "no path"
+                    named.append(f"{'line' if csv else 'row'} {row + 1 if csv else row}: {why or 'unusable'}")
                 continue
             yield record
     if columns is None:
         _columns([], path)
     if bad:
-        warnings.append(f"{bad} row(s) of {path} without a path or a valid species skipped")
+        more = f"; ... ({bad - len(named)} more)" if bad > len(named) else ""
+        warnings.append(f"{bad} row(s) of {path} without a path or a valid species skipped: {'; '.join(named)}{more}")
 
 
 # ----------------------------------------------------------------------------------------- webdataset

@@ -225,7 +225,25 @@ def new_species_references(
 
 
 class SpeciesNameConflictError(ValueError):
-    """A new species name that looks like a mistake for a gallery species (a near-spelling, or its common name)."""
+    """A new species name that looks like a mistake for a gallery species (a near-spelling, or its common name).
+
+    ``name``: the name given; ``meant``: the gallery species it looks like; ``found``: what the gallery holds
+    (``'Naja samarensis' (10 references) is``). What to do is the caller's to word (:meth:`advice`): a command line
+    and an HTTP API confirm a new species differently. The message itself names no option of either."""
+
+    def __init__(self, name: str, meant: str, found: str) -> None:
+        self.name, self.meant, self.found = name, meant, found
+        super().__init__(self.advice())
+
+    def __reduce__(self):  # pickled with its fields, not its message (another process may raise it on)
+        return type(self), (self.name, self.meant, self.found)
+
+    def advice(self, use: str | None = None, confirm: str | None = None) -> str:
+        """The message, with ``use`` (how to add to the gallery species ``meant``) and ``confirm`` (how to say
+        ``name`` is a new species) as the caller words them."""
+        use = use or f"add the photos to {self.meant!r}"
+        confirm = confirm or f"confirm that {self.name!r} is a new species"
+        return f"{self.name!r} {self.found}: {use}, or {confirm}"
 
 
 def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> SpeciesNameConflictError | None:
@@ -241,9 +259,7 @@ def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> Spec
     names = " and ".join(f"{s.species!r} ({s.count} reference{'' if s.count == 1 else 's'})" for s in found)
     how = (f"is the common name of {names}" if same_common else
            f"is not in the gallery, but {names} {'is' if len(found) == 1 else 'are'}")
-    return SpeciesNameConflictError(
-        f"{name!r} {how}: give --species {found[0].species!r} to add to it, or confirm that {name!r} is a new "
-        "species (CLI --new-species; API form field new_species=true)")
+    return SpeciesNameConflictError(name, found[0].species, how)
 
 
 def genus_family(genus: str | None) -> str | None:

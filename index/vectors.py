@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,10 +210,45 @@ def check_k(k: int) -> int:
 # --------------------------------------------------------------------------- naive baseline
 
 
+def exact_topk(
+    queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products of ``queries`` over streamed ``(ids, vectors)`` chunks, in numpy (never
+    FAISS: the oracle approximate search is tested against): (scores, ids), each (nq, min(k, rows)), best first;
+    ties are broken by the lower row position in the stream. The kernel of :func:`exact_search`."""
+    nq = len(queries)
+    best_s = np.zeros((nq, 0), dtype=np.float32)
+    best_i = np.zeros((nq, 0), dtype=np.int64)
+    for ids, vecs in chunks:
+        s = queries @ vecs.T
+        i = np.broadcast_to(np.asarray(ids, dtype=np.int64), s.shape)
+        if best_s.shape[1]:  # the best so far first: they come earlier in the stream
+            s, i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1)
+        if s.shape[1] > k:
+            cand = _top_positions(s, k)
+            s, i = np.take_along_axis(s, cand, axis=1), np.take_along_axis(i, cand, axis=1)
+        best_s, best_i = s, i
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+def _top_positions(s: np.ndarray, k: int) -> np.ndarray:
+    """(nq, k) column positions of the ``k`` highest scores of each row of ``s``, ascending; among equal scores at
+    the edge of the top-k the lower positions (argpartition alone takes any of them)."""
+    cand = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    cand.sort(axis=1)  # in stream order, so a stable sort by score breaks ties by position
+    edge = np.take_along_axis(s, cand, axis=1).min(axis=1)
+    for row in np.flatnonzero((s >= edge[:, None]).sum(axis=1) > k):  # more scores tie at the edge than fit (rare)
+        above = np.flatnonzero(s[row] > edge[row])
+        cand[row] = np.sort(np.concatenate([above, np.flatnonzero(s[row] == edge[row])[: k - len(above)]]))
+    return cand
+
+
 def exact_search(
     vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k in numpy (matrix product + argpartition): the naive baseline.
+    """Brute-force inner-product top-k in numpy (matrix product + argpartition: :func:`exact_topk`): the naive
+    baseline.
 
     Same output contract as :meth:`VectorIndex.search`; ties are broken by the lower row position.
     """
@@ -228,16 +263,7 @@ def exact_search(
     kk = min(k, n)
     chunk = max(1, (1 << 24) // n)  # bound the (chunk, n) score matrix to ~64 MB
     for s in range(0, nq, chunk):
-        scores = xq[s : s + chunk] @ xb.T
-        if kk < n:
-            cand = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-            cand.sort(axis=1)  # ascending positions so the stable sort below breaks ties by position
-        else:
-            cand = np.broadcast_to(np.arange(n), scores.shape)
-        cand_scores = np.take_along_axis(scores, cand, axis=1)
-        order = np.argsort(-cand_scores, axis=1, kind="stable")
-        dists[s : s + chunk, :kk] = np.take_along_axis(cand_scores, order, axis=1)
-        labels[s : s + chunk, :kk] = ids[np.take_along_axis(cand, order, axis=1)]
+        dists[s : s + chunk, :kk], labels[s : s + chunk, :kk] = exact_topk(xq[s : s + chunk], [(ids, xb)], kk)
     return dists, labels
 
 
@@ -324,6 +350,11 @@ def _stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
     """All ids held by a CPU index (including HNSW tombstones)."""
     if kind != "ivf":
         return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+    return invlist_ids(index)
+
+
+def invlist_ids(index: faiss.Index) -> np.ndarray:
+    """All ids in the inverted lists of a CPU IVF index, list by list."""
     invlists = index.invlists
     parts = [np.zeros(0, dtype=np.int64)]
     for lst in range(invlists.nlist):

@@ -22,8 +22,9 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -137,7 +138,7 @@ def photo_nll(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(p[np.arange(len(y)), y], 1e-9, 1.0))
 
 
-def plateau_pick(candidates: Sequence, losses: Sequence[np.ndarray], distance) -> tuple:
+def plateau_pick(candidates: Sequence, losses: Sequence[np.ndarray], distance: Callable[[Any], float]) -> tuple:
     """Among ``candidates`` (each with per-photo losses), the one nearest the prior (``distance``) whose mean
     loss is within one standard error (paired, per photo) of the best one's. Returns (candidate, index)."""
     means = np.array([float(np.mean(v)) for v in losses])

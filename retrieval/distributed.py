@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+from tqdm.auto import tqdm
 
 from index.gallery import Gallery, check_gallery_encoder
 from index.records import HIGHER_RANKS, ReferenceRecord
@@ -160,12 +161,18 @@ def ray_map(fn: Callable[..., Any], args: list[tuple]) -> Iterator[Any]:
 
 
 # ------------------------------------------------------------------------------------------- stages
+def check_ray_views(views: str | None) -> None:
+    """Refuse test-time views other than ``single`` (ValueError): a Ray build embeds one view of each photo. Needs
+    only the option, so a build checks it before any model loads."""
+    if (views or "single") != "single":
+        raise ValueError(f"--engine ray builds single-view galleries; views {views!r} need --engine local")
+
+
 class Preprocessor:
     """The encoder's eval transform without its weights (picklable for CPU tasks)."""
 
     def __init__(self, encoder: Encoder) -> None:
-        if getattr(encoder, "views", "single") != "single":
-            raise ValueError(f"--engine ray builds single-view galleries; views {encoder.views!r} need --engine local")
+        check_ray_views(getattr(encoder, "views", "single"))
         self.preprocess_config = encoder.preprocess_config  # numpy preprocessing (every runtime)
         self.transform = encoder.transform if encoder.preprocess_config is None else None
         self.input_size = int(getattr(encoder, "input_size", 224))
@@ -339,10 +346,14 @@ def ray_add_references(
     encoder: Encoder,
     options: RayOptions | None = None,
     min_side: int = MIN_REFERENCE_SIDE,
+    progress: bool = True,
+    total: int | None = None,
 ) -> BuildReport:
     """Embed ``records`` on Ray into the gallery (see the module docstring); Ray must be started.
 
-    ``encoder``: the driver's copy (its fingerprint and transform; it embeds nothing).
+    ``encoder``: the driver's copy (its fingerprint and transform; it embeds nothing). ``progress``: a bar on
+    stderr, as the local build's, moved as each chunk is committed (records handled, stored so far, the rate; the
+    time left when ``total``, the number of records, is known).
     """
     ray = _ray()
     opts = options or RayOptions()
@@ -355,7 +366,11 @@ def ray_add_references(
     it = iter(records)
     done = 0
     first_path: dict[str, str] = {}  # digest -> first path of this run (kept per run, as the local build does)
+    bar = tqdm(total=total, desc="building on ray", unit="img", disable=not progress, mininterval=0)
+    number = 0
     while chunk := list(itertools.islice(it, opts.chunk_rows)):
+        number += 1
+        bar.set_postfix_str(f"chunk {number}: {len(chunk)} records, embedding; {report.added} stored")
         table = _records_table(chunk, done)
         hashed = (ray.data.from_arrow(table.select(["pos", "source"]))
                   .repartition(_blocks(len(chunk), 256))
@@ -383,7 +398,10 @@ def ray_add_references(
                               per_gpu=per_gpu, cpus=opts.cpus_per_actor, batch_size=batch_size,
                               write_rows=opts.write_rows, min_side=min_side)
         done += len(chunk)
+        bar.set_postfix_str(f"chunk {number} committed; {report.added} stored", refresh=False)
+        bar.update(len(chunk))
         logger.info("ray build: %d records handled, %d stored so far", done, report.added)
+    bar.close()
     report.seconds = time.perf_counter() - start
     for path, reason in report.skipped:
         logger.warning("skipped %s: %s", path, reason)

@@ -89,6 +89,7 @@ class EncoderConfig:
     runtime: str | None = None  # auto, torch, onnx, openvino; None = $SPECIESID_RUNTIME, else auto
     pool: str | None = None  # one of POOLS; None = the gallery's own, else DEFAULT_POOL
     views: str | None = None  # one of VIEWS; None = the gallery's own, else DEFAULT_VIEWS
+    progress: bool = True  # a first use's export shows its converters' progress bars (NNCF's) on stderr; -q: not
 
     def resolved(self, built: Mapping[str, Any] | None = None) -> EncoderConfig:
         """This config with unset spec, weights, pool and views taken from ``built`` (a gallery's record: the

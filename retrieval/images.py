@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +43,6 @@ class ImageLoadError(ValueError):
 
 class PixelLimitError(ImageLoadError):
     """A photo with more pixels than the limit asked for (the decompression-bomb guard)."""
-
-
-@dataclass
-class LoadedImage:
-    """A decoded photo with the digest of its bytes."""
-
-    image: Image.Image  # RGB, EXIF orientation applied
-    sha256: str  # hex digest of the file's bytes (content identity)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -193,13 +184,3 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     not an accepted image: :func:`decode_image` says why)."""
     img = _header(data)
     return img.size if img is not None else None
-
-
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Read and decode a photo file; raises :class:`ImageLoadError` for unreadable files."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageLoadError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    return LoadedImage(image=decode_image(data, max_pixels=max_pixels, name=str(path)), sha256=sha256_bytes(data))

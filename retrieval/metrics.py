@@ -283,17 +283,6 @@ def precision_threshold(confidence: np.ndarray, correct: np.ndarray, target: flo
     return 1.0, float("nan"), 0.0
 
 
-def threshold_for_precision(items: list[EvalItem], target: float = 0.95) -> tuple[float, float, float]:
-    """:func:`precision_threshold` on the items' top-1 scores.
-
-    The ``unknown`` flag is ignored: the threshold defines its own answered set.
-    """
-    preds = [_predict(it, {}) for it in items]
-    conf = np.array([p.confidence for p in preds], dtype=float)
-    correct = np.array([p.correct for p in preds], dtype=bool)
-    return precision_threshold(conf, correct, target)
-
-
 # ---------------------------------------------------------------------------------------------------- report
 
 

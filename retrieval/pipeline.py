@@ -75,14 +75,17 @@ class BuildReport:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, "id N" or path it repeats)
     duplicate_ids: list[int | None] = field(default_factory=list)  # per duplicate: the stored id it repeats
     seconds: float = 0.0  # wall time
+    waited_s: float = 0.0  # of it, waiting for other writers of the gallery (their lock; on S3 the store's lease)
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
     stats: PipelineStats = field(default_factory=PipelineStats)  # model-thread time: waiting vs encoding
 
     @property
     def images_per_second(self) -> float:
-        """Photos handled (added + duplicates + skipped) per second of wall time."""
+        """Photos handled (added + duplicates + skipped) per second of wall time, less the time spent waiting for
+        other writers (:attr:`waited_s`)."""
         n = self.added + len(self.skipped) + len(self.duplicates)
-        return n / self.seconds if self.seconds > 0 else 0.0
+        working = self.seconds - self.waited_s
+        return n / working if working > 0 else 0.0
 
     def summary(self) -> str:
         """One human-readable paragraph."""
@@ -93,7 +96,9 @@ class BuildReport:
             f"added {self.added}, skipped {len(self.skipped) - small} unreadable, "
             + (f"{small} too small, " if small else "")
             + f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s"
-            f"{waited})"
+            f"{waited}"
+            + (f"; {self.waited_s:.1f} s waiting for another writer, not counted" if self.waited_s >= 0.1 else "")
+            + ")"
         ]
         for path, reason in self.skipped[:20]:
             lines.append(f"  skipped {path}: {reason}")
@@ -299,6 +304,7 @@ def add_references(
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
     report = BuildReport()
     start = time.perf_counter()
+    waited_before = gallery.write_waited_s
     first_path: dict[str, str] = {}  # digest -> the first path of this call with those bytes
     stored_id: dict[str, int] = {}  # digest -> the id its first path of this call was stored under (or found at)
     repeats: list[tuple[int, str]] = []  # (position in report.duplicate_ids, digest) of repeats within this call
@@ -363,6 +369,7 @@ def add_references(
         report.duplicate_ids[pos] = stored_id.get(digest)
     gallery.save_index()
     report.seconds = time.perf_counter() - start
+    report.waited_s = min(gallery.write_waited_s - waited_before, report.seconds)
     logger.info("model thread: %.1f s encoding, %.1f s waiting for decoded photos (%.0f%% of %.1f s)",
                 report.stats.encode_s, report.stats.wait_s, 100 * report.stats.wait_share(report.seconds),
                 report.seconds)

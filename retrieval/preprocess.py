@@ -8,7 +8,7 @@ Done here without torch, so the warm query path never imports it (tests compare 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -95,7 +95,7 @@ def squash_config(cfg: PreprocessConfig, side: int) -> PreprocessConfig:
     return PreprocessConfig((side, side), (side, side), "squash", cfg.interpolation, cfg.mean, cfg.std)
 
 
-def _triple(v) -> tuple[float, float, float]:
+def _triple(v: float | Sequence[float]) -> tuple[float, float, float]:
     v = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3))
     return (v[0], v[1], v[2])
 

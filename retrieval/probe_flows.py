@@ -137,7 +137,7 @@ def train_gallery_probe(
         raise ValueError(f"--text-strength is the text prior's weight in photos' worth of evidence: 0 (the prior "
                          f"counts for nothing) or more, got {text_strength:g}")
     listed = load_checklist(checklist) if checklist else []  # a missing or empty file: refused before any work
-    gallery, enc = open_gallery(index_dir, encoder)
+    gallery, enc = open_gallery(index_dir, encoder or EncoderConfig(progress=progress))  # -q: the export's too
     if checklist and not enc.supports_text:
         raise ValueError(f"--checklist adds species to the text prior, which needs an encoder that reads text (a "
                          f"CLIP-style encoder such as bioclip); gallery {index_dir} was built with {enc.spec}, which "
@@ -199,7 +199,7 @@ def import_gallery_probe(
 
     blend_weight = parse_weight_rule(blend_weight)  # before any slow work
     probe = _finetuned_head(from_dir)
-    gallery, enc = open_gallery(index_dir, encoder)
+    gallery, enc = open_gallery(index_dir, encoder or EncoderConfig(progress=progress))  # -q: the export's too
     options = weights_digest(gallery.fingerprint).partition("+")[2]
     if weights_only(gallery.fingerprint) != weights_only(probe.fingerprint):  # the head's own size may be another
         check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,

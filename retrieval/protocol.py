@@ -25,6 +25,7 @@ from retrieval.probe import LinearProbe
 
 if TYPE_CHECKING:  # not at run time: it loads the store (see above)
     from index.gallery import Gallery
+    from retrieval.encoders import Encoder
 
 #: In a ``speciesid finetune`` output: the training photos held out to choose the epoch (path, species, sha256).
 HELDOUT_FILE = "heldout.csv"
@@ -340,7 +341,7 @@ def run_val_root(run: dict) -> str | None:
     return source.removeprefix(VAL_SOURCE) if source.startswith(VAL_SOURCE) else None
 
 
-def size_origin(encoder, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str | None, bool]:
+def size_origin(encoder: Encoder, root: str | Path, evaluated: Sequence[str | None] = ()) -> tuple[str | None, bool]:
     """(what chose a network fine-tuned here, whether the evaluated photos at ``root`` did): its run chose the epoch
     kept and, when it embeds at another side, the test size (``finetune.engine.choose_test_size``) on its --val-root
     photos or on photos it held out of its training photos; (None, False) for every other encoder."""

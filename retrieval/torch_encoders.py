@@ -15,6 +15,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def state_dict_digest(module: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def seeded_init(seed: int = 0):
+def seeded_init(seed: int = 0) -> Iterator[None]:
     """Reproducible random initialisation without disturbing the caller's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -178,7 +179,7 @@ class TorchEncoder(Encoder):
             self.dtype, self.precision = dtype, precision
         return faith
 
-    def _encode_plain(self, batch) -> np.ndarray:
+    def _encode_plain(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Preprocessed (N, C, H, W) array or tensor -> (N, dim) float32, L2-normalised."""
         x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
         if x.ndim != 4:
@@ -192,7 +193,7 @@ class TorchEncoder(Encoder):
         return self._encode_plain(batch)
 
 
-def _open_clip_checkpoint(open_clip, parsed: ParsedSpec, pretrained: str | None) -> str | None:
+def _open_clip_checkpoint(parsed: ParsedSpec, pretrained: str | None) -> str | None:
     """The checkpoint file open_clip would load for this spec (None: random weights)."""
     from open_clip import factory
     from open_clip import pretrained as oc_pretrained
@@ -221,7 +222,7 @@ def _weights_that_fit(weights: str | None, target: str):
         raise ValueError(f"--weights {weights} does not load into {target}: {detail[:300]}") from exc
 
 
-def _load_open_clip_no_init(open_clip, model_name: str, pretrained: str | None, checkpoint: str):
+def _load_open_clip_no_init(open_clip: ModuleType, model_name: str, pretrained: str | None, checkpoint: str):
     """Build on the meta device (no initialisation), then adopt the checkpoint's tensors (``assign=True``)."""
     from open_clip.factory import load_checkpoint
 
@@ -284,7 +285,7 @@ class OpenClipEncoder(TorchEncoder):
         model = None
         checkpoint = None
         with contextlib.suppress(Exception):
-            checkpoint = _open_clip_checkpoint(open_clip, parsed, pretrained)
+            checkpoint = _open_clip_checkpoint(parsed, pretrained)
         if checkpoint is not None:
             try:
                 model = _load_open_clip_no_init(open_clip, model_name, pretrained, checkpoint)
@@ -312,7 +313,6 @@ class OpenClipEncoder(TorchEncoder):
         size = getattr(model.visual, "image_size", 224)
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.input_size = int(max(size))
-        self._image_size = size
         self._tokenizer = None
         self._text_dtype: torch.dtype | None = None
         trunk = getattr(model.visual, "trunk", None)  # open_clip's timm towers keep the timm model here

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import operator
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,11 +35,12 @@ from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
 from index.photos import PHOTO_FORMATS
+from index.status import store_status
 from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
-from retrieval.distributed import RayOptions
+from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
     DEFAULT_ENCODER,
     Encoder,
@@ -116,11 +118,13 @@ def build_gallery(
     encoder = portable((encoder or EncoderConfig()).resolved(info["encoder"] if info else None))
     if info is not None:  # another encoder is refused before it loads (or downloads)
         check_encoder_choice(index_dir, info, encoder)
-    if engine == "ray":
+    if engine == "ray":  # options Ray cannot build: refused before the model loads (or downloads)
+        check_ray_views(encoder.views)
         if clean is not None:
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
         return _build_on_ray(index_dir, dataset, root, metadata=metadata, encoder=encoder,
-                             index_config=index_config, ray=ray, store=store, storage_options=storage_options)
+                             index_config=index_config, ray=ray, store=store, storage_options=storage_options,
+                             progress=progress)
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
         logger.warning("%s", warning)
@@ -137,13 +141,15 @@ def build_gallery(
 
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
                   encoder: EncoderConfig, index_config: VectorIndexConfig | None, ray: RayOptions | None,
-                  store: str | None, storage_options: dict[str, str] | None) -> BuildResult:
-    """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks."""
+                  store: str | None, storage_options: dict[str, str] | None, progress: bool = True) -> BuildResult:
+    """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks.
+    ``progress``: a bar moved at each committed chunk (with the time left for a dataset listed up front)."""
     from retrieval.distributed import plan_cluster, ray_add_references, ray_map, start_ray, stop_ray
 
     warnings: list[str] = []
     skipped: list[tuple[Path, str]] = []  # entries the listing could not read (broken links...), logged once
     records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings, skipped=skipped)
+    total = operator.length_hint(records) or None  # a listed dataset's size; 0 (unknown) for a streamed one
     first = next(records, None)  # before Ray starts and the gallery is made: an empty folder creates nothing
     if first is None:
         raise no_photos_error(dataset, root)
@@ -156,7 +162,8 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         plan_cluster(enc, options)  # what Ray cannot build is refused before a gallery is made
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options)
-        report = ray_add_references(gallery, config, records, encoder=enc, options=options)
+        report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
+                                    total=total)
         gallery.finish_build(map_fn=ray_map)
     finally:
         if started:
@@ -499,11 +506,12 @@ def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
 
 
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
-    """What a gallery holds and which encoder built it."""
+    """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
+    S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`)."""
     g = _gallery(gallery)
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
-            "index_kind": g.index.kind, "store_version": g.store.version}
+            "index_kind": g.index.kind, "store_version": g.store.version, "store": store_status(g)}
 
 
 def _gallery(gallery: Gallery | str | Path) -> Gallery:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+#: The shared assets (real photos and weights): ``../shared`` beside the repo, or $SPECIESID_SHARED.
+SHARED = Path(os.environ.get("SPECIESID_SHARED") or REPO.parent / "shared")
+#: Set (CI: .ci/run): a missing ../shared or a missing extra that `make test` installs fails instead of skipping.
+REQUIRE_ALL = "SPECIESID_REQUIRE_ALL"
 PH_SNAKES = SHARED / "data" / "ph-snakes"
 MOBILENET = SHARED / "models" / "mobilenetv1_100.coral_in1k"
 MOBILENET_SPEC = f"timm:local-dir:{MOBILENET}"
@@ -38,10 +42,38 @@ def _isolated_user_cache(tmp_path_factory: pytest.TempPathFactory):
             os.environ[n] = v
 
 
-def needs_shared() -> None:
-    """Skip when the shared assets are not beside the repo (CI always has them)."""
-    if not PH_SNAKES.is_dir() or not MOBILENET.is_dir():
-        pytest.skip(f"shared assets not found at {SHARED}")
+def require_all() -> bool:
+    """Whether a missing asset or extra fails the test ($SPECIESID_REQUIRE_ALL set, as in CI) rather than skips it."""
+    return os.environ.get(REQUIRE_ALL, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _missing(reason: str) -> None:
+    """Skip the test for ``reason``, or fail it when :func:`require_all`."""
+    if require_all():
+        pytest.fail(f"{reason} ({REQUIRE_ALL} is set: nothing `make test` provides may be missing)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_shared(*paths: Path) -> None:
+    """Skip when the shared assets (ph-snakes, MobileNet, and ``paths`` when given) are not beside the repo; fail
+    instead under $SPECIESID_REQUIRE_ALL (CI always has them)."""
+    wanted = paths or (PH_SNAKES, MOBILENET)
+    if not all(p.exists() for p in wanted):
+        _missing(f"shared assets not found at {SHARED}")
+
+
+def require_module(name: str) -> Any:
+    """``pytest.importorskip(name)``, failing instead under $SPECIESID_REQUIRE_ALL (a module of an extra that
+    `make test` installs: dev, onnx, openvino, ray). Usable at module level."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if require_all():
+            pytest.fail(f"could not import {name!r} ({exc}); {REQUIRE_ALL} is set: install the extras "
+                        "`make test` installs", pytrace=False)
+        pytest.skip(f"could not import {name!r}: {exc}", allow_module_level=True)
 
 
 def save_tiny_open_clip(folder: Path, seed: int = 0) -> Path:

@@ -258,6 +258,27 @@ def test_serve_on_a_busy_port_exits_2_before_loading_the_model(tmp_path_factory,
     assert "SPECIESID_READS_REQUIRE_KEY is set but no SPECIESID_API_KEYS is: every read" in caplog.text
 
 
+def test_serve_on_a_gallery_whose_model_does_not_load_exits_2_with_the_loaders_one_line(tmp_path_factory, tmp_path):
+    """uvicorn exits with status 3 and logs the loader's traceback when the app's startup fails: ``serve`` says the
+    loader's error in one line and exits 2, as documented (the traceback only under -vv)."""
+    import json
+
+    index = gallery_copy(tmp_path_factory, "no_model")
+    info = json.loads((index / "gallery.json").read_text())
+    missing = tmp_path / "nomodel"
+    missing.mkdir()
+    info["encoder"]["spec"] = info["encoder"]["fingerprint"] = f"timm:local-dir:{missing}"
+    (index / "gallery.json").write_text(json.dumps(info))
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--index", str(index), "--port", str(free_port())]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("speciesid: error:")]
+    assert len(errors) == 1 and str(missing) in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 4, done.stderr[-3000:]
+    verbose = subprocess.run([*cmd, "-vv"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr, verbose.stderr[-3000:]
+
+
 def test_listening_socket_refuses_a_port_held_by_a_server_still_loading():
     """A first ``serve`` holds its socket while its model loads (before uvicorn listens); a second one on that
     port is refused at the check, not after loading its own model."""

@@ -210,8 +210,8 @@ def test_a_new_species_that_looks_like_a_gallery_species_needs_confirming(built,
     code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja samarensiss", photo,
                         *ENCODER)
     assert code == 2 and ("'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is: give "
-                          "--species 'Naja samarensis' to add to it, or confirm that 'Naja samarensiss' is a new "
-                          "species (CLI --new-species; API form field new_species=true)") in err, err
+                          "--species 'Naja samarensis' to add to it, or give --new-species if 'Naja samarensiss' is a "
+                          "new species\n") in err and "new_species=true" not in err, err
     code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "samar cobra", photo, *ENCODER)
     assert code == 2 and "'samar cobra' is the common name of 'Naja samarensis' (3 references)" in err, err
     assert {s.species: s.count for s in Gallery.open(index).species()} == before  # nothing added
@@ -228,7 +228,7 @@ def test_a_new_species_that_looks_like_a_gallery_species_needs_confirming(built,
     assert code == 0 and "Natrix natrix (new species)" in out, (out, err)
 
 
-def test_the_api_refuses_a_lookalike_new_species_with_the_cli_message_unless_confirmed(built, tmp_path):
+def test_the_api_refuses_a_lookalike_new_species_in_its_own_words_unless_confirmed(built, tmp_path):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
@@ -240,8 +240,10 @@ def test_the_api_refuses_a_lookalike_new_species_with_the_cli_message_unless_con
     with TestClient(create_app(Settings(index=str(index), api_keys="k", precision="fp32", runtime="torch"))) as c:
         url = "/v1/species/Naja samarensiss/references"
         resp = c.post(url, files=[("images", ("a.png", data, "image/png"))], headers=keys)
-        assert resp.status_code == 409 and resp.json()["detail"].startswith(
-            "'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is"), resp.text
+        assert resp.status_code == 409 and resp.json()["detail"] == (
+            "'Naja samarensiss' is not in the gallery, but 'Naja samarensis' (3 references) is: send the photos to "
+            "POST /v1/species/Naja_samarensis/references to add them to 'Naja samarensis', or send the form field "
+            "new_species=true to create 'Naja samarensiss' as a new species"), resp.text  # no CLI option named
         assert not list((index / "uploads").glob("*"))  # the refused upload is not kept
         resp = c.post(url, files=[("images", ("a.png", data, "image/png"))], data={"new_species": "true"},
                       headers=keys)

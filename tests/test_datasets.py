@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+from conftest import SHARED, needs_shared
 from PIL import Image
 
 from index.datasets import DATASETS, DatasetScan, list_datasets, load_dataset, parse_folder_name
@@ -14,7 +15,6 @@ from index.photos import IMAGE_EXTENSIONS
 from index.records import ReferenceRecord
 from index.taxonomy import TaxonInfo, lookup_taxon
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PH_SNAKES_TRAIN = SHARED / "data" / "ph-snakes" / "train"
 SNAKECLEF_SAMPLE = SHARED / "reference" / "snakeclef2021_test_metadata_cleaned.sample.csv"
 
@@ -275,8 +275,8 @@ def test_folder_loader_reports_broken_links_once(tmp_path: Path, caplog: pytest.
     assert len(warned) == 1 and warned[0].startswith(f"3 entries under {tmp_path} skipped")
 
 
-@pytest.mark.skipif(not PH_SNAKES_TRAIN.is_dir(), reason="shared ph-snakes data not available")
 def test_real_ph_snakes_train_tree() -> None:
+    needs_shared(PH_SNAKES_TRAIN)
     scan = load_dataset("folder", PH_SNAKES_TRAIN)
 
     assert len(scan.species) == 14
@@ -439,8 +439,8 @@ def test_snakeclef2021_requires_metadata(tmp_path: Path) -> None:
         load_dataset("snakeclef2021", tmp_path)
 
 
-@pytest.mark.skipif(not SNAKECLEF_SAMPLE.is_file(), reason="shared SnakeCLEF sample not available")
 def test_snakeclef2021_loader_with_real_rows(tmp_path: Path) -> None:
+    needs_shared(SNAKECLEF_SAMPLE)
     header, rows = _sample_rows(5)
     meta = write_csv(tmp_path / "meta.csv", header, [[row[c] for c in header] for row in rows])
     images = tmp_path / "images"
@@ -473,6 +473,37 @@ def test_snakeclef2021_missing_columns(tmp_path: Path) -> None:
     meta = write_csv(tmp_path / "meta.csv", ["binomial", "country"], [["Naja haje", "Egypt"]])
     with pytest.raises(ValueError, match="image_path"):
         load_dataset("snakeclef2021", tmp_path, metadata=meta)
+
+
+@pytest.mark.parametrize("dataset", ["rare-species", "snakeclef2021"])
+def test_metadata_loaders_skip_and_report_rows_whose_species_name_check_name_refuses(dataset, tmp_path, caplog):
+    """The rare-species and snakeclef2021 loaders took a species name as the metadata gave it: a bidi override or a
+    '/' went into the gallery (which the API could not address), against the one naming rule the folder loader and
+    the streamed loaders apply (index.taxonomy.check_name). Such a row is skipped, counted and reported with an
+    example (a warning every caller logs); the other rows load, their names' spaces collapsed as the rule does."""
+    import logging
+
+    from finetune.data import load_photos
+
+    good, bidi, slash = "Naja  haje", "Naja \u202ehaje", "Naja/haje"
+    for name in ("a", "b", "c"):
+        make_image(tmp_path / "img" / f"{name}.jpg")
+    if dataset == "rare-species":
+        meta = write_csv(tmp_path / "metadata.csv", ["genus", "species", "file_name"],
+                         [["Naja", sp, f"img/{n}.jpg"] for sp, n in ((good, "a"), (bidi, "b"), (slash, "c"))])
+        root = tmp_path
+    else:
+        meta = write_csv(tmp_path / "meta.csv", ["binomial", "image_path"],
+                         [[sp, f"{n}.jpg"] for sp, n in ((good, "a"), (bidi, "b"), (slash, "c"))])
+        root = tmp_path / "img"
+    scan = load_dataset(dataset, root, metadata=meta)
+    assert scan.species == ["Naja haje"] and len(scan.records) == 1
+    (warning,) = [w for w in scan.warnings if "invalid species name" in w]
+    assert warning.startswith(f"2 row(s) of {meta} with an invalid species name skipped"), warning
+    assert "b.jpg: the species name " in warning and "RIGHT-TO-LEFT OVERRIDE (U+202E)" in warning, warning
+    with caplog.at_level(logging.WARNING):
+        assert load_photos(dataset, root, metadata=meta).labels == ["Naja haje"]
+    assert f"2 row(s) of {meta} with an invalid species name skipped" in caplog.text, caplog.text
 
 
 def test_new_species_references_join_existing_spellings():

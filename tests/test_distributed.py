@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared, require_module
 
 from api.cli import main
 from index.fragments import _machine_id as read_machine_id  # the real one (the fixture below may stand in)
@@ -21,8 +21,8 @@ from index.layout import JOURNAL_GLOB
 if TYPE_CHECKING:
     from index.fragments import PendingFiles
 
-pytest.importorskip("ray.data")
-pytest.importorskip("lance")
+require_module("ray.data")
+require_module("lance")
 
 pytestmark = pytest.mark.slow
 

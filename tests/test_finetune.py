@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared, require_module
 
 
 def _subset(root: Path, species: list[str], n: int, split: str = "train") -> Path:
@@ -791,7 +791,7 @@ def test_test_size_is_chosen_on_the_held_out_photos_recorded_and_used(stage1, ti
 def test_an_exported_encoder_keeps_the_test_size(stage1, tiny_set, tmp_path, monkeypatch):
     """ONNX export of a network embedded at a chosen test size: same input, fingerprint and embeddings as torch;
     the export cache keeps one entry per size (the warm path does not hand the 96-px export to the 224-px one)."""
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     import shutil
 
     from PIL import Image

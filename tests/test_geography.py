@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from index.geography import COUNTRIES_CSV, country_presence, resolve_country, species_countries
+from index.geography import COUNTRIES_CSV, country_presence, resolve_country
 
 MOROCCAN_CSV = Path(__file__).resolve().parents[1] / "index" / "data" / "moroccan.csv"
 #: Checklist species the SnakeCLEF 2021 table does not mark present in Morocco (measured).
@@ -94,24 +94,16 @@ def test_moroccan_species_present_in_morocco() -> None:
     with COUNTRIES_CSV.open(newline="", encoding="utf-8") as fh:
         table = {row["species"]: row["countries"].split(";") for row in csv.DictReader(fh)}
     assert {name for name in moroccan if "MA" not in table[name]} == MOROCCAN_ABSENT_FROM_MA
-    assert "MA" in species_countries("Echis pyramidum") and "EG" in species_countries("Echis pyramidum")
+    assert presence["Echis pyramidum"] and country_presence("EG")["Echis pyramidum"]
 
 
-def test_species_countries() -> None:
-    assert "MA" in species_countries("Daboia mauritanica")
-    naja_haje = species_countries("Naja haje")
-    assert naja_haje is not None and {"MA", "EG"} <= naja_haje
-    assert species_countries("Naja philippinensis") == frozenset({"PH"})
+def test_country_presence_of_single_species() -> None:
+    """What ``identify --country`` reads (retrieval.workflows): presence by the table's species names."""
+    morocco, egypt, philippines = (country_presence(c) for c in ("MA", "Egypt", "ph"))
+    assert morocco["Daboia mauritanica"]
+    assert morocco["Naja haje"] and egypt["Naja haje"]
+    assert philippines["Naja philippinensis"] and not morocco["Naja philippinensis"] and not egypt["Naja philippinensis"]
     # Rows the source splits by a trailing space / misspelling are merged (Northern Cyprus -> CY).
-    assert "CY" in species_countries("Dolichophis jugularis")
-    assert species_countries("Hemorhois nummifer") is None
-
-
-@pytest.mark.parametrize("name", ["naja haje", "NAJA HAJE", "Naja-haje", "naja_haje", "  Naja   haje "])
-def test_species_name_matching(name: str) -> None:
-    assert species_countries(name) == species_countries("Naja haje")
-
-
-@pytest.mark.parametrize("name", ["Naja nonexistens", "", "Naja"])
-def test_unknown_species_is_none(name: str) -> None:
-    assert species_countries(name) is None
+    assert country_presence("CY")["Dolichophis jugularis"]
+    for name in ("Hemorhois nummifer", "Naja nonexistens", "", "Naja"):  # not in the table: no answer either way
+        assert name not in morocco

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.images import ImageLoadError, decode_image, load_image, to_rgb
+from retrieval.images import ImageLoadError, decode_image, to_rgb
+from retrieval.pipeline import prepare
+
+
+@pytest.fixture(scope="module")
+def test_vit():
+    """A random tiny timm encoder: what :func:`retrieval.pipeline.prepare` decodes a photo for."""
+    from retrieval.encoders import create_encoder
+
+    return create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -58,7 +67,7 @@ def test_exif_orientation_is_applied():
     assert red(out[3, 16]) and not red(out[3, 3]) and not red(out[36, 16]) and not red(out[36, 3])
 
 
-def test_corrupt_truncated_empty_and_non_images(tmp_path):
+def test_corrupt_truncated_empty_and_non_images(tmp_path, test_vit):
     good = _bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     with pytest.raises(ImageLoadError, match="truncated or corrupt"):
         decode_image(good[: len(good) // 3])
@@ -66,9 +75,8 @@ def test_corrupt_truncated_empty_and_non_images(tmp_path):
         decode_image(b"this is a text file, not a photo")
     with pytest.raises(ImageLoadError, match="empty"):
         decode_image(b"")
-    missing = tmp_path / "nope.jpg"
-    with pytest.raises(ImageLoadError, match="cannot be read"):
-        load_image(missing)
+    missing = tmp_path / "nope.jpg"  # read as builds, the CLI and the server read a photo: retrieval.pipeline
+    assert prepare(0, missing, test_vit).error.startswith("cannot be read (No such file or directory")
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nnewpath 0 0 moveto 40 40 lineto stroke\n%%EOF\n"
     with pytest.raises(ImageLoadError, match="drawing.eps: not a recognised image format: send a JPEG, PNG"):
         decode_image(eps, name="drawing.eps")  # never handed to Ghostscript: only photo formats' decoders are tried
@@ -113,14 +121,16 @@ def test_the_pixel_limit_counts_the_pixels_decoded():
         decode_image(png, max_pixels=50_000_000, draft=448)
 
 
-def test_load_image_hashes_bytes(tmp_path):
-    p = tmp_path / "a.png"
-    p.write_bytes(_bytes(Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"))
-    loaded = load_image(p)
+def test_a_photo_file_is_hashed_on_its_bytes(tmp_path, test_vit):
     import hashlib
 
-    assert loaded.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
-    assert to_rgb(loaded.image) is loaded.image
+    p = tmp_path / "a.png"
+    p.write_bytes(_bytes(Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"))
+    prepared = prepare(0, p, test_vit)
+    assert prepared.error is None and prepared.tensor is not None
+    assert prepared.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    image = decode_image(p.read_bytes())
+    assert to_rgb(image) is image
 
 
 def test_jpeg_draft_keeps_at_least_the_requested_size():
@@ -129,15 +139,14 @@ def test_jpeg_draft_keeps_at_least_the_requested_size():
     assert min(out.size) >= 448 and out.size[0] < 2000
 
 
-def test_long_strips_are_refused_before_decoding(tmp_path):
+def test_long_strips_are_refused_before_decoding(tmp_path, test_vit):
     """A few-kB 1 x 20,000 strip would become a 224 x 4.5M px tensor after the short-side resize."""
     strip = _bytes(Image.new("L", (20_000, 1)), "PNG")
     with pytest.raises(ImageLoadError, match="too elongated"):
         decode_image(strip)
     p = tmp_path / "strip.png"  # the CLI / gallery path too
     p.write_bytes(strip)
-    with pytest.raises(ImageLoadError, match=r"strip.png: 20000x1 pixels is too elongated \(over 25:1\)"):
-        load_image(p)
+    assert prepare(0, p, test_vit).error == "20000x1 pixels is too elongated (over 25:1) to be a photo"
     assert decode_image(_bytes(Image.new("RGB", (500, 20)), "PNG")).size == (500, 20)  # 25:1 still passes
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
-from retrieval.metrics import EvalItem, evaluate, threshold_for_precision, write_report
+from retrieval.metrics import EvalItem, evaluate, precision_threshold, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -166,25 +167,30 @@ def test_worst_errors(res):
     ]
 
 
-def test_threshold_for_precision():
+def test_precision_threshold():
+    """The threshold calibration chooses (retrieval/calibrate.py), on ITEMS' top-1 confidences."""
     # Top-1 confidence (right?): .40 n, .45 y, .55 n, .60 y, .70 y, .80 y, .90 y
     # t <= .40: 5/7 = .714; .41-.45: 5/6 = .833; .46-.55: 4/5 = .8; .56-.60: 4/4 = 1
-    assert threshold_for_precision(ITEMS, 0.95) == (
+    conf = np.array([max(it.scores.values()) for it in ITEMS])
+    correct = np.array([max(it.scores, key=it.scores.get) == it.truth for it in ITEMS])
+    assert sorted(zip(conf.tolist(), correct.tolist(), strict=True)) == [
+        (0.40, False), (0.45, True), (0.55, False), (0.60, True), (0.70, True), (0.80, True), (0.90, True)]
+    assert precision_threshold(conf, correct, 0.95) == (
         pytest.approx(0.56),
         pytest.approx(1.0),
         pytest.approx(4 / 7),
     )
-    assert threshold_for_precision(ITEMS, 0.8) == (
+    assert precision_threshold(conf, correct, 0.8) == (
         pytest.approx(0.41),
         pytest.approx(5 / 6),
         pytest.approx(6 / 7),
     )
-    assert threshold_for_precision(ITEMS, 0.7) == (
+    assert precision_threshold(conf, correct, 0.7) == (
         pytest.approx(0.0),
         pytest.approx(5 / 7),
         pytest.approx(1.0),
     )
-    t, p, cov = threshold_for_precision([EvalItem("A", {"B": 0.9})], 0.5)
+    t, p, cov = precision_threshold(np.array([0.9]), np.array([False]), 0.5)
     assert t == 1.0 and math.isnan(p) and cov == 0.0
 
 

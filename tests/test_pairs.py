@@ -111,3 +111,59 @@ def test_empty_and_degenerate_inputs():
     assert len(similar_pairs(twice, threshold=-1.0, block=4)) == 10 * 9 // 2  # every pair once
     with pytest.raises(ValueError, match="block"):
         similar_pairs(a, threshold=0.5, block=0)
+
+
+def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+#: copy_groups' labels of _frozen_graph(): cross-validation's folds follow their order (StratifiedGroupKFold sorts
+#: the group labels), so every CV figure the docs quote depends on them. A change here moves the folds.
+_FROZEN_LABELS = [0, 19, 19, 5, 23, 5, 23, 23, 36, 24, 25, 21, 5, 5, 14, 33, 16, 5, 18, 19, 25, 21, 39, 23, 24, 25,
+                  23, 23, 5, 29, 21, 33, 5, 33, 36, 35, 36, 5, 38, 39]
+
+
+def _frozen_graph() -> tuple[np.ndarray, list[str | None]]:
+    """40 rows on the sphere in 3-D (many near pairs at 0.95) and a few same-sha256 rows, "" and None among them."""
+    x = _unit_rows(np.random.default_rng(47), 40, 3)
+    sha: list[str | None] = [None] * 40
+    sha[3] = "03" * 32
+    sha[12] = sha[5] = "12" * 32
+    sha[30] = sha[21] = "30" * 32
+    sha[7] = sha[8] = ""  # no digest: never the same photo
+    return x, sha
+
+
+def test_copy_groups_labels_are_the_frozen_ones_whatever_the_block():
+    """The labels themselves (not only the groups) stay: the folds of cross-validation depend on their order."""
+    from index.pairs import copy_groups
+
+    x, sha = _frozen_graph()
+    for block in (1, 7, 2048):
+        assert copy_groups(x, threshold=0.95, sha256=sha, block=block).tolist() == _FROZEN_LABELS
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_copy_groups_are_the_connected_components_and_each_label_a_member(seed):
+    """The groups equal scipy's connected components of the pairs and same-digest edges (an independent oracle);
+    a group's label is one of its rows."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from index.pairs import copy_groups
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 120))
+    x = _unit_rows(rng, n, int(rng.integers(2, 5)))
+    digests = [None, "", *(f"{k:064x}" for k in range(n))]  # about a third of the rows share one with another
+    sha = [digests[k] for k in rng.integers(0, len(digests), n)] if seed % 2 else []
+    threshold = float(rng.uniform(0.9, 0.99))
+    labels = copy_groups(x, threshold=threshold, sha256=sha, block=int(rng.integers(1, 64)))
+    edges = [(i, j) for i, j, _ in similar_pairs(x, threshold=threshold)]
+    edges += [(i, j) for i in range(len(sha)) for j in range(i) if sha[i] and sha[i] == sha[j]]
+    rows, cols = (np.array(side, dtype=np.int64) for side in zip(*edges, strict=True)) if edges else ([], [])
+    _, comp = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    same = labels[:, None] == labels[None, :]
+    assert np.array_equal(same, comp[:, None] == comp[None, :])
+    assert np.array_equal(labels[labels], labels)  # the label is a row of its own group

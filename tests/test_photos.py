@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from index.photos import expand_photo_args, find_photos, require_photos, scan_photos
+from index.photos import expand_photo_args, find_photos, scan_photos
 
 
 def _touch(path: Path) -> Path:
@@ -48,8 +48,10 @@ def test_expand_photo_args_reports_bad_arguments_and_keeps_the_rest(tmp_path):
     assert reasons[str(tmp_path / "dir.jpg")].startswith("folder holds no photos")
     assert reasons[str(tmp_path / "dangling.jpg")].startswith("broken symbolic link")
     assert reasons[str(tmp_path / "nope.jpg")] == "does not exist"
-    with pytest.raises(ValueError, match="no photos to read .*does not exist"):
-        require_photos([tmp_path / "nope.jpg"])
+    from api.cli._common import photo_args  # what the commands taking photos call
+
+    with pytest.raises(ValueError, match="no photos to read: .*nope.jpg: does not exist"):
+        photo_args([str(tmp_path / "nope.jpg")], report=False)
 
 
 def test_skipped_entries_are_returned_and_logged_never_dropped_silently(tmp_path, caplog, monkeypatch):

@@ -235,3 +235,18 @@ def test_a_stage_1_folder_moved_away_is_said_and_the_figures_are_not_called_unse
     with (s3 / "trained.csv").open("w") as fh:
         fh.write(f"path,species,sha256,run\nq.jpg,A a,{'b' * 64},\np.jpg,A a,{'a' * 64},{s1}\n")
     assert network_trained(f"timm:local-dir:{s3}", evaluated, [0, 1]) == ([0, 1], str(s3 / "trained.csv"), True)
+
+
+def test_evaluate_says_how_many_photos_it_could_not_read(tmp_path_factory, tmp_path, capsys):
+    """The unreadable photos of the evaluated set are said beside the figures (they were only in the report's
+    notes); none unreadable, nothing is said."""
+    index = gallery_copy(tmp_path_factory, "protocol_unreadable")
+    val = _val(tmp_path / "val", n=2)
+    _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", val, "--report",
+                  tmp_path / "report", "-q")
+    assert "unreadable" not in out
+    for name in ("broken.jpg", "empty.png"):  # 2 photos that cannot be decoded, beside the 8 that can
+        (val / SPECIES[0] / name).write_bytes(b"not a photo" if name == "broken.jpg" else b"")
+    _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", val, "--report",
+                  tmp_path / "report", "-q")
+    assert "photos: 8 evaluated, 2 unreadable, skipped" in out, out

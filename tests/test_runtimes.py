@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import PH_SNAKES
+from conftest import PH_SNAKES, require_module
 from PIL import Image
 
 from retrieval import cpu
@@ -141,7 +141,7 @@ def _cos_to_torch(enc, tiny_clip_dir) -> float:
 @pytest.mark.parametrize("runtime,precision", [("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
                                                ("openvino", "bf16"), ("openvino", "int8")])
 def test_exports_are_checked_cached_and_faithful(tiny_clip_dir, cache, check_photos, monkeypatch, runtime, precision):
-    pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    require_module("onnxruntime" if runtime == "onnx" else "openvino")
     from retrieval.encoders import create_encoder
     from retrieval.runtimes import export as export_mod
 
@@ -168,7 +168,7 @@ def test_exports_are_checked_cached_and_faithful(tiny_clip_dir, cache, check_pho
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 def test_int8_exports_keep_stdout_clean(tiny_clip_dir, cache, check_photos, capfd, runtime):
     """A model's first use quantises it: NNCF/ORT progress goes to stderr, so `--format json > f` stays valid."""
-    pytest.importorskip("onnxruntime" if runtime == "onnx" else "openvino")
+    require_module("onnxruntime" if runtime == "onnx" else "openvino")
     from retrieval.encoders import create_encoder
 
     enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime=runtime, precision="int8",
@@ -180,9 +180,38 @@ def test_int8_exports_keep_stdout_clean(tiny_clip_dir, cache, check_photos, capf
         assert "Statistics collection" in err  # NNCF's progress is kept, on stderr
 
 
-def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos, monkeypatch):
-    pytest.importorskip("onnxruntime")
+def test_the_command_lines_quiet_flag_silences_nncfs_progress_bars(tiny_clip_dir, tmp_path, check_photos, capfd,
+                                                                    monkeypatch):
+    """A CLIP model's first use exports it, and NNCF's int8 calibration printed its progress bars (on stderr) even
+    with -q: the flag never reached the export. -q now reaches it through EncoderConfig.progress; without -q the
+    bars still go to stderr, stdout stays clean either way. A real export of a tiny open_clip model, run twice,
+    each in a fresh cache."""
     pytest.importorskip("openvino")
+    from api.cli import main
+
+    monkeypatch.delenv("SPECIESID_RUNTIME", raising=False)
+    root = tmp_path / "photos"
+    for i, photo in enumerate(check_photos[:24]):
+        folder = root / ("Naja haje" if i % 2 else "Naja naja")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}{photo.suffix}").symlink_to(photo)
+    for quiet in (True, False):
+        monkeypatch.setenv("SPECIESID_CACHE", str(tmp_path / f"cache-{quiet}"))  # the export is made again
+        code = main(["index", "build", "--dataset", "folder", "--root", str(root), "--index",
+                     str(tmp_path / f"g-{quiet}"), "--encoder", f"open_clip:local-dir:{tiny_clip_dir}",
+                     "--runtime", "openvino", "--precision", "int8", "--device", "cpu", *(["-q"] if quiet else [])])
+        out, err = capfd.readouterr()
+        assert code == 0 and "24 references" in out, (out, err)
+        assert "Statistics collection" not in out and "━" not in out
+        if quiet:
+            assert "Statistics collection" not in err and "━" not in err, err
+        else:
+            assert "Statistics collection" in err and "━" in err, err
+
+
+def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos, monkeypatch):
+    require_module("onnxruntime")
+    require_module("openvino")
     from retrieval.encoders import create_encoder
 
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
@@ -196,7 +225,7 @@ def test_auto_follows_the_table_per_cpu_kind(tiny_clip_dir, cache, check_photos,
 
 
 def test_auto_without_photos_skips_int8_until_photos_come(tiny_clip_dir, cache, check_photos, monkeypatch):
-    pytest.importorskip("openvino")
+    require_module("openvino")
     from retrieval.encoders import create_encoder
 
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
@@ -212,7 +241,7 @@ def test_auto_without_photos_skips_int8_until_photos_come(tiny_clip_dir, cache, 
 
 
 def test_unfaithful_exports_are_refused_and_auto_falls_back(tiny_clip_dir, cache, check_photos, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from retrieval.encoders import create_encoder
     from retrieval.runtimes import export as export_mod
 
@@ -244,7 +273,7 @@ def test_missing_runtime_is_named_when_asked_and_skipped_by_auto(tiny_clip_dir, 
 
 
 def test_a_runtime_refuses_precisions_it_does_not_run(tiny_clip_dir, cache):
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from retrieval.encoders import create_encoder
 
     with pytest.raises(ValueError, match="runs fp32, int8"):
@@ -286,7 +315,7 @@ def test_fp16_off_cuda_is_refused_before_the_model_loads(tiny_clip_dir, cache, t
 
 
 def test_stale_entries_are_rebuilt(tiny_clip_dir, cache, check_photos, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from retrieval.encoders import create_encoder
 
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
@@ -302,7 +331,7 @@ def test_stale_entries_are_rebuilt(tiny_clip_dir, cache, check_photos, monkeypat
 
 
 def test_a_damaged_entry_is_exported_again(tiny_clip_dir, cache, check_photos):
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from retrieval.encoders import create_encoder
 
     spec = f"open_clip:local-dir:{tiny_clip_dir}"
@@ -315,7 +344,7 @@ def test_a_damaged_entry_is_exported_again(tiny_clip_dir, cache, check_photos):
 
 
 def test_a_cache_that_cannot_be_written_leaves_auto_on_torch(tiny_clip_dir, cache, check_photos, monkeypatch, caplog):
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from retrieval.encoders import create_encoder
     from retrieval.runtimes import select
 
@@ -391,8 +420,8 @@ def test_the_dynamo_exporter_fallback_writes_a_faithful_onnx(tmp_path, monkeypat
     """When torch's TorchScript exporter fails, export_onnx falls back on the dynamo one (onnxscript, in the onnx
     and openvino extras); its dynamic batch is given by position, whatever the forward's argument is called (it
     was keyed "x", which nn.Sequential's "input" refused)."""
-    pytest.importorskip("onnxscript")
-    ort = pytest.importorskip("onnxruntime")
+    require_module("onnxscript")
+    ort = require_module("onnxruntime")
     import torch
 
     from retrieval.runtimes.export import export_onnx

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PH_SNAKES, REPO
+from conftest import PH_SNAKES, REPO, require_module
 from PIL import Image
 
 HEAVY = ("torch", "open_clip", "timm", "sklearn", "torchvision")
@@ -119,7 +119,7 @@ def test_decoding_photos_for_a_model_imports_no_gallery_stack(tmp_path):
 def test_identify_on_a_warm_cache_never_imports_torch(tiny_clip_dir, tmp_path, capsys, monkeypatch):
     """Build with ``--runtime auto`` (the export is made and checked on the dataset's photos), then identify in a
     fresh process: the cached exported tower answers, and torch, open_clip, timm, sklearn are never imported."""
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from api.cli import main
 
     photos = _photo_tree(tmp_path / "photos")
@@ -144,7 +144,13 @@ def test_identify_on_a_warm_cache_never_imports_torch(tiny_clip_dir, tmp_path, c
     assert answer["predictions"] and answer["image"] == str(photos[0])
 
 
-def test_build_reports_how_long_the_model_waited_for_decoding(tiny_clip_dir, tmp_path):
+def test_build_reports_how_long_the_model_waited_for_decoding(tiny_clip_dir, tmp_path, monkeypatch):
+    """The wait share tells a decode-bound build from a model-bound one: decoding slowed (0.15 s a photo, one
+    decode thread), the model waits most of the build; the model slowed (0.3 s a batch) and decoding instant,
+    it hardly waits (the decode thread runs ahead)."""
+    import time
+
+    import retrieval.pipeline
     from index.datasets import load_dataset
     from index.gallery import Gallery
     from retrieval.encoders import create_encoder
@@ -153,12 +159,31 @@ def test_build_reports_how_long_the_model_waited_for_decoding(tiny_clip_dir, tmp
     _photo_tree(tmp_path / "photos", per_species=4)
     records = load_dataset("folder", tmp_path / "photos").records
     enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="torch", precision="fp32", batch_size=4)
-    gallery = Gallery.create(tmp_path / "g", enc.describe())
-    report = add_references(gallery, enc, records, progress=False, workers=1)
+    decode, encode = retrieval.pipeline.model_input, enc.encode_batch
+
+    def build(name: str) -> BuildReport:
+        return add_references(Gallery.create(tmp_path / name, enc.describe()), enc, records, progress=False,
+                              workers=1)
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.15)
+        return decode(*args, **kwargs)
+
+    def slow_model(batch):
+        time.sleep(0.3)
+        return encode(batch)
+
+    monkeypatch.setattr(retrieval.pipeline, "model_input", slow_decode)
+    report = build("decode-bound")
     s = report.stats
-    assert s.batches >= report.added / 4 and s.encode_s > 0 and s.wait_s >= 0
-    assert s.encode_s + s.wait_s <= report.seconds
-    assert 0 <= s.wait_share(report.seconds) <= 1 and "the model waited for decoding" in report.summary()
+    assert s.batches >= report.added / 4 and s.encode_s > 0 and s.encode_s + s.wait_s <= report.seconds
+    assert s.wait_share(report.seconds) > 0.5, (s, report.seconds)
+    assert "the model waited for decoding" in report.summary()
+    monkeypatch.setattr(retrieval.pipeline, "model_input", decode)
+    monkeypatch.setattr(enc, "encode_batch", slow_model)
+    model_bound = build("model-bound")
+    assert model_bound.added == report.added
+    assert model_bound.stats.wait_share(model_bound.seconds) < 0.2, (model_bound.stats, model_bound.seconds)
     # a build whose model time nobody measured (a Ray build's actors) does not claim it never waited
     ray_like = BuildReport(added=report.added, seconds=report.seconds)
     assert "waited" not in ray_like.summary() and f"added {report.added}," in ray_like.summary()

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index.vectors import VectorIndex, VectorIndexConfig, exact_search
+from index.vectors import VectorIndex, VectorIndexConfig, exact_search, exact_topk
 
 KINDS = ("flat", "hnsw", "ivf")
 
@@ -79,6 +79,27 @@ def test_exact_search_matches_full_sort() -> None:
     D, labels = exact_search(xb[:3], ids[:3], xq, 5)
     assert (labels[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
     assert set(labels[0, :3]) == set(ids[:3].tolist())
+
+
+def test_exact_topk_over_chunks_equals_exact_search_and_breaks_ties_by_position() -> None:
+    """One numpy kernel: streamed in chunks (the IVF-PQ calibration's rows) it gives what exact_search gives on
+    the whole, and equal scores come in row order, within the top-k and at its edge."""
+    rng = np.random.default_rng(5)
+    xb, xq = _uniform(rng, 200, 8), _uniform(rng, 6, 8)
+    xb[150:160] = xb[40]  # ten copies of row 40 further on: ten ties with it
+    ids = _ref_ids(200)
+    for k in (1, 5, 11, 200):
+        D, labels = exact_search(xb, ids, xq, k)
+        for step in (1, 7, 64, 200):
+            chunks = [(ids[s : s + step], xb[s : s + step]) for s in range(0, 200, step)]
+            d, i = exact_topk(xq, chunks, k)
+            np.testing.assert_array_equal(i, labels)
+            np.testing.assert_allclose(d, D, rtol=0, atol=1e-6)  # the BLAS sums by chunk
+    q = xb[40:41]  # its own copies are its best: 11 equal scores
+    for k in (3, 11):
+        for step in (1, 7, 200):
+            _, i = exact_topk(q, [(ids[s : s + step], xb[s : s + step]) for s in range(0, 200, step)], k)
+            assert i[0].tolist() == ids[[40, *range(150, 160)]][:k].tolist()
 
 
 def test_flat_equals_exact_search() -> None:

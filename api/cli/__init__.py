@@ -20,6 +20,13 @@ from api.cli import clean, evaluate, finetune, identify, index, probe, reference
 from index.errors import first_line
 
 VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
+#: The epilog of the commands that write a gallery: how long they wait for another writer.
+WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
+                   "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
+                   "that wait (0: do not wait).")
+#: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
+WRITERS = (("index", "build"), ("references", "add"), ("references", "delete"), ("probe", "train"),
+           ("probe", "import"), ("clean",))
 #: Command modules, in the order ``speciesid --help`` lists their commands.
 COMMANDS = (index, identify, references, probe, finetune, evaluate, clean, serve)
 #: The top-level commands each module registers (tests check this against the full parser).
@@ -51,7 +58,21 @@ def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
         module.register(sub)
     _verbose_anywhere(sub)
     _describe_everywhere(sub)
+    _note_wait(sub)
+    parser.epilog = WRITE_WAIT_HELP
     return parser
+
+
+def _note_wait(subparsers: argparse._SubParsersAction) -> None:
+    """End the ``--help`` of every command that writes a gallery with :data:`WRITE_WAIT_HELP`."""
+    for path in WRITERS:
+        command = subparsers.choices.get(path[0])
+        for name in path[1:]:
+            nested = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None) \
+                if command is not None else None
+            command = nested.choices.get(name) if nested is not None else None
+        if command is not None and not command.epilog:
+            command.epilog = WRITE_WAIT_HELP
 
 
 def _describe_everywhere(subparsers: argparse._SubParsersAction) -> None:

@@ -133,12 +133,13 @@ _ENCODER_OPTIONS = {"spec": "encoder", "weights": "weights", "device": "device",
 
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The command's encoder options (+ --batch-size) as an EncoderConfig, the one way every command reads them: an
-    option the command lacks or that is not given stays unset (the gallery's own, else a new gallery's default)."""
+    option the command lacks or that is not given stays unset (the gallery's own, else a new gallery's default);
+    -q also silences a first use's export progress bars."""
     from retrieval.encoders import EncoderConfig
 
     given = {field: getattr(args, dest) for field, dest in _ENCODER_OPTIONS.items()
              if getattr(args, dest, None) is not None}
-    return EncoderConfig(**given)
+    return EncoderConfig(**given, progress=not getattr(args, "quiet", False))
 
 
 def at_least(low: int, high: int | None = None):

@@ -92,6 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    """speciesid clean: find duplicates, leaks and suspect labels; exclude or restore them (exit status)."""
     from retrieval.workflows import CleanConfig, clean, restore_exclusions
 
     if args.restore:

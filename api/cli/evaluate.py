@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """speciesid evaluate: identify a labelled set, print the figures and write the report (exit status)."""
     from retrieval.workflows import evaluate_dataset
 
     ident = open_identifier(args)
@@ -39,6 +40,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = evaluate_dataset(ident, args.dataset, args.root, metadata=args.metadata, country=args.country,
                            report_dir=args.report, progress=not args.quiet, keep_duplicates=args.keep_duplicates,
                            settings_overridden=overridden, methods=None if args.method == "all" else [args.method])
+    if run.unreadable:
+        emit(f"photos: {run.queries} evaluated, {run.unreadable} unreadable, skipped")
     for line in run.protocol:
         emit(f"protocol: {line}")
     for method, r in run.results.items():

@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
+    """speciesid identify: the candidate species of each photo, or of one observation (exit status)."""
     from retrieval.workflows import identify
 
     paths, bad_args = photo_args(args.images, report=False)
@@ -165,6 +166,7 @@ def _evidence_line(neighbours: list[dict]) -> str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    """speciesid search: the gallery's nearest references of one photo (exit status)."""
     from retrieval.workflows import search
 
     paths, _ = photo_args([args.image])

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
-                           "ones, index kind) and which encoder built it")
+                           "ones, index kind), which encoder built it, and its store (uri; leftover Ray build "
+                           "journals; on S3 the write lease's holder and the shared id mark)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
 
@@ -82,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    """speciesid index build: embed a dataset into a new or existing gallery (exit status)."""
     from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
     from retrieval.workflows import CleanConfig, build_gallery
@@ -100,8 +102,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"
         f"{result.report.summary()}"
     )
-    for warning in result.scan.warnings:
-        emit(f"warning: {warning}")
+    # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
              "or unreadable folders: see the warning above), besides the unreadable photos counted above")
@@ -126,6 +127,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
+    """speciesid index info: what a gallery holds and how it was built (exit status)."""
     from retrieval.workflows import gallery_info
 
     emit(json.dumps(gallery_info(args.index), indent=2))
@@ -133,6 +135,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def cmd_species_list(args: argparse.Namespace) -> int:
+    """speciesid species list: the gallery's species with their reference counts (exit status)."""
     from retrieval.workflows import list_species
 
     fields = ["species", "common_name", "genus", "family", "venomous", "count"]

@@ -60,6 +60,7 @@ def _selection_line(m: dict, head: str) -> str:
 
 
 def cmd_probe_train(args: argparse.Namespace) -> int:
+    """speciesid probe train: fit the gallery's linear probe and choose its settings (exit status)."""
     from retrieval.workflows import train_gallery_probe
 
     result = train_gallery_probe(
@@ -84,6 +85,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
 
 
 def cmd_probe_import(args: argparse.Namespace) -> int:
+    """speciesid probe import: take a fine-tuned network's head as the gallery's probe (exit status)."""
     from retrieval.workflows import import_gallery_probe
 
     result = import_gallery_probe(

@@ -53,14 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_references_add(args: argparse.Namespace) -> int:
+    """speciesid references add: store photos as references of one species (exit status)."""
+    from index.taxonomy import SpeciesNameConflictError
     from retrieval.workflows import add_photos, open_gallery
 
     paths, bad_args = photo_args(args.images)  # named on stderr now, counted in the summary below
     gallery, enc = open_gallery(args.index, encoder_config(args))
-    result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
-                        venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
-                        new_species=args.new_species,
-                        progress=not args.quiet and len(paths) > 20)
+    try:
+        result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
+                            venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
+                            new_species=args.new_species,
+                            progress=not args.quiet and len(paths) > 20)
+    except SpeciesNameConflictError as exc:  # worded for this command's options
+        raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
+                                    confirm=f"give --new-species if {exc.name!r} is a new species")) from exc
     report = result.report
     status = "existing" if result.existed else "new"
     lines = report.summary().split("\n")
@@ -82,6 +88,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
 
 def cmd_references_delete(args: argparse.Namespace) -> int:
+    """speciesid references delete: delete references by id (exit status)."""
     from retrieval.workflows import delete_references
 
     wanted = list(dict.fromkeys(args.ids))  # a repeated id counts once

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from api.cli._common import at_least, emit, logger
 from retrieval.encoders import PRECISIONS, RUNTIMES
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 #: The settings ``serve``'s options override (``--index`` ... ``--precision``), as ``api.settings.Settings`` names them.
 OPTION_SETTINGS = ("index", "device", "runtime", "precision")
@@ -58,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """speciesid serve: run the HTTP API on a gallery (exit status)."""
     import uvicorn
 
     from api.app import create_app
@@ -65,21 +71,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from index.gallery import read_gallery_info
 
     overrides = {name: getattr(args, name) for name in OPTION_SETTINGS if getattr(args, name)}
-    settings = Settings(**overrides)
+    settings = Settings.load(**overrides)  # a refused value: one line naming the variable, exit 2
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
-    for warning in settings.startup_warnings():
+    for warning in [*Settings.unknown_variables(), *settings.startup_warnings()]:
         logger.warning("%s", warning)
     sock = listening_socket(args.host, args.port)  # a port in use is said now, before the model loads (exit 2)
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = sock.getsockname()[1]  # the port bound (--port is 1..65535, so the one given)
     sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{port}/ (web page; API docs at /docs, "
                      "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info" if args.verbose else "warning"))
-    server.run(sockets=[sock])
-    if not server.started:  # the app did not start (the model did not load): uvicorn logged why
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning"))
+    quiet = _StartupFailure(app)  # uvicorn's traceback of a failed load: only under -vv, as other commands show one
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if args.verbose < 2:
+        uvicorn_log.addFilter(quiet)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit (status 3) when the app's startup failed: the loader's error says why
+        if app.state.startup_error is not None:
+            raise app.state.startup_error from None  # its one line, exit 2, by main() as for other commands
+        raise
+    finally:
+        uvicorn_log.removeFilter(quiet)
+    if not server.started:  # the app did not start, for another reason: uvicorn logged why
         sys.stderr.write("speciesid: error: the server did not start (see the lines above)\n")
         return 2
     return 0
+
+
+class _StartupFailure(logging.Filter):
+    """Drops uvicorn's records once the app's startup failed (the loader's traceback and "Application startup
+    failed. Exiting."): ``serve`` says the error itself, in one line."""
+
+    def __init__(self, app: FastAPI) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.app.state.startup_error is None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -103,6 +133,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def cmd_encoders_list(args: argparse.Namespace) -> int:
+    """speciesid encoders list: the encoder specs and aliases this install knows (exit status)."""
     from retrieval.encoders import ALIASES, list_encoders
 
     for form in list_encoders():
@@ -111,6 +142,7 @@ def cmd_encoders_list(args: argparse.Namespace) -> int:
 
 
 def cmd_encoders_runtimes(args: argparse.Namespace) -> int:
+    """speciesid encoders runtimes: the inference runtimes and CPU features here (exit status)."""
     from retrieval.cpu import cpu_features, cpu_kind
     from retrieval.runtimes import EXTRAS, candidates
     from retrieval.runtimes.cache import cache_root, entries, installed_runtimes

@@ -11,6 +11,7 @@ from fastapi import HTTPException, UploadFile
 
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
+from index.errors import first_line, store_io_failure
 from index.gallery import Neighbour
 from index.lease import LeaseError
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
@@ -21,6 +22,8 @@ T = TypeVar("T")
 
 #: Retry-After (seconds) of a write the gallery's store could not take now (another writer, a lost lease).
 WRITE_RETRY_AFTER_S = 5
+#: Retry-After (seconds) of a request the gallery's store could not serve (unreachable: a network or store outage).
+STORE_RETRY_AFTER_S = 5
 
 ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
@@ -39,9 +42,9 @@ ERRORS: dict[int | str, dict] = {
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "
           "(credentials, a store without conditional writes) or damaged (its shared id mark unreadable); its log "
           "says what to fix"},
-    503: {"model": ErrorOut, "description": "the model is still loading; for a write, the gallery's store could not "
-          "take it now (another writer held it too long, its write lease was lost, the store was busy): retry after "
-          "Retry-After s"},
+    503: {"model": ErrorOut, "description": "the model is still loading; the gallery's store cannot be reached now (a "
+          "network or store outage); for a write, the gallery's store could not take it now (another writer held it "
+          "too long, its write lease was lost, the store was busy): retry after Retry-After s"},
 }
 
 
@@ -68,19 +71,45 @@ def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPE
 
 def edge(fn: Callable[[], T]) -> T:
     """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException, and so does a failure
-    of the store's write lease (:func:`lease_answer`): never a 400, as the request was not at fault."""
+    of the store's write lease (:func:`lease_answer`) or of the store itself (:func:`store_answer`, a 503): never
+    a 400, as the request was not at fault."""
     try:
         return fn()
     except ServiceError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
-    except SpeciesNameConflictError as exc:
-        raise HTTPException(409, str(exc)) from exc
+    except SpeciesNameConflictError as exc:  # worded for an HTTP client: the route and the form field
+        path = exc.meant.replace(" ", "_")
+        raise HTTPException(409, exc.advice(use=f"send the photos to POST /v1/species/{path}/references to add them "
+                                            f"to {exc.meant!r}",
+                                            confirm=f"send the form field new_species=true to create {exc.name!r} "
+                                            "as a new species")) from exc
     except (LeaseError, TimeoutError) as exc:  # before ValueError: some lease errors are ValueErrors
         raise lease_answer(exc) from exc
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
+    except (RuntimeError, OSError) as exc:  # the store unreachable: a 503; any other is a bug, left a 500
+        answer = store_answer(exc)
+        if answer is None:
+            raise
+        raise answer from exc
+
+
+def store_answer(exc: BaseException) -> HTTPException | None:
+    """The 503 (with Retry-After) of a request the gallery's store failed to serve, a read or a write: Lance's I/O
+    error (:func:`index.errors.store_io_failure`: the object store unreachable, a network error). None for any
+    other error, which stays a 500 with its traceback in the log. The answer names the kind of store, not its
+    endpoint or bucket: the server's log has the store's whole error."""
+    kind = store_io_failure(exc)
+    if kind is None:
+        return None
+    store = f"{kind} store" if kind and kind != "LocalFileSystem" else "store"
+    logger.warning("answered 503 (retry in %d s): the gallery's %s cannot be reached: %s", STORE_RETRY_AFTER_S,
+                   store, first_line(exc, 500))
+    return HTTPException(503, f"the gallery's {store} cannot be reached now (a network or storage outage); this "
+                         f"server tries it again with every request: retry in {STORE_RETRY_AFTER_S} s (the server's "
+                         "log has the store's error)", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 
 def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:

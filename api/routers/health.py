@@ -6,7 +6,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.routers._edge import store_answer
 from api.service import EMPTY_GALLERY
+
+#: /readyz's warning while the gallery's store cannot be reached.
+STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
+                  "before; adding, deleting, listing species and reference photos answer 503 until it answers again")
 
 router = APIRouter(tags=["health"])
 
@@ -20,23 +25,40 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
     """The model and gallery are loaded (503 until then). An empty gallery is ready (references can be added
-    through this server) and says so in ``warning``: identify and search answer 409 until it holds references."""
+    through this server) and says so in ``warning``: identify and search answer 409 until it holds references.
+    While the gallery's store cannot be reached the server is still ready, ``"status": "degraded"``: identify and
+    search answer from the references loaded before (a 503 here would take every replica out of a load balancer at
+    once during a store outage); ``warning`` names the store and what answers 503 meanwhile."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    body = {"status": "ready", "references": len(service.gallery), "encoder": service.gallery.encoder_spec}
-    if service.empty:
-        body["warning"] = EMPTY_GALLERY
+    gallery = service.gallery
+    try:
+        gallery.refresh()  # at most once per refresh_s; never raises on a store outage (stale reads)
+        references = None if gallery.reading_stale else len(gallery)
+    except (RuntimeError, OSError) as exc:
+        if store_answer(exc) is None:
+            raise
+        references = None
+    body = {"status": "ready", "encoder": gallery.encoder_spec}
+    if references is None:  # the store did not answer: what identify answers from
+        body.update(status="degraded", references=gallery.index.ntotal, store=str(gallery.store_uri),
+                    warning=STORE_DEGRADED)
+    else:
+        body["references"] = references
+        if service.empty:
+            body["warning"] = EMPTY_GALLERY
     return JSONResponse(body)
 
 
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
-    """Prometheus metrics: request counts and latencies, gallery size, encoder batches."""
+    """Prometheus metrics: request counts and latencies, gallery size, encoder batches. Never asks the store more
+    than a read does (at most once per ``refresh_s``): while it is unreachable, the size is the last one known."""
     m = request.app.state.metrics
     service = getattr(request.app.state, "service", None)
     if service is not None:
-        m.gallery_size.set(len(service.gallery))
-        m.encoder_batches.set(service.batcher.batches)
-        m.encoder_images.set(service.batcher.images)
+        service.gallery.refresh()  # never raises on a store outage (stale reads): the index keeps what it had
+        m.gallery_size.set(service.gallery.index.ntotal)
+        m.store_up.set(0 if service.gallery.reading_stale else 1)  # the encoder's counters are read by their collector
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

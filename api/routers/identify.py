@@ -96,17 +96,17 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
             raise HTTPException(422, f"expected JSON {{'embedding': [...], 'k': 10}}: {exc}") from exc
         hits = await run_in_threadpool(edge, lambda: service.search_vector(body.embedding, body.k))
     elif ctype.startswith("multipart/form-data"):
-        form = await request.form()
-        image = form.get("image")
-        if not isinstance(image, UploadFile) and not hasattr(image, "read"):  # as identify answers it: a 422
-            raise photo_field_error("image", ctype)
-        try:
-            k = int(form.get("k", request.query_params.get("k", 10)))  # a form field, or ?k= as identify takes it
-        except (TypeError, ValueError) as exc:
-            raise HTTPException(422, "k must be an integer") from exc
-        if not 1 <= k <= 1000:
-            raise HTTPException(422, "k must be between 1 and 1000")
-        hits = await run_in_threadpool(_search_upload, service, image, k)
+        async with request.form() as form:  # its uploads closed at the end, as FastAPI does for identify's
+            image = form.get("image")
+            if not isinstance(image, UploadFile) and not hasattr(image, "read"):  # as identify answers it: a 422
+                raise photo_field_error("image", ctype)
+            try:
+                k = int(form.get("k", request.query_params.get("k", 10)))  # a form field, or ?k= as identify's
+            except (TypeError, ValueError) as exc:
+                raise HTTPException(422, "k must be an integer") from exc
+            if not 1 <= k <= 1000:
+                raise HTTPException(422, "k must be between 1 and 1000")
+            hits = await run_in_threadpool(_search_upload, service, image, k)
     else:
         raise photo_field_error("image", ctype, also=", or application/json with 'embedding'")
     return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)

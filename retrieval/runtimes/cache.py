@@ -88,7 +88,7 @@ def hf_snapshot(repo: str) -> Path | None:
     return snap if snap.is_dir() else None
 
 
-def weights_folder(library: str, source: str, name: str) -> Path | None:
+def weights_folder(source: str, name: str) -> Path | None:
     """Where an open_clip/timm spec's weights and config live on disk (local-dir, or a cached HF snapshot)."""
     if source == "local-dir":
         return Path(name)
@@ -107,7 +107,7 @@ def weights_identity(library: str, source: str, name: str, tag: str | None, weig
     if weights:
         path = Path(weights)
         return f"{head}|weights|{file_identity(path)}" if path.is_file() else None
-    folder = weights_folder(library, source, name)
+    folder = weights_folder(source, name)
     if folder is not None:
         files = _weight_files(folder)
         if not files:

@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.metric import l2_normalize
 from retrieval.runtimes import MIN_COSINE
+
+if TYPE_CHECKING:  # imported where a model is exported: the warm path never loads torch
+    import torch
 from retrieval.runtimes.exported import Runner, no_telemetry, onnx_runner, openvino_runner
 
 logger = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 
 
-def export_onnx(module, example: np.ndarray, path: Path) -> None:
+def export_onnx(module: torch.nn.Module, example: np.ndarray, path: Path) -> None:
     """Write ``module`` (float32 in, features out) as ONNX with a dynamic batch axis."""
     import torch
 
@@ -58,12 +63,12 @@ def export_onnx(module, example: np.ndarray, path: Path) -> None:
             program.save(str(path), external_data=False)
 
 
-def quantize_onnx_dynamic(src: Path, dst: Path, *, family: str, vnni: bool) -> None:
+def quantize_onnx_dynamic(src: Path, dst: Path, *, family: str, vnni: bool, progress: bool = True) -> None:
     """ONNX Runtime dynamic int8 (weights int8, activations quantised per batch at run time)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Gemm"] if family == "transformer" else ["MatMul", "Gemm", "Conv"]
-    with _quiet_loggers():
+    with _quiet_loggers(progress):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=family != "transformer",
                          reduce_range=not vnni, op_types_to_quantize=ops)
 
@@ -77,8 +82,10 @@ def convert_openvino(onnx_path: Path, xml: Path) -> None:
     ov.save_model(model, str(xml), compress_to_fp16=False)
 
 
-def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, family: str, vnni: bool) -> None:
-    """NNCF post-training int8 of the OpenVINO model, calibrated on ``calibration`` (preprocessed photos)."""
+def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, family: str, vnni: bool,
+                      progress: bool = True) -> None:
+    """NNCF post-training int8 of the OpenVINO model, calibrated on ``calibration`` (preprocessed photos);
+    ``progress``: NNCF's progress bars on stderr (False: none, the command line's -q)."""
     with no_telemetry():
         import nncf  # reads NNCF_CI once, at import
         import openvino as ov
@@ -91,21 +98,24 @@ def quantize_openvino(onnx_path: Path, xml: Path, calibration: np.ndarray, *, fa
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if not vnni:  # pre-VNNI int8 sums pairs in 16 bits: keep the first layer's and all weights' range in 7 bits
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
-    with _quiet_loggers(), no_telemetry():
+    with _quiet_loggers(progress), no_telemetry():
         quantized = nncf.quantize(model, data, **kwargs)
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
 
 
 @contextlib.contextmanager
-def _quiet_loggers():
+def _quiet_loggers(progress: bool = True):
     """NNCF and ORT quantisation log INFO lines: keep them at WARNING. NNCF's progress bars (rich, printed to
-    ``sys.stdout``) go to stderr, so stdout carries only the command's output (``--format json > file``)."""
+    ``sys.stdout``) go to stderr, so stdout carries only the command's output (``--format json > file``); without
+    ``progress`` (the command line's -q) they go nowhere."""
     names = ("nncf", "onnxruntime", "root")
     levels = {n: logging.getLogger(n if n != "root" else None).level for n in names}
     for n in names:
         logging.getLogger(n if n != "root" else None).setLevel(max(levels[n], logging.WARNING))
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.ExitStack() as stack:
+            out = sys.stderr if progress else stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(out))
             yield
     finally:
         for n, level in levels.items():
@@ -126,8 +136,9 @@ def faithfulness(reference: np.ndarray, candidate: np.ndarray) -> dict:
 
 
 def build_files(runtime: str, precision: str, folder: Path, onnx_fp32: Path, *, family: str, kind: str,
-                calibration: np.ndarray | None) -> tuple[list[str], str]:
-    """Write the model files of one (runtime, precision) into ``folder``; returns (files, OpenVINO hint)."""
+                calibration: np.ndarray | None, progress: bool = True) -> tuple[list[str], str]:
+    """Write the model files of one (runtime, precision) into ``folder``; returns (files, OpenVINO hint).
+    ``progress``: the quantisers' progress bars on stderr (False: none)."""
     from retrieval.cpu import has_native_bf16, has_vnni
 
     vnni = has_vnni(kind)
@@ -137,7 +148,7 @@ def build_files(runtime: str, precision: str, folder: Path, onnx_fp32: Path, *, 
         if precision == "fp32":
             target.write_bytes(onnx_fp32.read_bytes())
         elif precision == "int8":
-            quantize_onnx_dynamic(onnx_fp32, target, family=family, vnni=vnni)
+            quantize_onnx_dynamic(onnx_fp32, target, family=family, vnni=vnni, progress=progress)
         else:
             raise ValueError(f"ONNX Runtime runs fp32 or int8 here, not {precision}")
         files, hint = ["model.onnx"], ""
@@ -146,7 +157,7 @@ def build_files(runtime: str, precision: str, folder: Path, onnx_fp32: Path, *, 
         if precision == "int8":
             if calibration is None or not len(calibration):
                 raise ValueError("OpenVINO int8 needs calibration photos (gallery photos, never evaluation ones)")
-            quantize_openvino(onnx_fp32, xml, calibration, family=family, vnni=vnni)
+            quantize_openvino(onnx_fp32, xml, calibration, family=family, vnni=vnni, progress=progress)
         elif precision in ("fp32", "bf16"):
             convert_openvino(onnx_fp32, xml)
         else:

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from retrieval.runtimes.cache import (
     weights_identity,
     write_choice,
 )
+
+if TYPE_CHECKING:  # imported on the cold path only: the warm path never loads torch
+    from retrieval.torch_encoders import TorchEncoder
 
 logger = logging.getLogger(__name__)
 #: The errors of a cache folder that cannot be written: `auto` then runs on torch (needing no export).
@@ -134,7 +138,8 @@ def _entry_key(digest: str, runtime: str, precision: str, kind: str) -> EntryKey
     return EntryKey(digest, runtime, runtime_version(runtime), precision, kind)
 
 
-def _load_entry(config: EncoderConfig, key: EntryKey, info: dict, text_encoder=None) -> Encoder | None:
+def _load_entry(config: EncoderConfig, key: EntryKey, info: dict,
+                text_encoder: Encoder | None = None) -> Encoder | None:
     from retrieval.runtimes.exported import ExportedEncoder
 
     try:
@@ -182,7 +187,7 @@ def _refuse(info: dict) -> None:
 class _Photos:
     """Check and calibration sets, decoded and preprocessed on first use."""
 
-    def __init__(self, photos: Photos | None, reference) -> None:
+    def __init__(self, photos: Photos | None, reference: TorchEncoder) -> None:
         self.source = photos
         self.reference = reference
         self._check: np.ndarray | None = None
@@ -354,7 +359,7 @@ def _record(runtime: str, config: EncoderConfig, digest: str, kind: str, rt: str
     })
 
 
-def _export_onnx_once(ref, example: np.ndarray) -> Path:
+def _export_onnx_once(ref: TorchEncoder, example: np.ndarray) -> Path:
     """The fp32 ONNX export every candidate starts from (a temporary folder in the cache)."""
     import tempfile
 
@@ -370,7 +375,7 @@ def _export_onnx_once(ref, example: np.ndarray) -> Path:
     return folder
 
 
-def _build_entry(ref, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sample: _Photos,
+def _build_entry(ref: TorchEncoder, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sample: _Photos,
                  reference_emb: np.ndarray, kind: str) -> dict:
     """Export one candidate into its cache folder (written whole), check it, return its export.json."""
     from index.atomic import atomic_directory, write_json_atomic
@@ -379,7 +384,8 @@ def _build_entry(ref, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sam
     t0 = time.perf_counter()
     with atomic_directory(key.folder()) as tmp:
         files, hint = build_files(key.runtime, key.precision, tmp, onnx_fp32, family=ref.family, kind=kind,
-                                  calibration=sample.calibration if key.precision == "int8" else None)
+                                  calibration=sample.calibration if key.precision == "int8" else None,
+                                  progress=config.progress)
         run = runner_for(key.runtime, tmp, files, hint)
         faith = faithfulness(reference_emb, embed_with(run, sample.check))
         faith["photos"] = "real" if sample.real else "synthetic"
@@ -392,7 +398,7 @@ def _build_entry(ref, config: EncoderConfig, key: EntryKey, onnx_fp32: Path, sam
     return info
 
 
-def _export_info(ref, config: EncoderConfig, key: EntryKey, files: list[str], hint: str, faith: dict,
+def _export_info(ref: TorchEncoder, config: EncoderConfig, key: EntryKey, files: list[str], hint: str, faith: dict,
                  sample: _Photos, t0: float) -> dict:
     calib = sample.calibration
     return {

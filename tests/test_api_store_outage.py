@@ -1,0 +1,120 @@
+"""The HTTP API while the gallery's store cannot be reached (an S3 outage): JSON 503s with Retry-After on every
+route, /readyz naming the store, /metrics still scrapeable, every request counted, identify answered from the
+references loaded; and all back to normal once the store answers again.
+
+The outage is Lance's own error, raised by every call on the store's table: the text an unreachable S3 endpoint
+gives (walkthrough s47, finding 1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from _api_support import API_KEY, COBRA, SPECIES, binomial, gallery_copy, photos
+
+KEYS = {"X-API-Key": API_KEY}
+#: What Lance raises when the S3 endpoint is unreachable (checked against moto's server, stopped).
+LANCE_S3_DOWN = ("lance error: LanceError(IO): Generic S3 error: Error performing list request: Error performing GET "
+                 "http://127.0.0.1:5057/clinics?list-type=2&prefix=ph%2Freferences.lance%2F_versions%2F in 358ms, "
+                 "after 3 retries, max_retries: 3, retry_timeout: 180s - HTTP error: error sending request")
+
+
+class _DeadTable:
+    """A Lance table whose every use fails as an unreachable S3 store does."""
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(LANCE_S3_DOWN)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = gallery_copy(tmp_path_factory, "api_outage")
+    # refresh_s=0: every read looks at the store, so the outage is met by each request
+    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _sample(text: str, series: str) -> float:
+    return next((float(ln.split()[1]) for ln in text.splitlines() if ln.startswith(series + " ")), 0.0)
+
+
+def _unavailable(resp) -> str:
+    """A 503 with a JSON detail and Retry-After; returns the detail."""
+    assert resp.status_code == 503, (resp.status_code, resp.text[:300])
+    assert resp.headers["content-type"].startswith("application/json"), resp.text[:300]
+    assert int(resp.headers["retry-after"]) >= 1
+    return resp.json()["detail"]
+
+
+def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counted(client, caplog):
+    service = client.app.state.service
+    store = service.gallery.store
+    cobra = [("images", (COBRA.name, COBRA.read_bytes(), "image/jpeg"))]
+    assert client.post("/v1/identify", files=cobra).status_code == 200
+    size = len(service.gallery)
+    before = client.get("/metrics").text
+    table = store._table
+    store._table = _DeadTable()
+    try:
+        with caplog.at_level(logging.WARNING):
+            ident = client.post("/v1/identify", files=cobra)  # answered from the references loaded: stale, not down
+            assert ident.status_code == 200 and ident.json()["results"][0]["name"] == binomial(SPECIES[0])
+            assert "cannot be read" in caplog.text and "answering from the" in caplog.text
+            ready = client.get("/readyz")  # still ready (identify answers), degraded, naming the store
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["status"] == "degraded" and ready.json()["references"] == size
+            assert ready.json()["store"] == str(service.gallery.store_uri) and "503" in ready.json()["warning"]
+            assert "\nspeciesid_store_up 0.0\n" in client.get("/metrics").text
+            detail = _unavailable(client.get("/v1/species"))  # no edge(): the app's handler
+            assert "S3 store" in detail and "retry in" in detail
+            assert "LanceError" not in detail  # the store's error is in the log, not here
+            _unavailable(client.get(f"/v1/species/{binomial(SPECIES[1])}"))
+            _unavailable(client.get("/v1/references/1/image"))
+            new = photos("val", SPECIES[1], 1)[0]
+            _unavailable(client.post(f"/v1/species/{binomial(SPECIES[1])}/references", headers=KEYS,
+                                     files=[("images", (new.name, new.read_bytes(), "image/jpeg"))]))
+            _unavailable(client.delete("/v1/references/1", headers=KEYS))
+            scraped = client.get("/metrics")  # still scrapeable: the last size known
+            assert scraped.status_code == 200, scraped.text[:300]
+            assert _sample(scraped.text, "speciesid_gallery_references") == size
+    finally:
+        store._table = table
+    text = client.get("/metrics").text
+    for series in ('method="GET",route="/readyz",status="200"', 'method="GET",route="/v1/species",status="503"',
+                   'method="DELETE",route="/v1/references/{ref_id}",status="503"'):
+        assert _sample(text, f"speciesid_requests_total{{{series}}}") - _sample(
+            before, f"speciesid_requests_total{{{series}}}") == 1, series
+    # the store answers again: so does every route
+    assert client.get("/readyz").json() == {"status": "ready", "references": size,
+                                            "encoder": service.gallery.encoder_spec}
+    assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text
+    assert client.get("/v1/species").status_code == 200
+    assert client.get("/v1/references/1/image").status_code == 200
+
+
+def test_any_other_error_is_still_a_500_and_is_counted(client, monkeypatch):
+    service = client.app.state.service
+    before = client.get("/metrics").text
+    monkeypatch.setattr(service, "species", lambda: (_ for _ in ()).throw(RuntimeError("a bug, not an outage")))
+    assert client.get("/v1/species").status_code == 500
+    series = 'speciesid_requests_total{method="GET",route="/v1/species",status="500"}'
+    assert _sample(client.get("/metrics").text, series) - _sample(before, series) == 1
+
+
+def test_only_lances_io_errors_count_as_a_store_outage():
+    from index.errors import store_io_failure
+
+    assert store_io_failure(RuntimeError(LANCE_S3_DOWN)) == "S3"
+    assert store_io_failure(OSError("LanceError(IO): Generic N/A error: LanceError(IO): Generic S3 error: x")) == "S3"
+    wrapped = RuntimeError("reading the table failed")
+    wrapped.__cause__ = OSError("LanceError(IO): Generic LocalFileSystem error: No space left on device")
+    assert store_io_failure(wrapped) == "LocalFileSystem"
+    assert store_io_failure(RuntimeError("a bug, not an outage")) is None
+    assert store_io_failure(ValueError(LANCE_S3_DOWN)) is None  # a refusal of the request, not an outage
