@@ -94,8 +94,8 @@ class SpeciesService:
     def __init__(self, settings: Settings, identifier: workflows.Identifier | None = None) -> None:
         self.settings = settings
         self.identifier = identifier or open_identifier(
-            settings.index, device=settings.device, precision=settings.precision, refresh_s=settings.refresh_s,
-            runtime=settings.runtime, follow_probe=True,  # `probe train` / `probe import` elsewhere: no restart
+            settings.index, settings.encoder_config(), refresh_s=settings.refresh_s,
+            follow_probe=True,  # `probe train` / `probe import` elsewhere: no restart
         )
         self.encoder = self.identifier.encoder
         self.gallery = self.identifier.gallery

@@ -6,11 +6,15 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.lease import LEASE_TTL_S
+
+if TYPE_CHECKING:
+    from retrieval.encoders import EncoderConfig
 
 #: ``SPECIESID_*`` variables read outside the server's settings (the model cache, the CPU kind, the benchmarks' and
 #: tests' helpers): not a typo when set.
@@ -93,6 +97,12 @@ class Settings(BaseSettings):
         if value not in choices:
             raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
         return value
+
+    def encoder_config(self) -> EncoderConfig:
+        """How the gallery's encoder runs here: device, precision and runtime (the rest is the gallery's own)."""
+        from retrieval.encoders import EncoderConfig
+
+        return EncoderConfig(device=self.device, precision=self.precision, runtime=self.runtime)
 
     def startup_warnings(self) -> list[str]:
         """What an operator should hear when the server starts: settings that refuse writes, or every read."""

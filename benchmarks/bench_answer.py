@@ -73,7 +73,7 @@ def main() -> None:
     require_shared()
     print("bench_answer: where it ran\n" + machine_report(), flush=True)
     from index.datasets import load_dataset
-    from retrieval.encoders import create_encoder
+    from retrieval.encoders import EncoderConfig, create_encoder
     from retrieval.identify import Identifier
     from retrieval.workflows import open_identifier, train_gallery_probe
 
@@ -91,7 +91,7 @@ def main() -> None:
         root = Path(tmp) / "g"
         gallery_from_embeddings(root, enc, load_dataset("folder", PH_SNAKES / "train").records, train)
         train_gallery_probe(root, progress=False)
-        ident = open_identifier(root, precision="fp32")
+        ident = open_identifier(root, EncoderConfig(precision="fp32"))
         for q in queries:  # one untimed pass: the whitened vote caches each reference's whitened vector
             ident.identify_embeddings(q[None])
         watch = CpuWatch()
@@ -141,6 +141,7 @@ def warm_index_cold_metadata(ident, query: np.ndarray) -> None:
 
 def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
     """The first pass of answers on a freshly opened gallery: per-answer lookups (as before) against one scan."""
+    from retrieval.encoders import EncoderConfig
     from retrieval.workflows import open_identifier
 
     times: dict[str, list[float]] = {"now (read whole at the first answer)": [],
@@ -148,7 +149,7 @@ def first_pass(root: Path, queries: np.ndarray, passes: int) -> None:
     for p in range(passes):
         for name in list(times)[:: 1 if p % 2 == 0 else -1]:
             with metadata_rule(now=name.startswith("now")):
-                ident = open_identifier(root, precision="fp32")
+                ident = open_identifier(root, EncoderConfig(precision="fp32"))
                 warm_index_cold_metadata(ident, queries[0])
                 times[name] += answer_ms(ident, queries)
     print(f"\nfirst pass of {len(queries)} answers on a freshly opened gallery ({passes} openings per way)")

@@ -21,13 +21,13 @@ from _hardware import machine_report
 
 from index.datasets import load_dataset
 from index.gallery import Gallery
-from retrieval.encoders import create_encoder
+from retrieval.encoders import EncoderConfig, create_encoder
 from retrieval.pipeline import add_references
 from retrieval.workflows import open_identifier, train_gallery_probe
 
 
 def _per_method(index: Path, val_emb: np.ndarray, truth: list[str]) -> dict[str, np.ndarray]:
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     out = {}
     for method in ("knn", "probe", "blend"):
         answers = ident.identify_embeddings(val_emb, top=1, method=method)

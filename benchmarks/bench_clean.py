@@ -119,14 +119,14 @@ def _other_cpu() -> tuple[float, float]:
 
 
 def zeroshot_part(n: int, repeats: int, precisions: list[str], tmp: Path) -> None:
-    from retrieval.encoders import EncoderConfig, create_encoder_from_config
+    from retrieval.encoders import create_encoder
     from retrieval.findings import CleanConfig
     from retrieval.workflows import clean
 
     root, warm = _sample(n, tmp / "photos"), _sample(8, tmp / "warm")
     rows, config = [], CleanConfig(prompts="snakes")
     for precision in precisions:
-        enc = create_encoder_from_config(EncoderConfig(spec=VIT_SPEC, precision=precision))
+        enc = create_encoder(VIT_SPEC, precision=precision)
         clean(dataset="folder", root=warm, encoder=enc, config=config, report_dir=tmp / "r-warm", progress=False)
         emb, text, rest, total = [], [], [], []
         t_other, busy0 = _other_cpu()
@@ -156,12 +156,12 @@ def leaks_child(precision: str, train: str, val: str, warm: str, repeats: int) -
 
     logging.disable(logging.WARNING)
     import retrieval.pipeline as pipeline
-    from retrieval.encoders import EncoderConfig, create_encoder_from_config
+    from retrieval.encoders import create_encoder
     from retrieval.findings import CleanConfig
     from retrieval.workflows import clean
 
     t0 = time.perf_counter()
-    enc = create_encoder_from_config(EncoderConfig(spec=MOBILENET_SPEC, precision=precision, device="cpu"))
+    enc = create_encoder(MOBILENET_SPEC, precision=precision, device="cpu")
     load_s = time.perf_counter() - t0
     encode_ms, prepare_ms = [], []
     encode_batch, prepare = enc.encode_batch, pipeline.prepare
@@ -419,7 +419,7 @@ def main() -> None:
 
     from index.datasets import load_dataset
     from index.photos import find_photos
-    from retrieval.encoders import cpu_has_fast_bf16
+    from retrieval.torch_encoders import cpu_has_fast_bf16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"native CPU bf16: {cpu_has_fast_bf16()}")

@@ -56,9 +56,10 @@ def _methods(index: Path, val_emb: np.ndarray, truth: list[str],
              other_weight: float | None = None) -> dict[str, tuple[float, float]]:
     """Top-1 and macro-F1 of kNN, probe and blend; with ``other_weight``, also ``blend@other``: the blend at that
     weight instead of the gallery's, k/T/metric as chosen."""
+    from retrieval.encoders import EncoderConfig
     from retrieval.workflows import open_identifier
 
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     weight = ident.blend_weight
     out = {}
     for method in ("knn", "probe", "blend") + (("blend@other",) if other_weight is not None else ()):

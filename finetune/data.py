@@ -28,7 +28,7 @@ from PIL import Image
 
 from finetune.augment import eval_transform, train_transform
 from finetune.config import BALANCE_MODES, FinetuneConfig
-from index.datasets import load_dataset
+from index.datasets import load_dataset, require_records
 from index.sources import read_source, split_locator
 from retrieval.images import decode_image, model_image, sha256_bytes, sha256_file
 from retrieval.preprocess import timm_input_side
@@ -81,8 +81,7 @@ def load_photos(dataset: str, root: str | Path, metadata: str | Path | None = No
     scan = load_dataset(dataset, root, metadata=metadata, options=options)
     for warning in scan.warnings:
         logger.warning("%s", warning)
-    if not scan.records:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+    require_records(scan, options=options)
     return LabelledPhotos([Path(r.path) for r in scan.records], [r.species for r in scan.records])
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.config import FinetuneConfig
-from retrieval.encoders import parse_spec
+from retrieval.encoders import local_folder, parse_spec
 from retrieval.torch_encoders import seeded_init
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ def parse_init(init: str) -> InitArg:
         return InitArg(None, Path(init))
     if Path(init).is_dir() and not init.startswith(("timm:", "open_clip:", "local-dir:")):
         init = f"timm:local-dir:{init}"
-    for prefix in ("timm:local-dir:", "local-dir:"):
-        if init.startswith(prefix):
-            return InitArg(init, Path(init[len(prefix):]))
+    folder = local_folder(init)
+    if folder is not None and not init.startswith("open_clip:"):  # fine-tuning starts from timm networks only
+        return InitArg(init, folder)
     return InitArg(init, None)
 
 

@@ -465,3 +465,32 @@ def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = N
         logger.debug("dataset %s: %s", key, warning)
     return DatasetScan(name=key, root=root_path, records=records, warnings=warnings, species=species,
                        skipped=skipped)
+
+
+#: What each dataset expects under its root, named when the root holds no photo for it.
+LAYOUTS: dict[str, str] = {
+    "moroccan": "ROOT/<Genus-species>/<photos>: one folder per species of the Moroccan checklist",
+    "folder": "ROOT/<species>/<photos>: one folder per species ('Naja haje', 'Common Name (Genus species)', ...)",
+    "rare-species": "ROOT/metadata.csv (or --metadata FILE) whose file_name column names photos under ROOT",
+    "snakeclef2021": "--metadata FILE (the SnakeCLEF 2021 CSV) whose image_path column names photos under ROOT",
+    "manifest": "a CSV or parquet table (ROOT itself, the one table in ROOT, or --metadata FILE) with a path and a "
+                "species column, paths relative to ROOT",
+    "webdataset": "tar shards (ROOT: a shard, a folder of shards or a glob) of images with their taxon labels",
+}
+
+
+def no_photos_error(dataset: str, root: str | Path, *, options: str = "--") -> ValueError:
+    """The one error for a dataset root that holds no photo: the layout ``dataset`` expects, and the options to change
+    (``options``: their prefix, ``--val-`` for --val-dataset / --val-root)."""
+    key = dataset.strip().lower().replace("_", "-")
+    layout = _named_options(LAYOUTS.get(key, "its own layout"), options)
+    return ValueError(f"no photos found under {root} for dataset {key!r}, which expects {layout}; point "
+                      f"{options}root at such a folder, or give the {options}dataset that fits it "
+                      f"({', '.join(DATASETS)})")
+
+
+def require_records(scan: DatasetScan, *, options: str = "--") -> list[ReferenceRecord]:
+    """The records of ``scan``; none: :func:`no_photos_error`."""
+    if not scan.records:
+        raise no_photos_error(scan.name, scan.root, options=options)
+    return scan.records

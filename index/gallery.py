@@ -43,6 +43,7 @@ from index.store import (
     StoreVectors,
     is_uri,
     public_options,
+    source_file,
     storage_options,
 )
 from index.vectors import (
@@ -835,6 +836,10 @@ class Gallery:
         """Species in the gallery with counts and metadata."""
         return self.store.species()
 
+    def reference_sources(self) -> list[Path]:
+        """The photo files of the searchable references (what an exported encoder is checked and calibrated on)."""
+        return [source_file(t) for t in self.store.metadata(include_excluded=False)["source_path"]]
+
 
 def store_error(uri: str, exc: BaseException) -> ValueError:
     """A store at ``uri`` that cannot be opened, in one line that says what to check."""
@@ -872,12 +877,20 @@ def read_gallery_info(root: str | Path) -> dict:
             f"{root} is not a speciesid gallery (no {path.name}); build one with "
             "'speciesid index build --index DIR ...'"
         )
+    rebuild = "rebuild the gallery into a new folder with 'speciesid index build --index NEW_DIR ...'"
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc})") from exc
-    if info.get("format") != GALLERY_FORMAT:
-        raise ValueError(f"{path} has format {info.get('format')!r}; this speciesid reads {GALLERY_FORMAT}")
+        if not isinstance(info, dict):
+            raise ValueError(f"a JSON {type(info).__name__}, not an object")
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is unreadable ({exc}); speciesid writes it whole (atomically), so it was changed "
+                         f"or damaged by something else: check its permissions, restore it from a backup, or "
+                         f"{rebuild}") from exc
+    found = info.get("format")
+    if found != GALLERY_FORMAT:
+        newer = isinstance(found, int) and found > GALLERY_FORMAT
+        fix = "upgrade speciesid to open it" if newer else rebuild
+        raise ValueError(f"{path} has format {found!r}; this speciesid reads format {GALLERY_FORMAT}: {fix}")
     return info
 
 

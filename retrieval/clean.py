@@ -14,18 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from index.datasets import DatasetScan, load_dataset
+from index.datasets import DatasetScan, load_dataset, require_records
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
 from index.photos import first_few, scan_photos, warn_skipped
 from retrieval.clean_report import write_report
 from retrieval.encoders import (
-    DEFAULT_ENCODER,
     Encoder,
     EncoderConfig,
     create_encoder_from_config,
-    recorded_encoder,
 )
 from retrieval.findings import (
     APPLY_KINDS,
@@ -242,7 +240,7 @@ def run_clean(
     """Check a dataset (``dataset`` + ``root``) or a gallery's references (``index`` alone) and report.
 
     ``encoder`` is a config or a loaded encoder. With ``index``, findings map to the gallery's references by
-    sha256; without ``encoder.spec`` the gallery's own encoder is used and its stored embeddings are reused.
+    sha256; the encoder's unset options are the gallery's own: with its own encoder, its stored embeddings are reused.
     ``against`` is a folder of photos (any layout) checked for leakage into the set. ``apply`` excludes the
     references of the findings of ``apply_kinds`` from the gallery (reversible: :func:`restore_exclusions`).
     """
@@ -303,8 +301,7 @@ def run_clean(
         scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
         for warning in scan.warnings:
             logger.warning("%s", warning)
-        if not scan.records:
-            raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        require_records(scan)
         skipped[:0] = scan.skipped
         done = embed([r.path for r in scan.records], "cleaning: embedding")
         photos = PhotoSet.from_embedded([r.path for r in scan.records], done, [known.get(s or "") for s in done.sha256],
@@ -347,15 +344,9 @@ def _resolve_encoder(
     """(gallery or None, encoder, whether the gallery's stored embeddings are this encoder's)."""
     if isinstance(config, Encoder):
         enc = config
-    elif index is None:
-        config = config or EncoderConfig()
-        enc = create_encoder_from_config(replace(config, spec=config.spec or DEFAULT_ENCODER))
-    else:
-        config = config or EncoderConfig(spec="")
-        built = read_gallery_info(index)["encoder"]
-        if not config.spec:
-            config = replace(config, **recorded_encoder(built, weights=config.weights))
-        enc = create_encoder_from_config(config)
+    else:  # unset options: the gallery's own (its stored embeddings reused), else a new gallery's defaults
+        built = read_gallery_info(index)["encoder"] if index is not None else None
+        enc = create_encoder_from_config((config or EncoderConfig()).resolved(built))
     if index is None:
         return None, enc, False
     gallery = Gallery.open(index)  # any encoder may clean a gallery; only the gallery's own reuses its store

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,38 +71,52 @@ RUNTIME_ENV = "SPECIESID_RUNTIME"
 Photos = Sequence[str | Path | bytes] | Callable[[], Sequence[str | Path | bytes]]
 
 
-@dataclass
-class EncoderConfig:
-    """How to build and run an encoder."""
+#: What a gallery built before the pool and views options were recorded was built with.
+BUILT_BEFORE_OPTIONS = {"pool": "model", "views": "single"}
 
-    spec: str = DEFAULT_ENCODER  # encoder spec string, one of SPEC_FORMS
-    weights: str | None = None  # weights file (.safetensors/.pt/.bin) that replaces the spec's own
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """How to build and run an encoder. spec, weights, pool and views may be left unset (None): :meth:`resolved`
+    fills them from a gallery's record, else with a new gallery's defaults; an encoder is made from a resolved one."""
+
+    spec: str | None = None  # one of SPEC_FORMS; None = the gallery's own, else DEFAULT_ENCODER
+    weights: str | None = None  # weights file (.safetensors/.pt/.bin) replacing the spec's; None with spec None = the
+    # gallery's own, else the spec's own weights
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N"
     precision: str = "auto"  # fp32, bf16, int8, fp16 (CUDA); auto = the fastest faithful one here
     batch_size: int = 32  # images per forward pass
     runtime: str | None = None  # auto, torch, onnx, openvino; None = $SPECIESID_RUNTIME, else auto
-    pool: str = DEFAULT_POOL  # one of POOLS
-    views: str = DEFAULT_VIEWS  # one of VIEWS
+    pool: str | None = None  # one of POOLS; None = the gallery's own, else DEFAULT_POOL
+    views: str | None = None  # one of VIEWS; None = the gallery's own, else DEFAULT_VIEWS
     progress: bool = True  # a first use's export shows its converters' progress bars (NNCF's) on stderr; -q: not
+
+    def resolved(self, built: Mapping[str, Any] | None = None) -> EncoderConfig:
+        """This config with unset spec, weights, pool and views taken from ``built`` (a gallery's record: the
+        ``encoder`` of its ``gallery.json``; one from before the options has :data:`BUILT_BEFORE_OPTIONS`), or, with
+        no gallery (None), a new gallery's defaults. Weights given without a spec go with the gallery's spec."""
+        if built is None:
+            return replace(self, spec=self.spec or DEFAULT_ENCODER, pool=self.pool or DEFAULT_POOL,
+                           views=self.views or DEFAULT_VIEWS)
+        return replace(self, spec=self.spec or str(built["spec"]),
+                       weights=self.weights if self.spec else (self.weights or built.get("weights")),
+                       pool=self.pool or built.get("pool", BUILT_BEFORE_OPTIONS["pool"]),
+                       views=self.views or built.get("views", BUILT_BEFORE_OPTIONS["views"]))
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether spec, pool and views are set (what an encoder is made from)."""
+        return None not in (self.spec, self.pool, self.views)
 
 
 def portable(config: EncoderConfig) -> EncoderConfig:
     """``config`` with a relative ``local-dir:`` folder and ``weights`` file made absolute: what a gallery records
     must find them again from whatever folder it is used."""
-    spec = config.spec
-    for prefix in ("local-dir:", "timm:local-dir:", "open_clip:local-dir:"):
-        if spec.startswith(prefix) and not Path(spec[len(prefix):]).is_absolute():
-            spec = prefix + str(Path(spec[len(prefix):]).resolve())
+    spec, folder = config.spec, local_folder(config.spec or "")
+    if spec and folder is not None and not folder.is_absolute():
+        spec = spec.partition("local-dir:")[0] + "local-dir:" + str(folder.resolve())
     weights = str(Path(config.weights).resolve()) if config.weights else config.weights
     return replace(config, spec=spec, weights=weights)
-
-
-def recorded_encoder(built: dict[str, Any], *, spec: str | None = None, weights: str | None = None,
-                     pool: str | None = None, views: str | None = None) -> dict[str, Any]:
-    """spec, weights, pool and views for :class:`EncoderConfig`: the given ones, else those a gallery recorded
-    (``built`` = its ``gallery.json`` encoder; galleries from before the options have ``model`` / ``single``)."""
-    return {"spec": spec or built["spec"], "weights": weights if spec else (weights or built.get("weights")),
-            "pool": pool or built.get("pool", "model"), "views": views or built.get("views", "single")}
 
 
 def preprocess_with(image: Image.Image, config: PreprocessConfig | None,
@@ -239,6 +253,20 @@ def list_encoders() -> list[str]:
 def spec_error(spec: str, why: str) -> ValueError:
     forms = "\n  ".join(SPEC_FORMS)
     return ValueError(f"unknown encoder spec {spec!r}: {why}. Valid forms:\n  {forms}")
+
+
+#: Spec prefixes that name a folder on this machine (``local-dir:``: an open_clip or timm folder, by its config file).
+LOCAL_PREFIXES = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")
+
+
+def local_folder(spec: str) -> Path | None:
+    """The folder a ``local-dir:`` spec names (see :data:`LOCAL_PREFIXES`; an alias expanded), as written, whether it
+    exists or not (unlike :func:`parse_spec`, which reads its config file); None for every other spec."""
+    full = ALIASES.get(spec, spec)
+    for prefix in LOCAL_PREFIXES:
+        if full.startswith(prefix):
+            return Path(full[len(prefix):])
+    return None
 
 
 def parse_spec(spec: str) -> ParsedSpec:
@@ -387,33 +415,24 @@ def _rgb(image: Image.Image) -> Image.Image:
     return to_rgb(image)
 
 
-def create_encoder(
-    spec: str = DEFAULT_ENCODER,
-    weights: str | None = None,
-    device: str = "auto",
-    *,
-    precision: str = "auto",
-    batch_size: int = 32,
-    runtime: str | None = None,
-    photos: Photos | None = None,
-    pool: str = DEFAULT_POOL,
-    views: str = DEFAULT_VIEWS,
-) -> Encoder:
-    """Build an encoder from a spec string (see module docstring); unknown specs raise ``ValueError``.
+def create_encoder(spec: str = DEFAULT_ENCODER, *, photos: Photos | None = None, **options: Any) -> Encoder:
+    """Build an encoder from a spec string (see module docstring) and :class:`EncoderConfig` ``options`` (unset
+    pool / views: a new gallery's defaults); unknown specs raise ``ValueError``.
 
-    ``pool`` / ``views``: see :data:`POOLS` / :data:`VIEWS` (recorded in the fingerprint).
     ``photos``: real photos for checking (and int8-calibrating) an exported model the first time one is made
     for these weights on this CPU (see :func:`retrieval.runtimes.select.open_encoder`).
     """
-    config = EncoderConfig(spec=spec, weights=weights, device=device, precision=precision, batch_size=batch_size,
-                           runtime=runtime, pool=pool, views=views)
-    return create_encoder_from_config(config, photos=photos)
+    return create_encoder_from_config(EncoderConfig(spec=spec, **options).resolved(None), photos=photos)
 
 
 def create_encoder_from_config(config: EncoderConfig, *, photos: Photos | None = None) -> Encoder:
-    """Build an encoder from an :class:`EncoderConfig`, on the runtime it asks for (or the one ``auto`` picks)."""
+    """Build an encoder from a resolved :class:`EncoderConfig`, on the runtime it asks for (or the one ``auto``
+    picks)."""
     from retrieval.runtimes.select import open_encoder
 
+    if not config.is_resolved:
+        raise ValueError(f"encoder options not resolved ({config}): call config.resolved(built) with the gallery's "
+                         "recorded encoder, or config.resolved(None) for a new gallery's defaults")
     check_device(config.device)
     return open_encoder(config, photos=photos)
 
@@ -423,15 +442,3 @@ def check_device(device: str | None) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
         raise ValueError(f"unknown device {device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
 
-
-_TORCH_NAMES = ("OpenClipEncoder", "TimmEncoder", "TorchEncoder", "state_dict_digest", "seeded_init",
-                "resolve_device", "cpu_has_fast_bf16")
-
-
-def __getattr__(name: str):
-    """The torch-side names, imported on first use (so importing this module does not import torch)."""
-    if name in _TORCH_NAMES:
-        from retrieval import torch_encoders
-
-        return getattr(torch_encoders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,18 +11,14 @@ from pathlib import Path
 
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
-from index.store import source_file
 from retrieval.encoders import (
     ALIASES,
-    DEFAULT_ENCODER,
-    DEFAULT_POOL,
-    DEFAULT_VIEWS,
     Encoder,
     EncoderConfig,
     create_encoder_from_config,
+    local_folder,
     options_suffix,
     parse_spec,
-    recorded_encoder,
     resolve_pool,
 )
 from retrieval.identify import Identifier, file_marks
@@ -31,77 +27,38 @@ from retrieval.textprior import TextPriorScores, load_text_prior
 from retrieval.vote import VoteConfig
 
 
-def open_gallery(
-    index_dir: str | Path,
-    *,
-    encoder: str | None = None,
-    weights: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 32,
-    refresh_s: float = 1.0,
-    runtime: str | None = None,
-    pool: str | None = None,
-    views: str | None = None,
-    progress: bool = True,
-) -> tuple[Gallery, Encoder]:
+def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
+                 refresh_s: float = 1.0) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
 
-    ``pool`` / ``views``: None = the gallery's own (recorded at build; galleries from before have neither, which
-    means ``model`` / ``single``); another value is refused by the fingerprint check.
+    ``encoder``: its unset spec, weights, pool and views are the gallery's own (:meth:`EncoderConfig.resolved`);
+    others are refused by the fingerprint check. Its runtime (None: $SPECIESID_RUNTIME, else auto): the first time an
+    exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
     ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
-    ``runtime``: torch, onnx, openvino or auto (None: $SPECIESID_RUNTIME, else auto); the first time an
-    exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos;
-    ``progress``: that export's progress bars on stderr (False: none, the command line's -q).
     """
     info = read_gallery_info(index_dir)
-    built = info["encoder"]
-    config = EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
-                           progress=progress,
-                           **recorded_encoder(built, spec=encoder, weights=weights, pool=pool, views=views))
+    config = (encoder or EncoderConfig()).resolved(info["encoder"])
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
-    enc = create_encoder_from_config(config, photos=lambda: _reference_photos(index_dir, int(built["dim"])))
-    return Gallery.open(index_dir, expected_fingerprint=enc.fingerprint, refresh_s=refresh_s), enc
+    gallery = Gallery.open(index_dir, refresh_s=refresh_s)  # the gallery alone knows where its store is (S3 or here)
+    enc = create_encoder_from_config(config, photos=gallery.reference_sources)
+    check_gallery_encoder(index_dir, gallery.info, enc.fingerprint)
+    return gallery, enc
 
 
-def build_encoder(
-    index_dir: str | Path,
-    *,
-    spec: str | None = None,
-    weights: str | None = None,
-    pool: str | None = None,
-    views: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 32,
-    runtime: str | None = None,
-    progress: bool = True,
-) -> EncoderConfig:
-    """The encoder a build into ``index_dir`` uses: what is given, else, when ``index_dir`` already holds a gallery,
-    the encoder that built it (as every other command opens a gallery), else a new gallery's defaults (bioclip,
-    model pooling, one view). Nothing is loaded here; ``build_gallery`` refuses one the gallery would refuse before
-    loading it (:func:`check_encoder_choice`). ``progress``: see :attr:`EncoderConfig.progress`."""
-    if GalleryLayout(Path(index_dir)).info.is_file():
-        chosen = recorded_encoder(read_gallery_info(index_dir)["encoder"], spec=spec, weights=weights, pool=pool,
-                                  views=views)
-    else:
-        chosen = {"spec": spec or DEFAULT_ENCODER, "weights": weights, "pool": pool or DEFAULT_POOL,
-                  "views": views or DEFAULT_VIEWS}
-    return EncoderConfig(device=device, precision=precision, batch_size=batch_size, runtime=runtime,
-                         progress=progress, **chosen)
-
-
-#: Spec prefixes that name a folder on this machine (loading it downloads nothing).
-_LOCAL_PREFIXES = ("local-dir:", "timm:local-dir:", "open_clip:local-dir:")
+def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -> EncoderConfig:
+    """The encoder a build into ``index_dir`` uses: ``encoder`` resolved (:meth:`EncoderConfig.resolved`) with the
+    gallery ``index_dir`` holds (as every other command opens a gallery), else with a new gallery's defaults
+    (bioclip, model pooling, one view). Nothing is loaded here; ``build_gallery`` refuses one the gallery would refuse
+    before loading it (:func:`check_encoder_choice`)."""
+    built = read_gallery_info(index_dir)["encoder"] if GalleryLayout(Path(index_dir)).info.is_file() else None
+    return (encoder or EncoderConfig()).resolved(built)
 
 
 def _weights_source(spec: str) -> tuple[str, str]:
-    """("local", resolved folder) for a local-dir spec, else ("named", the spec with its alias expanded)."""
-    full = ALIASES.get(spec, spec)
-    for prefix in _LOCAL_PREFIXES:
-        if full.startswith(prefix):
-            return "local", str(Path(full[len(prefix):]).expanduser().resolve())
-    return "named", full
+    """("local", resolved folder) for a local-dir spec (loading it downloads nothing), else ("named", the spec with
+    its alias expanded)."""
+    folder = local_folder(spec)
+    return ("local", str(folder.expanduser().resolve())) if folder is not None else ("named", ALIASES.get(spec, spec))
 
 
 def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfig) -> None:
@@ -125,7 +82,8 @@ def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfi
             + (f" with weights {built_weights}" if built_weights else "")
             + f", not with the encoder given ({given}); {gallery_encoder_fix(info)}")
     pool = resolve_pool(config.pool, parse_spec(config.spec)) if config.pool == "auto" else config.pool
-    if (pool, config.views) != (built.get("pool", "model"), built.get("views", "single")):
+    own = EncoderConfig().resolved(built)
+    if (pool, config.views) != (own.pool, own.views):
         recorded = str(built["fingerprint"])
         size = re.search(r"\+size=(\d+)", recorded)
         same_weights = f"{recorded.rsplit('#', 1)[0]}#{weights_only(recorded)}"
@@ -135,27 +93,19 @@ def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfi
 
 def open_identifier(
     index_dir: str | Path,
+    encoder: EncoderConfig | None = None,
     *,
-    encoder: str | None = None,
-    weights: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
     vote: VoteConfig | None = None,
     use_probe: bool = True,
     refresh_s: float = 1.0,
-    runtime: str | None = None,
-    pool: str | None = None,
-    views: str | None = None,
     follow_probe: bool = False,
-    progress: bool = True,
 ) -> Identifier:
-    """Open a gallery and its encoder (plus its probe and text prior when present), ready to identify.
+    """Open a gallery and its encoder (:func:`open_gallery`; plus its probe and text prior when present), ready to
+    identify.
 
     ``follow_probe``: load the probe and text prior again when ``speciesid probe train`` / ``probe import`` (another
-    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened).
-    ``progress``: a first export's progress bars on stderr (False: none, the command line's -q)."""
-    gallery, enc = open_gallery(index_dir, encoder=encoder, weights=weights, device=device, precision=precision,
-                                refresh_s=refresh_s, runtime=runtime, pool=pool, views=views, progress=progress)
+    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened)."""
+    gallery, enc = open_gallery(index_dir, encoder, refresh_s=refresh_s)
 
     def load() -> tuple[LinearProbe | None, TextPriorScores | None]:
         probe = None
@@ -172,10 +122,3 @@ def open_identifier(
         ident.follow_probe(files, load, refresh_s, marks=marks)
     return ident
 
-
-def _reference_photos(index_dir: str | Path, dim: int) -> list[Path]:
-    """The gallery's reference photos (what an exported encoder is checked and calibrated on)."""
-    from index.store import ReferenceStore
-
-    meta = ReferenceStore(GalleryLayout(Path(index_dir)).store, dim).metadata(include_excluded=False)
-    return [source_file(t) for t in meta["source_path"]]

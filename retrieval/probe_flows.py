@@ -18,7 +18,7 @@ from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
 from index.taxonomy import load_checklist
-from retrieval.encoders import Encoder
+from retrieval.encoders import Encoder, EncoderConfig
 from retrieval.galleries import open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
@@ -117,10 +117,8 @@ def train_gallery_probe(
     text_strength: float = 1.0,
     folds: int = 5,
     rule: str = "seq-nll",
-    device: str = "auto",
+    encoder: EncoderConfig | None = None,
     progress: bool = True,
-    precision: str = "auto",
-    runtime: str | None = None,
     keep_duplicates: bool = False,
 ) -> ProbeResult:
     """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
@@ -130,7 +128,8 @@ def train_gallery_probe(
     With a text-capable encoder, also sets up the zero-shot text prior over the gallery's species
     plus ``checklist`` species (``moroccan`` or a file), so photo-less checklist species can be predicted.
     Bad input is refused (ValueError) before any work, leaving the gallery as it was: a negative
-    ``text_strength``, a checklist that cannot be read, or one given for an image-only encoder.
+    ``text_strength``, a checklist that cannot be read, or one given for an image-only encoder. ``encoder``: how the
+    gallery's encoder runs (device, precision, runtime; unset options are the gallery's own, :func:`open_gallery`).
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
@@ -138,8 +137,7 @@ def train_gallery_probe(
         raise ValueError(f"--text-strength is the text prior's weight in photos' worth of evidence: 0 (the prior "
                          f"counts for nothing) or more, got {text_strength:g}")
     listed = load_checklist(checklist) if checklist else []  # a missing or empty file: refused before any work
-    gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime,
-                                progress=progress)
+    gallery, enc = open_gallery(index_dir, encoder or EncoderConfig(progress=progress))  # -q: the export's too
     if checklist and not enc.supports_text:
         raise ValueError(f"--checklist adds species to the text prior, which needs an encoder that reads text (a "
                          f"CLIP-style encoder such as bioclip); gallery {index_dir} was built with {enc.spec}, which "
@@ -180,10 +178,8 @@ def import_gallery_probe(
     folds: int = 5,
     rule: str = "seq-nll",
     blend_weight: str | float = "auto",
-    device: str = "auto",
+    encoder: EncoderConfig | None = None,
     progress: bool = True,
-    precision: str = "auto",
-    runtime: str | None = None,
     keep_duplicates: bool = False,
 ) -> ProbeResult:
     """Use a fine-tuned network's head (``speciesid finetune`` output ``from_dir``) as the gallery's probe.
@@ -197,13 +193,13 @@ def import_gallery_probe(
     (``retrieval.calibrate.PRIOR``) when the selection photos cannot weigh the head fairly -- the run's held-out
     photos or its own --val-root (they chose its epoch and test size by the head's log-loss), or the gallery the head
     trained on -- and chooses it on fresh validation photos; "choose" always chooses it; a number fixes it there.
+    ``encoder``: how the gallery's encoder runs, as for :func:`train_gallery_probe`.
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
     blend_weight = parse_weight_rule(blend_weight)  # before any slow work
     probe = _finetuned_head(from_dir)
-    gallery, enc = open_gallery(index_dir, device=device, precision=precision, runtime=runtime,
-                                progress=progress)
+    gallery, enc = open_gallery(index_dir, encoder or EncoderConfig(progress=progress))  # -q: the export's too
     options = weights_digest(gallery.fingerprint).partition("+")[2]
     if weights_only(gallery.fingerprint) != weights_only(probe.fingerprint):  # the head's own size may be another
         check_encoder(f"gallery {index_dir}", gallery.fingerprint, probe.fingerprint,

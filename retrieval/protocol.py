@@ -226,7 +226,11 @@ class RunChain:
 
 
 def _names_folder(spec: str) -> bool:
-    return spec.startswith(("local-dir:", "timm:local-dir:"))
+    """Whether ``spec`` names a folder a run fine-tuned here could be in: a ``local-dir:`` one, but not an open_clip
+    one (``speciesid finetune`` trains timm networks only)."""
+    from retrieval.encoders import local_folder
+
+    return local_folder(spec) is not None and not spec.startswith("open_clip:")
 
 
 def run_chain(spec: str) -> RunChain:

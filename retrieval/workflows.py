@@ -30,7 +30,7 @@ import numpy as np
 
 from index import exclusions
 from index.atomic import atomic_write
-from index.datasets import DatasetScan, iter_dataset, load_dataset
+from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
@@ -104,8 +104,8 @@ def build_gallery(
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
-    Building into an existing gallery adds what is new (identical photos are stored once); ``encoder`` None: the
-    gallery's own, or bioclip for a new one (:func:`build_encoder`). With ``clean``,
+    Building into an existing gallery adds what is new (identical photos are stored once); ``encoder``'s unset
+    options: the gallery's own, or a new gallery's defaults (bioclip; :func:`build_encoder`). With ``clean``,
     the zero-shot filter then excludes off-target references (report in the gallery's ``clean-report``).
     ``engine="ray"``: embed on a Ray cluster (``ray``: address, actors, ...; see
     :mod:`retrieval.distributed`), records streamed from the loader. ``store``: an object-store URI for a new
@@ -113,10 +113,11 @@ def build_gallery(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
-    encoder = portable(encoder or build_encoder(index_dir))  # the gallery records where the weights are, usable
-    # from anywhere
-    if GalleryLayout(Path(index_dir)).info.is_file():  # another encoder is refused before it loads (or downloads)
-        check_encoder_choice(index_dir, read_gallery_info(index_dir), encoder)
+    info = read_gallery_info(index_dir) if GalleryLayout(Path(index_dir)).info.is_file() else None
+    # unset options: the gallery's own (build_encoder); it records where the weights are, usable from anywhere
+    encoder = portable((encoder or EncoderConfig()).resolved(info["encoder"] if info else None))
+    if info is not None:  # another encoder is refused before it loads (or downloads)
+        check_encoder_choice(index_dir, info, encoder)
     if engine == "ray":  # options Ray cannot build: refused before the model loads (or downloads)
         check_ray_views(encoder.views)
         if clean is not None:
@@ -127,8 +128,7 @@ def build_gallery(
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
         logger.warning("%s", warning)
-    if not scan.records:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+    require_records(scan)
     config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
     gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
@@ -152,7 +152,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     total = operator.length_hint(records) or None  # a listed dataset's size; 0 (unknown) for a streamed one
     first = next(records, None)  # before Ray starts and the gallery is made: an empty folder creates nothing
     if first is None:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}")
+        raise no_photos_error(dataset, root)
     records = itertools.chain([first], records)
     config = encoder  # build_gallery's: the gallery's own, or the default for a new one
     enc = create_encoder_from_config(replace(config, device="cpu"))  # the driver's copy: identity, transform
@@ -310,8 +310,7 @@ def evaluate_dataset(
         raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
                          f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
     scan = load_dataset(dataset, root, metadata=metadata)
-    if not scan.records:
-        raise ValueError(f"no photos found under {root} for dataset {dataset!r}; nothing to evaluate")
+    require_records(scan)
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:

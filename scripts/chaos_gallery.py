@@ -55,10 +55,11 @@ def _photos(n: int, seed: int) -> list[Path]:
 
 def writer(index: str, species: str, paths: list[str], chunk: int, lock: bool) -> None:
     """One writer process: add the photos in small commits (so a kill can land between two)."""
+    from retrieval.encoders import EncoderConfig
     from retrieval.pipeline import add_references
     from retrieval.workflows import open_gallery
 
-    gallery, enc = open_gallery(index, precision="fp32")
+    gallery, enc = open_gallery(index, EncoderConfig(precision="fp32"))
     if not lock:  # the broken baseline: every process believes it is alone
         import contextlib
 

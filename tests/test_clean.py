@@ -618,6 +618,25 @@ def test_an_apply_that_cannot_act_is_refused_and_one_that_excluded_nothing_offer
     assert len(json.loads((index / CLEAN_LOG).read_text())["runs"]) == 1
 
 
+def test_clean_with_the_gallerys_own_encoder_keeps_its_pool_and_views_and_reuses_its_embeddings(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """``clean --index G --encoder <G's spec>`` (clean has no --pool / --views) on a gallery built with --pool gem3
+    --views flip: the gallery's options, so its stored embeddings are read, not every photo embedded again."""
+    import retrieval.clean
+
+    spec = "timm:test_efficientnet@random"  # a tiny random timm CNN (gem3 pools CNNs)
+    _photos(tmp_path / "photos")
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                        index, "--encoder", spec, "--pool", "gem3", "--views", "flip", "--precision", "fp32", "-q")
+    assert code == 0, err
+    monkeypatch.setattr(retrieval.clean, "embed_photos", lambda *a, **k: pytest.fail("embedded the photos again"))
+    code, out, err = _run(capsys, "clean", "--index", index, "--encoder", spec, "--precision", "fp32", "--report",
+                          tmp_path / "r", "-q")
+    assert code == 0, err
+    assert f"with {spec} in" in out and "0 photos through the encoder, 8 read from the gallery's store" in out, out
+
+
 def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, capsys, monkeypatch):
     import retrieval.clean
 

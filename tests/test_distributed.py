@@ -165,7 +165,8 @@ def test_ray_refusals_come_before_a_gallery_is_made(cluster, photo_root, tmp_pat
     (tmp_path / "empty").mkdir()  # nothing to build: refused as the local build refuses it, no gallery made
     code = main(["index", "build", "--dataset", "folder", "--root", str(tmp_path / "empty"), "--index",
                  str(tmp_path / "re"), "--encoder", MOBILENET_SPEC, "--engine", "ray", "-q"])
-    assert code == 2 and "no photos found under" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "no photos found under" in err and "point --root at such a folder" in err, err
     assert not (tmp_path / "re").exists()
     # actors holding every CPU of a cluster leave none for the decode and write tasks: refused, not a hang
     assert actor_count(2.0, RayOptions(address="auto")) == 1 and actor_count(40.0, RayOptions(address="auto")) == 8

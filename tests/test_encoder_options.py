@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.encoders import SCALE_VIEW, create_encoder, stack_views
+from retrieval.encoders import SCALE_VIEW, EncoderConfig, create_encoder, stack_views
 from retrieval.preprocess import preprocess_image, squash_config
 
 SPEC = "timm:test_efficientnet@random"
@@ -73,9 +73,9 @@ def test_a_gallery_built_with_views_refuses_queries_without_them(tmp_path):
 
     enc = create_encoder(SPEC, runtime="torch", precision="fp32", pool="gem3", views="flip")
     Gallery.create(tmp_path / "g", enc.describe())
-    _, again = open_gallery(tmp_path / "g", runtime="torch")  # no options given: the gallery's own
+    _, again = open_gallery(tmp_path / "g", EncoderConfig(runtime="torch"))  # no options given: the gallery's own
     assert (again.pool, again.views) == ("gem3", "flip") and again.fingerprint == enc.fingerprint
     for kw in ({"views": "single"}, {"pool": "model"}, {"views": "flipms"}):
         with pytest.raises(EncoderMismatchError, match=r"with options .*give the gallery's own \(--pool gem3 "
                            r"--views flip: queries take them"):
-            open_gallery(tmp_path / "g", runtime="torch", **kw)
+            open_gallery(tmp_path / "g", EncoderConfig(runtime="torch", **kw))

@@ -129,6 +129,21 @@ def test_a_relative_local_folder_or_weights_file_is_recorded_absolute(tmp_path, 
     assert got.spec == f"timm:local-dir:{tmp_path / 'models' / 'm'}" and got.weights == str(tmp_path / "w/x.safetensors")
     assert portable(EncoderConfig(spec="bioclip")).spec == "bioclip"
     assert portable(EncoderConfig(spec="local-dir:/abs/m")).spec == "local-dir:/abs/m"
+    assert portable(EncoderConfig(spec="local-dir:m")).spec == f"local-dir:{tmp_path / 'm'}"
+    assert portable(EncoderConfig(spec="open_clip:local-dir:m")).spec == f"open_clip:local-dir:{tmp_path / 'm'}"
+
+
+def test_local_folder_is_the_folder_of_every_local_dir_form_whether_or_not_it_exists(tmp_path):
+    from pathlib import Path
+
+    from retrieval.encoders import local_folder
+
+    missing = tmp_path / "gone"
+    for prefix in ("local-dir:", "timm:local-dir:", "open_clip:local-dir:"):
+        assert local_folder(f"{prefix}{missing}") == missing
+    assert local_folder("timm:local-dir:rel/m") == Path("rel/m")
+    for spec in ("bioclip", "timm:resnet18", "open_clip:hf-hub:imageomics/bioclip", "timm:hf-hub:org/local-dir:x"):
+        assert local_folder(spec) is None
 
 
 def test_real_mobilenet_local_dir(mobilenet_encoder):

@@ -267,7 +267,7 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
                   progress=False)
     val = _subset(tmp_path / "val", _species_dirs()[:3], 3, split="val")
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "--val-root", str(val), "-q"]) == 0
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     assert ident.probe is not None and ident.probe.source == f"finetune:{out}"
     assert ident.probe.calibration.selected_on.startswith("val:")
     assert 0 < ident.probe.calibration.metrics["head_temperature"] < 10  # calibrated on the val photos
@@ -280,36 +280,37 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert len(held) == 6 and all(len(row["sha256"]) == 64 for row in held)  # --val-split 0.34 of 6 photos: 2 each
     assert {row["species"] for row in held} == set(r.species)
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "-q"]) == 0
-    cal = open_identifier(index, precision="fp32").probe.calibration
+    cal = open_identifier(index, EncoderConfig(precision="fp32")).probe.calibration
     assert cal.selected_on == f"val:heldout:6 photos listed in {out / 'heldout.csv'}"
     assert 0 < cal.metrics["head_temperature"] < 10
     # those photos also chose the run's epoch by the head's log-loss: the blend weight stays at the prior
     why = "fixed at the prior 0.5: the photos the run held out also chose its epoch and test size"
     assert cal.blend_weight == 0.5 and cal.weight_fixed == why
-    assert f"rule seq-nll (blend weight {why})" in settings_origin(open_identifier(index, precision="fp32").probe, val)[0]
+    probe = open_identifier(index, EncoderConfig(precision="fp32")).probe
+    assert f"rule seq-nll (blend weight {why})" in settings_origin(probe, val)[0]
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "--blend-weight", "choose", "-q"]) == 0
-    cal = open_identifier(index, precision="fp32").probe.calibration
+    cal = open_identifier(index, EncoderConfig(precision="fp32")).probe.calibration
     assert cal.weight_fixed == "" and cal.selected_on.startswith("val:heldout:")
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "--blend-weight", "0.3", "-q"]) == 0
-    cal = open_identifier(index, precision="fp32").probe.calibration
+    cal = open_identifier(index, EncoderConfig(precision="fp32")).probe.calibration
     assert cal.blend_weight == 0.3 and cal.weight_fixed == "fixed at 0.3 by the caller"
     with pytest.raises(ValueError, match=r"blend weight: give auto, choose or a number from 0 \(kNN only\) to 1 "
                        r"\(head only\), not 1.5"):
-        import_gallery_probe(index, out, blend_weight=1.5, progress=False, precision="fp32")
+        import_gallery_probe(index, out, blend_weight=1.5, progress=False, encoder=EncoderConfig(precision="fp32"))
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "--blend-weight", "half", "-q"]) == 2
-    assert open_identifier(index, precision="fp32").probe.calibration.blend_weight == 0.3  # left as it was
+    assert open_identifier(index, EncoderConfig(precision="fp32")).probe.calibration.blend_weight == 0.3  # as it was
     # test-time views average the head's input: a --views flip gallery of the same network takes the head
     flip = tmp_path / "flip"
     build_gallery(flip, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32",
                   views="flip"), progress=False)
     assert main(["probe", "import", "--index", str(flip), "--from", str(out), "-q"]) == 0
-    assert open_identifier(flip, precision="fp32").probe.fingerprint.endswith("+views=flip")
+    assert open_identifier(flip, EncoderConfig(precision="fp32")).probe.fingerprint.endswith("+views=flip")
     # another pooling is another embedding: refused, saying what to do
     gem = tmp_path / "gem"
     build_gallery(gem, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32",
                   pool="gem3"), progress=False)
     with pytest.raises(EncoderMismatchError, match="build the gallery without --pool"):
-        import_gallery_probe(gem, out, progress=False, precision="fp32")
+        import_gallery_probe(gem, out, progress=False, encoder=EncoderConfig(precision="fp32"))
     # a gallery built with another encoder is refused
     other = tmp_path / "other"
     build_gallery(other, "folder", tiny_set, encoder=EncoderConfig(spec="timm:test_efficientnet@random",
@@ -760,8 +761,8 @@ def test_test_size_is_chosen_on_the_held_out_photos_recorded_and_used(stage1, ti
 
     build_gallery(tmp_path / "g96", "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{other}",
                   precision="fp32"), progress=False)
-    assert import_gallery_probe(tmp_path / "g96", out, progress=False, precision="fp32").probe.fingerprint \
-        == e96.fingerprint
+    imported = import_gallery_probe(tmp_path / "g96", out, progress=False, encoder=EncoderConfig(precision="fp32"))
+    assert imported.probe.fingerprint == e96.fingerprint
     cfg["speciesid"]["val_source"] = f"val:{tiny_set}"
     (other / "config.json").write_text(json.dumps(cfg))
     text, chose = size_origin(e96, tiny_set)
@@ -1523,7 +1524,7 @@ def test_probe_import_says_when_head_and_gallery_species_differ(stage1, tiny_set
     other = _subset(tmp_path / "other", _species_dirs()[3:5], 2)
     build_gallery(tmp_path / "g2", "folder", other, encoder=encoder, progress=False)
     with pytest.raises(ValueError, match="names none of the species of gallery"):
-        import_gallery_probe(tmp_path / "g2", out, progress=False, precision="fp32")
+        import_gallery_probe(tmp_path / "g2", out, progress=False, encoder=EncoderConfig(precision="fp32"))
 
 
 def _textured_photos(root: Path, species: tuple[str, ...], n: int,

@@ -563,3 +563,21 @@ def test_the_table_is_made_only_under_the_lock_and_a_lock_timeout_is_not_read_on
     assert "nothing committed is lost" not in said
     assert ("if it holds nothing but _versions/ and _transactions/ objects (no data/ objects), nothing was committed: "
             "delete it") in said and "If it holds data/ objects, do not delete it" in said
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("{not json", "speciesid writes it whole (atomically), so it was changed or damaged by something else: check its "
+                  "permissions, restore it from a backup, or rebuild the gallery into a new folder with 'speciesid "
+                  "index build --index NEW_DIR ...'"),
+    ("[1, 2]", "(a JSON list, not an object)"),
+    ('{"format": 99}', "has format 99; this speciesid reads format 1: upgrade speciesid to open it"),
+    ('{"format": 0}', "has format 0; this speciesid reads format 1: rebuild the gallery into a new folder with "
+                      "'speciesid index build --index NEW_DIR ...'"),
+])
+def test_an_unreadable_or_foreign_gallery_json_says_what_to_do(tmp_path, text, says):
+    from index.gallery import read_gallery_info
+
+    (tmp_path / "gallery.json").write_text(text)
+    with pytest.raises(ValueError) as err:
+        read_gallery_info(tmp_path)
+    assert says in str(err.value), err.value

@@ -84,6 +84,36 @@ def test_build_and_identify_with_the_store_on_s3(s3_env, tmp_path, tiny_clip_dir
     assert code == 0 and answer["predictions"] and len(answer["neighbours"]) == 5  # the default k, read from S3
 
 
+def test_an_s3_gallery_checks_its_export_on_its_own_photos_and_makes_no_local_store(s3_env, tmp_path, tiny_clip_dir,
+                                                                                      monkeypatch):
+    """The photos an exported encoder is checked and int8-calibrated on come from the gallery's own store (here on
+    S3), not from a table opened by path in the folder (which made an empty ``<index>/store`` and gave none)."""
+    import retrieval.galleries
+    from index.gallery import Gallery
+    from index.store import source_file
+    from retrieval.encoders import EncoderConfig
+    from retrieval.workflows import build_gallery, open_gallery
+
+    root = _photo_root(tmp_path)
+    index = tmp_path / "g"
+    build_gallery(index, "folder", root, encoder=EncoderConfig(spec=f"open_clip:local-dir:{tiny_clip_dir}",
+                                                               precision="fp32"),
+                  store=f"s3://{BUCKET}/g-photos", progress=False)
+    stored = sorted(source_file(t) for t in Gallery.open(index).store.metadata()["source_path"])
+    offered: list = []
+    real = retrieval.galleries.create_encoder_from_config
+
+    def offering(config, *, photos=None):
+        offered.extend(photos() if callable(photos) else photos or [])  # what an export would be checked on
+        return real(config, photos=photos)
+
+    monkeypatch.setattr(retrieval.galleries, "create_encoder_from_config", offering)
+    gallery, _ = open_gallery(index, EncoderConfig(precision="fp32"))
+    assert len(gallery) == 6 and sorted(map(Path, offered)) == stored and len(stored) == 6
+    assert all(p.is_file() for p in offered)
+    assert not (index / "store").exists()  # nothing made in the folder: the table is in the bucket
+
+
 def test_workers_write_fragments_to_s3_and_the_driver_commits_once(s3_env, tmp_path):
     from index.fragments import write_fragments
     from index.gallery import Gallery

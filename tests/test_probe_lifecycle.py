@@ -15,6 +15,7 @@ import pytest
 from _api_support import SPECIES, binomial, gallery_copy, photos
 
 from api.cli import main
+from retrieval.encoders import EncoderConfig
 
 #: A ph-snakes species the small gallery does not hold.
 WOLF = "Common Wolf Snake (Lycodon capucinus)"
@@ -29,7 +30,7 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
 def _train(index) -> None:
     from retrieval.workflows import train_gallery_probe
 
-    train_gallery_probe(index, progress=False, precision="fp32")
+    train_gallery_probe(index, progress=False, encoder=EncoderConfig(precision="fp32"))
 
 
 def _ids_of(index, species: str) -> list[int]:
@@ -46,7 +47,7 @@ def test_a_species_deleted_from_the_gallery_is_no_answer_of_the_probe(tmp_path_f
     _train(index)
     gone = binomial(SPECIES[1])
     assert len(delete_references(index, _ids_of(index, gone))) == 10  # every reference of it: the species is gone
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     assert gone in ident.probe.species  # the probe was trained with it, and is not retrained
     photo = photos("val", SPECIES[1], 1)[0]
     with caplog.at_level(logging.WARNING, logger="retrieval.identify"):
@@ -77,7 +78,7 @@ def test_a_running_service_follows_probe_train_without_a_restart(tmp_path_factor
         assert service.identifier.probe is None
         _train(index)  # `speciesid probe train`, as another process would run it
         after = service.identify(uploads)
-        fresh = open_identifier(index, precision="fp32")  # what the CLI, or a restarted server, answers
+        fresh = open_identifier(index, EncoderConfig(precision="fp32"))  # what the CLI or a restarted server answers
         expected = identify(fresh, embeddings=service.embed(uploads), observation=True)[0]
         assert service.identifier.probe is not None
         assert service.identifier.probe.species == fresh.probe.species
@@ -101,7 +102,7 @@ def test_probe_files_caught_half_written_leave_the_loaded_probe_in_place(tmp_pat
 
     index = gallery_copy(tmp_path_factory, "probe_half")
     _train(index)
-    ident = open_identifier(index, precision="fp32", refresh_s=0.0, follow_probe=True)
+    ident = open_identifier(index, EncoderConfig(precision="fp32"), refresh_s=0.0, follow_probe=True)
     species = ident.probe.species
     meta = GalleryLayout(index).probe_meta
     data = json.loads(meta.read_text())
@@ -130,7 +131,7 @@ def test_a_single_photo_species_is_left_to_the_knn_vote_not_a_refusal(tmp_path_f
     probe = LinearProbe.load(index)
     assert wolf not in probe.species and probe.calibration.left_out == {wolf: 1}
     assert probe.trained_on == 40
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     assert ident.probe.out_of_date({s.species: s.count for s in ident.gallery.species()}) == ""  # not out of date
     (answer,) = identify(ident, [one])
     assert answer.results[0].name == wolf  # its kNN score, untouched by the probe (the open-world rule)

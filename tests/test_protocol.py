@@ -18,6 +18,7 @@ from _api_support import SPECIES, gallery_copy, photos
 from conftest import MOBILENET, needs_shared
 
 from api.cli import main
+from retrieval.encoders import EncoderConfig
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +169,7 @@ def test_evaluated_photos_that_trained_the_network_are_not_unseen(finetuned_gall
     index, run = finetuned_gallery
     val = _val(tmp_path / "val")
     evaluated = sorted(find_photos(val))
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
 
     def evaluate():
         return evaluate_dataset(ident, "folder", val, report_dir=tmp_path / "report", progress=False)

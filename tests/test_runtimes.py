@@ -488,3 +488,21 @@ def test_the_dynamo_exporter_fallback_writes_a_faithful_onnx(tmp_path, monkeypat
     x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)  # another batch size than exported
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, net(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+def test_no_faithful_runtime_names_the_last_attempt_and_the_way_out(tiny_clip_dir, cache, check_photos, monkeypatch,
+                                                                    tmp_path):
+    """Every export of the runtime asked for is rejected: the error names the last attempt in words (not a list of
+    dicts) and says that --runtime torch runs without an export."""
+    pytest.importorskip("onnxruntime")
+    from retrieval.encoders import create_encoder
+    from retrieval.runtimes import select
+
+    monkeypatch.setattr(select, "_export_onnx_once", lambda *a: tmp_path)
+    monkeypatch.setattr(select, "_build_entry", lambda *a: {"accepted": False, "faithfulness": {"min_cosine": 0.5}})
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    with pytest.raises(ValueError) as err:
+        create_encoder(spec, runtime="onnx", photos=check_photos)
+    assert str(err.value).startswith(f"no runtime could run {spec} here (")
+    assert "the last, onnx fp32: not faithful (min cosine 0.5000 to torch fp32); -v logs each attempt): " \
+        "--runtime torch runs it without an export" in str(err.value), err.value

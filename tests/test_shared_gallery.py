@@ -18,6 +18,7 @@ from _api_support import API_KEY, SPECIES, binomial, gallery_copy, photos
 from conftest import REPO, needs_shared
 
 from api.cli import main
+from retrieval.encoders import EncoderConfig
 
 CHAOS = REPO / "scripts" / "chaos_gallery.py"
 
@@ -167,7 +168,7 @@ def test_a_long_running_reader_sees_other_processes_writes(tmp_path_factory):
     from retrieval.workflows import identify, open_identifier
 
     index = gallery_copy(tmp_path_factory, "reader")
-    ident = open_identifier(index, precision="fp32", refresh_s=0.2)
+    ident = open_identifier(index, EncoderConfig(precision="fp32"), refresh_s=0.2)
     new = photos("train", "Common Wolf Snake (Lycodon capucinus)", 5)
     assert _cli("references", "add", "--index", index, "--species", "Lycodon capucinus", *new[:4], "-q").returncode == 0
     import time
@@ -205,7 +206,7 @@ def test_cli_mistakes_get_one_clear_line_and_nothing_half_made(tmp_path_factory,
     assert code == 2 and "has no probe for method probe: train one with 'speciesid probe train" in err
     (tmp_path / "no-photos" / "Naja haje").mkdir(parents=True)  # a species folder with no photo in it
     code, _, err = run("evaluate", "--index", index, "--dataset", "folder", "--root", tmp_path / "no-photos", "-q")
-    assert code == 2 and "no photos found under" in err and "nothing to evaluate" in err
+    assert code == 2 and "no photos found under" in err and "which expects ROOT/<species>/<photos>" in err, err
     for argv in (["probe", "train", "--index", str(index), "--folds", "1"],
                  ["references", "delete", "--index", str(index), str(2**70)],  # was a DataFusion error
                  ["index", "build", "--dataset", "folder", "--root", str(tmp_path), "--index", str(tmp_path / "g"),

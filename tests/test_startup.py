@@ -42,7 +42,8 @@ def test_meta_load_equals_the_librarys_load_and_digest(tiny_clip_dir):
     import open_clip
     import torch
 
-    from retrieval.encoders import create_encoder, seeded_init, state_dict_digest
+    from retrieval.encoders import create_encoder
+    from retrieval.torch_encoders import seeded_init, state_dict_digest
 
     with seeded_init():
         model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir}")

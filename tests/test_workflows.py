@@ -14,6 +14,7 @@ import pytest
 from _api_support import COBRA, SPECIES, base_gallery, binomial, gallery_copy, photos
 
 from api.cli import main
+from retrieval.encoders import EncoderConfig
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -134,7 +135,7 @@ def test_a_far_answer_prints_the_gallery_threshold_beside_the_nearest_similarity
 def test_paths_bytes_and_embeddings_give_the_same_answer(index):
     from retrieval.workflows import identify, open_identifier
 
-    ident = open_identifier(index, precision="fp32")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
     by_path = identify(ident, [COBRA], rank="genus")[0]
     by_bytes = identify(ident, [COBRA.read_bytes()], rank="genus")[0]
     emb = ident.encoder.encode_images([__import__("PIL.Image").Image.open(COBRA).convert("RGB")])
@@ -164,7 +165,7 @@ def test_uploads_to_a_gallery_opened_by_a_relative_path_name_the_right_duplicate
 
     index = gallery_copy(tmp_path_factory, "relative_uploads")
     monkeypatch.chdir(index.parent)  # as `SPECIESID_INDEX=runs/gallery` opens it: stored paths are absolute
-    ident = open_identifier(index.name, precision="fp32")
+    ident = open_identifier(index.name, EncoderConfig(precision="fp32"))
     data = photos("val", SPECIES[1], 1)[0].read_bytes()
     res = add_photos(ident.gallery, ident.encoder, binomial(SPECIES[1]), [("first.jpg", data), ("second.jpg", data)])
     (rid,) = res.report.ids
@@ -194,3 +195,29 @@ def test_index_build_into_a_gallery_uses_its_own_encoder_by_default(tmp_path_fac
         main(["index", "build", "--help"])
     assert "default: the one that built --index when it holds a gallery, else bioclip" in " ".join(
         capsys.readouterr().out.split())
+
+
+def test_a_root_without_photos_for_its_dataset_names_the_layout_and_the_options(tmp_path, capsys):
+    """One message for every command that reads a dataset: the layout the dataset expects, and the options to
+    change (--val-root / --val-dataset where those gave the photos)."""
+    from PIL import Image
+
+    from finetune.data import load_photos
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(2):  # photos without species folders: the folder dataset reads none of them
+        Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(loose / f"{i}.jpg")
+    folder_fix = ("for dataset 'folder', which expects ROOT/<species>/<photos>: one folder per species ('Naja haje', "
+                  "'Common Name (Genus species)', ...); point --root at such a folder, or give the --dataset that "
+                  "fits it (moroccan, folder, rare-species, snakeclef2021, manifest, webdataset)")
+    for argv in (["index", "build", "--index", tmp_path / "g"], ["clean", "--report", tmp_path / "r"]):
+        code = main([str(a) for a in [*argv, "--dataset", "folder", "--root", loose, "--encoder",
+                                      "timm:test_vit@random", "-q"]])
+        err = capsys.readouterr().err
+        assert code == 2 and f"no photos found under {loose} {folder_fix}" in err, err
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(ValueError, match=r"for dataset 'moroccan', which expects ROOT/<Genus-species>/<photos>: "
+                       r"one folder per species of the Moroccan checklist; point --val-root at such a folder, or "
+                       r"give the --val-dataset that fits it"):
+        load_photos("moroccan", loose, options="--val-")

@@ -9,6 +9,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retrieval.encoders import EncoderConfig
 
 logger = logging.getLogger("speciesid")
 
@@ -122,15 +126,20 @@ def add_runtime_args(p: argparse.ArgumentParser, *, precision: bool = True) -> N
                        help="fp32, bf16, int8 (fp16: CUDA); default auto: the fastest faithful one")
 
 
-def encoder_config(args: argparse.Namespace):
-    """The encoder options (+ --batch-size) as an EncoderConfig."""
-    from retrieval.encoders import DEFAULT_POOL, DEFAULT_VIEWS, EncoderConfig
+#: EncoderConfig field -> the command-line option (argparse dest) that sets it.
+_ENCODER_OPTIONS = {"spec": "encoder", "weights": "weights", "device": "device", "precision": "precision",
+                    "batch_size": "batch_size", "runtime": "runtime", "pool": "pool", "views": "views"}
 
-    return EncoderConfig(spec=args.encoder, weights=args.weights, device=args.device, precision=args.precision,
-                         batch_size=args.batch_size, runtime=args.runtime,
-                         pool=getattr(args, "pool", None) or DEFAULT_POOL,  # commands without --pool/--views
-                         views=getattr(args, "views", None) or DEFAULT_VIEWS,
-                         progress=not getattr(args, "quiet", False))  # -q: no export progress bars either
+
+def encoder_config(args: argparse.Namespace) -> EncoderConfig:
+    """The command's encoder options (+ --batch-size) as an EncoderConfig, the one way every command reads them: an
+    option the command lacks or that is not given stays unset (the gallery's own, else a new gallery's default);
+    -q also silences a first use's export progress bars."""
+    from retrieval.encoders import EncoderConfig
+
+    given = {field: getattr(args, dest) for field, dest in _ENCODER_OPTIONS.items()
+             if getattr(args, dest, None) is not None}
+    return EncoderConfig(**given, progress=not getattr(args, "quiet", False))
 
 
 def at_least(low: int, high: int | None = None):
@@ -176,9 +185,7 @@ def open_identifier(args: argparse.Namespace):
     from retrieval.workflows import open_identifier as open_ident
 
     # commands without the vote's options (search) need no probe; --method knn still votes with its chosen settings
-    ident = open_ident(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                       precision=args.precision, use_probe=hasattr(args, "method"), runtime=args.runtime,
-                       pool=args.pool, views=args.views, progress=not getattr(args, "quiet", False))
+    ident = open_ident(args.index, encoder_config(args), use_probe=hasattr(args, "method"))
     if not len(ident.gallery):
         raise ValueError(f"gallery {args.index} has no searchable references (none added, or all excluded by "
                          "'speciesid clean --apply': 'speciesid clean --restore' brings them back)")

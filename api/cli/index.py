@@ -13,6 +13,7 @@ from api.cli._common import (
     add_quiet,
     at_least,
     emit,
+    encoder_config,
     fmt_bool,
     to_csv,
 )
@@ -85,16 +86,13 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     """speciesid index build: embed a dataset into a new or existing gallery (exit status)."""
     from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
-    from retrieval.workflows import CleanConfig, build_encoder, build_gallery
+    from retrieval.workflows import CleanConfig, build_gallery
 
     clean = CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False) if args.clean else None
     ray = RayOptions(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size)
-    encoder = build_encoder(args.index, spec=args.encoder, weights=args.weights, pool=args.pool, views=args.views,
-                            device=args.device, precision=args.precision, batch_size=args.batch_size,
-                            runtime=args.runtime, progress=not args.quiet)
     result = build_gallery(
-        args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder,
+        args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
         index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,
         progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
     )

@@ -10,6 +10,7 @@ from api.cli._common import (
     add_runtime_args,
     at_least,
     emit,
+    encoder_config,
     parse_yes_no,
     photo_args,
     spec_help,
@@ -57,8 +58,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from retrieval.workflows import add_photos, open_gallery
 
     paths, bad_args = photo_args(args.images)  # named on stderr now, counted in the summary below
-    gallery, enc = open_gallery(args.index, encoder=args.encoder, weights=args.weights, device=args.device,
-                                precision=args.precision, runtime=args.runtime, progress=not args.quiet)
+    gallery, enc = open_gallery(args.index, encoder_config(args))
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                             venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,

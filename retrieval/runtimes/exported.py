@@ -123,7 +123,7 @@ class ExportedEncoder(Encoder):
             logger.info("loading the torch text tower of %s", self.spec)
             cfg = EncoderConfig(spec=self._config.spec, weights=self._config.weights, device="cpu",
                                 precision="fp32", batch_size=self._config.batch_size, runtime="torch",
-                                views=self._config.views)
+                                pool=self._config.pool, views=self._config.views)
             text = create_torch_encoder(parse_spec(cfg.spec), cfg.spec, cfg, "fp32")
             if text.fingerprint.rsplit("#", 1)[-1] != self.fingerprint.rsplit("#", 1)[-1]:
                 raise RuntimeError(f"the weights of {self.spec} changed since they were exported; run again")

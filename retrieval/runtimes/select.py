@@ -351,7 +351,18 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
             import shutil
 
             shutil.rmtree(onnx_dir, ignore_errors=True)
-    raise ValueError(f"no runtime could run {config.spec} here: tried {tried}")
+    last = f"the last, {_attempt(tried[-1])}" if tried else "none could be tried"
+    raise ValueError(f"no runtime could run {config.spec} here ({len(tried)} tried, {last}; -v logs each attempt): "
+                     "--runtime torch runs it without an export")
+
+
+def _attempt(tried: dict) -> str:
+    """One entry of what ``_open_cold`` tried, in words ('onnx int8: not faithful (min cosine 0.9812 to torch
+    fp32)')."""
+    status = tried.get("status") or ("faithful" if tried.get("passed") else "not faithful")
+    cosine = tried.get("min_cosine")
+    return (f"{tried['runtime']} {tried['precision']}: {status}"
+            + (f" (min cosine {cosine:.4f} to torch fp32)" if isinstance(cosine, float) else ""))
 
 
 def _record(runtime: str, config: EncoderConfig, digest: str, kind: str, rt: str, prec: str, tried: list[dict],
