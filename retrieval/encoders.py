@@ -251,6 +251,7 @@ def list_encoders() -> list[str]:
 
 
 def spec_error(spec: str, why: str) -> ValueError:
+    """The ValueError of an encoder spec refused for ``why``, listing the valid forms."""
     forms = "\n  ".join(SPEC_FORMS)
     return ValueError(f"unknown encoder spec {spec!r}: {why}. Valid forms:\n  {forms}")
 

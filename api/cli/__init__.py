@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+import types
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -46,7 +47,7 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-def build_parser(modules=COMMANDS) -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.ArgumentParser:
     """The argument parser of ``modules`` (all commands by default; exposed for tests and docs)."""
     parser = OneLineErrors(
         prog="speciesid",

@@ -18,6 +18,9 @@ from typing import Any
 
 from api.cli._common import emit
 
+if typing.TYPE_CHECKING:
+    from finetune.config import FinetuneConfig
+
 DESCRIPTION = (
     "Fine-tune a timm CNN on class-per-folder (or other --dataset) photos. Stage 'global' trains on a big dataset "
     "with a full head; stage 'local' (LP-FT) starts the head as a linear probe on frozen features, keeps the "
@@ -119,7 +122,7 @@ def register(subparsers: Any, datasets: Sequence[str] | None = None) -> argparse
     return p
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of parsed ``finetune`` arguments (nested fields built too)."""
     from finetune.config import FinetuneConfig
 
