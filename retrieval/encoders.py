@@ -81,25 +81,27 @@ class EncoderConfig:
     fills them from a gallery's record, else with a new gallery's defaults; an encoder is made from a resolved one."""
 
     spec: str | None = None  # one of SPEC_FORMS; None = the gallery's own, else DEFAULT_ENCODER
-    weights: str | None = None  # weights file (.safetensors/.pt/.bin) replacing the spec's; None with spec None = the
-    # gallery's own, else the spec's own weights
+    weights: str | None = None  # weights file (.safetensors/.pt/.bin) replacing the spec's; None with spec None or
+    # the gallery's own spec = the gallery's own, else the spec's own weights
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N"
     precision: str = "auto"  # fp32, bf16, int8, fp16 (CUDA); auto = the fastest faithful one here
     batch_size: int = 32  # images per forward pass
     runtime: str | None = None  # auto, torch, onnx, openvino; None = $SPECIESID_RUNTIME, else auto
-    pool: str | None = None  # one of POOLS; None = the gallery's own, else DEFAULT_POOL
-    views: str | None = None  # one of VIEWS; None = the gallery's own, else DEFAULT_VIEWS
+    pool: str | None = None  # one of POOLS; None = the gallery's own (spec None or its own), else DEFAULT_POOL
+    views: str | None = None  # one of VIEWS; None = the gallery's own (spec None or its own), else DEFAULT_VIEWS
     progress: bool = True  # a first use's export shows its converters' progress bars (NNCF's) on stderr; -q: not
 
     def resolved(self, built: Mapping[str, Any] | None = None) -> EncoderConfig:
         """This config with unset spec, weights, pool and views taken from ``built`` (a gallery's record: the
-        ``encoder`` of its ``gallery.json``; one from before the options has :data:`BUILT_BEFORE_OPTIONS`), or, with
-        no gallery (None), a new gallery's defaults. Weights given without a spec go with the gallery's spec."""
-        if built is None:
+        ``encoder`` of its ``gallery.json``; one from before the options has :data:`BUILT_BEFORE_OPTIONS`) when the
+        spec is unset or names the gallery's own (:func:`spec_key`), else a new gallery's defaults (also with no
+        gallery, None): another encoder keeps none of the gallery's weights, pooling or views (``--pool gem3`` is
+        for timm CNNs). Weights given without a spec go with the gallery's spec."""
+        if built is None or (self.spec and spec_key(self.spec) != spec_key(str(built["spec"]))):
+            # no gallery, or another encoder than the gallery's: nothing of the gallery's options is its own
             return replace(self, spec=self.spec or DEFAULT_ENCODER, pool=self.pool or DEFAULT_POOL,
                            views=self.views or DEFAULT_VIEWS)
-        return replace(self, spec=self.spec or str(built["spec"]),
-                       weights=self.weights if self.spec else (self.weights or built.get("weights")),
+        return replace(self, spec=self.spec or str(built["spec"]), weights=self.weights or built.get("weights"),
                        pool=self.pool or built.get("pool", BUILT_BEFORE_OPTIONS["pool"]),
                        views=self.views or built.get("views", BUILT_BEFORE_OPTIONS["views"]))
 
@@ -268,6 +270,13 @@ def local_folder(spec: str) -> Path | None:
         if full.startswith(prefix):
             return Path(full[len(prefix):])
     return None
+
+
+def spec_key(spec: str) -> tuple[str, str]:
+    """What two specs are compared by: ("local", the resolved folder) for a ``local-dir:`` spec (whichever prefix
+    names it, by any path), else ("named", the spec with its alias expanded)."""
+    folder = local_folder(spec)
+    return ("local", str(folder.expanduser().resolve())) if folder is not None else ("named", ALIASES.get(spec, spec))
 
 
 def parse_spec(spec: str) -> ParsedSpec:

@@ -12,14 +12,13 @@ from pathlib import Path
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
 from retrieval.encoders import (
-    ALIASES,
     Encoder,
     EncoderConfig,
     create_encoder_from_config,
-    local_folder,
     options_suffix,
     parse_spec,
     resolve_pool,
+    spec_key,
 )
 from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
@@ -54,13 +53,6 @@ def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -
     return (encoder or EncoderConfig()).resolved(built)
 
 
-def _weights_source(spec: str) -> tuple[str, str]:
-    """("local", resolved folder) for a local-dir spec (loading it downloads nothing), else ("named", the spec with
-    its alias expanded)."""
-    folder = local_folder(spec)
-    return ("local", str(folder.expanduser().resolve())) if folder is not None else ("named", ALIASES.get(spec, spec))
-
-
 def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfig) -> None:
     """Refuse, before anything is loaded or downloaded, an encoder the gallery of ``info`` (its ``gallery.json``)
     would refuse by its fingerprint, with the message the fingerprint check gives (EncoderMismatchError).
@@ -70,7 +62,7 @@ def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfi
     was built the other way. Two folders or two weights files may hold the same weights: those are left to the
     fingerprint check after loading (nothing is downloaded for them)."""
     built = info["encoder"]
-    source, built_source = _weights_source(config.spec), _weights_source(str(built["spec"]))
+    source, built_source = spec_key(config.spec), spec_key(str(built["spec"]))
     built_weights = built.get("weights")
     at_hand = ((built_source[0] == "named" or Path(built_source[1]).exists())
                and (not built_weights or Path(str(built_weights)).exists()))

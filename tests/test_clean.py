@@ -637,6 +637,37 @@ def test_clean_with_the_gallerys_own_encoder_keeps_its_pool_and_views_and_reuses
     assert f"with {spec} in" in out and "0 photos through the encoder, 8 read from the gallery's store" in out, out
 
 
+def test_clean_with_another_encoder_than_the_gallerys_takes_a_new_gallerys_options(tiny_clip_dir, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """docs/cleaning.md: another encoder may clean a gallery (an open_clip model's zero-shot on a timm CNN's
+    gallery). On a gallery built with --pool gem3 --views flip it keeps none of them (gem3 is for timm CNNs; clean
+    has no --pool / --views to undo them): model pooling, one view, every photo embedded again."""
+    import retrieval.clean
+    from retrieval.encoders import EncoderConfig
+    from retrieval.galleries import build_encoder
+
+    _photos(tmp_path / "photos")
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                        index, "--encoder", "timm:test_efficientnet@random", "--pool", "gem3", "--views", "flip",
+                        "--precision", "fp32", "-q")
+    assert code == 0, err
+    made = []
+    real = retrieval.clean.create_encoder_from_config
+    monkeypatch.setattr(retrieval.clean, "create_encoder_from_config", lambda c, **k: made.append(c) or real(c, **k))
+    other = f"open_clip:local-dir:{tiny_clip_dir}"
+    code, out, err = _run(capsys, "clean", "--index", index, "--encoder", other, "--precision", "fp32", "--report",
+                          tmp_path / "r", "-q")
+    assert code == 0, err
+    assert [(c.spec, c.weights, c.pool, c.views) for c in made] == [(other, None, "model", "single")]
+    assert "8 photos through the encoder" in out, out
+    # the same rule everywhere a config meets a gallery; the gallery's own spec, by another path, keeps its options
+    assert (build_encoder(index, EncoderConfig(spec=other)).pool, build_encoder(index).pool) == ("model", "gem3")
+    assert EncoderConfig(spec=f"local-dir:{tiny_clip_dir}/.").resolved(
+        {"spec": other, "pool": "gem3", "views": "flip", "weights": "w"}) == EncoderConfig(
+        spec=f"local-dir:{tiny_clip_dir}/.", weights="w", pool="gem3", views="flip")
+
+
 def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, capsys, monkeypatch):
     import retrieval.clean
 
