@@ -159,9 +159,10 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     @app.exception_handler(RuntimeError)
     @app.exception_handler(OSError)
     async def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
-        """A store outage on a route that does not go through ``edge()`` (the species list): the same 503 as
-        theirs. Any other RuntimeError or OSError is a bug: raised on, a 500 with its traceback in the log."""
-        answer = store_answer(exc)
+        """A failure of the gallery's store on any route (:func:`store_answer`: an outage's 503, a damaged local
+        store's 500). Any other RuntimeError or OSError is a bug: raised on, a 500 with its traceback in the log."""
+        service = getattr(request.app.state, "service", None)
+        answer = store_answer(exc, service.gallery.store_uri if service is not None else None)
         if answer is None:
             raise exc
         return JSONResponse({"detail": answer.detail}, status_code=answer.status_code, headers=answer.headers)

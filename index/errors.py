@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 
 def first_line(exc: BaseException | str | None, limit: int) -> str:
@@ -11,14 +12,18 @@ def first_line(exc: BaseException | str | None, limit: int) -> str:
 
 
 #: How Lance words a failed read or write of its storage (an object store unreachable, a request refused
-#: mid-flight): ``lance error: LanceError(IO): Generic S3 error: Error performing list request ...``.
+#: mid-flight, a local data file missing): ``lance error: LanceError(IO): Generic S3 error: Error performing list
+#: request ...``; the kind is object_store's name for the store (``S3``, ``LocalFileSystem``, ``N/A`` for none).
 _STORE_IO = re.compile(r"LanceError\(IO\)|Generic (\w+) error")
+#: object_store's names of the stores reached over a network: their I/O errors are outages (a later try may work).
+NETWORK_STORES = frozenset({"S3", "GCS", "MicrosoftAzure", "Azure", "HTTP"})
 
 
-def store_io_failure(exc: BaseException) -> str | None:
-    """When ``exc`` is a store's I/O failure (a RuntimeError or OSError whose text, or a cause's, is Lance's I/O
-    error or an object store's), the kind of store it names (``S3``, ``GCS``, ``LocalFileSystem``; ``""`` when it
-    names none); else None: other errors (a programming error, a bad argument) are not a store outage."""
+def store_io_kind(exc: BaseException) -> str | None:
+    """When ``exc`` is a store's I/O error (a RuntimeError or OSError whose text, or its ``__cause__``'s, is
+    Lance's I/O error), the kind of store it names (``S3``, ``GCS``, ``LocalFileSystem``; ``""`` when it names
+    none); else None. Only the causes are followed, not ``__context__``: an error raised while handling a store's
+    error (a bug in an ``except`` block) is not that store's error."""
     if not isinstance(exc, (RuntimeError, OSError)):
         return None
     seen: set[int] = set()
@@ -29,5 +34,23 @@ def store_io_failure(exc: BaseException) -> str | None:
         if found:
             kinds = [k for k in re.findall(r"Generic (\w+) error", str(err)) if k != "N/A"]
             return kinds[0] if kinds else ""
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
+
+
+def store_io_failure(exc: BaseException, store: str | Path | None = None) -> str | None:
+    """When ``exc`` is an outage of the gallery's store, the kind of store (:func:`store_io_kind`); else None.
+
+    An outage is a store's I/O error that a later try may not meet: its kind names a network store
+    (:data:`NETWORK_STORES`), or ``store`` (where the gallery keeps its table: ``gallery.store_uri``; None when not
+    known) is an object-store URI. A local store's I/O error (a data file deleted, a full disk, a permission) is no
+    outage: :func:`store_io_kind` tells it apart from other errors, which are neither (a programming error, a bad
+    argument)."""
+    kind = store_io_kind(exc)
+    if kind is None:
+        return None
+    if kind in NETWORK_STORES:
+        return kind
+    from index.store import is_uri  # here: index.store loads lancedb, which an error of its store has loaded
+
+    return kind if store is not None and is_uri(str(store)) else None

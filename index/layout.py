@@ -73,6 +73,11 @@ class GalleryLayout:
         """The LanceDB folder."""
         return self.root / STORE_DIR
 
+    def store_location(self, info: dict) -> str:
+        """Where the gallery keeps its table: the object-store URI its ``gallery.json`` (``info``) names, else
+        :attr:`store`, the folder in it."""
+        return str((info.get("store") or {}).get("uri") or self.store)
+
     @property
     def vectors(self) -> Path:
         """The FAISS index file (its manifest is ``vectors.faiss.json``)."""

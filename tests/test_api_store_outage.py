@@ -19,6 +19,10 @@ LANCE_S3_DOWN = ("lance error: LanceError(IO): Generic S3 error: Error performin
                  "http://127.0.0.1:5057/clinics?list-type=2&prefix=ph%2Freferences.lance%2F_versions%2F in 358ms, "
                  "after 3 retries, max_retries: 3, retry_timeout: 180s - HTTP error: error sending request")
 
+#: What Lance raises when a local table's data file was deleted (a local store damaged: no outage).
+LANCE_LOCAL_FILE_GONE = ("lance error: LanceError(IO): Generic N/A error: Wrapped error: Not found: "
+                         "/x/references.lance/data/0b1c.lance")
+
 
 class _DeadTable:
     """A Lance table whose every use fails as an unreachable S3 store does."""
@@ -108,13 +112,57 @@ def test_any_other_error_is_still_a_500_and_is_counted(client, monkeypatch):
     assert _sample(client.get("/metrics").text, series) - _sample(before, series) == 1
 
 
-def test_only_lances_io_errors_count_as_a_store_outage():
-    from index.errors import store_io_failure
+def test_only_lances_io_errors_count_as_a_store_outage_and_only_of_a_network_store():
+    from index.errors import store_io_failure, store_io_kind
 
     assert store_io_failure(RuntimeError(LANCE_S3_DOWN)) == "S3"
     assert store_io_failure(OSError("LanceError(IO): Generic N/A error: LanceError(IO): Generic S3 error: x")) == "S3"
+    # a local store's I/O error (a full disk, a data file deleted) is the store's error, but no outage: retrying
+    # does not help; it is one only when the gallery's store is an object store
     wrapped = RuntimeError("reading the table failed")
     wrapped.__cause__ = OSError("LanceError(IO): Generic LocalFileSystem error: No space left on device")
-    assert store_io_failure(wrapped) == "LocalFileSystem"
+    assert store_io_kind(wrapped) == "LocalFileSystem"
+    assert store_io_failure(wrapped) is None and store_io_failure(wrapped, "/galleries/g/references.lance") is None
+    assert store_io_failure(wrapped, "s3://bucket/g") == "LocalFileSystem"
+    assert store_io_kind(RuntimeError(LANCE_LOCAL_FILE_GONE)) == ""
+    assert store_io_failure(RuntimeError(LANCE_LOCAL_FILE_GONE), "/galleries/g/references.lance") is None
+    assert store_io_failure(RuntimeError(LANCE_LOCAL_FILE_GONE), "s3://bucket/g") == ""
+    # a bug in an except block that handles a store's error is a bug: only causes are followed, not the context
+    try:
+        try:
+            raise RuntimeError(LANCE_S3_DOWN)
+        except RuntimeError:
+            raise RuntimeError("a bug while handling it")  # noqa: B904 - the implicit context is the point
+    except RuntimeError as bug:
+        assert bug.__context__ is not None and store_io_kind(bug) is None and store_io_failure(bug) is None
     assert store_io_failure(RuntimeError("a bug, not an outage")) is None
     assert store_io_failure(ValueError(LANCE_S3_DOWN)) is None  # a refusal of the request, not an outage
+
+
+class _DamagedTable:
+    """A local Lance table whose data file was deleted: every use fails with Lance's I/O error, kind N/A."""
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(LANCE_LOCAL_FILE_GONE)
+
+
+def test_a_damaged_local_store_is_a_500_saying_so_not_a_503_to_retry_and_readyz_is_not_degraded(client, caplog):
+    """A local store's I/O error is no outage (finding 2 of the s47 review): retrying does not help, so no 503 with
+    Retry-After and no "network"; /readyz does not answer "degraded" (nothing will come back by itself)."""
+    service = client.app.state.service
+    store = service.gallery.store
+    table = store._table
+    store._table = _DamagedTable()
+    try:
+        with caplog.at_level(logging.ERROR, logger="api.routers._edge"):
+            for resp in (client.get("/v1/species"), client.get("/readyz")):
+                assert resp.status_code == 500, (resp.status_code, resp.text[:300])
+                assert "retry-after" not in resp.headers
+                detail = resp.json()["detail"]
+                assert "cannot be read or written" in detail and "retrying does not help" in detail, detail
+                assert "network" not in detail and "LanceError" not in detail and "/x/" not in detail
+        assert "answered 500: the gallery's store" in caplog.text and "Not found: /x/" in caplog.text
+        assert str(service.gallery.store_uri) in caplog.text
+    finally:
+        store._table = table
+    assert client.get("/readyz").json()["status"] == "ready"

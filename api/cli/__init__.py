@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
-from index.errors import first_line, store_io_failure
+from index.errors import first_line, store_io_failure, store_io_kind
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
@@ -153,22 +153,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def store_outage(exc: BaseException, args: argparse.Namespace) -> str | None:
-    """One line for a gallery store that failed mid-command (:func:`index.errors.store_io_failure`: an object store
-    unreachable, a request cut off): which store, what was kept, what to do; None for any other error.
+def gallery_store(args: argparse.Namespace) -> str | None:
+    """Where the gallery of a command keeps its table: ``--store URI`` (a new gallery's), else where the ``--index``
+    folder's gallery.json says (:meth:`index.layout.GalleryLayout.store_location`); None when the command names no
+    gallery or its gallery.json cannot be read."""
+    options = vars(args)
+    if options.get("store"):
+        return str(options["store"])
+    if not options.get("index"):
+        return None
+    from pathlib import Path
 
-    ``index build`` and ``references add`` commit their rows chunk by chunk and skip photos whose bytes are stored,
-    so what was committed stays and the same command run again adds the rest. The traceback is logged at DEBUG
-    (``-vv``)."""
-    kind = store_io_failure(exc)
+    from index.gallery import read_gallery_info
+    from index.layout import GalleryLayout
+
+    layout = GalleryLayout(Path(options["index"]))
+    try:
+        return layout.store_location(read_gallery_info(layout.root) if layout.info.is_file() else {})
+    except ValueError:
+        return None
+
+
+def store_outage(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for a gallery store that failed mid-command; None for any other error. The traceback is logged at
+    DEBUG (``-vv``).
+
+    An outage (:func:`index.errors.store_io_failure`: an object store unreachable, a request cut off) says which
+    store, what was kept (``index build`` and ``references add`` commit their rows chunk by chunk and skip photos
+    whose bytes are stored, so what was committed stays and the same command run again adds the rest) and to
+    check the network. A local store's I/O error (:func:`index.errors.store_io_kind`: a data file missing, a full
+    disk, a permission) names the store's folder as damaged or unreadable: running again does not help."""
+    kind = store_io_kind(exc)
     if kind is None:
         return None
     logger.debug("the gallery's store failed", exc_info=exc)
-    store = f"the gallery's {kind} store" if kind else "the gallery's store"
+    store = gallery_store(args)
+    if store_io_failure(exc, store) is None:
+        where = f"at {store}" if store else "(a local folder)"
+        return (f"the gallery's store {where} is damaged or unreadable ({first_line(exc, 300)}); check the disk "
+                "(free space, errors) and the folder's permissions, or rebuild the gallery into a new folder with "
+                "'speciesid index build --index NEW_DIR ...'")
+    named = f"the gallery's {kind} store" if kind else "the gallery's store"
     kept = ""
     if getattr(args, "func", None) in (index.cmd_index_build, references.cmd_references_add):
         kept = ("; the references committed before it stay in the gallery, and running the same command again "
                 "adds the rest (photos already stored are skipped)")
-    where = ("the network and the endpoint (AWS_ENDPOINT_URL)" if kind in ("S3", "")
-             else "the network and the store's endpoint or mount")
-    return f"{store} could not be reached ({first_line(exc, 300)}){kept}; check {where}, then run the command again"
+    s3 = kind == "S3" or (not kind and str(store).startswith("s3://"))
+    where = "the network and the endpoint (AWS_ENDPOINT_URL)" if s3 else "the network and the store's endpoint"
+    return f"{named} could not be reached ({first_line(exc, 300)}){kept}; check {where}, then run the command again"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import HTTPException, UploadFile
 
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
-from index.errors import first_line, store_io_failure
+from index.errors import first_line, store_io_failure, store_io_kind
 from index.gallery import Neighbour
 from index.lease import LeaseError
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
@@ -40,8 +41,8 @@ ERRORS: dict[int | str, dict] = {
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "
-          "(credentials, a store without conditional writes) or damaged (its shared id mark unreadable); its log "
-          "says what to fix"},
+          "(credentials, a store without conditional writes) or damaged (its shared id mark unreadable); a local "
+          "store that cannot be read or written (damaged, a full disk, a permission); its log says what to fix"},
     503: {"model": ErrorOut, "description": "the model is still loading; the gallery's store cannot be reached now (a "
           "network or store outage); for a write, the gallery's store could not take it now (another writer held it "
           "too long, its write lease was lost, the store was busy): retry after Retry-After s"},
@@ -71,8 +72,9 @@ def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPE
 
 def edge(fn: Callable[[], T]) -> T:
     """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException, and so does a failure
-    of the store's write lease (:func:`lease_answer`) or of the store itself (:func:`store_answer`, a 503): never
-    a 400, as the request was not at fault."""
+    of the store's write lease (:func:`lease_answer`): never a 400, as the request was not at fault. A failure of
+    the store itself (a RuntimeError or OSError) is raised on to the app's handler, which knows the store and
+    answers with :func:`store_answer`."""
     try:
         return fn()
     except ServiceError as exc:
@@ -89,25 +91,29 @@ def edge(fn: Callable[[], T]) -> T:
         raise lease_answer(exc) from exc
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
-    except (RuntimeError, OSError) as exc:  # the store unreachable: a 503; any other is a bug, left a 500
-        answer = store_answer(exc)
-        if answer is None:
-            raise
-        raise answer from exc
 
 
-def store_answer(exc: BaseException) -> HTTPException | None:
-    """The 503 (with Retry-After) of a request the gallery's store failed to serve, a read or a write: Lance's I/O
-    error (:func:`index.errors.store_io_failure`: the object store unreachable, a network error). None for any
-    other error, which stays a 500 with its traceback in the log. The answer names the kind of store, not its
-    endpoint or bucket: the server's log has the store's whole error."""
-    kind = store_io_failure(exc)
+def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException | None:
+    """The answer to a request the gallery's store (where it keeps its table: ``gallery.store_uri``) failed to
+    serve, a read or a write; None for any other error, which stays a 500 with its traceback in the log.
+
+    An outage (:func:`index.errors.store_io_failure`: an object store unreachable, a network error): a 503 with
+    Retry-After naming the kind of store, not its endpoint or bucket. A local store's I/O error
+    (:func:`index.errors.store_io_kind`: a data file missing, a full disk, a permission): a 500, as retrying does not
+    help, naming nothing of the server's disk. The server's log has the store's whole error."""
+    kind = store_io_kind(exc)
     if kind is None:
         return None
-    store = f"{kind} store" if kind and kind != "LocalFileSystem" else "store"
+    if store_io_failure(exc, store) is None:
+        logger.error("answered 500: the gallery's store %s cannot be read or written (damaged, a full disk, a "
+                     "permission; check it, or rebuild the gallery): %s", store, first_line(exc, 500), exc_info=exc)
+        return HTTPException(500, "the server's gallery store cannot be read or written (damaged, or its disk "
+                             "full or not permitted); retrying does not help until the server's operator fixes it "
+                             "(the server's log has the store's error)")
+    named = f"{kind} store" if kind else "store"
     logger.warning("answered 503 (retry in %d s): the gallery's %s cannot be reached: %s", STORE_RETRY_AFTER_S,
-                   store, first_line(exc, 500))
-    return HTTPException(503, f"the gallery's {store} cannot be reached now (a network or storage outage); this "
+                   named, first_line(exc, 500))
+    return HTTPException(503, f"the gallery's {named} cannot be reached now (a network or storage outage); this "
                          f"server tries it again with every request: retry in {STORE_RETRY_AFTER_S} s (the server's "
                          "log has the store's error)", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 

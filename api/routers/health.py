@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.routers._edge import store_answer
 from api.service import EMPTY_GALLERY
+from index.errors import store_io_failure
 
 #: /readyz's warning while the gallery's store cannot be reached.
 STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
@@ -37,7 +37,7 @@ def readyz(request: Request) -> JSONResponse:
         gallery.refresh()  # at most once per refresh_s; never raises on a store outage (stale reads)
         references = None if gallery.reading_stale else len(gallery)
     except (RuntimeError, OSError) as exc:
-        if store_answer(exc) is None:
+        if store_io_failure(exc, gallery.store_uri) is None:  # not an outage: the app's handler answers it
             raise
         references = None
     body = {"status": "ready", "encoder": gallery.encoder_spec}
