@@ -386,6 +386,33 @@ def test_a_cache_folder_that_cannot_be_made_leaves_auto_on_torch(where, tiny_cli
         create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
 
 
+def test_a_file_missing_inside_an_existing_cache_is_raised_not_a_torch_fallback(tiny_clip_dir, cache, check_photos,
+                                                                                monkeypatch, caplog):
+    """ENOENT / ENOTDIR count as "cannot write the runtime cache" only while the cache folder is made: inside an
+    existing cache (an export's file removed meanwhile, by another process's cleanup) the error is raised as it is,
+    not hidden by `auto` dropping to torch fp32 with advice to set SPECIESID_CACHE."""
+    import errno
+
+    require_module("onnxruntime")
+    import retrieval.runtimes.select as select
+    from retrieval.encoders import create_encoder
+
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
+    gone = cache / "models" / "tmp-export" / "model.onnx"
+
+    def removed_meanwhile(*args, **kwargs):
+        cache.mkdir(parents=True, exist_ok=True)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(gone))
+
+    monkeypatch.setattr(select, "_export_onnx_once", removed_meanwhile)
+    with pytest.raises(FileNotFoundError, match="tmp-export"):
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", photos=check_photos)
+    assert "cannot write the runtime cache" not in caplog.text
+    assert not select.cache_unwritable(NotADirectoryError(errno.ENOTDIR, "Not a directory", str(gone)))
+    assert select.cache_unwritable(PermissionError(errno.EACCES, "Permission denied", str(gone)))  # as before
+    assert not select.cache_unwritable(FileNotFoundError(errno.ENOENT, "No such file", "/elsewhere/x"))
+
+
 def test_onnx_int8_export_drops_ort_preprocessing_advice_only_during_the_call(tiny_clip_dir, cache, check_photos,
                                                                             caplog):
     """ONNX Runtime's root-logger "Please consider to run pre-processing before quantization" (logged before our

@@ -63,15 +63,23 @@ if TYPE_CHECKING:  # imported on the cold path only: the warm path never loads t
 logger = logging.getLogger(__name__)
 #: The errors of a cache folder that cannot be written: `auto` then runs on torch (needing no export).
 CACHE_UNWRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+#: The errors of a cache folder that cannot be made (``SPECIESID_CACHE`` under a regular file: ENOTDIR; under a
+#: folder where none can be made, such as ``/proc``: ENOENT; a name too long; a file in its place: EEXIST): the same
+#: as :data:`CACHE_UNWRITABLE`, but only while the cache folder is not there yet.
+CACHE_UNMADE = frozenset({errno.ENOTDIR, errno.ENOENT, errno.ENAMETOOLONG, errno.EEXIST})
 
 
 def cache_unwritable(exc: OSError) -> bool:
-    """True when ``exc`` says the runtime cache cannot be made or written: one of :data:`CACHE_UNWRITABLE`, or
-    any error on a path inside the cache or on a folder above it while it is made (``SPECIESID_CACHE`` under a
-    regular file: ENOTDIR; under a folder where none can be made, such as ``/proc``: ENOENT; a name too long)."""
+    """True when ``exc`` says the runtime cache cannot be made or written: one of :data:`CACHE_UNWRITABLE`, or one
+    of :data:`CACHE_UNMADE` while the cache folder is not a folder yet (it, a folder above it or one in it being
+    made: ``mkdir(parents=True)`` names the deepest). Any other error, and one of those inside an existing cache
+    (a disk error, a file another process removed), is not: it is raised, not hidden behind "cannot write the
+    runtime cache"."""
     if exc.errno in CACHE_UNWRITABLE:
         return True
     root = cache_root().absolute()
+    if exc.errno not in CACHE_UNMADE or root.is_dir():
+        return False
     for name in (exc.filename, exc.filename2):
         if isinstance(name, (str, Path)):
             path = Path(name).absolute()
