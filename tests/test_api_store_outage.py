@@ -166,3 +166,24 @@ def test_a_damaged_local_store_is_a_500_saying_so_not_a_503_to_retry_and_readyz_
     finally:
         store._table = table
     assert client.get("/readyz").json()["status"] == "ready"
+
+
+def test_an_outages_503s_are_logged_at_most_once_per_minute_with_the_count_between(monkeypatch, caplog):
+    """Every request meets an outage: its 503 was one WARNING line per request. Now one per STORE_WARN_EVERY_S,
+    the next saying how many were answered so meanwhile; each request still gets its 503."""
+    import api.routers._edge as edge_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(edge_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(edge_module, "_STORE_WARNINGS", edge_module._Every(edge_module.STORE_WARN_EVERY_S))
+    with caplog.at_level(logging.WARNING, logger="api.routers._edge"):
+        for _ in range(5):
+            answer = edge_module.store_answer(RuntimeError(LANCE_S3_DOWN), "s3://bucket/g")
+            assert answer is not None and answer.status_code == 503
+            clock[0] += 1.0
+        lines = [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
+        assert len(lines) == 1 and "more answered so" not in lines[0] and "at most once per 60 s" in lines[0], lines
+        clock[0] += edge_module.STORE_WARN_EVERY_S
+        edge_module.store_answer(RuntimeError(LANCE_S3_DOWN), "s3://bucket/g")
+        lines = [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
+        assert len(lines) == 2 and "(4 more answered so since the last such line)" in lines[1], lines

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,6 +27,28 @@ T = TypeVar("T")
 WRITE_RETRY_AFTER_S = 5
 #: Retry-After (seconds) of a request the gallery's store could not serve (unreachable: a network or store outage).
 STORE_RETRY_AFTER_S = 5
+#: During a store outage every request meets it: its 503 is logged at most once per this many seconds.
+STORE_WARN_EVERY_S = 60.0
+
+
+class _Every:
+    """Says whether to log now (at most once per ``seconds``) and how many were left unlogged since the last."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self._last, self._unlogged, self._lock = seconds, float("-inf"), 0, threading.Lock()
+
+    def due(self) -> int | None:
+        """The count of unlogged ones before this one when it is time to log, else None (this one is counted)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.seconds:
+                self._unlogged += 1
+                return None
+            unlogged, self._last, self._unlogged = self._unlogged, now, 0
+            return unlogged
+
+
+_STORE_WARNINGS = _Every(STORE_WARN_EVERY_S)
 
 ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
@@ -98,7 +122,8 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
     serve, a read or a write; None for any other error, which stays a 500 with its traceback in the log.
 
     An outage (:func:`index.errors.store_io_failure`: an object store unreachable, a network error): a 503 with
-    Retry-After naming the kind of store, not its endpoint or bucket. A local store's I/O error
+    Retry-After naming the kind of store, not its endpoint or bucket (logged at most once per
+    :data:`STORE_WARN_EVERY_S`, with the count of those answered meanwhile). A local store's I/O error
     (:func:`index.errors.store_io_kind`: a data file missing, a full disk, a permission): a 500, as retrying does not
     help, naming nothing of the server's disk. The server's log has the store's whole error."""
     kind = store_io_kind(exc)
@@ -111,8 +136,10 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
                              "full or not permitted); retrying does not help until the server's operator fixes it "
                              "(the server's log has the store's error)")
     named = f"{kind} store" if kind else "store"
-    logger.warning("answered 503 (retry in %d s): the gallery's %s cannot be reached: %s", STORE_RETRY_AFTER_S,
-                   named, first_line(exc, 500))
+    if (unlogged := _STORE_WARNINGS.due()) is not None:  # an outage meets every request: not one line each
+        since = f" ({unlogged} more answered so since the last such line)" if unlogged else ""
+        logger.warning("answered 503 (retry in %d s): the gallery's %s cannot be reached: %s%s; said at most once "
+                       "per %.0f s", STORE_RETRY_AFTER_S, named, first_line(exc, 500), since, STORE_WARN_EVERY_S)
     return HTTPException(503, f"the gallery's {named} cannot be reached now (a network or storage outage); this "
                          f"server tries it again with every request: retry in {STORE_RETRY_AFTER_S} s (the server's "
                          "log has the store's error)", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
