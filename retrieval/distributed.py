@@ -366,42 +366,42 @@ def ray_add_references(
     it = iter(records)
     done = 0
     first_path: dict[str, str] = {}  # digest -> first path of this run (kept per run, as the local build does)
-    bar = tqdm(total=total, desc="building on ray", unit="img", disable=not progress, mininterval=0)
-    number = 0
-    while chunk := list(itertools.islice(it, opts.chunk_rows)):
-        number += 1
-        bar.set_postfix_str(f"chunk {number}: {len(chunk)} records, embedding; {report.added} stored")
-        table = _records_table(chunk, done)
-        hashed = (ray.data.from_arrow(table.select(["pos", "source"]))
-                  .repartition(_blocks(len(chunk), 256))
-                  .map_batches(hash_batch, batch_format="pyarrow", batch_size=256, num_cpus=1)
-                  .to_arrow_refs())
-        hashed = pa.concat_tables(ray.get(hashed)).sort_by("pos")
-        digests = hashed.column("sha256").to_pylist()
-        errors = hashed.column("error").to_pylist()
-        stored = gallery.store.find_sha256(d for d in digests if d)
-        keep: list[int] = []
-        for i, (rec, sha, err) in enumerate(zip(chunk, digests, errors, strict=True)):
-            if err:
-                report.skipped.append((str(rec.path), err))
-            elif sha in stored:
-                report.duplicates.append((str(rec.path), f"id {stored[sha]}"))
-                report.duplicate_ids.append(stored[sha])
-            elif sha in first_path:
-                report.duplicates.append((str(rec.path), first_path[sha]))
-                report.duplicate_ids.append(None)
-            else:
-                first_path[sha] = str(rec.path)
-                keep.append(i)
-        if keep:
-            _embed_and_commit(gallery, config, encoder, chunk, table, keep, digests, report, pre=pre, actors=actors,
-                              per_gpu=per_gpu, cpus=opts.cpus_per_actor, batch_size=batch_size,
-                              write_rows=opts.write_rows, min_side=min_side)
-        done += len(chunk)
-        bar.set_postfix_str(f"chunk {number} committed; {report.added} stored", refresh=False)
-        bar.update(len(chunk))
-        logger.info("ray build: %d records handled, %d stored so far", done, report.added)
-    bar.close()
+    with tqdm(total=total, desc="building on ray", unit="img", disable=not progress, mininterval=0) as bar:
+        # closed however the build ends: main()'s one-line error must not land on the bar's line
+        number = 0
+        while chunk := list(itertools.islice(it, opts.chunk_rows)):
+            number += 1
+            bar.set_postfix_str(f"chunk {number}: {len(chunk)} records, embedding; {report.added} stored")
+            table = _records_table(chunk, done)
+            hashed = (ray.data.from_arrow(table.select(["pos", "source"]))
+                      .repartition(_blocks(len(chunk), 256))
+                      .map_batches(hash_batch, batch_format="pyarrow", batch_size=256, num_cpus=1)
+                      .to_arrow_refs())
+            hashed = pa.concat_tables(ray.get(hashed)).sort_by("pos")
+            digests = hashed.column("sha256").to_pylist()
+            errors = hashed.column("error").to_pylist()
+            stored = gallery.store.find_sha256(d for d in digests if d)
+            keep: list[int] = []
+            for i, (rec, sha, err) in enumerate(zip(chunk, digests, errors, strict=True)):
+                if err:
+                    report.skipped.append((str(rec.path), err))
+                elif sha in stored:
+                    report.duplicates.append((str(rec.path), f"id {stored[sha]}"))
+                    report.duplicate_ids.append(stored[sha])
+                elif sha in first_path:
+                    report.duplicates.append((str(rec.path), first_path[sha]))
+                    report.duplicate_ids.append(None)
+                else:
+                    first_path[sha] = str(rec.path)
+                    keep.append(i)
+            if keep:
+                _embed_and_commit(gallery, config, encoder, chunk, table, keep, digests, report, pre=pre, actors=actors,
+                                  per_gpu=per_gpu, cpus=opts.cpus_per_actor, batch_size=batch_size,
+                                  write_rows=opts.write_rows, min_side=min_side)
+            done += len(chunk)
+            bar.set_postfix_str(f"chunk {number} committed; {report.added} stored", refresh=False)
+            bar.update(len(chunk))
+            logger.info("ray build: %d records handled, %d stored so far", done, report.added)
     report.seconds = time.perf_counter() - start
     for path, reason in report.skipped:
         logger.warning("skipped %s: %s", path, reason)

@@ -644,3 +644,47 @@ def test_the_check_of_uncommitted_files_reads_few_versions(tmp_path, monkeypatch
     assert {n.split("/", 1)[1] for n in lost_names} <= _data_files(uri)
     assert remove_uncommitted(uri, lost_names, since) == 1 and not {n.split("/", 1)[1] for n in lost_names} & \
         _data_files(uri)
+
+
+def test_a_failed_ray_build_closes_its_progress_bar(monkeypatch):
+    """A chunk that fails (a store outage, a Ray task error) left the bar's line open, and main()'s
+    ``speciesid: error: ...`` was printed onto it: the bar is closed however the build ends."""
+    from types import SimpleNamespace
+
+    import retrieval.distributed as distributed
+    from index.records import ReferenceRecord
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.closed = False
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    def chunk_fails(*args, **kwargs):
+        raise RuntimeError("a Ray task failed")
+
+    monkeypatch.setattr(distributed, "tqdm", Bar)
+    monkeypatch.setattr(distributed, "_ray", lambda: None)
+    monkeypatch.setattr(distributed, "check_gallery_encoder", lambda *a: None)
+    monkeypatch.setattr(distributed, "plan_cluster", lambda *a: (None, 1, 0.0))
+    monkeypatch.setattr(distributed, "sweep_quietly", lambda *a: 0)
+    monkeypatch.setattr(distributed, "_records_table", chunk_fails)
+    gallery = SimpleNamespace(root=Path("g"), info={}, store=None)
+    encoder = SimpleNamespace(fingerprint="f", batch_size=2)
+    records = [ReferenceRecord(path=Path("a.jpg"), species="Naja haje")]
+    with pytest.raises(RuntimeError, match="a Ray task failed"):
+        distributed.ray_add_references(gallery, None, records, encoder=encoder, total=1)
+    assert len(bars) == 1 and bars[0].closed
