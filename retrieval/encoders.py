@@ -98,9 +98,14 @@ class EncoderConfig:
         gallery, None): another encoder keeps none of the gallery's weights, pooling or views (``--pool gem3`` is
         for timm CNNs). Weights given without a spec go with the gallery's spec."""
         if built is None or (self.spec and spec_key(self.spec) != spec_key(str(built["spec"]))):
-            # no gallery, or another encoder than the gallery's: nothing of the gallery's options is its own
-            return replace(self, spec=self.spec or DEFAULT_ENCODER, pool=self.pool or DEFAULT_POOL,
-                           views=self.views or DEFAULT_VIEWS)
+            # no gallery, or another encoder than the gallery's: nothing of the gallery's options is its own, but a
+            # local folder of the gallery's library may be a copy of its model (a gallery used on another machine):
+            # it keeps the pooling and views, and the fingerprint check says whether the weights are the same
+            copy = self.spec is not None and _local_copy_of(self.spec, str(built["spec"])) if built else False
+            return replace(self, spec=self.spec or DEFAULT_ENCODER,
+                           pool=self.pool or (built.get("pool", BUILT_BEFORE_OPTIONS["pool"]) if copy else DEFAULT_POOL),
+                           views=self.views or (built.get("views", BUILT_BEFORE_OPTIONS["views"]) if copy
+                                                else DEFAULT_VIEWS))
         return replace(self, spec=self.spec or str(built["spec"]), weights=self.weights or built.get("weights"),
                        pool=self.pool or built.get("pool", BUILT_BEFORE_OPTIONS["pool"]),
                        views=self.views or built.get("views", BUILT_BEFORE_OPTIONS["views"]))
@@ -270,6 +275,16 @@ def local_folder(spec: str) -> Path | None:
         if full.startswith(prefix):
             return Path(full[len(prefix):])
     return None
+
+
+def _local_copy_of(spec: str, gallery_spec: str) -> bool:
+    """Whether ``spec`` is a ``local-dir:`` folder of the same library (timm / open_clip) as the gallery's spec: maybe
+    a copy of its model in another folder (False when either cannot be parsed)."""
+    try:
+        mine, theirs = parse_spec(spec), parse_spec(gallery_spec)
+    except ValueError:
+        return False
+    return mine.source == "local-dir" and mine.library == theirs.library
 
 
 def spec_key(spec: str) -> tuple[str, str]:

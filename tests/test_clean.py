@@ -668,6 +668,30 @@ def test_clean_with_another_encoder_than_the_gallerys_takes_a_new_gallerys_optio
         spec=f"local-dir:{tiny_clip_dir}/.", weights="w", pool="gem3", views="flip")
 
 
+
+def test_a_copy_of_the_gallerys_model_folder_keeps_its_pooling_and_views(tmp_path):
+    """A gallery used on another machine names its model by the first machine's folder; a copy of that folder
+    elsewhere (same library) keeps the gallery's pooling and views (the fingerprint check says whether the weights
+    are the same), without the gallery's weights file; a folder of another library takes a new gallery's."""
+    import shutil
+
+    from retrieval.encoders import EncoderConfig
+
+    first, copy = tmp_path / "machine-a" / "cnn", tmp_path / "machine-b" / "cnn"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text("{}")  # a timm folder, as parse_spec tells them
+    shutil.copytree(first, copy)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "open_clip_config.json").write_text("{}")
+    built = {"spec": f"timm:local-dir:{first}", "pool": "gem3", "views": "flip", "weights": "w.safetensors"}
+    assert EncoderConfig(spec=f"timm:local-dir:{copy}").resolved(built) == EncoderConfig(
+        spec=f"timm:local-dir:{copy}", pool="gem3", views="flip")
+    assert EncoderConfig(spec=f"local-dir:{clip}").resolved(built) == EncoderConfig(
+        spec=f"local-dir:{clip}", pool="model", views="single")
+    assert EncoderConfig(spec="timm:mobilenetv1_100").resolved(built).pool == "model"  # a named model: its own
+
+
 def test_nothing_to_check_is_refused_before_any_photo_is_embedded(tmp_path, capsys, monkeypatch):
     import retrieval.clean
 
