@@ -35,7 +35,7 @@ def test_a_waiting_writer_warns_naming_the_locks_holder_and_how_long_it_waits(tm
     assert f"pid {os.getpid()}" in caplog.text and "waiting up to 4 s in all" in caplog.text, caplog.text
     assert "SPECIESID_WRITE_WAIT_S" in caplog.text
     monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "soon")
-    with pytest.raises(ValueError, match="SPECIESID_WRITE_WAIT_S='soon' is not a number of seconds"):
+    with pytest.raises(ValueError, match="SPECIESID_WRITE_WAIT_S=soon is not a number of seconds"):
         WriteLock(path).hold().__enter__()
     monkeypatch.delenv("SPECIESID_WRITE_WAIT_S")
     assert WriteLock(path).timeout == 600

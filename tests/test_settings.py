@@ -79,3 +79,64 @@ def test_a_refused_setting_is_one_line_naming_the_variable_and_its_value(monkeyp
     assert "SPECIESID_MAX_IMAGES=abc: input should be a valid integer" in err
     assert "SPECIESID_BATCH_WINDOW_MS=-3: input should be greater than or equal to 0" in err
     assert "secrète" not in err and "pydantic" not in err
+
+
+BAD_SECONDS = ("inf", "-inf", "nan", "abc", "-5", "1e400")
+
+
+def _refusals(name: str, values: tuple[str, ...], monkeypatch) -> dict[str, tuple[str, str]]:
+    """For each value of ``name``: what the server's settings say, and what the command line's parser says."""
+    from api.settings import Settings, SettingsError
+    from index.lease import S3Lease
+    from index.locks import default_wait
+
+    said = {}
+    for value in values:
+        monkeypatch.setenv(name, value)
+        try:
+            Settings.load()
+        except SettingsError as exc:
+            server = str(exc)
+        else:
+            server = "accepted"
+        try:
+            default_wait() if name == "SPECIESID_WRITE_WAIT_S" else S3Lease("s3://b/g")
+        except ValueError as exc:
+            cli = str(exc)
+        else:
+            cli = "accepted"
+        said[value] = (server, cli)
+    return said
+
+
+def test_the_write_wait_has_one_parser_for_the_server_and_the_command_line(monkeypatch, tmp_path):
+    """`inf` once passed the server's settings, then every write was an OverflowError (a 500): the server and the
+    command line now refuse the same values, in the same words."""
+    from api.settings import Settings
+    from index.locks import default_wait
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    for value, (server, cli) in _refusals("SPECIESID_WRITE_WAIT_S", BAD_SECONDS, monkeypatch).items():
+        assert server == cli, value
+        assert cli.startswith(f"SPECIESID_WRITE_WAIT_S={value} is not a number of seconds"), cli
+        assert "set it to how long a writer waits" in cli
+    monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "0")  # do not wait at all
+    assert Settings.load().write_wait_s == 0.0 == default_wait()
+    monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", " 12.5 ")
+    assert Settings.load().write_wait_s == 12.5 == default_wait()
+
+
+def test_the_lease_ttl_has_one_parser_for_the_server_and_the_command_line(monkeypatch, tmp_path):
+    """The command line's lease once took `abc` as "could not convert string to float" without the variable's name,
+    and 0, -5 or nan as a TTL; the server took inf (a lease never stale, never taken over)."""
+    from api.settings import Settings
+    from index.lease import S3Lease
+
+    monkeypatch.chdir(tmp_path)
+    for value, (server, cli) in _refusals("SPECIESID_LEASE_TTL_S", (*BAD_SECONDS, "0", "0.5"),
+                                          monkeypatch).items():
+        assert server == cli, value
+        assert cli.startswith(f"SPECIESID_LEASE_TTL_S={value} is not a number of seconds from 1 to"), cli
+        assert "set it to how long a write lease lasts unrenewed" in cli
+    monkeypatch.setenv("SPECIESID_LEASE_TTL_S", "7")
+    assert Settings.load().lease_ttl_s == 7.0 == S3Lease("s3://b/g").ttl
