@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
 
 #: ``SPECIESID_*`` variables read outside the server's settings (the model cache, the CPU kind, the benchmarks' and
-#: tests' helpers): not a typo when set.
+#: tests' helpers): not a typo when set. A test (tests/test_settings.py) checks that every name the code reads is a
+#: setting or here.
 OTHER_VARIABLES = ("SPECIESID_CACHE", "SPECIESID_CPU_KIND", "SPECIESID_PEER_BIOCLIP", "SPECIESID_PEER_PHASH",
-                   "SPECIESID_CHROMIUM", "SPECIESID_CHROMEDRIVER", "SPECIESID_SCREENSHOT")
+                   "SPECIESID_CHROMIUM", "SPECIESID_CHROMEDRIVER", "SPECIESID_SCREENSHOT", "SPECIESID_REQUIRE_ALL",
+                   "SPECIESID_SHARED")
 
 
 class Settings(BaseSettings):

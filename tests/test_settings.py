@@ -140,3 +140,26 @@ def test_the_lease_ttl_has_one_parser_for_the_server_and_the_command_line(monkey
         assert "set it to how long a write lease lasts unrenewed" in cli
     monkeypatch.setenv("SPECIESID_LEASE_TTL_S", "7")
     assert Settings.load().lease_ttl_s == 7.0 == S3Lease("s3://b/g").ttl
+
+
+#: ``SPECIESID_*`` words in the code that are no variable: a Python name, and the misspellings the tests set on purpose.
+NOT_VARIABLES = {"SPECIESID_KEY", "SPECIESID_LEASE_TTL", "SPECIESID_MAX_IMAGE", "SPECIESID_WHATEVER_ELSE"}
+
+
+def test_every_speciesid_variable_the_code_names_is_a_setting_or_a_known_other_variable():
+    """`serve` warned that SPECIESID_REQUIRE_ALL and SPECIESID_SHARED (the tests' own) are unknown: the hand-kept
+    OTHER_VARIABLES had gone stale. Every name in the repository's Python is now checked against it."""
+    import re
+
+    from api.settings import OTHER_VARIABLES, Settings
+
+    known = {f"SPECIESID_{name.upper()}" for name in Settings.model_fields} | set(OTHER_VARIABLES)
+    named: dict[str, set[str]] = {}
+    for folder in ("retrieval", "index", "finetune", "api", "tests", "benchmarks", "scripts"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for name in re.findall(r"\bSPECIESID_[A-Z][A-Z0-9_]*\b", path.read_text(encoding="utf-8")):
+                named.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    assert len(named) > 10, named  # the scan found the settings' own names
+    unknown = {name: sorted(where) for name, where in named.items() if name not in known | NOT_VARIABLES}
+    assert not unknown, f"add these to api.settings.OTHER_VARIABLES (or make them settings): {unknown}"
+    assert Settings.unknown_variables({"SPECIESID_REQUIRE_ALL": "1", "SPECIESID_SHARED": "/x"}, env_file="/none") == []
