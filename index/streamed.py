@@ -163,14 +163,14 @@ def manifest_file(root: Path, metadata: Path | None) -> tuple[Path, Path]:
 
 def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[ReferenceRecord]:
     """Records of a CSV or parquet manifest, streamed; rows without a path or a usable species are counted, and
-    the first few named in the warning (CSV: the line, counting the header as line 1; parquet: the row) with
-    why."""
+    the first few named in the warning with why: by data row (the first row after a CSV's header is row 1; blank
+    lines are not rows, a quoted field may span lines) and by their ``path`` value, what an operator searches
+    the file for."""
     if not path.is_file():
         raise ValueError(f"manifest {path} does not exist")
     columns: dict[str, str] | None = None
     bad = 0
-    named: list[str] = []  # the first SKIPPED_SHOWN skipped rows: "line N: why"
-    csv = path.suffix.lower() not in (".parquet", ".pq")
+    named: list[str] = []  # the first SKIPPED_SHOWN skipped rows: "data row N (path P): why"
     row = 0
     for batch in _manifest_batches(path):
         if columns is None:
@@ -186,7 +186,8 @@ def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[Refer
                 bad += 1
                 if len(named) < SKIPPED_SHOWN:
                     why = record_problem(fields) if rel else "no path"
-                    named.append(f"{'line' if csv else 'row'} {row + 1 if csv else row}: {why or 'unusable'}")
+                    where = f"data row {row} (path {rel})" if rel else f"data row {row}"
+                    named.append(f"{where}: {why or 'unusable'}")
                 continue
             yield record
     if columns is None:
