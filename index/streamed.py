@@ -78,17 +78,12 @@ def _flag(value: object) -> bool | None:
 
 def make_record(fields: dict[str, object], path: str | Path, dataset: str) -> ReferenceRecord | None:
     """A record from manifest-style fields (canonical names), or None without a species."""
-    from index.taxonomy import InvalidNameError, check_name, lookup_taxon
+    from index.taxonomy import lookup_taxon
 
-    species, genus = _text(fields.get("species")), _text(fields.get("genus"))
-    if species and " " not in species and genus:
-        species = f"{genus} {species}"  # an epithet beside its genus (rare-species, TreeOfLife taxonTag)
-    if not species:
+    species, _ = _species_of(fields)
+    if species is None:
         return None
-    try:
-        species = check_name(species)
-    except InvalidNameError:
-        return None
+    genus = _text(fields.get("genus"))
     taxon = lookup_taxon(species)
     venomous = _flag(fields.get("venomous"))
     common = _text(fields.get("common_name"))
@@ -105,21 +100,27 @@ def make_record(fields: dict[str, object], path: str | Path, dataset: str) -> Re
     )
 
 
-def record_problem(fields: dict[str, object]) -> str:
-    """Why :func:`make_record` makes no record of manifest-style ``fields`` that have a path: no species, or the
-    species name :func:`index.taxonomy.check_name` refuses (its message); '' when it would make one."""
+def _species_of(fields: dict[str, object]) -> tuple[str | None, str]:
+    """(the species of manifest-style ``fields``, checked by :func:`index.taxonomy.check_name`, '') or (None, why
+    there is none: no species, or check_name's message). An epithet beside its genus is joined to it (rare-species,
+    TreeOfLife taxonTag)."""
     from index.taxonomy import InvalidNameError, check_name
 
     species, genus = _text(fields.get("species")), _text(fields.get("genus"))
     if species and " " not in species and genus:
         species = f"{genus} {species}"
     if not species:
-        return "no species"
+        return None, "no species"
     try:
-        check_name(species)
+        return check_name(species), ""
     except InvalidNameError as exc:
-        return str(exc)
-    return ""
+        return None, str(exc)
+
+
+def record_problem(fields: dict[str, object]) -> str:
+    """Why :func:`make_record` makes no record of manifest-style ``fields`` that have a path: no species, or the
+    species name :func:`index.taxonomy.check_name` refuses (its message); '' when it would make one."""
+    return _species_of(fields)[1]
 
 
 # ------------------------------------------------------------------------------------------- manifest
