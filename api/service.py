@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -242,15 +243,20 @@ class SpeciesService:
     # ----------------------------------------------------------------- writes
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """This server's turn to write (one write at a time). A write queued behind this server's other writes waits
-        up to ``write_wait_s`` for its turn, then a TimeoutError (a 503 with Retry-After): it never runs after that,
-        so a client answered 503 has nothing written. The wait for other processes' writers comes after it."""
+        """This server's turn to write (one write at a time), then the gallery's write lock (another process's
+        writer; on S3, another machine's lease) held around the whole write. Both waits together last at most
+        ``write_wait_s``: the gallery's hold gets the time left after this server's turn, and the write's own holds
+        nested in it never wait. Past it a TimeoutError (a 503 with Retry-After) before anything is written, so a
+        client answered 503 has nothing written, and one that waits ``write_wait_s`` gets its answer. The photos
+        are embedded under the lock: other processes' writers wait for that too (at most ``max_add_images``)."""
         wait = self.settings.write_wait_s
+        start = time.monotonic()
         if not self._write_lock.acquire(timeout=wait):
             raise TimeoutError(f"this server's other writes to this gallery have kept this one waiting for over "
                                f"{wait:.0f} s; try again when they are done")
         try:
-            yield
+            with self.gallery.writing(wait=max(wait - (time.monotonic() - start), 0.0)):
+                yield
         finally:
             self._write_lock.release()
 

@@ -11,15 +11,18 @@ from typing import TYPE_CHECKING
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from index.lease import LEASE_TTL_S
+from index.lease import LEASE_TTL_S, parse_lease_ttl
+from index.locks import parse_wait
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
 
 #: ``SPECIESID_*`` variables read outside the server's settings (the model cache, the CPU kind, the benchmarks' and
-#: tests' helpers): not a typo when set.
+#: tests' helpers): not a typo when set. A test (tests/test_settings.py) checks that every name the code reads is a
+#: setting or here.
 OTHER_VARIABLES = ("SPECIESID_CACHE", "SPECIESID_CPU_KIND", "SPECIESID_PEER_BIOCLIP", "SPECIESID_PEER_PHASH",
-                   "SPECIESID_CHROMIUM", "SPECIESID_CHROMEDRIVER", "SPECIESID_SCREENSHOT")
+                   "SPECIESID_CHROMIUM", "SPECIESID_CHROMEDRIVER", "SPECIESID_SCREENSHOT", "SPECIESID_REQUIRE_ALL",
+                   "SPECIESID_SHARED")
 
 
 class Settings(BaseSettings):
@@ -51,11 +54,11 @@ class Settings(BaseSettings):
                                 "retry_jitter_s, so shed clients do not all come back in the same second")
     min_reference_px: int = Field(32, ge=1, description="shortest side a reference photo may have, in pixels")
     # The CLI waits 600 s for another writer; a client of the server waits on the answer, and most give up long before.
-    write_wait_s: float = Field(30.0, ge=0.0, description="how long an add or delete waits for another writer of the "
+    write_wait_s: float = Field(30.0, description="how long an add or delete waits for another writer of the "
                                 "gallery (another process, or on S3 another machine's lease), and for its turn "
                                 "behind this server's own writes, before a 503 with Retry-After, in seconds")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
-    lease_ttl_s: float = Field(LEASE_TTL_S, gt=0, description="a store on S3: how long this server's write lease "
+    lease_ttl_s: float = Field(LEASE_TTL_S, description="a store on S3: how long this server's write lease "
                                "lasts unrenewed before another machine may take it over (a server killed or cut off), "
                                "in seconds; the CLI reads the same variable")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
@@ -70,8 +73,6 @@ class Settings(BaseSettings):
     def load(cls, **overrides: object) -> Settings:
         """The settings from the environment and ``.env`` (``overrides``: what command-line options set); a refused
         value is a :class:`SettingsError` in one line naming each variable and its value (never an API key's)."""
-        from pydantic import ValidationError
-
         try:
             return cls(**overrides)
         except ValidationError as exc:
@@ -86,6 +87,15 @@ class Settings(BaseSettings):
             raise ValueError("SPECIESID_API_KEYS: a key may hold printable ASCII characters only (no spaces, accents "
                              f"or other letters), as HTTP headers carry no others; {len(bad)} key(s) do not")
         return value
+
+    @field_validator("write_wait_s", "lease_ttl_s", mode="before")
+    @classmethod
+    def _seconds(cls, value: object, info: ValidationInfo) -> float:
+        """SPECIESID_WRITE_WAIT_S / SPECIESID_LEASE_TTL_S through the same parser as the command line's
+        (``index.locks.parse_wait``, ``index.lease.parse_lease_ttl``): finite, within the bounds Python's locks
+        accept, or refused at start naming the variable."""
+        parse = parse_wait if info.field_name == "write_wait_s" else parse_lease_ttl
+        return parse(value)  # type: ignore[arg-type]
 
     @field_validator("runtime", "precision")
     @classmethod

@@ -134,11 +134,22 @@ def _missing_files_warning(missing: list[str], source: Path) -> str:
     return f"{len(missing)} file(s) listed in {source} not found on disk, skipped: {first_few(missing)}"
 
 
-def _invalid_names_warning(invalid: list[str], source: Path) -> str:
-    """The warning for rows of ``source`` whose species name :func:`check_name` refused (``invalid``: each row's
-    file and the refusal), with the first as an example."""
-    return (f"{len(invalid)} row(s) of {source} with an invalid species name skipped (fix the name in {source} to "
-            f"include them), e.g. {invalid[0]}")
+def _checked(species: str, where: str, invalid: list[str]) -> str | None:
+    """``species`` as :func:`check_name` returns it, or None when it refuses it: the row's file (``where``) and the
+    refusal are appended to ``invalid`` (:func:`_warn_invalid`)."""
+    try:
+        return check_name(species)
+    except InvalidNameError as exc:
+        invalid.append(f"{where}: {exc}")
+        return None
+
+
+def _warn_invalid(invalid: list[str], source: Path, warnings: list[str]) -> None:
+    """One warning for the rows of ``source`` whose species name :func:`check_name` refused (``invalid``: each row's
+    file and the refusal, :func:`_checked`), with the first as an example; none when there are none."""
+    if invalid:
+        warnings.append(f"{len(invalid)} row(s) of {source} with an invalid species name skipped (fix the name in "
+                        f"{source} to include them), e.g. {invalid[0]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,10 +308,8 @@ def _load_rare_species(root: Path, metadata: Path | None, warnings: list[str]) -
         if not file_name or not species:
             unlabelled += 1
             continue
-        try:
-            species = check_name(species)
-        except InvalidNameError as exc:
-            invalid.append(f"{file_name}: {exc}")
+        species = _checked(species, file_name, invalid)
+        if species is None:
             continue
         path = _resolve(root, file_name)
         if not path.is_file():
@@ -321,8 +330,7 @@ def _load_rare_species(root: Path, metadata: Path | None, warnings: list[str]) -
         )
     if unlabelled:
         warnings.append(f"{unlabelled} row(s) of {meta_path} without file_name or species skipped")
-    if invalid:
-        warnings.append(_invalid_names_warning(invalid, meta_path))
+    _warn_invalid(invalid, meta_path, warnings)
     if missing:
         warnings.append(_missing_files_warning(missing, meta_path))
     return records
@@ -340,10 +348,8 @@ def _load_snakeclef2021(root: Path, metadata: Path | None, warnings: list[str]) 
         if not species or not image_path:
             unlabelled += 1
             continue
-        try:
-            species = check_name(species)
-        except InvalidNameError as exc:
-            invalid.append(f"{image_path}: {exc}")
+        species = _checked(species, image_path, invalid)
+        if species is None:
             continue
         path = _resolve(root, image_path)
         if not path.is_file():
@@ -363,8 +369,7 @@ def _load_snakeclef2021(root: Path, metadata: Path | None, warnings: list[str]) 
         )
     if unlabelled:
         warnings.append(f"{unlabelled} row(s) of {metadata} without binomial or image_path skipped")
-    if invalid:
-        warnings.append(_invalid_names_warning(invalid, metadata))
+    _warn_invalid(invalid, metadata, warnings)
     if missing:
         warnings.append(_missing_files_warning(missing, metadata))
     return records

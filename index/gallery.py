@@ -700,11 +700,13 @@ class Gallery:
         the store's lease): a caller that times its work takes the difference out."""
         return self._writer.waited_s
 
-    def writing(self, *, local: bool = False) -> contextlib.AbstractContextManager[None]:
+    def writing(self, *, local: bool = False, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:
         steps that write only the folder's own files take the folder's lock alone, not the store's lease (on S3);
-        a store write nested in them takes the lease itself. It waits up to ``write_wait_s`` for other writers."""
-        return self._writer.hold(self.write_wait_s, local=local)
+        a store write nested in them takes the lease itself. It waits up to ``wait`` seconds for other writers
+        (default ``write_wait_s``); the writes of this thread nested in it never wait (the lock is re-entrant), so
+        a caller that must answer within a deadline holds it around them with the time it has left."""
+        return self._writer.hold(self.write_wait_s if wait is None else wait, local=local)
 
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the store version it reflects.

@@ -57,11 +57,17 @@ from functools import partial
 from typing import Any, NoReturn
 
 from index.errors import first_line
+from index.locks import seconds_setting
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a lease stays valid without a renewal (a killed holder blocks other writers at most this long).
 LEASE_TTL_S = 30.0
+#: The variable that sets the lease's TTL (the command line's and the server's: :func:`parse_lease_ttl`).
+TTL_ENV = "SPECIESID_LEASE_TTL_S"
+#: The shortest TTL the variable may set: the lease is renewed every third of it, each renewal a request that may
+#: take a second on a real network.
+MIN_LEASE_TTL_S = 1.0
 #: Folder of the coordination objects, beside the store's table.
 LEASE_DIR = "_speciesid"
 LEASE_OBJECT = "write.lock"
@@ -182,6 +188,20 @@ def _opt(options: dict[str, str], *names: str) -> str | None:
     return None
 
 
+def parse_lease_ttl(raw: str | float) -> float:
+    """:data:`TTL_ENV`'s value as seconds (finite, :data:`MIN_LEASE_TTL_S` or more): the one parser of that
+    variable, the server's settings' and the command line's. A ValueError names the variable and what to set."""
+    return seconds_setting(TTL_ENV, raw, least=MIN_LEASE_TTL_S, default=LEASE_TTL_S,
+                           what="how long a write lease lasts unrenewed before another machine may take it over")
+
+
+def lease_ttl() -> float:
+    """The TTL of this process's write leases: :data:`TTL_ENV` when set (:func:`parse_lease_ttl`), else
+    :data:`LEASE_TTL_S`."""
+    raw = os.environ.get(TTL_ENV, "").strip()
+    return parse_lease_ttl(raw) if raw else LEASE_TTL_S
+
+
 def request_timeout(ttl: float) -> float:
     """The connect and read timeout of the lease's requests for a lease of ``ttl`` seconds: a sixth of it, within
     REQUEST_TIMEOUT_S. With REQUEST_ATTEMPTS tries, a request that hangs gives up well within the TTL (30 s: 5 s
@@ -293,7 +313,7 @@ class S3Lease:
         self.prefix = f"{prefix}/" if prefix else ""
         self.key = f"{self.prefix}{LEASE_DIR}/{LEASE_OBJECT}"
         self.ids_key = f"{self.prefix}{LEASE_DIR}/{IDS_OBJECT}"
-        self.ttl = float(ttl if ttl is not None else os.environ.get("SPECIESID_LEASE_TTL_S", LEASE_TTL_S))
+        self.ttl = float(ttl) if ttl is not None else lease_ttl()
         self._options = dict(options or {})
         self._client = client
         self._etag: str | None = None

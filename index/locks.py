@@ -4,7 +4,8 @@ Readers never take it (they read LanceDB's committed versions), except an open t
 missing or half-created: it makes the table under the lock (and, on S3, the store's lease). Writers hold it
 for the few steps that must not interleave between processes: re-checking duplicates against the latest
 version, reserving ids, committing the rows, and saving the derived vector index. Embedding photos happens
-outside it.
+outside it, except in a server's write, which holds it for the whole request so that one deadline bounds its wait
+(``api.service``).
 
 ``flock`` locks belong to an open file description: a process killed while holding the lock releases it
 at once (the kernel closes its files), so a crashed writer never blocks the gallery. The lock is also
@@ -45,20 +46,33 @@ WAIT_ENV = "SPECIESID_WRITE_WAIT_S"
 WARN_AFTER_S = 2.0
 
 
-def default_wait() -> float:
-    """Seconds a writer waits for another: :data:`WAIT_ENV` when set, else :data:`WRITE_WAIT_S`. A value that is not
-    a number of seconds (0 or more) is a ValueError saying what to set."""
-    raw = os.environ.get(WAIT_ENV, "").strip()
-    if not raw:
-        return WRITE_WAIT_S
+def seconds_setting(name: str, raw: str | float, *, least: float, default: float, what: str) -> float:
+    """The value ``raw`` of variable ``name`` as seconds: a finite number from ``least`` up to
+    ``threading.TIMEOUT_MAX`` (the longest wait Python's locks and events accept). Anything else (``abc``, ``nan``,
+    ``inf``, too small) is a ValueError naming the variable, its value and what to set (``what``)."""
     try:
         value = float(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{WAIT_ENV}={raw!r} is not a number of seconds: set it to how long a writer waits for "
-                         f"another (0: not at all; default {WRITE_WAIT_S:.0f}), or unset it")
+    if not (math.isfinite(value) and least <= value <= threading.TIMEOUT_MAX):
+        shown = raw.strip() if isinstance(raw, str) else raw
+        raise ValueError(f"{name}={shown} is not a number of seconds from {least:g} to {threading.TIMEOUT_MAX:.0f}: "
+                         f"set it to {what} (default {default:g}), or unset it")
     return value
+
+
+def parse_wait(raw: str | float) -> float:
+    """:data:`WAIT_ENV`'s value as seconds (0 or more, finite): the one parser of that variable, the server's
+    settings' and the command line's. A ValueError names the variable and what to set."""
+    return seconds_setting(WAIT_ENV, raw, least=0.0, default=WRITE_WAIT_S,
+                           what="how long a writer waits for another (0: not at all)")
+
+
+def default_wait() -> float:
+    """Seconds a writer waits for another: :data:`WAIT_ENV` when set (:func:`parse_wait`), else
+    :data:`WRITE_WAIT_S`."""
+    raw = os.environ.get(WAIT_ENV, "").strip()
+    return parse_wait(raw) if raw else WRITE_WAIT_S
 
 
 def _lock_holder(fd: int) -> str:

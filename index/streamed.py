@@ -78,17 +78,12 @@ def _flag(value: object) -> bool | None:
 
 def make_record(fields: dict[str, object], path: str | Path, dataset: str) -> ReferenceRecord | None:
     """A record from manifest-style fields (canonical names), or None without a species."""
-    from index.taxonomy import InvalidNameError, check_name, lookup_taxon
+    from index.taxonomy import lookup_taxon
 
-    species, genus = _text(fields.get("species")), _text(fields.get("genus"))
-    if species and " " not in species and genus:
-        species = f"{genus} {species}"  # an epithet beside its genus (rare-species, TreeOfLife taxonTag)
-    if not species:
+    species, _ = _species_of(fields)
+    if species is None:
         return None
-    try:
-        species = check_name(species)
-    except InvalidNameError:
-        return None
+    genus = _text(fields.get("genus"))
     taxon = lookup_taxon(species)
     venomous = _flag(fields.get("venomous"))
     common = _text(fields.get("common_name"))
@@ -105,21 +100,27 @@ def make_record(fields: dict[str, object], path: str | Path, dataset: str) -> Re
     )
 
 
-def record_problem(fields: dict[str, object]) -> str:
-    """Why :func:`make_record` makes no record of manifest-style ``fields`` that have a path: no species, or the
-    species name :func:`index.taxonomy.check_name` refuses (its message); '' when it would make one."""
+def _species_of(fields: dict[str, object]) -> tuple[str | None, str]:
+    """(the species of manifest-style ``fields``, checked by :func:`index.taxonomy.check_name`, '') or (None, why
+    there is none: no species, or check_name's message). An epithet beside its genus is joined to it (rare-species,
+    TreeOfLife taxonTag)."""
     from index.taxonomy import InvalidNameError, check_name
 
     species, genus = _text(fields.get("species")), _text(fields.get("genus"))
     if species and " " not in species and genus:
         species = f"{genus} {species}"
     if not species:
-        return "no species"
+        return None, "no species"
     try:
-        check_name(species)
+        return check_name(species), ""
     except InvalidNameError as exc:
-        return str(exc)
-    return ""
+        return None, str(exc)
+
+
+def record_problem(fields: dict[str, object]) -> str:
+    """Why :func:`make_record` makes no record of manifest-style ``fields`` that have a path: no species, or the
+    species name :func:`index.taxonomy.check_name` refuses (its message); '' when it would make one."""
+    return _species_of(fields)[1]
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -163,14 +164,14 @@ def manifest_file(root: Path, metadata: Path | None) -> tuple[Path, Path]:
 
 def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[ReferenceRecord]:
     """Records of a CSV or parquet manifest, streamed; rows without a path or a usable species are counted, and
-    the first few named in the warning (CSV: the line, counting the header as line 1; parquet: the row) with
-    why."""
+    the first few named in the warning with why: by data row (the first row after a CSV's header is row 1; blank
+    lines are not rows, a quoted field may span lines) and by their ``path`` value, what an operator searches
+    the file for."""
     if not path.is_file():
         raise ValueError(f"manifest {path} does not exist")
     columns: dict[str, str] | None = None
     bad = 0
-    named: list[str] = []  # the first SKIPPED_SHOWN skipped rows: "line N: why"
-    csv = path.suffix.lower() not in (".parquet", ".pq")
+    named: list[str] = []  # the first SKIPPED_SHOWN skipped rows: "data row N (path P): why"
     row = 0
     for batch in _manifest_batches(path):
         if columns is None:
@@ -186,7 +187,8 @@ def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[Refer
                 bad += 1
                 if len(named) < SKIPPED_SHOWN:
                     why = record_problem(fields) if rel else "no path"
-                    named.append(f"{'line' if csv else 'row'} {row + 1 if csv else row}: {why or 'unusable'}")
+                    where = f"data row {row} (path {rel})" if rel else f"data row {row}"
+                    named.append(f"{where}: {why or 'unusable'}")
                 continue
             yield record
     if columns is None:

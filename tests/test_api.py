@@ -860,6 +860,61 @@ def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_
     assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
 
 
+def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_lock_together(tmp_path,
+                                                                                                 monkeypatch):
+    """Review s47, 6: a write waited write_wait_s for this server's turn, then write_wait_s again for the gallery's
+    lock (on S3 the store's lease): up to twice the bound, past the client's patience, and then written anyway. The
+    gallery's lock now gets the time left after the turn, once, around the whole write; the write's own holds
+    nested in it never wait. No clock: the turn "takes" 10 s of a fake one."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import api.service
+    from api.service import SpeciesService
+    from api.settings import Settings
+    from index.locks import WriteLock
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(api.service, "time", SimpleNamespace(monotonic=lambda: clock.now), raising=False)
+
+    class SlowTurn:
+        """This server's one-write-at-a-time lock, free only after 10 s of another write."""
+
+        def acquire(self, timeout: float) -> bool:
+            clock.now += 10.0
+            return True
+
+        def release(self) -> None:
+            pass
+
+    lock = WriteLock(tmp_path / ".write.lock")
+    flock_waits: list[float] = []  # the wait each hold that really takes the lock (not a nested one) was given
+    real_acquire = lock._acquire
+    monkeypatch.setattr(lock, "_acquire", lambda timeout: (flock_waits.append(timeout), real_acquire(timeout))[1])
+
+    gallery = mock.MagicMock()  # its writing() as Gallery's: the lock's hold, write_wait_s unless told the wait
+    gallery.writing.side_effect = lambda *, local=False, wait=None: lock.hold(
+        gallery.write_wait_s if wait is None else wait, local=local)
+
+    def delete_references(gallery, ids):  # the workflow's own holds: the delete, then an upload's removal
+        with gallery.writing():
+            pass
+        with gallery.writing(local=True):
+            pass
+        return list(ids)
+
+    identifier = mock.MagicMock()
+    identifier.gallery = gallery
+    monkeypatch.setattr(api.service.workflows, "delete_references", delete_references)
+    service = SpeciesService(Settings(_env_file=None, write_wait_s=30), identifier=identifier)
+    try:
+        service._write_lock = SlowTurn()
+        service.delete_reference(7)
+    finally:
+        service.close()
+    assert flock_waits == [20.0]  # 30 s in all, 10 of them spent on the turn; taken once for the whole write
+
+
 def test_identify_and_search_answer_the_same_mistakes_with_the_same_codes(client):
     """A photo field missing from a multipart body is a 422 on every route (FastAPI's code for a missing field), and
     a body that is not multipart at all (nor, for search, JSON) a 415."""
@@ -1048,21 +1103,20 @@ def test_reads_run_while_a_write_waits_and_writes_are_serialised(client, service
     # a write in progress blocks the next write, not the reads: another writer (its own open file, as another
     # process would) holds the gallery's write lock, so the write waits inside the service's write section; reads
     # meanwhile run to the end (a read that waited on the write would still be running at the join)
-    import api.service
     from index.locks import WriteLock
 
     other, entered, answers = WriteLock(service.gallery.layout.write_lock), threading.Event(), {}
-    add_photos = api.service.workflows.add_photos
+    writing = service.gallery.writing
 
-    def add_entered(*args, **kwargs):
-        entered.set()  # the service's write section is entered: reads from here on run beside a write
-        return add_photos(*args, **kwargs)
+    def writing_entered(**kwargs):
+        entered.set()  # the service's write section takes the gallery's lock: reads from here on run beside a write
+        return writing(**kwargs)
 
     def read() -> None:
         answers["identify"] = _top(client.post("/v1/identify", files=_files([COBRA])))
         answers["species"] = client.get("/v1/species").status_code
 
-    monkeypatch.setattr(api.service.workflows, "add_photos", add_entered)
+    monkeypatch.setattr(service.gallery, "writing", writing_entered)
     with other.hold():
         writer = threading.Thread(target=write, args=("blocked", _files(refs[:2])))
         writer.start()

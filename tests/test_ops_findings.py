@@ -35,7 +35,7 @@ def test_a_waiting_writer_warns_naming_the_locks_holder_and_how_long_it_waits(tm
     assert f"pid {os.getpid()}" in caplog.text and "waiting up to 4 s in all" in caplog.text, caplog.text
     assert "SPECIESID_WRITE_WAIT_S" in caplog.text
     monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "soon")
-    with pytest.raises(ValueError, match="SPECIESID_WRITE_WAIT_S='soon' is not a number of seconds"):
+    with pytest.raises(ValueError, match="SPECIESID_WRITE_WAIT_S=soon is not a number of seconds"):
         WriteLock(path).hold().__enter__()
     monkeypatch.delenv("SPECIESID_WRITE_WAIT_S")
     assert WriteLock(path).timeout == 600
@@ -210,8 +210,34 @@ def test_skipped_manifest_rows_are_named_with_their_line_and_reason_and_said_onc
     assert code == 0, out + err
     said = out + err + caplog.text
     assert said.count("3 row(s) of") == 1, said
-    assert "line 4: no species" in said and "line 6: no path" in said, said
-    assert "line 5: the species name" in said and "ZERO WIDTH SPACE (U+200B)" in said, said
+    assert f"data row 3 (path {photos[0]}): no species" in said and "data row 5: no path" in said, said
+    assert f"data row 4 (path {photos[1]}): the species name" in said, said
+    assert "ZERO WIDTH SPACE (U+200B)" in said, said
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_skipped_manifest_row_is_named_by_data_row_and_path_after_blank_lines_and_multiline_fields(tmp_path,
+                                                                                                     kind):
+    """Review s47, 5: a skipped row was named "line N" from its data row number, wrong after a blank line (the CSV
+    reader skips it) or a quoted field spanning lines: b.jpg, on line 4, was called line 3. Rows are named by data
+    row and by their path, in a CSV and a parquet manifest alike."""
+    from index.streamed import iter_manifest
+
+    rows = [("a.jpg", "Naja naja"), ("b.jpg", None), ("c.jpg", "Naja\nhaje"), ("d.jpg", None), (None, "Naja naja")]
+    if kind == "csv":
+        manifest = tmp_path / "m.csv"
+        manifest.write_text('path,species\na.jpg,Naja naja\n\nb.jpg,\nc.jpg,"Naja\nhaje"\nd.jpg,\n,Naja naja\n')
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        manifest = tmp_path / "m.parquet"
+        pq.write_table(pa.table({"path": [r[0] for r in rows], "species": [r[1] for r in rows]}), manifest)
+    warnings: list[str] = []
+    records = list(iter_manifest(manifest, tmp_path, warnings))
+    assert [r.path.name for r in records] == ["a.jpg", "c.jpg"]  # "Naja\nhaje": whitespace, one space
+    assert warnings == [f"3 row(s) of {manifest} without a path or a valid species skipped: data row 2 (path b.jpg): "
+                        "no species; data row 4 (path d.jpg): no species; data row 5: no path"], warnings
 
 
 def test_a_ray_only_refusal_of_views_comes_before_any_model_loads(tmp_path, monkeypatch):

@@ -79,3 +79,87 @@ def test_a_refused_setting_is_one_line_naming_the_variable_and_its_value(monkeyp
     assert "SPECIESID_MAX_IMAGES=abc: input should be a valid integer" in err
     assert "SPECIESID_BATCH_WINDOW_MS=-3: input should be greater than or equal to 0" in err
     assert "secrète" not in err and "pydantic" not in err
+
+
+BAD_SECONDS = ("inf", "-inf", "nan", "abc", "-5", "1e400")
+
+
+def _refusals(name: str, values: tuple[str, ...], monkeypatch) -> dict[str, tuple[str, str]]:
+    """For each value of ``name``: what the server's settings say, and what the command line's parser says."""
+    from api.settings import Settings, SettingsError
+    from index.lease import S3Lease
+    from index.locks import default_wait
+
+    said = {}
+    for value in values:
+        monkeypatch.setenv(name, value)
+        try:
+            Settings.load()
+        except SettingsError as exc:
+            server = str(exc)
+        else:
+            server = "accepted"
+        try:
+            default_wait() if name == "SPECIESID_WRITE_WAIT_S" else S3Lease("s3://b/g")
+        except ValueError as exc:
+            cli = str(exc)
+        else:
+            cli = "accepted"
+        said[value] = (server, cli)
+    return said
+
+
+def test_the_write_wait_has_one_parser_for_the_server_and_the_command_line(monkeypatch, tmp_path):
+    """`inf` once passed the server's settings, then every write was an OverflowError (a 500): the server and the
+    command line now refuse the same values, in the same words."""
+    from api.settings import Settings
+    from index.locks import default_wait
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    for value, (server, cli) in _refusals("SPECIESID_WRITE_WAIT_S", BAD_SECONDS, monkeypatch).items():
+        assert server == cli, value
+        assert cli.startswith(f"SPECIESID_WRITE_WAIT_S={value} is not a number of seconds"), cli
+        assert "set it to how long a writer waits" in cli
+    monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "0")  # do not wait at all
+    assert Settings.load().write_wait_s == 0.0 == default_wait()
+    monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", " 12.5 ")
+    assert Settings.load().write_wait_s == 12.5 == default_wait()
+
+
+def test_the_lease_ttl_has_one_parser_for_the_server_and_the_command_line(monkeypatch, tmp_path):
+    """The command line's lease once took `abc` as "could not convert string to float" without the variable's name,
+    and 0, -5 or nan as a TTL; the server took inf (a lease never stale, never taken over)."""
+    from api.settings import Settings
+    from index.lease import S3Lease
+
+    monkeypatch.chdir(tmp_path)
+    for value, (server, cli) in _refusals("SPECIESID_LEASE_TTL_S", (*BAD_SECONDS, "0", "0.5"),
+                                          monkeypatch).items():
+        assert server == cli, value
+        assert cli.startswith(f"SPECIESID_LEASE_TTL_S={value} is not a number of seconds from 1 to"), cli
+        assert "set it to how long a write lease lasts unrenewed" in cli
+    monkeypatch.setenv("SPECIESID_LEASE_TTL_S", "7")
+    assert Settings.load().lease_ttl_s == 7.0 == S3Lease("s3://b/g").ttl
+
+
+#: ``SPECIESID_*`` words in the code that are no variable: a Python name, and the misspellings the tests set on purpose.
+NOT_VARIABLES = {"SPECIESID_KEY", "SPECIESID_LEASE_TTL", "SPECIESID_MAX_IMAGE", "SPECIESID_WHATEVER_ELSE"}
+
+
+def test_every_speciesid_variable_the_code_names_is_a_setting_or_a_known_other_variable():
+    """`serve` warned that SPECIESID_REQUIRE_ALL and SPECIESID_SHARED (the tests' own) are unknown: the hand-kept
+    OTHER_VARIABLES had gone stale. Every name in the repository's Python is now checked against it."""
+    import re
+
+    from api.settings import OTHER_VARIABLES, Settings
+
+    known = {f"SPECIESID_{name.upper()}" for name in Settings.model_fields} | set(OTHER_VARIABLES)
+    named: dict[str, set[str]] = {}
+    for folder in ("retrieval", "index", "finetune", "api", "tests", "benchmarks", "scripts"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for name in re.findall(r"\bSPECIESID_[A-Z][A-Z0-9_]*\b", path.read_text(encoding="utf-8")):
+                named.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    assert len(named) > 10, named  # the scan found the settings' own names
+    unknown = {name: sorted(where) for name, where in named.items() if name not in known | NOT_VARIABLES}
+    assert not unknown, f"add these to api.settings.OTHER_VARIABLES (or make them settings): {unknown}"
+    assert Settings.unknown_variables({"SPECIESID_REQUIRE_ALL": "1", "SPECIESID_SHARED": "/x"}, env_file="/none") == []
