@@ -499,7 +499,7 @@ class Gallery:
                     return False
                 added, removed = self._sync_index()
             except (RuntimeError, OSError) as exc:
-                if not self.stale_reads or store_io_failure(exc) is None:
+                if not self.stale_reads or store_io_failure(exc, self.store_uri) is None:
                     raise
                 if self._stale_since is None:  # said once an outage, not on every read of it
                     self._stale_since = now

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_module
 from PIL import Image
 from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - moto's S3 server, as fixtures
 
@@ -108,7 +109,7 @@ def _photos(tmp_path: Path, per_species: int = 3) -> Path:
 def test_a_ray_build_shows_its_progress_per_chunk_unless_quiet(tmp_path, capsys):
     """A Ray build printed nothing between its chunks without -v (a default 100k-photo chunk: about 45 min of
     silence on 2 cores). It now moves a bar on stderr at each committed chunk, as the local build does; -q hides it."""
-    pytest.importorskip("ray.data")
+    require_module("ray.data")
     from conftest import MOBILENET_SPEC
 
     from api.cli import main
