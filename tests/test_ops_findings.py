@@ -28,11 +28,8 @@ def test_a_waiting_writer_warns_naming_the_locks_holder_and_how_long_it_waits(tm
     assert waiter.timeout == 4
     holder = WriteLock(path, timeout=0)  # another open file: flock's locks belong to it, as another process's do
     caplog.set_level(logging.WARNING, logger="index.locks")
-    with holder.hold():
-        started = time.monotonic()
-        with pytest.raises(TimeoutError, match="for over 4 s"), waiter.hold():
-            pass
-        assert time.monotonic() - started < 10
+    with holder.hold(), pytest.raises(TimeoutError, match="for over 4 s"), waiter.hold():  # its 4 s, not 600
+        pass
     assert f"pid {os.getpid()}" in caplog.text and "waiting up to 4 s in all" in caplog.text, caplog.text
     assert "SPECIESID_WRITE_WAIT_S" in caplog.text
     monkeypatch.setenv("SPECIESID_WRITE_WAIT_S", "soon")
@@ -63,7 +60,7 @@ def test_a_writer_waiting_for_the_s3_lease_warns_naming_its_holder_and_ttl(s3_en
 def test_the_summarys_images_per_second_leaves_out_the_wait_for_another_writer(tmp_path, mobilenet_encoder):
     """An add that waited 20 s for another writer reported "0.0 images/s": the wait counted as embedding time."""
     from index.gallery import Gallery
-    from index.locks import WriteLock
+    from index.locks import WARN_AFTER_S, WriteLock
     from index.records import ReferenceRecord
     from retrieval.pipeline import BuildReport, add_references
 
@@ -73,21 +70,36 @@ def test_the_summarys_images_per_second_leaves_out_the_wait_for_another_writer(t
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(paths[-1])
     g = Gallery.create(tmp_path / "g", mobilenet_encoder.describe())
-    other, taken, done = WriteLock(g.layout.write_lock), threading.Event(), threading.Event()
+    other, taken, waiting = WriteLock(g.layout.write_lock), threading.Event(), threading.Event()
 
-    def hold_a_while() -> None:
+    class _SeesTheWait(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting up to" in record.getMessage():  # the add's warning: it has waited WARN_AFTER_S already
+                waiting.set()
+
+    def hold_until_the_add_waits() -> None:
         with other.hold():
             taken.set()
-            time.sleep(5.0)  # longer than the embedding of 3 photos: the add then waits for it
-        done.set()
+            waiting.wait(120)  # no race with the embedding: released only once the add is waiting for it
 
-    thread = threading.Thread(target=hold_a_while)
+    seer, locks_logger = _SeesTheWait(logging.WARNING), logging.getLogger("index.locks")
+    locks_logger.addHandler(seer)
+    level = locks_logger.level
+    locks_logger.setLevel(logging.WARNING)  # whatever else set it, the warning is emitted
+    thread = threading.Thread(target=hold_until_the_add_waits)
     thread.start()
-    taken.wait(10)
-    report = add_references(g, mobilenet_encoder, [ReferenceRecord(path=Path(p), species="Naja haje") for p in paths],
-                            progress=False, workers=1)
-    thread.join()
-    assert report.added == 3 and report.waited_s > 1.0, report
+    try:
+        assert taken.wait(30)
+        report = add_references(g, mobilenet_encoder, [ReferenceRecord(path=Path(p), species="Naja haje")
+                                                       for p in paths], progress=False, workers=1)
+        waited = waiting.is_set()
+    finally:
+        waiting.set()  # an add that never waited (or failed) lets the holder go at once
+        thread.join()
+        locks_logger.removeHandler(seer)
+        locks_logger.setLevel(level)
+    assert waited, "the add never waited for the other writer's lock"
+    assert report.added == 3 and report.waited_s >= WARN_AFTER_S, report
     assert report.images_per_second == pytest.approx(3 / (report.seconds - report.waited_s))
     assert "waiting for another writer, not counted" in report.summary()
 
