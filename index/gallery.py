@@ -166,9 +166,10 @@ class Gallery:
 
     def set_lease_ttl(self, ttl_s: float) -> None:
         """A store on S3: the TTL of this process's write lease (``SPECIESID_LEASE_TTL_S`` as a server's settings read
-        it, a .env file included); by default the lease reads the environment. No effect on another store."""
+        it, a .env file included); by default the lease reads the environment. No effect on another store. The
+        lease's S3 client, made with the former TTL's timeouts, is made again with the new one's."""
         if self._writer.remote is not None:
-            self._writer.remote.ttl = float(ttl_s)
+            self._writer.remote.set_ttl(ttl_s)
 
     # ----------------------------------------------------------------- opening
     def _write_lock(self) -> WriteLock:

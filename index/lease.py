@@ -316,6 +316,7 @@ class S3Lease:
         self.ttl = float(ttl) if ttl is not None else lease_ttl()
         self._options = dict(options or {})
         self._client = client
+        self._own_client = False  # the client was made here, its timeouts from the TTL of then (not passed in)
         self._etag: str | None = None
         self._holder: dict[str, Any] = {}
         self._renewed = 0.0  # monotonic time the last put known to have gone through was sent (not answered)
@@ -332,7 +333,17 @@ class S3Lease:
         """The boto3 client (made on first use; its timeouts a sixth of the TTL: :func:`request_timeout`)."""
         if self._client is None:
             self._client = s3_client(self._options, timeout=request_timeout(self.ttl))
+            self._own_client = True
         return self._client
+
+    def set_ttl(self, ttl: float) -> None:
+        """Give the lease a TTL of ``ttl`` seconds (a server's settings, after the gallery was opened). A client this
+        lease made already (the gallery's open, a write) had its timeouts fixed from the former TTL: it is dropped,
+        and the next request makes one whose timeouts follow ``ttl``. A client passed in is kept."""
+        ttl = float(ttl)
+        if ttl != self.ttl and self._own_client:
+            self._client, self._own_client = None, False
+        self.ttl = ttl
 
     @property
     def where(self) -> str:

@@ -8,11 +8,17 @@ import sys
 from unittest import mock
 
 from conftest import REPO
+from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - moto's S3 server, as fixtures
 
 
-def test_the_lease_ttl_is_a_setting_read_from_dotenv_and_passed_to_the_gallery(tmp_path, monkeypatch):
+def test_the_lease_ttl_is_a_setting_read_from_dotenv_and_passed_to_the_gallery(tmp_path, monkeypatch, s3_env):  # noqa: F811
+    """SPECIESID_LEASE_TTL_S from a .env file reaches the S3 lease of the server's gallery (not through os.environ),
+    and the lease's S3 client too: its timeouts (a sixth of the TTL) were fixed when the gallery's open made it,
+    from the environment's TTL, and are now the setting's."""
     from api.service import SpeciesService
     from api.settings import Settings
+    from index.gallery import Gallery
+    from index.lease import S3Lease, lease_ttl, request_timeout
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SPECIESID_LEASE_TTL_S", raising=False)
@@ -20,12 +26,25 @@ def test_the_lease_ttl_is_a_setting_read_from_dotenv_and_passed_to_the_gallery(t
     (tmp_path / ".env").write_text("SPECIESID_LEASE_TTL_S=7\n")
     settings = Settings()
     assert settings.lease_ttl_s == 7.0
-    identifier = mock.MagicMock()
+    Gallery.create(tmp_path / "g", {"spec": "t", "fingerprint": "t#0", "dim": 8}, store=f"s3://{BUCKET}/ttl")
+    gallery = Gallery.open(tmp_path / "g")
+    lease = gallery._writer.remote
+    assert lease is not None and lease.ttl == lease_ttl() == 30.0
+    assert lease._client is not None  # made already, by the create's and open's requests, with their TTL's timeouts
+    opened_with = lease.client.meta.config.connect_timeout
+    assert opened_with == request_timeout(30.0)
+    identifier, sentinel = mock.MagicMock(), object()
+    identifier.gallery = gallery
     service = SpeciesService(settings, identifier=identifier)
     try:
-        identifier.gallery.set_lease_ttl.assert_called_once_with(7.0)  # not through os.environ
+        assert lease.ttl == 7.0
+        config = lease.client.meta.config
+        assert config.connect_timeout == config.read_timeout == request_timeout(7.0) != opened_with
     finally:
         service.close()
+    passed_in = S3Lease(f"s3://{BUCKET}/ttl", client=sentinel)
+    passed_in.set_ttl(9)
+    assert passed_in.ttl == 9.0 and passed_in.client is sentinel  # a client given to the lease is its caller's
 
 
 def test_unknown_speciesid_variables_are_named_with_the_closest_setting(tmp_path):
