@@ -136,30 +136,13 @@ def worker(job: dict) -> None:
         enc = create_encoder(job["spec"], runtime="torch", precision=prec, device="cpu")
         run = enc.encode_batch
     elif rt == "onnx":
-        import onnxruntime as ort
+        from retrieval.runtimes.exported import onnx_runner
 
-        options = ort.SessionOptions()  # as retrieval.runtimes.exported.onnx_runner, with a thread count
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(job["file"], options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-
-        def run(b: np.ndarray) -> np.ndarray:
-            return np.asarray(session.run(None, {name: b})[0], dtype=np.float32)
+        run = onnx_runner(Path(job["file"]), threads=threads)
     else:
-        from retrieval.runtimes.exported import no_telemetry
+        from retrieval.runtimes.exported import openvino_runner
 
-        with no_telemetry():
-            import openvino as ov
-        config = {"INFERENCE_PRECISION_HINT": job["hint"], "PERFORMANCE_HINT": "LATENCY"}  # as openvino_runner
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        request = ov.Core().compile_model(job["file"], "CPU", config).create_infer_request()
-
-        def run(b: np.ndarray) -> np.ndarray:
-            request.infer({0: b})
-            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        run = openvino_runner(Path(job["file"]), job["hint"], None, threads=threads)
 
     run(np.ascontiguousarray(x[:batch]))  # warm-up: outside the timed region
     chunks = [np.ascontiguousarray(x[i : i + batch]) for i in range(0, len(x), batch)]
@@ -174,11 +157,9 @@ def worker(job: dict) -> None:
 
 
 def _hint_for(prec: str, hint: str | None) -> str:
-    from retrieval.cpu import cpu_kind, has_native_bf16
+    from retrieval.runtimes.export import openvino_hint
 
-    if hint is not None:
-        return hint
-    return "bf16" if prec == "bf16" or (prec == "int8" and has_native_bf16(cpu_kind())) else "f32"
+    return hint if hint is not None else openvino_hint(prec)
 
 
 def bench_model(model: str, args: argparse.Namespace, folder: Path) -> list[dict]:

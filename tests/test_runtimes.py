@@ -43,6 +43,10 @@ def test_cpu_kind_override_cap_and_features(monkeypatch):
     feats = cpu.cpu_features()
     assert set(feats) == set(cpu.FEATURES) and all(isinstance(v, bool) for v in feats.values())
     assert cpu.has_native_bf16("amx") and not cpu.has_native_bf16("vnni") and cpu.has_vnni("vnni")
+    from retrieval.runtimes.export import openvino_hint  # the export's hint, and the benchmark's default one
+
+    assert [openvino_hint(p, k) for p, k in [("bf16", "avx2"), ("int8", "amx"), ("int8", "vnni"), ("fp32", "amx")]] \
+        == ["bf16", "bf16", "f32", "f32"]
 
 
 def test_detected_kind_follows_the_flags(monkeypatch):

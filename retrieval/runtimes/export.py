@@ -167,11 +167,20 @@ def faithfulness(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "threshold": MIN_COSINE, "passed": bool(cos.min() >= MIN_COSINE)}
 
 
+def openvino_hint(precision: str, kind: str | None = None) -> str:
+    """OpenVINO's inference precision hint for an export of ``precision`` on a CPU of ``kind`` (None: this one):
+    "bf16" for a bf16 export, and for an int8 one where the CPU has native bf16 (its layers left unquantised run
+    in bf16 there); "f32" otherwise."""
+    from retrieval.cpu import has_native_bf16
+
+    return "bf16" if precision == "bf16" or (precision == "int8" and has_native_bf16(kind)) else "f32"
+
+
 def build_files(runtime: str, precision: str, folder: Path, onnx_fp32: Path, *, family: str, kind: str,
                 calibration: np.ndarray | None, progress: bool = True) -> tuple[list[str], str]:
     """Write the model files of one (runtime, precision) into ``folder``; returns (files, OpenVINO hint).
     ``progress``: the quantisers' progress bars on stderr (False: none)."""
-    from retrieval.cpu import has_native_bf16, has_vnni
+    from retrieval.cpu import has_vnni
 
     vnni = has_vnni(kind)
     t0 = time.perf_counter()
@@ -195,7 +204,7 @@ def build_files(runtime: str, precision: str, folder: Path, onnx_fp32: Path, *, 
         else:
             raise ValueError(f"OpenVINO runs fp32, bf16 or int8 here, not {precision}")
         files = ["model.xml", "model.bin"]
-        hint = "bf16" if precision == "bf16" or (precision == "int8" and has_native_bf16(kind)) else "f32"
+        hint = openvino_hint(precision, kind)
     else:
         raise ValueError(f"unknown runtime {runtime!r}")
     logger.info("exported %s %s in %.1f s", runtime, precision, time.perf_counter() - t0)

@@ -42,12 +42,15 @@ def no_telemetry() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def openvino_runner(xml: Path, hint: str, cache_dir: Path | None) -> Runner:
-    """A compiled OpenVINO model (``hint``: the inference precision, "f32" or "bf16"); thread-safe."""
+def openvino_runner(xml: Path, hint: str, cache_dir: Path | None, *, threads: int = 0) -> Runner:
+    """A compiled OpenVINO model (``hint``: the inference precision, "f32" or "bf16"); thread-safe. ``threads``:
+    its compute threads (0: OpenVINO's own default)."""
     with no_telemetry():
         import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
     compiled = ov.Core().compile_model(str(xml), "CPU", config)
@@ -62,12 +65,15 @@ def openvino_runner(xml: Path, hint: str, cache_dir: Path | None) -> Runner:
     return run
 
 
-def onnx_runner(path: Path) -> Runner:
-    """An ONNX Runtime CPU session (``run`` is thread-safe)."""
+def onnx_runner(path: Path, *, threads: int = 0) -> Runner:
+    """An ONNX Runtime CPU session (``run`` is thread-safe). ``threads``: its compute threads, one operator at a
+    time (0: ONNX Runtime's own default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
