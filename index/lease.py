@@ -57,7 +57,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 from index.errors import first_line
-from index.locks import seconds_setting
+from index.locks import env_seconds, seconds_setting
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def parse_lease_ttl(raw: str | float) -> float:
 def lease_ttl() -> float:
     """The TTL of this process's write leases: :data:`TTL_ENV` when set (:func:`parse_lease_ttl`), else
     :data:`LEASE_TTL_S`."""
-    raw = os.environ.get(TTL_ENV, "").strip()
-    return parse_lease_ttl(raw) if raw else LEASE_TTL_S
+    return env_seconds(TTL_ENV, parse_lease_ttl, LEASE_TTL_S)
 
 
 def request_timeout(ttl: float) -> float:

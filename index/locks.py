@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,11 +68,16 @@ def parse_wait(raw: str | float) -> float:
                            what="how long a writer waits for another (0: not at all)")
 
 
+def env_seconds(name: str, parse: Callable[[str], float], default: float) -> float:
+    """Variable ``name`` parsed by ``parse`` when set (not blank), else ``default``."""
+    raw = os.environ.get(name, "").strip()
+    return parse(raw) if raw else default
+
+
 def default_wait() -> float:
     """Seconds a writer waits for another: :data:`WAIT_ENV` when set (:func:`parse_wait`), else
     :data:`WRITE_WAIT_S`."""
-    raw = os.environ.get(WAIT_ENV, "").strip()
-    return parse_wait(raw) if raw else WRITE_WAIT_S
+    return env_seconds(WAIT_ENV, parse_wait, WRITE_WAIT_S)
 
 
 def _lock_holder(fd: int) -> str:

@@ -781,14 +781,37 @@ def test_lease_failures_of_writes_reach_clients_as_503_or_500(client, service, m
         assert {"500", "503"} <= set(route["responses"])
 
 
+def _add_while_held(quick, hold) -> object:
+    """Add a photo through ``quick`` (a SpeciesService) while another thread holds ``hold()`` (a context manager:
+    another writer's lock, or this server's turn); the response. ``quick`` is closed after."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    busy, done = threading.Event(), threading.Event()
+
+    def holder_run() -> None:
+        with hold():
+            busy.set()
+            done.wait(5)
+
+    holder = threading.Thread(target=holder_run)
+    holder.start()
+    try:
+        assert busy.wait(10)
+        return TestClient(create_app(quick.settings, service=quick)).post(
+            f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)), headers=KEYS)
+    finally:
+        done.set()
+        holder.join(10)
+        quick.close()
+
+
 def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_600_s(client, service):
     """Review s46 (lease, 2nd pass), 4: a server's write waited the CLI's 600 s for another writer of the gallery (its
     lock; on S3 the store's lease) before its 503, past most HTTP clients' timeouts. It waits SPECIESID_WRITE_WAIT_S
     (30 s by default), then answers 503 with Retry-After; the CLI keeps its 600 s. Before, this add waited out the
     other writer (5 s) and was stored."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
     from api.routers._edge import WRITE_RETRY_AFTER_S
     from api.service import SpeciesService
     from api.settings import Settings
@@ -798,23 +821,9 @@ def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_
     assert service.gallery.write_wait_s == service.settings.write_wait_s == 30
     quick = SpeciesService(Settings(**{**service.settings.model_dump(), "write_wait_s": 1}),
                            identifier=service.identifier)  # the same gallery, another server's settings
-    other, busy, done = WriteLock(service.gallery.layout.write_lock), threading.Event(), threading.Event()
-
-    def another_writer() -> None:  # its own open file: a flock another process would hold
-        with other.hold():
-            busy.set()
-            done.wait(5)
-
-    holder = threading.Thread(target=another_writer)
-    holder.start()
-    try:
-        assert busy.wait(10)
-        resp = TestClient(create_app(quick.settings, service=quick)).post(
-            f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)), headers=KEYS)
+    try:  # another writer: its own open file, a flock another process would hold
+        resp = _add_while_held(quick, WriteLock(service.gallery.layout.write_lock).hold)
     finally:
-        done.set()
-        holder.join(10)
-        quick.close()
         service.gallery.write_wait_s = service.settings.write_wait_s
     assert "another process has been writing this gallery for over 1 s" in _is_error(resp, 503), resp.text
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
@@ -826,32 +835,13 @@ def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_
     SPECIESID_WRITE_WAIT_S bounded only the wait for other processes' writers. It waits write_wait_s for its turn too,
     then answers 503 with Retry-After, and is not run once its turn comes. Before, this add waited out the other
     write (5 s) and was stored (201)."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
     from api.routers._edge import WRITE_RETRY_AFTER_S
     from api.service import SpeciesService
     from api.settings import Settings
 
     quick = SpeciesService(Settings(**{**service.settings.model_dump(), "write_wait_s": 1}),
                            identifier=service.identifier)  # the same gallery, another server's settings
-    busy, done = threading.Event(), threading.Event()
-
-    def another_api_write() -> None:  # this server writing another request
-        with quick._write_lock:
-            busy.set()
-            done.wait(5)
-
-    holder = threading.Thread(target=another_api_write)
-    holder.start()
-    try:
-        assert busy.wait(10)
-        resp = TestClient(create_app(quick.settings, service=quick)).post(
-            f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_one("a.png", _png(40, 32)), headers=KEYS)
-    finally:
-        done.set()
-        holder.join(10)
-        quick.close()
+    resp = _add_while_held(quick, lambda: quick._write_lock)  # this server writing another request
     assert "this server's other writes to this gallery have kept this one waiting for over 1 s" in _is_error(
         resp, 503), resp.text
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)

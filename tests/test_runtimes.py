@@ -348,9 +348,19 @@ def test_a_damaged_entry_is_exported_again(tiny_clip_dir, cache, check_photos):
     np.testing.assert_allclose(again.encode_images(_images()), first.encode_images(_images()), atol=1e-6)
 
 
+def _auto_on_torch_explicit_refused(spec: str, photos, caplog) -> None:
+    """With a cache that cannot be written: ``auto`` runs torch fp32 saying why; an explicit runtime is refused,
+    naming SPECIESID_CACHE."""
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder(spec, photos=photos)
+    assert (enc.runtime, enc.precision) == ("torch", "fp32") and "cannot write the runtime cache" in caplog.text
+    with pytest.raises(OSError, match="point SPECIESID_CACHE at a writable folder, or use --runtime torch"):
+        create_encoder(spec, runtime="onnx", precision="fp32", photos=photos)
+
+
 def test_a_cache_that_cannot_be_written_leaves_auto_on_torch(tiny_clip_dir, cache, check_photos, monkeypatch, caplog):
     require_module("onnxruntime")
-    from retrieval.encoders import create_encoder
     from retrieval.runtimes import select
 
     def read_only(*args, **kwargs):
@@ -358,11 +368,7 @@ def test_a_cache_that_cannot_be_written_leaves_auto_on_torch(tiny_clip_dir, cach
 
     monkeypatch.setattr(select, "_export_onnx_once", read_only)
     monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
-    spec = f"open_clip:local-dir:{tiny_clip_dir}"
-    enc = create_encoder(spec, photos=check_photos)
-    assert (enc.runtime, enc.precision) == ("torch", "fp32") and "cannot write the runtime cache" in caplog.text
-    with pytest.raises(OSError, match="point SPECIESID_CACHE at a writable folder, or use --runtime torch"):
-        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    _auto_on_torch_explicit_refused(f"open_clip:local-dir:{tiny_clip_dir}", check_photos, caplog)
 
 
 @pytest.mark.parametrize("where", ["under a regular file", "where no folder can be made"])
@@ -371,7 +377,6 @@ def test_a_cache_folder_that_cannot_be_made_leaves_auto_on_torch(where, tiny_cli
     """ENOTDIR / ENOENT while making the cache fall back like EROFS (was: a bare ``[Errno 20] Not a directory``);
     an explicit runtime is refused with a message naming SPECIESID_CACHE (docs/runtimes.md, "The cache")."""
     require_module("onnxruntime")
-    from retrieval.encoders import create_encoder
 
     if where == "under a regular file":
         (tmp_path / "a-file").write_text("x")
@@ -383,11 +388,7 @@ def test_a_cache_folder_that_cannot_be_made_leaves_auto_on_torch(where, tiny_cli
     monkeypatch.setenv("SPECIESID_CACHE", str(root))
     monkeypatch.delenv("SPECIESID_RUNTIME", raising=False)
     monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
-    spec = f"open_clip:local-dir:{tiny_clip_dir}"
-    enc = create_encoder(spec, photos=check_photos)
-    assert (enc.runtime, enc.precision) == ("torch", "fp32") and "cannot write the runtime cache" in caplog.text
-    with pytest.raises(OSError, match="point SPECIESID_CACHE at a writable folder, or use --runtime torch"):
-        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    _auto_on_torch_explicit_refused(f"open_clip:local-dir:{tiny_clip_dir}", check_photos, caplog)
 
 
 def test_a_file_missing_inside_an_existing_cache_is_raised_not_a_torch_fallback(tiny_clip_dir, cache, check_photos,
