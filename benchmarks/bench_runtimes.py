@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, CpuWatch, require_shared
+from _common import MOBILENET_SPEC, PH_SNAKES, VIT_SPEC, CpuWatch, evenly, require_shared
 from _hardware import machine_report
 
 #: (label, runtime, precision, OpenVINO hint) per model, in the table's order. A hint of None: the one
@@ -61,9 +61,7 @@ BATCH = {"ViT-B-16": 8, "MobileNetV1": 32}  # as in the table
 
 def _photos(split: str, n: int) -> list[Path]:
     """n photos of a ph-snakes split, evenly spaced over the sorted list (every species is in)."""
-    paths = sorted(p for p in (PH_SNAKES / split).glob("*/*") if p.is_file())
-    n = min(n, len(paths))
-    return [paths[int(i * len(paths) / n)] for i in range(n)]
+    return evenly(sorted(p for p in (PH_SNAKES / split).glob("*/*") if p.is_file()), n)
 
 
 def _preprocessed(enc: object, paths: list[Path]) -> np.ndarray:

@@ -384,8 +384,13 @@ def list_datasets() -> list[str]:
     return list(DATASETS)
 
 
+def _dataset_key(name: str) -> str:
+    """A dataset name as :data:`DATASETS` spells it (``Rare_Species`` -> ``rare-species``)."""
+    return name.strip().lower().replace("_", "-")
+
+
 def _check_args(name: str, root: str | Path, metadata: str | Path | None) -> tuple[str, Path, Path | None]:
-    key = name.strip().lower().replace("_", "-")
+    key = _dataset_key(name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     root_path = Path(root).expanduser()
@@ -487,7 +492,7 @@ LAYOUTS: dict[str, str] = {
 def no_photos_error(dataset: str, root: str | Path, *, options: str = "--") -> ValueError:
     """The one error for a dataset root that holds no photo: the layout ``dataset`` expects, and the options to change
     (``options``: their prefix, ``--val-`` for --val-dataset / --val-root)."""
-    key = dataset.strip().lower().replace("_", "-")
+    key = _dataset_key(dataset)
     layout = _named_options(LAYOUTS.get(key, "its own layout"), options)
     return ValueError(f"no photos found under {root} for dataset {key!r}, which expects {layout}; point "
                       f"{options}root at such a folder, or give the {options}dataset that fits it "

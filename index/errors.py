@@ -14,7 +14,8 @@ def first_line(exc: BaseException | str | None, limit: int) -> str:
 #: How Lance words a failed read or write of its storage (an object store unreachable, a request refused
 #: mid-flight, a local data file missing): ``lance error: LanceError(IO): Generic S3 error: Error performing list
 #: request ...``; the kind is object_store's name for the store (``S3``, ``LocalFileSystem``, ``N/A`` for none).
-_STORE_IO = re.compile(r"LanceError\(IO\)|Generic (\w+) error")
+_GENERIC = r"Generic (\w+) error"
+_STORE_IO = re.compile(rf"LanceError\(IO\)|{_GENERIC}")
 #: object_store's names of the stores reached over a network: their I/O errors are outages (a later try may work).
 NETWORK_STORES = frozenset({"S3", "GCS", "MicrosoftAzure", "Azure", "HTTP"})
 
@@ -32,7 +33,7 @@ def store_io_kind(exc: BaseException) -> str | None:
         seen.add(id(err))
         found = _STORE_IO.search(str(err))
         if found:
-            kinds = [k for k in re.findall(r"Generic (\w+) error", str(err)) if k != "N/A"]
+            kinds = [k for k in re.findall(_GENERIC, str(err)) if k != "N/A"]
             return kinds[0] if kinds else ""
         err = err.__cause__
     return None

@@ -57,7 +57,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 from index.errors import first_line
-from index.locks import env_seconds, seconds_setting
+from index.locks import WAIT_ENV, env_seconds, seconds_setting
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +348,11 @@ class S3Lease:
     def where(self) -> str:
         """The lease object's URI."""
         return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def ids_where(self) -> str:
+        """The shared id mark's URI."""
+        return f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT}"
 
     @property
     def held(self) -> bool:
@@ -645,11 +650,11 @@ class S3Lease:
         and how long it will wait in all (``wait`` seconds; SPECIESID_WRITE_WAIT_S sets it)."""
         if not holder:
             return (f"waiting up to {wait:.0f} s in all for the write lease of the store {self.uri}: other writers "
-                    "keep taking it (SPECIESID_WRITE_WAIT_S sets how long a writer waits)")
+                    f"keep taking it ({WAIT_ENV} sets how long a writer waits)")
         ttl = holder.get("ttl_s", self.ttl)
         return (f"waiting up to {wait:.0f} s in all for another writer of the store {self.uri} ({_who(holder)}, "
                 f"renewed {holder.get('age_s', 0):.0f} s ago; its lease lapses {ttl:.0f} s after its last renewal "
-                f"if that writer is gone; lease {self.where}); SPECIESID_WRITE_WAIT_S sets how long a writer waits")
+                f"if that writer is gone; lease {self.where}); {WAIT_ENV} sets how long a writer waits")
 
     def look(self) -> dict[str, Any] | None:
         """The lease as it is now, for people to see (read only; None: no writer ever took it): ``state`` ``free``
@@ -782,7 +787,7 @@ class S3Lease:
             response = self.client.get_object(Bucket=self.bucket, Key=self.ids_key)
             return int(json.loads(response["Body"].read())["next"]), response["ETag"]
         except (ValueError, KeyError, TypeError) as exc:  # never repaired here: see the message
-            mark = f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT}"
+            mark = self.ids_where
             raise LeaseStoreError(
                 f"{mark} is unreadable ({exc}). It is the only record of the ids a running build (or writer) on any "
                 "machine reserved and has not committed yet, so no writer can rebuild it: wait until no writer or "
@@ -811,7 +816,7 @@ class S3Lease:
             if _code(exc) in _TAKEN:
                 if self._wrote_ids(nonce):
                     return  # botocore's retry was refused: its first try had gone through (the response was lost)
-                raise LeaseLostError(f"{self.uri}/{LEASE_DIR}/{IDS_OBJECT} changed under this writer's lease "
+                raise LeaseLostError(f"{self.ids_where} changed under this writer's lease "
                                      "(another writer without it?): nothing was committed; run the command "
                                      "again") from exc
             self._raise(exc, f"writing the shared id mark {IDS_OBJECT}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from index.errors import first_line
 from index.fragments import list_journals
-from index.lease import IDS_OBJECT, LEASE_DIR, is_s3
+from index.lease import is_s3
 from index.locks import write_lock
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def store_status(gallery: Gallery) -> dict[str, Any]:
         status["lease"] = lease.look()
     except Exception as exc:  # noqa: BLE001 - told as this part's error: the rest of the block still says something
         status["lease"] = {"error": first_line(exc, 500)}
-    mark = f"{lease.uri}/{LEASE_DIR}/{IDS_OBJECT}"
+    mark = lease.ids_where
     try:
         next_id, _ = lease.read_next_id()
         status["ids"] = None if next_id is None else {"next": next_id, "object": mark}

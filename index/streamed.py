@@ -188,7 +188,7 @@ def iter_manifest(path: Path, root: Path, warnings: list[str]) -> Iterator[Refer
                 if len(named) < SKIPPED_SHOWN:
                     why = record_problem(fields) if rel else "no path"
                     where = f"data row {row} (path {rel})" if rel else f"data row {row}"
-                    named.append(f"{where}: {why or 'unusable'}")
+                    named.append(f"{where}: {why}")
                 continue
             yield record
     if columns is None:

@@ -97,18 +97,22 @@ class EncoderConfig:
         spec is unset or names the gallery's own (:func:`spec_key`), else a new gallery's defaults (also with no
         gallery, None): another encoder keeps none of the gallery's weights, pooling or views (``--pool gem3`` is
         for timm CNNs). Weights given without a spec go with the gallery's spec."""
-        if built is None or (self.spec and spec_key(self.spec) != spec_key(str(built["spec"]))):
-            # no gallery, or another encoder than the gallery's: nothing of the gallery's options is its own, but a
-            # local folder of the gallery's library may be a copy of its model (a gallery used on another machine):
-            # it keeps the pooling and views, and the fingerprint check says whether the weights are the same
-            copy = self.spec is not None and _local_copy_of(self.spec, str(built["spec"])) if built else False
-            return replace(self, spec=self.spec or DEFAULT_ENCODER,
-                           pool=self.pool or (built.get("pool", BUILT_BEFORE_OPTIONS["pool"]) if copy else DEFAULT_POOL),
-                           views=self.views or (built.get("views", BUILT_BEFORE_OPTIONS["views"]) if copy
-                                                else DEFAULT_VIEWS))
-        return replace(self, spec=self.spec or str(built["spec"]), weights=self.weights or built.get("weights"),
-                       pool=self.pool or built.get("pool", BUILT_BEFORE_OPTIONS["pool"]),
-                       views=self.views or built.get("views", BUILT_BEFORE_OPTIONS["views"]))
+        if built is None:
+            return replace(self, spec=self.spec or DEFAULT_ENCODER, pool=self.pool or DEFAULT_POOL,
+                           views=self.views or DEFAULT_VIEWS)
+        gallery_spec = str(built["spec"])
+        own = not self.spec or spec_key(self.spec) == spec_key(gallery_spec)
+        # another encoder keeps none of the gallery's options, but a local folder of the gallery's library may be a
+        # copy of its model (a gallery used on another machine): it keeps the pooling and views, and the
+        # fingerprint check says whether the weights are the same
+        if own or _local_copy_of(str(self.spec), gallery_spec):
+            pool = built.get("pool", BUILT_BEFORE_OPTIONS["pool"])
+            views = built.get("views", BUILT_BEFORE_OPTIONS["views"])
+        else:
+            pool, views = DEFAULT_POOL, DEFAULT_VIEWS
+        return replace(self, spec=self.spec or gallery_spec,
+                       weights=(self.weights or built.get("weights")) if own else self.weights,
+                       pool=self.pool or pool, views=self.views or views)
 
     @property
     def is_resolved(self) -> bool:

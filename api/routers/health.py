@@ -7,7 +7,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.service import EMPTY_GALLERY
-from index.errors import store_io_failure
 
 #: /readyz's warning while the gallery's store cannot be reached.
 STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
@@ -33,21 +32,12 @@ def readyz(request: Request) -> JSONResponse:
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     gallery = service.gallery
-    try:
-        gallery.refresh()  # at most once per refresh_s; never raises on a store outage (stale reads)
-        references = None if gallery.reading_stale else len(gallery)
-    except (RuntimeError, OSError) as exc:
-        if store_io_failure(exc, gallery.store_uri) is None:  # not an outage: the app's handler answers it
-            raise
-        references = None
-    body = {"status": "ready", "encoder": gallery.encoder_spec}
-    if references is None:  # the store did not answer: what identify answers from
-        body.update(status="degraded", references=gallery.index.ntotal, store=str(gallery.store_uri),
-                    warning=STORE_DEGRADED)
-    else:
-        body["references"] = references
-        if service.empty:
-            body["warning"] = EMPTY_GALLERY
+    gallery.refresh()  # at most once per refresh_s; never raises on an outage (stale reads), a damaged store does
+    body = {"status": "ready", "references": gallery.index.ntotal, "encoder": gallery.encoder_spec}
+    if gallery.reading_stale:  # the store did not answer: the references identify answers from
+        body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
+    elif not gallery.index.ntotal:
+        body["warning"] = EMPTY_GALLERY
     return JSONResponse(body)
 
 

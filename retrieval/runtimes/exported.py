@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,9 +128,7 @@ class ExportedEncoder(Encoder):
             from retrieval.torch_encoders import create_torch_encoder
 
             logger.info("loading the torch text tower of %s", self.spec)
-            cfg = EncoderConfig(spec=self._config.spec, weights=self._config.weights, device="cpu",
-                                precision="fp32", batch_size=self._config.batch_size, runtime="torch",
-                                pool=self._config.pool, views=self._config.views)
+            cfg = replace(self._config, device="cpu", precision="fp32", runtime="torch")
             text = create_torch_encoder(parse_spec(cfg.spec), cfg.spec, cfg, "fp32")
             if text.fingerprint.rsplit("#", 1)[-1] != self.fingerprint.rsplit("#", 1)[-1]:
                 raise RuntimeError(f"the weights of {self.spec} changed since they were exported; run again")

@@ -274,8 +274,7 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
                photos: Photos | None) -> Encoder:
     from retrieval.torch_encoders import create_torch_encoder
 
-    ref_config = EncoderConfig(spec=config.spec, weights=config.weights, device="cpu", precision="fp32",
-                               batch_size=config.batch_size, runtime="torch", pool=config.pool, views=config.views)
+    ref_config = replace(config, device="cpu", precision="fp32", runtime="torch")
     ref = create_torch_encoder(parsed, config.spec, ref_config, "fp32")
     ref.batch_size = config.batch_size
     digest_full = cache_digest(ref.weights_digest, config.pool, ref.test_size)
