@@ -244,11 +244,12 @@ class SpeciesService:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """This server's turn to write (one write at a time), then the gallery's write lock (another process's
-        writer; on S3, another machine's lease) held around the whole write. Both waits together last at most
-        ``write_wait_s``: the gallery's hold gets the time left after this server's turn, and the write's own holds
-        nested in it never wait. Past it a TimeoutError (a 503 with Retry-After) before anything is written, so a
-        client answered 503 has nothing written, and one that waits ``write_wait_s`` gets its answer. The photos
-        are embedded under the lock: other processes' writers wait for that too (at most ``max_add_images``)."""
+        writer; on S3, another machine's lease) held around the write's store steps. Both waits together last at
+        most ``write_wait_s``: the gallery's hold gets the time left after this server's turn, and the write's own
+        holds nested in it never wait. Past it a TimeoutError (a 503 with Retry-After) before anything is written,
+        so a client answered 503 has nothing written. An add's photos are embedded before this (their time is
+        not counted in ``write_wait_s``), so neither lock is held while the model runs: other writers wait only
+        for the write itself (the species check, the upload files, the digest re-check, ids, commit, index)."""
         wait = self.settings.write_wait_s
         start = time.monotonic()
         if not self._write_lock.acquire(timeout=wait):
@@ -280,10 +281,11 @@ class SpeciesService:
             u = small[0]
             raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
+        embeddings = self.embed(uploads)  # before any lock: uploads share forward passes, and no writer waits on it
         with self._writing():
             result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
                                           common_name=common_name, venomous=venomous, dataset="api",
-                                          min_side=least, new_species=new_species)
+                                          min_side=least, new_species=new_species, embeddings=embeddings)
         self.identifier.whitening()  # a new species refits the vote's metric now: on the writer's time, not a reader's
         return result
 

@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     # The CLI waits 600 s for another writer; a client of the server waits on the answer, and most give up long before.
     write_wait_s: float = Field(30.0, description="how long an add or delete waits for another writer of the "
                                 "gallery (another process, or on S3 another machine's lease), and for its turn "
-                                "behind this server's own writes, before a 503 with Retry-After, in seconds")
+                                "behind this server's own writes, before a 503 with Retry-After, in seconds "
+                                "(an add's photos are embedded before: not counted)")
     refresh_s: float = Field(1.0, ge=0.0, description="how late, at most, the server sees other processes' writes")
     lease_ttl_s: float = Field(LEASE_TTL_S, description="a store on S3: how long this server's write lease "
                                "lasts unrenewed before another machine may take it over (a server killed or cut off), "

@@ -28,6 +28,7 @@ from retrieval.images import (
     DEFAULT_MAX_PIXELS,
     MIN_REFERENCE_SIDE,
     ImageLoadError,
+    header_size,
     model_image,
     photo_size,
     sha256_bytes,
@@ -36,6 +37,8 @@ from retrieval.images import (
 logger = logging.getLogger(__name__)
 #: Why a photo whose embedding is NaN or inf is skipped (never committed: a gallery with such a row cannot open).
 NON_FINITE = "the encoder gave a non-finite embedding (NaN or inf)"
+#: The ``Prepared.tensor`` of a photo whose embedding its caller gave: checked, not decoded for the encoder.
+GIVEN: tuple = ()
 
 
 @dataclass
@@ -133,10 +136,13 @@ def prepare(
     known: dict[str, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 0,
+    given: bool = False,
 ) -> Prepared:
     """Read + hash + decode + preprocess one photo (runs in a worker thread).
 
     ``min_side``: photos whose short side is under this many pixels are refused (reference photos).
+    ``given``: the caller embedded the photo already: its size is read from its header for that check (decoded
+    only when the header cannot be read), and its tensor is :data:`GIVEN`.
     """
     name = f"image #{position}" if isinstance(source, bytes) else str(source)
     try:
@@ -147,7 +153,10 @@ def prepare(
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
-        tensor, (width, height) = model_input(data, encoder, max_pixels=max_pixels, name=name)
+        tensor, size = GIVEN, header_size(data) if given else None  # as stored, as the decode's photo_size gives it
+        if size is None:
+            tensor, size = model_input(data, encoder, max_pixels=max_pixels, name=name)
+        width, height = size
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "
                             f"(at least {min_side} px on the short side)")
@@ -155,7 +164,7 @@ def prepare(
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
         return Prepared(position, sha256=digest, error=f"preprocessing failed ({exc})")
-    return Prepared(position, sha256=digest, tensor=tensor)
+    return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor)
 
 
 def iter_prepared(
@@ -167,16 +176,18 @@ def iter_prepared(
     prefetch: int = 256,
     min_side: int = 0,
     stats: PipelineStats | None = None,
+    given: bool = False,
 ) -> Iterator[Prepared]:
     """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead.
 
-    ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared."""
+    ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
+    :func:`prepare`."""
     workers = workers or default_workers()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool:
         pending: deque[Future[Prepared]] = deque()
         it = iter(enumerate(sources))
         for pos, src in it:
-            pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side))
+            pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given))
             if len(pending) >= prefetch:
                 break
         while pending:
@@ -186,7 +197,8 @@ def iter_prepared(
                 stats.wait_s += time.perf_counter() - t0
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side))
+                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side,
+                                           given=given))
             yield done
 
 
@@ -227,6 +239,36 @@ def iter_embeddings(
             items, n_tensors = [], 0
     if items:
         yield items, encode(items)
+
+
+def given_embeddings(embeddings: np.ndarray, n: int, dim: int) -> np.ndarray:
+    """Embeddings a caller gives for ``n`` photos of a gallery ``dim`` wide, as float32 (ValueError when their
+    shape is not ``(n, dim)``; a non-finite row is the pipeline's to skip, as the encoder's would be)."""
+    out = np.asarray(embeddings, dtype=np.float32)
+    if out.shape != (n, dim):
+        raise ValueError(f"{n} photos of a gallery {dim} wide need embeddings of shape ({n}, {dim}), not "
+                         f"{out.shape}")
+    return out
+
+
+def _given_embeddings(
+    prepared: Iterable[Prepared], embeddings: np.ndarray, batch_size: int,
+    before_encode: Callable[[list[Prepared]], None],
+) -> Iterator[tuple[list[Prepared], np.ndarray]]:
+    """:func:`iter_embeddings`'s batches for photos whose embeddings are given (row ``i`` for the photo at
+    position ``i``): the rows of the photos ``before_encode`` leaves a tensor, in order."""
+    def batch(items: list[Prepared]) -> tuple[list[Prepared], np.ndarray]:
+        before_encode(items)
+        return items, embeddings[[i.position for i in items if i.tensor is not None]]
+
+    items: list[Prepared] = []
+    for item in prepared:
+        items.append(item)
+        if len(items) >= batch_size:
+            yield batch(items)
+            items = []
+    if items:
+        yield batch(items)
 
 
 @dataclass
@@ -293,6 +335,7 @@ def add_references(
     desc: str = "adding references",
     on_progress: Callable[[int, int], None] | None = None,
     min_side: int = MIN_REFERENCE_SIDE,
+    embeddings: np.ndarray | None = None,
 ) -> BuildReport:
     """Embed reference photos and store them in the gallery (searchable when this returns).
 
@@ -300,8 +343,14 @@ def add_references(
     before embedding) or repeat an earlier photo of this call are reported as duplicates and stored once.
     Rows are committed every ``chunk`` photos; the gallery re-checks the digests under its write lock, so
     two processes adding the same photo at once store it once.
+
+    ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
+    (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
+    size only, not decoded, and the rows stored as the encoder's would be (a non-finite row is skipped).
     """
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
+    if embeddings is not None:
+        embeddings = given_embeddings(embeddings, len(records), gallery.dim)
     report = BuildReport()
     start = time.perf_counter()
     waited_before = gallery.write_waited_s
@@ -335,9 +384,11 @@ def add_references(
 
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
-                             stats=report.stats)
+                             stats=report.stats, given=embeddings is not None)
+    batches = (iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats)
+               if embeddings is None else _given_embeddings(prepared, embeddings, encoder.batch_size, drop_stored))
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats):
+        for items, emb in batches:
             row = 0
             for item in items:
                 rec = records[item.position]

@@ -52,7 +52,7 @@ from retrieval.findings import CleanConfig
 from retrieval.galleries import build_encoder, check_encoder_choice, open_gallery, open_identifier
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
-from retrieval.pipeline import BuildReport, add_references, embed_photos
+from retrieval.pipeline import BuildReport, add_references, embed_photos, given_embeddings
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -414,6 +414,7 @@ def add_photos(
     progress: bool = False,
     min_side: int = MIN_REFERENCE_SIDE,
     new_species: bool = False,
+    embeddings: np.ndarray | None = None,
 ) -> AddResult:
     """Store photos as references of ``species`` (created if new); searchable when this returns.
 
@@ -423,7 +424,12 @@ def add_photos(
     ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept in the gallery's ``uploads/``
     folder by content digest. One duplicate check for both (:func:`retrieval.pipeline.add_references`):
     photos whose bytes are already stored, or repeat an earlier photo of the call, are stored once.
+
+    ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
+    its uploads before it takes the write lock); the photos are then not embedded again.
     """
+    if embeddings is not None:  # a wrong shape is refused before any upload is kept
+        embeddings = given_embeddings(embeddings, len(photos), gallery.dim)
     paths: list[Path] = []
     names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
     uploads: list[tuple[Path, bytes]] = []
@@ -440,7 +446,7 @@ def add_photos(
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     written = [path for path, data in uploads if _keep_upload(path, data)]
-    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side)
+    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if source_text(path) not in stored:

@@ -850,6 +850,108 @@ def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_
     assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
 
 
+class _GatedEncoder:
+    """The server's encoder, counting the photos of each forward pass; a pass waits for ``go`` (set by default)
+    once it has said so (``entered``)."""
+
+    def __init__(self, encoder) -> None:
+        self._encoder = encoder
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.go.set()
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._encoder, name)
+
+    def encode_batch(self, tensors):
+        from retrieval.encoders import batch_len
+
+        self.batches.append(batch_len(tensors))
+        self.entered.set()
+        self.go.wait(30)
+        return self._encoder.encode_batch(tensors)
+
+
+def _gated_service(service, **settings):
+    """Another server of the module's gallery (its settings, with ``settings``) whose model is a _GatedEncoder."""
+    from api.batcher import EncodeBatcher
+    from api.service import SpeciesService
+    from api.settings import Settings
+
+    quick = SpeciesService(Settings(**{**service.settings.model_dump(), **settings}), identifier=service.identifier)
+    quick.encoder = _GatedEncoder(service.encoder)
+    quick.batcher.close()
+    quick.batcher = EncodeBatcher(quick.encoder, window_ms=quick.settings.batch_window_ms,
+                                  max_batch=quick.settings.max_batch)
+    return quick
+
+
+def test_an_upload_is_embedded_before_any_write_lock_is_taken(client, service):
+    """Brief s48: the API embedded an upload's photos holding this server's turn and the gallery's write lock (on
+    S3 the store's lease), so every other writer (another thread, process or machine, the CLI) and this server's
+    next upload waited for the model too. Now, while an upload is in the model, this server's turn is free and
+    another writer takes the gallery's lock at once; the upload is stored after. Before, both were held."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from index.locks import WriteLock
+
+    quick = _gated_service(service)
+    model = quick.encoder
+    model.go.clear()
+    shot = photos("val", NEW_SPECIES)[0]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                posted = pool.submit(TestClient(create_app(quick.settings, service=quick)).post,
+                                     f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_files([shot]),
+                                     headers=KEYS)
+                assert model.entered.wait(30), "the upload never reached the model"
+                with service.gallery.writing(wait=0):  # another thread of this process: no wait at all
+                    pass
+                with WriteLock(service.gallery.layout.write_lock).hold(0):  # another process's writer (its flock)
+                    pass
+                assert not quick._write_lock.locked()  # this server's next write may take its turn
+            finally:
+                model.go.set()
+            resp = posted.result(60)
+    finally:
+        quick.close()
+        service.gallery.write_wait_s = service.settings.write_wait_s
+    assert resp.status_code == 201, resp.text
+    (ref_id,) = resp.json()["ids"]
+    assert service.gallery.source_path(ref_id) is not None
+
+
+def test_concurrent_uploads_share_a_forward_pass_then_commit_one_at_a_time(client, service):
+    """Brief s48: two uploads to one server at once are embedded together, through the batcher (one forward pass
+    of both photos), then committed one after the other; each is stored with the embedding its photo gets alone.
+    Before, each was embedded on its own, under the write lock, one upload after the other."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from retrieval.encoders import stack_views
+    from retrieval.pipeline import model_input
+
+    quick = _gated_service(service, batch_window_ms=5000, max_batch=2)  # the pass starts once both are in
+    app = TestClient(create_app(quick.settings, service=quick))
+    shots = photos("val", NEW_SPECIES)[:2]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: app.post(f"/v1/species/{binomial(NEW_SPECIES)}/references",
+                                                       files=_files([p]), headers=KEYS), shots))
+    finally:
+        quick.close()
+        service.gallery.write_wait_s = service.settings.write_wait_s
+    assert [r.status_code for r in answers] == [201, 201], [r.text for r in answers]
+    assert quick.encoder.batches == [2]
+    ids = [r.json()["ids"][0] for r in answers]
+    stored = dict(zip(*service.gallery.store.vectors(ids=ids), strict=True))
+    for ref_id, shot in zip(ids, shots, strict=True):
+        alone = service.encoder.encode_batch(stack_views([model_input(shot.read_bytes(), service.encoder)[0]]))[0]
+        np.testing.assert_allclose(stored[ref_id], alone, rtol=0, atol=1e-5)  # one pass of two: float rounding
+
+
 def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_lock_together(tmp_path,
                                                                                                  monkeypatch):
     """Review s47, 6: a write waited write_wait_s for this server's turn, then write_wait_s again for the gallery's

@@ -5,6 +5,7 @@ Uses the small real MobileNetV1 gallery of the API tests (4 ph-snakes species, 1
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -221,3 +222,49 @@ def test_a_root_without_photos_for_its_dataset_names_the_layout_and_the_options(
                        r"one folder per species of the Moroccan checklist; point --val-root at such a folder, or "
                        r"give the --val-dataset that fits it"):
         load_photos("moroccan", loose, options="--val-")
+
+
+def test_uploads_added_with_their_embeddings_store_what_embedding_them_inside_stores(tmp_path_factory):
+    """The API embeds its uploads before it takes the write lock and hands add_photos the embeddings: the same ids,
+    duplicates (a repeat within the call, a photo already stored), photos too small, and stored vectors as the
+    path that embeds them inside. A wrong shape is refused before any upload is kept; a non-finite row is skipped
+    as the encoder's would be. Before, add_photos took no embeddings."""
+    from PIL import Image
+
+    from retrieval.encoders import stack_views
+    from retrieval.pipeline import NON_FINITE, model_input
+    from retrieval.workflows import add_photos, open_identifier
+
+    new, known = photos("val", SPECIES[3], 3), photos("train", SPECIES[0], 1)[0]  # `known`: in the built gallery
+    tiny = io.BytesIO()
+    Image.new("RGB", (20, 24), (90, 120, 60)).save(tiny, "PNG")
+    uploads = [("a.jpg", new[0].read_bytes()), ("b.jpg", new[1].read_bytes()), ("again.jpg", new[0].read_bytes()),
+               ("known.jpg", known.read_bytes()), ("tiny.png", tiny.getvalue()), ("c.jpg", new[2].read_bytes())]
+    results, vectors = [], []
+    for given in (False, True):
+        index = gallery_copy(tmp_path_factory, f"add_given_{given}")
+        ident = open_identifier(index, EncoderConfig(precision="fp32"))
+        enc = ident.encoder
+        emb = enc.encode_batch(stack_views([model_input(data, enc)[0] for _, data in uploads])) if given else None
+        if given:
+            with pytest.raises(ValueError, match=r"6 photos .* need embeddings of shape \(6, "):
+                add_photos(ident.gallery, enc, binomial(SPECIES[3]), uploads, embeddings=emb[:5])
+            assert not (index / "uploads").exists() or not any((index / "uploads").iterdir())
+        res = add_photos(ident.gallery, enc, binomial(SPECIES[3]), uploads, embeddings=emb)
+        report = res.report
+        results.append((res.species, res.created, res.existed, res.duplicates, report.added, report.ids,
+                        report.duplicate_ids, [(os.path.basename(p), why) for p, why in report.skipped],
+                        sorted(p.name for p in (index / "uploads").iterdir())))
+        vectors.append(ident.gallery.store.vectors(ids=report.ids)[1])
+    assert results[0] == results[1]
+    assert len(results[0][5]) == 3 and [n for n, *_ in results[0][3]] == ["again.jpg", "known.jpg"]
+    assert "too small" in results[0][7][0][1]
+    np.testing.assert_array_equal(vectors[1], vectors[0])
+    # a row the encoder gave as NaN is skipped, saying so; the rest are stored
+    index = gallery_copy(tmp_path_factory, "add_given_nan")
+    ident = open_identifier(index, EncoderConfig(precision="fp32"))
+    pair = [(p.name, p.read_bytes()) for p in photos("val", SPECIES[2], 5)[3:]]
+    emb = ident.encoder.encode_batch(stack_views([model_input(data, ident.encoder)[0] for _, data in pair]))
+    emb[0, 3] = np.nan
+    res = add_photos(ident.gallery, ident.encoder, binomial(SPECIES[2]), pair, embeddings=emb)
+    assert res.report.added == 1 and [why for _, why in res.report.skipped] == [NON_FINITE]
