@@ -25,7 +25,7 @@ from api.settings import Settings
 from index.gallery import Neighbour
 from index.sources import read_source
 from index.store import SpeciesSummary, source_file
-from index.taxonomy import check_name, find_species
+from index.taxonomy import find_species
 from retrieval import workflows
 from retrieval.encoders import stack_views
 from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
@@ -272,9 +272,8 @@ class SpeciesService:
     ) -> AddResult:
         """Store the photos as references of ``species`` (created if new); searchable when this returns.
         ``new_species``: a new name that looks like a gallery species is meant (else refused, a 409)."""
-        check_name(species.replace("_", " "))  # refuse a bad name before the expensive encode (422)
-        if common_name is not None:
-            check_name(common_name, "common name")
+        workflows.check_new_references(self.gallery, species, common_name=common_name, venomous=venomous,
+                                       new_species=new_species)  # a refused name (422, 409) costs no forward pass
         least = self.settings.min_reference_px
         small = [u for u in uploads if min(u.size) < least]
         if small:

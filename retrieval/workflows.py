@@ -400,6 +400,21 @@ class AddResult:
     probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
 
 
+def check_new_references(
+    gallery: Gallery,
+    species: str,
+    *,
+    common_name: str | None = None,
+    venomous: bool | None = None,
+    new_species: bool = False,
+) -> None:
+    """Refuse (ValueError, SpeciesNameConflictError) what :func:`add_photos` would refuse about the name and flags of
+    photos for ``species``, before any work: a caller that embeds first (the API) answers a refused name without a
+    forward pass. :func:`add_photos` checks again with the gallery as it is when it writes."""
+    new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
+                           venomous=venomous, new_species=new_species)
+
+
 def add_photos(
     gallery: Gallery,
     encoder: Encoder,

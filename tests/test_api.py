@@ -952,6 +952,29 @@ def test_concurrent_uploads_share_a_forward_pass_then_commit_one_at_a_time(clien
         np.testing.assert_allclose(stored[ref_id], alone, rtol=0, atol=1e-5)  # one pass of two: float rounding
 
 
+def test_a_refused_name_costs_no_forward_pass(client, service):
+    """Stop 48's re-read: once uploads were embedded before the write lock, a name add_photos refuses (a look-alike
+    of a gallery species, 409; a bad name, 422) was found only after the photos went through the model. The name is
+    checked first now: no forward pass, nothing stored."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    quick = _gated_service(service)
+    app = TestClient(create_app(quick.settings, service=quick))
+    known = binomial(SPECIES[0])  # "Naja philippinensis": one letter more is a look-alike the taxonomy does not know
+    shot = photos("val", NEW_SPECIES)[0]
+    try:
+        looks = app.post(f"/v1/species/{known}x/references", files=_files([shot]), headers=KEYS)
+        bad = app.post("/v1/species/Naja%01x/references", files=_files([shot]), headers=KEYS)
+    finally:
+        quick.close()
+    assert looks.status_code == 409 and f"'{known}'" in looks.json()["detail"], looks.text
+    assert bad.status_code == 422, bad.text
+    assert quick.encoder.batches == []
+    assert not any(s.species == f"{known}x" for s in service.species())
+
+
 def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_lock_together(tmp_path,
                                                                                                  monkeypatch):
     """Review s47, 6: a write waited write_wait_s for this server's turn, then write_wait_s again for the gallery's
