@@ -6,11 +6,15 @@ The one place a gallery folder and its encoder are put together; ``retrieval.wor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
+from index.store import MissingTableError, ReferenceStore, storage_options
 from retrieval.encoders import (
     Encoder,
     EncoderConfig,
@@ -24,6 +28,8 @@ from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
 from retrieval.textprior import TextPriorScores, load_text_prior
 from retrieval.vote import VoteConfig
+
+logger = logging.getLogger(__name__)
 
 
 def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
@@ -81,6 +87,39 @@ def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfi
         same_weights = f"{recorded.rsplit('#', 1)[0]}#{weights_only(recorded)}"
         check_gallery_encoder(index_dir, info, same_weights + options_suffix(pool, config.views,
                                                                               int(size[1]) if size else None))
+
+
+def holds_no_references(index_dir: str | Path, info: dict) -> bool:
+    """Whether the gallery of ``info`` (its ``gallery.json``) holds no reference at all, excluded ones included: its
+    store has no table yet, or an empty one. False when that cannot be told (a store that cannot be read)."""
+    where = info.get("store") or {}
+    try:
+        store = ReferenceStore(GalleryLayout(Path(index_dir)).store_location(info), int(info["dim"]), refresh_s=None,
+                               options=storage_options(where.get("options")) if where.get("uri") else None,
+                               create=False)
+        return store.count(include_excluded=True) == 0
+    except MissingTableError:
+        return True
+    except Exception:  # noqa: BLE001 - only to word an error better: unknown is "not empty"
+        logger.debug("could not count the references of %s", index_dir, exc_info=True)
+        return False
+
+
+@contextlib.contextmanager
+def empty_gallery_hint(index_dir: str | Path) -> Iterator[None]:
+    """A build's EncoderMismatchError on a gallery that holds no reference (a first build interrupted, or one
+    started with the wrong encoder) says so and what to do: delete it, or choose another folder."""
+    try:
+        yield
+    except EncoderMismatchError as exc:
+        info = read_gallery_info(index_dir)
+        if not holds_no_references(index_dir, info):
+            raise
+        message, fix = str(exc), gallery_encoder_fix(info)
+        if message.endswith(fix):  # "use --encoder X or build a new index in another directory": not the way here
+            message = message[: -len(fix)].rstrip("; ")
+        raise EncoderMismatchError(f"{message}; it holds no references: delete {index_dir} (or choose another "
+                                   "--index) to start over with this encoder") from exc
 
 
 def open_identifier(

@@ -8,6 +8,7 @@ never fatal; a photo whose bytes are already stored (sha256) is a duplicate and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -167,6 +168,17 @@ def prepare(
     return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor)
 
 
+@contextlib.contextmanager
+def _dropping(pending: deque[Future[Prepared]]) -> Iterator[None]:
+    """On leaving (a consumer that stopped early: Ctrl-C, an error), cancel the look-ahead not started yet, so that
+    the pool's shutdown waits only for the photos being prepared."""
+    try:
+        yield
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def iter_prepared(
     sources: Sequence[str | Path | bytes],
     encoder: Encoder,
@@ -183,8 +195,8 @@ def iter_prepared(
     ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
     :func:`prepare`."""
     workers = workers or default_workers()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool:
-        pending: deque[Future[Prepared]] = deque()
+    pending: deque[Future[Prepared]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool, _dropping(pending):
         it = iter(enumerate(sources))
         for pos, src in it:
             pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given))
@@ -324,6 +336,17 @@ def embed_sources(
     return done.embeddings, done.errors
 
 
+class ReferencesInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`add_references`, after the photos embedded before it were committed: ``report.added`` of
+    them by this call (all that it committed). ``saved`` is False when a second Ctrl-C cut that last commit short:
+    then at least ``report.added`` were committed."""
+
+    def __init__(self, report: BuildReport, *, saved: bool = True) -> None:
+        super().__init__(f"interrupted after {report.added} references were committed")
+        self.report = report
+        self.saved = saved
+
+
 def add_references(
     gallery: Gallery,
     encoder: Encoder,
@@ -342,7 +365,8 @@ def add_references(
     Unreadable photos are skipped and reported; photos whose bytes are already stored (looked up per batch,
     before embedding) or repeat an earlier photo of this call are reported as duplicates and stored once.
     Rows are committed every ``chunk`` photos; the gallery re-checks the digests under its write lock, so
-    two processes adding the same photo at once store it once.
+    two processes adding the same photo at once store it once. On Ctrl-C the photos embedded so far are committed
+    (one commit; a second Ctrl-C cuts it short) and :class:`ReferencesInterrupted` says how many this call kept.
 
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
     (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
@@ -388,33 +412,43 @@ def add_references(
     batches = (iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats)
                if embeddings is None else _given_embeddings(prepared, embeddings, encoder.batch_size, drop_stored))
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in batches:
-            row = 0
-            for item in items:
-                rec = records[item.position]
-                if item.duplicate_of is not None:
-                    report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
-                    report.duplicate_ids.append(item.duplicate_of)
-                elif item.error is not None:
-                    report.skipped.append((str(rec.path), item.error))
-                elif item.sha256 in first_path:
-                    report.duplicates.append((str(rec.path), first_path[item.sha256]))
-                    report.duplicate_ids.append(None)  # the id its first copy gets, once stored (below)
-                    repeats.append((len(report.duplicate_ids) - 1, item.sha256))
-                    row += 1
-                elif not np.isfinite(emb[row]).all():  # never committed: the gallery could not be opened again
-                    report.skipped.append((str(rec.path), NON_FINITE))
-                    row += 1
-                else:
-                    first_path[item.sha256] = str(rec.path)
-                    buf.append((rec, item.sha256, emb[row : row + 1]))
-                    row += 1
-            if len(buf) >= chunk:
+        try:
+            for items, emb in batches:
+                row = 0
+                for item in items:
+                    rec = records[item.position]
+                    if item.duplicate_of is not None:
+                        report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
+                        report.duplicate_ids.append(item.duplicate_of)
+                    elif item.error is not None:
+                        report.skipped.append((str(rec.path), item.error))
+                    elif item.sha256 in first_path:
+                        report.duplicates.append((str(rec.path), first_path[item.sha256]))
+                        report.duplicate_ids.append(None)  # the id its first copy gets, once stored (below)
+                        repeats.append((len(report.duplicate_ids) - 1, item.sha256))
+                        row += 1
+                    elif not np.isfinite(emb[row]).all():  # never committed: the gallery could not be opened again
+                        report.skipped.append((str(rec.path), NON_FINITE))
+                        row += 1
+                    else:
+                        first_path[item.sha256] = str(rec.path)
+                        buf.append((rec, item.sha256, emb[row : row + 1]))
+                        row += 1
+                if len(buf) >= chunk:
+                    flush()
+                done += len(items)
+                bar.update(len(items))
+                if on_progress:
+                    on_progress(done, len(records))
+        except KeyboardInterrupt as interrupt:  # keep what was embedded: one commit (add_unique re-checks digests)
+            bar.close()  # the bar's line ends before the command's message
+            try:
+                batches.close()
+                prepared.close()  # its decoders drop the photos they have not started
                 flush()
-            done += len(items)
-            bar.update(len(items))
-            if on_progress:
-                on_progress(done, len(records))
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now
+                raise ReferencesInterrupted(report, saved=False) from interrupt
+            raise ReferencesInterrupted(report) from interrupt
     flush()
     for pos, digest in repeats:
         report.duplicate_ids[pos] = stored_id.get(digest)

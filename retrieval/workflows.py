@@ -49,10 +49,22 @@ from retrieval.encoders import (
     portable,
 )
 from retrieval.findings import CleanConfig
-from retrieval.galleries import build_encoder, check_encoder_choice, open_gallery, open_identifier
+from retrieval.galleries import (
+    build_encoder,
+    check_encoder_choice,
+    empty_gallery_hint,
+    open_gallery,
+    open_identifier,
+)
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
-from retrieval.pipeline import BuildReport, add_references, embed_photos, given_embeddings
+from retrieval.pipeline import (
+    BuildReport,
+    ReferencesInterrupted,
+    add_references,
+    embed_photos,
+    given_embeddings,
+)
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -64,7 +76,8 @@ from retrieval.vote import Rank, parse_rank
 
 __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
-    "Identifier", "ProbeResult", "add_photos", "build_encoder", "build_gallery", "clean", "delete_references", "evaluate_dataset",
+    "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
+    "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
     "presence_for", "restore_exclusions", "search", "train_gallery_probe",
 ]
@@ -117,7 +130,8 @@ def build_gallery(
     # unset options: the gallery's own (build_encoder); it records where the weights are, usable from anywhere
     encoder = portable((encoder or EncoderConfig()).resolved(info["encoder"] if info else None))
     if info is not None:  # another encoder is refused before it loads (or downloads)
-        check_encoder_choice(index_dir, info, encoder)
+        with empty_gallery_hint(index_dir):
+            check_encoder_choice(index_dir, info, encoder)
     if engine == "ray":  # options Ray cannot build: refused before the model loads (or downloads)
         check_ray_views(encoder.views)
         if clean is not None:
@@ -131,8 +145,9 @@ def build_gallery(
     require_records(scan)
     config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
-    gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
-                             store=store, options=storage_options)
+    with empty_gallery_hint(index_dir):  # the fingerprint check, once the weights are loaded
+        gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
+                                 store=store, options=storage_options)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
     gallery.finish_build()
     cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
@@ -160,8 +175,9 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     started = start_ray(options)
     try:
         plan_cluster(enc, options)  # what Ray cannot build is refused before a gallery is made
-        gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
-                                 store=store, options=storage_options)
+        with empty_gallery_hint(index_dir):
+            gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
+                                     store=store, options=storage_options)
         report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
                                     total=total)
         gallery.finish_build(map_fn=ray_map)

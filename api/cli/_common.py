@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
+    from retrieval.pipeline import ReferencesInterrupted
 
 logger = logging.getLogger("speciesid")
 
@@ -68,6 +69,14 @@ def photo_args(paths: Sequence[str], *, report: bool = True) -> tuple[list[Path]
     if not got.photos:
         raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     return got.photos, got.problems
+
+
+def interrupted_add(exc: ReferencesInterrupted, index: str | Path) -> int:
+    """Say on stderr what a Ctrl-C'd ``index build`` / ``references add`` kept and how to add the rest; exit 130."""
+    n = exc.report.added
+    kept = f"{n} reference{'' if n == 1 else 's'}" if exc.saved else f"at least {n} references"  # a second Ctrl-C
+    sys.stderr.write(f"speciesid: interrupted: {kept} kept in {index}; run the same command again to add the rest\n")
+    return 130
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

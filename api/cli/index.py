@@ -15,6 +15,7 @@ from api.cli._common import (
     emit,
     encoder_config,
     fmt_bool,
+    interrupted_add,
     to_csv,
 )
 
@@ -86,16 +87,19 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     """speciesid index build: embed a dataset into a new or existing gallery (exit status)."""
     from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
-    from retrieval.workflows import CleanConfig, build_gallery
+    from retrieval.workflows import CleanConfig, ReferencesInterrupted, build_gallery
 
     clean = CleanConfig(prompts=args.prompts, threshold=args.clean_threshold, duplicates=False) if args.clean else None
     ray = RayOptions(address=args.ray_address, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor,
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size)
-    result = build_gallery(
-        args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
-        index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,
-        progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
-    )
+    try:
+        result = build_gallery(
+            args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
+            index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,
+            progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
+        )
+    except ReferencesInterrupted as exc:  # what was embedded is committed
+        return interrupted_add(exc, args.index)
     g = result.gallery
     emit(
         f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "

@@ -11,6 +11,7 @@ from api.cli._common import (
     at_least,
     emit,
     encoder_config,
+    interrupted_add,
     parse_yes_no,
     photo_args,
     spec_help,
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_references_add(args: argparse.Namespace) -> int:
     """speciesid references add: store photos as references of one species (exit status)."""
     from index.taxonomy import SpeciesNameConflictError
-    from retrieval.workflows import add_photos, open_gallery
+    from retrieval.workflows import ReferencesInterrupted, add_photos, open_gallery
 
     paths, bad_args = photo_args(args.images)  # named on stderr now, counted in the summary below
     gallery, enc = open_gallery(args.index, encoder_config(args))
@@ -67,6 +68,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     except SpeciesNameConflictError as exc:  # worded for this command's options
         raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc
+    except ReferencesInterrupted as exc:  # what was embedded is committed
+        return interrupted_add(exc, args.index)
     report = result.report
     status = "existing" if result.existed else "new"
     lines = report.summary().split("\n")
