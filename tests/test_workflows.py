@@ -85,30 +85,37 @@ def test_identify_reports_bad_arguments_and_answers_the_rest(index, capsys, tmp_
     assert code == 2 and "no photos to read" in err and "does not exist" in err
 
 
-def _evidence_figures(line: str) -> list[float]:
-    """The similarity printed right after each evidence photo's species."""
-    return [float(x) for x in re.findall(r"#\d+ [A-Z][a-z]+ [a-z]+ (-?\d\.\d+)", line)]
+def _evidence(table: str) -> tuple[str, list[str]]:
+    """The evidence heading of a table and its photo lines."""
+    lines = table.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.strip().startswith("evidence"))
+    return lines[at], [x for x in lines[at + 1:] if x.startswith("    #")]
 
 
-def test_the_evidence_line_prints_the_similarity_it_is_ordered_by():
+def test_the_evidence_lines_print_the_similarity_they_are_ordered_by_and_the_file():
     """With the whitened metric the evidence is ordered by the vote's similarity: that is what is printed (cosine
-    beside it, labelled), so the list reads in order; with plain cosine the one figure is labelled cosine."""
+    beside it, labelled), so the list reads in order; with plain cosine the one figure is labelled cosine. Each
+    photo is on a line of its own with its file name (which photo is #400?)."""
     from api.cli.identify import _identify_table
 
     def answer(pairs: list[tuple[float, float]]) -> dict:
-        neighbours = [{"id": 400 + i, "species": "Naja samarensis", "vote_similarity": vote, "similarity": cos}
+        neighbours = [{"id": 400 + i, "species": "Naja samarensis", "vote_similarity": vote, "similarity": cos,
+                       "path": f"/data/train/Samar Cobra (Naja samarensis)/samar_{i}.jpg"}
                       for i, (vote, cos) in enumerate(pairs)]
         return {"image": "a.jpg", "unknown": False, "far": False, "nearest_similarity": max(c for _, c in pairs),
                 "predictions": [], "neighbours": neighbours, "venomous_score": None, "venom_unknown_score": 0.0}
 
     whitened = [(0.71, 0.89), (0.69, 0.67), (0.65, 0.60), (0.62, 0.66), (0.58, 0.63)]  # the walkthrough's cosines
-    (line,) = [x for x in _identify_table(answer(whitened), "species", 5).splitlines() if "evidence" in x]
-    assert _evidence_figures(line) == [0.71, 0.69, 0.65, 0.62, 0.58], line  # sorted, as the list is
-    assert "whitened metric; cosine in brackets" in line and "0.71 (0.89)" in line and "0.62 (0.66)" in line
+    head, rows = _evidence(_identify_table(answer(whitened), "species", 5))
+    assert "whitened metric; cosine in brackets" in head
+    assert rows[0] == "    #400  0.71 (0.89)  Naja samarensis  samar_0.jpg", rows
+    assert [float(r.split()[1]) for r in rows] == [0.71, 0.69, 0.65, 0.62, 0.58]  # sorted, as the list is
+    assert "0.62 (0.66)" in rows[3]
     plain = [(0.89, 0.89), (0.67, 0.67), (0.60, 0.60)]
-    (line,) = [x for x in _identify_table(answer(plain), "species", 5).splitlines() if "evidence" in x]
-    assert line.strip().startswith("evidence, by cosine similarity: ") and "(" not in line
-    assert _evidence_figures(line) == [0.89, 0.67, 0.60]
+    head, rows = _evidence(_identify_table(answer(plain), "species", 5))
+    assert head == "  evidence, by cosine similarity:" and not any("(" in r for r in rows)
+    assert rows == ["    #400  0.89  Naja samarensis  samar_0.jpg", "    #401  0.67  Naja samarensis  samar_1.jpg",
+                    "    #402  0.60  Naja samarensis  samar_2.jpg"]
 
 
 def test_a_far_answer_prints_the_gallery_threshold_beside_the_nearest_similarity(index, capsys, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import PurePosixPath
 
 from api.cli._common import (
     FORMAT_HELP,
@@ -132,7 +133,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
             lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
     if rank == "species" and neighbours and r["neighbours"]:
-        lines.append(_evidence_line(r["neighbours"]))
+        lines += _evidence_lines(r["neighbours"])
     if r.get("country_applied") is False:
         lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
                      "is, or the country table does not list them)")
@@ -154,15 +155,24 @@ def _apart(value: float, other: float | None) -> tuple[str, str]:
     return f"{value:.{digits}f}", f"{other:.{digits}f}"
 
 
-def _evidence_line(neighbours: list[dict]) -> str:
-    """The evidence photos, nearest first, with the similarity they are ordered by: the vote's own, and the plain
-    cosine beside it in brackets when the vote runs on the whitened metric (the two orders then differ)."""
+def _evidence_lines(neighbours: list[dict]) -> list[str]:
+    """The evidence photos, nearest first, one a line: id, the similarity they are ordered by, species and file name
+    (``search`` gives the whole path). That similarity is the vote's own, with the plain cosine beside it in brackets
+    when the vote runs on the whitened metric (the two orders then differ)."""
     whitened = any(abs(n["vote_similarity"] - n["similarity"]) > 1e-6 for n in neighbours)
-    if not whitened:
-        return "  evidence, by cosine similarity: " + ", ".join(
-            f"#{n['id']} {n['species']} {n['similarity']:.2f}" for n in neighbours)
-    return "  evidence, by the vote's similarity (whitened metric; cosine in brackets): " + ", ".join(
-        f"#{n['id']} {n['species']} {n['vote_similarity']:.2f} ({n['similarity']:.2f})" for n in neighbours)
+    ids = max(len(str(n["id"])) for n in neighbours) + 1
+    width = max(len(n["species"]) for n in neighbours)
+    head = ("  evidence, by the vote's similarity (whitened metric; cosine in brackets):" if whitened
+            else "  evidence, by cosine similarity:")
+    return [head] + [
+        f"    {'#' + str(n['id']):<{ids}}  {n['vote_similarity']:.2f}"
+        + (f" ({n['similarity']:.2f})" if whitened else "") + f"  {n['species']:<{width}}  {_file_name(n['path'])}"
+        for n in neighbours]
+
+
+def _file_name(path: str) -> str:
+    """The file name of a stored reference path (a local path or an object-store URI)."""
+    return PurePosixPath(str(path)).name or str(path)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
