@@ -22,7 +22,7 @@ import itertools
 import logging
 import operator
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from index.layout import GalleryLayout
 from index.photos import PHOTO_FORMATS
 from index.status import store_status
 from index.store import SpeciesSummary, source_file, source_text
-from index.taxonomy import lookup_taxon, new_species_references
+from index.taxonomy import lookup_taxon, new_species_references, species_key
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
@@ -84,6 +84,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The distinct reference photos a species needs to be in ``probe train``'s cross-validation (retrieval.calibrate).
+MIN_PROBE_PHOTOS = 2
 #: Where a build embeds: this process, or a Ray cluster (the ``ray`` extra).
 ENGINES = ("local", "ray")
 
@@ -327,13 +329,15 @@ def evaluate_dataset(
                          f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
     scan = load_dataset(dataset, root, metadata=metadata)
     require_records(scan)
+    _require_species_held([r.species for r in scan.records], ident.gallery, root)  # before the embedding work
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:
         raise ValueError(f"none of the {len(scan.records)} photos under {root} could be read; nothing to evaluate")
     dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
     evaluated = [done.sha256[i] for i in ok]
-    held = {s.species: s.count for s in ident.gallery.species() if s.count > 0}
+    gallery_species = ident.gallery.species()
+    held = {s.species: s.count for s in gallery_species if s.count > 0}
     settings, chose = settings_origin(ident.probe, root, settings_overridden, evaluated, len(ident.gallery),
                                       gallery_species=held)
     size, size_chose = size_origin(ident.encoder, root, evaluated)
@@ -374,7 +378,7 @@ def evaluate_dataset(
     ]
     if country:
         notes.append(f"country prior: {country}")
-    if absent := species_not_held([scan.records[i].species for i in ok], held):
+    if absent := species_not_held([scan.records[i].species for i in ok], gallery_species):
         logger.warning("%s", absent)
         notes.append(f"warning: {absent}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
@@ -383,22 +387,49 @@ def evaluate_dataset(
                          protocol.unseen)
 
 
-def species_not_held(evaluated: Sequence[str], held: Collection[str]) -> str:
+def species_not_held(evaluated: Sequence[str], gallery_species: Sequence[SpeciesSummary]) -> str:
     """A warning naming the evaluated species the gallery holds no reference of (their photos count as misses that no
-    setting could get right), with their photo counts and the closest gallery names (a misspelt folder?); "" when
-    there are none."""
-    counts = Counter(s for s in evaluated if s not in held)
+    setting could get right); "" when there are none. Each is named with its photo count and, when it is a gallery
+    species' common name, that species, else the closest gallery names (a misspelt folder?)."""
+    counts = Counter(s for s in evaluated if s not in _held(gallery_species))
     if not counts:
         return ""
+    return (f"{len(counts)} evaluated species have no reference in the gallery, so the {sum(counts.values())} photos "
+            f"of them count as misses whatever the settings: {_named_absent(counts, gallery_species)}. Add their "
+            "photos to the gallery, or check the folder names")
+
+
+def _require_species_held(evaluated: Sequence[str], gallery: Gallery, root: str | Path) -> None:
+    """Refuse (ValueError) to evaluate photos none of whose species the gallery holds: every answer would be a miss,
+    a report of zeros that measures nothing."""
+    gallery_species = gallery.species()
+    if any(s in _held(gallery_species) for s in evaluated):
+        return
+    counts = Counter(evaluated)
+    raise ValueError(f"none of the {len(counts)} species under {root} has a reference in gallery {gallery.root}: "
+                     f"{_named_absent(counts, gallery_species)}; name the folders as the gallery's species ('speciesid "
+                     f"species list --index {gallery.root}' lists them), or evaluate another gallery")
+
+
+def _held(gallery_species: Sequence[SpeciesSummary]) -> set[str]:
+    return {s.species for s in gallery_species if s.count > 0}
+
+
+def _named_absent(counts: Counter[str], gallery_species: Sequence[SpeciesSummary]) -> str:
+    """The first 10 species of ``counts`` (name -> photos), each with its photo count and what it may have meant: the
+    gallery species whose common name it is, else the closest gallery names."""
+    held = _held(gallery_species)
     names = sorted(held)
+    common = {species_key(s.common_name): s.species for s in gallery_species if s.common_name and s.species in held}
     shown = []
     for species, n in sorted(counts.items())[:10]:
-        close = difflib.get_close_matches(species, names, n=2, cutoff=0.75)
-        shown.append(f"{species} ({n} photo{'s' * (n > 1)}" + (f"; closest: {', '.join(close)}" if close else "")
-                     + ")")
-    return (f"{len(counts)} evaluated species have no reference in the gallery, so the {sum(counts.values())} photos "
-            f"of them count as misses whatever the settings: {'; '.join(shown)}{'; ...' if len(counts) > 10 else ''}"
-            ". Add their photos to the gallery, or check the folder names")
+        if meant := common.get(species_key(species)):
+            hint = f"; the common name of {meant}"
+        else:
+            close = difflib.get_close_matches(species, names, n=2, cutoff=0.75)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+        shown.append(f"{species} ({n} photo{'s' * (n > 1)}{hint})")
+    return "; ".join(shown) + ("; ..." if len(counts) > 10 else "")
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -414,6 +445,7 @@ class AddResult:
     duplicates: list[tuple[str, int | None, str | None]] = field(default_factory=list)
     excluded: list[int] = field(default_factory=list)  # of those ids, the ones a clean run excluded (not searchable)
     probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
+    few_note: str = ""  # a species left with too few photos for 'probe train': says so, and what to do
 
 
 def check_new_references(
@@ -496,8 +528,12 @@ def add_photos(
     if report.ids:
         refresh_gallery_metric(gallery)
     created = prior is None and bool(report.ids)
+    held = (prior.count if prior else 0) + len(report.ids)  # searchable references of the species now
+    few = (f"{name} has {held} reference photo: 'speciesid probe train' leaves out species with fewer than "
+           f"{MIN_PROBE_PHOTOS} distinct photos (the kNN vote alone answers them); add another photo of it"
+           if report.ids and held < MIN_PROBE_PHOTOS else "")
     return AddResult(species=name, created=created, existed=prior is not None, report=report, duplicates=duplicates,
-                     excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "")
+                     excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "", few_note=few)
 
 
 def _upload_path(folder: Path, name: str, data: bytes) -> Path:

@@ -64,10 +64,10 @@ def photo_args(paths: Sequence[str], *, report: bool = True) -> tuple[list[Path]
     from index.photos import expand_photo_args
 
     got = expand_photo_args(paths)
+    if not got.photos:  # the error names every bad argument: said once, not also as "skipped"
+        raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     for arg, reason in got.problems if report else ():
         sys.stderr.write(f"speciesid: skipped {arg}: {reason}\n")
-    if not got.photos:
-        raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     return got.photos, got.problems
 
 

@@ -47,7 +47,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for method, r in run.results.items():
         emit(
             f"{method:6s} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
-            f"venomous recall {fmt_opt(r['venomous_recall'])}  coverage {r['coverage']:.3f}  "
+            f"venomous recall {fmt_opt(r['venomous_recall'])}  venomous called harmless "
+            f"{fmt_opt(r['venomous_called_harmless'])}  coverage {r['coverage']:.3f}  "
             f"accuracy answered {fmt_opt(r['accuracy_answered'])}"
         )
     emit("report: " + ", ".join(str(p) for p in run.files.values()))

@@ -71,15 +71,17 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)
     report = result.report
-    status = "existing" if result.existed else "new"
+    status = ("existing species" if result.existed else "new species" if result.created
+              else "not created: no photo added")  # a new name none of whose photos was stored
     lines = report.summary().split("\n")
     if bad_args:  # a missing file or a folder without photos: counted beside the photos that were read
         lines[0] += f"; {len(bad_args)} argument(s) not found or holding no photo (named above)"
-    emit(f"{result.species} ({status} species): " + "\n".join(lines))
+    emit(f"{result.species} ({status}): " + "\n".join(lines))
     if report.ids:
         emit(f"ids: {', '.join(map(str, report.ids))}")
-    if result.probe_note:
-        emit(f"note: {result.probe_note}")
+    for note in (result.probe_note, result.few_note):
+        if note:
+            emit(f"note: {note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
         emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
