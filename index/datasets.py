@@ -22,7 +22,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index.photos import entry_problem, first_few, is_photo_name, scan_photos, warn_skipped
+from index.photos import (
+    NOT_PHOTO_ADVICE,
+    PhotoScan,
+    entry_problem,
+    first_few,
+    is_photo_file,
+    not_photos_text,
+    not_photos_warning,
+    scan_photos,
+    warn_skipped,
+)
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.taxonomy import InvalidNameError, check_name, lookup_taxon, moroccan_checklist, species_key
 
@@ -90,7 +100,7 @@ def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, st
     visible = [p for p in entries if not p.name.startswith(".")]
     folders = sorted((p for p in visible if p.is_dir()), key=lambda p: p.name)
     skipped.extend((p, entry_problem(p)) for p in visible if not p.is_dir() and not p.is_file())
-    loose = [p.name for p in entries if p.is_file() and is_photo_name(p.name)]
+    loose = [p.name for p in visible if p.is_file() and is_photo_file(p)]
     if loose:
         warnings.append(
             f"{len(loose)} photo file(s) directly in {root} ignored (photos must be in one folder per class): "
@@ -108,7 +118,7 @@ def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, st
 def _holds_photos(folder: Path) -> bool:
     """Whether ``folder`` has photos directly inside (False when it cannot be listed)."""
     try:
-        return any(p.is_file() and is_photo_name(p.name) for p in folder.iterdir())
+        return any(p.is_file() and is_photo_file(p) for p in folder.iterdir())
     except OSError:
         return False
 
@@ -156,14 +166,28 @@ def _warn_invalid(invalid: list[str], source: Path, warnings: list[str]) -> None
 # Loaders
 
 
-def _photos_in(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
-    """The photos under a class folder; what had to be skipped goes to ``skipped`` (reported once per dataset)."""
+def _photos_in(folder: Path, skipped: list[tuple[Path, str]], not_photos: list[Path]) -> PhotoScan:
+    """The photos under a class folder (``scan_photos``); what had to be skipped goes to ``skipped``, and the
+    files that are not photos beside photos to ``not_photos`` (each reported once per dataset; the files of a
+    folder none of whose files is a photo are named with it: :func:`_no_photos`)."""
     scan = scan_photos(folder)
     skipped.extend(scan.skipped)
-    return scan.photos
+    if scan.photos:
+        not_photos.extend(scan.not_photos)
+    return scan
 
 
-def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
+def _no_photos(name: str, scans: Iterable[PhotoScan], folders: Iterable[Path]) -> str:
+    """``name`` as a warning lists a species (or folder) without photos: with the files its folders hold, none a
+    photo, when they hold any (a whole species missing from the gallery for its files' names)."""
+    files = [p.relative_to(folder) for scan, folder in zip(scans, folders, strict=True) for p in scan.not_photos]
+    if not files:
+        return name
+    return f"{name} (holds {len(files)} file{'s' if len(files) > 1 else ''}, none a photo: {not_photos_text(files)})"
+
+
+def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, str]],
+                   not_photos: list[Path]) -> list[ReferenceRecord]:
     checklist = moroccan_checklist()
     by_key = {species_key(t.species): t for t in checklist}
     matched: dict[str, list[Path]] = {}
@@ -194,15 +218,18 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
         )
     records: list[ReferenceRecord] = []
     no_photos: list[str] = []
+    files = False  # a species' folder holds files, none a photo
     for taxon in checklist:
         folders = matched.get(taxon.species, [])
         if len(folders) > 1:
             warnings.append(
                 f"{taxon.species}: {len(folders)} folders merged ({', '.join(f.name for f in folders)})"
             )
-        paths = [p for folder in folders for p in _photos_in(folder, skipped)]
+        scans = [_photos_in(folder, skipped, not_photos) for folder in folders]
+        paths = [p for scan in scans for p in scan.photos]
         if not paths:
-            no_photos.append(taxon.species)
+            no_photos.append(_no_photos(taxon.species, scans, folders))
+            files = files or any(scan.not_photos for scan in scans)
         records.extend(
             ReferenceRecord(
                 path=p,
@@ -217,7 +244,8 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
     if no_photos:
         warnings.append(
             f"{len(no_photos)} of {len(checklist)} checklist species have no photos (no folder or an empty one): "
-            + ", ".join(no_photos)
+            + ("; " if files else ", ").join(no_photos)
+            + (f". {NOT_PHOTO_ADVICE}" if files else "")
         )
     return records
 
@@ -230,9 +258,11 @@ def _holds_species(folder: Path, by_key: dict) -> bool:
         return False
 
 
-def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
+def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]],
+                 not_photos: list[Path]) -> list[ReferenceRecord]:
     records: list[ReferenceRecord] = []
     empty: list[str] = []
+    files = False  # a folder holds files, none a photo: a species left out
     folders = _class_folders(root, warnings, skipped)
     splits = [p for p in folders if p.name.lower() in _SPLIT_NAMES and _holds_classes(p)]
     # each would become one "species" of every photo under it; but beside classes holding photos, a split-named
@@ -246,9 +276,11 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
         except InvalidNameError as exc:
             warnings.append(f"folder skipped: {exc}")
             continue
-        paths = _photos_in(folder, skipped)
+        scan = _photos_in(folder, skipped, not_photos)
+        paths = scan.photos
         if not paths:
-            empty.append(folder.name)
+            empty.append(_no_photos(folder.name, [scan], [folder]))
+            files = files or bool(scan.not_photos)
             continue
         taxon = lookup_taxon(species)
         records.extend(
@@ -264,7 +296,8 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
             for p in paths
         )
     if empty:
-        warnings.append(f"{len(empty)} folder(s) with no photos ignored: {first_few(empty)}")
+        warnings.append(f"{len(empty)} folder(s) with no photos ignored: {first_few(empty, '; ')}"
+                        + (f". {NOT_PHOTO_ADVICE}" if files else ""))
     return records
 
 
@@ -436,10 +469,11 @@ def iter_dataset(
 def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: list[str],
                  skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
     first = len(skipped)
+    not_photos: list[Path] = []  # beside photos (those of a folder without any are named with it)
     if key == "moroccan":
-        records = _load_moroccan(root_path, warnings, skipped)
+        records = _load_moroccan(root_path, warnings, skipped, not_photos)
     elif key == "folder":
-        records = _load_folder(root_path, warnings, skipped)
+        records = _load_folder(root_path, warnings, skipped, not_photos)
     elif key == "rare-species":
         records = _load_rare_species(root_path, meta_path, warnings)
     else:
@@ -447,6 +481,8 @@ def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: li
     if meta_path is not None and key in {"moroccan", "folder"}:
         warnings.append(f"--metadata {meta_path} is ignored by the {key} dataset")
     warn_skipped(skipped[first:], root_path)  # one warning for the whole dataset, not one per class folder
+    if not_photos:
+        warnings.append(not_photos_warning(not_photos, root_path, root_path))
     return records
 
 

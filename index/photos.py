@@ -2,7 +2,9 @@
 
 The rule:
 
-- A photo is a file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case).
+- A photo is a file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case: ``.jpg``, ``.jfif``, ``.png``,
+  ``.heic``, ...), or a file with no extension (``IMG_0006``, as phone and chat exports save them) whose first bytes
+  are a photo format's (:func:`sniff_photo_format`: a few bytes read, nothing decoded). Any other file is not read.
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
@@ -10,10 +12,13 @@ The rule:
   missing is not a photo (nor reported, when its name is another kind of file's: ``notes.txt``).
 - Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
   a photo-named entry that is not a regular file are returned as *skipped*, with the reason
-  (:func:`scan_photos`); :func:`find_photos` logs one warning naming how many and the first few.
+  (:func:`scan_photos`); :func:`find_photos` logs one warning naming how many and the first few. The visible
+  files that are not photos (``notes.txt``, ``IMG_0006.xyz``, a sidecar ``.xmp``) are returned as *not photos*,
+  for the caller to count and name (:func:`not_photos_warning`; hidden files are skipped by the rule, unnamed).
 - A path named explicitly (a command-line argument) is taken as given, hidden or not: a file is a photo
   whatever its name; a folder is searched by the rule above. A missing path, or a folder without photos,
-  is reported with the reason and the other arguments are still used.
+  is reported with the reason (the files it holds, none a photo, named) and the other arguments are still used;
+  the files inside a folder argument that are not photos are named in one warning.
 
 The same search finds other files by their names (:func:`scan_files`: webdataset shards, ``index.streamed``),
 and their skipped entries are reported the same way.
@@ -25,6 +30,7 @@ import errno
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +48,25 @@ Skipped = tuple[Path, str]
 #: The formats photos are accepted in (Pillow's names; ``retrieval.images`` decodes only these) and their file
 #: extensions, the first one what a kept upload of that format is named with.
 PHOTO_FORMATS: dict[str, tuple[str, ...]] = {
-    "JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".mpo"), "PNG": (".png",), "WEBP": (".webp",),
+    "JPEG": (".jpg", ".jpeg", ".jfif", ".jpe", ".jif", ".pjpeg", ".pjp"),  # .jfif: what Windows and browsers save
+    "MPO": (".jpg", ".mpo"), "PNG": (".png",), "WEBP": (".webp",),
     "HEIF": (".heic", ".heif"), "AVIF": (".avif",), "TIFF": (".tif", ".tiff"), "BMP": (".bmp",), "GIF": (".gif",),
     "PPM": (".ppm",),
 }
 IMAGE_EXTENSIONS = frozenset(ext for exts in PHOTO_FORMATS.values() for ext in exts)
+#: The accepted formats in words, for messages.
+PHOTO_FORMAT_WORDS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP, GIF or PPM"
+#: What to do about files that are not photos (said once, with them: :func:`not_photos_warning`).
+NOT_PHOTO_ADVICE = ("A photo among them is read once its name ends in its format's extension (.jpg, .png, .webp, "
+                    ".heic, ...) or has no extension")
+#: Bytes read from a file without an extension to tell whether it is a photo (:func:`sniff_photo_format`).
+SNIFF_BYTES = 32
+#: ISO base media (``ftyp``) brands of HEIF and AVIF photos (not of videos: ``isom``, ``mp42``, ``qt``).
+_HEIF_BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"hevc": "HEIF", b"hevx": "HEIF", b"heim": "HEIF",
+                b"heis": "HEIF", b"hevm": "HEIF", b"hevs": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF",
+                b"avif": "AVIF", b"avis": "AVIF"}
+#: BMP info-header sizes (the Windows and OS/2 versions Pillow reads).
+_BMP_HEADERS = {12, 16, 40, 52, 56, 64, 108, 124}
 
 
 def _file_suffix(name: str) -> bool:
@@ -58,6 +78,54 @@ def _file_suffix(name: str) -> bool:
 def is_photo_name(name: str) -> bool:
     """True for a visible file name with a photo extension."""
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def has_extension(name: str) -> bool:
+    """Whether ``name`` ends in a file-type extension (``notes.txt``, ``x.jfif``), not in none (``IMG_0006``) nor in
+    what only looks like one (``Naja sp. 3``, ``WhatsApp Image 2024-05-01 at 10.23.45``): a file without one is
+    read by its content (:func:`sniff_photo_format`)."""
+    return re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,4}", Path(name).suffix) is not None
+
+
+def sniff_photo_format(head: bytes) -> str | None:
+    """The photo format (a :data:`PHOTO_FORMATS` name) that a file's first bytes (:data:`SNIFF_BYTES` suffice)
+    announce, None for any other kind of file: its signature only, nothing decoded (a damaged photo is found so,
+    and reported when it is decoded)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return _HEIF_BRANDS[head[8:12]]
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADERS:
+        return "BMP"
+    if re.match(rb"P[1-6]\s", head):
+        return "PPM"
+    return None
+
+
+def is_photo_file(path: Path) -> bool:
+    """Whether ``path``, a regular file found in a folder, is a photo by the module's rule (visible; a photo's
+    extension, or none and a photo's first bytes); False when it cannot be read."""
+    name = path.name
+    if name.startswith(".") or (has_extension(name) and not is_photo_name(name)):
+        return False
+    try:
+        return is_photo_name(name) or _sniff_file(path) is not None
+    except OSError:
+        return False
+
+
+def _sniff_file(path: Path) -> str | None:
+    """:func:`sniff_photo_format` of the file at ``path`` (OSError when it cannot be read)."""
+    with open(path, "rb") as fh:
+        return sniff_photo_format(fh.read(SNIFF_BYTES))
 
 
 def entry_problem(path: Path) -> str:
@@ -82,56 +150,112 @@ class PhotoScan:
 
     photos: list[Path] = field(default_factory=list)  # sorted by relative path
     skipped: list[Skipped] = field(default_factory=list)  # (path, reason), in the order met
+    not_photos: list[Path] = field(default_factory=list)  # visible files that are not photos, sorted likewise
 
 
 def scan_photos(folder: str | Path) -> PhotoScan:
-    """Photo files under ``folder`` by the module's rule, and what was skipped (logs nothing; [] when missing).
+    """Photo files under ``folder`` by the module's rule, what was skipped, and the visible files that are not photos
+    (logs nothing; all empty when the folder is missing). Only the files without an extension are opened (a few
+    bytes each).
 
     Skipped: broken symbolic links with a photo's name or a name without a file extension (a broken link to a
     class folder; ``notes.txt`` would not have been read either way, so its broken link is not), photo-named
-    entries that are not regular files, and folders that cannot be listed.
+    entries that are not regular files, folders that cannot be listed, and files without an extension that cannot
+    be opened to tell.
     """
     root = Path(folder)
-    photos, skipped = scan_files(root, is_photo_name)
-    return PhotoScan(sorted(photos, key=lambda p: p.relative_to(root).as_posix()), skipped)
+    others: list[Path] = []
+    photos, skipped = scan_files(root, is_photo_name, others)
+    not_photos: list[Path] = []
+    for path in others:
+        if has_extension(path.name):
+            not_photos.append(path)
+            continue
+        try:
+            (photos if _sniff_file(path) else not_photos).append(path)
+        except OSError as exc:
+            skipped.append((path, f"cannot be read to tell whether it is a photo ({exc.strerror or exc})"))
+
+    def key(p: Path) -> str:
+        return p.relative_to(root).as_posix()
+
+    return PhotoScan(sorted(photos, key=key), skipped, sorted(not_photos, key=key))
 
 
-def scan_files(folder: str | Path, wanted: Callable[[str], bool]) -> tuple[list[Path], list[Skipped]]:
+def scan_files(folder: str | Path, wanted: Callable[[str], bool],
+               others: list[Path] | None = None) -> tuple[list[Path], list[Skipped]]:
     """(files, skipped): the files under ``folder`` whose visible name ``wanted`` accepts, by the module's rule, in
-    the order met, and the entries skipped with why, as :func:`scan_photos` skips them (logs nothing)."""
+    the order met, and the entries skipped with why, as :func:`scan_photos` skips them (logs nothing). ``others``
+    gets the visible regular files ``wanted`` refuses. Each folder is listed once (``os.scandir``: no ``stat`` per
+    file but for links)."""
     root = Path(folder)
     files: list[Path] = []
     skipped: list[Skipped] = []
     seen: set[tuple[int, int]] = set()
 
-    def unlistable(exc: OSError) -> None:
-        where = Path(exc.filename) if exc.filename else root
+    def unlistable(exc: OSError, where: Path) -> None:
+        where = Path(exc.filename) if exc.filename else where
         if where == root and isinstance(exc, FileNotFoundError):
             return  # a missing folder holds no photos: callers say so
         skipped.append((where, f"folder cannot be listed ({exc.strerror or exc})"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
+    stack = [root]
+    while stack:
+        here = stack.pop()
         try:
-            st = os.stat(dirpath)
+            st = os.stat(here)
+            if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already searched
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(here) as listing:
+                entries = list(listing)
         except OSError as exc:
-            unlistable(exc)
-            dirnames[:] = []
+            unlistable(exc, here)
             continue
-        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already searched
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:  # os.walk lists here what is not a folder once links are followed
-            path = Path(dirpath) / name
+        folders: list[Path] = []
+        for entry in entries:
+            name = entry.name
             if name.startswith("."):
                 continue
-            if path.is_file():  # follows links
+            path = here / name
+            if _is(entry.is_dir):  # follows links
+                folders.append(path)
+            elif _is(entry.is_file):  # follows links
                 if wanted(name):
                     files.append(path)
-            elif wanted(name) or (path.is_symlink() and not _file_suffix(name)):
+                elif others is not None:
+                    others.append(path)
+            elif wanted(name) or (entry.is_symlink() and not _file_suffix(name)):
                 skipped.append((path, entry_problem(path)))
+        stack.extend(reversed(folders))  # searched in the order listed, each before the next
     return files, skipped
+
+
+def _is(check: Callable[[], bool]) -> bool:
+    """A ``DirEntry`` check, False when it cannot be answered (the entry is reported by its other checks)."""
+    try:
+        return check()
+    except OSError:
+        return False
+
+
+def not_photos_text(paths: Sequence[Path], root: str | Path | None = None) -> str:
+    """Files that are not photos as a warning names them (``a.txt, b.xyz, README``): the first few (relative to
+    ``root`` when given), and past them how many there are of each extension (one line however many)."""
+    names = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
+    text = first_few(names)
+    if len(paths) > SKIPPED_SHOWN:
+        kinds = Counter(Path(n).suffix.lower() if has_extension(n) else "no extension" for n in names)
+        text += " (" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
+    return text
+
+
+def not_photos_warning(paths: Sequence[Path], where: str | Path, root: str | Path | None = None) -> str:
+    """The one line about files under ``where`` skipped because they are not photos: how many, the first few
+    (:func:`not_photos_text`), and what to do about a photo among them."""
+    n = len(paths)
+    what = "file that is not a photo" if n == 1 else "files that are not photos"
+    return f"skipped {n} {what} under {where}: {not_photos_text(paths, root)}. {NOT_PHOTO_ADVICE}"
 
 
 def first_few(items: Sequence[object], sep: str = ", ") -> str:
@@ -173,22 +297,36 @@ class PhotoArgs:
 
     photos: list[Path] = field(default_factory=list)  # in argument order; folders expanded
     problems: list[tuple[str, str]] = field(default_factory=list)  # (argument, reason)
+    not_photos: list[Path] = field(default_factory=list)  # files inside folders with photos that are not photos
 
 
 def expand_photo_args(paths: Iterable[str | Path]) -> PhotoArgs:
     """Files as given, folders expanded to the photos inside; bad arguments, and entries inside a folder that had
-    to be skipped, reported in ``problems``, never fatal."""
+    to be skipped, reported in ``problems``, never fatal. The files inside folders that are not photos are in
+    ``not_photos`` and logged in one warning (:func:`not_photos_warning`); a folder none of whose files is a photo
+    is a problem naming them."""
     out = PhotoArgs()
+    holding: list[str] = []  # the folders with files that are not photos beside their photos
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
             scan = scan_photos(p)
             out.photos.extend(scan.photos)
             out.problems.extend((str(path), why) for path, why in scan.skipped)
-            if not scan.photos:
-                out.problems.append((str(p), f"folder holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            if scan.photos:
+                out.not_photos.extend(scan.not_photos)
+                holding += [str(p)] if scan.not_photos else []
+            elif scan.not_photos:
+                n = len(scan.not_photos)
+                out.problems.append((str(p), f"folder holds {n} file{'s' if n > 1 else ''}, none a photo: "
+                                     f"{not_photos_text(scan.not_photos, p)}. {NOT_PHOTO_ADVICE}"))
+            else:
+                out.problems.append((str(p), "folder holds no photos: no file in it (hidden ones aside)"))
         elif p.is_file():
             out.photos.append(p)
         else:
             out.problems.append((str(p), entry_problem(p)))
+    if out.not_photos:  # named within their folder when there is one, else as found
+        where = holding[0] if len(holding) == 1 else "the folders given"
+        logger.warning("%s", not_photos_warning(out.not_photos, where, holding[0] if len(holding) == 1 else None))
     return out

@@ -18,7 +18,7 @@ from index.datasets import DatasetScan, load_dataset, require_records
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
-from index.photos import first_few, scan_photos, warn_skipped
+from index.photos import first_few, not_photos_warning, scan_photos, warn_skipped
 from retrieval.clean_report import write_report
 from retrieval.encoders import (
     Encoder,
@@ -259,6 +259,8 @@ def run_clean(
             raise ValueError(f"{against} is not a folder of photos (--against)")
         found = scan_photos(against)
         warn_skipped(found.skipped, against)
+        if found.not_photos:  # named, never dropped silently (a leak among them would not be found)
+            logger.warning("%s", not_photos_warning(found.not_photos, against, against))
         against_paths = found.photos
         skipped.extend((p, "against: " + why) for p, why in found.skipped)
         if not against_paths:

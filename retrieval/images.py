@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from index.photos import PHOTO_FORMATS
+from index.photos import PHOTO_FORMAT_WORDS, PHOTO_FORMATS
 from index.sources import read_source
 
 try:  # HEIC/HEIF phone photos, when pillow-heif is installed
@@ -31,6 +31,10 @@ MIN_REFERENCE_SIDE = 32
 #: Longest / shortest side above this is refused: the encoders resize the short side to ~224 px, so a
 #: 1 x 20,000 px strip (a few kB) would become a 224 x 4.5M px image (GBs of memory, seconds of CPU).
 MAX_ASPECT = 25
+#: The words of the refusal of a photo for its shape (a strip, read fine): reports count it apart from unreadable ones.
+TOO_ELONGATED = "is too elongated"
+#: The words of the refusal of a photo for its pixel count (the decompression-bomb guard), counted apart likewise.
+OVER_PIXEL_LIMIT = "(possible decompression bomb)"
 
 
 #: ``image.info`` key of the photo's size as stored (before any reduction at decode).
@@ -89,7 +93,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 #: The formats photos come in; only these decoders ever see the bytes (which come from anyone who can upload a photo):
 #: Pillow's other plugins (PostScript through Ghostscript, Windows metafiles, PSD, FITS, FLI, ...) are never tried.
 ACCEPTED_FORMATS = tuple(PHOTO_FORMATS)  # Pillow opens MPO (phones' JPEG) through its JPEG plugin
-_ACCEPTED_WORDS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP, GIF or PPM"
+#: The refusal of bytes that are none of :data:`ACCEPTED_FORMATS` (after the file's name): worded for the CLI and the
+#: API alike, saying which formats a photo may be in.
+NOT_A_PHOTO = f"not a photo: its content is not {PHOTO_FORMAT_WORDS}"
 
 
 def _openers() -> list[str]:
@@ -120,7 +126,7 @@ def decode_image(
             img = Image.open(io.BytesIO(data), formats=_openers())
             w, h = img.size
             if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
-                raise ImageLoadError(f"{name}: {w}x{h} pixels is too elongated (over {MAX_ASPECT}:1) to be a photo")
+                raise ImageLoadError(f"{name}: {w}x{h} pixels {TOO_ELONGATED} (over {MAX_ASPECT}:1) to be a photo")
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))  # only sets the scale: the size below is what will be decoded
             dw, dh = img.size
@@ -128,8 +134,8 @@ def decode_image(
             if w * h > cap or dw * dh > max_pixels:
                 limit, scaled = (cap, "") if w * h > cap else (max_pixels, f" ({dw}x{dh} decoded at reduced scale)"
                                                                 if (dw, dh) != (w, h) else "")
-                raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} (possible "
-                                      "decompression bomb)")
+                raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} "
+                                      f"{OVER_PIXEL_LIMIT}")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)
@@ -142,9 +148,9 @@ def decode_image(
             raise
         except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening
             limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
-            raise PixelLimitError(f"{name}: more pixels than the limit of {limit:,} (possible decompression bomb)") from exc
+            raise PixelLimitError(f"{name}: more pixels than the limit of {limit:,} {OVER_PIXEL_LIMIT}") from exc
         except UnidentifiedImageError as exc:
-            raise ImageLoadError(f"{name}: not a recognised image format: send a {_ACCEPTED_WORDS} photo") from exc
+            raise ImageLoadError(f"{name}: {NOT_A_PHOTO}") from exc
         except (OSError, SyntaxError, ValueError, TypeError) as exc:
             raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
 

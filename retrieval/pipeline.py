@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,8 @@ from retrieval.encoders import Encoder, stack_views
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
     MIN_REFERENCE_SIDE,
+    OVER_PIXEL_LIMIT,
+    TOO_ELONGATED,
     ImageLoadError,
     header_size,
     model_image,
@@ -68,6 +71,28 @@ class PipelineStats:
 
 #: The reason of a readable photo skipped for its size (what the report counts as "too small", not "unreadable").
 TOO_SMALL = "is too small for a reference photo"
+#: What a skipped photo counts as in reports (:func:`skip_kind`), by words of its reason: photos read, but refused
+#: for their size, shape or pixel count; any other reason (empty, corrupt, not a photo, missing) is "unreadable".
+SKIP_KINDS: tuple[tuple[str, str], ...] = (
+    ("too small", TOO_SMALL), ("too elongated", TOO_ELONGATED), ("over the pixel limit", OVER_PIXEL_LIMIT),
+)
+#: The second field of a duplicate whose bytes the gallery held already (before this run, or stored meanwhile by
+#: another writer): the id it repeats; a repeat within the run names the path of its first copy instead.
+_STORED_ID = re.compile(r"id \d+")
+
+
+def skip_kind(reason: str) -> str:
+    """What the reason a photo was skipped counts as: "too small", "too elongated", "over the pixel limit" (read,
+    but refused: :data:`SKIP_KINDS`) or "unreadable"."""
+    return next((kind for kind, words in SKIP_KINDS if words in reason), "unreadable")
+
+
+def skip_counts(reasons: Iterable[str]) -> dict[str, int]:
+    """How many photos were skipped for each kind of reason (:func:`skip_kind`): "unreadable" first, always, then
+    the kinds met, in :data:`SKIP_KINDS`' order."""
+    kinds = [skip_kind(r) for r in reasons]
+    return {"unreadable": kinds.count("unreadable"),
+            **{kind: kinds.count(kind) for kind, _ in SKIP_KINDS if kind in kinds}}
 
 
 @dataclass
@@ -75,7 +100,8 @@ class BuildReport:
     """What an add/build did."""
 
     added: int = 0  # photos stored
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable photos
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of photos not stored: unreadable,
+    #                                                               or read but refused (skip_kind)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, "id N" or path it repeats)
     duplicate_ids: list[int | None] = field(default_factory=list)  # per duplicate: the stored id it repeats
     seconds: float = 0.0  # wall time
@@ -91,16 +117,31 @@ class BuildReport:
         working = self.seconds - self.waited_s
         return n / working if working > 0 else 0.0
 
+    @property
+    def already_stored(self) -> list[tuple[str, str]]:
+        """The :attr:`duplicates` whose bytes the gallery held already (a re-run's photos): ``(path, "id N")``."""
+        return [d for d in self.duplicates if _STORED_ID.fullmatch(d[1])]
+
+    @property
+    def repeats(self) -> list[tuple[str, str]]:
+        """The :attr:`duplicates` that repeat an earlier photo of this run: ``(path, the path of its first copy)``."""
+        return [d for d in self.duplicates if not _STORED_ID.fullmatch(d[1])]
+
     def summary(self) -> str:
         """One human-readable paragraph."""
         waited = (f"; the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time"
                   if self.stats.batches else "")  # measured by the local pipeline's model thread only
-        small = sum(TOO_SMALL in reason for _, reason in self.skipped)  # readable, but under the reference size
+        counts = skip_counts(reason for _, reason in self.skipped)
+        stored, repeats = self.already_stored, self.repeats
+        parts = [f"added {self.added}", f"skipped {counts.pop('unreadable')} unreadable",
+                 *(f"{n} {kind}" for kind, n in counts.items())]
+        if repeats or not stored:
+            parts.append(f"{len(repeats)} duplicates" + (" within this run" if repeats else ""))
+        if stored:
+            parts.append(f"{len(stored)} already in the gallery")
         lines = [
-            f"added {self.added}, skipped {len(self.skipped) - small} unreadable, "
-            + (f"{small} too small, " if small else "")
-            + f"{len(self.duplicates)} duplicates, in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s"
-            f"{waited}"
+            ", ".join(parts)
+            + f", in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s{waited}"
             + (f"; {self.waited_s:.1f} s waiting for another writer, not counted" if self.waited_s >= 0.1 else "")
             + ")"
         ]
@@ -108,10 +149,14 @@ class BuildReport:
             lines.append(f"  skipped {path}: {reason}")
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more skipped")
-        for path, other in self.duplicates[:10]:
+        for path, other in repeats[:10]:
             lines.append(f"  duplicate {path} (same bytes as {other})")
-        if len(self.duplicates) > 10:
-            lines.append(f"  ... and {len(self.duplicates) - 10} more duplicates")
+        if len(repeats) > 10:
+            lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
+        for path, other in stored[:10]:
+            lines.append(f"  already in the gallery: {path} (same bytes as reference {other.removeprefix('id ')})")
+        if len(stored) > 10:
+            lines.append(f"  ... and {len(stored) - 10} more already in the gallery")
         return "\n".join(lines)
 
 

@@ -378,7 +378,7 @@ def _bad_photos() -> dict[str, tuple[bytes, str]]:
     assert jpeg[:2] == b"\xff\xd8"
     rng = np.random.default_rng(0)
     return {
-        "notes.txt": (b"this is not a photo\n" * 50, "not a recognised image format"),
+        "notes.txt": (b"this is not a photo\n" * 50, "not a photo: its content is not JPEG, PNG"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated or corrupt"),
         "corrupt.jpg": (jpeg[:20] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(), "corrupt"),
         "empty.jpg": (b"", "empty"),

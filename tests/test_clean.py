@@ -404,6 +404,24 @@ def test_broken_links_are_listed_as_unreadable_in_the_report(tmp_path, capsys):
     assert "dangling.jpg" in (report / "contact_sheet.html").read_text()
 
 
+def test_files_of_the_against_folder_that_are_not_photos_are_named(tmp_path, capsys, caplog):
+    """Walkthrough s48 #1: a file of --against that is not a photo is named in a warning, not dropped silently (its
+    photos, a .jfif among them, are read as every photo search reads them: tests/test_photos.py)."""
+    import logging
+
+    _photos(tmp_path / "photos", per_species=2)
+    _noise(tmp_path / "val" / "x" / "a.png", seed=7)
+    Image.open(tmp_path / "val" / "x" / "a.png").save(tmp_path / "val" / "b.jfif", format="JPEG")
+    (tmp_path / "val" / "notes.txt").write_text("not a photo")
+    caplog.set_level(logging.WARNING, logger="retrieval.clean")
+    code, out, _ = _run(capsys, "clean", "--dataset", "folder", "--root", tmp_path / "photos", "--against",
+                        tmp_path / "val", "--encoder", IMAGE_ONLY, "--precision", "fp32", "--report",
+                        tmp_path / "report", "--quiet")
+    assert code == 0, out
+    said = [r.getMessage() for r in caplog.records if r.name == "retrieval.clean"]
+    assert any(m.startswith(f"skipped 1 file that is not a photo under {tmp_path / 'val'}: notes.txt. ") for m in said)
+
+
 def test_apply_keeps_chains_of_look_alikes_and_never_resolves_label_conflicts(tmp_path):
     from index.gallery import Gallery
     from index.records import ReferenceRecord

@@ -60,9 +60,55 @@ def test_a_build_into_a_gallery_that_adds_nothing_but_skips_photos_fails(built, 
             (root / "Natrix maura" / "broken.jpg").write_text("not a photo")
         code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
                               *ENCODER, "-q")
-        assert code == 0 and f"added 0, skipped {int(broken)} unreadable, 6 duplicates" in out, (out, err)
+        # walkthrough s48 #13: photos stored by the earlier run are "already in the gallery", not "duplicates" (the
+        # word for two copies within one run)
+        assert code == 0 and f"added 0, skipped {int(broken)} unreadable, 6 already in the gallery, in " in out, out
+        assert "duplicate" not in out and "already in the gallery: " in out, out
         assert "error" not in err, err
 
+
+def test_photos_read_but_refused_are_counted_under_their_reason_not_as_unreadable(built, tmp_path, capsys, caplog):
+    """Walkthrough s48 #8: a strip of 20x600 pixels was read fine but counted as "unreadable" by references add and
+    as "could not be read" by identify; each refusal is counted under its reason."""
+    import logging
+
+    index, _ = built
+    good, tiny = _photo(tmp_path / "good.png", 40), _photo(tmp_path / "tiny.png", 41, side=20)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (20, 600), (90, 90, 90)).save(strip)
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    code, out, _ = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", good, tiny, strip,
+                        notes, *ENCODER)
+    assert code == 1 and "added 1, skipped 1 unreadable, 1 too small, 1 too elongated, 0 duplicates, in " in out, out
+    assert f"skipped {notes}: not a photo: its content is not JPEG, PNG, WebP" in out, out  # #9: no "send a"
+    caplog.set_level(logging.WARNING, logger="speciesid")
+    code, out, _ = _run(capsys, "identify", "--index", index, strip, notes, good, tmp_path / "gone.jpg", *ENCODER)
+    said = [r.getMessage() for r in caplog.records if r.name == "speciesid"]
+    assert code == 1 and said == ["3 of 4 photos not answered: 1 unreadable, 1 too elongated, 1 not found or holding "
+                                  "no photo"], said
+
+
+def test_a_build_reports_photos_already_in_the_gallery_apart_from_repeats_within_the_run():
+    """Walkthrough s48 #13: a duplicate of a stored photo ("id N") is "already in the gallery"; only a repeat within
+    the run (its first copy's path) is a "duplicate"; refusals are counted by reason (#8)."""
+    from retrieval.pipeline import BuildReport
+
+    report = BuildReport(added=2, seconds=1.0, skipped=[
+        ("a.jpg", "the image is truncated or corrupt (broken data stream)"),
+        ("b.png", "20x20 pixels is too small for a reference photo (at least 32 px on the short side)"),
+        ("c.png", "20x600 pixels is too elongated (over 25:1) to be a photo"),
+        ("d.png", "20000x20000 pixels is over the limit of 256,000,000 (possible decompression bomb)"),
+    ], duplicates=[("x/1.jpg", "id 7"), ("x/2.jpg", "x/1b.jpg"), ("x/3.jpg", "id 12")], duplicate_ids=[7, 3, 12])
+    lines = report.summary().split("\n")
+    assert lines[0].startswith("added 2, skipped 1 unreadable, 1 too small, 1 too elongated, 1 over the pixel limit, "
+                               "1 duplicates within this run, 2 already in the gallery, in 1.0 s"), lines[0]
+    assert lines[-3:] == ["  duplicate x/2.jpg (same bytes as x/1b.jpg)",
+                          "  already in the gallery: x/1.jpg (same bytes as reference 7)",
+                          "  already in the gallery: x/3.jpg (same bytes as reference 12)"], lines
+    assert report.already_stored == [("x/1.jpg", "id 7"), ("x/3.jpg", "id 12")]
+    assert report.repeats == [("x/2.jpg", "x/1b.jpg")] and len(report.duplicates) == 3  # the field as it was
+    assert BuildReport(added=3).summary().startswith("added 3, skipped 0 unreadable, 0 duplicates, in ")
 
 @pytest.mark.parametrize(("what", "example"), [("species name", "'Naja haje'"), ("genus", "'Naja'"),
                                                ("family", "'Elapidae'"), ("common name", "'Egyptian cobra'")])

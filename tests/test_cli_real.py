@@ -68,7 +68,7 @@ def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
         "--encoder", MOBILENET_SPEC, "--precision", "fp32", "--quiet",
     )
     assert code == 0, out
-    assert f"added {12 * PER_SPECIES}, skipped 1 unreadable, 1 duplicates" in out
+    assert f"added {12 * PER_SPECIES}, skipped 1 unreadable, 1 duplicates within this run" in out
     assert "corrupt.jpg" in out and "same_bytes_again.jpg" in out
 
     # identify the val photos of the 12 gallery species

@@ -596,3 +596,33 @@ def test_moroccan_a_photo_only_folder_named_test_is_an_unknown_folder_not_a_spli
         load_dataset("moroccan", tmp_path)
     message = str(excinfo.value)
     assert "match no Moroccan checklist species: 'test'" in message and "split folder" not in message
+
+
+def test_folder_reads_jpeg_aliases_and_extensionless_photos_and_names_what_it_skips(tmp_path: Path) -> None:
+    """Walkthrough s48 #1: a .jfif and an extensionless phone export are photos of their class folder; the files
+    that are not photos are counted and named in one warning (relative to the root), and a species folder none of
+    whose files is a photo says how many it holds and which, rather than just "no photos"."""
+    make_image(tmp_path / "Naja haje" / "1.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "Naja haje" / "2.jfif", format="JPEG")
+    Image.new("RGB", (4, 4)).save(tmp_path / "Naja haje" / "IMG_0006", format="JPEG")
+    (tmp_path / "Naja haje" / "notes.txt").write_text("found near the river")
+    (tmp_path / "Naja haje" / ".DS_Store").write_bytes(b"x")
+    for name in ("a.xyz", "b.xyz", "c.pdf", "d.txt"):
+        (tmp_path / "Naja samarensis" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "Naja samarensis" / name).write_bytes(b"x")
+    scan = load_dataset("folder", tmp_path)
+    assert sorted(r.path.name for r in scan.records) == ["1.jpg", "2.jfif", "IMG_0006"]
+    assert scan.species == ["Naja haje"]
+    assert f"skipped 1 file that is not a photo under {tmp_path}: Naja haje/notes.txt. A photo among them" \
+        in scan.warnings[1], scan.warnings
+    assert scan.warnings[0].startswith("1 folder(s) with no photos ignored: Naja samarensis (holds 4 files, none a "
+                                       "photo: a.xyz, b.xyz, c.pdf, d.txt). A photo among them is read once"), scan.warnings
+    assert len(scan.warnings) == 2
+
+
+def test_moroccan_names_a_species_folder_whose_files_are_no_photos(tmp_path: Path) -> None:
+    make_image(tmp_path / "Natrix-maura" / "a.png")
+    (tmp_path / "Naja-haje").mkdir()
+    (tmp_path / "Naja-haje" / "cobra.xyz").write_bytes(b"x")
+    (warning,) = [w for w in load_dataset("moroccan", tmp_path).warnings if "no photos" in w]
+    assert "Naja haje (holds 1 file, none a photo: cobra.xyz)" in warning and "Bitis arietans; " in warning, warning

@@ -79,7 +79,7 @@ def test_ray_build_holds_the_same_rows_as_a_local_build(cluster, photo_root, tmp
         assert code == 0, outs[engine]
     for engine, out in outs.items():
         assert "24 references, 3 species" in out, (engine, out)
-        assert "skipped 1 unreadable, 1 duplicates" in out and "zz-corrupt.jpg: not a recognised image" in out
+        assert "skipped 1 unreadable, 1 duplicates within this run" in out and "zz-corrupt.jpg: not a photo" in out
         assert "zz-copy.jpg (same bytes as" in out
         assert f"not read: 1 entry under {photo_root} (broken links or unreadable folders: see the warning" in out
         assert "zz-gone.jpg" not in out  # named once, in the listing's warning
@@ -92,7 +92,7 @@ def test_ray_build_holds_the_same_rows_as_a_local_build(cluster, photo_root, tmp
     code = main(["index", "build", "--dataset", "folder", "--root", str(photo_root), "--index", str(tmp_path / "ray"),
                  "--encoder", MOBILENET_SPEC, "--precision", "fp32", "--engine", "ray", "-q"])
     out = capsys.readouterr().out
-    assert code == 0 and "added 0, skipped 1 unreadable, 25 duplicates" in out, out
+    assert code == 0 and "added 0, skipped 1 unreadable, 25 already in the gallery" in out, out
 
 
 def test_ivfpq_shards_as_ray_tasks_answer_like_one_process(cluster, tmp_path):
@@ -261,7 +261,7 @@ def test_a_ray_build_prints_its_summary_without_rays_notices(photo_root, tmp_pat
                          cwd=repo, capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
-    assert "added 24, skipped 1 unreadable, 1 duplicates" in out and "zz-corrupt.jpg" in out and "zz-gone.jpg" in out
+    assert "added 24, skipped 1 unreadable, 1 duplicates within this run" in out and "zz-corrupt.jpg" in out and "zz-gone.jpg" in out
     for notice in ("Progress bars disabled", "Token authentication is enabled",
                    "The minimum number of concurrent actors", "UserWarning", "DeprecationWarning"):
         assert notice not in out, out

@@ -109,3 +109,90 @@ def test_a_broken_link_named_as_another_kind_of_file_is_not_an_unreadable_photo(
     got = expand_photo_args([folder])
     assert got.photos == [good]
     assert sorted(Path(p).name for p, _ in got.problems) == ["Crotalus v. viridis", "Dendroaspis viridis", "Naja sp."]
+
+
+def _image(path: Path, fmt: str = "JPEG") -> Path:
+    """A real 40x40 photo of format ``fmt`` at ``path`` (whatever its name says)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), (9, 200, 9)).save(path, format=fmt)
+    return path
+
+
+def test_jpeg_aliases_and_photos_without_an_extension_are_photos_and_the_rest_is_named(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """Walkthrough s48 #1: x.jfif (and the other JPEG extensions) and a phone export without an extension were dropped
+    from folders without a word. They are photos now (the extensionless one by its first bytes: only such files are
+    opened); hidden files stay unread and unnamed; a visible file that is not a photo is named in one warning."""
+    import index.photos as photos_mod
+
+    odd = tmp_path / "odd"
+    want = [_image(odd / name) for name in ("IMG_0006", "WhatsApp Image at 10.23.45", "a.jpe", "b.jif", "c.pjpeg",
+                                             "d.pjp", "x.jfif", "y.JPEG")]
+    want.append(_image(odd / "IMG_0008", "PNG"))
+    _image(odd / "IMG_0007.xyz")  # a photo under an extension no photo has: not opened, named
+    (odd / "notes.txt").write_text("the snake bit at 10:20")
+    (odd / "README").write_text("an extensionless file that is not a photo")
+    (odd / "IMG_0006.xmp").write_text("<x:xmpmeta/>")  # a sidecar
+    (odd / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    _image(odd / ".thumbnails" / "t.jpg")
+    opened: list[str] = []
+    sniff = photos_mod._sniff_file
+    monkeypatch.setattr(photos_mod, "_sniff_file", lambda p: opened.append(p.name) or sniff(p))
+    scan = scan_photos(odd)
+    assert scan.photos == sorted(want) and scan.skipped == []
+    assert [p.name for p in scan.not_photos] == ["IMG_0006.xmp", "IMG_0007.xyz", "README", "notes.txt"]
+    assert sorted(opened) == ["IMG_0006", "IMG_0008", "README", "WhatsApp Image at 10.23.45"]  # extensionless only
+    caplog.set_level(logging.WARNING, logger="index.photos")
+    got = expand_photo_args([odd])
+    assert got.photos == sorted(want) and got.problems == [] and got.not_photos == scan.not_photos
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "index.photos"]
+    assert warned.startswith(f"skipped 4 files that are not photos under {odd}: IMG_0006.xmp, IMG_0007.xyz, README, "
+                             "notes.txt. A photo among them is read once its name ends in its format's extension "
+                             "(.jpg"), warned
+    caplog.clear()
+    other = tmp_path / "other"
+    _image(other / "z.jpg")
+    (other / "z.txt").write_text("z")
+    assert expand_photo_args([odd, other]).photos == [*sorted(want), other / "z.jpg"]
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "index.photos"]
+    assert warned.startswith(f"skipped 5 files that are not photos under the folders given: {odd / 'IMG_0006.xmp'}, "
+                             f"{odd / 'IMG_0007.xyz'}, {odd / 'README'}, {odd / 'notes.txt'}, {other / 'z.txt'}. "), warned
+
+
+def test_a_folder_of_files_none_a_photo_names_them(tmp_path, caplog):
+    """Walkthrough s48 #1: a folder whose files are all something else says how many it holds and names them,
+    past the first few by extension; an empty folder says it holds no file at all."""
+    folder = tmp_path / "Naja samarensis"
+    for i in range(7):
+        (folder / f"IMG_{i}.xyz").parent.mkdir(exist_ok=True)
+        (folder / f"IMG_{i}.xyz").write_bytes(b"x")
+    (folder / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"x")
+    got = expand_photo_args([folder, tmp_path / "empty"])
+    assert got.photos == [] and got.not_photos == []
+    reasons = dict(got.problems)
+    assert reasons[str(folder)].startswith("folder holds 8 files, none a photo: IMG_0.xyz, IMG_1.xyz, IMG_2.xyz, "
+                                           "IMG_3.xyz, IMG_4.xyz, ... (3 more) (7 .xyz, 1 .txt). A photo among"), reasons
+    assert reasons[str(tmp_path / "empty")] == "folder holds no photos: no file in it (hidden ones aside)"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "AVIF", "HEIF", "MPO"])
+def test_a_photos_first_bytes_name_its_format(tmp_path, fmt):
+    """What the first bytes of a photo of every accepted format say, read as a file without an extension is."""
+    from index.photos import SNIFF_BYTES, sniff_photo_format
+
+    if fmt == "HEIF":
+        pytest.importorskip("pillow_heif").register_heif_opener()
+    path = _image(tmp_path / "photo", fmt)
+    assert sniff_photo_format(path.read_bytes()[:SNIFF_BYTES]) == ("JPEG" if fmt == "MPO" else fmt)
+
+
+@pytest.mark.parametrize("head", [b"", b"this is a text file", b"BM is not a bitmap here", b"{\"json\": 1}",
+                                  b"\0\0\0\x20ftypisom\0\0\x02\0isomiso2", b"%PDF-1.7\n", b"PK\x03\x04"])
+def test_other_files_first_bytes_are_no_photos(head):
+    from index.photos import sniff_photo_format
+
+    assert sniff_photo_format(head) is None

@@ -126,7 +126,7 @@ def test_a_file_that_is_not_a_photo_shows_the_message(site, browser, tmp_path):
     notes.write_text("not a photo at all")
     assert _identify(browser, site, notes) == ""
     status = browser.find_element(By.ID, "status")
-    assert "notes.jpg: not a recognised image format" in status.text
+    assert "notes.jpg: not a photo: its content is not JPEG" in status.text
     assert status.find_element(By.CLASS_NAME, "error").is_displayed()
 
 

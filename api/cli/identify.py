@@ -89,7 +89,12 @@ def cmd_identify(args: argparse.Namespace) -> int:
             emit(_identify_table(r, args.rank, args.neighbours, far_threshold=limit))
     failed = sum("error" in r for r in results)
     if failed:
-        logger.warning("%d of %d photos could not be read", failed, len(paths) + len(bad_args))
+        from retrieval.pipeline import skip_counts  # unreadable, or read but refused (too elongated, ...)
+
+        kinds = {**skip_counts(r["error"] for r in results[len(bad_args):] if "error" in r),
+                 "not found or holding no photo": len(bad_args)}  # results start with the bad arguments
+        logger.warning("%d of %d photos not answered: %s", failed, len(paths) + len(bad_args),
+                       ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n))
     return 1 if failed else 0
 
 
