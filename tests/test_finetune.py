@@ -318,6 +318,31 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert main(["probe", "import", "--index", str(other), "--from", str(out), "-q"]) == 2
 
 
+def test_probe_import_over_a_trained_probe_keeps_it_and_restore_brings_it_back(stage1, tiny_set, tmp_path, capsys):
+    """`probe import` replaced a probe `probe train` had spent minutes on, without a word and without a copy."""
+    from api.cli import main
+    from retrieval.encoders import EncoderConfig
+    from retrieval.probe import LinearProbe
+    from retrieval.workflows import build_gallery
+
+    out, _ = stage1
+    index = tmp_path / "gallery"
+    build_gallery(index, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32"),
+                  progress=False)
+    assert main(["probe", "train", "--index", str(index), "--folds", "2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "\nreplaced the probe 'probe train' trained on " in said and "settings chosen on cv:2-fold" in said, said
+    assert f"'speciesid probe restore --index {index}' brings it back" in said
+    assert LinearProbe.load(index).source == f"finetune:{out}"
+    assert main(["probe", "restore", "--index", str(index)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("restored the probe 'probe train' trained on ")
+    assert f"; the head of {out} that 'probe import' took on " in said and "again swaps back" in said, said
+    assert LinearProbe.load(index).source is None
+
+
 def _clusters(seed: int, per_class: int, noise: float):
     """3 noisy clusters on the unit sphere: (x, y, labels "s0".."s2", unit class centres)."""
     rng = np.random.default_rng(seed)
