@@ -10,7 +10,9 @@ real steps' time on a machine whose photos were not yet in the page cache, leavi
 so the plan is made again once, from the first epoch measured with the backbone training (its real seconds, its
 validation's seconds for the final evaluation), and the schedule stretched or shrunk to the new count
 (:func:`replan`). During training the budget itself is the deadline: an epoch that would
-overrun it is not started.
+overrun it is not started. A budget that fits no epoch is refused, naming the smallest one that would by these
+timings (:func:`smallest_budget_min`) and, when the machine was busy as the run began (:func:`machine_load`), that
+they were taken under that load.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,6 +45,8 @@ logger = logging.getLogger(__name__)
 MARGIN = 0.05
 #: Seconds added per epoch for its checkpoint, log and curves.
 EPOCH_OVERHEAD_S = 1.0
+#: A 1-minute load average of at least this many per core counts as a busy machine in a refusal's words.
+BUSY_LOAD_PER_CORE = 0.5
 
 
 @dataclass
@@ -80,6 +85,35 @@ def plan_epochs(budget_s: float, fixed_s: float, epoch_s: float, frozen_epoch_s:
         used += cost
         epochs += 1
     return epochs
+
+
+def smallest_budget_min(fixed_s: float, epoch_s: float, frozen_epoch_s: float, *, freeze_epochs: int,
+                        epochs: int) -> int:
+    """The smallest whole number of minutes in which :func:`plan_epochs` fits ``epochs`` epochs (the first
+    ``freeze_epochs`` of them frozen) after ``fixed_s`` seconds, by these timings."""
+    cost = sum(frozen_epoch_s if i < freeze_epochs else epoch_s for i in range(epochs))
+    minutes = max(1, math.ceil((fixed_s + cost) / (1.0 - MARGIN) / 60.0))
+    while plan_epochs(minutes * 60.0, fixed_s, epoch_s, frozen_epoch_s, freeze_epochs=freeze_epochs,
+                      max_epochs=epochs) < epochs:  # a float's rounding at a whole minute
+        minutes += 1
+    return minutes
+
+
+def machine_load() -> tuple[float, int] | None:
+    """(the 1-minute load average, the machine's cores), None where the system does not say (Windows)."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_note(load: tuple[float, int] | None) -> str:
+    """A sentence saying the timings were taken on a busy machine (``load``: :func:`machine_load` as the run
+    began), "" when it was not busy or the load is unknown."""
+    if load is None or load[0] < BUSY_LOAD_PER_CORE * load[1]:
+        return ""
+    return (f" These timings were taken with the machine busy (1-minute load average {load[0]:.1f} on {load[1]} "
+            "cores as the run began): on a quieter machine they are shorter.")
 
 
 def _median_seconds(batches: Batches, run: Callable[..., object], *, device: torch.device,
@@ -151,12 +185,15 @@ def _time_eval_batches(net: torch.nn.Module, batches: Batches, *, device: torch.
 
 def fit_to_budget(net: torch.nn.Module, data: FinetuneData, cfg: FinetuneConfig, *, device: torch.device,
                   workers: int, mixup: Mixup | None,
-                  spent_s: float, steps: int = 4, test_sizes: Sequence[int] = (), eval_size: int = 0) -> BudgetPlan:
+                  spent_s: float, steps: int = 4, test_sizes: Sequence[int] = (), eval_size: int = 0,
+                  load: tuple[float, int] | None = None) -> BudgetPlan:
     """Time a few steps of this run on this machine and plan its epochs within ``cfg.time_budget`` minutes.
 
     ``test_sizes``: the sides the final evaluation measures the head at (``finetune.engine.choose_test_size``),
     ``eval_size`` the side the timed evaluation batches have; an evaluation costs as the pixels do.
-    Raises ValueError (saying what to change) when not even one epoch fits. ``net`` itself is not trained.
+    Raises ValueError (saying what to change: the smallest budget that fits an epoch that trains the backbone, by
+    these timings) when not even one fits; ``load`` (:func:`machine_load` as the run began) says whether the timings
+    were taken on a busy machine. ``net`` itself is not trained.
     """
     budget_s = float(cfg.time_budget) * 60.0
     t0 = time.perf_counter()
@@ -199,11 +236,17 @@ def fit_to_budget(net: torch.nn.Module, data: FinetuneData, cfg: FinetuneConfig,
     plan = BudgetPlan(budget_s=budget_s, spent_s=spent_s, step_s=step_s, frozen_step_s=frozen_step_s,
                       eval_batch_s=eval_batch_s, epoch_s=epoch_s, frozen_epoch_s=frozen_epoch_s, init_s=init_s,
                       final_s=final_s, epochs=epochs, val_s=val_s, max_epochs=cfg.epochs, hash_s=hash_s)
+    wanted = min(cfg.freeze_epochs + 1, cfg.epochs)  # an epoch that trains the backbone, when --epochs has one
+    smallest = smallest_budget_min(spent_s + init_s + final_s, epoch_s, frozen_epoch_s,
+                                   freeze_epochs=cfg.freeze_epochs, epochs=wanted)
+    fits = "one epoch" if wanted == 1 else (f"{wanted} epochs ({min(cfg.freeze_epochs, wanted)} of them with the "
+                                            "backbone frozen)")
     if epochs < 1:
         raise ValueError(
             f"--time-budget {cfg.time_budget:g} min fits no epoch on this machine: one epoch takes ~{epoch_s:.0f} s "
             f"and the head init + final evaluation ~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give "
-            "a bigger --time-budget, a smaller --train-size, more --freeze-layers or fewer photos"
+            f"a bigger --time-budget (--time-budget {smallest} fits {fits} by these timings), a smaller --train-size, "
+            f"more --freeze-layers or fewer photos.{_busy_note(load)}"
         )
     if epochs <= cfg.freeze_epochs and epochs == cfg.epochs:  # --epochs is the cap, not the budget: as without one
         logger.warning("--epochs %d with --freeze-epochs %d leaves no epoch that trains the backbone (the time budget "
@@ -214,8 +257,9 @@ def fit_to_budget(net: torch.nn.Module, data: FinetuneData, cfg: FinetuneConfig,
             f"--time-budget {cfg.time_budget:g} min fits only {epochs} epoch(s) on this machine, all with the backbone "
             f"frozen (--freeze-epochs {cfg.freeze_epochs}): the backbone would not train. An epoch that trains it "
             f"takes ~{epoch_s:.0f} s, a frozen one ~{frozen_epoch_s:.0f} s, the head init + final evaluation "
-            f"~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give a bigger --time-budget, fewer "
-            "--freeze-epochs, a smaller --train-size, more --freeze-layers or fewer photos"
+            f"~{init_s + final_s:.0f} s (already spent {spent_s:.0f} s); give a bigger --time-budget (--time-budget "
+            f"{smallest} fits {fits} by these timings), fewer --freeze-epochs, a smaller --train-size, more "
+            f"--freeze-layers or fewer photos.{_busy_note(load)}"
         )
     logger.info("time budget %.1f min: an epoch ~%.0f s (frozen %.0f s), head init ~%.0f s, final ~%.0f s -> "
                 "%d epochs", cfg.time_budget, epoch_s, frozen_epoch_s, init_s, final_s, epochs)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from finetune.augment import model_data_config
-from finetune.budget import BudgetPlan, fit_to_budget, replan
+from finetune.budget import BudgetPlan, fit_to_budget, machine_load, replan
 from finetune.checkpoint import (
     CHECKPOINT,
     PHOTOS_FILE,
@@ -186,8 +186,13 @@ def finetune(
     ``report`` receives the run's status lines (the budget's plan, a resume, each epoch, the epoch kept): the
     log by default; the CLI prints them between its progress bars.
     """
-    run = _prepare(config, progress=progress, report=report or logger.info)
-    _restore_or_start(run)
+    made = _missing_folders(Path(config.out))  # removed again when the run stops before it writes in them
+    try:
+        run = _prepare(config, progress=progress, report=report or logger.info)
+        _restore_or_start(run)
+    except BaseException:
+        _remove_empty(made)
+        raise
     stopped = _train(run, on_epoch_end)
     epoch, weights, row, choice, versus = weigh_untrained(run.state, partial(_measured, run))
     if versus is not None:
@@ -197,9 +202,31 @@ def finetune(
     return _export(run, stopped, epoch, weights, row, choice, versus)
 
 
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, the deepest first: what ``out.mkdir(parents=True)``
+    makes."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (the deepest first) while they are empty: a run refused or failed before it wrote anything
+    leaves no empty --out it made (one that existed before stays)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            return
+
+
 def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], None]) -> _Run:
     """Data and model, the time budget's plan, the optimiser: everything before the first epoch."""
     t_start = time.perf_counter()
+    load = machine_load()  # before this run's own work loads the machine
     cfg = config.resolved()
     out = Path(cfg.out)
     # a file, a gallery, the --init folder, files not of a run: refused before anything is written
@@ -234,7 +261,8 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     elif cfg.time_budget:
         rng = rng_state()  # the timed steps draw augmentations: the run goes on as if they had not happened
         plan = fit_to_budget(net, data, cfg, device=device, workers=workers, mixup=mixup,
-                             spent_s=time.perf_counter() - t_start, test_sizes=sizes, eval_size=model_size)
+                             spent_s=time.perf_counter() - t_start, test_sizes=sizes, eval_size=model_size,
+                             load=load)
         set_rng_state(rng)
         cfg.epochs = plan.epochs
         report(f"time budget {cfg.time_budget:g} min: an epoch takes ~{plan.epoch_s:.0f} s here, head init "

@@ -8,7 +8,9 @@
       vectors.faiss(.json)    the FAISS index derived from the store + its manifest (store version, count)
       vectors-<token>.*       the IVF-PQ index's generation files, named by its manifest: .ivfpq (codes),
                               .f16 + .ids (float16 vectors for the exact re-rank), .delta.npz (changes)
-      probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration)
+      probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration, the
+                              weights' sha256: a reader caught between the two files' writes sees they differ)
+      probe.prev.npz/.json    the probe the last `probe train` / `probe import` replaced (`probe restore`)
       whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
@@ -40,6 +42,9 @@ VECTORS_FILE = "vectors.faiss"
 VECTORS_PARTS = ("ivfpq", "f16", "ids", "delta.npz")
 PROBE_WEIGHTS = "probe.npz"
 PROBE_META = "probe.json"
+#: The probe ``probe train`` / ``probe import`` replaced, kept one generation (``probe restore`` swaps it back).
+PROBE_PREV_WEIGHTS = "probe.prev.npz"
+PROBE_PREV_META = "probe.prev.json"
 WHITENING_STATS = "whitening_stats.npz"
 TEXT_PRIOR_FILE = "text_prior.json"
 TEXT_PRIOR_CACHE = "text_prior_cache"

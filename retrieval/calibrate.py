@@ -201,8 +201,12 @@ def out_of_fold(
     grid: SelectionGrid | None = None,
     seed: int = 0,
     probe: LinearProbe | None = None,
+    progress: bool = False,
 ) -> OutOfFold:
-    """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos."""
+    """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos.
+    ``progress``: a bar over the folds' settings (each kNN vote's (metric, k, T) and each probe's C, fold by fold)."""
+    from tqdm.auto import tqdm
+
     grid = grid or SelectionGrid()
     if len(labels) == 0:
         raise ValueError("the gallery has no searchable references (none added, or all excluded: see "
@@ -240,17 +244,24 @@ def out_of_fold(
     if "whitened" in metrics and not all(_spread(y[rest]) for rest, _, _ in splits):
         logger.info("kNN metric: cosine only (a fold has no species with 2+ references to fit the whitening on)")
         metrics.remove("whitened")
+    kts = list(itertools.product(grid.ks, grid.temperatures))
+    where = f"{len(splits)} folds" if val_embeddings is None else "the validation photos"
+    bar = tqdm(total=len(splits) * (len(metrics) * len(kts) + len(Cs)), desc=f"choosing settings ({where})",
+               unit="setting", disable=not progress)
     for rest, q, qy in splits:
         truth.append(qy)
         for metric in metrics:
             qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
-            for k, t in itertools.product(grid.ks, grid.temperatures):
+            for k, t in kts:
                 knn_oof.setdefault((k, t, metric), []).append(knn_matrix(qm, refs, y[rest], n, k, t))
+                bar.update()
         for c in Cs:
             fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
             p, known = probe_matrix(fitted, q, index, n)
             probe_oof.setdefault(c, []).append(p)
             known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
+            bar.update()
+    bar.close()
     return OutOfFold(
         y=np.concatenate(truth),
         knn={kt: np.concatenate(v) for kt, v in knn_oof.items()},
@@ -324,6 +335,7 @@ def select_settings(
     probe: LinearProbe | None = None,
     rule: str = DEFAULT_RULE,
     blend_weight: float | None = None,
+    progress: bool = False,
 ) -> Calibration:
     """Pick C, the kNN metric, k, T, blend weight (by ``rule``, see the module docstring) and the unknown threshold.
 
@@ -332,7 +344,8 @@ def select_settings(
     With ``probe`` (a fixed head, e.g. a fine-tuned network's) no probe is trained: C is the probe's own
     and only k, T, the blend weight and the threshold are chosen; the probe may know species the gallery
     lacks. Out-of-fold, each fold's kNN votes from the other folds with that same probe. With ``blend_weight``
-    the weight is fixed there, not chosen (the other settings and the threshold still are).
+    the weight is fixed there, not chosen (the other settings and the threshold still are). ``progress``: a bar
+    over the folds' settings (hidden by ``-q``).
     """
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -340,7 +353,7 @@ def select_settings(
         grid = replace(grid or SelectionGrid(), weights=(check_weight(blend_weight),))
     def oof_of(x: np.ndarray, y: Sequence[str]) -> OutOfFold:
         return out_of_fold(x, y, fingerprint=fingerprint, val_embeddings=val_embeddings, val_labels=val_labels,
-                           val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe)
+                           val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe, progress=progress)
 
     left_out: dict[str, int] = {}
     try:

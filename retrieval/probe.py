@@ -1,25 +1,28 @@
 """Linear probe: class-balanced multinomial logistic regression on gallery embeddings, and its calibration.
 
 Stored beside the gallery as ``probe.npz`` (weights) + ``probe.json`` (species, encoder fingerprint,
-the :class:`Calibration` chosen by measurement; file names in :mod:`index.layout`). The probe is the
+the :class:`Calibration` chosen by measurement, the weights' sha256; file names in :mod:`index.layout`). The
+probe a new one replaces is kept beside it, one generation (:func:`keep_previous`, :func:`restore_previous`). The probe is the
 closed-world half of the blend: it only knows the species it was trained on, and ``retrieval.blend``
 keeps it from touching any other. A fine-tuned network's head is a probe too (``finetune.export``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from scipy.special import logsumexp, softmax
 
 from index.atomic import atomic_write, write_json_atomic
-from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
+from index.layout import PROBE_META, PROBE_PREV_META, PROBE_PREV_WEIGHTS, PROBE_WEIGHTS, check_encoder
 from index.photos import first_few
 from retrieval.metric import DEFAULT_SHRINK, Whitening
 
@@ -64,6 +67,7 @@ class LinearProbe:
     trained_on: int = 0  # number of reference embeddings used
     source: str | None = None  # where the weights come from: None = logistic regression, 'finetune:DIR' = a fine-tuned head
     whitening: Whitening | None = None  # the kNN vote's whitened metric when calibration.metric == "whitened"
+    made_at: str = ""  # when `probe train` / `probe import` made it (ISO 8601, UTC); "" = not recorded
 
     @property
     def dim(self) -> int:
@@ -94,7 +98,8 @@ class LinearProbe:
         if self.whitening is not None:
             arrays.update(whiten_mean=self.whitening.mean, whiten_matrix=self.whitening.matrix)
         np.savez(buf, **arrays)
-        atomic_write(folder / PROBE_WEIGHTS, buf.getvalue())
+        weights = buf.getvalue()
+        atomic_write(folder / PROBE_WEIGHTS, weights)  # first: a reader of the old probe.json sees the digest differ
         meta = {
             "format": PROBE_FORMAT,
             "species": self.species,
@@ -102,6 +107,8 @@ class LinearProbe:
             "dim": self.dim,
             "trained_on": self.trained_on,
             "source": self.source,
+            "made_at": self.made_at,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),  # the pair's bond (load checks it)
             "settings": asdict(self.calibration),
             "whitening": None if self.whitening is None else {
                 "shrink": self.whitening.shrink, "photos": self.whitening.photos,
@@ -120,7 +127,7 @@ class LinearProbe:
         if expected_fingerprint is not None:
             check_encoder(f"the probe in {folder}", meta["fingerprint"], expected_fingerprint,
                           fix=f"retrain it with 'speciesid probe train --index {folder}'")
-        arrays = np.load(folder / PROBE_WEIGHTS)
+        arrays = np.load(io.BytesIO(_weights_of(folder, meta, PROBE_WEIGHTS, PROBE_META)))
         if arrays["weight"].shape[0] != len(meta["species"]):  # the two files of two saves (one being replaced)
             raise ValueError(f"the probe in {folder}: its weights have {arrays['weight'].shape[0]} rows for "
                              f"{len(meta['species'])} species (being replaced?); train it again: speciesid probe "
@@ -140,6 +147,7 @@ class LinearProbe:
             trained_on=int(meta.get("trained_on", 0)),
             source=meta.get("source"),
             whitening=whitening,
+            made_at=str(meta.get("made_at") or ""),
         )
 
     def added_since(self, gallery: Mapping[str, int]) -> list[str]:
@@ -181,6 +189,104 @@ class LinearProbe:
 def has_probe(folder: str | Path) -> bool:
     """True when ``folder`` holds a saved probe."""
     return (Path(folder) / PROBE_META).is_file()
+
+
+def now_utc() -> str:
+    """This moment as :attr:`LinearProbe.made_at` records it (ISO 8601, UTC, to the second)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _weights_of(folder: Path, meta: Mapping, weights_name: str, meta_name: str) -> bytes:
+    """The bytes of the weights file ``weights_name`` that the probe.json ``meta`` (file ``meta_name``) was saved
+    with; ValueError when they are another save's (a reader caught between the two files' writes, or a save
+    interrupted between them). Files saved before the digest was recorded are taken as they are."""
+    weights = (folder / weights_name).read_bytes()
+    recorded = meta.get("weights_sha256")
+    if recorded and hashlib.sha256(weights).hexdigest() != recorded:
+        raise ValueError(f"the probe in {folder}: {weights_name} is not the one {meta_name} was saved with (being "
+                         f"replaced now? run again in a moment; else a save was interrupted: train it again: "
+                         f"speciesid probe train --index {folder})")
+    return weights
+
+
+def probe_origin(meta: Mapping) -> str:
+    """In words, what made the probe of ``meta`` (its probe.json) and when: "the probe 'probe train' trained on
+    2026-12-06 21:01 UTC (C=50, settings chosen on cv:5-fold, rule seq-nll)", or "the head of RUN that 'probe
+    import' took on ..."."""
+    made = str(meta.get("made_at") or "")
+    when = f" on {made[:16].replace('T', ' ')} UTC" if made else ""
+    source = str(meta.get("source") or "")
+    settings = meta.get("settings") or {}
+    if source.startswith("finetune:"):
+        return f"the head of {source.partition(':')[2]} that 'probe import' took{when}"
+    if source:
+        return f"the probe from {source}{when}"
+    rule = f", rule {settings['rule']}" if settings.get("rule") else ""
+    return (f"the probe 'probe train' trained{when} (C={settings.get('C', Calibration.C):g}, settings chosen on "
+            f"{settings.get('selected_on', 'default')}{rule})")
+
+
+def _read_pair(folder: Path, meta_name: str, weights_name: str) -> tuple[dict, bytes] | None:
+    """(the probe.json dict, the weights' bytes) of the pair saved as ``meta_name`` + ``weights_name`` in ``folder``,
+    with its digest and when it was made recorded (older files: the digest of the weights found, the json's time);
+    None when there is none. ValueError when the two files are not of one save."""
+    meta_path = folder / meta_name
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        weights = _weights_of(folder, meta, weights_name, meta_name)
+    except FileNotFoundError:
+        raise ValueError(f"the probe in {folder}: {meta_name} has no {weights_name} beside it") from None
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    if not meta.get("made_at"):
+        stamp = datetime.fromtimestamp(meta_path.stat().st_mtime, timezone.utc)
+        meta["made_at"] = stamp.isoformat(timespec="seconds")
+    return meta, weights
+
+
+def _write_pair(folder: Path, meta: dict, weights: bytes, meta_name: str, weights_name: str) -> None:
+    """Write a pair atomically, the weights first (a reader of the old json sees that their digest differs)."""
+    atomic_write(folder / weights_name, weights)
+    write_json_atomic(folder / meta_name, meta, sort_keys=False)
+
+
+def keep_previous(folder: str | Path) -> str:
+    """Set the probe saved in ``folder`` aside as probe.prev.npz + probe.prev.json (one generation: an older one
+    kept there is replaced), before a new probe is saved there; returns in words what it is (:func:`probe_origin`),
+    "" when there is none. A pair of two saves (an interrupted save) is not kept: warned about, "" returned."""
+    folder = Path(folder)
+    try:
+        pair = _read_pair(folder, PROBE_META, PROBE_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        logger.warning("the probe being replaced is not kept as %s: %s", PROBE_PREV_META, exc)
+        return ""
+    if pair is None:
+        return ""
+    _write_pair(folder, *pair, PROBE_PREV_META, PROBE_PREV_WEIGHTS)
+    return probe_origin(pair[0])
+
+
+def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = None) -> tuple[str, str]:
+    """Swap the probe of ``folder`` with the one kept when it was saved (:func:`keep_previous`): (what was
+    restored, what was set aside in its place, "" when there was no probe), in words. The probe files are
+    rewritten atomically, the weights first, so a reader never takes half of each. FileNotFoundError when none
+    was kept; EncoderMismatchError when the kept one was made with another encoder than ``expected_fingerprint``."""
+    folder = Path(folder)
+    kept = _read_pair(folder, PROBE_PREV_META, PROBE_PREV_WEIGHTS)
+    if kept is None:
+        raise FileNotFoundError(f"no earlier probe is kept in {folder} ({PROBE_PREV_META}): 'probe train' and 'probe "
+                                "import' keep the probe they replace; nothing to restore")
+    meta, weights = kept
+    if expected_fingerprint is not None:
+        check_encoder(f"the earlier probe kept in {folder}", meta["fingerprint"], expected_fingerprint,
+                      fix=f"train a new one: speciesid probe train --index {folder}")
+    replaced = keep_previous(folder)
+    _write_pair(folder, meta, weights, PROBE_META, PROBE_WEIGHTS)
+    if not replaced:  # nothing to swap back to: the kept pair is the probe now
+        for name in (PROBE_PREV_META, PROBE_PREV_WEIGHTS):
+            (folder / name).unlink(missing_ok=True)
+    return probe_origin(meta), replaced
 
 
 def train_probe(

@@ -1,5 +1,6 @@
 """Calibrate a gallery's blend: train its linear probe (:func:`train_gallery_probe`) or use a fine-tuned network's
-head as the probe (:func:`import_gallery_probe`); ``retrieval.workflows`` offers both.
+head as the probe (:func:`import_gallery_probe`); either keeps the probe it replaces, which
+:func:`restore_gallery_probe` brings back. ``retrieval.workflows`` offers them.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from index.datasets import load_dataset
-from index.gallery import Gallery
+from index.gallery import Gallery, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, check_encoder, weights_digest, weights_only
+from index.locks import write_lock
 from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
@@ -23,7 +25,16 @@ from retrieval.galleries import open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
-from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.probe import (
+    Calibration,
+    LinearProbe,
+    fit_head_temperature,
+    has_probe,
+    keep_previous,
+    now_utc,
+    restore_previous,
+    train_probe,
+)
 from retrieval.protocol import (
     HELDOUT_FILE,
     HELDOUT_PREFIX,
@@ -57,6 +68,7 @@ class ProbeResult:
     dropped_kinds: dict[str, int] = field(default_factory=dict)  # "same bytes" / "near-copy" -> count
     head_only: list[str] = field(default_factory=list)  # an imported head's species the gallery has no photo of
     gallery_only: list[str] = field(default_factory=list)  # the gallery's species the imported head does not name
+    replaced: str = ""  # the probe this one replaced, in words (kept as probe.prev.*), "" when there was none
 
 
 @dataclass
@@ -152,7 +164,8 @@ def train_gallery_probe(
         build_text_prior(enc, list(taxa.values()), GalleryLayout(Path(index_dir)).text_prior_cache, strength=text_strength)
     t0 = time.perf_counter()
     calibration = select_settings(vectors, labels, fingerprint=gallery.fingerprint, val_embeddings=val.embeddings,
-                                  val_labels=val.labels, val_name=str(absolute_path(val_root)), folds=folds, rule=rule)
+                                  val_labels=val.labels, val_name=str(absolute_path(val_root)), folds=folds, rule=rule,
+                                  progress=progress)
     calibration.selection_sha256 = val.sha256
     t1 = time.perf_counter()
     learn = [i for i, s in enumerate(labels) if s not in calibration.left_out]  # all, unless some were left out
@@ -161,11 +174,11 @@ def train_gallery_probe(
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
-    probe.save(index_dir)
+    replaced = save_replacing(gallery, probe)
     if taxa:
         save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
-                       dropped=val.dropped, dropped_kinds=val.dropped_kinds)
+                       dropped=val.dropped, dropped_kinds=val.dropped_kinds, replaced=replaced)
 
 
 def import_gallery_probe(
@@ -237,7 +250,7 @@ def import_gallery_probe(
                     "make it over-confident)")
     probe.calibration = select_settings(vectors, labels, fingerprint=probe.fingerprint, probe=probe,
                                         val_embeddings=val_emb, val_labels=val_labels, val_name=val_name,
-                                        folds=folds, rule=rule, blend_weight=fixed)
+                                        folds=folds, rule=rule, blend_weight=fixed, progress=progress)
     probe.calibration.weight_fixed = why
     _warn_left_out(probe.calibration.left_out, "left out of the choice of the blend settings (the head still knows "
                    "those it was fine-tuned on)")
@@ -247,10 +260,33 @@ def import_gallery_probe(
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
-    probe.save(index_dir)
+    replaced = save_replacing(gallery, probe)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
-                       head_only=head_only, gallery_only=gallery_only)
+                       head_only=head_only, gallery_only=gallery_only, replaced=replaced)
+
+
+def save_replacing(gallery: Gallery, probe: LinearProbe) -> str:
+    """Save ``probe`` as the gallery's (made now), under the gallery's write lock, after setting the probe it
+    replaces aside as probe.prev.* (:func:`retrieval.probe.keep_previous`, one generation). Returns in words what
+    it replaced, "" when there was none."""
+    probe.made_at = now_utc()
+    with gallery.writing(local=True):  # the folder's own files: not another writer's probe kept, nor half a swap
+        replaced = keep_previous(gallery.root)
+        probe.save(gallery.root)
+    if replaced:
+        logger.info("replaced %s (kept as probe.prev.*)", replaced)
+    return replaced
+
+
+def restore_gallery_probe(index_dir: str | Path) -> tuple[str, str]:
+    """Bring back the probe the last ``probe train`` / ``probe import`` replaced in gallery ``index_dir``, setting
+    the current one aside in its place (run again to swap back): (what was restored, what was set aside, "" when
+    the gallery had no probe), in words. FileNotFoundError when none was kept; a kept probe of another encoder than
+    the gallery's is refused (EncoderMismatchError)."""
+    info = read_gallery_info(index_dir)
+    with write_lock(GalleryLayout(Path(index_dir)).write_lock).hold(local=True):
+        return restore_previous(index_dir, expected_fingerprint=str(info["encoder"]["fingerprint"]))
 
 
 def _warn_left_out(left_out: dict[str, int], what: str) -> None:

@@ -7,7 +7,7 @@
 - evaluate on a labelled set (:func:`evaluate_dataset`);
 - add reference photos from paths or uploaded bytes, with one duplicate check (:func:`add_photos`);
 - calibrate the blend: train the probe (:func:`train_gallery_probe`) or import a fine-tuned head
-  (:func:`import_gallery_probe`);
+  (:func:`import_gallery_probe`), and bring back the probe either replaced (:func:`restore_gallery_probe`);
 - clean a dataset or a gallery (:func:`clean`, :func:`restore_exclusions`).
 
 The work itself lives in the modules named in each function; this module only wires them. Opening a gallery
@@ -70,6 +70,7 @@ from retrieval.probe_flows import (
     import_gallery_probe,
     probe_cannot_name,
     refresh_gallery_metric,
+    restore_gallery_probe,
     train_gallery_probe,
 )
 from retrieval.vote import Rank, parse_rank
@@ -79,7 +80,7 @@ __all__ = [
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
-    "presence_for", "restore_exclusions", "search", "train_gallery_probe",
+    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "train_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)

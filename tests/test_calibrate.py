@@ -256,3 +256,17 @@ def test_an_imported_heads_weight_is_fixed_where_its_photos_favour_the_head(tmp_
     assert import_weight("auto", "X") == (0.5, "fixed at the prior 0.5: X")
     assert import_weight("choose", "X") == (None, "")
     assert import_weight("0.7", "") == (0.7, "fixed at 0.7 by the caller")
+
+
+def test_choosing_settings_shows_a_bar_over_the_folds_settings_unless_quiet(capsys):
+    """`probe train` chose its settings for minutes with no sign of life; a bar now counts each fold's settings."""
+    draw = _species(n_cls=4)
+    x, y = draw(6, np.random.default_rng(1))
+    grid = SelectionGrid(Cs=(1.0, 5.0), ks=(5, 10), temperatures=(0.02, 0.05), weights=(0.0, 0.5, 1.0),
+                         metrics=("cosine",))
+    select_settings(x, y, fingerprint="f", grid=grid, folds=3, progress=True)
+    err = capsys.readouterr().err
+    total = 3 * (2 * 2 + 2)  # per fold: each (k, T) of the kNN vote, each C of the probe
+    assert "choosing settings (3 folds)" in err and f"{total}/{total}" in err, err
+    select_settings(x, y, fingerprint="f", grid=grid, folds=3)
+    assert capsys.readouterr().err == ""

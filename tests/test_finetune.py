@@ -318,6 +318,31 @@ def test_probe_import_into_gallery(stage1, tiny_set, tmp_path):
     assert main(["probe", "import", "--index", str(other), "--from", str(out), "-q"]) == 2
 
 
+def test_probe_import_over_a_trained_probe_keeps_it_and_restore_brings_it_back(stage1, tiny_set, tmp_path, capsys):
+    """`probe import` replaced a probe `probe train` had spent minutes on, without a word and without a copy."""
+    from api.cli import main
+    from retrieval.encoders import EncoderConfig
+    from retrieval.probe import LinearProbe
+    from retrieval.workflows import build_gallery
+
+    out, _ = stage1
+    index = tmp_path / "gallery"
+    build_gallery(index, "folder", tiny_set, encoder=EncoderConfig(spec=f"timm:local-dir:{out}", precision="fp32"),
+                  progress=False)
+    assert main(["probe", "train", "--index", str(index), "--folds", "2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["probe", "import", "--index", str(index), "--from", str(out), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "\nreplaced the probe 'probe train' trained on " in said and "settings chosen on cv:2-fold" in said, said
+    assert f"'speciesid probe restore --index {index}' brings it back" in said
+    assert LinearProbe.load(index).source == f"finetune:{out}"
+    assert main(["probe", "restore", "--index", str(index)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("restored the probe 'probe train' trained on ")
+    assert f"; the head of {out} that 'probe import' took on " in said and "again swaps back" in said, said
+    assert LinearProbe.load(index).source is None
+
+
 def _clusters(seed: int, per_class: int, noise: float):
     """3 noisy clusters on the unit sphere: (x, y, labels "s0".."s2", unit class centres)."""
     rng = np.random.default_rng(seed)
@@ -684,6 +709,53 @@ def test_time_budget_too_small_says_what_to_change(tiny_set, tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="--out .*a-file is a file; give a folder"):
         finetune(_config(tiny_set, tmp_path / "a-file"), progress=False)
+
+
+def test_smallest_budget_is_the_first_whole_minute_the_plan_fits():
+    from finetune.budget import plan_epochs, smallest_budget_min
+
+    # 100 s fixed + a 24 s epoch = 124 s, within 95% of the budget: 130.5 s -> 3 min (2 min fits none)
+    assert smallest_budget_min(100.0, 24.0, 10.0, freeze_epochs=0, epochs=1) == 3
+    assert plan_epochs(180.0, 100.0, 24.0, 10.0, freeze_epochs=0, max_epochs=1) == 1
+    assert plan_epochs(120.0, 100.0, 24.0, 10.0, freeze_epochs=0, max_epochs=1) == 0
+    # a frozen epoch first, then one that trains the backbone: 100 + 10 + 24 = 134 s -> 141 s -> 3 min
+    assert smallest_budget_min(100.0, 24.0, 10.0, freeze_epochs=1, epochs=2) == 3
+    assert smallest_budget_min(200.0, 30.0, 30.0, freeze_epochs=0, epochs=1) == 5  # 230 / 0.95 = 242 s
+    assert smallest_budget_min(0.0, 1.0, 1.0, freeze_epochs=0, epochs=1) == 1  # never 0
+
+
+@pytest.mark.parametrize(("load", "busy"), [((3.0, 2), True), ((0.2, 2), False), (None, False)])
+def test_a_refused_budget_names_the_smallest_that_fits_and_leaves_no_out_folder(tiny_set, tmp_path, monkeypatch,
+                                                                             load, busy):
+    """Four budgets refused in a row on a loaded 2-core box, each saying only 'bigger', each leaving an empty --out."""
+    import re
+
+    import finetune.train as train
+    from finetune import budget
+
+    monkeypatch.setattr(budget, "_time_train_steps", lambda *a, **k: 15.0)  # a slow machine: ~31 s an epoch
+    monkeypatch.setattr(train, "machine_load", lambda: load)
+    with pytest.raises(ValueError) as refused:
+        train.finetune(_config(tiny_set, tmp_path / "runs" / "ft", time_budget=0.05), progress=False)
+    message = str(refused.value)
+    smallest = re.search(r"give a bigger --time-budget \(--time-budget (\d+) fits one epoch by these timings\)",
+                         message)
+    assert smallest and int(smallest[1]) >= 1, message
+    note = "These timings were taken with the machine busy (1-minute load average 3.0 on 2 cores as the run began)"
+    assert (note in message) == busy, message
+    assert not (tmp_path / "runs").exists()  # made for the run, removed with it
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    with pytest.raises(ValueError, match="fits no epoch"):
+        train.finetune(_config(tiny_set, tmp_path / "mine", time_budget=0.05), progress=False)
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_a_run_that_fails_before_training_leaves_no_out_folder(tmp_path):
+    from finetune.train import finetune
+
+    with pytest.raises(ValueError):
+        finetune(_config(tmp_path / "nope", tmp_path / "ft-x"), progress=False)
+    assert not (tmp_path / "ft-x").exists()
 
 
 def test_budgeted_run_resumes_with_the_epochs_it_fitted(tiny_set, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -214,3 +215,101 @@ def test_a_head_sharing_no_species_with_the_gallery_is_refused_naming_the_first_
     with pytest.raises(ValueError, match=r"\(head: Species 0, Species 1, Species 2, Species 3, Species 4, \.\.\. "
                        r"\(3 more\); gallery: Naja haje\)"):
         species_differences(many, ["Naja haje"], "g", "run")
+
+
+def test_a_replaced_probe_is_kept_named_and_restored_and_a_server_follows_each_swap(tmp_path_factory, capsys):
+    """`probe train` (or `probe import`) over a probe said nothing and kept nothing: minutes of work lost. Now the
+    replaced one is kept as probe.prev.*, named in one line with how to get it back, and `probe restore` swaps."""
+    from index.layout import PROBE_PREV_META
+    from retrieval.probe import LinearProbe
+    from retrieval.workflows import open_identifier
+
+    index = gallery_copy(tmp_path_factory, "probe_replaced")
+    code, out, err = _run(capsys, "probe", "train", "--index", index, "--folds", "3")
+    assert code == 0, err
+    assert "replaced" not in out  # nothing was
+    assert "choosing settings (3 folds)" in err  # the bar over the folds' settings (finding #4)
+    server = open_identifier(index, EncoderConfig(precision="fp32"), refresh_s=0.0, follow_probe=True)
+    assert server.probe.calibration.selected_on == "cv:3-fold"
+    code, out, err = _run(capsys, "probe", "train", "--index", index, "-q")
+    assert code == 0, err
+    assert "choosing settings" not in err  # -q hides the bar
+    trained = r"the probe 'probe train' trained on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(C=[\d.]+, settings chosen on "
+    (line,) = [x for x in out.splitlines() if x.startswith("replaced")]
+    assert re.fullmatch(f"replaced {trained}cv:3-fold, rule seq-nll\\); it is kept as probe.prev.json/npz: "
+                        f"'speciesid probe restore --index {re.escape(str(index))}' brings it back", line), line
+    assert json.loads((index / PROBE_PREV_META).read_text())["settings"]["selected_on"] == "cv:3-fold"
+    assert server.refresh_probe(force=True) and server.probe.calibration.selected_on == "cv:5-fold"
+    code, out, err = _run(capsys, "probe", "restore", "--index", index)
+    assert code == 0, err
+    assert re.fullmatch(f"restored {trained}cv:3-fold, rule seq-nll\\); {trained}cv:5-fold, rule seq-nll\\) is kept "
+                        f"in its place: 'speciesid probe restore --index {re.escape(str(index))}' again swaps back\n",
+                        out), out
+    assert LinearProbe.load(index).calibration.selected_on == "cv:3-fold"
+    assert server.refresh_probe(force=True) and server.probe.calibration.selected_on == "cv:3-fold"
+    code, out, _ = _run(capsys, "probe", "restore", "--index", index)  # and back again
+    assert code == 0 and out.startswith("restored the probe 'probe train' trained on ")
+    assert LinearProbe.load(index).calibration.selected_on == "cv:5-fold"
+    # a kept probe of another encoder is refused, the probe in use untouched
+    meta = json.loads((index / PROBE_PREV_META).read_text())
+    (index / PROBE_PREV_META).write_text(json.dumps({**meta, "fingerprint": "timm:other#0123"}))
+    code, _, err = _run(capsys, "probe", "restore", "--index", index)
+    assert code == 2 and "the earlier probe kept in" in err and "train a new one" in err, err
+    assert LinearProbe.load(index).calibration.selected_on == "cv:5-fold"
+    # nothing kept: said so
+    bare = gallery_copy(tmp_path_factory, "probe_none_kept")
+    code, _, err = _run(capsys, "probe", "restore", "--index", bare)
+    assert code == 2 and f"no earlier probe is kept in {bare} (probe.prev.json)" in err, err
+
+
+def test_probe_files_of_two_saves_are_refused_not_mixed(tmp_path):
+    """A reader caught between the writes of probe.npz and probe.json (a server following `probe train` or `probe
+    restore`) took the new weights with the old settings whenever the species count was the same."""
+    from index.layout import PROBE_WEIGHTS
+    from retrieval.probe import LinearProbe
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    _two_species_probe(1.0).save(old)
+    _two_species_probe(50.0, seed=1).save(new)
+    (old / PROBE_WEIGHTS).write_bytes((new / PROBE_WEIGHTS).read_bytes())  # the weights written, the json not yet
+    with pytest.raises(ValueError, match="probe.npz is not the one probe.json was saved with"):
+        LinearProbe.load(old)
+
+
+def _two_species_probe(c: float, seed: int = 0):
+    from retrieval.probe import LinearProbe
+
+    rng = np.random.default_rng(seed)
+    p = LinearProbe(["A a", "B b"], rng.standard_normal((2, 8)).astype(np.float32), np.zeros(2, np.float32), "enc#1")
+    p.calibration.C = c
+    return p
+
+
+def test_a_torn_probe_is_not_kept_and_an_older_one_is_kept_with_its_time(tmp_path, caplog):
+    from index.layout import PROBE_META, PROBE_PREV_META, PROBE_WEIGHTS
+    from retrieval.probe import LinearProbe, keep_previous
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    _two_species_probe(1.0).save(old)
+    _two_species_probe(50.0, seed=1).save(new)
+    (old / PROBE_WEIGHTS).write_bytes((new / PROBE_WEIGHTS).read_bytes())
+    with caplog.at_level(logging.WARNING, logger="retrieval.probe"):
+        assert keep_previous(old) == ""  # a torn pair is not kept as the earlier probe
+    assert "is not kept" in caplog.text and not (old / PROBE_PREV_META).exists()
+    # a probe.json of before the digest: kept with its time of writing, loadable
+    legacy = tmp_path / "legacy"
+    _two_species_probe(5.0).save(legacy)
+    meta = json.loads((legacy / PROBE_META).read_text())
+    del meta["weights_sha256"], meta["made_at"]
+    (legacy / PROBE_META).write_text(json.dumps(meta))
+    assert LinearProbe.load(legacy).calibration.C == 5.0
+    assert re.fullmatch(r"the probe 'probe train' trained on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(C=5, settings chosen "
+                        r"on default\)", keep_previous(legacy))
+    assert json.loads((legacy / PROBE_PREV_META).read_text())["weights_sha256"]
+
+
+def test_an_imported_head_is_named_by_its_run():
+    from retrieval.probe import probe_origin
+
+    meta = {"source": "finetune:runs/ft-ph", "made_at": "2026-12-06T21:01:33+00:00", "settings": {"C": 1.0}}
+    assert probe_origin(meta) == "the head of runs/ft-ph that 'probe import' took on 2026-12-06 21:01 UTC"

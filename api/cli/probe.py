@@ -1,4 +1,5 @@
-"""``speciesid probe train|import``: calibrate the blend of the kNN vote with a probe."""
+"""``speciesid probe train|import|restore``: calibrate the blend of the kNN vote with a probe; bring back the one
+the last train or import replaced."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_import)
+    p = s_probe.add_parser(
+        "restore",
+        help="bring back the probe the last 'probe train' or 'probe import' replaced (kept as probe.prev.json/npz); "
+        "the current one is kept in its place, so running it again swaps back",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.set_defaults(func=cmd_probe_restore)
 
 
 def _selection_line(m: dict, head: str) -> str:
@@ -81,6 +89,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     )
     if result.text_species:
         emit(f"text prior: {result.text_species} species (gallery + checklist)")
+    _emit_replaced(result, args.index)
     return 0
 
 
@@ -107,7 +116,26 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
         + (f"blend weight {s.weight_fixed}\n" if s.weight_fixed else "")
         + _selection_line(m, "head")
     )
+    _emit_replaced(result, args.index)
     return 0
+
+
+def cmd_probe_restore(args: argparse.Namespace) -> int:
+    """speciesid probe restore: swap the gallery's probe with the one the last train or import replaced."""
+    from retrieval.workflows import restore_gallery_probe
+
+    restored, replaced = restore_gallery_probe(args.index)
+    emit(f"restored {restored}" + (
+        f"; {replaced} is kept in its place: 'speciesid probe restore --index {args.index}' again swaps back"
+        if replaced else ""))
+    return 0
+
+
+def _emit_replaced(result: ProbeResult, index: str) -> None:
+    """One line: which probe the new one replaced, and how to get it back."""
+    if result.replaced:
+        emit(f"replaced {result.replaced}; it is kept as probe.prev.json/npz: 'speciesid probe restore --index "
+             f"{index}' brings it back")
 
 
 def _emit_dropped(result: ProbeResult) -> None:
