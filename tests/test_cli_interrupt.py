@@ -74,7 +74,7 @@ def test_an_interrupted_build_keeps_what_was_embedded_and_the_same_command_adds_
     code, out, err = _run(capsys, "index", "info", "--index", index)
     assert code == 0 and '"references": 4' in out, (out, err)
     code, out, err = _run(capsys, *build)
-    assert code == 0 and "added 6, skipped 0 unreadable, 4 duplicates" in out, (out, err)
+    assert code == 0 and "added 6, skipped 0 unreadable, 4 already in the gallery" in out, (out, err)
 
 
 def test_a_second_ctrl_c_stops_the_commit_and_says_at_least(tmp_path, capsys, monkeypatch):
@@ -102,7 +102,7 @@ def test_an_interrupted_references_add_keeps_what_was_embedded(tmp_path, capsys,
         code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", *new)
     assert code == 130 and f"interrupted: 2 references kept in {index}; run the same command again" in err, err
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", *new)
-    assert code == 0 and "added 3, skipped 0 unreadable, 2 duplicates" in out, (out, err)
+    assert code == 0 and "added 3, skipped 0 unreadable, 2 already in the gallery" in out, (out, err)
 
 
 def test_an_empty_gallery_refusing_another_encoder_says_to_delete_it(tmp_path, capsys, monkeypatch):
