@@ -34,7 +34,7 @@ from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_er
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
-from index.objects import upload_uri
+from index.objects import upload_uri, uploads_uri
 from index.photos import PHOTO_FORMATS
 from index.status import store_status
 from index.store import SpeciesSummary, source_file, source_text
@@ -519,13 +519,19 @@ _EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept up
 
 def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list[int]:
     """Delete references by id; returns the ids that existed (and are gone now). A photo the API stored
-    (``uploads/``) is removed with its last reference."""
+    (``uploads/``, or in an S3 store its ``_speciesid/uploads/``) is removed with its last reference."""
     g = _gallery(gallery)
     ids = list(dict.fromkeys(int(i) for i in ids))
     meta = g.store.metadata(ids)
     found = g.delete(ids)
     uploads = g.layout.uploads.resolve()
+    kept = uploads_uri(g.objects.uri) + "/" if g.objects is not None else None
     for text in set(meta["source_path"]) if found else ():
+        # an object of the S3 store is every machine's: checked and deleted under the store's lease, not the
+        # folder's flock alone (writing(local=True) below), which no other machine's add commits under
+        if kept is not None and str(text).startswith(kept):
+            _remove_unused_upload(g, str(text))
+            continue
         path = source_file(str(text))
         with g.writing(local=True):  # an add of the same bytes commits under this lock too: never both
             if path.parent.resolve() == uploads and not g.store.uses_source(str(text)):

@@ -64,7 +64,7 @@ def two_machines(request, tmp_path):
     return tmp_path / "a", tmp_path / "b", prefix, client
 
 
-def test_an_upload_on_one_machine_is_shown_by_another(two_machines):
+def test_an_upload_on_one_machine_is_shown_by_another_and_its_delete_removes_it_from_the_store(two_machines):
     a, b, prefix, client = two_machines
     new = photos("train", ADDED, 2)
     with _server(a) as on_a, _server(b) as on_b:
@@ -85,6 +85,17 @@ def test_an_upload_on_one_machine_is_shown_by_another(two_machines):
             shown = on_b.get(f"/v1/references/{ref}/image")
             assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg", shown.text[:300]
             assert shown.content[:2] == b"\xff\xd8"
+        # deleted on machine b: its object goes with its last reference, for every machine
+        assert on_b.delete(f"/v1/references/{ids[0]}", headers=KEYS).status_code == 204
+        left = _upload_keys(client, prefix)
+        assert len(left) == 1 and left[0] in keys and stored.rsplit("/", 1)[1] not in left[0]
+        assert on_a.get(f"/v1/references/{ids[0]}/image").status_code == 404
+        assert on_a.get(f"/v1/references/{ids[1]}/image").status_code == 200
+        # the photo deleted can be added again (its object put again), and shown on the other machine
+        again = on_b.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new[:1]), headers=KEYS)
+        assert again.status_code == 201 and len(again.json()["ids"]) == 1, again.text[:300]
+        assert _upload_keys(client, prefix) == keys
+        assert on_a.get(f"/v1/references/{again.json()['ids'][0]}/image").status_code == 200
 
 
 def test_a_duplicate_upload_leaves_no_object_in_the_store(two_machines):
