@@ -9,6 +9,7 @@
       vectors-<token>.*       the IVF-PQ index's generation files, named by its manifest: .ivfpq (codes),
                               .f16 + .ids (float16 vectors for the exact re-rank), .delta.npz (changes)
       probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration)
+      probe_origin.json       a store on S3: the ETag of the store's shared probe those two came from
       whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
@@ -40,6 +41,8 @@ VECTORS_FILE = "vectors.faiss"
 VECTORS_PARTS = ("ivfpq", "f16", "ids", "delta.npz")
 PROBE_WEIGHTS = "probe.npz"
 PROBE_META = "probe.json"
+#: Which copy of an S3 store's shared probe the folder's probe files came from (its ETag; retrieval.probe_share).
+PROBE_ORIGIN = "probe_origin.json"
 WHITENING_STATS = "whitening_stats.npz"
 TEXT_PRIOR_FILE = "text_prior.json"
 TEXT_PRIOR_CACHE = "text_prior_cache"
@@ -102,6 +105,12 @@ class GalleryLayout:
     def probe_meta(self) -> Path:
         """The probe's species, encoder fingerprint and calibration."""
         return self.root / PROBE_META
+
+    @property
+    def probe_origin(self) -> Path:
+        """The ETag of the store's shared probe the folder's probe files were taken from or published as (an S3
+        store only)."""
+        return self.root / PROBE_ORIGIN
 
     @property
     def whitening_stats(self) -> Path:

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: The folder of the API's uploads in the store, beside the lease (``<store uri>/_speciesid/uploads/``).
 UPLOADS_DIR = "uploads"
+#: The folder of the shared probe's two files in the store (``<store uri>/_speciesid/probe/``).
+PROBE_DIR = "probe"
 
 
 class StoreObjectError(LeaseError, OSError):
@@ -67,6 +69,18 @@ def uploads_uri(store_uri: str) -> str:
 def upload_uri(store_uri: str, name: str) -> str:
     """The URI of the upload ``name`` (``<sha256><ext>``) in a store."""
     return f"{uploads_uri(store_uri)}/{name}"
+
+
+class ObjectChangedError(StoreObjectError):
+    """The object was replaced (or removed) since its ETag was read: read it again later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
+def probe_uri(store_uri: str, name: str) -> str:
+    """The URI of the shared probe's file ``name`` (``probe.json``, ``probe.npz``) in a store."""
+    return f"{str(store_uri).rstrip('/')}/{LEASE_DIR}/{PROBE_DIR}/{name}"
 
 
 class StoreObjects:
@@ -110,12 +124,26 @@ class StoreObjects:
                 raise self._failure(exc, "putting", uri, needs="s3:PutObject") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def get(self, uri: str) -> bytes:
-        """The bytes of the object at ``uri``; FileNotFoundError when there is none."""
+    def put(self, uri: str, data: bytes, *, metadata: dict[str, str] | None = None) -> str:
+        """Put ``data`` at ``uri`` (over what is there), with user ``metadata``; the new object's ETag."""
+        bucket, key = _bucket_key(uri)
+        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        try:
+            return self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind,
+                                          Metadata=dict(metadata or {}))["ETag"]
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure(exc, "putting", uri, needs="s3:PutObject") from exc
+
+    def get(self, uri: str, *, etag: str | None = None) -> bytes:
+        """The bytes of the object at ``uri``; FileNotFoundError when there is none. ``etag``: only that version
+        (``If-Match``); :class:`ObjectChangedError` when the object is another one now."""
         bucket, key = _bucket_key(uri)
         try:
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            condition = {"IfMatch": etag} if etag else {}
+            return self.client.get_object(Bucket=bucket, Key=key, **condition)["Body"].read()
         except Exception as exc:  # noqa: BLE001
+            if etag and _code(exc) in _PRECONDITION:
+                raise ObjectChangedError(f"{uri} changed since it was looked at: read it again") from exc
             raise self._failure(exc, "reading", uri, needs="s3:GetObject") from exc
 
     def head(self, uri: str) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
 from retrieval.probe import Calibration, LinearProbe, fit_head_temperature, has_probe, train_probe
+from retrieval.probe_share import publish_probe
 from retrieval.protocol import (
     HELDOUT_FILE,
     HELDOUT_PREFIX,
@@ -162,6 +163,7 @@ def train_gallery_probe(
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
     probe.save(index_dir)
+    publish_probe(gallery)  # a store on S3: every machine sharing it takes it (retrieval.probe_share)
     if taxa:
         save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
@@ -248,6 +250,7 @@ def import_gallery_probe(
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     probe.save(index_dir)
+    publish_probe(gallery)  # a store on S3: every machine sharing it takes it (retrieval.probe_share)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
                        head_only=head_only, gallery_only=gallery_only)

@@ -117,3 +117,41 @@ def test_a_duplicate_upload_leaves_no_object_in_the_store(two_machines):
         assert _upload_keys(client, prefix) == [f"{prefix}/_speciesid/uploads/{name}"]
     for folder in (a, b):  # nothing kept in either folder
         assert not (folder / "uploads").exists() or not any((folder / "uploads").iterdir())
+
+
+def test_a_probe_trained_on_one_machine_is_used_by_another_without_a_copy(two_machines):
+    from retrieval.workflows import open_identifier, train_gallery_probe
+
+    a, b, prefix, client = two_machines
+    shutil.copytree(b, b.parent / "c", symlinks=True)  # a third machine, opened after the probe is trained
+    following = open_identifier(b, follow_probe=True, refresh_s=0.0)  # a server's identifier on machine b
+    assert following.probe is None
+    train_gallery_probe(a, progress=False)
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/probe/")
+    assert sorted(o["Key"] for o in listed["Contents"]) == [f"{prefix}/_speciesid/probe/probe.json",
+                                                             f"{prefix}/_speciesid/probe/probe.npz"]
+    species = sorted(binomial(f) for f in BUILT)
+    assert following.refresh_probe(force=True)  # what each answer does first, at most once per refresh_s
+    assert following.probe is not None and following.probe.species == species
+    assert (b / "probe.json").read_bytes() == (a / "probe.json").read_bytes()
+    assert not following.refresh_probe(force=True)  # the same copy: one HEAD, nothing taken again
+    opened = open_identifier(b.parent / "c")  # a folder without a probe takes the store's at open
+    assert opened.probe is not None and opened.probe.species == species
+    # a probe.json naming weights that are not there (a publish caught between its two puts) is not taken
+    store = f"s3://{BUCKET}/{prefix}/_speciesid/probe"
+    from index.gallery import Gallery
+    from retrieval.probe_share import WEIGHTS_ETAG, publish_probe
+
+    objects = Gallery.open(a).objects
+    before = (b / "probe.json").read_bytes()
+    objects.put(f"{store}/probe.npz", (b / "probe.npz").read_bytes() + b"\0")  # not the weights the json names
+    objects.put(f"{store}/probe.json", before + b"\n", metadata={WEIGHTS_ETAG: '"0"'})
+    assert not following.refresh_probe(force=True)
+    assert (b / "probe.json").read_bytes() == before
+    from retrieval.probe import LinearProbe
+
+    retrained = LinearProbe.load(a)
+    retrained.trained_on += 1
+    retrained.save(a)
+    publish_probe(Gallery.open(a))  # the next publish is taken
+    assert following.refresh_probe(force=True) and following.probe.trained_on == retrained.trained_on
