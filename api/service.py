@@ -231,8 +231,8 @@ class SpeciesService:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         try:  # decoded at reduced scale: a 12 MP phone photo would cost ~0.3 s at full size, on every page view
-            image = decode_image(self.gallery.read_photo(stored), max_pixels=self.settings.max_pixels, name=str(path),
-                                 draft=2 * self.settings.thumbnail_px)
+            image = decode_image(self.gallery.read_photo(stored), max_pixels=self.settings.max_pixels,
+                                 name=str(path), draft=2 * self.settings.thumbnail_px)
         except StoreObjectError as exc:  # an upload kept in the S3 store, there but not readable now
             logger.warning("reference %d: its photo %s cannot be read from the gallery's store: %s", ref_id, stored,
                            exc)

@@ -187,8 +187,8 @@ class StoreObjects:
                                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for this process, "
                                     "or run it where a role gives them")
         if code in _DENIED:
-            return StoreObjectError(f"{doing} {uri} was refused ({code}: {_first(exc)}): the credentials need {needs} "
-                                    f"on {where}")
+            return StoreObjectError(f"{doing} {uri} was refused ({code}: {_first(exc)}): the credentials need "
+                                    f"{needs} on {where}")
         if code and _transient(exc):
             return StoreObjectError(f"{doing} {uri} failed ({code}: {_first(exc)}): the store is busy or failing for "
                                     "now; try again shortly", transient=True)

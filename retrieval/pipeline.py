@@ -261,7 +261,8 @@ def embed_photos(
     out = Embedded(np.zeros((len(sources), encoder.dim), dtype=np.float32), [None] * len(sources),
                    [None] * len(sources))
     with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in iter_embeddings(iter_prepared(sources, encoder, known=known, workers=workers, read=read), encoder):
+        prepared = iter_prepared(sources, encoder, known=known, workers=workers, read=read)
+        for items, emb in iter_embeddings(prepared, encoder):
             row = 0
             for item in items:
                 out.sha256[item.position] = item.sha256

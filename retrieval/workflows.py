@@ -423,8 +423,9 @@ def add_photos(
 
     ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept by content digest in the gallery's
     ``uploads/`` folder, or, for a store on S3, in the store (``<store>/_speciesid/uploads/``: every machine sharing
-    it reads them), put before the rows commit. One duplicate check for both (:func:`retrieval.pipeline.add_references`):
-    photos whose bytes are already stored, or repeat an earlier photo of the call, are stored once.
+    it reads them), put before the rows commit. One duplicate check for both
+    (:func:`retrieval.pipeline.add_references`): photos whose bytes are already stored, or repeat an earlier photo of
+    the call, are stored once.
     """
     paths: list[Path | str] = []
     names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
