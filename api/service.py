@@ -23,7 +23,7 @@ import numpy as np
 from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.gallery import Neighbour
-from index.sources import read_source
+from index.objects import StoreObjectError
 from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species
 from retrieval import workflows
@@ -48,6 +48,14 @@ class NotFound(ServiceError):
     """The thing asked for does not exist."""
 
     status = 404
+
+
+class StoreUnavailable(ServiceError):
+    """The gallery's store could not serve a read now (503 when a later try may get past it, else 500)."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.status = 503 if transient else 500
 
 
 class TooLarge(ServiceError):
@@ -223,8 +231,14 @@ class SpeciesService:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         try:  # decoded at reduced scale: a 12 MP phone photo would cost ~0.3 s at full size, on every page view
-            image = decode_image(read_source(path), max_pixels=self.settings.max_pixels, name=str(path),
-                                 draft=2 * self.settings.thumbnail_px)
+            image = decode_image(self.gallery.read_photo(stored), max_pixels=self.settings.max_pixels,
+                                 name=str(path), draft=2 * self.settings.thumbnail_px)
+        except StoreObjectError as exc:  # an upload kept in the S3 store, there but not readable now
+            logger.warning("reference %d: its photo %s cannot be read from the gallery's store: %s", ref_id, stored,
+                           exc)
+            raise StoreUnavailable(f"the photo of reference {ref_id} is kept in the gallery's store, which could not "
+                                   "be read now" + ("; retry shortly" if exc.transient else " (the server's log "
+                                                    "says what to fix)"), transient=exc.transient) from exc
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
             raise NotFound(f"the photo of reference {ref_id} is not on this server's machine: it was added through "

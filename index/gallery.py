@@ -34,7 +34,9 @@ from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
 from index.locks import WriteLock, write_lock
+from index.objects import StoreObjects
 from index.records import ReferenceRecord
+from index.sources import read_source
 from index.store import (
     HalfCreatedStoreError,
     MissingTableError,
@@ -140,6 +142,9 @@ class Gallery:
         self.store_uri: str | Path = where.get("uri") or self.layout.store  # a folder or an object-store URI
         self.storage_options = storage_options(where.get("options"), options) if where.get("uri") else {}
         self._writer = self._write_lock()  # every process's writes (one per folder and process; + the S3 lease)
+        # the objects kept beside the table (the API's uploads), on an S3 store only; its client made on first use
+        self.objects: StoreObjects | None = StoreObjects(str(self.store_uri), self.storage_options) \
+            if is_s3(str(self.store_uri)) else None
         # seconds a write of this object waits for other writers (the lock's, and on S3 the store's lease) before its
         # TimeoutError; None: the lock's own (600 s). A server sets a shorter one: its clients wait on the answer.
         self.write_wait_s: float | None = None
@@ -835,13 +840,25 @@ class Gallery:
         meta = self.store.metadata([int(ref_id)])
         return None if meta.empty else str(meta.iloc[0]["source_path"])
 
+    def read_photo(self, source: str | Path) -> bytes:
+        """The bytes of a reference photo, by its stored source (:meth:`source_path`) or a record's path: an
+        ``s3://`` object (an upload kept in an S3 store) read through this store's client, with its own endpoint and
+        credentials; else a file or a ``SHARD#MEMBER`` (:func:`index.sources.read_source`). OSError when it cannot be
+        read (FileNotFoundError: not there)."""
+        if isinstance(source, str):
+            if self.objects is not None and is_s3(source):
+                return self.objects.get(source)
+            source = source_file(source)
+        return read_source(source)
+
     def species(self) -> list[SpeciesSummary]:
         """Species in the gallery with counts and metadata."""
         return self.store.species()
 
     def reference_sources(self) -> list[Path]:
         """The photo files of the searchable references (what an exported encoder is checked and calibrated on)."""
-        return [source_file(t) for t in self.store.metadata(include_excluded=False)["source_path"]]
+        return [source_file(t) for t in self.store.metadata(include_excluded=False)["source_path"]
+                if not is_s3(str(t))]  # not the uploads kept in an S3 store: read from there on demand only
 
 
 def store_error(uri: str, exc: BaseException) -> ValueError:

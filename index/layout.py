@@ -11,6 +11,7 @@
       probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration, the
                               weights' sha256: a reader caught between the two files' writes sees they differ)
       probe.prev.npz/.json    the probe the last `probe train` / `probe import` replaced (`probe restore`)
+      probe_origin.json       a store on S3: the ETag of the store's shared probe those two came from
       whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
@@ -45,6 +46,8 @@ PROBE_META = "probe.json"
 #: The probe ``probe train`` / ``probe import`` replaced, kept one generation (``probe restore`` swaps it back).
 PROBE_PREV_WEIGHTS = "probe.prev.npz"
 PROBE_PREV_META = "probe.prev.json"
+#: Which copy of an S3 store's shared probe the folder's probe files came from (its ETag; retrieval.probe_share).
+PROBE_ORIGIN = "probe_origin.json"
 WHITENING_STATS = "whitening_stats.npz"
 TEXT_PRIOR_FILE = "text_prior.json"
 TEXT_PRIOR_CACHE = "text_prior_cache"
@@ -107,6 +110,12 @@ class GalleryLayout:
     def probe_meta(self) -> Path:
         """The probe's species, encoder fingerprint and calibration."""
         return self.root / PROBE_META
+
+    @property
+    def probe_origin(self) -> Path:
+        """The ETag of the store's shared probe the folder's probe files were taken from or published as (an S3
+        store only)."""
+        return self.root / PROBE_ORIGIN
 
     @property
     def whitening_stats(self) -> Path:

@@ -9,11 +9,16 @@ from pathlib import Path
 HIGHER_RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order")
 
 
+def _is_uri(path: str | Path) -> bool:
+    """Whether ``path`` is an object-store URI written as text (as :func:`index.store.is_uri` tells one)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
 @dataclass
 class ReferenceRecord:
     """One labelled reference photo, before it is embedded."""
 
-    path: Path  # where the photo file lives
+    path: Path | str  # where the photo file lives; an object-store URI (an upload kept in an S3 store) as text
     species: str  # binomial, "Genus species" (the label everything votes on)
     genus: str | None = None  # genus name; derived from the binomial when missing
     family: str | None = None  # family name, when known
@@ -24,7 +29,8 @@ class ReferenceRecord:
     country: str | None = None  # where the photo was taken, when the metadata says
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        if not _is_uri(self.path):  # Path() would fold "s3://b/k" into "s3:/b/k"
+            self.path = Path(self.path)
         self.species = " ".join(self.species.split())
         if not self.genus and " " in self.species:
             self.genus = self.species.split(" ", 1)[0]

@@ -219,7 +219,7 @@ def new_species_references(
     family = family or (prior.family if prior else None) or (taxon.family if taxon else None) or genus_family(
         genus or species.split(" ")[0])
     common_name = common_name or (prior.common_name if prior else None)
-    records = [ReferenceRecord(path=Path(p), species=species, genus=genus, family=family, common_name=common_name,
+    records = [ReferenceRecord(path=p, species=species, genus=genus, family=family, common_name=common_name,
                                venomous=venomous, dataset=dataset) for p in paths]
     return species, records, prior
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
 from index.photos import first_few, not_photos_warning, scan_photos, warn_skipped
+from index.sources import read_source
 from retrieval.clean_report import write_report
 from retrieval.encoders import (
     Encoder,
@@ -73,6 +74,8 @@ class CleanResult:
     notes: list[str] = field(default_factory=list)  # what the user should do next (printed last)
     index: str | None = None  # the gallery cleaned or applied to, when there is one
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # entries the photo search could not read
+    # a photo's bytes from its path, for the contact sheet: the gallery's read_photo (an upload kept in an S3 store)
+    read: Callable[[str], bytes] | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
         """Findings per kind (every kind listed)."""
@@ -295,9 +298,11 @@ def run_clean(
         datasets = meta["dataset"].dropna()
         dataset_name = str(datasets.mode().iloc[0]) if len(datasets) else None
 
+    read = gallery.read_photo if gallery is not None else read_source  # a stored upload in an S3 store too
+
     def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True):
         return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
-                            progress=progress, desc=desc)
+                            progress=progress, desc=desc, read=read)
 
     if dataset is not None:
         scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
@@ -323,7 +328,8 @@ def run_clean(
                                         progress=progress, skipped=skipped)
     result = CleanResult(findings=findings, photos=photos, against=other, encoder=enc.spec, zero_shot=zs,
                          zero_shot_notice=notice, config=config, seconds_embed=t1 - t0,
-                         index=str(index) if index is not None else None, skipped=skipped)
+                         index=str(index) if index is not None else None, skipped=skipped,
+                         read=gallery.read_photo if gallery is not None else None)
     if apply:
         if cannot:
             result.notes.append(f"--apply-to {', '.join(cannot)} excluded nothing, this run cannot find them "
@@ -373,7 +379,7 @@ def clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, c
     if notice:
         notice = notice.replace("zero-shot filter skipped", "--clean skipped")
     result = CleanResult(findings=findings, photos=photos, against=None, encoder=encoder.spec, zero_shot=zs,
-                         zero_shot_notice=notice, config=config, index=str(gallery.root))
+                         zero_shot_notice=notice, config=config, index=str(gallery.root), read=gallery.read_photo)
     report_dir = gallery.layout.clean_report
     if zs is not None:
         result.applied = apply_exclusions(gallery, findings, ("off-target",), report=report_dir)

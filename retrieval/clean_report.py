@@ -8,7 +8,7 @@ import html
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,13 +51,16 @@ def _write_scores_csv(path: Path, photos: PhotoSet, zs: ZeroShotResult) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
-def _thumbnail(path: str, cache: dict[str, str]) -> str:
+def _thumbnail(path: str, cache: dict[str, str], read: Callable[[str], bytes] | None = None) -> str:
+    """A flagged photo's preview tag; ``read``: its bytes from its path (a gallery's ``read_photo``: an upload kept
+    in an S3 store too; by default a file)."""
     if path in cache:
         return cache[path]
     from retrieval.images import decode_image
 
     try:
-        img = decode_image(Path(path).read_bytes(), name=path, draft=2 * THUMB_SIZE)
+        data = read(path) if read is not None else Path(path).read_bytes()
+        img = decode_image(data, name=path, draft=2 * THUMB_SIZE)
         img.thumbnail((THUMB_SIZE, THUMB_SIZE))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=80)
@@ -100,9 +103,10 @@ _TITLES = {
 
 def write_contact_sheet(
     path: str | Path, findings: Sequence[Finding], *, title: str, summary: dict[str, object],
-    limit: int = MAX_SHEET_FINDINGS, progress: bool = False,
+    limit: int = MAX_SHEET_FINDINGS, progress: bool = False, read: Callable[[str], bytes] | None = None,
 ) -> Path:
-    """A self-contained HTML page: thumbnails (base64 JPEG) of flagged photos and duplicate pairs, with scores."""
+    """A self-contained HTML page: thumbnails (base64 JPEG) of flagged photos and duplicate pairs, with scores
+    (``read``: a photo's bytes from its path, :func:`_thumbnail`)."""
     from tqdm import tqdm
 
     bar = tqdm(total=min(limit, len(findings)), desc="cleaning: contact sheet", unit="finding",
@@ -132,12 +136,12 @@ def write_contact_sheet(
             if f.paired_path:
                 parts.append(
                     f"<div class='card pair'><div class='score'>{score}{ref}</div><div class='imgs'>"
-                    f"{_thumbnail(f.path, thumbs)}{_thumbnail(f.paired_path, thumbs)}</div>"
+                    f"{_thumbnail(f.path, thumbs, read)}{_thumbnail(f.paired_path, thumbs, read)}</div>"
                     f"<div>{html.escape(f.path)}</div><div>&harr; {html.escape(f.paired_path)}</div>"
                     + (f"<div>{html.escape(f.detail)}</div>" if f.detail else "") + "</div>"
                 )
             else:
-                img = _thumbnail(f.path, thumbs) if kind != "unreadable" else ""
+                img = _thumbnail(f.path, thumbs, read) if kind != "unreadable" else ""
                 parts.append(
                     f"<div class='card'><div class='score'>{score}{ref}</div>{img}"
                     f"<div>{html.escape(f.detail)}</div><div>{html.escape(f.path)}</div></div>"
@@ -190,7 +194,7 @@ def write_report(report_dir: str | Path, result: CleanResult, *, title: str, pro
         if result.zero_shot is not None else result.zero_shot_notice
     )
     files["sheet"] = write_contact_sheet(out / CONTACT_SHEET, result.findings, title=title, summary=shown,
-                                         progress=progress)
+                                         progress=progress, read=result.read)
     summary["seconds_report"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / SUMMARY_JSON, summary)
     files["summary"] = out / SUMMARY_JSON

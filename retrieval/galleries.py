@@ -26,6 +26,7 @@ from retrieval.encoders import (
 )
 from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
+from retrieval.probe_share import probe_follower
 from retrieval.textprior import TextPriorScores, load_text_prior
 from retrieval.vote import VoteConfig
 
@@ -135,8 +136,15 @@ def open_identifier(
     identify.
 
     ``follow_probe``: load the probe and text prior again when ``speciesid probe train`` / ``probe import`` (another
-    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened)."""
+    process) rewrites them, looked at most every ``refresh_s`` seconds (a server; a command keeps what it opened).
+
+    A gallery whose store is on S3 shares its probe through the store (:mod:`retrieval.probe_share`): a folder
+    without a probe takes the store's at open, and a process following the probe takes a newer store copy into
+    its folder within ``refresh_s`` (one HEAD per look)."""
     gallery, enc = open_gallery(index_dir, encoder, refresh_s=refresh_s)
+    follower = probe_follower(gallery) if use_probe else None
+    if follower is not None:
+        follower.at_open()
 
     def load() -> tuple[LinearProbe | None, TextPriorScores | None]:
         probe = None
@@ -150,6 +158,6 @@ def open_identifier(
     probe, text = load()
     ident = Identifier(enc, gallery, vote, probe=probe, text_prior=text)
     if follow_probe and use_probe:
-        ident.follow_probe(files, load, refresh_s, marks=marks)
+        ident.follow_probe(files, load, refresh_s, marks=marks, sync=follower.check if follower else None)
     return ident
 

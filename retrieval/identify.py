@@ -180,6 +180,7 @@ class Identifier:
         self._state = self._calibrated(probe, text_prior)
         self._pinned_state = threading.local()  # the state an answer in progress on this thread started with
         self._follow: tuple[list[Path], ProbeLoader, float] | None = None  # (files, loader, refresh_s)
+        self._sync: Callable[[], object] | None = None  # called before each look at the files (follow_probe)
         self._probe_files: tuple | None = None  # their (mtime_ns, size) when the state was loaded
         self._probe_checked = 0.0  # time.monotonic() of the last look at them
         self._reload_lock = threading.Lock()
@@ -250,12 +251,14 @@ class Identifier:
         self._taxa_version = -1
 
     def follow_probe(self, files: Sequence[str | Path], load: ProbeLoader, refresh_s: float = 1.0, *,
-                     marks: tuple | None = None) -> None:
+                     marks: tuple | None = None, sync: Callable[[], object] | None = None) -> None:
         """Load the probe and text prior again (``load``) when one of ``files`` changes (:func:`file_marks`), looked
         at most every ``refresh_s`` seconds before an answer: a server follows ``speciesid probe train`` / ``probe
         import`` as it follows other processes' reference writes. Settings the caller gave stay. ``marks``: the
-        files' marks when the current state was loaded (default: now)."""
+        files' marks when the current state was loaded (default: now). ``sync``: called at each look first (an S3
+        store's shared probe taken into the files: :mod:`retrieval.probe_share`)."""
         self._follow = ([Path(f) for f in files], load, refresh_s)
+        self._sync = sync
         self._probe_files = file_marks(self._follow[0]) if marks is None else marks
         self._probe_checked = time.monotonic()
 
@@ -271,6 +274,8 @@ class Identifier:
             return False
         try:
             self._probe_checked = time.monotonic()
+            if self._sync is not None:
+                self._sync()  # logs its own failures: the files then stay as they are
             marks = file_marks(files)
             if marks == self._probe_files:
                 return False

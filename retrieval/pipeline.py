@@ -39,6 +39,8 @@ from retrieval.images import (
 )
 
 logger = logging.getLogger(__name__)
+#: A photo's bytes from its path (a file, a ``SHARD#MEMBER``; a gallery's ``read_photo`` also its store's objects).
+Reader = Callable[[str | Path], bytes]
 #: Why a photo whose embedding is NaN or inf is skipped (never committed: a gallery with such a row cannot open).
 NON_FINITE = "the encoder gave a non-finite embedding (NaN or inf)"
 #: The ``Prepared.tensor`` of a photo whose embedding its caller gave: checked, not decoded for the encoder.
@@ -183,16 +185,18 @@ def prepare(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 0,
     given: bool = False,
+    read: Reader = read_source,
 ) -> Prepared:
     """Read + hash + decode + preprocess one photo (runs in a worker thread).
 
     ``min_side``: photos whose short side is under this many pixels are refused (reference photos).
     ``given``: the caller embedded the photo already: its size is read from its header for that check (decoded
-    only when the header cannot be read), and its tensor is :data:`GIVEN`.
+    only when the header cannot be read), and its tensor is :data:`GIVEN`. ``read``: a path's bytes (a gallery's
+    :meth:`~index.gallery.Gallery.read_photo` reads its store's objects too).
     """
     name = f"image #{position}" if isinstance(source, bytes) else str(source)
     try:
-        data = source if isinstance(source, bytes) else read_source(source)
+        data = source if isinstance(source, bytes) else read(source)
     except OSError as exc:
         return Prepared(position, error=f"cannot be read ({exc.strerror or exc})")
     digest = sha256_bytes(data)
@@ -234,8 +238,10 @@ def iter_prepared(
     min_side: int = 0,
     stats: PipelineStats | None = None,
     given: bool = False,
+    read: Reader = read_source,
 ) -> Iterator[Prepared]:
-    """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead.
+    """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead (``read``: a path's
+    bytes, :func:`prepare`).
 
     ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
     :func:`prepare`."""
@@ -244,7 +250,8 @@ def iter_prepared(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool, _dropping(pending):
         it = iter(enumerate(sources))
         for pos, src in it:
-            pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given))
+            pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given,
+                                       read=read))
             if len(pending) >= prefetch:
                 break
         while pending:
@@ -255,7 +262,7 @@ def iter_prepared(
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side,
-                                           given=given))
+                                           given=given, read=read))
             yield done
 
 
@@ -346,13 +353,16 @@ def embed_photos(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "embedding",
+    read: Reader = read_source,
 ) -> Embedded:
-    """Embed photos (paths or bytes); a photo whose sha256 is in ``cache`` (digests, embeddings) is not re-run."""
+    """Embed photos (paths or bytes); a photo whose sha256 is in ``cache`` (digests, embeddings) is not re-run.
+    ``read``: a path's bytes (a gallery's stored sources: its ``read_photo``)."""
     known = {sha: i for i, sha in enumerate(cache[0])} if cache is not None else None
     out = Embedded(np.zeros((len(sources), encoder.dim), dtype=np.float32), [None] * len(sources),
                    [None] * len(sources))
     with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
-        for items, emb in iter_embeddings(iter_prepared(sources, encoder, known=known, workers=workers), encoder):
+        prepared = iter_prepared(sources, encoder, known=known, workers=workers, read=read)
+        for items, emb in iter_embeddings(prepared, encoder):
             row = 0
             for item in items:
                 out.sha256[item.position] = item.sha256
@@ -453,7 +463,8 @@ def add_references(
 
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
-                             stats=report.stats, given=embeddings is not None)
+                             stats=report.stats, given=embeddings is not None,
+                             read=gallery.read_photo)  # an upload kept in an S3 store too
     batches = (iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats)
                if embeddings is None else _given_embeddings(prepared, embeddings, encoder.batch_size, drop_stored))
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from index.datasets import load_dataset
-from index.gallery import Gallery, read_gallery_info
+from index.gallery import Gallery
 from index.layout import EncoderMismatchError, GalleryLayout, check_encoder, weights_digest, weights_only
-from index.locks import write_lock
 from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
@@ -35,6 +34,7 @@ from retrieval.probe import (
     restore_previous,
     train_probe,
 )
+from retrieval.probe_share import publish_probe
 from retrieval.protocol import (
     HELDOUT_FILE,
     HELDOUT_PREFIX,
@@ -175,6 +175,7 @@ def train_gallery_probe(
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
     replaced = save_replacing(gallery, probe)
+    publish_probe(gallery)  # a store on S3: every machine sharing it takes it (retrieval.probe_share)
     if taxa:
         save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
@@ -261,6 +262,7 @@ def import_gallery_probe(
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     replaced = save_replacing(gallery, probe)
+    publish_probe(gallery)  # a store on S3: every machine sharing it takes it (retrieval.probe_share)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
                        head_only=head_only, gallery_only=gallery_only, replaced=replaced)
@@ -283,10 +285,13 @@ def restore_gallery_probe(index_dir: str | Path) -> tuple[str, str]:
     """Bring back the probe the last ``probe train`` / ``probe import`` replaced in gallery ``index_dir``, setting
     the current one aside in its place (run again to swap back): (what was restored, what was set aside, "" when
     the gallery had no probe), in words. FileNotFoundError when none was kept; a kept probe of another encoder than
-    the gallery's is refused (EncoderMismatchError)."""
-    info = read_gallery_info(index_dir)
-    with write_lock(GalleryLayout(Path(index_dir)).write_lock).hold(local=True):
-        return restore_previous(index_dir, expected_fingerprint=str(info["encoder"]["fingerprint"]))
+    the gallery's is refused (EncoderMismatchError). A store on S3 shares the restored probe as it shares a trained
+    one (:func:`retrieval.probe_share.publish_probe`)."""
+    gallery = Gallery.open(index_dir)
+    with gallery.writing(local=True):
+        swapped = restore_previous(gallery.root, expected_fingerprint=gallery.fingerprint)
+    publish_probe(gallery)
+    return swapped
 
 
 def _warn_left_out(left_out: dict[str, int], what: str) -> None:

@@ -34,6 +34,7 @@ from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_er
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
+from index.objects import upload_uri, uploads_uri
 from index.photos import PHOTO_FORMATS
 from index.status import store_status
 from index.store import SpeciesSummary, source_file, source_text
@@ -485,21 +486,23 @@ def add_photos(
     ``new_species``: the caller confirmed that a new name looking like a gallery species (a near-spelling, or its
     common name) is a new species; without it such a name is refused (SpeciesNameConflictError) before any work.
 
-    ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept in the gallery's ``uploads/``
-    folder by content digest. One duplicate check for both (:func:`retrieval.pipeline.add_references`):
-    photos whose bytes are already stored, or repeat an earlier photo of the call, are stored once.
+    ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept by content digest in the gallery's
+    ``uploads/`` folder, or, for a store on S3, in the store (``<store>/_speciesid/uploads/``: every machine sharing
+    it reads them), put before the rows commit. One duplicate check for both
+    (:func:`retrieval.pipeline.add_references`): photos whose bytes are already stored, or repeat an earlier photo of
+    the call, are stored once.
 
     ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
     its uploads before it takes the write lock); the photos are then not embedded again.
     """
     if embeddings is not None:  # a wrong shape is refused before any upload is kept
         embeddings = given_embeddings(embeddings, len(photos), gallery.dim)
-    paths: list[Path] = []
+    paths: list[Path | str] = []
     names: dict[str, list[str]] = {}  # stored path -> the names of the uploads with those bytes, in order
-    uploads: list[tuple[Path, bytes]] = []
+    uploads: list[tuple[Path | str, bytes]] = []
     for item in photos:
         if isinstance(item, tuple):
-            path = _upload_path(gallery.layout.uploads, *item)
+            path = _upload_path(gallery, *item)
             names.setdefault(source_text(path), []).append(item[0])  # keyed as the store records paths
             paths.append(path)
             uploads.append((path, item[1]))
@@ -509,15 +512,15 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
-    written = [path for path, data in uploads if _keep_upload(path, data)]
+    written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
     report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings)
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if source_text(path) not in stored:
-            path.unlink(missing_ok=True)
+            _drop_upload(gallery, path)
     for path, data in uploads:  # a concurrent delete of the last reference of the same bytes may have removed the
         if source_text(path) in stored:  # file between our write and commit
-            _keep_upload(path, data)
+            _keep_upload(gallery, path, data, look_first=True)
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     known = [i for i in report.duplicate_ids if i is not None]
@@ -537,18 +540,53 @@ def add_photos(
                      excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "", few_note=few)
 
 
-def _upload_path(folder: Path, name: str, data: bytes) -> Path:
-    """Where uploaded bytes are kept: ``folder/<sha256><ext>``."""
+def _upload_path(gallery: Gallery, name: str, data: bytes) -> Path | str:
+    """Where uploaded bytes are kept, as ``<sha256><ext>``: in the gallery's ``uploads/`` folder, or for a store on
+    S3 in the store (an ``s3://`` URI, :func:`index.objects.upload_uri`), where every machine sharing it reads it."""
     ext = _EXTENSIONS.get(image_format(data) or "", Path(name).suffix.lower() or ".img")
-    return folder / f"{sha256_bytes(data)}{ext}"
+    if gallery.objects is not None:
+        return upload_uri(gallery.objects.uri, f"{sha256_bytes(data)}{ext}")
+    return gallery.layout.uploads / f"{sha256_bytes(data)}{ext}"
 
 
-def _keep_upload(path: Path, data: bytes) -> bool:
-    """Write uploaded bytes at ``path`` (:func:`_upload_path`) unless they are there; whether this call wrote them."""
+def _keep_upload(gallery: Gallery, path: Path | str, data: bytes, *, look_first: bool = False) -> bool:
+    """Write uploaded bytes at ``path`` (:func:`_upload_path`) unless they are there; whether this call wrote them.
+    In an S3 store a put with ``If-None-Match: *`` (same bytes, same key: a race with another machine is harmless);
+    ``look_first``: a HEAD first, for bytes most likely there already."""
+    if isinstance(path, str):
+        assert gallery.objects is not None
+        if look_first and gallery.objects.exists(path):
+            return False
+        return gallery.objects.put_if_absent(path, data)
     if path.exists():
         return False
     atomic_write(path, data)
     return True
+
+
+def _drop_upload(gallery: Gallery, path: Path | str) -> None:
+    """Remove a kept upload no reference was stored for (a duplicate of a photo stored from another path). A file of
+    the folder as it always was; an object of an S3 store only when no reference uses it, checked and deleted under
+    the store's lease (:func:`_remove_unused_upload`): another machine may have stored the same bytes meanwhile."""
+    if isinstance(path, str):
+        _remove_unused_upload(gallery, path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
+    """Delete the upload object ``uri`` of an S3 store when no reference uses it. Under the gallery's whole write
+    hold, not ``local=True``: the object is shared by every machine of the store, and an add on another machine
+    commits its rows under the store's lease, not this folder's ``flock``; holding the lease makes the check and
+    the delete one step against every machine's commits (an add that put the same bytes before and commits after
+    puts them again: :func:`add_photos`). The store is re-read first: a commit another machine made within
+    ``refresh_s`` is seen."""
+    assert gallery.objects is not None
+    with gallery.writing():
+        gallery.store.refresh()
+        if not gallery.store.uses_source(uri):
+            gallery.objects.delete(uri)
+            logger.info("removed %s: no reference uses it any more", uri)
 
 
 _EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept upload's file name
@@ -556,13 +594,19 @@ _EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept up
 
 def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list[int]:
     """Delete references by id; returns the ids that existed (and are gone now). A photo the API stored
-    (``uploads/``) is removed with its last reference."""
+    (``uploads/``, or in an S3 store its ``_speciesid/uploads/``) is removed with its last reference."""
     g = _gallery(gallery)
     ids = list(dict.fromkeys(int(i) for i in ids))
     meta = g.store.metadata(ids)
     found = g.delete(ids)
     uploads = g.layout.uploads.resolve()
+    kept = uploads_uri(g.objects.uri) + "/" if g.objects is not None else None
     for text in set(meta["source_path"]) if found else ():
+        # an object of the S3 store is every machine's: checked and deleted under the store's lease, not the
+        # folder's flock alone (writing(local=True) below), which no other machine's add commits under
+        if kept is not None and str(text).startswith(kept):
+            _remove_unused_upload(g, str(text))
+            continue
         path = source_file(str(text))
         with g.writing(local=True):  # an add of the same bytes commits under this lock too: never both
             if path.parent.resolve() == uploads and not g.store.uses_source(str(text)):

@@ -1,0 +1,150 @@
+"""The probe shared through a gallery's S3 store: trained (or imported) on one machine, used by every machine.
+
+Each machine sharing an S3 store has its own gallery folder, and the probe (``probe.json``, ``probe.npz``) lives in
+the folder. ``probe train`` / ``probe import`` on an S3 store also publish the two files to the store
+(``<store>/_speciesid/probe/``, :func:`publish_probe`): the weights first, then ``probe.json``, whose object metadata
+names the weights' ETag, so a reader never takes a ``probe.json`` with weights not there yet, nor with another
+publish's weights (it reads both with ``If-Match`` on those ETags). A publish is a write to the store: it holds the
+store's lease, so two machines' publishes never interleave.
+
+A folder takes the store's copy (:class:`ProbeFollower`) into its own files (weights first, ``probe.json`` last, as
+:meth:`retrieval.probe.LinearProbe.save` writes them) and records the copy's ETag in ``probe_origin.json``: at open
+when the folder has no probe, or when the store holds a copy the folder has not taken yet (its recorded ETag is
+another); and, in a process following the probe (a server: ``follow_probe``), whenever the store's copy changes,
+looked at with one HEAD per ``refresh_s`` at most. The folder's own probe files then change, and the process loads
+them as it loads a probe written by ``probe train`` on its own machine. A folder whose probe was made here before
+the store had one (no ``probe_origin.json``) keeps it at open; a later publish replaces it. A probe refitted here (the
+vote's whitening after a write) keeps its origin: it is replaced at the next publish, not at the next open.
+The text prior is not shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from index.atomic import atomic_write, write_json_atomic
+from index.gallery import Gallery
+from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
+from index.objects import StoreObjects, probe_uri
+
+logger = logging.getLogger(__name__)
+
+#: The object metadata of the store's probe.json naming the ETag of the weights published with it.
+WEIGHTS_ETAG = "weights-etag"
+
+
+def publish_probe(gallery: Gallery) -> str | None:
+    """Put the folder's probe files in the gallery's S3 store, weights first (under the store's lease); the store's
+    new copy (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share)."""
+    objects = gallery.objects
+    if objects is None:
+        return None
+    layout = gallery.layout
+    with gallery.writing():  # a write to the store: under its lease, so two publishes never interleave
+        weights, meta = layout.probe_weights.read_bytes(), layout.probe_meta.read_bytes()
+        weights_etag = objects.put(probe_uri(objects.uri, PROBE_WEIGHTS), weights)
+        etag = objects.put(probe_uri(objects.uri, PROBE_META), meta, metadata={WEIGHTS_ETAG: weights_etag})
+        copy = _copy(etag, weights_etag)
+        write_json_atomic(layout.probe_origin, {"copy": copy})
+    logger.info("probe of %s shared through its store (%s)", gallery.root, probe_uri(objects.uri, PROBE_META))
+    return copy
+
+
+def _copy(etag: str, weights_etag: str | None) -> str:
+    """One copy of the store's probe: its probe.json's ETag and the weights' it names (an S3 ETag follows the
+    bytes: a probe.json of the same text with other weights is another copy)."""
+    return f"{etag} {weights_etag}"
+
+
+class ProbeFollower:
+    """Takes the store's shared probe into a gallery folder when it changes (see the module's docstring)."""
+
+    def __init__(self, gallery: Gallery, objects: StoreObjects) -> None:
+        self.gallery = gallery
+        self.objects = objects
+        self.seen: str | None = _origin(gallery)  # the store's copy (_copy) the folder's files match, or seen last
+        self._failing = False  # a failure was warned: the next ones are logged at info until one succeeds
+
+    def at_open(self) -> None:
+        """At open: take the store's copy when the folder has no probe, or holds a copy taken from the store that
+        is not the store's now; else only remember the store's copy as seen (later changes are taken)."""
+        has = self.gallery.layout.probe_meta.is_file()
+        if has and self.seen is None:  # a probe made here, not from the store: kept until the next publish
+            try:
+                self.seen = self._etag()
+            except OSError as exc:  # the store unreachable: its copy is taken at the first look that reaches it
+                logger.warning("could not look at the shared probe of %s's store (%s)", self.gallery.root, exc)
+            return
+        self.check(wait=None if not has else 0.0)  # without a probe, wait for a writer of the folder: it needs one
+
+    def check(self, *, wait: float | None = 0.0) -> bool:
+        """One look at the store's copy (a HEAD); when it is not the one seen last, take it into the folder. Whether
+        it did. A failure (the store unreachable, the folder's lock held by a writer: ``wait`` seconds for it, 0 by
+        default, a reader's) is logged, and looked at again at the next check."""
+        try:
+            took = self._take(wait)
+        except TimeoutError as exc:  # a writer holds the folder: not a failure
+            logger.info("the shared probe of %s's store not taken yet (%s): looked at again later", self.gallery.root,
+                        exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the store's or the folder's: the probe loaded stays
+            log = logger.info if self._failing else logger.warning
+            log("could not take the shared probe of %s's store into it (%s): the probe loaded stays; looked at again "
+                "later", self.gallery.root, exc)
+            self._failing = True
+            return False
+        self._failing = False
+        return took
+
+    def _etag(self) -> str | None:
+        """The store's copy now (:func:`_copy`; None: it has none)."""
+        head = self.objects.head(probe_uri(self.objects.uri, PROBE_META))
+        return None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+
+    def _take(self, wait: float | None) -> bool:
+        meta_uri = probe_uri(self.objects.uri, PROBE_META)
+        head = self.objects.head(meta_uri)
+        if head is None:
+            return False
+        etag = str(head["ETag"])
+        weights_etag = (head.get("Metadata") or {}).get(WEIGHTS_ETAG)
+        copy = _copy(etag, weights_etag)
+        if copy == self.seen:
+            return False
+        if not weights_etag:  # not one publish_probe wrote: its weights cannot be told to be its own
+            logger.warning("%s names no weights (metadata %s): not taken; publish it again with speciesid probe "
+                           "train or probe import", meta_uri, WEIGHTS_ETAG)
+            self.seen = copy
+            return False
+        meta = self.objects.get(meta_uri, etag=etag)  # ObjectChangedError: published again meanwhile (next look)
+        weights = self.objects.get(probe_uri(self.objects.uri, PROBE_WEIGHTS), etag=weights_etag)
+        where = f"the shared probe {meta_uri}"
+        try:
+            check_encoder(where, str(json.loads(meta)["fingerprint"]), self.gallery.fingerprint,
+                          fix=f"train the probe again with 'speciesid probe train --index {self.gallery.root}'")
+        except (ValueError, KeyError, TypeError) as exc:  # another encoder's (or not a probe's): never taken
+            logger.warning("%s (not taken into %s)", exc, self.gallery.root)
+            self.seen = copy
+            return False
+        layout = self.gallery.layout
+        with self.gallery.writing(local=True, wait=wait):  # the folder's files only; a writer's probe write waits
+            atomic_write(layout.probe_weights, weights)  # weights first: a reader of the folder checks the pair
+            atomic_write(layout.probe_meta, meta)
+            write_json_atomic(layout.probe_origin, {"copy": copy})
+        self.seen = copy
+        logger.info("took the shared probe of the store into %s (%s)", self.gallery.root, copy)
+        return True
+
+
+def _origin(gallery: Gallery) -> str | None:
+    """The store's copy (:func:`_copy`) the folder's probe came from (None: none recorded, or unreadable)."""
+    try:
+        return str(json.loads(gallery.layout.probe_origin.read_text(encoding="utf-8"))["copy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def probe_follower(gallery: Gallery) -> ProbeFollower | None:
+    """The follower of the gallery's shared probe, None when its store is not on S3."""
+    return ProbeFollower(gallery, gallery.objects) if gallery.objects is not None else None

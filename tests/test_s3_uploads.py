@@ -1,0 +1,157 @@
+"""Photos added through the HTTP API to a gallery whose store is on S3 (moto's server on 127.0.0.1) are kept in the
+store (``<store>/_speciesid/uploads/<sha256><ext>``): a second machine (another gallery folder on the same store)
+shows them, a duplicate leaves no object behind, and the delete of the last reference removes it, from any machine.
+A gallery in its folder keeps its ``uploads/`` folder as before (tests/test_api.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from _api_support import API_KEY, SPECIES, binomial, photos
+from conftest import MOBILENET_SPEC, needs_shared
+from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
+
+KEYS = {"X-API-Key": API_KEY}
+#: Build photos (paths on each machine) of the gallery; the API adds photos of another species.
+BUILT = SPECIES[:2]
+ADDED = SPECIES[2]
+
+
+def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+@contextlib.contextmanager
+def _server(index: Path):
+    """A TestClient of the API on the gallery folder ``index`` (one machine)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
+    with TestClient(app) as client:
+        yield client
+
+
+def _upload_keys(client, prefix: str) -> list[str]:
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/uploads/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+@pytest.fixture
+def two_machines(request, tmp_path):
+    """A small MobileNet gallery on an S3 store, built in folder ``a`` and copied to folder ``b`` (a second machine):
+    (folder a, folder b, the store's prefix in the bucket, the boto3 client)."""
+    needs_shared()
+    from retrieval.encoders import EncoderConfig
+    from retrieval.workflows import build_gallery
+
+    _, client = request.getfixturevalue("s3_env")  # test_object_store's moto server and AWS_* environment
+    root = tmp_path / "photos"
+    for folder in BUILT:
+        (root / folder).mkdir(parents=True)
+        for p in photos("train", folder, 3):
+            (root / folder / p.name).symlink_to(p)
+    prefix = f"up-{tmp_path.name}"
+    build_gallery(tmp_path / "a", "folder", root, encoder=EncoderConfig(spec=MOBILENET_SPEC, precision="fp32"),
+                  store=f"s3://{BUCKET}/{prefix}", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)
+    return tmp_path / "a", tmp_path / "b", prefix, client
+
+
+def test_an_upload_on_one_machine_is_shown_by_another_and_its_delete_removes_it_from_the_store(two_machines):
+    a, b, prefix, client = two_machines
+    new = photos("train", ADDED, 2)
+    with _server(a) as on_a, _server(b) as on_b:
+        added = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS)
+        assert added.status_code == 201, added.text[:300]
+        ids = added.json()["ids"]
+        assert len(ids) == 2
+        digests = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in new)
+        keys = _upload_keys(client, prefix)
+        assert keys == [f"{prefix}/_speciesid/uploads/{d}.jpg" for d in digests]
+        stored = on_a.app.state.service.gallery.source_path(ids[0])
+        assert stored.startswith(f"s3://{BUCKET}/{prefix}/_speciesid/uploads/"), stored
+        assert not (a / "uploads").exists() or not any((a / "uploads").iterdir())  # nothing kept in the folder
+        from index.gallery import Gallery
+
+        assert Gallery.open(b).read_photo(stored) == new[0].read_bytes()  # what clean and evidence read too
+        for ref in ids:  # machine b shows the photos machine a received: no copy of any folder
+            shown = on_b.get(f"/v1/references/{ref}/image")
+            assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg", shown.text[:300]
+            assert shown.content[:2] == b"\xff\xd8"
+        # deleted on machine b: its object goes with its last reference, for every machine
+        assert on_b.delete(f"/v1/references/{ids[0]}", headers=KEYS).status_code == 204
+        left = _upload_keys(client, prefix)
+        assert len(left) == 1 and left[0] in keys and stored.rsplit("/", 1)[1] not in left[0]
+        assert on_a.get(f"/v1/references/{ids[0]}/image").status_code == 404
+        assert on_a.get(f"/v1/references/{ids[1]}/image").status_code == 200
+        # the photo deleted can be added again (its object put again), and shown on the other machine
+        again = on_b.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new[:1]), headers=KEYS)
+        assert again.status_code == 201 and len(again.json()["ids"]) == 1, again.text[:300]
+        assert _upload_keys(client, prefix) == keys
+        assert on_a.get(f"/v1/references/{again.json()['ids'][0]}/image").status_code == 200
+
+
+def test_a_duplicate_upload_leaves_no_object_in_the_store(two_machines):
+    a, b, prefix, client = two_machines
+    new = photos("train", ADDED, 1)
+    built = photos("train", BUILT[0], 1)  # a build photo: stored under its path on each machine
+    name = hashlib.sha256(new[0].read_bytes()).hexdigest() + ".jpg"
+    with _server(a) as on_a, _server(b) as on_b:
+        (ref,) = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS).json()["ids"]
+        # the same bytes through machine b: a duplicate of machine a's reference, whose object stays, once
+        resp = on_b.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS)
+        assert resp.status_code == 200 and resp.json()["ids"] == [], resp.text[:300]
+        assert [d["id"] for d in resp.json()["duplicates"]] == [ref]
+        assert _upload_keys(client, prefix) == [f"{prefix}/_speciesid/uploads/{name}"]
+        assert on_b.get(f"/v1/references/{ref}/image").status_code == 200
+        # a build photo's bytes uploaded: stored under its path already; the object put for it is removed again
+        resp = on_b.post(f"/v1/species/{binomial(BUILT[0])}/references", files=_files(built), headers=KEYS)
+        assert resp.status_code == 200 and resp.json()["ids"] == [] and len(resp.json()["duplicates"]) == 1
+        assert _upload_keys(client, prefix) == [f"{prefix}/_speciesid/uploads/{name}"]
+    for folder in (a, b):  # nothing kept in either folder
+        assert not (folder / "uploads").exists() or not any((folder / "uploads").iterdir())
+
+
+def test_a_probe_trained_on_one_machine_is_used_by_another_without_a_copy(two_machines):
+    from retrieval.workflows import open_identifier, train_gallery_probe
+
+    a, b, prefix, client = two_machines
+    shutil.copytree(b, b.parent / "c", symlinks=True)  # a third machine, opened after the probe is trained
+    following = open_identifier(b, follow_probe=True, refresh_s=0.0)  # a server's identifier on machine b
+    assert following.probe is None
+    train_gallery_probe(a, progress=False)
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/probe/")
+    assert sorted(o["Key"] for o in listed["Contents"]) == [f"{prefix}/_speciesid/probe/probe.json",
+                                                             f"{prefix}/_speciesid/probe/probe.npz"]
+    species = sorted(binomial(f) for f in BUILT)
+    assert following.refresh_probe(force=True)  # what each answer does first, at most once per refresh_s
+    assert following.probe is not None and following.probe.species == species
+    assert (b / "probe.json").read_bytes() == (a / "probe.json").read_bytes()
+    assert not following.refresh_probe(force=True)  # the same copy: one HEAD, nothing taken again
+    opened = open_identifier(b.parent / "c")  # a folder without a probe takes the store's at open
+    assert opened.probe is not None and opened.probe.species == species
+    # a probe.json naming weights that are not there (a publish caught between its two puts) is not taken
+    store = f"s3://{BUCKET}/{prefix}/_speciesid/probe"
+    from index.gallery import Gallery
+    from retrieval.probe_share import WEIGHTS_ETAG, publish_probe
+
+    objects = Gallery.open(a).objects
+    before = (b / "probe.json").read_bytes()
+    objects.put(f"{store}/probe.npz", (b / "probe.npz").read_bytes() + b"\0")  # not the weights the json names
+    objects.put(f"{store}/probe.json", before + b"\n", metadata={WEIGHTS_ETAG: '"0"'})
+    assert not following.refresh_probe(force=True)
+    assert (b / "probe.json").read_bytes() == before
+    from retrieval.probe import LinearProbe
+
+    retrained = LinearProbe.load(a)
+    retrained.trained_on += 1
+    retrained.save(a)
+    publish_probe(Gallery.open(a))  # the next publish is taken
+    assert following.refresh_probe(force=True) and following.probe.trained_on == retrained.trained_on
