@@ -49,10 +49,12 @@ def test_a_build_into_a_gallery_that_adds_nothing_but_skips_photos_fails(built, 
     bad.mkdir(parents=True)
     (bad / "fake.jpg").write_text("not a photo")
     (bad / "empty.jpg").write_bytes(b"")
+    _photo(bad / "tiny.png", 7, side=8)  # read, but refused: counted as what it is (walkthrough s48 #8)
     code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", bad.parent, "--index", index,
                           *ENCODER, "-q")
-    assert code == 1 and "added 0, skipped 2 unreadable" in out, (out, err)
-    assert f"nothing was added to gallery {index} from {bad.parent}: 2 photo(s) could not be read" in err, err
+    assert code == 1 and "added 0, skipped 2 unreadable, 1 too small" in out, (out, err)
+    assert (f"nothing was added to gallery {index} from {bad.parent}: 3 photo(s) skipped (2 unreadable, 1 too small)"
+            in err), err
     # a re-run whose photos are all stored already had nothing to add, nothing failed: 0, with or without an
     # unreadable photo beside them (reported again; a dataset's one bad file must not fail every later re-run)
     for broken in (False, True):

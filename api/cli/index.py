@@ -109,7 +109,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
-             "or unreadable folders: see the warning above), besides the unreadable photos counted above")
+             "or unreadable folders: see the warning above), besides the skipped photos counted above")
     if result.clean is not None:
         emit(result.clean.summary())
     if not len(g):  # nothing searchable: say so, and fail, rather than leave an empty gallery looking built
@@ -121,7 +121,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if not report.added and not report.duplicates:
         # into a gallery that holds other photos: no photo of this build is in it, every one was unreadable. A re-run
         # whose photos are stored already (an unreadable one beside them or not) had nothing to add: that is 0
-        why = [f"{len(report.skipped)} photo(s) could not be read"]
+        from retrieval.pipeline import skip_counts
+
+        counts = skip_counts(reason for _, reason in report.skipped)  # read but refused (too small...) said so
+        why = [f"{len(report.skipped)} photo(s) skipped (" + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+               + ")"]
         if scan.skipped:
             why.append(f"{len(scan.skipped)} entr{'y' if len(scan.skipped) == 1 else 'ies'} could not be listed")
         sys.stderr.write(f"speciesid: error: nothing was added to gallery {g.root} from {args.root}: "
