@@ -259,6 +259,14 @@ def _upgrade_message(why: str) -> str:
             f"writes ({why}): upgrade boto3 to {BOTO3_FLOOR} or later: pip install -U 'speciesid[s3]'")
 
 
+def missing_key_hint(bucket: str, key: str) -> str:
+    """Why a HEAD or GET of ``key`` may be refused although reading it is granted, for an error message: S3 answers
+    403, not 404, for a key that is not there when the credentials lack ``s3:ListBucket`` on the bucket."""
+    return (f"S3 answers 403, not 404, for a key that is not there when the credentials lack s3:ListBucket, so "
+            f"s3://{bucket}/{key} may simply be missing: grant s3:ListBucket on the bucket {bucket} (the policy in "
+            "docs/shared-gallery.md)")
+
+
 def _first(exc: BaseException | None) -> str:
     """The first line of an error's text, cut at 300 characters."""
     return first_line(exc, 300)
@@ -557,19 +565,21 @@ class S3Lease:
             "S3-compatible stores when they implement both on PutObject), or keep the gallery's store in its "
             "folder (no --store)")
 
-    def _raise(self, exc: BaseException, doing: str, *, needs: str | None = None) -> NoReturn:
+    def _raise(self, exc: BaseException, doing: str, *, needs: str | None = None, lookup: str = "") -> NoReturn:
         """Raise the error :meth:`_failure` makes of ``exc`` (from ``exc``), or ``exc`` itself as it is."""
-        failure = self._failure(exc, doing, needs=needs)
+        failure = self._failure(exc, doing, needs=needs, lookup=lookup)
         if failure is exc:
             raise exc
         raise failure from exc
 
-    def _failure(self, exc: BaseException, doing: str, *, needs: str | None = None) -> BaseException:
+    def _failure(self, exc: BaseException, doing: str, *, needs: str | None = None,
+                 lookup: str = "") -> BaseException:
         """The error to raise for a request on the lease's objects that failed with ``exc``, where the lease gives
         up on it: one that names the lease and what to do for a store's refusal, a request that got no answer (a
         network error: :meth:`_unreachable`) or credentials not found; ``exc`` itself for anything else. Only here,
         never on the request itself: the lease tells a put whose reply was lost by the raw error first (its nonce
-        stays unsure). ``needs``: the permissions a refusal (AccessDenied) names, when not the lease's own."""
+        stays unsure). ``needs``: the permissions a refusal (AccessDenied) names, when not the lease's own; ``lookup``:
+        the key a GET read (its refusal may be a missing key: :func:`missing_key_hint`)."""
         code = _code(exc)
         if not code:
             if type(exc).__name__ == "ParamValidationError" and ("IfMatch" in str(exc) or "IfNoneMatch" in str(exc)):
@@ -590,6 +600,11 @@ class S3Lease:
         if code in _INVALID and any(h in named for h in ("if-none-match", "if-match", "ifnonematch", "ifmatch",
                                                           "conditional")):
             return self._unsupported(exc)
+        if code in _DENIED and lookup:  # a GET: S3 refuses a missing key without ListBucket
+            return LeaseStoreError(
+                f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). "
+                f"{missing_key_hint(self.bucket, lookup)}; or, if it is there, the credentials need s3:GetObject "
+                f"and s3:PutObject on s3://{self.bucket}/{self.prefix}{LEASE_DIR}/*")
         if code in _DENIED:
             needs = needs or (f"s3:GetObject and s3:PutObject on s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the "
                               "lease and the shared id mark beside the table)")
@@ -624,7 +639,7 @@ class S3Lease:
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in _MISSING:
                 return None
-            self._raise(exc, "reading who holds it (a GET)")
+            self._raise(exc, "reading who holds it (a GET)", lookup=self.key)
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -797,7 +812,7 @@ class S3Lease:
         except Exception as exc:  # noqa: BLE001
             if _code(exc) in _MISSING:
                 return None, None
-            self._raise(exc, f"reading the shared id mark {IDS_OBJECT}")
+            self._raise(exc, f"reading the shared id mark {IDS_OBJECT}", lookup=self.ids_key)
 
     def write_next_id(self, next_id: int, etag: str | None) -> None:
         """Record the shared next id, conditional on the version read (:meth:`read_next_id`): a writer without the

@@ -41,6 +41,7 @@ from index.lease import (
     _no_credentials,
     _transient,
     is_s3,
+    missing_key_hint,
     s3_client,
 )
 
@@ -187,6 +188,11 @@ class StoreObjects:
                                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for this process, "
                                     "or run it where a role gives them")
         if code in _DENIED:
+            if doing in ("looking up", "reading"):  # a HEAD or GET: S3 refuses a missing key without ListBucket
+                bucket, key = _bucket_key(uri)
+                return StoreObjectError(f"{doing} {uri} was refused ({code}: {_first(exc)}): "
+                                        f"{missing_key_hint(bucket, key)}; or, if it is there, the credentials need "
+                                        f"{needs} on {where}")
             return StoreObjectError(f"{doing} {uri} was refused ({code}: {_first(exc)}): the credentials need "
                                     f"{needs} on {where}")
         if code and _transient(exc):

@@ -881,6 +881,42 @@ def test_refusals_of_the_lease_name_it_and_say_what_to_do():
     assert not fake.objects and not [c for op, c in fake.calls if op == "delete"]
 
 
+def test_a_refused_lookup_says_that_s3_refuses_a_missing_key_without_list_bucket():
+    """Without s3:ListBucket, S3 answers a HEAD or GET of a key that is not there with 403 (a probe never published,
+    an older store's id mark): the error says so and names ListBucket; before, it told the operator to grant
+    s3:GetObject, already granted (walkthrough s3 #4). A refused PUT still names the permission to write."""
+    from index.lease import LeaseStoreError
+    from index.objects import StoreObjectError, StoreObjects, probe_uri
+
+    class Refusing:
+        def head_object(self, **_):
+            raise _client_error("403", 403, op="HeadObject", message="Forbidden")
+
+        def get_object(self, **_):
+            raise _client_error("AccessDenied", 403, op="GetObject", message="Access Denied")
+
+        def put_object(self, **_):
+            raise _client_error("AccessDenied", 403, op="PutObject", message="Access Denied")
+
+    objects = StoreObjects("s3://gbk/p", client=Refusing())
+    for look in (lambda: objects.head(probe_uri(objects.uri, "probe.json")),
+                 lambda: objects.get("s3://gbk/p/_speciesid/uploads/gone.jpg")):
+        with pytest.raises(StoreObjectError) as caught:
+            look()
+        msg = str(caught.value)
+        assert "S3 answers 403, not 404, for a key that is not there when the credentials lack s3:ListBucket" in msg
+        assert "grant s3:ListBucket on the bucket gbk" in msg and "may simply be missing" in msg, msg
+        assert "if it is there, the credentials need s3:GetObject on s3://gbk/p/_speciesid/*" in msg, msg
+    with pytest.raises(StoreObjectError, match=r"the credentials need s3:PutObject on") as caught:
+        objects.put("s3://gbk/p/_speciesid/probe/probe.json", b"{}")
+    assert "ListBucket" not in str(caught.value)
+    fake = FakeS3()
+    fake.fail.append(("get", _client_error("AccessDenied", 403, op="GetObject", message="Access Denied")))
+    with pytest.raises(LeaseStoreError, match=r"reading the shared id mark ids.json was refused \(AccessDenied.*"
+                                              r"grant s3:ListBucket on the bucket b"):
+        _fake_lease(fake).read_next_id()
+
+
 def test_the_api_answers_the_leases_own_refusals_503_to_retry_or_500_misconfigured(monkeypatch):
     """The errors the lease really raises (their S3 cause chained) reach an API client as 503 + Retry-After (racing
     writes, a wait past the timeout) or 500 (credentials refused, no conditional writes): before, each was a 400."""
