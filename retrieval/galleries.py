@@ -157,6 +157,7 @@ def open_identifier(
     marks = file_marks(files)  # before loading: a write meanwhile is seen at the first look
     probe, text = load()
     ident = Identifier(enc, gallery, vote, probe=probe, text_prior=text)
+    ident.probe_follower = follower
     if follow_probe and use_probe:
         ident.follow_probe(files, load, refresh_s, marks=marks, sync=follower.check if follower else None)
     return ident

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,7 +30,7 @@ from index.store import SpeciesSummary
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
 from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize
-from retrieval.probe import LinearProbe, has_probe
+from retrieval.probe import LinearProbe, describe_probe, has_probe
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import (
     Rank,
@@ -181,6 +182,9 @@ class Identifier:
         self._pinned_state = threading.local()  # the state an answer in progress on this thread started with
         self._follow: tuple[list[Path], ProbeLoader, float] | None = None  # (files, loader, refresh_s)
         self._sync: Callable[[], object] | None = None  # called before each look at the files (follow_probe)
+        #: The follower of an S3 store's shared probe (retrieval.probe_share.ProbeFollower; open_identifier sets it),
+        #: whose last look /readyz tells; None otherwise.
+        self.probe_follower: Any = None
         self._probe_files: tuple | None = None  # their (mtime_ns, size) when the state was loaded
         self._probe_checked = 0.0  # time.monotonic() of the last look at them
         self._reload_lock = threading.Lock()
@@ -292,7 +296,7 @@ class Identifier:
                 self._whitened.clear()
             self._taxa_version = -1
             logger.info("probe of %s loaded again: %s", self.gallery.root,
-                        f"{len(probe.species)} species" if probe is not None else "none")
+                        describe_probe(probe) if probe is not None else "none (the blend is the kNN vote alone)")
             return True
         finally:
             self._reload_lock.release()

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp, softmax
@@ -68,6 +69,7 @@ class LinearProbe:
     source: str | None = None  # where the weights come from: None = logistic regression, 'finetune:DIR' = a fine-tuned head
     whitening: Whitening | None = None  # the kNN vote's whitened metric when calibration.metric == "whitened"
     made_at: str = ""  # when `probe train` / `probe import` made it (ISO 8601, UTC); "" = not recorded
+    weights_sha256: str = ""  # the sha256 of its probe.npz as saved or loaded; "" = not saved yet
 
     @property
     def dim(self) -> int:
@@ -99,6 +101,7 @@ class LinearProbe:
             arrays.update(whiten_mean=self.whitening.mean, whiten_matrix=self.whitening.matrix)
         np.savez(buf, **arrays)
         weights = buf.getvalue()
+        self.weights_sha256 = hashlib.sha256(weights).hexdigest()
         atomic_write(folder / PROBE_WEIGHTS, weights)  # first: a reader of the old probe.json sees the digest differ
         meta = {
             "format": PROBE_FORMAT,
@@ -108,7 +111,7 @@ class LinearProbe:
             "trained_on": self.trained_on,
             "source": self.source,
             "made_at": self.made_at,
-            "weights_sha256": hashlib.sha256(weights).hexdigest(),  # the pair's bond (load checks it)
+            "weights_sha256": self.weights_sha256,  # the pair's bond (load checks it)
             "settings": asdict(self.calibration),
             "whitening": None if self.whitening is None else {
                 "shrink": self.whitening.shrink, "photos": self.whitening.photos,
@@ -127,7 +130,9 @@ class LinearProbe:
         if expected_fingerprint is not None:
             check_encoder(f"the probe in {folder}", meta["fingerprint"], expected_fingerprint,
                           fix=f"retrain it with 'speciesid probe train --index {folder}'")
-        arrays = np.load(io.BytesIO(_weights_of(folder, meta, PROBE_WEIGHTS, PROBE_META)))
+        raw = _weights_of(folder, meta, PROBE_WEIGHTS, PROBE_META)
+        digest = str(meta.get("weights_sha256") or "") or hashlib.sha256(raw).hexdigest()  # recorded: checked equal
+        arrays = np.load(io.BytesIO(raw))
         if arrays["weight"].shape[0] != len(meta["species"]):  # the two files of two saves (one being replaced)
             raise ValueError(f"the probe in {folder}: its weights have {arrays['weight'].shape[0]} rows for "
                              f"{len(meta['species'])} species (being replaced?); train it again: speciesid probe "
@@ -148,6 +153,7 @@ class LinearProbe:
             source=meta.get("source"),
             whitening=whitening,
             made_at=str(meta.get("made_at") or ""),
+            weights_sha256=digest,
         )
 
     def added_since(self, gallery: Mapping[str, int]) -> list[str]:
@@ -224,6 +230,37 @@ def probe_origin(meta: Mapping) -> str:
     rule = f", rule {settings['rule']}" if settings.get("rule") else ""
     return (f"the probe 'probe train' trained{when} (C={settings.get('C', Calibration.C):g}, settings chosen on "
             f"{settings.get('selected_on', 'default')}{rule})")
+
+
+def probe_summary(probe: LinearProbe) -> dict[str, Any]:
+    """What an operator needs to tell one probe from another (the ``probe`` block of ``/readyz`` and ``index info``):
+    ``kind`` ("trained": by ``probe train``, with its ``settings``; "imported": a fine-tuned run's head taken by
+    ``probe import``, with that ``run``), ``made_at``, ``weights_sha256`` (its first 12 hex digits), its species,
+    the vote's ``metric``, and ``what`` in words (:func:`probe_origin`)."""
+    source = probe.source or ""
+    s = probe.calibration
+    settings: dict[str, Any] = {"blend_weight": s.blend_weight, "k": s.k, "temperature": s.temperature,
+                                "unknown_threshold": s.unknown_threshold, "selected_on": s.selected_on,
+                                "rule": s.rule or None}
+    block: dict[str, Any] = {"kind": "trained" if not source else "imported" if source.startswith("finetune:")
+                             else "other"}
+    if not source:
+        block["trained_on"] = probe.trained_on
+        settings = {"C": s.C, **settings}
+    elif source.startswith("finetune:"):
+        block["run"] = source.partition(":")[2]
+    else:
+        block["source"] = source
+    block.update(made_at=probe.made_at or None, weights_sha256=probe.weights_sha256[:12] or None,
+                 species=len(probe.species), metric=s.metric, settings=settings, what=describe_probe(probe))
+    return block
+
+
+def describe_probe(probe: LinearProbe) -> str:
+    """In words, what made ``probe`` and when (:func:`probe_origin`), its species and its weights' short sha256."""
+    meta = {"made_at": probe.made_at, "source": probe.source, "settings": asdict(probe.calibration)}
+    digest = f", weights sha256 {probe.weights_sha256[:12]}" if probe.weights_sha256 else ""
+    return f"{probe_origin(meta)}, {len(probe.species)} species{digest}"
 
 
 def _read_pair(folder: Path, meta_name: str, weights_name: str) -> tuple[dict, bytes] | None:

@@ -20,13 +20,17 @@ The text prior is not shared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
+from index.errors import first_line
 from index.gallery import Gallery
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
 from index.objects import StoreObjects, probe_uri
+from retrieval.probe import LinearProbe, now_utc, probe_summary
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,9 @@ class ProbeFollower:
         self.objects = objects
         self.seen: str | None = _origin(gallery)  # the store's copy (_copy) the folder's files match, or seen last
         self._failing = False  # a failure was warned: the next ones are logged at info until one succeeds
+        #: The last look at the store's copy: {"at": when (ISO 8601, UTC), "copy": the store's copy then (None: it
+        #: had none)} or {"at", "error"}; None before the first. What /readyz tells without asking the store.
+        self.last_look: dict[str, str | None] | None = None
 
     def at_open(self) -> None:
         """At open: take the store's copy when the folder has no probe, or holds a copy taken from the store that
@@ -99,12 +106,23 @@ class ProbeFollower:
 
     def _etag(self) -> str | None:
         """The store's copy now (:func:`_copy`; None: it has none)."""
-        head = self.objects.head(probe_uri(self.objects.uri, PROBE_META))
+        head = self._head()
         return None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+
+    def _head(self) -> dict[str, Any] | None:
+        """The HEAD of the store's probe.json (None: none there), kept as :attr:`last_look`."""
+        try:
+            head = self.objects.head(probe_uri(self.objects.uri, PROBE_META))
+        except Exception as exc:  # noqa: BLE001 - recorded for /readyz, raised as it is
+            self.last_look = {"at": now_utc(), "error": first_line(exc, 300)}
+            raise
+        copy = None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+        self.last_look = {"at": now_utc(), "copy": copy}
+        return head
 
     def _take(self, wait: float | None) -> bool:
         meta_uri = probe_uri(self.objects.uri, PROBE_META)
-        head = self.objects.head(meta_uri)
+        head = self._head()
         if head is None:
             return False
         etag = str(head["ETag"])
@@ -135,6 +153,44 @@ class ProbeFollower:
         self.seen = copy
         logger.info("took the shared probe of the store into %s (%s)", self.gallery.root, copy)
         return True
+
+
+def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None, *, look: bool = False
+                        ) -> dict[str, Any] | None:
+    """The ``shared`` part of the ``probe`` block (:func:`probe_status`), None when the store is not on S3:
+    ``object`` (the store's probe.json), ``copy`` (the store's copy the folder's probe files came from, from
+    probe_origin.json; None: made here, or none), and the store's copy as last looked at: ``store_copy``,
+    ``looked_at``, ``matches`` (None: not looked at yet, or the store has none) or ``error``. ``look``: one HEAD now (``index info``); else
+    ``follower``'s last look, and no request (``/readyz`` never waits on the store)."""
+    if gallery.objects is None:
+        return None
+    status: dict[str, Any] = {"object": probe_uri(gallery.objects.uri, PROBE_META), "copy": _origin(gallery)}
+    if look:
+        follower = ProbeFollower(gallery, gallery.objects)
+        with contextlib.suppress(Exception):  # kept as its last_look's error
+            follower._head()
+    last = follower.last_look if follower is not None else None
+    if last is None:
+        status.update(store_copy=None, looked_at=None, matches=None)
+    elif "error" in last:
+        status.update(looked_at=last["at"], error=last["error"], matches=None)
+    else:
+        status.update(store_copy=last["copy"], looked_at=last["at"],
+                      matches=None if last["copy"] is None else last["copy"] == status["copy"])
+    return status
+
+
+def probe_status(probe: LinearProbe | None, gallery: Gallery, follower: ProbeFollower | None = None, *,
+                 look: bool = False) -> dict[str, Any]:
+    """The ``probe`` block of ``/readyz`` and ``index info``: ``loaded`` (whether ``probe`` is one), what it is
+    (:func:`retrieval.probe.probe_summary`), and on an S3 store ``shared`` (:func:`shared_probe_status`)."""
+    block: dict[str, Any] = {"loaded": probe is not None}
+    if probe is not None:
+        block.update(probe_summary(probe))
+    shared = shared_probe_status(gallery, follower, look=look)
+    if shared is not None:
+        block["shared"] = shared
+    return block
 
 
 def _origin(gallery: Gallery) -> str | None:

@@ -31,6 +31,7 @@ import numpy as np
 from index import exclusions
 from index.atomic import atomic_write
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
+from index.errors import first_line
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
@@ -66,6 +67,7 @@ from retrieval.pipeline import (
     embed_photos,
     given_embeddings,
 )
+from retrieval.probe import LinearProbe, has_probe
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -74,6 +76,7 @@ from retrieval.probe_flows import (
     restore_gallery_probe,
     train_gallery_probe,
 )
+from retrieval.probe_share import probe_status
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -625,11 +628,28 @@ def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
 
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
-    S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`)."""
+    S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`), and its probe (which
+    one, and on S3 whether it is the store's copy: :func:`_probe_info`)."""
     g = _gallery(gallery)
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
-            "index_kind": g.index.kind, "store_version": g.store.version, "store": store_status(g)}
+            "index_kind": g.index.kind, "store_version": g.store.version, "store": store_status(g),
+            "probe": _probe_info(g)}
+
+
+def _probe_info(g: Gallery) -> dict[str, object]:
+    """The ``probe`` block of ``index info``: the folder's probe (:func:`retrieval.probe_share.probe_status`; one
+    that does not load: ``loaded`` false and its ``error``), and on S3 the store's copy, looked at now."""
+    probe, error = None, None
+    if has_probe(g.root):
+        try:
+            probe = LinearProbe.load(g.root, expected_fingerprint=g.fingerprint)
+        except (OSError, ValueError, KeyError) as exc:  # EncoderMismatchError is a ValueError
+            error = first_line(exc, 500)
+    block = probe_status(probe, g, look=True)
+    if error:
+        block["error"] = error
+    return block
 
 
 def _gallery(gallery: Gallery | str | Path) -> Gallery:

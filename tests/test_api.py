@@ -114,7 +114,14 @@ def test_health_and_ready(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "references": len(SPECIES) * PER_SPECIES, "encoder": MOBILENET_SPEC}
+    body = ready.json()
+    probe = body.pop("probe")
+    assert body == {"status": "ready", "references": len(SPECIES) * PER_SPECIES, "encoder": MOBILENET_SPEC}
+    loaded = client.app.state.service.identifier.probe  # which probe answers use (walkthrough s3 #5)
+    assert probe["loaded"] is (loaded is not None) and "shared" not in probe  # a store in the folder: nothing shared
+    if loaded is not None:
+        assert probe["made_at"] == (loaded.made_at or None) and probe["species"] == len(loaded.species)
+        assert len(probe["weights_sha256"]) == 12 and loaded.weights_sha256.startswith(probe["weights_sha256"])
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="identify-button"' in page.text

@@ -313,3 +313,25 @@ def test_an_imported_head_is_named_by_its_run():
 
     meta = {"source": "finetune:runs/ft-ph", "made_at": "2026-12-06T21:01:33+00:00", "settings": {"C": 1.0}}
     assert probe_origin(meta) == "the head of runs/ft-ph that 'probe import' took on 2026-12-06 21:01 UTC"
+
+
+def test_the_probe_summary_tells_a_trained_probe_from_an_imported_head(tmp_path):
+    """/readyz's and index info's probe block (walkthrough s3 #5): the kind, its settings or the run it came from,
+    when it was made and its weights' short sha256, as saved and as loaded again."""
+    import hashlib
+
+    from index.layout import PROBE_WEIGHTS
+    from retrieval.probe import LinearProbe, probe_summary
+
+    probe = _two_species_probe(5.0)
+    probe.made_at = "2026-12-06T21:01:33+00:00"
+    probe.save(tmp_path)
+    digest = hashlib.sha256((tmp_path / PROBE_WEIGHTS).read_bytes()).hexdigest()
+    trained = probe_summary(LinearProbe.load(tmp_path))
+    assert trained["kind"] == "trained" and trained["settings"]["C"] == 5.0 and "run" not in trained
+    assert trained["made_at"] == probe.made_at and trained["weights_sha256"] == digest[:12]
+    assert trained["what"].startswith("the probe 'probe train' trained on 2026-12-06 21:01 UTC (C=5")
+    probe.source = "finetune:runs/ft-ph"
+    imported = probe_summary(probe)
+    assert imported["kind"] == "imported" and imported["run"] == "runs/ft-ph" and "C" not in imported["settings"]
+    assert imported["what"].startswith("the head of runs/ft-ph that 'probe import' took on 2026-12-06 21:01 UTC")

@@ -155,3 +155,53 @@ def test_a_probe_trained_on_one_machine_is_used_by_another_without_a_copy(two_ma
     retrained.save(a)
     publish_probe(Gallery.open(a))  # the next publish is taken
     assert following.refresh_probe(force=True) and following.probe.trained_on == retrained.trained_on
+
+
+def test_readyz_and_index_info_say_which_probe_a_machine_uses_and_whether_it_is_the_stores(two_machines, caplog):
+    """An operator can tell which probe a server answers with, and whether it is the store's current copy: /readyz
+    (without a request to the store) and index info (one HEAD) carry a probe block; a server logs the probe it
+    loads (walkthrough s3 #5: nothing said which probe a server used)."""
+    import json
+    import logging
+
+    from index.gallery import Gallery
+    from retrieval.probe import LinearProbe
+    from retrieval.probe_share import publish_probe
+    from retrieval.workflows import gallery_info, train_gallery_probe
+
+    a, b, prefix, client = two_machines
+    with _server(b) as server:
+        ready = server.get("/readyz").json()["probe"]
+        assert ready["loaded"] is False and ready["shared"]["copy"] is None
+        assert ready["shared"]["object"] == f"s3://{BUCKET}/{prefix}/_speciesid/probe/probe.json"
+        train_gallery_probe(a, progress=False)
+        meta = json.loads((a / "probe.json").read_text())
+        service = server.app.state.service
+        heads = []
+        real = service.gallery.objects.head
+        service.gallery.objects.head = lambda uri: heads.append(uri) or real(uri)
+        with caplog.at_level(logging.INFO, logger="retrieval.identify"):
+            assert service.identifier.refresh_probe(force=True)  # what an identify does first
+        assert "probe of" in caplog.text and f"weights sha256 {meta['weights_sha256'][:12]}" in caplog.text
+        assert "'probe train' trained on" in caplog.text
+        looked = len(heads)
+        assert looked >= 1  # the follower looked (through the patched head)
+        ready = server.get("/readyz").json()["probe"]
+        assert len(heads) == looked  # /readyz never asks the store
+        assert ready["loaded"] is True and ready["kind"] == "trained" and ready["made_at"] == meta["made_at"]
+        assert ready["weights_sha256"] == meta["weights_sha256"][:12]
+        assert ready["species"] == len(meta["species"]) and ready["settings"]["C"] == meta["settings"]["C"]
+        assert ready["settings"]["selected_on"] == meta["settings"]["selected_on"]
+        shared = ready["shared"]
+        assert shared["copy"] == json.loads((b / "probe_origin.json").read_text())["copy"]
+        assert shared["store_copy"] == shared["copy"] and shared["matches"] is True and shared["looked_at"]
+    info = gallery_info(b)["probe"]
+    assert info["loaded"] is True and info["weights_sha256"] == meta["weights_sha256"][:12]
+    assert info["shared"]["matches"] is True
+    retrained = LinearProbe.load(a)
+    retrained.trained_on += 1
+    retrained.save(a)
+    publish_probe(Gallery.open(a))  # another copy in the store, not taken into b yet
+    info = gallery_info(b)["probe"]
+    assert info["shared"]["matches"] is False and info["shared"]["store_copy"] != info["shared"]["copy"]
+    assert info["weights_sha256"] == meta["weights_sha256"][:12]  # b's folder still holds the first

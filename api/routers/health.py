@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.service import EMPTY_GALLERY
+from retrieval.probe_share import probe_status
 
 #: /readyz's warning while the gallery's store cannot be reached.
 STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
@@ -27,7 +28,8 @@ def readyz(request: Request) -> JSONResponse:
     through this server) and says so in ``warning``: identify and search answer 409 until it holds references.
     While the gallery's store cannot be reached the server is still ready, ``"status": "degraded"``: identify and
     search answer from the references loaded before (a 503 here would take every replica out of a load balancer at
-    once during a store outage); ``warning`` names the store and what answers 503 meanwhile."""
+    once during a store outage); ``warning`` names the store and what answers 503 meanwhile. ``probe``: the probe
+    answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder, never the store."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -38,6 +40,8 @@ def readyz(request: Request) -> JSONResponse:
         body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
     elif not gallery.index.ntotal:
         body["warning"] = EMPTY_GALLERY
+    ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
+    body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower)
     return JSONResponse(body)
 
 
