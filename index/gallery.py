@@ -866,6 +866,10 @@ def store_error(uri: str, exc: BaseException) -> ValueError:
     text = str(exc)
     first = first_line(text, 200)
     cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
+    if cause == "AccessDenied" and "ListRequest" in text:  # Lance lists the table's versions at every open
+        return ValueError(f"cannot open the store {uri} (AccessDenied: {first}): listing it was refused; the "
+                          "credentials need s3:ListBucket on its bucket (and s3:GetObject, s3:PutObject, "
+                          "s3:DeleteObject under the store's prefix: the policy in docs/shared-gallery.md)")
     return ValueError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
                       "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
 

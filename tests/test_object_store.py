@@ -917,6 +917,22 @@ def test_a_refused_lookup_says_that_s3_refuses_a_missing_key_without_list_bucket
         _fake_lease(fake).read_next_id()
 
 
+def test_a_store_whose_listing_is_refused_names_s3_list_bucket():
+    """Lance lists the table's versions at every open: a refused listing (no s3:ListBucket) names that permission,
+    not only 'check the URI and the AWS_* settings' (walkthrough s3 #4; the text is Lance's, from moto with IAM)."""
+    from index.gallery import store_error
+
+    lance = ('Invalid input, Failed to connect to namespace: IO { source: Generic { store: "S3", source: ListRequest '
+             '{ source: RetryError(RetryErrorImpl { method: GET, uri: Some(http://127.0.0.1:1/gbk?list-type=2&prefix='
+             'p%2F__manifest%2F_versions%2F), inner: Status { status: 403, body: Some("<Error><Code>AccessDenied'
+             '</Code><Message>Access Denied</Message></Error>") } }) } }')
+    msg = str(store_error("s3://gbk/p", ValueError(lance)))
+    assert msg.startswith("cannot open the store s3://gbk/p (AccessDenied: ") and "listing it was refused" in msg
+    assert "the credentials need s3:ListBucket on its bucket" in msg and "docs/shared-gallery.md" in msg, msg
+    other = str(store_error("s3://gbk/p", ValueError("AccessDenied: GetObject refused")))
+    assert "ListBucket" not in other and "check the URI and the AWS_* settings" in other
+
+
 def test_the_api_answers_the_leases_own_refusals_503_to_retry_or_500_misconfigured(monkeypatch):
     """The errors the lease really raises (their S3 cause chained) reach an API client as 503 + Retry-After (racing
     writes, a wait past the timeout) or 500 (credentials refused, no conditional writes): before, each was a 400."""
