@@ -87,8 +87,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The distinct reference photos a species needs to be in ``probe train``'s cross-validation (retrieval.calibrate).
-MIN_PROBE_PHOTOS = 2
 #: Where a build embeds: this process, or a Ray cluster (the ``ray`` extra).
 ENGINES = ("local", "ray")
 
@@ -484,6 +482,11 @@ class AddResult:
     probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
     few_note: str = ""  # a species left with too few photos for 'probe train': says so, and what to do
 
+    @property
+    def notes(self) -> list[str]:
+        """The notes a caller shows beside the result (``probe_note``, ``few_note``), those that say something."""
+        return [note for note in (self.probe_note, self.few_note) if note]
+
 
 def check_new_references(
     gallery: Gallery,
@@ -568,9 +571,11 @@ def add_photos(
         refresh_gallery_metric(gallery)
     created = prior is None and bool(report.ids)
     held = (prior.count if prior else 0) + len(report.ids)  # searchable references of the species now
-    few = (f"{name} has {held} reference photo: 'speciesid probe train' leaves out species with fewer than "
-           f"{MIN_PROBE_PHOTOS} distinct photos (the kNN vote alone answers them); add another photo of it"
-           if report.ids and held < MIN_PROBE_PHOTOS else "")
+    from retrieval.calibrate import MIN_PROBE_PHOTOS  # sklearn: not on the query path
+
+    few = (f"{name} has {held} reference photo{'s' * (held != 1)}; 'speciesid probe train' needs {MIN_PROBE_PHOTOS} "
+           "that are not near-copies of each other, and leaves it out until then (the kNN vote alone answers it): "
+           "add another photo of it" if report.ids and held < MIN_PROBE_PHOTOS else "")
     return AddResult(species=name, created=created, existed=prior is not None, report=report, duplicates=duplicates,
                      excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "", few_note=few)
 

@@ -1196,6 +1196,10 @@ def test_delete_reference(client, service):
     again = client.post("/v1/species/Naja_Haje/references", files=_one("g2.png", _png(41, 32)), headers=KEYS)
     assert again.json()["species"] == "Naja haje" and again.json()["created"] is False
     assert client.get("/v1/species/Naja-haje").json()["count"] == 2
+    # the client is told what the command line prints: one photo is too few for the probe; a second one is not
+    assert "Naja haje has 1 reference photo; 'speciesid probe train' needs 2 that are not near-copies of each other, " \
+        "and leaves it out until then (the kNN vote alone answers it): add another photo of it" in odd.json()["notes"]
+    assert not any("probe train' needs" in n for n in again.json()["notes"]), again.json()
     # an unknown name keeps its hyphen (some epithets have one) and GET finds it in any spelling
     new = client.post("/v1/species/Testus c-album/references", files=_one("g3.png", _png(42, 32)), headers=KEYS)
     assert new.json()["species"] == "Testus c-album"

@@ -134,8 +134,9 @@ def test_references_add_of_a_species_with_one_photo_says_probe_train_leaves_it_o
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Dendrelaphis pictus",
                           _photo(tmp_path / "one.png", 80), "-q")
     assert code == 0, err
-    assert "note: Dendrelaphis pictus has 1 reference photo: 'speciesid probe train' leaves out species with fewer " \
-        "than 2 distinct photos (the kNN vote alone answers them); add another photo of it" in out, out
+    assert "note: Dendrelaphis pictus has 1 reference photo; 'speciesid probe train' needs 2 that are not " \
+        "near-copies of each other, and leaves it out until then (the kNN vote alone answers it): add another photo " \
+        "of it" in out, out
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Dendrelaphis pictus",
                           _photo(tmp_path / "two.png", 81), "-q")
     assert code == 0 and "(existing species)" in out and "note:" not in out, (out, err)

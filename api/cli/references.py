@@ -79,9 +79,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     emit(f"{result.species} ({status}): " + "\n".join(lines))
     if report.ids:
         emit(f"ids: {', '.join(map(str, report.ids))}")
-    for note in (result.probe_note, result.few_note):
-        if note:
-            emit(f"note: {note}")
+    for note in result.notes:
+        emit(f"note: {note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
         emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
