@@ -66,6 +66,7 @@ from retrieval.pipeline import (
     add_references,
     embed_photos,
     given_embeddings,
+    skip_counts,
 )
 from retrieval.probe_flows import (
     ProbeResult,
@@ -82,7 +83,8 @@ __all__ = [
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
-    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "train_gallery_probe",
+    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
+    "train_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)
