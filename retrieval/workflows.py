@@ -500,9 +500,10 @@ def check_new_references(
 ) -> None:
     """Refuse (ValueError, SpeciesNameConflictError) what :func:`add_photos` would refuse about the name and flags of
     photos for ``species``, before any work: a caller that embeds first (the API) answers a refused name without a
-    forward pass. :func:`add_photos` checks again with the gallery as it is when it writes."""
+    forward pass. :func:`add_photos` checks again with the gallery as it is when it writes, and logs what the name
+    leaves unknown (its venom status) then, once."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
-                           venomous=venomous, new_species=new_species)
+                           venomous=venomous, new_species=new_species, warn=False)
 
 
 def add_photos(
