@@ -100,6 +100,8 @@ class AddReferencesOut(BaseModel):
     ids: list[int]
     added: int
     duplicates: list[DuplicateOut]
+    notes: list[str] = Field(default_factory=list, description="what the add leaves to do: a new species the "
+                             "probe cannot name until it is retrained; a species with too few photos for the probe")
 
 
 class ErrorOut(BaseModel):

@@ -165,6 +165,7 @@ def new_species_references(
     genus: str | None = None,
     family: str | None = None,
     new_species: bool = False,
+    warn: bool = True,
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
@@ -173,7 +174,8 @@ def new_species_references(
     as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy (a new
     species' family from its genus). A new name the taxonomy does not know that is a near-spelling of a gallery
     species, or a gallery species' common name, is refused (:class:`SpeciesNameConflictError`) unless
-    ``new_species``.
+    ``new_species``. ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays of
+    unknown venom status (off for a check ahead of the add, which warns itself).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -199,7 +201,7 @@ def new_species_references(
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
-    if prior is None and taxon is None and venomous is None:
+    if warn and prior is None and taxon is None and venomous is None:
         close = difflib.get_close_matches(species_key(species), list(_taxonomy()), n=3, cutoff=0.85)
         logger.warning("%r is not in the shipped taxonomy and no venomous flag was given: its venom status stays "
                        "unknown (answers count it as possibly venomous)%s", species,

@@ -44,6 +44,9 @@ DEFAULT_RULE = "seq-nll"
 PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
 #: Cosine at or above which two gallery photos count as the same photo (kept in one fold).
 DUPLICATE_COSINE = 0.95
+#: The distinct reference photos (not near-copies of each other, cosine < DUPLICATE_COSINE) a species needs to be in
+#: the probe's cross-validation: one held out, one kept.
+MIN_PROBE_PHOTOS = 2
 
 
 class FewPhotosError(ValueError):
@@ -277,15 +280,15 @@ def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds
     groups, ``index.pairs.copy_groups``: one fold holds a whole group) of the species with the fewest. ValueError,
     naming them, when a species has fewer than 2: no fold could hold one of its photos out and keep another."""
     distinct = {c: len(np.unique(groups[y == c])) for c in np.unique(y)}
-    few = sorted(species[c] for c, n in distinct.items() if n < 2)
+    few = sorted(species[c] for c, n in distinct.items() if n < MIN_PROBE_PHOTOS)
     if few:
         photos = {species[c]: int((y == c).sum()) for c in distinct}
         named = ", ".join(f"{s} ({photos[s]} photo{'s' * (photos[s] > 1)}"
                           + (", all near-copies of one" if photos[s] > 1 else "") + ")" for s in few[:5])
         raise FewPhotosError(
             few,
-            "every species needs at least 2 distinct reference photos (not near-copies of each other: cosine "
-            f"< {DUPLICATE_COSINE}) to choose settings by cross-validation; {len(few)} have one: {named}"
+            f"every species needs at least {MIN_PROBE_PHOTOS} distinct reference photos (not near-copies of each "
+            f"other: cosine < {DUPLICATE_COSINE}) to choose settings by cross-validation; {len(few)} have one: {named}"
             f"{', ...' if len(few) > 5 else ''}: add other photos of them, or choose the settings on other photos "
             "(--val-root)")
     n_folds = int(min(folds, min(distinct.values())))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
-from index.store import MissingTableError, ReferenceStore, storage_options
+from index.store import MissingTableError, ReferenceStore, SpeciesSummary, storage_options
 from retrieval.encoders import (
     Encoder,
     EncoderConfig,
@@ -104,6 +104,21 @@ def holds_no_references(index_dir: str | Path, info: dict) -> bool:
     except Exception:  # noqa: BLE001 - only to word an error better: unknown is "not empty"
         logger.debug("could not count the references of %s", index_dir, exc_info=True)
         return False
+
+
+def stored_species(index_dir: str | Path) -> list[SpeciesSummary] | None:
+    """The species of the gallery at ``index_dir`` with their counts, read from its store alone (no vector index, no
+    encoder loaded); None when the store cannot be read here, or holds no table yet (opening the gallery says why)."""
+    info = read_gallery_info(index_dir)
+    where = info.get("store") or {}
+    try:
+        store = ReferenceStore(GalleryLayout(Path(index_dir)).store_location(info), int(info["dim"]), refresh_s=None,
+                               options=storage_options(where.get("options")) if where.get("uri") else None,
+                               create=False)
+        return store.species()
+    except Exception:  # noqa: BLE001 - a check ahead of the open: the open itself words what is wrong
+        logger.debug("could not read the species of %s", index_dir, exc_info=True)
+        return None
 
 
 @contextlib.contextmanager

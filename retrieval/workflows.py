@@ -57,6 +57,7 @@ from retrieval.galleries import (
     empty_gallery_hint,
     open_gallery,
     open_identifier,
+    stored_species,
 )
 from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
@@ -66,6 +67,7 @@ from retrieval.pipeline import (
     add_references,
     embed_photos,
     given_embeddings,
+    skip_counts,
 )
 from retrieval.probe import LinearProbe, has_probe
 from retrieval.probe_flows import (
@@ -82,15 +84,14 @@ from retrieval.vote import Rank, parse_rank
 __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
-    "delete_references", "evaluate_dataset",
+    "check_evaluation_set", "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
-    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "train_gallery_probe",
+    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
+    "train_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: The distinct reference photos a species needs to be in ``probe train``'s cross-validation (retrieval.calibrate).
-MIN_PROBE_PHOTOS = 2
 #: Where a build embeds: this process, or a Ray cluster (the ``ray`` extra).
 ENGINES = ("local", "ray")
 
@@ -308,6 +309,8 @@ def evaluate_dataset(
     keep_duplicates: bool = False,
     settings_overridden: bool = False,
     methods: Sequence[str] | None = None,
+    open_set: bool = False,
+    scan: DatasetScan | None = None,
 ) -> EvaluationRun:
     """Identify a labelled set with ``methods`` (default: every method the gallery has); write the JSON + Markdown
     report.
@@ -315,6 +318,10 @@ def evaluate_dataset(
     The report says which photos chose the settings, how many evaluated photos trained a network fine-tuned here,
     and how many the gallery already holds (same bytes or near-copies); those are left out of the figures unless
     ``keep_duplicates`` (:mod:`retrieval.protocol`).
+
+    A set none of whose species the gallery holds is refused (ValueError: a mistyped or renamed folder set), unless
+    ``open_set``: an open-set evaluation, of whether unknown species are abstained on and how often a venomous one is
+    called harmless. ``scan``: the set as :func:`check_evaluation_set` returned it (checked before the model loaded).
     """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     from retrieval.protocol import (
@@ -332,9 +339,12 @@ def evaluate_dataset(
     if methods is not None and (missing := [m for m in methods if m not in have]):
         raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
                          f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
-    scan = load_dataset(dataset, root, metadata=metadata)
-    require_records(scan)
-    _require_species_held([r.species for r in scan.records], ident.gallery, root)  # before the embedding work
+    if scan is None:
+        scan = load_dataset(dataset, root, metadata=metadata)
+        require_records(scan)
+        if not open_set:
+            _require_species_held([r.species for r in scan.records], ident.gallery.species(), ident.gallery.root,
+                                  root)  # before the embedding work
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
     if not ok:
@@ -383,7 +393,11 @@ def evaluate_dataset(
     ]
     if country:
         notes.append(f"country prior: {country}")
-    if absent := species_not_held([scan.records[i].species for i in ok], gallery_species):
+    unheld = Counter(s for s in (scan.records[i].species for i in ok) if s not in _held(gallery_species))
+    if open_set and unheld:  # asked for: not a warning
+        notes.append(f"open set: {len(unheld)} evaluated species ({sum(unheld.values())} photos) have no reference in "
+                     "the gallery: their answers measure abstention (coverage) and venomous called harmless")
+    elif absent := species_not_held([scan.records[i].species for i in ok], gallery_species):
         logger.warning("%s", absent)
         notes.append(f"warning: {absent}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
@@ -404,16 +418,37 @@ def species_not_held(evaluated: Sequence[str], gallery_species: Sequence[Species
             "photos to the gallery, or check the folder names")
 
 
-def _require_species_held(evaluated: Sequence[str], gallery: Gallery, root: str | Path) -> None:
+def check_evaluation_set(
+    index_dir: str | Path,
+    dataset: str,
+    root: str | Path,
+    *,
+    metadata: str | Path | None = None,
+    open_set: bool = False,
+) -> DatasetScan:
+    """The labelled set :func:`evaluate_dataset` identifies (pass it as its ``scan``), checked against the gallery's
+    species before any model loads: refused (ValueError) when none of its species is in the gallery, unless
+    ``open_set``. A store that cannot be read here is left to the gallery's open to report."""
+    scan = load_dataset(dataset, root, metadata=metadata)
+    require_records(scan)
+    if not open_set and (gallery_species := stored_species(index_dir)):
+        _require_species_held([r.species for r in scan.records], gallery_species, index_dir, root)
+    return scan
+
+
+def _require_species_held(evaluated: Sequence[str], gallery_species: Sequence[SpeciesSummary], index: str | Path,
+                          root: str | Path) -> None:
     """Refuse (ValueError) to evaluate photos none of whose species the gallery holds: every answer would be a miss,
-    a report of zeros that measures nothing."""
-    gallery_species = gallery.species()
-    if any(s in _held(gallery_species) for s in evaluated):
+    a report of zeros that measures nothing, most often a mistyped or renamed folder set. An open-set evaluation is
+    asked for with ``--open-set``. A gallery with no species is left to the identifier's own refusal."""
+    held = _held(gallery_species)
+    if not held or any(s in held for s in evaluated):
         return
     counts = Counter(evaluated)
-    raise ValueError(f"none of the {len(counts)} species under {root} has a reference in gallery {gallery.root}: "
+    raise ValueError(f"none of the {len(counts)} species under {root} has a reference in gallery {index}: "
                      f"{_named_absent(counts, gallery_species)}; name the folders as the gallery's species ('speciesid "
-                     f"species list --index {gallery.root}' lists them), or evaluate another gallery")
+                     f"species list --index {index}' lists them), or evaluate another gallery; to measure how unknown "
+                     "species are answered (abstentions, venomous called harmless), pass --open-set")
 
 
 def _held(gallery_species: Sequence[SpeciesSummary]) -> set[str]:
@@ -452,6 +487,11 @@ class AddResult:
     probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
     few_note: str = ""  # a species left with too few photos for 'probe train': says so, and what to do
 
+    @property
+    def notes(self) -> list[str]:
+        """The notes a caller shows beside the result (``probe_note``, ``few_note``), those that say something."""
+        return [note for note in (self.probe_note, self.few_note) if note]
+
 
 def check_new_references(
     gallery: Gallery,
@@ -463,9 +503,10 @@ def check_new_references(
 ) -> None:
     """Refuse (ValueError, SpeciesNameConflictError) what :func:`add_photos` would refuse about the name and flags of
     photos for ``species``, before any work: a caller that embeds first (the API) answers a refused name without a
-    forward pass. :func:`add_photos` checks again with the gallery as it is when it writes."""
+    forward pass. :func:`add_photos` checks again with the gallery as it is when it writes, and logs what the name
+    leaves unknown (its venom status) then, once."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
-                           venomous=venomous, new_species=new_species)
+                           venomous=venomous, new_species=new_species, warn=False)
 
 
 def add_photos(
@@ -536,9 +577,11 @@ def add_photos(
         refresh_gallery_metric(gallery)
     created = prior is None and bool(report.ids)
     held = (prior.count if prior else 0) + len(report.ids)  # searchable references of the species now
-    few = (f"{name} has {held} reference photo: 'speciesid probe train' leaves out species with fewer than "
-           f"{MIN_PROBE_PHOTOS} distinct photos (the kNN vote alone answers them); add another photo of it"
-           if report.ids and held < MIN_PROBE_PHOTOS else "")
+    from retrieval.calibrate import MIN_PROBE_PHOTOS  # sklearn: not on the query path
+
+    few = (f"{name} has {held} reference photo{'s' * (held != 1)}; 'speciesid probe train' needs {MIN_PROBE_PHOTOS} "
+           "that are not near-copies of each other, and leaves it out until then (the kNN vote alone answers it): "
+           "add another photo of it" if report.ids and held < MIN_PROBE_PHOTOS else "")
     return AddResult(species=name, created=created, existed=prior is not None, report=report, duplicates=duplicates,
                      excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "", few_note=few)
 

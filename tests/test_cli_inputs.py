@@ -91,6 +91,28 @@ def test_photos_read_but_refused_are_counted_under_their_reason_not_as_unreadabl
                                   "no photo"], said
 
 
+def test_entries_skipped_inside_a_folder_argument_are_not_read_not_missing_arguments(built, tmp_path, capsys, caplog):
+    """Review s48 #9: a broken link inside a folder argument is not an argument "not found or holding no photo",
+    nor one of the photos: identify and references add count it apart, as an entry not read."""
+    import logging
+
+    index, _ = built
+    folder = tmp_path / "shots"
+    good = _photo(folder / "good.png", 40)
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a broken link inside the folder
+    caplog.set_level(logging.WARNING, logger="speciesid")
+    code, out, _ = _run(capsys, "identify", "--index", index, folder, tmp_path / "missing.jpg", *ENCODER)
+    said = [r.getMessage() for r in caplog.records if r.name == "speciesid"]
+    assert code == 1 and said == ["1 of 2 photos not answered: 1 not found or holding no photo; 1 entry inside the "
+                                  "folders given not read (a broken link, a sub-folder that cannot be listed, or a "
+                                  "file that cannot be read)"], said
+    assert str(good) in out and str(folder / "gone.jpg") in out, out  # every input is in the output
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", folder,
+                          tmp_path / "missing.jpg", *ENCODER, "-q")
+    assert code == 1 and "; 1 argument(s) not found or holding no photo (named above); 1 entry inside the folders " \
+        "not read (named above)" in out, (out, err)
+
+
 def test_a_build_reports_photos_already_in_the_gallery_apart_from_repeats_within_the_run():
     """Walkthrough s48 #13: a duplicate of a stored photo ("id N") is "already in the gallery"; only a repeat within
     the run (its first copy's path) is a "duplicate"; refusals are counted by reason (#8)."""

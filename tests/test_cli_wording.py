@@ -67,21 +67,47 @@ def test_evaluate_names_the_species_whose_common_name_a_folder_has(built, tmp_pa
 
 
 def test_evaluate_refuses_a_set_none_of_whose_species_the_gallery_holds(built, tmp_path, capsys, monkeypatch):
-    """One line, exit 2, before any photo is embedded, and no report of zeros."""
+    """One line, exit 2, before the model loads (so before any photo is embedded), naming --open-set; no report."""
     import retrieval.workflows as workflows
 
     index, _ = built
     val = tmp_path / "val"
     _photo(val / "Samar Cobra" / "a.png", 70)
     _photo(val / "Natrix mauraa" / "b.png", 71)
-    monkeypatch.setattr(workflows, "embed_photos", lambda *a, **kw: pytest.fail("embedded"))
+    monkeypatch.setattr(workflows, "open_identifier", lambda *a, **kw: pytest.fail("model loaded"))
     code, out, err = _evaluate(capsys, index, val, tmp_path / "report")
     assert code == 2 and out == "" and len(err.splitlines()) == 1, (out, err)
     assert (f"speciesid: error: none of the 2 species under {val} has a reference in gallery {index}: Natrix mauraa "
             "(1 photo; closest: Natrix maura); Samar Cobra (1 photo; the common name of Naja samarensis); name the "
             f"folders as the gallery's species ('speciesid species list --index {index}' lists them), or evaluate "
-            "another gallery") in err, err
+            "another gallery; to measure how unknown species are answered (abstentions, venomous called harmless), "
+            "pass --open-set") in err, err
     assert not (tmp_path / "report").exists()
+
+
+def test_evaluate_open_set_runs_on_species_the_gallery_does_not_hold(built, tmp_path, capsys, caplog):
+    """--open-set: the same set is evaluated (coverage, venomous called harmless), said in the notes, not warned."""
+    index, _ = built
+    val = tmp_path / "val"
+    _photo(val / "Naja philippinensis" / "a.png", 70)
+    _photo(val / "Bungarus fasciatus" / "b.png", 71)
+    with caplog.at_level(logging.WARNING):
+        code, out, err = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", val, "--report",
+                              tmp_path / "report", "--keep-duplicates", "--open-set", "-q")
+    assert code == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("knn ")]
+    assert "venomous called harmless" in line and "coverage" in line, line
+    assert "have no reference in the gallery" not in caplog.text, caplog.text
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "open set: 2 evaluated species (2 photos) have no reference in the gallery: their answers measure " \
+        "abstention (coverage) and venomous called harmless" in report, report
+
+
+def test_evaluate_help_names_open_set(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--open-set evaluate a set of species the gallery may hold none of" in out, out
 
 
 def test_references_add_says_not_created_when_no_photo_of_a_new_species_was_stored(built, capsys):
@@ -108,8 +134,9 @@ def test_references_add_of_a_species_with_one_photo_says_probe_train_leaves_it_o
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Dendrelaphis pictus",
                           _photo(tmp_path / "one.png", 80), "-q")
     assert code == 0, err
-    assert "note: Dendrelaphis pictus has 1 reference photo: 'speciesid probe train' leaves out species with fewer " \
-        "than 2 distinct photos (the kNN vote alone answers them); add another photo of it" in out, out
+    assert "note: Dendrelaphis pictus has 1 reference photo; 'speciesid probe train' needs 2 that are not " \
+        "near-copies of each other, and leaves it out until then (the kNN vote alone answers it): add another photo " \
+        "of it" in out, out
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Dendrelaphis pictus",
                           _photo(tmp_path / "two.png", 81), "-q")
     assert code == 0 and "(existing species)" in out and "note:" not in out, (out, err)

@@ -57,9 +57,12 @@ def parse_yes_no(value: str | None) -> bool | None:
     raise ValueError(f"--venomous takes yes or no, not {value!r}")
 
 
-def photo_args(paths: Sequence[str], *, report: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Photos named on the command line (folders expanded, see index.photos), and the (argument, reason) of each
-    bad argument, which is skipped (and reported on stderr unless ``report`` is False: the caller shows it in its
+def photo_args(paths: Sequence[str], *, report: bool = True
+               ) -> tuple[list[Path], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Photos named on the command line (folders expanded, see index.photos); the (argument, reason) of each bad
+    argument (missing, or a folder holding no photo); the (entry, reason) of each entry inside a folder argument that
+    could not be read (a broken link, a sub-folder that cannot be listed, a file that cannot be read to tell whether
+    it is a photo). Both are skipped, and reported on stderr unless ``report`` is False (the caller shows them in its
     output). No photo at all is an error."""
     from index.photos import expand_photo_args
 
@@ -68,7 +71,9 @@ def photo_args(paths: Sequence[str], *, report: bool = True) -> tuple[list[Path]
         raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     for arg, reason in got.problems if report else ():
         sys.stderr.write(f"speciesid: skipped {arg}: {reason}\n")
-    return got.photos, got.problems
+    given = {str(Path(p)) for p in paths}  # a problem of an argument is named as given; one inside it by its path
+    return (got.photos, [(a, r) for a, r in got.problems if a in given],
+            [(a, r) for a, r in got.problems if a not in given])
 
 
 def interrupted_add(exc: ReferencesInterrupted, index: str | Path) -> int:

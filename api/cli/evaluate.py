@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-duplicates", action="store_true",
                    help="count evaluated photos the gallery already holds (same bytes or near-copies, cosine >= 0.95);"
                    " by default they are left out, and counted in the report")
+    p.add_argument("--open-set", action="store_true",
+                   help="evaluate a set of species the gallery may hold none of, to measure how unknown species are "
+                   "answered (coverage: how often it abstains; venomous called harmless). Without it such a set is "
+                   "refused, before the model loads, as a mistyped or renamed folder set")
     add_vote_args(p, rows=True)
     add_encoder_args(p, default_spec=None)
     add_quiet(p)
@@ -33,13 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """speciesid evaluate: identify a labelled set, print the figures and write the report (exit status)."""
-    from retrieval.workflows import evaluate_dataset
+    from retrieval.workflows import check_evaluation_set, evaluate_dataset
 
+    scan = check_evaluation_set(args.index, args.dataset, args.root, metadata=args.metadata,
+                                open_set=args.open_set)  # before the model loads
     ident = open_identifier(args)
     overridden = any(v is not None for v in (args.knn, args.temperature, args.unknown_threshold))
     run = evaluate_dataset(ident, args.dataset, args.root, metadata=args.metadata, country=args.country,
                            report_dir=args.report, progress=not args.quiet, keep_duplicates=args.keep_duplicates,
-                           settings_overridden=overridden, methods=None if args.method == "all" else [args.method])
+                           settings_overridden=overridden, methods=None if args.method == "all" else [args.method],
+                           open_set=args.open_set, scan=scan)
     if run.unreadable:
         emit(f"photos: {run.queries} evaluated, {run.unreadable} unreadable, skipped")
     for line in run.protocol:

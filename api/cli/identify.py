@@ -62,11 +62,12 @@ def cmd_identify(args: argparse.Namespace) -> int:
     """speciesid identify: the candidate species of each photo, or of one observation (exit status)."""
     from retrieval.workflows import identify
 
-    paths, bad_args = photo_args(args.images, report=False)
+    paths, bad_args, not_read = photo_args(args.images, report=False)
     ident = open_identifier(args)
     answers = identify(ident, paths, observation=args.observation, top=args.k, method=args.method,
                        rank=args.rank, country=args.country, progress=not args.quiet and len(paths) > 20)
-    results = [{"image": arg, "error": reason} for arg, reason in bad_args]  # every input is in the output
+    skipped = bad_args + not_read
+    results = [{"image": arg, "error": reason} for arg, reason in skipped]  # every input is in the output
     for a in answers:
         if a.error is not None:
             results.append({"image": a.source, "error": a.error})
@@ -89,12 +90,18 @@ def cmd_identify(args: argparse.Namespace) -> int:
             emit(_identify_table(r, args.rank, args.neighbours, far_threshold=limit))
     failed = sum("error" in r for r in results)
     if failed:
-        from retrieval.pipeline import skip_counts  # unreadable, or read but refused (too elongated, ...)
+        from retrieval.workflows import skip_counts  # unreadable, or read but refused (too elongated, ...)
 
-        kinds = {**skip_counts(r["error"] for r in results[len(bad_args):] if "error" in r),
-                 "not found or holding no photo": len(bad_args)}  # results start with the bad arguments
-        logger.warning("%d of %d photos not answered: %s", failed, len(paths) + len(bad_args),
-                       ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n))
+        kinds = {**skip_counts(r["error"] for r in results[len(skipped):] if "error" in r),
+                 "not found or holding no photo": len(bad_args)}  # results start with the skipped arguments
+        said = []
+        if failed > len(not_read):
+            said.append(f"{failed - len(not_read)} of {len(paths) + len(bad_args)} photos not answered: "
+                        + ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n))
+        if not_read:  # not photos: entries of a folder argument (a broken link, a folder that cannot be listed)
+            said.append(f"{len(not_read)} entr{'y' if len(not_read) == 1 else 'ies'} inside the folders given not "
+                        "read (a broken link, a sub-folder that cannot be listed, or a file that cannot be read)")
+        logger.warning("%s", "; ".join(said))
     return 1 if failed else 0
 
 
@@ -184,7 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """speciesid search: the gallery's nearest references of one photo (exit status)."""
     from retrieval.workflows import search
 
-    paths, _ = photo_args([args.image])
+    paths, _, _ = photo_args([args.image])
     if len(paths) != 1:
         raise ValueError(f"search takes one photo; {args.image} holds {len(paths)} (use identify for several)")
     ident = open_identifier(args)

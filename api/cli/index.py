@@ -121,7 +121,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if not report.added and not report.duplicates:
         # into a gallery that holds other photos: no photo of this build is in it, every one was unreadable. A re-run
         # whose photos are stored already (an unreadable one beside them or not) had nothing to add: that is 0
-        from retrieval.pipeline import skip_counts
+        from retrieval.workflows import skip_counts
 
         counts = skip_counts(reason for _, reason in report.skipped)  # read but refused (too small...) said so
         why = [f"{len(report.skipped)} photo(s) skipped (" + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)

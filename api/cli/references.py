@@ -58,7 +58,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from index.taxonomy import SpeciesNameConflictError
     from retrieval.workflows import ReferencesInterrupted, add_photos, open_gallery
 
-    paths, bad_args = photo_args(args.images)  # named on stderr now, counted in the summary below
+    paths, bad_args, not_read = photo_args(args.images)  # named on stderr now, counted in the summary below
     gallery, enc = open_gallery(args.index, encoder_config(args))
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
@@ -76,12 +76,14 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     lines = report.summary().split("\n")
     if bad_args:  # a missing file or a folder without photos: counted beside the photos that were read
         lines[0] += f"; {len(bad_args)} argument(s) not found or holding no photo (named above)"
+    if not_read:  # a broken link, a sub-folder that cannot be listed, a file that cannot be read, inside a folder
+        lines[0] += (f"; {len(not_read)} entr{'y' if len(not_read) == 1 else 'ies'} inside the folders not read "
+                     "(named above)")
     emit(f"{result.species} ({status}): " + "\n".join(lines))
     if report.ids:
         emit(f"ids: {', '.join(map(str, report.ids))}")
-    for note in (result.probe_note, result.few_note):
-        if note:
-            emit(f"note: {note}")
+    for note in result.notes:
+        emit(f"note: {note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
         emit(f"not added: {f} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
@@ -89,7 +91,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     for f, i in hidden:
         emit(f"not searchable: {f} is already reference {i}, excluded by a clean run (see {args.index}/clean_log.json; "
              f"'speciesid clean --restore --index {args.index}' undoes the last run, '--restore all' every one)")
-    return 1 if report.skipped or bad_args or elsewhere or hidden else 0
+    return 1 if report.skipped or bad_args or not_read or elsewhere or hidden else 0
 
 
 def cmd_references_delete(args: argparse.Namespace) -> int:

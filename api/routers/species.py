@@ -51,7 +51,8 @@ def add_references(
     return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
                             added=result.report.added,
                             duplicates=[DuplicateOut(file=f, id=i, species=sp, excluded=i in result.excluded)
-                                        for f, i, sp in result.duplicates])
+                                        for f, i, sp in result.duplicates],
+                            notes=result.notes)
 
 
 class _SlashedName(Convertor):
