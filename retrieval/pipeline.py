@@ -8,7 +8,6 @@ never fatal; a photo whose bytes are already stored (sha256) is a duplicate and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -217,17 +216,6 @@ def prepare(
     return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor)
 
 
-@contextlib.contextmanager
-def _dropping(pending: deque[Future[Prepared]]) -> Iterator[None]:
-    """On leaving (a consumer that stopped early: Ctrl-C, an error), cancel the look-ahead not started yet, so that
-    the pool's shutdown waits only for the photos being prepared."""
-    try:
-        yield
-    finally:
-        for future in pending:
-            future.cancel()
-
-
 def iter_prepared(
     sources: Sequence[str | Path | bytes],
     encoder: Encoder,
@@ -244,10 +232,13 @@ def iter_prepared(
     bytes, :func:`prepare`).
 
     ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
-    :func:`prepare`."""
+    :func:`prepare`. A consumer that stops early (Ctrl-C, an error, ``close()``) is not kept waiting for the photos
+    being prepared: the look-ahead not started is cancelled, and the decoders at work finish their photo on their
+    own (the interpreter's exit waits for them), so that a Ctrl-C reaches the caller at once."""
     workers = workers or default_workers()
     pending: deque[Future[Prepared]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool, _dropping(pending):
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode")
+    try:
         it = iter(enumerate(sources))
         for pos, src in it:
             pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given,
@@ -264,6 +255,10 @@ def iter_prepared(
                 pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side,
                                            given=given, read=read))
             yield done
+    except BaseException:  # GeneratorExit, KeyboardInterrupt, an error: not joined (a second Ctrl-C would land here)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def iter_embeddings(
@@ -393,13 +388,47 @@ def embed_sources(
 
 class ReferencesInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`add_references`, after the photos embedded before it were committed: ``report.added`` of
-    them by this call (all that it committed). ``saved`` is False when a second Ctrl-C cut that last commit short:
-    then at least ``report.added`` were committed."""
+    them by this call (all that it committed; fewer when another writer held the gallery too long for that last
+    commit, which a warning said). ``saved`` is False when a second Ctrl-C cut that last commit short: then at
+    least ``report.added`` were committed."""
 
     def __init__(self, report: BuildReport, *, saved: bool = True) -> None:
         super().__init__(f"interrupted after {report.added} references were committed")
         self.report = report
         self.saved = saved
+
+
+#: Seconds at most that the commit after a Ctrl-C waits for another writer of the gallery (its lock; on S3 the
+#: store's lease) before it stops without committing: the user is waiting to get the prompt back.
+INTERRUPT_WRITE_WAIT_S = 10.0
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'' if n == 1 else 's'}"
+
+
+def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush: Callable[[], None],
+                        interrupt: KeyboardInterrupt, generators: Sequence[Iterator]) -> None:
+    """After the Ctrl-C ``interrupt`` in :func:`add_references`: say so at once, commit the rows embedded (``buf``,
+    by ``flush``), waiting :data:`INTERRUPT_WRITE_WAIT_S` at most for another writer, and raise
+    :class:`ReferencesInterrupted`. Any Ctrl-C from here on is a second one: it stops at once (``saved=False``)."""
+    committed = f"{_photos(report.added)} committed; committing the {len(buf)} embedded since" if report.added \
+        else f"committing the {_photos(len(buf))} embedded so far"
+    try:
+        logger.warning("interrupted: %s (Ctrl-C again to stop now)", committed)
+        for generator in generators:
+            generator.close()  # the decoders drop the photos they have not started, and are not waited for
+        wait = INTERRUPT_WRITE_WAIT_S if gallery.write_wait_s is None else min(gallery.write_wait_s,
+                                                                               INTERRUPT_WRITE_WAIT_S)
+        try:
+            with gallery.writing(wait=wait):  # the writes nested in it do not wait again
+                flush()
+        except TimeoutError as exc:  # another writer holds the gallery: the user is not kept waiting for it
+            logger.warning("not committed: the %s embedded since the last commit are not in the gallery, whose "
+                           "writes waited %.0f s for another writer (%s)", _photos(len(buf)), wait, exc)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
+        raise ReferencesInterrupted(report, saved=False) from interrupt
+    raise ReferencesInterrupted(report) from interrupt
 
 
 def add_references(
@@ -421,7 +450,9 @@ def add_references(
     before embedding) or repeat an earlier photo of this call are reported as duplicates and stored once.
     Rows are committed every ``chunk`` photos; the gallery re-checks the digests under its write lock, so
     two processes adding the same photo at once store it once. On Ctrl-C the photos embedded so far are committed
-    (one commit; a second Ctrl-C cuts it short) and :class:`ReferencesInterrupted` says how many this call kept.
+    (one commit, said at once in a warning; a second Ctrl-C cuts it short, and it is not made when another writer
+    holds the gallery for :data:`INTERRUPT_WRITE_WAIT_S`) and :class:`ReferencesInterrupted` says how many this
+    call kept.
 
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
     (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
@@ -497,14 +528,8 @@ def add_references(
                 if on_progress:
                     on_progress(done, len(records))
         except KeyboardInterrupt as interrupt:  # keep what was embedded: one commit (add_unique re-checks digests)
-            bar.close()  # the bar's line ends before the command's message
-            try:
-                batches.close()
-                prepared.close()  # its decoders drop the photos they have not started
-                flush()
-            except KeyboardInterrupt:  # a second Ctrl-C: stop now
-                raise ReferencesInterrupted(report, saved=False) from interrupt
-            raise ReferencesInterrupted(report) from interrupt
+            bar.close()  # the bar's line ends before the messages
+            _commit_interrupted(gallery, report, buf, flush, interrupt, (batches, prepared))
     flush()
     for pos, digest in repeats:
         report.duplicate_ids[pos] = stored_id.get(digest)

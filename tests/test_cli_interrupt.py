@@ -157,3 +157,142 @@ def test_add_references_commits_what_it_embedded_on_ctrl_c(tmp_path, given):
     assert isinstance(caught.value, KeyboardInterrupt) and caught.value.saved
     assert caught.value.report.added == 4 and len(caught.value.report.ids) == 4
     assert len(Gallery.open(g.root)) == 4
+
+
+def _slow_gallery(tmp_path, monkeypatch, *, fast: int = 4, n: int = 6):
+    """A gallery, its encoder (2 photos a batch) and ``n`` records whose photos from the ``fast``-th on are read
+    slowly (until the returned event is set, at most 20 s): a Ctrl-C then finds the model thread waiting on the
+    decoders, the usual case."""
+    import threading
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    enc.batch_size = 2
+    paths = [_photo(tmp_path / f"{i}.png", i) for i in range(n)]
+    g = Gallery.create(tmp_path / "g", enc.describe())
+    release = threading.Event()
+
+    def read(path):
+        if int(Path(path).stem) >= fast:
+            release.wait(20)
+        return Path(path).read_bytes()
+
+    monkeypatch.setattr(g, "read_photo", read)
+    return g, enc, [ReferenceRecord(path=p, species="Naja haje") for p in paths], release
+
+
+def _ctrl_c_after(done_at: int, *delays: float):
+    """An ``on_progress`` that, once ``done_at`` photos are handled, sends this process a real SIGINT ``delays``
+    seconds later (each), and the timers to cancel."""
+    import os
+    import signal
+    import threading
+
+    timers = [threading.Timer(d, os.kill, (os.getpid(), signal.SIGINT)) for d in delays]
+    started: list[bool] = []
+
+    def on_progress(done, total):
+        if done >= done_at and not started:
+            started.append(True)
+            for t in timers:
+                t.start()
+
+    return on_progress, timers
+
+
+def _holding_the_lock(g):
+    """Another thread of this process holds the gallery's write lock until the returned event is set."""
+    import threading
+
+    held, free = threading.Event(), threading.Event()
+
+    def hold():
+        with g.writing(wait=5):
+            held.set()
+            free.wait(30)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(10)
+    return free
+
+
+def test_a_real_ctrl_c_while_the_decoders_read_says_so_and_commits_without_waiting_for_them(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """Review s48 #1/#13: a SIGINT while the model thread waits on a slow read says at once what it commits, does
+    not wait for the photos being read, and commits the 4 embedded."""
+    import logging
+    import time
+
+    from index.gallery import Gallery
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
+    on_progress, timers = _ctrl_c_after(4, 0.3)
+    caplog.set_level(logging.WARNING, logger="retrieval.pipeline")
+    start = time.monotonic()
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+        for t in timers:
+            t.cancel()
+    assert elapsed < 15, elapsed  # the slow reads take 20 s: they are not waited for
+    assert caught.value.saved and caught.value.report.added == 4
+    assert [r.getMessage() for r in caplog.records if r.name == "retrieval.pipeline"] == [
+        "interrupted: committing the 4 photos embedded so far (Ctrl-C again to stop now)"]
+    assert len(Gallery.open(g.root)) == 4
+
+
+def test_a_second_real_ctrl_c_while_the_first_commits_stops_at_once(tmp_path, monkeypatch):
+    """Review s48 #1: a second SIGINT soon after the first (the decoders still reading, the commit waiting for
+    another writer) stops at once, saying 'at least', instead of being taken as the first."""
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
+    g.write_wait_s = 20  # what the commit after a Ctrl-C waits is bounded below it
+    free = _holding_the_lock(g)
+    on_progress, timers = _ctrl_c_after(4, 0.3, 1.0)
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+    finally:
+        release.set()
+        free.set()
+        for t in timers:
+            t.cancel()
+    assert not caught.value.saved and caught.value.report.added == 0
+
+
+def test_a_ctrl_c_whose_commit_finds_the_gallery_held_stops_without_committing(tmp_path, monkeypatch, caplog):
+    """Review s48 #1: the commit after a Ctrl-C waits for another writer a bounded time, then says that the photos
+    embedded are not committed and stops (not a TimeoutError, not the gallery's whole write wait)."""
+    import logging
+
+    from index.gallery import Gallery
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
+    g.write_wait_s = 1
+    free = _holding_the_lock(g)
+    on_progress, timers = _ctrl_c_after(4, 0.3)
+    caplog.set_level(logging.WARNING, logger="retrieval.pipeline")
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+    finally:
+        release.set()
+        free.set()
+        for t in timers:
+            t.cancel()
+    assert caught.value.saved and caught.value.report.added == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "retrieval.pipeline"]
+    assert warned[0] == "interrupted: committing the 4 photos embedded so far (Ctrl-C again to stop now)"
+    assert warned[1].startswith("not committed: the 4 photos embedded since the last commit are not in the gallery, "
+                                "whose writes waited 1 s for another writer (another thread of this process is "
+                                "writing this gallery"), warned
+    assert len(Gallery.open(g.root)) == 0
