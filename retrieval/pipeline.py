@@ -390,12 +390,15 @@ class ReferencesInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`add_references`, after the photos embedded before it were committed: ``report.added`` of
     them by this call (all that it committed; fewer when another writer held the gallery too long for that last
     commit, which a warning said). ``saved`` is False when a second Ctrl-C cut that last commit short: then at
-    least ``report.added`` were committed."""
+    least ``report.added`` were committed. ``after``: the Ctrl-C came once every photo was handled, during that
+    step (e.g. "finishing the index" of a build): all ``report.added`` were kept, and a re-run finishes it."""
 
-    def __init__(self, report: BuildReport, *, saved: bool = True) -> None:
-        super().__init__(f"interrupted after {report.added} references were committed")
+    def __init__(self, report: BuildReport, *, saved: bool = True, after: str | None = None) -> None:
+        super().__init__(f"interrupted after {report.added} references were committed"
+                         + (f", while {after}" if after else ""))
         self.report = report
         self.saved = saved
+        self.after = after
 
 
 #: Seconds at most that the commit after a Ctrl-C waits for another writer of the gallery (its lock; on S3 the

@@ -296,3 +296,32 @@ def test_a_ctrl_c_whose_commit_finds_the_gallery_held_stops_without_committing(t
                                 "whose writes waited 1 s for another writer (another thread of this process is "
                                 "writing this gallery"), warned
     assert len(Gallery.open(g.root)) == 0
+
+
+@pytest.mark.parametrize("step", ["finishing the index", "cleaning the gallery"])
+def test_a_ctrl_c_once_every_photo_is_committed_says_all_were_kept(tmp_path, capsys, monkeypatch, step):
+    """Review s48 #3: a Ctrl-C in a build's last steps (the index finished, the --clean filter) said only
+    'interrupted'; every photo is committed then: it says so, and the same command finishes."""
+    from index.gallery import Gallery
+
+    root = tmp_path / "photos"
+    for i in range(5):
+        _photo(root / "Natrix maura" / f"{i}.png", i)
+    index = tmp_path / "g"
+
+    def stop(*args, **kw):
+        raise KeyboardInterrupt
+
+    build = ["index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER, "-q"]
+    with monkeypatch.context() as m:
+        if step == "finishing the index":
+            m.setattr(Gallery, "finish_build", stop)
+        else:
+            m.setattr("retrieval.workflows.clean_built_gallery", stop)
+            build.append("--clean")
+        code, _, err = _run(capsys, *build)
+    assert code == 130
+    assert err.strip().endswith(f"speciesid: interrupted while {step}: the 5 references added are all kept in "
+                                f"{index}; run the same command again to finish"), err
+    code, out, err = _run(capsys, "index", "info", "--index", index)
+    assert code == 0 and '"references": 5' in out, (out, err)
