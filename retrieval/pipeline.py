@@ -411,10 +411,12 @@ def _photos(n: int) -> str:
 
 
 def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush: Callable[[], None],
-                        interrupt: KeyboardInterrupt, generators: Sequence[Iterator]) -> None:
+                        settle: Callable[[], None], interrupt: KeyboardInterrupt,
+                        generators: Sequence[Iterator]) -> None:
     """After the Ctrl-C ``interrupt`` in :func:`add_references`: say so at once, commit the rows embedded (``buf``,
-    by ``flush``), waiting :data:`INTERRUPT_WRITE_WAIT_S` at most for another writer, and raise
-    :class:`ReferencesInterrupted`. Any Ctrl-C from here on is a second one: it stops at once (``saved=False``)."""
+    by ``flush``) and save the index, waiting :data:`INTERRUPT_WRITE_WAIT_S` at most for another writer, fill in
+    the report (``settle``) and raise :class:`ReferencesInterrupted`. Any Ctrl-C from here on is a second one: it
+    stops at once (``saved=False``)."""
     committed = f"{_photos(report.added)} committed; committing the {len(buf)} embedded since" if report.added \
         else f"committing the {_photos(len(buf))} embedded so far"
     try:
@@ -426,11 +428,14 @@ def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush:
         try:
             with gallery.writing(wait=wait):  # the writes nested in it do not wait again
                 flush()
+                gallery.save_index()  # as a call that ends does (else the next open syncs it by difference)
         except TimeoutError as exc:  # another writer holds the gallery: the user is not kept waiting for it
             logger.warning("not committed: the %s embedded since the last commit are not in the gallery, whose "
                            "writes waited %.0f s for another writer (%s)", _photos(len(buf)), wait, exc)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
+        settle()
         raise ReferencesInterrupted(report, saved=False) from interrupt
+    settle()
     raise ReferencesInterrupted(report) from interrupt
 
 
@@ -483,8 +488,11 @@ def add_references(
             return
         ids, dropped = gallery.add_unique([b[0] for b in buf], [b[1] for b in buf], np.concatenate([b[2] for b in buf]),
                                           save_index=False)
+        batch = buf.copy()
+        buf.clear()  # committed: a Ctrl-C from here on must not commit it again (its rows "already stored")
+        report.added += len(ids)
         kept = iter(ids)
-        for pos, (rec, digest, _) in enumerate(buf):
+        for pos, (rec, digest, _) in enumerate(batch):
             if pos in dropped:  # stored by another process since the batch was checked
                 report.duplicates.append((str(rec.path), f"id {dropped[pos]}"))
                 report.duplicate_ids.append(dropped[pos])
@@ -492,8 +500,12 @@ def add_references(
             else:
                 report.ids.append(next(kept))
                 stored_id[digest] = report.ids[-1]
-        report.added += len(ids)
-        buf.clear()
+
+    def settle() -> None:  # the report's last figures, once the rows are committed
+        for pos, digest in repeats:
+            report.duplicate_ids[pos] = stored_id.get(digest)
+        report.seconds = time.perf_counter() - start
+        report.waited_s = min(gallery.write_waited_s - waited_before, report.seconds)
 
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
@@ -532,13 +544,10 @@ def add_references(
                     on_progress(done, len(records))
         except KeyboardInterrupt as interrupt:  # keep what was embedded: one commit (add_unique re-checks digests)
             bar.close()  # the bar's line ends before the messages
-            _commit_interrupted(gallery, report, buf, flush, interrupt, (batches, prepared))
+            _commit_interrupted(gallery, report, buf, flush, settle, interrupt, (batches, prepared))
     flush()
-    for pos, digest in repeats:
-        report.duplicate_ids[pos] = stored_id.get(digest)
     gallery.save_index()
-    report.seconds = time.perf_counter() - start
-    report.waited_s = min(gallery.write_waited_s - waited_before, report.seconds)
+    settle()
     logger.info("model thread: %.1f s encoding, %.1f s waiting for decoded photos (%.0f%% of %.1f s)",
                 report.stats.encode_s, report.stats.wait_s, 100 * report.stats.wait_share(report.seconds),
                 report.seconds)

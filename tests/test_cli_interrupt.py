@@ -325,3 +325,37 @@ def test_a_ctrl_c_once_every_photo_is_committed_says_all_were_kept(tmp_path, cap
                                 f"{index}; run the same command again to finish"), err
     code, out, err = _run(capsys, "index", "info", "--index", index)
     assert code == 0 and '"references": 5' in out, (out, err)
+
+
+def test_a_ctrl_c_just_after_a_periodic_commit_counts_its_rows_once_and_the_index_is_saved(tmp_path, monkeypatch):
+    """Review s48 #4: a Ctrl-C that lands in a periodic commit once the rows are committed made the interrupt's
+    commit store them again, counted as 'already in the gallery' (added too low); the interrupt path saves the
+    index and times the call too, as a call that ends does."""
+    from index.gallery import Gallery
+    from index.vectors import load_index
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch, fast=6)
+    real = g.add_unique
+
+    class Trap(dict):
+        armed = True
+
+        def __contains__(self, key):
+            if Trap.armed:  # the first look at what the commit dropped: right after it returned
+                Trap.armed = False
+                raise KeyboardInterrupt
+            return super().__contains__(key)
+
+    def add_unique(*args, **kw):
+        ids, dropped = real(*args, **kw)
+        return ids, Trap(dropped)
+
+    monkeypatch.setattr(g, "add_unique", add_unique)
+    with pytest.raises(ReferencesInterrupted) as caught:
+        add_references(g, enc, records, progress=False, workers=1, chunk=4)
+    report = caught.value.report
+    assert caught.value.saved and report.added == 4 and report.duplicates == [], report.duplicates
+    assert report.seconds > 0
+    assert load_index(g.layout.vectors)[1]["count"] == 4  # saved, as at the end of a call
+    assert len(Gallery.open(g.root)) == 4
