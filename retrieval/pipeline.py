@@ -105,6 +105,8 @@ class BuildReport:
     #                                                               or read but refused (skip_kind)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, "id N" or path it repeats)
     duplicate_ids: list[int | None] = field(default_factory=list)  # per duplicate: the stored id it repeats
+    duplicate_stored: list[bool] = field(default_factory=list)  # per duplicate: True when the gallery held its
+    #                                                             bytes already, False for a repeat within the run
     seconds: float = 0.0  # wall time
     waited_s: float = 0.0  # of it, waiting for other writers of the gallery (their lock; on S3 the store's lease)
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
@@ -118,15 +120,28 @@ class BuildReport:
         working = self.seconds - self.waited_s
         return n / working if working > 0 else 0.0
 
+    def add_duplicate(self, path: str, *, stored_id: int | None = None, first: str | None = None) -> None:
+        """Record a duplicate: of the reference ``stored_id`` the gallery held already, or (``first``: the path of
+        its first copy in this run) a repeat within the run, its id filled in once that copy is stored."""
+        self.duplicates.append((path, f"id {stored_id}" if first is None else first))
+        self.duplicate_ids.append(stored_id)
+        self.duplicate_stored.append(first is None)
+
+    def _stored(self) -> list[bool]:
+        """Per duplicate, whether the gallery held its bytes already (:attr:`duplicate_stored`; a duplicate recorded
+        without it, in a report made by hand, is told by its second field: "id N")."""
+        kinds = self.duplicate_stored[: len(self.duplicates)]
+        return kinds + [_STORED_ID.fullmatch(other) is not None for _, other in self.duplicates[len(kinds):]]
+
     @property
     def already_stored(self) -> list[tuple[str, str]]:
         """The :attr:`duplicates` whose bytes the gallery held already (a re-run's photos): ``(path, "id N")``."""
-        return [d for d in self.duplicates if _STORED_ID.fullmatch(d[1])]
+        return [d for d, stored in zip(self.duplicates, self._stored(), strict=True) if stored]
 
     @property
     def repeats(self) -> list[tuple[str, str]]:
         """The :attr:`duplicates` that repeat an earlier photo of this run: ``(path, the path of its first copy)``."""
-        return [d for d in self.duplicates if not _STORED_ID.fullmatch(d[1])]
+        return [d for d, stored in zip(self.duplicates, self._stored(), strict=True) if not stored]
 
     def summary(self) -> str:
         """One human-readable paragraph."""
@@ -494,8 +509,7 @@ def add_references(
         kept = iter(ids)
         for pos, (rec, digest, _) in enumerate(batch):
             if pos in dropped:  # stored by another process since the batch was checked
-                report.duplicates.append((str(rec.path), f"id {dropped[pos]}"))
-                report.duplicate_ids.append(dropped[pos])
+                report.add_duplicate(str(rec.path), stored_id=dropped[pos])
                 stored_id[digest] = dropped[pos]
             else:
                 report.ids.append(next(kept))
@@ -520,13 +534,11 @@ def add_references(
                 for item in items:
                     rec = records[item.position]
                     if item.duplicate_of is not None:
-                        report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
-                        report.duplicate_ids.append(item.duplicate_of)
+                        report.add_duplicate(str(rec.path), stored_id=item.duplicate_of)
                     elif item.error is not None:
                         report.skipped.append((str(rec.path), item.error))
                     elif item.sha256 in first_path:
-                        report.duplicates.append((str(rec.path), first_path[item.sha256]))
-                        report.duplicate_ids.append(None)  # the id its first copy gets, once stored (below)
+                        report.add_duplicate(str(rec.path), first=first_path[item.sha256])  # its id: below
                         repeats.append((len(report.duplicate_ids) - 1, item.sha256))
                         row += 1
                     elif not np.isfinite(emb[row]).all():  # never committed: the gallery could not be opened again

@@ -359,3 +359,29 @@ def test_a_ctrl_c_just_after_a_periodic_commit_counts_its_rows_once_and_the_inde
     assert report.seconds > 0
     assert load_index(g.layout.vectors)[1]["count"] == 4  # saved, as at the end of a call
     assert len(Gallery.open(g.root)) == 4
+
+
+def test_a_repeat_whose_first_copy_is_named_like_an_id_is_a_repeat(tmp_path, monkeypatch):
+    """Review s48 #10: already-stored and repeated photos were told apart by whether the second field read "id N";
+    a run's first copy named ``id 12`` (a file without an extension) made its repeat "already in the gallery". The
+    kind is recorded as each duplicate is."""
+    import shutil
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import add_references
+
+    monkeypatch.chdir(tmp_path)
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    g = Gallery.create(tmp_path / "g", enc.describe())
+    first = _photo(tmp_path / "first.png", 1)
+    shutil.copy(first, tmp_path / "id 12")
+    shutil.copy(first, tmp_path / "copy.png")
+    records = [ReferenceRecord(path=Path(p), species="Naja haje") for p in ("id 12", "copy.png")]
+    report = add_references(g, enc, records, progress=False, workers=1)
+    assert report.added == 1 and report.repeats == [("copy.png", "id 12")] and report.already_stored == []
+    assert report.duplicate_ids == report.ids and report.duplicate_stored == [False]
+    again = add_references(g, enc, records[1:], progress=False, workers=1)
+    assert again.already_stored == [("copy.png", f"id {report.ids[0]}")] and again.repeats == []
+    assert "1 already in the gallery" in again.summary()
