@@ -4,7 +4,9 @@ The rule:
 
 - A photo is a file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case: ``.jpg``, ``.jfif``, ``.png``,
   ``.heic``, ...), or a file with no extension (``IMG_0006``, as phone and chat exports save them) whose first bytes
-  are a photo format's (:func:`sniff_photo_format`: a few bytes read, nothing decoded). Any other file is not read.
+  are a photo format's (:func:`sniff_photo_format`: a few bytes read, nothing decoded). Any other file is not read,
+  a photo's name with something after its extension included (:func:`is_photo_copy_name`: ``IMG_1.JPG_original``,
+  the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy, not read twice.
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
@@ -87,6 +89,25 @@ def has_extension(name: str) -> bool:
     return re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,4}", Path(name).suffix) is not None
 
 
+#: A photo's extension with something other than a letter after it, anywhere in a name (:func:`is_photo_copy_name`).
+_PHOTO_EXTENSION_WITH_TAIL = re.compile(
+    r"\.(?:" + "|".join(sorted((ext[1:] for ext in IMAGE_EXTENSIONS), key=len, reverse=True)) + r")[^A-Za-z]", re.I)
+
+
+def is_photo_copy_name(name: str) -> bool:
+    """Whether ``name`` is a photo's name with something after its extension: a backup or copy of a photo
+    (``IMG_1.JPG_original``, which exiftool leaves beside each photo it edits; ``x.jpg~``; ``x.jpeg.1``), not a photo
+    to read (the same pixels again, under other bytes) nor a name without an extension to sniff."""
+    return not is_photo_name(name) and _PHOTO_EXTENSION_WITH_TAIL.search(name) is not None
+
+
+def read_by_content(name: str) -> bool:
+    """Whether a file named ``name`` that has no photo's extension is told a photo or not by its first bytes
+    (:func:`sniff_photo_format`): a name without an extension (``IMG_0006``, ``WhatsApp Image ... at 10.23.45``),
+    not another file type's (``notes.txt``) nor a photo's copy (:func:`is_photo_copy_name`)."""
+    return not has_extension(name) and not is_photo_copy_name(name)
+
+
 def sniff_photo_format(head: bytes) -> str | None:
     """The photo format (a :data:`PHOTO_FORMATS` name) that a file's first bytes (:data:`SNIFF_BYTES` suffice)
     announce, None for any other kind of file: its signature only, nothing decoded (a damaged photo is found so,
@@ -114,10 +135,14 @@ def is_photo_file(path: Path) -> bool:
     """Whether ``path``, a regular file found in a folder, is a photo by the module's rule (visible; a photo's
     extension, or none and a photo's first bytes); False when it cannot be read."""
     name = path.name
-    if name.startswith(".") or (has_extension(name) and not is_photo_name(name)):
+    if name.startswith("."):
+        return False
+    if is_photo_name(name):
+        return True
+    if not read_by_content(name):
         return False
     try:
-        return is_photo_name(name) or _sniff_file(path) is not None
+        return _sniff_file(path) is not None
     except OSError:
         return False
 
@@ -168,7 +193,7 @@ def scan_photos(folder: str | Path) -> PhotoScan:
     photos, skipped = scan_files(root, is_photo_name, others)
     not_photos: list[Path] = []
     for path in others:
-        if has_extension(path.name):
+        if not read_by_content(path.name):
             not_photos.append(path)
             continue
         try:
@@ -225,7 +250,7 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
                     files.append(path)
                 elif others is not None:
                     others.append(path)
-            elif wanted(name) or (entry.is_symlink() and not _file_suffix(name)):
+            elif wanted(name) or (entry.is_symlink() and not _file_suffix(name) and not is_photo_copy_name(name)):
                 skipped.append((path, entry_problem(path)))
         stack.extend(reversed(folders))  # searched in the order listed, each before the next
     return files, skipped
@@ -245,7 +270,7 @@ def not_photos_text(paths: Sequence[Path], root: str | Path | None = None) -> st
     names = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
     text = first_few(names)
     if len(paths) > SKIPPED_SHOWN:
-        kinds = Counter(Path(n).suffix.lower() if has_extension(n) else "no extension" for n in names)
+        kinds = Counter("no extension" if read_by_content(Path(n).name) else Path(n).suffix.lower() for n in names)
         text += " (" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
     return text
 

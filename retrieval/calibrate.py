@@ -18,6 +18,7 @@ Two rules turn the out-of-fold scores into settings (``rule``; recorded in the :
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -207,8 +208,10 @@ def out_of_fold(
     progress: bool = False,
 ) -> OutOfFold:
     """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos.
-    ``progress``: a bar over the folds' settings (each kNN vote's (metric, k, T) and each probe's C, fold by fold)."""
+    ``progress``: a bar over the folds' settings (each kNN vote's (metric, k, T) and each probe's C, fold by fold),
+    the warnings logged meanwhile written above it (``logging_redirect_tqdm``)."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     grid = grid or SelectionGrid()
     if len(labels) == 0:
@@ -249,22 +252,22 @@ def out_of_fold(
         metrics.remove("whitened")
     kts = list(itertools.product(grid.ks, grid.temperatures))
     where = f"{len(splits)} folds" if val_embeddings is None else "the validation photos"
-    bar = tqdm(total=len(splits) * (len(metrics) * len(kts) + len(Cs)), desc=f"choosing settings ({where})",
-               unit="setting", disable=not progress)
-    for rest, q, qy in splits:
-        truth.append(qy)
-        for metric in metrics:
-            qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
-            for k, t in kts:
-                knn_oof.setdefault((k, t, metric), []).append(knn_matrix(qm, refs, y[rest], n, k, t))
+    with (logging_redirect_tqdm() if progress else contextlib.nullcontext(),  # closed on an error too
+          tqdm(total=len(splits) * (len(metrics) * len(kts) + len(Cs)), desc=f"choosing settings ({where})",
+               unit="setting", disable=not progress) as bar):
+        for rest, q, qy in splits:
+            truth.append(qy)
+            for metric in metrics:
+                qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
+                for k, t in kts:
+                    knn_oof.setdefault((k, t, metric), []).append(knn_matrix(qm, refs, y[rest], n, k, t))
+                    bar.update()
+            for c in Cs:
+                fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
+                p, known = probe_matrix(fitted, q, index, n)
+                probe_oof.setdefault(c, []).append(p)
+                known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
                 bar.update()
-        for c in Cs:
-            fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
-            p, known = probe_matrix(fitted, q, index, n)
-            probe_oof.setdefault(c, []).append(p)
-            known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
-            bar.update()
-    bar.close()
     return OutOfFold(
         y=np.concatenate(truth),
         knn={kt: np.concatenate(v) for kt, v in knn_oof.items()},

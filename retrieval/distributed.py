@@ -386,11 +386,9 @@ def ray_add_references(
                 if err:
                     report.skipped.append((str(rec.path), err))
                 elif sha in stored:
-                    report.duplicates.append((str(rec.path), f"id {stored[sha]}"))
-                    report.duplicate_ids.append(stored[sha])
+                    report.add_duplicate(str(rec.path), stored_id=stored[sha])
                 elif sha in first_path:
-                    report.duplicates.append((str(rec.path), first_path[sha]))
-                    report.duplicate_ids.append(None)
+                    report.add_duplicate(str(rec.path), first=first_path[sha])
                 else:
                     first_path[sha] = str(rec.path)
                     keep.append(i)
@@ -458,8 +456,7 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
         if (base + i) in failed:
             report.skipped.append((str(rec.path), failed[base + i]))
         elif rid in repeats:
-            report.duplicates.append((str(rec.path), f"id {repeats[rid]}"))
-            report.duplicate_ids.append(repeats[rid])
+            report.add_duplicate(str(rec.path), stored_id=repeats[rid])
         elif rid in written:
             report.ids.append(rid)
             report.added += 1

@@ -8,7 +8,6 @@ never fatal; a photo whose bytes are already stored (sha256) is a duplicate and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -106,6 +105,8 @@ class BuildReport:
     #                                                               or read but refused (skip_kind)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, "id N" or path it repeats)
     duplicate_ids: list[int | None] = field(default_factory=list)  # per duplicate: the stored id it repeats
+    duplicate_stored: list[bool] = field(default_factory=list)  # per duplicate: True when the gallery held its
+    #                                                             bytes already, False for a repeat within the run
     seconds: float = 0.0  # wall time
     waited_s: float = 0.0  # of it, waiting for other writers of the gallery (their lock; on S3 the store's lease)
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
@@ -119,15 +120,28 @@ class BuildReport:
         working = self.seconds - self.waited_s
         return n / working if working > 0 else 0.0
 
+    def add_duplicate(self, path: str, *, stored_id: int | None = None, first: str | None = None) -> None:
+        """Record a duplicate: of the reference ``stored_id`` the gallery held already, or (``first``: the path of
+        its first copy in this run) a repeat within the run, its id filled in once that copy is stored."""
+        self.duplicates.append((path, f"id {stored_id}" if first is None else first))
+        self.duplicate_ids.append(stored_id)
+        self.duplicate_stored.append(first is None)
+
+    def _stored(self) -> list[bool]:
+        """Per duplicate, whether the gallery held its bytes already (:attr:`duplicate_stored`; a duplicate recorded
+        without it, in a report made by hand, is told by its second field: "id N")."""
+        kinds = self.duplicate_stored[: len(self.duplicates)]
+        return kinds + [_STORED_ID.fullmatch(other) is not None for _, other in self.duplicates[len(kinds):]]
+
     @property
     def already_stored(self) -> list[tuple[str, str]]:
         """The :attr:`duplicates` whose bytes the gallery held already (a re-run's photos): ``(path, "id N")``."""
-        return [d for d in self.duplicates if _STORED_ID.fullmatch(d[1])]
+        return [d for d, stored in zip(self.duplicates, self._stored(), strict=True) if stored]
 
     @property
     def repeats(self) -> list[tuple[str, str]]:
         """The :attr:`duplicates` that repeat an earlier photo of this run: ``(path, the path of its first copy)``."""
-        return [d for d in self.duplicates if not _STORED_ID.fullmatch(d[1])]
+        return [d for d, stored in zip(self.duplicates, self._stored(), strict=True) if not stored]
 
     def summary(self) -> str:
         """One human-readable paragraph."""
@@ -217,17 +231,6 @@ def prepare(
     return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor)
 
 
-@contextlib.contextmanager
-def _dropping(pending: deque[Future[Prepared]]) -> Iterator[None]:
-    """On leaving (a consumer that stopped early: Ctrl-C, an error), cancel the look-ahead not started yet, so that
-    the pool's shutdown waits only for the photos being prepared."""
-    try:
-        yield
-    finally:
-        for future in pending:
-            future.cancel()
-
-
 def iter_prepared(
     sources: Sequence[str | Path | bytes],
     encoder: Encoder,
@@ -244,10 +247,13 @@ def iter_prepared(
     bytes, :func:`prepare`).
 
     ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
-    :func:`prepare`."""
+    :func:`prepare`. A consumer that stops early (Ctrl-C, an error, ``close()``) is not kept waiting for the photos
+    being prepared: the look-ahead not started is cancelled, and the decoders at work finish their photo on their
+    own (the interpreter's exit waits for them), so that a Ctrl-C reaches the caller at once."""
     workers = workers or default_workers()
     pending: deque[Future[Prepared]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode") as pool, _dropping(pending):
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode")
+    try:
         it = iter(enumerate(sources))
         for pos, src in it:
             pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given,
@@ -264,6 +270,10 @@ def iter_prepared(
                 pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side,
                                            given=given, read=read))
             yield done
+    except BaseException:  # GeneratorExit, KeyboardInterrupt, an error: not joined (a second Ctrl-C would land here)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def iter_embeddings(
@@ -393,13 +403,55 @@ def embed_sources(
 
 class ReferencesInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`add_references`, after the photos embedded before it were committed: ``report.added`` of
-    them by this call (all that it committed). ``saved`` is False when a second Ctrl-C cut that last commit short:
-    then at least ``report.added`` were committed."""
+    them by this call (all that it committed; fewer when another writer held the gallery too long for that last
+    commit, which a warning said). ``saved`` is False when a second Ctrl-C cut that last commit short: then at
+    least ``report.added`` were committed. ``after``: the Ctrl-C came once every photo was handled, during that
+    step (e.g. "finishing the index" of a build): all ``report.added`` were kept, and a re-run finishes it."""
 
-    def __init__(self, report: BuildReport, *, saved: bool = True) -> None:
-        super().__init__(f"interrupted after {report.added} references were committed")
+    def __init__(self, report: BuildReport, *, saved: bool = True, after: str | None = None) -> None:
+        super().__init__(f"interrupted after {report.added} references were committed"
+                         + (f", while {after}" if after else ""))
         self.report = report
         self.saved = saved
+        self.after = after
+
+
+#: Seconds at most that the commit after a Ctrl-C waits for another writer of the gallery (its lock; on S3 the
+#: store's lease) before it stops without committing: the user is waiting to get the prompt back.
+INTERRUPT_WRITE_WAIT_S = 10.0
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'' if n == 1 else 's'}"
+
+
+def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush: Callable[[], None],
+                        settle: Callable[[], None], interrupt: KeyboardInterrupt,
+                        generators: Sequence[Iterator]) -> None:
+    """After the Ctrl-C ``interrupt`` in :func:`add_references`: say so at once, commit the rows embedded (``buf``,
+    by ``flush``) and save the index, waiting :data:`INTERRUPT_WRITE_WAIT_S` at most for another writer, fill in
+    the report (``settle``) and raise :class:`ReferencesInterrupted`. Any Ctrl-C from here on is a second one: it
+    stops at once (``saved=False``)."""
+    committed = f"{_photos(report.added)} committed; committing the {len(buf)} embedded since" if report.added \
+        else f"committing the {_photos(len(buf))} embedded so far"
+    try:
+        logger.warning("interrupted: %s (Ctrl-C again to stop now)", committed)
+        for generator in generators:
+            generator.close()  # the decoders drop the photos they have not started, and are not waited for
+        wait = INTERRUPT_WRITE_WAIT_S if gallery.write_wait_s is None else min(gallery.write_wait_s,
+                                                                               INTERRUPT_WRITE_WAIT_S)
+        try:
+            with gallery.writing(wait=wait):  # the writes nested in it do not wait again
+                flush()
+                gallery.save_index()  # as a call that ends does (else the next open syncs it by difference)
+        except TimeoutError as exc:  # another writer holds the gallery: the user is not kept waiting for it
+            logger.warning("not committed: the %s embedded since the last commit are not in the gallery, whose "
+                           "writes waited %.0f s for another writer (%s)", _photos(len(buf)), wait, exc)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
+        settle()
+        raise ReferencesInterrupted(report, saved=False) from interrupt
+    settle()
+    raise ReferencesInterrupted(report) from interrupt
 
 
 def add_references(
@@ -421,7 +473,9 @@ def add_references(
     before embedding) or repeat an earlier photo of this call are reported as duplicates and stored once.
     Rows are committed every ``chunk`` photos; the gallery re-checks the digests under its write lock, so
     two processes adding the same photo at once store it once. On Ctrl-C the photos embedded so far are committed
-    (one commit; a second Ctrl-C cuts it short) and :class:`ReferencesInterrupted` says how many this call kept.
+    (one commit, said at once in a warning; a second Ctrl-C cuts it short, and it is not made when another writer
+    holds the gallery for :data:`INTERRUPT_WRITE_WAIT_S`) and :class:`ReferencesInterrupted` says how many this
+    call kept.
 
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
     (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
@@ -449,17 +503,23 @@ def add_references(
             return
         ids, dropped = gallery.add_unique([b[0] for b in buf], [b[1] for b in buf], np.concatenate([b[2] for b in buf]),
                                           save_index=False)
+        batch = buf.copy()
+        buf.clear()  # committed: a Ctrl-C from here on must not commit it again (its rows "already stored")
+        report.added += len(ids)
         kept = iter(ids)
-        for pos, (rec, digest, _) in enumerate(buf):
+        for pos, (rec, digest, _) in enumerate(batch):
             if pos in dropped:  # stored by another process since the batch was checked
-                report.duplicates.append((str(rec.path), f"id {dropped[pos]}"))
-                report.duplicate_ids.append(dropped[pos])
+                report.add_duplicate(str(rec.path), stored_id=dropped[pos])
                 stored_id[digest] = dropped[pos]
             else:
                 report.ids.append(next(kept))
                 stored_id[digest] = report.ids[-1]
-        report.added += len(ids)
-        buf.clear()
+
+    def settle() -> None:  # the report's last figures, once the rows are committed
+        for pos, digest in repeats:
+            report.duplicate_ids[pos] = stored_id.get(digest)
+        report.seconds = time.perf_counter() - start
+        report.waited_s = min(gallery.write_waited_s - waited_before, report.seconds)
 
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
@@ -474,13 +534,11 @@ def add_references(
                 for item in items:
                     rec = records[item.position]
                     if item.duplicate_of is not None:
-                        report.duplicates.append((str(rec.path), f"id {item.duplicate_of}"))
-                        report.duplicate_ids.append(item.duplicate_of)
+                        report.add_duplicate(str(rec.path), stored_id=item.duplicate_of)
                     elif item.error is not None:
                         report.skipped.append((str(rec.path), item.error))
                     elif item.sha256 in first_path:
-                        report.duplicates.append((str(rec.path), first_path[item.sha256]))
-                        report.duplicate_ids.append(None)  # the id its first copy gets, once stored (below)
+                        report.add_duplicate(str(rec.path), first=first_path[item.sha256])  # its id: below
                         repeats.append((len(report.duplicate_ids) - 1, item.sha256))
                         row += 1
                     elif not np.isfinite(emb[row]).all():  # never committed: the gallery could not be opened again
@@ -497,20 +555,11 @@ def add_references(
                 if on_progress:
                     on_progress(done, len(records))
         except KeyboardInterrupt as interrupt:  # keep what was embedded: one commit (add_unique re-checks digests)
-            bar.close()  # the bar's line ends before the command's message
-            try:
-                batches.close()
-                prepared.close()  # its decoders drop the photos they have not started
-                flush()
-            except KeyboardInterrupt:  # a second Ctrl-C: stop now
-                raise ReferencesInterrupted(report, saved=False) from interrupt
-            raise ReferencesInterrupted(report) from interrupt
+            bar.close()  # the bar's line ends before the messages
+            _commit_interrupted(gallery, report, buf, flush, settle, interrupt, (batches, prepared))
     flush()
-    for pos, digest in repeats:
-        report.duplicate_ids[pos] = stored_id.get(digest)
     gallery.save_index()
-    report.seconds = time.perf_counter() - start
-    report.waited_s = min(gallery.write_waited_s - waited_before, report.seconds)
+    settle()
     logger.info("model thread: %.1f s encoding, %.1f s waiting for decoded photos (%.0f%% of %.1f s)",
                 report.stats.encode_s, report.stats.wait_s, 100 * report.stats.wait_share(report.seconds),
                 report.seconds)

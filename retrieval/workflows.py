@@ -157,8 +157,13 @@ def build_gallery(
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
-    gallery.finish_build()
-    cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
+    step = "finishing the index"
+    try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
+        gallery.finish_build()
+        step = "cleaning the gallery"
+        cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
+    except KeyboardInterrupt as interrupt:
+        raise ReferencesInterrupted(report, after=step) from interrupt
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned)
 
 

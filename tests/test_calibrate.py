@@ -270,3 +270,35 @@ def test_choosing_settings_shows_a_bar_over_the_folds_settings_unless_quiet(caps
     assert "choosing settings (3 folds)" in err and f"{total}/{total}" in err, err
     select_settings(x, y, fingerprint="f", grid=grid, folds=3)
     assert capsys.readouterr().err == ""
+
+
+def test_the_settings_bar_is_closed_on_an_error_and_warnings_are_written_above_it(monkeypatch):
+    """Review s48 #12: a probe that failed to train left the bar half-drawn (closed only at the end), and the
+    warnings logged while it ran were written through it."""
+    import logging
+
+    import tqdm.auto
+
+    import retrieval.calibrate as calibrate
+
+    closed, handlers = [], []
+
+    class Bar(tqdm.auto.tqdm):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    def failing_probe(*args, **kw):
+        handlers.append([type(h).__name__ for h in logging.getLogger().handlers])
+        raise RuntimeError("the probe could not be trained")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(calibrate, "train_probe", failing_probe)
+    draw = _species(n_cls=4)
+    x, y = draw(6, np.random.default_rng(1))
+    grid = SelectionGrid(Cs=(1.0,), ks=(5,), temperatures=(0.05,), weights=(0.5,), metrics=("cosine",))
+    with pytest.raises(RuntimeError, match="could not be trained") as caught:
+        select_settings(x, y, fingerprint="f", grid=grid, folds=3, progress=True)
+    assert caught.value and closed == [True]
+    assert "_TqdmLoggingHandler" in handlers[0], handlers  # logging goes through tqdm.write while the bar is up
+    assert "_TqdmLoggingHandler" not in [type(h).__name__ for h in logging.getLogger().handlers]

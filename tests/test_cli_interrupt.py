@@ -157,3 +157,231 @@ def test_add_references_commits_what_it_embedded_on_ctrl_c(tmp_path, given):
     assert isinstance(caught.value, KeyboardInterrupt) and caught.value.saved
     assert caught.value.report.added == 4 and len(caught.value.report.ids) == 4
     assert len(Gallery.open(g.root)) == 4
+
+
+def _slow_gallery(tmp_path, monkeypatch, *, fast: int = 4, n: int = 6):
+    """A gallery, its encoder (2 photos a batch) and ``n`` records whose photos from the ``fast``-th on are read
+    slowly (until the returned event is set, at most 20 s): a Ctrl-C then finds the model thread waiting on the
+    decoders, the usual case."""
+    import threading
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.encoders import create_encoder
+
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    enc.batch_size = 2
+    paths = [_photo(tmp_path / f"{i}.png", i) for i in range(n)]
+    g = Gallery.create(tmp_path / "g", enc.describe())
+    release = threading.Event()
+
+    def read(path):
+        if int(Path(path).stem) >= fast:
+            release.wait(20)
+        return Path(path).read_bytes()
+
+    monkeypatch.setattr(g, "read_photo", read)
+    return g, enc, [ReferenceRecord(path=p, species="Naja haje") for p in paths], release
+
+
+def _ctrl_c_after(done_at: int, *delays: float):
+    """An ``on_progress`` that, once ``done_at`` photos are handled, sends this process a real SIGINT ``delays``
+    seconds later (each), and the timers to cancel."""
+    import os
+    import signal
+    import threading
+
+    timers = [threading.Timer(d, os.kill, (os.getpid(), signal.SIGINT)) for d in delays]
+    started: list[bool] = []
+
+    def on_progress(done, total):
+        if done >= done_at and not started:
+            started.append(True)
+            for t in timers:
+                t.start()
+
+    return on_progress, timers
+
+
+def _holding_the_lock(g):
+    """Another thread of this process holds the gallery's write lock until the returned event is set."""
+    import threading
+
+    held, free = threading.Event(), threading.Event()
+
+    def hold():
+        with g.writing(wait=5):
+            held.set()
+            free.wait(30)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(10)
+    return free
+
+
+def test_a_real_ctrl_c_while_the_decoders_read_says_so_and_commits_without_waiting_for_them(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """Review s48 #1/#13: a SIGINT while the model thread waits on a slow read says at once what it commits, does
+    not wait for the photos being read, and commits the 4 embedded."""
+    import logging
+    import time
+
+    from index.gallery import Gallery
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
+    on_progress, timers = _ctrl_c_after(4, 0.3)
+    caplog.set_level(logging.WARNING, logger="retrieval.pipeline")
+    start = time.monotonic()
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+        for t in timers:
+            t.cancel()
+    assert elapsed < 15, elapsed  # the slow reads take 20 s: they are not waited for
+    assert caught.value.saved and caught.value.report.added == 4
+    assert [r.getMessage() for r in caplog.records if r.name == "retrieval.pipeline"] == [
+        "interrupted: committing the 4 photos embedded so far (Ctrl-C again to stop now)"]
+    assert len(Gallery.open(g.root)) == 4
+
+
+def test_a_second_real_ctrl_c_while_the_first_commits_stops_at_once(tmp_path, monkeypatch):
+    """Review s48 #1: a second SIGINT soon after the first (the decoders still reading, the commit waiting for
+    another writer) stops at once, saying 'at least', instead of being taken as the first."""
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
+    g.write_wait_s = 20  # what the commit after a Ctrl-C waits is bounded below it
+    free = _holding_the_lock(g)
+    on_progress, timers = _ctrl_c_after(4, 0.3, 1.0)
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+    finally:
+        release.set()
+        free.set()
+        for t in timers:
+            t.cancel()
+    assert not caught.value.saved and caught.value.report.added == 0
+
+
+def test_a_ctrl_c_whose_commit_finds_the_gallery_held_stops_without_committing(tmp_path, monkeypatch, caplog):
+    """Review s48 #1: the commit after a Ctrl-C waits for another writer a bounded time, then says that the photos
+    embedded are not committed and stops (not a TimeoutError, not the gallery's whole write wait)."""
+    import logging
+
+    from index.gallery import Gallery
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
+    g.write_wait_s = 1
+    free = _holding_the_lock(g)
+    on_progress, timers = _ctrl_c_after(4, 0.3)
+    caplog.set_level(logging.WARNING, logger="retrieval.pipeline")
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+    finally:
+        release.set()
+        free.set()
+        for t in timers:
+            t.cancel()
+    assert caught.value.saved and caught.value.report.added == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "retrieval.pipeline"]
+    assert warned[0] == "interrupted: committing the 4 photos embedded so far (Ctrl-C again to stop now)"
+    assert warned[1].startswith("not committed: the 4 photos embedded since the last commit are not in the gallery, "
+                                "whose writes waited 1 s for another writer (another thread of this process is "
+                                "writing this gallery"), warned
+    assert len(Gallery.open(g.root)) == 0
+
+
+@pytest.mark.parametrize("step", ["finishing the index", "cleaning the gallery"])
+def test_a_ctrl_c_once_every_photo_is_committed_says_all_were_kept(tmp_path, capsys, monkeypatch, step):
+    """Review s48 #3: a Ctrl-C in a build's last steps (the index finished, the --clean filter) said only
+    'interrupted'; every photo is committed then: it says so, and the same command finishes."""
+    from index.gallery import Gallery
+
+    root = tmp_path / "photos"
+    for i in range(5):
+        _photo(root / "Natrix maura" / f"{i}.png", i)
+    index = tmp_path / "g"
+
+    def stop(*args, **kw):
+        raise KeyboardInterrupt
+
+    build = ["index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER, "-q"]
+    with monkeypatch.context() as m:
+        if step == "finishing the index":
+            m.setattr(Gallery, "finish_build", stop)
+        else:
+            m.setattr("retrieval.workflows.clean_built_gallery", stop)
+            build.append("--clean")
+        code, _, err = _run(capsys, *build)
+    assert code == 130
+    assert err.strip().endswith(f"speciesid: interrupted while {step}: the 5 references added are all kept in "
+                                f"{index}; run the same command again to finish"), err
+    code, out, err = _run(capsys, "index", "info", "--index", index)
+    assert code == 0 and '"references": 5' in out, (out, err)
+
+
+def test_a_ctrl_c_just_after_a_periodic_commit_counts_its_rows_once_and_the_index_is_saved(tmp_path, monkeypatch):
+    """Review s48 #4: a Ctrl-C that lands in a periodic commit once the rows are committed made the interrupt's
+    commit store them again, counted as 'already in the gallery' (added too low); the interrupt path saves the
+    index and times the call too, as a call that ends does."""
+    from index.gallery import Gallery
+    from index.vectors import load_index
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    g, enc, records, release = _slow_gallery(tmp_path, monkeypatch, fast=6)
+    real = g.add_unique
+
+    class Trap(dict):
+        armed = True
+
+        def __contains__(self, key):
+            if Trap.armed:  # the first look at what the commit dropped: right after it returned
+                Trap.armed = False
+                raise KeyboardInterrupt
+            return super().__contains__(key)
+
+    def add_unique(*args, **kw):
+        ids, dropped = real(*args, **kw)
+        return ids, Trap(dropped)
+
+    monkeypatch.setattr(g, "add_unique", add_unique)
+    with pytest.raises(ReferencesInterrupted) as caught:
+        add_references(g, enc, records, progress=False, workers=1, chunk=4)
+    report = caught.value.report
+    assert caught.value.saved and report.added == 4 and report.duplicates == [], report.duplicates
+    assert report.seconds > 0
+    assert load_index(g.layout.vectors)[1]["count"] == 4  # saved, as at the end of a call
+    assert len(Gallery.open(g.root)) == 4
+
+
+def test_a_repeat_whose_first_copy_is_named_like_an_id_is_a_repeat(tmp_path, monkeypatch):
+    """Review s48 #10: already-stored and repeated photos were told apart by whether the second field read "id N";
+    a run's first copy named ``id 12`` (a file without an extension) made its repeat "already in the gallery". The
+    kind is recorded as each duplicate is."""
+    import shutil
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import add_references
+
+    monkeypatch.chdir(tmp_path)
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    g = Gallery.create(tmp_path / "g", enc.describe())
+    first = _photo(tmp_path / "first.png", 1)
+    shutil.copy(first, tmp_path / "id 12")
+    shutil.copy(first, tmp_path / "copy.png")
+    records = [ReferenceRecord(path=Path(p), species="Naja haje") for p in ("id 12", "copy.png")]
+    report = add_references(g, enc, records, progress=False, workers=1)
+    assert report.added == 1 and report.repeats == [("copy.png", "id 12")] and report.already_stored == []
+    assert report.duplicate_ids == report.ids and report.duplicate_stored == [False]
+    again = add_references(g, enc, records[1:], progress=False, workers=1)
+    assert again.already_stored == [("copy.png", f"id {report.ids[0]}")] and again.repeats == []
+    assert "1 already in the gallery" in again.summary()

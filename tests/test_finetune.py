@@ -735,12 +735,17 @@ def test_a_refused_budget_names_the_smallest_that_fits_and_leaves_no_out_folder(
 
     monkeypatch.setattr(budget, "_time_train_steps", lambda *a, **k: 15.0)  # a slow machine: ~31 s an epoch
     monkeypatch.setattr(train, "machine_load", lambda: load)
+    plans, plan_epochs = [], budget.plan_epochs
+    monkeypatch.setattr(budget, "plan_epochs", lambda *a, **k: plans.append((a, k)) or plan_epochs(*a, **k))
     with pytest.raises(ValueError) as refused:
         train.finetune(_config(tiny_set, tmp_path / "runs" / "ft", time_budget=0.05), progress=False)
     message = str(refused.value)
     smallest = re.search(r"give a bigger --time-budget \(--time-budget (\d+) fits one epoch by these timings\)",
                          message)
     assert smallest and int(smallest[1]) >= 1, message
+    (_, fixed_s, epoch_s, frozen_s), kw = plans[0]  # the plan that refused: its figures, not the message's rounding
+    assert plan_epochs(int(smallest[1]) * 60.0, fixed_s, epoch_s, frozen_s, **kw) >= 1  # it fits, and is the least
+    assert int(smallest[1]) == 1 or plan_epochs((int(smallest[1]) - 1) * 60.0, fixed_s, epoch_s, frozen_s, **kw) == 0
     note = "These timings were taken with the machine busy (1-minute load average 3.0 on 2 cores as the run began)"
     assert (note in message) == busy, message
     assert not (tmp_path / "runs").exists()  # made for the run, removed with it

@@ -196,3 +196,29 @@ def test_other_files_first_bytes_are_no_photos(head):
     from index.photos import sniff_photo_format
 
     assert sniff_photo_format(head) is None
+
+
+def test_a_photos_backup_or_copy_with_a_tail_after_its_extension_is_not_a_photo(tmp_path, caplog, monkeypatch):
+    """Review s48 #5: ``IMG_1.JPG_original`` (what exiftool leaves beside each photo it edits), ``x.jpg~`` and
+    ``x.jpeg.1`` were taken as files without an extension, sniffed, and added as photos: near-copies doubled in the
+    gallery. They are named as not photos, never opened; a name truly without an extension is still sniffed."""
+    import index.photos as photos_mod
+    from index.photos import is_photo_file
+
+    folder = tmp_path / "Naja naja"
+    want = [_image(folder / name) for name in ("IMG_1.JPG", "IMG_0006", "WhatsApp Image at 10.23.45")]
+    copies = [_image(folder / name) for name in ("IMG_1.JPG_original", "x.jpg~", "x.jpeg.1", "y.png.part")]
+    opened: list[str] = []
+    sniff = photos_mod._sniff_file
+    monkeypatch.setattr(photos_mod, "_sniff_file", lambda p: opened.append(p.name) or sniff(p))
+    scan = scan_photos(folder)
+    assert scan.photos == sorted(want) and scan.skipped == []
+    assert scan.not_photos == sorted(copies)
+    assert sorted(opened) == ["IMG_0006", "WhatsApp Image at 10.23.45"]
+    assert [is_photo_file(p) for p in copies] == [False] * 4  # a dataset's split detection reads them so too
+    assert all(is_photo_file(p) for p in want)
+    caplog.set_level(logging.WARNING, logger="index.photos")
+    assert expand_photo_args([folder]).photos == sorted(want)
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "index.photos"]
+    assert warned.startswith(f"skipped 4 files that are not photos under {folder}: IMG_1.JPG_original, x.jpeg.1, "
+                             "x.jpg~, y.png.part. "), warned

@@ -266,7 +266,9 @@ def test_uploads_added_with_their_embeddings_store_what_embedding_them_inside_st
     assert results[0] == results[1]
     assert len(results[0][5]) == 3 and [n for n, *_ in results[0][3]] == ["again.jpg", "known.jpg"]
     assert "too small" in results[0][7][0][1]
-    np.testing.assert_array_equal(vectors[1], vectors[0])
+    # the two paths embed other batches (6 photos given, 4 once the stored and the small one are dropped): a
+    # runtime's kernels may round the last bits differently by batch
+    np.testing.assert_allclose(vectors[1], vectors[0], atol=1e-5)
     # a row the encoder gave as NaN is skipped, saying so; the rest are stored
     index = gallery_copy(tmp_path_factory, "add_given_nan")
     ident = open_identifier(index, EncoderConfig(precision="fp32"))

@@ -79,6 +79,11 @@ def photo_args(paths: Sequence[str], *, report: bool = True
 def interrupted_add(exc: ReferencesInterrupted, index: str | Path) -> int:
     """Say on stderr what a Ctrl-C'd ``index build`` / ``references add`` kept and how to add the rest; exit 130."""
     n = exc.report.added
+    if exc.after:  # once every photo was committed (the index being finished)
+        added = f"the {n} reference added is" if n == 1 else f"the {n} references added are all"
+        sys.stderr.write(f"speciesid: interrupted while {exc.after}: {added} kept in {index}; run the same command "
+                         "again to finish\n")
+        return 130
     kept = f"{n} reference{'' if n == 1 else 's'}" if exc.saved else f"at least {n} references"  # a second Ctrl-C
     sys.stderr.write(f"speciesid: interrupted: {kept} kept in {index}; run the same command again to add the rest\n")
     return 130
