@@ -61,6 +61,7 @@ from retrieval.identify import Identification, Identifier, Method, RankedResult,
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import (
     BuildReport,
+    Reader,
     ReferencesInterrupted,
     add_references,
     embed_photos,
@@ -513,7 +514,8 @@ def add_photos(
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
-    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings)
+    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings,
+                            read=_upload_reader(gallery, uploads))
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if source_text(path) not in stored:
@@ -547,6 +549,18 @@ def _upload_path(gallery: Gallery, name: str, data: bytes) -> Path | str:
     if gallery.objects is not None:
         return upload_uri(gallery.objects.uri, f"{sha256_bytes(data)}{ext}")
     return gallery.layout.uploads / f"{sha256_bytes(data)}{ext}"
+
+
+def _upload_reader(gallery: Gallery, uploads: Sequence[tuple[Path | str, bytes]]) -> Reader:
+    """A photo's bytes for :func:`retrieval.pipeline.add_references`: this call's uploads from the bytes in memory
+    (an upload kept in an S3 store is never read back from it), anything else through ``gallery.read_photo``."""
+    held = {source_text(path): data for path, data in uploads}
+
+    def read(source: str | Path) -> bytes:
+        data = held.get(source_text(source))
+        return data if data is not None else gallery.read_photo(source)
+
+    return read
 
 
 def _keep_upload(gallery: Gallery, path: Path | str, data: bytes, *, look_first: bool = False) -> bool:

@@ -155,3 +155,40 @@ def test_a_probe_trained_on_one_machine_is_used_by_another_without_a_copy(two_ma
     retrained.save(a)
     publish_probe(Gallery.open(a))  # the next publish is taken
     assert following.refresh_probe(force=True) and following.probe.trained_on == retrained.trained_on
+
+
+def _store_fails(*_args, **_kwargs):
+    from index.objects import StoreObjectError
+
+    raise StoreObjectError("the gallery's store is busy (SlowDown) now; try again shortly", transient=True)
+
+
+def test_an_add_stores_its_uploads_from_the_bytes_it_holds_without_reading_them_back(two_machines, monkeypatch):
+    """Review s3 #1: the add served its uploads from memory; a failing GET used to drop the photo (200, no id)."""
+    from index.objects import StoreObjects
+
+    a, _, prefix, client = two_machines
+    new = photos("train", ADDED, 1)
+    with _server(a) as on_a:
+        monkeypatch.setattr(StoreObjects, "get", _store_fails)  # every read of the store fails: none is needed
+        added = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS)
+        assert added.status_code == 201 and len(added.json()["ids"]) == 1, added.text[:300]
+        name = hashlib.sha256(new[0].read_bytes()).hexdigest() + ".jpg"
+        assert _upload_keys(client, prefix) == [f"{prefix}/_speciesid/uploads/{name}"]
+
+
+def test_a_store_read_failure_during_an_add_fails_it_instead_of_skipping_the_photo(two_machines, monkeypatch):
+    """Review s3 #1: a photo the gallery's own store could not serve during an add is a 503 with Retry-After (the
+    store failed, not the photo), never a 200 'nothing stored' that silently drops it."""
+    import retrieval.workflows as workflows
+    from index.objects import StoreObjects
+
+    a, _, prefix, _ = two_machines
+    new = photos("train", ADDED, 1)
+    with _server(a) as on_a:
+        monkeypatch.setattr(workflows, "_upload_reader", lambda gallery, uploads: gallery.read_photo)  # read back
+        monkeypatch.setattr(StoreObjects, "get", _store_fails)
+        added = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS)
+        assert added.status_code == 503 and added.headers["Retry-After"], added.text[:300]
+        assert "could not be read from the gallery's store, so this add stopped" in added.json()["detail"]
+        assert binomial(ADDED) not in {s["species"] for s in on_a.get("/v1/species").json()}
