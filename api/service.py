@@ -295,10 +295,14 @@ class SpeciesService:
             raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
         embeddings = self.embed(uploads)  # before any lock: uploads share forward passes, and no writer waits on it
-        with self._writing():
-            result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
-                                          common_name=common_name, venomous=venomous, dataset="api",
-                                          min_side=least, new_species=new_species, embeddings=embeddings)
+        try:
+            with self._writing():
+                result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
+                                              common_name=common_name, venomous=venomous, dataset="api",
+                                              min_side=least, new_species=new_species, embeddings=embeddings)
+        except workflows.UploadsNotKeptError as exc:  # committed: a 503 whose message says so, and what to send
+            self.identifier.whitening()
+            raise StoreUnavailable(str(exc), transient=True) from exc
         self.identifier.whitening()  # a new species refits the vote's metric now: on the writer's time, not a reader's
         return result
 

@@ -192,3 +192,36 @@ def test_a_store_read_failure_during_an_add_fails_it_instead_of_skipping_the_pho
         assert added.status_code == 503 and added.headers["Retry-After"], added.text[:300]
         assert "could not be read from the gallery's store, so this add stopped" in added.json()["detail"]
         assert binomial(ADDED) not in {s["species"] for s in on_a.get("/v1/species").json()}
+
+
+def test_a_store_failure_after_the_commit_does_not_fail_a_write_that_happened(two_machines, monkeypatch, caplog):
+    """Review s3 #5: the removal of an unused upload after a delete's or an add's commit is best effort (a warning
+    naming the object; the write is answered as done), and a failed post-commit re-put (tried twice) is an error
+    saying the rows were committed, not a plain 'retry'."""
+    from index.objects import StoreObjects
+
+    a, _, prefix, client = two_machines
+    new = photos("train", ADDED, 2)
+    built = photos("train", BUILT[0], 1)  # stored under its path: its upload is removed again after the commit
+    with _server(a) as on_a:
+        ids = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS).json()["ids"]
+        keys = _upload_keys(client, prefix)
+        monkeypatch.setattr(StoreObjects, "delete", _store_fails)
+        with caplog.at_level("WARNING", logger="retrieval.workflows"):
+            assert on_a.delete(f"/v1/references/{ids[0]}", headers=KEYS).status_code == 204
+            assert on_a.get(f"/v1/references/{ids[0]}/image").status_code == 404  # gone, as answered
+            resp = on_a.post(f"/v1/species/{binomial(BUILT[0])}/references", files=_files(built), headers=KEYS)
+            assert resp.status_code == 200 and len(resp.json()["duplicates"]) == 1, resp.text[:300]
+        assert len(_upload_keys(client, prefix)) == 3 and set(keys) < set(_upload_keys(client, prefix))  # left
+        left = [r.getMessage() for r in caplog.records if "could not remove" in r.getMessage()]
+        assert len(left) == 2 and all(f"/{prefix}/_speciesid/uploads/" in m for m in left), left
+        heads = []
+        monkeypatch.setattr(StoreObjects, "exists", lambda self, uri: heads.append(uri) or _store_fails())
+        again = photos("train", ADDED, 3)[2:]
+        resp = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(again), headers=KEYS)
+        assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text[:300]
+        detail = resp.json()["detail"]
+        assert detail.startswith("the photos were stored (references ") and "send the same photos again" in detail
+        assert len(heads) == 2  # tried once more
+        stored = int(detail.split("references ")[1].split(")")[0])
+        assert on_a.get(f"/v1/references/{stored}/image").status_code == 200
