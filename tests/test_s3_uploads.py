@@ -225,3 +225,24 @@ def test_a_store_failure_after_the_commit_does_not_fail_a_write_that_happened(tw
         assert len(heads) == 2  # tried once more
         stored = int(detail.split("references ")[1].split(")")[0])
         assert on_a.get(f"/v1/references/{stored}/image").status_code == 200
+
+
+def test_a_thumbnail_from_the_store_says_when_to_retry_and_a_missing_object_is_worded_by_its_locator(
+        two_machines, monkeypatch):
+    """Review s3 #9: the thumbnail's 503 (the store could not serve the photo now) carries Retry-After; an upload
+    missing from the store is a 404 saying so, not 'sync the machines' uploads folders'."""
+    from index.objects import StoreObjects
+
+    a, _, prefix, client = two_machines
+    new = photos("train", ADDED, 1)
+    with _server(a) as on_a:
+        (ref,) = on_a.post(f"/v1/species/{binomial(ADDED)}/references", files=_files(new), headers=KEYS).json()["ids"]
+        with monkeypatch.context() as patched:
+            patched.setattr(StoreObjects, "get", _store_fails)
+            shown = on_a.get(f"/v1/references/{ref}/image")
+        assert shown.status_code == 503 and shown.headers["Retry-After"].isdigit(), shown.text[:300]
+        (key,) = _upload_keys(client, prefix)
+        client.delete_object(Bucket=BUCKET, Key=key)  # removed from the store behind the gallery's back
+        shown = on_a.get(f"/v1/references/{ref}/image")
+        assert shown.status_code == 404, shown.text[:300]
+        assert "no longer in the gallery's store" in shown.json()["detail"] and "sync" not in shown.json()["detail"]
