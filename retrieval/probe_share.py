@@ -12,7 +12,9 @@ A folder takes the store's copy (:class:`ProbeFollower`) into its own files (wei
 when the folder has no probe, or when the store holds a copy the folder has not taken yet (its recorded ETag is
 another); and, in a process following the probe (a server: ``follow_probe``), whenever the store's copy changes,
 looked at with one HEAD per ``refresh_s`` at most. The folder's own probe files then change, and the process loads
-them as it loads a probe written by ``probe train`` on its own machine. A folder whose probe was made here before
+them as it loads a probe written by ``probe train`` on its own machine; the probe taken replaces is kept as
+``probe.prev.*`` (:func:`retrieval.probe.keep_previous`), so ``probe restore`` on any machine brings back the probe
+the store's copy replaced there. A folder whose probe was made here before
 the store had one (no ``probe_origin.json``) keeps it at open; a later publish replaces it. A probe refitted here (the
 vote's whitening after a write) keeps its origin: it is replaced at the next publish, not at the next open.
 The text prior is not shared.
@@ -27,6 +29,7 @@ from index.atomic import atomic_write, write_json_atomic
 from index.gallery import Gallery
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
 from index.objects import StoreObjects, probe_uri
+from retrieval.probe import keep_previous
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +132,13 @@ class ProbeFollower:
             return False
         layout = self.gallery.layout
         with self.gallery.writing(local=True, wait=wait):  # the folder's files only; a writer's probe write waits
+            kept = keep_previous(self.gallery.root)  # the probe it replaces: what 'probe restore' brings back here
             atomic_write(layout.probe_weights, weights)  # weights first: a reader of the folder checks the pair
             atomic_write(layout.probe_meta, meta)
             write_json_atomic(layout.probe_origin, {"copy": copy})
         self.seen = copy
-        logger.info("took the shared probe of the store into %s (%s)", self.gallery.root, copy)
+        logger.info("took the shared probe of the store into %s (%s)%s", self.gallery.root, copy,
+                    f"; kept {kept} as probe.prev.*" if kept else "")
         return True
 
 

@@ -246,3 +246,29 @@ def test_a_thumbnail_from_the_store_says_when_to_retry_and_a_missing_object_is_w
         shown = on_a.get(f"/v1/references/{ref}/image")
         assert shown.status_code == 404, shown.text[:300]
         assert "no longer in the gallery's store" in shown.json()["detail"] and "sync" not in shown.json()["detail"]
+
+
+def test_probe_restore_on_a_following_machine_brings_back_the_probe_the_store_copy_replaced(two_machines):
+    """Review s3 #2: the follower keeps the folder's probe as probe.prev.* before taking the store's copy, so
+    'probe restore' on machine b restores the probe machine a's last publish replaced there (and shares it), not a
+    stale probe b itself trained long before."""
+    from index.gallery import Gallery
+    from retrieval.probe import LinearProbe
+    from retrieval.probe_flows import restore_gallery_probe
+    from retrieval.probe_share import probe_follower, publish_probe
+    from retrieval.workflows import train_gallery_probe
+
+    a, b, _, _ = two_machines
+    train_gallery_probe(b, progress=False)  # P0, trained on b long ago (and shared)
+    p0 = LinearProbe.load(b).trained_on
+    follower_a, follower_b = probe_follower(Gallery.open(a)), probe_follower(Gallery.open(b))
+    assert follower_a.check()
+    for n in (1, 2):  # a publishes P1 then P2; b's server takes each
+        probe = LinearProbe.load(a)
+        probe.trained_on = p0 + n
+        probe.save(a)
+        publish_probe(Gallery.open(a))
+        assert follower_b.check() and LinearProbe.load(b).trained_on == p0 + n
+    restore_gallery_probe(b)
+    assert LinearProbe.load(b).trained_on == p0 + 1  # P1, the probe P2 replaced: not b's own P0
+    assert follower_a.check() and LinearProbe.load(a).trained_on == p0 + 1  # shared to every machine
