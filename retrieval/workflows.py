@@ -72,6 +72,7 @@ from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
     probe_cannot_name,
+    publish_gallery_probe,
     refresh_gallery_metric,
     restore_gallery_probe,
     train_gallery_probe,
@@ -83,7 +84,8 @@ __all__ = [
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
-    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "train_gallery_probe",
+    "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search",
+    "train_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)

@@ -272,3 +272,61 @@ def test_probe_restore_on_a_following_machine_brings_back_the_probe_the_store_co
     restore_gallery_probe(b)
     assert LinearProbe.load(b).trained_on == p0 + 1  # P1, the probe P2 replaced: not b's own P0
     assert follower_a.check() and LinearProbe.load(a).trained_on == p0 + 1  # shared to every machine
+
+
+def test_probe_restore_saves_and_publishes_in_one_hold_and_a_failed_publish_says_to_run_probe_publish(
+        two_machines, monkeypatch):
+    """Review s3 #3/#4: on an S3 store the restore (as train and import) keeps, saves and publishes under one hold,
+    so a server following the probe on the same folder cannot write the store's older copy between the save and
+    the publish; a publish that fails says the folder has the probe but the store not yet, and 'speciesid probe
+    publish' shares it."""
+    import threading
+
+    import retrieval.probe_flows as probe_flows
+    from api.cli import main
+    from index.gallery import Gallery
+    from index.objects import StoreObjects
+    from retrieval.probe import LinearProbe
+    from retrieval.probe_share import probe_follower, publish_probe
+    from retrieval.workflows import train_gallery_probe
+
+    a, b, _, _ = two_machines
+    train_gallery_probe(a, progress=False)  # P0
+    p0 = LinearProbe.load(a).trained_on
+    follower_b = probe_follower(Gallery.open(b))  # a server's, on folder b
+    assert follower_b.check()
+
+    def publish_on_a(n: int) -> None:
+        probe = LinearProbe.load(a)
+        probe.trained_on = p0 + n
+        probe.save(a)
+        publish_probe(Gallery.open(a))
+
+    publish_on_a(1)
+    assert follower_b.check() and LinearProbe.load(b).trained_on == p0 + 1  # P0 kept as b's probe.prev.*
+    publish_on_a(2)  # P2 in the store; b's server has not looked yet
+    real_publish, took = probe_flows.publish_probe, []
+
+    def follower_first(gallery):  # b's server looks at the store between restore's save and its publish
+        look = threading.Thread(target=lambda: took.append(follower_b.check()))
+        look.start()
+        look.join()
+        return real_publish(gallery)
+
+    monkeypatch.setattr(probe_flows, "publish_probe", follower_first)
+    probe_flows.restore_gallery_probe(b)
+    assert took == [False]  # the folder was held: P2 not written over the probe just restored
+    assert LinearProbe.load(b).trained_on == p0  # restored, and shared
+    follower_a = probe_follower(Gallery.open(a))
+    assert follower_a.check() and LinearProbe.load(a).trained_on == p0
+    monkeypatch.setattr(probe_flows, "publish_probe", real_publish)
+
+    with monkeypatch.context() as patched:  # the store refuses the publish: the folder swapped, the store not yet
+        patched.setattr(StoreObjects, "put", _store_fails)
+        with pytest.raises(probe_flows.ProbeNotSharedError, match="not shared through the gallery's store yet") as err:
+            probe_flows.restore_gallery_probe(b)
+    assert f"speciesid probe publish --index {b}" in str(err.value) and "not this command again" in str(err.value)
+    assert LinearProbe.load(b).trained_on == p0 + 1
+    assert not follower_a.check()  # the store still holds P0
+    assert main(["probe", "publish", "--index", str(b)]) == 0
+    assert follower_a.check() and LinearProbe.load(a).trained_on == p0 + 1
