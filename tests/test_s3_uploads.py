@@ -330,3 +330,57 @@ def test_probe_restore_saves_and_publishes_in_one_hold_and_a_failed_publish_says
     assert not follower_a.check()  # the store still holds P0
     assert main(["probe", "publish", "--index", str(b)]) == 0
     assert follower_a.check() and LinearProbe.load(a).trained_on == p0 + 1
+
+
+def test_a_follower_does_not_take_back_its_own_folders_publish_and_an_open_waits_briefly_for_the_folder(
+        two_machines, monkeypatch):
+    """Review s3 #10: a follower whose 'seen' is older than the folder's probe_origin.json (a probe train on the
+    same machine published since) does not take the same copy back. #16: an open of a folder without a probe waits
+    AT_OPEN_WAIT_S for the folder's lock, not the write wait; the next look takes the probe."""
+    import threading
+
+    import retrieval.probe_share as probe_share
+    from index.gallery import Gallery
+    from retrieval.probe import LinearProbe
+    from retrieval.probe_flows import save_replacing
+    from retrieval.probe_share import probe_follower
+    from retrieval.workflows import train_gallery_probe
+
+    a, b, _, _ = two_machines
+    shutil.copytree(b, b.parent / "c", symlinks=True)  # a third machine, without a probe
+    c = b.parent / "c"
+    train_gallery_probe(a, progress=False)
+    following = probe_follower(Gallery.open(b))  # b's server
+    assert following.check()
+    probe = LinearProbe.load(b)
+    probe.trained_on += 1
+    save_replacing(Gallery.open(b), probe)  # 'probe train' on b: saved and published from b's folder
+    before = (b / "probe.prev.json").read_bytes()
+    assert not following.check()  # the folder records that copy: not taken again (nor set aside again)
+    assert (b / "probe.prev.json").read_bytes() == before
+
+    waits = []
+    real_take = probe_share.ProbeFollower._take
+    monkeypatch.setattr(probe_share.ProbeFollower, "_take", lambda self, wait: waits.append(wait) or real_take(
+        self, wait))
+    monkeypatch.setattr(probe_share, "AT_OPEN_WAIT_S", 0.0)
+    holder, opened = Gallery.open(c), Gallery.open(c)
+    opened.write_wait_s = 3.0  # the old code waited this long (600 s from the CLI), then looked no further
+    follower_c = probe_follower(opened)
+    held, done = threading.Event(), threading.Event()
+
+    def writer() -> None:  # a writer of folder c (a rebuild) holds its lock
+        with holder.writing(local=True):
+            held.set()
+            done.wait()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    held.wait()
+    try:
+        follower_c.at_open()
+    finally:
+        done.set()
+        thread.join()
+    assert waits == [0.0] and not (c / "probe.json").exists()  # answered without the probe meanwhile
+    assert follower_c.check() and LinearProbe.load(c).trained_on == probe.trained_on
