@@ -589,7 +589,10 @@ def _keep_upload(gallery: Gallery, path: Path | str, data: bytes, *, look_first:
 def _keep_upload_again(gallery: Gallery, path: Path | str, data: bytes) -> bool:
     """After the commit: put an upload the committed rows use back if it is gone (:func:`_keep_upload` with
     ``look_first``); a failure of the store is tried once more. Whether the upload is there now (False: both tries
-    failed, logged)."""
+    failed, logged). A file of the folder's ``uploads/`` is written as before (an error raised)."""
+    if not isinstance(path, str):
+        _keep_upload(gallery, path, data, look_first=True)
+        return True
     for attempt in (1, 2):
         try:
             _keep_upload(gallery, path, data, look_first=True)
