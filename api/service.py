@@ -23,6 +23,7 @@ import numpy as np
 from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.gallery import Neighbour
+from index.lease import is_s3
 from index.objects import StoreObjectError
 from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species
@@ -241,6 +242,9 @@ class SpeciesService:
                                                     "says what to fix)"), transient=exc.transient) from exc
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
+            if is_s3(stored):  # an upload kept in the shared store: every machine reads it there, no folder to sync
+                raise NotFound(f"the photo of reference {ref_id} is no longer in the gallery's store (deleted "
+                               "there?); the reference itself is valid: add its photo again") from exc
             raise NotFound(f"the photo of reference {ref_id} is not on this server's machine: it was added through "
                            "another machine that shares this gallery's store, or moved or deleted here. The "
                            "reference itself is valid: restore the photo on this machine (or sync the machines' "
@@ -295,10 +299,14 @@ class SpeciesService:
             raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
                            f"(at least {least} px on the short side)")
         embeddings = self.embed(uploads)  # before any lock: uploads share forward passes, and no writer waits on it
-        with self._writing():
-            result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
-                                          common_name=common_name, venomous=venomous, dataset="api",
-                                          min_side=least, new_species=new_species, embeddings=embeddings)
+        try:
+            with self._writing():
+                result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
+                                              common_name=common_name, venomous=venomous, dataset="api",
+                                              min_side=least, new_species=new_species, embeddings=embeddings)
+        except workflows.UploadsNotKeptError as exc:  # committed: a 503 whose message says so, and what to send
+            self.identifier.whitening()
+            raise StoreUnavailable(str(exc), transient=True) from exc
         self.identifier.whitening()  # a new species refits the vote's metric now: on the writer's time, not a reader's
         return result
 

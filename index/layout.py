@@ -10,8 +10,9 @@
                               .f16 + .ids (float16 vectors for the exact re-rank), .delta.npz (changes)
       probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration, the
                               weights' sha256: a reader caught between the two files' writes sees they differ)
-      probe.prev.npz/.json    the probe the last `probe train` / `probe import` replaced (`probe restore`)
-      probe_origin.json       a store on S3: the ETag of the store's shared probe those two came from
+      probe.prev.npz/.json    the probe the last `probe train` / `import`, or one taken from the store, replaced
+      probe_origin.json       a store on S3: which copy of the store's shared probe those two came from
+                              ("<probe.json ETag> <weights ETag>")
       whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
@@ -46,7 +47,8 @@ PROBE_META = "probe.json"
 #: The probe ``probe train`` / ``probe import`` replaced, kept one generation (``probe restore`` swaps it back).
 PROBE_PREV_WEIGHTS = "probe.prev.npz"
 PROBE_PREV_META = "probe.prev.json"
-#: Which copy of an S3 store's shared probe the folder's probe files came from (its ETag; retrieval.probe_share).
+#: Which copy of an S3 store's shared probe the folder's probe files came from ("<probe.json ETag> <weights ETag>";
+#: retrieval.probe_share).
 PROBE_ORIGIN = "probe_origin.json"
 WHITENING_STATS = "whitening_stats.npz"
 TEXT_PRIOR_FILE = "text_prior.json"
@@ -113,8 +115,8 @@ class GalleryLayout:
 
     @property
     def probe_origin(self) -> Path:
-        """The ETag of the store's shared probe the folder's probe files were taken from or published as (an S3
-        store only)."""
+        """Which copy of the store's shared probe (``{"copy": "<probe.json ETag> <weights ETag>"}``) the folder's
+        probe files were taken from or published as (an S3 store only)."""
         return self.root / PROBE_ORIGIN
 
     @property

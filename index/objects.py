@@ -5,7 +5,7 @@ added through the HTTP API are kept there (``<store uri>/_speciesid/uploads/<sha
 their stored ``source_path`` is that ``s3://`` URI, so every machine reads them (:meth:`StoreObjects.get`; the
 gallery's :meth:`index.gallery.Gallery.read_photo`). An upload's key is its content digest: two machines that put one
 photo put the same bytes under the same key, so a race between them is harmless; :meth:`StoreObjects.put_if_absent`
-sends ``If-None-Match: *`` all the same, so a photo already there is not sent twice.
+sends ``If-None-Match: *`` all the same, so a photo already there is not stored twice (its bytes are still sent).
 
 The client is made by :func:`index.lease.s3_client` from the store's own storage options (gallery.json's and the
 AWS_* environment: :func:`index.store.storage_options`), the same endpoint and credentials as the lease's.

@@ -22,6 +22,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from index.gallery import Gallery, check_gallery_encoder
+from index.lease import LeaseStoreError
+from index.objects import StoreObjectError
 from index.records import ReferenceRecord
 from index.sources import read_source
 from retrieval.encoders import Encoder, stack_views
@@ -454,6 +456,22 @@ def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush:
     raise ReferencesInterrupted(report) from interrupt
 
 
+def _store_failures_raise(read: Reader) -> Reader:
+    """``read``, with a failure of the gallery's own store (StoreObjectError, an OSError that :func:`prepare` would
+    count as an unreadable photo) raised as a LeaseStoreError instead, which fails the add."""
+
+    def reader(source: str | Path) -> bytes:
+        try:
+            return read(source)
+        except StoreObjectError as exc:
+            name = str(source).rsplit("/", 1)[-1]  # the object's name: an answer names no bucket
+            raise LeaseStoreError(f"the photo {name} could not be read from the gallery's store, so this add "
+                                  f"stopped (photos committed before it stay stored); add it again: {exc}",
+                                  transient=exc.transient) from exc
+
+    return reader
+
+
 def add_references(
     gallery: Gallery,
     encoder: Encoder,
@@ -466,6 +484,7 @@ def add_references(
     on_progress: Callable[[int, int], None] | None = None,
     min_side: int = MIN_REFERENCE_SIDE,
     embeddings: np.ndarray | None = None,
+    read: Reader | None = None,
 ) -> BuildReport:
     """Embed reference photos and store them in the gallery (searchable when this returns).
 
@@ -480,6 +499,11 @@ def add_references(
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
     (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
     size only, not decoded, and the rows stored as the encoder's would be (a non-finite row is skipped).
+
+    ``read``: a record path's bytes (default the gallery's :meth:`~index.gallery.Gallery.read_photo`; the API serves
+    the uploads it holds in memory). A photo that the gallery's own store could not serve (a StoreObjectError:
+    throttling, the network, a permission) fails the add with a :class:`index.lease.LeaseStoreError` saying so, not
+    skipped as unreadable: the photo is there, the store was not. Rows committed before it stay.
     """
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
     if embeddings is not None:
@@ -524,7 +548,7 @@ def add_references(
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
                              stats=report.stats, given=embeddings is not None,
-                             read=gallery.read_photo)  # an upload kept in an S3 store too
+                             read=_store_failures_raise(read or gallery.read_photo))  # S3-kept uploads too
     batches = (iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats)
                if embeddings is None else _given_embeddings(prepared, embeddings, encoder.batch_size, drop_stored))
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:

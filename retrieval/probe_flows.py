@@ -5,8 +5,11 @@ head as the probe (:func:`import_gallery_probe`); either keeps the probe it repl
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 from index.datasets import load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, GalleryLayout, check_encoder, weights_digest, weights_only
+from index.lease import LeaseError
 from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
@@ -31,6 +35,7 @@ from retrieval.probe import (
     has_probe,
     keep_previous,
     now_utc,
+    probe_origin,
     restore_previous,
     train_probe,
 )
@@ -175,7 +180,6 @@ def train_gallery_probe(
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
     replaced = save_replacing(gallery, probe)
-    publish_probe(gallery)  # a store on S3: every machine sharing it takes it (retrieval.probe_share)
     if taxa:
         save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
@@ -262,18 +266,42 @@ def import_gallery_probe(
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
     replaced = save_replacing(gallery, probe)
-    publish_probe(gallery)  # a store on S3: every machine sharing it takes it (retrieval.probe_share)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
                        head_only=head_only, gallery_only=gallery_only, replaced=replaced)
 
 
+class ProbeNotSharedError(ValueError):
+    """The gallery folder holds the new probe, but publishing it to the S3 store failed: the message says so and
+    what to run (``speciesid probe publish``), not the command again."""
+
+
+@contextlib.contextmanager
+def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[None]:
+    """One hold for writing the folder's probe files and publishing them (:func:`retrieval.probe_share.publish_probe`)
+    when the store is on S3: the store's lease with the folder's lock (a follower of the store's copy on this
+    folder cannot write between the save and the publish); the folder's lock alone otherwise. A publish that fails
+    after the files were written is a :class:`ProbeNotSharedError`: ``done`` says what the folder holds now."""
+    shared = gallery.objects is not None
+    with gallery.writing(local=not shared):
+        yield
+        if shared:
+            try:
+                publish_probe(gallery)  # the files just written under this hold (no follower wrote since)
+            except (OSError, LeaseError, TimeoutError) as exc:
+                raise ProbeNotSharedError(
+                    f"{done} in {gallery.root}, but it is not shared through the gallery's store yet ({exc}): "
+                    f"the other machines keep their probe. Run 'speciesid probe publish --index {gallery.root}' "
+                    "when the store answers, not this command again") from exc
+
+
 def save_replacing(gallery: Gallery, probe: LinearProbe) -> str:
     """Save ``probe`` as the gallery's (made now), under the gallery's write lock, after setting the probe it
-    replaces aside as probe.prev.* (:func:`retrieval.probe.keep_previous`, one generation). Returns in words what
-    it replaced, "" when there was none."""
+    replaces aside as probe.prev.* (:func:`retrieval.probe.keep_previous`, one generation), and on an S3 store
+    publish it under the same hold (:func:`_saving_and_sharing`). Returns in words what it replaced, "" when there
+    was none."""
     probe.made_at = now_utc()
-    with gallery.writing(local=True):  # the folder's own files: not another writer's probe kept, nor half a swap
+    with _saving_and_sharing(gallery, "the new probe is saved"):  # not another writer's probe kept, nor half a swap
         replaced = keep_previous(gallery.root)
         probe.save(gallery.root)
     if replaced:
@@ -286,12 +314,28 @@ def restore_gallery_probe(index_dir: str | Path) -> tuple[str, str]:
     the current one aside in its place (run again to swap back): (what was restored, what was set aside, "" when
     the gallery had no probe), in words. FileNotFoundError when none was kept; a kept probe of another encoder than
     the gallery's is refused (EncoderMismatchError). A store on S3 shares the restored probe as it shares a trained
-    one (:func:`retrieval.probe_share.publish_probe`)."""
+    one, under the same hold (:func:`_saving_and_sharing`; a failed publish: :class:`ProbeNotSharedError`)."""
     gallery = Gallery.open(index_dir)
-    with gallery.writing(local=True):
+    with _saving_and_sharing(gallery, "the earlier probe is restored"):
         swapped = restore_previous(gallery.root, expected_fingerprint=gallery.fingerprint)
-    publish_probe(gallery)
     return swapped
+
+
+def publish_gallery_probe(index_dir: str | Path) -> str:
+    """Share the probe of gallery ``index_dir`` through its S3 store (:func:`retrieval.probe_share.publish_probe`):
+    after a ``probe train``, ``import`` or ``restore`` whose publish failed. Returns the probe in words. ValueError
+    when the store is not on S3 (nothing to share), FileNotFoundError when the folder has no probe."""
+    gallery = Gallery.open(index_dir)
+    if gallery.objects is None:
+        raise ValueError(f"the store of {index_dir} is not on S3: its probe is not shared through the store (every "
+                         "process reads the folder's probe files); nothing to publish")
+    with gallery.writing():
+        if not has_probe(gallery.root):
+            raise FileNotFoundError(f"{index_dir} has no probe to publish: train one with 'speciesid probe train "
+                                    f"--index {index_dir}'")
+        meta = json.loads(gallery.layout.probe_meta.read_text(encoding="utf-8"))
+        publish_probe(gallery)
+    return probe_origin(meta)
 
 
 def _warn_left_out(left_out: dict[str, int], what: str) -> None:

@@ -1,7 +1,7 @@
 """The probe shared through a gallery's S3 store: trained (or imported) on one machine, used by every machine.
 
 Each machine sharing an S3 store has its own gallery folder, and the probe (``probe.json``, ``probe.npz``) lives in
-the folder. ``probe train`` / ``probe import`` on an S3 store also publish the two files to the store
+the folder. ``probe train`` / ``import`` / ``restore`` on an S3 store also publish the two files to the store
 (``<store>/_speciesid/probe/``, :func:`publish_probe`): the weights first, then ``probe.json``, whose object metadata
 names the weights' ETag, so a reader never takes a ``probe.json`` with weights not there yet, nor with another
 publish's weights (it reads both with ``If-Match`` on those ETags). A publish is a write to the store: it holds the
@@ -12,9 +12,12 @@ A folder takes the store's copy (:class:`ProbeFollower`) into its own files (wei
 when the folder has no probe, or when the store holds a copy the folder has not taken yet (its recorded ETag is
 another); and, in a process following the probe (a server: ``follow_probe``), whenever the store's copy changes,
 looked at with one HEAD per ``refresh_s`` at most. The folder's own probe files then change, and the process loads
-them as it loads a probe written by ``probe train`` on its own machine. A folder whose probe was made here before
-the store had one (no ``probe_origin.json``) keeps it at open; a later publish replaces it. A probe refitted here (the
-vote's whitening after a write) keeps its origin: it is replaced at the next publish, not at the next open.
+them as it loads a probe written by ``probe train`` on its own machine; the probe taken replaces is kept as
+``probe.prev.*`` (:func:`retrieval.probe.keep_previous`), so ``probe restore`` on any machine brings back the probe
+the store's copy replaced there. A folder whose probe records no copy taken from the store (no
+``probe_origin.json``: made here, or copied in by hand) keeps it at open; a later publish replaces it. A probe
+refitted here (the vote's whitening after a write) keeps its origin: it is replaced at the next publish, not at the
+next open.
 The text prior is not shared.
 """
 
@@ -30,12 +33,15 @@ from index.errors import first_line
 from index.gallery import Gallery
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
 from index.objects import StoreObjects, probe_uri
-from retrieval.probe import LinearProbe, now_utc, probe_summary
+from retrieval.probe import LinearProbe, keep_previous, now_utc, probe_summary
 
 logger = logging.getLogger(__name__)
 
 #: The object metadata of the store's probe.json naming the ETag of the weights published with it.
 WEIGHTS_ETAG = "weights-etag"
+#: How long an open of a folder without a probe waits for the folder's lock (a writer holds it) to take the
+#: store's probe; past it the process answers without a probe, and the next check (or open) takes it.
+AT_OPEN_WAIT_S = 5.0
 
 
 def publish_probe(gallery: Gallery) -> str | None:
@@ -74,21 +80,25 @@ class ProbeFollower:
         self.last_look: dict[str, str | None] | None = None
 
     def at_open(self) -> None:
-        """At open: take the store's copy when the folder has no probe, or holds a copy taken from the store that
-        is not the store's now; else only remember the store's copy as seen (later changes are taken)."""
+        """At open: take the store's copy when the folder has no probe (waiting :data:`AT_OPEN_WAIT_S` at most for
+        a writer of the folder), or holds a copy taken from the store that is not the store's now; else only
+        remember the store's copy as seen (later changes are taken)."""
         has = self.gallery.layout.probe_meta.is_file()
-        if has and self.seen is None:  # a probe made here, not from the store: kept until the next publish
+        if has and self.seen is None:  # a probe not taken from the store (made here, copied in): kept until the
+            # next publish
             try:
                 self.seen = self._etag()
             except OSError as exc:  # the store unreachable: its copy is taken at the first look that reaches it
                 logger.warning("could not look at the shared probe of %s's store (%s)", self.gallery.root, exc)
             return
-        self.check(wait=None if not has else 0.0)  # without a probe, wait for a writer of the folder: it needs one
+        self.check(wait=0.0 if has else AT_OPEN_WAIT_S)  # without a probe, wait a little for a writer of the folder
 
     def check(self, *, wait: float | None = 0.0) -> bool:
-        """One look at the store's copy (a HEAD); when it is not the one seen last, take it into the folder. Whether
-        it did. A failure (the store unreachable, the folder's lock held by a writer: ``wait`` seconds for it, 0 by
-        default, a reader's) is logged, and looked at again at the next check."""
+        """One look at the store's copy (a HEAD); when it is neither the one seen last nor the one the folder
+        records (``probe_origin.json``, read at each look and again under the folder's lock: a publish from this
+        folder is not taken back), take it into the folder. Whether it did. A failure (the store unreachable, the
+        folder's lock held by a writer: ``wait`` seconds for it, 0 by default, a reader's) is logged, and looked at
+        again at the next check."""
         try:
             took = self._take(wait)
         except TimeoutError as exc:  # a writer holds the folder: not a failure
@@ -130,6 +140,9 @@ class ProbeFollower:
         copy = _copy(etag, weights_etag)
         if copy == self.seen:
             return False
+        if copy == _origin(self.gallery):  # the folder has it (published here, or taken by another process)
+            self.seen = copy
+            return False
         if not weights_etag:  # not one publish_probe wrote: its weights cannot be told to be its own
             logger.warning("%s names no weights (metadata %s): not taken; publish it again with speciesid probe "
                            "train or probe import", meta_uri, WEIGHTS_ETAG)
@@ -147,11 +160,16 @@ class ProbeFollower:
             return False
         layout = self.gallery.layout
         with self.gallery.writing(local=True, wait=wait):  # the folder's files only; a writer's probe write waits
+            if _origin(self.gallery) == copy:  # a publish from this folder (or another follower) since the look
+                self.seen = copy
+                return False
+            kept = keep_previous(self.gallery.root)  # the probe it replaces: what 'probe restore' brings back here
             atomic_write(layout.probe_weights, weights)  # weights first: a reader of the folder checks the pair
             atomic_write(layout.probe_meta, meta)
             write_json_atomic(layout.probe_origin, {"copy": copy})
         self.seen = copy
-        logger.info("took the shared probe of the store into %s (%s)", self.gallery.root, copy)
+        logger.info("took the shared probe of the store into %s (%s)%s", self.gallery.root, copy,
+                    f"; kept {kept} as probe.prev.*" if kept else "")
         return True
 
 

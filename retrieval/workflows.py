@@ -35,7 +35,8 @@ from index.errors import first_line
 from index.gallery import Gallery, Neighbour, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
-from index.objects import upload_uri, uploads_uri
+from index.lease import LeaseError
+from index.objects import StoreObjectError, upload_uri, uploads_uri
 from index.photos import PHOTO_FORMATS
 from index.status import store_status
 from index.store import SpeciesSummary, source_file, source_text
@@ -63,6 +64,7 @@ from retrieval.identify import Identification, Identifier, Method, RankedResult,
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.pipeline import (
     BuildReport,
+    Reader,
     ReferencesInterrupted,
     add_references,
     embed_photos,
@@ -74,6 +76,7 @@ from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
     probe_cannot_name,
+    publish_gallery_probe,
     refresh_gallery_metric,
     restore_gallery_probe,
     train_gallery_probe,
@@ -86,7 +89,7 @@ __all__ = [
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
-    "presence_for", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
+    "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
     "train_gallery_probe",
 ]
 
@@ -562,14 +565,14 @@ def add_photos(
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
-    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings)
+    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings,
+                            read=_upload_reader(gallery, uploads))
     stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if source_text(path) not in stored:
             _drop_upload(gallery, path)
-    for path, data in uploads:  # a concurrent delete of the last reference of the same bytes may have removed the
-        if source_text(path) in stored:  # file between our write and commit
-            _keep_upload(gallery, path, data, look_first=True)
+    lost = [path for path, data in uploads  # a concurrent delete of the last reference of the same bytes may have
+            if source_text(path) in stored and not _keep_upload_again(gallery, path, data)]  # removed it meanwhile
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     known = [i for i in report.duplicate_ids if i is not None]
@@ -580,6 +583,12 @@ def add_photos(
                   for (p, _), i in zip(report.duplicates, report.duplicate_ids, strict=True)]
     if report.ids:
         refresh_gallery_metric(gallery)
+    if lost:
+        raise UploadsNotKeptError(
+            f"the photos were stored (references {', '.join(map(str, report.ids))}), but the gallery's store "
+            f"could not be checked for {', '.join(str(p).rsplit('/', 1)[-1] for p in lost)}, which another "
+            "machine's delete may have removed meanwhile: if a thumbnail answers 404, send the same photos again "
+            "(answered as duplicates, which puts them back)")
     created = prior is None and bool(report.ids)
     held = (prior.count if prior else 0) + len(report.ids)  # searchable references of the species now
     from retrieval.calibrate import MIN_PROBE_PHOTOS  # sklearn: not on the query path
@@ -600,6 +609,18 @@ def _upload_path(gallery: Gallery, name: str, data: bytes) -> Path | str:
     return gallery.layout.uploads / f"{sha256_bytes(data)}{ext}"
 
 
+def _upload_reader(gallery: Gallery, uploads: Sequence[tuple[Path | str, bytes]]) -> Reader:
+    """A photo's bytes for :func:`retrieval.pipeline.add_references`: this call's uploads from the bytes in memory
+    (an upload kept in an S3 store is never read back from it), anything else through ``gallery.read_photo``."""
+    held = {source_text(path): data for path, data in uploads}
+
+    def read(source: str | Path) -> bytes:
+        data = held.get(source_text(source))
+        return data if data is not None else gallery.read_photo(source)
+
+    return read
+
+
 def _keep_upload(gallery: Gallery, path: Path | str, data: bytes, *, look_first: bool = False) -> bool:
     """Write uploaded bytes at ``path`` (:func:`_upload_path`) unless they are there; whether this call wrote them.
     In an S3 store a put with ``If-None-Match: *`` (same bytes, same key: a race with another machine is harmless);
@@ -615,14 +636,49 @@ def _keep_upload(gallery: Gallery, path: Path | str, data: bytes, *, look_first:
     return True
 
 
+def _keep_upload_again(gallery: Gallery, path: Path | str, data: bytes) -> bool:
+    """After the commit: put an upload the committed rows use back if it is gone (:func:`_keep_upload` with
+    ``look_first``); a failure of the store is tried once more. Whether the upload is there now (False: both tries
+    failed, logged). A file of the folder's ``uploads/`` is written as before (an error raised)."""
+    if not isinstance(path, str):
+        _keep_upload(gallery, path, data, look_first=True)
+        return True
+    for attempt in (1, 2):
+        try:
+            _keep_upload(gallery, path, data, look_first=True)
+            return True
+        except (OSError, LeaseError, TimeoutError) as exc:
+            logger.warning("could not make sure %s is in the gallery's store (try %d of 2): %s", path, attempt, exc)
+    return False
+
+
+class UploadsNotKeptError(StoreObjectError):
+    """An add committed its rows, but an upload they use is not in the gallery's store and could not be put back
+    (:func:`add_photos`); the message says which and what to do. Transient: the same add again puts it back."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
 def _drop_upload(gallery: Gallery, path: Path | str) -> None:
     """Remove a kept upload no reference was stored for (a duplicate of a photo stored from another path). A file of
     the folder as it always was; an object of an S3 store only when no reference uses it, checked and deleted under
-    the store's lease (:func:`_remove_unused_upload`): another machine may have stored the same bytes meanwhile."""
+    the store's lease (:func:`_remove_unused_upload`): another machine may have stored the same bytes meanwhile.
+    After the commit, so best effort: a failure is a warning naming the object (left unused in the store)."""
     if isinstance(path, str):
-        _remove_unused_upload(gallery, path)
+        _remove_unused_upload_after_commit(gallery, path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _remove_unused_upload_after_commit(gallery: Gallery, uri: str) -> None:
+    """:func:`_remove_unused_upload` after a commit, best effort: the write it follows did happen, so a failure
+    of the store (or its lease) is logged, naming the object left unused in the store, not raised."""
+    try:
+        _remove_unused_upload(gallery, uri)
+    except (OSError, LeaseError, TimeoutError) as exc:
+        logger.warning("could not remove %s from the gallery's store (no reference may use it any more; it stays "
+                       "there unused, which harms nothing): %s", uri, exc)
 
 
 def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
@@ -656,7 +712,7 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list
         # an object of the S3 store is every machine's: checked and deleted under the store's lease, not the
         # folder's flock alone (writing(local=True) below), which no other machine's add commits under
         if kept is not None and str(text).startswith(kept):
-            _remove_unused_upload(g, str(text))
+            _remove_unused_upload_after_commit(g, str(text))  # the rows are gone: a failure here is a warning
             continue
         path = source_file(str(text))
         with g.writing(local=True):  # an add of the same bytes commits under this lock too: never both

@@ -1,5 +1,5 @@
-"""``speciesid probe train|import|restore``: calibrate the blend of the kNN vote with a probe; bring back the one
-the last train or import replaced."""
+"""``speciesid probe train|import|restore|publish``: calibrate the blend of the kNN vote with a probe; bring back
+the one the last train or import replaced; share it through an S3 store."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_probe_restore)
+    p = s_probe.add_parser(
+        "publish",
+        help="share the gallery's probe through its S3 store, for every machine sharing it (after a 'probe train', "
+        "'import' or 'restore' whose publish failed)",
+    )
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory (its store on S3)")
+    p.set_defaults(func=cmd_probe_publish)
 
 
 def _selection_line(m: dict, head: str) -> str:
@@ -128,6 +135,16 @@ def cmd_probe_restore(args: argparse.Namespace) -> int:
     emit(f"restored {restored}" + (
         f"; {replaced} is kept in its place: 'speciesid probe restore --index {args.index}' again swaps back"
         if replaced else ""))
+    return 0
+
+
+def cmd_probe_publish(args: argparse.Namespace) -> int:
+    """speciesid probe publish: share the gallery's probe through its S3 store."""
+    from retrieval.workflows import publish_gallery_probe
+
+    published = publish_gallery_probe(args.index)
+    emit(f"shared {published} through the gallery's store: every machine sharing it takes it (a server within "
+         "SPECIESID_REFRESH_S)")
     return 0
 
 

@@ -101,8 +101,9 @@ def edge(fn: Callable[[], T]) -> T:
     answers with :func:`store_answer`."""
     try:
         return fn()
-    except ServiceError as exc:
-        raise HTTPException(exc.status, str(exc)) from exc
+    except ServiceError as exc:  # a 503 (the store could not serve it now) says when to retry
+        raise HTTPException(exc.status, str(exc),
+                            headers={"Retry-After": str(STORE_RETRY_AFTER_S)} if exc.status == 503 else None) from exc
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
     except SpeciesNameConflictError as exc:  # worded for an HTTP client: the route and the form field
