@@ -55,3 +55,22 @@ def store_io_failure(exc: BaseException, store: str | Path | None = None) -> str
     from index.store import is_uri  # here: index.store loads lancedb, which an error of its store has loaded
 
     return kind if store is not None and is_uri(str(store)) else None
+
+
+#: How Lance words a table whose files are gone from under an open gallery (its bucket emptied, its prefix deleted,
+#: a store made again elsewhere): ``lance error: Not found: snakes/references.lance/_versions``.
+_TABLE_GONE = re.compile(r"Not found: \S*\.lance(/|\b)")
+
+
+def store_table_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (or a cause of it) is Lance's "Not found" of the table itself, not a store's I/O error: the
+    store answers, but no longer holds the gallery's table. Retrying does not bring it back."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (RuntimeError, OSError, ValueError)) and _STORE_IO.search(str(err)) is None \
+                and _TABLE_GONE.search(str(err)):
+            return True
+        err = err.__cause__
+    return False
