@@ -206,3 +206,36 @@ def test_an_s3_store_gets_short_client_timeouts_unless_its_options_say_otherwise
     assert storage_options({"timeout": "120s"}, {"client_max_retries": "10"})["timeout"] == "120s"
     assert storage_options(None, {"client_max_retries": "10"})["client_max_retries"] == "10"
     assert not set(public_options(opts)) & set(STORE_CLIENT_DEFAULTS)  # never recorded in gallery.json
+
+
+#: What Lance raised on every use of a table whose bucket was emptied under a running server (walkthrough s48 #6).
+LANCE_TABLE_GONE = "lance error: Not found: snakes/references.lance/_versions"
+
+
+class _GoneTable:
+    """A Lance table whose store answers but no longer holds it (a bucket emptied, a prefix deleted)."""
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(LANCE_TABLE_GONE)
+
+
+def test_a_store_whose_table_is_gone_answers_a_json_500_saying_so_and_metrics_stay_scrapeable(client):
+    from index.errors import store_io_failure, store_table_gone
+
+    assert store_table_gone(RuntimeError(LANCE_TABLE_GONE)) and store_io_failure(RuntimeError(LANCE_TABLE_GONE)) is None
+    assert not store_table_gone(RuntimeError("lance error: LanceError(IO): Generic S3 error: Not found: x.lance/y"))
+    service = client.app.state.service
+    store = service.gallery.store
+    cobra = [("images", (COBRA.name, COBRA.read_bytes(), "image/jpeg"))]
+    table, store._table = store._table, _GoneTable()
+    try:
+        for resp in (_within(lambda: client.get("/readyz"), "/readyz"),
+                     _within(lambda: client.post("/v1/identify", files=cobra), "identify")):
+            assert resp.status_code == 500 and resp.headers["content-type"].startswith("application/json"), resp.text
+            detail = resp.json()["detail"]
+            assert "no longer holds the gallery's table" in detail and "rebuilds the gallery" in detail, detail
+        scraped = _within(lambda: client.get("/metrics"), "/metrics")
+        assert scraped.status_code == 200 and "\nspeciesid_store_up 0.0\n" in scraped.text
+    finally:
+        store._table = table
+    _until(lambda: client.get("/readyz").status_code == 200, "/readyz ready again")
