@@ -11,6 +11,16 @@ def first_line(exc: BaseException | str | None, limit: int) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:limit]
 
 
+def first_words(exc: BaseException | str | None, limit: int) -> str:
+    """The first line of an error's text, whole up to ``limit`` characters, else cut at the first space past it
+    (never mid-word) with an ellipsis."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    cut = line.find(" ", limit)
+    return line if cut < 0 else line[:cut] + " …"
+
+
 #: How Lance words a failed read or write of its storage (an object store unreachable, a request refused
 #: mid-flight, a local data file missing): ``lance error: LanceError(IO): Generic S3 error: Error performing list
 #: request ...``; the kind is object_store's name for the store (``S3``, ``LocalFileSystem``, ``N/A`` for none).

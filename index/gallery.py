@@ -29,7 +29,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
-from index.errors import first_line, store_io_failure
+from index.errors import first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
@@ -189,7 +189,7 @@ class Gallery:
         except Exception as exc:
             if not where.get("uri"):
                 raise
-            raise store_error(where["uri"], exc) from exc  # credentials, endpoint, bucket: one line, not lance's
+            raise store_error(where["uri"], exc, self.storage_options.get("aws_endpoint")) from exc  # credentials, endpoint, bucket: one line, not lance's
         self._lock = threading.RLock()  # this process's threads
         self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
@@ -998,13 +998,26 @@ class Gallery:
                 if not is_s3(str(t))]  # not the uploads kept in an S3 store: read from there on demand only
 
 
-def store_error(uri: str, exc: BaseException) -> ValueError:
-    """A store at ``uri`` that cannot be opened, in one line that says what to check."""
+def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> ValueError:
+    """A store at ``uri`` (reached at ``endpoint``, when not AWS's own) that cannot be opened, in one line that says
+    what to check: for an outage (no answer, a refused connection) the network and the endpoint first. The store's
+    error is its whole first line, cut at a word past :data:`STORE_ERROR_CHARS`."""
     text = str(exc)
-    first = first_line(text, 200)
+    first = first_words(text, STORE_ERROR_CHARS)
     cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
+    where = f"the endpoint {endpoint}" if endpoint else "the endpoint (AWS_ENDPOINT_URL, or AWS's own)"
+    if cause in OUTAGE_CAUSES or (cause is None and store_io_failure(exc, uri) is not None):
+        return ValueError(f"cannot open the store {uri}: it did not answer ({cause + ': ' if cause else ''}{first}); "
+                          f"check the network and that {where} is up and reachable from this machine, then try again; "
+                          "if it is, check the URI and the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)")
     return ValueError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
                       "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
+
+
+#: How much of the store's error a "cannot open the store" line keeps (its first line, cut at a word past this).
+STORE_ERROR_CHARS = 400
+#: Causes of :data:`STORE_CAUSES` that say the store did not answer (the network or the endpoint), not refused.
+OUTAGE_CAUSES = ("Connection refused", "dns error", "timed out")
 
 
 #: Causes an object store names deep in Lance's error text, put first in what the user reads.

@@ -239,3 +239,20 @@ def test_a_store_whose_table_is_gone_answers_a_json_500_saying_so_and_metrics_st
     finally:
         store._table = table
     _until(lambda: client.get("/readyz").status_code == 200, "/readyz ready again")
+
+
+def test_the_line_of_a_store_that_does_not_answer_names_it_says_to_check_the_network_and_cuts_no_word():
+    from index.gallery import store_error
+
+    lance = ('lance error: Invalid input, Failed to connect to namespace: IO { source: Generic { store: "S3", source: '
+             'ListRequest { source: RetryError(RetryErrorImpl { method: GET, uri: Some(http://127.0.0.1:54821/gal?'
+             'list-type=2&prefix=snakes%2F), retries: 3, max_retries: 3, retry_timeout: 180s, inner: Http(HttpError { '
+             'kind: Connect, source: reqwest::Error { kind: Request, source: hyper_util::client::legacy::Error(Connect, '
+             'ConnectError("tcp connect error", Os { code: 111, kind: ConnectionRefused, message: "Connection refused"'
+             ' })) } }) }) } } }')  # walkthrough s48 #7, moto stopped
+    msg = str(store_error("s3://gal/snakes", RuntimeError(lance), "http://127.0.0.1:54821"))
+    assert msg.startswith("cannot open the store s3://gal/snakes: it did not answer (Connection refused: lance error")
+    assert "check the network and that the endpoint http://127.0.0.1:54821 is up and reachable" in msg, msg
+    assert "retry_timeout: 180s, inner:" in msg and " …)" in msg  # its first line, cut after a whole word
+    refused = str(store_error("s3://gal/snakes", RuntimeError("lance error: NoSuchBucket"), None))
+    assert refused.startswith("cannot open the store s3://gal/snakes (NoSuchBucket") and "network" not in refused
