@@ -998,7 +998,12 @@ class Gallery:
                 if not is_s3(str(t))]  # not the uploads kept in an S3 store: read from there on demand only
 
 
-def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> ValueError:
+class StoreOpenError(ValueError):
+    """A gallery's store at an object-store URI could not be opened (unreachable, refused, missing): the folder
+    itself is fine (:func:`index.status.folder_status` says what it knows)."""
+
+
+def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> StoreOpenError:
     """A store at ``uri`` (reached at ``endpoint``, when not AWS's own) that cannot be opened, in one line that says
     what to check: for an outage (no answer, a refused connection) the network and the endpoint first. The store's
     error is its whole first line, cut at a word past :data:`STORE_ERROR_CHARS`."""
@@ -1007,10 +1012,10 @@ def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> Va
     cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
     where = f"the endpoint {endpoint}" if endpoint else "the endpoint (AWS_ENDPOINT_URL, or AWS's own)"
     if cause in OUTAGE_CAUSES or (cause is None and store_io_failure(exc, uri) is not None):
-        return ValueError(f"cannot open the store {uri}: it did not answer ({cause + ': ' if cause else ''}{first}); "
+        return StoreOpenError(f"cannot open the store {uri}: it did not answer ({cause + ': ' if cause else ''}{first}); "
                           f"check the network and that {where} is up and reachable from this machine, then try again; "
                           "if it is, check the URI and the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)")
-    return ValueError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
+    return StoreOpenError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
                       "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
 
 

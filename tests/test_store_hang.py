@@ -256,3 +256,26 @@ def test_the_line_of_a_store_that_does_not_answer_names_it_says_to_check_the_net
     assert "retry_timeout: 180s, inner:" in msg and " …)" in msg  # its first line, cut after a whole word
     refused = str(store_error("s3://gal/snakes", RuntimeError("lance error: NoSuchBucket"), None))
     assert refused.startswith("cannot open the store s3://gal/snakes (NoSuchBucket") and "network" not in refused
+
+
+def test_index_info_of_a_gallery_whose_store_does_not_answer_prints_what_the_folder_knows_and_fails(
+        request, tmp_path, monkeypatch, capsys):
+    import json
+
+    from _api_support import free_port
+
+    from api.cli import main
+
+    request.getfixturevalue("s3_env")
+    rng = np.random.default_rng(4)
+    uri = f"s3://{BUCKET}/info-{tmp_path.name}"
+    Gallery.create(tmp_path / "a", _TINY, store=uri).add(*_rows(2, 1, rng))
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", down)
+    capsys.readouterr()
+    assert main(["index", "info", "--index", str(tmp_path / "a")]) == 1
+    out, err = capsys.readouterr()
+    info = json.loads(out)
+    assert info["encoder"]["fingerprint"] == _TINY["fingerprint"] and info["local_index"]["count"] == 2
+    assert info["store"]["uri"] == uri and "it did not answer" in info["store"]["error"]
+    assert f"check the network and that the endpoint {down}" in err
