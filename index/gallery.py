@@ -1011,7 +1011,7 @@ def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> St
     first = first_words(text, STORE_ERROR_CHARS)
     cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
     where = f"the endpoint {endpoint}" if endpoint else "the endpoint (AWS_ENDPOINT_URL, or AWS's own)"
-    if cause in OUTAGE_CAUSES or (cause is None and store_io_failure(exc, uri) is not None):
+    if cause in OUTAGE_CAUSES or (cause is None and "error sending request" in text):  # no answer, not a refusal
         return StoreOpenError(f"cannot open the store {uri}: it did not answer ({cause + ': ' if cause else ''}{first}); "
                           f"check the network and that {where} is up and reachable from this machine, then try again; "
                           "if it is, check the URI and the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)")
