@@ -114,6 +114,7 @@ class SpeciesService:
         self.gallery.stale_reads = True  # the store unreachable: identify answers from the references loaded
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
         self.identifier.far_threshold()  # nor the first answer on estimating it
+        self.gallery.species()  # nor an answer's taxa on the species list (kept for a store outage)
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()
@@ -205,8 +206,22 @@ class SpeciesService:
         self.require_references()
         return workflows.search(self.identifier, embedding=self.embed([upload])[0], k=k)
 
+    def require_store(self, what: str) -> None:
+        """StoreUnavailable (503) while reads answer from the references loaded: the store's last look failed, or
+        the one running has not answered within ``STORE_CHECK_WAIT_S``. ``what`` (the request, plural) needs the
+        store itself: answered at once, never after the store's timeouts (a write would hold the gallery's lock,
+        which searches take, for them)."""
+        self.gallery.refresh()  # waited for STORE_CHECK_WAIT_S at most; a failing store is not looked at each time
+        if self.gallery.reading_stale:
+            kind = self.gallery.stale_store_kind
+            kind = f"{kind} store" if kind else "store"
+            raise StoreUnavailable(f"the gallery's {kind} cannot be reached now (a network or storage outage): {what} "
+                                   "answer 503 until it answers again, while identify and search answer from the "
+                                   "references loaded; retry in the seconds Retry-After says", transient=True)
+
     def species(self) -> list[SpeciesSummary]:
-        """Species summaries."""
+        """Species summaries, read from the store (503 during its outage: :meth:`require_store`)."""
+        self.require_store("species lists")
         return workflows.list_species(self.gallery)
 
     def get_species(self, name: str) -> SpeciesSummary:
@@ -217,7 +232,8 @@ class SpeciesService:
         return found
 
     def thumbnail(self, ref_id: int) -> bytes:
-        """A JPEG thumbnail of a reference photo."""
+        """A JPEG thumbnail of a reference photo (503 during the store's outage: :meth:`require_store`)."""
+        self.require_store("reference photos")
         stored = self.gallery.source_path(ref_id)
         if stored is None:
             raise NotFound(f"no reference with id {ref_id}")
@@ -289,7 +305,9 @@ class SpeciesService:
         new_species: bool = False,
     ) -> AddResult:
         """Store the photos as references of ``species`` (created if new); searchable when this returns.
-        ``new_species``: a new name that looks like a gallery species is meant (else refused, a 409)."""
+        ``new_species``: a new name that looks like a gallery species is meant (else refused, a 409). 503 during
+        the store's outage (:meth:`require_store`: a write would hold the gallery's lock, which searches take)."""
+        self.require_store("writes")
         workflows.check_new_references(self.gallery, species, common_name=common_name, venomous=venomous,
                                        new_species=new_species)  # a refused name (422, 409) costs no forward pass
         least = self.settings.min_reference_px
@@ -311,7 +329,9 @@ class SpeciesService:
         return result
 
     def delete_reference(self, ref_id: int) -> None:
-        """Delete one reference (and its uploaded photo, when no other reference uses it)."""
+        """Delete one reference (and its uploaded photo, when no other reference uses it); 503 during the store's
+        outage (:meth:`require_store`)."""
+        self.require_store("writes")
         with self._writing():
             if not workflows.delete_references(self.gallery, [ref_id]):
                 raise NotFound(f"no reference with id {ref_id}")

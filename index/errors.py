@@ -11,6 +11,16 @@ def first_line(exc: BaseException | str | None, limit: int) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:limit]
 
 
+def first_words(exc: BaseException | str | None, limit: int) -> str:
+    """The first line of an error's text, whole up to ``limit`` characters, else cut at the first space past it
+    (never mid-word) with an ellipsis."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    cut = line.find(" ", limit)
+    return line if cut < 0 else line[:cut] + " …"
+
+
 #: How Lance words a failed read or write of its storage (an object store unreachable, a request refused
 #: mid-flight, a local data file missing): ``lance error: LanceError(IO): Generic S3 error: Error performing list
 #: request ...``; the kind is object_store's name for the store (``S3``, ``LocalFileSystem``, ``N/A`` for none).
@@ -55,3 +65,22 @@ def store_io_failure(exc: BaseException, store: str | Path | None = None) -> str
     from index.store import is_uri  # here: index.store loads lancedb, which an error of its store has loaded
 
     return kind if store is not None and is_uri(str(store)) else None
+
+
+#: How Lance words a table whose files are gone from under an open gallery (its bucket emptied, its prefix deleted,
+#: a store made again elsewhere): ``lance error: Not found: snakes/references.lance/_versions``.
+_TABLE_GONE = re.compile(r"Not found: \S*\.lance(/|\b)")
+
+
+def store_table_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (or a cause of it) is Lance's "Not found" of the table itself, not a store's I/O error: the
+    store answers, but no longer holds the gallery's table. Retrying does not bring it back."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (RuntimeError, OSError, ValueError)) and _STORE_IO.search(str(err)) is None \
+                and _TABLE_GONE.search(str(err)):
+            return True
+        err = err.__cause__
+    return False

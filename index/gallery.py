@@ -29,7 +29,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
-from index.errors import first_line, store_io_failure
+from index.errors import first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
@@ -72,6 +72,14 @@ META_PRELOAD_ROWS = 500_000
 META_LOOKUP_ROWS = 2_000
 #: Metadata rows kept from per-answer lookups (~0.85 KB each); past this many the cache starts again.
 META_CACHE_ROWS = 1_000_000
+#: The longest a server's read (``stale_reads``) waits on the store's look for other processes' writes before it
+#: answers from the references loaded. A store that answers takes milliseconds for that look (``store.version`` is
+#: ~0.4 ms locally); one that takes seconds is failing, and a client's request should not wait out its retries. Two
+#: seconds leaves a slow link room and stays well under a client's patience; /readyz and /metrics wait less
+#: (``api.routers.health``), as readiness probes time out after 1 s by default (Kubernetes).
+STORE_CHECK_WAIT_S = 2.0
+#: The longest pause between looks at a store that failed (they double from ``refresh_s`` up to this).
+STORE_RETRY_MAX_S = 30.0
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "gallery_encoder_fix",
@@ -121,6 +129,22 @@ def _foreign(root: Path, *also: str) -> bool:
     return any(c.name != WRITE_LOCK and c.name not in also and not is_leftover(c.name) for c in root.iterdir())
 
 
+class _StoreCheck:
+    """One background look at the store (:meth:`Gallery.refresh` of a server): when it began, when it is done, and
+    its outcome (whether the index changed; the error to raise in the reads that waited for it)."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = threading.Event()
+        self.changed = False
+        self.error: BaseException | None = None
+
+    @property
+    def overdue(self) -> bool:
+        """Whether it has run past :data:`STORE_CHECK_WAIT_S` without an answer."""
+        return not self.done.is_set() and time.monotonic() - self.started > STORE_CHECK_WAIT_S
+
+
 def _one_row_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows with their first vector per id (:func:`index.vectors.one_row_per_id`), repeats reported."""
     ids, vectors, repeated = one_row_per_id(ids, vectors)
@@ -152,6 +176,12 @@ class Gallery:
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
         self._stale_since: float | None = None  # when the store last became unreadable to a stale read
+        # stale_reads: the store's look runs in one background thread at most (a read waits STORE_CHECK_WAIT_S)
+        self._check: _StoreCheck | None = None  # the look running now
+        self._check_guard = threading.Lock()  # guards _check (never held across store I/O)
+        self._stale_kind = ""  # the kind of store the last failed look named (S3, GCS; "" when not known)
+        self._failures = 0  # looks failed in a row (the pause before the next one doubles with each)
+        self.store_checks = 0  # looks at the store started in the background (counted for operators and tests)
         try:
             self.store = self._open_store(refresh_s)
         except (HalfCreatedStoreError, TimeoutError, LeaseError):  # their messages say what to do: never re-worded
@@ -159,7 +189,7 @@ class Gallery:
         except Exception as exc:
             if not where.get("uri"):
                 raise
-            raise store_error(where["uri"], exc) from exc  # credentials, endpoint, bucket: one line, not lance's
+            raise store_error(where["uri"], exc, self.storage_options.get("aws_endpoint")) from exc  # credentials, endpoint, bucket: one line, not lance's
         self._lock = threading.RLock()  # this process's threads
         self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
@@ -487,42 +517,143 @@ class Gallery:
         return (isinstance(version, int) and version > self._synced_version) or (
             saved.get("kind") not in (None, getattr(self._index, "kind", "ivfpq")))
 
-    def refresh(self, *, force: bool = False) -> bool:
+    def refresh(self, *, force: bool = False, wait: float | None = None) -> bool:
         """See other processes' writes: when the store has a newer version, sync the index by difference.
 
-        Checked at most every ``refresh_s`` seconds (``force``: now). Returns whether anything changed.
+        Checked at most every ``refresh_s`` seconds (``force``: now). Returns whether anything changed (as far as
+        this call saw). With ``stale_reads`` (a server) the look runs in a background thread, one at a time, and
+        this waits for it at most ``wait`` seconds (default :data:`STORE_CHECK_WAIT_S`, never past that after the
+        look began): a store that answers late or not at all leaves the read answering from the references loaded
+        (logged once per outage), and a failing store is looked at again after a pause that doubles from
+        ``refresh_s`` up to :data:`STORE_RETRY_MAX_S`. Only the applying of a finished look takes the lock.
         """
+        if self.stale_reads:
+            return self._refresh_behind(force, STORE_CHECK_WAIT_S if wait is None else min(wait, STORE_CHECK_WAIT_S))
         now = time.monotonic()
         if not force and now - self._checked_at < self.refresh_s:
             return False
         with self._lock:
             self._checked_at = now
-            try:
-                if force:
-                    self.store.refresh()
-                if self.store.version == self._synced_version:
-                    self._readable_again()
-                    return False
-                added, removed = self._sync_index()
-            except (RuntimeError, OSError) as exc:
-                if not self.stale_reads or store_io_failure(exc, self.store_uri) is None:
-                    raise
-                if self._stale_since is None:  # said once an outage, not on every read of it
-                    self._stale_since = now
-                    logger.warning("gallery %s: its store %s cannot be read (%s): answering from the %d references "
-                                   "loaded at store version %d until it can", self.root, self.store_uri,
-                                   first_line(exc, 300), self._index.ntotal, self._synced_version)
+            if force:
+                self.store.refresh()
+            if self.store.version == self._synced_version:
                 return False
-            self._readable_again()
+            added, removed = self._sync_index()
             if added or removed:
                 logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root, added,
                             removed, self._synced_version)
             return bool(added or removed)
 
+    def _pause(self) -> float:
+        """Seconds between looks at the store: ``refresh_s``, doubled with each look failed in a row (an outage)
+        up to :data:`STORE_RETRY_MAX_S`."""
+        if not self._failures:
+            return self.refresh_s
+        return min(STORE_RETRY_MAX_S, self.refresh_s * 2.0 ** min(self._failures, 16))
+
+    def _refresh_behind(self, force: bool, wait: float) -> bool:
+        """:meth:`refresh` of a server: the look in the background, waited for at most ``wait`` seconds."""
+        for _ in range(2 if force else 1):  # force: a look begun before the call may miss what it must see
+            now = time.monotonic()
+            with self._check_guard:
+                check = self._check
+                if check is None:
+                    if not force and now - self._checked_at < self._pause():
+                        return False
+                    self._checked_at = now
+                    check = self._check = _StoreCheck(now)
+                    self.store_checks += 1
+                    threading.Thread(target=self._run_check, args=(check, force), daemon=True,
+                                     name="speciesid-store-check").start()
+                    force = False
+            left = min(wait, check.started + STORE_CHECK_WAIT_S - time.monotonic())
+            if not check.done.wait(max(left, 0.0)):
+                self._overdue(check)
+                return False
+            if check.error is not None:
+                raise check.error
+            if not force:
+                return check.changed
+        return False
+
+    def _run_check(self, check: _StoreCheck, force: bool) -> None:
+        """One look at the store (the background thread of :meth:`refresh`): its I/O without the lock, then the
+        index brought to the store's version under it, briefly. Its outcome is left in ``check``."""
+        try:
+            if force:
+                self.store.refresh()
+            version = self.store.version
+            with self._lock:
+                synced, have = self._synced_version, self._index.ids.copy()
+            if version != synced:
+                stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
+                new = np.setdiff1d(stored, have, assume_unique=True)
+                gone = np.setdiff1d(have, stored, assume_unique=True)
+                ids, vectors = (_one_row_per_id(*self.store.vectors(ids=new.tolist())) if new.size
+                                else (None, None))
+                with self._lock:
+                    if self._synced_version != synced:  # this process wrote meanwhile: look again at the next read
+                        self._checked_at = -float("inf")
+                    else:
+                        self._apply_sync(gone, ids, vectors, version)
+                        check.changed = bool(new.size or gone.size)
+                if check.changed:
+                    logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root,
+                                new.size, gone.size, version)
+        except (RuntimeError, OSError) as exc:
+            if store_io_failure(exc, self.store_uri) is None:
+                check.error = exc  # a damaged store, a table gone: the reads waiting say so
+            else:
+                self._stale_kind = store_io_failure(exc, self.store_uri) or ""
+                self._failures += 1
+                self._checked_at = time.monotonic()  # the pause counts from the failure, not the look's start
+                self._went_stale(f"cannot be read ({first_line(exc, 300)})")
+        except Exception as exc:  # noqa: BLE001 - a bug: raised in the reads waiting, never lost in the thread
+            check.error = exc
+        else:
+            self._failures = 0
+            self._readable_again()
+        finally:
+            with self._check_guard:
+                self._check = None
+            check.done.set()
+
+    def _apply_sync(self, gone: np.ndarray, ids: np.ndarray | None, vectors: np.ndarray | None,
+                    version: int) -> None:
+        """Remove ``gone``, add the rows read (call with the lock held): the index then reflects ``version``."""
+        if gone.size:
+            self._index.remove(gone)
+            for i in gone.tolist():  # an id a stale copy of the folder gives again must not show these rows
+                self._meta_cache.pop(i, None)
+                self._vector_cache.pop(i, None)
+        if ids is not None and len(ids):
+            self._index.add(vectors, ids)
+        self._synced_version = version
+
+    def _overdue(self, check: _StoreCheck) -> None:
+        """A look that has not answered within :data:`STORE_CHECK_WAIT_S`: reads answer from the references
+        loaded (said once an outage) while it goes on in the background."""
+        self._went_stale(f"has not answered within {STORE_CHECK_WAIT_S:g} s", since=check.started)
+
+    def _went_stale(self, why: str, since: float | None = None) -> None:
+        """Reads answer from the references loaded until the store answers again: logged once an outage."""
+        if self._stale_since is None:
+            self._stale_since = time.monotonic() if since is None else since
+            logger.warning("gallery %s: its store %s %s: answering from the %d references loaded at store version "
+                           "%d until it answers; looked at again after pauses doubling up to %.0f s", self.root,
+                           self.store_uri, why, self._index.ntotal, self._synced_version, STORE_RETRY_MAX_S)
+
     @property
     def reading_stale(self) -> bool:
-        """Whether reads answer from the references loaded before a store outage (``stale_reads`` only)."""
-        return self._stale_since is not None
+        """Whether reads answer from the references loaded before a store outage (``stale_reads`` only): the last
+        look at the store failed, or the one running has not answered within :data:`STORE_CHECK_WAIT_S`."""
+        check = self._check
+        return self._stale_since is not None or (check is not None and check.overdue)
+
+    @property
+    def stale_store_kind(self) -> str:
+        """While :attr:`reading_stale`: the kind of store that fails (``S3``, ``GCS``; ``""`` when not known)."""
+        return self._stale_kind or ("S3" if is_s3(str(self.store_uri)) else "")
 
     def _readable_again(self) -> None:
         """Say that the store answers again, after stale reads."""
@@ -852,8 +983,14 @@ class Gallery:
         return read_source(source)
 
     def species(self) -> list[SpeciesSummary]:
-        """Species in the gallery with counts and metadata."""
-        return self.store.species()
+        """Species in the gallery with counts and metadata. With ``stale_reads`` (a server) as of the version the
+        index reflects (no store round trip to ask the latest), and during an outage the list read last."""
+        if not self.stale_reads:
+            return self.store.species()
+        cached = self.store.cached_species()
+        if cached is not None and (cached[0] == self._synced_version or self.reading_stale):
+            return cached[1]
+        return self.store.species(version=self._synced_version)
 
     def reference_sources(self) -> list[Path]:
         """The photo files of the searchable references (what an exported encoder is checked and calibrated on)."""
@@ -861,17 +998,35 @@ class Gallery:
                 if not is_s3(str(t))]  # not the uploads kept in an S3 store: read from there on demand only
 
 
-def store_error(uri: str, exc: BaseException) -> ValueError:
-    """A store at ``uri`` that cannot be opened, in one line that says what to check."""
+class StoreOpenError(ValueError):
+    """A gallery's store at an object-store URI could not be opened (unreachable, refused, missing): the folder
+    itself is fine (:func:`index.status.folder_status` says what it knows)."""
+
+
+def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> StoreOpenError:
+    """A store at ``uri`` (reached at ``endpoint``, when not AWS's own) that cannot be opened, in one line that says
+    what to check: for an outage (no answer, a refused connection) the network and the endpoint first. The store's
+    error is its whole first line, cut at a word past :data:`STORE_ERROR_CHARS`."""
     text = str(exc)
-    first = first_line(text, 200)
+    first = first_words(text, STORE_ERROR_CHARS)
     cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
     if cause == "AccessDenied" and "ListRequest" in text:  # Lance lists the table's versions at every open
-        return ValueError(f"cannot open the store {uri} (AccessDenied: {first}): listing it was refused; the "
-                          "credentials need s3:ListBucket on its bucket (and s3:GetObject, s3:PutObject, "
-                          "s3:DeleteObject under the store's prefix: the policy in docs/shared-gallery.md)")
-    return ValueError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
-                      "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
+        return StoreOpenError(f"cannot open the store {uri} (AccessDenied: {first}): listing it was refused; the "
+                              "credentials need s3:ListBucket on its bucket (and s3:GetObject, s3:PutObject, "
+                              "s3:DeleteObject under the store's prefix: the policy in docs/shared-gallery.md)")
+    where = f"the endpoint {endpoint}" if endpoint else "the endpoint (AWS_ENDPOINT_URL, or AWS's own)"
+    if cause in OUTAGE_CAUSES or (cause is None and "error sending request" in text):  # no answer, not a refusal
+        return StoreOpenError(f"cannot open the store {uri}: it did not answer ({cause + ': ' if cause else ''}{first}); "
+                              f"check the network and that {where} is up and reachable from this machine, then try again; "
+                              "if it is, check the URI and the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)")
+    return StoreOpenError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
+                          "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
+
+
+#: How much of the store's error a "cannot open the store" line keeps (its first line, cut at a word past this).
+STORE_ERROR_CHARS = 400
+#: Causes of :data:`STORE_CAUSES` that say the store did not answer (the network or the endpoint), not refused.
+OUTAGE_CAUSES = ("Connection refused", "dns error", "timed out")
 
 
 #: Causes an object store names deep in Lance's error text, put first in what the user reads.

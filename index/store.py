@@ -138,14 +138,26 @@ def is_uri(root: str | Path) -> bool:
     return "://" in str(root) and not str(root).startswith("file://")
 
 
+#: Lance's client timeouts and retries for a store on an object store, unless the gallery's options set them (Lance's
+#: own defaults retry one request for up to 180 s, with no request timeout: a store that stops answering held every
+#: call for minutes). ``timeout``: one HTTP request, whole (a data file is uploaded in parts); ``connect_timeout``:
+#: its connection; ``client_max_retries`` and ``client_retry_timeout`` (seconds): Lance's retries of a failed
+#: request. Against moto behind a proxy that stops answering, one look at the table's version then failed after
+#: 184 s (Lance retries its listing too); refused connections after 3.8 s. A server's reads never wait on them
+#: (:data:`index.gallery.STORE_CHECK_WAIT_S`); writes and the CLI do. A slow uplink may need a longer ``timeout``.
+STORE_CLIENT_DEFAULTS = {"timeout": "10s", "connect_timeout": "5s", "client_max_retries": "2",
+                         "client_retry_timeout": "30"}
+
+
 def storage_options(recorded: dict[str, str] | None = None, explicit: dict[str, str] | None = None) -> dict[str, str]:
-    """Lance storage options: ``recorded`` (gallery.json), then the usual AWS_* variables, then ``explicit``.
+    """Lance storage options: :data:`STORE_CLIENT_DEFAULTS`, then ``recorded`` (gallery.json), then the usual AWS_*
+    variables, then ``explicit``.
 
     Later sources win. ``AWS_ENDPOINT_URL`` (an S3-compatible server, or moto) sets the endpoint; an ``http://``
     endpoint also allows plain HTTP. Writes need the server to honour the write lease's conditional PUTs
     (:mod:`index.lease`).
     """
-    opts = {k: str(v) for k, v in (recorded or {}).items()}
+    opts = dict(STORE_CLIENT_DEFAULTS) | {k: str(v) for k, v in (recorded or {}).items()}
     for var, key in reversed(list(_ENV_OPTIONS.items())):  # the first listed variable wins among the env
         if os.environ.get(var):
             opts[key] = os.environ[var]
@@ -489,13 +501,19 @@ class ReferenceStore:
             except Exception as exc:  # noqa: BLE001 - an index speeds reads up; reads work without it
                 logger.warning("store: could not index %s (%s); lookups will scan", column, exc)
 
-    def species(self) -> list[SpeciesSummary]:
+    def cached_species(self) -> tuple[int, list[SpeciesSummary]] | None:
+        """The last :meth:`species` read (the version it was read at, the list), with no store round trip."""
+        cached = self._species_cache
+        return None if cached is None else (cached[0], list(cached[1]))
+
+    def species(self, *, version: int | None = None) -> list[SpeciesSummary]:
         """Distinct species with reference counts and their metadata, sorted by name (the most common common name
         of a species' references; venomous when any of its references says so).
 
-        Streamed over five columns (never the whole table) and cached until the table's version moves.
+        Streamed over five columns (never the whole table) and cached until the table's version moves
+        (``version``: the one the caller knows, saving the store round trip that asks it).
         """
-        version = self.version
+        version = self.version if version is None else version
         if self._species_cache is not None and self._species_cache[0] == version:
             return list(self._species_cache[1])
         counts: Counter[str] = Counter()

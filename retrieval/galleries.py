@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
@@ -174,6 +174,15 @@ def open_identifier(
     ident = Identifier(enc, gallery, vote, probe=probe, text_prior=text)
     ident.probe_follower = follower
     if follow_probe and use_probe:
-        ident.follow_probe(files, load, refresh_s, marks=marks, sync=follower.check if follower else None)
+        ident.follow_probe(files, load, refresh_s, marks=marks, sync=_unless_stale(gallery, follower.check)
+                           if follower else None)
     return ident
 
+
+def _unless_stale(gallery: Gallery, check: Callable[[], object]) -> Callable[[], None]:
+    """The probe follower's look at the store (a HEAD), skipped while the gallery's reads are stale (its store failing
+    or not answering): no identify waits on the HEAD's timeouts during an outage; the probe loaded stays."""
+    def sync() -> None:
+        if not gallery.reading_stale:
+            check()
+    return sync

@@ -32,13 +32,13 @@ from index import exclusions
 from index.atomic import atomic_write
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.errors import first_line
-from index.gallery import Gallery, Neighbour, read_gallery_info
+from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
 from index.lease import LeaseError
 from index.objects import StoreObjectError, upload_uri, uploads_uri
 from index.photos import PHOTO_FORMATS
-from index.status import store_status
+from index.status import folder_status, store_status
 from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references, species_key
 from index.vectors import VectorIndexConfig
@@ -733,8 +733,12 @@ def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
     S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`), and its probe (which
-    one, and on S3 whether it is the store's copy: :func:`_probe_info`)."""
-    g = _gallery(gallery)
+    one, and on S3 whether it is the store's copy: :func:`_probe_info`). A store that cannot be opened: what the
+    folder knows, with ``store.error`` (:func:`index.status.folder_status`)."""
+    try:
+        g = _gallery(gallery)
+    except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
+        return folder_status(gallery, exc)  # type: ignore[arg-type] - a Gallery is open already: never here
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version, "store": store_status(g),

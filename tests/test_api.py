@@ -1016,6 +1016,7 @@ def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_
     monkeypatch.setattr(lock, "_acquire", lambda timeout: (flock_waits.append(timeout), real_acquire(timeout))[1])
 
     gallery = mock.MagicMock()  # its writing() as Gallery's: the lock's hold, write_wait_s unless told the wait
+    gallery.reading_stale = False  # its store answers (a server refuses writes at once while it does not)
     gallery.writing.side_effect = lambda *, local=False, wait=None: lock.hold(
         gallery.write_wait_s if wait is None else wait, local=local)
 

@@ -135,10 +135,16 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    """speciesid index info: what a gallery holds and how it was built (exit status)."""
+    """speciesid index info: what a gallery holds and how it was built (exit status); 1 when its store could not
+    be opened, after printing what the folder knows and the store's error."""
     from retrieval.workflows import gallery_info
 
-    emit(json.dumps(gallery_info(args.index), indent=2))
+    info = gallery_info(args.index)
+    emit(json.dumps(info, indent=2))
+    error = (info.get("store") or {}).get("error")
+    if error:  # the folder's facts are printed; the exit status says the store could not be read
+        sys.stderr.write(f"speciesid: error: {error}\n")
+        return 1
     return 0
 
 

@@ -14,7 +14,7 @@ from fastapi import HTTPException, UploadFile
 
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
-from index.errors import first_line, store_io_failure, store_io_kind
+from index.errors import first_line, store_io_failure, store_io_kind, store_table_gone
 from index.gallery import Neighbour
 from index.lease import LeaseError
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
@@ -101,9 +101,9 @@ def edge(fn: Callable[[], T]) -> T:
     answers with :func:`store_answer`."""
     try:
         return fn()
-    except ServiceError as exc:  # a 503 (the store could not serve it now) says when to retry
-        raise HTTPException(exc.status, str(exc),
-                            headers={"Retry-After": str(STORE_RETRY_AFTER_S)} if exc.status == 503 else None) from exc
+    except ServiceError as exc:  # a 503 (the store unreachable) says when to retry, as the store's own do
+        retry = {"Retry-After": str(STORE_RETRY_AFTER_S)} if exc.status == 503 else None
+        raise HTTPException(exc.status, str(exc), headers=retry) from exc
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
     except SpeciesNameConflictError as exc:  # worded for an HTTP client: the route and the form field
@@ -128,6 +128,14 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
     (:func:`index.errors.store_io_kind`: a data file missing, a full disk, a permission): a 500, as retrying does not
     help, naming nothing of the server's disk. The server's log has the store's whole error."""
     kind = store_io_kind(exc)
+    if kind is None and store_table_gone(exc):  # the store answers, without the table: no outage, a 500
+        logger.error("answered 500: the gallery's store %s no longer holds its table (its bucket emptied or its prefix "
+                     "deleted?): restore the store, or rebuild the gallery and restart the server: %s", store,
+                     first_line(exc, 500))
+        return HTTPException(500, "the server's gallery store no longer holds the gallery's table (emptied or "
+                             "deleted); retrying does not help until the server's operator restores the store from a "
+                             "backup, or rebuilds the gallery and restarts the server (the server's log has the "
+                             "store's error)")
     if kind is None:
         return None
     if store_io_failure(exc, store) is None:
@@ -142,7 +150,7 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
         logger.warning("answered 503 (retry in %d s): the gallery's %s cannot be reached: %s%s; said at most once "
                        "per %.0f s", STORE_RETRY_AFTER_S, named, first_line(exc, 500), since, STORE_WARN_EVERY_S)
     return HTTPException(503, f"the gallery's {named} cannot be reached now (a network or storage outage); this "
-                         f"server tries it again with every request: retry in {STORE_RETRY_AFTER_S} s (the server's "
+                         f"server looks at it again shortly: retry in {STORE_RETRY_AFTER_S} s (the server's "
                          "log has the store's error)", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 

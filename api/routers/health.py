@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,6 +15,11 @@ from retrieval.probe_share import probe_status
 STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
                   "before; adding, deleting, listing species and reference photos answer 503 until it answers again")
 
+#: The longest /readyz and /metrics wait on the store's look for other processes' writes (then they answer what the
+#: server loaded, degraded while the look is overdue): half of a readiness probe's default timeout (Kubernetes: 1 s).
+PROBE_STORE_WAIT_S = 0.5
+
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -34,7 +41,9 @@ def readyz(request: Request) -> JSONResponse:
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     gallery = service.gallery
-    gallery.refresh()  # at most once per refresh_s; never raises on an outage (stale reads), a damaged store does
+    # at most once per refresh_s, waited for PROBE_STORE_WAIT_S at most; never raises on an outage (stale reads),
+    # a damaged store or a table gone does (a JSON 500: api.app)
+    gallery.refresh(wait=PROBE_STORE_WAIT_S)
     body = {"status": "ready", "references": gallery.index.ntotal, "encoder": gallery.encoder_spec}
     if gallery.reading_stale:  # the store did not answer: the references identify answers from
         body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
@@ -48,11 +57,18 @@ def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     """Prometheus metrics: request counts and latencies, gallery size, encoder batches. Never asks the store more
-    than a read does (at most once per ``refresh_s``): while it is unreachable, the size is the last one known."""
+    than a read does (at most once per ``refresh_s``, waited for :data:`PROBE_STORE_WAIT_S` at most): while it is
+    unreachable or its look overdue, the size is the last one known and ``speciesid_store_up`` 0; a damaged store
+    (an error that is no outage) is 0 too, not a failed scrape."""
     m = request.app.state.metrics
     service = getattr(request.app.state, "service", None)
     if service is not None:
-        service.gallery.refresh()  # never raises on a store outage (stale reads): the index keeps what it had
+        try:  # never raises on a store outage (stale reads): the index keeps what it had
+            service.gallery.refresh(wait=PROBE_STORE_WAIT_S)
+            up = not service.gallery.reading_stale
+        except (RuntimeError, OSError) as exc:  # damaged, or its table gone: /readyz and the log say what
+            logger.debug("metrics: the gallery's store failed: %s", exc)
+            up = False
         m.gallery_size.set(service.gallery.index.ntotal)
-        m.store_up.set(0 if service.gallery.reading_stale else 1)  # the encoder's counters are read by their collector
+        m.store_up.set(1 if up else 0)  # the encoder's counters are read by their collector
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/species", tags=["species"])
 @router.get("", response_model=list[SpeciesOut], responses=errors(401))
 def list_species(service: Service, _: ReadKey) -> list[SpeciesOut]:
     """The gallery's species with reference counts and metadata."""
-    return [SpeciesOut(**asdict(s)) for s in service.species()]
+    return [SpeciesOut(**asdict(s)) for s in edge(service.species)]
 
 
 @router.get("/{name}", response_model=SpeciesOut, responses=errors(401, 404, 422))
