@@ -8,38 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from _cli_support import ENCODER, _photo, _run, two_species_gallery
 from PIL import Image
-
-from api.cli import main
-
-ENCODER = ["--encoder", "timm:test_vit@random", "--precision", "fp32"]
-
-
-def _photo(path: Path, seed: int, side: int = 48) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
 def built(tmp_path, capsys) -> tuple[Path, Path]:
     """(gallery, its photo folder): 6 random photos of two species."""
-    root = tmp_path / "photos"
-    for i in range(6):
-        _photo(root / ("Samar Cobra (Naja samarensis)" if i % 2 else "Natrix maura") / f"{i}.png", i)
-    index = tmp_path / "g"
-    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
-                        *ENCODER, "-q")
-    assert code == 0, err
-    return index, root
+    return two_species_gallery(tmp_path, capsys)
 
 
 def test_a_build_into_a_gallery_that_adds_nothing_but_skips_photos_fails(built, tmp_path, capsys):

@@ -5,25 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-from api.cli import main
-
-ENCODER = ["--encoder", "timm:test_vit@random", "--precision", "fp32"]
-
-
-def _photo(path: Path, seed: int, side: int = 48) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from _cli_support import ENCODER, _photo, _run
 
 
 def _interrupt_on_batch(monkeypatch, n: int, *, module: str = "retrieval.workflows", again: bool = False) -> None:
@@ -219,6 +202,22 @@ def _holding_the_lock(g):
     return free
 
 
+def _add_until_ctrl_c(g, enc, records, on_progress, timers, *waiting):
+    """``add_references`` until the Ctrl-C ``timers`` send stops it; then the slow reads and the lock holder
+    (``waiting``) are let go and the timers cancelled, whatever happened. Returns the ReferencesInterrupted."""
+    from retrieval.pipeline import ReferencesInterrupted, add_references
+
+    try:
+        with pytest.raises(ReferencesInterrupted) as caught:
+            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
+    finally:
+        for event in waiting:
+            event.set()
+        for t in timers:
+            t.cancel()
+    return caught.value
+
+
 def test_a_real_ctrl_c_while_the_decoders_read_says_so_and_commits_without_waiting_for_them(tmp_path, monkeypatch,
                                                                                            caplog):
     """Review s48 #1/#13: a SIGINT while the model thread waits on a slow read says at once what it commits, does
@@ -251,21 +250,12 @@ def test_a_real_ctrl_c_while_the_decoders_read_says_so_and_commits_without_waiti
 def test_a_second_real_ctrl_c_while_the_first_commits_stops_at_once(tmp_path, monkeypatch):
     """Review s48 #1: a second SIGINT soon after the first (the decoders still reading, the commit waiting for
     another writer) stops at once, saying 'at least', instead of being taken as the first."""
-    from retrieval.pipeline import ReferencesInterrupted, add_references
-
     g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
     g.write_wait_s = 20  # what the commit after a Ctrl-C waits is bounded below it
     free = _holding_the_lock(g)
     on_progress, timers = _ctrl_c_after(4, 0.3, 1.0)
-    try:
-        with pytest.raises(ReferencesInterrupted) as caught:
-            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
-    finally:
-        release.set()
-        free.set()
-        for t in timers:
-            t.cancel()
-    assert not caught.value.saved and caught.value.report.added == 0
+    caught = _add_until_ctrl_c(g, enc, records, on_progress, timers, release, free)
+    assert not caught.saved and caught.report.added == 0
 
 
 def test_a_ctrl_c_whose_commit_finds_the_gallery_held_stops_without_committing(tmp_path, monkeypatch, caplog):
@@ -274,22 +264,14 @@ def test_a_ctrl_c_whose_commit_finds_the_gallery_held_stops_without_committing(t
     import logging
 
     from index.gallery import Gallery
-    from retrieval.pipeline import ReferencesInterrupted, add_references
 
     g, enc, records, release = _slow_gallery(tmp_path, monkeypatch)
     g.write_wait_s = 1
     free = _holding_the_lock(g)
     on_progress, timers = _ctrl_c_after(4, 0.3)
     caplog.set_level(logging.WARNING, logger="retrieval.pipeline")
-    try:
-        with pytest.raises(ReferencesInterrupted) as caught:
-            add_references(g, enc, records, progress=False, workers=2, on_progress=on_progress)
-    finally:
-        release.set()
-        free.set()
-        for t in timers:
-            t.cancel()
-    assert caught.value.saved and caught.value.report.added == 0
+    caught = _add_until_ctrl_c(g, enc, records, on_progress, timers, release, free)
+    assert caught.saved and caught.report.added == 0
     warned = [r.getMessage() for r in caplog.records if r.name == "retrieval.pipeline"]
     assert warned[0] == "interrupted: committing the 4 photos embedded so far (Ctrl-C again to stop now)"
     assert warned[1].startswith("not committed: the 4 photos embedded since the last commit are not in the gallery, "

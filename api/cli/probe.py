@@ -49,20 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_import)
-    p = s_probe.add_parser(
-        "restore",
-        help="bring back the probe the last 'probe train' or 'probe import' replaced (kept as probe.prev.json/npz); "
-        "the current one is kept in its place, so running it again swaps back",
-    )
-    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
-    p.set_defaults(func=cmd_probe_restore)
-    p = s_probe.add_parser(
-        "publish",
-        help="share the gallery's probe through its S3 store, for every machine sharing it (after a 'probe train', "
-        "'import' or 'restore' whose publish failed)",
-    )
-    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory (its store on S3)")
-    p.set_defaults(func=cmd_probe_publish)
+    # The subcommands that take only the gallery: (name, help, --index help, handler).
+    for name, help_, index_help, func in (
+        ("restore", "bring back the probe the last 'probe train' or 'probe import' replaced (kept as "
+         "probe.prev.json/npz); the current one is kept in its place, so running it again swaps back",
+         "gallery directory", cmd_probe_restore),
+        ("publish", "share the gallery's probe through its S3 store, for every machine sharing it (after a 'probe "
+         "train', 'import' or 'restore' whose publish failed)",
+         "gallery directory (its store on S3)", cmd_probe_publish),
+    ):
+        p = s_probe.add_parser(name, help=help_)
+        p.add_argument("--index", required=True, metavar="DIR", help=index_help)
+        p.set_defaults(func=func)
 
 
 def _selection_line(m: dict, head: str) -> str:
