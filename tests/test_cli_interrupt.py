@@ -167,6 +167,17 @@ def _slow_gallery(tmp_path, monkeypatch, *, fast: int = 4, n: int = 6):
     return g, enc, [ReferenceRecord(path=p, species="Naja haje") for p in paths], release
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """A real SIGINT raises KeyboardInterrupt in these tests even when the suite was started with SIGINT ignored
+    (a background job of a shell without job control inherits that), as it does for a user's command."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _ctrl_c_after(done_at: int, *delays: float):
     """An ``on_progress`` that, once ``done_at`` photos are handled, sends this process a real SIGINT ``delays``
     seconds later (each), and the timers to cancel."""
