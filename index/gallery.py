@@ -80,6 +80,9 @@ META_CACHE_ROWS = 1_000_000
 STORE_CHECK_WAIT_S = 2.0
 #: The longest pause between looks at a store that failed (they double from ``refresh_s`` up to this).
 STORE_RETRY_MAX_S = 30.0
+#: How long a look at the store waits for the gallery's lock to read the index (a write of this process holds it
+#: longer: that write syncs the index itself, and the look is left for the next pause, not counted as an outage).
+_LOCK_TRY_S = 0.5
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "gallery_encoder_fix",
@@ -181,6 +184,8 @@ class Gallery:
         self._check_guard = threading.Lock()  # guards _check (never held across store I/O)
         self._stale_kind = ""  # the kind of store the last failed look named (S3, GCS; "" when not known)
         self._failures = 0  # looks failed in a row (the pause before the next one doubles with each)
+        self._check_error: BaseException | None = None  # a look's error that is not an outage (a table gone, a
+        #                                                 bug): raised by every read until a look succeeds
         self.store_checks = 0  # looks at the store started in the background (counted for operators and tests)
         try:
             self.store = self._open_store(refresh_s)
@@ -549,7 +554,7 @@ class Gallery:
         up to :data:`STORE_RETRY_MAX_S`."""
         if not self._failures:
             return self.refresh_s
-        return min(STORE_RETRY_MAX_S, self.refresh_s * 2.0 ** min(self._failures, 16))
+        return min(STORE_RETRY_MAX_S, max(self.refresh_s, 1.0) * 2.0 ** min(self._failures, 16))  # refresh_s 0 too
 
     def _refresh_behind(self, force: bool, wait: float) -> bool:
         """:meth:`refresh` of a server: the look in the background, waited for at most ``wait`` seconds."""
@@ -559,12 +564,19 @@ class Gallery:
                 check = self._check
                 if check is None:
                     if not force and now - self._checked_at < self._pause():
+                        if self._check_error is not None:  # not an outage: every read says so until a look works
+                            raise self._check_error
                         return False
                     self._checked_at = now
                     check = self._check = _StoreCheck(now)
                     self.store_checks += 1
-                    threading.Thread(target=self._run_check, args=(check, force), daemon=True,
-                                     name="speciesid-store-check").start()
+                    try:
+                        threading.Thread(target=self._run_check, args=(check, force), daemon=True,
+                                         name="speciesid-store-check").start()
+                    except BaseException:  # no thread: never a look left "running" for good
+                        self._check = None
+                        check.done.set()
+                        raise
                     force = False
             left = min(wait, check.started + STORE_CHECK_WAIT_S - time.monotonic())
             if not check.done.wait(max(left, 0.0)):
@@ -583,26 +595,12 @@ class Gallery:
             if force:
                 self.store.refresh()
             version = self.store.version
-            with self._lock:
-                synced, have = self._synced_version, self._index.ids.copy()
-            if version != synced:
-                stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
-                new = np.setdiff1d(stored, have, assume_unique=True)
-                gone = np.setdiff1d(have, stored, assume_unique=True)
-                ids, vectors = (_one_row_per_id(*self.store.vectors(ids=new.tolist())) if new.size
-                                else (None, None))
-                with self._lock:
-                    if self._synced_version != synced:  # this process wrote meanwhile: look again at the next read
-                        self._checked_at = -float("inf")
-                    else:
-                        self._apply_sync(gone, ids, vectors, version)
-                        check.changed = bool(new.size or gone.size)
-                if check.changed:
-                    logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root,
-                                new.size, gone.size, version)
+            if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
+                self._sync_behind(check, version)  # itself: not the store's delay, and no outage
         except (RuntimeError, OSError) as exc:
             if store_io_failure(exc, self.store_uri) is None:
-                check.error = exc  # a damaged store, a table gone: the reads waiting say so
+                check.error = exc  # a damaged store, a table gone: the reads waiting say so, and later reads too
+                self._keep_check_error(exc)
             else:
                 self._stale_kind = store_io_failure(exc, self.store_uri) or ""
                 self._failures += 1
@@ -610,13 +608,43 @@ class Gallery:
                 self._went_stale(f"cannot be read ({first_line(exc, 300)})")
         except Exception as exc:  # noqa: BLE001 - a bug: raised in the reads waiting, never lost in the thread
             check.error = exc
+            self._keep_check_error(exc)
         else:
             self._failures = 0
+            self._check_error = None
             self._readable_again()
         finally:
             with self._check_guard:
                 self._check = None
             check.done.set()
+
+    def _sync_behind(self, check: _StoreCheck, version: int) -> None:
+        """The index brought to the store's ``version`` (:meth:`_run_check`, entered holding the lock, which it
+        releases): the ids read under it, the store read without it, the rows applied under it again."""
+        try:
+            synced, have = self._synced_version, self._index.ids.copy()
+        finally:
+            self._lock.release()
+        if version != synced:
+            stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
+            new = np.setdiff1d(stored, have, assume_unique=True)
+            gone = np.setdiff1d(have, stored, assume_unique=True)
+            ids, vectors = (_one_row_per_id(*self.store.vectors(ids=new.tolist())) if new.size
+                            else (None, None))
+            if not self._lock.acquire(timeout=_LOCK_TRY_S):  # a write of this process: it syncs itself
+                self._checked_at = -float("inf")  # look again at the next read
+                return
+            try:
+                if self._synced_version != synced:  # this process wrote meanwhile: look again at the next read
+                    self._checked_at = -float("inf")
+                else:
+                    self._apply_sync(gone, ids, vectors, version)
+                    check.changed = bool(new.size or gone.size)
+            finally:
+                self._lock.release()
+            if check.changed:
+                logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root,
+                            new.size, gone.size, version)
 
     def _apply_sync(self, gone: np.ndarray, ids: np.ndarray | None, vectors: np.ndarray | None,
                     version: int) -> None:
@@ -630,9 +658,19 @@ class Gallery:
             self._index.add(vectors, ids)
         self._synced_version = version
 
+    def _keep_check_error(self, exc: BaseException) -> None:
+        """A look's error that is not an outage: logged when it is new, raised by every read until a look works."""
+        if self._check_error is None or str(self._check_error) != str(exc):
+            logger.error("gallery %s: looking at its store %s failed: %s", self.root, self.store_uri,
+                         first_line(exc, 300))
+        self._check_error = exc
+
     def _overdue(self, check: _StoreCheck) -> None:
         """A look that has not answered within :data:`STORE_CHECK_WAIT_S`: reads answer from the references
         loaded (said once an outage) while it goes on in the background."""
+        with self._check_guard:
+            if check.done.is_set():  # it answered just now
+                return
         self._went_stale(f"has not answered within {STORE_CHECK_WAIT_S:g} s", since=check.started)
 
     def _went_stale(self, why: str, since: float | None = None) -> None:

@@ -9,6 +9,7 @@ gives (walkthrough s47, finding 1).
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from _api_support import API_KEY, COBRA, SPECIES, binomial, gallery_copy, photos
@@ -95,7 +96,10 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
                    'method="DELETE",route="/v1/references/{ref_id}",status="503"'):
         assert _sample(text, f"speciesid_requests_total{{{series}}}") - _sample(
             before, f"speciesid_requests_total{{{series}}}") == 1, series
-    # the store answers again: so does every route
+    # the store answers again: so does every route, from the next look (after the outage's back-off pause)
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").json()["status"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert {k: v for k, v in client.get("/readyz").json().items() if k != "probe"} == {
         "status": "ready", "references": size, "encoder": service.gallery.encoder_spec}
     assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text

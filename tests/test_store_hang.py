@@ -279,3 +279,52 @@ def test_index_info_of_a_gallery_whose_store_does_not_answer_prints_what_the_fol
     assert info["encoder"]["fingerprint"] == _TINY["fingerprint"] and info["local_index"]["count"] == 2
     assert info["store"]["uri"] == uri and "it did not answer" in info["store"]["error"]
     assert f"check the network and that the endpoint {down}" in err
+
+
+def test_a_look_waiting_on_this_processs_own_write_is_no_outage_and_one_failing_otherwise_is_said_by_every_read(
+        tmp_path_factory, caplog):
+    """Review of the outage fix: a look at the store that had to wait on the gallery's lock behind a long write of
+    this process counted as the store not answering (a false outage: degraded, 503s); a look's error that is not an
+    outage (a table gone) reached only the read waiting on it, never logged; refresh_s 0 had no back-off."""
+    import logging
+    import threading
+
+    gallery = Gallery.open(gallery_copy(tmp_path_factory, "lockwait"), refresh_s=1.0)
+    gallery.stale_reads = True
+    release = threading.Event()
+
+    def hold() -> None:
+        with gallery._lock:  # a write of this process (a rebuild), longer than STORE_CHECK_WAIT_S
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        gallery._checked_at -= 5.0
+        with caplog.at_level(logging.WARNING, logger="index.gallery"):
+            gallery.refresh()
+            assert not gallery.reading_stale
+            _until(lambda: gallery._check is None, "the look to end")
+        assert "has not answered" not in caplog.text and not gallery.reading_stale and gallery._failures == 0
+        caplog.clear()
+    finally:
+        release.set()
+        holder.join()
+    store = gallery.store
+    table, store._table = store._table, _GoneTable()
+    try:
+        gallery._checked_at -= 5.0
+        with caplog.at_level(logging.ERROR, logger="index.gallery"):
+            with pytest.raises(RuntimeError, match="Not found"):
+                gallery.refresh()
+        assert "looking at its store" in caplog.text
+        with pytest.raises(RuntimeError, match="Not found"):  # within the pause: said again, no new look
+            gallery.refresh()
+    finally:
+        store._table = table
+    gallery._checked_at -= 5.0
+    assert gallery.refresh() is False  # a look that works ends it
+    assert gallery.refresh() is False
+    gallery.refresh_s = 0.0
+    gallery._failures = 3
+    assert gallery._pause() == 8.0  # from 1 s when refresh_s is 0
