@@ -598,11 +598,12 @@ class Gallery:
             if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
                 self._sync_behind(check, version)  # itself: not the store's delay, and no outage
         except (RuntimeError, OSError) as exc:
-            if store_io_failure(exc, self.store_uri) is None:
+            kind = store_io_failure(exc, self.store_uri)
+            if kind is None:
                 check.error = exc  # a damaged store, a table gone: the reads waiting say so, and later reads too
                 self._keep_check_error(exc)
             else:
-                self._stale_kind = store_io_failure(exc, self.store_uri) or ""
+                self._stale_kind = kind
                 self._failures += 1
                 self._checked_at = time.monotonic()  # the pause counts from the failure, not the look's start
                 self._went_stale(f"cannot be read ({first_line(exc, 300)})")

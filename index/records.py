@@ -9,9 +9,10 @@ from pathlib import Path
 HIGHER_RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order")
 
 
-def _is_uri(path: str | Path) -> bool:
-    """Whether ``path`` is an object-store URI written as text (as :func:`index.store.is_uri` tells one)."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+def is_uri(root: str | Path) -> bool:
+    """Whether ``root`` is an object-store URI (``s3://``, ``gs://``, ``az://`` ...) rather than a folder (a
+    ``Path`` never is: it folds ``//``)."""
+    return "://" in str(root) and not str(root).startswith("file://")
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ReferenceRecord:
     country: str | None = None  # where the photo was taken, when the metadata says
 
     def __post_init__(self) -> None:
-        if not _is_uri(self.path):  # Path() would fold "s3://b/k" into "s3:/b/k"
+        if not is_uri(self.path):  # Path() would fold "s3://b/k" into "s3:/b/k"
             self.path = Path(self.path)
         self.species = " ".join(self.species.split())
         if not self.genus and " " in self.species:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from index.records import HIGHER_RANKS, ReferenceRecord
+from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +131,6 @@ _ENV_OPTIONS = {
 }
 #: Storage options that are not secrets (the only ones a gallery.json may record).
 PUBLIC_OPTIONS = ("region", "aws_endpoint", "allow_http", "aws_virtual_hosted_style_request")
-
-
-def is_uri(root: str | Path) -> bool:
-    """Whether ``root`` is an object-store URI (``s3://``, ``gs://``, ``az://`` ...) rather than a folder."""
-    return "://" in str(root) and not str(root).startswith("file://")
 
 
 #: Lance's client timeouts and retries for a store on an object store, unless the gallery's options set them (Lance's

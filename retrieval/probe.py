@@ -102,7 +102,6 @@ class LinearProbe:
         np.savez(buf, **arrays)
         weights = buf.getvalue()
         self.weights_sha256 = hashlib.sha256(weights).hexdigest()
-        atomic_write(folder / PROBE_WEIGHTS, weights)  # first: a reader of the old probe.json sees the digest differ
         meta = {
             "format": PROBE_FORMAT,
             "species": self.species,
@@ -117,7 +116,7 @@ class LinearProbe:
                 "shrink": self.whitening.shrink, "photos": self.whitening.photos,
                 "species": list(self.whitening.species)},
         }
-        write_json_atomic(folder / PROBE_META, meta, sort_keys=False)
+        _write_pair(folder, meta, weights, PROBE_META, PROBE_WEIGHTS)  # the weights first: see there
 
     @classmethod
     def load(cls, folder: str | Path, *, expected_fingerprint: str | None = None) -> LinearProbe:

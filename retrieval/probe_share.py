@@ -61,6 +61,11 @@ def publish_probe(gallery: Gallery) -> str | None:
     return copy
 
 
+def _copy_of(head: dict | None) -> str | None:
+    """The copy (:func:`_copy`) a HEAD of the store's probe.json names; None when the store has none."""
+    return None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+
+
 def _copy(etag: str, weights_etag: str | None) -> str:
     """One copy of the store's probe: its probe.json's ETag and the weights' it names (an S3 ETag follows the
     bytes: a probe.json of the same text with other weights is another copy)."""
@@ -117,7 +122,7 @@ class ProbeFollower:
     def _etag(self) -> str | None:
         """The store's copy now (:func:`_copy`; None: it has none)."""
         head = self._head()
-        return None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+        return _copy_of(head)
 
     def _head(self) -> dict[str, Any] | None:
         """The HEAD of the store's probe.json (None: none there), kept as :attr:`last_look`."""
@@ -126,7 +131,7 @@ class ProbeFollower:
         except Exception as exc:  # noqa: BLE001 - recorded for /readyz, raised as it is
             self.last_look = {"at": now_utc(), "error": first_line(exc, 300)}
             raise
-        copy = None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+        copy = _copy_of(head)
         self.last_look = {"at": now_utc(), "copy": copy}
         return head
 

@@ -401,7 +401,7 @@ def evaluate_dataset(
     ]
     if country:
         notes.append(f"country prior: {country}")
-    unheld = Counter(s for s in (scan.records[i].species for i in ok) if s not in _held(gallery_species))
+    unheld = Counter(s for s in (scan.records[i].species for i in ok) if s not in held)  # held: see above
     if open_set and unheld:  # asked for: not a warning
         notes.append(f"open set: {len(unheld)} evaluated species ({sum(unheld.values())} photos) have no reference in "
                      "the gallery: their answers measure abstention (coverage) and venomous called harmless")
@@ -418,7 +418,8 @@ def species_not_held(evaluated: Sequence[str], gallery_species: Sequence[Species
     """A warning naming the evaluated species the gallery holds no reference of (their photos count as misses that no
     setting could get right); "" when there are none. Each is named with its photo count and, when it is a gallery
     species' common name, that species, else the closest gallery names (a misspelt folder?)."""
-    counts = Counter(s for s in evaluated if s not in _held(gallery_species))
+    held = _held(gallery_species)
+    counts = Counter(s for s in evaluated if s not in held)
     if not counts:
         return ""
     return (f"{len(counts)} evaluated species have no reference in the gallery, so the {sum(counts.values())} photos "

@@ -13,6 +13,8 @@ import shutil
 import socket
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
@@ -104,3 +106,18 @@ def png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     data[start : start + 17] = ihdr
     data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
     return bytes(data)
+
+
+@contextmanager
+def store_client(tmp_path_factory, name: str) -> Iterator:
+    """A TestClient of a server on a copy of the module's gallery (``name``) that looks at its store on every read
+    (``refresh_s=0``: each request meets what the store does now) and answers a server error as a 500."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = gallery_copy(tmp_path_factory, name)
+    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c

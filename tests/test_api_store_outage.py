@@ -12,7 +12,7 @@ import logging
 import time
 
 import pytest
-from _api_support import API_KEY, COBRA, SPECIES, binomial, gallery_copy, photos
+from _api_support import API_KEY, COBRA, SPECIES, binomial, photos, store_client
 
 KEYS = {"X-API-Key": API_KEY}
 #: What Lance raises when the S3 endpoint is unreachable (checked against moto's server, stopped).
@@ -34,15 +34,7 @@ class _DeadTable:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from api.settings import Settings
-
-    index = gallery_copy(tmp_path_factory, "api_outage")
-    # refresh_s=0: every read looks at the store, so the outage is met by each request
-    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with store_client(tmp_path_factory, "api_outage") as c:  # every read looks at the store: each request meets it
         yield c
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _api_support import API_KEY, COBRA, SPECIES, binomial, gallery_copy, photos
+from _api_support import API_KEY, COBRA, SPECIES, binomial, gallery_copy, photos, store_client
 from _store_proxy import StoreProxy
 from test_api_store_outage import _DeadTable
 from test_object_store import _TINY, BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
@@ -117,14 +117,7 @@ class _HangingTable:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from api.settings import Settings
-
-    index = gallery_copy(tmp_path_factory, "api_hang")
-    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with store_client(tmp_path_factory, "api_hang") as c:  # every read looks at the store: each request meets it
         yield c
 
 
