@@ -135,6 +135,14 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(("s3://", "s3a://"))
 
 
+def canonical_s3_uri(uri: str) -> str:
+    """An S3 URI in the one spelling speciesid writes and compares: ``s3://`` (Hadoop's ``s3a://`` names the same
+    bucket and keys) and no trailing slash, so two spellings of one store give one upload URI and one identity.
+    Any other URI comes back as given, less its trailing slashes."""
+    text = str(uri).rstrip("/")
+    return "s3://" + text[len("s3a://"):] if text.startswith("s3a://") else text
+
+
 def _code(exc: BaseException) -> str:
     """The error code of a botocore ClientError ('' for anything else)."""
     response = getattr(exc, "response", None) or {}
@@ -171,6 +179,84 @@ def _no_credentials(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - the s3 extra not installed
         return False
     return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
+
+
+def _tls_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's for a TLS connection that could not be made (a certificate refused, a URL
+    that is not TLS): a later try meets the same certificate."""
+    try:
+        from botocore.exceptions import SSLError
+    except ImportError:  # pragma: no cover - the s3 extra not installed
+        return False
+    return isinstance(exc, SSLError)
+
+
+def _cut_read(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's for a reply cut off while its body was read (the connection closed mid-body,
+    or fewer bytes than announced): the store answered, the network lost the rest; a later try may get it."""
+    try:
+        from botocore import exceptions
+    except ImportError:  # pragma: no cover - the s3 extra not installed
+        return False
+    kinds = tuple(k for k in (getattr(exceptions, "IncompleteReadError", None),
+                              getattr(exceptions, "ResponseStreamingError", None)) if k is not None)
+    return bool(kinds) and isinstance(exc, kinds)
+
+
+@dataclass(frozen=True)
+class S3Failure:
+    """A failed request to an S3 store as people read it: ``message`` says what failed and what to do,
+    ``transient`` whether a later try may get past it."""
+
+    message: str
+    transient: bool
+
+
+def s3_failure(exc: BaseException, what: str, *, needs: str, endpoint: str | None = None, lookup: str = "",
+               why: str = "") -> S3Failure | None:
+    """The one reading of botocore's errors, for the lease's requests (:meth:`S3Lease._failure`) and those on the
+    objects beside the table (:meth:`index.objects.StoreObjects._failure`); ``what`` names the request (its
+    message starts with it), ``needs`` the permissions a refusal names, ``endpoint`` the store's when the error
+    names none, ``lookup`` the ``s3://`` URI a GET or HEAD asked for (S3 refuses a missing key without ListBucket:
+    :func:`missing_key_hint`), ``why`` a clause put before the permissions of a refusal. In this order:
+
+    - a TLS connection not made (botocore's SSLError, a ConnectionError too): not transient, a certificate or
+      URL to fix;
+    - a reply cut off while it was read (IncompleteReadError, ResponseStreamingError): transient;
+    - no answer (botocore's ConnectionError and HTTPClientError: refused, timed out, closed before it replied):
+      transient; whether a write went through is not known (the lease tells that itself, before this);
+    - no credentials found, or only part of them: not transient, naming the variables to set;
+    - refused (AccessDenied): not transient; a store's other error answers: transient when it is busy or failing
+      (:func:`_transient`), else not.
+
+    None for an error that is none of these (no error code: a bug, a bad parameter): the caller decides."""
+    code, said = _code(exc), f"{type(exc).__name__}: {_first(exc)}"
+    endpoint = _endpoint(exc) or endpoint or "the store's S3 endpoint"
+    if not code:
+        if _tls_error(exc):
+            return S3Failure(f"{what} failed: no TLS connection to {endpoint} ({said}): check the endpoint's URL and "
+                             "its certificate (AWS_CA_BUNDLE names the certificates to trust)", False)
+        if _cut_read(exc):
+            return S3Failure(f"{what} was cut off while {endpoint} answered ({said}): check the network between "
+                             "this machine and the store, then try again", True)
+        if _network_error(exc):
+            return S3Failure(f"{what} got no answer from {endpoint} ({said}): check the network between this "
+                             "machine and the store, then try again", True)
+        if _no_credentials(exc):
+            return S3Failure(f"{what} found no credentials for the store ({said}): set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones) in the environment "
+                             "of this process, or AWS_PROFILE naming a profile in ~/.aws/credentials, or run it "
+                             "where an instance or task role gives them", False)
+        return None
+    if code in _DENIED and lookup:  # a GET or HEAD: S3 refuses a missing key without ListBucket
+        return S3Failure(f"{what} was refused ({code}: {_first(exc)}): {missing_key_hint(*_bucket_key(lookup))}; or, "
+                         f"if it is there, the credentials need {needs}", False)
+    if code in _DENIED:
+        return S3Failure(f"{what} was refused ({code}: {_first(exc)}): {why}the credentials need {needs}", False)
+    if _transient(exc):
+        return S3Failure(f"{what} failed ({code}: {_first(exc)}): the store is busy or failing for now; try again "
+                         "shortly", True)
+    return S3Failure(f"{what} failed ({code}: {_first(exc)})", False)
 
 
 def _endpoint(exc: BaseException) -> str | None:
@@ -575,24 +661,16 @@ class S3Lease:
     def _failure(self, exc: BaseException, doing: str, *, needs: str | None = None,
                  lookup: str = "") -> BaseException:
         """The error to raise for a request on the lease's objects that failed with ``exc``, where the lease gives
-        up on it: one that names the lease and what to do for a store's refusal, a request that got no answer (a
-        network error: :meth:`_unreachable`) or credentials not found; ``exc`` itself for anything else. Only here,
-        never on the request itself: the lease tells a put whose reply was lost by the raw error first (its nonce
-        stays unsure). ``needs``: the permissions a refusal (AccessDenied) names, when not the lease's own; ``lookup``:
-        the key a GET read (its refusal may be a missing key: :func:`missing_key_hint`)."""
+        up on it: a LeaseStoreError naming the lease and what to do, read by :func:`s3_failure` (the one reading of
+        botocore's errors, the objects beside the table's too: a refusal, no answer, a TLS failure, a reply cut
+        off, no credentials, a busy store), or ConditionalWritesUnsupported; ``exc`` itself for anything else.
+        Only here, never on the request itself: the lease tells a put whose reply was lost by the raw error first
+        (its nonce stays unsure). ``needs``: the permissions a refusal (AccessDenied) names, when not the lease's
+        own; ``lookup``: the key a GET read (its refusal may be a missing key: :func:`missing_key_hint`)."""
         code = _code(exc)
-        if not code:
-            if type(exc).__name__ == "ParamValidationError" and ("IfMatch" in str(exc) or "IfNoneMatch" in str(exc)):
-                return LeaseStoreError(_upgrade_message(str(exc)))
-            if _network_error(exc):
-                return self._unreachable(exc, doing)
-            if _no_credentials(exc):
-                return LeaseStoreError(
-                    f"the write lease {self.where}: {doing} found no credentials for the store "
-                    f"({type(exc).__name__}: {_first(exc)}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
-                    "AWS_SESSION_TOKEN for temporary ones) in the environment of this process, or AWS_PROFILE "
-                    "naming a profile in ~/.aws/credentials, or run it where an instance or task role gives them")
-            return exc
+        if not code and type(exc).__name__ == "ParamValidationError" and (
+                "IfMatch" in str(exc) or "IfNoneMatch" in str(exc)):
+            return LeaseStoreError(_upgrade_message(str(exc)))
         if code in _UNSUPPORTED:
             return self._unsupported(exc)
         error = (getattr(exc, "response", None) or {}).get("Error") or {}
@@ -600,34 +678,18 @@ class S3Lease:
         if code in _INVALID and any(h in named for h in ("if-none-match", "if-match", "ifnonematch", "ifmatch",
                                                           "conditional")):
             return self._unsupported(exc)
-        if code in _DENIED and lookup:  # a GET: S3 refuses a missing key without ListBucket
-            return LeaseStoreError(
-                f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). "
-                f"{missing_key_hint(self.bucket, lookup)}; or, if it is there, the credentials need s3:GetObject "
-                f"and s3:PutObject on s3://{self.bucket}/{self.prefix}{LEASE_DIR}/*")
-        if code in _DENIED:
-            needs = needs or (f"s3:GetObject and s3:PutObject on s3://{self.bucket}/{self.prefix}{LEASE_DIR}/* (the "
-                              "lease and the shared id mark beside the table)")
-            return LeaseStoreError(
-                f"the write lease {self.where}: {doing} was refused ({code}: {_first(exc)}). The lease keeps writers "
-                f"on several machines apart; the credentials need {needs}")
-        if _transient(exc):
-            return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)}): the store "
-                                   "is busy or failing for now; try again shortly", transient=True)
-        return LeaseStoreError(f"the write lease {self.where}: {doing} failed ({code}: {_first(exc)})")
-
-    def _unreachable(self, exc: BaseException, doing: str) -> LeaseStoreError:
-        """The error of a request on the lease's objects that got no answer (``exc``: botocore's, the endpoint in
-        its message): transient, as a later try may get through; a TLS failure is not (a certificate to fix)."""
-        endpoint = _endpoint(exc) or _opt(self._options, "aws_endpoint", "endpoint", "aws_endpoint_url",
-                                          "endpoint_url") or "the store's S3 endpoint"
-        said = f"{type(exc).__name__}: {_first(exc)}"
-        if type(exc).__name__ == "SSLError":
-            return LeaseStoreError(f"the write lease {self.where}: {doing} failed: no TLS connection to {endpoint} "
-                                   f"({said}): check the endpoint's URL and its certificate (AWS_CA_BUNDLE names "
-                                   "the certificates to trust)")
-        return LeaseStoreError(f"the write lease {self.where}: {doing} got no answer from {endpoint} ({said}): check "
-                               "the network between this machine and the store, then try again", transient=True)
+        where = f"s3://{self.bucket}/{self.prefix}{LEASE_DIR}/*"
+        if lookup:
+            needs = f"s3:GetObject and s3:PutObject on {where}"
+        needs = needs or f"s3:GetObject and s3:PutObject on {where} (the lease and the shared id mark beside the table)"
+        failure = s3_failure(exc, f"the write lease {self.where}: {doing}", needs=needs,
+                             endpoint=_opt(self._options, "aws_endpoint", "endpoint", "aws_endpoint_url",
+                                           "endpoint_url"),
+                             lookup=f"s3://{self.bucket}/{lookup}" if lookup else "",
+                             why="the lease keeps writers on several machines apart; ")
+        if failure is None:
+            return exc
+        return LeaseStoreError(failure.message, transient=failure.transient)
 
     def _look(self) -> _Seen | None:
         """The lease object as it is now (None: absent). Its holder gets ``age_s`` (since the last renewal) and

@@ -17,16 +17,21 @@ may get past it.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import errno
 import logging
 import mimetypes
+import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from index.lease import (
     _CONFLICT,
-    _DENIED,
     _MISSING,
     _PRECONDITION,
     CONFLICT_PAUSE_S,
@@ -35,15 +40,17 @@ from index.lease import (
     LeaseError,
     _bucket_key,
     _code,
-    _endpoint,
     _first,
-    _network_error,
-    _no_credentials,
-    _transient,
+    _opt,
+    _server_now,
+    canonical_s3_uri,
     is_s3,
-    missing_key_hint,
     s3_client,
+    s3_failure,
 )
+
+if TYPE_CHECKING:
+    from index.gallery import Gallery
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +70,21 @@ class StoreObjectError(LeaseError, OSError):
 
 
 def uploads_uri(store_uri: str) -> str:
-    """Where a store keeps the API's uploads: ``<store uri>/_speciesid/uploads``."""
-    return f"{str(store_uri).rstrip('/')}/{LEASE_DIR}/{UPLOADS_DIR}"
+    """Where a store keeps the API's uploads: ``<store uri>/_speciesid/uploads``, in the one spelling
+    (:func:`index.lease.canonical_s3_uri`: ``s3a://`` and trailing slashes give the same URI)."""
+    return f"{canonical_s3_uri(store_uri)}/{LEASE_DIR}/{UPLOADS_DIR}"
 
 
 def upload_uri(store_uri: str, name: str) -> str:
-    """The URI of the upload ``name`` (``<sha256><ext>``) in a store."""
+    """The URI of the upload ``name`` (``<sha256><ext>``) in a store (one spelling: :func:`uploads_uri`)."""
     return f"{uploads_uri(store_uri)}/{name}"
+
+
+def spellings(uri: str) -> tuple[str, ...]:
+    """The spellings a stored ``source_path`` may give the object ``uri``: its canonical one (``s3://``) and
+    ``s3a://`` (a row written through a store named so before URIs were made canonical)."""
+    canonical = canonical_s3_uri(uri)
+    return (canonical, "s3a://" + canonical[len("s3://"):]) if canonical.startswith("s3://") else (canonical,)
 
 
 class ObjectChangedError(StoreObjectError):
@@ -81,7 +96,16 @@ class ObjectChangedError(StoreObjectError):
 
 def probe_uri(store_uri: str, name: str) -> str:
     """The URI of the shared probe's file ``name`` (``probe.json``, ``probe.npz``) in a store."""
-    return f"{str(store_uri).rstrip('/')}/{LEASE_DIR}/{PROBE_DIR}/{name}"
+    return f"{canonical_s3_uri(store_uri)}/{LEASE_DIR}/{PROBE_DIR}/{name}"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object (or a file) as a listing found it: where, its size in bytes, its age in seconds."""
+
+    uri: str
+    size: int
+    age_s: float
 
 
 class StoreObjects:
@@ -91,8 +115,9 @@ class StoreObjects:
     def __init__(self, store_uri: str, options: dict[str, str] | None = None, *, client: Any = None) -> None:
         if not is_s3(store_uri):
             raise ValueError(f"objects beside the table need an s3:// store, not {store_uri}")
-        self.uri = str(store_uri).rstrip("/")
+        self.uri = canonical_s3_uri(store_uri)  # s3a:// or a trailing slash: the same uploads, the same URIs
         self._options = dict(options or {})
+        self._endpoint = _opt(self._options, "aws_endpoint", "endpoint", "aws_endpoint_url", "endpoint_url")
         self._client = client
         self._guard = threading.Lock()
 
@@ -171,31 +196,140 @@ class StoreObjects:
                 return
             raise self._failure(exc, "deleting", uri, needs="s3:DeleteObject") from exc
 
+    def listing(self, prefix_uri: str) -> Iterator[StoredObject]:
+        """The objects under ``prefix_uri`` (ListObjectsV2, a page of up to 1,000 at a time), each with its size and
+        its age on the store's clock: LastModified against the listing's ``Date`` header (this machine's clock only
+        when the store sent none), as the lease judges a stale holder."""
+        bucket, key = _bucket_key(canonical_s3_uri(prefix_uri))
+        prefix = key.rstrip("/") + "/"
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                now = _server_now(page) or dt.datetime.now(dt.timezone.utc)
+                for o in page.get("Contents", []):
+                    yield StoredObject(f"s3://{bucket}/{o['Key']}", int(o.get("Size", 0)),
+                                       (now - o["LastModified"]).total_seconds())
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure(exc, "listing the objects under", f"s3://{bucket}/{prefix}",
+                                needs=f"s3:ListBucket on s3://{bucket}") from exc
+
     def _failure(self, exc: BaseException, doing: str, uri: str, *, needs: str) -> OSError:
         """The error to raise for ``doing`` the object at ``uri`` that failed with ``exc``: FileNotFoundError when it
-        is not there, else a :class:`StoreObjectError` that says what to do."""
-        code = _code(exc)
-        if code in _MISSING:
+        is not there, else a :class:`StoreObjectError` that says what to do, read by :func:`index.lease.s3_failure`
+        (the lease's own reading of botocore's errors: the same ones transient, in the same words)."""
+        if _code(exc) in _MISSING:
             return FileNotFoundError(errno.ENOENT, "not in the gallery's store", uri)
-        where = f"{self.uri}/{LEASE_DIR}/*"
-        if _network_error(exc):
-            endpoint = _endpoint(exc) or "the store's S3 endpoint"
-            return StoreObjectError(f"{doing} {uri} got no answer from {endpoint} ({type(exc).__name__}: "
-                                    f"{_first(exc)}): check the network between this machine and the store, then "
-                                    "try again", transient=True)
-        if _no_credentials(exc):
-            return StoreObjectError(f"{doing} {uri} found no credentials for the store ({_first(exc)}): set "
-                                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for this process, "
-                                    "or run it where a role gives them")
-        if code in _DENIED:
-            if doing in ("looking up", "reading"):  # a HEAD or GET: S3 refuses a missing key without ListBucket
-                bucket, key = _bucket_key(uri)
-                return StoreObjectError(f"{doing} {uri} was refused ({code}: {_first(exc)}): "
-                                        f"{missing_key_hint(bucket, key)}; or, if it is there, the credentials need "
-                                        f"{needs} on {where}")
-            return StoreObjectError(f"{doing} {uri} was refused ({code}: {_first(exc)}): the credentials need "
-                                    f"{needs} on {where}")
-        if code and _transient(exc):
-            return StoreObjectError(f"{doing} {uri} failed ({code}: {_first(exc)}): the store is busy or failing for "
-                                    "now; try again shortly", transient=True)
-        return StoreObjectError(f"{doing} {uri} failed ({code or type(exc).__name__}: {_first(exc)})")
+        failure = s3_failure(exc, f"{doing} {uri}", needs=f"{needs} on {self.uri}/{LEASE_DIR}/*",
+                             endpoint=self._endpoint, lookup=uri if doing in ("looking up", "reading") else "")
+        if failure is None:
+            return StoreObjectError(f"{doing} {uri} failed ({type(exc).__name__}: {_first(exc)})")
+        return StoreObjectError(failure.message, transient=failure.transient)
+
+
+#: How old an upload no row references must be before :func:`sweep_uploads` removes it (seconds; one day). An add
+#: puts its uploads before it commits their rows, seconds to minutes apart (its embedding, a wait for the lease):
+#: an object younger than this may be an add's in flight, never an orphan to remove.
+SWEEP_GRACE_S = 86400.0
+
+
+@dataclass
+class SweepReport:
+    """What :func:`sweep_uploads` found: the places it swept (the store's ``_speciesid/uploads/``, the folder's
+    ``uploads/``), the uploads no row references and older than ``older_than_s`` (removed, or with ``dry_run``
+    that would be), and how many it kept: referenced by a row, or younger than the grace age."""
+
+    places: list[str]
+    older_than_s: float
+    dry_run: bool
+    orphans: list[StoredObject] = field(default_factory=list)
+    referenced: int = 0
+    young: int = 0
+
+    @property
+    def bytes(self) -> int:
+        """The orphans' bytes, all together."""
+        return sum(o.size for o in self.orphans)
+
+
+def _folder_uploads(folder: Path) -> list[StoredObject]:
+    """The files of a gallery folder's ``uploads/`` with their ages (mtime, on this machine's clock: the files'),
+    none when it has no such folder."""
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    with os.scandir(folder) as entries:
+        return [StoredObject(e.path, st.st_size, now - st.st_mtime) for e in entries
+                if e.is_file(follow_symlinks=False) for st in (e.stat(follow_symlinks=False),)]
+
+
+def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
+                  progress: Callable[[Iterator[StoredObject]], Iterable[StoredObject]] | None = None) -> SweepReport:
+    """Remove the uploads no row references (excluded rows count as references) that are older than
+    ``older_than_s``: the objects under the store's ``_speciesid/uploads/`` on S3 (a crash between an add's put
+    and its commit, a removal after a delete that failed or was left to this sweep), and the files of the folder's
+    ``uploads/`` (a crash between an add's write and its commit). ``dry_run``: remove nothing, say what would go.
+    ``progress`` wraps the store's listing (a progress bar).
+
+    The listing is made first, holding nothing; then, under the gallery's write hold (on S3 the store's lease,
+    so that no machine's add commits in between), the store is read again, and each orphan is removed after a
+    check that the lease is still this writer's (:class:`index.lease.LeaseLostError` otherwise: run it again).
+    An upload that an add is putting or has put but not committed yet is younger than the grace age, and so kept;
+    an add that found its object there already (an old one) and commits after this sweep removed it puts it again
+    once committed (:func:`retrieval.workflows.add_photos`)."""
+    if not older_than_s >= 0:
+        raise ValueError(f"the grace age must be 0 seconds or more, not {older_than_s}")
+    objects = gallery.objects
+    folder = gallery.layout.uploads
+    listed: list[StoredObject] = []
+    places = [f"{folder}/"]
+    if objects is not None:
+        where = uploads_uri(objects.uri)
+        places.insert(0, f"{where}/")
+        listing = objects.listing(where)
+        listed = list(progress(listing) if progress is not None else listing)
+    files = _folder_uploads(folder)
+    report = SweepReport(places=places, older_than_s=float(older_than_s), dry_run=dry_run)
+    old = [o for o in listed + files if o.age_s >= older_than_s]
+    report.young = len(listed) + len(files) - len(old)
+    if not old:
+        return report
+    from index.locks import write_lock  # the gallery's own (one per folder and process): its lease's check
+
+    with contextlib.nullcontext() if dry_run else gallery.writing():  # a dry run removes nothing: it holds nothing
+        gallery.store.refresh()  # another machine's commit of a moment ago is seen
+        texts = [str(t) for t in gallery.store.metadata()["source_path"]]  # excluded rows too
+        stored = {canonical_s3_uri(t) for t in texts if is_s3(t)}
+        names = {Path(o.uri).name for o in old if not is_s3(o.uri)}
+        local = {}
+        for text in texts:
+            if not is_s3(text) and (name := text.rsplit("/", 1)[-1]) in names:
+                local.setdefault(name, []).append(text)
+        lock = write_lock(gallery.layout.write_lock)
+        for o in old:
+            used = canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_file(local.get(Path(o.uri).name), o.uri)
+            if used:
+                report.referenced += 1
+                continue
+            report.orphans.append(o)
+            if dry_run:
+                continue
+            if is_s3(o.uri):
+                lock.check()  # the lease still ours: no add of another machine committed since the read above
+                assert objects is not None
+                objects.delete(o.uri)
+            else:
+                Path(o.uri).unlink(missing_ok=True)
+            logger.info("removed %s (%d bytes, %.0f s old): no reference uses it", o.uri, o.size, o.age_s)
+    return report
+
+
+def _names_file(texts: list[str] | None, path: str) -> bool:
+    """Whether one of the stored source paths ``texts`` names the file ``path`` (the same file, by any path)."""
+    from index.store import source_file  # here: index.store loads lancedb
+
+    for text in texts or ():
+        try:
+            if os.path.samefile(source_file(text), path):
+                return True
+        except OSError:
+            continue
+    return False

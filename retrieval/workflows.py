@@ -22,7 +22,7 @@ import itertools
 import logging
 import operator
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,8 +35,18 @@ from index.errors import first_line
 from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
-from index.lease import LeaseError
-from index.objects import StoreObjectError, upload_uri, uploads_uri
+from index.lease import LeaseError, LeaseLostError, canonical_s3_uri
+from index.locks import write_lock
+from index.objects import (
+    SWEEP_GRACE_S,
+    StoredObject,
+    StoreObjectError,
+    SweepReport,
+    spellings,
+    upload_uri,
+    uploads_uri,
+)
+from index.objects import sweep_uploads as sweep_gallery_uploads
 from index.photos import PHOTO_FORMATS
 from index.status import folder_status, store_status
 from index.store import SpeciesSummary, source_file, source_text
@@ -692,9 +702,18 @@ def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
     assert gallery.objects is not None
     with gallery.writing():
         gallery.store.refresh()
-        if not gallery.store.uses_source(uri):
-            gallery.objects.delete(uri)
-            logger.info("removed %s: no reference uses it any more", uri)
+        if any(gallery.store.uses_source(text) for text in spellings(uri)):  # s3a:// rows name it too
+            return
+        try:  # the reads above may have outlasted the lease: another machine's add may have committed meanwhile
+            write_lock(gallery.layout.write_lock).check()
+        except LeaseLostError as exc:
+            logger.warning("did not remove %s, which no reference used when looked at: this writer lost the store's "
+                           "lease before the delete (%s), so another machine may use it now; it stays, harmless, "
+                           "and 'speciesid index sweep-uploads --index %s' removes it once it is unused and older "
+                           "than a day", uri, exc, gallery.root)
+            return
+        gallery.objects.delete(uri)
+        logger.info("removed %s: no reference uses it any more", uri)
 
 
 _EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept upload's file name
@@ -711,9 +730,10 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list
     kept = uploads_uri(g.objects.uri) + "/" if g.objects is not None else None
     for text in set(meta["source_path"]) if found else ():
         # an object of the S3 store is every machine's: checked and deleted under the store's lease, not the
-        # folder's flock alone (writing(local=True) below), which no other machine's add commits under
-        if kept is not None and str(text).startswith(kept):
-            _remove_unused_upload_after_commit(g, str(text))  # the rows are gone: a failure here is a warning
+        # folder's flock alone (writing(local=True) below), which no other machine's add commits under. Compared
+        # in one spelling: a row written through an s3a:// name of the store names the same object
+        if kept is not None and canonical_s3_uri(str(text)).startswith(kept):
+            _remove_unused_upload_after_commit(g, canonical_s3_uri(str(text)))  # rows gone: a failure is a warning
             continue
         path = source_file(str(text))
         with g.writing(local=True):  # an add of the same bytes commits under this lock too: never both
@@ -724,6 +744,19 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list
         refresh_gallery_metric(g)
     existed = set(meta.index.tolist())
     return [i for i in ids if i in existed]
+
+
+def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
+                  progress: bool = True) -> SweepReport:
+    """Remove the gallery's uploads no reference uses, older than ``older_than_s`` (the store's on S3, the folder's
+    ``uploads/``): :func:`index.objects.sweep_uploads`, with a progress bar over the store's listing."""
+    from tqdm.auto import tqdm
+
+    def bar(listing: Iterator[StoredObject]) -> Iterator[StoredObject]:
+        yield from tqdm(listing, desc="listing the store's uploads", unit="object", disable=not progress,
+                        leave=False)
+
+    return sweep_gallery_uploads(_gallery(gallery), older_than_s=older_than_s, dry_run=dry_run, progress=bar)
 
 
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:

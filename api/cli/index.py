@@ -1,4 +1,4 @@
-"""``speciesid index build|info`` and ``speciesid species list``."""
+"""``speciesid index build|info|sweep-uploads`` and ``speciesid species list``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "journals; on S3 the write lease's holder and the shared id mark)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
+    register_sweep_uploads(s_index)
 
     p_sp = sub.add_parser("species", help="species in a gallery")
     s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
@@ -146,6 +147,66 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         sys.stderr.write(f"speciesid: error: {error}\n")
         return 1
     return 0
+
+
+#: --older-than's units (seconds each).
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    """An argparse ``type``: an age as ``NUMBER[s|m|h|d|w]`` (seconds when no unit), in seconds, 0 or more."""
+    raw = text.strip().lower()
+    unit = raw[-1] if raw[-1:] in _UNITS else "s"
+    try:
+        value = float(raw[:-1] if raw[-1:] in _UNITS else raw) * _UNITS[unit]
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age: give a number of seconds, or one with a unit "
+                                         "(90s, 30m, 12h, 1d, 2w)")
+    return value
+
+
+def register_sweep_uploads(s_index: argparse._SubParsersAction) -> None:
+    """Add ``speciesid index sweep-uploads``."""
+    p = s_index.add_parser(
+        "sweep-uploads",
+        help="remove the photos kept for API uploads that no reference uses (an add cut off between keeping its "
+        "photos and storing their rows, a removal that failed): on S3 the store's _speciesid/uploads/, and the "
+        "folder's uploads/; only those older than --older-than, under the store's write lease")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--older-than", type=_age, default=86400.0, metavar="AGE",
+                   help="only uploads at least this old (90s, 30m, 12h, 1d, 2w; default 1d): an add in progress "
+                   "keeps its photos moments to minutes before it stores their rows, and they must not be taken "
+                   "for orphans")
+    p.add_argument("--dry-run", action="store_true", help="remove nothing: list what would be removed")
+    add_quiet(p)
+    p.set_defaults(func=cmd_index_sweep_uploads)
+
+
+def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
+    """speciesid index sweep-uploads: remove (or with --dry-run list) the unused uploads (exit status)."""
+    from retrieval.workflows import sweep_uploads
+
+    report = sweep_uploads(args.index, older_than_s=args.older_than, dry_run=args.dry_run, progress=not args.quiet)
+    verb = "would remove" if report.dry_run else "removed"
+    for o in report.orphans:
+        emit(f"{verb} {o.uri} ({o.size} bytes, {o.age_s / 3600:.1f} h old)")
+    if len(report.places) == 1:  # a store in the folder: the API keeps its uploads in the folder's uploads/
+        emit(f"gallery {args.index} keeps its store in its folder: its uploads are files of {report.places[0]}, "
+             "swept alone")
+    n = len(report.orphans)
+    emit(f"{verb} {n} unused upload{'s' * (n != 1)} ({report.bytes} bytes) from {', '.join(report.places)}; kept "
+         f"{report.referenced} in use and {report.young} younger than {_age_text(report.older_than_s)}")
+    return 0
+
+
+def _age_text(seconds: float) -> str:
+    """An age in the largest unit that gives a whole number (--older-than's own units)."""
+    for unit, size in sorted(_UNITS.items(), key=lambda u: -u[1]):
+        if seconds and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def cmd_species_list(args: argparse.Namespace) -> int:

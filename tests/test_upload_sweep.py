@@ -1,0 +1,293 @@
+"""The uploads kept for the API (index/objects.py): ``speciesid index sweep-uploads`` removes those no row uses and
+older than the grace age (on S3 under moto, and a folder's ``uploads/``); an upload's delete after its last reference
+checks the store's lease first; one spelling of a store's URIs (``s3a://``, trailing slashes); and one reading of
+botocore's errors for the lease and the objects (a TLS failure, a reply cut off)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+from _cli_support import _run
+from test_object_store import _TINY, BUCKET, FakeS3, _fake_lease, s3_endpoint, s3_env  # noqa: F401 - fixtures
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def client(request):
+    """A boto3 client of test_object_store's moto server, its AWS_* environment set for the gallery."""
+    return request.getfixturevalue("s3_env")[1]
+
+
+class _Aged:
+    """A boto3 client whose listings date the keys in ``ages`` (key -> seconds) that long before now, as if put
+    then: moto dates every object at its put."""
+
+    def __init__(self, client, ages: dict[str, float]) -> None:
+        self._client, self._ages = client, ages
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def get_paginator(self, op: str):
+        real, ages = self._client.get_paginator(op), self._ages
+
+        class Pages:
+            def paginate(self, **kw):
+                for page in real.paginate(**kw):
+                    for o in page.get("Contents", []):
+                        if o["Key"] in ages:
+                            o["LastModified"] -= dt.timedelta(seconds=ages[o["Key"]])
+                    yield page
+
+        return Pages()
+
+
+def _put(g, name: bytes) -> tuple[str, str, int]:
+    """Put the bytes ``name`` as an upload of gallery ``g``'s store: (its URI, its key, its size)."""
+    from index.objects import upload_uri
+
+    digest = hashlib.sha256(name).hexdigest()
+    uri = upload_uri(g.objects.uri, f"{digest}.jpg")
+    assert g.objects.put_if_absent(uri, name)
+    return uri, uri.split("/", 3)[3], len(name)
+
+
+def _rows(g, paths: list[str]) -> list[int]:
+    from index.records import ReferenceRecord
+
+    digests = [hashlib.sha256(p.encode()).hexdigest() for p in paths]
+    vectors = np.random.default_rng(0).standard_normal((len(paths), _TINY["dim"])).astype(np.float32)
+    return g.add([ReferenceRecord(path=p, species="Naja naja") for p in paths], digests, vectors)
+
+
+def _keys(client, prefix: str) -> list[str]:
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/uploads/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_young_ones(client, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """An orphan older than the grace age goes; one a row uses (an excluded row too, a row spelling the store
+    s3a://) stays, and so does a young orphan (an add between its put and its commit); --dry-run removes nothing."""
+    import index.objects
+    from index.gallery import Gallery
+
+    prefix = f"sweep-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    used, used_key, _ = _put(g, b"used")
+    excluded, excluded_key, _ = _put(g, b"excluded")
+    spelled, spelled_key, _ = _put(g, b"spelled s3a")
+    old, old_key, old_size = _put(g, b"an orphan of a crashed add")
+    young, young_key, _ = _put(g, b"an add in flight")
+    ids = _rows(g, [used, excluded, spelled.replace("s3://", "s3a://", 1)])
+    g.set_excluded(ids[1:2])
+    ages = {k: 2 * DAY for k in (used_key, excluded_key, spelled_key, old_key)} | {young_key: 60.0}
+    real = index.objects.s3_client
+    monkeypatch.setattr(index.objects, "s3_client", lambda options, **kw: _Aged(real(options, **kw), ages))
+    before = _keys(client, prefix)
+    assert len(before) == 5
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--dry-run", "-q")
+    assert code == 0, err
+    assert f"would remove {old} ({old_size} bytes, 48.0 h old)" in out, out
+    assert f"would remove 1 unused upload ({old_size} bytes) from s3://{BUCKET}/{prefix}/_speciesid/uploads/" in out
+    assert "kept 3 in use and 1 younger than 1d" in out, out
+    assert _keys(client, prefix) == before  # a dry run removes nothing
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
+    assert code == 0, err
+    assert f"removed {old} (" in out and f"removed 1 unused upload ({old_size} bytes)" in out, out
+    assert _keys(client, prefix) == sorted(set(before) - {old_key})
+    # a shorter grace age takes the young orphan too, never one in use
+    code, out, _ = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "30s", "-q")
+    assert code == 0 and f"removed {young} (" in out and "kept 3 in use and 0 younger than 30s" in out, out
+    assert _keys(client, prefix) == sorted({used_key, excluded_key, spelled_key})
+
+
+def test_sweep_of_a_gallery_whose_store_is_in_its_folder_sweeps_its_uploads_folder(tmp_path, capsys):
+    """A store in the folder: the API keeps its uploads as files of uploads/ (written before the commit too, so a
+    crash leaves orphans there as well); the sweep says it sweeps that folder alone, by the files' age."""
+    from index.gallery import Gallery
+
+    g = Gallery.create(tmp_path / "g", _TINY)
+    uploads = g.layout.uploads
+    uploads.mkdir(parents=True)
+    files = {name: uploads / f"{name}.jpg" for name in ("used", "orphan", "young")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    past = time.time() - 2 * DAY
+    for name in ("used", "orphan"):
+        os.utime(files[name], (past, past))
+    _rows(g, [str(files["used"])])
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--dry-run")
+    assert code == 0, err
+    assert "keeps its store in its folder: its uploads are files of" in out, out
+    assert f"would remove {files['orphan']} (6 bytes" in out and "kept 1 in use and 1 younger than 1d" in out, out
+    assert all(p.exists() for p in files.values())
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "1d")
+    assert code == 0 and "removed 1 unused upload (6 bytes)" in out, out
+    assert not files["orphan"].exists() and files["used"].exists() and files["young"].exists()
+
+
+def test_sweep_uploads_has_help_and_refuses_an_age_it_cannot_read(capsys):
+    from api.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["index", "sweep-uploads", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--older-than AGE" in out and "--dry-run" in out and "default 1d" in out, out
+    with pytest.raises(SystemExit) as done:
+        main(["index", "sweep-uploads", "--index", "g", "--older-than", "soon"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "'soon' is not an age: give a number of seconds, or one with a unit" in err, err
+
+
+def test_an_uploads_delete_after_a_lost_lease_leaves_it_for_the_sweep(client, tmp_path, monkeypatch, caplog):
+    """The delete of an upload after its last reference went: when the lease was lost meanwhile (another machine
+    took it over, and may have committed a row using the same object), the object is not deleted; the warning says
+    the sweep removes it once unused."""
+    import json
+
+    from index.gallery import Gallery
+    from index.locks import write_lock
+    from index.store import ReferenceStore
+    from retrieval.workflows import delete_references
+
+    prefix = f"lost-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    uri, key, _ = _put(g, b"the last reference's photo")
+    (ref,) = _rows(g, [uri])
+    real = ReferenceStore.uses_source
+
+    def taken_over_meanwhile(self, text: str) -> bool:  # another machine takes the lease over during the read
+        lease = write_lock(g.layout.write_lock).held_lease
+        if lease is not None:
+            client.put_object(Bucket=BUCKET, Key=lease.key, Body=json.dumps({"host": "other", "pid": 1}).encode())
+            lease._renewed = -1e9  # due for a renewal: the next check renews, and finds it taken
+        return real(self, text)
+
+    monkeypatch.setattr(ReferenceStore, "uses_source", taken_over_meanwhile)
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        assert delete_references(g, [ref]) == [ref]
+    assert _keys(client, prefix) == [key]  # not deleted: the sweep removes it once it is unused and old
+    assert "did not remove" in caplog.text and "lost the store's lease" in caplog.text, caplog.text
+    assert f"speciesid index sweep-uploads --index {g.root}" in caplog.text
+
+
+def test_one_spelling_of_a_stores_uris_gives_one_upload_identity(client, tmp_path):
+    """s3a:// and s3://, with or without trailing slashes, name one store: the same upload URIs; a row written
+    through the s3a:// name has its object removed with it by a machine naming the store s3://."""
+    from index.gallery import Gallery
+    from index.objects import StoreObjects, probe_uri, upload_uri, uploads_uri
+    from retrieval.workflows import delete_references
+
+    for store in ("s3a://b/p", "s3a://b/p/", "s3://b/p//", "s3://b/p"):
+        assert StoreObjects(store).uri == "s3://b/p"
+        assert upload_uri(store, "x.jpg") == "s3://b/p/_speciesid/uploads/x.jpg"
+        assert uploads_uri(store) == "s3://b/p/_speciesid/uploads"
+        assert probe_uri(store, "probe.json") == "s3://b/p/_speciesid/probe/probe.json"
+    prefix = f"spelled-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    uri, _, _ = _put(g, b"added on a machine naming the store s3a://")
+    (ref,) = _rows(g, [uri.replace("s3://", "s3a://", 1)])
+    assert delete_references(g, [ref]) == [ref]
+    assert _keys(client, prefix) == []  # its object went with its last reference
+
+
+def _ssl_error():
+    from botocore.exceptions import SSLError
+
+    return SSLError(endpoint_url="https://s3.example/b/g", error="CERTIFICATE_VERIFY_FAILED")
+
+
+def _cut_read():
+    from botocore.exceptions import IncompleteReadError
+
+    return IncompleteReadError(actual_bytes=10, expected_bytes=100)
+
+
+def _cut_stream():
+    from botocore.exceptions import ResponseStreamingError
+
+    return ResponseStreamingError(error="Connection broken: IncompleteRead(10 bytes read, 90 more expected)")
+
+
+class _CutBody:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def read(self) -> bytes:
+        raise self.exc
+
+
+class _Failing:
+    """A client whose GET answers a body whose read fails with ``exc`` (or whose request fails with it, for a TLS
+    error: no connection)."""
+
+    def __init__(self, exc: Exception, *, at_read: bool) -> None:
+        self.exc, self.at_read = exc, at_read
+
+    def get_object(self, **_):
+        if not self.at_read:
+            raise self.exc
+        return {"Body": _CutBody(self.exc), "ETag": '"1"'}
+
+
+@pytest.mark.parametrize(("make", "transient", "said"), [
+    (_ssl_error, False, "failed: no TLS connection to https://s3.example (SSLError: "),
+    (_cut_read, True, "was cut off while the store's S3 endpoint answered (IncompleteReadError: "),
+    (_cut_stream, True, "was cut off while the store's S3 endpoint answered (ResponseStreamingError: "),
+], ids=["ssl", "cut-read", "cut-stream"])
+def test_a_tls_failure_and_a_cut_read_are_read_alike_by_the_lease_and_the_stores_objects(make, transient, said):
+    """One reading of botocore's errors: a TLS failure is not transient (a certificate to fix) and a reply cut off
+    while read is (the objects called a TLS failure a passing network error; the lease let a cut read through
+    raw, the objects called it a lasting failure). Both paths: the same words, the same ``transient``, the same
+    answer of the API (503 with Retry-After, or 500)."""
+    from api.routers._edge import lease_answer
+    from index.lease import LeaseStoreError
+    from index.objects import StoreObjectError, StoreObjects
+
+    at_read = make is not _ssl_error
+    objects = StoreObjects("s3://b/g", client=_Failing(make(), at_read=at_read))
+    with pytest.raises(StoreObjectError) as by_objects:
+        objects.get("s3://b/g/_speciesid/uploads/x.jpg")
+    fake = FakeS3()
+    fake.fail.append(("get", make()))
+    with pytest.raises(LeaseStoreError) as by_lease:
+        _fake_lease(fake).acquire(timeout=0)
+    for caught, what in ((by_objects, "reading s3://b/g/_speciesid/uploads/x.jpg"),
+                         (by_lease, "the write lease s3://b/g/_speciesid/write.lock: reading who holds it (a GET)")):
+        assert str(caught.value).startswith(f"{what} {said}"), str(caught.value)
+        assert caught.value.transient is transient
+        assert lease_answer(caught.value).status_code == (503 if transient else 500)
+    if make is _ssl_error:
+        assert "AWS_CA_BUNDLE" in str(by_objects.value) and "AWS_CA_BUNDLE" in str(by_lease.value)
+    else:
+        assert "check the network between this machine and the store" in str(by_objects.value)
+
+
+def test_a_refusal_and_no_answer_keep_their_words_on_both_paths():
+    """The shared reading keeps what each path said: a refused GET may be a missing key (ListBucket), the network
+    error names the endpoint; both transient as before."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from index.lease import s3_failure
+
+    down = s3_failure(EndpointConnectionError(endpoint_url="http://s3.example:9000/b"), "reading x", needs="n")
+    assert down is not None and down.transient
+    assert down.message.startswith("reading x got no answer from http://s3.example:9000 (EndpointConnectionError")
+    assert s3_failure(RuntimeError("a bug"), "reading x", needs="n") is None
+    refused = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"},
+                           "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+    got = s3_failure(refused, "reading x", needs="s3:GetObject on s3://b/p/*", lookup="s3://b/p/k")
+    assert got is not None and not got.transient
+    assert "grant s3:ListBucket on the bucket b" in got.message and "s3://b/p/k may simply be missing" in got.message
+    assert got.message.endswith("or, if it is there, the credentials need s3:GetObject on s3://b/p/*"), got.message
