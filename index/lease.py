@@ -30,7 +30,9 @@ The lease's errors are :class:`LeaseError` subclasses, whose messages say what t
 their ``transient`` says whether a later try may get past them (set where each is raised, never guessed from a cause).
 A request that got no answer (botocore's network errors) is a transient :class:`LeaseStoreError` naming the lease and
 the endpoint, its cause kept, once the lease gives up on it: after its own handling of a put whose reply was lost. No
-credentials found, or only part of them, is a LeaseStoreError too, not transient, naming the variables to set.
+credentials found, or only part of them, is a LeaseStoreError too, not transient, naming the variables to set; a TLS
+connection not made is not transient (a certificate to fix), a reply cut off while read is. One function reads
+botocore's errors so, :func:`s3_failure`, for the lease and for the objects beside the table (:mod:`index.objects`).
 
 Under the lease sits the gallery's shared id high-water mark, ``<store uri>/_speciesid/ids.json``, written (also
 conditionally) before the rows it names, so two machines never give one id. boto3 talks to the store (the

@@ -12,7 +12,13 @@ AWS_* environment: :func:`index.store.storage_options`), the same endpoint and c
 A read of an object that is not there is a FileNotFoundError; any other failure a :class:`StoreObjectError` (an
 OSError and a :class:`index.lease.LeaseError`: a reader skipping unreadable photos skips it, the API answers a write
 it failed as it answers the lease's), whose message says what to do and whose ``transient`` says whether a later try
-may get past it.
+may get past it: botocore's errors are read by :func:`index.lease.s3_failure`, the lease's own reading.
+
+Store URIs are written and compared in one spelling (:func:`index.lease.canonical_s3_uri`: ``s3://``, no trailing
+slash), so ``s3a://`` and ``s3://`` names of one store give one upload URI (a row spelled ``s3a://`` is the same
+upload: :func:`spellings`). An upload no row uses (an add that crashed between its put and its commit, a removal
+that failed or was left because the lease was lost) is removed by :func:`sweep_uploads` once older than a grace
+age (``speciesid index sweep-uploads``).
 """
 
 from __future__ import annotations
