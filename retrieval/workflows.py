@@ -689,7 +689,8 @@ def _remove_unused_upload_after_commit(gallery: Gallery, uri: str) -> None:
         _remove_unused_upload(gallery, uri)
     except (OSError, LeaseError, TimeoutError) as exc:
         logger.warning("could not remove %s from the gallery's store (no reference may use it any more; it stays "
-                       "there unused, which harms nothing): %s", uri, exc)
+                       "there unused, which harms nothing, until 'speciesid index sweep-uploads --index %s' removes "
+                       "it): %s", uri, gallery.root, exc)
 
 
 def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
@@ -698,7 +699,8 @@ def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
     commits its rows under the store's lease, not this folder's ``flock``; holding the lease makes the check and
     the delete one step against every machine's commits (an add that put the same bytes before and commits after
     puts them again: :func:`add_photos`). The store is re-read first: a commit another machine made within
-    ``refresh_s`` is seen."""
+    ``refresh_s`` is seen; every spelling of the URI a row may hold counts (:func:`index.objects.spellings`). The
+    lease is checked right before the delete: lost meanwhile, the object stays (logged), for ``index sweep-uploads``."""
     assert gallery.objects is not None
     with gallery.writing():
         gallery.store.refresh()

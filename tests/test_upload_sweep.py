@@ -101,14 +101,52 @@ def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_youn
     assert "kept 3 in use and 1 younger than 1d" in out, out
     assert _keys(client, prefix) == before  # a dry run removes nothing
 
+    from index.locks import write_lock
+    from index.objects import StoreObjects
+
+    held, delete = [], StoreObjects.delete
+    monkeypatch.setattr(StoreObjects, "delete", lambda self, uri: held.append(
+        write_lock(g.layout.write_lock).held_lease is not None) or delete(self, uri))
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
     assert code == 0, err
+    assert held == [True]  # removed under the store's lease
     assert f"removed {old} (" in out and f"removed 1 unused upload ({old_size} bytes)" in out, out
     assert _keys(client, prefix) == sorted(set(before) - {old_key})
     # a shorter grace age takes the young orphan too, never one in use
     code, out, _ = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "30s", "-q")
     assert code == 0 and f"removed {young} (" in out and "kept 3 in use and 0 younger than 30s" in out, out
     assert _keys(client, prefix) == sorted({used_key, excluded_key, spelled_key})
+
+
+def test_a_sweep_that_loses_the_lease_stops_before_it_deletes(client, tmp_path, monkeypatch):
+    """The lease is checked before each delete: taken over by another machine after the sweep read the rows (that
+    machine may commit a row using the object), the sweep stops, LeaseLostError saying to run it again."""
+    import json
+
+    import index.objects
+    from index.gallery import Gallery
+    from index.lease import LeaseLostError
+    from index.locks import write_lock
+    from index.store import ReferenceStore
+    from retrieval.workflows import sweep_uploads
+
+    prefix = f"sweep-lost-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    _, key, _ = _put(g, b"an orphan")
+    real = index.objects.s3_client
+    monkeypatch.setattr(index.objects, "s3_client", lambda options, **kw: _Aged(real(options, **kw), {key: DAY}))
+    metadata = ReferenceStore.metadata
+
+    def taken_over_meanwhile(self, *args, **kwargs):
+        lease = write_lock(g.layout.write_lock).held_lease
+        client.put_object(Bucket=BUCKET, Key=lease.key, Body=json.dumps({"host": "other", "pid": 1}).encode())
+        lease._renewed = -1e9  # due for a renewal: the check renews, and finds it taken
+        return metadata(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceStore, "metadata", taken_over_meanwhile)
+    with pytest.raises(LeaseLostError, match="run the command again"):
+        sweep_uploads(tmp_path / "g", progress=False)
+    assert _keys(client, prefix) == [key]
 
 
 def test_sweep_of_a_gallery_whose_store_is_in_its_folder_sweeps_its_uploads_folder(tmp_path, capsys):
