@@ -54,6 +54,7 @@ from index.lease import (
     s3_client,
     s3_failure,
 )
+from index.locks import write_lock
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -298,18 +299,16 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
     report.young = len(listed) + len(files) - len(old)
     if not old:
         return report
-    from index.locks import write_lock  # the gallery's own (one per folder and process): its lease's check
-
     with contextlib.nullcontext() if dry_run else gallery.writing():  # a dry run removes nothing: it holds nothing
         gallery.store.refresh()  # another machine's commit of a moment ago is seen
         texts = [str(t) for t in gallery.store.metadata()["source_path"]]  # excluded rows too
         stored = {canonical_s3_uri(t) for t in texts if is_s3(t)}
         names = {Path(o.uri).name for o in old if not is_s3(o.uri)}
-        local = {}
+        local: dict[str, list[str]] = {}
         for text in texts:
             if not is_s3(text) and (name := text.rsplit("/", 1)[-1]) in names:
                 local.setdefault(name, []).append(text)
-        lock = write_lock(gallery.layout.write_lock)
+        lock = write_lock(gallery.layout.write_lock)  # the gallery's own (one per folder and process): its lease
         for o in old:
             used = canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_file(local.get(Path(o.uri).name), o.uri)
             if used:
