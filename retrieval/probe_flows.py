@@ -41,7 +41,7 @@ from retrieval.probe import (
     restore_previous,
     train_probe,
 )
-from retrieval.probe_share import publish_probe, withdraw_probe
+from retrieval.probe_share import ProbePublishInterrupted, publish_probe, withdraw_probe
 from retrieval.protocol import (
     HELDOUT_FILE,
     HELDOUT_PREFIX,
@@ -290,6 +290,9 @@ def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[None]:
         if shared:
             try:
                 publish_probe(gallery)  # the files just written under this hold (no follower wrote since)
+            except ProbePublishInterrupted as exc:  # it says what happened and what to run
+                raise ProbeNotSharedError(f"{done} in {gallery.root}, but not shared through the gallery's store: "
+                                          f"{exc}, not this command again") from exc
             except (OSError, LeaseError, TimeoutError) as exc:
                 raise ProbeNotSharedError(
                     f"{done} in {gallery.root}, but it is not shared through the gallery's store yet ({exc}): "

@@ -229,8 +229,10 @@ class ProbeFollower:
 
     def _note_withdrawn(self, meta_uri: str, before: dict[str, str | None] | None) -> None:
         """The store holds no probe: when the folder's came from it (withdrawn: ``speciesid probe withdraw``), say
-        the folder keeps it, at WARNING when the look before saw one (a server's probe withdrawn while it runs),
-        at INFO otherwise (a command's open)."""
+        the folder keeps it, once (not again while the store stays without one): at WARNING when the look before
+        saw one (a server's probe withdrawn while it runs), at INFO otherwise (a command's open)."""
+        if before is not None and "error" not in before and before.get("copy") is None:
+            return  # said at the look that found it gone
         origin = _origin(self.gallery)
         if origin is None:
             return

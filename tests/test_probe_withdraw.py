@@ -45,7 +45,11 @@ def test_withdraw_removes_the_stores_probe_and_the_folders_that_took_it_keep_it_
         assert not following.refresh_probe(force=True)
     assert following.probe is not None and following.probe.trained_on == trained_on  # kept, answering with it
     withdrawn = [r for r in caplog.records if "is not in the store any more (withdrawn)" in r.getMessage()]
-    assert withdrawn and withdrawn[0].levelno == logging.WARNING  # seen there, then gone: a server's operator hears
+    assert len(withdrawn) == 1 and withdrawn[0].levelno == logging.WARNING  # seen, then gone: the operator hears
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="retrieval.probe_share"):
+        assert not following.refresh_probe(force=True)
+    assert "withdrawn" not in caplog.text  # said once, not at every look
     shared = gallery_info(b)["probe"]["shared"]
     assert shared["withdrawn"] is True and shared["store_copy"] is None and shared["matches"] is None
     assert gallery_info(b)["probe"]["loaded"] is True
@@ -69,30 +73,37 @@ def test_withdraw_on_a_store_not_on_s3_says_there_is_nothing_shared(tmp_path):
         withdraw_probe(types.SimpleNamespace(objects=None, root=tmp_path))
 
 
+@pytest.mark.parametrize("command", ["publish", "restore"])
 def test_a_publish_whose_lease_is_taken_between_its_two_puts_puts_no_probe_json_and_says_to_publish_again(
-        two_machines, monkeypatch, capsys):  # noqa: F811
+        command, two_machines, monkeypatch, capsys):  # noqa: F811
     """The weights are put, then the lease is taken over (this writer stalled past its TTL; another machine took
     it): the old code put probe.json anyway, under another writer's hold. Now the lease is checked between the two
-    puts: probe.json is not put, and the error says what happened and to run 'speciesid probe publish'."""
+    puts: probe.json is not put, and the error says what happened and to run 'speciesid probe publish' (a restore,
+    which publishes as it saves, says so too, and not to run the restore again)."""
     from index.gallery import Gallery
     from index.lease import LEASE_DIR, LEASE_OBJECT, S3Lease
     from index.locks import write_lock
     from index.objects import StoreObjects
     from retrieval.probe import LinearProbe
+    from retrieval.probe_flows import save_replacing
     from retrieval.probe_share import probe_follower
     from retrieval.workflows import train_gallery_probe
 
     a, b, prefix, client = two_machines
     train_gallery_probe(a, progress=False)  # P0, shared
+    p0 = LinearProbe.load(a).trained_on
+    probe = LinearProbe.load(a)
+    probe.trained_on = p0 + 1
+    save_replacing(Gallery.open(a), probe)  # P1, shared; P0 kept as probe.prev.*
     follower_b = probe_follower(Gallery.open(b))
     assert follower_b.check()
-    probe = LinearProbe.load(a)
-    probe.trained_on += 1
-    probe.save(a)  # P1, to publish
+    if command == "publish":
+        probe.trained_on = p0 + 2
+        probe.save(a)  # P2, to publish
+    wanted = p0 + 2 if command == "publish" else p0
     meta_key = f"{prefix}/_speciesid/probe/probe.json"
     before = client.head_object(Bucket=BUCKET, Key=meta_key)["ETag"]
-    gallery_a = Gallery.open(a)
-    rival = S3Lease(f"s3://{BUCKET}/{prefix}", gallery_a.storage_options)
+    rival = S3Lease(f"s3://{BUCKET}/{prefix}", Gallery.open(a).storage_options)
     real_put = StoreObjects.put
 
     def put_then_lose_the_lease(self, uri, data, **kwargs):
@@ -106,15 +117,18 @@ def test_a_publish_whose_lease_is_taken_between_its_two_puts_puts_no_probe_json_
 
     monkeypatch.setattr(StoreObjects, "put", put_then_lose_the_lease)
     try:
-        code = main(["probe", "publish", "--index", str(a)])
+        code = main(["probe", command, "--index", str(a)])
     finally:
         rival.release()
     err = capsys.readouterr().err
     assert code == 2
     assert "was taken over by another writer after this probe's weights were put" in err
-    assert "probe.json was not put" in err and f"Run 'speciesid probe publish --index {a}'" in err
+    assert "probe.json was not put" in err and f"Run 'speciesid probe publish --index {a}' to share the probe" in err
+    if command == "restore":
+        assert f"the earlier probe is restored in {a}, but not shared" in err and "not this command again" in err
     assert client.head_object(Bucket=BUCKET, Key=meta_key)["ETag"] == before  # not put under the rival's hold
+    assert LinearProbe.load(a).trained_on == wanted
     assert not follower_b.check()  # nothing new taken
     monkeypatch.setattr(StoreObjects, "put", real_put)
     assert main(["probe", "publish", "--index", str(a)]) == 0  # as the error says
-    assert follower_b.check() and LinearProbe.load(b).trained_on == probe.trained_on
+    assert follower_b.check() and LinearProbe.load(b).trained_on == wanted
