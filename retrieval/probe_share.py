@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
@@ -131,6 +132,8 @@ class ProbeFollower:
         #: The last look at the store's copy: {"at": when (ISO 8601, UTC), "copy": the store's copy then (None: it
         #: had none)} or {"at", "error"}; None before the first. What /readyz tells without asking the store.
         self.last_look: dict[str, str | None] | None = None
+        self._looking: threading.Thread | None = None  # the look look_soon started (None: none yet)
+        self._looking_guard = threading.Lock()
 
     def at_open(self) -> None:
         """At open: take the store's copy when the folder has no probe (waiting :data:`AT_OPEN_WAIT_S` at most for
@@ -166,6 +169,29 @@ class ProbeFollower:
             return False
         self._failing = False
         return took
+
+    def look_soon(self) -> None:
+        """Start one :meth:`check` on a thread of its own, unless one is running, and return at once: a server's
+        request does not wait on the HEAD (nor on a take). The folder's files a take changes are loaded at the next
+        look at them (``refresh_s`` later at most, :meth:`retrieval.identify.Identifier.refresh_probe`)."""
+        with self._looking_guard:
+            if self._looking is not None and self._looking.is_alive():
+                return
+            thread = threading.Thread(target=self.check, name=f"probe look {self.gallery.root}", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread to be had (the interpreter shutting down, a thread limit)
+                logger.info("the shared probe of %s's store not looked at (%s): looked at again later",
+                            self.gallery.root, exc)
+                self._looking = None
+                return
+            self._looking = thread
+
+    def wait_for_look(self, timeout: float | None = None) -> None:
+        """Wait (``timeout`` seconds at most) for the look :meth:`look_soon` started, if one is running."""
+        thread = self._looking
+        if thread is not None:
+            thread.join(timeout)
 
     def _etag(self) -> str | None:
         """The store's copy now (:func:`_copy`; None: it has none)."""

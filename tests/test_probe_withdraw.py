@@ -132,3 +132,31 @@ def test_a_publish_whose_lease_is_taken_between_its_two_puts_puts_no_probe_json_
     monkeypatch.setattr(StoreObjects, "put", real_put)
     assert main(["probe", "publish", "--index", str(a)]) == 0  # as the error says
     assert follower_b.check() and LinearProbe.load(b).trained_on == wanted
+
+
+def test_the_look_before_an_answer_asks_the_store_on_a_thread_of_its_own(two_machines, monkeypatch):  # noqa: F811
+    """Stop 48's note: the probe follower's HEAD (and a take: two GETs, the folder's writes) ran on the request
+    thread of one identify per SPECIESID_REFRESH_S even with the store healthy. Now that look runs on a thread of its
+    own; the copy it takes is loaded at the next look at the folder's files. A forced look stays in the caller."""
+    import threading
+
+    from retrieval.probe import LinearProbe
+    from retrieval.workflows import open_identifier, train_gallery_probe
+
+    a, b, _, _ = two_machines
+    following = open_identifier(b, follow_probe=True, refresh_s=0.0)  # a server's, on folder b
+    train_gallery_probe(a, progress=False)  # shared
+    follower = following.probe_follower
+    asked_from = []
+    real_head = follower.objects.head
+    monkeypatch.setattr(follower.objects, "head",
+                        lambda uri: asked_from.append(threading.current_thread()) or real_head(uri))
+    assert not following.refresh_probe()  # what an identify does first: it does not wait for the look
+    follower.wait_for_look()
+    assert asked_from and threading.current_thread() not in asked_from
+    assert (b / "probe.json").is_file() and following.probe is None  # taken into the folder, not loaded yet
+    assert following.refresh_probe()  # the next look loads it
+    assert following.probe is not None and following.probe.species == LinearProbe.load(a).species
+    asked_from.clear()
+    assert not following.refresh_probe(force=True)  # forced: looked at here, nothing new
+    assert asked_from == [threading.current_thread()]
