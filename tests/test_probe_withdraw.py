@@ -1,6 +1,7 @@
 """A probe shared through an S3 store (moto's server on 127.0.0.1; the two-folder gallery of test_s3_uploads):
 ``speciesid probe withdraw`` removes the store's copy, the folders that took it keep it and say so; a publish whose
-lease is taken over between its two puts puts no probe.json and says to run ``speciesid probe publish``."""
+lease is taken over between its two puts puts no probe.json and says to run ``speciesid probe publish``; a server's
+look at the store's copy runs off the request thread."""
 
 from __future__ import annotations
 
