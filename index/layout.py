@@ -11,6 +11,8 @@
       probe.npz, probe.json   the linear probe (weights; species, encoder fingerprint, calibration, the
                               weights' sha256: a reader caught between the two files' writes sees they differ)
       probe.prev.npz/.json    the probe the last `probe train` / `import`, or one taken from the store, replaced
+      probe.swap.npz/.json    while `probe restore` swaps the two: the probe it sets aside (a crash leaves it for
+                              the next probe write to finish or undo the swap: retrieval.probe)
       probe_origin.json       a store on S3: which copy of the store's shared probe those two came from
                               ("<probe.json ETag> <weights ETag>")
       whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
@@ -47,6 +49,9 @@ PROBE_META = "probe.json"
 #: The probe ``probe train`` / ``probe import`` replaced, kept one generation (``probe restore`` swaps it back).
 PROBE_PREV_WEIGHTS = "probe.prev.npz"
 PROBE_PREV_META = "probe.prev.json"
+#: The probe ``probe restore`` sets aside, copied here before the swap starts (removed when it ends).
+PROBE_SWAP_WEIGHTS = "probe.swap.npz"
+PROBE_SWAP_META = "probe.swap.json"
 #: Which copy of an S3 store's shared probe the folder's probe files came from ("<probe.json ETag> <weights ETag>";
 #: retrieval.probe_share).
 PROBE_ORIGIN = "probe_origin.json"

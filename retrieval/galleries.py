@@ -26,7 +26,7 @@ from retrieval.encoders import (
 )
 from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
-from retrieval.probe_share import probe_follower
+from retrieval.probe_share import ProbeFollower, probe_follower
 from retrieval.textprior import TextPriorScores, load_text_prior
 from retrieval.vote import VoteConfig
 
@@ -155,7 +155,8 @@ def open_identifier(
 
     A gallery whose store is on S3 shares its probe through the store (:mod:`retrieval.probe_share`): a folder
     without a probe takes the store's at open, and a process following the probe takes a newer store copy into
-    its folder within ``refresh_s`` (one HEAD per look)."""
+    its folder within ``refresh_s`` (one HEAD per look, on a thread of its own: the copy taken is loaded at the
+    next look, ``refresh_s`` later at most)."""
     gallery, enc = open_gallery(index_dir, encoder, refresh_s=refresh_s)
     follower = probe_follower(gallery) if use_probe else None
     if follower is not None:
@@ -174,15 +175,21 @@ def open_identifier(
     ident = Identifier(enc, gallery, vote, probe=probe, text_prior=text)
     ident.probe_follower = follower
     if follow_probe and use_probe:
-        ident.follow_probe(files, load, refresh_s, marks=marks, sync=_unless_stale(gallery, follower.check)
+        ident.follow_probe(files, load, refresh_s, marks=marks, sync=_unless_stale(gallery, follower)
                            if follower else None)
     return ident
 
 
-def _unless_stale(gallery: Gallery, check: Callable[[], object]) -> Callable[[], None]:
+def _unless_stale(gallery: Gallery, follower: ProbeFollower) -> Callable[[bool], None]:
     """The probe follower's look at the store (a HEAD), skipped while the gallery's reads are stale (its store failing
-    or not answering): no identify waits on the HEAD's timeouts during an outage; the probe loaded stays."""
-    def sync() -> None:
-        if not gallery.reading_stale:
-            check()
+    or not answering): no identify waits on the HEAD's timeouts during an outage; the probe loaded stays. A look
+    before an answer runs on a thread of its own (:meth:`ProbeFollower.look_soon`: no answer waits on the HEAD); a
+    forced one (``force``) runs here, so its take is loaded at once."""
+    def sync(force: bool) -> None:
+        if gallery.reading_stale:
+            return
+        if force:
+            follower.check()
+        else:
+            follower.look_soon()
     return sync

@@ -181,7 +181,7 @@ class Identifier:
         self._state = self._calibrated(probe, text_prior)
         self._pinned_state = threading.local()  # the state an answer in progress on this thread started with
         self._follow: tuple[list[Path], ProbeLoader, float] | None = None  # (files, loader, refresh_s)
-        self._sync: Callable[[], object] | None = None  # called before each look at the files (follow_probe)
+        self._sync: Callable[[bool], object] | None = None  # called before each look at the files (follow_probe)
         #: The follower of an S3 store's shared probe (retrieval.probe_share.ProbeFollower; open_identifier sets it),
         #: whose last look /readyz tells; None otherwise.
         self.probe_follower: Any = None
@@ -255,12 +255,13 @@ class Identifier:
         self._taxa_version = -1
 
     def follow_probe(self, files: Sequence[str | Path], load: ProbeLoader, refresh_s: float = 1.0, *,
-                     marks: tuple | None = None, sync: Callable[[], object] | None = None) -> None:
+                     marks: tuple | None = None, sync: Callable[[bool], object] | None = None) -> None:
         """Load the probe and text prior again (``load``) when one of ``files`` changes (:func:`file_marks`), looked
         at most every ``refresh_s`` seconds before an answer: a server follows ``speciesid probe train`` / ``probe
         import`` as it follows other processes' reference writes. Settings the caller gave stay. ``marks``: the
-        files' marks when the current state was loaded (default: now). ``sync``: called at each look first (an S3
-        store's shared probe taken into the files: :mod:`retrieval.probe_share`)."""
+        files' marks when the current state was loaded (default: now). ``sync``: called at each look first, with
+        whether the look is forced (an S3 store's shared probe taken into the files: :mod:`retrieval.probe_share`;
+        a look before an answer starts it on a thread of its own, a forced one waits for it)."""
         self._follow = ([Path(f) for f in files], load, refresh_s)
         self._sync = sync
         self._probe_files = file_marks(self._follow[0]) if marks is None else marks
@@ -279,7 +280,7 @@ class Identifier:
         try:
             self._probe_checked = time.monotonic()
             if self._sync is not None:
-                self._sync()  # logs its own failures: the files then stay as they are
+                self._sync(force)  # logs its own failures: the files then stay as they are
             marks = file_marks(files)
             if marks == self._probe_files:
                 return False

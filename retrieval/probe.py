@@ -2,9 +2,9 @@
 
 Stored beside the gallery as ``probe.npz`` (weights) + ``probe.json`` (species, encoder fingerprint,
 the :class:`Calibration` chosen by measurement, the weights' sha256; file names in :mod:`index.layout`). The
-probe a new one replaces is kept beside it, one generation (:func:`keep_previous`, :func:`restore_previous`). The probe is the
-closed-world half of the blend: it only knows the species it was trained on, and ``retrieval.blend``
-keeps it from touching any other. A fine-tuned network's head is a probe too (``finetune.export``).
+probe a new one replaces is kept beside it, one generation (:func:`keep_previous`, :func:`restore_previous`, a swap
+that a crash cannot lose either probe of: :func:`finish_interrupted_swap`). The probe is the closed-world half of
+the blend: it only knows the species it was trained on, and ``retrieval.blend`` keeps it from touching any other. A fine-tuned network's head is a probe too (``finetune.export``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from typing import Any
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from index.atomic import atomic_write, write_json_atomic
-from index.layout import PROBE_META, PROBE_PREV_META, PROBE_PREV_WEIGHTS, PROBE_WEIGHTS, check_encoder
+from index.atomic import atomic_write, fsync_dir, write_json_atomic
+from index.layout import (
+    PROBE_META,
+    PROBE_PREV_META,
+    PROBE_PREV_WEIGHTS,
+    PROBE_SWAP_META,
+    PROBE_SWAP_WEIGHTS,
+    PROBE_WEIGHTS,
+    check_encoder,
+)
 from index.photos import first_few
 from retrieval.metric import DEFAULT_SHRINK, Whitening
 
@@ -208,9 +216,11 @@ def _weights_of(folder: Path, meta: Mapping, weights_name: str, meta_name: str) 
     weights = (folder / weights_name).read_bytes()
     recorded = meta.get("weights_sha256")
     if recorded and hashlib.sha256(weights).hexdigest() != recorded:
+        fix = (f"a 'probe restore' was interrupted: 'speciesid probe restore --index {folder}' finishes it"
+               if (folder / PROBE_SWAP_META).is_file() else
+               f"else a save was interrupted: train it again: speciesid probe train --index {folder}")
         raise ValueError(f"the probe in {folder}: {weights_name} is not the one {meta_name} was saved with (being "
-                         f"replaced now? run again in a moment; else a save was interrupted: train it again: "
-                         f"speciesid probe train --index {folder})")
+                         f"replaced now? run again in a moment; {fix})")
     return weights
 
 
@@ -292,6 +302,7 @@ def keep_previous(folder: str | Path) -> str:
     kept there is replaced), before a new probe is saved there; returns in words what it is (:func:`probe_origin`),
     "" when there is none. A pair of two saves (an interrupted save) is not kept: warned about, "" returned."""
     folder = Path(folder)
+    finish_interrupted_swap(folder)  # an interrupted restore's pairs made whole before one of them is written over
     try:
         pair = _read_pair(folder, PROBE_META, PROBE_WEIGHTS)
     except (OSError, ValueError) as exc:
@@ -303,12 +314,27 @@ def keep_previous(folder: str | Path) -> str:
     return probe_origin(pair[0])
 
 
+#: The key of probe.swap.json naming the weights' sha256 of the probe its swap restores (the swap's target).
+_SWAP_TARGET = "swap_restores_sha256"
+
+
 def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = None) -> tuple[str, str]:
     """Swap the probe of ``folder`` with the one kept when it was saved (:func:`keep_previous`): (what was
-    restored, what was set aside in its place, "" when there was no probe), in words. The probe files are
-    rewritten atomically, the weights first, so a reader never takes half of each. FileNotFoundError when none
-    was kept; EncoderMismatchError when the kept one was made with another encoder than ``expected_fingerprint``."""
+    restored, what was set aside in its place, "" when there was no probe), in words. FileNotFoundError when none
+    was kept; EncoderMismatchError when the kept one was made with another encoder than ``expected_fingerprint``.
+
+    Every file is written atomically, the weights before their json (a reader never takes half of each), and in an
+    order that a crash at any point leaves both probes whole on disk: the probe set aside is first copied as
+    probe.swap.* (naming the probe the swap restores), then the restored probe written as the current one, then the
+    copy as probe.prev.*, and probe.swap.* removed last, its json last of all. The next write of the folder's probe (this
+    function, :func:`keep_previous`) finishes or undoes a swap a crash left (:func:`finish_interrupted_swap`); a
+    restore whose current probe was already in place is finished and not swapped back."""
     folder = Path(folder)
+    done = finish_interrupted_swap(folder)
+    if done == "finished":  # the restore asked for before is complete now: swapping again would undo it
+        now, prev = _read_pair(folder, PROBE_META, PROBE_WEIGHTS), _read_pair(folder, PROBE_PREV_META,
+                                                                               PROBE_PREV_WEIGHTS)
+        return probe_origin(now[0]) if now else "", probe_origin(prev[0]) if prev else ""
     kept = _read_pair(folder, PROBE_PREV_META, PROBE_PREV_WEIGHTS)
     if kept is None:
         raise FileNotFoundError(f"no earlier probe is kept in {folder} ({PROBE_PREV_META}): 'probe train' and 'probe "
@@ -317,12 +343,79 @@ def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = N
     if expected_fingerprint is not None:
         check_encoder(f"the earlier probe kept in {folder}", meta["fingerprint"], expected_fingerprint,
                       fix=f"train a new one: speciesid probe train --index {folder}")
-    replaced = keep_previous(folder)
+    try:
+        current = _read_pair(folder, PROBE_META, PROBE_WEIGHTS)
+    except (OSError, ValueError) as exc:  # two saves' files: nothing whole to set aside
+        logger.warning("the probe being replaced is not kept as %s: %s", PROBE_PREV_META, exc)
+        current = None
+    if current is None:  # nothing to swap back to: the kept pair is the probe now
+        _write_pair(folder, meta, weights, PROBE_META, PROBE_WEIGHTS)
+        _remove_files(folder, PROBE_PREV_META, PROBE_PREV_WEIGHTS)  # the json first: no probe.prev.* then
+        return probe_origin(meta), ""
+    now_meta, now_weights = current
+    _write_pair(folder, {**now_meta, _SWAP_TARGET: meta["weights_sha256"]}, now_weights, PROBE_SWAP_META,
+                PROBE_SWAP_WEIGHTS)  # from here on a crash leaves both probes whole
     _write_pair(folder, meta, weights, PROBE_META, PROBE_WEIGHTS)
-    if not replaced:  # nothing to swap back to: the kept pair is the probe now
-        for name in (PROBE_PREV_META, PROBE_PREV_WEIGHTS):
-            (folder / name).unlink(missing_ok=True)
-    return probe_origin(meta), replaced
+    _write_pair(folder, now_meta, now_weights, PROBE_PREV_META, PROBE_PREV_WEIGHTS)
+    _remove_files(folder, PROBE_SWAP_WEIGHTS, PROBE_SWAP_META)  # the json last: while it is there, a swap is pending
+    return probe_origin(meta), probe_origin(now_meta)
+
+
+def finish_interrupted_swap(folder: str | Path) -> str:
+    """Make whole the pairs of a :func:`restore_previous` that a crash interrupted in ``folder`` (its probe.swap.json
+    left behind): "finished" when the restored probe was already the current one (the copy set aside is written as
+    probe.prev.*, unless its removal had begun: then it was), "undone" when it was not (the copy is written back as
+    the current probe; the probe it was to restore is still probe.prev.*), "" when there was nothing to do. The
+    swap's files are removed. Call it holding the folder's write lock, before the probe files are written."""
+    folder = Path(folder)
+    meta_path, weights_path = folder / PROBE_SWAP_META, folder / PROBE_SWAP_WEIGHTS
+    if not meta_path.exists():  # no swap begun (its copy's own write interrupted), or one ended: a lone npz
+        if weights_path.exists():
+            _remove_files(folder, PROBE_SWAP_WEIGHTS)
+        return ""
+    try:
+        target = json.loads(meta_path.read_text(encoding="utf-8")).get(_SWAP_TARGET)
+        swap = _read_pair(folder, PROBE_SWAP_META, PROBE_SWAP_WEIGHTS)
+    except (OSError, ValueError, AttributeError):  # its weights removed first: the swap had ended (below)
+        swap = None
+    done = ""
+    if target and _whole_pair_digest(folder, PROBE_META, PROBE_WEIGHTS) == target:
+        if swap is not None:  # the copy may not be probe.prev.* yet
+            swap[0].pop(_SWAP_TARGET, None)
+            _write_pair(folder, *swap, PROBE_PREV_META, PROBE_PREV_WEIGHTS)
+        done = "finished"
+    elif target and swap is not None and _whole_pair_digest(folder, PROBE_PREV_META, PROBE_PREV_WEIGHTS) == target:
+        swap[0].pop(_SWAP_TARGET, None)
+        _write_pair(folder, *swap, PROBE_META, PROBE_WEIGHTS)
+        done = "undone"
+    else:  # both pairs written since (not through this module): the copy is of no use any more
+        logger.warning("%s of an interrupted 'probe restore' in %s matches neither probe there now: removed",
+                       PROBE_SWAP_META, folder)
+    _remove_files(folder, PROBE_SWAP_WEIGHTS, PROBE_SWAP_META)  # as restore_previous ends: the json last
+    if done:
+        logger.warning("an interrupted 'probe restore' in %s was %s: the probe is %s", folder, done,
+                       "the one it restored, the other kept as probe.prev.*" if done == "finished" else
+                       "the one before it, the one it was to restore still kept as probe.prev.*")
+    return done
+
+
+def _whole_pair_digest(folder: Path, meta_name: str, weights_name: str) -> str | None:
+    """The weights' sha256 the pair's json records, when its weights are those (one save's whole pair); else None
+    (missing, unreadable, two saves' files, or a json that records no digest)."""
+    try:
+        meta = json.loads((folder / meta_name).read_text(encoding="utf-8"))
+        weights = (folder / weights_name).read_bytes()
+    except (OSError, ValueError):
+        return None
+    recorded = meta.get("weights_sha256") if isinstance(meta, dict) else None
+    return str(recorded) if recorded and hashlib.sha256(weights).hexdigest() == recorded else None
+
+
+def _remove_files(folder: Path, *names: str) -> None:
+    """Remove ``names`` from ``folder`` in that order, durably."""
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    fsync_dir(folder)
 
 
 def train_probe(

@@ -1,6 +1,7 @@
 """Calibrate a gallery's blend: train its linear probe (:func:`train_gallery_probe`) or use a fine-tuned network's
 head as the probe (:func:`import_gallery_probe`); either keeps the probe it replaces, which
-:func:`restore_gallery_probe` brings back. ``retrieval.workflows`` offers them.
+:func:`restore_gallery_probe` brings back; share it through an S3 store (:func:`publish_gallery_probe`) or withdraw
+it from there (:func:`withdraw_gallery_probe`). ``retrieval.workflows`` offers them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from retrieval.pipeline import embed_photos
 from retrieval.probe import (
     Calibration,
     LinearProbe,
+    finish_interrupted_swap,
     fit_head_temperature,
     has_probe,
     keep_previous,
@@ -39,7 +41,7 @@ from retrieval.probe import (
     restore_previous,
     train_probe,
 )
-from retrieval.probe_share import publish_probe
+from retrieval.probe_share import ProbePublishInterrupted, publish_probe, withdraw_probe
 from retrieval.protocol import (
     HELDOUT_FILE,
     HELDOUT_PREFIX,
@@ -288,6 +290,9 @@ def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[None]:
         if shared:
             try:
                 publish_probe(gallery)  # the files just written under this hold (no follower wrote since)
+            except ProbePublishInterrupted as exc:  # it says what happened and what to run
+                raise ProbeNotSharedError(f"{done} in {gallery.root}, but not shared through the gallery's store: "
+                                          f"{exc}, not this command again") from exc
             except (OSError, LeaseError, TimeoutError) as exc:
                 raise ProbeNotSharedError(
                     f"{done} in {gallery.root}, but it is not shared through the gallery's store yet ({exc}): "
@@ -336,6 +341,13 @@ def publish_gallery_probe(index_dir: str | Path) -> str:
         meta = json.loads(gallery.layout.probe_meta.read_text(encoding="utf-8"))
         publish_probe(gallery)
     return probe_origin(meta)
+
+
+def withdraw_gallery_probe(index_dir: str | Path) -> list[str]:
+    """Withdraw the probe shared through the S3 store of gallery ``index_dir``
+    (:func:`retrieval.probe_share.withdraw_probe`): the objects removed, [] when the store held none. ValueError when
+    the store is not on S3."""
+    return withdraw_probe(Gallery.open(index_dir))
 
 
 def _warn_left_out(left_out: dict[str, int], what: str) -> None:
@@ -434,6 +446,7 @@ def refresh_gallery_metric(gallery: Gallery) -> bool:
     if not has_probe(gallery.root):
         return False
     with gallery.writing(local=True):  # reads the store, writes the folder's probe files: not the store's lease
+        finish_interrupted_swap(gallery.root)  # a crashed 'probe restore': its pairs made whole first
         probe = LinearProbe.load(gallery.root)
         if probe.calibration.metric != "whitened":
             return False

@@ -17,7 +17,8 @@ them as it loads a probe written by ``probe train`` on its own machine; the prob
 the store's copy replaced there. A folder whose probe records no copy taken from the store (no
 ``probe_origin.json``: made here, or copied in by hand) keeps it at open; a later publish replaces it. A probe
 refitted here (the vote's whitening after a write) keeps its origin: it is replaced at the next publish, not at the
-next open.
+next open. ``speciesid probe withdraw`` (:func:`withdraw_probe`) removes the store's copy: no folder takes it any
+more, and the folders that took it keep it (their status says ``withdrawn``) until the next publish.
 The text prior is not shared.
 """
 
@@ -26,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
 from index.errors import first_line
 from index.gallery import Gallery
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
+from index.lease import LeaseLostError
+from index.locks import write_lock
 from index.objects import StoreObjects, probe_uri
 from retrieval.probe import LinearProbe, keep_previous, now_utc, probe_summary
 
@@ -44,21 +48,66 @@ WEIGHTS_ETAG = "weights-etag"
 AT_OPEN_WAIT_S = 5.0
 
 
+class ProbePublishInterrupted(LeaseLostError, OSError):
+    """The store's lease was taken over by another writer between a publish's two puts: the weights were put, not
+    the ``probe.json`` naming them (the message says what to run: ``speciesid probe publish``)."""
+
+
 def publish_probe(gallery: Gallery) -> str | None:
     """Put the folder's probe files in the gallery's S3 store, weights first (under the store's lease); the store's
-    new copy (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share)."""
+    new copy (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share).
+
+    The lease is checked before each put (:meth:`index.locks.WriteLock.check`: renewed when half its TTL is gone):
+    LeaseLostError before the weights, :class:`ProbePublishInterrupted` when it was lost between the weights and
+    ``probe.json`` (then ``probe.json`` is not put: no machine takes weights another writer's hold may have
+    raced)."""
     objects = gallery.objects
     if objects is None:
         return None
     layout = gallery.layout
+    lock = write_lock(layout.write_lock)  # the gallery's own (one per folder and process): it holds the lease
     with gallery.writing():  # a write to the store: under its lease, so two publishes never interleave
         weights, meta = layout.probe_weights.read_bytes(), layout.probe_meta.read_bytes()
+        lock.check()
         weights_etag = objects.put(probe_uri(objects.uri, PROBE_WEIGHTS), weights)
+        try:
+            lock.check()  # a stall (a slow put, a paused process) past the TTL: another writer may hold it now
+        except LeaseLostError as exc:
+            where = lock.remote.where if lock.remote is not None else "of the store"
+            raise ProbePublishInterrupted(
+                f"the write lease {where} was taken over by another writer after this probe's weights were put in "
+                f"the store and before its probe.json: probe.json was not put, so no machine takes them (each "
+                f"keeps the probe it has). Run 'speciesid probe publish --index {gallery.root}' to share the "
+                "probe") from exc
         etag = objects.put(probe_uri(objects.uri, PROBE_META), meta, metadata={WEIGHTS_ETAG: weights_etag})
         copy = _copy(etag, weights_etag)
         write_json_atomic(layout.probe_origin, {"copy": copy})
     logger.info("probe of %s shared through its store (%s)", gallery.root, probe_uri(objects.uri, PROBE_META))
     return copy
+
+
+def withdraw_probe(gallery: Gallery) -> list[str]:
+    """Remove the shared probe from the gallery's S3 store (under its lease): ``probe.json`` first, so that no
+    machine takes the weights meanwhile, then the weights; the objects removed, [] when the store held none. The
+    folder's own probe files (and its ``probe_origin.json``) stay: the folders that took the probe keep it, and
+    ``speciesid probe publish`` shares it again. ValueError when the store is not on S3."""
+    objects = gallery.objects
+    if objects is None:
+        raise ValueError(f"the store of {gallery.root} is not on S3: its probe is not shared through the store "
+                         "(every process reads the folder's probe files); nothing to withdraw")
+    removed = []
+    lock = write_lock(gallery.layout.write_lock)
+    with gallery.writing():
+        for name in (PROBE_META, PROBE_WEIGHTS):
+            uri = probe_uri(objects.uri, name)
+            if objects.head(uri) is None:  # the weights alone: a publish or a withdraw cut off between two requests
+                continue
+            lock.check()
+            objects.delete(uri)
+            removed.append(uri)
+    if removed:
+        logger.info("shared probe of %s's store withdrawn (%s)", gallery.root, ", ".join(removed))
+    return removed
 
 
 def _copy_of(head: dict | None) -> str | None:
@@ -83,6 +132,8 @@ class ProbeFollower:
         #: The last look at the store's copy: {"at": when (ISO 8601, UTC), "copy": the store's copy then (None: it
         #: had none)} or {"at", "error"}; None before the first. What /readyz tells without asking the store.
         self.last_look: dict[str, str | None] | None = None
+        self._looking: threading.Thread | None = None  # the look look_soon started (None: none yet)
+        self._looking_guard = threading.Lock()
 
     def at_open(self) -> None:
         """At open: take the store's copy when the folder has no probe (waiting :data:`AT_OPEN_WAIT_S` at most for
@@ -119,6 +170,29 @@ class ProbeFollower:
         self._failing = False
         return took
 
+    def look_soon(self) -> None:
+        """Start one :meth:`check` on a thread of its own, unless one is running, and return at once: a server's
+        request does not wait on the HEAD (nor on a take). The folder's files a take changes are loaded at the next
+        look at them (``refresh_s`` later at most, :meth:`retrieval.identify.Identifier.refresh_probe`)."""
+        with self._looking_guard:
+            if self._looking is not None and self._looking.is_alive():
+                return
+            thread = threading.Thread(target=self.check, name=f"probe look {self.gallery.root}", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread to be had (the interpreter shutting down, a thread limit)
+                logger.info("the shared probe of %s's store not looked at (%s): looked at again later",
+                            self.gallery.root, exc)
+                self._looking = None
+                return
+            self._looking = thread
+
+    def wait_for_look(self, timeout: float | None = None) -> None:
+        """Wait (``timeout`` seconds at most) for the look :meth:`look_soon` started, if one is running."""
+        thread = self._looking
+        if thread is not None:
+            thread.join(timeout)
+
     def _etag(self) -> str | None:
         """The store's copy now (:func:`_copy`; None: it has none)."""
         head = self._head()
@@ -137,8 +211,10 @@ class ProbeFollower:
 
     def _take(self, wait: float | None) -> bool:
         meta_uri = probe_uri(self.objects.uri, PROBE_META)
+        before = self.last_look
         head = self._head()
         if head is None:
+            self._note_withdrawn(meta_uri, before)
             return False
         etag = str(head["ETag"])
         weights_etag = (head.get("Metadata") or {}).get(WEIGHTS_ETAG)
@@ -177,14 +253,29 @@ class ProbeFollower:
                     f"; kept {kept} as probe.prev.*" if kept else "")
         return True
 
+    def _note_withdrawn(self, meta_uri: str, before: dict[str, str | None] | None) -> None:
+        """The store holds no probe: when the folder's came from it (withdrawn: ``speciesid probe withdraw``), say
+        the folder keeps it, once (not again while the store stays without one): at WARNING when the look before
+        saw one (a server's probe withdrawn while it runs), at INFO otherwise (a command's open)."""
+        if before is not None and "error" not in before and before.get("copy") is None:
+            return  # said at the look that found it gone
+        origin = _origin(self.gallery)
+        if origin is None:
+            return
+        log = logger.warning if before is not None and before.get("copy") else logger.info
+        log("the shared probe %s is not in the store any more (withdrawn): %s keeps the probe it took from it (%s) "
+            "and answers with it; the next 'speciesid probe publish' (or train, import, restore) on any machine is "
+            "taken", meta_uri, self.gallery.root, origin)
+
 
 def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None, *, look: bool = False
                         ) -> dict[str, Any] | None:
     """The ``shared`` part of the ``probe`` block (:func:`probe_status`), None when the store is not on S3:
     ``object`` (the store's probe.json), ``copy`` (the store's copy the folder's probe files came from, from
     probe_origin.json; None: made here, or none), and the store's copy as last looked at: ``store_copy``,
-    ``looked_at``, ``matches`` (None: not looked at yet, or the store has none) or ``error``. ``look``: one HEAD now (``index info``); else
-    ``follower``'s last look, and no request (``/readyz`` never waits on the store)."""
+    ``looked_at``, ``matches`` (None: not looked at yet, or the store has none), ``withdrawn`` (True: the folder's
+    probe came from the store, which holds none now; None: not looked at yet) or ``error``. ``look``: one HEAD now
+    (``index info``); else ``follower``'s last look, and no request (``/readyz`` never waits on the store)."""
     if gallery.objects is None:
         return None
     status: dict[str, Any] = {"object": probe_uri(gallery.objects.uri, PROBE_META), "copy": _origin(gallery)}
@@ -194,12 +285,13 @@ def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None,
             follower._head()
     last = follower.last_look if follower is not None else None
     if last is None:
-        status.update(store_copy=None, looked_at=None, matches=None)
+        status.update(store_copy=None, looked_at=None, matches=None, withdrawn=None)
     elif "error" in last:
-        status.update(looked_at=last["at"], error=last["error"], matches=None)
+        status.update(looked_at=last["at"], error=last["error"], matches=None, withdrawn=None)
     else:
         status.update(store_copy=last["copy"], looked_at=last["at"],
-                      matches=None if last["copy"] is None else last["copy"] == status["copy"])
+                      matches=None if last["copy"] is None else last["copy"] == status["copy"],
+                      withdrawn=last["copy"] is None and status["copy"] is not None)
     return status
 
 

@@ -90,6 +90,7 @@ from retrieval.probe_flows import (
     refresh_gallery_metric,
     restore_gallery_probe,
     train_gallery_probe,
+    withdraw_gallery_probe,
 )
 from retrieval.probe_share import probe_status
 from retrieval.vote import Rank, parse_rank
@@ -100,7 +101,7 @@ __all__ = [
     "check_evaluation_set", "delete_references", "evaluate_dataset",
     "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
     "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
-    "train_gallery_probe",
+    "train_gallery_probe", "withdraw_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)

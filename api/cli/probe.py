@@ -1,5 +1,5 @@
-"""``speciesid probe train|import|restore|publish``: calibrate the blend of the kNN vote with a probe; bring back
-the one the last train or import replaced; share it through an S3 store."""
+"""``speciesid probe train|import|restore|publish|withdraw``: calibrate the blend of the kNN vote with a probe; bring
+back the one the last train or import replaced; share it through an S3 store, or withdraw it from there."""
 
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("publish", "share the gallery's probe through its S3 store, for every machine sharing it (after a 'probe "
          "train', 'import' or 'restore' whose publish failed)",
          "gallery directory (its store on S3)", cmd_probe_publish),
+        ("withdraw", "remove the probe shared through the gallery's S3 store, so that no machine takes it any more; "
+         "the machines that took it keep it (their /readyz and 'index info' say withdrawn), and so does this "
+         "folder: 'probe publish' shares it again", "gallery directory (its store on S3)", cmd_probe_withdraw),
     ):
         p = s_probe.add_parser(name, help=help_)
         p.add_argument("--index", required=True, metavar="DIR", help=index_help)
@@ -143,6 +146,20 @@ def cmd_probe_publish(args: argparse.Namespace) -> int:
     published = publish_gallery_probe(args.index)
     emit(f"shared {published} through the gallery's store: every machine sharing it takes it (a server within "
          "SPECIESID_REFRESH_S)")
+    return 0
+
+
+def cmd_probe_withdraw(args: argparse.Namespace) -> int:
+    """speciesid probe withdraw: remove the probe shared through the gallery's S3 store."""
+    from retrieval.workflows import withdraw_gallery_probe
+
+    removed = withdraw_gallery_probe(args.index)
+    if not removed:
+        emit(f"the store of {args.index} holds no shared probe: nothing to withdraw")
+        return 0
+    emit(f"withdrew the shared probe from the gallery's store ({', '.join(removed)}): no machine takes it any more. "
+         "The machines that took it keep it (their /readyz and 'speciesid index info' say \"withdrawn\": true), and "
+         f"so does {args.index}: 'speciesid probe publish --index {args.index}' shares it again")
     return 0
 
 
