@@ -60,7 +60,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from index.taxonomy import SpeciesNameConflictError
     from retrieval.workflows import ReferencesInterrupted, add_photos, open_gallery
 
-    paths, bad_args, not_read = photo_args(args.images)  # named on stderr now, counted in the summary below
+    # named on stderr now, counted in the summary below
+    paths, bad_args, not_read = photo_args(args.images, progress=not args.quiet)
     gallery, enc = open_gallery(args.index, encoder_config(args))
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
