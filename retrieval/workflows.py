@@ -673,9 +673,14 @@ def add_photos(
             "machine's delete may have removed meanwhile: if a thumbnail answers 404, send the same photos again "
             "(answered as duplicates, which puts them back)")
     probe_note, few_note = _species_notes(gallery, name, prior, len(report.ids))
+    try:
+        near = find_near_copies(gallery, report.ids, shown)
+    except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed (a reference deleted
+        logger.warning("the near-copy check of the photos added was skipped: %s", exc)  # meanwhile, the store)
+        near = []
     return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
-                     few_note=few_note, near_copies=find_near_copies(gallery, report.ids, shown))
+                     few_note=few_note, near_copies=near)
 
 
 def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, added: int) -> tuple[str, str]:

@@ -82,3 +82,24 @@ def test_many_near_copies_are_named_ten_then_counted():
     assert notes[-1] == "3 more photos are near-copies of references held (references 110, 111, 112)"
     assert near_copy_notes(found[:NEAR_COPY_NOTES + 1])[-1] == ("1 more photo is a near-copy of references held "
                                                                "(references 110)")
+
+
+def test_a_near_copy_check_that_fails_leaves_the_add_done_and_says_so(tmp_path, capsys, monkeypatch, caplog):
+    """The photos are committed before the check: its failure (a reference deleted meanwhile, the store) is a
+    warning, not an error of an add that was done."""
+    import logging
+
+    import retrieval.workflows
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+
+    def broken(*args, **kw):
+        raise OSError("the store did not answer")
+
+    monkeypatch.setattr(retrieval.workflows, "find_near_copies", broken)
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        res = add_photos(gallery, enc, "Natrix maura", [_photo(tmp_path / "n.png", 400)])
+    assert len(res.report.ids) == 1 and res.near_copies == [] and len(gallery) == 7
+    assert "the near-copy check of the photos added was skipped: the store did not answer" in caplog.text
