@@ -4,9 +4,10 @@ The rule:
 
 - A photo is a file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case: ``.jpg``, ``.jfif``, ``.png``,
   ``.heic``, ...), or a file with no extension (``IMG_0006``, as phone and chat exports save them) whose first bytes
-  are a photo format's (:func:`sniff_photo_format`: a few bytes read, nothing decoded). Any other file is not read,
-  a photo's name with something after its extension included (:func:`is_photo_copy_name`: ``IMG_1.JPG_original``,
-  the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy, not read twice.
+  are a photo format's (:func:`sniff_photo_format`: a few bytes read, several files at once, nothing decoded). Any
+  other file is not read, a photo's name with something after its extension included (:func:`is_photo_copy_name`:
+  ``IMG_1.JPG_original``, the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy,
+  not read twice.
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
