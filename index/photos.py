@@ -4,9 +4,10 @@ The rule:
 
 - A photo is a file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case: ``.jpg``, ``.jfif``, ``.png``,
   ``.heic``, ...), or a file with no extension (``IMG_0006``, as phone and chat exports save them) whose first bytes
-  are a photo format's (:func:`sniff_photo_format`: a few bytes read, nothing decoded). Any other file is not read,
-  a photo's name with something after its extension included (:func:`is_photo_copy_name`: ``IMG_1.JPG_original``,
-  the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy, not read twice.
+  are a photo format's (:func:`sniff_photo_format`: a few bytes read, several files at once, nothing decoded). Any
+  other file is not read, a photo's name with something after its extension included (:func:`is_photo_copy_name`:
+  ``IMG_1.JPG_original``, the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy,
+  not read twice.
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
@@ -34,6 +35,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,11 @@ NOT_PHOTO_ADVICE = ("A photo among them is read once its name ends in its format
                     ".heic, ...) or has no extension")
 #: Bytes read from a file without an extension to tell whether it is a photo (:func:`sniff_photo_format`).
 SNIFF_BYTES = 32
+#: Threads that read the first bytes of files without an extension at once (:func:`sniff_files`): on a network
+#: mount each read waits for a round trip, and these waits overlap.
+SNIFF_THREADS = 8
+#: Files without an extension over which :func:`sniff_files` shows a progress bar while it reads them (when asked).
+SNIFF_BAR_FILES = 100
 #: ISO base media (``ftyp``) brands of HEIF and AVIF photos (not of videos: ``isom``, ``mp42``, ``qt``).
 _HEIF_BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"hevc": "HEIF", b"hevx": "HEIF", b"heim": "HEIF",
                 b"heis": "HEIF", b"hevm": "HEIF", b"hevs": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF",
@@ -153,6 +160,34 @@ def _sniff_file(path: Path) -> str | None:
         return sniff_photo_format(fh.read(SNIFF_BYTES))
 
 
+def sniff_files(paths: Sequence[Path], *, progress: bool = False) -> list[str | None | OSError]:
+    """Per file of ``paths``, in their order: its photo format (:func:`sniff_photo_format`), None when it is not a
+    photo, or the OSError that kept it from being read. Read by up to :data:`SNIFF_THREADS` threads at once;
+    ``progress``: a bar while more than :data:`SNIFF_BAR_FILES` are read. A Ctrl-C drops the reads not started."""
+
+    def sniff(path: Path) -> str | None | OSError:
+        try:
+            return _sniff_file(path)
+        except OSError as exc:
+            return exc
+
+    if len(paths) < 2 or SNIFF_THREADS < 2:
+        return [sniff(p) for p in paths]
+    from tqdm import tqdm
+
+    pool = ThreadPoolExecutor(min(SNIFF_THREADS, len(paths)), thread_name_prefix="speciesid-sniff")
+    out: list[str | None | OSError] = []
+    try:
+        with tqdm(total=len(paths), desc="reading files without an extension", unit="file",
+                  disable=not progress or len(paths) <= SNIFF_BAR_FILES) as bar:
+            for found in pool.map(sniff, paths):  # in the order of paths, whichever read ends first
+                out.append(found)
+                bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return out
+
+
 def entry_problem(path: Path) -> str:
     """Why ``path``, an entry that is neither a folder nor a regular file once links are followed, cannot be read."""
     try:
@@ -178,10 +213,10 @@ class PhotoScan:
     not_photos: list[Path] = field(default_factory=list)  # visible files that are not photos, sorted likewise
 
 
-def scan_photos(folder: str | Path) -> PhotoScan:
+def scan_photos(folder: str | Path, *, progress: bool = False) -> PhotoScan:
     """Photo files under ``folder`` by the module's rule, what was skipped, and the visible files that are not photos
     (logs nothing; all empty when the folder is missing). Only the files without an extension are opened (a few
-    bytes each).
+    bytes each, several at once: :func:`sniff_files`, with its bar when ``progress``).
 
     Skipped: broken symbolic links with a photo's name or a name without a file extension (a broken link to a
     class folder; ``notes.txt`` would not have been read either way, so its broken link is not), photo-named
@@ -191,15 +226,13 @@ def scan_photos(folder: str | Path) -> PhotoScan:
     root = Path(folder)
     others: list[Path] = []
     photos, skipped = scan_files(root, is_photo_name, others)
-    not_photos: list[Path] = []
-    for path in others:
-        if not read_by_content(path.name):
-            not_photos.append(path)
-            continue
-        try:
-            (photos if _sniff_file(path) else not_photos).append(path)
-        except OSError as exc:
-            skipped.append((path, f"cannot be read to tell whether it is a photo ({exc.strerror or exc})"))
+    not_photos: list[Path] = [path for path in others if not read_by_content(path.name)]
+    unnamed = [path for path in others if read_by_content(path.name)]
+    for path, found in zip(unnamed, sniff_files(unnamed, progress=progress), strict=True):
+        if isinstance(found, OSError):
+            skipped.append((path, f"cannot be read to tell whether it is a photo ({found.strerror or found})"))
+        else:
+            (photos if found else not_photos).append(path)
 
     def key(p: Path) -> str:
         return p.relative_to(root).as_posix()
@@ -325,17 +358,18 @@ class PhotoArgs:
     not_photos: list[Path] = field(default_factory=list)  # files inside folders with photos that are not photos
 
 
-def expand_photo_args(paths: Iterable[str | Path]) -> PhotoArgs:
+def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) -> PhotoArgs:
     """Files as given, folders expanded to the photos inside; bad arguments, and entries inside a folder that had
     to be skipped, reported in ``problems``, never fatal. The files inside folders that are not photos are in
     ``not_photos`` and logged in one warning (:func:`not_photos_warning`); a folder none of whose files is a photo
-    is a problem naming them."""
+    is a problem naming them. ``progress``: a bar while many files without an extension are read
+    (:func:`sniff_files`)."""
     out = PhotoArgs()
     holding: list[str] = []  # the folders with files that are not photos beside their photos
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
-            scan = scan_photos(p)
+            scan = scan_photos(p, progress=progress)
             out.photos.extend(scan.photos)
             out.problems.extend((str(path), why) for path, why in scan.skipped)
             if scan.photos:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
-from index.store import MissingTableError, ReferenceStore, SpeciesSummary, storage_options
+from index.lease import is_s3
+from index.store import MissingTableError, ReferenceStore, SpeciesSummary, source_file, storage_options
 from retrieval.encoders import (
     Encoder,
     EncoderConfig,
@@ -46,9 +47,30 @@ def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
     config = (encoder or EncoderConfig()).resolved(info["encoder"])
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
     gallery = Gallery.open(index_dir, refresh_s=refresh_s)  # the gallery alone knows where its store is (S3 or here)
-    enc = create_encoder_from_config(config, photos=gallery.reference_sources)
+    enc = create_encoder_from_config(config, photos=lambda: GalleryPhotos(gallery))  # listed when an export needs it
     check_gallery_encoder(index_dir, gallery.info, enc.fingerprint)
     return gallery, enc
+
+
+class GalleryPhotos(Sequence[Path | bytes]):
+    """The photos of a gallery's searchable references, what an exported encoder is checked and int8-calibrated on:
+    a file by its path, and an upload kept in an S3 store (``<store>/_speciesid/uploads/``) by its bytes, read
+    through the gallery's store (:meth:`~index.gallery.Gallery.read_photo`) when that item is taken: only the few
+    sampled are read. An upload that cannot be read raises OSError (a StoreObjectError) as a file's read would."""
+
+    def __init__(self, gallery: Gallery) -> None:
+        self._gallery = gallery
+        self._sources = [str(t) for t in gallery.store.metadata(include_excluded=False)["source_path"]]
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, i: int | slice) -> Path | bytes | list[Path | bytes]:  # type: ignore[override]
+        """The photo at ``i``: a path, or an S3-kept upload's bytes."""
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        source = self._sources[i]
+        return self._gallery.read_photo(source) if is_s3(source) else source_file(source)
 
 
 def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -> EncoderConfig:

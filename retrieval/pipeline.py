@@ -408,7 +408,9 @@ class ReferencesInterrupted(KeyboardInterrupt):
     them by this call (all that it committed; fewer when another writer held the gallery too long for that last
     commit, which a warning said). ``saved`` is False when a second Ctrl-C cut that last commit short: then at
     least ``report.added`` were committed. ``after``: the Ctrl-C came once every photo was handled, during that
-    step (e.g. "finishing the index" of a build): all ``report.added`` were kept, and a re-run finishes it."""
+    step (e.g. "finishing the index" of a build): all ``report.added`` were kept, and a re-run finishes it.
+    ``notes``: what a caller would have shown beside the result about what was kept (e.g. a new species the
+    gallery's probe does not know: :func:`retrieval.workflows.add_photos` fills them in)."""
 
     def __init__(self, report: BuildReport, *, saved: bool = True, after: str | None = None) -> None:
         super().__init__(f"interrupted after {report.added} references were committed"
@@ -416,6 +418,7 @@ class ReferencesInterrupted(KeyboardInterrupt):
         self.report = report
         self.saved = saved
         self.after = after
+        self.notes: list[str] = []
 
 
 #: Seconds at most that the commit after a Ctrl-C waits for another writer of the gallery (its lock; on S3 the

@@ -47,7 +47,7 @@ from index.objects import (
     uploads_uri,
 )
 from index.objects import sweep_uploads as sweep_gallery_uploads
-from index.photos import PHOTO_FORMATS
+from index.photos import PHOTO_FORMATS, first_few
 from index.status import folder_status, store_status
 from index.store import SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references, species_key
@@ -506,11 +506,86 @@ class AddResult:
     excluded: list[int] = field(default_factory=list)  # of those ids, the ones a clean run excluded (not searchable)
     probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
     few_note: str = ""  # a species left with too few photos for 'probe train': says so, and what to do
+    near_copies: list[NearCopy] = field(default_factory=list)  # photos stored that nearly copy a reference held
 
     @property
     def notes(self) -> list[str]:
-        """The notes a caller shows beside the result (``probe_note``, ``few_note``), those that say something."""
-        return [note for note in (self.probe_note, self.few_note) if note]
+        """The notes a caller shows beside the result (``probe_note``, ``few_note``, then the near-copies: one note
+        each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say something."""
+        return [note for note in (self.probe_note, self.few_note) if note] + near_copy_notes(self.near_copies)
+
+
+#: Nearest references each stored photo is compared with to find one held before that it nearly copies (this call's
+#: own photos among them are passed over).
+NEAR_COPY_K = 8
+#: Near-copies named one note each; the rest are counted in one more note.
+NEAR_COPY_NOTES = 10
+
+
+@dataclass(frozen=True)
+class NearCopy:
+    """A photo ``references add`` stored that nearly copies a reference the gallery held before (cosine at or above
+    the ``speciesid clean`` leak rule, :data:`retrieval.findings.DEFAULT_DUP_THRESHOLD`): the same photo re-encoded,
+    re-cropped or resized, whose bytes differ."""
+
+    photo: str  # the photo's path, or the upload's name
+    id: int  # the reference it was stored as
+    of: int  # the reference held before that it nearly copies
+    species: str  # that reference's species
+    of_photo: str  # that reference's photo (its file name)
+    cosine: float
+    same_species: bool  # stored under the species of the reference it copies
+
+    def note(self) -> str:
+        """One line naming the photo, the reference it nearly copies and what to do."""
+        head = (f"{self.photo} (reference {self.id}) is a near-copy of reference {self.of} of {self.species} "
+                f"({self.of_photo}, cosine {self.cosine:.3f})")
+        if self.same_species:
+            return (head + ": it adds little to the vote (and 'probe train' counts near-copies once); if it was "
+                    f"added by mistake, delete it: speciesid references delete {self.id}")
+        return (head + ", another species: one of the two photos is likely mislabelled; delete that one: "
+                f"speciesid references delete {self.id} (or {self.of})")
+
+
+def near_copy_notes(found: Sequence[NearCopy]) -> list[str]:
+    """The notes for ``found``: one each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest."""
+    notes = [n.note() for n in found[:NEAR_COPY_NOTES]]
+    rest = found[NEAR_COPY_NOTES:]
+    if rest:
+        notes.append(f"{len(rest)} more photo{'s are' if len(rest) > 1 else ' is a'} near-cop"
+                     f"{'ies' if len(rest) > 1 else 'y'} of references held (references "
+                     f"{first_few([n.id for n in rest])})")
+    return notes
+
+
+def find_near_copies(gallery: Gallery, ids: Sequence[int], names: dict[int, str]) -> list[NearCopy]:
+    """The references ``ids`` just stored that nearly copy a reference held before them (not one of ``ids``): each
+    stored embedding's :data:`NEAR_COPY_K` nearest references searched once (the add's embeddings, read back from
+    the index). ``names``: the photo name to show per id (default: its stored source)."""
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD  # the clean leak rule
+
+    if not ids or len(gallery) <= len(ids):
+        return []
+    new = {int(i) for i in ids}
+    sims, found = gallery.nearest(gallery.reference_vectors(ids), min(len(ids) + 1, NEAR_COPY_K))
+    hits: list[tuple[int, int, float]] = []  # (new id, held id, cosine)
+    for rid, row_sims, row_ids in zip(ids, sims, found, strict=True):
+        held = next(((int(j), float(c)) for j, c in zip(row_ids, row_sims, strict=True) if j >= 0 and j not in new),
+                    None)
+        if held is not None and held[1] >= DEFAULT_DUP_THRESHOLD:
+            hits.append((int(rid), *held))
+    if not hits:
+        return []
+    meta = gallery.store.metadata(sorted({i for rid, of, _ in hits for i in (rid, of)}))
+    species, sources = meta["species"].to_dict(), meta["source_path"].to_dict()
+    out = []
+    for rid, of, cosine in hits:
+        if of not in species or rid not in species:  # deleted meanwhile
+            continue
+        out.append(NearCopy(photo=names.get(rid) or str(sources[rid]), id=rid, of=of, species=str(species[of]),
+                            of_photo=str(sources[of]).replace("\\", "/").rsplit("/", 1)[-1], cosine=cosine,
+                            same_species=species[of] == species[rid]))
+    return out
 
 
 def check_new_references(
@@ -577,9 +652,16 @@ def add_photos(
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
-    report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, embeddings=embeddings,
-                            read=_upload_reader(gallery, uploads))
-    stored = {str(p) for p in gallery.store.metadata(report.ids)["source_path"]} if report.ids else set()
+    try:
+        report = add_references(gallery, encoder, records, progress=progress, min_side=min_side,
+                                embeddings=embeddings, read=_upload_reader(gallery, uploads))
+    except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
+        exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
+        raise
+    stored_meta = gallery.store.metadata(report.ids) if report.ids else None
+    stored = {str(p) for p in stored_meta["source_path"]} if stored_meta is not None else set()
+    shown = {int(i): (names[src][0] if names.get(src) else src)  # the upload's name, else the stored path
+             for i, src in stored_meta["source_path"].map(str).items()} if stored_meta is not None else {}
     for path in written:  # an upload that was a duplicate of a reference stored elsewhere is not kept
         if source_text(path) not in stored:
             _drop_upload(gallery, path)
@@ -601,15 +683,37 @@ def add_photos(
             f"could not be checked for {', '.join(str(p).rsplit('/', 1)[-1] for p in lost)}, which another "
             "machine's delete may have removed meanwhile: if a thumbnail answers 404, send the same photos again "
             "(answered as duplicates, which puts them back)")
-    created = prior is None and bool(report.ids)
-    held = (prior.count if prior else 0) + len(report.ids)  # searchable references of the species now
+    probe_note, few_note = _species_notes(gallery, name, prior, len(report.ids))
+    try:
+        near = find_near_copies(gallery, report.ids, shown)
+    except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed (a reference deleted
+        logger.warning("the near-copy check of the photos added was skipped: %s", exc)  # meanwhile, the store)
+        near = []
+    return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
+                     report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
+                     few_note=few_note, near_copies=near)
+
+
+def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, added: int) -> tuple[str, str]:
+    """(probe note, few note) of :class:`AddResult` after ``added`` photos of ``name`` were stored (``prior``: the
+    species as the gallery held it before, None when new)."""
     from retrieval.calibrate import MIN_PROBE_PHOTOS  # sklearn: not on the query path
 
+    held = (prior.count if prior else 0) + added  # searchable references of the species now
     few = (f"{name} has {held} reference photo{'s' * (held != 1)}; 'speciesid probe train' needs {MIN_PROBE_PHOTOS} "
            "that are not near-copies of each other, and leaves it out until then (the kNN vote alone answers it): "
-           "add another photo of it" if report.ids and held < MIN_PROBE_PHOTOS else "")
-    return AddResult(species=name, created=created, existed=prior is not None, report=report, duplicates=duplicates,
-                     excluded=excluded, probe_note=probe_cannot_name(gallery) if created else "", few_note=few)
+           "add another photo of it" if added and held < MIN_PROBE_PHOTOS else "")
+    return (probe_cannot_name(gallery) if prior is None and added else ""), few
+
+
+def _interrupted_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: BuildReport) -> list[str]:
+    """The probe and few notes of an add cut short by Ctrl-C, for the ``report.added`` photos it kept; [] when they
+    cannot be told (the gallery unreadable now, or a second Ctrl-C: the user is waiting for the prompt)."""
+    try:
+        return [note for note in _species_notes(gallery, name, prior, report.added) if note]
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - a note must not hide the interrupt
+        logger.info("notes of the interrupted add not made: %s", exc)
+        return []
 
 
 def _upload_path(gallery: Gallery, name: str, data: bytes) -> Path | str:

@@ -9,9 +9,10 @@ import pytest
 from _cli_support import ENCODER, _photo, _run
 
 
-def _interrupt_on_batch(monkeypatch, n: int, *, module: str = "retrieval.workflows", again: bool = False) -> None:
-    """Encoders that ``module`` makes embed 2 photos a batch and raise KeyboardInterrupt at batch ``n``; ``again``:
-    a second Ctrl-C comes while the rows embedded before it are committed."""
+def _interrupt_on_batch(monkeypatch, n: int, *, module: str = "retrieval.workflows", again: bool = False,
+                        batch: int = 2) -> None:
+    """Encoders that ``module`` makes embed ``batch`` photos a batch and raise KeyboardInterrupt at batch ``n``;
+    ``again``: a second Ctrl-C comes while the rows embedded before it are committed."""
     import importlib
 
     from index.gallery import Gallery
@@ -21,7 +22,7 @@ def _interrupt_on_batch(monkeypatch, n: int, *, module: str = "retrieval.workflo
 
     def create(config, **kw):
         enc = real_create(config, **kw)
-        enc.batch_size = 2
+        enc.batch_size = batch
         real, calls = enc.encode_batch, []
 
         def encode_batch(batch):
@@ -86,6 +87,41 @@ def test_an_interrupted_references_add_keeps_what_was_embedded(tmp_path, capsys,
     assert code == 130 and f"interrupted: 2 references kept in {index}; run the same command again" in err, err
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", *new)
     assert code == 0 and "added 3, skipped 0 unreadable, 2 already in the gallery" in out, (out, err)
+
+
+def test_an_interrupted_references_add_of_a_new_species_prints_the_notes_of_what_it_kept(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Stop 48's note: the interrupt path did not print the notes add_photos gives on the normal path (the probe does
+    not know the new species; too few photos for 'probe train'). They are printed for the photos it kept."""
+    import retrieval.workflows
+
+    root = tmp_path / "photos"
+    for i in range(4):
+        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(3)]
+    told: list[int] = []  # the gallery's references when the probe note was asked for
+
+    def probe_note(gallery):
+        told.append(len(gallery))
+        return f"the probe of {gallery.root} does not know 1 species added since it was made (Vipera berus)"
+
+    monkeypatch.setattr(retrieval.workflows, "probe_cannot_name", probe_note)  # no probe trained here: its note
+    with monkeypatch.context() as m:
+        _interrupt_on_batch(m, 2, module="retrieval.galleries", batch=1)
+        code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Vipera berus", *new)
+    assert code == 130 and f"interrupted: 1 reference kept in {index}; run the same command again" in err, err
+    assert told == [5]  # asked once the kept photo was committed
+    assert out.splitlines() == [
+        f"note: the probe of {index} does not know 1 species added since it was made (Vipera berus)",
+        "note: Vipera berus has 1 reference photo; 'speciesid probe train' needs 2 that are not near-copies of each "
+        "other, and leaves it out until then (the kNN vote alone answers it): add another photo of it"], out
+    with monkeypatch.context() as m:  # nothing kept: nothing to note
+        _interrupt_on_batch(m, 1, module="retrieval.galleries", batch=1)
+        code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Vipera aspis", *new)
+    assert code == 130 and "interrupted: 0 references kept" in err and out == "", (out, err)
 
 
 def test_an_empty_gallery_refusing_another_encoder_says_to_delete_it(tmp_path, capsys, monkeypatch):

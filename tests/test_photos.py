@@ -222,3 +222,52 @@ def test_a_photos_backup_or_copy_with_a_tail_after_its_extension_is_not_a_photo(
     (warned,) = [r.getMessage() for r in caplog.records if r.name == "index.photos"]
     assert warned.startswith(f"skipped 4 files that are not photos under {folder}: IMG_1.JPG_original, x.jpeg.1, "
                              "x.jpg~, y.png.part. "), warned
+
+
+def test_files_without_an_extension_are_read_several_at_once_with_the_serial_result_in_order(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Stop 48's note: extensionless files were sniffed one by one before the bar (slow on a network mount with very
+    many of them). They are read by several threads at once (the reads here end out of order), with a bar when asked,
+    and the scan is the serial one, order included (photos, not photos, unreadable files)."""
+    import random
+    import threading
+    import time
+
+    import index.photos as photos_mod
+
+    root = tmp_path / "export"
+    kinds = ["JPEG", "PNG", None, "unreadable"]
+    for i in range(photos_mod.SNIFF_BAR_FILES + 20):
+        kind = kinds[i % 4]
+        path = root / f"sub{i % 3}" / f"IMG {i:04d}"
+        if kind is None:
+            _touch(path)
+        else:
+            _image(path, kind if kind != "unreadable" else "JPEG")
+    _image(root / "a.jpg")
+    (root / "notes.txt").write_text("n")
+    sniff = photos_mod._sniff_file
+    rng = random.Random(0)
+    threads: set[str] = set()
+
+    def slow_sniff(path: Path):
+        threads.add(threading.current_thread().name)
+        time.sleep(rng.random() / 500)  # reads end out of order
+        if int(path.name.split()[-1]) % 4 == 3:
+            raise PermissionError(13, "Permission denied", str(path))
+        return sniff(path)
+
+    monkeypatch.setattr(photos_mod, "_sniff_file", slow_sniff)
+    monkeypatch.setattr(photos_mod, "SNIFF_THREADS", 1)
+    serial = scan_photos(root, progress=True)
+    assert threads == {threading.current_thread().name} and capsys.readouterr().err == ""
+    monkeypatch.setattr(photos_mod, "SNIFF_THREADS", 8)
+    threads.clear()
+    parallel = scan_photos(root, progress=True)
+    assert len(threads) > 1 and threading.current_thread().name not in threads
+    assert "reading files without an extension" in capsys.readouterr().err  # the bar, over SNIFF_BAR_FILES files
+    assert parallel == serial
+    assert len(serial.photos) == 61 and len(serial.skipped) == 30 and len(serial.not_photos) == 31
+    assert [p.name for p, _ in parallel.skipped] == [p.name for p, _ in serial.skipped]  # the order met
+    assert parallel.skipped[0][1] == "cannot be read to tell whether it is a photo (Permission denied)"
+    assert scan_photos(root) == serial and capsys.readouterr().err == ""  # no bar unless asked

@@ -57,16 +57,16 @@ def parse_yes_no(value: str | None) -> bool | None:
     raise ValueError(f"--venomous takes yes or no, not {value!r}")
 
 
-def photo_args(paths: Sequence[str], *, report: bool = True
+def photo_args(paths: Sequence[str], *, report: bool = True, progress: bool = False
                ) -> tuple[list[Path], list[tuple[str, str]], list[tuple[str, str]]]:
     """Photos named on the command line (folders expanded, see index.photos); the (argument, reason) of each bad
     argument (missing, or a folder holding no photo); the (entry, reason) of each entry inside a folder argument that
     could not be read (a broken link, a sub-folder that cannot be listed, a file that cannot be read to tell whether
     it is a photo). Both are skipped, and reported on stderr unless ``report`` is False (the caller shows them in its
-    output). No photo at all is an error."""
+    output). No photo at all is an error. ``progress``: a bar while many files without an extension are read."""
     from index.photos import expand_photo_args
 
-    got = expand_photo_args(paths)
+    got = expand_photo_args(paths, progress=progress)
     if not got.photos:  # the error names every bad argument: said once, not also as "skipped"
         raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     for arg, reason in got.problems if report else ():

@@ -62,7 +62,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     """speciesid identify: the candidate species of each photo, or of one observation (exit status)."""
     from retrieval.workflows import identify
 
-    paths, bad_args, not_read = photo_args(args.images, report=False)
+    paths, bad_args, not_read = photo_args(args.images, report=False, progress=not args.quiet)
     ident = open_identifier(args)
     answers = identify(ident, paths, observation=args.observation, top=args.k, method=args.method,
                        rank=args.rank, country=args.country, progress=not args.quiet and len(paths) > 20)

@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s_ref = p_ref.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_ref.add_parser("add", help="add reference photos of a species (created if new); no retraining",
                          description="Add reference photos of a species (created if new); no retraining. Photos "
-                         "already stored are not stored again. Exit status 1 when a photo was unreadable or is "
-                         "already a reference of another species (the other photos are added).")
+                         "already stored are not stored again; a photo that nearly copies a reference held (the "
+                         "same photo re-encoded or re-cropped, cosine >= 0.95) is added, with a note naming that "
+                         "reference. Exit status 1 when a photo was unreadable or is already a reference of another "
+                         "species (the other photos are added).")
     p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje"')
@@ -58,7 +60,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from index.taxonomy import SpeciesNameConflictError
     from retrieval.workflows import ReferencesInterrupted, add_photos, open_gallery
 
-    paths, bad_args, not_read = photo_args(args.images)  # named on stderr now, counted in the summary below
+    # named on stderr now, counted in the summary below
+    paths, bad_args, not_read = photo_args(args.images, progress=not args.quiet)
     gallery, enc = open_gallery(args.index, encoder_config(args))
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
@@ -68,8 +71,11 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     except SpeciesNameConflictError as exc:  # worded for this command's options
         raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc
-    except ReferencesInterrupted as exc:  # what was embedded is committed
-        return interrupted_add(exc, args.index)
+    except ReferencesInterrupted as exc:  # what was embedded is committed: its notes said as the normal path says them
+        status = interrupted_add(exc, args.index)
+        for note in exc.notes:
+            emit(f"note: {note}")
+        return status
     report = result.report
     status = ("existing species" if result.existed else "new species" if result.created
               else "not created: no photo added")  # a new name none of whose photos was stored

@@ -224,18 +224,19 @@ class _Photos:
         from index.sources import read_source
         from retrieval.images import ImageLoadError, model_image
 
-        items = list(self.source() if callable(self.source) else (self.source or []))
+        # a sequence, not listed: a gallery's (retrieval.galleries.GalleryPhotos) reads an item when it is taken
+        items = self.source() if callable(self.source) else (self.source or [])
         arrays = []
         positions = np.unique(np.linspace(0, max(len(items) - 1, 0), min(len(items), CHECK_PHOTOS
                                                                           + CALIBRATION_PHOTOS)).astype(int))
-        for pos in positions if items else []:
-            item = items[pos]
+        for pos in positions if len(items) else []:
             try:
+                item = items[pos]  # may read it (an upload kept in an S3 store)
                 data = item if isinstance(item, bytes) else read_source(item)
                 image = model_image(data, self.reference.input_size)
                 arrays.append(self.reference.preprocess(image))
             except (OSError, ImageLoadError, ValueError) as exc:
-                logger.debug("check photo %s skipped: %s", item if not isinstance(item, bytes) else "#", exc)
+                logger.debug("check photo %d skipped: %s", pos, exc)
         if len(arrays) >= 8:
             x = np.stack(arrays)
             n_check = min(CHECK_PHOTOS, len(x) // 2 if len(x) < 2 * CHECK_PHOTOS else CHECK_PHOTOS)

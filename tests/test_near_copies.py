@@ -1,0 +1,105 @@
+"""``references add`` of a photo that nearly copies a reference the gallery holds (the same photo re-encoded,
+re-cropped: other bytes, cosine >= the ``speciesid clean`` leak rule) stores it and names that reference in a note;
+byte-identical photos stay "already in the gallery". Tiny random ``timm:test_vit@random`` encoder: the embeddings
+are given (``add_photos(embeddings=...)``) where a test needs photos that are not near-copies."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from _cli_support import ENCODER, _photo, _run, two_species_gallery
+from PIL import Image
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_a_near_copy_is_stored_with_a_note_naming_the_reference_it_copies(tmp_path, capsys):
+    """Stop 48's note: near-copies of held references got no word (byte copies say "already in the gallery")."""
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, root = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+    meta = gallery.store.metadata()
+    cobra = int(meta.index[meta["species"] == "Naja samarensis"][0])
+    held = gallery.reference_vectors([cobra])[0]
+    rng = np.random.default_rng(0)
+    away = _unit(rng.standard_normal((2, gallery.dim)))  # unlike every reference (cosine about 0)
+    near = _unit(held + 0.05 * away[0])  # cosine about 0.999 with the cobra's reference
+    assert float(near @ held) >= DEFAULT_DUP_THRESHOLD and float(np.max(gallery.store.vectors()[1] @ away[1])) < 0.5
+    files = [_photo(tmp_path / "new" / f"{i}.png", 200 + i) for i in range(3)]
+    # the third photo nearly copies the second (this call's own): not a reference held before, no note
+    emb = np.stack([near, away[1], _unit(away[1] + 0.01 * away[0])])
+    res = add_photos(gallery, enc, "Naja samarensis", files, embeddings=emb)
+    first = res.report.ids[0]
+    src = meta.loc[cobra, "source_path"].rsplit("/", 1)[-1]
+    assert [(n.photo, n.id, n.of, n.species, n.same_species) for n in res.near_copies] == [
+        (str(files[0]), first, cobra, "Naja samarensis", True)]
+    assert res.notes == [f"{files[0]} (reference {first}) is a near-copy of reference {cobra} of Naja samarensis "
+                         f"({src}, cosine {res.near_copies[0].cosine:.3f}): it adds little to the vote (and 'probe "
+                         "train' counts near-copies once); if it was added by mistake, delete it: speciesid "
+                         f"references delete {first}"]
+    # under another species: one of the two is likely mislabelled (the nearest held is the one stored just now)
+    other = add_photos(gallery, enc, "Natrix maura", [_photo(tmp_path / "new" / "x.png", 300)],
+                       embeddings=_unit(held + 0.05 * away[:1] + 0.001 * away[1:]))
+    (note,) = other.notes
+    assert note.startswith(f"{tmp_path / 'new' / 'x.png'} (reference {other.report.ids[0]}) is a near-copy of "
+                           f"reference {first} of Naja samarensis (0.png, cosine "), note
+    assert note.endswith(", another species: one of the two photos is likely mislabelled; delete that one: speciesid "
+                         f"references delete {other.report.ids[0]} (or {first})"), note
+
+
+def test_references_add_prints_the_near_copy_note_and_exits_0(tmp_path, capsys):
+    """The same pixels under other bytes (re-saved): the same embedding, a note naming the reference; exit status 0
+    (a note, not a refusal); the byte copy beside it stays "already in the gallery"."""
+    index, root = two_species_gallery(tmp_path, capsys)
+    src = root / "Natrix maura" / "0.png"
+    resaved = tmp_path / "resaved.png"
+    Image.open(src).save(resaved, compress_level=1)  # other bytes, the same photo
+    assert resaved.read_bytes() != src.read_bytes()
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", resaved, src,
+                          "-q", *ENCODER[2:])
+    assert code == 0, (out, err)
+    assert "added 1, skipped 0 unreadable, 1 already in the gallery" in out, out
+    held = int(re.search(r"0\.png \(same bytes as reference (\d+)\)", out).group(1))
+    (added,) = re.findall(r"^ids: (\d+)$", out, re.M)
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {resaved} (reference {added}) is a near-copy of reference {held} of Natrix maura (0.png, "
+                     "cosine 1.000): it adds little to the vote (and 'probe train' counts near-copies once); if it was "
+                     f"added by mistake, delete it: speciesid references delete {added}"], out
+
+
+def test_many_near_copies_are_named_ten_then_counted():
+    from retrieval.workflows import NEAR_COPY_NOTES, NearCopy, near_copy_notes
+
+    found = [NearCopy(photo=f"p{i}.jpg", id=100 + i, of=i, species="Naja haje", of_photo=f"r{i}.jpg", cosine=0.99,
+                      same_species=True) for i in range(NEAR_COPY_NOTES + 3)]
+    notes = near_copy_notes(found)
+    assert len(notes) == NEAR_COPY_NOTES + 1 and notes[0].startswith("p0.jpg (reference 100) is a near-copy of ")
+    assert notes[-1] == "3 more photos are near-copies of references held (references 110, 111, 112)"
+    assert near_copy_notes(found[:NEAR_COPY_NOTES + 1])[-1] == ("1 more photo is a near-copy of references held "
+                                                               "(references 110)")
+
+
+def test_a_near_copy_check_that_fails_leaves_the_add_done_and_says_so(tmp_path, capsys, monkeypatch, caplog):
+    """The photos are committed before the check: its failure (a reference deleted meanwhile, the store) is a
+    warning, not an error of an add that was done."""
+    import logging
+
+    import retrieval.workflows
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+
+    def broken(*args, **kw):
+        raise OSError("the store did not answer")
+
+    monkeypatch.setattr(retrieval.workflows, "find_near_copies", broken)
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        res = add_photos(gallery, enc, "Natrix maura", [_photo(tmp_path / "n.png", 400)])
+    assert len(res.report.ids) == 1 and res.near_copies == [] and len(gallery) == 7
+    assert "the near-copy check of the photos added was skipped: the store did not answer" in caplog.text
