@@ -1,8 +1,9 @@
-"""``speciesid index build|info`` and ``speciesid species list``."""
+"""``speciesid index build|info|compact`` and ``speciesid species list``."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 
@@ -73,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "journals; on S3 the write lease's holder and the shared id mark)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
+    register_compact(s_index)
 
     p_sp = sub.add_parser("species", help="species in a gallery")
     s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
@@ -164,3 +166,66 @@ def cmd_species_list(args: argparse.Namespace) -> int:
             emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  venomous: {fmt_bool(s['venomous'])}")
         emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
     return 0
+
+
+def register_compact(s_index: argparse._SubParsersAction) -> None:
+    """Add ``index compact`` (its --help ends with the writers' wait note: api.cli.WRITERS)."""
+    p = s_index.add_parser(
+        "compact", help="merge the small fragments of a gallery's store (each write makes one; reads slow down "
+        "as they pile up) and delete its old versions; prints the store before and after",
+        description="Merge the small fragments of the gallery's store (fewer than 8192 rows; bigger ones are never "
+        "rewritten) and delete the store's versions older than --prune-older-than. A write does the merge itself "
+        "when SPECIESID_COMPACT_FRAGMENTS small fragments pile up (default 32; 'index info' shows them).")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--prune-older-than", type=duration, default=DEFAULT_PRUNE, metavar="DURATION",
+                   help="delete the store's versions older than this (and the files only they use): 30s, 10m, 1h, "
+                   "7d, or 0 for every version but the latest (default 7d, as a write's own compaction). A server "
+                   "or a copy of the folder elsewhere still reading a pruned version fails its next read of it: "
+                   "prune closer than a few minutes only with every other reader and writer stopped")
+    p.set_defaults(func=cmd_index_compact)
+
+
+#: ``index compact``'s default --prune-older-than (the automatic compaction's age: index.gallery.AUTO_PRUNE_AGE).
+DEFAULT_PRUNE = "7d"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> dt.timedelta:
+    """An argparse ``type``: ``N`` followed by s, m, h or d (``0`` alone: no time), as a timedelta."""
+    raw = text.strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _UNITS else (raw, "")
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value < float("inf")) or (not unit and value != 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give a number and a unit (30s, 10m, 1h, 7d), "
+                                         "or 0")
+    return dt.timedelta(seconds=value * _UNITS.get(unit, 1))
+
+
+def cmd_index_compact(args: argparse.Namespace) -> int:
+    """speciesid index compact: merge the store's small fragments, prune old versions, say what changed (exit
+    status)."""
+    from retrieval.workflows import compact_gallery
+
+    result = compact_gallery(args.index, prune_older_than=args.prune_older_than)
+    before, after, report = result.before, result.after, result.report
+    emit(f"gallery {result.gallery.root}: store {result.gallery.store_uri}\n"
+         f"  fragments: {before.fragments} -> {after.fragments} (small: {before.small} -> {after.small}; "
+         f"{report.fragments_rewritten} merged)\n"
+         f"  versions: {before.versions} -> {after.versions} ({report.versions_removed} older than "
+         f"{_age(args.prune_older_than)} pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
+         f"  store version: {report.version_before} -> {report.version_after}")
+    return 0
+
+
+def _age(age: dt.timedelta) -> str:
+    """A --prune-older-than as given back (7d, 1h, 0)."""
+    seconds = age.total_seconds()
+    if not seconds:
+        return "0 s"
+    for unit in ("d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
