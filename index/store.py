@@ -589,10 +589,14 @@ class ReferenceStore:
         return int(self._table.stats()["fragment_stats"]["num_small_fragments"])
 
     def fragment_stats(self, *, versions: bool = False) -> FragmentStats:
-        """Fragments of the table (read from its manifest: no data), and with ``versions`` the versions kept (that
-        reads every version's manifest: for an operator's command, not for every write)."""
+        """Fragments of the table (read from its manifest: no data), and with ``versions`` the versions kept, in a
+        local store (its ``_versions`` folder listed; on an object store None: LanceDB's listing reads every
+        version's manifest, one request each)."""
         rows = [f.metadata.physical_rows for f in self._dataset().get_fragments()]
-        kept = len(self._table.list_versions()) if versions else None
+        kept = None
+        if versions and not is_uri(self.root):
+            folder = Path(self.uri) / "_versions"
+            kept = sum(1 for p in folder.iterdir() if p.name.endswith(".manifest")) if folder.is_dir() else 0
         return FragmentStats(fragments=len(rows), small=sum(r < SMALL_FRAGMENT_ROWS for r in rows),
                              rows=int(sum(rows)), versions=kept)
 

@@ -749,7 +749,7 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
 
 def _fragments_info(g: Gallery) -> dict[str, object]:
     """The store's fragments for ``index info``: how many, how many small (``speciesid index compact`` merges them;
-    a write does when ``compact_at`` are), and the versions kept."""
+    a write does when ``compact_at`` are), and the versions kept (None on an object store: not counted)."""
     stats = g.store.fragment_stats(versions=True)
     return {"fragments": stats.fragments, "small": stats.small, "versions": stats.versions,
             "compact_at": g.compact_fragments}

@@ -214,10 +214,15 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
     emit(f"gallery {result.gallery.root}: store {result.gallery.store_uri}\n"
          f"  fragments: {before.fragments} -> {after.fragments} (small: {before.small} -> {after.small}; "
          f"{report.fragments_rewritten} merged)\n"
-         f"  versions: {before.versions} -> {after.versions} ({report.versions_removed} older than "
+         f"  versions: {_kept(before.versions, after.versions)}{report.versions_removed} older than "
          f"{_age(args.prune_older_than)} pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
          f"  store version: {report.version_before} -> {report.version_after}")
     return 0
+
+
+def _kept(before: int | None, after: int | None) -> str:
+    """'N -> M (' of the versions kept, or '(not counted on an object store; ' where they were not counted."""
+    return "(not counted on an object store; " if before is None or after is None else f"{before} -> {after} ("
 
 
 def _age(age: dt.timedelta) -> str:
