@@ -888,16 +888,21 @@ class Gallery:
     def _compact_after_write(self) -> None:
         """After a store write, inside its hold: compact the store when it holds :attr:`compact_fragments` small
         fragments more than the last compaction left (0: never), pruning versions older than
-        :data:`AUTO_PRUNE_AGE`. Best effort: the write is committed, and a failure is logged, never raised. The
-        caller saves the index after it (so that the saved manifest names the compacted version)."""
+        :data:`AUTO_PRUNE_AGE`. Best effort: the write is committed, and a failure is logged, never raised (and tried
+        again once :attr:`compact_fragments` more have piled up). The caller saves the index after it (so that the
+        saved manifest names the compacted version)."""
         wanted = self.compact_fragments
         if wanted <= 0:
             return
+        small = None
         try:
-            bound = self.store.small_fragments_at_most()  # no store round trip
+            bound = self.store.small_fragments_at_most()  # no manifest read
             self._compact_floor = min(self._compact_floor, bound)  # compacted elsewhere meanwhile
             due = self._compact_floor + wanted
-            if bound < due or self.store.fragment_stats().small < due:
+            if bound < due:
+                return
+            small = self.store.fragment_stats().small
+            if small < due:
                 return
             synced = self._synced_version == self.store.version
             self._writer.check()  # on S3: the store's lease is still ours (a compaction is a store write)
@@ -911,6 +916,8 @@ class Gallery:
                         report.fragments_after, report.small_after, report.versions_removed,
                         report.bytes_removed / 1e6)
         except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
+            if small is not None:  # tried again once as many more have piled up, not at every write
+                self._compact_floor = small
             logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
                            "Reads slow down as small fragments pile up: run 'speciesid index compact --index %s' "
                            "(or set %s=0 to stop trying)", self.root, first_line(exc, 300), self.root, COMPACT_ENV)

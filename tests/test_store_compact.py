@@ -166,7 +166,10 @@ def test_a_failing_compaction_never_fails_the_write(tmp_path, monkeypatch, caplo
     g = _gallery(tmp_path, threshold=3)
     _add_one_by_one(g, 0, 2, rng)
 
+    tries = []
+
     def broken(self, **kw):
+        tries.append(1)
         raise RuntimeError("LanceError(IO): disk on fire")
 
     monkeypatch.setattr(ReferenceStore, "compact", broken)
@@ -177,7 +180,12 @@ def test_a_failing_compaction_never_fails_the_write(tmp_path, monkeypatch, caplo
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "compacting its store after a write failed (LanceError(IO): disk on fire)" in said
     assert "the write itself is stored" in said and "speciesid index compact --index" in said
-    assert g.store.fragment_stats().small == 3  # nothing merged
+    assert g.store.fragment_stats().small == 3 and len(tries) == 1  # nothing merged
+    _add_one_by_one(g, 3, 2, rng)
+    assert len(tries) == 1  # not tried again at every write: once 3 more have piled up
+    monkeypatch.undo()
+    _add_one_by_one(g, 5, 1, rng)
+    assert g.store.fragment_stats().small == 1 and len(g.store.ids()) == 6
 
 
 def test_cli_compact_prints_before_and_after_and_prunes(tmp_path, capsys):
