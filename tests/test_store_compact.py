@@ -216,3 +216,15 @@ def test_cli_compact_refuses_a_duration_it_cannot_read(tmp_path, capsys):
         main(["index", "compact", "--index", str(tmp_path), "--prune-older-than", "7 weeks"])
     assert exc.value.code == 2
     assert "'7 weeks' is not a duration: give a number and a unit (30s, 10m, 1h, 7d), or 0" in capsys.readouterr().err
+
+
+def test_the_servers_setting_reads_the_same_variable_and_refuses_a_bad_value(monkeypatch):
+    from api.settings import Settings, SettingsError
+
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "0")
+    assert Settings.load().compact_fragments == 0
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "-3")
+    with pytest.raises(SettingsError, match="SPECIESID_COMPACT_FRAGMENTS=-3 is not a whole number"):
+        Settings.load()
+    monkeypatch.delenv("SPECIESID_COMPACT_FRAGMENTS")
+    assert Settings.load().compact_fragments == 32
