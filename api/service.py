@@ -111,6 +111,7 @@ class SpeciesService:
         self.gallery = self.identifier.gallery
         self.gallery.write_wait_s = settings.write_wait_s  # a busy gallery: a prompt 503, not the CLI's 600 s wait
         self.gallery.set_lease_ttl(settings.lease_ttl_s)  # a store on S3: SPECIESID_LEASE_TTL_S, .env included
+        self.gallery.compact_fragments = settings.compact_fragments  # SPECIESID_COMPACT_FRAGMENTS, .env included
         self.gallery.stale_reads = True  # the store unreachable: identify answers from the references loaded
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
         self.identifier.far_threshold()  # nor the first answer on estimating it

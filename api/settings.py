@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index.compaction import COMPACT_FRAGMENTS, parse_compact_fragments
 from index.lease import LEASE_TTL_S, parse_lease_ttl
 from index.locks import parse_wait
 
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(LEASE_TTL_S, description="a store on S3: how long this server's write lease "
                                "lasts unrenewed before another machine may take it over (a server killed or cut off), "
                                "in seconds; the CLI reads the same variable")
+    # Each add, delete or exclusion is one store commit and leaves one small fragment, which every later read opens:
+    # a write merges them once this many pile up (index.compaction.COMPACT_FRAGMENTS; docs/scale.md, "Store growth").
+    compact_fragments: int = Field(COMPACT_FRAGMENTS, description="small store fragments at which a write merges "
+                                   "them (and prunes store versions older than 7 days); 0: never (then run "
+                                   "'speciesid index compact'); the CLI reads the same variable")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
     runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "
@@ -97,6 +103,13 @@ class Settings(BaseSettings):
         accept, or refused at start naming the variable."""
         parse = parse_wait if info.field_name == "write_wait_s" else parse_lease_ttl
         return parse(value)  # type: ignore[arg-type]
+
+    @field_validator("compact_fragments", mode="before")
+    @classmethod
+    def _fragments(cls, value: object) -> int:
+        """SPECIESID_COMPACT_FRAGMENTS through the command line's parser (``index.compaction.parse_compact_fragments``):
+        a whole number, 0 or more, or refused at start naming the variable."""
+        return parse_compact_fragments(value)  # type: ignore[arg-type]
 
     @field_validator("runtime", "precision")
     @classmethod

@@ -15,6 +15,7 @@ lease (:mod:`index.lease`), and the id high-water mark is shared in the store be
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
+from index.compaction import AUTO_PRUNE_AGE, COMPACT_ENV, compact_fragments_default
 from index.errors import first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
@@ -38,6 +40,7 @@ from index.objects import StoreObjects
 from index.records import ReferenceRecord
 from index.sources import read_source
 from index.store import (
+    CompactReport,
     HalfCreatedStoreError,
     MissingTableError,
     ReferenceStore,
@@ -175,6 +178,9 @@ class Gallery:
         # seconds a write of this object waits for other writers (the lock's, and on S3 the store's lease) before its
         # TimeoutError; None: the lock's own (600 s). A server sets a shorter one: its clients wait on the answer.
         self.write_wait_s: float | None = None
+        # small store fragments at which a write compacts them (COMPACT_FRAGMENTS; 0: never); a server sets its own
+        self.compact_fragments = compact_fragments_default()
+        self._compact_floor = 0  # small fragments the last compaction left (ones it could not merge)
         # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
@@ -741,6 +747,7 @@ class Gallery:
             if repeats:
                 self.store.delete(list(repeats))
                 logger.info("%d photo(s) stored meanwhile by another process were not stored again", len(repeats))
+            self._compact_after_write()
             return repeats
 
     def _reserve_ids(self, n: int) -> list[int]:
@@ -829,6 +836,7 @@ class Gallery:
                 self._synced_version = self.store.version
             else:
                 self._sync_index()
+            self._compact_after_write()
             if save_index:
                 self._index.save(self.layout.vectors, self._manifest())
             return ids, dropped
@@ -841,6 +849,7 @@ class Gallery:
             found = self.store.delete(ids)
             if found:
                 self._sync_index()
+                self._compact_after_write()
                 self._index.save(self.layout.vectors, self._manifest())
             return found
 
@@ -856,8 +865,62 @@ class Gallery:
             found = self.store.set_excluded(ids, excluded)
             if found:
                 self._sync_index()
+                self._compact_after_write()
                 self._index.save(self.layout.vectors, self._manifest())
             return found
+
+    def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
+        """Merge the store's small fragments (:meth:`index.store.ReferenceStore.compact`; bigger ones are never
+        rewritten) and, with ``prune_older_than``, delete its versions older than that. A store write: under the
+        write lock (on S3 the store's lease, checked before the commit). Ids and rows are unchanged, so the vector
+        index stays as it is (it then reflects the new version) and other processes' syncs find nothing to do."""
+        with self._write():
+            self.store.refresh()
+            synced = self._synced_version == self.store.version
+            self._writer.check()  # on S3: the store's lease is still ours
+            report = self.store.compact(prune_older_than=prune_older_than)
+            self._compact_floor = report.small_after
+            if synced and report.version_after != report.version_before:
+                self._synced_version = report.version_after
+                self._index.save(self.layout.vectors, self._manifest())
+            return report
+
+    def _compact_after_write(self) -> None:
+        """After a store write, inside its hold: compact the store when it holds :attr:`compact_fragments` small
+        fragments more than the last compaction left (0: never), pruning versions older than
+        :data:`AUTO_PRUNE_AGE`. Best effort: the write is committed, and a failure is logged, never raised (and tried
+        again once :attr:`compact_fragments` more have piled up). The caller saves the index after it (so that the
+        saved manifest names the compacted version)."""
+        wanted = self.compact_fragments
+        if wanted <= 0:
+            return
+        small = None
+        try:
+            bound = self.store.small_fragments_at_most()  # no manifest read
+            self._compact_floor = min(self._compact_floor, bound)  # compacted elsewhere meanwhile
+            due = self._compact_floor + wanted
+            if bound < due:
+                return
+            small = self.store.fragment_stats().small
+            if small < due:
+                return
+            synced = self._synced_version == self.store.version
+            self._writer.check()  # on S3: the store's lease is still ours (a compaction is a store write)
+            t0 = time.perf_counter()
+            report = self.store.compact(prune_older_than=AUTO_PRUNE_AGE)
+            self._compact_floor = report.small_after
+            if synced:  # ids are unchanged: the index reflects the new version as it did the old one
+                self._synced_version = self.store.version
+            logger.info("gallery %s: store compacted in %.2f s: %d fragments -> %d (%d small left), %d old "
+                        "version(s) pruned (%.1f MB)", self.root, time.perf_counter() - t0, report.fragments_before,
+                        report.fragments_after, report.small_after, report.versions_removed,
+                        report.bytes_removed / 1e6)
+        except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
+            if small is not None:  # tried again once as many more have piled up, not at every write
+                self._compact_floor = small
+            logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
+                           "Reads slow down as small fragments pile up: run 'speciesid index compact --index %s' "
+                           "(or set %s=0 to stop trying)", self.root, first_line(exc, 300), self.root, COMPACT_ENV)
 
     @contextlib.contextmanager
     def _write(self, *, local: bool = False) -> Iterator[None]:

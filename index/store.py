@@ -212,6 +212,43 @@ def rows_table(
     return pa.table(cols, schema=_schema(dim))
 
 
+#: A fragment (one Lance data file, at least one per commit) with fewer rows than this is small: each API upload
+#: and each ``index add`` chunk (1,024 rows) makes one, and every read of the table opens every fragment, so reads
+#: slow down with their number. :meth:`ReferenceStore.compact` merges them into fragments of this many rows and
+#: never rewrites a bigger one: a compaction rewrites at most this many rows plus the new ones (its cost, in an
+#: add's latency: docs/shared-gallery.md, "Store growth"), and a million single-row adds leave ~122 fragments.
+SMALL_FRAGMENT_ROWS = 8_192
+#: LanceDB's own "small fragment" (its table statistics): fewer rows than this. It must be at least
+#: :data:`SMALL_FRAGMENT_ROWS` (its count bounds ours: :meth:`ReferenceStore.small_fragments_at_most`).
+LANCEDB_SMALL_ROWS = 100_000
+assert SMALL_FRAGMENT_ROWS <= LANCEDB_SMALL_ROWS
+
+
+@dataclass
+class FragmentStats:
+    """The table's fragments, as its manifest lists them."""
+
+    fragments: int  # data fragments of the latest version
+    small: int  # of them, those under SMALL_FRAGMENT_ROWS rows (what a compaction merges)
+    rows: int  # rows they hold (deleted ones not yet compacted away included)
+    versions: int | None  # versions kept (None: not counted)
+
+
+@dataclass
+class CompactReport:
+    """What :meth:`ReferenceStore.compact` did."""
+
+    fragments_before: int  # fragments before it
+    fragments_after: int  # after it
+    small_before: int  # small fragments before it
+    small_after: int  # after it
+    fragments_rewritten: int  # fragments merged into others (0: no commit was made)
+    versions_removed: int  # old versions pruned
+    bytes_removed: int  # bytes of the files deleted with them
+    version_before: int  # the table's version before
+    version_after: int  # and after (more by one when fragments were merged)
+
+
 class MissingTableError(ValueError):
     """The store holds no table yet (``ReferenceStore(create=False)``): :meth:`Gallery.open` makes it under the
     gallery's write lock."""
@@ -540,6 +577,67 @@ class ReferenceStore:
         ]
         self._species_cache = (version, out)
         return list(out)
+
+    def _dataset(self):  # noqa: ANN202 - lance.LanceDataset (lance imported by LanceDB on demand)
+        """The Lance dataset of the table at the version this store reads (one manifest read, no data)."""
+        return self._table.to_lance()
+
+    def small_fragments_at_most(self) -> int:
+        """An upper bound of the small fragments (:data:`SMALL_FRAGMENT_ROWS`): LanceDB's own count of fragments under
+        :data:`LANCEDB_SMALL_ROWS` rows, from the version of the table already open (no manifest read). A write checks
+        it before it counts them exactly (:meth:`fragment_stats`)."""
+        return int(self._table.stats()["fragment_stats"]["num_small_fragments"])
+
+    def fragment_stats(self, *, versions: bool = False) -> FragmentStats:
+        """Fragments of the table (read from its manifest: no data), and with ``versions`` the versions kept, in a
+        local store (its ``_versions`` folder listed; on an object store None: LanceDB's listing reads every
+        version's manifest, one request each)."""
+        rows = [f.metadata.physical_rows for f in self._dataset().get_fragments()]
+        kept = None
+        if versions and not is_uri(self.root):
+            folder = Path(self.uri) / "_versions"
+            kept = sum(1 for p in folder.iterdir() if p.name.endswith(".manifest")) if folder.is_dir() else 0
+        return FragmentStats(fragments=len(rows), small=sum(r < SMALL_FRAGMENT_ROWS for r in rows),
+                             rows=int(sum(rows)), versions=kept)
+
+    def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
+        """Merge the small fragments (under :data:`SMALL_FRAGMENT_ROWS` rows) into fragments of that many rows,
+        leaving every bigger one as it is; then, with ``prune_older_than``, delete the versions older than that
+        (and the files only they use). One commit (none when fewer than two fragments are small); rows, ids and the
+        scalar indexes are unchanged (Lance remaps the indexes of the rows it moves).
+
+        Lance merges adjacent candidate fragments, a candidate being one with fewer rows than its target (1M by
+        default): a bulk fragment of, say, 386,000 rows followed by small ones would be rewritten whole at every
+        compaction. Here every fragment of :data:`SMALL_FRAGMENT_ROWS` rows or more is excluded from the plan (and
+        is a boundary it never merges across), and the target is that many rows.
+
+        Call it under the gallery's write hold (on S3 the store's lease): it is a store write. A pruned version can
+        no longer be read (:meth:`at_version` raises ValueError): a reader elsewhere still at it fails its next
+        read of data only that version used, so prune versions older than such readers can be.
+        """
+        self.refresh()
+        dataset = self._dataset()
+        frags = dataset.get_fragments()
+        big = [f.fragment_id for f in frags if f.metadata.physical_rows >= SMALL_FRAGMENT_ROWS]
+        before = FragmentStats(fragments=len(frags), small=len(frags) - len(big),
+                               rows=int(sum(f.metadata.physical_rows for f in frags)), versions=None)
+        version = self.version
+        rewritten = 0
+        if before.small >= 2:
+            metrics = dataset.optimize.compact_files(target_rows_per_fragment=SMALL_FRAGMENT_ROWS,
+                                                     excluded_fragment_ids=big)
+            rewritten = int(metrics.fragments_removed)
+            self.refresh()
+        versions_removed = bytes_removed = 0
+        if prune_older_than is not None:
+            cleaned = self._dataset().cleanup_old_versions(older_than=prune_older_than,
+                                                           error_if_tagged_old_versions=False)
+            versions_removed, bytes_removed = int(cleaned.old_versions), int(cleaned.bytes_removed)
+        after = self.fragment_stats() if rewritten else before
+        return CompactReport(fragments_before=before.fragments, fragments_after=after.fragments,
+                             small_before=before.small, small_after=after.small, fragments_rewritten=rewritten,
+                             versions_removed=versions_removed, bytes_removed=bytes_removed,
+                             version_before=version, version_after=self.version)
 
     def optimize(self) -> None:
         """Compact small fragments after a large build (best effort)."""

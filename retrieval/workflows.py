@@ -17,6 +17,7 @@ functions are offered here with the rest.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import itertools
 import logging
@@ -49,7 +50,7 @@ from index.objects import (
 from index.objects import sweep_uploads as sweep_gallery_uploads
 from index.photos import PHOTO_FORMATS, first_few
 from index.status import folder_status, store_status
-from index.store import SpeciesSummary, source_file, source_text
+from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import lookup_taxon, new_species_references, species_key
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
@@ -882,8 +883,35 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
         return folder_status(gallery, exc)  # type: ignore[arg-type] - a Gallery is open already: never here
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
-            "index_kind": g.index.kind, "store_version": g.store.version, "store": store_status(g),
-            "probe": _probe_info(g)}
+            "index_kind": g.index.kind, "store_version": g.store.version,
+            "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g)}
+
+
+def _fragments_info(g: Gallery) -> dict[str, object]:
+    """The store's fragments for ``index info``: how many, how many small (``speciesid index compact`` merges them;
+    a write does when ``compact_at`` are), and the versions kept (None on an object store: not counted)."""
+    stats = g.store.fragment_stats(versions=True)
+    return {"fragments": stats.fragments, "small": stats.small, "versions": stats.versions,
+            "compact_at": g.compact_fragments}
+
+
+@dataclass
+class CompactResult:
+    """What :func:`compact_gallery` did: the store before and after, and the compaction's report."""
+
+    gallery: Gallery
+    before: FragmentStats  # fragments and versions kept before
+    after: FragmentStats  # and after
+    report: CompactReport
+
+
+def compact_gallery(index: str | Path, *, prune_older_than: dt.timedelta | None = None) -> CompactResult:
+    """Merge the small fragments of a gallery's store and prune its versions older than ``prune_older_than``
+    (:meth:`index.gallery.Gallery.compact`, under the write lock; on S3 the store's lease)."""
+    gallery = Gallery.open(index)
+    before = gallery.store.fragment_stats(versions=True)
+    report = gallery.compact(prune_older_than=prune_older_than)
+    return CompactResult(gallery, before, gallery.store.fragment_stats(versions=True), report)
 
 
 def _probe_info(g: Gallery) -> dict[str, object]:

@@ -1,8 +1,9 @@
-"""``speciesid index build|info|sweep-uploads`` and ``speciesid species list``."""
+"""``speciesid index build|info|compact|sweep-uploads`` and ``speciesid species list``."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 
@@ -74,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
     register_sweep_uploads(s_index)
+    register_compact(s_index)
 
     p_sp = sub.add_parser("species", help="species in a gallery")
     s_sp = p_sp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
@@ -149,7 +151,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
-#: --older-than's units (seconds each).
+#: The units of --older-than and --prune-older-than (seconds each).
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -205,8 +207,10 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
 
 
 def _age_text(seconds: float) -> str:
-    """An age in the largest unit that gives a whole number (--older-than's own units)."""
-    for unit, size in sorted(_UNITS.items(), key=lambda u: -u[1]):
+    """An age in the largest unit up to days that gives a whole number (7d, 1h; 0 s for none)."""
+    if not seconds:
+        return "0 s"
+    for unit, size in sorted(((u, n) for u, n in _UNITS.items() if u != "w"), key=lambda u: -u[1]):  # 7d
         if seconds and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
@@ -228,3 +232,46 @@ def cmd_species_list(args: argparse.Namespace) -> int:
             emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  venomous: {fmt_bool(s['venomous'])}")
         emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
     return 0
+
+
+def register_compact(s_index: argparse._SubParsersAction) -> None:
+    """Add ``index compact`` (its --help ends with the writers' wait note: api.cli.WRITERS)."""
+    p = s_index.add_parser(
+        "compact", help="merge the small fragments of a gallery's store (each write makes one; reads slow down "
+        "as they pile up) and delete its old versions; prints the store before and after",
+        description="Merge the small fragments of the gallery's store (fewer than 8192 rows; bigger ones are never "
+        "rewritten) and delete the store's versions older than --prune-older-than. A write does the merge itself "
+        "when SPECIESID_COMPACT_FRAGMENTS small fragments pile up (default 32; 'index info' shows them).")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument("--prune-older-than", type=_age, default=DEFAULT_PRUNE_S, metavar="AGE",
+                   help="delete the store's versions older than this (and the files only they use): 30s, 10m, 1h, "
+                   "7d, or 0 for every version but the latest (default 7d, as a write's own compaction). A server "
+                   "or a copy of the folder elsewhere still reading a pruned version fails its next read of it: "
+                   "prune closer than a few minutes only with every other reader and writer stopped")
+    p.set_defaults(func=cmd_index_compact)
+
+
+#: ``index compact``'s default --prune-older-than, seconds (the automatic compaction's age:
+#: index.gallery.AUTO_PRUNE_AGE).
+DEFAULT_PRUNE_S = 7 * 86400.0
+
+
+def cmd_index_compact(args: argparse.Namespace) -> int:
+    """speciesid index compact: merge the store's small fragments, prune old versions, say what changed (exit
+    status)."""
+    from retrieval.workflows import compact_gallery
+
+    result = compact_gallery(args.index, prune_older_than=dt.timedelta(seconds=args.prune_older_than))
+    before, after, report = result.before, result.after, result.report
+    emit(f"gallery {result.gallery.root}: store {result.gallery.store_uri}\n"
+         f"  fragments: {before.fragments} -> {after.fragments} (small: {before.small} -> {after.small}; "
+         f"{report.fragments_rewritten} merged)\n"
+         f"  versions: {_kept(before.versions, after.versions)}{report.versions_removed} older than "
+         f"{_age_text(args.prune_older_than)} pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
+         f"  store version: {report.version_before} -> {report.version_after}")
+    return 0
+
+
+def _kept(before: int | None, after: int | None) -> str:
+    """'N -> M (' of the versions kept, or '(not counted on an object store; ' where they were not counted."""
+    return "(not counted on an object store; " if before is None or after is None else f"{before} -> {after} ("

@@ -1,0 +1,180 @@
+"""Store growth under single-row writes: ``Gallery.add`` of one photo at a time (the API's path: one upload, one
+commit, one small LanceDB fragment), with the automatic compaction off (every release before it: fragments pile up)
+and on (``SPECIESID_COMPACT_FRAGMENTS``, default 32), side by side in one run.
+
+Each side runs in its own process (peak memory is its own): a gallery built from ``--bulk`` rows (one add, then
+``finish_build``: compacted, id and sha256 indexed, as ``speciesid index build`` leaves it), then ``--adds`` timed
+adds of one random ``--dim``-d row (precomputed embeddings: no encoder). At each checkpoint (after 0, 200, 400, 600
+adds by default) it times what a request pays: an identify's nearest + its neighbours' metadata read from the store
+(:meth:`ReferenceStore.metadata`, as for any neighbour not cached yet), and ``ids()`` (each sync with other processes'
+writes), ``--reads`` times each; and counts the store's files, MB on disk and fragments. Prints the machine, a table
+per side, peak memory, and the on / off ratios. Nothing here asserts: it prints.
+
+    nice .venv/bin/python benchmarks/bench_store_growth.py          # 600 adds, 1000 bulk rows, 512-d (2 min 4 s)
+    nice .venv/bin/python benchmarks/bench_store_growth.py --adds 1000 --checkpoints 0 250 500 1000   # docs' table
+    nice .venv/bin/python benchmarks/bench_store_growth.py --adds 100 --checkpoints 0 50 100          # a quick look
+
+The 'off' side slows down with every add (each read opens every fragment): 1000 adds took it ~3.5 min (Intel Xeon,
+AMX kind, 2 cores, other processes using 1.2-1.3 of them; the default run above: 2 min 4 s wall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import CpuWatch, status_mib
+from _hardware import machine_report
+
+MARK = "@@bench@@ "
+
+
+def _disk(folder: Path) -> tuple[int, float]:
+    """(files, MB) under a folder."""
+    files, size = 0, 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files += 1
+            size += os.path.getsize(os.path.join(root, name))
+    return files, size / 1e6
+
+
+def _pcts(values_ms: list[float]) -> dict[str, float]:
+    v = np.asarray(values_ms)
+    return {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+            "p99": float(np.percentile(v, 99)), "max": float(v.max())}
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One side: the gallery, the timed adds and the checkpoints' reads; a dict of figures."""
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+
+    rng = np.random.default_rng(0)
+    dim = args.dim
+
+    def rows(start: int, n: int) -> tuple[list[ReferenceRecord], list[str], np.ndarray]:
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        return ([ReferenceRecord(path=f"/photos/{i}.jpg", species=f"Genus s{i % 50}", family="Fam")
+                 for i in range(start, start + n)], [f"{i:064x}" for i in range(start, start + n)],
+                x / np.linalg.norm(x, axis=1, keepdims=True))
+
+    with tempfile.TemporaryDirectory(prefix="bench_store_growth_") as folder:
+        g = Gallery.create(Path(folder) / "g", {"spec": "bench", "fingerprint": "bench#0", "dim": dim})
+        g.compact_fragments = args.threshold if args.side == "on" else 0
+        g.add(*rows(0, args.bulk), save_index=False)
+        g.finish_build()
+        queries = rng.standard_normal((args.reads, dim)).astype(np.float32)
+        checkpoints, adds_ms, window = [], [], []
+        done = 0
+
+        def checkpoint() -> None:
+            identify, ids = [], []
+            for q in queries:
+                t = time.perf_counter()
+                sims, found = g.nearest(q[None], 10)
+                g.store.metadata([int(i) for i in found[0] if i >= 0])  # the neighbours' metadata, from the store
+                identify.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                g.store.ids()
+                ids.append((time.perf_counter() - t) * 1000)
+            files, mb = _disk(Path(folder) / "g" / "store")
+            stats = g.store.fragment_stats()
+            checkpoints.append({"adds": done, "add": _pcts(window) if window else None, "identify": _pcts(identify),
+                                "ids": _pcts(ids), "files": files, "mb": mb, "fragments": stats.fragments,
+                                "small": stats.small, "version": g.store.version})
+            print(f"  {args.side}: {done} adds, fragments {stats.fragments}, identify p50 "
+                  f"{checkpoints[-1]['identify']['p50']:.1f} ms", file=sys.stderr, flush=True)
+
+        wanted = sorted(set(args.checkpoints))
+        if 0 in wanted:
+            checkpoint()
+        while done < args.adds:
+            records, digests, x = rows(args.bulk + done, 1)
+            t = time.perf_counter()
+            g.add(records, digests, x)
+            ms = (time.perf_counter() - t) * 1000
+            adds_ms.append(ms)
+            window.append(ms)
+            done += 1
+            if done in wanted:
+                checkpoint()
+                window = []
+        if args.adds not in wanted:
+            checkpoint()
+    return {"side": args.side, "add": _pcts(adds_ms), "add_mean": float(np.mean(adds_ms)),
+            "checkpoints": checkpoints, "peak_mib": status_mib("VmHWM")}
+
+
+def _row(side: str, c: dict) -> str:
+    add = c["add"]
+    adds = (f"{add['p50']:.1f} / {add['p95']:.1f} / {add['p99']:.1f} / {add['max']:.0f}" if add else "-")
+    ident, ids = c["identify"], c["ids"]
+    return (f"| {side} | {c['adds']} | {adds} | {ident['p50']:.1f} / {ident['p95']:.1f} / {ident['p99']:.1f} | "
+            f"{ids['p50']:.1f} / {ids['p95']:.1f} / {ids['p99']:.1f} | {c['fragments']} ({c['small']} small) | "
+            f"{c['files']} | {c['mb']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adds", type=int, default=600, help="timed single-row adds per side (default 600)")
+    parser.add_argument("--bulk", type=int, default=1000, help="rows of the built gallery first (default 1000)")
+    parser.add_argument("--dim", type=int, default=512, help="embedding width (default 512)")
+    parser.add_argument("--reads", type=int, default=20, help="timed reads of each kind per checkpoint (default 20)")
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=[0, 200, 400, 600],
+                        help="adds after which the reads are timed (default 0 200 400 600)")
+    parser.add_argument("--threshold", type=int, default=None,
+                        help="the 'on' side's SPECIESID_COMPACT_FRAGMENTS (default: the gallery's default, 32)")
+    parser.add_argument("--side", choices=("both", "off", "on"), default="both", help="which side(s) to run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threshold is None:
+        from index.compaction import COMPACT_FRAGMENTS
+
+        args.threshold = COMPACT_FRAGMENTS
+    if args.child:
+        print(MARK + json.dumps(child(args)), flush=True)
+        return
+    print(machine_report(), flush=True)
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+    watch = CpuWatch()
+    results = {}
+    for side in (("off", "on") if args.side == "both" else (args.side,)):
+        cmd = [sys.executable, __file__, "--child", "--side", side, "--adds", str(args.adds), "--bulk",
+               str(args.bulk), "--dim", str(args.dim), "--reads", str(args.reads), "--threshold",
+               str(args.threshold), "--checkpoints", *map(str, args.checkpoints)]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        results[side] = json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK):])
+    print(f"\n{args.bulk} bulk rows (built: compacted, indexed), then {args.adds} adds of one {args.dim}-d row through "
+          f"Gallery.add; 'on' compacts at {args.threshold} small fragments. Times in ms: add = p50 / p95 / p99 / max "
+          f"of the adds since the last checkpoint; identify = nearest (k=10) + the neighbours' metadata from the "
+          f"store, and ids() = a sync's read, p50 / p95 / p99 of {args.reads} each.\n")
+    print("| compaction | adds | add ms | identify ms | ids() ms | fragments | files | MB |")
+    print("|---|---:|---|---|---|---|---:|---:|")
+    for side, r in results.items():
+        for c in r["checkpoints"]:
+            print(_row(side, c))
+    print()
+    for side, r in results.items():
+        a = r["add"]
+        print(f"{side}: all {args.adds} adds p50 {a['p50']:.1f} / p95 {a['p95']:.1f} / p99 {a['p99']:.1f} / max "
+              f"{a['max']:.0f} ms (mean {r['add_mean']:.1f}); peak memory {r['peak_mib']:.0f} MiB")
+    if len(results) == 2:
+        off, on = results["off"], results["on"]
+        last_off, last_on = off["checkpoints"][-1], on["checkpoints"][-1]
+        print(f"\non / off after {last_on['adds']} adds: identify p50 {last_on['identify']['p50'] / last_off['identify']['p50']:.2f}x, "
+              f"ids() p50 {last_on['ids']['p50'] / last_off['ids']['p50']:.2f}x, add p50 "
+              f"{on['add']['p50'] / off['add']['p50']:.2f}x, add mean {on['add_mean'] / off['add_mean']:.2f}x, "
+              f"files {last_on['files'] / last_off['files']:.2f}x, MB {last_on['mb'] / last_off['mb']:.2f}x")
+    print(watch.report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Store growth: each write is one commit and one small fragment; a write compacts them at a threshold, merging small
+fragments only (a big bulk one is never rewritten), answers and ids unchanged; ``speciesid index compact``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from api.cli import main
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+from index.store import SMALL_FRAGMENT_ROWS, ReferenceStore
+from index.vectors import manifest_path
+
+DIM = 8
+ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
+
+
+def _rows(start: int, n: int, rng: np.random.Generator) -> tuple[list[ReferenceRecord], list[str], np.ndarray]:
+    records = [ReferenceRecord(path=f"/photos/{i}.jpg", species=f"Genus s{i % 3}") for i in range(start, start + n)]
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return records, [f"{i:064x}" for i in range(start, start + n)], x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _fragments(store: ReferenceStore) -> list[tuple[int, int, str]]:
+    """(fragment id, rows, data file) of the store's latest version."""
+    store.refresh()
+    return [(f.fragment_id, f.metadata.physical_rows, f.metadata.files[0].path)
+            for f in store._dataset().get_fragments()]
+
+
+def _gallery(tmp_path, threshold: int, name: str = "g") -> Gallery:
+    g = Gallery.create(tmp_path / name, ENC, refresh_s=0.0)
+    g.compact_fragments = threshold
+    return g
+
+
+def _add_one_by_one(g: Gallery, start: int, n: int, rng: np.random.Generator) -> list[int]:
+    ids = []
+    for i in range(start, start + n):
+        records, digests, x = _rows(i, 1, rng)
+        ids += g.add(records, digests, x)
+    return ids
+
+
+def test_compact_merges_the_small_fragments_and_never_rewrites_a_big_one(tmp_path):
+    """Lance's default target (1M rows) would rewrite a bulk fragment followed by small ones at every compaction:
+    only fragments under SMALL_FRAGMENT_ROWS rows are merged; rows, ids and the scalar indexes stay as they were."""
+    rng = np.random.default_rng(0)
+    store = ReferenceStore(tmp_path / "s", DIM, refresh_s=None)
+    bulk = SMALL_FRAGMENT_ROWS + 100
+    store.add(*_rows(0, bulk, rng)[:3], "e", list(range(1, bulk + 1)))
+    store.ensure_scalar_indexes()
+    for i in range(bulk, bulk + 12):
+        records, digests, x = _rows(i, 1, rng)
+        store.add(records, digests, x, "e", [i + 1])
+    store.set_excluded([3, bulk + 2], True)  # an update: a deletion in the big one, one small fragment gone, one more
+    big_before = _fragments(store)[0]
+    assert big_before[1] == bulk
+    stats = store.fragment_stats(versions=True)
+    assert stats.small == 12 and stats.fragments == 13 and stats.versions == store.version
+    ids, meta = store.ids(include_excluded=True), store.metadata()
+    vec_ids, vectors = store.vectors(include_excluded=True)
+
+    report = store.compact()
+
+    assert _fragments(store)[0] == big_before  # the same fragment, the same data file: not rewritten
+    after = store.fragment_stats()
+    assert report.small_before == 12 and report.small_after == after.small < 12
+    assert report.fragments_after == after.fragments and report.fragments_rewritten >= 11
+    assert report.version_after > report.version_before and report.versions_removed == 0
+    assert np.array_equal(store.ids(include_excluded=True), ids)
+    assert store.ids().tolist() == [i for i in ids.tolist() if i not in (3, bulk + 2)]
+    assert store.metadata().sort_index().equals(meta.sort_index())
+    got_ids, got = store.vectors(include_excluded=True)
+    order, was = np.argsort(got_ids), np.argsort(vec_ids)
+    assert np.array_equal(got_ids[order], vec_ids[was]) and np.array_equal(got[order], vectors[was])
+    assert {tuple(i.columns) for i in store._table.list_indices()} == {("id",), ("sha256",)}
+    plan = store._table.search().where(f"id IN (5, {bulk + 5})").select(["id"]).explain_plan()
+    assert "ScalarIndexQuery" in plan  # the id index still answers point lookups
+    assert store.find_sha256([f"{5:064x}", f"{bulk + 5:064x}"]) == {f"{5:064x}": 6, f"{bulk + 5:064x}": bulk + 6}
+
+
+def test_compact_prunes_the_versions_older_than_asked(tmp_path):
+    rng = np.random.default_rng(1)
+    store = ReferenceStore(tmp_path / "s", DIM, refresh_s=None)
+    for i in range(5):
+        records, digests, x = _rows(i, 1, rng)
+        store.add(records, digests, x, "e", [i + 1])
+    kept = store.fragment_stats(versions=True).versions
+    assert store.compact(prune_older_than=dt.timedelta(days=7)).versions_removed == 0  # none that old
+    old = store.version - 1
+    report = store.compact(prune_older_than=dt.timedelta(0))
+    assert report.versions_removed >= kept and report.bytes_removed > 0
+    assert store.fragment_stats(versions=True).versions == 1
+    with pytest.raises(ValueError, match="no longer keeps version"):
+        store.at_version(old)  # what retrieval.whitening_sync falls back on
+    assert store.count() == 5
+
+
+def test_a_write_compacts_at_the_threshold_and_answers_stay_the_same_for_every_process(tmp_path):
+    rng = np.random.default_rng(2)
+    g = _gallery(tmp_path, threshold=6)
+    records, digests, x = _rows(0, 40, rng)
+    g.add(records, digests, x)  # a bulk add: one fragment
+    other = Gallery.open(tmp_path / "g", refresh_s=0.0)  # another process's view, opened before the compaction
+    queries = x[:5] + 0.05
+    _add_one_by_one(g, 40, 4, rng)
+    assert g.store.fragment_stats().small == 5  # one per commit, nothing merged yet
+    before = g.search(queries, 8)
+    other.refresh(force=True)
+    assert other.search(queries, 8) == before
+    meta, stored = g.store.metadata(), g.store.ids()
+    version = g.store.version
+
+    g.set_excluded([1], False)  # brings back a bulk row that was not excluded: rows unchanged, one more fragment
+
+    assert g.store.fragment_stats().small == 1  # the sixth small fragment: this write compacted them
+    assert g.store.version > version + 1  # the write, then the compaction's commit(s)
+    assert g.version == g.store.version  # the index reflects the compacted version: nothing to sync
+    assert json.loads(manifest_path(g.layout.vectors).read_text())["store_version"] == g.version
+    assert np.array_equal(g.store.ids(), stored) and g.store.metadata().sort_index().equals(meta.sort_index())
+    assert g.search(queries, 8) == before
+    assert other.refresh(force=True) is False  # the version jumped past one write; the ids it reads are the same
+    assert other.version == g.version and np.array_equal(np.sort(other.index.ids), np.sort(g.index.ids))
+    assert other.search(queries, 8) == before
+    reopened = Gallery.open(tmp_path / "g")  # the saved index names the compacted version: nothing to repair
+    assert reopened.version == g.version and reopened.search(queries, 8) == before
+
+
+def test_exclusions_and_deletes_compact_too(tmp_path):
+    rng = np.random.default_rng(3)
+    g = _gallery(tmp_path, threshold=4)
+    g.add(*_rows(0, 10, rng))  # one bulk fragment (ids 1..10)
+    singles = _add_one_by_one(g, 10, 2, rng)  # 3 small fragments
+    g.set_excluded([2])  # an update writes the row again: a fourth small fragment, compacted at once
+    assert g.store.fragment_stats().small == 1
+    g.compact_fragments = 0  # off: fragments pile up
+    more = _add_one_by_one(g, 12, 4, rng)
+    assert g.store.fragment_stats().small == 5
+    g.compact_fragments = 4
+    assert g.delete([3]) == 1  # a delete makes no fragment, but compacts the ones due
+    assert g.store.fragment_stats().small == 1
+    searchable = sorted(set(range(1, 11)) - {2, 3} | set(singles) | set(more))
+    assert g.store.ids().tolist() == searchable and sorted(g.index.ids.tolist()) == searchable
+
+
+def test_threshold_zero_never_compacts_and_the_variable_sets_it(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "0")
+    g = Gallery.create(tmp_path / "g", ENC)
+    assert g.compact_fragments == 0
+    _add_one_by_one(g, 0, 40, rng)
+    assert g.store.fragment_stats().small == 40
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "many")
+    with pytest.raises(ValueError, match="SPECIESID_COMPACT_FRAGMENTS=many is not a whole number"):
+        Gallery.open(tmp_path / "g")
+
+
+def test_a_failing_compaction_never_fails_the_write(tmp_path, monkeypatch, caplog):
+    rng = np.random.default_rng(5)
+    g = _gallery(tmp_path, threshold=3)
+    _add_one_by_one(g, 0, 2, rng)
+
+    tries = []
+
+    def broken(self, **kw):
+        tries.append(1)
+        raise RuntimeError("LanceError(IO): disk on fire")
+
+    monkeypatch.setattr(ReferenceStore, "compact", broken)
+    with caplog.at_level(logging.WARNING, logger="index.gallery"):
+        ids = _add_one_by_one(g, 2, 1, rng)  # the third small fragment: the compaction is tried, and fails
+    assert len(ids) == 1 and g.store.ids().tolist()[-1] == ids[0]
+    assert g.search(_rows(2, 1, np.random.default_rng(5))[2], 1)[0]  # searchable
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "compacting its store after a write failed (LanceError(IO): disk on fire)" in said
+    assert "the write itself is stored" in said and "speciesid index compact --index" in said
+    assert g.store.fragment_stats().small == 3 and len(tries) == 1  # nothing merged
+    _add_one_by_one(g, 3, 2, rng)
+    assert len(tries) == 1  # not tried again at every write: once 3 more have piled up
+    monkeypatch.undo()
+    _add_one_by_one(g, 5, 1, rng)
+    assert g.store.fragment_stats().small == 1 and len(g.store.ids()) == 6
+
+
+def test_cli_compact_prints_before_and_after_and_prunes(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    g = _gallery(tmp_path, threshold=0)
+    _add_one_by_one(g, 0, 10, rng)
+    ids = g.store.ids()
+    assert main(["index", "info", "--index", str(tmp_path / "g")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["store"]["fragments"] == {"fragments": 10, "small": 10, "versions": g.store.version,
+                                          "compact_at": 32}
+
+    versions = g.store.version
+    assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "fragments: 10 -> 1 (small: 10 -> 1; 10 merged)" in out
+    assert f"versions: {versions} -> 1 (" in out and "older than 0 s pruned" in out and "MB deleted" in out
+    reopened = Gallery.open(tmp_path / "g")
+    assert np.array_equal(reopened.store.ids(), ids) and reopened.store.fragment_stats(versions=True).versions == 1
+
+    assert main(["index", "compact", "--index", str(tmp_path / "g")]) == 0  # nothing small left: no commit
+    out = capsys.readouterr().out
+    assert "fragments: 1 -> 1 (small: 1 -> 1; 0 merged)" in out and "older than 7d pruned" in out
+
+
+def test_cli_compact_refuses_a_duration_it_cannot_read(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["index", "compact", "--index", str(tmp_path), "--prune-older-than", "7 weeks"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'7 weeks' is not an age: give a number of seconds, or one with a unit (90s, 30m, 12h, 1d, 2w)" in err
+
+
+def test_the_servers_setting_reads_the_same_variable_and_refuses_a_bad_value(monkeypatch):
+    from api.settings import Settings, SettingsError
+
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "0")
+    assert Settings.load().compact_fragments == 0
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "-3")
+    with pytest.raises(SettingsError, match="SPECIESID_COMPACT_FRAGMENTS=-3 is not a whole number"):
+        Settings.load()
+    monkeypatch.delenv("SPECIESID_COMPACT_FRAGMENTS")
+    assert Settings.load().compact_fragments == 32
