@@ -34,7 +34,7 @@ from index.compaction import AUTO_PRUNE_AGE, COMPACT_ENV, compact_fragments_defa
 from index.errors import first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
-from index.lease import LeaseError, S3Lease, half_created_objects, is_s3
+from index.lease import LeaseError, S3Lease, canonical_s3_uri, half_created_objects, is_s3
 from index.locks import WriteLock, write_lock
 from index.objects import StoreObjects
 from index.records import ReferenceRecord
@@ -223,7 +223,8 @@ class Gallery:
         lock, so nested writes of one process take it once)."""
         lock = write_lock(self.layout.write_lock)
         uri = str(self.store_uri)
-        if lock.remote is not None and lock.remote.uri != uri and not lock.remote.held:
+        same = lock.remote is not None and canonical_s3_uri(lock.remote.uri) == canonical_s3_uri(uri)  # s3a:// too
+        if lock.remote is not None and not same and not lock.remote.held:
             lock.remote = None  # another store's lease (a create that failed, a folder made again)
         if is_s3(uri) and lock.remote is None:
             lock.remote = S3Lease(uri, self.storage_options)
@@ -332,7 +333,7 @@ class Gallery:
                         raise
         gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
                            refresh_s=refresh_s, options=options)
-        if store and str(gallery.store_uri) != str(store).rstrip("/"):
+        if store and canonical_s3_uri(str(gallery.store_uri)) != canonical_s3_uri(str(store)):  # s3a:// is s3://
             raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
         if index_config is not None and gallery.info.get("index") != asdict(index_config):
             with gallery.writing(local=True):  # an index asked for explicitly is the gallery's from now on

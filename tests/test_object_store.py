@@ -1397,3 +1397,13 @@ def test_a_writer_killed_while_holding_the_lease_blocks_others_only_for_its_ttl(
     assert sorted(meta["id"].tolist()) == sorted([first, *new]) and meta["id"].is_unique
     assert "e" * 64 not in set(meta["sha256"])  # the killed write committed nothing
     assert _object_json(client, "killed/_speciesid/write.lock")["free"] is True  # taken over, then released
+
+
+def test_a_gallery_named_again_with_s3a_or_a_trailing_slash_is_the_same_store(s3_env, tmp_path):
+    from index.gallery import Gallery
+
+    Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/same")
+    again = Gallery.create(tmp_path / "g", _TINY, store=f"s3a://{BUCKET}/same/")  # Hadoop's spelling of one store
+    assert str(again.store_uri) == f"s3://{BUCKET}/same"
+    with pytest.raises(ValueError, match=f"keeps its store at s3://{BUCKET}/same, not s3://{BUCKET}/other"):
+        Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/other")
