@@ -31,7 +31,7 @@ import mimetypes
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 UPLOADS_DIR = "uploads"
 #: The folder of the shared probe's two files in the store (``<store uri>/_speciesid/probe/``).
 PROBE_DIR = "probe"
+#: Keys per DeleteObjects request (S3's most): the sweep deletes its orphans this many at a time.
+DELETE_BATCH = 1000
 
 
 class StoreObjectError(LeaseError, OSError):
@@ -216,16 +218,54 @@ class StoreObjects:
                     yield StoredObject(f"s3://{bucket}/{o['Key']}", int(o.get("Size", 0)),
                                        (now - o["LastModified"]).total_seconds())
         except Exception as exc:  # noqa: BLE001
+            # ListBucket is granted on the bucket, never on keys: the refusal names it so, once
             raise self._failure(exc, "listing the objects under", f"s3://{bucket}/{prefix}",
-                                needs=f"s3:ListBucket on s3://{bucket}") from exc
+                                needs=f"s3:ListBucket on the bucket {bucket}", on="") from exc
 
-    def _failure(self, exc: BaseException, doing: str, uri: str, *, needs: str) -> OSError:
+    def delete_many(self, uris: Sequence[str]) -> dict[str, str]:
+        """Delete the objects ``uris`` (of one bucket, at most :data:`DELETE_BATCH`) with one DeleteObjects request;
+        the ones the store did not delete, each with the reason its reply gave (per key: the request may delete some
+        and refuse others; a key already gone counts as deleted). A failure of the whole request is raised
+        (:class:`StoreObjectError`, saying what to do), nothing known deleted then."""
+        if len(uris) > DELETE_BATCH:
+            raise ValueError(f"one DeleteObjects request takes {DELETE_BATCH} keys at most, not {len(uris)}")
+        if not uris:
+            return {}
+        keys = {uri: _bucket_key(uri) for uri in uris}
+        buckets = {bucket for bucket, _ in keys.values()}
+        if len(buckets) != 1:
+            raise ValueError(f"one DeleteObjects request deletes from one bucket, not {sorted(buckets)}")
+        (bucket,) = buckets
+        where = f"s3://{bucket}/{os.path.commonprefix([k for _, k in keys.values()]).rpartition('/')[0]}/"
+        try:
+            reply = self.client.delete_objects(Bucket=bucket, Delete={
+                "Objects": [{"Key": key} for _, key in keys.values()], "Quiet": True})
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure(exc, f"deleting {len(uris)} objects (one DeleteObjects request) under", where,
+                                needs="s3:DeleteObject") from exc
+        from botocore.exceptions import ClientError  # here: botocore is loaded with the client, on first use
+
+        by_key = {key: uri for uri, (_, key) in keys.items()}
+        failed: dict[str, str] = {}
+        for error in reply.get("Errors") or ():
+            uri = by_key.get(str(error.get("Key")), f"s3://{bucket}/{error.get('Key')}")
+            code, said = str(error.get("Code") or "?"), str(error.get("Message") or "no message")
+            if code in _MISSING:  # gone already: what the delete was for
+                continue
+            answer = ClientError({"Error": {"Code": code, "Message": said}}, "DeleteObjects")
+            failed[uri] = str(self._failure(answer, "deleting", uri, needs="s3:DeleteObject"))
+        return failed
+
+    def _failure(self, exc: BaseException, doing: str, uri: str, *, needs: str, on: str | None = None) -> OSError:
         """The error to raise for ``doing`` the object at ``uri`` that failed with ``exc``: FileNotFoundError when it
         is not there, else a :class:`StoreObjectError` that says what to do, read by :func:`index.lease.s3_failure`
-        (the lease's own reading of botocore's errors: the same ones transient, in the same words)."""
+        (the lease's own reading of botocore's errors: the same ones transient, in the same words). A refusal says
+        the credentials need ``needs`` on ``on`` (by default the store's ``_speciesid/*``; ``""``: ``needs``
+        names its resource itself)."""
         if _code(exc) in _MISSING:
             return FileNotFoundError(errno.ENOENT, "not in the gallery's store", uri)
-        failure = s3_failure(exc, f"{doing} {uri}", needs=f"{needs} on {self.uri}/{LEASE_DIR}/*",
+        on = f"{self.uri}/{LEASE_DIR}/*" if on is None else on
+        failure = s3_failure(exc, f"{doing} {uri}", needs=f"{needs} on {on}" if on else needs,
                              endpoint=self._endpoint, lookup=uri if doing in ("looking up", "reading") else "")
         if failure is None:
             return StoreObjectError(f"{doing} {uri} failed ({type(exc).__name__}: {_first(exc)})")
@@ -241,19 +281,22 @@ SWEEP_GRACE_S = 86400.0
 @dataclass
 class SweepReport:
     """What :func:`sweep_uploads` found: the places it swept (the store's ``_speciesid/uploads/``, the folder's
-    ``uploads/``), the uploads no row references and older than ``older_than_s`` (removed, or with ``dry_run``
-    that would be), and how many it kept: referenced by a row, or younger than the grace age."""
+    ``uploads/``), the uploads no row references and older than ``older_than_s`` it removed (or with ``dry_run``
+    would remove), those of them it could not remove (each with the reason: a key the store refused, a file that
+    could not be unlinked; left for a later sweep), and how many it kept: referenced by a row, or younger than the
+    grace age."""
 
     places: list[str]
     older_than_s: float
     dry_run: bool
     orphans: list[StoredObject] = field(default_factory=list)
+    failed: list[tuple[StoredObject, str]] = field(default_factory=list)
     referenced: int = 0
     young: int = 0
 
     @property
     def bytes(self) -> int:
-        """The orphans' bytes, all together."""
+        """The bytes of the orphans removed (or that would be), all together."""
         return sum(o.size for o in self.orphans)
 
 
@@ -277,8 +320,12 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
     ``progress`` wraps the store's listing (a progress bar).
 
     The listing is made first, holding nothing; then, under the gallery's write hold (on S3 the store's lease,
-    so that no machine's add commits in between), the store is read again, and each orphan is removed after a
-    check that the lease is still this writer's (:class:`index.lease.LeaseLostError` otherwise: run it again).
+    so that no machine's add commits in between), the store is read again, and the orphans on S3 are deleted
+    :data:`DELETE_BATCH` at a time (one DeleteObjects request each), each batch after a check that the lease is
+    still this writer's (:class:`index.lease.LeaseLostError` otherwise: run it again). A key or file that could not
+    be removed is reported (``failed``, with the reason) and the sweep goes on. A folder's upload counts as used
+    when a row names its file name (its digest) in a folder named ``uploads`` (:func:`_names_upload`): the folder
+    may be reached by another path than the rows' writer used.
     An upload that an add is putting or has put but not committed yet is younger than the grace age, and so kept;
     an add that found its object there already (an old one) and commits after this sweep removed it puts it again
     once committed (:func:`retrieval.workflows.add_photos`)."""
@@ -303,38 +350,72 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
         gallery.store.refresh()  # another machine's commit of a moment ago is seen
         texts = [str(t) for t in gallery.store.metadata()["source_path"]]  # excluded rows too
         stored = {canonical_s3_uri(t) for t in texts if is_s3(t)}
-        names = {Path(o.uri).name for o in old if not is_s3(o.uri)}
-        local: dict[str, list[str]] = {}
-        for text in texts:
-            if not is_s3(text) and (name := text.rsplit("/", 1)[-1]) in names:
-                local.setdefault(name, []).append(text)
-        lock = write_lock(gallery.layout.write_lock)  # the gallery's own (one per folder and process): its lease
+        local = _local_rows(texts, {Path(o.uri).name for o in old if not is_s3(o.uri)})
+        orphans = []
         for o in old:
-            used = canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_file(local.get(Path(o.uri).name), o.uri)
-            if used:
+            if canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_upload(local, o.uri):
                 report.referenced += 1
-                continue
-            report.orphans.append(o)
-            if dry_run:
-                continue
-            if is_s3(o.uri):
-                lock.check()  # the lease still ours: no add of another machine committed since the read above
-                assert objects is not None
-                objects.delete(o.uri)
             else:
-                Path(o.uri).unlink(missing_ok=True)
-            logger.info("removed %s (%d bytes, %.0f s old): no reference uses it", o.uri, o.size, o.age_s)
+                orphans.append(o)
+        if dry_run:
+            report.orphans = orphans
+            return report
+        lock = write_lock(gallery.layout.write_lock)  # the gallery's own (one per folder and process): its lease
+        in_store = [o for o in orphans if is_s3(o.uri)]
+        for start in range(0, len(in_store), DELETE_BATCH):
+            batch = in_store[start:start + DELETE_BATCH]
+            lock.check()  # the lease still ours: no add of another machine committed since the read above
+            assert objects is not None
+            refused = objects.delete_many([o.uri for o in batch])
+            for o in batch:
+                _removed(report, o, refused.get(o.uri))
+        for o in orphans:
+            if not is_s3(o.uri):
+                try:
+                    Path(o.uri).unlink(missing_ok=True)
+                except OSError as exc:
+                    _removed(report, o, f"removing {o.uri} failed ({type(exc).__name__}: {exc})")
+                else:
+                    _removed(report, o, None)
     return report
 
 
-def _names_file(texts: list[str] | None, path: str) -> bool:
-    """Whether one of the stored source paths ``texts`` names the file ``path`` (the same file, by any path)."""
+def _removed(report: SweepReport, o: StoredObject, refused: str | None) -> None:
+    """Record the orphan ``o`` removed, or not (``refused``: why), in ``report``, and log it."""
+    if refused is None:
+        report.orphans.append(o)
+        logger.info("removed %s (%d bytes, %.0f s old): no reference uses it", o.uri, o.size, o.age_s)
+    else:
+        report.failed.append((o, refused))
+        logger.warning("did not remove %s, which no reference uses: %s; it stays, harmless, for a later sweep",
+                       o.uri, refused)
+
+
+def _local_rows(texts: Iterable[str], names: set[str]) -> dict[str, list[Path]]:
+    """The files the stored source paths ``texts`` name (not on S3), by file name, for the names in ``names``."""
     from index.store import source_file  # here: index.store loads lancedb
 
-    for text in texts or ():
+    local: dict[str, list[Path]] = {}
+    for text in texts:
+        if not is_s3(text) and (path := source_file(text)).name in names:
+            local.setdefault(path.name, []).append(path)
+    return local
+
+
+def _names_upload(local: dict[str, list[Path]], upload: str) -> bool:
+    """Whether a row names the folder's upload file ``upload``: a row's source path with its file name (an upload's
+    name is its content digest, ``<sha256><ext>``) in a folder named ``uploads``, so also when the gallery's folder
+    is reached by another path than the row's writer used (moved, another mount, a container's bind mount); a row
+    with its name elsewhere when it is the same file (``os.path.samefile``). A file that cannot be compared (gone,
+    unreadable) counts as named: an error never makes an upload unused."""
+    for path in local.get(Path(upload).name, ()):
+        if path.parent.name == UPLOADS_DIR:
+            return True
         try:
-            if os.path.samefile(source_file(text), path):
+            if os.path.samefile(path, upload):
                 return True
-        except OSError:
-            continue
+        except OSError as exc:
+            logger.debug("%s counts as used: a row names %s, which could not be compared with it (%s)",
+                         upload, path, exc)
+            return True
     return False

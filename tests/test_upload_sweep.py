@@ -104,9 +104,9 @@ def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_youn
     from index.locks import write_lock
     from index.objects import StoreObjects
 
-    held, delete = [], StoreObjects.delete
-    monkeypatch.setattr(StoreObjects, "delete", lambda self, uri: held.append(
-        write_lock(g.layout.write_lock).held_lease is not None) or delete(self, uri))
+    held, delete = [], StoreObjects.delete_many
+    monkeypatch.setattr(StoreObjects, "delete_many", lambda self, uris: held.append(
+        write_lock(g.layout.write_lock).held_lease is not None) or delete(self, uris))
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
     assert code == 0, err
     assert held == [True]  # removed under the store's lease
@@ -173,6 +173,129 @@ def test_sweep_of_a_gallery_whose_store_is_in_its_folder_sweeps_its_uploads_fold
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "1d")
     assert code == 0 and "removed 1 unused upload (6 bytes)" in out, out
     assert not files["orphan"].exists() and files["used"].exists() and files["young"].exists()
+
+
+def test_a_folder_reached_by_another_path_keeps_the_uploads_its_rows_name(tmp_path, capsys):
+    """The rows name their uploads by the path their writer used; the same folder reached by another one (moved,
+    another mount, a container's bind mount) still has them in use: an upload is named by its file name (its
+    digest) in an uploads/ folder, not only when the row's path is the same file (the old sweep removed them all)."""
+    import shutil
+
+    from index.gallery import Gallery
+
+    g = Gallery.create(tmp_path / "srv" / "g", _TINY)
+    g.layout.uploads.mkdir(parents=True)
+    used, orphan = (g.layout.uploads / f"{hashlib.sha256(b).hexdigest()}.jpg" for b in (b"used", b"orphan"))
+    for f in (used, orphan):
+        f.write_bytes(f.name.encode())
+        os.utime(f, (time.time() - 2 * DAY,) * 2)
+    _rows(g, [str(used)])
+    (tmp_path / "mnt").mkdir()
+    shutil.move(tmp_path / "srv" / "g", tmp_path / "mnt" / "g")  # the rows still name srv/g/uploads/<digest>.jpg
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "mnt" / "g", "-q")
+    assert code == 0, err
+    assert "removed 1 unused upload (" in out and "kept 1 in use and 0 younger than 1d" in out, out
+    moved = tmp_path / "mnt" / "g" / "uploads"
+    assert (moved / used.name).exists() and not (moved / orphan.name).exists()
+
+
+def test_a_row_naming_an_uploads_file_name_elsewhere_counts_only_when_it_is_the_same_file_or_cannot_be_compared(
+        tmp_path):
+    """Outside an uploads/ folder the name alone is not proof: the same file (samefile) is in use, another file of
+    that name is not, and one that cannot be compared (gone) counts as in use: an error never makes it unused."""
+    from index.objects import _names_upload
+
+    upload = tmp_path / "g" / "uploads" / "d.jpg"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"x")
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "d.jpg").symlink_to(upload)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "d.jpg").write_bytes(b"x")
+    for row, used in ((tmp_path / "elsewhere" / "uploads" / "d.jpg", True), (tmp_path / "link" / "d.jpg", True),
+                      (tmp_path / "other" / "d.jpg", False), (tmp_path / "gone" / "d.jpg", True)):
+        assert _names_upload({"d.jpg": [row]}, str(upload)) is used, row
+    assert not _names_upload({}, str(upload))
+
+
+class _Deletes:
+    """A boto3 client that records each DeleteObjects request (its keys, whether the lease was checked just before
+    it) and has the store refuse the keys in ``refuse`` in the request's reply, deleting the others."""
+
+    def __init__(self, client, events: list, refuse: set[str]) -> None:
+        self._client, self.events, self.refuse = client, events, refuse
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def delete_object(self, **kw):
+        raise AssertionError(f"one DeleteObject request for {kw['Key']}: the sweep deletes in batches")
+
+    def delete_objects(self, *, Bucket, Delete):  # noqa: N803 - boto3's names
+        keys = [o["Key"] for o in Delete["Objects"]]
+        self.events.append(("delete", keys))
+        kept = [{"Key": k} for k in keys if k not in self.refuse]
+        reply = self._client.delete_objects(Bucket=Bucket, Delete={**Delete, "Objects": kept})
+        errors = [{"Key": k, "Code": "AccessDenied", "Message": "Access Denied"} for k in keys if k in self.refuse]
+        return {**reply, "Errors": list(reply.get("Errors") or ()) + errors}
+
+
+def test_the_sweep_deletes_in_batches_one_lease_check_each_and_reports_the_keys_a_reply_refused(
+        client, tmp_path, monkeypatch, capsys):
+    """Orphans go DELETE_BATCH at a time (one DeleteObjects request, no DeleteObject per key), the lease checked
+    before each batch; a key the reply refuses is reported (stderr, exit 1, saying what to do) and stays, the others
+    of its batch go."""
+    import index.objects
+    from index.gallery import Gallery
+    from index.locks import WriteLock
+
+    prefix = f"batches-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    puts = [_put(g, f"orphan {i}".encode()) for i in range(5)]
+    used, used_key, _ = _put(g, b"used")
+    _rows(g, [used])
+    refused_uri, refused_key, _ = puts[3]
+    events: list = []
+    real = index.objects.s3_client
+    monkeypatch.setattr(index.objects, "s3_client", lambda options, **kw: _Deletes(
+        _Aged(real(options, **kw), {k: 2 * DAY for _, k, _ in [*puts, (used, used_key, 0)]}), events, {refused_key}))
+    monkeypatch.setattr(index.objects, "DELETE_BATCH", 2)
+    check = WriteLock.check
+    monkeypatch.setattr(WriteLock, "check", lambda self: events.append(
+        ("check", self.held_lease is not None)) or check(self))
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
+    assert code == 1, (out, err)
+    deletes = [i for i, e in enumerate(events) if e[0] == "delete"]
+    assert [len(events[i][1]) for i in deletes] == [2, 2, 1]  # 5 orphans, 2 a request
+    assert all(events[i - 1] == ("check", True) for i in deletes), events  # the lease checked before each batch
+    assert sorted(k for i in deletes for k in events[i][1]) == sorted(k for _, k, _ in puts)
+    assert "removed 4 unused uploads (" in out and "kept 1 in use" in out, out
+    assert f"speciesid: could not remove {refused_uri}: deleting {refused_uri} was refused (AccessDenied: " in err
+    assert f"the credentials need s3:DeleteObject on s3://{BUCKET}/{prefix}/_speciesid/*" in err, err
+    assert "speciesid: error: 1 unused upload not removed (above); they stay, harmless: fix what the lines above " \
+        f"say, then run 'speciesid index sweep-uploads --index {tmp_path / 'g'}' again" in err, err
+    assert _keys(client, prefix) == sorted([refused_key, used_key])
+
+
+def test_a_refused_listing_names_its_permission_once_on_the_bucket():
+    """ListBucket is granted on the bucket, not on keys: the refusal says so once (it said 's3:ListBucket on s3://b
+    on s3://b/store/_speciesid/*')."""
+    from botocore.exceptions import ClientError
+
+    from index.objects import StoreObjectError, StoreObjects
+
+    class Refusing:
+        def get_paginator(self, op):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "ListObjectsV2")
+
+    with pytest.raises(StoreObjectError) as refused:
+        list(StoreObjects("s3a://b/store/", client=Refusing()).listing("s3://b/store/_speciesid/uploads"))
+    said = str(refused.value)
+    assert said.startswith("listing the objects under s3://b/store/_speciesid/uploads/ was refused (AccessDenied: ")
+    assert said.endswith("the credentials need s3:ListBucket on the bucket b"), said
+    assert said.count("ListBucket") == 1 and not refused.value.transient
 
 
 def test_sweep_uploads_has_help_and_refuses_an_age_it_cannot_read(capsys):

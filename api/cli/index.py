@@ -190,7 +190,8 @@ def register_sweep_uploads(s_index: argparse._SubParsersAction) -> None:
 
 
 def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
-    """speciesid index sweep-uploads: remove (or with --dry-run list) the unused uploads (exit status)."""
+    """speciesid index sweep-uploads: remove (or with --dry-run list) the unused uploads (exit status: 1 when some
+    could not be removed, each printed with the reason)."""
     from retrieval.workflows import sweep_uploads
 
     report = sweep_uploads(args.index, older_than_s=args.older_than, dry_run=args.dry_run, progress=not args.quiet)
@@ -203,6 +204,14 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
     n = len(report.orphans)
     emit(f"{verb} {n} unused upload{'s' * (n != 1)} ({report.bytes} bytes) from {', '.join(report.places)}; kept "
          f"{report.referenced} in use and {report.young} younger than {_age_text(report.older_than_s)}")
+    for o, why in report.failed:
+        sys.stderr.write(f"speciesid: could not remove {o.uri}: {why}\n")
+    if report.failed:
+        n = len(report.failed)
+        sys.stderr.write(f"speciesid: error: {n} unused upload{'s' * (n != 1)} not removed (above); they stay, "
+                         f"harmless: fix what the lines above say, then run 'speciesid index sweep-uploads --index "
+                         f"{args.index}' again\n")
+        return 1
     return 0
 
 
