@@ -29,6 +29,7 @@ import errno
 import logging
 import mimetypes
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -278,13 +279,29 @@ class StoreObjects:
 SWEEP_GRACE_S = 86400.0
 
 
+#: The name the API gives an upload it keeps (:func:`upload_uri`, ``retrieval.workflows._upload_path``): its content's
+#: sha256 in lowercase hex and an extension (``.jpg``, ``.png``... ``.img`` for a format it cannot name).
+_UPLOAD_NAME = re.compile(r"^[0-9a-f]{64}\.[^./]+$")
+#: The temporary file :func:`index.atomic.atomic_write` writes an upload of a folder's ``uploads/`` as
+#: (``.<sha256><ext>.<32 hex>.tmp<ext>``): left there by a write killed mid-way, named by no row.
+_UPLOAD_LEFTOVER = re.compile(r"^\.[0-9a-f]{64}\.[^./]+\.[0-9a-f]{32}\.tmp(\.[^./]+)?$")
+
+
+def is_upload_name(name: str) -> bool:
+    """Whether ``name`` (a file name in ``uploads/``, a key's part after ``_speciesid/uploads/``) is one the API
+    gives an upload (``<sha256><ext>``), or the temporary file of one a write killed mid-way left in a folder
+    (``.<sha256><ext>.<32 hex>.tmp<ext>``; no row ever names it): only such names are :func:`sweep_uploads`'s."""
+    return bool(_UPLOAD_NAME.match(name) or _UPLOAD_LEFTOVER.match(name))
+
+
 @dataclass
 class SweepReport:
     """What :func:`sweep_uploads` found: the places it swept (the store's ``_speciesid/uploads/``, the folder's
     ``uploads/``), the uploads no row references and older than ``older_than_s`` it removed (or with ``dry_run``
     would remove), those of them it could not remove (each with the reason: a key the store refused, a file that
-    could not be unlinked; left for a later sweep), and how many it kept: referenced by a row, or younger than the
-    grace age."""
+    could not be unlinked; left for a later sweep), and what it kept: ``referenced`` the uploads a row uses (of any
+    age), ``young`` those no row uses but younger than the grace age, and ``others`` the files (objects) there whose
+    names are not an upload's (:func:`is_upload_name`), left untouched."""
 
     places: list[str]
     older_than_s: float
@@ -293,6 +310,7 @@ class SweepReport:
     failed: list[tuple[StoredObject, str]] = field(default_factory=list)
     referenced: int = 0
     young: int = 0
+    others: list[StoredObject] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
@@ -317,10 +335,14 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
     ``older_than_s``: the objects under the store's ``_speciesid/uploads/`` on S3 (a crash between an add's put
     and its commit, a removal after a delete that failed or was left to this sweep), and the files of the folder's
     ``uploads/`` (a crash between an add's write and its commit). ``dry_run``: remove nothing, say what would go.
-    ``progress`` wraps the store's listing (a progress bar).
+    ``progress`` wraps the store's listing (a progress bar). Only the names the API gives its uploads are taken
+    (:func:`is_upload_name`: ``<sha256><ext>``); anything else there (a stray ``notes.txt``, a key in a deeper
+    folder) is left untouched and reported (``others``). Every upload, of any age, is checked against the rows, so
+    the report counts those in use among the young ones too.
 
     The listing is made first, holding nothing; then, under the gallery's write hold (on S3 the store's lease,
-    so that no machine's add commits in between), the store is read again, and the orphans on S3 are deleted
+    so that no machine's add commits in between; none for a dry run or when every upload is younger than the grace
+    age: nothing is removed then), the store is read again, and the orphans on S3 are deleted
     :data:`DELETE_BATCH` at a time (one DeleteObjects request each), each batch after a check that the lease is
     still this writer's (:class:`index.lease.LeaseLostError` otherwise: run it again). A key or file that could not
     be removed is reported (``failed``, with the reason) and the sweep goes on. A folder's upload counts as used
@@ -335,6 +357,7 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
     folder = gallery.layout.uploads
     listed: list[StoredObject] = []
     places = [f"{folder}/"]
+    where = ""
     if objects is not None:
         where = uploads_uri(objects.uri)
         places.insert(0, f"{where}/")
@@ -342,22 +365,30 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
         listed = list(progress(listing) if progress is not None else listing)
     files = _folder_uploads(folder)
     report = SweepReport(places=places, older_than_s=float(older_than_s), dry_run=dry_run)
-    old = [o for o in listed + files if o.age_s >= older_than_s]
-    report.young = len(listed) + len(files) - len(old)
-    if not old:
+    uploads: list[StoredObject] = []
+    for o in listed + files:
+        name = o.uri[len(where) + 1:] if is_s3(o.uri) else Path(o.uri).name  # a key's part under uploads/
+        (uploads if is_upload_name(name) else report.others).append(o)
+    for o in report.others:
+        logger.info("left %s: its name is not an upload's (<sha256><ext>)", o.uri)
+    if not uploads:
         return report
-    with contextlib.nullcontext() if dry_run else gallery.writing():  # a dry run removes nothing: it holds nothing
+    old = any(o.age_s >= older_than_s for o in uploads)
+    # only a removal holds the gallery's write hold: a dry run, or young uploads alone, are only counted
+    with contextlib.nullcontext() if dry_run or not old else gallery.writing():
         gallery.store.refresh()  # another machine's commit of a moment ago is seen
         texts = [str(t) for t in gallery.store.metadata()["source_path"]]  # excluded rows too
         stored = {canonical_s3_uri(t) for t in texts if is_s3(t)}
-        local = _local_rows(texts, {Path(o.uri).name for o in old if not is_s3(o.uri)})
+        local = _local_rows(texts, {Path(o.uri).name for o in uploads if not is_s3(o.uri)})
         orphans = []
-        for o in old:
+        for o in uploads:  # every upload, of any age: the summary counts those in use among the young ones too
             if canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_upload(local, o.uri):
                 report.referenced += 1
+            elif o.age_s < older_than_s:
+                report.young += 1
             else:
                 orphans.append(o)
-        if dry_run:
+        if dry_run or not orphans:
             report.orphans = orphans
             return report
         lock = write_lock(gallery.layout.write_lock)  # the gallery's own (one per folder and process): its lease

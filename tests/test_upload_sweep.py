@@ -98,7 +98,7 @@ def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_youn
     assert code == 0, err
     assert f"would remove {old} ({old_size} bytes, 48.0 h old)" in out, out
     assert f"would remove 1 unused upload ({old_size} bytes) from s3://{BUCKET}/{prefix}/_speciesid/uploads/" in out
-    assert "kept 3 in use and 1 younger than 1d" in out, out
+    assert "kept 3 in use and 1 unused younger than 1d" in out, out
     assert _keys(client, prefix) == before  # a dry run removes nothing
 
     from index.locks import write_lock
@@ -114,7 +114,7 @@ def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_youn
     assert _keys(client, prefix) == sorted(set(before) - {old_key})
     # a shorter grace age takes the young orphan too, never one in use
     code, out, _ = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "30s", "-q")
-    assert code == 0 and f"removed {young} (" in out and "kept 3 in use and 0 younger than 30s" in out, out
+    assert code == 0 and f"removed {young} (" in out and "kept 3 in use and 0 unused younger than 30s" in out, out
     assert _keys(client, prefix) == sorted({used_key, excluded_key, spelled_key})
 
 
@@ -157,7 +157,7 @@ def test_sweep_of_a_gallery_whose_store_is_in_its_folder_sweeps_its_uploads_fold
     g = Gallery.create(tmp_path / "g", _TINY)
     uploads = g.layout.uploads
     uploads.mkdir(parents=True)
-    files = {name: uploads / f"{name}.jpg" for name in ("used", "orphan", "young")}
+    files = {name: uploads / f"{hashlib.sha256(name.encode()).hexdigest()}.jpg" for name in ("used", "orphan", "young")}
     for name, path in files.items():
         path.write_bytes(name.encode())
     past = time.time() - 2 * DAY
@@ -168,7 +168,7 @@ def test_sweep_of_a_gallery_whose_store_is_in_its_folder_sweeps_its_uploads_fold
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--dry-run")
     assert code == 0, err
     assert "keeps its store in its folder: its uploads are files of" in out, out
-    assert f"would remove {files['orphan']} (6 bytes" in out and "kept 1 in use and 1 younger than 1d" in out, out
+    assert f"would remove {files['orphan']} (6 bytes" in out and "kept 1 in use and 1 unused younger than 1d" in out, out
     assert all(p.exists() for p in files.values())
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "1d")
     assert code == 0 and "removed 1 unused upload (6 bytes)" in out, out
@@ -195,9 +195,101 @@ def test_a_folder_reached_by_another_path_keeps_the_uploads_its_rows_name(tmp_pa
 
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "mnt" / "g", "-q")
     assert code == 0, err
-    assert "removed 1 unused upload (" in out and "kept 1 in use and 0 younger than 1d" in out, out
+    assert "removed 1 unused upload (" in out and "kept 1 in use and 0 unused younger than 1d" in out, out
     moved = tmp_path / "mnt" / "g" / "uploads"
     assert (moved / used.name).exists() and not (moved / orphan.name).exists()
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_the_sweep_counts_the_uploads_in_use_of_every_age_and_leaves_files_not_named_as_uploads(tmp_path, capsys):
+    """Every upload is checked against the rows, the young ones too: the summary says how many are in use, how many
+    are unused but too young, and removes the unused old ones (the old sweep said 'kept 1 in use and 4 younger' of
+    4 in use). Only the names the API writes are uploads (<sha256><ext>, and the temporary file of one a killed
+    write left): a stray notes.txt, an upper-case digest, a digest without an extension stay, named in one line."""
+    import uuid
+
+    from index.gallery import Gallery
+
+    g = Gallery.create(tmp_path / "g", _TINY)
+    g.layout.uploads.mkdir(parents=True)
+
+    def keep(name: str, data: bytes, age_s: float):
+        path = g.layout.uploads / name
+        path.write_bytes(data)
+        os.utime(path, (time.time() - age_s,) * 2)
+        return path
+
+    young_used = [keep(f"{_digest(b)}.jpg", b, 60.0) for b in (b"young 1", b"young 2", b"young 3")]
+    old_used = keep(f"{_digest(b'old used')}.png", b"old used", 2 * DAY)
+    young_unused = keep(f"{_digest(b'young unused')}.jpg", b"young unused", 60.0)
+    old_unused = keep(f"{_digest(b'old unused')}.jpg", b"old unused", 2 * DAY)  # 10 bytes
+    killed = keep(f".{_digest(b'killed')}.jpg.{uuid.uuid4().hex}.tmp.jpg", b"half", 2 * DAY)  # 4 bytes
+    strays = [keep("notes.txt", b"notes", 2 * DAY), keep(f"{_digest(b'x').upper()}.jpg", b"x", 2 * DAY),
+              keep(_digest(b"y"), b"y", 2 * DAY)]
+    _rows(g, [str(p) for p in [*young_used, old_used]])
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--dry-run", "-q")
+    assert code == 0, err
+    assert "would remove 2 unused uploads (14 bytes)" in out, out
+    assert "kept 4 in use and 1 unused younger than 1d" in out, out
+    assert f"would remove {old_unused} (" in out and f"would remove {killed} (" in out, out
+    line = next(x for x in out.splitlines() if x.startswith("left "))
+    assert line.startswith("left 3 files that are not uploads (an upload is named <sha256><ext>): "), out
+    assert all(str(p) in line for p in strays), line
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
+    assert code == 0 and "removed 2 unused uploads (14 bytes)" in out, (out, err)
+    assert not old_unused.exists() and not killed.exists()
+    assert all(p.exists() for p in [*young_used, old_used, young_unused, *strays])
+    # a young upload's count does not need the old ones: all young, they are still checked and counted
+    code, out, _ = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--older-than", "1w", "-q")
+    assert code == 0 and "kept 4 in use and 1 unused younger than 7d" in out, out
+
+
+def test_on_s3_only_keys_named_as_uploads_are_swept_and_the_young_ones_in_use_are_counted(client, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """On S3 alike: a key under _speciesid/uploads/ that is not <sha256><ext> (a stray notes.txt, a key in a deeper
+    folder) is left and named, however old; a young upload a row uses counts as in use."""
+    import index.objects
+    from index.gallery import Gallery
+
+    prefix = f"sweep-names-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    used, used_key, _ = _put(g, b"used, young")
+    orphan, orphan_key, orphan_size = _put(g, b"an old orphan")
+    base = f"{prefix}/_speciesid/uploads"
+    strays = [f"{base}/notes.txt", f"{base}/sub/{_digest(b'deeper')}.jpg"]
+    for key in strays:
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"not an upload")
+    _rows(g, [used])
+    ages = {key: 2 * DAY for key in [orphan_key, *strays]}
+    real = index.objects.s3_client
+    monkeypatch.setattr(index.objects, "s3_client", lambda options, **kw: _Aged(real(options, **kw), ages))
+
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "--dry-run", "-q")
+    assert code == 0, err
+    assert f"would remove 1 unused upload ({orphan_size} bytes)" in out, out
+    assert "kept 1 in use and 0 unused younger than 1d" in out, out
+    line = next(x for x in out.splitlines() if x.startswith("left "))
+    assert line.startswith("left 2 objects that are not uploads (an upload is named <sha256><ext>): "), out
+    assert all(f"s3://{BUCKET}/{key}" in line for key in strays), line
+    code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
+    assert code == 0 and f"removed {orphan} (" in out, (out, err)
+    assert _keys(client, prefix) == sorted([used_key, *strays])
+
+
+def test_upload_names_are_the_apis_own():
+    """<sha256><ext> in lower-case hex, and atomic_write's temporary file of one; nothing else."""
+    from index.objects import is_upload_name
+
+    d = _digest(b"photo")
+    for name in (f"{d}.jpg", f"{d}.img", f".{d}.jpg.{'a' * 32}.tmp.jpg"):
+        assert is_upload_name(name), name
+    for name in ("notes.txt", d, f"{d.upper()}.jpg", f"{d[:-1]}.jpg", f"{d}.jpg.bak", f"sub/{d}.jpg", f".{d}.jpg",
+                 f"{d}.jpg.{'a' * 32}.tmp"):
+        assert not is_upload_name(name), name
 
 
 def test_a_row_naming_an_uploads_file_name_elsewhere_counts_only_when_it_is_the_same_file_or_cannot_be_compared(

@@ -6,6 +6,8 @@ import argparse
 import datetime as dt
 import json
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from api.cli._common import (
     FORMAT_HELP,
@@ -19,6 +21,9 @@ from api.cli._common import (
     interrupted_add,
     to_csv,
 )
+
+if TYPE_CHECKING:
+    from index.objects import StoredObject
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -192,6 +197,7 @@ def register_sweep_uploads(s_index: argparse._SubParsersAction) -> None:
 def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
     """speciesid index sweep-uploads: remove (or with --dry-run list) the unused uploads (exit status: 1 when some
     could not be removed, each printed with the reason)."""
+    from index.photos import first_few
     from retrieval.workflows import sweep_uploads
 
     report = sweep_uploads(args.index, older_than_s=args.older_than, dry_run=args.dry_run, progress=not args.quiet)
@@ -203,7 +209,10 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
              "swept alone")
     n = len(report.orphans)
     emit(f"{verb} {n} unused upload{'s' * (n != 1)} ({report.bytes} bytes) from {', '.join(report.places)}; kept "
-         f"{report.referenced} in use and {report.young} younger than {_age_text(report.older_than_s)}")
+         f"{report.referenced} in use and {report.young} unused younger than {_age_text(report.older_than_s)}")
+    if report.others:  # a stray file (notes.txt): not a name the API gives an upload, never removed
+        emit(f"left {_not_uploads(report.others)} (an upload is named <sha256><ext>): "
+             f"{first_few([o.uri for o in report.others])}")
     for o, why in report.failed:
         sys.stderr.write(f"speciesid: could not remove {o.uri}: {why}\n")
     if report.failed:
@@ -213,6 +222,14 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
                          f"{args.index}' again\n")
         return 1
     return 0
+
+
+def _not_uploads(others: Sequence[StoredObject]) -> str:
+    """``1 file that is not an upload``, ``2 objects that are not uploads`` (``entries``: files and objects)."""
+    n, on_s3 = len(others), sum(o.uri.startswith("s3://") for o in others)
+    kind = "object" if on_s3 == n else "file" if not on_s3 else "entry"
+    return f"1 {kind} that is not an upload" if n == 1 else \
+        f"{n} {'entries' if kind == 'entry' else kind + 's'} that are not uploads"
 
 
 def _age_text(seconds: float) -> str:
