@@ -180,7 +180,8 @@ def register_sweep_uploads(s_index: argparse._SubParsersAction) -> None:
         "sweep-uploads",
         help="remove the photos kept for API uploads that no reference uses (an add cut off between keeping its "
         "photos and storing their rows, a removal that failed): on S3 the store's _speciesid/uploads/, and the "
-        "folder's uploads/; only those older than --older-than, under the store's write lease")
+        "folder's uploads/; only those older than --older-than, under the store's write lease. Only the names the "
+        "API gives its uploads (<sha256><ext>) are taken: any other file there is left, and named")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--older-than", type=_age, default=86400.0, metavar="AGE",
                    help="only uploads at least this old (90s, 30m, 12h, 1d, 2w; default 1d): an add in progress "
