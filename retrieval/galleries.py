@@ -72,6 +72,10 @@ class GalleryPhotos(Sequence[Path | bytes]):
         source = self._sources[i]
         return self._gallery.read_photo(source) if is_s3(source) else source_file(source)
 
+    def source(self, i: int) -> str:
+        """The photo at ``i`` as the gallery's store records it (its path or S3 URI), read nowhere: what a log names."""
+        return self._sources[i]
+
 
 def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -> EncoderConfig:
     """The encoder a build into ``index_dir`` uses: ``encoder`` resolved (:meth:`EncoderConfig.resolved`) with the
