@@ -294,8 +294,9 @@ def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None,
     """The ``shared`` part of the ``probe`` block (:func:`probe_status`), None when the store is not on S3:
     ``object`` (the store's probe.json), ``copy`` (the store's copy the folder's probe files came from, from
     probe_origin.json; None: made here, or none), and the store's copy as last looked at: ``store_copy``,
-    ``looked_at``, ``matches`` (None: not looked at yet, or the store has none), ``withdrawn`` (True: the folder's
-    probe came from the store, which holds none now; None: not looked at yet) or ``error``. ``look``: one HEAD now
+    ``looked_at``, ``matches`` (None: not looked at yet, the last look failed, or the store has none), ``withdrawn``
+    (True: the folder's probe came from the store, which holds none now; None: not looked at yet, or the last look
+    failed) and ``error`` (that failure). ``look``: one HEAD now
     (``index info``); else ``follower``'s last look, and no request (``/readyz`` never waits on the store)."""
     if gallery.objects is None:
         return None
