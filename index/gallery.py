@@ -1095,11 +1095,6 @@ class Gallery:
             return cached[1]
         return self.store.species(version=self._synced_version)
 
-    def reference_sources(self) -> list[Path]:
-        """The photo files of the searchable references (what an exported encoder is checked and calibrated on)."""
-        return [source_file(t) for t in self.store.metadata(include_excluded=False)["source_path"]
-                if not is_s3(str(t))]  # not the uploads kept in an S3 store: read from there on demand only
-
 
 class StoreOpenError(ValueError):
     """A gallery's store at an object-store URI could not be opened (unreachable, refused, missing): the folder

@@ -72,6 +72,10 @@ class GalleryPhotos(Sequence[Path | bytes]):
         source = self._sources[i]
         return self._gallery.read_photo(source) if is_s3(source) else source_file(source)
 
+    def source(self, i: int) -> str:
+        """The photo at ``i`` as the gallery's store records it (its path or S3 URI), read nowhere: what a log names."""
+        return self._sources[i]
+
 
 def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -> EncoderConfig:
     """The encoder a build into ``index_dir`` uses: ``encoder`` resolved (:meth:`EncoderConfig.resolved`) with the
@@ -198,7 +202,7 @@ def open_identifier(
     ident.probe_follower = follower
     if follow_probe and use_probe:
         ident.follow_probe(files, load, refresh_s, marks=marks, sync=_unless_stale(gallery, follower)
-                           if follower else None)
+                           if follower else None, quiet=follower.files_quiet if follower else None)
     return ident
 
 
@@ -206,11 +210,12 @@ def _unless_stale(gallery: Gallery, follower: ProbeFollower) -> Callable[[bool],
     """The probe follower's look at the store (a HEAD), skipped while the gallery's reads are stale (its store failing
     or not answering): no identify waits on the HEAD's timeouts during an outage; the probe loaded stays. A look
     before an answer runs on a thread of its own (:meth:`ProbeFollower.look_soon`: no answer waits on the HEAD); a
-    forced one (``force``) runs here, so its take is loaded at once."""
+    forced one (``force``) waits for that thread's look to end, then runs here, so its take is loaded at once."""
     def sync(force: bool) -> None:
         if gallery.reading_stale:
             return
         if force:
+            follower.wait_for_look()  # not two looks at once: this one would find the folder's lock held
             follower.check()
         else:
             follower.look_soon()

@@ -152,6 +152,9 @@ class Calibrated:
 
 #: Loads the gallery's probe and text prior again (:meth:`Identifier.follow_probe`).
 ProbeLoader = Callable[[], tuple[LinearProbe | None, TextPriorScores | None]]
+#: A guard around a read of the probe files (``follow_probe``'s ``quiet``): ``quiet(wait=...)`` is a context
+#: whose value says whether they may be read now.
+FilesQuiet = Callable[..., contextlib.AbstractContextManager[bool]]
 
 
 class Identifier:
@@ -182,6 +185,7 @@ class Identifier:
         self._pinned_state = threading.local()  # the state an answer in progress on this thread started with
         self._follow: tuple[list[Path], ProbeLoader, float] | None = None  # (files, loader, refresh_s)
         self._sync: Callable[[bool], object] | None = None  # called before each look at the files (follow_probe)
+        self._quiet: FilesQuiet | None = None  # held around each read of the files (follow_probe)
         #: The follower of an S3 store's shared probe (retrieval.probe_share.ProbeFollower; open_identifier sets it),
         #: whose last look /readyz tells; None otherwise.
         self.probe_follower: Any = None
@@ -255,15 +259,19 @@ class Identifier:
         self._taxa_version = -1
 
     def follow_probe(self, files: Sequence[str | Path], load: ProbeLoader, refresh_s: float = 1.0, *,
-                     marks: tuple | None = None, sync: Callable[[bool], object] | None = None) -> None:
+                     marks: tuple | None = None, sync: Callable[[bool], object] | None = None,
+                     quiet: FilesQuiet | None = None) -> None:
         """Load the probe and text prior again (``load``) when one of ``files`` changes (:func:`file_marks`), looked
         at most every ``refresh_s`` seconds before an answer: a server follows ``speciesid probe train`` / ``probe
         import`` as it follows other processes' reference writes. Settings the caller gave stay. ``marks``: the
         files' marks when the current state was loaded (default: now). ``sync``: called at each look first, with
         whether the look is forced (an S3 store's shared probe taken into the files: :mod:`retrieval.probe_share`;
-        a look before an answer starts it on a thread of its own, a forced one waits for it)."""
+        a look before an answer starts it on a thread of its own, a forced one waits for it). ``quiet``: the files
+        are read inside ``quiet(wait=force)``, whose value says whether they may be read now (False: that take is
+        writing them: they are read at the next look, not caught half-written; ``ProbeFollower.files_quiet``)."""
         self._follow = ([Path(f) for f in files], load, refresh_s)
         self._sync = sync
+        self._quiet = quiet
         self._probe_files = file_marks(self._follow[0]) if marks is None else marks
         self._probe_checked = time.monotonic()
 
@@ -281,16 +289,19 @@ class Identifier:
             self._probe_checked = time.monotonic()
             if self._sync is not None:
                 self._sync(force)  # logs its own failures: the files then stay as they are
-            marks = file_marks(files)
-            if marks == self._probe_files:
-                return False
-            self._probe_files = marks  # a failed load is warned once: the write it caught half-done changes them
-            try:
-                probe, text = load()  # ValueError for files of two saves (LinearProbe.load)
-            except (OSError, ValueError, KeyError) as exc:  # mid-write, or another encoder's: looked at again later
-                logger.warning("the probe files of %s changed but cannot be loaded (%s): answering with the "
-                               "ones loaded before", self.gallery.root, exc)
-                return False
+            with self._quiet(wait=force) if self._quiet is not None else contextlib.nullcontext(True) as quiet:
+                if not quiet:  # this process's take is writing them: read whole at the next look
+                    return False
+                marks = file_marks(files)
+                if marks == self._probe_files:
+                    return False
+                self._probe_files = marks  # a failed load is warned once: the write it caught half-done changes them
+                try:
+                    probe, text = load()  # ValueError for files of two saves (LinearProbe.load)
+                except (OSError, ValueError, KeyError) as exc:  # mid-write, or another encoder's: looked at later
+                    logger.warning("the probe files of %s changed but cannot be loaded (%s): answering with the "
+                                   "ones loaded before", self.gallery.root, exc)
+                    return False
             self._state = self._calibrated(probe, text)
             with self._whitened_lock:  # the vote's metric comes with the probe
                 self._whitening, self._whitening_version, self._whitening_probe = None, -1, None

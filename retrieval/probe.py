@@ -314,8 +314,16 @@ def keep_previous(folder: str | Path) -> str:
     return probe_origin(pair[0])
 
 
-#: The key of probe.swap.json naming the weights' sha256 of the probe its swap restores (the swap's target).
-_SWAP_TARGET = "swap_restores_sha256"
+#: The key of probe.swap.json naming the probe its swap restores (the swap's target): the :func:`_pair_digest` of its
+#: json and weights, not the weights' alone (two probes can share their weights: a retrain of the same gallery, or
+#: one with other calibration settings).
+_SWAP_TARGET = "swap_restores_pair_sha256"
+
+
+def _pair_digest(meta: Mapping, weights: bytes) -> str:
+    """The sha256 of a probe's pair: its json (keys sorted, the swap's own key left out) and its weights."""
+    text = json.dumps({k: v for k, v in meta.items() if k != _SWAP_TARGET}, sort_keys=True, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8") + b"\0" + weights).hexdigest()
 
 
 def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = None) -> tuple[str, str]:
@@ -353,7 +361,7 @@ def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = N
         _remove_files(folder, PROBE_PREV_META, PROBE_PREV_WEIGHTS)  # the json first: no probe.prev.* then
         return probe_origin(meta), ""
     now_meta, now_weights = current
-    _write_pair(folder, {**now_meta, _SWAP_TARGET: meta["weights_sha256"]}, now_weights, PROBE_SWAP_META,
+    _write_pair(folder, {**now_meta, _SWAP_TARGET: _pair_digest(meta, weights)}, now_weights, PROBE_SWAP_META,
                 PROBE_SWAP_WEIGHTS)  # from here on a crash leaves both probes whole
     _write_pair(folder, meta, weights, PROBE_META, PROBE_WEIGHTS)
     _write_pair(folder, now_meta, now_weights, PROBE_PREV_META, PROBE_PREV_WEIGHTS)
@@ -400,15 +408,13 @@ def finish_interrupted_swap(folder: str | Path) -> str:
 
 
 def _whole_pair_digest(folder: Path, meta_name: str, weights_name: str) -> str | None:
-    """The weights' sha256 the pair's json records, when its weights are those (one save's whole pair); else None
-    (missing, unreadable, two saves' files, or a json that records no digest)."""
+    """The :func:`_pair_digest` of the pair as :func:`_read_pair` reads it (the digest a swap's target was made
+    with), when it is one save's whole pair; else None (missing, unreadable, or two saves' files)."""
     try:
-        meta = json.loads((folder / meta_name).read_text(encoding="utf-8"))
-        weights = (folder / weights_name).read_bytes()
-    except (OSError, ValueError):
+        pair = _read_pair(folder, meta_name, weights_name)
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
-    recorded = meta.get("weights_sha256") if isinstance(meta, dict) else None
-    return str(recorded) if recorded and hashlib.sha256(weights).hexdigest() == recorded else None
+    return _pair_digest(*pair) if pair is not None else None
 
 
 def _remove_files(folder: Path, *names: str) -> None:

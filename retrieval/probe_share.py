@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
@@ -134,6 +135,7 @@ class ProbeFollower:
         self.last_look: dict[str, str | None] | None = None
         self._looking: threading.Thread | None = None  # the look look_soon started (None: none yet)
         self._looking_guard = threading.Lock()
+        self._taking = threading.Lock()  # held while a take writes the folder's probe files (files_quiet)
 
     def at_open(self) -> None:
         """At open: take the store's copy when the folder has no probe (waiting :data:`AT_OPEN_WAIT_S` at most for
@@ -186,6 +188,24 @@ class ProbeFollower:
                 self._looking = None
                 return
             self._looking = thread
+
+    def looking(self) -> bool:
+        """Whether the look :meth:`look_soon` started is still running."""
+        thread = self._looking
+        return thread is not None and thread.is_alive()
+
+    @contextlib.contextmanager
+    def files_quiet(self, *, wait: bool = False) -> Iterator[bool]:
+        """Keep this follower's takes off the folder's probe files while they are read in the block: yields True
+        (no take writes them until the block ends), or False when a take is writing them now (``wait``: waits for
+        it to end instead): a reader then leaves them for its next look, not catching half a take."""
+        if not self._taking.acquire(blocking=wait):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._taking.release()
 
     def wait_for_look(self, timeout: float | None = None) -> None:
         """Wait (``timeout`` seconds at most) for the look :meth:`look_soon` started, if one is running."""
@@ -240,7 +260,8 @@ class ProbeFollower:
             self.seen = copy
             return False
         layout = self.gallery.layout
-        with self.gallery.writing(local=True, wait=wait):  # the folder's files only; a writer's probe write waits
+        # the folder's files only (a writer's probe write waits); this process's readers of them wait (files_quiet)
+        with self.gallery.writing(local=True, wait=wait), self._taking:
             if _origin(self.gallery) == copy:  # a publish from this folder (or another follower) since the look
                 self.seen = copy
                 return False
@@ -273,8 +294,9 @@ def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None,
     """The ``shared`` part of the ``probe`` block (:func:`probe_status`), None when the store is not on S3:
     ``object`` (the store's probe.json), ``copy`` (the store's copy the folder's probe files came from, from
     probe_origin.json; None: made here, or none), and the store's copy as last looked at: ``store_copy``,
-    ``looked_at``, ``matches`` (None: not looked at yet, or the store has none), ``withdrawn`` (True: the folder's
-    probe came from the store, which holds none now; None: not looked at yet) or ``error``. ``look``: one HEAD now
+    ``looked_at``, ``matches`` (None: not looked at yet, the last look failed, or the store has none), ``withdrawn``
+    (True: the folder's probe came from the store, which holds none now; None: not looked at yet, or the last look
+    failed) and ``error`` (that failure). ``look``: one HEAD now
     (``index info``); else ``follower``'s last look, and no request (``/readyz`` never waits on the store)."""
     if gallery.objects is None:
         return None

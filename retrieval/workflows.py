@@ -516,9 +516,14 @@ class AddResult:
         return [note for note in (self.probe_note, self.few_note) if note] + near_copy_notes(self.near_copies)
 
 
-#: Nearest references each stored photo is compared with to find one held before that it nearly copies (this call's
-#: own photos among them are passed over).
+#: Nearest references each stored photo is compared with to find one held before that it nearly copies: this many
+#: beyond the add's own photos (passed over), :data:`NEAR_COPY_FIRST_K` at most at first, then twice as many for a
+#: photo whose nearest were all the add's own at a near-copy cosine (a burst of frames of one animal).
 NEAR_COPY_K = 8
+#: The most neighbours each stored photo's first near-copy search asks for (a large add).
+NEAR_COPY_FIRST_K = 64
+#: Stored photos searched at once for near-copies (bounds the search's memory on a large add).
+NEAR_COPY_ROWS = 256
 #: Near-copies named one note each; the rest are counted in one more note.
 NEAR_COPY_NOTES = 10
 
@@ -560,21 +565,17 @@ def near_copy_notes(found: Sequence[NearCopy]) -> list[str]:
 
 
 def find_near_copies(gallery: Gallery, ids: Sequence[int], names: dict[int, str]) -> list[NearCopy]:
-    """The references ``ids`` just stored that nearly copy a reference held before them (not one of ``ids``): each
-    stored embedding's :data:`NEAR_COPY_K` nearest references searched once (the add's embeddings, read back from
-    the index). ``names``: the photo name to show per id (default: its stored source)."""
-    from retrieval.findings import DEFAULT_DUP_THRESHOLD  # the clean leak rule
-
+    """The references ``ids`` just stored that nearly copy a reference held before them (not one of ``ids``): the
+    nearest reference held before of each stored embedding (the add's embeddings, read back from the index; see
+    :data:`NEAR_COPY_K`: a search goes on past the add's own photos while they are at a near-copy cosine).
+    ``names``: the photo name to show per id (default: its stored source)."""
     if not ids or len(gallery) <= len(ids):
         return []
     new = {int(i) for i in ids}
-    sims, found = gallery.nearest(gallery.reference_vectors(ids), min(len(ids) + 1, NEAR_COPY_K))
     hits: list[tuple[int, int, float]] = []  # (new id, held id, cosine)
-    for rid, row_sims, row_ids in zip(ids, sims, found, strict=True):
-        held = next(((int(j), float(c)) for j, c in zip(row_ids, row_sims, strict=True) if j >= 0 and j not in new),
-                    None)
-        if held is not None and held[1] >= DEFAULT_DUP_THRESHOLD:
-            hits.append((int(rid), *held))
+    for start in range(0, len(ids), NEAR_COPY_ROWS):
+        batch = [int(i) for i in ids[start:start + NEAR_COPY_ROWS]]
+        hits += _near_held(gallery, batch, new)
     if not hits:
         return []
     meta = gallery.store.metadata(sorted({i for rid, of, _ in hits for i in (rid, of)}))
@@ -587,6 +588,29 @@ def find_near_copies(gallery: Gallery, ids: Sequence[int], names: dict[int, str]
                             of_photo=str(sources[of]).replace("\\", "/").rsplit("/", 1)[-1], cosine=cosine,
                             same_species=species[of] == species[rid]))
     return out
+
+
+def _near_held(gallery: Gallery, batch: list[int], new: set[int]) -> list[tuple[int, int, float]]:
+    """(id, held id, cosine) of the references ``batch`` (some of the add's ``new``) whose nearest reference held
+    before is a near-copy (the clean rule's cosine), in ``batch``'s order (:func:`find_near_copies`)."""
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD  # the clean leak rule
+
+    vectors, total = gallery.reference_vectors(batch), len(gallery)
+    found_for: dict[int, tuple[int, float]] = {}
+    rows, k = list(range(len(batch))), min(len(new) + NEAR_COPY_K, NEAR_COPY_FIRST_K, total)
+    while rows:
+        sims, found = gallery.nearest(vectors[rows], k)
+        again = []
+        for row, row_sims, row_ids in zip(rows, sims, found, strict=True):
+            held = next(((int(j), float(c)) for j, c in zip(row_ids, row_sims, strict=True)
+                         if j >= 0 and j not in new), None)
+            if held is not None:
+                if held[1] >= DEFAULT_DUP_THRESHOLD:
+                    found_for[row] = held
+            elif k < total and (row_ids >= 0).all() and row_sims[-1] >= DEFAULT_DUP_THRESHOLD:
+                again.append(row)  # all the add's own, a held one may still be that near: look further
+        rows, k = again, min(2 * k, total)
+    return [(batch[row], *found_for[row]) for row in sorted(found_for)]
 
 
 def check_new_references(

@@ -119,3 +119,17 @@ def test_references_add_of_a_species_with_one_photo_says_probe_train_leaves_it_o
                           _photo(tmp_path / "two.png", 81), "-q")
     # no few-photos note now (the random encoder finds two.png a near-copy of one.png: that note is its own)
     assert code == 0 and "(existing species)" in out and "probe train' needs" not in out, (out, err)
+    (near,) = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert near.startswith(f"note: {tmp_path / 'two.png'} (reference ") and " is a near-copy of reference " in near \
+        and "of Dendrelaphis pictus (one.png, cosine " in near and "'probe train' counts near-copies once" in near, out
+
+
+def test_references_add_help_gives_the_near_copy_cosine_of_the_clean_rule(capsys, monkeypatch):
+    """Re-read finding: the help said "cosine >= 0.95" in its own words; it is the clean rule's threshold."""
+    import retrieval.findings
+
+    monkeypatch.setattr(retrieval.findings, "DEFAULT_DUP_THRESHOLD", 0.97)
+    with pytest.raises(SystemExit) as exited:
+        main(["references", "add", "--help"])
+    assert exited.value.code == 0
+    assert "re-encoded or re-cropped, cosine >= 0.97) is added" in " ".join(capsys.readouterr().out.split())

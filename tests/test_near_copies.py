@@ -103,3 +103,29 @@ def test_a_near_copy_check_that_fails_leaves_the_add_done_and_says_so(tmp_path, 
         res = add_photos(gallery, enc, "Natrix maura", [_photo(tmp_path / "n.png", 400)])
     assert len(res.report.ids) == 1 and res.near_copies == [] and len(gallery) == 7
     assert "the near-copy check of the photos added was skipped: the store did not answer" in caplog.text
+
+
+def test_a_burst_of_ten_frames_nearly_copying_a_held_reference_is_each_named(tmp_path, capsys, monkeypatch):
+    """Re-read finding: the search asked for min(own photos + 1, 8) neighbours, so with 8 or more frames of one
+    animal (nearer each other than to the held photo) each one's 8 nearest were all the add's own: the held
+    reference they nearly copy was never seen. The search now goes past the add's own photos: at once (own + 8
+    neighbours), and again with twice as many while they are all the add's own (a first search of 2 here)."""
+    import retrieval.workflows
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+    meta = gallery.store.metadata()
+    rng = np.random.default_rng(1)
+    for species, first_k, seed in (("Naja samarensis", retrieval.workflows.NEAR_COPY_FIRST_K, 500),
+                                   ("Natrix maura", 2, 600)):
+        monkeypatch.setattr(retrieval.workflows, "NEAR_COPY_FIRST_K", first_k)
+        of = int(meta.index[meta["species"] == species][0])
+        held = gallery.reference_vectors([of])[0]
+        base = _unit(held + 0.25 * _unit(rng.standard_normal(gallery.dim)))  # cosine about 0.97 with the held one
+        frames = _unit(base + 0.02 * _unit(rng.standard_normal((10, gallery.dim))))
+        assert float((frames @ frames.T).min()) > float((frames @ held).max()) >= DEFAULT_DUP_THRESHOLD
+        files = [_photo(tmp_path / f"burst{seed}" / f"{i}.png", seed + i) for i in range(10)]
+        res = add_photos(gallery, enc, species, files, embeddings=frames)
+        assert [(n.id, n.of) for n in res.near_copies] == [(i, of) for i in res.report.ids], first_k

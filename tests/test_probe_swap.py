@@ -5,7 +5,9 @@ the interrupted swap. No encoder, no gallery: the probe files of a plain folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from index.layout import (
     PROBE_SWAP_WEIGHTS,
     PROBE_WEIGHTS,
 )
-from retrieval.probe import LinearProbe, keep_previous, restore_previous
+from retrieval.probe import Calibration, LinearProbe, keep_previous, restore_previous
 
 
 class Crash(OSError):
@@ -118,3 +120,35 @@ def test_a_train_after_an_interrupted_restore_keeps_the_probe_the_restore_left_c
     assert keep_previous(tmp_path)  # a new probe being saved: B (restored) set aside whole
     assert _whole(tmp_path, PROBE_PREV_META, PROBE_PREV_WEIGHTS) == b
     assert not (tmp_path / PROBE_SWAP_META).exists()
+
+
+def test_a_restore_between_two_probes_of_the_same_weights_crashing_mid_write_is_not_taken_as_done(tmp_path,
+                                                                                                  monkeypatch):
+    """Re-read finding: the swap told "finished" from "undone" by the weights' sha256 alone. Two probes with the same
+    weights and another probe.json (a retrain of the same gallery, other calibration settings) were confused: a crash
+    between the restored probe's npz and json renames left the current json A's beside the (same) npz, which read as
+    "finished"; A's copy was written over probe.prev.* and B, the probe asked for, was lost."""
+    b = _probe(1)
+    a = replace(b, calibration=Calibration(C=50.0, selected_on="cv:5-fold"), made_at="2026-12-06T21:01:00+00:00")
+    b.save(tmp_path)
+    keep_previous(tmp_path)
+    a.save(tmp_path)
+    assert a.weights_sha256 == b.weights_sha256
+    real_replace = os.replace
+
+    def crash_on_the_restored_json(src, dst, *args, **kwargs):  # probe.npz (same bytes) renamed in, its json not
+        if Path(dst).name == PROBE_META:
+            raise Crash("crash")
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", crash_on_the_restored_json)
+        with pytest.raises(Crash):
+            restore_previous(tmp_path)
+    assert LinearProbe.load(tmp_path).calibration.C == 50.0  # still A: the restore had not got to its json
+    restore_previous(tmp_path)  # undoes the swap, then restores: B is the probe now, A kept
+    assert LinearProbe.load(tmp_path).calibration == b.calibration
+    assert json.loads((tmp_path / PROBE_PREV_META).read_text())["made_at"] == a.made_at
+    assert not (tmp_path / PROBE_SWAP_META).exists()
+    restore_previous(tmp_path)  # and back
+    assert LinearProbe.load(tmp_path).calibration.C == 50.0

@@ -150,14 +150,64 @@ def test_the_look_before_an_answer_asks_the_store_on_a_thread_of_its_own(two_mac
     follower = following.probe_follower
     asked_from = []
     real_head = follower.objects.head
-    monkeypatch.setattr(follower.objects, "head",
-                        lambda uri: asked_from.append(threading.current_thread()) or real_head(uri))
-    assert not following.refresh_probe()  # what an identify does first: it does not wait for the look
+    answered = threading.Event()  # the look thread's HEAD is held until the identify has answered
+
+    def head(uri):
+        asked_from.append(threading.current_thread())
+        if threading.current_thread() is not threading.main_thread():
+            answered.wait(60)
+        return real_head(uri)
+
+    monkeypatch.setattr(follower.objects, "head", head)
+    assert not following.refresh_probe()  # what an identify does first: it does not wait for the look (held)
+    answered.set()
     follower.wait_for_look()
     assert asked_from and threading.current_thread() not in asked_from
     assert (b / "probe.json").is_file() and following.probe is None  # taken into the folder, not loaded yet
     assert following.refresh_probe()  # the next look loads it
     assert following.probe is not None and following.probe.species == LinearProbe.load(a).species
+    follower.wait_for_look()  # the look that one started, done before the forced one below is watched
     asked_from.clear()
     assert not following.refresh_probe(force=True)  # forced: looked at here, nothing new
     assert asked_from == [threading.current_thread()]
+
+
+def test_a_request_does_not_read_the_probe_files_while_the_servers_own_take_writes_them(  # noqa: F811
+        two_machines, monkeypatch, caplog):  # noqa: F811
+    """Re-read finding: the look thread's take raced the requests' reads of the folder's files: a request between
+    its probe.npz and probe.json writes read half a take and warned "cannot be loaded ... train it again" on a
+    healthy server. Now it leaves the files to its next look while the take writes them."""
+    import threading
+
+    import retrieval.probe_share as probe_share
+    from retrieval.probe import LinearProbe
+    from retrieval.workflows import open_identifier, train_gallery_probe
+
+    a, b, _, _ = two_machines
+    train_gallery_probe(a, progress=False)  # shared
+    following = open_identifier(b, follow_probe=True, refresh_s=0.0)  # took it at open
+    first = following.probe
+    assert first is not None
+    train_gallery_probe(a, progress=False, keep_duplicates=True, folds=2)  # another probe shared
+    assert LinearProbe.load(a).weights_sha256 != first.weights_sha256
+    half, go = threading.Event(), threading.Event()
+    real_write = probe_share.atomic_write
+
+    def held_after_the_weights(path, data):  # the take paused between its probe.npz and probe.json writes
+        real_write(path, data)
+        if path.name == "probe.npz" and threading.current_thread() is not threading.main_thread():
+            half.set()
+            go.wait(60)
+
+    monkeypatch.setattr(probe_share, "atomic_write", held_after_the_weights)
+    caplog.set_level(logging.INFO)
+    following.refresh_probe()  # a request: starts the look, which takes the new probe
+    assert half.wait(60)
+    assert not following.refresh_probe()  # the next request, while the take is half done: the files left alone
+    assert following.probe is first
+    go.set()
+    following.probe_follower.wait_for_look()
+    assert following.refresh_probe()  # the one after loads the take whole
+    assert following.probe.weights_sha256 == LinearProbe.load(a).weights_sha256
+    following.probe_follower.wait_for_look()
+    assert not [r for r in caplog.records if "cannot be loaded" in r.getMessage()]

@@ -5,6 +5,7 @@ tiny random ``timm:test_vit@random`` encoder, random photos: no shared assets)."
 from __future__ import annotations
 
 import io
+import logging
 import types
 
 import numpy as np
@@ -39,7 +40,8 @@ def s3_gallery(request, tmp_path):
     return index, client
 
 
-def test_the_photos_an_export_is_calibrated_on_include_the_uploads_kept_in_the_s3_store(s3_gallery, monkeypatch):
+def test_the_photos_an_export_is_calibrated_on_include_the_uploads_kept_in_the_s3_store(s3_gallery, monkeypatch,
+                                                                                          caplog):
     """Stop 48's note: reference_sources left the S3-kept uploads out, so a gallery grown through the API had only
     its build photos (here 2: too few, the check fell back to synthetic images and int8 was not calibrated)."""
     import retrieval.galleries
@@ -73,8 +75,12 @@ def test_the_photos_an_export_is_calibrated_on_include_the_uploads_kept_in_the_s
     stored = Gallery.open(index).store.metadata()["source_path"]
     gone = next(str(s) for s in stored if str(s).startswith("s3://"))
     client.delete_object(Bucket=BUCKET, Key=gone.removeprefix(f"s3://{BUCKET}/"))
-    sample = _Photos(photos, reference)
-    assert len(sample.check) + len(sample.calibration) == 9 and sample.real
+    with caplog.at_level(logging.DEBUG, logger="retrieval.runtimes.select"):
+        sample = _Photos(photos, reference)
+        assert len(sample.check) + len(sample.calibration) == 9 and sample.real  # read here
+    # the photo skipped is named (re-read finding: the line gave its position alone)
+    (skipped,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped.startswith(f"check photo {gone} skipped: "), skipped
 
 
 def test_only_the_sampled_photos_of_a_long_list_are_taken():

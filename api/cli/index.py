@@ -189,9 +189,6 @@ def register_sweep_uploads(s_index: argparse._SubParsersAction) -> None:
                    "for orphans")
     p.add_argument("--dry-run", action="store_true", help="remove nothing: list what would be removed")
     add_quiet(p)
-    from api.cli import WRITE_WAIT_HELP
-
-    p.epilog = WRITE_WAIT_HELP  # it removes under the gallery's lock (on S3 the store's lease): it waits too
     p.set_defaults(func=cmd_index_sweep_uploads)
 
 

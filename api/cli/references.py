@@ -20,12 +20,15 @@ from api.cli._common import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the references command group."""
+    from retrieval.findings import DEFAULT_DUP_THRESHOLD  # the copy rule of speciesid clean
+
     p_ref = sub.add_parser("references", help="add or delete reference photos")
     s_ref = p_ref.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = s_ref.add_parser("add", help="add reference photos of a species (created if new); no retraining",
                          description="Add reference photos of a species (created if new); no retraining. Photos "
                          "already stored are not stored again; a photo that nearly copies a reference held (the "
-                         "same photo re-encoded or re-cropped, cosine >= 0.95) is added, with a note naming that "
+                         f"same photo re-encoded or re-cropped, cosine >= {DEFAULT_DUP_THRESHOLD:g}) is added, with a "
+                         "note naming that "
                          "reference. Exit status 1 when a photo was unreadable or is already a reference of another "
                          "species (the other photos are added).")
     p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders")

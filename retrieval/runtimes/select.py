@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -208,6 +209,16 @@ def _refuse(info: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ cold path
+def _photo_name(items: Sequence, pos: int) -> str:
+    """How a log names the photo at ``pos`` of ``items``: its stored source (``GalleryPhotos.source``: not read
+    again), else the item itself (a path), else its position."""
+    source = getattr(items, "source", None)
+    if callable(source):
+        return str(source(pos))
+    item = items[pos]
+    return f"number {pos} (bytes)" if isinstance(item, bytes) else str(item)
+
+
 class _Photos:
     """Check and calibration sets, decoded and preprocessed on first use."""
 
@@ -236,7 +247,7 @@ class _Photos:
                 image = model_image(data, self.reference.input_size)
                 arrays.append(self.reference.preprocess(image))
             except (OSError, ImageLoadError, ValueError) as exc:
-                logger.debug("check photo %d skipped: %s", pos, exc)
+                logger.debug("check photo %s skipped: %s", _photo_name(items, pos), exc)
         if len(arrays) >= 8:
             x = np.stack(arrays)
             n_check = min(CHECK_PHOTOS, len(x) // 2 if len(x) < 2 * CHECK_PHOTOS else CHECK_PHOTOS)
