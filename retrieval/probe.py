@@ -226,19 +226,21 @@ def _weights_of(folder: Path, meta: Mapping, weights_name: str, meta_name: str) 
 
 def probe_origin(meta: Mapping) -> str:
     """In words, what made the probe of ``meta`` (its probe.json) and when: "the probe 'probe train' trained on
-    2026-12-06 21:01 UTC (C=50, settings chosen on cv:5-fold, rule seq-nll)", or "the head of RUN that 'probe
-    import' took on ..."."""
+    2026-12-06 21:01 UTC (C=50, settings chosen on cv:5-fold, rule seq-nll), weights sha256 0123456789ab", or "the
+    head of RUN that 'probe import' took on ..."; the digest where ``meta`` records one."""
     made = str(meta.get("made_at") or "")
     when = f" on {made[:16].replace('T', ' ')} UTC" if made else ""
     source = str(meta.get("source") or "")
     settings = meta.get("settings") or {}
+    # two probes made in one minute differ here (a probe.json written before the digest was kept has none)
+    digest = f", weights sha256 {str(meta['weights_sha256'])[:12]}" if meta.get("weights_sha256") else ""
     if source.startswith("finetune:"):
-        return f"the head of {source.partition(':')[2]} that 'probe import' took{when}"
+        return f"the head of {source.partition(':')[2]} that 'probe import' took{when}{digest}"
     if source:
-        return f"the probe from {source}{when}"
+        return f"the probe from {source}{when}{digest}"
     rule = f", rule {settings['rule']}" if settings.get("rule") else ""
     return (f"the probe 'probe train' trained{when} (C={settings.get('C', Calibration.C):g}, settings chosen on "
-            f"{settings.get('selected_on', 'default')}{rule})")
+            f"{settings.get('selected_on', 'default')}{rule}){digest}")
 
 
 def probe_summary(probe: LinearProbe) -> dict[str, Any]:

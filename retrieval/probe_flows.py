@@ -20,6 +20,7 @@ from index.datasets import load_dataset
 from index.gallery import Gallery
 from index.layout import EncoderMismatchError, GalleryLayout, check_encoder, weights_digest, weights_only
 from index.lease import LeaseError
+from index.objects import probe_uri
 from index.photos import first_few
 from index.sources import absolute_path
 from index.store import SpeciesSummary
@@ -76,6 +77,7 @@ class ProbeResult:
     head_only: list[str] = field(default_factory=list)  # an imported head's species the gallery has no photo of
     gallery_only: list[str] = field(default_factory=list)  # the gallery's species the imported head does not name
     replaced: str = ""  # the probe this one replaced, in words (kept as probe.prev.*), "" when there was none
+    shared: str = ""  # where the store shares it with other machines (its S3 folder), "" when the store is local
 
 
 @dataclass
@@ -181,11 +183,11 @@ def train_gallery_probe(
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
-    replaced = save_replacing(gallery, probe)
+    replaced, shared = save_replacing(gallery, probe)
     if taxa:
         save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
-                       dropped=val.dropped, dropped_kinds=val.dropped_kinds, replaced=replaced)
+                       dropped=val.dropped, dropped_kinds=val.dropped_kinds, replaced=replaced, shared=shared)
 
 
 def import_gallery_probe(
@@ -267,10 +269,10 @@ def import_gallery_probe(
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
-    replaced = save_replacing(gallery, probe)
+    replaced, shared = save_replacing(gallery, probe)
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
-                       head_only=head_only, gallery_only=gallery_only, replaced=replaced)
+                       head_only=head_only, gallery_only=gallery_only, replaced=replaced, shared=shared)
 
 
 class ProbeNotSharedError(ValueError):
@@ -278,18 +280,28 @@ class ProbeNotSharedError(ValueError):
     what to run (``speciesid probe publish``), not the command again."""
 
 
+@dataclass
+class Shared:
+    """Where :func:`_saving_and_sharing` shared the probe: the store's probe folder, "" when the store is local."""
+
+    where: str = ""
+
+
 @contextlib.contextmanager
-def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[None]:
+def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[Shared]:
     """One hold for writing the folder's probe files and publishing them (:func:`retrieval.probe_share.publish_probe`)
     when the store is on S3: the store's lease with the folder's lock (a follower of the store's copy on this
     folder cannot write between the save and the publish); the folder's lock alone otherwise. A publish that fails
-    after the files were written is a :class:`ProbeNotSharedError`: ``done`` says what the folder holds now."""
+    after the files were written is a :class:`ProbeNotSharedError`: ``done`` says what the folder holds now. It
+    yields a :class:`Shared`, filled once the probe is shared."""
     shared = gallery.objects is not None
+    box = Shared()
     with gallery.writing(local=not shared):
-        yield
+        yield box
         if shared:
             try:
                 publish_probe(gallery)  # the files just written under this hold (no follower wrote since)
+                box.where = probe_uri(gallery.objects.uri, "")
             except ProbePublishInterrupted as exc:  # it says what happened and what to run
                 raise ProbeNotSharedError(f"{done} in {gallery.root}, but not shared through the gallery's store: "
                                           f"{exc}, not this command again") from exc
@@ -300,30 +312,32 @@ def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[None]:
                     "when the store answers, not this command again") from exc
 
 
-def save_replacing(gallery: Gallery, probe: LinearProbe) -> str:
+def save_replacing(gallery: Gallery, probe: LinearProbe) -> tuple[str, str]:
     """Save ``probe`` as the gallery's (made now), under the gallery's write lock, after setting the probe it
     replaces aside as probe.prev.* (:func:`retrieval.probe.keep_previous`, one generation), and on an S3 store
-    publish it under the same hold (:func:`_saving_and_sharing`). Returns in words what it replaced, "" when there
-    was none."""
+    publish it under the same hold (:func:`_saving_and_sharing`). Returns in words what it replaced ("" when there
+    was none) and where the store shares it ("" when the store is local)."""
     probe.made_at = now_utc()
-    with _saving_and_sharing(gallery, "the new probe is saved"):  # not another writer's probe kept, nor half a swap
+    # under one hold: no other writer's probe kept as the previous one, and no half swap
+    with _saving_and_sharing(gallery, "the new probe is saved") as shared:
         replaced = keep_previous(gallery.root)
         probe.save(gallery.root)
     if replaced:
         logger.info("replaced %s (kept as probe.prev.*)", replaced)
-    return replaced
+    return replaced, shared.where
 
 
-def restore_gallery_probe(index_dir: str | Path) -> tuple[str, str]:
+def restore_gallery_probe(index_dir: str | Path) -> tuple[str, str, str]:
     """Bring back the probe the last ``probe train`` / ``probe import`` replaced in gallery ``index_dir``, setting
     the current one aside in its place (run again to swap back): (what was restored, what was set aside, "" when
-    the gallery had no probe), in words. FileNotFoundError when none was kept; a kept probe of another encoder than
+    the gallery had no probe), in words, and where the store shares it ("" when the store is local).
+    FileNotFoundError when none was kept; a kept probe of another encoder than
     the gallery's is refused (EncoderMismatchError). A store on S3 shares the restored probe as it shares a trained
     one, under the same hold (:func:`_saving_and_sharing`; a failed publish: :class:`ProbeNotSharedError`)."""
     gallery = Gallery.open(index_dir)
-    with _saving_and_sharing(gallery, "the earlier probe is restored"):
-        swapped = restore_previous(gallery.root, expected_fingerprint=gallery.fingerprint)
-    return swapped
+    with _saving_and_sharing(gallery, "the earlier probe is restored") as shared:
+        restored, replaced = restore_previous(gallery.root, expected_fingerprint=gallery.fingerprint)
+    return restored, replaced, shared.where
 
 
 def publish_gallery_probe(index_dir: str | Path) -> str:

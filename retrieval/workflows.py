@@ -560,7 +560,8 @@ def near_copy_notes(found: Sequence[NearCopy]) -> list[str]:
     if rest:
         notes.append(f"{len(rest)} more photo{'s are' if len(rest) > 1 else ' is a'} near-cop"
                      f"{'ies' if len(rest) > 1 else 'y'} of references held (references "
-                     f"{first_few([n.id for n in rest])})")
+                     f"{first_few([n.id for n in rest])}); 'speciesid clean --index GALLERY --no-zero-shot "
+                     "--report DIR' lists every pair (near-duplicate)")
     return notes
 
 

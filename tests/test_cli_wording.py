@@ -133,3 +133,23 @@ def test_references_add_help_gives_the_near_copy_cosine_of_the_clean_rule(capsys
         main(["references", "add", "--help"])
     assert exited.value.code == 0
     assert "re-encoded or re-cropped, cosine >= 0.97) is added" in " ".join(capsys.readouterr().out.split())
+
+
+def test_references_add_prints_its_ids_as_runs_not_one_by_one(built, tmp_path, capsys):
+    import re
+
+    index, _ = built
+    photos = [_photo(tmp_path / f"run{i}.png", 90 + i) for i in range(3)]
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", *photos, "-q")
+    assert code == 0, err
+    (first, last) = map(int, re.findall(r"^ids: (\d+)-(\d+)$", out, re.M)[0])
+    assert last - first == 2, out
+
+
+def test_id_runs_joins_consecutive_ids_and_counts_past_the_runs_shown():
+    from api.cli._common import ID_RUNS_SHOWN, id_runs
+
+    assert id_runs(range(1668, 2228)) == "1668-2227"
+    assert id_runs([9, 3, 7, 8, 8]) == "3, 7-9"
+    scattered = list(range(0, 2 * (ID_RUNS_SHOWN + 5), 2))  # 25 runs of one id each
+    assert id_runs(scattered) == ", ".join(map(str, scattered[:ID_RUNS_SHOWN])) + ", ... (5 more)"

@@ -79,9 +79,12 @@ def test_many_near_copies_are_named_ten_then_counted():
                       same_species=True) for i in range(NEAR_COPY_NOTES + 3)]
     notes = near_copy_notes(found)
     assert len(notes) == NEAR_COPY_NOTES + 1 and notes[0].startswith("p0.jpg (reference 100) is a near-copy of ")
-    assert notes[-1] == "3 more photos are near-copies of references held (references 110, 111, 112)"
+    assert notes[-1] == ("3 more photos are near-copies of references held (references 110, 111, 112); 'speciesid "
+                         "clean --index GALLERY --no-zero-shot --report DIR' lists every pair (near-duplicate)")
     assert near_copy_notes(found[:NEAR_COPY_NOTES + 1])[-1] == ("1 more photo is a near-copy of references held "
-                                                               "(references 110)")
+                                                               "(references 110); 'speciesid clean --index GALLERY "
+                                                               "--no-zero-shot --report DIR' lists every pair "
+                                                               "(near-duplicate)")
 
 
 def test_a_near_copy_check_that_fails_leaves_the_add_done_and_says_so(tmp_path, capsys, monkeypatch, caplog):

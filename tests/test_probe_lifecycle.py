@@ -235,16 +235,18 @@ def test_a_replaced_probe_is_kept_named_and_restored_and_a_server_follows_each_s
     assert code == 0, err
     assert "choosing settings" not in err  # -q hides the bar
     trained = r"the probe 'probe train' trained on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(C=[\d.]+, settings chosen on "
+    digest = r", weights sha256 ([0-9a-f]{12})"  # two probes of one minute told apart
     (line,) = [x for x in out.splitlines() if x.startswith("replaced")]
-    assert re.fullmatch(f"replaced {trained}cv:3-fold, rule seq-nll\\); it is kept as probe.prev.json/npz: "
+    assert re.fullmatch(f"replaced {trained}cv:3-fold, rule seq-nll\\){digest}; it is kept as probe.prev.json/npz: "
                         f"'speciesid probe restore --index {re.escape(str(index))}' brings it back", line), line
     assert json.loads((index / PROBE_PREV_META).read_text())["settings"]["selected_on"] == "cv:3-fold"
     assert server.refresh_probe(force=True) and server.probe.calibration.selected_on == "cv:5-fold"
     code, out, err = _run(capsys, "probe", "restore", "--index", index)
     assert code == 0, err
-    assert re.fullmatch(f"restored {trained}cv:3-fold, rule seq-nll\\); {trained}cv:5-fold, rule seq-nll\\) is kept "
-                        f"in its place: 'speciesid probe restore --index {re.escape(str(index))}' again swaps back\n",
-                        out), out
+    swapped = re.fullmatch(f"restored {trained}cv:3-fold, rule seq-nll\\){digest}; {trained}cv:5-fold, rule "
+                           f"seq-nll\\){digest} is kept in its place: 'speciesid probe restore --index "
+                           f"{re.escape(str(index))}' again swaps back\n", out)
+    assert swapped and swapped.group(1) != swapped.group(2), out
     assert LinearProbe.load(index).calibration.selected_on == "cv:3-fold"
     assert server.refresh_probe(force=True) and server.probe.calibration.selected_on == "cv:3-fold"
     code, out, _ = _run(capsys, "probe", "restore", "--index", index)  # and back again
@@ -304,7 +306,7 @@ def test_a_torn_probe_is_not_kept_and_an_older_one_is_kept_with_its_time(tmp_pat
     (legacy / PROBE_META).write_text(json.dumps(meta))
     assert LinearProbe.load(legacy).calibration.C == 5.0
     assert re.fullmatch(r"the probe 'probe train' trained on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(C=5, settings chosen "
-                        r"on default\)", keep_previous(legacy))
+                        r"on default\), weights sha256 [0-9a-f]{12}", keep_previous(legacy))
     assert json.loads((legacy / PROBE_PREV_META).read_text())["weights_sha256"]
 
 

@@ -133,6 +133,11 @@ def test_a_publish_whose_lease_is_taken_between_its_two_puts_puts_no_probe_json_
     monkeypatch.setattr(StoreObjects, "put", real_put)
     assert main(["probe", "publish", "--index", str(a)]) == 0  # as the error says
     assert follower_b.check() and LinearProbe.load(b).trained_on == wanted
+    if command == "restore":  # a restore that can publish says where it shared the probe, as publish does
+        capsys.readouterr()
+        assert main(["probe", "restore", "--index", str(a)]) == 0
+        assert (f"\nshared through s3://{BUCKET}/{prefix}/_speciesid/probe/: every machine sharing the store takes "
+                "it") in capsys.readouterr().out
 
 
 def test_the_look_before_an_answer_asks_the_store_on_a_thread_of_its_own(two_machines, monkeypatch):  # noqa: F811

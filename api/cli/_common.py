@@ -76,6 +76,24 @@ def photo_args(paths: Sequence[str], *, report: bool = True, progress: bool = Fa
             [(a, r) for a, r in got.problems if a not in given])
 
 
+#: The id runs ``references add`` prints before it counts the rest.
+ID_RUNS_SHOWN = 20
+
+
+def id_runs(ids: Sequence[int]) -> str:
+    """Reference ids as runs of consecutive ones (``1668-2227`` for 560 ids, ``3, 7-9``): one short line however
+    many, the first :data:`ID_RUNS_SHOWN` runs and then how many more ids."""
+    runs: list[list[int]] = []
+    for i in sorted(set(int(i) for i in ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:ID_RUNS_SHOWN])
+    rest = sum(b - a + 1 for a, b in runs[ID_RUNS_SHOWN:])
+    return shown + (f", ... ({rest} more)" if rest else "")
+
+
 def interrupted_add(exc: ReferencesInterrupted, index: str | Path) -> int:
     """Say on stderr what a Ctrl-C'd ``index build`` / ``references add`` kept and how to add the rest; exit 130."""
     n = exc.report.added

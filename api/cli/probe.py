@@ -132,10 +132,11 @@ def cmd_probe_restore(args: argparse.Namespace) -> int:
     """speciesid probe restore: swap the gallery's probe with the one the last train or import replaced."""
     from retrieval.workflows import restore_gallery_probe
 
-    restored, replaced = restore_gallery_probe(args.index)
+    restored, replaced, shared = restore_gallery_probe(args.index)
     emit(f"restored {restored}" + (
         f"; {replaced} is kept in its place: 'speciesid probe restore --index {args.index}' again swaps back"
         if replaced else ""))
+    _emit_shared(shared)
     return 0
 
 
@@ -164,10 +165,18 @@ def cmd_probe_withdraw(args: argparse.Namespace) -> int:
 
 
 def _emit_replaced(result: ProbeResult, index: str) -> None:
-    """One line: which probe the new one replaced, and how to get it back."""
+    """One line: which probe the new one replaced, and how to get it back (and one more where the store shares it)."""
     if result.replaced:
         emit(f"replaced {result.replaced}; it is kept as probe.prev.json/npz: 'speciesid probe restore --index "
              f"{index}' brings it back")
+    _emit_shared(result.shared)
+
+
+def _emit_shared(where: str) -> None:
+    """One line, on an S3 store: where the probe is shared, as ``probe publish`` says it."""
+    if where:
+        emit(f"shared through {where}: every machine sharing the store takes it (a server within "
+             "SPECIESID_REFRESH_S)")
 
 
 def _emit_dropped(result: ProbeResult) -> None:

@@ -11,6 +11,7 @@ from api.cli._common import (
     at_least,
     emit,
     encoder_config,
+    id_runs,
     interrupted_add,
     parse_yes_no,
     photo_args,
@@ -90,7 +91,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
                      "(named above)")
     emit(f"{result.species} ({status}): " + "\n".join(lines))
     if report.ids:
-        emit(f"ids: {', '.join(map(str, report.ids))}")
+        emit(f"ids: {id_runs(report.ids)}")
     for note in result.notes:
         emit(f"note: {note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
