@@ -531,8 +531,9 @@ NEAR_COPY_NOTES = 10
 @dataclass(frozen=True)
 class NearCopy:
     """A photo ``references add`` stored that nearly copies a reference the gallery held before (cosine at or above
-    the ``speciesid clean`` leak rule, :data:`retrieval.findings.DEFAULT_DUP_THRESHOLD`): the same photo re-encoded,
-    re-cropped or resized, whose bytes differ."""
+    the ``speciesid clean`` leak rule, :data:`retrieval.findings.DEFAULT_DUP_THRESHOLD`): the same photo re-saved or
+    mirrored, whose bytes differ (copies resized and saved as JPEG mostly fall under it:
+    ``benchmarks/bench_near_copies.py``)."""
 
     photo: str  # the photo's path, or the upload's name
     id: int  # the reference it was stored as
