@@ -7,8 +7,8 @@ import datetime as dt
 import os
 
 #: Small store fragments (:data:`index.store.SMALL_FRAGMENT_ROWS`) at which a write compacts them, in the same
-#: write hold (:meth:`index.gallery.Gallery.compact`). Each commit (an API upload, an ``index add`` chunk, an
-#: exclusion) makes one, and every read opens them all: after 1,000 single-row adds to a built gallery of 1,000
+#: write hold (:meth:`index.gallery.Gallery.compact`). Each add or exclusion commit (an API upload, a
+#: ``references add`` chunk) makes one, and every read opens them all: after 1,000 single-row adds to a built gallery of 1,000
 #: rows, an identify's neighbour lookup took 525 ms (p50) without compaction and 11.5 ms with it at 32, and a sync's
 #: ``ids()`` 551 ms against 4.9 ms, for one compaction (its add's p99: 151 ms against the adds' 40 ms p50) per ~32
 #: uploads (``benchmarks/bench_store_growth.py``, docs/shared-gallery.md "Store growth"). 0: never
@@ -16,11 +16,16 @@ import os
 COMPACT_FRAGMENTS = 32
 #: The variable that sets it (the server's settings and the command line read it).
 COMPACT_ENV = "SPECIESID_COMPACT_FRAGMENTS"
-#: A write's compaction also deletes the store's versions older than this (LanceDB's own default for its
-#: ``optimize``): a reader elsewhere is never that far behind (it looks every ``refresh_s``), and
+#: A write's compaction also deletes the store's versions superseded longer ago than this (the version after them
+#: created that long ago: :func:`index.store.superseded_versions`; never the latest, however old): a reader
+#: elsewhere looks for new versions every ``refresh_s``, so it is never at one of them, and
 #: ``retrieval.whitening_sync`` reads an old version only back to its last saved statistics, falling back when it is
 #: gone. ``speciesid index compact --prune-older-than`` prunes closer.
 AUTO_PRUNE_AGE = dt.timedelta(days=7)
+#: A write's compaction prunes at most this often per gallery folder (the time of the last prune is kept in the
+#: folder: :attr:`index.layout.Layout.store_pruned`): listing the versions reads every kept version's manifest (on
+#: S3 one request each), inside the write hold, which a server's searches wait on.
+AUTO_PRUNE_EVERY = dt.timedelta(days=1)
 
 
 def parse_compact_fragments(raw: str | int) -> int:

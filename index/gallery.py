@@ -30,7 +30,7 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
-from index.compaction import AUTO_PRUNE_AGE, COMPACT_ENV, compact_fragments_default
+from index.compaction import AUTO_PRUNE_AGE, AUTO_PRUNE_EVERY, COMPACT_ENV, compact_fragments_default
 from index.errors import first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
@@ -181,6 +181,9 @@ class Gallery:
         # small store fragments at which a write compacts them (COMPACT_FRAGMENTS; 0: never); a server sets its own
         self.compact_fragments = compact_fragments_default()
         self._compact_floor = 0  # small fragments the last compaction left (ones it could not merge)
+        # fragments LanceDB counts as small (under 100,000 rows) that ours does not (8,192 or more): compactions
+        # make them and never rewrite them, so the cheap bound minus these still bounds the small ones
+        self._compact_medium = 0
         # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
@@ -872,50 +875,77 @@ class Gallery:
 
     def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """Merge the store's small fragments (:meth:`index.store.ReferenceStore.compact`; bigger ones are never
-        rewritten) and, with ``prune_older_than``, delete its versions older than that. A store write: under the
-        write lock (on S3 the store's lease, checked before the commit). Ids and rows are unchanged, so the vector
-        index stays as it is (it then reflects the new version) and other processes' syncs find nothing to do."""
+        rewritten) and, with ``prune_older_than``, delete its versions superseded longer ago than that
+        (:meth:`index.store.ReferenceStore.prune_versions`; never the latest). A store write: under the write lock
+        (on S3 the store's lease, checked before the commit). Ids and rows are unchanged, so the vector index stays
+        as it is (it then reflects the new version) and other processes' syncs find nothing to do."""
         with self._write():
             self.store.refresh()
             synced = self._synced_version == self.store.version
             self._writer.check()  # on S3: the store's lease is still ours
             report = self.store.compact(prune_older_than=prune_older_than)
-            self._compact_floor = report.small_after
+            self._compacted(report, pruned=prune_older_than is not None)
             if synced and report.version_after != report.version_before:
                 self._synced_version = report.version_after
                 self._index.save(self.layout.vectors, self._manifest())
             return report
 
+    def _prune_due(self) -> bool:
+        """Whether a write's compaction prunes old versions this time: at most once per :data:`AUTO_PRUNE_EVERY`
+        per gallery folder (the time of the last prune: :attr:`GalleryLayout.store_pruned`; missing or unreadable:
+        due)."""
+        try:
+            last = float(json.loads(self.layout.store_pruned.read_text())["pruned_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        return not 0 <= time.time() - last < AUTO_PRUNE_EVERY.total_seconds()
+
+    def _compacted(self, report: CompactReport, *, pruned: bool) -> None:
+        """After a compaction: what the next write's check counts from, and the time of a prune."""
+        self._compact_floor = report.small_after
+        self._compact_medium = max(0, self.store.small_fragments_at_most() - report.small_after)
+        if pruned:
+            write_json_atomic(self.layout.store_pruned, {"pruned_at": time.time(), "store_version": self.store.version})
+
     def _compact_after_write(self) -> None:
         """After a store write, inside its hold: compact the store when it holds :attr:`compact_fragments` small
-        fragments more than the last compaction left (0: never), pruning versions older than
-        :data:`AUTO_PRUNE_AGE`. Best effort: the write is committed, and a failure is logged, never raised (and tried
-        again once :attr:`compact_fragments` more have piled up). The caller saves the index after it (so that the
-        saved manifest names the compacted version)."""
+        fragments more than the last compaction left (0: never), pruning versions superseded longer ago than
+        :data:`AUTO_PRUNE_AGE` at most once per :data:`AUTO_PRUNE_EVERY`. Best effort: the write is committed, and a
+        failure is logged, never raised (and tried again once :attr:`compact_fragments` more have piled up). The
+        caller saves the index after it (so that the saved manifest names the compacted version).
+
+        Most writes decide without reading the manifest: LanceDB's count of fragments under 100,000 rows (from
+        the version open) less the medium ones (8,192 rows or more, which compactions make and never rewrite)
+        bounds the small ones; the manifest is read only when that bound reaches the threshold."""
         wanted = self.compact_fragments
         if wanted <= 0:
             return
         small = None
         try:
             bound = self.store.small_fragments_at_most()  # no manifest read
-            self._compact_floor = min(self._compact_floor, bound)  # compacted elsewhere meanwhile
+            at_most = bound - min(self._compact_medium, bound)
+            self._compact_floor = min(self._compact_floor, at_most)  # compacted elsewhere meanwhile
             due = self._compact_floor + wanted
-            if bound < due:
+            if at_most < due:
                 return
             small = self.store.fragment_stats().small
+            self._compact_medium = max(0, bound - small)  # the slack: the next writes' bound stays cheap
+            self._compact_floor = min(self._compact_floor, small)
+            due = self._compact_floor + wanted
             if small < due:
                 return
             synced = self._synced_version == self.store.version
             self._writer.check()  # on S3: the store's lease is still ours (a compaction is a store write)
             t0 = time.perf_counter()
-            report = self.store.compact(prune_older_than=AUTO_PRUNE_AGE)
-            self._compact_floor = report.small_after
+            prune = self._prune_due()
+            report = self.store.compact(prune_older_than=AUTO_PRUNE_AGE if prune else None)
+            self._compacted(report, pruned=prune)
             if synced:  # ids are unchanged: the index reflects the new version as it did the old one
                 self._synced_version = self.store.version
-            logger.info("gallery %s: store compacted in %.2f s: %d fragments -> %d (%d small left), %d old "
-                        "version(s) pruned (%.1f MB)", self.root, time.perf_counter() - t0, report.fragments_before,
-                        report.fragments_after, report.small_after, report.versions_removed,
-                        report.bytes_removed / 1e6)
+            logger.info("gallery %s: store compacted in %.2f s: %d fragments -> %d (%d small left), %s",
+                        self.root, time.perf_counter() - t0, report.fragments_before, report.fragments_after,
+                        report.small_after, f"{report.versions_removed} old version(s) pruned "
+                        f"({report.bytes_removed / 1e6:.1f} MB)" if prune else "no pruning (done in the last day)")
         except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
             if small is not None:  # tried again once as many more have piled up, not at every write
                 self._compact_floor = small
@@ -962,7 +992,8 @@ class Gallery:
             self._index.save(self.layout.vectors, self._manifest())
 
     def finish_build(self, *, map_fn: MapFn | None = None) -> None:
-        """After a bulk build: compact the store, index ``id`` and ``sha256``, pick the index kind for the
+        """After a bulk build: compact the store (a write's own policy, into bigger fragments:
+        :meth:`index.store.ReferenceStore.optimize`), index ``id`` and ``sha256``, pick the index kind for the
         final size, rebuild it (``map_fn`` runs ivfpq shards, e.g. as Ray tasks) and save.
 
         Only the store's steps hold its lease (on S3): the rebuild writes the folder alone, so it takes the
@@ -970,8 +1001,15 @@ class Gallery:
         meanwhile is in the rebuilt index or is added by difference (the index records the version it read)."""
         with self._write():
             self._writer.check()  # on S3: the store's lease is still ours
-            self.store.optimize()
-            self.store.ensure_scalar_indexes()
+            self.store.refresh()
+            prune = self._prune_due()
+            try:  # the policy of a write's compaction, merging into bigger fragments (a build writes many)
+                report = self.store.optimize(prune_older_than=AUTO_PRUNE_AGE if prune else None)
+                self._compacted(report, pruned=prune)
+            except Exception as exc:  # noqa: BLE001 - the rows are committed; reads work, slower
+                logger.warning("gallery %s: compacting its store after the build failed (%s); the rows are stored. "
+                               "Run 'speciesid index compact --index %s'", self.root, first_line(exc, 300), self.root)
+                self.store.ensure_scalar_indexes()
         self.rebuild_index(map_fn=map_fn)
 
     # ------------------------------------------------------------------- reads

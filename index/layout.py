@@ -23,6 +23,7 @@
       clean-report/           the report of ``index build --clean``
       uploads/                photos added through the HTTP API, stored by content digest
       ids.json                the next reference id (ids are never reused, whichever process writes)
+      store_pruned.json       when a write of this folder last pruned the store's old versions (index.compaction)
       .write.lock             the lock writers hold across processes (index.locks)
       .uncommitted-<id>.json  a Ray build's journal of data files its workers wrote to the store and not yet
                               committed, held (flock) by the build; one left by a killed build is acted on by
@@ -63,6 +64,7 @@ CLEAN_LOG = "clean_log.json"
 CLEAN_REPORT = "clean-report"
 UPLOADS_DIR = "uploads"
 IDS_FILE = "ids.json"
+STORE_PRUNED_FILE = "store_pruned.json"
 WRITE_LOCK = ".write.lock"
 #: A Ray build's journal of uncommitted data files: ``.uncommitted-<uuid>.json`` (index.fragments).
 JOURNAL_PREFIX, JOURNAL_SUFFIX = ".uncommitted-", ".json"
@@ -163,6 +165,12 @@ class GalleryLayout:
     def ids(self) -> Path:
         """The next reference id (a high-water mark, never lowered)."""
         return self.root / IDS_FILE
+
+    @property
+    def store_pruned(self) -> Path:
+        """When a write of this folder last pruned the store's old versions (its automatic compaction prunes at
+        most once per :data:`index.compaction.AUTO_PRUNE_EVERY`)."""
+        return self.root / STORE_PRUNED_FILE
 
     @property
     def write_lock(self) -> Path:

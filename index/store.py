@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -213,7 +214,7 @@ def rows_table(
 
 
 #: A fragment (one Lance data file, at least one per commit) with fewer rows than this is small: each API upload
-#: and each ``index add`` chunk (1,024 rows) makes one, and every read of the table opens every fragment, so reads
+#: and each ``references add`` chunk (1,024 rows) makes one, and every read of the table opens every fragment, so reads
 #: slow down with their number. :meth:`ReferenceStore.compact` merges them into fragments of this many rows and
 #: never rewrites a bigger one: a compaction rewrites at most this many rows plus the new ones (its cost, in an
 #: add's latency: docs/shared-gallery.md, "Store growth"), and a million single-row adds leave ~122 fragments.
@@ -222,6 +223,31 @@ SMALL_FRAGMENT_ROWS = 8_192
 #: :data:`SMALL_FRAGMENT_ROWS` (its count bounds ours: :meth:`ReferenceStore.small_fragments_at_most`).
 LANCEDB_SMALL_ROWS = 100_000
 assert SMALL_FRAGMENT_ROWS <= LANCEDB_SMALL_ROWS
+#: At the end of a build (:meth:`ReferenceStore.optimize`) the small fragments are merged into fragments of up to
+#: this many rows (Lance's own default target) instead: a build writes many at once. The rule stays the same: a
+#: fragment of :data:`SMALL_FRAGMENT_ROWS` rows or more is never rewritten, so a build into an existing gallery
+#: does not rewrite the fragments earlier builds left.
+BUILD_FRAGMENT_ROWS = 1_048_576
+
+
+def version_times(dataset) -> list[tuple[int, float]]:  # noqa: ANN001 - lance.LanceDataset
+    """(version, creation time in epoch seconds) of every version the dataset keeps, oldest first. It reads
+    every kept version's manifest (on an object store one request each)."""
+    # lance gives naive local datetimes (datetime.fromtimestamp): .timestamp() reads them back as local
+    return sorted((int(v["version"]), float(v["timestamp"].timestamp())) for v in dataset.versions())
+
+
+def superseded_versions(times: Sequence[tuple[int, float]], older_than: dt.timedelta, now: float) -> list[int]:
+    """The versions among ``times`` (:func:`version_times`) that stopped being the latest more than
+    ``older_than`` before ``now``: the version after each was created that long ago. Never the latest; a zero
+    age: every version but the latest.
+
+    Lance's own ``older_than`` counts from a version's creation: after a week without writes the latest version
+    is a week old, and the first write after would prune the version every reader is still at. A version only
+    falls out of use once a later one exists, so the age counts from then."""
+    ordered = sorted(times)
+    age = older_than.total_seconds()
+    return [v for (v, _), (_, then) in zip(ordered, ordered[1:], strict=False) if age <= 0 or now - then > age]
 
 
 @dataclass
@@ -600,21 +626,23 @@ class ReferenceStore:
         return FragmentStats(fragments=len(rows), small=sum(r < SMALL_FRAGMENT_ROWS for r in rows),
                              rows=int(sum(rows)), versions=kept)
 
-    def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
-        """Merge the small fragments (under :data:`SMALL_FRAGMENT_ROWS` rows) into fragments of that many rows,
-        leaving every bigger one as it is; then, with ``prune_older_than``, delete the versions older than that
-        (and the files only they use). One commit (none when fewer than two fragments are small); rows, ids and the
-        scalar indexes are unchanged (Lance remaps the indexes of the rows it moves).
+    def compact(self, *, prune_older_than: dt.timedelta | None = None,
+                target_rows: int = SMALL_FRAGMENT_ROWS) -> CompactReport:
+        """Merge the small fragments (under :data:`SMALL_FRAGMENT_ROWS` rows) into fragments of up to
+        ``target_rows`` rows, leaving every bigger one as it is; then, with ``prune_older_than``, delete the versions
+        superseded longer ago than that (:meth:`prune_versions`). One commit (none when fewer than two fragments are
+        small); rows, ids and the scalar indexes are unchanged (Lance remaps the indexes of the rows it moves).
 
         Lance merges adjacent candidate fragments, a candidate being one with fewer rows than its target (1M by
         default): a bulk fragment of, say, 386,000 rows followed by small ones would be rewritten whole at every
         compaction. Here every fragment of :data:`SMALL_FRAGMENT_ROWS` rows or more is excluded from the plan (and
-        is a boundary it never merges across), and the target is that many rows.
+        is a boundary it never merges across), whatever the target.
 
-        Call it under the gallery's write hold (on S3 the store's lease): it is a store write. A pruned version can
-        no longer be read (:meth:`at_version` raises ValueError): a reader elsewhere still at it fails its next
-        read of data only that version used, so prune versions older than such readers can be.
+        Call it under the gallery's write hold (on S3 the store's lease): it is a store write.
         """
+        if target_rows < SMALL_FRAGMENT_ROWS:
+            raise ValueError(f"target_rows={target_rows}: a compaction merges into at least {SMALL_FRAGMENT_ROWS} "
+                             "rows (SMALL_FRAGMENT_ROWS); pass that or more")
         self.refresh()
         dataset = self._dataset()
         frags = dataset.get_fragments()
@@ -624,27 +652,58 @@ class ReferenceStore:
         version = self.version
         rewritten = 0
         if before.small >= 2:
-            metrics = dataset.optimize.compact_files(target_rows_per_fragment=SMALL_FRAGMENT_ROWS,
+            metrics = dataset.optimize.compact_files(target_rows_per_fragment=target_rows,
                                                      excluded_fragment_ids=big)
             rewritten = int(metrics.fragments_removed)
             self.refresh()
         versions_removed = bytes_removed = 0
         if prune_older_than is not None:
-            cleaned = self._dataset().cleanup_old_versions(older_than=prune_older_than,
-                                                           error_if_tagged_old_versions=False)
-            versions_removed, bytes_removed = int(cleaned.old_versions), int(cleaned.bytes_removed)
+            versions_removed, bytes_removed = self.prune_versions(prune_older_than)
         after = self.fragment_stats() if rewritten else before
         return CompactReport(fragments_before=before.fragments, fragments_after=after.fragments,
                              small_before=before.small, small_after=after.small, fragments_rewritten=rewritten,
                              versions_removed=versions_removed, bytes_removed=bytes_removed,
                              version_before=version, version_after=self.version)
 
-    def optimize(self) -> None:
-        """Compact small fragments after a large build (best effort)."""
+    def prune_versions(self, older_than: dt.timedelta) -> tuple[int, int]:
+        """Delete the versions that stopped being the latest more than ``older_than`` ago
+        (:func:`superseded_versions`; a zero age: all but the latest) and the files only they use: (versions
+        deleted, bytes deleted). A store write (under the write hold); it lists every kept version (on an object
+        store one request each).
+
+        A pruned version can no longer be read (:meth:`at_version` raises ValueError): a reader still at one (a
+        server between its looks, an IVF-PQ shard of a rebuild, :meth:`at_version`) fails its next read. The age
+        counts from when a version was superseded, so a reader that looks for new versions more often than that
+        never meets a pruned one.
+        """
+        self.refresh()
+        dataset = self._dataset()
+        doomed = superseded_versions(version_times(dataset), older_than, time.time())
+        if not doomed:
+            return 0, 0
+        cleaned = dataset.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+        return int(cleaned.old_versions), int(cleaned.bytes_removed)
+
+    def optimize(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
+        """The end of a bulk build: :meth:`compact` into fragments of up to :data:`BUILD_FRAGMENT_ROWS` rows (the
+        same rule: a fragment of :data:`SMALL_FRAGMENT_ROWS` rows or more is never rewritten), pruning as it does;
+        then the scalar indexes over every row (:meth:`ensure_scalar_indexes`, :meth:`index_new_rows`)."""
+        report = self.compact(prune_older_than=prune_older_than, target_rows=BUILD_FRAGMENT_ROWS)
+        self.ensure_scalar_indexes()
+        self.index_new_rows()
+        return report
+
+    def index_new_rows(self) -> None:
+        """Bring the scalar indexes (:meth:`ensure_scalar_indexes`) over the rows added since they were made or
+        last brought over (lookups scan those rows otherwise). A store write (one commit); best effort."""
+        if not self._table.list_indices():
+            return
         try:
-            self._table.optimize()
-        except Exception as exc:  # noqa: BLE001 - optional maintenance, depends on lancedb extras
-            logger.debug("lancedb optimize skipped: %s", exc)
+            self.refresh()
+            self._dataset().optimize.optimize_indices()
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001 - an index speeds reads up; reads work without it
+            logger.warning("store: could not bring its indexes over the new rows (%s); lookups scan them", exc)
 
 
 def _venomous(counts: Counter | None) -> bool | None:

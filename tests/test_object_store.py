@@ -1303,9 +1303,9 @@ def test_the_end_of_a_build_holds_the_stores_lease_for_its_store_steps_only(s3_e
     held, added = {}, []
     real_optimize, real_rebuild = ReferenceStore.optimize, Gallery.rebuild_index
 
-    def optimize(store):
+    def optimize(store, **kw):
         held["optimize"] = a._writer.held_lease is not None
-        return real_optimize(store)
+        return real_optimize(store, **kw)
 
     def rebuild_index(self, **kw):
         if self is a:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -202,13 +203,13 @@ def test_cli_compact_prints_before_and_after_and_prunes(tmp_path, capsys):
     assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
     out = capsys.readouterr().out
     assert "fragments: 10 -> 1 (small: 10 -> 1; 10 merged)" in out
-    assert f"versions: {versions} -> 1 (" in out and "older than 0 s pruned" in out and "MB deleted" in out
+    assert f"versions: {versions} -> 1 (" in out and "superseded over 0 s ago pruned" in out and "MB deleted" in out
     reopened = Gallery.open(tmp_path / "g")
     assert np.array_equal(reopened.store.ids(), ids) and reopened.store.fragment_stats(versions=True).versions == 1
 
     assert main(["index", "compact", "--index", str(tmp_path / "g")]) == 0  # nothing small left: no commit
     out = capsys.readouterr().out
-    assert "fragments: 1 -> 1 (small: 1 -> 1; 0 merged)" in out and "older than 7d pruned" in out
+    assert "fragments: 1 -> 1 (small: 1 -> 1; 0 merged)" in out and "superseded over 7d ago pruned" in out
 
 
 def test_cli_compact_refuses_a_duration_it_cannot_read(tmp_path, capsys):
@@ -229,3 +230,146 @@ def test_the_servers_setting_reads_the_same_variable_and_refuses_a_bad_value(mon
         Settings.load()
     monkeypatch.delenv("SPECIESID_COMPACT_FRAGMENTS")
     assert Settings.load().compact_fragments == 32
+
+
+def test_versions_go_by_when_they_were_superseded_never_the_latest():
+    """superseded_versions: a version goes once the one after it is older than the age; the latest never."""
+    from index.store import superseded_versions
+
+    day = 86400.0
+    times = [(3, 0.0), (1, -30 * day), (2, -20 * day)]  # version 3 created now, 2 twenty days ago, 1 thirty
+    assert superseded_versions(times, dt.timedelta(days=7), now=0.0) == [1]  # 2 was the latest until now
+    assert superseded_versions(times, dt.timedelta(days=25), now=0.0) == []
+    assert superseded_versions(times, dt.timedelta(days=7), now=8 * day) == [1, 2]  # 3 stays, however old
+    assert superseded_versions(times, dt.timedelta(0), now=-day) == [1, 2]  # 0: all but the latest
+    assert superseded_versions([(5, -100 * day)], dt.timedelta(0), now=0.0) == []
+
+
+def test_a_version_created_long_ago_and_superseded_just_now_is_kept_for_its_readers(tmp_path, monkeypatch):
+    """Lance prunes by creation time: after a week without writes, the first compacting write would delete the
+    version every reader is pinned to (an IVF-PQ shard's StoreVectors, a server's species(), at_version). The age
+    counts from when the version stopped being the latest."""
+    import index.store as store_module
+    from index.store import StoreVectors
+
+    rng = np.random.default_rng(7)
+    store = ReferenceStore(tmp_path / "s", DIM, refresh_s=None)
+    for i in range(4):
+        store.add(*_rows(i, 1, rng), "e", [i + 1])
+    pinned = store.version  # the latest for "30 days": every reader is at it
+    view = store.at_version(pinned)
+    shard = StoreVectors(str(tmp_path / "s"), DIM, version=pinned)
+    assert shard.count() == 4
+    store.add(*_rows(4, 1, rng), "e", [5])  # the write that supersedes it, now
+    real = store_module.version_times
+    month = 30 * 86400.0
+
+    def aged(dataset):  # every version up to the pinned one was made a month ago
+        return [(v, t - month if v <= pinned else t) for v, t in real(dataset)]
+
+    monkeypatch.setattr(store_module, "version_times", aged)
+    for i in range(5, 8):
+        store.add(*_rows(i, 1, rng), "e", [i + 1])
+    report = store.compact(prune_older_than=dt.timedelta(days=7))
+
+    assert report.versions_removed == pinned - 1  # those superseded a month ago; the pinned one stays
+    assert store.at_version(pinned).count() == 4
+    assert view.ids().tolist() == [1, 2, 3, 4] and view.count() == 4  # the pinned reader keeps reading
+    task = pickle.loads(pickle.dumps(shard))  # an IVF-PQ shard task reopens the store at the pinned version
+    assert sum(len(ids) for part in task.shards(10) for ids, _ in task.read(part)) == 4
+    with pytest.raises(ValueError, match="no longer keeps version"):
+        store.at_version(pinned - 1)
+    assert store.compact(prune_older_than=dt.timedelta(0)).versions_removed > 0  # 0: all but the latest
+    assert store.fragment_stats(versions=True).versions == 1 and store.count() == 8
+
+
+def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tmp_path, monkeypatch):
+    """Listing the versions reads every kept manifest (one GET each on S3) inside the write hold: a write's
+    compaction prunes at most once per AUTO_PRUNE_EVERY, remembered in the folder (short CLI processes too)."""
+    import lance
+
+    listed = []
+    for name in ("versions", "cleanup_old_versions"):
+        real = getattr(lance.LanceDataset, name)
+        monkeypatch.setattr(lance.LanceDataset, name,
+                            lambda self, *a, _real=real, _name=name, **kw: (listed.append(_name), _real(self, *a, **kw))[1])
+    rng = np.random.default_rng(8)
+    g = _gallery(tmp_path, threshold=2)
+    compactions = []
+    real_compact = ReferenceStore.compact
+    monkeypatch.setattr(ReferenceStore, "compact",
+                        lambda self, **kw: (compactions.append(kw.get("prune_older_than")), real_compact(self, **kw))[1])
+    _add_one_by_one(g, 0, 6, rng)
+    other = Gallery.open(tmp_path / "g", refresh_s=0.0)
+    other.compact_fragments = 2
+    _add_one_by_one(other, 6, 4, rng)  # another process (a CLI run) of the same folder
+
+    assert len(compactions) >= 4 and compactions[0] is not None and set(compactions[1:]) == {None}
+    assert listed.count("versions") == 1 and listed.count("cleanup_old_versions") <= 1
+    from index.compaction import AUTO_PRUNE_EVERY
+
+    marked = json.loads(g.layout.store_pruned.read_text())
+    marked["pruned_at"] -= AUTO_PRUNE_EVERY.total_seconds() + 60  # a day later
+    g.layout.store_pruned.write_text(json.dumps(marked))
+    _add_one_by_one(g, 10, 2, rng)
+    assert compactions[-1] is not None and listed.count("versions") == 2
+
+
+def test_medium_fragments_do_not_make_every_write_read_the_manifest(tmp_path, monkeypatch):
+    """LanceDB's cheap count includes fragments of 8,192-100,000 rows (compactions make them): the write keeps the
+    difference, so that single-row adds do not read the manifest each time; a compaction still comes when due."""
+    rng = np.random.default_rng(9)
+    g = _gallery(tmp_path, threshold=4)
+    g.compact_fragments = 0
+    rows = SMALL_FRAGMENT_ROWS + 10
+    for k in range(5):
+        g.add(*_rows(k * rows, rows, rng))  # medium fragments: not small for us, small for LanceDB
+    g.compact_fragments = 4
+    counted = []
+    real = ReferenceStore.fragment_stats
+    monkeypatch.setattr(ReferenceStore, "fragment_stats",
+                        lambda self, **kw: (counted.append(1), real(self, **kw))[1])
+    _add_one_by_one(g, 5 * rows, 3, rng)
+    assert len(counted) <= 1  # the first learns how many are medium; the next two decide from the cheap bound
+    _add_one_by_one(g, 5 * rows + 3, 1, rng)  # the fourth small fragment: due
+    monkeypatch.undo()
+    assert g.store.fragment_stats().small == 1 and g.store.fragment_stats().fragments == 6
+
+
+def test_the_end_of_a_build_merges_small_fragments_only_and_prunes_by_the_same_rule(tmp_path, monkeypatch):
+    """finish_build compacts by the write's rule (fragments of 8,192 rows or more are never rewritten), merging the
+    build's small fragments into bigger ones, and prunes only versions superseded long ago; ids/sha256 indexed."""
+    import index.store as store_module
+
+    rng = np.random.default_rng(10)
+    g = _gallery(tmp_path, threshold=0)
+    big = SMALL_FRAGMENT_ROWS + 50
+    g.add(*_rows(0, big, rng))  # a fragment made earlier (by a 'references add')
+    kept = _fragments(g.store)[0]
+    pinned = g.store.version
+    view = g.store.at_version(pinned)
+    for k in range(6):
+        g.add(*_rows(big + k * 3000, 3000, rng))  # a build into the existing gallery: chunks of 3,000 rows
+    real = getattr(store_module, "version_times", None)
+
+    def aged(dataset):
+        return [(v, t - 30 * 86400.0 if v <= pinned else t) for v, t in real(dataset)]
+
+    monkeypatch.setattr(store_module, "version_times", aged, raising=False)
+    g.layout.store_pruned.unlink(missing_ok=True)  # a prune is due
+    g.finish_build()
+
+    frags = _fragments(g.store)
+    assert frags[0] == kept  # not rewritten
+    assert [rows for _, rows, _ in frags] == [big, 18000]  # the six chunks merged into one
+    assert view.count() == big and g.store.at_version(pinned).count() == big  # superseded just now: kept
+    with pytest.raises(ValueError, match="no longer keeps version"):
+        g.store.at_version(pinned - 1)
+    indexes = g.store._table.list_indices()
+    assert {tuple(i.columns) for i in indexes} == {("id",), ("sha256",)}
+    assert len(g.index.ids) == big + 18000 and g.layout.store_pruned.is_file()
+    g.add(*_rows(big + 18000, 3000, rng))  # a second build: its rows are indexed too
+    g.finish_build()
+    for index in indexes:
+        stats = g.store._table.index_stats(index.name)
+        assert stats.num_indexed_rows == big + 21000 and stats.num_unindexed_rows == 0

@@ -21,6 +21,7 @@ from api.cli._common import (
     interrupted_add,
     to_csv,
 )
+from index.compaction import AUTO_PRUNE_AGE
 
 if TYPE_CHECKING:
     from index.objects import StoredObject
@@ -264,20 +265,21 @@ def register_compact(s_index: argparse._SubParsersAction) -> None:
         "compact", help="merge the small fragments of a gallery's store (each write makes one; reads slow down "
         "as they pile up) and delete its old versions; prints the store before and after",
         description="Merge the small fragments of the gallery's store (fewer than 8192 rows; bigger ones are never "
-        "rewritten) and delete the store's versions older than --prune-older-than. A write does the merge itself "
+        "rewritten) and delete the store's versions superseded longer ago than --prune-older-than (never the "
+        "latest). A write does the merge itself "
         "when SPECIESID_COMPACT_FRAGMENTS small fragments pile up (default 32; 'index info' shows them).")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--prune-older-than", type=_age, default=DEFAULT_PRUNE_S, metavar="AGE",
-                   help="delete the store's versions older than this (and the files only they use): 30s, 10m, 1h, "
-                   "7d, or 0 for every version but the latest (default 7d, as a write's own compaction). A server "
+                   help="delete the store's versions that stopped being the latest longer ago than this (the version "
+                   "after them is that old), and the files only they use: 30s, 10m, 1h, 7d, or 0 for every version "
+                   "but the latest (default 7d, as a write's own compaction). A server "
                    "or a copy of the folder elsewhere still reading a pruned version fails its next read of it: "
                    "prune closer than a few minutes only with every other reader and writer stopped")
     p.set_defaults(func=cmd_index_compact)
 
 
-#: ``index compact``'s default --prune-older-than, seconds (the automatic compaction's age:
-#: index.gallery.AUTO_PRUNE_AGE).
-DEFAULT_PRUNE_S = 7 * 86400.0
+#: ``index compact``'s default --prune-older-than, seconds (the automatic compaction's age).
+DEFAULT_PRUNE_S = AUTO_PRUNE_AGE.total_seconds()
 
 
 def cmd_index_compact(args: argparse.Namespace) -> int:
@@ -290,8 +292,8 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
     emit(f"gallery {result.gallery.root}: store {result.gallery.store_uri}\n"
          f"  fragments: {before.fragments} -> {after.fragments} (small: {before.small} -> {after.small}; "
          f"{report.fragments_rewritten} merged)\n"
-         f"  versions: {_kept(before.versions, after.versions)}{report.versions_removed} older than "
-         f"{_age_text(args.prune_older_than)} pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
+         f"  versions: {_kept(before.versions, after.versions)}{report.versions_removed} superseded over "
+         f"{_age_text(args.prune_older_than)} ago pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
          f"  store version: {report.version_before} -> {report.version_after}")
     return 0
 
