@@ -285,7 +285,8 @@ def test_a_version_created_long_ago_and_superseded_just_now_is_kept_for_its_read
 
 def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tmp_path, monkeypatch):
     """Listing the versions reads every kept manifest (one GET each on S3) inside the write hold: a write's
-    compaction prunes at most once per AUTO_PRUNE_EVERY, remembered in the folder (short CLI processes too)."""
+    compaction prunes at most once per AUTO_PRUNE_EVERY, remembered in the folder (short CLI processes too), and
+    then brings the scalar indexes over the rows added since (an index merge: O(all rows))."""
     import lance
 
     listed = []
@@ -294,7 +295,10 @@ def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tm
         monkeypatch.setattr(lance.LanceDataset, name,
                             lambda self, *a, _real=real, _name=name, **kw: (listed.append(_name), _real(self, *a, **kw))[1])
     rng = np.random.default_rng(8)
-    g = _gallery(tmp_path, threshold=2)
+    g = _gallery(tmp_path, threshold=0)
+    g.add(*_rows(100, 20, rng))
+    g.store.ensure_scalar_indexes()
+    g.compact_fragments = 2
     compactions = []
     real_compact = ReferenceStore.compact
     monkeypatch.setattr(ReferenceStore, "compact",
@@ -306,6 +310,8 @@ def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tm
 
     assert len(compactions) >= 4 and compactions[0] is not None and set(compactions[1:]) == {None}
     assert listed.count("versions") == 1 and listed.count("cleanup_old_versions") <= 1
+    index = g.store._table.list_indices()[0].name
+    assert g.store._table.index_stats(index).num_unindexed_rows > 0  # not at every compaction
     from index.compaction import AUTO_PRUNE_EVERY
 
     marked = json.loads(g.layout.store_pruned.read_text())
@@ -313,6 +319,9 @@ def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tm
     g.layout.store_pruned.write_text(json.dumps(marked))
     _add_one_by_one(g, 10, 2, rng)
     assert compactions[-1] is not None and listed.count("versions") == 2
+    g.store.refresh()
+    stats = g.store._table.index_stats(index)  # with the day's prune: every row but a write after it
+    assert stats.num_indexed_rows >= 31 and stats.num_unindexed_rows <= 1
 
 
 def test_medium_fragments_do_not_make_every_write_read_the_manifest(tmp_path, monkeypatch):
