@@ -63,11 +63,13 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(LEASE_TTL_S, description="a store on S3: how long this server's write lease "
                                "lasts unrenewed before another machine may take it over (a server killed or cut off), "
                                "in seconds; the CLI reads the same variable")
-    # Each add, delete or exclusion is one store commit and leaves one small fragment, which every later read opens:
-    # a write merges them once this many pile up (index.compaction.COMPACT_FRAGMENTS; docs/scale.md, "Store growth").
+    # Each add or exclusion is one store commit and leaves one small fragment, which every later read opens (a delete
+    # leaves none, and compacts the ones due): a write merges them once this many pile up
+    # (index.compaction.COMPACT_FRAGMENTS; docs/shared-gallery.md, "Store growth").
     compact_fragments: int = Field(COMPACT_FRAGMENTS, description="small store fragments at which a write merges "
-                                   "them (and prunes store versions older than 7 days); 0: never (then run "
-                                   "'speciesid index compact'); the CLI reads the same variable")
+                                   "them (and, at most once a day, prunes store versions superseded more than 7 "
+                                   "days ago); 0: never (then run 'speciesid index compact'); the CLI reads the "
+                                   "same variable")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
     runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "

@@ -932,8 +932,8 @@ class CompactResult:
 
 
 def compact_gallery(index: str | Path, *, prune_older_than: dt.timedelta | None = None) -> CompactResult:
-    """Merge the small fragments of a gallery's store and prune its versions older than ``prune_older_than``
-    (:meth:`index.gallery.Gallery.compact`, under the write lock; on S3 the store's lease)."""
+    """Merge the small fragments of a gallery's store and prune its versions superseded longer ago than
+    ``prune_older_than`` (:meth:`index.gallery.Gallery.compact`, under the write lock; on S3 the store's lease)."""
     gallery = Gallery.open(index)
     before = gallery.store.fragment_stats(versions=True)
     report = gallery.compact(prune_older_than=prune_older_than)
