@@ -8,11 +8,11 @@ import os
 
 #: Small store fragments (:data:`index.store.SMALL_FRAGMENT_ROWS`) at which a write compacts them, in the same
 #: write hold (:meth:`index.gallery.Gallery.compact`). Each add or exclusion commit (an API upload, a
-#: ``references add`` chunk) makes one, and every read opens them all: after 1,000 single-row adds to a built gallery of 1,000
-#: rows, an identify's neighbour lookup took 525 ms (p50) without compaction and 11.5 ms with it at 32, and a sync's
-#: ``ids()`` 551 ms against 4.9 ms, for one compaction (its add's p99: 151 ms against the adds' 40 ms p50) per ~32
-#: uploads (``benchmarks/bench_store_growth.py``, docs/shared-gallery.md "Store growth"). 0: never
-#: (``speciesid index compact`` by hand).
+#: ``references add`` chunk) makes one, and every read opens them all: after 1,000 single-row adds to a built
+#: gallery of 1,000 rows, an identify's neighbour lookup took 436 ms (p50) without compaction and 12.9 ms with it
+#: at 32, and a sync's ``ids()`` 502 ms against 7.4 ms, for one compaction (its add's p99: 75 ms against the adds'
+#: 23 ms p50) per ~32 uploads (``benchmarks/bench_store_growth.py``, docs/shared-gallery.md "Store growth").
+#: 0: never (``speciesid index compact`` by hand).
 COMPACT_FRAGMENTS = 32
 #: The variable that sets it (the server's settings and the command line read it).
 COMPACT_ENV = "SPECIESID_COMPACT_FRAGMENTS"

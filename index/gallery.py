@@ -876,9 +876,10 @@ class Gallery:
     def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """Merge the store's small fragments (:meth:`index.store.ReferenceStore.compact`; bigger ones are never
         rewritten), bring the scalar indexes over the new rows, and with ``prune_older_than`` delete its versions
-        superseded longer ago than that (:meth:`index.store.ReferenceStore.prune_versions`; never the latest). A store write: under the write lock
-        (on S3 the store's lease, checked before the commit). Ids and rows are unchanged, so the vector index stays
-        as it is (it then reflects the new version) and other processes' syncs find nothing to do."""
+        superseded longer ago than that (:meth:`index.store.ReferenceStore.prune_versions`; never the latest). A
+        store write: under the write lock (on S3 the store's lease, checked before the commit). Ids and rows are
+        unchanged, so the vector index stays as it is (it then reflects the new version) and other processes' syncs
+        find nothing to do."""
         with self._write():
             self.store.refresh()
             synced = self._synced_version == self.store.version
@@ -912,9 +913,9 @@ class Gallery:
         """After a store write, inside its hold: compact the store when it holds :attr:`compact_fragments` small
         fragments more than the last compaction left (0: never), pruning versions superseded longer ago than
         :data:`AUTO_PRUNE_AGE` and bringing the scalar indexes over the new rows at most once per
-        :data:`AUTO_PRUNE_EVERY`. Best effort: the write is committed, and a
-        failure is logged, never raised (and tried again once :attr:`compact_fragments` more have piled up). The
-        caller saves the index after it (so that the saved manifest names the compacted version).
+        :data:`AUTO_PRUNE_EVERY`. Best effort: the write is committed, and a failure is logged, never raised (and
+        tried again once :attr:`compact_fragments` more have piled up). The caller saves the index after it (so
+        that the saved manifest names the compacted version).
 
         Most writes decide without reading the manifest: LanceDB's count of fragments under 100,000 rows (from
         the version open) less the medium ones (8,192 rows or more, which compactions make and never rewrite)

@@ -290,10 +290,17 @@ def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tm
     import lance
 
     listed = []
-    for name in ("versions", "cleanup_old_versions"):
+
+    def counting(name: str):
         real = getattr(lance.LanceDataset, name)
-        monkeypatch.setattr(lance.LanceDataset, name,
-                            lambda self, *a, _real=real, _name=name, **kw: (listed.append(_name), _real(self, *a, **kw))[1])
+
+        def counted(self, *a, **kw):
+            listed.append(name)
+            return real(self, *a, **kw)
+        return counted
+
+    for name in ("versions", "cleanup_old_versions"):
+        monkeypatch.setattr(lance.LanceDataset, name, counting(name))
     rng = np.random.default_rng(8)
     g = _gallery(tmp_path, threshold=0)
     g.add(*_rows(100, 20, rng))
@@ -301,8 +308,12 @@ def test_a_writes_compaction_lists_the_versions_at_most_once_a_day_per_folder(tm
     g.compact_fragments = 2
     compactions = []
     real_compact = ReferenceStore.compact
-    monkeypatch.setattr(ReferenceStore, "compact",
-                        lambda self, **kw: (compactions.append(kw.get("prune_older_than")), real_compact(self, **kw))[1])
+
+    def compact(self, **kw):
+        compactions.append(kw.get("prune_older_than"))
+        return real_compact(self, **kw)
+
+    monkeypatch.setattr(ReferenceStore, "compact", compact)
     _add_one_by_one(g, 0, 6, rng)
     other = Gallery.open(tmp_path / "g", refresh_s=0.0)
     other.compact_fragments = 2
