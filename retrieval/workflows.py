@@ -915,10 +915,12 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
 
 def _fragments_info(g: Gallery) -> dict[str, object]:
     """The store's fragments for ``index info``: how many, how many small (``speciesid index compact`` merges them;
-    a write does when ``compact_at`` are), and the versions kept (None on an object store: not counted)."""
+    a write does once ``compact_every`` more have piled up than the last compaction left: the setting of the
+    process that reads it, SPECIESID_COMPACT_FRAGMENTS, which a running server may have set otherwise), and the
+    versions kept (None on an object store: not counted)."""
     stats = g.store.fragment_stats(versions=True)
     return {"fragments": stats.fragments, "small": stats.small, "versions": stats.versions,
-            "compact_at": g.compact_fragments}
+            "compact_every": g.compact_fragments}
 
 
 @dataclass

@@ -197,7 +197,7 @@ def test_cli_compact_prints_before_and_after_and_prunes(tmp_path, capsys):
     assert main(["index", "info", "--index", str(tmp_path / "g")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["store"]["fragments"] == {"fragments": 10, "small": 10, "versions": g.store.version,
-                                          "compact_at": 32}
+                                          "compact_every": 32}
 
     versions = g.store.version
     assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
@@ -393,3 +393,12 @@ def test_the_end_of_a_build_merges_small_fragments_only_and_prunes_by_the_same_r
     for index in indexes:
         stats = g.store._table.index_stats(index.name)
         assert stats.num_indexed_rows == big + 21000 and stats.num_unindexed_rows == 0
+
+
+def test_index_info_help_names_the_store_fragments_block(capsys):
+    from api.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["index", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "store.fragments: how many, how many small, the versions kept" in out, out

@@ -77,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
                            "ones, index kind), which encoder built it, and its store (uri; leftover Ray build "
-                           "journals; on S3 the write lease's holder and the shared id mark)")
+                           "journals; on S3 the write lease's holder and the shared id mark; store.fragments: how "
+                           "many, how many small, the versions kept: 'speciesid index compact' merges them)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
     register_sweep_uploads(s_index)
