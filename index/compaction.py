@@ -23,7 +23,7 @@ COMPACT_ENV = "SPECIESID_COMPACT_FRAGMENTS"
 #: gone. ``speciesid index compact --prune-older-than`` prunes closer.
 AUTO_PRUNE_AGE = dt.timedelta(days=7)
 #: A write's compaction prunes at most this often per gallery folder (the time of the last prune is kept in the
-#: folder: :attr:`index.layout.Layout.store_pruned`): listing the versions reads every kept version's manifest (on
+#: folder: :attr:`index.layout.GalleryLayout.store_pruned`): listing the versions reads every kept version's manifest (on
 #: S3 one request each), inside the write hold, which a server's searches wait on.
 AUTO_PRUNE_EVERY = dt.timedelta(days=1)
 

@@ -885,7 +885,8 @@ class Gallery:
             synced = self._synced_version == self.store.version
             self._writer.check()  # on S3: the store's lease is still ours
             report = self.store.compact(prune_older_than=prune_older_than)
-            self.store.index_new_rows()
+            self.store.index_new_rows()  # a commit of its own when there are new rows: the report's version after it
+            report = replace(report, version_after=self.store.version)
             self._compacted(report, pruned=prune_older_than is not None)
             if synced and self.store.version != report.version_before:
                 self._synced_version = self.store.version
@@ -1012,9 +1013,11 @@ class Gallery:
                 report = self.store.optimize(prune_older_than=AUTO_PRUNE_AGE if prune else None)
                 self._compacted(report, pruned=prune)
             except Exception as exc:  # noqa: BLE001 - the rows are committed; reads work, slower
-                logger.warning("gallery %s: compacting its store after the build failed (%s); the rows are stored. "
-                               "Run 'speciesid index compact --index %s'", self.root, first_line(exc, 300), self.root)
+                logger.warning("gallery %s: compacting or pruning its store after the build failed (%s); the rows "
+                               "are stored. Run 'speciesid index compact --index %s'", self.root,
+                               first_line(exc, 300), self.root)
                 self.store.ensure_scalar_indexes()
+                self.store.index_new_rows()  # the build's rows indexed all the same (best effort itself)
         self.rebuild_index(map_fn=map_fn)
 
     # ------------------------------------------------------------------- reads

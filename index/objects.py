@@ -68,6 +68,10 @@ UPLOADS_DIR = "uploads"
 PROBE_DIR = "probe"
 #: Keys per DeleteObjects request (S3's most): the sweep deletes its orphans this many at a time.
 DELETE_BATCH = 1000
+#: Error codes with which a server that takes single deletes refuses a DeleteObjects request as such (a store that
+#: wants the Content-MD5 newer boto3 no longer sends, or has no batch delete): the objects are then deleted one by one.
+_BATCH_REFUSED = frozenset({"MissingContentMD5", "InvalidDigest", "BadDigest", "InvalidRequest", "NotImplemented",
+                            "MethodNotAllowed", "501", "405"})
 
 
 class StoreObjectError(LeaseError, OSError):
@@ -227,7 +231,8 @@ class StoreObjects:
         """Delete the objects ``uris`` (of one bucket, at most :data:`DELETE_BATCH`) with one DeleteObjects request;
         the ones the store did not delete, each with the reason its reply gave (per key: the request may delete some
         and refuse others; a key already gone counts as deleted). A failure of the whole request is raised
-        (:class:`StoreObjectError`, saying what to do), nothing known deleted then."""
+        (:class:`StoreObjectError`, saying what to do), nothing known deleted then; a server that refuses the batch
+        request as such (:data:`_BATCH_REFUSED`) has the objects deleted one by one instead."""
         if len(uris) > DELETE_BATCH:
             raise ValueError(f"one DeleteObjects request takes {DELETE_BATCH} keys at most, not {len(uris)}")
         if not uris:
@@ -242,6 +247,10 @@ class StoreObjects:
             reply = self.client.delete_objects(Bucket=bucket, Delete={
                 "Objects": [{"Key": key} for _, key in keys.values()], "Quiet": True})
         except Exception as exc:  # noqa: BLE001
+            if _code(exc) in _BATCH_REFUSED:
+                logger.info("the store refused a DeleteObjects request (%s): deleting %d objects one by one",
+                            _code(exc), len(uris))
+                return self._delete_each(uris)
             raise self._failure(exc, f"deleting {len(uris)} objects (one DeleteObjects request) under", where,
                                 needs="s3:DeleteObject") from exc
         from botocore.exceptions import ClientError  # here: botocore is loaded with the client, on first use
@@ -255,6 +264,16 @@ class StoreObjects:
                 continue
             answer = ClientError({"Error": {"Code": code, "Message": said}}, "DeleteObjects")
             failed[uri] = str(self._failure(answer, "deleting", uri, needs="s3:DeleteObject"))
+        return failed
+
+    def _delete_each(self, uris: Sequence[str]) -> dict[str, str]:
+        """:meth:`delete_many` one request per object: the ones not deleted, each with its error."""
+        failed: dict[str, str] = {}
+        for uri in uris:
+            try:
+                self.delete(uri)
+            except OSError as exc:  # StoreObjectError: it says what to do
+                failed[uri] = str(exc)
         return failed
 
     def _failure(self, exc: BaseException, doing: str, uri: str, *, needs: str, on: str | None = None) -> OSError:

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
 
@@ -691,7 +691,7 @@ class ReferenceStore:
         report = self.compact(prune_older_than=prune_older_than, target_rows=BUILD_FRAGMENT_ROWS)
         self.ensure_scalar_indexes()
         self.index_new_rows()
-        return report
+        return replace(report, version_after=self.version)
 
     def index_new_rows(self) -> None:
         """Bring the scalar indexes (:meth:`ensure_scalar_indexes`) over the rows added since they were made or

@@ -189,11 +189,6 @@ class ProbeFollower:
                 return
             self._looking = thread
 
-    def looking(self) -> bool:
-        """Whether the look :meth:`look_soon` started is still running."""
-        thread = self._looking
-        return thread is not None and thread.is_alive()
-
     @contextlib.contextmanager
     def files_quiet(self, *, wait: bool = False) -> Iterator[bool]:
         """Keep this follower's takes off the folder's probe files while they are read in the block: yields True

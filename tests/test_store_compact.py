@@ -402,3 +402,18 @@ def test_index_info_help_names_the_store_fragments_block(capsys):
         main(["index", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0 and "store.fragments: how many, how many small, the versions kept" in out, out
+
+
+def test_cli_compact_prints_the_store_version_after_its_index_update(tmp_path, capsys):
+    """The compaction's index update (id / sha256 over the rows added since) is a commit of its own: the version
+    printed 'after' is the store's, not the one before that commit."""
+    import re
+
+    rng = np.random.default_rng(9)
+    g = _gallery(tmp_path, threshold=0)
+    g.add(*_rows(0, 20, rng))
+    g.store.ensure_scalar_indexes()  # as a build leaves them
+    _add_one_by_one(g, 20, 4, rng)  # rows the indexes do not cover yet
+    assert main(["index", "compact", "--index", str(tmp_path / "g")]) == 0
+    before, after = map(int, re.search(r"store version: (\d+) -> (\d+)", capsys.readouterr().out).groups())
+    assert after == Gallery.open(tmp_path / "g").store.version and after > before + 1  # merged, then indexed

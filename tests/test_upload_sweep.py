@@ -544,3 +544,31 @@ def test_a_refusal_and_no_answer_keep_their_words_on_both_paths():
     assert got is not None and not got.transient
     assert "grant s3:ListBucket on the bucket b" in got.message and "s3://b/p/k may simply be missing" in got.message
     assert got.message.endswith("or, if it is there, the credentials need s3:GetObject on s3://b/p/*"), got.message
+
+
+def test_a_store_that_refuses_delete_objects_as_such_has_the_objects_deleted_one_by_one():
+    """Some S3-compatible servers refuse DeleteObjects without the Content-MD5 newer boto3 no longer sends: the sweep
+    then deletes key by key (one refused key reported, the others deleted), not nothing at all."""
+    from botocore.exceptions import ClientError
+
+    from index.objects import StoreObjects
+
+    class Client:
+        def __init__(self) -> None:
+            self.deleted: list[str] = []
+
+        def delete_objects(self, **kw):
+            raise ClientError({"Error": {"Code": "MissingContentMD5", "Message": "Missing required header"}},
+                              "DeleteObjects")
+
+        def delete_object(self, Bucket: str, Key: str) -> None:  # noqa: N803 - boto3's names
+            if Key.endswith("locked.jpg"):
+                raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DeleteObject")
+            self.deleted.append(Key)
+
+    client = Client()
+    objects = StoreObjects("s3://b/store", client=client)
+    uris = [f"s3://b/store/_speciesid/uploads/{name}" for name in ("a.jpg", "locked.jpg", "c.jpg")]
+    failed = objects.delete_many(uris)
+    assert client.deleted == ["store/_speciesid/uploads/a.jpg", "store/_speciesid/uploads/c.jpg"]
+    assert list(failed) == [uris[1]] and "s3:DeleteObject" in failed[uris[1]], failed

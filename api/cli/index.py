@@ -267,8 +267,9 @@ def register_compact(s_index: argparse._SubParsersAction) -> None:
         "as they pile up) and delete its old versions; prints the store before and after",
         description="Merge the small fragments of the gallery's store (fewer than 8192 rows; bigger ones are never "
         "rewritten) and delete the store's versions superseded longer ago than --prune-older-than (never the "
-        "latest). A write does the merge itself "
-        "when SPECIESID_COMPACT_FRAGMENTS small fragments pile up (default 32; 'index info' shows them).")
+        "latest), and bring its id / sha256 indexes over the rows added since (one more store version). A write "
+        "does the merge itself when SPECIESID_COMPACT_FRAGMENTS small fragments pile up (default 32; 'index info' "
+        "shows them).")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--prune-older-than", type=_age, default=DEFAULT_PRUNE_S, metavar="AGE",
                    help="delete the store's versions that stopped being the latest longer ago than this (the version "
