@@ -13,6 +13,7 @@ per side, peak memory, and the on / off ratios. Nothing here asserts: it prints.
     nice .venv/bin/python benchmarks/bench_store_growth.py          # 600 adds, 1000 bulk rows, 512-d (1.5 min)
     nice .venv/bin/python benchmarks/bench_store_growth.py --adds 1000 --checkpoints 0 250 500 1000   # docs' table
     nice .venv/bin/python benchmarks/bench_store_growth.py --adds 100 --checkpoints 0 50 100          # a quick look
+    nice .venv/bin/python benchmarks/bench_store_growth.py --reader   # + identifies from a thread during the adds
 
 The 'off' side slows down with every add (each read opens every fragment): 1000 adds took it ~3.5 min (Intel Xeon,
 AMX kind, 2 cores, other processes using 1.2-1.3 of them; the default run above: 1 min 26 s wall, others
@@ -27,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +99,21 @@ def child(args: argparse.Namespace) -> dict:
         wanted = sorted(set(args.checkpoints))
         if 0 in wanted:
             checkpoint()
+        during: list[float] = []  # --reader: identifies timed while the adds run (a server's requests)
+        stop = threading.Event()
+
+        def reader() -> None:
+            q = rng.standard_normal((1, dim)).astype(np.float32)
+            while not stop.is_set():
+                t = time.perf_counter()
+                _, found = g.nearest(q, 10)
+                g.store.metadata([int(i) for i in found[0] if i >= 0])
+                during.append((time.perf_counter() - t) * 1000)
+                time.sleep(0.005)  # a request every few ms, not a spin
+
+        thread = threading.Thread(target=reader, daemon=True) if args.reader else None
+        if thread:
+            thread.start()
         while done < args.adds:
             records, digests, x = rows(args.bulk + done, 1)
             t = time.perf_counter()
@@ -108,10 +125,14 @@ def child(args: argparse.Namespace) -> dict:
             if done in wanted:
                 checkpoint()
                 window = []
+        if thread:
+            stop.set()
+            thread.join()
         if args.adds not in wanted:
             checkpoint()
     return {"side": args.side, "add": _pcts(adds_ms), "add_mean": float(np.mean(adds_ms)),
-            "checkpoints": checkpoints, "peak_mib": status_mib("VmHWM")}
+            "checkpoints": checkpoints, "peak_mib": status_mib("VmHWM"),
+            "during": {**_pcts(during), "n": len(during)} if during else None}
 
 
 def _row(side: str, c: dict) -> str:
@@ -134,6 +155,10 @@ def main() -> None:
     parser.add_argument("--threshold", type=int, default=None,
                         help="the 'on' side's SPECIESID_COMPACT_FRAGMENTS (default: the gallery's default, 32)")
     parser.add_argument("--side", choices=("both", "off", "on"), default="both", help="which side(s) to run")
+    parser.add_argument("--reader", action="store_true",
+                        help="also time identifies (nearest + neighbours' metadata) from a thread while the adds run, "
+                        "as a server's requests beside its uploads (the checkpoints' reads are made with the adds "
+                        "paused)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threshold is None:
@@ -150,7 +175,7 @@ def main() -> None:
     for side in (("off", "on") if args.side == "both" else (args.side,)):
         cmd = [sys.executable, __file__, "--child", "--side", side, "--adds", str(args.adds), "--bulk",
                str(args.bulk), "--dim", str(args.dim), "--reads", str(args.reads), "--threshold",
-               str(args.threshold), "--checkpoints", *map(str, args.checkpoints)]
+               str(args.threshold), "--checkpoints", *map(str, args.checkpoints), *(["--reader"] if args.reader else [])]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results[side] = json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK):])
     print(f"\n{args.bulk} bulk rows (built: compacted, indexed), then {args.adds} adds of one {args.dim}-d row through "
@@ -167,6 +192,10 @@ def main() -> None:
         a = r["add"]
         print(f"{side}: all {args.adds} adds p50 {a['p50']:.1f} / p95 {a['p95']:.1f} / p99 {a['p99']:.1f} / max "
               f"{a['max']:.0f} ms (mean {r['add_mean']:.1f}); peak memory {r['peak_mib']:.0f} MiB")
+        if r.get("during"):
+            d = r["during"]
+            print(f"{side}: {d['n']} identifies while the adds ran: p50 {d['p50']:.1f} / p95 {d['p95']:.1f} / p99 "
+                  f"{d['p99']:.1f} / max {d['max']:.0f} ms")
     if len(results) == 2:
         off, on = results["off"], results["on"]
         last_off, last_on = off["checkpoints"][-1], on["checkpoints"][-1]
