@@ -83,6 +83,26 @@ class EncoderCounts(Collector):
                                   value=batcher.images if batcher else 0)
 
 
+class StoreCounts(Collector):
+    """The gallery's compactions after this server's writes (:class:`index.compaction.CompactionCounts`) as
+    Prometheus counters, read at each scrape from memory (never a request to the store)."""
+
+    def __init__(self, service: Callable[[], SpeciesService | None]) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        service = self.service()
+        counts = getattr(service.gallery, "compactions", None) if service is not None else None
+        yield CounterMetricFamily("speciesid_store_compactions", "store compactions after this server's writes "
+                                  "(SPECIESID_COMPACT_FRAGMENTS small fragments piled up)",
+                                  value=counts.runs if counts else 0)
+        yield CounterMetricFamily("speciesid_store_compaction_failures", "store compactions after this server's "
+                                  "writes that failed (the writes stood; reads slow down as small fragments pile up: "
+                                  "alert on it, run 'speciesid index compact')", value=counts.failures if counts else 0)
+        yield CounterMetricFamily("speciesid_store_compaction_seconds", "time this server's writes spent compacting "
+                                  "the store (searches wait on it)", value=counts.seconds if counts else 0.0)
+
+
 class Metrics:
     """The app's Prometheus metrics, in a registry of its own (``service``: the app's service now, for the encoder's
     counters)."""
@@ -103,6 +123,7 @@ class Metrics:
                               "the references loaded before an outage (alert on it: /readyz stays 200, degraded)",
                               registry=self.registry)
         self.registry.register(EncoderCounts(service))
+        self.registry.register(StoreCounts(service))
 
 
 def create_app(settings: Settings | None = None, service: SpeciesService | None = None) -> FastAPI:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from dataclasses import dataclass
 
 #: Small store fragments (:data:`index.store.SMALL_FRAGMENT_ROWS`) at which a write compacts them, in the same
 #: write hold (:meth:`index.gallery.Gallery.compact`). Each add or exclusion commit (an API upload, a
@@ -26,6 +27,15 @@ AUTO_PRUNE_AGE = dt.timedelta(days=7)
 #: folder: :attr:`index.layout.GalleryLayout.store_pruned`): listing the versions reads every kept version's manifest (on
 #: S3 one request each), inside the write hold, which a server's searches wait on.
 AUTO_PRUNE_EVERY = dt.timedelta(days=1)
+
+
+@dataclass
+class CompactionCounts:
+    """What a gallery object's writes compacted since it was opened (a server's ``/metrics`` counters)."""
+
+    runs: int = 0  # compactions after a write that finished
+    failures: int = 0  # compactions (or their checks) after a write that failed (logged; the writes stood)
+    seconds: float = 0.0  # time spent in the finished ones
 
 
 def parse_compact_fragments(raw: str | int) -> int:

@@ -30,7 +30,13 @@ import pandas as pd
 
 from index import ivfpq
 from index.atomic import is_leftover, remove_leftovers, write_json_atomic
-from index.compaction import AUTO_PRUNE_AGE, AUTO_PRUNE_EVERY, COMPACT_ENV, compact_fragments_default
+from index.compaction import (
+    AUTO_PRUNE_AGE,
+    AUTO_PRUNE_EVERY,
+    COMPACT_ENV,
+    CompactionCounts,
+    compact_fragments_default,
+)
 from index.errors import first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
@@ -184,6 +190,7 @@ class Gallery:
         # fragments LanceDB counts as small (under 100,000 rows) that ours does not (8,192 or more): compactions
         # make them and never rewrite them, so the cheap bound minus these still bounds the small ones
         self._compact_medium = 0
+        self.compactions = CompactionCounts()  # this object's writes' compactions (a server's /metrics)
         # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
@@ -948,11 +955,15 @@ class Gallery:
             self._compacted(report, pruned=prune)
             if synced:  # ids are unchanged: the index reflects the new version as it did the old one
                 self._synced_version = self.store.version
+            took = time.perf_counter() - t0
+            self.compactions.runs += 1
+            self.compactions.seconds += took
             logger.info("gallery %s: store compacted in %.2f s: %d fragments -> %d (%d small left), %s",
-                        self.root, time.perf_counter() - t0, report.fragments_before, report.fragments_after,
+                        self.root, took, report.fragments_before, report.fragments_after,
                         report.small_after, f"{report.versions_removed} old version(s) pruned "
                         f"({report.bytes_removed / 1e6:.1f} MB)" if prune else "no pruning (done in the last day)")
         except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
+            self.compactions.failures += 1
             if small is not None:  # tried again once as many more have piled up, not at every write
                 self._compact_floor = small
             logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "

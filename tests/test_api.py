@@ -1380,3 +1380,32 @@ def test_metrics_and_model_loaded_once(client, service, loads):
     assert client.delete(f"/v1/references/{added.json()['ids'][0]}", headers=KEYS).status_code == 204
     assert _sample(client.get("/metrics").text, "speciesid_gallery_references") == len(service.gallery) == size
     assert len(loads) == 1  # every request above used the one model loaded at startup
+
+
+def test_metrics_count_the_store_compactions_of_the_servers_writes(client, service, monkeypatch):
+    """An operator sees the automatic compaction (SPECIESID_COMPACT_FRAGMENTS) in /metrics: runs, failures (the
+    writes stood; reads slow down: alert on it) and seconds, as counters read from memory."""
+    text = client.get("/metrics").text
+    for name in ("compactions", "compaction_failures", "compaction_seconds"):
+        assert re.search(rf"^# TYPE speciesid_store_{name}(_total)? counter$", text, re.M), text
+    runs, failures = (_sample(text, f"speciesid_store_{n}_total") for n in ("compactions", "compaction_failures"))
+    monkeypatch.setattr(service.gallery, "compact_fragments", 1)  # the next small fragments piled up compact
+    monkeypatch.setattr(service.gallery, "_compact_floor", 0)
+    monkeypatch.setattr(service.gallery, "_compact_medium", 0)
+    added = []
+    for photo in photos("val", "Equatorial Cobra (Naja sumatrana)", 2):
+        answer = client.post("/v1/species/Naja sumatrana/references", files=_files([photo]), headers=KEYS)
+        assert answer.status_code == 201, answer.text
+        added += answer.json()["ids"]
+    text = client.get("/metrics").text
+    assert _sample(text, "speciesid_store_compactions_total") > runs
+    assert _sample(text, "speciesid_store_compaction_seconds_total") > 0
+    with monkeypatch.context() as broken:
+        broken.setattr(type(service.gallery.store), "compact", lambda self, **kw: 1 / 0)
+        answer = client.post("/v1/species/Naja sumatrana/references", headers=KEYS,
+                             files=_files(photos("val", "Equatorial Cobra (Naja sumatrana)", 3)[2:]))
+        assert answer.status_code == 201, answer.text  # the write stands
+        added += answer.json()["ids"]
+    assert _sample(client.get("/metrics").text, "speciesid_store_compaction_failures_total") == failures + 1
+    for ref in added:
+        assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
