@@ -100,11 +100,13 @@ def child(args: argparse.Namespace) -> dict:
         if 0 in wanted:
             checkpoint()
         during: list[float] = []  # --reader: identifies timed while the adds run (a server's requests)
-        stop = threading.Event()
+        stop, adding = threading.Event(), threading.Event()  # adding: cleared while a checkpoint reads
 
         def reader() -> None:
-            q = rng.standard_normal((1, dim)).astype(np.float32)
+            q = np.random.default_rng(1).standard_normal((1, dim)).astype(np.float32)  # its own generator
             while not stop.is_set():
+                if not adding.wait(0.05):
+                    continue
                 t = time.perf_counter()
                 _, found = g.nearest(q, 10)
                 g.store.metadata([int(i) for i in found[0] if i >= 0])
@@ -112,6 +114,7 @@ def child(args: argparse.Namespace) -> dict:
                 time.sleep(0.005)  # a request every few ms, not a spin
 
         thread = threading.Thread(target=reader, daemon=True) if args.reader else None
+        adding.set()
         if thread:
             thread.start()
         while done < args.adds:
@@ -123,7 +126,9 @@ def child(args: argparse.Namespace) -> dict:
             window.append(ms)
             done += 1
             if done in wanted:
+                adding.clear()  # the checkpoint's reads alone (a search begun just before may still finish)
                 checkpoint()
+                adding.set()
                 window = []
         if thread:
             stop.set()

@@ -891,8 +891,9 @@ class Gallery:
             self.store.refresh()
             synced = self._synced_version == self.store.version
             self._writer.check()  # on S3: the store's lease is still ours
+            # the indexes first: their commit is then no version a prune of 0 leaves beside the latest
+            self.store.index_new_rows()
             report = self.store.compact(prune_older_than=prune_older_than)
-            self.store.index_new_rows()  # a commit of its own when there are new rows: the report's version after it
             report = replace(report, version_after=self.store.version)
             self._compacted(report, pruned=prune_older_than is not None)
             if synced and self.store.version != report.version_before:
@@ -931,7 +932,7 @@ class Gallery:
         wanted = self.compact_fragments
         if wanted <= 0:
             return
-        small = None
+        small, attempted = None, False
         try:
             bound = self.store.small_fragments_at_most()  # no manifest read
             at_most = bound - min(self._compact_medium, bound)
@@ -949,6 +950,7 @@ class Gallery:
             self._writer.check()  # on S3: the store's lease is still ours (a compaction is a store write)
             t0 = time.perf_counter()
             prune = self._prune_due()
+            attempted = True
             report = self.store.compact(prune_older_than=AUTO_PRUNE_AGE if prune else None)
             if prune:  # an index merge costs O(all rows) (~0.4 ms per 1,000): daily, not at every compaction
                 self.store.index_new_rows()
@@ -963,7 +965,7 @@ class Gallery:
                         report.small_after, f"{report.versions_removed} old version(s) pruned "
                         f"({report.bytes_removed / 1e6:.1f} MB)" if prune else "no pruning (done in the last day)")
         except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
-            self.compactions.failures += 1
+            self.compactions.failures += attempted  # a compaction that failed, not a check (the log has both)
             if small is not None:  # tried again once as many more have piled up, not at every write
                 self._compact_floor = small
             logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
@@ -1027,8 +1029,12 @@ class Gallery:
                 logger.warning("gallery %s: compacting or pruning its store after the build failed (%s); the rows "
                                "are stored. Run 'speciesid index compact --index %s'", self.root,
                                first_line(exc, 300), self.root)
-                self.store.ensure_scalar_indexes()
-                self.store.index_new_rows()  # the build's rows indexed all the same (best effort itself)
+                try:  # the build's rows indexed all the same
+                    self.store.ensure_scalar_indexes()
+                    self.store.index_new_rows()
+                except Exception as again:  # noqa: BLE001 - lookups scan the rows then; the index is rebuilt below
+                    logger.warning("gallery %s: its store's id / sha256 indexes not made (%s)", self.root,
+                                   first_line(again, 300))
         self.rebuild_index(map_fn=map_fn)
 
     # ------------------------------------------------------------------- reads

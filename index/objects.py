@@ -70,6 +70,8 @@ PROBE_DIR = "probe"
 DELETE_BATCH = 1000
 #: Error codes with which a server that takes single deletes refuses a DeleteObjects request as such (a store that
 #: wants the Content-MD5 newer boto3 no longer sends, or has no batch delete): the objects are then deleted one by one.
+#: Objects deleted one by one between two ``check`` calls (the lease's) when the store refuses DeleteObjects.
+EACH_CHECK = 100
 _BATCH_REFUSED = frozenset({"MissingContentMD5", "InvalidDigest", "BadDigest", "InvalidRequest", "NotImplemented",
                             "MethodNotAllowed", "501", "405"})
 
@@ -134,6 +136,7 @@ class StoreObjects:
         self._endpoint = _opt(self._options, "aws_endpoint", "endpoint", "aws_endpoint_url", "endpoint_url")
         self._client = client
         self._guard = threading.Lock()
+        self._batch_refused = False  # the store refused a DeleteObjects request as such: one by one from then on
 
     @property
     def client(self) -> Any:
@@ -227,12 +230,13 @@ class StoreObjects:
             raise self._failure(exc, "listing the objects under", f"s3://{bucket}/{prefix}",
                                 needs=f"s3:ListBucket on the bucket {bucket}", on="") from exc
 
-    def delete_many(self, uris: Sequence[str]) -> dict[str, str]:
+    def delete_many(self, uris: Sequence[str], *, check: Callable[[], None] | None = None) -> dict[str, str]:
         """Delete the objects ``uris`` (of one bucket, at most :data:`DELETE_BATCH`) with one DeleteObjects request;
         the ones the store did not delete, each with the reason its reply gave (per key: the request may delete some
         and refuse others; a key already gone counts as deleted). A failure of the whole request is raised
         (:class:`StoreObjectError`, saying what to do), nothing known deleted then; a server that refuses the batch
-        request as such (:data:`_BATCH_REFUSED`) has the objects deleted one by one instead."""
+        request as such (:data:`_BATCH_REFUSED`) has the objects deleted one by one instead, from then on
+        (:meth:`_delete_each`: ``check`` before every :data:`EACH_CHECK` of them, e.g. the lease's)."""
         if len(uris) > DELETE_BATCH:
             raise ValueError(f"one DeleteObjects request takes {DELETE_BATCH} keys at most, not {len(uris)}")
         if not uris:
@@ -243,6 +247,8 @@ class StoreObjects:
             raise ValueError(f"one DeleteObjects request deletes from one bucket, not {sorted(buckets)}")
         (bucket,) = buckets
         where = f"s3://{bucket}/{os.path.commonprefix([k for _, k in keys.values()]).rpartition('/')[0]}/"
+        if self._batch_refused:
+            return self._delete_each(uris, check)
         try:
             reply = self.client.delete_objects(Bucket=bucket, Delete={
                 "Objects": [{"Key": key} for _, key in keys.values()], "Quiet": True})
@@ -250,7 +256,8 @@ class StoreObjects:
             if _code(exc) in _BATCH_REFUSED:
                 logger.info("the store refused a DeleteObjects request (%s): deleting %d objects one by one",
                             _code(exc), len(uris))
-                return self._delete_each(uris)
+                self._batch_refused = True
+                return self._delete_each(uris, check)
             raise self._failure(exc, f"deleting {len(uris)} objects (one DeleteObjects request) under", where,
                                 needs="s3:DeleteObject") from exc
         from botocore.exceptions import ClientError  # here: botocore is loaded with the client, on first use
@@ -266,13 +273,19 @@ class StoreObjects:
             failed[uri] = str(self._failure(answer, "deleting", uri, needs="s3:DeleteObject"))
         return failed
 
-    def _delete_each(self, uris: Sequence[str]) -> dict[str, str]:
-        """:meth:`delete_many` one request per object: the ones not deleted, each with its error."""
+    def _delete_each(self, uris: Sequence[str], check: Callable[[], None] | None) -> dict[str, str]:
+        """:meth:`delete_many` one request per object: the ones not deleted, each with its error. A failure a later
+        try may get past (the network, a busy store) is raised at once: the rest would fail alike, each after its
+        timeouts, under the lease."""
         failed: dict[str, str] = {}
-        for uri in uris:
+        for n, uri in enumerate(uris):
+            if check is not None and n and n % EACH_CHECK == 0:
+                check()
             try:
                 self.delete(uri)
-            except OSError as exc:  # StoreObjectError: it says what to do
+            except StoreObjectError as exc:  # it says what to do
+                if exc.transient:
+                    raise
                 failed[uri] = str(exc)
         return failed
 
@@ -416,7 +429,7 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
             batch = in_store[start:start + DELETE_BATCH]
             lock.check()  # the lease still ours: no add of another machine committed since the read above
             assert objects is not None
-            refused = objects.delete_many([o.uri for o in batch])
+            refused = objects.delete_many([o.uri for o in batch], check=lock.check)
             for o in batch:
                 _removed(report, o, refused.get(o.uri))
         for o in orphans:

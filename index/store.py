@@ -696,9 +696,9 @@ class ReferenceStore:
     def index_new_rows(self) -> None:
         """Bring the scalar indexes (:meth:`ensure_scalar_indexes`) over the rows added since they were made or
         last brought over (lookups scan those rows otherwise). A store write (one commit); best effort."""
-        if not self._table.list_indices():
-            return
         try:
+            if not self._table.list_indices():
+                return
             self.refresh()
             self._dataset().optimize.optimize_indices()
             self.refresh()

@@ -417,3 +417,31 @@ def test_cli_compact_prints_the_store_version_after_its_index_update(tmp_path, c
     assert main(["index", "compact", "--index", str(tmp_path / "g")]) == 0
     before, after = map(int, re.search(r"store version: (\d+) -> (\d+)", capsys.readouterr().out).groups())
     assert after == Gallery.open(tmp_path / "g").store.version and after > before + 1  # merged, then indexed
+
+
+def test_cli_compact_prune_zero_keeps_only_the_latest_version_with_indexes_to_update(tmp_path, capsys):
+    """Re-read: the index update committed after the prune, so '--prune-older-than 0' left two versions."""
+    rng = np.random.default_rng(10)
+    g = _gallery(tmp_path, threshold=0)
+    g.add(*_rows(0, 20, rng))
+    g.store.ensure_scalar_indexes()
+    _add_one_by_one(g, 20, 4, rng)
+    assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+    assert " -> 1 (" in capsys.readouterr().out
+    assert Gallery.open(tmp_path / "g").store.fragment_stats(versions=True).versions == 1
+
+
+def test_a_failing_check_is_no_failed_compaction_in_the_counts(tmp_path, monkeypatch):
+    """/metrics' compaction failures count compactions that failed, not a failed look at the fragments."""
+    rng = np.random.default_rng(11)
+    g = _gallery(tmp_path, threshold=2)
+    with monkeypatch.context() as broken:
+        broken.setattr(ReferenceStore, "small_fragments_at_most", lambda self: 1 / 0)
+        _add_one_by_one(g, 0, 3, rng)
+    assert g.compactions.failures == 0 and g.compactions.runs == 0
+    with monkeypatch.context() as broken:
+        broken.setattr(ReferenceStore, "compact", lambda self, **kw: 1 / 0)
+        _add_one_by_one(g, 3, 1, rng)
+    assert g.compactions.failures == 1 and g.compactions.runs == 0
+    _add_one_by_one(g, 4, 2, rng)
+    assert g.compactions.runs == 1 and g.compactions.seconds > 0

@@ -105,8 +105,8 @@ def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_youn
     from index.objects import StoreObjects
 
     held, delete = [], StoreObjects.delete_many
-    monkeypatch.setattr(StoreObjects, "delete_many", lambda self, uris: held.append(
-        write_lock(g.layout.write_lock).held_lease is not None) or delete(self, uris))
+    monkeypatch.setattr(StoreObjects, "delete_many", lambda self, uris, **kw: held.append(
+        write_lock(g.layout.write_lock).held_lease is not None) or delete(self, uris, **kw))
     code, out, err = _run(capsys, "index", "sweep-uploads", "--index", tmp_path / "g", "-q")
     assert code == 0, err
     assert held == [True]  # removed under the store's lease
@@ -572,3 +572,39 @@ def test_a_store_that_refuses_delete_objects_as_such_has_the_objects_deleted_one
     failed = objects.delete_many(uris)
     assert client.deleted == ["store/_speciesid/uploads/a.jpg", "store/_speciesid/uploads/c.jpg"]
     assert list(failed) == [uris[1]] and "s3:DeleteObject" in failed[uris[1]], failed
+
+
+def test_one_by_one_deletes_stop_at_a_failure_that_may_pass_check_the_lease_and_skip_the_refused_request(
+        monkeypatch):
+    """Re-read: the one-by-one fallback went on through 1,000 keys failing to connect (each after its timeouts,
+    under the lease), checked the lease once per 1,000 and asked DeleteObjects again at every batch."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    import index.objects
+    from index.objects import StoreObjectError, StoreObjects
+
+    class Client:
+        def __init__(self) -> None:
+            self.batches = self.singles = 0
+            self.down = False
+
+        def delete_objects(self, **kw):
+            self.batches += 1
+            raise ClientError({"Error": {"Code": "MissingContentMD5", "Message": "Missing header"}}, "DeleteObjects")
+
+        def delete_object(self, Bucket: str, Key: str) -> None:  # noqa: N803 - boto3's names
+            self.singles += 1
+            if self.down:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    monkeypatch.setattr(index.objects, "EACH_CHECK", 3)
+    client, checks = Client(), []
+    objects = StoreObjects("s3://b/store", client=client)
+    uris = [f"s3://b/store/_speciesid/uploads/{i:064x}.jpg" for i in range(7)]
+    assert objects.delete_many(uris, check=lambda: checks.append(1)) == {}
+    assert client.singles == 7 and len(checks) == 2  # before the 4th and the 7th
+    assert objects.delete_many(uris[:2]) == {} and client.batches == 1  # refused once: not asked again
+    client.down, client.singles = True, 0
+    with pytest.raises(StoreObjectError) as stopped:
+        objects.delete_many(uris)
+    assert stopped.value.transient and client.singles == 1  # stopped at the first: the rest would fail alike
