@@ -65,12 +65,16 @@ def _route_path(app: FastAPI, request: Request) -> str:
     return next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), "unmatched")
 
 
-class EncoderCounts(Collector):
-    """The micro-batcher's cumulative counts as Prometheus counters (``*_total``), read at each scrape: they only
-    grow while a service runs (a restarted service starts them at 0 again, which ``rate()`` takes as a reset)."""
+class ServiceCounts(Collector):
+    """Counters the app's service keeps, read at each scrape (``service``: the app's service now, or None)."""
 
     def __init__(self, service: Callable[[], SpeciesService | None]) -> None:
         self.service = service
+
+
+class EncoderCounts(ServiceCounts):
+    """The micro-batcher's cumulative counts as Prometheus counters (``*_total``), read at each scrape: they only
+    grow while a service runs (a restarted service starts them at 0 again, which ``rate()`` takes as a reset)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         service = self.service()
@@ -83,12 +87,9 @@ class EncoderCounts(Collector):
                                   value=batcher.images if batcher else 0)
 
 
-class StoreCounts(Collector):
+class StoreCounts(ServiceCounts):
     """The gallery's compactions after this server's writes (:class:`index.compaction.CompactionCounts`) as
     Prometheus counters, read at each scrape from memory (never a request to the store)."""
-
-    def __init__(self, service: Callable[[], SpeciesService | None]) -> None:
-        self.service = service
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         service = self.service()

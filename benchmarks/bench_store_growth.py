@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch, status_mib
+from _common import CpuWatch, percentile_values, status_mib
 from _hardware import machine_report
 
 MARK = "@@bench@@ "
@@ -50,9 +50,8 @@ def _disk(folder: Path) -> tuple[int, float]:
 
 
 def _pcts(values_ms: list[float]) -> dict[str, float]:
-    v = np.asarray(values_ms)
-    return {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
-            "p99": float(np.percentile(v, 99)), "max": float(v.max())}
+    """p50 / p95 / p99 (:func:`_common.percentile_values`) and the max of a list of milliseconds."""
+    return {**percentile_values(values_ms), "max": float(max(values_ms))}
 
 
 def child(args: argparse.Namespace) -> dict:

@@ -889,14 +889,14 @@ class Gallery:
         find nothing to do."""
         with self._write():
             self.store.refresh()
-            synced = self._synced_version == self.store.version
+            before = self.store.version
+            synced = self._synced_version == before
             self._writer.check()  # on S3: the store's lease is still ours
             # the indexes first: their commit is then no version a prune of 0 leaves beside the latest
             self.store.index_new_rows()
             report = self.store.compact(prune_older_than=prune_older_than)
-            report = replace(report, version_after=self.store.version)
             self._compacted(report, pruned=prune_older_than is not None)
-            if synced and self.store.version != report.version_before:
+            if synced and self.store.version != before:  # the index commit or the merge: ids unchanged
                 self._synced_version = self.store.version
                 self._index.save(self.layout.vectors, self._manifest())
             return report

@@ -246,9 +246,9 @@ class StoreObjects:
         if len(buckets) != 1:
             raise ValueError(f"one DeleteObjects request deletes from one bucket, not {sorted(buckets)}")
         (bucket,) = buckets
-        where = f"s3://{bucket}/{os.path.commonprefix([k for _, k in keys.values()]).rpartition('/')[0]}/"
         if self._batch_refused:
             return self._delete_each(uris, check)
+        where = f"s3://{bucket}/{os.path.commonprefix([k for _, k in keys.values()]).rpartition('/')[0]}/"
         try:
             reply = self.client.delete_objects(Bucket=bucket, Delete={
                 "Objects": [{"Key": key} for _, key in keys.values()], "Quiet": True})

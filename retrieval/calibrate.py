@@ -32,7 +32,7 @@ import numpy as np
 from index.pairs import copy_groups
 from retrieval.metric import METRICS, fit_whitening
 from retrieval.metrics import precision_threshold
-from retrieval.probe import Calibration, LinearProbe, train_probe
+from retrieval.probe import MIN_PROBE_PHOTOS, Calibration, LinearProbe, train_probe
 from retrieval.vote import DEFAULT_UNKNOWN_THRESHOLD
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,6 @@ DEFAULT_RULE = "seq-nll"
 PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
 #: Cosine at or above which two gallery photos count as the same photo (kept in one fold).
 DUPLICATE_COSINE = 0.95
-#: The distinct reference photos (not near-copies of each other, cosine < DUPLICATE_COSINE) a species needs to be in
-#: the probe's cross-validation: one held out, one kept.
-MIN_PROBE_PHOTOS = 2
 
 
 class FewPhotosError(ValueError):

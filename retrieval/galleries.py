@@ -116,15 +116,19 @@ def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfi
                                                                               int(size[1]) if size else None))
 
 
+def _store_alone(index_dir: str | Path, info: dict) -> ReferenceStore:
+    """The store of the gallery of ``info`` (its ``gallery.json``), opened alone (no vector index, no encoder);
+    MissingTableError when it holds no table yet."""
+    where = info.get("store") or {}
+    return ReferenceStore(GalleryLayout(Path(index_dir)).store_location(info), int(info["dim"]), refresh_s=None,
+                          options=storage_options(where.get("options")) if where.get("uri") else None, create=False)
+
+
 def holds_no_references(index_dir: str | Path, info: dict) -> bool:
     """Whether the gallery of ``info`` (its ``gallery.json``) holds no reference at all, excluded ones included: its
     store has no table yet, or an empty one. False when that cannot be told (a store that cannot be read)."""
-    where = info.get("store") or {}
     try:
-        store = ReferenceStore(GalleryLayout(Path(index_dir)).store_location(info), int(info["dim"]), refresh_s=None,
-                               options=storage_options(where.get("options")) if where.get("uri") else None,
-                               create=False)
-        return store.count(include_excluded=True) == 0
+        return _store_alone(index_dir, info).count(include_excluded=True) == 0
     except MissingTableError:
         return True
     except Exception:  # noqa: BLE001 - only to word an error better: unknown is "not empty"
@@ -136,12 +140,8 @@ def stored_species(index_dir: str | Path) -> list[SpeciesSummary] | None:
     """The species of the gallery at ``index_dir`` with their counts, read from its store alone (no vector index, no
     encoder loaded); None when the store cannot be read here, or holds no table yet (opening the gallery says why)."""
     info = read_gallery_info(index_dir)
-    where = info.get("store") or {}
     try:
-        store = ReferenceStore(GalleryLayout(Path(index_dir)).store_location(info), int(info["dim"]), refresh_s=None,
-                               options=storage_options(where.get("options")) if where.get("uri") else None,
-                               create=False)
-        return store.species()
+        return _store_alone(index_dir, info).species()
     except Exception:  # noqa: BLE001 - a check ahead of the open: the open itself words what is wrong
         logger.debug("could not read the species of %s", index_dir, exc_info=True)
         return None

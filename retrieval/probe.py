@@ -37,6 +37,11 @@ from retrieval.metric import DEFAULT_SHRINK, Whitening
 
 logger = logging.getLogger(__name__)
 
+#: The distinct reference photos (not near-copies of each other, cosine < ``retrieval.calibrate.DUPLICATE_COSINE``)
+#: a species needs to be in the probe's cross-validation: one held out, one kept. Here, not in calibrate (sklearn),
+#: so that an add's notes read it without loading sklearn.
+MIN_PROBE_PHOTOS = 2
+
 PROBE_FORMAT = 1
 
 

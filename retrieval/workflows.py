@@ -82,7 +82,7 @@ from retrieval.pipeline import (
     given_embeddings,
     skip_counts,
 )
-from retrieval.probe import LinearProbe, has_probe
+from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, has_probe
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -359,11 +359,12 @@ def evaluate_dataset(
     if methods is not None and (missing := [m for m in methods if m not in have]):
         raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
                          f"'speciesid probe train --index {ident.gallery.root}', or evaluate --method knn")
+    gallery_species = ident.gallery.species()
     if scan is None:
         scan = load_dataset(dataset, root, metadata=metadata)
         require_records(scan)
         if not open_set:
-            _require_species_held([r.species for r in scan.records], ident.gallery.species(), ident.gallery.root,
+            _require_species_held([r.species for r in scan.records], gallery_species, ident.gallery.root,
                                   root)  # before the embedding work
     done = embed_photos([r.path for r in scan.records], ident.encoder, progress=progress, desc="evaluating")
     ok = [i for i, e in enumerate(done.errors) if e is None]
@@ -371,7 +372,6 @@ def evaluate_dataset(
         raise ValueError(f"none of the {len(scan.records)} photos under {root} could be read; nothing to evaluate")
     dups, kinds = find_duplicates(ident.gallery, done.sha256, done.embeddings[ok], ok)
     evaluated = [done.sha256[i] for i in ok]
-    gallery_species = ident.gallery.species()
     held = {s.species: s.count for s in gallery_species if s.count > 0}
     settings, chose = settings_origin(ident.probe, root, settings_overridden, evaluated, len(ident.gallery),
                                       gallery_species=held)
@@ -724,8 +724,6 @@ def add_photos(
 def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, added: int) -> tuple[str, str]:
     """(probe note, few note) of :class:`AddResult` after ``added`` photos of ``name`` were stored (``prior``: the
     species as the gallery held it before, None when new)."""
-    from retrieval.calibrate import MIN_PROBE_PHOTOS  # sklearn: not on the query path
-
     held = (prior.count if prior else 0) + added  # searchable references of the species now
     few = (f"{name} has {held} reference photo{'s' * (held != 1)}; 'speciesid probe train' needs {MIN_PROBE_PHOTOS} "
            "that are not near-copies of each other, and leaves it out until then (the kNN vote alone answers it): "
