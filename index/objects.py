@@ -111,7 +111,7 @@ class ObjectChangedError(StoreObjectError):
 
 
 def probe_uri(store_uri: str, name: str) -> str:
-    """The URI of the shared probe's file ``name`` (``probe.json``, ``probe.npz``) in a store."""
+    """The URI of the shared probe's file ``name`` (``probe.json``, ``probe-<sha256>.npz``) in a store."""
     return f"{canonical_s3_uri(store_uri)}/{LEASE_DIR}/{PROBE_DIR}/{name}"
 
 

@@ -2,10 +2,16 @@
 
 Each machine sharing an S3 store has its own gallery folder, and the probe (``probe.json``, ``probe.npz``) lives in
 the folder. ``probe train`` / ``import`` / ``restore`` on an S3 store also publish the two files to the store
-(``<store>/_speciesid/probe/``, :func:`publish_probe`): the weights first, then ``probe.json``, whose object metadata
-names the weights' ETag, so a reader never takes a ``probe.json`` with weights not there yet, nor with another
-publish's weights (it reads both with ``If-Match`` on those ETags). A publish is a write to the store: it holds the
-store's lease, so two machines' publishes never interleave.
+(``<store>/_speciesid/probe/``, :func:`publish_probe`): the weights first, under a name of their own digest
+(``probe-<sha256>.npz``, :func:`weights_name`), then ``probe.json``, whose object metadata names that object
+(:data:`WEIGHTS_KEY`) and its ETag (:data:`WEIGHTS_ETAG`). A reader follows ``probe.json`` to its weights and reads
+both with ``If-Match`` on those ETags, so it never takes a ``probe.json`` with weights not there yet, nor with
+another publish's weights. A publish cut off between its two puts (its lease lost) leaves the store's current pair
+as it was: its weights went under a new name no ``probe.json`` names, so every folder, a new one too, still takes the
+store's probe. The next publish (or withdraw) removes the weights objects no ``probe.json`` names, keeping those of
+the ``probe.json`` it replaced (a reader between its two GETs still finds them); a store an earlier version wrote
+(a ``probe.json`` naming no weights object: the weights at ``probe.npz``) is read as it was written. A publish is a
+write to the store: it holds the store's lease, so two machines' publishes never interleave.
 
 A folder takes the store's copy (:class:`ProbeFollower`) into its own files (weights first, ``probe.json`` last, as
 :meth:`retrieval.probe.LinearProbe.save` writes them) and records the copy's ETag in ``probe_origin.json``: at open
@@ -25,8 +31,10 @@ The text prior is not shared.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -35,80 +43,147 @@ from index.atomic import atomic_write, write_json_atomic
 from index.errors import first_line
 from index.gallery import Gallery
 from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
-from index.lease import LeaseLostError
-from index.locks import write_lock
-from index.objects import StoreObjects, probe_uri
+from index.lease import LeaseError, LeaseLostError
+from index.locks import WriteLock, write_lock
+from index.objects import DELETE_BATCH, StoreObjects, probe_uri
 from retrieval.probe import LinearProbe, keep_previous, now_utc, probe_summary
 
 logger = logging.getLogger(__name__)
 
 #: The object metadata of the store's probe.json naming the ETag of the weights published with it.
 WEIGHTS_ETAG = "weights-etag"
+#: The object metadata of the store's probe.json naming the weights object published with it (its name in the
+#: store's probe folder, :func:`weights_name`); absent in a store an earlier version wrote (weights at probe.npz).
+WEIGHTS_KEY = "weights-key"
+#: The names of weights objects in the store's probe folder: a digest's, or the one earlier versions wrote.
+_WEIGHTS_NAME = re.compile(r"probe-[0-9a-f]{64}\.npz")
 #: How long an open of a folder without a probe waits for the folder's lock (a writer holds it) to take the
 #: store's probe; past it the process answers without a probe, and the next check (or open) takes it.
 AT_OPEN_WAIT_S = 5.0
 
 
 class ProbePublishInterrupted(LeaseLostError, OSError):
-    """The store's lease was taken over by another writer between a publish's two puts: the weights were put, not
-    the ``probe.json`` naming them (the message says what to run: ``speciesid probe publish``)."""
+    """The store's lease was taken over by another writer between a publish's two puts: the weights were put (under
+    their own name), not the ``probe.json`` naming them; the store's probe is the one it was (the message says what
+    to run: ``speciesid probe publish``)."""
+
+
+def weights_name(weights: bytes) -> str:
+    """The name of the store's object holding the probe weights ``weights``: ``probe-<their sha256>.npz``."""
+    return f"probe-{hashlib.sha256(weights).hexdigest()}.npz"
+
+
+def _is_weights_name(name: str) -> bool:
+    """Whether ``name`` (in the store's probe folder) is a weights object's: a digest's, or ``probe.npz``."""
+    return name == PROBE_WEIGHTS or _WEIGHTS_NAME.fullmatch(name) is not None
+
+
+def _weights_of(head: dict[str, Any]) -> str:
+    """The name of the weights object the store's probe.json (its HEAD) names: ``probe.npz`` when it names none (a
+    store an earlier version wrote). ValueError when it names something else than a weights object."""
+    name = str((head.get("Metadata") or {}).get(WEIGHTS_KEY) or PROBE_WEIGHTS)
+    if not _is_weights_name(name):
+        raise ValueError(f"its metadata {WEIGHTS_KEY} names {name!r}, not a weights object (probe-<sha256>.npz)")
+    return name
 
 
 def publish_probe(gallery: Gallery) -> str | None:
-    """Put the folder's probe files in the gallery's S3 store, weights first (under the store's lease); the store's
-    new copy (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share).
+    """Put the folder's probe files in the gallery's S3 store (under the store's lease): the weights first, as
+    ``probe-<sha256>.npz`` (:func:`weights_name`), then ``probe.json`` naming them; the store's new copy
+    (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share). Then the
+    weights objects no ``probe.json`` names are removed (:func:`_remove_unnamed`: those of the ``probe.json`` replaced
+    are kept).
 
     The lease is checked before each put (:meth:`index.locks.WriteLock.check`: renewed when half its TTL is gone):
     LeaseLostError before the weights, :class:`ProbePublishInterrupted` when it was lost between the weights and
-    ``probe.json`` (then ``probe.json`` is not put: no machine takes weights another writer's hold may have
-    raced)."""
+    ``probe.json`` (then ``probe.json`` is not put: the store's probe stays the one it was, its weights untouched)."""
     objects = gallery.objects
     if objects is None:
         return None
     layout = gallery.layout
     lock = write_lock(layout.write_lock)  # the gallery's own (one per folder and process): it holds the lease
+    meta_uri = probe_uri(objects.uri, PROBE_META)
     with gallery.writing():  # a write to the store: under its lease, so two publishes never interleave
         weights, meta = layout.probe_weights.read_bytes(), layout.probe_meta.read_bytes()
+        name = weights_name(weights)
         lock.check()
-        weights_etag = objects.put(probe_uri(objects.uri, PROBE_WEIGHTS), weights)
+        replaced = objects.head(meta_uri)  # the copy this publish replaces: its weights are kept
+        weights_etag = objects.put(probe_uri(objects.uri, name), weights)  # a name of its own: the store's pair stays
         try:
             lock.check()  # a stall (a slow put, a paused process) past the TTL: another writer may hold it now
         except LeaseLostError as exc:
             where = lock.remote.where if lock.remote is not None else "of the store"
             raise ProbePublishInterrupted(
                 f"the write lease {where} was taken over by another writer after this probe's weights were put in "
-                f"the store and before its probe.json: probe.json was not put, so no machine takes them (each "
-                f"keeps the probe it has). Run 'speciesid probe publish --index {gallery.root}' to share the "
-                "probe") from exc
-        etag = objects.put(probe_uri(objects.uri, PROBE_META), meta, metadata={WEIGHTS_ETAG: weights_etag})
+                f"the store and before its probe.json: probe.json was not put, so the store's probe is the one it "
+                f"was (every machine takes that one). Run 'speciesid probe publish --index {gallery.root}' to share "
+                "the probe") from exc
+        etag = objects.put(meta_uri, meta, metadata={WEIGHTS_ETAG: weights_etag, WEIGHTS_KEY: name})
         copy = _copy(etag, weights_etag)
         write_json_atomic(layout.probe_origin, {"copy": copy})
-    logger.info("probe of %s shared through its store (%s)", gallery.root, probe_uri(objects.uri, PROBE_META))
+        keep = {name}
+        if replaced is not None:
+            with contextlib.suppress(ValueError):  # it named no weights object: nothing of it to keep
+                keep.add(_weights_of(replaced))
+        _remove_unnamed(objects, lock, keep)
+    logger.info("probe of %s shared through its store (%s, %s)", gallery.root, meta_uri, name)
     return copy
 
 
 def withdraw_probe(gallery: Gallery) -> list[str]:
     """Remove the shared probe from the gallery's S3 store (under its lease): ``probe.json`` first, so that no
-    machine takes the weights meanwhile, then the weights; the objects removed, [] when the store held none. The
-    folder's own probe files (and its ``probe_origin.json``) stay: the folders that took the probe keep it, and
-    ``speciesid probe publish`` shares it again. ValueError when the store is not on S3."""
+    machine takes the weights meanwhile, then the weights it names, and the weights objects no ``probe.json`` names
+    (a publish cut off between its two puts); the objects removed, [] when the store held none. The folder's own
+    probe files (and its ``probe_origin.json``) stay: the folders that took the probe keep it, and ``speciesid probe
+    publish`` shares it again. ValueError when the store is not on S3."""
     objects = gallery.objects
     if objects is None:
         raise ValueError(f"the store of {gallery.root} is not on S3: its probe is not shared through the store "
                          "(every process reads the folder's probe files); nothing to withdraw")
     removed = []
     lock = write_lock(gallery.layout.write_lock)
+    meta_uri = probe_uri(objects.uri, PROBE_META)
     with gallery.writing():
-        for name in (PROBE_META, PROBE_WEIGHTS):
-            uri = probe_uri(objects.uri, name)
-            if objects.head(uri) is None:  # the weights alone: a publish or a withdraw cut off between two requests
-                continue
+        head = objects.head(meta_uri)
+        if head is not None:
             lock.check()
-            objects.delete(uri)
-            removed.append(uri)
+            objects.delete(meta_uri)
+            removed.append(meta_uri)
+            with contextlib.suppress(ValueError):  # it named no weights object: the listing below finds them
+                uri = probe_uri(objects.uri, _weights_of(head))
+                if objects.head(uri) is not None:
+                    lock.check()
+                    objects.delete(uri)
+                    removed.append(uri)
+        removed += _remove_unnamed(objects, lock, set())
     if removed:
         logger.info("shared probe of %s's store withdrawn (%s)", gallery.root, ", ".join(removed))
     return removed
+
+
+def _remove_unnamed(objects: StoreObjects, lock: WriteLock, keep: set[str]) -> list[str]:
+    """Under the store's lease (``lock``, checked first): remove the weights objects of the store's probe folder
+    (:func:`_is_weights_name`) other than ``keep`` (names); the URIs removed. Best effort, after the publish or the
+    withdraw it follows succeeded: a failure (a listing refused, the lease lost) is logged, and the next publish or
+    withdraw tries again (an unnamed weights object is taken by no machine: it costs its bytes, nothing else)."""
+    folder = probe_uri(objects.uri, "")
+    try:
+        unnamed = [o.uri for o in objects.listing(folder)
+                   if "/" not in o.uri[len(folder):] and _is_weights_name(o.uri[len(folder):])
+                   and o.uri[len(folder):] not in keep]
+        if not unnamed:
+            return []
+        lock.check()
+        refused = {}
+        for start in range(0, len(unnamed), DELETE_BATCH):
+            refused.update(objects.delete_many(unnamed[start:start + DELETE_BATCH], check=lock.check))
+    except (OSError, LeaseError, TimeoutError) as exc:
+        logger.warning("the probe weights no probe.json names in %s were not removed (%s): the next 'speciesid probe "
+                       "publish' or 'probe withdraw' removes them", folder, exc)
+        return []
+    for uri, why in refused.items():
+        logger.warning("probe weights %s named by no probe.json not removed: %s", uri, why)
+    return [uri for uri in unnamed if uri not in refused]
 
 
 def _copy_of(head: dict | None) -> str | None:
@@ -244,8 +319,14 @@ class ProbeFollower:
                            "train or probe import", meta_uri, WEIGHTS_ETAG)
             self.seen = copy
             return False
+        try:
+            name = _weights_of(head)
+        except ValueError as exc:
+            logger.warning("%s %s: not taken; publish it again with speciesid probe publish", meta_uri, exc)
+            self.seen = copy
+            return False
         meta = self.objects.get(meta_uri, etag=etag)  # ObjectChangedError: published again meanwhile (next look)
-        weights = self.objects.get(probe_uri(self.objects.uri, PROBE_WEIGHTS), etag=weights_etag)
+        weights = self.objects.get(probe_uri(self.objects.uri, name), etag=weights_etag)
         where = f"the shared probe {meta_uri}"
         try:
             check_encoder(where, str(json.loads(meta)["fingerprint"]), self.gallery.fingerprint,
