@@ -63,8 +63,8 @@ from index.vectors import (
     VectorIndexConfig,
     as_vectors,
     load_index,
-    manifest_path,
     one_row_per_id,
+    read_manifest,
     report_repeated_ids,
 )
 
@@ -528,11 +528,8 @@ class Gallery:
     def _saved_is_newer(self) -> bool:
         """Whether the index saved on disk reflects a store version past the one this process's index does, or is
         of another kind (an IVF-PQ one written when the gallery grew past the threshold)."""
-        try:
-            saved = json.loads(manifest_path(self.layout.vectors).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        if not isinstance(saved, dict):
+        saved = read_manifest(self.layout.vectors)
+        if saved is None:
             return False
         version = saved.get("store_version")
         return (isinstance(version, int) and version > self._synced_version) or (

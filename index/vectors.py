@@ -643,6 +643,16 @@ def manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest saved beside the index file ``path`` (:func:`manifest_path`), or None when it is missing,
+    unreadable or not a JSON object (a look at what was saved: :func:`load_index` says what is wrong)."""
+    try:
+        saved = json.loads(manifest_path(Path(path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def load_index(path: str | Path, *, use_gpu: bool | None = None) -> tuple[SearchIndex, dict]:
     """Read the index saved at ``path`` whatever its kind: (``VectorIndex`` or ``IvfPqIndex``, manifest).
 
