@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from _api_support import API_KEY, SPECIES, binomial, photos
-from conftest import MOBILENET_SPEC, needs_shared
+from conftest import MOBILENET_SPEC, needs_shared, s3_keys
 from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
 
 KEYS = {"X-API-Key": API_KEY}
@@ -39,8 +39,7 @@ def _server(index: Path):
 
 
 def _upload_keys(client, prefix: str) -> list[str]:
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/uploads/")
-    return sorted(o["Key"] for o in listed.get("Contents", []))
+    return s3_keys(client, BUCKET, f"{prefix}/_speciesid/uploads/")
 
 
 @pytest.fixture
