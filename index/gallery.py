@@ -63,8 +63,8 @@ from index.vectors import (
     VectorIndexConfig,
     as_vectors,
     load_index,
-    manifest_path,
     one_row_per_id,
+    read_manifest,
     report_repeated_ids,
 )
 
@@ -500,20 +500,19 @@ class Gallery:
         """
         with self._lock:
             version = self.store.version
-            stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
-            have = self._index.ids
-            new = np.setdiff1d(stored, have, assume_unique=True)
-            gone = np.setdiff1d(have, stored, assume_unique=True)
-            if gone.size:
-                self._index.remove(gone)
-                for i in gone.tolist():  # an id a stale copy of the folder gives again must not show these rows
-                    self._meta_cache.pop(i, None)
-                    self._vector_cache.pop(i, None)
-            if new.size:
-                ids, vectors = _one_row_per_id(*self.store.vectors(ids=new.tolist()))
-                self._index.add(vectors, ids)
-            self._synced_version = version
+            new, gone, ids, vectors = self._store_difference(self._index.ids)
+            self._apply_sync(gone, ids, vectors, version)
             return int(new.size), int(gone.size)
+
+    def _store_difference(self, have: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                           np.ndarray | None]:
+        """What the store holds against the ids ``have`` indexed: (new ids, gone ids, the new rows' ids and
+        vectors, or None, None when nothing is new)."""
+        stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
+        new = np.setdiff1d(stored, have, assume_unique=True)
+        gone = np.setdiff1d(have, stored, assume_unique=True)
+        ids, vectors = (_one_row_per_id(*self.store.vectors(ids=new.tolist())) if new.size else (None, None))
+        return new, gone, ids, vectors
 
     def _save_quietly(self) -> None:
         """Save the repaired index if the write lock is free now (a reader must not wait on writers: when it is not,
@@ -529,11 +528,8 @@ class Gallery:
     def _saved_is_newer(self) -> bool:
         """Whether the index saved on disk reflects a store version past the one this process's index does, or is
         of another kind (an IVF-PQ one written when the gallery grew past the threshold)."""
-        try:
-            saved = json.loads(manifest_path(self.layout.vectors).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        if not isinstance(saved, dict):
+        saved = read_manifest(self.layout.vectors)
+        if saved is None:
             return False
         version = saved.get("store_version")
         return (isinstance(version, int) and version > self._synced_version) or (
@@ -644,11 +640,7 @@ class Gallery:
         finally:
             self._lock.release()
         if version != synced:
-            stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
-            new = np.setdiff1d(stored, have, assume_unique=True)
-            gone = np.setdiff1d(have, stored, assume_unique=True)
-            ids, vectors = (_one_row_per_id(*self.store.vectors(ids=new.tolist())) if new.size
-                            else (None, None))
+            new, gone, ids, vectors = self._store_difference(have)
             if not self._lock.acquire(timeout=_LOCK_TRY_S):  # a write of this process: it syncs itself
                 self._checked_at = -float("inf")  # look again at the next read
                 return

@@ -54,6 +54,7 @@ from index.vectors import (
     manifest_path,
     new_entries,
     one_row_per_id,
+    read_manifest,
     report_repeated_ids,
 )
 
@@ -459,7 +460,7 @@ class IvfPqIndex:
         path = Path(path)
         folder = path.parent
         layout = GalleryLayout(folder)
-        disk = _read_manifest(manifest_path(path))
+        disk = _read_manifest(path)
         disk_rerank = (disk["rerank"], int(disk["rerank_rows"])) if disk else None
         rtoken, rrows = self._rerank.persist(folder, self._ids, disk_rerank)
         code_bytes = self.ntotal * int(self._index.code_size)
@@ -513,11 +514,9 @@ class IvfPqIndex:
 
 
 def _read_manifest(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("kind") == KIND else None
+    """The IVF-PQ manifest saved beside the index file ``path`` (None: none, unreadable or another kind's)."""
+    data = read_manifest(path)
+    return data if data is not None and data.get("kind") == KIND else None
 
 
 def _parts(layout: GalleryLayout, manifest: dict | None) -> set[Path]:

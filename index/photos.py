@@ -354,13 +354,20 @@ class PhotoArgs:
     """Photos named on a command line: what was found, and what could not be used (with why)."""
 
     photos: list[Path] = field(default_factory=list)  # in argument order; folders expanded
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (argument, reason)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (argument or entry, reason): all, as met
     not_photos: list[Path] = field(default_factory=list)  # files inside folders with photos that are not photos
+    bad_args: list[tuple[str, str]] = field(default_factory=list)  # of problems, the arguments' (named as given)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # of problems, the entries inside folder arguments
+
+    def problem(self, name: str, reason: str, *, inside: bool) -> None:
+        """Record a problem: of an argument, or (``inside``) of an entry inside a folder argument."""
+        self.problems.append((name, reason))
+        (self.skipped if inside else self.bad_args).append((name, reason))
 
 
 def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) -> PhotoArgs:
     """Files as given, folders expanded to the photos inside; bad arguments, and entries inside a folder that had
-    to be skipped, reported in ``problems``, never fatal. The files inside folders that are not photos are in
+    to be skipped, reported in ``problems`` (and told apart: ``bad_args``, ``skipped``), never fatal. The files inside folders that are not photos are in
     ``not_photos`` and logged in one warning (:func:`not_photos_warning`); a folder none of whose files is a photo
     is a problem naming them. ``progress``: a bar while many files without an extension are read
     (:func:`sniff_files`)."""
@@ -371,20 +378,21 @@ def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) ->
         if p.is_dir():
             scan = scan_photos(p, progress=progress)
             out.photos.extend(scan.photos)
-            out.problems.extend((str(path), why) for path, why in scan.skipped)
+            for path, why in scan.skipped:
+                out.problem(str(path), why, inside=True)
             if scan.photos:
                 out.not_photos.extend(scan.not_photos)
                 holding += [str(p)] if scan.not_photos else []
             elif scan.not_photos:
                 n = len(scan.not_photos)
-                out.problems.append((str(p), f"folder holds {n} file{'s' if n > 1 else ''}, none a photo: "
-                                     f"{not_photos_text(scan.not_photos, p)}. {NOT_PHOTO_ADVICE}"))
+                out.problem(str(p), f"folder holds {n} file{'s' if n > 1 else ''}, none a photo: "
+                            f"{not_photos_text(scan.not_photos, p)}. {NOT_PHOTO_ADVICE}", inside=False)
             else:
-                out.problems.append((str(p), "folder holds no photos: no file in it (hidden ones aside)"))
+                out.problem(str(p), "folder holds no photos: no file in it (hidden ones aside)", inside=False)
         elif p.is_file():
             out.photos.append(p)
         else:
-            out.problems.append((str(p), entry_problem(p)))
+            out.problem(str(p), entry_problem(p), inside=False)
     if out.not_photos:  # named within their folder when there is one, else as found
         where = holding[0] if len(holding) == 1 else "the folders given"
         logger.warning("%s", not_photos_warning(out.not_photos, where, holding[0] if len(holding) == 1 else None))

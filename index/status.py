@@ -9,7 +9,6 @@ that part's ``error``, never as a failure of the whole.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,16 +52,12 @@ def folder_status(root: str | Path, error: BaseException) -> dict[str, Any]:
     it reflects: ``local_index``), and ``store`` as ``{"uri", "error"}``. Nothing is asked of the store."""
     from index.gallery import read_gallery_info
     from index.layout import GalleryLayout
-    from index.vectors import manifest_path
+    from index.vectors import read_manifest
 
     layout = GalleryLayout(Path(root))
     info = read_gallery_info(root)
-    try:
-        saved = json.loads(manifest_path(layout.vectors).read_text(encoding="utf-8"))
-        local: dict[str, Any] | None = {k: saved.get(k) for k in ("kind", "count", "store_version")} \
-            if isinstance(saved, dict) else None
-    except (OSError, ValueError):
-        local = None
+    saved = read_manifest(layout.vectors)
+    local = None if saved is None else {k: saved.get(k) for k in ("kind", "count", "store_version")}
     return {"index": str(root), "encoder": info.get("encoder"), "index_config": info.get("index"),
             "local_index": local, "store": {"uri": str((info.get("store") or {}).get("uri") or layout.store),
                                             "journals": list_journals(Path(root)), "error": first_line(error, 1000)}}

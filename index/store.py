@@ -250,6 +250,15 @@ def superseded_versions(times: Sequence[tuple[int, float]], older_than: dt.timed
     return [v for (v, _), (_, then) in zip(ordered, ordered[1:], strict=False) if age <= 0 or now - then > age]
 
 
+def _prune(dataset, older_than: dt.timedelta) -> tuple[int, int]:  # noqa: ANN001 - lance.LanceDataset
+    """:meth:`ReferenceStore.prune_versions` on a dataset already open: (versions deleted, bytes deleted)."""
+    doomed = superseded_versions(version_times(dataset), older_than, time.time())
+    if not doomed:
+        return 0, 0
+    cleaned = dataset.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+    return int(cleaned.old_versions), int(cleaned.bytes_removed)
+
+
 @dataclass
 class FragmentStats:
     """The table's fragments, as its manifest lists them."""
@@ -258,6 +267,13 @@ class FragmentStats:
     small: int  # of them, those under SMALL_FRAGMENT_ROWS rows (what a compaction merges)
     rows: int  # rows they hold (deleted ones not yet compacted away included)
     versions: int | None  # versions kept (None: not counted)
+
+
+def _fragment_stats(dataset) -> FragmentStats:  # noqa: ANN001 - lance.LanceDataset
+    """The fragments of ``dataset``'s version (its manifest, no data); versions not counted."""
+    rows = [f.metadata.physical_rows for f in dataset.get_fragments()]
+    return FragmentStats(fragments=len(rows), small=sum(r < SMALL_FRAGMENT_ROWS for r in rows),
+                         rows=int(sum(rows)), versions=None)
 
 
 @dataclass
@@ -618,13 +634,11 @@ class ReferenceStore:
         """Fragments of the table (read from its manifest: no data), and with ``versions`` the versions kept, in a
         local store (its ``_versions`` folder listed; on an object store None: LanceDB's listing reads every
         version's manifest, one request each)."""
-        rows = [f.metadata.physical_rows for f in self._dataset().get_fragments()]
         kept = None
         if versions and not is_uri(self.root):
             folder = Path(self.uri) / "_versions"
             kept = sum(1 for p in folder.iterdir() if p.name.endswith(".manifest")) if folder.is_dir() else 0
-        return FragmentStats(fragments=len(rows), small=sum(r < SMALL_FRAGMENT_ROWS for r in rows),
-                             rows=int(sum(rows)), versions=kept)
+        return replace(_fragment_stats(self._dataset()), versions=kept)
 
     def compact(self, *, prune_older_than: dt.timedelta | None = None,
                 target_rows: int = SMALL_FRAGMENT_ROWS) -> CompactReport:
@@ -644,22 +658,20 @@ class ReferenceStore:
             raise ValueError(f"target_rows={target_rows}: a compaction merges into at least {SMALL_FRAGMENT_ROWS} "
                              "rows (SMALL_FRAGMENT_ROWS); pass that or more")
         self.refresh()
-        dataset = self._dataset()
-        frags = dataset.get_fragments()
-        big = [f.fragment_id for f in frags if f.metadata.physical_rows >= SMALL_FRAGMENT_ROWS]
-        before = FragmentStats(fragments=len(frags), small=len(frags) - len(big),
-                               rows=int(sum(f.metadata.physical_rows for f in frags)), versions=None)
+        dataset = self._dataset()  # opened once: the merge moves it to the version it commits, the prune uses it
+        before = _fragment_stats(dataset)
         version = self.version
         rewritten = 0
         if before.small >= 2:
+            big = [f.fragment_id for f in dataset.get_fragments() if f.metadata.physical_rows >= SMALL_FRAGMENT_ROWS]
             metrics = dataset.optimize.compact_files(target_rows_per_fragment=target_rows,
                                                      excluded_fragment_ids=big)
             rewritten = int(metrics.fragments_removed)
             self.refresh()
         versions_removed = bytes_removed = 0
         if prune_older_than is not None:
-            versions_removed, bytes_removed = self.prune_versions(prune_older_than)
-        after = self.fragment_stats() if rewritten else before
+            versions_removed, bytes_removed = _prune(dataset, prune_older_than)
+        after = _fragment_stats(dataset) if rewritten else before
         return CompactReport(fragments_before=before.fragments, fragments_after=after.fragments,
                              small_before=before.small, small_after=after.small, fragments_rewritten=rewritten,
                              versions_removed=versions_removed, bytes_removed=bytes_removed,
@@ -677,12 +689,7 @@ class ReferenceStore:
         never meets a pruned one.
         """
         self.refresh()
-        dataset = self._dataset()
-        doomed = superseded_versions(version_times(dataset), older_than, time.time())
-        if not doomed:
-            return 0, 0
-        cleaned = dataset.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
-        return int(cleaned.old_versions), int(cleaned.bytes_removed)
+        return _prune(self._dataset(), older_than)
 
     def optimize(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """The end of a bulk build: :meth:`compact` into fragments of up to :data:`BUILD_FRAGMENT_ROWS` rows (the

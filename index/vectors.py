@@ -586,17 +586,20 @@ class VectorIndex:
         logger.info("saved %s vector index (%d vectors) to %s", self._kind, self.ntotal, path)
 
     @classmethod
-    def load(cls, path: str | Path, *, use_gpu: bool | None = None) -> tuple[VectorIndex, dict]:
-        """Read an index written by :meth:`save`; returns ``(index, manifest)``."""
+    def load(cls, path: str | Path, *, use_gpu: bool | None = None,
+             manifest: dict | None = None) -> tuple[VectorIndex, dict]:
+        """Read an index written by :meth:`save`; returns ``(index, manifest)``. ``manifest``: its manifest when
+        the caller read it already (:func:`load_index`), not read again."""
         path = Path(path)
         mpath = manifest_path(path)
         for p in (path, mpath):
             if not p.is_file():
                 raise FileNotFoundError(f"vector index file not found: {p}")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"vector index manifest {mpath} is unreadable: {exc}") from exc
+        if manifest is None:
+            try:
+                manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"vector index manifest {mpath} is unreadable: {exc}") from exc
         if not isinstance(manifest, dict):
             raise ValueError(
                 f"vector index manifest {mpath} must hold a JSON object, got {type(manifest).__name__}"
@@ -643,6 +646,16 @@ def manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest saved beside the index file ``path`` (:func:`manifest_path`), or None when it is missing,
+    unreadable or not a JSON object (a look at what was saved: :func:`load_index` says what is wrong)."""
+    try:
+        saved = json.loads(manifest_path(Path(path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def load_index(path: str | Path, *, use_gpu: bool | None = None) -> tuple[SearchIndex, dict]:
     """Read the index saved at ``path`` whatever its kind: (``VectorIndex`` or ``IvfPqIndex``, manifest).
 
@@ -659,4 +672,4 @@ def load_index(path: str | Path, *, use_gpu: bool | None = None) -> tuple[Search
         from index.ivfpq import IvfPqIndex
 
         return IvfPqIndex.load(path, manifest), manifest
-    return VectorIndex.load(path, use_gpu=use_gpu)
+    return VectorIndex.load(path, use_gpu=use_gpu, manifest=manifest if isinstance(manifest, dict) else None)

@@ -349,12 +349,13 @@ def publish_gallery_probe(index_dir: str | Path) -> str:
         raise ValueError(f"the store of {index_dir} is not on S3: its probe is not shared through the store (every "
                          "process reads the folder's probe files); nothing to publish")
     with gallery.writing():
-        if not has_probe(gallery.root):
+        try:
+            meta = gallery.layout.probe_meta.read_bytes()  # read once: what is put, and what the words describe
+        except FileNotFoundError:
             raise FileNotFoundError(f"{index_dir} has no probe to publish: train one with 'speciesid probe train "
-                                    f"--index {index_dir}'")
-        meta = json.loads(gallery.layout.probe_meta.read_text(encoding="utf-8"))
-        publish_probe(gallery)
-    return probe_origin(meta)
+                                    f"--index {index_dir}'") from None
+        publish_probe(gallery, meta=meta)
+    return probe_origin(json.loads(meta))
 
 
 def withdraw_gallery_probe(index_dir: str | Path) -> list[str]:

@@ -87,12 +87,12 @@ def _weights_of(head: dict[str, Any]) -> str:
     return name
 
 
-def publish_probe(gallery: Gallery) -> str | None:
+def publish_probe(gallery: Gallery, *, meta: bytes | None = None) -> str | None:
     """Put the folder's probe files in the gallery's S3 store (under the store's lease): the weights first, as
     ``probe-<sha256>.npz`` (:func:`weights_name`), then ``probe.json`` naming them; the store's new copy
     (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share). Then the
     weights objects no ``probe.json`` names are removed (:func:`_remove_unnamed`: those of the ``probe.json`` replaced
-    are kept).
+    are kept). ``meta``: the caller's read of ``probe.json``, if any.
 
     The lease is checked before each put (:meth:`index.locks.WriteLock.check`: renewed when half its TTL is gone):
     LeaseLostError before the weights, :class:`ProbePublishInterrupted` when it was lost between the weights and
@@ -104,7 +104,8 @@ def publish_probe(gallery: Gallery) -> str | None:
     lock = write_lock(layout.write_lock)  # the gallery's own (one per folder and process): it holds the lease
     meta_uri = probe_uri(objects.uri, PROBE_META)
     with gallery.writing():  # a write to the store: under its lease, so two publishes never interleave
-        weights, meta = layout.probe_weights.read_bytes(), layout.probe_meta.read_bytes()
+        weights = layout.probe_weights.read_bytes()
+        meta = layout.probe_meta.read_bytes() if meta is None else meta  # the caller's read of probe.json, if any
         name = weights_name(weights)
         lock.check()
         replaced = objects.head(meta_uri)  # the copy this publish replaces: its weights are kept
@@ -376,11 +377,14 @@ def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None,
     (``index info``); else ``follower``'s last look, and no request (``/readyz`` never waits on the store)."""
     if gallery.objects is None:
         return None
-    status: dict[str, Any] = {"object": probe_uri(gallery.objects.uri, PROBE_META), "copy": _origin(gallery)}
     if look:
         follower = ProbeFollower(gallery, gallery.objects)
+        origin = follower.seen  # probe_origin.json, as the follower read it: not read again
         with contextlib.suppress(Exception):  # kept as its last_look's error
             follower._head()
+    else:
+        origin = _origin(gallery)
+    status: dict[str, Any] = {"object": probe_uri(gallery.objects.uri, PROBE_META), "copy": origin}
     last = follower.last_look if follower is not None else None
     if last is None:
         status.update(store_copy=None, looked_at=None, matches=None, withdrawn=None)

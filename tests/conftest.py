@@ -76,6 +76,13 @@ def require_module(name: str) -> Any:
         pytest.skip(f"could not import {name!r}: {exc}", allow_module_level=True)
 
 
+def s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """The keys under ``prefix`` in ``bucket`` of the test S3 (moto), sorted, every page of the listing; [] when
+    there are none."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
 def save_tiny_open_clip(folder: Path, seed: int = 0) -> Path:
     """Save a random tiny CLIP in open_clip's local-dir format (open_clip_config.json + safetensors)."""
     import torch

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from _api_support import free_port
-from conftest import PH_SNAKES, needs_shared, require_module
+from conftest import PH_SNAKES, needs_shared, require_module, s3_keys
 
 from api.cli import main
 
@@ -76,8 +76,7 @@ def test_build_and_identify_with_the_store_on_s3(s3_env, tmp_path, tiny_clip_dir
                                                                       "region": "us-east-1"}}
     assert "secret-never-written" not in (index / "gallery.json").read_text()
     assert not (index / "store").exists()  # the table is in the bucket, not in the folder
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="g1/")["Contents"]]
-    assert any(k.startswith("g1/references.lance/data/") for k in keys)
+    assert any(k.startswith("g1/references.lance/data/") for k in s3_keys(client, BUCKET, "g1/"))
     cobra = sorted((PH_SNAKES / "val" / "Samar Cobra (Naja samarensis)").iterdir())[0]
     code = main(["identify", "--index", str(index), str(cobra), "--format", "json", "-q"])
     (answer,) = json.loads(capsys.readouterr().out)
@@ -245,8 +244,8 @@ def test_two_machines_writing_one_s3_store_store_every_photo_once_and_give_every
     # the shared high-water mark is past every id given; the lease is left free
     mark = _object_json(client, "machines/_speciesid/ids.json")
     assert mark["next"] > int(meta["id"].max())
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="machines/_speciesid/")["Contents"]]
-    assert keys == ["machines/_speciesid/ids.json", "machines/_speciesid/write.lock"]
+    assert s3_keys(client, BUCKET, "machines/_speciesid/") == ["machines/_speciesid/ids.json",
+                                                              "machines/_speciesid/write.lock"]
     assert _object_json(client, "machines/_speciesid/write.lock")["free"] is True
 
 
@@ -409,8 +408,8 @@ def test_a_half_created_table_on_s3_is_removed_under_the_lease_and_one_with_data
     table = "half/references.lance/"
 
     def half_create(*extra: str) -> None:  # what a create killed inside Lance leaves: no committed version
-        for o in client.list_objects_v2(Bucket=BUCKET, Prefix=table).get("Contents", []):
-            client.delete_object(Bucket=BUCKET, Key=o["Key"])
+        for key in s3_keys(client, BUCKET, table):
+            client.delete_object(Bucket=BUCKET, Key=key)
         for rel in ("_transactions/0-unfinished.txn", *extra):
             client.put_object(Bucket=BUCKET, Key=table + rel, Body=b"x")
 

@@ -97,6 +97,21 @@ def test_expand_photo_args_reports_what_it_skipped_inside_a_folder(tmp_path):
     got = expand_photo_args([folder])
     assert got.photos == [good]
     assert got.problems == [(str(folder / "dangling.jpg"), "broken symbolic link (its target does not exist)")]
+    assert got.skipped == got.problems and got.bad_args == []
+
+
+def test_an_entry_inside_a_folder_spelled_as_another_argument_is_told_apart_from_it(tmp_path):
+    """The folder's broken link named again as an argument of its own: one problem of an argument, one of an entry
+    inside a folder argument (not two of arguments because the names are the same)."""
+    from api.cli._common import photo_args
+
+    folder = tmp_path / "photos"
+    good = _touch(folder / "ok.jpg")
+    os.symlink(tmp_path / "gone.jpg", folder / "dangling.jpg")
+    broken = (str(folder / "dangling.jpg"), "broken symbolic link (its target does not exist)")
+    got = expand_photo_args([folder, folder / "dangling.jpg"])
+    assert got.bad_args == [broken] and got.skipped == [broken] and got.problems == [broken, broken]
+    assert photo_args([str(folder), str(folder / "dangling.jpg")], report=False) == ([good], [broken], [broken])
 
 
 def test_a_broken_link_named_as_another_kind_of_file_is_not_an_unreadable_photo(tmp_path):

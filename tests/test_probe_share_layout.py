@@ -11,6 +11,7 @@ import logging
 import shutil
 
 import numpy as np
+from conftest import s3_keys
 from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
 from test_s3_uploads import two_machines  # noqa: F401 - the fixture, reused
 
@@ -20,8 +21,7 @@ from api.cli import main
 def _probe_names(client, prefix: str) -> list[str]:
     """The names of the objects in the store's probe folder."""
     folder = f"{prefix}/_speciesid/probe/"
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=folder)
-    return sorted(o["Key"][len(folder):] for o in listed.get("Contents", []))
+    return [key[len(folder):] for key in s3_keys(client, BUCKET, folder)]
 
 
 def _digest_name(folder) -> str:

@@ -10,6 +10,7 @@ import shutil
 import types
 
 import pytest
+from conftest import s3_keys
 from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
 from test_s3_uploads import _server, two_machines  # noqa: F401 - the fixture, reused
 
@@ -17,8 +18,7 @@ from api.cli import main
 
 
 def _probe_keys(client, prefix: str) -> list[str]:
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/probe/")
-    return sorted(o["Key"] for o in listed.get("Contents", []))
+    return s3_keys(client, BUCKET, f"{prefix}/_speciesid/probe/")
 
 
 def test_withdraw_removes_the_stores_probe_and_the_folders_that_took_it_keep_it_and_say_withdrawn(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from _api_support import API_KEY, SPECIES, binomial, photos
-from conftest import MOBILENET_SPEC, needs_shared
+from conftest import MOBILENET_SPEC, needs_shared, s3_keys
 from test_object_store import BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
 
 KEYS = {"X-API-Key": API_KEY}
@@ -39,8 +39,7 @@ def _server(index: Path):
 
 
 def _upload_keys(client, prefix: str) -> list[str]:
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/uploads/")
-    return sorted(o["Key"] for o in listed.get("Contents", []))
+    return s3_keys(client, BUCKET, f"{prefix}/_speciesid/uploads/")
 
 
 @pytest.fixture
@@ -127,9 +126,9 @@ def test_a_probe_trained_on_one_machine_is_used_by_another_without_a_copy(two_ma
     following = open_identifier(b, follow_probe=True, refresh_s=0.0)  # a server's identifier on machine b
     assert following.probe is None
     train_gallery_probe(a, progress=False)
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/probe/")
+    listed = s3_keys(client, BUCKET, f"{prefix}/_speciesid/probe/")
     weights = f"probe-{hashlib.sha256((a / 'probe.npz').read_bytes()).hexdigest()}.npz"  # named by its digest
-    assert sorted(o["Key"] for o in listed["Contents"]) == sorted([f"{prefix}/_speciesid/probe/probe.json",
+    assert sorted(listed) == sorted([f"{prefix}/_speciesid/probe/probe.json",
                                                                     f"{prefix}/_speciesid/probe/{weights}"])
     species = sorted(binomial(f) for f in BUILT)
     assert following.refresh_probe(force=True)  # what each answer does first, at most once per refresh_s

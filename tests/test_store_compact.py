@@ -103,6 +103,34 @@ def test_compact_prunes_the_versions_older_than_asked(tmp_path):
     assert store.count() == 5
 
 
+def test_a_pruning_compaction_opens_the_dataset_once(tmp_path, monkeypatch):
+    """The merge moves the dataset it opened to the version it commits: the prune and the report's counts use that
+    one (each open reads the manifest: one request on S3), whether the merge ran or not."""
+    rng = np.random.default_rng(11)
+    store = ReferenceStore(tmp_path / "s", DIM, refresh_s=None)
+    for i in range(5):
+        records, digests, x = _rows(i, 1, rng)
+        store.add(records, digests, x, "e", [i + 1])
+    opened = []
+    real = ReferenceStore._dataset
+
+    def counting(self):
+        opened.append(self.version)
+        return real(self)
+
+    monkeypatch.setattr(ReferenceStore, "_dataset", counting)
+    merged = store.compact(prune_older_than=dt.timedelta(0))
+    assert len(opened) == 1 and merged.fragments_rewritten == 5 and merged.versions_removed >= 5
+    assert merged.fragments_after == 1 and merged.version_after == store.version
+    store.add(*_rows(5, 1, rng)[:3], "e", [6])
+    store.compact()  # no prune: the version the next one prunes
+    opened.clear()
+    pruned = store.compact(prune_older_than=dt.timedelta(0))  # one fragment: nothing to merge
+    assert len(opened) == 1 and pruned.fragments_rewritten == 0 and pruned.versions_removed >= 1
+    monkeypatch.undo()
+    assert store.fragment_stats(versions=True).versions == 1 and store.count() == 6
+
+
 def test_a_write_compacts_at_the_threshold_and_answers_stay_the_same_for_every_process(tmp_path):
     rng = np.random.default_rng(2)
     g = _gallery(tmp_path, threshold=6)

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from _cli_support import _run
+from conftest import s3_keys
 from test_object_store import _TINY, BUCKET, FakeS3, _fake_lease, s3_endpoint, s3_env  # noqa: F401 - fixtures
 
 DAY = 86400.0
@@ -68,8 +69,7 @@ def _rows(g, paths: list[str]) -> list[int]:
 
 
 def _keys(client, prefix: str) -> list[str]:
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/_speciesid/uploads/")
-    return sorted(o["Key"] for o in listed.get("Contents", []))
+    return s3_keys(client, BUCKET, f"{prefix}/_speciesid/uploads/")
 
 
 def test_sweep_removes_old_unused_uploads_from_the_store_and_keeps_used_and_young_ones(client, tmp_path, monkeypatch,

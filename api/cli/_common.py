@@ -71,9 +71,7 @@ def photo_args(paths: Sequence[str], *, report: bool = True, progress: bool = Fa
         raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
     for arg, reason in got.problems if report else ():
         sys.stderr.write(f"speciesid: skipped {arg}: {reason}\n")
-    given = {str(Path(p)) for p in paths}  # a problem of an argument is named as given; one inside it by its path
-    return (got.photos, [(a, r) for a, r in got.problems if a in given],
-            [(a, r) for a, r in got.problems if a not in given])
+    return got.photos, got.bad_args, got.skipped
 
 
 #: The id runs ``references add`` prints before it counts the rest.
