@@ -881,14 +881,19 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list
 def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
                   progress: bool = True) -> SweepReport:
     """Remove the gallery's uploads no reference uses, older than ``older_than_s`` (the store's on S3, the folder's
-    ``uploads/``): :func:`index.objects.sweep_uploads`, with a progress bar over the store's listing."""
+    ``uploads/``): :func:`index.objects.sweep_uploads`, with progress bars over the store's listing and the
+    removals."""
     from tqdm.auto import tqdm
 
     def bar(listing: Iterator[StoredObject]) -> Iterator[StoredObject]:
         yield from tqdm(listing, desc="listing the store's uploads", unit="object", disable=not progress,
                         leave=False)
 
-    return sweep_gallery_uploads(_gallery(gallery), older_than_s=older_than_s, dry_run=dry_run, progress=bar)
+    def removing(total: int) -> tqdm:
+        return tqdm(total=total, desc="removing unused uploads", unit="upload", disable=not progress, leave=False)
+
+    return sweep_gallery_uploads(_gallery(gallery), older_than_s=older_than_s, dry_run=dry_run, progress=bar,
+                                 removing=removing)
 
 
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
