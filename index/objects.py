@@ -414,12 +414,16 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
     if not uploads:
         return report
     old = any(o.age_s >= older_than_s for o in uploads)
+    names = {Path(o.uri).name for o in uploads if not is_s3(o.uri)}  # the folder's uploads
     read = _rows_read(gallery.store)  # every row, holding nothing: writers do not wait for it
+    stored = {canonical_s3_uri(t) for t in read.texts if is_s3(t)}
+    local = _local_rows(read.texts, names)
     # only a removal holds the gallery's write hold: a dry run, or young uploads alone, are only counted
     with contextlib.nullcontext() if dry_run or not old else gallery.writing():
-        texts = read.texts + _rows_since(gallery.store, read)  # another machine's commit of a moment ago too
-        stored = {canonical_s3_uri(t) for t in texts if is_s3(t)}
-        local = _local_rows(texts, {Path(o.uri).name for o in uploads if not is_s3(o.uri)})
+        since = _rows_since(gallery.store, read)  # another machine's commit of a moment ago
+        stored.update(canonical_s3_uri(t) for t in since if is_s3(t))
+        for name, paths in _local_rows(since, names).items():
+            local.setdefault(name, []).extend(paths)
         orphans = []
         for o in uploads:  # every upload, of any age: the summary counts those in use among the young ones too
             if canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_upload(local, o.uri):
@@ -513,6 +517,8 @@ def _local_rows(texts: Iterable[str], names: set[str]) -> dict[str, list[Path]]:
     from index.store import source_file  # here: index.store loads lancedb
 
     local: dict[str, list[Path]] = {}
+    if not names:  # no file in the folder's uploads/ (a store on S3 keeps them there): no row to look at
+        return local
     for text in texts:
         if not is_s3(text) and (path := source_file(text)).name in names:
             local.setdefault(path.name, []).append(path)
