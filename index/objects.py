@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from index.lease import (
     _CONFLICT,
     _MISSING,
@@ -59,6 +61,7 @@ from index.locks import write_lock
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
+    from index.store import ReferenceStore
 
 logger = logging.getLogger(__name__)
 
@@ -362,24 +365,29 @@ def _folder_uploads(folder: Path) -> list[StoredObject]:
 
 
 def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
-                  progress: Callable[[Iterator[StoredObject]], Iterable[StoredObject]] | None = None) -> SweepReport:
+                  progress: Callable[[Iterator[StoredObject]], Iterable[StoredObject]] | None = None,
+                  removing: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None) -> SweepReport:
     """Remove the uploads no row references (excluded rows count as references) that are older than
     ``older_than_s``: the objects under the store's ``_speciesid/uploads/`` on S3 (a crash between an add's put
     and its commit, a removal after a delete that failed or was left to this sweep), and the files of the folder's
     ``uploads/`` (a crash between an add's write and its commit). ``dry_run``: remove nothing, say what would go.
-    ``progress`` wraps the store's listing (a progress bar). Only the names the API gives its uploads are taken
+    ``progress`` wraps the store's listing (a progress bar); ``removing``, given how many orphans are to be removed,
+    gives a bar (entered; its ``update(n)`` called as they go). Only the names the API gives its uploads are taken
     (:func:`is_upload_name`: ``<sha256><ext>``); anything else there (a stray ``notes.txt``, a key in a deeper
     folder) is left untouched and reported (``others``). Every upload, of any age, is checked against the rows, so
     the report counts those in use among the young ones too.
 
-    The listing is made first, holding nothing; then, under the gallery's write hold (on S3 the store's lease,
-    so that no machine's add commits in between; none for a dry run or when every upload is younger than the grace
-    age: nothing is removed then), the store is read again, and the orphans on S3 are deleted
-    :data:`DELETE_BATCH` at a time (one DeleteObjects request each), each batch after a check that the lease is
-    still this writer's (:class:`index.lease.LeaseLostError` otherwise: run it again). A key or file that could not
-    be removed is reported (``failed``, with the reason) and the sweep goes on. A folder's upload counts as used
-    when a row names its file name (its digest) in a folder named ``uploads`` (:func:`_names_upload`): the folder
-    may be reached by another path than the rows' writer used.
+    The listing and the read of every row's source path are made first, holding nothing (:func:`_rows_read`); then
+    under the gallery's write hold (on S3 the store's lease, so that no machine's add commits in between; none for
+    a dry run or when every upload is younger than the grace age: nothing is removed then) only what was committed
+    since is read (:func:`_rows_since`: nothing when the store's version has not moved, else its id column and the
+    source paths of the ids the first read did not see), so every writer waits for that and the deletes alone, not
+    for a read of the whole gallery. A row deleted meanwhile still counts as a reference (its upload stays for a
+    later sweep). The orphans on S3 are deleted :data:`DELETE_BATCH` at a time (one DeleteObjects request each),
+    each batch after a check that the lease is still this writer's (:class:`index.lease.LeaseLostError`
+    otherwise: run it again). A key or file that could not be removed is reported (``failed``, with the reason) and
+    the sweep goes on. A folder's upload counts as used when a row names its file name (its digest) in a folder
+    named ``uploads`` (:func:`_names_upload`): the folder may be reached by another path than the rows' writer used.
     An upload that an add is putting or has put but not committed yet is younger than the grace age, and so kept;
     an add that found its object there already (an old one) and commits after this sweep removed it puts it again
     once committed (:func:`retrieval.workflows.add_photos`)."""
@@ -406,12 +414,16 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
     if not uploads:
         return report
     old = any(o.age_s >= older_than_s for o in uploads)
+    names = {Path(o.uri).name for o in uploads if not is_s3(o.uri)}  # the folder's uploads
+    read = _rows_read(gallery.store)  # every row, holding nothing: writers do not wait for it
+    stored = {canonical_s3_uri(t) for t in read.texts if is_s3(t)}
+    local = _local_rows(read.texts, names)
     # only a removal holds the gallery's write hold: a dry run, or young uploads alone, are only counted
     with contextlib.nullcontext() if dry_run or not old else gallery.writing():
-        gallery.store.refresh()  # another machine's commit of a moment ago is seen
-        texts = [str(t) for t in gallery.store.metadata()["source_path"]]  # excluded rows too
-        stored = {canonical_s3_uri(t) for t in texts if is_s3(t)}
-        local = _local_rows(texts, {Path(o.uri).name for o in uploads if not is_s3(o.uri)})
+        since = _rows_since(gallery.store, read)  # another machine's commit of a moment ago
+        stored.update(canonical_s3_uri(t) for t in since if is_s3(t))
+        for name, paths in _local_rows(since, names).items():
+            local.setdefault(name, []).extend(paths)
         orphans = []
         for o in uploads:  # every upload, of any age: the summary counts those in use among the young ones too
             if canonical_s3_uri(o.uri) in stored if is_s3(o.uri) else _names_upload(local, o.uri):
@@ -425,22 +437,68 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
             return report
         lock = write_lock(gallery.layout.write_lock)  # the gallery's own (one per folder and process): its lease
         in_store = [o for o in orphans if is_s3(o.uri)]
-        for start in range(0, len(in_store), DELETE_BATCH):
-            batch = in_store[start:start + DELETE_BATCH]
-            lock.check()  # the lease still ours: no add of another machine committed since the read above
-            assert objects is not None
-            refused = objects.delete_many([o.uri for o in batch], check=lock.check)
-            for o in batch:
-                _removed(report, o, refused.get(o.uri))
-        for o in orphans:
-            if not is_s3(o.uri):
-                try:
-                    Path(o.uri).unlink(missing_ok=True)
-                except OSError as exc:
-                    _removed(report, o, f"removing {o.uri} failed ({type(exc).__name__}: {exc})")
-                else:
-                    _removed(report, o, None)
+        with removing(len(orphans)) if removing is not None else contextlib.nullcontext() as bar:
+            for start in range(0, len(in_store), DELETE_BATCH):
+                batch = in_store[start:start + DELETE_BATCH]
+                lock.check()  # the lease still ours: no add of another machine committed since the read above
+                assert objects is not None
+                refused = objects.delete_many([o.uri for o in batch], check=lock.check)
+                for o in batch:
+                    _removed(report, o, refused.get(o.uri))
+                if bar is not None:
+                    bar.update(len(batch))
+            for o in orphans:
+                if not is_s3(o.uri):
+                    try:
+                        Path(o.uri).unlink(missing_ok=True)
+                    except OSError as exc:
+                        _removed(report, o, f"removing {o.uri} failed ({type(exc).__name__}: {exc})")
+                    else:
+                        _removed(report, o, None)
+                    if bar is not None:
+                        bar.update(1)
     return report
+
+
+@dataclass(frozen=True)
+class _RowsRead:
+    """What :func:`_rows_read` read: the store's version before the read, the ids the read saw (excluded rows
+    too) and their stored source paths."""
+
+    version: int
+    ids: np.ndarray  # sorted int64
+    texts: list[str]
+
+
+def _rows_read(store: ReferenceStore) -> _RowsRead:
+    """Every row's id and source path (excluded rows too), at the store's latest version, in one read (one
+    snapshot: whatever it saw is named by the ids it returns)."""
+    store.refresh()  # another machine's commit of a moment ago is seen
+    version = store.version
+    meta = store.metadata()
+    return _RowsRead(version, np.unique(meta["id"].to_numpy(np.int64)), [str(t) for t in meta["source_path"]])
+
+
+#: Ids per read of the source paths of the rows committed since :func:`_rows_read` (one SQL ``IN`` list each).
+_SINCE_CHUNK = 1000
+
+
+def _rows_since(store: ReferenceStore, read: _RowsRead) -> list[str]:
+    """The source paths of the rows committed since ``read`` (at the latest version; call it under the write hold,
+    so that none commits before the deletes): none when the store's version is still the one before the read;
+    else the store's id column (excluded rows too) is read, and the source paths of the ids ``read`` did not see.
+    Ids are never given twice (:meth:`index.gallery.Gallery.reserve_ids`) and a row's source path is never
+    rewritten, so a row committed since is one of those ids."""
+    store.refresh()
+    if store.version == read.version:
+        return []
+    new = np.setdiff1d(store.ids(include_excluded=True), read.ids, assume_unique=True).tolist()
+    logger.debug("store moved from version %d to %d since the rows were read: %d new row(s) read again",
+                 read.version, store.version, len(new))
+    texts: list[str] = []
+    for start in range(0, len(new), _SINCE_CHUNK):
+        texts.extend(str(t) for t in store.metadata(new[start:start + _SINCE_CHUNK])["source_path"])
+    return texts
 
 
 def _removed(report: SweepReport, o: StoredObject, refused: str | None) -> None:
@@ -459,6 +517,8 @@ def _local_rows(texts: Iterable[str], names: set[str]) -> dict[str, list[Path]]:
     from index.store import source_file  # here: index.store loads lancedb
 
     local: dict[str, list[Path]] = {}
+    if not names:  # no file in the folder's uploads/ (a store on S3 keeps them there): no row to look at
+        return local
     for text in texts:
         if not is_s3(text) and (path := source_file(text)).name in names:
             local.setdefault(path.name, []).append(path)

@@ -29,10 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from index.pairs import copy_groups
 from retrieval.metric import METRICS, fit_whitening
 from retrieval.metrics import precision_threshold
-from retrieval.probe import MIN_PROBE_PHOTOS, Calibration, LinearProbe, train_probe
+from retrieval.probe import (
+    DUPLICATE_COSINE,
+    MIN_PROBE_PHOTOS,
+    Calibration,
+    LinearProbe,
+    distinct_photos,
+    photo_groups,
+    train_probe,
+)
 from retrieval.vote import DEFAULT_UNKNOWN_THRESHOLD
 
 logger = logging.getLogger(__name__)
@@ -43,8 +50,6 @@ DEFAULT_RULE = "seq-nll"
 #: The metric leans to plain cosine: the whitened one (``retrieval.metric``) is chosen only where the gallery's own
 #: out-of-fold scores show it better by more than their standard error.
 PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
-#: Cosine at or above which two gallery photos count as the same photo (kept in one fold).
-DUPLICATE_COSINE = 0.95
 
 
 class FewPhotosError(ValueError):
@@ -164,7 +169,7 @@ def cv_splits(x: np.ndarray, y: np.ndarray, folds: int, seed: int,
     ``index.pairs.copy_groups`` of ``x`` (cosine >= DUPLICATE_COSINE), when already computed."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    groups = copy_groups(x, threshold=DUPLICATE_COSINE) if groups is None else groups
+    groups = photo_groups(x) if groups is None else groups
     if len(np.unique(groups)) == len(x):
         return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
     return list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups))
@@ -233,7 +238,7 @@ def out_of_fold(
             [index[val_labels[i]] for i in keep]))]
         selected_on = f"val:{val_name}"
     else:
-        groups = copy_groups(x, threshold=DUPLICATE_COSINE)
+        groups = photo_groups(x)
         n_folds = _fold_count(y, groups, species, folds)
         splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed, groups)]
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
@@ -279,7 +284,7 @@ def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds
     """The folds cross-validation can make: at most ``folds``, and no more than the distinct photos (near-duplicate
     groups, ``index.pairs.copy_groups``: one fold holds a whole group) of the species with the fewest. ValueError,
     naming them, when a species has fewer than 2: no fold could hold one of its photos out and keep another."""
-    distinct = {c: len(np.unique(groups[y == c])) for c in np.unique(y)}
+    distinct = distinct_photos(groups, y)
     few = sorted(species[c] for c, n in distinct.items() if n < MIN_PROBE_PHOTOS)
     if few:
         photos = {species[c]: int((y == c).sum()) for c in distinct}

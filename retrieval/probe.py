@@ -37,10 +37,28 @@ from retrieval.metric import DEFAULT_SHRINK, Whitening
 
 logger = logging.getLogger(__name__)
 
-#: The distinct reference photos (not near-copies of each other, cosine < ``retrieval.calibrate.DUPLICATE_COSINE``)
-#: a species needs to be in the probe's cross-validation: one held out, one kept. Here, not in calibrate (sklearn),
-#: so that an add's notes read it without loading sklearn.
+#: The distinct reference photos (not near-copies of each other, cosine < :data:`DUPLICATE_COSINE`) a species needs
+#: to be in the probe's cross-validation: one held out, one kept. Here, not in calibrate (sklearn), so that an add's
+#: notes read it without loading sklearn.
 MIN_PROBE_PHOTOS = 2
+#: Cosine at or above which two reference photos are near-copies of one: one photo for cross-validation's folds and
+#: for :data:`MIN_PROBE_PHOTOS` (:func:`photo_groups`).
+DUPLICATE_COSINE = 0.95
+
+
+def photo_groups(x: np.ndarray) -> np.ndarray:
+    """(N,) group of each embedding of ``x``, the near-copies of one photo in one group: ``index.pairs.copy_groups``
+    at :data:`DUPLICATE_COSINE` (the groups ``probe train``'s cross-validation keeps in one fold)."""
+    from index.pairs import copy_groups
+
+    return copy_groups(x, threshold=DUPLICATE_COSINE)
+
+
+def distinct_photos(groups: np.ndarray, y: np.ndarray) -> dict[Any, int]:
+    """The distinct photos of each label of ``y`` (near-copies counted once): the :func:`photo_groups` ``groups``
+    among its rows. A species with fewer than :data:`MIN_PROBE_PHOTOS` is left out of ``probe train``."""
+    y = np.asarray(y)
+    return {c: len(np.unique(groups[y == c])) for c in np.unique(y)}
 
 PROBE_FORMAT = 1
 

@@ -82,7 +82,7 @@ from retrieval.pipeline import (
     given_embeddings,
     skip_counts,
 )
-from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, has_probe
+from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_photos, has_probe, photo_groups
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -721,14 +721,40 @@ def add_photos(
                      few_note=few_note, near_copies=near)
 
 
+#: The most searchable photos of a species whose near-copies an add's few-photos note counts once
+#: (:func:`_distinct_photos`, which reads every row's metadata to find the species' rows): a species with more is
+#: taken to have :data:`retrieval.probe.MIN_PROBE_PHOTOS` distinct ones.
+FEW_NOTE_PHOTOS = 8
+
+
 def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, added: int) -> tuple[str, str]:
     """(probe note, few note) of :class:`AddResult` after ``added`` photos of ``name`` were stored (``prior``: the
-    species as the gallery held it before, None when new)."""
+    species as the gallery held it before, None when new). The few note counts near-copies once, as ``probe
+    train`` does (:func:`_distinct_photos`)."""
     held = (prior.count if prior else 0) + added  # searchable references of the species now
-    few = (f"{name} has {held} reference photo{'s' * (held != 1)}; 'speciesid probe train' needs {MIN_PROBE_PHOTOS} "
-           "that are not near-copies of each other, and leaves it out until then (the kNN vote alone answers it): "
-           "add another photo of it" if added and held < MIN_PROBE_PHOTOS else "")
+    distinct = _distinct_photos(gallery, name, held) if added and MIN_PROBE_PHOTOS <= held <= FEW_NOTE_PHOTOS else held
+    copies = f", {distinct} counting near-copies once" if distinct < held else ""
+    few = (f"{name} has {held} reference photo{'s' * (held != 1)}{copies}; 'speciesid probe train' needs "
+           f"{MIN_PROBE_PHOTOS} that are not near-copies of each other, and leaves it out until then (the kNN vote "
+           "alone answers it): add another photo of it" if added and distinct < MIN_PROBE_PHOTOS else "")
     return (probe_cannot_name(gallery) if prior is None and added else ""), few
+
+
+def _distinct_photos(gallery: Gallery, name: str, held: int) -> int:
+    """The searchable photos of species ``name`` (``held`` of them, near-copies or not), near-copies counted once by ``probe train``'s own rule
+    (:func:`retrieval.probe.photo_groups`, :func:`retrieval.probe.distinct_photos`) over the species' rows. The
+    rows are found by reading every row's metadata (one read; a note must not fail an add that is committed: a
+    failure gives ``held``, logged)."""
+    try:
+        meta = gallery.store.metadata(include_excluded=False)
+        ids = [int(i) for i in meta.index[meta["species"] == name]]
+        if len(ids) < MIN_PROBE_PHOTOS:
+            return len(ids)
+        groups = photo_groups(gallery.reference_vectors(ids))
+        return int(distinct_photos(groups, np.zeros(len(ids), dtype=np.int64))[0])
+    except Exception as exc:  # noqa: BLE001 - the photos counted as they are, near-copies or not
+        logger.info("near-copies of %s not counted for the few-photos note: %s", name, exc)
+        return held
 
 
 def _interrupted_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: BuildReport) -> list[str]:
@@ -881,14 +907,19 @@ def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list
 def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
                   progress: bool = True) -> SweepReport:
     """Remove the gallery's uploads no reference uses, older than ``older_than_s`` (the store's on S3, the folder's
-    ``uploads/``): :func:`index.objects.sweep_uploads`, with a progress bar over the store's listing."""
+    ``uploads/``): :func:`index.objects.sweep_uploads`, with progress bars over the store's listing and the
+    removals."""
     from tqdm.auto import tqdm
 
     def bar(listing: Iterator[StoredObject]) -> Iterator[StoredObject]:
         yield from tqdm(listing, desc="listing the store's uploads", unit="object", disable=not progress,
                         leave=False)
 
-    return sweep_gallery_uploads(_gallery(gallery), older_than_s=older_than_s, dry_run=dry_run, progress=bar)
+    def removing(total: int) -> tqdm:
+        return tqdm(total=total, desc="removing unused uploads", unit="upload", disable=not progress, leave=False)
+
+    return sweep_gallery_uploads(_gallery(gallery), older_than_s=older_than_s, dry_run=dry_run, progress=bar,
+                                 removing=removing)
 
 
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:

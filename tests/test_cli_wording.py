@@ -117,9 +117,12 @@ def test_references_add_of_a_species_with_one_photo_says_probe_train_leaves_it_o
         "of it" in out, out
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Dendrelaphis pictus",
                           _photo(tmp_path / "two.png", 81), "-q")
-    # no few-photos note now (the random encoder finds two.png a near-copy of one.png: that note is its own)
-    assert code == 0 and "(existing species)" in out and "probe train' needs" not in out, (out, err)
-    (near,) = [line for line in out.splitlines() if line.startswith("note: ")]
+    # the random encoder finds two.png a near-copy of one.png: still one photo for probe train, which counts
+    # near-copies once (the few-photos note says so), and the near-copy note
+    assert code == 0 and "(existing species)" in out, (out, err)
+    few, near = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert few.startswith("note: Dendrelaphis pictus has 2 reference photos, 1 counting near-copies once; 'speciesid "
+                          "probe train' needs 2 that are not near-copies of each other"), out
     assert near.startswith(f"note: {tmp_path / 'two.png'} (reference ") and " is a near-copy of reference " in near \
         and "of Dendrelaphis pictus (one.png, cosine " in near and "'probe train' counts near-copies once" in near, out
 

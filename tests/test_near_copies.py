@@ -132,3 +132,30 @@ def test_a_burst_of_ten_frames_nearly_copying_a_held_reference_is_each_named(tmp
         files = [_photo(tmp_path / f"burst{seed}" / f"{i}.png", seed + i) for i in range(10)]
         res = add_photos(gallery, enc, species, files, embeddings=frames)
         assert [(n.id, n.of) for n in res.near_copies] == [(i, of) for i in res.report.ids], first_k
+
+
+def test_the_few_photos_note_counts_near_copies_once_as_probe_train_does(tmp_path, capsys):
+    """A species whose second photo nearly copies its first still has one photo for 'probe train' (its rule,
+    ``retrieval.probe.photo_groups``): the add says so beside the near-copy note; a third photo unlike both ends it."""
+    from retrieval.probe import distinct_photos, photo_groups
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+    away = _unit(np.random.default_rng(1).standard_normal((2, gallery.dim)))
+    assert float(np.max(gallery.store.vectors()[1] @ away.T)) < 0.5  # unlike every reference held
+    first = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "0.png", 400)], embeddings=away[:1],
+                       new_species=True)
+    assert first.few_note.startswith("Vipera berus has 1 reference photo; 'speciesid probe train' needs 2 "), first.notes
+    copy = _unit(away[0] + 0.05 * away[1])  # cosine about 0.999 with the first
+    second = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "1.png", 401)],
+                        embeddings=copy[None])
+    assert [n.of for n in second.near_copies] == first.report.ids
+    assert second.few_note == ("Vipera berus has 2 reference photos, 1 counting near-copies once; 'speciesid probe "
+                               "train' needs 2 that are not near-copies of each other, and leaves it out until then "
+                               "(the kNN vote alone answers it): add another photo of it"), second.notes
+    assert second.notes[0] == second.few_note and len(second.notes) == 2  # and the near-copy note
+    vectors = gallery.reference_vectors(first.report.ids + second.report.ids)
+    assert distinct_photos(photo_groups(vectors), np.zeros(2)) == {0.0: 1}  # probe train's own count
+    third = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "2.png", 402)], embeddings=away[1:])
+    assert third.few_note == "" and third.notes == [], third.notes

@@ -135,15 +135,16 @@ def test_a_sweep_that_loses_the_lease_stops_before_it_deletes(client, tmp_path, 
     _, key, _ = _put(g, b"an orphan")
     real = index.objects.s3_client
     monkeypatch.setattr(index.objects, "s3_client", lambda options, **kw: _Aged(real(options, **kw), {key: DAY}))
-    metadata = ReferenceStore.metadata
+    refresh = ReferenceStore.refresh
 
     def taken_over_meanwhile(self, *args, **kwargs):
         lease = write_lock(g.layout.write_lock).held_lease
-        client.put_object(Bucket=BUCKET, Key=lease.key, Body=json.dumps({"host": "other", "pid": 1}).encode())
-        lease._renewed = -1e9  # due for a renewal: the check renews, and finds it taken
-        return metadata(self, *args, **kwargs)
+        if lease is not None:  # the look under the lease for rows committed since the unlocked read
+            client.put_object(Bucket=BUCKET, Key=lease.key, Body=json.dumps({"host": "other", "pid": 1}).encode())
+            lease._renewed = -1e9  # due for a renewal: the check renews, and finds it taken
+        return refresh(self, *args, **kwargs)
 
-    monkeypatch.setattr(ReferenceStore, "metadata", taken_over_meanwhile)
+    monkeypatch.setattr(ReferenceStore, "refresh", taken_over_meanwhile)
     with pytest.raises(LeaseLostError, match="run the command again"):
         sweep_uploads(tmp_path / "g", progress=False)
     assert _keys(client, prefix) == [key]
@@ -608,3 +609,122 @@ def test_one_by_one_deletes_stop_at_a_failure_that_may_pass_check_the_lease_and_
     with pytest.raises(StoreObjectError) as stopped:
         objects.delete_many(uris)
     assert stopped.value.transient and client.singles == 1  # stopped at the first: the rest would fail alike
+
+
+def _aged(monkeypatch, root, puts):
+    """The gallery at ``root`` opened again, its listings dating the uploads ``puts`` (from :func:`_put`) two days
+    back."""
+    import index.objects
+    from index.gallery import Gallery
+
+    real = index.objects.s3_client
+    monkeypatch.setattr(index.objects, "s3_client", lambda options, **kw: _Aged(real(options, **kw),
+                                                                                 {k: 2 * DAY for _, k, _ in puts}))
+    return Gallery.open(root)
+
+
+def test_a_row_committed_between_the_unlocked_read_and_the_lease_keeps_its_upload(client, tmp_path, monkeypatch):
+    """The rows are read before the lease is taken; a row committed in between (another machine's add naming an
+    old upload already in the store) is read again under the lease, so its upload stays; a row deleted in between
+    still counts (its upload is left to a later sweep), and the true orphan goes."""
+    from index.gallery import Gallery
+    from index.objects import sweep_uploads
+
+    prefix = f"sweep-between-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    late, late_key, _ = _put(g, b"named by a row committed while the sweep read")
+    gone, gone_key, _ = _put(g, b"its row deleted while the sweep read")
+    orphan, orphan_key, _ = _put(g, b"an orphan")
+    deleted = _rows(g, [gone])
+    g = _aged(monkeypatch, tmp_path / "g", [(late, late_key, 0), (gone, gone_key, 0), (orphan, orphan_key, 0)])
+    writing, injected = Gallery.writing, []
+
+    def meanwhile(self, **kw):  # right before the sweep takes the lease: after its unlocked read
+        if not injected:
+            injected.extend(_rows(self, [late]))
+            self.delete(deleted)
+        return writing(self, **kw)
+
+    monkeypatch.setattr(Gallery, "writing", meanwhile)
+    report = sweep_uploads(g)
+    assert injected  # the row was committed between the read and the lease
+    assert [o.uri for o in report.orphans] == [orphan] and report.referenced == 2, report
+    assert _keys(client, prefix) == sorted([late_key, gone_key])
+
+
+def test_the_sweep_reads_every_row_outside_the_lease_and_only_new_rows_under_it(client, tmp_path, monkeypatch):
+    """The read of every row's source path is made holding nothing; under the lease the store is read again only
+    when its version moved, and then the new rows alone (by id)."""
+    from index.gallery import Gallery
+    from index.locks import write_lock
+    from index.objects import sweep_uploads
+    from index.store import ReferenceStore
+
+    prefix = f"sweep-spy-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    used, used_key, _ = _put(g, b"used")
+    orphan, orphan_key, _ = _put(g, b"an orphan")
+    _rows(g, [used, "/photos/a.jpg", "/photos/b.jpg"])
+    g = _aged(monkeypatch, tmp_path / "g", [(used, used_key, 0), (orphan, orphan_key, 0)])
+    reads: list[tuple[str, bool]] = []
+    metadata, ids = ReferenceStore.metadata, ReferenceStore.ids
+
+    def held() -> bool:
+        return write_lock(g.layout.write_lock).held_lease is not None
+
+    def metadata_spy(self, which=None, **kw):
+        reads.append(("every row" if which is None else f"{len(which)} row(s)", held()))
+        return metadata(self, which, **kw)
+
+    def ids_spy(self, **kw):
+        reads.append(("ids", held()))
+        return ids(self, **kw)
+
+    monkeypatch.setattr(ReferenceStore, "metadata", metadata_spy)
+    monkeypatch.setattr(ReferenceStore, "ids", ids_spy)
+    report = sweep_uploads(g)
+    assert [o.uri for o in report.orphans] == [orphan] and report.referenced == 1
+    assert reads == [("every row", False)]  # nothing committed meanwhile: nothing read under the lease
+
+    reads.clear()
+    late, late_key, _ = _put(g, b"late")
+    g = _aged(monkeypatch, tmp_path / "g", [(used, used_key, 0), (late, late_key, 0)])
+    writing, lease = Gallery.writing, ("the lease taken", False)
+    monkeypatch.setattr(Gallery, "writing", lambda self, **kw: (_rows(self, [late]), reads.append(lease),
+                                                                writing(self, **kw))[-1])
+    report = sweep_uploads(g)
+    assert report.orphans == [] and report.referenced == 2  # the row committed meanwhile keeps its upload
+    assert reads[0] == ("every row", False), reads
+    assert reads[reads.index(lease) + 1:] == [("ids", True), ("1 row(s)", True)]  # the id column, the new row
+
+
+def test_the_sweeps_removals_move_a_bar_of_their_count(tmp_path):
+    """``removing`` is given how many orphans go and is updated as they go (the CLI's bar)."""
+    from index.gallery import Gallery
+    from index.objects import sweep_uploads
+
+    g = Gallery.create(tmp_path / "g", _TINY)
+    g.layout.uploads.mkdir(parents=True)
+    past = time.time() - 2 * DAY
+    for i in range(3):
+        path = g.layout.uploads / f"{hashlib.sha256(str(i).encode()).hexdigest()}.jpg"
+        path.write_bytes(b"orphan")
+        os.utime(path, (past, past))
+    bars: list[list[int]] = []
+
+    class Bar:
+        def __init__(self, total: int) -> None:
+            bars.append([total])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            bars[-1].append(-1)  # closed
+
+        def update(self, n: int) -> None:
+            bars[-1].append(n)
+
+    report = sweep_uploads(g, removing=Bar)
+    assert len(report.orphans) == 3
+    assert bars == [[3, 1, 1, 1, -1]]
