@@ -496,9 +496,10 @@ class ReferenceStore:
         meta = self.metadata(ids)
         return [str(meta.at[int(i), "species"]) for i in ids]
 
-    def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True) -> pd.DataFrame:
-        """Metadata rows (no embeddings), optionally only the given ids, indexed by id."""
-        clauses = []
+    def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True,
+                 species: str | None = None) -> pd.DataFrame:
+        """Metadata rows (no embeddings), optionally only the given ids and / or one species' rows, indexed by id."""
+        clauses = [] if species is None else [f"species = '{species.replace(chr(39), chr(39) * 2)}'"]
         if ids is not None:
             ids = [int(i) for i in ids]
             if not ids:

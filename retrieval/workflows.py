@@ -722,7 +722,7 @@ def add_photos(
 
 
 #: The most searchable photos of a species whose near-copies an add's few-photos note counts once
-#: (:func:`_distinct_photos`, which reads every row's metadata to find the species' rows): a species with more is
+#: (:func:`_distinct_photos`, which reads the species' rows and groups their vectors): a species with more is
 #: taken to have :data:`retrieval.probe.MIN_PROBE_PHOTOS` distinct ones.
 FEW_NOTE_PHOTOS = 8
 
@@ -742,12 +742,11 @@ def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, ad
 
 def _distinct_photos(gallery: Gallery, name: str, held: int) -> int:
     """The searchable photos of species ``name`` (``held`` of them, near-copies or not), near-copies counted once by ``probe train``'s own rule
-    (:func:`retrieval.probe.photo_groups`, :func:`retrieval.probe.distinct_photos`) over the species' rows. The
-    rows are found by reading every row's metadata (one read; a note must not fail an add that is committed: a
-    failure gives ``held``, logged)."""
+    (:func:`retrieval.probe.photo_groups`, :func:`retrieval.probe.distinct_photos`) over the species' rows (read by
+    species, not the whole gallery's; a note must not fail an add that is committed: a failure gives ``held``,
+    logged)."""
     try:
-        meta = gallery.store.metadata(include_excluded=False)
-        ids = [int(i) for i in meta.index[meta["species"] == name]]
+        ids = [int(i) for i in gallery.store.metadata(include_excluded=False, species=name).index]
         if len(ids) < MIN_PROBE_PHOTOS:
             return len(ids)
         groups = photo_groups(gallery.reference_vectors(ids))

@@ -159,3 +159,19 @@ def test_the_few_photos_note_counts_near_copies_once_as_probe_train_does(tmp_pat
     assert distinct_photos(photo_groups(vectors), np.zeros(2)) == {0.0: 1}  # probe train's own count
     third = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "2.png", 402)], embeddings=away[1:])
     assert third.few_note == "" and third.notes == [], third.notes
+
+
+def test_the_few_photos_count_reads_one_species_rows_not_the_gallerys(tmp_path):
+    """The note's read of a species' rows filters in the store (a name with a quote too), excluded rows left out."""
+    from index.records import ReferenceRecord
+    from index.store import ReferenceStore
+
+    store = ReferenceStore(tmp_path / "s", 4, refresh_s=None)
+    names = ["Naja haje", "Boiga o'shaughnessyi", "Naja haje", "Boiga o'shaughnessyi", "Vipera latastei"]
+    records = [ReferenceRecord(path=f"/p/{i}.jpg", species=n) for i, n in enumerate(names)]
+    store.add(records, [f"{i:064x}" for i in range(5)], np.eye(5, 4, dtype=np.float32), "e", [1, 2, 3, 4, 5])
+    store.set_excluded([4], True)
+    assert list(store.metadata(species="Boiga o'shaughnessyi").index) == [2, 4]
+    assert list(store.metadata(species="Boiga o'shaughnessyi", include_excluded=False).index) == [2]
+    assert list(store.metadata([1, 2, 3], species="Naja haje").index) == [1, 3]
+    assert store.metadata(species="Naja").empty
