@@ -407,7 +407,8 @@ class Gallery:
         info = read_gallery_info(root)
         if expected_fingerprint is not None:
             check_gallery_encoder(root, info, expected_fingerprint)
-        config = index_config or VectorIndexConfig(**info.get("index", {}))
+        config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
+                                                            f'{GalleryLayout(root).info} "index"')
         return cls(root, info, config, refresh_s=refresh_s, options=options)
 
     @property

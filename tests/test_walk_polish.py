@@ -190,3 +190,33 @@ def test_the_busy_answer_counts_identifications_in_the_singular_and_the_plural()
 
     assert asyncio.run(answer(1)) == "busy: 1 identification in progress; retry in 2 s"
     assert asyncio.run(answer(3)) == "busy: 3 identifications in progress; retry in 2 s"
+
+
+def test_a_galleryjsons_index_settings_misspelt_or_mistyped_are_named_with_what_they_take(tmp_path):
+    """Walk finding 5: the "index" keys of gallery.json are set by hand (no flag); a misspelt one failed the open
+    with Python's "unexpected keyword argument", and a number given as text was taken as it was."""
+    from dataclasses import asdict
+
+    from index.gallery import Gallery
+    from index.vectors import VectorIndexConfig
+
+    g = Gallery.create(tmp_path / "g", _TINY)
+    where = 'gallery.json "index"'
+    assert VectorIndexConfig.from_json(asdict(VectorIndexConfig()), where) == VectorIndexConfig()
+    assert VectorIndexConfig.from_json({"ivfpq_nprobe": 4}, where).ivfpq_nprobe == 4  # the rest: defaults
+    info = json.loads(g.layout.info.read_text())
+    info["index"]["ivfpq_nprob"] = 4
+    g.layout.info.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"gallery.json \"index\" has an unknown key 'ivfpq_nprob' \(did you mean "
+                                         r"'ivfpq_nprobe'\?\); its keys are kind, approx_threshold, .*docs/scale.md"):
+        Gallery.open(g.root)
+    bad = {"ivfpq_nprobe": ("4", "a whole number or null"), "hnsw_m": (True, "a whole number"),
+           "ivf_nprobe": (None, "a whole number"), "use_gpu": ("yes", "true, false or null"),
+           "kind": (3, "one of auto, flat, hnsw, ivf, ivfpq")}
+    for key, (value, takes) in bad.items():
+        with pytest.raises(ValueError) as refused:
+            VectorIndexConfig.from_json({key: value}, where)
+        assert str(refused.value) == f"{where}: {key} is {json.dumps(value)}; it takes {takes} (docs/scale.md)"
+    with pytest.raises(ValueError, match=r"^gallery.json \"index\": ivfpq_candidates and shard_rows must be >= 1 "
+                                         r"\(docs/scale.md says what each setting takes\)$"):
+        VectorIndexConfig.from_json({"ivfpq_candidates": 0}, where)
