@@ -100,6 +100,12 @@ def body_limit_detail(settings: Settings, method: str, path: str, size: int | No
     return f"{what} over the {limit / _MB:.0f} MB this route accepts ({why})"
 
 
+def busy_detail(in_flight: int, wait: int) -> str:
+    """The 429 of an identify or search shed under load: ``in_flight`` of them in progress, ``wait`` seconds to wait
+    (its Retry-After)."""
+    return f"busy: {in_flight} identification{'s' * (in_flight != 1)} in progress; retry in {wait} s"
+
+
 class EdgeGuard:
     """ASGI middleware: see the module docstring."""
 
@@ -133,8 +139,7 @@ class EdgeGuard:
                     self.shed += 1
             if full:
                 wait = s.retry_after_s + random.randint(0, s.retry_jitter_s)  # noqa: S311 - spreading, not secrecy
-                return await _json(send, 429, f"busy: {s.max_identify_in_flight} identifications in progress; "
-                                   f"retry in {wait} s", {"retry-after": str(wait)})
+                return await _json(send, 429, busy_detail(s.max_identify_in_flight, wait), {"retry-after": str(wait)})
         try:
             limit = body_limit(s, method, path)
             length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")

@@ -21,7 +21,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -407,7 +407,8 @@ class Gallery:
         info = read_gallery_info(root)
         if expected_fingerprint is not None:
             check_gallery_encoder(root, info, expected_fingerprint)
-        config = index_config or VectorIndexConfig(**info.get("index", {}))
+        config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
+                                                            f'{GalleryLayout(root).info} "index"')
         return cls(root, info, config, refresh_s=refresh_s, options=options)
 
     @property
@@ -803,12 +804,18 @@ class Gallery:
         embeddings: np.ndarray,
         *,
         save_index: bool = True,
+        before_commit: Callable[[], None] | None = None,
     ) -> tuple[list[int], dict[int, int | None]]:
         """Store the references whose bytes are new, in one commit; (their ids, {position: id it repeats}).
 
         Under the write lock: the digests are checked against the store's latest version, ids are reserved,
         the rows committed, the index synced (other processes' writes included) and saved. A repeat of an
         earlier photo of the same call maps to None.
+
+        ``before_commit``: called under the write lock, the store at its latest version, just before the rows are
+        committed (not when all are duplicates): what the store holds then is what the commit adds to (e.g.
+        whether the species existed: :meth:`index.store.ReferenceStore.has_species`), whatever other writers did
+        while this one waited.
         """
         # checked before anything is committed: a NaN / inf row in the store would leave a gallery no one can open
         embeddings = as_vectors(embeddings, "embeddings", self.dim)
@@ -831,6 +838,8 @@ class Gallery:
                 return [], dropped
             ids = self._reserve_ids(len(keep))
             alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+            if before_commit is not None:
+                before_commit()
             self._writer.check()  # on S3: the store's lease is still ours
             self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
                            self.fingerprint, ids)
@@ -980,6 +989,12 @@ class Gallery:
         """Seconds this process's writes of the gallery spent waiting for other writers so far (their lock; on S3
         the store's lease): a caller that times its work takes the difference out."""
         return self._writer.waited_s
+
+    @property
+    def write_lease_s(self) -> float:
+        """Seconds this process's writes of the gallery spent taking the store's write lease so far (on S3; its own
+        round trips, no other writer's: not in :attr:`write_waited_s`)."""
+        return self._writer.lease_s
 
     def writing(self, *, local: bool = False, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:

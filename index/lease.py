@@ -456,9 +456,11 @@ class S3Lease:
         return self._etag is not None
 
     # ------------------------------------------------------------------ taking it
-    def acquire(self, timeout: float, *, waited: float = 0.0) -> None:
+    def acquire(self, timeout: float, *, waited: float = 0.0) -> float:
         """Take the lease, waiting up to ``timeout`` seconds for its holder (0: one try); a stale one is taken over.
         ``waited``: seconds this writer already waited before (for the local lock), told in the timeout message.
+        Returns the seconds spent waiting for another writer: from the first try that found the lease held to the
+        try that took it (0.0 when the first try took it; the lease's own requests are no wait for anyone).
 
         Every try that finds the lease taken pauses (growing to 1 s) before the next, and the timeout is honoured
         whether or not the holder could be read. TimeoutError names the holder and what to do;
@@ -468,14 +470,19 @@ class S3Lease:
         if self.held:
             raise RuntimeError(f"lease {self.where} is already held by this object")
         start = time.monotonic()
+        busy_since: float | None = None  # when a try first found another writer holding it
         pause, warned = 0.05, False
         while True:
+            tried = time.monotonic()
             holder = self._take()
             if holder is None:
-                return
-            spent = time.monotonic() - start
+                return 0.0 if busy_since is None else tried - busy_since
+            now = time.monotonic()
+            busy_since = now if busy_since is None else busy_since
+            spent = now - start
             if spent >= timeout:
-                raise TimeoutError(self._busy_message(holder or None, waited + spent))
+                raise TimeoutError(self._busy_message(holder or None, waited + spent,
+                                                      waits=timeout > 0 or waited > 0))
             if spent > 2 and not warned:
                 logger.warning("%s", self._waiting_message(holder or None, waited + timeout))
                 warned = True
@@ -750,16 +757,21 @@ class S3Lease:
                 "since": holder.get("since"), "renewed_s_ago": round(float(holder["age_s"]), 1),
                 "ttl_s": holder["ttl_s"], "object": self.where}
 
-    def _busy_message(self, holder: dict | None, waited: float) -> str:
+    def _busy_message(self, holder: dict | None, waited: float, *, waits: bool = True) -> str:
+        """The TimeoutError of a writer that gave up on the lease after ``waited`` seconds (``waits``: False for one
+        set not to wait at all, a wait of 0 s), naming its holder (``holder``; None: other writers kept taking it)."""
         if not holder:
-            return (f"this writer waited {waited:.0f} s for the store {self.uri}: other writers kept taking its "
+            how = f"waited {waited:.0f} s" if waits else "was set not to wait (a wait of 0 s)"
+            return (f"this writer {how} for the store {self.uri}: other writers kept taking its "
                     f"write lease {self.where} (released and taken again between this one's tries). Try again "
-                    "when they are done")
+                    f"when they are done ({WAIT_ENV} sets how long a writer waits)")
         held = holder.get("held_s")
         held_for = f", for {held:.0f} s" if isinstance(held, (int, float)) else ""
         ttl = holder.get("ttl_s", self.ttl)
+        how = (f"this one waited {waited:.0f} s" if waits else
+               f"this one was set not to wait for it (a wait of 0 s; {WAIT_ENV} sets how long a writer waits)")
         return (f"another writer holds the store {self.uri} ({_who(holder)}{held_for}; lease {self.where}, "
-                f"renewed {holder.get('age_s', 0):.0f} s ago); this one waited {waited:.0f} s: try again when it is "
+                f"renewed {holder.get('age_s', 0):.0f} s ago); {how}: try again when it is "
                 f"done. If that writer is gone, its lease lapses {ttl:.0f} s after its last renewal (its TTL) and is "
                 "then taken over by the next writer; if its process still runs, let it finish or stop it")
 

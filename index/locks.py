@@ -114,6 +114,7 @@ class WriteLock:
         self.path = Path(path)
         self._timeout = timeout  # None: SPECIESID_WRITE_WAIT_S, read at each hold (a reader never needs it)
         self.waited_s = 0.0  # seconds this process's holds spent waiting for other writers, all together
+        self.lease_s = 0.0  # seconds they spent taking the store's lease, its own round trips (no other writer's)
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
@@ -133,22 +134,28 @@ class WriteLock:
         """Hold the lock for the ``with`` block (waits for other writers, threads of this process included;
         TimeoutError after ``timeout`` seconds, the lock's own by default; 0: do not wait at all). With a
         ``remote`` lease the store's lease is held too, unless ``local`` (the folder's own files only). The time
-        spent waiting for other writers is added to :attr:`waited_s`."""
+        spent waiting for other writers (another thread's hold, another process's ``flock``, the lease while another
+        writer holds it) is added to :attr:`waited_s`; the rest of taking the lease (its own S3 round trips: no
+        other writer's) to :attr:`lease_s`."""
         wait = self.timeout if timeout is None else timeout
         start = time.monotonic()
-        got = self._thread_lock.acquire(timeout=wait) if wait > 0 else self._thread_lock.acquire(blocking=False)
-        if not got:
-            raise TimeoutError(f"another thread of this process is writing this gallery (lock {self.path})")
+        waited = 0.0  # for other writers: threads of this process, processes (the flock), the lease's other holder
+        if not self._thread_lock.acquire(blocking=False):
+            if not (wait > 0 and self._thread_lock.acquire(timeout=wait)):
+                raise TimeoutError(f"another thread of this process is writing this gallery (lock {self.path})")
+            waited = time.monotonic() - start
         try:
             if self._depth == 0:
-                self._acquire(wait)
+                waited += self._acquire(wait)
             lease = None if local else self.remote
             took = lease is not None and not lease.held
             try:
                 if took:
-                    spent = time.monotonic() - start
-                    lease.acquire(max(wait - spent, 0.0), waited=spent)
-                self.waited_s += time.monotonic() - start
+                    taking = time.monotonic()
+                    for_holder = lease.acquire(max(wait - (taking - start), 0.0), waited=waited)
+                    waited += for_holder
+                    self.lease_s += time.monotonic() - taking - for_holder
+                self.waited_s += waited
                 self._depth += 1
                 try:
                     yield
@@ -174,13 +181,16 @@ class WriteLock:
         if (lease := self.held_lease) is not None:
             lease.check()
 
-    def _acquire(self, timeout: float) -> None:
+    def _acquire(self, timeout: float) -> float:
+        """Take the ``flock``, waiting up to ``timeout`` seconds for another process holding it (0: one try); the
+        seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is None:  # pragma: no cover
             self._fd = fd
-            return
+            return 0.0
         start = time.monotonic()
+        busy_since: float | None = None  # when a try first found another process holding it
         warned = False
         while True:
             try:
@@ -192,15 +202,15 @@ class WriteLock:
                     continue
                 self._fd = fd
                 self._sign(fd)
-                return
+                return 0.0 if busy_since is None else time.monotonic() - busy_since
             except BlockingIOError:
-                waited = time.monotonic() - start
+                now = time.monotonic()
+                busy_since = now if busy_since is None else busy_since
+                waited = now - start
                 if waited >= timeout:
+                    holder = _lock_holder(fd) or "its holder not recorded"
                     os.close(fd)
-                    raise TimeoutError(
-                        f"another process has been writing this gallery for over {timeout:.0f} s "
-                        f"(lock {self.path}); try again when it is done"
-                    ) from None
+                    raise TimeoutError(_busy_message(self.path, holder, timeout)) from None
                 if waited > WARN_AFTER_S and not warned:
                     holder = _lock_holder(fd) or "its holder not recorded"
                     logger.warning("waiting up to %.0f s in all for another process writing this gallery (%s; lock "
@@ -227,6 +237,18 @@ class WriteLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def _busy_message(path: Path, holder: str, timeout: float) -> str:
+    """The error of a writer that gave up on another process's hold of the lock at ``path`` after ``timeout``
+    seconds (0: it was set not to wait at all), naming the holder (``holder``: :func:`_lock_holder`'s text)."""
+    if timeout > 0:
+        shown = f"{timeout:.0f}" if timeout >= 10 else f"{timeout:.1f}".rstrip("0").rstrip(".")
+        how = f"this one waited {shown} s"
+    else:
+        how = "this one was set not to wait for it (a wait of 0 s)"
+    return (f"another process is writing this gallery ({holder}; lock {path}); {how}: try again when it is "
+            f"done ({WAIT_ENV} sets how long a writer waits)")
 
 
 _LOCKS: dict[Path, WriteLock] = {}

@@ -491,6 +491,12 @@ class ReferenceStore:
             self._table.update(where=where, values={"excluded": excluded})
         return found
 
+    def has_species(self, species: str) -> bool:
+        """Whether any searchable row (not excluded) is of ``species`` (its exact name), at the version this store
+        reads: one filtered count, not the whole :meth:`species` list."""
+        quoted = species.replace("'", "''")
+        return self._table.count_rows(f"species = '{quoted}' AND ({_NOT_EXCLUDED})") > 0
+
     def species_of(self, ids: Sequence[int]) -> list[str]:
         """The species of rows ``ids`` (any row, excluded ones too), in the order given."""
         meta = self.metadata(ids)

@@ -25,11 +25,12 @@ lazily for searching and dropped whenever the CPU index changes.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,6 +83,39 @@ class VectorIndexConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)!r}")
         if self.ivfpq_candidates < 1 or self.shard_rows < 1:
             raise ValueError("ivfpq_candidates and shard_rows must be >= 1")
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> VectorIndexConfig:
+        """The config a gallery.json's ``"index"`` object holds (``where`` names it in errors). A key not known, a
+        value of the wrong type (a number as text, a fraction where a count goes) or out of range is a ValueError
+        naming it and what it takes (the keys are documented in docs/scale.md); a key left out takes its default."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a JSON object of index settings, not {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        for key, value in data.items():
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"{where} has an unknown key {key!r}{hint}; its keys are {', '.join(known)} "
+                                 "(docs/scale.md says what each does)")
+            default = getattr(cls, key)
+            nullable = default is None or key == "use_gpu"
+            if value is None and nullable:
+                continue
+            if key == "kind":
+                ok = isinstance(value, str)
+            elif key == "use_gpu":
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok:
+                takes = {"kind": f"one of {', '.join(KINDS)}", "use_gpu": "true, false or null"}.get(
+                    key, "a whole number" + (" or null" if nullable else ""))
+                raise ValueError(f"{where}: {key} is {json.dumps(value)}; it takes {takes} (docs/scale.md)")
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc} (docs/scale.md says what each setting takes)") from None
 
     def resolve(self, n: int) -> str:
         """The kind to build for ``n`` vectors: "auto" by size; ivfpq below its minimum is flat."""

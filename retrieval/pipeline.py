@@ -111,6 +111,7 @@ class BuildReport:
     #                                                             bytes already, False for a repeat within the run
     seconds: float = 0.0  # wall time
     waited_s: float = 0.0  # of it, waiting for other writers of the gallery (their lock; on S3 the store's lease)
+    lease_s: float = 0.0  # of it, taking the store's write lease (on S3): its own round trips, counted as work
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
     stats: PipelineStats = field(default_factory=PipelineStats)  # model-thread time: waiting vs encoding
 
@@ -160,6 +161,7 @@ class BuildReport:
         lines = [
             ", ".join(parts)
             + f", in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s{waited}"
+            + (f"; {self.lease_s:.1f} s of it taking the store's write lease" if self.lease_s >= 0.1 else "")
             + (f"; {self.waited_s:.1f} s waiting for another writer, not counted" if self.waited_s >= 0.1 else "")
             + ")"
         ]
@@ -488,6 +490,7 @@ def add_references(
     min_side: int = MIN_REFERENCE_SIDE,
     embeddings: np.ndarray | None = None,
     read: Reader | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> BuildReport:
     """Embed reference photos and store them in the gallery (searchable when this returns).
 
@@ -507,13 +510,16 @@ def add_references(
     the uploads it holds in memory). A photo that the gallery's own store could not serve (a StoreObjectError:
     throttling, the network, a permission) fails the add with a :class:`index.lease.LeaseStoreError` saying so, not
     skipped as unreadable: the photo is there, the store was not. Rows committed before it stay.
+
+    ``before_commit``: called under the write lock before each commit of rows (:meth:`index.gallery.Gallery.
+    add_unique`), to read the store as that commit finds it.
     """
     check_gallery_encoder(gallery.root, gallery.info, encoder.fingerprint)
     if embeddings is not None:
         embeddings = given_embeddings(embeddings, len(records), gallery.dim)
     report = BuildReport()
     start = time.perf_counter()
-    waited_before = gallery.write_waited_s
+    waited_before, lease_before = gallery.write_waited_s, gallery.write_lease_s
     first_path: dict[str, str] = {}  # digest -> the first path of this call with those bytes
     stored_id: dict[str, int] = {}  # digest -> the id its first path of this call was stored under (or found at)
     repeats: list[tuple[int, str]] = []  # (position in report.duplicate_ids, digest) of repeats within this call
@@ -529,7 +535,7 @@ def add_references(
         if not buf:
             return
         ids, dropped = gallery.add_unique([b[0] for b in buf], [b[1] for b in buf], np.concatenate([b[2] for b in buf]),
-                                          save_index=False)
+                                          save_index=False, before_commit=before_commit)
         batch = buf.copy()
         buf.clear()  # committed: a Ctrl-C from here on must not commit it again (its rows "already stored")
         report.added += len(ids)
@@ -547,6 +553,7 @@ def add_references(
             report.duplicate_ids[pos] = stored_id.get(digest)
         report.seconds = time.perf_counter() - start
         report.waited_s = min(gallery.write_waited_s - waited_before, report.seconds)
+        report.lease_s = min(gallery.write_lease_s - lease_before, report.seconds - report.waited_s)
 
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,

@@ -500,7 +500,8 @@ class AddResult:
 
     species: str  # the name the photos were stored under (an existing spelling when one matched)
     created: bool  # the species was new to the gallery and now has photos
-    existed: bool  # the gallery already had the species
+    existed: bool  # the gallery already had the species: when this add's rows committed (another add of the name
+    #                may commit while this one waits for the write lock), or, none stored, when it began
     report: BuildReport  # added ids, duplicates (with the id they repeat), unreadable photos
     # (photo or upload name, id it repeats, that reference's species: another one's when the photo is stored there)
     duplicates: list[tuple[str, int | None, str | None]] = field(default_factory=list)
@@ -679,9 +680,16 @@ def add_photos(
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
+    held_at_commit: list[bool] = []  # whether the species was in the gallery when this add's first rows committed
+
+    def note_species() -> None:  # under the write lock: another add of the same name may have committed meanwhile
+        if not held_at_commit:
+            held_at_commit.append(gallery.store.has_species(name))
+
     try:
         report = add_references(gallery, encoder, records, progress=progress, min_side=min_side,
-                                embeddings=embeddings, read=_upload_reader(gallery, uploads))
+                                embeddings=embeddings, read=_upload_reader(gallery, uploads),
+                                before_commit=note_species)
     except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
         exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
         raise
@@ -716,7 +724,8 @@ def add_photos(
     except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed (a reference deleted
         logger.warning("the near-copy check of the photos added was skipped: %s", exc)  # meanwhile, the store)
         near = []
-    return AddResult(species=name, created=prior is None and bool(report.ids), existed=prior is not None,
+    existed = held_at_commit[0] if held_at_commit else prior is not None  # as the commit found it, when one was made
+    return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      few_note=few_note, near_copies=near)
 

@@ -833,7 +833,8 @@ def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_
         resp = _add_while_held(quick, WriteLock(service.gallery.layout.write_lock).hold)
     finally:
         service.gallery.write_wait_s = service.settings.write_wait_s
-    assert "another process has been writing this gallery for over 1 s" in _is_error(resp, 503), resp.text
+    assert "another process is writing this gallery (held by host " in _is_error(resp, 503), resp.text
+    assert "this one waited 1 s: try again when it is done" in _is_error(resp, 503), resp.text
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
     assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
 

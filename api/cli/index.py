@@ -64,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
     p.add_argument("--index-kind", default=None, choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
-                   "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one")
+                   "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one. The index's other "
+                   "settings (lists, nprobe, candidates) are the \"index\" keys of DIR/gallery.json, edited by hand "
+                   "and applied by the next 'index build' (docs/scale.md, Index settings)")
     p.add_argument("--clean", action="store_true",
                    help="after building, run the zero-shot filter (text-capable encoders) and exclude off-target "
                    "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report")
