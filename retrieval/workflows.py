@@ -130,6 +130,7 @@ def build_gallery(
     metadata: str | Path | None = None,
     encoder: EncoderConfig | None = None,
     index_config: VectorIndexConfig | None = None,
+    index_kind: str | None = None,
     workers: int | None = None,
     progress: bool = True,
     clean: CleanConfig | None = None,
@@ -145,11 +146,19 @@ def build_gallery(
     the zero-shot filter then excludes off-target references (report in the gallery's ``clean-report``).
     ``engine="ray"``: embed on a Ray cluster (``ray``: address, actors, ...; see
     :mod:`retrieval.distributed`), records streamed from the loader. ``store``: an object-store URI for a new
-    gallery's table (``s3://bucket/path``; credentials from AWS_* or ``storage_options``).
+    gallery's table (``s3://bucket/path``; credentials from AWS_* or ``storage_options``). ``index_kind``: the
+    index kind only (``index build --index-kind``): an existing gallery keeps its other index settings
+    (``index_config`` replaces them all).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     info = read_gallery_info(index_dir) if GalleryLayout(Path(index_dir)).info.is_file() else None
+    if index_kind is not None:
+        if index_config is not None:
+            raise ValueError("give index_config or index_kind, not both")
+        kept = VectorIndexConfig.from_json(info.get("index", {}), f'{GalleryLayout(Path(index_dir)).info} "index"') \
+            if info is not None else VectorIndexConfig()
+        index_config = replace(kept, kind=index_kind)  # the gallery's tuned nprobe, candidates... stay
     # unset options: the gallery's own (build_encoder); it records where the weights are, usable from anywhere
     encoder = portable((encoder or EncoderConfig()).resolved(info["encoder"] if info else None))
     if info is not None:  # another encoder is refused before it loads (or downloads)

@@ -377,6 +377,13 @@ def test_building_into_a_gallery_keeps_its_index_kind(tmp_path, capsys):
     # a kind asked for explicitly is the gallery's from then on, not for that build only
     assert main([*args, "--index-kind", "flat"]) == 0 and main(args) == 0
     assert Gallery.open(tmp_path / "g").index.kind == "flat"
+    # --index-kind changes the kind only: settings edited into gallery.json (docs/scale.md) stay
+    info_path = tmp_path / "g" / "gallery.json"
+    info = json.loads(info_path.read_text())
+    info["index"]["hnsw_ef_search"] = 77
+    info_path.write_text(json.dumps(info))
+    assert main([*args, "--index-kind", "hnsw"]) == 0
+    assert json.loads(info_path.read_text())["index"] == {**info["index"], "kind": "hnsw"}
 
 
 def test_adding_again_a_photo_a_clean_run_excluded_says_it_stays_unsearchable(tmp_path, capsys):

@@ -97,7 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     """speciesid index build: embed a dataset into a new or existing gallery (exit status)."""
-    from index.vectors import VectorIndexConfig
     from retrieval.distributed import RayOptions
     from retrieval.workflows import CleanConfig, ReferencesInterrupted, build_gallery
 
@@ -107,7 +106,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     try:
         result = build_gallery(
             args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
-            index_config=VectorIndexConfig(kind=args.index_kind) if args.index_kind else None, workers=args.workers,
+            index_kind=args.index_kind, workers=args.workers,
             progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
         )
     except ReferencesInterrupted as exc:  # what was embedded is committed
