@@ -72,13 +72,21 @@ def store_io_failure(exc: BaseException, store: str | Path | None = None) -> str
 _TABLE_GONE = re.compile(r"Not found: \S*\.lance(/|\b)")
 
 
+class TableReplacedError(RuntimeError):
+    """The store's table is at a version before the one a running server read: versions only grow, so the table it
+    read was lost and another made (or an older backup restored). The server answers as for a table gone."""
+
+
 def store_table_gone(exc: BaseException) -> bool:
     """Whether ``exc`` (or a cause of it) is Lance's "Not found" of the table itself, not a store's I/O error: the
-    store answers, but no longer holds the gallery's table. Retrying does not bring it back."""
+    store answers, but no longer holds the gallery's table (or holds another: :class:`TableReplacedError`).
+    Retrying does not bring it back."""
     seen: set[int] = set()
     err: BaseException | None = exc
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        if isinstance(err, TableReplacedError):
+            return True
         if isinstance(err, (RuntimeError, OSError, ValueError)) and _STORE_IO.search(str(err)) is None \
                 and _TABLE_GONE.search(str(err)):
             return True

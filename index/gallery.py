@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -37,7 +38,7 @@ from index.compaction import (
     CompactionCounts,
     compact_fragments_default,
 )
-from index.errors import first_line, first_words, store_io_failure
+from index.errors import TableReplacedError, first_line, first_words, store_io_failure
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, canonical_s3_uri, half_created_objects, is_s3
@@ -63,6 +64,7 @@ from index.vectors import (
     VectorIndexConfig,
     as_vectors,
     load_index,
+    manifest_path,
     one_row_per_id,
     read_manifest,
     report_repeated_ids,
@@ -168,7 +170,10 @@ class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
     def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig, *, refresh_s: float = 1.0,
-                 options: dict[str, str] | None = None) -> None:
+                 options: dict[str, str] | None = None, make_table: bool = False, new_store: bool = False) -> None:
+        """``make_table``: a writer (a build, an add) may make the store's table where none was ever committed (a
+        create killed before it committed one); a reader never makes one. ``new_store``: a build's deliberate start
+        of a new, empty table where the folder's table was lost (:class:`StoreLostError`)."""
         self.root = root
         self.layout = GalleryLayout(root)
         self.info = info
@@ -203,14 +208,17 @@ class Gallery:
         self._check_error: BaseException | None = None  # a look's error that is not an outage (a table gone, a
         #                                                 bug): raised by every read until a look succeeds
         self.store_checks = 0  # looks at the store started in the background (counted for operators and tests)
+        self._make_table, self._new_store = make_table or new_store, new_store
         try:
             self.store = self._open_store(refresh_s)
-        except (HalfCreatedStoreError, TimeoutError, LeaseError):  # their messages say what to do: never re-worded
-            raise
+        except (HalfCreatedStoreError, StoreOpenError, TimeoutError, LeaseError):  # they say what to do: never
+            raise  # re-worded
         except Exception as exc:
             if not where.get("uri"):
                 raise
-            raise store_error(where["uri"], exc, self.storage_options.get("aws_endpoint")) from exc  # credentials, endpoint, bucket: one line, not lance's
+            logger.info("the store %s cannot be opened: %s", where["uri"], exc)  # -v: the store's whole error
+            # credentials, endpoint, bucket: one line, the cause first, not lance's text
+            raise store_error(where["uri"], exc, self.storage_options.get("aws_endpoint")) from exc
         self._lock = threading.RLock()  # this process's threads
         self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
@@ -253,13 +261,29 @@ class Gallery:
 
         first: HalfCreatedStoreError | None = None
         try:
-            return store(create=False)
+            opened = store(create=False)
         except MissingTableError:
             pass
         except HalfCreatedStoreError as exc:
             if exc.data or (exc.data is None and self._writer.remote is None):  # holding files, or on an object
                 raise  # store without a lease (not S3): never deleted here
             first = exc
+        else:
+            if self._new_store:
+                raise ValueError(f"gallery {self.root}: its store {self.store_uri} holds the gallery's table: "
+                                 "--new-store starts a new one only where the table was lost; run the command "
+                                 "without it")
+            return opened
+        seen = self._folder_saw()
+        if seen is not None and not self._new_store:  # the table had versions: lost, never made again unasked
+            raise StoreLostError(self._lost_message(seen))
+        if not self._make_table:  # a reader: nothing is made, nor removed
+            if first is not None:
+                raise first
+            raise StoreOpenError(f"gallery {self.root}: its store {self.store_uri} holds no table yet (a create "
+                                 "interrupted before it committed one: no reference was ever added); a read makes "
+                                 f"none: run 'speciesid index build --index {self.root} ...' or 'speciesid references "
+                                 f"add --index {self.root} ...' (with write access) to make it")
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(self._writer.hold())
@@ -273,7 +297,7 @@ class Gallery:
                                  f"be made here ({lock_error}): open the gallery with write access once, or "
                                  "rebuild it") from lock_error
             try:
-                return store(create=True)  # made meanwhile by the creator that held the lock, or made now
+                made = store(create=True)  # made meanwhile by the creator that held the lock, or made now
             except HalfCreatedStoreError as exc:
                 if exc.data is None and self._writer.remote is not None:
                     self._remove_half_created_objects(exc)
@@ -283,7 +307,72 @@ class Gallery:
                     logger.warning("removing %s: a table left half-created by an interrupted create (no version was "
                                    "committed, no data in it); making it again", exc.where)
                     shutil.rmtree(exc.where)
-            return store(create=True)
+                made = store(create=True)
+            if seen is not None:  # --new-store: ids go on past every id the folder knows was given
+                self._continue_ids(seen)
+            return made
+
+    def _folder_saw(self) -> dict[str, int] | None:
+        """What the folder records of a store that had a committed table: ``store_version`` and ``references`` (the
+        saved vector index's manifest: written only once a table version was committed) and ``next_id`` (ids.json,
+        past 1 once ids were given). None when it records neither: no version was ever committed (a create killed
+        before its first commit), so a missing table may be made."""
+        seen: dict[str, int] = {}
+        try:
+            manifest = json.loads(manifest_path(self.layout.vectors).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            manifest = None
+        except (OSError, ValueError):  # a damaged manifest is still one that was written: a version was committed
+            manifest = {"store_version": 0}
+        if isinstance(manifest, dict) and isinstance(manifest.get("store_version"), int):
+            seen["store_version"] = manifest["store_version"]
+            if isinstance(manifest.get("count"), int):
+                seen["references"] = manifest["count"]
+        mark = _read_next_id(self.layout.ids)
+        if mark is not None and mark > 1:
+            seen["next_id"] = mark
+        return seen or None
+
+    def _lost_message(self, seen: dict[str, int]) -> str:
+        """What :class:`StoreLostError` says: the store, what the folder last saw, and the two ways on."""
+        saw = []
+        if seen.get("store_version", 0) > 0:
+            saw.append(f"store version {seen['store_version']}"
+                       + (f" with {seen['references']} references" if "references" in seen else ""))
+        elif "store_version" in seen:
+            saw.append("a version its saved vector index reflects (its manifest unreadable)")
+        if "next_id" in seen:
+            saw.append(f"ids up to {seen['next_id'] - 1} given")
+        copies = (" Other copies of this folder (other machines) refuse the lost table too, and follow the new one "
+                  "after a rebuild") if is_uri(str(self.store_uri)) else ""
+        return (f"gallery {self.root}: its store {self.store_uri} no longer holds the gallery's table (its bucket "
+                f"emptied, its prefix or folder deleted?), yet this folder last saw it at {', '.join(saw)}. Nothing "
+                "was made or changed: restore the store from a backup (the whole store, then run the command again), "
+                f"or give those references up and rebuild: 'speciesid index build --index {self.root} --new-store "
+                "--dataset ... --root ...' starts a new, empty table and adds the photos (ids go on past the ones "
+                f"given: none is given twice).{copies}")
+
+    def _continue_ids(self, seen: dict[str, int]) -> None:
+        """After a new table replaced a lost one (``--new-store``, under the write hold): the id mark set past every
+        id the folder knows was given (ids.json, and the ids its saved vector index holds, other machines' rows
+        included), in ids.json and, on S3, in the store's shared mark, so no id is ever given twice."""
+        start = seen.get("next_id", 1)
+        try:
+            saved, _ = load_index(self.layout.vectors)
+            if saved.ntotal:
+                start = max(start, int(np.max(saved.ids)) + 1)
+        except (OSError, ValueError) as exc:  # the index unreadable: ids.json alone
+            logger.warning("gallery %s: its saved vector index is unreadable (%s): ids continue past ids.json's "
+                           "mark alone", self.root, first_line(exc, 300))
+        lease = self._writer.held_lease
+        shared, etag = lease.read_next_id() if lease is not None else (None, None)
+        start = max(start, shared or 1)
+        if lease is not None:
+            lease.write_next_id(start, etag)
+        write_json_atomic(self.layout.ids, {"next": start})
+        logger.warning("gallery %s: a new, empty table made in its store %s in place of the one lost (last seen at "
+                       "store version %s); ids go on from %d", self.root, self.store_uri,
+                       seen.get("store_version", "?"), start)
 
     def _remove_half_created_objects(self, exc: HalfCreatedStoreError) -> None:
         """A table on S3 with no committed version, under the store's lease: its objects are removed when they are
@@ -312,12 +401,15 @@ class Gallery:
         refresh_s: float = 1.0,
         store: str | None = None,
         options: dict[str, str] | None = None,
+        new_store: bool = False,
     ) -> Gallery:
-        """Create a new gallery (or open an existing one built with the same encoder).
+        """Create a new gallery (or open an existing one built with the same encoder, to write to it).
 
         ``encoder`` is ``Encoder.describe()``: it must hold spec, fingerprint and dim. ``store``: an
         object-store URI for the LanceDB table (default: ``DIR/store``); ``options``: Lance storage options
-        beside the AWS_* environment (only non-secret ones are recorded in gallery.json).
+        beside the AWS_* environment (only non-secret ones are recorded in gallery.json). ``new_store``: an existing
+        gallery whose store lost its table (:class:`StoreLostError`) gets a new, empty one, ids going on past the
+        folder's.
         """
         root = Path(root)
         if store and not is_uri(store):
@@ -342,7 +434,7 @@ class Gallery:
                             _remove_made_folder(root)
                         raise
         gallery = cls.open(root, expected_fingerprint=encoder["fingerprint"], index_config=index_config,
-                           refresh_s=refresh_s, options=options)
+                           refresh_s=refresh_s, options=options, make_table=True, new_store=new_store)
         if store and canonical_s3_uri(str(gallery.store_uri)) != canonical_s3_uri(str(store)):  # s3a:// is s3://
             raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
         if index_config is not None and gallery.info.get("index") != asdict(index_config):
@@ -371,7 +463,7 @@ class Gallery:
             info["store"] = {"uri": str(store).rstrip("/"), "options": public_options(storage_options(None, options))}
         write_json_atomic(layout.info, info)
         try:
-            gallery = cls(root, info, config, refresh_s=refresh_s, options=options)
+            gallery = cls(root, info, config, refresh_s=refresh_s, options=options, make_table=True)
             if store and gallery.store.max_id():  # another gallery's rows: two folders' ids would collide
                 raise ValueError(f"the store {store} already holds a gallery's references: give this gallery a "
                                  "--store of its own, or use the folder of the gallery that made it (copy that "
@@ -397,11 +489,16 @@ class Gallery:
         index_config: VectorIndexConfig | None = None,
         refresh_s: float = 1.0,
         options: dict[str, str] | None = None,
+        make_table: bool = False,
+        new_store: bool = False,
     ) -> Gallery:
         """Open an existing gallery; refuse one built by another encoder than ``expected_fingerprint``.
 
         ``refresh_s``: searches see other processes' writes at most this many seconds late. ``options``:
-        storage options for a store at an object-store URI (besides the AWS_* environment).
+        storage options for a store at an object-store URI (besides the AWS_* environment). ``make_table``: a
+        writer's open, which makes the store's table where none was ever committed (a create killed before it
+        committed one; a reader's open says so and makes nothing). A table the folder saw committed and the store no
+        longer holds is never made again (:class:`StoreLostError`) unless ``new_store`` says to.
         """
         root = Path(root)
         info = read_gallery_info(root)
@@ -409,7 +506,8 @@ class Gallery:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
                                                             f'{GalleryLayout(root).info} "index"')
-        return cls(root, info, config, refresh_s=refresh_s, options=options)
+        return cls(root, info, config, refresh_s=refresh_s, options=options, make_table=make_table,
+                   new_store=new_store)
 
     @property
     def encoder_spec(self) -> str:
@@ -445,6 +543,14 @@ class Gallery:
         except ValueError as exc:
             return self._rebuild(f"unreadable ({exc})")
         self._index = index
+        saw = manifest.get("store_version")
+        if isinstance(saw, int) and saw > self._synced_version:  # versions only grow: the table was replaced
+            logger.log(logging.INFO if self._new_store else logging.WARNING,  # --new-store: said already
+                       "gallery %s: its store %s is at version %d, before the version %d its saved index reflects: "
+                       "the table was replaced (restored from an older backup, or started anew with 'index build "
+                       "--new-store'); the index is rebuilt from it", self.root, self.store_uri, self._synced_version,
+                       saw)
+            return self._rebuild("of a replaced table")
         if manifest.get("store_version") != self._synced_version or index.ntotal != manifest.get("count"):
             added, removed = self._sync_index()
             logger.info("vector index behind the store (version %s, store %s): %d vectors added, %d removed",
@@ -609,6 +715,11 @@ class Gallery:
             if force:
                 self.store.refresh()
             version = self.store.version
+            if version < self._synced_version:  # versions only grow: a table made again under this server
+                raise TableReplacedError(f"the store {self.store_uri} holds a table at version {version}, before "
+                                         f"the version {self._synced_version} this server read: its table was "
+                                         "replaced (made again, or restored from an older backup); restart the "
+                                         "server to serve it")
             if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
                 self._sync_behind(check, version)  # itself: not the store's delay, and no outage
         except (RuntimeError, OSError) as exc:
@@ -1171,24 +1282,55 @@ class StoreOpenError(ValueError):
     itself is fine (:func:`index.status.folder_status` says what it knows)."""
 
 
+class StoreLostError(StoreOpenError):
+    """A gallery's store holds no table although the folder records that one was committed (its saved index's
+    store version, its id mark): the table was lost. Never made again by an open; ``index build --new-store`` starts
+    a new one on purpose."""
+
+
+def _read_next_id(path: Path) -> int | None:
+    """The next id ids.json records; None when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["next"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def store_error(uri: str, exc: BaseException, endpoint: str | None = None) -> StoreOpenError:
     """A store at ``uri`` (reached at ``endpoint``, when not AWS's own) that cannot be opened, in one line that says
-    what to check: for an outage (no answer, a refused connection) the network and the endpoint first. The store's
-    error is its whole first line, cut at a word past :data:`STORE_ERROR_CHARS`."""
+    what to check, the cause and the endpoint first: for an outage (no answer in time, a refused connection, a name
+    that does not resolve) the network and the endpoint first. The store's own error comes last, its first line cut
+    at a word past :data:`STORE_ERROR_CHARS` (the whole of it is logged under ``-v``)."""
     text = str(exc)
-    first = first_words(text, STORE_ERROR_CHARS)
-    cause = next((c for c in STORE_CAUSES if c in text), None)  # the cause sits deep in Lance's long message
-    if cause == "AccessDenied" and "ListRequest" in text:  # Lance lists the table's versions at every open
-        return StoreOpenError(f"cannot open the store {uri} (AccessDenied: {first}): listing it was refused; the "
-                              "credentials need s3:ListBucket on its bucket (and s3:GetObject, s3:PutObject, "
-                              "s3:DeleteObject under the store's prefix: the policy in docs/shared-gallery.md)")
+    raw = f" (the store's error: {first_words(text, STORE_ERROR_CHARS)})"
+    cause = store_cause(text)  # the cause sits deep in Lance's long message
+    endpoint = endpoint or _endpoint_in(text)
     where = f"the endpoint {endpoint}" if endpoint else "the endpoint (AWS_ENDPOINT_URL, or AWS's own)"
+    if cause == "AccessDenied" and "ListRequest" in text:  # Lance lists the table's versions at every open
+        return StoreOpenError(f"cannot open the store {uri} (AccessDenied): listing it was refused; the credentials "
+                              "need s3:ListBucket on its bucket (and s3:GetObject, s3:PutObject, s3:DeleteObject "
+                              f"under the store's prefix: the policy in docs/shared-gallery.md){raw}")
     if cause in OUTAGE_CAUSES or (cause is None and "error sending request" in text):  # no answer, not a refusal
-        return StoreOpenError(f"cannot open the store {uri}: it did not answer ({cause + ': ' if cause else ''}{first}); "
-                              f"check the network and that {where} is up and reachable from this machine, then try again; "
-                              "if it is, check the URI and the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL)")
-    return StoreOpenError(f"cannot open the store {uri} ({cause + ': ' if cause else ''}{first}); check the URI and the "
-                          "AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is reachable")
+        return StoreOpenError(f"cannot open the store {uri}: it did not answer ({cause or 'error sending request'}); "
+                              f"check the network and that {where} is up and reachable from this "
+                              "machine, then try again; if it is, check the URI and the AWS_* settings (credentials, "
+                              f"AWS_REGION, AWS_ENDPOINT_URL){raw}")
+    return StoreOpenError(f"cannot open the store {uri}{f' ({cause})' if cause else ''} at {where}; check the URI "
+                          "and the AWS_* settings (credentials, AWS_REGION, AWS_ENDPOINT_URL) and that the endpoint is "
+                          f"reachable{raw}")
+
+
+def store_cause(text: str) -> str | None:
+    """The cause an object store's error names, among :data:`STORE_CAUSES` (however Lance's clients spell it:
+    :data:`CAUSE_SPELLINGS`); None when it names none of them."""
+    return next((c for c in STORE_CAUSES if c in text or any(s in text for s in CAUSE_SPELLINGS.get(c, ()))), None)
+
+
+def _endpoint_in(text: str) -> str | None:
+    """The endpoint (``scheme://host[:port]``) of the request a Lance error names (``uri: Some(http://...)``)."""
+    found = re.search(r"uri: Some\((https?://[^/\s)?]+)", text)
+    return found[1] if found else None
 
 
 #: How much of the store's error a "cannot open the store" line keeps (its first line, cut at a word past this).
@@ -1200,6 +1342,13 @@ OUTAGE_CAUSES = ("Connection refused", "dns error", "timed out")
 #: Causes an object store names deep in Lance's error text, put first in what the user reads.
 STORE_CAUSES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                 "Connection refused", "dns error", "timed out")
+#: Other spellings of a cause of :data:`STORE_CAUSES` in the errors of Lance's clients (object_store, reqwest,
+#: hyper): a store that hangs fails with ``RetryError(... inner: Http(HttpError { kind: Timeout, ...``
+#: (walkthrough s50 #2, moto stopped with SIGSTOP).
+CAUSE_SPELLINGS = {
+    "timed out": ("kind: Timeout", "TimedOut", "deadline has elapsed"),
+    "Connection refused": ("ConnectionRefused",),
+}
 
 
 def check_gallery_encoder(root: str | Path, info: dict, fingerprint: str) -> None:

@@ -292,8 +292,8 @@ class CompactReport:
 
 
 class MissingTableError(ValueError):
-    """The store holds no table yet (``ReferenceStore(create=False)``): :meth:`Gallery.open` makes it under the
-    gallery's write lock."""
+    """The store holds no table (``ReferenceStore(create=False)``): a writer's :meth:`Gallery.open` makes it under
+    the gallery's write lock where no version was ever committed; a folder that saw one calls the table lost."""
 
 
 class HalfCreatedStoreError(ValueError):
@@ -314,8 +314,8 @@ class HalfCreatedStoreError(ValueError):
                     "reason (a lifecycle rule, replication, permissions); restore them, or rebuild the gallery "
                     "from its photos")
         else:
-            what = (f"it holds no data: open the gallery with write access (any speciesid command on it removes "
-                    f"it), or delete {where}")
+            what = (f"it holds no data: build into the gallery or add references to it, with write access "
+                    f"(either removes it and makes the table), or delete {where}")
         super().__init__(f"the store's table {where} was left half-created by an interrupted create (no version "
                          f"of it was ever committed): {what}")
 
@@ -350,14 +350,16 @@ class ReferenceStore:
         """Open (or, with ``create``, create) the table under ``root``: a folder, or an object-store URI with
         ``options``.
 
-        :class:`HalfCreatedStoreError` when the table was left half-created (:meth:`Gallery.open` removes one
-        that holds no data, under the gallery's write lock); :class:`MissingTableError` when there is none and
-        ``create`` is False (a gallery makes it only under its write lock)."""
+        :class:`HalfCreatedStoreError` when the table was left half-created (a writer's :meth:`Gallery.open`
+        removes one that holds no data, under the gallery's write lock); :class:`MissingTableError` when there is
+        none and ``create`` is False (a gallery makes it only under its write lock)."""
         # a folder is kept absolute: fragment writers on Ray workers run in other working directories
         self.root: str | Path = str(root).rstrip("/") if is_uri(root) else Path(root).absolute()
         self.dim = dim
         self.options = dict(options or {}) if is_uri(root) else {}
         interval = None if refresh_s is None else dt.timedelta(seconds=refresh_s)
+        if not create and not is_uri(self.root) and not Path(self.root).is_dir():  # connecting would make the folder
+            raise MissingTableError(f"the store {self.root} holds no table {TABLE} yet")
         self._db = lancedb.connect(str(self.root), read_consistency_interval=interval,
                                    storage_options=self.options or None)
         self._species_cache: tuple[int, list[SpeciesSummary]] | None = None
@@ -408,7 +410,7 @@ class ReferenceStore:
     def at_version(self, version: int) -> ReferenceStore:
         """A read-only view of the table as it was at ``version`` (rows deleted since are still there);
         ValueError when that version is no longer kept (cleaned up by compaction)."""
-        view = ReferenceStore(self.root, self.dim, refresh_s=None, options=self.options)
+        view = ReferenceStore(self.root, self.dim, refresh_s=None, options=self.options, create=False)
         try:
             view._table.checkout(int(version))
         except Exception as exc:  # noqa: BLE001 - lance raises ValueError, other backends their own kinds
@@ -764,7 +766,8 @@ class StoreVectors:
 
     def _open(self) -> ReferenceStore:
         if self._store is None:
-            self._store = ReferenceStore(self.root, self.dim, refresh_s=None, options=self.options)
+            self._store = ReferenceStore(self.root, self.dim, refresh_s=None, options=self.options,
+                                         create=False)
             if self.version is not None and self._store.version != self.version:
                 self._store._table.checkout(self.version)
         return self._store

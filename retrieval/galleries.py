@@ -35,18 +35,20 @@ logger = logging.getLogger(__name__)
 
 
 def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
-                 refresh_s: float = 1.0) -> tuple[Gallery, Encoder]:
+                 refresh_s: float = 1.0, make_table: bool = False) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
 
     ``encoder``: its unset spec, weights, pool and views are the gallery's own (:meth:`EncoderConfig.resolved`);
     others are refused by the fingerprint check. Its runtime (None: $SPECIESID_RUNTIME, else auto): the first time an
     exported model is made for this CPU, it is checked (and int8-calibrated) on the gallery's own photos.
     ``refresh_s``: the gallery's searches see other processes' writes at most this many seconds late.
+    ``make_table``: a writer's open (``references add``), which makes a store's table where none was ever committed
+    (:meth:`Gallery.open`).
     """
     info = read_gallery_info(index_dir)
     config = (encoder or EncoderConfig()).resolved(info["encoder"])
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
-    gallery = Gallery.open(index_dir, refresh_s=refresh_s)  # the gallery alone knows where its store is (S3 or here)
+    gallery = Gallery.open(index_dir, refresh_s=refresh_s, make_table=make_table)  # the gallery alone knows where its store is (S3 or here)
     enc = create_encoder_from_config(config, photos=lambda: GalleryPhotos(gallery))  # listed when an export needs it
     check_gallery_encoder(index_dir, gallery.info, enc.fingerprint)
     return gallery, enc

@@ -138,6 +138,7 @@ def build_gallery(
     ray: RayOptions | None = None,
     store: str | None = None,
     storage_options: dict[str, str] | None = None,
+    new_store: bool = False,
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
@@ -148,7 +149,8 @@ def build_gallery(
     :mod:`retrieval.distributed`), records streamed from the loader. ``store``: an object-store URI for a new
     gallery's table (``s3://bucket/path``; credentials from AWS_* or ``storage_options``). ``index_kind``: the
     index kind only (``index build --index-kind``): an existing gallery keeps its other index settings
-    (``index_config`` replaces them all).
+    (``index_config`` replaces them all). ``new_store``: an existing gallery whose store lost its table gets a new,
+    empty one (ids go on past the folder's: :meth:`Gallery.create`).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
@@ -170,7 +172,7 @@ def build_gallery(
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
         return _build_on_ray(index_dir, dataset, root, metadata=metadata, encoder=encoder,
                              index_config=index_config, ray=ray, store=store, storage_options=storage_options,
-                             progress=progress)
+                             progress=progress, new_store=new_store)
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
         logger.warning("%s", warning)
@@ -179,7 +181,7 @@ def build_gallery(
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
     with empty_gallery_hint(index_dir):  # the fingerprint check, once the weights are loaded
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
-                                 store=store, options=storage_options)
+                                 store=store, options=storage_options, new_store=new_store)
     report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
     step = "finishing the index"
     try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
@@ -193,7 +195,8 @@ def build_gallery(
 
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
                   encoder: EncoderConfig, index_config: VectorIndexConfig | None, ray: RayOptions | None,
-                  store: str | None, storage_options: dict[str, str] | None, progress: bool = True) -> BuildResult:
+                  store: str | None, storage_options: dict[str, str] | None, progress: bool = True,
+                  new_store: bool = False) -> BuildResult:
     """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks.
     ``progress``: a bar moved at each committed chunk (with the time left for a dataset listed up front)."""
     from retrieval.distributed import plan_cluster, ray_add_references, ray_map, start_ray, stop_ray
@@ -214,7 +217,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         plan_cluster(enc, options)  # what Ray cannot build is refused before a gallery is made
         with empty_gallery_hint(index_dir):
             gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
-                                     store=store, options=storage_options)
+                                     store=store, options=storage_options, new_store=new_store)
         report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
                                     total=total)
         gallery.finish_build(map_fn=ray_map)

@@ -475,6 +475,13 @@ def test_one_lock_per_gallery_and_process(gallery, tmp_path):
     assert new in Gallery.open(gallery.root).store.ids().tolist()
 
 
+def _as_if_killed_in_create(root: Path) -> None:
+    """Leave a created gallery's folder as a create killed before its table's first commit leaves it: no saved
+    vector index (written only once a table version is committed), no id mark."""
+    for name in ("vectors.faiss", "vectors.faiss.json", "ids.json"):
+        (root / name).unlink(missing_ok=True)
+
+
 _KILLED_IN_CREATE = """
 import os, signal, sys
 import lancedb.db
@@ -494,14 +501,22 @@ Gallery.create(sys.argv[1], {"spec": "test:synthetic", "fingerprint": "test:synt
 
 def test_a_create_killed_inside_the_table_creation_is_made_whole_by_the_next_open(tmp_path, caplog):
     """A create SIGKILLed inside LanceDB's table creation leaves gallery.json and a table folder with no version:
-    the next open (or create) removes that empty folder under the write lock and makes the table again."""
+    the next writer's open (or create) removes that empty folder under the write lock and makes the table again; a
+    reader's open (index info, identify, serve) says so and changes nothing."""
+    from index.store import HalfCreatedStoreError
+
     root = tmp_path / "g"
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", _KILLED_IN_CREATE, str(root)], cwd=repo, capture_output=True,
                           env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
     assert done.returncode == -9, done.stderr.decode()[-2000:]
-    assert (root / "gallery.json").is_file() and (root / "store" / "references.lance" / "_versions").is_dir()
-    g = Gallery.open(root)
+    table = root / "store" / "references.lance"
+    assert (root / "gallery.json").is_file() and (table / "_versions").is_dir()
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.raises(HalfCreatedStoreError, match="build into the gallery or add references to it"):
+        Gallery.open(root)  # a reader
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing made, nothing removed
+    g = Gallery.open(root, make_table=True)
     assert len(g) == 0 and "left half-created by an interrupted create" in caplog.text
     rng = np.random.default_rng(3)
     (new,) = g.add(_records("Naja haje", 1), ["1" * 64], _unit(rng, 1, rng.standard_normal(DIM)))
@@ -516,6 +531,7 @@ def test_a_half_created_table_holding_data_or_out_of_reach_is_never_deleted(tmp_
 
     root = tmp_path / "g"
     Gallery.create(root, ENC)
+    _as_if_killed_in_create(root)
     table = root / "store" / "references.lance"
     shutil.rmtree(table)
     (table / "_versions").mkdir(parents=True)
@@ -533,11 +549,11 @@ def test_a_half_created_table_holding_data_or_out_of_reach_is_never_deleted(tmp_
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(WriteLock, "_acquire", read_only)
-    with pytest.raises(HalfCreatedStoreError, match="open the gallery with write access"):
-        Gallery.open(root)
+    with pytest.raises(HalfCreatedStoreError, match="add references to it, with write access"):
+        Gallery.open(root, make_table=True)
     assert (table / "data").is_dir()
     monkeypatch.undo()
-    assert len(Gallery.open(root)) == 0 and not (table / "data").exists()
+    assert len(Gallery.open(root, make_table=True)) == 0 and not (table / "data").exists()
 
 
 def test_the_table_is_made_only_under_the_lock_and_a_lock_timeout_is_not_read_only(tmp_path, monkeypatch):
@@ -550,6 +566,7 @@ def test_the_table_is_made_only_under_the_lock_and_a_lock_timeout_is_not_read_on
 
     root = tmp_path / "g"
     Gallery.create(root, ENC)
+    _as_if_killed_in_create(root)
     table = root / "store" / "references.lance"
     shutil.rmtree(table)  # gallery.json, no table: as between a creator's two steps
 
@@ -559,13 +576,13 @@ def test_the_table_is_made_only_under_the_lock_and_a_lock_timeout_is_not_read_on
 
     monkeypatch.setattr(WriteLock, "_acquire", busy)
     with pytest.raises(TimeoutError, match=r"for over 600 s .*is not made yet, and is made only under that lock"):
-        Gallery.open(root)
+        Gallery.open(root, make_table=True)
     assert not table.exists()  # not made behind the lock holder's back
     (table / "_versions").mkdir(parents=True)  # half-created, holding no data, and the lock busy
     with pytest.raises(TimeoutError, match="another process has been writing this gallery"):
-        Gallery.open(root)
+        Gallery.open(root, make_table=True)
     monkeypatch.undo()
-    assert len(Gallery.open(root)) == 0 and (table / "_versions").is_dir()
+    assert len(Gallery.open(root, make_table=True)) == 0 and (table / "_versions").is_dir()
     said = str(HalfCreatedStoreError("s3://bucket/g/references.lance", None))
     assert "nothing committed is lost" not in said
     assert ("if it holds nothing but _versions/ and _transactions/ objects (no data/ objects), nothing was committed: "

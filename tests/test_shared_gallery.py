@@ -248,7 +248,8 @@ def test_a_store_that_cannot_be_opened_leaves_no_gallery_behind(tmp_path, monkey
     monkeypatch.setattr(gallery_module, "ReferenceStore", unreachable)
     root = tmp_path / "new" / "g"
     encoder = {"spec": "timm:x", "fingerprint": "timm:x#0123456789abcdef", "dim": 4}
-    with pytest.raises(ValueError, match=r"cannot open the store s3://bucket/x \(lance error: .*region\); check"):
+    with pytest.raises(ValueError, match=r"cannot open the store s3://bucket/x at the endpoint .*; check the URI .*"
+                       r"\(the store's error: lance error: .*region\)$"):
         gallery_module.Gallery.create(root, encoder, store="s3://bucket/x")
     # nothing half-made is left: the folder it made goes with its lock file (a creator waiting on that lock takes
     # the path's own once it gets it: index.locks)

@@ -244,9 +244,10 @@ def test_the_line_of_a_store_that_does_not_answer_names_it_says_to_check_the_net
              'ConnectError("tcp connect error", Os { code: 111, kind: ConnectionRefused, message: "Connection refused"'
              ' })) } }) }) } } }')  # walkthrough s48 #7, moto stopped
     msg = str(store_error("s3://gal/snakes", RuntimeError(lance), "http://127.0.0.1:54821"))
-    assert msg.startswith("cannot open the store s3://gal/snakes: it did not answer (Connection refused: lance error")
-    assert "check the network and that the endpoint http://127.0.0.1:54821 is up and reachable" in msg, msg
-    assert "retry_timeout: 180s, inner:" in msg and " …)" in msg  # its first line, cut after a whole word
+    assert msg.startswith("cannot open the store s3://gal/snakes: it did not answer (Connection refused); check the "
+                          "network and that the endpoint http://127.0.0.1:54821 is up and reachable"), msg
+    assert msg.endswith(" …)") and "(the store's error: lance error: Invalid input" in msg  # the raw text last,
+    assert "retry_timeout: 180s, inner:" in msg  # its first line cut after a whole word
     refused = str(store_error("s3://gal/snakes", RuntimeError("lance error: NoSuchBucket"), None))
     assert refused.startswith("cannot open the store s3://gal/snakes (NoSuchBucket") and "network" not in refused
 

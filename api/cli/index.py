@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep a new gallery's LanceDB table at an object-store URI (s3://bucket/path) that every "
                    "worker reaches; credentials and endpoint from AWS_* variables (AWS_ENDPOINT_URL for "
                    "S3-compatible servers)")
+    p.add_argument("--new-store", action="store_true",
+                   help="the gallery's store lost its table (the error of any command on it says so): start a new, "
+                   "empty table there and add the photos; ids go on past the ones the folder knows were given. "
+                   "Restoring the store from a backup instead keeps its references")
     p.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="embed in this process (default) or on a Ray cluster (pip install 'speciesid[ray]')")
     p.add_argument("--ray-address", metavar="ADDR",
@@ -108,6 +112,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
             index_kind=args.index_kind, workers=args.workers,
             progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
+            new_store=args.new_store,
         )
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)

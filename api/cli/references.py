@@ -66,7 +66,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
     # named on stderr now, counted in the summary below
     paths, bad_args, not_read = photo_args(args.images, progress=not args.quiet)
-    gallery, enc = open_gallery(args.index, encoder_config(args))
+    gallery, enc = open_gallery(args.index, encoder_config(args), make_table=True)  # a writer: may make the table
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                             venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,

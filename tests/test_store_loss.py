@@ -1,0 +1,103 @@
+"""A store that lost its table (walkthrough s50 #1, #2): a folder that saw a committed table refuses to make it again,
+saying what it last saw and the two ways on (restore the store, or ``index build --new-store``, whose ids go on past
+every id the folder knows); a read never makes a table; a server whose table was made again keeps answering 500
+rather than serving the new empty one as its gallery; a store that hangs gets the outage line naming its endpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from test_object_store import _TINY, BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
+
+from index.errors import TableReplacedError, store_table_gone
+from index.gallery import Gallery, StoreLostError, store_error
+from index.records import ReferenceRecord
+
+ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": 8}
+
+
+def _rows(n: int, start: int, rng: np.random.Generator) -> tuple[list[ReferenceRecord], list[str], np.ndarray]:
+    records = [ReferenceRecord(path=f"/p/{start + i}.jpg", species="Naja naja") for i in range(n)]
+    return records, [f"{start + i:064x}" for i in range(n)], rng.standard_normal((n, 8)).astype(np.float32)
+
+
+def test_a_local_store_that_lost_its_table_is_refused_by_every_open_until_new_store_and_ids_go_on(tmp_path, capsys):
+    from api.cli import main
+
+    root = tmp_path / "g"
+    rng = np.random.default_rng(1)
+    Gallery.create(root, ENC).add(*_rows(3, 0, rng))
+    table = root / "store" / "references.lance"
+    shutil.rmtree(table)  # the store lost: a backup restore or a rebuild is the operator's call, not an open's
+    for attempt in (lambda: Gallery.open(root), lambda: Gallery.open(root, make_table=True),
+                    lambda: Gallery.create(root, ENC)):
+        with pytest.raises(StoreLostError) as lost:
+            attempt()
+        said = str(lost.value)
+        assert f"its store {root / 'store'} no longer holds the gallery's table" in said, said
+        assert "with 3 references" in said and "ids up to 3 given" in said and "restore the store from a backup" in said
+        assert f"'speciesid index build --index {root} --new-store --dataset ... --root ...'" in said
+        assert not table.exists()  # nothing made
+    capsys.readouterr()
+    assert main(["index", "info", "--index", str(root)]) == 1  # a read: what the folder knows, the error, exit 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["local_index"]["count"] == 3 and "no longer holds the gallery's table" in err
+    assert not table.exists()
+    g = Gallery.create(root, ENC, new_store=True)  # the deliberate start of a new, empty table
+    assert len(g) == 0 and json.loads((root / "ids.json").read_text())["next"] == 4
+    assert g.add(*_rows(1, 10, rng)) == [4]  # past every id given before the loss
+    with pytest.raises(ValueError, match="holds the gallery's table: --new-store starts a new one only where"):
+        Gallery.create(root, ENC, new_store=True)
+
+
+def test_an_s3_store_emptied_is_refused_new_store_continues_ids_and_a_server_keeps_answering_500(
+        s3_env, tmp_path, caplog):  # noqa: F811
+    _, client = s3_env
+    rng = np.random.default_rng(2)
+    prefix = f"lost-{tmp_path.name}"
+    uri = f"s3://{BUCKET}/{prefix}"
+    a, b = tmp_path / "a", tmp_path / "b"
+    Gallery.create(a, _TINY, store=uri).add(*_rows(2, 0, rng))
+    shutil.copytree(a, b)  # another machine's copy of the folder
+    Gallery.open(a).add(*_rows(2, 2, rng))  # ids 3, 4: b's own mark still says 3
+    assert len(Gallery.open(b)) == 4  # b's saved index now holds them (its ids.json does not)
+    server = Gallery.open(a)
+    server.stale_reads = True  # as a server reads
+    for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", []):
+        client.delete_object(Bucket=BUCKET, Key=o["Key"])  # the bucket emptied: the shared id mark too
+    for folder in (a, b):
+        with pytest.raises(StoreLostError, match=rf"its store {uri} no longer holds the gallery's table"):
+            Gallery.open(folder)
+    assert not client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents")  # no table made
+    with pytest.raises(RuntimeError) as gone:
+        server.refresh(force=True)
+    assert store_table_gone(gone.value)  # the documented 500
+    g = Gallery.create(b, _TINY, new_store=True)
+    assert len(g) == 0 and json.loads((b / "ids.json").read_text())["next"] == 5  # past b's index, not its mark
+    assert g.add(*_rows(1, 10, rng)) == [5]
+    with pytest.raises(TableReplacedError, match="restart the server") as replaced:  # not 0 references, ready
+        server.refresh(force=True)
+    assert store_table_gone(replaced.value) and server.index.ntotal == 4
+    other = Gallery.open(a)  # the other machine's copy follows the new table, saying so, and gives no id twice
+    assert len(other) == 1 and "the table was replaced" in caplog.text
+    assert other.add(*_rows(1, 20, rng)) == [6]
+
+
+#: What `index info` and `references add` printed when moto was stopped with SIGSTOP (walkthrough s50 #2): Lance's
+#: text of a store that does not answer within the client timeout.
+LANCE_HANG = ('Invalid input, Failed to connect to namespace: IO { source: Generic { store: "S3", source: ListRequest { '
+              'source: RetryError(RetryErrorImpl { method: GET, uri: Some(http://127.0.0.1:18752/bkt?list-type=2&prefix'
+              '=g%2F__manifest%2F_versions%2F), retries: 2, max_retries: 2, elapsed: 30.229540029s, retry_timeout: 30s, '
+              'inner: Http(HttpError { kind: Timeout, source: reqwest::Error { kind: Request, source: TimedOut } }) }) '
+              '} }')
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:18752"])
+def test_a_store_that_hangs_gets_the_outage_line_naming_its_endpoint_and_the_raw_text_last(endpoint):
+    msg = str(store_error("s3://bkt/g", ValueError(LANCE_HANG), endpoint))
+    assert msg.startswith("cannot open the store s3://bkt/g: it did not answer (timed out); check the network and "
+                          "that the endpoint http://127.0.0.1:18752 is up and reachable from this machine"), msg
+    assert msg.index("AWS_ENDPOINT_URL") < msg.index("(the store's error: Invalid input, Failed to connect")
