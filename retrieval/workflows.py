@@ -184,10 +184,10 @@ def build_gallery(
         except KeyboardInterrupt as interrupt:
             raise ReferencesInterrupted(report, after=step) from interrupt
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
-                       unread_species=species_unread(scan, report, gallery))
+                       unread_species=_species_unread(scan, report, gallery))
 
 
-def species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> list[str]:
+def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> list[str]:
     """The species of ``scan`` none of whose photos could be read (every one skipped by the build ``report``) and
     that the gallery does not hold: they are not in it, and only the skipped files' lines would say so."""
     skipped = {path for path, _ in report.skipped}
