@@ -54,6 +54,9 @@ class IdentifyOut(BaseModel):
                                          "every candidate recorded there, or none, or none in the country table")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos combined into this answer")
+    notes: list[str] = Field(default_factory=list, description="what to know of the gallery that answered: the last "
+                             "build into it was interrupted (its species may not all be in it: run the build again); "
+                             "it holds too few references to mark a photo unlike every reference (far)")
 
 
 class SearchVectorIn(BaseModel):

@@ -197,6 +197,11 @@ class SpeciesService:
         return workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
                                   observation=True, top=top, rank=rank, country=country)[0]
 
+    def answer_notes(self) -> list[str]:
+        """What every answer is to carry (:func:`retrieval.workflows.answer_notes`, worded for an HTTP client): the
+        last build into the gallery did not finish; a gallery too small to mark a photo unlike every reference."""
+        return workflows.answer_notes(self.identifier, api=True)
+
     def search_vector(self, vector: Sequence[float], k: int) -> list[Neighbour]:
         """Neighbours of an embedding (L2-normalised here)."""
         self.require_references()
@@ -322,7 +327,8 @@ class SpeciesService:
             with self._writing():
                 result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
                                               common_name=common_name, venomous=venomous, dataset="api",
-                                              min_side=least, new_species=new_species, embeddings=embeddings)
+                                              min_side=least, new_species=new_species, embeddings=embeddings,
+                                              api=True)
         except workflows.UploadsNotKeptError as exc:  # committed: a 503 whose message says so, and what to send
             self.identifier.whitening()
             raise StoreUnavailable(str(exc), transient=True) from exc

@@ -24,6 +24,8 @@
       uploads/                photos added through the HTTP API, stored by content digest
       ids.json                the next reference id (ids are never reused, whichever process writes)
       store_pruned.json       when a write of this folder last pruned the store's old versions (index.compaction)
+      build.json              while a build into the folder runs, or after one was interrupted: its state, host and
+                              pid (removed when a build completes; index.build_mark)
       .write.lock             the lock writers hold across processes (index.locks)
       .uncommitted-<id>.json  a Ray build's journal of data files its workers wrote to the store and not yet
                               committed, held (flock) by the build; one left by a killed build is acted on by
@@ -65,6 +67,8 @@ CLEAN_REPORT = "clean-report"
 UPLOADS_DIR = "uploads"
 IDS_FILE = "ids.json"
 STORE_PRUNED_FILE = "store_pruned.json"
+#: The mark of a build into the folder that has not finished (index.build_mark).
+BUILD_MARK = "build.json"
 WRITE_LOCK = ".write.lock"
 #: A Ray build's journal of uncommitted data files: ``.uncommitted-<uuid>.json`` (index.fragments).
 JOURNAL_PREFIX, JOURNAL_SUFFIX = ".uncommitted-", ".json"
@@ -171,6 +175,11 @@ class GalleryLayout:
         """When a write of this folder last pruned the store's old versions (its automatic compaction prunes at
         most once per :data:`index.compaction.AUTO_PRUNE_EVERY`)."""
         return self.root / STORE_PRUNED_FILE
+
+    @property
+    def build_mark(self) -> Path:
+        """The mark of a build into the folder that is running or was interrupted (:mod:`index.build_mark`)."""
+        return self.root / BUILD_MARK
 
     @property
     def write_lock(self) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from index.atomic import atomic_write, write_json_atomic
+from index.store import source_text
 from retrieval.findings import KINDS
 
 if TYPE_CHECKING:
@@ -32,11 +33,18 @@ THUMB_SIZE = 160
 
 
 def write_findings_csv(path: str | Path, findings: Sequence[Finding]) -> Path:
-    """One row per finding, columns :data:`CSV_COLUMNS`."""
+    """One row per finding, columns :data:`CSV_COLUMNS`. ``path`` and ``paired_path`` are written absolute, as a
+    gallery stores its references' paths (:func:`index.store.source_text`; object-store URIs as they are): a photo
+    of the gallery, the dataset or ``--against`` has one spelling, whatever folder the command was run from."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(f.row() for f in findings)
+    for f in findings:
+        row = f.row()
+        for column in ("path", "paired_path"):
+            if row[column]:
+                row[column] = source_text(str(row[column]))
+        writer.writerow(row)
     return atomic_write(path, buf.getvalue())
 
 

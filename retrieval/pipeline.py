@@ -146,8 +146,9 @@ class BuildReport:
         """The :attr:`duplicates` that repeat an earlier photo of this run: ``(path, the path of its first copy)``."""
         return [d for d, stored in zip(self.duplicates, self._stored(), strict=True) if not stored]
 
-    def summary(self) -> str:
-        """One human-readable paragraph."""
+    def summary(self, *, list_stored: bool = True) -> str:
+        """One human-readable paragraph. ``list_stored`` False: the photos already in the gallery are counted, not
+        listed (a resumed build's, which are expected)."""
         waited = (f"; the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time"
                   if self.stats.batches else "")  # measured by the local pipeline's model thread only
         counts = skip_counts(reason for _, reason in self.skipped)
@@ -173,9 +174,9 @@ class BuildReport:
             lines.append(f"  duplicate {path} (same bytes as {other})")
         if len(repeats) > 10:
             lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
-        for path, other in stored[:10]:
+        for path, other in stored[:10] if list_stored else ():
             lines.append(f"  already in the gallery: {path} (same bytes as reference {other.removeprefix('id ')})")
-        if len(stored) > 10:
+        if len(stored) > 10 and list_stored:
             lines.append(f"  ... and {len(stored) - 10} more already in the gallery")
         return "\n".join(lines)
 

@@ -435,9 +435,10 @@ def _weight_bias(val_root: str | Path | None, val_name: str, from_dir: str | Pat
     return ""
 
 
-def probe_cannot_name(gallery: Gallery) -> str:
+def probe_cannot_name(gallery: Gallery, *, api: bool = False) -> str:
     """A note naming the gallery's species its probe does not know, added since it was made ("" when there are
-    none, or no probe)."""
+    none, or no probe). ``api``: worded for an HTTP client, which has no ``--method`` to choose (a server follows
+    the probe a retrain writes)."""
     if not has_probe(gallery.root):
         return ""
     try:
@@ -448,10 +449,13 @@ def probe_cannot_name(gallery: Gallery) -> str:
     added = probe.added_since({s.species: s.count for s in gallery.species()})
     if not added:
         return ""
-    return (f"the probe of {gallery.root} does not know {len(added)} species added since it was made "
-            f"({first_few(added)}): the "
-            "blend answers them by the kNN vote alone and --method probe cannot name them; retrain: speciesid probe "
-            f"train --index {gallery.root}")
+    known = f"the probe of {gallery.root} does not know {len(added)} species added since it was made ({first_few(added)})"
+    if api:
+        return (f"{known}: identify answers them by the kNN vote alone, and the probe cannot name them until it is "
+                f"retrained on the server's machine ('speciesid probe train --index {gallery.root}'; the server takes "
+                "the new probe up without a restart)")
+    return (f"{known}: the blend answers them by the kNN vote alone and --method probe cannot name them; retrain: "
+            f"speciesid probe train --index {gallery.root}")
 
 
 def refresh_gallery_metric(gallery: Gallery) -> bool:

@@ -31,6 +31,7 @@ import numpy as np
 
 from index import exclusions
 from index.atomic import atomic_write
+from index.build_mark import build_note, build_status, building
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.errors import first_line
 from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
@@ -100,7 +101,7 @@ __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "delete_references", "evaluate_dataset",
-    "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
+    "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
     "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
     "train_gallery_probe", "withdraw_gallery_probe",
 ]
@@ -120,6 +121,8 @@ class BuildResult:
     scan: DatasetScan  # what the dataset loader found (with its warnings)
     report: BuildReport  # added / skipped / duplicates / timing
     clean: CleanResult | None = None  # the zero-shot filter's findings (build with clean=...)
+    resumed: bool = False  # the last build into the gallery had not finished: this one took it up (index.build_mark)
+    unread_species: list[str] = field(default_factory=list)  # species none of whose photos was readable, not held
 
 
 def build_gallery(
@@ -182,15 +185,29 @@ def build_gallery(
     with empty_gallery_hint(index_dir):  # the fingerprint check, once the weights are loaded
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options, new_store=new_store)
-    report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
-    step = "finishing the index"
-    try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
-        gallery.finish_build()
-        step = "cleaning the gallery"
-        cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
-    except KeyboardInterrupt as interrupt:
-        raise ReferencesInterrupted(report, after=step) from interrupt
-    return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned)
+    with building(gallery.root) as earlier:  # marked until it completes: readers say a partial gallery is one
+        report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
+        step = "finishing the index"
+        try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
+            gallery.finish_build()
+            step = "cleaning the gallery"
+            cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
+        except KeyboardInterrupt as interrupt:
+            raise ReferencesInterrupted(report, after=step) from interrupt
+    return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
+                       unread_species=_species_unread(scan, report, gallery))
+
+
+def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> list[str]:
+    """The species of ``scan`` none of whose photos could be read (every one skipped by the build ``report``) and
+    that the gallery does not hold: they are not in it, and only the skipped files' lines would say so."""
+    skipped = {path for path, _ in report.skipped}
+    photos: dict[str, list[str]] = {}
+    for r in scan.records:
+        photos.setdefault(r.species, []).append(str(r.path))
+    held = {species_key(s.species) for s in gallery.species()}
+    return sorted(s for s, paths in photos.items()
+                  if species_key(s) not in held and all(p in skipped for p in paths))
 
 
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
@@ -218,16 +235,17 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         with empty_gallery_hint(index_dir):
             gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                      store=store, options=storage_options, new_store=new_store)
-        report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
-                                    total=total)
-        gallery.finish_build(map_fn=ray_map)
+        with building(gallery.root) as earlier:  # marked until it completes, as a local build is
+            report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
+                                        total=total)
+            gallery.finish_build(map_fn=ray_map)
     finally:
         if started:
             stop_ray()
     for warning in warnings:
         logger.warning("%s", warning)
     scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings, skipped=skipped)
-    return BuildResult(gallery=gallery, scan=scan, report=report)
+    return BuildResult(gallery=gallery, scan=scan, report=report, resumed=earlier is not None)
 
 
 # -------------------------------------------------------------------------------------------- identify
@@ -292,6 +310,22 @@ def identify(
     }
     answers.update({i: Answer(names[i], errors[i]) for i in range(len(errors)) if errors[i] is not None})
     return [answers[i] for i in range(len(errors))]
+
+
+def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
+    """What every answer from ``ident``'s gallery is to be shown with: that the last build into it did not finish
+    (:func:`index.build_mark.build_note`: a partial gallery answers among the species it holds), and that it is too
+    small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`).
+    ``api``: said for an HTTP client (how to add photos through the API)."""
+    notes = [note] if (note := build_note(ident.gallery.root)) else []
+    n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
+    if n and ident.far_threshold() is None:
+        how = "POST /v1/species/{name}/references" if api else "speciesid references add"
+        notes.append(f"this gallery holds {n} reference photo{'s' * (n != 1)}: too few to tell a photo unlike every "
+                     "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
+                     f"for that, however unlike the photo is; add reference photos ({how}): from 2, the gallery "
+                     "measures that threshold")
+    return notes
 
 
 def search(
@@ -432,6 +466,9 @@ def evaluate_dataset(
     elif absent := species_not_held([scan.records[i].species for i in ok], gallery_species):
         logger.warning("%s", absent)
         notes.append(f"warning: {absent}")
+    if unfinished := build_note(ident.gallery.root):  # a partial gallery's figures are not the whole one's
+        logger.warning("%s", unfinished)
+        notes.append(f"warning: {unfinished}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
     return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines(),
@@ -659,6 +696,7 @@ def add_photos(
     min_side: int = MIN_REFERENCE_SIDE,
     new_species: bool = False,
     embeddings: np.ndarray | None = None,
+    api: bool = False,
 ) -> AddResult:
     """Store photos as references of ``species`` (created if new); searchable when this returns.
 
@@ -672,7 +710,8 @@ def add_photos(
     the call, are stored once.
 
     ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
-    its uploads before it takes the write lock); the photos are then not embedded again.
+    its uploads before it takes the write lock); the photos are then not embedded again. ``api``: the notes worded
+    for an HTTP client (:func:`retrieval.probe_flows.probe_cannot_name`).
     """
     if embeddings is not None:  # a wrong shape is refused before any upload is kept
         embeddings = given_embeddings(embeddings, len(photos), gallery.dim)
@@ -730,7 +769,7 @@ def add_photos(
             f"could not be checked for {', '.join(str(p).rsplit('/', 1)[-1] for p in lost)}, which another "
             "machine's delete may have removed meanwhile: if a thumbnail answers 404, send the same photos again "
             "(answered as duplicates, which puts them back)")
-    probe_note, few_note = _species_notes(gallery, name, prior, len(report.ids))
+    probe_note, few_note = _species_notes(gallery, name, prior, len(report.ids), api=api)
     try:
         near = find_near_copies(gallery, report.ids, shown)
     except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed (a reference deleted
@@ -748,7 +787,8 @@ def add_photos(
 FEW_NOTE_PHOTOS = 8
 
 
-def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, added: int) -> tuple[str, str]:
+def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, added: int, *,
+                   api: bool = False) -> tuple[str, str]:
     """(probe note, few note) of :class:`AddResult` after ``added`` photos of ``name`` were stored (``prior``: the
     species as the gallery held it before, None when new). The few note counts near-copies once, as ``probe
     train`` does (:func:`_distinct_photos`)."""
@@ -758,7 +798,7 @@ def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, ad
     few = (f"{name} has {held} reference photo{'s' * (held != 1)}{copies}; 'speciesid probe train' needs "
            f"{MIN_PROBE_PHOTOS} that are not near-copies of each other, and leaves it out until then (the kNN vote "
            "alone answers it): add another photo of it" if added and distinct < MIN_PROBE_PHOTOS else "")
-    return (probe_cannot_name(gallery) if prior is None and added else ""), few
+    return (probe_cannot_name(gallery, api=api) if prior is None and added else ""), few
 
 
 def _distinct_photos(gallery: Gallery, name: str, held: int) -> int:
@@ -951,15 +991,18 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
     S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`), and its probe (which
     one, and on S3 whether it is the store's copy: :func:`_probe_info`). A store that cannot be opened: what the
-    folder knows, with ``store.error`` (:func:`index.status.folder_status`)."""
+    folder knows, with ``store.error`` (:func:`index.status.folder_status`). ``build``: whether the last build into
+    the gallery completed (:func:`index.build_mark.build_status`: a partial gallery says so)."""
     try:
         g = _gallery(gallery)
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
-        return folder_status(gallery, exc)  # type: ignore[arg-type] - a Gallery is open already: never here
+        return folder_status(gallery, exc) | {"build": build_status(gallery)}  # type: ignore[arg-type] - a Gallery
+        # is open already: never here
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version,
-            "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g)}
+            "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
+            "build": build_status(g.root)}
 
 
 def _fragments_info(g: Gallery) -> dict[str, object]:

@@ -117,7 +117,8 @@ def test_health_and_ready(client):
     assert ready.status_code == 200
     body = ready.json()
     probe = body.pop("probe")
-    assert body == {"status": "ready", "references": len(SPECIES) * PER_SPECIES, "encoder": MOBILENET_SPEC}
+    assert body == {"status": "ready", "references": len(SPECIES) * PER_SPECIES, "encoder": MOBILENET_SPEC,
+                    "build": {"state": "complete", "note": ""}}
     loaded = client.app.state.service.identifier.probe  # which probe answers use (walkthrough s3 #5)
     assert probe["loaded"] is (loaded is not None) and "shared" not in probe  # a store in the folder: nothing shared
     if loaded is not None:

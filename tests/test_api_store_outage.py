@@ -93,7 +93,8 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
     while client.get("/readyz").json()["status"] != "ready" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert {k: v for k, v in client.get("/readyz").json().items() if k != "probe"} == {
-        "status": "ready", "references": size, "encoder": service.gallery.encoder_spec}
+        "status": "ready", "references": size, "encoder": service.gallery.encoder_spec,
+        "build": {"state": "complete", "note": ""}}
     assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text
     assert client.get("/v1/species").status_code == 200
     assert client.get("/v1/references/1/image").status_code == 200

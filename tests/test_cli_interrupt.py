@@ -105,7 +105,7 @@ def test_an_interrupted_references_add_of_a_new_species_prints_the_notes_of_what
     new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(3)]
     told: list[int] = []  # the gallery's references when the probe note was asked for
 
-    def probe_note(gallery):
+    def probe_note(gallery, *, api=False):
         told.append(len(gallery))
         return f"the probe of {gallery.root} does not know 1 species added since it was made (Vipera berus)"
 

@@ -184,6 +184,21 @@ def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_
     assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text
 
 
+def test_the_page_shows_that_the_last_build_into_the_gallery_was_interrupted(site, browser):
+    """The answer's notes (the new-user walk of stop 50: a partial gallery answered with no sign of it)."""
+    from index.build_mark import INTERRUPTED_NOTE, building
+
+    root = _APPS["site"].state.service.gallery.root
+    with pytest.raises(KeyboardInterrupt), building(root):
+        raise KeyboardInterrupt
+    try:
+        text = _identify(browser, site, COBRA)
+    finally:
+        with building(root):  # a build that completes: the mark goes
+            pass
+    assert f"Note: {INTERRUPTED_NOTE}" in text.splitlines(), text
+
+
 def test_a_species_of_unrecorded_venom_status_is_not_shown_as_harmless(site, browser):
     import httpx
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import PurePosixPath
 
 from api.cli._common import (
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_identify(args: argparse.Namespace) -> int:
     """speciesid identify: the candidate species of each photo, or of one observation (exit status)."""
-    from retrieval.workflows import identify
+    from retrieval.workflows import answer_notes, identify
 
     paths, bad_args, not_read = photo_args(args.images, report=False, progress=not args.quiet)
     ident = open_identifier(args)
@@ -80,6 +81,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
                 for res in a.results
             ]
         results.append(r)
+    notes = answer_notes(ident)  # a partial gallery (a build interrupted), one too small to tell "unlike every"
     if args.format == "json":
         emit(json.dumps(results, indent=2))
     elif args.format == "csv":
@@ -88,6 +90,11 @@ def cmd_identify(args: argparse.Namespace) -> int:
         limit = ident.far_threshold() if any(r.get("far") for r in results) else None
         for r in results:
             emit(_identify_table(r, args.rank, args.neighbours, far_threshold=limit))
+    for note in notes:  # beside a table; on stderr beside JSON or CSV, which stay what they are for a program
+        if args.format == "table":
+            emit(f"note: {note}")
+        else:
+            sys.stderr.write(f"speciesid: note: {note}\n")
     failed = sum("error" in r for r in results)
     if failed:
         from retrieval.workflows import skip_counts  # unreadable, or read but refused (too elongated, ...)

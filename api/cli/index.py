@@ -84,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
                            "ones, index kind), which encoder built it, and its store (uri; leftover Ray build "
                            "journals; on S3 the write lease's holder and the shared id mark; store.fragments: how "
-                           "many, how many small, the versions kept: 'speciesid index compact' merges them)")
+                           "many, how many small, the versions kept: 'speciesid index compact' merges them); build: "
+                           "whether the last build into it completed, or was interrupted (run it again)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
     register_sweep_uploads(s_index)
@@ -117,11 +118,17 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)
     g = result.gallery
+    quiet_stored = result.resumed and not getattr(args, "verbose", 0)  # a resumed build's photos already in: expected, counted
     emit(
         f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"
-        f"{result.report.summary()}"
+        f"{result.report.summary(list_stored=not quiet_stored)}"
     )
+    if quiet_stored and (stored := len(result.report.already_stored)):
+        emit(f"resumed the interrupted build: the {stored} photo{'s' * (stored != 1)} already in the gallery "
+             "counted above, not listed (-v lists them)")
+    if result.unread_species:
+        emit(f"species with no readable photo, not in the gallery: {', '.join(result.unread_species)}")
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.service import EMPTY_GALLERY
+from index.build_mark import build_status
 from retrieval.probe_share import probe_status
 
 #: /readyz's warning while the gallery's store cannot be reached.
@@ -36,7 +37,9 @@ def readyz(request: Request) -> JSONResponse:
     While the gallery's store cannot be reached the server is still ready, ``"status": "degraded"``: identify and
     search answer from the references loaded before (a 503 here would take every replica out of a load balancer at
     once during a store outage); ``warning`` names the store and what answers 503 meanwhile. ``probe``: the probe
-    answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder, never the store."""
+    answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder, never the store.
+    ``build``: whether the last build into the gallery completed (``state`` complete, running or interrupted, and a
+    ``note``): a gallery a build left partial is ready all the same, and says so (:mod:`index.build_mark`)."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -49,6 +52,7 @@ def readyz(request: Request) -> JSONResponse:
         body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
     elif not gallery.index.ntotal:
         body["warning"] = EMPTY_GALLERY
+    body["build"] = build_status(gallery.root)  # a build interrupted: still ready, the partial gallery said so
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
     body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower)
     return JSONResponse(body)

@@ -51,6 +51,7 @@ def identify(
         country_applied=answer.identification.country_applied,
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
+        notes=service.answer_notes(),
     )
 
 

@@ -1,0 +1,239 @@
+"""What a gallery says of itself beside its answers (the new-user walk of stop 50): a build that did not finish
+(``index.build_mark``: ``index info``, ``identify``, ``evaluate``, ``/readyz``, the API's answer), a re-run that
+resumes it (the photos already in counted, listed at -v), a species none of whose photos is readable, a gallery too
+small to tell a photo unlike every reference; the API's add note worded for an HTTP client; ``clean``'s findings.csv
+paths all absolute. Tiny random ``timm:test_vit@random`` encoder and random photos, except the API tests
+(MobileNetV1 on ph-snakes, skipped without the shared data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from _cli_support import ENCODER, _photo, _run
+
+from index.build_mark import INTERRUPTED_NOTE, build_note, building, interrupted
+from index.layout import GalleryLayout
+
+FAR_NOTE = ("this gallery holds 1 reference photo: too few to tell a photo unlike every reference (a blank frame, "
+            "another animal) from a match, so no answer is marked far or UNKNOWN for that, however unlike the photo "
+            "is; add reference photos ({how}): from 2, the gallery measures that threshold")
+
+
+def _interrupted_build(tmp_path: Path, capsys, monkeypatch) -> tuple[Path, Path, list]:
+    """A build of 10 photos of two species cut short by Ctrl-C after 4 were kept: (gallery, photos, its command)."""
+    from test_cli_interrupt import _interrupt_on_batch
+
+    root = tmp_path / "photos"
+    for i in range(10):
+        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    build = ["index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER, "-q"]
+    with monkeypatch.context() as m:
+        _interrupt_on_batch(m, 3)
+        assert _run(capsys, *build)[0] == 130
+    return index, root, build
+
+
+def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_build_completes(tmp_path, capsys,
+                                                                                          monkeypatch, caplog):
+    index, root, build = _interrupted_build(tmp_path, capsys, monkeypatch)
+    code, out, err = _run(capsys, "index", "info", "--index", index)
+    assert code == 0 and json.loads(out)["build"] == {"state": "interrupted", "note": INTERRUPTED_NOTE}, (out, err)
+    query = _photo(tmp_path / "q.png", 99)
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    assert code == 0 and out.splitlines()[-1] == f"note: {INTERRUPTED_NOTE}", (out, err)
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--format", "json")
+    assert code == 0 and json.loads(out) and f"speciesid: note: {INTERRUPTED_NOTE}" in err, (out, err)
+    evaluation = tmp_path / "eval"
+    for i in range(4):
+        _photo(evaluation / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", 200 + i)
+    code, out, err = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", evaluation,
+                          "--report", tmp_path / "report", "-q")
+    assert code == 0 and INTERRUPTED_NOTE in caplog.text, (out, err)  # a warning on stderr
+    assert f"warning: {INTERRUPTED_NOTE}" in (tmp_path / "report" / "report.md").read_text(), list(
+        (tmp_path / "report").iterdir())
+
+    code, out, err = _run(capsys, *build)  # the same command: it resumes, and the gallery is whole again
+    assert code == 0 and "added 6, skipped 0 unreadable, 4 already in the gallery" in out, (out, err)
+    assert "resumed the interrupted build: the 4 photos already in the gallery counted above, not listed (-v lists " \
+           "them)" in out and "  already in the gallery: " not in out, out
+    assert not GalleryLayout(index).build_mark.exists()
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "complete",
+                                                                                      "note": ""}
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    assert code == 0 and "note:" not in out and "note:" not in err, (out, err)
+
+
+def test_a_resumed_build_lists_the_photos_already_in_at_v_and_a_plain_rerun_lists_them_as_before(tmp_path, capsys,
+                                                                                                monkeypatch):
+    index, root, build = _interrupted_build(tmp_path, capsys, monkeypatch)
+    code, out, err = _run(capsys, *build, "-v")
+    assert code == 0 and out.count("  already in the gallery: ") == 4 and "resumed the interrupted build" not in out, (out, err)
+    code, out, err = _run(capsys, *build)  # no build to resume: a re-run whose photos are all in, listed
+    assert code == 0 and out.count("  already in the gallery: ") == 10 and "resumed the interrupted build" not in out, (out, err)
+
+
+def test_a_build_mark_left_running_by_a_process_that_is_gone_reads_as_interrupted(tmp_path):
+    root = tmp_path / "g"
+    root.mkdir()
+    mark = GalleryLayout(root).build_mark
+    assert build_note(root) == "" and interrupted(root) is None
+    with building(root) as earlier:  # this process: running now
+        assert earlier is None and json.loads(mark.read_text())["state"] == "running"
+        assert build_note(root).startswith(f"a build into this gallery is running (pid {os.getpid()} on ")
+        assert interrupted(root) is None
+    assert not mark.exists()
+    gone = 2 ** 22 + 12345  # above Linux's default pid_max (4194304 = 2**22): no such process
+    mark.write_text(json.dumps({"state": "running", "host": socket.gethostname(), "pid": gone, "started": "x"}))
+    assert build_note(root) == INTERRUPTED_NOTE and interrupted(root)["pid"] == gone
+    with pytest.raises(KeyboardInterrupt), building(root) as earlier:
+        assert earlier["pid"] == gone  # a resume
+        raise KeyboardInterrupt
+    assert json.loads(mark.read_text())["state"] == "interrupted" and build_note(root) == INTERRUPTED_NOTE
+
+
+def test_a_build_interrupted_while_finishing_the_index_says_run_it_again_to_finish(tmp_path):
+    from retrieval.pipeline import BuildReport, ReferencesInterrupted
+
+    root = tmp_path / "g"
+    root.mkdir()
+    with pytest.raises(ReferencesInterrupted), building(root):
+        raise ReferencesInterrupted(BuildReport(added=3), after="finishing the index")
+    assert build_note(root) == ("the last build into this gallery was interrupted while finishing the index: run it "
+                                "again to finish")
+
+
+def test_a_species_whose_only_photos_are_unreadable_is_named_by_the_build(tmp_path, capsys):
+    root = tmp_path / "photos"
+    good = _photo(root / "Foo bar" / "good.png", 1)
+    (root / "Foo bar" / "trunc.jpg").write_bytes(good.read_bytes()[:60])
+    (root / "Baz qux").mkdir()
+    (root / "Baz qux" / "trunc.jpg").write_bytes(_photo(tmp_path / "x.jpg", 2).read_bytes()[:200])
+    index = tmp_path / "g"
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                          "-q")
+    assert code == 0 and "species with no readable photo, not in the gallery: Baz qux" in out.splitlines(), (out, err)
+    assert "1 references, 1 species" in out
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                          "-q")  # a re-run says it again: the species is still not in the gallery
+    assert code == 0 and "species with no readable photo, not in the gallery: Baz qux" in out, (out, err)
+
+
+def test_a_one_reference_gallery_says_it_cannot_tell_a_photo_unlike_every_reference(tmp_path, capsys):
+    root = tmp_path / "photos"
+    _photo(root / "Foo bar" / "good.png", 1)
+    index = tmp_path / "g"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    from PIL import Image
+
+    blank = tmp_path / "white.png"
+    Image.new("RGB", (64, 48), "white").save(blank)
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
+    assert code == 0 and out.splitlines()[-1] == "note: " + FAR_NOTE.format(how="speciesid references add"), (out, err)
+    _photo(root / "Foo bar" / "second.png", 2)  # two references: a far threshold, no note
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
+    assert code == 0 and "note:" not in out, (out, err)
+
+
+def test_clean_findings_csv_writes_every_path_absolute(tmp_path, capsys, monkeypatch):
+    """The gallery side was absolute (as stored) and the --against side as typed (relative): one spelling now."""
+    root = tmp_path / "photos"
+    for i in range(4):
+        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
+    index = tmp_path / "g"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    against = tmp_path / "val"
+    against.mkdir()
+    (against / "leak.png").write_bytes((root / "Natrix maura" / "0.png").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(capsys, "clean", "--index", "g", "--against", "val", "--report", "r", "-q")
+    assert code == 0, (out, err)
+    with open(tmp_path / "r" / "findings.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["kind"] == "leak"]
+    assert [(r["path"], r["paired_path"]) for r in rows] == [
+        (str(root / "Natrix maura" / "0.png"), str(against / "leak.png"))], rows
+
+
+# ------------------------------------------------------------------------------------------------ the HTTP API
+def _app(index: Path):
+    from _api_support import API_KEY
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    return create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
+
+
+def test_the_api_says_an_interrupted_build_in_readyz_and_beside_each_answer(tmp_path_factory):
+    from conftest import needs_shared
+
+    needs_shared()
+    from _api_support import COBRA, gallery_copy
+    from fastapi.testclient import TestClient
+
+    index = gallery_copy(tmp_path_factory, "api_interrupted")
+    with pytest.raises(KeyboardInterrupt), building(index):
+        raise KeyboardInterrupt
+    files = [("images", (COBRA.name, COBRA.read_bytes(), "application/octet-stream"))]
+    with TestClient(_app(index)) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        assert ready.json()["build"] == {"state": "interrupted", "note": INTERRUPTED_NOTE}
+        answer = c.post("/v1/identify", files=files)
+        assert answer.status_code == 200 and answer.json()["notes"] == [INTERRUPTED_NOTE], answer.text
+        with building(index):  # a build that completes clears it: said at once, no restart
+            pass
+        assert c.get("/readyz").json()["build"] == {"state": "complete", "note": ""}
+        assert c.post("/v1/identify", files=files).json()["notes"] == []
+
+
+def test_the_api_says_a_one_reference_gallery_cannot_tell_unlike_every_reference(tmp_path_factory):
+    from conftest import needs_shared
+
+    needs_shared()
+    from _api_support import COBRA, gallery_copy
+    from fastapi.testclient import TestClient
+
+    from index.gallery import Gallery
+    from retrieval.workflows import delete_references
+
+    index = gallery_copy(tmp_path_factory, "api_one")
+    delete_references(index, Gallery.open(index).index.ids.tolist()[1:])
+    with TestClient(_app(index)) as c:
+        answer = c.post("/v1/identify", files=[("images", (COBRA.name, COBRA.read_bytes(), "image/jpeg"))])
+    assert answer.status_code == 200 and answer.json()["notes"] == [
+        FAR_NOTE.format(how="POST /v1/species/{name}/references")], answer.text
+
+
+def test_the_add_note_of_a_species_the_probe_does_not_know_is_worded_for_the_api(tmp_path, monkeypatch):
+    """POST /v1/identify has no method parameter: the API's note names no --method; the CLI keeps its wording."""
+    import retrieval.probe_flows as flows
+
+    class Probe:
+        def added_since(self, counts):
+            return ["Testus novus"]
+
+    monkeypatch.setattr(flows, "has_probe", lambda root: True)
+    monkeypatch.setattr(flows.LinearProbe, "load", staticmethod(lambda *a, **k: Probe()))
+
+    class Gallery:
+        root = tmp_path / "g"
+
+        def species(self):
+            return []
+
+    api = flows.probe_cannot_name(Gallery(), api=True)
+    assert api == (f"the probe of {Gallery.root} does not know 1 species added since it was made (Testus novus): "
+                   "identify answers them by the kNN vote alone, and the probe cannot name them until it is retrained "
+                   f"on the server's machine ('speciesid probe train --index {Gallery.root}'; the server takes the new "
+                   "probe up without a restart)")
+    assert "--method" not in api and "--method probe cannot name them" in flows.probe_cannot_name(Gallery())
