@@ -53,7 +53,10 @@ class IdentifyOut(BaseModel):
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table")
     encoder: str = Field(description="the encoder that built the gallery")
-    images: int = Field(description="photos combined into this answer")
+    images: int = Field(description="photos sent (those in set_aside included)")
+    set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "
+                                 "sent) set aside as unlike every reference while another photo was not: the answer "
+                                 "is the others'; empty when every photo counted (or every one was far: then far)")
 
 
 class SearchVectorIn(BaseModel):

@@ -88,7 +88,7 @@ def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPE
     ``also``: what else the route accepts, said in the 415 (search: ", or application/json with 'embedding'")."""
     what, how = _PHOTO_FIELDS.get(field, "the photos as files"), f"(e.g. curl -F {field}=@photo.jpg)"
     if not content_type.lower().startswith("multipart/form-data"):
-        sent = content_type.split(";")[0].strip() or "no content type"
+        sent = content_type.split(";")[0].strip() or "a request without a Content-Type (no body?)"
         return HTTPException(415, f"send multipart/form-data with {what} in the field '{field}' {how}{also}, "
                              f"not {sent}")
     return HTTPException(422, f"send {what} in the multipart field '{field}' {how}")
