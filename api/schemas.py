@@ -49,7 +49,9 @@ class IdentifyOut(BaseModel):
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
                                          "(null when far: the photo says nothing, treat a bite as venomous)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
-                                       "not record: not a harmless share (treat as possibly venomous)")
+                                       "not record: not a harmless share (treat as possibly venomous). With a "
+                                       "country, this and venomous_score are each the larger of the answer with and "
+                                       "without the country: separate upper bounds, which may sum to more than 1")
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table")
     encoder: str = Field(description="the encoder that built the gallery")

@@ -61,7 +61,9 @@ ERRORS: dict[int | str, dict] = {
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
-          "elongated, too small for a reference), an invalid name, or an invalid parameter"},
+          "elongated, too small for a reference), an invalid name, or an invalid parameter: the server's own "
+          "answers a string (one line, naming the field), FastAPI's check of a query or path parameter a list of "
+          "{loc, msg, type}"},
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "
