@@ -128,7 +128,7 @@ def test_k_is_read_from_the_query_for_both_routes_and_identify_refuses_it_as_a_f
     assert resp.json()["detail"] == ("'k', 'country' are query parameters of /v1/identify, not form fields: send them "
                                      "as /v1/identify?k=...&country=... (only the photos go in the form, as 'images')")
     resp = client.post("/v1/identify", files=[_image(field="images")], data={"k": "1"})
-    assert resp.json()["detail"].startswith("'k' is a query parameter of /v1/identify, not form fields: send it as "
+    assert resp.json()["detail"].startswith("'k' is a query parameter of /v1/identify, not a form field: send it as "
                                             "/v1/identify?k=..."), resp.text
     assert len(service.decoded) == decoded  # refused before any photo was read
     schema = client.get("/openapi.json").json()["paths"]

@@ -35,10 +35,11 @@ async def query_not_form(request: Request) -> None:
     stray = [key for key in IDENTIFY_QUERY if key in (await request.form())]
     if stray:
         query, names = "&".join(f"{key}=..." for key in stray), ", ".join(repr(key) for key in stray)
-        what = "is a query parameter" if len(stray) == 1 else "are query parameters"
-        raise HTTPException(422, f"{names} {what} of /v1/identify, not form fields: send "
-                            f"{'it' if len(stray) == 1 else 'them'} as /v1/identify?{query} (only the photos go in the "
-                            "form, as 'images')")
+        one = len(stray) == 1
+        what = "is a query parameter of /v1/identify, not a form field" if one else \
+            "are query parameters of /v1/identify, not form fields"
+        raise HTTPException(422, f"{names} {what}: send {'it' if one else 'them'} as /v1/identify?{query} (only the "
+                            "photos go in the form, as 'images')")
 
 
 def field_errors(exc: ValidationError, *, field: str = "the body") -> str:
