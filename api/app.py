@@ -20,6 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import RequestResponseEndpoint
 from starlette.responses import Response
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
 from api.guard import EdgeGuard, body_limit_detail
 from api.routers import health, identify, references, species
@@ -38,12 +40,17 @@ PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-anc
 #: Where /docs and /redoc get Swagger UI's and ReDoc's files: from this server (the fastapi-offline package), not
 #: a CDN, so the docs work on a host with no internet (rangers in the field).
 DOCS_STATIC = "/static-offline-docs"
+#: The interactive docs pages: Swagger UI has an "Authorize" API-key field, so they get the page's headers too.
+DOCS_PAGES = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
 
 
 def _fastapi(**kwargs) -> FastAPI:
     """The app, with /docs and /redoc served from local files (fastapi-offline); without that package, FastAPI's
     own pages, which load their scripts from a CDN (blank offline), and a warning saying so."""
     kwargs["swagger_ui_parameters"] = {"validatorUrl": None}  # no badge fetched from validator.swagger.io
+    # /v1/identify/ is a 404 naming /v1/identify, not a 307 to an absolute URL built from the Host header (behind a
+    # TLS proxy an http:// one, which a client following it would send its X-API-Key and photos to)
+    kwargs["redirect_slashes"] = False
     try:
         from fastapi_offline import FastAPIOffline
     except ImportError:
@@ -62,7 +69,34 @@ def _route_path(app: FastAPI, request: Request) -> str:
     if getattr(app.state, "route_templates", None) is None:  # the API's own paths, as its OpenAPI schema lists them
         app.state.route_templates = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "/?$"), t)
                                      for t in app.openapi()["paths"]]
-    return next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), "unmatched")
+    found = next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), None)
+    return found or _other_route(app, request.scope) or "unmatched"
+
+
+def _bare_scope(scope: Scope, path: str) -> Scope:
+    """A scope for matching ``path`` against the app's routes afresh (routing has changed the request's own)."""
+    return {"type": "http", "path": path, "root_path": "", "method": scope.get("method", "GET")}
+
+
+def _other_route(app: FastAPI, scope: Scope) -> str | None:
+    """The path of the route outside the OpenAPI schema that ``scope`` is for (``/openapi.json``, the docs pages;
+    ``/static-offline-docs/{path}`` for the docs' files), else None."""
+    bare = _bare_scope(scope, scope.get("path", ""))
+    for route in app.router.routes:
+        match, _ = route.matches(bare)
+        if match is not Match.NONE:
+            path = getattr(route, "path", None)
+            return f"{path}/{{path}}" if isinstance(route, Mount) else path
+    return None
+
+
+def _without_slash(app: FastAPI, scope: Scope) -> str | None:
+    """The path of ``scope`` without its trailing slash when a route serves that (the 404's hint), else None."""
+    path = scope.get("path", "")
+    if len(path) < 2 or not path.endswith("/"):
+        return None
+    bare = _bare_scope(scope, path.rstrip("/"))
+    return bare["path"] if any(r.matches(bare)[0] is not Match.NONE for r in app.router.routes) else None
 
 
 class ServiceCounts(Collector):
@@ -167,6 +201,11 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
             detail = body_limit_detail(settings, request.method, request.scope["path"])  # as the guard words its own
+        if exc.status_code == 400 and isinstance(detail, str) and "multipart" in detail.lower():  # Starlette's own
+            detail = (f"the multipart body cannot be read ({detail.rstrip('.')}): send multipart/form-data as curl -F "
+                      "or a browser's FormData does")
+        if exc.status_code == 404 and detail == "Not Found" and (bare := _without_slash(app, request.scope)):
+            detail = f"no route {request.url.path}: send the request to {bare} (without the trailing slash)"
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -196,6 +235,8 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         try:
             response = await call_next(request)
             status = response.status_code
+            if request.url.path in DOCS_PAGES:  # the docs' API-key field, as the page's: never framed elsewhere
+                response.headers.update(PAGE_HEADERS)
             return response
         finally:  # a request that raised is counted too (as the 500 it is answered)
             path = _route_path(app, request)

@@ -49,11 +49,16 @@ class IdentifyOut(BaseModel):
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
                                          "(null when far: the photo says nothing, treat a bite as venomous)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
-                                       "not record: not a harmless share (treat as possibly venomous)")
+                                       "not record: not a harmless share (treat as possibly venomous). With a "
+                                       "country, this and venomous_score are each the larger of the answer with and "
+                                       "without the country: separate upper bounds, which may sum to more than 1")
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table")
     encoder: str = Field(description="the encoder that built the gallery")
-    images: int = Field(description="photos combined into this answer")
+    images: int = Field(description="photos sent (those in set_aside included)")
+    set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "
+                                 "sent) set aside as unlike every reference while another photo was not: the answer "
+                                 "is the others'; empty when every photo counted (or every one was far: then far)")
     notes: list[str] = Field(default_factory=list, description="what to know of the gallery that answered: the last "
                              "build into it was interrupted (its species may not all be in it: run the build again); "
                              "it holds too few references to mark a photo unlike every reference (far)")

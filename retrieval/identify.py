@@ -119,6 +119,8 @@ class Identification:
     nearest: float | None = None  # cosine similarity of the nearest reference photo
     country_applied: bool | None = None  # None: no country given; False: it changed nothing (every candidate
     # recorded there, or none, or none in the table), so the scores are the photo's alone
+    set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
+    # given) set aside as far while another photo was not; they carry nothing about the animal
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -384,13 +386,16 @@ class Identifier:
         with self._pinned():
             per_photo, nearest = self._neighbours(emb)
             limit = self.far_threshold()
+            aside: list[int] = []
             if limit is not None and (nearest >= limit).any():
                 keep = np.flatnonzero(nearest >= limit)
+                aside = [int(i) for i in np.flatnonzero(nearest < limit)]
                 emb, nearest, per_photo = emb[keep], nearest[keep], [per_photo[i] for i in keep]
             merged = sorted((n for ns in per_photo for n in ns), key=lambda n: -n.similarity)
             mean = l2_normalize(emb.mean(axis=0))
             answer = self.answer(merged, mean, top=top, method=method, presence=presence,
                                  nearest=float(nearest.max()))
+        answer.set_aside = aside
         unique: dict[int, Neighbour] = {}
         for n in merged:  # best first: a reference two photos found is listed once, at its best similarity
             unique.setdefault(n.id, n)

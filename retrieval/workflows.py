@@ -301,6 +301,7 @@ def identify(
         if not ok:
             return failed
         found = ident.identify_observation(emb[ok], top=max(top, 1), method=method, presence=presence)
+        found.set_aside = [ok[i] for i in found.set_aside]  # positions among the photos given, unreadable ones too
         source = ", ".join(names[i] for i in ok)
         return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa())), *failed]
     found_each = ident.identify_embeddings(emb[ok], top=max(top, 1), method=method, presence=presence) if ok else []

@@ -61,7 +61,9 @@ ERRORS: dict[int | str, dict] = {
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
-          "elongated, too small for a reference), an invalid name, or an invalid parameter"},
+          "elongated, too small for a reference), an invalid name, or an invalid parameter: the server's own "
+          "answers a string (one line, naming the field), FastAPI's check of a query or path parameter a list of "
+          "{loc, msg, type}"},
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "
@@ -88,7 +90,7 @@ def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPE
     ``also``: what else the route accepts, said in the 415 (search: ", or application/json with 'embedding'")."""
     what, how = _PHOTO_FIELDS.get(field, "the photos as files"), f"(e.g. curl -F {field}=@photo.jpg)"
     if not content_type.lower().startswith("multipart/form-data"):
-        sent = content_type.split(";")[0].strip() or "no content type"
+        sent = content_type.split(";")[0].strip() or "a request without a Content-Type (no body?)"
         return HTTPException(415, f"send multipart/form-data with {what} in the field '{field}' {how}{also}, "
                              f"not {sent}")
     return HTTPException(422, f"send {what} in the multipart field '{field}' {how}")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.schemas import ErrorOut
 from api.service import EMPTY_GALLERY
 from index.build_mark import build_status
 from retrieval.probe_share import probe_status
@@ -30,7 +31,17 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+#: /readyz's answers other than 200, for its OpenAPI entry.
+READYZ_ERRORS: dict[int | str, dict] = {
+    503: {"description": "the model and gallery are still loading",
+          "content": {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
+              "status": {"type": "string", "enum": ["loading"]}}}}}},
+    500: {"model": ErrorOut, "description": "the gallery's store no longer holds its table, or cannot be read "
+          "(damaged, a full disk, a permission): retrying does not help until the operator fixes it"},
+}
+
+
+@router.get("/readyz", responses=READYZ_ERRORS)
 def readyz(request: Request) -> JSONResponse:
     """The model and gallery are loaded (503 until then). An empty gallery is ready (references can be added
     through this server) and says so in ``warning``: identify and search answer 409 until it holds references.

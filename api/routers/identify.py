@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
+from pydantic import Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -19,8 +19,44 @@ from retrieval.vote import Rank
 
 router = APIRouter(prefix="/v1", tags=["identify"])
 
+#: identify's query parameters: sent as form fields they would be ignored, so they are refused (a 422 saying where).
+IDENTIFY_QUERY = ("k", "rank", "country", "neighbours")
+#: search's ``k``: from the query string (``?k=``), or a form field / the JSON body's key, which wins.
+SEARCH_K = TypeAdapter(Annotated[int, Field(ge=1, le=1000)])
+#: The most field errors one search 422 lists (an embedding of 1,024 strings would otherwise list 1,024).
+MAX_FIELD_ERRORS = 3
 
-@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 409, 413, 415, 422, 429))
+
+async def query_not_form(request: Request) -> None:
+    """A form field named as one of identify's query parameters (``-F k=1``) is a 422 saying to send it in the
+    query string, not silently ignored. The form is the one FastAPI parsed for ``images`` (Starlette keeps it)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return
+    stray = [key for key in IDENTIFY_QUERY if key in (await request.form())]
+    if stray:
+        query, names = "&".join(f"{key}=..." for key in stray), ", ".join(repr(key) for key in stray)
+        one = len(stray) == 1
+        what = "is a query parameter of /v1/identify, not a form field" if one else \
+            "are query parameters of /v1/identify, not form fields"
+        raise HTTPException(422, f"{names} {what}: send {'it' if one else 'them'} as /v1/identify?{query} (only the "
+                            "photos go in the form, as 'images')")
+
+
+def field_errors(exc: ValidationError, *, field: str = "the body") -> str:
+    """A pydantic error in one line naming each field (``field`` where it names none): ``k: input should be
+    greater than or equal to 1``, as FastAPI's own 422 lists it in ``msg``; no newlines, no link."""
+    errs = exc.errors(include_url=False)
+    parts = []
+    for err in errs[:MAX_FIELD_ERRORS]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or field
+        msg = " ".join(str(err.get("msg", "invalid")).split())
+        parts.append(f"{where}: {msg[:1].lower()}{msg[1:]}")
+    more = f" (and {len(errs) - MAX_FIELD_ERRORS} more)" if len(errs) > MAX_FIELD_ERRORS else ""
+    return "; ".join(parts) + more
+
+
+@router.post("/identify", response_model=IdentifyOut, responses=errors(400, 401, 409, 413, 415, 422, 429),
+             dependencies=[Depends(query_not_form)])
 def identify(
     service: Service,
     _: ReadKey,
@@ -52,10 +88,14 @@ def identify(
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
         notes=service.answer_notes(),
+        set_aside=list(answer.identification.set_aside),
     )
 
 
 _SEARCH_BODY = {
+    "parameters": [{"name": "k", "in": "query", "required": False, "description": "neighbours to return; a form "
+                    "field 'k' or the JSON body's 'k' wins over it",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}}],
     "requestBody": {
         "required": True,
         "content": {
@@ -90,27 +130,50 @@ async def search(request: Request, service: Service, _: ReadKey) -> SearchOut:
 
 
 async def _search(request: Request, service: SpeciesService, ctype: str) -> SearchOut:
+    query_k = request.query_params.get("k")
     if ctype.startswith("application/json"):
-        try:
-            body = SearchVectorIn.model_validate(json.loads(await request.body() or b"null"))
-        except (ValueError, ValidationError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
-            raise HTTPException(422, f"expected JSON {{'embedding': [...], 'k': 10}}: {exc}") from exc
+        body = _search_json(await request.body(), query_k)
         hits = await run_in_threadpool(edge, lambda: service.search_vector(body.embedding, body.k))
     elif ctype.startswith("multipart/form-data"):
         async with request.form() as form:  # its uploads closed at the end, as FastAPI does for identify's
-            image = form.get("image")
+            images = form.getlist("image")
+            if len(images) > 1:  # never one silently dropped (nor left unchecked)
+                raise HTTPException(422, f"send one photo in 'image' (use /v1/identify for several), got "
+                                    f"{len(images)}")
+            image = images[0] if images else None
             if not isinstance(image, UploadFile) and not hasattr(image, "read"):  # as identify answers it: a 422
                 raise photo_field_error("image", ctype)
             try:
-                k = int(form.get("k", request.query_params.get("k", 10)))  # a form field, or ?k= as identify's
-            except (TypeError, ValueError) as exc:
-                raise HTTPException(422, "k must be an integer") from exc
-            if not 1 <= k <= 1000:
-                raise HTTPException(422, "k must be between 1 and 1000")
+                k = SEARCH_K.validate_python(form.get("k", query_k if query_k is not None else 10))
+            except ValidationError as exc:
+                raise HTTPException(422, field_errors(exc, field="k")) from exc
             hits = await run_in_threadpool(_search_upload, service, image, k)
     else:
         raise photo_field_error("image", ctype, also=", or application/json with 'embedding'")
     return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)
+
+
+def _search_json(raw: bytes, query_k: str | None) -> SearchVectorIn:
+    """The JSON body of a search by embedding, ``?k=`` applying where the body has no ``k``; a 422 in one line
+    naming what is wrong otherwise."""
+    expected = "expected JSON {'embedding': [...], 'k': 10}"
+    if not raw.strip():
+        raise HTTPException(422, f"{expected}: the body is empty")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise HTTPException(422, f"{expected}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") \
+            from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise HTTPException(422, f"{expected}: not valid JSON (nested too deep, or not UTF-8)") from exc
+    if isinstance(data, dict) and "k" not in data and query_k is not None:
+        data["k"] = query_k
+    try:
+        return SearchVectorIn.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPException(422, f"{expected}: {field_errors(exc)}") from exc
+    except RecursionError as exc:
+        raise HTTPException(422, f"{expected}: nested too deep") from exc
 
 
 def _search_upload(service: SpeciesService, image: UploadFile, k: int) -> list:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BeforeValidator
 
 from api.deps import ReadKey, Service, WriteKey
@@ -30,12 +31,33 @@ def delete_reference(service: Service, _: WriteKey, ref_id: RefId) -> Response:
     return Response(status_code=204)
 
 
+#: A thumbnail's caching: ``private`` always, as shared caches (a CDN, a caching proxy) do not treat X-API-Key as
+#: they treat Authorization and could serve a key-gated thumbnail to callers without a key; an hour in the
+#: browser's own cache, then revalidated by its ETag (a deleted reference's thumbnail then answers 404).
+THUMBNAIL_CACHE = "private, max-age=3600"
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, as RFC 9110 asks for it; ``*``: any)."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
 @router.get(
     "/{ref_id}/image",
-    responses={**errors(401, 404, 422), 200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"}},
+    responses={**errors(401, 404, 422), 200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"},
+               304: {"description": "the thumbnail is the one If-None-Match names (its ETag)"}},
     response_class=Response,
 )
-def reference_image(service: Service, _: ReadKey, ref_id: RefId) -> Response:
-    """A JPEG thumbnail of a reference photo (evidence display)."""
-    return Response(edge(lambda: service.thumbnail(ref_id)), media_type="image/jpeg",
-                    headers={"Cache-Control": "max-age=3600"})
+@router.head("/{ref_id}/image", include_in_schema=False, response_class=Response)
+def reference_image(request: Request, service: Service, _: ReadKey, ref_id: RefId) -> Response:
+    """A JPEG thumbnail of a reference photo (evidence display): ``Cache-Control: private``, with an ETag (the
+    sha256 of the thumbnail's bytes) that ``If-None-Match`` revalidates with a 304."""
+    thumb = edge(lambda: service.thumbnail(ref_id))
+    etag = f'"{hashlib.sha256(thumb).hexdigest()[:32]}"'
+    headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": etag}
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(thumb, media_type="image/jpeg", headers=headers)
