@@ -38,6 +38,10 @@ class StandIn:
     def check_size(self, name: str, size: int) -> None:
         """Every photo is small enough."""
 
+    def answer_notes(self) -> list[str]:
+        """Nothing to say of the gallery."""
+        return []
+
     def decode(self, raw):
         self.decoded.append([name for name, _ in raw])
         return [SimpleNamespace(name=name, data=data) for name, data in raw]
