@@ -604,6 +604,35 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
         assert says in capsys.readouterr().err
 
 
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing_and_the_same_command_starts_over(tiny_set, tmp_path,
+                                                                                               monkeypatch):
+    """Ctrl-C during the head's start ("it had written no checkpoint yet: run the command again to start over")
+    left checkpoint-photos.json.gz alone in --out, and the guard refused the re-run (and --no-resume) as a
+    stranger's file. Now the list is written beside the first checkpoint, and a leftover one (a run killed while it
+    wrote that checkpoint) is known as a run's and removed by the fresh start; another file of that name is not."""
+    import finetune.train as train
+    from finetune.checkpoint import PHOTOS_FILE, save_photo_list
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train, "init_head", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train.finetune(_config(tiny_set, out, epochs=1), progress=False)
+    assert not out.exists()  # made by the run, left empty: removed
+    save_photo_list(out, {"root": [["a.jpg", "Foo bar", 1, 2]]}, "0" * 64)  # what a killed run can leave
+    lines: list[str] = []
+    r = train.finetune(_config(tiny_set, out, epochs=1), progress=False, report=lines.append)
+    assert r.epochs_run == 1 and f"starting afresh in {out}: removed the earlier fine-tuning run's {PHOTOS_FILE}" in lines
+    assert not (out / PHOTOS_FILE).exists() and (out / "model.safetensors").is_file()
+    stranger = tmp_path / "other"
+    stranger.mkdir()
+    (stranger / PHOTOS_FILE).write_bytes(b"my own archive")
+    for resume in ("auto", "no"):
+        with pytest.raises(ValueError, match=f"holds {PHOTOS_FILE}, not written by a speciesid fine-tuning run"):
+            train.finetune(_config(tiny_set, stranger, epochs=1, resume=resume), progress=False)
+    assert (stranger / PHOTOS_FILE).read_bytes() == b"my own archive"
+
+
 def test_head_temperature_calibrates_without_reranking():
     from retrieval.probe import LinearProbe, fit_head_temperature
 
