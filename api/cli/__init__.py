@@ -43,9 +43,29 @@ class OneLineErrors(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr, the error and where to read the usage (exit 2), as
     every other error of the CLI is; ``--help`` is argparse's own. Sub-commands' parsers are of this class too."""
 
+    #: Said after "unrecognized arguments: ..." when they are all words, no option (``search a.jpg b.jpg``).
+    extra_words_hint: str | None = None
+
     def error(self, message: str) -> NoReturn:
         """Exit 2 with ``PROG: error: MESSAGE; see 'PROG --help'`` (not the usage first, as argparse prints it)."""
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+class CommandParser(OneLineErrors):
+    """The parser of a command (``speciesid identify``, ``speciesid index build``): an argument it does not know is
+    its error, naming its own ``--help`` (argparse hands it up to ``speciesid``, whose help lists no command's
+    options)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, but an argument left over is refused here (the parsers above a command take none after it)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            if self.extra_words_hint and not any(a.startswith("-") for a in extras):
+                message += f" ({self.extra_words_hint})"
+            self.error(message)
+        return namespace, extras
 
 
 def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.ArgumentParser:
@@ -56,7 +76,7 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for module in modules:
         module.register(sub)
     _verbose_anywhere(sub)
