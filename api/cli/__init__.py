@@ -139,6 +139,54 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     return build_parser()
 
 
+#: Our packages: their notes (INFO records logged with ``extra=NOTE``) reach the command line's handler without -v.
+PACKAGES = ("api", "index", "retrieval", "finetune", "speciesid")
+#: ``logger.info(..., extra=NOTE)``: a step the user should see without -v (a one-time export), shown as a plain
+#: ``speciesid: ...`` line, not as a warning.
+NOTE = {"note": True}
+
+
+class CliLogFormat(logging.Formatter):
+    """The command line's log lines in the style of its other messages: ``speciesid: warning: ...`` (``error:`` for
+    ERROR and above) and a note as ``speciesid: ...``; with -v / -vv, ``LEVEL module: ...`` (where each comes from)."""
+
+    def __init__(self, verbose: int = 0) -> None:
+        super().__init__("%(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One record as a line (its traceback, when it has one, after it)."""
+        text = super().format(record)
+        if self.verbose:
+            return f"{record.levelname} {record.name}: {text}"
+        kind = "error: " if record.levelno >= logging.ERROR else "warning: " if record.levelno >= logging.WARNING \
+            else ""
+        return f"speciesid: {kind}{text}"
+
+
+def _shown_without_verbose(record: logging.LogRecord) -> bool:
+    """Without -v: warnings and errors, and our notes (:data:`NOTE`)."""
+    return record.levelno >= logging.WARNING or bool(getattr(record, "note", False))
+
+
+def setup_logging(verbose: int) -> None:
+    """Log to stderr in the command line's style (:class:`CliLogFormat`): warnings, errors and notes; -v adds
+    INFO, -vv DEBUG. Left as it is when the root logger has a handler already (a program that embeds the CLI, a
+    test's capture), as ``logging.basicConfig`` does."""
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CliLogFormat(verbose))
+    if not verbose:
+        handler.addFilter(_shown_without_verbose)
+        for name in PACKAGES:  # our INFO records reach the handler, which shows the notes among them
+            logging.getLogger(name).setLevel(logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted).
 
@@ -148,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(argv)
     args = parser.parse_args(argv)
     args.verbose += getattr(args, "verbose_after", 0)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other command-line tools do
