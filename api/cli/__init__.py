@@ -21,7 +21,8 @@ from api.cli import clean, evaluate, finetune, identify, index, probe, reference
 from index.errors import first_line, store_io_failure, store_io_kind
 
 logger = logging.getLogger(__name__)
-VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
+VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
+                "unexpected error)")
 #: The epilog of the commands that write a gallery: how long they wait for another writer.
 WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
                    "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
