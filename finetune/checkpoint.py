@@ -235,7 +235,7 @@ def earlier_run(out: Path, cfg: FinetuneConfig) -> tuple[list[Path], list[Path]]
     ours_last = ours_out if ours_last is None else ours_last
     run, foreign = [], []
     for folder, ours in ((out, ours_out), (out / LAST_DIR, ours_last)):
-        for path in found[folder]:  # the photo list tells itself: a run killed before its first checkpoint left it
+        for path in found[folder]:  # the photo list tells itself: a run killed as it wrote its first checkpoint
             (run if ours or (path.name == PHOTOS_FILE and _our_photo_list(path)) else foreign).append(path)
     return run, foreign
 

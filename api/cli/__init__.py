@@ -140,11 +140,10 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     return build_parser()
 
 
-#: Our packages: their notes (INFO records logged with ``extra=NOTE``) reach the command line's handler without -v.
+#: Our packages: their notes reach the command line's handler without -v. A note is an INFO record logged with
+#: ``extra={"note": True}``: a step the user should see without -v (the one-time export for this CPU), shown as a
+#: plain ``speciesid: ...`` line, not as a warning.
 PACKAGES = ("api", "index", "retrieval", "finetune", "speciesid")
-#: ``logger.info(..., extra=NOTE)``: a step the user should see without -v (a one-time export), shown as a plain
-#: ``speciesid: ...`` line, not as a warning.
-NOTE = {"note": True}
 
 
 class CliLogFormat(logging.Formatter):
@@ -166,7 +165,7 @@ class CliLogFormat(logging.Formatter):
 
 
 def _shown_without_verbose(record: logging.LogRecord) -> bool:
-    """Without -v: warnings and errors, and our notes (:data:`NOTE`)."""
+    """Without -v: warnings and errors, and our notes (:data:`PACKAGES`)."""
     return record.levelno >= logging.WARNING or bool(getattr(record, "note", False))
 
 
