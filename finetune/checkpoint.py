@@ -221,7 +221,8 @@ def earlier_run(out: Path, cfg: FinetuneConfig) -> tuple[list[Path], list[Path]]
     carries the ``speciesid`` block (``retrieval.encoders.FINETUNE_RECORD``) or, without a config.json (a run
     that never finished), when its checkpoint.pt is a run's (with ``resume`` auto, :func:`load_checkpoint` reads
     and checks it); ``out/last``'s when its own config.json carries the block, or, without one, when ``out``'s
-    files are a run's."""
+    files are a run's. :data:`PHOTOS_FILE` is a run's when its contents are a run's photo list (a run killed
+    while it wrote its first checkpoint can leave it alone)."""
     found = {folder: [folder / n for n in names if (folder / n).is_file()]
              for folder, names in ((out, (*RUN_FILES, *PROGRESS_FILES)), (out / LAST_DIR, RUN_FILES))}
     if not any(found.values()):
@@ -234,8 +235,18 @@ def earlier_run(out: Path, cfg: FinetuneConfig) -> tuple[list[Path], list[Path]]
     ours_last = ours_out if ours_last is None else ours_last
     run, foreign = [], []
     for folder, ours in ((out, ours_out), (out / LAST_DIR, ours_last)):
-        (run if ours else foreign).extend(found[folder])
+        for path in found[folder]:  # the photo list tells itself: a run killed as it wrote its first checkpoint
+            (run if ours or (path.name == PHOTOS_FILE and _our_photo_list(path)) else foreign).append(path)
     return run, foreign
+
+
+def _our_photo_list(path: Path) -> bool:
+    """Whether ``path`` is a photo list a speciesid fine-tuning run wrote (:func:`save_photo_list`)."""
+    try:
+        data = json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, ValueError, EOFError):
+        return False
+    return isinstance(data, dict) and set(data) == {"sha256", "photos"} and isinstance(data["photos"], dict)
 
 
 def _first_line(exc: BaseException, empty: str) -> str:

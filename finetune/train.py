@@ -295,7 +295,6 @@ def _restore_or_start(run: _Run) -> None:
     if removed:
         run.report(f"starting afresh in {run.out}: removed the earlier fine-tuning run's "
                    + ", ".join(str(p.relative_to(run.out)) for p in removed))
-    save_photo_list(run.out, run.split.inventory, run.photos_sha256)
     t0 = time.perf_counter()
     how = init_head(net, run.source, run.species, cfg, _at(run, run.data.train, run.data.model_side), run.device,
                     class_weight=run.data.class_weight, progress=run.progress)
@@ -305,6 +304,8 @@ def _restore_or_start(run: _Run) -> None:
     run.state.seconds += row["seconds"]
     run.state.record(row, net, cfg.select)
     logger.info("head init: %s; epoch 0 (before fine-tuning): %s", how, row)
+    # the photo list only now, beside the first checkpoint: a Ctrl-C during the head's start leaves --out as it was
+    save_photo_list(run.out, run.split.inventory, run.photos_sha256)
     _save(run)
 
 

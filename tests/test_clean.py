@@ -744,7 +744,6 @@ def test_clean_errors_are_clear(tmp_path, capsys):
         (["--dataset", "folder", "--root", root], "--report DIR is required"),
         (["--dataset", "folder", "--report", tmp_path / "r"], "--dataset and --root go together"),
         (["--index", tmp_path, "--report", tmp_path / "r"], "is not a speciesid gallery"),
-        (["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--threshold", "0"], "--threshold"),
         *((["--dataset", "folder", "--root", root, "--report", tmp_path / "r", "--dup-threshold", bad],
            "--dup-threshold is the cosine similarity from which two photos count as copies, from 0.8 to 1 "
            "(default 0.95: copies scored 0.959-1 with MobileNetV1, ") for bad in ("-1", "0.5", "0.79", "1.5")),
@@ -756,6 +755,11 @@ def test_clean_errors_are_clear(tmp_path, capsys):
     ):
         code, _, err = _run(capsys, "clean", *argv)
         assert code == 2 and msg in err, (argv, err)
+    with pytest.raises(SystemExit) as exc:  # a value out of range: the parser's line, with the --help to read
+        main(["clean", "--dataset", "folder", "--root", str(root), "--report", str(tmp_path / "r"), "--threshold", "0"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("speciesid clean: error: argument --threshold: '0' is not a number in (0, 1]; "
+                                       "see 'speciesid clean --help'\n")
     with pytest.raises(SystemExit) as exc:
         main(["clean", "--help"])
     help_text = capsys.readouterr().out

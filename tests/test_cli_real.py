@@ -267,7 +267,23 @@ def test_argument_errors_are_one_line_naming_the_help_to_read(capsys):
         (["identify", "--index", "g", "a.jpg", "--k", "0"], "speciesid identify", "'0' is not a whole number"),
         (["index", "build", "--root", "r"], "speciesid index build", "required: --dataset, --index"),
         (["references", "delete", "--index", "g", "--", "-1"], "speciesid references delete", "'-1' is not a whole"),
-        (["identify", "--index", "g", "a.jpg", "--bogus"], "speciesid", "unrecognized arguments: --bogus"),
+        # an argument a command does not know names that command's help (speciesid --help lists no option of it)
+        (["identify", "--index", "g", "a.jpg", "--bogus"], "speciesid identify", "unrecognized arguments: --bogus"),
+        (["index", "build", "--index", "g", "--dataset", "folder", "--root", "r", "--bogus"], "speciesid index build", "unrecognized arguments: --bogus"),
+        (["search", "--index", "g", "a.jpg", "b.jpg"], "speciesid search", "unrecognized arguments: b.jpg (search "
+         "takes one photo: run it once per photo, or give them all to 'speciesid identify')"),
+        (["--bogus", "identify", "--index", "g", "a.jpg"], "speciesid", "unrecognized arguments: --bogus"),
+        # a value out of range is refused by the parser under its option's name (not the library's parameter's)
+        (["identify", "--index", "g", "a.jpg", "--unknown-threshold", "2"], "speciesid identify",
+         "argument --unknown-threshold: '2' is not a number in [0, 1]"),
+        (["identify", "--index", "g", "a.jpg", "--temperature", "0"], "speciesid identify",
+         "argument --temperature: '0' is not a number above 0"),
+        (["evaluate", "--index", "g", "--dataset", "folder", "--root", "r", "--temperature", "nan"], "speciesid evaluate",
+         "argument --temperature: 'nan' is not a number above 0"),
+        (["index", "build", "--index", "g", "--dataset", "folder", "--root", "r", "--clean-threshold", "1.5"],
+         "speciesid index build", "argument --clean-threshold: '1.5' is not a number in (0, 1]"),
+        (["index", "build", "--index", "g", "--dataset", "folder", "--root", "r", "--ray-gpus-per-actor", "-1"],
+         "speciesid index build", "argument --ray-gpus-per-actor: '-1' is not a number of at least 0"),
         (["identfy"], "speciesid", "invalid choice: 'identfy'"),
         (["index"], "speciesid index", "required: SUBCOMMAND"),
     ):

@@ -156,3 +156,59 @@ def test_id_runs_joins_consecutive_ids_and_counts_past_the_runs_shown():
     assert id_runs([9, 3, 7, 8, 8]) == "3, 7-9"
     scattered = list(range(0, 2 * (ID_RUNS_SHOWN + 5), 2))  # 25 runs of one id each
     assert id_runs(scattered) == ", ".join(map(str, scattered[:ID_RUNS_SHOWN])) + ", ... (5 more)"
+
+
+def test_log_lines_are_in_the_command_lines_style_and_module_names_only_with_verbose(tmp_path):
+    """Walk s50 #4: the CLI printed library warnings as ``WARNING retrieval.pipeline: ...`` beside its own
+    ``speciesid: ...`` lines, and the one-time export as ``WARNING retrieval.runtimes.select: speciesid: preparing
+    ...``. Now ``speciesid: warning: ...``, a note (INFO, ``extra={"note": True}``) as a plain ``speciesid: ...``
+    line, other INFO records hidden; -v names each line's level and module. A fresh process: pytest's own log
+    capture keeps the CLI from installing its handler here."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from api.cli import setup_logging\n"
+        "setup_logging(int(sys.argv[1]))\n"
+        "logging.getLogger('retrieval.pipeline').warning('interrupted: committing')\n"
+        "logging.getLogger('index.photos').error('cannot read')\n"
+        "logging.getLogger('retrieval.runtimes.select').info('preparing X for this CPU', extra={'note': True})\n"
+        "logging.getLogger('retrieval.workflows').info('a detail')\n"
+        "logging.getLogger('retrieval.workflows').debug('a debug detail')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+
+    def err(verbose: int) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", script, str(verbose)], cwd=repo, capture_output=True, text=True,
+                             check=True)
+        return run.stderr.splitlines()
+
+    assert err(0) == ["speciesid: warning: interrupted: committing", "speciesid: error: cannot read",
+                      "speciesid: preparing X for this CPU"]
+    assert err(1) == ["WARNING retrieval.pipeline: interrupted: committing", "ERROR index.photos: cannot read",
+                      "INFO retrieval.runtimes.select: preparing X for this CPU",
+                      "INFO retrieval.workflows: a detail"]
+    assert err(2)[-1] == "DEBUG retrieval.workflows: a debug detail"
+
+
+def test_the_one_time_export_is_a_note_not_a_warning(tmp_path, monkeypatch, caplog):
+    """The first use's export line is an INFO record marked as a note (shown without -v), with no prefix of its
+    own: the CLI's format adds ``speciesid:``."""
+    import retrieval.runtimes.export as export
+    from retrieval.runtimes import select
+
+    monkeypatch.setenv("SPECIESID_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: None)
+
+    class Ref:
+        spec = "timm:some-model"
+
+        def image_module(self) -> None:
+            return None
+
+    with caplog.at_level(logging.DEBUG, logger="retrieval.runtimes.select"):
+        select._export_onnx_once(Ref(), None)
+    said = [r for r in caplog.records if "for this CPU" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO and said[0].note is True
+    assert said[0].getMessage().startswith("preparing timm:some-model for this CPU (once; cached under ")

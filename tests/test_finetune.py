@@ -473,48 +473,59 @@ def test_select_rule_is_checked():
         FinetuneConfig(root="r", out="o", batch_size=0).resolved()
 
 
+def _refused(flag: str, value: str, allowed: str) -> str:
+    """The parser's line for a value out of range (as every command's: the option, its range, its --help)."""
+    return f"speciesid finetune: error: argument {flag}: '{value}' is not a {allowed}; see 'speciesid finetune --help'"
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--rand-augment", "bogus"], "--rand-augment 'bogus' is not a timm RandAugment policy; use e.g. rand-m9-mstd0.5"),
-    (["--rand-augment", "rand-m9x"], "--rand-augment 'rand-m9x' is not a timm RandAugment policy"),
-    (["--device", "tpu"], "unknown device 'tpu'; use auto (CUDA when present), cpu, cuda or cuda:N"),
-    (["--mixup", "-1"], "--mixup must be 0 or more, got -1.0"),
-    (["--cutmix", "-0.5"], "--cutmix must be 0 or more, got -0.5"),
-    (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1], got 1.5"),
-    (["--ema", "1.5"], "--ema must be in [0, 1), got 1.5"),
-    (["--crop-scale", "2"], "--crop-scale must be in (0, 1], got 2.0"),
-    (["--time-limit", "-1"], "--time-limit must be more than 0, got -1.0"),
-    (["--lr", "0"], "--lr must be more than 0, got 0.0"),
-    (["--lr", "nan"], "--lr must be more than 0, got nan"),
-    (["--backbone-lr", "-1"], "--backbone-lr must be 0 or more, got -1.0"),
-    (["--layer-decay", "2"], "--layer-decay must be in (0, 1], got 2.0"),
-    (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more, got -1.0"),
-    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
-    (["--head-scale", "0"], "--head-scale must be more than 0, got 0.0"),
-    (["--drop-rate", "1"], "--drop-rate must be in [0, 1), got 1.0"),
-    (["--vflip", "2"], "--vflip must be in [0, 1], got 2.0"),
-    (["--color-jitter", "-0.1"], "--color-jitter must be 0 or more, got -0.1"),
-    (["--val-split", "1"], "--val-split must be in (0, 1), got 1.0"),
-    (["--train-size", "8"], "--train-size must be 32 or more, got 8"),
-    (["--workers", "-1"], "--workers must be 0 or more, got -1"),
-    (["--threads", "0"], "--threads must be 1 or more, got 0"),
-    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--rand-augment", "bogus"],
+     "speciesid: error: --rand-augment 'bogus' is not a timm RandAugment policy; use e.g. rand-m9-mstd0.5"),
+    (["--rand-augment", "rand-m9x"], "speciesid: error: --rand-augment 'rand-m9x' is not a timm RandAugment policy"),
+    (["--device", "tpu"], "speciesid: error: unknown device 'tpu'; use auto (CUDA when present), cpu, cuda or cuda:N"),
+    (["--mixup", "-1"], _refused("--mixup", "-1", "number of at least 0")),
+    (["--cutmix", "-0.5"], _refused("--cutmix", "-0.5", "number of at least 0")),
+    (["--mix-prob", "1.5"], _refused("--mix-prob", "1.5", "number in [0, 1]")),
+    (["--ema", "1.5"], _refused("--ema", "1.5", "number in [0, 1)")),
+    (["--crop-scale", "2"], _refused("--crop-scale", "2", "number in (0, 1]")),
+    (["--time-limit", "-1"], _refused("--time-limit", "-1", "number above 0")),
+    (["--time-budget", "0"], _refused("--time-budget", "0", "number above 0")),
+    (["--lr", "0"], _refused("--lr", "0", "number above 0")),
+    (["--lr", "nan"], _refused("--lr", "nan", "number above 0")),
+    (["--backbone-lr", "-1"], _refused("--backbone-lr", "-1", "number of at least 0")),
+    (["--layer-decay", "2"], _refused("--layer-decay", "2", "number in (0, 1]")),
+    (["--weight-decay", "-1"], _refused("--weight-decay", "-1", "number of at least 0")),
+    (["--warmup-epochs", "-1"], _refused("--warmup-epochs", "-1", "number of at least 0")),
+    (["--label-smoothing", "1"], _refused("--label-smoothing", "1", "number in [0, 1)")),
+    (["--head-scale", "0"], _refused("--head-scale", "0", "number above 0")),
+    (["--drop-rate", "1"], _refused("--drop-rate", "1", "number in [0, 1)")),
+    (["--vflip", "2"], _refused("--vflip", "2", "number in [0, 1]")),
+    (["--color-jitter", "-0.1"], _refused("--color-jitter", "-0.1", "number of at least 0")),
+    (["--val-split", "1"], _refused("--val-split", "1", "number in (0, 1)")),
+    (["--train-size", "8"], _refused("--train-size", "8", "whole number of at least 32")),
+    (["--epochs", "-1"], _refused("--epochs", "-1", "whole number of at least 0")),
+    (["--workers", "-1"], _refused("--workers", "-1", "whole number of at least 0")),
+    (["--threads", "0"], _refused("--threads", "0", "whole number of at least 1")),
+    (["--seed", "-1"], _refused("--seed", "-1", "whole number of at least 0")),
 ])
 def test_option_values_out_of_range_are_refused_before_any_work(args, message, tmp_path, monkeypatch, capsys):
     """Walkthrough s46 #7: --rand-augment bogus gave a bare AssertionError and --device tpu torch's error, both
     after the photos were decoded; --mixup -1, --ema 1.5, --crop-scale 2, --time-limit -1 (and the other numeric
     options) were not checked at all. Each is refused in one line naming the option and its range, before the
-    photos are listed or OUT is made."""
+    photos are listed or OUT is made; a value out of range by the parser, as every command's (walk s50 #3), with
+    the --help to read (FinetuneConfig.resolved still refuses it for library callers)."""
     import finetune.train as train
     from api.cli import main
 
     monkeypatch.setattr(train, "split_photos", lambda cfg: pytest.fail("the photos were read"))
-    code = main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC, "--out",
-                 str(tmp_path / "out"), "-q", *args])
+    try:
+        code = main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC, "--out",
+                     str(tmp_path / "out"), "-q", *args])
+    except SystemExit as exc:  # the parser's refusal
+        code = exc.code
     lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"speciesid: error: {message}"), lines
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "out").exists()
-
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
@@ -602,6 +613,35 @@ def test_cli_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tiny_set, tmp_pa
         assert main(["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "o"),
                      "-q"]) == 130
         assert says in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing_and_the_same_command_starts_over(tiny_set, tmp_path,
+                                                                                               monkeypatch):
+    """Ctrl-C during the head's start ("it had written no checkpoint yet: run the command again to start over")
+    left checkpoint-photos.json.gz alone in --out, and the guard refused the re-run (and --no-resume) as a
+    stranger's file. Now the list is written beside the first checkpoint, and a leftover one (a run killed while it
+    wrote that checkpoint) is known as a run's and removed by the fresh start; another file of that name is not."""
+    import finetune.train as train
+    from finetune.checkpoint import PHOTOS_FILE, save_photo_list
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train, "init_head", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train.finetune(_config(tiny_set, out, epochs=1), progress=False)
+    assert not out.exists()  # made by the run, left empty: removed
+    save_photo_list(out, {"root": [["a.jpg", "Foo bar", 1, 2]]}, "0" * 64)  # what a killed run can leave
+    lines: list[str] = []
+    r = train.finetune(_config(tiny_set, out, epochs=1), progress=False, report=lines.append)
+    assert r.epochs_run == 1 and f"starting afresh in {out}: removed the earlier fine-tuning run's {PHOTOS_FILE}" in lines
+    assert not (out / PHOTOS_FILE).exists() and (out / "model.safetensors").is_file()
+    stranger = tmp_path / "other"
+    stranger.mkdir()
+    (stranger / PHOTOS_FILE).write_bytes(b"my own archive")
+    for resume in ("auto", "no"):
+        with pytest.raises(ValueError, match=f"holds {PHOTOS_FILE}, not written by a speciesid fine-tuning run"):
+            train.finetune(_config(tiny_set, stranger, epochs=1, resume=resume), progress=False)
+    assert (stranger / PHOTOS_FILE).read_bytes() == b"my own archive"
 
 
 def test_head_temperature_calibrates_without_reranking():

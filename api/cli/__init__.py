@@ -21,7 +21,8 @@ from api.cli import clean, evaluate, finetune, identify, index, probe, reference
 from index.errors import first_line, store_io_failure, store_io_kind
 
 logger = logging.getLogger(__name__)
-VERBOSE_HELP = "more logging (-vv for debug, and the traceback of an unexpected error)"
+VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
+                "unexpected error)")
 #: The epilog of the commands that write a gallery: how long they wait for another writer.
 WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
                    "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
@@ -43,9 +44,29 @@ class OneLineErrors(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr, the error and where to read the usage (exit 2), as
     every other error of the CLI is; ``--help`` is argparse's own. Sub-commands' parsers are of this class too."""
 
+    #: Said after "unrecognized arguments: ..." when they are all words, no option (``search a.jpg b.jpg``).
+    extra_words_hint: str | None = None
+
     def error(self, message: str) -> NoReturn:
         """Exit 2 with ``PROG: error: MESSAGE; see 'PROG --help'`` (not the usage first, as argparse prints it)."""
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+class CommandParser(OneLineErrors):
+    """The parser of a command (``speciesid identify``, ``speciesid index build``): an argument it does not know is
+    its error, naming its own ``--help`` (argparse hands it up to ``speciesid``, whose help lists no command's
+    options)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, but an argument left over is refused here (the parsers above a command take none after it)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            if self.extra_words_hint and not any(a.startswith("-") for a in extras):
+                message += f" ({self.extra_words_hint})"
+            self.error(message)
+        return namespace, extras
 
 
 def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.ArgumentParser:
@@ -56,7 +77,7 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for module in modules:
         module.register(sub)
     _verbose_anywhere(sub)
@@ -119,6 +140,53 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     return build_parser()
 
 
+#: Our packages: their notes reach the command line's handler without -v. A note is an INFO record logged with
+#: ``extra={"note": True}``: a step the user should see without -v (the one-time export for this CPU), shown as a
+#: plain ``speciesid: ...`` line, not as a warning.
+PACKAGES = ("api", "index", "retrieval", "finetune", "speciesid")
+
+
+class CliLogFormat(logging.Formatter):
+    """The command line's log lines in the style of its other messages: ``speciesid: warning: ...`` (``error:`` for
+    ERROR and above) and a note as ``speciesid: ...``; with -v / -vv, ``LEVEL module: ...`` (where each comes from)."""
+
+    def __init__(self, verbose: int = 0) -> None:
+        super().__init__("%(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One record as a line (its traceback, when it has one, after it)."""
+        text = super().format(record)
+        if self.verbose:
+            return f"{record.levelname} {record.name}: {text}"
+        kind = "error: " if record.levelno >= logging.ERROR else "warning: " if record.levelno >= logging.WARNING \
+            else ""
+        return f"speciesid: {kind}{text}"
+
+
+def _shown_without_verbose(record: logging.LogRecord) -> bool:
+    """Without -v: warnings and errors, and our notes (:data:`PACKAGES`)."""
+    return record.levelno >= logging.WARNING or bool(getattr(record, "note", False))
+
+
+def setup_logging(verbose: int) -> None:
+    """Log to stderr in the command line's style (:class:`CliLogFormat`): warnings, errors and notes; -v adds
+    INFO, -vv DEBUG. Left as it is when the root logger has a handler already (a program that embeds the CLI, a
+    test's capture), as ``logging.basicConfig`` does."""
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CliLogFormat(verbose))
+    if not verbose:
+        handler.addFilter(_shown_without_verbose)
+        for name in PACKAGES:  # our INFO records reach the handler, which shows the notes among them
+            logging.getLogger(name).setLevel(logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted).
 
@@ -128,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(argv)
     args = parser.parse_args(argv)
     args.verbose += getattr(args, "verbose_after", 0)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as other command-line tools do

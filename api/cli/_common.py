@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,17 +194,41 @@ def at_least(low: int, high: int | None = None):
     return parse
 
 
+def number_in(low: float, high: float | None = None, bounds: str = "[]"):
+    """An argparse ``type``: a finite float from ``low`` to ``high`` (None: no upper bound); ``bounds`` in interval
+    notation says whether each end is allowed ("(]": above ``low``, up to ``high``), so that a value out of range
+    is refused by the parser (``argument --X: ...; see 'speciesid CMD --help'``), not deeper under another name."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value >= low if bounds[0] == "[" else value > low
+        below = high is None or (value <= high if bounds[1] == "]" else value < high)
+        if math.isfinite(value) and above and below:
+            return value
+        if high is None:
+            within = f"of at least {low:g}" if bounds[0] == "[" else f"above {low:g}"
+        else:
+            within = f"in {bounds[0]}{low:g}, {high:g}{bounds[1]}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number {within}")
+
+    return parse
+
+
 def add_vote_args(p: argparse.ArgumentParser, *, rows: bool = False) -> None:
     """--knn, --temperature, --unknown-threshold, --method, --country (``rows``: --method picks report rows)."""
     from retrieval.vote import DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_UNKNOWN_THRESHOLD
 
     p.add_argument("--knn", type=at_least(1), default=None,
                    help=f"neighbours that vote (default: the probe's chosen value, else {DEFAULT_K})")
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"vote weight exp(similarity/T) (default: the probe's, else {DEFAULT_TEMPERATURE})")
-    p.add_argument("--unknown-threshold", type=float, default=None,
-                   help="best score under this means 'unknown' (default: the probe's calibrated one, else "
-                   f"{DEFAULT_UNKNOWN_THRESHOLD})")
+    p.add_argument("--temperature", type=number_in(0, None, "()"), default=None,
+                   help=f"vote weight exp(similarity/T), T above 0 (default: the probe's, else "
+                   f"{DEFAULT_TEMPERATURE})")
+    p.add_argument("--unknown-threshold", type=number_in(0, 1), default=None,
+                   help="best score under this, from 0 to 1, means 'unknown' (default: the probe's calibrated "
+                   f"one, else {DEFAULT_UNKNOWN_THRESHOLD})")
     if rows:
         p.add_argument("--method", default="all", choices=("all", "blend", "knn", "probe"),
                        help="the rows to report: every method the gallery has (default), or one of them")

@@ -11,6 +11,7 @@ from api.cli._common import (
     at_least,
     emit,
     encoder_config,
+    number_in,
     spec_help,
 )
 
@@ -58,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", metavar="FILE",
                    help="prompt file ([target] / [off-target: NAME] sections, see docs/cleaning.md) or a shipped "
                    f"group ({', '.join(PROMPT_GROUPS)}); default: from the dataset's taxon group")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P",
-                   help=f"flag a photo when its off-target probability is >= P (default {DEFAULT_THRESHOLD}) and "
+    p.add_argument("--threshold", type=number_in(0, 1, "(]"), default=DEFAULT_THRESHOLD, metavar="P",
+                   help=f"flag a photo when its off-target probability is >= P, in (0, 1] (default "
+                   f"{DEFAULT_THRESHOLD}) and "
                    "an off-target class is more likely than every target class")
     p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
                    help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS, from "

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from api.cli._common import emit
+from api.cli._common import at_least, emit, number_in
 
 if typing.TYPE_CHECKING:
     from finetune.config import FinetuneConfig
@@ -96,7 +96,7 @@ def _argument(opt: _Option, datasets: Sequence[str]) -> tuple[str, dict[str, Any
         flag = flag or ("--no-" if default else "--") + name.replace("_", "-")
     flag = flag or "--" + name.replace("_", "-")
     if "action" not in kwargs:
-        kwargs.setdefault("type", kind if kind in (int, float) else str)
+        kwargs["type"] = _checked(opt.dest) or kwargs.get("type") or (kind if kind in (int, float) else str)
         if "choices" not in kwargs:  # as argparse would name it after the flag (the dest may be augment.NAME)
             kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
     if default is dataclasses.MISSING:
@@ -106,6 +106,21 @@ def _argument(opt: _Option, datasets: Sequence[str]) -> tuple[str, dict[str, Any
     stage = stage_default_help(name) if len(opt.path) == 1 else None
     kwargs["help"] = (f"{help_text} ({stage})" if help_text else stage) if stage else help_text
     return flag, kwargs
+
+
+def _checked(dest: str) -> Any:
+    """The argparse ``type`` that refuses a value of setting ``dest`` out of its range (``finetune.config``'s
+    COUNT_MINIMUMS and RANGES, which ``FinetuneConfig.resolved`` checks for library callers), so the command line
+    names the option and its ``--help`` as every command does; None for a setting with no range."""
+    from finetune.config import COUNT_MINIMUMS, RANGES
+
+    if dest in COUNT_MINIMUMS:
+        return at_least(COUNT_MINIMUMS[dest])
+    if dest in RANGES:
+        return number_in(*RANGES[dest])
+    if dest == "time_budget":
+        return number_in(0, None, "()")
+    return None
 
 
 def register(subparsers: Any, datasets: Sequence[str] | None = None) -> argparse.ArgumentParser:

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="The nearest reference photos of one photo by cosine similarity, with their "
                        "ids and species: no vote, no probe (see identify for those).")
     p.add_argument("image", metavar="IMG", help="one photo file")
+    p.extra_words_hint = ("search takes one photo: run it once per photo, or give them all to 'speciesid identify'")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--k", type=at_least(1), default=10, help="neighbours (default 10)")
     p.add_argument("--format", default="table", choices=FORMATS, help=FORMAT_HELP)

@@ -19,6 +19,7 @@ from api.cli._common import (
     encoder_config,
     fmt_bool,
     interrupted_add,
+    number_in,
     to_csv,
 )
 from index.compaction import AUTO_PRUNE_AGE
@@ -59,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-actors", type=at_least(1), metavar="N",
                    help="with --engine ray: embedding actors (default: one per GPU, else 2 on a local Ray, or as "
                    "many as leave one CPU of the cluster free, at most 8)")
-    p.add_argument("--ray-gpus-per-actor", type=float, metavar="G",
-                   help="with --engine ray: GPUs per embedding actor (default 1 when the cluster has GPUs)")
+    p.add_argument("--ray-gpus-per-actor", type=number_in(0), metavar="G",
+                   help="with --engine ray: GPUs per embedding actor, 0 or more (default 1 when the cluster has "
+                   "GPUs)")
     p.add_argument("--chunk-rows", type=at_least(1), default=100_000, metavar="N",
                    help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
     add_encoder_args(p, default_spec=None, builds=True)
@@ -76,9 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report")
     p.add_argument("--prompts", metavar="FILE", help="with --clean: prompt file or group (snakes, animals); "
                    "default from the dataset's taxon group")
-    p.add_argument("--clean-threshold", type=float, default=0.5, metavar="P",
-                   help="with --clean: off-target probability at which a reference is excluded (default 0.5; an "
-                   "off-target class must also be more likely than every target class)")
+    p.add_argument("--clean-threshold", type=number_in(0, 1, "(]"), default=0.5, metavar="P",
+                   help="with --clean: off-target probability, in (0, 1], at which a reference is excluded "
+                   "(default 0.5; an off-target class must also be more likely than every target class)")
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "

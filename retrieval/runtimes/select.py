@@ -404,7 +404,8 @@ def _export_onnx_once(ref: TorchEncoder, example: np.ndarray) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=".onnx-", dir=base))
     t0 = time.perf_counter()
-    logger.warning("speciesid: preparing %s for this CPU (once; cached under %s)", ref.spec, base)
+    # a note (INFO): the command line shows it without -v (api.cli.setup_logging), the first use being slower
+    logger.info("preparing %s for this CPU (once; cached under %s)", ref.spec, base, extra={"note": True})
     export_onnx(ref.image_module(), example, folder / "model.onnx")
     logger.info("ONNX export of %s: %.1f s", ref.spec, time.perf_counter() - t0)
     return folder
