@@ -257,3 +257,19 @@ def test_a_curator_confirms_a_new_species_the_api_refused_as_a_near_spelling(sit
     assert notes and notes[0].startswith("'Naja nivae' is not in the shipped snake taxonomy, which has 'Naja nivea' "
                                          "(venomous)"), notes
     assert not browser.find_element(By.ID, "new-species").is_displayed()  # a confirmation is for one add
+
+
+def test_a_server_with_no_keys_is_not_asked_for_one_by_the_page(site, browser):
+    """Walk s50 #13: with SPECIESID_READS_REQUIRE_KEY and no SPECIESID_API_KEYS, no key can help: the page shows the
+    server's 401 without its "type it under Curators" hint."""
+    from selenium.webdriver.common.by import By
+
+    settings = _APPS["site"].state.settings
+    keys, settings.api_keys, settings.reads_require_key = settings.api_keys, "", True
+    try:
+        assert _identify(browser, site, COBRA) == ""
+        status = browser.find_element(By.ID, "status").text
+        assert "no SPECIESID_API_KEYS is configured" in status and "ask the server's operator" in status, status
+        assert "needs an API key to identify" not in status and "Curators" not in status, status
+    finally:
+        settings.api_keys, settings.reads_require_key = keys, False
