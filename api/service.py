@@ -26,7 +26,7 @@ from index.gallery import Neighbour
 from index.lease import is_s3
 from index.objects import StoreObjectError
 from index.store import SpeciesSummary, source_file
-from index.taxonomy import find_species
+from index.taxonomy import find_species, gallery_lookalikes
 from retrieval import workflows
 from retrieval.encoders import stack_views
 from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
@@ -231,10 +231,15 @@ class SpeciesService:
         return workflows.list_species(self.gallery)
 
     def get_species(self, name: str) -> SpeciesSummary:
-        """One species by name (``_`` or ``-`` may stand for the space; any case), or NotFound."""
-        found = find_species(self.species(), name)  # both sides normalised: a stored "Naja-haje" is found too
+        """One species by name (``_`` or ``-`` may stand for the space; any case), or NotFound, naming the gallery
+        species the name is the common name or a near-spelling of (:func:`index.taxonomy.gallery_lookalikes`)."""
+        held = self.species()
+        found = find_species(held, name)  # both sides normalised: a stored "Naja-haje" is found too
         if found is None:
-            raise NotFound(f"no species {name!r} in this gallery")
+            same_common, close = gallery_lookalikes(held, name)
+            meant = list(dict.fromkeys(s.species for s in same_common + close))
+            raise NotFound(f"no species {name!r} in this gallery"
+                           + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else ""))
         return found
 
     def thumbnail(self, ref_id: int) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import logging
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,7 +56,11 @@ NAME_EXAMPLES = {"species name": "Naja haje", "genus": "Naja", "family": "Elapid
 
 
 def check_name(value: str, what: str = "species name") -> str:
-    """``value`` with its spaces collapsed, or :class:`InvalidNameError` saying what is wrong with it.
+    """``value`` with its spaces collapsed, in Unicode NFC, or :class:`InvalidNameError` saying what is wrong with it.
+
+    NFC: a name typed on macOS or iOS often arrives decomposed (NFD: ``i`` + U+0308 for ``ï``); composed here, it is
+    the same name as its composed spelling everywhere (stored, matched, looked up), not a second species that looks
+    identical.
 
     Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
@@ -63,9 +68,7 @@ def check_name(value: str, what: str = "species name") -> str:
     name (anything but a common name) with a ``/`` is refused too: the HTTP API's ``/v1/species/{name}`` could not
     address it. The one rule of the CLI, the API and the dataset loaders; messages end with an example of ``what``.
     """
-    import unicodedata
-
-    text = " ".join(str(value).split())
+    text = unicodedata.normalize("NFC", " ".join(str(value).split()))
     example = f"give e.g. {NAME_EXAMPLES.get(what, NAME_EXAMPLES['species name'])!r}"
     if not text:
         raise InvalidNameError(f"the {what} is empty; {example}")
@@ -93,8 +96,10 @@ def check_name(value: str, what: str = "species name") -> str:
 
 
 def species_key(name: str) -> str:
-    """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, case-folded."""
-    return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
+    """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, Unicode NFC, case-folded (a name
+    stored decomposed before names were composed on entry matches its composed spelling too)."""
+    text = unicodedata.normalize("NFC", " ".join(name.replace("_", " ").replace("-", " ").split()))
+    return unicodedata.normalize("NFC", text.casefold())
 
 
 def _read_taxon_csv(path: Path) -> list[TaxonInfo]:
@@ -154,6 +159,30 @@ def lookup_taxon(species: str) -> TaxonInfo | None:
     return info
 
 
+#: How alike (difflib's ratio, 0 to 1, of :func:`species_key` spellings) a new species name must be to a gallery species
+#: or to a taxon of the shipped taxonomy to be refused as a near-spelling of it without ``new_species``: a one-letter
+#: typo of a binomial (a letter missing, added, changed or two swapped) is above it.
+NEAR_SPELLING = 0.9
+#: How alike a name the shipped taxonomy does not know must be to a taxon there to be told "did you mean" (the log,
+#: an add's note).
+SUGGESTION = 0.85
+
+
+def taxonomy_lookalikes(name: str, cutoff: float = NEAR_SPELLING) -> list[TaxonInfo]:
+    """The taxa of the shipped taxonomy (3 at most, closest first) that ``name`` looks like a misspelling of, at
+    ``cutoff`` (:data:`NEAR_SPELLING`, :data:`SUGGESTION`); [] when the taxonomy knows ``name`` itself."""
+    if lookup_taxon(name) is not None:
+        return []
+    table = _taxonomy()
+    return [table[k] for k in difflib.get_close_matches(species_key(name), list(table), n=3, cutoff=cutoff)]
+
+
+def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
+    """``'Naja nivea' (venomous) and 'Naja nubiae'``: taxa named for a message, the venomous ones flagged."""
+    names = [f"{t.species!r}{' (venomous)' if t.venomous else ''}" for t in taxa]
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1] if names else ""
+
+
 def new_species_references(
     name: str,
     gallery_species: Iterable[SpeciesSummary],
@@ -173,8 +202,10 @@ def new_species_references(
     spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
     as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy (a new
     species' family from its genus). A new name the taxonomy does not know that is a near-spelling of a gallery
-    species, or a gallery species' common name, is refused (:class:`SpeciesNameConflictError`) unless
-    ``new_species``. ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays of
+    species, a gallery species' common name, or a near-spelling of a taxon of the shipped taxonomy
+    (:func:`taxonomy_lookalikes`: ``Naja nivae`` for the venomous ``Naja nivea``) is refused
+    (:class:`SpeciesNameConflictError`) unless ``new_species``: the one rule of the CLI and the API (a dataset's
+    folder names are not checked by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays of
     unknown venom status (off for a check ahead of the add, which warns itself).
     """
     species = check_name(name.replace("_", " "))
@@ -192,6 +223,9 @@ def new_species_references(
     species = prior.species if prior else (taxon.species if taxon else species)
     if prior is None and taxon is None and not new_species and (like := _gallery_lookalike(gallery_species, species)):
         raise like
+    if prior is None and taxon is None and not new_species and (meant := taxonomy_lookalikes(species)):
+        raise SpeciesNameConflictError(species, meant[0].species, "is not in the gallery or the shipped snake "
+                                       f"taxonomy, which has {taxa_text(meant)}")
     if venomous is False and prior is not None and prior.venomous:
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
@@ -202,10 +236,10 @@ def new_species_references(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
     if warn and prior is None and taxon is None and venomous is None:
-        close = difflib.get_close_matches(species_key(species), list(_taxonomy()), n=3, cutoff=0.85)
+        close = taxonomy_lookalikes(species, SUGGESTION)
         logger.warning("%r is not in the shipped taxonomy and no venomous flag was given: its venom status stays "
                        "unknown (answers count it as possibly venomous)%s", species,
-                       f"; did you mean {', '.join(repr(_taxonomy()[c].species) for c in close)}?" if close else "")
+                       f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else "")
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),
                               ("common name", common_name, prior.common_name if prior else None)):
@@ -251,10 +285,7 @@ class SpeciesNameConflictError(ValueError):
 def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> SpeciesNameConflictError | None:
     """The error for a new species ``name`` that is a gallery species' common name or a near-spelling of one (a
     one-letter typo), naming that species and its reference count; None when it is neither."""
-    key = species_key(name)
-    same_common = [s for s in gallery_species if s.common_name and species_key(s.common_name) == key]
-    by_key = {species_key(s.species): s for s in gallery_species}
-    close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.9)]
+    same_common, close = gallery_lookalikes(gallery_species, name)
     found = same_common[:1] or close
     if not found:
         return None
@@ -262,6 +293,18 @@ def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> Spec
     how = (f"is the common name of {names}" if same_common else
            f"is not in the gallery, but {names} {'is' if len(found) == 1 else 'are'}")
     return SpeciesNameConflictError(name, found[0].species, how)
+
+
+def gallery_lookalikes(gallery_species: Iterable[SpeciesSummary],
+                       name: str) -> tuple[list[SpeciesSummary], list[SpeciesSummary]]:
+    """(gallery species whose common name ``name`` is, gallery species ``name`` is a near-spelling of: 3 at most,
+    closest first, at :data:`NEAR_SPELLING`); ``name`` itself is not looked for (:func:`find_species`)."""
+    gallery_species = list(gallery_species)
+    key = species_key(name)
+    same_common = [s for s in gallery_species if s.common_name and species_key(s.common_name) == key]
+    by_key = {species_key(s.species): s for s in gallery_species}
+    close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=NEAR_SPELLING)]
+    return same_common, close
 
 
 def genus_family(genus: str | None) -> str | None:

@@ -52,7 +52,14 @@ from index.objects import sweep_uploads as sweep_gallery_uploads
 from index.photos import PHOTO_FORMATS, first_few
 from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
-from index.taxonomy import lookup_taxon, new_species_references, species_key
+from index.taxonomy import (
+    SUGGESTION,
+    lookup_taxon,
+    new_species_references,
+    species_key,
+    taxa_text,
+    taxonomy_lookalikes,
+)
 from index.vectors import VectorIndexConfig
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
@@ -559,12 +566,15 @@ class AddResult:
     probe_note: str = ""  # a new species the gallery's probe does not know: says so, and how to retrain it
     few_note: str = ""  # a species left with too few photos for 'probe train': says so, and what to do
     near_copies: list[NearCopy] = field(default_factory=list)  # photos stored that nearly copy a reference held
+    taxon_note: str = ""  # a new species the shipped taxonomy does not know, named like a taxon there: which one
 
     @property
     def notes(self) -> list[str]:
-        """The notes a caller shows beside the result (``probe_note``, ``few_note``, then the near-copies: one note
-        each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say something."""
-        return [note for note in (self.probe_note, self.few_note) if note] + near_copy_notes(self.near_copies)
+        """The notes a caller shows beside the result (``taxon_note``, ``probe_note``, ``few_note``, then the
+        near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say
+        something."""
+        return ([note for note in (self.taxon_note, self.probe_note, self.few_note) if note]
+                + near_copy_notes(self.near_copies))
 
 
 #: Nearest references each stored photo is compared with to find one held before that it nearly copies: this many
@@ -779,7 +789,20 @@ def add_photos(
     existed = held_at_commit[0] if held_at_commit else prior is not None  # as the commit found it, when one was made
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
+                     taxon_note=_taxon_note(name) if prior is None and report.ids else "",
                      few_note=few_note, near_copies=near)
+
+
+def _taxon_note(name: str) -> str:
+    """The note of a new species ``name`` that the shipped taxonomy does not know but that is named like a taxon
+    there (:data:`index.taxonomy.SUGGESTION`): which one, so that a misspelling confirmed as a new species (or just
+    under the near-spelling rule) is not left unnoticed; '' otherwise."""
+    close = taxonomy_lookalikes(name, SUGGESTION)
+    if not close:
+        return ""
+    return (f"{name!r} is not in the shipped snake taxonomy, which has {taxa_text(close)}: if the photos are of "
+            f"{'that species' if len(close) == 1 else 'one of those'}, delete these references and add the photos "
+            "under its name (its venom status and countries come from the taxonomy)")
 
 
 #: The most searchable photos of a species whose near-copies an add's few-photos note counts once

@@ -236,3 +236,55 @@ def test_a_server_that_needs_a_key_for_reads_gets_it_from_the_page(site, browser
         )
     finally:
         settings.reads_require_key = False
+
+
+def test_a_curator_confirms_a_new_species_the_api_refused_as_a_near_spelling(site, browser, tmp_path):
+    """Walk s50 #3, #12: 'Naja nivae' (the venomous 'Naja nivea' misspelt) is refused with a 409; the page then shows
+    the box that sends new_species=true, and after the add the notes (the taxonomy's suggestion) show too."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shot = tmp_path / "new.png"
+    Image.effect_noise((256, 256), 64).convert("RGB").save(shot)  # a photo no reference holds
+    browser.get(site + "/")
+    browser.find_element(By.CSS_SELECTOR, "details summary").click()
+    assert not browser.find_element(By.ID, "new-species").is_displayed()  # hidden until a 409 asks for it
+    browser.find_element(By.ID, "species").send_keys("Naja nivae")
+    browser.find_element(By.ID, "ref-photos").send_keys(str(shot))
+    browser.find_element(By.ID, "apikey").send_keys(API_KEY)
+    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+    status = WebDriverWait(browser, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "curate-status").text not in ("", "Uploading…")
+        and d.find_element(By.ID, "curate-status").text
+    )
+    assert "'Naja nivae' is not in the gallery or the shipped snake taxonomy, which has 'Naja nivea'" in status, status
+    assert "tick “create as a new species”" in status, status
+    box = browser.find_element(By.ID, "new-species")
+    assert box.is_displayed() and not box.is_selected()
+    box.click()
+    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+    status = WebDriverWait(browser, WAIT_S).until(
+        lambda d: "Added" in d.find_element(By.ID, "curate-status").text and d.find_element(By.ID, "curate-status").text
+    )
+    assert status == "Added 1 photo(s) to Naja nivae (new species).", status
+    notes = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#curate-notes li")]
+    assert notes and notes[0].startswith("'Naja nivae' is not in the shipped snake taxonomy, which has 'Naja nivea' "
+                                         "(venomous)"), notes
+    assert not browser.find_element(By.ID, "new-species").is_displayed()  # a confirmation is for one add
+
+
+def test_a_server_with_no_keys_is_not_asked_for_one_by_the_page(site, browser):
+    """Walk s50 #13: with SPECIESID_READS_REQUIRE_KEY and no SPECIESID_API_KEYS, no key can help: the page shows the
+    server's 401 without its "type it under Curators" hint."""
+    from selenium.webdriver.common.by import By
+
+    settings = _APPS["site"].state.settings
+    keys, settings.api_keys, settings.reads_require_key = settings.api_keys, "", True
+    try:
+        assert _identify(browser, site, COBRA) == ""
+        status = browser.find_element(By.ID, "status").text
+        assert "no SPECIESID_API_KEYS is configured" in status and "ask the server's operator" in status, status
+        assert "needs an API key to identify" not in status and "Curators" not in status, status
+    finally:
+        settings.api_keys, settings.reads_require_key = keys, False

@@ -56,8 +56,8 @@ ERRORS: dict[int | str, dict] = {
     404: {"model": ErrorOut, "description": "not found"},
     409: {"model": ErrorOut, "description": "identify / search: the gallery holds no searchable references yet, add "
           "some first (POST /v1/species/{name}/references, or `speciesid references add`); adding references: a new "
-          "species name that looks like a gallery species (a near-spelling, or its common name), the message names "
-          "it; send new_species=true if the species is new"},
+          "species name that looks like a gallery species (a near-spelling, or its common name) or a species of the "
+          "shipped taxonomy (a near-spelling), the message names it; send new_species=true if the species is new"},
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "

@@ -1,0 +1,185 @@
+"""Species names as clients send them (API walk s50 #1, #2, #17): a decomposed (NFD) name is the same species as its
+composed spelling, a near-spelling of a taxon of the shipped taxonomy is refused like one of a gallery species
+(CLI and API, one rule), and a read of a near-spelling says what was meant.
+
+Galleries here use the tiny random ``timm:test_vit@random`` encoder on random photos: fast, no shared assets.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import pytest
+from _cli_support import ENCODER, _photo, _run, two_species_gallery
+
+from index.gallery import Gallery
+from index.taxonomy import check_name, find_species, species_key
+
+NFC = "Naja n\u00efvea"  # "ï" composed
+NFD = "Naja ni\u0308vea"  # "i" + COMBINING DIAERESIS: what macOS and iOS often send
+
+
+@pytest.fixture
+def built(tmp_path, capsys) -> tuple[Path, Path]:
+    """(gallery, its photo folder): 6 random photos of two species."""
+    return two_species_gallery(tmp_path, capsys)
+
+
+def _client(index: Path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    return TestClient(create_app(Settings(index=str(index), api_keys="k", precision="fp32", runtime="torch")))
+
+
+def test_a_decomposed_name_is_composed_where_names_enter():
+    assert NFC != NFD and unicodedata.normalize("NFC", NFD) == NFC
+    assert check_name(NFD) == NFC and check_name(f" {NFD}_x ".replace("_", " ")) == f"{NFC} x"
+    assert species_key(NFD) == species_key(NFC)
+
+
+def test_an_nfd_name_joins_its_nfc_species_from_the_cli_and_the_api(built, tmp_path, capsys):
+    """Walk s50 #1: the NFD spelling made a second species that looks the same; now every route finds one."""
+    index, _ = built
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", NFC, "--new-species",
+                          _photo(tmp_path / "a.png", 50), *ENCODER)
+    assert code == 0 and f"{NFC} (new species)" in out, (out, err)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", NFD,
+                          _photo(tmp_path / "b.png", 51), *ENCODER)  # no --new-species needed: it is the same name
+    assert code == 0 and f"{NFC} (existing species)" in out, (out, err)
+    data = _photo(tmp_path / "c.png", 52).read_bytes()
+    with _client(index) as c:
+        resp = c.post(f"/v1/species/{NFD}/references", files=[("images", ("c.png", data, "image/png"))],
+                      headers={"X-API-Key": "k"})
+        assert resp.status_code == 201 and resp.json()["species"] == NFC and resp.json()["created"] is False, resp.text
+        got = c.get(f"/v1/species/{NFD.replace(' ', '_')}")
+        assert got.status_code == 200 and got.json()["species"] == NFC and got.json()["count"] == 3, got.text
+        assert [s["species"] for s in c.get("/v1/species").json()].count(NFC) == 1
+    names = [s.species for s in Gallery.open(index).species()]
+    assert NFC in names and NFD not in names
+
+
+def test_a_folder_dataset_composes_its_folder_names(tmp_path, capsys):
+    root = tmp_path / "photos"
+    for i in range(2):
+        _photo(root / NFD / f"{i}.png", 60 + i)
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", tmp_path / "g",
+                        *ENCODER, "-q")
+    assert code == 0, err
+    assert [s.species for s in Gallery.open(tmp_path / "g").species()] == [NFC]
+
+
+def test_a_stored_decomposed_name_is_still_found_by_its_composed_spelling():
+    """A gallery written before names were composed may hold an NFD name: matching composes both sides."""
+    from index.store import SpeciesSummary
+
+    held = [SpeciesSummary(species=NFD, genus="Naja", family="Elapidae", common_name=None, venomous=True, count=2)]
+    assert find_species(held, NFC) is held[0]
+
+
+def test_the_cli_refuses_a_near_spelling_of_a_taxonomy_species_unless_confirmed(built, tmp_path, capsys):
+    """Walk s50 #2: 'Naja nivae' (for the venomous Cape cobra, 'Naja nivea') was created silently, venom unknown."""
+    index, _ = built
+    photo = _photo(tmp_path / "n.png", 70)
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja nivae", photo, *ENCODER)
+    assert code == 2 and ("'Naja nivae' is not in the gallery or the shipped snake taxonomy, which has 'Naja nivea' "
+                          "(venomous): give --species 'Naja nivea' to add to it, or give --new-species if 'Naja "
+                          "nivae' is a new species\n") in err, err
+    assert "Naja nivae" not in [s.species for s in Gallery.open(index).species()]
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja nivae", "--new-species",
+                          photo, *ENCODER)
+    assert code == 0 and "Naja nivae (new species)" in out, (out, err)
+    assert ("note: 'Naja nivae' is not in the shipped snake taxonomy, which has 'Naja nivea' (venomous) and 'Naja "
+            "nubiae'") in out, out  # the override keeps the suggestion in a note
+    # the taxonomy's own spelling is added as before, with its venomous flag
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "naja-nivea",
+                          _photo(tmp_path / "m.png", 71), *ENCODER)
+    assert code == 0 and "Naja nivea (new species)" in out and "note: 'Naja" not in out, (out, err)
+    assert find_species(Gallery.open(index).species(), "Naja nivea").venomous is True
+
+
+def test_the_api_refuses_a_near_spelling_of_a_taxonomy_species_unless_confirmed(built, tmp_path):
+    index, _ = built
+    data = _photo(tmp_path / "n.png", 80).read_bytes()
+    keys = {"X-API-Key": "k"}
+    with _client(index) as c:
+        url = "/v1/species/Naja nivae/references"
+        resp = c.post(url, files=[("images", ("n.png", data, "image/png"))], headers=keys)
+        assert resp.status_code == 409 and resp.json()["detail"] == (
+            "'Naja nivae' is not in the gallery or the shipped snake taxonomy, which has 'Naja nivea' (venomous): send "
+            "the photos to POST /v1/species/Naja_nivea/references to add them to 'Naja nivea', or send the form field "
+            "new_species=true to create 'Naja nivae' as a new species"), resp.text
+        resp = c.post(url, files=[("images", ("n.png", data, "image/png"))], data={"new_species": "true"},
+                      headers=keys)
+        assert resp.status_code == 201 and resp.json()["created"] is True, resp.text
+        assert resp.json()["notes"][0].startswith(
+            "'Naja nivae' is not in the shipped snake taxonomy, which has 'Naja nivea' (venomous) and 'Naja nubiae' "
+            "(venomous): "
+            "if the photos are of one of those, delete these references"), resp.json()["notes"]
+        assert c.get("/v1/species/Naja_nivae").json()["venomous"] is None
+
+
+def test_a_folder_dataset_named_like_a_taxonomy_species_is_not_refused(tmp_path, capsys):
+    """A dataset's folder names are the user's data: an index build takes 'Naja nivae' as it is."""
+    root = tmp_path / "photos"
+    for i in range(2):
+        _photo(root / "Naja nivae" / f"{i}.png", 90 + i)
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", tmp_path / "g",
+                        *ENCODER, "-q")
+    assert code == 0, err
+    assert [s.species for s in Gallery.open(tmp_path / "g").species()] == ["Naja nivae"]
+
+
+def test_a_read_of_a_near_spelling_or_a_common_name_says_what_was_meant(built):
+    """Walk s50 #17: GET of a near-spelling gave a bare 404 where the POST named the species in its 409."""
+    index, _ = built
+    with _client(index) as c:
+        for name in ("Naja samarensiss", "Samar Cobra", "Naja_samarensiss"):
+            resp = c.get(f"/v1/species/{name}")
+            assert resp.status_code == 404 and resp.json()["detail"] == (
+                f"no species {name!r} in this gallery; did you mean 'Naja samarensis'?"), resp.text
+        resp = c.get("/v1/species/Testus novus")
+        assert resp.status_code == 404 and resp.json()["detail"] == "no species 'Testus novus' in this gallery"
+
+
+PAGE = Path(__file__).resolve().parents[1] / "api" / "static" / "index.html"
+
+
+def _script() -> str:
+    html = PAGE.read_text(encoding="utf-8")
+    return html[html.index("<script>"):html.index("</script>")]
+
+
+def test_the_page_can_confirm_a_new_species_after_a_409():
+    """Walk s50 #3: the page's curate form could not send new_species, so the API's 409 advice was a dead end."""
+    html, script = PAGE.read_text(encoding="utf-8"), _script()
+    assert '<div id="new-species-row" hidden>' in html and '<input id="new-species" type="checkbox">' in html
+    assert "create as a new species" in html
+    # sent only while the box is shown (after a 409) and ticked; shown by a 409; hidden again when the name changes
+    assert ('if (!$("new-species-row").hidden && $("new-species").checked) data.append("new_species", "true");'
+            in script)
+    assert 'const conflict = resp.status === 409;' in script and 'if (conflict) $("new-species-row").hidden = false;' \
+        in script
+    assert '$("species").addEventListener("input"' in script
+
+
+def test_the_page_shows_the_notes_of_an_add_escaped():
+    """Walk s50 #12: the add's notes (a taxonomy suggestion, too few photos, retrain) never reached the curator."""
+    html, script = PAGE.read_text(encoding="utf-8"), _script()
+    assert '<ul id="curate-notes"></ul>' in html
+    assert '$("curate-notes").innerHTML = (out.notes || []).map((n) => `<li>${esc(n)}</li>`).join("");' in script
+
+
+def test_the_page_adds_its_key_hint_only_where_a_key_can_help():
+    """Walk s50 #13: a server with no keys configured answered 401, and the page told the user to type a key."""
+    from api.guard import key_refusal, no_keys_message
+
+    script = _script()
+    assert 'const NO_KEYS = "no SPECIESID_API_KEYS";' in script
+    assert "const hint = resp.status === 401 && !detail.includes(NO_KEYS) ? NEEDS_KEY : \"\";" in script
+    for kind in ("read", "write"):  # the page reads the server's own words: they must keep the marker
+        assert "no SPECIESID_API_KEYS" in no_keys_message(kind)
+    assert "no SPECIESID_API_KEYS" not in key_refusal("wrong", ["k"], "read")  # a wrong key: the hint stays
