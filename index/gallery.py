@@ -68,6 +68,7 @@ from index.vectors import (
     one_row_per_id,
     read_manifest,
     report_repeated_ids,
+    sorted_unique,
 )
 
 logger = logging.getLogger(__name__)
@@ -615,7 +616,7 @@ class Gallery:
                                                            np.ndarray | None]:
         """What the store holds against the ids ``have`` indexed: (new ids, gone ids, the new rows' ids and
         vectors, or None, None when nothing is new)."""
-        stored = np.unique(self.store.ids())  # sorted; an id held twice (two S3 writers) indexed once
+        stored = sorted_unique(self.store.ids())  # an id held twice (two S3 writers) indexed once
         new = np.setdiff1d(stored, have, assume_unique=True)
         gone = np.setdiff1d(have, stored, assume_unique=True)
         ids, vectors = (_one_row_per_id(*self.store.vectors(ids=new.tolist())) if new.size else (None, None))
@@ -969,9 +970,13 @@ class Gallery:
         with self._write():
             self.store.refresh()
             self._writer.check()
+            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             found = self.store.delete(ids)
-            if found:
+            if found and alone:  # the index differs from the store only by these ids: no id column read
+                self._apply_sync(np.asarray([int(i) for i in ids], dtype=np.int64), None, None, self.store.version)
+            elif found:
                 self._sync_index()
+            if found:
                 self._compact_after_write()
                 self._index.save(self.layout.vectors, self._manifest())
             return found

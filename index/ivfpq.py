@@ -49,13 +49,17 @@ from index.vectors import (
     empty_result,
     exact_topk,
     gpu_available,
+    has_repeats,
     held_ids,
+    in_sorted,
     invlist_ids,
     manifest_path,
     new_entries,
     one_row_per_id,
     read_manifest,
     report_repeated_ids,
+    sorted_unique,
+    union_sorted,
 )
 
 logger = logging.getLogger(__name__)
@@ -223,7 +227,7 @@ def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> Shard
         rows.append(vectors.astype(np.float16))
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
     f16 = np.concatenate(rows) if rows else np.zeros((0, index.d), dtype=np.float16)
-    repeated = np.unique(np.concatenate(repeats)) if repeats else np.zeros(0, dtype=np.int64)
+    repeated = sorted_unique(np.concatenate(repeats)) if repeats else np.zeros(0, dtype=np.int64)
     return ShardCodes(faiss.serialize_index(index), ids, f16, repeated, dropped)
 
 
@@ -273,7 +277,7 @@ def build(
         for ids, f16 in chunks():
             memory.put(ids, f16)
         rerank = memory
-    report_repeated_ids(np.unique(np.concatenate(repeats)) if repeats else np.zeros(0, dtype=np.int64))
+    report_repeated_ids(sorted_unique(np.concatenate(repeats)) if repeats else np.zeros(0, dtype=np.int64))
     n -= dropped
     index = IvfPqIndex(faiss.IndexIVFPQFastScan(merged), rerank, nprobe=nprobe or 1, candidates=candidates,
                        trained_n=n)
@@ -304,7 +308,7 @@ class IvfPqIndex:
         self._rerank = rerank
         self._dim = int(index.d)
         self._ids = np.sort(invlist_ids(index))
-        if np.unique(self._ids).size != self._ids.size:
+        if has_repeats(self._ids):
             raise ValueError("index holds duplicate ids")
         self._nprobe = max(1, min(int(nprobe), int(index.nlist)))
         self._candidates = int(candidates)
@@ -359,10 +363,10 @@ class IvfPqIndex:
             return
         self._index.add_with_ids(xb, ids)
         self._rerank.put(ids, xb)
-        self._ids = np.union1d(self._ids, ids)
-        back = np.isin(ids, self._tomb)
+        self._ids = union_sorted(self._ids, ids)
+        back = in_sorted(ids, self._tomb)
         self._tomb = np.setdiff1d(self._tomb, ids[back], assume_unique=True)
-        self._delta = np.union1d(self._delta, ids[~back])
+        self._delta = union_sorted(self._delta, ids[~back])
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids`` (absent ones ignored); returns how many were removed."""
@@ -373,9 +377,9 @@ class IvfPqIndex:
         if removed != ids.size:
             raise RuntimeError(f"FAISS removed {removed} vectors, expected {ids.size}")
         self._ids = np.setdiff1d(self._ids, ids, assume_unique=True)
-        fresh = np.isin(ids, self._delta)
+        fresh = in_sorted(ids, self._delta)
         self._delta = np.setdiff1d(self._delta, ids[fresh], assume_unique=True)
-        self._tomb = np.union1d(self._tomb, ids[~fresh])
+        self._tomb = union_sorted(self._tomb, ids[~fresh])
         return int(ids.size)
 
     # ---------------------------------------------------------------- search
@@ -443,8 +447,15 @@ class IvfPqIndex:
             self._nprobe = nprobe
             if recall >= target:
                 break
+        reached = tried[self._nprobe] >= target
         self.calibration = {"nprobe": self._nprobe, "recall_at_10": tried[self._nprobe], "queries": len(qids),
-                            "target": target, "ladder": tried, "seconds": round(time.perf_counter() - t0, 2)}
+                            "target": target, "target_reached": reached, "ladder": tried,
+                            "seconds": round(time.perf_counter() - t0, 2)}
+        if not reached:
+            logger.warning("ivfpq: recall@%d reached only %.3f of the %.2f target, even at nprobe %d of %d lists (every "
+                           "query scans every code): the PQ codes are too coarse for this encoder (m=%d "
+                           "sub-quantizers for %d dims); build with --index-kind hnsw or flat for exact-enough search",
+                           k, tried[self._nprobe], target, self._nprobe, self.nlist, self._index.pq.M, self._dim)
         logger.info("ivfpq: nprobe %d of %d lists (recall@%d %.3f on %d stored vectors)", self._nprobe, self.nlist,
                     k, tried[self._nprobe], len(qids))
         return self.calibration

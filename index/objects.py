@@ -58,6 +58,7 @@ from index.lease import (
     s3_failure,
 )
 from index.locks import write_lock
+from index.vectors import sorted_unique
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -475,8 +476,8 @@ def _rows_read(store: ReferenceStore) -> _RowsRead:
     snapshot: whatever it saw is named by the ids it returns)."""
     store.refresh()  # another machine's commit of a moment ago is seen
     version = store.version
-    meta = store.metadata()
-    return _RowsRead(version, np.unique(meta["id"].to_numpy(np.int64)), [str(t) for t in meta["source_path"]])
+    ids, texts = store.source_paths()  # two columns, not every metadata column
+    return _RowsRead(version, sorted_unique(ids), texts)
 
 
 #: Ids per read of the source paths of the rows committed since :func:`_rows_read` (one SQL ``IN`` list each).

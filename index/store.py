@@ -457,6 +457,11 @@ class ReferenceStore:
             query = query.where(where)
         return np.sort(query.to_arrow().column("id").to_numpy().astype(np.int64))
 
+    def source_paths(self) -> tuple[np.ndarray, list[str]]:
+        """(ids int64, stored source paths) of every row (excluded ones too), in one read of those two columns."""
+        table = self._table.search().select(["id", "source_path"]).limit(max(self._table.count_rows(), 1)).to_arrow()
+        return table.column("id").to_numpy().astype(np.int64), [str(t) for t in table.column("source_path").to_pylist()]
+
     def add(
         self,
         records: Sequence[ReferenceRecord],

@@ -168,6 +168,25 @@ def test_delete_removes_from_search_and_store(gallery):
     assert len(Gallery.open(gallery.root)) == 11
 
 
+def test_a_delete_alone_since_the_last_sync_reads_no_id_column(gallery, monkeypatch):
+    """The only writer since its last sync removes the deleted ids from its index directly (the store's id column,
+    O(n), is not read); after another process's write it syncs by difference, that write included."""
+    reads = []
+    real = type(gallery.store).ids
+    monkeypatch.setattr(type(gallery.store), "ids", lambda self, **kw: reads.append(kw) or real(self, **kw))
+    first, second, third = real(gallery.store).tolist()[:3]
+    assert gallery.delete([first, 10**9]) == 1  # an id the store never held is ignored
+    assert reads == []
+    assert first not in gallery.index.ids and len(gallery) == 11
+    other = Gallery.open(gallery.root)
+    other.delete([second])  # another writer: this gallery's index no longer matches the store's previous version
+    reads.clear()
+    assert gallery.delete([third]) == 1
+    assert reads  # synced by difference: the other writer's delete is seen as well
+    assert not {first, second, third} & set(gallery.index.ids.tolist()) and len(gallery) == 9
+    assert sorted(Gallery.open(gallery.root).index.ids.tolist()) == sorted(real(gallery.store).tolist())
+
+
 def test_source_path_of_a_reference_is_read_from_the_store(gallery):
     """The photo a reference was read from (the thumbnail's read): excluded ones too, None once deleted or never
     stored, and another process's delete seen although this gallery's answers' metadata is cached."""

@@ -227,3 +227,19 @@ def test_a_count_mismatch_says_it_is_an_internal_error_and_what_to_do(monkeypatc
     with pytest.raises(RuntimeError, match=r"indexed 299 vectors of the 300 rows it read \(one per id\): an internal "
                        r"error, please report it .*--index-kind flat \(or hnsw\)"):
         ivfpq.build(ivfpq.ArraySource(np.arange(300, dtype=np.int64), x))
+
+
+def test_a_calibration_that_never_reaches_its_target_says_so(data, caplog):
+    """The ladder's last rung (every list) kept without reaching the recall target: a warning naming the recall
+    reached and the target, and ``target_reached`` false in the calibration the manifest records."""
+    x, ids, _ = data
+    index = ivfpq.build(ivfpq.ArraySource(ids[:2000], x[:2000]), nprobe=4)
+    with caplog.at_level("WARNING", logger="index.ivfpq"):
+        cal = index.calibrate(target=1.01)  # recall is at most 1.0: never reached
+    assert cal["target_reached"] is False and cal["nprobe"] == index.nlist
+    assert f"recall@10 reached only {cal['recall_at_10']:.3f} of the 1.01 target" in caplog.text
+    assert "--index-kind hnsw or flat" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="index.ivfpq"):
+        assert index.calibrate()["target_reached"] is True
+    assert "reached only" not in caplog.text

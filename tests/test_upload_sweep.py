@@ -667,7 +667,7 @@ def test_the_sweep_reads_every_row_outside_the_lease_and_only_new_rows_under_it(
     _rows(g, [used, "/photos/a.jpg", "/photos/b.jpg"])
     g = _aged(monkeypatch, tmp_path / "g", [(used, used_key, 0), (orphan, orphan_key, 0)])
     reads: list[tuple[str, bool]] = []
-    metadata, ids = ReferenceStore.metadata, ReferenceStore.ids
+    metadata, ids, paths = ReferenceStore.metadata, ReferenceStore.ids, ReferenceStore.source_paths
 
     def held() -> bool:
         return write_lock(g.layout.write_lock).held_lease is not None
@@ -676,12 +676,17 @@ def test_the_sweep_reads_every_row_outside_the_lease_and_only_new_rows_under_it(
         reads.append(("every row" if which is None else f"{len(which)} row(s)", held()))
         return metadata(self, which, **kw)
 
+    def paths_spy(self):
+        reads.append(("every row", held()))  # two columns of every row
+        return paths(self)
+
     def ids_spy(self, **kw):
         reads.append(("ids", held()))
         return ids(self, **kw)
 
     monkeypatch.setattr(ReferenceStore, "metadata", metadata_spy)
     monkeypatch.setattr(ReferenceStore, "ids", ids_spy)
+    monkeypatch.setattr(ReferenceStore, "source_paths", paths_spy)
     report = sweep_uploads(g)
     assert [o.uri for o in report.orphans] == [orphan] and report.referenced == 1
     assert reads == [("every row", False)]  # nothing committed meanwhile: nothing read under the lease
@@ -728,3 +733,19 @@ def test_the_sweeps_removals_move_a_bar_of_their_count(tmp_path):
     report = sweep_uploads(g, removing=Bar)
     assert len(report.orphans) == 3
     assert bars == [[3, 1, 1, 1, -1]]
+
+
+def test_the_sweep_reads_two_columns_of_the_rows_not_every_metadata_column(tmp_path, monkeypatch):
+    """``_rows_read`` (the sweep's read of what the rows name) reads the id and source path columns only, never
+    :meth:`index.store.ReferenceStore.metadata` (every column of every row); excluded rows count too."""
+    from index import objects
+    from index.gallery import Gallery
+    from index.store import ReferenceStore
+
+    g = Gallery.create(tmp_path / "g", _TINY)
+    ids = _rows(g, [f"/up/{i}.jpg" for i in range(5)])
+    g.set_excluded(ids[:1])
+    monkeypatch.setattr(ReferenceStore, "metadata", lambda *a, **k: pytest.fail("the whole metadata was read"))
+    read = objects._rows_read(g.store)
+    assert read.ids.tolist() == sorted(ids) and sorted(read.texts) == [f"/up/{i}.jpg" for i in range(5)]
+    assert read.version == g.store.version
