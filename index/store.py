@@ -754,25 +754,34 @@ class _SpeciesTally:
 
     def add(self, rows: pa.Table) -> None:
         """Tally ``rows`` (the five columns of :data:`_SPECIES_COLUMNS`), which follow the rows tallied before."""
-        grouped = rows.group_by("species", use_threads=False).aggregate(
-            [([], "count_all"), ("genus", "last", _WITH_NULLS), ("family", "last", _WITH_NULLS)])
+        species = rows.column("species")
+        columns = {"species": species}
+        for col in ("genus", "family"):  # "first" skips nulls: an empty name is made one, "last" keeps both
+            values = rows.column(col)
+            columns[col] = values
+            columns[f"{col}_given"] = pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
+        grouped = pa.table(columns).group_by("species", use_threads=False).aggregate(
+            [([], "count_all"), ("genus", "last", _WITH_NULLS), ("family", "last", _WITH_NULLS),
+             ("genus_given", "first"), ("family_given", "first")])
         names = grouped.column("species").to_pylist()
         self.touched.update(names)
         self.counts.update(dict(zip(names, grouped.column("count_all").to_pylist(), strict=True)))
         for col in ("genus", "family"):
             self.last[col].update(zip(names, grouped.column(f"{col}_last").to_pylist(), strict=True))
-            values = rows.column(col)
-            given = rows.filter(pc.and_(pc.is_valid(values), pc.not_equal(values, "")))
-            firsts = given.group_by("species", use_threads=False).aggregate([(col, "first")])
-            for name, value in zip(firsts.column("species").to_pylist(), firsts.column(f"{col}_first").to_pylist(),
-                                   strict=True):
-                self.first[col].setdefault(name, value)
+            first = self.first[col]
+            for name, value in zip(names, grouped.column(f"{col}_given_first").to_pylist(), strict=True):
+                if value is not None and name not in first:
+                    first[name] = value
         for col, into in (("common_name", self.commons), ("venomous", self.venoms)):
-            counted = rows.filter(pc.is_valid(rows.column(col))).group_by(["species", col]).aggregate(
+            values = rows.column(col)
+            if values.null_count == len(values):
+                continue
+            counted = pa.table({"species": species, col: values}).group_by(["species", col]).aggregate(
                 [([], "count_all")])
             for name, value, n in zip(counted.column("species").to_pylist(), counted.column(col).to_pylist(),
                                       counted.column("count_all").to_pylist(), strict=True):
-                into.setdefault(name, Counter())[value] += n
+                if value is not None:
+                    into.setdefault(name, Counter())[value] += n
 
     def _summary(self, name: str) -> SpeciesSummary:
         genus, family = (self.first[c].get(name, self.last[c].get(name)) for c in ("genus", "family"))
