@@ -398,9 +398,9 @@ def clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, c
     config = replace(config, duplicates=False, suspect_labels=False)
     t0 = time.perf_counter()
     ids, vectors = gallery.store.vectors()
-    meta = gallery.store.metadata(ids)
-    photos = PhotoSet([str(meta.at[int(i), "source_path"]) for i in ids], [str(meta.at[int(i), "sha256"]) for i in ids],
-                      vectors, [None] * len(ids), [int(i) for i in ids], [str(meta.at[int(i), "species"]) for i in ids])
+    meta = gallery.store.metadata(include_excluded=False).loc[ids]  # one read, then column arrays
+    photos = PhotoSet(meta["source_path"].astype(str).tolist(), meta["sha256"].astype(str).tolist(), vectors,
+                      [None] * len(ids), [int(i) for i in ids], meta["species"].astype(str).tolist())
     findings, zs, notice = check_photos(photos, encoder, config, dataset=scan.name,
                                         prompt_cache=gallery.layout.prompt_cache)
     if notice:
