@@ -32,6 +32,7 @@ import lancedb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
 
@@ -363,6 +364,7 @@ class ReferenceStore:
         self._db = lancedb.connect(str(self.root), read_consistency_interval=interval,
                                    storage_options=self.options or None)
         self._species_cache: tuple[int, list[SpeciesSummary]] | None = None
+        self._species_tally: _SpeciesTally | None = None  # what the cached summary was made from
         if TABLE in self._table_names():
             try:
                 self._table = self._db.open_table(TABLE)
@@ -473,7 +475,9 @@ class ReferenceStore:
         """Append rows under the given (reserved, unused) ids, in one commit; returns the ids."""
         table = rows_table(records, sha256s, embeddings, encoder, ids, self.dim)
         if table.num_rows:
+            before = self.version
             self._table.add(table)
+            self._carry_species(before, table)
         return [int(i) for i in ids]
 
     def _matching(self, ids: Sequence[int]) -> tuple[str, int]:
@@ -598,41 +602,44 @@ class ReferenceStore:
         """Distinct species with reference counts and their metadata, sorted by name (the most common common name
         of a species' references; venomous when any of its references says so).
 
-        Streamed over five columns (never the whole table) and cached until the table's version moves
-        (``version``: the one the caller knows, saving the store round trip that asks it).
+        Streamed over five columns (never the whole table), tallied per batch with Arrow's group-by (no per-row
+        Python), and cached until the table's version moves (``version``: the one the caller knows, saving the
+        store round trip that asks it). This store's own adds and compactions carry the cache to the version they
+        commit (:meth:`_carry_species`): under a stream of uploads only another process's write makes it read
+        the table again.
         """
         version = self.version if version is None else version
         if self._species_cache is not None and self._species_cache[0] == version:
             return list(self._species_cache[1])
-        counts: Counter[str] = Counter()
-        first: dict[str, tuple[str | None, str | None]] = {}
-        commons: dict[str, Counter[str]] = {}
-        venoms: dict[str, Counter[bool]] = {}
-        query = self._table.search().select(["species", "genus", "family", "common_name", "venomous"])
+        tally = _SpeciesTally()
+        query = self._table.search().select(list(_SPECIES_COLUMNS))
         for batch in query.where(_NOT_EXCLUDED).limit(None).to_batches(65_536):
-            cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-            for sp, genus, family, common, venom in zip(cols["species"], cols["genus"], cols["family"],
-                                                        cols["common_name"], cols["venomous"], strict=True):
-                counts[sp] += 1
-                g0, f0 = first.get(sp, (None, None))
-                first[sp] = (g0 or genus, f0 or family)
-                if common is not None:
-                    commons.setdefault(sp, Counter())[common] += 1
-                if venom is not None:
-                    venoms.setdefault(sp, Counter())[bool(venom)] += 1
-        out = [
-            SpeciesSummary(
-                species=str(name),
-                genus=first[name][0],
-                family=first[name][1],
-                common_name=_mode(commons.get(name)),
-                venomous=_venomous(venoms.get(name)),
-                count=int(counts[name]),
-            )
-            for name in sorted(counts)
-        ]
+            if batch.num_rows:
+                tally.add(pa.Table.from_batches([batch]))
+        out = tally.summaries()
         self._species_cache = (version, out)
+        self._species_tally = tally
         return list(out)
+
+    def _carry_species(self, before: int, added: pa.Table | None = None) -> None:
+        """After this store's write on top of version ``before``: move the cached species summary to the version
+        now read, adding the rows ``added``. An add (``added``: its rows) carries it only when the cache was of
+        ``before`` and its commit is ``before + 1`` (no other writer's commit between); a write that changes no row
+        (``added`` None: a compaction, an index commit, one or more commits) carries it when the cache was of
+        ``before``, as the gallery carries its index (these run under its write hold, after a refresh). Otherwise
+        the next :meth:`species` reads the table."""
+        cached, tally = self._species_cache, self._species_tally
+        if cached is None or tally is None or cached[0] != before:
+            return
+        after = self.version
+        if added is None:
+            self._species_cache = (after, cached[1])
+            return
+        if after != before + 1 or not added.num_rows:
+            return
+        self._species_cache = self._species_tally = None  # a failed tally leaves no half-updated cache
+        tally.add(added.select(list(_SPECIES_COLUMNS)))
+        self._species_cache, self._species_tally = (after, tally.summaries()), tally
 
     def _dataset(self):  # noqa: ANN202 - lance.LanceDataset (lance imported by LanceDB on demand)
         """The Lance dataset of the table at the version this store reads (one manifest read, no data)."""
@@ -682,6 +689,7 @@ class ReferenceStore:
                                                      excluded_fragment_ids=big)
             rewritten = int(metrics.fragments_removed)
             self.refresh()
+            self._carry_species(version)  # rows unchanged
         versions_removed = bytes_removed = 0
         if prune_older_than is not None:
             versions_removed, bytes_removed = _prune(dataset, prune_older_than)
@@ -721,10 +729,77 @@ class ReferenceStore:
             if not self._table.list_indices():
                 return
             self.refresh()
+            before = self.version
             self._dataset().optimize.optimize_indices()
             self.refresh()
+            self._carry_species(before)  # rows unchanged
         except Exception as exc:  # noqa: BLE001 - an index speeds reads up; reads work without it
             logger.warning("store: could not bring its indexes over the new rows (%s); lookups scan them", exc)
+
+
+#: The columns the species summary is made from.
+_SPECIES_COLUMNS = ("species", "genus", "family", "common_name", "venomous")
+_WITH_NULLS = pc.ScalarAggregateOptions(skip_nulls=False)
+
+
+class _SpeciesTally:
+    """What :meth:`ReferenceStore.species` sums up, per species, over rows taken in table order: the count, the
+    genus and family (the first non-empty value, else the last one), and the common names' and venomous flags'
+    counts. :meth:`add` takes a table of rows following those already tallied (an Arrow group-by each: no per-row
+    Python)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first: dict[str, dict[str, str]] = {"genus": {}, "family": {}}
+        self.last: dict[str, dict[str, str | None]] = {"genus": {}, "family": {}}
+        self.commons: dict[str, Counter[str]] = {}
+        self.venoms: dict[str, Counter[bool]] = {}
+        self.touched: set[str] = set()  # species whose summary moved since :meth:`summaries` last ran
+        self._summaries: dict[str, SpeciesSummary] = {}
+
+    def add(self, rows: pa.Table) -> None:
+        """Tally ``rows`` (the five columns of :data:`_SPECIES_COLUMNS`), which follow the rows tallied before."""
+        species = rows.column("species")
+        columns = {"species": species}
+        for col in ("genus", "family"):  # "first" skips nulls: an empty name is made one, "last" keeps both
+            values = rows.column(col)
+            columns[col] = values
+            columns[f"{col}_given"] = pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
+        grouped = pa.table(columns).group_by("species", use_threads=False).aggregate(
+            [([], "count_all"), ("genus", "last", _WITH_NULLS), ("family", "last", _WITH_NULLS),
+             ("genus_given", "first"), ("family_given", "first")])
+        names = grouped.column("species").to_pylist()
+        self.touched.update(names)
+        self.counts.update(dict(zip(names, grouped.column("count_all").to_pylist(), strict=True)))
+        for col in ("genus", "family"):
+            self.last[col].update(zip(names, grouped.column(f"{col}_last").to_pylist(), strict=True))
+            first = self.first[col]
+            for name, value in zip(names, grouped.column(f"{col}_given_first").to_pylist(), strict=True):
+                if value is not None and name not in first:
+                    first[name] = value
+        for col, into in (("common_name", self.commons), ("venomous", self.venoms)):
+            values = rows.column(col)
+            if values.null_count == len(values):
+                continue
+            counted = pa.table({"species": species, col: values}).group_by(["species", col]).aggregate(
+                [([], "count_all")])
+            for name, value, n in zip(counted.column("species").to_pylist(), counted.column(col).to_pylist(),
+                                      counted.column("count_all").to_pylist(), strict=True):
+                if value is not None:
+                    into.setdefault(name, Counter())[value] += n
+
+    def _summary(self, name: str) -> SpeciesSummary:
+        genus, family = (self.first[c].get(name, self.last[c].get(name)) for c in ("genus", "family"))
+        return SpeciesSummary(species=str(name), genus=genus, family=family, common_name=_mode(self.commons.get(name)),
+                              venomous=_venomous(self.venoms.get(name)), count=int(self.counts[name]))
+
+    def summaries(self) -> list[SpeciesSummary]:
+        """One summary per species tallied, sorted by name (only the species touched since the last call are
+        summed up again)."""
+        for name in self.touched:
+            self._summaries[name] = self._summary(name)
+        self.touched.clear()
+        return [self._summaries[name] for name in sorted(self._summaries)]
 
 
 def _venomous(counts: Counter | None) -> bool | None:

@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from index.datasets import DatasetScan, load_dataset, require_records
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
@@ -38,6 +41,7 @@ from retrieval.findings import (
     unfindable_kinds,
     unfindable_text,
 )
+from retrieval.images import sha256_bytes
 from retrieval.pipeline import embed_photos
 from retrieval.probe import has_probe
 from retrieval.probe_flows import refresh_gallery_metric
@@ -287,25 +291,29 @@ def run_clean(
                          + (f"; what it finds: --apply-to {','.join(found)}" if found else ""))
     t0 = time.perf_counter()
     cache, known, stored, dataset_name = None, {}, None, None
-    if gallery is not None:
+    read = gallery.read_photo if gallery is not None else read_source  # a stored upload in an S3 store too
+    if gallery is not None and dataset is not None:  # only the photos' own digests: never the whole table
+        scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
+        outside = [r.path for r in scan.records] + list(against_paths or [])
+        known, cache = _stored_digests(gallery, outside, read, reuse=reuse, progress=progress)
+    elif gallery is not None:  # the gallery itself: every row, read as column arrays
         ids_all, vec_all = gallery.store.vectors(include_excluded=True)
-        meta = gallery.store.metadata(ids_all)
-        shas_all = [str(meta.at[int(i), "sha256"]) for i in ids_all]
+        meta = gallery.store.metadata().loc[ids_all]
+        shas_all = meta["sha256"].astype(str).tolist()
         known = dict(zip(shas_all, (int(i) for i in ids_all), strict=True))
         cache = (shas_all, vec_all) if reuse else None
-        stored = ([str(meta.at[int(i), "source_path"]) for i in ids_all], [int(i) for i in ids_all],
-                  [str(meta.at[int(i), "species"]) for i in ids_all])
+        stored = (meta["source_path"].astype(str).tolist(), [int(i) for i in ids_all],
+                  meta["species"].astype(str).tolist())
         datasets = meta["dataset"].dropna()
         dataset_name = str(datasets.mode().iloc[0]) if len(datasets) else None
-
-    read = gallery.read_photo if gallery is not None else read_source  # a stored upload in an S3 store too
 
     def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True):
         return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
                             progress=progress, desc=desc, read=read)
 
     if dataset is not None:
-        scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
+        if gallery is None:
+            scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
         for warning in scan.warnings:
             logger.warning("%s", warning)
         require_records(scan)
@@ -346,6 +354,25 @@ def run_clean(
     return result
 
 
+def _stored_digests(gallery: Gallery, paths: Sequence[str | Path], read: Callable[[str | Path], bytes], *,
+                    reuse: bool, progress: bool = False) -> tuple[dict[str, int], tuple[list[str], np.ndarray] | None]:
+    """(digest -> reference id, the embedding cache) of the photos ``paths`` that the gallery stores already: their
+    bytes hashed first, then one ``sha256 IN`` lookup and the vectors of those references alone (``reuse``: the
+    gallery's own encoder), so that a dataset's clean reads what it shares with the gallery, not the gallery."""
+    digests = []
+    for path in tqdm(paths, desc="cleaning: digests", unit="img", disable=not progress):
+        try:
+            digests.append(sha256_bytes(read(path)))
+        except OSError:
+            continue  # unreadable: the embedding step says so
+    known = gallery.store.find_sha256(digests)
+    if not reuse or not known:
+        return known, None
+    ids, vectors = gallery.store.vectors(ids=sorted(set(known.values())))
+    by_id = {int(i): sha for sha, i in known.items()}
+    return known, ([by_id[int(i)] for i in ids], vectors)
+
+
 def _resolve_encoder(
     index: str | Path | None, config: EncoderConfig | Encoder | None
 ) -> tuple[Gallery | None, Encoder, bool]:
@@ -371,9 +398,9 @@ def clean_built_gallery(gallery: Gallery, encoder: Encoder, scan: DatasetScan, c
     config = replace(config, duplicates=False, suspect_labels=False)
     t0 = time.perf_counter()
     ids, vectors = gallery.store.vectors()
-    meta = gallery.store.metadata(ids)
-    photos = PhotoSet([str(meta.at[int(i), "source_path"]) for i in ids], [str(meta.at[int(i), "sha256"]) for i in ids],
-                      vectors, [None] * len(ids), [int(i) for i in ids], [str(meta.at[int(i), "species"]) for i in ids])
+    meta = gallery.store.metadata(include_excluded=False).loc[ids]  # one read, then column arrays
+    photos = PhotoSet(meta["source_path"].astype(str).tolist(), meta["sha256"].astype(str).tolist(), vectors,
+                      [None] * len(ids), [int(i) for i in ids], meta["species"].astype(str).tolist())
     findings, zs, notice = check_photos(photos, encoder, config, dataset=scan.name,
                                         prompt_cache=gallery.layout.prompt_cache)
     if notice:

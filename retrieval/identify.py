@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import ThreadpoolController
 
+from index.atomic import write_json_atomic
 from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.layout import check_encoder
 from index.photos import first_few
@@ -52,6 +54,9 @@ WHITENED_CACHE_ROWS = 200_000
 FAR_QUANTILE = 0.001
 #: References sampled to estimate that threshold (all of them in a smaller gallery).
 FAR_SAMPLE = 2000
+#: The last estimate of that threshold, kept in the gallery folder beside the index with what it was estimated for
+#: (:func:`far_key`): a new process (each CLI ``identify``) reuses it while the index is the same.
+FAR_FILE = "far_threshold.json"
 
 
 def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
@@ -74,6 +79,35 @@ def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: i
         q1, q3 = np.quantile(other, [0.25, 0.75])  # Tukey's far-out fence sets such outliers aside (on the
         other = other[other >= q1 - 3 * (q3 - q1)]  # ph-snakes galleries, frozen and fine-tuned, it sets none aside)
     return float(np.quantile(other, quantile)) if len(other) else None
+
+
+def far_key(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
+            seed: int = 0) -> dict[str, Any]:
+    """What :func:`far_threshold` depends on: the index (its encoder, the store version it reflects, its size, its
+    kind and search setting) and the estimate's own settings."""
+    index = gallery.index
+    return {"fingerprint": gallery.fingerprint, "store_version": int(gallery.version), "count": int(index.ntotal),
+            "index": type(index).__name__, "nprobe": getattr(index, "nprobe", None), "quantile": float(quantile),
+            "sample": int(sample), "seed": int(seed)}
+
+
+def saved_far_threshold(gallery: Gallery) -> float | None:
+    """:func:`far_threshold` of the gallery as its folder keeps it (:data:`FAR_FILE`) when made for the index as it
+    is now (:func:`far_key`), else estimated and kept there (best effort: a read-only folder only logs it)."""
+    key, path = far_key(gallery), gallery.layout.root / FAR_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            value = saved.get("threshold")
+            return None if value is None else float(value)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # none kept yet, or unreadable: estimated again below
+    value = far_threshold(gallery)
+    try:
+        write_json_atomic(path, {"key": key, "threshold": value})
+    except OSError as exc:
+        logger.debug("the far threshold of %s was not kept (%s); estimated again next time", gallery.root, exc)
+    return value
 
 
 @functools.lru_cache(maxsize=1)
@@ -439,10 +473,11 @@ class Identifier:
         return out, nearest
 
     def far_threshold(self) -> float | None:
-        """:func:`far_threshold` of the gallery, estimated again when its size has moved by more than 10%."""
+        """:func:`far_threshold` of the gallery, estimated again when its size has moved by more than 10%; the first
+        one of a process is the one its folder keeps when made for the same index (:func:`saved_far_threshold`)."""
         size = self.gallery.index.ntotal  # no copy of the ids: this runs on every answer
         if self._far is None or abs(size - self._far[0]) > 0.1 * max(self._far[0], 1):
-            self._far = (size, far_threshold(self.gallery))
+            self._far = (size, saved_far_threshold(self.gallery))
         return self._far[1]
 
     def _whitened_refs(self, ids: list[int], wh: Whitening) -> np.ndarray:

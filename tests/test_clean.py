@@ -812,3 +812,32 @@ def test_real_leakage_val_against_train(tmp_path, capsys):
     assert len(dups) == 4 and all("philippine_rat_snake" in r["path"] for r in dups)
     near = {Path(r["path"]).name[-14:]: float(r["score"]) for r in rows if r["kind"] == "near-duplicate"}
     assert {"train_0050.png", "train_0025.jpg"} <= set(near) and all(s >= 0.95 for s in near.values())
+
+
+def test_clean_of_a_dataset_against_a_gallery_reads_only_the_references_it_shares(tmp_path, capsys, monkeypatch):
+    """``clean --dataset D --index G``: the dataset's digests are looked up (and only their stored vectors read), never
+    the gallery's whole table; the findings and the embeddings reused are those of the whole-table read."""
+    from index.store import ReferenceStore
+
+    paths = _photos(tmp_path / "photos", per_species=3)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                        index, "--encoder", IMAGE_ONLY, "--precision", "fp32", "-q")
+    assert code == 0, err
+    ds = tmp_path / "ds"
+    (ds / "Naja haje").mkdir(parents=True)
+    (ds / "Naja haje" / "stored.png").write_bytes(paths[0].read_bytes())  # in the gallery: its vector is reused
+    (ds / "Naja haje" / "copy.png").write_bytes(paths[0].read_bytes())
+    _noise(ds / "Naja haje" / "new.png", seed=777)
+    reads = []
+    vectors, metadata = ReferenceStore.vectors, ReferenceStore.metadata
+    monkeypatch.setattr(ReferenceStore, "vectors", lambda self, **kw: reads.append(("vectors", kw)) or vectors(self, **kw))
+    monkeypatch.setattr(ReferenceStore, "metadata",
+                        lambda self, *a, **kw: reads.append(("metadata", a, kw)) or metadata(self, *a, **kw))
+    code, out, err = _run(capsys, "clean", "--dataset", "folder", "--root", ds, "--index", index, "--encoder",
+                          IMAGE_ONLY, "--precision", "fp32", "--report", tmp_path / "r", "--no-suspect-labels", "-q")
+    assert code == 0, err
+    assert not [r for r in reads if r[0] == "metadata" or r[1].get("ids") is None], reads  # no whole-table read
+    assert "1 photos through the encoder, 2 read from the gallery's store" in out, out
+    found = {(r["kind"], Path(r["path"]).name, r["reference_id"]) for r in _read_csv(tmp_path / "r" / "findings.csv")}
+    assert ("duplicate", "stored.png", "1") in found, found  # the same bytes: the gallery's reference 1 named
