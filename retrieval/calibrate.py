@@ -138,7 +138,7 @@ def knn_top(
             sims[r[keep], r[keep] + s] = -np.inf
         for k in parts:
             kk = min(k, n_r)
-            top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+            top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk].copy()  # not a view of the block's whole order
             parts[k].append((top, np.take_along_axis(sims, top, axis=1)))
     return {k: (np.concatenate([t for t, _ in v]) if v else np.zeros((0, min(k, n_r)), np.int64),
                 np.concatenate([t for _, t in v]) if v else np.zeros((0, min(k, n_r)), np.float32))
