@@ -9,6 +9,7 @@ benchmarks/bench_clean.py.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,13 +40,17 @@ def _best_first(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> list[tuple[int, 
 
 
 def similar_pairs(
-    a: np.ndarray, b: np.ndarray | None = None, *, threshold: float, block: int = DEFAULT_BLOCK
+    a: np.ndarray, b: np.ndarray | None = None, *, threshold: float, block: int = DEFAULT_BLOCK,
+    progress: bool = False,
 ) -> list[tuple[int, int, float]]:
     """Every pair with cosine similarity >= ``threshold`` (rows L2-normalised), best first.
 
     ``b is None``: pairs (i, j, sim) within ``a`` with i < j. Otherwise pairs (i in a, j in b).
     ``block``: rows per side of the similarity tile computed at once (memory: ``block``² floats).
+    ``progress``: a bar over the tiles (all n² pairs within one set: long at 100k+ rows).
     """
+    from tqdm.auto import tqdm
+
     if block < 1:
         raise ValueError(f"block must be at least 1, got {block}")
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -53,21 +58,28 @@ def similar_pairs(
     if not len(a) or not len(base):
         return []
     parts_i, parts_j, parts_s = [], [], []
-    for s in range(0, len(a), block):
-        for t in range(s if b is None else 0, len(base), block):  # within one set: tiles on/above the diagonal
-            i, j, sims = _tile_pairs(a[s : s + block], base[t : t + block], float(threshold), b is None and s == t)
-            parts_i.append(i + s)
-            parts_j.append(j + t)
-            parts_s.append(sims)
+    na, nb = -(-len(a) // block), -(-len(base) // block)
+    tiles = na * (na + 1) // 2 if b is None else na * nb
+    shown = progress and tiles > 1  # no bar object at all otherwise (other bars' owners count theirs)
+    with tqdm(total=tiles, desc="grouping near-copies", unit="tile") if shown else contextlib.nullcontext() as bar:
+        for s in range(0, len(a), block):
+            for t in range(s if b is None else 0, len(base), block):  # within one set: tiles on/above the diagonal
+                i, j, sims = _tile_pairs(a[s : s + block], base[t : t + block], float(threshold),
+                                         b is None and s == t)
+                parts_i.append(i + s)
+                parts_j.append(j + t)
+                parts_s.append(sims)
+                if bar is not None:
+                    bar.update()
     return _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
 
 
 def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None] = (),
-                block: int = DEFAULT_BLOCK) -> np.ndarray:
+                block: int = DEFAULT_BLOCK, progress: bool = False) -> np.ndarray:
     """The copy rule, in one place: (N,) group label of every row, rows in one group being copies of one photo:
     connected components of the pairs with cosine >= ``threshold`` (:func:`similar_pairs`, rows L2-normalised)
     and of the rows with the same ``sha256`` (when given; None or "" never matches). A burst of near-copies is
-    one group. Labels are row positions (a group's label is one of its rows).
+    one group. Labels are row positions (a group's label is one of its rows). ``progress``: a bar over the tiles.
 
     The labels are the roots of this union-find (the pairs best first, then the same-sha256 rows), kept rather
     than scipy's ``connected_components``: the groups would be the same, but any relabelling of them (each to its
@@ -81,7 +93,7 @@ def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None]
             i = int(parent[i])
         return i
 
-    for a, b, _ in similar_pairs(x, threshold=threshold, block=block):
+    for a, b, _ in similar_pairs(x, threshold=threshold, block=block, progress=progress):
         parent[find(a)] = find(b)
     first: dict[str, int] = {}
     for i, digest in enumerate(sha256):

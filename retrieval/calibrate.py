@@ -23,7 +23,7 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +50,33 @@ DEFAULT_RULE = "seq-nll"
 #: The metric leans to plain cosine: the whitened one (``retrieval.metric``) is chosen only where the gallery's own
 #: out-of-fold scores show it better by more than their standard error.
 PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
+#: Above this many gallery photos, cross-validation chooses the settings on a seeded subsample of at most this many
+#: (:func:`selection_sample`: each species keeps min(its photos, a cap), the cap the largest that fits); the final
+#: probe still trains on every photo. A ph-snakes-size gallery (980 photos) is far under it: chosen on all photos.
+SELECTION_MAX_PHOTOS = 20_000
+
+
+def selection_sample(labels: Sequence[str], *, max_photos: int = SELECTION_MAX_PHOTOS,
+                     seed: int = 0) -> tuple[np.ndarray | None, int]:
+    """(sorted positions of the photos cross-validation chooses the settings on, the cap per species); (None, 0)
+    when there are at most ``max_photos`` (all of them). Each species keeps min(its photos, cap), the cap the
+    largest that keeps the total within ``max_photos`` (at least MIN_PROBE_PHOTOS), drawn with ``seed``."""
+    if max_photos < 1:
+        raise ValueError(f"max_photos must be at least 1, got {max_photos}")
+    if len(labels) <= max_photos:
+        return None, 0
+    by_species: dict[str, list[int]] = {}
+    for i, s in enumerate(labels):
+        by_species.setdefault(s, []).append(i)
+    sizes = np.array([len(v) for v in by_species.values()])
+    lo, hi = MIN_PROBE_PHOTOS, int(sizes.max())  # the largest cap with sum(min(size, cap)) <= max_photos
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if int(np.minimum(sizes, mid).sum()) <= max_photos else (lo, mid - 1)
+    rng = np.random.default_rng(seed)
+    keep = [np.asarray(pos) if len(pos) <= lo else rng.choice(pos, lo, replace=False)
+            for _, pos in sorted(by_species.items())]
+    return np.sort(np.concatenate(keep)), lo
 
 
 class FewPhotosError(ValueError):
@@ -79,6 +106,58 @@ def check_weight(weight: float) -> float:
     return w
 
 
+#: Floats of one block of query-to-reference similarities (float32: 128 MiB): the kNN vote is computed over blocks of
+#: queries (every reference per query row, so each row's top-k is the dense matrix's, bit for bit), never a whole
+#: Q x R matrix (40 GB at 100k x 100k).
+BLOCK_FLOATS = 1 << 25
+
+
+def knn_top(
+    queries: np.ndarray, refs: np.ndarray, ks: Sequence[int], *, exclude_self: bool = False,
+    block_floats: int = BLOCK_FLOATS,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per k of ``ks``: (reference positions (Q, k'), their similarities (Q, k')) of each query's k' = min(k, R)
+    nearest references by inner product, over blocks of query rows (``block_floats`` similarities at a time).
+    The same neighbours, in the same order, as ``np.argpartition`` over the dense Q x R matrix (one row's
+    similarities do not depend on the others'). ``exclude_self``: query i is reference i (it is not its own
+    neighbour)."""
+    if block_floats < 1:
+        raise ValueError(f"block_floats must be at least 1, got {block_floats}")
+    n_q, n_r = len(queries), refs.shape[0]
+    rows = max(1, block_floats // max(n_r, 1))
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {int(k): [] for k in ks}
+    for s in range(0, n_q, rows):
+        block = queries[s : s + rows]
+        if len(block) == 1 < n_q:  # BLAS takes another path for one row (its sums can differ in the last bit)
+            sims = (np.concatenate([block, block]) @ refs.T)[:1]
+        else:
+            sims = block @ refs.T
+        if exclude_self:
+            r = np.arange(len(sims))
+            keep = r + s < n_r
+            sims[r[keep], r[keep] + s] = -np.inf
+        for k in parts:
+            kk = min(k, n_r)
+            top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk].copy()  # not a view of the block's whole order
+            parts[k].append((top, np.take_along_axis(sims, top, axis=1)))
+    return {k: (np.concatenate([t for t, _ in v]) if v else np.zeros((0, min(k, n_r)), np.int64),
+                np.concatenate([t for _, t in v]) if v else np.zeros((0, min(k, n_r)), np.float32))
+            for k, v in parts.items()}
+
+
+def vote_weights(top_sims: np.ndarray, temperature: float) -> np.ndarray:
+    """Each neighbour's weight in the kNN vote: exp((sim - the query's best) / T)."""
+    return np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / temperature)
+
+
+def dense_vote(labels: np.ndarray, weights: np.ndarray, n_classes: int) -> np.ndarray:
+    """(Q, n_classes) kNN vote probabilities from each query's neighbours' class indices and weights (Q, k)."""
+    out = np.zeros((len(labels), n_classes), dtype=np.float64)
+    rows = np.repeat(np.arange(len(labels)), labels.shape[1])
+    np.add.at(out, (rows, labels.reshape(-1)), weights.reshape(-1))
+    return out / out.sum(axis=1, keepdims=True)
+
+
 def knn_matrix(
     queries: np.ndarray,
     refs: np.ndarray,
@@ -91,19 +170,40 @@ def knn_matrix(
     metric: str = "cosine",
 ) -> np.ndarray:
     """Vectorised kNN vote: (Q, n_classes) probabilities (ref_labels are class indices). ``metric`` "whitened" fits
-    the whitening (``retrieval.metric``) on the references and their labels first."""
+    the whitening (``retrieval.metric``) on the references and their labels first. The similarities are computed a
+    block of queries at a time (:func:`knn_top`): memory Q x n_classes, not Q x R."""
     queries, refs = in_metric(queries, refs, ref_labels, metric)
-    sims = queries @ refs.T
-    if exclude_self:
-        np.fill_diagonal(sims, -np.inf)
-    k = min(k, refs.shape[0])
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    top_sims = np.take_along_axis(sims, top, axis=1)
-    w = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / temperature)
-    out = np.zeros((len(queries), n_classes), dtype=np.float64)
-    rows = np.repeat(np.arange(len(queries)), k)
-    np.add.at(out, (rows, ref_labels[top].reshape(-1)), w.reshape(-1))
-    return out / out.sum(axis=1, keepdims=True)
+    top, top_sims = knn_top(queries, refs, [k], exclude_self=exclude_self)[k]
+    return dense_vote(ref_labels[top], vote_weights(top_sims, temperature), n_classes)
+
+
+class Votes(Mapping):
+    """(k, T, metric) -> (Q, n) out-of-fold kNN vote, kept as each fold's neighbours' classes and weights (Q x k)
+    and made dense on access (the last one cached): ~40 settings of (Q, n) float64 would be 128 GB at 200k x 2,000
+    species. A dense vote equals :func:`knn_matrix`'s, bit for bit."""
+
+    def __init__(self, n_classes: int) -> None:
+        self._n = n_classes
+        self._parts: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._last: tuple[tuple, np.ndarray] | None = None
+
+    def add(self, key: tuple, labels: np.ndarray, weights: np.ndarray) -> None:
+        """Append one fold's neighbours' class indices and vote weights (Q, k) for setting ``key``."""
+        self._parts.setdefault(key, []).append((labels, weights))
+        self._last = None
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        key = tuple(key)
+        if self._last is None or self._last[0] != key:
+            parts = self._parts[key]
+            self._last = (key, np.concatenate([dense_vote(lab, w, self._n) for lab, w in parts]))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
 
 
 def in_metric(queries: np.ndarray, refs: np.ndarray, ref_labels: np.ndarray,
@@ -180,7 +280,7 @@ class OutOfFold:
     """Out-of-fold probabilities of every grid value: what a rule chooses from (``select_settings``)."""
 
     y: np.ndarray  # (Q,) true class index of every held-out photo
-    knn: dict[tuple[int, float, str], np.ndarray]  # (k, T, metric) -> (Q, n) kNN vote
+    knn: Mapping[tuple[int, float, str], np.ndarray]  # (k, T, metric) -> (Q, n) kNN vote (:class:`Votes`)
     probe: dict[float, np.ndarray]  # C -> (Q, n) probe probabilities (zero on species it does not know)
     known: dict[float, np.ndarray]  # C -> (Q, n) bool: the species that probe knows
     weights: tuple[float, ...]
@@ -238,13 +338,13 @@ def out_of_fold(
             [index[val_labels[i]] for i in keep]))]
         selected_on = f"val:{val_name}"
     else:
-        groups = photo_groups(x)
+        groups = photo_groups(x, progress=progress)  # all pairs: n² (SELECTION_MAX_PHOTOS bounds n)
         n_folds = _fold_count(y, groups, species, folds)
         splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed, groups)]
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     n = len(species)
     Cs = (probe.calibration.C,) if probe is not None else grid.Cs
-    knn_oof: dict[tuple, list[np.ndarray]] = {}
+    knn_oof = Votes(n)
     probe_oof: dict[float, list[np.ndarray]] = {}
     known_oof: dict[float, list[np.ndarray]] = {}
     truth: list[np.ndarray] = []
@@ -261,8 +361,10 @@ def out_of_fold(
             truth.append(qy)
             for metric in metrics:
                 qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
+                tops = knn_top(qm, refs, grid.ks)  # blocks of queries: never the fold's Q x R matrix
                 for k, t in kts:
-                    knn_oof.setdefault((k, t, metric), []).append(knn_matrix(qm, refs, y[rest], n, k, t))
+                    top, top_sims = tops[k]
+                    knn_oof.add((k, t, metric), y[rest][top], vote_weights(top_sims, t))
                     bar.update()
             for c in Cs:
                 fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
@@ -272,7 +374,7 @@ def out_of_fold(
                 bar.update()
     return OutOfFold(
         y=np.concatenate(truth),
-        knn={kt: np.concatenate(v) for kt, v in knn_oof.items()},
+        knn=knn_oof,
         probe={c: np.concatenate(v) for c, v in probe_oof.items()},
         known={c: np.concatenate(v) for c, v in known_oof.items()},
         weights=tuple(grid.weights),
@@ -363,6 +465,14 @@ def select_settings(
         return out_of_fold(x, y, fingerprint=fingerprint, val_embeddings=val_embeddings, val_labels=val_labels,
                            val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe, progress=progress)
 
+    counts = Counter(labels)
+    sample, cap = ((None, 0) if val_embeddings is not None
+                   else selection_sample(labels, max_photos=SELECTION_MAX_PHOTOS, seed=seed))
+    if sample is not None:  # n² copy grouping and n x n kNN votes: bounded by a subsample (the module's docs)
+        logger.warning("choosing the settings on %d of the %d gallery photos (at most %d a species, seed %d): "
+                       "cross-validation over more than %d photos would take hours; the probe still trains on all",
+                       len(sample), len(labels), cap, seed, SELECTION_MAX_PHOTOS)
+        embeddings, labels = np.asarray(embeddings)[sample], [labels[i] for i in sample]
     left_out: dict[str, int] = {}
     try:
         oof = oof_of(embeddings, labels)
@@ -371,11 +481,19 @@ def select_settings(
         keep = [i for i, s in enumerate(labels) if s not in few]
         if len({labels[i] for i in keep}) < 2:
             raise
-        counts = Counter(labels)
-        left_out = {s: counts[s] for s in sorted(few)}
+        # a species the subsample cut (more than `cap` photos) may have distinct photos outside it: it is left out
+        # of the choice only, and the probe still learns it
+        left_out = {s: counts[s] for s in sorted(few) if sample is None or counts[s] <= cap}
+        if len(left_out) < len(few):
+            logger.info("%d species left out of the choice of the settings only (their sampled photos are "
+                        "near-copies of one): the probe still learns them", len(few) - len(left_out))
         oof = oof_of(np.asarray(embeddings)[keep], [labels[i] for i in keep])
     calibration = calibration_from(oof, rule, target_precision)
     calibration.left_out = left_out
+    if sample is not None:  # said with the settings (probe.json, the CLI's "settings chosen on ...")
+        calibration.selected_on += (f" (subsample: {len(sample)} of {sum(counts.values())} photos, at most {cap} a "
+                                    f"species, seed {seed})")
+        calibration.metrics["gallery_photos"] = float(sum(counts.values()))
     return calibration
 
 

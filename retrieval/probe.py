@@ -46,12 +46,13 @@ MIN_PROBE_PHOTOS = 2
 DUPLICATE_COSINE = 0.95
 
 
-def photo_groups(x: np.ndarray) -> np.ndarray:
+def photo_groups(x: np.ndarray, *, progress: bool = False) -> np.ndarray:
     """(N,) group of each embedding of ``x``, the near-copies of one photo in one group: ``index.pairs.copy_groups``
-    at :data:`DUPLICATE_COSINE` (the groups ``probe train``'s cross-validation keeps in one fold)."""
+    at :data:`DUPLICATE_COSINE` (the groups ``probe train``'s cross-validation keeps in one fold). ``progress``: a
+    bar over its similarity tiles (all n² pairs)."""
     from index.pairs import copy_groups
 
-    return copy_groups(x, threshold=DUPLICATE_COSINE)
+    return copy_groups(x, threshold=DUPLICATE_COSINE, progress=progress)
 
 
 def distinct_photos(groups: np.ndarray, y: np.ndarray) -> dict[Any, int]:

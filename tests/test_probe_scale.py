@@ -1,0 +1,138 @@
+"""probe train at scale: the kNN vote over blocks of queries equals the dense Q x R one bit for bit, the settings
+are chosen on a subsample above SELECTION_MAX_PHOTOS (said in the calibration), the species read in one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import retrieval.calibrate as calibrate
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+from retrieval.calibrate import (
+    SelectionGrid,
+    Votes,
+    dense_vote,
+    knn_matrix,
+    knn_top,
+    select_settings,
+    selection_sample,
+    vote_weights,
+)
+from retrieval.probe_flows import _selection_data
+
+
+def _dense_knn(queries, refs, ref_labels, n_classes, k, temperature, *, exclude_self=False):
+    """The vote as it was: one dense Q x R similarity matrix."""
+    sims = queries @ refs.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    k = min(k, refs.shape[0])
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    top_sims = np.take_along_axis(sims, top, axis=1)
+    w = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / temperature)
+    out = np.zeros((len(queries), n_classes), dtype=np.float64)
+    rows = np.repeat(np.arange(len(queries)), k)
+    np.add.at(out, (rows, ref_labels[top].reshape(-1)), w.reshape(-1))
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _data(seed: int, n_q: int, n_r: int, dim: int, ties: bool):
+    rng = np.random.default_rng(seed)
+    if ties:  # few distinct vectors: many equal similarities around every k-th neighbour
+        base = rng.normal(size=(4, dim)).astype(np.float32)
+        q, r = base[rng.integers(0, 4, n_q)], base[rng.integers(0, 4, n_r)]
+    else:
+        q, r = rng.normal(size=(n_q, dim)).astype(np.float32), rng.normal(size=(n_r, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    return q, r, rng.integers(0, 7, n_r)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("block_floats", [1, 97 * 2, 97 * 5, 97 * 101, 10**9])  # 203 = 2 * 101 + 1: a lone last row
+def test_blockwise_vote_equals_dense(ties, block_floats):
+    q, r, labels = _data(1, 203, 97, 16, ties)
+    tops = knn_top(q, r, [3, 10, 30, 200], block_floats=block_floats)
+    for k in (3, 10, 30, 200):
+        top, top_sims = tops[k]
+        assert top.shape == (203, min(k, 97))
+        for t in (0.02, 0.05):
+            got = dense_vote(labels[top], vote_weights(top_sims, t), 7)
+            assert np.array_equal(got, _dense_knn(q, r, labels, 7, k, t))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_knn_matrix_equals_dense_with_self_excluded(ties):
+    x, _, _ = _data(2, 150, 1, 8, ties)
+    labels = np.random.default_rng(3).integers(0, 5, 150)
+    for k in (1, 10):
+        dense = _dense_knn(x, x, labels, 5, k, 0.03, exclude_self=True)
+        assert np.array_equal(knn_matrix(x, x, labels, 5, k, 0.03, exclude_self=True), dense)
+        top, _ = knn_top(x, x, [k], exclude_self=True, block_floats=150 * 7)[k]
+        assert not (top == np.arange(150)[:, None]).any()  # no photo is its own neighbour, in any block
+
+
+def test_votes_keep_top_k_and_concatenate_folds_as_dense():
+    q, r, labels = _data(4, 60, 40, 8, False)
+    votes = Votes(7)
+    for fold in (q[:25], q[25:]):
+        top, sims = knn_top(fold, r, [10])[10]
+        votes.add((10, 0.03, "cosine"), labels[top], vote_weights(sims, 0.03))
+    assert list(votes) == [(10, 0.03, "cosine")] and len(votes) == 1
+    dense = np.concatenate([_dense_knn(f, r, labels, 7, 10, 0.03) for f in (q[:25], q[25:])])
+    assert np.array_equal(votes[10, 0.03, "cosine"], dense)
+
+
+def test_block_floats_must_be_positive():
+    q, r, _ = _data(5, 4, 4, 4, False)
+    with pytest.raises(ValueError, match="block_floats must be at least 1"):
+        knn_top(q, r, [2], block_floats=0)
+
+
+def test_selection_sample_keeps_all_up_to_the_limit_and_caps_the_big_species_above_it():
+    labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 3
+    assert selection_sample(labels, max_photos=83) == (None, 0)  # a ph-snakes-size gallery: every photo
+    sample, cap = selection_sample(labels, max_photos=40, seed=7)
+    kept = [labels[i] for i in sample]
+    assert cap == 18 and len(sample) == 39  # 18 + 18 + 3 <= 40 < 19 + 19 + 3
+    assert (kept.count("a"), kept.count("b"), kept.count("c")) == (18, 18, 3)
+    assert np.array_equal(sample, np.sort(sample)) and len(set(sample.tolist())) == 39
+    assert np.array_equal(selection_sample(labels, max_photos=40, seed=7)[0], sample)  # seeded
+    assert not np.array_equal(selection_sample(labels, max_photos=40, seed=8)[0], sample)
+    assert selection_sample(labels, max_photos=3)[1] == 2  # never under 2 a species (cross-validation's minimum)
+
+
+def test_settings_are_chosen_on_a_subsample_above_the_limit_and_it_is_said(monkeypatch):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32))
+    x = np.concatenate([c + rng.normal(size=(40, 32)) for c in centres]).astype(np.float32)  # no near-copies
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = [s for s in "abc" for _ in range(40)]
+    grid = SelectionGrid(Cs=(1.0,), ks=(5,), temperatures=(0.05,), weights=(0.5,), metrics=("cosine",))
+    full = select_settings(x, y, fingerprint="f", grid=grid, folds=3)
+    assert "subsample" not in full.selected_on and full.metrics["queries"] == 120
+    monkeypatch.setattr(calibrate, "SELECTION_MAX_PHOTOS", 60)
+    cut = select_settings(x, y, fingerprint="f", grid=grid, folds=3)
+    assert cut.selected_on == "cv:3-fold (subsample: 60 of 120 photos, at most 20 a species, seed 0)"
+    assert cut.metrics["queries"] == 60 and cut.metrics["gallery_photos"] == 120
+
+
+def test_the_selection_reads_species_in_one_pass_not_by_id(tmp_path, monkeypatch):
+    dim, rng = 8, np.random.default_rng(1)
+    g = Gallery.create(tmp_path / "g", {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": dim})
+    for sp in ("Naja haje", "Natrix maura", "Vipera latastei"):
+        x = rng.normal(size=(5, dim)).astype(np.float32)
+        g.add([ReferenceRecord(path=f"/p/{sp}/{i}.jpg", species=sp) for i in range(5)], [f"{sp}{i}" for i in range(5)],
+              x / np.linalg.norm(x, axis=1, keepdims=True))
+    g.set_excluded([int(g.store.ids()[0])])
+    expected_ids, _ = g.store.vectors()
+    expected = g.store.species_of(expected_ids.tolist())
+    asked: list[int] = []
+    real = type(g.store).species_of
+    monkeypatch.setattr(type(g.store), "species_of", lambda self, ids: asked.append(len(ids)) or real(self, ids))
+    ids, vectors, labels, _ = _selection_data(g, None, None, None, None, progress=False)
+    assert np.array_equal(ids, expected_ids) and labels == expected and len(labels) == 14
+    assert asked == []  # no `id IN (every id)` filter (0.2 ms an id: 40 s at 200k)
+    all_ids, species = g.store.id_species(include_excluded=True)
+    assert len(all_ids) == 15 and np.array_equal(all_ids, np.sort(all_ids)) and species.count("Naja haje") == 5
