@@ -59,6 +59,11 @@ FAR_SAMPLE = 2000
 FAR_FILE = "far_threshold.json"
 
 
+#: The version of :func:`far_threshold`'s rule in :func:`far_key`: a threshold kept by an earlier rule is estimated
+#: again (raise it when the rule changes).
+FAR_RULE = 1
+
+
 def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
                   seed: int = 0) -> float | None:
     """The cosine under which a query is unlike every reference: the ``quantile`` of the references' similarity to
@@ -83,12 +88,14 @@ def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: i
 
 def far_key(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
             seed: int = 0) -> dict[str, Any]:
-    """What :func:`far_threshold` depends on: the index (its encoder, the store version it reflects, its size, its
-    kind and search setting) and the estimate's own settings."""
+    """What :func:`far_threshold` depends on: the index (its encoder, its store, the store version it reflects, its
+    size, its kind and settings) and the estimate's own rule and settings."""
     index = gallery.index
-    return {"fingerprint": gallery.fingerprint, "store_version": int(gallery.version), "count": int(index.ntotal),
-            "index": type(index).__name__, "nprobe": getattr(index, "nprobe", None), "quantile": float(quantile),
-            "sample": int(sample), "seed": int(seed)}
+    return {"rule": FAR_RULE, "fingerprint": gallery.fingerprint, "store": str(gallery.store_uri),
+            "store_version": int(gallery.version), "count": int(index.ntotal), "kind": getattr(index, "kind", None),
+            "index": type(index).__name__, "settings": asdict(gallery.index_config),
+            "nprobe": getattr(index, "nprobe", None), "quantile": float(quantile), "sample": int(sample),
+            "seed": int(seed)}
 
 
 def saved_far_threshold(gallery: Gallery) -> float | None:

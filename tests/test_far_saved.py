@@ -53,3 +53,23 @@ def test_far_threshold_is_kept_and_reused_while_the_index_is_the_same(tmp_path, 
     fresh = Gallery.open(tmp_path / "g")
     (g.layout.root / FAR_FILE).write_text("{not json")  # unreadable: estimated again, the same value as before
     assert Identifier(FakeEncoder(), fresh).far_threshold() == pytest.approx(far_threshold(fresh))
+
+
+def test_a_threshold_kept_for_another_index_kind_or_rule_is_estimated_again(tmp_path, monkeypatch):
+    """Rebuilding a gallery's index as another kind adds no store version and keeps the count and class (flat and
+    hnsw are both VectorIndex): the kept threshold is not the new index's; nor is one an earlier rule kept."""
+    from index.vectors import VectorIndexConfig
+
+    rng = np.random.default_rng(1)
+    g = Gallery.create(tmp_path / "g", ENC)
+    _add(g, rng, "Naja haje", 20, "a")
+    _add(g, rng, "Natrix maura", 20, "b")
+    assert Identifier(FakeEncoder(), g).far_threshold() is not None  # kept for the flat index
+    calls = []
+    monkeypatch.setattr(identify, "far_threshold", lambda gallery, **kw: calls.append(1) or -1.0)
+    hnsw = Gallery.create(tmp_path / "g", ENC, index_config=VectorIndexConfig(kind="hnsw"))
+    hnsw.rebuild_index()
+    assert hnsw.index.kind == "hnsw" and hnsw.version == g.version
+    assert Identifier(FakeEncoder(), hnsw).far_threshold() == -1.0 and calls == [1]
+    monkeypatch.setattr(identify, "FAR_RULE", identify.FAR_RULE + 1)
+    assert Identifier(FakeEncoder(), Gallery.open(tmp_path / "g")).far_threshold() == -1.0 and calls == [1, 1]
