@@ -470,7 +470,10 @@ def select_settings(
                    else selection_sample(labels, max_photos=SELECTION_MAX_PHOTOS, seed=seed))
     if sample is not None:  # n² copy grouping and n x n kNN votes: bounded by a subsample (the module's docs)
         logger.warning("choosing the settings on %d of the %d gallery photos (at most %d a species, seed %d): "
-                       "cross-validation over more than %d photos would take hours; the probe still trains on all",
+                       "cross-validation over more than %d photos would take hours; the probe still trains on all, "
+                       "but k, the temperature and the unknown threshold are tuned on votes over at most that many "
+                       "photos a species: a species with many more votes over more neighbours than they were "
+                       "tuned on",
                        len(sample), len(labels), cap, seed, SELECTION_MAX_PHOTOS)
         embeddings, labels = np.asarray(embeddings)[sample], [labels[i] for i in sample]
     left_out: dict[str, int] = {}
