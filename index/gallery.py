@@ -209,11 +209,12 @@ class Gallery:
         self._check_error: BaseException | None = None  # a look's error that is not an outage (a table gone, a
         #                                                 bug): raised by every read until a look succeeds
         self.store_checks = 0  # looks at the store started in the background (counted for operators and tests)
+        self._replaced: TableReplacedError | None = None  # the table replaced under a server: every read says so
         self._make_table, self._new_store = make_table or new_store, new_store
         try:
             self.store = self._open_store(refresh_s)
-        except (HalfCreatedStoreError, StoreOpenError, TimeoutError, LeaseError):  # they say what to do: never
-            raise  # re-worded
+        except (HalfCreatedStoreError, StoreOpenError, StoreHoldsTableError, TimeoutError, LeaseError):  # they say
+            raise  # what to do: never re-worded
         except Exception as exc:
             if not where.get("uri"):
                 raise
@@ -271,9 +272,9 @@ class Gallery:
             first = exc
         else:
             if self._new_store:
-                raise ValueError(f"gallery {self.root}: its store {self.store_uri} holds the gallery's table: "
-                                 "--new-store starts a new one only where the table was lost; run the command "
-                                 "without it")
+                raise StoreHoldsTableError(f"gallery {self.root}: its store {self.store_uri} holds the gallery's "
+                                           "table: --new-store starts a new one only where the table was lost; run "
+                                           "the command without it")
             return opened
         seen = self._folder_saw()
         if seen is not None and not self._new_store:  # the table had versions: lost, never made again unasked
@@ -545,6 +546,9 @@ class Gallery:
             return self._rebuild(f"unreadable ({exc})")
         self._index = index
         saw = manifest.get("store_version")
+        if isinstance(saw, int) and saw > self._synced_version:  # a writer's commit since the store was opened
+            self.store.refresh()  # (its saved index read just now), or a replaced table: look at the store again
+            self._synced_version = self.store.version
         if isinstance(saw, int) and saw > self._synced_version:  # versions only grow: the table was replaced
             logger.log(logging.INFO if self._new_store else logging.WARNING,  # --new-store: said already
                        "gallery %s: its store %s is at version %d, before the version %d its saved index reflects: "
@@ -679,6 +683,8 @@ class Gallery:
 
     def _refresh_behind(self, force: bool, wait: float) -> bool:
         """:meth:`refresh` of a server: the look in the background, waited for at most ``wait`` seconds."""
+        if self._replaced is not None:  # until the process restarts: the index is of the table lost, and a look
+            raise self._replaced  # at the new one's version (it may equal the one read) cannot tell what changed
         for _ in range(2 if force else 1):  # force: a look begun before the call may miss what it must see
             now = time.monotonic()
             with self._check_guard:
@@ -717,10 +723,11 @@ class Gallery:
                 self.store.refresh()
             version = self.store.version
             if version < self._synced_version:  # versions only grow: a table made again under this server
-                raise TableReplacedError(f"the store {self.store_uri} holds a table at version {version}, before "
-                                         f"the version {self._synced_version} this server read: its table was "
-                                         "replaced (made again, or restored from an older backup); restart the "
-                                         "server to serve it")
+                self._replaced = TableReplacedError(
+                    f"the store {self.store_uri} holds a table at version {version}, before the version "
+                    f"{self._synced_version} this server read: its table was replaced (made again, or restored from "
+                    "an older backup); restart the server to serve it")
+                raise self._replaced  # and by every read after, whatever version the new table reaches
             if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
                 self._sync_behind(check, version)  # itself: not the store's delay, and no outage
         except (RuntimeError, OSError) as exc:
@@ -1285,6 +1292,12 @@ class Gallery:
 class StoreOpenError(ValueError):
     """A gallery's store at an object-store URI could not be opened (unreachable, refused, missing): the folder
     itself is fine (:func:`index.status.folder_status` says what it knows)."""
+
+
+class StoreHoldsTableError(ValueError):
+    """``new_store`` (``index build --new-store``) asked of a gallery whose store opened and still holds its table: a
+    new one is started only where the table was lost. Raised as is, never re-worded as a store that cannot be
+    opened."""
 
 
 class StoreLostError(StoreOpenError):

@@ -453,9 +453,12 @@ class IvfPqIndex:
                             "seconds": round(time.perf_counter() - t0, 2)}
         if not reached:
             logger.warning("ivfpq: recall@%d reached only %.3f of the %.2f target, even at nprobe %d of %d lists (every "
-                           "query scans every code): the PQ codes are too coarse for this encoder (m=%d "
-                           "sub-quantizers for %d dims); build with --index-kind hnsw or flat for exact-enough search",
-                           k, tried[self._nprobe], target, self._nprobe, self.nlist, self._index.pq.M, self._dim)
+                           "query scans every code): true neighbours rank past the candidates the PQ codes keep for "
+                           "the exact re-rank; first raise ivfpq_candidates (now %d per query) or ivfpq_m (now %d "
+                           "sub-quantizers for %d dims; a divisor of the width) in the \"index\" object of the "
+                           "gallery's gallery.json and build into it again; else build with --index-kind hnsw or "
+                           "flat for exact-enough search", k, tried[self._nprobe], target, self._nprobe, self.nlist,
+                           self._candidates, self._index.pq.M, self._dim)
         logger.info("ivfpq: nprobe %d of %d lists (recall@%d %.3f on %d stored vectors)", self._nprobe, self.nlist,
                     k, tried[self._nprobe], len(qids))
         return self.calibration

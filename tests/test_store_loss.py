@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from test_object_store import _TINY, BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
 
+import index.gallery as gallery_module
 from index.errors import TableReplacedError, store_table_gone
-from index.gallery import Gallery, StoreLostError, store_error
+from index.gallery import Gallery, StoreHoldsTableError, StoreLostError, store_error
 from index.records import ReferenceRecord
 
 ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": 8}
@@ -84,6 +85,70 @@ def test_an_s3_store_emptied_is_refused_new_store_continues_ids_and_a_server_kee
     other = Gallery.open(a)  # the other machine's copy follows the new table, saying so, and gives no id twice
     assert len(other) == 1 and "the table was replaced" in caplog.text
     assert other.add(*_rows(1, 20, rng)) == [6]
+
+
+def test_new_store_on_an_s3_store_that_holds_its_table_says_so_not_to_check_the_credentials(
+        s3_env, tmp_path):  # noqa: F811
+    """re-read s50 #1: the store opened fine, yet its refusal was re-worded as one that cannot be opened ("check
+    the URI and the AWS_* settings ..."), the real advice last, in parentheses."""
+    uri = f"s3://{BUCKET}/held-{tmp_path.name}"
+    root = tmp_path / "g"
+    Gallery.create(root, _TINY, store=uri).add(*_rows(1, 0, np.random.default_rng(3)))
+    with pytest.raises(StoreHoldsTableError) as held:
+        Gallery.create(root, _TINY, new_store=True)
+    said = str(held.value)
+    assert said == (f"gallery {root}: its store {uri} holds the gallery's table: --new-store starts a new one only "
+                    "where the table was lost; run the command without it"), said
+    assert len(Gallery.open(root)) == 1  # nothing made, nothing removed
+
+
+def test_a_writers_commit_between_the_open_and_the_saved_index_read_is_no_replaced_table(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """re-read s50 #2: another process commits and saves its index after this open read the store's version and
+    before it reads the saved index; the saved index is then ahead of the version read, which was taken for a
+    replaced table (a warning, and the whole index rebuilt). The store is looked at again first."""
+    root = tmp_path / "g"
+    rng = np.random.default_rng(4)
+    Gallery.create(root, ENC).add(*_rows(3, 0, rng))
+    real, wrote = gallery_module.load_index, []
+
+    def load_after_a_write(path):  # noqa: ANN001, ANN202 - the injection: the other writer's add lands first
+        if not wrote:
+            wrote.append(None)  # the writer's own open loads the index too: once only
+            wrote[0] = Gallery.open(root).add(*_rows(1, 3, rng))
+        return real(path)
+
+    monkeypatch.setattr(gallery_module, "load_index", load_after_a_write)
+    with caplog.at_level("INFO", logger="index.gallery"):
+        g = Gallery.open(root, refresh_s=3600.0)  # the store's version is not looked at again by itself
+    assert wrote == [[4]] and json.loads((root / "vectors.faiss.json").read_text())["store_version"] == g.store.version
+    assert "replaced" not in caplog.text and "rebuilding" not in caplog.text, caplog.text
+    assert len(g) == 4 and g.index.ntotal == 4
+
+
+def test_a_server_keeps_refusing_a_replaced_table_when_the_new_one_reaches_the_version_it_read(tmp_path):
+    """re-read s50 #3: a new table that reached exactly the version the server had read was served from the lost
+    table's index (its error cleared, nothing synced: the versions were equal). Refused until a restart, as said."""
+    root = tmp_path / "g"
+    rng = np.random.default_rng(5)
+    g = Gallery.create(root, ENC)
+    for i in range(4):
+        g.add(*_rows(1, i, rng))
+    server = Gallery.open(root)
+    server.stale_reads = True  # as a server reads
+    read = server.store.version
+    shutil.rmtree(root / "store" / "references.lance")
+    new = Gallery.create(root, ENC, new_store=True)
+    new.compact_fragments = 0  # one version a write, so that the new table reaches the version read exactly
+    with pytest.raises(TableReplacedError, match="restart the server"):
+        server.refresh(force=True)
+    while new.store.version < read:
+        new.add(*_rows(1, 100 + new.store.version, rng))
+    assert new.store.version == read
+    for force in (True, False):
+        with pytest.raises(TableReplacedError, match="restart the server to serve it"):
+            server.refresh(force=force)
+    assert server.index.ntotal == 4
 
 
 #: What `index info` and `references add` printed when moto was stopped with SIGSTOP (walkthrough s50 #2): Lance's
