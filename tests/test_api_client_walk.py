@@ -204,11 +204,13 @@ def test_metrics_label_the_schema_and_docs_routes():
     files = client.get("/static-offline-docs/swagger-ui.css")
     assert files.status_code == 200
     client.get("/no/such/route")
+    assert client.post("/v1/identify/").status_code == 404  # a trailing slash: no route serves it
     metrics = client.get("/metrics").text
     for route in ("/openapi.json", "/docs", "/static-offline-docs/{path}"):
         assert f'route="{route}",status="200"' in metrics, route
     assert 'route="unmatched",status="200"' not in metrics
     assert 'route="unmatched",status="404"' in metrics  # what no route serves stays unmatched
+    assert 'route="/v1/identify",status="404"' not in metrics  # the trailing-slash 404 is not the route's own
 
 
 def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_built_from_host(client):
