@@ -66,8 +66,9 @@ def _route_path(app: FastAPI, request: Request) -> str:
     route = request.scope.get("route")
     if route is not None:  # a path convertor ({name:slashed}) is not part of the route's name
         return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)
-    if getattr(app.state, "route_templates", None) is None:  # the API's own paths, as its OpenAPI schema lists them
-        app.state.route_templates = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "/?$"), t)
+    if getattr(app.state, "route_templates", None) is None:  # the API's own paths, as its OpenAPI schema lists them;
+        # exact: with redirect_slashes off, ``/v1/identify/`` is a 404 no route serves, so ``unmatched``
+        app.state.route_templates = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "$"), t)
                                      for t in app.openapi()["paths"]]
     found = next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), None)
     return found or _other_route(app, request.scope) or "unmatched"

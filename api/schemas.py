@@ -59,9 +59,11 @@ class IdentifyOut(BaseModel):
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "
                                  "sent) set aside as unlike every reference while another photo was not: the answer "
                                  "is the others'; empty when every photo counted (or every one was far: then far)")
-    notes: list[str] = Field(default_factory=list, description="what to know of the gallery that answered: the last "
-                             "build into it was interrupted (its species may not all be in it: run the build again); "
-                             "it holds too few references to mark a photo unlike every reference (far)")
+    notes: list[str] = Field(default_factory=list, description="what to know of the gallery that answered: a build "
+                             "into it is running now (until it ends, some of its species may not be in yet); the "
+                             "last build into it was interrupted (its species may not all be in it: run the build "
+                             "again; or, every photo in, the step it was in: run it again to finish); it holds too "
+                             "few references to mark a photo unlike every reference (far)")
 
 
 class SearchVectorIn(BaseModel):
@@ -108,8 +110,11 @@ class AddReferencesOut(BaseModel):
     ids: list[int]
     added: int
     duplicates: list[DuplicateOut]
-    notes: list[str] = Field(default_factory=list, description="what the add leaves to do: a new species the "
-                             "probe cannot name until it is retrained; a species with too few photos for the probe")
+    notes: list[str] = Field(default_factory=list, description="what to know of the add: a new species confirmed "
+                             "with new_species=true that is a near-spelling of the shipped taxonomy's species (first, "
+                             "naming them); a new species the probe cannot name until it is retrained; a species "
+                             "with too few photos for the probe (near-copies counted once); an upload that nearly "
+                             "copies a reference held (cosine >= the near-copy threshold), naming that reference")
 
 
 class ErrorOut(BaseModel):

@@ -12,7 +12,9 @@ saved index, ``Gallery.open``, then one ``Gallery.add`` of one row and one ``Gal
 ``--repo /work/main`` runs Part 2 with another checkout's ``index`` package (the code before a change),
 on the same gallery, for a before/after on one machine.
 
-Prints only; never asserts. The machine is shared: the CPU kind and the load average are printed.
+Prints its timings and asserts no figure; the timed steps assert only their own results (the id arrays
+they build: sizes, no repeats), as the code they stand for does. The machine is shared: the CPU kind and the
+load average are printed.
 
     .venv/bin/python benchmarks/bench_ids.py                              # Part 1 at 200k and 1M
     .venv/bin/python benchmarks/bench_ids.py --gallery 1000000 --data runs/ids-data

@@ -13,6 +13,7 @@ encoder; the figures say whether one does.
 
 from __future__ import annotations
 
+import argparse
 import io
 
 import numpy as np
@@ -20,7 +21,7 @@ from _common import MOBILENET_SPEC, frozen_splits, require_shared
 from _hardware import machine_report
 from bench_far import junk_images
 
-#: Lone references drawn per species (evenly through its sorted train photos).
+#: Lone references drawn per species by default (evenly through its sorted train photos; `--per-species`).
 PER_SPECIES = 10
 
 
@@ -32,6 +33,10 @@ def _png(image) -> bytes:
 
 def main() -> None:
     """Print the quantiles of each kind of photo's similarity to a lone reference."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-species", type=int, default=PER_SPECIES,
+                    help=f"lone references drawn per species (default {PER_SPECIES})")
+    per_species = ap.parse_args().per_species
     from retrieval.encoders import create_encoder
     from retrieval.pipeline import embed_photos
 
@@ -44,14 +49,14 @@ def main() -> None:
     same, other, odd = [], [], []
     for s in range(len(d.species)):
         refs = np.flatnonzero(d.y == s)
-        for r in refs[np.linspace(0, len(refs) - 1, PER_SPECIES).astype(int)]:
+        for r in refs[np.linspace(0, len(refs) - 1, per_species).astype(int)]:
             sims = d.val @ d.train[r]
             same.append(sims[d.yv == s])
             other.append(sims[d.yv != s])
             odd.append(junk_emb @ d.train[r])
     same_a, other_a, odd_a = np.concatenate(same), np.concatenate(other), np.stack(odd)
     qs = (0.0, 0.001, 0.01, 0.05, 0.5, 1.0)
-    print(f"\n{len(odd)} lone references ({PER_SPECIES} per species, {len(d.species)} species); "
+    print(f"\n{len(odd)} lone references ({per_species} per species, {len(d.species)} species); "
           f"{len(d.val)} de-duplicated val photos")
     print("| against the lone reference | pairs | " + " | ".join(f"q{q:g}" for q in qs) + " |")
     print("|---|---:|" + "---:|" * len(qs))

@@ -16,6 +16,8 @@ import argparse
 import difflib
 import random
 
+from _hardware import machine_report
+
 
 def _typo(key: str, rng: random.Random) -> str:
     """``key`` with one random edit."""
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--typos", type=int, default=300, help="species given a typo (default 300)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = ap.parse_args()
+    print(machine_report())
     from index.taxonomy import NEAR_SPELLING, SUGGESTION, _taxonomy, taxonomy_lookalikes
 
     table = _taxonomy()

@@ -69,27 +69,29 @@ def interrupted(root: str | Path) -> dict[str, Any] | None:
     return mark
 
 
-def build_status(root: str | Path) -> dict[str, str]:
+def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
     """``{"state", "note"}`` of the last build into ``root``: ``complete`` (or none marked; note ""), ``running``
     (a build runs now: its species may not all be in yet) or ``interrupted`` (:data:`INTERRUPTED_NOTE`, or for one
-    cut short once every photo was committed, the step it was in and "run it again to finish")."""
+    cut short once every photo was committed, the step it was in and "run it again to finish"). ``api``: worded for
+    an HTTP client, who may hold no key (``/readyz``): the running build's pid and host are left out."""
     mark = read_mark(root)
     if mark is None:
         return {"state": "complete", "note": ""}
     if mark.get("state") == "running" and _alive(mark):
+        where = "" if api else f"pid {mark.get('pid')} on {mark.get('host')}, "
         return {"state": "running",
-                "note": f"a build into this gallery is running (pid {mark.get('pid')} on {mark.get('host')}, since "
-                        f"{mark.get('started')}): until it ends, some of its species may not be in the gallery yet"}
+                "note": f"a build into this gallery is running ({where}since {mark.get('started')}): until it "
+                        "ends, some of its species may not be in the gallery yet"}
     if after := mark.get("after"):  # every photo committed; the index (or the cleaning) was not finished
         return {"state": "interrupted",
                 "note": f"the last build into this gallery was interrupted while {after}: run it again to finish"}
     return {"state": "interrupted", "note": INTERRUPTED_NOTE}
 
 
-def build_note(root: str | Path) -> str:
-    """The line readers show while the last build into ``root`` has not finished (:func:`build_status`'s note);
-    "" when it completed."""
-    return build_status(root)["note"]
+def build_note(root: str | Path, *, api: bool = False) -> str:
+    """The line readers show while the last build into ``root`` has not finished (:func:`build_status`'s note,
+    ``api``: worded for an HTTP client); "" when it completed."""
+    return build_status(root, api=api)["note"]
 
 
 def _write(root: Path, state: str, started: str, after: str | None = None) -> None:

@@ -324,8 +324,8 @@ def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
     """What every answer from ``ident``'s gallery is to be shown with: that the last build into it did not finish
     (:func:`index.build_mark.build_note`: a partial gallery answers among the species it holds), and that it is too
     small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`).
-    ``api``: said for an HTTP client (how to add photos through the API)."""
-    notes = [note] if (note := build_note(ident.gallery.root)) else []
+    ``api``: said for an HTTP client (how to add photos through the API; a running build's pid and host left out)."""
+    notes = [note] if (note := build_note(ident.gallery.root, api=api)) else []
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
     if n and ident.far_threshold() is None:
         how = "POST /v1/species/{name}/references" if api else "speciesid references add"

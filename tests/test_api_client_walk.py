@@ -204,11 +204,13 @@ def test_metrics_label_the_schema_and_docs_routes():
     files = client.get("/static-offline-docs/swagger-ui.css")
     assert files.status_code == 200
     client.get("/no/such/route")
+    assert client.post("/v1/identify/").status_code == 404  # a trailing slash: no route serves it
     metrics = client.get("/metrics").text
     for route in ("/openapi.json", "/docs", "/static-offline-docs/{path}"):
         assert f'route="{route}",status="200"' in metrics, route
     assert 'route="unmatched",status="200"' not in metrics
     assert 'route="unmatched",status="404"' in metrics  # what no route serves stays unmatched
+    assert 'route="/v1/identify",status="404"' not in metrics  # the trailing-slash 404 is not the route's own
 
 
 def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_built_from_host(client):
@@ -241,3 +243,15 @@ def test_a_malformed_multipart_body_is_a_400_saying_what_to_send(client):
         assert resp.status_code == 400, resp.text
         assert resp.json()["detail"] == ("the multipart body cannot be read (Missing boundary in multipart): send "
                                          "multipart/form-data as curl -F or a browser's FormData does"), url
+
+
+def test_the_add_forms_field_errors_are_fastapis_list_as_the_docs_say(client):
+    """docs/api.md, "Limits and errors": a form field FastAPI checks answers the list, one item a field."""
+    url = "/v1/species/Naja haje/references"
+    resp = client.post(url, files=[_image(field="images")], headers={"X-API-Key": "k"},
+                       data={"common_name": "x" * 201, "venomous": "maybe", "new_species": "maybe"})
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"]
+    assert isinstance(detail, list), detail
+    assert sorted(err["loc"][-1] for err in detail) == ["common_name", "new_species", "venomous"], detail
+    assert _detail(client.post(url, headers={"X-API-Key": "k"}, data={"venomous": "true"}), 415)  # no photo: a line

@@ -86,6 +86,9 @@ def test_a_build_mark_left_running_by_a_process_that_is_gone_reads_as_interrupte
     with building(root) as earlier:  # this process: running now
         assert earlier is None and json.loads(mark.read_text())["state"] == "running"
         assert build_note(root).startswith(f"a build into this gallery is running (pid {os.getpid()} on ")
+        api = build_note(root, api=True)  # an HTTP client's (/readyz needs no key): no pid, no host
+        assert api.startswith("a build into this gallery is running (since ") and "until it ends" in api, api
+        assert str(os.getpid()) not in api and socket.gethostname() not in api, api
         assert interrupted(root) is None
     assert not mark.exists()
     gone = 2 ** 22 + 12345  # above Linux's default pid_max (4194304 = 2**22): no such process
@@ -191,7 +194,10 @@ def test_the_api_says_an_interrupted_build_in_readyz_and_beside_each_answer(tmp_
         answer = c.post("/v1/identify", files=files)
         assert answer.status_code == 200 and answer.json()["notes"] == [INTERRUPTED_NOTE], answer.text
         with building(index):  # a build that completes clears it: said at once, no restart
-            pass
+            running = c.get("/readyz").json()["build"]  # running now: said without pid or host (no key needed)
+            assert running["state"] == "running" and running["note"].startswith("a build into this gallery is "
+                                                                                "running (since "), running
+            assert socket.gethostname() not in c.post("/v1/identify", files=files).json()["notes"][0]
         assert c.get("/readyz").json()["build"] == {"state": "complete", "note": ""}
         assert c.post("/v1/identify", files=files).json()["notes"] == []
 

@@ -284,6 +284,10 @@ def test_argument_errors_are_one_line_naming_the_help_to_read(capsys):
          "speciesid index build", "argument --clean-threshold: '1.5' is not a number in (0, 1]"),
         (["index", "build", "--index", "g", "--dataset", "folder", "--root", "r", "--ray-gpus-per-actor", "-1"],
          "speciesid index build", "argument --ray-gpus-per-actor: '-1' is not a number of at least 0"),
+        (["clean", "--dataset", "folder", "--root", "r", "--report", "out", "--dup-threshold", "0.5"], "speciesid clean",
+         "argument --dup-threshold: '0.5' is not a number in [0.8, 1]"),
+        (["probe", "train", "--index", "g", "--text-strength", "-1"], "speciesid probe train",
+         "argument --text-strength: '-1' is not a number of at least 0"),
         (["identfy"], "speciesid", "invalid choice: 'identfy'"),
         (["index"], "speciesid index", "required: SUBCOMMAND"),
     ):

@@ -63,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"flag a photo when its off-target probability is >= P, in (0, 1] (default "
                    f"{DEFAULT_THRESHOLD}) and "
                    "an off-target class is more likely than every target class")
-    p.add_argument("--dup-threshold", type=float, default=DEFAULT_DUP_THRESHOLD, metavar="COS",
+    p.add_argument("--dup-threshold", type=number_in(MIN_DUP_THRESHOLD, 1),
+                   default=DEFAULT_DUP_THRESHOLD, metavar="COS",
                    help="near-duplicate / near-leak when the embeddings' cosine similarity is >= COS, from "
                    f"{MIN_DUP_THRESHOLD} to 1 (default {DEFAULT_DUP_THRESHOLD}, chosen on real photo pairs with "
                    "MobileNetV1)")

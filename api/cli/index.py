@@ -70,9 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
     p.add_argument("--index-kind", default=None, choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
-                   "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one. The index's other "
-                   "settings (lists, nprobe, candidates) are the \"index\" keys of DIR/gallery.json, edited by hand "
-                   "and applied by the next 'index build' (docs/scale.md, Index settings)")
+                   "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one. The "
+                   "index's other settings (lists, nprobe, candidates) are the \"index\" keys of DIR/gallery.json, "
+                   "edited by hand and applied by the next 'index build' (docs/scale.md, Index settings)")
     p.add_argument("--clean", action="store_true",
                    help="after building, run the zero-shot filter (text-capable encoders) and exclude off-target "
                    "references (reversible: 'speciesid clean --restore'); report in DIR/clean-report")
@@ -120,7 +120,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)
     g = result.gallery
-    quiet_stored = result.resumed and not getattr(args, "verbose", 0)  # a resumed build's photos already in: expected, counted
+    # a resumed build's photos already in: expected, counted (listed at -v)
+    quiet_stored = result.resumed and not getattr(args, "verbose", 0)
     emit(
         f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"

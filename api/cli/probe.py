@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from api.cli._common import add_quiet, add_runtime_args, at_least, emit, encoder_config
+from api.cli._common import add_quiet, add_runtime_args, at_least, emit, encoder_config, number_in
 
 if TYPE_CHECKING:
     from retrieval.probe_flows import ProbeResult
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_selection_args(p, "labelled validation photos (default: cross-validation on the gallery)")
     p.add_argument("--checklist", help="'moroccan' or a file of binomials: photo-less species for the text prior "
                    "(needs a gallery of a CLIP-style encoder such as bioclip; refused for an image-only one)")
-    p.add_argument("--text-strength", type=float, default=1.0,
+    p.add_argument("--text-strength", type=number_in(0), default=1.0,
                    help="text prior weight, in photos' worth of evidence: 0 or more (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)

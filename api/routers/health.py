@@ -63,7 +63,8 @@ def readyz(request: Request) -> JSONResponse:
         body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
     elif not gallery.index.ntotal:
         body["warning"] = EMPTY_GALLERY
-    body["build"] = build_status(gallery.root)  # a build interrupted: still ready, the partial gallery said so
+    # a build interrupted: still ready, the partial gallery said so; no key needed here: no pid or host
+    body["build"] = build_status(gallery.root, api=True)
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
     body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower)
     return JSONResponse(body)

@@ -54,7 +54,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 @router.head("/{ref_id}/image", include_in_schema=False, response_class=Response)
 def reference_image(request: Request, service: Service, _: ReadKey, ref_id: RefId) -> Response:
     """A JPEG thumbnail of a reference photo (evidence display): ``Cache-Control: private``, with an ETag (the
-    sha256 of the thumbnail's bytes) that ``If-None-Match`` revalidates with a 304."""
+    first 32 hex digits of the sha256 of the thumbnail's bytes) that ``If-None-Match`` revalidates with a 304."""
     thumb = edge(lambda: service.thumbnail(ref_id))
     etag = f'"{hashlib.sha256(thumb).hexdigest()[:32]}"'
     headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": etag}
