@@ -237,3 +237,25 @@ def test_the_add_note_of_a_species_the_probe_does_not_know_is_worded_for_the_api
                    f"on the server's machine ('speciesid probe train --index {Gallery.root}'; the server takes the new "
                    "probe up without a restart)")
     assert "--method" not in api and "--method probe cannot name them" in flows.probe_cannot_name(Gallery())
+
+
+def test_a_build_completing_keeps_another_live_builds_mark(tmp_path, caplog):
+    caplog.set_level("INFO", logger="index.build_mark")
+    root = tmp_path / "g"
+    root.mkdir()
+    mark = GalleryLayout(root).build_mark
+    other = {"state": "running", "host": "another-host", "pid": 7, "started": "2026-01-01T00:00:00+00:00"}
+    mark.write_text(json.dumps(other))  # a build on another host: taken as running
+    with building(root) as earlier:
+        assert earlier is None and json.loads(mark.read_text())["pid"] == os.getpid()
+    assert json.loads(mark.read_text()) == other  # this one completed first: the other's mark is back
+    assert build_note(root).startswith("a build into this gallery is running (pid 7 on another-host")
+    assert "another build into" in caplog.text and "its mark is written back" in caplog.text
+    mark.unlink()
+    with building(root):  # another build starts after this one and replaces its mark; this one completes first
+        mark.write_text(json.dumps(other))
+    assert json.loads(mark.read_text()) == other  # kept: a kill of that build must leave "interrupted"
+    assert "is another build's (running, pid 7 on another-host" in caplog.text
+    with pytest.raises(KeyboardInterrupt), building(root):
+        raise KeyboardInterrupt  # this build's rest is missing: said even while the other runs
+    assert json.loads(mark.read_text())["state"] == "interrupted" and build_note(root) == INTERRUPTED_NOTE
