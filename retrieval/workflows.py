@@ -129,7 +129,9 @@ class BuildResult:
     report: BuildReport  # added / skipped / duplicates / timing
     clean: CleanResult | None = None  # the zero-shot filter's findings (build with clean=...)
     resumed: bool = False  # the last build into the gallery had not finished: this one took it up (index.build_mark)
-    unread_species: list[str] = field(default_factory=list)  # species none of whose photos was readable, not held
+    #: species none of whose photos was usable (unreadable, or too small, elongated, over the pixel limit), not
+    #: held: each with how many of its photos were skipped for each kind of reason (``skip_counts``, 0s left out)
+    unread_species: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def build_gallery(
@@ -205,16 +207,19 @@ def build_gallery(
                        unread_species=_species_unread(scan, report, gallery))
 
 
-def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> list[str]:
-    """The species of ``scan`` none of whose photos could be read (every one skipped by the build ``report``) and
-    that the gallery does not hold: they are not in it, and only the skipped files' lines would say so."""
-    skipped = {path for path, _ in report.skipped}
+def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:
+    """The species of ``scan`` none of whose photos could be used (every one skipped by the build ``report``:
+    unreadable, or read but too small, too elongated, over the pixel limit) and that the gallery does not hold,
+    sorted, each with its skipped photos' kinds of reason (:func:`retrieval.pipeline.skip_counts`, 0s left out):
+    they are not in it, and only the skipped files' lines would say so."""
+    skipped = dict(report.skipped)
     photos: dict[str, list[str]] = {}
     for r in scan.records:
         photos.setdefault(r.species, []).append(str(r.path))
     held = {species_key(s.species) for s in gallery.species()}
-    return sorted(s for s, paths in photos.items()
-                  if species_key(s) not in held and all(p in skipped for p in paths))
+    return {s: {kind: n for kind, n in skip_counts(skipped[p] for p in photos[s]).items() if n}
+            for s in sorted(photos)
+            if species_key(s) not in held and all(p in skipped for p in photos[s])}
 
 
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
