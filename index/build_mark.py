@@ -3,7 +3,8 @@
 A partial gallery answers queries like a whole one, yet an interrupted build (Ctrl-C, a crash, a kill) leaves out
 whole species: dataset folders are read in order. So a build marks the folder before its first photo
 (:func:`building`), as ``running`` with its host and pid; when it ends with an error or a Ctrl-C the mark says
-``interrupted``; when it completes the mark is removed. A mark left ``running`` by a process that is gone (killed,
+``interrupted``; when it completes the mark is removed (when still its own: :func:`building` on two builds into
+one folder). A mark left ``running`` by a process that is gone (killed,
 the machine restarted) reads as interrupted too. Every write is atomic (``index.atomic``).
 
 Readers (``index info``, ``identify``, ``evaluate``, the server's answers and ``/readyz``) ask :func:`build_note`:
@@ -94,11 +95,17 @@ def build_note(root: str | Path, *, api: bool = False) -> str:
     return build_status(root, api=api)["note"]
 
 
-def _write(root: Path, state: str, started: str, after: str | None = None) -> None:
+def _write(root: Path, state: str, started: str, after: str | None = None) -> dict[str, Any]:
     mark = {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "started": started}
     if after:
         mark["after"] = after
     write_json_atomic(GalleryLayout(root).build_mark, mark)
+    return mark
+
+
+def _same_build(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    """Whether mark ``a`` is the one build ``b`` wrote (same host, pid and start)."""
+    return a is not None and all(a.get(key) == b[key] for key in ("host", "pid", "started"))
 
 
 def clear(root: str | Path) -> bool:
@@ -115,13 +122,21 @@ def clear(root: str | Path) -> bool:
 @contextlib.contextmanager
 def building(root: str | Path) -> Iterator[dict[str, Any] | None]:
     """Mark ``root`` as being built for the block; yields the mark of an earlier build that did not finish (None
-    when there was none: this build is no resume). The block ending normally removes the mark; an exception
-    (Ctrl-C included) leaves it ``interrupted``, with the step named by the exception's ``after`` attribute when it
-    has one (``retrieval.pipeline.ReferencesInterrupted``)."""
+    when there was none: this build is no resume). The block ending normally removes the mark, when it is still
+    this build's: another build's mark that replaced it is kept, and the ``running`` mark of another build this one
+    replaced is written back while that build still runs (two builds into one folder: one completing does not
+    hide the other's interruption). An exception (Ctrl-C included) leaves it ``interrupted``, even over another
+    build's mark (the gallery lacks this build's rest), with the step named by the exception's ``after``
+    attribute when it has one (``retrieval.pipeline.ReferencesInterrupted``)."""
     root = Path(root)
+    before = read_mark(root)
     earlier = interrupted(root)
+    other = before if before and before.get("state") == "running" and _alive(before) else None
+    if other is not None:
+        logger.info("another build into %s is running (pid %s on %s, since %s): its mark is written back if this "
+                    "one completes first", root, other.get("pid"), other.get("host"), other.get("started"))
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    _write(root, "running", started)
+    mine = _write(root, "running", started)
     try:
         yield earlier
     except BaseException as exc:
@@ -130,4 +145,13 @@ def building(root: str | Path) -> Iterator[dict[str, Any] | None]:
         except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - the mark must not hide the interrupt
             logger.warning("the build mark of %s was not updated: %s", root, failed)  # "running" by a dead pid:
         raise  # read as interrupted all the same
-    clear(root)
+    now = read_mark(root)
+    if now is not None and not _same_build(now, mine):
+        logger.info("the build mark of %s is another build's (%s, pid %s on %s, since %s): kept", root,
+                    now.get("state"), now.get("pid"), now.get("host"), now.get("started"))
+    elif other is not None and _alive(other):
+        write_json_atomic(GalleryLayout(root).build_mark, other)
+        logger.info("another build into %s still runs (pid %s on %s): its mark is written back", root,
+                    other.get("pid"), other.get("host"))
+    else:
+        clear(root)

@@ -110,6 +110,12 @@ def check_weight(weight: float) -> float:
 #: queries (every reference per query row, so each row's top-k is the dense matrix's, bit for bit), never a whole
 #: Q x R matrix (40 GB at 100k x 100k).
 BLOCK_FLOATS = 1 << 25
+#: The fewest similarities one block holds (32 KiB), whatever ``block_floats`` says: BLAS sums a one-row product
+#: (gemv) and a small one (OpenBLAS's small-matrix kernels) in another order than a big one, so such a block's last
+#: bits could differ from the dense matrix's. Measured with OpenBLAS 0.3.31 (SkylakeX kernels, the AVX-512-BF16 CPU
+#: kind): products of up to about 1,200 similarities (e.g. 6 x 200 at 32 dims or more) differ, 1,261 and more did not
+#: (tests/test_probe_scale.py checks such shapes).
+MIN_BLOCK_FLOATS = 1 << 13
 
 
 def knn_top(
@@ -117,21 +123,20 @@ def knn_top(
     block_floats: int = BLOCK_FLOATS,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per k of ``ks``: (reference positions (Q, k'), their similarities (Q, k')) of each query's k' = min(k, R)
-    nearest references by inner product, over blocks of query rows (``block_floats`` similarities at a time).
-    The same neighbours, in the same order, as ``np.argpartition`` over the dense Q x R matrix (one row's
-    similarities do not depend on the others'). ``exclude_self``: query i is reference i (it is not its own
-    neighbour)."""
+    nearest references by inner product, over blocks of query rows (``block_floats`` similarities at a time, at
+    least :data:`MIN_BLOCK_FLOATS`). The same neighbours, in the same order, as ``np.argpartition`` over the dense
+    Q x R matrix: every block is one shape (a short last block is the last full window, its last rows kept), none so
+    small that BLAS sums it another way, and one row's similarities do not depend on the others'.
+    ``exclude_self``: query i is reference i (it is not its own neighbour)."""
     if block_floats < 1:
         raise ValueError(f"block_floats must be at least 1, got {block_floats}")
     n_q, n_r = len(queries), refs.shape[0]
-    rows = max(1, block_floats // max(n_r, 1))
+    per_row = max(n_r, 1)
+    rows = max(1, min(n_q, max(block_floats // per_row, -(-MIN_BLOCK_FLOATS // per_row))))
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {int(k): [] for k in ks}
     for s in range(0, n_q, rows):
-        block = queries[s : s + rows]
-        if len(block) == 1 < n_q:  # BLAS takes another path for one row (its sums can differ in the last bit)
-            sims = (np.concatenate([block, block]) @ refs.T)[:1]
-        else:
-            sims = block @ refs.T
+        start = min(s, n_q - rows)  # a short tail: the overlapping last full window (the same BLAS path)
+        sims = (queries[start : start + rows] @ refs.T)[s - start :]
         if exclude_self:
             r = np.arange(len(sims))
             keep = r + s < n_r
@@ -468,13 +473,15 @@ def select_settings(
     counts = Counter(labels)
     sample, cap = ((None, 0) if val_embeddings is not None
                    else selection_sample(labels, max_photos=SELECTION_MAX_PHOTOS, seed=seed))
+    all_x, all_labels = embeddings, labels  # every photo: a species the subsample cut is checked on its own below
     if sample is not None:  # n² copy grouping and n x n kNN votes: bounded by a subsample (the module's docs)
         logger.warning("choosing the settings on %d of the %d gallery photos (at most %d a species, seed %d): "
-                       "cross-validation over more than %d photos would take hours; the probe still trains on all, "
+                       "cross-validation over more than %d photos would take hours; %s, "
                        "but k, the temperature and the unknown threshold are tuned on votes over at most that many "
                        "photos a species: a species with many more votes over more neighbours than they were "
                        "tuned on",
-                       len(sample), len(labels), cap, seed, SELECTION_MAX_PHOTOS)
+                       len(sample), len(labels), cap, seed, SELECTION_MAX_PHOTOS,
+                       "the probe still trains on all" if probe is None else "the head is fixed (nothing is trained)")
         embeddings, labels = np.asarray(embeddings)[sample], [labels[i] for i in sample]
     left_out: dict[str, int] = {}
     try:
@@ -484,12 +491,15 @@ def select_settings(
         keep = [i for i, s in enumerate(labels) if s not in few]
         if len({labels[i] for i in keep}) < 2:
             raise
-        # a species the subsample cut (more than `cap` photos) may have distinct photos outside it: it is left out
-        # of the choice only, and the probe still learns it
-        left_out = {s: counts[s] for s in sorted(few) if sample is None or counts[s] <= cap}
-        if len(left_out) < len(few):
+        # a species the subsample cut (more than `cap` photos) may have distinct photos outside it: grouped again
+        # on all its photos, it is left out of the choice only (and the probe still learns it) when it has 2
+        cut = {s for s in few if sample is not None and counts[s] > cap
+               and _distinct_of(all_x, all_labels, s) >= MIN_PROBE_PHOTOS}
+        left_out = {s: counts[s] for s in sorted(few) if s not in cut}
+        if cut:
             logger.info("%d species left out of the choice of the settings only (their sampled photos are "
-                        "near-copies of one): the probe still learns them", len(few) - len(left_out))
+                        "near-copies of one, the rest of their photos are not): %s", len(cut),
+                        "the probe still learns them" if probe is None else "the fixed head is used as it is")
         oof = oof_of(np.asarray(embeddings)[keep], [labels[i] for i in keep])
     calibration = calibration_from(oof, rule, target_precision)
     calibration.left_out = left_out
@@ -498,6 +508,13 @@ def select_settings(
                                     f"species, seed {seed})")
         calibration.metrics["gallery_photos"] = float(sum(counts.values()))
     return calibration
+
+
+def _distinct_of(x: np.ndarray, labels: Sequence[str], species: str) -> int:
+    """The distinct photos of ``species`` among all its rows of ``x`` (:func:`photo_groups` over that species
+    only): the count ``probe train``'s left-out rule uses without a subsample."""
+    rows = [i for i, s in enumerate(labels) if s == species]
+    return len(np.unique(photo_groups(np.asarray(x, dtype=np.float32)[rows])))
 
 
 def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision: float = 0.95) -> Calibration:

@@ -129,7 +129,9 @@ class BuildResult:
     report: BuildReport  # added / skipped / duplicates / timing
     clean: CleanResult | None = None  # the zero-shot filter's findings (build with clean=...)
     resumed: bool = False  # the last build into the gallery had not finished: this one took it up (index.build_mark)
-    unread_species: list[str] = field(default_factory=list)  # species none of whose photos was readable, not held
+    #: species none of whose photos was usable (unreadable, or too small, elongated, over the pixel limit), not
+    #: held: each with how many of its photos were skipped for each kind of reason (``skip_counts``, 0s left out)
+    unread_species: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def build_gallery(
@@ -205,16 +207,19 @@ def build_gallery(
                        unread_species=_species_unread(scan, report, gallery))
 
 
-def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> list[str]:
-    """The species of ``scan`` none of whose photos could be read (every one skipped by the build ``report``) and
-    that the gallery does not hold: they are not in it, and only the skipped files' lines would say so."""
-    skipped = {path for path, _ in report.skipped}
+def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:
+    """The species of ``scan`` none of whose photos could be used (every one skipped by the build ``report``:
+    unreadable, or read but too small, too elongated, over the pixel limit) and that the gallery does not hold,
+    sorted, each with its skipped photos' kinds of reason (:func:`retrieval.pipeline.skip_counts`, 0s left out):
+    they are not in it, and only the skipped files' lines would say so."""
+    skipped = dict(report.skipped)
     photos: dict[str, list[str]] = {}
     for r in scan.records:
         photos.setdefault(r.species, []).append(str(r.path))
     held = {species_key(s.species) for s in gallery.species()}
-    return sorted(s for s, paths in photos.items()
-                  if species_key(s) not in held and all(p in skipped for p in paths))
+    return {s: {kind: n for kind, n in skip_counts(skipped[p] for p in photos[s]).items() if n}
+            for s in sorted(photos)
+            if species_key(s) not in held and all(p in skipped for p in photos[s])}
 
 
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
@@ -815,9 +820,12 @@ def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, ad
                    api: bool = False) -> tuple[str, str]:
     """(probe note, few note) of :class:`AddResult` after ``added`` photos of ``name`` were stored (``prior``: the
     species as the gallery held it before, None when new). The few note counts near-copies once, as ``probe
-    train`` does (:func:`_distinct_photos`)."""
-    held = (prior.count if prior else 0) + added  # searchable references of the species now
-    distinct = _distinct_photos(gallery, name, held) if added and MIN_PROBE_PHOTOS <= held <= FEW_NOTE_PHOTOS else held
+    train`` does (:func:`_distinct_photos`), and the species' photos as the gallery holds them now (another add of
+    it may have committed since ``prior`` was read)."""
+    held = (prior.count if prior else 0) + added  # at least the searchable references of the species now
+    distinct = held
+    if added and held <= FEW_NOTE_PHOTOS:  # a concurrent add only adds: more than that never gets the note
+        held, distinct = _distinct_photos(gallery, name, held)
     copies = f", {distinct} counting near-copies once" if distinct < held else ""
     few = (f"{name} has {held} reference photo{'s' * (held != 1)}{copies}; 'speciesid probe train' needs "
            f"{MIN_PROBE_PHOTOS} that are not near-copies of each other, and leaves it out until then (the kNN vote "
@@ -825,20 +833,21 @@ def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, ad
     return (probe_cannot_name(gallery, api=api) if prior is None and added else ""), few
 
 
-def _distinct_photos(gallery: Gallery, name: str, held: int) -> int:
-    """The searchable photos of species ``name`` (``held`` of them, near-copies or not), near-copies counted once by ``probe train``'s own rule
-    (:func:`retrieval.probe.photo_groups`, :func:`retrieval.probe.distinct_photos`) over the species' rows (read by
-    species, not the whole gallery's; a note must not fail an add that is committed: a failure gives ``held``,
-    logged)."""
+def _distinct_photos(gallery: Gallery, name: str, held: int) -> tuple[int, int]:
+    """(the searchable photos of species ``name`` now, those with near-copies counted once by ``probe train``'s
+    own rule: :func:`retrieval.probe.photo_groups`, :func:`retrieval.probe.distinct_photos`) over the species'
+    rows (read by species, not the whole gallery's) and the store's float32 vectors, which ``probe train`` groups
+    (not an ivfpq index's float16 ones). A note must not fail an add that is committed: a failure gives
+    (``held``, ``held``), logged."""
     try:
         ids = [int(i) for i in gallery.store.metadata(include_excluded=False, species=name).index]
-        if len(ids) < MIN_PROBE_PHOTOS:
-            return len(ids)
-        groups = photo_groups(gallery.reference_vectors(ids))
-        return int(distinct_photos(groups, np.zeros(len(ids), dtype=np.int64))[0])
+        if not MIN_PROBE_PHOTOS <= len(ids) <= FEW_NOTE_PHOTOS:
+            return len(ids), len(ids)
+        groups = photo_groups(gallery.store.vectors(ids=ids)[1])
+        return len(ids), int(distinct_photos(groups, np.zeros(len(ids), dtype=np.int64))[0])
     except Exception as exc:  # noqa: BLE001 - the photos counted as they are, near-copies or not
         logger.info("near-copies of %s not counted for the few-photos note: %s", name, exc)
-        return held
+        return held, held
 
 
 def _interrupted_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: BuildReport) -> list[str]:

@@ -111,20 +111,25 @@ def test_a_build_interrupted_while_finishing_the_index_says_run_it_again_to_fini
                                 "again to finish")
 
 
-def test_a_species_whose_only_photos_are_unreadable_is_named_by_the_build(tmp_path, capsys):
+def test_a_species_whose_photos_are_all_unusable_is_named_by_the_build_with_why(tmp_path, capsys):
     root = tmp_path / "photos"
     good = _photo(root / "Foo bar" / "good.png", 1)
     (root / "Foo bar" / "trunc.jpg").write_bytes(good.read_bytes()[:60])
     (root / "Baz qux").mkdir()
     (root / "Baz qux" / "trunc.jpg").write_bytes(_photo(tmp_path / "x.jpg", 2).read_bytes()[:200])
+    for i in range(2):  # readable, but thumbnails under the 32 px a reference needs: not "unreadable"
+        _photo(root / "Coluber thumbs" / f"{i}.png", 10 + i, side=16)
+    _photo(root / "Coluber thumbs" / "t.png", 12).write_bytes(b"")
     index = tmp_path / "g"
+    line = ("species with no usable photo, not in the gallery: Baz qux (1 unreadable), "
+            "Coluber thumbs (1 unreadable, 2 too small)")
     code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
                           "-q")
-    assert code == 0 and "species with no readable photo, not in the gallery: Baz qux" in out.splitlines(), (out, err)
+    assert code == 0 and line in out.splitlines(), (out, err)
     assert "1 references, 1 species" in out
     code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
                           "-q")  # a re-run says it again: the species is still not in the gallery
-    assert code == 0 and "species with no readable photo, not in the gallery: Baz qux" in out, (out, err)
+    assert code == 0 and line in out, (out, err)
 
 
 def test_a_one_reference_gallery_says_it_cannot_tell_a_photo_unlike_every_reference(tmp_path, capsys):
@@ -243,3 +248,25 @@ def test_the_add_note_of_a_species_the_probe_does_not_know_is_worded_for_the_api
                    f"on the server's machine ('speciesid probe train --index {Gallery.root}'; the server takes the new "
                    "probe up without a restart)")
     assert "--method" not in api and "--method probe cannot name them" in flows.probe_cannot_name(Gallery())
+
+
+def test_a_build_completing_keeps_another_live_builds_mark(tmp_path, caplog):
+    caplog.set_level("INFO", logger="index.build_mark")
+    root = tmp_path / "g"
+    root.mkdir()
+    mark = GalleryLayout(root).build_mark
+    other = {"state": "running", "host": "another-host", "pid": 7, "started": "2026-01-01T00:00:00+00:00"}
+    mark.write_text(json.dumps(other))  # a build on another host: taken as running
+    with building(root) as earlier:
+        assert earlier is None and json.loads(mark.read_text())["pid"] == os.getpid()
+    assert json.loads(mark.read_text()) == other  # this one completed first: the other's mark is back
+    assert build_note(root).startswith("a build into this gallery is running (pid 7 on another-host")
+    assert "another build into" in caplog.text and "its mark is written back" in caplog.text
+    mark.unlink()
+    with building(root):  # another build starts after this one and replaces its mark; this one completes first
+        mark.write_text(json.dumps(other))
+    assert json.loads(mark.read_text()) == other  # kept: a kill of that build must leave "interrupted"
+    assert "is another build's (running, pid 7 on another-host" in caplog.text
+    with pytest.raises(KeyboardInterrupt), building(root):
+        raise KeyboardInterrupt  # this build's rest is missing: said even while the other runs
+    assert json.loads(mark.read_text())["state"] == "interrupted" and build_note(root) == INTERRUPTED_NOTE

@@ -175,3 +175,37 @@ def test_the_few_photos_count_reads_one_species_rows_not_the_gallerys(tmp_path):
     assert list(store.metadata(species="Boiga o'shaughnessyi", include_excluded=False).index) == [2]
     assert list(store.metadata([1, 2, 3], species="Naja haje").index) == [1, 3]
     assert store.metadata(species="Naja").empty
+
+
+def test_the_few_photos_note_counts_what_another_add_of_the_new_species_committed(tmp_path, capsys, monkeypatch):
+    """Two adds of one new species race: the second read the gallery before the first committed (``prior`` None),
+    yet the species has 5 photos when its note is made: no "add another photo of it"."""
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+    before = gallery.species()  # the second add's read, made before the first add committed
+    away = _unit(np.random.default_rng(2).standard_normal((5, gallery.dim)))
+    first = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / f"{i}.png", 500 + i)
+                                                      for i in range(4)], embeddings=away[:4], new_species=True)
+    assert first.created and first.few_note == ""
+    monkeypatch.setattr(gallery, "species", lambda *a, **k: before)
+    second = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "4.png", 504)],
+                        embeddings=away[4:], new_species=True)
+    assert second.existed and not second.created  # as the commit found it
+    assert second.few_note == "", second.notes
+
+
+def test_the_few_photos_note_groups_the_stores_float32_vectors_as_probe_train_does(tmp_path, capsys, monkeypatch):
+    """An ivfpq gallery's ``reference_vectors`` are its re-rank store's float16 copies: the note groups the store's
+    float32 vectors, which ``probe train`` groups (here the index's copies are made near-copies of one)."""
+    from retrieval.workflows import add_photos, open_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery, enc = open_gallery(index)
+    away = _unit(np.random.default_rng(3).standard_normal((2, gallery.dim)))
+    add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "0.png", 600)], embeddings=away[:1],
+               new_species=True)
+    monkeypatch.setattr(gallery, "reference_vectors", lambda ids: np.repeat(away[:1], len(ids), axis=0))
+    second = add_photos(gallery, enc, "Vipera berus", [_photo(tmp_path / "new" / "1.png", 601)], embeddings=away[1:])
+    assert second.few_note == "", second.notes  # 2 distinct photos in the store

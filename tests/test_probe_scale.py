@@ -19,6 +19,7 @@ from retrieval.calibrate import (
     selection_sample,
     vote_weights,
 )
+from retrieval.probe import train_probe
 from retrieval.probe_flows import _selection_data
 
 
@@ -136,3 +137,68 @@ def test_the_selection_reads_species_in_one_pass_not_by_id(tmp_path, monkeypatch
     assert asked == []  # no `id IN (every id)` filter: one read of two columns
     all_ids, species = g.store.id_species(include_excluded=True)
     assert len(all_ids) == 15 and np.array_equal(all_ids, np.sort(all_ids)) and species.count("Naja haje") == 5
+
+
+def _with_bursts(monkeypatch):
+    """3 species of 40 distinct photos, and 2 of 12 whose subsampled photos (cap 10) are near-copies of one: 'd' is
+    12 near-copies, 'e' has 2 more photos outside the subsample that are not."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32))
+    x = np.concatenate([c + rng.normal(size=(40, 32)) for c in centres]
+                       + [np.zeros((24, 32))]).astype(np.float32)
+    y = [s for s in "abc" for _ in range(40)] + ["d"] * 12 + ["e"] * 12
+    monkeypatch.setattr(calibrate, "SELECTION_MAX_PHOTOS", 50)
+    sample, cap = selection_sample(y, max_photos=50, seed=0)
+    assert cap == 10
+    for s in "de":
+        rows = [i for i, label in enumerate(y) if label == s]
+        burst = rng.normal(size=32)
+        for i in rows:
+            x[i] = burst + 0.01 * rng.normal(size=32)  # cosine ~0.9999: one photo
+        if s == "e":
+            for i in sorted(set(rows) - set(sample.tolist())):  # the photos the subsample left out
+                x[i] = rng.normal(size=32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, y
+
+
+def test_a_species_the_subsample_cut_is_left_out_when_all_its_photos_are_near_copies(monkeypatch, caplog):
+    x, y = _with_bursts(monkeypatch)
+    grid = SelectionGrid(Cs=(1.0,), ks=(5,), temperatures=(0.05,), weights=(0.5,), metrics=("cosine",))
+    with caplog.at_level("INFO", logger="retrieval.calibrate"):
+        cal = select_settings(x, y, fingerprint="f", grid=grid, folds=3)
+    assert cal.left_out == {"d": 12}  # as under 20k: not trained; 'e' has distinct photos outside the subsample
+    assert "1 species left out of the choice of the settings only" in caplog.text
+    assert "the probe still learns them" in caplog.text
+
+
+def test_a_fixed_head_above_the_limit_is_not_said_to_train(monkeypatch, caplog):
+    x, y = _with_bursts(monkeypatch)
+    grid = SelectionGrid(Cs=(1.0,), ks=(5,), temperatures=(0.05,), weights=(0.5,), metrics=("cosine",))
+    head = train_probe(x, y, fingerprint="f", C=1.0)
+    with caplog.at_level("INFO", logger="retrieval.calibrate"):
+        select_settings(x, y, fingerprint="f", grid=grid, folds=3, probe=head)
+    assert "the head is fixed (nothing is trained)" in caplog.text
+    assert "the fixed head is used as it is" in caplog.text
+    assert "still trains" not in caplog.text and "still learns" not in caplog.text
+
+
+@pytest.mark.parametrize(("n_q", "n_r", "dim", "block_floats"), [
+    (43, 200, 32, 200 * 20),  # a 3-row tail: 600 similarities, OpenBLAS's small-matrix kernel
+    (43, 200, 32, 1),  # one row a block
+    (31, 500, 64, 500 * 29),  # a 2-row tail
+    (203, 97, 32, 97 * 10),  # a 3-row tail
+    (200, 200, 32, 200 * 33),  # self excluded below: a 2-row tail
+])
+def test_short_blocks_give_the_dense_matrix_bit_for_bit(n_q, n_r, dim, block_floats):
+    q, r, _ = _data(6, n_q, n_r, dim, False)
+    exclude_self = n_q == n_r
+    if exclude_self:
+        r = q
+    dense = q @ r.T
+    if exclude_self:
+        np.fill_diagonal(dense, -np.inf)
+    top, sims = knn_top(q, r, [10], exclude_self=exclude_self, block_floats=block_floats)[10]
+    want = np.argpartition(-dense, 9, axis=1)[:, :10]
+    assert np.array_equal(top, want)
+    assert np.array_equal(sims, np.take_along_axis(dense, want, axis=1))

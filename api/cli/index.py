@@ -131,7 +131,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         emit(f"resumed the interrupted build: the {stored} photo{'s' * (stored != 1)} already in the gallery "
              "counted above, not listed (-v lists them)")
     if result.unread_species:
-        emit(f"species with no readable photo, not in the gallery: {', '.join(result.unread_species)}")
+        emit("species with no usable photo, not in the gallery: " + ", ".join(
+            f"{s} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})" for s, kinds in result.unread_species.items()))
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
