@@ -463,11 +463,12 @@ def probe_cannot_name(gallery: Gallery, *, api: bool = False) -> str:
     added = probe.added_since({s.species: s.count for s in gallery.species()})
     if not added:
         return ""
-    known = f"the probe of {gallery.root} does not know {len(added)} species added since it was made ({first_few(added)})"
-    if api:
-        return (f"{known}: identify answers them by the kNN vote alone, and the probe cannot name them until it is "
-                f"retrained on the server's machine ('speciesid probe train --index {gallery.root}'; the server takes "
-                "the new probe up without a restart)")
+    species = f"{len(added)} species added since it was made ({first_few(added)})"
+    if api:  # no server path in an answer (an HTTP client cannot use it)
+        return (f"the gallery's probe does not know {species}: identify answers them by the kNN vote alone, and the "
+                "probe cannot name them until it is retrained on the server's machine ('speciesid probe train "
+                "--index' with the server's gallery folder; the server takes the new probe up without a restart)")
+    known = f"the probe of {gallery.root} does not know {species}"
     return (f"{known}: the blend answers them by the kNN vote alone and --method probe cannot name them; retrain: "
             f"speciesid probe train --index {gallery.root}")
 
