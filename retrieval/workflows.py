@@ -1033,9 +1033,17 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
         # is open already: never here
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
-            "index_kind": g.index.kind, "store_version": g.store.version,
+            "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
             "build": build_status(g.root)}
+
+
+def _calibration_info(g: Gallery) -> dict[str, object]:
+    """An IVF-PQ index's search calibration for ``index info`` (``index_calibration``: nprobe, the recall@10 it gave
+    on stored vectors, the target and whether it was reached); nothing for the other kinds."""
+    calibration = getattr(g.index, "calibration", None) or {}
+    keep = ("nprobe", "recall_at_10", "target", "target_reached")
+    return {"index_calibration": {k: calibration[k] for k in keep if k in calibration}} if calibration else {}
 
 
 def _fragments_info(g: Gallery) -> dict[str, object]:

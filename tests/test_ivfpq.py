@@ -246,3 +246,19 @@ def test_a_calibration_that_never_reaches_its_target_says_so(data, caplog):
     with caplog.at_level("WARNING", logger="index.ivfpq"):
         assert index.calibrate()["target_reached"] is True
     assert "reached only" not in caplog.text
+
+
+def test_index_info_says_the_calibration_and_whether_it_reached_its_target(data, tmp_path):
+    """index info shows an IVF-PQ gallery's nprobe, the recall it gave and whether the target was reached (a missed
+    target was only in vectors.faiss.json and a log line)."""
+    from retrieval.workflows import gallery_info
+
+    x, _, _ = data
+    g = _gallery(tmp_path / "g", 2000, x)
+    info = gallery_info(g)
+    cal = info["index_calibration"]
+    assert cal == {k: g.index.calibration[k] for k in ("nprobe", "recall_at_10", "target", "target_reached")}
+    assert cal["target_reached"] is (cal["recall_at_10"] >= cal["target"])
+    flat = Gallery.create(tmp_path / "flat", ENC)
+    flat.add([ReferenceRecord(path="/p/a.jpg", species="Genus s")], ["a" * 64], x[:1])
+    assert "index_calibration" not in gallery_info(flat)
