@@ -204,12 +204,16 @@ def test_probe_train_refuses_bad_input_before_any_work_and_leaves_the_gallery(en
 
     monkeypatch.setattr(retrieval.calibrate, "select_settings", no_work)
     refusals = [(["--checklist", str(tmp_path / "nosuch.txt")], "is neither 'moroccan' nor a readable text file"),
-                (["--text-strength", "-1"], "--text-strength is the text prior's weight")]
+                (["--text-strength", "-1"], "argument --text-strength: '-1' is not a number of at least 0; see "
+                 "'speciesid probe train --help'")]  # refused by the parser
     if encoder == "image-only":
         refusals.append((["--checklist", "moroccan"], "--checklist adds species to the text prior, which needs an "
                          "encoder that reads text (a CLIP-style encoder such as bioclip)"))
     for extra, message in refusals:
-        code = main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q", *extra])
+        try:
+            code = main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q", *extra])
+        except SystemExit as stop:  # the parser's refusal exits as argparse does
+            code = stop.code
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert _gallery_files(index) == before, extra
