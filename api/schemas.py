@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -66,11 +66,16 @@ class IdentifyOut(BaseModel):
                              "few references to mark a photo unlike every reference (far)")
 
 
+#: Search's ``k``: neighbours to return (query string, form field or JSON body), and its default.
+SearchK = Annotated[int, Field(ge=1, le=1000)]
+SEARCH_K_DEFAULT = 10
+
+
 class SearchVectorIn(BaseModel):
     """Search by an embedding computed elsewhere (with the gallery's encoder)."""
 
     embedding: list[float] = Field(description="the query embedding, gallery width")
-    k: int = Field(10, ge=1, le=1000)
+    k: SearchK = SEARCH_K_DEFAULT
 
 
 class SearchOut(BaseModel):

@@ -242,10 +242,7 @@ def earlier_run(out: Path, cfg: FinetuneConfig) -> tuple[list[Path], list[Path]]
 
 def _our_photo_list(path: Path) -> bool:
     """Whether ``path`` is a photo list a speciesid fine-tuning run wrote (:func:`save_photo_list`)."""
-    try:
-        data = json.loads(gzip.decompress(path.read_bytes()))
-    except (OSError, ValueError, EOFError):
-        return False
+    data = _photo_list_json(path)
     return isinstance(data, dict) and set(data) == {"sha256", "photos"} and isinstance(data["photos"], dict)
 
 
@@ -312,12 +309,17 @@ def save_photo_list(out: Path, inventory: dict[str, list[list]], digest: str) ->
     atomic_write(path, gzip.compress(json.dumps({"sha256": digest, "photos": inventory}).encode(), mtime=0))
 
 
-def _read_photo_list(path: Path, digest: str | None) -> dict | None:
-    """The inventory in ``path`` when it is there, readable and of ``digest`` (any, with None); else None."""
+def _photo_list_json(path: Path) -> Any:
+    """The decoded JSON of a photo list file (gzip), None when it is missing or unreadable."""
     try:
-        data = json.loads(gzip.decompress(path.read_bytes()))
+        return json.loads(gzip.decompress(path.read_bytes()))
     except (OSError, ValueError, EOFError):
         return None
+
+
+def _read_photo_list(path: Path, digest: str | None) -> dict | None:
+    """The inventory in ``path`` when it is there, readable and of ``digest`` (any, with None); else None."""
+    data = _photo_list_json(path)
     if not isinstance(data, dict) or (digest is not None and data.get("sha256") != digest):
         return None
     return data.get("photos") or {}

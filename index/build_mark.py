@@ -65,9 +65,12 @@ def interrupted(root: str | Path) -> dict[str, Any] | None:
     """The mark of a build into ``root`` that did not finish (interrupted, or ``running`` by a process that is
     gone); None when the last build completed or one is running now."""
     mark = read_mark(root)
-    if mark is None or (mark.get("state") == "running" and _alive(mark)):
-        return None
-    return mark
+    return None if mark is None or _live(mark) else mark
+
+
+def _live(mark: dict[str, Any]) -> bool:
+    """Whether ``mark`` is a build running now (``running``, its process alive)."""
+    return mark.get("state") == "running" and _alive(mark)
 
 
 def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
@@ -129,9 +132,9 @@ def building(root: str | Path) -> Iterator[dict[str, Any] | None]:
     build's mark (the gallery lacks this build's rest), with the step named by the exception's ``after``
     attribute when it has one (``retrieval.pipeline.ReferencesInterrupted``)."""
     root = Path(root)
-    before = read_mark(root)
-    earlier = interrupted(root)
-    other = before if before and before.get("state") == "running" and _alive(before) else None
+    before = read_mark(root)  # read once: what an earlier build left, or a build running now
+    other = before if before is not None and _live(before) else None
+    earlier = before if before is not None and other is None else None
     if other is not None:
         logger.info("another build into %s is running (pid %s on %s, since %s): its mark is written back if this "
                     "one completes first", root, other.get("pid"), other.get("host"), other.get("started"))

@@ -979,11 +979,12 @@ class Gallery:
             self._writer.check()
             alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             found = self.store.delete(ids)
-            if found and alone:  # the index differs from the store only by these ids: no id column read
-                self._apply_sync(np.asarray([int(i) for i in ids], dtype=np.int64), None, None, self.store.version)
-            elif found:
-                self._sync_index()
             if found:
+                if alone:  # the index differs from the store only by these ids: no id column read
+                    self._apply_sync(np.asarray([int(i) for i in ids], dtype=np.int64), None, None,
+                                     self.store.version)
+                else:
+                    self._sync_index()
                 self._compact_after_write()
                 self._index.save(self.layout.vectors, self._manifest())
             return found

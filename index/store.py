@@ -115,6 +115,11 @@ def source_file(text: str) -> Path:
 
 #: Digests per ``sha256 IN (...)`` query.
 _IN_CHUNK = 1000
+
+
+def _sql_text(text: str) -> str:
+    """``text`` as an SQL string literal of a Lance filter (quotes doubled)."""
+    return "'" + text.replace("'", "''") + "'"
 #: Columns that get a BTREE scalar index when a build finishes.
 SCALAR_INDEXED = ("id", "sha256")
 _NOT_EXCLUDED = "excluded = false OR excluded IS NULL"
@@ -448,8 +453,7 @@ class ReferenceStore:
 
     def uses_source(self, text: str) -> bool:
         """Whether any row (excluded ones too) has this stored source path."""
-        quoted = text.replace("'", "''")
-        return self._table.count_rows(f"source_path = '{quoted}'") > 0
+        return self._table.count_rows(f"source_path = {_sql_text(text)}") > 0
 
     def ids(self, *, include_excluded: bool = False) -> np.ndarray:
         """Sorted int64 ids of the searchable rows (all rows with ``include_excluded``); reads one column."""
@@ -505,8 +509,7 @@ class ReferenceStore:
     def has_species(self, species: str) -> bool:
         """Whether any searchable row (not excluded) is of ``species`` (its exact name), at the version this store
         reads: one filtered count, not the whole :meth:`species` list."""
-        quoted = species.replace("'", "''")
-        return self._table.count_rows(f"species = '{quoted}' AND ({_NOT_EXCLUDED})") > 0
+        return self._table.count_rows(f"species = {_sql_text(species)} AND ({_NOT_EXCLUDED})") > 0
 
     def species_of(self, ids: Sequence[int]) -> list[str]:
         """The species of rows ``ids`` (any row, excluded ones too), in the order given."""
@@ -528,7 +531,7 @@ class ReferenceStore:
     def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True,
                  species: str | None = None) -> pd.DataFrame:
         """Metadata rows (no embeddings), optionally only the given ids and / or one species' rows, indexed by id."""
-        clauses = [] if species is None else [f"species = '{species.replace(chr(39), chr(39) * 2)}'"]
+        clauses = [] if species is None else [f"species = {_sql_text(species)}"]
         if ids is not None:
             ids = [int(i) for i in ids]
             if not ids:

@@ -36,6 +36,7 @@ from retrieval.probe import (
     MIN_PROBE_PHOTOS,
     Calibration,
     LinearProbe,
+    distinct_count,
     distinct_photos,
     photo_groups,
     train_probe,
@@ -504,17 +505,16 @@ def select_settings(
     calibration = calibration_from(oof, rule, target_precision)
     calibration.left_out = left_out
     if sample is not None:  # said with the settings (probe.json, the CLI's "settings chosen on ...")
-        calibration.selected_on += (f" (subsample: {len(sample)} of {sum(counts.values())} photos, at most {cap} a "
-                                    f"species, seed {seed})")
-        calibration.metrics["gallery_photos"] = float(sum(counts.values()))
+        total = sum(counts.values())
+        calibration.selected_on += f" (subsample: {len(sample)} of {total} photos, at most {cap} a species, seed {seed})"
+        calibration.metrics["gallery_photos"] = float(total)
     return calibration
 
 
 def _distinct_of(x: np.ndarray, labels: Sequence[str], species: str) -> int:
     """The distinct photos of ``species`` among all its rows of ``x`` (:func:`photo_groups` over that species
     only): the count ``probe train``'s left-out rule uses without a subsample."""
-    rows = [i for i, s in enumerate(labels) if s == species]
-    return len(np.unique(photo_groups(np.asarray(x, dtype=np.float32)[rows])))
+    return distinct_count(np.asarray(x)[[i for i, s in enumerate(labels) if s == species]])
 
 
 def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision: float = 0.95) -> Calibration:

@@ -48,7 +48,8 @@ def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
     info = read_gallery_info(index_dir)
     config = (encoder or EncoderConfig()).resolved(info["encoder"])
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
-    gallery = Gallery.open(index_dir, refresh_s=refresh_s, make_table=make_table)  # the gallery alone knows where its store is (S3 or here)
+    # the gallery alone knows where its store is (S3 or here)
+    gallery = Gallery.open(index_dir, refresh_s=refresh_s, make_table=make_table)
     enc = create_encoder_from_config(config, photos=lambda: GalleryPhotos(gallery))  # listed when an export needs it
     check_gallery_encoder(index_dir, gallery.info, enc.fingerprint)
     return gallery, enc

@@ -61,6 +61,12 @@ def distinct_photos(groups: np.ndarray, y: np.ndarray) -> dict[Any, int]:
     y = np.asarray(y)
     return {c: len(np.unique(groups[y == c])) for c in np.unique(y)}
 
+
+def distinct_count(x: np.ndarray) -> int:
+    """The distinct photos among the embeddings ``x`` of one species (near-copies counted once, by
+    :func:`photo_groups`): what :func:`distinct_photos` gives that species."""
+    return len(np.unique(photo_groups(np.asarray(x, dtype=np.float32)))) if len(x) else 0
+
 PROBE_FORMAT = 1
 
 

@@ -90,7 +90,7 @@ from retrieval.pipeline import (
     given_embeddings,
     skip_counts,
 )
-from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_photos, has_probe, photo_groups
+from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -835,7 +835,7 @@ def _species_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, ad
 
 def _distinct_photos(gallery: Gallery, name: str, held: int) -> tuple[int, int]:
     """(the searchable photos of species ``name`` now, those with near-copies counted once by ``probe train``'s
-    own rule: :func:`retrieval.probe.photo_groups`, :func:`retrieval.probe.distinct_photos`) over the species'
+    own rule: :func:`retrieval.probe.distinct_count`) over the species'
     rows (read by species, not the whole gallery's) and the store's float32 vectors, which ``probe train`` groups
     (not an ivfpq index's float16 ones). A note must not fail an add that is committed: a failure gives
     (``held``, ``held``), logged."""
@@ -843,8 +843,7 @@ def _distinct_photos(gallery: Gallery, name: str, held: int) -> tuple[int, int]:
         ids = [int(i) for i in gallery.store.metadata(include_excluded=False, species=name).index]
         if not MIN_PROBE_PHOTOS <= len(ids) <= FEW_NOTE_PHOTOS:
             return len(ids), len(ids)
-        groups = photo_groups(gallery.store.vectors(ids=ids)[1])
-        return len(ids), int(distinct_photos(groups, np.zeros(len(ids), dtype=np.int64))[0])
+        return len(ids), distinct_count(gallery.store.vectors(ids=ids)[1])
     except Exception as exc:  # noqa: BLE001 - the photos counted as they are, near-copies or not
         logger.info("near-copies of %s not counted for the few-photos note: %s", name, exc)
         return held, held

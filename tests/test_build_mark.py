@@ -26,16 +26,10 @@ FAR_NOTE = ("this gallery holds 1 reference photo: too few to tell a photo unlik
 
 def _interrupted_build(tmp_path: Path, capsys, monkeypatch) -> tuple[Path, Path, list]:
     """A build of 10 photos of two species cut short by Ctrl-C after 4 were kept: (gallery, photos, its command)."""
-    from test_cli_interrupt import _interrupt_on_batch
+    from test_cli_interrupt import interrupted_build
 
-    root = tmp_path / "photos"
-    for i in range(10):
-        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
-    index = tmp_path / "g"
-    build = ["index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER, "-q"]
-    with monkeypatch.context() as m:
-        _interrupt_on_batch(m, 3)
-        assert _run(capsys, *build)[0] == 130
+    index, root, build, code, _ = interrupted_build(tmp_path, capsys, monkeypatch)
+    assert code == 130
     return index, root, build
 
 

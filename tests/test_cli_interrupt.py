@@ -42,16 +42,23 @@ def _interrupt_on_batch(monkeypatch, n: int, *, module: str = "retrieval.workflo
         monkeypatch.setattr(Gallery, "add_unique", add_unique)
 
 
-def test_an_interrupted_build_keeps_what_was_embedded_and_the_same_command_adds_the_rest(tmp_path, capsys,
-                                                                                        monkeypatch):
+def interrupted_build(tmp_path: Path, capsys, monkeypatch) -> tuple[Path, Path, list, int, str]:
+    """A build of 10 photos of two species cut short by Ctrl-C after 4 were kept (two batches of 2 photos embedded,
+    below the 1,024 rows of a commit): (gallery, photos, its command, its exit status, its stderr)."""
     root = tmp_path / "photos"
     for i in range(10):
         _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
     index = tmp_path / "g"
     build = ["index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER, "-q"]
     with monkeypatch.context() as m:
-        _interrupt_on_batch(m, 3)  # two batches of 2 photos embedded, below the 1,024 rows of a commit
+        _interrupt_on_batch(m, 3)
         code, _, err = _run(capsys, *build)
+    return index, root, build, code, err
+
+
+def test_an_interrupted_build_keeps_what_was_embedded_and_the_same_command_adds_the_rest(tmp_path, capsys,
+                                                                                        monkeypatch):
+    index, _, build, code, err = interrupted_build(tmp_path, capsys, monkeypatch)
     assert code == 130
     assert err.strip().endswith(f"speciesid: interrupted: 4 references kept in {index}; run the same command again "
                                 "to add the rest"), err

@@ -44,9 +44,6 @@ class OneLineErrors(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr, the error and where to read the usage (exit 2), as
     every other error of the CLI is; ``--help`` is argparse's own. Sub-commands' parsers are of this class too."""
 
-    #: Said after "unrecognized arguments: ..." when they are all words, no option (``search a.jpg b.jpg``).
-    extra_words_hint: str | None = None
-
     def error(self, message: str) -> NoReturn:
         """Exit 2 with ``PROG: error: MESSAGE; see 'PROG --help'`` (not the usage first, as argparse prints it)."""
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
@@ -56,6 +53,9 @@ class CommandParser(OneLineErrors):
     """The parser of a command (``speciesid identify``, ``speciesid index build``): an argument it does not know is
     its error, naming its own ``--help`` (argparse hands it up to ``speciesid``, whose help lists no command's
     options)."""
+
+    #: Said after "unrecognized arguments: ..." when they are all words, no option (``search a.jpg b.jpg``).
+    extra_words_hint: str | None = None
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
                          ) -> tuple[argparse.Namespace, list[str]]:

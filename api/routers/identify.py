@@ -6,13 +6,13 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import ReadKey, Service
 from api.routers._edge import edge, errors, neighbour_out, photo_field_error, read_uploads
-from api.schemas import IdentifyOut, ResultOut, SearchOut, SearchVectorIn
+from api.schemas import SEARCH_K_DEFAULT, IdentifyOut, ResultOut, SearchK, SearchOut, SearchVectorIn
 from api.service import SpeciesService
 from index.geography import resolve_country
 from retrieval.vote import Rank
@@ -22,7 +22,9 @@ router = APIRouter(prefix="/v1", tags=["identify"])
 #: identify's query parameters: sent as form fields they would be ignored, so they are refused (a 422 saying where).
 IDENTIFY_QUERY = ("k", "rank", "country", "neighbours")
 #: search's ``k``: from the query string (``?k=``), or a form field / the JSON body's key, which wins.
-SEARCH_K = TypeAdapter(Annotated[int, Field(ge=1, le=1000)])
+SEARCH_K = TypeAdapter(SearchK)
+#: search's ``k`` in the hand-written OpenAPI of its two bodies (the bounds of :data:`api.schemas.SearchK`).
+_K_SCHEMA = {"type": "integer", **SEARCH_K.json_schema(), "default": SEARCH_K_DEFAULT}
 #: The most field errors one search 422 lists (an embedding of 1,024 strings would otherwise list 1,024).
 MAX_FIELD_ERRORS = 3
 
@@ -95,7 +97,7 @@ def identify(
 _SEARCH_BODY = {
     "parameters": [{"name": "k", "in": "query", "required": False, "description": "neighbours to return; a form "
                     "field 'k' or the JSON body's 'k' wins over it",
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10}}],
+                    "schema": _K_SCHEMA}],
     "requestBody": {
         "required": True,
         "content": {
@@ -105,7 +107,7 @@ _SEARCH_BODY = {
                     "required": ["image"],
                     "properties": {
                         "image": {"type": "string", "format": "binary"},
-                        "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+                        "k": _K_SCHEMA,
                     },
                 }
             },
@@ -144,7 +146,7 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
             if not isinstance(image, UploadFile) and not hasattr(image, "read"):  # as identify answers it: a 422
                 raise photo_field_error("image", ctype)
             try:
-                k = SEARCH_K.validate_python(form.get("k", query_k if query_k is not None else 10))
+                k = SEARCH_K.validate_python(form.get("k", query_k if query_k is not None else SEARCH_K_DEFAULT))
             except ValidationError as exc:
                 raise HTTPException(422, field_errors(exc, field="k")) from exc
             hits = await run_in_threadpool(_search_upload, service, image, k)
