@@ -8,6 +8,7 @@ concurrent requests share forward passes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -87,6 +88,19 @@ EMPTY_GALLERY = ("this gallery holds no searchable references yet: add some with
                  "bring them back with 'speciesid clean --restore'); identify and search answer once it holds some")
 
 
+@dataclass(frozen=True)
+class Thumbnail:
+    """A reference photo's JPEG thumbnail and its ETag, made together (:meth:`SpeciesService.thumbnail`)."""
+
+    data: bytes
+    etag: str  # the first 32 hex digits of the sha256 of ``data``, quoted, as an ETag header holds it
+
+    @classmethod
+    def of(cls, data: bytes) -> Thumbnail:
+        """The thumbnail ``data`` with its tag."""
+        return cls(data, f'"{hashlib.sha256(data).hexdigest()[:32]}"')
+
+
 @dataclass
 class Upload:
     """One uploaded photo, decoded and preprocessed (the decoded pixels are not kept: a request holds model inputs,
@@ -120,7 +134,7 @@ class SpeciesService:
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
-        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()  # the latest thumbnails served
+        self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
 
     def close(self) -> None:
@@ -242,8 +256,10 @@ class SpeciesService:
                            + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else ""))
         return found
 
-    def thumbnail(self, ref_id: int) -> bytes:
-        """A JPEG thumbnail of a reference photo (503 during the store's outage: :meth:`require_store`)."""
+    def thumbnail(self, ref_id: int) -> Thumbnail:
+        """A JPEG thumbnail of a reference photo and its ETag (503 during the store's outage: :meth:`require_store`).
+        Both are kept (the latest :data:`THUMBNAILS_KEPT`) under the photo file's size and modification time as well
+        as the id: a photo replaced on disk makes a new thumbnail, and so a new tag; a request hashes nothing."""
         self.require_store("reference photos")
         stored = self.gallery.source_path(ref_id)
         if stored is None:
@@ -279,11 +295,12 @@ class SpeciesService:
         image.thumbnail((self.settings.thumbnail_px, self.settings.thumbnail_px))
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)
+        thumb = Thumbnail.of(buf.getvalue())
         with self._thumb_lock:
-            self._thumbs[key] = buf.getvalue()
+            self._thumbs[key] = thumb
             while len(self._thumbs) > THUMBNAILS_KEPT:
                 self._thumbs.popitem(last=False)
-        return buf.getvalue()
+        return thumb
 
     # ----------------------------------------------------------------- writes
     @contextlib.contextmanager

@@ -626,6 +626,33 @@ def test_reference_thumbnail(client, service, monkeypatch):
     assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
 
 
+def test_a_thumbnails_etag_is_hashed_once_with_it_and_a_photo_replaced_changes_it(client, service, monkeypatch):
+    """s50 left-over: the ETag was the sha256 of the thumbnail, hashed on every request. It is made with the
+    thumbnail and kept with it, under the photo file's size and time: a changed photo gets a new tag."""
+    import hashlib
+
+    added = client.post("/v1/species/Testus etagus/references", files=_one("e.png", _png(64, 48)), headers=KEYS)
+    (ref,) = added.json()["ids"]
+    hashed: list[bytes] = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda data=b"", **kw: hashed.append(bytes(data)) or real(data, **kw))
+    first = client.get(f"/v1/references/{ref}/image")
+    etag = first.headers["etag"]
+    assert etag == f'"{real(first.content).hexdigest()[:32]}"'  # the documented tag
+    again = client.get(f"/v1/references/{ref}/image", headers={"If-None-Match": etag})
+    head = client.head(f"/v1/references/{ref}/image")
+    assert again.status_code == 304 and head.headers["etag"] == etag == again.headers["etag"]
+    assert hashed.count(first.content) == 1, len(hashed)  # once, when the thumbnail was made: not per request
+    from PIL import Image
+
+    from index.store import source_file
+
+    Image.new("RGB", (96, 48), (30, 200, 30)).save(source_file(_source(service, ref)), "PNG")  # replaced on disk
+    changed = client.get(f"/v1/references/{ref}/image", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.headers["etag"] == f'"{real(changed.content).hexdigest()[:32]}"'
+
+
 # ------------------------------------------------------------------------------------------- auth
 def test_writes_need_a_key_reads_are_open(client, service):
     from fastapi.testclient import TestClient

@@ -63,8 +63,10 @@ class StandIn:
         found = Identification(predictions=[], neighbours=[], unknown=True, set_aside=list(self.set_aside))
         return SimpleNamespace(results=[], identification=found)
 
-    def thumbnail(self, ref_id: int) -> bytes:
-        return THUMB
+    def thumbnail(self, ref_id: int):
+        from api.service import Thumbnail
+
+        return Thumbnail.of(THUMB)
 
 
 @pytest.fixture()

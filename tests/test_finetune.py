@@ -462,6 +462,18 @@ def test_the_untrained_network_is_weighed_at_its_own_size(tiny_set, tmp_path, mo
         assert info["test_size"]["size"] == 288
 
 
+def test_the_time_budgets_range_is_one_of_ranges_as_the_time_limits():
+    """s50 left-over: --time-budget's range was checked apart (in FinetuneConfig.resolved and in the parser), worded
+    its own way; it is a real-valued setting's range like --time-limit's, which RANGES holds for both."""
+    from finetune.config import RANGES, FinetuneConfig
+
+    assert RANGES["time_budget"] == RANGES["time_limit"] == (0, None, "()")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^--time-budget must be more than 0, got {bad}$"):
+            FinetuneConfig(root="r", out="o", time_budget=bad).resolved()
+    assert FinetuneConfig(root="r", out="o", time_budget=0.5).resolved().time_budget == 0.5
+
+
 def test_select_rule_is_checked():
     from finetune.config import FinetuneConfig
 
@@ -744,7 +756,7 @@ def test_time_budget_too_small_says_what_to_change(tiny_set, tmp_path):
 
     with pytest.raises(ValueError, match="fits no epoch on this machine.*bigger --time-budget"):
         finetune(_config(tiny_set, tmp_path / "tiny", time_budget=0.001), progress=False)
-    with pytest.raises(ValueError, match="--time-budget must be a positive number of minutes"):
+    with pytest.raises(ValueError, match=r"--time-budget must be more than 0, got 0\.0"):  # RANGES' wording
         finetune(_config(tiny_set, tmp_path / "zero", time_budget=0.0), progress=False)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="--out .*a-file is a file; give a folder"):

@@ -118,8 +118,6 @@ def _checked(dest: str) -> Any:
         return at_least(COUNT_MINIMUMS[dest])
     if dest in RANGES:
         return number_in(*RANGES[dest])
-    if dest == "time_budget":
-        return number_in(0, None, "()")
     return None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
@@ -54,10 +53,10 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 @router.head("/{ref_id}/image", include_in_schema=False, response_class=Response)
 def reference_image(request: Request, service: Service, _: ReadKey, ref_id: RefId) -> Response:
     """A JPEG thumbnail of a reference photo (evidence display): ``Cache-Control: private``, with an ETag (the
-    first 32 hex digits of the sha256 of the thumbnail's bytes) that ``If-None-Match`` revalidates with a 304."""
+    first 32 hex digits of the sha256 of the thumbnail's bytes, made with the thumbnail and kept with it) that
+    ``If-None-Match`` revalidates with a 304."""
     thumb = edge(lambda: service.thumbnail(ref_id))
-    etag = f'"{hashlib.sha256(thumb).hexdigest()[:32]}"'
-    headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": etag}
-    if etag_matches(request.headers.get("if-none-match"), etag):
+    headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": thumb.etag}
+    if etag_matches(request.headers.get("if-none-match"), thumb.etag):
         return Response(status_code=304, headers=headers)
-    return Response(thumb, media_type="image/jpeg", headers=headers)
+    return Response(thumb.data, media_type="image/jpeg", headers=headers)
