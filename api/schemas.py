@@ -111,13 +111,17 @@ class AddReferencesOut(BaseModel):
     """What adding reference photos did."""
 
     species: str
-    created: bool = Field(description="the species was new to the gallery")
+    created: bool = Field(description="the species was new to the gallery and this add made it")
+    exists: bool = Field(description="the species is in the gallery after this add: false only when the name is new "
+                         "and no photo was stored (every one a reference already, listed in duplicates), so nothing "
+                         "was made; GET /v1/species/{name} then answers 404")
     ids: list[int]
     added: int
     duplicates: list[DuplicateOut]
-    notes: list[str] = Field(default_factory=list, description="what to know of the add: a new species confirmed "
-                             "with new_species=true that is a near-spelling of the shipped taxonomy's species (first, "
-                             "naming them); a new species the probe cannot name until it is retrained; a species "
+    notes: list[str] = Field(default_factory=list, description="what to know of the add: a new name of which "
+                             "nothing was stored, so that the species is not in the gallery; a new species confirmed "
+                             "with new_species=true that is a near-spelling of the shipped taxonomy's species "
+                             "(naming them); a new species the probe cannot name until it is retrained; a species "
                              "with too few photos for the probe (near-copies counted once); an upload that nearly "
                              "copies a reference held (cosine >= the near-copy threshold), naming that reference")
 

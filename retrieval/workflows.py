@@ -572,13 +572,20 @@ class AddResult:
     few_note: str = ""  # a species left with too few photos for 'probe train': says so, and what to do
     near_copies: list[NearCopy] = field(default_factory=list)  # photos stored that nearly copy a reference held
     taxon_note: str = ""  # a new species the shipped taxonomy does not know, named like a taxon there: which one
+    absent_note: str = ""  # a new name none of whose photos was stored: that the species is still not in the gallery
+
+    @property
+    def exists(self) -> bool:
+        """Whether the species is in the gallery after the add: False only for a new name none of whose photos was
+        stored (every one a duplicate, or unusable)."""
+        return self.existed or self.created
 
     @property
     def notes(self) -> list[str]:
-        """The notes a caller shows beside the result (``taxon_note``, ``probe_note``, ``few_note``, then the
-        near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say
-        something."""
-        return ([note for note in (self.taxon_note, self.probe_note, self.few_note) if note]
+        """The notes a caller shows beside the result (``absent_note``, ``taxon_note``, ``probe_note``, ``few_note``,
+        then the near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those
+        that say something."""
+        return ([note for note in (self.absent_note, self.taxon_note, self.probe_note, self.few_note) if note]
                 + near_copy_notes(self.near_copies))
 
 
@@ -795,7 +802,17 @@ def add_photos(
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
-                     few_note=few_note, near_copies=near)
+                     few_note=few_note, near_copies=near,
+                     absent_note=_absent_note(name, report) if not existed and not report.ids else "")
+
+
+def _absent_note(name: str, report: BuildReport) -> str:
+    """The note of an add that stored no photo under a name the gallery does not hold: the species was not made."""
+    why = ("every photo is a reference already (the duplicates)" if not report.skipped else
+           "no photo could be used" if not report.duplicates else
+           "every photo is a reference already or could not be used")
+    return (f"nothing was stored: {why}, so {name!r} is not in the gallery (a species is made by the first photo "
+            "stored under its name)")
 
 
 def _taxon_note(name: str) -> str:

@@ -1147,13 +1147,19 @@ def test_new_species_is_identified_by_the_very_next_request(client, service, mon
     assert got["count"] == PER_SPECIES and got["genus"] == "Calamaria"
 
     again = client.post(f"/v1/species/{name}/references", files=_files(refs[:3]), headers=KEYS).json()
-    assert again["created"] is False and again["added"] == 0
+    assert again["created"] is False and again["added"] == 0 and again["exists"] is True
+    assert not any(note.startswith("nothing was stored") for note in again["notes"])
     assert [d["id"] for d in again["duplicates"]] == out["ids"][:3]
     assert {d["species"] for d in again["duplicates"]} == {name}
     assert client.get(f"/v1/species/{name}").json()["count"] == PER_SPECIES
     # one of this species' photos posted under another name: not added there, and the answer says whose it is
-    elsewhere = client.post("/v1/species/Testus novus/references", files=_files(refs[:1]), headers=KEYS).json()
-    assert elsewhere["added"] == 0 and elsewhere["created"] is False
+    # (s50 walk: it said only "created": false, which reads as a species that exists)
+    answer = client.post("/v1/species/Testus novus/references", files=_files(refs[:1]), headers=KEYS)
+    elsewhere = answer.json()
+    assert answer.status_code == 200 and elsewhere["added"] == 0 and elsewhere["created"] is False
+    assert elsewhere["exists"] is False and elsewhere["notes"][0] == (
+        "nothing was stored: every photo is a reference already (the duplicates), so 'Testus novus' is not in the "
+        "gallery (a species is made by the first photo stored under its name)")
     assert elsewhere["duplicates"] == [{"file": refs[0].name, "id": out["ids"][0], "species": name,
                                        "excluded": False}]
     assert client.get("/v1/species/Testus novus").status_code == 404

@@ -94,6 +94,8 @@ def test_references_add_says_not_created_when_no_photo_of_a_new_species_was_stor
                           root / "Natrix maura" / "0.png", "-q")
     assert code == 1 and out.startswith("Fooia barus (not created: no photo added): added 0, "), (out, err)
     assert "not added: " in out and "(new species)" not in out
+    assert "note: nothing was stored: every photo is a reference already (the duplicates), so 'Fooia barus' is not " \
+        "in the gallery" in out, out  # the same note as the API's (exists: false)
     code, out, _ = _run(capsys, "species", "list", "--index", index)
     assert "Fooia barus" not in out
 

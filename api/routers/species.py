@@ -30,7 +30,7 @@ def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_leng
 
 @router.post("/{name}/references", response_model=AddReferencesOut, status_code=201,
              responses={200: {"model": AddReferencesOut, "description": "nothing stored: every photo was a reference "
-                              "already (listed in duplicates)"}, **errors(400, 401, 409, 413, 415, 422, 500)})
+                              "already (listed in duplicates); a new name is then not made (exists: false)"}, **errors(400, 401, 409, 413, 415, 422, 500)})
 def add_references(
     service: Service,
     _: WriteKey,
@@ -49,7 +49,8 @@ def add_references(
                                                  new_species=new_species))
     if not result.report.added:
         response.status_code = 200  # nothing stored (every photo a reference already): nothing was created
-    return AddReferencesOut(species=result.species, created=result.created, ids=result.report.ids,
+    return AddReferencesOut(species=result.species, created=result.created, exists=result.exists,
+                            ids=result.report.ids,
                             added=result.report.added,
                             duplicates=[DuplicateOut(file=f, id=i, species=sp, excluded=i in result.excluded)
                                         for f, i, sp in result.duplicates],
