@@ -34,7 +34,14 @@ from index.photos import (
     warn_skipped,
 )
 from index.records import HIGHER_RANKS, ReferenceRecord
-from index.taxonomy import InvalidNameError, check_name, lookup_taxon, moroccan_checklist, species_key
+from index.taxonomy import (
+    InvalidNameError,
+    check_name,
+    looks_scientific,
+    lookup_taxon,
+    moroccan_checklist,
+    species_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +53,6 @@ STREAMED: tuple[str, ...] = ("manifest", "webdataset")
 _SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "dev"}
 
 _PAREN_RE = re.compile(r"^(?P<common>.*?)\s*\((?P<sci>[^()]+)\)\s*$")
-_GENUS_RE = re.compile(r"^[A-Z][a-z]+$")
-_EPITHET_RE = re.compile(r"^[a-z][a-z.]*$")
 
 
 @dataclass
@@ -66,14 +71,6 @@ class DatasetScan:
 # Folder helpers
 
 
-def _looks_scientific(words: list[str]) -> bool:
-    return (
-        2 <= len(words) <= 3
-        and bool(_GENUS_RE.match(words[0]))
-        and all(_EPITHET_RE.match(w) for w in words[1:])
-    )
-
-
 def parse_folder_name(name: str) -> tuple[str, str | None]:
     """Species label and common name from a class-folder name.
 
@@ -85,10 +82,10 @@ def parse_folder_name(name: str) -> tuple[str, str | None]:
     match = _PAREN_RE.match(text)
     if match:
         sci_words = match["sci"].replace("_", " ").split()
-        if _looks_scientific(sci_words):
+        if looks_scientific(sci_words):
             return " ".join(sci_words), match["common"].strip() or None
     words = text.replace("_", " ").replace("-", " ").split()
-    if _looks_scientific(words):
+    if looks_scientific(words):
         return " ".join(words), None
     return text, None
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import difflib
 import logging
+import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -89,6 +90,40 @@ def check_name(value: str, what: str = "species name") -> str:
                 f"{f'{name} ({code})' if name else f'the control character {code}'}; use printable letters only"
             )
     return text
+
+
+#: A scientific name's words: a capitalised genus, then one or two lower-case epithets (a subspecies' too), of
+#: letters (``sp.``, ``cf.``: dots) and inner hyphens (``Polygonia c-album``).
+_GENUS_RE = re.compile(r"^[A-Z][a-z]+$")
+_EPITHET_RE = re.compile(r"^[a-z](?:[a-z.]|-(?=[a-z]))*$")
+#: The form :func:`looks_scientific` accepts, for messages.
+SCIENTIFIC_FORM = "'Genus species': a capitalised genus, then one or two lower-case epithets"
+
+
+def looks_scientific(words: Sequence[str]) -> bool:
+    """Whether ``words`` (a name split on spaces) are written as a scientific name (:data:`SCIENTIFIC_FORM`): the one
+    rule of the folder dataset's class names (``Common Name (Genus species)``, :mod:`index.datasets`) and of a new
+    species' name added by the CLI or the API (:func:`new_species_references`)."""
+    return (2 <= len(words) <= 3 and bool(_GENUS_RE.match(words[0]))
+            and all(_EPITHET_RE.match(w) for w in words[1:]))
+
+
+def scientific_spelling(name: str) -> str | None:
+    """``name`` typed all in lower or upper case, re-cased as a scientific name (``naja nova`` -> ``Naja nova``) when
+    that is all it lacks, else None (``Common Wolf Snake``, capitalised word by word, is a common name)."""
+    words = name.split()
+    if not words or name not in (name.lower(), name.upper()):
+        return None
+    cased = [words[0].capitalize(), *(w.lower() for w in words[1:])]
+    return " ".join(cased) if looks_scientific(cased) else None
+
+
+def _unscientific(name: str) -> SpeciesNameConflictError:
+    """The refusal of a new species ``name`` not written as a scientific name: confirmed, it is taken (a gallery of
+    labels, a folder dataset's ``cats``), as a near-spelling is; no gallery species is meant."""
+    spelled = scientific_spelling(name)
+    example = f"did you mean {spelled!r}?" if spelled else "e.g. 'Naja haje'"
+    return SpeciesNameConflictError(name, None, f"is not written as a scientific name ({SCIENTIFIC_FORM}; {example})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,6 +261,8 @@ def new_species_references(
     if prior is None and taxon is None and not new_species and (meant := taxonomy_lookalikes(species)):
         raise SpeciesNameConflictError(species, meant[0].species, "is not in the gallery or the shipped snake "
                                        f"taxonomy, which has {taxa_text(meant)}")
+    if prior is None and taxon is None and not new_species and not looks_scientific(species.split()):
+        raise _unscientific(species)  # 'x', 'cobra', 'Najahaje', 'naja nova': confirmed, a label ('cats') is taken
     if venomous is False and prior is not None and prior.venomous:
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
@@ -261,13 +298,14 @@ def new_species_references(
 
 
 class SpeciesNameConflictError(ValueError):
-    """A new species name that looks like a mistake for a gallery species (a near-spelling, or its common name).
+    """A new species name that looks like a mistake: for a gallery species (a near-spelling, or its common name), or
+    for no species (not written as a scientific name: ``meant`` None).
 
     ``name``: the name given; ``meant``: the gallery species it looks like; ``found``: what the gallery holds
     (``'Naja samarensis' (10 references) is``). What to do is the caller's to word (:meth:`advice`): a command line
     and an HTTP API confirm a new species differently. The message itself names no option of either."""
 
-    def __init__(self, name: str, meant: str, found: str) -> None:
+    def __init__(self, name: str, meant: str | None, found: str) -> None:
         self.name, self.meant, self.found = name, meant, found
         super().__init__(self.advice())
 
@@ -275,9 +313,9 @@ class SpeciesNameConflictError(ValueError):
         return type(self), (self.name, self.meant, self.found)
 
     def advice(self, use: str | None = None, confirm: str | None = None) -> str:
-        """The message, with ``use`` (how to add to the gallery species ``meant``) and ``confirm`` (how to say
-        ``name`` is a new species) as the caller words them."""
-        use = use or f"add the photos to {self.meant!r}"
+        """The message, with ``use`` (how to add to the gallery species ``meant``; not used where none is meant) and
+        ``confirm`` (how to say ``name`` is a new species) as the caller words them."""
+        use = "give the species' scientific name" if self.meant is None else use or f"add the photos to {self.meant!r}"
         confirm = confirm or f"confirm that {self.name!r} is a new species"
         return f"{self.name!r} {self.found}: {use}, or {confirm}"
 

@@ -508,7 +508,7 @@ def test_metadata_loaders_skip_and_report_rows_whose_species_name_check_name_ref
 
 def test_new_species_references_join_existing_spellings():
     from index.store import SpeciesSummary
-    from index.taxonomy import new_species_references
+    from index.taxonomy import SpeciesNameConflictError, new_species_references
 
     species, records, prior = new_species_references("naja-haje", [], ["a.jpg", "b.jpg"], dataset="added")
     assert species == "Naja haje" and prior is None  # the taxonomy's spelling, and what it knows
@@ -527,10 +527,27 @@ def test_new_species_references_join_existing_spellings():
             new_species_references(nameless, [], ["e.jpg"], dataset="api")
     with pytest.raises(ValueError, match=r"contains the control character U\+0001; use printable"):
         new_species_references("Naja\x01haje", [], ["e.jpg"], dataset="api")
-    # a genus alone is no species (a label that is no binomial, "cats", is taken)
+    # a genus alone is no species; a new label that is no scientific name ("cats") is taken once confirmed
     with pytest.raises(ValueError, match=r"'naja' is a genus, not a species: give the species' full name, e\.g\. 'Naja "):
         new_species_references("naja", [], ["e.jpg"], dataset="api")
-    assert new_species_references("cats", [], ["e.jpg"], dataset="api")[0] == "cats"
+    with pytest.raises(SpeciesNameConflictError, match=r"^'cats' is not written as a scientific name") as refused:
+        new_species_references("cats", [], ["e.jpg"], dataset="api")
+    assert refused.value.meant is None
+    assert new_species_references("cats", [], ["e.jpg"], dataset="api", new_species=True)[0] == "cats"
+    cats = SpeciesSummary("cats", None, None, None, None, 4)  # a gallery of labels: its own label joins
+    assert new_species_references("Cats", [cats], ["e.jpg"], dataset="api")[2] is cats
+
+
+@pytest.mark.parametrize("name,scientific", [
+    ("Naja haje", True), ("Naja haje legionis", True), ("Polygonia c-album", True), ("Naja sp.", True),
+    ("x", False), ("Naja", False), ("naja haje", False), ("Naja Haje", False), ("Common Wolf Snake", False),
+    ("Naja haje legionis extra", False), ("Polygonia c-", False), ("Naja h4je", False)])
+def test_looks_scientific_is_the_one_rule_of_folder_names_and_new_species(name, scientific):
+    from index.datasets import parse_folder_name
+    from index.taxonomy import looks_scientific
+
+    assert looks_scientific(name.split()) is scientific
+    assert (parse_folder_name(f"Common ({name})")[0] == name) is scientific  # a folder's "Common Name (Genus species)"
 
 
 def test_a_subspecies_name_joins_its_gallery_species_and_takes_its_metadata():

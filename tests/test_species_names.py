@@ -122,6 +122,41 @@ def test_the_api_refuses_a_near_spelling_of_a_taxonomy_species_unless_confirmed(
         assert c.get("/v1/species/Naja_nivae").json()["venomous"] is None
 
 
+def test_a_new_name_not_written_as_a_scientific_one_is_refused_alike_by_the_cli_and_the_api(built, tmp_path, capsys):
+    """Walk s50 #17: the species 'x' was created while the genus 'Naja' alone was refused. A new name is written
+    'Genus species' (the folder dataset's rule of a scientific name); any other (a label, 'cats') is taken once
+    confirmed, as a near-spelling is. Names the gallery or the taxonomy hold join as before."""
+    index, _ = built
+    photo = _photo(tmp_path / "x.png", 60)
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "x", photo, *ENCODER)
+    assert code == 2 and err.endswith(
+        "'x' is not written as a scientific name ('Genus species': a capitalised genus, then one or two lower-case "
+        "epithets; e.g. 'Naja haje'): give the species' scientific name, or give --new-species if 'x' is a new "
+        "species\n"), err
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "naja nova", photo, *ENCODER)
+    assert code == 2 and "lower-case epithets; did you mean 'Naja nova'?): give the species' scientific name" in err
+    assert {s.species for s in Gallery.open(index).species()} == {"Natrix maura", "Naja samarensis"}  # none made
+    data = photo.read_bytes()
+    with _client(index) as c:
+        for name in ("x", "cobra", "Common Wolf Snake"):
+            resp = c.post(f"/v1/species/{name}/references", files=[("images", ("x.png", data, "image/png"))],
+                          headers={"X-API-Key": "k"})
+            assert resp.status_code == 409 and resp.json()["detail"] == (
+                f"{name!r} is not written as a scientific name ('Genus species': a capitalised genus, then one or "
+                "two lower-case epithets; e.g. 'Naja haje'): give the species' scientific name, or send the form "
+                f"field new_species=true to create {name!r} as a new species"), resp.text
+        assert c.get("/v1/species/x").status_code == 404
+        resp = c.post("/v1/species/Naja/references", files=[("images", ("x.png", data, "image/png"))],
+                      headers={"X-API-Key": "k"}, data={"new_species": "true"})
+        assert resp.status_code == 400 and "'Naja' is a genus, not a species" in resp.text  # confirmed or not
+        resp = c.post("/v1/species/x/references", files=[("images", ("x.png", data, "image/png"))],
+                      headers={"X-API-Key": "k"}, data={"new_species": "true"})
+        assert resp.status_code == 201 and resp.json()["species"] == "x" and resp.json()["created"], resp.text
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "X",
+                          _photo(tmp_path / "y.png", 61), *ENCODER)  # a label the gallery holds joins it
+    assert code == 0 and "x (existing species)" in out, (out, err)
+
+
 def test_a_folder_dataset_named_like_a_taxonomy_species_is_not_refused(tmp_path, capsys):
     """A dataset's folder names are the user's data: an index build takes 'Naja nivae' as it is."""
     root = tmp_path / "photos"

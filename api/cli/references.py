@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-species", action="store_true",
                    help="confirm that --species is a new species although it looks like a gallery species (a "
                    "near-spelling of one, or its common name) or a species of the shipped snake taxonomy (a "
-                   "near-spelling of one: 'Naja nivae' for 'Naja nivea'), which is refused without this")
+                   "near-spelling of one: 'Naja nivae' for 'Naja nivea'), or is not written as a scientific name "
+                   "('Genus species': a label such as 'cats'), which is refused without this")
     p.add_argument("--encoder", default=None, metavar="SPEC", help=spec_help(": the gallery's encoder"))
     p.add_argument("--weights", default=None, metavar="FILE", help=WEIGHTS_HELP + "; default: the gallery's weights")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")

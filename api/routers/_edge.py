@@ -109,7 +109,7 @@ def edge(fn: Callable[[], T]) -> T:
     except InvalidNameError as exc:
         raise HTTPException(422, str(exc)) from exc
     except SpeciesNameConflictError as exc:  # worded for an HTTP client: the route and the form field
-        path = exc.meant.replace(" ", "_")
+        path = (exc.meant or "").replace(" ", "_")  # no species meant: a name not written as a scientific one
         raise HTTPException(409, exc.advice(use=f"send the photos to POST /v1/species/{path}/references to add them "
                                             f"to {exc.meant!r}",
                                             confirm=f"send the form field new_species=true to create {exc.name!r} "

@@ -40,7 +40,8 @@ def add_references(
     venomous: Annotated[bool | None, Form(description="medically important venomous")] = None,
     new_species: Annotated[bool, Form(description="confirm a new species whose name looks like a gallery "
                                       "species (a near-spelling, or its common name) or a species of the shipped "
-                                      "taxonomy (a near-spelling): refused (409) without")] = False,
+                                      "taxonomy (a near-spelling), or is not written as a scientific name ('Genus "
+                                      "species': a label such as 'cats'): refused (409) without")] = False,
     *, response: Response,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
