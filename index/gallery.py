@@ -660,12 +660,13 @@ class Gallery:
         if self.stale_reads:
             return self._refresh_behind(force, STORE_CHECK_WAIT_S if wait is None else min(wait, STORE_CHECK_WAIT_S))
         now = time.monotonic()
-        if not force and now - self._checked_at < self.refresh_s:
+        if not force and now - self._checked_at < self.refresh_s and self._replaced is None:
             return False
         with self._lock:
             self._checked_at = now
             if force:
                 self.store.refresh()
+            self._refuse_replaced(self.store.version)  # a command's too: never synced by difference, nor kept
             if self.store.version == self._synced_version:
                 return False
             added, removed = self._sync_index()
@@ -673,6 +674,22 @@ class Gallery:
                 logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root, added,
                             removed, self._synced_version)
             return bool(added or removed)
+
+    def _refuse_replaced(self, version: int) -> None:
+        """:class:`TableReplacedError` when the store's table is at ``version``, before the one this object's index
+        reflects (versions only grow: the table it read was lost and another made, or an older backup restored), and
+        from then on, whatever version the new table reaches: the index, the metadata and the species it keeps are
+        the lost table's. A server says to restart it; a command, to run it again: a new open follows the new table
+        (a warning, its index rebuilt from it: :meth:`_load_index`)."""
+        if self._replaced is None and version < self._synced_version:
+            again = "restart the server to serve it" if self.stale_reads else (
+                "run the command again: it then rebuilds the gallery's index from the table the store holds now")
+            self._replaced = TableReplacedError(
+                f"the store {self.store_uri} holds a table at version {version}, before the version "
+                f"{self._synced_version} this {'server' if self.stale_reads else 'command'} read: its table was "
+                f"replaced (made again, or restored from an older backup); {again}")
+        if self._replaced is not None:
+            raise self._replaced
 
     def _pause(self) -> float:
         """Seconds between looks at the store: ``refresh_s``, doubled with each look failed in a row (an outage)
@@ -722,12 +739,7 @@ class Gallery:
             if force:
                 self.store.refresh()
             version = self.store.version
-            if version < self._synced_version:  # versions only grow: a table made again under this server
-                self._replaced = TableReplacedError(
-                    f"the store {self.store_uri} holds a table at version {version}, before the version "
-                    f"{self._synced_version} this server read: its table was replaced (made again, or restored from "
-                    "an older backup); restart the server to serve it")
-                raise self._replaced  # and by every read after, whatever version the new table reaches
+            self._refuse_replaced(version)  # and every read after, whatever version the new table reaches
             if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
                 self._sync_behind(check, version)  # itself: not the store's delay, and no outage
         except (RuntimeError, OSError) as exc:
@@ -861,6 +873,7 @@ class Gallery:
 
         with self._write():
             self.store.refresh()
+            self._refuse_replaced(self.store.version)
             stored = self.store.find_sha256(digests.values()) if digests else {}
             repeats = {rid: stored[sha] for rid, sha in digests.items() if sha in stored}
             self._writer.check()
@@ -943,6 +956,7 @@ class Gallery:
                              "one of each per photo")
         with self._write():
             self.store.refresh()
+            self._refuse_replaced(self.store.version)  # before any id is given or row committed
             stored = self.store.find_sha256(sha256s)
             keep, dropped, seen = [], {}, set()
             for i, sha in enumerate(sha256s):
@@ -976,6 +990,7 @@ class Gallery:
         """Delete references by id; returns how many existed."""
         with self._write():
             self.store.refresh()
+            self._refuse_replaced(self.store.version)
             self._writer.check()
             alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             found = self.store.delete(ids)
@@ -997,6 +1012,7 @@ class Gallery:
         """
         with self._write():
             self.store.refresh()
+            self._refuse_replaced(self.store.version)
             self._writer.check()
             found = self.store.set_excluded(ids, excluded)
             if found:

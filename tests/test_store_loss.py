@@ -151,6 +151,42 @@ def test_a_server_keeps_refusing_a_replaced_table_when_the_new_one_reaches_the_v
     assert server.index.ntotal == 4
 
 
+def test_a_command_whose_table_is_replaced_while_it_runs_refuses_it_from_then_on_and_a_new_open_follows(
+        tmp_path, capsys, monkeypatch):
+    """s50 left-over: a command's gallery (no server) whose table was replaced while it ran synced the new table by
+    id difference (at the version it had read, it kept the lost table's index), reads and writes alike. It now
+    refuses, as a server does, saying to run it again; a new open follows the new table (a warning, as documented)."""
+    from api.cli import main
+
+    root = tmp_path / "g"
+    rng = np.random.default_rng(6)
+    g = Gallery.create(root, ENC)
+    for i in range(4):
+        g.add(*_rows(1, i, rng))
+    running = Gallery.open(root)  # as a command opens it: no stale reads
+    read = running.store.version
+    shutil.rmtree(root / "store" / "references.lance")
+    new = Gallery.create(root, ENC, new_store=True)
+    new.add(*_rows(2, 50, rng))
+    assert new.store.version < read
+    said = (rf"holds a table at version {new.store.version}, before the version {read} this command read: its table "
+            r"was replaced \(made again, or restored from an older backup\); run the command again: it then rebuilds")
+    with pytest.raises(TableReplacedError, match=said) as replaced:
+        running.refresh(force=True)
+    assert store_table_gone(replaced.value)
+    with pytest.raises(TableReplacedError, match=said):  # from then on, a read within refresh_s too
+        running.search(rng.standard_normal((1, 8)).astype(np.float32), 1)
+    for write in (lambda: running.add(*_rows(1, 70, rng)), lambda: running.delete([5]),
+                  lambda: running.set_excluded([5])):
+        with pytest.raises(TableReplacedError, match=said):
+            write()
+    assert running.index.ntotal == 4 and new.store.count() == 2  # nothing synced, nothing written
+    assert len(Gallery.open(root)) == 2  # a new open serves the new table (another copy of the folder: S3 test)
+    monkeypatch.setattr(Gallery, "open", classmethod(lambda cls, *a, **k: (_ for _ in ()).throw(replaced.value)))
+    assert main(["index", "info", "--index", str(root)]) == 2  # the command's one line, no type name nor traceback
+    assert capsys.readouterr().err.startswith(f"speciesid: error: the store {root / 'store'} holds a table at version ")
+
+
 #: What `index info` and `references add` printed when moto was stopped with SIGSTOP (walkthrough s50 #2): Lance's
 #: text of a store that does not answer within the client timeout.
 LANCE_HANG = ('Invalid input, Failed to connect to namespace: IO { source: Generic { store: "S3", source: ListRequest { '

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
-from index.errors import first_line, store_io_failure, store_io_kind
+from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
-    except (ValueError, OSError) as exc:  # bad input, a path that is missing / a file / not writable, ...
+    except (ValueError, OSError, TableReplacedError) as exc:  # bad input, a missing path, ...; a table replaced
         sys.stderr.write(f"speciesid: error: {store_outage(exc, args) or exc}\n")
         return 2
     except KeyboardInterrupt:
