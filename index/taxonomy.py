@@ -239,9 +239,11 @@ def new_species_references(
     species' family from its genus). A new name the taxonomy does not know that is a near-spelling of a gallery
     species, a gallery species' common name, or a near-spelling of a taxon of the shipped taxonomy
     (:func:`taxonomy_lookalikes`: ``Naja nivae`` for the venomous ``Naja nivea``) is refused
-    (:class:`SpeciesNameConflictError`) unless ``new_species``: the one rule of the CLI and the API (a dataset's
-    folder names are not checked by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays of
-    unknown venom status (off for a check ahead of the add, which warns itself).
+    (:class:`SpeciesNameConflictError`) unless ``new_species``, and so is a new name not written as a scientific
+    name (:func:`looks_scientific`: ``x``, ``cobra``; a label, ``cats``, is taken confirmed), while a known genus alone
+    is refused either way: the one rule of the CLI and the API (a dataset's folder names are not checked by it:
+    :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays
+    of unknown venom status (off for a check ahead of the add, which warns itself).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
