@@ -666,7 +666,7 @@ class Gallery:
             self._checked_at = now
             if force:
                 self.store.refresh()
-            self._refuse_replaced(self.store.version)  # a command's too: never synced by difference, nor kept
+            self._refuse_replaced()  # a command's too: never synced by difference, nor kept
             if self.store.version == self._synced_version:
                 return False
             added, removed = self._sync_index()
@@ -675,18 +675,22 @@ class Gallery:
                             removed, self._synced_version)
             return bool(added or removed)
 
-    def _refuse_replaced(self, version: int) -> None:
-        """:class:`TableReplacedError` when the store's table is at ``version``, before the one this object's index
+    def _refuse_replaced(self) -> None:
+        """:class:`TableReplacedError` when the store's table is at a version before the one this object's index
         reflects (versions only grow: the table it read was lost and another made, or an older backup restored), and
         from then on, whatever version the new table reaches: the index, the metadata and the species it keeps are
         the lost table's. A server says to restart it; a command, to run it again: a new open follows the new table
-        (a warning, its index rebuilt from it: :meth:`_load_index`)."""
-        if self._replaced is None and version < self._synced_version:
+        (a warning, its index rebuilt from it: :meth:`_load_index`). The version synced is read before the store's: a
+        write of this process landing between the two (a server's look runs beside its writes) raises the store's
+        alone, never taken for a replaced table."""
+        synced = self._synced_version
+        version = self.store.version
+        if self._replaced is None and version < synced:
             again = "restart the server to serve it" if self.stale_reads else (
                 "run the command again: it then rebuilds the gallery's index from the table the store holds now")
             self._replaced = TableReplacedError(
                 f"the store {self.store_uri} holds a table at version {version}, before the version "
-                f"{self._synced_version} this {'server' if self.stale_reads else 'command'} read: its table was "
+                f"{synced} this {'server' if self.stale_reads else 'command'} read: its table was "
                 f"replaced (made again, or restored from an older backup); {again}")
         if self._replaced is not None:
             raise self._replaced
@@ -738,8 +742,8 @@ class Gallery:
         try:
             if force:
                 self.store.refresh()
+            self._refuse_replaced()  # and every read after, whatever version the new table reaches
             version = self.store.version
-            self._refuse_replaced(version)  # and every read after, whatever version the new table reaches
             if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
                 self._sync_behind(check, version)  # itself: not the store's delay, and no outage
         except (RuntimeError, OSError) as exc:
@@ -873,7 +877,7 @@ class Gallery:
 
         with self._write():
             self.store.refresh()
-            self._refuse_replaced(self.store.version)
+            self._refuse_replaced()
             stored = self.store.find_sha256(digests.values()) if digests else {}
             repeats = {rid: stored[sha] for rid, sha in digests.items() if sha in stored}
             self._writer.check()
@@ -956,7 +960,7 @@ class Gallery:
                              "one of each per photo")
         with self._write():
             self.store.refresh()
-            self._refuse_replaced(self.store.version)  # before any id is given or row committed
+            self._refuse_replaced()  # before any id is given or row committed
             stored = self.store.find_sha256(sha256s)
             keep, dropped, seen = [], {}, set()
             for i, sha in enumerate(sha256s):
@@ -990,7 +994,7 @@ class Gallery:
         """Delete references by id; returns how many existed."""
         with self._write():
             self.store.refresh()
-            self._refuse_replaced(self.store.version)
+            self._refuse_replaced()
             self._writer.check()
             alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             found = self.store.delete(ids)
@@ -1012,7 +1016,7 @@ class Gallery:
         """
         with self._write():
             self.store.refresh()
-            self._refuse_replaced(self.store.version)
+            self._refuse_replaced()
             self._writer.check()
             found = self.store.set_excluded(ids, excluded)
             if found:

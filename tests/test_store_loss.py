@@ -187,6 +187,34 @@ def test_a_command_whose_table_is_replaced_while_it_runs_refuses_it_from_then_on
     assert capsys.readouterr().err.startswith(f"speciesid: error: the store {root / 'store'} holds a table at version ")
 
 
+def test_a_servers_own_write_landing_during_its_look_is_no_replaced_table(tmp_path, monkeypatch):
+    """A server's look read the store's version, then compared it with the version its index had synced: a write of
+    the same server committing between the two raised the synced version past the one read, which was taken for a
+    replaced table (a 500 on every request until a restart). The synced version is read first now."""
+    import threading
+
+    from index.store import ReferenceStore
+
+    root = tmp_path / "g"
+    rng = np.random.default_rng(7)
+    Gallery.create(root, ENC).add(*_rows(2, 0, rng))
+    server = Gallery.open(root)
+    server.stale_reads = True  # as a server reads: its looks run in a thread beside its writes
+    real, wrote = ReferenceStore.version, []
+
+    def version(store):  # noqa: ANN001, ANN202 - the injection: the server's own add commits as a look reads
+        seen = real.fget(store)
+        if threading.current_thread().name == "speciesid-store-check" and not wrote:
+            wrote.append(None)
+            wrote[0] = server.add(*_rows(1, 10, rng))
+        return seen
+
+    monkeypatch.setattr(ReferenceStore, "version", property(version))
+    server.refresh(force=True)
+    assert wrote == [[3]] and server._replaced is None
+    assert len(server) == 3 and server.index.ntotal == 3
+
+
 #: What `index info` and `references add` printed when moto was stopped with SIGSTOP (walkthrough s50 #2): Lance's
 #: text of a store that does not answer within the client timeout.
 LANCE_HANG = ('Invalid input, Failed to connect to namespace: IO { source: Generic { store: "S3", source: ListRequest { '
