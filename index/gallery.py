@@ -63,6 +63,7 @@ from index.vectors import (
     VectorIndex,
     VectorIndexConfig,
     as_vectors,
+    in_sorted,
     load_index,
     manifest_path,
     one_row_per_id,
@@ -992,17 +993,34 @@ class Gallery:
     def set_excluded(self, ids: Sequence[int], excluded: bool = True) -> int:
         """Leave references out of search and probe training (or bring them back); nothing is deleted.
 
-        The store is written first; the index then follows it (by difference). Returns how many of ``ids``
-        exist.
+        The store is written first; the index then follows it: by these ids alone when no other writer committed
+        since the last sync (the rows they leave out are removed, the rows they bring back read by id and added),
+        else by difference (the store's id column read). Returns how many of ``ids`` exist.
         """
         with self._write():
             self.store.refresh()
             self._writer.check()
+            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             found = self.store.set_excluded(ids, excluded)
             if found:
-                self._sync_index()
+                if alone:  # the index differs from the store only by these ids: no id column read
+                    self._exclude_in_index(sorted_unique(np.asarray([int(i) for i in ids], dtype=np.int64)),
+                                           excluded)
+                else:
+                    self._sync_index()
                 self._after_write(save=True)
             return found
+
+    def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
+        """The index brought to the store's version after this writer's ``set_excluded`` of the sorted ``ids``
+        alone (call in the write, the thread lock held): excluded ones removed, or the rows brought back that the
+        index lacks read by id and added (an id deleted, or never excluded, changes nothing)."""
+        if excluded:
+            self._apply_sync(ids, None, None, self.store.version)
+            return
+        lacking = ids[~in_sorted(ids, self._index.ids)]
+        got, vectors = _one_row_per_id(*self.store.vectors(ids=lacking.tolist())) if lacking.size else (None, None)
+        self._apply_sync(np.zeros(0, dtype=np.int64), got, vectors, self.store.version)
 
     def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """Merge the store's small fragments (:meth:`index.store.ReferenceStore.compact`; bigger ones are never
