@@ -1104,32 +1104,28 @@ class Gallery:
         saved (``save``). Searches of this process go on meanwhile on the index, which the compaction does not
         touch. Best effort: the write is committed, and a failure is logged, never raised (and tried again once
         :attr:`compact_fragments` more have piled up)."""
+        before: int | None = None
+        attempted = False
         try:
-            before = self.store.version
+            version = self.store.version
             self._writer.check()  # on S3: the store's lease is still ours (a compaction is a store write)
             t0 = time.perf_counter()
             prune = self._prune_due()
-            attempted = False
-            try:
-                attempted = True
-                report = self.store.compact(prune_older_than=AUTO_PRUNE_AGE if prune else None)
-                if prune:  # an index merge costs O(all rows) (~0.4 ms per 1,000): daily, not at every compaction
-                    self.store.index_new_rows()
-                self._compacted(report, pruned=prune)
-            except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
-                self._compaction_failed(exc, small, attempted=attempted)
-            else:
-                took = time.perf_counter() - t0
-                self.compactions.runs += 1
-                self.compactions.seconds += took
-                logger.info("gallery %s: store compacted in %.2f s: %d fragments -> %d (%d small left), %s",
-                            self.root, took, report.fragments_before, report.fragments_after,
-                            report.small_after, f"{report.versions_removed} old version(s) pruned "
-                            f"({report.bytes_removed / 1e6:.1f} MB)" if prune else "no pruning (done in the last "
-                            "day)")
-        except Exception as exc:  # noqa: BLE001 - the lease check: the write is committed already
-            self._compaction_failed(exc, small, attempted=False)
-            before = None
+            attempted = True
+            report = self.store.compact(prune_older_than=AUTO_PRUNE_AGE if prune else None)
+            if prune:  # an index merge costs O(all rows) (~0.4 ms per 1,000): daily, not at every compaction
+                self.store.index_new_rows()
+            self._compacted(report, pruned=prune)
+            before = version  # done: the index may move to the version it committed
+            took = time.perf_counter() - t0
+            self.compactions.runs += 1
+            self.compactions.seconds += took
+            logger.info("gallery %s: store compacted in %.2f s: %d fragments -> %d (%d small left), %s",
+                        self.root, took, report.fragments_before, report.fragments_after,
+                        report.small_after, f"{report.versions_removed} old version(s) pruned "
+                        f"({report.bytes_removed / 1e6:.1f} MB)" if prune else "no pruning (done in the last day)")
+        except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
+            self._compaction_failed(exc, small, attempted=attempted)
         with self._lock:
             if before is not None and self._synced_version == before:  # ids unchanged: the index reflects the
                 self._synced_version = self.store.version  # new version as it did the old one
