@@ -244,8 +244,9 @@ def building(root: str | Path, *, key: dict[str, Any] | None = None,
              photos: str | None = None) -> Iterator[dict[str, Any] | None]:
     """Mark ``root`` as being built (of ``key`` over ``photos``: :func:`dataset_key`, :func:`photos_digest`) for
     the block; yields the last unfinished mark this build takes up (one of the same key, or of the old layout),
-    None when there is none (this build is no resume): while it runs, readers say those run again (``running``). The block ending normally removes this build's mark and the
-    unfinished ones it covered (the module's rule); other builds' marks are left as they are. An exception (Ctrl-C
+    None when there is none (this build is no resume): while it runs, readers say those run again (``running``).
+    The block ending normally removes the unfinished marks this build covered (the module's rule), then its own;
+    other builds' marks are left as they are. An exception (Ctrl-C
     included) leaves this build's mark ``interrupted``, with the step named by the exception's ``after`` attribute
     when it has one (``retrieval.pipeline.ReferencesInterrupted``)."""
     root = Path(root)
@@ -267,5 +268,5 @@ def building(root: str | Path, *, key: dict[str, Any] | None = None,
         except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - the mark must not hide the interrupt
             logger.warning("the build mark of %s was not updated: %s", root, failed)  # "running" by a dead pid:
         raise  # read as interrupted all the same
+    clear_covered(root, key, photos, taken_up=taken_up)  # first: never seen unfinished with no build on them
     _remove(path)
-    clear_covered(root, key, photos, taken_up=taken_up)
