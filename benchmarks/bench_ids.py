@@ -7,8 +7,9 @@ column). Best of ``--repeat`` runs, in ms.
 
 Part 2 (``--gallery N``): a real IVF-PQ gallery of N 64-d rows (``_synth.SpeciesSpace``, N / 100 species, added in
 chunks of 20,000 rows, then ``finish_build``), built once under ``--data`` and reused: ``load_index`` of its
-saved index, ``Gallery.open``, then one ``Gallery.add`` of one row and one ``Gallery.delete`` of it, 3 times each
-(wall ms); ``--preload``: the resident memory ``Gallery.preload_metadata`` (a server's start) adds for its N rows.
+saved index, ``Gallery.open``, then one ``Gallery.add`` of one row, its ``set_excluded`` (True, then False) and one
+``Gallery.delete`` of it, 3 times each (wall ms), and an IVF-PQ save's count of the re-rank file's dead rows (exact, and the bound asked first: best of 5
+ms); ``--preload``: the resident memory ``Gallery.preload_metadata`` (a server's start) adds for its N rows.
 ``--repo /work/main`` runs Part 2 with another checkout's ``index`` package (the code before a change),
 on the same gallery, for a before/after on one machine.
 
@@ -172,18 +173,38 @@ def gallery(n: int, data: Path, preload: bool) -> None:
     t0 = time.perf_counter()
     g = Gallery.open(root)
     opened = (time.perf_counter() - t0) * 1e3
-    adds, deletes = [], []
+    adds, deletes, excludes = [], [], []
     for i in range(3):
         x = np.random.default_rng(100 + i).standard_normal((1, g.dim)).astype(np.float32)
         x /= np.linalg.norm(x)
         t0 = time.perf_counter()
         ids = g.add([ReferenceRecord(path="/photos/new.jpg", species="Genus0 sp0")], [f"{i:x}".rjust(64, "f")], x)
         adds.append((time.perf_counter() - t0) * 1e3)
+        for excluded in (True, False):  # left out of search, then brought back
+            t0 = time.perf_counter()
+            g.set_excluded(ids, excluded)
+            excludes.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
         g.delete(ids)
         deletes.append((time.perf_counter() - t0) * 1e3)
     print(json.dumps({"n": n, "load_index_ms": [round(t) for t in loads], "open_ms": round(opened),
-                      "add_1_ms": [round(t) for t in adds], "delete_1_ms": [round(t) for t in deletes]}))
+                      "add_1_ms": [round(t) for t in adds], "delete_1_ms": [round(t) for t in deletes],
+                      "set_excluded_1_ms": [round(t) for t in excludes]}))
+    rerank = getattr(g.index, "_rerank", None)  # an IVF-PQ save's question: too many dead re-rank rows?
+    if rerank is not None:
+        live = g.index.ids
+        timed = {"dead_rows_ms": lambda: rerank.dead_rows(live)}
+        if hasattr(rerank, "dead_rows_at_most"):  # the bound a save asks first (stop 51)
+            timed["dead_rows_at_most_ms"] = lambda: rerank.dead_rows_at_most(live)
+        out = {}
+        for name, call in timed.items():
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                call()
+                runs.append((time.perf_counter() - t0) * 1e3)
+            out[name] = round(min(runs), 3)
+        print(json.dumps({"rerank_rows": rerank.rows, **out, "best_of": 5}))
     if preload:  # what a server's start adds: the metadata of every reference, cached as Neighbour rows
         before = _rss_mib()
         t0 = time.perf_counter()

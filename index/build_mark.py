@@ -1,25 +1,46 @@
-"""The gallery folder's mark of a build that has not finished (``build.json``), and what readers say of it.
+"""The gallery folder's marks of builds (and adds) that have not finished, and what readers say of them.
 
 A partial gallery answers queries like a whole one, yet an interrupted build (Ctrl-C, a crash, a kill) leaves out
 whole species: dataset folders are read in order. So a build marks the folder before its first photo
-(:func:`building`), as ``running`` with its host and pid; when it ends with an error or a Ctrl-C the mark says
-``interrupted``; when it completes the mark is removed (when still its own: :func:`building` on two builds into
-one folder). A mark left ``running`` by a process that is gone (killed,
-the machine restarted) reads as interrupted too. Every write is atomic (``index.atomic``).
+(:func:`building`) with a mark of its own, ``build-marks/<build id>.json``: ``running``, with its host, pid, start,
+what it builds (``key``: the dataset, its root and metadata file) and which photos (``photos``: a digest of their
+sorted paths, when listed up front). When it ends with an error or a Ctrl-C its mark says ``interrupted``; a mark
+left ``running`` by a process that is gone (killed, the machine restarted) reads as interrupted too. A
+``references add`` cut by Ctrl-C after it kept photos leaves an ``interrupted`` mark of kind ``add``
+(:func:`mark_interrupted`; an add that completes writes none). Every write is atomic (``index.atomic``); each
+build writes only its own file, so two builds into one folder never overwrite each other's mark.
+
+Which marks a build clears when it completes (:func:`building`), besides its own, the rule: an unfinished mark
+``A`` (interrupted, or running by a process that is gone) is cleared by a build ``B`` that completes when B covered
+A's photos, read as: the same ``key`` (the same dataset, root and metadata file; for an add, the same species), and
+
+- A had ended before B started (B took it up: B scanned the dataset as it is now, after A; a photo removed from the
+  dataset meanwhile is not wanted), or
+- A ended while B ran, and both listed the same photos (the same ``photos`` digest: B's scan holds exactly A's).
+
+Anything else keeps A's mark: a build of another dataset, one still running, one killed while B ran on a dataset
+whose photos changed between the two scans, or a Ray build's (which streams its photos, so lists none up front),
+until the same command is run again after it. A mark of the old layout (one ``build.json`` per folder, no key) is
+read as before and cleared by any build that completes after it ended (the old rule). An add's mark is cleared by
+an add that completes with the same species and the same photos (the same command run again). To forget a mark
+whose dataset is gone for good, delete its file.
 
 Readers (``index info``, ``identify``, ``evaluate``, the server's answers and ``/readyz``) ask :func:`build_note`:
-"" when the last build into the folder completed (or none was marked), else the line to show.
+"" when no build or add is unfinished, else the line to show.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +53,32 @@ logger = logging.getLogger(__name__)
 INTERRUPTED_NOTE = "the last build into this gallery was interrupted: run it again to add the rest"
 
 
-def read_mark(root: str | Path) -> dict[str, Any] | None:
-    """The folder's build mark (``state``: running or interrupted; ``host``, ``pid``, ``started``, and once
-    interrupted ``after``: the step it was in, if every photo was committed); None when there is none (or it cannot
-    be read: logged, never raised, since a note must not fail a query)."""
-    path = GalleryLayout(Path(root)).build_mark
+def add_note(species: str) -> str:
+    """What readers say while an add of photos of ``species`` that was cut short has not been run again."""
+    return f"an add of photos of {species} to this gallery was interrupted: run it again to add the rest"
+
+
+def dataset_key(dataset: str, root: str | Path, metadata: str | Path | None = None) -> dict[str, str | None]:
+    """What a build builds, as its mark records it: the dataset kind, its root and metadata file (made absolute)."""
+
+    def where(path: str | Path | None) -> str | None:
+        if path is None:
+            return None
+        text = str(path)
+        return text if "://" in text else os.path.abspath(text)
+
+    return {"dataset": dataset, "root": where(root), "metadata": where(metadata)}
+
+
+def photos_digest(sources: Iterable[str]) -> str:
+    """A digest of a set of photos (their source paths as the store records them, in any order, repeats once)."""
+    h = hashlib.sha256()
+    for text in sorted(set(sources)):
+        h.update(text.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+def _read(path: Path) -> dict[str, Any] | None:
     try:
         mark = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -45,6 +87,26 @@ def read_mark(root: str | Path) -> dict[str, Any] | None:
         logger.info("the build mark %s was not read: %s", path, exc)
         return None
     return mark if isinstance(mark, dict) else None
+
+
+def marks(root: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The folder's marks, ``(file, mark)``: the old layout's ``build.json`` first, then ``build-marks/`` by name
+    (a mark that cannot be read is logged and left out, never raised: a note must not fail a query)."""
+    layout = GalleryLayout(Path(root))
+    found = []
+    if (legacy := _read(layout.build_mark)) is not None:
+        found.append((layout.build_mark, legacy))
+    try:
+        names = sorted(e.name for e in os.scandir(layout.build_marks) if e.name.endswith(".json"))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    except OSError as exc:
+        logger.info("the build marks of %s were not listed: %s", root, exc)
+        return found
+    for name in names:
+        if (mark := _read(layout.build_marks / name)) is not None:
+            found.append((layout.build_marks / name, mark))
+    return found
 
 
 def _alive(mark: dict[str, Any]) -> bool:
@@ -61,59 +123,79 @@ def _alive(mark: dict[str, Any]) -> bool:
     return True
 
 
-def interrupted(root: str | Path) -> dict[str, Any] | None:
-    """The mark of a build into ``root`` that did not finish (interrupted, or ``running`` by a process that is
-    gone); None when the last build completed or one is running now."""
-    mark = read_mark(root)
-    return None if mark is None or _live(mark) else mark
-
-
 def _live(mark: dict[str, Any]) -> bool:
     """Whether ``mark`` is a build running now (``running``, its process alive)."""
     return mark.get("state") == "running" and _alive(mark)
 
 
+def _unfinished(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of ``found`` marks, those of builds (or adds) that did not finish and that no build running now takes up."""
+    resumed = {i for m in found if _live(m) for i in m.get("resumes", ())}
+    return [m for m in found if not _live(m) and m.get("id", "legacy") not in resumed]
+
+
+def interrupted(root: str | Path) -> dict[str, Any] | None:
+    """The first mark of a build (or add) into ``root`` that did not finish (interrupted, or ``running`` by a
+    process that is gone) and that no build running now takes up; None when there is none."""
+    return next(iter(_unfinished([m for _, m in marks(root)])), None)
+
+
+def _note(mark: dict[str, Any]) -> str:
+    if mark.get("kind") == "add":
+        return add_note(str(mark.get("species")))
+    if after := mark.get("after"):  # every photo committed; the index (or the cleaning) was not finished
+        return f"the last build into this gallery was interrupted while {after}: run it again to finish"
+    return INTERRUPTED_NOTE
+
+
 def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
-    """``{"state", "note"}`` of the last build into ``root``: ``complete`` (or none marked; note ""), ``running``
-    (a build runs now: its species may not all be in yet) or ``interrupted`` (:data:`INTERRUPTED_NOTE`, or for one
-    cut short once every photo was committed, the step it was in and "run it again to finish"). ``api``: worded for
-    an HTTP client, who may hold no key (``/readyz``): the running build's pid and host are left out."""
-    mark = read_mark(root)
-    if mark is None:
-        return {"state": "complete", "note": ""}
-    if mark.get("state") == "running" and _alive(mark):
+    """``{"state", "note"}`` of the builds into ``root``: ``complete`` (none unfinished; note ""), ``interrupted``
+    (one or more did not finish and were not covered since: their notes, :data:`INTERRUPTED_NOTE` first, or for one
+    cut short once every photo was committed, the step it was in and "run it again to finish"; an add's, naming its
+    species) or ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP
+    client, who may hold no key (``/readyz``): the running build's pid and host are left out."""
+    found = [m for _, m in marks(root)]
+    if unfinished := _unfinished(found):
+        notes = list(dict.fromkeys(sorted((_note(m) for m in unfinished), key=lambda n: n != INTERRUPTED_NOTE)))
+        return {"state": "interrupted", "note": "; ".join(notes)}
+    if running := [m for m in found if _live(m)]:
+        mark = running[0]
         where = "" if api else f"pid {mark.get('pid')} on {mark.get('host')}, "
         return {"state": "running",
                 "note": f"a build into this gallery is running ({where}since {mark.get('started')}): until it "
                         "ends, some of its species may not be in the gallery yet"}
-    if after := mark.get("after"):  # every photo committed; the index (or the cleaning) was not finished
-        return {"state": "interrupted",
-                "note": f"the last build into this gallery was interrupted while {after}: run it again to finish"}
-    return {"state": "interrupted", "note": INTERRUPTED_NOTE}
+    return {"state": "complete", "note": ""}
 
 
 def build_note(root: str | Path, *, api: bool = False) -> str:
-    """The line readers show while the last build into ``root`` has not finished (:func:`build_status`'s note,
-    ``api``: worded for an HTTP client); "" when it completed."""
+    """The line readers show while a build (or add) into ``root`` has not finished (:func:`build_status`'s note,
+    ``api``: worded for an HTTP client); "" when none is."""
     return build_status(root, api=api)["note"]
 
 
-def _write(root: Path, state: str, started: str, after: str | None = None) -> dict[str, Any]:
-    mark = {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "started": started}
-    if after:
-        mark["after"] = after
-    write_json_atomic(GalleryLayout(root).build_mark, mark)
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _new_mark(state: str, key: dict[str, Any] | None, photos: str | None, **extra: Any) -> dict[str, Any]:
+    host = socket.gethostname()
+    started = _now()
+    safe = re.sub(r"[^A-Za-z0-9.-]", "_", host)[:40]
+    stamp = started.replace(":", "").replace("+0000", "Z").replace("-", "")
+    mark = {"id": f"{stamp}-{safe}-{os.getpid()}-{secrets.token_hex(4)}", "state": state, "host": host,
+            "pid": os.getpid(), "started": started, "key": key, "photos": photos}
+    mark.update(extra)
     return mark
 
 
-def _same_build(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    """Whether mark ``a`` is the one build ``b`` wrote (same host, pid and start)."""
-    return a is not None and all(a.get(key) == b[key] for key in ("host", "pid", "started"))
+def _put(root: Path, mark: dict[str, Any]) -> Path:
+    path = GalleryLayout(root).build_marks / f"{mark['id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, mark)
+    return path
 
 
-def clear(root: str | Path) -> bool:
-    """Remove the folder's build mark (a build into it completed); returns whether there was one."""
-    path = GalleryLayout(Path(root)).build_mark
+def _remove(path: Path) -> bool:
     try:
         path.unlink()
     except FileNotFoundError:
@@ -122,39 +204,69 @@ def clear(root: str | Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def building(root: str | Path) -> Iterator[dict[str, Any] | None]:
-    """Mark ``root`` as being built for the block; yields the mark of an earlier build that did not finish (None
-    when there was none: this build is no resume). The block ending normally removes the mark, when it is still
-    this build's: another build's mark that replaced it is kept, and the ``running`` mark of another build this one
-    replaced is written back while that build still runs (two builds into one folder: one completing does not
-    hide the other's interruption). An exception (Ctrl-C included) leaves it ``interrupted``, even over another
-    build's mark (the gallery lacks this build's rest), with the step named by the exception's ``after``
-    attribute when it has one (``retrieval.pipeline.ReferencesInterrupted``)."""
-    root = Path(root)
-    before = read_mark(root)  # read once: what an earlier build left, or a build running now
-    other = before if before is not None and _live(before) else None
-    earlier = before if before is not None and other is None else None
-    if other is not None:
-        logger.info("another build into %s is running (pid %s on %s, since %s): its mark is written back if this "
-                    "one completes first", root, other.get("pid"), other.get("host"), other.get("started"))
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    mine = _write(root, "running", started)
+def _covered(mark: dict[str, Any], key: dict[str, Any] | None, photos: str | None, taken_up: set[str]) -> bool:
+    """Whether a completed build (or add) of ``key`` over ``photos`` covered the unfinished ``mark`` (the module's
+    rule); ``taken_up``: the marks already unfinished when it started."""
+    if "id" not in mark:  # the old layout: any build that completes after it ended (the old rule)
+        return "legacy" in taken_up
+    if mark.get("key") != key:
+        return False
+    return mark["id"] in taken_up or (photos is not None and mark.get("photos") == photos)
+
+
+def clear_covered(root: str | Path, key: dict[str, Any] | None, photos: str | None, *,
+                  taken_up: Iterable[str] = ()) -> int:
+    """Remove the unfinished marks a build (or add) of ``key`` over ``photos`` that completed covered (the module's
+    rule; ``taken_up``: the ids of the marks unfinished when it started, ``"legacy"`` for ``build.json``); returns
+    how many. A completed add calls it with ``{"add": species}``."""
+    taken = set(taken_up)
+    cleared = 0
+    for path, mark in marks(root):
+        if not _live(mark) and _covered(mark, key, photos, taken):
+            cleared += _remove(path)
+            logger.info("the build mark %s (%s, since %s) is covered by this build: removed", path.name,
+                        mark.get("state"), mark.get("started"))
+    return cleared
+
+
+def mark_interrupted(root: str | Path, key: dict[str, Any] | None, photos: str | None, **extra: Any) -> Path | None:
+    """Leave an ``interrupted`` mark in ``root`` (an add cut short: ``kind="add"``, ``species=...``); its file, or
+    None when it could not be written (logged: the mark must not hide the interrupt)."""
     try:
-        yield earlier
+        return _put(Path(root), _new_mark("interrupted", key, photos, **extra))
+    except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - a second Ctrl-C, a full disk
+        logger.warning("the mark of the interrupted work in %s was not written: %s", root, failed)
+        return None
+
+
+@contextlib.contextmanager
+def building(root: str | Path, *, key: dict[str, Any] | None = None,
+             photos: str | None = None) -> Iterator[dict[str, Any] | None]:
+    """Mark ``root`` as being built (of ``key`` over ``photos``: :func:`dataset_key`, :func:`photos_digest`) for
+    the block; yields the last unfinished mark this build takes up (one of the same key, or of the old layout),
+    None when there is none (this build is no resume): while it runs, readers say those run again (``running``).
+    The block ending normally removes the unfinished marks this build covered (the module's rule), then its own;
+    other builds' marks are left as they are. An exception (Ctrl-C
+    included) leaves this build's mark ``interrupted``, with the step named by the exception's ``after`` attribute
+    when it has one (``retrieval.pipeline.ReferencesInterrupted``)."""
+    root = Path(root)
+    found = [m for _, m in marks(root)]  # read once: what earlier builds left, and builds running now
+    taken_up = {m.get("id", "legacy"): m for m in found
+                if not _live(m) and ("id" not in m or m.get("key") == key)}
+    for other in found:
+        if _live(other):
+            logger.info("another build into %s is running (pid %s on %s, since %s): its mark is kept", root,
+                        other.get("pid"), other.get("host"), other.get("started"))
+    mine = _new_mark("running", key, photos, resumes=sorted(taken_up))  # readers say those run again now
+    path = _put(root, mine)
+    try:
+        yield list(taken_up.values())[-1] if taken_up else None
     except BaseException as exc:
         try:
-            _write(root, "interrupted", started, getattr(exc, "after", None))
+            after = getattr(exc, "after", None)
+            _put(root, mine | {"state": "interrupted", "ended": _now()} | ({"after": after} if after else {}))
         except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - the mark must not hide the interrupt
             logger.warning("the build mark of %s was not updated: %s", root, failed)  # "running" by a dead pid:
         raise  # read as interrupted all the same
-    now = read_mark(root)
-    if now is not None and not _same_build(now, mine):
-        logger.info("the build mark of %s is another build's (%s, pid %s on %s, since %s): kept", root,
-                    now.get("state"), now.get("pid"), now.get("host"), now.get("started"))
-    elif other is not None and _alive(other):
-        write_json_atomic(GalleryLayout(root).build_mark, other)
-        logger.info("another build into %s still runs (pid %s on %s): its mark is written back", root,
-                    other.get("pid"), other.get("host"))
-    else:
-        clear(root)
+    clear_covered(root, key, photos, taken_up=taken_up)  # first: never seen unfinished with no build on them
+    _remove(path)

@@ -63,6 +63,7 @@ from index.vectors import (
     VectorIndex,
     VectorIndexConfig,
     as_vectors,
+    in_sorted,
     load_index,
     manifest_path,
     one_row_per_id,
@@ -197,6 +198,9 @@ class Gallery:
         # make them and never rewrite them, so the cheap bound minus these still bounds the small ones
         self._compact_medium = 0
         self.compactions = CompactionCounts()  # this object's writes' compactions (a server's /metrics)
+        self._write_depth = 0  # writes of this object entered and not left (a write may call another)
+        # a write's compaction, due (decided under the thread lock): run once the thread lock is left, in the hold
+        self._compaction_due: tuple[int, bool] | None = None  # (small fragments counted, whether to save after)
         # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
@@ -887,7 +891,7 @@ class Gallery:
             if repeats:
                 self.store.delete(list(repeats))
                 logger.info("%d photo(s) stored meanwhile by another process were not stored again", len(repeats))
-            self._compact_after_write()
+            self._after_write(save=False)
             return repeats
 
     def _reserve_ids(self, n: int) -> list[int]:
@@ -985,9 +989,7 @@ class Gallery:
                 self._synced_version = self.store.version
             else:
                 self._sync_index()
-            self._compact_after_write()
-            if save_index:
-                self._index.save(self.layout.vectors, self._manifest())
+            self._after_write(save=save_index)
             return ids, dropped
 
     def delete(self, ids: Sequence[int]) -> int:
@@ -1004,26 +1006,41 @@ class Gallery:
                                      self.store.version)
                 else:
                     self._sync_index()
-                self._compact_after_write()
-                self._index.save(self.layout.vectors, self._manifest())
+                self._after_write(save=True)
             return found
 
     def set_excluded(self, ids: Sequence[int], excluded: bool = True) -> int:
         """Leave references out of search and probe training (or bring them back); nothing is deleted.
 
-        The store is written first; the index then follows it (by difference). Returns how many of ``ids``
-        exist.
+        The store is written first; the index then follows it: by these ids alone when no other writer committed
+        since the last sync (the rows they leave out are removed, the rows they bring back read by id and added),
+        else by difference (the store's id column read). Returns how many of ``ids`` exist.
         """
         with self._write():
             self.store.refresh()
             self._refuse_replaced()
             self._writer.check()
+            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             found = self.store.set_excluded(ids, excluded)
             if found:
-                self._sync_index()
-                self._compact_after_write()
-                self._index.save(self.layout.vectors, self._manifest())
+                if alone:  # the index differs from the store only by these ids: no id column read
+                    self._exclude_in_index(sorted_unique(np.asarray([int(i) for i in ids], dtype=np.int64)),
+                                           excluded)
+                else:
+                    self._sync_index()
+                self._after_write(save=True)
             return found
+
+    def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
+        """The index brought to the store's version after this writer's ``set_excluded`` of the sorted ``ids``
+        alone (call in the write, the thread lock held): excluded ones removed, or the rows brought back that the
+        index lacks read by id and added (an id deleted, or never excluded, changes nothing)."""
+        if excluded:
+            self._apply_sync(ids, None, None, self.store.version)
+            return
+        lacking = ids[~in_sorted(ids, self._index.ids)]
+        got, vectors = _one_row_per_id(*self.store.vectors(ids=lacking.tolist())) if lacking.size else (None, None)
+        self._apply_sync(np.zeros(0, dtype=np.int64), got, vectors, self.store.version)
 
     def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """Merge the store's small fragments (:meth:`index.store.ReferenceStore.compact`; bigger ones are never
@@ -1063,35 +1080,54 @@ class Gallery:
         if pruned:
             write_json_atomic(self.layout.store_pruned, {"pruned_at": time.time(), "store_version": self.store.version})
 
-    def _compact_after_write(self) -> None:
-        """After a store write, inside its hold: compact the store when it holds :attr:`compact_fragments` small
-        fragments more than the last compaction left (0: never), pruning versions superseded longer ago than
-        :data:`AUTO_PRUNE_AGE` and bringing the scalar indexes over the new rows at most once per
-        :data:`AUTO_PRUNE_EVERY`. Best effort: the write is committed, and a failure is logged, never raised (and
-        tried again once :attr:`compact_fragments` more have piled up). The caller saves the index after it (so
-        that the saved manifest names the compacted version).
+    def _after_write(self, *, save: bool) -> None:
+        """The end of a store write, under its hold and the thread lock: save the index (``save``) now, or, when a
+        compaction is due (:meth:`_compaction_is_due`), after it: the compaction runs once the write leaves the
+        thread lock, still in the hold (:meth:`_write`), so that this process's searches do not wait on it, and the
+        saved manifest names the compacted version."""
+        small = self._compaction_is_due()
+        if small is not None:
+            self._compaction_due = (small, save)
+        elif save:
+            self._index.save(self.layout.vectors, self._manifest())
+
+    def _compaction_is_due(self) -> int | None:
+        """Whether the store holds :attr:`compact_fragments` small fragments more than the last compaction left
+        (0: never): the small fragments counted when due, else None. Under the write's hold and thread lock.
 
         Most writes decide without reading the manifest: LanceDB's count of fragments under 100,000 rows (from
         the version open) less the medium ones (8,192 rows or more, which compactions make and never rewrite)
-        bounds the small ones; the manifest is read only when that bound reaches the threshold."""
+        bounds the small ones; the manifest is read only when that bound reaches the threshold. A failing check is
+        logged (:meth:`_compaction_failed`), never raised: the write is committed."""
         wanted = self.compact_fragments
         if wanted <= 0:
-            return
-        small, attempted = None, False
+            return None
         try:
             bound = self.store.small_fragments_at_most()  # no manifest read
             at_most = bound - min(self._compact_medium, bound)
             self._compact_floor = min(self._compact_floor, at_most)  # compacted elsewhere meanwhile
-            due = self._compact_floor + wanted
-            if at_most < due:
-                return
+            if at_most < self._compact_floor + wanted:
+                return None
             small = self.store.fragment_stats().small
             self._compact_medium = max(0, bound - small)  # the slack: the next writes' bound stays cheap
             self._compact_floor = min(self._compact_floor, small)
-            due = self._compact_floor + wanted
-            if small < due:
-                return
-            synced = self._synced_version == self.store.version
+            return small if small >= self._compact_floor + wanted else None
+        except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
+            self._compaction_failed(exc, None, attempted=False)
+            return None
+
+    def _compact_after_write(self, small: int, save: bool) -> None:
+        """A write's compaction that was due (:meth:`_after_write`), in the write's hold but outside the thread
+        lock: merge the small fragments, pruning versions superseded longer ago than :data:`AUTO_PRUNE_AGE` and
+        bringing the scalar indexes over the new rows at most once per :data:`AUTO_PRUNE_EVERY`; then, under the
+        thread lock again (briefly), the index moved to the compacted version (ids and rows are unchanged) and
+        saved (``save``). Searches of this process go on meanwhile on the index, which the compaction does not
+        touch. Best effort: the write is committed, and a failure is logged, never raised (and tried again once
+        :attr:`compact_fragments` more have piled up)."""
+        before: int | None = None
+        attempted = False
+        try:
+            version = self.store.version
             self._writer.check()  # on S3: the store's lease is still ours (a compaction is a store write)
             t0 = time.perf_counter()
             prune = self._prune_due()
@@ -1100,8 +1136,7 @@ class Gallery:
             if prune:  # an index merge costs O(all rows) (~0.4 ms per 1,000): daily, not at every compaction
                 self.store.index_new_rows()
             self._compacted(report, pruned=prune)
-            if synced:  # ids are unchanged: the index reflects the new version as it did the old one
-                self._synced_version = self.store.version
+            before = version  # done: the index may move to the version it committed
             took = time.perf_counter() - t0
             self.compactions.runs += 1
             self.compactions.seconds += took
@@ -1110,12 +1145,22 @@ class Gallery:
                         report.small_after, f"{report.versions_removed} old version(s) pruned "
                         f"({report.bytes_removed / 1e6:.1f} MB)" if prune else "no pruning (done in the last day)")
         except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
-            self.compactions.failures += attempted  # a compaction that failed, not a check (the log has both)
-            if small is not None:  # tried again once as many more have piled up, not at every write
-                self._compact_floor = small
-            logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
-                           "Reads slow down as small fragments pile up: run 'speciesid index compact --index %s' "
-                           "(or set %s=0 to stop trying)", self.root, first_line(exc, 300), self.root, COMPACT_ENV)
+            self._compaction_failed(exc, small, attempted=attempted)
+        with self._lock:
+            if before is not None and self._synced_version == before:  # ids unchanged: the index reflects the
+                self._synced_version = self.store.version  # new version as it did the old one
+            if save:
+                self._index.save(self.layout.vectors, self._manifest())
+
+    def _compaction_failed(self, exc: Exception, small: int | None, *, attempted: bool) -> None:
+        """A write's compaction (``attempted``), or its check, that failed: counted and logged; tried again once
+        :attr:`compact_fragments` more small fragments than ``small`` have piled up (not at every write)."""
+        self.compactions.failures += attempted  # a compaction that failed, not a check (the log has both)
+        if small is not None:
+            self._compact_floor = small
+        logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
+                       "Reads slow down as small fragments pile up: run 'speciesid index compact --index %s' "
+                       "(or set %s=0 to stop trying)", self.root, first_line(exc, 300), self.root, COMPACT_ENV)
 
     @contextlib.contextmanager
     def _write(self, *, local: bool = False) -> Iterator[None]:
@@ -1123,10 +1168,24 @@ class Gallery:
         writer while holding the thread lock would stall every search of this process (they take it to sync).
         ``local``: a step that writes only the folder's own files (not the store's lease, on S3). It waits up to
         ``write_wait_s`` for other writers."""
-        with self._writer.hold(self.write_wait_s, local=local), self._lock:
-            for left in remove_leftovers(self.root):  # of writers killed mid-write (no write is in progress now)
-                logger.info("removed %s, left by an interrupted write", left.name)
-            yield
+        with self._writer.hold(self.write_wait_s, local=local):
+            outer = self._write_depth == 0
+            try:
+                with self._lock:
+                    self._write_depth += 1
+                    try:
+                        if outer:  # of writers killed mid-write (no write is in progress now)
+                            for left in remove_leftovers(self.root):
+                                logger.info("removed %s, left by an interrupted write", left.name)
+                        yield
+                    finally:
+                        self._write_depth -= 1
+                due, self._compaction_due = (self._compaction_due, None) if outer else (None, self._compaction_due)
+                if due is not None:  # in the hold, the thread lock left: this process's searches go on
+                    self._compact_after_write(*due)
+            finally:
+                if outer:
+                    self._compaction_due = None  # a write that raised after deciding: no compaction
 
     @property
     def write_waited_s(self) -> float:

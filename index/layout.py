@@ -24,8 +24,10 @@
       uploads/                photos added through the HTTP API, stored by content digest
       ids.json                the next reference id (ids are never reused, whichever process writes)
       store_pruned.json       when a write of this folder last pruned the store's old versions (index.compaction)
-      build.json              while a build into the folder runs, or after one was interrupted: its state, host and
-                              pid (removed when a build completes; index.build_mark)
+      build-marks/<id>.json   one per build into the folder that runs now, or that was interrupted (or an add cut
+                              short): its state, host, pid, dataset and photos digest (removed when a build that
+                              covered it completes; index.build_mark)
+      build.json              the same mark in the layout before stop 51 (one per folder): read, never written
       .write.lock             the lock writers hold across processes (index.locks)
       .uncommitted-<id>.json  a Ray build's journal of data files its workers wrote to the store and not yet
                               committed, held (flock) by the build; one left by a killed build is acted on by
@@ -67,8 +69,10 @@ CLEAN_REPORT = "clean-report"
 UPLOADS_DIR = "uploads"
 IDS_FILE = "ids.json"
 STORE_PRUNED_FILE = "store_pruned.json"
-#: The mark of a build into the folder that has not finished (index.build_mark).
+#: The mark of a build into the folder that has not finished, in the layout before stop 51 (index.build_mark).
 BUILD_MARK = "build.json"
+#: The folder of the marks of builds (and adds) that have not finished, one file per build (index.build_mark).
+BUILD_MARKS_DIR = "build-marks"
 WRITE_LOCK = ".write.lock"
 #: A Ray build's journal of uncommitted data files: ``.uncommitted-<uuid>.json`` (index.fragments).
 JOURNAL_PREFIX, JOURNAL_SUFFIX = ".uncommitted-", ".json"
@@ -180,6 +184,12 @@ class GalleryLayout:
     def build_mark(self) -> Path:
         """The mark of a build into the folder that is running or was interrupted (:mod:`index.build_mark`)."""
         return self.root / BUILD_MARK
+
+    @property
+    def build_marks(self) -> Path:
+        """The marks of builds (and adds) into the folder that run or were interrupted, ``<build id>.json``
+        (:mod:`index.build_mark`)."""
+        return self.root / BUILD_MARKS_DIR
 
     @property
     def write_lock(self) -> Path:

@@ -135,6 +135,12 @@ class RerankStore:
         """File rows whose id is not in ``live`` (sorted)."""
         return int(self._rows - _member(self._file_ids, live).sum()) if self._rows else 0
 
+    def dead_rows_at_most(self, live: np.ndarray) -> int:
+        """An upper bound of :meth:`dead_rows`, without reading the file's ids: every live id has a file row or a
+        pending one (the index puts each vector it adds here), so at least ``len(live) - pending`` file rows are
+        live. What a save asks first: at 1M rows the exact count is a 1M-row binary search (~45 ms a save)."""
+        return max(0, min(self._rows, self._rows - len(live) + len(self._pending)))
+
     def persist(self, folder: Path, live: np.ndarray, disk: tuple[str, int] | None) -> tuple[str, int]:
         """Write what is pending; returns the (token, rows) a manifest should name. Call under the write lock.
 
@@ -144,7 +150,7 @@ class RerankStore:
         self.folder = Path(folder)
         replaced = disk is not None and disk[0] != self.token  # another process wrote its own generation
         if (self.token is None or replaced
-                or self.dead_rows(live) > DEAD_FRACTION * max(self._rows, 1) and self._rows > CHUNK_ROWS):
+                or self._rows > CHUNK_ROWS and self._too_many_dead(live)):
             return self._write_generation(live)
         if disk is not None and disk[1] > self._rows:  # rows appended by another process: map them too
             self._map(disk[1])
@@ -157,6 +163,12 @@ class RerankStore:
             self._map(rows + len(todo))
         self._pending.clear()
         return self.token, self._rows  # type: ignore[return-value]
+
+    def _too_many_dead(self, live: np.ndarray) -> bool:
+        """Whether more than :data:`DEAD_FRACTION` of the file's rows are no longer live: the exact count only when
+        the cheap bound (:meth:`dead_rows_at_most`) does not rule it out."""
+        limit = DEAD_FRACTION * max(self._rows, 1)
+        return self.dead_rows_at_most(live) > limit and self.dead_rows(live) > limit
 
     def _write_generation(self, live: np.ndarray) -> tuple[str, int]:
         token = new_token()

@@ -413,7 +413,8 @@ class ReferencesInterrupted(KeyboardInterrupt):
     least ``report.added`` were committed. ``after``: the Ctrl-C came once every photo was handled, during that
     step (e.g. "finishing the index" of a build): all ``report.added`` were kept, and a re-run finishes it.
     ``notes``: what a caller would have shown beside the result about what was kept (e.g. a new species the
-    gallery's probe does not know: :func:`retrieval.workflows.add_photos` fills them in)."""
+    gallery's probe does not know: :func:`retrieval.workflows.add_photos` fills them in, with ``species`` (the name
+    the photos were stored under) and ``existed`` (the gallery held it before))."""
 
     def __init__(self, report: BuildReport, *, saved: bool = True, after: str | None = None) -> None:
         super().__init__(f"interrupted after {report.added} references were committed"
@@ -422,6 +423,8 @@ class ReferencesInterrupted(KeyboardInterrupt):
         self.saved = saved
         self.after = after
         self.notes: list[str] = []
+        self.species: str | None = None
+        self.existed: bool | None = None
 
 
 #: Seconds at most that the commit after a Ctrl-C waits for another writer of the gallery (its lock; on S3 the

@@ -31,7 +31,15 @@ import numpy as np
 
 from index import exclusions
 from index.atomic import atomic_write
-from index.build_mark import build_note, build_status, building
+from index.build_mark import (
+    build_note,
+    build_status,
+    building,
+    clear_covered,
+    dataset_key,
+    mark_interrupted,
+    photos_digest,
+)
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.errors import first_line
 from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
@@ -194,7 +202,9 @@ def build_gallery(
     with empty_gallery_hint(index_dir):  # the fingerprint check, once the weights are loaded
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options, new_store=new_store)
-    with building(gallery.root) as earlier:  # marked until it completes: readers say a partial gallery is one
+    key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
+    with building(gallery.root, key=key, photos=photos) as earlier:  # marked until it completes: readers say a
+        # partial gallery is one
         report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
         step = "finishing the index"
         try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
@@ -247,7 +257,8 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         with empty_gallery_hint(index_dir):
             gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                      store=store, options=storage_options, new_store=new_store)
-        with building(gallery.root) as earlier:  # marked until it completes, as a local build is
+        # marked until it completes, as a local build is (its photos streamed: none listed up front)
+        with building(gallery.root, key=dataset_key(dataset, root, metadata)) as earlier:
             report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
                                         total=total)
             gallery.finish_build(map_fn=ray_map)
@@ -753,6 +764,7 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
+    add_digest = photos_digest(source_text(p) for p in paths)  # the mark of an add cut short (index.build_mark)
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
     held_at_commit: list[bool] = []  # whether the species was in the gallery when this add's first rows committed
 
@@ -765,8 +777,14 @@ def add_photos(
                                 embeddings=embeddings, read=_upload_reader(gallery, uploads),
                                 before_commit=note_species)
     except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
+        exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
         exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
+        if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
+            mark_interrupted(gallery.root, {"add": name}, add_digest, kind="add", species=name,
+                             added=exc.report.added)
         raise
+    if gallery.layout.build_marks.is_dir():  # an add cut short before, of the same species and photos: taken up
+        clear_covered(gallery.root, {"add": name}, add_digest)
     stored_meta = gallery.store.metadata(report.ids) if report.ids else None
     stored = {str(p) for p in stored_meta["source_path"]} if stored_meta is not None else set()
     shown = {int(i): (names[src][0] if names.get(src) else src)  # the upload's name, else the stored path
@@ -867,10 +885,12 @@ def _distinct_photos(gallery: Gallery, name: str, held: int) -> tuple[int, int]:
 
 
 def _interrupted_notes(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: BuildReport) -> list[str]:
-    """The probe and few notes of an add cut short by Ctrl-C, for the ``report.added`` photos it kept; [] when they
-    cannot be told (the gallery unreadable now, or a second Ctrl-C: the user is waiting for the prompt)."""
+    """The taxon, probe and few notes of an add cut short by Ctrl-C, for the ``report.added`` photos it kept (as
+    :attr:`AddResult.notes` orders them); [] when they cannot be told (the gallery unreadable now, or a second
+    Ctrl-C: the user is waiting for the prompt)."""
     try:
-        return [note for note in _species_notes(gallery, name, prior, report.added) if note]
+        taxon = _taxon_note(name) if prior is None and report.added else ""
+        return [note for note in (taxon, *_species_notes(gallery, name, prior, report.added)) if note]
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - a note must not hide the interrupt
         logger.info("notes of the interrupted add not made: %s", exc)
         return []

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 from _cli_support import ENCODER, _photo, _run
 
-from index.build_mark import INTERRUPTED_NOTE, build_note, building, interrupted
+from index.build_mark import (
+    INTERRUPTED_NOTE,
+    build_note,
+    build_status,
+    building,
+    dataset_key,
+    interrupted,
+    photos_digest,
+)
 from index.layout import GalleryLayout
 
 FAR_NOTE = ("this gallery holds 1 reference photo: too few to tell a photo unlike every reference (a blank frame, "
@@ -56,11 +64,27 @@ def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_buil
     assert code == 0 and "added 6, skipped 0 unreadable, 4 already in the gallery" in out, (out, err)
     assert "resumed the interrupted build: the 4 photos already in the gallery counted above, not listed (-v lists " \
            "them)" in out and "  already in the gallery: " not in out, out
-    assert not GalleryLayout(index).build_mark.exists()
+    assert not list(GalleryLayout(index).build_marks.iterdir())
     assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "complete",
                                                                                       "note": ""}
     code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
     assert code == 0 and "note:" not in out and "note:" not in err, (out, err)
+
+
+def test_a_build_of_another_dataset_completing_does_not_clear_an_interrupted_builds_mark(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """One mark per folder: any build that completed cleared it, though the interrupted build's photos were still
+    missing. Now only a build of the same dataset does (run again: it takes the interrupted one up)."""
+    index, root, build = _interrupted_build(tmp_path, capsys, monkeypatch)
+    other = tmp_path / "other"
+    _photo(other / "Vipera berus" / "0.png", 500)
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", other, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "interrupted",
+                                                                                      "note": INTERRUPTED_NOTE}
+    code, out, err = _run(capsys, *build)
+    assert code == 0 and "resumed the interrupted build" in out, (out, err)
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"]["state"] == "complete"
 
 
 def test_a_resumed_build_lists_the_photos_already_in_at_v_and_a_plain_rerun_lists_them_as_before(tmp_path, capsys,
@@ -72,26 +96,42 @@ def test_a_resumed_build_lists_the_photos_already_in_at_v_and_a_plain_rerun_list
     assert code == 0 and out.count("  already in the gallery: ") == 10 and "resumed the interrupted build" not in out, (out, err)
 
 
+def _mark_files(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(GalleryLayout(root).build_marks.glob("*.json"))]
+
+
+def _gone_pid() -> int:
+    return 2 ** 22 + 12345  # above Linux's default pid_max (4194304 = 2**22): no such process
+
+
 def test_a_build_mark_left_running_by_a_process_that_is_gone_reads_as_interrupted(tmp_path):
     root = tmp_path / "g"
     root.mkdir()
-    mark = GalleryLayout(root).build_mark
     assert build_note(root) == "" and interrupted(root) is None
     with building(root) as earlier:  # this process: running now
-        assert earlier is None and json.loads(mark.read_text())["state"] == "running"
+        assert earlier is None and [m["state"] for m in _mark_files(root)] == ["running"]
         assert build_note(root).startswith(f"a build into this gallery is running (pid {os.getpid()} on ")
         api = build_note(root, api=True)  # an HTTP client's (/readyz needs no key): no pid, no host
         assert api.startswith("a build into this gallery is running (since ") and "until it ends" in api, api
         assert str(os.getpid()) not in api and socket.gethostname() not in api, api
         assert interrupted(root) is None
-    assert not mark.exists()
-    gone = 2 ** 22 + 12345  # above Linux's default pid_max (4194304 = 2**22): no such process
-    mark.write_text(json.dumps({"state": "running", "host": socket.gethostname(), "pid": gone, "started": "x"}))
-    assert build_note(root) == INTERRUPTED_NOTE and interrupted(root)["pid"] == gone
+    assert _mark_files(root) == []
+    legacy = GalleryLayout(root).build_mark  # the layout before stop 51: one build.json, still read
+    legacy.write_text(json.dumps({"state": "running", "host": socket.gethostname(), "pid": _gone_pid(),
+                                  "started": "x"}))
+    assert build_note(root) == INTERRUPTED_NOTE and interrupted(root)["pid"] == _gone_pid()
     with pytest.raises(KeyboardInterrupt), building(root) as earlier:
-        assert earlier["pid"] == gone  # a resume
+        assert earlier["pid"] == _gone_pid()  # a resume
+        assert build_note(root).startswith("a build into this gallery is running")  # taken up now
         raise KeyboardInterrupt
-    assert json.loads(mark.read_text())["state"] == "interrupted" and build_note(root) == INTERRUPTED_NOTE
+    assert [m["state"] for m in _mark_files(root)] == ["interrupted"] and build_note(root) == INTERRUPTED_NOTE
+    mine = _mark_files(root)[0]  # killed outright instead: running, by a pid that is gone
+    (GalleryLayout(root).build_marks / f"{mine['id']}.json").write_text(json.dumps(
+        mine | {"state": "running", "pid": _gone_pid()}))
+    assert build_note(root) == INTERRUPTED_NOTE
+    with building(root):
+        pass
+    assert build_note(root) == "" and not legacy.exists() and _mark_files(root) == []  # both taken up and covered
 
 
 def test_a_build_interrupted_while_finishing_the_index_says_run_it_again_to_finish(tmp_path):
@@ -247,19 +287,109 @@ def test_a_build_completing_keeps_another_live_builds_mark(tmp_path, caplog):
     caplog.set_level("INFO", logger="index.build_mark")
     root = tmp_path / "g"
     root.mkdir()
-    mark = GalleryLayout(root).build_mark
+    legacy = GalleryLayout(root).build_mark
     other = {"state": "running", "host": "another-host", "pid": 7, "started": "2026-01-01T00:00:00+00:00"}
-    mark.write_text(json.dumps(other))  # a build on another host: taken as running
+    legacy.write_text(json.dumps(other))  # a build on another host (of the old layout): taken as running
     with building(root) as earlier:
-        assert earlier is None and json.loads(mark.read_text())["pid"] == os.getpid()
-    assert json.loads(mark.read_text()) == other  # this one completed first: the other's mark is back
+        assert earlier is None and [m["pid"] for m in _mark_files(root)] == [os.getpid()]
+    assert json.loads(legacy.read_text()) == other and _mark_files(root) == []  # its mark is left as it was
     assert build_note(root).startswith("a build into this gallery is running (pid 7 on another-host")
-    assert "another build into" in caplog.text and "its mark is written back" in caplog.text
-    mark.unlink()
-    with building(root):  # another build starts after this one and replaces its mark; this one completes first
-        mark.write_text(json.dumps(other))
-    assert json.loads(mark.read_text()) == other  # kept: a kill of that build must leave "interrupted"
-    assert "is another build's (running, pid 7 on another-host" in caplog.text
+    assert "another build into" in caplog.text and "its mark is kept" in caplog.text
     with pytest.raises(KeyboardInterrupt), building(root):
         raise KeyboardInterrupt  # this build's rest is missing: said even while the other runs
-    assert json.loads(mark.read_text())["state"] == "interrupted" and build_note(root) == INTERRUPTED_NOTE
+    assert build_note(root) == INTERRUPTED_NOTE
+
+
+# ------------------------------------------------------------------ two builds into one folder, interleaved
+def _started(root: Path, key: dict, photos: str | None):
+    """A build entered (its ``building`` block open): the context manager, to end with :func:`_end`."""
+    cm = building(root, key=key, photos=photos)
+    cm.__enter__()
+    return cm
+
+
+def _end(cm, *, interrupt: bool = False) -> None:
+    if interrupt:  # the block raised KeyboardInterrupt: passed on (not swallowed)
+        assert cm.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None) is False
+    else:
+        cm.__exit__(None, None, None)
+
+
+def _kill(root: Path, pid: int) -> None:
+    """Every running mark of process ``pid`` made to name a process that is gone, as a build killed outright."""
+    for path in GalleryLayout(root).build_marks.glob("*.json"):
+        mark = json.loads(path.read_text())
+        if mark["state"] == "running" and mark["pid"] == pid:
+            path.write_text(json.dumps(mark | {"pid": _gone_pid()}))
+
+
+ONE = dataset_key("folder", "/data/one")
+TWO = dataset_key("folder", "/data/two")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
+def test_an_earlier_build_cut_short_while_a_later_one_runs_is_still_said_when_the_later_completes(tmp_path, how):
+    """Stop 50's left-over: one mark per folder, so build B completing after build A was cut short cleared A's mark
+    (or A's "interrupted" was overwritten by B): the gallery read as complete without A's photos."""
+    root = tmp_path / "g"
+    root.mkdir()
+    a = _started(root, ONE, photos_digest(["/data/one/a.png"]))
+    b = _started(root, TWO, photos_digest(["/data/two/b.png"]))
+    if how == "killed":
+        _kill(root, os.getpid())  # both look killed now; B's own block still removes its own mark below
+    else:
+        _end(a, interrupt=True)
+    assert build_note(root) == INTERRUPTED_NOTE
+    _end(b)  # another dataset completes: A's photos are still missing
+    assert build_status(root) == {"state": "interrupted", "note": INTERRUPTED_NOTE}
+    assert [m["key"] for m in _mark_files(root)] == [ONE]
+    with building(root, key=TWO, photos=photos_digest(["/data/two/b.png"])) as earlier:
+        assert earlier is None  # not a resume of A
+    assert build_note(root) == INTERRUPTED_NOTE
+    with building(root, key=ONE, photos=photos_digest(["/data/one/a.png", "/data/one/new.png"])) as earlier:
+        assert earlier["key"] == ONE  # the same dataset, run again after A ended: takes it up, even grown
+    assert build_status(root) == {"state": "complete", "note": ""} and _mark_files(root) == []
+
+
+def test_a_later_build_of_the_same_photos_completing_clears_an_earlier_one_cut_short_meanwhile(tmp_path):
+    root = tmp_path / "g"
+    root.mkdir()
+    photos = photos_digest(["/data/one/a.png", "/data/one/b.png"])
+    a = _started(root, ONE, photos)
+    b = _started(root, ONE, photos_digest(["/data/one/b.png", "/data/one/a.png", "/data/one/a.png"]))  # the same
+    _end(a, interrupt=True)
+    _end(b)  # B's scan held exactly A's photos: it covered them
+    assert build_note(root) == "" and _mark_files(root) == []
+
+
+def test_a_later_build_of_other_photos_of_the_same_dataset_keeps_an_earlier_one_cut_short_meanwhile(tmp_path):
+    """Covering is not guessed: B scanned the dataset before A (a photo added between the scans is A's only)."""
+    root = tmp_path / "g"
+    root.mkdir()
+    b = _started(root, ONE, photos_digest(["/data/one/a.png"]))
+    a = _started(root, ONE, photos_digest(["/data/one/a.png", "/data/one/late.png"]))
+    _end(a, interrupt=True)
+    _end(b)
+    assert build_note(root) == INTERRUPTED_NOTE and [m["state"] for m in _mark_files(root)] == ["interrupted"]
+    b = _started(root, ONE, None)  # a Ray build (photos streamed, none listed) concurrent with the next cut: kept too
+    a = _started(root, ONE, photos_digest(["/data/one/a.png"]))
+    _end(a, interrupt=True)
+    assert build_note(root) == INTERRUPTED_NOTE  # the first cut is taken up by B, the second is said while B runs
+    _end(b)  # covers the one it took up, not the one cut while it ran
+    assert build_note(root) == INTERRUPTED_NOTE and len(_mark_files(root)) == 1
+
+
+def test_an_interrupted_add_mark_is_cleared_only_by_the_same_add(tmp_path):
+    from index.build_mark import add_note, clear_covered, mark_interrupted
+
+    root = tmp_path / "g"
+    root.mkdir()
+    photos = photos_digest(["/p/1.png", "/p/2.png"])
+    assert mark_interrupted(root, {"add": "Naja haje"}, photos, kind="add", species="Naja haje", added=1)
+    assert build_status(root) == {"state": "interrupted", "note": add_note("Naja haje")}
+    with building(root, key=ONE):  # a build completing leaves an add's mark
+        pass
+    assert clear_covered(root, {"add": "Naja nivea"}, photos) == 0  # another species
+    assert clear_covered(root, {"add": "Naja haje"}, photos_digest(["/p/1.png"])) == 0  # other photos
+    assert build_note(root) == add_note("Naja haje")
+    assert clear_covered(root, {"add": "Naja haje"}, photos) == 1 and build_note(root) == ""

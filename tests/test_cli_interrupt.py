@@ -123,6 +123,7 @@ def test_an_interrupted_references_add_of_a_new_species_prints_the_notes_of_what
     assert code == 130 and f"interrupted: 1 reference kept in {index}; run the same command again" in err, err
     assert told == [5]  # asked once the kept photo was committed
     assert out.splitlines() == [
+        "Vipera berus (new species): added 1 before the interrupt", "ids: 5",
         f"note: the probe of {index} does not know 1 species added since it was made (Vipera berus)",
         "note: Vipera berus has 1 reference photo; 'speciesid probe train' needs 2 that are not near-copies of each "
         "other, and leaves it out until then (the kNN vote alone answers it): add another photo of it"], out
@@ -130,6 +131,41 @@ def test_an_interrupted_references_add_of_a_new_species_prints_the_notes_of_what
         _interrupt_on_batch(m, 1, module="retrieval.galleries", batch=1)
         code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Vipera aspis", *new)
     assert code == 130 and "interrupted: 0 references kept" in err and out == "", (out, err)
+
+
+def test_an_interrupted_references_add_prints_the_taxon_note_and_leaves_a_mark_until_run_again(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """Stop 50's left-over: an add cut by Ctrl-C said no taxon note (a new name like a shipped taxon's) and left no
+    mark: the gallery then held part of the add and said nothing. Now ``index info`` and identify say it until the
+    same add completes; an add of other photos does not clear it."""
+    import json
+
+    from index.build_mark import add_note
+
+    index = _two_species_gallery(tmp_path, capsys)
+    new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(3)]
+    add = ["references", "add", "--index", index, "--species", "Naja nivae", "--new-species", *new]
+    with monkeypatch.context() as m:
+        _interrupt_on_batch(m, 2, module="retrieval.galleries", batch=1)
+        code, out, err = _run(capsys, *add)
+    assert code == 130 and f"interrupted: 1 reference kept in {index}" in err, err
+    lines = out.splitlines()
+    assert lines[:2] == ["Naja nivae (new species): added 1 before the interrupt", "ids: 5"], out
+    assert lines[2].startswith("note: 'Naja nivae' is not in the shipped snake taxonomy, which has ") \
+        and "Naja nivea" in lines[2], out
+    note = add_note("Naja nivae")
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "interrupted",
+                                                                                       "note": note}
+    query = _photo(tmp_path / "q.png", 99)
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    assert code == 0 and out.splitlines()[-1] == f"note: {note}", (out, err)
+    other = _photo(tmp_path / "other.png", 300)
+    assert _run(capsys, "references", "add", "--index", index, "--species", "Naja nivae", other)[0] == 0
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"]["note"] == note  # not covered
+    code, out, err = _run(capsys, *add)  # the same add again: it completes, and the mark goes
+    assert code == 0 and "added 2, skipped 0 unreadable, 1 already in the gallery" in out, (out, err)
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "complete",
+                                                                                       "note": ""}
 
 
 def test_an_empty_gallery_refusing_another_encoder_says_to_delete_it(tmp_path, capsys, monkeypatch):

@@ -187,6 +187,25 @@ def test_a_delete_alone_since_the_last_sync_reads_no_id_column(gallery, monkeypa
     assert sorted(Gallery.open(gallery.root).index.ids.tolist()) == sorted(real(gallery.store).tolist())
 
 
+def test_an_exclusion_alone_since_the_last_sync_reads_no_id_column(gallery, monkeypatch):
+    """As a delete: the only writer since its last sync removes the excluded ids from its index, and adds back the
+    restored ones read by id (stop 50's left-over: set_excluded read the whole id column); after another process's
+    write it syncs by difference."""
+    reads = []
+    real = type(gallery.store).ids
+    monkeypatch.setattr(type(gallery.store), "ids", lambda self, **kw: reads.append(kw) or real(self, **kw))
+    first, second, third = real(gallery.store).tolist()[:3]
+    query = gallery.store.vectors(ids=[first])[1]
+    assert gallery.set_excluded([first, 10**9]) == 1 and reads == []
+    assert first not in gallery.index.ids and gallery.search(query, 1)[0][0].id != first
+    assert gallery.set_excluded([first, second], False) == 2 and reads == []  # one restored, one never excluded
+    assert gallery.search(query, 1)[0][0].id == first and len(gallery.index.ids) == 12
+    Gallery.open(gallery.root).set_excluded([second])  # another writer
+    assert gallery.set_excluded([third]) == 1 and reads  # synced by difference: the other's exclusion seen too
+    assert not {second, third} & set(gallery.index.ids.tolist()) and len(gallery.index.ids) == 10
+    assert sorted(Gallery.open(gallery.root).index.ids.tolist()) == sorted(gallery.index.ids.tolist())
+
+
 def test_source_path_of_a_reference_is_read_from_the_store(gallery):
     """The photo a reference was read from (the thumbnail's read): excluded ones too, None once deleted or never
     stored, and another process's delete seen although this gallery's answers' metadata is cached."""

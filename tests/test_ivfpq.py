@@ -262,3 +262,36 @@ def test_index_info_says_the_calibration_and_whether_it_reached_its_target(data,
     flat = Gallery.create(tmp_path / "flat", ENC)
     flat.add([ReferenceRecord(path="/p/a.jpg", species="Genus s")], ["a" * 64], x[:1])
     assert "index_calibration" not in gallery_info(flat)
+
+
+def test_a_save_counts_the_rerank_files_dead_rows_only_when_the_cheap_bound_does_not_rule_a_rewrite_out(
+        data, tmp_path, monkeypatch):
+    """Stop 50's left-over: each save searched every re-rank file id among the live ids (~45 ms at 1M references)
+    to decide whether to write a new generation. Now a bound from the counts decides first (no id read); the exact
+    count runs, and the generation is rewritten, only once enough rows went."""
+    from index import rerank
+
+    x, ids, _ = data
+    monkeypatch.setattr(rerank, "CHUNK_ROWS", 100)  # the files count as big from 100 rows
+    folder = tmp_path / "g"
+    folder.mkdir()
+    index = ivfpq.build(ivfpq.ArraySource(ids, x), folder=folder, shard_rows=3000)
+    path = folder / "vectors.faiss"
+    index.save(path, {})
+    store = index._rerank
+    exact = []
+    real = rerank.RerankStore.dead_rows
+    monkeypatch.setattr(rerank.RerankStore, "dead_rows", lambda self, live: exact.append(1) or real(self, live))
+    token = store.token
+    index.remove(ids[:10])
+    index.add(x[:3] * 0.5 + 0.5 * x[3:6], np.asarray([90001, 90002, 90003]))  # pending rows
+    assert store.dead_rows_at_most(index._ids) >= real(store, index._ids) == 10
+    index.save(path, {})
+    assert exact == [] and store.token == token  # ruled out by the bound: no id read, the files appended to
+    index.remove(ids[10:3100])  # more than half of the file's 6,003 rows gone now
+    assert store.dead_rows_at_most(index._ids) >= real(store, index._ids) == 3100
+    index.save(path, {})
+    assert exact == [1] and store.token != token and store.rows == index.ntotal == len(ids) - 3100 + 3
+    from index.vectors import load_index
+
+    assert load_index(path)[0].ntotal == index.ntotal

@@ -161,6 +161,55 @@ def test_a_write_compacts_at_the_threshold_and_answers_stay_the_same_for_every_p
     assert reopened.version == g.version and reopened.search(queries, 8) == before
 
 
+def test_a_search_goes_on_while_a_writes_compaction_runs_and_the_saved_index_names_the_compacted_version(
+        tmp_path, monkeypatch):
+    """Stop 49's left-over: a write's compaction ran inside the gallery's thread lock, so this process's searches
+    (a server's) waited for it. Now it runs in the write's hold, outside that lock: a search answers while the
+    compaction is held (events, no timing), and the write's save waits for it (the manifest names its version)."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    g = _gallery(tmp_path, threshold=3)
+    records, digests, x = _rows(0, 20, rng)
+    g.add(records, digests, x)
+    _add_one_by_one(g, 20, 1, rng)
+    queries = x[:3] + 0.05
+    before = g.search(queries, 5)
+    started, release = threading.Event(), threading.Event()
+    real = ReferenceStore.compact
+
+    def held(self, **kw):
+        started.set()
+        assert release.wait(60), "the test never let the compaction go"
+        return real(self, **kw)
+
+    monkeypatch.setattr(ReferenceStore, "compact", held)
+    failed: list[BaseException] = []
+
+    def write():
+        try:
+            _add_one_by_one(g, 21, 1, rng)  # the third small fragment: its compaction is due
+        except BaseException as exc:  # noqa: BLE001 - raised in the test's thread below
+            failed.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert started.wait(60), failed
+        answered: list = []
+        searcher = threading.Thread(target=lambda: answered.append(g.search(queries, 5)), daemon=True)
+        searcher.start()
+        searcher.join(60)  # a guard against a hang on the old code (the search waits on the lock): not a timing
+        assert answered == [before], "a search waited for the write's compaction"
+        assert g.compactions.runs == 0  # still running
+    finally:
+        release.set()
+        writer.join(60)
+    assert not failed and g.compactions.runs == 1 and g.store.fragment_stats().small == 1
+    assert g.version == g.store.version
+    assert json.loads(manifest_path(g.layout.vectors).read_text())["store_version"] == g.version
+
+
 def test_exclusions_and_deletes_compact_too(tmp_path):
     rng = np.random.default_rng(3)
     g = _gallery(tmp_path, threshold=4)

@@ -79,6 +79,10 @@ def cmd_references_add(args: argparse.Namespace) -> int:
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc
     except ReferencesInterrupted as exc:  # what was embedded is committed: its notes said as the normal path says them
         status = interrupted_add(exc, args.index)
+        if exc.report.ids:  # what was added before the cut, as the normal path says it
+            emit(f"{exc.species} ({'existing' if exc.existed else 'new'} species): added {len(exc.report.ids)} before "
+                 "the interrupt")
+            emit(f"ids: {id_runs(exc.report.ids)}")
         for note in exc.notes:
             emit(f"note: {note}")
         return status
