@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5, help="passes over the val embeddings per way (default 5)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 pass, 40 queries, 5,000 synthetic references, probe settings chosen in 2 "
-                         "folds (not 5); about 2 min of CPU on a first run (docs/benchmarks.md)")
+                         "folds (not 5); 1-2 min of CPU (docs/benchmarks.md)")
     ap.add_argument("--synthetic", type=int, default=100_000,
                     help="synthetic references for the lookup-against-scan figure (0: skip; default 100,000)")
     args = ap.parse_args()
