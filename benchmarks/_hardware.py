@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -29,20 +28,9 @@ GFLOP_PER_IMAGE = {"ViT-B-16": 35.2, "MobileNetV1": 1.15}
 _M, _K, _N = 1576, 768, 3072
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_report() -> str:
     """Several lines: CPU, kind, features, versions, load."""
-    from retrieval.cpu import cpu_features, cpu_kind
+    from retrieval.cpu import cpu_features, cpu_kind, cpu_model
     from retrieval.runtimes.cache import package_version
 
     f = cpu_features()

@@ -17,6 +17,11 @@ Each pass runs every method over all queries in blocks (order reversed every pas
 
     .venv/bin/python benchmarks/bench_identify.py           # default: 3 passes
     .venv/bin/python benchmarks/bench_identify.py --quick   # smoke run: small galleries, few queries, 1 pass
+
+``--quick`` also skips what costs minutes of CPU and measures nothing a smoke run needs: the ViT-B-16 is
+given no calibration photos, so ``auto`` does not int8-quantise it (NNCF calibration) and takes the next
+candidate of this CPU kind (an int8 export already in the runtime cache is still used); the start-up part
+runs ``--runtime torch`` only (``auto`` there would calibrate an int8 export on the small gallery's photos).
 """
 
 from __future__ import annotations
@@ -178,7 +183,10 @@ def startup_section(index: Path, photo: str, configs: list[tuple[str, str]], run
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200/16 gallery photos, 20/3 queries, 1 pass")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 200/16 gallery photos, 20/3 queries, 1 pass; skips the ViT-B-16 int8 export "
+                         "(no calibration photos) and start-up's auto runtime (see above); 1-2 min of CPU, warm to cold "
+                         "cache (docs/benchmarks.md)")
     ap.add_argument("--passes", type=int, default=None, help="passes over the queries (default 3)")
     ap.add_argument("--startup-runs", type=int, default=None, help="fresh identify processes per runtime (default 5)")
     ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-16 part (and start-up)")
@@ -213,14 +221,15 @@ def main() -> None:
                           evenly(val, 3 if args.quick else 20), True))
         for name, spec, refs, queries, transformer in parts:
             t0 = time.perf_counter()
-            builder = create_encoder(spec, device="cpu", photos=calib)  # auto: the fastest faithful here
+            photos = None if args.quick and transformer else calib  # --quick: no int8 calibration of the ViT
+            builder = create_encoder(spec, device="cpu", photos=photos)  # auto: the fastest faithful here
             gallery = Gallery.create(Path(tmp) / name.split()[0], builder.describe())
             report = add_references(gallery, builder, refs, progress=False)
             gallery.finish_build()
             print(f"\n{name}: gallery of {len(gallery)} photos built with {builder.runtime} {builder.precision} in "
                   f"{time.perf_counter() - t0:.1f} s (model waited for decoding "
                   f"{report.stats.wait_share(report.seconds):.0%} of the time)")
-            runners = identifiers(spec, gallery, vote, runtime_configs(kind, transformer, args.quick), calib)
+            runners = identifiers(spec, gallery, vote, runtime_configs(kind, transformer, args.quick), photos)
             naive = naive_from_gallery(gallery, create_encoder(spec, runtime="torch", precision="fp32", device="cpu"),
                                        vote)
             runners["naive torch fp32"] = naive.identify
@@ -230,7 +239,8 @@ def main() -> None:
                 vit_index = (gallery.root, str(queries[0].path))
             del runners, naive, builder
         if vit_index is not None:
-            configs = [("auto", "auto"), ("torch", "auto")] + ([] if args.quick else [("onnx", "fp32")])
+            # --quick: not auto, which would int8-calibrate on the small gallery's photos (minutes of CPU)
+            configs = [("torch", "auto")] if args.quick else [("auto", "auto"), ("torch", "auto"), ("onnx", "fp32")]
             startup_section(vit_index[0], vit_index[1], configs, args.startup_runs or (2 if args.quick else 5))
     print(f"\n{watch.report()}")
     print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")

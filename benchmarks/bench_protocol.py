@@ -17,10 +17,12 @@ metrics the rule may choose from (``--metrics``: ``cosine`` alone = before the w
 or within-class whitened, ``retrieval.metric``; the default) x the selection rules (seq-nll = the default, argmax =
 the old one) x kNN / probe / blend. Embeddings go through
 ``retrieval.pipeline.embed_sources`` with the encoder ``auto`` picks here (views ``ms``/``flipms`` run on torch),
-cached under runs/cache. Run it niced (it is an accuracy job, not a timing):
+cached under runs/cache. Run it niced (it is an accuracy job, not a timing). The one-option, 1-seed run took 170 s
+on 2 Intel AMX cores with the embeddings cached, other processes using 1.70 of the cores (stop-51 walk); a first
+run also embeds the ph-snakes photos (minutes, more under load):
 
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py                     # 3 seeds x 5 folds, ~25 min (5 options) on 2 busy cores
-    nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --seeds 1   # one row, quick
+    nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --seeds 1   # one option, 1 seed
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --gallery-fracs 0.5   # + growth
     nice -n 19 .venv/bin/python benchmarks/bench_protocol.py --options model/single --metrics both --train-val   # + gallery = train + val
 """
@@ -145,7 +147,8 @@ def main() -> None:
                     help="embedding options, POOL/VIEWS (default: today's, gem3/flip, gem3/flipms)")
     ap.add_argument("--rules", nargs="+", default=["seq-nll", "argmax"])
     ap.add_argument("--metrics", nargs="+", default=["cosine", "both"], choices=["cosine", "both"],
-                    help="kNN metrics the rule chooses from: cosine alone, or cosine / whitened (default: both rows)")
+                    help="kNN metrics the rule chooses from, one row each: cosine (alone), both (cosine or whitened); "
+                         "default: the two rows, cosine and both")
     ap.add_argument("--seeds", type=int, default=3, help="outer-CV reshuffles (default 3)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--runtime", default="auto", help="runtime of the embeddings (default auto; ms views: torch)")

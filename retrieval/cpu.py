@@ -80,6 +80,17 @@ def cpu_features() -> dict[str, bool]:
     return {name: name in flags for name in FEATURES}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def is_arm() -> bool:
     """True on aarch64 / arm64."""
     return platform.machine().lower() in ("aarch64", "arm64", "armv8l", "armv7l")

@@ -422,13 +422,15 @@ def _plot_reliability(results: Mapping[str, dict]) -> Any:
 
 
 def write_report(
-    out_dir: str | Path, results: dict[str, dict], *, title: str, notes: list[str] | None = None
+    out_dir: str | Path, results: dict[str, dict], *, title: str, notes: list[str] | None = None,
+    embedding: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write report.json, report.md, confusion_<method>.png per method and reliability.png into ``out_dir``.
 
     ``results`` maps a method name ("knn", "probe", "blend", ...) to an :func:`evaluate` dict. report.json holds
-    {title, notes, results}; report.md compares the methods, then gives per-species scores and the most confident
-    mistakes of the method with the best macro-F1. Returns {file name: path} of the files written.
+    {title, notes, results}, and ``embedding`` when given (what embedded the photos:
+    ``retrieval.protocol.embedding_setup``; the notes say it in words); report.md compares the methods, then gives
+    per-species scores and the most confident mistakes of the method with the best macro-F1. Returns {file name: path} of the files written.
     """
     if not results:
         raise ValueError("write_report() needs at least one method's results")
@@ -443,6 +445,8 @@ def write_report(
 
     path = out / "report.json"
     payload = {"title": title, "notes": notes, "results": _jsonable(results)}
+    if embedding:
+        payload["embedding"] = dict(embedding)
     atomic_write(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     written[path.name] = path
 

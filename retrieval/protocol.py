@@ -54,6 +54,7 @@ class Protocol:
     trained: list[int] | None = None  # positions of evaluated photos that trained the network (None: not known)
     trained_from: str = ""  # the lists of the network's training photos, in words ("" = not fine-tuned here)
     trained_complete: bool = True  # every run of the network listed its photos (False: some cannot be told)
+    embedded: str = ""  # what embedded the evaluated photos, in words (:func:`embedding_text`; "" = not said)
 
     @property
     def trained_counted(self) -> int:
@@ -72,7 +73,8 @@ class Protocol:
 
     def lines(self) -> list[str]:
         """The report's protocol lines."""
-        out = [f"settings: {self.settings}"] + ([f"network: {self.size}"] if self.size else [])
+        out = [f"embedded with: {self.embedded}"] if self.embedded else []
+        out += [f"settings: {self.settings}"] + ([f"network: {self.size}"] if self.size else [])
         out.append("evaluated photos used to choose settings: " + (
             "YES: these figures over-state accuracy on unseen photos" if self.evaluated_chose_settings else "no"))
         if self.trained_from:
@@ -100,6 +102,24 @@ class Protocol:
         elif self.trained:
             line += "; all left out of the figures as gallery photos"
         return line
+
+
+def embedding_setup(encoder: Encoder) -> dict[str, str]:
+    """What embedded an evaluation's photos: runtime, precision, device and, on a CPU, its kind and model (the
+    figures depend on them: docs/accuracy.md). The gallery records no runtime of its own references."""
+    from retrieval.cpu import cpu_kind, cpu_model
+
+    device = str(encoder.device)
+    out = {"runtime": str(encoder.runtime), "precision": str(encoder.precision), "device": device}
+    if not device.startswith("cuda"):
+        out.update(cpu_kind=cpu_kind(), cpu=cpu_model())
+    return out
+
+
+def embedding_text(setup: Mapping[str, str]) -> str:
+    """:func:`embedding_setup` in words: 'openvino bf16 on the CPU (kind amx, Intel(R) Xeon(R) ...)'."""
+    where = f"the CPU (kind {setup['cpu_kind']}, {setup['cpu']})" if "cpu_kind" in setup else setup["device"]
+    return f"{setup['runtime']} {setup['precision']} on {where}"
 
 
 def kinds_text(kinds: dict[str, int]) -> str:

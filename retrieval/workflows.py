@@ -416,6 +416,8 @@ def evaluate_dataset(
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     from retrieval.protocol import (
         Protocol,
+        embedding_setup,
+        embedding_text,
         find_duplicates,
         network_trained,
         settings_origin,
@@ -450,8 +452,10 @@ def evaluate_dataset(
         chose = True  # the gallery members kept in the figures were the folds that chose the settings
         settings += f"; {len(dups)} of the evaluated photos are gallery members: they were among those folds"
     trained, trained_from, trained_complete = network_trained(ident.encoder.spec, done.sha256, ok)
+    embedding = embedding_setup(ident.encoder)
     protocol = Protocol(settings, chose or size_chose, dups, kinds, excluded=not keep_duplicates, size=size,
-                        trained=trained, trained_from=trained_from, trained_complete=trained_complete)
+                        trained=trained, trained_from=trained_from, trained_complete=trained_complete,
+                        embedded=embedding_text(embedding))
     readable = len(ok)
     if not keep_duplicates:
         ok = without_copies(ok, dups, f"all {readable} readable photos under {root} are already in the gallery (same "
@@ -494,7 +498,8 @@ def evaluate_dataset(
         logger.warning("%s", unfinished)
         notes.append(f"warning: {unfinished}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
-    files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes)
+    files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes,
+                         embedding=embedding)
     return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines(),
                          protocol.unseen)
 

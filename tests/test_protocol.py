@@ -250,3 +250,29 @@ def test_evaluate_says_how_many_photos_it_could_not_read(tmp_path_factory, tmp_p
     _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", val, "--report",
                   tmp_path / "report", "-q")
     assert "photos: 8 evaluated, 2 unreadable, skipped" in out, out
+
+
+def test_evaluate_says_what_embedded_the_photos(tmp_path_factory, tmp_path, capsys):
+    """The figures depend on the runtime, precision and CPU kind that embedded the photos (docs/accuracy.md): the
+    printed protocol lines, report.json and report.md say them."""
+    from retrieval.cpu import cpu_kind, cpu_model
+
+    index = gallery_copy(tmp_path_factory, "protocol_embedded")
+    val = _val(tmp_path / "val", n=1)
+    report = tmp_path / "report"
+    _, out = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", val, "--report", report,
+                  "--runtime", "torch", "--precision", "fp32", "-q")
+    line = f"embedded with: torch fp32 on the CPU (kind {cpu_kind()}, {cpu_model()})"
+    assert f"protocol: {line}" in out, out
+    data = json.loads((report / "report.json").read_text())
+    assert data["embedding"] == {"runtime": "torch", "precision": "fp32", "device": "cpu", "cpu_kind": cpu_kind(),
+                                 "cpu": cpu_model()}
+    assert f"protocol: {line}" in data["notes"]
+    assert f"- protocol: {line}" in (report / "report.md").read_text()
+
+
+def test_the_embedding_line_names_a_gpu_by_its_device():
+    """On CUDA the line names the device, not a CPU kind."""
+    from retrieval.protocol import embedding_text
+
+    assert embedding_text({"runtime": "torch", "precision": "fp16", "device": "cuda:0"}) == "torch fp16 on cuda:0"
