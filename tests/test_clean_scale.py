@@ -9,6 +9,8 @@ against 5 neighbours kept.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,46 @@ def test_find_issues_compares_every_pair_once(monkeypatch):
     assert {"near-duplicate", "label-conflict"} <= kinds
     assert sum(f.kind in ("near-duplicate", "label-conflict") for f in got) == len(
         neighbours_and_pairs(x, 3, threshold=0.95).pairs)  # every pair, the burst's 210 among them
+
+
+def test_clean_of_a_dataset_against_a_gallery_reads_each_photo_once(tmp_path, capsys, monkeypatch):
+    """``clean --dataset D --index G --against V`` reads each photo's file once: its bytes are hashed, looked up in
+    the store and decoded from the same read (it read them twice: once to hash, once to embed). The findings and
+    the reuse of stored vectors are unchanged."""
+    from collections import Counter
+
+    from test_clean import IMAGE_ONLY, _noise, _photos, _read_csv, _run
+
+    import retrieval.clean as clean
+    from index.gallery import Gallery
+
+    paths = _photos(tmp_path / "photos", per_species=3)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                        index, "--encoder", IMAGE_ONLY, "--precision", "fp32", "-q")
+    assert code == 0, err
+    ds, val = tmp_path / "ds", tmp_path / "val"
+    (ds / "Naja haje").mkdir(parents=True)
+    (ds / "Naja haje" / "stored.png").write_bytes(paths[0].read_bytes())  # in the gallery: its vector is reused
+    (ds / "Naja haje" / "copy.png").write_bytes(paths[0].read_bytes())
+    _noise(ds / "Naja haje" / "new.png", seed=777)
+    (ds / "Naja haje" / "broken.png").write_bytes(b"not a photo")
+    val.mkdir()
+    (val / "leak.png").write_bytes(paths[0].read_bytes())
+    _noise(val / "other.png", seed=778)
+    reads: Counter[str] = Counter()
+    read_photo = Gallery.read_photo
+    monkeypatch.setattr(Gallery, "read_photo", lambda self, p: reads.update([str(p)]) or read_photo(self, p))
+    before_report: Counter[str] = Counter()  # the contact sheet reads the flagged photos again, for thumbnails
+    write_report = clean.write_report
+    monkeypatch.setattr(clean, "write_report", lambda *a, **kw: before_report.update(reads) or write_report(*a, **kw))
+    code, out, err = _run(capsys, "clean", "--dataset", "folder", "--root", ds, "--index", index, "--against", val,
+                          "--encoder", IMAGE_ONLY, "--precision", "fp32", "--report", tmp_path / "r", "-q")
+    assert code == 0, err
+    photos = sorted(str(p) for p in [*ds.rglob("*.png"), *val.glob("*.png")])
+    assert {p: before_report[p] for p in photos} == dict.fromkeys(photos, 1), before_report
+    assert "2 photos through the encoder, 3 read from the gallery's store" in out, out
+    found = {(r["kind"], Path(r["path"]).name, r["paired_path"] and Path(r["paired_path"]).name, r["reference_id"])
+             for r in _read_csv(tmp_path / "r" / "findings.csv")}
+    assert {("duplicate", "stored.png", "copy.png", "1"), ("leak", "copy.png", "leak.png", "1"),
+            ("leak", "stored.png", "leak.png", "1"), ("unreadable", "broken.png", "", "")} <= found, found
