@@ -95,7 +95,7 @@ class NeighbourPass:
 
 def neighbours_and_pairs(
     x: np.ndarray, k: int, *, threshold: float, block: int = DEFAULT_BLOCK, progress: bool = False,
-    desc: str = "cleaning: neighbours",
+    desc: str = "pairs and neighbours",
 ) -> NeighbourPass:
     """Each row's ``k`` nearest other rows (exact, inner product of L2-normalised rows) and every pair at or above
     ``threshold``, from one pass over the tiles on and above the diagonal (each tile serves both its rows and its
@@ -119,7 +119,8 @@ def neighbours_and_pairs(
     parts_i, parts_j, parts_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     nb = -(-n // block)
     tiles = nb * (nb + 1) // 2
-    with tqdm(total=tiles, desc=desc, unit="tile", disable=not progress or tiles <= 1) as bar:
+    shown = progress and tiles > 1  # no bar object at all otherwise, as similar_pairs
+    with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
         for s in range(0, n, block):
             for t in range(s, n, block):
                 sims = a[s : s + block] @ a[t : t + block].T
@@ -132,7 +133,8 @@ def neighbours_and_pairs(
                 _merge_top(best_s, best_i, s, sims, t)
                 if s != t:
                     _merge_top(best_s, best_i, t, sims, s, columns=True)
-                bar.update()
+                if bar is not None:
+                    bar.update()
     pairs = _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)) if n else []
     return NeighbourPass(best_i, best_s, pairs)
 

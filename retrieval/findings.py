@@ -250,7 +250,7 @@ def find_issues(
     near = None  # one pass over every pair of the set serves the duplicates, the copy groups and the neighbours
     if suspect_k is not None and photos.ok.any():
         near = neighbours_and_pairs(photos.embeddings[photos.ok], suspect_k + 1 + _SEARCH_SLACK,
-                                    threshold=dup_threshold, progress=progress)
+                                    threshold=dup_threshold, progress=progress, desc="cleaning: pairs")
     if duplicates:
         findings.extend(_duplicates(photos, dup_threshold, pairs=near.pairs if near is not None else None,
                                     progress=progress))
@@ -447,7 +447,7 @@ def suspect_labels(
         return []
     if near is None or judged.size != int(photos.ok.sum()) or near.positions.shape[1] <= k:
         near = neighbours_and_pairs(photos.embeddings[judged], k + 1 + _SEARCH_SLACK, threshold=dup_threshold,
-                                    progress=progress)
+                                    progress=progress, desc="cleaning: pairs")
     groups = copy_groups(photos.embeddings[judged], threshold=dup_threshold,
                          sha256=[photos.sha256[i] for i in judged], pairs=near.pairs)
     distinct: dict[str, set[int]] = {}  # species -> its photos' copy groups
