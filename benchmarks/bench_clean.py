@@ -16,6 +16,12 @@ Parts (``--parts``, default all; the CPU kind is printed first; medians over ``-
   ``range_search`` + a Python loop, the implementation it replaced, kept here) and the naive full matrix (``a @ a.T``
   at once, up to ``--naive-max``), plus the finding pass ``find_issues`` (duplicates in n, leaks from n/5 others).
   One subprocess per method and size: seconds, extra peak RSS, pairs found, ratios, fitted exponent (s ~ n^k).
+* self: cleaning a gallery against itself, the checks ``clean --index G`` runs after reading the stored vectors
+  (``find_issues``: duplicates + suspect labels, k=3) on ``benchmarks/_synth.py`` species-like 512-d vectors (n/100
+  species, 2% near-copies) at ``--self-sizes`` (default 20000,40000): now (one pass over every pair:
+  ``index.pairs.neighbours_and_pairs``) beside "before" (``--old-src DIR``: a copy of the code before it, e.g.
+  ``git archive 0a97e72 index retrieval | tar -x -C DIR``: similar_pairs, copy_groups' second pass and the
+  exact_search of the neighbours), one subprocess each: seconds, extra peak RSS, findings the same, fitted exponent.
 * peer: ``imagehash`` pHash (``SPECIESID_PEER_PHASH`` = the python of a venv with imagehash) on the same photos:
   photos/s, latency, peak RSS, leaks found / others flagged at Hamming distance <= 10 of 64 bits (the usual pHash
   rule, imagededup's default; ``--phash-max-distance``), and the ratio speciesid / peer.
@@ -24,6 +30,7 @@ The photos are read once up front, so every side finds them in the page cache.
 
     .venv/bin/python benchmarks/bench_clean.py                      # everything, 3 repeats
     .venv/bin/python benchmarks/bench_clean.py --quick              # smoke run: small sizes, 1 repeat
+    .venv/bin/python benchmarks/bench_clean.py --parts self --self-sizes 20000,40000,100000 --old-src /tmp/old
     SPECIESID_PEER_PHASH=/path/to/venv/bin/python .venv/bin/python benchmarks/bench_clean.py --parts leaks,peer
 """
 
@@ -53,7 +60,7 @@ from _common import (
 from _hardware import machine_report, peer_phash
 
 MARK = "@@bench_clean "
-PARTS = ("zeroshot", "leaks", "growth", "peer")
+PARTS = ("zeroshot", "leaks", "growth", "self", "peer")
 #: The val photos that are train photos (same bytes, or re-encoded / re-cropped; checked by eye): val -> train twin.
 _RAT = "philippine_rat_snake__coelognathus_erythrurus__"
 _VIPER = "south_philippine_temple_pit_viper__tropidolaemus_philippensis__"
@@ -350,6 +357,60 @@ def growth_part(sizes: list[int], repeats: int, naive_max: int) -> None:
             print(f"fitted exponent {m}: seconds ~ n^{k:.2f} over n = {', '.join(f'{n:,}' for n in ns)}")
 
 
+# ----------------------------------------------------------------------------- self: a gallery cleaned against itself
+def self_child(method: str, n: int, repeats: int, old_src: str | None) -> dict:
+    """``find_issues`` (duplicates + suspect labels) over n species-like vectors with the code of ``method``."""
+    if method == "before":
+        sys.path.insert(0, old_src)
+    from _synth import SpeciesSpace
+
+    import index.pairs
+    from retrieval.findings import PhotoSet, find_issues
+
+    if method == "before" and not index.pairs.__file__.startswith(old_src):
+        raise RuntimeError(f"--old-src {old_src} did not take: index.pairs is {index.pairs.__file__}")
+    x, sp = SpeciesSpace(max(1, n // 100), dim=512).chunk(0, n)
+    photos = PhotoSet([f"p{i}" for i in range(n)], [f"d{i}" for i in range(n)], x, [None] * n, list(range(n)),
+                      [f"s{int(s)}" for s in sp])
+    find_issues(PhotoSet(photos.paths[:300], photos.sha256[:300], x[:300], [None] * 300, list(range(300)),
+                         photos.species[:300]), suspect_k=3)  # warm-up: imports, BLAS threads
+    rss0, seconds = status_mib("VmRSS"), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = find_issues(photos, suspect_k=3)
+        seconds.append(time.perf_counter() - t0)
+    keys = sorted((f.kind, f.path, f.paired_path or "", f.suggested_species or "") for f in out)
+    return {"seconds": seconds, "findings": {k: sum(f.kind == k for f in out) for k in {f.kind for f in out}},
+            "digest": hashlib.sha1(repr(keys).encode()).hexdigest()[:12], "extra_mib": status_mib("VmHWM") - rss0}
+
+
+def self_part(sizes: list[int], repeats: int, old_src: str | None) -> None:
+    methods = ("now", "before") if old_src else ("now",)
+    res: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    for n in sizes:
+        for m in methods:
+            res[m][n] = r = _child("self", m, n, repeats if n <= 20000 else 1, old_src)
+            if "error" not in r:
+                r["median"] = median(r["seconds"])
+            print(f"  n={n} {m}: {r.get('median', float('nan')):.2f} s {r.get('error', '')}", flush=True)
+    print(f"\n## self: a gallery cleaned against itself (find_issues: duplicates + suspect labels k=3), n species-like "
+          f"512-d vectors; medians of {repeats} runs (1 run above 20k); extra peak RSS = peak minus RSS with the data")
+    print("| n | now s | before s | before / now | findings (now) | same findings | extra MiB now / before |\n"
+          + "| --- " * 7 + "|")
+    for n in sizes:
+        o, b = res["now"].get(n, {}), res.get("before", {}).get(n, {})
+        ratio = f"{b['median'] / o['median']:.1f}x" if "median" in o and "median" in b else "-"
+        same = ("yes" if o.get("digest") == b.get("digest") else "NO") if "digest" in b else "-"
+        print(f"| {n:,} | {o.get('median', float('nan')):.2f} | {b.get('median', float('nan')):.2f} | {ratio} | "
+              f"{o.get('findings', '-')} | {same} | {o.get('extra_mib', float('nan')):.0f} / "
+              f"{b.get('extra_mib', float('nan')):.0f} |")
+    for m in methods:
+        ns = [n for n in sizes if "median" in res[m].get(n, {})]
+        if len(ns) >= 2:
+            k = np.polyfit(np.log(ns), np.log([res[m][n]["median"] for n in ns]), 1)[0]
+            print(f"fitted exponent {m}: seconds ~ n^{k:.2f} over n = {', '.join(f'{n:,}' for n in ns)}")
+
+
 # ----------------------------------------------------------------------------- peer: imagehash pHash
 def peer_part(python: str | None, lists: dict[str, list[str]], max_distance: int, repeats: int,
               ours: dict[str, tuple]) -> None:
@@ -386,7 +447,7 @@ def peer_part(python: str | None, lists: dict[str, list[str]], max_distance: int
 # ----------------------------------------------------------------------------- main
 def child_main(spec: str) -> None:
     kind, *args = json.loads(spec)
-    out = leaks_child(*args) if kind == "leaks" else pairs_child(*args)
+    out = leaks_child(*args) if kind == "leaks" else self_child(*args) if kind == "self" else pairs_child(*args)
     print(MARK + json.dumps(out), flush=True)
 
 
@@ -403,6 +464,9 @@ def main() -> None:
                     "1000,5000)")
     ap.add_argument("--large", action="store_true", help="growth: add n = 100,000 (minutes per method)")
     ap.add_argument("--naive-max", type=int, default=5000, help="growth: largest n for the full matrix (default 5000)")
+    ap.add_argument("--self-sizes", default="20000,40000", help="self: comma-separated n (default 20000,40000)")
+    ap.add_argument("--old-src", default=None, help="self: a folder holding the code before (index/, retrieval/) to "
+                    "time beside it; default: now only")
     ap.add_argument("--phash-max-distance", type=int, default=10, help="peer: Hamming threshold (default 10 of 64)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -446,6 +510,8 @@ def main() -> None:
         if "growth" in parts:
             sizes = [int(s) for s in (args.sizes or ("1000,5000" if q else "1000,5000,20000")).split(",")]
             growth_part(sizes + ([100000] if args.large else []), repeats, args.naive_max)
+        if "self" in parts:
+            self_part([int(x) for x in args.self_sizes.split(",")], repeats, args.old_src)
         if "peer" in parts:
             peer_part(peer_phash(), lists, args.phash_max_distance, repeats, ours)
 

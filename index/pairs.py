@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,14 +22,22 @@ _SLACK = 1e-6
 
 
 def _tile_pairs(
-    a: np.ndarray, base: np.ndarray, threshold: float, upper: bool
+    a: np.ndarray, base: np.ndarray, threshold: float, upper: bool, sims: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows of ``a``, rows of ``base``, similarities) of one tile at or above ``threshold``; ``upper``: only j > i."""
-    sims = a @ base.T
-    hit = sims >= threshold - _SLACK
+    """(rows of ``a``, rows of ``base``, similarities) of one tile at or above ``threshold``; ``upper``: only j > i.
+    ``sims``: the tile ``a @ base.T`` when already computed. Only the rows whose best reaches the threshold are
+    searched for hits (a whole-tile mask, ``triu`` and ``nonzero`` cost more than the matrix product at 64-d)."""
+    if sims is None:
+        sims = a @ base.T
+    cut = np.float32(threshold - _SLACK)
+    rows = np.flatnonzero(sims.max(axis=1) >= cut)
+    if not rows.size:
+        return rows, rows, np.zeros(0, dtype=np.float32)
+    r, j = np.nonzero(sims[rows] >= cut)
+    i = rows[r]
     if upper:
-        hit = np.triu(hit, k=1)
-    i, j = np.nonzero(hit)
+        keep = j > i
+        i, j = i[keep], j[keep]
     return i, j, sims[i, j]
 
 
@@ -41,13 +50,13 @@ def _best_first(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> list[tuple[int, 
 
 def similar_pairs(
     a: np.ndarray, b: np.ndarray | None = None, *, threshold: float, block: int = DEFAULT_BLOCK,
-    progress: bool = False,
+    progress: bool = False, desc: str = "grouping near-copies",
 ) -> list[tuple[int, int, float]]:
     """Every pair with cosine similarity >= ``threshold`` (rows L2-normalised), best first.
 
     ``b is None``: pairs (i, j, sim) within ``a`` with i < j. Otherwise pairs (i in a, j in b).
     ``block``: rows per side of the similarity tile computed at once (memory: ``block``² floats).
-    ``progress``: a bar over the tiles (all n² pairs within one set: long at 100k+ rows).
+    ``progress``: a bar over the tiles (all n² pairs within one set: long at 100k+ rows), named ``desc``.
     """
     from tqdm.auto import tqdm
 
@@ -61,7 +70,7 @@ def similar_pairs(
     na, nb = -(-len(a) // block), -(-len(base) // block)
     tiles = na * (na + 1) // 2 if b is None else na * nb
     shown = progress and tiles > 1  # no bar object at all otherwise (other bars' owners count theirs)
-    with tqdm(total=tiles, desc="grouping near-copies", unit="tile") if shown else contextlib.nullcontext() as bar:
+    with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
         for s in range(0, len(a), block):
             for t in range(s if b is None else 0, len(base), block):  # within one set: tiles on/above the diagonal
                 i, j, sims = _tile_pairs(a[s : s + block], base[t : t + block], float(threshold),
@@ -74,12 +83,126 @@ def similar_pairs(
     return _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
 
 
+@dataclass
+class NeighbourPass:
+    """One pass over every pair of a set (:func:`neighbours_and_pairs`): each row's ``k`` nearest other rows and
+    every pair at or above a cosine."""
+
+    positions: np.ndarray  # (n, k) int64: each row's nearest other rows, best first (ties: lower row); -1 pads
+    sims: np.ndarray  # (n, k) float32 cosines of those rows; -inf pads (a set of k rows or fewer)
+    pairs: list[tuple[int, int, float]]  # every (i, j, cosine) with i < j at or above the threshold: similar_pairs'
+
+
+def neighbours_and_pairs(
+    x: np.ndarray, k: int, *, threshold: float, block: int = DEFAULT_BLOCK, progress: bool = False,
+    desc: str = "pairs and neighbours",
+) -> NeighbourPass:
+    """Each row's ``k`` nearest other rows (exact, inner product of L2-normalised rows) and every pair at or above
+    ``threshold``, from one pass over the tiles on and above the diagonal (each tile serves both its rows and its
+    columns): what ``similar_pairs`` + ``copy_groups`` + a leave-one-out top-k search cost three passes for.
+
+    The pairs are the answer of :func:`similar_pairs` (the same tiles, so the same similarities, bit for bit),
+    complete whatever ``k``: a row with more near-copies than ``k`` loses none. Memory: ``block``² floats for a tile,
+    (n, ``k``) for the neighbours, and the pairs found. The top-k is merged tile by tile: only the entries at or
+    above a row's current k-th best are looked at once the row holds ``k``. ``progress``: a bar over the tiles.
+    """
+    from tqdm.auto import tqdm
+
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(a)
+    best_s = np.full((n, k), -np.inf, dtype=np.float32)
+    best_i = np.full((n, k), -1, dtype=np.int64)
+    parts_i, parts_j, parts_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    nb = -(-n // block)
+    tiles = nb * (nb + 1) // 2
+    shown = progress and tiles > 1  # no bar object at all otherwise, as similar_pairs
+    with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
+        for s in range(0, n, block):
+            for t in range(s, n, block):
+                sims = a[s : s + block] @ a[t : t + block].T
+                i, j, v = _tile_pairs(a[s : s + block], a[t : t + block], float(threshold), s == t, sims)
+                parts_i.append(i + s)
+                parts_j.append(j + t)
+                parts_s.append(v)
+                if s == t:
+                    np.fill_diagonal(sims, -np.inf)  # a row is not its own neighbour
+                _merge_top(best_s, best_i, s, sims, t)
+                if s != t:
+                    _merge_top(best_s, best_i, t, sims, s, columns=True)
+                if bar is not None:
+                    bar.update()
+    pairs = _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)) if n else []
+    return NeighbourPass(best_i, best_s, pairs)
+
+
+def _merge_top(best_s: np.ndarray, best_i: np.ndarray, r0: int, sims: np.ndarray, c0: int, *,
+               columns: bool = False) -> None:
+    """Merge one tile into the running top-k, in place: best first, ties by the lower column. The tile's rows are
+    rows ``r0``.. and its columns the candidates ``c0``.. (``columns``: the other way round, the tile read
+    transposed without copying it). A row that holds ``k`` already looks only at its entries at or above its
+    k-th best."""
+    k = best_s.shape[1]
+    view = sims.T if columns else sims
+    nrows, ncols = view.shape
+    kth = best_s[r0 : r0 + nrows, -1]
+    full = np.isfinite(kth)
+    cand_r, cand_c = [], []
+    if not full.all():  # rows still filling (the first tile they see): the tile's own top-k of each
+        sub = np.flatnonzero(~full)
+        part = np.ascontiguousarray(view[sub])
+        width = min(k, ncols)
+        top = np.argpartition(part, ncols - width, axis=1)[:, ncols - width :]
+        edge = np.take_along_axis(part, top, axis=1).min(axis=1)
+        at_edge = part >= edge[:, None]
+        tie = at_edge.sum(axis=1) > width  # more entries tie at the edge than fit: all of them, the merge decides
+        r, c = np.nonzero(at_edge[tie])
+        cand_r += [np.repeat(sub[~tie], width), sub[tie][r]]
+        cand_c += [top[~tie].ravel(), c]
+    if full.any():
+        cut = np.where(full, kth, np.inf).astype(np.float32)
+        if columns:  # compared in the tile's own (contiguous) layout
+            c, r = np.nonzero(sims >= cut[None, :])
+        else:
+            r, c = np.nonzero(sims >= cut[:, None])
+        cand_r.append(r)
+        cand_c.append(c)
+    r = np.concatenate(cand_r)
+    c = np.concatenate(cand_c)
+    v = view[r, c]
+    keep = np.isfinite(v)
+    r, c, v = r[keep], c[keep] + c0, v[keep]
+    if not r.size:
+        return
+    touched = np.flatnonzero(np.bincount(r, minlength=nrows))
+    all_r = np.concatenate([np.repeat(touched, k), r])
+    all_c = np.concatenate([best_i[touched + r0].ravel(), c])
+    all_v = np.concatenate([best_s[touched + r0].ravel(), v])
+    real = all_c >= 0
+    all_r, all_c, all_v = all_r[real], all_c[real], all_v[real]
+    order = np.lexsort((all_c, -all_v, all_r))  # by row, then best first, then the lower column
+    all_r, all_c, all_v = all_r[order], all_c[order], all_v[order]
+    start = np.flatnonzero(np.r_[True, all_r[1:] != all_r[:-1]])
+    rank = np.arange(all_r.size) - np.repeat(start, np.diff(np.r_[start, all_r.size]))
+    put = rank < k
+    best_s[touched + r0] = -np.inf
+    best_i[touched + r0] = -1
+    best_s[all_r[put] + r0, rank[put]] = all_v[put]
+    best_i[all_r[put] + r0, rank[put]] = all_c[put]
+
+
 def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None] = (),
-                block: int = DEFAULT_BLOCK, progress: bool = False) -> np.ndarray:
+                block: int = DEFAULT_BLOCK, progress: bool = False,
+                pairs: Sequence[tuple[int, int, float]] | None = None) -> np.ndarray:
     """The copy rule, in one place: (N,) group label of every row, rows in one group being copies of one photo:
     connected components of the pairs with cosine >= ``threshold`` (:func:`similar_pairs`, rows L2-normalised)
     and of the rows with the same ``sha256`` (when given; None or "" never matches). A burst of near-copies is
     one group. Labels are row positions (a group's label is one of its rows). ``progress``: a bar over the tiles.
+    ``pairs``: ``similar_pairs(x, threshold=threshold)`` when already found (:func:`neighbours_and_pairs`), so
+    the same labels without a second pass.
 
     The labels are the roots of this union-find (the pairs best first, then the same-sha256 rows), kept rather
     than scipy's ``connected_components``: the groups would be the same, but any relabelling of them (each to its
@@ -93,7 +216,9 @@ def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None]
             i = int(parent[i])
         return i
 
-    for a, b, _ in similar_pairs(x, threshold=threshold, block=block, progress=progress):
+    if pairs is None:
+        pairs = similar_pairs(x, threshold=threshold, block=block, progress=progress)
+    for a, b, _ in pairs:
         parent[find(a)] = find(b)
     first: dict[str, int] = {}
     for i, digest in enumerate(sha256):

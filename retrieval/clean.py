@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from retrieval.findings import (
     unfindable_text,
 )
 from retrieval.images import sha256_bytes
-from retrieval.pipeline import embed_photos
+from retrieval.pipeline import Embedded, default_workers, embed_photos
 from retrieval.probe import has_probe
 from retrieval.probe_flows import refresh_gallery_metric
 
@@ -292,10 +293,9 @@ def run_clean(
     t0 = time.perf_counter()
     cache, known, stored, dataset_name = None, {}, None, None
     read = gallery.read_photo if gallery is not None else read_source  # a stored upload in an S3 store too
-    if gallery is not None and dataset is not None:  # only the photos' own digests: never the whole table
+    lookup = gallery is not None and dataset is not None  # only the photos' own digests: never the whole table
+    if lookup:
         scan = load_dataset(dataset, root, metadata=metadata)  # type: ignore[arg-type]
-        outside = [r.path for r in scan.records] + list(against_paths or [])
-        known, cache = _stored_digests(gallery, outside, read, reuse=reuse, progress=progress)
     elif gallery is not None:  # the gallery itself: every row, read as column arrays
         ids_all, vec_all = gallery.store.vectors(include_excluded=True)
         meta = gallery.store.metadata().loc[ids_all]
@@ -307,7 +307,10 @@ def run_clean(
         datasets = meta["dataset"].dropna()
         dataset_name = str(datasets.mode().iloc[0]) if len(datasets) else None
 
-    def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True):
+    def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True) -> Embedded:
+        if lookup:  # each photo read once: hashed, looked up in the store, decoded from the same bytes
+            return _embed_looking_up(gallery, paths, enc, read, known, reuse=reuse, workers=workers,  # type: ignore[arg-type]
+                                     progress=progress, desc=desc)
         return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
                             progress=progress, desc=desc, read=read)
 
@@ -354,23 +357,50 @@ def run_clean(
     return result
 
 
-def _stored_digests(gallery: Gallery, paths: Sequence[str | Path], read: Callable[[str | Path], bytes], *,
-                    reuse: bool, progress: bool = False) -> tuple[dict[str, int], tuple[list[str], np.ndarray] | None]:
-    """(digest -> reference id, the embedding cache) of the photos ``paths`` that the gallery stores already: their
-    bytes hashed first, then one ``sha256 IN`` lookup and the vectors of those references alone (``reuse``: the
-    gallery's own encoder), so that a dataset's clean reads what it shares with the gallery, not the gallery."""
-    digests = []
-    for path in tqdm(paths, desc="cleaning: digests", unit="img", disable=not progress):
-        try:
-            digests.append(sha256_bytes(read(path)))
-        except OSError:
-            continue  # unreadable: the embedding step says so
-    known = gallery.store.find_sha256(digests)
-    if not reuse or not known:
-        return known, None
-    ids, vectors = gallery.store.vectors(ids=sorted(set(known.values())))
-    by_id = {int(i): sha for sha, i in known.items()}
-    return known, ([by_id[int(i)] for i in ids], vectors)
+#: Photos read, hashed and looked up in the store at a time by :func:`_embed_looking_up` (their bytes held meanwhile).
+LOOKUP_CHUNK = 256
+
+
+def _read_or_why(read: Callable[[str | Path], bytes], path: str | Path) -> bytes | str:
+    """A photo's bytes, or why it cannot be read (the words of :func:`retrieval.pipeline.prepare`)."""
+    try:
+        return read(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def _embed_looking_up(gallery: Gallery, paths: Sequence[str | Path], enc: Encoder,
+                      read: Callable[[str | Path], bytes], known: dict[str, int], *, reuse: bool,
+                      workers: int | None = None, progress: bool = False, desc: str = "embedding") -> Embedded:
+    """Embed photos that the gallery may store already, reading each file once: :data:`LOOKUP_CHUNK` photos at a
+    time are read, hashed and looked up in the store (one ``sha256 IN`` query; ``known`` gains digest -> reference
+    id), then decoded from the bytes read. With ``reuse`` (the gallery's own encoder) a stored photo's vector is
+    taken from the store and not run through the encoder. Never reads the gallery's whole table."""
+    n = len(paths)
+    out = Embedded(np.zeros((n, enc.dim), dtype=np.float32), [None] * n, [None] * n)
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="speciesid-read") as pool:
+        for start in range(0, n, LOOKUP_CHUNK):
+            got = list(pool.map(lambda p: _read_or_why(read, p), paths[start : start + LOOKUP_CHUNK]))
+            rows = [start + r for r, g in enumerate(got) if isinstance(g, bytes)]
+            for r, g in enumerate(got):
+                if isinstance(g, str):
+                    out.errors[start + r] = g
+            data = [g for g in got if isinstance(g, bytes)]
+            found = gallery.store.find_sha256([sha256_bytes(d) for d in data])
+            known.update(found)
+            cache = None
+            if reuse and found:
+                ids, vectors = gallery.store.vectors(ids=sorted(set(found.values())))
+                by_id = {int(i): sha for sha, i in found.items()}
+                cache = ([by_id[int(i)] for i in ids], vectors)
+            done = embed_photos(data, enc, cache=cache, workers=workers)
+            for r, row in enumerate(rows):
+                out.embeddings[row], out.sha256[row], out.errors[row] = done.embeddings[r], done.sha256[r], \
+                    done.errors[r]
+            out.fresh += done.fresh
+            bar.update(len(got))
+    return out
 
 
 def _resolve_encoder(

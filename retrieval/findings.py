@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.pairs import copy_groups, similar_pairs
+from index.pairs import NeighbourPass, copy_groups, neighbours_and_pairs, similar_pairs
 from index.vectors import exact_search
 from retrieval.encoders import Encoder
 from retrieval.pipeline import Embedded
@@ -247,12 +247,18 @@ def find_issues(
                 Finding("off-target", float(zero_shot.off_target[i]), photos.paths[i],
                         detail=zero_shot.describe(int(i)), reference_id=photos.ids[i])
             )
+    near = None  # one pass over every pair of the set serves the duplicates, the copy groups and the neighbours
+    if suspect_k is not None and photos.ok.any():
+        near = neighbours_and_pairs(photos.embeddings[photos.ok], suspect_k + 1 + _SEARCH_SLACK,
+                                    threshold=dup_threshold, progress=progress, desc="cleaning: pairs")
     if duplicates:
-        findings.extend(_duplicates(photos, dup_threshold))
+        findings.extend(_duplicates(photos, dup_threshold, pairs=near.pairs if near is not None else None,
+                                    progress=progress))
         if against is not None:
             findings.extend(_leaks(photos, against, dup_threshold))
     if suspect_k is not None:
-        findings.extend(suspect_labels(photos, suspect_k, dup_threshold=dup_threshold, progress=progress))
+        findings.extend(suspect_labels(photos, suspect_k, dup_threshold=dup_threshold, progress=progress,
+                                       near=near))
     for s, name in ((photos, ""), (against, "against: ")):
         if s is None:
             continue
@@ -308,7 +314,10 @@ def _species(photos: PhotoSet, i: int) -> str | None:
     return photos.species[i] if i < len(photos.species) else None
 
 
-def _duplicates(photos: PhotoSet, dup_threshold: float) -> list[Finding]:
+def _duplicates(photos: PhotoSet, dup_threshold: float, *, pairs: Sequence[tuple[int, int, float]] | None = None,
+                progress: bool = False) -> list[Finding]:
+    """Same bytes and near-copies within the set; ``pairs``: the near pairs of its readable rows, when found already
+    (:func:`index.pairs.neighbours_and_pairs`)."""
     out: list[Finding] = []
     first: dict[str, int] = {}
     for i, sha in enumerate(photos.sha256):
@@ -319,7 +328,10 @@ def _duplicates(photos: PhotoSet, dup_threshold: float) -> list[Finding]:
         else:
             first[sha] = i
     ok = np.flatnonzero(photos.ok)
-    for a, b, sim in similar_pairs(photos.embeddings[ok], threshold=dup_threshold):
+    if pairs is None:
+        pairs = similar_pairs(photos.embeddings[ok], threshold=dup_threshold, progress=progress,
+                              desc="cleaning: near-copies")
+    for a, b, sim in pairs:
         i, j = int(ok[a]), int(ok[b])  # i < j: report the later photo, paired with the earlier one
         if photos.sha256[i] is not None and photos.sha256[i] == photos.sha256[j]:
             continue  # already reported as the same bytes
@@ -350,13 +362,17 @@ def _leaks(photos: PhotoSet, against: PhotoSet, dup_threshold: float) -> list[Fi
 
 def other_neighbours(
     embeddings: np.ndarray, k: int, *, groups: np.ndarray | None = None, progress: bool = False,
+    first: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out neighbours: (positions (N, k), cosine similarities (N, k)) of each row's ``k`` nearest other
     rows, best first, found by :func:`index.vectors.exact_search` (rows L2-normalised). ``groups``: copies of one
     photo (:func:`index.pairs.copy_groups`; None: every row its own). A row's own group is left out with it (a
     copy is the same photo again, not another photo's evidence), and another group counts once, by its nearest
     row (a burst of copies is one neighbour). Where fewer than ``k`` groups remain, the rest of the row is
-    -1 / NaN. ``progress``: a bar over the rows, like clean's other steps."""
+    -1 / NaN. ``progress``: a bar over the rows, like clean's other steps. ``first``: each row's nearest other
+    rows already found ((N, W) positions and cosines, best first: :func:`index.pairs.neighbours_and_pairs`); only
+    the rows whose W hold fewer than ``k`` other groups (a burst of copies larger than W) are searched again,
+    wider, so the answer is the same."""
     from tqdm import tqdm
 
     if k < 1:
@@ -368,23 +384,32 @@ def other_neighbours(
     positions = np.full((n, k), -1, dtype=np.int64)
     sims = np.full((n, k), np.nan, dtype=np.float32)
     bar = tqdm(total=n, desc="cleaning: neighbours", unit="photo", disable=not progress)
+
+    def take(q: np.ndarray, s: np.ndarray, pos: np.ndarray, exhausted: bool) -> np.ndarray:
+        """Fill the rows ``q`` that have ``k`` other groups among their searched neighbours (all of them when
+        ``exhausted``: nothing more to search); the rows left to search wider."""
+        theirs = np.where(pos < 0, -1, group[np.maximum(pos, 0)])
+        keep = (pos >= 0) & (theirs != group[q][:, None]) & _first_of_group(theirs)
+        done = (keep.sum(axis=1) >= k) | exhausted
+        for r in np.flatnonzero(done):
+            got = np.flatnonzero(keep[r])[:k]
+            positions[q[r], : got.size] = pos[r, got]
+            sims[q[r], : got.size] = s[r, got]
+        bar.update(int(done.sum()))
+        return q[~done]
+
     pending, want = rows, k + 1 + _SEARCH_SLACK
+    if first is not None:
+        pos0, s0 = first
+        pending = take(rows, np.asarray(s0), np.asarray(pos0), pos0.shape[1] >= n - 1)
+        want = max(want, 2 * (pos0.shape[1] + 1))
     while pending.size:
         searched = min(want, n)
         short: list[np.ndarray] = []
         for start in range(0, pending.size, _QUERY_CHUNK):
             q = pending[start : start + _QUERY_CHUNK]
             s, pos = exact_search(emb, rows, emb[q], searched)
-            theirs = np.where(pos < 0, -1, group[np.maximum(pos, 0)])
-            keep = (pos >= 0) & (theirs != group[q][:, None]) & _first_of_group(theirs)
-            enough = keep.sum(axis=1) >= k
-            done = enough | (searched >= n)  # nothing more to search: keep what there is
-            for r in np.flatnonzero(done):
-                got = np.flatnonzero(keep[r])[:k]
-                positions[q[r], : got.size] = pos[r, got]
-                sims[q[r], : got.size] = s[r, got]
-            short.append(q[~done])
-            bar.update(int(done.sum()))
+            short.append(take(q, s, pos, searched >= n))
         pending, want = np.concatenate(short), 2 * want
     bar.close()
     return positions, sims
@@ -403,7 +428,7 @@ def _first_of_group(theirs: np.ndarray) -> np.ndarray:
 
 def suspect_labels(
     photos: PhotoSet, k: int = DEFAULT_SUSPECT_K, *, dup_threshold: float = DEFAULT_DUP_THRESHOLD,
-    progress: bool = False,
+    progress: bool = False, near: NeighbourPass | None = None,
 ) -> list[Finding]:
     """Photos whose ``k`` nearest other photos of the set (cosine, leave-one-out: :func:`other_neighbours`) all
     carry one species that is not theirs, when their own species has at least ``k`` other photos (a species of a
@@ -411,19 +436,25 @@ def suspect_labels(
     bytes, or cosine >= ``dup_threshold``: :func:`index.pairs.copy_groups`) are one photo, in that count and among
     the neighbours, and a photo's own copies are neither. Score: the neighbours' mean similarity;
     ``suggested_species``: their species; ``paired_path``: the nearest of them. Photos without an embedding or a
-    label are not judged."""
+    label are not judged. ``near``: the pass over the set's readable photos (:func:`index.pairs.neighbours_and_pairs`
+    at this ``dup_threshold``, width above ``k``) when made already: its pairs and neighbours are used when every
+    readable photo is judged (else one pass over the judged photos is made here)."""
     if k < 1:
         raise ValueError(f"k (--suspect-k) must be at least 1, got {k}")
     labels = [_species(photos, i) or "" for i in range(len(photos))]
     judged = np.flatnonzero(photos.ok & np.array([bool(s) for s in labels], dtype=bool))
     if not judged.size:
         return []
+    if near is None or judged.size != int(photos.ok.sum()) or near.positions.shape[1] <= k:
+        near = neighbours_and_pairs(photos.embeddings[judged], k + 1 + _SEARCH_SLACK, threshold=dup_threshold,
+                                    progress=progress, desc="cleaning: pairs")
     groups = copy_groups(photos.embeddings[judged], threshold=dup_threshold,
-                         sha256=[photos.sha256[i] for i in judged])
+                         sha256=[photos.sha256[i] for i in judged], pairs=near.pairs)
     distinct: dict[str, set[int]] = {}  # species -> its photos' copy groups
     for r, i in enumerate(judged):
         distinct.setdefault(labels[i], set()).add(int(groups[r]))
-    positions, sims = other_neighbours(photos.embeddings[judged], k, groups=groups, progress=progress)
+    positions, sims = other_neighbours(photos.embeddings[judged], k, groups=groups, progress=progress,
+                                       first=(near.positions, near.sims))
     out: list[Finding] = []
     for r, i in enumerate(judged):
         own = labels[i]
