@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--part", choices=("select", "train"), required=True,
                     help="select: choose the settings (select_settings); train: train the final probe (train_probe)")
     ap.add_argument("--C", type=float, default=50.0, help="the probe's C for --part train (50: what g20k chose)")
+    ap.add_argument("--max-photos", type=int, default=None,
+                    help="--part train: the probe's bound (train_probe's max_photos; 0: none); default: the code's own")
     ap.add_argument("--repo", type=Path, default=None, help="import retrieval/ and index/ from this checkout")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,7 +76,8 @@ def main() -> None:
     else:
         from retrieval.probe import train_probe
 
-        probe = train_probe(x, y, fingerprint="bench", C=args.C)
+        bound = {} if args.max_photos is None else {"max_photos": args.max_photos or None}
+        probe = train_probe(x, y, fingerprint="bench", C=args.C, **bound)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         del x
         xt, yt = gallery(5_000, species, args.dim, stream=1)

@@ -38,6 +38,7 @@ from retrieval.probe import (
     LinearProbe,
     distinct_count,
     distinct_photos,
+    per_species_sample,
     photo_groups,
     train_probe,
 )
@@ -51,33 +52,18 @@ DEFAULT_RULE = "seq-nll"
 #: The metric leans to plain cosine: the whitened one (``retrieval.metric``) is chosen only where the gallery's own
 #: out-of-fold scores show it better by more than their standard error.
 PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
-#: Above this many gallery photos, cross-validation chooses the settings on a seeded subsample of at most this many
-#: (:func:`selection_sample`: each species keeps min(its photos, a cap), the cap the largest that fits); the final
-#: probe still trains on every photo. A ph-snakes-size gallery (980 photos) is far under it: chosen on all photos.
+#: Above this many gallery photos, cross-validation scores the held-out votes of a seeded subsample of at most this
+#: many (:func:`selection_sample`: each species keeps min(its photos, a cap), the cap the largest that fits), each
+#: voting over the whole gallery but its fold and near-copies; the folds' probes (C) train on the subsample only. A
+#: ph-snakes-size gallery (980 photos) is far under it: every photo is a query, voting over the other folds.
 SELECTION_MAX_PHOTOS = 20_000
 
 
 def selection_sample(labels: Sequence[str], *, max_photos: int = SELECTION_MAX_PHOTOS,
                      seed: int = 0) -> tuple[np.ndarray | None, int]:
-    """(sorted positions of the photos cross-validation chooses the settings on, the cap per species); (None, 0)
-    when there are at most ``max_photos`` (all of them). Each species keeps min(its photos, cap), the cap the
-    largest that keeps the total within ``max_photos`` (at least MIN_PROBE_PHOTOS), drawn with ``seed``."""
-    if max_photos < 1:
-        raise ValueError(f"max_photos must be at least 1, got {max_photos}")
-    if len(labels) <= max_photos:
-        return None, 0
-    by_species: dict[str, list[int]] = {}
-    for i, s in enumerate(labels):
-        by_species.setdefault(s, []).append(i)
-    sizes = np.array([len(v) for v in by_species.values()])
-    lo, hi = MIN_PROBE_PHOTOS, int(sizes.max())  # the largest cap with sum(min(size, cap)) <= max_photos
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if int(np.minimum(sizes, mid).sum()) <= max_photos else (lo, mid - 1)
-    rng = np.random.default_rng(seed)
-    keep = [np.asarray(pos) if len(pos) <= lo else rng.choice(pos, lo, replace=False)
-            for _, pos in sorted(by_species.items())]
-    return np.sort(np.concatenate(keep)), lo
+    """(sorted positions of the photos whose held-out votes choose the settings, the cap per species); (None, 0)
+    when there are at most ``max_photos`` (all of them): :func:`retrieval.probe.per_species_sample`."""
+    return per_species_sample(labels, max_photos, seed)
 
 
 class FewPhotosError(ValueError):

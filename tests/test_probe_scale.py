@@ -279,3 +279,34 @@ def test_knn_top_leaves_out_the_pairs_it_is_given():
     dense[rows, cols] = -np.inf
     assert np.array_equal(np.sort(sims, axis=1), np.sort(dense, axis=1))
     assert knn_top(q, r, [1], exclude=(rows, cols))[1][0][2, 0] != 5
+
+
+def _three_species(n: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 16))
+    x = np.concatenate([c + rng.normal(size=(n, 16)) for c in centres]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, [s for s in "abc" for _ in range(n)]
+
+
+def test_the_final_probe_trains_on_a_per_species_subsample_above_its_bound_and_says_so(caplog, capsys):
+    x, y = _three_species()
+    x, y = np.concatenate([x, x[:5] + 0.5]), y + ["d"] * 5  # a small species keeps all its photos
+    with caplog.at_level("WARNING", logger="retrieval.probe"):
+        probe = train_probe(x, y, fingerprint="f", C=1.0, max_photos=65, progress=True)
+    assert probe.calibration.metrics == {"probe_photos": 65.0, "probe_cap_per_species": 20.0}
+    assert probe.trained_on == 125 and probe.species == ["a", "b", "c", "d"]
+    assert "the probe trains on 65 of the 125 photos (at most 20 a species, seed 0; every species kept)" in caplog.text
+    assert "training the probe (65 photos, 4 species)" in capsys.readouterr().err
+    sample, cap = calibrate.per_species_sample(y, 65, 0)
+    alone = train_probe(x[sample], [y[i] for i in sample], fingerprint="f", C=1.0, max_photos=None)
+    assert np.array_equal(probe.weight, alone.weight) and np.array_equal(probe.bias, alone.bias)
+
+
+def test_the_final_probe_under_its_bound_is_the_unbounded_one(caplog):
+    x, y = _three_species()
+    with caplog.at_level("WARNING", logger="retrieval.probe"):
+        bounded = train_probe(x, y, fingerprint="f", C=1.0)  # 120 photos: far under PROBE_MAX_PHOTOS
+    free = train_probe(x, y, fingerprint="f", C=1.0, max_photos=None)
+    assert np.array_equal(bounded.weight, free.weight) and np.array_equal(bounded.bias, free.bias)
+    assert bounded.calibration.metrics == {} and bounded.trained_on == 120 and "trains on" not in caplog.text
