@@ -38,6 +38,7 @@ from retrieval.probe import (
     LinearProbe,
     distinct_count,
     distinct_photos,
+    per_species_sample,
     photo_groups,
     train_probe,
 )
@@ -51,33 +52,18 @@ DEFAULT_RULE = "seq-nll"
 #: The metric leans to plain cosine: the whitened one (``retrieval.metric``) is chosen only where the gallery's own
 #: out-of-fold scores show it better by more than their standard error.
 PRIOR = {"C": 10.0, "k": 30, "temperature": 0.03, "weight": 0.5, "metric": "cosine"}
-#: Above this many gallery photos, cross-validation chooses the settings on a seeded subsample of at most this many
-#: (:func:`selection_sample`: each species keeps min(its photos, a cap), the cap the largest that fits); the final
-#: probe still trains on every photo. A ph-snakes-size gallery (980 photos) is far under it: chosen on all photos.
+#: Above this many gallery photos, cross-validation scores the held-out votes of a seeded subsample of at most this
+#: many (:func:`selection_sample`: each species keeps min(its photos, a cap), the cap the largest that fits), each
+#: voting over the whole gallery but its fold and near-copies; the folds' probes (C) train on the subsample only. A
+#: ph-snakes-size gallery (980 photos) is far under it: every photo is a query, voting over the other folds.
 SELECTION_MAX_PHOTOS = 20_000
 
 
 def selection_sample(labels: Sequence[str], *, max_photos: int = SELECTION_MAX_PHOTOS,
                      seed: int = 0) -> tuple[np.ndarray | None, int]:
-    """(sorted positions of the photos cross-validation chooses the settings on, the cap per species); (None, 0)
-    when there are at most ``max_photos`` (all of them). Each species keeps min(its photos, cap), the cap the
-    largest that keeps the total within ``max_photos`` (at least MIN_PROBE_PHOTOS), drawn with ``seed``."""
-    if max_photos < 1:
-        raise ValueError(f"max_photos must be at least 1, got {max_photos}")
-    if len(labels) <= max_photos:
-        return None, 0
-    by_species: dict[str, list[int]] = {}
-    for i, s in enumerate(labels):
-        by_species.setdefault(s, []).append(i)
-    sizes = np.array([len(v) for v in by_species.values()])
-    lo, hi = MIN_PROBE_PHOTOS, int(sizes.max())  # the largest cap with sum(min(size, cap)) <= max_photos
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if int(np.minimum(sizes, mid).sum()) <= max_photos else (lo, mid - 1)
-    rng = np.random.default_rng(seed)
-    keep = [np.asarray(pos) if len(pos) <= lo else rng.choice(pos, lo, replace=False)
-            for _, pos in sorted(by_species.items())]
-    return np.sort(np.concatenate(keep)), lo
+    """(sorted positions of the photos whose held-out votes choose the settings, the cap per species); (None, 0)
+    when there are at most ``max_photos`` (all of them): :func:`retrieval.probe.per_species_sample`."""
+    return per_species_sample(labels, max_photos, seed)
 
 
 class FewPhotosError(ValueError):
@@ -121,16 +107,20 @@ MIN_BLOCK_FLOATS = 1 << 13
 
 def knn_top(
     queries: np.ndarray, refs: np.ndarray, ks: Sequence[int], *, exclude_self: bool = False,
-    block_floats: int = BLOCK_FLOATS,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None, block_floats: int = BLOCK_FLOATS,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per k of ``ks``: (reference positions (Q, k'), their similarities (Q, k')) of each query's k' = min(k, R)
     nearest references by inner product, over blocks of query rows (``block_floats`` similarities at a time, at
     least :data:`MIN_BLOCK_FLOATS`). The same neighbours, in the same order, as ``np.argpartition`` over the dense
     Q x R matrix: every block is one shape (a short last block is the last full window, its last rows kept), none so
     small that BLAS sums it another way, and one row's similarities do not depend on the others'.
-    ``exclude_self``: query i is reference i (it is not its own neighbour)."""
+    ``exclude_self``: query i is reference i (it is not its own neighbour). ``exclude``: (query rows, reference
+    positions) of pairs that are no neighbours (a query's near-copies among the references)."""
     if block_floats < 1:
         raise ValueError(f"block_floats must be at least 1, got {block_floats}")
+    if exclude is not None:  # sorted by query row: each block masks its own slice
+        order = np.argsort(exclude[0], kind="stable")
+        ex_rows, ex_cols = np.asarray(exclude[0])[order], np.asarray(exclude[1])[order]
     n_q, n_r = len(queries), refs.shape[0]
     per_row = max(n_r, 1)
     rows = max(1, min(n_q, max(block_floats // per_row, -(-MIN_BLOCK_FLOATS // per_row))))
@@ -142,6 +132,9 @@ def knn_top(
             r = np.arange(len(sims))
             keep = r + s < n_r
             sims[r[keep], r[keep] + s] = -np.inf
+        if exclude is not None:
+            lo, hi = np.searchsorted(ex_rows, [s, s + len(sims)])
+            sims[ex_rows[lo:hi] - s, ex_cols[lo:hi]] = -np.inf
         for k in parts:
             kk = min(k, n_r)
             top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk].copy()  # not a view of the block's whole order
@@ -314,10 +307,17 @@ def out_of_fold(
     seed: int = 0,
     probe: LinearProbe | None = None,
     progress: bool = False,
+    sample: np.ndarray | None = None,
 ) -> OutOfFold:
     """Held-out probabilities over the grid: by cross-validation over the gallery, or on validation photos.
     ``progress``: a bar over the folds' settings (each kNN vote's (metric, k, T) and each probe's C, fold by fold),
-    the warnings logged meanwhile written above it (``logging_redirect_tqdm``)."""
+    the warnings logged meanwhile written above it (``logging_redirect_tqdm``).
+
+    ``sample`` (cross-validation only): the positions of the photos whose held-out votes are scored (the queries,
+    :func:`selection_sample`); the folds and near-copy groups are made over them alone, and each held-out photo
+    votes over every gallery photo but those of its fold and its own near-copies (cosine >= DUPLICATE_COSINE): the
+    vote is tuned at the gallery's density. The probe of each fold (its C) trains on the sample's other folds only.
+    None: every photo is a query, voting over the other folds (the folds are then the whole gallery)."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -343,11 +343,26 @@ def out_of_fold(
         splits = [(np.arange(len(x)), np.asarray(val_embeddings, np.float32)[keep], np.array(
             [index[val_labels[i]] for i in keep]))]
         selected_on = f"val:{val_name}"
-    else:
+    elif sample is None:
         groups = photo_groups(x, progress=progress)  # all pairs: n² (SELECTION_MAX_PHOTOS bounds n)
         n_folds = _fold_count(y, groups, species, folds)
         splits = [(rest, x[held], y[held]) for rest, held in cv_splits(x, y, n_folds, seed, groups)]
+    else:
+        sample = np.asarray(sample, dtype=np.int64)
+        xs, ys = x[sample], y[sample]
+        groups = photo_groups(xs, progress=progress)  # all pairs of the sample: n² (SELECTION_MAX_PHOTOS bounds n)
+        n_folds = _fold_count(ys, groups, species, folds)
+        outside = np.setdiff1d(np.arange(len(x)), sample)  # references only: no fold holds them out
+        splits, trains, excludes = [], [], []
+        for rest, held in cv_splits(xs, ys, n_folds, seed, groups):
+            refs = np.setdiff1d(np.arange(len(x)), sample[held])  # every photo but this fold's
+            splits.append((refs, xs[held], ys[held]))
+            trains.append(sample[rest])
+            excludes.append(_near_copies(xs[held], x[outside], np.searchsorted(refs, outside)))
+    if val_embeddings is None:
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
+    if sample is None or val_embeddings is not None:  # each fold's references train its probe; no pair excluded
+        trains, excludes = [rest for rest, _, _ in splits], [None] * len(splits)
     n = len(species)
     Cs = (probe.calibration.C,) if probe is not None else grid.Cs
     knn_oof = Votes(n)
@@ -363,17 +378,18 @@ def out_of_fold(
     with (logging_redirect_tqdm() if progress else contextlib.nullcontext(),  # closed on an error too
           tqdm(total=len(splits) * (len(metrics) * len(kts) + len(Cs)), desc=f"choosing settings ({where})",
                unit="setting", disable=not progress) as bar):
-        for rest, q, qy in splits:
+        for (rest, q, qy), train_on, exclude in zip(splits, trains, excludes, strict=True):
             truth.append(qy)
             for metric in metrics:
                 qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
-                tops = knn_top(qm, refs, grid.ks)  # blocks of queries: never the fold's Q x R matrix
+                tops = knn_top(qm, refs, grid.ks, exclude=exclude)  # blocks of queries: never the Q x R matrix
                 for k, t in kts:
                     top, top_sims = tops[k]
                     knn_oof.add((k, t, metric), y[rest][top], vote_weights(top_sims, t))
                     bar.update()
             for c in Cs:
-                fitted = probe or train_probe(x[rest], [species[i] for i in y[rest]], fingerprint=fingerprint, C=c)
+                fitted = probe or train_probe(x[train_on], [species[i] for i in y[train_on]], fingerprint=fingerprint,
+                                              C=c)
                 p, known = probe_matrix(fitted, q, index, n)
                 probe_oof.setdefault(c, []).append(p)
                 known_oof.setdefault(c, []).append(np.broadcast_to(known, p.shape))
@@ -386,6 +402,17 @@ def out_of_fold(
         weights=tuple(grid.weights),
         selected_on=selected_on,
     )
+
+
+def _near_copies(queries: np.ndarray, others: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query rows, reference positions ``at[j]``) of the pairs of ``queries`` and ``others`` (rows j) at or above
+    DUPLICATE_COSINE: a held-out photo's near-copies among the references no fold holds out (exact, by tiles)."""
+    from index.pairs import similar_pairs
+
+    pairs = similar_pairs(queries, others, threshold=DUPLICATE_COSINE)
+    rows = np.array([i for i, _, _ in pairs], dtype=np.int64)
+    cols = np.array([j for _, j, _ in pairs], dtype=np.int64)
+    return rows, np.asarray(at, dtype=np.int64)[cols]
 
 
 def _fold_count(y: np.ndarray, groups: np.ndarray, species: Sequence[str], folds: int) -> int:
@@ -467,46 +494,49 @@ def select_settings(
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(RULES)}")
     if blend_weight is not None:
         grid = replace(grid or SelectionGrid(), weights=(check_weight(blend_weight),))
-    def oof_of(x: np.ndarray, y: Sequence[str]) -> OutOfFold:
+    def oof_of(x: np.ndarray, y: Sequence[str], queries: np.ndarray | None = None) -> OutOfFold:
         return out_of_fold(x, y, fingerprint=fingerprint, val_embeddings=val_embeddings, val_labels=val_labels,
-                           val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe, progress=progress)
+                           val_name=val_name, folds=folds, grid=grid, seed=seed, probe=probe, progress=progress,
+                           sample=queries)
 
     counts = Counter(labels)
     sample, cap = ((None, 0) if val_embeddings is not None
                    else selection_sample(labels, max_photos=SELECTION_MAX_PHOTOS, seed=seed))
-    all_x, all_labels = embeddings, labels  # every photo: a species the subsample cut is checked on its own below
-    if sample is not None:  # n² copy grouping and n x n kNN votes: bounded by a subsample (the module's docs)
-        logger.warning("choosing the settings on %d of the %d gallery photos (at most %d a species, seed %d): "
-                       "cross-validation over more than %d photos would take hours; %s, "
-                       "but k, the temperature and the unknown threshold are tuned on votes over at most that many "
-                       "photos a species: a species with many more votes over more neighbours than they were "
-                       "tuned on",
-                       len(sample), len(labels), cap, seed, SELECTION_MAX_PHOTOS,
-                       "the probe still trains on all" if probe is None else "the head is fixed (nothing is trained)")
-        embeddings, labels = np.asarray(embeddings)[sample], [labels[i] for i in sample]
+    if sample is not None:  # n² copy grouping and the probes' cross-validation: bounded by the queries (module docs)
+        logger.warning("choosing the settings on the held-out votes of %d of the %d gallery photos (at most %d a "
+                       "species, seed %d), each voting over every other photo but its fold's and its near-copies: "
+                       "cross-validation over more than %d photos would take hours. The probe's C is chosen on "
+                       "probes trained on those %d photos alone; %s",
+                       len(sample), len(labels), cap, seed, SELECTION_MAX_PHOTOS, len(sample),
+                       "the final probe trains on all" if probe is None else "the head is fixed (nothing is trained)")
     left_out: dict[str, int] = {}
     try:
-        oof = oof_of(embeddings, labels)
+        oof = oof_of(embeddings, labels, sample)
     except FewPhotosError as exc:  # a rare species' single photo must not keep the rest from being calibrated
         few = set(exc.species)
-        keep = [i for i, s in enumerate(labels) if s not in few]
+        keep = [i for i, s in enumerate(labels) if s not in few] if sample is None else \
+            sample[[labels[i] not in few for i in sample.tolist()]]
         if len({labels[i] for i in keep}) < 2:
             raise
         # a species the subsample cut (more than `cap` photos) may have distinct photos outside it: grouped again
         # on all its photos, it is left out of the choice only (and the probe still learns it) when it has 2
         cut = {s for s in few if sample is not None and counts[s] > cap
-               and _distinct_of(all_x, all_labels, s) >= MIN_PROBE_PHOTOS}
+               and _distinct_of(embeddings, labels, s) >= MIN_PROBE_PHOTOS}
         left_out = {s: counts[s] for s in sorted(few) if s not in cut}
         if cut:
             logger.info("%d species left out of the choice of the settings only (their sampled photos are "
                         "near-copies of one, the rest of their photos are not): %s", len(cut),
                         "the probe still learns them" if probe is None else "the fixed head is used as it is")
-        oof = oof_of(np.asarray(embeddings)[keep], [labels[i] for i in keep])
+        if sample is None:  # the species left out are no references either (as they always were here)
+            oof = oof_of(np.asarray(embeddings)[keep], [labels[i] for i in keep])
+        else:  # no query of theirs; their photos still vote, as they do in the gallery
+            oof = oof_of(embeddings, labels, np.asarray(keep))
     calibration = calibration_from(oof, rule, target_precision)
     calibration.left_out = left_out
     if sample is not None:  # said with the settings (probe.json, the CLI's "settings chosen on ...")
         total = sum(counts.values())
-        calibration.selected_on += f" (subsample: {len(sample)} of {total} photos, at most {cap} a species, seed {seed})"
+        calibration.selected_on += (f" (queries: {len(oof.y)} of {total} photos, at most {cap} a species, seed "
+                                    f"{seed}, voting over all the others)")
         calibration.metrics["gallery_photos"] = float(total)
     return calibration
 

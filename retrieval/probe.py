@@ -9,11 +9,13 @@ the blend: it only knows the species it was trained on, and ``retrieval.blend`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -456,6 +458,59 @@ def _remove_files(folder: Path, *names: str) -> None:
     fsync_dir(folder)
 
 
+def per_species_sample(labels: Sequence[str], max_photos: int, seed: int = 0) -> tuple[np.ndarray | None, int]:
+    """(sorted positions of a seeded per-species subsample of at most ``max_photos`` photos, the cap per species);
+    (None, 0) when there are at most ``max_photos`` (all of them). Each species keeps min(its photos, cap), the cap
+    the largest that keeps the total within ``max_photos`` (at least :data:`MIN_PROBE_PHOTOS`), drawn with ``seed``."""
+    if max_photos < 1:
+        raise ValueError(f"max_photos must be at least 1, got {max_photos}")
+    if len(labels) <= max_photos:
+        return None, 0
+    by_species: dict[str, list[int]] = {}
+    for i, s in enumerate(labels):
+        by_species.setdefault(s, []).append(i)
+    sizes = np.array([len(v) for v in by_species.values()])
+    lo, hi = MIN_PROBE_PHOTOS, int(sizes.max())  # the largest cap with sum(min(size, cap)) <= max_photos
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if int(np.minimum(sizes, mid).sum()) <= max_photos else (lo, mid - 1)
+    rng = np.random.default_rng(seed)
+    keep = [np.asarray(pos) if len(pos) <= lo else rng.choice(pos, lo, replace=False)
+            for _, pos in sorted(by_species.items())]
+    return np.sort(np.concatenate(keep)), lo
+
+
+#: Above this many photos the final probe trains on a seeded per-species subsample of at most this many
+#: (:func:`per_species_sample`; its class weights stay balanced): lbfgs's time and its (photos, species) arrays grow
+#: with photos x species (200,000 x 2,000 species: ~17 min and GBs, docs/scale.md). A ph-snakes-size gallery (980
+#: photos) and every gallery up to it train on every photo, as before.
+PROBE_MAX_PHOTOS = 50_000
+
+
+@contextlib.contextmanager
+def _ticking(desc: str, progress: bool) -> Iterator[None]:
+    """A bar showing the time ``desc`` has taken, redrawn each second while the block runs (a fit that reports no
+    steps of its own); nothing when not ``progress``."""
+    if not progress:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+    with tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}") as bar:
+        def tick() -> None:
+            while not done.wait(1.0):
+                bar.refresh()
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+
+
 def train_probe(
     embeddings: np.ndarray,
     labels: Sequence[str],
@@ -463,8 +518,13 @@ def train_probe(
     fingerprint: str,
     C: float = 10.0,
     max_iter: int = 3000,
+    max_photos: int | None = PROBE_MAX_PHOTOS,
+    seed: int = 0,
+    progress: bool = False,
 ) -> LinearProbe:
-    """Fit a class-balanced multinomial logistic regression (scikit-learn, lbfgs)."""
+    """Fit a class-balanced multinomial logistic regression (scikit-learn, lbfgs, float32), on every photo up to
+    ``max_photos`` (None: no bound), above it on a seeded per-species subsample of that many (:func:`per_species_sample`,
+    logged; ``calibration.metrics["probe_photos"]`` says how many). ``progress``: a bar with the fit's time."""
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(embeddings, dtype=np.float32)
@@ -475,8 +535,17 @@ def train_probe(
         raise ValueError(f"{len(x)} embeddings but {len(labels)} labels")
     index = {s: i for i, s in enumerate(species)}
     y = np.array([index[s] for s in labels])
+    sample, cap = (None, 0) if max_photos is None else per_species_sample(labels, max_photos, seed)
+    metrics: dict[str, float] = {}
+    if sample is not None:
+        logger.warning("the probe trains on %d of the %d photos (at most %d a species, seed %d; every species kept): "
+                       "lbfgs over more than %d photos x %d species takes too long and too much memory",
+                       len(sample), len(x), cap, seed, max_photos, len(species))
+        x, y = x[sample], y[sample]
+        metrics = {"probe_photos": float(len(sample)), "probe_cap_per_species": float(cap)}
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter)
-    clf.fit(x, y)
+    with _ticking(f"training the probe ({len(x)} photos, {len(species)} species)", progress):
+        clf.fit(x, y)
     weight, bias = clf.coef_, clf.intercept_
     if weight.shape[0] == 1:  # binary: sklearn keeps one row; softmax over [-z/2, z/2] is the same sigmoid
         weight = np.vstack([-weight / 2, weight / 2])
@@ -486,8 +555,8 @@ def train_probe(
         weight=weight.astype(np.float32),
         bias=bias.astype(np.float32),
         fingerprint=fingerprint,
-        calibration=Calibration(C=C),
-        trained_on=len(x),
+        calibration=Calibration(C=C, metrics=metrics),
+        trained_on=len(labels),  # the photos it was given (a subsample's are said in metrics["probe_photos"])
     )
 
 

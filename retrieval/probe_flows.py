@@ -193,7 +193,9 @@ def train_gallery_probe(
     t1 = time.perf_counter()
     learn = [i for i, s in enumerate(labels) if s not in calibration.left_out]  # all, unless some were left out
     _warn_left_out(calibration.left_out, "left out of the probe's training and of the choice of its settings")
-    probe = train_probe(vectors[learn], [labels[i] for i in learn], fingerprint=gallery.fingerprint, C=calibration.C)
+    probe = train_probe(vectors[learn], [labels[i] for i in learn], fingerprint=gallery.fingerprint, C=calibration.C,
+                        progress=progress)
+    calibration.metrics.update(probe.calibration.metrics)  # a subsample it trained on (PROBE_MAX_PHOTOS), said
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()

@@ -229,11 +229,12 @@ def test_a_replaced_probe_is_kept_named_and_restored_and_a_server_follows_each_s
     assert code == 0, err
     assert "replaced" not in out  # nothing was
     assert "choosing settings (3 folds)" in err  # the bar over the folds' settings (finding #4)
+    assert re.search(r"training the probe \(\d+ photos, \d+ species\): \d\d:\d\d", err)  # the final fit's time
     server = open_identifier(index, EncoderConfig(precision="fp32"), refresh_s=0.0, follow_probe=True)
     assert server.probe.calibration.selected_on == "cv:3-fold"
     code, out, err = _run(capsys, "probe", "train", "--index", index, "-q")
     assert code == 0, err
-    assert "choosing settings" not in err  # -q hides the bar
+    assert "choosing settings" not in err and "training the probe" not in err  # -q hides the bars
     trained = r"the probe 'probe train' trained on \d{4}-\d\d-\d\d \d\d:\d\d UTC \(C=[\d.]+, settings chosen on "
     digest = r", weights sha256 ([0-9a-f]{12})"  # two probes of one minute told apart
     (line,) = [x for x in out.splitlines() if x.startswith("replaced")]

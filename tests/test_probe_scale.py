@@ -1,5 +1,6 @@
 """probe train at scale: the kNN vote over blocks of queries equals the dense Q x R one bit for bit, the settings
-are chosen on a subsample above SELECTION_MAX_PHOTOS (said in the calibration), the species read in one pass."""
+are chosen on the votes of a subsample of queries above SELECTION_MAX_PHOTOS, each voting over the whole gallery (said
+in the calibration), the species read in one pass."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_settings_are_chosen_on_a_subsample_above_the_limit_and_it_is_said(monke
     assert "subsample" not in full.selected_on and full.metrics["queries"] == 120
     monkeypatch.setattr(calibrate, "SELECTION_MAX_PHOTOS", 60)
     cut = select_settings(x, y, fingerprint="f", grid=grid, folds=3)
-    assert cut.selected_on == "cv:3-fold (subsample: 60 of 120 photos, at most 20 a species, seed 0)"
+    assert cut.selected_on == ("cv:3-fold (queries: 60 of 120 photos, at most 20 a species, seed 0, voting over all "
+                               "the others)")
     assert cut.metrics["queries"] == 60 and cut.metrics["gallery_photos"] == 120
 
 
@@ -202,3 +204,109 @@ def test_short_blocks_give_the_dense_matrix_bit_for_bit(n_q, n_r, dim, block_flo
     want = np.argpartition(-dense, 9, axis=1)[:, :10]
     assert np.array_equal(top, want)
     assert np.array_equal(sims, np.take_along_axis(dense, want, axis=1))
+
+
+def _dense_species(noise: float = 0.6, seed: int = 0):
+    """4 species of 100 photos (16-d) whose clusters overlap: a vote over 30 neighbours beats one over 3 where the
+    gallery is dense (100 a species), not where it is thinned to 6 a species."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, 16))
+    x = np.concatenate([c + noise * rng.normal(size=(100, 16)) for c in centres]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, [s for s in "abcd" for _ in range(100)]
+
+
+def test_held_out_votes_are_over_the_whole_gallery_not_the_subsample(monkeypatch):
+    x, y = _dense_species()
+    monkeypatch.setattr(calibrate, "SELECTION_MAX_PHOTOS", 24)
+    sample, _ = selection_sample(y, max_photos=24, seed=0)
+    calls = []
+    real = calibrate.knn_top
+
+    def spy(queries, refs, ks, **kw):
+        out = real(queries, refs, ks, **kw)
+        calls.append((len(queries), refs.shape[0], out[max(ks)][0]))
+        return out
+
+    monkeypatch.setattr(calibrate, "knn_top", spy)
+    grid = SelectionGrid(Cs=(1.0,), ks=(3, 30), temperatures=(1.0,), weights=(0.0,), metrics=("cosine",))
+    cal = select_settings(x, y, fingerprint="f", grid=grid, folds=2)
+    assert cal.metrics["queries"] == 24 and sum(q for q, _, _ in calls) == 24  # only the sample's votes are scored
+    for n_q, n_refs, top in calls:  # each fold's queries vote over every photo but that fold's
+        assert n_refs == 400 - n_q
+        assert top.max() >= 24  # neighbours from outside the 24 sampled photos (the old code had at most 12 refs)
+
+
+def test_k_is_tuned_at_the_whole_gallery_density(monkeypatch):
+    x, y = _dense_species()
+    grid = SelectionGrid(Cs=(1.0,), ks=(3, 30), temperatures=(1.0,), weights=(0.0,), metrics=("cosine",))
+    monkeypatch.setattr(calibrate, "SELECTION_MAX_PHOTOS", 24)  # 6 a species: a vote over them alone chose k=3
+    queries = select_settings(x, y, fingerprint="f", grid=grid, folds=2)
+    assert "queries: 24 of 400" in queries.selected_on
+    assert queries.k == 30  # over ~95 photos a species: 30 neighbours of the true species outvote the overlap
+
+
+def test_a_held_out_photo_never_votes_for_its_near_copy_outside_the_sample(monkeypatch):
+    x, y = _dense_species()
+    sample, _ = selection_sample(y, max_photos=24, seed=0)
+    outside = np.setdiff1d(np.arange(400), sample)
+    twins = outside[:24]
+    x[twins] = x[sample] + 1e-4  # a near-copy of every query, outside the sample (cosine ~1)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    monkeypatch.setattr(calibrate, "SELECTION_MAX_PHOTOS", 24)
+    seen = []
+    real = calibrate.knn_top
+
+    def spy(queries, refs, ks, **kw):
+        out = real(queries, refs, ks, **kw)
+        seen.append((refs, out[max(ks)][1]))
+        return out
+
+    monkeypatch.setattr(calibrate, "knn_top", spy)
+    grid = SelectionGrid(Cs=(1.0,), ks=(3,), temperatures=(1.0,), weights=(0.0,), metrics=("cosine",))
+    select_settings(x, y, fingerprint="f", grid=grid, folds=2)
+    assert seen and all(float(sims.max()) < 0.95 for _, sims in seen)  # the twins (cosine ~1) are no neighbours
+
+
+def test_knn_top_leaves_out_the_pairs_it_is_given():
+    q, r, _ = _data(7, 30, 50, 8, False)
+    r[5] = q[2]  # query 2's copy
+    plain, _ = knn_top(q, r, [1])[1]
+    assert plain[2, 0] == 5
+    rows, cols = np.array([2, 2, 9]), np.array([5, 0, 3])
+    top, sims = knn_top(q, r, [1, 50], exclude=(rows, cols), block_floats=50 * 7)[50]
+    dense = q @ r.T
+    dense[rows, cols] = -np.inf
+    assert np.array_equal(np.sort(sims, axis=1), np.sort(dense, axis=1))
+    assert knn_top(q, r, [1], exclude=(rows, cols))[1][0][2, 0] != 5
+
+
+def _three_species(n: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 16))
+    x = np.concatenate([c + rng.normal(size=(n, 16)) for c in centres]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, [s for s in "abc" for _ in range(n)]
+
+
+def test_the_final_probe_trains_on_a_per_species_subsample_above_its_bound_and_says_so(caplog, capsys):
+    x, y = _three_species()
+    x, y = np.concatenate([x, x[:5] + 0.5]), y + ["d"] * 5  # a small species keeps all its photos
+    with caplog.at_level("WARNING", logger="retrieval.probe"):
+        probe = train_probe(x, y, fingerprint="f", C=1.0, max_photos=65, progress=True)
+    assert probe.calibration.metrics == {"probe_photos": 65.0, "probe_cap_per_species": 20.0}
+    assert probe.trained_on == 125 and probe.species == ["a", "b", "c", "d"]
+    assert "the probe trains on 65 of the 125 photos (at most 20 a species, seed 0; every species kept)" in caplog.text
+    assert "training the probe (65 photos, 4 species)" in capsys.readouterr().err
+    sample, cap = calibrate.per_species_sample(y, 65, 0)
+    alone = train_probe(x[sample], [y[i] for i in sample], fingerprint="f", C=1.0, max_photos=None)
+    assert np.array_equal(probe.weight, alone.weight) and np.array_equal(probe.bias, alone.bias)
+
+
+def test_the_final_probe_under_its_bound_is_the_unbounded_one(caplog):
+    x, y = _three_species()
+    with caplog.at_level("WARNING", logger="retrieval.probe"):
+        bounded = train_probe(x, y, fingerprint="f", C=1.0)  # 120 photos: far under PROBE_MAX_PHOTOS
+    free = train_probe(x, y, fingerprint="f", C=1.0, max_photos=None)
+    assert np.array_equal(bounded.weight, free.weight) and np.array_equal(bounded.bias, free.bias)
+    assert bounded.calibration.metrics == {} and bounded.trained_on == 120 and "trains on" not in caplog.text

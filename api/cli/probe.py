@@ -89,8 +89,10 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     s = p.calibration
     left = (f" ({len(s.left_out)} other species left to the kNN vote, too few distinct photos: "
             f"{', '.join(s.left_out)})" if s.left_out else "")
+    cut = (f" (trained on {s.metrics['probe_photos']:.0f} of them, at most {s.metrics['probe_cap_per_species']:.0f} "
+           "a species)" if "probe_photos" in s.metrics else "")
     emit(
-        f"probe: {len(p.species)} species{left}, {p.trained_on} references, trained in {result.seconds_train:.1f} s "
+        f"probe: {len(p.species)} species{left}, {p.trained_on} references{cut}, trained in {result.seconds_train:.1f} s "
         f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on}, rule {s.rule})\n"
         f"chosen: C={s.C} kNN metric={s.metric} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
         f"unknown threshold={s.unknown_threshold}\n" + _selection_line(s.metrics, "probe")
