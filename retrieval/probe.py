@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy.special import logsumexp, softmax
@@ -480,11 +480,20 @@ def per_species_sample(labels: Sequence[str], max_photos: int, seed: int = 0) ->
     return np.sort(np.concatenate(keep)), lo
 
 
-#: Above this many photos the final probe trains on a seeded per-species subsample of at most this many
-#: (:func:`per_species_sample`; its class weights stay balanced): lbfgs's time and its (photos, species) arrays grow
-#: with photos x species (200,000 x 2,000 species: ~17 min and GBs, docs/scale.md). A ph-snakes-size gallery (980
-#: photos) and every gallery up to it train on every photo, as before.
-PROBE_MAX_PHOTOS = 50_000
+#: The final probe's bound, in photos x species: scikit-learn's lbfgs holds (photos, species) float64 arrays, so its
+#: memory and time grow with that product (200,000 photos x 1,994 species = 3.99e8: 593 s CPU, 3.3 GiB peak,
+#: docs/scale.md). Above it the probe trains on a seeded per-species subsample of ``PROBE_MAX_CELLS // species``
+#: photos (:func:`probe_photo_bound`); up to it, on every photo. Every gallery up to 200,000 x 2,000 species
+#: trains on all its photos: a bound there cost 4.3 points of a synthetic probe's top-1 (50,000 photos).
+PROBE_MAX_CELLS = 400_000_000
+
+#: The bound never goes under this many photos, however many species (a subsample must keep a few a species).
+PROBE_MIN_BOUND = 50_000
+
+
+def probe_photo_bound(n_species: int) -> int:
+    """How many photos the final probe trains on at most with ``n_species`` species (:data:`PROBE_MAX_CELLS`)."""
+    return max(PROBE_MIN_BOUND, PROBE_MAX_CELLS // max(n_species, 1))
 
 
 @contextlib.contextmanager
@@ -518,13 +527,14 @@ def train_probe(
     fingerprint: str,
     C: float = 10.0,
     max_iter: int = 3000,
-    max_photos: int | None = PROBE_MAX_PHOTOS,
+    max_photos: int | None | Literal["auto"] = "auto",
     seed: int = 0,
     progress: bool = False,
 ) -> LinearProbe:
     """Fit a class-balanced multinomial logistic regression (scikit-learn, lbfgs, float32), on every photo up to
-    ``max_photos`` (None: no bound), above it on a seeded per-species subsample of that many (:func:`per_species_sample`,
-    logged; ``calibration.metrics["probe_photos"]`` says how many). ``progress``: a bar with the fit's time."""
+    ``max_photos`` ("auto": :func:`probe_photo_bound` of the species, a memory bound; None: no bound), above it on a
+    seeded per-species subsample of that many (:func:`per_species_sample`, logged;
+    ``calibration.metrics["probe_photos"]`` says how many). ``progress``: a bar with the fit's time."""
     from sklearn.linear_model import LogisticRegression
 
     x = np.asarray(embeddings, dtype=np.float32)
@@ -535,11 +545,14 @@ def train_probe(
         raise ValueError(f"{len(x)} embeddings but {len(labels)} labels")
     index = {s: i for i, s in enumerate(species)}
     y = np.array([index[s] for s in labels])
+    if max_photos == "auto":
+        max_photos = probe_photo_bound(len(species))
     sample, cap = (None, 0) if max_photos is None else per_species_sample(labels, max_photos, seed)
     metrics: dict[str, float] = {}
     if sample is not None:
         logger.warning("the probe trains on %d of the %d photos (at most %d a species, seed %d; every species kept): "
-                       "lbfgs over more than %d photos x %d species takes too long and too much memory",
+                       "lbfgs over more than %d photos x %d species takes too long and too much memory "
+                       "(probe train --max-photos sets the bound; 0: every photo)",
                        len(sample), len(x), cap, seed, max_photos, len(species))
         x, y = x[sample], y[sample]
         metrics = {"probe_photos": float(len(sample)), "probe_cap_per_species": float(cap)}

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -155,6 +156,7 @@ def train_gallery_probe(
     encoder: EncoderConfig | None = None,
     progress: bool = True,
     keep_duplicates: bool = False,
+    max_photos: int | None | Literal["auto"] = "auto",
 ) -> ProbeResult:
     """Train the gallery's linear probe, choosing blend settings on validation photos or by CV.
 
@@ -165,6 +167,8 @@ def train_gallery_probe(
     Bad input is refused (ValueError) before any work, leaving the gallery as it was: a negative
     ``text_strength``, a checklist that cannot be read, or one given for an image-only encoder. ``encoder``: how the
     gallery's encoder runs (device, precision, runtime; unset options are the gallery's own, :func:`open_gallery`).
+    ``max_photos``: the final probe's bound (:func:`retrieval.probe.train_probe`; "auto": a memory bound by species,
+    None: every photo).
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
@@ -194,8 +198,8 @@ def train_gallery_probe(
     learn = [i for i, s in enumerate(labels) if s not in calibration.left_out]  # all, unless some were left out
     _warn_left_out(calibration.left_out, "left out of the probe's training and of the choice of its settings")
     probe = train_probe(vectors[learn], [labels[i] for i in learn], fingerprint=gallery.fingerprint, C=calibration.C,
-                        progress=progress)
-    calibration.metrics.update(probe.calibration.metrics)  # a subsample it trained on (PROBE_MAX_PHOTOS), said
+                        max_photos=max_photos, progress=progress)
+    calibration.metrics.update(probe.calibration.metrics)  # a subsample it trained on (max_photos), said
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()

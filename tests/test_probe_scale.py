@@ -306,7 +306,45 @@ def test_the_final_probe_trains_on_a_per_species_subsample_above_its_bound_and_s
 def test_the_final_probe_under_its_bound_is_the_unbounded_one(caplog):
     x, y = _three_species()
     with caplog.at_level("WARNING", logger="retrieval.probe"):
-        bounded = train_probe(x, y, fingerprint="f", C=1.0)  # 120 photos: far under PROBE_MAX_PHOTOS
+        bounded = train_probe(x, y, fingerprint="f", C=1.0)  # 120 photos: far under the bound
     free = train_probe(x, y, fingerprint="f", C=1.0, max_photos=None)
     assert np.array_equal(bounded.weight, free.weight) and np.array_equal(bounded.bias, free.bias)
     assert bounded.calibration.metrics == {} and bounded.trained_on == 120 and "trains on" not in caplog.text
+
+
+def test_the_final_probes_default_bound_is_a_memory_bound_by_species(monkeypatch):
+    """"auto": photos x species within PROBE_MAX_CELLS (200,000 photos of 1,994 species train on all of them), never
+    under PROBE_MIN_BOUND photos; a smaller product bound subsamples as an explicit max_photos would."""
+    from retrieval import probe as probe_module
+
+    assert probe_module.probe_photo_bound(14) == 400_000_000 // 14
+    assert probe_module.probe_photo_bound(1_994) >= 200_000  # the synthetic 200k gallery of docs/scale.md: every photo
+    assert probe_module.probe_photo_bound(20_000) == probe_module.PROBE_MIN_BOUND
+    x, y = _three_species()
+    monkeypatch.setattr(probe_module, "PROBE_MAX_CELLS", 3 * 60)  # 3 species: at most 60 photos
+    monkeypatch.setattr(probe_module, "PROBE_MIN_BOUND", 10)
+    auto = train_probe(x, y, fingerprint="f", C=1.0)
+    explicit = train_probe(x, y, fingerprint="f", C=1.0, max_photos=60)
+    assert auto.calibration.metrics == {"probe_photos": 60.0, "probe_cap_per_species": 20.0}
+    assert np.array_equal(auto.weight, explicit.weight) and np.array_equal(auto.bias, explicit.bias)
+
+
+def test_probe_train_max_photos_bounds_the_final_probe_and_the_output_says_so(tmp_path, monkeypatch, capsys):
+    """--max-photos N: the probe trains on a per-species subsample of N and the command's line says how many;
+    0 and the default (far under the memory bound here): every photo, no such words."""
+    from test_blend_probe import _noise_gallery
+
+    from api.cli import main
+    from retrieval.probe import Calibration, LinearProbe
+
+    index = _noise_gallery(tmp_path, "timm:test_vit@random")  # 2 species, 3 photos each
+    monkeypatch.setattr(calibrate, "select_settings", lambda *a, **k: Calibration(C=1.0))
+    assert main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q", "--max-photos", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "6 references (trained on 4 of them, at most 2 a species)" in out, out
+    metrics = LinearProbe.load(index).calibration.metrics
+    assert (metrics["probe_photos"], metrics["probe_cap_per_species"]) == (4, 2)
+    for extra in (["--max-photos", "0"], []):
+        assert main(["probe", "train", "--index", str(index), "--precision", "fp32", "-q", *extra]) == 0
+        out = capsys.readouterr().out
+        assert "6 references, trained in" in out and "(trained on" not in out, (extra, out)

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(needs a gallery of a CLIP-style encoder such as bioclip; refused for an image-only one)")
     p.add_argument("--text-strength", type=number_in(0), default=1.0,
                    help="text prior weight, in photos' worth of evidence: 0 or more (default 1)")
+    p.add_argument("--max-photos", type=at_least(0), default=None, metavar="N",
+                   help="train the final probe on at most N photos, a seeded per-species subsample above it (0: every "
+                   "photo; default: every photo up to 400 million photos x species, about 3.3 GiB of lbfgs arrays, "
+                   "then a subsample of that size: docs/scale.md)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
@@ -83,6 +87,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
         args.index, val_dataset=args.val_dataset, val_root=args.val_root, val_metadata=args.val_metadata,
         checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, rule=args.rule,
         encoder=encoder_config(args), progress=not args.quiet, keep_duplicates=args.keep_duplicates,
+        max_photos="auto" if args.max_photos is None else (args.max_photos or None),
     )
     _emit_dropped(result)
     p = result.probe
