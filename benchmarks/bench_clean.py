@@ -350,6 +350,11 @@ def growth_part(sizes: list[int], repeats: int, naive_max: int) -> None:
               f"{ratio(v, o)} | {o.get('pairs', '-')} ({len(range(0, n - 1, 50))}) | {'yes' if same else 'NO'} | "
               f"{' / '.join(cell(m, n, 'extra_mib', '{:.0f}') for m in ('ours', 'before', 'naive'))} | "
               f"{cell('find_issues', n)} |")
+    print_exponents(res, methods, sizes)
+
+
+def print_exponents(res: dict[str, dict[int, dict]], methods, sizes: list[int]) -> None:
+    """Print each method's fitted growth exponent (seconds ~ n^k, log-log least squares over its timed sizes)."""
     for m in methods:
         ns = [n for n in sizes if "median" in res[m].get(n, {})]
         if len(ns) >= 2:
@@ -404,11 +409,7 @@ def self_part(sizes: list[int], repeats: int, old_src: str | None) -> None:
         print(f"| {n:,} | {o.get('median', float('nan')):.2f} | {b.get('median', float('nan')):.2f} | {ratio} | "
               f"{o.get('findings', '-')} | {same} | {o.get('extra_mib', float('nan')):.0f} / "
               f"{b.get('extra_mib', float('nan')):.0f} |")
-    for m in methods:
-        ns = [n for n in sizes if "median" in res[m].get(n, {})]
-        if len(ns) >= 2:
-            k = np.polyfit(np.log(ns), np.log([res[m][n]["median"] for n in ns]), 1)[0]
-            print(f"fitted exponent {m}: seconds ~ n^{k:.2f} over n = {', '.join(f'{n:,}' for n in ns)}")
+    print_exponents(res, methods, sizes)
 
 
 # ----------------------------------------------------------------------------- peer: imagehash pHash
