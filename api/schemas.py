@@ -44,7 +44,8 @@ class IdentifyOut(BaseModel):
     unknown: bool = Field(description="true when no candidate is supported strongly enough, or the photo is unlike "
                           "every reference (far)")
     far: bool = Field(False, description="the photo is unlike every reference photo (its nearest one is less similar "
-                      "than 99.9% of references are to theirs): nothing like the gallery's photos, or too small / blank")
+                      "than 99.9% of references are to theirs): nothing like the gallery's photos, or too small / "
+                      "blank")
     nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
                                          "(null when far: the photo says nothing, treat a bite as venomous)")

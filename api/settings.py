@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted photo, in MB (bigger -> 413)")
-    max_pixels: int = Field(50_000_000, ge=1, description="largest accepted photo, in pixels (decompression-bomb guard)")
+    max_pixels: int = Field(50_000_000, ge=1,
+                            description="largest accepted photo, in pixels (decompression-bomb guard)")
     # The pixels of all the photos of one request, summed from their headers before any is decoded (bigger -> 413):
     # it bounds the decoding one request may ask of the server, which max_pixels bounds per photo only. The
     # default admits an identify at its own limits (max_images 5 x max_pixels 50 MP = 250 MP) and an add of

@@ -77,8 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-duplicates", action="store_true", help="skip duplicate and leakage detection")
     p.add_argument("--no-suspect-labels", action="store_true", help="skip the suspect-label check")
     p.add_argument("--report", metavar="DIR", help="where to write findings.csv, contact_sheet.html, summary.json "
-                   "and zero_shot_scores.csv (required unless --restore). Finding kinds: label-conflict, suspect-label, "
-                   "off-target, leak, near-leak, duplicate, near-duplicate, unreadable (docs/cleaning.md)")
+                   "and zero_shot_scores.csv (required unless --restore). Finding kinds: label-conflict, "
+                   "suspect-label, off-target, leak, near-leak, duplicate, near-duplicate, unreadable "
+                   "(docs/cleaning.md)")
     p.add_argument("--apply", action="store_true",
                    help="exclude the flagged references from the --index gallery's search and probe training "
                    "(reversible with --restore; nothing is deleted)")

@@ -132,7 +132,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
              "counted above, not listed (-v lists them)")
     if result.unread_species:
         emit("species with no usable photo, not in the gallery: " + ", ".join(
-            f"{s} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})" for s, kinds in result.unread_species.items()))
+            f"{s} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())})"
+            for s, kinds in result.unread_species.items()))
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
@@ -272,7 +273,8 @@ def cmd_species_list(args: argparse.Namespace) -> int:
     else:
         for s in species:
             common = f" ({s['common_name']})" if s["common_name"] else ""
-            emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  venomous: {fmt_bool(s['venomous'])}")
+            emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  "
+                 f"venomous: {fmt_bool(s['venomous'])}")
         emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
     return 0
 

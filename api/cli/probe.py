@@ -27,9 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-strength", type=number_in(0), default=1.0,
                    help="text prior weight, in photos' worth of evidence: 0 or more (default 1)")
     p.add_argument("--max-photos", type=at_least(0), default=None, metavar="N",
-                   help="train the final probe on at most N photos, a seeded per-species subsample above it (0: every "
-                   "photo; default: every photo up to 400 million photos x species, about 3.3 GiB of lbfgs arrays, "
-                   "then a subsample of that size: docs/scale.md)")
+                   help="train the final probe on at most N photos, a seeded per-species subsample above it, but "
+                   "never under 2 a species (so more than N with over N/2 species; 0: every photo; default: every "
+                   "photo while photos x species stays within 400 million, lbfgs's float64 arrays, 3.3 GiB peak at "
+                   "200,000 x 1,994 species; above it 400 million / species photos, never under 50,000: "
+                   "docs/scale.md)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
@@ -97,7 +99,8 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     cut = (f" (trained on {s.metrics['probe_photos']:.0f} of them, at most {s.metrics['probe_cap_per_species']:.0f} "
            "a species)" if "probe_photos" in s.metrics else "")
     emit(
-        f"probe: {len(p.species)} species{left}, {p.trained_on} references{cut}, trained in {result.seconds_train:.1f} s "
+        f"probe: {len(p.species)} species{left}, {p.trained_on} references{cut}, "
+        f"trained in {result.seconds_train:.1f} s "
         f"(settings chosen in {result.seconds_select:.1f} s on {s.selected_on}, rule {s.rule})\n"
         f"chosen: C={s.C} kNN metric={s.metric} k={s.k} T={s.temperature} blend weight={s.blend_weight} "
         f"unknown threshold={s.unknown_threshold}\n" + _selection_line(s.metrics, "probe")

@@ -114,8 +114,8 @@ class _StartupFailure(logging.Filter):
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` and listening, as uvicorn binds one (SO_REUSEADDR; IPv6 for an address
-    with ':'), for uvicorn to serve on (connections wait in the backlog while the model loads); ValueError saying what to do when the port is in use or the address is not this
-    machine's."""
+    with ':'), for uvicorn to serve on (connections wait in the backlog while the model loads); ValueError saying
+    what to do when the port is in use or the address is not this machine's."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -160,6 +160,7 @@ def cmd_encoders_runtimes(args: argparse.Namespace) -> int:
         faith = info.get("faithfulness") or {}
         lines.append(f"  {folder.parent.name}/{folder.name}: {info.get('spec')} "
                      f"{'accepted' if info.get('accepted') else 'refused'}, min cosine "
-                     f"{faith.get('min_cosine', float('nan')):.4f} on {faith.get('n_photos')} {faith.get('photos')} photos")
+                     f"{faith.get('min_cosine', float('nan')):.4f} on {faith.get('n_photos')} "
+                     f"{faith.get('photos')} photos")
     emit("\n".join(lines))
     return 0

@@ -62,8 +62,8 @@ ERRORS: dict[int | str, dict] = {
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
           "elongated, too small for a reference), an invalid name, or an invalid parameter: the server's own "
-          "answers a string (one line, naming the field), FastAPI's check of a query, path or form parameter (the add's "
-          "common_name, venomous, new_species) a list of {loc, msg, type}"},
+          "answers a string (one line, naming the field), FastAPI's check of a query, path or form parameter "
+          "(the add's common_name, venomous, new_species) a list of {loc, msg, type}"},
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "

@@ -30,7 +30,8 @@ def get_species(service: Service, _: ReadKey, name: Annotated[str, Path(max_leng
 
 @router.post("/{name}/references", response_model=AddReferencesOut, status_code=201,
              responses={200: {"model": AddReferencesOut, "description": "nothing stored: every photo was a reference "
-                              "already (listed in duplicates); a new name is then not made (exists: false)"}, **errors(400, 401, 409, 413, 415, 422, 500)})
+                              "already (listed in duplicates); a new name is then not made (exists: false)"},
+                        **errors(400, 401, 409, 413, 415, 422, 500)})
 def add_references(
     service: Service,
     _: WriteKey,
