@@ -170,6 +170,8 @@ def test_a_curator_adds_a_species_from_the_page(site, browser):
         and d.find_element(By.ID, "curate-status").text
     )
     assert f"a reference of {name}, not added here" in status and status.startswith("Added 0 photo(s)"), status
+    # nothing stored under the new name: it was not made (exists: false), in the CLI's words
+    assert status.startswith("Added 0 photo(s) to Testus novus (not created: no photo added); 1 already present"), status
 
 
 def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_path):
