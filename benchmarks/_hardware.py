@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -28,10 +29,25 @@ GFLOP_PER_IMAGE = {"ViT-B-16": 35.2, "MobileNetV1": 1.15}
 _M, _K, _N = 1576, 768, 3072
 
 
+def _cpu_model_fallback() -> str:
+    """The CPU's model name read here, for a ``--repo`` checkout whose retrieval.cpu predates ``cpu_model``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_report() -> str:
-    """Several lines: CPU, kind, features, versions, load."""
-    from retrieval.cpu import cpu_features, cpu_kind, cpu_model
+    """Several lines: CPU, kind, features, versions, load. Works with the retrieval/ of an older checkout
+    (``--repo``) too: its ``retrieval.cpu`` may lack ``cpu_model`` (before b72407a)."""
+    from retrieval import cpu
     from retrieval.runtimes.cache import package_version
+
+    cpu_features, cpu_kind = cpu.cpu_features, cpu.cpu_kind
+    cpu_model = getattr(cpu, "cpu_model", _cpu_model_fallback)
 
     f = cpu_features()
     yes = lambda k: "yes" if f.get(k) else "no"  # noqa: E731

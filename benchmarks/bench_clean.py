@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -353,7 +354,7 @@ def growth_part(sizes: list[int], repeats: int, naive_max: int) -> None:
     print_exponents(res, methods, sizes)
 
 
-def print_exponents(res: dict[str, dict[int, dict]], methods, sizes: list[int]) -> None:
+def print_exponents(res: dict[str, dict[int, dict]], methods: Sequence[str], sizes: list[int]) -> None:
     """Print each method's fitted growth exponent (seconds ~ n^k, log-log least squares over its timed sizes)."""
     for m in methods:
         ns = [n for n in sizes if "median" in res[m].get(n, {})]

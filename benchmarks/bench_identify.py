@@ -185,8 +185,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 200/16 gallery photos, 20/3 queries, 1 pass; skips the ViT-B-16 int8 export "
-                         "(no calibration photos) and start-up's auto runtime (see above); 1-2 min of CPU, warm to cold "
-                         "cache (docs/benchmarks.md)")
+                         "(no calibration photos) and start-up's auto runtime (see above); 1-2 min of CPU, warm to "
+                         "cold cache (docs/benchmarks.md)")
     ap.add_argument("--passes", type=int, default=None, help="passes over the queries (default 3)")
     ap.add_argument("--startup-runs", type=int, default=None, help="fresh identify processes per runtime (default 5)")
     ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-16 part (and start-up)")

@@ -8,8 +8,9 @@ column). Best of ``--repeat`` runs, in ms.
 Part 2 (``--gallery N``): a real IVF-PQ gallery of N 64-d rows (``_synth.SpeciesSpace``, N / 100 species, added in
 chunks of 20,000 rows, then ``finish_build``), built once under ``--data`` and reused: ``load_index`` of its
 saved index, ``Gallery.open``, then one ``Gallery.add`` of one row, its ``set_excluded`` (True, then False) and one
-``Gallery.delete`` of it, 3 times each (wall ms), and an IVF-PQ save's count of the re-rank file's dead rows (exact, and the bound asked first: best of 5
-ms); ``--preload``: the resident memory ``Gallery.preload_metadata`` (a server's start) adds for its N rows.
+``Gallery.delete`` of it, 3 times each (wall ms), and an IVF-PQ save's count of the re-rank file's dead rows
+(exact, and the bound asked first: best of 5 ms); ``--preload``: the resident memory
+``Gallery.preload_metadata`` (a server's start) adds for its N rows.
 ``--repo /work/main`` runs Part 2 with another checkout's ``index`` package (the code before a change),
 on the same gallery, for a before/after on one machine.
 

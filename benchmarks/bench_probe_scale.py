@@ -5,8 +5,8 @@ anisotropic, long-tailed species, 2 % near-copies; ``--dim`` wide, ``--refs / 10
 
 One part a run (``--part select`` or ``train``), so that the peak memory printed (VmHWM: this process's) is that
 part's. ``train`` also prints the probe's top-1 on 5,000 fresh photos of the same species (another stream of the
-space), the photos it trained on and lbfgs's iterations. The code measured is the checkout ``--repo`` names (the code
-before a change), else this one. Prints the machine first (``_hardware.machine_report``).
+space) and the photos it trained on. The code measured is the checkout ``--repo`` names (the code before a change),
+else this one. Prints the machine first (``_hardware.machine_report``).
 
     .venv/bin/python benchmarks/bench_probe_scale.py --refs 200000 --part train           # docs/scale.md
     .venv/bin/python benchmarks/bench_probe_scale.py --refs 200000 --part select --repo ../main

@@ -2,8 +2,11 @@
 
 Without a separate validation set the choice is made out-of-fold: the gallery is split into
 stratified folds (near-duplicate photos kept in one fold), each fold is identified against the rest (kNN
-over the rest, a probe trained on the rest). With a validation set (``val_emb``), the whole gallery is the
-reference set and the validation photos are the queries.
+over the rest, a probe trained on the rest). Above :data:`SELECTION_MAX_PHOTOS` only a per-species sample
+(:func:`selection_sample`, :func:`out_of_fold`'s ``sample``) is split into folds and queried: each held-out photo
+votes over the whole gallery but its fold and its near-copies, and each fold's probe trains on the sample's other
+folds only. With a validation set (``val_emb``), the whole gallery is the reference set and the validation photos
+are the queries.
 
 Two rules turn the out-of-fold scores into settings (``rule``; recorded in the :class:`Calibration`):
 
@@ -353,12 +356,14 @@ def out_of_fold(
         groups = photo_groups(xs, progress=progress)  # all pairs of the sample: n² (SELECTION_MAX_PHOTOS bounds n)
         n_folds = _fold_count(ys, groups, species, folds)
         outside = np.setdiff1d(np.arange(len(x)), sample)  # references only: no fold holds them out
+        x_out = x[outside]  # the same for every fold: copied once
         splits, trains, excludes = [], [], []
         for rest, held in cv_splits(xs, ys, n_folds, seed, groups):
             refs = np.setdiff1d(np.arange(len(x)), sample[held])  # every photo but this fold's
             splits.append((refs, xs[held], ys[held]))
             trains.append(sample[rest])
-            excludes.append(_near_copies(xs[held], x[outside], np.searchsorted(refs, outside)))
+            excludes.append(_near_copies(xs[held], x_out, np.searchsorted(refs, outside)))
+        del x_out
     if val_embeddings is None:
         selected_on = f"cv:{n_folds}-fold" + (" (head fixed; it was trained on these photos)" if probe else "")
     if sample is None or val_embeddings is not None:  # each fold's references train its probe; no pair excluded
@@ -380,13 +385,16 @@ def out_of_fold(
                unit="setting", disable=not progress) as bar):
         for (rest, q, qy), train_on, exclude in zip(splits, trains, excludes, strict=True):
             truth.append(qy)
+            xr, yr = x[rest], y[rest]  # this fold's references: one copy for every metric
             for metric in metrics:
-                qm, refs = in_metric(q, x[rest], y[rest], metric)  # the whitening: this fold's references only
+                qm, refs = in_metric(q, xr, yr, metric)  # the whitening: this fold's references only
                 tops = knn_top(qm, refs, grid.ks, exclude=exclude)  # blocks of queries: never the Q x R matrix
                 for k, t in kts:
                     top, top_sims = tops[k]
-                    knn_oof.add((k, t, metric), y[rest][top], vote_weights(top_sims, t))
+                    knn_oof.add((k, t, metric), yr[top], vote_weights(top_sims, t))
                     bar.update()
+                del qm, refs, tops  # before the next metric's: one whitened copy alive at a time
+            del xr, yr
             for c in Cs:
                 fitted = probe or train_probe(x[train_on], [species[i] for i in y[train_on]], fingerprint=fingerprint,
                                               C=c)

@@ -309,8 +309,8 @@ def run_clean(
 
     def embed(paths: Sequence[str | Path], desc: str, use_cache: bool = True) -> Embedded:
         if lookup:  # each photo read once: hashed, looked up in the store, decoded from the same bytes
-            return _embed_looking_up(gallery, paths, enc, read, known, reuse=reuse, workers=workers,  # type: ignore[arg-type]
-                                     progress=progress, desc=desc)
+            return _embed_looking_up(gallery, paths, enc, read, known,  # type: ignore[arg-type]
+                                     reuse=reuse, workers=workers, progress=progress, desc=desc)
         return embed_photos(list(paths), enc, cache=cache if use_cache else None, workers=workers,
                             progress=progress, desc=desc, read=read)
 

@@ -247,8 +247,11 @@ def find_issues(
                 Finding("off-target", float(zero_shot.off_target[i]), photos.paths[i],
                         detail=zero_shot.describe(int(i)), reference_id=photos.ids[i])
             )
-    near = None  # one pass over every pair of the set serves the duplicates, the copy groups and the neighbours
-    if suspect_k is not None and photos.ok.any():
+    # one pass over every pair of the set serves the duplicates, the copy groups and the neighbours; made only
+    # when used: by the duplicates, or by suspect_labels when it judges every readable photo (all labelled)
+    near = None
+    readable = np.flatnonzero(photos.ok)
+    if suspect_k is not None and readable.size and (duplicates or all(_species(photos, i) for i in readable)):
         near = neighbours_and_pairs(photos.embeddings[photos.ok], suspect_k + 1 + _SEARCH_SLACK,
                                     threshold=dup_threshold, progress=progress, desc="cleaning: pairs")
     if duplicates:

@@ -430,7 +430,8 @@ def write_report(
     ``results`` maps a method name ("knn", "probe", "blend", ...) to an :func:`evaluate` dict. report.json holds
     {title, notes, results}, and ``embedding`` when given (what embedded the photos:
     ``retrieval.protocol.embedding_setup``; the notes say it in words); report.md compares the methods, then gives
-    per-species scores and the most confident mistakes of the method with the best macro-F1. Returns {file name: path} of the files written.
+    per-species scores and the most confident mistakes of the method with the best macro-F1. Returns {file name:
+    path} of the files written.
     """
     if not results:
         raise ValueError("write_report() needs at least one method's results")

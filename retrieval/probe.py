@@ -105,7 +105,9 @@ class LinearProbe:
     bias: np.ndarray  # (n_species,) float32
     fingerprint: str  # encoder fingerprint of the embeddings it was trained on
     calibration: Calibration = field(default_factory=Calibration)  # blend settings chosen for this gallery
-    trained_on: int = 0  # number of reference embeddings used
+    # reference photos given to train_probe (the ones it trained on, unless it subsampled them:
+    # calibration.metrics['probe_photos']); the staleness check compares it with the gallery
+    trained_on: int = 0
     source: str | None = None  # where the weights come from: None = logistic regression, 'finetune:DIR' = a fine-tuned head
     whitening: Whitening | None = None  # the kNN vote's whitened metric when calibration.metric == "whitened"
     made_at: str = ""  # when `probe train` / `probe import` made it (ISO 8601, UTC); "" = not recorded

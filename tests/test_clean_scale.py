@@ -159,3 +159,27 @@ def test_clean_of_a_dataset_against_a_gallery_reads_each_photo_once(tmp_path, ca
              for r in _read_csv(tmp_path / "r" / "findings.csv")}
     assert {("duplicate", "stored.png", "copy.png", "1"), ("leak", "copy.png", "leak.png", "1"),
             ("leak", "stored.png", "leak.png", "1"), ("unreadable", "broken.png", "", "")} <= found, found
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_find_issues_without_duplicates_makes_one_pass(monkeypatch, labelled):
+    """duplicates=False: the all-pairs pass is made once, by whichever uses it (find_issues' when every readable
+    photo is labelled and suspect_labels reuses it; suspect_labels' own over the labelled photos otherwise), and
+    the findings are the same."""
+    import retrieval.findings as findings
+
+    x = _planted(120)
+    photos = _photos(x)
+    if not labelled:
+        photos.species[5] = None  # one readable photo without a label: suspect_labels judges the others only
+    want = find_issues(photos, suspect_k=3, duplicates=False)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return neighbours_and_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(findings, "neighbours_and_pairs", counted)
+    got = find_issues(photos, suspect_k=3, duplicates=False)
+    assert [f.row() for f in got] == [f.row() for f in want]
+    assert calls == [len(x) if labelled else len(x) - 1]

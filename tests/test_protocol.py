@@ -272,7 +272,18 @@ def test_evaluate_says_what_embedded_the_photos(tmp_path_factory, tmp_path, caps
 
 
 def test_the_embedding_line_names_a_gpu_by_its_device():
-    """On CUDA the line names the device, not a CPU kind."""
-    from retrieval.protocol import embedding_text
+    """On CUDA the line names the device, not a CPU kind: from embedding_setup of an encoder whose device is a
+    torch.device or a 'cuda...' string (a stub: no GPU needed), and from a recorded setup."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from retrieval.protocol import embedding_setup, embedding_text
 
     assert embedding_text({"runtime": "torch", "precision": "fp16", "device": "cuda:0"}) == "torch fp16 on cuda:0"
+    for device, name in ((torch.device("cuda", 0), "cuda:0"), ("cuda", "cuda"), ("cuda:1", "cuda:1")):
+        setup = embedding_setup(SimpleNamespace(runtime="torch", precision="fp16", device=device))
+        assert setup == {"runtime": "torch", "precision": "fp16", "device": name}  # no cpu_kind, no cpu
+        assert embedding_text(setup) == f"torch fp16 on {name}"
+    cpu = embedding_setup(SimpleNamespace(runtime="torch", precision="fp32", device=torch.device("cpu")))
+    assert "cpu_kind" in cpu and embedding_text(cpu).startswith("torch fp32 on the CPU (kind ")
