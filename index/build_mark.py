@@ -14,8 +14,9 @@ Which marks a build clears when it completes (:func:`building`), besides its own
 ``A`` (interrupted, or running by a process that is gone) is cleared by a build ``B`` that completes when B covered
 A's photos, read as: the same ``key`` (the same dataset, root and metadata file; for an add, the same species), and
 
-- A had ended before B started (B took it up: B scanned the dataset as it is now, after A; a photo removed from the
-  dataset meanwhile is not wanted), or
+- A had ended before B scanned its dataset (B took it up: B scanned the dataset as it is now, after A; a photo
+  removed from the dataset meanwhile is not wanted): A's mark was unfinished both in the marks read before B's scan
+  (:func:`unfinished_ids`, passed as ``building(before=...)``) and when B was marked, or
 - A ended while B ran, and both listed the same photos (the same ``photos`` digest: B's scan holds exactly A's).
 
 Anything else keeps A's mark: a build of another dataset, one still running, one killed while B ran on a dataset
@@ -44,13 +45,31 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from index.atomic import fsync_dir, write_json_atomic
+from index.atomic import fsync_dir, is_leftover, remove_leftovers, write_json_atomic
 from index.layout import GalleryLayout
 
 logger = logging.getLogger(__name__)
 
-#: What readers say while the mark stands (the build ended before its last photo, or before the index was finished).
+#: What readers say while a mark that names no dataset stands (the old layout's, or a build marked with no ``key``):
+#: the build ended before its last photo. A mark with a key names its build: :func:`interrupted_note`.
 INTERRUPTED_NOTE = "the last build into this gallery was interrupted: run it again to add the rest"
+
+
+def interrupted_note(key: dict[str, Any] | None, after: str | None = None, *, api: bool = False) -> str:
+    """What readers say while the mark of a build of ``key`` (:func:`dataset_key`) that was cut short stands: the
+    build named (its root and ``--dataset``, ``--metadata``: the command to run again), or, for a build cut short
+    once every photo was committed, the step it was in (``after``). ``api``: for an HTTP client, no server path."""
+    if not isinstance(key, dict) or not key.get("dataset"):
+        return f"the last build into this gallery was interrupted while {after}: run it again to finish" if after \
+            else INTERRUPTED_NOTE
+    if api:
+        what = f"a build of a {key['dataset']} dataset"
+    else:
+        flags = f"--dataset {key['dataset']}" + (f" --metadata {key['metadata']}" if key.get("metadata") else "")
+        what = f"a build of {key.get('root')} ({flags})"
+    if after:
+        return f"{what} into this gallery was interrupted while {after}: run it again to finish"
+    return f"{what} into this gallery was interrupted: run it again to add the rest"
 
 
 def add_note(species: str) -> str:
@@ -97,7 +116,8 @@ def marks(root: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     if (legacy := _read(layout.build_mark)) is not None:
         found.append((layout.build_mark, legacy))
     try:
-        names = sorted(e.name for e in os.scandir(layout.build_marks) if e.name.endswith(".json"))
+        names = sorted(e.name for e in os.scandir(layout.build_marks)  # never a write's temporary file
+                       if e.name.endswith(".json") and not is_leftover(e.name))
     except (FileNotFoundError, NotADirectoryError):
         return found
     except OSError as exc:
@@ -134,29 +154,31 @@ def _unfinished(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in found if not _live(m) and m.get("id", "legacy") not in resumed]
 
 
-def interrupted(root: str | Path) -> dict[str, Any] | None:
-    """The first mark of a build (or add) into ``root`` that did not finish (interrupted, or ``running`` by a
-    process that is gone) and that no build running now takes up; None when there is none."""
-    return next(iter(_unfinished([m for _, m in marks(root)])), None)
+def unfinished_ids(root: str | Path) -> set[str]:
+    """The ids of the marks in ``root`` of builds (or adds) that did not finish and that no build running now takes
+    up (``"legacy"`` for the old layout's): read before a build scans its dataset, what it may take up
+    (:func:`building`'s ``before``)."""
+    return {m.get("id", "legacy") for m in _unfinished([m for _, m in marks(root)])}
 
 
-def _note(mark: dict[str, Any]) -> str:
+def _note(mark: dict[str, Any], api: bool = False) -> str:
     if mark.get("kind") == "add":
         return add_note(str(mark.get("species")))
-    if after := mark.get("after"):  # every photo committed; the index (or the cleaning) was not finished
-        return f"the last build into this gallery was interrupted while {after}: run it again to finish"
-    return INTERRUPTED_NOTE
+    # "after": every photo committed; the index (or the cleaning) was not finished
+    return interrupted_note(mark.get("key"), mark.get("after"), api=api)
 
 
 def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
     """``{"state", "note"}`` of the builds into ``root``: ``complete`` (none unfinished; note ""), ``interrupted``
-    (one or more did not finish and were not covered since: their notes, :data:`INTERRUPTED_NOTE` first, or for one
-    cut short once every photo was committed, the step it was in and "run it again to finish"; an add's, naming its
-    species) or ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP
+    (one or more did not finish and were not covered since: their notes, builds' first, each naming its build
+    (:func:`interrupted_note`; :data:`INTERRUPTED_NOTE` for a mark that names none), for one cut short once every
+    photo was committed the step it was in and "run it again to finish"; an add's, naming its species) or ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP
     client, who may hold no key (``/readyz``): the running build's pid and host are left out."""
     found = [m for _, m in marks(root)]
     if unfinished := _unfinished(found):
-        notes = list(dict.fromkeys(sorted((_note(m) for m in unfinished), key=lambda n: n != INTERRUPTED_NOTE)))
+        ordered = sorted((m.get("kind") == "add", "id" in m and bool(m.get("key")), str(m.get("started")),
+                          _note(m, api)) for m in unfinished)  # builds first, the old wording first; by start
+        notes = list(dict.fromkeys(note for *_, note in ordered))
         return {"state": "interrupted", "note": "; ".join(notes)}
     if running := [m for m in found if _live(m)]:
         mark = running[0]
@@ -240,19 +262,25 @@ def mark_interrupted(root: str | Path, key: dict[str, Any] | None, photos: str |
 
 
 @contextlib.contextmanager
-def building(root: str | Path, *, key: dict[str, Any] | None = None,
-             photos: str | None = None) -> Iterator[dict[str, Any] | None]:
+def building(root: str | Path, *, key: dict[str, Any] | None = None, photos: str | None = None,
+             before: Iterable[str] | None = None) -> Iterator[dict[str, Any] | None]:
     """Mark ``root`` as being built (of ``key`` over ``photos``: :func:`dataset_key`, :func:`photos_digest`) for
     the block; yields the last unfinished mark this build takes up (one of the same key, or of the old layout),
     None when there is none (this build is no resume): while it runs, readers say those run again (``running``).
     The block ending normally removes the unfinished marks this build covered (the module's rule), then its own;
-    other builds' marks are left as they are. An exception (Ctrl-C
+    other builds' marks are left as they are. ``before``: :func:`unfinished_ids` read before this build scanned its
+    dataset; only those marks are taken up (one cut short between the scan and this call may hold a photo the scan
+    missed); None: every unfinished one at this call (a scan made in the block). An exception (Ctrl-C
     included) leaves this build's mark ``interrupted``, with the step named by the exception's ``after`` attribute
     when it has one (``retrieval.pipeline.ReferencesInterrupted``)."""
     root = Path(root)
+    for left in remove_leftovers(GalleryLayout(root).build_marks):  # a mark's write killed (a second Ctrl-C)
+        logger.info("removed %s, left by an interrupted write of a build mark", left.name)
     found = [m for _, m in marks(root)]  # read once: what earlier builds left, and builds running now
+    scanned_after = None if before is None else set(before)
     taken_up = {m.get("id", "legacy"): m for m in found
-                if not _live(m) and ("id" not in m or m.get("key") == key)}
+                if not _live(m) and ("id" not in m or m.get("key") == key)
+                and (scanned_after is None or m.get("id", "legacy") in scanned_after)}
     for other in found:
         if _live(other):
             logger.info("another build into %s is running (pid %s on %s, since %s): its mark is kept", root,

@@ -73,8 +73,10 @@ _TABLE_GONE = re.compile(r"Not found: \S*\.lance(/|\b)")
 
 
 class TableReplacedError(RuntimeError):
-    """The store's table is at a version before the one a running server read: versions only grow, so the table it
-    read was lost and another made (or an older backup restored). The server answers as for a table gone."""
+    """The store's table is at a version before the one this process's gallery read (a server's or a command's):
+    versions only grow, so the table it read was lost and another made (or an older backup restored). Every read and
+    write of that gallery raises this until the process opens it again: a server answers as for a table gone
+    (restart it), a command says to run it again."""
 
 
 def store_table_gone(exc: BaseException) -> bool:

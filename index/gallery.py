@@ -201,6 +201,9 @@ class Gallery:
         self._write_depth = 0  # writes of this object entered and not left (a write may call another)
         # a write's compaction, due (decided under the thread lock): run once the thread lock is left, in the hold
         self._compaction_due: tuple[int, bool] | None = None  # (small fragments counted, whether to save after)
+        # a write's compaction runs now (outside the thread lock): a look at the store, or a refresh, leaves the
+        # versions it commits to it (it moves the index to them itself: ids unchanged), no id column read
+        self._compacting = False
         # reads answer from the vector index loaded when the store cannot be read (a server: stale, not down); the
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
@@ -671,8 +674,8 @@ class Gallery:
             if force:
                 self.store.refresh()
             self._refuse_replaced()  # a command's too: never synced by difference, nor kept
-            if self.store.version == self._synced_version:
-                return False
+            if self.store.version == self._synced_version or self._compacting:  # a write's compaction (another
+                return False  # thread of this process) moves the index to its versions itself: no id column read
             added, removed = self._sync_index()
             if added or removed:
                 logger.info("gallery %s: %d references appeared, %d went (store version %d)", self.root, added,
@@ -749,7 +752,7 @@ class Gallery:
             self._refuse_replaced()  # and every read after, whatever version the new table reaches
             version = self.store.version
             if self._lock.acquire(timeout=_LOCK_TRY_S):  # else a write of this process holds it and syncs the index
-                self._sync_behind(check, version)  # itself: not the store's delay, and no outage
+                self._sync_behind(check, version)  # itself: not the store's delay, and no outage (a compaction too)
         except (RuntimeError, OSError) as exc:
             kind = store_io_failure(exc, self.store_uri)
             if kind is None:
@@ -776,6 +779,8 @@ class Gallery:
         """The index brought to the store's ``version`` (:meth:`_run_check`, entered holding the lock, which it
         releases): the ids read under it, the store read without it, the rows applied under it again."""
         try:
+            if self._compacting or version < self._synced_version:  # a write of this process syncs itself: its
+                return  # compaction's versions, or a write committed past the version read (versions only grow)
             synced, have = self._synced_version, self._index.ids.copy()
         finally:
             self._lock.release()
@@ -1086,8 +1091,10 @@ class Gallery:
         thread lock, still in the hold (:meth:`_write`), so that this process's searches do not wait on it, and the
         saved manifest names the compacted version."""
         small = self._compaction_is_due()
-        if small is not None:
-            self._compaction_due = (small, save)
+        pending = self._compaction_due  # an earlier store write of the same outer write: its save is kept
+        if small is not None or pending is not None:
+            self._compaction_due = (pending[0] if small is None else small,  # type: ignore[index]
+                                    save or (pending is not None and pending[1]))
         elif save:
             self._index.save(self.layout.vectors, self._manifest())
 
@@ -1124,6 +1131,14 @@ class Gallery:
         saved (``save``). Searches of this process go on meanwhile on the index, which the compaction does not
         touch. Best effort: the write is committed, and a failure is logged, never raised (and tried again once
         :attr:`compact_fragments` more have piled up)."""
+        self._compacting = True  # before its first commit: a look that sees one leaves it to this
+        try:
+            self._compact_behind(small, save)
+        finally:
+            self._compacting = False  # cleared under the lock with the index moved, else here (a Ctrl-C)
+
+    def _compact_behind(self, small: int, save: bool) -> None:
+        """:meth:`_compact_after_write`'s work, :attr:`_compacting` set."""
         before: int | None = None
         attempted = False
         try:
@@ -1147,6 +1162,7 @@ class Gallery:
         except Exception as exc:  # noqa: BLE001 - maintenance: the user's write is committed already
             self._compaction_failed(exc, small, attempted=attempted)
         with self._lock:
+            self._compacting = False  # with the index moved: a look sees the compacted version synced, or neither
             if before is not None and self._synced_version == before:  # ids unchanged: the index reflects the
                 self._synced_version = self.store.version  # new version as it did the old one
             if save:

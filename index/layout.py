@@ -182,7 +182,8 @@ class GalleryLayout:
 
     @property
     def build_mark(self) -> Path:
-        """The mark of a build into the folder that is running or was interrupted (:mod:`index.build_mark`)."""
+        """The build mark of the layout before stop 51 (one per folder): read for old galleries, never written; see
+        :attr:`build_marks` (:mod:`index.build_mark`)."""
         return self.root / BUILD_MARK
 
     @property

@@ -39,6 +39,7 @@ from index.build_mark import (
     dataset_key,
     mark_interrupted,
     photos_digest,
+    unfinished_ids,
 )
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.errors import first_line
@@ -193,6 +194,7 @@ def build_gallery(
         return _build_on_ray(index_dir, dataset, root, metadata=metadata, encoder=encoder,
                              index_config=index_config, ray=ray, store=store, storage_options=storage_options,
                              progress=progress, new_store=new_store)
+    before = unfinished_ids(index_dir)  # what this build may take up: the builds cut short before its scan
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
         logger.warning("%s", warning)
@@ -203,7 +205,7 @@ def build_gallery(
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options, new_store=new_store)
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
-    with building(gallery.root, key=key, photos=photos) as earlier:  # marked until it completes: readers say a
+    with building(gallery.root, key=key, photos=photos, before=before) as earlier:  # marked until it completes: readers say a
         # partial gallery is one
         report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
         step = "finishing the index"
@@ -242,6 +244,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
 
     warnings: list[str] = []
     skipped: list[tuple[Path, str]] = []  # entries the listing could not read (broken links...), logged once
+    before = unfinished_ids(index_dir)  # what this build may take up: the builds cut short before its listing
     records = iter_dataset(dataset, root, metadata=metadata, warnings=warnings, skipped=skipped)
     total = operator.length_hint(records) or None  # a listed dataset's size; 0 (unknown) for a streamed one
     first = next(records, None)  # before Ray starts and the gallery is made: an empty folder creates nothing
@@ -258,7 +261,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
             gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                      store=store, options=storage_options, new_store=new_store)
         # marked until it completes, as a local build is (its photos streamed: none listed up front)
-        with building(gallery.root, key=dataset_key(dataset, root, metadata)) as earlier:
+        with building(gallery.root, key=dataset_key(dataset, root, metadata), before=before) as earlier:
             report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
                                         total=total)
             gallery.finish_build(map_fn=ray_map)

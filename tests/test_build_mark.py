@@ -22,8 +22,9 @@ from index.build_mark import (
     build_status,
     building,
     dataset_key,
-    interrupted,
+    interrupted_note,
     photos_digest,
+    unfinished_ids,
 )
 from index.layout import GalleryLayout
 
@@ -44,20 +45,23 @@ def _interrupted_build(tmp_path: Path, capsys, monkeypatch) -> tuple[Path, Path,
 def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_build_completes(tmp_path, capsys,
                                                                                           monkeypatch, caplog):
     index, root, build = _interrupted_build(tmp_path, capsys, monkeypatch)
+    note = interrupted_note(dataset_key("folder", root))  # names the build to run again (stop 51's reread)
+    assert note == f"a build of {root} (--dataset folder) into this gallery was interrupted: run it again to add " \
+                   "the rest"
     code, out, err = _run(capsys, "index", "info", "--index", index)
-    assert code == 0 and json.loads(out)["build"] == {"state": "interrupted", "note": INTERRUPTED_NOTE}, (out, err)
+    assert code == 0 and json.loads(out)["build"] == {"state": "interrupted", "note": note}, (out, err)
     query = _photo(tmp_path / "q.png", 99)
     code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
-    assert code == 0 and out.splitlines()[-1] == f"note: {INTERRUPTED_NOTE}", (out, err)
+    assert code == 0 and out.splitlines()[-1] == f"note: {note}", (out, err)
     code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--format", "json")
-    assert code == 0 and json.loads(out) and f"speciesid: note: {INTERRUPTED_NOTE}" in err, (out, err)
+    assert code == 0 and json.loads(out) and f"speciesid: note: {note}" in err, (out, err)
     evaluation = tmp_path / "eval"
     for i in range(4):
         _photo(evaluation / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", 200 + i)
     code, out, err = _run(capsys, "evaluate", "--index", index, "--dataset", "folder", "--root", evaluation,
                           "--report", tmp_path / "report", "-q")
-    assert code == 0 and INTERRUPTED_NOTE in caplog.text, (out, err)  # a warning on stderr
-    assert f"warning: {INTERRUPTED_NOTE}" in (tmp_path / "report" / "report.md").read_text(), list(
+    assert code == 0 and note in caplog.text, (out, err)  # a warning on stderr
+    assert f"warning: {note}" in (tmp_path / "report" / "report.md").read_text(), list(
         (tmp_path / "report").iterdir())
 
     code, out, err = _run(capsys, *build)  # the same command: it resumes, and the gallery is whole again
@@ -80,8 +84,8 @@ def test_a_build_of_another_dataset_completing_does_not_clear_an_interrupted_bui
     _photo(other / "Vipera berus" / "0.png", 500)
     assert _run(capsys, "index", "build", "--dataset", "folder", "--root", other, "--index", index, *ENCODER,
                 "-q")[0] == 0
-    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "interrupted",
-                                                                                      "note": INTERRUPTED_NOTE}
+    said = json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"]
+    assert said == {"state": "interrupted", "note": interrupted_note(dataset_key("folder", root))}  # A's, named
     code, out, err = _run(capsys, *build)
     assert code == 0 and "resumed the interrupted build" in out, (out, err)
     assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"]["state"] == "complete"
@@ -107,19 +111,19 @@ def _gone_pid() -> int:
 def test_a_build_mark_left_running_by_a_process_that_is_gone_reads_as_interrupted(tmp_path):
     root = tmp_path / "g"
     root.mkdir()
-    assert build_note(root) == "" and interrupted(root) is None
+    assert build_note(root) == "" and unfinished_ids(root) == set()
     with building(root) as earlier:  # this process: running now
         assert earlier is None and [m["state"] for m in _mark_files(root)] == ["running"]
         assert build_note(root).startswith(f"a build into this gallery is running (pid {os.getpid()} on ")
         api = build_note(root, api=True)  # an HTTP client's (/readyz needs no key): no pid, no host
         assert api.startswith("a build into this gallery is running (since ") and "until it ends" in api, api
         assert str(os.getpid()) not in api and socket.gethostname() not in api, api
-        assert interrupted(root) is None
+        assert unfinished_ids(root) == set()
     assert _mark_files(root) == []
     legacy = GalleryLayout(root).build_mark  # the layout before stop 51: one build.json, still read
     legacy.write_text(json.dumps({"state": "running", "host": socket.gethostname(), "pid": _gone_pid(),
                                   "started": "x"}))
-    assert build_note(root) == INTERRUPTED_NOTE and interrupted(root)["pid"] == _gone_pid()
+    assert build_note(root) == INTERRUPTED_NOTE and unfinished_ids(root) == {"legacy"}
     with pytest.raises(KeyboardInterrupt), building(root) as earlier:
         assert earlier["pid"] == _gone_pid()  # a resume
         assert build_note(root).startswith("a build into this gallery is running")  # taken up now
@@ -339,13 +343,14 @@ def test_an_earlier_build_cut_short_while_a_later_one_runs_is_still_said_when_th
         _kill(root, os.getpid())  # both look killed now; B's own block still removes its own mark below
     else:
         _end(a, interrupt=True)
-    assert build_note(root) == INTERRUPTED_NOTE
+    both = f"{interrupted_note(ONE)}; {interrupted_note(TWO)}"  # killed: B looks cut short too while it runs
+    assert build_note(root) == (both if how == "killed" else interrupted_note(ONE))
     _end(b)  # another dataset completes: A's photos are still missing
-    assert build_status(root) == {"state": "interrupted", "note": INTERRUPTED_NOTE}
+    assert build_status(root) == {"state": "interrupted", "note": interrupted_note(ONE)}
     assert [m["key"] for m in _mark_files(root)] == [ONE]
     with building(root, key=TWO, photos=photos_digest(["/data/two/b.png"])) as earlier:
         assert earlier is None  # not a resume of A
-    assert build_note(root) == INTERRUPTED_NOTE
+    assert build_note(root) == interrupted_note(ONE)
     with building(root, key=ONE, photos=photos_digest(["/data/one/a.png", "/data/one/new.png"])) as earlier:
         assert earlier["key"] == ONE  # the same dataset, run again after A ended: takes it up, even grown
     assert build_status(root) == {"state": "complete", "note": ""} and _mark_files(root) == []
@@ -370,13 +375,13 @@ def test_a_later_build_of_other_photos_of_the_same_dataset_keeps_an_earlier_one_
     a = _started(root, ONE, photos_digest(["/data/one/a.png", "/data/one/late.png"]))
     _end(a, interrupt=True)
     _end(b)
-    assert build_note(root) == INTERRUPTED_NOTE and [m["state"] for m in _mark_files(root)] == ["interrupted"]
+    assert build_note(root) == interrupted_note(ONE) and [m["state"] for m in _mark_files(root)] == ["interrupted"]
     b = _started(root, ONE, None)  # a Ray build (photos streamed, none listed) concurrent with the next cut: kept too
     a = _started(root, ONE, photos_digest(["/data/one/a.png"]))
     _end(a, interrupt=True)
-    assert build_note(root) == INTERRUPTED_NOTE  # the first cut is taken up by B, the second is said while B runs
+    assert build_note(root) == interrupted_note(ONE)  # the first cut is taken up by B, the second said while B runs
     _end(b)  # covers the one it took up, not the one cut while it ran
-    assert build_note(root) == INTERRUPTED_NOTE and len(_mark_files(root)) == 1
+    assert build_note(root) == interrupted_note(ONE) and len(_mark_files(root)) == 1
 
 
 def test_an_interrupted_add_mark_is_cleared_only_by_the_same_add(tmp_path):
@@ -393,3 +398,96 @@ def test_an_interrupted_add_mark_is_cleared_only_by_the_same_add(tmp_path):
     assert clear_covered(root, {"add": "Naja haje"}, photos_digest(["/p/1.png"])) == 0  # other photos
     assert build_note(root) == add_note("Naja haje")
     assert clear_covered(root, {"add": "Naja haje"}, photos) == 1 and build_note(root) == ""
+
+
+def test_an_interrupted_builds_note_names_the_build_to_run_again(tmp_path):
+    """Stop 51's reread: with one mark per build, "the last build into this gallery was interrupted: run it again"
+    was said after another dataset's build had completed since, and did not say which command to run again."""
+    from retrieval.pipeline import BuildReport, ReferencesInterrupted
+
+    root = tmp_path / "g"
+    root.mkdir()
+    meta = dataset_key("inat", "/data/inat", "/data/inat/train.json")
+    with pytest.raises(KeyboardInterrupt), building(root, key=ONE):
+        raise KeyboardInterrupt
+    with pytest.raises(ReferencesInterrupted), building(root, key=meta):
+        raise ReferencesInterrupted(BuildReport(added=3), after="finishing the index")
+    with building(root, key=TWO):  # another dataset's build completes: both cut ones still said, each by its name
+        pass
+    assert sorted(build_note(root).split("; ")) == [  # in the order the marks were written (ids: by the second)
+        "a build of /data/inat (--dataset inat --metadata /data/inat/train.json) into this gallery was interrupted "
+        "while finishing the index: run it again to finish",
+        "a build of /data/one (--dataset folder) into this gallery was interrupted: run it again to add the rest"]
+    api = build_note(root, api=True)  # an HTTP client's: no server path
+    assert sorted(api.split("; ")) == [
+        "a build of a folder dataset into this gallery was interrupted: run it again to add the rest",
+        "a build of a inat dataset into this gallery was interrupted while finishing the index: run it again to "
+        "finish"] and "/data" not in api
+    assert interrupted_note(None) == INTERRUPTED_NOTE  # a mark that names no build (the old layout's): as before
+
+
+def test_a_build_takes_up_only_the_marks_cut_short_before_its_scan(tmp_path):
+    """Stop 51's reread: a build took up (and cleared on completing) every mark of its dataset unfinished when it
+    was marked, though its scan was older: a build cut short between the two may hold a photo the scan missed."""
+    root = tmp_path / "g"
+    root.mkdir()
+    with pytest.raises(KeyboardInterrupt), building(root, key=ONE, photos=photos_digest(["/data/one/a.png"])):
+        raise KeyboardInterrupt  # A: cut short before B's scan
+    early = unfinished_ids(root)
+    before = unfinished_ids(root)  # B reads the marks, then scans the dataset
+    with pytest.raises(KeyboardInterrupt), building(root, key=ONE,
+                                                    photos=photos_digest(["/data/one/a.png", "/data/one/late.png"])):
+        raise KeyboardInterrupt  # C: scanned after B (a photo added meanwhile), cut short before B is marked
+    late = unfinished_ids(root) - early
+    with building(root, key=ONE, photos=photos_digest(["/data/one/a.png"]), before=before) as earlier:
+        assert earlier["id"] in early  # A taken up, not C
+        assert [m["id"] for m in _mark_files(root) if m["state"] == "running"] != []
+    assert {m["id"] for m in _mark_files(root)} == late  # C's photo may be missing: still said
+    assert build_note(root) == interrupted_note(ONE)
+
+
+def test_build_gallery_reads_the_marks_it_may_take_up_before_its_scan(tmp_path, monkeypatch):
+    """``build_gallery`` scans, loads its encoder and opens the gallery before it is marked: a build of the same
+    dataset cut short during its scan is not taken up, nor cleared when it completes."""
+    from index import build_mark
+    from retrieval import workflows
+    from retrieval.encoders import EncoderConfig
+
+    photos = tmp_path / "photos"
+    for i in range(2):
+        _photo(photos / "Naja haje" / f"{i}.png", i)
+    index = tmp_path / "g"
+    key = dataset_key("folder", photos)
+    spec = ENCODER[ENCODER.index("--encoder") + 1]
+    config = EncoderConfig(spec=spec, precision="fp32")
+    assert workflows.build_gallery(index, "folder", photos, encoder=config, progress=False).report.added == 2
+    _photo(photos / "Naja haje" / "2.png", 2)
+    real = workflows.load_dataset
+
+    def scan_while_another_is_cut(*args, **kwargs):
+        scan = real(*args, **kwargs)
+        build_mark.mark_interrupted(index, key, photos_digest(["/elsewhere.png"]))  # cut short during the scan
+        return scan
+
+    monkeypatch.setattr(workflows, "load_dataset", scan_while_another_is_cut)
+    result = workflows.build_gallery(index, "folder", photos, encoder=config, progress=False)
+    assert result.resumed is False and result.report.added == 1
+    assert build_note(index) == interrupted_note(key)  # its mark kept: its photos may not be in
+
+
+def test_a_build_marks_temporary_file_is_no_mark_and_a_left_one_is_removed(tmp_path):
+    """Stop 51's reread: ``build-marks/`` was listed by ``.json``, so a mark's write in progress (``atomic_write``'s
+    ``.NAME.<hex>.tmp.json``) read as a mark, and one left by a killed write stayed for good."""
+    root = tmp_path / "g"
+    marks_dir = GalleryLayout(root).build_marks
+    marks_dir.mkdir(parents=True)
+    mark = {"id": "x", "state": "interrupted", "key": ONE, "host": socket.gethostname(), "pid": _gone_pid()}
+    fresh = marks_dir / f".x.json.{'a' * 32}.tmp.json"  # a write in progress
+    left = marks_dir / f".y.json.{'b' * 32}.tmp.json"  # a write killed long ago
+    for path in (fresh, left):
+        path.write_text(json.dumps(mark))
+    os.utime(left, (1.0, 1.0))
+    assert build_note(root) == "" and unfinished_ids(root) == set()
+    with building(root, key=TWO):
+        pass
+    assert fresh.exists() and not left.exists()  # a write in progress is never removed: it may be another's

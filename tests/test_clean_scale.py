@@ -4,7 +4,8 @@ and a dataset photo is read once (hashed and decoded from the same bytes).
 
 Synthetic unit vectors (48-d: unrelated rows stay far below cosine 0.9), near-copies planted at distinct cosines
 (no two similarities tie, so neighbour order is well posed), across tile edges; a group of 20 copies of one photo
-against 5 neighbours kept.
+against 5 neighbours kept. Ties (exact copies, dot products exact in float32) against a brute force: by the lower
+column.
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ def test_one_pass_equals_all_pairs_and_brute_force_neighbours(block, k):
     want_pos, want_sims = _brute_neighbours(x, k)
     assert (got.positions == want_pos).all()
     assert np.allclose(got.sims, want_sims, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_one_pass_ties_go_to_the_lower_column_as_brute_force(block, k):
+    """Stop 51's reread: the planted data avoids ties, so ``_merge_top``'s tie rule (ties by the lower column, and
+    its branch where more entries tie at a tile's edge than fit) was never run. Exact copies of a few rows, entries
+    in {-1/8, 0, 1/8}: every dot product is exact in float32 whatever the tile, so ties are ties bit for bit."""
+    rng = np.random.default_rng(block * 100 + k)
+    base = (rng.integers(-1, 2, (6, DIM)) / 8).astype(np.float32)
+    x = base[rng.integers(0, len(base), 50)]  # ~8 exact copies of each
+    got = neighbours_and_pairs(x, k, threshold=0.3, block=block)
+    assert got.pairs == similar_pairs(x, threshold=0.3, block=block)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    cols = np.arange(len(x))
+    want = np.stack([np.lexsort((cols, -row))[:k] for row in sims])  # best first, ties by the lower column
+    assert (got.positions == want).all()
+    assert (got.sims == np.take_along_axis(sims, want, axis=1)).all()
 
 
 def test_one_pass_small_sets_pad_and_refuse_bad_arguments():

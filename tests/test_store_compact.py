@@ -522,3 +522,83 @@ def test_a_failing_check_is_no_failed_compaction_in_the_counts(tmp_path, monkeyp
     assert g.compactions.failures == 1 and g.compactions.runs == 0
     _add_one_by_one(g, 4, 2, rng)
     assert g.compactions.runs == 1 and g.compactions.seconds > 0
+
+
+@pytest.mark.parametrize("server", [True, False])
+def test_a_look_at_the_store_during_this_processs_own_compaction_reads_no_id_column(tmp_path, monkeypatch, server):
+    """Stop 51's reread: the compaction runs outside the thread lock, so a server's look (or a refresh on another
+    thread) saw its commits as another writer's and read the whole id column. It leaves them to the compaction,
+    which moves the index to its version itself (events, no timing)."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    g = _gallery(tmp_path, threshold=3)
+    records, digests, x = _rows(0, 20, rng)
+    g.add(records, digests, x)
+    _add_one_by_one(g, 20, 1, rng)
+    g.stale_reads = server
+    queries = x[:3] + 0.05
+    before = g.search(queries, 5)
+    committed, release = threading.Event(), threading.Event()
+    real = ReferenceStore.compact
+
+    def held(self, **kw):
+        report = real(self, **kw)  # committed: the store's version moved
+        committed.set()
+        assert release.wait(60), "the test never let the compaction go"
+        return report
+
+    monkeypatch.setattr(ReferenceStore, "compact", held)
+    reads: list[str] = []
+    real_ids = ReferenceStore.ids
+    monkeypatch.setattr(ReferenceStore, "ids", lambda self, **kw: reads.append("ids") or real_ids(self, **kw))
+    writer = threading.Thread(target=lambda: _add_one_by_one(g, 21, 1, rng))
+    writer.start()
+    try:
+        assert committed.wait(60)
+        looks = g.store_checks
+        assert g.refresh(force=True) is False  # the look (a server's: in its thread) while the compaction runs
+        assert g.store_checks == looks + server  # it did look
+        assert reads == [], "a look read the id column during this process's own compaction"
+    finally:
+        release.set()
+        writer.join(60)
+    assert g.compactions.runs == 1 and g.version == g.store.version  # the compaction moved the index itself
+    assert g.refresh(force=True) is False and reads == [] and g.search(queries, 5) == before
+
+
+def test_a_look_that_read_a_version_before_this_processs_write_reads_no_id_column(tmp_path, monkeypatch):
+    """A server's look that read the store's version, then found the index past it (a write or a compaction of
+    this process committed meanwhile: versions only grow), leaves it: the write synced the index itself."""
+    from index.gallery import _StoreCheck
+
+    rng = np.random.default_rng(8)
+    g = _gallery(tmp_path, threshold=0)
+    g.add(*_rows(0, 5, rng))
+    _add_one_by_one(g, 5, 2, rng)
+    g.stale_reads = True
+    reads: list[str] = []
+    real_ids = ReferenceStore.ids
+    monkeypatch.setattr(ReferenceStore, "ids", lambda self, **kw: reads.append("ids") or real_ids(self, **kw))
+    synced = g.version
+    g._lock.acquire()  # as _run_check enters _sync_behind
+    g._sync_behind(_StoreCheck(0.0), synced - 1)
+    assert reads == [] and g.version == synced  # never moved back to the older version
+
+
+def test_two_store_writes_in_one_write_keep_the_first_ones_save_of_the_index(tmp_path):
+    """A store write whose compaction was due with a save, then another in the same outer write due without one:
+    the second overwrote the first's pending (small, save), so the index was not saved after the compaction and the
+    manifest named an older version."""
+    rng = np.random.default_rng(9)
+    g = _gallery(tmp_path, threshold=3)
+    g.add(*_rows(0, 10, rng))
+    _add_one_by_one(g, 10, 1, rng)
+    saved = json.loads(manifest_path(g.layout.vectors).read_text())["store_version"]
+    with g._write():
+        _add_one_by_one(g, 11, 1, rng)  # the third small fragment: due, with the index saved after
+        records, digests, x = _rows(12, 1, rng)
+        g.add(records, digests, x, save_index=False)  # due again (not compacted yet), no save of its own
+        assert g.compactions.runs == 0
+    assert g.compactions.runs == 1 and g.version == g.store.version
+    assert json.loads(manifest_path(g.layout.vectors).read_text())["store_version"] == g.version != saved
