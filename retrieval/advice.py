@@ -127,24 +127,18 @@ class ChecklistCoverage:
                 "note": self.note()}
 
 
-def gallery_checklist(info: dict, held: Iterable[str]) -> str | None:
-    """The checklist a gallery is built from: the one its ``gallery.json`` (``info``) records, else the one all of
-    its held species belong to (a gallery built before it was recorded); None otherwise."""
+def gallery_checklist(info: dict) -> str | None:
+    """The checklist a gallery is built from, as its ``gallery.json`` (``info``) records it (:func:`record_checklist`);
+    None for another dataset, or a gallery built before it was recorded (the same build run again records it)."""
     recorded = info.get(CHECKLIST_KEY)
-    if recorded in CHECKLISTS:
-        return str(recorded)
-    held = set(held)
-    for name, taxa in CHECKLISTS.items():
-        if held and held <= {t.species for t in taxa()}:
-            return name
-    return None
+    return str(recorded) if recorded in CHECKLISTS else None
 
 
 def checklist_coverage(info: dict, held: Iterable[str], nameable: Iterable[str] = ()) -> ChecklistCoverage | None:
     """What of its checklist a gallery can name: ``held`` (species with photos) and ``nameable`` (its text prior's
     species); None for a gallery of no checklist."""
     held = set(held)
-    name = gallery_checklist(info, held)
+    name = gallery_checklist(info)
     if name is None:
         return None
     taxa = CHECKLISTS[name]()
