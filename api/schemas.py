@@ -37,6 +37,15 @@ class ResultOut(BaseModel):
     neighbours: list[NeighbourOut] = Field(default_factory=list, description="evidence (with neighbours=true)")
 
 
+class VenomAdviceOut(BaseModel):
+    """What to do about a bite, from the answer (one rule for the CLI, the API and the page: retrieval.advice)."""
+
+    level: str = Field(description="cannot_tell (far or unknown: treat a bite as venomous), possibly_venomous (10% "
+                       "or more on venomous or unrecorded species: treat as venomous) or unlikely")
+    treat_as_venomous: bool = Field(description="the advice is to treat a bite as venomous and seek medical care")
+    text: str = Field(description="the advice in one sentence, to show as it is")
+
+
 class IdentifyOut(BaseModel):
     """The answer for one observation (1-5 photos of one animal)."""
 
@@ -55,6 +64,9 @@ class IdentifyOut(BaseModel):
                                        "without the country: separate upper bounds, which may sum to more than 1")
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table")
+    venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
+                                                "venomous) whenever the answer is unknown or far; null when the "
+                                                "gallery records no venom status for the species it named")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos sent (those in set_aside included)")
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "
@@ -64,7 +76,9 @@ class IdentifyOut(BaseModel):
                              "into it is running now (until it ends, some of its species may not be in yet); the "
                              "last build into it was interrupted (its species may not all be in it: run the build "
                              "again; or, every photo in, the step it was in: run it again to finish); it holds too "
-                             "few references to mark a photo unlike every reference (far)")
+                             "few references to mark a photo unlike every reference (far); it cannot name some "
+                             "medically important venomous species of the checklist it was built from; and, of this "
+                             "answer, that a far photo's candidate scores are not meaningful")
 
 
 #: Search's ``k``: neighbours to return (query string, form field or JSON body), and its default.

@@ -29,6 +29,7 @@ from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.layout import check_encoder
 from index.photos import first_few
 from index.store import SpeciesSummary
+from retrieval.advice import VENOM_WARN_AT, ChecklistCoverage, VenomAdvice, checklist_coverage, venom_advice
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
 from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize
@@ -162,6 +163,8 @@ class Identification:
     # recorded there, or none, or none in the table), so the scores are the photo's alone
     set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
     # given) set aside as far while another photo was not; they carry nothing about the animal
+    venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: the gallery
+    # records no venom status for the species it named
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -180,6 +183,7 @@ class Identification:
             "venomous_score": self.venomous_score,
             "venom_unknown_score": self.venom_unknown_score,
             "country_applied": self.country_applied,
+            "venom_advice": self.venom_advice.to_dict() if self.venom_advice is not None else None,
         }
 
 
@@ -246,6 +250,7 @@ class Identifier:
         self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
         self._whitened_lock = threading.Lock()  # the service identifies from several threads
         self._far: tuple[int, float | None] | None = None  # (gallery size it was estimated at, far_threshold)
+        self._coverage: tuple[int, Any, ChecklistCoverage | None] | None = None  # (taxa version, text prior, it)
 
     # ------------------------------------------------------- probe, settings, text prior
     def _calibrated(self, probe: LinearProbe | None, text_prior: TextPriorScores | None) -> Calibrated:
@@ -388,6 +393,18 @@ class Identifier:
         """The species the gallery holds searchable references of (cached as :meth:`taxa` is)."""
         self.taxa()
         return self._held
+
+    def checklist_coverage(self) -> ChecklistCoverage | None:
+        """Which species of the checklist the gallery was built from it can name (:func:`retrieval.advice.
+        checklist_coverage`: photos, or the text prior), None for a gallery of no checklist; cached per
+        :meth:`taxa` version and text prior (no file read per answer)."""
+        held, prior = self.held_species(), self.text_prior
+        kept = self._coverage
+        if kept is None or kept[0] != self._taxa_version or kept[1] is not prior:
+            kept = (self._taxa_version, prior,
+                    checklist_coverage(self.gallery.info, held, prior.species if prior else ()))
+            self._coverage = kept
+        return kept[2]
 
     # ------------------------------------------------------------------ answers
     def identify_images(self, images: Sequence[Image.Image], **kw) -> list[Identification]:
@@ -631,21 +648,26 @@ class Identifier:
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
+        unknown = best < self.config.unknown_threshold or not predictions or far
+        venomous_score = None if far or not venom else max(venom)  # far: the scores say nothing of this photo
+        unflagged = 0.0 if far or not records_venom else max(unflagged_probability(d, flags) for d in views)
+        named = [p.common_name or p.species for p in predictions if p.venomous and p.score >= VENOM_WARN_AT]
         return Identification(
             predictions=predictions,
             neighbours=neighbours,
-            unknown=best < self.config.unknown_threshold or not predictions or far,
+            unknown=unknown,
             far=far,
             nearest=nearest if nearest is not None and np.isfinite(nearest) else None,
             scores=scores,
             genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
-            venomous_score=None if far or not venom else max(venom),  # far: the scores say nothing of this photo
-            venom_unknown_score=0.0 if far or not records_venom else max(unflagged_probability(d, flags)
-                                                                         for d in views),
+            venomous_score=venomous_score,
+            venom_unknown_score=unflagged,
             # the country changed the scores only when some candidate is recorded there and some is not
             country_applied=None if presence is None else (False in candidates
                                                            and any(c is not False for c in candidates)),
+            venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
+                                      venom_unknown_score=unflagged, venomous_names=named),
         )
 
 

@@ -475,7 +475,7 @@ def create_torch_encoder(parsed: ParsedSpec, spec: str, config: EncoderConfig,
         # offline, only a cache miss is told as one: any other failure (CUDA out of memory...) goes up as it came
         missed = _cache_miss(exc) if unreachable is not None else _hub_unreachable(exc)
         if parsed.source in ("hf-hub", "alias", "name") and missed:
-            raise ValueError(_offline_message(spec, unreachable, exc)) from exc
+            raise ValueError(_offline_message(spec, unreachable, exc, parsed)) from exc
         raise
 
 
@@ -545,13 +545,19 @@ def _offline_asked() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _offline_message(spec: str, unreachable: str | None, exc: BaseException) -> str:
-    """What to do when the weights of ``spec`` are neither cached nor downloadable, with the library's cause whole."""
+def _offline_message(spec: str, unreachable: str | None, exc: BaseException, parsed: ParsedSpec | None = None) -> str:
+    """What to do when the weights of ``spec`` are neither cached nor downloadable, with the library's cause whole:
+    for weights of a hub repository (``parsed``), the download command to run elsewhere and the spec to give then."""
     cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     user_offline = _offline_asked()
     why = f" ({unreachable}), and they are not in the local Hugging Face cache" if unreachable else ""
-    return (f"cannot download the weights of {spec} from the Hugging Face hub{why}. Without network, download them "
-            "once elsewhere and give --encoder open_clip:local-dir:DIR (or timm:local-dir:DIR)"
+    if parsed is not None and parsed.source == "hf-hub":
+        folder = parsed.name.rsplit("/", 1)[-1]
+        how = (f"download them once elsewhere (huggingface-cli download {parsed.name} --local-dir {folder}), copy "
+               f"the folder here and give --encoder {parsed.library}:local-dir:{folder}")
+    else:
+        how = "download them once elsewhere and give --encoder open_clip:local-dir:DIR (or timm:local-dir:DIR)"
+    return (f"cannot download the weights of {spec} from the Hugging Face hub{why}. Without network, {how}"
             + ("" if user_offline else "; HF_HUB_OFFLINE=1 skips even the hub's connection check")
             + f" (README, 'Offline'). The library said: {cause}")
 

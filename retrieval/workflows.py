@@ -70,6 +70,7 @@ from index.taxonomy import (
     taxonomy_lookalikes,
 )
 from index.vectors import VectorIndexConfig
+from retrieval.advice import checklist_coverage, record_checklist, text_prior_species
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
@@ -204,6 +205,7 @@ def build_gallery(
     with empty_gallery_hint(index_dir):  # the fingerprint check, once the weights are loaded
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options, new_store=new_store)
+    record_checklist(gallery, dataset)  # a checklist's gallery says which of its species it cannot name
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
     with building(gallery.root, key=key, photos=photos, before=before) as earlier:  # marked until it completes: readers say a
         # partial gallery is one
@@ -261,6 +263,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
             gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                      store=store, options=storage_options, new_store=new_store)
         # marked until it completes, as a local build is (its photos streamed: none listed up front)
+        record_checklist(gallery, dataset)
         with building(gallery.root, key=dataset_key(dataset, root, metadata), before=before) as earlier:
             report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
                                         total=total)
@@ -342,9 +345,12 @@ def identify(
 def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
     """What every answer from ``ident``'s gallery is to be shown with: that the last build into it did not finish
     (:func:`index.build_mark.build_note`: a partial gallery answers among the species it holds), and that it is too
-    small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`).
+    small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`), and
+    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`).
     ``api``: said for an HTTP client (how to add photos through the API; a running build's pid and host left out)."""
     notes = [note] if (note := build_note(ident.gallery.root, api=api)) else []
+    if (coverage := ident.checklist_coverage()) and (gap := coverage.note()):  # venomous checklist species
+        notes.append(gap + (" (POST /v1/species/{name}/references)" if api else " (speciesid references add)"))
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
     if n and ident.far_threshold() is None:
         how = "POST /v1/species/{name}/references" if api else "speciesid references add"
@@ -1079,7 +1085,15 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root)}
+            "build": build_status(g.root), **_checklist_info(g)}
+
+
+def _checklist_info(g: Gallery) -> dict[str, object]:
+    """The ``checklist`` block of ``index info`` (:func:`retrieval.advice.checklist_coverage`), for a gallery of a
+    checklist: which of its species it cannot name (no photos, not in its text prior)."""
+    held = [s.species for s in g.species() if s.count > 0]
+    coverage = checklist_coverage(g.info, held, text_prior_species(g.root))
+    return {"checklist": coverage.to_dict()} if coverage is not None else {}
 
 
 def _calibration_info(g: Gallery) -> dict[str, object]:

@@ -238,6 +238,26 @@ def test_lifespan_restarts_and_given_services(client, service, loads):
 
 
 # ---------------------------------------------------------------------------------------- identify
+def test_an_unknown_answer_advises_to_treat_a_bite_as_venomous(client):
+    """Walk s51 #1: an unknown answer that is not far gave only a low venomous_score (the page showed no warning)."""
+    from retrieval.vote import VoteConfig
+
+    ident = client.app.state.service.identifier
+    given, state = ident._given_config, ident._state
+    ident.config = VoteConfig(unknown_threshold=0.999999)  # every answer unknown
+    try:
+        body = client.post("/v1/identify", files=_files(photos("val", SPECIES[3])[3:4])).json()
+    finally:
+        ident._given_config, ident._state = given, state
+    assert body["unknown"] is True and body["far"] is False and body["venomous_score"] < 0.1, body
+    assert body["venom_advice"] == {
+        "level": "cannot_tell", "treat_as_venomous": True,
+        "text": "This photo cannot be identified with confidence (no species is supported strongly enough), so its "
+                "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical care."}
+    named = client.post("/v1/identify", files=_files(photos("val", SPECIES[3])[3:4])).json()
+    assert named["unknown"] is False and named["venom_advice"]["level"] == "unlikely", named
+
+
 def test_identify_one_photo(client):
     resp = client.post("/v1/identify", files=_files([COBRA]))
     assert resp.status_code == 200, resp.text
@@ -247,6 +267,9 @@ def test_identify_one_photo(client):
     assert best["name"] == best["species"] == "Naja philippinensis"
     assert best["rank"] == "species" and best["genus"] == "Naja" and best["family"] == "Elapidae"
     assert best["venomous"] is True and body["venomous_score"] > 0.5
+    advice = body["venom_advice"]  # the rule of retrieval.advice, which the page shows as it is
+    assert advice["level"] == "possibly_venomous" and advice["treat_as_venomous"] is True
+    assert advice["text"].startswith("Possibly MEDICALLY IMPORTANT VENOMOUS (Philippine Cobra) — probability ")
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     assert sum(scores) <= 1 + 1e-6
@@ -272,6 +295,8 @@ def test_a_photo_unlike_every_reference_is_unknown_whatever_its_scores(client):
         body = client.post("/v1/identify", files=_one(name, png(img))).json()
         assert body["far"] is True and body["unknown"] is True, (name, body["nearest_similarity"])
         assert body["venomous_score"] is None  # the scores say nothing of this photo: no figure to misread
+        assert body["venom_advice"]["level"] == "cannot_tell" and body["venom_advice"]["treat_as_venomous"] is True
+        assert body["notes"][0].startswith("the candidates' scores are not meaningful: the photo is unlike every")
         assert body["nearest_similarity"] < 0.5 and body["results"], name  # candidates are still shown
     # real photos of no snake (scikit-learn's sample photos: a temple, a flower): measured 0.47-0.48 against a
     # threshold of 0.64 in this gallery (benchmarks/bench_far.py has 19 such photos against the whole train gallery)

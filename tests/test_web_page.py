@@ -117,6 +117,7 @@ def test_upload_a_photo_and_see_the_answer(site, browser, tmp_path):
     text = _identify(browser, site, harmless, photos("val", SPECIES[3])[7])
     assert "Red-tailed Green Ratsnake" in text and "2 photo(s)" in text, text
     assert not browser.find_elements(By.ID, "venom-warning")
+    assert browser.find_element(By.ID, "venom-advice").text.startswith("Probability medically important venomous: ")
 
 
 def test_a_file_that_is_not_a_photo_shows_the_message(site, browser, tmp_path):
@@ -184,6 +185,26 @@ def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_
     assert lines[0] == "⚠ This photo cannot be identified: if someone was bitten, treat the bite as venomous and " \
         "seek medical care.", text
     assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text
+
+
+def test_an_unknown_answer_shows_the_safe_advice_in_red(site, browser):
+    """Walk s51 #1: an unknown answer, not far, under 10% venomous, showed 'Not sure' and no warning at all."""
+    from selenium.webdriver.common.by import By
+
+    from retrieval.vote import VoteConfig
+
+    ident = _APPS["site"].state.service.identifier
+    given, state = ident._given_config, ident._state
+    ident.config = VoteConfig(unknown_threshold=0.999999)  # every answer unknown
+    try:
+        text = _identify(browser, site, photos("val", SPECIES[3])[3])
+    finally:
+        ident._given_config, ident._state = given, state
+    lines = text.splitlines()
+    assert lines[0].startswith("⚠ This photo cannot be identified with confidence") and "treat the bite as venomous" \
+        in lines[0], text
+    assert browser.find_element(By.ID, "venom-warning").is_displayed()
+    assert lines[1] == "Not sure: no species is supported strongly enough. Best candidates:", text
 
 
 def test_the_page_shows_that_the_last_build_into_the_gallery_was_interrupted(site, browser):
@@ -290,3 +311,39 @@ def test_a_server_with_no_keys_is_not_asked_for_one_by_the_page(site, browser):
         assert "needs an API key to identify" not in status and "Curators" not in status, status
     finally:
         settings.api_keys, settings.reads_require_key = keys, False
+
+
+PAGE = Path(__file__).resolve().parents[1] / "api" / "static" / "index.html"
+
+
+def _render() -> str:
+    html = PAGE.read_text(encoding="utf-8")
+    return html[html.index("function render(answer)"):html.index('$("species").addEventListener')]
+
+
+def test_the_page_shows_the_api_venom_advice_not_its_own_threshold():
+    """Walk s51 #1, #3: the page warned from its own 10% (not for an unknown answer under it) and worded it otherwise
+    than the CLI: it now shows the answer's venom_advice (retrieval.advice), red whenever it says treat as venomous."""
+    render = _render()
+    assert "0.1" not in render and "likelyVenomous" not in render
+    assert ('if (advice && advice.treat_as_venomous) html += `<div class="warn" id="venom-warning">⚠ '
+            '${esc(advice.text)}</div>`;') in render
+    # the low probability ('when in doubt...') after the candidates, in grey-green
+    assert ('if (advice && !advice.treat_as_venomous) html += `<div class="advice" id="venom-advice">'
+            '${esc(advice.text)}</div>`;') in render
+
+
+def test_a_far_answer_greys_its_candidates_out():
+    """Walk s51 #4: a black frame drew an 80% bar; a far answer's candidates are greyed and said not meaningful."""
+    render = _render()
+    assert "Closest species (not meaningful: the photo is unlike every reference):" in render
+    assert 'if (answer.far) html += `<div class="meaningless" id="not-meaningful">`;' in render
+    assert ".meaningless { opacity: 0.45; }" in PAGE.read_text(encoding="utf-8")
+
+
+def test_the_photo_input_lets_a_photo_on_the_phone_be_picked():
+    """Walk s51 #5: capture="environment" opened the camera at once on Android: no photo already taken could be
+    picked, and one photo a tap against the label's 1-5."""
+    html = PAGE.read_text(encoding="utf-8")
+    assert '<input id="photos" name="images" type="file" accept="image/*" multiple required>' in html
+    assert "capture=" not in html and "from the phone's photos, or take them with its camera" in html

@@ -134,6 +134,9 @@ def test_a_far_answer_prints_the_gallery_threshold_beside_the_nearest_similarity
                       r"threshold (\d\.\d+)\)", out)
     assert code == 0 and found, out
     assert float(found[1]) < float(found[2]) and float(found[2]) == pytest.approx(limit, abs=0.005)
+    # walk s51 #4: its candidates' percentages (85% for a black frame) are said to be meaningless; the safe advice
+    assert "  closest species (not meaningful: the photo is unlike every reference):" in out.splitlines(), out
+    assert "This photo cannot be identified: if someone was bitten, treat the bite as venomous" in out, out
     close = {"image": "a.png", "far": True, "unknown": True, "nearest_similarity": 0.9851, "predictions": [],
              "neighbours": [], "venomous_score": None, "venom_unknown_score": 0.0}
     text = _identify_table(close, "species", far_threshold=0.9874)
@@ -277,3 +280,80 @@ def test_uploads_added_with_their_embeddings_store_what_embedding_them_inside_st
     emb[0, 3] = np.nan
     res = add_photos(ident.gallery, ident.encoder, binomial(SPECIES[2]), pair, embeddings=emb)
     assert res.report.added == 1 and [why for _, why in res.report.skipped] == [NON_FINITE]
+
+
+def test_an_unknown_answer_gives_the_safe_venom_advice_whatever_its_venomous_score(index, capsys):
+    """Walk s51 #1, #3: an UNKNOWN answer (not far) printed 'probability medically important venomous: 7.1%' and no
+    'treat as venomous'; the CLI and the page gave different advice. One rule (retrieval.advice) now says it."""
+    harmless = photos("val", SPECIES[3])[3]  # Red-tailed Green Ratsnake, a harmless answer of ~0.99
+    code, out, _ = _run(capsys, "identify", "--index", index, harmless, "--unknown-threshold", "0.999999",
+                        "--precision", "fp32", "--format", "json", "-q")
+    (answer,) = json.loads(out)
+    assert code == 0 and answer["unknown"] and not answer["far"] and answer["venomous_score"] < 0.1, answer
+    assert answer["venom_advice"]["level"] == "cannot_tell" and answer["venom_advice"]["treat_as_venomous"] is True
+    code, out, _ = _run(capsys, "identify", "--index", index, harmless, "--unknown-threshold", "0.999999",
+                        "--precision", "fp32", "-q")
+    assert "UNKNOWN: no species is supported strongly enough" in out
+    assert "treat the bite as venomous and seek medical care" in out and "probability medically" not in out, out
+    # named with confidence: the low probability, and still the doubt's advice
+    code, out, _ = _run(capsys, "identify", "--index", index, harmless, "--precision", "fp32", "-q")
+    assert "UNKNOWN" not in out and re.search(r"Probability medically important venomous: \d+\.\d%.*; when in doubt, "
+                                              r"treat a bite as venomous\.", out), out
+    # a venomous answer: the page's warning, word for word, on the terminal too
+    code, out, _ = _run(capsys, "identify", "--index", index, COBRA, "--precision", "fp32", "-q")
+    assert re.search(r"Possibly MEDICALLY IMPORTANT VENOMOUS \(Philippine Cobra\) — probability \d+\.\d%\. Treat as "
+                     r"venomous and seek medical care\.", out), out
+    code, out, _ = _run(capsys, "identify", "--index", index, COBRA, "--precision", "fp32", "--format", "csv", "-q")
+    assert ",possibly_venomous,Possibly MEDICALLY IMPORTANT VENOMOUS" in out.splitlines()[1], out
+
+
+def test_the_advice_rule():
+    """retrieval.advice.venom_advice: far and unknown are never told 'unlikely'; 10% on venomous or unrecorded
+    species warns; a gallery that records no venom status gets no advice for a named answer."""
+    from retrieval.advice import VENOM_WARN_AT, venom_advice
+
+    def level(**kw):
+        given = {"unknown": False, "far": False, "venomous_score": 0.02, "venom_unknown_score": 0.0, **kw}
+        advice = venom_advice(**given)
+        return advice and (advice.level, advice.treat_as_venomous)
+
+    assert level() == ("unlikely", False)
+    assert level(unknown=True) == ("cannot_tell", True)
+    assert level(unknown=True, far=True, venomous_score=None) == ("cannot_tell", True)
+    assert level(venomous_score=VENOM_WARN_AT) == ("possibly_venomous", True)
+    assert level(unknown=True, venomous_score=0.42) == ("possibly_venomous", True)  # says more than 'cannot tell'
+    assert level(venomous_score=0.05, venom_unknown_score=0.05) == ("possibly_venomous", True)
+    assert level(venomous_score=None) is None and level(venomous_score=None, unknown=True) == ("cannot_tell", True)
+
+
+def test_a_moroccan_gallery_names_the_venomous_checklist_species_it_cannot_name(index, tmp_path, capsys):
+    """Walk s51 #2: a gallery built from the Moroccan checklist with photos of a few species said what it lacked once,
+    at build; every answer and 'index info' now name the venomous checklist species it cannot name."""
+    root = tmp_path / "mor"
+    for folder, src in (("Naja-haje", SPECIES[0]), ("Natrix maura", SPECIES[3])):
+        (root / folder).mkdir(parents=True)
+        for p in photos("train", src, 3):
+            (root / folder / p.name).write_bytes(p.read_bytes())
+    from conftest import MOBILENET_SPEC
+
+    code, _, _ = _run(capsys, "index", "build", "--dataset", "moroccan", "--root", root, "--index", tmp_path / "g",
+                      "--encoder", MOBILENET_SPEC, "--precision", "fp32", "-q")
+    assert code == 0
+    missing = ("Bitis arietans, Cerastes cerastes, Cerastes vipera, Daboia mauritanica, Echis pyramidum, "
+               "Vipera monticola")
+    code, out, err = _run(capsys, "identify", "--index", tmp_path / "g", COBRA, "--precision", "fp32", "-q")
+    assert code == 0 and (f"note: this gallery cannot name 6 of the 7 medically important venomous species of the "
+                          f"moroccan checklist ({missing}): it has no photos of them") in out, out
+    assert "it holds photos of 2 of the checklist's 26 species); add their photos (speciesid references add)" in out
+    code, out, _ = _run(capsys, "index", "info", "--index", tmp_path / "g")
+    block = json.loads(out)["checklist"]
+    assert block["checklist"] == "moroccan" and block["with_photos"] == 2 and len(block["missing"]) == 24
+    assert ", ".join(block["venomous_missing"]) == missing and block["note"].startswith("this gallery cannot name 6")
+    # the service says it too, worded for an HTTP client
+    from retrieval.workflows import answer_notes, open_identifier
+
+    notes = answer_notes(open_identifier(tmp_path / "g", EncoderConfig(precision="fp32")), api=True)
+    assert any(n.startswith("this gallery cannot name 6") and n.endswith("(POST /v1/species/{name}/references)")
+               for n in notes), notes
+    # a gallery of no checklist says nothing of it
+    assert "checklist" not in json.loads(_run(capsys, "index", "info", "--index", index)[1])

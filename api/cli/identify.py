@@ -24,6 +24,8 @@ from api.cli._common import (
 RANKS = ("species", "genus", "family")
 #: The answer's own fields, repeated on each of its CSV rows.
 ANSWER_FIELDS = ("unknown", "far", "nearest_similarity", "venomous_score", "venom_unknown_score")
+#: The venom advice's fields, flattened onto each CSV row (retrieval.advice).
+ADVICE_FIELDS = ("venom_advice_level", "venom_advice")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,18 +121,22 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         ranked = r.get("results") if rank != "species" else r.get("predictions", [])
         for i, p in enumerate(ranked or [], 1):
             name = p.get("name", p.get("species"))
+            advice = r.get("venom_advice") or {}
             rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name,
-                         **{k: r[k] for k in ANSWER_FIELDS}})
+                         **{k: r[k] for k in ANSWER_FIELDS}, "venom_advice_level": advice.get("level"),
+                         "venom_advice": advice.get("text")})
         if "error" in r:
             rows.append({"image": r["image"], "error": r["error"]})
     fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
-              *ANSWER_FIELDS, "error"]
+              *ANSWER_FIELDS, *ADVICE_FIELDS, "error"]
     return to_csv(rows, fields)
 
 
 def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: float | None = None) -> str:
     """One answer as lines for people; ``far_threshold``: the gallery's, said beside a far answer's nearest
     similarity (which is under it)."""
+    from retrieval.advice import NOT_MEANINGFUL
+
     lines = [r["image"]]
     if "error" in r:
         return "\n".join([*lines, f"  error: {r['error']}"])
@@ -138,7 +144,8 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
         nearest, limit = _apart(r["nearest_similarity"], far_threshold)
         under = f", under this gallery's far threshold {limit}" if limit else ""
         lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {nearest}{under}): nothing like "
-                     "the gallery's photos, or too small or blank to tell (best candidates below)")
+                     "the gallery's photos, or too small or blank to tell")
+        lines.append(f"  closest {'species' if rank == 'species' else rank} ({NOT_MEANINGFUL}):")
     elif r["unknown"]:
         lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
     if rank == "species":
@@ -157,13 +164,8 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     if r.get("country_applied") is False:
         lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
                      "is, or the country table does not list them)")
-    unflagged = r.get("venom_unknown_score") or 0.0
-    if r.get("far"):  # the scores say nothing about this photo
-        lines.append("  medically important venomous: cannot tell from this photo (treat a bite as venomous)")
-    elif r.get("venomous_score") is not None or unflagged:
-        lines.append(f"  probability medically important venomous: {r.get('venomous_score') or 0.0:.1%}"
-                     + (f" (and {unflagged:.1%} on species whose venom status is not recorded: treat those as "
-                        "venomous)" if unflagged >= 0.005 else ""))
+    if advice := r.get("venom_advice"):  # the library's one rule (retrieval.advice), as the API and the page say it
+        lines.append(f"  {advice['text']}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from api.routers._edge import edge, errors, neighbour_out, photo_field_error, re
 from api.schemas import SEARCH_K_DEFAULT, IdentifyOut, ResultOut, SearchK, SearchOut, SearchVectorIn
 from api.service import SpeciesService
 from index.geography import resolve_country
+from retrieval.advice import far_note
 from retrieval.vote import Rank
 
 router = APIRouter(prefix="/v1", tags=["identify"])
@@ -89,7 +90,8 @@ def identify(
         country_applied=answer.identification.country_applied,
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
-        notes=service.answer_notes(),
+        venom_advice=advice.to_dict() if (advice := answer.identification.venom_advice) is not None else None,
+        notes=([far_note()] if answer.identification.far else []) + service.answer_notes(),
         set_aside=list(answer.identification.set_aside),
     )
 

@@ -1,0 +1,158 @@
+"""What an answer advises about venom, and which checklist species a gallery cannot name: one rule, which the CLI,
+the API and the web page only show (docs/identification.md, "Venom advice").
+
+The advice (:func:`venom_advice`), in order:
+
+- ``cannot_tell``, treat as venomous: the photo is unlike every reference (``far``: its scores say nothing);
+- ``possibly_venomous``, treat as venomous: at least :data:`VENOM_WARN_AT` of the probability is on medically
+  important venomous species or on species whose venom status is not recorded (10% of the venomous ph-snakes val
+  photos get a harmless top-1: docs/identification.md);
+- ``cannot_tell``, treat as venomous: the answer is ``unknown`` (no species supported strongly enough);
+- ``unlikely``: a species is named and under 10% is on venomous or unrecorded species.
+
+A gallery that records no venom status for a named answer gets no advice (None): birds, plants.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from index.atomic import write_json_atomic
+from index.gallery import Gallery, read_gallery_info
+from index.layout import GalleryLayout
+from index.taxonomy import TaxonInfo, moroccan_checklist
+
+logger = logging.getLogger(__name__)
+
+#: The share of the probability on venomous (or unrecorded) species from which the advice is to treat a bite as
+#: venomous: 10% of the venomous ph-snakes val photos get a harmless top-1 from the blend (docs/identification.md).
+VENOM_WARN_AT = 0.10
+
+FAR_TEXT = "This photo cannot be identified: if someone was bitten, treat the bite as venomous and seek medical care."
+UNKNOWN_TEXT = ("This photo cannot be identified with confidence (no species is supported strongly enough), so its "
+                "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical care.")
+#: Said of a far answer's candidates (the CLI's heading over them, the API's note, the page's line).
+NOT_MEANINGFUL = "not meaningful: the photo is unlike every reference"
+
+
+@dataclass(frozen=True)
+class VenomAdvice:
+    """What to do about a bite, from one answer."""
+
+    level: str  # "cannot_tell", "possibly_venomous" or "unlikely"
+    treat_as_venomous: bool  # the advice is to treat a bite as venomous
+    text: str  # one sentence for people (the CLI prints it, the page shows it)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
+                 venomous_names: Sequence[str] = ()) -> VenomAdvice | None:
+    """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
+    :data:`VENOM_WARN_AT`, named in the warning."""
+    if far:
+        return VenomAdvice("cannot_tell", True, FAR_TEXT)
+    share = (venomous_score or 0.0) + venom_unknown_score
+    if share >= VENOM_WARN_AT:
+        names = f" ({', '.join(venomous_names)})" if venomous_names else ""
+        unflagged = (f"; separately, up to {venom_unknown_score:.1%} on species whose venom status is not recorded"
+                     if venom_unknown_score >= 0.01 else "")
+        return VenomAdvice("possibly_venomous", True,
+                           f"Possibly MEDICALLY IMPORTANT VENOMOUS{names} — probability {venomous_score or 0.0:.1%}"
+                           f"{unflagged}. Treat as venomous and seek medical care.")
+    if unknown:
+        return VenomAdvice("cannot_tell", True, UNKNOWN_TEXT)
+    if venomous_score is None and not venom_unknown_score:
+        return None  # the gallery records no venom status for these species
+    unflagged = (f" (and {venom_unknown_score:.1%} on species whose venom status is not recorded: treat those as "
+                 "venomous)" if venom_unknown_score >= 0.005 else "")
+    return VenomAdvice("unlikely", False, f"Probability medically important venomous: {venomous_score or 0.0:.1%}"
+                       f"{unflagged}; when in doubt, treat a bite as venomous.")
+
+
+def far_note() -> str:
+    """The note of a far answer: its candidates' scores are shares among the gallery's species, not a match."""
+    return (f"the candidates' scores are {NOT_MEANINGFUL} photo (they are shares among the gallery's species, not "
+            "a match)")
+
+
+# ------------------------------------------------------------------------------------------ checklist coverage
+#: The checklists a gallery can be built from (``--dataset NAME``) -> their species.
+CHECKLISTS: dict[str, Callable[[], Sequence[TaxonInfo]]] = {"moroccan": moroccan_checklist}
+#: Where gallery.json records the checklist the gallery was built from.
+CHECKLIST_KEY = "checklist"
+
+
+def record_checklist(gallery: Gallery, dataset: str) -> None:
+    """Record in the gallery's ``gallery.json`` that it is built from the checklist ``dataset`` (nothing for a
+    dataset that is not a checklist, or when recorded already)."""
+    if dataset not in CHECKLISTS or gallery.info.get(CHECKLIST_KEY) == dataset:
+        return
+    with gallery.writing(local=True):
+        gallery.info = {**read_gallery_info(gallery.root), CHECKLIST_KEY: dataset}
+        write_json_atomic(gallery.layout.info, gallery.info)
+
+
+@dataclass(frozen=True)
+class ChecklistCoverage:
+    """Which species of a checklist a gallery can name (photos, or its text prior) and which it cannot."""
+
+    checklist: str  # its name (``moroccan``)
+    species: int  # species on the checklist
+    with_photos: int  # of them, held with searchable photos
+    missing: tuple[str, ...]  # checklist species the gallery cannot name (no photos, not in its text prior)
+    venomous: int  # medically important venomous species on the checklist
+    venomous_missing: tuple[str, ...]  # of them, those it cannot name
+
+    def note(self) -> str:
+        """What an answer says of it ("" when every venomous checklist species can be named)."""
+        if not self.venomous_missing:
+            return ""
+        n = len(self.venomous_missing)
+        return (f"this gallery cannot name {n} of the {self.venomous} medically important venomous species of the "
+                f"{self.checklist} checklist ({', '.join(self.venomous_missing)}): it has no photos of "
+                f"{'it' if n == 1 else 'them'}, so a snake of {'that species' if n == 1 else 'those'} is answered "
+                f"as the closest species it holds (it holds photos of {self.with_photos} of the checklist's "
+                f"{self.species} species); add their photos")
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict (``index info``), with the note."""
+        return {**asdict(self), "missing": list(self.missing), "venomous_missing": list(self.venomous_missing),
+                "note": self.note()}
+
+
+def gallery_checklist(info: dict) -> str | None:
+    """The checklist a gallery is built from, as its ``gallery.json`` (``info``) records it (:func:`record_checklist`);
+    None for another dataset, or a gallery built before it was recorded (the same build run again records it)."""
+    recorded = info.get(CHECKLIST_KEY)
+    return str(recorded) if recorded in CHECKLISTS else None
+
+
+def checklist_coverage(info: dict, held: Iterable[str], nameable: Iterable[str] = ()) -> ChecklistCoverage | None:
+    """What of its checklist a gallery can name: ``held`` (species with photos) and ``nameable`` (its text prior's
+    species); None for a gallery of no checklist."""
+    held = set(held)
+    name = gallery_checklist(info)
+    if name is None:
+        return None
+    taxa = CHECKLISTS[name]()
+    can = held | set(nameable)
+    missing = tuple(t.species for t in taxa if t.species not in can)
+    venomous = [t.species for t in taxa if t.venomous]
+    return ChecklistCoverage(name, len(taxa), sum(t.species in held for t in taxa), missing, len(venomous),
+                             tuple(s for s in venomous if s in missing))
+
+
+def text_prior_species(root: str | Path) -> list[str]:
+    """The species of a gallery's text prior as its ``text_prior.json`` lists them ([] without one, or unreadable)."""
+    try:
+        data = json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8"))
+        return [str(t["species"]) for t in data.get("species", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
