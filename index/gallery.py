@@ -1223,6 +1223,15 @@ class Gallery:
         a caller that must answer within a deadline holds it around them with the time it has left."""
         return self._writer.hold(self.write_wait_s if wait is None else wait, local=local)
 
+    def record_info(self, key: str, value: object) -> None:
+        """Record ``key: value`` in the folder's ``gallery.json`` (the folder's lock; re-read first, so another
+        process's entries are kept); nothing when it already reads so."""
+        if self.info.get(key) == value:
+            return
+        with self.writing(local=True):
+            self.info = {**read_gallery_info(self.root), key: value}
+            write_json_atomic(self.layout.info, self.info)
+
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the store version it reflects.
 

@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from index.atomic import write_json_atomic
-from index.gallery import Gallery, read_gallery_info
+from index.gallery import Gallery
 from index.layout import GalleryLayout
 from index.taxonomy import TaxonInfo, moroccan_checklist
 
@@ -92,11 +91,8 @@ CHECKLIST_KEY = "checklist"
 def record_checklist(gallery: Gallery, dataset: str) -> None:
     """Record in the gallery's ``gallery.json`` that it is built from the checklist ``dataset`` (nothing for a
     dataset that is not a checklist, or when recorded already)."""
-    if dataset not in CHECKLISTS or gallery.info.get(CHECKLIST_KEY) == dataset:
-        return
-    with gallery.writing(local=True):
-        gallery.info = {**read_gallery_info(gallery.root), CHECKLIST_KEY: dataset}
-        write_json_atomic(gallery.layout.info, gallery.info)
+    if dataset in CHECKLISTS:
+        gallery.record_info(CHECKLIST_KEY, dataset)
 
 
 @dataclass(frozen=True)

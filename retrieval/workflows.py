@@ -207,8 +207,8 @@ def build_gallery(
                                  store=store, options=storage_options, new_store=new_store)
     record_checklist(gallery, dataset)  # a checklist's gallery says which of its species it cannot name
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
-    with building(gallery.root, key=key, photos=photos, before=before) as earlier:  # marked until it completes: readers say a
-        # partial gallery is one
+    # marked until it completes: readers say a partial gallery is one
+    with building(gallery.root, key=key, photos=photos, before=before) as earlier:
         report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
         step = "finishing the index"
         try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
