@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -30,14 +29,15 @@ _M, _K, _N = 1576, 768, 3072
 
 
 def _cpu_model_fallback() -> str:
-    """The CPU's model name read here, for a ``--repo`` checkout whose retrieval.cpu predates ``cpu_model``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name by this checkout's ``retrieval/cpu.py`` (loaded by path), for a ``--repo`` checkout
+    whose retrieval.cpu predates ``cpu_model``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_speciesid_cpu_here",
+                                                  Path(__file__).resolve().parents[1] / "retrieval" / "cpu.py")
+    here = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(here)
+    return here.cpu_model()
 
 
 def machine_report() -> str:

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,22 @@ def _child(*args) -> dict:
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
     lines = [x for x in p.stdout.splitlines() if x.startswith(MARK)]
     return json.loads(lines[-1][len(MARK):]) if p.returncode == 0 and lines else {"error": p.stderr[-1500:]}
+
+
+def _timed_children(part: str, methods: Sequence[str], sizes: list[int], repeats: int, *extra,
+                    skip: Callable[[str, int], bool] = lambda m, n: False) -> dict[str, dict[int, dict]]:
+    """{method: {n: reply}}: ``_child(part, method, n, repeats (1 above 20k), *extra)`` for each size and method
+    (but those ``skip`` names), each reply given its median seconds and printed as it comes."""
+    res: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    for n in sizes:
+        for m in methods:
+            if skip(m, n):
+                continue
+            res[m][n] = r = _child(part, m, n, repeats if n <= 20000 else 1, *extra)
+            if "error" not in r:
+                r["median"] = median(r["seconds"])
+            print(f"  n={n} {m}: {r.get('median', float('nan')):.3f} s {r.get('error', '')}", flush=True)
+    return res
 
 
 def _sample(n: int, folder: Path) -> Path:
@@ -322,15 +338,7 @@ def pairs_child(method: str, n: int, repeats: int) -> dict:
 
 def growth_part(sizes: list[int], repeats: int, naive_max: int) -> None:
     methods = ("ours", "before", "naive", "find_issues")
-    res: dict[str, dict[int, dict]] = {m: {} for m in methods}
-    for n in sizes:
-        for m in methods:
-            if m == "naive" and n > naive_max:
-                continue
-            res[m][n] = r = _child("pairs", m, n, repeats if n <= 20000 else 1)
-            if "error" not in r:
-                r["median"] = median(r["seconds"])
-            print(f"  n={n} {m}: {r.get('median', float('nan')):.3f} s {r.get('error', '')}", flush=True)
+    res = _timed_children("pairs", methods, sizes, repeats, skip=lambda m, n: m == "naive" and n > naive_max)
     print(f"\n## growth: pair search over n synthetic 512-d vectors (n/50 planted near-copies), cosine >= 0.95; "
           f"medians of {repeats} runs (1 run above 20k); extra peak RSS = peak minus RSS with the data loaded")
     print("| n | similar_pairs s | before: FAISS range_search s | before / ours | naive full matrix s | naive / ours | "
@@ -392,13 +400,7 @@ def self_child(method: str, n: int, repeats: int, old_src: str | None) -> dict:
 
 def self_part(sizes: list[int], repeats: int, old_src: str | None) -> None:
     methods = ("now", "before") if old_src else ("now",)
-    res: dict[str, dict[int, dict]] = {m: {} for m in methods}
-    for n in sizes:
-        for m in methods:
-            res[m][n] = r = _child("self", m, n, repeats if n <= 20000 else 1, old_src)
-            if "error" not in r:
-                r["median"] = median(r["seconds"])
-            print(f"  n={n} {m}: {r.get('median', float('nan')):.2f} s {r.get('error', '')}", flush=True)
+    res = _timed_children("self", methods, sizes, repeats, old_src)
     print(f"\n## self: a gallery cleaned against itself (find_issues: duplicates + suspect labels k=3), n species-like "
           f"512-d vectors; medians of {repeats} runs (1 run above 20k); extra peak RSS = peak minus RSS with the data")
     print("| n | now s | before s | before / now | findings (now) | same findings | extra MiB now / before |\n"
