@@ -10,7 +10,7 @@ The advice (:func:`venom_advice`), in order:
 - ``cannot_tell``, treat as venomous: the answer is ``unknown`` (no species supported strongly enough);
 - ``unlikely``: a species is named and under 10% is on venomous or unrecorded species.
 
-A gallery that records no venom status at all gets no advice (None), whatever the answer: birds, plants.
+A gallery that records no venom status for a named answer gets no advice (None): birds, plants.
 """
 
 from __future__ import annotations
@@ -52,12 +52,9 @@ class VenomAdvice:
 
 
 def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
-                 venomous_names: Sequence[str] = (), records_venom: bool = True) -> VenomAdvice | None:
+                 venomous_names: Sequence[str] = ()) -> VenomAdvice | None:
     """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
-    :data:`VENOM_WARN_AT`, named in the warning. ``records_venom``: whether the gallery records any venom status
-    (None without: birds, plants, whatever the answer)."""
-    if not records_venom:
-        return None
+    :data:`VENOM_WARN_AT`, named in the warning."""
     if far:
         return VenomAdvice("cannot_tell", True, FAR_TEXT)
     share = (venomous_score or 0.0) + venom_unknown_score

@@ -667,8 +667,7 @@ class Identifier:
             country_applied=None if presence is None else (False in candidates
                                                            and any(c is not False for c in candidates)),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
-                                      venom_unknown_score=unflagged, venomous_names=named,
-                                      records_venom=records_venom),
+                                      venom_unknown_score=unflagged, venomous_names=named),
         )
 
 

@@ -17,7 +17,6 @@ from index.layout import VECTORS_FILE
 from index.records import ReferenceRecord
 from index.vectors import VectorIndexConfig
 from retrieval.identify import Identifier
-from retrieval.vote import VoteConfig
 
 DIM = 16
 ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
@@ -118,12 +117,6 @@ def test_a_species_of_unknown_venom_status_is_not_counted_harmless(tmp_path):
     birds.add(_records("Passer domesticus", 6), [f"p{i}" for i in range(6)], _unit(rng, 6, rng.standard_normal(DIM)))
     (bird,) = Identifier(FakeEncoder(), birds).identify_embeddings((centre / np.linalg.norm(centre))[None])
     assert bird.venomous_score is None and bird.venom_unknown_score == 0.0
-    # nor venom advice, even for an answer it cannot give: no "treat the bite as venomous" for a sparrow
-    away = rng.standard_normal(DIM)
-    (lost,) = Identifier(FakeEncoder(), birds, VoteConfig(unknown_threshold=1.0)).identify_embeddings(
-        (away / np.linalg.norm(away))[None])
-    assert lost.unknown and bird.venom_advice is None and lost.venom_advice is None
-    assert lost.to_dict()["venom_advice"] is None
 
 
 def test_reopen_keeps_everything_and_refuses_other_encoders(gallery):

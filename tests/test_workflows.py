@@ -324,7 +324,6 @@ def test_the_advice_rule():
     assert level(unknown=True, venomous_score=0.42) == ("possibly_venomous", True)  # says more than 'cannot tell'
     assert level(venomous_score=0.05, venom_unknown_score=0.05) == ("possibly_venomous", True)
     assert level(venomous_score=None) is None and level(venomous_score=None, unknown=True) == ("cannot_tell", True)
-    assert level(unknown=True, records_venom=False) is None and level(far=True, records_venom=False) is None
 
 
 def test_a_moroccan_gallery_names_the_venomous_checklist_species_it_cannot_name(index, tmp_path, capsys):
