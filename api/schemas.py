@@ -57,7 +57,8 @@ class IdentifyOut(BaseModel):
                       "blank")
     nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
-                                         "(null when far: the photo says nothing, treat a bite as venomous)")
+                                         "(null when far: the photo says nothing, treat a bite as venomous; or when no "
+                                         "candidate's venom status is recorded)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
                                        "not record: not a harmless share (treat as possibly venomous). With a "
                                        "country, this and venomous_score are each the larger of the answer with and "
@@ -65,8 +66,8 @@ class IdentifyOut(BaseModel):
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table")
     venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
-                                                "venomous) whenever the answer is unknown or far; null when the "
-                                                "gallery records no venom status for the species it named")
+                                                "venomous) whenever the answer is unknown or far; null for a named "
+                                                "answer of a gallery that records no venom status at all (birds)")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos sent (those in set_aside included)")
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "

@@ -8,9 +8,10 @@ The advice (:func:`venom_advice`), in order:
   important venomous species or on species whose venom status is not recorded (10% of the venomous ph-snakes val
   photos get a harmless top-1: docs/identification.md);
 - ``cannot_tell``, treat as venomous: the answer is ``unknown`` (no species supported strongly enough);
-- ``unlikely``: a species is named and under 10% is on venomous or unrecorded species.
+- ``unlikely``: a species is named and under 10% (as printed) is on venomous or unrecorded species; said with the
+  caveat that only the gallery's own species can be named.
 
-A gallery that records no venom status for a named answer gets no advice (None): birds, plants.
+A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ VENOM_WARN_AT = 0.10
 FAR_TEXT = "This photo cannot be identified: if someone was bitten, treat the bite as venomous and seek medical care."
 UNKNOWN_TEXT = ("This photo cannot be identified with confidence (no species is supported strongly enough), so its "
                 "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical care.")
+#: The caveat of an "unlikely" answer: the gallery names none but its own species.
+ONLY_OWN = "among this gallery's own species only (a snake of another species is shown as the closest of them)"
 #: Said of a far answer's candidates (the CLI's heading over them, the API's note, the page's line).
 NOT_MEANINGFUL = "not meaningful: the photo is unlike every reference"
 
@@ -52,27 +55,35 @@ class VenomAdvice:
 
 
 def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
-                 venomous_names: Sequence[str] = ()) -> VenomAdvice | None:
+                 venomous_names: Sequence[str] = (), unrecorded_names: Sequence[str] = ()) -> VenomAdvice | None:
     """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
-    :data:`VENOM_WARN_AT`, named in the warning."""
+    :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status,
+    named when the warning comes from them alone."""
     if far:
         return VenomAdvice("cannot_tell", True, FAR_TEXT)
-    share = (venomous_score or 0.0) + venom_unknown_score
-    if share >= VENOM_WARN_AT:
+    venomous = venomous_score or 0.0
+    share = venomous + venom_unknown_score
+    # compared as printed too: a share that prints as 10.0% warns, as 10% does
+    if share >= VENOM_WARN_AT or f"{share:.1%}" == f"{VENOM_WARN_AT:.1%}":
+        if venomous < 0.005:  # from species of unrecorded venom status alone: no "probability 0.0%"
+            whom = ", ".join(unrecorded_names) or "the species this answer names"
+            return VenomAdvice("possibly_venomous", True,
+                               f"Venom status not recorded for {whom} ({venom_unknown_score:.1%} of the "
+                               "probability): treat as venomous and seek medical care.")
         names = f" ({', '.join(venomous_names)})" if venomous_names else ""
-        unflagged = (f"; separately, up to {venom_unknown_score:.1%} on species whose venom status is not recorded"
+        unflagged = (f", and {venom_unknown_score:.1%} on species whose venom status is not recorded"
                      if venom_unknown_score >= 0.01 else "")
         return VenomAdvice("possibly_venomous", True,
-                           f"Possibly MEDICALLY IMPORTANT VENOMOUS{names} — probability {venomous_score or 0.0:.1%}"
+                           f"Possibly MEDICALLY IMPORTANT VENOMOUS{names} — probability {venomous:.1%}"
                            f"{unflagged}. Treat as venomous and seek medical care.")
     if unknown:
         return VenomAdvice("cannot_tell", True, UNKNOWN_TEXT)
     if venomous_score is None and not venom_unknown_score:
-        return None  # the gallery records no venom status for these species
-    unflagged = (f" (and {venom_unknown_score:.1%} on species whose venom status is not recorded: treat those as "
-                 "venomous)" if venom_unknown_score >= 0.005 else "")
-    return VenomAdvice("unlikely", False, f"Probability medically important venomous: {venomous_score or 0.0:.1%}"
-                       f"{unflagged}; when in doubt, treat a bite as venomous.")
+        return None  # the gallery records no venom status at all (birds): far and unknown were told above
+    unflagged = (f" (and {venom_unknown_score:.1%} on species of unknown venom status)"
+                 if venom_unknown_score >= 0.005 else "")
+    return VenomAdvice("unlikely", False, f"Probability medically important venomous: {venomous:.1%}{unflagged}, "
+                       f"{ONLY_OWN}; when in doubt, treat a bite as venomous.")
 
 
 def far_note() -> str:
@@ -105,22 +116,32 @@ class ChecklistCoverage:
     missing: tuple[str, ...]  # checklist species the gallery cannot name (no photos, not in its text prior)
     venomous: int  # medically important venomous species on the checklist
     venomous_missing: tuple[str, ...]  # of them, those it cannot name
+    venomous_text_only: tuple[str, ...] = ()  # of them, those with no photos, named by the text prior alone
 
     def note(self) -> str:
-        """What an answer says of it ("" when every venomous checklist species can be named)."""
-        if not self.venomous_missing:
-            return ""
-        n = len(self.venomous_missing)
-        return (f"this gallery cannot name {n} of the {self.venomous} medically important venomous species of the "
+        """What an answer says of it ("" when every venomous checklist species has photos)."""
+        said = []
+        if self.venomous_missing:
+            n = len(self.venomous_missing)
+            said.append(
+                f"this gallery cannot name {n} of the {self.venomous} medically important venomous species of the "
                 f"{self.checklist} checklist ({', '.join(self.venomous_missing)}): it has no photos of "
                 f"{'it' if n == 1 else 'them'}, so a snake of {'that species' if n == 1 else 'those'} is answered "
                 f"as the closest species it holds (it holds photos of {self.with_photos} of the checklist's "
                 f"{self.species} species); add their photos")
+        if self.venomous_text_only:
+            n = len(self.venomous_text_only)
+            said.append(
+                f"{n} medically important venomous species of the {self.checklist} checklist "
+                f"({', '.join(self.venomous_text_only)}) {'is' if n == 1 else 'are'} named only by "
+                f"{'its' if n == 1 else 'their'} text description, accuracy not measured (no photos of "
+                f"{'it' if n == 1 else 'them'}); add their photos")
+        return "; ".join(said)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict (``index info``), with the note."""
         return {**asdict(self), "missing": list(self.missing), "venomous_missing": list(self.venomous_missing),
-                "note": self.note()}
+                "venomous_text_only": list(self.venomous_text_only), "note": self.note()}
 
 
 def gallery_checklist(info: dict) -> str | None:
@@ -142,7 +163,8 @@ def checklist_coverage(info: dict, held: Iterable[str], nameable: Iterable[str] 
     missing = tuple(t.species for t in taxa if t.species not in can)
     venomous = [t.species for t in taxa if t.venomous]
     return ChecklistCoverage(name, len(taxa), sum(t.species in held for t in taxa), missing, len(venomous),
-                             tuple(s for s in venomous if s in missing))
+                             tuple(s for s in venomous if s in missing),
+                             tuple(s for s in venomous if s not in held and s not in missing))
 
 
 def text_prior_species(root: str | Path) -> list[str]:

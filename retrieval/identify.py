@@ -154,7 +154,8 @@ class Identification:
     scores: dict[str, float] = field(default_factory=dict)  # every species with a non-zero score
     genus_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per genus
     family_scores: dict[str, float] = field(default_factory=dict)  # species scores summed per family
-    venomous_score: float | None = None  # probability mass on medically important venomous species (None: far)
+    venomous_score: float | None = None  # probability mass on medically important venomous species (None: far, or
+    # no candidate's venom status is recorded)
     venom_unknown_score: float = 0.0  # probability mass on species whose venom status the gallery does not record
     far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
     # what the gallery holds, or too small / blank to tell
@@ -163,8 +164,8 @@ class Identification:
     # recorded there, or none, or none in the table), so the scores are the photo's alone
     set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
     # given) set aside as far while another photo was not; they carry nothing about the animal
-    venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: the gallery
-    # records no venom status for the species it named
+    venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: a named answer
+    # (not far, not unknown) of a gallery that records no venom status at all (birds)
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -183,6 +184,7 @@ class Identification:
             "venomous_score": self.venomous_score,
             "venom_unknown_score": self.venom_unknown_score,
             "country_applied": self.country_applied,
+            "set_aside": list(self.set_aside),
             "venom_advice": self.venom_advice.to_dict() if self.venom_advice is not None else None,
         }
 
@@ -652,6 +654,7 @@ class Identifier:
         venomous_score = None if far or not venom else max(venom)  # far: the scores say nothing of this photo
         unflagged = 0.0 if far or not records_venom else max(unflagged_probability(d, flags) for d in views)
         named = [p.common_name or p.species for p in predictions if p.venomous and p.score >= VENOM_WARN_AT]
+        unrecorded = [p.common_name or p.species for p in predictions if p.venomous is None and p.score >= 0.01]
         return Identification(
             predictions=predictions,
             neighbours=neighbours,
@@ -667,7 +670,8 @@ class Identifier:
             country_applied=None if presence is None else (False in candidates
                                                            and any(c is not False for c in candidates)),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
-                                      venom_unknown_score=unflagged, venomous_names=named),
+                                      venom_unknown_score=unflagged, venomous_names=named,
+                                      unrecorded_names=unrecorded[:3] if records_venom else ()),
         )
 
 

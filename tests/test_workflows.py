@@ -69,6 +69,32 @@ def test_identify_observation_gives_one_answer_from_all_photos(index, capsys, tm
     (with_blank,) = json.loads(out)
     assert with_blank["predictions"] == answer["predictions"] and not with_blank["far"]
     assert with_blank["venomous_score"] == answer["venomous_score"]
+    # re-read s51 #5: the set-aside photo is said, in the JSON and the table (it was in neither)
+    assert with_blank["set_aside"] == [3] and answer["set_aside"] == []
+    code, out, _ = _run(capsys, "identify", "--index", index, *shots, tmp_path / "white.png", "--observation", "-q")
+    assert f"  set aside (unlike every reference, so not counted): {tmp_path / 'white.png'}" in out, out
+
+
+def test_far_answers_carry_their_advice_in_csv_and_json_and_an_answer_with_no_candidate_keeps_its_row(
+        index, tmp_path, capsys):
+    """Re-read s51 #6, #13: far advice in CSV and JSON; the CSV wrote no row for an answer with no candidates."""
+    from PIL import Image
+
+    from api.cli.identify import _identify_csv
+
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(tmp_path / "white.png")
+    code, out, _ = _run(capsys, "identify", "--index", index, tmp_path / "white.png", "--format", "json", "-q")
+    (answer,) = json.loads(out)
+    assert answer["far"] and answer["venom_advice"]["level"] == "cannot_tell", answer
+    code, out, _ = _run(capsys, "identify", "--index", index, tmp_path / "white.png", "--format", "csv", "-q")
+    rows = out.splitlines()
+    assert len(rows) > 1 and all(',cannot_tell,"This photo cannot be identified' in r for r in rows[1:]), out
+    # re-read s51 #11: the table says the advice first (as the page does), before the candidates
+    code, out, _ = _run(capsys, "identify", "--index", index, tmp_path / "white.png", "-q")
+    assert -1 < out.index("This photo cannot be identified") < out.index("closest species"), out
+    empty = {**answer, "predictions": [], "image": "none.jpg"}
+    csv = _identify_csv([empty], "species").splitlines()
+    assert len(csv) == 2 and csv[1].startswith("none.jpg,,species,") and ",cannot_tell," in csv[1], csv
 
 
 def test_identify_reports_bad_arguments_and_answers_the_rest(index, capsys, tmp_path):
@@ -324,6 +350,31 @@ def test_the_advice_rule():
     assert level(unknown=True, venomous_score=0.42) == ("possibly_venomous", True)  # says more than 'cannot tell'
     assert level(venomous_score=0.05, venom_unknown_score=0.05) == ("possibly_venomous", True)
     assert level(venomous_score=None) is None and level(venomous_score=None, unknown=True) == ("cannot_tell", True)
+    # re-read s51 #3, #4, #2: the wording
+    assert level(venomous_score=0.0999) == ("possibly_venomous", True)  # prints as 10.0%: warns as 10% does
+    assert level(venomous_score=0.0994) == ("unlikely", False)
+    only = venom_advice(unknown=False, far=False, venomous_score=0.0, venom_unknown_score=0.6,
+                        unrecorded_names=["Rat Snake"]).text
+    assert only == ("Venom status not recorded for Rat Snake (60.0% of the probability): treat as venomous and "
+                    "seek medical care."), only
+    mixed = venom_advice(unknown=False, far=False, venomous_score=0.3, venom_unknown_score=0.2,
+                         venomous_names=["Cobra"]).text
+    assert "separately" not in mixed and mixed.startswith("Possibly MEDICALLY IMPORTANT VENOMOUS (Cobra) — "
+                                                          "probability 30.0%, and 20.0% on species whose"), mixed
+    low = venom_advice(unknown=False, far=False, venomous_score=0.02, venom_unknown_score=0.04).text
+    assert "treat those as venomous" not in low and "(and 4.0% on species of unknown venom status)" in low, low
+    assert "among this gallery's own species only" in low, low
+
+
+def test_a_venomous_checklist_species_named_only_by_the_text_prior_stays_in_the_note():
+    """Re-read s51 #8: a species the text prior lists left the checklist note (its accuracy is not measured)."""
+    from retrieval.advice import checklist_coverage
+
+    cov = checklist_coverage({"checklist": "moroccan"}, ["Naja haje"], ["Echis pyramidum"])
+    assert "Echis pyramidum" in cov.venomous_text_only and "Echis pyramidum" not in cov.venomous_missing
+    assert ("(Echis pyramidum) is named only by its text description, accuracy not measured (no photos of it)"
+            in cov.note()), cov.note()
+    assert cov.to_dict()["venomous_text_only"] == ["Echis pyramidum"]
 
 
 def test_a_moroccan_gallery_names_the_venomous_checklist_species_it_cannot_name(index, tmp_path, capsys):

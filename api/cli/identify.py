@@ -91,8 +91,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
         emit(_identify_csv(results, args.rank))
     else:
         limit = ident.far_threshold() if any(r.get("far") for r in results) else None
+        given = [str(p) for p in paths]  # an observation's set_aside: positions among them
         for r in results:
-            emit(_identify_table(r, args.rank, args.neighbours, far_threshold=limit))
+            emit(_identify_table(r, args.rank, args.neighbours, far_threshold=limit, photos=given))
     for note in notes:  # beside a table; on stderr beside JSON or CSV, which stay what they are for a program
         if args.format == "table":
             emit(f"note: {note}")
@@ -118,23 +119,27 @@ def cmd_identify(args: argparse.Namespace) -> int:
 def _identify_csv(results: list[dict], rank: str) -> str:
     rows = []
     for r in results:
-        ranked = r.get("results") if rank != "species" else r.get("predictions", [])
-        for i, p in enumerate(ranked or [], 1):
-            name = p.get("name", p.get("species"))
-            advice = r.get("venom_advice") or {}
-            rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name,
-                         **{k: r[k] for k in ANSWER_FIELDS}, "venom_advice_level": advice.get("level"),
-                         "venom_advice": advice.get("text")})
         if "error" in r:
             rows.append({"image": r["image"], "error": r["error"]})
+            continue
+        ranked = r.get("results") if rank != "species" else r.get("predictions", [])
+        advice = r.get("venom_advice") or {}
+        answer = {**{k: r[k] for k in ANSWER_FIELDS}, "set_aside": " ".join(map(str, r.get("set_aside", []))),
+                  "venom_advice_level": advice.get("level"), "venom_advice": advice.get("text")}
+        for i, p in enumerate(ranked or [], 1):
+            name = p.get("name", p.get("species"))
+            rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name, **answer})
+        if not ranked:  # no candidate (a probe naming none of the held species): the answer and its advice still
+            rows.append({"image": r["image"], "level": rank, **answer})
     fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
-              *ANSWER_FIELDS, *ADVICE_FIELDS, "error"]
+              *ANSWER_FIELDS, "set_aside", *ADVICE_FIELDS, "error"]
     return to_csv(rows, fields)
 
 
-def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: float | None = None) -> str:
+def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: float | None = None,
+                    photos: list[str] | None = None) -> str:
     """One answer as lines for people; ``far_threshold``: the gallery's, said beside a far answer's nearest
-    similarity (which is under it)."""
+    similarity (which is under it); ``photos``: those given, which an observation's ``set_aside`` counts in."""
     from retrieval.advice import NOT_MEANINGFUL
 
     lines = [r["image"]]
@@ -148,6 +153,12 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
         lines.append(f"  closest {'species' if rank == 'species' else rank} ({NOT_MEANINGFUL}):")
     elif r["unknown"]:
         lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
+    advice = r.get("venom_advice")  # the library's one rule (retrieval.advice), as the API and the page say it
+    if advice and advice["treat_as_venomous"]:  # first, as the page shows it
+        lines.append(f"  {advice['text']}")
+    if aside := r.get("set_aside"):
+        names = [photos[i] if photos and i < len(photos) else f"photo #{i + 1}" for i in aside]
+        lines.append(f"  set aside (unlike every reference, so not counted): {', '.join(names)}")
     if rank == "species":
         for i, p in enumerate(r["predictions"], 1):
             name = p["species"] + (f" ({p['common_name']})" if p["common_name"] else "")
@@ -164,7 +175,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     if r.get("country_applied") is False:
         lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
                      "is, or the country table does not list them)")
-    if advice := r.get("venom_advice"):  # the library's one rule (retrieval.advice), as the API and the page say it
+    if advice and not advice["treat_as_venomous"]:  # "unlikely": last, as the page shows it
         lines.append(f"  {advice['text']}")
     return "\n".join(lines)
 
