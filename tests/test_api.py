@@ -258,6 +258,21 @@ def test_an_unknown_answer_advises_to_treat_a_bite_as_venomous(client):
     assert named["unknown"] is False and named["venom_advice"]["level"] == "unlikely", named
 
 
+def test_identify_returns_the_checklist_note(client):
+    """Re-read s51 #13: /v1/identify carries the note of the venomous checklist species the gallery cannot name."""
+    ident = client.app.state.service.identifier
+    info, kept = ident.gallery.info, ident._coverage
+    ident.gallery.info, ident._coverage = {**info, "checklist": "moroccan"}, None  # as a --dataset moroccan build
+    try:
+        body = client.post("/v1/identify", files=_files([COBRA])).json()
+    finally:
+        ident.gallery.info, ident._coverage = info, kept
+    assert any(n.startswith("this gallery cannot name 7 of the 7 medically important venomous species of the "
+                            "moroccan checklist") and n.endswith("(POST /v1/species/{name}/references)")
+               for n in body["notes"]), body["notes"]
+    assert not any("checklist" in n for n in client.post("/v1/identify", files=_files([COBRA])).json()["notes"])
+
+
 def test_identify_one_photo(client):
     resp = client.post("/v1/identify", files=_files([COBRA]))
     assert resp.status_code == 200, resp.text

@@ -150,7 +150,6 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
         under = f", under this gallery's far threshold {limit}" if limit else ""
         lines.append(f"  UNKNOWN: unlike every reference photo (nearest similarity {nearest}{under}): nothing like "
                      "the gallery's photos, or too small or blank to tell")
-        lines.append(f"  closest {'species' if rank == 'species' else rank} ({NOT_MEANINGFUL}):")
     elif r["unknown"]:
         lines.append("  UNKNOWN: no species is supported strongly enough (best candidates below)")
     advice = r.get("venom_advice")  # the library's one rule (retrieval.advice), as the API and the page say it
@@ -159,6 +158,8 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     if aside := r.get("set_aside"):
         names = [photos[i] if photos and i < len(photos) else f"photo #{i + 1}" for i in aside]
         lines.append(f"  set aside (unlike every reference, so not counted): {', '.join(names)}")
+    if r.get("far"):
+        lines.append(f"  closest {'species' if rank == 'species' else rank} ({NOT_MEANINGFUL}):")
     if rank == "species":
         for i, p in enumerate(r["predictions"], 1):
             name = p["species"] + (f" ({p['common_name']})" if p["common_name"] else "")
