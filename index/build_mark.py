@@ -172,8 +172,9 @@ def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
     """``{"state", "note"}`` of the builds into ``root``: ``complete`` (none unfinished; note ""), ``interrupted``
     (one or more did not finish and were not covered since: their notes, builds' first, each naming its build
     (:func:`interrupted_note`; :data:`INTERRUPTED_NOTE` for a mark that names none), for one cut short once every
-    photo was committed the step it was in and "run it again to finish"; an add's, naming its species) or ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP
-    client, who may hold no key (``/readyz``): the running build's pid and host are left out."""
+    photo was committed the step it was in and "run it again to finish"; an add's, naming its species) or
+    ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP client, who may
+    hold no key (``/readyz``): the running build's pid and host are left out."""
     found = [m for _, m in marks(root)]
     if unfinished := _unfinished(found):
         ordered = sorted((m.get("kind") == "add", "id" in m and bool(m.get("key")), str(m.get("started")),

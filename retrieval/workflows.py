@@ -118,7 +118,8 @@ __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "delete_references", "evaluate_dataset",
-    "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery", "open_identifier",
+    "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery",
+    "open_identifier",
     "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
     "train_gallery_probe", "withdraw_gallery_probe",
 ]
