@@ -187,6 +187,18 @@ def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_
     assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text
 
 
+def test_the_page_names_the_photos_set_aside_and_says_once_that_far_scores_mean_nothing(site, browser, tmp_path):
+    """Re-read s51 #5, #10: the page showed no set-aside photo, and a far answer's 'not meaningful' twice."""
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(blank)
+    text = _identify(browser, site, COBRA, blank)
+    assert "Photo(s) 2 set aside: unlike every reference, so not counted." in text, text
+    text = _identify(browser, site, blank)
+    assert text.count("not meaningful") == 1, text
+
+
 def test_an_unknown_answer_shows_the_safe_advice_in_red(site, browser):
     """Walk s51 #1: an unknown answer, not far, under 10% venomous, showed 'Not sure' and no warning at all."""
     from selenium.webdriver.common.by import By
