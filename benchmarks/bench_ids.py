@@ -197,14 +197,7 @@ def gallery(n: int, data: Path, preload: bool) -> None:
         timed = {"dead_rows_ms": lambda: rerank.dead_rows(live)}
         if hasattr(rerank, "dead_rows_at_most"):  # the bound a save asks first (stop 51)
             timed["dead_rows_at_most_ms"] = lambda: rerank.dead_rows_at_most(live)
-        out = {}
-        for name, call in timed.items():
-            runs = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                call()
-                runs.append((time.perf_counter() - t0) * 1e3)
-            out[name] = round(min(runs), 3)
+        out = {name: round(_best_ms(call, 5), 3) for name, call in timed.items()}
         print(json.dumps({"rerank_rows": rerank.rows, **out, "best_of": 5}))
     if preload:  # what a server's start adds: the metadata of every reference, cached as Neighbour rows
         before = _rss_mib()

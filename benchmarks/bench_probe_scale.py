@@ -51,6 +51,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import status_mib  # puts this checkout first on sys.path
     from _hardware import machine_report
+    from _synth import n_species_for
 
     if args.repo is not None:  # before it: the other checkout's packages
         sys.path.insert(0, str(args.repo.resolve()))
@@ -59,7 +60,7 @@ def main() -> None:
     print(machine_report(), flush=True)
     print(f"code: {Path(retrieval.__file__).resolve().parents[1]}", flush=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    species = args.species or max(50, args.refs // 100)
+    species = args.species or n_species_for(args.refs)
     x, y = gallery(args.refs, species, args.dim)
     print(f"gallery: {len(x)} references, {len(set(y))} species (of {species} drawn), {args.dim}-d; "
           f"VmRSS {status_mib('VmRSS'):.0f} MiB", flush=True)

@@ -148,17 +148,29 @@ def _live(mark: dict[str, Any]) -> bool:
     return mark.get("state") == "running" and _alive(mark)
 
 
-def _unfinished(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Of ``found`` marks, those of builds (or adds) that did not finish and that no build running now takes up."""
-    resumed = {i for m in found if _live(m) for i in m.get("resumes", ())}
-    return [m for m in found if not _live(m) and m.get("id", "legacy") not in resumed]
+def _mark_id(mark: dict[str, Any]) -> str:
+    """A mark's id (``"legacy"`` for the old layout's ``build.json``, which has none)."""
+    return mark.get("id", "legacy")
+
+
+def _unfinished(found: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of ``found`` marks, those of builds (or adds) that did not finish and that no build running now (``live``:
+    those of ``found`` that are, :func:`_live`) takes up."""
+    resumed = {i for m in live for i in m.get("resumes", ())}
+    return [m for m in found if not any(m is x for x in live) and _mark_id(m) not in resumed]
+
+
+def _found_and_live(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the marks in ``root``, those of builds running now): each mark's process looked up once."""
+    found = [m for _, m in marks(root)]
+    return found, [m for m in found if _live(m)]
 
 
 def unfinished_ids(root: str | Path) -> set[str]:
     """The ids of the marks in ``root`` of builds (or adds) that did not finish and that no build running now takes
     up (``"legacy"`` for the old layout's): read before a build scans its dataset, what it may take up
     (:func:`building`'s ``before``)."""
-    return {m.get("id", "legacy") for m in _unfinished([m for _, m in marks(root)])}
+    return {_mark_id(m) for m in _unfinished(*_found_and_live(root))}
 
 
 def _note(mark: dict[str, Any], api: bool = False) -> str:
@@ -175,14 +187,14 @@ def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
     photo was committed the step it was in and "run it again to finish"; an add's, naming its species) or
     ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP client, who may
     hold no key (``/readyz``): the running build's pid and host are left out."""
-    found = [m for _, m in marks(root)]
-    if unfinished := _unfinished(found):
+    found, live = _found_and_live(root)
+    if unfinished := _unfinished(found, live):
         ordered = sorted((m.get("kind") == "add", "id" in m and bool(m.get("key")), str(m.get("started")),
                           _note(m, api)) for m in unfinished)  # builds first, the old wording first; by start
         notes = list(dict.fromkeys(note for *_, note in ordered))
         return {"state": "interrupted", "note": "; ".join(notes)}
-    if running := [m for m in found if _live(m)]:
-        mark = running[0]
+    if live:
+        mark = live[0]
         where = "" if api else f"pid {mark.get('pid')} on {mark.get('host')}, "
         return {"state": "running",
                 "note": f"a build into this gallery is running ({where}since {mark.get('started')}): until it "
@@ -230,7 +242,7 @@ def _remove(path: Path) -> bool:
 def _covered(mark: dict[str, Any], key: dict[str, Any] | None, photos: str | None, taken_up: set[str]) -> bool:
     """Whether a completed build (or add) of ``key`` over ``photos`` covered the unfinished ``mark`` (the module's
     rule); ``taken_up``: the marks already unfinished when it started."""
-    if "id" not in mark:  # the old layout: any build that completes after it ended (the old rule)
+    if _mark_id(mark) == "legacy":  # the old layout: any build that completes after it ended (the old rule)
         return "legacy" in taken_up
     if mark.get("key") != key:
         return False
@@ -277,15 +289,14 @@ def building(root: str | Path, *, key: dict[str, Any] | None = None, photos: str
     root = Path(root)
     for left in remove_leftovers(GalleryLayout(root).build_marks):  # a mark's write killed (a second Ctrl-C)
         logger.info("removed %s, left by an interrupted write of a build mark", left.name)
-    found = [m for _, m in marks(root)]  # read once: what earlier builds left, and builds running now
+    found, live = _found_and_live(root)  # read once: what earlier builds left, and builds running now
     scanned_after = None if before is None else set(before)
-    taken_up = {m.get("id", "legacy"): m for m in found
-                if not _live(m) and ("id" not in m or m.get("key") == key)
-                and (scanned_after is None or m.get("id", "legacy") in scanned_after)}
-    for other in found:
-        if _live(other):
-            logger.info("another build into %s is running (pid %s on %s, since %s): its mark is kept", root,
-                        other.get("pid"), other.get("host"), other.get("started"))
+    taken_up = {_mark_id(m): m for m in found
+                if not any(m is x for x in live) and ("id" not in m or m.get("key") == key)
+                and (scanned_after is None or _mark_id(m) in scanned_after)}
+    for other in live:
+        logger.info("another build into %s is running (pid %s on %s, since %s): its mark is kept", root,
+                    other.get("pid"), other.get("host"), other.get("started"))
     mine = _new_mark("running", key, photos, resumes=sorted(taken_up))  # readers say those run again now
     path = _put(root, mine)
     try:

@@ -1196,8 +1196,8 @@ class Gallery:
                         yield
                     finally:
                         self._write_depth -= 1
-                due, self._compaction_due = (self._compaction_due, None) if outer else (None, self._compaction_due)
-                if due is not None:  # in the hold, the thread lock left: this process's searches go on
+                if outer and (due := self._compaction_due) is not None:  # in the hold, the thread lock left:
+                    self._compaction_due = None  # this process's searches go on
                     self._compact_after_write(*due)
             finally:
                 if outer:

@@ -1,5 +1,6 @@
 """Pair search: every pair of embeddings at or above a cosine similarity (duplicates, near-duplicates, leaks), and
-the groups of copies those pairs make (:func:`copy_groups`: the one copy rule of suspect labels and of cross-validation's folds).
+the groups of copies those pairs make (:func:`copy_groups`: the one copy rule of suspect labels and of
+cross-validation's folds).
 
 Exact, by blocked inner products of L2-normalised rows (numpy matmul, one ``block`` x ``block`` tile at a time,
 so memory stays at a tile whatever the sizes); numpy in, pairs out. Within one set only the tiles on and above
@@ -10,7 +11,7 @@ benchmarks/bench_clean.py.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,14 +22,28 @@ DEFAULT_BLOCK = 2048
 _SLACK = 1e-6
 
 
-def _tile_pairs(
-    a: np.ndarray, base: np.ndarray, threshold: float, upper: bool, sims: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows of ``a``, rows of ``base``, similarities) of one tile at or above ``threshold``; ``upper``: only j > i.
-    ``sims``: the tile ``a @ base.T`` when already computed. Only the rows whose best reaches the threshold are
-    searched for hits (a whole-tile mask, ``triu`` and ``nonzero`` cost more than the matrix product at 64-d)."""
-    if sims is None:
-        sims = a @ base.T
+def _tiles(n_rows: int, n_base: int, block: int, within: bool, progress: bool,
+           desc: str) -> Iterator[tuple[int, int]]:
+    """The (row, column) starts of the similarity tiles of ``n_rows`` x ``n_base`` rows, ``block`` a side (``within``:
+    one set, the tiles on and above the diagonal); ``progress``: a bar over them named ``desc`` (none for one
+    tile: no bar object at all, other bars' owners count theirs)."""
+    from tqdm.auto import tqdm
+
+    na, nb = -(-n_rows // block), -(-n_base // block)
+    tiles = na * (na + 1) // 2 if within else na * nb
+    shown = progress and tiles > 1
+    with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
+        for s in range(0, n_rows, block):
+            for t in range(s if within else 0, n_base, block):
+                yield s, t
+                if bar is not None:
+                    bar.update()
+
+
+def _tile_pairs(sims: np.ndarray, threshold: float, upper: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, similarities) of one similarity tile ``sims`` at or above ``threshold``; ``upper``: only
+    j > i. Only the rows whose best reaches the threshold are searched for hits (a whole-tile mask, ``triu`` and
+    ``nonzero`` cost more than the matrix product at 64-d)."""
     cut = np.float32(threshold - _SLACK)
     rows = np.flatnonzero(sims.max(axis=1) >= cut)
     if not rows.size:
@@ -58,8 +73,6 @@ def similar_pairs(
     ``block``: rows per side of the similarity tile computed at once (memory: ``block``² floats).
     ``progress``: a bar over the tiles (all n² pairs within one set: long at 100k+ rows), named ``desc``.
     """
-    from tqdm.auto import tqdm
-
     if block < 1:
         raise ValueError(f"block must be at least 1, got {block}")
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -67,19 +80,11 @@ def similar_pairs(
     if not len(a) or not len(base):
         return []
     parts_i, parts_j, parts_s = [], [], []
-    na, nb = -(-len(a) // block), -(-len(base) // block)
-    tiles = na * (na + 1) // 2 if b is None else na * nb
-    shown = progress and tiles > 1  # no bar object at all otherwise (other bars' owners count theirs)
-    with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
-        for s in range(0, len(a), block):
-            for t in range(s if b is None else 0, len(base), block):  # within one set: tiles on/above the diagonal
-                i, j, sims = _tile_pairs(a[s : s + block], base[t : t + block], float(threshold),
-                                         b is None and s == t)
-                parts_i.append(i + s)
-                parts_j.append(j + t)
-                parts_s.append(sims)
-                if bar is not None:
-                    bar.update()
+    for s, t in _tiles(len(a), len(base), block, b is None, progress, desc):
+        i, j, sims = _tile_pairs(a[s : s + block] @ base[t : t + block].T, float(threshold), b is None and s == t)
+        parts_i.append(i + s)
+        parts_j.append(j + t)
+        parts_s.append(sims)
     return _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
 
 
@@ -106,8 +111,6 @@ def neighbours_and_pairs(
     (n, ``k``) for the neighbours, and the pairs found. The top-k is merged tile by tile: only the entries at or
     above a row's current k-th best are looked at once the row holds ``k``. ``progress``: a bar over the tiles.
     """
-    from tqdm.auto import tqdm
-
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if block < 1:
@@ -117,24 +120,17 @@ def neighbours_and_pairs(
     best_s = np.full((n, k), -np.inf, dtype=np.float32)
     best_i = np.full((n, k), -1, dtype=np.int64)
     parts_i, parts_j, parts_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    nb = -(-n // block)
-    tiles = nb * (nb + 1) // 2
-    shown = progress and tiles > 1  # no bar object at all otherwise, as similar_pairs
-    with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
-        for s in range(0, n, block):
-            for t in range(s, n, block):
-                sims = a[s : s + block] @ a[t : t + block].T
-                i, j, v = _tile_pairs(a[s : s + block], a[t : t + block], float(threshold), s == t, sims)
-                parts_i.append(i + s)
-                parts_j.append(j + t)
-                parts_s.append(v)
-                if s == t:
-                    np.fill_diagonal(sims, -np.inf)  # a row is not its own neighbour
-                _merge_top(best_s, best_i, s, sims, t)
-                if s != t:
-                    _merge_top(best_s, best_i, t, sims, s, columns=True)
-                if bar is not None:
-                    bar.update()
+    for s, t in _tiles(n, n, block, True, progress, desc):
+        sims = a[s : s + block] @ a[t : t + block].T
+        i, j, v = _tile_pairs(sims, float(threshold), s == t)
+        parts_i.append(i + s)
+        parts_j.append(j + t)
+        parts_s.append(v)
+        if s == t:
+            np.fill_diagonal(sims, -np.inf)  # a row is not its own neighbour
+        _merge_top(best_s, best_i, s, sims, t)
+        if s != t:
+            _merge_top(best_s, best_i, t, sims, s, columns=True)
     pairs = _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)) if n else []
     return NeighbourPass(best_i, best_s, pairs)
 

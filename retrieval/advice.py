@@ -16,14 +16,11 @@ A gallery that records no venom status at all gets no advice (None) for a named 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from index.gallery import Gallery
-from index.layout import GalleryLayout
 from index.taxonomy import TaxonInfo, moroccan_checklist
 
 logger = logging.getLogger(__name__)
@@ -165,12 +162,3 @@ def checklist_coverage(info: dict, held: Iterable[str], nameable: Iterable[str] 
     return ChecklistCoverage(name, len(taxa), sum(t.species in held for t in taxa), missing, len(venomous),
                              tuple(s for s in venomous if s in missing),
                              tuple(s for s in venomous if s not in held and s not in missing))
-
-
-def text_prior_species(root: str | Path) -> list[str]:
-    """The species of a gallery's text prior as its ``text_prior.json`` lists them ([] without one, or unreadable)."""
-    try:
-        data = json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8"))
-        return [str(t["species"]) for t in data.get("species", [])]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return []

@@ -43,7 +43,7 @@ from retrieval.findings import (
     unfindable_text,
 )
 from retrieval.images import sha256_bytes
-from retrieval.pipeline import Embedded, default_workers, embed_photos
+from retrieval.pipeline import Embedded, default_workers, embed_photos, read_error
 from retrieval.probe import has_probe
 from retrieval.probe_flows import refresh_gallery_metric
 
@@ -362,11 +362,11 @@ LOOKUP_CHUNK = 256
 
 
 def _read_or_why(read: Callable[[str | Path], bytes], path: str | Path) -> bytes | str:
-    """A photo's bytes, or why it cannot be read (the words of :func:`retrieval.pipeline.prepare`)."""
+    """A photo's bytes, or why it cannot be read (:func:`retrieval.pipeline.read_error`)."""
     try:
         return read(path)
     except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
+        return read_error(exc)
 
 
 def _embed_looking_up(gallery: Gallery, paths: Sequence[str | Path], enc: Encoder,

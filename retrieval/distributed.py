@@ -49,7 +49,7 @@ from index.sources import read_source
 from index.store import rows_table, source_file, source_text
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config, preprocess_with
 from retrieval.images import MIN_REFERENCE_SIDE, sha256_bytes
-from retrieval.pipeline import NON_FINITE, BuildReport, prepare
+from retrieval.pipeline import NON_FINITE, BuildReport, prepare, read_error
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def hash_batch(batch: pa.Table) -> pa.Table:
             errors.append("")
         except OSError as exc:
             digests.append("")
-            errors.append(f"cannot be read ({exc.strerror or exc})")
+            errors.append(read_error(exc))
     return pa.table({"pos": batch.column("pos"), "sha256": pa.array(digests, pa.string()),
                      "error": pa.array(errors, pa.string())})
 
@@ -210,7 +210,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_s
             data = read_source(source_file(str(text)))
         except OSError as exc:
             tensors.append(None)
-            errors[i] = f"cannot be read ({exc.strerror or exc})"
+            errors[i] = read_error(exc)
             continue
         done = prepare(int(batch["pos"][i]), data, preprocessor, min_side=min_side)  # type: ignore[arg-type]
         tensors.append(None if done.tensor is None else np.asarray(done.tensor, dtype=np.float32))

@@ -196,6 +196,11 @@ def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_
     return encoder.preprocess_views(image), photo_size(image)
 
 
+def read_error(exc: OSError) -> str:
+    """What a photo that could not be read is said to be (every reader's words)."""
+    return f"cannot be read ({exc.strerror or exc})"
+
+
 def prepare(
     position: int,
     source: str | Path | bytes,
@@ -217,7 +222,7 @@ def prepare(
     try:
         data = source if isinstance(source, bytes) else read(source)
     except OSError as exc:
-        return Prepared(position, error=f"cannot be read ({exc.strerror or exc})")
+        return Prepared(position, error=read_error(exc))
     digest = sha256_bytes(data)
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])

@@ -109,3 +109,12 @@ def load_text_prior(folder: str | Path, encoder: Encoder) -> TextPriorScores | N
                   fix=f"set it up again with 'speciesid probe train --index {folder}'")
     taxa = [SpeciesSummary(count=0, **t) for t in data["species"]]
     return build_text_prior(encoder, taxa, layout.text_prior_cache, strength=float(data.get("strength", 1.0)))
+
+
+def text_prior_species(root: str | Path) -> list[str]:
+    """The species of a gallery's text prior as its ``text_prior.json`` lists them ([] without one, or unreadable)."""
+    try:
+        data = json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8"))
+        return [str(t["species"]) for t in data.get("species", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []

@@ -70,7 +70,7 @@ from index.taxonomy import (
     taxonomy_lookalikes,
 )
 from index.vectors import VectorIndexConfig
-from retrieval.advice import checklist_coverage, record_checklist, text_prior_species
+from retrieval.advice import checklist_coverage, record_checklist
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
@@ -112,6 +112,7 @@ from retrieval.probe_flows import (
     withdraw_gallery_probe,
 )
 from retrieval.probe_share import probe_status
+from retrieval.textprior import text_prior_species
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [

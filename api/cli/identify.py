@@ -125,7 +125,7 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         ranked = r.get("results") if rank != "species" else r.get("predictions", [])
         advice = r.get("venom_advice") or {}
         answer = {**{k: r[k] for k in ANSWER_FIELDS}, "set_aside": " ".join(map(str, r.get("set_aside", []))),
-                  "venom_advice_level": advice.get("level"), "venom_advice": advice.get("text")}
+                  **dict(zip(ADVICE_FIELDS, (advice.get("level"), advice.get("text")), strict=True))}
         for i, p in enumerate(ranked or [], 1):
             name = p.get("name", p.get("species"))
             rows.append({"image": r["image"], **p, "rank": i, "level": rank, "name": name, **answer})
