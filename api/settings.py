@@ -127,9 +127,10 @@ class Settings(BaseSettings):
 
     def encoder_config(self) -> EncoderConfig:
         """How the gallery's encoder runs here: device, precision and runtime (the rest is the gallery's own)."""
-        from retrieval.encoders import EncoderConfig
+        from retrieval.encoders import EncoderConfig, run_options
 
-        return EncoderConfig(device=self.device, precision=self.precision, runtime=self.runtime)
+        # the command line's rule (the values here come from the same variables, or from .env or serve's options)
+        return EncoderConfig(**run_options(self.device, self.runtime, self.precision))
 
     def startup_warnings(self) -> list[str]:
         """What an operator should hear when the server starts: settings that refuse writes, or every read."""

@@ -65,8 +65,13 @@ SCALE_VIEW = 288
 #: What a new gallery is built with (chosen by measurement on ph-snakes: docs/accuracy.md).
 DEFAULT_POOL = "model"
 DEFAULT_VIEWS = "single"
-#: Environment variable that sets the runtime when none is given (``speciesid serve``, scripts).
+#: Environment variables that set how an encoder runs when the command line (or the server's ``serve`` options) does
+#: not: read by every command and by the server alike (:func:`run_options`).
 RUNTIME_ENV = "SPECIESID_RUNTIME"
+PRECISION_ENV = "SPECIESID_PRECISION"
+DEVICE_ENV = "SPECIESID_DEVICE"
+#: The devices ``--device`` takes.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 #: Photos for an export's faithfulness check and int8 calibration: a list of paths/bytes, or a callable giving one.
 Photos = Sequence[str | Path | bytes] | Callable[[], Sequence[str | Path | bytes]]
 
@@ -325,6 +330,30 @@ def parse_spec(spec: str) -> ParsedSpec:
     return ParsedSpec(library, "name", name, tag or None)
 
 
+def run_options(device: str | None = None, runtime: str | None = None, precision: str | None = None, *,
+                environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """How an encoder is asked to run here: each of ``device``, ``runtime`` and ``precision`` as given, else its
+    variable in ``environ`` (default the process's: :data:`DEVICE_ENV`, :data:`RUNTIME_ENV`, :data:`PRECISION_ENV`),
+    else ``auto``; a variable's value is checked, naming it. The one rule the command line and the server (whose
+    settings read the same variables) both follow, so that on one machine a gallery's encoder runs the same way in
+    both (docs/runtimes.md, "The command line and the server")."""
+    env = os.environ if environ is None else environ
+    given = {"device": device, "runtime": runtime, "precision": precision}
+    out = {}
+    for field, name, choices in (("device", DEVICE_ENV, None), ("runtime", RUNTIME_ENV, RUNTIMES),
+                                 ("precision", PRECISION_ENV, PRECISIONS)):
+        value = given[field]
+        if value is None:
+            value = (env.get(name) or "auto").strip().lower()
+            if choices is None and not re.fullmatch(DEVICE_PATTERN, value):
+                raise ValueError(f"{name}: {value!r} is not a device: use auto (CUDA when present), cpu, cuda or "
+                                 "cuda:N")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        out[field] = value
+    return out
+
+
 def resolve_runtime(runtime: str | None) -> str:
     """The runtime asked for: ``runtime``, else ``$SPECIESID_RUNTIME``, else ``auto``; checked."""
     value = (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
@@ -468,6 +497,6 @@ def create_encoder_from_config(config: EncoderConfig, *, photos: Photos | None =
 
 def check_device(device: str | None) -> None:
     """Refuse a ``--device`` other than auto, cpu, cuda or cuda:N (before anything is loaded)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+    if not re.fullmatch(DEVICE_PATTERN, device or ""):
         raise ValueError(f"unknown device {device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
 

@@ -139,7 +139,6 @@ def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None, bu
     help_spec = spec_help(f" {default_spec}" if default_spec else ": " + own.format(DEFAULT_ENCODER))
     p.add_argument("--encoder", default=default_spec, metavar="SPEC", help=help_spec)
     p.add_argument("--weights", metavar="FILE", help=WEIGHTS_HELP)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     p.add_argument("--pool", default=None, choices=POOLS,
                    help="feature pooling: model (the model's own, average for CNNs), gem3 (generalised mean, p=3; "
                    "timm CNNs) or auto (gem3 for timm CNNs, else model); default " + own.format(DEFAULT_POOL))
@@ -151,15 +150,19 @@ def add_encoder_args(p: argparse.ArgumentParser, *, default_spec: str | None, bu
 
 
 def add_runtime_args(p: argparse.ArgumentParser, *, precision: bool = True) -> None:
-    """--runtime and (unless the command has its own) --precision."""
-    from retrieval.encoders import PRECISIONS, RUNTIME_ENV, RUNTIMES
+    """--device, --runtime and (unless the command has its own) --precision; each unset one is read from the variable
+    the server reads too (``retrieval.encoders.run_options``), else auto."""
+    from retrieval.encoders import DEVICE_ENV, PRECISION_ENV, PRECISIONS, RUNTIME_ENV, RUNTIMES
 
+    p.add_argument("--device", default=None,
+                   help=f"auto (CUDA when present), cpu, cuda, cuda:N (default {DEVICE_ENV} or auto)")
     p.add_argument("--runtime", default=None, choices=RUNTIMES,
                    help=f"inference runtime (default {RUNTIME_ENV} or auto: the fastest faithful one for this CPU, "
                    "see docs/runtimes.md)")
     if precision:
-        p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="fp32, bf16, int8 (fp16: CUDA); default auto: the fastest faithful one")
+        p.add_argument("--precision", default=None, choices=PRECISIONS,
+                       help=f"fp32, bf16, int8 (fp16: CUDA); default {PRECISION_ENV} or auto: the fastest faithful "
+                       "one")
 
 
 #: EncoderConfig field -> the command-line option (argparse dest) that sets it.
@@ -169,13 +172,15 @@ _ENCODER_OPTIONS = {"spec": "encoder", "weights": "weights", "device": "device",
 
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The command's encoder options (+ --batch-size) as an EncoderConfig, the one way every command reads them: an
-    option the command lacks or that is not given stays unset (the gallery's own, else a new gallery's default);
-    -q also silences a first use's export progress bars."""
-    from retrieval.encoders import EncoderConfig
+    option the command lacks or that is not given stays unset (the gallery's own, else a new gallery's default), but
+    --device, --runtime and --precision, which are read as the server reads them (``run_options``: the variable,
+    else auto); -q also silences a first use's export progress bars."""
+    from retrieval.encoders import EncoderConfig, run_options
 
     given = {field: getattr(args, dest) for field, dest in _ENCODER_OPTIONS.items()
              if getattr(args, dest, None) is not None}
-    return EncoderConfig(**given, progress=not getattr(args, "quiet", False))
+    run = run_options(getattr(args, "device", None), getattr(args, "runtime", None), getattr(args, "precision", None))
+    return EncoderConfig(**{**given, **run}, progress=not getattr(args, "quiet", False))
 
 
 def at_least(low: int, high: int | None = None):

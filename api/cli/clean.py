@@ -52,7 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None, metavar="SPEC",
                    help=spec_help(": the gallery's with --index, else bioclip"))
     p.add_argument("--weights", metavar="FILE", help=WEIGHTS_HELP)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")

@@ -32,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "photo while photos x species stays within 400 million, lbfgs's float64 arrays, 3.3 GiB peak at "
                    "200,000 x 1,994 species; above it 400 million / species photos, never under 50,000: "
                    "docs/scale.md)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_train)
@@ -51,7 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "would choose it already chose the run's epoch and test size (its held-out photos, its own "
                    "--val-root) or trained the head (the gallery), and chooses it on fresh --val-root photos; choose "
                    "always chooses it; a number from 0 (kNN only) to 1 (head only) fixes it there")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_probe_import)

@@ -47,7 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "('Genus species': a label such as 'cats'), which is refused without this")
     p.add_argument("--encoder", default=None, metavar="SPEC", help=spec_help(": the gallery's encoder"))
     p.add_argument("--weights", default=None, metavar="FILE", help=WEIGHTS_HELP + "; default: the gallery's weights")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present; default), cpu, cuda, cuda:N")
     add_runtime_args(p)
     add_quiet(p)
     p.set_defaults(func=cmd_references_add)

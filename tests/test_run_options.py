@@ -1,0 +1,109 @@
+"""The command line and the server ask for the same device, runtime and precision on one machine (the same
+variables, the same options): so a photo gets the same figures in the terminal and on the page (docs/runtimes.md,
+"The command line and the server")."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+#: A command line of every command that opens a gallery's encoder with --device, --runtime and --precision.
+COMMANDS = {
+    ("index", "build"): ["index", "build", "--dataset", "folder", "--root", "r", "--index", "g"],
+    ("identify",): ["identify", "--index", "g", "photo.jpg"],
+    ("search",): ["search", "--index", "g", "photo.jpg"],
+    ("references", "add"): ["references", "add", "--index", "g", "--species", "Naja haje", "photo.jpg"],
+    ("probe", "train"): ["probe", "train", "--index", "g"],
+    ("probe", "import"): ["probe", "import", "--index", "g", "--from", "other"],
+    ("evaluate",): ["evaluate", "--index", "g", "--dataset", "folder", "--root", "r"],
+    ("clean",): ["clean"],
+}
+RUN_VARIABLES = ("SPECIESID_DEVICE", "SPECIESID_RUNTIME", "SPECIESID_PRECISION")
+
+
+def _run(config) -> tuple:
+    """(device, runtime, precision) as the encoder's opening takes them (an unset runtime: its variable, else auto)."""
+    from retrieval.encoders import resolve_runtime
+
+    return config.device, resolve_runtime(config.runtime), config.precision
+
+
+def _commands_with_runtime(parser: argparse.ArgumentParser, path: tuple = ()) -> list[tuple]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands_with_runtime(sub, (*path, name))
+    if any(a.dest == "runtime" for a in parser._actions):
+        found.append(path)
+    return found
+
+
+def test_every_command_with_a_runtime_is_checked_here():
+    from api.cli import build_parser
+
+    assert sorted(_commands_with_runtime(build_parser())) == sorted([*COMMANDS, ("serve",)])
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"SPECIESID_PRECISION": "bf16"},
+    {"SPECIESID_DEVICE": "cpu", "SPECIESID_RUNTIME": "openvino", "SPECIESID_PRECISION": "fp32"},
+    {"SPECIESID_RUNTIME": "onnx", "SPECIESID_PRECISION": "int8"},
+], ids=["nothing set", "precision", "all three", "runtime and precision"])
+@pytest.mark.parametrize("command", list(COMMANDS), ids=" ".join)
+def test_the_command_line_and_the_server_ask_for_the_same_run(command, env, monkeypatch, tmp_path):
+    """Under the same variables, each command's encoder options equal the server's (before, the command line read
+    SPECIESID_RUNTIME alone: the server ran bf16 under SPECIESID_PRECISION=bf16 while identify chose auto)."""
+    from api.cli import build_parser
+    from api.cli._common import encoder_config
+    from api.settings import Settings
+
+    monkeypatch.chdir(tmp_path)  # no .env of the working folder
+    for name in RUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cli = encoder_config(build_parser().parse_args(COMMANDS[command]))
+    server = Settings.load(index="g").encoder_config()
+    expected = tuple(env.get(name, "auto") for name in RUN_VARIABLES)
+    assert _run(cli) == _run(server) == expected
+
+
+@pytest.mark.parametrize("options", [["--precision", "fp32"], ["--runtime", "torch", "--device", "cpu"],
+                                     ["--runtime", "openvino", "--precision", "bf16"]])
+def test_the_same_options_ask_for_the_same_run_over_the_variables(options, monkeypatch, tmp_path):
+    """An option given to a command and the same option given to ``serve`` win over the variables alike."""
+    from api.cli import build_parser
+    from api.cli._common import encoder_config
+    from api.cli.serve import OPTION_SETTINGS
+    from api.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPECIESID_DEVICE", "cuda")
+    monkeypatch.setenv("SPECIESID_RUNTIME", "onnx")
+    monkeypatch.setenv("SPECIESID_PRECISION", "int8")
+    cli = encoder_config(build_parser().parse_args([*COMMANDS[("identify",)], *options]))
+    served = build_parser().parse_args(["serve", "--index", "g", *options])
+    server = Settings.load(**{n: getattr(served, n) for n in OPTION_SETTINGS if getattr(served, n)}).encoder_config()
+    assert _run(cli) == _run(server)
+    given = dict(zip(options[::2], options[1::2], strict=True))
+    assert _run(cli) == (given.get("--device", "cuda"), given.get("--runtime", "onnx"),
+                         given.get("--precision", "int8"))
+
+
+def test_a_bad_variable_is_refused_by_the_command_line_naming_it(monkeypatch):
+    """As the server refuses it at start (tests/test_api.py), naming the variable and what it takes."""
+    from api.cli import build_parser
+    from api.cli._common import encoder_config
+
+    args = build_parser().parse_args(COMMANDS[("identify",)])
+    monkeypatch.setenv("SPECIESID_PRECISION", "fp64")
+    with pytest.raises(ValueError, match="SPECIESID_PRECISION: 'fp64' is not one of auto, fp32, bf16"):
+        encoder_config(args)
+    monkeypatch.setenv("SPECIESID_PRECISION", "auto")
+    monkeypatch.setenv("SPECIESID_DEVICE", "gpu")
+    with pytest.raises(ValueError, match=r"SPECIESID_DEVICE: 'gpu' is not a device: use auto \(CUDA when present\), "
+                       "cpu, cuda or cuda:N"):
+        encoder_config(args)
