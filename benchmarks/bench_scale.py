@@ -48,13 +48,9 @@ NQ = 1000
 def cpu_kind() -> str:
     """The CPU model, core count and kind (avx2 / avx512-bf16 / amx ...), on one line."""
     from retrieval.cpu import cpu_kind as kind
+    from retrieval.cpu import cpu_model
 
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
-    except OSError:
-        model = "?"
-    return f"{model}, {os.cpu_count()} cores, kind {kind()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, kind {kind()}"
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -424,11 +424,16 @@ class ReferenceStore:
             raise ValueError(f"store {self.root} no longer keeps version {version}: {exc}") from exc
         return view
 
-    def _read(self, columns: Sequence[str], where: str | None = None) -> pd.DataFrame:
+    def _columns(self, columns: Sequence[str], where: str | None = None) -> pa.Table:
+        """``columns`` of every row (of the rows ``where`` matches, an SQL filter), in one read: the one query of
+        whole columns the readers below share."""
         query = self._table.search().select(list(columns)).limit(max(self._table.count_rows(), 1))
         if where:
             query = query.where(where)
-        return query.to_arrow().to_pandas()
+        return query.to_arrow()
+
+    def _read(self, columns: Sequence[str], where: str | None = None) -> pd.DataFrame:
+        return self._columns(columns, where).to_pandas()
 
     @property
     def version(self) -> int:
@@ -439,7 +444,7 @@ class ReferenceStore:
         """Number of reference rows."""
         if include_excluded:
             return int(self._table.count_rows())
-        return int(self._table.count_rows("excluded = false OR excluded IS NULL"))
+        return int(self._table.count_rows(_NOT_EXCLUDED))
 
     def find_sha256(self, digests: Iterable[str]) -> dict[str, int]:
         """Digest -> reference id of the given digests that are stored (excluded rows too)."""
@@ -457,15 +462,12 @@ class ReferenceStore:
 
     def ids(self, *, include_excluded: bool = False) -> np.ndarray:
         """Sorted int64 ids of the searchable rows (all rows with ``include_excluded``); reads one column."""
-        where = None if include_excluded else "excluded = false OR excluded IS NULL"
-        query = self._table.search().select(["id"]).limit(max(self._table.count_rows(), 1))
-        if where:
-            query = query.where(where)
-        return np.sort(query.to_arrow().column("id").to_numpy().astype(np.int64))
+        table = self._columns(["id"], None if include_excluded else _NOT_EXCLUDED)
+        return np.sort(table.column("id").to_numpy().astype(np.int64))
 
     def source_paths(self) -> tuple[np.ndarray, list[str]]:
         """(ids int64, stored source paths) of every row (excluded ones too), in one read of those two columns."""
-        table = self._table.search().select(["id", "source_path"]).limit(max(self._table.count_rows(), 1)).to_arrow()
+        table = self._columns(["id", "source_path"])
         return table.column("id").to_numpy().astype(np.int64), [str(t) for t in table.column("source_path").to_pylist()]
 
     def add(
@@ -519,10 +521,7 @@ class ReferenceStore:
     def id_species(self, *, include_excluded: bool = False) -> tuple[np.ndarray, list[str]]:
         """(sorted int64 ids, the species of each) of the searchable rows (all with ``include_excluded``): two
         columns read once, unfiltered by id (``species_of`` of every id builds one ``id IN (...)`` filter)."""
-        query = self._table.search().select(["id", "species"]).limit(max(self._table.count_rows(), 1))
-        if not include_excluded:
-            query = query.where(_NOT_EXCLUDED)
-        table = query.to_arrow()
+        table = self._columns(["id", "species"], None if include_excluded else _NOT_EXCLUDED)
         ids = table.column("id").to_numpy().astype(np.int64)
         order = np.argsort(ids, kind="stable")
         species = table.column("species").to_pylist()
@@ -538,7 +537,7 @@ class ReferenceStore:
                 return pd.DataFrame(columns=list(META_COLUMNS)).set_index("id")
             clauses.append(f"id IN ({', '.join(map(str, ids))})")
         if not include_excluded:
-            clauses.append("(excluded = false OR excluded IS NULL)")
+            clauses.append(f"({_NOT_EXCLUDED})")
         df = self._read(META_COLUMNS, " AND ".join(clauses) or None)
         return df.set_index("id", drop=False)
 
@@ -550,13 +549,10 @@ class ReferenceStore:
             parts = [self._vectors(f"id IN ({', '.join(map(str, map(int, ids[s : s + _IN_CHUNK])))})")
                      for s in range(0, len(ids), _IN_CHUNK)] or [self._vectors("id < 0")]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        return self._vectors(None if include_excluded else "excluded = false OR excluded IS NULL")
+        return self._vectors(None if include_excluded else _NOT_EXCLUDED)
 
     def _vectors(self, where: str | None) -> tuple[np.ndarray, np.ndarray]:
-        query = self._table.search().select(["id", "embedding"]).limit(max(self._table.count_rows(), 1))
-        if where:
-            query = query.where(where)
-        return _batch_vectors(query.to_arrow(), self.dim)
+        return _batch_vectors(self._columns(["id", "embedding"], where), self.dim)
 
     def iter_vectors(
         self, *, batch_rows: int = 65_536, where: str | None = None, include_excluded: bool = False

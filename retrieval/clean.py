@@ -382,11 +382,13 @@ def _embed_looking_up(gallery: Gallery, paths: Sequence[str | Path], enc: Encode
             ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="speciesid-read") as pool:
         for start in range(0, n, LOOKUP_CHUNK):
             got = list(pool.map(lambda p: _read_or_why(read, p), paths[start : start + LOOKUP_CHUNK]))
-            rows = [start + r for r, g in enumerate(got) if isinstance(g, bytes)]
-            for r, g in enumerate(got):
-                if isinstance(g, str):
-                    out.errors[start + r] = g
-            data = [g for g in got if isinstance(g, bytes)]
+            rows, data = [], []  # the photos read (their rows in ``out``, their bytes); the others' errors kept
+            for row, g in enumerate(got, start):
+                if isinstance(g, bytes):
+                    rows.append(row)
+                    data.append(g)
+                else:
+                    out.errors[row] = g
             found = gallery.store.find_sha256([sha256_bytes(d) for d in data])
             known.update(found)
             cache = None

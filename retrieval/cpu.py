@@ -45,16 +45,22 @@ _ONEDNN_CAPS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _proc_flags() -> set[str] | None:
-    path = Path("/proc/cpuinfo")
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line that starts with one of ``keys`` (Linux; the one reader of that
+    file); None when there is none, or no such file."""
     try:
-        text = path.read_text(encoding="ascii", errors="replace")
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
+        if line.startswith(keys):
+            return line.split(":", 1)[1].strip()
     return None
+
+
+def _proc_flags() -> set[str] | None:
+    value = _cpuinfo("flags", "Features")  # x86, arm
+    return set(value.split()) if value is not None else None
 
 
 def _numpy_flags() -> set[str]:
@@ -82,13 +88,8 @@ def cpu_features() -> dict[str, bool]:
 
 def cpu_model() -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    model = _cpuinfo("model name")
+    return model if model is not None else platform.processor() or platform.machine()
 
 
 def is_arm() -> bool:
