@@ -178,6 +178,24 @@ def moroccan_checklist() -> tuple[TaxonInfo, ...]:
     return tuple(_read_taxon_csv(MOROCCAN_CSV))
 
 
+@lru_cache(maxsize=1)
+def _families() -> frozenset[str]:
+    """The snake families of the shipped taxonomy (species_key)."""
+    return frozenset(species_key(info.family) for info in _taxonomy().values() if info.family)
+
+
+def known_snake(species: str, genus: str | None = None, family: str | None = None) -> bool:
+    """Whether the shipped snake taxonomy knows ``species``, its genus (``genus``, else the name's first word) or
+    ``family``: the species is a snake, or of a snake genus or family (the rule of ``retrieval.advice.venom_applies``,
+    docs/identification.md "Venom advice")."""
+    if lookup_taxon(species) is not None:
+        return True
+    first = species.split(" ", 1)[0] if species.strip() else ""
+    genera = _genera()
+    return (any(g and species_key(g) in genera for g in (genus, first))
+            or (family is not None and species_key(family) in _families()))
+
+
 def lookup_taxon(species: str) -> TaxonInfo | None:
     """Genus, family and venomous flag of a snake species, or None when it is not a known snake.
 
