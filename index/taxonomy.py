@@ -38,6 +38,7 @@ class TaxonInfo:
     genus: str | None
     family: str | None
     venomous: bool | None  # medically important venomous (SnakeCLEF "mivs"); None = unknown
+    common_name: str | None = None  # English common name (``moroccan.csv``'s ``common_name``; None when not listed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,6 +152,7 @@ def _read_taxon_csv(path: Path) -> list[TaxonInfo]:
                     genus=(row.get("genus") or "").strip() or species.split(" ", 1)[0],
                     family=(row.get("family") or "").strip() or None,
                     venomous=True if flag == "1" else False if flag == "0" else None,
+                    common_name=" ".join((row.get("common_name") or "").split()) or None,
                 )
             )
     return rows
