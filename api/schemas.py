@@ -66,8 +66,13 @@ class IdentifyOut(BaseModel):
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table")
     venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
-                                                "venomous) whenever the answer is unknown or far; null for a named "
-                                                "answer of a gallery that records no venom status at all (birds)")
+                                                "venomous) whenever the answer is unknown or far in a gallery that "
+                                                "is or may be of snakes; null for a named answer of a gallery that "
+                                                "records no venom status at all, and for every answer of a gallery "
+                                                "that is not of snakes (venom_applies false)")
+    venom_applies: bool = Field(True, description="the gallery is, or may be, of snakes (docs/identification.md, "
+                                "'Venom advice'); false (birds, plants): no venom advice, and nothing about venom "
+                                "belongs beside the answer")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos sent (those in set_aside included)")
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "

@@ -233,6 +233,7 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
                 species=taxon.species,
                 genus=taxon.genus,
                 family=taxon.family,
+                common_name=taxon.common_name,  # English, data/moroccan.csv (docs/identification.md)
                 venomous=taxon.venomous,
                 dataset="moroccan",
             )

@@ -38,6 +38,7 @@ class TaxonInfo:
     genus: str | None
     family: str | None
     venomous: bool | None  # medically important venomous (SnakeCLEF "mivs"); None = unknown
+    common_name: str | None = None  # English common name (``moroccan.csv``'s ``common_name``; None when not listed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,6 +152,7 @@ def _read_taxon_csv(path: Path) -> list[TaxonInfo]:
                     genus=(row.get("genus") or "").strip() or species.split(" ", 1)[0],
                     family=(row.get("family") or "").strip() or None,
                     venomous=True if flag == "1" else False if flag == "0" else None,
+                    common_name=" ".join((row.get("common_name") or "").split()) or None,
                 )
             )
     return rows
@@ -176,6 +178,24 @@ def _genera() -> dict[str, str]:
 def moroccan_checklist() -> tuple[TaxonInfo, ...]:
     """The 26 native snake species of Morocco (``data/moroccan.csv``), in its order."""
     return tuple(_read_taxon_csv(MOROCCAN_CSV))
+
+
+@lru_cache(maxsize=1)
+def _families() -> frozenset[str]:
+    """The snake families of the shipped taxonomy (species_key)."""
+    return frozenset(species_key(info.family) for info in _taxonomy().values() if info.family)
+
+
+def known_snake(species: str, genus: str | None = None, family: str | None = None) -> bool:
+    """Whether the shipped snake taxonomy knows ``species``, its genus (``genus``, else the name's first word) or
+    ``family``: the species is a snake, or of a snake genus or family (the rule of ``retrieval.advice.venom_applies``,
+    docs/identification.md "Venom advice")."""
+    if lookup_taxon(species) is not None:
+        return True
+    first = species.split(" ", 1)[0] if species.strip() else ""
+    genera = _genera()
+    return (any(g and species_key(g) in genera for g in (genus, first))
+            or (family is not None and species_key(family) in _families()))
 
 
 def lookup_taxon(species: str) -> TaxonInfo | None:

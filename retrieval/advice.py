@@ -11,7 +11,9 @@ The advice (:func:`venom_advice`), in order:
 - ``unlikely``: a species is named and under 10% (as printed) is on venomous or unrecorded species; said with the
   caveat that only the gallery's own species can be named.
 
-A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants.
+A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants. A gallery
+that is not of snakes (:func:`venom_applies` false: birds, plants) gets none for any answer, far and unknown too;
+every gallery that is or may be of snakes gets the safe advice on a far or unknown answer.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from index.gallery import Gallery
-from index.taxonomy import TaxonInfo, moroccan_checklist
+from index.taxonomy import TaxonInfo, known_snake, looks_scientific, moroccan_checklist
+
+if TYPE_CHECKING:
+    from index.store import SpeciesSummary
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +57,26 @@ class VenomAdvice:
         return asdict(self)
 
 
+def venom_applies(taxa: Iterable[SpeciesSummary]) -> bool:
+    """Whether venom advice applies to a gallery of ``taxa`` (its species, and its text prior's): whether it is, or
+    may be, of snakes. True when any species has a recorded venom status (harmless counts), is known to the shipped
+    snake taxonomy by its species, genus or family (:func:`index.taxonomy.known_snake`), or is a label not written as
+    a scientific name (``cobra``: nothing tells what it is); True for no species. False only when every species is a
+    scientific name of no snake genus or family and none records a venom status: birds, plants."""
+    taxa = list(taxa)
+    return not taxa or any(t.venomous is not None or not looks_scientific(t.species.split())
+                           or known_snake(t.species, t.genus, t.family) for t in taxa)
+
+
 def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
-                 venomous_names: Sequence[str] = (), unrecorded_names: Sequence[str] = ()) -> VenomAdvice | None:
+                 venomous_names: Sequence[str] = (), unrecorded_names: Sequence[str] = (),
+                 applies: bool = True) -> VenomAdvice | None:
     """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
     :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status,
-    named when the warning comes from them alone."""
+    named when the warning comes from them alone; ``applies``: :func:`venom_applies` of the gallery (False: no
+    advice at all, None)."""
+    if not applies:
+        return None  # not a gallery of snakes (birds): no bite to advise on, far and unknown answers included
     if far:
         return VenomAdvice("cannot_tell", True, FAR_TEXT)
     venomous = venomous_score or 0.0

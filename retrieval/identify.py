@@ -29,7 +29,14 @@ from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.layout import check_encoder
 from index.photos import first_few
 from index.store import SpeciesSummary
-from retrieval.advice import VENOM_WARN_AT, ChecklistCoverage, VenomAdvice, checklist_coverage, venom_advice
+from retrieval.advice import (
+    VENOM_WARN_AT,
+    ChecklistCoverage,
+    VenomAdvice,
+    checklist_coverage,
+    venom_advice,
+    venom_applies,
+)
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
 from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize
@@ -165,7 +172,10 @@ class Identification:
     set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
     # given) set aside as far while another photo was not; they carry nothing about the animal
     venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: a named answer
-    # (not far, not unknown) of a gallery that records no venom status at all (birds)
+    # (not far, not unknown) of a gallery that records no venom status at all, or any answer of a gallery that is not
+    # of snakes (venom_applies false: birds)
+    venom_applies: bool = True  # the gallery is, or may be, of snakes (retrieval.advice.venom_applies): False, no
+    # venom wording belongs with its answers
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -186,6 +196,7 @@ class Identification:
             "country_applied": self.country_applied,
             "set_aside": list(self.set_aside),
             "venom_advice": self.venom_advice.to_dict() if self.venom_advice is not None else None,
+            "venom_applies": self.venom_applies,
         }
 
 
@@ -245,6 +256,7 @@ class Identifier:
         self._taxa: dict[str, SpeciesSummary] = {}
         self._held: frozenset[str] = frozenset()  # species with searchable references (with the taxa's version)
         self._records_venom = False  # some species of the gallery has a venom status (with the taxa's version)
+        self._venom_applies = True  # the gallery is, or may be, of snakes (retrieval.advice; with the taxa's version)
         self._probe_noted: dict[str, tuple[int, LinearProbe | None]] = {}  # warned -> (gallery version, probe) then
         self._whitening_version = -1
         self._whitening: Whitening | None = None
@@ -389,6 +401,7 @@ class Identifier:
             self._held = frozenset(s.species for s in held if s.count > 0)
             self._taxa, self._taxa_version = taxa, version
             self._records_venom = any(t.venomous is not None for t in taxa.values())
+            self._venom_applies = venom_applies(taxa.values())
         return self._taxa
 
     def held_species(self) -> frozenset[str]:
@@ -647,6 +660,7 @@ class Identifier:
         venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
         # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
         records_venom = self._records_venom or any(n.venomous is not None for n in neighbours)
+        applies = self._venom_applies or records_venom  # not of snakes (birds): no venom advice at all
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
@@ -671,7 +685,8 @@ class Identifier:
                                                            and any(c is not False for c in candidates)),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
-                                      unrecorded_names=unrecorded[:3] if records_venom else ()),
+                                      unrecorded_names=unrecorded[:3] if records_venom else (), applies=applies),
+            venom_applies=applies,
         )
 
 

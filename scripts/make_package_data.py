@@ -10,7 +10,9 @@ Writes:
   SnakeCLEF 2021's medical-importance table (``venomous`` is its ``mivs`` column, 1/0), deduplicated
   and sorted by species.
 - ``index/data/moroccan.csv``: the same columns for the 26 species of ``moroccan_snakes.txt``, in
-  checklist order. Fails if a checklist species is missing from the medical-importance table.
+  checklist order, and ``common_name``: the English common names, curated by hand in that file (no shared file
+  has them), kept from the file being replaced. Fails if a checklist species is missing from the
+  medical-importance table.
 - ``index/data/snake_countries.csv``: ``species,countries`` for every species of SnakeCLEF 2021's
   species-to-country matrix, sorted by species; ``countries`` is the sorted ISO 3166-1 alpha-2 codes
   of the columns where the species is marked 1, joined by ``;`` (empty if none). Every column name
@@ -31,6 +33,8 @@ import pycountry
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "index" / "data"
 COLUMNS = ("species", "genus", "family", "venomous")
+#: moroccan.csv's columns: COLUMNS and the hand-curated English common name (docs/identification.md).
+MOROCCAN_COLUMNS = (*COLUMNS, "common_name")
 MEDICAL_FILE = "reference/snakeclef2021_species_medical_importance.csv"
 MOROCCAN_FILE = "reference/moroccan_snakes.txt"
 #: The checklist's own comment names these seven as medically important; checked against the table.
@@ -85,6 +89,15 @@ def read_taxonomy(path: Path) -> dict[str, tuple[str, str, str, str]]:
                 raise SystemExit(f"{path}: conflicting rows for {species!r}: {previous} vs {entry}")
             table[species] = entry
     return table
+
+
+def read_common_names(path: Path) -> dict[str, str]:
+    """The ``common_name`` column of an existing ``moroccan.csv`` (``{}`` without the file or the column): the
+    hand-curated names, kept when the file is written again."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {row["species"]: row.get("common_name") or "" for row in csv.DictReader(fh)}
 
 
 def read_checklist(path: Path) -> list[str]:
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [name for name in checklist if name not in taxonomy]
     if missing:
         raise SystemExit(f"Moroccan species missing from {MEDICAL_FILE}: {', '.join(missing)}")
-    moroccan = [taxonomy[name] for name in checklist]
+    common = read_common_names(args.out / "moroccan.csv")
+    moroccan = [(*taxonomy[name], common.get(name, "")) for name in checklist]
     venomous = {row[0] for row in moroccan if row[3] == "1"}
     if venomous != EXPECTED_MOROCCAN_VENOMOUS:
         raise SystemExit(
@@ -182,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     all_rows = [taxonomy[name] for name in sorted(taxonomy)]
     write_csv(args.out / "snake_taxonomy.csv", all_rows)
-    write_csv(args.out / "moroccan.csv", moroccan)
+    write_csv(args.out / "moroccan.csv", moroccan, MOROCCAN_COLUMNS)
     write_csv(args.out / "snake_countries.csv", country_rows, COUNTRY_COLUMNS)
     outputs = (
         ("snake_taxonomy.csv", all_rows),

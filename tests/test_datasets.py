@@ -75,7 +75,8 @@ def test_missing_root_names_path_and_option(tmp_path: Path) -> None:
 
 def test_lookup_taxon_known_and_unknown() -> None:
     naja = lookup_taxon("Naja haje")
-    assert naja == TaxonInfo(species="Naja haje", genus="Naja", family="Elapidae", venomous=True)
+    assert naja == TaxonInfo(species="Naja haje", genus="Naja", family="Elapidae", venomous=True,
+                             common_name="Egyptian cobra")  # a Moroccan checklist species: its English name
     natrix = lookup_taxon("natrix_maura")
     assert natrix is not None and natrix.venomous is False and natrix.family == "Colubridae"
     # subspecies fall back to the species
@@ -95,6 +96,39 @@ def test_shipped_moroccan_checklist_has_seven_venomous() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # moroccan
+
+
+def test_the_moroccan_checklist_names_its_species_in_english() -> None:
+    """data/moroccan.csv's common_name column: a name for each species it is known for, blank (None) for the rest."""
+    from index.taxonomy import moroccan_checklist
+
+    names = {t.species: t.common_name for t in moroccan_checklist()}
+    assert names["Daboia mauritanica"] == "Moorish viper" and names["Naja haje"] == "Egyptian cobra"
+    assert names["Bitis arietans"] == "Puff adder" and names["Malpolon monspessulanus"] == "Montpellier snake"
+    assert names["Dasypeltis sahelensis"] is None  # left blank rather than guessed
+    assert sum(n is not None for n in names.values()) == 19
+
+
+def test_a_moroccan_build_answers_with_the_common_name(tmp_path: Path, capsys) -> None:
+    """A clinician saw only 'Daboia mauritanica': the build stores the checklist's English name, which the species
+    list and the answers show as a folder's ``Common Name (Genus species)`` is shown."""
+    import json
+
+    from _cli_support import ENCODER, _photo, _run
+
+    root = tmp_path / "mor"
+    for i in range(4):
+        _photo(root / ("Daboia-mauritanica" if i % 2 else "Dasypeltis sahelensis") / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "moroccan", "--root", root, "--index", index,
+                        *ENCODER, "-q")
+    assert code == 0, err
+    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
+    assert code == 0, err
+    assert {s["species"]: s["common_name"] for s in json.loads(out)} == {
+        "Daboia mauritanica": "Moorish viper", "Dasypeltis sahelensis": None}
+    code, out, err = _run(capsys, "identify", "--index", index, root / "Daboia-mauritanica" / "1.png", "-q")
+    assert code == 0 and "Daboia mauritanica (Moorish viper)" in out, (out, err)
 
 
 def test_moroccan_accepts_three_folder_styles(tmp_path: Path) -> None:
@@ -118,8 +152,10 @@ def test_moroccan_accepts_three_folder_styles(tmp_path: Path) -> None:
         "sub/c.jpeg",
     ]
     assert all(isinstance(r, ReferenceRecord) and r.dataset == "moroccan" for r in scan.records)
-    assert all(r.common_name is None for r in scan.records)
     by_species = {r.species: r for r in scan.records}
+    # the English common names of data/moroccan.csv (none was recorded before)
+    assert [by_species[s].common_name for s in scan.species] == ["Moorish viper", "Egyptian cobra",
+                                                                 "Viperine water snake"]
     assert by_species["Naja haje"].venomous is True
     assert by_species["Naja haje"].family == "Elapidae"
     assert by_species["Naja haje"].genus == "Naja"

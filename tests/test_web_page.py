@@ -187,6 +187,59 @@ def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_
     assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text
 
 
+def _serve(app):
+    """``app`` served by uvicorn in a thread on 127.0.0.1: (its URL, the server, its thread)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-web-test-birds", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+def test_a_gallery_of_birds_shows_no_word_of_venom(browser, tmp_path, capsys):
+    """The page of a gallery that is not of snakes (venom_applies false): a far answer and an unknown one show no
+    venom advice, no 'venom status unknown' tag and no venom footer (the page told birds to treat a bite as
+    venomous); a gallery of snakes shows them (the tests above)."""
+    from _cli_support import ENCODER, _photo, _run
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from api.app import create_app
+    from api.settings import Settings
+    from retrieval.vote import VoteConfig
+
+    root = tmp_path / "photos"
+    for i in range(6):
+        _photo(root / ("Common Raven (Corvus corax)" if i % 2 else "House Sparrow (Passer domesticus)") / f"{i}.png",
+               i)
+    index = tmp_path / "g"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(blank)
+    app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
+    url, server, thread = _serve(app)
+    try:
+        text = _identify(browser, url, blank)
+        assert text.startswith("Not sure: this photo is unlike every reference photo"), text
+        assert "an animal of another species" in text and "venom" not in browser.find_element(
+            By.TAG_NAME, "body").text.lower(), text
+        assert not browser.find_element(By.ID, "venom-footer").is_displayed()
+        app.state.service.identifier.config = VoteConfig(unknown_threshold=0.999999)  # every answer unknown
+        text = _identify(browser, url, root / "Common Raven (Corvus corax)" / "1.png")
+        assert text.startswith("Not sure: no species is supported strongly enough"), text
+        assert "venom" not in browser.find_element(By.TAG_NAME, "body").text.lower(), text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_the_page_names_the_photos_set_aside_and_says_once_that_far_scores_mean_nothing(site, browser, tmp_path):
     """Re-read s51 #5, #10: the page showed no set-aside photo, and a far answer's 'not meaningful' twice."""
     from PIL import Image

@@ -91,6 +91,7 @@ def identify(
         encoder=service.gallery.encoder_spec,
         images=len(uploads),
         venom_advice=advice.to_dict() if (advice := answer.identification.venom_advice) is not None else None,
+        venom_applies=answer.identification.venom_applies,
         notes=([far_note()] if answer.identification.far else []) + service.answer_notes(),
         set_aside=list(answer.identification.set_aside),
     )
