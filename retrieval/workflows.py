@@ -32,12 +32,11 @@ import numpy as np
 from index import exclusions
 from index.atomic import atomic_write
 from index.build_mark import (
+    adding,
     build_note,
     build_status,
     building,
-    clear_covered,
     dataset_key,
-    mark_interrupted,
     photos_digest,
     unfinished_ids,
 )
@@ -731,6 +730,11 @@ def check_new_references(
                            venomous=venomous, new_species=new_species, warn=False)
 
 
+#: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
+#: gallery folder before its first commit, until it completes (:func:`index.build_mark.adding`).
+ADD_CHUNK = 1024
+
+
 def add_photos(
     gallery: Gallery,
     encoder: Encoder,
@@ -762,6 +766,11 @@ def add_photos(
     ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
     its uploads before it takes the write lock); the photos are then not embedded again. ``api``: the notes worded
     for an HTTP client (:func:`retrieval.probe_flows.probe_cannot_name`).
+
+    Rows are committed :data:`ADD_CHUNK` photos at a time, or, with ``embeddings``, all in one commit (all there or
+    not at all, whatever is killed when). An add of more photos than one commit takes marks the gallery folder just
+    before its first commit, until it completes, and so does one cut by Ctrl-C after it kept photos: readers say
+    the add did not finish until the same add completes (:func:`index.build_mark.adding`).
     """
     if embeddings is not None:  # a wrong shape is refused before any upload is kept
         embeddings = given_embeddings(embeddings, len(photos), gallery.dim)
@@ -780,27 +789,30 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
-    add_digest = photos_digest(source_text(p) for p in paths)  # the mark of an add cut short (index.build_mark)
+    add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
+    # rows committed ADD_CHUNK photos at a time; given embeddings (the API's, all in memory): all in one commit
+    chunk = ADD_CHUNK if embeddings is None else max(len(paths), 1)
+    several = len(paths) > chunk  # more than one commit: the gallery may come to hold part of this add
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
     held_at_commit: list[bool] = []  # whether the species was in the gallery when this add's first rows committed
 
-    def note_species() -> None:  # under the write lock: another add of the same name may have committed meanwhile
-        if not held_at_commit:
-            held_at_commit.append(gallery.store.has_species(name))
+    with adding(gallery.root, name, add_digest) as mark:  # cleared once every photo is committed
+        def note_species() -> None:  # under the write lock: another add of the same name may have committed
+            if not held_at_commit:  # meanwhile
+                if several:  # marked before its first rows: a kill from here on leaves the mark, read as interrupted
+                    mark()
+                held_at_commit.append(gallery.store.has_species(name))
 
-    try:
-        report = add_references(gallery, encoder, records, progress=progress, min_side=min_side,
-                                embeddings=embeddings, read=_upload_reader(gallery, uploads),
-                                before_commit=note_species)
-    except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
-        exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
-        exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
-        if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
-            mark_interrupted(gallery.root, {"add": name}, add_digest, kind="add", species=name,
-                             added=exc.report.added)
-        raise
-    if gallery.layout.build_marks.is_dir():  # an add cut short before, of the same species and photos: taken up
-        clear_covered(gallery.root, {"add": name}, add_digest)
+        try:
+            report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, chunk=chunk,
+                                    embeddings=embeddings, read=_upload_reader(gallery, uploads),
+                                    before_commit=note_species)
+        except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
+            exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
+            exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
+            if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
+                mark(added=exc.report.added)
+            raise
     stored_meta = gallery.store.metadata(report.ids) if report.ids else None
     stored = {str(p) for p in stored_meta["source_path"]} if stored_meta is not None else set()
     shown = {int(i): (names[src][0] if names.get(src) else src)  # the upload's name, else the stored path
