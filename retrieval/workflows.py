@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import itertools
 import logging
 import operator
@@ -111,6 +112,14 @@ from retrieval.probe_flows import (
     withdraw_gallery_probe,
 )
 from retrieval.probe_share import probe_status
+from retrieval.protocol import (
+    ADD_WRITER,
+    API_WRITER,
+    BUILD_WRITER,
+    embedding_note,
+    record_embedding,
+    recorded_embedding,
+)
 from retrieval.textprior import text_prior_species
 from retrieval.vote import Rank, parse_rank
 
@@ -210,7 +219,8 @@ def build_gallery(
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
     # marked until it completes: readers say a partial gallery is one
     with building(gallery.root, key=key, photos=photos, before=before) as earlier:
-        report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
+        report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building",
+                                before_commit=functools.partial(record_embedding, gallery, enc, BUILD_WRITER))
         step = "finishing the index"
         try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
             gallery.finish_build()
@@ -347,9 +357,13 @@ def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
     """What every answer from ``ident``'s gallery is to be shown with: that the last build into it did not finish
     (:func:`index.build_mark.build_note`: a partial gallery answers among the species it holds), and that it is too
     small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`), and
-    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`).
+    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`); for the CLI, that
+    its photos are embedded with another runtime or precision than the gallery's references
+    (:func:`retrieval.protocol.embedding_note`; a server logs it once when it starts).
     ``api``: said for an HTTP client (how to add photos through the API; a running build's pid and host left out)."""
     notes = [note] if (note := build_note(ident.gallery.root, api=api)) else []
+    if not api and (other := embedding_note(ident.gallery.info, ident.encoder)):  # a server logs it once at start
+        notes.append(other)
     if (coverage := ident.checklist_coverage()) and (gap := coverage.note()):  # venomous checklist species
         notes.append(gap + (" (POST /v1/species/{name}/references)" if api else " (speciesid references add)"))
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
@@ -507,6 +521,9 @@ def evaluate_dataset(
     if unfinished := build_note(ident.gallery.root):  # a partial gallery's figures are not the whole one's
         logger.warning("%s", unfinished)
         notes.append(f"warning: {unfinished}")
+    if other := embedding_note(ident.gallery.info, ident.encoder):  # said once, on stderr too: a note, not an error
+        logger.info("%s", other, extra={"note": True})
+        notes.append(f"note: {other}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes,
                          embedding=embedding)
@@ -801,6 +818,7 @@ def add_photos(
             if not held_at_commit:  # meanwhile
                 if several:  # marked before its first rows: a kill from here on leaves the mark, read as interrupted
                     mark()
+                record_embedding(gallery, encoder, API_WRITER if api else ADD_WRITER)  # what embeds its rows
                 held_at_commit.append(gallery.store.has_species(name))
 
         try:
@@ -1093,13 +1111,13 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     try:
         g = _gallery(gallery)
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
-        return folder_status(gallery, exc) | {"build": build_status(gallery)}  # type: ignore[arg-type] - a Gallery
-        # is open already: never here
+        return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
+            "build": build_status(gallery), "embedded_by": recorded_embedding(read_gallery_info(gallery))}
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root), **_checklist_info(g)}
+            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info), **_checklist_info(g)}
 
 
 def _checklist_info(g: Gallery) -> dict[str, object]:

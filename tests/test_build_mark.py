@@ -51,9 +51,10 @@ def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_buil
     code, out, err = _run(capsys, "index", "info", "--index", index)
     assert code == 0 and json.loads(out)["build"] == {"state": "interrupted", "note": note}, (out, err)
     query = _photo(tmp_path / "q.png", 99)
-    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--precision", "fp32")
     assert code == 0 and out.splitlines()[-1] == f"note: {note}", (out, err)
-    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--format", "json")
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--format", "json",
+                          "--precision", "fp32")
     assert code == 0 and json.loads(out) and f"speciesid: note: {note}" in err, (out, err)
     evaluation = tmp_path / "eval"
     for i in range(4):
@@ -71,7 +72,7 @@ def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_buil
     assert not list(GalleryLayout(index).build_marks.iterdir())
     assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "complete",
                                                                                       "note": ""}
-    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--precision", "fp32")
     assert code == 0 and "note:" not in out and "note:" not in err, (out, err)
 
 
@@ -180,12 +181,12 @@ def test_a_one_reference_gallery_says_it_cannot_tell_a_photo_unlike_every_refere
 
     blank = tmp_path / "white.png"
     Image.new("RGB", (64, 48), "white").save(blank)
-    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q", "--precision", "fp32")
     assert code == 0 and out.splitlines()[-1] == "note: " + FAR_NOTE.format(how="speciesid references add"), (out, err)
     _photo(root / "Foo bar" / "second.png", 2)  # two references: a far threshold, no note
     assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
                 "-q")[0] == 0
-    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q", "--precision", "fp32")
     assert code == 0 and "note:" not in out, (out, err)
 
 
@@ -529,7 +530,7 @@ def test_an_add_killed_outright_midway_is_named_by_index_info_until_the_same_add
 
     index, _ = two_species_gallery(tmp_path, capsys)
     new = [_photo(tmp_path / "new" / f"{i}.png", 300 + i) for i in range(5)]
-    add = ["references", "add", *new, "--index", index, "--species", "Naja haje", "-q"]
+    add = ["references", "add", *new, "--index", index, "--species", "Naja haje", "-q", "--precision", "fp32"]
     repo = Path(__file__).resolve().parents[1]
     killed = subprocess.run([sys.executable, "-c", _ADD_KILLED_AFTER_FIRST_COMMIT, *map(str, add)], cwd=repo,
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
@@ -542,7 +543,7 @@ def test_an_add_killed_outright_midway_is_named_by_index_info_until_the_same_add
     said = {"state": "interrupted", "note": add_note("Naja haje")}  # its process is gone: read as interrupted
     code, out, err = _run(capsys, "index", "info", "--index", index)
     assert code == 0 and json.loads(out)["build"] == said, (out, err)
-    code, out, err = _run(capsys, "identify", "--index", index, new[0], "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, new[0], "-q", "--precision", "fp32")
     assert code == 0 and out.splitlines()[-1] == f"note: {add_note('Naja haje')}", (out, err)
     code, out, err = _run(capsys, *add)  # the same add again: the rest added, the mark cleared
     assert code == 0 and "added 3" in out, (out, err)
