@@ -32,6 +32,7 @@ from retrieval import workflows
 from retrieval.encoders import stack_views
 from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
 from retrieval.pipeline import model_input
+from retrieval.protocol import embedding_note
 from retrieval.vote import Rank
 from retrieval.workflows import AddResult, Answer, open_identifier
 
@@ -130,6 +131,8 @@ class SpeciesService:
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
         self.identifier.far_threshold()  # nor the first answer on estimating it
         self.gallery.species()  # nor an answer's taxa on the species list (kept for a store outage)
+        if other := embedding_note(self.gallery.info, self.encoder, queries="this server's photos"):  # said once
+            logger.warning("%s", other)
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()

@@ -5,10 +5,13 @@ whole species: dataset folders are read in order. So a build marks the folder be
 (:func:`building`) with a mark of its own, ``build-marks/<build id>.json``: ``running``, with its host, pid, start,
 what it builds (``key``: the dataset, its root and metadata file) and which photos (``photos``: a digest of their
 sorted paths, when listed up front). When it ends with an error or a Ctrl-C its mark says ``interrupted``; a mark
-left ``running`` by a process that is gone (killed, the machine restarted) reads as interrupted too. A
-``references add`` cut by Ctrl-C after it kept photos leaves an ``interrupted`` mark of kind ``add``
-(:func:`mark_interrupted`; an add that completes writes none). Every write is atomic (``index.atomic``); each
-build writes only its own file, so two builds into one folder never overwrite each other's mark.
+left ``running`` by a process that is gone (killed, the machine restarted) reads as interrupted too. An add
+(``references add``) marks the folder the same way, with a mark of kind ``add`` (:func:`adding`), from just before
+its first commit of rows whenever the gallery may come to hold part of it: an add that commits more than once (more
+photos than one commit takes), or one cut by Ctrl-C after it kept photos. An add of one commit is all there or not
+at all, whatever is killed when: it needs no mark (an API add is one commit). Every write is atomic
+(``index.atomic``); each build or add writes only its own file, so two of them into one folder never overwrite each
+other's mark.
 
 Which marks a build clears when it completes (:func:`building`), besides its own, the rule: an unfinished mark
 ``A`` (interrupted, or running by a process that is gone) is cleared by a build ``B`` that completes when B covered
@@ -22,9 +25,9 @@ A's photos, read as: the same ``key`` (the same dataset, root and metadata file;
 Anything else keeps A's mark: a build of another dataset, one still running, one killed while B ran on a dataset
 whose photos changed between the two scans, or a Ray build's (which streams its photos, so lists none up front),
 until the same command is run again after it. A mark of the old layout (one ``build.json`` per folder, no key) is
-read as before and cleared by any build that completes after it ended (the old rule). An add's mark is cleared by
-an add that completes with the same species and the same photos (the same command run again). To forget a mark
-whose dataset is gone for good, delete its file.
+read as before and cleared by any build that completes after it ended (the old rule). An add's mark that did not
+finish is cleared by an add that completes with the same species and the same photos (the same command run again;
+while that one runs, readers say it runs). To forget a mark whose dataset is gone for good, delete its file.
 
 Readers (``index info``, ``identify``, ``evaluate``, the server's answers and ``/readyz``) ask :func:`build_note`:
 "" when no build or add is unfinished, else the line to show.
@@ -41,7 +44,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,12 +197,18 @@ def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
         notes = list(dict.fromkeys(note for *_, note in ordered))
         return {"state": "interrupted", "note": "; ".join(notes)}
     if live:
-        mark = live[0]
-        where = "" if api else f"pid {mark.get('pid')} on {mark.get('host')}, "
-        return {"state": "running",
-                "note": f"a build into this gallery is running ({where}since {mark.get('started')}): until it "
-                        "ends, some of its species may not be in the gallery yet"}
+        return {"state": "running", "note": _running_note(live[0], api)}
     return {"state": "complete", "note": ""}
+
+
+def _running_note(mark: dict[str, Any], api: bool) -> str:
+    """What readers say while the build (or add) of ``mark`` runs; ``api``: no pid or host."""
+    where = "" if api else f"pid {mark.get('pid')} on {mark.get('host')}, "
+    if mark.get("kind") == "add":
+        return (f"an add of photos of {mark.get('species')} to this gallery is running ({where}since "
+                f"{mark.get('started')}): until it ends, some of its photos may not be in the gallery yet")
+    return (f"a build into this gallery is running ({where}since {mark.get('started')}): until it ends, some of its "
+            "species may not be in the gallery yet")
 
 
 def build_note(root: str | Path, *, api: bool = False) -> str:
@@ -265,8 +274,9 @@ def clear_covered(root: str | Path, key: dict[str, Any] | None, photos: str | No
 
 
 def mark_interrupted(root: str | Path, key: dict[str, Any] | None, photos: str | None, **extra: Any) -> Path | None:
-    """Leave an ``interrupted`` mark in ``root`` (an add cut short: ``kind="add"``, ``species=...``); its file, or
-    None when it could not be written (logged: the mark must not hide the interrupt)."""
+    """Leave an ``interrupted`` mark in ``root`` (of an add: ``kind="add"``, ``species=...``; an add marks itself
+    with :func:`adding`); its file, or None when it could not be written (logged: the mark must not hide the
+    interrupt)."""
     try:
         return _put(Path(root), _new_mark("interrupted", key, photos, **extra))
     except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - a second Ctrl-C, a full disk
@@ -295,8 +305,9 @@ def building(root: str | Path, *, key: dict[str, Any] | None = None, photos: str
                 if not any(m is x for x in live) and ("id" not in m or m.get("key") == key)
                 and (scanned_after is None or _mark_id(m) in scanned_after)}
     for other in live:
-        logger.info("another build into %s is running (pid %s on %s, since %s): its mark is kept", root,
-                    other.get("pid"), other.get("host"), other.get("started"))
+        logger.info("another %s into %s is running (pid %s on %s, since %s): its mark is kept",
+                    "add" if other.get("kind") == "add" else "build", root, other.get("pid"), other.get("host"),
+                    other.get("started"))
     mine = _new_mark("running", key, photos, resumes=sorted(taken_up))  # readers say those run again now
     path = _put(root, mine)
     try:
@@ -310,3 +321,42 @@ def building(root: str | Path, *, key: dict[str, Any] | None = None, photos: str
         raise  # read as interrupted all the same
     clear_covered(root, key, photos, taken_up=taken_up)  # first: never seen unfinished with no build on them
     _remove(path)
+
+
+@contextlib.contextmanager
+def adding(root: str | Path, species: str, photos: str | None) -> Iterator[Callable[..., None]]:
+    """An add of photos of ``species`` (``photos``: :func:`photos_digest` of their paths) into ``root``, for the
+    block. Yields ``mark(**extra)``, which the add calls just before its first commit of rows when the gallery may
+    come to hold part of it (an add that commits more than once), or when it was cut short after it kept photos
+    (``added=N``): the first call writes the add's ``running`` mark (with ``extra``), which a kill from then on
+    leaves behind, read as interrupted (:func:`build_status`); an add that never calls it writes no mark. The block
+    ending normally removes the marks of earlier adds of the same species and photos that did not finish (covered),
+    then its own; an exception leaves its mark, if written, ``interrupted``. While it runs, the earlier marks it
+    covers read as taken up (``resumes``)."""
+    root = Path(root)
+    key = {"add": species}
+    mine: dict[str, Any] = {}  # the mark, once written
+
+    def mark(**extra: Any) -> None:
+        if mine:
+            mine.update(extra)  # written when the add ends (an interrupt: "added")
+            return
+        found, live = _found_and_live(root)
+        resumes = sorted(_mark_id(m) for m in _unfinished(found, live)
+                         if m.get("key") == key and photos is not None and m.get("photos") == photos)
+        made = _new_mark("running", key, photos, kind="add", species=species, resumes=resumes, **extra)
+        _put(root, made)
+        mine.update(made)
+
+    try:
+        yield mark
+    except BaseException:
+        if mine:
+            try:
+                _put(root, mine | {"state": "interrupted", "ended": _now()})
+            except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - the mark must not hide the interrupt
+                logger.warning("the mark of the add into %s was not updated: %s", root, failed)  # "running" by a
+        raise  # dead pid: read as interrupted all the same
+    clear_covered(root, key, photos)  # first: never seen unfinished with no add on them
+    if mine:
+        _remove(GalleryLayout(root).build_marks / f"{mine['id']}.json")

@@ -96,6 +96,9 @@ STORE_RETRY_MAX_S = 30.0
 #: How long a look at the store waits for the gallery's lock to read the index (a write of this process holds it
 #: longer: that write syncs the index itself, and the look is left for the next pause, not counted as an outage).
 _LOCK_TRY_S = 0.5
+#: gallery.json's keys an open gallery was made from: kept as opened when it reads the file again
+#: (:meth:`Gallery.refresh`: another process recorded something in it).
+_OPENED_FROM = ("format", "encoder", "dim", "store", "index")
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "gallery_encoder_fix",
@@ -139,6 +142,16 @@ def _remove_made_folder(root: Path) -> None:
         logger.warning("could not remove %s, made by the create that failed: %s", root, exc)
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file written again (atomically: a new inode) from the one read: (inode, mtime, size); None when
+    it cannot be looked at."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _foreign(root: Path, *also: str) -> bool:
     """Whether a folder without ``gallery.json`` holds anything but a gallery's lock file, the temporary files of
     interrupted atomic writes (``index.atomic``) and the names ``also``: then it is someone else's folder."""
@@ -179,6 +192,7 @@ class Gallery:
         self.root = root
         self.layout = GalleryLayout(root)
         self.info = info
+        self._info_stamp = _file_stamp(self.layout.info)  # gallery.json as read: read again when it changes
         self.index_config = index_config
         self.refresh_s = refresh_s  # how often reads check for other processes' writes (seconds)
         where = info.get("store") or {}
@@ -450,6 +464,7 @@ class Gallery:
             with gallery.writing(local=True):  # an index asked for explicitly is the gallery's from now on
                 gallery.info = {**read_gallery_info(root), "index": asdict(index_config)}
                 write_json_atomic(layout.info, gallery.info)
+                gallery._info_stamp = _file_stamp(layout.info)
         return gallery
 
     @classmethod
@@ -671,6 +686,7 @@ class Gallery:
             return False
         with self._lock:
             self._checked_at = now
+            self._look_at_info()
             if force:
                 self.store.refresh()
             self._refuse_replaced()  # a command's too: never synced by difference, nor kept
@@ -746,6 +762,7 @@ class Gallery:
     def _run_check(self, check: _StoreCheck, force: bool) -> None:
         """One look at the store (the background thread of :meth:`refresh`): its I/O without the lock, then the
         index brought to the store's version under it, briefly. Its outcome is left in ``check``."""
+        self._look_at_info()  # the folder's file (another process's build may record its checklist there)
         try:
             if force:
                 self.store.refresh()
@@ -1228,9 +1245,43 @@ class Gallery:
         process's entries are kept); nothing when it already reads so."""
         if self.info.get(key) == value:
             return
+        self.update_info(key, lambda _: value)
+
+    def update_info(self, key: str, update: Callable[[object], object]) -> None:
+        """Set ``gallery.json``'s ``key`` to ``update(its value now)`` (None when absent), under the folder's lock,
+        the file re-read first (another process's entries are kept, and ``update`` sees the value they left);
+        nothing is written when it reads so already."""
         with self.writing(local=True):
-            self.info = {**read_gallery_info(self.root), key: value}
-            write_json_atomic(self.layout.info, self.info)
+            info = read_gallery_info(self.root)
+            value = update(info.get(key))
+            if key in info and info[key] == value:
+                self.info = self._as_opened(info)
+                return
+            self.info = self._as_opened({**info, key: value})
+            write_json_atomic(self.layout.info, {**info, key: value})
+            self._info_stamp = _file_stamp(self.layout.info)
+
+    def _as_opened(self, info: dict) -> dict:
+        """``info`` (gallery.json read again) with the keys this gallery was opened from as it opened them."""
+        return {**info, **{k: self.info[k] for k in _OPENED_FROM if k in self.info}}
+
+    def _look_at_info(self) -> None:
+        """Read ``gallery.json`` again when it was written since this object read it (another process recorded
+        something: the checklist a build was run from, what embedded its references), so that a server says it
+        without a restart; the keys it was opened from stay as opened. A stat per look at the store; never raises
+        (a file that cannot be read is logged, and the record read before kept)."""
+        stamp = _file_stamp(self.layout.info)
+        if stamp is None or stamp == self._info_stamp:
+            return
+        self._info_stamp = stamp
+        try:
+            info = read_gallery_info(self.root)
+        except ValueError as exc:
+            logger.warning("gallery %s: its gallery.json changed and cannot be read (%s); the record read before is "
+                           "kept", self.root, first_line(exc, 300))
+            return
+        self.info = self._as_opened(info)
+        logger.info("gallery %s: gallery.json changed: read again", self.root)
 
     def save_index(self) -> None:
         """Persist the FAISS index with a manifest matching the store version it reflects.

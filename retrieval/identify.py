@@ -264,7 +264,8 @@ class Identifier:
         self._whitened: dict[int, np.ndarray] = {}  # reference id -> its whitened vector (under self._whitening)
         self._whitened_lock = threading.Lock()  # the service identifies from several threads
         self._far: tuple[int, float | None] | None = None  # (gallery size it was estimated at, far_threshold)
-        self._coverage: tuple[int, Any, ChecklistCoverage | None] | None = None  # (taxa version, text prior, it)
+        # (taxa version, text prior, gallery.json as read, it): gallery.json is read again when it changes
+        self._coverage: tuple[int, Any, dict, ChecklistCoverage | None] | None = None
 
     # ------------------------------------------------------- probe, settings, text prior
     def _calibrated(self, probe: LinearProbe | None, text_prior: TextPriorScores | None) -> Calibrated:
@@ -412,14 +413,13 @@ class Identifier:
     def checklist_coverage(self) -> ChecklistCoverage | None:
         """Which species of the checklist the gallery was built from it can name (:func:`retrieval.advice.
         checklist_coverage`: photos, or the text prior), None for a gallery of no checklist; cached per
-        :meth:`taxa` version and text prior (no file read per answer)."""
-        held, prior = self.held_species(), self.text_prior
+        :meth:`taxa` version, text prior and gallery record (no file read per answer)."""
+        held, prior, info = self.held_species(), self.text_prior, self.gallery.info
         kept = self._coverage
-        if kept is None or kept[0] != self._taxa_version or kept[1] is not prior:
-            kept = (self._taxa_version, prior,
-                    checklist_coverage(self.gallery.info, held, prior.species if prior else ()))
+        if kept is None or kept[0] != self._taxa_version or kept[1] is not prior or kept[2] is not info:
+            kept = (self._taxa_version, prior, info, checklist_coverage(info, held, prior.species if prior else ()))
             self._coverage = kept
-        return kept[2]
+        return kept[3]
 
     # ------------------------------------------------------------------ answers
     def identify_images(self, images: Sequence[Image.Image], **kw) -> list[Identification]:

@@ -13,7 +13,9 @@ workers, which LanceDB's runtime threads do not survive.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ from retrieval.probe import LinearProbe
 if TYPE_CHECKING:  # not at run time: it loads the store (see above)
     from index.gallery import Gallery
     from retrieval.encoders import Encoder
+
+logger = logging.getLogger(__name__)
 
 #: In a ``speciesid finetune`` output: the training photos held out to choose the epoch (path, species, sha256).
 HELDOUT_FILE = "heldout.csv"
@@ -105,8 +109,8 @@ class Protocol:
 
 
 def embedding_setup(encoder: Encoder) -> dict[str, str]:
-    """What embedded an evaluation's photos: runtime, precision, device and, on a CPU, its kind and model (the
-    figures depend on them: docs/accuracy.md). The gallery records no runtime of its own references."""
+    """What embedded an evaluation's photos (or a gallery's references: :func:`record_embedding`): runtime,
+    precision, device and, on a CPU, its kind and model (the figures depend on them: docs/accuracy.md)."""
     from retrieval.cpu import cpu_kind, cpu_model
 
     device = str(encoder.device)
@@ -120,6 +124,78 @@ def embedding_text(setup: Mapping[str, str]) -> str:
     """:func:`embedding_setup` in words: 'openvino bf16 on the CPU (kind amx, Intel(R) Xeon(R) ...)'."""
     where = f"the CPU (kind {setup['cpu_kind']}, {setup['cpu']})" if "cpu_kind" in setup else setup["device"]
     return f"{setup['runtime']} {setup['precision']} on {where}"
+
+
+#: ``gallery.json``'s record of what embedded the gallery's references (:func:`record_embedding`), and ``index
+#: info``'s: one entry per setup, ``{runtime, precision, device[, cpu_kind, cpu], by, since}``.
+EMBEDDED_KEY = "embedded_by"
+#: Who embeds references (an entry's ``by``).
+BUILD_WRITER, ADD_WRITER, API_WRITER = "index build", "references add", "API add"
+
+
+def _same_setup(entry: Mapping[str, object], setup: Mapping[str, str]) -> bool:
+    return all(entry.get(k) == v for k, v in setup.items()) and not (
+        {"cpu_kind", "cpu"} & entry.keys() - setup.keys())
+
+
+def record_embedding(gallery: Gallery, encoder: Encoder, writer: str) -> None:
+    """Record in the gallery's ``gallery.json`` (:data:`EMBEDDED_KEY`) that ``writer`` (:data:`BUILD_WRITER`,
+    :data:`ADD_WRITER`, :data:`API_WRITER`) embeds references with ``encoder``'s setup (:func:`embedding_setup`):
+    one entry per setup, with the writers that used it and when it was first recorded. Called before a writer
+    commits its rows; nothing is written when the record as last read names that writer for that setup already
+    (a server's adds cost no file write after its first), and a failure is logged, never raised (a record must not
+    fail a write)."""
+    setup = embedding_setup(encoder)
+
+    def named(entries: object) -> bool:
+        return isinstance(entries, list) and any(
+            isinstance(e, dict) and _same_setup(e, setup) and writer in (e.get("by") or ()) for e in entries)
+
+    def update(entries: object) -> list[dict]:
+        kept = [dict(e) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        for entry in kept:
+            if _same_setup(entry, setup):
+                by = entry.get("by")
+                entry["by"] = sorted({*(by if isinstance(by, list) else []), writer})
+                return kept
+        since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return [*kept, {**setup, "by": [writer], "since": since}]
+
+    if named(gallery.info.get(EMBEDDED_KEY)):
+        return
+    try:
+        gallery.update_info(EMBEDDED_KEY, update)
+    except (OSError, ValueError, TimeoutError) as exc:
+        logger.warning("gallery %s: what embedded its references was not recorded in gallery.json: %s", gallery.root,
+                       exc)
+
+
+def recorded_embedding(info: Mapping[str, object]) -> list[dict]:
+    """The entries of ``gallery.json`` (``info``) on what embedded its references (:func:`record_embedding`); []
+    for a gallery that records none (made before it was recorded, or built on Ray only)."""
+    entries = info.get(EMBEDDED_KEY)
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _setup_words(entry: Mapping[str, object]) -> str:
+    device = str(entry.get("device", ""))
+    return f"{entry.get('runtime')} {entry.get('precision')}" + (f" on {device}" if device.startswith("cuda") else "")
+
+
+def embedding_note(info: Mapping[str, object], encoder: Encoder, *, queries: str = "these photos") -> str:
+    """The note of photos (``queries``, in words) embedded with ``encoder``'s runtime or precision where it is not
+    the gallery's references', as ``gallery.json`` (``info``) records them (:func:`record_embedding`); "" when they
+    agree, or nothing is recorded."""
+    entries = recorded_embedding(info)
+    setup = embedding_setup(encoder)
+    mine = (setup["runtime"], setup["precision"])
+    if not entries or all((e.get("runtime"), e.get("precision")) == mine for e in entries):
+        return ""
+    refs = " and ".join(dict.fromkeys(f"{_setup_words(e)} ({', '.join(map(str, e.get('by') or ['?']))})"
+                                      for e in entries))
+    return (f"the gallery's references were embedded with {refs}, {queries} with {_setup_words(setup)}: "
+            "similarities differ slightly between runtimes and precisions, so an answer near a threshold may differ "
+            "from one for photos embedded like the references (docs/runtimes.md)")
 
 
 def kinds_text(kinds: dict[str, int]) -> str:

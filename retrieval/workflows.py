@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import itertools
 import logging
 import operator
@@ -32,12 +33,11 @@ import numpy as np
 from index import exclusions
 from index.atomic import atomic_write
 from index.build_mark import (
+    adding,
     build_note,
     build_status,
     building,
-    clear_covered,
     dataset_key,
-    mark_interrupted,
     photos_digest,
     unfinished_ids,
 )
@@ -112,6 +112,14 @@ from retrieval.probe_flows import (
     withdraw_gallery_probe,
 )
 from retrieval.probe_share import probe_status
+from retrieval.protocol import (
+    ADD_WRITER,
+    API_WRITER,
+    BUILD_WRITER,
+    embedding_note,
+    record_embedding,
+    recorded_embedding,
+)
 from retrieval.textprior import text_prior_species
 from retrieval.vote import Rank, parse_rank
 
@@ -211,7 +219,8 @@ def build_gallery(
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
     # marked until it completes: readers say a partial gallery is one
     with building(gallery.root, key=key, photos=photos, before=before) as earlier:
-        report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building")
+        report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building",
+                                before_commit=functools.partial(record_embedding, gallery, enc, BUILD_WRITER))
         step = "finishing the index"
         try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
             gallery.finish_build()
@@ -348,9 +357,13 @@ def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
     """What every answer from ``ident``'s gallery is to be shown with: that the last build into it did not finish
     (:func:`index.build_mark.build_note`: a partial gallery answers among the species it holds), and that it is too
     small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`), and
-    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`).
+    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`); for the CLI, that
+    its photos are embedded with another runtime or precision than the gallery's references
+    (:func:`retrieval.protocol.embedding_note`; a server logs it once when it starts).
     ``api``: said for an HTTP client (how to add photos through the API; a running build's pid and host left out)."""
     notes = [note] if (note := build_note(ident.gallery.root, api=api)) else []
+    if not api and (other := embedding_note(ident.gallery.info, ident.encoder)):  # a server logs it once at start
+        notes.append(other)
     if (coverage := ident.checklist_coverage()) and (gap := coverage.note()):  # venomous checklist species
         notes.append(gap + (" (POST /v1/species/{name}/references)" if api else " (speciesid references add)"))
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
@@ -508,6 +521,9 @@ def evaluate_dataset(
     if unfinished := build_note(ident.gallery.root):  # a partial gallery's figures are not the whole one's
         logger.warning("%s", unfinished)
         notes.append(f"warning: {unfinished}")
+    if other := embedding_note(ident.gallery.info, ident.encoder):  # said once, on stderr too: a note, not an error
+        logger.info("%s", other, extra={"note": True})
+        notes.append(f"note: {other}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes,
                          embedding=embedding)
@@ -731,6 +747,11 @@ def check_new_references(
                            venomous=venomous, new_species=new_species, warn=False)
 
 
+#: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
+#: gallery folder before its first commit, until it completes (:func:`index.build_mark.adding`).
+ADD_CHUNK = 1024
+
+
 def add_photos(
     gallery: Gallery,
     encoder: Encoder,
@@ -762,6 +783,11 @@ def add_photos(
     ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
     its uploads before it takes the write lock); the photos are then not embedded again. ``api``: the notes worded
     for an HTTP client (:func:`retrieval.probe_flows.probe_cannot_name`).
+
+    Rows are committed :data:`ADD_CHUNK` photos at a time, or, with ``embeddings``, all in one commit (all there or
+    not at all, whatever is killed when). An add of more photos than one commit takes marks the gallery folder just
+    before its first commit, until it completes, and so does one cut by Ctrl-C after it kept photos: readers say
+    the add did not finish until the same add completes (:func:`index.build_mark.adding`).
     """
     if embeddings is not None:  # a wrong shape is refused before any upload is kept
         embeddings = given_embeddings(embeddings, len(photos), gallery.dim)
@@ -780,27 +806,31 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
-    add_digest = photos_digest(source_text(p) for p in paths)  # the mark of an add cut short (index.build_mark)
+    add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
+    # rows committed ADD_CHUNK photos at a time; given embeddings (the API's, all in memory): all in one commit
+    chunk = ADD_CHUNK if embeddings is None else max(len(paths), 1)
+    several = len(paths) > chunk  # more than one commit: the gallery may come to hold part of this add
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
     held_at_commit: list[bool] = []  # whether the species was in the gallery when this add's first rows committed
 
-    def note_species() -> None:  # under the write lock: another add of the same name may have committed meanwhile
-        if not held_at_commit:
-            held_at_commit.append(gallery.store.has_species(name))
+    with adding(gallery.root, name, add_digest) as mark:  # cleared once every photo is committed
+        def note_species() -> None:  # under the write lock: another add of the same name may have committed
+            if not held_at_commit:  # meanwhile
+                if several:  # marked before its first rows: a kill from here on leaves the mark, read as interrupted
+                    mark()
+                record_embedding(gallery, encoder, API_WRITER if api else ADD_WRITER)  # what embeds its rows
+                held_at_commit.append(gallery.store.has_species(name))
 
-    try:
-        report = add_references(gallery, encoder, records, progress=progress, min_side=min_side,
-                                embeddings=embeddings, read=_upload_reader(gallery, uploads),
-                                before_commit=note_species)
-    except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
-        exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
-        exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
-        if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
-            mark_interrupted(gallery.root, {"add": name}, add_digest, kind="add", species=name,
-                             added=exc.report.added)
-        raise
-    if gallery.layout.build_marks.is_dir():  # an add cut short before, of the same species and photos: taken up
-        clear_covered(gallery.root, {"add": name}, add_digest)
+        try:
+            report = add_references(gallery, encoder, records, progress=progress, min_side=min_side, chunk=chunk,
+                                    embeddings=embeddings, read=_upload_reader(gallery, uploads),
+                                    before_commit=note_species)
+        except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
+            exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
+            exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
+            if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
+                mark(added=exc.report.added)
+            raise
     stored_meta = gallery.store.metadata(report.ids) if report.ids else None
     stored = {str(p) for p in stored_meta["source_path"]} if stored_meta is not None else set()
     shown = {int(i): (names[src][0] if names.get(src) else src)  # the upload's name, else the stored path
@@ -1081,13 +1111,13 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     try:
         g = _gallery(gallery)
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
-        return folder_status(gallery, exc) | {"build": build_status(gallery)}  # type: ignore[arg-type] - a Gallery
-        # is open already: never here
+        return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
+            "build": build_status(gallery), "embedded_by": recorded_embedding(read_gallery_info(gallery))}
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root), **_checklist_info(g)}
+            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info), **_checklist_info(g)}
 
 
 def _checklist_info(g: Gallery) -> dict[str, object]:

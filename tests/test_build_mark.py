@@ -51,9 +51,10 @@ def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_buil
     code, out, err = _run(capsys, "index", "info", "--index", index)
     assert code == 0 and json.loads(out)["build"] == {"state": "interrupted", "note": note}, (out, err)
     query = _photo(tmp_path / "q.png", 99)
-    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--precision", "fp32")
     assert code == 0 and out.splitlines()[-1] == f"note: {note}", (out, err)
-    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--format", "json")
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--format", "json",
+                          "--precision", "fp32")
     assert code == 0 and json.loads(out) and f"speciesid: note: {note}" in err, (out, err)
     evaluation = tmp_path / "eval"
     for i in range(4):
@@ -71,7 +72,7 @@ def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_buil
     assert not list(GalleryLayout(index).build_marks.iterdir())
     assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "complete",
                                                                                       "note": ""}
-    code, out, err = _run(capsys, "identify", "--index", index, query, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--precision", "fp32")
     assert code == 0 and "note:" not in out and "note:" not in err, (out, err)
 
 
@@ -180,12 +181,12 @@ def test_a_one_reference_gallery_says_it_cannot_tell_a_photo_unlike_every_refere
 
     blank = tmp_path / "white.png"
     Image.new("RGB", (64, 48), "white").save(blank)
-    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q", "--precision", "fp32")
     assert code == 0 and out.splitlines()[-1] == "note: " + FAR_NOTE.format(how="speciesid references add"), (out, err)
     _photo(root / "Foo bar" / "second.png", 2)  # two references: a far threshold, no note
     assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
                 "-q")[0] == 0
-    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "-q", "--precision", "fp32")
     assert code == 0 and "note:" not in out, (out, err)
 
 
@@ -491,3 +492,120 @@ def test_a_build_marks_temporary_file_is_no_mark_and_a_left_one_is_removed(tmp_p
     with building(root, key=TWO):
         pass
     assert fresh.exists() and not left.exists()  # a write in progress is never removed: it may be another's
+
+
+# ------------------------------------------------------------------ an add killed outright (stop 52)
+_ADD_KILLED_AFTER_FIRST_COMMIT = """
+import os, signal, sys
+from index.gallery import Gallery
+from dataclasses import replace
+from api.cli import references
+from retrieval import workflows
+workflows.ADD_CHUNK = 2  # 5 photos embedded 2 at a time: three commits
+config = references.encoder_config
+references.encoder_config = lambda args: replace(config(args), batch_size=2)
+real = Gallery.add_unique
+
+def commit_then_die(self, *args, **kwargs):  # SIGKILL (power loss) once the first 2 photos are committed
+    out = real(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+Gallery.add_unique = commit_then_die
+from api.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_add_killed_outright_midway_is_named_by_index_info_until_the_same_add_completes(tmp_path, capsys):
+    """Stop 51's left-over: only a Ctrl-C'd ``references add`` left a mark; one SIGKILLed between two commits left
+    a gallery holding part of its photos that read as complete. Now an add of more photos than one commit takes is
+    marked before its first commit, and cleared when it completes."""
+    import signal
+    import subprocess
+    import sys
+
+    from _cli_support import two_species_gallery
+
+    from index.build_mark import add_note
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    new = [_photo(tmp_path / "new" / f"{i}.png", 300 + i) for i in range(5)]
+    add = ["references", "add", *new, "--index", index, "--species", "Naja haje", "-q", "--precision", "fp32"]
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", _ADD_KILLED_AFTER_FIRST_COMMIT, *map(str, add)], cwd=repo,
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    from index.gallery import Gallery
+
+    assert sorted(s.species for s in Gallery.open(index).species() if s.count) == [
+        "Naja haje", "Naja samarensis", "Natrix maura"]  # part of the add is in
+    assert [(m["kind"], m["state"], m["species"]) for m in _mark_files(index)] == [("add", "running", "Naja haje")]
+    said = {"state": "interrupted", "note": add_note("Naja haje")}  # its process is gone: read as interrupted
+    code, out, err = _run(capsys, "index", "info", "--index", index)
+    assert code == 0 and json.loads(out)["build"] == said, (out, err)
+    code, out, err = _run(capsys, "identify", "--index", index, new[0], "-q", "--precision", "fp32")
+    assert code == 0 and out.splitlines()[-1] == f"note: {add_note('Naja haje')}", (out, err)
+    code, out, err = _run(capsys, *add)  # the same add again: the rest added, the mark cleared
+    assert code == 0 and "added 3" in out, (out, err)
+    assert _mark_files(index) == [] and json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {
+        "state": "complete", "note": ""}
+
+
+def test_an_add_of_several_commits_says_it_runs_and_leaves_no_mark_once_complete(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from _cli_support import two_species_gallery
+
+    from api.cli import references
+    from index.gallery import Gallery
+    from retrieval import workflows
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    monkeypatch.setattr(workflows, "ADD_CHUNK", 2)  # 5 photos embedded 2 at a time: three commits
+    config = references.encoder_config
+    monkeypatch.setattr(references, "encoder_config", lambda args: replace(config(args), batch_size=2))
+    real, seen = Gallery.add_unique, []
+
+    def commit(self, *args, **kwargs):  # what readers say at each commit of the add
+        seen.append(build_status(index))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Gallery, "add_unique", commit)
+    new = [_photo(tmp_path / "new" / f"{i}.png", 300 + i) for i in range(5)]
+    code, out, err = _run(capsys, "references", "add", *new, "--index", index, "--species", "Naja haje", "-q")
+    assert code == 0 and "added 5" in out, (out, err)
+    assert [s["state"] for s in seen] == ["complete", "running", "running"]  # marked in the first commit's turn
+    assert seen[1]["note"].startswith(f"an add of photos of Naja haje to this gallery is running (pid {os.getpid()} "
+                                      "on ") and seen[1]["note"].endswith(
+        "until it ends, some of its photos may not be in the gallery yet"), seen[1]
+    assert _mark_files(index) == [] and build_note(index) == ""
+    seen.clear()
+    more = [_photo(tmp_path / "more" / f"{i}.png", 400 + i) for i in range(2)]  # one commit: no mark needed
+    assert _run(capsys, "references", "add", *more, "--index", index, "--species", "Naja haje", "-q")[0] == 0
+    assert [s["state"] for s in seen] == ["complete"] and _mark_files(index) == []
+
+
+def test_an_api_add_is_one_commit_and_writes_no_mark(tmp_path, capsys, monkeypatch):
+    """An API add (its photos embedded before, all in memory) commits all of them at once, however many: it is all
+    there or not at all, so it needs no mark (and a server writes no mark file per upload)."""
+    from _cli_support import two_species_gallery
+
+    from index.gallery import Gallery
+    from retrieval import workflows
+    from retrieval.encoders import EncoderConfig
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    monkeypatch.setattr(workflows, "ADD_CHUNK", 2)
+    real, commits = Gallery.add_unique, []
+
+    def commit(self, records, *args, **kwargs):
+        commits.append((len(records), [m["state"] for m in _mark_files(index)]))
+        return real(self, records, *args, **kwargs)
+
+    monkeypatch.setattr(Gallery, "add_unique", commit)
+    gallery, enc = workflows.open_gallery(index, EncoderConfig(precision="fp32", batch_size=2))  # 2 at a time
+    photos = [_photo(tmp_path / "up" / f"{i}.png", 500 + i) for i in range(5)]
+    uploads = [(p.name, p.read_bytes()) for p in photos]
+    embeddings = workflows.embed_photos(photos, enc).embeddings
+    result = workflows.add_photos(gallery, enc, "Naja haje", uploads, embeddings=embeddings, api=True)
+    assert len(result.report.ids) == 5 and commits == [(5, [])] and _mark_files(index) == []
