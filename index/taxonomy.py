@@ -208,9 +208,14 @@ def _unscientific(name: str) -> SpeciesNameConflictError:
 
 def species_key(name: str) -> str:
     """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, Unicode NFC, case-folded (a name
-    stored decomposed before names were composed on entry matches its composed spelling too)."""
-    text = unicodedata.normalize("NFC", " ".join(name.replace("_", " ").replace("-", " ").split()))
-    return unicodedata.normalize("NFC", text.casefold())
+    stored decomposed before names were composed on entry matches its composed spelling too), a hybrid's sign one
+    word whether attached or not, and an ``x`` between two words as that sign (``Anas platyrhynchos x rubripes`` is
+    ``Anas platyrhynchos × rubripes``)."""
+    text = unicodedata.normalize("NFC", name.replace("_", " ").replace("-", " ").replace(HYBRID_SIGN,
+                                                                                          f" {HYBRID_SIGN} "))
+    words = text.casefold().split()
+    words = [HYBRID_SIGN if w == "x" and 0 < i < len(words) - 1 else w for i, w in enumerate(words)]
+    return unicodedata.normalize("NFC", " ".join(words))
 
 
 def _read_taxon_csv(path: Path) -> list[TaxonInfo]:

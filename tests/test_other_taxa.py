@@ -40,6 +40,13 @@ def test_junk_stays_refused(name):
     assert not looks_scientific(name.split()), name
 
 
+def test_a_hybrid_written_with_x_joins_its_spelling_with_the_sign():
+    duck = SpeciesSummary("Anas platyrhynchos × rubripes", "Anas", "Anatidae", None, None, 12)
+    for spelling in ("Anas platyrhynchos x rubripes", "anas platyrhynchos ×rubripes"):
+        species, _, prior = new_species_references(spelling, [duck], ["a.jpg"], dataset="api")
+        assert species == duck.species and prior is duck, spelling
+
+
 def test_a_numbered_morphospecies_is_no_near_spelling_of_another():
     """'Phylloscopus sp. 2' beside 'Phylloscopus sp.' was refused as a near-spelling of it (walk #7)."""
     held = [SpeciesSummary("Phylloscopus sp.", "Phylloscopus", None, None, None, 12),
