@@ -5,7 +5,8 @@ Each loader only finds files and labels them; it never decodes images (the build
 files later). Loaders:
 
 - ``moroccan``: the 26 native snake species of Morocco, one folder per species (``Genus-species``).
-- ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus_species``, ``cats``).
+- ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus species (Common Name)``,
+  ``Genus_species``, iNaturalist 2021's ``NNNNN_Kingdom_..._Family_Genus_species``, a label: ``cats``).
 - ``rare-species``: the Hugging Face ``imageomics/rare-species`` layout (``metadata.csv`` + files).
 - ``snakeclef2021``: SnakeCLEF 2021 metadata CSV plus the image root its ``image_path`` is relative to.
 - ``manifest`` (CSV or parquet table) and ``webdataset`` (tar shards, TreeOfLife-10M's layout): streamed,

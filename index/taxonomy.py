@@ -107,9 +107,6 @@ _DESIGNATION_RE = re.compile(r"^[A-Za-z0-9]+$")
 HYBRID_SIGN = "\u00d7"
 #: The form :func:`looks_scientific` accepts, for messages.
 SCIENTIFIC_FORM = "'Genus species': a capitalised genus, then one or two lower-case epithets"
-#: What else :func:`looks_scientific` accepts, for documentation and messages.
-SCIENTIFIC_EXTRAS = ("a hybrid ('Anas platyrhynchos × rubripes', 'x' for '×'), a rank marker ('Quercus robur subsp. "
-                     "robur'), a subgenus in brackets, 'Genus sp. 2'")
 #: The example names of :func:`looks_scientific`'s refusals (a snake and a bird: any taxon is meant).
 SCIENTIFIC_EXAMPLE = "e.g. 'Naja haje' or 'Parus major'"
 
@@ -146,8 +143,8 @@ def _hybrid_parts(words: Sequence[str]) -> list[list[str]] | None:
 
 
 def looks_scientific(words: Sequence[str]) -> bool:
-    """Whether ``words`` (a name split on spaces) are written as a scientific name (:data:`SCIENTIFIC_FORM`, or one
-    of :data:`SCIENTIFIC_EXTRAS`): the one rule of the folder dataset's class names (``Common Name (Genus
+    """Whether ``words`` (a name split on spaces) are written as a scientific name (:data:`SCIENTIFIC_FORM`, with a
+    subgenus in brackets, a rank marker such as ``subsp.``, ``Genus sp. 2``, or a hybrid formula): the one rule of the folder dataset's class names (``Common Name (Genus
     species)``, :mod:`index.datasets`) and of a new species' name added by the CLI or the API
     (:func:`new_species_references`).
 
