@@ -64,7 +64,8 @@ class IdentifyOut(BaseModel):
                                        "country, this and venomous_score are each the larger of the answer with and "
                                        "without the country: separate upper bounds, which may sum to more than 1")
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
-                                         "every candidate recorded there, or none, or none in the country table")
+                                         "every candidate recorded there, or none, or none in the country table "
+                                         "(snakes only) or the gallery's photo countries; notes then say which")
     venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
                                                 "venomous) whenever the answer is unknown or far in a gallery that "
                                                 "is or may be of snakes; null for a named answer of a gallery that "

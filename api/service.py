@@ -214,10 +214,11 @@ class SpeciesService:
         return workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
                                   observation=True, top=top, rank=rank, country=country)[0]
 
-    def answer_notes(self) -> list[str]:
+    def answer_notes(self, rank: Rank | str = Rank.SPECIES) -> list[str]:
         """What every answer is to carry (:func:`retrieval.workflows.answer_notes`, worded for an HTTP client): the
-        last build into the gallery did not finish; a gallery too small to mark a photo unlike every reference."""
-        return workflows.answer_notes(self.identifier, api=True)
+        last build into the gallery did not finish; a gallery too small to mark a photo unlike every reference;
+        at ``rank`` family, species of no recorded family."""
+        return workflows.answer_notes(self.identifier, api=True, rank=rank)
 
     def search_vector(self, vector: Sequence[float], k: int) -> list[Neighbour]:
         """Neighbours of an embedding (L2-normalised here)."""

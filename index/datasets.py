@@ -5,7 +5,8 @@ Each loader only finds files and labels them; it never decodes images (the build
 files later). Loaders:
 
 - ``moroccan``: the 26 native snake species of Morocco, one folder per species (``Genus-species``).
-- ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus_species``, ``cats``).
+- ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus species (Common Name)``,
+  ``Genus_species``, iNaturalist 2021's ``NNNNN_Kingdom_..._Family_Genus_species``, a label: ``cats``).
 - ``rare-species``: the Hugging Face ``imageomics/rare-species`` layout (``metadata.csv`` + files).
 - ``snakeclef2021``: SnakeCLEF 2021 metadata CSV plus the image root its ``image_path`` is relative to.
 - ``manifest`` (CSV or parquet table) and ``webdataset`` (tar shards, TreeOfLife-10M's layout): streamed,
@@ -37,9 +38,11 @@ from index.records import HIGHER_RANKS, ReferenceRecord
 from index.taxonomy import (
     InvalidNameError,
     check_name,
+    known_genus,
     looks_scientific,
     lookup_taxon,
     moroccan_checklist,
+    scientific_spelling,
     species_key,
 )
 
@@ -53,6 +56,10 @@ STREAMED: tuple[str, ...] = ("manifest", "webdataset")
 _SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "dev"}
 
 _PAREN_RE = re.compile(r"^(?P<common>.*?)\s*\((?P<sci>[^()]+)\)\s*$")
+#: iNaturalist 2021's class folders: ``02345_Animalia_Chordata_Aves_Passeriformes_Turdidae_Turdus_merula`` (an id,
+#: then kingdom, phylum, class, order, family, genus and epithet joined by ``_``).
+_INAT_RE = re.compile(r"^\d+_(?P<kingdom>[A-Z][a-z]+)_(?P<phylum>[A-Z][a-z]+)_(?P<class>[A-Z][a-z]+)_"
+                      r"(?P<order>[A-Z][a-z]+)_(?P<family>[A-Z][a-z]+)_(?P<genus>[A-Z][a-z]+)_(?P<epithet>[a-z][a-z-]*)$")
 
 
 @dataclass
@@ -71,23 +78,70 @@ class DatasetScan:
 # Folder helpers
 
 
+def _scientific(text: str, *, dashes: bool = False) -> str | None:
+    """``text`` as a scientific name (``_``, and with ``dashes`` ``-``, as spaces), or None when it is not written
+    as one (:func:`looks_scientific`)."""
+    spaced = text.replace("_", " ")
+    variants = [spaced, spaced.replace("-", " ")] if dashes else [spaced]
+    return next((" ".join(v.split()) for v in variants if looks_scientific(v.split())), None)
+
+
+def recased_label(label: str, genera: Iterable[str]) -> str | None:
+    """A folder's label typed in lower (or upper) case, re-cased as a scientific name (``turdus viscivorus`` ->
+    ``Turdus viscivorus``) when its genus is one of ``genera`` (the dataset's other folders') or one the shipped
+    snake taxonomy knows; None otherwise (``samar cobra``, a common name in lower case, stays a label)."""
+    spelled = scientific_spelling(label.replace("_", " ").replace("-", " "))
+    if spelled is None:
+        return None
+    genus = spelled.split()[0]
+    return spelled if genus in set(genera) or known_genus(genus) else None
+
+
 def parse_folder_name(name: str) -> tuple[str, str | None]:
     """Species label and common name from a class-folder name.
 
     ``"Common Wolf Snake (Lycodon capucinus)"`` -> ``("Lycodon capucinus", "Common Wolf Snake")``;
-    ``"Lycodon-capucinus"`` / ``"Lycodon_capucinus"`` -> ``("Lycodon capucinus", None)``;
-    anything else (``"cats"``) is its own label: ``("cats", None)``.
+    ``"Erithacus rubecula (European Robin)"`` -> ``("Erithacus rubecula", "European Robin")``;
+    ``"Lycodon-capucinus"`` / ``"Lycodon_capucinus"`` -> ``("Lycodon capucinus", None)`` (``"lycodon capucinus"``
+    is re-cased by the loader where its genus is known: :func:`recased_label`);
+    iNaturalist 2021's ``"02345_Animalia_..._Turdidae_Turdus_merula"`` -> ``("Turdus merula", None)``
+    (:func:`folder_ranks` gives its family and higher ranks); anything else (``"cats"``) is its own label:
+    ``("cats", None)``.
     """
     text = " ".join(name.split())
+    if inat := _INAT_RE.match(text):
+        return f"{inat['genus']} {inat['epithet']}", None
     match = _PAREN_RE.match(text)
     if match:
-        sci_words = match["sci"].replace("_", " ").split()
-        if looks_scientific(sci_words):
-            return " ".join(sci_words), match["common"].strip() or None
-    words = text.replace("_", " ").replace("-", " ").split()
-    if looks_scientific(words):
-        return " ".join(words), None
-    return text, None
+        if sci := _scientific(match["sci"]):
+            return sci, match["common"].strip() or None
+        if match["common"].strip() and (sci := _scientific(match["common"].strip(), dashes=True)):
+            return sci, match["sci"].strip()  # "Genus species (Common Name)"
+    return _scientific(text, dashes=True) or text, None
+
+
+def folder_ranks(name: str) -> dict[str, str]:
+    """The ranks above genus a class-folder name spells (iNaturalist 2021's: kingdom, phylum, class, order and
+    family), {} for any other name."""
+    inat = _INAT_RE.match(" ".join(name.split()))
+    return {rank: inat[rank] for rank in ("kingdom", "phylum", "class", "order", "family")} if inat else {}
+
+
+def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
+    """One warning naming the class folders taken whole as labels, not scientific names (``cats``, ``Golden
+    Retriever Dogs``): their genus is their first word, so ``--rank genus`` and ``--rank family`` cannot group them;
+    a name in lower case that may be a binomial says how to write it. None when every folder was read as a
+    scientific name."""
+    labels = [f"{name} (if a scientific name: {spelled!r})" if (spelled := scientific_spelling(name)) else name
+              for name in sorted(labels)]
+    if not labels:
+        return None
+    return (f"{len(labels)} class folder(s) not written as scientific names, each taken whole as a species label (its "
+            f"first word as its genus, no family: --rank genus and --rank family cannot group them; fine for a "
+            f"gallery of labels): {first_few(labels, '; ')}. Read as scientific names: 'Genus species', "
+            "'Genus_species', 'Genus-species', 'genus species', 'Common Name (Genus species)', 'Genus species "
+            "(Common Name)', iNaturalist 2021's 'NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_species'; rename the "
+            "folders to one of these")
 
 
 def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[Path]:
@@ -267,8 +321,12 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     # folder is a class too (test/2024-05/*.jpg: photos sorted by date), read with _class_folders' warning
     if splits and not any(_holds_photos(p) for p in folders if p not in splits):
         raise _split_error(root, splits, "folder")
+    labels: list[str] = []  # folders taken whole as labels, not as scientific names
+    parsed = {folder: parse_folder_name(folder.name) for folder in folders}
+    genera = {name.split()[0] for name, _ in parsed.values() if looks_scientific(name.split())}
     for folder in folders:
-        species, common = parse_folder_name(folder.name)
+        species, common = parsed[folder]
+        species = recased_label(species, genera) or species
         try:
             species = check_name(species, "class folder name")
         except InvalidNameError as exc:
@@ -280,19 +338,30 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
             empty.append(_no_photos(folder.name, [scan], [folder]))
             files = files or bool(scan.not_photos)
             continue
+        if not looks_scientific(species.split()):
+            labels.append(folder.name)
         taxon = lookup_taxon(species)
+        ranks = folder_ranks(folder.name)  # iNaturalist 2021's folders spell their family and higher ranks
+        family = taxon.family if taxon else ranks.get("family")
         records.extend(
             ReferenceRecord(
                 path=p,
                 species=species,
                 genus=taxon.genus if taxon else None,
-                family=taxon.family if taxon else None,
+                family=family,
                 common_name=common,
                 venomous=taxon.venomous if taxon else None,
                 dataset="folder",
+                ranks={rank: v for rank, v in ranks.items() if rank in HIGHER_RANKS},
             )
             for p in paths
         )
+    families = {r.genus: r.family for r in records if r.genus and r.family}  # a genus' family, where one folder
+    for r in records:  # spells it (iNaturalist 2021's), is its other species' too ('turdus viscivorus' beside one)
+        if not r.family and r.genus in families:
+            r.family = families[r.genus]
+    if warning := unparsed_folders_warning(labels):
+        warnings.append(warning)
     if empty:
         warnings.append(f"{len(empty)} folder(s) with no photos ignored: {first_few(empty, '; ')}"
                         + (f". {NOT_PHOTO_ADVICE}" if files else ""))

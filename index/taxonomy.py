@@ -97,16 +97,82 @@ def check_name(value: str, what: str = "species name") -> str:
 #: letters (``sp.``, ``cf.``: dots) and inner hyphens (``Polygonia c-album``).
 _GENUS_RE = re.compile(r"^[A-Z][a-z]+$")
 _EPITHET_RE = re.compile(r"^[a-z](?:[a-z.]|-(?=[a-z]))*$")
+#: A subgenus in brackets after the genus (``Carabus (Megodontus) violaceus``).
+_SUBGENUS_RE = re.compile(r"^\([A-Z][a-z]+\)$")
+#: Rank markers before an infraspecific epithet (``Quercus robur subsp. robur``).
+RANK_MARKERS = frozenset({"subsp.", "ssp.", "var.", "subvar.", "f.", "forma", "morph", "cv."})
+#: ``sp.`` / ``spp.`` then a morphospecies' designation (``Phylloscopus sp. 2``, ``Carabus sp. A``).
+_OPEN_NAMES = frozenset({"sp.", "spp.", "morphosp."})
+_DESIGNATION_RE = re.compile(r"^[A-Za-z0-9]+$")
+#: The hybrid sign (U+00D7), and the ``x`` written for it between two names.
+HYBRID_SIGN = "\u00d7"
 #: The form :func:`looks_scientific` accepts, for messages.
 SCIENTIFIC_FORM = "'Genus species': a capitalised genus, then one or two lower-case epithets"
+#: The example names of :func:`looks_scientific`'s refusals (a snake and a bird: any taxon is meant).
+SCIENTIFIC_EXAMPLE = "e.g. 'Naja haje' or 'Parus major'"
+
+
+def _plain_scientific(words: Sequence[str]) -> bool:
+    """Whether ``words`` are one scientific name without a hybrid sign: :data:`SCIENTIFIC_FORM`, with a subgenus in
+    brackets after the genus, a rank marker before a third epithet, or ``sp.`` and a designation."""
+    words = list(words)
+    if words and words[-1] in RANK_MARKERS:  # "Quercus robur subsp." names no subspecies
+        return False
+    if len(words) >= 3 and _SUBGENUS_RE.match(words[1]):
+        words = [words[0], *words[2:]]
+    if len(words) == 3 and words[1] in _OPEN_NAMES and _DESIGNATION_RE.match(words[2]):
+        return bool(_GENUS_RE.match(words[0]))
+    if len(words) == 4 and words[2] in RANK_MARKERS:
+        words = [*words[:2], words[3]]
+    return (2 <= len(words) <= 3 and bool(_GENUS_RE.match(words[0]))
+            and all(_EPITHET_RE.match(w) for w in words[1:]))
+
+
+def _hybrid_parts(words: Sequence[str]) -> list[list[str]] | None:
+    """``words`` split at hybrid signs (``×``, attached or not, or a lone ``x`` between two words), or None when
+    there is none."""
+    tokens = " ".join(words).replace(HYBRID_SIGN, f" {HYBRID_SIGN} ").split()
+    marks = [i for i, w in enumerate(tokens)
+             if w == HYBRID_SIGN or (w == "x" and 0 < i < len(tokens) - 1)]
+    if not marks:
+        return None
+    parts, start = [], 0
+    for i in [*marks, len(tokens)]:
+        parts.append(tokens[start:i])
+        start = i + 1
+    return parts
 
 
 def looks_scientific(words: Sequence[str]) -> bool:
-    """Whether ``words`` (a name split on spaces) are written as a scientific name (:data:`SCIENTIFIC_FORM`): the one
-    rule of the folder dataset's class names (``Common Name (Genus species)``, :mod:`index.datasets`) and of a new
-    species' name added by the CLI or the API (:func:`new_species_references`)."""
-    return (2 <= len(words) <= 3 and bool(_GENUS_RE.match(words[0]))
-            and all(_EPITHET_RE.match(w) for w in words[1:]))
+    """Whether ``words`` (a name split on spaces) are written as a scientific name (:data:`SCIENTIFIC_FORM`, with a
+    subgenus in brackets, a rank marker such as ``subsp.``, ``Genus sp. 2``, or a hybrid formula): the one rule of the folder dataset's class names (``Common Name (Genus
+    species)``, :mod:`index.datasets`) and of a new species' name added by the CLI or the API
+    (:func:`new_species_references`).
+
+    A hybrid formula: names or epithets joined by ``×`` (or ``x``): ``Larus argentatus × Larus fuscus``, ``Anas
+    platyrhynchos x rubripes``, ``Anas ×platyrhynchos`` (a nothospecies: the genus, then epithets), ``×Chitalpa
+    tashkentensis`` (a nothogenus)."""
+    parts = _hybrid_parts(words)
+    if parts is None:
+        return _plain_scientific(words)
+    first, rest = parts[0], parts[1:]
+    if not first:  # a nothogenus: "×Chitalpa tashkentensis"
+        return len(rest) == 1 and _plain_scientific(rest[0])
+    if not (_plain_scientific(first) or (len(first) == 1 and _GENUS_RE.match(first[0]))):
+        return False
+    return all(_plain_scientific(p) or (1 <= len(p) <= 2 and all(_EPITHET_RE.match(w) for w in p)) for p in rest)
+
+
+def split_authority(name: str) -> tuple[str, str] | None:
+    """(the name, its author citation) of a scientific name written with its authority (``Parus major Linnaeus,
+    1758``, ``Naja haje (Linnaeus, 1758)``, ``Vipera latastei Boscá``), else None."""
+    words = name.split()
+    for i in range(2, len(words)):
+        head, tail = words[:i], " ".join(words[i:])
+        if re.match(r"^\(?[A-Z\u00c0-\u024f]", tail) and re.fullmatch(r"[\w\s.,&'()\u2019-]+", tail) and (
+                looks_scientific(head)):
+            return " ".join(head), tail
+    return None
 
 
 def scientific_spelling(name: str) -> str | None:
@@ -121,9 +187,16 @@ def scientific_spelling(name: str) -> str | None:
 
 def _unscientific(name: str) -> SpeciesNameConflictError:
     """The refusal of a new species ``name`` not written as a scientific name: confirmed, it is taken (a gallery of
-    labels, a folder dataset's ``cats``), as a near-spelling is; no gallery species is meant."""
+    labels, a folder dataset's ``cats``), as a near-spelling is; no gallery species is meant. A name with its
+    author citation is told to leave it out; one capitalised word, that a genus alone is no species."""
+    if cited := split_authority(name):
+        return SpeciesNameConflictError(name, None, f"ends with an author citation ({cited[1]!r})",
+                                        hint=f"give the name without it, {cited[0]!r}")
+    if len(name.split()) == 1 and _GENUS_RE.match(name):
+        return SpeciesNameConflictError(name, None, "is one word: a genus alone is not a species",
+                                        hint="give the species' full name (genus and epithet)")
     spelled = scientific_spelling(name)
-    example = f"did you mean {spelled!r}?" if spelled else "e.g. 'Naja haje'"
+    example = f"did you mean {spelled!r}?" if spelled else SCIENTIFIC_EXAMPLE
     return SpeciesNameConflictError(name, None, f"is not written as a scientific name ({SCIENTIFIC_FORM}; {example})")
 
 
@@ -133,9 +206,14 @@ def _unscientific(name: str) -> SpeciesNameConflictError:
 
 def species_key(name: str) -> str:
     """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, Unicode NFC, case-folded (a name
-    stored decomposed before names were composed on entry matches its composed spelling too)."""
-    text = unicodedata.normalize("NFC", " ".join(name.replace("_", " ").replace("-", " ").split()))
-    return unicodedata.normalize("NFC", text.casefold())
+    stored decomposed before names were composed on entry matches its composed spelling too), a hybrid's sign one
+    word whether attached or not, and an ``x`` between two words as that sign (``Anas platyrhynchos x rubripes`` is
+    ``Anas platyrhynchos × rubripes``)."""
+    text = unicodedata.normalize("NFC", name.replace("_", " ").replace("-", " ").replace(HYBRID_SIGN,
+                                                                                          f" {HYBRID_SIGN} "))
+    words = text.casefold().split()
+    words = [HYBRID_SIGN if w == "x" and 0 < i < len(words) - 1 else w for i, w in enumerate(words)]
+    return unicodedata.normalize("NFC", " ".join(words))
 
 
 def _read_taxon_csv(path: Path) -> list[TaxonInfo]:
@@ -229,7 +307,9 @@ def taxonomy_lookalikes(name: str, cutoff: float = NEAR_SPELLING) -> list[TaxonI
     if lookup_taxon(name) is not None:
         return []
     table = _taxonomy()
-    return [table[k] for k in difflib.get_close_matches(species_key(name), list(table), n=3, cutoff=cutoff)]
+    key = species_key(name)
+    return [table[k] for k in difflib.get_close_matches(key, list(table), n=3, cutoff=cutoff)
+            if not _numbered_apart(key, k)]
 
 
 def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
@@ -260,9 +340,10 @@ def new_species_references(
     species, a gallery species' common name, or a near-spelling of a taxon of the shipped taxonomy
     (:func:`taxonomy_lookalikes`: ``Naja nivae`` for the venomous ``Naja nivea``) is refused
     (:class:`SpeciesNameConflictError`) unless ``new_species``, and so is a new name not written as a scientific
-    name (:func:`looks_scientific`: ``x``, ``cobra``; a label, ``cats``, is taken confirmed), while a known genus alone
-    is refused either way: the one rule of the CLI and the API (a dataset's folder names are not checked by it:
-    :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays
+    name (:func:`looks_scientific`: ``x``, ``cobra``, one capitalised word, a name with its author citation; a
+    label, ``cats``, is taken confirmed), while a genus alone, one the shipped snake taxonomy knows or a gallery
+    species' (``Parus`` beside ``Parus major``), is refused either way: the one rule of the CLI and the API (a
+    dataset's folder names are not checked by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays
     of unknown venom status (off for a check ahead of the add, which warns itself).
     """
     species = check_name(name.replace("_", " "))
@@ -271,10 +352,9 @@ def new_species_references(
     family = check_name(family, "family") if family else family
     gallery_species = list(gallery_species)
     taxon = lookup_taxon(species)
-    if taxon is None and " " not in species and species_key(species) in _genera() and not find_species(
-            gallery_species, species):
-        raise ValueError(f"{species!r} is a genus, not a species: give the species' full name, e.g. "
-                         f"{_genera()[species_key(species)]!r}")
+    if taxon is None and " " not in species and not find_species(gallery_species, species) and (
+            example := _genus_example(species, gallery_species)):
+        raise ValueError(f"{species!r} is a genus, not a species: give the species' full name, e.g. {example!r}")
     prior = find_species(gallery_species, species) or (find_species(gallery_species, taxon.species) if taxon
                                                          else None)  # "Naja haje legionis" joins "Naja haje"
     species = prior.species if prior else (taxon.species if taxon else species)
@@ -296,8 +376,8 @@ def new_species_references(
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
     if warn and prior is None and taxon is None and venomous is None:
         close = taxonomy_lookalikes(species, SUGGESTION)
-        logger.warning("%r is not in the shipped taxonomy and no venomous flag was given: its venom status stays "
-                       "unknown (answers count it as possibly venomous)%s", species,
+        logger.warning("%r is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
+                       "venom status stays unknown (answers count it as possibly venomous)%s", species,
                        f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else "")
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),
@@ -324,22 +404,40 @@ class SpeciesNameConflictError(ValueError):
     for no species (not written as a scientific name: ``meant`` None).
 
     ``name``: the name given; ``meant``: the gallery species it looks like; ``found``: what the gallery holds
-    (``'Naja samarensis' (10 references) is``). What to do is the caller's to word (:meth:`advice`): a command line
+    (``'Naja samarensis' (10 references) is``); ``hint``: what to give instead where no species is meant. What to do is the caller's to word (:meth:`advice`): a command line
     and an HTTP API confirm a new species differently. The message itself names no option of either."""
 
-    def __init__(self, name: str, meant: str | None, found: str) -> None:
-        self.name, self.meant, self.found = name, meant, found
+    def __init__(self, name: str, meant: str | None, found: str, hint: str | None = None) -> None:
+        self.name, self.meant, self.found, self.hint = name, meant, found, hint
         super().__init__(self.advice())
 
     def __reduce__(self):  # pickled with its fields, not its message (another process may raise it on)
-        return type(self), (self.name, self.meant, self.found)
+        return type(self), (self.name, self.meant, self.found, self.hint)
 
     def advice(self, use: str | None = None, confirm: str | None = None) -> str:
         """The message, with ``use`` (how to add to the gallery species ``meant``; not used where none is meant) and
-        ``confirm`` (how to say ``name`` is a new species) as the caller words them."""
-        use = "give the species' scientific name" if self.meant is None else use or f"add the photos to {self.meant!r}"
+        ``confirm`` (how to say ``name`` is a new species) as the caller words them; where no species is meant, what
+        to give instead (``hint``: the name without its author citation), the same for every caller."""
+        use = (self.hint or "give the species' scientific name") if self.meant is None else use or \
+            f"add the photos to {self.meant!r}"
         confirm = confirm or f"confirm that {self.name!r} is a new species"
         return f"{self.name!r} {self.found}: {use}, or {confirm}"
+
+
+def _genus_example(name: str, gallery_species: Iterable[SpeciesSummary]) -> str | None:
+    """A species of genus ``name`` (one word), from the gallery first, then the shipped snake taxonomy; None when
+    neither knows ``name`` as a genus: a genus alone is no species, whatever the taxon."""
+    key = species_key(name)
+    held = next((s.species for s in gallery_species if species_key(s.genus or s.species.split(" ")[0]) == key
+                 and species_key(s.species) != key), None)
+    return held or _genera().get(key)
+
+
+def _numbered_apart(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ in their digits alone (``Phylloscopus sp. 2``, ``Phylloscopus sp.``,
+    ``Phylloscopus sp. 3``): morphospecies numbered apart, never near-spellings of one another."""
+    return (any(ch.isdigit() for ch in a + b)
+            and " ".join(re.sub(r"\d+", "", a).split()) == " ".join(re.sub(r"\d+", "", b).split()))
 
 
 def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> SpeciesNameConflictError | None:
@@ -363,8 +461,14 @@ def gallery_lookalikes(gallery_species: Iterable[SpeciesSummary],
     key = species_key(name)
     same_common = [s for s in gallery_species if s.common_name and species_key(s.common_name) == key]
     by_key = {species_key(s.species): s for s in gallery_species}
-    close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=NEAR_SPELLING)]
+    close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=NEAR_SPELLING)
+             if not _numbered_apart(key, k)]
     return same_common, close
+
+
+def known_genus(genus: str) -> bool:
+    """Whether the shipped snake taxonomy knows ``genus`` (any case)."""
+    return species_key(genus) in _genera()
 
 
 def genus_family(genus: str | None) -> str | None:

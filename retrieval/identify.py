@@ -26,6 +26,7 @@ from threadpoolctl import ThreadpoolController
 
 from index.atomic import write_json_atomic
 from index.gallery import Gallery, Neighbour, check_gallery_encoder
+from index.geography import SNAKE_TABLE
 from index.layout import check_encoder
 from index.photos import first_few
 from index.store import SpeciesSummary
@@ -169,6 +170,8 @@ class Identification:
     nearest: float | None = None  # cosine similarity of the nearest reference photo
     country_applied: bool | None = None  # None: no country given; False: it changed nothing (every candidate
     # recorded there, or none, or none in the table), so the scores are the photo's alone
+    country_covered: bool | None = None  # None: no country given; False: no candidate is in the country table or
+    # has a reference photo whose country the gallery records (country_note says so)
     set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
     # given) set aside as far while another photo was not; they carry nothing about the animal
     venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: a named answer
@@ -180,6 +183,18 @@ class Identification:
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
         return {Rank.SPECIES: self.scores, Rank.GENUS: self.genus_scores, Rank.FAMILY: self.family_scores}[rank]
+
+    def country_note(self) -> str | None:
+        """Why the country changed nothing, when it did not (None otherwise): no candidate is in any source of
+        presence (:func:`index.geography.country_presence`), or all or none of them are recorded there."""
+        if self.country_applied is not False:
+            return None
+        if not self.country_covered:
+            return ("the country changed nothing here: none of these candidates is in the shipped country table "
+                    f"({SNAKE_TABLE}) or has a reference photo whose country this gallery records (a manifest's "
+                    "country column, index build --dataset manifest)")
+        return ("the country changed nothing here: these candidates are all recorded in that country, or none is "
+                f"(the shipped country table, {SNAKE_TABLE}, and the countries of the gallery's own photos)")
 
     def to_dict(self, *, neighbours: int | None = None) -> dict[str, object]:
         """JSON-ready dict (``neighbours`` limits the evidence list)."""
@@ -194,6 +209,7 @@ class Identification:
             "venomous_score": self.venomous_score,
             "venom_unknown_score": self.venom_unknown_score,
             "country_applied": self.country_applied,
+            "country_note": self.country_note(),
             "set_aside": list(self.set_aside),
             "venom_advice": self.venom_advice.to_dict() if self.venom_advice is not None else None,
             "venom_applies": self.venom_applies,
@@ -266,6 +282,7 @@ class Identifier:
         self._far: tuple[int, float | None] | None = None  # (gallery size it was estimated at, far_threshold)
         # (taxa version, text prior, gallery.json as read, it): gallery.json is read again when it changes
         self._coverage: tuple[int, Any, dict, ChecklistCoverage | None] | None = None
+        self._countries: tuple[int, dict[str, frozenset[str]]] | None = None  # (taxa version, recorded_countries)
 
     # ------------------------------------------------------- probe, settings, text prior
     def _calibrated(self, probe: LinearProbe | None, text_prior: TextPriorScores | None) -> Calibrated:
@@ -404,6 +421,22 @@ class Identifier:
             self._records_venom = any(t.venomous is not None for t in taxa.values())
             self._venom_applies = venom_applies(taxa.values())
         return self._taxa
+
+    def recorded_countries(self) -> dict[str, frozenset[str]]:
+        """species -> the countries (as stored: codes or names) the gallery's searchable reference photos were
+        taken in, from a dataset's ``country`` column (``--dataset manifest``, ``snakeclef2021``); {} when none is
+        recorded. Read once per :meth:`taxa` version, and only when asked (a ``--country``)."""
+        self.taxa()
+        kept = self._countries
+        if kept is None or kept[0] != self._taxa_version:
+            frame = self.gallery.store.metadata(include_excluded=False)
+            frame = frame[frame["country"].notna() & (frame["country"].astype(str).str.strip() != "")]
+            found: dict[str, set[str]] = {}
+            for species, country in zip(frame["species"], frame["country"], strict=True):
+                found.setdefault(str(species), set()).add(str(country).strip())
+            kept = (self._taxa_version, {s: frozenset(c) for s, c in found.items()})
+            self._countries = kept
+        return kept[1]
 
     def held_species(self) -> frozenset[str]:
         """The species the gallery holds searchable references of (cached as :meth:`taxa` is)."""
@@ -683,6 +716,7 @@ class Identifier:
             # the country changed the scores only when some candidate is recorded there and some is not
             country_applied=None if presence is None else (False in candidates
                                                            and any(c is not False for c in candidates)),
+            country_covered=None if presence is None else any(c is not None for c in candidates),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
                                       unrecorded_names=unrecorded[:3] if records_venom else (), applies=applies),

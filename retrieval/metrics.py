@@ -342,7 +342,9 @@ def _markdown(results: Mapping[str, dict], title: str, notes: Sequence[str]) -> 
         "Venomous recall: share of truly venomous photos flagged venomous (top-1 species venomous, or total "
         "probability on venomous species >= 0.5). Venomous called harmless: share of truly venomous photos whose "
         'top-1 species is known harmless. Coverage: share not answered "unknown". Country macro-F1: mean over '
-        "countries of the macro-F1 over the species present in that country (SnakeCLEF 2021).",
+        "countries of the macro-F1 over the species present in that country's photos (SnakeCLEF 2021's metric); the "
+        "countries are the evaluated photos' own, from the dataset's metadata (its country column), '–' where none "
+        "records one.",
     ]
     best = _best_method(results)
     r = results[best]
@@ -367,14 +369,26 @@ def _markdown(results: Mapping[str, dict], title: str, notes: Sequence[str]) -> 
     return "\n".join(lines) + "\n"
 
 
+#: The longest tick label of a confusion matrix, in characters: a longer species label (a folder taken whole, a
+#: hybrid's) is cut with an ellipsis (report.md and report.json keep it whole).
+TICK_LABEL_CHARS = 32
+
+
+def tick_label(label: str, width: int = TICK_LABEL_CHARS) -> str:
+    """``label`` cut to ``width`` characters, its end an ellipsis where it was cut."""
+    return label if len(label) <= width else label[: width - 1].rstrip() + "\u2026"
+
+
 def _plot_confusion(method: str, confusion: Mapping[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
-    labels = list(confusion.get("labels") or [])
+    labels = [tick_label(str(label)) for label in confusion.get("labels") or []]
     m = np.array(confusion.get("matrix") or [], dtype=float).reshape(len(labels), len(labels))
     k = len(labels)
-    size = min(max(4.0, 0.4 * k + 2.5), 40.0)
     fontsize = max(2.0, min(9.0, 300.0 / max(k, 1)))
+    # the tick labels' room (about 0.6 em a character) on top of the matrix's own
+    room = 0.6 * fontsize / 72 * max((len(label) for label in labels), default=0)
+    size = min(max(4.0, 0.4 * k + 2.5) + room, 44.0)
     fig = Figure(figsize=(size, size), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap="Blues", interpolation="nearest")

@@ -299,9 +299,12 @@ class Answer:
     results: list[RankedResult] = field(default_factory=list)  # the best candidates at the asked rank
 
 
-def presence_for(country: str | None) -> dict[str, bool] | None:
-    """species -> recorded in ``country`` (ISO code or name); None without a country."""
-    return country_presence(resolve_country(country)) if country else None
+def presence_for(country: str | None, ident: Identifier | None = None) -> dict[str, bool] | None:
+    """species -> recorded in ``country`` (ISO code or name): the shipped snake table, and the countries of
+    ``ident``'s gallery's own photos (:func:`index.geography.country_presence`); None without a country."""
+    if not country:
+        return None
+    return country_presence(resolve_country(country), ident.recorded_countries() if ident is not None else None)
 
 
 def identify(
@@ -326,7 +329,7 @@ def identify(
     if (photos is None) == (embeddings is None):
         raise ValueError("identify needs photos or embeddings (one of the two)")
     rank = parse_rank(rank)
-    presence = presence_for(country)
+    presence = presence_for(country, ident)
     if embeddings is None:
         done = embed_photos(list(photos), ident.encoder, progress=progress, desc="identifying")
         emb, errors = done.embeddings, done.errors
@@ -353,12 +356,13 @@ def identify(
     return [answers[i] for i in range(len(errors))]
 
 
-def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
+def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Rank.SPECIES) -> list[str]:
     """What every answer from ``ident``'s gallery is to be shown with: that the last build into it did not finish
     (:func:`index.build_mark.build_note`: a partial gallery answers among the species it holds), and that it is too
     small to tell a photo unlike every reference (no far threshold: :func:`retrieval.identify.far_threshold`), and
-    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`); for the CLI, that
-    its photos are embedded with another runtime or precision than the gallery's references
+    which venomous species of its checklist it cannot name (:meth:`Identifier.checklist_coverage`), at ``rank``
+    family, which of its species record no family (:func:`family_note`), and, for the CLI, that its photos are
+    embedded with another runtime or precision than the gallery's references
     (:func:`retrieval.protocol.embedding_note`; a server logs it once when it starts).
     ``api``: said for an HTTP client (how to add photos through the API; a running build's pid and host left out)."""
     notes = [note] if (note := build_note(ident.gallery.root, api=api)) else []
@@ -373,7 +377,27 @@ def answer_notes(ident: Identifier, *, api: bool = False) -> list[str]:
                      "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
                      f"for that, however unlike the photo is; add reference photos ({how}): from 2, the gallery "
                      "measures that threshold")
+    if parse_rank(rank) is Rank.FAMILY and (family := family_note(ident, api=api)):
+        notes.append(family)
     return notes
+
+
+def family_note(ident: Identifier, *, api: bool = False) -> str | None:
+    """What ``--rank family`` is to be shown with where some of the gallery's species record no family (their
+    scores go to 'unknown family'): families come only from the shipped snake taxonomy, a dataset that records
+    them (a manifest's ``family`` column, rare-species, iNaturalist 2021's folder names) or an add's family; None
+    when every species records one."""
+    taxa = [t for t in ident.taxa().values() if t.count > 0]
+    lacking = sorted(t.species for t in taxa if not t.family)
+    if not lacking:
+        return None
+    how = "speciesid references add --family (the HTTP API's add takes no family)" if api else \
+        "speciesid references add --family"
+    which = "records no families" if len(lacking) == len(taxa) else \
+        f"records no family for {len(lacking)} of its {len(taxa)} species ({first_few(lacking)})"
+    return (f"this gallery {which}: their scores are summed as 'unknown family'. Families come only from the shipped "
+            "snake taxonomy, a dataset that records them (index build --dataset manifest with a family column, "
+            f"rare-species, iNaturalist 2021's folder names) or {how}")
 
 
 def search(
@@ -485,7 +509,7 @@ def evaluate_dataset(
         ok = without_copies(ok, dups, f"all {readable} readable photos under {root} are already in the gallery (same "
                             "bytes or near-copies), so they would measure nothing; evaluate photos the gallery does "
                             "not hold, or pass --keep-duplicates to count them anyway")
-    presence = presence_for(country)
+    presence = presence_for(country, ident)
     methods = have if methods is None else list(methods)
     taxa = ident.taxa()
     venomous = {s: t.venomous for s, t in taxa.items()}

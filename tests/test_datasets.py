@@ -692,6 +692,7 @@ def test_the_check_ahead_of_an_add_leaves_the_unknown_venom_warning_to_the_add(c
 
     caplog.set_level(logging.WARNING)
     check_new_references(SimpleNamespace(species=lambda: []), "Testus novus")
-    assert "not in the shipped taxonomy" not in caplog.text, caplog.text
+    assert "not in the shipped snake taxonomy" not in caplog.text, caplog.text
     new_species_references("Testus novus", [], ["a.jpg"], dataset="api")
-    assert caplog.text.count("'Testus novus' is not in the shipped taxonomy and no venomous flag was given") == 1
+    assert caplog.text.count("'Testus novus' is not in the shipped snake taxonomy (snakes only) and no venomous flag "
+                             "was given") == 1

@@ -131,7 +131,8 @@ def test_a_new_name_not_written_as_a_scientific_one_is_refused_alike_by_the_cli_
     code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "x", photo, *ENCODER)
     assert code == 2 and err.endswith(
         "'x' is not written as a scientific name ('Genus species': a capitalised genus, then one or two lower-case "
-        "epithets; e.g. 'Naja haje'): give the species' scientific name, or give --new-species if 'x' is a new "
+        "epithets; e.g. 'Naja haje' or 'Parus major'): give the species' scientific name, or give --new-species if "
+        "'x' is a new "
         "species\n"), err
     code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "naja nova", photo, *ENCODER)
     assert code == 2 and "lower-case epithets; did you mean 'Naja nova'?): give the species' scientific name" in err
@@ -143,7 +144,8 @@ def test_a_new_name_not_written_as_a_scientific_one_is_refused_alike_by_the_cli_
                           headers={"X-API-Key": "k"})
             assert resp.status_code == 409 and resp.json()["detail"] == (
                 f"{name!r} is not written as a scientific name ('Genus species': a capitalised genus, then one or "
-                "two lower-case epithets; e.g. 'Naja haje'): give the species' scientific name, or send the form "
+                "two lower-case epithets; e.g. 'Naja haje' or 'Parus major'): give the species' scientific name, or "
+                "send the form "
                 f"field new_species=true to create {name!r} as a new species"), resp.text
         assert c.get("/v1/species/x").status_code == 404
         resp = c.post("/v1/species/Naja/references", files=[("images", ("x.png", data, "image/png"))],

@@ -84,7 +84,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
                 for res in a.results
             ]
         results.append(r)
-    notes = answer_notes(ident)  # a partial gallery (a build interrupted), one too small to tell "unlike every"
+    notes = answer_notes(ident, rank=args.rank)  # a partial gallery (a build interrupted), one too small to tell "unlike every"
     if args.format == "json":
         emit(json.dumps(results, indent=2))
     elif args.format == "csv":
@@ -173,9 +173,8 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
             lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
     if rank == "species" and neighbours and r["neighbours"]:
         lines += _evidence_lines(r["neighbours"])
-    if r.get("country_applied") is False:
-        lines.append("  (--country changed nothing here: these candidates are all recorded in that country, or none "
-                     "is, or the country table does not list them)")
+    if note := r.get("country_note"):  # why --country changed nothing (retrieval.identify)
+        lines.append(f"  ({note})")
     if advice and not advice["treat_as_venomous"]:  # "unlikely": last, as the page shows it
         lines.append(f"  {advice['text']}")
     return "\n".join(lines)

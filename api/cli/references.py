@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "species (the other photos are added).")
     p.add_argument("images", nargs="+", metavar="IMG", help="photo files or folders")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
-    p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje"')
+    p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje" or "Parus major"')
     p.add_argument("--common-name", help="English common name")
     p.add_argument("--venomous", help="yes or no: medically important venomous (default: the gallery species' flag, "
                    "else the taxonomy's). A species is venomous while any of its references says so")
