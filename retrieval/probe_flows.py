@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -55,7 +55,7 @@ from retrieval.protocol import (
     same_folder,
     without_copies,
 )
-from retrieval.textprior import build_text_prior, save_text_prior
+from retrieval.textprior import build_text_prior, remove_text_prior, save_text_prior
 from retrieval.whitening_sync import save_stats, stats_from_rows
 
 logger = logging.getLogger(__name__)
@@ -203,9 +203,14 @@ def train_gallery_probe(
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
-    replaced, shared = save_replacing(gallery, probe)
-    if taxa:
-        save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
+
+    def text_prior() -> None:  # with the probe, under its hold, before its publish: the store's copy carries it
+        if taxa:
+            save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
+        else:  # an image-only encoder: a text_prior.json left here belongs to an older probe
+            remove_text_prior(index_dir)
+
+    replaced, shared = save_replacing(gallery, probe, text_prior=text_prior)
     return ProbeResult(probe=probe, seconds_select=t1 - t0, seconds_train=t2 - t1, text_species=len(taxa),
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds, replaced=replaced, shared=shared)
 
@@ -332,16 +337,21 @@ def _saving_and_sharing(gallery: Gallery, done: str) -> Iterator[Shared]:
                     "when the store answers, not this command again") from exc
 
 
-def save_replacing(gallery: Gallery, probe: LinearProbe) -> tuple[str, str]:
+def save_replacing(gallery: Gallery, probe: LinearProbe, *,
+                   text_prior: Callable[[], object] | None = None) -> tuple[str, str]:
     """Save ``probe`` as the gallery's (made now), under the gallery's write lock, after setting the probe it
     replaces aside as probe.prev.* (:func:`retrieval.probe.keep_previous`, one generation), and on an S3 store
-    publish it under the same hold (:func:`_saving_and_sharing`). Returns in words what it replaced ("" when there
-    was none) and where the store shares it ("" when the store is local)."""
+    publish it under the same hold (:func:`_saving_and_sharing`). ``text_prior``: writes (or removes) the folder's
+    text prior, called after the probe is saved and before the publish, which shares the folder's text prior with
+    the probe (None: the folder's is left as it is). Returns in words what it replaced ("" when there was none) and
+    where the store shares it ("" when the store is local)."""
     probe.made_at = now_utc()
     # under one hold: no other writer's probe kept as the previous one, and no half swap
     with _saving_and_sharing(gallery, "the new probe is saved") as shared:
         replaced = keep_previous(gallery.root)
         probe.save(gallery.root)
+        if text_prior is not None:
+            text_prior()
     if replaced:
         logger.info("replaced %s (kept as probe.prev.*)", replaced)
     return replaced, shared.where

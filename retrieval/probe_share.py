@@ -25,7 +25,17 @@ the store's copy replaced there. A folder whose probe records no copy taken from
 refitted here (the vote's whitening after a write) keeps its origin: it is replaced at the next publish, not at the
 next open. ``speciesid probe withdraw`` (:func:`withdraw_probe`) removes the store's copy: no folder takes it any
 more, and the folders that took it keep it (their status says ``withdrawn``) until the next publish.
-The text prior is not shared.
+
+The text prior (``text_prior.json``: the species ``probe train`` set the zero-shot prior up over, its strength and
+encoder) travels with the probe: a publish puts the folder's, under a name of its own digest
+(``text-prior-<sha256>.json``, :func:`text_prior_name`), after the weights and before ``probe.json``, whose metadata
+names it (:data:`TEXT_PRIOR_KEY`, :data:`TEXT_PRIOR_ETAG`), or says the folder had none (:data:`NO_TEXT_PRIOR`). A
+folder taking the copy writes that ``text_prior.json`` with the probe (before its ``probe.json``), or removes its own
+when the copy has none: a prior never stays beside a probe it was not published with. A ``probe.json`` an earlier
+version published names no text prior either way: a folder taking it keeps its own ``text_prior.json``, as then. The
+prior's class embeddings (``text_prior_cache/``) are not shared: each machine computes them from its own encoder
+(:func:`retrieval.textprior.load_text_prior`). The text prior is not kept as ``probe.prev.*`` is: ``probe restore``
+brings back the earlier probe with the folder's text prior of now.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
@@ -55,8 +66,17 @@ WEIGHTS_ETAG = "weights-etag"
 #: The object metadata of the store's probe.json naming the weights object published with it (its name in the
 #: store's probe folder, :func:`weights_name`); absent in a store an earlier version wrote (weights at probe.npz).
 WEIGHTS_KEY = "weights-key"
+#: The object metadata of the store's probe.json naming the text prior published with it (its name in the store's
+#: probe folder, :func:`text_prior_name`), or :data:`NO_TEXT_PRIOR`; absent in a store an earlier version wrote.
+TEXT_PRIOR_KEY = "text-prior-key"
+#: The object metadata of the store's probe.json naming the ETag of the text prior published with it.
+TEXT_PRIOR_ETAG = "text-prior-etag"
+#: :data:`TEXT_PRIOR_KEY` of a probe published from a folder without a text prior: a folder taking it removes its own.
+NO_TEXT_PRIOR = "none"
 #: The names of weights objects in the store's probe folder: a digest's, or the one earlier versions wrote.
 _WEIGHTS_NAME = re.compile(r"probe-[0-9a-f]{64}\.npz")
+#: The names of text prior objects in the store's probe folder.
+_TEXT_PRIOR_NAME = re.compile(r"text-prior-[0-9a-f]{64}\.json")
 #: How long an open of a folder without a probe waits for the folder's lock (a writer holds it) to take the
 #: store's probe; past it the process answers without a probe, and the next check (or open) takes it.
 AT_OPEN_WAIT_S = 5.0
@@ -73,9 +93,21 @@ def weights_name(weights: bytes) -> str:
     return f"probe-{hashlib.sha256(weights).hexdigest()}.npz"
 
 
+def text_prior_name(prior: bytes) -> str:
+    """The name of the store's object holding the text prior ``prior`` (a ``text_prior.json``'s bytes):
+    ``text-prior-<their sha256>.json``."""
+    return f"text-prior-{hashlib.sha256(prior).hexdigest()}.json"
+
+
 def _is_weights_name(name: str) -> bool:
     """Whether ``name`` (in the store's probe folder) is a weights object's: a digest's, or ``probe.npz``."""
     return name == PROBE_WEIGHTS or _WEIGHTS_NAME.fullmatch(name) is not None
+
+
+def _is_published_name(name: str) -> bool:
+    """Whether ``name`` (in the store's probe folder) is an object a publish puts beside ``probe.json``: weights
+    (:func:`_is_weights_name`) or a text prior (:func:`text_prior_name`)."""
+    return _is_weights_name(name) or _TEXT_PRIOR_NAME.fullmatch(name) is not None
 
 
 def _weights_of(head: dict[str, Any]) -> str:
@@ -87,16 +119,51 @@ def _weights_of(head: dict[str, Any]) -> str:
     return name
 
 
+def _text_prior_of(head: dict[str, Any]) -> tuple[bool, str | None]:
+    """What the store's probe.json (its HEAD) says of its text prior: (whether it says anything: False for one an
+    earlier version published, the name of the text prior object it names, None: none). ValueError when it names
+    something else than a text prior object, or one without its ETag."""
+    metadata = head.get("Metadata") or {}
+    name = metadata.get(TEXT_PRIOR_KEY)
+    if name is None:
+        return False, None
+    name = str(name)
+    if name == NO_TEXT_PRIOR:
+        return True, None
+    if _TEXT_PRIOR_NAME.fullmatch(name) is None:
+        raise ValueError(f"its metadata {TEXT_PRIOR_KEY} names {name!r}, not a text prior object "
+                         "(text-prior-<sha256>.json)")
+    if not metadata.get(TEXT_PRIOR_ETAG):
+        raise ValueError(f"its metadata names the text prior {name} but not its ETag ({TEXT_PRIOR_ETAG})")
+    return True, name
+
+
+def _published_names(head: dict[str, Any]) -> set[str]:
+    """The names of the objects the store's probe.json (its HEAD) names: its weights and text prior (those it names
+    well: a name of something else is left out)."""
+    names = set()
+    with contextlib.suppress(ValueError):
+        names.add(_weights_of(head))
+    with contextlib.suppress(ValueError):
+        prior = _text_prior_of(head)[1]
+        if prior is not None:
+            names.add(prior)
+    return names
+
+
 def publish_probe(gallery: Gallery, *, meta: bytes | None = None) -> str | None:
     """Put the folder's probe files in the gallery's S3 store (under the store's lease): the weights first, as
-    ``probe-<sha256>.npz`` (:func:`weights_name`), then ``probe.json`` naming them; the store's new copy
-    (:func:`_copy`), recorded as the folder's origin. None when the store is not on S3 (nothing to share). Then the
-    weights objects no ``probe.json`` names are removed (:func:`_remove_unnamed`: those of the ``probe.json`` replaced
-    are kept). ``meta``: the caller's read of ``probe.json``, if any.
+    ``probe-<sha256>.npz`` (:func:`weights_name`), then the folder's text prior when it has one, as
+    ``text-prior-<sha256>.json`` (:func:`text_prior_name`), then ``probe.json`` naming them (or saying it has no
+    text prior: :data:`NO_TEXT_PRIOR`); the store's new copy (:func:`_copy`), recorded as the folder's origin. None
+    when the store is not on S3 (nothing to share). Then the objects no ``probe.json`` names are removed
+    (:func:`_remove_unnamed`: those of the ``probe.json`` replaced are kept). ``meta``: the caller's read of
+    ``probe.json``, if any.
 
     The lease is checked before each put (:meth:`index.locks.WriteLock.check`: renewed when half its TTL is gone):
-    LeaseLostError before the weights, :class:`ProbePublishInterrupted` when it was lost between the weights and
-    ``probe.json`` (then ``probe.json`` is not put: the store's probe stays the one it was, its weights untouched)."""
+    LeaseLostError before the weights, :class:`ProbePublishInterrupted` when it was lost after the weights were put
+    and before ``probe.json`` (then ``probe.json`` is not put: the store's probe stays the one it was, its weights and
+    text prior untouched)."""
     objects = gallery.objects
     if objects is None:
         return None
@@ -106,12 +173,21 @@ def publish_probe(gallery: Gallery, *, meta: bytes | None = None) -> str | None:
     with gallery.writing():  # a write to the store: under its lease, so two publishes never interleave
         weights = layout.probe_weights.read_bytes()
         meta = layout.probe_meta.read_bytes() if meta is None else meta  # the caller's read of probe.json, if any
+        prior = layout.text_prior.read_bytes() if layout.text_prior.is_file() else None
         name = weights_name(weights)
         lock.check()
-        replaced = objects.head(meta_uri)  # the copy this publish replaces: its weights are kept
+        replaced = objects.head(meta_uri)  # the copy this publish replaces: its weights and text prior are kept
         weights_etag = objects.put(probe_uri(objects.uri, name), weights)  # a name of its own: the store's pair stays
+        metadata = {WEIGHTS_ETAG: weights_etag, WEIGHTS_KEY: name, TEXT_PRIOR_KEY: NO_TEXT_PRIOR}
+        keep = {name}
         try:
             lock.check()  # a stall (a slow put, a paused process) past the TTL: another writer may hold it now
+            if prior is not None:
+                prior_name = text_prior_name(prior)
+                metadata.update({TEXT_PRIOR_KEY: prior_name,
+                                 TEXT_PRIOR_ETAG: objects.put(probe_uri(objects.uri, prior_name), prior)})
+                keep.add(prior_name)
+                lock.check()
         except LeaseLostError as exc:
             where = lock.remote.where if lock.remote is not None else "of the store"
             raise ProbePublishInterrupted(
@@ -119,24 +195,23 @@ def publish_probe(gallery: Gallery, *, meta: bytes | None = None) -> str | None:
                 f"the store and before its probe.json: probe.json was not put, so the store's probe is the one it "
                 f"was (every machine takes that one). Run 'speciesid probe publish --index {gallery.root}' to share "
                 "the probe") from exc
-        etag = objects.put(meta_uri, meta, metadata={WEIGHTS_ETAG: weights_etag, WEIGHTS_KEY: name})
-        copy = _copy(etag, weights_etag)
+        etag = objects.put(meta_uri, meta, metadata=metadata)
+        copy = _copy(etag, weights_etag, metadata.get(TEXT_PRIOR_ETAG))
         write_json_atomic(layout.probe_origin, {"copy": copy})
-        keep = {name}
         if replaced is not None:
-            with contextlib.suppress(ValueError):  # it named no weights object: nothing of it to keep
-                keep.add(_weights_of(replaced))
+            keep |= _published_names(replaced)
         _remove_unnamed(objects, lock, keep)
-    logger.info("probe of %s shared through its store (%s, %s)", gallery.root, meta_uri, name)
+    logger.info("probe of %s shared through its store (%s, %s, %s)", gallery.root, meta_uri, name,
+                metadata[TEXT_PRIOR_KEY] if prior is not None else "no text prior")
     return copy
 
 
 def withdraw_probe(gallery: Gallery) -> list[str]:
     """Remove the shared probe from the gallery's S3 store (under its lease): ``probe.json`` first, so that no
-    machine takes the weights meanwhile, then the weights it names, and the weights objects no ``probe.json`` names
-    (a publish cut off between its two puts); the objects removed, [] when the store held none. The folder's own
-    probe files (and its ``probe_origin.json``) stay: the folders that took the probe keep it, and ``speciesid probe
-    publish`` shares it again. ValueError when the store is not on S3."""
+    machine takes the weights meanwhile, then the weights and text prior it names, and the weights and text prior
+    objects no ``probe.json`` names (a publish cut off before its ``probe.json``); the objects removed, [] when the
+    store held none. The folder's own probe files, text prior and ``probe_origin.json`` stay: the folders that took
+    the probe keep it, and ``speciesid probe publish`` shares it again. ValueError when the store is not on S3."""
     objects = gallery.objects
     if objects is None:
         raise ValueError(f"the store of {gallery.root} is not on S3: its probe is not shared through the store "
@@ -150,8 +225,8 @@ def withdraw_probe(gallery: Gallery) -> list[str]:
             lock.check()
             objects.delete(meta_uri)
             removed.append(meta_uri)
-            with contextlib.suppress(ValueError):  # it named no weights object: the listing below finds them
-                uri = probe_uri(objects.uri, _weights_of(head))
+            for name in sorted(_published_names(head)):  # one it names badly: the listing below finds it
+                uri = probe_uri(objects.uri, name)
                 if objects.head(uri) is not None:
                     lock.check()
                     objects.delete(uri)
@@ -163,14 +238,15 @@ def withdraw_probe(gallery: Gallery) -> list[str]:
 
 
 def _remove_unnamed(objects: StoreObjects, lock: WriteLock, keep: set[str]) -> list[str]:
-    """Under the store's lease (``lock``, checked first): remove the weights objects of the store's probe folder
-    (:func:`_is_weights_name`) other than ``keep`` (names); the URIs removed. Best effort, after the publish or the
-    withdraw it follows succeeded: a failure (a listing refused, the lease lost) is logged, and the next publish or
-    withdraw tries again (an unnamed weights object is taken by no machine: it costs its bytes, nothing else)."""
+    """Under the store's lease (``lock``, checked first): remove the weights and text prior objects of the store's
+    probe folder (:func:`_is_published_name`) other than ``keep`` (names); the URIs removed. Best effort, after the
+    publish or the withdraw it follows succeeded: a failure (a listing refused, the lease lost) is logged, and the
+    next publish or withdraw tries again (an unnamed object is taken by no machine: it costs its bytes, nothing
+    else)."""
     folder = probe_uri(objects.uri, "")
     try:
         unnamed = [o.uri for o in objects.listing(folder)
-                   if "/" not in o.uri[len(folder):] and _is_weights_name(o.uri[len(folder):])
+                   if "/" not in o.uri[len(folder):] and _is_published_name(o.uri[len(folder):])
                    and o.uri[len(folder):] not in keep]
         if not unnamed:
             return []
@@ -179,23 +255,27 @@ def _remove_unnamed(objects: StoreObjects, lock: WriteLock, keep: set[str]) -> l
         for start in range(0, len(unnamed), DELETE_BATCH):
             refused.update(objects.delete_many(unnamed[start:start + DELETE_BATCH], check=lock.check))
     except (OSError, LeaseError, TimeoutError) as exc:
-        logger.warning("the probe weights no probe.json names in %s were not removed (%s): the next 'speciesid probe "
-                       "publish' or 'probe withdraw' removes them", folder, exc)
+        logger.warning("the probe weights and text priors no probe.json names in %s were not removed (%s): the next "
+                       "'speciesid probe publish' or 'probe withdraw' removes them", folder, exc)
         return []
     for uri, why in refused.items():
-        logger.warning("probe weights %s named by no probe.json not removed: %s", uri, why)
+        logger.warning("probe object %s named by no probe.json not removed: %s", uri, why)
     return [uri for uri in unnamed if uri not in refused]
 
 
 def _copy_of(head: dict | None) -> str | None:
     """The copy (:func:`_copy`) a HEAD of the store's probe.json names; None when the store has none."""
-    return None if head is None else _copy(str(head["ETag"]), (head.get("Metadata") or {}).get(WEIGHTS_ETAG))
+    if head is None:
+        return None
+    metadata = head.get("Metadata") or {}
+    return _copy(str(head["ETag"]), metadata.get(WEIGHTS_ETAG), metadata.get(TEXT_PRIOR_ETAG))
 
 
-def _copy(etag: str, weights_etag: str | None) -> str:
-    """One copy of the store's probe: its probe.json's ETag and the weights' it names (an S3 ETag follows the
-    bytes: a probe.json of the same text with other weights is another copy)."""
-    return f"{etag} {weights_etag}"
+def _copy(etag: str, weights_etag: str | None, prior_etag: str | None = None) -> str:
+    """One copy of the store's probe: its probe.json's ETag, the weights' it names and the text prior's when it
+    names one (an S3 ETag follows the bytes: a probe.json of the same text with other weights, or another text
+    prior, is another copy; a copy without a text prior is written as earlier versions wrote it)."""
+    return f"{etag} {weights_etag}" + (f" {prior_etag}" if prior_etag else "")
 
 
 class ProbeFollower:
@@ -309,7 +389,7 @@ class ProbeFollower:
             return False
         etag = str(head["ETag"])
         weights_etag = (head.get("Metadata") or {}).get(WEIGHTS_ETAG)
-        copy = _copy(etag, weights_etag)
+        copy = _copy_of(head)
         if copy == self.seen:
             return False
         if copy == _origin(self.gallery):  # the folder has it (published here, or taken by another process)
@@ -322,16 +402,22 @@ class ProbeFollower:
             return False
         try:
             name = _weights_of(head)
+            says_prior, prior_name = _text_prior_of(head)
         except ValueError as exc:
             logger.warning("%s %s: not taken; publish it again with speciesid probe publish", meta_uri, exc)
             self.seen = copy
             return False
         meta = self.objects.get(meta_uri, etag=etag)  # ObjectChangedError: published again meanwhile (next look)
         weights = self.objects.get(probe_uri(self.objects.uri, name), etag=weights_etag)
+        prior = None if prior_name is None else self.objects.get(
+            probe_uri(self.objects.uri, prior_name), etag=str((head.get("Metadata") or {})[TEXT_PRIOR_ETAG]))
         where = f"the shared probe {meta_uri}"
+        fix = f"train the probe again with 'speciesid probe train --index {self.gallery.root}'"
         try:
-            check_encoder(where, str(json.loads(meta)["fingerprint"]), self.gallery.fingerprint,
-                          fix=f"train the probe again with 'speciesid probe train --index {self.gallery.root}'")
+            check_encoder(where, str(json.loads(meta)["fingerprint"]), self.gallery.fingerprint, fix=fix)
+            if prior is not None:
+                check_encoder(f"the text prior {prior_name} of {where}", str(json.loads(prior)["fingerprint"]),
+                              self.gallery.fingerprint, fix=fix)
         except (ValueError, KeyError, TypeError) as exc:  # another encoder's (or not a probe's): never taken
             logger.warning("%s (not taken into %s)", exc, self.gallery.root)
             self.seen = copy
@@ -344,10 +430,13 @@ class ProbeFollower:
                 return False
             kept = keep_previous(self.gallery.root)  # the probe it replaces: what 'probe restore' brings back here
             atomic_write(layout.probe_weights, weights)  # weights first: a reader of the folder checks the pair
+            dropped = _take_text_prior(layout.text_prior, says_prior, prior)  # with the probe, before its json
             atomic_write(layout.probe_meta, meta)
             write_json_atomic(layout.probe_origin, {"copy": copy})
         self.seen = copy
-        logger.info("took the shared probe of the store into %s (%s)%s", self.gallery.root, copy,
+        prior_words = (f"; its text prior {prior_name}" if prior is not None else
+                       "; removed the folder's text_prior.json (the store's probe has none)" if dropped else "")
+        logger.info("took the shared probe of the store into %s (%s)%s%s", self.gallery.root, copy, prior_words,
                     f"; kept {kept} as probe.prev.*" if kept else "")
         return True
 
@@ -364,6 +453,19 @@ class ProbeFollower:
         log("the shared probe %s is not in the store any more (withdrawn): %s keeps the probe it took from it (%s) "
             "and answers with it; the next 'speciesid probe publish' (or train, import, restore) on any machine is "
             "taken", meta_uri, self.gallery.root, origin)
+
+
+def _take_text_prior(path: Path, says: bool, prior: bytes | None) -> bool:
+    """Write the store's text prior ``prior`` at ``path`` (the folder's ``text_prior.json``), or remove the folder's
+    when the store's copy ``says`` it has none (a probe published without one: the folder's belongs to an older
+    probe); a copy an earlier version published (``says`` False) leaves it as it is. Whether one was removed."""
+    if prior is not None:
+        atomic_write(path, prior)
+        return False
+    if says and path.exists():
+        path.unlink()
+        return True
+    return False
 
 
 def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None, *, look: bool = False

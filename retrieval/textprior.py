@@ -96,6 +96,17 @@ def save_text_prior(
     return prior
 
 
+def remove_text_prior(folder: str | Path) -> bool:
+    """Remove the gallery's text prior (``text_prior.json``; its class embeddings' cache stays): a probe trained
+    without one replaces the probe it belonged to. Whether there was one."""
+    path = GalleryLayout(Path(folder)).text_prior
+    if not path.is_file():
+        return False
+    path.unlink()
+    logger.info("removed the text prior of %s (%s): the new probe has none", folder, path.name)
+    return True
+
+
 def load_text_prior(folder: str | Path, encoder: Encoder) -> TextPriorScores | None:
     """The gallery's text prior, if one was set up and the encoder can read text; else None.
 
