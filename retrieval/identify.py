@@ -429,12 +429,7 @@ class Identifier:
         self.taxa()
         kept = self._countries
         if kept is None or kept[0] != self._taxa_version:
-            frame = self.gallery.store.metadata(include_excluded=False)
-            frame = frame[frame["country"].notna() & (frame["country"].astype(str).str.strip() != "")]
-            found: dict[str, set[str]] = {}
-            for species, country in zip(frame["species"], frame["country"], strict=True):
-                found.setdefault(str(species), set()).add(str(country).strip())
-            kept = (self._taxa_version, {s: frozenset(c) for s, c in found.items()})
+            kept = (self._taxa_version, self.gallery.store.species_countries())
             self._countries = kept
         return kept[1]
 
