@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,19 @@ class Settings(BaseSettings):
         if value not in choices:
             raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """A bad SPECIESID_DEVICE is refused at start, in the command line's words (``retrieval.encoders.
+        run_options``), not when the model loads; read as the command line reads it (spaces and case ignored)."""
+        from retrieval.encoders import DEVICE_ENV, DEVICE_PATTERN
+
+        device = value.strip().lower()
+        if not re.fullmatch(DEVICE_PATTERN, device):
+            raise ValueError(f"{DEVICE_ENV}: {device!r} is not a device: use auto (CUDA when present), cpu, cuda or "
+                             "cuda:N")
+        return device
 
     def encoder_config(self) -> EncoderConfig:
         """How the gallery's encoder runs here: device, precision and runtime (the rest is the gallery's own)."""

@@ -107,3 +107,35 @@ def test_a_bad_variable_is_refused_by_the_command_line_naming_it(monkeypatch):
     with pytest.raises(ValueError, match=r"SPECIESID_DEVICE: 'gpu' is not a device: use auto \(CUDA when present\), "
                        "cpu, cuda or cuda:N"):
         encoder_config(args)
+
+
+def test_a_bad_variable_is_refused_by_the_server_at_start_in_the_command_lines_words(monkeypatch, tmp_path):
+    """SPECIESID_DEVICE=gpu (before: accepted by the settings, refused only when the model loaded, in words not
+    naming the variable) and SPECIESID_PRECISION=fp64 stop the server at start (``Settings.load``) with the command
+    line's refusal; a device spelt in capitals is read as the command line reads it; ``serve --device gpu`` is
+    refused as the command line refuses ``--device gpu``, not in the variable's name."""
+    from api.cli import build_parser
+    from api.cli._common import encoder_config
+    from api.settings import Settings, SettingsError
+    from retrieval.encoders import check_device
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    args = build_parser().parse_args(COMMANDS[("identify",)])
+    for name, value in (("SPECIESID_DEVICE", "gpu"), ("SPECIESID_PRECISION", "fp64")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError) as cli:
+            encoder_config(args)
+        with pytest.raises(SettingsError) as server:
+            Settings.load()
+        assert str(server.value) == str(cli.value) and str(server.value).startswith(f"{name}: {value!r} is not ")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SPECIESID_DEVICE", " CUDA:1 ")
+    assert Settings.load().encoder_config().device == encoder_config(args).device == "cuda:1"
+
+    monkeypatch.delenv("SPECIESID_DEVICE")
+    served = build_parser().parse_args(["serve", "--index", str(tmp_path / "g"), "--device", "gpu"])
+    with pytest.raises(ValueError) as option:
+        check_device("gpu")
+    with pytest.raises(ValueError) as serve:
+        served.func(served)
+    assert str(serve.value) == str(option.value) and "SPECIESID_DEVICE" not in str(serve.value)
