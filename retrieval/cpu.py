@@ -86,8 +86,10 @@ def cpu_features() -> dict[str, bool]:
     return {name: name in flags for name in FEATURES}
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string."""
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the platform's processor string; read once per process
+    (every build chunk and API add records it: ``retrieval.protocol.embedding_setup``)."""
     model = _cpuinfo("model name")
     return model if model is not None else platform.processor() or platform.machine()
 

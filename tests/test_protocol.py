@@ -287,3 +287,21 @@ def test_the_embedding_line_names_a_gpu_by_its_device():
         assert embedding_text(setup) == f"torch fp16 on {name}"
     cpu = embedding_setup(SimpleNamespace(runtime="torch", precision="fp32", device=torch.device("cpu")))
     assert "cpu_kind" in cpu and embedding_text(cpu).startswith("torch fp32 on the CPU (kind ")
+
+
+def test_the_cpu_model_is_read_once_per_process(monkeypatch):
+    """embedding_setup runs for every build chunk and every API add: the CPU's model name is read from
+    /proc/cpuinfo once (``retrieval.cpu.cpu_model`` cached, as ``cpu_flags`` is), not on every call."""
+    from types import SimpleNamespace
+
+    import retrieval.cpu
+    from retrieval.protocol import embedding_setup
+
+    getattr(retrieval.cpu.cpu_model, "cache_clear", lambda: None)()  # (the old uncached function has none)
+    reads = []
+    real = retrieval.cpu._cpuinfo
+    monkeypatch.setattr(retrieval.cpu, "_cpuinfo", lambda *keys: reads.append(keys) or real(*keys))
+    retrieval.cpu.cpu_flags()  # cached already, or read now: not the reads counted
+    reads.clear()
+    setups = [embedding_setup(SimpleNamespace(runtime="torch", precision="fp32", device="cpu")) for _ in range(5)]
+    assert reads == [("model name",)] and len({s["cpu"] for s in setups}) == 1
