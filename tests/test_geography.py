@@ -45,6 +45,15 @@ def test_other_countries_resolve(text: str, code: str) -> None:
     assert resolve_country(text) == code
 
 
+def test_every_alias_is_written_as_a_looked_up_name_is() -> None:
+    """An alias key not in ``_country_key``'s form (``st kitts and nevis``, once ``st`` became ``saint``) is never
+    matched; the island names birders write ``St Kitts`` / ``St Vincent`` resolve."""
+    from index.geography import COUNTRY_ALIASES, _country_key
+
+    assert [key for key in COUNTRY_ALIASES if _country_key(key) != key] == []
+    assert [resolve_country(t) for t in ("St Kitts", "St. Vincent", "Saint Kitts and Nevis")] == ["KN", "VC", "KN"]
+
+
 @pytest.mark.parametrize("text", ["Xyz", "ZZ", "", "Atlantis"])
 def test_unknown_country_raises(text: str) -> None:
     with pytest.raises(ValueError) as excinfo:
