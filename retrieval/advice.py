@@ -18,7 +18,8 @@ every gallery that is or may be of snakes gets the safe advice on a far or unkno
 Which species' missing venom status counts as possibly venomous (:func:`may_be_snake`, :func:`not_snakes`): one
 that is, or may be, a snake (of the shipped snake taxonomy by species, genus or family, or a label whose name cannot
 be checked). A scientific name of no snake genus or family with no status (``Bufo bufo`` beside a cobra) is no
-snake: its share is not "unrecorded venom", and a named answer of it gets no advice of its own (``top_applies``).
+snake: its share is not "unrecorded venom"; and a named answer of a species of such a name (whatever its status)
+with nothing on venomous or unrecorded species gets no advice of its own (``top_applies``).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, veno
     :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status
     that may be snakes, named when the warning comes from them alone; ``venom_unknown_score``: their share
     (:func:`unrecorded_share`); ``applies``: :func:`venom_applies` of the gallery (False: no advice at all, None);
-    ``top_applies``: False when the top candidate is no snake (in :func:`not_snakes`): a named answer of it with
-    nothing (0.0% as printed) on venomous or unrecorded species gets no advice of its own (None)."""
+    ``top_applies``: False when the top candidate is no snake (:func:`may_be_snake` false, whatever its recorded
+    status): a named answer of it with nothing (0.0% as printed) on venomous or unrecorded species gets no advice
+    of its own (None)."""
     if not applies:
         return None  # not a gallery of snakes (birds): no bite to advise on, far and unknown answers included
     if far:

@@ -34,6 +34,7 @@ from retrieval.advice import (
     ChecklistCoverage,
     VenomAdvice,
     checklist_coverage,
+    may_be_snake,
     not_snakes,
     unrecorded_share,
     venom_advice,
@@ -693,7 +694,8 @@ class Identifier:
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
                                       unrecorded_names=unrecorded[:3] if records_venom else (), applies=applies,
-                                      top_applies=not predictions or predictions[0].species not in no_snakes),
+                                      top_applies=not predictions or may_be_snake(
+                                          predictions[0].species, predictions[0].genus, predictions[0].family)),
             venom_applies=applies,
         )
 

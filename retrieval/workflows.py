@@ -63,6 +63,8 @@ from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import (
     SUGGESTION,
+    find_species,
+    gallery_lookalikes,
     lookup_taxon,
     new_species_references,
     species_key,
@@ -1070,6 +1072,41 @@ def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
     """The gallery's species with reference counts and metadata, sorted by name."""
     return _gallery(gallery).species()
+
+
+@dataclass(frozen=True)
+class VenomSet:
+    """What :func:`set_species_venomous` did."""
+
+    species: str  # the gallery's own spelling of the name
+    was: bool | None  # the species' venomous flag before (None: not recorded)
+    now: bool  # the flag it has now
+    references: int  # references of the species (excluded ones too), every one set
+
+
+def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool) -> VenomSet:
+    """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
+    photo (``speciesid species set-venom``): how a species a folder dataset built gets a venom status, or a toad's
+    flag says "no". ``name`` in any spelling of a gallery species (case, ``_``, ``-``). Refused (ValueError): a name
+    the gallery does not hold (naming the species it may mean), and ``no`` for a species the shipped snake taxonomy
+    records as medically important venomous (the rule of ``references add --venomous no``)."""
+    g = _gallery(gallery)
+    held = g.species()
+    found = find_species(held, name)
+    if found is None:
+        same_common, close = gallery_lookalikes(held, name)
+        meant = list(dict.fromkeys(s.species for s in same_common + close))
+        raise ValueError(f"no species {name!r} in gallery {g.root}"
+                         + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else "")
+                         + f" ('speciesid species list --index {g.root}' lists them)")
+    taxon = lookup_taxon(found.species)
+    if venomous is False and taxon is not None and taxon.venomous:
+        raise ValueError(f"{found.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
+                         "list): its flag stays yes; a harmless answer for a venomous snake is the costly error")
+    count = g.set_venomous(found.species, venomous)
+    if not count:  # deleted by another writer since the list was read
+        raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
+    return VenomSet(found.species, found.venomous, venomous, count)
 
 
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
