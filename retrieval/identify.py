@@ -414,6 +414,12 @@ class Identifier:
         self.taxa()
         return self._held
 
+    def venom_applies(self) -> bool:
+        """Whether venom advice applies to the gallery (:func:`retrieval.advice.venom_applies`: it is, or may be, of
+        snakes), cached as :meth:`taxa` is: the page words itself by it (``/readyz``)."""
+        self.taxa()
+        return self._venom_applies
+
     def checklist_coverage(self) -> ChecklistCoverage | None:
         """Which species of the checklist the gallery was built from it can name (:func:`retrieval.advice.
         checklist_coverage`: photos, or the text prior), None for a gallery of no checklist; cached per

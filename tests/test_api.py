@@ -118,7 +118,7 @@ def test_health_and_ready(client):
     body = ready.json()
     probe = body.pop("probe")
     assert body == {"status": "ready", "references": len(SPECIES) * PER_SPECIES, "encoder": MOBILENET_SPEC,
-                    "build": {"state": "complete", "note": ""}}
+                    "build": {"state": "complete", "note": ""}, "venom_applies": True}  # snakes: the page's wording
     loaded = client.app.state.service.identifier.probe  # which probe answers use (walkthrough s3 #5)
     assert probe["loaded"] is (loaded is not None) and "shared" not in probe  # a store in the folder: nothing shared
     if loaded is not None:

@@ -152,9 +152,10 @@ def test_the_api_answers_a_gallery_of_birds_with_no_venom_advice(tmp_path, capsy
     Image.new("RGB", (64, 48), "white").save(blank)
     with TestClient(create_app(Settings(index=str(index), api_keys="secret", precision="fp32"))) as client:
         resp = client.post("/v1/identify", files=[("images", (blank.name, blank.read_bytes(), "image/png"))])
+        ready = client.get("/readyz").json()  # what the page words itself by (walk s52 #6)
     body = resp.json()
     assert resp.status_code == 200 and body["far"] and body["venom_advice"] is None, resp.text
-    assert body["venom_applies"] is False
+    assert body["venom_applies"] is False and ready["venom_applies"] is False, ready
 
 
 # -------------------------------------------------------------------- a gallery of snakes and other animals
