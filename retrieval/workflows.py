@@ -59,6 +59,7 @@ from index.objects import (
 )
 from index.objects import sweep_uploads as sweep_gallery_uploads
 from index.photos import PHOTO_FORMATS, first_few
+from index.records import ReferenceRecord
 from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import (
@@ -72,7 +73,7 @@ from index.taxonomy import (
     taxonomy_lookalikes,
 )
 from index.vectors import VectorIndexConfig
-from retrieval.advice import checklist_coverage, record_checklist
+from retrieval.advice import checklist_coverage, may_be_snake, record_checklist, venom_applies
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
@@ -733,6 +734,19 @@ def check_new_references(
                            venomous=venomous, new_species=new_species, warn=False)
 
 
+def _note_no_snake(gallery: Gallery, name: str, record: ReferenceRecord) -> None:
+    """Warn that a new species of no venom status, named of no snake genus or family, is taken for no snake
+    (:func:`retrieval.advice.may_be_snake`) in a gallery where venom advice applies (it has snakes): a snake of a
+    genus the shipped taxonomy lacks would otherwise lose the cautious "unrecorded" advice unsaid. Nothing in a
+    gallery of no snakes (birds: no venom advice at all), nor for a name that may be a snake (the taxonomy's own
+    warning, :func:`index.taxonomy.new_species_references`, says that one counts as possibly venomous)."""
+    if may_be_snake(name, record.genus, record.family) or not venom_applies(gallery.species()):
+        return
+    logger.warning("%r is of no genus or family of the shipped snake taxonomy and no venomous flag was given: answers "
+                   "take it for no snake (no venom advice of its own; docs/identification.md, 'Venom advice'); if it "
+                   "is a snake, give its family or its flag ('speciesid species set-venom')", name)
+
+
 def add_photos(
     gallery: Gallery,
     encoder: Encoder,
@@ -782,6 +796,8 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
+    if prior is None and records and records[0].venomous is None:
+        _note_no_snake(gallery, name, records[0])
     add_digest = photos_digest(source_text(p) for p in paths)  # the mark of an add cut short (index.build_mark)
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
     held_at_commit: list[bool] = []  # whether the species was in the gallery when this add's first rows committed

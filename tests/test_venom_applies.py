@@ -227,3 +227,19 @@ def test_the_add_warns_of_possibly_venomous_only_for_what_may_be_a_snake(tmp_pat
                           *ENCODER)
     assert code == 0 and ("'Lycodon novus' is not in the shipped snake taxonomy and no venomous flag was given: its "
                           "venom status stays unknown (answers count it as possibly venomous)") in caplog.text, caplog.text
+
+
+def test_the_add_says_a_name_of_no_snake_genus_is_taken_for_no_snake_in_a_gallery_of_snakes(tmp_path, capsys,
+                                                                                          caplog):
+    """In a gallery with snakes, a new species of no snake genus or family and no flag is taken for no snake (its
+    share is no unrecorded venom): said, so that a snake of a genus the taxonomy lacks is not left so unsaid."""
+    from _cli_support import two_species_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)  # Naja samarensis, Natrix maura
+    photo = _photo(tmp_path / "new" / "a.png", 40)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Testus incertus", photo,
+                          *ENCODER)
+    assert code == 0, (out, err)
+    assert ("'Testus incertus' is of no genus or family of the shipped snake taxonomy and no venomous flag was given: "
+            "answers take it for no snake") in caplog.text, caplog.text
+    assert "possibly venomous" not in caplog.text, caplog.text
