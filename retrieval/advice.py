@@ -82,12 +82,13 @@ def not_snakes(taxa: Iterable[SpeciesSummary]) -> frozenset[str]:
 
 def venom_applies(taxa: Iterable[SpeciesSummary]) -> bool:
     """Whether venom advice applies to a gallery of ``taxa`` (its species, and its text prior's): whether it is, or
-    may be, of snakes. True when any species has a recorded venom status (harmless counts) or :func:`may_be_snake`
-    (known to the shipped snake taxonomy by its species, genus or family, or a label not written as a scientific
-    name); True for no species. False only when every species is a scientific name of no snake genus or family and
-    none records a venom status: birds, plants."""
+    may be, of snakes (or holds an animal recorded venomous). True when any species :func:`may_be_snake` (known to
+    the shipped snake taxonomy by its species, genus or family, or a label not written as a scientific name), or is
+    recorded venomous whatever its name; True for no species. False when every species is a scientific name of no
+    snake genus or family and none is recorded venomous: birds, plants, and birds one of which a curator flagged
+    "no" (a harmless flag on a bird says nothing of snakes: walk s52 #2b)."""
     taxa = list(taxa)
-    return not taxa or len(not_snakes(taxa)) < len(taxa)
+    return not taxa or any(t.venomous or may_be_snake(t.species, t.genus, t.family) for t in taxa)
 
 
 def unrecorded_share(scores: Mapping[str, float], venomous: Mapping[str, bool | None],

@@ -671,7 +671,9 @@ class Identifier:
         venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
         # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
         records_venom = self._records_venom or any(n.venomous is not None for n in neighbours)
-        applies = self._venom_applies or records_venom  # not of snakes (birds): no venom advice at all
+        # not of snakes (birds): no venom advice at all; a neighbour the taxa lack (another writer's) recorded
+        # venomous counts at once
+        applies = self._venom_applies or any(n.venomous for n in neighbours)
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []

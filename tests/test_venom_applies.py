@@ -94,15 +94,18 @@ def _taxon(species: str, genus: str | None = None, family: str | None = None,
 
 
 def test_the_rule_tells_snakes_by_what_the_gallery_knows():
-    """Safe when in doubt: a venom status (harmless too), a species, genus or family of the shipped snake taxonomy,
+    """Safe when in doubt: a species recorded venomous, a species, genus or family of the shipped snake taxonomy,
     or a label that is no scientific name makes a gallery one of snakes; only scientific names of no snake genus or
-    family, none with a venom status, make one that is not."""
+    family, none recorded venomous, make one that is not (a harmless flag on a bird says nothing of snakes)."""
     assert venom_applies([_taxon(s) for s in BIRDS]) is False
     assert venom_applies([_taxon("Corvus corax", "Corvus", "Corvidae")]) is False
     assert venom_applies([_taxon("Corvus corax"), _taxon("Naja haje")])  # a species of the taxonomy
     assert venom_applies([_taxon("Corvus corax"), _taxon("Lycodon novus")])  # a snake genus, a species it lacks
     assert venom_applies([_taxon("Corvus corax"), _taxon("Foo bar", family="Viperidae")])  # a snake family
-    assert venom_applies([_taxon("Corvus corax"), _taxon("Foo bar", venomous=False)])  # a venom status recorded
+    assert venom_applies([_taxon("Corvus corax"), _taxon("Foo bar", venomous=True)])  # recorded venomous
+    # walk s52 #2b: a bird flagged harmless made a gallery of birds one of snakes (treat far answers as venomous)
+    assert venom_applies([_taxon("Corvus corax"), _taxon("Parus major", venomous=False)]) is False
+    assert venom_applies([_taxon("Corvus corax"), _taxon("Natrix maura", venomous=False)])  # a harmless snake
     assert venom_applies([_taxon("Corvus corax"), _taxon("cobra")])  # a label: nothing tells what it is
     assert venom_applies([])
 
@@ -243,3 +246,16 @@ def test_the_add_says_a_name_of_no_snake_genus_is_taken_for_no_snake_in_a_galler
     assert ("'Testus incertus' is of no genus or family of the shipped snake taxonomy and no venomous flag was given: "
             "answers take it for no snake") in caplog.text, caplog.text
     assert "possibly venomous" not in caplog.text, caplog.text
+
+
+def test_a_gallery_of_birds_one_flagged_harmless_gets_no_venom_advice(tmp_path, capsys):
+    """Walk s52 #2b: a bird added with '--venomous no' (or set so: species set-venom) turned a gallery of birds into
+    one of snakes, every far and unknown answer told to treat the bite as venomous."""
+    index = _bird_folder(tmp_path, capsys)
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Corvus corax", "no")
+    assert code == 0, err
+    blank = tmp_path / "white.png"
+    Image.new("RGB", (64, 48), "white").save(blank)
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "--format", "json", "-q")
+    (answer,) = json.loads(out)
+    assert code == 0 and answer["far"] and answer["venom_advice"] is None and answer["venom_applies"] is False, out
