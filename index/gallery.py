@@ -1053,6 +1053,27 @@ class Gallery:
                 self._after_write(save=True)
             return found
 
+    def set_venomous(self, species: str, venomous: bool) -> int:
+        """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns how
+        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version;
+        this process's cached metadata of the rows goes (another process's answers read the species' flag again
+        at the new version; its evidence lists keep a row's old flag until it restarts)."""
+        with self._write():
+            self.store.refresh()
+            self._refuse_replaced()
+            self._writer.check()
+            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+            found = self.store.set_venomous(species, venomous)
+            if found:
+                if alone:
+                    self._apply_sync(np.zeros(0, dtype=np.int64), None, None, self.store.version)
+                else:
+                    self._sync_index()
+                self._meta_cache.clear()  # the rows' flags changed (the one edit of a stored row)
+                self._meta_scanned = False
+                self._after_write(save=True)
+            return found
+
     def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
         """The index brought to the store's version after this writer's ``set_excluded`` of the sorted ``ids``
         alone (call in the write, the thread lock held): excluded ones removed, or the rows brought back that the

@@ -374,7 +374,10 @@ def new_species_references(
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
-    if warn and prior is None and taxon is None and venomous is None:
+    # said only of a name that is or may be a snake (retrieval.advice.may_be_snake, the same test): a scientific
+    # name of no snake genus or family (a toad, a bird) does not count as possibly venomous
+    if warn and prior is None and taxon is None and venomous is None and (
+            known_snake(species, genus, family) or not looks_scientific(species.split())):
         close = taxonomy_lookalikes(species, SUGGESTION)
         logger.warning("%r is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
                        "venom status stays unknown (answers count it as possibly venomous)%s", species,

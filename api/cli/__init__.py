@@ -30,7 +30,7 @@ WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of 
 #: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
 WRITERS = (("index", "build"), ("references", "add"), ("references", "delete"), ("probe", "train"),
            ("probe", "import"), ("probe", "restore"), ("probe", "publish"), ("probe", "withdraw"), ("clean",),
-           ("index", "compact"), ("index", "sweep-uploads"))
+           ("index", "compact"), ("index", "sweep-uploads"), ("species", "set-venom"))
 #: Command modules, in the order ``speciesid --help`` lists their commands.
 COMMANDS = (index, identify, references, probe, finetune, evaluate, clean, serve)
 #: The top-level commands each module registers (tests check this against the full parser).
