@@ -150,7 +150,8 @@ def test_folder_dataset_reads_inat_ranks_and_names_folders_taken_as_labels(tmp_p
 # ------------------------------------------------------------------------------------------------ countries (#3, #10)
 @pytest.mark.parametrize(("text", "code"), [("England", "GB"), ("Scotland", "GB"), ("Wales", "GB"),
                                             ("Northern Ireland", "GB"), ("Great Britain", "GB"), ("Holland", "NL"),
-                                            ("The Gambia", "GM"), ("St Lucia", "LC"), ("Cape Verde", "CV")])
+                                            ("The Gambia", "GM"), ("St Lucia", "LC"), ("Cape Verde", "CV"),
+                                            ("ST", "ST"), ("st", "ST"), ("St. Kitts and Nevis", "KN")])
 def test_country_names_birders_use(text, code):
     from index.geography import resolve_country
 
@@ -173,6 +174,24 @@ def test_presence_comes_from_the_gallery_photos_where_the_snake_table_has_no_wor
     assert in_gb["Naja haje"] is True  # the table has no Naja haje in GB; a photo there says it is
     assert "Erithacus rubecula" not in in_gb  # neither knows it: its score is kept
     assert country_presence("FR", recorded)["Turdus merula"] is True
+
+
+def test_a_photo_recorded_in_sao_tome_by_its_code_counts():
+    """``ST`` is a code, not "Saint": a manifest's country ``ST`` is read, not dropped."""
+    from index.geography import country_presence
+
+    assert country_presence("STP", {"Parus major": {"ST"}})["Parus major"] is True
+
+
+def test_presence_without_recorded_countries_is_the_table_and_keys_are_normalised_once():
+    from index.geography import _table_keys, country_presence
+
+    assert country_presence("MA", {}) == country_presence("MA")
+    assert country_presence("MA")["Naja haje"] is True
+    _table_keys.cache_clear()
+    country_presence("GB", {"Parus major": {"GB"}})
+    country_presence("FR", {"Parus major": {"GB"}})
+    assert _table_keys.cache_info().misses == 1
     assert country_presence("EG")["Naja haje"] is True  # the snake table as before
 
 
