@@ -147,6 +147,38 @@ def test_folder_dataset_reads_inat_ranks_and_names_folders_taken_as_labels(tmp_p
     assert "Golden Retriever Dogs; cats" in warning and "Erithacus" not in warning, warning
 
 
+@pytest.mark.parametrize(("name", "genera", "expected"), [
+    ("Daboia mauritanica (Moorish viper)", (), ("Daboia mauritanica", "Moorish viper")),  # its genus is known
+    ("Lycodon capucinus (Common wolf snake)", (), ("Lycodon capucinus", "Common wolf snake")),
+    ("Moorish viper (Daboia mauritanica)", (), ("Daboia mauritanica", "Moorish viper")),
+    ("Erithacus rubecula (European robin)", ("Erithacus",), ("Erithacus rubecula", "European robin")),
+    ("Erithacus rubecula (European robin)", (), ("European robin", "Erithacus rubecula")),  # a guess: warned
+])
+def test_a_common_name_in_sentence_case_beside_the_scientific_one(name, genera, expected):
+    """Both halves look like binomials: the half whose genus the taxonomy or the other folders know wins."""
+    from index.datasets import parse_folder_name
+
+    assert parse_folder_name(name, genera) == expected
+
+
+def test_folder_loader_reads_sentence_case_common_names_and_the_taxonomy_common_name(tmp_path):
+    from index.datasets import load_dataset
+
+    for i, name in enumerate(["Daboia mauritanica (Moorish viper)", "Naja-haje", "Turdus_merula",
+                              "Turdus philomelos (Song thrush)", "Erithacus rubecula (European robin)"]):
+        _photo(tmp_path / name / "1.jpg", 300 + i)
+    scan = load_dataset("folder", tmp_path)
+    by_species = {r.species: r for r in scan.records}
+    viper = by_species["Daboia mauritanica"]
+    assert (viper.genus, viper.family, viper.venomous, viper.common_name) == ("Daboia", "Viperidae", True,
+                                                                             "Moorish viper")
+    assert by_species["Naja haje"].common_name == "Egyptian cobra"  # the folder gives none: the taxonomy's
+    assert by_species["Turdus philomelos"].common_name == "Song thrush"  # settled by Turdus_merula's genus
+    (warning,) = [w for w in scan.warnings if "both the name and the name in brackets" in w]
+    assert "Erithacus rubecula (European robin)" in warning and "Turdus" not in warning, warning
+    assert "rename the folder 'Common name (Genus species)'" in warning
+
+
 # ------------------------------------------------------------------------------------------------ countries (#3, #10)
 @pytest.mark.parametrize(("text", "code"), [("England", "GB"), ("Scotland", "GB"), ("Wales", "GB"),
                                             ("Northern Ireland", "GB"), ("Great Britain", "GB"), ("Holland", "NL"),
