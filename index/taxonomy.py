@@ -426,10 +426,11 @@ class SpeciesNameConflictError(ValueError):
 
 def _genus_example(name: str, gallery_species: Iterable[SpeciesSummary]) -> str | None:
     """A species of genus ``name`` (one word), from the gallery first, then the shipped snake taxonomy; None when
-    neither knows ``name`` as a genus: a genus alone is no species, whatever the taxon."""
+    neither knows ``name`` as a genus: a genus alone is no species, whatever the taxon. Only a gallery species
+    written as a scientific name has a genus here: a label's first word (``dogs`` of ``dogs small``) is none."""
     key = species_key(name)
     held = next((s.species for s in gallery_species if species_key(s.genus or s.species.split(" ")[0]) == key
-                 and species_key(s.species) != key), None)
+                 and species_key(s.species) != key and looks_scientific(s.species.split())), None)
     return held or _genera().get(key)
 
 

@@ -86,6 +86,14 @@ def test_a_genus_alone_is_refused_for_any_taxon():
     assert new_species_references("cats", [], ["a.jpg"], dataset="api", new_species=True)[0] == "cats"
 
 
+def test_a_label_beside_a_longer_label_of_its_first_word_is_taken_confirmed():
+    """A gallery of labels: ``dogs`` beside ``dogs small`` is a label, not the genus of one."""
+    held = [SpeciesSummary("dogs small", "dogs", None, None, None, 5)]
+    with pytest.raises(SpeciesNameConflictError, match=r"^'dogs' is not written as a scientific name"):
+        new_species_references("dogs", held, ["a.jpg"], dataset="api", warn=False)
+    assert new_species_references("dogs", held, ["a.jpg"], dataset="api", new_species=True, warn=False)[0] == "dogs"
+
+
 def test_the_api_refuses_a_gallery_species_genus_alone(tmp_path, capsys):
     from fastapi.testclient import TestClient
 
