@@ -59,7 +59,8 @@ _PAREN_RE = re.compile(r"^(?P<common>.*?)\s*\((?P<sci>[^()]+)\)\s*$")
 #: iNaturalist 2021's class folders: ``02345_Animalia_Chordata_Aves_Passeriformes_Turdidae_Turdus_merula`` (an id,
 #: then kingdom, phylum, class, order, family, genus and epithet joined by ``_``).
 _INAT_RE = re.compile(r"^\d+_(?P<kingdom>[A-Z][a-z]+)_(?P<phylum>[A-Z][a-z]+)_(?P<class>[A-Z][a-z]+)_"
-                      r"(?P<order>[A-Z][a-z]+)_(?P<family>[A-Z][a-z]+)_(?P<genus>[A-Z][a-z]+)_(?P<epithet>[a-z][a-z-]*)$")
+                      r"(?P<order>[A-Z][a-z]+)_(?P<family>[A-Z][a-z]+)_(?P<genus>[A-Z][a-z]+)_"
+                      r"(?P<epithet>[a-z][a-z-]*)$")
 
 
 @dataclass
@@ -156,8 +157,8 @@ def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
               for name in sorted(labels)]
     if not labels:
         return None
-    return (f"{len(labels)} class folder(s) not written as scientific names, each taken whole as a species label (its "
-            f"first word as its genus, no family: --rank genus and --rank family cannot group them; fine for a "
+    return (f"{len(labels)} class folder(s) not written as scientific names, each taken whole as a species label "
+            f"(its first word as its genus, no family: --rank genus and --rank family cannot group them; fine for a "
             f"gallery of labels): {first_few(labels, '; ')}. Read as scientific names: 'Genus species', "
             "'Genus_species', 'Genus-species', 'genus species', 'Common Name (Genus species)', 'Genus species "
             "(Common Name)', iNaturalist 2021's 'NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_species'; rename the "

@@ -105,8 +105,9 @@ def test_a_server_records_its_adds_setup_and_says_once_at_start_that_it_embeds_o
         assert added.status_code == 201, added.text
     said = [r.getMessage() for r in caplog.records if "references were embedded with" in r.getMessage()]
     assert said == ["the gallery's references were embedded with torch fp32 (index build), this server's photos "
-                    "with torch bf16: similarities differ slightly between runtimes and precisions, so an answer near "
-                    "a threshold may differ from one for photos embedded like the references (docs/runtimes.md)"], said
+                    "with torch bf16: similarities differ slightly between runtimes and precisions, so an answer "
+                    "near a threshold may differ from one for photos embedded like the references "
+                    "(docs/runtimes.md)"], said
     entries = json.loads((index / "gallery.json").read_text())["embedded_by"]
     assert [(e["precision"], e["by"]) for e in entries] == [("fp32", ["index build"]), ("bf16", ["API add"])]
 

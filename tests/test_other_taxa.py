@@ -24,7 +24,8 @@ INAT = "02345_Animalia_Chordata_Aves_Passeriformes_Turdidae_Turdus_merula"
 
 # ------------------------------------------------------------------------------------------------ names (#4, #7)
 @pytest.mark.parametrize("name", [
-    "Larus argentatus × Larus fuscus", "Larus argentatus x fuscus", "Anas ×platyrhynchos", "×Chitalpa tashkentensis",
+    "Larus argentatus × Larus fuscus", "Larus argentatus x fuscus", "Anas ×platyrhynchos",
+    "×Chitalpa tashkentensis",
     "Anas platyrhynchos × rubripes", "Quercus robur subsp. robur", "Rosa canina var. dumalis",
     "Carabus (Megodontus) violaceus", "Phylloscopus sp. 2", "Carabus sp. A"])
 def test_valid_names_of_other_taxa_are_written_as_scientific_names(name):
@@ -73,8 +74,8 @@ def test_a_genus_alone_is_refused_for_any_taxon():
     name the gallery does not know as a genus is told that a genus alone is not a species (walk #4)."""
     tit = SpeciesSummary("Parus major", "Parus", None, "Great Tit", None, 12)
     for new_species in (False, True):
-        with pytest.raises(ValueError, match=r"^'Parus' is a genus, not a species: give the species' full name, e\.g\. "
-                           r"'Parus major'$"):
+        with pytest.raises(ValueError, match=r"^'Parus' is a genus, not a species: give the species' full name, "
+                           r"e\.g\. 'Parus major'$"):
             new_species_references("Parus", [tit], ["a.jpg"], dataset="api", new_species=new_species)
     with pytest.raises(SpeciesNameConflictError) as refused:
         new_species_references("Larus", [tit], ["a.jpg"], dataset="api")
@@ -142,7 +143,8 @@ def test_folder_dataset_reads_inat_ranks_and_names_folders_taken_as_labels(tmp_p
     _photo(tmp_path / "cats" / "1.jpg", 304)
     _photo(tmp_path / "turdus viscivorus" / "1.jpg", 309)
     scan = load_dataset("folder", tmp_path)
-    assert scan.species == ["Erithacus rubecula", "Golden Retriever Dogs", "Turdus merula", "Turdus viscivorus", "cats"]
+    assert scan.species == ["Erithacus rubecula", "Golden Retriever Dogs", "Turdus merula", "Turdus viscivorus",
+                            "cats"]
     blackbird = next(r for r in scan.records if r.species == "Turdus merula")
     assert (blackbird.genus, blackbird.family) == ("Turdus", "Turdidae")
     thrush = next(r for r in scan.records if r.species == "Turdus viscivorus")  # its genus' family, from the other

@@ -23,7 +23,8 @@ RUN_VARIABLES = ("SPECIESID_DEVICE", "SPECIESID_RUNTIME", "SPECIESID_PRECISION")
 
 
 def _run(config) -> tuple:
-    """(device, runtime, precision) as the encoder's opening takes them (an unset runtime: its variable, else auto)."""
+    """(device, runtime, precision) as the encoder's opening takes them (an unset runtime: its variable, else
+    auto)."""
     from retrieval.encoders import resolve_runtime
 
     return config.device, resolve_runtime(config.runtime), config.precision
