@@ -118,12 +118,10 @@ class Settings(BaseSettings):
     @classmethod
     def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
-        from retrieval.encoders import PRECISIONS, RUNTIMES
+        from retrieval.encoders import PRECISIONS, RUNTIMES, check_choice
 
         choices = RUNTIMES if info.field_name == "runtime" else PRECISIONS
-        if value not in choices:
-            raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
-        return value
+        return check_choice(info.field_name, value, choices, f"SPECIESID_{info.field_name.upper()}")
 
     def encoder_config(self) -> EncoderConfig:
         """How the gallery's encoder runs here: device, precision and runtime (the rest is the gallery's own)."""

@@ -734,9 +734,9 @@ def test_writes_need_a_key_reads_are_open(client, service):
         Settings(**{**base, "api_keys": f"{API_KEY},clé-secrète"})
     assert "secr" not in str(refused.value)
     # so is a runtime or precision no encoder has (before: found only once the model loaded, after start-up)
-    with pytest.raises(ValueError, match="SPECIESID_RUNTIME: 'onnxx' is not one of auto, torch"):
+    with pytest.raises(ValueError, match="SPECIESID_RUNTIME: unknown runtime 'onnxx'; choose one of auto, torch"):
         Settings(**{**base, "runtime": "onnxx"})
-    with pytest.raises(ValueError, match="SPECIESID_PRECISION: 'fp64' is not one of auto, fp32"):
+    with pytest.raises(ValueError, match="SPECIESID_PRECISION: unknown precision 'fp64'; choose one of auto, fp32"):
         Settings(**{**base, "precision": "fp64"})
 
 

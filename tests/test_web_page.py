@@ -29,24 +29,15 @@ _APPS: dict = {}  # the site's app, for tests that change its settings for a whi
 def site(tmp_path_factory):
     """The app (model loaded by its lifespan) served by uvicorn in a thread on 127.0.0.1."""
     needs_shared()
-    import uvicorn
-
     from api.app import create_app
     from api.settings import Settings
 
     index = gallery_copy(tmp_path_factory, "api_web")
     app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
     _APPS["site"] = app
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-web-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    url, server, thread = _serve(app)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(30)
@@ -193,7 +184,7 @@ def _serve(app):
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-web-test-birds", daemon=True)
+    thread = threading.Thread(target=server.run, name="uvicorn-web-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + WAIT_S
     while not server.started:
