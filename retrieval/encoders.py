@@ -34,15 +34,15 @@ from retrieval.preprocess import PreprocessConfig, preprocess_image, squash_conf
 
 logger = logging.getLogger(__name__)
 
-#: Named encoders: short name -> full spec.
+#: Named encoders: short name -> full spec. The one registry of names: SPEC_FORMS lists them first, so a name added
+#: here shows in `speciesid encoders list`, every --encoder help and the "Valid forms" of a refused spec.
 ALIASES: dict[str, str] = {
     "bioclip": "open_clip:hf-hub:imageomics/bioclip",
     "bioclip-2": "open_clip:hf-hub:imageomics/bioclip-2",
 }
 DEFAULT_ENCODER = "bioclip"
 SPEC_FORMS: tuple[str, ...] = (
-    "bioclip",
-    "bioclip-2",
+    *ALIASES,
     "open_clip:ARCH[@TAG]",
     "open_clip:hf-hub:ORG/REPO",
     "open_clip:local-dir:PATH",

@@ -285,3 +285,36 @@ def test_a_proxy_for_the_hub_skips_the_direct_connection(monkeypatch, variable):
     assert hub_unreachable() is None and tried == []
     monkeypatch.setenv("NO_PROXY", "hub.mirror.invalid")
     assert hub_unreachable() is not None and tried
+
+
+def test_a_new_alias_is_listed_everywhere_the_forms_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALIASES and SPEC_FORMS were two hand-kept lists: a name added to ALIASES worked with --encoder but was missing
+    from `encoders list`, the --encoder help and the "Valid forms" of an error. SPEC_FORMS now lists ALIASES: the
+    module, with one alias added as a newcomer adds it, lists it in all three."""
+    import sys
+    import types
+    from pathlib import Path
+
+    import retrieval.encoders
+
+    source = Path(retrieval.encoders.__file__).read_text(encoding="utf-8")
+    anchor = '    "bioclip-2": "open_clip:hf-hub:imageomics/bioclip-2",\n'
+    assert anchor in source
+    source = source.replace(anchor, anchor + '    "test-resnet": "timm:local-dir:/models/test_resnet",\n', 1)
+    module = types.ModuleType("retrieval._encoders_with_an_alias")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # its dataclasses look their module up there
+    exec(compile(source, retrieval.encoders.__file__, "exec"), module.__dict__)  # noqa: S102 - the module's own text
+    assert module.list_encoders()[:3] == ["bioclip", "bioclip-2", "test-resnet"]  # `encoders list`
+    assert "test-resnet" in module.SPEC_FORMS  # what every --encoder help joins (api.cli._common.spec_help)
+    assert "\n  test-resnet\n" in str(module.spec_error("nope", "no such encoder"))
+    assert module.parse_spec("test-resnet") == module.ParsedSpec("timm", "local-dir", "/models/test_resnet")
+    assert tuple(ALIASES) == retrieval.encoders.SPEC_FORMS[: len(ALIASES)]
+
+
+def test_the_runtimes_a_command_takes_are_the_runtimes_there_are() -> None:
+    """--runtime's choices (RUNTIMES) and what each runtime runs (RUNTIME_PRECISIONS) are two tables: a runtime added
+    to one alone is refused by every command, or offered and then unknown (docs/architecture.md, "A runtime")."""
+    from retrieval.encoders import RUNTIMES
+    from retrieval.runtimes import RUNTIME_PRECISIONS
+
+    assert RUNTIMES == ("auto", *RUNTIME_PRECISIONS)
