@@ -240,6 +240,15 @@ def test_the_decode_threads_help_says_its_cap(capsys, monkeypatch):
     assert default_workers() == 8
 
 
+def test_the_default_report_folder_is_ignored_by_git():
+    """`speciesid evaluate` run in a checkout wrote report/ there, an untracked folder in every `git status`."""
+    from api.cli import build_parser
+
+    parser = build_parser()
+    default = parser.parse_args(["evaluate", "--index", "g", "--dataset", "folder", "--root", "r"]).report
+    assert f"/{default}/" in (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+
+
 def test_cli_help_everywhere(capsys):
     from api.cli import build_parser
 
