@@ -19,7 +19,7 @@ import csv
 import difflib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -575,19 +575,31 @@ def iter_dataset(
     return iter(_load_listed(key, root_path, meta_path, notes, skipped if skipped is not None else []))
 
 
+#: The class-per-folder layouts: ``loader(root, warnings, skipped, not_photos)``, reading each folder with
+#: :func:`_photos_in` (so entries not read and files that are not photos are reported once for the dataset).
+FOLDER_LOADERS: dict[str, Callable[..., list[ReferenceRecord]]] = {"moroccan": _load_moroccan,
+                                                                    "folder": _load_folder}
+#: The layouts a metadata table drives (``--metadata``): ``loader(root, metadata, warnings)``.
+METADATA_LOADERS: dict[str, Callable[..., list[ReferenceRecord]]] = {"rare-species": _load_rare_species,
+                                                                      "snakeclef2021": _load_snakeclef2021}
+
+
 def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: list[str],
                  skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
+    """The records of a dataset read whole, by its loader in :data:`FOLDER_LOADERS` or :data:`METADATA_LOADERS`
+    (the :data:`STREAMED` ones are read by :func:`iter_dataset`); a name of :data:`DATASETS` in neither is refused,
+    never read by another layout's loader."""
     first = len(skipped)
     not_photos: list[Path] = []  # beside photos (those of a folder without any are named with it)
-    if key == "moroccan":
-        records = _load_moroccan(root_path, warnings, skipped, not_photos)
-    elif key == "folder":
-        records = _load_folder(root_path, warnings, skipped, not_photos)
-    elif key == "rare-species":
-        records = _load_rare_species(root_path, meta_path, warnings)
+    if key in FOLDER_LOADERS:
+        records = FOLDER_LOADERS[key](root_path, warnings, skipped, not_photos)
+    elif key in METADATA_LOADERS:
+        records = METADATA_LOADERS[key](root_path, meta_path, warnings)
     else:
-        records = _load_snakeclef2021(root_path, meta_path, warnings)
-    if meta_path is not None and key in {"moroccan", "folder"}:
+        raise ValueError(f"dataset {key!r} is in DATASETS but has no loader: add it to FOLDER_LOADERS "
+                         f"({', '.join(FOLDER_LOADERS)}) or METADATA_LOADERS ({', '.join(METADATA_LOADERS)}) in "
+                         f"index/datasets.py (docs/architecture.md, 'A dataset layout')")
+    if meta_path is not None and key in FOLDER_LOADERS:
         warnings.append(f"--metadata {meta_path} is ignored by the {key} dataset")
     warn_skipped(skipped[first:], root_path)  # one warning for the whole dataset, not one per class folder
     if not_photos:

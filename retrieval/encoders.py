@@ -34,15 +34,15 @@ from retrieval.preprocess import PreprocessConfig, preprocess_image, squash_conf
 
 logger = logging.getLogger(__name__)
 
-#: Named encoders: short name -> full spec.
+#: Named encoders: short name -> full spec. The one registry of names: SPEC_FORMS lists them first, so a name added
+#: here shows in `speciesid encoders list`, every --encoder help and the "Valid forms" of a refused spec.
 ALIASES: dict[str, str] = {
     "bioclip": "open_clip:hf-hub:imageomics/bioclip",
     "bioclip-2": "open_clip:hf-hub:imageomics/bioclip-2",
 }
 DEFAULT_ENCODER = "bioclip"
 SPEC_FORMS: tuple[str, ...] = (
-    "bioclip",
-    "bioclip-2",
+    *ALIASES,
     "open_clip:ARCH[@TAG]",
     "open_clip:hf-hub:ORG/REPO",
     "open_clip:local-dir:PATH",
@@ -310,6 +310,9 @@ def parse_spec(spec: str) -> ParsedSpec:
     full = ALIASES.get(spec, spec)
     if full.startswith("local-dir:"):
         path = Path(full[len("local-dir:") :])
+        if not path.is_dir():
+            raise ValueError(f"encoder folder {path} {'is not a folder' if path.exists() else 'does not exist'}: give "
+                             "local-dir: a folder holding open_clip_config.json (open_clip) or config.json (timm)")
         if (path / "open_clip_config.json").is_file():
             return ParsedSpec("open_clip", "local-dir", str(path))
         if (path / "config.json").is_file():

@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
     add_encoder_args(p, default_spec=None, builds=True)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
-    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores, at most 8)")
     p.add_argument("--index-kind", default=None, choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
                    "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one. The "
