@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-lint: setup
+# ruff alone: lint needs neither torch nor the extras (a .venv made by `make setup` already has it).
+lint:
+	test -x $(VENV)/bin/ruff || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install --quiet 'ruff>=0.5'; }
 	$(VENV)/bin/ruff check .
 
 bench: setup

@@ -60,7 +60,8 @@ class IdentifyOut(BaseModel):
                                          "(null when far: the photo says nothing, treat a bite as venomous; or when no "
                                          "candidate's venom status is recorded)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
-                                       "not record: not a harmless share (treat as possibly venomous). With a "
+                                       "not record and that are, or may be, snakes (docs/identification.md, 'Venom "
+                                       "advice'): not a harmless share (treat as possibly venomous). With a "
                                        "country, this and venomous_score are each the larger of the answer with and "
                                        "without the country: separate upper bounds, which may sum to more than 1")
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "

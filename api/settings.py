@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,24 +118,21 @@ class Settings(BaseSettings):
     @classmethod
     def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
-        from retrieval.encoders import PRECISIONS, RUNTIMES
+        from retrieval.encoders import PRECISIONS, RUNTIMES, check_choice
 
         choices = RUNTIMES if info.field_name == "runtime" else PRECISIONS
-        if value not in choices:
-            raise ValueError(f"SPECIESID_{info.field_name.upper()}: {value!r} is not one of {', '.join(choices)}")
-        return value
+        return check_choice(info.field_name, value, choices, f"SPECIESID_{info.field_name.upper()}")
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
         """A bad SPECIESID_DEVICE is refused at start, in the command line's words (``retrieval.encoders.
-        run_options``), not when the model loads; read as the command line reads it (spaces and case ignored)."""
-        from retrieval.encoders import DEVICE_ENV, DEVICE_PATTERN
+        check_device``, naming the variable), not when the model loads; read as the command line reads it (spaces
+        and case ignored)."""
+        from retrieval.encoders import DEVICE_ENV, check_device
 
         device = value.strip().lower()
-        if not re.fullmatch(DEVICE_PATTERN, device):
-            raise ValueError(f"{DEVICE_ENV}: {device!r} is not a device: use auto (CUDA when present), cpu, cuda or "
-                             "cuda:N")
+        check_device(device, DEVICE_ENV)
         return device
 
     def encoder_config(self) -> EncoderConfig:

@@ -17,7 +17,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHARED = REPO.parent / "shared"
+#: The shared assets: ``../shared`` beside the repo, or $SPECIESID_SHARED (the tests' rule: tests/conftest.py).
+SHARED = Path(os.environ.get("SPECIESID_SHARED") or REPO.parent / "shared")
 PH_SNAKES = SHARED / "data" / "ph-snakes"
 MOBILENET = SHARED / "models" / "mobilenetv1_100.coral_in1k"
 MOBILENET_SPEC = f"timm:local-dir:{MOBILENET}"
@@ -26,9 +27,10 @@ CACHE = REPO / "runs" / "cache"
 
 
 def require_shared() -> None:
-    """Exit with a clear message when ../shared is not beside the repo."""
+    """Exit with a clear message when the shared assets are not found (``../shared``, or $SPECIESID_SHARED)."""
     if not PH_SNAKES.is_dir() or not MOBILENET.is_dir():
-        sys.exit(f"benchmarks need {PH_SNAKES} and {MOBILENET} (the shared assets beside the repo)")
+        sys.exit(f"benchmarks need {PH_SNAKES} and {MOBILENET} (the shared assets beside the repo, or set "
+                 "SPECIESID_SHARED to the folder that holds data/ph-snakes and models/)")
 
 
 def split_embeddings(encoder_spec: str, split: str, precision: str = "fp32") -> tuple[np.ndarray, list[str], list[str]]:

@@ -22,6 +22,10 @@ Parts (``--parts``, default all; the CPU kind is printed first; medians over ``-
   ``index.pairs.neighbours_and_pairs``) beside "before" (``--old-src DIR``: a copy of the code before it, e.g.
   ``git archive 0a97e72 index retrieval | tar -x -C DIR``: similar_pairs, copy_groups' second pass and the
   exact_search of the neighbours), one subprocess each: seconds, extra peak RSS, findings the same, fitted exponent.
+* knn: the one pass beside FAISS exact search on the same ``--self-sizes`` species-like vectors, one subprocess
+  per size, the two alternating ``--repeats`` times: ``neighbours_and_pairs`` (12 nearest + pairs at cosine >=
+  0.95, what ``clean --index`` asks) and ``faiss.knn`` of the 13 nearest alone (self included; BLAS + heaps over all
+  n² products, no pairs): wall and CPU seconds (all threads), medians.
 * peer: ``imagehash`` pHash (``SPECIESID_PEER_PHASH`` = the python of a venv with imagehash) on the same photos:
   photos/s, latency, peak RSS, leaks found / others flagged at Hamming distance <= 10 of 64 bits (the usual pHash
   rule, imagededup's default; ``--phash-max-distance``), and the ratio speciesid / peer.
@@ -31,6 +35,7 @@ The photos are read once up front, so every side finds them in the page cache.
     .venv/bin/python benchmarks/bench_clean.py                      # everything, 3 repeats
     .venv/bin/python benchmarks/bench_clean.py --quick              # smoke run: small sizes, 1 repeat
     .venv/bin/python benchmarks/bench_clean.py --parts self --self-sizes 20000,40000,100000 --old-src /tmp/old
+    .venv/bin/python benchmarks/bench_clean.py --parts knn --self-sizes 20000,40000
     SPECIESID_PEER_PHASH=/path/to/venv/bin/python .venv/bin/python benchmarks/bench_clean.py --parts leaks,peer
 """
 
@@ -61,7 +66,7 @@ from _common import (
 from _hardware import machine_report, peer_phash
 
 MARK = "@@bench_clean "
-PARTS = ("zeroshot", "leaks", "growth", "self", "peer")
+PARTS = ("zeroshot", "leaks", "growth", "self", "knn", "peer")
 #: The val photos that are train photos (same bytes, or re-encoded / re-cropped; checked by eye): val -> train twin.
 _RAT = "philippine_rat_snake__coelognathus_erythrurus__"
 _VIPER = "south_philippine_temple_pit_viper__tropidolaemus_philippensis__"
@@ -115,7 +120,8 @@ def _timed_children(part: str, methods: Sequence[str], sizes: list[int], repeats
             res[m][n] = r = _child(part, m, n, repeats if n <= 20000 else 1, *extra)
             if "error" not in r:
                 r["median"] = median(r["seconds"])
-            print(f"  n={n} {m}: {r.get('median', float('nan')):.3f} s {r.get('error', '')}", flush=True)
+            cpu = f" ({median(r['cpu_seconds']):.1f} CPU s)" if "cpu_seconds" in r else ""
+            print(f"  n={n} {m}: {r.get('median', float('nan')):.3f} s{cpu} {r.get('error', '')}", flush=True)
     return res
 
 
@@ -388,13 +394,14 @@ def self_child(method: str, n: int, repeats: int, old_src: str | None) -> dict:
                       [f"s{int(s)}" for s in sp])
     find_issues(PhotoSet(photos.paths[:300], photos.sha256[:300], x[:300], [None] * 300, list(range(300)),
                          photos.species[:300]), suspect_k=3)  # warm-up: imports, BLAS threads
-    rss0, seconds = status_mib("VmRSS"), []
+    rss0, seconds, cpu = status_mib("VmRSS"), [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = find_issues(photos, suspect_k=3)
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     keys = sorted((f.kind, f.path, f.paired_path or "", f.suggested_species or "") for f in out)
-    return {"seconds": seconds, "findings": {k: sum(f.kind == k for f in out) for k in {f.kind for f in out}},
+    return {"seconds": seconds, "cpu_seconds": cpu, "findings": {k: sum(f.kind == k for f in out) for k in {f.kind for f in out}},
             "digest": hashlib.sha1(repr(keys).encode()).hexdigest()[:12], "extra_mib": status_mib("VmHWM") - rss0}
 
 
@@ -403,16 +410,57 @@ def self_part(sizes: list[int], repeats: int, old_src: str | None) -> None:
     res = _timed_children("self", methods, sizes, repeats, old_src)
     print(f"\n## self: a gallery cleaned against itself (find_issues: duplicates + suspect labels k=3), n species-like "
           f"512-d vectors; medians of {repeats} runs (1 run above 20k); extra peak RSS = peak minus RSS with the data")
-    print("| n | now s | before s | before / now | findings (now) | same findings | extra MiB now / before |\n"
-          + "| --- " * 7 + "|")
+    print("| n | now s | before s | before / now | CPU s now / before (all threads) | findings (now) | same findings "
+          "| extra MiB now / before |\n" + "| --- " * 8 + "|")
     for n in sizes:
         o, b = res["now"].get(n, {}), res.get("before", {}).get(n, {})
         ratio = f"{b['median'] / o['median']:.1f}x" if "median" in o and "median" in b else "-"
         same = ("yes" if o.get("digest") == b.get("digest") else "NO") if "digest" in b else "-"
+        cpu = " / ".join(f"{median(r['cpu_seconds']):.1f}" if "cpu_seconds" in r else "-" for r in (o, b))
         print(f"| {n:,} | {o.get('median', float('nan')):.2f} | {b.get('median', float('nan')):.2f} | {ratio} | "
-              f"{o.get('findings', '-')} | {same} | {o.get('extra_mib', float('nan')):.0f} / "
+              f"{cpu} | {o.get('findings', '-')} | {same} | {o.get('extra_mib', float('nan')):.0f} / "
               f"{b.get('extra_mib', float('nan')):.0f} |")
     print_exponents(res, methods, sizes)
+
+
+# ----------------------------------------------------------------------------- knn: the one pass beside FAISS
+def knn_child(n: int, repeats: int) -> dict:
+    """``neighbours_and_pairs`` and ``faiss.knn`` alternating on n species-like vectors: wall and CPU s of each."""
+    import faiss
+    from _synth import SpeciesSpace
+
+    from index.pairs import neighbours_and_pairs
+
+    x, _ = SpeciesSpace(max(1, n // 100), dim=512).chunk(0, n)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    runs = {"ours": lambda a: neighbours_and_pairs(a, 12, threshold=0.95),
+            "faiss": lambda a: faiss.knn(a, a, 13, metric=faiss.METRIC_INNER_PRODUCT)}
+    out: dict = {m: {"seconds": [], "cpu_seconds": []} for m in runs}
+    for fn in runs.values():
+        fn(x[:1000])  # warm-up: imports, BLAS / OpenMP threads
+    for _ in range(repeats):
+        for m, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(x)
+            out[m]["seconds"].append(time.perf_counter() - t0)
+            out[m]["cpu_seconds"].append(time.process_time() - c0)
+    out["faiss_version"] = faiss.__version__
+    return out
+
+
+def knn_part(sizes: list[int], repeats: int) -> None:
+    print(f"\n## knn: the one pass (12 nearest + pairs) beside faiss.knn (13 nearest alone), n species-like 512-d "
+          f"vectors, alternating, medians of {repeats} runs")
+    print("| n | one pass s (CPU s) | faiss.knn s (CPU s) | faiss CPU / ours CPU |\n" + "| --- " * 4 + "|")
+    for n in sizes:
+        r = _child("knn", n, repeats)
+        if "error" in r:
+            print(f"| {n:,} | failed: {r['error'][-300:]!r} |")
+            continue
+        o, f = ({k: median(v) for k, v in r[m].items()} for m in ("ours", "faiss"))
+        print(f"| {n:,} | {o['seconds']:.2f} ({o['cpu_seconds']:.2f}) | {f['seconds']:.2f} ({f['cpu_seconds']:.2f}) | "
+              f"{f['cpu_seconds'] / o['cpu_seconds']:.2f}x |", flush=True)
+    print(f"faiss {r.get('faiss_version', '?')}")
 
 
 # ----------------------------------------------------------------------------- peer: imagehash pHash
@@ -451,7 +499,8 @@ def peer_part(python: str | None, lists: dict[str, list[str]], max_distance: int
 # ----------------------------------------------------------------------------- main
 def child_main(spec: str) -> None:
     kind, *args = json.loads(spec)
-    out = leaks_child(*args) if kind == "leaks" else self_child(*args) if kind == "self" else pairs_child(*args)
+    children = {"leaks": leaks_child, "self": self_child, "knn": knn_child}
+    out = children.get(kind, pairs_child)(*args)
     print(MARK + json.dumps(out), flush=True)
 
 
@@ -468,7 +517,8 @@ def main() -> None:
                     "1000,5000)")
     ap.add_argument("--large", action="store_true", help="growth: add n = 100,000 (minutes per method)")
     ap.add_argument("--naive-max", type=int, default=5000, help="growth: largest n for the full matrix (default 5000)")
-    ap.add_argument("--self-sizes", default="20000,40000", help="self: comma-separated n (default 20000,40000)")
+    ap.add_argument("--self-sizes", default="20000,40000", help="self, knn: comma-separated n (default "
+                    "20000,40000)")
     ap.add_argument("--old-src", default=None, help="self: a folder holding the code before (index/, retrieval/) to "
                     "time beside it; default: now only")
     ap.add_argument("--phash-max-distance", type=int, default=10, help="peer: Hamming threshold (default 10 of 64)")
@@ -516,6 +566,8 @@ def main() -> None:
             growth_part(sizes + ([100000] if args.large else []), repeats, args.naive_max)
         if "self" in parts:
             self_part([int(x) for x in args.self_sizes.split(",")], repeats, args.old_src)
+        if "knn" in parts:
+            knn_part([int(x) for x in args.self_sizes.split(",")], repeats)
         if "peer" in parts:
             peer_part(peer_phash(), lists, args.phash_max_distance, repeats, ours)
 

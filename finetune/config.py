@@ -101,11 +101,11 @@ class FinetuneConfig:
     out: str = field(metadata=option("output folder (timm local-dir + probe + log)", metavar="DIR"))
     # starting encoder spec (timm:..., local-dir folder of a previous stage, weights file)
     init: str | None = field(default=None, metadata=option(
-        "starting encoder: any timm spec (timm:local-dir:DIR, timm:NAME [--weights FILE], timm:hf-hub:ORG/REPO), "
-        "a previous stage's output folder, or a weights file with --model", metavar="SPEC"))
+        "starting encoder, required unless --model: any timm spec (timm:local-dir:DIR, timm:NAME [--weights FILE], "
+        "timm:hf-hub:ORG/REPO), a previous stage's output folder, or a weights file with --model", metavar="SPEC"))
     # timm:NAME, the architecture when --init is a weights file
     model: str | None = field(default=None, metadata=option(
-        "architecture for a weights-file --init (alone: hub weights)", metavar="timm:NAME"))
+        "architecture for a weights-file --init (alone, without --init: its hub weights)", metavar="timm:NAME"))
     # weights file for --init timm:NAME
     weights: str | None = field(default=None, metadata=option("weights file for --init timm:NAME", metavar="FILE"))
     # dataset layout of root (index.datasets)

@@ -19,7 +19,7 @@ import csv
 import difflib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +59,8 @@ _PAREN_RE = re.compile(r"^(?P<common>.*?)\s*\((?P<sci>[^()]+)\)\s*$")
 #: iNaturalist 2021's class folders: ``02345_Animalia_Chordata_Aves_Passeriformes_Turdidae_Turdus_merula`` (an id,
 #: then kingdom, phylum, class, order, family, genus and epithet joined by ``_``).
 _INAT_RE = re.compile(r"^\d+_(?P<kingdom>[A-Z][a-z]+)_(?P<phylum>[A-Z][a-z]+)_(?P<class>[A-Z][a-z]+)_"
-                      r"(?P<order>[A-Z][a-z]+)_(?P<family>[A-Z][a-z]+)_(?P<genus>[A-Z][a-z]+)_(?P<epithet>[a-z][a-z-]*)$")
+                      r"(?P<order>[A-Z][a-z]+)_(?P<family>[A-Z][a-z]+)_(?P<genus>[A-Z][a-z]+)_"
+                      r"(?P<epithet>[a-z][a-z-]*)$")
 
 
 @dataclass
@@ -97,7 +98,32 @@ def recased_label(label: str, genera: Iterable[str]) -> str | None:
     return spelled if genus in set(genera) or known_genus(genus) else None
 
 
-def parse_folder_name(name: str) -> tuple[str, str | None]:
+def _read_folder_name(name: str, genera: Iterable[str] = ()) -> tuple[str, str | None, bool]:
+    """:func:`parse_folder_name`'s reading, and whether it is a guess: both halves of ``A (B)`` look like scientific
+    names (``Daboia mauritanica (Moorish viper)``) and the genus of neither, or of both, is in ``genera`` or
+    the shipped snake taxonomy."""
+    text = " ".join(name.split())
+    if inat := _INAT_RE.match(text):
+        return f"{inat['genus']} {inat['epithet']}", None, False
+    readings: list[tuple[str, str | None]] = []
+    if match := _PAREN_RE.match(text):
+        outer, inner = match["common"].strip(), match["sci"].strip()
+        if sci := _scientific(inner):  # "Common Name (Genus species)"
+            readings.append((sci, outer or None))
+        if outer and (sci := _scientific(outer, dashes=True)):  # "Genus species (Common Name)"
+            readings.append((sci, inner))
+    if len(readings) == 2:
+        known = set(genera)
+        named = [r for r in readings if r[0].split()[0] in known or known_genus(r[0].split()[0])]
+        if len(named) != 1:
+            return *readings[0], True
+        readings = named
+    if readings:
+        return *readings[0], False
+    return _scientific(text, dashes=True) or text, None, False
+
+
+def parse_folder_name(name: str, genera: Iterable[str] = ()) -> tuple[str, str | None]:
     """Species label and common name from a class-folder name.
 
     ``"Common Wolf Snake (Lycodon capucinus)"`` -> ``("Lycodon capucinus", "Common Wolf Snake")``;
@@ -107,17 +133,12 @@ def parse_folder_name(name: str) -> tuple[str, str | None]:
     iNaturalist 2021's ``"02345_Animalia_..._Turdidae_Turdus_merula"`` -> ``("Turdus merula", None)``
     (:func:`folder_ranks` gives its family and higher ranks); anything else (``"cats"``) is its own label:
     ``("cats", None)``.
+
+    A common name in sentence case looks like a binomial: of ``"Daboia mauritanica (Moorish viper)"`` the half
+    whose genus ``genera`` (the dataset's other folders') or the shipped snake taxonomy knows is the species;
+    when that tells neither, the name in brackets is.
     """
-    text = " ".join(name.split())
-    if inat := _INAT_RE.match(text):
-        return f"{inat['genus']} {inat['epithet']}", None
-    match = _PAREN_RE.match(text)
-    if match:
-        if sci := _scientific(match["sci"]):
-            return sci, match["common"].strip() or None
-        if match["common"].strip() and (sci := _scientific(match["common"].strip(), dashes=True)):
-            return sci, match["sci"].strip()  # "Genus species (Common Name)"
-    return _scientific(text, dashes=True) or text, None
+    return _read_folder_name(name, genera)[:2]
 
 
 def folder_ranks(name: str) -> dict[str, str]:
@@ -136,12 +157,25 @@ def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
               for name in sorted(labels)]
     if not labels:
         return None
-    return (f"{len(labels)} class folder(s) not written as scientific names, each taken whole as a species label (its "
-            f"first word as its genus, no family: --rank genus and --rank family cannot group them; fine for a "
+    return (f"{len(labels)} class folder(s) not written as scientific names, each taken whole as a species label "
+            f"(its first word as its genus, no family: --rank genus and --rank family cannot group them; fine for a "
             f"gallery of labels): {first_few(labels, '; ')}. Read as scientific names: 'Genus species', "
             "'Genus_species', 'Genus-species', 'genus species', 'Common Name (Genus species)', 'Genus species "
             "(Common Name)', iNaturalist 2021's 'NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_species'; rename the "
             "folders to one of these")
+
+
+def ambiguous_folders_warning(names: Iterable[str]) -> str | None:
+    """One warning naming the class folders whose two halves both read as scientific names, neither genus known
+    (``Erithacus rubecula (European robin)``: read as the species "European robin"), saying how to rename them;
+    None when there are none."""
+    names = sorted(names)
+    if not names:
+        return None
+    return (f"{len(names)} class folder(s) where both the name and the name in brackets read as scientific names, "
+            f"and neither genus is known: the name in brackets was taken as the species: {first_few(names, '; ')}. "
+            "If the scientific name is the one outside the brackets, rename the folder 'Common name (Genus "
+            "species)', or write the common name in Title Case ('Genus species (Common Name)')")
 
 
 def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[Path]:
@@ -322,7 +356,12 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     if splits and not any(_holds_photos(p) for p in folders if p not in splits):
         raise _split_error(root, splits, "folder")
     labels: list[str] = []  # folders taken whole as labels, not as scientific names
-    parsed = {folder: parse_folder_name(folder.name) for folder in folders}
+    read = {folder: _read_folder_name(folder.name) for folder in folders}
+    sure = {name.split()[0] for name, _, guess in read.values() if not guess and looks_scientific(name.split())}
+    read = {folder: _read_folder_name(folder.name, sure) if guess else (name, common, guess)
+            for folder, (name, common, guess) in read.items()}  # a guess settled by the other folders' genera
+    parsed = {folder: (name, common) for folder, (name, common, _) in read.items()}
+    guesses: list[str] = []  # folders whose reading is a guess (both halves scientific, neither genus known)
     genera = {name.split()[0] for name, _ in parsed.values() if looks_scientific(name.split())}
     for folder in folders:
         species, common = parsed[folder]
@@ -340,6 +379,8 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
             continue
         if not looks_scientific(species.split()):
             labels.append(folder.name)
+        if read[folder][2]:
+            guesses.append(folder.name)
         taxon = lookup_taxon(species)
         ranks = folder_ranks(folder.name)  # iNaturalist 2021's folders spell their family and higher ranks
         family = taxon.family if taxon else ranks.get("family")
@@ -349,7 +390,7 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
                 species=species,
                 genus=taxon.genus if taxon else None,
                 family=family,
-                common_name=common,
+                common_name=common or (taxon.common_name if taxon else None),
                 venomous=taxon.venomous if taxon else None,
                 dataset="folder",
                 ranks={rank: v for rank, v in ranks.items() if rank in HIGHER_RANKS},
@@ -360,8 +401,9 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     for r in records:  # spells it (iNaturalist 2021's), is its other species' too ('turdus viscivorus' beside one)
         if not r.family and r.genus in families:
             r.family = families[r.genus]
-    if warning := unparsed_folders_warning(labels):
-        warnings.append(warning)
+    for warning in (unparsed_folders_warning(labels), ambiguous_folders_warning(guesses)):
+        if warning:
+            warnings.append(warning)
     if empty:
         warnings.append(f"{len(empty)} folder(s) with no photos ignored: {first_few(empty, '; ')}"
                         + (f". {NOT_PHOTO_ADVICE}" if files else ""))
@@ -533,19 +575,31 @@ def iter_dataset(
     return iter(_load_listed(key, root_path, meta_path, notes, skipped if skipped is not None else []))
 
 
+#: The class-per-folder layouts: ``loader(root, warnings, skipped, not_photos)``, reading each folder with
+#: :func:`_photos_in` (so entries not read and files that are not photos are reported once for the dataset).
+FOLDER_LOADERS: dict[str, Callable[..., list[ReferenceRecord]]] = {"moroccan": _load_moroccan,
+                                                                    "folder": _load_folder}
+#: The layouts a metadata table drives (``--metadata``): ``loader(root, metadata, warnings)``.
+METADATA_LOADERS: dict[str, Callable[..., list[ReferenceRecord]]] = {"rare-species": _load_rare_species,
+                                                                      "snakeclef2021": _load_snakeclef2021}
+
+
 def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: list[str],
                  skipped: list[tuple[Path, str]]) -> list[ReferenceRecord]:
+    """The records of a dataset read whole, by its loader in :data:`FOLDER_LOADERS` or :data:`METADATA_LOADERS`
+    (the :data:`STREAMED` ones are read by :func:`iter_dataset`); a name of :data:`DATASETS` in neither is refused,
+    never read by another layout's loader."""
     first = len(skipped)
     not_photos: list[Path] = []  # beside photos (those of a folder without any are named with it)
-    if key == "moroccan":
-        records = _load_moroccan(root_path, warnings, skipped, not_photos)
-    elif key == "folder":
-        records = _load_folder(root_path, warnings, skipped, not_photos)
-    elif key == "rare-species":
-        records = _load_rare_species(root_path, meta_path, warnings)
+    if key in FOLDER_LOADERS:
+        records = FOLDER_LOADERS[key](root_path, warnings, skipped, not_photos)
+    elif key in METADATA_LOADERS:
+        records = METADATA_LOADERS[key](root_path, meta_path, warnings)
     else:
-        records = _load_snakeclef2021(root_path, meta_path, warnings)
-    if meta_path is not None and key in {"moroccan", "folder"}:
+        raise ValueError(f"dataset {key!r} is in DATASETS but has no loader: add it to FOLDER_LOADERS "
+                         f"({', '.join(FOLDER_LOADERS)}) or METADATA_LOADERS ({', '.join(METADATA_LOADERS)}) in "
+                         f"index/datasets.py (docs/architecture.md, 'A dataset layout')")
+    if meta_path is not None and key in FOLDER_LOADERS:
         warnings.append(f"--metadata {meta_path} is ignored by the {key} dataset")
     warn_skipped(skipped[first:], root_path)  # one warning for the whole dataset, not one per class folder
     if not_photos:

@@ -185,14 +185,18 @@ class Gallery:
     """Reference photos with their embeddings, searchable by similarity."""
 
     def __init__(self, root: Path, info: dict, index_config: VectorIndexConfig, *, refresh_s: float = 1.0,
-                 options: dict[str, str] | None = None, make_table: bool = False, new_store: bool = False) -> None:
+                 options: dict[str, str] | None = None, make_table: bool = False, new_store: bool = False,
+                 info_stamp: tuple[int, int, int] | None = None) -> None:
         """``make_table``: a writer (a build, an add) may make the store's table where none was ever committed (a
         create killed before it committed one); a reader never makes one. ``new_store``: a build's deliberate start
-        of a new, empty table where the folder's table was lost (:class:`StoreLostError`)."""
+        of a new, empty table where the folder's table was lost (:class:`StoreLostError`). ``info_stamp``:
+        gallery.json's stamp taken before ``info`` was read from it (a write in between is read again at the next
+        look); None: stat it now (``info`` just written under the folder's lock)."""
         self.root = root
         self.layout = GalleryLayout(root)
         self.info = info
-        self._info_stamp = _file_stamp(self.layout.info)  # gallery.json as read: read again when it changes
+        # gallery.json as read: read again when it changes
+        self._info_stamp = info_stamp if info_stamp is not None else _file_stamp(self.layout.info)
         self.index_config = index_config
         self.refresh_s = refresh_s  # how often reads check for other processes' writes (seconds)
         where = info.get("store") or {}
@@ -461,10 +465,8 @@ class Gallery:
         if store and canonical_s3_uri(str(gallery.store_uri)) != canonical_s3_uri(str(store)):  # s3a:// is s3://
             raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
         if index_config is not None and gallery.info.get("index") != asdict(index_config):
-            with gallery.writing(local=True):  # an index asked for explicitly is the gallery's from now on
-                gallery.info = {**read_gallery_info(root), "index": asdict(index_config)}
-                write_json_atomic(layout.info, gallery.info)
-                gallery._info_stamp = _file_stamp(layout.info)
+            # an index asked for explicitly is the gallery's from now on
+            gallery.update_info("index", lambda _: asdict(index_config), opened=True)
         return gallery
 
     @classmethod
@@ -525,13 +527,14 @@ class Gallery:
         longer holds is never made again (:class:`StoreLostError`) unless ``new_store`` says to.
         """
         root = Path(root)
+        stamp = _file_stamp(GalleryLayout(root).info)  # before the read: a write in between is read again later
         info = read_gallery_info(root)
         if expected_fingerprint is not None:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
                                                             f'{GalleryLayout(root).info} "index"')
         return cls(root, info, config, refresh_s=refresh_s, options=options, make_table=make_table,
-                   new_store=new_store)
+                   new_store=new_store, info_stamp=stamp)
 
     @property
     def encoder_spec(self) -> str:
@@ -1053,6 +1056,27 @@ class Gallery:
                 self._after_write(save=True)
             return found
 
+    def set_venomous(self, species: str, venomous: bool) -> int:
+        """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns how
+        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version;
+        this process's cached metadata of the rows goes (another process's answers read the species' flag again
+        at the new version; its evidence lists keep a row's old flag until it restarts)."""
+        with self._write():
+            self.store.refresh()
+            self._refuse_replaced()
+            self._writer.check()
+            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+            found = self.store.set_venomous(species, venomous)
+            if found:
+                if alone:
+                    self._apply_sync(np.zeros(0, dtype=np.int64), None, None, self.store.version)
+                else:
+                    self._sync_index()
+                self._meta_cache.clear()  # the rows' flags changed (the one edit of a stored row)
+                self._meta_scanned = False
+                self._after_write(save=True)
+            return found
+
     def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
         """The index brought to the store's version after this writer's ``set_excluded`` of the sorted ``ids``
         alone (call in the write, the thread lock held): excluded ones removed, or the rows brought back that the
@@ -1247,18 +1271,21 @@ class Gallery:
             return
         self.update_info(key, lambda _: value)
 
-    def update_info(self, key: str, update: Callable[[object], object]) -> None:
+    def update_info(self, key: str, update: Callable[[object], object], *, opened: bool = False) -> None:
         """Set ``gallery.json``'s ``key`` to ``update(its value now)`` (None when absent), under the folder's lock,
         the file re-read first (another process's entries are kept, and ``update`` sees the value they left);
-        nothing is written when it reads so already."""
+        nothing is written when it reads so already. ``opened``: ``key`` is one this gallery was opened from
+        (``index``: an index asked for explicitly), replaced here too; such keys are otherwise kept as opened.
+        Every writer of gallery.json holds the folder's lock, so the stamp taken after this write is of this
+        write."""
         with self.writing(local=True):
             info = read_gallery_info(self.root)
             value = update(info.get(key))
+            written = {**info, key: value}
+            self.info = {**self._as_opened(written), **({key: value} if opened else {})}
             if key in info and info[key] == value:
-                self.info = self._as_opened(info)
                 return
-            self.info = self._as_opened({**info, key: value})
-            write_json_atomic(self.layout.info, {**info, key: value})
+            write_json_atomic(self.layout.info, written)
             self._info_stamp = _file_stamp(self.layout.info)
 
     def _as_opened(self, info: dict) -> dict:

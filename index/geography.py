@@ -94,11 +94,14 @@ def _species_key(name: str) -> str:
 
 def _country_key(text: str) -> str:
     """Normalise a country name: casefolded, accents dropped, ``-``/``_`` as spaces, collapsed whitespace, a
-    leading ``the`` dropped (``The Gambia``) and ``St``/``St.`` as ``Saint``."""
+    leading ``the`` dropped (``The Gambia``) and ``St``/``St.`` as ``Saint`` (``St Lucia``). Both rules leave a
+    one-word key alone, so the code ``ST`` (São Tomé and Príncipe) stays a code."""
     decomposed = unicodedata.normalize("NFKD", str(text).replace("-", " ").replace("_", " "))
     plain = "".join(char for char in decomposed if not unicodedata.combining(char))
     words = plain.casefold().split()
-    if len(words) > 1 and words[0] == "the":
+    if len(words) < 2:
+        return " ".join(words)
+    if words[0] == "the":
         words = words[1:]
     return " ".join("saint" if w in ("st", "st.") else w for w in words)
 
@@ -175,6 +178,12 @@ def _load_table() -> dict[str, frozenset[str]]:
     return table
 
 
+@lru_cache(maxsize=1)
+def _table_keys() -> dict[str, str]:
+    """``{_species_key(species): species}`` for the species of :func:`_load_table`, computed once."""
+    return {_species_key(species): species for species in _load_table()}
+
+
 @lru_cache(maxsize=1024)
 def _recorded_code(text: str) -> str | None:
     """The alpha-2 code of a country as a dataset recorded it (a code or a name), None when it names none."""
@@ -194,9 +203,11 @@ def country_presence(country: str, recorded: Mapping[str, Iterable[str]] | None 
     species neither knows is left out (its presence unknown: its score is kept)."""
     code = resolve_country(country)
     presence = {species: code in codes for species, codes in _load_table().items()}
-    keys = {_species_key(s): s for s in presence}
+    if not recorded:
+        return presence
+    keys = _table_keys()
     unread: set[str] = set()
-    for species, countries in (recorded or {}).items():
+    for species, countries in recorded.items():
         codes = {c for c in (_recorded_code(str(text)) for text in countries) if c}
         unread.update(str(text) for text in countries if not _recorded_code(str(text)))
         if not codes:

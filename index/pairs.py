@@ -11,6 +11,7 @@ benchmarks/bench_clean.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,21 +24,25 @@ _SLACK = 1e-6
 
 
 def _tiles(n_rows: int, n_base: int, block: int, within: bool, progress: bool,
-           desc: str) -> Iterator[tuple[int, int]]:
+           desc: str, diagonal_first: bool = False) -> Iterator[tuple[int, int]]:
     """The (row, column) starts of the similarity tiles of ``n_rows`` x ``n_base`` rows, ``block`` a side (``within``:
-    one set, the tiles on and above the diagonal); ``progress``: a bar over them named ``desc`` (none for one
-    tile: no bar object at all, other bars' owners count theirs)."""
+    one set, the tiles on and above the diagonal; ``diagonal_first``: the diagonal ones before the others);
+    ``progress``: a bar over them named ``desc`` (none for one tile: no bar object at all, other bars' owners count
+    theirs)."""
     from tqdm.auto import tqdm
 
     na, nb = -(-n_rows // block), -(-n_base // block)
     tiles = na * (na + 1) // 2 if within else na * nb
     shown = progress and tiles > 1
+    starts = ((s, t) for s in range(0, n_rows, block) for t in range(s if within else 0, n_base, block))
+    if diagonal_first:
+        starts = itertools.chain(((s, s) for s in range(0, min(n_rows, n_base), block)),
+                                 ((s, t) for s, t in starts if s != t))
     with tqdm(total=tiles, desc=desc, unit="tile") if shown else contextlib.nullcontext() as bar:
-        for s in range(0, n_rows, block):
-            for t in range(s if within else 0, n_base, block):
-                yield s, t
-                if bar is not None:
-                    bar.update()
+        for s, t in starts:
+            yield s, t
+            if bar is not None:
+                bar.update()
 
 
 def _tile_pairs(sims: np.ndarray, threshold: float, upper: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,9 +112,10 @@ def neighbours_and_pairs(
     columns): what ``similar_pairs`` + ``copy_groups`` + a leave-one-out top-k search cost three passes for.
 
     The pairs are the answer of :func:`similar_pairs` (the same tiles, so the same similarities, bit for bit),
-    complete whatever ``k``: a row with more near-copies than ``k`` loses none. Memory: ``block``² floats for a tile,
-    (n, ``k``) for the neighbours, and the pairs found. The top-k is merged tile by tile: only the entries at or
-    above a row's current k-th best are looked at once the row holds ``k``. ``progress``: a bar over the tiles.
+    complete whatever ``k``: a row with more near-copies than ``k`` loses none. Memory: two ``block``² tiles (the
+    similarities, reused, and a mask), (n, ``k``) for the neighbours, and the pairs found. The diagonal tiles come
+    first (each row's ``k`` nearest within its own block: a bound); then a tile adds to a row only its entries at
+    or above the row's current ``k``-th best (:func:`_merge_top`). ``progress``: a bar over the tiles.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -120,74 +126,63 @@ def neighbours_and_pairs(
     best_s = np.full((n, k), -np.inf, dtype=np.float32)
     best_i = np.full((n, k), -1, dtype=np.int64)
     parts_i, parts_j, parts_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for s, t in _tiles(n, n, block, True, progress, desc):
-        sims = a[s : s + block] @ a[t : t + block].T
+    side = min(block, n)
+    buf = np.empty((side, side), dtype=np.float32)  # one tile's similarities, reused: no 16 MiB page faults a tile
+    for s, t in _tiles(n, n, block, True, progress, desc, diagonal_first=True):
+        rows, cols = a[s : s + block], a[t : t + block]
+        sims = np.matmul(rows, cols.T, out=buf[: len(rows), : len(cols)])
         i, j, v = _tile_pairs(sims, float(threshold), s == t)
         parts_i.append(i + s)
         parts_j.append(j + t)
         parts_s.append(v)
         if s == t:
             np.fill_diagonal(sims, -np.inf)  # a row is not its own neighbour
-        _merge_top(best_s, best_i, s, sims, t)
-        if s != t:
+            _merge_top(best_s, best_i, s, sims, t, fresh=True)
+        else:
+            _merge_top(best_s, best_i, s, sims, t)
             _merge_top(best_s, best_i, t, sims, s, columns=True)
     pairs = _best_first(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)) if n else []
     return NeighbourPass(best_i, best_s, pairs)
 
 
+#: Above every -inf (a row's own entry, a pad): an entry at or above it is a real candidate.
+_LOWEST = np.float32(-np.finfo(np.float32).max)
+
+
 def _merge_top(best_s: np.ndarray, best_i: np.ndarray, r0: int, sims: np.ndarray, c0: int, *,
-               columns: bool = False) -> None:
+               columns: bool = False, fresh: bool = False) -> None:
     """Merge one tile into the running top-k, in place: best first, ties by the lower column. The tile's rows are
-    rows ``r0``.. and its columns the candidates ``c0``.. (``columns``: the other way round, the tile read
-    transposed without copying it). A row that holds ``k`` already looks only at its entries at or above its
-    k-th best."""
+    rows ``r0``.. and its columns the candidates ``c0``.. (``columns``: the other way round, the tile read in its
+    own layout, never transposed). Only the entries at or above a row's k-th best are candidates (all of a row's
+    finite entries while it holds fewer than ``k``); ``fresh``: the rows hold nothing yet, their bound is the
+    tile's own k-th best of each row (one partition instead of every entry)."""
     k = best_s.shape[1]
-    view = sims.T if columns else sims
-    nrows, ncols = view.shape
+    h, w = sims.shape
+    nrows, ncols = (w, h) if columns else (h, w)
     kth = best_s[r0 : r0 + nrows, -1]
-    full = np.isfinite(kth)
-    cand_r, cand_c = [], []
-    if not full.all():  # rows still filling (the first tile they see): the tile's own top-k of each
-        sub = np.flatnonzero(~full)
-        part = np.ascontiguousarray(view[sub])
-        width = min(k, ncols)
-        top = np.argpartition(part, ncols - width, axis=1)[:, ncols - width :]
-        edge = np.take_along_axis(part, top, axis=1).min(axis=1)
-        at_edge = part >= edge[:, None]
-        tie = at_edge.sum(axis=1) > width  # more entries tie at the edge than fit: all of them, the merge decides
-        r, c = np.nonzero(at_edge[tie])
-        cand_r += [np.repeat(sub[~tie], width), sub[tie][r]]
-        cand_c += [top[~tie].ravel(), c]
-    if full.any():
-        cut = np.where(full, kth, np.inf).astype(np.float32)
-        if columns:  # compared in the tile's own (contiguous) layout
-            c, r = np.nonzero(sims >= cut[None, :])
-        else:
-            r, c = np.nonzero(sims >= cut[:, None])
-        cand_r.append(r)
-        cand_c.append(c)
-    r = np.concatenate(cand_r)
-    c = np.concatenate(cand_c)
-    v = view[r, c]
-    keep = np.isfinite(v)
-    r, c, v = r[keep], c[keep] + c0, v[keep]
-    if not r.size:
+    if fresh and ncols > k:
+        kth = np.partition(sims, ncols - k, axis=1)[:, ncols - k]
+    cut = np.maximum(kth, _LOWEST)
+    hit = np.flatnonzero(sims >= (cut[None, :] if columns else cut[:, None]))
+    if not hit.size:
         return
+    tr, tc = np.divmod(hit, w)
+    v = sims[tr, tc] + np.float32(0.0)  # -0.0 as 0.0: equal values order by column alone
+    r, c = (tc, tr + c0) if columns else (tr, tc + c0)
     touched = np.flatnonzero(np.bincount(r, minlength=nrows))
     all_r = np.concatenate([np.repeat(touched, k), r])
     all_c = np.concatenate([best_i[touched + r0].ravel(), c])
     all_v = np.concatenate([best_s[touched + r0].ravel(), v])
-    real = all_c >= 0
-    all_r, all_c, all_v = all_r[real], all_c[real], all_v[real]
-    order = np.lexsort((all_c, -all_v, all_r))  # by row, then best first, then the lower column
-    all_r, all_c, all_v = all_r[order], all_c[order], all_v[order]
-    start = np.flatnonzero(np.r_[True, all_r[1:] != all_r[:-1]])
-    rank = np.arange(all_r.size) - np.repeat(start, np.diff(np.r_[start, all_r.size]))
-    put = rank < k
-    best_s[touched + r0] = -np.inf
-    best_i[touched + r0] = -1
-    best_s[all_r[put] + r0, rank[put]] = all_v[put]
-    best_i[all_r[put] + r0, rank[put]] = all_c[put]
+    bits = all_v.view(np.uint32)  # float order as unsigned order, then the lower column as the larger key
+    order_bits = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
+    key = (order_bits << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.maximum(all_c, 0).astype(np.uint64))
+    order = np.argsort(key)
+    by_row = all_r[order].astype(np.int16 if nrows <= np.iinfo(np.int16).max else np.int64)  # int16: a radix sort
+    order = order[np.argsort(by_row, kind="stable")]  # by row, each ascending: its best last
+    ends = np.cumsum(np.bincount(all_r, minlength=nrows))[touched]
+    take = order[ends[:, None] - 1 - np.arange(k)]  # each touched row's k best, best first (a row has >= k)
+    best_s[touched + r0] = all_v[take]
+    best_i[touched + r0] = all_c[take]
 
 
 def copy_groups(x: np.ndarray, *, threshold: float, sha256: Sequence[str | None] = (),

@@ -508,6 +508,15 @@ class ReferenceStore:
             self._table.update(where=where, values={"excluded": excluded})
         return found
 
+    def set_venomous(self, species: str, venomous: bool) -> int:
+        """Set the venomous flag of every row of ``species`` (its exact name; excluded rows too, so a restored one
+        agrees), in one commit; returns how many rows matched (0: none, nothing written)."""
+        where = f"species = {_sql_text(species)}"
+        found = int(self._table.count_rows(where))
+        if found:
+            self._table.update(where=where, values={"venomous": venomous})
+        return found
+
     def has_species(self, species: str) -> bool:
         """Whether any searchable row (not excluded) is of ``species`` (its exact name), at the version this store
         reads: one filtered count, not the whole :meth:`species` list."""

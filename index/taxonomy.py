@@ -145,9 +145,9 @@ def _hybrid_parts(words: Sequence[str]) -> list[list[str]] | None:
 
 def looks_scientific(words: Sequence[str]) -> bool:
     """Whether ``words`` (a name split on spaces) are written as a scientific name (:data:`SCIENTIFIC_FORM`, with a
-    subgenus in brackets, a rank marker such as ``subsp.``, ``Genus sp. 2``, or a hybrid formula): the one rule of the folder dataset's class names (``Common Name (Genus
-    species)``, :mod:`index.datasets`) and of a new species' name added by the CLI or the API
-    (:func:`new_species_references`).
+    subgenus in brackets, a rank marker such as ``subsp.``, ``Genus sp. 2``, or a hybrid formula): the one rule of
+    the folder dataset's class names (``Common Name (Genus species)``, :mod:`index.datasets`) and of a new species'
+    name added by the CLI or the API (:func:`new_species_references`).
 
     A hybrid formula: names or epithets joined by ``×`` (or ``x``): ``Larus argentatus × Larus fuscus``, ``Anas
     platyrhynchos x rubripes``, ``Anas ×platyrhynchos`` (a nothospecies: the genus, then epithets), ``×Chitalpa
@@ -342,9 +342,10 @@ def new_species_references(
     (:class:`SpeciesNameConflictError`) unless ``new_species``, and so is a new name not written as a scientific
     name (:func:`looks_scientific`: ``x``, ``cobra``, one capitalised word, a name with its author citation; a
     label, ``cats``, is taken confirmed), while a genus alone, one the shipped snake taxonomy knows or a gallery
-    species' (``Parus`` beside ``Parus major``), is refused either way: the one rule of the CLI and the API (a
-    dataset's folder names are not checked by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous flag, stays
-    of unknown venom status (off for a check ahead of the add, which warns itself).
+    species' written as a scientific name (``Parus`` beside ``Parus major``; not ``dogs`` beside the label ``dogs
+    small``), is refused either way: the one rule of the CLI and the API (a dataset's folder names are not checked
+    by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous
+    flag, stays of unknown venom status (off for a check ahead of the add, which warns itself).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -374,7 +375,10 @@ def new_species_references(
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
-    if warn and prior is None and taxon is None and venomous is None:
+    # said only of a name that is or may be a snake (retrieval.advice.may_be_snake, the same test): a scientific
+    # name of no snake genus or family (a toad, a bird) does not count as possibly venomous
+    if warn and prior is None and taxon is None and venomous is None and (
+            known_snake(species, genus, family) or not looks_scientific(species.split())):
         close = taxonomy_lookalikes(species, SUGGESTION)
         logger.warning("%r is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
                        "venom status stays unknown (answers count it as possibly venomous)%s", species,
@@ -404,8 +408,9 @@ class SpeciesNameConflictError(ValueError):
     for no species (not written as a scientific name: ``meant`` None).
 
     ``name``: the name given; ``meant``: the gallery species it looks like; ``found``: what the gallery holds
-    (``'Naja samarensis' (10 references) is``); ``hint``: what to give instead where no species is meant. What to do is the caller's to word (:meth:`advice`): a command line
-    and an HTTP API confirm a new species differently. The message itself names no option of either."""
+    (``'Naja samarensis' (10 references) is``); ``hint``: what to give instead where no species is meant. What to
+    do is the caller's to word (:meth:`advice`): a command line and an HTTP API confirm a new species differently.
+    The message itself names no option of either."""
 
     def __init__(self, name: str, meant: str | None, found: str, hint: str | None = None) -> None:
         self.name, self.meant, self.found, self.hint = name, meant, found, hint
@@ -426,10 +431,11 @@ class SpeciesNameConflictError(ValueError):
 
 def _genus_example(name: str, gallery_species: Iterable[SpeciesSummary]) -> str | None:
     """A species of genus ``name`` (one word), from the gallery first, then the shipped snake taxonomy; None when
-    neither knows ``name`` as a genus: a genus alone is no species, whatever the taxon."""
+    neither knows ``name`` as a genus: a genus alone is no species, whatever the taxon. Only a gallery species
+    written as a scientific name has a genus here: a label's first word (``dogs`` of ``dogs small``) is none."""
     key = species_key(name)
     held = next((s.species for s in gallery_species if species_key(s.genus or s.species.split(" ")[0]) == key
-                 and species_key(s.species) != key), None)
+                 and species_key(s.species) != key and looks_scientific(s.species.split())), None)
     return held or _genera().get(key)
 
 

@@ -14,12 +14,18 @@ The advice (:func:`venom_advice`), in order:
 A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants. A gallery
 that is not of snakes (:func:`venom_applies` false: birds, plants) gets none for any answer, far and unknown too;
 every gallery that is or may be of snakes gets the safe advice on a far or unknown answer.
+
+Which species' missing venom status counts as possibly venomous (:func:`may_be_snake`, :func:`not_snakes`): one
+that is, or may be, a snake (of the shipped snake taxonomy by species, genus or family, or a label whose name cannot
+be checked). A scientific name of no snake genus or family with no status (``Bufo bufo`` beside a cobra) is no
+snake: its share is not "unrecorded venom"; and a named answer of a species of such a name (whatever its status)
+with nothing on venomous or unrecorded species gets no advice of its own (``top_applies``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -57,24 +63,52 @@ class VenomAdvice:
         return asdict(self)
 
 
+def may_be_snake(species: str, genus: str | None = None, family: str | None = None) -> bool:
+    """Whether ``species`` is, or may be, a snake: known to the shipped snake taxonomy by its species, genus or family
+    (:func:`index.taxonomy.known_snake`), or a label not written as a scientific name (``cobra``, ``cats``: nothing
+    tells what it is). False only for a scientific name of no snake genus or family (``Bufo bufo``, ``Parus
+    major``). The one rule of :func:`venom_applies`, :func:`not_snakes` and the add warning of a species of unknown
+    venom status (:func:`index.taxonomy.new_species_references`, which cannot import this module: same test)."""
+    return not looks_scientific(species.split()) or known_snake(species, genus, family)
+
+
+def not_snakes(taxa: Iterable[SpeciesSummary]) -> frozenset[str]:
+    """The species of ``taxa`` with no venom status recorded that are no snake (:func:`may_be_snake` false: a toad
+    beside a cobra): venom advice does not apply to them, their probability is no "unrecorded venom" share
+    (:func:`unrecorded_share`), and a named answer of one gets no advice of its own. A species with a recorded status
+    is never in it, nor one that is or may be a snake (its missing status stays "treat as venomous")."""
+    return frozenset(t.species for t in taxa if t.venomous is None and not may_be_snake(t.species, t.genus, t.family))
+
+
 def venom_applies(taxa: Iterable[SpeciesSummary]) -> bool:
     """Whether venom advice applies to a gallery of ``taxa`` (its species, and its text prior's): whether it is, or
-    may be, of snakes. True when any species has a recorded venom status (harmless counts), is known to the shipped
-    snake taxonomy by its species, genus or family (:func:`index.taxonomy.known_snake`), or is a label not written as
-    a scientific name (``cobra``: nothing tells what it is); True for no species. False only when every species is a
-    scientific name of no snake genus or family and none records a venom status: birds, plants."""
+    may be, of snakes (or holds an animal recorded venomous). True when any species :func:`may_be_snake` (known to
+    the shipped snake taxonomy by its species, genus or family, or a label not written as a scientific name), or is
+    recorded venomous whatever its name; True for no species. False when every species is a scientific name of no
+    snake genus or family and none is recorded venomous: birds, plants, and birds one of which a curator flagged
+    "no" (a harmless flag on a bird says nothing of snakes: walk s52 #2b)."""
     taxa = list(taxa)
-    return not taxa or any(t.venomous is not None or not looks_scientific(t.species.split())
-                           or known_snake(t.species, t.genus, t.family) for t in taxa)
+    return not taxa or any(t.venomous or may_be_snake(t.species, t.genus, t.family) for t in taxa)
+
+
+def unrecorded_share(scores: Mapping[str, float], venomous: Mapping[str, bool | None],
+                     no_snakes: Collection[str] = frozenset()) -> float:
+    """The probability of ``scores`` on species whose venom status is not recorded (``venomous``: species -> flag)
+    and that may be snakes (not in ``no_snakes``, :func:`not_snakes`): not a harmless share, it warns as venomous
+    species do."""
+    return float(sum(p for s, p in scores.items() if venomous.get(s) is None and s not in no_snakes))
 
 
 def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
                  venomous_names: Sequence[str] = (), unrecorded_names: Sequence[str] = (),
-                 applies: bool = True) -> VenomAdvice | None:
+                 applies: bool = True, top_applies: bool = True) -> VenomAdvice | None:
     """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
-    :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status,
-    named when the warning comes from them alone; ``applies``: :func:`venom_applies` of the gallery (False: no
-    advice at all, None)."""
+    :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status
+    that may be snakes, named when the warning comes from them alone; ``venom_unknown_score``: their share
+    (:func:`unrecorded_share`); ``applies``: :func:`venom_applies` of the gallery (False: no advice at all, None);
+    ``top_applies``: False when the top candidate is no snake (:func:`may_be_snake` false, whatever its recorded
+    status): a named answer of it with nothing (0.0% as printed) on venomous or unrecorded species gets no advice
+    of its own (None)."""
     if not applies:
         return None  # not a gallery of snakes (birds): no bite to advise on, far and unknown answers included
     if far:
@@ -98,6 +132,8 @@ def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, veno
         return VenomAdvice("cannot_tell", True, UNKNOWN_TEXT)
     if venomous_score is None and not venom_unknown_score:
         return None  # the gallery records no venom status at all (birds): far and unknown were told above
+    if not top_applies and f"{share:.1%}" == f"{0.0:.1%}":
+        return None  # a toad beside a cobra, nothing on venomous or unrecorded snakes: no bite advice of its own
     unflagged = (f" (and {venom_unknown_score:.1%} on species of unknown venom status)"
                  if venom_unknown_score >= 0.005 else "")
     return VenomAdvice("unlikely", False, f"Probability medically important venomous: {venomous:.1%}{unflagged}, "

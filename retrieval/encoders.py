@@ -34,15 +34,15 @@ from retrieval.preprocess import PreprocessConfig, preprocess_image, squash_conf
 
 logger = logging.getLogger(__name__)
 
-#: Named encoders: short name -> full spec.
+#: Named encoders: short name -> full spec. The one registry of names: SPEC_FORMS lists them first, so a name added
+#: here shows in `speciesid encoders list`, every --encoder help and the "Valid forms" of a refused spec.
 ALIASES: dict[str, str] = {
     "bioclip": "open_clip:hf-hub:imageomics/bioclip",
     "bioclip-2": "open_clip:hf-hub:imageomics/bioclip-2",
 }
 DEFAULT_ENCODER = "bioclip"
 SPEC_FORMS: tuple[str, ...] = (
-    "bioclip",
-    "bioclip-2",
+    *ALIASES,
     "open_clip:ARCH[@TAG]",
     "open_clip:hf-hub:ORG/REPO",
     "open_clip:local-dir:PATH",
@@ -310,6 +310,9 @@ def parse_spec(spec: str) -> ParsedSpec:
     full = ALIASES.get(spec, spec)
     if full.startswith("local-dir:"):
         path = Path(full[len("local-dir:") :])
+        if not path.is_dir():
+            raise ValueError(f"encoder folder {path} {'is not a folder' if path.exists() else 'does not exist'}: give "
+                             "local-dir: a folder holding open_clip_config.json (open_clip) or config.json (timm)")
         if (path / "open_clip_config.json").is_file():
             return ParsedSpec("open_clip", "local-dir", str(path))
         if (path / "config.json").is_file():
@@ -334,31 +337,41 @@ def run_options(device: str | None = None, runtime: str | None = None, precision
                 environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """How an encoder is asked to run here: each of ``device``, ``runtime`` and ``precision`` as given, else its
     variable in ``environ`` (default the process's: :data:`DEVICE_ENV`, :data:`RUNTIME_ENV`, :data:`PRECISION_ENV`),
-    else ``auto``; a variable's value is checked, naming it. The one rule the command line and the server (whose
-    settings read the same variables) both follow, so that on one machine a gallery's encoder runs the same way in
-    both (docs/runtimes.md, "The command line and the server")."""
+    else ``auto``; checked (:func:`check_device`, :func:`check_choice`), a variable's value naming it. The one rule
+    the command line and the server (whose settings read the same variables) both follow, so that on one machine a
+    gallery's encoder runs the same way in both (docs/runtimes.md, "The command line and the server")."""
+    return {"device": _asked("device", device, DEVICE_ENV, None, environ),
+            "runtime": resolve_runtime(runtime, environ=environ),
+            "precision": _asked("precision", precision, PRECISION_ENV, PRECISIONS, environ)}
+
+
+def resolve_runtime(runtime: str | None, *, environ: Mapping[str, str] | None = None) -> str:
+    """The runtime asked for: ``runtime``, else ``$SPECIESID_RUNTIME`` (in ``environ``, default the process's),
+    else ``auto``; checked."""
+    return _asked("runtime", runtime, RUNTIME_ENV, RUNTIMES, environ)
+
+
+def _asked(what: str, given: str | None, variable: str, choices: Sequence[str] | None,
+           environ: Mapping[str, str] | None) -> str:
+    """``given``, else ``variable``'s value, else ``auto``, stripped and lower-cased, then checked: a device
+    (``choices`` None) by :func:`check_device`, else by :func:`check_choice`; a refusal names ``variable`` when the
+    value came from it."""
     env = os.environ if environ is None else environ
-    given = {"device": device, "runtime": runtime, "precision": precision}
-    out = {}
-    for field, name, choices in (("device", DEVICE_ENV, None), ("runtime", RUNTIME_ENV, RUNTIMES),
-                                 ("precision", PRECISION_ENV, PRECISIONS)):
-        value = given[field]
-        if value is None:
-            value = (env.get(name) or "auto").strip().lower()
-            if choices is None and not re.fullmatch(DEVICE_PATTERN, value):
-                raise ValueError(f"{name}: {value!r} is not a device: use auto (CUDA when present), cpu, cuda or "
-                                 "cuda:N")
-            if choices is not None and value not in choices:
-                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
-        out[field] = value
-    return out
+    source = None if given else variable
+    value = (given or env.get(variable) or "auto").strip().lower()
+    if choices is None:
+        check_device(value, source)
+    else:
+        check_choice(what, value, choices, source)
+    return value
 
 
-def resolve_runtime(runtime: str | None) -> str:
-    """The runtime asked for: ``runtime``, else ``$SPECIESID_RUNTIME``, else ``auto``; checked."""
-    value = (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
-    if value not in RUNTIMES:
-        raise ValueError(f"unknown runtime {value!r}; choose one of {', '.join(RUNTIMES)}")
+def check_choice(what: str, value: str, choices: Sequence[str], source: str | None = None) -> str:
+    """``value`` when it is one of ``choices``, else ``ValueError`` naming them (and ``source``, the variable or
+    setting it came from, when given)."""
+    if value not in choices:
+        raise ValueError(f"{source + ': ' if source else ''}unknown {what} {value!r}; choose one of "
+                         f"{', '.join(choices)}")
     return value
 
 
@@ -495,8 +508,10 @@ def create_encoder_from_config(config: EncoderConfig, *, photos: Photos | None =
     return open_encoder(config, photos=photos)
 
 
-def check_device(device: str | None) -> None:
-    """Refuse a ``--device`` other than auto, cpu, cuda or cuda:N (before anything is loaded)."""
+def check_device(device: str | None, source: str | None = None) -> None:
+    """Refuse a ``--device`` other than auto, cpu, cuda or cuda:N (before anything is loaded); ``source``: the
+    variable it was read from, named in the message."""
     if not re.fullmatch(DEVICE_PATTERN, device or ""):
-        raise ValueError(f"unknown device {device!r}; use auto (CUDA when present), cpu, cuda or cuda:N")
+        raise ValueError(f"{source + ': ' if source else ''}unknown device {device!r}; use auto (CUDA when present), "
+                         "cpu, cuda or cuda:N")
 

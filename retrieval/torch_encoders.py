@@ -265,6 +265,9 @@ class OpenClipEncoder(TorchEncoder):
             model_name, pretrained = f"hf-hub:{parsed.name}", None
         elif parsed.source == "local-dir":
             path = Path(parsed.name)
+            if not path.is_dir():
+                raise ValueError(f"open_clip folder {path} {'is not a folder' if path.exists() else 'does not exist'}: "
+                                 "give the folder that holds open_clip_config.json and its weights")
             if not (path / "open_clip_config.json").is_file():
                 raise ValueError(f"{path} is not an open_clip folder: open_clip_config.json is missing")
             model_name, pretrained = f"local-dir:{path}", None
@@ -387,6 +390,47 @@ def use_gem(model: torch.nn.Module, spec: str, p: float = 3.0) -> None:
     raise ValueError(f"--pool gem3 needs a timm CNN with a global pooling layer; {spec} has none")
 
 
+#: The weights files timm reads from a ``local-dir`` folder (``timm.models.load_state_dict_from_path``:
+#: ``model.safetensors`` or ``pytorch_model.bin`` first, else the first file of these kinds).
+TIMM_WEIGHTS = ("*.safetensors", "*.pth", "*.pth.tar", "*.bin")
+#: How to make a timm folder, said when one is refused (README, "Encoders and weights").
+MAKE_TIMM_FOLDER = ("make one with timm.models.save_for_hf(model, DIR, safe_serialization=True), or download one: "
+                    "huggingface-cli download timm/NAME --local-dir DIR")
+
+
+def check_timm_folder(path: Path) -> None:
+    """Refuse a ``timm:local-dir:`` folder that timm could not load, naming the folder and what is missing or wrong
+    (rather than timm's own "No suitable checkpoints" or "Unknown model"): it must exist, hold a JSON
+    ``config.json`` whose ``architecture`` is a timm model, and a weights file (:data:`TIMM_WEIGHTS`)."""
+    import difflib
+    import json
+
+    import timm
+
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise ValueError(f"timm folder {path} {what}: give the folder that holds config.json and model.safetensors; "
+                         f"{MAKE_TIMM_FOLDER}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} is not a timm folder: config.json is missing; {MAKE_TIMM_FOLDER}")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{config} cannot be read as JSON ({exc}); {MAKE_TIMM_FOLDER}") from exc
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{config} names no \"architecture\" (the timm model the folder holds, such as "
+                         f"\"mobilenetv1_100\"); {MAKE_TIMM_FOLDER}")
+    if not timm.is_model(arch):
+        near = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise ValueError(f"{config}: architecture {arch!r} is not a timm model (similar: "
+                         f"{', '.join(near) or 'none'}); correct it, or remake the folder from the model")
+    if not any(any(path.glob(pattern)) for pattern in TIMM_WEIGHTS):
+        raise ValueError(f"{path} holds config.json but no weights: model.safetensors (or pytorch_model.bin) is "
+                         f"missing; {MAKE_TIMM_FOLDER}")
+
+
 class TimmEncoder(TorchEncoder):
     """A timm image model used as a feature extractor (pooled penultimate features)."""
 
@@ -400,8 +444,7 @@ class TimmEncoder(TorchEncoder):
         kwargs: dict[str, object] = {"num_classes": 0}
         if parsed.source == "local-dir":
             path = Path(parsed.name)
-            if not (path / "config.json").is_file():
-                raise ValueError(f"{path} is not a timm folder: config.json is missing")
+            check_timm_folder(path)
             name, pretrained = f"local-dir:{path}", True
         elif parsed.source == "hf-hub":
             name, pretrained = f"hf-hub:{parsed.name}", True

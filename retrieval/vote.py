@@ -97,8 +97,3 @@ def venomous_probability(scores: Mapping[str, float], venomous: Mapping[str, boo
     if all(f is None for f in flags):
         return None
     return float(sum(p for s, p in scores.items() if venomous.get(s)))
-
-
-def unflagged_probability(scores: Mapping[str, float], venomous: Mapping[str, bool | None]) -> float:
-    """Total probability on species whose venom status is not recorded (neither venomous nor harmless: not safe)."""
-    return float(sum(p for s, p in scores.items() if venomous.get(s) is None))

@@ -59,10 +59,13 @@ from index.objects import (
 )
 from index.objects import sweep_uploads as sweep_gallery_uploads
 from index.photos import PHOTO_FORMATS, first_few
+from index.records import ReferenceRecord
 from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import (
     SUGGESTION,
+    find_species,
+    gallery_lookalikes,
     lookup_taxon,
     new_species_references,
     species_key,
@@ -70,7 +73,7 @@ from index.taxonomy import (
     taxonomy_lookalikes,
 )
 from index.vectors import VectorIndexConfig
-from retrieval.advice import checklist_coverage, record_checklist
+from retrieval.advice import checklist_coverage, may_be_snake, record_checklist, venom_applies
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
@@ -776,6 +779,19 @@ def check_new_references(
 ADD_CHUNK = 1024
 
 
+def _note_no_snake(gallery: Gallery, name: str, record: ReferenceRecord) -> None:
+    """Warn that a new species of no venom status, named of no snake genus or family, is taken for no snake
+    (:func:`retrieval.advice.may_be_snake`) in a gallery where venom advice applies (it has snakes): a snake of a
+    genus the shipped taxonomy lacks would otherwise lose the cautious "unrecorded" advice unsaid. Nothing in a
+    gallery of no snakes (birds: no venom advice at all), nor for a name that may be a snake (the taxonomy's own
+    warning, :func:`index.taxonomy.new_species_references`, says that one counts as possibly venomous)."""
+    if may_be_snake(name, record.genus, record.family) or not venom_applies(gallery.species()):
+        return
+    logger.warning("%r is of no genus or family of the shipped snake taxonomy and no venomous flag was given: answers "
+                   "take it for no snake (no venom advice of its own; docs/identification.md, 'Venom advice'); if it "
+                   "is a snake, give its family or its flag ('speciesid species set-venom')", name)
+
+
 def add_photos(
     gallery: Gallery,
     encoder: Encoder,
@@ -830,6 +846,8 @@ def add_photos(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
+    if prior is None and records and records[0].venomous is None:
+        _note_no_snake(gallery, name, records[0])
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
     # rows committed ADD_CHUNK photos at a time; given embeddings (the API's, all in memory): all in one commit
     chunk = ADD_CHUNK if embeddings is None else max(len(paths), 1)
@@ -1124,6 +1142,41 @@ def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_
 def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
     """The gallery's species with reference counts and metadata, sorted by name."""
     return _gallery(gallery).species()
+
+
+@dataclass(frozen=True)
+class VenomSet:
+    """What :func:`set_species_venomous` did."""
+
+    species: str  # the gallery's own spelling of the name
+    was: bool | None  # the species' venomous flag before (None: not recorded)
+    now: bool  # the flag it has now
+    references: int  # references of the species (excluded ones too), every one set
+
+
+def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool) -> VenomSet:
+    """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
+    photo (``speciesid species set-venom``): how a species a folder dataset built gets a venom status, or a toad's
+    flag says "no". ``name`` in any spelling of a gallery species (case, ``_``, ``-``). Refused (ValueError): a name
+    the gallery does not hold (naming the species it may mean), and ``no`` for a species the shipped snake taxonomy
+    records as medically important venomous (the rule of ``references add --venomous no``)."""
+    g = _gallery(gallery)
+    held = g.species()
+    found = find_species(held, name)
+    if found is None:
+        same_common, close = gallery_lookalikes(held, name)
+        meant = list(dict.fromkeys(s.species for s in same_common + close))
+        raise ValueError(f"no species {name!r} in gallery {g.root}"
+                         + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else "")
+                         + f" ('speciesid species list --index {g.root}' lists them)")
+    taxon = lookup_taxon(found.species)
+    if venomous is False and taxon is not None and taxon.venomous:
+        raise ValueError(f"{found.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
+                         "list): its flag stays yes; a harmless answer for a venomous snake is the costly error")
+    count = g.set_venomous(found.species, venomous)
+    if not count:  # deleted by another writer since the list was read
+        raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
+    return VenomSet(found.species, found.venomous, venomous, count)
 
 
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:

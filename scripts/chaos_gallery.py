@@ -41,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PH_SNAKES = REPO.parent / "shared" / "data" / "ph-snakes"
+PH_SNAKES = Path(os.environ.get("SPECIESID_SHARED") or REPO.parent / "shared") / "data" / "ph-snakes"
 ENCODER = "timm:test_vit@random"  # tiny: the processes spend their time writing, not embedding
 BUCKET = "chaos"
 #: Set by ``--s3``: the environment of every writer process (AWS_* of moto's server, the lease's TTL).

@@ -2,7 +2,7 @@
 
 Run from the project root::
 
-    .venv/bin/python scripts/make_package_data.py --shared ../shared
+    .venv/bin/python scripts/make_package_data.py --shared ../shared   # default: $SPECIESID_SHARED, else ../shared
 
 Writes:
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def write_csv(path: Path, rows: list[tuple[str, ...]], columns: tuple[str, ...] 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--shared", type=Path, default=REPO.parent / "shared", help="the shared assets folder"
+        "--shared", type=Path, default=Path(os.environ.get("SPECIESID_SHARED") or REPO.parent / "shared"),
+        metavar="DIR", help="the shared assets folder (default: $SPECIESID_SHARED, else ../shared beside the repo)"
     )
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where to write the CSVs")
     args = parser.parse_args(argv)

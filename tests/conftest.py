@@ -59,7 +59,8 @@ def needs_shared(*paths: Path) -> None:
     instead under $SPECIESID_REQUIRE_ALL (CI always has them)."""
     wanted = paths or (PH_SNAKES, MOBILENET)
     if not all(p.exists() for p in wanted):
-        _missing(f"shared assets not found at {SHARED}")
+        _missing(f"shared assets not found at {SHARED} (the folder beside the repo, or set SPECIESID_SHARED to the "
+                 "folder that holds data/ph-snakes and models/)")
 
 
 def require_module(name: str) -> Any:

@@ -94,7 +94,7 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
         time.sleep(0.2)
     assert {k: v for k, v in client.get("/readyz").json().items() if k != "probe"} == {
         "status": "ready", "references": size, "encoder": service.gallery.encoder_spec,
-        "build": {"state": "complete", "note": ""}}
+        "build": {"state": "complete", "note": ""}, "venom_applies": True}
     assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text
     assert client.get("/v1/species").status_code == 200
     assert client.get("/v1/references/1/image").status_code == 200

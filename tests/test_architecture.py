@@ -4,6 +4,7 @@ gallery into its store."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,43 @@ def test_the_api_never_reaches_through_a_gallery_into_its_store() -> None:
     assert _trees("api")
     found = {path: hits for path, tree in _trees("api") if (hits := _through_store(tree))}
     assert not found
+
+
+#: The packages whose modules docs/architecture.md's "Modules" table lists.
+PACKAGES = ("index", "retrieval", "finetune", "api")
+
+
+def _table_names() -> set[str]:
+    """Every backticked name in docs/architecture.md's "Modules" section (a module's path, or a folder's with ``/``)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"`([^`\s]+)`", section))
+
+
+def _unlisted(names: set[str]) -> list[str]:
+    """The module files of :data:`PACKAGES` that ``names`` leaves out: a file counts as listed by its own path or by
+    a folder row (``api/cli/``) above it; a package's ``__init__.py`` by the package table above the Modules table."""
+    folders = {n for n in names if n.endswith("/")}
+    missing = []
+    for package in PACKAGES:
+        for path in _modules(package):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == f"{package}/__init__.py" or rel in names:
+                continue
+            if not any(rel.startswith(folder) for folder in folders):
+                missing.append(rel)
+    return missing
+
+
+def test_the_modules_table_names_every_module() -> None:
+    """docs/architecture.md's Modules table is where a newcomer looks for a module's job: a module added without its
+    row (the venom advice, the S3 write lease were) makes the table wrong. Add the row to the table."""
+    assert not _unlisted(_table_names()), "add these modules to docs/architecture.md's Modules table"
+
+
+def test_the_modules_table_check_sees_a_missing_module() -> None:
+    names = _table_names()
+    assert "retrieval/advice.py" in names
+    assert "retrieval/advice.py" in _unlisted(names - {"retrieval/advice.py"})
+    assert not [m for m in _unlisted(names - {"api/cli/"}) if not m.startswith("api/cli/")]
+    assert "api/cli/identify.py" in _unlisted(names - {"api/cli/"})

@@ -83,6 +83,36 @@ def test_one_pass_ties_go_to_the_lower_column_as_brute_force(block, k):
     assert (got.sims == np.take_along_axis(sims, want, axis=1)).all()
 
 
+def test_tiles_put_the_diagonal_first_each_tile_once():
+    """``neighbours_and_pairs`` walks the diagonal tiles first (each row's k nearest in its own block: the bound
+    that keeps the later tiles' candidates few), then every other tile on and above the diagonal, once."""
+    from index.pairs import _tiles
+
+    plain = list(_tiles(10, 10, 3, True, False, ""))
+    first = list(_tiles(10, 10, 3, True, False, "", diagonal_first=True))
+    assert first[:4] == [(0, 0), (3, 3), (6, 6), (9, 9)]
+    assert sorted(first) == sorted(plain) and len(set(first)) == len(plain) == 10
+    assert first[4:] == [st for st in plain if st[0] != st[1]]  # the others in the plain order
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_one_pass_ties_across_many_tiles_as_brute_force(block):
+    """Exact ties spread over many tiles (300 rows, ~12 exact copies of each of 25 rows, in no order), 12 kept:
+    the diagonal tile's bound, the later tiles' candidates at or above a row's 12th best (ties included) and the
+    merge by value then lower column give the brute force's neighbours and the all-pairs answer."""
+    rng = np.random.default_rng(block)
+    base = (rng.integers(-1, 2, (25, DIM)) / 8).astype(np.float32)
+    x = base[rng.integers(0, len(base), 300)]
+    got = neighbours_and_pairs(x, 12, threshold=0.3, block=block)
+    assert got.pairs == similar_pairs(x, threshold=0.3, block=block)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    cols = np.arange(len(x))
+    want = np.stack([np.lexsort((cols, -row))[:12] for row in sims])
+    assert (got.positions == want).all()
+    assert (got.sims == np.take_along_axis(sims, want, axis=1)).all()
+
+
 def test_one_pass_small_sets_pad_and_refuse_bad_arguments():
     x = _planted(6, burst=0)
     got = neighbours_and_pairs(x, 8, threshold=0.95, block=4)  # 5 other rows for 8 places

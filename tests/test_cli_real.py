@@ -195,6 +195,60 @@ def _commands(parser, prefix=()):
                 yield from _commands(sub, (*prefix, name))
 
 
+def _value_names(parser, prefix=()):
+    """{option: {value name shown by --help: [commands]}} over every command, for options that take a value and
+    have no choices (a choice list is its own name)."""
+    import argparse
+
+    names: dict = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for flag, found in _value_names(sub, (*prefix, name)).items():
+                    for shown, commands in found.items():
+                        names.setdefault(flag, {}).setdefault(shown, []).extend(commands)
+        elif action.option_strings and action.nargs != 0 and not action.choices and action.dest != "help":
+            shown = action.metavar or action.dest.upper()
+            names.setdefault(action.option_strings[-1], {}).setdefault(shown, []).append(" ".join(prefix))
+    return names
+
+
+def test_an_option_names_its_value_alike_in_every_command():
+    """--root was ROOT in index build and DIR in evaluate, --metadata METADATA and CSV, --val-root VAL_ROOT and DIR;
+    --batch-size BATCH_SIZE, --venomous VENOMOUS (yes or no). One name per option (api.cli.VALUE_NAMES)."""
+    from api.cli import build_parser
+
+    names = _value_names(build_parser())
+    assert {flag: found for flag, found in names.items() if len(found) > 1} == {}
+    shown = {flag: next(iter(found)) for flag, found in names.items()}
+    assert shown["--root"] == shown["--val-root"] == "DIR"
+    assert shown["--metadata"] == shown["--val-metadata"] == "FILE"
+    assert shown["--batch-size"] == shown["--workers"] == shown["--knn"] == shown["--folds"] == "N"
+    assert shown["--venomous"] == "{yes,no}" and shown["--temperature"] == "T" and shown["--country"] == "CODE"
+    assert sorted(names["--root"]["DIR"]) == ["clean", "evaluate", "finetune", "index build"]
+
+
+def test_the_decode_threads_help_says_its_cap(capsys, monkeypatch):
+    """--workers said "half the cores" and retrieval.pipeline.default_workers caps it at 8."""
+    from retrieval.pipeline import default_workers
+
+    for argv in (["index", "build"], ["clean"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        assert "decode threads (default: half the cores, at most 8)" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers() == 8
+
+
+def test_the_default_report_folder_is_ignored_by_git():
+    """`speciesid evaluate` run in a checkout wrote report/ there, an untracked folder in every `git status`."""
+    from api.cli import build_parser
+
+    parser = build_parser()
+    default = parser.parse_args(["evaluate", "--index", "g", "--dataset", "folder", "--root", "r"]).report
+    assert f"/{default}/" in (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+
+
 def test_cli_help_everywhere(capsys):
     from api.cli import build_parser
 

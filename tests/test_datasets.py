@@ -10,6 +10,7 @@ import pytest
 from conftest import SHARED, needs_shared
 from PIL import Image
 
+from index import datasets
 from index.datasets import DATASETS, DatasetScan, list_datasets, load_dataset, parse_folder_name
 from index.photos import IMAGE_EXTENSIONS
 from index.records import ReferenceRecord
@@ -54,6 +55,28 @@ def test_list_datasets_matches_constant() -> None:
     assert list_datasets() == list(DATASETS) == ["moroccan", "folder", "rare-species", "snakeclef2021", "manifest",
                                                  "webdataset"]
     assert ".heic" in IMAGE_EXTENSIONS and ".JPG".lower() in IMAGE_EXTENSIONS
+
+
+def test_every_dataset_has_one_loader_and_a_layout() -> None:
+    """A name of DATASETS is read by exactly one loader table (or streamed), and LAYOUTS says what it expects."""
+    tables = [set(datasets.FOLDER_LOADERS), set(datasets.METADATA_LOADERS), set(datasets.STREAMED)]
+    assert sorted(set().union(*tables)) == sorted(DATASETS)
+    assert sum(len(t) for t in tables) == len(DATASETS)  # none in two tables
+    assert set(datasets.LAYOUTS) == set(DATASETS)
+
+
+def test_a_dataset_name_without_a_loader_is_refused_not_read_as_snakeclef(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name added to DATASETS alone was read by the SnakeCLEF loader (its error asked for a SnakeCLEF --metadata):
+    it is refused, naming the name and where its loader goes."""
+    monkeypatch.setattr(datasets, "DATASETS", (*DATASETS, "flat"))
+    make_image(tmp_path / "Naja_haje__1.jpg")
+    with pytest.raises(ValueError) as err:
+        load_dataset("flat", tmp_path)
+    message = str(err.value)
+    assert "dataset 'flat' is in DATASETS but has no loader" in message
+    assert "FOLDER_LOADERS (moroccan, folder)" in message and "METADATA_LOADERS (rare-species, snakeclef2021)" in message
+    assert "snakeclef2021 (the SnakeCLEF" not in message
 
 
 def test_unknown_dataset_lists_valid_names(tmp_path: Path) -> None:
@@ -691,8 +714,10 @@ def test_the_check_ahead_of_an_add_leaves_the_unknown_venom_warning_to_the_add(c
     from retrieval.workflows import check_new_references
 
     caplog.set_level(logging.WARNING)
-    check_new_references(SimpleNamespace(species=lambda: []), "Testus novus")
+    # a species of a snake genus the taxonomy lacks: its unknown status counts as possibly venomous (a name of no
+    # snake genus does not, and is not warned of: tests/test_venom_applies.py)
+    check_new_references(SimpleNamespace(species=lambda: []), "Lycodon novus")
     assert "not in the shipped snake taxonomy" not in caplog.text, caplog.text
-    new_species_references("Testus novus", [], ["a.jpg"], dataset="api")
-    assert caplog.text.count("'Testus novus' is not in the shipped snake taxonomy (snakes only) and no venomous flag "
-                             "was given") == 1
+    new_species_references("Lycodon novus", [], ["a.jpg"], dataset="api")
+    assert caplog.text.count("'Lycodon novus' is not in the shipped snake taxonomy (snakes only) and no "
+                             "venomous flag was given") == 1

@@ -285,3 +285,97 @@ def test_a_proxy_for_the_hub_skips_the_direct_connection(monkeypatch, variable):
     assert hub_unreachable() is None and tried == []
     monkeypatch.setenv("NO_PROXY", "hub.mirror.invalid")
     assert hub_unreachable() is not None and tried
+
+
+def test_a_new_alias_is_listed_everywhere_the_forms_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALIASES and SPEC_FORMS were two hand-kept lists: a name added to ALIASES worked with --encoder but was missing
+    from `encoders list`, the --encoder help and the "Valid forms" of an error. SPEC_FORMS now lists ALIASES: the
+    module, with one alias added as a newcomer adds it, lists it in all three."""
+    import sys
+    import types
+    from pathlib import Path
+
+    import retrieval.encoders
+
+    source = Path(retrieval.encoders.__file__).read_text(encoding="utf-8")
+    anchor = '    "bioclip-2": "open_clip:hf-hub:imageomics/bioclip-2",\n'
+    assert anchor in source
+    source = source.replace(anchor, anchor + '    "test-resnet": "timm:local-dir:/models/test_resnet",\n', 1)
+    module = types.ModuleType("retrieval._encoders_with_an_alias")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # its dataclasses look their module up there
+    exec(compile(source, retrieval.encoders.__file__, "exec"), module.__dict__)  # noqa: S102 - the module's own text
+    assert module.list_encoders()[:3] == ["bioclip", "bioclip-2", "test-resnet"]  # `encoders list`
+    assert "test-resnet" in module.SPEC_FORMS  # what every --encoder help joins (api.cli._common.spec_help)
+    assert "\n  test-resnet\n" in str(module.spec_error("nope", "no such encoder"))
+    assert module.parse_spec("test-resnet") == module.ParsedSpec("timm", "local-dir", "/models/test_resnet")
+    assert tuple(ALIASES) == retrieval.encoders.SPEC_FORMS[: len(ALIASES)]
+
+
+def test_the_runtimes_a_command_takes_are_the_runtimes_there_are() -> None:
+    """--runtime's choices (RUNTIMES) and what each runtime runs (RUNTIME_PRECISIONS) are two tables: a runtime added
+    to one alone is refused by every command, or offered and then unknown (docs/architecture.md, "A runtime")."""
+    from retrieval.encoders import RUNTIMES
+    from retrieval.runtimes import RUNTIME_PRECISIONS
+
+    assert RUNTIMES == ("auto", *RUNTIME_PRECISIONS)
+
+
+@pytest.fixture(scope="module")
+def timm_folder(tmp_path_factory: pytest.TempPathFactory):
+    """A timm local-dir folder made as README says (``timm.models.save_for_hf``): a random ``test_resnet``."""
+    import timm
+
+    folder = tmp_path_factory.mktemp("test_resnet")
+    timm.models.save_for_hf(timm.create_model("test_resnet", num_classes=0), folder, safe_serialization=True)
+    return folder
+
+
+def test_a_timm_folder_made_with_save_for_hf_loads(timm_folder):
+    assert sorted(p.name for p in timm_folder.iterdir()) == ["config.json", "model.safetensors"]
+    enc = create_encoder(f"timm:local-dir:{timm_folder}", device="cpu", runtime="torch", precision="fp32")
+    assert enc.dim == 96 and enc.encode_images(_photos(2)).shape == (2, 96)
+
+
+def _broken_copy(timm_folder, tmp_path, *, config: str | None = None, weights: bool = True):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(timm_folder, folder)
+    if config is not None:
+        (folder / "config.json").write_text(config, encoding="utf-8")
+    if not weights:
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_a_broken_timm_folder_is_refused_naming_it_and_what_is_missing(timm_folder, tmp_path):
+    """timm's own words came through ("RuntimeError: No suitable checkpoints found in DIR.", "Unknown model (X)"),
+    and a folder that does not exist was said to lack its config.json."""
+    import json
+
+    def refused(folder) -> str:
+        with pytest.raises(ValueError) as err:
+            create_encoder(f"timm:local-dir:{folder}", device="cpu", runtime="torch", precision="fp32")
+        return str(err.value)
+
+    made = "make one with timm.models.save_for_hf(model, DIR, safe_serialization=True)"
+    message = refused(tmp_path / "nowhere")
+    assert message.startswith(f"timm folder {tmp_path / 'nowhere'} does not exist: give the folder that holds "
+                              "config.json and model.safetensors") and made in message
+    (tmp_path / "empty").mkdir()
+    assert refused(tmp_path / "empty").startswith(f"{tmp_path / 'empty'} is not a timm folder: config.json is missing")
+    message = refused(_broken_copy(timm_folder, tmp_path, weights=False))
+    assert message.startswith(f"{tmp_path / 'broken'} holds config.json but no weights: model.safetensors (or "
+                              "pytorch_model.bin) is missing") and made in message
+    cfg = json.loads((timm_folder / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({**cfg, "architecture": "test_resnett"}))
+    (tmp_path / "broken" / "model.safetensors").symlink_to(timm_folder / "model.safetensors")
+    message = refused(tmp_path / "broken")
+    assert message.startswith(f"{tmp_path / 'broken' / 'config.json'}: architecture 'test_resnett' is not a timm "
+                              "model (similar: test_resnet")
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    assert 'names no "architecture" (the timm model the folder holds' in refused(tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text('{"architecture": ')
+    assert "config.json cannot be read as JSON" in refused(tmp_path / "broken")
+    with pytest.raises(ValueError, match=r"^encoder folder \S+ does not exist: give local-dir: a folder holding "):
+        parse_spec(f"local-dir:{tmp_path / 'nowhere'}")

@@ -392,6 +392,26 @@ def test_cli_finetune_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--init" in text and "--stage" in text and "--val-split" in text and "--no-emulate-bf16" in text
+    assert "starting encoder, required unless --model" in " ".join(text.split())
+
+
+def test_a_run_without_init_or_model_is_refused_before_torch_is_imported(tmp_path):
+    """`finetune --help` showed --init as optional, and a run with neither --init nor --model was refused only after
+    torch and timm had loaded. The help says so, and the run is refused before they are imported, naming both."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; from api.cli import main; "
+            f"rc = main(['finetune', '--root', {str(tmp_path)!r}, '--out', {str(tmp_path / 'out')!r}, '-q']); "
+            "print(rc, 'torch' in sys.modules, 'timm' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["2", "False", "False"]
+    assert run.stderr == ("speciesid: error: give --init SPEC (a timm spec, a previous stage's output folder, or a "
+                          "weights file with --model timm:NAME) or --model timm:NAME alone (its hub weights); see "
+                          "'speciesid finetune --help'\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_early_stopping_waits_for_min_epochs(tiny_set, tmp_path, monkeypatch):

@@ -105,7 +105,52 @@ def test_a_server_records_its_adds_setup_and_says_once_at_start_that_it_embeds_o
         assert added.status_code == 201, added.text
     said = [r.getMessage() for r in caplog.records if "references were embedded with" in r.getMessage()]
     assert said == ["the gallery's references were embedded with torch fp32 (index build), this server's photos "
-                    "with torch bf16: similarities differ slightly between runtimes and precisions, so an answer near "
-                    "a threshold may differ from one for photos embedded like the references (docs/runtimes.md)"], said
+                    "with torch bf16: similarities differ slightly between runtimes and precisions, so an answer "
+                    "near a threshold may differ from one for photos embedded like the references "
+                    "(docs/runtimes.md)"], said
     entries = json.loads((index / "gallery.json").read_text())["embedded_by"]
     assert [(e["precision"], e["by"]) for e in entries] == [("fp32", ["index build"]), ("bf16", ["API add"])]
+
+
+SYNTHETIC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": 16}
+
+
+def test_a_record_written_while_a_gallery_opens_is_read_at_the_next_look(tmp_path, monkeypatch):
+    """gallery.json is stamped before it is read: another process's write between the read and the stamp was taken
+    as read, and a server never saw it until the next write."""
+    import index.gallery as gallery_module
+    from index.atomic import write_json_atomic
+
+    root = tmp_path / "g"
+    Gallery.create(root, SYNTHETIC)
+    read = gallery_module.read_gallery_info
+
+    def read_then_another_process_writes(where):
+        info = read(where)
+        write_json_atomic(root / "gallery.json", {**info, "checklist": "moroccan"})
+        return info
+
+    monkeypatch.setattr(gallery_module, "read_gallery_info", read_then_another_process_writes)
+    opened = Gallery.open(root)
+    monkeypatch.undo()
+    assert "checklist" not in opened.info
+    opened.refresh(force=True)
+    assert opened.info["checklist"] == "moroccan"
+
+
+def test_an_index_asked_for_explicitly_is_recorded_beside_another_process_entries(tmp_path):
+    """Gallery.create on a gallery with another index config records it through update_info: gallery.json and the
+    open gallery both say it, and an entry another process recorded is kept."""
+    import json
+    from dataclasses import asdict
+
+    from index.vectors import VectorIndexConfig
+
+    root = tmp_path / "g"
+    Gallery.create(root, SYNTHETIC).record_info("checklist", "moroccan")
+    config = VectorIndexConfig(approx_threshold=50)
+    gallery = Gallery.create(root, SYNTHETIC, index_config=config)
+    written = json.loads((root / "gallery.json").read_text())
+    assert written["index"] == gallery.info["index"] == asdict(config)
+    assert written["checklist"] == gallery.info["checklist"] == "moroccan"
+    assert Gallery.open(root).index_config == config

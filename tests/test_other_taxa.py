@@ -24,7 +24,8 @@ INAT = "02345_Animalia_Chordata_Aves_Passeriformes_Turdidae_Turdus_merula"
 
 # ------------------------------------------------------------------------------------------------ names (#4, #7)
 @pytest.mark.parametrize("name", [
-    "Larus argentatus × Larus fuscus", "Larus argentatus x fuscus", "Anas ×platyrhynchos", "×Chitalpa tashkentensis",
+    "Larus argentatus × Larus fuscus", "Larus argentatus x fuscus", "Anas ×platyrhynchos",
+    "×Chitalpa tashkentensis",
     "Anas platyrhynchos × rubripes", "Quercus robur subsp. robur", "Rosa canina var. dumalis",
     "Carabus (Megodontus) violaceus", "Phylloscopus sp. 2", "Carabus sp. A"])
 def test_valid_names_of_other_taxa_are_written_as_scientific_names(name):
@@ -73,8 +74,8 @@ def test_a_genus_alone_is_refused_for_any_taxon():
     name the gallery does not know as a genus is told that a genus alone is not a species (walk #4)."""
     tit = SpeciesSummary("Parus major", "Parus", None, "Great Tit", None, 12)
     for new_species in (False, True):
-        with pytest.raises(ValueError, match=r"^'Parus' is a genus, not a species: give the species' full name, e\.g\. "
-                           r"'Parus major'$"):
+        with pytest.raises(ValueError, match=r"^'Parus' is a genus, not a species: give the species' full name, "
+                           r"e\.g\. 'Parus major'$"):
             new_species_references("Parus", [tit], ["a.jpg"], dataset="api", new_species=new_species)
     with pytest.raises(SpeciesNameConflictError) as refused:
         new_species_references("Larus", [tit], ["a.jpg"], dataset="api")
@@ -84,6 +85,14 @@ def test_a_genus_alone_is_refused_for_any_taxon():
     assert new_species_references("Larus", [tit], ["a.jpg"], dataset="api", new_species=True, warn=False)[0] == \
         "Larus"  # a label gallery's one-word label, confirmed
     assert new_species_references("cats", [], ["a.jpg"], dataset="api", new_species=True)[0] == "cats"
+
+
+def test_a_label_beside_a_longer_label_of_its_first_word_is_taken_confirmed():
+    """A gallery of labels: ``dogs`` beside ``dogs small`` is a label, not the genus of one."""
+    held = [SpeciesSummary("dogs small", "dogs", None, None, None, 5)]
+    with pytest.raises(SpeciesNameConflictError, match=r"^'dogs' is not written as a scientific name"):
+        new_species_references("dogs", held, ["a.jpg"], dataset="api", warn=False)
+    assert new_species_references("dogs", held, ["a.jpg"], dataset="api", new_species=True, warn=False)[0] == "dogs"
 
 
 def test_the_api_refuses_a_gallery_species_genus_alone(tmp_path, capsys):
@@ -134,7 +143,8 @@ def test_folder_dataset_reads_inat_ranks_and_names_folders_taken_as_labels(tmp_p
     _photo(tmp_path / "cats" / "1.jpg", 304)
     _photo(tmp_path / "turdus viscivorus" / "1.jpg", 309)
     scan = load_dataset("folder", tmp_path)
-    assert scan.species == ["Erithacus rubecula", "Golden Retriever Dogs", "Turdus merula", "Turdus viscivorus", "cats"]
+    assert scan.species == ["Erithacus rubecula", "Golden Retriever Dogs", "Turdus merula", "Turdus viscivorus",
+                            "cats"]
     blackbird = next(r for r in scan.records if r.species == "Turdus merula")
     assert (blackbird.genus, blackbird.family) == ("Turdus", "Turdidae")
     thrush = next(r for r in scan.records if r.species == "Turdus viscivorus")  # its genus' family, from the other
@@ -147,10 +157,43 @@ def test_folder_dataset_reads_inat_ranks_and_names_folders_taken_as_labels(tmp_p
     assert "Golden Retriever Dogs; cats" in warning and "Erithacus" not in warning, warning
 
 
+@pytest.mark.parametrize(("name", "genera", "expected"), [
+    ("Daboia mauritanica (Moorish viper)", (), ("Daboia mauritanica", "Moorish viper")),  # its genus is known
+    ("Lycodon capucinus (Common wolf snake)", (), ("Lycodon capucinus", "Common wolf snake")),
+    ("Moorish viper (Daboia mauritanica)", (), ("Daboia mauritanica", "Moorish viper")),
+    ("Erithacus rubecula (European robin)", ("Erithacus",), ("Erithacus rubecula", "European robin")),
+    ("Erithacus rubecula (European robin)", (), ("European robin", "Erithacus rubecula")),  # a guess: warned
+])
+def test_a_common_name_in_sentence_case_beside_the_scientific_one(name, genera, expected):
+    """Both halves look like binomials: the half whose genus the taxonomy or the other folders know wins."""
+    from index.datasets import parse_folder_name
+
+    assert parse_folder_name(name, genera) == expected
+
+
+def test_folder_loader_reads_sentence_case_common_names_and_the_taxonomy_common_name(tmp_path):
+    from index.datasets import load_dataset
+
+    for i, name in enumerate(["Daboia mauritanica (Moorish viper)", "Naja-haje", "Turdus_merula",
+                              "Turdus philomelos (Song thrush)", "Erithacus rubecula (European robin)"]):
+        _photo(tmp_path / name / "1.jpg", 300 + i)
+    scan = load_dataset("folder", tmp_path)
+    by_species = {r.species: r for r in scan.records}
+    viper = by_species["Daboia mauritanica"]
+    assert (viper.genus, viper.family, viper.venomous, viper.common_name) == ("Daboia", "Viperidae", True,
+                                                                             "Moorish viper")
+    assert by_species["Naja haje"].common_name == "Egyptian cobra"  # the folder gives none: the taxonomy's
+    assert by_species["Turdus philomelos"].common_name == "Song thrush"  # settled by Turdus_merula's genus
+    (warning,) = [w for w in scan.warnings if "both the name and the name in brackets" in w]
+    assert "Erithacus rubecula (European robin)" in warning and "Turdus" not in warning, warning
+    assert "rename the folder 'Common name (Genus species)'" in warning
+
+
 # ------------------------------------------------------------------------------------------------ countries (#3, #10)
 @pytest.mark.parametrize(("text", "code"), [("England", "GB"), ("Scotland", "GB"), ("Wales", "GB"),
                                             ("Northern Ireland", "GB"), ("Great Britain", "GB"), ("Holland", "NL"),
-                                            ("The Gambia", "GM"), ("St Lucia", "LC"), ("Cape Verde", "CV")])
+                                            ("The Gambia", "GM"), ("St Lucia", "LC"), ("Cape Verde", "CV"),
+                                            ("ST", "ST"), ("st", "ST"), ("St. Kitts and Nevis", "KN")])
 def test_country_names_birders_use(text, code):
     from index.geography import resolve_country
 
@@ -173,6 +216,24 @@ def test_presence_comes_from_the_gallery_photos_where_the_snake_table_has_no_wor
     assert in_gb["Naja haje"] is True  # the table has no Naja haje in GB; a photo there says it is
     assert "Erithacus rubecula" not in in_gb  # neither knows it: its score is kept
     assert country_presence("FR", recorded)["Turdus merula"] is True
+
+
+def test_a_photo_recorded_in_sao_tome_by_its_code_counts():
+    """``ST`` is a code, not "Saint": a manifest's country ``ST`` is read, not dropped."""
+    from index.geography import country_presence
+
+    assert country_presence("STP", {"Parus major": {"ST"}})["Parus major"] is True
+
+
+def test_presence_without_recorded_countries_is_the_table_and_keys_are_normalised_once():
+    from index.geography import _table_keys, country_presence
+
+    assert country_presence("MA", {}) == country_presence("MA")
+    assert country_presence("MA")["Naja haje"] is True
+    _table_keys.cache_clear()
+    country_presence("GB", {"Parus major": {"GB"}})
+    country_presence("FR", {"Parus major": {"GB"}})
+    assert _table_keys.cache_info().misses == 1
     assert country_presence("EG")["Naja haje"] is True  # the snake table as before
 
 

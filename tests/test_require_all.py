@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,8 +17,9 @@ _MISSING_MODULE = "speciesid_no_such_module"
 def test_missing_shared_assets_skip_locally_and_fail_when_all_are_required(monkeypatch, tmp_path):
     monkeypatch.setattr(conftest, "PH_SNAKES", tmp_path / "hidden" / "ph-snakes")  # ../shared hidden
     monkeypatch.delenv("SPECIESID_REQUIRE_ALL", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="shared assets not found"):
+    with pytest.raises(pytest.skip.Exception, match="shared assets not found") as skipped:
         needs_shared()
+    assert "set SPECIESID_SHARED to the folder that holds data/ph-snakes and models/" in str(skipped.value)
     monkeypatch.setenv("SPECIESID_REQUIRE_ALL", "1")
     with pytest.raises(pytest.fail.Exception, match="SPECIESID_REQUIRE_ALL is set"):
         needs_shared()
@@ -59,3 +61,33 @@ def test_a_test_file_whose_extra_is_missing_is_skipped_or_an_error(tmp_path, req
     assert outcome in run.stdout, run.stdout[-2000:]
     assert (run.returncode in (0, 5)) == (not require_all), run.stdout[-2000:]  # 5: nothing collected, all skipped
     assert "SPECIESID_REQUIRE_ALL is set" in run.stdout if require_all else "could not import" in run.stdout
+
+
+def test_benchmarks_find_the_shared_assets_where_the_tests_do(monkeypatch, tmp_path):
+    """The benchmarks looked only beside the repo: a clone elsewhere could not run `make bench-quick` even with
+    $SPECIESID_SHARED set, as the tests can. They take it too, and say so when the assets are missing."""
+    monkeypatch.setenv("SPECIESID_SHARED", str(tmp_path))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "_common", raising=False)
+    import _common
+
+    monkeypatch.delitem(sys.modules, "_common")  # the next importer reads its own environment
+    assert _common.SHARED == tmp_path
+    assert _common.PH_SNAKES == tmp_path / "data" / "ph-snakes"
+    assert _common.MOBILENET_SPEC == f"timm:local-dir:{tmp_path / 'models' / 'mobilenetv1_100.coral_in1k'}"
+    with pytest.raises(SystemExit) as stop:
+        _common.require_shared()
+    assert f"benchmarks need {tmp_path / 'data' / 'ph-snakes'}" in str(stop.value.code)
+    assert "set SPECIESID_SHARED to the folder that holds data/ph-snakes and models/" in str(stop.value.code)
+
+
+def test_make_lint_installs_ruff_alone(tmp_path):
+    """`make lint` went through `make setup`: torch, torchvision and four extras installed to run ruff."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"  # no ruff there: what lint would run to get it
+    run = subprocess.run(["make", "-n", "lint", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+                         check=True)
+    assert "pip install --quiet 'ruff>=0.5'" in run.stdout
+    assert f"{venv}/bin/ruff check ." in run.stdout
+    assert "torch" not in run.stdout and "[dev" not in run.stdout

@@ -23,7 +23,8 @@ RUN_VARIABLES = ("SPECIESID_DEVICE", "SPECIESID_RUNTIME", "SPECIESID_PRECISION")
 
 
 def _run(config) -> tuple:
-    """(device, runtime, precision) as the encoder's opening takes them (an unset runtime: its variable, else auto)."""
+    """(device, runtime, precision) as the encoder's opening takes them (an unset runtime: its variable, else
+    auto)."""
     from retrieval.encoders import resolve_runtime
 
     return config.device, resolve_runtime(config.runtime), config.precision
@@ -100,13 +101,31 @@ def test_a_bad_variable_is_refused_by_the_command_line_naming_it(monkeypatch):
 
     args = build_parser().parse_args(COMMANDS[("identify",)])
     monkeypatch.setenv("SPECIESID_PRECISION", "fp64")
-    with pytest.raises(ValueError, match="SPECIESID_PRECISION: 'fp64' is not one of auto, fp32, bf16"):
+    with pytest.raises(ValueError, match="SPECIESID_PRECISION: unknown precision 'fp64'; choose one of auto, "
+                       "fp32, bf16"):
         encoder_config(args)
     monkeypatch.setenv("SPECIESID_PRECISION", "auto")
     monkeypatch.setenv("SPECIESID_DEVICE", "gpu")
-    with pytest.raises(ValueError, match=r"SPECIESID_DEVICE: 'gpu' is not a device: use auto \(CUDA when present\), "
+    with pytest.raises(ValueError, match=r"SPECIESID_DEVICE: unknown device 'gpu'; use auto \(CUDA when present\), "
                        "cpu, cuda or cuda:N"):
         encoder_config(args)
+
+
+def test_one_rule_and_one_message_for_a_runtime_asked_by_option_or_variable(monkeypatch):
+    """resolve_runtime (the encoder's opening) and run_options (the command line, the server) read and check a
+    runtime alike; a bad variable is named whichever reads it."""
+    from retrieval.encoders import resolve_runtime, run_options
+
+    monkeypatch.setenv("SPECIESID_RUNTIME", " ONNX ")
+    assert resolve_runtime(None) == run_options()["runtime"] == "onnx"
+    assert resolve_runtime("torch") == run_options(runtime="torch")["runtime"] == "torch"
+    monkeypatch.setenv("SPECIESID_RUNTIME", "tensorrt")
+    for read in (lambda: resolve_runtime(None), run_options):
+        with pytest.raises(ValueError, match=r"^SPECIESID_RUNTIME: unknown runtime 'tensorrt'; choose one of auto, "
+                           "torch, onnx, openvino$"):
+            read()
+    with pytest.raises(ValueError, match=r"^unknown runtime 'tensorrt'; choose one of"):  # an option: no variable
+        resolve_runtime("tensorrt")
 
 
 def test_a_bad_variable_is_refused_by_the_server_at_start_in_the_command_lines_words(monkeypatch, tmp_path):
@@ -127,7 +146,7 @@ def test_a_bad_variable_is_refused_by_the_server_at_start_in_the_command_lines_w
             encoder_config(args)
         with pytest.raises(SettingsError) as server:
             Settings.load()
-        assert str(server.value) == str(cli.value) and str(server.value).startswith(f"{name}: {value!r} is not ")
+        assert str(server.value) == str(cli.value) and str(server.value).startswith(f"{name}: unknown ")
         monkeypatch.delenv(name)
     monkeypatch.setenv("SPECIESID_DEVICE", " CUDA:1 ")
     assert Settings.load().encoder_config().device == encoder_config(args).device == "cuda:1"

@@ -100,6 +100,21 @@ def test_every_command_is_mapped_and_the_query_parser_imports_nothing_heavy():
     assert out.split() == ["onnx", "[]"]
 
 
+def test_every_writer_listed_is_a_command_and_its_help_says_how_long_it_waits():
+    """WRITERS is hand-kept (docs/architecture.md, "A command"): a path that names no command was skipped silently."""
+    import argparse
+
+    from api.cli import WRITE_WAIT_HELP, WRITERS, build_parser
+
+    for path in WRITERS:
+        parser = build_parser()
+        for name in path:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            assert name in sub.choices, f"WRITERS names {' '.join(path)!r}, which is no command"
+            parser = sub.choices[name]
+        assert parser.epilog == WRITE_WAIT_HELP, path
+
+
 def test_decoding_photos_for_a_model_imports_no_gallery_stack(tmp_path):
     """Fine-tuning's photos and the runtime choice's check photos are decoded by ``retrieval.images.model_image``:
     neither loads the gallery's LanceDB or FAISS to do it (the rule lived in ``retrieval.pipeline``)."""

@@ -30,7 +30,16 @@ WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of 
 #: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
 WRITERS = (("index", "build"), ("references", "add"), ("references", "delete"), ("probe", "train"),
            ("probe", "import"), ("probe", "restore"), ("probe", "publish"), ("probe", "withdraw"), ("clean",),
-           ("index", "compact"), ("index", "sweep-uploads"))
+           ("index", "compact"), ("index", "sweep-uploads"), ("species", "set-venom"))
+#: The value name (metavar) of each option that several commands take, or whose flag said little in capitals: one
+#: name per option in every command's --help. Set where a command gives none (or finetune's flag in capitals).
+VALUE_NAMES = {
+    "--root": "DIR", "--val-root": "DIR", "--metadata": "FILE", "--val-metadata": "FILE",  # FILE: CSV (or parquet)
+    "--batch-size": "N", "--workers": "N", "--folds": "N", "--k": "N", "--knn": "N", "--neighbours": "N",
+    "--temperature": "T", "--unknown-threshold": "P", "--text-strength": "W", "--country": "CODE",
+    "--checklist": "moroccan|FILE", "--species": "NAME", "--genus": "NAME", "--family": "NAME",
+    "--common-name": "NAME", "--venomous": "{yes,no}",
+}
 #: Command modules, in the order ``speciesid --help`` lists their commands.
 COMMANDS = (index, identify, references, probe, finetune, evaluate, clean, serve)
 #: The top-level commands each module registers (tests check this against the full parser).
@@ -82,6 +91,7 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
         module.register(sub)
     _verbose_anywhere(sub)
     _describe_everywhere(sub)
+    _name_values(sub)
     _note_wait(sub)
     parser.epilog = WRITE_WAIT_HELP
     return parser
@@ -97,6 +107,19 @@ def _note_wait(subparsers: argparse._SubParsersAction) -> None:
             command = nested.choices.get(name) if nested is not None else None
         if command is not None and not command.epilog:
             command.epilog = WRITE_WAIT_HELP
+
+
+def _name_values(subparsers: argparse._SubParsersAction) -> None:
+    """Name the value of each option of :data:`VALUE_NAMES` as that table does, in every command that leaves it to
+    argparse (``--root ROOT``) or to the flag in capitals (finetune's ``--batch-size BATCH_SIZE``)."""
+    for command in subparsers.choices.values():
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _name_values(action)
+                continue
+            flag = next((f for f in action.option_strings if f in VALUE_NAMES), None)
+            if flag is not None and action.metavar in (None, flag.lstrip("-").upper().replace("-", "_")):
+                action.metavar = VALUE_NAMES[flag]
 
 
 def _describe_everywhere(subparsers: argparse._SubParsersAction) -> None:

@@ -46,8 +46,8 @@ def to_csv(rows: list[dict], fields: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def parse_yes_no(value: str | None) -> bool | None:
-    """--venomous yes|no -> bool (None when not given)."""
+def parse_yes_no(value: str | None, what: str = "--venomous") -> bool | None:
+    """--venomous yes|no -> bool (None when not given); ``what``: the argument named in the error."""
     if value is None:
         return None
     v = value.strip().lower()
@@ -55,7 +55,7 @@ def parse_yes_no(value: str | None) -> bool | None:
         return True
     if v in ("no", "n", "false", "0"):
         return False
-    raise ValueError(f"--venomous takes yes or no, not {value!r}")
+    raise ValueError(f"{what} takes yes or no, not {value!r}")
 
 
 def photo_args(paths: Sequence[str], *, report: bool = True, progress: bool = False

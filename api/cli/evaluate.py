@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="how the labelled set is laid out")
     p.add_argument("--root", required=True, metavar="DIR", help="folder holding the labelled photos")
-    p.add_argument("--metadata", metavar="CSV", help="metadata CSV (snakeclef2021; rare-species: default "
+    p.add_argument("--metadata", metavar="FILE", help="metadata CSV (snakeclef2021; rare-species: default "
                    "ROOT/metadata.csv)")
     p.add_argument("--report", default="report", metavar="DIR", help="where to write the report (default report/)")
     p.add_argument("--keep-duplicates", action="store_true",

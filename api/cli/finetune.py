@@ -154,6 +154,18 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
+#: A run needs a starting network: said before anything loads (the libraries take seconds to import).
+NO_START = ("give --init SPEC (a timm spec, a previous stage's output folder, or a weights file with --model "
+            "timm:NAME) or --model timm:NAME alone (its hub weights); see 'speciesid finetune --help'")
+
+
+def check_start(args: argparse.Namespace) -> None:
+    """Refuse a run with neither ``--init`` nor ``--model`` (:data:`NO_START`) before torch and timm are imported.
+    Not an argparse group: both may be given (a weights file and its architecture)."""
+    if args.init is None and args.model is None:
+        raise ValueError(NO_START)
+
+
 #: Why a run stopped, in words.
 STOPPED = {"epochs": "every epoch run", "early-stopping": "stopped early: --patience epochs without a better one",
            "time-limit": "stopped at --time-limit", "time-budget": "stopped to fit --time-budget"}
@@ -161,6 +173,7 @@ STOPPED = {"epochs": "every epoch run", "early-stopping": "stopped early: --pati
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Run ``speciesid finetune``; 130 (with how to resume) on Ctrl-C."""
+    check_start(args)
     from finetune import train
 
     config = config_from_args(args)

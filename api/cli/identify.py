@@ -84,7 +84,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
                 for res in a.results
             ]
         results.append(r)
-    notes = answer_notes(ident, rank=args.rank)  # a partial gallery (a build interrupted), one too small to tell "unlike every"
+    # a partial gallery (a build interrupted), one too small to tell "unlike every"
+    notes = answer_notes(ident, rank=args.rank)
     if args.format == "json":
         emit(json.dumps(results, indent=2))
     elif args.format == "csv":

@@ -1,4 +1,4 @@
-"""``speciesid index build|info|compact|sweep-uploads`` and ``speciesid species list``."""
+"""``speciesid index build|info|compact|sweep-uploads`` and ``speciesid species list|set-venom``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from api.cli._common import (
     fmt_bool,
     interrupted_add,
     number_in,
+    parse_yes_no,
     to_csv,
 )
 from index.compaction import AUTO_PRUNE_AGE
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
     add_encoder_args(p, default_spec=None, builds=True)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
-    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores, at most 8)")
     p.add_argument("--index-kind", default=None, choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
                    "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one. The "
@@ -100,6 +101,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.add_argument("--format", default="table", choices=FORMATS, help=FORMAT_HELP)
     p.set_defaults(func=cmd_species_list)
+    p = s_sp.add_parser("set-venom", help="set a gallery species' medically important venomous flag (no photo)",
+                        description="Set whether a species the gallery holds is medically important venomous, on "
+                        "every one of its references, with no photo to add: how a species of a folder build gets a "
+                        "venom status. 'no' is refused for a species the shipped snake taxonomy records as venomous. "
+                        "A species of no venom status counts as possibly venomous when it is, or may be, a snake "
+                        "(docs/identification.md, 'Venom advice').")
+    p.add_argument("species", metavar="SPECIES", help='a gallery species, e.g. "Bufo bufo" (any case; _ or - for '
+                   "the space)")
+    p.add_argument("venomous", metavar="yes|no", help="medically important venomous: yes or no")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.set_defaults(func=cmd_species_set_venom)
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -258,6 +270,16 @@ def _age_text(seconds: float) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
+
+
+def cmd_species_set_venom(args: argparse.Namespace) -> int:
+    """speciesid species set-venom: set a species' venomous flag on all its references (exit status)."""
+    from retrieval.workflows import set_species_venomous
+
+    done = set_species_venomous(args.index, args.species, parse_yes_no(args.venomous, "the venomous flag"))
+    emit(f"{done.species}: venomous {fmt_bool(done.was)} -> {fmt_bool(done.now)} ({done.references} "
+         f"reference{'s' * (done.references != 1)})")
+    return 0
 
 
 def cmd_species_list(args: argparse.Namespace) -> int:

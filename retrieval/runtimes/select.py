@@ -31,6 +31,7 @@ from retrieval.encoders import (
     ParsedSpec,
     Photos,
     cache_digest,
+    check_choice,
     check_options,
     finetuned_test_size,
     parse_spec,
@@ -122,8 +123,7 @@ def _wants_cuda(device: str) -> bool:
 def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Encoder:
     """The encoder for ``config`` (see the module docstring for how the runtime is chosen)."""
     runtime = resolve_runtime(config.runtime)
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_choice("precision", config.precision, PRECISIONS)
     parsed = parse_spec(config.spec)
     check_options(config.pool, config.views)
     config = replace(config, pool=resolve_pool(config.pool, parsed))

@@ -1,0 +1,104 @@
+"""``speciesid species set-venom`` (retrieval.workflows.set_species_venomous): the venom flag of a species already in
+a gallery, with no photo (walk s52 #2c: a folder build could not record one, and re-adding its photos with
+``--venomous`` added nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from _cli_support import ENCODER, _photo, _run, two_species_gallery
+
+from index.gallery import Gallery
+from index.records import ReferenceRecord
+from retrieval.identify import Identifier
+from retrieval.workflows import set_species_venomous
+
+DIM = 16
+ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
+
+
+class FakeEncoder:
+    """Stands in for an encoder when only embeddings matter."""
+
+    spec = ENC["spec"]
+    fingerprint = ENC["fingerprint"]
+    dim = DIM
+
+
+def _flags(capsys, index) -> dict[str, bool | None]:
+    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
+    assert code == 0, err
+    return {s["species"]: s["venomous"] for s in json.loads(out)}
+
+
+def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys):
+    root = tmp_path / "photos"
+    for i in range(6):
+        _photo(root / ("Bufo bufo" if i % 2 else "Rana temporaria") / f"{i}.png", i)
+    index = tmp_path / "g"
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0
+    assert _flags(capsys, index) == {"Bufo bufo": None, "Rana temporaria": None}  # a folder records none
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "bufo_bufo", "no")
+    assert code == 0 and out.strip() == "Bufo bufo: venomous ? -> no (3 references)", (out, err)
+    assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": None}
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "yes")
+    assert code == 0 and out.strip() == "Rana temporaria: venomous ? -> yes (3 references)", (out, err)
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "no")
+    assert code == 0 and "venomous yes -> no" in out, (out, err)  # the gallery's own flag can be mended
+    assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": False}
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo buffo", "no")
+    assert code != 0 and f"no species 'Bufo buffo' in gallery {index}; did you mean 'Bufo bufo'?" in err, err
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "maybe")
+    assert code != 0 and "the venomous flag takes yes or no, not 'maybe'" in err, err
+
+
+def test_set_venom_refuses_no_for_a_venomous_snake_of_the_taxonomy(tmp_path, capsys):
+    index, _ = two_species_gallery(tmp_path, capsys)
+    assert _flags(capsys, index)["Naja samarensis"] is True
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Naja samarensis", "no")
+    assert code != 0 and ("'Naja samarensis' is medically important venomous in the shipped taxonomy (SnakeCLEF's "
+                          "list): its flag stays yes") in err, err
+    assert _flags(capsys, index)["Naja samarensis"] is True
+
+
+def test_an_identifier_answers_with_the_flag_set(tmp_path):
+    """The flag set through a gallery that answered before: its answers (species and evidence) carry the new flag at
+    once, and a toad flagged 'no' beside a cobra stays with no advice."""
+    rng = np.random.default_rng(7)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {}
+    for name, flag in (("Bufo bufo", None), ("Naja haje", True)):
+        centres[name] = rng.standard_normal(DIM)
+        x = centres[name] + 0.05 * rng.standard_normal((6, DIM))
+        g.add([ReferenceRecord(path=f"/p/{name}/{i}.jpg", species=name, venomous=flag) for i in range(6)],
+              [f"{name}-{i}" for i in range(6)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    ident = Identifier(FakeEncoder(), g)
+    q = (centres["Bufo bufo"] / np.linalg.norm(centres["Bufo bufo"]))[None].astype(np.float32)
+    (before,) = ident.identify_embeddings(q)
+    assert before.predictions[0].species == "Bufo bufo" and before.predictions[0].venomous is None
+    done = set_species_venomous(g, "Bufo bufo", False)
+    assert (done.species, done.was, done.now, done.references) == ("Bufo bufo", None, False, 6)
+    (after,) = ident.identify_embeddings(q)
+    assert after.predictions[0].venomous is False and after.neighbours[0].venomous is False
+    assert after.venom_advice is None  # a toad, harmless or of no status: no advice of its own beside a cobra
+    assert len(g) == 12 and {s.species: s.venomous for s in Gallery.open(g.root).species()}["Bufo bufo"] is False
+
+
+def test_another_process_gallery_answers_with_the_flag_once_it_reads_the_new_version(tmp_path):
+    """A server's gallery (another Gallery of the same folder): its answers name the species' new flag once it has
+    read the store's new version (docs/identification.md, 'Setting a species' venom status')."""
+    rng = np.random.default_rng(8)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centre = rng.standard_normal(DIM)
+    x = centre + 0.05 * rng.standard_normal((6, DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Lycodon capucinus") for i in range(6)],
+          [f"l-{i}" for i in range(6)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    server = Identifier(FakeEncoder(), Gallery.open(g.root))
+    q = (centre / np.linalg.norm(centre))[None].astype(np.float32)
+    assert server.identify_embeddings(q)[0].predictions[0].venomous is None
+    set_species_venomous(g.root, "Lycodon capucinus", True)
+    server.gallery.refresh(force=True)
+    (answer,) = server.identify_embeddings(q)
+    assert answer.predictions[0].venomous is True and answer.venomous_score > 0.9
