@@ -60,7 +60,7 @@ class IdentifyOut(BaseModel):
                                          "(null when far: the photo says nothing, treat a bite as venomous; or when no "
                                          "candidate's venom status is recorded)")
     venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
-                                       "not record and that are, or may be, snakes (docs/identification.md, 'Venom "
+                                       "not record, whatever their names (docs/identification.md, 'Venom "
                                        "advice'): not a harmless share (treat as possibly venomous). With a "
                                        "country, this and venomous_score are each the larger of the answer with and "
                                        "without the country: separate upper bounds, which may sum to more than 1")
@@ -68,13 +68,14 @@ class IdentifyOut(BaseModel):
                                          "every candidate recorded there, or none, or none in the country table "
                                          "(snakes only) or the gallery's photo countries; notes then say which")
     venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
-                                                "venomous) whenever the answer is unknown or far in a gallery that "
-                                                "is or may be of snakes; null for a named answer of a gallery that "
-                                                "records no venom status at all, and for every answer of a gallery "
-                                                "that is not of snakes (venom_applies false)")
-    venom_applies: bool = Field(True, description="the gallery is, or may be, of snakes (docs/identification.md, "
-                                "'Venom advice'); false (birds, plants): no venom advice, and nothing about venom "
-                                "belongs beside the answer")
+                                                "venomous) whenever the answer is unknown or far; null for a named "
+                                                "answer of a gallery that records no venom status at all, and for "
+                                                "every answer of a gallery whose venom advice is off (venom_applies "
+                                                "false)")
+    venom_applies: bool = Field(True, description="answers give venom advice: true unless the gallery records it off "
+                                "('speciesid index venom-advice off', 'index build --no-venom-advice': birds, "
+                                "plants) and no species of it is recorded venomous (docs/identification.md, 'Venom "
+                                "advice'); false: nothing about venom belongs beside the answer")
     encoder: str = Field(description="the encoder that built the gallery")
     images: int = Field(description="photos sent (those in set_aside included)")
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "

@@ -266,8 +266,8 @@ def _families() -> frozenset[str]:
 
 def known_snake(species: str, genus: str | None = None, family: str | None = None) -> bool:
     """Whether the shipped snake taxonomy knows ``species``, its genus (``genus``, else the name's first word) or
-    ``family``: the species is a snake, or of a snake genus or family (the rule of ``retrieval.advice.venom_applies``,
-    docs/identification.md "Venom advice")."""
+    ``family``: the species is a snake, or of a snake genus or family (a hint only, never a rule of venom advice:
+    ``retrieval.advice.venom_advice_hint``; a 2021 table lacks newer genera and common names)."""
     if lookup_taxon(species) is not None:
         return True
     first = species.split(" ", 1)[0] if species.strip() else ""
@@ -375,13 +375,13 @@ def new_species_references(
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
-    # said only of a name that is or may be a snake (retrieval.advice.may_be_snake, the same test): a scientific
-    # name of no snake genus or family (a toad, a bird) does not count as possibly venomous
-    if warn and prior is None and taxon is None and venomous is None and (
-            known_snake(species, genus, family) or not looks_scientific(species.split())):
+    # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly
+    # venomous; the caller passes warn=False where the gallery gives no venom advice
+    if warn and prior is None and taxon is None and venomous is None:
         close = taxonomy_lookalikes(species, SUGGESTION)
         logger.warning("%r is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
-                       "venom status stays unknown (answers count it as possibly venomous)%s", species,
+                       "venom status stays unknown (answers count it as possibly venomous; 'speciesid species "
+                       "set-venom' records it)%s", species,
                        f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else "")
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),

@@ -11,26 +11,27 @@ The advice (:func:`venom_advice`), in order:
 - ``unlikely``: a species is named and under 10% (as printed) is on venomous or unrecorded species; said with the
   caveat that only the gallery's own species can be named.
 
-A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants. A gallery
-that is not of snakes (:func:`venom_applies` false: birds, plants) gets none for any answer, far and unknown too;
-every gallery that is or may be of snakes gets the safe advice on a far or unknown answer.
+A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants. Every
+gallery gets the safe advice on a far or unknown answer unless its ``gallery.json`` records that it gives no venom
+advice (:data:`VENOM_ADVICE_KEY` false: ``index build --no-venom-advice``, ``index venom-advice off``): safe by
+default, never guessed from names (a folder ``Puff adder`` reads as a scientific name; a snake genus the shipped
+taxonomy lacks, ``Cryptelytrops``, is no less a snake). Such a gallery gets no advice for any answer, unless a
+species of it is recorded medically important venomous (:func:`venom_applies`).
 
-Which species' missing venom status counts as possibly venomous (:func:`may_be_snake`, :func:`not_snakes`): one
-that is, or may be, a snake (of the shipped snake taxonomy by species, genus or family, or a label whose name cannot
-be checked). A scientific name of no snake genus or family with no status (``Bufo bufo`` beside a cobra) is no
-snake: its share is not "unrecorded venom"; and a named answer of a species of such a name (whatever its status)
-with nothing on venomous or unrecorded species gets no advice of its own (``top_applies``).
+A species whose venom status is not recorded counts as possibly venomous (its share warns as a venomous one's
+does), whatever its name: a harmless species of a mixed gallery (a toad beside a cobra) is recorded so with
+``speciesid species set-venom NAME no``. The shipped snake taxonomy is only a hint (:func:`venom_advice_hint`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from index.gallery import Gallery
-from index.taxonomy import TaxonInfo, known_snake, looks_scientific, moroccan_checklist
+from index.taxonomy import TaxonInfo, known_snake, moroccan_checklist
 
 if TYPE_CHECKING:
     from index.store import SpeciesSummary
@@ -63,54 +64,70 @@ class VenomAdvice:
         return asdict(self)
 
 
-def may_be_snake(species: str, genus: str | None = None, family: str | None = None) -> bool:
-    """Whether ``species`` is, or may be, a snake: known to the shipped snake taxonomy by its species, genus or family
-    (:func:`index.taxonomy.known_snake`), or a label not written as a scientific name (``cobra``, ``cats``: nothing
-    tells what it is). False only for a scientific name of no snake genus or family (``Bufo bufo``, ``Parus
-    major``). The one rule of :func:`venom_applies`, :func:`not_snakes` and the add warning of a species of unknown
-    venom status (:func:`index.taxonomy.new_species_references`, which cannot import this module: same test)."""
-    return not looks_scientific(species.split()) or known_snake(species, genus, family)
+#: Where ``gallery.json`` records whether the gallery's answers give venom advice: false turns it off; absent (or
+#: true), on.
+VENOM_ADVICE_KEY = "venom_advice"
 
 
-def not_snakes(taxa: Iterable[SpeciesSummary]) -> frozenset[str]:
-    """The species of ``taxa`` with no venom status recorded that are no snake (:func:`may_be_snake` false: a toad
-    beside a cobra): venom advice does not apply to them, their probability is no "unrecorded venom" share
-    (:func:`unrecorded_share`), and a named answer of one gets no advice of its own. A species with a recorded status
-    is never in it, nor one that is or may be a snake (its missing status stays "treat as venomous")."""
-    return frozenset(t.species for t in taxa if t.venomous is None and not may_be_snake(t.species, t.genus, t.family))
+def venom_advice_on(info: Mapping[str, object]) -> bool:
+    """Whether a gallery's ``gallery.json`` (``info``) leaves venom advice on: only a recorded false turns it off."""
+    return info.get(VENOM_ADVICE_KEY) is not False
 
 
-def venom_applies(taxa: Iterable[SpeciesSummary]) -> bool:
-    """Whether venom advice applies to a gallery of ``taxa`` (its species, and its text prior's): whether it is, or
-    may be, of snakes (or holds an animal recorded venomous). True when any species :func:`may_be_snake` (known to
-    the shipped snake taxonomy by its species, genus or family, or a label not written as a scientific name), or is
-    recorded venomous whatever its name; True for no species. False when every species is a scientific name of no
-    snake genus or family and none is recorded venomous: birds, plants, and birds one of which a curator flagged
-    "no" (a harmless flag on a bird says nothing of snakes: walk s52 #2b)."""
+def record_venom_advice(gallery: Gallery, on: bool) -> None:
+    """Record in the gallery's ``gallery.json`` whether its answers give venom advice (the folder's lock, the file
+    re-read first: :meth:`index.gallery.Gallery.record_info`); a running server reads it at its next look."""
+    gallery.record_info(VENOM_ADVICE_KEY, bool(on))
+
+
+def recorded_venomous(taxa: Iterable[SpeciesSummary]) -> list[str]:
+    """The species of ``taxa`` recorded medically important venomous (sorted)."""
+    return sorted(t.species for t in taxa if t.venomous)
+
+
+def venom_applies(info: Mapping[str, object], taxa: Iterable[SpeciesSummary] = ()) -> bool:
+    """Whether venom advice applies to a gallery: on unless its ``gallery.json`` (``info``) records it off
+    (:func:`venom_advice_on`), and on all the same while any of ``taxa`` (its species and its text prior's) is
+    recorded medically important venomous: a declaration never silences a venomous species."""
+    return venom_advice_on(info) or bool(recorded_venomous(taxa))
+
+
+def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary], root: object) -> str | None:
+    """What to tell about a gallery's venom advice (the end of ``index build``, ``index info``), None when nothing:
+
+    - on, with species none of which the shipped snake taxonomy knows (by species, genus or family:
+      :func:`index.taxonomy.known_snake`) and none recording a venom status (birds, plants): how to turn it off. A
+      hint only: names decide nothing (a snake genus the 2021 table lacks, a common name), nothing is turned off;
+    - off while a species is recorded venomous: the advice stays on for it."""
     taxa = list(taxa)
-    return not taxa or any(t.venomous or may_be_snake(t.species, t.genus, t.family) for t in taxa)
+    if not venom_advice_on(info):
+        if venomous := recorded_venomous(taxa):
+            shown = ", ".join(venomous[:3]) + (f" and {len(venomous) - 3} more" if len(venomous) > 3 else "")
+            return (f"this gallery records no venom advice, but it holds species recorded medically important "
+                    f"venomous ({shown}): its answers give venom advice all the same")
+        return None
+    if not taxa or any(t.venomous is not None or known_snake(t.species, t.genus, t.family) for t in taxa):
+        return None
+    return (f"none of this gallery's species is in the shipped snake taxonomy (SnakeCLEF 2021) and none records a "
+            f"venom status, so its answers advise on snakebite (treat as venomous when unsure): if it is not a "
+            f"gallery of snakes, 'speciesid index venom-advice --index {root} off' turns that advice off")
 
 
-def unrecorded_share(scores: Mapping[str, float], venomous: Mapping[str, bool | None],
-                     no_snakes: Collection[str] = frozenset()) -> float:
-    """The probability of ``scores`` on species whose venom status is not recorded (``venomous``: species -> flag)
-    and that may be snakes (not in ``no_snakes``, :func:`not_snakes`): not a harmless share, it warns as venomous
-    species do."""
-    return float(sum(p for s, p in scores.items() if venomous.get(s) is None and s not in no_snakes))
+def unrecorded_share(scores: Mapping[str, float], venomous: Mapping[str, bool | None]) -> float:
+    """The probability of ``scores`` on species whose venom status is not recorded (``venomous``: species -> flag),
+    whatever their names: not a harmless share, it warns as venomous species do."""
+    return float(sum(p for s, p in scores.items() if venomous.get(s) is None))
 
 
 def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
                  venomous_names: Sequence[str] = (), unrecorded_names: Sequence[str] = (),
-                 applies: bool = True, top_applies: bool = True) -> VenomAdvice | None:
+                 applies: bool = True) -> VenomAdvice | None:
     """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
-    :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status
-    that may be snakes, named when the warning comes from them alone; ``venom_unknown_score``: their share
-    (:func:`unrecorded_share`); ``applies``: :func:`venom_applies` of the gallery (False: no advice at all, None);
-    ``top_applies``: False when the top candidate is no snake (:func:`may_be_snake` false, whatever its recorded
-    status): a named answer of it with nothing (0.0% as printed) on venomous or unrecorded species gets no advice
-    of its own (None)."""
+    :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status,
+    named when the warning comes from them alone; ``venom_unknown_score``: their share (:func:`unrecorded_share`);
+    ``applies``: :func:`venom_applies` of the gallery (False: no advice at all, None)."""
     if not applies:
-        return None  # not a gallery of snakes (birds): no bite to advise on, far and unknown answers included
+        return None  # recorded off (birds): no bite to advise on, far and unknown answers included
     if far:
         return VenomAdvice("cannot_tell", True, FAR_TEXT)
     venomous = venomous_score or 0.0
@@ -132,8 +149,6 @@ def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, veno
         return VenomAdvice("cannot_tell", True, UNKNOWN_TEXT)
     if venomous_score is None and not venom_unknown_score:
         return None  # the gallery records no venom status at all (birds): far and unknown were told above
-    if not top_applies and f"{share:.1%}" == f"{0.0:.1%}":
-        return None  # a toad beside a cobra, nothing on venomous or unrecorded snakes: no bite advice of its own
     unflagged = (f" (and {venom_unknown_score:.1%} on species of unknown venom status)"
                  if venom_unknown_score >= 0.005 else "")
     return VenomAdvice("unlikely", False, f"Probability medically important venomous: {venomous:.1%}{unflagged}, "

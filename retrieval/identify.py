@@ -35,11 +35,9 @@ from retrieval.advice import (
     ChecklistCoverage,
     VenomAdvice,
     checklist_coverage,
-    may_be_snake,
-    not_snakes,
     unrecorded_share,
     venom_advice,
-    venom_applies,
+    venom_advice_on,
 )
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
@@ -167,7 +165,7 @@ class Identification:
     venomous_score: float | None = None  # probability mass on medically important venomous species (None: far, or
     # no candidate's venom status is recorded)
     venom_unknown_score: float = 0.0  # probability mass on species whose venom status the gallery does not record
-    # and that may be snakes (a toad beside a cobra is none: retrieval.advice.not_snakes)
+    # (whatever their names: a toad's counts until 'species set-venom' records it harmless)
     far: bool = False  # unlike every reference (nearest cosine under the gallery's far_threshold): not a photo of
     # what the gallery holds, or too small / blank to tell
     nearest: float | None = None  # cosine similarity of the nearest reference photo
@@ -178,10 +176,10 @@ class Identification:
     set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
     # given) set aside as far while another photo was not; they carry nothing about the animal
     venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: a named answer
-    # (not far, not unknown) of a gallery that records no venom status at all, or any answer of a gallery that is not
-    # of snakes (venom_applies false: birds)
-    venom_applies: bool = True  # the gallery is, or may be, of snakes (retrieval.advice.venom_applies): False, no
-    # venom wording belongs with its answers
+    # (not far, not unknown) of a gallery that records no venom status at all, or any answer of a gallery whose
+    # gallery.json turns venom advice off (venom_applies false: birds)
+    venom_applies: bool = True  # venom advice applies to the gallery (retrieval.advice.venom_applies: on unless
+    # recorded off): False, no venom wording belongs with its answers
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -275,8 +273,7 @@ class Identifier:
         self._taxa: dict[str, SpeciesSummary] = {}
         self._held: frozenset[str] = frozenset()  # species with searchable references (with the taxa's version)
         self._records_venom = False  # some species of the gallery has a venom status (with the taxa's version)
-        self._venom_applies = True  # the gallery is, or may be, of snakes (retrieval.advice; with the taxa's version)
-        self._not_snakes: frozenset[str] = frozenset()  # its species of no venom status that are no snake (toads)
+        self._any_venomous = False  # some species is recorded venomous (with the taxa's version): advice applies
         self._probe_noted: dict[str, tuple[int, LinearProbe | None]] = {}  # warned -> (gallery version, probe) then
         self._whitening_version = -1
         self._whitening: Whitening | None = None
@@ -423,8 +420,7 @@ class Identifier:
             self._held = frozenset(s.species for s in held if s.count > 0)
             self._taxa, self._taxa_version = taxa, version
             self._records_venom = any(t.venomous is not None for t in taxa.values())
-            self._not_snakes = not_snakes(taxa.values())
-            self._venom_applies = venom_applies(taxa.values())
+            self._any_venomous = any(t.venomous for t in taxa.values())
         return self._taxa
 
     def recorded_countries(self) -> dict[str, frozenset[str]]:
@@ -444,10 +440,14 @@ class Identifier:
         return self._held
 
     def venom_applies(self) -> bool:
-        """Whether venom advice applies to the gallery (:func:`retrieval.advice.venom_applies`: it is, or may be, of
-        snakes), cached as :meth:`taxa` is: the page words itself by it (``/readyz``)."""
+        """Whether venom advice applies to the gallery (:func:`retrieval.advice.venom_applies`): on unless its
+        ``gallery.json`` records it off (read again when it changes), and on while a species is recorded venomous
+        (the species read, cached as :meth:`taxa` is, only for a gallery recorded off): the page words itself by it
+        (``/readyz``)."""
+        if venom_advice_on(self.gallery.info):
+            return True
         self.taxa()
-        return self._venom_applies
+        return self._any_venomous
 
     def checklist_coverage(self) -> ChecklistCoverage | None:
         """Which species of the checklist the gallery was built from it can name (:func:`retrieval.advice.
@@ -699,20 +699,18 @@ class Identifier:
         venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
         # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
         records_venom = self._records_venom or any(n.venomous is not None for n in neighbours)
-        # not of snakes (birds): no venom advice at all; a neighbour the taxa lack (another writer's) recorded
-        # venomous counts at once
-        applies = self._venom_applies or any(n.venomous for n in neighbours)
+        # recorded off (birds): no venom advice at all, unless a species is recorded venomous (a neighbour the taxa
+        # lack, another writer's, at once)
+        applies = venom_advice_on(self.gallery.info) or self._any_venomous or any(n.venomous for n in neighbours)
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
         unknown = best < self.config.unknown_threshold or not predictions or far
         venomous_score = None if far or not venom else max(venom)  # far: the scores say nothing of this photo
-        # species of unrecorded status that may be snakes; a toad's share is none (retrieval.advice.not_snakes)
-        no_snakes = self._not_snakes
-        unflagged = 0.0 if far or not records_venom else max(unrecorded_share(d, flags, no_snakes) for d in views)
+        # species of unrecorded status, whatever their names (a toad's counts until set-venom records it harmless)
+        unflagged = 0.0 if far or not records_venom else max(unrecorded_share(d, flags) for d in views)
         named = [p.common_name or p.species for p in predictions if p.venomous and p.score >= VENOM_WARN_AT]
-        unrecorded = [p.common_name or p.species for p in predictions
-                      if p.venomous is None and p.species not in no_snakes and p.score >= 0.01]
+        unrecorded = [p.common_name or p.species for p in predictions if p.venomous is None and p.score >= 0.01]
         return Identification(
             predictions=predictions,
             neighbours=neighbours,
@@ -730,9 +728,7 @@ class Identifier:
             country_covered=None if presence is None else any(c is not None for c in candidates),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
-                                      unrecorded_names=unrecorded[:3] if records_venom else (), applies=applies,
-                                      top_applies=not predictions or may_be_snake(
-                                          predictions[0].species, predictions[0].genus, predictions[0].family)),
+                                      unrecorded_names=unrecorded[:3] if records_venom else (), applies=applies),
             venom_applies=applies,
         )
 

@@ -59,7 +59,6 @@ from index.objects import (
 )
 from index.objects import sweep_uploads as sweep_gallery_uploads
 from index.photos import PHOTO_FORMATS, first_few
-from index.records import ReferenceRecord
 from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import (
@@ -73,7 +72,15 @@ from index.taxonomy import (
     taxonomy_lookalikes,
 )
 from index.vectors import VectorIndexConfig
-from retrieval.advice import checklist_coverage, may_be_snake, record_checklist, venom_applies
+from retrieval.advice import (
+    VENOM_ADVICE_KEY,
+    checklist_coverage,
+    record_checklist,
+    record_venom_advice,
+    recorded_venomous,
+    venom_advice_hint,
+    venom_advice_on,
+)
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
@@ -174,6 +181,7 @@ def build_gallery(
     store: str | None = None,
     storage_options: dict[str, str] | None = None,
     new_store: bool = False,
+    venom_advice: bool | None = None,
 ) -> BuildResult:
     """Scan a dataset, embed every photo and store it in the gallery at ``index_dir`` (created if new).
 
@@ -185,7 +193,9 @@ def build_gallery(
     gallery's table (``s3://bucket/path``; credentials from AWS_* or ``storage_options``). ``index_kind``: the
     index kind only (``index build --index-kind``): an existing gallery keeps its other index settings
     (``index_config`` replaces them all). ``new_store``: an existing gallery whose store lost its table gets a new,
-    empty one (ids go on past the folder's: :meth:`Gallery.create`).
+    empty one (ids go on past the folder's: :meth:`Gallery.create`). ``venom_advice``: False records in
+    ``gallery.json`` that its answers give no venom advice (``--no-venom-advice``: birds, plants), True that they
+    do; None leaves what it records (a new gallery: on).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
@@ -207,7 +217,7 @@ def build_gallery(
             raise ValueError("--clean runs in one process: build with --engine ray, then run 'speciesid clean'")
         return _build_on_ray(index_dir, dataset, root, metadata=metadata, encoder=encoder,
                              index_config=index_config, ray=ray, store=store, storage_options=storage_options,
-                             progress=progress, new_store=new_store)
+                             progress=progress, new_store=new_store, venom_advice=venom_advice)
     before = unfinished_ids(index_dir)  # what this build may take up: the builds cut short before its scan
     scan = load_dataset(dataset, root, metadata=metadata)
     for warning in scan.warnings:
@@ -219,6 +229,8 @@ def build_gallery(
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options, new_store=new_store)
     record_checklist(gallery, dataset)  # a checklist's gallery says which of its species it cannot name
+    if venom_advice is not None:  # before the first row: a server never answers its photos otherwise
+        record_venom_advice(gallery, venom_advice)
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
     # marked until it completes: readers say a partial gallery is one
     with building(gallery.root, key=key, photos=photos, before=before) as earlier:
@@ -253,7 +265,7 @@ def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) ->
 def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, metadata: str | Path | None,
                   encoder: EncoderConfig, index_config: VectorIndexConfig | None, ray: RayOptions | None,
                   store: str | None, storage_options: dict[str, str] | None, progress: bool = True,
-                  new_store: bool = False) -> BuildResult:
+                  new_store: bool = False, venom_advice: bool | None = None) -> BuildResult:
     """``build_gallery`` on Ray: records streamed to the cluster in chunks; the index built in Ray tasks.
     ``progress``: a bar moved at each committed chunk (with the time left for a dataset listed up front)."""
     from retrieval.distributed import plan_cluster, ray_add_references, ray_map, start_ray, stop_ray
@@ -278,6 +290,8 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
                                      store=store, options=storage_options, new_store=new_store)
         # marked until it completes, as a local build is (its photos streamed: none listed up front)
         record_checklist(gallery, dataset)
+        if venom_advice is not None:
+            record_venom_advice(gallery, venom_advice)
         with building(gallery.root, key=dataset_key(dataset, root, metadata), before=before) as earlier:
             report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
                                         total=total)
@@ -779,19 +793,6 @@ def check_new_references(
 ADD_CHUNK = 1024
 
 
-def _note_no_snake(gallery: Gallery, name: str, record: ReferenceRecord) -> None:
-    """Warn that a new species of no venom status, named of no snake genus or family, is taken for no snake
-    (:func:`retrieval.advice.may_be_snake`) in a gallery where venom advice applies (it has snakes): a snake of a
-    genus the shipped taxonomy lacks would otherwise lose the cautious "unrecorded" advice unsaid. Nothing in a
-    gallery of no snakes (birds: no venom advice at all), nor for a name that may be a snake (the taxonomy's own
-    warning, :func:`index.taxonomy.new_species_references`, says that one counts as possibly venomous)."""
-    if may_be_snake(name, record.genus, record.family) or not venom_applies(gallery.species()):
-        return
-    logger.warning("%r is of no genus or family of the shipped snake taxonomy and no venomous flag was given: answers "
-                   "take it for no snake (no venom advice of its own; docs/identification.md, 'Venom advice'); if it "
-                   "is a snake, give its family or its flag ('speciesid species set-venom')", name)
-
-
 def add_photos(
     gallery: Gallery,
     encoder: Encoder,
@@ -844,10 +845,9 @@ def add_photos(
             paths.append(Path(item))
     name, records, prior = new_species_references(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
-        genus=genus, family=family, new_species=new_species,
-    )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
-    if prior is None and records and records[0].venomous is None:
-        _note_no_snake(gallery, name, records[0])
+        genus=genus, family=family, new_species=new_species, warn=venom_advice_on(gallery.info),
+    )  # a refused name or flag leaves nothing behind; no word of venom in a gallery of none: the uploads are kept
+    # only from here
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
     # rows committed ADD_CHUNK photos at a time; given embeddings (the API's, all in memory): all in one commit
     chunk = ADD_CHUNK if embeddings is None else max(len(paths), 1)
@@ -1179,6 +1179,49 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     return VenomSet(found.species, found.venomous, venomous, count)
 
 
+@dataclass(frozen=True)
+class VenomAdviceSet:
+    """What :func:`set_venom_advice` did."""
+
+    was: bool  # venom advice was on
+    now: bool  # it is on now (as recorded)
+    note: str | None  # what to know of it (:func:`retrieval.advice.venom_advice_hint`), None when nothing
+
+
+def _venom_taxa(g: Gallery) -> list[SpeciesSummary]:
+    """The gallery's species and its text prior's (by name, with the shipped taxonomy's venom flag, as answers
+    read them) for venom advice's hint."""
+    held = g.species()
+    names = {s.species for s in held}
+    return held + [SpeciesSummary(s, None, None, None, taxon.venomous if (taxon := lookup_taxon(s)) else None, 0)
+                   for s in text_prior_species(g.root) if s not in names]
+
+
+def venom_advice_note(gallery: Gallery | str | Path) -> str | None:
+    """What to tell of a gallery's venom advice (:func:`retrieval.advice.venom_advice_hint`: on for a gallery none
+    of whose species the shipped snake taxonomy knows; off while a species is recorded venomous), None when
+    nothing: said at the end of ``index build`` and in ``index info``."""
+    g = _gallery(gallery)
+    return venom_advice_hint(g.info, _venom_taxa(g), g.root)
+
+
+def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdviceSet:
+    """Record whether the gallery's answers give venom advice (``speciesid index venom-advice``), in its
+    ``gallery.json`` (the folder's write lock, the file re-read first); ``on`` None: read it, change nothing. A
+    running server follows at its next look at the gallery. ``off`` is refused (ValueError) while a species is
+    recorded medically important venomous: its answers would give the advice all the same."""
+    g = _gallery(gallery)
+    was = venom_advice_on(g.info)
+    if on is False and (venomous := recorded_venomous(_venom_taxa(g))):
+        raise ValueError(f"gallery {g.root} holds species recorded medically important venomous "
+                         f"({first_few(venomous)}): its answers keep venom advice whatever it records, so it stays "
+                         "on; if one is not, 'speciesid species set-venom --index DIR NAME no' records it (refused "
+                         "for a species the shipped snake taxonomy records as venomous)")
+    if on is not None:
+        record_venom_advice(g, on)
+    return VenomAdviceSet(was, venom_advice_on(g.info), venom_advice_note(g))
+
+
 def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
     S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`), and its probe (which
@@ -1194,7 +1237,8 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info), **_checklist_info(g)}
+            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info), **_checklist_info(g),
+            VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info), "note": venom_advice_note(g) or ""}}
 
 
 def _checklist_info(g: Gallery) -> dict[str, object]:

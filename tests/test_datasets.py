@@ -714,8 +714,8 @@ def test_the_check_ahead_of_an_add_leaves_the_unknown_venom_warning_to_the_add(c
     from retrieval.workflows import check_new_references
 
     caplog.set_level(logging.WARNING)
-    # a species of a snake genus the taxonomy lacks: its unknown status counts as possibly venomous (a name of no
-    # snake genus does not, and is not warned of: tests/test_venom_applies.py)
+    # a species the taxonomy lacks: its unknown status counts as possibly venomous, whatever its name (a bird's too,
+    # unless the gallery gives no venom advice: tests/test_venom_applies.py)
     check_new_references(SimpleNamespace(species=lambda: []), "Lycodon novus")
     assert "not in the shipped snake taxonomy" not in caplog.text, caplog.text
     new_species_references("Lycodon novus", [], ["a.jpg"], dataset="api")

@@ -65,7 +65,7 @@ def test_set_venom_refuses_no_for_a_venomous_snake_of_the_taxonomy(tmp_path, cap
 
 def test_an_identifier_answers_with_the_flag_set(tmp_path):
     """The flag set through a gallery that answered before: its answers (species and evidence) carry the new flag at
-    once, and a toad flagged 'no' beside a cobra stays with no advice."""
+    once: a toad of no status beside a cobra warns as unrecorded, flagged 'no' it is 'unlikely'."""
     rng = np.random.default_rng(7)
     g = Gallery.create(tmp_path / "g", ENC)
     centres = {}
@@ -78,11 +78,12 @@ def test_an_identifier_answers_with_the_flag_set(tmp_path):
     q = (centres["Bufo bufo"] / np.linalg.norm(centres["Bufo bufo"]))[None].astype(np.float32)
     (before,) = ident.identify_embeddings(q)
     assert before.predictions[0].species == "Bufo bufo" and before.predictions[0].venomous is None
+    assert before.venom_advice.level == "possibly_venomous"  # its status unrecorded, whatever its name
     done = set_species_venomous(g, "Bufo bufo", False)
     assert (done.species, done.was, done.now, done.references) == ("Bufo bufo", None, False, 6)
     (after,) = ident.identify_embeddings(q)
     assert after.predictions[0].venomous is False and after.neighbours[0].venomous is False
-    assert after.venom_advice is None  # a toad, harmless or of no status: no advice of its own beside a cobra
+    assert after.venom_advice.level == "unlikely"  # recorded harmless: nothing on venomous or unrecorded species
     assert len(g) == 12 and {s.species: s.venomous for s in Gallery.open(g.root).species()}["Bufo bufo"] is False
 
 

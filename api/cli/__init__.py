@@ -30,7 +30,7 @@ WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of 
 #: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
 WRITERS = (("index", "build"), ("references", "add"), ("references", "delete"), ("probe", "train"),
            ("probe", "import"), ("probe", "restore"), ("probe", "publish"), ("probe", "withdraw"), ("clean",),
-           ("index", "compact"), ("index", "sweep-uploads"), ("species", "set-venom"))
+           ("index", "compact"), ("index", "sweep-uploads"), ("species", "set-venom"), ("index", "venom-advice"))
 #: The value name (metavar) of each option that several commands take, or whose flag said little in capitals: one
 #: name per option in every command's --help. Set where a command gives none (or finetune's flag in capitals).
 VALUE_NAMES = {

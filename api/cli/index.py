@@ -1,4 +1,4 @@
-"""``speciesid index build|info|compact|sweep-uploads`` and ``speciesid species list|set-venom``."""
+"""``speciesid index build|info|venom-advice|compact|sweep-uploads`` and ``speciesid species list|set-venom``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean-threshold", type=number_in(0, 1, "(]"), default=0.5, metavar="P",
                    help="with --clean: off-target probability, in (0, 1], at which a reference is excluded "
                    "(default 0.5; an off-target class must also be more likely than every target class)")
+    p.add_argument("--no-venom-advice", dest="venom_advice", action="store_const", const=False, default=None,
+                   help="record in DIR/gallery.json that answers give no snakebite advice (a gallery of birds, "
+                   "plants: not of snakes); without it a new gallery gives it (treat as venomous when unsure) and an "
+                   "existing one keeps what it records ('speciesid index venom-advice' changes it)")
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
@@ -91,6 +95,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "whether the last build into it completed, or was interrupted (run it again)")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
+    p = s_index.add_parser(
+        "venom-advice", help="turn a gallery's snakebite advice on or off (gallery.json), or print it",
+        description="Whether answers advise on a bite (treat as venomous when the photo cannot be identified, or "
+        "when a venomous species or one of unrecorded venom status is likely): on for every gallery unless "
+        "recorded off, never guessed from species names. Turn it off for a gallery that is not of snakes (birds, "
+        "plants); refused while a species is recorded medically important venomous. A running server follows the "
+        "change at its next look at the gallery (docs/identification.md, 'Venom advice').")
+    p.add_argument("state", nargs="?", choices=("on", "off"),
+                   help="on or off; left out: print what the gallery records")
+    p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.set_defaults(func=cmd_index_venom_advice)
     register_sweep_uploads(s_index)
     register_compact(s_index)
 
@@ -105,8 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Set whether a species the gallery holds is medically important venomous, on "
                         "every one of its references, with no photo to add: how a species of a folder build gets a "
                         "venom status. 'no' is refused for a species the shipped snake taxonomy records as venomous. "
-                        "A species of no venom status counts as possibly venomous when it is, or may be, a snake "
-                        "(docs/identification.md, 'Venom advice').")
+                        "A species of no venom status counts as possibly venomous, whatever its name: record the "
+                        "harmless ones of a mixed gallery (a toad beside a cobra) 'no' (docs/identification.md, "
+                        "'Venom advice').")
     p.add_argument("species", metavar="SPECIES", help='a gallery species, e.g. "Bufo bufo" (any case; _ or - for '
                    "the space)")
     p.add_argument("venomous", metavar="yes|no", help="medically important venomous: yes or no")
@@ -127,7 +143,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
             index_kind=args.index_kind, workers=args.workers,
             progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
-            new_store=args.new_store,
+            new_store=args.new_store, venom_advice=args.venom_advice,
         )
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)
@@ -152,6 +168,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
              "or unreadable folders: see the warning above), besides the skipped photos counted above")
     if result.clean is not None:
         emit(result.clean.summary())
+    from retrieval.workflows import venom_advice_note
+
+    if note := venom_advice_note(g):  # a hint from the snake taxonomy: never turns anything off itself
+        emit(f"note: {note}")
     if not len(g):  # nothing searchable: say so, and fail, rather than leave an empty gallery looking built
         sys.stderr.write(f"speciesid: error: gallery {g.root} has no searchable references: no photo could be "
                          "added" + (" or the cleaning excluded them all" if result.clean is not None else "")
@@ -185,6 +205,20 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     if error:  # the folder's facts are printed; the exit status says the store could not be read
         sys.stderr.write(f"speciesid: error: {error}\n")
         return 1
+    return 0
+
+
+def cmd_index_venom_advice(args: argparse.Namespace) -> int:
+    """speciesid index venom-advice: record (or print) whether the gallery's answers give venom advice (exit
+    status)."""
+    from retrieval.workflows import set_venom_advice
+
+    done = set_venom_advice(args.index, None if args.state is None else args.state == "on")
+    state = "on" if done.now else "off"
+    emit(f"gallery {args.index}: venom advice {state}" if args.state is None or done.was == done.now
+         else f"gallery {args.index}: venom advice {'on' if done.was else 'off'} -> {state}")
+    if done.note:
+        emit(f"note: {done.note}")
     return 0
 
 

@@ -51,9 +51,9 @@ def readyz(request: Request) -> JSONResponse:
     answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder, never the store.
     ``build``: whether the last build into the gallery completed (``state`` complete, running or interrupted, and a
     ``note``): a gallery a build left partial is ready all the same, and says so (:mod:`index.build_mark`).
-    ``venom_applies``: whether the gallery is, or may be, of snakes (:meth:`retrieval.identify.Identifier.
-    venom_applies`; false: birds, frogs), which the page words itself by; left out when the species cannot be read
-    now."""
+    ``venom_applies``: whether answers give venom advice (:meth:`retrieval.identify.Identifier.venom_applies`: on
+    unless gallery.json records it off, ``speciesid index venom-advice``), which the page words itself by; left out
+    when it cannot be told now (a gallery recorded off whose species cannot be read)."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -70,7 +70,7 @@ def readyz(request: Request) -> JSONResponse:
     body["build"] = build_status(gallery.root, api=True)
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
     body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower)
-    try:  # the gallery may be of snakes: the page's wording (api/static/index.html); cached per gallery version
+    try:  # venom advice on or off: the page's wording (api/static/index.html); gallery.json read when it changed
         body["venom_applies"] = ident.venom_applies()
     except (RuntimeError, OSError) as exc:  # the species list unreadable now: left out (the page keeps the snake
         logger.debug("readyz: venom_applies left out: %s", exc)  # wording, the safe one)
