@@ -28,9 +28,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from index.gallery import Gallery
+from index.photos import first_few
 from index.taxonomy import TaxonInfo, known_snake, moroccan_checklist
 
 if TYPE_CHECKING:
@@ -92,7 +94,7 @@ def venom_applies(info: Mapping[str, object], taxa: Iterable[SpeciesSummary] = (
     return venom_advice_on(info) or bool(recorded_venomous(taxa))
 
 
-def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary], root: object) -> str | None:
+def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary], root: str | Path) -> str | None:
     """What to tell about a gallery's venom advice (the end of ``index build``, ``index info``), None when nothing:
 
     - on, with species none of which the shipped snake taxonomy knows (by species, genus or family:
@@ -102,9 +104,8 @@ def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary]
     taxa = list(taxa)
     if not venom_advice_on(info):
         if venomous := recorded_venomous(taxa):
-            shown = ", ".join(venomous[:3]) + (f" and {len(venomous) - 3} more" if len(venomous) > 3 else "")
             return (f"this gallery records no venom advice, but it holds species recorded medically important "
-                    f"venomous ({shown}): its answers give venom advice all the same")
+                    f"venomous ({first_few(venomous)}): its answers give venom advice all the same")
         return None
     if not taxa or any(t.venomous is not None or known_snake(t.species, t.genus, t.family) for t in taxa):
         return None

@@ -92,7 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "ones, index kind), which encoder built it, and its store (uri; leftover Ray build "
                            "journals; on S3 the write lease's holder and the shared id mark; store.fragments: how "
                            "many, how many small, the versions kept: 'speciesid index compact' merges them); build: "
-                           "whether the last build into it completed, or was interrupted (run it again)")
+                           "whether the last build into it completed, or was interrupted (run it again); venom_advice: "
+                           "whether answers give snakebite advice ('index venom-advice'), with a note when it may "
+                           "not be meant")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
     p = s_index.add_parser(
@@ -102,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "recorded off, never guessed from species names. Turn it off for a gallery that is not of snakes (birds, "
         "plants); refused while a species is recorded medically important venomous. A running server follows the "
         "change at its next look at the gallery (docs/identification.md, 'Venom advice').")
-    p.add_argument("state", nargs="?", choices=("on", "off"),
+    p.add_argument("state", nargs="?", choices=("on", "off"), metavar="on|off",
                    help="on or off; left out: print what the gallery records")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_venom_advice)
