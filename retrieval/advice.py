@@ -78,8 +78,9 @@ def venom_advice_on(info: Mapping[str, object]) -> bool:
 
 def record_venom_advice(gallery: Gallery, on: bool) -> None:
     """Record in the gallery's ``gallery.json`` whether its answers give venom advice (the folder's lock, the file
-    re-read first: :meth:`index.gallery.Gallery.record_info`); a running server reads it at its next look."""
-    gallery.record_info(VENOM_ADVICE_KEY, bool(on))
+    re-read first, whatever this object read before: :meth:`index.gallery.Gallery.update_info`); a running server
+    reads it at its next look."""
+    gallery.update_info(VENOM_ADVICE_KEY, lambda _: bool(on))
 
 
 def recorded_venomous(taxa: Iterable[SpeciesSummary]) -> list[str]:
