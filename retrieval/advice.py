@@ -11,8 +11,8 @@ The advice (:func:`venom_advice`), in order:
 - ``unlikely``: a species is named and under 10% (as printed) is on venomous or unrecorded species; said with the
   caveat that only the gallery's own species can be named.
 
-A gallery that records no venom status at all gets no advice (None) for a named answer: birds, plants. Every
-gallery gets the safe advice on a far or unknown answer unless its ``gallery.json`` records that it gives no venom
+Every gallery gets the advice, named answers included (a gallery none of whose species records a venom status:
+"venom status not recorded ... treat as venomous"), unless its ``gallery.json`` records that it gives no venom
 advice (:data:`VENOM_ADVICE_KEY` false: ``index build --no-venom-advice``, ``index venom-advice off``): safe by
 default, never guessed from names (a folder ``Puff adder`` reads as a scientific name; a snake genus the shipped
 taxonomy lacks, ``Cryptelytrops``, is no less a snake). Such a gallery gets no advice for any answer, unless a
@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from index.gallery import Gallery
 from index.photos import first_few
@@ -37,6 +37,12 @@ from index.taxonomy import TaxonInfo, known_snake, moroccan_checklist
 
 if TYPE_CHECKING:
     from index.store import SpeciesSummary
+
+
+class HasVenomous(Protocol):
+    """Anything with a venomous flag (a species' summary, an answer's neighbour)."""
+
+    venomous: bool | None
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +94,12 @@ def recorded_venomous(taxa: Iterable[SpeciesSummary]) -> list[str]:
     return sorted(t.species for t in taxa if t.venomous)
 
 
-def venom_applies(info: Mapping[str, object], taxa: Iterable[SpeciesSummary] = ()) -> bool:
+def venom_applies(info: Mapping[str, object], taxa: Iterable[SpeciesSummary | HasVenomous] = ()) -> bool:
     """Whether venom advice applies to a gallery: on unless its ``gallery.json`` (``info``) records it off
-    (:func:`venom_advice_on`), and on all the same while any of ``taxa`` (its species and its text prior's) is
-    recorded medically important venomous: a declaration never silences a venomous species."""
-    return venom_advice_on(info) or bool(recorded_venomous(taxa))
+    (:func:`venom_advice_on`), and on all the same while any of ``taxa`` (its species and its text prior's; an
+    answer's neighbours too) is recorded medically important venomous: a declaration never silences a venomous
+    species. The one rule of answers, ``/readyz``, ``index info``; ``taxa`` is read only when recorded off."""
+    return venom_advice_on(info) or any(t.venomous for t in taxa)
 
 
 def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary], root: str | Path) -> str | None:
@@ -149,8 +156,6 @@ def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, veno
                            f"{unflagged}. Treat as venomous and seek medical care.")
     if unknown:
         return VenomAdvice("cannot_tell", True, UNKNOWN_TEXT)
-    if venomous_score is None and not venom_unknown_score:
-        return None  # the gallery records no venom status at all (birds): far and unknown were told above
     unflagged = (f" (and {venom_unknown_score:.1%} on species of unknown venom status)"
                  if venom_unknown_score >= 0.005 else "")
     return VenomAdvice("unlikely", False, f"Probability medically important venomous: {venomous:.1%}{unflagged}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import threading
@@ -37,7 +38,7 @@ from retrieval.advice import (
     checklist_coverage,
     unrecorded_share,
     venom_advice,
-    venom_advice_on,
+    venom_applies,
 )
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
@@ -272,8 +273,7 @@ class Identifier:
         self._taxa_version = -1
         self._taxa: dict[str, SpeciesSummary] = {}
         self._held: frozenset[str] = frozenset()  # species with searchable references (with the taxa's version)
-        self._records_venom = False  # some species of the gallery has a venom status (with the taxa's version)
-        self._any_venomous = False  # some species is recorded venomous (with the taxa's version): advice applies
+        self._venomous: tuple[SpeciesSummary, ...] = ()  # species recorded venomous (with the taxa's version)
         self._probe_noted: dict[str, tuple[int, LinearProbe | None]] = {}  # warned -> (gallery version, probe) then
         self._whitening_version = -1
         self._whitening: Whitening | None = None
@@ -419,8 +419,7 @@ class Identifier:
             taxa.update({s.species: s for s in held})
             self._held = frozenset(s.species for s in held if s.count > 0)
             self._taxa, self._taxa_version = taxa, version
-            self._records_venom = any(t.venomous is not None for t in taxa.values())
-            self._any_venomous = any(t.venomous for t in taxa.values())
+            self._venomous = tuple(t for t in taxa.values() if t.venomous)
         return self._taxa
 
     def recorded_countries(self) -> dict[str, frozenset[str]]:
@@ -444,10 +443,13 @@ class Identifier:
         ``gallery.json`` records it off (read again when it changes), and on while a species is recorded venomous
         (the species read, cached as :meth:`taxa` is, only for a gallery recorded off): the page words itself by it
         (``/readyz``)."""
-        if venom_advice_on(self.gallery.info):
-            return True
+        return venom_applies(self.gallery.info, self._venomous_taxa())
+
+    def _venomous_taxa(self) -> Iterator[SpeciesSummary]:
+        """The species recorded venomous (:meth:`taxa`, read only when iterated: a gallery recorded on never
+        reads them for :func:`retrieval.advice.venom_applies`)."""
         self.taxa()
-        return self._any_venomous
+        yield from self._venomous
 
     def checklist_coverage(self) -> ChecklistCoverage | None:
         """Which species of the checklist the gallery was built from it can name (:func:`retrieval.advice.
@@ -697,18 +699,17 @@ class Identifier:
         views = (scores,) if presence is None else (scores, seen)
         flags = {s: info(s).venomous for s in seen}  # scores' species are seen's
         venom = [v for v in (venomous_probability(d, flags) for d in views) if v is not None]
-        # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
-        records_venom = self._records_venom or any(n.venomous is not None for n in neighbours)
         # recorded off (birds): no venom advice at all, unless a species is recorded venomous (a neighbour the taxa
-        # lack, another writer's, at once)
-        applies = venom_advice_on(self.gallery.info) or self._any_venomous or any(n.venomous for n in neighbours)
+        # lack, another writer's, at once); on, a species of no recorded status counts as unrecorded, whatever the
+        # rest of the gallery records
+        applies = venom_applies(self.gallery.info, itertools.chain(self._venomous_taxa(), neighbours))
         limit = self.far_threshold() if nearest is not None else None
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
         unknown = best < self.config.unknown_threshold or not predictions or far
         venomous_score = None if far or not venom else max(venom)  # far: the scores say nothing of this photo
         # species of unrecorded status, whatever their names (a toad's counts until set-venom records it harmless)
-        unflagged = 0.0 if far or not records_venom else max(unrecorded_share(d, flags) for d in views)
+        unflagged = 0.0 if far or not applies else max(unrecorded_share(d, flags) for d in views)
         named = [p.common_name or p.species for p in predictions if p.venomous and p.score >= VENOM_WARN_AT]
         unrecorded = [p.common_name or p.species for p in predictions if p.venomous is None and p.score >= 0.01]
         return Identification(
@@ -728,7 +729,7 @@ class Identifier:
             country_covered=None if presence is None else any(c is not None for c in candidates),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
-                                      unrecorded_names=unrecorded[:3] if records_venom else (), applies=applies),
+                                      unrecorded_names=unrecorded[:3], applies=applies),
             venom_applies=applies,
         )
 

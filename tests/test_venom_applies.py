@@ -22,6 +22,7 @@ from retrieval.vote import VoteConfig
 DIM = 16
 ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
 BIRD_FOLDERS = ("Common Raven (Corvus corax)", "House Sparrow (Passer domesticus)")
+NOT_RECORDED = "Venom status not recorded for "
 HINT = "none of this gallery's species is in the shipped snake taxonomy"
 
 
@@ -62,8 +63,9 @@ def _far_and_unknown(g: Gallery, centre: np.ndarray):
 
 def _assert_cautious(far, unknown) -> None:
     assert far.venom_applies and far.venom_advice.text == FAR_TEXT and far.venom_advice.treat_as_venomous
-    assert unknown.venom_applies and unknown.venom_advice.text == UNKNOWN_TEXT
-    assert unknown.venom_advice.treat_as_venomous
+    # every species unrecorded: the unknown answer's whole mass warns as unrecorded, before 'cannot tell'
+    assert unknown.venom_applies and unknown.venom_advice.treat_as_venomous
+    assert unknown.venom_advice.text == UNKNOWN_TEXT or unknown.venom_advice.text.startswith(NOT_RECORDED)
 
 
 def _folder_gallery(tmp_path, capsys, folders, *extra) -> tuple:
@@ -105,7 +107,8 @@ def test_snakes_under_common_names_get_the_safe_advice_far_and_unknown(tmp_path,
     code, out, err = _run(capsys, "identify", "--index", index, photo, "--format", "json", "--unknown-threshold",
                           "0.999999", "-q")
     (answer,) = json.loads(out)
-    assert code == 0 and answer["unknown"] and answer["venom_advice"]["text"] == UNKNOWN_TEXT, (out, err)
+    assert code == 0 and answer["unknown"] and answer["venom_advice"]["treat_as_venomous"], (out, err)
+    assert answer["venom_advice"]["text"].startswith(NOT_RECORDED), answer  # the whole mass: unrecorded
     code, out, err = _run(capsys, "identify", "--index", index, blank, "-q")
     assert code == 0 and "treat the bite as venomous" in out, out
 
@@ -273,3 +276,44 @@ def test_the_add_warning_says_possibly_venomous_unless_the_gallery_gives_no_advi
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Parus major",
                           _photo(tmp_path / "new" / "b.png", 41), *ENCODER)
     assert code == 0 and "venom" not in out + err + caplog.text, (out, err, caplog.text)
+
+
+# ------------------------------------------------------------------- named answers where no status is recorded
+@pytest.mark.parametrize("names", [("Puff adder", "Moorish viper"), ("Cryptelytrops albolabris", "Popeia popeiorum")])
+def test_a_named_answer_of_a_gallery_recording_no_status_warns(tmp_path, names):
+    """Re-read w2 #1: with the advice on and no species recording a status, a named answer got no advice at all
+    (the old 'records any status' gate); every unrecorded species counts as unrecorded, the mass included."""
+    g, centre = _gallery(tmp_path, {s: {} for s in names})
+    (named,) = Identifier(FakeEncoder(), g).identify_embeddings(centre[None].astype(np.float32))
+    assert not named.unknown and not named.far and named.predictions[0].species == names[0], named.predictions
+    assert named.venom_unknown_score > 0.5, named.venom_unknown_score
+    assert named.venom_advice.level == "possibly_venomous" and named.venom_advice.treat_as_venomous
+    assert named.venom_advice.text.startswith(f"{NOT_RECORDED}{names[0]}"), named.venom_advice.text
+
+
+def test_a_named_answer_of_a_folder_gallery_recording_no_status_warns(tmp_path, capsys):
+    """The CLI's table and JSON for a gallery of common-name folders: the advice line, treat as venomous."""
+    index, _ = _folder_gallery(tmp_path, capsys, ("Puff adder", "Moorish viper"))
+    photo = tmp_path / "photos" / "Puff adder" / "0.png"
+    code, out, err = _run(capsys, "identify", "--index", index, photo, "--format", "json", "-q")
+    (answer,) = json.loads(out)
+    assert code == 0 and not answer["far"] and not answer["unknown"], (out, err)
+    assert answer["venom_advice"]["level"] == "possibly_venomous", answer
+    assert answer["venom_advice"]["text"].startswith(NOT_RECORDED), answer
+    code, out, err = _run(capsys, "identify", "--index", index, photo, "-q")
+    assert code == 0 and NOT_RECORDED in out and "treat as venomous" in out, out
+
+
+def test_a_ph_snakes_folder_gallery_takes_its_flags_from_the_taxonomy(tmp_path, capsys):
+    """Folders 'Common name (Scientific name)' of species the shipped taxonomy knows get their flags at build: a
+    named answer reads by them (the cobra's venomous, the wolf snake's harmless), not as unrecorded."""
+    index, _ = _folder_gallery(tmp_path, capsys, ("Common Wolf Snake (Lycodon capucinus)",
+                                                  "Philippine Cobra (Naja philippinensis)"))
+    flags = {s["species"]: s["venomous"] for s in
+             json.loads(_run(capsys, "species", "list", "--index", index, "--format", "json")[1])}
+    assert flags == {"Lycodon capucinus": False, "Naja philippinensis": True}, flags
+    code, out, err = _run(capsys, "identify", "--index", index, "--format", "json", "-q",
+                          tmp_path / "photos" / "Common Wolf Snake (Lycodon capucinus)" / "0.png")
+    (answer,) = json.loads(out)
+    assert code == 0 and answer["venom_unknown_score"] == 0.0 and answer["venom_advice"] is not None, answer
+    assert "not recorded" not in answer["venom_advice"]["text"], answer

@@ -335,7 +335,7 @@ def test_an_unknown_answer_gives_the_safe_venom_advice_whatever_its_venomous_sco
 
 def test_the_advice_rule():
     """retrieval.advice.venom_advice: far and unknown are never told 'unlikely'; 10% on venomous or unrecorded
-    species warns; a gallery that records no venom status gets no advice for a named answer."""
+    species warns; a gallery the advice does not apply to (recorded off) gets none."""
     from retrieval.advice import VENOM_WARN_AT, venom_advice
 
     def level(**kw):
@@ -349,7 +349,7 @@ def test_the_advice_rule():
     assert level(venomous_score=VENOM_WARN_AT) == ("possibly_venomous", True)
     assert level(unknown=True, venomous_score=0.42) == ("possibly_venomous", True)  # says more than 'cannot tell'
     assert level(venomous_score=0.05, venom_unknown_score=0.05) == ("possibly_venomous", True)
-    assert level(venomous_score=None) is None and level(venomous_score=None, unknown=True) == ("cannot_tell", True)
+    assert level(applies=False) is None and level(venomous_score=None, unknown=True) == ("cannot_tell", True)
     # re-read s51 #3, #4, #2: the wording
     assert level(venomous_score=0.0999) == ("possibly_venomous", True)  # prints as 10.0%: warns as 10% does
     assert level(venomous_score=0.0994) == ("unlikely", False)
