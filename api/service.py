@@ -335,13 +335,15 @@ class SpeciesService:
         common_name: str | None = None,
         venomous: bool | None = None,
         new_species: bool = False,
+        distinct_from_venomous: bool = False,
     ) -> AddResult:
         """Store the photos as references of ``species`` (created if new); searchable when this returns.
         ``new_species``: a new name that looks like a gallery species is meant (else refused, a 409). 503 during
         the store's outage (:meth:`require_store`: a write would hold the gallery's lock, which searches take)."""
         self.require_store("writes")
         workflows.check_new_references(self.gallery, species, common_name=common_name, venomous=venomous,
-                                       new_species=new_species)  # a refused name (422, 409) costs no forward pass
+                                       new_species=new_species, distinct_from_venomous=distinct_from_venomous)
+        # a refused name (422, 409) costs no forward pass
         least = self.settings.min_reference_px
         small = [u for u in uploads if min(u.size) < least]
         if small:
@@ -354,7 +356,7 @@ class SpeciesService:
                 result = workflows.add_photos(self.gallery, self.encoder, species, [(u.name, u.data) for u in uploads],
                                               common_name=common_name, venomous=venomous, dataset="api",
                                               min_side=least, new_species=new_species, embeddings=embeddings,
-                                              api=True)
+                                              api=True, distinct_from_venomous=distinct_from_venomous)
         except workflows.UploadsNotKeptError as exc:  # committed: a 503 whose message says so, and what to send
             self.identifier.whitening()
             raise StoreUnavailable(str(exc), transient=True) from exc

@@ -318,6 +318,60 @@ def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
     return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1] if names else ""
 
 
+#: How ``species set-venom NAME no`` and ``references add --venomous no`` confirm that a name like a venomous taxon
+#: (:func:`venomous_lookalike`) is another, harmless species (the API's add: the form field ``distinct_from_venomous``).
+DISTINCT_OPTION = "--distinct-from-venomous"
+
+
+@lru_cache(maxsize=1)
+def _venomous_by_epithet() -> dict[str, TaxonInfo]:
+    """The specific epithet (species_key) of each medically important venomous taxon -> one such taxon."""
+    out: dict[str, TaxonInfo] = {}
+    for info in _taxonomy().values():
+        words = species_key(info.species).split(" ")
+        if info.venomous and len(words) > 1:
+            out.setdefault(words[1], info)
+    return out
+
+
+def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[TaxonInfo, str] | None:
+    """(a medically important venomous taxon of the shipped taxonomy that ``name`` may be, how it looks so), None
+    when none: a near-spelling (:data:`SUGGESTION`: ``Daboia russellii`` for ``Daboia russelii``), its common name
+    (``name`` or ``common_name``: ``Puff adder`` for ``Bitis arietans``), or, for a genus the taxonomy lacks, the
+    same specific epithet (``Cryptelytrops albolabris`` for ``Trimeresurus albolabris``: a synonym). The taxon
+    itself (:func:`lookup_taxon`) is not looked for here: its flag is refused outright. The one rule of a harmless
+    flag (:func:`check_harmless_flag`)."""
+    if (taxon := lookup_taxon(name)) is not None and taxon.venomous:
+        return None
+    common = {species_key(t.common_name): t for t in _taxonomy().values() if t.common_name and t.venomous}
+    for given in (name, common_name):
+        if given and (found := common.get(species_key(given))):
+            return found, f"{given!r} is its common name"
+    if taxon is None:
+        close = [t for t in taxonomy_lookalikes(name, SUGGESTION) if t.venomous]
+        if close:
+            return close[0], f"{name!r} is a near-spelling of it"
+        words = species_key(name).split(" ")
+        if len(words) > 1 and not known_genus(words[0]) and (found := _venomous_by_epithet().get(words[1])):
+            return found, (f"{name!r} has its specific epithet in a genus the taxonomy lacks (it may be a synonym: "
+                           "an older or newer genus)")
+    return None
+
+
+def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False) -> None:
+    """Refuse (ValueError) recording ``name`` harmless (venomous no) when it may be a medically important venomous
+    taxon (:func:`venomous_lookalike`), unless ``distinct``: the user confirmed it is another species
+    (:data:`DISTINCT_OPTION`). The rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
+    if distinct or (found := venomous_lookalike(name, common_name)) is None:
+        return
+    taxon, how = found
+    raise ValueError(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped taxonomy "
+                     f"(SnakeCLEF's list): {how}; a harmless answer for a venomous snake is the costly error. If "
+                     f"you are sure it is another, harmless species, add {DISTINCT_OPTION} (the API's add: "
+                     "distinct_from_venomous=true); else leave the flag out (its status stays unrecorded: answers "
+                     "treat it as possibly venomous)")
+
+
 def new_species_references(
     name: str,
     gallery_species: Iterable[SpeciesSummary],
@@ -330,6 +384,7 @@ def new_species_references(
     family: str | None = None,
     new_species: bool = False,
     warn: bool = True,
+    distinct_from_venomous: bool = False,
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
@@ -345,7 +400,8 @@ def new_species_references(
     species' written as a scientific name (``Parus`` beside ``Parus major``; not ``dogs`` beside the label ``dogs
     small``), is refused either way: the one rule of the CLI and the API (a dataset's folder names are not checked
     by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous
-    flag, stays of unknown venom status (off for a check ahead of the add, which warns itself).
+    flag, stays of unknown venom status (off for a check ahead of the add, which warns itself). ``venomous`` False
+    for a name like a venomous taxon is refused unless ``distinct_from_venomous`` (:func:`check_harmless_flag`).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -375,6 +431,9 @@ def new_species_references(
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
+    if venomous is False:  # a near-spelling, common name or synonym of a venomous taxon: refused unless confirmed
+        check_harmless_flag(species, common_name or (prior.common_name if prior else None),
+                            distinct=distinct_from_venomous)
     # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly
     # venomous; the caller passes warn=False where the gallery gives no venom advice
     if warn and prior is None and taxon is None and venomous is None:

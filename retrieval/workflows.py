@@ -63,6 +63,7 @@ from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import (
     SUGGESTION,
+    check_harmless_flag,
     find_species,
     gallery_lookalikes,
     lookup_taxon,
@@ -779,13 +780,15 @@ def check_new_references(
     common_name: str | None = None,
     venomous: bool | None = None,
     new_species: bool = False,
+    distinct_from_venomous: bool = False,
 ) -> None:
     """Refuse (ValueError, SpeciesNameConflictError) what :func:`add_photos` would refuse about the name and flags of
     photos for ``species``, before any work: a caller that embeds first (the API) answers a refused name without a
     forward pass. :func:`add_photos` checks again with the gallery as it is when it writes, and logs what the name
     leaves unknown (its venom status) then, once."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
-                           venomous=venomous, new_species=new_species, warn=False)
+                           venomous=venomous, new_species=new_species, warn=False,
+                           distinct_from_venomous=distinct_from_venomous)
 
 
 #: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
@@ -809,11 +812,14 @@ def add_photos(
     new_species: bool = False,
     embeddings: np.ndarray | None = None,
     api: bool = False,
+    distinct_from_venomous: bool = False,
 ) -> AddResult:
     """Store photos as references of ``species`` (created if new); searchable when this returns.
 
     ``new_species``: the caller confirmed that a new name looking like a gallery species (a near-spelling, or its
     common name) is a new species; without it such a name is refused (SpeciesNameConflictError) before any work.
+    ``distinct_from_venomous``: ``venomous`` False is meant although the name looks like a venomous taxon's
+    (:func:`index.taxonomy.check_harmless_flag`: refused without it).
 
     ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept by content digest in the gallery's
     ``uploads/`` folder, or, for a store on S3, in the store (``<store>/_speciesid/uploads/``: every machine sharing
@@ -846,6 +852,7 @@ def add_photos(
     name, records, prior = new_species_references(
         species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
         genus=genus, family=family, new_species=new_species, warn=venom_advice_on(gallery.info),
+        distinct_from_venomous=distinct_from_venomous,
     )  # a refused name or flag leaves nothing behind; no word of venom in a gallery of none: the uploads are kept
     # only from here
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
@@ -1154,12 +1161,15 @@ class VenomSet:
     references: int  # references of the species (excluded ones too), every one set
 
 
-def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool) -> VenomSet:
+def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool, *,
+                         distinct_from_venomous: bool = False) -> VenomSet:
     """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
     photo (``speciesid species set-venom``): how a species a folder dataset built gets a venom status, or a toad's
     flag says "no". ``name`` in any spelling of a gallery species (case, ``_``, ``-``). Refused (ValueError): a name
     the gallery does not hold (naming the species it may mean), and ``no`` for a species the shipped snake taxonomy
-    records as medically important venomous (the rule of ``references add --venomous no``)."""
+    records as medically important venomous (the rule of ``references add --venomous no``), or for a name that may
+    be one (a near-spelling, its common name, its epithet in a genus the taxonomy lacks) unless
+    ``distinct_from_venomous`` (:func:`index.taxonomy.check_harmless_flag`)."""
     g = _gallery(gallery)
     held = g.species()
     found = find_species(held, name)
@@ -1173,6 +1183,8 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     if venomous is False and taxon is not None and taxon.venomous:
         raise ValueError(f"{found.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
                          "list): its flag stays yes; a harmless answer for a venomous snake is the costly error")
+    if venomous is False:
+        check_harmless_flag(found.species, found.common_name, distinct=distinct_from_venomous)
     count = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")

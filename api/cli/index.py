@@ -24,6 +24,7 @@ from api.cli._common import (
     to_csv,
 )
 from index.compaction import AUTO_PRUNE_AGE
+from index.taxonomy import DISTINCT_OPTION
 
 if TYPE_CHECKING:
     from index.objects import StoredObject
@@ -121,7 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = s_sp.add_parser("set-venom", help="set a gallery species' medically important venomous flag (no photo)",
                         description="Set whether a species the gallery holds is medically important venomous, on "
                         "every one of its references, with no photo to add: how a species of a folder build gets a "
-                        "venom status. 'no' is refused for a species the shipped snake taxonomy records as venomous. "
+                        "venom status. 'no' is refused for a species the shipped snake taxonomy records as venomous, "
+                        f"and, unless {DISTINCT_OPTION}, for a name that may be one. "
                         "A species of no venom status counts as possibly venomous, whatever its name: record the "
                         "harmless ones of a mixed gallery (a toad beside a cobra) 'no' (docs/identification.md, "
                         "'Venom advice').")
@@ -129,6 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the space)")
     p.add_argument("venomous", metavar="yes|no", help="medically important venomous: yes or no")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
+    p.add_argument(DISTINCT_OPTION, action="store_true", help="confirm 'no' for a name that looks like a venomous "
+                   "species of the shipped taxonomy (a near-spelling, its common name, its epithet in a genus the "
+                   "taxonomy lacks), which is refused without this")
     p.set_defaults(func=cmd_species_set_venom)
 
 
@@ -312,7 +317,8 @@ def cmd_species_set_venom(args: argparse.Namespace) -> int:
     """speciesid species set-venom: set a species' venomous flag on all its references (exit status)."""
     from retrieval.workflows import set_species_venomous
 
-    done = set_species_venomous(args.index, args.species, parse_yes_no(args.venomous, "the venomous flag"))
+    done = set_species_venomous(args.index, args.species, parse_yes_no(args.venomous, "the venomous flag"),
+                                distinct_from_venomous=args.distinct_from_venomous)
     emit(f"{done.species}: venomous {fmt_bool(done.was)} -> {fmt_bool(done.now)} ({done.references} "
          f"reference{'s' * (done.references != 1)})")
     return 0

@@ -43,12 +43,17 @@ def add_references(
                                       "species (a near-spelling, or its common name) or a species of the shipped "
                                       "taxonomy (a near-spelling), or is not written as a scientific name ('Genus "
                                       "species': a label such as 'cats'): refused (409) without")] = False,
+    distinct_from_venomous: Annotated[bool, Form(description="confirm venomous=false for a name that looks like a "
+                                                 "medically important venomous species of the shipped taxonomy (a "
+                                                 "near-spelling, its common name, its epithet in a genus the "
+                                                 "taxonomy lacks): refused (400) without")] = False,
     *, response: Response,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
     uploads = read_uploads(service, images, at_most=service.settings.max_add_images)
     result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous,
-                                                 new_species=new_species))
+                                                 new_species=new_species,
+                                                 distinct_from_venomous=distinct_from_venomous))
     if not result.report.added:
         response.status_code = 200  # nothing stored (every photo a reference already): nothing was created
     return AddReferencesOut(species=result.species, created=result.created, exists=result.exists,
