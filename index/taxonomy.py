@@ -372,6 +372,35 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
                      "treat it as possibly venomous)")
 
 
+def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | None = None,
+                          family: str | None = None, advice_on: bool = True, root: str | Path = "GALLERY",
+                          api: bool = False) -> str:
+    """What to tell of a new species ``species`` whose flag ``venomous`` (as stored) is None, '' when nothing:
+    advice on (``advice_on``: :func:`retrieval.advice.venom_applies` of the gallery), one the shipped taxonomy does
+    not list: its status stays unknown and answers count it as possibly venomous; advice off, one of a snake genus
+    or family the taxonomy knows (:func:`known_snake`): its answers give no bite advice, and how to turn it on. The
+    add's warning (the CLI's log, the API's ``notes``: ``api`` words it for an HTTP client; ``root``: the gallery
+    the CLI commands name)."""
+    if venomous is not None:
+        return ""
+    record = ("the gallery's operator records it with 'speciesid species set-venom' (no API route)" if api else
+              f"'speciesid species set-venom --index {root} \"{species}\" yes' (or no) records it")
+    if advice_on:
+        if lookup_taxon(species) is not None:
+            return ""
+        close = taxonomy_lookalikes(species, SUGGESTION)
+        return (f"{species!r} is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
+                f"venom status stays unknown (answers count it as possibly venomous; {record})"
+                + (f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else ""))
+    if not known_snake(species, genus, family):
+        return ""
+    turn_on = ("the gallery's operator turns it on with 'speciesid index venom-advice on'" if api else
+               f"'speciesid index venom-advice --index {root} on' turns it on")
+    return (f"{species!r} looks like a snake (the shipped snake taxonomy knows its genus or family) and its venom "
+            f"status is not recorded, but this gallery records no venom advice, so its answers say nothing of a "
+            f"bite: if it holds snakes, {turn_on}; or {record}")
+
+
 def new_species_references(
     name: str,
     gallery_species: Iterable[SpeciesSummary],
@@ -436,12 +465,8 @@ def new_species_references(
                             distinct=distinct_from_venomous)
     # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly
     # venomous; the caller passes warn=False where the gallery gives no venom advice
-    if warn and prior is None and taxon is None and venomous is None:
-        close = taxonomy_lookalikes(species, SUGGESTION)
-        logger.warning("%r is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
-                       "venom status stays unknown (answers count it as possibly venomous; 'speciesid species "
-                       "set-venom' records it)%s", species,
-                       f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else "")
+    if warn and prior is None and (note := unrecorded_venom_note(species, venomous)):
+        logger.warning("%s", note)
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),
                               ("common name", common_name, prior.common_name if prior else None)):

@@ -108,12 +108,19 @@ def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary]
     - on, with species none of which the shipped snake taxonomy knows (by species, genus or family:
       :func:`index.taxonomy.known_snake`) and none recording a venom status (birds, plants): how to turn it off. A
       hint only: names decide nothing (a snake genus the 2021 table lacks, a common name), nothing is turned off;
-    - off while a species is recorded venomous: the advice stays on for it."""
+    - off while a species is recorded venomous: the advice stays on for it;
+    - off, with species of a snake genus or family the taxonomy knows that record no status: how to turn it on."""
     taxa = list(taxa)
     if not venom_advice_on(info):
         if venomous := recorded_venomous(taxa):
             return (f"this gallery records no venom advice, but it holds species recorded medically important "
                     f"venomous ({first_few(venomous)}): its answers give venom advice all the same")
+        if snakes := sorted(t.species for t in taxa if t.venomous is None and known_snake(t.species, t.genus,
+                                                                                          t.family)):
+            return (f"this gallery records no venom advice, but it holds species of a snake genus or family the "
+                    f"shipped taxonomy knows with no venom status recorded ({first_few(snakes)}): their answers "
+                    f"say nothing of a bite; if it holds snakes, 'speciesid index venom-advice --index {root} on' "
+                    "turns the advice on ('speciesid species set-venom' records a species' status)")
         return None
     if not taxa or any(t.venomous is not None or known_snake(t.species, t.genus, t.family) for t in taxa):
         return None

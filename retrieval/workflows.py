@@ -71,6 +71,7 @@ from index.taxonomy import (
     species_key,
     taxa_text,
     taxonomy_lookalikes,
+    unrecorded_venom_note,
 )
 from index.vectors import VectorIndexConfig
 from retrieval.advice import (
@@ -81,6 +82,7 @@ from retrieval.advice import (
     recorded_venomous,
     venom_advice_hint,
     venom_advice_on,
+    venom_applies,
 )
 from retrieval.clean import CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
@@ -658,6 +660,10 @@ class AddResult:
     near_copies: list[NearCopy] = field(default_factory=list)  # photos stored that nearly copy a reference held
     taxon_note: str = ""  # a new species the shipped taxonomy does not know, named like a taxon there: which one
     absent_note: str = ""  # a new name none of whose photos was stored: that the species is still not in the gallery
+    #: a new species of no venom flag (index.taxonomy.unrecorded_venom_note): possibly venomous in its answers, or,
+    #: where the gallery gives no venom advice, a snake's genus with no bite advice; the API's (``api``): the CLI
+    #: has the add's log line
+    venom_note: str = ""
 
     @property
     def exists(self) -> bool:
@@ -667,10 +673,11 @@ class AddResult:
 
     @property
     def notes(self) -> list[str]:
-        """The notes a caller shows beside the result (``absent_note``, ``taxon_note``, ``probe_note``, ``few_note``,
-        then the near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those
-        that say something."""
-        return ([note for note in (self.absent_note, self.taxon_note, self.probe_note, self.few_note) if note]
+        """The notes a caller shows beside the result (``absent_note``, ``taxon_note``, ``venom_note``,
+        ``probe_note``, ``few_note``, then the near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one
+        more counting the rest), those that say something."""
+        return ([note for note in (self.absent_note, self.taxon_note, self.venom_note, self.probe_note, self.few_note)
+                 if note]
                 + near_copy_notes(self.near_copies))
 
 
@@ -849,12 +856,17 @@ def add_photos(
             uploads.append((path, item[1]))
         else:
             paths.append(Path(item))
+    held = gallery.species()
     name, records, prior = new_species_references(
-        species, gallery.species(), paths, dataset=dataset, common_name=common_name, venomous=venomous,
-        genus=genus, family=family, new_species=new_species, warn=venom_advice_on(gallery.info),
-        distinct_from_venomous=distinct_from_venomous,
-    )  # a refused name or flag leaves nothing behind; no word of venom in a gallery of none: the uploads are kept
-    # only from here
+        species, held, paths, dataset=dataset, common_name=common_name, venomous=venomous, genus=genus,
+        family=family, new_species=new_species, warn=False, distinct_from_venomous=distinct_from_venomous,
+    )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
+    # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
+    venom_note = "" if prior is not None or not records else unrecorded_venom_note(
+        name, records[0].venomous, genus=records[0].genus, family=records[0].family,
+        advice_on=venom_applies(gallery.info, held), root=gallery.root, api=api)
+    if venom_note:
+        logger.warning("%s", venom_note)
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
     # rows committed ADD_CHUNK photos at a time; given embeddings (the API's, all in memory): all in one commit
     chunk = ADD_CHUNK if embeddings is None else max(len(paths), 1)
@@ -915,6 +927,7 @@ def add_photos(
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
+                     venom_note=venom_note if api and report.ids else "",  # the CLI has the log line
                      few_note=few_note, near_copies=near,
                      absent_note=_absent_note(name, report) if not existed and not report.ids else "")
 

@@ -1,0 +1,59 @@
+"""What an add says of a new species' venom status (index.taxonomy.unrecorded_venom_note): in a gallery recorded
+off, a species of a snake genus the shipped taxonomy knows (re-read w2 safety #3: silent); and the API's add
+carries it in its notes (#7: a server log line only)."""
+
+from __future__ import annotations
+
+import json
+
+from _cli_support import ENCODER, _photo, _run
+
+BIRDS = ("Corvus corax", "Passer domesticus")
+
+
+def _gallery(tmp_path, capsys, *extra):
+    root = tmp_path / "photos"
+    for i in range(4):
+        _photo(root / BIRDS[i % 2] / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                        *ENCODER, *extra, "-q")
+    assert code == 0, err
+    return index
+
+
+def test_an_off_gallery_warns_at_the_add_of_a_snake_genus(tmp_path, capsys, caplog):
+    index = _gallery(tmp_path, capsys, "--no-venom-advice")
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Bungarus suzhenae",
+                          _photo(tmp_path / "new" / "a.png", 40), *ENCODER)
+    assert code == 0, err
+    assert ("'Bungarus suzhenae' looks like a snake (the shipped snake taxonomy knows its genus or family) and its "
+            "venom status is not recorded, but this gallery records no venom advice") in caplog.text, caplog.text
+    assert f"'speciesid index venom-advice --index {index} on' turns it on" in caplog.text, caplog.text
+    said = json.loads(_run(capsys, "index", "info", "--index", index)[1])["venom_advice"]
+    assert said["on"] is False and said["note"].startswith(
+        "this gallery records no venom advice, but it holds species of a snake genus or family the shipped taxonomy "
+        "knows with no venom status recorded (Bungarus suzhenae)"), said
+    caplog.clear()  # a bird added to it: nothing of venom
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Sylvia atricapilla",
+                          _photo(tmp_path / "new" / "b.png", 41), *ENCODER)
+    assert code == 0 and "venom" not in out + err + caplog.text, (out, err, caplog.text)
+
+
+def test_the_api_add_tells_its_client_of_an_unrecorded_status(tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = _gallery(tmp_path, capsys)
+    photo = _photo(tmp_path / "new" / "a.png", 40, side=256)
+    files = [("images", (photo.name, photo.read_bytes(), "image/png"))]
+    with TestClient(create_app(Settings(index=str(index), api_keys="secret", precision="fp32"))) as client:
+        done = client.post("/v1/species/Sylvia atricapilla/references", files=files, headers={"X-API-Key": "secret"})
+        assert done.status_code == 201, done.json()
+        notes = done.json()["notes"]
+        assert any(n.startswith("'Sylvia atricapilla' is not in the shipped snake taxonomy (snakes only) and no "
+                                "venomous flag was given: its venom status stays unknown (answers count it as "
+                                "possibly venomous; the gallery's operator records it with 'speciesid species "
+                                "set-venom'") for n in notes), notes
