@@ -118,8 +118,21 @@ def load_text_prior(folder: str | Path, encoder: Encoder) -> TextPriorScores | N
     data = json.loads(layout.text_prior.read_text(encoding="utf-8"))
     check_encoder(f"the text prior of {folder}", data.get("fingerprint", "?#?"), encoder.fingerprint,
                   fix=f"set it up again with 'speciesid probe train --index {folder}'")
-    taxa = [SpeciesSummary(count=0, **t) for t in data["species"]]
-    return build_text_prior(encoder, taxa, layout.text_prior_cache, strength=float(data.get("strength", 1.0)))
+    return build_text_prior(encoder, _taxa(data), layout.text_prior_cache, strength=float(data.get("strength", 1.0)))
+
+
+def _taxa(data: dict) -> list[SpeciesSummary]:
+    """The species of a read ``text_prior.json``, with the flags it records (one reading: answers' and the CLI's)."""
+    return [SpeciesSummary(count=0, **t) for t in data["species"]]
+
+
+def text_prior_taxa(root: str | Path) -> list[SpeciesSummary]:
+    """The species of a gallery's text prior with the genus, family and venomous flag its ``text_prior.json``
+    records, as answers read them ([] without one, or unreadable): what venom advice's refusal and hint count."""
+    try:
+        return _taxa(json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
 
 
 def text_prior_species(root: str | Path) -> list[str]:

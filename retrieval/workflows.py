@@ -133,7 +133,7 @@ from retrieval.protocol import (
     record_embedding,
     recorded_embedding,
 )
-from retrieval.textprior import text_prior_species
+from retrieval.textprior import text_prior_species, text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -198,7 +198,9 @@ def build_gallery(
     (``index_config`` replaces them all). ``new_store``: an existing gallery whose store lost its table gets a new,
     empty one (ids go on past the folder's: :meth:`Gallery.create`). ``venom_advice``: False records in
     ``gallery.json`` that its answers give no venom advice (``--no-venom-advice``: birds, plants), True that they
-    do; None leaves what it records (a new gallery: on).
+    do; None leaves what it records (a new gallery: on). False is refused (ValueError, before any work; on Ray,
+    whose records stream, after its photos are stored) while the gallery or the dataset holds a species recorded
+    medically important venomous, as ``index venom-advice off`` is (:func:`refuse_venom_advice_off`).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
@@ -226,12 +228,16 @@ def build_gallery(
     for warning in scan.warnings:
         logger.warning("%s", warning)
     require_records(scan)
+    if venom_advice is False:  # before any work: refused as 'index venom-advice off' is
+        refuse_venom_advice_off(index_dir, [r.species for r in scan.records if r.venomous])
     config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
     with empty_gallery_hint(index_dir):  # the fingerprint check, once the weights are loaded
         gallery = Gallery.create(index_dir, enc.describe(), index_config=index_config, weights=config.weights,
                                  store=store, options=storage_options, new_store=new_store)
     record_checklist(gallery, dataset)  # a checklist's gallery says which of its species it cannot name
+    if venom_advice is False:  # the species it holds already
+        refuse_venom_advice_off(gallery.root, recorded_venomous(_venom_taxa(gallery)))
     if venom_advice is not None:  # before the first row: a server never answers its photos otherwise
         record_venom_advice(gallery, venom_advice)
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
@@ -293,7 +299,9 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
                                      store=store, options=storage_options, new_store=new_store)
         # marked until it completes, as a local build is (its photos streamed: none listed up front)
         record_checklist(gallery, dataset)
-        if venom_advice is not None:
+        if venom_advice is False:  # the species held already; the streamed ones once they are stored (below)
+            refuse_venom_advice_off(gallery.root, recorded_venomous(_venom_taxa(gallery)))
+        if venom_advice:
             record_venom_advice(gallery, venom_advice)
         with building(gallery.root, key=dataset_key(dataset, root, metadata), before=before) as earlier:
             report = ray_add_references(gallery, config, records, encoder=enc, options=options, progress=progress,
@@ -302,6 +310,9 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
     finally:
         if started:
             stop_ray()
+    if venom_advice is False:  # its records streamed: known once stored (the photos stay, the record is not made)
+        refuse_venom_advice_off(gallery.root, recorded_venomous(_venom_taxa(gallery)))
+        record_venom_advice(gallery, False)
     for warning in warnings:
         logger.warning("%s", warning)
     scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings, skipped=skipped)
@@ -1214,12 +1225,11 @@ class VenomAdviceSet:
 
 
 def _venom_taxa(g: Gallery) -> list[SpeciesSummary]:
-    """The gallery's species and its text prior's (by name, with the shipped taxonomy's venom flag, as answers
-    read them) for venom advice's hint."""
+    """The gallery's species and its text prior's (with the flags its ``text_prior.json`` records, as answers
+    read them: :func:`retrieval.textprior.text_prior_taxa`) for venom advice's refusal and hint."""
     held = g.species()
     names = {s.species for s in held}
-    return held + [SpeciesSummary(s, None, None, None, taxon.venomous if (taxon := lookup_taxon(s)) else None, 0)
-                   for s in text_prior_species(g.root) if s not in names]
+    return held + [t for t in text_prior_taxa(g.root) if t.species not in names]
 
 
 def venom_advice_note(gallery: Gallery | str | Path) -> str | None:
@@ -1230,6 +1240,18 @@ def venom_advice_note(gallery: Gallery | str | Path) -> str | None:
     return venom_advice_hint(g.info, _venom_taxa(g), g.root)
 
 
+def refuse_venom_advice_off(root: str | Path, venomous: Sequence[str]) -> None:
+    """Refuse (ValueError) recording a gallery's venom advice off while ``venomous`` (species it holds, its text
+    prior's, or a build's) are recorded medically important venomous: its answers would keep the advice, and a
+    record that says off outlives them. The rule of ``index venom-advice off`` and ``index build
+    --no-venom-advice``."""
+    if venomous:
+        raise ValueError(f"gallery {root} holds species recorded medically important venomous "
+                         f"({first_few(sorted(set(venomous)))}): its answers keep venom advice whatever it records, "
+                         "so it stays on; if one is not, 'speciesid species set-venom --index DIR NAME no' records "
+                         "it (refused for a species the shipped snake taxonomy records as venomous)")
+
+
 def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdviceSet:
     """Record whether the gallery's answers give venom advice (``speciesid index venom-advice``), in its
     ``gallery.json`` (the folder's write lock, the file re-read first); ``on`` None: read it, change nothing. A
@@ -1237,11 +1259,8 @@ def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdv
     recorded medically important venomous: its answers would give the advice all the same."""
     g = _gallery(gallery)
     was = venom_advice_on(g.info)
-    if on is False and (venomous := recorded_venomous(_venom_taxa(g))):
-        raise ValueError(f"gallery {g.root} holds species recorded medically important venomous "
-                         f"({first_few(venomous)}): its answers keep venom advice whatever it records, so it stays "
-                         "on; if one is not, 'speciesid species set-venom --index DIR NAME no' records it (refused "
-                         "for a species the shipped snake taxonomy records as venomous)")
+    if on is False:
+        refuse_venom_advice_off(g.root, recorded_venomous(_venom_taxa(g)))
     if on is not None:
         record_venom_advice(g, on)
     return VenomAdviceSet(was, venom_advice_on(g.info), venom_advice_note(g))

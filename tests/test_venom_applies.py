@@ -317,3 +317,39 @@ def test_a_ph_snakes_folder_gallery_takes_its_flags_from_the_taxonomy(tmp_path, 
     (answer,) = json.loads(out)
     assert code == 0 and answer["venom_unknown_score"] == 0.0 and answer["venom_advice"] is not None, answer
     assert "not recorded" not in answer["venom_advice"]["text"], answer
+
+
+# ------------------------------------------------------------------------- off refused while venomous (#4, #6)
+def test_build_no_venom_advice_is_refused_while_a_species_is_recorded_venomous(tmp_path, capsys):
+    """Re-read w2 #4: 'index build --no-venom-advice' recorded off beside a cobra, which 'index venom-advice off'
+    refuses (the answers kept the advice; the record outlived the cobra). Refused the same way, before any work."""
+    root = tmp_path / "photos"
+    for i in range(4):
+        _photo(root / ("Samar Cobra (Naja samarensis)" if i % 2 else "Parus major") / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                          *ENCODER, "--no-venom-advice", "-q")
+    assert code != 0 and (f"gallery {index} holds species recorded medically important venomous (Naja samarensis): "
+                          "its answers keep venom advice whatever it records, so it stays on") in err, err
+    assert not (index / "gallery.json").exists()
+    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
+                "-q")[0] == 0  # built with the advice on; a build into it --no-venom-advice is refused as well
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
+                          *ENCODER, "--no-venom-advice", "-q")
+    assert code != 0 and "(Naja samarensis): its answers keep venom advice" in err, err
+    assert "venom_advice" not in json.loads((index / "gallery.json").read_text())
+
+
+def test_off_counts_the_text_priors_flags_as_answers_do(tmp_path):
+    """Re-read w2 #6: 'index venom-advice off' looked the text prior's species up in the shipped taxonomy, while
+    answers read the flags text_prior.json records: a species recorded venomous there that the table lacks."""
+    from index.layout import GalleryLayout
+    from retrieval.workflows import set_venom_advice
+
+    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
+    prior = {"fingerprint": ENC["fingerprint"], "strength": 1.0, "species": [
+        {"species": "Cryptelytrops albolabris", "genus": "Cryptelytrops", "family": "Viperidae", "common_name": None,
+         "venomous": True}]}
+    GalleryLayout(g.root).text_prior.write_text(json.dumps(prior), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\(Cryptelytrops albolabris\): its answers keep venom advice"):
+        set_venom_advice(g, False)
