@@ -353,3 +353,21 @@ def test_off_counts_the_text_priors_flags_as_answers_do(tmp_path):
     GalleryLayout(g.root).text_prior.write_text(json.dumps(prior), encoding="utf-8")
     with pytest.raises(ValueError, match=r"\(Cryptelytrops albolabris\): its answers keep venom advice"):
         set_venom_advice(g, False)
+
+
+def test_the_csv_and_json_say_whether_venom_advice_applies(tmp_path, capsys):
+    """Re-read w2 #8: the CSV had no venom_applies column, so an empty advice cell could not tell a gallery of no
+    venom advice from an old CLI's answer."""
+    import csv
+    import io
+
+    index, _ = _folder_gallery(tmp_path, capsys, BIRD_FOLDERS, "--no-venom-advice")
+    blank = _blank(tmp_path)
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "--format", "csv", "-q")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and rows and all(r["venom_applies"] == "False" and r["venom_advice"] == "" for r in rows), out
+    assert _far_json(capsys, index, blank)["venom_applies"] is False
+    assert _run(capsys, "index", "venom-advice", "--index", index, "on")[0] == 0
+    code, out, err = _run(capsys, "identify", "--index", index, blank, "--format", "csv", "-q")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and all(r["venom_applies"] == "True" and r["venom_advice"] == FAR_TEXT for r in rows), out

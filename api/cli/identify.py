@@ -23,7 +23,7 @@ from api.cli._common import (
 
 RANKS = ("species", "genus", "family")
 #: The answer's own fields, repeated on each of its CSV rows.
-ANSWER_FIELDS = ("unknown", "far", "nearest_similarity", "venomous_score", "venom_unknown_score")
+ANSWER_FIELDS = ("unknown", "far", "nearest_similarity", "venomous_score", "venom_unknown_score", "venom_applies")
 #: The venom advice's fields, flattened onto each CSV row (retrieval.advice).
 ADVICE_FIELDS = ("venom_advice_level", "venom_advice")
 
