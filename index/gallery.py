@@ -251,6 +251,7 @@ class Gallery:
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
+        self._info_at = self._checked_at  # gallery.json's last look during an outage (_refresh_behind)
         self._synced_version = -1
         self._index: SearchIndex = None  # type: ignore[assignment]
         self._index = self._load_index()
@@ -738,6 +739,9 @@ class Gallery:
                 check = self._check
                 if check is None:
                     if not force and now - self._checked_at < self._pause():
+                        if self._failures and now - self._info_at >= self.refresh_s:  # an outage backs the store's
+                            self._info_at = now  # looks off; gallery.json (a local stat) keeps refresh_s: a
+                            self._look_at_info()  # declaration such as 'index venom-advice on' is followed
                         if self._check_error is not None:  # not an outage: every read says so until a look works
                             raise self._check_error
                         return False

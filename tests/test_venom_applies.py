@@ -371,3 +371,20 @@ def test_the_csv_and_json_say_whether_venom_advice_applies(tmp_path, capsys):
     code, out, err = _run(capsys, "identify", "--index", index, blank, "--format", "csv", "-q")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and all(r["venom_applies"] == "True" and r["venom_advice"] == FAR_TEXT for r in rows), out
+
+
+def test_a_server_in_a_store_outage_follows_gallery_json_on_refresh_s(tmp_path):
+    """Re-read w2 #10: during an outage the store's looks back off up to 30 s, and gallery.json was looked at only
+    with them: 'index venom-advice on' reached a server late. It is looked at on refresh_s whatever the back-off."""
+    import time
+
+    from retrieval.advice import record_venom_advice
+
+    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
+    record_venom_advice(g, False)
+    server = Gallery.open(g.root, refresh_s=0.0)
+    server.stale_reads = True  # as a server's (api.service)
+    assert server.info["venom_advice"] is False
+    server._failures, server._checked_at = 4, time.monotonic()  # an outage: the next look at the store 16 s off
+    record_venom_advice(g, True)  # another process turns the advice on
+    assert server.refresh() is False and server.info["venom_advice"] is True
