@@ -68,9 +68,8 @@ class IdentifyOut(BaseModel):
                                          "every candidate recorded there, or none, or none in the country table "
                                          "(snakes only) or the gallery's photo countries; notes then say which")
     venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
-                                                "venomous) whenever the answer is unknown or far; null for a named "
-                                                "answer of a gallery that records no venom status at all, and for "
-                                                "every answer of a gallery whose venom advice is off (venom_applies "
+                                                "venomous) whenever the answer is unknown or far; null only for the "
+                                                "answers of a gallery whose venom advice is off (venom_applies "
                                                 "false)")
     venom_applies: bool = Field(True, description="answers give venom advice: true unless the gallery records it off "
                                 "('speciesid index venom-advice off', 'index build --no-venom-advice': birds, "
@@ -145,7 +144,9 @@ class AddReferencesOut(BaseModel):
     notes: list[str] = Field(default_factory=list, description="what to know of the add: a new name of which "
                              "nothing was stored, so that the species is not in the gallery; a new species confirmed "
                              "with new_species=true that is a near-spelling of the shipped taxonomy's species "
-                             "(naming them); a new species the probe cannot name until it is retrained; a species "
+                             "(naming them); a new species of no venomous flag, whose venom status stays unknown "
+                             "(answers count it as possibly venomous; in a gallery of no venom advice, one of a snake "
+                             "genus: that its answers say nothing of a bite); a new species the probe cannot name until it is retrained; a species "
                              "with too few photos for the probe (near-copies counted once); an upload that nearly "
                              "copies a reference held (cosine >= the near-copy threshold), naming that reference")
 

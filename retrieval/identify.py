@@ -176,9 +176,8 @@ class Identification:
     # has a reference photo whose country the gallery records (country_note says so)
     set_aside: list[int] = field(default_factory=list)  # of an observation: the photos (0-based, in the order
     # given) set aside as far while another photo was not; they carry nothing about the animal
-    venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: a named answer
-    # (not far, not unknown) of a gallery that records no venom status at all, or any answer of a gallery whose
-    # gallery.json turns venom advice off (venom_applies false: birds)
+    venom_advice: VenomAdvice | None = None  # what to do about a bite (retrieval.advice); None: any answer of a
+    # gallery whose gallery.json turns venom advice off (venom_applies false: birds)
     venom_applies: bool = True  # venom advice applies to the gallery (retrieval.advice.venom_applies: on unless
     # recorded off): False, no venom wording belongs with its answers
 

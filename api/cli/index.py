@@ -86,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-venom-advice", dest="venom_advice", action="store_const", const=False, default=None,
                    help="record in DIR/gallery.json that answers give no snakebite advice (a gallery of birds, "
                    "plants: not of snakes); without it a new gallery gives it (treat as venomous when unsure) and an "
-                   "existing one keeps what it records ('speciesid index venom-advice' changes it)")
+                   "existing one keeps what it records ('speciesid index venom-advice' changes it); refused while "
+                   "the dataset or gallery holds a species recorded medically important venomous")
     add_quiet(p)
     p.set_defaults(func=cmd_index_build)
     p = s_index.add_parser("info", help="print, as JSON, what a gallery holds (references, species, excluded "
