@@ -145,8 +145,9 @@ class AddReferencesOut(BaseModel):
                              "nothing was stored, so that the species is not in the gallery; a new species confirmed "
                              "with new_species=true that is a near-spelling of the shipped taxonomy's species "
                              "(naming them); a new species of no venomous flag, whose venom status stays unknown "
-                             "(answers count it as possibly venomous; in a gallery of no venom advice, one of a snake "
-                             "genus: that its answers say nothing of a bite); a new species the probe cannot name until it is retrained; a species "
+                             "(answers count it as possibly venomous; in a gallery of no venom advice, one of a "
+                             "snake genus: that its answers say nothing of a bite); a new species the probe cannot "
+                             "name until it is retrained; a species "
                              "with too few photos for the probe (near-copies counted once); an upload that nearly "
                              "copies a reference held (cosine >= the near-copy threshold), naming that reference")
 

@@ -318,8 +318,9 @@ def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
     return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1] if names else ""
 
 
-#: How ``species set-venom NAME no`` and ``references add --venomous no`` confirm that a name like a venomous taxon
-#: (:func:`venomous_lookalike`) is another, harmless species (the API's add: the form field ``distinct_from_venomous``).
+#: How ``species set-venom NAME no`` and ``references add --venomous no`` confirm that a name like a venomous
+#: taxon (:func:`venomous_lookalike`) is another, harmless species (the API's add: the form field
+#: ``distinct_from_venomous``).
 DISTINCT_OPTION = "--distinct-from-venomous"
 
 

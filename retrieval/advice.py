@@ -98,7 +98,8 @@ def venom_applies(info: Mapping[str, object], taxa: Iterable[SpeciesSummary | Ha
     """Whether venom advice applies to a gallery: on unless its ``gallery.json`` (``info``) records it off
     (:func:`venom_advice_on`), and on all the same while any of ``taxa`` (its species and its text prior's; an
     answer's neighbours too) is recorded medically important venomous: a declaration never silences a venomous
-    species. The one rule of answers, ``/readyz``, ``index info``; ``taxa`` is read only when recorded off."""
+    species. The one rule of answers and ``/readyz`` (and an add's venom note); ``taxa`` is read only when recorded
+    off."""
     return venom_advice_on(info) or any(t.venomous for t in taxa)
 
 

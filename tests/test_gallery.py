@@ -111,12 +111,16 @@ def test_a_species_of_unknown_venom_status_is_not_counted_harmless(tmp_path):
     assert ans.predictions[0].species == "Tropidolaemus philippinensis" and ans.predictions[0].venomous is None
     assert ans.venomous_score < 0.01 and ans.venom_unknown_score > 0.9  # reported as unknown, not as harmless
     assert ans.to_dict()["venom_unknown_score"] == ans.venom_unknown_score
-    # a gallery that records no venom status at all (birds, other taxa) has no unknown share to warn about
+    # a gallery none of whose species records a status: all of it unrecorded (re-read w2 #1: it counted none),
+    # until the gallery records that it gives no venom advice (birds, other taxa)
     birds = Gallery.create(tmp_path / "birds", ENC)
     birds.add(_records("Corvus corax", 6), [f"c{i}" for i in range(6)], _unit(rng, 6, centre))
     birds.add(_records("Passer domesticus", 6), [f"p{i}" for i in range(6)], _unit(rng, 6, rng.standard_normal(DIM)))
     (bird,) = Identifier(FakeEncoder(), birds).identify_embeddings((centre / np.linalg.norm(centre))[None])
-    assert bird.venomous_score is None and bird.venom_unknown_score == 0.0
+    assert bird.venomous_score is None and bird.venom_unknown_score > 0.9 and bird.venom_advice.treat_as_venomous
+    birds.record_info("venom_advice", False)
+    (bird,) = Identifier(FakeEncoder(), birds).identify_embeddings((centre / np.linalg.norm(centre))[None])
+    assert bird.venom_unknown_score == 0.0 and bird.venom_advice is None and not bird.venom_applies
 
 
 def test_reopen_keeps_everything_and_refuses_other_encoders(gallery):
