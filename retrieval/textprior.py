@@ -122,7 +122,8 @@ def load_text_prior(folder: str | Path, encoder: Encoder, *, expected_sha256: st
     A prior made with another encoder is refused (EncoderMismatchError), like everything derived from it.
     ``expected_sha256``: the digest of the prior the gallery's probe was trained with (its ``probe.json``; ""
     for none, None when it records none: any prior is taken); a ``text_prior.json`` of another digest (a
-    ``probe train`` cut off between its two writes) is not this probe's: warned about, and None.
+    ``probe train`` cut off between its two writes, a ``probe restore`` of a probe trained with another prior) is
+    not this probe's: warned about, and None.
     """
     layout = GalleryLayout(Path(folder))
     if not layout.text_prior.is_file() or not encoder.supports_text:
