@@ -126,3 +126,21 @@ def test_a_copy_the_folder_holds_in_another_spelling_is_not_taken_again(clip_mac
     assert probe_follower(Gallery.open(b)).check()
     assert (b / "text_prior.json").read_bytes() == prior
     assert not (b / "probe.prev.json").exists()  # the probe is the one it held: not set aside
+
+
+def test_a_restored_probe_blends_only_the_prior_it_was_trained_with(clip_machines, caplog):  # noqa: F811
+    """`probe restore` brings the earlier probe back beside the folder's prior of now: the same prior (a retrain
+    with the same species and strength writes the same bytes) is blended; another one is not
+    (docs/shared-gallery.md)."""
+    from retrieval.workflows import open_identifier, restore_gallery_probe, train_gallery_probe
+
+    a, _, _, _, _ = clip_machines
+    train_gallery_probe(a, progress=False)
+    train_gallery_probe(a, progress=False)  # the same prior, byte for byte
+    restore_gallery_probe(a)
+    assert open_identifier(a).text_prior is not None
+    train_gallery_probe(a, progress=False, text_strength=3.0)  # another prior
+    restore_gallery_probe(a)
+    with caplog.at_level(logging.WARNING, logger="retrieval.textprior"):
+        assert open_identifier(a).text_prior is None
+    assert "is not the one its probe was trained with" in caplog.text
