@@ -5,6 +5,7 @@ a gallery, with no photo (walk s52 #2c: a folder build could not record one, and
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 from _cli_support import ENCODER, _photo, _run, two_species_gallery
@@ -32,7 +33,7 @@ def _flags(capsys, index) -> dict[str, bool | None]:
     return {s["species"]: s["venomous"] for s in json.loads(out)}
 
 
-def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys):
+def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys, caplog):
     root = tmp_path / "photos"
     for i in range(6):
         _photo(root / ("Bufo bufo" if i % 2 else "Rana temporaria") / f"{i}.png", i)
@@ -45,8 +46,20 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
     assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": None}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "yes")
     assert code == 0 and out.strip() == "Rana temporaria: venomous ? -> yes (3 references)", (out, err)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Rana temporaria",
+                          "--venomous", "no", *ENCODER, _photo(tmp_path / "new.png", 99))
+    assert code != 0 and ("if that flag is wrong, set it first with 'speciesid species set-venom --index GALLERY "
+                          '"Rana temporaria" no\'') in err, err  # not "delete the references that flag it"
+    caplog.set_level(logging.WARNING, logger="retrieval.workflows")
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "no")
-    assert code == 0 and "venomous yes -> no" in out, (out, err)  # the gallery's own flag can be mended
+    assert code == 0 and "venomous yes -> no" in out, (out, err)  # the gallery's own flag can be mended, said loud:
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and said[0].startswith(
+        "'Rana temporaria' was recorded medically important venomous by its references and is now recorded harmless "
+        "(venomous yes -> no)"), said
+    caplog.clear()
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "no")
+    assert code == 0 and "venomous no -> no" in out and not caplog.records, (out, caplog.records)  # no change
     assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": False}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo buffo", "no")
     assert code != 0 and f"no species 'Bufo buffo' in gallery {index}; did you mean 'Bufo bufo'?" in err, err
