@@ -653,6 +653,28 @@ class ReferenceStore:
         self._species_tally = tally
         return list(out)
 
+    def venom_counts(self, *, version: int | None = None, read: bool = True
+                     ) -> dict[str, tuple[int, int, int]] | None:
+        """species -> how many of its searchable rows are flagged venomous, flagged not, and unflagged, from the
+        tally :meth:`species` keeps (no other read): of ``version`` (default the table's), read first when the
+        tally kept is of another one, or None then when not ``read``. An add only raises these counts; an edit of
+        rows' flags (:meth:`set_venomous`) lowers one, which is how another process sees it."""
+        version = self.version if version is None else version
+        cached = self._species_cache
+        if cached is None or cached[0] != version:
+            if not read:
+                return None
+            self.species(version=version)
+        tally = self._species_tally  # kept with the cached summary, always (species, _carry_species)
+        if tally is None:
+            return None
+        out = {}
+        for name, n in tally.counts.items():
+            flags = tally.venoms.get(name) or Counter()
+            yes, no = int(flags.get(True, 0)), int(flags.get(False, 0))
+            out[name] = (yes, no, int(n) - yes - no)
+        return out
+
     def _carry_species(self, before: int, added: pa.Table | None = None) -> None:
         """After this store's write on top of version ``before``: move the cached species summary to the version
         now read, adding the rows ``added``. An add (``added``: its rows) carries it only when the cache was of

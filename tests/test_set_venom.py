@@ -8,6 +8,7 @@ import json
 import logging
 
 import numpy as np
+import pytest
 from _cli_support import ENCODER, _photo, _run, two_species_gallery
 
 from index.gallery import Gallery
@@ -116,3 +117,40 @@ def test_another_process_gallery_answers_with_the_flag_once_it_reads_the_new_ver
     server.gallery.refresh(force=True)
     (answer,) = server.identify_embeddings(q)
     assert answer.predictions[0].venomous is True and answer.venomous_score > 0.9
+
+
+@pytest.mark.parametrize("stale_reads", [False, True], ids=["gallery", "server's gallery"])
+@pytest.mark.parametrize("answers_before", [1, 2])
+def test_another_process_evidence_names_the_new_flag_of_every_row(tmp_path, stale_reads, answers_before):
+    """The evidence list (each reference's own flag) of another process's answers follows set-venom at the version
+    it reads (before: its metadata cache kept each row's old flag until a restart, as no id changed), a species whose
+    flag summary stays yes included (one reference yes, the others unrecorded); rows of other species stay cached."""
+    rng = np.random.default_rng(9)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {}
+    for name, flags in (("Lycodon capucinus", [None] * 4), ("Naja haje", [True, None, None, None]),
+                        ("Bufo bufo", [None] * 4)):
+        centres[name] = rng.standard_normal(DIM) * 3
+        x = centres[name] + 0.05 * rng.standard_normal((4, DIM))
+        g.add([ReferenceRecord(path=f"/p/{name}/{i}.jpg", species=name, venomous=f) for i, f in enumerate(flags)],
+              [f"{name}-{i}" for i in range(4)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    server = Identifier(FakeEncoder(), Gallery.open(g.root))
+    server.gallery.stale_reads = stale_reads
+
+    def evidence(name: str) -> list:
+        q = (centres[name] / np.linalg.norm(centres[name]))[None].astype(np.float32)
+        (answer,) = server.identify_embeddings(q)
+        return [n.venomous for n in answer.neighbours if n.species == name]
+
+    for _ in range(answers_before):
+        assert evidence("Lycodon capucinus") == [None] * 4 and sorted(evidence("Naja haje"), key=str) == [
+            None, None, None, True]
+        assert evidence("Bufo bufo") == [None] * 4
+    set_species_venomous(g.root, "Lycodon capucinus", True)
+    set_species_venomous(g.root, "Naja haje", True)
+    server.gallery.refresh(force=True)
+    assert evidence("Lycodon capucinus") == [True] * 4
+    assert evidence("Naja haje") == [True] * 4
+    assert evidence("Bufo bufo") == [None] * 4
+    if answers_before == 2:  # the counts of the version before were read: only the edited species' rows went
+        assert any(n.species == "Bufo bufo" for n in server.gallery._meta_cache.values())
