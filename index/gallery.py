@@ -990,9 +990,7 @@ class Gallery:
         if len(embeddings) != len(records) or len(sha256s) != len(records):
             raise ValueError(f"{len(records)} records, {len(sha256s)} digests and {len(embeddings)} embeddings: "
                              "one of each per photo")
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()  # before any id is given or row committed
+        with self._store_write() as alone:  # before any id is given or row committed
             stored = self.store.find_sha256(sha256s)
             keep, dropped, seen = [], {}, set()
             for i, sha in enumerate(sha256s):
@@ -1006,10 +1004,9 @@ class Gallery:
             if not keep:
                 return [], dropped
             ids = self._reserve_ids(len(keep))
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             if before_commit is not None:
                 before_commit()
-            self._writer.check()  # on S3: the store's lease is still ours
+            self._writer.check()  # on S3: the store's lease is still ours, after the ids and the caller's look
             self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
                            self.fingerprint, ids)
             if alone:  # the index only lacks our rows: no need to read the store's ids
@@ -1022,11 +1019,7 @@ class Gallery:
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete references by id; returns how many existed."""
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()
-            self._writer.check()
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+        with self._store_write() as alone:
             found = self.store.delete(ids)
             if found:
                 if alone:  # the index differs from the store only by these ids: no id column read
@@ -1044,11 +1037,7 @@ class Gallery:
         since the last sync (the rows they leave out are removed, the rows they bring back read by id and added),
         else by difference (the store's id column read). Returns how many of ``ids`` exist.
         """
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()
-            self._writer.check()
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+        with self._store_write() as alone:
             found = self.store.set_excluded(ids, excluded)
             if found:
                 if alone:  # the index differs from the store only by these ids: no id column read
@@ -1061,22 +1050,19 @@ class Gallery:
 
     def set_venomous(self, species: str, venomous: bool) -> int:
         """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns how
-        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version;
-        this process's cached metadata of the rows goes, and another process's once it reads the new version
-        (:meth:`_drop_edited_rows`)."""
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()
-            self._writer.check()
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version, and
+        is not saved (a saved index a version behind is brought up by difference at the next open: the id column
+        read, no vector); this process's cached metadata of the rows goes, and another process's once it reads the
+        new version (:meth:`_drop_edited_rows`)."""
+        with self._store_write() as alone:
             found = self.store.set_venomous(species, venomous)
             if found:
-                if alone:
-                    self._apply_sync(np.zeros(0, dtype=np.int64), None, None, self.store.version)
+                if alone:  # no row came or went: the index is the store's new version as it is
+                    self._synced_version = self.store.version
                 else:
                     self._sync_index()
                 self._forget_species({species})  # the rows' flags changed (the one edit of a stored row)
-                self._after_write(save=True)
+                self._after_write(save=False)
             return found
 
     def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
@@ -1220,6 +1206,18 @@ class Gallery:
         logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
                        "Reads slow down as small fragments pile up: run 'speciesid index compact --index %s' "
                        "(or set %s=0 to stop trying)", self.root, first_line(exc, 300), self.root, COMPACT_ENV)
+
+    @contextlib.contextmanager
+    def _store_write(self) -> Iterator[bool]:
+        """A write of the store's rows (add, delete, exclude, a venomous flag): :meth:`_write`, the store at its
+        latest version, a replaced table refused and, on S3, the lease checked still ours; yields whether no other
+        writer committed since this process's last sync (the index then follows by the write's own rows, with no
+        id column read)."""
+        with self._write():
+            self.store.refresh()
+            self._refuse_replaced()
+            self._writer.check()
+            yield self.store.version == self._synced_version
 
     @contextlib.contextmanager
     def _write(self, *, local: bool = False) -> Iterator[None]:

@@ -154,3 +154,19 @@ def test_another_process_evidence_names_the_new_flag_of_every_row(tmp_path, stal
     assert evidence("Bufo bufo") == [None] * 4
     if answers_before == 2:  # the counts of the version before were read: only the edited species' rows went
         assert any(n.species == "Bufo bufo" for n in server.gallery._meta_cache.values())
+
+
+def test_set_venom_leaves_the_saved_index_and_the_next_open_catches_up(tmp_path):
+    """A flag edit changes no vector: the saved index is not written again (before: the whole file was, with its
+    manifest); a gallery opened after it is at the store's version, with the new flag and every reference."""
+    rng = np.random.default_rng(10)
+    g = Gallery.create(tmp_path / "g", ENC)
+    x = rng.standard_normal((6, DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Bufo bufo") for i in range(6)], [f"b-{i}" for i in range(6)],
+          (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    saved = {p: p.read_bytes() for p in (g.layout.vectors, g.layout.vectors.with_name("vectors.faiss.json"))}
+    assert set_species_venomous(g, "Bufo bufo", False).references == 6
+    assert {p: p.read_bytes() for p in saved} == saved
+    again = Gallery.open(g.root)
+    assert again.version == g.version == g.store.version and len(again) == 6
+    assert {s.species: s.venomous for s in again.species()} == {"Bufo bufo": False}
