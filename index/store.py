@@ -537,16 +537,16 @@ class ReferenceStore:
         return ids[order], [str(species[i]) for i in order.tolist()]
 
     def species_countries(self) -> dict[str, frozenset[str]]:
-        """species -> the countries (as stored, stripped: codes or names) its searchable rows record, of the rows whose
-        ``country`` is not empty: two columns of the searchable rows read once and grouped here, not the whole
-        metadata (:meth:`metadata`); {} when no row records a country."""
+        """species -> the countries (as stored, stripped: codes or names) its searchable rows record, of the rows
+        whose ``country`` is not empty: two columns of the searchable rows read once and grouped here, not the
+        whole metadata (:meth:`metadata`); {} when no row records a country."""
         table = self._columns(["species", "country"], f"({_NOT_EXCLUDED}) AND country IS NOT NULL")
         table = table.set_column(table.schema.get_field_index("country"), "country",
                                  pc.utf8_trim_whitespace(table.column("country")))
         table = table.filter(pc.not_equal(table.column("country"), ""))
         grouped = table.group_by("species").aggregate([("country", "distinct")])
-        return {str(species): frozenset(countries) for species, countries in
-                zip(grouped.column("species").to_pylist(), grouped.column("country_distinct").to_pylist(), strict=True)}
+        names, countries = grouped.column("species").to_pylist(), grouped.column("country_distinct").to_pylist()
+        return {str(species): frozenset(held) for species, held in zip(names, countries, strict=True)}
 
     def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True,
                  species: str | None = None) -> pd.DataFrame:

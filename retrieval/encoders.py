@@ -311,7 +311,8 @@ def parse_spec(spec: str) -> ParsedSpec:
     if full.startswith("local-dir:"):
         path = Path(full[len("local-dir:") :])
         if not path.is_dir():
-            raise ValueError(f"encoder folder {path} {'is not a folder' if path.exists() else 'does not exist'}: give "
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise ValueError(f"encoder folder {path} {what}: give "
                              "local-dir: a folder holding open_clip_config.json (open_clip) or config.json (timm)")
         if (path / "open_clip_config.json").is_file():
             return ParsedSpec("open_clip", "local-dir", str(path))
