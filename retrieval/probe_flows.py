@@ -294,7 +294,9 @@ def import_gallery_probe(
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
-    replaced, shared = save_replacing(gallery, probe)
+    # a head has no text prior of its own, and its settings were chosen without one: a text_prior.json left here
+    # belongs to the probe it replaces (as for probe train with an image-only encoder)
+    replaced, shared = save_replacing(gallery, probe, text_prior=lambda: remove_text_prior(index_dir))
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
                        head_only=head_only, gallery_only=gallery_only, replaced=replaced, shared=shared)

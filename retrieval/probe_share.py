@@ -31,11 +31,13 @@ encoder) travels with the probe: a publish puts the folder's, under a name of it
 (``text-prior-<sha256>.json``, :func:`text_prior_name`), after the weights and before ``probe.json``, whose metadata
 names it (:data:`TEXT_PRIOR_KEY`, :data:`TEXT_PRIOR_ETAG`), or says the folder had none (:data:`NO_TEXT_PRIOR`). A
 folder taking the copy writes that ``text_prior.json`` with the probe (before its ``probe.json``), or removes its own
-when the copy has none: a prior never stays beside a probe it was not published with. A ``probe.json`` an earlier
-version published names no text prior either way: a folder taking it keeps its own ``text_prior.json``, as then. The
-prior's class embeddings (``text_prior_cache/``) are not shared: each machine computes them from its own encoder
-(:func:`retrieval.textprior.load_text_prior`). The text prior is not kept as ``probe.prev.*`` is: ``probe restore``
-brings back the earlier probe with the folder's text prior of now.
+when the copy has none: a folder taking a copy never keeps a prior the copy was not published with (``probe train``
+with an image-only encoder and ``probe import``, whose head has none, remove the folder's before they publish). A
+``probe.json`` an earlier version published names no text prior either way: a folder taking it keeps its own
+``text_prior.json``, as then. The prior's class embeddings (``text_prior_cache/``) are not shared: each machine
+computes them from its own encoder (:func:`retrieval.textprior.load_text_prior`). The text prior is not kept as
+``probe.prev.*`` is: ``probe restore`` brings back the earlier probe with the folder's text prior of now, and
+publishes the two together (a probe records no prior of its own to restore: the one exception to the rule above).
 """
 
 from __future__ import annotations
