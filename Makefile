@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project is tested with (pip finds them on the dev machines' disk).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-SHARED ?= ../shared
+# The shared assets (demo photos and weights): $SPECIESID_SHARED when set, as the tests and scripts read it.
+SHARED ?= $(or $(SPECIESID_SHARED),../shared)
 INDEX ?= runs/ph-snakes-mobilenet
 
 .PHONY: setup test lint bench bench-quick demo serve clean

@@ -114,26 +114,15 @@ class Settings(BaseSettings):
         a whole number, 0 or more, or refused at start naming the variable."""
         return parse_compact_fragments(value)  # type: ignore[arg-type]
 
-    @field_validator("runtime", "precision")
+    @field_validator("device", "runtime", "precision", mode="before")
     @classmethod
-    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
-        """A bad SPECIESID_RUNTIME / SPECIESID_PRECISION is refused at start, not when the model loads."""
-        from retrieval.encoders import PRECISIONS, RUNTIMES, check_choice
+    def _run_option(cls, value: object, info: ValidationInfo) -> str:
+        """SPECIESID_DEVICE / _RUNTIME / _PRECISION read as the command line reads them (``retrieval.encoders.
+        read_option``: spaces and case ignored, an empty value is auto) and a bad one refused at start, in the
+        command line's words naming the variable, not when the model loads."""
+        from retrieval.encoders import read_option
 
-        choices = RUNTIMES if info.field_name == "runtime" else PRECISIONS
-        return check_choice(info.field_name, value, choices, f"SPECIESID_{info.field_name.upper()}")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        """A bad SPECIESID_DEVICE is refused at start, in the command line's words (``retrieval.encoders.
-        check_device``, naming the variable), not when the model loads; read as the command line reads it (spaces
-        and case ignored)."""
-        from retrieval.encoders import DEVICE_ENV, check_device
-
-        device = value.strip().lower()
-        check_device(device, DEVICE_ENV)
-        return device
+        return read_option(info.field_name, value, f"SPECIESID_{info.field_name.upper()}")
 
     def encoder_config(self) -> EncoderConfig:
         """How the gallery's encoder runs here: device, precision and runtime (the rest is the gallery's own)."""

@@ -18,9 +18,9 @@ Parts (``--parts``, default all; the CPU kind is printed first; medians over ``-
   One subprocess per method and size: seconds, extra peak RSS, pairs found, ratios, fitted exponent (s ~ n^k).
 * self: cleaning a gallery against itself, the checks ``clean --index G`` runs after reading the stored vectors
   (``find_issues``: duplicates + suspect labels, k=3) on ``benchmarks/_synth.py`` species-like 512-d vectors (n/100
-  species, 2% near-copies) at ``--self-sizes`` (default 20000,40000): now (one pass over every pair:
-  ``index.pairs.neighbours_and_pairs``) beside "before" (``--old-src DIR``: a copy of the code before it, e.g.
-  ``git archive 0a97e72 index retrieval | tar -x -C DIR``: similar_pairs, copy_groups' second pass and the
+  species, 2% near-copies) at ``--self-sizes`` (default 20000,40000; ``--quick`` 2000,4000): now (one pass over
+  every pair: ``index.pairs.neighbours_and_pairs``) beside "before" (``--old-src DIR``: a copy of the code before
+  it, e.g. ``git archive 0a97e72 index retrieval | tar -x -C DIR``: similar_pairs, copy_groups' second pass and the
   exact_search of the neighbours), one subprocess each: seconds, extra peak RSS, findings the same, fitted exponent.
 * knn: the one pass beside FAISS exact search on the same ``--self-sizes`` species-like vectors, one subprocess
   per size, the two alternating ``--repeats`` times: ``neighbours_and_pairs`` (12 nearest + pairs at cosine >=
@@ -33,7 +33,7 @@ Parts (``--parts``, default all; the CPU kind is printed first; medians over ``-
 The photos are read once up front, so every side finds them in the page cache.
 
     .venv/bin/python benchmarks/bench_clean.py                      # everything, 3 repeats
-    .venv/bin/python benchmarks/bench_clean.py --quick              # smoke run: small sizes, 1 repeat
+    .venv/bin/python benchmarks/bench_clean.py --quick              # smoke run: every part small, 1 repeat
     .venv/bin/python benchmarks/bench_clean.py --parts self --self-sizes 20000,40000,100000 --old-src /tmp/old
     .venv/bin/python benchmarks/bench_clean.py --parts knn --self-sizes 20000,40000
     SPECIESID_PEER_PHASH=/path/to/venv/bin/python .venv/bin/python benchmarks/bench_clean.py --parts leaks,peer
@@ -401,7 +401,8 @@ def self_child(method: str, n: int, repeats: int, old_src: str | None) -> dict:
         seconds.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     keys = sorted((f.kind, f.path, f.paired_path or "", f.suggested_species or "") for f in out)
-    return {"seconds": seconds, "cpu_seconds": cpu, "findings": {k: sum(f.kind == k for f in out) for k in {f.kind for f in out}},
+    kinds = {k: sum(f.kind == k for f in out) for k in {f.kind for f in out}}
+    return {"seconds": seconds, "cpu_seconds": cpu, "findings": kinds,
             "digest": hashlib.sha1(repr(keys).encode()).hexdigest()[:12], "extra_mib": status_mib("VmHWM") - rss0}
 
 
@@ -458,8 +459,8 @@ def knn_part(sizes: list[int], repeats: int) -> None:
             print(f"| {n:,} | failed: {r['error'][-300:]!r} |")
             continue
         o, f = ({k: median(v) for k, v in r[m].items()} for m in ("ours", "faiss"))
-        print(f"| {n:,} | {o['seconds']:.2f} ({o['cpu_seconds']:.2f}) | {f['seconds']:.2f} ({f['cpu_seconds']:.2f}) | "
-              f"{f['cpu_seconds'] / o['cpu_seconds']:.2f}x |", flush=True)
+        print(f"| {n:,} | {o['seconds']:.2f} ({o['cpu_seconds']:.2f}) | {f['seconds']:.2f} ({f['cpu_seconds']:.2f}) "
+              f"| {f['cpu_seconds'] / o['cpu_seconds']:.2f}x |", flush=True)
     print(f"faiss {r.get('faiss_version', '?')}")
 
 
@@ -507,8 +508,9 @@ def child_main(spec: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default all)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 16 zero-shot photos (auto only), the two leak "
-                    "species only, sizes 1k and 5k, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="smoke run, every part small: zeroshot 16 photos (auto "
+                    "only), leaks and peer on the two leak species only (auto only), growth at 1k and 5k, self and "
+                    "knn at 2k and 4k, 1 repeat")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 3; quick 1)")
     ap.add_argument("--n", type=int, default=None, help="zeroshot: photos in the sample (default 64; quick 16)")
     ap.add_argument("--precisions", default=None, help="zeroshot: comma-separated (default auto,fp32; quick auto)")
@@ -517,8 +519,8 @@ def main() -> None:
                     "1000,5000)")
     ap.add_argument("--large", action="store_true", help="growth: add n = 100,000 (minutes per method)")
     ap.add_argument("--naive-max", type=int, default=5000, help="growth: largest n for the full matrix (default 5000)")
-    ap.add_argument("--self-sizes", default="20000,40000", help="self, knn: comma-separated n (default "
-                    "20000,40000)")
+    ap.add_argument("--self-sizes", default=None,
+                    help="self, knn: comma-separated n (default 20000,40000; quick 2000,4000)")
     ap.add_argument("--old-src", default=None, help="self: a folder holding the code before (index/, retrieval/) to "
                     "time beside it; default: now only")
     ap.add_argument("--phash-max-distance", type=int, default=10, help="peer: Hamming threshold (default 10 of 64)")
@@ -564,10 +566,11 @@ def main() -> None:
         if "growth" in parts:
             sizes = [int(s) for s in (args.sizes or ("1000,5000" if q else "1000,5000,20000")).split(",")]
             growth_part(sizes + ([100000] if args.large else []), repeats, args.naive_max)
+        self_sizes = [int(x) for x in (args.self_sizes or ("2000,4000" if q else "20000,40000")).split(",")]
         if "self" in parts:
-            self_part([int(x) for x in args.self_sizes.split(",")], repeats, args.old_src)
+            self_part(self_sizes, repeats, args.old_src)
         if "knn" in parts:
-            knn_part([int(x) for x in args.self_sizes.split(",")], repeats)
+            knn_part(self_sizes, repeats)
         if "peer" in parts:
             peer_part(peer_phash(), lists, args.phash_max_distance, repeats, ours)
 

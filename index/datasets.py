@@ -19,6 +19,7 @@ import csv
 import difflib
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,13 +99,9 @@ def recased_label(label: str, genera: Iterable[str]) -> str | None:
     return spelled if genus in set(genera) or known_genus(genus) else None
 
 
-def _read_folder_name(name: str, genera: Iterable[str] = ()) -> tuple[str, str | None, bool]:
-    """:func:`parse_folder_name`'s reading, and whether it is a guess: both halves of ``A (B)`` look like scientific
-    names (``Daboia mauritanica (Moorish viper)``) and the genus of neither, or of both, is in ``genera`` or
-    the shipped snake taxonomy."""
-    text = " ".join(name.split())
-    if inat := _INAT_RE.match(text):
-        return f"{inat['genus']} {inat['epithet']}", None, False
+def _folder_readings(text: str) -> list[tuple[str, str | None]]:
+    """The readings (species, common name) of ``A (B)`` as a scientific name: B's (``Common Name (Genus species)``)
+    first, then A's (``Genus species (Common Name)``); none, one or both."""
     readings: list[tuple[str, str | None]] = []
     if match := _PAREN_RE.match(text):
         outer, inner = match["common"].strip(), match["sci"].strip()
@@ -112,6 +109,17 @@ def _read_folder_name(name: str, genera: Iterable[str] = ()) -> tuple[str, str |
             readings.append((sci, outer or None))
         if outer and (sci := _scientific(outer, dashes=True)):  # "Genus species (Common Name)"
             readings.append((sci, inner))
+    return readings
+
+
+def _read_folder_name(name: str, genera: Iterable[str] = ()) -> tuple[str, str | None, bool]:
+    """:func:`parse_folder_name`'s reading, and whether it is a guess: both halves of ``A (B)`` look like scientific
+    names (``Daboia mauritanica (Moorish viper)``) and the genus of neither, or of both, is in ``genera`` or
+    the shipped snake taxonomy."""
+    text = " ".join(name.split())
+    if inat := _INAT_RE.match(text):
+        return f"{inat['genus']} {inat['epithet']}", None, False
+    readings = _folder_readings(text)
     if len(readings) == 2:
         known = set(genera)
         named = [r for r in readings if r[0].split()[0] in known or known_genus(r[0].split()[0])]
@@ -165,17 +173,63 @@ def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
             "folders to one of these")
 
 
-def ambiguous_folders_warning(names: Iterable[str]) -> str | None:
-    """One warning naming the class folders whose two halves both read as scientific names, neither genus known
-    (``Erithacus rubecula (European robin)``: read as the species "European robin"), saying how to rename them;
-    None when there are none."""
-    names = sorted(names)
-    if not names:
+#: Endings of a Latin or Latinised species epithet (``merula``, ``domesticus``, ``philomelos``, ``rubecula``), which
+#: the last word of an English common name (``blackbird``, ``thrush``, ``toad``, ``frog``) seldom has: what tells a
+#: genus repeated across folders (``Turdus``) from a common name's first word repeated (``Common toad``, ``Common
+#: frog``).
+_EPITHET_ENDINGS = ("a", "us", "um", "is", "i", "ae", "es", "os", "ix", "ex", "ax", "ys", "or", "ens", "ans")
+
+
+def _epithet_like(species: str) -> bool:
+    """Whether the second word of ``species`` ends as a Latin epithet does (:data:`_EPITHET_ENDINGS`)."""
+    words = species.split()
+    return len(words) > 1 and words[1].casefold().endswith(_EPITHET_ENDINGS)
+
+
+def _settle_guesses(readings: dict[str, list[tuple[str, str | None]]], taken: dict[str, int]) -> dict[str, int]:
+    """Which half of each guessed folder (``readings``: its two readings, the brackets' first) to take, for those
+    the dataset settles: a genus repeated on one side across the guessed folders, its epithets Latin-looking and
+    the other side's last words not (``Eurasian blackbird (Turdus merula)`` beside ``Song thrush (Turdus
+    philomelos)``); then the side most folders were read by (``taken``: the folders read with certainty, name -> 0
+    the brackets', 1 the name's); where none is most, a folder's own Latin-looking epithet beside a last word that
+    is not (``House sparrow (Passer domesticus)``), then the side most were read by again. Returns name -> 0 or 1
+    for the settled ones (the others: ``Common toad (Bufo bufo)`` alone)."""
+    def contrast(pair: list[tuple[str, str | None]], side: int) -> bool:
+        return _epithet_like(pair[side][0]) and not _epithet_like(pair[1 - side][0])
+
+    def by_layout(into: dict[str, int]) -> bool:
+        layout = Counter([*taken.values(), *into.values()]).most_common()
+        if layout and (len(layout) == 1 or layout[0][1] > layout[1][1]):
+            into.update({name: layout[0][0] for name in readings if name not in into})
+            return True
+        return False
+
+    settled: dict[str, int] = {}
+    for side in (0, 1):
+        genera = Counter(r[side][0].split()[0] for r in readings.values())
+        settled.update({name: side for name, pair in readings.items()
+                        if name not in settled and genera[pair[side][0].split()[0]] > 1 and contrast(pair, side)})
+    if not by_layout(settled):
+        settled.update({name: side for name, pair in readings.items() for side in (0, 1)
+                        if name not in settled and contrast(pair, side)})
+        by_layout(settled)
+    return settled
+
+
+def ambiguous_folders_warning(read: Iterable[tuple[str, str]]) -> str | None:
+    """One warning naming the class folders whose two halves both read as scientific names that nothing in the
+    dataset settles (no genus the snake taxonomy or another folder knows, none repeated, no folder read with
+    certainty either way), each with the species it was read as (``read``: folder name, species); None when there
+    are none."""
+    read = sorted(read)
+    if not read:
         return None
-    return (f"{len(names)} class folder(s) where both the name and the name in brackets read as scientific names, "
-            f"and neither genus is known: the name in brackets was taken as the species: {first_few(names, '; ')}. "
-            "If the scientific name is the one outside the brackets, rename the folder 'Common name (Genus "
-            "species)', or write the common name in Title Case ('Genus species (Common Name)')")
+    shown = [f"{name!r} as {species}" for name, species in read]
+    return (f"{len(read)} class folder(s) where either the name or the name in brackets may be the scientific name, "
+            f"and nothing in the dataset tells which (no genus known or repeated): read as 'Common name (Genus "
+            f"species)', the name in brackets the species: {first_few(shown, '; ')}. If the scientific name is the "
+            "one outside the brackets, rename the folder 'Common name (Genus species)', or write the common name in "
+            "Title Case ('Genus species (Common Name)')")
 
 
 def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, str]]) -> list[Path]:
@@ -360,8 +414,15 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     sure = {name.split()[0] for name, _, guess in read.values() if not guess and looks_scientific(name.split())}
     read = {folder: _read_folder_name(folder.name, sure) if guess else (name, common, guess)
             for folder, (name, common, guess) in read.items()}  # a guess settled by the other folders' genera
+    texts = {folder: " ".join(folder.name.split()) for folder in folders}
+    pairs = {folder: readings for folder in folders if len(readings := _folder_readings(texts[folder])) == 2}
+    settle = _settle_guesses({folder.name: pairs[folder] for folder in pairs if read[folder][2]},
+                             {folder.name: [r[0] for r in pairs[folder]].index(read[folder][0])
+                              for folder in pairs if not read[folder][2]})
+    read = {folder: (*pairs[folder][settle[folder.name]], False) if folder.name in settle and read[folder][2]
+            else reading for folder, reading in read.items()}  # settled by repeated genera, then by the layout
     parsed = {folder: (name, common) for folder, (name, common, _) in read.items()}
-    guesses: list[str] = []  # folders whose reading is a guess (both halves scientific, neither genus known)
+    guesses: list[tuple[str, str]] = []  # (folder, species) read by a guess nothing in the dataset settles
     genera = {name.split()[0] for name, _ in parsed.values() if looks_scientific(name.split())}
     for folder in folders:
         species, common = parsed[folder]
@@ -380,7 +441,7 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
         if not looks_scientific(species.split()):
             labels.append(folder.name)
         if read[folder][2]:
-            guesses.append(folder.name)
+            guesses.append((folder.name, species))
         taxon = lookup_taxon(species)
         ranks = folder_ranks(folder.name)  # iNaturalist 2021's folders spell their family and higher ranks
         family = taxon.family if taxon else ranks.get("family")

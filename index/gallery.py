@@ -247,7 +247,10 @@ class Gallery:
             # credentials, endpoint, bucket: one line, the cause first, not lance's text
             raise store_error(where["uri"], exc, self.storage_options.get("aws_endpoint")) from exc
         self._lock = threading.RLock()  # this process's threads
-        self._meta_cache: dict[int, Neighbour] = {}  # id -> its metadata (rows are never edited: ids are not reused)
+        # id -> its metadata. Ids are never reused; the one edit of a stored row is a species' venomous flag
+        # (set_venomous), which no id difference shows: _drop_edited_rows drops those rows at the version after it
+        self._meta_cache: dict[int, Neighbour] = {}
+        self._venom_seen: tuple[int, dict[str, tuple[int, int, int]]] | None = None  # (version, store.venom_counts)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
@@ -991,9 +994,7 @@ class Gallery:
         if len(embeddings) != len(records) or len(sha256s) != len(records):
             raise ValueError(f"{len(records)} records, {len(sha256s)} digests and {len(embeddings)} embeddings: "
                              "one of each per photo")
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()  # before any id is given or row committed
+        with self._store_write() as alone:  # before any id is given or row committed
             stored = self.store.find_sha256(sha256s)
             keep, dropped, seen = [], {}, set()
             for i, sha in enumerate(sha256s):
@@ -1007,10 +1008,9 @@ class Gallery:
             if not keep:
                 return [], dropped
             ids = self._reserve_ids(len(keep))
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
             if before_commit is not None:
                 before_commit()
-            self._writer.check()  # on S3: the store's lease is still ours
+            self._writer.check()  # on S3: the store's lease is still ours, after the ids and the caller's look
             self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
                            self.fingerprint, ids)
             if alone:  # the index only lacks our rows: no need to read the store's ids
@@ -1023,11 +1023,7 @@ class Gallery:
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete references by id; returns how many existed."""
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()
-            self._writer.check()
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+        with self._store_write() as alone:
             found = self.store.delete(ids)
             if found:
                 if alone:  # the index differs from the store only by these ids: no id column read
@@ -1045,11 +1041,7 @@ class Gallery:
         since the last sync (the rows they leave out are removed, the rows they bring back read by id and added),
         else by difference (the store's id column read). Returns how many of ``ids`` exist.
         """
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()
-            self._writer.check()
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+        with self._store_write() as alone:
             found = self.store.set_excluded(ids, excluded)
             if found:
                 if alone:  # the index differs from the store only by these ids: no id column read
@@ -1062,23 +1054,19 @@ class Gallery:
 
     def set_venomous(self, species: str, venomous: bool) -> int:
         """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns how
-        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version;
-        this process's cached metadata of the rows goes (another process's answers read the species' flag again
-        at the new version; its evidence lists keep a row's old flag until it restarts)."""
-        with self._write():
-            self.store.refresh()
-            self._refuse_replaced()
-            self._writer.check()
-            alone = self.store.version == self._synced_version  # nobody else wrote since our last sync
+        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version, and
+        is not saved (a saved index a version behind is brought up by difference at the next open: the id column
+        read, no vector); this process's cached metadata of the rows goes, and another process's once it reads the
+        new version (:meth:`_drop_edited_rows`)."""
+        with self._store_write() as alone:
             found = self.store.set_venomous(species, venomous)
             if found:
-                if alone:
-                    self._apply_sync(np.zeros(0, dtype=np.int64), None, None, self.store.version)
+                if alone:  # no row came or went: the index is the store's new version as it is
+                    self._synced_version = self.store.version
                 else:
                     self._sync_index()
-                self._meta_cache.clear()  # the rows' flags changed (the one edit of a stored row)
-                self._meta_scanned = False
-                self._after_write(save=True)
+                self._forget_species({species})  # the rows' flags changed (the one edit of a stored row)
+                self._after_write(save=False)
             return found
 
     def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
@@ -1222,6 +1210,18 @@ class Gallery:
         logger.warning("gallery %s: compacting its store after a write failed (%s); the write itself is stored. "
                        "Reads slow down as small fragments pile up: run 'speciesid index compact --index %s' "
                        "(or set %s=0 to stop trying)", self.root, first_line(exc, 300), self.root, COMPACT_ENV)
+
+    @contextlib.contextmanager
+    def _store_write(self) -> Iterator[bool]:
+        """A write of the store's rows (add, delete, exclude, a venomous flag): :meth:`_write`, the store at its
+        latest version, a replaced table refused and, on S3, the lease checked still ours; yields whether no other
+        writer committed since this process's last sync (the index then follows by the write's own rows, with no
+        id column read)."""
+        with self._write():
+            self.store.refresh()
+            self._refuse_replaced()
+            self._writer.check()
+            yield self.store.version == self._synced_version
 
     @contextlib.contextmanager
     def _write(self, *, local: bool = False) -> Iterator[None]:
@@ -1401,6 +1401,7 @@ class Gallery:
         if self._index.ntotal > max_rows:
             return 0
         t0 = time.perf_counter()
+        self._drop_edited_rows()
         n = len(self._cache_metadata(self.store.metadata()))
         self._meta_scanned = True
         logger.info("gallery %s: metadata of %d references read in %.2f s", self.root, n, time.perf_counter() - t0)
@@ -1426,12 +1427,57 @@ class Gallery:
         self._meta_cache.update(fresh)
         return fresh
 
+    def _drop_edited_rows(self) -> None:
+        """At a new version of the index (another process's writes synced), drop the cached metadata of each species
+        whose rows' venomous flags were edited (``speciesid species set-venom``): no id changes, so the sync by id
+        difference does not see it, and answers would name a row's old flag until a restart. Seen by the store's
+        venom counts per species (:meth:`ReferenceStore.venom_counts`, the tally the species list is made from,
+        which answers read at each version anyway): an add only raises them, an edit lowers one (a delete too, at
+        the cost of a lookup). Without the counts of the version the rows were cached at (none read then), the
+        whole cache goes. Called before rows are cached or used (:meth:`neighbours`, :meth:`preload_metadata`)."""
+        version = self._synced_version
+        seen = self._venom_seen
+        if seen is not None and seen[0] == version:
+            if seen[1] is None:  # the counts of this version, once something (Identifier.taxa) has read them
+                self._venom_seen = (version, self.store.venom_counts(version=version, read=False))
+            return
+        if not self._meta_cache or seen is None:  # nothing cached to compare: no store read
+            self._venom_seen = (version, self.store.venom_counts(version=version, read=False))
+            return
+        counts = self.store.venom_counts(version=version, read=not self.reading_stale)
+        if counts is None:  # the store does not answer: compared once it does
+            return
+        before = seen[1]
+        if before is None:
+            self._forget_species(None)
+        else:
+            edited = {name for name, was in before.items()
+                      if any(n < w for n, w in zip(counts.get(name, (0, 0, 0)), was, strict=True))}
+            if edited:
+                self._forget_species(edited)
+        self._venom_seen = (version, counts)
+
+    def _forget_species(self, species: set[str] | None) -> None:
+        """Drop the cached metadata of the rows of ``species`` (None: of every row), read again when next asked."""
+        if species is None:
+            stale = list(self._meta_cache)
+            self._meta_cache.clear()
+        else:
+            stale = [i for i, n in list(self._meta_cache.items()) if n.species in species]  # list(): one copy
+            for i in stale:
+                self._meta_cache.pop(i, None)
+        if stale:
+            self._meta_scanned = False  # expect_answers may read the whole metadata again
+            logger.debug("gallery %s: cached metadata of %d references dropped (venomous flags edited since)",
+                         self.root, len(stale))
+
     def neighbours(self, ids: Sequence[int], sims: Sequence[float],
                    cosines: Sequence[float] | None = None) -> list[Neighbour]:
         """References ``ids`` with their metadata and the given similarities (``cosines``: their plain cosines, when
         ``sims`` are in another metric), in that order (-1 and ids deleted meanwhile left out). Ids not in the cache
         (see :meth:`expect_answers`) are looked up."""
         wanted = [int(i) for i in ids if i >= 0]
+        self._drop_edited_rows()
         # what this call uses is taken out of the shared cache first: another thread may clear it meanwhile
         known = {i: n for i in wanted if (n := self._meta_cache.get(i)) is not None}
         missing = [i for i in wanted if i not in known]

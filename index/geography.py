@@ -70,7 +70,12 @@ COUNTRY_ALIASES = {
     "sardinia": "IT",
     "scotland": "GB",
     "sicily": "IT",
+    "sint maarten": "SX",
+    "saint barts": "BL",
+    "saint barths": "BL",
+    "saint helena": "SH",
     "saint kitts": "KN",
+    "saint martin": "MF",
     "saint vincent": "VC",
     "swaziland": "SZ",
     "tasmania": "AU",
@@ -93,10 +98,11 @@ def _species_key(name: str) -> str:
 
 
 def _country_key(text: str) -> str:
-    """Normalise a country name: casefolded, accents dropped, ``-``/``_`` as spaces, collapsed whitespace, a
-    leading ``the`` dropped (``The Gambia``) and ``St``/``St.`` as ``Saint`` (``St Lucia``). Both rules leave a
-    one-word key alone, so the code ``ST`` (São Tomé and Príncipe) stays a code."""
-    decomposed = unicodedata.normalize("NFKD", str(text).replace("-", " ").replace("_", " "))
+    """Normalise a country name: casefolded, accents dropped, ``-``/``_`` as spaces, ``&`` as ``and`` (``Trinidad &
+    Tobago``), collapsed whitespace, a leading ``the`` dropped (``The Gambia``) and ``St``/``St.`` as ``Saint``
+    (``St Lucia``). The last two leave a one-word key alone, so the code ``ST`` (São Tomé and Príncipe) stays a
+    code."""
+    decomposed = unicodedata.normalize("NFKD", str(text).replace("-", " ").replace("_", " ").replace("&", " and "))
     plain = "".join(char for char in decomposed if not unicodedata.combining(char))
     words = plain.casefold().split()
     if len(words) < 2:

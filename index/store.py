@@ -537,16 +537,16 @@ class ReferenceStore:
         return ids[order], [str(species[i]) for i in order.tolist()]
 
     def species_countries(self) -> dict[str, frozenset[str]]:
-        """species -> the countries (as stored, stripped: codes or names) its searchable rows record, of the rows whose
-        ``country`` is not empty: two columns of the searchable rows read once and grouped here, not the whole
-        metadata (:meth:`metadata`); {} when no row records a country."""
+        """species -> the countries (as stored, stripped: codes or names) its searchable rows record, of the rows
+        whose ``country`` is not empty: two columns of the searchable rows read once and grouped here, not the
+        whole metadata (:meth:`metadata`); {} when no row records a country."""
         table = self._columns(["species", "country"], f"({_NOT_EXCLUDED}) AND country IS NOT NULL")
         table = table.set_column(table.schema.get_field_index("country"), "country",
                                  pc.utf8_trim_whitespace(table.column("country")))
         table = table.filter(pc.not_equal(table.column("country"), ""))
         grouped = table.group_by("species").aggregate([("country", "distinct")])
-        return {str(species): frozenset(countries) for species, countries in
-                zip(grouped.column("species").to_pylist(), grouped.column("country_distinct").to_pylist(), strict=True)}
+        names, countries = grouped.column("species").to_pylist(), grouped.column("country_distinct").to_pylist()
+        return {str(species): frozenset(held) for species, held in zip(names, countries, strict=True)}
 
     def metadata(self, ids: Sequence[int] | None = None, *, include_excluded: bool = True,
                  species: str | None = None) -> pd.DataFrame:
@@ -652,6 +652,28 @@ class ReferenceStore:
         self._species_cache = (version, out)
         self._species_tally = tally
         return list(out)
+
+    def venom_counts(self, *, version: int | None = None, read: bool = True
+                     ) -> dict[str, tuple[int, int, int]] | None:
+        """species -> how many of its searchable rows are flagged venomous, flagged not, and unflagged, from the
+        tally :meth:`species` keeps (no other read): of ``version`` (default the table's), read first when the
+        tally kept is of another one, or None then when not ``read``. An add only raises these counts; an edit of
+        rows' flags (:meth:`set_venomous`) lowers one, which is how another process sees it."""
+        version = self.version if version is None else version
+        cached = self._species_cache
+        if cached is None or cached[0] != version:
+            if not read:
+                return None
+            self.species(version=version)
+        tally = self._species_tally  # kept with the cached summary, always (species, _carry_species)
+        if tally is None:
+            return None
+        out = {}
+        for name, n in tally.counts.items():
+            flags = tally.venoms.get(name) or Counter()
+            yes, no = int(flags.get(True, 0)), int(flags.get(False, 0))
+            out[name] = (yes, no, int(n) - yes - no)
+        return out
 
     def _carry_species(self, before: int, added: pa.Table | None = None) -> None:
         """After this store's write on top of version ``before``: move the cached species summary to the version

@@ -455,8 +455,8 @@ def new_species_references(
     if venomous is False and prior is not None and prior.venomous:
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
-            "photos says so: leave the venomous flag out to add these photos, or delete the references that flag it "
-            "venomous first if that is wrong")
+            "photos says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first "
+            f"with 'speciesid species set-venom --index GALLERY \"{prior.species}\" no'")
     if venomous is False and prior is None and taxon is not None and taxon.venomous:
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "

@@ -311,7 +311,8 @@ def parse_spec(spec: str) -> ParsedSpec:
     if full.startswith("local-dir:"):
         path = Path(full[len("local-dir:") :])
         if not path.is_dir():
-            raise ValueError(f"encoder folder {path} {'is not a folder' if path.exists() else 'does not exist'}: give "
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise ValueError(f"encoder folder {path} {what}: give "
                              "local-dir: a folder holding open_clip_config.json (open_clip) or config.json (timm)")
         if (path / "open_clip_config.json").is_file():
             return ParsedSpec("open_clip", "local-dir", str(path))
@@ -337,33 +338,44 @@ def run_options(device: str | None = None, runtime: str | None = None, precision
                 environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """How an encoder is asked to run here: each of ``device``, ``runtime`` and ``precision`` as given, else its
     variable in ``environ`` (default the process's: :data:`DEVICE_ENV`, :data:`RUNTIME_ENV`, :data:`PRECISION_ENV`),
-    else ``auto``; checked (:func:`check_device`, :func:`check_choice`), a variable's value naming it. The one rule
+    else ``auto``; read by :func:`read_option`, a refused variable's value naming it. The one rule
     the command line and the server (whose settings read the same variables) both follow, so that on one machine a
     gallery's encoder runs the same way in both (docs/runtimes.md, "The command line and the server")."""
-    return {"device": _asked("device", device, DEVICE_ENV, None, environ),
+    return {"device": _asked("device", device, DEVICE_ENV, environ),
             "runtime": resolve_runtime(runtime, environ=environ),
-            "precision": _asked("precision", precision, PRECISION_ENV, PRECISIONS, environ)}
+            "precision": _asked("precision", precision, PRECISION_ENV, environ)}
 
 
 def resolve_runtime(runtime: str | None, *, environ: Mapping[str, str] | None = None) -> str:
     """The runtime asked for: ``runtime``, else ``$SPECIESID_RUNTIME`` (in ``environ``, default the process's),
     else ``auto``; checked."""
-    return _asked("runtime", runtime, RUNTIME_ENV, RUNTIMES, environ)
+    return _asked("runtime", runtime, RUNTIME_ENV, environ)
 
 
-def _asked(what: str, given: str | None, variable: str, choices: Sequence[str] | None,
-           environ: Mapping[str, str] | None) -> str:
-    """``given``, else ``variable``'s value, else ``auto``, stripped and lower-cased, then checked: a device
-    (``choices`` None) by :func:`check_device`, else by :func:`check_choice`; a refusal names ``variable`` when the
-    value came from it."""
+def _asked(what: str, given: str | None, variable: str, environ: Mapping[str, str] | None) -> str:
+    """``given``, else ``variable``'s value, else ``auto``, read by :func:`read_option` (a blank one counts as not
+    given); a refusal names ``variable`` when the value came from it."""
     env = os.environ if environ is None else environ
-    source = None if given else variable
-    value = (given or env.get(variable) or "auto").strip().lower()
-    if choices is None:
-        check_device(value, source)
-    else:
-        check_choice(what, value, choices, source)
-    return value
+    if given is not None and given.strip():
+        return read_option(what, given)
+    return read_option(what, env.get(variable), variable)
+
+
+#: What :func:`read_option` checks a runtime and a precision against (a device: :func:`check_device`).
+OPTION_CHOICES = {"runtime": RUNTIMES, "precision": PRECISIONS}
+
+
+def read_option(what: str, value: object, source: str | None = None) -> str:
+    """The one reading of a ``device``, ``runtime`` or ``precision`` (``what``) by the command line and the server's
+    settings alike: stripped and lower-cased, ``auto`` when None or blank (an empty ``SPECIESID_DEVICE=`` line of a
+    .env), then checked (:func:`check_device`, :func:`check_choice`); a refusal names ``source`` (the variable the
+    value came from) when given."""
+    text = "" if value is None else str(value).strip().lower()
+    text = text or "auto"
+    if what == "device":
+        check_device(text, source)
+        return text
+    return check_choice(what, text, OPTION_CHOICES[what], source)
 
 
 def check_choice(what: str, value: str, choices: Sequence[str], source: str | None = None) -> str:

@@ -7,6 +7,7 @@ The one place a gallery folder and its encoder are put together; ``retrieval.wor
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from retrieval.encoders import (
 from retrieval.identify import Identifier, file_marks
 from retrieval.probe import LinearProbe, has_probe
 from retrieval.probe_share import ProbeFollower, probe_follower
-from retrieval.textprior import TextPriorScores, load_text_prior
+from retrieval.textprior import TextPriorScores, load_text_prior, warm_text_prior
 from retrieval.vote import VoteConfig
 
 logger = logging.getLogger(__name__)
@@ -185,17 +186,21 @@ def open_identifier(
     A gallery whose store is on S3 shares its probe through the store (:mod:`retrieval.probe_share`): a folder
     without a probe takes the store's at open, and a process following the probe takes a newer store copy into
     its folder within ``refresh_s`` (one HEAD per look, on a thread of its own: the copy taken is loaded at the
-    next look, ``refresh_s`` later at most)."""
+    next look, ``refresh_s`` later at most; a text prior taken with it has its class embeddings computed on that
+    thread, before the files change, so no answer waits on them)."""
     gallery, enc = open_gallery(index_dir, encoder, refresh_s=refresh_s)
     follower = probe_follower(gallery) if use_probe else None
     if follower is not None:
+        follower.warm = functools.partial(warm_text_prior, index_dir, enc)  # a taken prior: embedded on its thread
         follower.at_open()
 
     def load() -> tuple[LinearProbe | None, TextPriorScores | None]:
         probe = None
         if use_probe and has_probe(index_dir):
             probe = LinearProbe.load(index_dir, expected_fingerprint=enc.fingerprint)
-        return probe, load_text_prior(index_dir, enc) if use_probe else None
+        if not use_probe:
+            return probe, None
+        return probe, load_text_prior(index_dir, enc, expected_sha256=probe.text_prior_sha256 if probe else None)
 
     layout = GalleryLayout(Path(index_dir))
     files = [layout.probe_meta, layout.probe_weights, layout.text_prior]

@@ -112,6 +112,9 @@ class LinearProbe:
     whitening: Whitening | None = None  # the kNN vote's whitened metric when calibration.metric == "whitened"
     made_at: str = ""  # when `probe train` / `probe import` made it (ISO 8601, UTC); "" = not recorded
     weights_sha256: str = ""  # the sha256 of its probe.npz as saved or loaded; "" = not saved yet
+    # the sha256 of the text_prior.json `probe train` wrote before it ("" = none); None = not recorded (imported,
+    # older files): retrieval.textprior.load_text_prior ignores a prior of another digest
+    text_prior_sha256: str | None = None
 
     @property
     def dim(self) -> int:
@@ -153,6 +156,7 @@ class LinearProbe:
             "source": self.source,
             "made_at": self.made_at,
             "weights_sha256": self.weights_sha256,  # the pair's bond (load checks it)
+            **({} if self.text_prior_sha256 is None else {"text_prior_sha256": self.text_prior_sha256}),
             "settings": asdict(self.calibration),
             "whitening": None if self.whitening is None else {
                 "shrink": self.whitening.shrink, "photos": self.whitening.photos,
@@ -195,6 +199,7 @@ class LinearProbe:
             whitening=whitening,
             made_at=str(meta.get("made_at") or ""),
             weights_sha256=digest,
+            text_prior_sha256=None if meta.get("text_prior_sha256") is None else str(meta["text_prior_sha256"]),
         )
 
     def added_since(self, gallery: Mapping[str, int]) -> list[str]:

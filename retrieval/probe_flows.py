@@ -55,7 +55,7 @@ from retrieval.protocol import (
     same_folder,
     without_copies,
 )
-from retrieval.textprior import build_text_prior, remove_text_prior, save_text_prior
+from retrieval.textprior import build_text_prior, remove_text_prior, save_text_prior, text_prior_digest
 from retrieval.whitening_sync import save_stats, stats_from_rows
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def train_gallery_probe(
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
     t2 = time.perf_counter()
 
-    def text_prior() -> None:  # with the probe, under its hold, before its publish: the store's copy carries it
+    def text_prior() -> None:  # before the probe, under its hold and before its publish: the store's copy carries it
         if taxa:
             save_text_prior(index_dir, enc, list(taxa.values()), text_strength)
         else:  # an image-only encoder: a text_prior.json left here belongs to an older probe
@@ -294,7 +294,9 @@ def import_gallery_probe(
     probe.whitening = _metric_for(probe.calibration, gallery, all_ids, all_vectors, all_labels)
     probe.fingerprint = gallery.fingerprint
     probe.source = f"finetune:{from_dir}"
-    replaced, shared = save_replacing(gallery, probe)
+    # a head has no text prior of its own, and its settings were chosen without one: a text_prior.json left here
+    # belongs to the probe it replaces (as for probe train with an image-only encoder)
+    replaced, shared = save_replacing(gallery, probe, text_prior=lambda: remove_text_prior(index_dir))
     return ProbeResult(probe=probe, seconds_select=time.perf_counter() - t0, seconds_train=0.0, text_species=0,
                        dropped=val.dropped, dropped_kinds=val.dropped_kinds,
                        head_only=head_only, gallery_only=gallery_only, replaced=replaced, shared=shared)
@@ -342,16 +344,25 @@ def save_replacing(gallery: Gallery, probe: LinearProbe, *,
     """Save ``probe`` as the gallery's (made now), under the gallery's write lock, after setting the probe it
     replaces aside as probe.prev.* (:func:`retrieval.probe.keep_previous`, one generation), and on an S3 store
     publish it under the same hold (:func:`_saving_and_sharing`). ``text_prior``: writes (or removes) the folder's
-    text prior, called after the probe is saved and before the publish, which shares the folder's text prior with
-    the probe (None: the folder's is left as it is). Returns in words what it replaced ("" when there was none) and
-    where the store shares it ("" when the store is local)."""
+    text prior, called first, before the probe is set aside and saved, and its digest is recorded in the new
+    ``probe.json`` (:attr:`LinearProbe.text_prior_sha256`: a prior write that fails leaves the folder's probe and
+    prior as they were; a save that fails after it leaves the old probe, which ignores the new prior when it
+    records its own); the publish shares the folder's text prior with the probe (None: the folder's is left as it
+    is, nothing recorded). Returns in words what it replaced ("" when there was none) and where the store shares it
+    ("" when the store is local)."""
     probe.made_at = now_utc()
     # under one hold: no other writer's probe kept as the previous one, and no half swap
     with _saving_and_sharing(gallery, "the new probe is saved") as shared:
+        if text_prior is not None:
+            try:
+                text_prior()
+            except OSError as exc:
+                raise OSError(f"the text prior of {gallery.root} could not be written ({exc}): the "
+                              "gallery's probe and text prior are as they were; free the disk (or fix the folder) "
+                              f"and run 'speciesid probe train --index {gallery.root}' again") from exc
+            probe.text_prior_sha256 = text_prior_digest(gallery.root)
         replaced = keep_previous(gallery.root)
         probe.save(gallery.root)
-        if text_prior is not None:
-            text_prior()
     if replaced:
         logger.info("replaced %s (kept as probe.prev.*)", replaced)
     return replaced, shared.where

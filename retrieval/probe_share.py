@@ -31,11 +31,13 @@ encoder) travels with the probe: a publish puts the folder's, under a name of it
 (``text-prior-<sha256>.json``, :func:`text_prior_name`), after the weights and before ``probe.json``, whose metadata
 names it (:data:`TEXT_PRIOR_KEY`, :data:`TEXT_PRIOR_ETAG`), or says the folder had none (:data:`NO_TEXT_PRIOR`). A
 folder taking the copy writes that ``text_prior.json`` with the probe (before its ``probe.json``), or removes its own
-when the copy has none: a prior never stays beside a probe it was not published with. A ``probe.json`` an earlier
-version published names no text prior either way: a folder taking it keeps its own ``text_prior.json``, as then. The
-prior's class embeddings (``text_prior_cache/``) are not shared: each machine computes them from its own encoder
-(:func:`retrieval.textprior.load_text_prior`). The text prior is not kept as ``probe.prev.*`` is: ``probe restore``
-brings back the earlier probe with the folder's text prior of now.
+when the copy has none: a folder taking a copy never keeps a prior the copy was not published with (``probe train``
+with an image-only encoder and ``probe import``, whose head has none, remove the folder's before they publish). A
+``probe.json`` an earlier version published names no text prior either way: a folder taking it keeps its own
+``text_prior.json``, as then. The prior's class embeddings (``text_prior_cache/``) are not shared: each machine
+computes them from its own encoder (:func:`retrieval.textprior.load_text_prior`). The text prior is not kept as
+``probe.prev.*`` is: ``probe restore`` brings back the earlier probe with the folder's text prior of now, and
+publishes the two together (a probe records no prior of its own to restore: the one exception to the rule above).
 """
 
 from __future__ import annotations
@@ -46,14 +48,14 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
 from index.errors import first_line
 from index.gallery import Gallery
-from index.layout import PROBE_META, PROBE_WEIGHTS, check_encoder
+from index.layout import PROBE_META, PROBE_WEIGHTS, GalleryLayout, check_encoder
 from index.lease import LeaseError, LeaseLostError
 from index.locks import WriteLock, write_lock
 from index.objects import DELETE_BATCH, StoreObjects, probe_uri
@@ -119,23 +121,23 @@ def _weights_of(head: dict[str, Any]) -> str:
     return name
 
 
-def _text_prior_of(head: dict[str, Any]) -> tuple[bool, str | None]:
+def _text_prior_of(head: dict[str, Any]) -> tuple[bool, str | None, str | None]:
     """What the store's probe.json (its HEAD) says of its text prior: (whether it says anything: False for one an
-    earlier version published, the name of the text prior object it names, None: none). ValueError when it names
-    something else than a text prior object, or one without its ETag."""
+    earlier version published, the name of the text prior object it names, None: none; that object's ETag).
+    ValueError when it names something else than a text prior object, or one without its ETag."""
     metadata = head.get("Metadata") or {}
     name = metadata.get(TEXT_PRIOR_KEY)
     if name is None:
-        return False, None
+        return False, None, None
     name = str(name)
     if name == NO_TEXT_PRIOR:
-        return True, None
+        return True, None, None
     if _TEXT_PRIOR_NAME.fullmatch(name) is None:
         raise ValueError(f"its metadata {TEXT_PRIOR_KEY} names {name!r}, not a text prior object "
                          "(text-prior-<sha256>.json)")
     if not metadata.get(TEXT_PRIOR_ETAG):
         raise ValueError(f"its metadata names the text prior {name} but not its ETag ({TEXT_PRIOR_ETAG})")
-    return True, name
+    return True, name, str(metadata[TEXT_PRIOR_ETAG])
 
 
 def _published_names(head: dict[str, Any]) -> set[str]:
@@ -292,6 +294,10 @@ class ProbeFollower:
         self._looking: threading.Thread | None = None  # the look look_soon started (None: none yet)
         self._looking_guard = threading.Lock()
         self._taking = threading.Lock()  # held while a take writes the folder's probe files (files_quiet)
+        #: Called with a text prior's bytes before a take writes it into the folder, on the take's thread (the look
+        #: thread of a server): computes and caches its class embeddings, so that loading it (before an answer)
+        #: finds them cached (:func:`retrieval.textprior.warm_text_prior`). None: loading computes them.
+        self.warm: Callable[[bytes], object] | None = None
 
     def at_open(self) -> None:
         """At open: take the store's copy when the folder has no probe (waiting :data:`AT_OPEN_WAIT_S` at most for
@@ -402,15 +408,15 @@ class ProbeFollower:
             return False
         try:
             name = _weights_of(head)
-            says_prior, prior_name = _text_prior_of(head)
+            says_prior, prior_name, prior_etag = _text_prior_of(head)
         except ValueError as exc:
             logger.warning("%s %s: not taken; publish it again with speciesid probe publish", meta_uri, exc)
             self.seen = copy
             return False
         meta = self.objects.get(meta_uri, etag=etag)  # ObjectChangedError: published again meanwhile (next look)
         weights = self.objects.get(probe_uri(self.objects.uri, name), etag=weights_etag)
-        prior = None if prior_name is None else self.objects.get(
-            probe_uri(self.objects.uri, prior_name), etag=str((head.get("Metadata") or {})[TEXT_PRIOR_ETAG]))
+        prior = None if prior_name is None else self.objects.get(probe_uri(self.objects.uri, prior_name),
+                                                                 etag=prior_etag)
         where = f"the shared probe {meta_uri}"
         fix = f"train the probe again with 'speciesid probe train --index {self.gallery.root}'"
         try:
@@ -422,13 +428,29 @@ class ProbeFollower:
             logger.warning("%s (not taken into %s)", exc, self.gallery.root)
             self.seen = copy
             return False
+        if prior is not None and self.warm is not None:  # before the files change: no answer computes it
+            try:
+                self.warm(prior)
+            except Exception as exc:  # noqa: BLE001 - the take goes on: loading the prior computes it then
+                logger.warning("the class embeddings of the text prior %s not computed ahead (%s): the first answer "
+                               "after the take computes them", prior_name, exc)
         layout = self.gallery.layout
         # the folder's files only (a writer's probe write waits); this process's readers of them wait (files_quiet)
         with self.gallery.writing(local=True, wait=wait), self._taking:
-            if _origin(self.gallery) == copy:  # a publish from this folder (or another follower) since the look
+            origin = _origin(self.gallery)
+            if origin == copy:  # a publish from this folder (or another follower) since the look
                 self.seen = copy
                 return False
-            kept = keep_previous(self.gallery.root)  # the probe it replaces: what 'probe restore' brings back here
+            same_probe = _holds_probe(layout, meta, weights)  # the copy recorded in another spelling (a version's)
+            if same_probe and _holds_prior(layout, says_prior, prior):  # nothing to write: probe.prev.* stays
+                write_json_atomic(layout.probe_origin, {"copy": copy})
+                self.seen = copy
+                logger.info("the shared probe of the store (%s) is the one %s holds (recorded as %s): not taken "
+                            "again", copy, self.gallery.root, origin)
+                return False
+            # the probe it replaces (what 'probe restore' brings back here), unless it is this one (its prior alone
+            # is new): probe.prev.* never becomes a second copy of the probe
+            kept = "" if same_probe else keep_previous(self.gallery.root)
             atomic_write(layout.probe_weights, weights)  # weights first: a reader of the folder checks the pair
             dropped = _take_text_prior(layout.text_prior, says_prior, prior)  # with the probe, before its json
             atomic_write(layout.probe_meta, meta)
@@ -466,6 +488,25 @@ def _take_text_prior(path: Path, says: bool, prior: bytes | None) -> bool:
         path.unlink()
         return True
     return False
+
+
+def _holds_probe(layout: GalleryLayout, meta: bytes, weights: bytes) -> bool:
+    """Whether the folder's probe files are, byte for byte, ``meta`` (probe.json) and ``weights``."""
+    try:
+        return layout.probe_meta.read_bytes() == meta and layout.probe_weights.read_bytes() == weights
+    except OSError:
+        return False
+
+
+def _holds_prior(layout: GalleryLayout, says: bool, prior: bytes | None) -> bool:
+    """Whether the folder's text prior is already what taking a copy leaves (:func:`_take_text_prior`): ``prior``
+    byte for byte, none when the copy ``says`` it has none, anything when it says nothing."""
+    try:
+        if prior is not None:
+            return layout.text_prior.read_bytes() == prior
+    except OSError:
+        return False
+    return not (says and layout.text_prior.exists())
 
 
 def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None, *, look: bool = False

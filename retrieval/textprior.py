@@ -7,6 +7,7 @@ encoder and species list). The gallery records which species its prior covers in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -107,18 +108,52 @@ def remove_text_prior(folder: str | Path) -> bool:
     return True
 
 
-def load_text_prior(folder: str | Path, encoder: Encoder) -> TextPriorScores | None:
+def text_prior_digest(folder: str | Path) -> str:
+    """The sha256 of the gallery's ``text_prior.json`` ("" without one): what ``probe train`` records in the
+    probe's ``probe.json`` (:attr:`retrieval.probe.LinearProbe.text_prior_sha256`) after writing the prior."""
+    path = GalleryLayout(Path(folder)).text_prior
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def load_text_prior(folder: str | Path, encoder: Encoder, *, expected_sha256: str | None = None
+                    ) -> TextPriorScores | None:
     """The gallery's text prior, if one was set up and the encoder can read text; else None.
 
     A prior made with another encoder is refused (EncoderMismatchError), like everything derived from it.
+    ``expected_sha256``: the digest of the prior the gallery's probe was trained with (its ``probe.json``; ""
+    for none, None when it records none: any prior is taken); a ``text_prior.json`` of another digest (a
+    ``probe train`` cut off between its two writes, a ``probe restore`` of a probe trained with another prior) is
+    not this probe's: warned about, and None.
     """
     layout = GalleryLayout(Path(folder))
     if not layout.text_prior.is_file() or not encoder.supports_text:
         return None
-    data = json.loads(layout.text_prior.read_text(encoding="utf-8"))
-    check_encoder(f"the text prior of {folder}", data.get("fingerprint", "?#?"), encoder.fingerprint,
+    raw = layout.text_prior.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        logger.warning("the text prior of %s (%s, sha256 %s) is not the one its probe was trained with (%s): "
+                       "answering without it; run 'speciesid probe train --index %s' to set up the prior and the "
+                       "probe together", folder, layout.text_prior.name, digest[:12],
+                       f"sha256 {expected_sha256[:12]}" if expected_sha256 else "none", folder)
+        return None
+    return _prior_of(json.loads(raw), encoder, layout.text_prior_cache, f"the text prior of {folder}", folder)
+
+
+def warm_text_prior(folder: str | Path, encoder: Encoder, prior: bytes) -> None:
+    """Compute (and cache) the class embeddings of the text prior ``prior`` (a ``text_prior.json``'s bytes) in the
+    gallery's cache, so that :func:`load_text_prior` finds them there: a follower of the store's shared probe calls
+    it on its own thread before writing the prior into the folder (no answer waits on the prompts). Nothing for an
+    encoder that cannot read text; EncoderMismatchError for another encoder's prior."""
+    if encoder.supports_text:
+        _prior_of(json.loads(prior), encoder, GalleryLayout(Path(folder)).text_prior_cache, "the text prior taken",
+                  folder)
+
+
+def _prior_of(data: dict, encoder: Encoder, cache_dir: Path, what: str, folder: str | Path) -> TextPriorScores:
+    """The :class:`TextPriorScores` of a ``text_prior.json``'s content, its embeddings cached in ``cache_dir``."""
+    check_encoder(what, data.get("fingerprint", "?#?"), encoder.fingerprint,
                   fix=f"set it up again with 'speciesid probe train --index {folder}'")
-    return build_text_prior(encoder, _taxa(data), layout.text_prior_cache, strength=float(data.get("strength", 1.0)))
+    return build_text_prior(encoder, _taxa(data), cache_dir, strength=float(data.get("strength", 1.0)))
 
 
 def _taxa(data: dict) -> list[SpeciesSummary]:

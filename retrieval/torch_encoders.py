@@ -266,8 +266,9 @@ class OpenClipEncoder(TorchEncoder):
         elif parsed.source == "local-dir":
             path = Path(parsed.name)
             if not path.is_dir():
-                raise ValueError(f"open_clip folder {path} {'is not a folder' if path.exists() else 'does not exist'}: "
-                                 "give the folder that holds open_clip_config.json and its weights")
+                what = "is not a folder" if path.exists() else "does not exist"
+                raise ValueError(f"open_clip folder {path} {what}: give the folder that holds open_clip_config.json "
+                                 "and its weights")
             if not (path / "open_clip_config.json").is_file():
                 raise ValueError(f"{path} is not an open_clip folder: open_clip_config.json is missing")
             model_name, pretrained = f"local-dir:{path}", None

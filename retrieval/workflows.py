@@ -1193,7 +1193,8 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     the gallery does not hold (naming the species it may mean), and ``no`` for a species the shipped snake taxonomy
     records as medically important venomous (the rule of ``references add --venomous no``), or for a name that may
     be one (a near-spelling, its common name, its epithet in a genus the taxonomy lacks) unless
-    ``distinct_from_venomous`` (:func:`index.taxonomy.check_harmless_flag`)."""
+    ``distinct_from_venomous`` (:func:`index.taxonomy.check_harmless_flag`). A recorded yes turned no is logged as
+    a warning naming the change (its answers stop advising on a bite by it)."""
     g = _gallery(gallery)
     held = g.species()
     found = find_species(held, name)
@@ -1212,6 +1213,11 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     count = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
+    if found.venomous and venomous is False:  # the one edit that can make an answer harmless: said, not asked
+        logger.warning("%r was recorded medically important venomous by its references and is now recorded harmless "
+                       "(venomous yes -> no): answers naming it no longer advise treating a bite as venomous; if "
+                       "that is wrong, 'speciesid species set-venom --index %s \"%s\" yes' restores it",
+                       found.species, g.root, found.species)
     return VenomSet(found.species, found.venomous, venomous, count)
 
 

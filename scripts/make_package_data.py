@@ -11,13 +11,14 @@ Writes:
   and sorted by species.
 - ``index/data/moroccan.csv``: the same columns for the 26 species of ``moroccan_snakes.txt``, in
   checklist order, and ``common_name``: the English common names, curated by hand in that file (no shared file
-  has them), kept from the file being replaced. Fails if a checklist species is missing from the
-  medical-importance table.
+  has them), kept from the file being replaced, else (``--out`` a new folder) taken from the shipped
+  ``index/data/moroccan.csv``; a species neither file has a row for is written blank, with a warning. Fails
+  if a checklist species is missing from the medical-importance table.
 - ``index/data/snake_countries.csv``: ``species,countries`` for every species of SnakeCLEF 2021's
   species-to-country matrix, sorted by species; ``countries`` is the sorted ISO 3166-1 alpha-2 codes
   of the columns where the species is marked 1, joined by ``;`` (empty if none). Every column name
-  must map to a code (pycountry lookup, or ``COUNTRY_ALIASES`` first), else the script fails.
-  Rows whose names differ only by whitespace (or by a known misspelling, ``SPECIES_FIXES``) are
+  must map to a code (``index.geography.resolve_country``: ``COUNTRY_ALIASES``, then pycountry), else the
+  script fails. Rows whose names differ only by whitespace (or by a known misspelling, ``SPECIES_FIXES``) are
   merged by union.
 """
 
@@ -28,8 +29,6 @@ import csv
 import os
 import sys
 from pathlib import Path
-
-import pycountry
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "index" / "data"
@@ -53,11 +52,12 @@ EXPECTED_MOROCCAN_VENOMOUS = frozenset(
 EXPECTED_MOROCCAN_COUNT = 26
 COUNTRIES_FILE = "reference/snakeclef2021_species_to_country_mapping.csv"
 COUNTRY_COLUMNS = ("species", "countries")
-#: SnakeCLEF country names that pycountry does not resolve are mapped by the same alias table the
-#: package uses at run time (index.geography). "n cyprus" (Northern Cyprus) has no ISO 3166 code of its
-#: own and is folded into CY; "kosovo" uses the user-assigned code XK (not in pycountry).
+#: SnakeCLEF country names are resolved the way the package resolves a country at run time
+#: (index.geography.resolve_country: its name normalisation, COUNTRY_ALIASES, then pycountry). "n cyprus"
+#: (Northern Cyprus) has no ISO 3166 code of its own and is folded into CY; "kosovo" uses the user-assigned
+#: code XK (not in pycountry).
 sys.path.insert(0, str(REPO))
-from index.geography import COUNTRY_ALIASES  # noqa: E402
+from index.geography import resolve_country  # noqa: E402
 
 #: Misspelt species rows of the country matrix, merged into the correctly spelt row.
 SPECIES_FIXES = {"Hemorhois nummifer": "Hemorrhois nummifer"}
@@ -101,6 +101,15 @@ def read_common_names(path: Path) -> dict[str, str]:
         return {row["species"]: row.get("common_name") or "" for row in csv.DictReader(fh)}
 
 
+def common_names(out: Path) -> dict[str, str]:
+    """The hand-curated common names to write (a blank name is a curated "none in English"): those of ``out``'s
+    ``moroccan.csv``, and for a species it has no row for (``--out`` a new folder), the shipped
+    ``index/data/moroccan.csv``'s."""
+    names = read_common_names(OUT_DIR / "moroccan.csv")
+    names.update(read_common_names(out / "moroccan.csv"))
+    return names
+
+
 def read_checklist(path: Path) -> list[str]:
     """Species names of a one-name-a-line checklist, skipping blank and ``#`` comment lines."""
     names: list[str] = []
@@ -112,11 +121,12 @@ def read_checklist(path: Path) -> list[str]:
 
 
 def country_code(name: str) -> str:
-    """ISO 3166-1 alpha-2 code of a SnakeCLEF country column name; ``LookupError`` if unknown."""
-    key = _clean(name).lower()
-    if key in COUNTRY_ALIASES:
-        return COUNTRY_ALIASES[key]
-    return pycountry.countries.lookup(key).alpha_2
+    """ISO 3166-1 alpha-2 code of a SnakeCLEF country column name, by :func:`index.geography.resolve_country`;
+    ``LookupError`` if unknown."""
+    try:
+        return resolve_country(_clean(name))
+    except ValueError as exc:
+        raise LookupError(str(exc)) from exc
 
 
 def read_countries(path: Path) -> dict[str, frozenset[str]]:
@@ -183,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     missing = [name for name in checklist if name not in taxonomy]
     if missing:
         raise SystemExit(f"Moroccan species missing from {MEDICAL_FILE}: {', '.join(missing)}")
-    common = read_common_names(args.out / "moroccan.csv")
+    common = common_names(args.out)
     moroccan = [(*taxonomy[name], common.get(name, "")) for name in checklist]
+    unnamed = [name for name in checklist if name not in common]
+    if unnamed:
+        print(f"warning: {len(unnamed)} Moroccan species have no row in moroccan.csv ({', '.join(unnamed[:3])}"
+              f"{', ...' if len(unnamed) > 3 else ''}); their common_name is written blank: add it by hand "
+              f"in {args.out / 'moroccan.csv'}", file=sys.stderr)
     venomous = {row[0] for row in moroccan if row[3] == "1"}
     if venomous != EXPECTED_MOROCCAN_VENOMOUS:
         raise SystemExit(

@@ -79,7 +79,8 @@ PACKAGES = ("index", "retrieval", "finetune", "api")
 
 
 def _table_names() -> set[str]:
-    """Every backticked name in docs/architecture.md's "Modules" section (a module's path, or a folder's with ``/``)."""
+    """Every backticked name in docs/architecture.md's "Modules" section (a module's path, or a folder's with
+    ``/``)."""
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
     return set(re.findall(r"`([^`\s]+)`", section))

@@ -224,7 +224,10 @@ def test_an_option_names_its_value_alike_in_every_command():
     assert shown["--root"] == shown["--val-root"] == "DIR"
     assert shown["--metadata"] == shown["--val-metadata"] == "FILE"
     assert shown["--batch-size"] == shown["--workers"] == shown["--knn"] == shown["--folds"] == "N"
-    assert shown["--venomous"] == "{yes,no}" and shown["--temperature"] == "T" and shown["--country"] == "CODE"
+    assert shown["--temperature"] == "T" and shown["--country"] == "COUNTRY"  # codes and names ("St Lucia")
+    set_venom = build_parser()._subparsers._group_actions[0].choices["species"]._subparsers._group_actions[0]
+    positional = {a.dest: a.metavar for a in set_venom.choices["set-venom"]._actions}
+    assert shown["--venomous"] == positional["venomous"] == "yes|no"  # one name for one value (was {yes,no})
     assert sorted(names["--root"]["DIR"]) == ["clean", "evaluate", "finetune", "index build"]
 
 

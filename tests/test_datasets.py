@@ -75,7 +75,8 @@ def test_a_dataset_name_without_a_loader_is_refused_not_read_as_snakeclef(tmp_pa
         load_dataset("flat", tmp_path)
     message = str(err.value)
     assert "dataset 'flat' is in DATASETS but has no loader" in message
-    assert "FOLDER_LOADERS (moroccan, folder)" in message and "METADATA_LOADERS (rare-species, snakeclef2021)" in message
+    assert "FOLDER_LOADERS (moroccan, folder)" in message
+    assert "METADATA_LOADERS (rare-species, snakeclef2021)" in message
     assert "snakeclef2021 (the SnakeCLEF" not in message
 
 

@@ -363,7 +363,8 @@ def test_a_broken_timm_folder_is_refused_naming_it_and_what_is_missing(timm_fold
     assert message.startswith(f"timm folder {tmp_path / 'nowhere'} does not exist: give the folder that holds "
                               "config.json and model.safetensors") and made in message
     (tmp_path / "empty").mkdir()
-    assert refused(tmp_path / "empty").startswith(f"{tmp_path / 'empty'} is not a timm folder: config.json is missing")
+    empty = tmp_path / "empty"
+    assert refused(empty).startswith(f"{empty} is not a timm folder: config.json is missing")
     message = refused(_broken_copy(timm_folder, tmp_path, weights=False))
     assert message.startswith(f"{tmp_path / 'broken'} holds config.json but no weights: model.safetensors (or "
                               "pytorch_model.bin) is missing") and made in message

@@ -331,7 +331,10 @@ def test_probe_import_over_a_trained_probe_keeps_it_and_restore_brings_it_back(s
                   progress=False)
     assert main(["probe", "train", "--index", str(index), "--folds", "2", "-q"]) == 0
     capsys.readouterr()
+    stale = index / "text_prior.json"  # as an earlier probe train with a text encoder left it
+    stale.write_text("{}", encoding="utf-8")
     assert main(["probe", "import", "--index", str(index), "--from", str(out), "-q"]) == 0
+    assert not stale.exists()  # the head has none of its own: before, it stayed and was shared as the head's
     said = capsys.readouterr().out
     assert "\nreplaced the probe 'probe train' trained on " in said and "settings chosen on cv:2-fold" in said, said
     assert f"'speciesid probe restore --index {index}' brings it back" in said

@@ -54,6 +54,17 @@ def test_every_alias_is_written_as_a_looked_up_name_is() -> None:
     assert [resolve_country(t) for t in ("St Kitts", "St. Vincent", "Saint Kitts and Nevis")] == ["KN", "VC", "KN"]
 
 
+@pytest.mark.parametrize(("text", "code"), [
+    ("Saint Helena", "SH"), ("St. Helena", "SH"), ("St Martin", "MF"), ("Saint Martin", "MF"), ("St Barts", "BL"),
+    ("St. Barths", "BL"), ("Sint Maarten", "SX"), ("St Kitts & Nevis", "KN"), ("Trinidad & Tobago", "TT"),
+    ("Trinidad&Tobago", "TT"), ("Bosnia & Herzegovina", "BA"), ("Antigua & Barbuda", "AG"), ("ST", "ST"),
+])
+def test_island_names_and_an_ampersand_resolve(text: str, code: str) -> None:
+    """pycountry's names carry words people leave out (``Saint Helena, Ascension and Tristan da Cunha``, ``Saint
+    Martin (French part)``) and spell ``and`` where they write ``&``: these were refused (re-read w2 #10)."""
+    assert resolve_country(text) == code
+
+
 @pytest.mark.parametrize("text", ["Xyz", "ZZ", "", "Atlantis"])
 def test_unknown_country_raises(text: str) -> None:
     with pytest.raises(ValueError) as excinfo:

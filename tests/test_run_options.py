@@ -158,3 +158,53 @@ def test_a_bad_variable_is_refused_by_the_server_at_start_in_the_command_lines_w
     with pytest.raises(ValueError) as serve:
         served.func(served)
     assert str(serve.value) == str(option.value) and "SPECIESID_DEVICE" not in str(serve.value)
+
+
+@pytest.mark.parametrize(("name", "value", "read"), [
+    ("SPECIESID_PRECISION", " BF16 ", "bf16"), ("SPECIESID_RUNTIME", "ONNX", "onnx"),
+    ("SPECIESID_DEVICE", " CPU ", "cpu"), ("SPECIESID_DEVICE", "", "auto"), ("SPECIESID_RUNTIME", "", "auto"),
+    ("SPECIESID_PRECISION", "", "auto"), ("SPECIESID_PRECISION", "  ", "auto"),
+], ids=["precision spaced, capitals", "runtime capitals", "device spaced, capitals", "device empty", "runtime empty",
+        "precision empty", "precision blank"])
+def test_the_server_reads_a_variable_as_the_command_line_does(name, value, read, monkeypatch, tmp_path):
+    """One reading (``retrieval.encoders.read_option``) for both: spaces and case ignored, an empty variable (an
+    empty ``SPECIESID_DEVICE=`` line of a .env) is auto. Before, the server refused at start what identify took:
+    ``unknown precision ' BF16 '``, ``unknown runtime 'ONNX'``, ``unknown device ''``."""
+    from api.cli import build_parser
+    from api.cli._common import encoder_config
+    from api.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    for variable in RUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(name, value)
+    cli = encoder_config(build_parser().parse_args(COMMANDS[("identify",)]))
+    server = Settings.load(index="g").encoder_config()
+    expected = tuple(read if variable == name else "auto" for variable in RUN_VARIABLES)
+    assert _run(cli) == _run(server) == expected
+
+
+@pytest.mark.parametrize(("device", "read"), [("CPU", "cpu"), (" Cuda:1 ", "cuda:1"), ("  ", "cuda")])
+def test_serve_reads_its_device_option_as_identify_does(device, read, monkeypatch, tmp_path):
+    """``serve --device CPU`` runs on the CPU as ``identify --device CPU`` does (before: ``unknown device 'CPU'``); a
+    blank one is not given, for both (the variable then: cuda here)."""
+    from api.cli import build_parser
+    from api.cli._common import encoder_config
+    from api.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    for variable in RUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SPECIESID_DEVICE", "cuda")
+    cli = encoder_config(build_parser().parse_args([*COMMANDS[("identify",)], "--device", device]))
+    seen = {}
+
+    def stop(**overrides):  # the settings serve would start with, then stop before any gallery or port
+        seen["settings"] = Settings(**overrides)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(Settings, "load", staticmethod(stop))
+    served = build_parser().parse_args(["serve", "--index", str(tmp_path / "g"), "--device", device])
+    with pytest.raises(SystemExit):
+        served.func(served)
+    assert cli.device == seen["settings"].encoder_config().device == read

@@ -5,8 +5,10 @@ a gallery, with no photo (walk s52 #2c: a folder build could not record one, and
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
+import pytest
 from _cli_support import ENCODER, _photo, _run, two_species_gallery
 
 from index.gallery import Gallery
@@ -32,7 +34,7 @@ def _flags(capsys, index) -> dict[str, bool | None]:
     return {s["species"]: s["venomous"] for s in json.loads(out)}
 
 
-def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys):
+def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys, caplog):
     root = tmp_path / "photos"
     for i in range(6):
         _photo(root / ("Bufo bufo" if i % 2 else "Rana temporaria") / f"{i}.png", i)
@@ -45,8 +47,20 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
     assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": None}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "yes")
     assert code == 0 and out.strip() == "Rana temporaria: venomous ? -> yes (3 references)", (out, err)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Rana temporaria",
+                          "--venomous", "no", *ENCODER, _photo(tmp_path / "new.png", 99))
+    assert code != 0 and ("if that flag is wrong, set it first with 'speciesid species set-venom --index GALLERY "
+                          '"Rana temporaria" no\'') in err, err  # not "delete the references that flag it"
+    caplog.set_level(logging.WARNING, logger="retrieval.workflows")
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "no")
-    assert code == 0 and "venomous yes -> no" in out, (out, err)  # the gallery's own flag can be mended
+    assert code == 0 and "venomous yes -> no" in out, (out, err)  # the gallery's own flag can be mended, said loud:
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and said[0].startswith(
+        "'Rana temporaria' was recorded medically important venomous by its references and is now recorded harmless "
+        "(venomous yes -> no)"), said
+    caplog.clear()
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "no")
+    assert code == 0 and "venomous no -> no" in out and not caplog.records, (out, caplog.records)  # no change
     assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": False}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo buffo", "no")
     assert code != 0 and f"no species 'Bufo buffo' in gallery {index}; did you mean 'Bufo bufo'?" in err, err
@@ -103,3 +117,56 @@ def test_another_process_gallery_answers_with_the_flag_once_it_reads_the_new_ver
     server.gallery.refresh(force=True)
     (answer,) = server.identify_embeddings(q)
     assert answer.predictions[0].venomous is True and answer.venomous_score > 0.9
+
+
+@pytest.mark.parametrize("stale_reads", [False, True], ids=["gallery", "server's gallery"])
+@pytest.mark.parametrize("answers_before", [1, 2])
+def test_another_process_evidence_names_the_new_flag_of_every_row(tmp_path, stale_reads, answers_before):
+    """The evidence list (each reference's own flag) of another process's answers follows set-venom at the version
+    it reads (before: its metadata cache kept each row's old flag until a restart, as no id changed), a species whose
+    flag summary stays yes included (one reference yes, the others unrecorded); rows of other species stay cached."""
+    rng = np.random.default_rng(9)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {}
+    for name, flags in (("Lycodon capucinus", [None] * 4), ("Naja haje", [True, None, None, None]),
+                        ("Bufo bufo", [None] * 4)):
+        centres[name] = rng.standard_normal(DIM) * 3
+        x = centres[name] + 0.05 * rng.standard_normal((4, DIM))
+        g.add([ReferenceRecord(path=f"/p/{name}/{i}.jpg", species=name, venomous=f) for i, f in enumerate(flags)],
+              [f"{name}-{i}" for i in range(4)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    server = Identifier(FakeEncoder(), Gallery.open(g.root))
+    server.gallery.stale_reads = stale_reads
+
+    def evidence(name: str) -> list:
+        q = (centres[name] / np.linalg.norm(centres[name]))[None].astype(np.float32)
+        (answer,) = server.identify_embeddings(q)
+        return [n.venomous for n in answer.neighbours if n.species == name]
+
+    for _ in range(answers_before):
+        assert evidence("Lycodon capucinus") == [None] * 4 and sorted(evidence("Naja haje"), key=str) == [
+            None, None, None, True]
+        assert evidence("Bufo bufo") == [None] * 4
+    set_species_venomous(g.root, "Lycodon capucinus", True)
+    set_species_venomous(g.root, "Naja haje", True)
+    server.gallery.refresh(force=True)
+    assert evidence("Lycodon capucinus") == [True] * 4
+    assert evidence("Naja haje") == [True] * 4
+    assert evidence("Bufo bufo") == [None] * 4
+    if answers_before == 2:  # the counts of the version before were read: only the edited species' rows went
+        assert any(n.species == "Bufo bufo" for n in server.gallery._meta_cache.values())
+
+
+def test_set_venom_leaves_the_saved_index_and_the_next_open_catches_up(tmp_path):
+    """A flag edit changes no vector: the saved index is not written again (before: the whole file was, with its
+    manifest); a gallery opened after it is at the store's version, with the new flag and every reference."""
+    rng = np.random.default_rng(10)
+    g = Gallery.create(tmp_path / "g", ENC)
+    x = rng.standard_normal((6, DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Bufo bufo") for i in range(6)], [f"b-{i}" for i in range(6)],
+          (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    saved = {p: p.read_bytes() for p in (g.layout.vectors, g.layout.vectors.with_name("vectors.faiss.json"))}
+    assert set_species_venomous(g, "Bufo bufo", False).references == 6
+    assert {p: p.read_bytes() for p in saved} == saved
+    again = Gallery.open(g.root)
+    assert again.version == g.version == g.store.version and len(again) == 6
+    assert {s.species: s.venomous for s in again.species()} == {"Bufo bufo": False}

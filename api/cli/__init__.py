@@ -36,9 +36,9 @@ WRITERS = (("index", "build"), ("references", "add"), ("references", "delete"), 
 VALUE_NAMES = {
     "--root": "DIR", "--val-root": "DIR", "--metadata": "FILE", "--val-metadata": "FILE",  # FILE: CSV (or parquet)
     "--batch-size": "N", "--workers": "N", "--folds": "N", "--k": "N", "--knn": "N", "--neighbours": "N",
-    "--temperature": "T", "--unknown-threshold": "P", "--text-strength": "W", "--country": "CODE",
+    "--temperature": "T", "--unknown-threshold": "P", "--text-strength": "W", "--country": "COUNTRY",
     "--checklist": "moroccan|FILE", "--species": "NAME", "--genus": "NAME", "--family": "NAME",
-    "--common-name": "NAME", "--venomous": "{yes,no}",
+    "--common-name": "NAME", "--venomous": "yes|no",  # as set-venom's value: parse_yes_no takes y/n, true/false too
 }
 #: Command modules, in the order ``speciesid --help`` lists their commands.
 COMMANDS = (index, identify, references, probe, finetune, evaluate, clean, serve)

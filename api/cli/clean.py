@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", metavar="FILE", help=WEIGHTS_HELP)
     add_runtime_args(p)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
-    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores, at most 8)")
+    p.add_argument("--workers", type=at_least(1), default=None,
+                   help="decode threads (default: half the cores, at most 8)")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompt file ([target] / [off-target: NAME] sections, see docs/cleaning.md) or a shipped "
                    f"group ({', '.join(PROMPT_GROUPS)}); default: from the dataset's taxon group")

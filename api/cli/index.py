@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --engine ray: photos per commit (a crash loses at most one chunk; default 100000)")
     add_encoder_args(p, default_spec=None, builds=True)
     p.add_argument("--batch-size", type=at_least(1), default=32, help="images per forward pass (default 32)")
-    p.add_argument("--workers", type=at_least(1), default=None, help="decode threads (default: half the cores, at most 8)")
+    p.add_argument("--workers", type=at_least(1), default=None,
+                   help="decode threads (default: half the cores, at most 8)")
     p.add_argument("--index-kind", default=None, choices=KINDS,
                    help="FAISS index: exact flat, or approximate (auto: flat up to 50k references, IVF-PQ with an "
                    "exact re-rank above; see docs/scale.md). Default: a gallery's own kind, auto for a new one. The "
@@ -94,9 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "ones, index kind), which encoder built it, and its store (uri; leftover Ray build "
                            "journals; on S3 the write lease's holder and the shared id mark; store.fragments: how "
                            "many, how many small, the versions kept: 'speciesid index compact' merges them); build: "
-                           "whether the last build into it completed, or was interrupted (run it again); venom_advice: "
-                           "whether answers give snakebite advice ('index venom-advice'), with a note when it may "
-                           "not be meant")
+                           "whether the last build into it completed, or was interrupted (run it again); "
+                           "venom_advice: whether answers give snakebite advice ('index venom-advice'), with a note "
+                           "when it may not be meant")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
     p.set_defaults(func=cmd_index_info)
     p = s_index.add_parser(

@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--species", required=True, help='binomial, e.g. "Naja haje" or "Parus major"')
     p.add_argument("--common-name", help="English common name")
     p.add_argument("--venomous", help="yes or no: medically important venomous (default: the gallery species' flag, "
-                   "else the taxonomy's). A species is venomous while any of its references says so")
+                   "else the taxonomy's). A species is venomous while any of its references says so, until "
+                   "'speciesid species set-venom' sets them all")
     p.add_argument("--genus", help="genus (default: first word of --species)")
     p.add_argument("--family", help="family (default: from the snake taxonomy when known, or from the genus)")
     p.add_argument("--new-species", action="store_true",

@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from api.cli._common import at_least, emit, logger
-from retrieval.encoders import PRECISIONS, RUNTIMES, check_device
+from retrieval.encoders import PRECISIONS, RUNTIMES, read_option
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -71,8 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from index.gallery import read_gallery_info
 
     overrides = {name: getattr(args, name) for name in OPTION_SETTINGS if getattr(args, name)}
-    if args.device:
-        check_device(args.device)  # identify's words for --device (the settings' name the variable)
+    if (args.device or "").strip():  # read as identify reads --device, in its words (not the variable's)
+        overrides["device"] = read_option("device", args.device)
+    else:  # blank: not given, as for identify (the variable, else auto)
+        overrides.pop("device", None)
     settings = Settings.load(**overrides)  # a refused value: one line naming the variable, exit 2
     read_gallery_info(settings.index)  # fail fast, with the clear message, before uvicorn starts
     for warning in [*Settings.unknown_variables(), *settings.startup_warnings()]:
