@@ -112,14 +112,16 @@ def _folder_readings(text: str) -> list[tuple[str, str | None]]:
     return readings
 
 
-def _read_folder_name(name: str, genera: Iterable[str] = ()) -> tuple[str, str | None, bool]:
+def _read_folder_name(name: str, genera: Iterable[str] = (),
+                      readings: list[tuple[str, str | None]] | None = None) -> tuple[str, str | None, bool]:
     """:func:`parse_folder_name`'s reading, and whether it is a guess: both halves of ``A (B)`` look like scientific
     names (``Daboia mauritanica (Moorish viper)``) and the genus of neither, or of both, is in ``genera`` or
-    the shipped snake taxonomy."""
+    the shipped snake taxonomy. ``readings``: the name's :func:`_folder_readings`, where already worked out."""
     text = " ".join(name.split())
     if inat := _INAT_RE.match(text):
         return f"{inat['genus']} {inat['epithet']}", None, False
-    readings = _folder_readings(text)
+    if readings is None:
+        readings = _folder_readings(text)
     if len(readings) == 2:
         known = set(genera)
         named = [r for r in readings if r[0].split()[0] in known or known_genus(r[0].split()[0])]
@@ -175,8 +177,7 @@ def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
 
 #: Endings of a Latin or Latinised species epithet (``merula``, ``domesticus``, ``philomelos``, ``rubecula``), which
 #: the last word of an English common name (``blackbird``, ``thrush``, ``toad``, ``frog``) seldom has: what tells a
-#: genus repeated across folders (``Turdus``) from a common name's first word repeated (``Common toad``, ``Common
-#: frog``).
+#: folder's scientific half (``Passer domesticus``) from its common name in sentence case (``House sparrow``).
 _EPITHET_ENDINGS = ("a", "us", "um", "is", "i", "ae", "es", "os", "ix", "ex", "ax", "ys", "or", "ens", "ans")
 
 
@@ -188,31 +189,15 @@ def _epithet_like(species: str) -> bool:
 
 def _settle_guesses(readings: dict[str, list[tuple[str, str | None]]], taken: dict[str, int]) -> dict[str, int]:
     """Which half of each guessed folder (``readings``: its two readings, the brackets' first) to take, for those
-    the dataset settles: a genus repeated on one side across the guessed folders, its epithets Latin-looking and
-    the other side's last words not (``Eurasian blackbird (Turdus merula)`` beside ``Song thrush (Turdus
-    philomelos)``); then the side most folders were read by (``taken``: the folders read with certainty, name -> 0
-    the brackets', 1 the name's); where none is most, a folder's own Latin-looking epithet beside a last word that
-    is not (``House sparrow (Passer domesticus)``), then the side most were read by again. Returns name -> 0 or 1
+    the dataset settles: the folder's own Latin-looking epithet beside a last word that is not (``House sparrow
+    (Passer domesticus)``); else the side most folders were read by (``taken``: the folders read with certainty,
+    name -> 0 the brackets', 1 the name's; with the folders settled by their own epithet). Returns name -> 0 or 1
     for the settled ones (the others: ``Common toad (Bufo bufo)`` alone)."""
-    def contrast(pair: list[tuple[str, str | None]], side: int) -> bool:
-        return _epithet_like(pair[side][0]) and not _epithet_like(pair[1 - side][0])
-
-    def by_layout(into: dict[str, int]) -> bool:
-        layout = Counter([*taken.values(), *into.values()]).most_common()
-        if layout and (len(layout) == 1 or layout[0][1] > layout[1][1]):
-            into.update({name: layout[0][0] for name in readings if name not in into})
-            return True
-        return False
-
-    settled: dict[str, int] = {}
-    for side in (0, 1):
-        genera = Counter(r[side][0].split()[0] for r in readings.values())
-        settled.update({name: side for name, pair in readings.items()
-                        if name not in settled and genera[pair[side][0].split()[0]] > 1 and contrast(pair, side)})
-    if not by_layout(settled):
-        settled.update({name: side for name, pair in readings.items() for side in (0, 1)
-                        if name not in settled and contrast(pair, side)})
-        by_layout(settled)
+    settled = {name: side for name, pair in readings.items() for side in (0, 1)
+               if _epithet_like(pair[side][0]) and not _epithet_like(pair[1 - side][0])}
+    layout = Counter([*taken.values(), *settled.values()]).most_common()
+    if layout and (len(layout) == 1 or layout[0][1] > layout[1][1]):
+        settled.update({name: layout[0][0] for name in readings if name not in settled})
     return settled
 
 
@@ -410,17 +395,17 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     if splits and not any(_holds_photos(p) for p in folders if p not in splits):
         raise _split_error(root, splits, "folder")
     labels: list[str] = []  # folders taken whole as labels, not as scientific names
-    read = {folder: _read_folder_name(folder.name) for folder in folders}
+    readings = {folder: _folder_readings(" ".join(folder.name.split())) for folder in folders}  # parsed once
+    read = {folder: _read_folder_name(folder.name, readings=readings[folder]) for folder in folders}
     sure = {name.split()[0] for name, _, guess in read.values() if not guess and looks_scientific(name.split())}
-    read = {folder: _read_folder_name(folder.name, sure) if guess else (name, common, guess)
+    read = {folder: _read_folder_name(folder.name, sure, readings[folder]) if guess else (name, common, guess)
             for folder, (name, common, guess) in read.items()}  # a guess settled by the other folders' genera
-    texts = {folder: " ".join(folder.name.split()) for folder in folders}
-    pairs = {folder: readings for folder in folders if len(readings := _folder_readings(texts[folder])) == 2}
+    pairs = {folder: pair for folder, pair in readings.items() if len(pair) == 2}
     settle = _settle_guesses({folder.name: pairs[folder] for folder in pairs if read[folder][2]},
                              {folder.name: [r[0] for r in pairs[folder]].index(read[folder][0])
                               for folder in pairs if not read[folder][2]})
     read = {folder: (*pairs[folder][settle[folder.name]], False) if folder.name in settle and read[folder][2]
-            else reading for folder, reading in read.items()}  # settled by repeated genera, then by the layout
+            else reading for folder, reading in read.items()}  # settled by its own epithet, then by the layout
     parsed = {folder: (name, common) for folder, (name, common, _) in read.items()}
     guesses: list[tuple[str, str]] = []  # (folder, species) read by a guess nothing in the dataset settles
     genera = {name.split()[0] for name, _ in parsed.values() if looks_scientific(name.split())}

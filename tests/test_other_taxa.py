@@ -199,13 +199,20 @@ def test_folder_loader_reads_sentence_case_common_names_and_the_taxonomy_common_
     (["Common toad (Bufo bufo)", "Common frog (Rana temporaria)"], {"Bufo bufo": "Common toad",
                                                                    "Rana temporaria": "Common frog"}),
     (["Eurasian blackbird (Turdus merula)"], {"Turdus merula": "Eurasian blackbird"}),
-], ids=["the documented layout", "the converse layout", "a repeated common-name word", "one folder"])
+    (["Naja haje (Egyptian cobra)", "House sparrow (Passer domesticus)"],
+     {"Naja haje": "Egyptian cobra", "Passer domesticus": "House sparrow"}),
+    (["Turdus merula (Eurasian blackbird)", "Turdus philomelos (Song thrush)", "House sparrow (Passer domesticus)"],
+     {"Turdus merula": "Eurasian blackbird", "Turdus philomelos": "Song thrush",
+      "Passer domesticus": "House sparrow"}),
+], ids=["the documented layout", "the converse layout", "a repeated common-name word", "one folder",
+        "its own epithet over a known genus' layout", "its own epithet over the others' layout"])
 def test_a_dataset_settles_its_sentence_case_folders_without_a_warning(tmp_path, names, expected):
-    """Of birds the snake taxonomy does not know: a genus repeated on one side (Turdus), then the side the other
-    folders were read by, then a Latin-looking epithet settle the reading; a common name's first word repeated
+    """Of birds the snake taxonomy does not know: a folder's own Latin-looking epithet beside a last word that is
+    not, then the side the other folders were read by, settle the reading; a common name's first word repeated
     ('Common') settles nothing. Before, every such folder of the main documented layout was named in a warning
     advising to rename it to the layout it used, and 'Turdus merula (Eurasian blackbird)' was read as the species
-    'Eurasian blackbird'."""
+    'Eurasian blackbird'; then the other folders' layout overruled a folder's own epithet, and 'House sparrow
+    (Passer domesticus)' beside 'Naja haje (Egyptian cobra)' was read as the species 'House sparrow'."""
     from index.datasets import load_dataset
 
     for i, name in enumerate(names):
