@@ -340,8 +340,8 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
     when none: a near-spelling (:data:`SUGGESTION`: ``Daboia russellii`` for ``Daboia russelii``), its common name
     (``name`` or ``common_name``: ``Puff adder`` for ``Bitis arietans``), or, for a genus the taxonomy lacks, the
     same specific epithet (``Cryptelytrops albolabris`` for ``Trimeresurus albolabris``: a synonym). The taxon
-    itself (:func:`lookup_taxon`) is not looked for here: its flag is refused outright. The one rule of a harmless
-    flag (:func:`check_harmless_flag`)."""
+    itself (:func:`lookup_taxon`) is not looked for here: :func:`check_harmless_flag`, the one rule of a harmless
+    flag, refuses it outright."""
     if (taxon := lookup_taxon(name)) is not None and taxon.venomous:
         return None
     common = {species_key(t.common_name): t for t in _taxonomy().values() if t.common_name and t.venomous}
@@ -362,7 +362,12 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
 def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False) -> None:
     """Refuse (ValueError) recording ``name`` harmless (venomous no) when it may be a medically important venomous
     taxon (:func:`venomous_lookalike`), unless ``distinct``: the user confirmed it is another species
-    (:data:`DISTINCT_OPTION`). The rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
+    (:data:`DISTINCT_OPTION`); refused outright, whatever ``distinct``, when the shipped taxonomy records ``name``
+    itself venomous. The rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
+    if (listed := lookup_taxon(name)) is not None and listed.venomous:
+        raise ValueError(f"{listed.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
+                         "list): its flag stays yes (an add with no venomous flag takes it from there); a harmless "
+                         "answer for a venomous snake is the costly error")
     if distinct or (found := venomous_lookalike(name, common_name)) is None:
         return
     taxon, how = found
@@ -457,11 +462,7 @@ def new_species_references(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
             "photos says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first "
             f"with 'speciesid species set-venom --index GALLERY \"{prior.species}\" no'")
-    if venomous is False and prior is None and taxon is not None and taxon.venomous:
-        raise ValueError(
-            f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
-            "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
-    if venomous is False:  # a near-spelling, common name or synonym of a venomous taxon: refused unless confirmed
+    if venomous is False:  # a venomous taxon, or its near-spelling, common name or synonym unless confirmed
         check_harmless_flag(species, common_name or (prior.common_name if prior else None),
                             distinct=distinct_from_venomous)
     # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly

@@ -1204,10 +1204,6 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
         raise ValueError(f"no species {name!r} in gallery {g.root}"
                          + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else "")
                          + f" ('speciesid species list --index {g.root}' lists them)")
-    taxon = lookup_taxon(found.species)
-    if venomous is False and taxon is not None and taxon.venomous:
-        raise ValueError(f"{found.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
-                         "list): its flag stays yes; a harmless answer for a venomous snake is the costly error")
     if venomous is False:
         check_harmless_flag(found.species, found.common_name, distinct=distinct_from_venomous)
     count = g.set_venomous(found.species, venomous)

@@ -47,6 +47,15 @@ def test_the_rule():
         check_harmless_flag("Daboia russellii")
 
 
+def test_the_rule_refuses_the_venomous_taxon_itself_whatever_is_confirmed():
+    """One refusal of 'no' for a species the taxonomy records venomous, in check_harmless_flag (before, written in
+    set_species_venomous and new_species_references, and check_harmless_flag let it through)."""
+    for distinct in (False, True):
+        with pytest.raises(ValueError, match=r"'Trimeresurus albolabris' is medically important venomous in the "
+                           r"shipped taxonomy \(SnakeCLEF's list\): its flag stays yes"):
+            check_harmless_flag("trimeresurus albolabris", distinct=distinct)
+
+
 @pytest.mark.parametrize("name", sorted(LOOKALIKES))
 def test_set_venom_no_refuses_a_venomous_lookalike_unless_confirmed(tmp_path, capsys, name):
     index = _folder_gallery(tmp_path, capsys, (name, "Bufo bufo"))
