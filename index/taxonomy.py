@@ -418,7 +418,6 @@ def new_species_references(
     genus: str | None = None,
     family: str | None = None,
     new_species: bool = False,
-    warn: bool = True,
     distinct_from_venomous: bool = False,
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
@@ -434,9 +433,9 @@ def new_species_references(
     label, ``cats``, is taken confirmed), while a genus alone, one the shipped snake taxonomy knows or a gallery
     species' written as a scientific name (``Parus`` beside ``Parus major``; not ``dogs`` beside the label ``dogs
     small``), is refused either way: the one rule of the CLI and the API (a dataset's folder names are not checked
-    by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous
-    flag, stays of unknown venom status (off for a check ahead of the add, which warns itself). ``venomous`` False
-    for a name like a venomous taxon is refused unless ``distinct_from_venomous`` (:func:`check_harmless_flag`).
+    by it: :mod:`index.datasets`). ``venomous`` False for a venomous taxon is refused, and for a name like one
+    unless ``distinct_from_venomous`` (:func:`check_harmless_flag`). What a new name leaves unknown (its venom status)
+    is the add's to say (:func:`unrecorded_venom_note`).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -465,10 +464,6 @@ def new_species_references(
     if venomous is False:  # a venomous taxon, or its near-spelling, common name or synonym unless confirmed
         check_harmless_flag(species, common_name or (prior.common_name if prior else None),
                             distinct=distinct_from_venomous)
-    # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly
-    # venomous; the caller passes warn=False where the gallery gives no venom advice
-    if warn and prior is None and (note := unrecorded_venom_note(species, venomous)):
-        logger.warning("%s", note)
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),
                               ("common name", common_name, prior.common_name if prior else None)):

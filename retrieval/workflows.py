@@ -805,7 +805,7 @@ def check_new_references(
     forward pass. :func:`add_photos` checks again with the gallery as it is when it writes, and logs what the name
     leaves unknown (its venom status) then, once."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
-                           venomous=venomous, new_species=new_species, warn=False,
+                           venomous=venomous, new_species=new_species,
                            distinct_from_venomous=distinct_from_venomous)
 
 
@@ -870,7 +870,7 @@ def add_photos(
     held = gallery.species()
     name, records, prior = new_species_references(
         species, held, paths, dataset=dataset, common_name=common_name, venomous=venomous, genus=genus,
-        family=family, new_species=new_species, warn=False, distinct_from_venomous=distinct_from_venomous,
+        family=family, new_species=new_species, distinct_from_venomous=distinct_from_venomous,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(

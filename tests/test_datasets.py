@@ -703,22 +703,3 @@ def test_moroccan_names_a_species_folder_whose_files_are_no_photos(tmp_path: Pat
     (tmp_path / "Naja-haje" / "cobra.xyz").write_bytes(b"x")
     (warning,) = [w for w in load_dataset("moroccan", tmp_path).warnings if "no photos" in w]
     assert "Naja haje (holds 1 file, none a photo: cobra.xyz)" in warning and "Bitis arietans; " in warning, warning
-
-
-def test_the_check_ahead_of_an_add_leaves_the_unknown_venom_warning_to_the_add(caplog):
-    """Review s48 #11: an API add of a new species the taxonomy does not know checks the name before embedding
-    (check_new_references), then adds (add_photos): the venom-status warning is logged once, by the add."""
-    import logging
-    from types import SimpleNamespace
-
-    from index.taxonomy import new_species_references
-    from retrieval.workflows import check_new_references
-
-    caplog.set_level(logging.WARNING)
-    # a species the taxonomy lacks: its unknown status counts as possibly venomous, whatever its name (a bird's too,
-    # unless the gallery gives no venom advice: tests/test_venom_applies.py)
-    check_new_references(SimpleNamespace(species=lambda: []), "Lycodon novus")
-    assert "not in the shipped snake taxonomy" not in caplog.text, caplog.text
-    new_species_references("Lycodon novus", [], ["a.jpg"], dataset="api")
-    assert caplog.text.count("'Lycodon novus' is not in the shipped snake taxonomy (snakes only) and no "
-                             "venomous flag was given") == 1

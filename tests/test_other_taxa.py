@@ -30,7 +30,7 @@ INAT = "02345_Animalia_Chordata_Aves_Passeriformes_Turdidae_Turdus_merula"
     "Carabus (Megodontus) violaceus", "Phylloscopus sp. 2", "Carabus sp. A"])
 def test_valid_names_of_other_taxa_are_written_as_scientific_names(name):
     assert looks_scientific(name.split()), name
-    species, records, prior = new_species_references(name, [], ["a.jpg"], dataset="api", warn=False)
+    species, records, prior = new_species_references(name, [], ["a.jpg"], dataset="api")
     assert species == name and prior is None and records[0].species == name
 
 
@@ -52,7 +52,7 @@ def test_a_numbered_morphospecies_is_no_near_spelling_of_another():
     """'Phylloscopus sp. 2' beside 'Phylloscopus sp.' was refused as a near-spelling of it (walk #7)."""
     held = [SpeciesSummary("Phylloscopus sp.", "Phylloscopus", None, None, None, 12),
             SpeciesSummary("Phylloscopus sp. 3", "Phylloscopus", None, None, None, 4)]
-    species, _, prior = new_species_references("Phylloscopus sp. 2", held, ["a.jpg"], dataset="api", warn=False)
+    species, _, prior = new_species_references("Phylloscopus sp. 2", held, ["a.jpg"], dataset="api")
     assert species == "Phylloscopus sp. 2" and prior is None
     with pytest.raises(SpeciesNameConflictError, match="is not in the gallery, but 'Phylloscopus sp.'"):
         new_species_references("Phylloscopus spp.", held, ["a.jpg"], dataset="api")  # a typo is still one
@@ -82,7 +82,7 @@ def test_a_genus_alone_is_refused_for_any_taxon():
     assert refused.value.advice(confirm="give --new-species if 'Larus' is a new species") == (
         "'Larus' is one word: a genus alone is not a species: give the species' full name (genus and epithet), or "
         "give --new-species if 'Larus' is a new species")
-    assert new_species_references("Larus", [tit], ["a.jpg"], dataset="api", new_species=True, warn=False)[0] == \
+    assert new_species_references("Larus", [tit], ["a.jpg"], dataset="api", new_species=True)[0] == \
         "Larus"  # a label gallery's one-word label, confirmed
     assert new_species_references("cats", [], ["a.jpg"], dataset="api", new_species=True)[0] == "cats"
 
@@ -91,8 +91,8 @@ def test_a_label_beside_a_longer_label_of_its_first_word_is_taken_confirmed():
     """A gallery of labels: ``dogs`` beside ``dogs small`` is a label, not the genus of one."""
     held = [SpeciesSummary("dogs small", "dogs", None, None, None, 5)]
     with pytest.raises(SpeciesNameConflictError, match=r"^'dogs' is not written as a scientific name"):
-        new_species_references("dogs", held, ["a.jpg"], dataset="api", warn=False)
-    assert new_species_references("dogs", held, ["a.jpg"], dataset="api", new_species=True, warn=False)[0] == "dogs"
+        new_species_references("dogs", held, ["a.jpg"], dataset="api")
+    assert new_species_references("dogs", held, ["a.jpg"], dataset="api", new_species=True)[0] == "dogs"
 
 
 def test_the_api_refuses_a_gallery_species_genus_alone(tmp_path, capsys):
