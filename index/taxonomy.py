@@ -326,27 +326,40 @@ DISTINCT_OPTION = "--distinct-from-venomous"
 
 @lru_cache(maxsize=1)
 def _venomous_by_epithet() -> dict[str, TaxonInfo]:
-    """The specific epithet (species_key) of each medically important venomous taxon -> one such taxon."""
+    """The specific epithet (species_key) of each medically important venomous taxon whose epithet no other genus of
+    the shipped taxonomy has -> that taxon (``albolabris``: Trimeresurus only; not ``viridis``, an adjective of five
+    genera, ``Crotalus viridis`` beside ``Morelia viridis``: no sign of a synonym)."""
+    genera: dict[str, set[str]] = {}
+    for info in _taxonomy().values():
+        words = species_key(info.species).split(" ")
+        if len(words) > 1:
+            genera.setdefault(words[1], set()).add(words[0])
     out: dict[str, TaxonInfo] = {}
     for info in _taxonomy().values():
         words = species_key(info.species).split(" ")
-        if info.venomous and len(words) > 1:
+        if info.venomous and len(words) > 1 and len(genera[words[1]]) == 1:
             out.setdefault(words[1], info)
     return out
+
+
+@lru_cache(maxsize=1)
+def _venomous_by_common() -> dict[str, TaxonInfo]:
+    """The common name (species_key) of each medically important venomous taxon -> that taxon."""
+    return {species_key(t.common_name): t for t in _taxonomy().values() if t.common_name and t.venomous}
 
 
 def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[TaxonInfo, str] | None:
     """(a medically important venomous taxon of the shipped taxonomy that ``name`` may be, how it looks so), None
     when none: a near-spelling (:data:`SUGGESTION`: ``Daboia russellii`` for ``Daboia russelii``), its common name
     (``name`` or ``common_name``: ``Puff adder`` for ``Bitis arietans``), or, for a genus the taxonomy lacks, the
-    same specific epithet (``Cryptelytrops albolabris`` for ``Trimeresurus albolabris``: a synonym). The taxon
+    same specific epithet, one no other genus of the taxonomy has (``Cryptelytrops albolabris`` for ``Trimeresurus
+    albolabris``: a synonym; not ``Bufo viridis`` for ``Crotalus viridis``). The taxon
     itself (:func:`lookup_taxon`) is not looked for here: :func:`check_harmless_flag`, the one rule of a harmless
     flag, refuses it outright."""
     if (taxon := lookup_taxon(name)) is not None and taxon.venomous:
         return None
-    common = {species_key(t.common_name): t for t in _taxonomy().values() if t.common_name and t.venomous}
     for given in (name, common_name):
-        if given and (found := common.get(species_key(given))):
+        if given and (found := _venomous_by_common().get(species_key(given))):
             return found, f"{given!r} is its common name"
     if taxon is None:
         close = [t for t in taxonomy_lookalikes(name, SUGGESTION) if t.venomous]

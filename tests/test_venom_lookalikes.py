@@ -47,6 +47,20 @@ def test_the_rule():
         check_harmless_flag("Daboia russellii")
 
 
+@pytest.mark.parametrize("name", ["Bufo viridis", "Lacerta viridis", "Bufotes viridis", "Chalcides ocellatus",
+                                  "Timon lepidus", "Acanthodactylus erythrurus"])
+def test_an_epithet_other_genera_share_is_no_synonym(name):
+    """Re-read w3-design #4: a Moroccan toad or lizard whose epithet is an adjective several genera of the table
+    use (viridis: Crotalus, Morelia, ...) was refused a harmless flag as a possible synonym of a venomous snake;
+    only an epithet one genus has counts (albolabris: Trimeresurus)."""
+    assert venomous_lookalike(name) is None
+    check_harmless_flag(name)  # nothing refused
+    found = venomous_lookalike("Cryptelytrops albolabris")
+    assert found is not None and found[0].species == "Trimeresurus albolabris"
+    # one genus of the table has it: still a name match (Vipera graeca), whatever Testudo is
+    assert venomous_lookalike("Testudo graeca")[0].species == "Vipera graeca"
+
+
 def test_the_rule_refuses_the_venomous_taxon_itself_whatever_is_confirmed():
     """One refusal of 'no' for a species the taxonomy records venomous, in check_harmless_flag (before, written in
     set_species_venomous and new_species_references, and check_harmless_flag let it through)."""
