@@ -253,9 +253,9 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be {low} or more, got {value}")
         for name, (low, high, bounds) in RANGES.items():
             _check_range(name, _setting(out, name), low, high, bounds)
-        from retrieval.encoders import check_device
+        from retrieval.encoders import read_option
 
-        check_device(out.device)
+        out.device = read_option("device", out.device)  # identify's and serve's reading: ' CPU ' is cpu
         if out.device != "auto":  # a CUDA device on a machine without one: refused before OUT is made
             from retrieval.torch_encoders import resolve_device
 

@@ -6,6 +6,7 @@ accuracy: the accuracy figures are in docs/finetune.md, from benchmarks/bench_fi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -561,6 +562,28 @@ def test_option_values_out_of_range_are_refused_before_any_work(args, message, t
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["CPU", " cpu ", " Auto"])
+def test_finetune_reads_its_device_option_as_identify_does(device, tmp_path, monkeypatch):
+    """Re-read w3-design #5: ``finetune --device CPU`` was refused (``unknown device 'CPU'``) where identify and
+    serve read it as cpu (retrieval.encoders.read_option, the one reading)."""
+    import finetune.train as train
+    from api.cli import main
+    from finetune.config import FinetuneConfig
+
+    assert FinetuneConfig(root="r", out="o", device=device, init="x").resolved().device == device.strip().lower()
+    seen = []
+
+    def listed(cfg):  # the photos would be listed now: the options were accepted
+        seen.append(cfg.device)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "split_photos", listed)
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "out"),
+              "-q", "--device", device])
+    assert seen == [device.strip().lower()]
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
