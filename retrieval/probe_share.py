@@ -60,6 +60,7 @@ from index.lease import LeaseError, LeaseLostError
 from index.locks import WriteLock, write_lock
 from index.objects import DELETE_BATCH, StoreObjects, probe_uri
 from retrieval.probe import LinearProbe, keep_previous, now_utc, probe_summary
+from retrieval.textprior import prior_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def weights_name(weights: bytes) -> str:
 def text_prior_name(prior: bytes) -> str:
     """The name of the store's object holding the text prior ``prior`` (a ``text_prior.json``'s bytes):
     ``text-prior-<their sha256>.json``."""
-    return f"text-prior-{hashlib.sha256(prior).hexdigest()}.json"
+    return f"text-prior-{prior_sha256(prior)}.json"
 
 
 def _is_weights_name(name: str) -> bool:

@@ -108,11 +108,18 @@ def remove_text_prior(folder: str | Path) -> bool:
     return True
 
 
+def prior_sha256(prior: bytes) -> str:
+    """The sha256 (hex) of a ``text_prior.json``'s bytes ``prior``: what a probe records of its prior
+    (:func:`text_prior_digest`), what :func:`load_text_prior` checks, and the store's name of it
+    (:func:`retrieval.probe_share.text_prior_name`)."""
+    return hashlib.sha256(prior).hexdigest()
+
+
 def text_prior_digest(folder: str | Path) -> str:
     """The sha256 of the gallery's ``text_prior.json`` ("" without one): what ``probe train`` records in the
     probe's ``probe.json`` (:attr:`retrieval.probe.LinearProbe.text_prior_sha256`) after writing the prior."""
     path = GalleryLayout(Path(folder)).text_prior
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return prior_sha256(path.read_bytes()) if path.is_file() else ""
 
 
 def load_text_prior(folder: str | Path, encoder: Encoder, *, expected_sha256: str | None = None
@@ -129,7 +136,7 @@ def load_text_prior(folder: str | Path, encoder: Encoder, *, expected_sha256: st
     if not layout.text_prior.is_file() or not encoder.supports_text:
         return None
     raw = layout.text_prior.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = prior_sha256(raw)
     if expected_sha256 is not None and digest != expected_sha256:
         logger.warning("the text prior of %s (%s, sha256 %s) is not the one its probe was trained with (%s): "
                        "answering without it; run 'speciesid probe train --index %s' to set up the prior and the "
@@ -163,17 +170,9 @@ def _taxa(data: dict) -> list[SpeciesSummary]:
 
 def text_prior_taxa(root: str | Path) -> list[SpeciesSummary]:
     """The species of a gallery's text prior with the genus, family and venomous flag its ``text_prior.json``
-    records, as answers read them ([] without one, or unreadable): what venom advice's refusal and hint count."""
+    records, as answers read them ([] without one, or unreadable): what venom advice's refusal and hint count, and
+    the checklist species ``index info`` says the prior can name."""
     try:
         return _taxa(json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return []
-
-
-def text_prior_species(root: str | Path) -> list[str]:
-    """The species of a gallery's text prior as its ``text_prior.json`` lists them ([] without one, or unreadable)."""
-    try:
-        data = json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8"))
-        return [str(t["species"]) for t in data.get("species", [])]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return []

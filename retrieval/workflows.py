@@ -133,7 +133,7 @@ from retrieval.protocol import (
     record_embedding,
     recorded_embedding,
 )
-from retrieval.textprior import text_prior_species, text_prior_taxa
+from retrieval.textprior import text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -1226,20 +1226,23 @@ class VenomAdviceSet:
     note: str | None  # what to know of it (:func:`retrieval.advice.venom_advice_hint`), None when nothing
 
 
-def _venom_taxa(g: Gallery) -> list[SpeciesSummary]:
+def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None,
+                prior: list[SpeciesSummary] | None = None) -> list[SpeciesSummary]:
     """The gallery's species and its text prior's (with the flags its ``text_prior.json`` records, as answers
-    read them: :func:`retrieval.textprior.text_prior_taxa`) for venom advice's refusal and hint."""
-    held = g.species()
+    read them: :func:`retrieval.textprior.text_prior_taxa`) for venom advice's refusal and hint; ``held`` and
+    ``prior``: the two, where already read."""
+    held = g.species() if held is None else held
     names = {s.species for s in held}
-    return held + [t for t in text_prior_taxa(g.root) if t.species not in names]
+    return held + [t for t in (text_prior_taxa(g.root) if prior is None else prior) if t.species not in names]
 
 
-def venom_advice_note(gallery: Gallery | str | Path) -> str | None:
+def venom_advice_note(gallery: Gallery | str | Path, taxa: list[SpeciesSummary] | None = None) -> str | None:
     """What to tell of a gallery's venom advice (:func:`retrieval.advice.venom_advice_hint`: on for a gallery none
     of whose species the shipped snake taxonomy knows; off while a species is recorded venomous), None when
-    nothing: said at the end of ``index build`` and in ``index info``."""
+    nothing: said at the end of ``index build`` and in ``index info``. ``taxa``: :func:`_venom_taxa`'s, where
+    already read."""
     g = _gallery(gallery)
-    return venom_advice_hint(g.info, _venom_taxa(g), g.root)
+    return venom_advice_hint(g.info, _venom_taxa(g) if taxa is None else taxa, g.root)
 
 
 def refuse_venom_advice_off(root: str | Path, venomous: Sequence[str]) -> None:
@@ -1279,19 +1282,23 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
         return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
             "build": build_status(gallery), "embedded_by": recorded_embedding(read_gallery_info(gallery))}
+    species, prior = g.species(), text_prior_taxa(g.root)  # each read once
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
-            "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(g.species()),
+            "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info), **_checklist_info(g),
-            VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info), "note": venom_advice_note(g) or ""}}
+            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info),
+            **_checklist_info(g, species, prior),
+            VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info),
+                               "note": venom_advice_note(g, _venom_taxa(g, species, prior)) or ""}}
 
 
-def _checklist_info(g: Gallery) -> dict[str, object]:
+def _checklist_info(g: Gallery, species: list[SpeciesSummary], prior: list[SpeciesSummary]) -> dict[str, object]:
     """The ``checklist`` block of ``index info`` (:func:`retrieval.advice.checklist_coverage`), for a gallery of a
-    checklist: which of its species it cannot name (no photos, not in its text prior)."""
-    held = [s.species for s in g.species() if s.count > 0]
-    coverage = checklist_coverage(g.info, held, text_prior_species(g.root))
+    checklist: which of its species it cannot name (no photos, not in its text prior); ``species``: the gallery's,
+    ``prior``: its text prior's (:func:`retrieval.textprior.text_prior_taxa`)."""
+    held = [s.species for s in species if s.count > 0]
+    coverage = checklist_coverage(g.info, held, [t.species for t in prior])
     return {"checklist": coverage.to_dict()} if coverage is not None else {}
 
 

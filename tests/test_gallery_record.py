@@ -154,3 +154,35 @@ def test_an_index_asked_for_explicitly_is_recorded_beside_another_process_entrie
     assert written["index"] == gallery.info["index"] == asdict(config)
     assert written["checklist"] == gallery.info["checklist"] == "moroccan"
     assert Gallery.open(root).index_config == config
+
+
+def test_index_info_reads_the_species_and_the_text_prior_once(tmp_path, capsys, monkeypatch):
+    """Re-read w3-design #6: gallery_info read text_prior.json twice (venom advice's taxa, the checklist's species)
+    and listed the gallery's species three times (a store scan each); now once each, and both blocks still count
+    the prior: its venomous Naja haje keeps the advice's note and is nameable by the checklist's count."""
+    import json
+
+    import retrieval.workflows as workflows
+    from retrieval.advice import record_checklist
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    gallery = Gallery.open(index)
+    record_checklist(gallery, "moroccan")
+    (index / "text_prior.json").write_text(json.dumps({"species": [
+        {"species": "Naja haje", "genus": "Naja", "family": "Elapidae", "common_name": None, "venomous": True}]}))
+    calls = {"species": 0, "prior": 0}
+    species, taxa = Gallery.species, workflows.text_prior_taxa
+
+    def counted_species(self):
+        calls["species"] += 1
+        return species(self)
+
+    def counted_taxa(root):
+        calls["prior"] += 1
+        return taxa(root)
+
+    monkeypatch.setattr(Gallery, "species", counted_species)
+    monkeypatch.setattr(workflows, "text_prior_taxa", counted_taxa)
+    info = workflows.gallery_info(gallery)
+    assert calls == {"species": 1, "prior": 1}, calls
+    assert "Naja haje" not in info["checklist"]["missing"] and "Naja haje" in info["checklist"]["venomous_text_only"]
