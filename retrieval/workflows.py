@@ -237,7 +237,7 @@ def build_gallery(
                                  store=store, options=storage_options, new_store=new_store)
     record_checklist(gallery, dataset)  # a checklist's gallery says which of its species it cannot name
     if venom_advice is False:  # the species it holds already
-        refuse_venom_advice_off(gallery.root, recorded_venomous(_venom_taxa(gallery)))
+        refuse_gallery_venom_advice_off(gallery)
     if venom_advice is not None:  # before the first row: a server never answers its photos otherwise
         record_venom_advice(gallery, venom_advice)
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
@@ -300,7 +300,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         # marked until it completes, as a local build is (its photos streamed: none listed up front)
         record_checklist(gallery, dataset)
         if venom_advice is False:  # the species held already; the streamed ones once they are stored (below)
-            refuse_venom_advice_off(gallery.root, recorded_venomous(_venom_taxa(gallery)))
+            refuse_gallery_venom_advice_off(gallery)
         if venom_advice:
             record_venom_advice(gallery, venom_advice)
         with building(gallery.root, key=dataset_key(dataset, root, metadata), before=before) as earlier:
@@ -311,7 +311,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         if started:
             stop_ray()
     if venom_advice is False:  # its records streamed: known once stored (the photos stay, the record is not made)
-        refuse_venom_advice_off(gallery.root, recorded_venomous(_venom_taxa(gallery)))
+        refuse_gallery_venom_advice_off(gallery)
         record_venom_advice(gallery, False)
     for warning in warnings:
         logger.warning("%s", warning)
@@ -1257,6 +1257,11 @@ def refuse_venom_advice_off(root: str | Path, venomous: Sequence[str]) -> None:
                          "it (refused for a species the shipped snake taxonomy records as venomous)")
 
 
+def refuse_gallery_venom_advice_off(g: Gallery) -> None:
+    """:func:`refuse_venom_advice_off` for the species ``g`` holds and its text prior's (:func:`_venom_taxa`)."""
+    refuse_venom_advice_off(g.root, recorded_venomous(_venom_taxa(g)))
+
+
 def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdviceSet:
     """Record whether the gallery's answers give venom advice (``speciesid index venom-advice``), in its
     ``gallery.json`` (the folder's write lock, the file re-read first); ``on`` None: read it, change nothing. A
@@ -1265,7 +1270,7 @@ def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdv
     g = _gallery(gallery)
     was = venom_advice_on(g.info)
     if on is False:
-        refuse_venom_advice_off(g.root, recorded_venomous(_venom_taxa(g)))
+        refuse_gallery_venom_advice_off(g)
     if on is not None:
         record_venom_advice(g, on)
     return VenomAdviceSet(was, venom_advice_on(g.info), venom_advice_note(g))
