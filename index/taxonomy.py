@@ -271,8 +271,7 @@ def known_snake(species: str, genus: str | None = None, family: str | None = Non
     if lookup_taxon(species) is not None:
         return True
     first = species.split(" ", 1)[0] if species.strip() else ""
-    genera = _genera()
-    return (any(g and species_key(g) in genera for g in (genus, first))
+    return (any(g and known_genus(g) for g in (genus, first))
             or (family is not None and species_key(family) in _families()))
 
 
