@@ -1290,11 +1290,11 @@ def test_delete_reference(client, service, caplog):
                             "needs 2") for n in again.json()["notes"]), again.json()
     # an unknown name keeps its hyphen (some epithets have one) and GET finds it in any spelling
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="index.taxonomy"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
         new = client.post("/v1/species/Lycodon c-album/references", files=_one("g3.png", _png(42, 32)), headers=KEYS)
     assert new.json()["species"] == "Lycodon c-album"
-    # review s48 #11: its unknown venom status (a snake genus: it counts as possibly venomous) is logged once, by
-    # the add, not also by the check ahead of it
+    # review s48 #11: its unknown venom status (a species the taxonomy lacks, no flag: it counts as possibly
+    # venomous) is logged once, by the add, not also by the check ahead of it
     assert caplog.text.count("'Lycodon c-album' is not in the shipped snake taxonomy") == 1, caplog.text
     assert client.get("/v1/species/lycodon_c-album").json()["species"] == "Lycodon c-album"
     for ref in (odd, again, new):
