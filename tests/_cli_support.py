@@ -1,8 +1,11 @@
-"""Shared helpers of the CLI tests: the tiny random ``timm:test_vit@random`` encoder, random photos, running the CLI
-in-process, and a small two-species gallery built with them. Fast, no shared assets."""
+"""Shared helpers of the tests: the tiny random ``timm:test_vit@random`` encoder, random photos, running the CLI
+in-process, galleries built with them by the CLI and their venom flags; a synthetic encoder for galleries of given
+vectors. Fast, no shared assets."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +28,42 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def folder_gallery(tmp_path: Path, capsys, folders: Sequence[str], photos: int | None = None,
+                   extra: Sequence[str] = (), dataset: str = "folder") -> Path:
+    """A gallery (``tmp_path / "g"``) built by the command line from ``photos`` random photos (2 a folder unless
+    given: photo i, ``i.png``, in ``folders[i % len(folders)]``) under ``tmp_path / "photos"``, read as ``dataset``;
+    ``extra``: more options of ``index build``."""
+    root = tmp_path / "photos"
+    for i in range(2 * len(folders) if photos is None else photos):
+        _photo(root / folders[i % len(folders)] / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", dataset, "--root", root, "--index", index,
+                        *ENCODER, *extra, "-q")
+    assert code == 0, err
+    return index
+
+
 def two_species_gallery(tmp_path: Path, capsys) -> tuple[Path, Path]:
     """(gallery, its photo folder): 6 random photos of two species, one of them with a common name."""
-    root = tmp_path / "photos"
-    for i in range(6):
-        _photo(root / ("Samar Cobra (Naja samarensis)" if i % 2 else "Natrix maura") / f"{i}.png", i)
-    index = tmp_path / "g"
-    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
-                        *ENCODER, "-q")
+    return folder_gallery(tmp_path, capsys, ("Natrix maura", "Samar Cobra (Naja samarensis)"), 6), tmp_path / "photos"
+
+
+def venom_flags(capsys, index: Path) -> dict[str, bool | None]:
+    """species -> its venomous flag, as ``species list --format json`` says (None: not recorded)."""
+    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
     assert code == 0, err
-    return index, root
+    return {s["species"]: s["venomous"] for s in json.loads(out)}
+
+
+#: A synthetic encoder's record for galleries built from given vectors (no model): its dimension, and the
+#: ``gallery.json`` encoder entry.
+DIM = 16
+ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
+
+
+class FakeEncoder:
+    """Stands in for an encoder when only embeddings matter."""
+
+    spec = ENC["spec"]
+    fingerprint = ENC["fingerprint"]
+    dim = DIM

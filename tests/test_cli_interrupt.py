@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _cli_support import ENCODER, _photo, _run
+from _cli_support import ENCODER, _photo, _run, folder_gallery
 
 
 def _interrupt_on_batch(monkeypatch, n: int, *, module: str = "retrieval.workflows", again: bool = False,
@@ -80,19 +80,8 @@ def test_a_second_ctrl_c_stops_the_commit_and_says_at_least(tmp_path, capsys, mo
     assert code == 130 and f"interrupted: at least 0 references kept in {index}" in err, err
 
 
-def _two_species_gallery(tmp_path, capsys) -> Path:
-    """A gallery of 4 photos of two species, built by the command line (the folder it is in)."""
-    root = tmp_path / "photos"
-    for i in range(4):
-        _photo(root / ("Naja haje" if i % 2 else "Natrix maura") / f"{i}.png", i)
-    index = tmp_path / "g"
-    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
-                "-q")[0] == 0
-    return index
-
-
 def test_an_interrupted_references_add_keeps_what_was_embedded(tmp_path, capsys, monkeypatch):
-    index = _two_species_gallery(tmp_path, capsys)
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
     new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(5)]
     with monkeypatch.context() as m:
         _interrupt_on_batch(m, 2, module="retrieval.galleries")
@@ -108,7 +97,7 @@ def test_an_interrupted_references_add_of_a_new_species_prints_the_notes_of_what
     not know the new species; too few photos for 'probe train'). They are printed for the photos it kept."""
     import retrieval.workflows
 
-    index = _two_species_gallery(tmp_path, capsys)
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
     new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(3)]
     told: list[int] = []  # the gallery's references when the probe note was asked for
 
@@ -142,7 +131,7 @@ def test_an_interrupted_references_add_prints_the_taxon_note_and_leaves_a_mark_u
 
     from index.build_mark import add_note
 
-    index = _two_species_gallery(tmp_path, capsys)
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
     new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(3)]
     add = ["references", "add", "--index", index, "--species", "Naja nivae", "--new-species", *new, "--precision",
            "fp32"]  # as the gallery was built: identify's notes below are the mark's alone

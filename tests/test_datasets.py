@@ -138,15 +138,10 @@ def test_a_moroccan_build_answers_with_the_common_name(tmp_path: Path, capsys) -
     list and the answers show as a folder's ``Common Name (Genus species)`` is shown."""
     import json
 
-    from _cli_support import ENCODER, _photo, _run
+    from _cli_support import _run, folder_gallery
 
-    root = tmp_path / "mor"
-    for i in range(4):
-        _photo(root / ("Daboia-mauritanica" if i % 2 else "Dasypeltis sahelensis") / f"{i}.png", i)
-    index = tmp_path / "g"
-    code, _, err = _run(capsys, "index", "build", "--dataset", "moroccan", "--root", root, "--index", index,
-                        *ENCODER, "-q")
-    assert code == 0, err
+    index = folder_gallery(tmp_path, capsys, ("Dasypeltis sahelensis", "Daboia-mauritanica"), dataset="moroccan")
+    root = tmp_path / "photos"
     code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
     assert code == 0, err
     assert {s["species"]: s["common_name"] for s in json.loads(out)} == {

@@ -7,22 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from _cli_support import DIM, ENC, FakeEncoder
 
 import retrieval.identify as identify
 from index.gallery import Gallery
 from index.records import ReferenceRecord
 from retrieval.identify import FAR_FILE, Identifier, far_threshold
-
-DIM = 16
-ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
-
-
-class FakeEncoder:
-    """Stands in for an encoder when only embeddings matter."""
-
-    spec = ENC["spec"]
-    fingerprint = ENC["fingerprint"]
-    dim = DIM
 
 
 def _add(g: Gallery, rng: np.random.Generator, species: str, n: int, tag: str) -> None:

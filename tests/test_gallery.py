@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_support import DIM, ENC, FakeEncoder
 
 from index.gallery import EncoderMismatchError, Gallery
 from index.layout import VECTORS_FILE
 from index.records import ReferenceRecord
 from index.vectors import VectorIndexConfig
 from retrieval.identify import Identifier
-
-DIM = 16
-ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
 
 
 def _unit(rng: np.random.Generator, n: int, centre: np.ndarray, noise: float = 0.1) -> np.ndarray:
@@ -41,14 +39,6 @@ def gallery(tmp_path):
         g.add(recs, [f"{sp}-{j}" for j in range(6)], _unit(rng, 6, c))
     g.centres = centres
     return g
-
-
-class FakeEncoder:
-    """Stands in for an encoder when only embeddings matter."""
-
-    spec = ENC["spec"]
-    fingerprint = ENC["fingerprint"]
-    dim = DIM
 
 
 def test_add_search_returns_metadata_and_stable_ids(gallery):

@@ -4,47 +4,34 @@ a gallery, with no photo (walk s52 #2c: a folder build could not record one, and
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pytest
-from _cli_support import ENCODER, _photo, _run, two_species_gallery
+from _cli_support import (
+    DIM,
+    ENC,
+    ENCODER,
+    FakeEncoder,
+    _photo,
+    _run,
+    folder_gallery,
+    two_species_gallery,
+    venom_flags,
+)
 
 from index.gallery import Gallery
 from index.records import ReferenceRecord
 from retrieval.identify import Identifier
 from retrieval.workflows import set_species_venomous
 
-DIM = 16
-ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
-
-
-class FakeEncoder:
-    """Stands in for an encoder when only embeddings matter."""
-
-    spec = ENC["spec"]
-    fingerprint = ENC["fingerprint"]
-    dim = DIM
-
-
-def _flags(capsys, index) -> dict[str, bool | None]:
-    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
-    assert code == 0, err
-    return {s["species"]: s["venomous"] for s in json.loads(out)}
-
 
 def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys, caplog):
-    root = tmp_path / "photos"
-    for i in range(6):
-        _photo(root / ("Bufo bufo" if i % 2 else "Rana temporaria") / f"{i}.png", i)
-    index = tmp_path / "g"
-    assert _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index, *ENCODER,
-                "-q")[0] == 0
-    assert _flags(capsys, index) == {"Bufo bufo": None, "Rana temporaria": None}  # a folder records none
+    index = folder_gallery(tmp_path, capsys, ("Rana temporaria", "Bufo bufo"), 6)
+    assert venom_flags(capsys, index) == {"Bufo bufo": None, "Rana temporaria": None}  # a folder records none
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "bufo_bufo", "no")
     assert code == 0 and out.strip() == "Bufo bufo: venomous ? -> no (3 references)", (out, err)
-    assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": None}
+    assert venom_flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": None}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "yes")
     assert code == 0 and out.strip() == "Rana temporaria: venomous ? -> yes (3 references)", (out, err)
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Rana temporaria",
@@ -61,7 +48,7 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
     caplog.clear()
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "no")
     assert code == 0 and "venomous no -> no" in out and not caplog.records, (out, caplog.records)  # no change
-    assert _flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": False}
+    assert venom_flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": False}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo buffo", "no")
     assert code != 0 and f"no species 'Bufo buffo' in gallery {index}; did you mean 'Bufo bufo'?" in err, err
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "maybe")
@@ -70,11 +57,11 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
 
 def test_set_venom_refuses_no_for_a_venomous_snake_of_the_taxonomy(tmp_path, capsys):
     index, _ = two_species_gallery(tmp_path, capsys)
-    assert _flags(capsys, index)["Naja samarensis"] is True
+    assert venom_flags(capsys, index)["Naja samarensis"] is True
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Naja samarensis", "no")
     assert code != 0 and ("'Naja samarensis' is medically important venomous in the shipped taxonomy (SnakeCLEF's "
                           "list): its flag stays yes") in err, err
-    assert _flags(capsys, index)["Naja samarensis"] is True
+    assert venom_flags(capsys, index)["Naja samarensis"] is True
 
 
 def test_an_identifier_answers_with_the_flag_set(tmp_path):

@@ -5,21 +5,11 @@ metadata frame gave (blank and missing countries skipped, values stripped, exclu
 from __future__ import annotations
 
 import numpy as np
+from _cli_support import DIM, ENC, FakeEncoder
 
 from index.gallery import Gallery
 from index.records import ReferenceRecord
 from retrieval.identify import Identifier
-
-DIM = 8
-ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
-
-
-class FakeEncoder:
-    """Stands in for an encoder when only embeddings matter."""
-
-    spec = ENC["spec"]
-    fingerprint = ENC["fingerprint"]
-    dim = DIM
 
 
 def _from_whole_metadata(g: Gallery) -> dict[str, frozenset[str]]:

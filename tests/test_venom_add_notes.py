@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import json
 
-from _cli_support import ENCODER, _photo, _run
+from _cli_support import ENCODER, _photo, _run, folder_gallery
 
 BIRDS = ("Corvus corax", "Passer domesticus")
 
 
-def _gallery(tmp_path, capsys, *extra):
-    root = tmp_path / "photos"
-    for i in range(4):
-        _photo(root / BIRDS[i % 2] / f"{i}.png", i)
-    index = tmp_path / "g"
-    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
-                        *ENCODER, *extra, "-q")
-    assert code == 0, err
-    return index
-
-
 def test_an_off_gallery_warns_at_the_add_of_a_snake_genus(tmp_path, capsys, caplog):
-    index = _gallery(tmp_path, capsys, "--no-venom-advice")
+    index = folder_gallery(tmp_path, capsys, BIRDS, extra=["--no-venom-advice"])
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Bungarus suzhenae",
                           _photo(tmp_path / "new" / "a.png", 40), *ENCODER)
     assert code == 0, err
@@ -46,7 +35,7 @@ def test_the_api_add_tells_its_client_of_an_unrecorded_status(tmp_path, capsys):
     from api.app import create_app
     from api.settings import Settings
 
-    index = _gallery(tmp_path, capsys)
+    index = folder_gallery(tmp_path, capsys, BIRDS)
     photo = _photo(tmp_path / "new" / "a.png", 40, side=256)
     files = [("images", (photo.name, photo.read_bytes(), "image/png"))]
     with TestClient(create_app(Settings(index=str(index), api_keys="secret", precision="fp32"))) as client:

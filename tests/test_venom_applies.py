@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from _cli_support import ENCODER, _photo, _run, two_species_gallery
+from _cli_support import DIM, ENC, ENCODER, FakeEncoder, _photo, _run, two_species_gallery
 from PIL import Image
 
 from index.gallery import Gallery
@@ -19,19 +19,9 @@ from retrieval.advice import FAR_TEXT, UNKNOWN_TEXT
 from retrieval.identify import Identifier
 from retrieval.vote import VoteConfig
 
-DIM = 16
-ENC = {"spec": "test:synthetic", "fingerprint": "test:synthetic#abc", "dim": DIM}
 BIRD_FOLDERS = ("Common Raven (Corvus corax)", "House Sparrow (Passer domesticus)")
 NOT_RECORDED = "Venom status not recorded for "
 HINT = "none of this gallery's species is in the shipped snake taxonomy"
-
-
-class FakeEncoder:
-    """Stands in for an encoder when only embeddings matter."""
-
-    spec = ENC["spec"]
-    fingerprint = ENC["fingerprint"]
-    dim = DIM
 
 
 def _gallery(tmp_path, species: dict[str, dict]) -> tuple[Gallery, np.ndarray]:

@@ -5,33 +5,14 @@ exact taxon was refused, so 'Daboia russellii' set no answered 'unlikely' for Ru
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from _cli_support import ENCODER, _photo, _run
+from _cli_support import ENCODER, _photo, _run, folder_gallery, venom_flags
 
 from index.taxonomy import DISTINCT_OPTION, check_harmless_flag, venomous_lookalike
 
 #: name -> the venomous taxon of the shipped taxonomy it may be
 LOOKALIKES = {"Daboia russellii": "Daboia russelii", "Puff adder": "Bitis arietans",
               "Cryptelytrops albolabris": "Trimeresurus albolabris"}
-
-
-def _folder_gallery(tmp_path, capsys, folders):
-    root = tmp_path / "photos"
-    for i in range(2 * len(folders)):
-        _photo(root / folders[i % len(folders)] / f"{i}.png", i)
-    index = tmp_path / "g"
-    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
-                        *ENCODER, "-q")
-    assert code == 0, err
-    return index
-
-
-def _flags(capsys, index) -> dict[str, bool | None]:
-    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
-    assert code == 0, err
-    return {s["species"]: s["venomous"] for s in json.loads(out)}
 
 
 def test_the_rule():
@@ -72,27 +53,27 @@ def test_the_rule_refuses_the_venomous_taxon_itself_whatever_is_confirmed():
 
 @pytest.mark.parametrize("name", sorted(LOOKALIKES))
 def test_set_venom_no_refuses_a_venomous_lookalike_unless_confirmed(tmp_path, capsys, name):
-    index = _folder_gallery(tmp_path, capsys, (name, "Bufo bufo"))
+    index = folder_gallery(tmp_path, capsys, (name, "Bufo bufo"))
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, name, "no")
     assert code != 0 and f"{name!r} may be {LOOKALIKES[name]!r}, medically important venomous" in err, err
     assert f"If you are sure it is another, harmless species, add {DISTINCT_OPTION}" in err, err
-    assert _flags(capsys, index)[name] is None
+    assert venom_flags(capsys, index)[name] is None
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, name, "no", DISTINCT_OPTION)
     assert code == 0 and out.strip().startswith(f"{name}: venomous ? -> no"), (out, err)
-    assert _flags(capsys, index)[name] is False
+    assert venom_flags(capsys, index)[name] is False
     assert _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "no")[0] == 0  # no lookalike
 
 
 def test_references_add_venomous_no_refuses_a_venomous_lookalike_unless_confirmed(tmp_path, capsys):
-    index = _folder_gallery(tmp_path, capsys, ("Bufo bufo", "Rana temporaria"))
+    index = folder_gallery(tmp_path, capsys, ("Bufo bufo", "Rana temporaria"))
     photo = _photo(tmp_path / "new" / "a.png", 40)
     add = ("references", "add", "--index", index, "--species", "Cryptelytrops albolabris", "--venomous", "no",
            photo, *ENCODER)
     code, out, err = _run(capsys, *add)
     assert code != 0 and "may be 'Trimeresurus albolabris'" in err and DISTINCT_OPTION in err, err
-    assert "Cryptelytrops albolabris" not in _flags(capsys, index)
+    assert "Cryptelytrops albolabris" not in venom_flags(capsys, index)
     code, out, err = _run(capsys, *add, DISTINCT_OPTION)
-    assert code == 0 and _flags(capsys, index)["Cryptelytrops albolabris"] is False, (out, err)
+    assert code == 0 and venom_flags(capsys, index)["Cryptelytrops albolabris"] is False, (out, err)
 
 
 def test_the_api_add_refuses_a_venomous_lookalike_unless_confirmed(tmp_path, capsys):
@@ -101,7 +82,7 @@ def test_the_api_add_refuses_a_venomous_lookalike_unless_confirmed(tmp_path, cap
     from api.app import create_app
     from api.settings import Settings
 
-    index = _folder_gallery(tmp_path, capsys, ("Bufo bufo", "Rana temporaria"))
+    index = folder_gallery(tmp_path, capsys, ("Bufo bufo", "Rana temporaria"))
     photo = _photo(tmp_path / "new" / "a.png", 40, side=256)
     files = [("images", (photo.name, photo.read_bytes(), "image/png"))]
     settings = Settings(index=str(index), api_keys="secret", precision="fp32", refresh_s=0.0)
