@@ -323,6 +323,36 @@ def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
 #: ``distinct_from_venomous``).
 DISTINCT_OPTION = "--distinct-from-venomous"
 
+#: Words of an English name that name a kind of venomous snake (whole words, any case, an ``s`` plural too): a harmless
+#: flag for a name holding one (``King cobra``, ``Russell's viper``) asks for :data:`DISTINCT_OPTION`, since the shipped
+#: lists give a common name to the Moroccan checklist's species only. A hint list, not a taxonomy: a harmless snake
+#: named so (``False cobra``) needs the option too, and a venomous one named otherwise (``Eastern brown snake``) is
+#: not caught by it. ``pit viper`` and ``sea krait`` are caught by ``viper`` and ``krait``.
+VENOMOUS_KIND_WORDS = ("cobra", "viper", "krait", "mamba", "adder", "taipan", "rattlesnake", "rattler", "sea snake",
+                       "coral snake", "boomslang", "lancehead", "fer-de-lance", "bushmaster", "keelback",
+                       "copperhead", "cottonmouth", "water moccasin", "habu", "jararaca", "tiger snake", "asp")
+_KIND_WORD = re.compile(r"\b(" + "|".join(re.escape(w).replace(r"\ ", r"[\s_-]+") for w in VENOMOUS_KIND_WORDS)
+                        + r")s?\b", re.IGNORECASE)
+
+
+#: What a harmless flag is refused for without :data:`DISTINCT_OPTION` (the CLI's help, the API's form field).
+HARMLESS_RULE_HELP = ("a name that looks like a medically important venomous species of the shipped taxonomy (a "
+                      "near-spelling; its common name, which only the Moroccan checklist's species have; its epithet "
+                      "in a genus the taxonomy lacks) or whose name or common name holds a venomous snake kind's "
+                      "word (cobra, viper, krait, mamba, adder, taipan, sea snake, coral snake...: a hint list; a "
+                      "venomous snake named otherwise is not caught)")
+
+
+def venomous_kind_word(name: str, common_name: str | None = None) -> str | None:
+    """The word of :data:`VENOMOUS_KIND_WORDS` that ``name`` or ``common_name`` holds (``cobra`` for ``King cobra``),
+    None when neither holds one or the shipped taxonomy lists ``name`` itself (its own flag decides)."""
+    if lookup_taxon(name) is not None:
+        return None
+    for given in (name, common_name):
+        if given and (found := _KIND_WORD.search(given)):
+            return found.group(1).lower()
+    return None
+
 
 @lru_cache(maxsize=1)
 def _venomous_by_epithet() -> dict[str, TaxonInfo]:
@@ -364,6 +394,14 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
     taxon (:func:`venomous_lookalike`), unless ``distinct``: the user confirmed it is another species
     (:data:`DISTINCT_OPTION`). The rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
     if distinct or (found := venomous_lookalike(name, common_name)) is None:
+        if not distinct and (word := venomous_kind_word(name, common_name)):  # not a lookalike: a kind's name
+            raise ValueError(f"{name!r}{f' ({common_name!r})' if common_name else ''} holds {word!r}, a kind of "
+                             "venomous snake: it may be medically important venomous (the shipped taxonomy gives "
+                             "common names to the Moroccan checklist's species only, so it cannot tell which); a "
+                             "harmless answer for a venomous snake is the costly error. If you are sure it is a "
+                             f"harmless species, add {DISTINCT_OPTION} (the API's add: distinct_from_venomous=true); "
+                             "else leave the flag out (its status stays unrecorded: answers treat it as possibly "
+                             "venomous)")
         return
     taxon, how = found
     raise ValueError(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped taxonomy "
@@ -462,8 +500,8 @@ def new_species_references(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
             "venomous flag out to take it from there; a harmless answer for a venomous snake is the costly error")
     if venomous is False:  # a near-spelling, common name or synonym of a venomous taxon: refused unless confirmed
-        check_harmless_flag(species, common_name or (prior.common_name if prior else None),
-                            distinct=distinct_from_venomous)
+        check_harmless_flag(species, common_name or (prior.common_name if prior else None),  # recorded no: confirmed
+                            distinct=distinct_from_venomous or (prior is not None and prior.venomous is False))
     # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly
     # venomous; the caller passes warn=False where the gallery gives no venom advice
     if warn and prior is None and (note := unrecorded_venom_note(species, venomous)):

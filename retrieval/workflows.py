@@ -1209,7 +1209,8 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
         raise ValueError(f"{found.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
                          "list): its flag stays yes; a harmless answer for a venomous snake is the costly error")
     if venomous is False:
-        check_harmless_flag(found.species, found.common_name, distinct=distinct_from_venomous)
+        check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
+                            distinct=distinct_from_venomous or found.venomous is False)
     count = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
