@@ -388,3 +388,33 @@ def test_a_server_in_a_store_outage_follows_gallery_json_on_refresh_s(tmp_path):
     server._failures, server._checked_at = 4, time.monotonic()  # an outage: the next look at the store 16 s off
     record_venom_advice(g, True)  # another process turns the advice on
     assert server.refresh() is False and server.info["venom_advice"] is True
+
+
+def test_a_server_whose_store_look_hangs_follows_gallery_json(tmp_path, monkeypatch):
+    """Re-read w3-a #3: gallery.json was looked at only when no store look was running, so a look that hangs (an S3
+    partition: connect timeouts, the usual outage) kept 'index venom-advice on' from a server until it returned."""
+    import threading
+
+    from retrieval.advice import record_venom_advice
+
+    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
+    record_venom_advice(g, False)
+    server = Gallery.open(g.root, refresh_s=0.0)
+    server.stale_reads = True  # as a server's (api.service)
+    entered, release = threading.Event(), threading.Event()
+
+    def hang() -> None:  # the store's look blocks until released
+        entered.set()
+        release.wait()
+
+    monkeypatch.setattr(server, "_refuse_replaced", hang)
+    try:
+        assert server.refresh(wait=0.0) is False and entered.wait(60)
+        check = server._check
+        record_venom_advice(g, True)  # another process turns the advice on
+        assert server.refresh(wait=0.0) is False
+        assert server._check is check and not check.done.is_set()  # the look still hangs
+        assert server.info["venom_advice"] is True
+    finally:
+        release.set()
+    assert check.done.wait(60)
