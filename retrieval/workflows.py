@@ -198,9 +198,10 @@ def build_gallery(
     (``index_config`` replaces them all). ``new_store``: an existing gallery whose store lost its table gets a new,
     empty one (ids go on past the folder's: :meth:`Gallery.create`). ``venom_advice``: False records in
     ``gallery.json`` that its answers give no venom advice (``--no-venom-advice``: birds, plants), True that they
-    do; None leaves what it records (a new gallery: on). False is refused (ValueError, before any work; on Ray,
-    whose records stream, after its photos are stored) while the gallery or the dataset holds a species recorded
-    medically important venomous, as ``index venom-advice off`` is (:func:`refuse_venom_advice_off`).
+    do; None leaves what it records (a new gallery: on). False is refused (ValueError; on Ray, whose records
+    stream, after its photos are stored) while the gallery or the dataset holds a species recorded medically
+    important venomous, as ``index venom-advice off`` is (:func:`refuse_venom_advice_off`): the dataset's species
+    before the model loads, the gallery's once it is opened (the weights loaded), before any photo is embedded.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
@@ -228,7 +229,7 @@ def build_gallery(
     for warning in scan.warnings:
         logger.warning("%s", warning)
     require_records(scan)
-    if venom_advice is False:  # before any work: refused as 'index venom-advice off' is
+    if venom_advice is False:  # before the model loads: refused as 'index venom-advice off' is
         refuse_venom_advice_off(index_dir, [r.species for r in scan.records if r.venomous])
     config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
