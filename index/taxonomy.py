@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from index.photos import first_few
 from index.records import ReferenceRecord
 
 if TYPE_CHECKING:
@@ -412,7 +413,7 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
 
 
 def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | None = None,
-                          family: str | None = None, advice_on: bool = True, root: str | Path = "GALLERY",
+                          family: str | None = None, advice_on: bool = True, root: str | Path = "DIR",
                           api: bool = False) -> str:
     """What to tell of a new species ``species`` whose flag ``venomous`` (as stored) is None, '' when nothing:
     advice on (``advice_on``: :func:`retrieval.advice.venom_applies` of the gallery), one the shipped taxonomy does
@@ -431,13 +432,32 @@ def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | N
         return (f"{species!r} is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
                 f"venom status stays unknown (answers count it as possibly venomous; {record})"
                 + (f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else ""))
-    if not known_snake(species, genus, family):
+    if not unrecorded_snake(species, venomous, genus, family):
         return ""
+    return advice_off_snakes_note([species], root, api=api)
+
+
+def unrecorded_snake(species: str, venomous: bool | None, genus: str | None = None, family: str | None = None
+                     ) -> bool:
+    """Whether ``species``, of no recorded venom status (``venomous`` None), is of a snake genus or family the
+    shipped taxonomy knows (:func:`known_snake`): what a gallery of no venom advice is told of (a hint only)."""
+    return venomous is None and known_snake(species, genus, family)
+
+
+def advice_off_snakes_note(snakes: Sequence[str], root: str | Path = "DIR", *, api: bool = False) -> str:
+    """What to tell of ``snakes`` (:func:`unrecorded_snake`) in a gallery that records no venom advice: their answers
+    say nothing of a bite, and how to turn it on. The one wording of an add's note (:func:`unrecorded_venom_note`)
+    and ``index info`` / ``index build``'s hint (:func:`retrieval.advice.venom_advice_hint`); ``api`` words it for
+    an HTTP client, ``root``: the gallery the CLI commands name."""
+    one = len(snakes) == 1
     turn_on = ("the gallery's operator turns it on with 'speciesid index venom-advice on'" if api else
                f"'speciesid index venom-advice --index {root} on' turns it on")
-    return (f"{species!r} looks like a snake (the shipped snake taxonomy knows its genus or family) and its venom "
-            f"status is not recorded, but this gallery records no venom advice, so its answers say nothing of a "
-            f"bite: if it holds snakes, {turn_on}; or {record}")
+    name = f'"{snakes[0]}"' if one else "NAME"
+    record = ("the operator records a species' status with 'speciesid species set-venom' (no API route)" if api else
+              f"'speciesid species set-venom --index {root} {name} yes' (or no) records a species' status")
+    return (f"this gallery records no venom advice, but {first_few(list(snakes))} {'is' if one else 'are'} of a "
+            f"snake genus or family the shipped snake taxonomy knows, with no venom status recorded: "
+            f"{'its' if one else 'their'} answers say nothing of a bite; if it holds snakes, {turn_on} ({record})")
 
 
 def new_species_references(
@@ -453,6 +473,7 @@ def new_species_references(
     new_species: bool = False,
     warn: bool = True,
     distinct_from_venomous: bool = False,
+    root: str | Path = "DIR",
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
@@ -470,6 +491,7 @@ def new_species_references(
     by it: :mod:`index.datasets`). ``warn``: log that a new name the taxonomy does not know, given no venomous
     flag, stays of unknown venom status (off for a check ahead of the add, which warns itself). ``venomous`` False
     for a name like a venomous taxon is refused unless ``distinct_from_venomous`` (:func:`check_harmless_flag`).
+    ``root``: the gallery the commands its messages name take (``DIR`` when not known).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -494,7 +516,7 @@ def new_species_references(
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
             "photos says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first "
-            f"with 'speciesid species set-venom --index GALLERY \"{prior.species}\" no'")
+            f"with 'speciesid species set-venom --index {root} \"{prior.species}\" no'")
     if venomous is False and prior is None and taxon is not None and taxon.venomous:
         raise ValueError(
             f"{taxon.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's list): leave the "
@@ -504,7 +526,7 @@ def new_species_references(
                             distinct=distinct_from_venomous or (prior is not None and prior.venomous is False))
     # whatever the name (a toad, a snake genus the table lacks): answers count an unrecorded status as possibly
     # venomous; the caller passes warn=False where the gallery gives no venom advice
-    if warn and prior is None and (note := unrecorded_venom_note(species, venomous)):
+    if warn and prior is None and (note := unrecorded_venom_note(species, venomous, root=root)):
         logger.warning("%s", note)
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),

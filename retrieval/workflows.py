@@ -807,7 +807,7 @@ def check_new_references(
     leaves unknown (its venom status) then, once."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
                            venomous=venomous, new_species=new_species, warn=False,
-                           distinct_from_venomous=distinct_from_venomous)
+                           distinct_from_venomous=distinct_from_venomous, root=gallery.root)
 
 
 #: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
@@ -872,6 +872,7 @@ def add_photos(
     name, records, prior = new_species_references(
         species, held, paths, dataset=dataset, common_name=common_name, venomous=venomous, genus=genus,
         family=family, new_species=new_species, warn=False, distinct_from_venomous=distinct_from_venomous,
+        root=gallery.root,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(
@@ -1256,8 +1257,8 @@ def refuse_venom_advice_off(root: str | Path, venomous: Sequence[str]) -> None:
     if venomous:
         raise ValueError(f"gallery {root} holds species recorded medically important venomous "
                          f"({first_few(sorted(set(venomous)))}): its answers keep venom advice whatever it records, "
-                         "so it stays on; if one is not, 'speciesid species set-venom --index DIR NAME no' records "
-                         "it (refused for a species the shipped snake taxonomy records as venomous)")
+                         f"so it stays on; if one is not, 'speciesid species set-venom --index {root} NAME no' "
+                         "records it (refused for a species the shipped snake taxonomy records as venomous)")
 
 
 def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdviceSet:

@@ -717,7 +717,7 @@ def test_the_check_ahead_of_an_add_leaves_the_unknown_venom_warning_to_the_add(c
     caplog.set_level(logging.WARNING)
     # a species the taxonomy lacks: its unknown status counts as possibly venomous, whatever its name (a bird's too,
     # unless the gallery gives no venom advice: tests/test_venom_applies.py)
-    check_new_references(SimpleNamespace(species=lambda: []), "Lycodon novus")
+    check_new_references(SimpleNamespace(species=lambda: [], root="g"), "Lycodon novus")
     assert "not in the shipped snake taxonomy" not in caplog.text, caplog.text
     new_species_references("Lycodon novus", [], ["a.jpg"], dataset="api")
     assert caplog.text.count("'Lycodon novus' is not in the shipped snake taxonomy (snakes only) and no "
