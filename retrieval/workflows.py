@@ -113,7 +113,7 @@ from retrieval.pipeline import (
     given_embeddings,
     skip_counts,
 )
-from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe
+from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe, probe_text_prior_sha256
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -133,7 +133,7 @@ from retrieval.protocol import (
     record_embedding,
     recorded_embedding,
 )
-from retrieval.textprior import text_prior_species, text_prior_taxa
+from retrieval.textprior import text_prior_digest, text_prior_species, text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -877,7 +877,7 @@ def add_photos(
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(
         name, records[0].venomous, genus=records[0].genus, family=records[0].family,
-        advice_on=venom_applies(gallery.info, held), root=gallery.root, api=api)
+        advice_on=venom_applies(gallery.info, _venom_taxa(gallery, held)), root=gallery.root, api=api)
     if venom_note:
         logger.warning("%s", venom_note)
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
@@ -1233,12 +1233,18 @@ class VenomAdviceSet:
     note: str | None  # what to know of it (:func:`retrieval.advice.venom_advice_hint`), None when nothing
 
 
-def _venom_taxa(g: Gallery) -> list[SpeciesSummary]:
-    """The gallery's species and its text prior's (with the flags its ``text_prior.json`` records, as answers
-    read them: :func:`retrieval.textprior.text_prior_taxa`) for venom advice's refusal and hint."""
-    held = g.species()
+def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None) -> list[SpeciesSummary]:
+    """The species whose venom flags count for a gallery, as its answers count them
+    (:meth:`retrieval.identify.Identifier.taxa`): its own (``held``: ``g.species()`` when None) and its text
+    prior's, with the flags its ``text_prior.json`` records (:func:`retrieval.textprior.text_prior_taxa`), when its
+    answers take that prior: not when its sha256 is not the one the gallery's probe records
+    (:func:`retrieval.textprior.load_text_prior` answers without it). The one reading of an add's venom note, the
+    refusal of venom advice off (``index venom-advice off``, ``index build --no-venom-advice``) and its hint."""
+    held = g.species() if held is None else held
     names = {s.species for s in held}
-    return held + [t for t in text_prior_taxa(g.root) if t.species not in names]
+    expected = probe_text_prior_sha256(g.root)
+    prior = [] if expected is not None and text_prior_digest(g.root) != expected else text_prior_taxa(g.root)
+    return held + [t for t in prior if t.species not in names]
 
 
 def venom_advice_note(gallery: Gallery | str | Path) -> str | None:
