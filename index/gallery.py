@@ -254,7 +254,7 @@ class Gallery:
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
-        self._info_at = self._checked_at  # gallery.json's last look during an outage (_refresh_behind)
+        self._info_at = self._checked_at  # gallery.json's last look by a server's refresh (_refresh_behind)
         self._synced_version = -1
         self._index: SearchIndex = None  # type: ignore[assignment]
         self._index = self._load_index()
@@ -736,15 +736,17 @@ class Gallery:
         """:meth:`refresh` of a server: the look in the background, waited for at most ``wait`` seconds."""
         if self._replaced is not None:  # until the process restarts: the index is of the table lost, and a look
             raise self._replaced  # at the new one's version (it may equal the one read) cannot tell what changed
+        with self._check_guard:  # gallery.json, a local stat, on refresh_s whatever the store does: a look that
+            now = time.monotonic()  # hangs or fails (an outage) must not hold back 'index venom-advice on'
+            if force or now - self._info_at >= self.refresh_s:
+                self._info_at = now
+                self._look_at_info()
         for _ in range(2 if force else 1):  # force: a look begun before the call may miss what it must see
             now = time.monotonic()
             with self._check_guard:
                 check = self._check
                 if check is None:
                     if not force and now - self._checked_at < self._pause():
-                        if self._failures and now - self._info_at >= self.refresh_s:  # an outage backs the store's
-                            self._info_at = now  # looks off; gallery.json (a local stat) keeps refresh_s: a
-                            self._look_at_info()  # declaration such as 'index venom-advice on' is followed
                         if self._check_error is not None:  # not an outage: every read says so until a look works
                             raise self._check_error
                         return False
@@ -772,8 +774,7 @@ class Gallery:
     def _run_check(self, check: _StoreCheck, force: bool) -> None:
         """One look at the store (the background thread of :meth:`refresh`): its I/O without the lock, then the
         index brought to the store's version under it, briefly. Its outcome is left in ``check``."""
-        self._look_at_info()  # the folder's file (another process's build may record its checklist there)
-        try:
+        try:  # gallery.json is looked at by the caller (_refresh_behind), whatever this look does
             if force:
                 self.store.refresh()
             self._refuse_replaced()  # and every read after, whatever version the new table reaches

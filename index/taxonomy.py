@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from index.photos import first_few
 from index.records import ReferenceRecord
 
 if TYPE_CHECKING:
@@ -322,6 +323,36 @@ def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
 #: ``distinct_from_venomous``).
 DISTINCT_OPTION = "--distinct-from-venomous"
 
+#: Words of an English name that name a kind of venomous snake (whole words, any case, an ``s`` plural too): a harmless
+#: flag for a name holding one (``King cobra``, ``Russell's viper``) asks for :data:`DISTINCT_OPTION`, since the shipped
+#: lists give a common name to the Moroccan checklist's species only. A hint list, not a taxonomy: a harmless snake
+#: named so (``False cobra``) needs the option too, and a venomous one named otherwise (``Eastern brown snake``) is
+#: not caught by it. ``pit viper`` and ``sea krait`` are caught by ``viper`` and ``krait``.
+VENOMOUS_KIND_WORDS = ("cobra", "viper", "krait", "mamba", "adder", "taipan", "rattlesnake", "rattler", "sea snake",
+                       "coral snake", "boomslang", "lancehead", "fer-de-lance", "bushmaster", "keelback",
+                       "copperhead", "cottonmouth", "water moccasin", "habu", "jararaca", "tiger snake", "asp")
+_KIND_WORD = re.compile(r"\b(" + "|".join(re.escape(w).replace(r"\ ", r"[\s_-]+") for w in VENOMOUS_KIND_WORDS)
+                        + r")s?\b", re.IGNORECASE)
+
+
+#: What a harmless flag is refused for without :data:`DISTINCT_OPTION` (the CLI's help, the API's form field).
+HARMLESS_RULE_HELP = ("a name that looks like a medically important venomous species of the shipped taxonomy (a "
+                      "near-spelling; its common name, which only the Moroccan checklist's species have; its epithet "
+                      "in a genus the taxonomy lacks) or whose name or common name holds a venomous snake kind's "
+                      "word (cobra, viper, krait, mamba, adder, taipan, sea snake, coral snake...: a hint list; a "
+                      "venomous snake named otherwise is not caught)")
+
+
+def venomous_kind_word(name: str, common_name: str | None = None) -> str | None:
+    """The word of :data:`VENOMOUS_KIND_WORDS` that ``name`` or ``common_name`` holds (``cobra`` for ``King cobra``),
+    None when neither holds one or the shipped taxonomy lists ``name`` itself (its own flag decides)."""
+    if lookup_taxon(name) is not None:
+        return None
+    for given in (name, common_name):
+        if given and (found := _KIND_WORD.search(given)):
+            return found.group(1).lower()
+    return None
+
 
 @lru_cache(maxsize=1)
 def _venomous_by_epithet() -> dict[str, TaxonInfo]:
@@ -381,6 +412,14 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
                          "list): its flag stays yes (an add with no venomous flag takes it from there); a harmless "
                          "answer for a venomous snake is the costly error")
     if distinct or (found := venomous_lookalike(name, common_name)) is None:
+        if not distinct and (word := venomous_kind_word(name, common_name)):  # not a lookalike: a kind's name
+            raise ValueError(f"{name!r}{f' ({common_name!r})' if common_name else ''} holds {word!r}, a kind of "
+                             "venomous snake: it may be medically important venomous (the shipped taxonomy gives "
+                             "common names to the Moroccan checklist's species only, so it cannot tell which); a "
+                             "harmless answer for a venomous snake is the costly error. If you are sure it is a "
+                             f"harmless species, add {DISTINCT_OPTION} (the API's add: distinct_from_venomous=true); "
+                             "else leave the flag out (its status stays unrecorded: answers treat it as possibly "
+                             "venomous)")
         return
     taxon, how = found
     raise ValueError(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped taxonomy "
@@ -391,7 +430,7 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
 
 
 def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | None = None,
-                          family: str | None = None, advice_on: bool = True, root: str | Path = "GALLERY",
+                          family: str | None = None, advice_on: bool = True, root: str | Path = "DIR",
                           api: bool = False) -> str:
     """What to tell of a new species ``species`` whose flag ``venomous`` (as stored) is None, '' when nothing:
     advice on (``advice_on``: :func:`retrieval.advice.venom_applies` of the gallery), one the shipped taxonomy does
@@ -410,13 +449,32 @@ def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | N
         return (f"{species!r} is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: its "
                 f"venom status stays unknown (answers count it as possibly venomous; {record})"
                 + (f"; did you mean {', '.join(repr(t.species) for t in close)}?" if close else ""))
-    if not known_snake(species, genus, family):
+    if not unrecorded_snake(species, venomous, genus, family):
         return ""
+    return advice_off_snakes_note([species], root, api=api)
+
+
+def unrecorded_snake(species: str, venomous: bool | None, genus: str | None = None, family: str | None = None
+                     ) -> bool:
+    """Whether ``species``, of no recorded venom status (``venomous`` None), is of a snake genus or family the
+    shipped taxonomy knows (:func:`known_snake`): what a gallery of no venom advice is told of (a hint only)."""
+    return venomous is None and known_snake(species, genus, family)
+
+
+def advice_off_snakes_note(snakes: Sequence[str], root: str | Path = "DIR", *, api: bool = False) -> str:
+    """What to tell of ``snakes`` (:func:`unrecorded_snake`) in a gallery that records no venom advice: their answers
+    say nothing of a bite, and how to turn it on. The one wording of an add's note (:func:`unrecorded_venom_note`)
+    and ``index info`` / ``index build``'s hint (:func:`retrieval.advice.venom_advice_hint`); ``api`` words it for
+    an HTTP client, ``root``: the gallery the CLI commands name."""
+    one = len(snakes) == 1
     turn_on = ("the gallery's operator turns it on with 'speciesid index venom-advice on'" if api else
                f"'speciesid index venom-advice --index {root} on' turns it on")
-    return (f"{species!r} looks like a snake (the shipped snake taxonomy knows its genus or family) and its venom "
-            f"status is not recorded, but this gallery records no venom advice, so its answers say nothing of a "
-            f"bite: if it holds snakes, {turn_on}; or {record}")
+    name = f'"{snakes[0]}"' if one else "NAME"
+    record = ("the operator records a species' status with 'speciesid species set-venom' (no API route)" if api else
+              f"'speciesid species set-venom --index {root} {name} yes' (or no) records a species' status")
+    return (f"this gallery records no venom advice, but {first_few(list(snakes))} {'is' if one else 'are'} of a "
+            f"snake genus or family the shipped snake taxonomy knows, with no venom status recorded: "
+            f"{'its' if one else 'their'} answers say nothing of a bite; if it holds snakes, {turn_on} ({record})")
 
 
 def new_species_references(
@@ -431,6 +489,7 @@ def new_species_references(
     family: str | None = None,
     new_species: bool = False,
     distinct_from_venomous: bool = False,
+    root: str | Path = "DIR",
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
@@ -448,6 +507,7 @@ def new_species_references(
     by it: :mod:`index.datasets`). ``venomous`` False for a venomous taxon is refused, and for a name like one
     unless ``distinct_from_venomous`` (:func:`check_harmless_flag`). What a new name leaves unknown (its venom status)
     is the add's to say (:func:`unrecorded_venom_note`).
+    ``root``: the gallery the commands its messages name take (``DIR`` when not known).
     """
     species = check_name(name.replace("_", " "))
     common_name = check_name(common_name, "common name") if common_name is not None else None
@@ -472,10 +532,10 @@ def new_species_references(
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
             "photos says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first "
-            f"with 'speciesid species set-venom --index GALLERY \"{prior.species}\" no'")
+            f"with 'speciesid species set-venom --index {root} \"{prior.species}\" no'")
     if venomous is False:  # a venomous taxon, or its near-spelling, common name or synonym unless confirmed
         check_harmless_flag(species, common_name or (prior.common_name if prior else None),
-                            distinct=distinct_from_venomous)
+                            distinct=distinct_from_venomous or (prior is not None and prior.venomous is False))
     for what, given, have in (("genus", genus, prior.genus if prior else None),
                               ("family", family, prior.family if prior else None),
                               ("common name", common_name, prior.common_name if prior else None)):

@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from index.gallery import Gallery
 from index.photos import first_few
-from index.taxonomy import TaxonInfo, known_snake, moroccan_checklist
+from index.taxonomy import (
+    TaxonInfo,
+    advice_off_snakes_note,
+    known_snake,
+    moroccan_checklist,
+    unrecorded_snake,
+)
 
 if TYPE_CHECKING:
     from index.store import SpeciesSummary
@@ -116,13 +122,8 @@ def venom_advice_hint(info: Mapping[str, object], taxa: Iterable[SpeciesSummary]
         if venomous := recorded_venomous(taxa):
             return (f"this gallery records no venom advice, but it holds species recorded medically important "
                     f"venomous ({first_few(venomous)}): its answers give venom advice all the same")
-        if snakes := sorted(t.species for t in taxa if t.venomous is None and known_snake(t.species, t.genus,
-                                                                                          t.family)):
-            return (f"this gallery records no venom advice, but it holds species of a snake genus or family the "
-                    f"shipped taxonomy knows with no venom status recorded ({first_few(snakes)}): their answers "
-                    f"say nothing of a bite; if it holds snakes, 'speciesid index venom-advice --index {root} on' "
-                    "turns the advice on ('speciesid species set-venom' records a species' status)")
-        return None
+        snakes = sorted(t.species for t in taxa if unrecorded_snake(t.species, t.venomous, t.genus, t.family))
+        return advice_off_snakes_note(snakes, root) if snakes else None
     if not taxa or any(t.venomous is not None or known_snake(t.species, t.genus, t.family) for t in taxa):
         return None
     return (f"none of this gallery's species is in the shipped snake taxonomy (SnakeCLEF 2021) and none records a "

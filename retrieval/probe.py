@@ -243,6 +243,16 @@ def has_probe(folder: str | Path) -> bool:
     return (Path(folder) / PROBE_META).is_file()
 
 
+def probe_text_prior_sha256(folder: str | Path) -> str | None:
+    """The :attr:`LinearProbe.text_prior_sha256` the probe saved in ``folder`` records, read from its ``probe.json``
+    alone (no weights): None with no probe, or one that records none (or cannot be read)."""
+    try:
+        recorded = json.loads((Path(folder) / PROBE_META).read_text(encoding="utf-8")).get("text_prior_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if recorded is None else str(recorded)
+
+
 def now_utc() -> str:
     """This moment as :attr:`LinearProbe.made_at` records it (ISO 8601, UTC, to the second)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

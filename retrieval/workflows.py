@@ -113,7 +113,7 @@ from retrieval.pipeline import (
     given_embeddings,
     skip_counts,
 )
-from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe
+from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe, probe_text_prior_sha256
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -133,7 +133,7 @@ from retrieval.protocol import (
     record_embedding,
     recorded_embedding,
 )
-from retrieval.textprior import text_prior_taxa
+from retrieval.textprior import text_prior_digest, text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -198,9 +198,10 @@ def build_gallery(
     (``index_config`` replaces them all). ``new_store``: an existing gallery whose store lost its table gets a new,
     empty one (ids go on past the folder's: :meth:`Gallery.create`). ``venom_advice``: False records in
     ``gallery.json`` that its answers give no venom advice (``--no-venom-advice``: birds, plants), True that they
-    do; None leaves what it records (a new gallery: on). False is refused (ValueError, before any work; on Ray,
-    whose records stream, after its photos are stored) while the gallery or the dataset holds a species recorded
-    medically important venomous, as ``index venom-advice off`` is (:func:`refuse_venom_advice_off`).
+    do; None leaves what it records (a new gallery: on). False is refused (ValueError; on Ray, whose records
+    stream, after its photos are stored) while the gallery or the dataset holds a species recorded medically
+    important venomous, as ``index venom-advice off`` is (:func:`refuse_venom_advice_off`): the dataset's species
+    before the model loads, the gallery's once it is opened (the weights loaded), before any photo is embedded.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
@@ -228,7 +229,7 @@ def build_gallery(
     for warning in scan.warnings:
         logger.warning("%s", warning)
     require_records(scan)
-    if venom_advice is False:  # before any work: refused as 'index venom-advice off' is
+    if venom_advice is False:  # before the model loads: refused as 'index venom-advice off' is
         refuse_venom_advice_off(index_dir, [r.species for r in scan.records if r.venomous])
     config = encoder  # always set above (the gallery's own, or the default for a new one)
     enc = create_encoder_from_config(config, photos=[r.path for r in scan.records])
@@ -806,7 +807,7 @@ def check_new_references(
     leaves unknown (its venom status) then, once."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
                            venomous=venomous, new_species=new_species,
-                           distinct_from_venomous=distinct_from_venomous)
+                           distinct_from_venomous=distinct_from_venomous, root=gallery.root)
 
 
 #: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
@@ -871,11 +872,12 @@ def add_photos(
     name, records, prior = new_species_references(
         species, held, paths, dataset=dataset, common_name=common_name, venomous=venomous, genus=genus,
         family=family, new_species=new_species, distinct_from_venomous=distinct_from_venomous,
+        root=gallery.root,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(
         name, records[0].venomous, genus=records[0].genus, family=records[0].family,
-        advice_on=venom_applies(gallery.info, held), root=gallery.root, api=api)
+        advice_on=venom_applies(gallery.info, _venom_taxa(gallery, held)), root=gallery.root, api=api)
     if venom_note:
         logger.warning("%s", venom_note)
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
@@ -1205,7 +1207,8 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
                          + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else "")
                          + f" ('speciesid species list --index {g.root}' lists them)")
     if venomous is False:
-        check_harmless_flag(found.species, found.common_name, distinct=distinct_from_venomous)
+        check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
+                            distinct=distinct_from_venomous or found.venomous is False)
     count = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
@@ -1228,12 +1231,21 @@ class VenomAdviceSet:
 
 def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None,
                 prior: list[SpeciesSummary] | None = None) -> list[SpeciesSummary]:
-    """The gallery's species and its text prior's (with the flags its ``text_prior.json`` records, as answers
-    read them: :func:`retrieval.textprior.text_prior_taxa`) for venom advice's refusal and hint; ``held`` and
-    ``prior``: the two, where already read."""
+    """The species whose venom flags count for a gallery, as its answers count them
+    (:meth:`retrieval.identify.Identifier.taxa`): its own (``held``: ``g.species()`` when None) and its text
+    prior's, with the flags its ``text_prior.json`` records (:func:`retrieval.textprior.text_prior_taxa`), when its
+    answers take that prior: not when its sha256 is not the one the gallery's probe records
+    (:func:`retrieval.textprior.load_text_prior` answers without it). The one reading of an add's venom note, the
+    refusal of venom advice off (``index venom-advice off``, ``index build --no-venom-advice``) and its hint.
+    ``prior``: the text prior's taxa, where already read."""
     held = g.species() if held is None else held
     names = {s.species for s in held}
-    return held + [t for t in (text_prior_taxa(g.root) if prior is None else prior) if t.species not in names]
+    expected = probe_text_prior_sha256(g.root)
+    if expected is not None and text_prior_digest(g.root) != expected:
+        prior = []  # answers take no prior of another probe
+    elif prior is None:
+        prior = text_prior_taxa(g.root)
+    return held + [t for t in prior if t.species not in names]
 
 
 def venom_advice_note(gallery: Gallery | str | Path, taxa: list[SpeciesSummary] | None = None) -> str | None:
@@ -1253,8 +1265,8 @@ def refuse_venom_advice_off(root: str | Path, venomous: Sequence[str]) -> None:
     if venomous:
         raise ValueError(f"gallery {root} holds species recorded medically important venomous "
                          f"({first_few(sorted(set(venomous)))}): its answers keep venom advice whatever it records, "
-                         "so it stays on; if one is not, 'speciesid species set-venom --index DIR NAME no' records "
-                         "it (refused for a species the shipped snake taxonomy records as venomous)")
+                         f"so it stays on; if one is not, 'speciesid species set-venom --index {root} NAME no' "
+                         "records it (refused for a species the shipped snake taxonomy records as venomous)")
 
 
 def refuse_gallery_venom_advice_off(g: Gallery) -> None:

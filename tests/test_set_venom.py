@@ -36,7 +36,7 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
     assert code == 0 and out.strip() == "Rana temporaria: venomous ? -> yes (3 references)", (out, err)
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Rana temporaria",
                           "--venomous", "no", *ENCODER, _photo(tmp_path / "new.png", 99))
-    assert code != 0 and ("if that flag is wrong, set it first with 'speciesid species set-venom --index GALLERY "
+    assert code != 0 and (f"if that flag is wrong, set it first with 'speciesid species set-venom --index {index} "
                           '"Rana temporaria" no\'') in err, err  # not "delete the references that flag it"
     caplog.set_level(logging.WARNING, logger="retrieval.workflows")
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Rana temporaria", "no")

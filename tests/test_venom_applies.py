@@ -378,3 +378,78 @@ def test_a_server_in_a_store_outage_follows_gallery_json_on_refresh_s(tmp_path):
     server._failures, server._checked_at = 4, time.monotonic()  # an outage: the next look at the store 16 s off
     record_venom_advice(g, True)  # another process turns the advice on
     assert server.refresh() is False and server.info["venom_advice"] is True
+
+
+def test_a_server_whose_store_look_hangs_follows_gallery_json(tmp_path, monkeypatch):
+    """Re-read w3-a #3: gallery.json was looked at only when no store look was running, so a look that hangs (an S3
+    partition: connect timeouts, the usual outage) kept 'index venom-advice on' from a server until it returned."""
+    import threading
+
+    from retrieval.advice import record_venom_advice
+
+    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
+    record_venom_advice(g, False)
+    server = Gallery.open(g.root, refresh_s=0.0)
+    server.stale_reads = True  # as a server's (api.service)
+    entered, release = threading.Event(), threading.Event()
+
+    def hang() -> None:  # the store's look blocks until released
+        entered.set()
+        release.wait()
+
+    monkeypatch.setattr(server, "_refuse_replaced", hang)
+    try:
+        assert server.refresh(wait=0.0) is False and entered.wait(60)
+        check = server._check
+        record_venom_advice(g, True)  # another process turns the advice on
+        assert server.refresh(wait=0.0) is False
+        assert server._check is check and not check.done.is_set()  # the look still hangs
+        assert server.info["venom_advice"] is True
+    finally:
+        release.set()
+    assert check.done.wait(60)
+
+
+def _write_prior(g: Gallery, species: str, venomous: bool) -> str:
+    """A text_prior.json listing ``species`` with its flag; its sha256."""
+    import hashlib
+
+    from index.layout import GalleryLayout
+
+    prior = {"fingerprint": ENC["fingerprint"], "strength": 1.0, "species": [
+        {"species": species, "genus": species.split()[0], "family": None, "common_name": None,
+         "venomous": venomous}]}
+    path = GalleryLayout(g.root).text_prior
+    path.write_text(json.dumps(prior), encoding="utf-8")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_venom_advice_off_ignores_a_text_prior_its_answers_do_not_take(tmp_path):
+    """Re-read w3-a #5: the refusal counted a text_prior.json whose sha256 is not the one the probe records, which
+    answers go without (load_text_prior): one reading of the venomous species now, the answers'."""
+    from retrieval.probe import PROBE_META
+    from retrieval.workflows import set_venom_advice
+
+    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
+    digest = _write_prior(g, "Cryptelytrops albolabris", True)
+    (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": "0" * 64}), encoding="utf-8")  # another's
+    assert set_venom_advice(g, False).now is False  # its answers have no venomous species: off is kept
+    set_venom_advice(g, True)
+    (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": digest}), encoding="utf-8")  # the probe's own
+    with pytest.raises(ValueError, match=r"\(Cryptelytrops albolabris\): its answers keep venom advice"):
+        set_venom_advice(g, False)
+
+
+def test_the_add_note_counts_the_text_priors_venomous_species_as_answers_do(tmp_path, capsys, caplog):
+    """Re-read w3-a #5: a gallery recorded off but kept on by its text prior's venomous species: the add's note
+    read the gallery's own species alone, and said nothing of a new bird's unknown status, while answers advise."""
+    import logging
+
+    index, _ = _folder_gallery(tmp_path, capsys, BIRD_FOLDERS, "--no-venom-advice")
+    _write_prior(Gallery.open(index), "Cryptelytrops albolabris", True)  # no probe: answers take any prior
+    caplog.set_level(logging.WARNING)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Sylvia atricapilla",
+                          _photo(tmp_path / "new" / "a.png", 40), *ENCODER)
+    assert code == 0, err
+    assert ("'Sylvia atricapilla' is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: "
+            "its venom status stays unknown (answers count it as possibly venomous") in caplog.text, caplog.text

@@ -24,7 +24,7 @@ from api.cli._common import (
     to_csv,
 )
 from index.compaction import AUTO_PRUNE_AGE
-from index.taxonomy import DISTINCT_OPTION
+from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
 
 if TYPE_CHECKING:
     from index.objects import StoredObject
@@ -133,9 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the space)")
     p.add_argument("venomous", metavar="yes|no", help="medically important venomous: yes or no")
     p.add_argument("--index", required=True, metavar="DIR", help="gallery directory")
-    p.add_argument(DISTINCT_OPTION, action="store_true", help="confirm 'no' for a name that looks like a venomous "
-                   "species of the shipped taxonomy (a near-spelling, its common name, its epithet in a genus the "
-                   "taxonomy lacks), which is refused without this")
+    p.add_argument(DISTINCT_OPTION, action="store_true",
+                   help=f"confirm 'no' for {HARMLESS_RULE_HELP}, which is refused without this")
     p.set_defaults(func=cmd_species_set_venom)
 
 

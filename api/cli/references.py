@@ -21,7 +21,7 @@ from api.cli._common import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the references command group."""
-    from index.taxonomy import DISTINCT_OPTION
+    from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
     from retrieval.findings import DEFAULT_DUP_THRESHOLD  # the copy rule of speciesid clean
 
     p_ref = sub.add_parser("references", help="add or delete reference photos")
@@ -47,9 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "near-spelling of one, or its common name) or a species of the shipped snake taxonomy (a "
                    "near-spelling of one: 'Naja nivae' for 'Naja nivea'), or is not written as a scientific name "
                    "('Genus species': a label such as 'cats'), which is refused without this")
-    p.add_argument(DISTINCT_OPTION, action="store_true", help="confirm --venomous no for a name that looks like a "
-                   "venomous species of the shipped taxonomy (a near-spelling, its common name, its epithet in a "
-                   "genus the taxonomy lacks), which is refused without this")
+    p.add_argument(DISTINCT_OPTION, action="store_true",
+                   help=f"confirm --venomous no for {HARMLESS_RULE_HELP}, which is refused without this")
     p.add_argument("--encoder", default=None, metavar="SPEC", help=spec_help(": the gallery's encoder"))
     p.add_argument("--weights", default=None, metavar="FILE", help=WEIGHTS_HELP + "; default: the gallery's weights")
     add_runtime_args(p)

@@ -11,7 +11,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
 from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
-from index.taxonomy import InvalidNameError, check_name
+from index.taxonomy import HARMLESS_RULE_HELP, InvalidNameError, check_name
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
 
@@ -43,10 +43,8 @@ def add_references(
                                       "species (a near-spelling, or its common name) or a species of the shipped "
                                       "taxonomy (a near-spelling), or is not written as a scientific name ('Genus "
                                       "species': a label such as 'cats'): refused (409) without")] = False,
-    distinct_from_venomous: Annotated[bool, Form(description="confirm venomous=false for a name that looks like a "
-                                                 "medically important venomous species of the shipped taxonomy (a "
-                                                 "near-spelling, its common name, its epithet in a genus the "
-                                                 "taxonomy lacks): refused (400) without")] = False,
+    distinct_from_venomous: Annotated[bool, Form(description=f"confirm venomous=false for {HARMLESS_RULE_HELP}: "
+                                                 "refused (400) without")] = False,
     *, response: Response,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
