@@ -338,9 +338,9 @@ _KIND_WORD = re.compile(r"\b(" + "|".join(re.escape(w).replace(r"\ ", r"[\s_-]+"
 #: What a harmless flag is refused for without :data:`DISTINCT_OPTION` (the CLI's help, the API's form field).
 HARMLESS_RULE_HELP = ("a name that looks like a medically important venomous species of the shipped taxonomy (a "
                       "near-spelling; its common name, which only the Moroccan checklist's species have; its epithet "
-                      "in a genus the taxonomy lacks) or whose name or common name holds a venomous snake kind's "
-                      "word (cobra, viper, krait, mamba, adder, taipan, sea snake, coral snake...: a hint list; a "
-                      "venomous snake named otherwise is not caught)")
+                      "in whatever genus, one of no other genus there) or whose name or common name holds a venomous "
+                      "snake kind's word (cobra, viper, krait, mamba, adder, taipan, sea snake, coral snake...: a "
+                      "hint list; a venomous snake named otherwise is not caught)")
 
 
 def venomous_kind_word(name: str, common_name: str | None = None) -> str | None:
@@ -381,9 +381,10 @@ def _venomous_by_common() -> dict[str, TaxonInfo]:
 def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[TaxonInfo, str] | None:
     """(a medically important venomous taxon of the shipped taxonomy that ``name`` may be, how it looks so), None
     when none: a near-spelling (:data:`SUGGESTION`: ``Daboia russellii`` for ``Daboia russelii``), its common name
-    (``name`` or ``common_name``: ``Puff adder`` for ``Bitis arietans``), or, for a genus the taxonomy lacks, the
-    same specific epithet, one no other genus of the taxonomy has (``Cryptelytrops albolabris`` for ``Trimeresurus
-    albolabris``: a synonym; not ``Bufo viridis`` for ``Crotalus viridis``). The taxon
+    (``name`` or ``common_name``: ``Puff adder`` for ``Bitis arietans``), or, for a name the taxonomy does not
+    list, the same specific epithet, one no other genus of the taxonomy has, in whatever genus (``Cryptelytrops
+    albolabris`` for ``Trimeresurus albolabris``, ``Vipera russelii`` for ``Daboia russelii``: synonyms, older or
+    newer genera, known to the table or not; not ``Bufo viridis`` for ``Crotalus viridis``). The taxon
     itself (:func:`lookup_taxon`) is not looked for here: :func:`check_harmless_flag`, the one rule of a harmless
     flag, refuses it outright."""
     if (taxon := lookup_taxon(name)) is not None and taxon.venomous:
@@ -396,9 +397,9 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
         if close:
             return close[0], f"{name!r} is a near-spelling of it"
         words = species_key(name).split(" ")
-        if len(words) > 1 and not known_genus(words[0]) and (found := _venomous_by_epithet().get(words[1])):
-            return found, (f"{name!r} has its specific epithet in a genus the taxonomy lacks (it may be a synonym: "
-                           "an older or newer genus)")
+        if len(words) > 1 and (found := _venomous_by_epithet().get(words[1])):
+            return found, (f"{name!r} has its specific epithet, one no other genus of the taxonomy has (it may be a "
+                           "synonym: an older or newer genus)")
     return None
 
 

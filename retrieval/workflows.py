@@ -1194,7 +1194,7 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     flag says "no". ``name`` in any spelling of a gallery species (case, ``_``, ``-``). Refused (ValueError): a name
     the gallery does not hold (naming the species it may mean), and ``no`` for a species the shipped snake taxonomy
     records as medically important venomous (the rule of ``references add --venomous no``), or for a name that may
-    be one (a near-spelling, its common name, its epithet in a genus the taxonomy lacks) unless
+    be one (a near-spelling, its common name, its epithet, one of no other genus there) unless
     ``distinct_from_venomous`` (:func:`index.taxonomy.check_harmless_flag`). A recorded yes turned no is logged as
     a warning naming the change (its answers stop advising on a bite by it)."""
     g = _gallery(gallery)
