@@ -323,11 +323,11 @@ def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
 #: ``distinct_from_venomous``).
 DISTINCT_OPTION = "--distinct-from-venomous"
 
-#: Words of an English name that name a kind of venomous snake (whole words, any case, an ``s`` plural too): a harmless
-#: flag for a name holding one (``King cobra``, ``Russell's viper``) asks for :data:`DISTINCT_OPTION`, since the shipped
-#: lists give a common name to the Moroccan checklist's species only. A hint list, not a taxonomy: a harmless snake
-#: named so (``False cobra``) needs the option too, and a venomous one named otherwise (``Eastern brown snake``) is
-#: not caught by it. ``pit viper`` and ``sea krait`` are caught by ``viper`` and ``krait``.
+#: Words of an English name that name a kind of venomous snake (whole words, any case, an ``s`` plural too): a
+#: harmless flag for a name holding one (``King cobra``, ``Russell's viper``) asks for :data:`DISTINCT_OPTION`, since
+#: the shipped lists give a common name to the Moroccan checklist's species only. A hint list, not a taxonomy: a
+#: harmless snake named so (``False cobra``) needs the option too, and a venomous one named otherwise (``Eastern
+#: brown snake``) is not caught by it. ``pit viper`` and ``sea krait`` are caught by ``viper`` and ``krait``.
 VENOMOUS_KIND_WORDS = ("cobra", "viper", "krait", "mamba", "adder", "taipan", "rattlesnake", "rattler", "sea snake",
                        "coral snake", "boomslang", "lancehead", "fer-de-lance", "bushmaster", "keelback",
                        "copperhead", "cottonmouth", "water moccasin", "habu", "jararaca", "tiger snake", "asp")

@@ -581,8 +581,8 @@ def test_finetune_reads_its_device_option_as_identify_does(device, tmp_path, mon
 
     monkeypatch.setattr(train, "split_photos", listed)
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC, "--out", str(tmp_path / "out"),
-              "-q", "--device", device])
+        main(["finetune", "--root", str(tmp_path / "photos"), "--init", MOBILENET_SPEC,
+              "--out", str(tmp_path / "out"), "-q", "--device", device])
     assert seen == [device.strip().lower()]
 
 

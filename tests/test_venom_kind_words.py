@@ -29,10 +29,10 @@ def _flags(capsys, index) -> dict[str, bool | None]:
     return {s["species"]: s["venomous"] for s in json.loads(out)}
 
 
-@pytest.mark.parametrize(("name", "word"), [("King cobra", "cobra"), ("Russell's viper", "viper"),
-                                            ("Common krait", "krait"), ("Black mamba", "mamba"),
-                                            ("Fer-de-lance", "fer-de-lance"), ("Yellow-bellied sea snake", "sea snake"),
-                                            ("Eastern coral snake", "coral snake"), ("Cobras", "cobra")])
+@pytest.mark.parametrize(("name", "word"), [
+    ("King cobra", "cobra"), ("Russell's viper", "viper"), ("Common krait", "krait"), ("Black mamba", "mamba"),
+    ("Fer-de-lance", "fer-de-lance"), ("Yellow-bellied sea snake", "sea snake"),
+    ("Eastern coral snake", "coral snake"), ("Cobras", "cobra")])
 def test_a_kind_word_asks_for_the_confirmation(name, word):
     assert venomous_kind_word(name) == word
     with pytest.raises(ValueError, match=f"holds {word!r}, a kind of venomous snake.*{DISTINCT_OPTION}"):
