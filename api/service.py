@@ -342,7 +342,8 @@ class SpeciesService:
         the store's outage (:meth:`require_store`: a write would hold the gallery's lock, which searches take)."""
         self.require_store("writes")
         workflows.check_new_references(self.gallery, species, common_name=common_name, venomous=venomous,
-                                       new_species=new_species, distinct_from_venomous=distinct_from_venomous)
+                                       new_species=new_species, distinct_from_venomous=distinct_from_venomous,
+                                       api=True)
         # a refused name (422, 409) costs no forward pass
         least = self.settings.min_reference_px
         small = [u for u in uploads if min(u.size) < least]

@@ -800,14 +800,15 @@ def check_new_references(
     venomous: bool | None = None,
     new_species: bool = False,
     distinct_from_venomous: bool = False,
+    api: bool = False,
 ) -> None:
     """Refuse (ValueError, SpeciesNameConflictError) what :func:`add_photos` would refuse about the name and flags of
     photos for ``species``, before any work: a caller that embeds first (the API) answers a refused name without a
     forward pass. :func:`add_photos` checks again with the gallery as it is when it writes, and logs what the name
-    leaves unknown (its venom status) then, once."""
+    leaves unknown (its venom status) then, once. ``api``: its messages name no server path (``DIR``)."""
     new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
                            venomous=venomous, new_species=new_species,
-                           distinct_from_venomous=distinct_from_venomous, root=gallery.root)
+                           distinct_from_venomous=distinct_from_venomous, root="DIR" if api else gallery.root)
 
 
 #: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
@@ -872,7 +873,7 @@ def add_photos(
     name, records, prior = new_species_references(
         species, held, paths, dataset=dataset, common_name=common_name, venomous=venomous, genus=genus,
         family=family, new_species=new_species, distinct_from_venomous=distinct_from_venomous,
-        root=gallery.root,
+        root="DIR" if api else gallery.root,  # an HTTP client is told no server path
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(
@@ -1233,19 +1234,22 @@ def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None,
                 prior: list[SpeciesSummary] | None = None) -> list[SpeciesSummary]:
     """The species whose venom flags count for a gallery, as its answers count them
     (:meth:`retrieval.identify.Identifier.taxa`): its own (``held``: ``g.species()`` when None) and its text
-    prior's, with the flags its ``text_prior.json`` records (:func:`retrieval.textprior.text_prior_taxa`), when its
-    answers take that prior: not when its sha256 is not the one the gallery's probe records
-    (:func:`retrieval.textprior.load_text_prior` answers without it). The one reading of an add's venom note, the
-    refusal of venom advice off (``index venom-advice off``, ``index build --no-venom-advice``) and its hint.
-    ``prior``: the text prior's taxa, where already read."""
+    prior's, with the flags its ``text_prior.json`` records, as its answers take that prior (:func:`_answered_prior`).
+    The one reading of an add's venom note, the refusal of venom advice off (``index venom-advice off``, ``index
+    build --no-venom-advice``) and its hint. ``prior``: :func:`_answered_prior`'s, where already read."""
     held = g.species() if held is None else held
     names = {s.species for s in held}
+    return held + [t for t in (_answered_prior(g) if prior is None else prior) if t.species not in names]
+
+
+def _answered_prior(g: Gallery) -> list[SpeciesSummary]:
+    """The species of ``g``'s text prior (:func:`retrieval.textprior.text_prior_taxa`) as its answers take it:
+    none when its sha256 is not the one the gallery's probe records (:func:`retrieval.textprior.load_text_prior`
+    answers without it)."""
     expected = probe_text_prior_sha256(g.root)
     if expected is not None and text_prior_digest(g.root) != expected:
-        prior = []  # answers take no prior of another probe
-    elif prior is None:
-        prior = text_prior_taxa(g.root)
-    return held + [t for t in prior if t.species not in names]
+        return []
+    return text_prior_taxa(g.root)
 
 
 def venom_advice_note(gallery: Gallery | str | Path, taxa: list[SpeciesSummary] | None = None) -> str | None:
@@ -1299,7 +1303,7 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
         return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
             "build": build_status(gallery), "embedded_by": recorded_embedding(read_gallery_info(gallery))}
-    species, prior = g.species(), text_prior_taxa(g.root)  # each read once
+    species, prior = g.species(), _answered_prior(g)  # each read once; the prior as answers take it
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),

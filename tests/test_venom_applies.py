@@ -453,3 +453,37 @@ def test_the_add_note_counts_the_text_priors_venomous_species_as_answers_do(tmp_
     assert code == 0, err
     assert ("'Sylvia atricapilla' is not in the shipped snake taxonomy (snakes only) and no venomous flag was given: "
             "its venom status stays unknown (answers count it as possibly venomous") in caplog.text, caplog.text
+
+
+def test_index_info_reads_the_text_prior_as_answers_take_it(tmp_path):
+    """Final re-read #2: index info's venom note and checklist block read a text_prior.json whose sha256 is not the
+    probe's, which answers go without; one reading now (workflows._answered_prior), the answers'."""
+    from retrieval.advice import record_checklist
+    from retrieval.probe import PROBE_META
+    from retrieval.workflows import gallery_info
+
+    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
+    record_checklist(g, "moroccan")
+    digest = _write_prior(g, "Naja haje", True)
+    (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": "0" * 64}), encoding="utf-8")  # another's
+    info = gallery_info(g)  # the prior taken by no answer: birds only -> the hint; Naja haje not nameable
+    assert "none of" in info["venom_advice"]["note"].casefold(), info["venom_advice"]
+    assert "Naja haje" in info["checklist"]["venomous_missing"], info["checklist"]
+    (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": digest}), encoding="utf-8")  # the probe's own
+    info = gallery_info(g)  # a cobra among its answers' species: no hint, and its prior names it
+    assert info["venom_advice"]["note"] == "" and "Naja haje" not in info["checklist"]["venomous_missing"], info
+
+
+def test_an_api_add_names_no_server_path_in_its_refusals(tmp_path):
+    """Final re-read #1: a refused venomous=false through the API named the server's gallery folder in a CLI command
+    the client cannot run; the API's check says DIR, the CLI's the folder."""
+    from retrieval.workflows import check_new_references
+
+    g, _ = _gallery(tmp_path, {"Lycodon novus": {"venomous": True}, "Corvus corax": {}})  # recorded venomous
+    with pytest.raises(ValueError) as api:
+        check_new_references(g, "Lycodon novus", venomous=False, api=True)
+    with pytest.raises(ValueError) as cli:
+        check_new_references(g, "Lycodon novus", venomous=False)
+    assert "speciesid species set-venom --index DIR \"Lycodon novus\" no" in str(api.value), api.value
+    assert str(g.root) not in str(api.value), api.value
+    assert f"speciesid species set-venom --index {g.root} \"Lycodon novus\" no" in str(cli.value), cli.value
