@@ -192,10 +192,9 @@ def test_a_one_reference_gallery_says_it_cannot_tell_a_photo_unlike_every_refere
 
 def test_clean_findings_csv_writes_every_path_absolute(tmp_path, capsys, monkeypatch):
     """The gallery side was absolute (as stored) and the --against side as typed (relative): one spelling now."""
-    from test_cli_interrupt import _two_species_gallery
+    from _cli_support import two_species_gallery
 
-    _two_species_gallery(tmp_path, capsys)  # tmp_path / "g", of the photos under tmp_path / "photos"
-    root = tmp_path / "photos"
+    _, root = two_species_gallery(tmp_path, capsys)  # tmp_path / "g", of the photos under tmp_path / "photos"
     against = tmp_path / "val"
     against.mkdir()
     (against / "leak.png").write_bytes((root / "Natrix maura" / "0.png").read_bytes())
