@@ -4,29 +4,10 @@ and a species recorded no already needs no confirmation again (re-read w3-a #7).
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from _cli_support import ENCODER, _photo, _run
+from _cli_support import ENCODER, _photo, _run, folder_gallery, venom_flags
 
 from index.taxonomy import DISTINCT_OPTION, check_harmless_flag, venomous_kind_word
-
-
-def _folder_gallery(tmp_path, capsys, folders):
-    root = tmp_path / "photos"
-    for i in range(2 * len(folders)):
-        _photo(root / folders[i % len(folders)] / f"{i}.png", i)
-    index = tmp_path / "g"
-    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,
-                        *ENCODER, "-q")
-    assert code == 0, err
-    return index
-
-
-def _flags(capsys, index) -> dict[str, bool | None]:
-    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "json")
-    assert code == 0, err
-    return {s["species"]: s["venomous"] for s in json.loads(out)}
 
 
 @pytest.mark.parametrize(("name", "word"), [
@@ -50,17 +31,17 @@ def test_names_without_a_kind_word_pass():
 
 
 def test_set_venom_king_cobra_no_is_refused_unless_confirmed(tmp_path, capsys):
-    index = _folder_gallery(tmp_path, capsys, ("King cobra", "Bufo bufo"))
+    index = folder_gallery(tmp_path, capsys, ("King cobra", "Bufo bufo"))
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "King cobra", "no")
     assert code != 0 and "'King cobra' holds 'cobra', a kind of venomous snake" in err, err
-    assert f"add {DISTINCT_OPTION}" in err and _flags(capsys, index)["King cobra"] is None
+    assert f"add {DISTINCT_OPTION}" in err and venom_flags(capsys, index)["King cobra"] is None
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "King cobra", "no", DISTINCT_OPTION)
-    assert code == 0 and _flags(capsys, index)["King cobra"] is False, err
+    assert code == 0 and venom_flags(capsys, index)["King cobra"] is False, err
 
 
 def test_a_species_recorded_no_needs_no_confirmation_again(tmp_path, capsys):
     """Re-read w3-a #7: each later 'no' (an add's, a set-venom's) asked for --distinct-from-venomous again."""
-    index = _folder_gallery(tmp_path, capsys, ("Puff adder", "Bufo bufo"))
+    index = folder_gallery(tmp_path, capsys, ("Puff adder", "Bufo bufo"))
     assert _run(capsys, "species", "set-venom", "--index", index, "Puff adder", "no")[0] != 0  # a lookalike
     assert _run(capsys, "species", "set-venom", "--index", index, "Puff adder", "no", DISTINCT_OPTION)[0] == 0
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Puff adder", "no")
@@ -68,4 +49,4 @@ def test_a_species_recorded_no_needs_no_confirmation_again(tmp_path, capsys):
     photo = _photo(tmp_path / "new" / "a.png", 40)
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Puff adder", "--venomous",
                           "no", photo, *ENCODER)
-    assert code == 0 and _flags(capsys, index)["Puff adder"] is False, (out, err)
+    assert code == 0 and venom_flags(capsys, index)["Puff adder"] is False, (out, err)
