@@ -249,10 +249,11 @@ class SpeciesService:
         return workflows.list_species(self.gallery)
 
     def get_species(self, name: str) -> SpeciesSummary:
-        """One species by name (``_`` or ``-`` may stand for the space; any case), or NotFound, naming the gallery
+        """One species by name (``_`` or ``-`` may stand for the space; any case, accents and hamza aside:
+        :func:`index.taxonomy.find_species` ``folded``), or NotFound, naming the gallery
         species the name is the common name or a near-spelling of (:func:`index.taxonomy.gallery_lookalikes`)."""
         held = self.species()
-        found = find_species(held, name)  # both sides normalised: a stored "Naja-haje" is found too
+        found = find_species(held, name, folded=True)  # both sides normalised: "Naja-haje", "Vipere a cornes" too
         if found is None:
             same_common, close = gallery_lookalikes(held, name)
             meant = list(dict.fromkeys(s.species for s in same_common + close))

@@ -12,14 +12,13 @@ import csv
 import difflib
 import logging
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import pycountry
 
-from index.taxonomy import load_checklist
+from index.taxonomy import fold_name, load_checklist
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,30 @@ COUNTRY_ALIASES = {
     "vatican": "VA",
     "wales": "GB",
 }
+#: French and Arabic names (pycountry has no translations offline) of the Maghreb's, the Sahel's and their
+#: neighbours' countries, as a Moroccan user types them: code -> names. Matched as every name is
+#: (:func:`_country_key`: accents and hamza folded, so ``Algerie`` and ``الجزاير`` resolve too).
+COUNTRY_NAMES_FR_AR = {
+    "MA": ("Maroc", "Royaume du Maroc", "المغرب", "المملكة المغربية"),
+    "DZ": ("Algérie", "République algérienne", "الجزائر"),
+    "TN": ("Tunisie", "République tunisienne", "تونس"),
+    "LY": ("Libye", "ليبيا"),
+    "EG": ("Égypte", "République arabe d'Égypte", "مصر"),
+    "MR": ("Mauritanie", "République islamique de Mauritanie", "موريتانيا"),
+    "ML": ("Mali", "République du Mali", "مالي"),
+    "NE": ("Niger", "République du Niger", "النيجر"),
+    "TD": ("Tchad", "République du Tchad", "تشاد"),
+    "SD": ("Soudan", "السودان"),
+    "SS": ("Soudan du Sud", "جنوب السودان"),
+    "SN": ("Sénégal", "République du Sénégal", "السنغال"),
+    "EH": ("Sahara occidental", "الصحراء الغربية"),
+    "BF": ("Burkina Faso", "بوركينا فاسو"),
+    "NG": ("Nigéria", "نيجيريا"),
+    "ER": ("Érythrée", "إريتريا"),
+    "GM": ("Gambie", "غامبيا"),
+    "ES": ("Espagne", "إسبانيا"),
+    "FR": ("France", "فرنسا"),
+}
 #: Codes the table may use that pycountry does not list (user-assigned).
 _EXTRA_CODES = {"XK": "Kosovo"}
 
@@ -98,13 +121,12 @@ def _species_key(name: str) -> str:
 
 
 def _country_key(text: str) -> str:
-    """Normalise a country name: casefolded, accents dropped, ``-``/``_`` as spaces, ``&`` as ``and`` (``Trinidad &
+    """Normalise a country name: folded as names are (:func:`index.taxonomy.fold_name`: casefolded, accents and
+    hamza dropped, ``-``/``_`` as spaces, typographic apostrophes as ``'``), ``&`` as ``and`` (``Trinidad &
     Tobago``), collapsed whitespace, a leading ``the`` dropped (``The Gambia``) and ``St``/``St.`` as ``Saint``
     (``St Lucia``). The last two leave a one-word key alone, so the code ``ST`` (São Tomé and Príncipe) stays a
     code."""
-    decomposed = unicodedata.normalize("NFKD", str(text).replace("-", " ").replace("_", " ").replace("&", " and "))
-    plain = "".join(char for char in decomposed if not unicodedata.combining(char))
-    words = plain.casefold().split()
+    words = fold_name(str(text).replace("&", " and ")).split()
     if len(words) < 2:
         return " ".join(words)
     if words[0] == "the":
@@ -135,13 +157,17 @@ def _country_names() -> dict[str, tuple[str, str]]:
                 names[_country_key(value)] = (country.alpha_2, value)
     names.update({_country_key(name): (code, name) for code, name in _EXTRA_CODES.items()})
     names.update({alias: (code, alias.title()) for alias, code in COUNTRY_ALIASES.items()})
+    names.update({_country_key(name): (code, name) for code, spelled in COUNTRY_NAMES_FR_AR.items()
+                  for name in spelled})
     return names
 
 
 def resolve_country(text: str) -> str:
-    """ISO 3166-1 alpha-2 code of a country code (alpha-2 or alpha-3) or name, any case.
+    """ISO 3166-1 alpha-2 code of a country code (alpha-2 or alpha-3) or name, any case, accents aside; a name in
+    English (pycountry's, :data:`COUNTRY_ALIASES`) or, for the Maghreb and the Sahel, French or Arabic
+    (:data:`COUNTRY_NAMES_FR_AR`).
 
-    ``"MA"``, ``"ma"``, ``"MAR"``, ``"Morocco"`` -> ``"MA"``. Raises ``ValueError`` for anything else,
+    ``"MA"``, ``"ma"``, ``"MAR"``, ``"Morocco"``, ``"Maroc"``, ``"المغرب"`` -> ``"MA"``. Raises ``ValueError`` for anything else,
     suggesting close matches where there are some.
     """
     key = _country_key(text)
@@ -158,6 +184,10 @@ def resolve_country(text: str) -> str:
     message = f"unknown country {text!r}: give an ISO 3166 code such as MA or a name such as Morocco"
     close = (_word_matches(key, names) or difflib.get_close_matches(key, list(names), n=3, cutoff=0.75)) if key \
         else []
+    firsts: dict[str, str] = {}
+    for name in close:  # one spelling per country, the closest
+        firsts.setdefault(names[name][0], name)
+    close = list(firsts.values())
     if close:
         suggestions = ", ".join(f"{names[name][1]} ({names[name][0]})" for name in close)
         message += f" (did you mean {suggestions}?)"

@@ -675,6 +675,19 @@ class ReferenceStore:
             out[name] = (yes, no, int(n) - yes - no)
         return out
 
+    def common_names(self, *, version: int | None = None) -> dict[str, list[str]]:
+        """species -> every common name its searchable rows carry, most frequent first (the summary shows the first:
+        :meth:`species`), from the tally :meth:`species` keeps (read first when it is of another ``version``, default
+        the table's): a species built from folders in several languages carries several."""
+        version = self.version if version is None else version
+        cached = self._species_cache
+        if cached is None or cached[0] != version:
+            self.species(version=version)
+        tally = self._species_tally
+        if tally is None:
+            return {}
+        return {name: sorted(counts, key=lambda n: (-counts[n], n)) for name, counts in tally.commons.items()}
+
     def _carry_species(self, before: int, added: pa.Table | None = None) -> None:
         """After this store's write on top of version ``before``: move the cached species summary to the version
         now read, adding the rows ``added``. An add (``added``: its rows) carries it only when the cache was of

@@ -12,7 +12,7 @@ import difflib
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -63,7 +63,8 @@ def check_name(value: str, what: str = "species name") -> str:
 
     NFC: a name typed on macOS or iOS often arrives decomposed (NFD: ``i`` + U+0308 for ``ï``); composed here, it is
     the same name as its composed spelling everywhere (stored, matched, looked up), not a second species that looks
-    identical.
+    identical. A typographic apostrophe (:data:`APOSTROPHES`: ``’`` ``‘`` ``ʼ``, what a phone keyboard types) is the
+    ASCII ``'`` for the same reason (``Cobra d’Égypte`` is ``Cobra d'Égypte``).
 
     Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
@@ -71,7 +72,7 @@ def check_name(value: str, what: str = "species name") -> str:
     name (anything but a common name) with a ``/`` is refused too: the HTTP API's ``/v1/species/{name}`` could not
     address it. The one rule of the CLI, the API and the dataset loaders; messages end with an example of ``what``.
     """
-    text = unicodedata.normalize("NFC", " ".join(str(value).split()))
+    text = unicodedata.normalize("NFC", " ".join(str(value).split()).translate(APOSTROPHES))
     example = f"give e.g. {NAME_EXAMPLES.get(what, NAME_EXAMPLES['species name'])!r}"
     if not text:
         raise InvalidNameError(f"the {what} is empty; {example}")
@@ -92,6 +93,24 @@ def check_name(value: str, what: str = "species name") -> str:
                 f"{f'{name} ({code})' if name else f'the control character {code}'}; use printable letters only"
             )
     return text
+
+
+#: Typographic apostrophes (a phone keyboard's ``’``, ``‘``, the modifier letter ``ʼ``) read as the ASCII ``'``
+#: wherever names are normalised (:func:`check_name`, :func:`species_key`, :func:`fold_name`).
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+#: Arabic letters :func:`fold_name` writes one way (its hamza forms, ``أ`` ``إ`` ``آ`` ``ؤ`` ``ئ``, and vowel signs
+#: are dropped marks after NFKD already): alef wasla as alef, alef maksura as yeh, teh marbuta as heh, no tatweel.
+_ARABIC_FOLD = str.maketrans({"\u0671": "\u0627", "\u0649": "\u064a", "\u0629": "\u0647", "\u0640": None})
+
+
+def fold_name(name: str) -> str:
+    """``name`` as :func:`species_key` normalises it, with accents and every other combining mark dropped (NFKD:
+    ``Vipère`` is ``vipere``; the hamza of ``أفعى`` too, so it is ``افعى``'s fold) and the Arabic spellings of
+    :data:`_ARABIC_FOLD` made one: the one folding of lookups and "did you mean" (:func:`find_species`,
+    :func:`gallery_lookalikes`), of the harmless flag's rule (:func:`check_harmless_flag`) and of country names
+    (:func:`index.geography.resolve_country`). For matching only: names are stored as given (:func:`check_name`)."""
+    text = unicodedata.normalize("NFKD", species_key(name))
+    return " ".join("".join(ch for ch in text if not unicodedata.combining(ch)).translate(_ARABIC_FOLD).split())
 
 
 #: A scientific name's words: a capitalised genus, then one or two lower-case epithets (a subspecies' too), of
@@ -207,11 +226,12 @@ def _unscientific(name: str) -> SpeciesNameConflictError:
 
 def species_key(name: str) -> str:
     """Normalise a taxon name for matching: ``-``/``_`` as spaces, single spaces, Unicode NFC, case-folded (a name
-    stored decomposed before names were composed on entry matches its composed spelling too), a hybrid's sign one
-    word whether attached or not, and an ``x`` between two words as that sign (``Anas platyrhynchos x rubripes`` is
-    ``Anas platyrhynchos × rubripes``)."""
-    text = unicodedata.normalize("NFC", name.replace("_", " ").replace("-", " ").replace(HYBRID_SIGN,
-                                                                                          f" {HYBRID_SIGN} "))
+    stored decomposed before names were composed on entry matches its composed spelling too), typographic apostrophes
+    as ``'`` (:data:`APOSTROPHES`: a name stored with ``’`` before they were folded on entry is found), a hybrid's
+    sign one word whether attached or not, and an ``x`` between two words as that sign (``Anas platyrhynchos x
+    rubripes`` is ``Anas platyrhynchos × rubripes``)."""
+    text = name.replace("_", " ").replace("-", " ").replace(HYBRID_SIGN, f" {HYBRID_SIGN} ").translate(APOSTROPHES)
+    text = unicodedata.normalize("NFC", text)
     words = text.casefold().split()
     words = [HYBRID_SIGN if w == "x" and 0 < i < len(words) - 1 else w for i, w in enumerate(words)]
     return unicodedata.normalize("NFC", " ".join(words))
@@ -323,34 +343,47 @@ def taxa_text(taxa: Iterable[TaxonInfo]) -> str:
 #: ``distinct_from_venomous``).
 DISTINCT_OPTION = "--distinct-from-venomous"
 
-#: Words of an English name that name a kind of venomous snake (whole words, any case, an ``s`` plural too): a
-#: harmless flag for a name holding one (``King cobra``, ``Russell's viper``) asks for :data:`DISTINCT_OPTION`, since
-#: the shipped lists give a common name to the Moroccan checklist's species only. A hint list, not a taxonomy: a
-#: harmless snake named so (``False cobra``) needs the option too, and a venomous one named otherwise (``Eastern
-#: brown snake``) is not caught by it. ``pit viper`` and ``sea krait`` are caught by ``viper`` and ``krait``.
+#: Words of a name that name a kind of venomous snake, in English, French and Arabic (whole words, any case, accents
+#: and hamza folded as :func:`fold_name` folds them, an ``s`` plural, an Arabic word its article ``ال`` too): a
+#: harmless flag for a name holding one (``King cobra``, ``Russell's viper``, ``Vipère à cornes``, ``أفعى``) asks for
+#: :data:`DISTINCT_OPTION`, since the shipped lists give a common name to the Moroccan checklist's species only (in
+#: English). A hint list, not a taxonomy: a harmless snake named so (``False cobra``) needs the option too, and a
+#: venomous one named otherwise (``Eastern brown snake``) is not caught by it; a gallery's own venomous species are
+#: caught by their names (:func:`check_harmless_flag`). ``pit viper`` and ``sea krait`` are caught by ``viper`` and
+#: ``krait``.
 VENOMOUS_KIND_WORDS = ("cobra", "viper", "krait", "mamba", "adder", "taipan", "rattlesnake", "rattler", "sea snake",
                        "coral snake", "boomslang", "lancehead", "fer-de-lance", "bushmaster", "keelback",
-                       "copperhead", "cottonmouth", "water moccasin", "habu", "jararaca", "tiger snake", "asp")
-_KIND_WORD = re.compile(r"\b(" + "|".join(re.escape(w).replace(r"\ ", r"[\s_-]+") for w in VENOMOUS_KIND_WORDS)
-                        + r")s?\b", re.IGNORECASE)
+                       "copperhead", "cottonmouth", "water moccasin", "habu", "jararaca", "tiger snake", "asp",
+                       # French
+                       "vipère", "aspic", "crotale", "naja", "céraste", "échide", "bongare", "trigonocéphale",
+                       "serpent corail", "serpent de mer", "serpent marin",
+                       # Arabic (Darija: لفعة)
+                       "أفعى", "أفاعي", "كوبرا", "الصل", "لفعة", "مامبا")
+#: Each word's fold (:func:`fold_name`) -> the word as listed, for messages.
+_KIND_FOLDS = {fold_name(w): w for w in VENOMOUS_KIND_WORDS}
+_KIND_WORD = re.compile(r"(?<!\w)(?:ال)?(" + "|".join(re.escape(w).replace(r"\ ", r"[\s_-]+") for w in _KIND_FOLDS)
+                        + r")s?(?!\w)")
 
 
 #: What a harmless flag is refused for without :data:`DISTINCT_OPTION` (the CLI's help, the API's form field).
 HARMLESS_RULE_HELP = ("a name that looks like a medically important venomous species of the shipped taxonomy (a "
                       "near-spelling; its common name, which only the Moroccan checklist's species have; its epithet "
-                      "in whatever genus, one of no other genus there) or whose name or common name holds a venomous "
-                      "snake kind's word (cobra, viper, krait, mamba, adder, taipan, sea snake, coral snake...: a "
-                      "hint list; a venomous snake named otherwise is not caught)")
+                      "in whatever genus, one of no other genus there) or like a species this gallery records as "
+                      "venomous (its name or a common name its references carry, or a near-spelling of one: case, "
+                      "accents, hamza and apostrophes aside), or whose name or common name holds a venomous snake "
+                      "kind's word in English, French or Arabic (cobra, viper, krait, mamba, vipère, aspic, naja, "
+                      "أفعى...: a hint list; a venomous snake named otherwise is not caught)")
 
 
 def venomous_kind_word(name: str, common_name: str | None = None) -> str | None:
-    """The word of :data:`VENOMOUS_KIND_WORDS` that ``name`` or ``common_name`` holds (``cobra`` for ``King cobra``),
-    None when neither holds one or the shipped taxonomy lists ``name`` itself (its own flag decides)."""
+    """The word of :data:`VENOMOUS_KIND_WORDS` that ``name`` or ``common_name`` holds, as listed (``cobra`` for ``King
+    cobra``, ``vipère`` for ``Vipere a cornes``: matched folded, :func:`fold_name`), None when neither holds one or
+    the shipped taxonomy lists ``name`` itself (its own flag decides)."""
     if lookup_taxon(name) is not None:
         return None
     for given in (name, common_name):
-        if given and (found := _KIND_WORD.search(given)):
-            return found.group(1).lower()
+        if given and (found := _KIND_WORD.search(fold_name(given))):
+            return _KIND_FOLDS[found.group(1)]
     return None
 
 
@@ -403,15 +436,55 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
     return None
 
 
-def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False) -> None:
+def gallery_venomous_lookalike(name: str, common_name: str | None, gallery_species: Iterable[SpeciesSummary],
+                               common_names: Mapping[str, Iterable[str]] | None = None
+                               ) -> tuple[SpeciesSummary, str] | None:
+    """(a species of ``gallery_species`` recorded venomous that ``name`` may be, how it looks so), None when none:
+    ``name`` or ``common_name`` is its name or one of its common names (its summary's, and every one its references
+    carry: ``common_names``, species -> names), or a near-spelling of one (:data:`NEAR_SPELLING`), compared folded
+    (:func:`fold_name`: case, accents, hamza and apostrophes aside): ``Vipère de Lataste`` for a gallery's venomous
+    ``Vipera latastei`` of that common name, ``افعى موريتانيا`` for ``أفعى موريتانيا``. ``name``'s own species is
+    not looked at (its recorded flag is its own to change)."""
+    own = fold_name(name)
+    for held in gallery_species:
+        if not held.venomous or fold_name(held.species) == own:
+            continue
+        commons = [held.common_name, *((common_names or {}).get(held.species, ()))]
+        known = [(held.species, "its name")] + [(c, "its common name") for c in dict.fromkeys(commons) if c]
+        for given in (name, common_name):
+            if not given:
+                continue
+            key = fold_name(given)
+            for spelled, what in known:
+                if key == fold_name(spelled):
+                    how = f"{given!r} is {what}" + (f" {spelled!r} (case, accents, hamza or apostrophes aside)"
+                                                     if given != spelled else "")
+                    return held, how
+                if difflib.SequenceMatcher(None, key, fold_name(spelled)).ratio() >= NEAR_SPELLING:
+                    return held, f"{given!r} is a near-spelling of {what} {spelled!r}"
+    return None
+
+
+def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False,
+                        gallery_species: Iterable[SpeciesSummary] = (),
+                        common_names: Mapping[str, Iterable[str]] | None = None) -> None:
     """Refuse (ValueError) recording ``name`` harmless (venomous no) when it may be a medically important venomous
-    taxon (:func:`venomous_lookalike`), unless ``distinct``: the user confirmed it is another species
-    (:data:`DISTINCT_OPTION`); refused outright, whatever ``distinct``, when the shipped taxonomy records ``name``
-    itself venomous. The rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
+    taxon (:func:`venomous_lookalike`), a species of ``gallery_species`` recorded venomous
+    (:func:`gallery_venomous_lookalike`; ``common_names``: every common name of a species' references), or holds a
+    venomous snake kind's word (:func:`venomous_kind_word`), unless ``distinct``: the user confirmed it is another
+    species (:data:`DISTINCT_OPTION`); refused outright, whatever ``distinct``, when the shipped taxonomy records
+    ``name`` itself venomous. The one rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
     if (listed := lookup_taxon(name)) is not None and listed.venomous:
         raise ValueError(f"{listed.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
                          "list): its flag stays yes (an add with no venomous flag takes it from there); a harmless "
                          "answer for a venomous snake is the costly error")
+    if not distinct and (held := gallery_venomous_lookalike(name, common_name, gallery_species, common_names)):
+        species, how = held
+        raise ValueError(f"{name!r} may be {species.species!r}, which this gallery records as medically important "
+                         f"venomous: {how}; a harmless answer for a venomous snake is the costly error. If you are "
+                         f"sure it is another, harmless species, add {DISTINCT_OPTION} (the API's add: "
+                         "distinct_from_venomous=true); else leave the flag out (its status stays unrecorded: "
+                         "answers treat it as possibly venomous)")
     if distinct or (found := venomous_lookalike(name, common_name)) is None:
         if not distinct and (word := venomous_kind_word(name, common_name)):  # not a lookalike: a kind's name
             raise ValueError(f"{name!r}{f' ({common_name!r})' if common_name else ''} holds {word!r}, a kind of "
@@ -491,6 +564,7 @@ def new_species_references(
     new_species: bool = False,
     distinct_from_venomous: bool = False,
     root: str | Path = "DIR",
+    common_names: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
@@ -507,7 +581,10 @@ def new_species_references(
     small``), is refused either way: the one rule of the CLI and the API (a dataset's folder names are not checked
     by it: :mod:`index.datasets`). ``venomous`` False for a venomous taxon is refused, and for a name like one
     unless ``distinct_from_venomous`` (:func:`check_harmless_flag`). What a new name leaves unknown (its venom status)
-    is the add's to say (:func:`unrecorded_venom_note`).
+    is the add's to say (:func:`unrecorded_venom_note`). A common name for a gallery species is taken when it is one
+    its references carry (its summary's or ``common_names``: species -> every common name of its references, a
+    species built from folders in several languages has several), compared folded (:func:`fold_name`), and stored
+    as they carry it; another is refused.
     ``root``: the gallery the commands its messages name take (``DIR`` when not known).
     """
     species = check_name(name.replace("_", " "))
@@ -536,13 +613,15 @@ def new_species_references(
             f"with 'speciesid species set-venom --index {root} \"{prior.species}\" no'")
     if venomous is False:  # a venomous taxon, or its near-spelling, common name or synonym unless confirmed
         check_harmless_flag(species, common_name or (prior.common_name if prior else None),
-                            distinct=distinct_from_venomous or (prior is not None and prior.venomous is False))
+                            distinct=distinct_from_venomous or (prior is not None and prior.venomous is False),
+                            gallery_species=gallery_species, common_names=common_names)
     for what, given, have in (("genus", genus, prior.genus if prior else None),
-                              ("family", family, prior.family if prior else None),
-                              ("common name", common_name, prior.common_name if prior else None)):
+                              ("family", family, prior.family if prior else None)):
         if given and have and given.casefold() != have.casefold():
             raise ValueError(f"{prior.species!r} is recorded with {what} {have!r}, not {given!r}: leave the {what} "
                              "out to add these photos under the species' own")
+    if common_name and prior is not None:
+        common_name = _recorded_common_name(prior, common_name, common_names)
     if genus and len(species.split()) > 1 and species.split()[0].casefold() != genus.casefold():
         raise ValueError(f"the genus {genus!r} does not match the species name {species!r}; leave --genus out "
                          "(the first word of the name is the genus)")
@@ -555,6 +634,20 @@ def new_species_references(
     records = [ReferenceRecord(path=p, species=species, genus=genus, family=family, common_name=common_name,
                                venomous=venomous, dataset=dataset) for p in paths]
     return species, records, prior
+
+
+def _recorded_common_name(prior: SpeciesSummary, given: str,
+                          common_names: Mapping[str, Iterable[str]] | None) -> str:
+    """The common name of ``prior``'s references that ``given`` spells (folded, :func:`fold_name`), as they carry it;
+    ``given`` when they carry none; else ValueError naming the names they carry."""
+    recorded = [n for n in dict.fromkeys([prior.common_name, *((common_names or {}).get(prior.species, ()))]) if n]
+    if not recorded:
+        return given
+    if (same := next((n for n in recorded if fold_name(n) == fold_name(given)), None)) is not None:
+        return same
+    names = " or ".join(repr(n) for n in recorded)
+    raise ValueError(f"{prior.species!r} is recorded with common name{'s' if len(recorded) > 1 else ''} {names}, "
+                     f"not {given!r}: leave the common name out to add these photos under the species' own")
 
 
 class SpeciesNameConflictError(ValueError):
@@ -616,11 +709,13 @@ def _gallery_lookalike(gallery_species: list[SpeciesSummary], name: str) -> Spec
 def gallery_lookalikes(gallery_species: Iterable[SpeciesSummary],
                        name: str) -> tuple[list[SpeciesSummary], list[SpeciesSummary]]:
     """(gallery species whose common name ``name`` is, gallery species ``name`` is a near-spelling of: 3 at most,
-    closest first, at :data:`NEAR_SPELLING`); ``name`` itself is not looked for (:func:`find_species`)."""
+    closest first, at :data:`NEAR_SPELLING`), compared folded (:func:`fold_name`: ``cobra d'egypte`` is the common
+    name ``Cobra d'Égypte``, ``Vipere a cornes`` a spelling of ``Vipère à cornes``); ``name`` itself is not looked
+    for (:func:`find_species`)."""
     gallery_species = list(gallery_species)
-    key = species_key(name)
-    same_common = [s for s in gallery_species if s.common_name and species_key(s.common_name) == key]
-    by_key = {species_key(s.species): s for s in gallery_species}
+    key = fold_name(name)
+    same_common = [s for s in gallery_species if s.common_name and fold_name(s.common_name) == key]
+    by_key = {fold_name(s.species): s for s in gallery_species}
     close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=NEAR_SPELLING)
              if not _numbered_apart(key, k)]
     return same_common, close
@@ -638,10 +733,20 @@ def genus_family(genus: str | None) -> str | None:
     return taxon.family if taxon else None
 
 
-def find_species(gallery_species: Iterable[SpeciesSummary], name: str) -> SpeciesSummary | None:
-    """The gallery species ``name`` spells (case, ``_``, ``-`` ignored on both sides), or None."""
+def find_species(gallery_species: Iterable[SpeciesSummary], name: str, *, folded: bool = False
+                 ) -> SpeciesSummary | None:
+    """The gallery species ``name`` spells (case, ``_``, ``-``, the apostrophe's form ignored on both sides), or
+    None. ``folded`` (a lookup: ``species set-venom``, the API's ``GET /v1/species/{name}``): else the one gallery
+    species ``name`` spells with accents and hamza aside too (:func:`fold_name`: ``Vipere a cornes`` finds ``Vipère
+    à cornes``), none when two do. An add does not fold: a new name spelled so is refused as a near-spelling."""
+    gallery_species = list(gallery_species)
     key = species_key(name)
-    return next((s for s in gallery_species if species_key(s.species) == key), None)
+    found = next((s for s in gallery_species if species_key(s.species) == key), None)
+    if found is None and folded:
+        key = fold_name(name)
+        alike = [s for s in gallery_species if fold_name(s.species) == key]
+        found = alike[0] if len(alike) == 1 else None
+    return found
 
 
 def load_checklist(name_or_path: str | Path) -> list[TaxonInfo]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,23 @@ def test_country_presence_of_single_species() -> None:
     assert country_presence("CY")["Dolichophis jugularis"]
     for name in ("Hemorhois nummifer", "Naja nonexistens", "", "Naja"):  # not in the table: no answer either way
         assert name not in morocco
+
+
+@pytest.mark.parametrize(("text", "code"), [
+    ("Maroc", "MA"), ("maroc", "MA"), ("Royaume du Maroc", "MA"), ("المغرب", "MA"), ("المملكة المغربية", "MA"),
+    ("Algérie", "DZ"), ("Algerie", "DZ"), ("الجزائر", "DZ"), ("الجزاير", "DZ"), ("Tunisie", "TN"), ("تونس", "TN"),
+    ("Libye", "LY"), ("ليبيا", "LY"), ("Égypte", "EG"), ("Egypte", "EG"), ("مصر", "EG"), ("Mauritanie", "MR"),
+    ("موريتانيا", "MR"), ("Mali", "ML"), ("مالي", "ML"), ("Niger", "NE"), ("النيجر", "NE"), ("Tchad", "TD"),
+    ("تشاد", "TD"), ("Soudan", "SD"), ("السودان", "SD"), ("Sénégal", "SN"), ("Senegal", "SN"), ("السنغال", "SN"),
+    ("Sahara occidental", "EH"), ("الصحراء الغربية", "EH"),
+])
+def test_french_and_arabic_country_names_resolve(text: str, code: str) -> None:
+    """Walk s53 phone #6: 'Maroc', 'المغرب' and 'Royaume du Maroc' were unknown countries, with no suggestion."""
+    assert resolve_country(text) == code
+
+
+@pytest.mark.parametrize(("text", "meant"), [("Marok", "Maroc (MA)"), ("Royaume du Marok", "Royaume du Maroc (MA)"),
+                                             ("لمغرب", "المغرب (MA)"), ("Tunisi", "Tunisie (TN)")])
+def test_a_near_miss_of_a_french_or_arabic_name_says_what_was_meant(text: str, meant: str) -> None:
+    with pytest.raises(ValueError, match=rf"^unknown country .*\(did you mean {re.escape(meant)}\?\)$"):
+        resolve_country(text)

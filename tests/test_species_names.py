@@ -220,3 +220,74 @@ def test_the_page_adds_its_key_hint_only_where_a_key_can_help():
     for kind in ("read", "write"):  # the page reads the server's own words: they must keep the marker
         assert "no SPECIESID_API_KEYS" in no_keys_message(kind)
     assert "no SPECIESID_API_KEYS" not in key_refusal("wrong", ["k"], "read")  # a wrong key: the hint stays
+
+
+@pytest.mark.parametrize("mark", ["\u2019", "\u2018", "\u02bc"])
+def test_a_typographic_apostrophe_is_the_ascii_one(mark):
+    """Walk s53 phone #4: a phone keyboard's 'Cobra d’Égypte' was another name than 'Cobra d'Égypte'."""
+    assert check_name(f"Cobra d{mark}Égypte", "common name") == "Cobra d'Égypte"
+    assert check_name(f"Vipère d{mark}Orient") == "Vipère d'Orient"
+    assert species_key(f"Vipère d{mark}Orient") == species_key("vipère d'orient")
+
+
+def test_a_stored_name_with_a_typographic_apostrophe_is_still_found(tmp_path):
+    """A gallery written before apostrophes were folded may hold 'Vipère d’Orient': found by either spelling, and
+    an add of 'Vipère d'Orient' joins it instead of making a second species that prints alike."""
+    import numpy as np
+    from _cli_support import DIM, ENC
+
+    from index.records import ReferenceRecord
+    from index.taxonomy import new_species_references
+    from retrieval.workflows import set_species_venomous
+
+    stored = "Vipère d\u2019Orient"
+    g = Gallery.create(tmp_path / "g", ENC)
+    x = np.random.default_rng(3).standard_normal((3, DIM)).astype(np.float32)
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species=stored) for i in range(3)], [f"v{i}" for i in range(3)],
+          x / np.linalg.norm(x, axis=1, keepdims=True))
+    held = g.species()
+    assert find_species(held, "Vipère d'Orient") is held[0] and find_species(held, "vipère d‘orient") is held[0]
+    name, _, prior = new_species_references("Vipère d'Orient", held, [], dataset="added", new_species=True)
+    assert name == stored and prior is held[0]
+    assert set_species_venomous(g, "Vipère d'Orient", True).species == stored
+
+
+def test_lookups_and_suggestions_ignore_accents_and_hamza(tmp_path, capsys):
+    """Walk s53 phone #7: 'Vipere a cornes' was no species (no suggestion); GET /v1/species/cobra d'egypte gave a
+    bare 404 where 'Cobra d'Égypte' said "did you mean 'Naja haje'?"."""
+    from _cli_support import folder_gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Vipère à cornes", "Cobra d'Égypte (Naja haje)", "أفعى", "Natrix maura"))
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Vipere a cornes", "yes")
+    assert code == 0 and out.startswith("Vipère à cornes: venomous ? -> yes"), (out, err)
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Vipere a corne", "yes")
+    assert code == 2 and "no species 'Vipere a corne' in gallery" in err and "did you mean 'Vipère à cornes'?" in err
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "افعى", "yes")  # no hamza
+    assert code == 0 and out.startswith("أفعى: venomous ? -> yes"), (out, err)
+    with _client(index) as c:
+        resp = c.get("/v1/species/cobra d'egypte")
+        assert resp.status_code == 404 and resp.json()["detail"] == (
+            "no species \"cobra d'egypte\" in this gallery; did you mean 'Naja haje'?"), resp.text
+        resp = c.get("/v1/species/vipere a cornes")
+        assert resp.status_code == 200 and resp.json()["species"] == "Vipère à cornes", resp.text
+
+
+def test_an_add_takes_any_common_name_the_species_references_carry(tmp_path, capsys):
+    """Walk s53 phone #3: 'Naja haje', built from folders in French, English and Arabic, carries three common names,
+    but an add was refused every one but the one shown."""
+    from _cli_support import folder_gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Cobra d'Égypte (Naja haje)", "Naja haje (Egyptian cobra)",
+                                              "كوبرا مصرية (Naja haje)"), 7)  # 3 French photos: the one shown
+    shown = {s.species: s.common_name for s in Gallery.open(index).species()}
+    assert shown == {"Naja haje": "Cobra d'Égypte"}
+    for i, given in enumerate(("كوبرا مصرية", "Egyptian cobra", "cobra d\u2019egypte")):
+        code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje",
+                              "--common-name", given, _photo(tmp_path / f"a{i}.png", 90 + i), *ENCODER)
+        assert code == 0 and "Naja haje (existing species)" in out, (given, out, err)
+    names = Gallery.open(index).store.common_names()["Naja haje"]
+    assert sorted(names) == sorted(["Cobra d'Égypte", "Egyptian cobra", "كوبرا مصرية"]), names  # stored as carried
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje",
+                          "--common-name", "Cobra royal", _photo(tmp_path / "b.png", 99), *ENCODER)
+    assert code == 2 and ("'Naja haje' is recorded with common names \"Cobra d'Égypte\" or 'Egyptian cobra' or "
+                          "'كوبرا مصرية', not 'Cobra royal': leave the common name out") in err, err

@@ -66,7 +66,7 @@ def identify(
     images: Annotated[list[UploadFile], File(description="1-5 photos of one animal (JPEG, PNG, WebP, HEIC)")],
     k: Annotated[int, Query(ge=1, le=50, description="candidates to return")] = 5,
     rank: Annotated[Rank, Query(description="report species, genus or family")] = Rank.SPECIES,
-    country: Annotated[str | None, Query(max_length=64, description="ISO code or name, e.g. MA")] = None,
+    country: Annotated[str | None, Query(max_length=64, description="ISO code or name, e.g. MA, Maroc")] = None,
     neighbours: Annotated[bool, Query(description="include the evidence reference photos")] = True,
 ) -> IdentifyOut:
     """Identify the animal in 1-5 photos of one observation, combined into one answer."""
