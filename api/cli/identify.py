@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import PurePosixPath
 
@@ -15,10 +14,12 @@ from api.cli._common import (
     add_vote_args,
     at_least,
     emit,
+    emit_csv,
     logger,
     open_identifier,
     photo_args,
     to_csv,
+    to_json,
 )
 
 RANKS = ("species", "genus", "family")
@@ -87,9 +88,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
     # a partial gallery (a build interrupted), one too small to tell "unlike every"
     notes = answer_notes(ident, rank=args.rank)
     if args.format == "json":
-        emit(json.dumps(results, indent=2))
+        emit(to_json(results))
     elif args.format == "csv":
-        emit(_identify_csv(results, args.rank))
+        emit_csv(_identify_csv(results, args.rank))
     else:
         limit = ident.far_threshold() if any(r.get("far") for r in results) else None
         given = [str(p) for p in paths]  # an observation's set_aside: positions among them
@@ -219,9 +220,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     ident = open_identifier(args)
     neighbours = [n.to_dict() for n in search(ident, paths[0], k=args.k)]
     if args.format == "json":
-        emit(json.dumps({"image": str(paths[0]), "neighbours": neighbours}, indent=2))
+        emit(to_json({"image": str(paths[0]), "neighbours": neighbours}))
     elif args.format == "csv":
-        emit(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
+        emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
     else:
         for rank, n in enumerate(neighbours, 1):
             emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {n['path']}")
