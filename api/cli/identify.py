@@ -77,7 +77,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         if a.error is not None:
             results.append({"image": a.source, "error": a.error})
             continue
-        r = {"image": a.source, **a.identification.to_dict(neighbours=args.neighbours)}
+        r = {"image": a.source, **a.identification.to_dict(neighbours=args.neighbours), "notes": a.notes}
         if args.rank != "species":
             r["rank"] = args.rank
             r["results"] = [
@@ -127,6 +127,7 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         ranked = r.get("results") if rank != "species" else r.get("predictions", [])
         advice = r.get("venom_advice") or {}
         answer = {**{k: r[k] for k in ANSWER_FIELDS}, "set_aside": " ".join(map(str, r.get("set_aside", []))),
+                  "notes": "; ".join(r.get("notes", [])),
                   **dict(zip(ADVICE_FIELDS, (advice.get("level"), advice.get("text")), strict=True))}
         for i, p in enumerate(ranked or [], 1):
             name = p.get("name", p.get("species"))
@@ -134,7 +135,7 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         if not ranked:  # no candidate (a probe naming none of the held species): the answer and its advice still
             rows.append({"image": r["image"], "level": rank, **answer})
     fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
-              *ANSWER_FIELDS, "set_aside", *ADVICE_FIELDS, "error"]
+              *ANSWER_FIELDS, "set_aside", "notes", *ADVICE_FIELDS, "error"]
     return to_csv(rows, fields)
 
 
@@ -177,6 +178,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
         lines += _evidence_lines(r["neighbours"])
     if note := r.get("country_note"):  # why --country changed nothing (retrieval.identify)
         lines.append(f"  ({note})")
+    lines += [f"  note: {note}" for note in r.get("notes", [])]  # of the photo as read (an animated GIF)
     if advice and not advice["treat_as_venomous"]:  # "unlikely": last, as the page shows it
         lines.append(f"  {advice['text']}")
     return "\n".join(lines)
