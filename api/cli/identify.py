@@ -173,7 +173,8 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
             venom = "  VENOMOUS (some member)" if p["venomous"] else ""
             family = f"  [{p['family']}]" if rank == "genus" and p["family"] else ""
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
-            lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
+            name = f"{p['name']} (a label: no genus)" if p.get("species") else f"{rank} {p['name']}"
+            lines.append(f"  {i}. {p['score']:6.1%}  {name}{family}{venom}{evidence}")
     if rank == "species" and neighbours and r["neighbours"]:
         lines += _evidence_lines(r["neighbours"])
     if note := r.get("country_note"):  # why --country changed nothing (retrieval.identify)
