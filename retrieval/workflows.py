@@ -367,7 +367,7 @@ def identify(
     presence = presence_for(country, ident)
     if embeddings is None:
         done = embed_photos(list(photos), ident.encoder, progress=progress, desc="identifying")
-        emb, errors, notes = done.embeddings, done.errors, done.notes
+        emb, errors, notes = done.embeddings, done.errors, done.notes or [None] * len(done.errors)
         names = names or [f"image #{i}" if isinstance(p, bytes) else str(p) for i, p in enumerate(photos)]
     else:
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
