@@ -86,7 +86,8 @@ class IdentifyOut(BaseModel):
                              "again; or, every photo in, the step it was in: run it again to finish); it holds too "
                              "few references to mark a photo unlike every reference (far); it cannot name some "
                              "medically important venomous species of the checklist it was built from; and, of this "
-                             "answer, that a far photo's candidate scores are not meaningful")
+                             "answer, that a far photo's candidate scores are not meaningful, and that an animated "
+                             "photo (GIF, WebP, APNG) was read from its first frame only (naming the photo)")
 
 
 #: Search's ``k``: neighbours to return (query string, form field or JSON body), and its default.

@@ -30,7 +30,7 @@ from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species, gallery_lookalikes
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
+from retrieval.images import ImageLoadError, PixelLimitError, animation_note, decode_image, header_size
 from retrieval.pipeline import model_input
 from retrieval.protocol import embedding_note
 from retrieval.vote import Rank
@@ -111,6 +111,7 @@ class Upload:
     data: bytes  # the raw bytes (what a write stores)
     size: tuple[int, int]  # (width, height) of the photo as stored (the decode itself may be reduced)
     views: np.ndarray | tuple  # the encoder's input (every view), as the CLI's pipeline makes it
+    note: str | None = None  # what the answer is to say of the photo as read (an animated GIF: its first frame)
 
 
 class SpeciesService:
@@ -160,7 +161,7 @@ class SpeciesService:
                 raise BadImage(f"{exc}: this server's limit (ask its operator to raise SPECIESID_MAX_PIXELS)") from exc
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, size=size, views=views)
+            return Upload(name=name, data=data, size=size, views=views, note=animation_note(data))
 
         return list(self._pool.map(one, files))
 
@@ -211,8 +212,10 @@ class SpeciesService:
     ) -> Answer:
         """One answer for the photos of one observation, with the candidates at the asked rank."""
         self.require_references()
-        return workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
-                                  observation=True, top=top, rank=rank, country=country)[0]
+        answer = workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
+                                    observation=True, top=top, rank=rank, country=country)[0]
+        answer.notes += [f"{u.name}: {u.note}" for u in uploads if u.note]  # as the CLI's observation says them
+        return answer
 
     def answer_notes(self, rank: Rank | str = Rank.SPECIES) -> list[str]:
         """What every answer is to carry (:func:`retrieval.workflows.answer_notes`, worded for an HTTP client): the

@@ -4,7 +4,8 @@ taxonomy they are checked against: :mod:`index.taxonomy`).
 Each loader only finds files and labels them; it never decodes images (the build reports corrupt
 files later). Loaders:
 
-- ``moroccan``: the 26 native snake species of Morocco, one folder per species (``Genus-species``).
+- ``moroccan``: the 26 native snake species of Morocco, one folder per species (``Genus-species``, or the folder
+  dataset's ``Common name (Genus species)`` / ``Genus species (Common name)``, the folder's common name kept).
 - ``folder``: any class-per-folder tree (``Common Name (Genus species)``, ``Genus species (Common Name)``,
   ``Genus_species``, iNaturalist 2021's ``NNNNN_Kingdom_..._Family_Genus_species``, a label: ``cats``).
 - ``rare-species``: the Hugging Face ``imageomics/rare-species`` layout (``metadata.csv`` + files).
@@ -19,6 +20,7 @@ import csv
 import difflib
 import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from index.photos import (
 from index.records import HIGHER_RANKS, ReferenceRecord
 from index.taxonomy import (
     InvalidNameError,
+    TaxonInfo,
     check_name,
     known_genus,
     looks_scientific,
@@ -160,7 +163,7 @@ def folder_ranks(name: str) -> dict[str, str]:
 
 def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
     """One warning naming the class folders taken whole as labels, not scientific names (``cats``, ``Golden
-    Retriever Dogs``): their genus is their first word, so ``--rank genus`` and ``--rank family`` cannot group them;
+    Retriever Dogs``): they have no genus and no family, so ``--rank genus`` and ``--rank family`` cannot group them;
     a name in lower case that may be a binomial says how to write it. None when every folder was read as a
     scientific name."""
     labels = [f"{name} (if a scientific name: {spelled!r})" if (spelled := scientific_spelling(name)) else name
@@ -168,11 +171,69 @@ def unparsed_folders_warning(labels: Iterable[str]) -> str | None:
     if not labels:
         return None
     return (f"{len(labels)} class folder(s) not written as scientific names, each taken whole as a species label "
-            f"(its first word as its genus, no family: --rank genus and --rank family cannot group them; fine for a "
+            f"(no genus, no family: --rank genus answers it as itself, --rank family as 'unknown family'; fine for a "
             f"gallery of labels): {first_few(labels, '; ')}. Read as scientific names: 'Genus species', "
             "'Genus_species', 'Genus-species', 'genus species', 'Common Name (Genus species)', 'Genus species "
             "(Common Name)', iNaturalist 2021's 'NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_species'; rename the "
             "folders to one of these")
+
+
+def _spelling_differences(folder: str, species: str) -> list[str]:
+    """How a folder's name differs from the species it was read as, where the difference does not show: Unicode
+    composed/decomposed, spaces (trailing, doubled), case."""
+    composed = unicodedata.normalize("NFC", folder)
+    spaced = " ".join(composed.split())
+    said = ["Unicode decomposed"] if composed != folder else []
+    if spaced != composed:
+        said.append("trailing or doubled spaces")
+    if spaced != species and spaced.casefold() == species.casefold():
+        said.append("case")
+    return said
+
+
+def joined_folders_warning(joined: dict[str, list[str]]) -> str | None:
+    """One line naming the class folders joined into one species (``joined``: species -> its folders' names, in
+    the order read), and how names that look alike differ (``'Naja haje' + 'Naja haje ' (trailing or doubled
+    spaces)``; ``'Vipère de Lataste' x2 (Unicode composed/decomposed)``); None when no species has two folders."""
+    parts = []
+    for species, folders in joined.items():
+        if len(folders) < 2:
+            continue
+        shown = [unicodedata.normalize("NFC", f) for f in folders]
+        if len(set(shown)) == 1:  # alike on screen: the same text, composed and decomposed
+            parts.append(f"{shown[0]!r} x{len(folders)} (Unicode composed/decomposed)")
+            continue
+        why = sorted({d for f in folders for d in _spelling_differences(f, species)} - {"Unicode decomposed"})
+        unicode = any(unicodedata.normalize("NFC", f) != f for f in folders)
+        why += ["Unicode composed/decomposed"] if unicode else []
+        into = "" if species in folders else f" -> {species!r}"
+        parts.append(" + ".join(repr(f) for f in folders) + into + (f" ({', '.join(why)})" if why else ""))
+    if not parts:
+        return None
+    return f"joined folders that name one species: {first_few(parts, '; ')}"
+
+
+def common_names_warning(records: Iterable[ReferenceRecord], what: str = "folders") -> str | None:
+    """One line naming the species whose photos carry several common names (a French, an English and an Arabic
+    folder of one species): the gallery keeps them all and answers show one, the most frequent (ties: the first in
+    code-point order, as ``index.store`` picks it). ``what``: where the names came from. None when each species has
+    one name at most."""
+    names: dict[str, Counter[str]] = {}
+    for r in records:
+        if r.common_name:
+            names.setdefault(r.species, Counter())[r.common_name] += 1
+    several = {s: c for s, c in names.items() if len(c) > 1}
+    if not several:
+        return None
+    parts = []
+    for species in sorted(several):
+        counts = several[species]
+        top = max(counts.values())
+        shown = min(n for n, c in counts.items() if c == top)
+        parts.append(f"{species}: its {what} give {len(counts)} common names ({', '.join(sorted(counts))}); answers "
+                     f"show {shown!r}")
+    return (f"{first_few(parts, '; ')} (the name most of its photos carry, ties to the first in code-point order; "
+            f"every name is kept with its photos)")
 
 
 #: Endings of a Latin or Latinised species epithet (``merula``, ``domesticus``, ``philomelos``, ``rubecula``), which
@@ -310,18 +371,32 @@ def _no_photos(name: str, scans: Iterable[PhotoScan], folders: Iterable[Path]) -
     return f"{name} (holds {len(files)} file{'s' if len(files) > 1 else ''}, none a photo: {not_photos_text(files)})"
 
 
+def _checklist_folder(name: str, by_key: dict) -> tuple[TaxonInfo, str | None] | None:
+    """The checklist taxon a moroccan folder names, and the folder's own common name: ``Naja-haje``, ``Naja_haje``,
+    ``Naja haje``, or read by the folder dataset's parser (:func:`_folder_readings`) ``Common name (Genus species)``
+    or ``Genus species (Common name)`` (a French or Arabic name kept: ``Vipère à cornes (Cerastes cerastes)``);
+    None when it names no checklist species, or two (both halves)."""
+    if (taxon := by_key.get(species_key(name))) is not None:
+        return taxon, None
+    found = [(by_key[key], common) for sci, common in _folder_readings(" ".join(name.split()))
+             if (key := species_key(sci)) in by_key]
+    return found[0] if len(found) == 1 else None
+
+
 def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, str]],
                    not_photos: list[Path]) -> list[ReferenceRecord]:
     checklist = moroccan_checklist()
     by_key = {species_key(t.species): t for t in checklist}
     matched: dict[str, list[Path]] = {}
+    commons: dict[Path, str | None] = {}  # a folder's own common name (its French or Arabic one)
     unknown: list[str] = []
     for folder in _class_folders(root, warnings, skipped):
-        taxon = by_key.get(species_key(folder.name))
-        if taxon is None:
+        found = _checklist_folder(folder.name, by_key)
+        if found is None:
             unknown.append(folder.name)
         else:
-            matched.setdefault(taxon.species, []).append(folder)
+            matched.setdefault(found[0].species, []).append(folder)
+            commons[folder] = found[1]  # as the folder dataset keeps it
     splits = [root / n for n in unknown if _holds_species(root / n, by_key)]
     if splits:  # e.g. train/Naja-haje, test/Naja-haje: the split is the root (a bare 'test' is an unknown folder)
         raise _split_error(root, splits, "moroccan")
@@ -337,7 +412,8 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
         raise ValueError(
             f"folder(s) in {root} match no Moroccan checklist species: {'; '.join(details)}. "
             f"The moroccan dataset only accepts the {len(checklist)} checklist species "
-            f"(folders named Genus-species, Genus_species or 'Genus species'); "
+            f"(folders named Genus-species, Genus_species, 'Genus species', 'Common name (Genus species)' or "
+            f"'Genus species (Common name)'); "
             f"use --dataset folder for other taxa."
         )
     records: list[ReferenceRecord] = []
@@ -350,8 +426,7 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
                 f"{taxon.species}: {len(folders)} folders merged ({', '.join(f.name for f in folders)})"
             )
         scans = [_photos_in(folder, skipped, not_photos) for folder in folders]
-        paths = [p for scan in scans for p in scan.photos]
-        if not paths:
+        if not any(scan.photos for scan in scans):
             no_photos.append(_no_photos(taxon.species, scans, folders))
             files = files or any(scan.not_photos for scan in scans)
         records.extend(
@@ -360,11 +435,12 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
                 species=taxon.species,
                 genus=taxon.genus,
                 family=taxon.family,
-                common_name=taxon.common_name,  # English, data/moroccan.csv (docs/identification.md)
+                # the folder's own name (French, Arabic) over the checklist's English one (data/moroccan.csv)
+                common_name=commons[folder] or taxon.common_name,
                 venomous=taxon.venomous,
                 dataset="moroccan",
             )
-            for p in paths
+            for folder, scan in zip(folders, scans, strict=True) for p in scan.photos
         )
     if no_photos:
         warnings.append(
@@ -378,7 +454,7 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
 def _holds_species(folder: Path, by_key: dict) -> bool:
     """Whether ``folder`` has a sub-folder named as a checklist species (``by_key``: species_key -> taxon)."""
     try:
-        return any(p.is_dir() and species_key(p.name) in by_key for p in folder.iterdir())
+        return any(p.is_dir() and _checklist_folder(p.name, by_key) is not None for p in folder.iterdir())
     except OSError:
         return False
 
@@ -394,7 +470,8 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     # folder is a class too (test/2024-05/*.jpg: photos sorted by date), read with _class_folders' warning
     if splits and not any(_holds_photos(p) for p in folders if p not in splits):
         raise _split_error(root, splits, "folder")
-    labels: list[str] = []  # folders taken whole as labels, not as scientific names
+    labels: dict[str, str] = {}  # label -> the first folder taken whole as it, not as a scientific name
+    joined: dict[str, list[str]] = {}  # species -> the names of its folders (several: joined into one species)
     readings = {folder: _folder_readings(" ".join(folder.name.split())) for folder in folders}  # parsed once
     read = {folder: _read_folder_name(folder.name, readings=readings[folder]) for folder in folders}
     sure = {name.split()[0] for name, _, guess in read.values() if not guess and looks_scientific(name.split())}
@@ -424,7 +501,8 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
             files = files or bool(scan.not_photos)
             continue
         if not looks_scientific(species.split()):
-            labels.append(folder.name)
+            labels.setdefault(species, folder.name)
+        joined.setdefault(species, []).append(folder.name)
         if read[folder][2]:
             guesses.append((folder.name, species))
         taxon = lookup_taxon(species)
@@ -447,7 +525,7 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     for r in records:  # spells it (iNaturalist 2021's), is its other species' too ('turdus viscivorus' beside one)
         if not r.family and r.genus in families:
             r.family = families[r.genus]
-    for warning in (unparsed_folders_warning(labels), ambiguous_folders_warning(guesses)):
+    for warning in (unparsed_folders_warning(labels.values()), ambiguous_folders_warning(guesses), joined_folders_warning(joined)):
         if warning:
             warnings.append(warning)
     if empty:
@@ -650,6 +728,8 @@ def _load_listed(key: str, root_path: Path, meta_path: Path | None, warnings: li
     warn_skipped(skipped[first:], root_path)  # one warning for the whole dataset, not one per class folder
     if not_photos:
         warnings.append(not_photos_warning(not_photos, root_path, root_path))
+    if note := common_names_warning(records, "folders" if key in FOLDER_LOADERS else "photos"):
+        warnings.append(note)
     return records
 
 
@@ -682,7 +762,8 @@ def load_dataset(name: str, root: str | Path, *, metadata: str | Path | None = N
 
 #: What each dataset expects under its root, named when the root holds no photo for it.
 LAYOUTS: dict[str, str] = {
-    "moroccan": "ROOT/<Genus-species>/<photos>: one folder per species of the Moroccan checklist",
+    "moroccan": "ROOT/<Genus-species>/<photos>: one folder per species of the Moroccan checklist ('Naja-haje', "
+                "'Cobra d'Égypte (Naja haje)', ...)",
     "folder": "ROOT/<species>/<photos>: one folder per species ('Naja haje', 'Common Name (Genus species)', ...)",
     "rare-species": "ROOT/metadata.csv (or --metadata FILE) whose file_name column names photos under ROOT",
     "snakeclef2021": "--metadata FILE (the SnakeCLEF 2021 CSV) whose image_path column names photos under ROOT",

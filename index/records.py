@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 #: Taxonomic ranks above genus that the store keeps when a dataset knows them.
@@ -21,7 +22,7 @@ class ReferenceRecord:
 
     path: Path | str  # where the photo file lives; an object-store URI (an upload kept in an S3 store) as text
     species: str  # binomial, "Genus species" (the label everything votes on)
-    genus: str | None = None  # genus name; derived from the binomial when missing
+    genus: str | None = None  # genus name; derived from a scientific name when missing (a label has none)
     family: str | None = None  # family name, when known
     common_name: str | None = None  # English common name, when known
     venomous: bool | None = None  # medically important venomous (SnakeCLEF "mivs"); None = unknown
@@ -33,5 +34,25 @@ class ReferenceRecord:
         if not is_uri(self.path):  # Path() would fold "s3://b/k" into "s3:/b/k"
             self.path = Path(self.path)
         self.species = " ".join(self.species.split())
-        if not self.genus and " " in self.species:
+        if not self.genus and " " in self.species and label_genus(self.species) is None:
             self.genus = self.species.split(" ", 1)[0]
+
+
+@lru_cache(maxsize=1 << 16)  # asked for every candidate of every answer at --rank genus
+def label_genus(species: str) -> str | None:
+    """None when ``species`` is written as a scientific name; else (a label: ``Vipère à cornes``, ``cats``) its first
+    word, which is no genus: a label is grouped at ``--rank genus`` as itself (:func:`rank_genus`)."""
+    from index.taxonomy import looks_scientific  # index.taxonomy imports this module
+
+    words = species.split()
+    return None if not words or looks_scientific(words) else words[0]
+
+
+def rank_genus(species: str, genus: str | None) -> str | None:
+    """What ``species`` is grouped under at ``--rank genus``: its ``genus``, but a label (not a scientific name) is
+    its own group, never its first word's (galleries built before the label kept no genus stored it as one:
+    ``Vipère`` would group four unrelated French labels)."""
+    first = label_genus(species)
+    if first is None:
+        return genus
+    return species if not genus or genus == first else genus

@@ -30,6 +30,7 @@ from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.geography import SNAKE_TABLE
 from index.layout import check_encoder
 from index.photos import first_few
+from index.records import rank_genus
 from index.store import SpeciesSummary
 from retrieval.advice import (
     VENOM_WARN_AT,
@@ -718,7 +719,7 @@ class Identifier:
             far=far,
             nearest=nearest if nearest is not None and np.isfinite(nearest) else None,
             scores=scores,
-            genus_scores=rollup(scores, {s: info(s).genus for s in scores}, Rank.GENUS),
+            genus_scores=rollup(scores, {s: rank_genus(s, info(s).genus) for s in scores}, Rank.GENUS),
             family_scores=rollup(scores, {s: info(s).family for s in scores}, Rank.FAMILY),
             venomous_score=venomous_score,
             venom_unknown_score=unflagged,
@@ -818,17 +819,21 @@ def ranked_results(
                          [n for n in answer.neighbours if n.species == p.species])
             for p in answer.predictions[:top]
         ]
-    attr = "genus" if rank is Rank.GENUS else "family"
+    def group(species: str, genus: str | None, family: str | None) -> str | None:
+        """What ``species`` is summed under at ``rank`` (a label, no scientific name, is its own genus)."""
+        return rank_genus(species, genus) if rank is Rank.GENUS else family
+
     out = []
     for name, score in list(answer.at_rank(rank).items())[:top]:
-        members = [s for s in answer.scores if getattr(taxa.get(s), attr, None) == name]
-        flags = [taxa[s].venomous for s in members if s in taxa]
-        family = {taxa[s].family for s in members if s in taxa} if rank is Rank.GENUS else {name}
+        members = [s for s in answer.scores if s in taxa and group(s, taxa[s].genus, taxa[s].family) == name]
+        flags = [taxa[s].venomous for s in members]
+        family = {taxa[s].family for s in members} if rank is Rank.GENUS else {name}
+        label = rank is Rank.GENUS and members == [name] and taxa[name].genus != name  # a label, answered as itself
         out.append(RankedResult(
-            name, rank.value, score, None, None,
-            genus=name if rank is Rank.GENUS else None,
+            name, rank.value, score, name if label else None, None,
+            genus=name if rank is Rank.GENUS and not label else None,
             family=next(iter(family)) if len(family) == 1 else None,
             venomous=True if any(flags) else (False if flags and all(f is False for f in flags) else None),
-            neighbours=[n for n in answer.neighbours if getattr(n, attr) == name],
+            neighbours=[n for n in answer.neighbours if group(n.species, n.genus, n.family) == name],
         ))
     return out

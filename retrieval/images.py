@@ -98,6 +98,57 @@ ACCEPTED_FORMATS = tuple(PHOTO_FORMATS)  # Pillow opens MPO (phones' JPEG) throu
 NOT_A_PHOTO = f"not a photo: its content is not {PHOTO_FORMAT_WORDS}"
 
 
+#: ISO base media (``ftyp``) brands of HEIF photos (HEIC: iPhones, many Android phones) and of AVIF ones.
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1",
+                         b"mif2", b"miaf"})
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+def heif_kind(data: bytes) -> str | None:
+    """"AVIF" or "HEIC" when ``data`` starts as a HEIF container (``....ftyp`` and a HEIF or AVIF brand, major or
+    compatible), read from its first bytes only; None otherwise."""
+    if len(data) < 16 or data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    box = data[8:min(max(size, 16), 256)]  # the major brand, the minor version, the compatible brands
+    brands = {box[i:i + 4] for i in range(0, len(box) - 3, 4)} - {box[4:8]}
+    if brands & AVIF_BRANDS:
+        return "AVIF"
+    return "HEIC" if brands & HEIF_BRANDS else None
+
+
+def unreadable_heif(data: bytes) -> str | None:
+    """Why a HEIC or AVIF photo cannot be read by this installation (its decoder is missing: pillow-heif for HEIC, a
+    Pillow built with AVIF support for AVIF), worded to say what to install; None when ``data`` is not one, or is one this
+    installation reads (then any failure is the photo's own)."""
+    kind = heif_kind(data)
+    if kind is None or ("HEIF" if kind == "HEIC" else "AVIF") in _openers():
+        return None
+    how = "install pillow-heif: pip install pillow-heif" if kind == "HEIC" else "install a Pillow built with AVIF support"
+    return f"{'an' if kind == 'AVIF' else 'a'} {kind} photo, which this installation cannot read: its {kind} decoder " \
+        f"is missing ({how})"
+
+
+#: What an answer says of an animated photo (a GIF, an animated WebP or PNG): the decode reads its first frame.
+ANIMATED_NOTE = ("an animated {format}: only its first frame was read (if another frame shows the animal better, "
+                 "send that frame as a still photo)")
+_ANIMATED_NAMES = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
+
+
+def animation_note(data: bytes) -> str | None:
+    """:data:`ANIMATED_NOTE` for the photo ``data`` when it has more than one frame (a GIF, WebP or PNG: only their
+    first frame is decoded), else None; reads the header and looks for a second frame, decodes no pixel of it."""
+    if not (data[:6] in (b"GIF87a", b"GIF89a") or data[:8] == b"\x89PNG\r\n\x1a\n"
+            or data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return None
+    img = _header(data)
+    try:
+        animated = img is not None and bool(getattr(img, "is_animated", False))
+    except Exception:  # noqa: BLE001 - a frame after the first that cannot be read: the first one is what counts
+        animated = False
+    return ANIMATED_NOTE.format(format=_ANIMATED_NAMES.get(img.format, img.format)) if animated else None
+
+
 def _openers() -> list[str]:
     """The accepted formats this Pillow can open (HEIF needs pillow-heif, AVIF a recent Pillow)."""
     Image.init()
@@ -149,8 +200,8 @@ def decode_image(
         except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening
             limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
             raise PixelLimitError(f"{name}: more pixels than the limit of {limit:,} {OVER_PIXEL_LIMIT}") from exc
-        except UnidentifiedImageError as exc:
-            raise ImageLoadError(f"{name}: {NOT_A_PHOTO}") from exc
+        except UnidentifiedImageError as exc:  # a HEIC of an install without pillow-heif is no less a photo
+            raise ImageLoadError(f"{name}: {unreadable_heif(data) or NOT_A_PHOTO}") from exc
         except (OSError, SyntaxError, ValueError, TypeError) as exc:
             raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
 

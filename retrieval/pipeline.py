@@ -33,6 +33,7 @@ from retrieval.images import (
     OVER_PIXEL_LIMIT,
     TOO_ELONGATED,
     ImageLoadError,
+    animation_note,
     header_size,
     model_image,
     photo_size,
@@ -57,6 +58,7 @@ class Prepared:
     tensor: np.ndarray | tuple | None = None  # preprocessed float32 CHW array, or its views (None when skipped)
     error: str | None = None  # why it was skipped
     duplicate_of: int | None = None  # stored reference id with the same bytes
+    note: str | None = None  # what an answer is to say of the photo as read (retrieval.images.animation_note)
 
 
 @dataclass
@@ -238,7 +240,8 @@ def prepare(
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
         return Prepared(position, sha256=digest, error=f"preprocessing failed ({exc})")
-    return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor)
+    return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor,
+                    note=None if given else animation_note(data))
 
 
 def iter_prepared(
@@ -363,6 +366,8 @@ class Embedded:
     sha256: list[str | None]  # digest of each photo's bytes (None when unreadable)
     errors: list[str | None]  # why a photo has no embedding (None when it has one)
     fresh: int = 0  # photos run through the encoder (the rest came from the cache, or failed)
+    notes: list[str | None] = field(default_factory=list)  # per photo, what its answer is to say of how it was read
+    # (an animated GIF: its first frame; ``Prepared.note``); empty when not kept
 
 
 def embed_photos(
@@ -379,7 +384,7 @@ def embed_photos(
     ``read``: a path's bytes (a gallery's stored sources: its ``read_photo``)."""
     known = {sha: i for i, sha in enumerate(cache[0])} if cache is not None else None
     out = Embedded(np.zeros((len(sources), encoder.dim), dtype=np.float32), [None] * len(sources),
-                   [None] * len(sources))
+                   [None] * len(sources), notes=[None] * len(sources))
     with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
         prepared = iter_prepared(sources, encoder, known=known, workers=workers, read=read)
         for items, emb in iter_embeddings(prepared, encoder):
@@ -392,6 +397,7 @@ def embed_photos(
                     out.errors[item.position] = item.error or "unreadable"
                 else:
                     out.embeddings[item.position] = emb[row]
+                    out.notes[item.position] = item.note
                     row += 1
                     out.fresh += 1
             bar.update(len(items))

@@ -329,6 +329,8 @@ class Answer:
     error: str | None = None  # why there is no answer (unreadable photo)
     identification: Identification | None = None  # scores, evidence, unknown flag
     results: list[RankedResult] = field(default_factory=list)  # the best candidates at the asked rank
+    notes: list[str] = field(default_factory=list)  # what to know of its photos as read (an animated GIF: its first
+    # frame only, retrieval.images.animation_note), each naming its photo in an observation
 
 
 def presence_for(country: str | None, ident: Identifier | None = None) -> dict[str, bool] | None:
@@ -356,7 +358,8 @@ def identify(
 
     ``observation``: the photos show one animal; their neighbours vote together and the probe sees their
     mean embedding. ``rank``: candidates as species, or rolled up to genus or family with their evidence.
-    A photo that cannot be read gets an answer with its ``error`` (the others are still identified).
+    A photo that cannot be read gets an answer with its ``error`` (the others are still identified); an animated
+    one, its first frame read, gets a note saying so (``Answer.notes``).
     """
     if (photos is None) == (embeddings is None):
         raise ValueError("identify needs photos or embeddings (one of the two)")
@@ -364,11 +367,11 @@ def identify(
     presence = presence_for(country, ident)
     if embeddings is None:
         done = embed_photos(list(photos), ident.encoder, progress=progress, desc="identifying")
-        emb, errors = done.embeddings, done.errors
+        emb, errors, notes = done.embeddings, done.errors, done.notes or [None] * len(done.errors)
         names = names or [f"image #{i}" if isinstance(p, bytes) else str(p) for i, p in enumerate(photos)]
     else:
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        errors = [None] * len(emb)
+        errors = notes = [None] * len(emb)
         names = names or [f"embedding #{i}" for i in range(len(emb))]
     ok = [i for i, e in enumerate(errors) if e is None]
     failed = [Answer(source=names[i], error=errors[i]) for i in range(len(errors)) if errors[i] is not None]
@@ -378,10 +381,11 @@ def identify(
         found = ident.identify_observation(emb[ok], top=max(top, 1), method=method, presence=presence)
         found.set_aside = [ok[i] for i in found.set_aside]  # positions among the photos given, unreadable ones too
         source = ", ".join(names[i] for i in ok)
-        return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa())), *failed]
+        said = [f"{names[i]}: {notes[i]}" for i in ok if notes[i]]
+        return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa()), said), *failed]
     found_each = ident.identify_embeddings(emb[ok], top=max(top, 1), method=method, presence=presence) if ok else []
     answers: dict[int, Answer] = {
-        i: Answer(names[i], None, a, ranked_results(a, rank, top, ident.taxa()))
+        i: Answer(names[i], None, a, ranked_results(a, rank, top, ident.taxa()), [notes[i]] if notes[i] else [])
         for i, a in zip(ok, found_each, strict=True)
     }
     answers.update({i: Answer(names[i], errors[i]) for i in range(len(errors)) if errors[i] is not None})

@@ -61,7 +61,7 @@ class StandIn:
         from retrieval.identify import Identification
 
         found = Identification(predictions=[], neighbours=[], unknown=True, set_aside=list(self.set_aside))
-        return SimpleNamespace(results=[], identification=found)
+        return SimpleNamespace(results=[], identification=found, notes=[])  # an Answer's fields
 
     def thumbnail(self, ref_id: int):
         from api.service import Thumbnail

@@ -152,8 +152,8 @@ def test_folder_dataset_reads_inat_ranks_and_names_folders_taken_as_labels(tmp_p
     assert blackbird.ranks == {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "order": "Passeriformes"}
     (warning,) = [w for w in scan.warnings if "not written as scientific names" in w]
     assert warning.startswith("2 class folder(s) not written as scientific names, each taken whole as a species "
-                              "label (its first word as its genus, no family: --rank genus and --rank family cannot "
-                              "group them"), warning
+                              "label (no genus, no family: --rank genus answers it as itself, --rank family as "
+                              "'unknown family'; fine for a gallery of labels)"), warning
     assert "Golden Retriever Dogs; cats" in warning and "Erithacus" not in warning, warning
 
 

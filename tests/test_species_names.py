@@ -207,7 +207,10 @@ def test_the_page_shows_the_notes_of_an_add_escaped():
     """Walk s50 #12: the add's notes (a taxonomy suggestion, too few photos, retrain) never reached the curator."""
     html, script = PAGE.read_text(encoding="utf-8"), _script()
     assert '<ul id="curate-notes"></ul>' in html
-    assert '$("curate-notes").innerHTML = (out.notes || []).map((n) => `<li>${esc(n)}</li>`).join("");' in script
+    assert ('$("curate-notes").innerHTML = (out.notes || []).map((n) => `<li>${withNames(n, added)}</li>`)'
+            '.join("");') in script  # escaped, its names isolated (walk s53 #2)
+    assert "out += esc(raw.slice(last, m.index)) + bdi(m[0]);" in script and "return out + esc(raw.slice(last));" \
+        in script
 
 
 def test_the_page_adds_its_key_hint_only_where_a_key_can_help():

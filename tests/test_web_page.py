@@ -425,10 +425,10 @@ def test_the_page_shows_the_api_venom_advice_not_its_own_threshold():
     render = _render()
     assert "0.1" not in render and "likelyVenomous" not in render
     assert ('if (advice && advice.treat_as_venomous) html += `<div class="warn" id="venom-warning">⚠ '
-            '${esc(advice.text)}</div>`;') in render
+            '${withNames(advice.text, names)}</div>`;') in render
     # the low probability ('when in doubt...') after the candidates, in grey-green
     assert ('if (advice && !advice.treat_as_venomous) html += `<div class="advice" id="venom-advice">'
-            '${esc(advice.text)}</div>`;') in render
+            '${withNames(advice.text, names)}</div>`;') in render
 
 
 def test_a_far_answer_greys_its_candidates_out():
@@ -445,3 +445,50 @@ def test_the_photo_input_lets_a_photo_on_the_phone_be_picked():
     html = PAGE.read_text(encoding="utf-8")
     assert '<input id="photos" name="images" type="file" accept="image/*" multiple required>' in html
     assert "capture=" not in html and "from the phone's photos, or take them with its camera" in html
+
+
+def _rect(driver, element) -> dict:
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                 "return {left: r.left, right: r.right, n: arguments[0].getClientRects().length};",
+                                 element)
+
+
+def test_an_arabic_name_keeps_its_score_and_its_order_beside_other_names(browser):
+    """Walk s53 #2: an Arabic-only name followed by its score read "100.0 — افعى موريتانيا%" (the number and the "%"
+    pulled into the name's right-to-left run), and two Arabic names of the advice line swapped round their comma:
+    every name is isolated (<bdi>), so the score shows whole right of the name and the names in the text's order."""
+    from selenium.webdriver.common.by import By
+
+    viper, water = "افعى موريتانيا", "ثعبان الماء"
+    answer = {"results": [{"name": viper, "common_name": None, "species": viper, "family": None, "score": 1.0,
+                           "venomous": False, "neighbours": []}],
+              "venom_applies": True, "notes": [f"a note naming {viper}, {water} (2 references)"], "images": 1,
+              "encoder": "test", "far": False, "unknown": False,
+              "venom_advice": {"treat_as_venomous": False,
+                               "text": f"Venom status not recorded for أفعى, {water} (99.8% of the probability)"}}
+    browser.get(PAGE.as_uri())
+    browser.execute_script("render(arguments[0]);", answer)
+    line = browser.find_element(By.CSS_SELECTOR, "#results .result > div")
+    assert line.text.endswith("— 100.0%"), line.text
+    name, score = line.find_element(By.TAG_NAME, "bdi"), line.find_element(By.TAG_NAME, "b")
+    assert name.text == viper
+    shown, at = _rect(browser, score), _rect(browser, name)
+    assert shown["n"] == 1 and shown["left"] >= at["right"], (shown, at)  # "100.0%" in one piece, right of the name
+    advice = browser.find_element(By.ID, "venom-advice").find_elements(By.TAG_NAME, "bdi")
+    assert [b.text for b in advice] == ["أفعى", water]
+    assert _rect(browser, advice[0])["right"] <= _rect(browser, advice[1])["left"]  # the text's order, left to right
+    note = browser.find_element(By.CSS_SELECTOR, "#results .unknown").find_elements(By.TAG_NAME, "bdi")
+    assert [b.text for b in note] == [viper, water]
+    assert _rect(browser, note[0])["right"] <= _rect(browser, note[1])["left"]
+
+
+def test_the_page_isolates_every_name_it_shows():
+    """Walk s53 #2: names (results, notes, advice, the curate form's answers) go through bdi()/withNames(), never a
+    bare esc(); the curate form's name boxes and the country box align typed Arabic (dir="auto")."""
+    html, render = PAGE.read_text(encoding="utf-8"), _render()
+    assert "const bdi = (s) => `<bdi>${esc(s)}</bdi>`;" in html
+    assert "esc(r.name)" not in render and "esc(r.common_name)" not in render and "esc(advice.text)" not in render
+    assert "esc(note)" not in render and "esc(n)" not in html
+    for box in ('id="species"', 'id="common"', 'id="country"'):
+        tag = html[html.index(f"<input {box}"):]
+        assert 'dir="auto"' in tag[:tag.index(">")], box

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +22,46 @@ if TYPE_CHECKING:
 logger = logging.getLogger("speciesid")
 
 FORMATS = ("table", "json", "csv")
-FORMAT_HELP = "output: table (for people; default), json or csv"
+FORMAT_HELP = ("output: table (for people; default), json or csv, in UTF-8 (a csv sent to a new file, > out.csv, "
+               "starts with a byte-order mark, for Excel)")
 
 
 def emit(text: str) -> None:
     """Write one block of output (with a trailing newline) to stdout."""
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def to_json(value: object) -> str:
+    """``--format json`` text: indented, non-ASCII written as itself in UTF-8 (a French or Arabic name readable, as
+    the API writes it), not as \\u escapes."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+#: Written before a CSV that goes to a new file: Excel (Windows) then reads it as UTF-8 ("Vipère", Arabic names)
+#: instead of the PC's code page ("VipÃ¨re"); Python reads it with encoding="utf-8-sig", pandas and LibreOffice as is.
+CSV_BOM = "\ufeff"
+
+
+def _stdout_is_new_file() -> bool:
+    """stdout is a regular file with nothing in it yet (``> out.csv``), not a pipe, a terminal or an appended file."""
+    try:
+        sys.stdout.flush()
+        info = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (tests, a caller's redirect)
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0 and getattr(sys.stdout, "buffer", None) is not None
+
+
+def emit_csv(text: str) -> None:
+    """Write ``--format csv`` output: to a new file (``> out.csv``) as UTF-8 after a byte-order mark, so that Excel
+    reads its accents and Arabic right, whatever the PC's code page; to a pipe or a terminal as is (no mark in the
+    middle of a pipeline: ``| cut``, ``| python`` read plain UTF-8 as before)."""
+    text = text if text.endswith("\n") else text + "\n"
+    if not _stdout_is_new_file():
+        emit(text)
+        return
+    sys.stdout.buffer.write((CSV_BOM + text).encode("utf-8"))
+    sys.stdout.buffer.flush()
 
 
 def fmt_bool(value: bool | None) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import PurePosixPath
 
@@ -15,10 +14,12 @@ from api.cli._common import (
     add_vote_args,
     at_least,
     emit,
+    emit_csv,
     logger,
     open_identifier,
     photo_args,
     to_csv,
+    to_json,
 )
 
 RANKS = ("species", "genus", "family")
@@ -76,7 +77,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         if a.error is not None:
             results.append({"image": a.source, "error": a.error})
             continue
-        r = {"image": a.source, **a.identification.to_dict(neighbours=args.neighbours)}
+        r = {"image": a.source, **a.identification.to_dict(neighbours=args.neighbours), "notes": a.notes}
         if args.rank != "species":
             r["rank"] = args.rank
             r["results"] = [
@@ -87,9 +88,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
     # a partial gallery (a build interrupted), one too small to tell "unlike every"
     notes = answer_notes(ident, rank=args.rank)
     if args.format == "json":
-        emit(json.dumps(results, indent=2))
+        emit(to_json(results))
     elif args.format == "csv":
-        emit(_identify_csv(results, args.rank))
+        emit_csv(_identify_csv(results, args.rank))
     else:
         limit = ident.far_threshold() if any(r.get("far") for r in results) else None
         given = [str(p) for p in paths]  # an observation's set_aside: positions among them
@@ -126,6 +127,7 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         ranked = r.get("results") if rank != "species" else r.get("predictions", [])
         advice = r.get("venom_advice") or {}
         answer = {**{k: r[k] for k in ANSWER_FIELDS}, "set_aside": " ".join(map(str, r.get("set_aside", []))),
+                  "notes": "; ".join(r.get("notes", [])),
                   **dict(zip(ADVICE_FIELDS, (advice.get("level"), advice.get("text")), strict=True))}
         for i, p in enumerate(ranked or [], 1):
             name = p.get("name", p.get("species"))
@@ -133,7 +135,7 @@ def _identify_csv(results: list[dict], rank: str) -> str:
         if not ranked:  # no candidate (a probe naming none of the held species): the answer and its advice still
             rows.append({"image": r["image"], "level": rank, **answer})
     fields = ["image", "rank", "level", "name", "species", "score", "common_name", "genus", "family", "venomous",
-              *ANSWER_FIELDS, "set_aside", *ADVICE_FIELDS, "error"]
+              *ANSWER_FIELDS, "set_aside", "notes", *ADVICE_FIELDS, "error"]
     return to_csv(rows, fields)
 
 
@@ -171,11 +173,13 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
             venom = "  VENOMOUS (some member)" if p["venomous"] else ""
             family = f"  [{p['family']}]" if rank == "genus" and p["family"] else ""
             evidence = f"  evidence #{', #'.join(map(str, p['evidence']))}" if p["evidence"] else ""
-            lines.append(f"  {i}. {p['score']:6.1%}  {rank} {p['name']}{family}{venom}{evidence}")
+            name = f"{p['name']} (a label: no genus)" if p.get("species") else f"{rank} {p['name']}"
+            lines.append(f"  {i}. {p['score']:6.1%}  {name}{family}{venom}{evidence}")
     if rank == "species" and neighbours and r["neighbours"]:
         lines += _evidence_lines(r["neighbours"])
     if note := r.get("country_note"):  # why --country changed nothing (retrieval.identify)
         lines.append(f"  ({note})")
+    lines += [f"  note: {note}" for note in r.get("notes", [])]  # of the photo as read (an animated GIF)
     if advice and not advice["treat_as_venomous"]:  # "unlikely": last, as the page shows it
         lines.append(f"  {advice['text']}")
     return "\n".join(lines)
@@ -219,9 +223,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     ident = open_identifier(args)
     neighbours = [n.to_dict() for n in search(ident, paths[0], k=args.k)]
     if args.format == "json":
-        emit(json.dumps({"image": str(paths[0]), "neighbours": neighbours}, indent=2))
+        emit(to_json({"image": str(paths[0]), "neighbours": neighbours}))
     elif args.format == "csv":
-        emit(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
+        emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
     else:
         for rank, n in enumerate(neighbours, 1):
             emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {n['path']}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -16,12 +15,14 @@ from api.cli._common import (
     add_quiet,
     at_least,
     emit,
+    emit_csv,
     encoder_config,
     fmt_bool,
     interrupted_add,
     number_in,
     parse_yes_no,
     to_csv,
+    to_json,
 )
 from index.compaction import AUTO_PRUNE_AGE
 from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
@@ -208,7 +209,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     from retrieval.workflows import gallery_info
 
     info = gallery_info(args.index)
-    emit(json.dumps(info, indent=2))
+    emit(to_json(info))
     error = (info.get("store") or {}).get("error")
     if error:  # the folder's facts are printed; the exit status says the store could not be read
         sys.stderr.write(f"speciesid: error: {error}\n")
@@ -332,9 +333,9 @@ def cmd_species_list(args: argparse.Namespace) -> int:
     fields = ["species", "common_name", "genus", "family", "venomous", "count"]
     species = [{f: getattr(s, f) for f in fields} for s in list_species(args.index)]
     if args.format == "json":
-        emit(json.dumps(species, indent=2))
+        emit(to_json(species))
     elif args.format == "csv":
-        emit(to_csv(species, fields))
+        emit_csv(to_csv(species, fields))
     else:
         for s in species:
             common = f" ({s['common_name']})" if s["common_name"] else ""

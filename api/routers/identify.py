@@ -93,7 +93,8 @@ def identify(
         venom_advice=advice.to_dict() if (advice := answer.identification.venom_advice) is not None else None,
         venom_applies=answer.identification.venom_applies,
         notes=([far_note()] if answer.identification.far else [])
-        + ([note] if (note := answer.identification.country_note()) else []) + service.answer_notes(rank),
+        + ([note] if (note := answer.identification.country_note()) else []) + answer.notes
+        + service.answer_notes(rank),
         set_aside=list(answer.identification.set_aside),
     )
 
