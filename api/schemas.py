@@ -97,7 +97,7 @@ def _not_a_boolean(value: object) -> object:
     return value
 
 
-SearchK = Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=1, le=1000)]
+SearchK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_not_a_boolean)]
 SEARCH_K_DEFAULT = 10
 
 
