@@ -699,9 +699,12 @@ def test_a_thumbnail_whose_file_is_a_fifo_or_over_the_upload_limit_is_a_404_at_o
     assert str(photo.parent) not in detail
     added = client.post("/v1/species/Testus bigus/references", files=_one("b.png", _png(64, 40)), headers=KEYS)
     big_ref, = added.json()["ids"]
-    monkeypatch.setattr(service.settings, "max_upload_mb", 1e-4)  # ~100 bytes: the PNG's file is over it
+    size = source_file(_source(service, big_ref)).stat().st_size
+    monkeypatch.setattr(service.settings, "max_upload_mb", (size - 1) / 2**20)  # the PNG's file is 1 byte over it
     detail = _is_error(client.get(f"/v1/references/{big_ref}/image"), 404)
-    assert "over this server's limit of 0.0001 MB a photo (SPECIESID_MAX_UPLOAD_MB" in detail, detail
+    assert "MB a photo (SPECIESID_MAX_UPLOAD_MB; the server's operator may raise it)" in detail, detail
+    assert detail.startswith(f"the photo of reference {big_ref} cannot be shown: its file on this server is over "
+                             "this server's limit of "), detail
 
 
 def test_a_thumbnails_etag_is_hashed_once_with_it_and_a_photo_replaced_changes_it(client, service, monkeypatch):
