@@ -271,7 +271,8 @@ class EdgeGuard:
                                    {"connection": "close"})
             if status == 400:
                 return await _json(send, 400, multipart_unreadable(reason))
-            return None  # the client left: nobody to answer
+            # the client left: nobody reads it, but the request is answered (and counted) as the routes answer it
+            return await _json(send, 400, "the client closed the connection before the request body was sent")
         try:
             if kind == "identify" and not self._take():  # the slots filled while the body arrived
                 return await self._busy(send)
