@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
-from api.guard import EdgeGuard, body_limit_detail
+from api.guard import EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
 from api.routers._edge import photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
@@ -98,6 +98,28 @@ def _without_slash(app: FastAPI, scope: Scope) -> str | None:
         return None
     bare = _bare_scope(scope, path.rstrip("/"))
     return bare["path"] if any(r.matches(bare)[0] is not Match.NONE for r in app.router.routes) else None
+
+
+#: The multipart parser's limit of one part's header line, in bytes (python-multipart's DEFAULT_MAX_HEADER_SIZE):
+#: a longer one is a file name of thousands of characters.
+PART_HEADER_BYTES = 4096 + 128
+
+
+def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPException) -> str:
+    """A 400 of Starlette's form parser in the API's words: too many files -> the route's own limit of photos; a
+    multipart body it cannot read -> why, its parser's reason in brackets (a part's header too long: its file
+    name, said so); any other 400 as it is."""
+    detail = str(exc.detail)
+    if detail.startswith("Too many files"):  # the parser's 1000: the route's own limit is the one that matters
+        photos = route_photos(settings, request.method, request.scope["path"])
+        return f"at most {photos} photos per request; this one holds over 1000 files" if photos else detail
+    if "multipart" not in detail.lower():
+        return detail
+    parser = exc.__context__.__cause__ if exc.__context__ is not None else None  # Starlette's "Invalid multipart
+    if parser is not None and "header size" in str(parser):  # data" hides python-multipart's own reason
+        return multipart_unreadable(f"a part's header is over {PART_HEADER_BYTES:,} bytes: a file name that long? "
+                                    "send a shorter one")
+    return multipart_unreadable(detail)
 
 
 class ServiceCounts(Collector):
@@ -201,10 +223,10 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
-            detail = body_limit_detail(settings, request.method, request.scope["path"])  # as the guard words its own
-        if exc.status_code == 400 and isinstance(detail, str) and "multipart" in detail.lower():  # Starlette's own
-            detail = (f"the multipart body cannot be read ({detail.rstrip('.')}): send multipart/form-data as curl -F "
-                      "or a browser's FormData does")
+            detail = body_limit_detail(settings, request.method, request.scope["path"],  # as the guard words its own
+                                       content_type=request.headers.get("content-type", ""))
+        if exc.status_code == 400 and isinstance(detail, str):
+            detail = _form_refusal(settings, request, exc)
         if exc.status_code == 404 and detail == "Not Found" and (bare := _without_slash(app, request.scope)):
             detail = f"no route {request.url.path}: send the request to {bare} (without the trailing slash)"
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))

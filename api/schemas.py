@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 
 class NeighbourOut(BaseModel):
@@ -91,7 +91,14 @@ class IdentifyOut(BaseModel):
 
 
 #: Search's ``k``: neighbours to return (query string, form field or JSON body), and its default.
-SearchK = Annotated[int, Field(ge=1, le=1000)]
+def _not_a_boolean(value: object) -> object:
+    """``true`` is not a number of neighbours (pydantic would take it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("k is a whole number of neighbours, e.g. 10, not true or false")
+    return value
+
+
+SearchK = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_not_a_boolean)]
 SEARCH_K_DEFAULT = 10
 
 

@@ -26,6 +26,7 @@ from api.settings import Settings
 from index.gallery import Neighbour
 from index.lease import is_s3
 from index.objects import StoreObjectError
+from index.sources import MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species, gallery_lookalikes
 from retrieval import workflows
@@ -87,6 +88,17 @@ class EmptyGallery(ServiceError):
 EMPTY_GALLERY = ("this gallery holds no searchable references yet: add some with POST /v1/species/{name}/references "
                  "(with an API key) or 'speciesid references add' (or, if 'speciesid clean --apply' excluded them all, "
                  "bring them back with 'speciesid clean --restore'); identify and search answer once it holds some")
+
+
+def refused_words(exc: SourceRefused, limit_mb: float) -> str:
+    """What a reference photo's file refused unread (:class:`index.sources.SourceRefused`) is, for an HTTP client:
+    no server path, and the setting over which a file is too large."""
+    if isinstance(exc, PhotoTooLarge):
+        return (f"over this server's limit of {limit_mb:g} MB a photo (SPECIESID_MAX_UPLOAD_MB; the server's operator "
+                "may raise it)")
+    if isinstance(exc, NotAPhotoFile):
+        return "not a photo"
+    return "not a regular file (a device or a pipe)"
 
 
 @dataclass(frozen=True)
@@ -168,12 +180,12 @@ class SpeciesService:
     @property
     def upload_limit(self) -> int:
         """The most bytes one photo may have (``max_upload_mb``)."""
-        return int(self.settings.max_upload_mb * 1024 * 1024)
+        return int(self.settings.max_upload_mb * MB)
 
     def check_size(self, name: str, size: int) -> None:
         """TooLarge (413) when the photo ``name`` of ``size`` bytes is over :attr:`upload_limit`."""
         if size > self.upload_limit:
-            raise TooLarge(f"{name}: {size / 1e6:.1f} MB is over this server's limit of "
+            raise TooLarge(f"{name}: {megabytes(size)} is over this server's limit of "
                            f"{self.settings.max_upload_mb:g} MB a photo (ask its operator to raise "
                            "SPECIESID_MAX_UPLOAD_MB)")
 
@@ -283,14 +295,21 @@ class SpeciesService:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         try:  # decoded at reduced scale: a 12 MP phone photo would cost ~0.3 s at full size, on every page view
-            image = decode_image(self.gallery.read_photo(stored), max_pixels=self.settings.max_pixels,
-                                 name=str(path), draft=2 * self.settings.thumbnail_px)
+            data = self.gallery.read_photo(stored, limit=self.upload_limit, setting="SPECIESID_MAX_UPLOAD_MB")
+            image = decode_image(data, max_pixels=self.settings.max_pixels, name=str(path),
+                                 draft=2 * self.settings.thumbnail_px)
         except StoreObjectError as exc:  # an upload kept in the S3 store, there but not readable now
             logger.warning("reference %d: its photo %s cannot be read from the gallery's store: %s", ref_id, stored,
                            exc)
             raise StoreUnavailable(f"the photo of reference {ref_id} is kept in the gallery's store, which could not "
                                    "be read now" + ("; retry shortly" if exc.transient else " (the server's log "
                                                     "says what to fix)"), transient=exc.transient) from exc
+        except SourceRefused as exc:  # a FIFO, a device, a huge file where the photo was: refused at once, unread
+            logger.warning("reference %d: its photo at %s is refused unread: %s", ref_id, path, exc.reason)
+            raise NotFound(f"the photo of reference {ref_id} cannot be shown: its file on this server is "
+                           f"{refused_words(exc, self.settings.max_upload_mb)}. The reference itself is valid: the "
+                           "server's operator can put the photo back as a plain file (the server's log names "
+                           "it)") from exc
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
             if is_s3(stored):  # an upload kept in the shared store: every machine reads it there, no folder to sync

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1,
         description="identify/search requests served at once; past it a fast 429 with Retry-After (default: one "
         "per two cores; on 2 cores 1 kept the c=64 p99 at 3-4x the c=1 p99, 4 gave 22x: docs/api.md)")
+    # An identify's or search's body is received whole before the request takes one of those slots (a slow client
+    # holds none); this bounds how long one connection may take to send it. At 1 Mbit/s (a weak mobile link) 120 s
+    # carries 15 MB, three 5 MB phone photos; past it a 408 and the connection closed. Adds have no such deadline
+    # (a key is needed, and they hold no slot).
+    body_timeout_s: float = Field(120.0, gt=0, description="seconds an identify or search request may take to send "
+                                  "its whole body; past it a 408 (the body is read before the request takes an "
+                                  "identify slot, so a slow client holds none)")
     retry_after_s: int = Field(1, ge=1, description="shortest Retry-After of a 429, in seconds")
     retry_jitter_s: int = Field(2, ge=0, description="Retry-After is drawn from retry_after_s .. retry_after_s + "
                                 "retry_jitter_s, so shed clients do not all come back in the same second")

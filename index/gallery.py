@@ -1501,16 +1501,18 @@ class Gallery:
         meta = self.store.metadata([int(ref_id)])
         return None if meta.empty else str(meta.iloc[0]["source_path"])
 
-    def read_photo(self, source: str | Path) -> bytes:
+    def read_photo(self, source: str | Path, *, limit: int | None = None, setting: str | None = None) -> bytes:
         """The bytes of a reference photo, by its stored source (:meth:`source_path`) or a record's path: an
         ``s3://`` object (an upload kept in an S3 store) read through this store's client, with its own endpoint and
-        credentials; else a file or a ``SHARD#MEMBER`` (:func:`index.sources.read_source`). OSError when it cannot be
-        read (FileNotFoundError: not there)."""
+        credentials; else a file or a ``SHARD#MEMBER`` (:func:`index.sources.read_source`: a file that is not a
+        regular one, or has over ``limit`` bytes, refused unread; ``setting`` names what sets ``limit``; None: the
+        library's :data:`~index.sources.MAX_PHOTO_BYTES`). OSError when it cannot be read (FileNotFoundError: not
+        there)."""
         if isinstance(source, str):
             if self.objects is not None and is_s3(source):
                 return self.objects.get(source)
             source = source_file(source)
-        return read_source(source)
+        return read_source(source, limit=limit, setting=setting)
 
     def species(self) -> list[SpeciesSummary]:
         """Species in the gallery with counts and metadata. With ``stale_reads`` (a server) as of the version the

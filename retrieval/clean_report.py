@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from index.atomic import atomic_write, write_json_atomic
+from index.sources import read_source
 from index.store import source_text
 from retrieval.findings import KINDS
 
@@ -67,7 +68,7 @@ def _thumbnail(path: str, cache: dict[str, str], read: Callable[[str], bytes] | 
     from retrieval.images import decode_image
 
     try:
-        data = read(path) if read is not None else Path(path).read_bytes()
+        data = (read or read_source)(path)  # a regular file under the byte limit only
         img = decode_image(data, name=path, draft=2 * THUMB_SIZE)
         img.thumbnail((THUMB_SIZE, THUMB_SIZE))
         buf = io.BytesIO()

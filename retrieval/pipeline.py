@@ -25,7 +25,7 @@ from index.gallery import Gallery, check_gallery_encoder
 from index.lease import LeaseStoreError
 from index.objects import StoreObjectError
 from index.records import ReferenceRecord
-from index.sources import read_source
+from index.sources import SourceRefused, read_source
 from retrieval.encoders import Encoder, stack_views
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
@@ -199,7 +199,10 @@ def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_
 
 
 def read_error(exc: OSError) -> str:
-    """What a photo that could not be read is said to be (every reader's words)."""
+    """What a photo that could not be read is said to be (every reader's words); one refused before it was read
+    (:class:`index.sources.SourceRefused`: not a regular file, too large, not a photo) says why in its own words."""
+    if isinstance(exc, SourceRefused):
+        return exc.reason
     return f"cannot be read ({exc.strerror or exc})"
 
 

@@ -885,7 +885,7 @@ def add_photos(
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(
         name, records[0].venomous, genus=records[0].genus, family=records[0].family,
         advice_on=venom_applies(gallery.info, _venom_taxa(gallery, held)), root=gallery.root, api=api)
-    if venom_note:
+    if venom_note and not api:  # the CLI's note, before its progress; the server's once the add stored a photo
         logger.warning("%s", venom_note)
     add_digest = photos_digest(source_text(p) for p in paths)  # the add's mark (index.build_mark.adding)
     # rows committed ADD_CHUNK photos at a time; given embeddings (the API's, all in memory): all in one commit
@@ -912,6 +912,8 @@ def add_photos(
             if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
                 mark(added=exc.report.added)
             raise
+    if venom_note and api and report.ids:  # an add that stored nothing (every photo a duplicate) made no species
+        logger.warning("%s", venom_note)
     stored_meta = gallery.store.metadata(report.ids) if report.ids else None
     stored = {str(p) for p in stored_meta["source_path"]} if stored_meta is not None else set()
     shown = {int(i): (names[src][0] if names.get(src) else src)  # the upload's name, else the stored path

@@ -666,6 +666,47 @@ def test_reference_thumbnail(client, service, monkeypatch):
     assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
 
 
+def test_a_thumbnail_whose_file_is_a_fifo_or_over_the_upload_limit_is_a_404_at_once_unread(client, service,
+                                                                                            monkeypatch):
+    """s53 hostile walk #1: a reference's file swapped for a FIFO hung a server thread per request (a link to
+    /dev/zero OOM-killed it). Refused from its stat (never opened for reading); a file over SPECIESID_MAX_UPLOAD_MB
+    from its size. The FIFO's read, on code that would block on it, runs in a thread that the test unblocks."""
+    import os
+
+    from index.store import source_file
+
+    added = client.post("/v1/species/Testus fifous/references", files=_one("f.png", _png(64, 48)), headers=KEYS)
+    fifo_ref, = added.json()["ids"]
+    photo = source_file(_source(service, fifo_ref))
+    kept = photo.read_bytes()
+    photo.unlink()
+    os.mkfifo(photo)
+    answers: list = []
+    thread = threading.Thread(target=lambda: answers.append(client.get(f"/v1/references/{fifo_ref}/image")),
+                              daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # blocked on the FIFO: end the read (a writer's EOF) before failing
+        fd = os.open(photo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(30)
+    photo.unlink()
+    photo.write_bytes(kept)
+    assert answers, "the thumbnail of a reference whose file is a FIFO blocked"
+    detail = _is_error(answers[0], 404)
+    assert detail.startswith(f"the photo of reference {fifo_ref} cannot be shown: its file on this server is not a "
+                             "regular file (a device or a pipe)"), detail
+    assert str(photo.parent) not in detail
+    added = client.post("/v1/species/Testus bigus/references", files=_one("b.png", _png(64, 40)), headers=KEYS)
+    big_ref, = added.json()["ids"]
+    size = source_file(_source(service, big_ref)).stat().st_size
+    monkeypatch.setattr(service.settings, "max_upload_mb", (size - 1) / 2**20)  # the PNG's file is 1 byte over it
+    detail = _is_error(client.get(f"/v1/references/{big_ref}/image"), 404)
+    assert "MB a photo (SPECIESID_MAX_UPLOAD_MB; the server's operator may raise it)" in detail, detail
+    assert detail.startswith(f"the photo of reference {big_ref} cannot be shown: its file on this server is over "
+                             "this server's limit of "), detail
+
+
 def test_a_thumbnails_etag_is_hashed_once_with_it_and_a_photo_replaced_changes_it(client, service, monkeypatch):
     """s50 left-over: the ETag was the sha256 of the thumbnail, hashed on every request. It is made with the
     thumbnail and kept with it, under the photo file's size and time: a changed photo gets a new tag."""
@@ -1296,6 +1337,12 @@ def test_delete_reference(client, service, caplog):
     # review s48 #11: its unknown venom status (a species the taxonomy lacks, no flag: it counts as possibly
     # venomous) is logged once, by the add, not also by the check ahead of it
     assert caplog.text.count("'Lycodon c-album' is not in the shipped snake taxonomy") == 1, caplog.text
+    caplog.clear()  # s53 hostile walk #11: an add that stored nothing (its photo a duplicate) logs no venom warning
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        same = client.post("/v1/species/Hostilia tertius/references", files=_one("g3.png", _png(42, 32)),
+                           headers=KEYS)
+    assert same.status_code == 200 and same.json()["added"] == 0, same.text
+    assert "'Hostilia tertius' is not in the shipped snake taxonomy" not in caplog.text, caplog.text
     assert client.get("/v1/species/lycodon_c-album").json()["species"] == "Lycodon c-album"
     for ref in (odd, again, new):
         assert client.delete(f"/v1/references/{ref.json()['ids'][0]}", headers=KEYS).status_code == 204

@@ -52,7 +52,7 @@ def field_errors(exc: ValidationError, *, field: str = "the body") -> str:
     parts = []
     for err in errs[:MAX_FIELD_ERRORS]:
         where = ".".join(str(x) for x in err.get("loc", ())) or field
-        msg = " ".join(str(err.get("msg", "invalid")).split())
+        msg = " ".join(str(err.get("msg", "invalid")).split()).removeprefix("Value error, ")  # our validators' own
         parts.append(f"{where}: {msg[:1].lower()}{msg[1:]}")
     more = f" (and {len(errs) - MAX_FIELD_ERRORS} more)" if len(errs) > MAX_FIELD_ERRORS else ""
     return "; ".join(parts) + more

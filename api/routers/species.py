@@ -63,10 +63,11 @@ def add_references(
 
 
 class _SlashedName(Convertor):
-    """A path part that holds a ``/`` inside a name (``Naja/haje``): what ``Naja%2Fhaje`` arrives as. Not a name
-    followed by ``/references`` (that is the references route, or its 405)."""
+    """A path part that holds a ``/`` inside a name (``Naja/haje``): what ``Naja%2Fhaje`` arrives as, or ``/tmp/abs``
+    (``%2Ftmp%2Fabs``, a leading ``/``). Not a name followed by ``/references`` (that is the references route, or
+    its 405)."""
 
-    regex = "[^/]+/(?!references$).+"
+    regex = "[^/]*/(?!references$).+"
 
     def convert(self, value: str) -> str:
         return value
