@@ -491,8 +491,9 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
         species = recased_label(species, genera) or species
         try:
             species = check_name(species, "class folder name")
+            common = check_name(common, "common name") if common else common  # "=cmd (Naja haje)": the same rule
         except InvalidNameError as exc:
-            warnings.append(f"folder skipped: {exc}")
+            warnings.append(f"folder {folder.name!r} skipped: {exc}")
             continue
         scan = _photos_in(folder, skipped, not_photos)
         paths = scan.photos

@@ -12,7 +12,7 @@ import difflib
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,15 +50,21 @@ MAX_NAME_LENGTH = 120
 
 
 class InvalidNameError(ValueError):
-    """A species or common name that cannot be stored (empty, too long, control or bidi characters)."""
+    """A species or common name that cannot be stored (empty, too long, control or bidi characters, not valid text,
+    a leading spreadsheet formula character)."""
 
 
 #: An example of each kind of name :func:`check_name` checks, for its messages.
 NAME_EXAMPLES = {"species name": "Naja haje", "genus": "Naja", "family": "Elapidae", "common name": "Egyptian cobra",
                  "class folder name": "Naja haje"}
+#: The characters a spreadsheet (Excel, LibreOffice, Google Sheets) reads as the start of a formula in a CSV cell
+#: (OWASP's CSV injection list; a leading tab or carriage return cannot reach a name: whitespace is collapsed first).
+FORMULA_STARTS = "=+-@"
+#: What replaces an undecodable byte when text is decoded leniently (a URL's ``%FF``): a name holding it was not text.
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
-def check_name(value: str, what: str = "species name") -> str:
+def check_name(value: str, what: str = "species name", *, stored: Collection[str] = ()) -> str:
     """``value`` with its spaces collapsed, in Unicode NFC, or :class:`InvalidNameError` saying what is wrong with it.
 
     NFC: a name typed on macOS or iOS often arrives decomposed (NFD: ``i`` + U+0308 for ``ï``); composed here, it is
@@ -66,21 +72,30 @@ def check_name(value: str, what: str = "species name") -> str:
     identical. A typographic apostrophe (:data:`APOSTROPHES`: ``’`` ``‘`` ``ʼ``, what a phone keyboard types) is the
     ASCII ``'`` for the same reason (``Cobra d’Égypte`` is ``Cobra d'Égypte``).
 
-    Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, and any
+    Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
-    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text. A taxon
-    name (anything but a common name) with a ``/`` is refused too: the HTTP API's ``/v1/species/{name}`` could not
-    address it. The one rule of the CLI, the API and the dataset loaders; messages end with an example of ``what``.
+    separator: a name is shown in tables, files and web pages, where such characters hide or reorder text; the
+    replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a URL);
+    and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``, ``@SUM(A1)``), which
+    a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
+    is refused too: the HTTP API's ``/v1/species/{name}`` could not address the first, and the second is a path
+    separator on Windows. ``stored``: names a gallery holds already (stored before the formula rule), taken with
+    their leading formula character so that photos can still be added to them. The one rule of the CLI, the API and
+    the dataset loaders; messages end with an example of ``what``.
     """
     text = unicodedata.normalize("NFC", " ".join(str(value).split()).translate(APOSTROPHES))
     example = f"give e.g. {NAME_EXAMPLES.get(what, NAME_EXAMPLES['species name'])!r}"
     if not text:
         raise InvalidNameError(f"the {what} is empty; {example}")
+    if REPLACEMENT_CHARACTER in text:  # before the letters' check: '\ufffd\ufffd' is no name for that reason
+        raise InvalidNameError(f"the {what} {text!r} is not valid text (U+FFFD, the replacement character: the name "
+                               f"was not valid UTF-8); send it encoded as UTF-8, {example}")
     if not any(ch.isalnum() for ch in text):
         raise InvalidNameError(f"the {what} {text!r} has no letters or digits; {example}")
-    if "/" in text and what != "common name":  # no taxon name holds one, and the HTTP API cannot address it
-        raise InvalidNameError(f"the {what} {text!r} cannot contain '/' (the HTTP API could not address it); "
-                               f"{example}")
+    if what != "common name":  # no taxon name holds either
+        for sep, why in (("/", "the HTTP API could not address it"), ("\\", "a path separator on Windows")):
+            if sep in text:
+                raise InvalidNameError(f"the {what} {text!r} cannot contain '{sep}' ({why}); {example}")
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"the {what} is {len(text)} characters long; at most {MAX_NAME_LENGTH} are allowed")
     for ch in text:
@@ -92,6 +107,10 @@ def check_name(value: str, what: str = "species name") -> str:
                 f"the {what} {text.encode('utf-8', 'backslashreplace').decode()!r} contains "
                 f"{f'{name} ({code})' if name else f'the control character {code}'}; use printable letters only"
             )
+    if text[0] in FORMULA_STARTS and text not in stored:
+        raise InvalidNameError(
+            f"the {what} {text!r} starts with {text[0]!r}, which a spreadsheet (Excel, LibreOffice) opening a CSV "
+            f"export reads as a formula and runs; leave the {text[0]!r} out, {example}")
     return text
 
 
@@ -205,10 +224,34 @@ def scientific_spelling(name: str) -> str | None:
     return " ".join(cased) if looks_scientific(cased) else None
 
 
+def _odd_letter(name: str) -> tuple[str, str | None] | None:
+    """(what is odd, what to give instead or None) of the first letter of ``name`` a scientific name cannot hold
+    that looks like one it can: a letter of another script (a homoglyph: the Cyrillic ``а`` of ``Naja hаje`` looks
+    like the Latin ``a``) or a full-width Latin one (``ｈ``); None when there is none (an accent is seen: ``Vipère
+    aspic``'s ``è`` is no lookalike). A name all in another script (``Гадюка``) is told no more than to give the
+    scientific name."""
+    for ch in name:
+        if not ch.isalpha() or ch.isascii():
+            continue
+        uname = unicodedata.name(ch, "")
+        latin = "LATIN" in uname.split()
+        if latin and not unicodedata.normalize("NFKC", ch).isascii():
+            continue  # an accented Latin letter: visible, and no homoglyph
+        odd = (f"{ch!r} (U+{ord(ch):04X} {uname or 'an unnamed letter'}) where a {'plain ' if latin else ''}Latin "
+               "letter is expected")
+        mixed = latin or any(c.isascii() and c.isalpha() for c in name)
+        return odd, "type the name again in Latin letters" if mixed else None
+    return None
+
+
 def _unscientific(name: str) -> SpeciesNameConflictError:
     """The refusal of a new species ``name`` not written as a scientific name: confirmed, it is taken (a gallery of
-    labels, a folder dataset's ``cats``), as a near-spelling is; no gallery species is meant. A name with its
-    author citation is told to leave it out; one capitalised word, that a genus alone is no species."""
+    labels, a folder dataset's ``cats``), as a near-spelling is; no gallery species is meant. A letter of another
+    script, or an accented one, is named with its code point (:func:`_odd_letter`); a name with its author citation
+    is told to leave it out; one capitalised word, that a genus alone is no species."""
+    if odd := _odd_letter(name):
+        return SpeciesNameConflictError(name, None, f"is not written as a scientific name: {odd[0]} "
+                                        f"({SCIENTIFIC_FORM}; {SCIENTIFIC_EXAMPLE})", hint=odd[1])
     if cited := split_authority(name):
         return SpeciesNameConflictError(name, None, f"ends with an author citation ({cited[1]!r})",
                                         hint=f"give the name without it, {cited[0]!r}")
@@ -585,13 +628,15 @@ def new_species_references(
     its references carry (its summary's or ``common_names``: species -> every common name of its references, a
     species built from folders in several languages has several), compared folded (:func:`fold_name`), and stored
     as they carry it; another is refused.
-    ``root``: the gallery the commands its messages name take (``DIR`` when not known).
+    ``root``: the gallery the commands its messages name take (``DIR`` when not known). Every name is checked by
+    :func:`check_name` first, confirmed or not (a gallery species' own name is taken with a leading formula
+    character it was stored with before that rule).
     """
-    species = check_name(name.replace("_", " "))
+    gallery_species = list(gallery_species)
+    species = check_name(name.replace("_", " "), stored={s.species for s in gallery_species})  # one stored before
     common_name = check_name(common_name, "common name") if common_name is not None else None
     genus = check_name(genus, "genus") if genus else genus
     family = check_name(family, "family") if family else family
-    gallery_species = list(gallery_species)
     taxon = lookup_taxon(species)
     if taxon is None and " " not in species and not find_species(gallery_species, species) and (
             example := _genus_example(species, gallery_species)):

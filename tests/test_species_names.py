@@ -1,12 +1,16 @@
 """Species names as clients send them (API walk s50 #1, #2, #17): a decomposed (NFD) name is the same species as its
 composed spelling, a near-spelling of a taxon of the shipped taxonomy is refused like one of a gallery species
-(CLI and API, one rule), and a read of a near-spelling says what was meant.
+(CLI and API, one rule), and a read of a near-spelling says what was meant; names that were not text,
+start a spreadsheet formula or hold a backslash are refused, and a homoglyph's letter is named (walk s53
+hostile #4, #7, #10, #11).
 
 Galleries here use the tiny random ``timm:test_vit@random`` encoder on random photos: fast, no shared assets.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import unicodedata
 from pathlib import Path
 
@@ -294,3 +298,133 @@ def test_an_add_takes_any_common_name_the_species_references_carry(tmp_path, cap
                           "--common-name", "Cobra royal", _photo(tmp_path / "b.png", 99), *ENCODER)
     assert code == 2 and ("'Naja haje' is recorded with common names \"Cobra d'Égypte\" or 'Egyptian cobra' or "
                           "'كوبرا مصرية', not 'Cobra royal': leave the common name out") in err, err
+
+
+@pytest.mark.parametrize("what", ["species name", "genus", "family", "common name", "class folder name"])
+def test_a_name_that_was_not_text_or_starts_a_formula_is_refused_saying_why(what):
+    """Walk s53 hostile #7, #4: a URL's undecodable byte (``%FF``, decoded as U+FFFD) was stored in a species name;
+    a name starting with ``=``, ``+``, ``-`` or ``@`` went raw into every CSV export, where a spreadsheet runs it."""
+    with pytest.raises(ValueError, match=(
+            rf"^the {what} 'Naja\ufffdhaje' is not valid text \(U\+FFFD, the replacement character: the name was not "
+            r"valid UTF-8\); send it encoded as UTF-8, give e\.g\. ")):
+        check_name("Naja\ufffdhaje", what)
+    with pytest.raises(ValueError, match=r"'\ufffd\ufffd' is not valid text"):  # not "has no letters or digits"
+        check_name("\ufffd\ufffd", what)
+    for name in ("=1+1", "+cmd", "-2+3", "@SUM(1+1)", " \t=HYPERLINK(\"x\")"):
+        start = name.strip()[0]
+        with pytest.raises(ValueError, match=(
+                rf"^the {what} '{re.escape(name.strip()[:4])}.*' starts with '{re.escape(start)}', which a "
+                rf"spreadsheet \(Excel, LibreOffice\) opening a CSV export reads as a formula and runs; leave the "
+                rf"'{re.escape(start)}' out, give e\.g\. ")):
+            check_name(name, what)
+    assert check_name("Naja =haje-1", what) == "Naja =haje-1"  # inside a name, no cell starts with it
+    with pytest.raises(ValueError, match="has no letters or digits"):
+        check_name("-", what)
+
+
+def test_a_backslash_is_refused_in_a_taxon_name_like_a_slash():
+    """Walk s53 hostile #11: 'Naja\\haje' was created (a path separator on Windows exports)."""
+    for what in ("species name", "genus", "family", "class folder name"):
+        with pytest.raises(ValueError) as refused:
+            check_name("Naja\\haje", what)
+        assert str(refused.value).startswith(
+            f"the {what} 'Naja\\\\haje' cannot contain '\\' (a path separator on Windows); give e.g. "), refused.value
+    assert check_name("Cobra \\ naja", "common name") == "Cobra \\ naja"  # a common name is no path, as with '/'
+
+
+def test_a_homoglyph_names_the_letter_that_is_not_latin(built, tmp_path, capsys):
+    """Walk s53 hostile #10: 'Naja hаje' (a Cyrillic 'а') was refused as "not written as a scientific name", which
+    reads as nonsense: it looks exactly like 'Naja haje'. The refusal names the letter; an accent is no lookalike."""
+    from index.taxonomy import SpeciesNameConflictError, new_species_references
+
+    index, _ = built
+    photo = _photo(tmp_path / "h.png", 70)
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix h\u0430je", photo,
+                        *ENCODER)
+    assert code == 2 and err.endswith(
+        "'Natrix h\u0430je' is not written as a scientific name: '\u0430' (U+0430 CYRILLIC SMALL LETTER A) where a "
+        "Latin letter is expected ('Genus species': a capitalised genus, then one or two lower-case epithets; e.g. "
+        "'Naja haje' or 'Parus major'): type the name again in Latin letters, or give --new-species if "
+        "'Natrix h\u0430je' is a new species\n"), err
+    with _client(index) as c:
+        resp = c.post("/v1/species/Natrix h\u0430je/references", headers={"X-API-Key": "k"},
+                      files=[("images", ("h.png", photo.read_bytes(), "image/png"))])
+        assert resp.status_code == 409 and resp.json()["detail"].startswith(
+            "'Natrix h\u0430je' is not written as a scientific name: '\u0430' (U+0430 CYRILLIC SMALL LETTER A) where "
+            "a Latin letter is expected"), resp.text
+    with pytest.raises(SpeciesNameConflictError, match=r"'\uff48' \(U\+FF48 FULLWIDTH LATIN SMALL LETTER H\) where "
+                                                       r"a plain Latin letter is expected"):
+        new_species_references("Natrix \uff48aje", [], ["a.jpg"], dataset="api")
+    with pytest.raises(SpeciesNameConflictError) as refused:  # an accent is seen: no letter named
+        new_species_references("Vip\u00e8re aspic", [], ["a.jpg"], dataset="api")
+    assert "U+" not in str(refused.value) and "give the species' scientific name" in str(refused.value)
+
+
+def test_the_api_and_the_cli_refuse_an_undecodable_or_formula_name_even_confirmed(built, tmp_path, capsys):
+    """Walk s53 hostile #7, #4, #11: 'Naja%FFhaje' with new_species=true was stored as 'Naja\ufffdhaje' (201), and
+    '=1+1', '@SUM(1+1)' and '-2+3' were created by the CLI and the API, with any common name."""
+    index, _ = built
+    data = _photo(tmp_path / "f.png", 71).read_bytes()
+    keys = {"X-API-Key": "k"}
+    with _client(index) as c:
+        for path, why in (("Naja%FFhaje", "is not valid text (U+FFFD, the replacement character: the name was not "
+                                          "valid UTF-8)"),
+                          ("%3D1%2B1", "starts with '=', which a spreadsheet"),
+                          ("@SUM(1+1)", "starts with '@', which a spreadsheet"),
+                          ("Naja%5Chaje", "cannot contain '\\' (a path separator on Windows)")):
+            resp = c.post(f"/v1/species/{path}/references", files=[("images", ("f.png", data, "image/png"))],
+                          data={"new_species": "true"}, headers=keys)
+            assert resp.status_code == 422 and why in resp.json()["detail"], (path, resp.text)
+        resp = c.post("/v1/species/Testus novus/references", files=[("images", ("f.png", data, "image/png"))],
+                      data={"new_species": "true", "common_name": "=HYPERLINK(\"x\")"}, headers=keys)
+        assert resp.status_code == 422 and resp.json()["detail"].startswith(
+            "the common name '=HYPERLINK(\"x\")' starts with '='"), resp.text
+    photo = tmp_path / "f.png"
+    code, _, err = _run(capsys, "references", "add", "--index", index, "--species=-2+3", "--new-species", photo,
+                        *ENCODER)
+    assert code == 2 and "the species name '-2+3' starts with '-', which a spreadsheet" in err, err
+    for option in ("--genus", "--family"):
+        code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Testus novus",
+                            "--new-species", f"{option}=+x", photo, *ENCODER)
+        assert code == 2 and f"the {option[2:]} '+x' starts with '+'" in err, err
+    assert {s.species for s in Gallery.open(index).species()} == {"Natrix maura", "Naja samarensis"}  # none made
+
+
+def test_a_folder_build_skips_a_folder_whose_name_starts_a_formula_naming_it(tmp_path, capsys, caplog):
+    """Walk s53 hostile #4: class folders '=SUM(A1:A2)', '+cmd', '@x' became species with no confirmation."""
+    root = tmp_path / "photos"
+    folders = ("=SUM(A1:A2)", "+cmd", "=cmd (Naja haje)", "Naja\\haje", "Natrix maura")
+    for i, folder in enumerate(folders):
+        _photo(root / folder / f"{i}.png", 80 + i)
+    with caplog.at_level(logging.WARNING):
+        code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index",
+                            tmp_path / "g", *ENCODER, "-q")
+    assert code == 0, err
+    assert [s.species for s in Gallery.open(tmp_path / "g").species()] == ["Natrix maura"]
+    said = caplog.text
+    for folder, why in (("=SUM(A1:A2)", "the class folder name '=SUM(A1:A2)' starts with '='"),
+                        ("+cmd", "the class folder name '+cmd' starts with '+'"),
+                        ("=cmd (Naja haje)", "the common name '=cmd' starts with '='"),
+                        ("Naja\\haje", "cannot contain '\\' (a path separator on Windows)")):
+        assert f"folder {folder!r} skipped: " in said and why in said, (folder, said)
+
+
+def test_a_gallery_holding_a_formula_name_from_before_still_opens_and_takes_photos(tmp_path, capsys, monkeypatch):
+    """A gallery built before the formula rule may hold '=1+1': it opens, lists, identifies, and an add joins the
+    species it holds (its CSV cells are the CSV writers' to escape); a new one is refused."""
+    from _cli_support import folder_gallery
+
+    monkeypatch.setattr("index.taxonomy.FORMULA_STARTS", "", raising=False)  # the rule of before
+    index = folder_gallery(tmp_path, capsys, ("=1+1", "Natrix maura"))
+    monkeypatch.undo()
+    assert {s.species for s in Gallery.open(index).species()} == {"=1+1", "Natrix maura"}
+    code, out, err = _run(capsys, "species", "list", "--index", index, "--format", "csv")
+    assert code == 0 and "=1+1" in out, (out, err)
+    code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "photos" / "=1+1" / "0.png", *ENCODER)
+    assert code == 0 and "=1+1" in out, (out, err)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "=1+1",
+                          _photo(tmp_path / "n.png", 72), *ENCODER)
+    assert code == 0 and "=1+1 (existing species)" in out, (out, err)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "=2+2", "--new-species",
+                          _photo(tmp_path / "m.png", 73), *ENCODER)
+    assert code == 2 and "the species name '=2+2' starts with '='" in err, err
