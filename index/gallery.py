@@ -1285,16 +1285,18 @@ class Gallery:
     def update_info(self, key: str, update: Callable[[object], object], *, opened: bool = False) -> None:
         """Set ``gallery.json``'s ``key`` to ``update(its value now)`` (None when absent), under the folder's lock,
         the file re-read first (another process's entries are kept, and ``update`` sees the value they left);
-        nothing is written when it reads so already. ``opened``: ``key`` is one this gallery was opened from
+        nothing is written when it reads so already, and a write records the speciesid version that made it
+        (``written_by``: :mod:`index.formats`). ``opened``: ``key`` is one this gallery was opened from
         (``index``: an index asked for explicitly), replaced here too; such keys are otherwise kept as opened.
         Every writer of gallery.json holds the folder's lock, so the stamp taken after this write is of this
         write."""
         with self.writing(local=True):
             info = read_gallery_info(self.root)
             value = update(info.get(key))
-            written = {**info, key: value, WRITTEN_BY: speciesid_version()}
+            unchanged = key in info and info[key] == value
+            written = {**info, key: value, **({} if unchanged else {WRITTEN_BY: speciesid_version()})}
             self.info = {**self._as_opened(written), **({key: value} if opened else {})}
-            if key in info and info[key] == value:
+            if unchanged:
                 return
             write_json_atomic(self.layout.info, written)
             self._info_stamp = _file_stamp(self.layout.info)
@@ -1623,7 +1625,8 @@ def gallery_encoder_fix(info: dict) -> str:
 
 
 def read_gallery_info(root: str | Path) -> dict:
-    """Read ``gallery.json``; clear ``ValueError`` when DIR is not a gallery."""
+    """Read ``gallery.json``; clear ``ValueError`` when DIR is not a gallery, or when its ``gallery.json`` or
+    ``probe.json`` was written by a newer speciesid (a higher format: :func:`index.formats.check_format`)."""
     root = Path(root)
     path = GalleryLayout(root).info
     if not path.is_file():
