@@ -406,7 +406,7 @@ def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = N
         raise FileNotFoundError(f"no earlier probe is kept in {folder} ({PROBE_PREV_META}): 'probe train' and 'probe "
                                 "import' keep the probe they replace; nothing to restore")
     meta, weights = kept
-    check_format(folder / PROBE_PREV_META, meta.get("format"), PROBE_FORMAT,  # a newer one would lock this version out
+    check_format(folder / PROBE_PREV_META, meta.get("format"), PROBE_FORMAT,  # a newer one: this version locked out
                  older=f"train a new one: speciesid probe train --index {folder}")
     if expected_fingerprint is not None:
         check_encoder(f"the earlier probe kept in {folder}", meta["fingerprint"], expected_fingerprint,

@@ -123,9 +123,8 @@ def test_a_higher_format_is_refused_before_anything_is_done(tmp_path, capsys, re
                  ("references", "add", "--species", "Naja haje", *ENCODER, _photo(tmp_path / "n" / "0.png", 501)),
                  ("probe", "train")):
         code, out, err = _run(capsys, *argv, "--index", index)
-        assert code != 0 and re.search(rf"{re.escape(str(index / record))} was written by a newer speciesid "
-                                       r"\(format 2\): upgrade speciesid \(this is .*, which reads format 1\)", err), (
-            argv, out, err)
+        said = rf"{re.escape(str(index / record))} was written by a newer speciesid \(format 2\): upgrade speciesid "
+        assert code != 0 and re.search(said + r"\(this is .*, which reads format 1\)", err), (argv, out, err)
     _newer(index / record, 1)
     assert len(Gallery.open(index)) == rows == 12  # the add wrote nothing
 
