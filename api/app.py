@@ -28,6 +28,7 @@ from api.routers import health, identify, references, species
 from api.routers._edge import photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
 from api.settings import Settings
+from index.formats import speciesid_version
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -209,7 +210,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
 
     app = _fastapi(
         title="speciesid",
-        version="0.1.0",
+        version=speciesid_version(),  # pyproject.toml's, as installed (importlib.metadata)
         description="Identify animal species from photos by embedding retrieval. Writes need X-API-Key.",
         lifespan=lifespan,
     )

@@ -144,7 +144,8 @@ class SpeciesService:
         self.gallery.preload_metadata()  # no answer waits on a store lookup for its neighbours' metadata
         self.identifier.far_threshold()  # nor the first answer on estimating it
         self.gallery.species()  # nor an answer's taxa on the species list (kept for a store outage)
-        if other := embedding_note(self.gallery.info, self.encoder, queries="this server's photos"):  # said once
+        if other := embedding_note(self.gallery.info, self.encoder, queries="this server's photos",  # said once
+                                   references=self.gallery.index.ntotal):
             logger.warning("%s", other)
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads

@@ -39,6 +39,7 @@ from index.compaction import (
     compact_fragments_default,
 )
 from index.errors import TableReplacedError, first_line, first_words, store_io_failure
+from index.formats import GALLERY_FORMAT, PROBE_FORMAT, WRITTEN_BY, check_format, speciesid_version
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, canonical_s3_uri, half_created_objects, is_s3
@@ -74,7 +75,6 @@ from index.vectors import (
 
 logger = logging.getLogger(__name__)
 
-GALLERY_FORMAT = 1
 #: Stored vectors kept in memory for the whitened vote's re-rank when the index keeps none (ivf).
 VECTOR_CACHE_ROWS = 100_000
 #: :meth:`Gallery.preload_metadata` (at a server's start) reads the metadata of galleries up to this size.
@@ -468,9 +468,11 @@ class Gallery:
                            refresh_s=refresh_s, options=options, make_table=True, new_store=new_store)
         if store and canonical_s3_uri(str(gallery.store_uri)) != canonical_s3_uri(str(store)):  # s3a:// is s3://
             raise ValueError(f"gallery {root} keeps its store at {gallery.store_uri}, not {store}")
-        if index_config is not None and gallery.info.get("index") != asdict(index_config):
-            # an index asked for explicitly is the gallery's from now on
-            gallery.update_info("index", lambda _: asdict(index_config), opened=True)
+        kept = gallery.info.get("index") if isinstance(gallery.info.get("index"), dict) else {}
+        if index_config is not None and {**kept, **asdict(index_config)} != kept:
+            # an index asked for explicitly is the gallery's from now on (keys a newer speciesid wrote kept)
+            gallery.update_info("index", lambda now: {**(now if isinstance(now, dict) else {}),
+                                                      **asdict(index_config)}, opened=True)
         return gallery
 
     @classmethod
@@ -484,10 +486,14 @@ class Gallery:
         config = index_config or VectorIndexConfig()
         info = {
             "format": GALLERY_FORMAT,
+            WRITTEN_BY: speciesid_version(),  # every write of gallery.json records the version that wrote it
             "encoder": {k: encoder[k] for k in ("spec", "fingerprint", "dim")} | {"weights": weights}
             | {k: encoder[k] for k in ("pool", "views") if k in encoder},  # embedding options (retrieval.encoders)
             "dim": int(encoder["dim"]),
             "index": asdict(config),
+            # what embeds its references, recorded from here on (retrieval.protocol.record_embedding): a gallery.json
+            # without the key was made by a speciesid before that was recorded
+            "embedded_by": [],
         }
         if store:
             info["store"] = {"uri": str(store).rstrip("/"), "options": public_options(storage_options(None, options))}
@@ -1279,16 +1285,18 @@ class Gallery:
     def update_info(self, key: str, update: Callable[[object], object], *, opened: bool = False) -> None:
         """Set ``gallery.json``'s ``key`` to ``update(its value now)`` (None when absent), under the folder's lock,
         the file re-read first (another process's entries are kept, and ``update`` sees the value they left);
-        nothing is written when it reads so already. ``opened``: ``key`` is one this gallery was opened from
+        nothing is written when it reads so already, and a write records the speciesid version that made it
+        (``written_by``: :mod:`index.formats`). ``opened``: ``key`` is one this gallery was opened from
         (``index``: an index asked for explicitly), replaced here too; such keys are otherwise kept as opened.
         Every writer of gallery.json holds the folder's lock, so the stamp taken after this write is of this
         write."""
         with self.writing(local=True):
             info = read_gallery_info(self.root)
             value = update(info.get(key))
-            written = {**info, key: value}
+            unchanged = key in info and info[key] == value
+            written = {**info, key: value, **({} if unchanged else {WRITTEN_BY: speciesid_version()})}
             self.info = {**self._as_opened(written), **({key: value} if opened else {})}
-            if key in info and info[key] == value:
+            if unchanged:
                 return
             write_json_atomic(self.layout.info, written)
             self._info_stamp = _file_stamp(self.layout.info)
@@ -1619,7 +1627,8 @@ def gallery_encoder_fix(info: dict) -> str:
 
 
 def read_gallery_info(root: str | Path) -> dict:
-    """Read ``gallery.json``; clear ``ValueError`` when DIR is not a gallery."""
+    """Read ``gallery.json``; clear ``ValueError`` when DIR is not a gallery, or when its ``gallery.json`` or
+    ``probe.json`` was written by a newer speciesid (a higher format: :func:`index.formats.check_format`)."""
     root = Path(root)
     path = GalleryLayout(root).info
     if not path.is_file():
@@ -1636,11 +1645,14 @@ def read_gallery_info(root: str | Path) -> dict:
         raise ValueError(f"{path} is unreadable ({exc}); speciesid writes it whole (atomically), so it was changed "
                          f"or damaged by something else: check its permissions, restore it from a backup, or "
                          f"{rebuild}") from exc
-    found = info.get("format")
-    if found != GALLERY_FORMAT:
-        newer = isinstance(found, int) and found > GALLERY_FORMAT
-        fix = "upgrade speciesid to open it" if newer else rebuild
-        raise ValueError(f"{path} has format {found!r}; this speciesid reads format {GALLERY_FORMAT}: {fix}")
+    check_format(path, info.get("format"), GALLERY_FORMAT, older=rebuild)
+    probe = GalleryLayout(root).probe_meta  # its probe too: refused before anything is done, not after a write
+    try:
+        probe_format = json.loads(probe.read_text(encoding="utf-8")).get("format") if probe.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable or damaged: the probe's own load says what is wrong
+        probe_format = None
+    if isinstance(probe_format, int) and probe_format > PROBE_FORMAT:
+        check_format(probe, probe_format, PROBE_FORMAT, older="")
     return info
 
 

@@ -16,6 +16,8 @@
       probe_origin.json       a store on S3: which copy of the store's shared probe those two came from
                               ("<probe.json ETag> <weights ETag>")
       whitening_stats.npz     the sums the kNN vote's whitening is fitted from, and which rows they cover
+      far_threshold.json      the last estimate of the similarity under which a photo is unlike every reference,
+                              with the index state it was estimated for (retrieval.identify.saved_far_threshold)
       text_prior.json         which species the zero-shot text prior covers (+ its encoder)
       text_prior_cache/       the text prior's class embeddings, per encoder and species list
       clean_prompt_cache/     the cleaning filter's prompt-class embeddings
@@ -61,6 +63,8 @@ PROBE_SWAP_META = "probe.swap.json"
 #: retrieval.probe_share).
 PROBE_ORIGIN = "probe_origin.json"
 WHITENING_STATS = "whitening_stats.npz"
+#: The far threshold's last estimate and what it was estimated for (retrieval.identify.saved_far_threshold).
+FAR_THRESHOLD_FILE = "far_threshold.json"
 TEXT_PRIOR_FILE = "text_prior.json"
 TEXT_PRIOR_CACHE = "text_prior_cache"
 PROMPT_CACHE = "clean_prompt_cache"
@@ -138,6 +142,11 @@ class GalleryLayout:
     def whitening_stats(self) -> Path:
         """The whitening's sufficient statistics, the ids they cover and the store version they were read at."""
         return self.root / WHITENING_STATS
+
+    @property
+    def far_threshold(self) -> Path:
+        """The far threshold's last estimate, with the index state it was estimated for."""
+        return self.root / FAR_THRESHOLD_FILE
 
     @property
     def text_prior(self) -> Path:

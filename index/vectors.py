@@ -25,12 +25,11 @@ lazily for searching and dropped whenever the CPU index changes.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +37,7 @@ import faiss
 import numpy as np
 
 from index.atomic import atomic_write
+from index.formats import known_fields
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +86,14 @@ class VectorIndexConfig:
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> VectorIndexConfig:
-        """The config a gallery.json's ``"index"`` object holds (``where`` names it in errors). A key not known, a
-        value of the wrong type (a number as text, a fraction where a count goes) or out of range is a ValueError
-        naming it and what it takes (the keys are documented in docs/scale.md); a key left out takes its default."""
+        """The config a gallery.json's ``"index"`` object holds (``where`` names it in errors). A value of the wrong
+        type (a number as text, a fraction where a count goes) or out of range is a ValueError naming it and what it
+        takes (the keys are documented in docs/scale.md); a key left out takes its default. A key not known (a newer
+        speciesid's, or misspelt) is ignored with a warning naming it (:func:`index.formats.known_fields`)."""
         if not isinstance(data, dict):
             raise ValueError(f"{where} must be a JSON object of index settings, not {type(data).__name__}")
-        known = {f.name: f for f in fields(cls)}
+        data = known_fields(cls, data, where, level=logging.WARNING)  # a newer speciesid's key, or a misspelt one
         for key, value in data.items():
-            if key not in known:
-                near = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ValueError(f"{where} has an unknown key {key!r}{hint}; its keys are {', '.join(known)} "
-                                 "(docs/scale.md says what each does)")
             default = getattr(cls, key)
             nullable = default is None or key == "use_gpu"
             if value is None and nullable:

@@ -28,7 +28,7 @@ from threadpoolctl import ThreadpoolController
 from index.atomic import write_json_atomic
 from index.gallery import Gallery, Neighbour, check_gallery_encoder
 from index.geography import SNAKE_TABLE
-from index.layout import check_encoder
+from index.layout import FAR_THRESHOLD_FILE, check_encoder
 from index.photos import first_few
 from index.records import rank_genus
 from index.store import SpeciesSummary
@@ -66,8 +66,9 @@ FAR_QUANTILE = 0.001
 #: References sampled to estimate that threshold (all of them in a smaller gallery).
 FAR_SAMPLE = 2000
 #: The last estimate of that threshold, kept in the gallery folder beside the index with what it was estimated for
-#: (:func:`far_key`): a new process (each CLI ``identify``) reuses it while the index is the same.
-FAR_FILE = "far_threshold.json"
+#: (:func:`far_key`): a new process (each CLI ``identify``) reuses it while the index is the same (its name:
+#: :data:`index.layout.FAR_THRESHOLD_FILE`, where every file of the folder is named).
+FAR_FILE = FAR_THRESHOLD_FILE
 
 
 #: The version of :func:`far_threshold`'s rule in :func:`far_key`: a threshold kept by an earlier rule is estimated
@@ -112,7 +113,7 @@ def far_key(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = F
 def saved_far_threshold(gallery: Gallery) -> float | None:
     """:func:`far_threshold` of the gallery as its folder keeps it (:data:`FAR_FILE`) when made for the index as it
     is now (:func:`far_key`), else estimated and kept there (best effort: a read-only folder only logs it)."""
-    key, path = far_key(gallery), gallery.layout.root / FAR_FILE
+    key, path = far_key(gallery), gallery.layout.far_threshold
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("key") == key:

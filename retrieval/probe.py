@@ -25,6 +25,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from index.atomic import atomic_write, fsync_dir, write_json_atomic
+from index.formats import PROBE_FORMAT, WRITTEN_BY, check_format, from_dict, speciesid_version
 from index.layout import (
     PROBE_META,
     PROBE_PREV_META,
@@ -68,8 +69,6 @@ def distinct_count(x: np.ndarray) -> int:
     """The distinct photos among the embeddings ``x`` of one species (near-copies counted once, by
     :func:`photo_groups`): what :func:`distinct_photos` gives that species."""
     return len(np.unique(photo_groups(np.asarray(x, dtype=np.float32)))) if len(x) else 0
-
-PROBE_FORMAT = 1
 
 
 @dataclass
@@ -115,6 +114,7 @@ class LinearProbe:
     # the sha256 of the text_prior.json `probe train` wrote before it ("" = none); None = not recorded (imported,
     # older files): retrieval.textprior.load_text_prior ignores a prior of another digest
     text_prior_sha256: str | None = None
+    written_by: str = ""  # the speciesid version that saved it (probe.json's written_by); "" = before 0.2.0
 
     @property
     def dim(self) -> int:
@@ -147,8 +147,10 @@ class LinearProbe:
         np.savez(buf, **arrays)
         weights = buf.getvalue()
         self.weights_sha256 = hashlib.sha256(weights).hexdigest()
+        self.written_by = speciesid_version()
         meta = {
             "format": PROBE_FORMAT,
+            WRITTEN_BY: self.written_by,
             "species": self.species,
             "fingerprint": self.fingerprint,
             "dim": self.dim,
@@ -172,6 +174,8 @@ class LinearProbe:
         if not meta_path.is_file():
             raise FileNotFoundError(f"no probe in {folder}; train one with 'speciesid probe train --index {folder}'")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        check_format(meta_path, meta.get("format"), PROBE_FORMAT,
+                     older=f"train it again with 'speciesid probe train --index {folder}'")
         if expected_fingerprint is not None:
             check_encoder(f"the probe in {folder}", meta["fingerprint"], expected_fingerprint,
                           fix=f"retrain it with 'speciesid probe train --index {folder}'")
@@ -193,13 +197,14 @@ class LinearProbe:
             weight=arrays["weight"],
             bias=arrays["bias"],
             fingerprint=meta["fingerprint"],
-            calibration=Calibration(**meta.get("settings", {})),
+            calibration=from_dict(Calibration, meta.get("settings") or {}, f"{meta_path} settings"),
             trained_on=int(meta.get("trained_on", 0)),
             source=meta.get("source"),
             whitening=whitening,
             made_at=str(meta.get("made_at") or ""),
             weights_sha256=digest,
             text_prior_sha256=None if meta.get("text_prior_sha256") is None else str(meta["text_prior_sha256"]),
+            written_by=str(meta.get(WRITTEN_BY) or ""),
         )
 
     def added_since(self, gallery: Mapping[str, int]) -> list[str]:
@@ -295,7 +300,8 @@ def probe_origin(meta: Mapping) -> str:
 def probe_summary(probe: LinearProbe) -> dict[str, Any]:
     """What an operator needs to tell one probe from another (the ``probe`` block of ``/readyz`` and ``index info``):
     ``kind`` ("trained": by ``probe train``, with its ``settings``; "imported": a fine-tuned run's head taken by
-    ``probe import``, with that ``run``), ``made_at``, ``weights_sha256`` (its first 12 hex digits), its species,
+    ``probe import``, with that ``run``), ``made_at``, ``written_by`` (the speciesid version that saved it; null
+    before 0.2.0), ``weights_sha256`` (its first 12 hex digits), its species,
     the vote's ``metric``, and ``what`` in words (:func:`probe_origin`)."""
     source = probe.source or ""
     s = probe.calibration
@@ -311,7 +317,8 @@ def probe_summary(probe: LinearProbe) -> dict[str, Any]:
         block["run"] = source.partition(":")[2]
     else:
         block["source"] = source
-    block.update(made_at=probe.made_at or None, weights_sha256=probe.weights_sha256[:12] or None,
+    block.update(made_at=probe.made_at or None, written_by=probe.written_by or None,
+                 weights_sha256=probe.weights_sha256[:12] or None,
                  species=len(probe.species), metric=s.metric, settings=settings, what=describe_probe(probe))
     return block
 
@@ -399,6 +406,8 @@ def restore_previous(folder: str | Path, *, expected_fingerprint: str | None = N
         raise FileNotFoundError(f"no earlier probe is kept in {folder} ({PROBE_PREV_META}): 'probe train' and 'probe "
                                 "import' keep the probe they replace; nothing to restore")
     meta, weights = kept
+    check_format(folder / PROBE_PREV_META, meta.get("format"), PROBE_FORMAT,  # a newer one: this version locked out
+                 older=f"train a new one: speciesid probe train --index {folder}")
     if expected_fingerprint is not None:
         check_encoder(f"the earlier probe kept in {folder}", meta["fingerprint"], expected_fingerprint,
                       fix=f"train a new one: speciesid probe train --index {folder}")

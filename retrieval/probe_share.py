@@ -54,6 +54,7 @@ from typing import Any
 
 from index.atomic import atomic_write, write_json_atomic
 from index.errors import first_line
+from index.formats import PROBE_FORMAT, check_format
 from index.gallery import Gallery
 from index.layout import PROBE_META, PROBE_WEIGHTS, GalleryLayout, check_encoder
 from index.lease import LeaseError, LeaseLostError
@@ -421,6 +422,7 @@ class ProbeFollower:
         where = f"the shared probe {meta_uri}"
         fix = f"train the probe again with 'speciesid probe train --index {self.gallery.root}'"
         try:
+            check_format(where, json.loads(meta).get("format"), PROBE_FORMAT, older=fix)  # a newer one: never taken
             check_encoder(where, str(json.loads(meta)["fingerprint"]), self.gallery.fingerprint, fix=fix)
             if prior is not None:
                 check_encoder(f"the text prior {prior_name} of {where}", str(json.loads(prior)["fingerprint"]),

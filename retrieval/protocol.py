@@ -131,6 +131,15 @@ def embedding_text(setup: Mapping[str, str]) -> str:
 EMBEDDED_KEY = "embedded_by"
 #: Who embeds references (an entry's ``by``).
 BUILD_WRITER, ADD_WRITER, API_WRITER = "index build", "references add", "API add"
+#: The entry of the references a gallery held when it first recorded what embeds them (made by an earlier speciesid,
+#: or built on Ray): runtime and precision unknown, with how many there were (``references``).
+UNRECORDED = "unknown"
+EARLIER_WRITER = "an earlier speciesid or a build on Ray"
+#: How to get back the answers given before the upgrade of a gallery that records no runtime.
+_REPRODUCE = ("to reproduce the earlier answers, query with the runtime and precision those references were "
+              "embedded with (by a speciesid before runtimes: --runtime torch --precision fp32, or --precision bf16 "
+              "for a transformer encoder such as BioCLIP on a GPU or a CPU with native bf16), or embed them all "
+              "again: speciesid index build into a new folder (docs/runtimes.md)")
 
 
 def _same_setup(entry: Mapping[str, object], setup: Mapping[str, str]) -> bool:
@@ -138,13 +147,18 @@ def _same_setup(entry: Mapping[str, object], setup: Mapping[str, str]) -> bool:
         {"cpu_kind", "cpu"} & entry.keys() - setup.keys())
 
 
+def _unrecorded(entry: Mapping[str, object]) -> bool:
+    return entry.get("runtime") == UNRECORDED
+
+
 def record_embedding(gallery: Gallery, encoder: Encoder, writer: str) -> None:
     """Record in the gallery's ``gallery.json`` (:data:`EMBEDDED_KEY`) that ``writer`` (:data:`BUILD_WRITER`,
     :data:`ADD_WRITER`, :data:`API_WRITER`) embeds references with ``encoder``'s setup (:func:`embedding_setup`):
-    one entry per setup, with the writers that used it and when it was first recorded. Called before a writer
-    commits its rows; nothing is written when the record as last read names that writer for that setup already
-    (a server's adds cost no file write after its first), and a failure is logged, never raised (a record must not
-    fail a write)."""
+    one entry per setup, with the writers that used it and when it was first recorded. The first entry of a gallery
+    that holds references already (made by an earlier speciesid, or built on Ray) comes with an :data:`UNRECORDED`
+    one for those: the new setup is not claimed for them. Called before a writer commits its rows; nothing is
+    written when the record as last read names that writer for that setup already (a server's adds cost no file
+    write after its first), and a failure is logged, never raised (a record must not fail a write)."""
     setup = embedding_setup(encoder)
 
     def named(entries: object) -> bool:
@@ -159,10 +173,20 @@ def record_embedding(gallery: Gallery, encoder: Encoder, writer: str) -> None:
                 entry["by"] = sorted({*(by if isinstance(by, list) else []), writer})
                 return kept
         since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if not kept and held != 0:  # references embedded before anything was recorded: theirs is unknown
+            kept = [{"runtime": UNRECORDED, "precision": UNRECORDED, "device": UNRECORDED, "references": held,
+                     "by": [EARLIER_WRITER], "since": since}]
         return [*kept, {**setup, "by": [writer], "since": since}]
 
     if named(gallery.info.get(EMBEDDED_KEY)):
         return
+    held: int | None = 0
+    if not recorded_embedding(gallery.info):
+        try:
+            held = len(gallery)  # before this writer's rows
+        except Exception as exc:  # noqa: BLE001 - a store that cannot count: some, how many unknown
+            logger.debug("gallery %s: references not counted (%s)", gallery.root, exc)
+            held = None
     try:
         gallery.update_info(EMBEDDED_KEY, update)
     except (OSError, ValueError, TimeoutError) as exc:
@@ -177,25 +201,60 @@ def recorded_embedding(info: Mapping[str, object]) -> list[dict]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
+def unrecorded_note(info: Mapping[str, object], references: int | None = None) -> str:
+    """The note of a gallery (``gallery.json``: ``info``) holding references (``references``; None: not known,
+    taken as some) that records nothing on what embedded them (:func:`record_embedding`), "" otherwise: what
+    ``index info`` says beside its empty ``embedded_by``."""
+    if EMBEDDED_KEY in info or references == 0:  # recorded since the gallery was made ([]: nothing yet, or Ray)
+        return ""
+    return _not_recorded("")
+
+
+def _not_recorded(queries: str) -> str:
+    """The note of a gallery made before it recorded what embeds its references, ``queries``: what embeds the
+    photos asked about, in words ("" for none)."""
+    return (f"the gallery does not record the runtime and precision that embedded its references (it was made by an "
+            f"earlier speciesid, which did not record them){queries}: similarities differ slightly between runtimes "
+            "and precisions, so answers may differ slightly from the ones given before speciesid was upgraded; "
+            + _REPRODUCE)
+
+
+def embedding_info(info: Mapping[str, object], references: int | None = None) -> dict[str, object]:
+    """``index info``'s ``embedded_by`` (:func:`recorded_embedding`), with ``embedded_note`` when nothing is
+    recorded for the references the gallery holds (:func:`unrecorded_note`)."""
+    note = unrecorded_note(info, references)
+    return {EMBEDDED_KEY: recorded_embedding(info), **({"embedded_note": note} if note else {})}
+
+
 def _setup_words(entry: Mapping[str, object]) -> str:
+    if _unrecorded(entry):
+        return f"a runtime and precision not recorded ({entry.get('references') or '?'} references, {EARLIER_WRITER})"
     device = str(entry.get("device", ""))
     return f"{entry.get('runtime')} {entry.get('precision')}" + (f" on {device}" if device.startswith("cuda") else "")
 
 
-def embedding_note(info: Mapping[str, object], encoder: Encoder, *, queries: str = "these photos") -> str:
+def embedding_note(info: Mapping[str, object], encoder: Encoder, *, queries: str = "these photos",
+                   references: int | None = None) -> str:
     """The note of photos (``queries``, in words) embedded with ``encoder``'s runtime or precision where it is not
     the gallery's references', as ``gallery.json`` (``info``) records them (:func:`record_embedding`); "" when they
-    agree, or nothing is recorded."""
+    agree. References whose setup is not recorded (a gallery made by an earlier speciesid: none recorded, or an
+    :data:`UNRECORDED` entry) are never taken to agree, and the note says how to get the earlier answers back;
+    ``references``: how many the gallery holds (0: no note for a gallery that records nothing; None: not known)."""
     entries = recorded_embedding(info)
     setup = embedding_setup(encoder)
     mine = (setup["runtime"], setup["precision"])
-    if not entries or all((e.get("runtime"), e.get("precision")) == mine for e in entries):
+    if not entries:
+        return "" if references == 0 or EMBEDDED_KEY in info else _not_recorded(
+            f", {queries} are embedded with {_setup_words(setup)}")
+    if all((e.get("runtime"), e.get("precision")) == mine and not _unrecorded(e) for e in entries):
         return ""
-    refs = " and ".join(dict.fromkeys(f"{_setup_words(e)} ({', '.join(map(str, e.get('by') or ['?']))})"
+    refs = " and ".join(dict.fromkeys(_setup_words(e) + ("" if _unrecorded(e) else
+                                                         f" ({', '.join(map(str, e.get('by') or ['?']))})")
                                       for e in entries))
     return (f"the gallery's references were embedded with {refs}, {queries} with {_setup_words(setup)}: "
             "similarities differ slightly between runtimes and precisions, so an answer near a threshold may differ "
-            "from one for photos embedded like the references (docs/runtimes.md)")
+            "from one for photos embedded like the references"
+            + (f"; {_REPRODUCE}" if any(map(_unrecorded, entries)) else " (docs/runtimes.md)"))
 
 
 def kinds_text(kinds: dict[str, int]) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from index.atomic import write_json_atomic
+from index.formats import from_dict
 from index.layout import GalleryLayout, check_encoder
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
@@ -165,7 +166,7 @@ def _prior_of(data: dict, encoder: Encoder, cache_dir: Path, what: str, folder: 
 
 def _taxa(data: dict) -> list[SpeciesSummary]:
     """The species of a read ``text_prior.json``, with the flags it records (one reading: answers' and the CLI's)."""
-    return [SpeciesSummary(count=0, **t) for t in data["species"]]
+    return [from_dict(SpeciesSummary, {**t, "count": 0}, "text_prior.json's species") for t in data["species"]]
 
 
 def text_prior_taxa(root: str | Path) -> list[SpeciesSummary]:

@@ -43,6 +43,7 @@ from index.build_mark import (
 )
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.errors import first_line
+from index.formats import WRITTEN_BY
 from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.layout import GalleryLayout
@@ -129,9 +130,9 @@ from retrieval.protocol import (
     ADD_WRITER,
     API_WRITER,
     BUILD_WRITER,
+    embedding_info,
     embedding_note,
     record_embedding,
-    recorded_embedding,
 )
 from retrieval.textprior import text_prior_digest, text_prior_taxa
 from retrieval.vote import Rank, parse_rank
@@ -1311,13 +1312,13 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
         g = _gallery(gallery)
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
         return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
-            "build": build_status(gallery), "embedded_by": recorded_embedding(read_gallery_info(gallery))}
+            "build": build_status(gallery), **embedding_info(read_gallery_info(gallery))}
     species, prior = g.species(), _answered_prior(g)  # each read once; the prior as answers take it
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root), "embedded_by": recorded_embedding(g.info),
+            "build": build_status(g.root), **embedding_info(g.info, len(g)), WRITTEN_BY: g.info.get(WRITTEN_BY),
             **_checklist_info(g, species, prior),
             VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info),
                                "note": venom_advice_note(g, _venom_taxa(g, species, prior)) or ""}}

@@ -626,7 +626,7 @@ def test_the_table_is_made_only_under_the_lock_and_a_lock_timeout_is_not_read_on
                   "permissions, restore it from a backup, or rebuild the gallery into a new folder with 'speciesid "
                   "index build --index NEW_DIR ...'"),
     ("[1, 2]", "(a JSON list, not an object)"),
-    ('{"format": 99}', "has format 99; this speciesid reads format 1: upgrade speciesid to open it"),
+    ('{"format": 99}', "gallery.json was written by a newer speciesid (format 99): upgrade speciesid (this is "),
     ('{"format": 0}', "has format 0; this speciesid reads format 1: rebuild the gallery into a new folder with "
                       "'speciesid index build --index NEW_DIR ...'"),
 ])

@@ -207,9 +207,8 @@ def test_a_galleryjsons_index_settings_misspelt_or_mistyped_are_named_with_what_
     info = json.loads(g.layout.info.read_text())
     info["index"]["ivfpq_nprob"] = 4
     g.layout.info.write_text(json.dumps(info))
-    with pytest.raises(ValueError, match=r"gallery.json \"index\" has an unknown key 'ivfpq_nprob' \(did you mean "
-                                         r"'ivfpq_nprobe'\?\); its keys are kind, approx_threshold, .*docs/scale.md"):
-        Gallery.open(g.root)
+    # a key not known opens with a warning naming it (tests/test_formats.py): a newer speciesid may have written it
+    assert Gallery.open(g.root).index_config.ivfpq_nprobe is None
     bad = {"ivfpq_nprobe": ("4", "a whole number or null"), "hnsw_m": (True, "a whole number"),
            "ivf_nprobe": (None, "a whole number"), "use_gpu": ("yes", "true, false or null"),
            "kind": (3, "one of auto, flat, hnsw, ivf, ivfpq")}

@@ -135,12 +135,9 @@ def _describe_everywhere(subparsers: argparse._SubParsersAction) -> None:
 
 def _version() -> str:
     """The installed package's version ("unknown" when run from a tree that was never installed)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from index.formats import speciesid_version
 
-    try:
-        return version("speciesid")
-    except PackageNotFoundError:
-        return "unknown"
+    return speciesid_version()
 
 
 def _verbose_anywhere(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,79 @@
+"""Reading a gallery folder's JSON records across speciesid versions: the one rule, in one place.
+
+- **Unknown keys are ignored.** A newer speciesid adds fields freely; an older reader keeps the ones it knows
+  (:func:`from_dict` / :func:`known_fields`, the one way a record becomes a dataclass) and says once, in the log,
+  which it left out. (speciesid before 0.2.0 raised TypeError on them.)
+- **``format`` is bumped only for a real break**: a change an older reader would misread. A reader that meets a
+  higher format refuses, before it does anything, with "written by a newer speciesid (format N): upgrade speciesid"
+  (:func:`check_format`).
+- **Every write of ``gallery.json`` and ``probe.json`` records ``written_by``**: the speciesid version that wrote it
+  (:func:`speciesid_version`), which ``index info`` shows.
+
+CONTRIBUTING.md ("Gallery formats") says how to add a field; tests/test_formats.py is the compat test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+#: ``gallery.json``'s format: bumped only when a reader of the previous one would misread the file.
+GALLERY_FORMAT = 1
+#: ``probe.json``'s format (a gallery's probe, a fine-tuned model folder's head): bumped likewise.
+PROBE_FORMAT = 1
+#: The key of ``gallery.json`` and ``probe.json`` that names the speciesid version that last wrote the file.
+WRITTEN_BY = "written_by"
+
+T = TypeVar("T")
+#: (record kind, unknown keys) already logged: said once per process, not at every read of a file.
+_said: set[tuple[str, frozenset[str]]] = set()
+
+
+def speciesid_version() -> str:
+    """The installed speciesid's version (``pyproject.toml``'s, read through importlib.metadata; "unknown" when
+    the code runs from a tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("speciesid")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def known_fields(cls: type, data: Mapping[str, Any], where: str, *, level: int = logging.INFO) -> dict[str, Any]:
+    """The items of ``data`` (a record read from ``where``) that are fields of the dataclass ``cls``. The others
+    were written by a newer speciesid (or by hand): they are left out, and logged once per process at ``level``
+    (naming the known key each is closest to, for a misspelt one)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown and (cls.__name__, frozenset(unknown)) not in _said:
+        _said.add((cls.__name__, frozenset(unknown)))
+        hints = [f"{k!r}" + (f" (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(k, names, n=1))
+                             else "") for k in unknown]
+        logger.log(level, "%s: ignored the key(s) this speciesid (%s) does not know: %s (written by a newer "
+                   "speciesid, or by hand)", where, speciesid_version(), ", ".join(hints))
+    return {k: v for k, v in data.items() if k in names}
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str, *, level: int = logging.INFO) -> T:
+    """The dataclass ``cls`` made from a record read from ``where``, its unknown keys ignored
+    (:func:`known_fields`); a key it lacks takes the field's default."""
+    return cls(**known_fields(cls, data, where, level=level))
+
+
+def check_format(path: str | Path, found: object, reads: int, *, older: str) -> None:
+    """Refuse the file ``path`` whose ``format`` is ``found`` when this speciesid, which reads format ``reads``,
+    cannot read it (ValueError): a higher format was written by a newer speciesid ("upgrade speciesid"); anything
+    else that is not ``reads`` (a lower or damaged one) takes the fix ``older``."""
+    if found == reads:
+        return
+    if isinstance(found, int) and not isinstance(found, bool) and found > reads:
+        raise ValueError(f"{path} was written by a newer speciesid (format {found}): upgrade speciesid (this is "
+                         f"{speciesid_version()}, which reads format {reads}) on every machine that uses it")
+    raise ValueError(f"{path} has format {found!r}; this speciesid reads format {reads}: {older}")
