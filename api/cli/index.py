@@ -173,8 +173,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             for s, kinds in result.unread_species.items()))
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
-        emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
-             "or unreadable folders: see the warning above), besides the skipped photos counted above")
+        emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links, "
+             "link loops, devices or pipes, unreadable folders: see the warning above), besides the skipped photos counted above")
     if result.clean is not None:
         emit(result.clean.summary())
     from retrieval.workflows import venom_advice_note
