@@ -257,3 +257,19 @@ def test_a_path_given_that_is_a_device_says_so(tmp_path):
 
     got = expand_photo_args([Path("/dev/null")])
     assert got.problems == [("/dev/null", "not a regular file (a device): a photo is read from a regular file only")]
+
+
+def test_the_clis_warnings_and_errors_escape_a_file_names_control_characters(tmp_path, capsys):
+    """A library warning or an error naming a file (a folder given that holds no photo) is shown with ESC escaped,
+    its own line breaks kept."""
+    import logging
+
+    from api.cli import CliLogFormat, main
+
+    record = logging.LogRecord("index", logging.WARNING, __file__, 1, "%s", ("skipped a\x1b[8m.jpg\nnext line",), None)
+    assert CliLogFormat().format(record) == "speciesid: warning: skipped a\\x1b[8m.jpg\nnext line"
+    folder = tmp_path / "x\x1b[2J"
+    folder.mkdir()
+    assert main(["identify", "--index", str(tmp_path / "none"), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "x\\x1b[2J" in err, err
