@@ -11,7 +11,9 @@ The rule:
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
-  each real folder is visited once, so a link loop cannot recurse for ever. A link whose target is
+  each real folder is visited once, so a link loop cannot recurse for ever, and a link to the folder it is in or to
+  one above it (``loop -> ..``) is not followed: skipped as a loop, named (from a class folder it would read the
+  other classes' photos under this one's name). A link whose target is
   missing is not a photo (nor reported, when its name is another kind of file's: ``notes.txt``).
 - Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
   a photo-named entry that is not a regular file are returned as *skipped*, with the reason
@@ -272,15 +274,12 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
             return  # a missing folder holds no photos: callers say so
         skipped.append((where, f"folder cannot be listed ({exc.strerror or exc})"))
 
-    stack: list[tuple[Path, tuple[tuple[int, int], ...]]] = [(root, ())]  # a folder, and the folders above it
+    stack = [root]
     while stack:
-        here, above = stack.pop()
+        here = stack.pop()
         try:
             st = os.stat(here)
             key = (st.st_dev, st.st_ino)
-            if key in above:  # a link back to a folder above it (loop -> ..): said, not followed
-                skipped.append((here, f"{LINK_LOOP} (it leads back to a folder above it, searched once)"))
-                continue
             if key in seen:  # reached again through a second link: already searched
                 continue
             seen.add(key)
@@ -296,7 +295,11 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
                 continue
             path = here / name
             if _is(entry.is_dir):  # follows links
-                folders.append(path)
+                if entry.is_symlink() and _leads_above(path):  # loop -> ..: said, not followed
+                    skipped.append((path, f"{LINK_LOOP} (it leads back to a folder above it, which is not searched "
+                                    "again through it)"))
+                else:
+                    folders.append(path)
             elif _is(entry.is_file):  # follows links
                 if wanted(name):
                     files.append(path)
@@ -304,8 +307,19 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
                     others.append(path)
             elif wanted(name) or (entry.is_symlink() and not _file_suffix(name) and not is_photo_copy_name(name)):
                 skipped.append((path, entry_problem(path)))
-        stack.extend((f, (*above, key)) for f in reversed(folders))  # in the order listed, each before the next
+        stack.extend(reversed(folders))  # searched in the order listed, each before the next
     return files, skipped
+
+
+def _leads_above(link: Path) -> bool:
+    """Whether the folder link ``link`` leads to the folder it is in or to one above it (``loop -> ..``): following
+    it would search that folder again, inside itself (from a class folder: the other classes' photos under this
+    one's name)."""
+    try:
+        target, here = os.path.realpath(link), os.path.realpath(link.parent)
+    except (OSError, ValueError):
+        return False
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def _is(check: Callable[[], bool]) -> bool:
@@ -432,7 +446,7 @@ def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) ->
             elif scan.skipped:  # a pipe, a device, a broken link named as a photo: named above, each with why
                 n = len(scan.skipped)
                 out.problem(str(p), f"folder holds no photos: {'its one entry' if n == 1 else f'its {n} entries'} "
-                            "that could be one cannot be read (named above, each with why: not a regular file, a broken "
+                            "that could be one cannot be read (each named with why: not a regular file, a broken "
                             "link, ...)", inside=False)
             elif special := _special_entries(p):
                 out.problem(str(p), f"folder holds no photos: only entries that are not regular files (a device, a "

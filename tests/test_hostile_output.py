@@ -228,7 +228,12 @@ def test_a_link_loop_is_counted_and_named(tmp_path):
     scan = scan_photos(root)
     assert [p.relative_to(root).as_posix() for p in scan.photos] == ["a/1.jpg"]
     assert [(p.relative_to(root).as_posix(), why) for p, why in scan.skipped] == [
-        ("a/loop", "symbolic link loop (it leads back to a folder above it, searched once)")]
+        ("a/loop", "symbolic link loop (it leads back to a folder above it, which is not searched again "
+         "through it)")]
+    (root / "b").mkdir()
+    (root / "b" / "2.jpg").write_bytes(b"x")
+    one_class = scan_photos(root / "a")  # as a folder build scans a class folder: the other classes are not its own
+    assert one_class.photos == [root / "a" / "1.jpg"] and [p for p, _ in one_class.skipped] == [root / "a" / "loop"]
     assert skipped_summary(scan.skipped, root).endswith(
         "To use them: fix or remove a link loop (a folder it leads back to is searched once); to silence this, "
         "remove them. Then run again.")
@@ -246,8 +251,8 @@ def test_a_folder_holding_only_a_pipe_is_not_said_to_hold_no_file(tmp_path):
     got = expand_photo_args([named, bare])
     reasons = dict(got.problems)
     assert reasons[str(named / "x.jpg")].startswith("not a regular file (a named pipe (FIFO))")
-    assert reasons[str(named)] == ("folder holds no photos: its one entry that could be one cannot be read (named "
-                                   "above, each with why: not a regular file, a broken link, ...)")
+    assert reasons[str(named)] == ("folder holds no photos: its one entry that could be one cannot be read (each "
+                                   "named with why: not a regular file, a broken link, ...)")
     assert reasons[str(bare)] == ("folder holds no photos: only entries that are not regular files (a device, a pipe, "
                                   "a socket): pipe")
 
