@@ -311,6 +311,12 @@ class SpeciesService:
                            f"{refused_words(exc, self.settings.max_upload_mb)}. The reference itself is valid: the "
                            "server's operator can put the photo back as a plain file (the server's log names "
                            "it)") from exc
+        except PixelLimitError as exc:  # a 16-bit scan, a huge PNG: its decode would cost more than a photo may
+            logger.warning("reference %d: its photo is over the pixel limit: %s", ref_id, exc)
+            raise NotFound(f"the photo of reference {ref_id} cannot be shown: it has more pixels than this server "
+                           "decodes for a photo (SPECIESID_MAX_PIXELS; a 16-bit or transparent photo's pixels count "
+                           "2-3 times). The reference itself is valid: the server's operator can replace its file by "
+                           "an 8-bit JPEG of it, or raise the limit") from exc
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
             logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
             if is_s3(stored):  # an upload kept in the shared store: every machine reads it there, no folder to sync

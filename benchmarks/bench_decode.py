@@ -13,6 +13,7 @@ Each side runs in a fresh process (peak RSS = that process's high-water mark); m
     .venv/bin/python benchmarks/bench_decode.py                  # 5 x 49 MP PNG
     .venv/bin/python benchmarks/bench_decode.py --format JPEG --side 6000
     .venv/bin/python benchmarks/bench_decode.py --photo IMG_0001.HEIC   # a phone's own photo, 5 copies of it
+    .venv/bin/python benchmarks/bench_decode.py --mode "I;16" --side 5000 --ways now   # 16-bit greyscale PNG
 
 A HEIC (HEVC) photo has no reduced-scale decode (libheif decodes every tile), so ``now`` saves memory there, not time.
 """
@@ -62,6 +63,10 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=7000, help="photo side in pixels (default 7000: 49 MP)")
     ap.add_argument("--format", default="PNG", choices=("PNG", "JPEG", "WEBP", "HEIF"),
                     help="photo format (default PNG; HEIF: a HEIC, written by pillow-heif)")
+    ap.add_argument("--mode", default="RGB", choices=("RGB", "L", "RGBA", "I;16"),
+                    help="pixel mode of the made photo (default RGB: 8-bit colour; I;16: 16-bit greyscale, which "
+                    "counts twice against the pixel limit, as RGBA does)")
+    ap.add_argument("--ways", default="before,now", help="the ways to run, comma-separated (default before,now)")
     ap.add_argument("--photo", type=Path, help="decode this photo (a phone's HEIC, JPEG...) instead of a made one: "
                     "--side and --format are then ignored")
     ap.add_argument("--photos", type=int, default=5, help="photos in the request (default 5, the identify limit)")
@@ -75,22 +80,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photo = args.photo or Path(tmp) / f"big.{args.format.lower()}"
         if args.photo is None:
-            Image.new("RGB", (args.side, args.side), (90, 120, 60)).save(photo, args.format)
+            colour = {"RGB": (90, 120, 60), "L": 90, "RGBA": (90, 120, 60, 128), "I;16": 30_000}[args.mode]
+            Image.new(args.mode, (args.side, args.side), colour).save(photo, args.format)
         with Image.open(photo) as img:
-            (width, height), kind = img.size, img.format
+            (width, height), kind, mode = img.size, img.format, img.mode
         rows = {}
-        for way in ("before", "now"):
+        for way in args.ways.split(","):
             runs = [json.loads(subprocess.run([sys.executable, "-c", _CHILD, str(photo), str(args.photos), way],
                                               cwd=REPO, check=True, capture_output=True, text=True).stdout)
                     for _ in range(args.repeats)]
             rows[way] = (median([r["s"] for r in runs]), median([r["peak_mib"] for r in runs]))
-    print(f"\n{args.photos} x {width}x{height} {kind} ({width * height / 1e6:.0f} MP each), "
+    print(f"\n{args.photos} x {width}x{height} {kind} {mode} ({width * height / 1e6:.0f} MP each), "
           f"4 decode threads; medians of {args.repeats}")
     print("| way | seconds | peak RSS MiB |\n| --- | ---: | ---: |")
     for way, (s, mib) in rows.items():
         print(f"| {way} | {s:.2f} | {mib:.0f} |")
-    print(f"peak memory before / now: {rows['before'][1] / rows['now'][1]:.2f}x; "
-          f"time before / now: {rows['before'][0] / rows['now'][0]:.2f}x")
+    if {"before", "now"} <= set(rows):
+        print(f"peak memory before / now: {rows['before'][1] / rows['now'][1]:.2f}x; "
+              f"time before / now: {rows['before'][0] / rows['now'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ The rule:
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
   skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
-  each real folder is visited once, so a link loop cannot recurse for ever. A link whose target is
+  each real folder is visited once, so a link loop cannot recurse for ever, and a link to the folder it is in or to
+  one above it (``loop -> ..``) is not followed: skipped as a loop, named (from a class folder it would read the
+  other classes' photos under this one's name). A link whose target is
   missing is not a photo (nor reported, when its name is another kind of file's: ``notes.txt``).
 - Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
   a photo-named entry that is not a regular file are returned as *skipped*, with the reason
@@ -39,13 +41,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from index.text import printable
+
 logger = logging.getLogger(__name__)
 
 #: How many skipped paths a warning names (the rest are counted).
 SKIPPED_SHOWN = 5
-#: What to do about skipped entries (said once, with them: :func:`skipped_summary`).
+#: What to do about skipped entries (said once, with them: :func:`skipped_summary`), when none of the kinds below
+#: is among them (a file that cannot be read).
 SKIPPED_ADVICE = ("To use them: mount the disk a broken link points to, or fix the link, or make the folder "
                   "readable; to silence this, remove them. Then run again.")
+#: The start of the reason of an entry that is no folder and no regular file (a device, a pipe, a socket).
+NOT_REGULAR = "not a regular file"
+#: The start of the reason of a link back to a folder above it (:func:`scan_files`).
+LINK_LOOP = "symbolic link loop"
+#: What to do about a device or a pipe, and about a link loop, among skipped entries (:func:`skipped_advice`).
+_NOT_REGULAR_ADVICE = "put the photo file itself where a device or a pipe stands"
+_LOOP_ADVICE = "fix or remove a link loop (a folder it leads back to is searched once)"
 #: An entry a search could not read, and why: ``(path, reason)``.
 Skipped = tuple[Path, str]
 
@@ -195,13 +207,18 @@ def entry_problem(path: Path) -> str:
     except OSError as exc:
         if path.is_symlink():
             if exc.errno == errno.ELOOP:
-                return "symbolic link loop (it never reaches a file)"
+                return f"{LINK_LOOP} (it never reaches a file)"
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return "broken symbolic link (its target does not exist)"
         if exc.errno == errno.ENOENT:
             return "does not exist"
         return f"cannot be read ({exc.strerror or exc})"
-    return "not a regular file or folder"
+    from index.sources import not_regular_reason  # index.sources imports this module lazily too
+
+    try:
+        return not_regular_reason(os.stat(path).st_mode)  # "not a regular file (a named pipe (FIFO)): ..."
+    except OSError as exc:  # gone since
+        return f"cannot be read ({exc.strerror or exc})"
 
 
 @dataclass
@@ -262,9 +279,10 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
         here = stack.pop()
         try:
             st = os.stat(here)
-            if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already searched
+            key = (st.st_dev, st.st_ino)
+            if key in seen:  # reached again through a second link: already searched
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            seen.add(key)
             with os.scandir(here) as listing:
                 entries = list(listing)
         except OSError as exc:
@@ -277,7 +295,11 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
                 continue
             path = here / name
             if _is(entry.is_dir):  # follows links
-                folders.append(path)
+                if entry.is_symlink() and _leads_above(path):  # loop -> ..: said, not followed
+                    skipped.append((path, f"{LINK_LOOP} (it leads back to a folder above it, which is not searched "
+                                    "again through it)"))
+                else:
+                    folders.append(path)
             elif _is(entry.is_file):  # follows links
                 if wanted(name):
                     files.append(path)
@@ -287,6 +309,17 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
                 skipped.append((path, entry_problem(path)))
         stack.extend(reversed(folders))  # searched in the order listed, each before the next
     return files, skipped
+
+
+def _leads_above(link: Path) -> bool:
+    """Whether the folder link ``link`` leads to the folder it is in or to one above it (``loop -> ..``): following
+    it would search that folder again, inside itself (from a class folder: the other classes' photos under this
+    one's name)."""
+    try:
+        target, here = os.path.realpath(link), os.path.realpath(link.parent)
+    except (OSError, ValueError):
+        return False
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def _is(check: Callable[[], bool]) -> bool:
@@ -301,7 +334,7 @@ def not_photos_text(paths: Sequence[Path], root: str | Path | None = None) -> st
     """Files that are not photos as a warning names them (``a.txt, b.xyz, README``): the first few (relative to
     ``root`` when given), and past them how many there are of each extension (one line however many)."""
     names = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
-    text = first_few(names)
+    text = first_few([printable(n) for n in names])
     if len(paths) > SKIPPED_SHOWN:
         kinds = Counter("no extension" if read_by_content(Path(n).name) else Path(n).suffix.lower() for n in names)
         text += " (" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
@@ -313,7 +346,7 @@ def not_photos_warning(paths: Sequence[Path], where: str | Path, root: str | Pat
     (:func:`not_photos_text`), and what to do about a photo among them."""
     n = len(paths)
     what = "file that is not a photo" if n == 1 else "files that are not photos"
-    return f"skipped {n} {what} under {where}: {not_photos_text(paths, root)}. {NOT_PHOTO_ADVICE}"
+    return f"skipped {n} {what} under {printable(where)}: {not_photos_text(paths, root)}. {NOT_PHOTO_ADVICE}"
 
 
 def first_few(items: Sequence[object], sep: str = ", ") -> str:
@@ -324,15 +357,26 @@ def first_few(items: Sequence[object], sep: str = ", ") -> str:
 
 def skipped_text(skipped: Sequence[Skipped]) -> str:
     """The first few skipped entries with their reasons, and how many more: one line."""
-    return first_few([f"{p}: {why}" for p, why in skipped], "; ")
+    return first_few([f"{printable(p)}: {printable(why)}" for p, why in skipped], "; ")
 
 
 def skipped_summary(skipped: Sequence[Skipped], where: str | Path, what: str = "photos") -> str:
     """The one report of entries skipped under ``where``: how many, the first few with their reasons (``what``:
     what they were not read as), and what to do about them."""
     n = len(skipped)
-    return (f"{n} entr{'y' if n == 1 else 'ies'} under {where} skipped, not read as {what}: {skipped_text(skipped)}. "
-            f"{SKIPPED_ADVICE}")
+    return (f"{n} entr{'y' if n == 1 else 'ies'} under {printable(where)} skipped, not read as {what}: "
+            f"{skipped_text(skipped)}. {skipped_advice(skipped)}")
+
+
+def skipped_advice(skipped: Sequence[Skipped]) -> str:
+    """What to do about ``skipped`` entries: :data:`SKIPPED_ADVICE` (a broken link, a folder that cannot be listed),
+    with or in place of what to do about a device or a pipe, or a link loop, when they are among them."""
+    reasons = [why for _, why in skipped]
+    todo = [] if all(why.startswith((NOT_REGULAR, LINK_LOOP)) for why in reasons) else [
+        SKIPPED_ADVICE.split("; to silence")[0].removeprefix("To use them: ")]
+    todo += [_NOT_REGULAR_ADVICE] if any(why.startswith(NOT_REGULAR) for why in reasons) else []
+    todo += [_LOOP_ADVICE] if any(why.startswith(LINK_LOOP) for why in reasons) else []
+    return f"To use them: {'; '.join(todo)}; to silence this, remove them. Then run again."
 
 
 def warn_skipped(skipped: Sequence[Skipped], where: str | Path, what: str = "photos") -> None:
@@ -365,6 +409,18 @@ class PhotoArgs:
         (self.skipped if inside else self.bad_args).append((name, reason))
 
 
+def _special_entries(folder: Path) -> list[Path]:
+    """The visible entries of ``folder`` (not below it) that are neither folders nor regular files once links are
+    followed (a pipe, a device, a socket), none opened."""
+    try:
+        with os.scandir(folder) as listing:
+            return sorted(Path(e.path) for e in listing
+                          if not e.name.startswith(".") and not _is(e.is_dir) and not _is(e.is_file)
+                          and os.path.exists(e.path))
+    except OSError:
+        return []
+
+
 def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) -> PhotoArgs:
     """Files as given, folders expanded to the photos inside; bad arguments, and entries inside a folder that had
     to be skipped, reported in ``problems`` (and told apart: ``bad_args``, ``skipped``), never fatal. The files inside folders that are not photos are in
@@ -387,6 +443,14 @@ def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) ->
                 n = len(scan.not_photos)
                 out.problem(str(p), f"folder holds {n} file{'s' if n > 1 else ''}, none a photo: "
                             f"{not_photos_text(scan.not_photos, p)}. {NOT_PHOTO_ADVICE}", inside=False)
+            elif scan.skipped:  # a pipe, a device, a broken link named as a photo: named above, each with why
+                n = len(scan.skipped)
+                out.problem(str(p), f"folder holds no photos: {'its one entry' if n == 1 else f'its {n} entries'} "
+                            "that could be one cannot be read (each named with why: not a regular file, a broken "
+                            "link, ...)", inside=False)
+            elif special := _special_entries(p):
+                out.problem(str(p), f"folder holds no photos: only entries that are not regular files (a device, a "
+                            f"pipe, a socket): {first_few([printable(e.name) for e in special])}", inside=False)
             else:
                 out.problem(str(p), "folder holds no photos: no file in it (hidden ones aside)", inside=False)
         elif p.is_file():

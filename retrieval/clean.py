@@ -24,6 +24,7 @@ from index.gallery import Gallery, read_gallery_info
 from index.layout import GalleryLayout
 from index.photos import first_few, not_photos_warning, scan_photos, warn_skipped
 from index.sources import read_source
+from index.text import printable
 from retrieval.clean_report import write_report
 from retrieval.encoders import (
     Encoder,
@@ -135,9 +136,9 @@ class CleanResult:
         if c["unreadable"]:
             lines.append(f"unreadable: {c['unreadable']}" + (
                 f" ({len(self.skipped)} skipped by the photo search, e.g. broken links: "
-                + first_few([p for p, _ in self.skipped]) + ")" if self.skipped else ""))
+                + first_few([printable(p) for p, _ in self.skipped]) + ")" if self.skipped else ""))
         if self.files:
-            lines.append("report: " + ", ".join(str(p) for p in self.files.values()))
+            lines.append("report: " + ", ".join(printable(p) for p in self.files.values()))
         if self.applied is not None:
             a = self.applied
             lines.append(

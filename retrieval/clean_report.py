@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from index.atomic import atomic_write, write_json_atomic
 from index.sources import read_source
 from index.store import source_text
+from index.text import csv_dict, csv_row
 from retrieval.findings import KINDS
 
 if TYPE_CHECKING:
@@ -36,7 +37,9 @@ THUMB_SIZE = 160
 def write_findings_csv(path: str | Path, findings: Sequence[Finding]) -> Path:
     """One row per finding, columns :data:`CSV_COLUMNS`. ``path`` and ``paired_path`` are written absolute, as a
     gallery stores its references' paths (:func:`index.store.source_text`; object-store URIs as they are): a photo
-    of the gallery, the dataset or ``--against`` has one spelling, whatever folder the command was run from."""
+    of the gallery, the dataset or ``--against`` has one spelling, whatever folder the command was run from. A text
+    cell a spreadsheet would run as a formula (a path or species name starting with ``=``) gets a ``'`` in front
+    (:func:`index.text.csv_cell`)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
@@ -45,7 +48,7 @@ def write_findings_csv(path: str | Path, findings: Sequence[Finding]) -> Path:
         for column in ("path", "paired_path"):
             if row[column]:
                 row[column] = source_text(str(row[column]))
-        writer.writerow(row)
+        writer.writerow(csv_dict(row))
     return atomic_write(path, buf.getvalue())
 
 
@@ -53,10 +56,10 @@ def _write_scores_csv(path: Path, photos: PhotoSet, zs: ZeroShotResult) -> Path:
     names = zs.prompts.names
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "off_target", *[f"p_{n}" for n in names]])
+    writer.writerow(csv_row(["path", "off_target", *[f"p_{n}" for n in names]]))
     for i, p in enumerate(photos.paths):
         if photos.errors[i] is None:
-            writer.writerow([p, f"{zs.off_target[i]:.4f}", *[f"{x:.4f}" for x in zs.probs[i]]])
+            writer.writerow(csv_row([p, f"{zs.off_target[i]:.4f}", *[f"{x:.4f}" for x in zs.probs[i]]]))
     return atomic_write(path, buf.getvalue())
 
 

@@ -37,6 +37,25 @@ TOO_ELONGATED = "is too elongated"
 OVER_PIXEL_LIMIT = "(possible decompression bomb)"
 
 
+#: How many times a pixel of a mode counts against the pixel limit: the memory it costs through :func:`decode_image`
+#: (decoded, then made 8-bit RGB) over an 8-bit colour pixel's, rounded up. Peak bytes a pixel, measured on 3000 x 3000
+#: photos decoded as an upload is (``draft=448``): RGB 4.5, L and 1 5.4, CMYK 8.4, RGBA 8.4, 16-bit greyscale 8.8, P
+#: 9.4, LA, 32-bit and float greyscale 12.4 (docs/api.md, "Limits and errors"). Modes not listed count 3.
+MODE_WEIGHTS = {"RGB": 1, "RGBX": 1, "YCbCr": 1, "L": 1, "1": 1, "CMYK": 2, "RGBA": 2, "P": 2, "I;16": 2,
+                "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 3, "La": 3, "PA": 3, "RGBa": 3, "I": 3, "F": 3}
+#: The modes that count more than once, in words for the refusal.
+MODE_WORDS = {"CMYK": "CMYK colour", "RGBA": "colour with transparency (RGBA)", "P": "palette colour",
+              "I;16": "16-bit greyscale", "I;16B": "16-bit greyscale", "I;16L": "16-bit greyscale",
+              "I;16N": "16-bit greyscale", "LA": "greyscale with transparency", "La": "greyscale with transparency",
+              "PA": "palette colour with transparency", "RGBa": "colour with transparency (RGBa)",
+              "I": "32-bit greyscale", "F": "floating-point greyscale"}
+
+
+def mode_weight(mode: str) -> int:
+    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`MODE_WEIGHTS`; 3 when unlisted)."""
+    return MODE_WEIGHTS.get(mode, 3)
+
+
 #: ``image.info`` key of the photo's size as stored (before any reduction at decode).
 PHOTO_SIZE = "speciesid_photo_size"
 
@@ -73,21 +92,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         lo, hi = float(arr.min()), float(arr.max())
         if mode.startswith("I;16") and hi <= 65535 and lo >= 0:
             lo, hi = 0.0, 65535.0 if hi > 255 else 255.0
         scale = (hi - lo) or 1.0
-        arr8 = np.clip((arr - lo) * (255.0 / scale), 0, 255).astype(np.uint8)
+        arr8 = np.empty(arr.shape, dtype=np.uint8)
+        rows = max(1, _STRIP_PIXELS // max(arr.shape[1], 1))
+        for top in range(0, arr.shape[0], rows):  # in strips: float64 temporaries of a strip, not of the photo
+            strip = arr[top:top + rows].astype(np.float64)
+            arr8[top:top + rows] = np.clip((strip - lo) * (255.0 / scale), 0, 255).astype(np.uint8)
+        del arr
         return Image.fromarray(arr8).convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, (0, 0), rgba)  # alpha_composite on white, to the byte, without two more full-size copies
+        return out
     return img.convert("RGB")
+
+
+#: Pixels of a strip :func:`to_rgb` rescales a high-bit-depth photo by (its float64 temporaries: 8 MB each).
+_STRIP_PIXELS = 1 << 20
 
 
 #: The formats photos come in; only these decoders ever see the bytes (which come from anyone who can upload a photo):
@@ -167,7 +196,9 @@ def decode_image(
 
     ``max_pixels`` bounds the pixels decoded, read from the header before any is (:class:`PixelLimitError`): for
     a JPEG decoded at reduced scale, the reduced size; and no photo is taken over :data:`DEFAULT_MAX_PIXELS` (nor
-    ``max_pixels``, when larger) as stored, whatever its decode would cost.
+    ``max_pixels``, when larger) as stored, whatever its decode would cost. A pixel of a mode that costs more memory
+    to decode than an 8-bit colour one (16-bit greyscale, transparency, palette: :data:`MODE_WEIGHTS`) counts more
+    than once against both, so that the limit bounds a decode's memory whatever the photo's bit depth.
     """
     if not data:
         raise ImageLoadError(f"{name}: the file is empty")
@@ -182,11 +213,19 @@ def decode_image(
                 img.draft("RGB", (draft, draft))  # only sets the scale: the size below is what will be decoded
             dw, dh = img.size
             cap = max(max_pixels, DEFAULT_MAX_PIXELS)
-            if w * h > cap or dw * dh > max_pixels:
-                limit, scaled = (cap, "") if w * h > cap else (max_pixels, f" ({dw}x{dh} decoded at reduced scale)"
-                                                                if (dw, dh) != (w, h) else "")
-                raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} "
-                                      f"{OVER_PIXEL_LIMIT}")
+            weight = mode_weight(img.mode)  # a 16-bit or transparent pixel costs more memory to decode: counts more
+            if w * h * weight > cap or dw * dh * weight > max_pixels:
+                limit, scaled = (cap, "") if w * h * weight > cap else (
+                    max_pixels, f" ({dw}x{dh} decoded at reduced scale)" if (dw, dh) != (w, h) else "")
+                if weight == 1:
+                    raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} "
+                                          f"{OVER_PIXEL_LIMIT}")
+                words = MODE_WORDS.get(img.mode, f"mode {img.mode}")
+                raise PixelLimitError(
+                    f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit // weight:,} for a photo of {words} "
+                    f"{OVER_PIXEL_LIMIT}: such a pixel costs {weight}x the memory of an 8-bit colour one to decode, "
+                    f"so counts {weight}x against the limit of {limit:,}; save the photo as an 8-bit JPEG or PNG, or "
+                    "smaller")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)

@@ -26,6 +26,7 @@ from index.lease import LeaseStoreError
 from index.objects import StoreObjectError
 from index.records import ReferenceRecord
 from index.sources import SourceRefused, read_source
+from index.text import printable
 from retrieval.encoders import Encoder, stack_views
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
@@ -169,15 +170,15 @@ class BuildReport:
             + ")"
         ]
         for path, reason in self.skipped[:20]:
-            lines.append(f"  skipped {path}: {reason}")
+            lines.append(f"  skipped {printable(path)}: {printable(reason)}")
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more skipped")
         for path, other in repeats[:10]:
-            lines.append(f"  duplicate {path} (same bytes as {other})")
+            lines.append(f"  duplicate {printable(path)} (same bytes as {printable(other)})")
         if len(repeats) > 10:
             lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
         for path, other in stored[:10] if list_stored else ():
-            lines.append(f"  already in the gallery: {path} (same bytes as reference {other.removeprefix('id ')})")
+            lines.append(f"  already in the gallery: {printable(path)} (same bytes as reference {other.removeprefix('id ')})")
         if len(stored) > 10 and list_stored:
             lines.append(f"  ... and {len(stored) - 10} more already in the gallery")
         return "\n".join(lines)

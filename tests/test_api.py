@@ -707,6 +707,27 @@ def test_a_thumbnail_whose_file_is_a_fifo_or_over_the_upload_limit_is_a_404_at_o
                              "this server's limit of "), detail
 
 
+def test_a_16_bit_reference_over_the_weighted_pixel_limit_is_a_404_saying_so(client, service, monkeypatch):
+    """s53 hostile walk #3: a 16-bit greyscale reference decoded to ~25 bytes a pixel for every first view of its
+    thumbnail; its pixels now count twice against SPECIESID_MAX_PIXELS, and the 404 says why (not 'not on this
+    server's machine'). A 64 x 48 photo and a limit lowered to its pixel count stand in for 49 MP."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 64), 30_000, dtype=np.uint16)).save(buf, "PNG")
+    added = client.post("/v1/species/Testus sedecimus/references", files=_one("g16.png", buf.getvalue()),
+                        headers=KEYS)
+    ref, = added.json()["ids"]
+    monkeypatch.setattr(service.settings, "max_pixels", 64 * 48)  # an 8-bit colour photo of its size passes
+    detail = _is_error(client.get(f"/v1/references/{ref}/image"), 404)
+    assert detail.startswith(f"the photo of reference {ref} cannot be shown: it has more pixels than this server "
+                             "decodes for a photo (SPECIESID_MAX_PIXELS; a 16-bit or transparent photo's pixels "
+                             "count 2-3 times)"), detail
+    detail = _is_error(client.post("/v1/identify", files=_one("g16.png", buf.getvalue())), 422)
+    assert detail.startswith("g16.png: 64x48 pixels is over the limit of 1,536 for a photo of 16-bit greyscale"), detail
+    assert detail.endswith("(ask its operator to raise SPECIESID_MAX_PIXELS)"), detail
+
+
 def test_a_thumbnails_etag_is_hashed_once_with_it_and_a_photo_replaced_changes_it(client, service, monkeypatch):
     """s50 left-over: the ETag was the sha256 of the thumbnail, hashed on every request. It is made with the
     thumbnail and kept with it, under the photo file's size and time: a changed photo gets a new tag."""

@@ -87,7 +87,8 @@ def test_skipped_entries_are_returned_and_logged_never_dropped_silently(tmp_path
     assert len(warned) == 1 and warned[0].startswith(f"4 entries under {root} skipped, not read as photos")
     assert "dangling.jpg: broken symbolic link" in warned[0] and "Naja haje" in warned[0]
     assert warned[0].endswith("To use them: mount the disk a broken link points to, or fix the link, or make the folder "
-                              "readable; to silence this, remove them. Then run again.")  # what to do, said once
+                              "readable; fix or remove a link loop (a folder it leads back to is searched once); to "
+                              "silence this, remove them. Then run again.")  # what to do, said once
 
 
 def test_expand_photo_args_reports_what_it_skipped_inside_a_folder(tmp_path):

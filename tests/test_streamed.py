@@ -206,8 +206,8 @@ def test_manifest_and_webdataset_build_through_the_cli(tmp_path, tiny_clip_dir, 
         out = capsys.readouterr().out
         assert code == 0 and "4 references, 2 species" in out, out
         # named once, with what to do, in the listing's warning (stderr); stdout only counts them
-        assert (name == "wds") == (f"not read: 1 entry under {shards} (broken links or unreadable folders: see the "
-                                   "warning above)" in out), out
+        assert (name == "wds") == (f"not read: 1 entry under {shards} (broken links, link loops, devices or pipes, "
+                                   "unreadable folders: see the warning above)" in out), out
         assert "shard-000001.tar" not in out
     from index.gallery import Gallery
 

@@ -492,3 +492,20 @@ def test_the_page_isolates_every_name_it_shows():
     for box in ('id="species"', 'id="common"', 'id="country"'):
         tag = html[html.index(f"<input {box}"):]
         assert 'dir="auto"' in tag[:tag.index(">")], box
+
+
+def test_the_curate_forms_validation_error_is_shown_as_text_not_json(browser):
+    """Walk s53 hostile #11: a 422 whose detail is a list (a common name over 200 characters) showed as raw JSON
+    ('[{"type":"string_too_long","loc":["body","common_name"],...'): each message is shown after its field."""
+    browser.get(PAGE.as_uri())
+    detail = [{"type": "string_too_long", "loc": ["body", "common_name"], "msg": "String should have at most 200 "
+               "characters", "input": "x" * 201, "ctx": {"max_length": 200}},
+              {"type": "missing", "loc": ["body", "images"], "msg": "Field required"}]
+    text = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "errorText(new Response(JSON.stringify({detail: arguments[0]}), {status: 422})).then(done);", detail)
+    assert text == "common_name: String should have at most 200 characters; images: Field required", text
+    text = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "errorText(new Response(JSON.stringify({detail: 'plain words'}), {status: 400})).then(done);")
+    assert text == "plain words"

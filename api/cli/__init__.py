@@ -175,13 +175,22 @@ class CliLogFormat(logging.Formatter):
         self.verbose = verbose
 
     def format(self, record: logging.LogRecord) -> str:
-        """One record as a line (its traceback, when it has one, after it)."""
-        text = super().format(record)
+        """One record as a line (its traceback, when it has one, after it); a file name's control characters in it
+        (ESC, a bidi override) shown escaped (``index.text.printable``), line by line: a message's own lines kept."""
+        text = _shown(super().format(record))
         if self.verbose:
             return f"{record.levelname} {record.name}: {text}"
         kind = "error: " if record.levelno >= logging.ERROR else "warning: " if record.levelno >= logging.WARNING \
             else ""
         return f"speciesid: {kind}{text}"
+
+
+def _shown(text: str) -> str:
+    """``text`` with the control characters of any file name in it escaped (``index.text.printable``), line by
+    line: its own line breaks kept."""
+    from index.text import printable
+
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def _shown_without_verbose(record: logging.LogRecord) -> bool:
@@ -224,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
     except (ValueError, OSError, TableReplacedError) as exc:  # bad input, a missing path, ...; a table replaced
-        sys.stderr.write(f"speciesid: error: {store_outage(exc, args) or exc}\n")
+        said = str(store_outage(exc, args) or exc)  # a path in it (a file named with ESC[8m) shown escaped
+        sys.stderr.write(f"speciesid: error: {_shown(said)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("speciesid: interrupted\n")

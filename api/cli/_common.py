@@ -75,12 +75,24 @@ def fmt_opt(value: float | None) -> str:
 
 
 def to_csv(rows: list[dict], fields: Sequence[str]) -> str:
-    """Rows as CSV text with a header."""
+    """Rows as CSV text with a header; a text cell a spreadsheet would run as a formula (``=1+1``, ``@SUM(A1)``, a
+    species name or file name of anyone's choosing) is written with a ``'`` in front (``index.text.csv_cell``)."""
+    from index.text import csv_dict
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(csv_dict(row) for row in rows)
     return buf.getvalue()
+
+
+def printable_path(path: object) -> str:
+    """A path (or a message holding one) as people's output prints it: newline, ESC, other control characters and
+    bidi overrides written as visible escapes (``\\n``, ``\\x1b``, ``\\u202e``; ``index.text.printable``), so that a
+    file's name cannot hide or fake the lines around it on a terminal. JSON and CSV output keep the path as it is."""
+    from index.text import printable
+
+    return printable(path)
 
 
 def parse_yes_no(value: str | None, what: str = "--venomous") -> bool | None:
@@ -106,9 +118,10 @@ def photo_args(paths: Sequence[str], *, report: bool = True, progress: bool = Fa
 
     got = expand_photo_args(paths, progress=progress)
     if not got.photos:  # the error names every bad argument: said once, not also as "skipped"
-        raise ValueError("no photos to read: " + "; ".join(f"{a}: {r}" for a, r in got.problems))
+        raise ValueError("no photos to read: " + "; ".join(f"{printable_path(a)}: {printable_path(r)}"
+                                                           for a, r in got.problems))
     for arg, reason in got.problems if report else ():
-        sys.stderr.write(f"speciesid: skipped {arg}: {reason}\n")
+        sys.stderr.write(f"speciesid: skipped {printable_path(arg)}: {printable_path(reason)}\n")
     return got.photos, got.bad_args, got.skipped
 
 

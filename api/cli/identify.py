@@ -18,6 +18,7 @@ from api.cli._common import (
     logger,
     open_identifier,
     photo_args,
+    printable_path,
     to_csv,
     to_json,
 )
@@ -145,9 +146,9 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     similarity (which is under it); ``photos``: those given, which an observation's ``set_aside`` counts in."""
     from retrieval.advice import NOT_MEANINGFUL
 
-    lines = [r["image"]]
+    lines = [printable_path(r["image"])]  # a file's name cannot hide or fake the lines below (newline, ESC)
     if "error" in r:
-        return "\n".join([*lines, f"  error: {r['error']}"])
+        return "\n".join([*lines, f"  error: {printable_path(r['error'])}"])
     if r.get("far"):
         nearest, limit = _apart(r["nearest_similarity"], far_threshold)
         under = f", under this gallery's far threshold {limit}" if limit else ""
@@ -159,7 +160,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     if advice and advice["treat_as_venomous"]:  # first, as the page shows it
         lines.append(f"  {advice['text']}")
     if aside := r.get("set_aside"):
-        names = [photos[i] if photos and i < len(photos) else f"photo #{i + 1}" for i in aside]
+        names = [printable_path(photos[i]) if photos and i < len(photos) else f"photo #{i + 1}" for i in aside]
         lines.append(f"  set aside (unlike every reference, so not counted): {', '.join(names)}")
     if r.get("far"):
         lines.append(f"  closest {'species' if rank == 'species' else rank} ({NOT_MEANINGFUL}):")
@@ -209,8 +210,9 @@ def _evidence_lines(neighbours: list[dict]) -> list[str]:
 
 
 def _file_name(path: str) -> str:
-    """The file name of a stored reference path (a local path or an object-store URI)."""
-    return PurePosixPath(str(path)).name or str(path)
+    """The file name of a stored reference path (a local path or an object-store URI), printable (control
+    characters escaped: :func:`printable_path`)."""
+    return printable_path(PurePosixPath(str(path)).name or str(path))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -228,5 +230,5 @@ def cmd_search(args: argparse.Namespace) -> int:
         emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
     else:
         for rank, n in enumerate(neighbours, 1):
-            emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {n['path']}")
+            emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {printable_path(n['path'])}")
     return 0

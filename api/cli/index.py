@@ -21,6 +21,7 @@ from api.cli._common import (
     interrupted_add,
     number_in,
     parse_yes_no,
+    printable_path,
     to_csv,
     to_json,
 )
@@ -173,8 +174,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             for s, kinds in result.unread_species.items()))
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
-        emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links "
-             "or unreadable folders: see the warning above), besides the skipped photos counted above")
+        emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links, "
+             "link loops, devices or pipes, unreadable folders: see the warning above), besides the skipped photos counted above")
     if result.clean is not None:
         emit(result.clean.summary())
     from retrieval.workflows import venom_advice_note
@@ -285,9 +286,9 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
          f"{report.referenced} in use and {report.young} unused younger than {_age_text(report.older_than_s)}")
     if report.others:  # a stray file (notes.txt): not a name the API gives an upload, never removed
         emit(f"left {_not_uploads(report.others)} (an upload is named <sha256><ext>): "
-             f"{first_few([o.uri for o in report.others])}")
+             f"{first_few([printable_path(o.uri) for o in report.others])}")
     for o, why in report.failed:
-        sys.stderr.write(f"speciesid: could not remove {o.uri}: {why}\n")
+        sys.stderr.write(f"speciesid: could not remove {printable_path(o.uri)}: {printable_path(why)}\n")
     if report.failed:
         n = len(report.failed)
         sys.stderr.write(f"speciesid: error: {n} unused upload{'s' * (n != 1)} not removed (above); they stay, "
