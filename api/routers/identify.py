@@ -169,7 +169,7 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
 def _search_json(raw: bytes, query_k: str | None) -> SearchVectorIn:
     """The JSON body of a search by embedding, ``?k=`` applying where the body has no ``k``; a 422 in one line
     naming what is wrong otherwise."""
-    expected = "expected JSON {'embedding': [...], 'k': 10}"
+    expected = 'expected JSON {"embedding": [...], "k": 10}'
     if not raw.strip():
         raise HTTPException(422, f"{expected}: the body is empty")
     try:
