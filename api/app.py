@@ -16,6 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import RequestResponseEndpoint
@@ -23,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
-from api.guard import EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
+from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
 from api.routers._edge import photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
@@ -101,23 +103,44 @@ def _without_slash(app: FastAPI, scope: Scope) -> str | None:
     return bare["path"] if any(r.matches(bare)[0] is not Match.NONE for r in app.router.routes) else None
 
 
-#: The multipart parser's limit of one part's header line, in bytes (python-multipart's DEFAULT_MAX_HEADER_SIZE):
-#: a longer one is a file name of thousands of characters.
-PART_HEADER_BYTES = 4096 + 128
+#: The multipart parser's limit of one part's header line, in bytes: a longer one is a file name of thousands of
+#: characters.
+PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE
+#: FastAPI's 400 of a body its form parser failed on with an error of its own (the search route raises it too).
+UNPARSED = "There was an error parsing the body"
+#: The 503 of an upload the form parser could not write to its temporary files (a full disk, most often).
+SPOOL_FAILED = ("this server cannot keep the request's photos in its temporary space now ({why}): retry later; the "
+                "server's operator: free space under TMPDIR (or point TMPDIR at a larger disk)")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``)."""
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        yield at
+        at = at.__cause__ or at.__context__
+
+
+def spool_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a form parser's failure to write an upload to its temporary file (in ``exc``'s chain: the
+    :data:`UNPARSED` 400 it was raised as), else None."""
+    return next((e for e in _chain(exc) if isinstance(e, OSError)), None)
 
 
 def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPException) -> str:
     """A 400 of Starlette's form parser in the API's words: too many files -> the route's own limit of photos; a
     multipart body it cannot read -> why, its parser's reason in brackets (a part's header too long: its file
-    name, said so); any other 400 as it is."""
+    name, said so, when python-multipart's own error is found in the exception's chain); any other 400 as it is."""
     detail = str(exc.detail)
     if detail.startswith("Too many files"):  # the parser's 1000: the route's own limit is the one that matters
         photos = route_photos(settings, request.method, request.scope["path"])
         return f"at most {photos} photos per request; this one holds over 1000 files" if photos else detail
     if "multipart" not in detail.lower():
         return detail
-    parser = exc.__context__.__cause__ if exc.__context__ is not None else None  # Starlette's "Invalid multipart
-    if parser is not None and "header size" in str(parser):  # data" hides python-multipart's own reason
+    parser = next((e for e in _chain(exc) if isinstance(e, MultipartParseError)), None)  # Starlette's "Invalid
+    if parser is not None and "header size" in str(parser):  # multipart data" hides python-multipart's reason
         return multipart_unreadable(f"a part's header is over {PART_HEADER_BYTES:,} bytes: a file name that long? "
                                     "send a shorter one")
     return multipart_unreadable(detail)
@@ -222,6 +245,13 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, EdgeAnswer):  # the guard's own, raised while the body arrived: worded already
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        if exc.detail == UNPARSED and (failed := spool_failure(exc)) is not None:  # an upload not written to TMPDIR
+            logger.warning("%s %s: the form parser could not write an upload: %s", request.method, request.url.path,
+                           failed)
+            return JSONResponse({"detail": SPOOL_FAILED.format(why=failed.strerror or failed)}, status_code=503,
+                                headers={"retry-after": str(settings.retry_after_s)})
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
             detail = body_limit_detail(settings, request.method, request.scope["path"],  # as the guard words its own

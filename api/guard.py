@@ -5,11 +5,15 @@
 - **Load shedding.** At most ``max_identify_in_flight`` identify/search requests are served at once; past
   that a fast 429 with ``Retry-After``, before the body is read when the slots are full as the request arrives.
   Writes do not count against it: they have their own lane.
-- **Bodies read before a slot is taken.** An identify's or search's body is received whole (held in memory up to
-  :data:`SPOOL_BYTES`, then in a temporary file) before the request takes its slot, within ``body_timeout_s``
-  (past it a 408): a client that sends its body slowly (a slow link, or on purpose) holds no slot, so others
-  are served meanwhile. An add's body is received whole first too (no deadline: a key is needed, and writes
-  hold no slot), so that a multipart body cut short is a 400 before any photo in it is looked at.
+- **A slot is taken once the body is in.** An identify's or search's body streams into the app (its form parser
+  keeps each photo in memory up to 1 MB, then in a temporary file under ``TMPDIR``) before the request takes its
+  slot, within ``body_timeout_s`` (past it a 408): a client that sends its body slowly (a slow link, or on purpose)
+  holds no slot, so others are served meanwhile. At most ``max_receiving`` such bodies are received at once; past
+  that a 429 before a byte is read, which bounds what slow clients can hold (memory, temporary files,
+  connections). A request whose slot filled while its body arrived is shed then (a 429 after its upload).
+- **A multipart body cut short is a 400** (identify, search and add): its last chunk is checked for the closing
+  delimiter before the form parser gets it, so no photo of it is looked at. Adds stream as they arrive too
+  (no deadline: a key is needed, and writes hold no slot).
 - **Body limits as the body arrives.** Each route accepts what it can use (its photos x the per-photo
   limit, capped by ``max_request_mb``): a ``Content-Length`` over it is a 413 at once, and a chunked body
   is counted as it streams and cut at the limit.
@@ -22,24 +26,18 @@ import hmac
 import json
 import random
 import re
-import tempfile
 import threading
 import time
-from typing import IO
+from collections.abc import Callable
 
 from python_multipart.multipart import parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.settings import Settings
 from index.sources import MB, megabytes
 
-_MB = MB
-#: A body received before the app sees it is held in memory up to this many bytes, then in a temporary file: many
-#: clients uploading at once cost disk, not memory.
-SPOOL_BYTES = 1024 * 1024
-#: Bytes handed to the app at a time when a received body is passed on.
-REPLAY_CHUNK = 64 * 1024
 #: (method, path pattern, kind): kind is "write", "identify" (shed under load) or "read".
 ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("POST", re.compile(r"^/v1/species/[^/]+/references/?$"), "write"),
@@ -91,12 +89,12 @@ def route_photos(settings: Settings, method: str, path: str) -> int:
 def _photo_limit(settings: Settings, photos: int) -> float:
     """Bytes a route taking ``photos`` photos needs: each up to the per-photo limit, + 1 MB for the form fields
     and multipart framing."""
-    return (photos * settings.max_upload_mb + 1) * _MB
+    return (photos * settings.max_upload_mb + 1) * MB
 
 
 def body_limit(settings: Settings, method: str, path: str) -> int:
     """Bytes the route of ``method path`` may receive."""
-    return int(min(_photo_limit(settings, route_photos(settings, method, path)), settings.max_request_mb * _MB))
+    return int(min(_photo_limit(settings, route_photos(settings, method, path)), settings.max_request_mb * MB))
 
 
 def body_limit_detail(settings: Settings, method: str, path: str, size: int | None = None,
@@ -109,16 +107,19 @@ def body_limit_detail(settings: Settings, method: str, path: str, size: int | No
     limit = body_limit(settings, method, path)
     what = f"request body of {megabytes(size)} is" if size is not None else "request body"
     if content_type.lower().startswith("application/json"):
-        return (f"JSON {what} over the {limit / _MB:.0f} MB this route accepts; an embedding's JSON is far smaller: "
-                "send only {'embedding': [...], 'k': 10}")
-    if settings.max_request_mb * _MB < _photo_limit(settings, photos):
+        if path.rstrip("/") == "/v1/search":
+            return (f"JSON {what} over the {limit / MB:.0f} MB this route accepts; an embedding's JSON is far "
+                    'smaller: send only {"embedding": [...], "k": 10}')
+        return (f"JSON {what} over the {limit / MB:.0f} MB this route accepts; this route takes no JSON: send "
+                "multipart/form-data photos, as curl -F or a browser's FormData does")
+    if settings.max_request_mb * MB < _photo_limit(settings, photos):
         why = "SPECIESID_MAX_REQUEST_MB, the cap of every request's body"
     elif photos:
         why = (f"{photos} photo{'s' if photos > 1 else ''} at SPECIESID_MAX_UPLOAD_MB ({settings.max_upload_mb:g} MB) "
                "each, + 1 MB for the form")
     else:
         why = "a route without photos"
-    return f"{what} over the {limit / _MB:.0f} MB this route accepts ({why})"
+    return f"{what} over the {limit / MB:.0f} MB this route accepts ({why})"
 
 
 def body_timeout_detail(settings: Settings) -> str:
@@ -147,78 +148,64 @@ def closing_delimiter(content_type: str) -> bytes | None:
     return b"\r\n--" + boundary.strip(b'"') + b"--"
 
 
-class _Received:
-    """A request body received whole before the app sees it: in memory up to :data:`SPOOL_BYTES`, then in a
-    temporary file."""
-
-    def __init__(self) -> None:
-        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed in close()
-        self.size = 0
-
-    def close(self) -> None:
-        """Drop the body (its temporary file, if any)."""
-        self.file.close()
+class EdgeAnswer(HTTPException):
+    """An answer of the guard's, raised from the body's ``receive`` while the app reads it (a 400, 408, 413 or
+    429): the app's exception handler sends it as it is, worded already, ``headers`` included."""
 
 
-async def _receive_body(receive: Receive, limit: int, timeout: float | None, close: bytes | None
-                        ) -> tuple[_Received | None, int, str]:
-    """Receive a whole body: (body, 0, "") when it arrived; (None, status, reason) for an answer the caller words
-    (413 over ``limit`` bytes, 408 past ``timeout`` seconds in all, 400 a multipart body without its ``close``
-    delimiter, ``reason`` saying what is wrong with it); (None, 0, "") when the client left (nobody to answer)."""
-    body: _Received | None = _Received()
-    deadline = time.monotonic() + timeout if timeout is not None else None
-    opener = close[2:-2] if close is not None else b""  # "--" and the boundary: every part begins with it
-    tail, opened, closed = b"\r\n", close is None, close is None  # the body may begin with a delimiter: as if
-    try:  # a CRLF came before it
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            try:
-                message: Message = await (receive() if left is None else asyncio.wait_for(receive(), max(left, 0)))
-            except asyncio.TimeoutError:
-                return None, 408, ""
-            if message["type"] == "http.disconnect":
-                return None, 0, ""
-            chunk = message.get("body", b"")
-            body.size += len(chunk)
-            if body.size > limit:
-                return None, 413, ""
-            body.file.write(chunk)
-            if not closed and close is not None:  # the delimiters, also across two chunks
-                window = tail + chunk
-                opened = opened or opener in window
-                closed = close in window
-                tail = window[-(len(close) - 1):]
-            if not message.get("more_body", False):
-                break
-        if not closed:
-            boundary = opener[2:].decode("latin-1")
-            return None, 400, CUT_SHORT if opened else (f"no part begins with the boundary {boundary!r} that its "
-                                                        "Content-Type names")
-        body.file.seek(0)
-        done, body = body, None
-        return done, 0, ""
-    finally:
-        if body is not None:
-            body.close()
+#: The 400 of a request whose client left before its body was all sent (nobody reads it, but it is counted).
+CLIENT_LEFT = "the client closed the connection before the request body was sent"
 
 
-def _replay(body: _Received, receive: Receive) -> Receive:
-    """A ``receive`` that hands the app ``body`` (already received), then the client's own messages (a
-    disconnect)."""
-    left = body.size
+class _CheckedBody:
+    """The ``receive`` the app reads a write's or an identify's body through, as it arrives (never held here: the
+    app's form parser keeps each photo in memory up to 1 MB, then in a temporary file). It counts the bytes (413
+    past ``limit``, ``too_large`` its message), holds the body to ``timeout`` seconds in all (408, ``too_slow``),
+    checks that a multipart body ends with its closing delimiter (``close``; a 400 before the last chunk reaches
+    the parser, so no photo of a body cut short is looked at), and answers a client that leaves mid-body with a
+    400; ``on_end`` runs as the last chunk arrives, before the app gets it, and may raise (the identify slot is
+    taken then, or a 429). Each refusal is an :class:`EdgeAnswer`; the 408 and 413 close the connection (the rest
+    of the body is never read)."""
 
-    async def replay() -> Message:
-        nonlocal left
-        if left < 0:
-            return await receive()
-        chunk = body.file.read(REPLAY_CHUNK)
-        left -= len(chunk)
-        more = left > 0
-        if not more:
-            left = -1
-        return {"type": "http.request", "body": chunk, "more_body": more}
+    def __init__(self, receive: Receive, *, limit: int, timeout: float | None, close: bytes | None,
+                 on_end: Callable[[], None], too_large: str, too_slow: str) -> None:
+        self._receive, self.limit, self.close, self.on_end = receive, limit, close, on_end
+        self.too_large, self.too_slow = too_large, too_slow
+        self.deadline = time.monotonic() + timeout if timeout is not None else None
+        self.size, self.ended = 0, False
+        self._opener = close[2:-2] if close is not None else b""  # "--" and the boundary: every part begins with it
+        # the body may begin with a delimiter: as if a CRLF came before it
+        self._tail, self._opened, self._closed = b"\r\n", close is None, close is None
 
-    return replay
+    async def receive(self) -> Message:
+        """The client's next message, checked; once the body is in, the client's own messages (a disconnect)."""
+        if self.ended:
+            return await self._receive()
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        try:
+            message: Message = await (self._receive() if left is None else
+                                      asyncio.wait_for(self._receive(), max(left, 0)))
+        except asyncio.TimeoutError:
+            raise EdgeAnswer(408, self.too_slow, {"connection": "close"}) from None
+        if message["type"] == "http.disconnect":  # nobody reads the answer, but the request is counted
+            raise EdgeAnswer(400, CLIENT_LEFT)
+        chunk = message.get("body", b"")
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise EdgeAnswer(413, self.too_large, {"connection": "close"})
+        if not self._closed and self.close is not None:  # the delimiters, also across two chunks
+            window = self._tail + chunk
+            self._opened = self._opened or self._opener in window
+            self._closed = self.close in window
+            self._tail = window[-(len(self.close) - 1):]
+        if not message.get("more_body", False):
+            self.ended = True
+            if not self._closed:
+                boundary = self._opener[2:].decode("latin-1")
+                raise EdgeAnswer(400, multipart_unreadable(CUT_SHORT if self._opened else (
+                    f"no part begins with the boundary {boundary!r} that its Content-Type names")))
+            self.on_end()
+        return message
 
 
 def busy_detail(in_flight: int, wait: int) -> str:
@@ -227,13 +214,21 @@ def busy_detail(in_flight: int, wait: int) -> str:
     return f"busy: {in_flight} identification{'s' * (in_flight != 1)} in progress; retry in {wait} s"
 
 
+def receiving_detail(receiving: int, wait: int) -> str:
+    """The 429 of an identify or search shed because ``receiving`` bodies are being received already
+    (``SPECIESID_MAX_RECEIVING``), ``wait`` seconds to wait (its Retry-After)."""
+    return (f"busy: {receiving} request{'s' * (receiving != 1)} already sending photos to this server; retry in "
+            f"{wait} s")
+
+
 class EdgeGuard:
     """ASGI middleware: see the module docstring."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self._in_flight = 0
+        self._in_flight = 0  # identify/search requests holding a slot (their body in, their work under way)
+        self._receiving = 0  # identify/search requests admitted whose body is still arriving
         self._lock = threading.Lock()
         self.shed = 0  # requests answered 429 so far
 
@@ -254,50 +249,82 @@ class EdgeGuard:
         limit = body_limit(s, method, path)
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"").decode("latin-1")
-        if kind == "identify" and not self._take(take=False):  # full as it arrives: a fast 429, its body unread
-            return await self._busy(send)
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:  # announced: refused before a byte is read
-            return await _json(send, 413, body_limit_detail(s, method, path, int(length), ctype))
-        if kind == "read":
-            return await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
-        body, status, reason = await _receive_body(receive, limit, s.body_timeout_s if kind == "identify" else None,
-                                              closing_delimiter(ctype))
-        if body is None:
-            if status == 408:  # the rest of the body is never read: the connection cannot carry another request
-                return await _json(send, 408, body_timeout_detail(s), {"connection": "close"})
-            if status == 413:
-                return await _json(send, 413, body_limit_detail(s, method, path, None, ctype),
-                                   {"connection": "close"})
-            if status == 400:
-                return await _json(send, 400, multipart_unreadable(reason))
-            # the client left: nobody reads it, but the request is answered (and counted) as the routes answer it
-            return await _json(send, 400, "the client closed the connection before the request body was sent")
+        if kind == "identify" and (busy := self._admit()) is not None:  # a fast 429, its body unread
+            return await self._busy(send, busy)
+        receiving = kind == "identify"  # counted among the bodies being received (SPECIESID_MAX_RECEIVING)
+        took = False  # holds an identify slot
+
+        def take() -> None:  # the body is in: it leaves the receiving ones and takes a slot, or is shed (429)
+            nonlocal receiving, took
+            with self._lock:
+                self._receiving -= 1
+                receiving = False
+                took = not self._full()
+                if took:
+                    self._in_flight += 1
+            if not took:  # the slots filled while the body arrived
+                wait = self._retry_after()
+                raise EdgeAnswer(429, busy_detail(s.max_identify_in_flight, wait), {"retry-after": str(wait)})
+
         try:
-            if kind == "identify" and not self._take():  # the slots filled while the body arrived
-                return await self._busy(send)
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:  # announced: refused before a byte is read
+                return await _json(send, 413, body_limit_detail(s, method, path, int(length), ctype))
+            if kind == "read":
+                return await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
+            body = _CheckedBody(receive, limit=limit, timeout=s.body_timeout_s if kind == "identify" else None,
+                                close=closing_delimiter(ctype), on_end=take if kind == "identify" else lambda: None,
+                                too_large=body_limit_detail(s, method, path, None, ctype),
+                                too_slow=body_timeout_detail(s))
+            started = False
+
+            async def sending(message: Message) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
             try:
-                await self.app(scope, _replay(body, receive), send)
-            finally:
-                if kind == "identify":
-                    with self._lock:
-                        self._in_flight -= 1
+                await self.app(scope, body.receive, sending)
+            except EdgeAnswer as answer:  # an app that does not answer HTTPExceptions itself: the guard does
+                if started:
+                    raise
+                await _json(send, answer.status_code, answer.detail, answer.headers)
         finally:
-            body.close()
+            with self._lock:
+                if took:
+                    self._in_flight -= 1
+                if receiving:  # its body never ended (refused, cut, or the client left)
+                    self._receiving -= 1
 
-    def _take(self, *, take: bool = True) -> bool:
-        """Whether an identify/search slot is free (taken when ``take``); one refused is counted in :attr:`shed`."""
+    def _full(self) -> bool:
+        """Whether every identify/search slot is taken; one found full is counted in :attr:`shed` (the caller holds
+        the lock)."""
+        full = self._in_flight >= self.settings.max_identify_in_flight
+        if full:
+            self.shed += 1
+        return full
+
+    def _admit(self) -> str | None:
+        """Admit an identify/search request among those whose body is being received: None, or why it is shed (a
+        429 before its body is read): every slot is taken, or ``max_receiving`` bodies are being received."""
         with self._lock:
-            if self._in_flight >= self.settings.max_identify_in_flight:
+            if self._full():
+                return "slots"
+            if self._receiving >= self.settings.max_receiving:
                 self.shed += 1
-                return False
-            self._in_flight += take
-            return True
+                return "receiving"
+            self._receiving += 1
+            return None
 
-    async def _busy(self, send: Send) -> None:
+    def _retry_after(self) -> int:
         s = self.settings
-        wait = s.retry_after_s + random.randint(0, s.retry_jitter_s)  # noqa: S311 - spreading, not secrecy
-        await _json(send, 429, busy_detail(s.max_identify_in_flight, wait), {"retry-after": str(wait)})
+        return s.retry_after_s + random.randint(0, s.retry_jitter_s)  # noqa: S311 - spreading, not secrecy
+
+    async def _busy(self, send: Send, why: str) -> None:
+        s, wait = self.settings, self._retry_after()
+        detail = busy_detail(s.max_identify_in_flight, wait) if why == "slots" else receiving_detail(s.max_receiving,
+                                                                                                      wait)
+        await _json(send, 429, detail, {"retry-after": str(wait)})
 
 
 async def _json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:

@@ -26,7 +26,7 @@ from api.settings import Settings
 from index.gallery import Neighbour
 from index.lease import is_s3
 from index.objects import StoreObjectError
-from index.sources import MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
+from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species, gallery_lookalikes
 from retrieval import workflows
@@ -90,12 +90,13 @@ EMPTY_GALLERY = ("this gallery holds no searchable references yet: add some with
                  "bring them back with 'speciesid clean --restore'); identify and search answer once it holds some")
 
 
-def refused_words(exc: SourceRefused, limit_mb: float) -> str:
+def refused_words(exc: SourceRefused) -> str:
     """What a reference photo's file refused unread (:class:`index.sources.SourceRefused`) is, for an HTTP client:
-    no server path, and the setting over which a file is too large."""
+    no server path; a file too large is over the library's :data:`~index.sources.MAX_PHOTO_BYTES`, which a gallery
+    build reads photos at too."""
     if isinstance(exc, PhotoTooLarge):
-        return (f"over this server's limit of {limit_mb:g} MB a photo (SPECIESID_MAX_UPLOAD_MB; the server's operator "
-                "may raise it)")
+        return (f"over the {megabytes(MAX_PHOTO_BYTES)} a photo file may have (the limit at which a gallery build "
+                "reads photos too)")
     if isinstance(exc, NotAPhotoFile):
         return "not a photo"
     return "not a regular file (a device or a pipe)"
@@ -227,7 +228,7 @@ class SpeciesService:
         self.require_references()
         answer = workflows.identify(self.identifier, embeddings=self.embed(uploads), names=[u.name for u in uploads],
                                     observation=True, top=top, rank=rank, country=country)[0]
-        answer.notes += [f"{u.name}: {u.note}" for u in uploads if u.note]  # as the CLI's observation says them
+        answer.notes += workflows.photo_notes([u.name for u in uploads], [u.note for u in uploads])  # as the CLI's
         return answer
 
     def answer_notes(self, rank: Rank | str = Rank.SPECIES) -> list[str]:
@@ -296,7 +297,7 @@ class SpeciesService:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         try:  # decoded at reduced scale: a 12 MP phone photo would cost ~0.3 s at full size, on every page view
-            data = self.gallery.read_photo(stored, limit=self.upload_limit, setting="SPECIESID_MAX_UPLOAD_MB")
+            data = self.gallery.read_photo(stored)  # at most MAX_PHOTO_BYTES: every photo a gallery build read
             image = decode_image(data, max_pixels=self.settings.max_pixels, name=str(path),
                                  draft=2 * self.settings.thumbnail_px)
         except StoreObjectError as exc:  # an upload kept in the S3 store, there but not readable now
@@ -308,7 +309,7 @@ class SpeciesService:
         except SourceRefused as exc:  # a FIFO, a device, a huge file where the photo was: refused at once, unread
             logger.warning("reference %d: its photo at %s is refused unread: %s", ref_id, path, exc.reason)
             raise NotFound(f"the photo of reference {ref_id} cannot be shown: its file on this server is "
-                           f"{refused_words(exc, self.settings.max_upload_mb)}. The reference itself is valid: the "
+                           f"{refused_words(exc)}. The reference itself is valid: the "
                            "server's operator can put the photo back as a plain file (the server's log names "
                            "it)") from exc
         except PixelLimitError as exc:  # a 16-bit scan, a huge PNG: its decode would cost more than a photo may

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.compaction import COMPACT_FRAGMENTS, parse_compact_fragments
@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(120.0, gt=0, description="seconds an identify or search request may take to send "
                                   "its whole body; past it a 408 (the body is read before the request takes an "
                                   "identify slot, so a slow client holds none)")
+    # Identify/search bodies being received at once (each admitted, its slot not yet taken), past which a 429 before
+    # a byte is read: what slow or stalled clients can hold is bounded by it (a photo's part in memory up to 1 MB,
+    # then a temporary file under TMPDIR, up to the route's body limit; a JSON search's body in memory). Unset: 4 per
+    # identify slot, so the next few bodies upload while the slots work (a request shed after its upload has wasted
+    # it) and the temporary space is bounded at 4 x slots x the identify body limit (101 MB at the defaults).
+    max_receiving: int | None = Field(None, ge=1, description="identify/search request bodies received at once, "
+                                      "before they take a slot; past it a 429 with Retry-After before the body is "
+                                      "read (default: 4 x SPECIESID_MAX_IDENTIFY_IN_FLIGHT)")
     retry_after_s: int = Field(1, ge=1, description="shortest Retry-After of a 429, in seconds")
     retry_jitter_s: int = Field(2, ge=0, description="Retry-After is drawn from retry_after_s .. retry_after_s + "
                                 "retry_jitter_s, so shed clients do not all come back in the same second")
@@ -85,6 +93,13 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, description="how long the encoder waits to batch concurrent requests")
     max_batch: int = Field(32, ge=1, description="largest batch the encoder runs at once")
     thumbnail_px: int = Field(256, ge=1, description="longest side of reference thumbnails")
+
+    @model_validator(mode="after")
+    def _receiving_default(self) -> Settings:
+        """``max_receiving`` unset: 4 per identify slot."""
+        if self.max_receiving is None:
+            self.max_receiving = 4 * self.max_identify_in_flight
+        return self
 
     @classmethod
     def load(cls, **overrides: object) -> Settings:

@@ -342,6 +342,12 @@ def presence_for(country: str | None, ident: Identifier | None = None) -> dict[s
     return country_presence(resolve_country(country), ident.recorded_countries() if ident is not None else None)
 
 
+def photo_notes(names: Sequence[str], notes: Sequence[str | None]) -> list[str]:
+    """What an observation's answer says of its photos as read (an animated GIF: its first frame), one line per
+    photo with a note: ``name: note`` (the CLI and the API word them alike)."""
+    return [f"{name}: {note}" for name, note in zip(names, notes, strict=True) if note]
+
+
 def identify(
     ident: Identifier,
     photos: Sequence[str | Path | bytes] | None = None,
@@ -382,7 +388,7 @@ def identify(
         found = ident.identify_observation(emb[ok], top=max(top, 1), method=method, presence=presence)
         found.set_aside = [ok[i] for i in found.set_aside]  # positions among the photos given, unreadable ones too
         source = ", ".join(names[i] for i in ok)
-        said = [f"{names[i]}: {notes[i]}" for i in ok if notes[i]]
+        said = photo_notes([names[i] for i in ok], [notes[i] for i in ok])
         return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa()), said), *failed]
     found_each = ident.identify_embeddings(emb[ok], top=max(top, 1), method=method, presence=presence) if ok else []
     answers: dict[int, Answer] = {

@@ -673,6 +673,7 @@ def test_a_thumbnail_whose_file_is_a_fifo_or_over_the_upload_limit_is_a_404_at_o
     from its size. The FIFO's read, on code that would block on it, runs in a thread that the test unblocks."""
     import os
 
+    from index import sources
     from index.store import source_file
 
     added = client.post("/v1/species/Testus fifous/references", files=_one("f.png", _png(64, 48)), headers=KEYS)
@@ -700,11 +701,17 @@ def test_a_thumbnail_whose_file_is_a_fifo_or_over_the_upload_limit_is_a_404_at_o
     added = client.post("/v1/species/Testus bigus/references", files=_one("b.png", _png(64, 40)), headers=KEYS)
     big_ref, = added.json()["ids"]
     size = source_file(_source(service, big_ref)).stat().st_size
-    monkeypatch.setattr(service.settings, "max_upload_mb", (size - 1) / 2**20)  # the PNG's file is 1 byte over it
+    # a photo over what clients may upload (SPECIESID_MAX_UPLOAD_MB) but one a gallery build reads is shown: a CLI
+    # build reads photos up to index.sources.MAX_PHOTO_BYTES (256 MiB), and their references were shown before
+    monkeypatch.setattr(service.settings, "max_upload_mb", (size - 1) / 2**20)
+    shown = client.get(f"/v1/references/{big_ref}/image")
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/jpeg", shown.text
+    monkeypatch.setattr(sources, "MAX_PHOTO_BYTES", size - 1)  # the PNG's file is 1 byte over the library's limit
+    os.utime(source_file(_source(service, big_ref)), ns=(1, 1))  # a new cache key: read again
     detail = _is_error(client.get(f"/v1/references/{big_ref}/image"), 404)
-    assert "MB a photo (SPECIESID_MAX_UPLOAD_MB; the server's operator may raise it)" in detail, detail
     assert detail.startswith(f"the photo of reference {big_ref} cannot be shown: its file on this server is over "
-                             "this server's limit of "), detail
+                             "the 256.0 MB a photo file may have (the limit at which a gallery build reads photos "
+                             "too)"), detail
 
 
 def test_a_16_bit_reference_over_the_weighted_pixel_limit_is_a_404_saying_so(client, service, monkeypatch):

@@ -103,9 +103,9 @@ def _detail(resp, status: int = 422) -> str:
 def test_search_validation_errors_are_one_line_naming_the_field(client):
     vector = [0.1] * 8
     detail = _detail(client.post("/v1/search", json={"embedding": vector, "k": 0}))
-    assert detail == "expected JSON {'embedding': [...], 'k': 10}: k: input should be greater than or equal to 1"
+    assert detail == 'expected JSON {"embedding": [...], "k": 10}: k: input should be greater than or equal to 1'
     detail = _detail(client.post("/v1/search", json={"k": 2}))
-    assert detail == "expected JSON {'embedding': [...], 'k': 10}: embedding: field required"
+    assert detail == 'expected JSON {"embedding": [...], "k": 10}: embedding: field required'
     detail = _detail(client.post("/v1/search", json={"embedding": ["x"] * 5}))
     assert detail.endswith("embedding.2: input should be a valid number, unable to parse string as a number "
                            "(and 2 more)"), detail

@@ -205,7 +205,16 @@ def client():
 _CUT = _BODY[: _BODY.index(b"\r\n--xyz--")]  # the photo's part, its closing boundary never sent
 
 
-def test_a_multipart_body_cut_short_is_a_400_saying_so_on_every_photo_route(client):
+def test_a_multipart_body_cut_short_is_a_400_saying_so_on_every_photo_route():
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    # a stand-in service (never used: the body is refused first); search reads its body after its dependencies
+    client = TestClient(create_app(Settings(index="nowhere", api_keys="k"), service=SimpleNamespace()))
     headers = {"Content-Type": "multipart/form-data; boundary=xyz", "X-API-Key": "k"}
     for route in ("/v1/identify", "/v1/search", "/v1/species/Naja_haje/references"):
         body = _CUT.replace(b'name="images"', b'name="image"') if route == "/v1/search" else _CUT

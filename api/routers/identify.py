@@ -142,7 +142,11 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
         body = _search_json(await request.body(), query_k)
         hits = await run_in_threadpool(edge, lambda: service.search_vector(body.embedding, body.k))
     elif ctype.startswith("multipart/form-data"):
-        async with request.form() as form:  # its uploads closed at the end, as FastAPI does for identify's
+        try:
+            form = await request.form()
+        except OSError as exc:  # the parser could not write the photo to a temporary file (a full disk): the
+            raise HTTPException(400, "There was an error parsing the body") from exc  # as FastAPI's: the 503
+        try:  # its uploads closed at the end, as FastAPI does for identify's
             images = form.getlist("image")
             if len(images) > 1:  # never one silently dropped (nor left unchecked)
                 raise HTTPException(422, f"send one photo in 'image' (use /v1/identify for several), got "
@@ -155,6 +159,8 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
             except ValidationError as exc:
                 raise HTTPException(422, field_errors(exc, field="k")) from exc
             hits = await run_in_threadpool(_search_upload, service, image, k)
+        finally:
+            await form.close()
     else:
         raise photo_field_error("image", ctype, also=", or application/json with 'embedding'")
     return SearchOut(neighbours=[neighbour_out(h) for h in hits], encoder=service.gallery.encoder_spec)
@@ -163,7 +169,7 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
 def _search_json(raw: bytes, query_k: str | None) -> SearchVectorIn:
     """The JSON body of a search by embedding, ``?k=`` applying where the body has no ``k``; a 422 in one line
     naming what is wrong otherwise."""
-    expected = "expected JSON {'embedding': [...], 'k': 10}"
+    expected = 'expected JSON {"embedding": [...], "k": 10}'
     if not raw.strip():
         raise HTTPException(422, f"{expected}: the body is empty")
     try:

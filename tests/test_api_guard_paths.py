@@ -1,0 +1,341 @@
+"""The edge guard's paths (s53 re-read of the guard): how many identify/search bodies are received at once
+(SPECIESID_MAX_RECEIVING), a 429 after the whole body, a client leaving mid-body, a chunked body cut at the limit,
+the 408 closing the connection, the form parser's temporary files closed on every way out, a full temporary disk,
+and the 413 and 400 worded for the route. No model is loaded: the guard runs in front of a stand-in app, or the
+app with a stand-in service that no request reaches. Bodies are small and clients few; no assert is on a time."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+#: How long a socket waits for an answer that should come at once (generous: a loaded machine).
+BLOCKED_S = 20
+MB = 1024 * 1024
+JSON = [(b"content-type", b"application/json")]
+FORM = [(b"content-type", b"multipart/form-data; boundary=xyz")]
+
+
+def _photo_body(size: int) -> bytes:
+    """A multipart body of one photo part of ``size`` bytes (over 1 MB: the form parser puts it in a temporary
+    file)."""
+    return (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff" + b"x" * size + b"\r\n--xyz--\r\n")
+
+
+def _scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+            "root_path": ""}
+
+
+async def _reading_app(scope, receive, send) -> None:
+    """A stand-in app: reads its whole body, answers 200 with its size."""
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.dumps({"size": size}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Sent:
+    """What an app sent: its status, headers and body."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.headers = message["status"], dict(message.get("headers", []))
+        else:
+            self.body += message.get("body", b"")
+
+    @property
+    def detail(self) -> str:
+        return json.loads(self.body)["detail"]
+
+
+def _temp_files() -> int:
+    """This process's open temporary files (unlinked: what a SpooledTemporaryFile rolls over into)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "(deleted)" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def _app(**settings):
+    """The app with a stand-in service no request below reaches (the body is refused, or the route fails)."""
+    from api.app import create_app
+    from api.settings import Settings
+
+    return create_app(Settings(index="nowhere", api_keys="k", **settings), service=SimpleNamespace())
+
+
+# ------------------------------------------------------------------------------------ how many are received
+def test_bodies_past_max_receiving_are_shed_unread_and_the_others_served():
+    """500 stalled clients each held 1 MB (and a temporary file) with nothing shed: past SPECIESID_MAX_RECEIVING
+    bodies being received, a 429 with Retry-After before a byte is read."""
+    from api.guard import EdgeGuard
+    from api.settings import Settings
+
+    guard = EdgeGuard(_reading_app, Settings(index="nowhere", max_identify_in_flight=3, max_receiving=3,
+                                             body_timeout_s=60, retry_after_s=1, retry_jitter_s=0))
+    clients = 30
+    reads, sent = [0] * clients, [_Sent() for _ in range(clients)]
+
+    async def run() -> None:
+        go = asyncio.Event()
+
+        async def client(i: int) -> None:
+            async def receive() -> dict:
+                reads[i] += 1
+                if reads[i] == 1:
+                    return {"type": "http.request", "body": b'{"embedding": ', "more_body": True}
+                await go.wait()  # a client that stalls after its first chunk
+                return {"type": "http.request", "body": b"[1]}", "more_body": False}
+
+            await guard(_scope("/v1/search", JSON), receive, sent[i])
+
+        tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+        for _ in range(50):  # every client has arrived: the shed ones are answered, the others hold
+            await asyncio.sleep(0)
+        shed = [i for i in range(clients) if tasks[i].done()]
+        assert len(shed) == clients - 3, [s.status for s in sent]
+        assert all(sent[i].status == 429 and reads[i] == 0 for i in shed)  # answered unread
+        assert all(sent[i].headers[b"retry-after"] == b"1" for i in shed)
+        assert sent[shed[0]].detail == "busy: 3 requests already sending photos to this server; retry in 1 s"
+        go.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    served = [s for s in sent if s.status == 200]
+    assert len(served) == 3 and all(json.loads(s.body) == {"size": 18} for s in served)
+    assert guard._receiving == 0 and guard._in_flight == 0 and guard.shed == clients - 3
+
+
+def test_max_receiving_defaults_to_four_per_identify_slot():
+    from api.settings import Settings
+
+    assert Settings(index="x", max_identify_in_flight=3).max_receiving == 12
+    assert Settings(index="x", max_identify_in_flight=3, max_receiving=5).max_receiving == 5
+
+
+def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
+    """A found the slot free and sent its body slowly; B took the slot meanwhile: A gets its 429 (Retry-After) once
+    its whole body is in (docs/api.md says so), and its app never answers."""
+    from api.guard import EdgeGuard
+    from api.settings import Settings
+
+    async def run() -> tuple[_Sent, _Sent, EdgeGuard]:
+        a_rest, b_holds, b_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def app(scope, receive, send) -> None:
+            if scope["path"] != "/v1/identify":
+                return await _reading_app(scope, receive, send)
+            await receive()  # B: its whole body, so it holds the slot until told
+            b_holds.set()
+            await b_done.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        guard = EdgeGuard(app, Settings(index="nowhere", max_identify_in_flight=1, body_timeout_s=60,
+                                        retry_after_s=2, retry_jitter_s=0))
+        a_sent, b_sent, a_reads = _Sent(), _Sent(), []
+
+        async def a_receive() -> dict:
+            a_reads.append(1)
+            if len(a_reads) == 1:
+                return {"type": "http.request", "body": b'{"embedding": ', "more_body": True}
+            await a_rest.wait()
+            return {"type": "http.request", "body": b"[1]}", "more_body": False}
+
+        async def b_receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        a = asyncio.create_task(guard(_scope("/v1/search", JSON), a_receive, a_sent))
+        while not a_reads:
+            await asyncio.sleep(0)
+        b = asyncio.create_task(guard(_scope("/v1/identify", JSON), b_receive, b_sent))
+        await b_holds.wait()
+        a_rest.set()
+        await a
+        b_done.set()
+        await b
+        return a_sent, b_sent, guard
+
+    a_sent, b_sent, guard = asyncio.run(run())
+    assert a_sent.status == 429 and a_sent.headers[b"retry-after"] == b"2", a_sent.body
+    assert a_sent.detail == "busy: 1 identification in progress; retry in 2 s"
+    assert b_sent.status == 200
+    assert guard._in_flight == 0 and guard._receiving == 0 and guard.shed == 1
+
+
+# ------------------------------------------------------------------------------------ refusals mid-body
+def _run_app(app, path: str, headers, messages) -> _Sent:
+    """``messages`` sent to ``app`` one per receive (then the call waits: a stalled client); what it answered."""
+    sent, queue = _Sent(), list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        while sent.status is None:  # stalled until answered (a deadline, or a refusal)
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    asyncio.run(app(_scope(path, headers), receive, sent))
+    return sent
+
+
+def _counted(app, route: str, status: int) -> float:
+    """The app's count of ``POST route`` answered ``status`` (speciesid_requests_total)."""
+    return app.state.metrics.requests.labels("POST", route, str(status))._value.get()
+
+
+def test_a_client_leaving_mid_body_is_answered_400_and_counted():
+    app = _app()
+    body = _photo_body(100)
+    sent = _run_app(app, "/v1/identify", FORM, [{"type": "http.request", "body": body[:50], "more_body": True},
+                                                {"type": "http.disconnect"}])
+    assert sent.status == 400 and sent.detail == "the client closed the connection before the request body was sent"
+    assert _counted(app, "/v1/identify", 400) == 1
+
+
+def test_a_chunked_body_past_the_limit_is_cut_with_a_413_that_closes_the_connection():
+    app = _app(max_request_mb=1)  # identify's limit: 1 MB
+    body = _photo_body(2 * MB)  # announced by no Content-Length: counted as it arrives
+    chunks = [{"type": "http.request", "body": body[i:i + MB // 2], "more_body": True} for i in range(0, 2 * MB, MB // 2)]
+    sent = _run_app(app, "/v1/identify", FORM, chunks)
+    assert sent.status == 413 and sent.headers[b"connection"] == b"close", sent.body
+    assert sent.detail.startswith("request body over the 1 MB this route accepts (SPECIESID_MAX_REQUEST_MB"), sent.body
+
+
+@pytest.mark.parametrize("how", ["408", "disconnect", "app error"])
+def test_the_form_parsers_temporary_file_is_closed_on_every_way_out(how, monkeypatch):
+    """A photo over 1 MB is in a temporary file while its body arrives: closed on a 408, on the client leaving and
+    on the route failing after the form was read."""
+    app = _app(body_timeout_s=1.0)
+    body = _photo_body(3 * MB)
+    held: list[int] = []
+    before = _temp_files()
+
+    def fail() -> None:  # the route's first step once its form is read
+        held.append(_temp_files())
+        raise LookupError("the route failed")
+
+    app.state.service.require_references = fail
+    head = {"type": "http.request", "body": body[: 2 * MB], "more_body": True}
+    if how == "408":
+        sent = _run_app(app, "/v1/identify", FORM, [head])
+        assert sent.status == 408 and sent.headers[b"connection"] == b"close", sent.body
+    elif how == "disconnect":
+        sent = _run_app(app, "/v1/identify", FORM, [head, {"type": "http.disconnect"}])
+        assert sent.status == 400
+    else:
+        with pytest.raises(LookupError):
+            _run_app(app, "/v1/identify", FORM, [{"type": "http.request", "body": body, "more_body": False}])
+        assert held == [before + 1]  # the photo was in a temporary file while the route ran
+    assert _temp_files() == before
+
+
+@pytest.mark.parametrize("route", ["/v1/identify", "/v1/search"])
+def test_a_photo_the_temporary_disk_cannot_hold_is_a_503_saying_so(route, monkeypatch):
+    """The form parser's write failing (a full disk) was a 400 "error parsing the body" (identify) or a 500."""
+    from fastapi.testclient import TestClient
+    from starlette import formparsers
+
+    class Full(formparsers.SpooledTemporaryFile):
+        def write(self, data):  # noqa: ANN001, ANN202 - the file's own signature
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(formparsers, "SpooledTemporaryFile", Full)
+    field = "image" if route == "/v1/search" else "images"
+    resp = TestClient(_app()).post(route, files=[(field, ("a.jpg", b"\xff\xd8\xff" + b"x" * 100, "image/jpeg"))])
+    assert resp.status_code == 503, resp.text
+    detail = resp.json()["detail"]
+    assert detail.startswith("this server cannot keep the request's photos in its temporary space now (No space "
+                             "left on device): retry later"), detail
+    assert "TMPDIR" in detail and resp.headers["retry-after"]
+
+
+def test_a_408_closes_the_connection_on_a_real_server():
+    import uvicorn
+    from _api_support import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_app(body_timeout_s=1.0), host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=BLOCKED_S) as conn:
+            conn.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz"
+                         b"\r\nContent-Length: 1000\r\n\r\n--xyz\r\n")  # then nothing more
+            reply = b""
+            while got := conn.recv(4096):  # until the server closes it (a timeout here fails the test)
+                reply += got
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"connection: close" in reply.lower()
+
+
+# ------------------------------------------------------------------------------------ wording
+def test_a_json_body_over_the_limit_is_told_what_the_route_takes():
+    from fastapi.testclient import TestClient
+
+    client = TestClient(_app(max_upload_mb=1))  # identify: 6 MB, search: 2 MB
+    body = b"x" * (7 * MB)
+    search = client.post("/v1/search", content=body, headers={"Content-Type": "application/json"}).json()["detail"]
+    hint = search.split("send only ", 1)[1]
+    assert json.loads(hint.replace("[...]", "[]")) == {"embedding": [], "k": 10}, search  # valid JSON
+    identify = client.post("/v1/identify", content=body, headers={"Content-Type": "application/json"})
+    detail = identify.json()["detail"]
+    assert identify.status_code == 413 and "this route takes no JSON: send multipart/form-data photos" in detail
+    assert "embedding" not in detail, detail
+
+
+def test_a_form_refusal_finds_the_parsers_reason_anywhere_in_the_chain_and_else_says_the_generic_one():
+    from python_multipart.exceptions import MultipartParseError
+    from starlette.exceptions import HTTPException
+
+    from api.app import PART_HEADER_BYTES, _form_refusal
+    from api.settings import Settings
+
+    settings = Settings(index="nowhere")
+
+    def refused(context: BaseException | None, cause: BaseException | None = None) -> str:
+        exc = HTTPException(400, "Invalid multipart data.")
+        if context is not None:
+            context.__cause__ = cause
+        exc.__context__ = context
+        return _form_refusal(settings, None, exc)  # type: ignore[arg-type] - unused for these
+
+    generic = "the multipart body cannot be read (Invalid multipart data): send multipart/form-data"
+    header = f"a part's header is over {PART_HEADER_BYTES:,} bytes"
+    assert PART_HEADER_BYTES == 4224
+    too_long = MultipartParseError("Maximum header size exceeded")
+    assert header in refused(ValueError("wrapped"), too_long)  # Starlette's chain today
+    assert header in refused(too_long)  # the parser's error as the context itself
+    assert refused(None).startswith(generic)  # no chain
+    assert refused(ValueError("x"), ValueError("header size")).startswith(generic)  # not the parser's error
