@@ -75,8 +75,8 @@ def check_name(value: str, what: str = "species name", *, stored: Collection[str
     Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
     separator: a name is shown in tables, files and web pages, where such characters hide or reorder text; the
-    replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a URL);
-    and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``, ``@SUM(A1)``), which
+    replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a
+    URL); and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``, ``@SUM(A1)``), which
     a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
     is refused too: the HTTP API's ``/v1/species/{name}`` could not address the first, and the second is a path
     separator on Windows. ``stored``: names a gallery holds already (stored before the formula rule), taken with
@@ -417,8 +417,8 @@ _KIND_WORD = re.compile(r"(?<!\w)(?:ال)?(" + "|".join(re.escape(w).replace(r"\
 HARMLESS_RULE_HELP = ("a name that looks like a medically important venomous species of the shipped taxonomy (a "
                       "near-spelling; its common name, which only the Moroccan checklist's species have; its epithet "
                       "in whatever genus, one of no other genus there; a genus all of whose species there are, "
-                      "Vipera, Bitis, Echis, Naja...) or like a species this gallery records as venomous (its name or "
-                      "a common name its references carry, or a near-spelling of one: case, accents, hamza, "
+                      "Vipera, Bitis, Echis, Naja...) or like a species this gallery records as venomous (its name "
+                      "or a common name its references carry, or a near-spelling of one: case, accents, hamza, "
                       "apostrophes and full-width letters aside; a genus all of whose species it holds are), or "
                       "whose name or any of its common names holds a venomous snake "
                       "kind's word in English, French or Arabic (cobra, viper, krait, mamba, vipère, aspic, naja, "
@@ -502,8 +502,8 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
 
 
 def venomous_genus(name: str) -> tuple[TaxonInfo, str] | None:
-    """(a species of the genus ``name`` is of, how it is), when that genus (the first word, folded) is one all of whose
-    species in the shipped taxonomy are medically important venomous (``Vipera nova``, ``Ｂｉｔｉｓ nova``, ``Echis
+    """(a species of the genus ``name`` is of, how it is), when that genus (the first word, folded) is one all of
+    whose species in the shipped taxonomy are medically important venomous (``Vipera nova``, ``Ｂｉｔｉｓ nova``, ``Echis
     (juvenile)``: :func:`_venomous_genera`) and the taxonomy does not list ``name`` itself; else None."""
     if lookup_taxon(name) is not None or not (words := fold_name(name).split(" "))[0]:
         return None
@@ -670,8 +670,9 @@ def new_species_references(
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
     ``name`` in another spelling (case, ``_``, ``-``) of a gallery species or a known taxon takes that
-    spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
-    as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy (a new
+    spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept as
+    :func:`check_name` gives it (NFC, spaces collapsed, typographic apostrophes as ``'``; a hyphen kept: some
+    epithets hold one). Unset fields come from the gallery species, then the taxonomy (a new
     species' family from its genus). A new name the taxonomy does not know that is a near-spelling of a gallery
     species, a gallery species' common name, or a near-spelling of a taxon of the shipped taxonomy
     (:func:`taxonomy_lookalikes`: ``Naja nivae`` for the venomous ``Naja nivea``) is refused

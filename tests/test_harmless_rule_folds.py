@@ -93,3 +93,22 @@ def test_a_genus_all_of_whose_species_are_venomous_asks_for_the_confirmation():
                                          r"species this gallery holds are recorded venomous"):
         check_harmless_flag("Xus mitis", gallery_species=held)
     check_harmless_flag("Xus mitis", gallery_species=[*held, _held("Xus alius", None, False)])
+
+
+def test_moroccan_checks_a_folder_common_name_as_the_folder_dataset_does(tmp_path):
+    """Re-read #3: '--dataset moroccan' stored a folder's common name unchecked ('=cmd', a bidi override, U+FFFD, a
+    typographic apostrophe), where '--dataset folder' skips the folder or stores the apostrophe as "'": one check."""
+    from _cli_support import _photo
+
+    from index.datasets import load_dataset
+
+    names = ("=cmd (Naja haje)", "Cobra\u202eetpygE (Cerastes cerastes)", "Vipère\ufffd (Daboia mauritanica)",
+             "Couleuvre d\u2019Afrique (Malpolon monspessulanus)", "Naja-haje")
+    for i, name in enumerate(names):
+        _photo(tmp_path / "m" / name / f"{i}.png", i)
+    scan = load_dataset("moroccan", tmp_path / "m")
+    commons = {(r.species, r.common_name) for r in scan.records}
+    assert commons == {("Naja haje", "Egyptian cobra"),  # the checklist's: '=cmd' skipped
+                       ("Malpolon monspessulanus", "Couleuvre d'Afrique")}, commons
+    for name in names[:3]:
+        assert any(w.startswith(f"folder {name!r} skipped: the common name") for w in scan.warnings), scan.warnings
