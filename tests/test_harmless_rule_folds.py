@@ -112,3 +112,19 @@ def test_moroccan_checks_a_folder_common_name_as_the_folder_dataset_does(tmp_pat
                        ("Malpolon monspessulanus", "Couleuvre d'Afrique")}, commons
     for name in names[:3]:
         assert any(w.startswith(f"folder {name!r} skipped: the common name") for w in scan.warnings), scan.warnings
+
+
+def test_a_label_keeps_a_given_genus_the_shipped_taxonomy_knows_at_genus_rank():
+    """Re-read #4: 'Bitis arietans (juvenile)' with the manifest's genus 'Bitis' was its own group at --rank genus
+    (a stored genus equal to the label's first word was dropped), splitting a venomous genus' score."""
+    from index.records import rank_genus
+    from index.streamed import make_record
+
+    record = make_record({"species": "Bitis arietans (juvenile)", "genus": "Bitis"}, "a.jpg", "manifest")
+    assert record.genus == "Bitis" and rank_genus(record.species, record.genus) == "Bitis"
+    assert rank_genus("Echis leucogaster?", "Echis") == "Echis"
+    assert rank_genus("Samar cobra", "Naja") == "Naja"  # another word: held, as before
+    assert rank_genus("Vipère à cornes", "Vipère") == "Vipère à cornes"  # a build's first word: its own group
+    assert rank_genus("Golden Retriever Dogs", "Golden") == "Golden Retriever Dogs"
+    assert rank_genus("Vipère à cornes", None) == "Vipère à cornes"
+    assert rank_genus("Bitis arietans", "Bitis") == "Bitis"
