@@ -128,3 +128,27 @@ def test_a_label_keeps_a_given_genus_the_shipped_taxonomy_knows_at_genus_rank():
     assert rank_genus("Golden Retriever Dogs", "Golden") == "Golden Retriever Dogs"
     assert rank_genus("Vipère à cornes", None) == "Vipère à cornes"
     assert rank_genus("Bitis arietans", "Bitis") == "Bitis"
+
+
+def test_a_name_check_reads_the_species_and_their_common_names_of_one_version_once(tmp_path, capsys, monkeypatch):
+    """Re-read #6: the add's name check asked the store for its version twice (the list, then its common names),
+    and a server (stale_reads) asked it once where it asks none: names and list of one version, one read at most."""
+    from _cli_support import folder_gallery
+
+    from index.gallery import Gallery
+    from index.store import ReferenceStore
+    from retrieval.workflows import check_new_references
+
+    index = folder_gallery(tmp_path, capsys, ("Cobra d'Égypte (Naja haje)", "Natrix maura"))
+    gallery = Gallery.open(index)
+    asked: list[int] = []
+    version = ReferenceStore.version
+    monkeypatch.setattr(ReferenceStore, "version", property(lambda store: asked.append(1) or version.fget(store)))
+    check_new_references(gallery, "Naja haje", common_name="cobra d'egypte")
+    assert len(asked) == 1, asked  # a command: the table's version, asked once
+    gallery.stale_reads = True  # a server: the index's version, no round trip
+    asked.clear()
+    check_new_references(gallery, "Naja haje", common_name="cobra d'egypte")
+    assert asked == [], asked
+    held, names = gallery.species_names()
+    assert [s.species for s in held] == ["Naja haje", "Natrix maura"] and names["Naja haje"] == ["Cobra d'Égypte"]
