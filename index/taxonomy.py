@@ -76,8 +76,8 @@ def check_name(value: str, what: str = "species name", *, stored: Collection[str
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
     separator: a name is shown in tables, files and web pages, where such characters hide or reorder text; the
     replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a
-    URL); and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``, ``@SUM(A1)``), which
-    a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
+    URL); and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``,
+    ``@SUM(A1)``), which a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
     is refused too: the HTTP API's ``/v1/species/{name}`` could not address the first, and the second is a path
     separator on Windows. ``stored``: names a gallery holds already (stored before the formula rule), taken with
     their leading formula character so that photos can still be added to them. The one rule of the CLI, the API and
