@@ -371,6 +371,20 @@ def _no_photos(name: str, scans: Iterable[PhotoScan], folders: Iterable[Path]) -
     return f"{name} (holds {len(files)} file{'s' if len(files) > 1 else ''}, none a photo: {not_photos_text(files)})"
 
 
+def _checked_folder_names(folder: Path, species: str | None, common: str | None,
+                           warnings: list[str]) -> tuple[str | None, str | None] | None:
+    """A class folder's species name and common name as :func:`check_name` stores them (``species`` None: the
+    checklist's own, not checked), or None, with the warning that ``folder`` is skipped and why ("=cmd (Naja
+    haje)", a bidi override, U+FFFD): the one check of the folder and moroccan loaders."""
+    try:
+        species = check_name(species, "class folder name") if species is not None else None
+        common = check_name(common, "common name") if common else common
+    except InvalidNameError as exc:
+        warnings.append(f"folder {folder.name!r} skipped: {exc}")
+        return None
+    return species, common
+
+
 def _checklist_folder(name: str, by_key: dict) -> tuple[TaxonInfo, str | None] | None:
     """The checklist taxon a moroccan folder names, and the folder's own common name: ``Naja-haje``, ``Naja_haje``,
     ``Naja haje``, or read by the folder dataset's parser (:func:`_folder_readings`) ``Common name (Genus species)``
@@ -394,9 +408,9 @@ def _load_moroccan(root: Path, warnings: list[str], skipped: list[tuple[Path, st
         found = _checklist_folder(folder.name, by_key)
         if found is None:
             unknown.append(folder.name)
-        else:
+        elif (checked := _checked_folder_names(folder, None, found[1], warnings)) is not None:
             matched.setdefault(found[0].species, []).append(folder)
-            commons[folder] = found[1]  # as the folder dataset keeps it
+            commons[folder] = checked[1]  # as the folder dataset keeps it
     splits = [root / n for n in unknown if _holds_species(root / n, by_key)]
     if splits:  # e.g. train/Naja-haje, test/Naja-haje: the split is the root (a bare 'test' is an unknown folder)
         raise _split_error(root, splits, "moroccan")
@@ -489,12 +503,9 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     for folder in folders:
         species, common = parsed[folder]
         species = recased_label(species, genera) or species
-        try:
-            species = check_name(species, "class folder name")
-            common = check_name(common, "common name") if common else common  # "=cmd (Naja haje)": the same rule
-        except InvalidNameError as exc:
-            warnings.append(f"folder {folder.name!r} skipped: {exc}")
-            continue
+        if (checked := _checked_folder_names(folder, species, common, warnings)) is None:
+            continue  # "=cmd (Naja haje)": skipped, said
+        species, common = checked
         scan = _photos_in(folder, skipped, not_photos)
         paths = scan.photos
         if not paths:
@@ -526,7 +537,8 @@ def _load_folder(root: Path, warnings: list[str], skipped: list[tuple[Path, str]
     for r in records:  # spells it (iNaturalist 2021's), is its other species' too ('turdus viscivorus' beside one)
         if not r.family and r.genus in families:
             r.family = families[r.genus]
-    for warning in (unparsed_folders_warning(labels.values()), ambiguous_folders_warning(guesses), joined_folders_warning(joined)):
+    for warning in (unparsed_folders_warning(labels.values()), ambiguous_folders_warning(guesses),
+                    joined_folders_warning(joined)):
         if warning:
             warnings.append(warning)
     if empty:

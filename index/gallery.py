@@ -1532,6 +1532,18 @@ class Gallery:
             return cached[1]
         return self.store.species(version=self._synced_version)
 
+    def species_names(self) -> tuple[list[SpeciesSummary], dict[str, list[str]]]:
+        """(:meth:`species`, species -> every common name its references carry) of one version, as :meth:`species`
+        reads it (with ``stale_reads``, the index's: no store round trip; else the table's, asked once): a name
+        check's list and names (:func:`retrieval.workflows.add_photos`), never of two versions, and never a second
+        tally of the table where the first is kept."""
+        if not self.stale_reads:
+            return self.store.species_names()
+        cached = self.store.cached_species()
+        if cached is not None and (cached[0] == self._synced_version or self.reading_stale):
+            return self.store.species_names(version=cached[0])
+        return self.store.species_names(version=self._synced_version)
+
 
 class StoreOpenError(ValueError):
     """A gallery's store at an object-store URI could not be opened (unreachable, refused, missing): the folder

@@ -167,8 +167,8 @@ def resolve_country(text: str) -> str:
     English (pycountry's, :data:`COUNTRY_ALIASES`) or, for the Maghreb and the Sahel, French or Arabic
     (:data:`COUNTRY_NAMES_FR_AR`).
 
-    ``"MA"``, ``"ma"``, ``"MAR"``, ``"Morocco"``, ``"Maroc"``, ``"المغرب"`` -> ``"MA"``. Raises ``ValueError`` for anything else,
-    suggesting close matches where there are some.
+    ``"MA"``, ``"ma"``, ``"MAR"``, ``"Morocco"``, ``"Maroc"``, ``"المغرب"`` -> ``"MA"``. Raises ``ValueError`` for
+    anything else, suggesting close matches where there are some.
     """
     key = _country_key(text)
     names = _country_names()

@@ -48,11 +48,18 @@ def label_genus(species: str) -> str | None:
     return None if not words or looks_scientific(words) else words[0]
 
 
+@lru_cache(maxsize=1 << 16)  # asked for every candidate of every answer at --rank genus
 def rank_genus(species: str, genus: str | None) -> str | None:
-    """What ``species`` is grouped under at ``--rank genus``: its ``genus``, but a label (not a scientific name) is
-    its own group, never its first word's (galleries built before the label kept no genus stored it as one:
-    ``Vipère`` would group four unrelated French labels)."""
+    """What ``species`` is grouped under at ``--rank genus``: its ``genus``, but a label (not a scientific name) with
+    no genus, or with its own first word as genus, is its own group (galleries built before the label kept no genus
+    stored every label's first word as one: ``Vipère`` would group four unrelated French labels). A genus given with
+    a label holds: another word (``Samar cobra``, genus ``Naja``), or its first word when that is a genus the
+    shipped snake taxonomy knows (``Bitis arietans (juvenile)``, genus ``Bitis``: a manifest's column; such a
+    stored genus cannot be told from a build's first word, so another taxon's is not kept: ``Parus major
+    (juvenile)`` stays its own group)."""
+    from index.taxonomy import known_genus  # index.taxonomy imports this module
+
     first = label_genus(species)
-    if first is None:
+    if first is None or (genus and genus != first):
         return genus
-    return species if not genus or genus == first else genus
+    return genus if genus and known_genus(genus) else species

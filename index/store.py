@@ -679,14 +679,21 @@ class ReferenceStore:
         """species -> every common name its searchable rows carry, most frequent first (the summary shows the first:
         :meth:`species`), from the tally :meth:`species` keeps (read first when it is of another ``version``, default
         the table's): a species built from folders in several languages carries several."""
+        return self.species_names(version=version)[1]
+
+    def species_names(self, *, version: int | None = None) -> tuple[list[SpeciesSummary], dict[str, list[str]]]:
+        """(:meth:`species`, :meth:`common_names`) of one tally, of ``version`` (default the table's: one store round
+        trip), the table read once when the tally kept is of another: what a name check needs, both of one version."""
         version = self.version if version is None else version
-        cached = self._species_cache
-        if cached is None or cached[0] != version:
-            self.species(version=version)
-        tally = self._species_tally
-        if tally is None:
-            return {}
-        return {name: sorted(counts, key=lambda n: (-counts[n], n)) for name, counts in tally.commons.items()}
+        cached, tally = self._species_cache, self._species_tally
+        if cached is None or cached[0] != version or tally is None:
+            summaries = self.species(version=version)
+            tally = self._species_tally
+        else:
+            summaries = list(cached[1])
+        names = {} if tally is None else {name: sorted(counts, key=lambda n: (-counts[n], n))
+                                          for name, counts in tally.commons.items()}
+        return summaries, names
 
     def _carry_species(self, before: int, added: pa.Table | None = None) -> None:
         """After this store's write on top of version ``before``: move the cached species summary to the version

@@ -75,9 +75,9 @@ def check_name(value: str, what: str = "species name", *, stored: Collection[str
     Refused: empty names, names with no letter or digit, names over :data:`MAX_NAME_LENGTH` characters, any
     control, format (bidi overrides, zero-width), surrogate, private-use or unassigned character, or line
     separator: a name is shown in tables, files and web pages, where such characters hide or reorder text; the
-    replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a URL);
-    and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``, ``@SUM(A1)``), which
-    a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
+    replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a
+    URL); and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``,
+    ``@SUM(A1)``), which a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
     is refused too: the HTTP API's ``/v1/species/{name}`` could not address the first, and the second is a path
     separator on Windows. ``stored``: names a gallery holds already (stored before the formula rule), taken with
     their leading formula character so that photos can still be added to them. The one rule of the CLI, the API and
@@ -122,12 +122,16 @@ APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 _ARABIC_FOLD = str.maketrans({"\u0671": "\u0627", "\u0649": "\u064a", "\u0629": "\u0647", "\u0640": None})
 
 
+@lru_cache(maxsize=1 << 16)  # asked of every gallery species' names by each lookup and harmless flag's check
 def fold_name(name: str) -> str:
-    """``name`` as :func:`species_key` normalises it, with accents and every other combining mark dropped (NFKD:
-    ``Vipère`` is ``vipere``; the hamza of ``أفعى`` too, so it is ``افعى``'s fold) and the Arabic spellings of
+    """``name`` as :func:`species_key` normalises it, in compatibility form (NFKD, so NFKC's folding: full-width
+    ``Ｂｉｔｉｓ`` is ``bitis``, the ligature ``ﬁ`` is ``fi``), with accents and every other combining mark dropped
+    (``Vipère`` is ``vipere``; the hamza of ``أفعى`` too, so it is ``افعى``'s fold) and the Arabic spellings of
     :data:`_ARABIC_FOLD` made one: the one folding of lookups and "did you mean" (:func:`find_species`,
-    :func:`gallery_lookalikes`), of the harmless flag's rule (:func:`check_harmless_flag`) and of country names
-    (:func:`index.geography.resolve_country`). For matching only: names are stored as given (:func:`check_name`)."""
+    :func:`gallery_lookalikes`), of both halves of the harmless flag's rule (:func:`check_harmless_flag`: the
+    shipped taxonomy's names and common names, and the gallery's) and of country names
+    (:func:`index.geography.resolve_country`). For matching only: a stored name is not folded (:func:`check_name`
+    stores it in NFC, its spaces collapsed and its typographic apostrophes as ``'``, nothing else changed)."""
     text = unicodedata.normalize("NFKD", species_key(name))
     return " ".join("".join(ch for ch in text if not unicodedata.combining(ch)).translate(_ARABIC_FOLD).split())
 
@@ -370,7 +374,7 @@ def taxonomy_lookalikes(name: str, cutoff: float = NEAR_SPELLING) -> list[TaxonI
     if lookup_taxon(name) is not None:
         return []
     table = _taxonomy()
-    key = species_key(name)
+    key = fold_name(name)  # the table's keys are ASCII: their folds are themselves ('Ｎａｊａ ｎｉｖａｅ' is a typo too)
     return [table[k] for k in difflib.get_close_matches(key, list(table), n=3, cutoff=cutoff)
             if not _numbered_apart(key, k)]
 
@@ -392,8 +396,9 @@ DISTINCT_OPTION = "--distinct-from-venomous"
 #: :data:`DISTINCT_OPTION`, since the shipped lists give a common name to the Moroccan checklist's species only (in
 #: English). A hint list, not a taxonomy: a harmless snake named so (``False cobra``) needs the option too, and a
 #: venomous one named otherwise (``Eastern brown snake``) is not caught by it; a gallery's own venomous species are
-#: caught by their names (:func:`check_harmless_flag`). ``pit viper`` and ``sea krait`` are caught by ``viper`` and
-#: ``krait``.
+#: caught by their names (:func:`check_harmless_flag`), and a genus all of whose species are venomous (``Vipera``,
+#: ``Bitis``, ``Echis``) by :func:`venomous_genus`, not by a word here. ``pit viper`` and ``sea krait`` are
+#: caught by ``viper`` and ``krait``.
 VENOMOUS_KIND_WORDS = ("cobra", "viper", "krait", "mamba", "adder", "taipan", "rattlesnake", "rattler", "sea snake",
                        "coral snake", "boomslang", "lancehead", "fer-de-lance", "bushmaster", "keelback",
                        "copperhead", "cottonmouth", "water moccasin", "habu", "jararaca", "tiger snake", "asp",
@@ -411,9 +416,11 @@ _KIND_WORD = re.compile(r"(?<!\w)(?:ال)?(" + "|".join(re.escape(w).replace(r"\
 #: What a harmless flag is refused for without :data:`DISTINCT_OPTION` (the CLI's help, the API's form field).
 HARMLESS_RULE_HELP = ("a name that looks like a medically important venomous species of the shipped taxonomy (a "
                       "near-spelling; its common name, which only the Moroccan checklist's species have; its epithet "
-                      "in whatever genus, one of no other genus there) or like a species this gallery records as "
-                      "venomous (its name or a common name its references carry, or a near-spelling of one: case, "
-                      "accents, hamza and apostrophes aside), or whose name or common name holds a venomous snake "
+                      "in whatever genus, one of no other genus there; a genus all of whose species there are, "
+                      "Vipera, Bitis, Echis, Naja...) or like a species this gallery records as venomous (its name "
+                      "or a common name its references carry, or a near-spelling of one: case, accents, hamza, "
+                      "apostrophes and full-width letters aside; a genus all of whose species it holds are), or "
+                      "whose name or any of its common names holds a venomous snake "
                       "kind's word in English, French or Arabic (cobra, viper, krait, mamba, vipère, aspic, naja, "
                       "أفعى...: a hint list; a venomous snake named otherwise is not caught)")
 
@@ -450,8 +457,19 @@ def _venomous_by_epithet() -> dict[str, TaxonInfo]:
 
 @lru_cache(maxsize=1)
 def _venomous_by_common() -> dict[str, TaxonInfo]:
-    """The common name (species_key) of each medically important venomous taxon -> that taxon."""
-    return {species_key(t.common_name): t for t in _taxonomy().values() if t.common_name and t.venomous}
+    """The common name (folded: :func:`fold_name`) of each medically important venomous taxon -> that taxon."""
+    return {fold_name(t.common_name): t for t in _taxonomy().values() if t.common_name and t.venomous}
+
+
+@lru_cache(maxsize=1)
+def _venomous_genera() -> dict[str, tuple[TaxonInfo, int]]:
+    """Each genus (folded) all of whose species in the shipped taxonomy are medically important venomous (Vipera,
+    Bitis, Echis, Daboia, Crotalus, Naja...) -> (one of them, how many there are)."""
+    genera: dict[str, list[TaxonInfo]] = {}
+    for info in _taxonomy().values():
+        if info.genus:
+            genera.setdefault(fold_name(info.genus), []).append(info)
+    return {genus: (taxa[0], len(taxa)) for genus, taxa in genera.items() if all(t.venomous for t in taxa)}
 
 
 def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[TaxonInfo, str] | None:
@@ -460,51 +478,81 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
     (``name`` or ``common_name``: ``Puff adder`` for ``Bitis arietans``), or, for a name the taxonomy does not
     list, the same specific epithet, one no other genus of the taxonomy has, in whatever genus (``Cryptelytrops
     albolabris`` for ``Trimeresurus albolabris``, ``Vipera russelii`` for ``Daboia russelii``: synonyms, older or
-    newer genera, known to the table or not; not ``Bufo viridis`` for ``Crotalus viridis``). The taxon
-    itself (:func:`lookup_taxon`) is not looked for here: :func:`check_harmless_flag`, the one rule of a harmless
-    flag, refuses it outright."""
+    newer genera, known to the table or not; not ``Bufo viridis`` for ``Crotalus viridis``). Compared folded
+    (:func:`fold_name`: case, accents, full-width letters aside: ``Ｂｉｔｉｓ ａｒｉｅｔａｎｓ`` is ``Bitis
+    arietans``). The taxon itself (:func:`lookup_taxon`) is not looked for here: :func:`check_harmless_flag`, the
+    one rule of a harmless flag, refuses it outright."""
     if (taxon := lookup_taxon(name)) is not None and taxon.venomous:
         return None
     for given in (name, common_name):
-        if given and (found := _venomous_by_common().get(species_key(given))):
-            return found, f"{given!r} is its common name"
+        if given and (found := _venomous_by_common().get(fold_name(given))):
+            return found, f"{given!r} is its common name" + ("" if fold_name(given) == species_key(given) else
+                                                              f" {found.common_name!r} (case, accents aside)")
     if taxon is None:
         close = [t for t in taxonomy_lookalikes(name, SUGGESTION) if t.venomous]
         if close:
-            return close[0], f"{name!r} is a near-spelling of it"
-        words = species_key(name).split(" ")
+            same = fold_name(name) == fold_name(close[0].species)  # full-width letters, accents: the name itself
+            return close[0], (f"{name!r} is its name (case, accents, full-width letters aside)" if same else
+                              f"{name!r} is a near-spelling of it")
+        words = fold_name(name).split(" ")
         if len(words) > 1 and (found := _venomous_by_epithet().get(words[1])):
             return found, (f"{name!r} has its specific epithet, one no other genus of the taxonomy has (it may be a "
                            "synonym: an older or newer genus)")
     return None
 
 
-def gallery_venomous_lookalike(name: str, common_name: str | None, gallery_species: Iterable[SpeciesSummary],
+def venomous_genus(name: str) -> tuple[TaxonInfo, str] | None:
+    """(a species of the genus ``name`` is of, how it is), when that genus (the first word, folded) is one all of
+    whose species in the shipped taxonomy are medically important venomous (``Vipera nova``, ``Ｂｉｔｉｓ nova``, ``Echis
+    (juvenile)``: :func:`_venomous_genera`) and the taxonomy does not list ``name`` itself; else None."""
+    if lookup_taxon(name) is not None or not (words := fold_name(name).split(" "))[0]:
+        return None
+    if (genus := _venomous_genera().get(words[0])) is None:
+        return None
+    example, n = genus
+    return example, (f"{name!r} is of the genus {example.genus!r}, all {n} of whose species in the taxonomy are "
+                     "medically important venomous")
+
+
+def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | None,
+                               gallery_species: Iterable[SpeciesSummary],
                                common_names: Mapping[str, Iterable[str]] | None = None
                                ) -> tuple[SpeciesSummary, str] | None:
     """(a species of ``gallery_species`` recorded venomous that ``name`` may be, how it looks so), None when none:
-    ``name`` or ``common_name`` is its name or one of its common names (its summary's, and every one its references
-    carry: ``common_names``, species -> names), or a near-spelling of one (:data:`NEAR_SPELLING`), compared folded
-    (:func:`fold_name`: case, accents, hamza and apostrophes aside): ``Vipère de Lataste`` for a gallery's venomous
-    ``Vipera latastei`` of that common name, ``افعى موريتانيا`` for ``أفعى موريتانيا``. ``name``'s own species is
-    not looked at (its recorded flag is its own to change)."""
-    own = fold_name(name)
+    ``name`` or ``common_name`` (one name, or several: every common name ``name``'s references carry) is its name or
+    one of its common names (its summary's, and every one its references carry: ``common_names``, species ->
+    names), or a near-spelling of one (:data:`NEAR_SPELLING`), compared folded (:func:`fold_name`: case, accents,
+    hamza, apostrophes and full-width letters aside): ``Vipère de Lataste`` for a gallery's venomous ``Vipera
+    latastei`` of that common name, ``افعى موريتانيا`` for ``أفعى موريتانيا``; or ``name`` is of a genus all of whose
+    species the gallery holds are recorded venomous (``Xus mitis`` beside the venomous ``Xus venenatus`` alone).
+    Only ``name``'s own species (:func:`species_key`: the species an add joins, set-venom sets) is not looked at:
+    its recorded flag is its own to change; a fold-twin (``Elaps tachete`` beside ``Élaps tacheté``) is another."""
+    own = species_key(name)
+    commons = [common_name] if common_name is None or isinstance(common_name, str) else list(common_name)
+    givens = [(given, fold_name(given)) for given in dict.fromkeys([name, *commons]) if given]
+    genus, others = fold_name(name).split(" ")[0], []
     for held in gallery_species:
-        if not held.venomous or fold_name(held.species) == own:
+        if species_key(held.species) == own:
             continue
-        commons = [held.common_name, *((common_names or {}).get(held.species, ()))]
-        known = [(held.species, "its name")] + [(c, "its common name") for c in dict.fromkeys(commons) if c]
-        for given in (name, common_name):
-            if not given:
-                continue
-            key = fold_name(given)
+        if fold_name(held.genus or held.species).split(" ")[0] == genus and looks_scientific(held.species.split()):
+            others.append(held)  # a species of name's genus
+        if not held.venomous:
+            continue
+        names = [held.common_name, *((common_names or {}).get(held.species, ()))]
+        known = [(held.species, "its name")] + [(c, "its common name") for c in dict.fromkeys(names) if c]
+        for given, key in givens:
             for spelled, what in known:
                 if key == fold_name(spelled):
                     how = f"{given!r} is {what}" + (f" {spelled!r} (case, accents, hamza or apostrophes aside)"
                                                      if given != spelled else "")
                     return held, how
-                if difflib.SequenceMatcher(None, key, fold_name(spelled)).ratio() >= NEAR_SPELLING:
+                match = difflib.SequenceMatcher(None, key, fold_name(spelled))  # the cheap bounds first, as
+                if (match.real_quick_ratio() >= NEAR_SPELLING and match.quick_ratio() >= NEAR_SPELLING  # difflib's
+                        and match.ratio() >= NEAR_SPELLING):  # get_close_matches
                     return held, f"{given!r} is a near-spelling of {what} {spelled!r}"
+    if others and all(held.venomous for held in others) and " " in name.strip():
+        return others[0], (f"{name!r} is of its genus, all of whose {len(others)} species this gallery holds are "
+                           "recorded venomous")
     return None
 
 
@@ -514,22 +562,30 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
     """Refuse (ValueError) recording ``name`` harmless (venomous no) when it may be a medically important venomous
     taxon (:func:`venomous_lookalike`), a species of ``gallery_species`` recorded venomous
     (:func:`gallery_venomous_lookalike`; ``common_names``: every common name of a species' references), or holds a
-    venomous snake kind's word (:func:`venomous_kind_word`), unless ``distinct``: the user confirmed it is another
+    venomous snake kind's word (:func:`venomous_kind_word`), or is of a genus all of whose species are venomous
+    there (:func:`venomous_genus`), unless ``distinct``: the user confirmed it is another
     species (:data:`DISTINCT_OPTION`); refused outright, whatever ``distinct``, when the shipped taxonomy records
-    ``name`` itself venomous. The one rule of ``species set-venom NAME no`` and ``references add --venomous no``."""
+    ``name`` itself venomous. Every common name is looked at: ``common_name`` and every one ``name``'s references
+    carry (``common_names[name]``), not only the one its summary shows. The one rule of ``species set-venom NAME
+    no`` and ``references add --venomous no``."""
     if (listed := lookup_taxon(name)) is not None and listed.venomous:
         raise ValueError(f"{listed.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
                          "list): its flag stays yes (an add with no venomous flag takes it from there); a harmless "
                          "answer for a venomous snake is the costly error")
-    if not distinct and (held := gallery_venomous_lookalike(name, common_name, gallery_species, common_names)):
+    commons = [c for c in dict.fromkeys([common_name, *((common_names or {}).get(name, ()))]) if c] or [None]
+    if not distinct and (held := gallery_venomous_lookalike(name, commons, gallery_species, common_names)):
         species, how = held
         raise ValueError(f"{name!r} may be {species.species!r}, which this gallery records as medically important "
                          f"venomous: {how}; a harmless answer for a venomous snake is the costly error. If you are "
                          f"sure it is another, harmless species, add {DISTINCT_OPTION} (the API's add: "
                          "distinct_from_venomous=true); else leave the flag out (its status stays unrecorded: "
                          "answers treat it as possibly venomous)")
-    if distinct or (found := venomous_lookalike(name, common_name)) is None:
-        if not distinct and (word := venomous_kind_word(name, common_name)):  # not a lookalike: a kind's name
+    found = None if distinct else next(filter(None, (venomous_lookalike(name, c) for c in commons)), None)
+    if found is None:
+        word = None if distinct else next(
+            ((c, w) for c in commons if (w := venomous_kind_word(name, c))), None)  # not a lookalike: a kind's name
+        if word is not None:
+            common_name, word = word
             raise ValueError(f"{name!r}{f' ({common_name!r})' if common_name else ''} holds {word!r}, a kind of "
                              "venomous snake: it may be medically important venomous (the shipped taxonomy gives "
                              "common names to the Moroccan checklist's species only, so it cannot tell which); a "
@@ -537,7 +593,9 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
                              f"harmless species, add {DISTINCT_OPTION} (the API's add: distinct_from_venomous=true); "
                              "else leave the flag out (its status stays unrecorded: answers treat it as possibly "
                              "venomous)")
-        return
+        found = None if distinct else venomous_genus(name)  # after the words: 'Naja nova' is told of 'naja'
+        if found is None:
+            return
     taxon, how = found
     raise ValueError(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped taxonomy "
                      f"(SnakeCLEF's list): {how}; a harmless answer for a venomous snake is the costly error. If "
@@ -612,8 +670,9 @@ def new_species_references(
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
     ``name`` in another spelling (case, ``_``, ``-``) of a gallery species or a known taxon takes that
-    spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept
-    as given (some epithets hold a hyphen). Unset fields come from the gallery species, then the taxonomy (a new
+    spelling, so "naja-haje" joins "Naja haje" instead of starting a second species; a new name is kept as
+    :func:`check_name` gives it (NFC, spaces collapsed, typographic apostrophes as ``'``; a hyphen kept: some
+    epithets hold one). Unset fields come from the gallery species, then the taxonomy (a new
     species' family from its genus). A new name the taxonomy does not know that is a near-spelling of a gallery
     species, a gallery species' common name, or a near-spelling of a taxon of the shipped taxonomy
     (:func:`taxonomy_lookalikes`: ``Naja nivae`` for the venomous ``Naja nivea``) is refused
@@ -756,13 +815,16 @@ def gallery_lookalikes(gallery_species: Iterable[SpeciesSummary],
     """(gallery species whose common name ``name`` is, gallery species ``name`` is a near-spelling of: 3 at most,
     closest first, at :data:`NEAR_SPELLING`), compared folded (:func:`fold_name`: ``cobra d'egypte`` is the common
     name ``Cobra d'Égypte``, ``Vipere a cornes`` a spelling of ``Vipère à cornes``); ``name`` itself is not looked
-    for (:func:`find_species`)."""
+    for (:func:`find_species`). Species whose names fold alike (``Élaps tacheté``, ``Elaps tachéte``) are each
+    named: a near spelling of one is a spelling of every one of them."""
     gallery_species = list(gallery_species)
     key = fold_name(name)
     same_common = [s for s in gallery_species if s.common_name and fold_name(s.common_name) == key]
-    by_key = {fold_name(s.species): s for s in gallery_species}
-    close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=NEAR_SPELLING)
-             if not _numbered_apart(key, k)]
+    by_key: dict[str, list[SpeciesSummary]] = {}
+    for held in gallery_species:
+        by_key.setdefault(fold_name(held.species), []).append(held)
+    close = [held for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=NEAR_SPELLING)
+             if not _numbered_apart(key, k) for held in by_key[k]]
     return same_common, close
 
 

@@ -817,10 +817,11 @@ def check_new_references(
     photos for ``species``, before any work: a caller that embeds first (the API) answers a refused name without a
     forward pass. :func:`add_photos` checks again with the gallery as it is when it writes, and logs what the name
     leaves unknown (its venom status) then, once. ``api``: its messages name no server path (``DIR``)."""
-    new_species_references(species, gallery.species(), [], dataset="added", common_name=common_name,
+    held, names = gallery.species_names()  # one version, one store round trip at most
+    new_species_references(species, held, [], dataset="added", common_name=common_name,
                            venomous=venomous, new_species=new_species,
                            distinct_from_venomous=distinct_from_venomous, root="DIR" if api else gallery.root,
-                           common_names=gallery.store.common_names())
+                           common_names=names)
 
 
 #: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
@@ -881,12 +882,12 @@ def add_photos(
             uploads.append((path, item[1]))
         else:
             paths.append(Path(item))
-    held = gallery.species()
+    held, common_names = gallery.species_names()  # one version, one store round trip at most
     name, records, prior = new_species_references(
         species, held, paths, dataset=dataset, common_name=common_name, venomous=venomous, genus=genus,
         family=family, new_species=new_species, distinct_from_venomous=distinct_from_venomous,
         root="DIR" if api else gallery.root,  # an HTTP client is told no server path
-        common_names=gallery.store.common_names(),  # every name of a species' references (several languages)
+        common_names=common_names,  # every name of a species' references (several languages)
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(
@@ -1214,7 +1215,7 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     ``distinct_from_venomous`` (:func:`index.taxonomy.check_harmless_flag`). A recorded yes turned no is logged as
     a warning naming the change (its answers stop advising on a bite by it)."""
     g = _gallery(gallery)
-    held = g.species()
+    held, common_names = g.species_names()  # one version, one store round trip at most
     found = find_species(held, name, folded=True)  # "Vipere a cornes" finds "Vipère à cornes"
     if found is None:
         same_common, close = gallery_lookalikes(held, name)
@@ -1225,7 +1226,7 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
     if venomous is False:
         check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
                             distinct=distinct_from_venomous or found.venomous is False,
-                            gallery_species=held, common_names=g.store.common_names())
+                            gallery_species=held, common_names=common_names)
     count = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
