@@ -17,8 +17,12 @@ import types
 from collections.abc import Sequence
 from typing import NoReturn
 
-from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
-from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
+try:  # Ctrl-C while the command line starts (these load numpy): one line and 130, as main says it, no traceback
+    from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
+    from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
+except KeyboardInterrupt:
+    sys.stderr.write("speciesid: interrupted\n")
+    raise SystemExit(130) from None
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
@@ -213,8 +217,18 @@ def setup_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted).
 
-    Errors are one line on stderr; an unexpected one says how to see its traceback (``-vv`` re-raises it).
+    Errors are one line on stderr; an unexpected one says how to see its traceback (``-vv`` re-raises it). Ctrl-C
+    is one line wherever it comes, the command's modules loading (:func:`parser_for`) included.
     """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("speciesid: interrupted\n")
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """:func:`main` but for a Ctrl-C outside the command itself (its parser, the logging set up)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(argv)
     args = parser.parse_args(argv)

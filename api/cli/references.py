@@ -81,7 +81,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc
     except ReferencesInterrupted as exc:  # what was embedded is committed: its notes said as the normal path says them
-        status = interrupted_add(exc, args.index)
+        status = interrupted_add(exc, args.index, rest="nothing is left to add")  # rest: every photo was committed
         if exc.report.ids:  # what was added before the cut, as the normal path says it
             emit(f"{exc.species} ({'existing' if exc.existed else 'new'} species): added {len(exc.report.ids)} before "
                  "the interrupt")
