@@ -143,6 +143,33 @@ def test_a_ctrl_c_in_the_checks_after_an_add_committed_says_what_it_added(tmp_pa
                                            f"references added are all kept in {index}; nothing is left to add"), err
 
 
+@pytest.mark.parametrize("where", ["_still_there", "_sign"])
+def test_a_ctrl_c_as_the_write_lock_is_taken_does_not_keep_it(tmp_path, monkeypatch, where):
+    """#1 seen again: a Ctrl-C just as the write lock's flock was taken (the last commit's, or the index save's)
+    left the flock held by a file no one closed, so the commit made after the Ctrl-C waited 10 s for this process
+    itself and was not made. Now the flock goes with the interrupted hold."""
+    import index.locks
+    from index.locks import WriteLock
+
+    lock = WriteLock(tmp_path / ".write.lock")
+    owner = index.locks if where == "_still_there" else WriteLock
+    real, done = getattr(owner, where), []
+
+    def once(*args):
+        if not done:
+            done.append(1)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(owner, where, staticmethod(once) if owner is WriteLock else once)
+    with pytest.raises(KeyboardInterrupt), lock.hold(0):
+        pass
+    with lock.hold(0):  # taken again at once: not "another process is writing this gallery"
+        other = WriteLock(tmp_path / ".write.lock")  # a second file description: the flock is this hold's
+        with pytest.raises(TimeoutError), other.hold(0):
+            pass
+
+
 # ------------------------------------------------------------------------------- #2 the empty gallery's advice
 def _interrupted_first_build(tmp_path: Path, monkeypatch, capsys) -> tuple[Path, Path]:
     """A first build cut by Ctrl-C before any photo was kept: (gallery, photo folder)."""
@@ -226,6 +253,19 @@ def test_a_ctrl_c_while_the_command_line_imports_is_one_line():
             "runpy.run_module('api.cli', run_name='__main__')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 130 and done.stderr == "speciesid: interrupted\n", (done.returncode, done.stderr)
+
+
+def test_a_ctrl_c_once_the_command_returned_keeps_its_exit_status(tmp_path):
+    """#7: a Ctrl-C as Python tears down after the command (its output all written) made it a silent 130."""
+    code = ("import os, signal, sys\n"
+            f"sys.argv = ['speciesid', 'index', 'info', '--index', {str(tmp_path / 'none')!r}]\n"
+            "from api.cli import main\n"
+            "status = main()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.exit(99)\n")  # not reached: the command's own status
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.startswith("speciesid: error: ") and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 # ----------------------------------------------------------------------------------------- #4 evaluate's report
@@ -369,6 +409,28 @@ def test_a_ctrl_c_once_a_build_is_done_stops_nothing(tmp_path, capsys, monkeypat
                            "the lines above are its whole summary"), err
     info = json.loads(_run(capsys, "index", "info", "--index", index)[1])
     assert info["build"] == {"state": "complete", "note": ""}
+
+
+def test_a_ctrl_c_as_a_finished_add_prints_its_summary_stops_nothing(tmp_path, capsys, monkeypatch):
+    """#7, ``references add``: a Ctrl-C once the add returned, as its summary was printed, exited 130 with a bare
+    'interrupted' after half of it. Now the whole summary, its own status."""
+    import api.cli.references
+
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
+    new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(2)]
+    real = api.cli.references.id_runs
+
+    def ctrl_c_then(ids):
+        _ctrl_c()
+        return real(ids)
+
+    monkeypatch.setattr(api.cli.references, "id_runs", ctrl_c_then)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", *new)
+    assert code == 0, err
+    assert out.splitlines()[:2] == ["Naja haje (existing species): added 2, skipped 0 unreadable, 0 duplicates, in "
+                                    + out.split(" in ", 1)[1].split("\n")[0], "ids: 5-6"], out
+    assert err.strip() == ("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost, the "
+                           "lines above are its whole summary"), err
 
 
 def test_a_held_ctrl_c_then_a_second_stops_at_once():

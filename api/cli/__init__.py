@@ -9,9 +9,11 @@ command's imports (``speciesid identify`` on a cached exported encoder never imp
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
 import types
 from collections.abc import Sequence
@@ -221,10 +223,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     is one line wherever it comes, the command's modules loading (:func:`parser_for`) included.
     """
     try:
-        return _main(argv)
+        status = _main(argv)
     except KeyboardInterrupt:
         sys.stderr.write("speciesid: interrupted\n")
         return 130
+    if argv is None:  # the program itself (not a caller in-process): the command is done
+        _exit_on_ctrl_c(status)
+    return status
+
+
+def _exit_on_ctrl_c(status: int) -> None:
+    """From now on a Ctrl-C does not turn the command's ``status`` into a silent 130 after its whole output: its work
+    is done, and Python is tearing down. While it joins the libraries' threads, a Ctrl-C ends the program at once
+    with ``status``; from its exit handlers on (the libraries' own teardown, which Python runs with Ctrl-C's default
+    action back: killed), Ctrl-C is ignored."""
+
+    def done(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
+
+    with contextlib.suppress(ValueError):  # not the main thread: left as it is
+        signal.signal(signal.SIGINT, done)
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)  # the first exit handler to run (last in)
 
 
 def _main(argv: Sequence[str] | None) -> int:

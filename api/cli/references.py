@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
 from api.cli._common import (
     WEIGHTS_HELP,
@@ -17,6 +19,9 @@ from api.cli._common import (
     photo_args,
     spec_help,
 )
+
+if TYPE_CHECKING:
+    from retrieval.workflows import AddResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +94,19 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         for note in exc.notes:
             emit(f"note: {note}")
         return status
+    from index.interrupts import held_interrupt
+
+    with held_interrupt(reraise=False) as held:  # the add is done: a Ctrl-C does not cut its summary short
+        status = _add_summary(args, result, bad_args, not_read)
+    if held.came:
+        sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost, the "
+                         "lines above are its whole summary\n")
+    return status
+
+
+def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, not_read: list) -> int:
+    """Print what ``references add`` did (``result``; ``bad_args`` and ``not_read``: the arguments and entries
+    :func:`photo_args` could not use); its exit status."""
     report = result.report
     status = ("existing species" if result.existed else "new species" if result.created
               else "not created: no photo added")  # a new name none of whose photos was stored
