@@ -433,6 +433,34 @@ def test_a_ctrl_c_as_a_finished_add_prints_its_summary_stops_nothing(tmp_path, c
                            "lines above are its whole summary"), err
 
 
+@pytest.mark.parametrize("command", ["build", "add"])
+def test_a_ctrl_c_as_a_finished_command_returns_keeps_its_status(tmp_path, capsys, monkeypatch, command):
+    """#7: a Ctrl-C once the build's or add's summary is printed, as the command returns (its model and gallery torn
+    down: OpenVINO's, Lance's), exited 130 with a bare 'interrupted' after the whole summary."""
+    import api.cli.index
+    import api.cli.references
+
+    if command == "build":
+        index, argv = _build(tmp_path)
+        module = api.cli.index
+    else:
+        index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
+        argv = ["references", "add", "--index", index, "--species", "Naja haje",
+                _photo(tmp_path / "new" / "1.png", 100)]
+        module = api.cli.references
+    real = module.finished
+
+    def finished_then_ctrl_c(status):
+        real(status)
+        raise KeyboardInterrupt  # as the command's objects are torn down, after it returned its status
+
+    monkeypatch.setattr(module, "finished", finished_then_ctrl_c)
+    code, out, err = _run(capsys, *argv)
+    assert code == 0 and "added " in out, (out, err)
+    assert err.strip() == ("speciesid: the command had finished when the interrupt came (Ctrl-C): nothing was lost, "
+                           "the lines above are its whole output"), err
+
+
 def test_a_held_ctrl_c_then_a_second_stops_at_once():
     """The hold itself: a first Ctrl-C waits for the block, a second one stops it at once."""
     from index.interrupts import held_interrupt

@@ -251,6 +251,9 @@ def _exit_on_ctrl_c(status: int) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     """:func:`main` but for a Ctrl-C outside the command itself (its parser, the logging set up)."""
+    from api.cli._finish import finished_status, starting
+
+    starting()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(argv)
     args = parser.parse_args(argv)
@@ -266,6 +269,10 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stderr.write(f"speciesid: error: {store_outage(exc, args) or exc}\n")
         return 2
     except KeyboardInterrupt:
+        if (done := finished_status()) is not None:  # as the command's objects were torn down: its work is done
+            sys.stderr.write("speciesid: the command had finished when the interrupt came (Ctrl-C): nothing was "
+                             "lost, the lines above are its whole output\n")
+            return done
         sys.stderr.write("speciesid: interrupted\n")
         return 130
     except Exception as exc:  # noqa: BLE001 - a library's error on input we did not foresee: one line, not a trace

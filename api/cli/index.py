@@ -24,6 +24,7 @@ from api.cli._common import (
     to_csv,
     to_json,
 )
+from api.cli._finish import finished
 from index.compaction import AUTO_PRUNE_AGE
 from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
 
@@ -164,7 +165,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if result.interrupted_after or held.came:
         sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost, "
                          "the lines above are its whole summary\n")
-    return status
+    return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it
 
 
 def _build_summary(args: argparse.Namespace, result: BuildResult) -> int:

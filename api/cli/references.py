@@ -19,6 +19,7 @@ from api.cli._common import (
     photo_args,
     spec_help,
 )
+from api.cli._finish import finished
 
 if TYPE_CHECKING:
     from retrieval.workflows import AddResult
@@ -101,7 +102,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     if held.came:
         sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost, the "
                          "lines above are its whole summary\n")
-    return status
+    return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it
 
 
 def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, not_read: list) -> int:
