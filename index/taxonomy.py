@@ -77,11 +77,11 @@ def check_name(value: str, what: str = "species name", *, stored: Collection[str
     separator: a name is shown in tables, files and web pages, where such characters hide or reorder text; the
     replacement character U+FFFD (what a lenient decoder makes of a byte that was not UTF-8: ``Naja%FFhaje`` in a
     URL); and a name starting with a spreadsheet formula character (:data:`FORMULA_STARTS`: ``=1+1``,
-    ``@SUM(A1)``), which a spreadsheet opening a CSV export would run. A taxon name (anything but a common name) with a ``/`` or a ``\\``
-    is refused too: the HTTP API's ``/v1/species/{name}`` could not address the first, and the second is a path
-    separator on Windows. ``stored``: names a gallery holds already (stored before the formula rule), taken with
-    their leading formula character so that photos can still be added to them. The one rule of the CLI, the API and
-    the dataset loaders; messages end with an example of ``what``.
+    ``@SUM(A1)``), which a spreadsheet opening a CSV export would run. A taxon name (anything but a common name)
+    with a ``/`` or a ``\\`` is refused too: the HTTP API's ``/v1/species/{name}`` could not address the first,
+    and the second is a path separator on Windows. ``stored``: names a gallery holds already (stored before the
+    formula rule), taken with their leading formula character so that photos can still be added to them. The one
+    rule of the CLI, the API and the dataset loaders; messages end with an example of ``what``.
     """
     text = unicodedata.normalize("NFC", " ".join(str(value).split()).translate(APOSTROPHES))
     example = f"give e.g. {NAME_EXAMPLES.get(what, NAME_EXAMPLES['species name'])!r}"
@@ -472,6 +472,12 @@ def _venomous_genera() -> dict[str, tuple[TaxonInfo, int]]:
     return {genus: (taxa[0], len(taxa)) for genus, taxa in genera.items() if all(t.venomous for t in taxa)}
 
 
+@lru_cache(maxsize=1)
+def _folded_genera() -> frozenset[str]:
+    """Every genus (folded) of the shipped taxonomy."""
+    return frozenset(fold_name(info.genus) for info in _taxonomy().values() if info.genus)
+
+
 def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[TaxonInfo, str] | None:
     """(a medically important venomous taxon of the shipped taxonomy that ``name`` may be, how it looks so), None
     when none: a near-spelling (:data:`SUGGESTION`: ``Daboia russellii`` for ``Daboia russelii``), its common name
@@ -502,16 +508,29 @@ def venomous_lookalike(name: str, common_name: str | None = None) -> tuple[Taxon
 
 
 def venomous_genus(name: str) -> tuple[TaxonInfo, str] | None:
-    """(a species of the genus ``name`` is of, how it is), when that genus (the first word, folded) is one all of
-    whose species in the shipped taxonomy are medically important venomous (``Vipera nova``, ``Ｂｉｔｉｓ nova``, ``Echis
-    (juvenile)``: :func:`_venomous_genera`) and the taxonomy does not list ``name`` itself; else None."""
-    if lookup_taxon(name) is not None or not (words := fold_name(name).split(" "))[0]:
+    """(a species of the genus ``name`` is of, how it is), when that genus is one all of whose species in the
+    shipped taxonomy are medically important venomous (``Vipera nova``, ``Ｂｉｔｉｓ nova``, ``Echis (juvenile)``:
+    :func:`_venomous_genera`) and the taxonomy does not list ``name`` itself; else None. The genus is any whole
+    word of the name (:func:`name_words`) up to the first genus of the taxonomy: a qualifier in front (``cf. Bitis
+    nova``, ``juvenile Bitis nova``, ``(Bitis) nova``) does not hide it; an epithet after a genus is not one."""
+    if lookup_taxon(name) is not None:
         return None
-    if (genus := _venomous_genera().get(words[0])) is None:
-        return None
-    example, n = genus
-    return example, (f"{name!r} is of the genus {example.genus!r}, all {n} of whose species in the taxonomy are "
-                     "medically important venomous")
+    genera, known = _venomous_genera(), _folded_genera()
+    for word in name_words(name):  # every word: "cf. Bitis nova", "juvenile Bitis nova", "Echis.nova"
+        if (genus := genera.get(word)) is not None:
+            example, n = genus
+            return example, (f"{name!r} is of the genus {example.genus!r}, all {n} of whose species in the taxonomy "
+                             "are medically important venomous")
+        if word in known:  # the name's genus, another one: the words after it are epithets ("Xus naja" is not)
+            break
+    return None
+
+
+def name_words(name: str) -> list[str]:
+    """The whole words of ``name`` folded (:func:`fold_name`), split on everything but letters: ``cf. Bitis nova``,
+    ``(Bitis) nova``, ``Echis.nova`` hold ``bitis`` / ``echis``, which the harmless flag's genus rules look at
+    (a qualifier in front does not hide the genus)."""
+    return re.findall(r"[^\W\d_]+", fold_name(name))
 
 
 def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | None,
@@ -530,12 +549,14 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
     own = species_key(name)
     commons = [common_name] if common_name is None or isinstance(common_name, str) else list(common_name)
     givens = [(given, fold_name(given)) for given in dict.fromkeys([name, *commons]) if given]
-    genus, others = fold_name(name).split(" ")[0], []
+    words = name_words(name)  # every word of it may be the genus: "cf. Xus nova", "Xus.nova"
+    others: dict[str, list[SpeciesSummary]] = {}  # genus (one of name's words) -> the gallery's species of it
     for held in gallery_species:
         if species_key(held.species) == own:
             continue
-        if fold_name(held.genus or held.species).split(" ")[0] == genus and looks_scientific(held.species.split()):
-            others.append(held)  # a species of name's genus
+        genus = name_words(held.genus or held.species)[:1]
+        if genus and genus[0] in words and looks_scientific(held.species.split()):
+            others.setdefault(genus[0], []).append(held)  # a species of a genus name names
         if not held.venomous:
             continue
         names = [held.common_name, *((common_names or {}).get(held.species, ()))]
@@ -550,9 +571,14 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
                 if (match.real_quick_ratio() >= NEAR_SPELLING and match.quick_ratio() >= NEAR_SPELLING  # difflib's
                         and match.ratio() >= NEAR_SPELLING):  # get_close_matches
                     return held, f"{given!r} is a near-spelling of {what} {spelled!r}"
-    if others and all(held.venomous for held in others) and " " in name.strip():
-        return others[0], (f"{name!r} is of its genus, all of whose {len(others)} species this gallery holds are "
-                           "recorded venomous")
+    for held_of_genus in others.values() if len(words) > 1 else ():
+        # unrecorded (None) is possibly venomous, as answers take it: only a species recorded harmless breaks "all"
+        if all(held.venomous is not False for held in held_of_genus) and \
+                (venomous := [held for held in held_of_genus if held.venomous]):
+            unrecorded = len(held_of_genus) - len(venomous)
+            return venomous[0], (f"{name!r} is of its genus, all of whose {len(held_of_genus)} species this gallery "
+                                 "holds are recorded venomous" + (f" or not recorded ({unrecorded})" if unrecorded
+                                                                  else ""))
     return None
 
 

@@ -152,3 +152,35 @@ def test_a_name_check_reads_the_species_and_their_common_names_of_one_version_on
     assert asked == [], asked
     held, names = gallery.species_names()
     assert [s.species for s in held] == ["Naja haje", "Natrix maura"] and names["Naja haje"] == ["Cobra d'Égypte"]
+
+
+def test_a_qualifier_in_front_does_not_hide_a_venomous_genus():
+    """Re-read w3 #4: the genus rules looked at the first word only: 'cf. Bitis nova', '?Bitis nova', '(Bitis) nova',
+    'juvenile Bitis nova', 'Echis.nova' (and 'cf. Xus nova' beside a gallery's venomous Xus) were set harmless."""
+    from index.taxonomy import venomous_genus
+
+    for name, genus in (("cf. Bitis nova", "Bitis"), ("?Bitis nova", "Bitis"), ("(Bitis) nova", "Bitis"),
+                        ("juvenile Bitis nova", "Bitis"), ("Echis.nova", "Echis"), ("aff. Daboia nova", "Daboia")):
+        assert venomous_genus(name)[0].genus == genus, name
+        with pytest.raises(ValueError, match=rf"is of the genus '{genus}', all \d+ of whose species"):
+            check_harmless_flag(name)
+        check_harmless_flag(name, distinct=True)
+    # an epithet after a genus of the taxonomy is no genus: no false refusal of a harmless species
+    assert venomous_genus("Lycodon nova") is None and venomous_genus("Malpolon naja") is None
+    check_harmless_flag("cf. Malpolon nova")
+    held = [_held("Xus venenatus", None, True)]
+    for name in ("cf. Xus nova", "Xus.nova", "(Xus) nova"):
+        with pytest.raises(ValueError, match=r"may be 'Xus venenatus'.*is of its genus, all of whose 1 species"):
+            check_harmless_flag(name, gallery_species=held)
+
+
+def test_an_unrecorded_species_does_not_break_the_gallery_genus_rule():
+    """Re-read w3 #3: one venomous and one unrecorded species in the gallery's genus: 'Xus nova' was set harmless
+    (an unrecorded species counted as harmless; answers take it as possibly venomous). A recorded harmless one
+    still breaks the rule."""
+    held = [_held("Xus venenatus", None, True), _held("Xus ignotus", None, None)]
+    with pytest.raises(ValueError, match=r"may be 'Xus venenatus'.*'Xus nova' is of its genus, all of whose 2 species "
+                                         r"this gallery holds are recorded venomous or not recorded \(1\)"):
+        check_harmless_flag("Xus nova", gallery_species=held)
+    check_harmless_flag("Xus nova", gallery_species=[*held, _held("Xus mitis", None, False)])
+    check_harmless_flag("Xus nova", gallery_species=[_held("Xus ignotus", None, None)])  # none venomous: no rule
