@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
+#: What a held Ctrl-C says when its hold names no step of its own.
+HELD_NOTE = "finishing the step in progress"
 
 
 @dataclass
@@ -22,8 +24,9 @@ class HeldInterrupt:
 
 @contextlib.contextmanager
 def held_interrupt(note: str | None = None, *, reraise: bool = True) -> Iterator[HeldInterrupt]:
-    """Hold Ctrl-C (SIGINT) back for the block: a first one is noted (``note`` logged as a warning, "interrupted:
-    NOTE (Ctrl-C again to stop now)") and the block goes on; a second one raises KeyboardInterrupt at once. When the
+    """Hold Ctrl-C (SIGINT) back for the block: a first one is noted (``note``, else :data:`HELD_NOTE`, logged as a
+    warning at once, "interrupted: NOTE (Ctrl-C again to stop now)": the user sees why nothing stops, and how to
+    stop it) and the block goes on; a second one raises KeyboardInterrupt at once. When the
     block ends, a Ctrl-C it held is raised as KeyboardInterrupt (``reraise``), or only recorded in the yielded
     :class:`HeldInterrupt` for the caller to say. Outside the main thread (a server's worker), or while SIGINT has a
     handler other than Python's (a server's, an outer :func:`held_interrupt`), the block runs as it is."""
@@ -37,8 +40,7 @@ def held_interrupt(note: str | None = None, *, reraise: bool = True) -> Iterator
         if held.came:  # a second Ctrl-C: the user does not want to wait
             raise KeyboardInterrupt
         held.came = True
-        if note:
-            logger.warning("interrupted: %s (Ctrl-C again to stop now)", note)
+        logger.warning("interrupted: %s (Ctrl-C again to stop now)", note or HELD_NOTE)
 
     previous = signal.signal(signal.SIGINT, hold)
     try:

@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,8 +447,8 @@ def write_report(
 
     The files are made in a hidden folder inside ``out_dir`` and moved in only once all are made (the moves with
     Ctrl-C held back: :func:`index.interrupts.held_interrupt`), with the plots of an earlier report that this one
-    has not (a method it did not run) removed: a report cut short leaves the earlier one as it was, never new files
-    beside old ones. A staging folder that a killed run left is removed by the next report (after 10 minutes).
+    has not (a method it did not run, as the earlier report.json lists them) removed: a report cut short leaves the
+    earlier one as it was, never new files beside old ones; no other file of the folder is touched. A staging folder that a killed run left is removed by the next report (after 10 minutes).
 
     ``results`` maps a method name ("knn", "probe", "blend", ...) to an :func:`evaluate` dict. report.json holds
     {title, notes, results}, and ``embedding`` when given (what embedded the photos:
@@ -470,9 +470,8 @@ def write_report(
     try:
         written = _write_files(stage, results, title=title, notes=list(notes or []), embedding=embedding)
         with held_interrupt():  # the earlier report replaced whole; a Ctrl-C meanwhile is raised once it is
-            for old in out.iterdir():
-                if old.is_file() and _REPORT_FILE.match(old.name) and old.name not in written:
-                    old.unlink()  # an earlier report's plot of a method this one has not
+            for name in _earlier_plots(out) - set(written):  # an earlier report's plot of a method this one has not
+                (out / name).unlink(missing_ok=True)
             for name in sorted(written, key=lambda n: n == "report.json"):  # report.json last
                 os.replace(written[name], out / name)
             fsync_dir(out)
@@ -482,8 +481,30 @@ def write_report(
     return {name: out / name for name in written}
 
 
-#: The names of :func:`write_report`'s files: what an earlier report in the same folder may hold.
-_REPORT_FILE = re.compile(r"^(report\.json|report\.md|reliability\.png|confusion_.+\.png)$")
+def _plot_names(methods: Iterable[str]) -> dict[str, str]:
+    """The confusion plot's file name of each method (``confusion_<method>.png``, made a safe file name, numbered
+    when two methods' names make the same one): method -> file name."""
+    names: dict[str, str] = {}
+    for method in methods:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", method).strip("._") or "method"
+        name, i = f"confusion_{stem}.png", 2
+        while name in names.values():
+            name, i = f"confusion_{stem}_{i}.png", i + 1
+        names[method] = name
+    return names
+
+
+def _earlier_plots(out: Path) -> set[str]:
+    """The plots the report in ``out`` (its report.json) names as its own: one per method of its ``results``, and
+    reliability.png. Nothing when there is none, or it cannot be read: a file of the folder that no report named
+    (a user's own ``confusion_matrix_fig3.png``) is never taken for one."""
+    try:
+        results = json.loads((out / "report.json").read_text(encoding="utf-8")).get("results")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(results, dict):
+        return set()
+    return {*_plot_names(str(method) for method in results).values(), "reliability.png"}
 
 
 def _write_files(out: Path, results: dict[str, dict], *, title: str, notes: list[str],
@@ -502,12 +523,8 @@ def _write_files(out: Path, results: dict[str, dict], *, title: str, notes: list
     atomic_write(path, _markdown(results, title, notes))
     written[path.name] = path
 
-    for method, r in results.items():
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", method).strip("._") or "method"
-        name, i = f"confusion_{stem}.png", 2
-        while name in written:
-            name, i = f"confusion_{stem}_{i}.png", i + 1
-        if r.get("confusion"):
+    for method, name in _plot_names(results).items():
+        if (r := results[method]).get("confusion"):
             path = out / name
             _save_figure(_plot_confusion(method, r["confusion"]), path)
             written[name] = path

@@ -477,7 +477,8 @@ def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush:
     when that commit is made, every photo of the call is in the gallery (``after`` :data:`LAST_COMMIT`)."""
     try:
         if buf or report.added:  # else nothing to commit: the caller says so (nothing added)
-            logger.warning("interrupted: %s (Ctrl-C again to stop now)", _interrupt_text(report.added, len(buf), last))
+            logger.warning("interrupted: %s (Ctrl-C again to stop now)",
+                           _interrupt_text(report.added, len(buf), last))
         for generator in generators:
             generator.close()  # the decoders drop the photos they have not started, and are not waited for
         if buf or report.added:  # else nothing to commit, no index to save

@@ -167,8 +167,9 @@ class BuildResult:
     clean: CleanResult | None = None  # the zero-shot filter's findings (build with clean=...)
     resumed: bool = False  # the last build into the gallery had not finished: this one took it up (index.build_mark)
     #: species none of whose photos was usable (unreadable, or too small, elongated, over the pixel limit), not
-    #: held: each with how many of its photos were skipped for each kind of reason (``skip_counts``, 0s left out)
-    unread_species: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: held: each with how many of its photos were skipped for each kind of reason (``skip_counts``, 0s left out);
+    #: None: not looked for (a second Ctrl-C as the build's result was read: ``interrupted_after``)
+    unread_species: dict[str, dict[str, int]] | None = field(default_factory=dict)
     #: a Ctrl-C came once the build was done (every photo committed, the index finished, the cleaning made): it
     #: stopped nothing, and the result is whole
     interrupted_after: bool = False
@@ -267,10 +268,15 @@ def build_gallery(
         if not done:
             raise
         late = True
-    with held_interrupt(reraise=False) as held:  # the build is done: its result is read whole
-        unread = _species_unread(scan, report, gallery)
+    unread: dict[str, dict[str, int]] | None = None
+    try:  # the build is done: its result is read whole (the gallery's species: a remote store's round trip)
+        with held_interrupt("the build is done; reading its species for the summary", reraise=False) as held:
+            unread = _species_unread(scan, report, gallery)
+        late = late or held.came
+    except KeyboardInterrupt:  # a second Ctrl-C: the build is done all the same, its summary goes without them
+        late = True
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
-                       unread_species=unread, interrupted_after=late or held.came)
+                       unread_species=unread, interrupted_after=late)
 
 
 def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:

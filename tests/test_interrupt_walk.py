@@ -7,6 +7,7 @@ chosen point (a KeyboardInterrupt, or a real SIGINT to this process where a step
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -241,18 +242,60 @@ def test_a_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "speciesid: interrupted\n"
 
 
-def test_a_ctrl_c_while_the_command_line_imports_is_one_line():
-    """#3: Ctrl-C while ``api.cli`` itself imports (numpy), before main runs: one line, status 130."""
-    code = ("import sys\n"
-            "class Stop:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'api.cli.serve':\n"
-            "            raise KeyboardInterrupt\n"
-            "sys.meta_path.insert(0, Stop())\n"
-            "import runpy\n"
-            "runpy.run_module('api.cli', run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+_STOP_AT_SERVE = ("import sys\n"
+                  "class Stop:\n"
+                  "    def find_spec(self, name, path=None, target=None):\n"
+                  "        if name == 'api.cli.serve':\n"
+                  "            raise KeyboardInterrupt\n"
+                  "sys.meta_path.insert(0, Stop())\n")  # a Ctrl-C as api.cli imports its command modules
+
+
+@pytest.mark.parametrize("entry", ["from api.console import main; sys.exit(main())",  # the speciesid script's
+                                   "import runpy; runpy.run_module('api.console', run_name='__main__')"])
+def test_a_ctrl_c_while_the_command_line_imports_is_one_line(entry):
+    """#3: Ctrl-C while ``api.cli`` itself imports (numpy), before main runs: one line, status 130 (said by the
+    console entry point, which pyproject's ``speciesid`` script runs)."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["speciesid"] == "api.console:main"
+    done = subprocess.run([sys.executable, "-c", _STOP_AT_SERVE + entry + "\n"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 130 and done.stderr == "speciesid: interrupted\n", (done.returncode, done.stderr)
+
+
+def test_importing_the_command_line_says_nothing_of_a_ctrl_c():
+    """Re-read w3 #7: a Ctrl-C as anything imported ``api.cli`` (a test, a program embedding it) became a line on
+    stderr and SystemExit(130) from the import itself. Now the importer gets Python's KeyboardInterrupt."""
+    code = (_STOP_AT_SERVE + "try:\n    import api.cli\nexcept KeyboardInterrupt:\n    print('the importer has it')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "the importer has it\n", ""), done
+
+
+def test_a_ctrl_c_stops_an_exit_handler_that_hangs():
+    """Re-read w3 #1: once a command returned, Ctrl-C was ignored through Python's exit handlers (multiprocessing
+    joining its children, Ray's shutdown): one that hung could not be stopped, however often Ctrl-C was pressed.
+    Now a Ctrl-C there ends the program at once, with the command's own exit status."""
+    code = ("import atexit, sys, time\n"
+            "def teardown():\n"
+            "    sys.stderr.write('tearing down\\n'); sys.stderr.flush()\n"
+            "    time.sleep(600)\n"  # a library's teardown that hangs
+            "atexit.register(teardown)\n"
+            "from api.cli import _exit_on_ctrl_c\n"
+            "_exit_on_ctrl_c(3)\n")  # as main does once the command returned 3
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert child.stderr.readline() == "tearing down\n"  # in the exit handler
+        child.send_signal(signal.SIGINT)
+        try:
+            assert child.wait(timeout=120) == 3
+        except subprocess.TimeoutExpired:
+            pytest.fail("the Ctrl-C did not stop the exit handler")
+    finally:
+        child.kill()
+        child.wait()
+        child.stderr.close()
 
 
 def test_a_ctrl_c_once_the_command_returned_keeps_its_exit_status(tmp_path):
@@ -278,7 +321,7 @@ def _results():
 
 def _old_report(folder: Path) -> dict[str, bytes]:
     folder.mkdir(parents=True)
-    old = {"report.json": b'{"old": true}\n', "report.md": b"old\n", "confusion_blend.png": b"old plot",
+    old = {"report.json": b'{"title": "old", "results": {"blend": {}}}\n', "report.md": b"old\n", "confusion_blend.png": b"old plot",
            "reliability.png": b"old plot", "mine.txt": b"the user's own file"}
     for name, data in old.items():
         (folder / name).write_bytes(data)
@@ -331,6 +374,25 @@ def test_an_evaluation_report_replaces_the_earlier_one_whole(tmp_path, monkeypat
     assert sorted(p.name for p in out.iterdir()) == ["confusion_knn.png", "mine.txt", "reliability.png",
                                                      "report.json", "report.md"]
     assert json.loads((out / "report.json").read_text())["title"] == "t"
+
+
+def test_an_evaluation_report_leaves_the_users_own_plots(tmp_path):
+    """Re-read w3 #2: every confusion_*.png the new report did not write was deleted, a user's own figure
+    (confusion_matrix_thesis_fig3.png) with them; only the plots the earlier report.json lists are its own."""
+    from retrieval.metrics import write_report
+
+    out = tmp_path / "R"
+    _old_report(out)
+    for name in ("confusion_matrix_thesis_fig3.png", "confusion_probe.png"):  # the earlier report ran no probe
+        (out / name).write_bytes(b"the user's own figure")
+    write_report(out, {"knn": _results()}, title="t")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_knn.png", "confusion_matrix_thesis_fig3.png", "confusion_probe.png", "mine.txt",
+        "reliability.png", "report.json", "report.md"]  # the earlier report's confusion_blend.png went
+    assert (out / "confusion_matrix_thesis_fig3.png").read_bytes() == b"the user's own figure"
+    (out / "report.json").write_text("not JSON")  # a report.json that cannot be read names nothing
+    write_report(out, {"probe": _results()}, title="t")
+    assert (out / "confusion_knn.png").exists() and (out / "confusion_matrix_thesis_fig3.png").exists()
 
 
 # --------------------------------------------------------------------------------------------- #5 clean --apply
@@ -473,3 +535,71 @@ def test_a_held_ctrl_c_then_a_second_stops_at_once():
         reached.append("after the second")
     assert reached == ["after the first"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_ctrl_c_says_so_at_once(caplog):
+    """Re-read w3 #5: a hold with no note of its own held a first Ctrl-C silently: nothing happened for the user
+    (the build's gallery read: maybe a remote store's retries). Now a line at once, saying how to stop now."""
+    from index.interrupts import held_interrupt
+
+    with caplog.at_level(logging.WARNING, logger="index.interrupts"), held_interrupt(reraise=False) as held:
+        _ctrl_c()
+        assert [r.getMessage() for r in caplog.records] == [
+            "interrupted: finishing the step in progress (Ctrl-C again to stop now)"]
+    assert held.came
+
+
+@pytest.mark.parametrize("where", ["the build's result", "the summary"])
+def test_a_second_ctrl_c_once_a_build_is_done_says_the_build_is_whole(tmp_path, capsys, monkeypatch, caplog, where):
+    """Re-read w3 #5: two Ctrl-C as the built gallery's species were read (or its summary printed) ended in a bare
+    'interrupted' (130) with no summary, for a build that had completed. Now the build's summary (or what of it
+    was printed), and a line saying nothing was lost."""
+    import api.cli.index
+    import retrieval.workflows
+
+    index, build = _build(tmp_path)
+    module, name = ((retrieval.workflows, "_species_unread") if where == "the build's result"
+                    else (api.cli.index, "_build_summary"))
+    real = getattr(module, name)
+
+    def two_ctrl_c(*args, **kw):
+        _ctrl_c()
+        _ctrl_c()
+        return real(*args, **kw)  # not reached
+
+    monkeypatch.setattr(module, name, two_ctrl_c)
+    with caplog.at_level(logging.WARNING):
+        code, out, err = _run(capsys, *build)
+    assert any(r.getMessage().endswith("(Ctrl-C again to stop now)") for r in caplog.records), caplog.records
+    if where == "the build's result":
+        assert code == 0, err
+        assert out.startswith(f"gallery {index}: 5 references, 2 species"), out
+        assert err.strip().endswith("nothing was lost; the summary above does not name the species none of whose "
+                                    "photos could be used (the second Ctrl-C stopped that look: the skipped photos' "
+                                    "lines name them)"), err
+    else:
+        assert code == 130 and out == "", (out, err)
+        assert err.strip() == ("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was "
+                               "lost; its summary above was cut short ('speciesid index info --index DIR' shows "
+                               "the gallery)"), err
+    info = json.loads(_run(capsys, "index", "info", "--index", index)[1])
+    assert info["build"] == {"state": "complete", "note": ""}
+
+
+def test_a_second_ctrl_c_in_a_finished_adds_summary_says_the_add_is_whole(tmp_path, capsys, monkeypatch):
+    """Re-read w3 #5, ``references add``: two Ctrl-C as its summary was printed ended in a bare 'interrupted'. Now
+    the summary printed so far and a line saying the add had finished."""
+    import api.cli.references
+
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
+    new = [_photo(tmp_path / "new" / f"{i}.png", 100 + i) for i in range(2)]
+
+    def two_ctrl_c(ids):
+        _ctrl_c()
+        _ctrl_c()
+
+    monkeypatch.setattr(api.cli.references, "id_runs", two_ctrl_c)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje", *new)
+    assert code == 130 and out.startswith("Naja haje (existing species): added 2"), (out, err)
+    assert err.strip() == ("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost; its "
+                           "summary above was cut short"), err

@@ -9,7 +9,6 @@ command's imports (``speciesid identify`` on a cached exported encoder never imp
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import logging
 import os
@@ -19,12 +18,8 @@ import types
 from collections.abc import Sequence
 from typing import NoReturn
 
-try:  # Ctrl-C while the command line starts (these load numpy): one line and 130, as main says it, no traceback
-    from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
-    from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
-except KeyboardInterrupt:
-    sys.stderr.write("speciesid: interrupted\n")
-    raise SystemExit(130) from None
+from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve  # a Ctrl-C as they
+from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind  # load: api.console
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
@@ -240,9 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _exit_on_ctrl_c(status: int) -> None:
     """From now on a Ctrl-C does not turn the command's ``status`` into a silent 130 after its whole output: its work
-    is done, and Python is tearing down. While it joins the libraries' threads, a Ctrl-C ends the program at once
-    with ``status``; from its exit handlers on (the libraries' own teardown, which Python runs with Ctrl-C's default
-    action back: killed), Ctrl-C is ignored."""
+    is done, and Python is tearing down. While it joins the libraries' threads and runs their exit handlers (their
+    own teardown: multiprocessing joining its children, Ray's shutdown), a Ctrl-C ends the program at once with
+    ``status``; never ignored, so a teardown that hangs is stopped by it. (After the exit handlers Python puts
+    Ctrl-C's default action back: it then kills the program, which stops all the same.)"""
 
     def done(signum: int, frame: object) -> None:
         with contextlib.suppress(Exception):
@@ -252,7 +248,6 @@ def _exit_on_ctrl_c(status: int) -> None:
 
     with contextlib.suppress(ValueError):  # not the main thread: left as it is
         signal.signal(signal.SIGINT, done)
-        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)  # the first exit handler to run (last in)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -161,9 +161,18 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         return interrupted_add(exc, args.index)
     from index.interrupts import held_interrupt
 
-    with held_interrupt(reraise=False) as held:  # the build is done: a Ctrl-C does not cut its summary short
-        status = _build_summary(args, result)
-    if result.interrupted_after or held.came:
+    try:  # the build is done: a Ctrl-C does not cut its summary short (it reads the gallery: maybe a remote store)
+        with held_interrupt("the build is done; finishing its summary", reraise=False) as held:
+            status = _build_summary(args, result)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user does not want the rest of the summary
+        sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost; its "
+                         "summary above was cut short ('speciesid index info --index DIR' shows the gallery)\n")
+        return finished(130)
+    if result.unread_species is None:  # a second Ctrl-C as the build's result was read
+        sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost; the "
+                         "summary above does not name the species none of whose photos could be used (the second "
+                         "Ctrl-C stopped that look: the skipped photos' lines name them)\n")
+    elif result.interrupted_after or held.came:
         sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost, "
                          "the lines above are its whole summary\n")
     return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it

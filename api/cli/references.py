@@ -98,8 +98,13 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         return status
     from index.interrupts import held_interrupt
 
-    with held_interrupt(reraise=False) as held:  # the add is done: a Ctrl-C does not cut its summary short
-        status = _add_summary(args, result, bad_args, not_read)
+    try:  # the add is done: a Ctrl-C does not cut its summary short
+        with held_interrupt("the add is done; finishing its summary", reraise=False) as held:
+            status = _add_summary(args, result, bad_args, not_read)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user does not want the rest of the summary
+        sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost; its "
+                         "summary above was cut short\n")
+        return finished(130)
     if held.came:
         sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost, the "
                          "lines above are its whole summary\n")
