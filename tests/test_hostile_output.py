@@ -126,13 +126,13 @@ def test_the_zero_shot_scores_csv_escapes_a_formula_path(tmp_path):
 
 # --------------------------------------------------------------------------------------------- #5 terminal
 def test_printable_shows_control_characters_visibly():
-    from api.cli._common import printable_path
+    from index.text import printable
 
-    assert printable_path(ESC_NAME) == ("bite\\n  Unlikely to be a medically important venomous snake.\\x1b[8m.jpg")
-    assert printable_path("a\u202egpj.exe\u2066b\rc\x00\x7f\x9b") == "a\\u202egpj.exe\\u2066b\\rc\\x00\\x7f\\x9b"
-    assert printable_path("Vipère/أفعى/IMG 1.jpg") == "Vipère/أفعى/IMG 1.jpg"
-    assert printable_path("/x/\udcff.jpg") == "/x/\\udcff.jpg"  # a Linux name's byte that is not UTF-8
-    assert printable_path(printable_path(ESC_NAME)) == printable_path(ESC_NAME)
+    assert printable(ESC_NAME) == ("bite\\n  Unlikely to be a medically important venomous snake.\\x1b[8m.jpg")
+    assert printable("a\u202egpj.exe\u2066b\rc\x00\x7f\x9b") == "a\\u202egpj.exe\\u2066b\\rc\\x00\\x7f\\x9b"
+    assert printable("Vipère/أفعى/IMG 1.jpg") == "Vipère/أفعى/IMG 1.jpg"
+    assert printable("/x/\udcff.jpg") == "/x/\\udcff.jpg"  # a Linux name's byte that is not UTF-8
+    assert printable(printable(ESC_NAME)) == printable(ESC_NAME)
 
 
 def test_the_identify_table_prints_a_photos_name_on_one_line_and_json_keeps_it(tmp_path):
@@ -266,12 +266,13 @@ def test_a_path_given_that_is_a_device_says_so(tmp_path):
 
 def test_the_clis_warnings_and_errors_escape_a_file_names_control_characters(tmp_path, capsys):
     """A library warning or an error naming a file (a folder given that holds no photo) is shown with ESC escaped,
-    its own line breaks kept."""
+    the message's own line breaks kept."""
     import logging
 
     from api.cli import CliLogFormat, main
 
-    record = logging.LogRecord("index", logging.WARNING, __file__, 1, "%s", ("skipped a\x1b[8m.jpg\nnext line",), None)
+    record = logging.LogRecord("index", logging.WARNING, __file__, 1, "skipped %s\nnext line", ("a\x1b[8m.jpg",),
+                               None)
     assert CliLogFormat().format(record) == "speciesid: warning: skipped a\\x1b[8m.jpg\nnext line"
     folder = tmp_path / "x\x1b[2J"
     folder.mkdir()

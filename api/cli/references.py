@@ -15,9 +15,9 @@ from api.cli._common import (
     interrupted_add,
     parse_yes_no,
     photo_args,
-    printable_path,
     spec_help,
 )
+from index.text import printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,10 +106,10 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         emit(f"note: {note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
-        emit(f"not added: {printable_path(f)} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
+        emit(f"not added: {printable(f)} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
     hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
     for f, i in hidden:
-        emit(f"not searchable: {printable_path(f)} is already reference {i}, excluded by a clean run (see {args.index}/clean_log.json; "
+        emit(f"not searchable: {printable(f)} is already reference {i}, excluded by a clean run (see {args.index}/clean_log.json; "
              f"'speciesid clean --restore --index {args.index}' undoes the last run, '--restore all' every one)")
     return 1 if report.skipped or bad_args or not_read or elsewhere or hidden else 0
 
