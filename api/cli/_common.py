@@ -300,8 +300,8 @@ def add_vote_args(p: argparse.ArgumentParser, *, rows: bool = False) -> None:
         p.add_argument("--method", default="blend", choices=("blend", "knn", "probe"),
                        help="blend (kNN + probe + text prior, whatever exists; default), knn only (with the probe's "
                        "chosen k, T and metric when there is one), or probe only")
-    p.add_argument("--country", help="ISO code or name (e.g. MA, England; Maroc, المغرب: French and Arabic names of the "
-                   "Maghreb and the Sahel too): favour species recorded in that country: "
+    p.add_argument("--country", help="ISO code or name (e.g. MA, England; Maroc, المغرب: French and Arabic names of "
+                   "the Maghreb and the Sahel too): favour species recorded in that country: "
                    "in the shipped table (SnakeCLEF 2021: snakes only) or by the gallery's own photos (a manifest's "
                    "country column); species neither records keep their scores")
 

@@ -228,7 +228,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_utf8(to_json({"image": str(paths[0]), "neighbours": neighbours}))
     elif args.format == "csv":
-        emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
+        emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous",
+                                     "path"]))
     else:
         for rank, n in enumerate(neighbours, 1):
             emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {printable(n['path'])}")

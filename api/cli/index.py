@@ -176,7 +176,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links, "
-             "link loops, devices or pipes, unreadable folders: see the warning above), besides the skipped photos counted above")
+             "link loops, devices or pipes, unreadable folders: see the warning above), besides the skipped photos "
+             "counted above")
     if result.clean is not None:
         emit(result.clean.summary())
     from retrieval.workflows import venom_advice_note
