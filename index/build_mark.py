@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from index.atomic import fsync_dir, is_leftover, remove_leftovers, write_json_atomic
+from index.interrupts import held_interrupt
 from index.layout import GalleryLayout
 
 logger = logging.getLogger(__name__)
@@ -319,8 +320,9 @@ def building(root: str | Path, *, key: dict[str, Any] | None = None, photos: str
         except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - the mark must not hide the interrupt
             logger.warning("the build mark of %s was not updated: %s", root, failed)  # "running" by a dead pid:
         raise  # read as interrupted all the same
-    clear_covered(root, key, photos, taken_up=taken_up)  # first: never seen unfinished with no build on them
-    _remove(path)
+    with held_interrupt():  # the build is done: a Ctrl-C now does not leave its mark behind (raised after)
+        clear_covered(root, key, photos, taken_up=taken_up)  # first: never seen unfinished with no build on them
+        _remove(path)
 
 
 @contextlib.contextmanager
@@ -357,6 +359,7 @@ def adding(root: str | Path, species: str, photos: str | None) -> Iterator[Calla
             except (Exception, KeyboardInterrupt) as failed:  # noqa: BLE001 - the mark must not hide the interrupt
                 logger.warning("the mark of the add into %s was not updated: %s", root, failed)  # "running" by a
         raise  # dead pid: read as interrupted all the same
-    clear_covered(root, key, photos)  # first: never seen unfinished with no add on them
-    if mine:
-        _remove(GalleryLayout(root).build_marks / f"{mine['id']}.json")
+    with held_interrupt():  # the add is done: a Ctrl-C now does not leave its mark behind (raised after)
+        clear_covered(root, key, photos)  # first: never seen unfinished with no add on them
+        if mine:
+            _remove(GalleryLayout(root).build_marks / f"{mine['id']}.json")

@@ -145,29 +145,29 @@ class WriteLock:
                 raise TimeoutError(f"another thread of this process is writing this gallery (lock {self.path})")
             waited = time.monotonic() - start
         try:
-            if self._depth == 0:
-                waited += self._acquire(wait)
-            lease = None if local else self.remote
-            took = lease is not None and not lease.held
-            try:
-                if took:
-                    taking = time.monotonic()
-                    for_holder = lease.acquire(max(wait - (taking - start), 0.0), waited=waited)
-                    waited += for_holder
-                    self.lease_s += time.monotonic() - taking - for_holder
-                self.waited_s += waited
-                self._depth += 1
+            try:  # the flock released whatever comes once it is taken (a Ctrl-C just after included)
+                if self._depth == 0:
+                    waited += self._acquire(wait)
+                lease = None if local else self.remote
+                took = lease is not None and not lease.held
                 try:
-                    yield
+                    if took:
+                        taking = time.monotonic()
+                        for_holder = lease.acquire(max(wait - (taking - start), 0.0), waited=waited)
+                        waited += for_holder
+                        self.lease_s += time.monotonic() - taking - for_holder
+                    self.waited_s += waited
+                    self._depth += 1
+                    try:
+                        yield
+                    finally:
+                        self._depth -= 1
                 finally:
-                    self._depth -= 1
-            finally:
-                try:
                     if took and lease.held:  # also after an interrupt that came once the lease was taken
                         lease.release()
-                finally:
-                    if self._depth == 0:
-                        self._release()
+            finally:
+                if self._depth == 0:
+                    self._release()  # nothing when the flock was not taken
         finally:
             self._thread_lock.release()
 
@@ -183,7 +183,9 @@ class WriteLock:
 
     def _acquire(self, timeout: float) -> float:
         """Take the ``flock``, waiting up to ``timeout`` seconds for another process holding it (0: one try); the
-        seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder."""
+        seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder. Once taken, it
+        is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
+        that closes the file, and with it the ``flock`` if the try had taken it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         if fcntl is None:  # pragma: no cover
@@ -192,31 +194,38 @@ class WriteLock:
         start = time.monotonic()
         busy_since: float | None = None  # when a try first found another process holding it
         warned = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if not _still_there(fd, self.path):  # removed by its holder meanwhile (a create that failed
-                    os.close(fd)  # removes the folder it made): a lock on it locks nothing; the path's own is taken
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-                    continue
-                self._fd = fd
-                self._sign(fd)
-                return 0.0 if busy_since is None else time.monotonic() - busy_since
-            except BlockingIOError:
-                now = time.monotonic()
-                busy_since = now if busy_since is None else busy_since
-                waited = now - start
-                if waited >= timeout:
-                    holder = _lock_holder(fd) or "its holder not recorded"
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if not _still_there(fd, self.path):  # removed by its holder meanwhile (a create that failed
+                        os.close(fd)  # removes the folder it made): a lock on it locks nothing; the path's is taken
+                        fd = -1
+                        self.path.parent.mkdir(parents=True, exist_ok=True)
+                        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                        continue
+                    self._fd = fd
+                    self._sign(fd)
+                    return 0.0 if busy_since is None else time.monotonic() - busy_since
+                except BlockingIOError:
+                    now = time.monotonic()
+                    busy_since = now if busy_since is None else busy_since
+                    waited = now - start
+                    if waited >= timeout:
+                        holder = _lock_holder(fd) or "its holder not recorded"
+                        raise TimeoutError(_busy_message(self.path, holder, timeout)) from None
+                    if waited > WARN_AFTER_S and not warned:
+                        holder = _lock_holder(fd) or "its holder not recorded"
+                        logger.warning("waiting up to %.0f s in all for another process writing this gallery (%s; "
+                                       "lock %s); %s sets how long a writer waits", timeout, holder, self.path,
+                                       WAIT_ENV)
+                        warned = True
+                    time.sleep(0.02)
+        except BaseException:  # a timeout, or a Ctrl-C: the file closed (its flock, if this try took it, goes too)
+            if fd >= 0 and fd != self._fd:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                    raise TimeoutError(_busy_message(self.path, holder, timeout)) from None
-                if waited > WARN_AFTER_S and not warned:
-                    holder = _lock_holder(fd) or "its holder not recorded"
-                    logger.warning("waiting up to %.0f s in all for another process writing this gallery (%s; lock "
-                                   "%s); %s sets how long a writer waits", timeout, holder, self.path, WAIT_ENV)
-                    warned = True
-                time.sleep(0.02)
+            raise
 
     @staticmethod
     def _sign(fd: int) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from index.datasets import DatasetScan, load_dataset, require_records
 from index.exclusions import exclude
 from index.gallery import Gallery, read_gallery_info
+from index.interrupts import held_interrupt
 from index.layout import GalleryLayout
 from index.photos import first_few, not_photos_warning, scan_photos, warn_skipped
 from index.sources import read_source
@@ -152,6 +153,25 @@ class CleanResult:
                              "kept so no species disappears (check those findings by hand)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def applied_lines(self) -> list[str]:
+        """:meth:`summary`'s last lines, from what ``--apply`` did on (its notes included): what a run interrupted
+        once it applied says (:class:`CleanInterrupted`)."""
+        lines = self.summary().split("\n")
+        first = next((i for i, line in enumerate(lines) if line.startswith("applied: ")), len(lines) - len(self.notes))
+        return lines[first:]
+
+
+class CleanInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``clean --apply`` once references were excluded: ``result`` says what was applied
+    (:meth:`CleanResult.applied_lines`, its notes: the probe trained with them); ``report``: the report folder,
+    which was not written whole (None: no report was asked for)."""
+
+    def __init__(self, result: CleanResult, report: str | Path | None) -> None:
+        super().__init__(f"interrupted once {len(result.applied.excluded) if result.applied else 0} references "
+                         "were excluded")
+        self.result = result
+        self.report = report
 
 
 def apply_exclusions(
@@ -346,14 +366,25 @@ def run_clean(
         if cannot:
             result.notes.append(f"--apply-to {', '.join(cannot)} excluded nothing, this run cannot find them "
                                 f"({unfindable_text(cannot)})")
-        result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
-        if result.applied.excluded and has_probe(index):
-            result.notes.append(f"the probe of {index} was trained with the excluded references; retrain it with "
-                                f"'speciesid probe train --index {index}'")
+        # a Ctrl-C meanwhile waits for the exclusion and its log entry, then says what was applied (a second: now)
+        with held_interrupt("excluding the flagged references, then stopping", reraise=False) as held:
+            result.applied = apply_exclusions(gallery, findings, apply_kinds, report=report_dir)
+            if result.applied.excluded and has_probe(index):
+                result.notes.append(f"the probe of {index} was trained with the excluded references; retrain it "
+                                    f"with 'speciesid probe train --index {index}'")
+        if held.came:
+            if result.applied.excluded:
+                raise CleanInterrupted(result, report_dir)
+            raise KeyboardInterrupt
     result.seconds_rest = time.perf_counter() - t1
     if report_dir is not None:
         title = "speciesid clean: " + (f"{dataset} {root}" if dataset else f"gallery {index}")
-        result.files = write_report(report_dir, result, title=title, progress=progress)
+        try:
+            result.files = write_report(report_dir, result, title=title, progress=progress)
+        except KeyboardInterrupt as interrupt:  # what was applied is said, not only "interrupted"
+            if result.applied is not None and result.applied.excluded:
+                raise CleanInterrupted(result, report_dir) from interrupt
+            raise
         result.seconds_report = time.perf_counter() - t1 - result.seconds_rest
     return result
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from index.build_mark import build_status
 from index.gallery import Gallery, check_gallery_encoder, gallery_encoder_fix, read_gallery_info
 from index.layout import EncoderMismatchError, GalleryLayout, weights_only
 from index.lease import is_s3
@@ -149,6 +150,27 @@ def stored_species(index_dir: str | Path) -> list[SpeciesSummary] | None:
     except Exception:  # noqa: BLE001 - a check ahead of the open: the open itself words what is wrong
         logger.debug("could not read the species of %s", index_dir, exc_info=True)
         return None
+
+
+def no_references_error(gallery: Gallery, shown: str | Path | None = None) -> str:
+    """Why ``gallery`` (which holds no searchable reference) holds none, and what to do, in one line: a build or add
+    into it that did not finish (run it again: :func:`index.build_mark.build_status`'s note), references all
+    excluded by ``clean --apply`` (``clean --restore``), or none added yet. ``shown``: the gallery as the user named
+    it (default its folder)."""
+    why = []
+    if (status := build_status(gallery.root))["state"] != "complete":
+        why.append(status["note"])
+    try:
+        excluded = gallery.store.count(include_excluded=True) - gallery.store.count()
+    except Exception:  # noqa: BLE001 - only to word an error better: the store's own error comes at its next read
+        logger.debug("could not count the excluded references of %s", gallery.root, exc_info=True)
+        excluded = 0
+    if excluded:
+        why.append(f"{'its' if excluded > 1 else 'the'} {excluded} reference{'s are all' if excluded > 1 else ' is'} "
+                   "excluded by 'speciesid clean --apply': 'speciesid clean --restore' brings them back")
+    if not why:
+        why.append("none was added: add photos with 'speciesid index build' or 'speciesid references add'")
+    return f"gallery {gallery.root if shown is None else shown} has no searchable references: {'; '.join(why)}"
 
 
 @contextlib.contextmanager

@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
-from index.atomic import atomic_write
+from index.atomic import atomic_write, fsync_dir, remove_leftovers
+from index.interrupts import held_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +445,11 @@ def write_report(
 ) -> dict[str, Path]:
     """Write report.json, report.md, confusion_<method>.png per method and reliability.png into ``out_dir``.
 
+    The files are made in a hidden folder inside ``out_dir`` and moved in only once all are made (the moves with
+    Ctrl-C held back: :func:`index.interrupts.held_interrupt`), with the plots of an earlier report that this one
+    has not (a method it did not run) removed: a report cut short leaves the earlier one as it was, never new files
+    beside old ones. A staging folder that a killed run left is removed by the next report (after 10 minutes).
+
     ``results`` maps a method name ("knn", "probe", "blend", ...) to an :func:`evaluate` dict. report.json holds
     {title, notes, results}, and ``embedding`` when given (what embedded the photos:
     ``retrieval.protocol.embedding_setup``; the notes say it in words); report.md compares the methods, then gives
@@ -455,7 +464,31 @@ def write_report(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    notes = list(notes or [])
+    remove_leftovers(out)  # a staging folder of a run killed more than 10 minutes ago
+    stage = out / f".report.{uuid.uuid4().hex}.tmp"  # a leftover's name (index.atomic.is_leftover)
+    stage.mkdir()
+    try:
+        written = _write_files(stage, results, title=title, notes=list(notes or []), embedding=embedding)
+        with held_interrupt():  # the earlier report replaced whole; a Ctrl-C meanwhile is raised once it is
+            for old in out.iterdir():
+                if old.is_file() and _REPORT_FILE.match(old.name) and old.name not in written:
+                    old.unlink()  # an earlier report's plot of a method this one has not
+            for name in sorted(written, key=lambda n: n == "report.json"):  # report.json last
+                os.replace(written[name], out / name)
+            fsync_dir(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("wrote evaluation report (%d files) to %s", len(written), out)
+    return {name: out / name for name in written}
+
+
+#: The names of :func:`write_report`'s files: what an earlier report in the same folder may hold.
+_REPORT_FILE = re.compile(r"^(report\.json|report\.md|reliability\.png|confusion_.+\.png)$")
+
+
+def _write_files(out: Path, results: dict[str, dict], *, title: str, notes: list[str],
+                 embedding: dict[str, str] | None) -> dict[str, Path]:
+    """:func:`write_report`'s files, written into ``out``: {file name: path}."""
     written: dict[str, Path] = {}
 
     path = out / "report.json"
@@ -482,6 +515,4 @@ def write_report(
     path = out / "reliability.png"
     _save_figure(_plot_reliability(results), path)
     written[path.name] = path
-
-    log.info("wrote evaluation report (%d files) to %s", len(written), out)
     return written

@@ -427,7 +427,8 @@ class ReferencesInterrupted(KeyboardInterrupt):
     them by this call (all that it committed; fewer when another writer held the gallery too long for that last
     commit, which a warning said). ``saved`` is False when a second Ctrl-C cut that last commit short: then at
     least ``report.added`` were committed. ``after``: the Ctrl-C came once every photo was handled, during that
-    step (e.g. "finishing the index" of a build): all ``report.added`` were kept, and a re-run finishes it.
+    step (e.g. "finishing the index" of a build; :data:`LAST_COMMIT` when it came as the last rows were committed,
+    and they were): all ``report.added`` were kept, and a re-run finishes it (an add has nothing left to add).
     ``notes``: what a caller would have shown beside the result about what was kept (e.g. a new species the
     gallery's probe does not know: :func:`retrieval.workflows.add_photos` fills them in, with ``species`` (the name
     the photos were stored under) and ``existed`` (the gallery held it before))."""
@@ -447,38 +448,55 @@ class ReferencesInterrupted(KeyboardInterrupt):
 #: store's lease) before it stops without committing: the user is waiting to get the prompt back.
 INTERRUPT_WRITE_WAIT_S = 10.0
 
+#: :attr:`ReferencesInterrupted.after` of a Ctrl-C that came once every photo was embedded, as the last rows were
+#: committed (or the index saved), when that commit was then made: every photo of the call is in the gallery.
+LAST_COMMIT = "committing the last photos"
+
 
 def _photos(n: int) -> str:
     return f"{n} photo{'' if n == 1 else 's'}"
 
 
+def _interrupt_text(added: int, embedded: int, last: bool) -> str:
+    """What a Ctrl-C in :func:`add_references` does now, said at once: ``added`` rows committed before it,
+    ``embedded`` to commit, ``last``: every photo of the call was handled (the last commit)."""
+    if not embedded:
+        return f"the {_photos(added)} embedded are committed; saving the index"
+    if added:
+        return f"{_photos(added)} committed; committing the {'last ' if last else ''}{embedded} embedded since"
+    return f"committing the last {_photos(embedded)} embedded" if last else \
+        f"committing the {_photos(embedded)} embedded so far"
+
+
 def _commit_interrupted(gallery: Gallery, report: BuildReport, buf: list, flush: Callable[[], None],
                         settle: Callable[[], None], interrupt: KeyboardInterrupt,
-                        generators: Sequence[Iterator]) -> None:
+                        generators: Sequence[Iterator], *, last: bool = False) -> None:
     """After the Ctrl-C ``interrupt`` in :func:`add_references`: say so at once, commit the rows embedded (``buf``,
     by ``flush``) and save the index, waiting :data:`INTERRUPT_WRITE_WAIT_S` at most for another writer, fill in
     the report (``settle``) and raise :class:`ReferencesInterrupted`. Any Ctrl-C from here on is a second one: it
-    stops at once (``saved=False``)."""
-    committed = f"{_photos(report.added)} committed; committing the {len(buf)} embedded since" if report.added \
-        else f"committing the {_photos(len(buf))} embedded so far"
+    stops at once (``saved=False``). ``last``: the Ctrl-C came once every photo was handled (at the last commit):
+    when that commit is made, every photo of the call is in the gallery (``after`` :data:`LAST_COMMIT`)."""
     try:
-        logger.warning("interrupted: %s (Ctrl-C again to stop now)", committed)
+        if buf or report.added:  # else nothing to commit: the caller says so (nothing added)
+            logger.warning("interrupted: %s (Ctrl-C again to stop now)", _interrupt_text(report.added, len(buf), last))
         for generator in generators:
             generator.close()  # the decoders drop the photos they have not started, and are not waited for
-        wait = INTERRUPT_WRITE_WAIT_S if gallery.write_wait_s is None else min(gallery.write_wait_s,
-                                                                               INTERRUPT_WRITE_WAIT_S)
-        try:
-            with gallery.writing(wait=wait):  # the writes nested in it do not wait again
-                flush()
-                gallery.save_index()  # as a call that ends does (else the next open syncs it by difference)
-        except TimeoutError as exc:  # another writer holds the gallery: the user is not kept waiting for it
-            logger.warning("not committed: the %s embedded since the last commit are not in the gallery, whose "
-                           "writes waited %.0f s for another writer (%s)", _photos(len(buf)), wait, exc)
+        if buf or report.added:  # else nothing to commit, no index to save
+            wait = INTERRUPT_WRITE_WAIT_S if gallery.write_wait_s is None else min(gallery.write_wait_s,
+                                                                                   INTERRUPT_WRITE_WAIT_S)
+            try:
+                with gallery.writing(wait=wait):  # the writes nested in it do not wait again
+                    flush()
+                    gallery.save_index()  # as a call that ends does (else the next open syncs it by difference)
+            except TimeoutError as exc:  # another writer holds the gallery: the user is not kept waiting for it
+                logger.warning("not committed: the %s embedded since the last commit are not in the gallery, whose "
+                               "writes waited %.0f s for another writer (%s)", _photos(len(buf)), wait, exc)
+                last = False  # not every photo is in
     except KeyboardInterrupt:  # a second Ctrl-C: stop now
         settle()
         raise ReferencesInterrupted(report, saved=False) from interrupt
     settle()
-    raise ReferencesInterrupted(report) from interrupt
+    raise ReferencesInterrupted(report, after=LAST_COMMIT if last else None) from interrupt
 
 
 def _store_failures_raise(read: Reader) -> Reader:
@@ -544,6 +562,7 @@ def add_references(
     stored_id: dict[str, int] = {}  # digest -> the id its first path of this call was stored under (or found at)
     repeats: list[tuple[int, str]] = []  # (position in report.duplicate_ids, digest) of repeats within this call
     buf: list[tuple[ReferenceRecord, str, np.ndarray]] = []
+    cut: list[bool] = []  # a commit of ``buf`` was cut short by Ctrl-C: the rows it made are this call's
 
     def drop_stored(items: list[Prepared]) -> None:
         stored = gallery.store.find_sha256(i.sha256 for i in items if i.tensor is not None)
@@ -554,14 +573,21 @@ def add_references(
     def flush() -> None:
         if not buf:
             return
+        again = bool(cut)  # an earlier commit of these rows was cut short: it may have committed them
+        cut.append(True)
         ids, dropped = gallery.add_unique([b[0] for b in buf], [b[1] for b in buf], np.concatenate([b[2] for b in buf]),
                                           save_index=False, before_commit=before_commit)
         batch = buf.copy()
         buf.clear()  # committed: a Ctrl-C from here on must not commit it again (its rows "already stored")
+        cut.clear()
         report.added += len(ids)
         kept = iter(ids)
         for pos, (rec, digest, _) in enumerate(batch):
-            if pos in dropped:  # stored by another process since the batch was checked
+            if again and dropped.get(pos) is not None:  # committed by the commit the Ctrl-C cut short: this
+                report.added += 1  # call's (another process storing the same bytes in that instant: counted here)
+                report.ids.append(dropped[pos])
+                stored_id[digest] = dropped[pos]
+            elif pos in dropped:  # stored by another process since the batch was checked
                 report.add_duplicate(str(rec.path), stored_id=dropped[pos])
                 stored_id[digest] = dropped[pos]
             else:
@@ -581,6 +607,7 @@ def add_references(
                              read=_store_failures_raise(read or gallery.read_photo))  # S3-kept uploads too
     batches = (iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats)
                if embeddings is None else _given_embeddings(prepared, embeddings, encoder.batch_size, drop_stored))
+    last = False  # every photo handled: the Ctrl-C came at the last commit
     with tqdm(total=len(records), desc=desc, unit="img", disable=not progress) as bar:
         try:
             for items, emb in batches:
@@ -608,11 +635,12 @@ def add_references(
                 bar.update(len(items))
                 if on_progress:
                     on_progress(done, len(records))
+            last = True
+            flush()  # the last commit (a call of under ``chunk`` photos: its only one), under the same Ctrl-C
+            gallery.save_index()  # handling as the others: cut short, it is made again and counted
         except KeyboardInterrupt as interrupt:  # keep what was embedded: one commit (add_unique re-checks digests)
             bar.close()  # the bar's line ends before the messages
-            _commit_interrupted(gallery, report, buf, flush, settle, interrupt, (batches, prepared))
-    flush()
-    gallery.save_index()
+            _commit_interrupted(gallery, report, buf, flush, settle, interrupt, (batches, prepared), last=last)
     settle()
     logger.info("model thread: %.1f s encoding, %.1f s waiting for decoded photos (%.0f%% of %.1f s)",
                 report.stats.encode_s, report.stats.wait_s, 100 * report.stats.wait_share(report.seconds),

@@ -27,7 +27,7 @@ from index.sources import absolute_path
 from index.store import SpeciesSummary
 from index.taxonomy import load_checklist
 from retrieval.encoders import Encoder, EncoderConfig
-from retrieval.galleries import open_gallery
+from retrieval.galleries import no_references_error, open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
@@ -181,6 +181,8 @@ def train_gallery_probe(
         raise ValueError(f"--checklist adds species to the text prior, which needs an encoder that reads text (a "
                          f"CLIP-style encoder such as bioclip); gallery {index_dir} was built with {enc.spec}, which "
                          "is image-only: leave --checklist out, or build the gallery with --encoder bioclip")
+    if not len(gallery):  # why (an interrupted build, a clean run, none added) before any validation photo is read
+        raise ValueError(no_references_error(gallery, index_dir) + "; then train the probe")
     ids, vectors, labels, val = _selection_data(gallery, enc, val_dataset, val_root, val_metadata, progress,
                                                 keep_duplicates)
     taxa: dict[str, SpeciesSummary] = {}

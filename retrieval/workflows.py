@@ -46,6 +46,7 @@ from index.errors import first_line
 from index.formats import WRITTEN_BY
 from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
 from index.geography import country_presence, resolve_country
+from index.interrupts import held_interrupt
 from index.layout import GalleryLayout
 from index.lease import LeaseError, LeaseLostError, canonical_s3_uri
 from index.locks import write_lock
@@ -85,7 +86,7 @@ from retrieval.advice import (
     venom_advice_on,
     venom_applies,
 )
-from retrieval.clean import CleanResult, clean_built_gallery, run_clean
+from retrieval.clean import CleanInterrupted, CleanResult, clean_built_gallery, run_clean
 from retrieval.distributed import RayOptions, check_ray_views
 from retrieval.encoders import (
     DEFAULT_ENCODER,
@@ -99,6 +100,7 @@ from retrieval.galleries import (
     build_encoder,
     check_encoder_choice,
     empty_gallery_hint,
+    no_references_error,
     open_gallery,
     open_identifier,
     stored_species,
@@ -138,11 +140,12 @@ from retrieval.textprior import text_prior_digest, text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
-    "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanResult", "EvaluationRun",
+    "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanInterrupted", "CleanResult",
+    "EvaluationRun",
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "delete_references", "evaluate_dataset",
     "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery",
-    "open_identifier",
+    "no_references_error", "open_identifier",
     "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
     "train_gallery_probe", "withdraw_gallery_probe",
 ]
@@ -166,6 +169,9 @@ class BuildResult:
     #: species none of whose photos was usable (unreadable, or too small, elongated, over the pixel limit), not
     #: held: each with how many of its photos were skipped for each kind of reason (``skip_counts``, 0s left out)
     unread_species: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: a Ctrl-C came once the build was done (every photo committed, the index finished, the cleaning made): it
+    #: stopped nothing, and the result is whole
+    interrupted_after: bool = False
 
 
 def build_gallery(
@@ -243,19 +249,28 @@ def build_gallery(
     if venom_advice is not None:  # before the first row: a server never answers its photos otherwise
         record_venom_advice(gallery, venom_advice)
     key, photos = dataset_key(dataset, root, metadata), photos_digest(source_text(r.path) for r in scan.records)
-    # marked until it completes: readers say a partial gallery is one
-    with building(gallery.root, key=key, photos=photos, before=before) as earlier:
-        report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building",
-                                before_commit=functools.partial(record_embedding, gallery, enc, BUILD_WRITER))
-        step = "finishing the index"
-        try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
-            gallery.finish_build()
-            step = "cleaning the gallery"
-            cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
-        except KeyboardInterrupt as interrupt:
-            raise ReferencesInterrupted(report, after=step) from interrupt
+    done = late = False  # the build's work is done; a Ctrl-C came after that
+    try:
+        # marked until it completes: readers say a partial gallery is one
+        with building(gallery.root, key=key, photos=photos, before=before) as earlier:
+            report = add_references(gallery, enc, scan.records, workers=workers, progress=progress, desc="building",
+                                    before_commit=functools.partial(record_embedding, gallery, enc, BUILD_WRITER))
+            step = "finishing the index"
+            try:  # every photo is committed: a Ctrl-C now loses none, and the same command finishes the step
+                gallery.finish_build()
+                step = "cleaning the gallery"
+                cleaned = clean_built_gallery(gallery, enc, scan, clean) if clean is not None else None
+            except KeyboardInterrupt as interrupt:
+                raise ReferencesInterrupted(report, after=step) from interrupt
+            done = True
+    except KeyboardInterrupt:  # as the mark went (held until it had gone): the build is done all the same
+        if not done:
+            raise
+        late = True
+    with held_interrupt(reraise=False) as held:  # the build is done: its result is read whole
+        unread = _species_unread(scan, report, gallery)
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
-                       unread_species=_species_unread(scan, report, gallery))
+                       unread_species=unread, interrupted_after=late or held.came)
 
 
 def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:
@@ -902,6 +917,7 @@ def add_photos(
     written = [path for path, data in uploads if _keep_upload(gallery, path, data)]
     held_at_commit: list[bool] = []  # whether the species was in the gallery when this add's first rows committed
 
+    complete: ReferencesInterrupted | None = None  # a Ctrl-C once every photo was committed: said once marks go
     with adding(gallery.root, name, add_digest) as mark:  # cleared once every photo is committed
         def note_species() -> None:  # under the write lock: another add of the same name may have committed
             if not held_at_commit:  # meanwhile
@@ -917,9 +933,28 @@ def add_photos(
         except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
             exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
             exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
-            if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a re-run
-                mark(added=exc.report.added)
-            raise
+            if exc.after:  # every photo is in (the Ctrl-C came at the last commit): the add is complete
+                complete = exc
+            else:
+                if exc.report.added or not exc.saved:  # the gallery holds part of the add: readers say so until a
+                    mark(added=exc.report.added)  # re-run
+                raise
+    if complete is not None:
+        raise complete
+    try:
+        return _added(gallery, name, prior, report, held_at_commit, uploads, written, names, venom_note, api=api)
+    except KeyboardInterrupt as interrupt:  # every photo is committed: the notes and checks that follow are not
+        done = ReferencesInterrupted(report, after="checking the photos added")  # the add's: said as such
+        done.species, done.existed = name, held_at_commit[0] if held_at_commit else prior is not None
+        done.notes = _interrupted_notes(gallery, name, prior, report)
+        raise done from interrupt
+
+
+def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: BuildReport,
+           held_at_commit: list[bool], uploads: list[tuple[Path | str, bytes]], written: list[Path | str],
+           names: dict[str, list[str]], venom_note: str, *, api: bool) -> AddResult:
+    """The :class:`AddResult` of :func:`add_photos` once every photo is committed (``report``): the uploads no
+    reference uses dropped, the duplicates named, the notes and the near-copy check."""
     if venom_note and api and report.ids:  # an add that stored nothing (every photo a duplicate) made no species
         logger.warning("%s", venom_note)
     stored_meta = gallery.store.metadata(report.ids) if report.ids else None

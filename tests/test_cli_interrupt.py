@@ -116,10 +116,12 @@ def test_an_interrupted_references_add_of_a_new_species_prints_the_notes_of_what
         f"note: the probe of {index} does not know 1 species added since it was made (Vipera berus)",
         "note: Vipera berus has 1 reference photo; 'speciesid probe train' needs 2 that are not near-copies of each "
         "other, and leaves it out until then (the kNN vote alone answers it): add another photo of it"], out
-    with monkeypatch.context() as m:  # nothing kept: nothing to note
+    with monkeypatch.context() as m:  # nothing kept: nothing to note, and said so (walk s53 interrupt #6)
         _interrupt_on_batch(m, 1, module="retrieval.galleries", batch=1)
         code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Vipera aspis", *new)
-    assert code == 130 and "interrupted: 0 references kept" in err and out == "", (out, err)
+    assert code == 130 and out == "", (out, err)
+    assert err.splitlines() == [f"speciesid: interrupted before any photo was added: nothing was added to {index}; "
+                                "run the same command again to add them"], err
 
 
 def test_an_interrupted_references_add_prints_the_taxon_note_and_leaves_a_mark_until_run_again(tmp_path, capsys,

@@ -9,19 +9,25 @@ command's imports (``speciesid identify`` on a cached exported encoder never imp
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import numbers
 import os
+import signal
 import sys
 import types
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
-from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
-from index.formats import speciesid_version
-from index.text import printable
+try:  # Ctrl-C while the command line starts (these load numpy): one line and 130, as main says it, no traceback
+    from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
+    from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
+    from index.formats import speciesid_version
+    from index.text import printable
+except KeyboardInterrupt:
+    sys.stderr.write("speciesid: interrupted\n")
+    raise SystemExit(130) from None
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
@@ -253,8 +259,41 @@ def setup_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 some inputs failed, 2 error, 130 interrupted).
 
-    Errors are one line on stderr; an unexpected one says how to see its traceback (``-vv`` re-raises it).
+    Errors are one line on stderr; an unexpected one says how to see its traceback (``-vv`` re-raises it). Ctrl-C
+    is one line wherever it comes, the command's modules loading (:func:`parser_for`) included.
     """
+    try:
+        status = _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("speciesid: interrupted\n")
+        return 130
+    if argv is None:  # the program itself (not a caller in-process): the command is done
+        _exit_on_ctrl_c(status)
+    return status
+
+
+def _exit_on_ctrl_c(status: int) -> None:
+    """From now on a Ctrl-C does not turn the command's ``status`` into a silent 130 after its whole output: its work
+    is done, and Python is tearing down. While it joins the libraries' threads, a Ctrl-C ends the program at once
+    with ``status``; from its exit handlers on (the libraries' own teardown, which Python runs with Ctrl-C's default
+    action back: killed), Ctrl-C is ignored."""
+
+    def done(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status)
+
+    with contextlib.suppress(ValueError):  # not the main thread: left as it is
+        signal.signal(signal.SIGINT, done)
+        atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)  # the first exit handler to run (last in)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """:func:`main` but for a Ctrl-C outside the command itself (its parser, the logging set up)."""
+    from api.cli._finish import finished_status, starting
+
+    starting()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(argv)
     args = parser.parse_args(argv)
@@ -271,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"speciesid: error: {_shown(said)}\n")
         return 2
     except KeyboardInterrupt:
+        if (done := finished_status()) is not None:  # as the command's objects were torn down: its work is done
+            sys.stderr.write("speciesid: the command had finished when the interrupt came (Ctrl-C): nothing was "
+                             "lost, the lines above are its whole output\n")
+            return done
         sys.stderr.write("speciesid: interrupted\n")
         return 130
     except Exception as exc:  # noqa: BLE001 - a library's error on input we did not foresee: one line, not a trace

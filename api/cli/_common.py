@@ -152,13 +152,19 @@ def id_runs(ids: Sequence[int]) -> str:
     return shown + (f", ... ({rest} more)" if rest else "")
 
 
-def interrupted_add(exc: ReferencesInterrupted, index: str | Path) -> int:
-    """Say on stderr what a Ctrl-C'd ``index build`` / ``references add`` kept and how to add the rest; exit 130."""
+def interrupted_add(exc: ReferencesInterrupted, index: str | Path,
+                    rest: str = "run the same command again to finish") -> int:
+    """Say on stderr what a Ctrl-C'd ``index build`` / ``references add`` kept and how to add the rest; exit 130.
+    ``rest``: what to do when every photo was committed (``exc.after``)."""
     n = exc.report.added
     if exc.after:  # once every photo was committed (the index being finished)
         added = f"the {n} reference added is" if n == 1 else f"the {n} references added are all"
-        sys.stderr.write(f"speciesid: interrupted while {exc.after}: {added} kept in {index}; run the same command "
-                         "again to finish\n")
+        kept = f"{added} kept in {index}" if n else f"this run added no reference to {index}"
+        sys.stderr.write(f"speciesid: interrupted while {exc.after}: {kept}; {rest}\n")
+        return 130
+    if exc.saved and not n:
+        sys.stderr.write(f"speciesid: interrupted before any photo was added: nothing was added to {index}; run the "
+                         "same command again to add them\n")
         return 130
     kept = f"{n} reference{'' if n == 1 else 's'}" if exc.saved else f"at least {n} references"  # a second Ctrl-C
     sys.stderr.write(f"speciesid: interrupted: {kept} kept in {index}; run the same command again to add the rest\n")
@@ -314,8 +320,9 @@ def open_identifier(args: argparse.Namespace):
     # commands without the vote's options (search) need no probe; --method knn still votes with its chosen settings
     ident = open_ident(args.index, encoder_config(args), use_probe=hasattr(args, "method"))
     if not len(ident.gallery):
-        raise ValueError(f"gallery {args.index} has no searchable references (none added, or all excluded by "
-                         "'speciesid clean --apply': 'speciesid clean --restore' brings them back)")
+        from retrieval.workflows import no_references_error
+
+        raise ValueError(no_references_error(ident.gallery, args.index))  # an interrupted build, clean, or none
     if not hasattr(args, "knn"):
         return ident
     if args.knn is not None or args.temperature is not None or args.unknown_threshold is not None:

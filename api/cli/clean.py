@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from api.cli._common import (
     WEIGHTS_HELP,
@@ -97,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """speciesid clean: find duplicates, leaks and suspect labels; exclude or restore them (exit status)."""
-    from retrieval.workflows import CleanConfig, clean, restore_exclusions
+    from retrieval.workflows import CleanConfig, CleanInterrupted, clean, restore_exclusions
 
     if args.restore:
         if not args.index:
@@ -113,21 +114,27 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if args.apply_to is not None and not args.apply:
         raise ValueError("--apply-to says what --apply excludes; add --apply (or leave --apply-to out to only report)")
     kinds = [k.strip() for k in (args.apply_to or "off-target").split(",") if k.strip()]
-    result = clean(
-        dataset=args.dataset,
-        root=args.root,
-        metadata=args.metadata,
-        index=args.index,
-        against=args.against,
-        encoder=encoder_config(args),
-        config=CleanConfig(prompts=args.prompts, threshold=args.threshold, dup_threshold=args.dup_threshold,
-                           zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates,
-                           suspect_labels=not args.no_suspect_labels, suspect_k=args.suspect_k),
-        report_dir=args.report,
-        apply=args.apply,
-        apply_kinds=kinds,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    try:
+        result = clean(
+            dataset=args.dataset,
+            root=args.root,
+            metadata=args.metadata,
+            index=args.index,
+            against=args.against,
+            encoder=encoder_config(args),
+            config=CleanConfig(prompts=args.prompts, threshold=args.threshold, dup_threshold=args.dup_threshold,
+                               zero_shot=not args.no_zero_shot, duplicates=not args.no_duplicates,
+                               suspect_labels=not args.no_suspect_labels, suspect_k=args.suspect_k),
+            report_dir=args.report,
+            apply=args.apply,
+            apply_kinds=kinds,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except CleanInterrupted as exc:  # the exclusion is saved: what it did, and how to undo it
+        emit("\n".join(exc.result.applied_lines()))
+        sys.stderr.write(f"speciesid: interrupted once the exclusion was applied (above): the report in {exc.report} "
+                         "is incomplete; the same command writes it again (what it excluded stays excluded)\n")
+        return 130
     emit(result.summary())
     return 0

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True, metavar="DIR", help="folder holding the labelled photos")
     p.add_argument("--metadata", metavar="FILE", help="metadata CSV (snakeclef2021; rare-species: default "
                    "ROOT/metadata.csv)")
-    p.add_argument("--report", default="report", metavar="DIR", help="where to write the report (default report/)")
+    p.add_argument("--report", default="report", metavar="DIR",
+                   help="where to write the report (default report/): moved in once all of it is written, replacing "
+                   "an earlier report's files (a run cut short leaves the earlier report as it was)")
     p.add_argument("--keep-duplicates", action="store_true",
                    help="count evaluated photos the gallery already holds (same bytes or near-copies, cosine >= 0.95);"
                    " by default they are left out, and counted in the report")

@@ -25,12 +25,14 @@ from api.cli._common import (
     to_csv,
     to_json,
 )
+from api.cli._finish import finished
 from index.compaction import AUTO_PRUNE_AGE
 from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
 from index.text import printable
 
 if TYPE_CHECKING:
     from index.objects import StoredObject
+    from retrieval.workflows import BuildResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +160,18 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         )
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)
+    from index.interrupts import held_interrupt
+
+    with held_interrupt(reraise=False) as held:  # the build is done: a Ctrl-C does not cut its summary short
+        status = _build_summary(args, result)
+    if result.interrupted_after or held.came:
+        sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost, "
+                         "the lines above are its whole summary\n")
+    return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it
+
+
+def _build_summary(args: argparse.Namespace, result: BuildResult) -> int:
+    """Print what ``index build`` did (``result``); its exit status."""
     g = result.gallery
     # a resumed build's photos already in: expected, counted (listed at -v)
     quiet_stored = result.resumed and not getattr(args, "verbose", 0)

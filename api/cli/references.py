@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
 from api.cli._common import (
     WEIGHTS_HELP,
@@ -17,7 +19,11 @@ from api.cli._common import (
     photo_args,
     spec_help,
 )
+from api.cli._finish import finished
 from index.text import printable
+
+if TYPE_CHECKING:
+    from retrieval.workflows import AddResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +88,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc
     except ReferencesInterrupted as exc:  # what was embedded is committed: its notes said as the normal path says them
-        status = interrupted_add(exc, args.index)
+        status = interrupted_add(exc, args.index, rest="nothing is left to add")  # rest: every photo was committed
         if exc.report.ids:  # what was added before the cut, as the normal path says it
             emit(f"{exc.species} ({'existing' if exc.existed else 'new'} species): added {len(exc.report.ids)} before "
                  "the interrupt")
@@ -90,6 +96,19 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         for note in exc.notes:
             emit(f"note: {note}")
         return status
+    from index.interrupts import held_interrupt
+
+    with held_interrupt(reraise=False) as held:  # the add is done: a Ctrl-C does not cut its summary short
+        status = _add_summary(args, result, bad_args, not_read)
+    if held.came:
+        sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost, the "
+                         "lines above are its whole summary\n")
+    return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it
+
+
+def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, not_read: list) -> int:
+    """Print what ``references add`` did (``result``; ``bad_args`` and ``not_read``: the arguments and entries
+    :func:`photo_args` could not use); its exit status."""
     report = result.report
     status = ("existing species" if result.existed else "new species" if result.created
               else "not created: no photo added")  # a new name none of whose photos was stored
@@ -111,7 +130,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
     for f, i in hidden:
         emit(f"not searchable: {printable(f)} is already reference {i}, excluded by a clean run (see "
-             f"{args.index}/clean_log.json; 'speciesid clean --restore --index {args.index}' undoes the last run, '--restore all' every one)")
+             f"{args.index}/clean_log.json; 'speciesid clean --restore --index {args.index}' undoes the last run, "
+             "'--restore all' every one)")
     return 1 if report.skipped or bad_args or not_read or elsewhere or hidden else 0
 
 
