@@ -67,13 +67,17 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str, *, level: int =
     return cls(**known_fields(cls, data, where, level=level))
 
 
+class NewerFormatError(ValueError):
+    """A gallery folder's record was written by a newer speciesid (a higher ``format``): upgrade speciesid."""
+
+
 def check_format(path: str | Path, found: object, reads: int, *, older: str) -> None:
     """Refuse the file ``path`` whose ``format`` is ``found`` when this speciesid, which reads format ``reads``,
-    cannot read it (ValueError): a higher format was written by a newer speciesid ("upgrade speciesid"); anything
-    else that is not ``reads`` (a lower or damaged one) takes the fix ``older``."""
+    cannot read it (ValueError): a higher format was written by a newer speciesid (:class:`NewerFormatError`,
+    "upgrade speciesid"); anything else that is not ``reads`` (a lower or damaged one) takes the fix ``older``."""
     if found == reads:
         return
     if isinstance(found, int) and not isinstance(found, bool) and found > reads:
-        raise ValueError(f"{path} was written by a newer speciesid (format {found}): upgrade speciesid (this is "
+        raise NewerFormatError(f"{path} was written by a newer speciesid (format {found}): upgrade speciesid (this is "
                          f"{speciesid_version()}, which reads format {reads}) on every machine that uses it")
     raise ValueError(f"{path} has format {found!r}; this speciesid reads format {reads}: {older}")

@@ -129,6 +129,36 @@ def test_a_higher_format_is_refused_before_anything_is_done(tmp_path, capsys, re
     assert len(Gallery.open(index)) == rows == 12  # the add wrote nothing
 
 
+def test_a_running_server_refuses_writes_once_gallery_json_is_rewritten_at_a_higher_format(tmp_path, capsys):
+    """Re-read w2 #3: a server that met a newer gallery.json on its look only logged it and kept adding (201, 6 -> 7
+    rows) while the CLI refused. Now its writes answer 409 naming the upgrade, identify answers on, and /readyz is
+    degraded saying so; a gallery.json that reads again (format 1) lifts it."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = folder_gallery(tmp_path, capsys, SPECIES[:2], 6)
+    app = create_app(Settings(index=str(index), api_keys="k", precision="fp32", refresh_s=0))
+    photo = _photo(tmp_path / "n" / "0.png", 77, 64).read_bytes()
+    add = {"headers": {"X-API-Key": "k"}, "files": [("images", ("a.png", photo, "image/png"))]}
+    with TestClient(app) as client:
+        _newer(index / "gallery.json")
+        ident = client.post("/v1/identify", files=[("images", ("q.png", photo, "image/png"))])
+        assert ident.status_code == 200, ident.text
+        answer = client.post("/v1/species/Natrix maura/references", **add)
+        said = "gallery.json was written by a newer speciesid (format 2): upgrade speciesid"
+        assert answer.status_code == 409 and said in answer.json()["detail"], answer.text
+        assert "nothing was written" in answer.json()["detail"]
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "degraded" and said in ready["warning"] and "409" in ready["warning"], ready
+        _newer(index / "gallery.json", 1)
+        assert client.get("/readyz").json()["status"] == "ready"
+        answer = client.post("/v1/species/Natrix maura/references", **add)
+        assert answer.status_code == 201, answer.text
+    assert len(Gallery.open(index)) == 7  # the refused add wrote nothing; the one after it, its photo
+
+
 def test_a_newer_probe_kept_for_restore_or_shared_is_not_taken(tmp_path, capsys):
     """``probe restore`` of a probe.prev.json a newer speciesid wrote would lock this version out of the folder:
     refused, naming the upgrade."""
