@@ -161,7 +161,7 @@ def test_a_running_server_refuses_writes_once_gallery_json_is_rewritten_at_a_hig
 
 def test_a_newer_probe_kept_for_restore_or_shared_is_not_taken(tmp_path, capsys):
     """``probe restore`` of a probe.prev.json a newer speciesid wrote would lock this version out of the folder:
-    refused, naming the upgrade."""
+    refused, naming the upgrade. The shared probe's take: test_probe_share_layout (moto's S3)."""
     index = _gallery(tmp_path, capsys)
     code, _, err = _run(capsys, "probe", "train", "--index", index, "-q")  # the first probe kept as probe.prev.*
     assert code == 0, err
