@@ -23,6 +23,10 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
+#: speciesid's version, the one place it is written: ``pyproject.toml`` reads it ([tool.setuptools.dynamic]), and
+#: ``speciesid --version``, the API and ``written_by`` give it (:func:`speciesid_version`). A plain string: setuptools
+#: reads it without importing this module.
+VERSION = "0.2.0"
 #: ``gallery.json``'s format: bumped only when a reader of the previous one would misread the file.
 GALLERY_FORMAT = 1
 #: ``probe.json``'s format (a gallery's probe, a fine-tuned model folder's head): bumped likewise.
@@ -36,14 +40,9 @@ _said: set[tuple[str, frozenset[str]]] = set()
 
 
 def speciesid_version() -> str:
-    """The installed speciesid's version (``pyproject.toml``'s, read through importlib.metadata; "unknown" when
-    the code runs from a tree that was never installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("speciesid")
-    except PackageNotFoundError:
-        return "unknown"
+    """The running code's speciesid version (:data:`VERSION`, which ``pyproject.toml`` reads): a source checkout
+    reports its own, whatever version an editable install recorded when it was made."""
+    return VERSION
 
 
 def known_fields(cls: type, data: Mapping[str, Any], where: str, *, level: int = logging.INFO) -> dict[str, Any]:

@@ -188,6 +188,23 @@ def test_gallery_json_and_probe_json_record_the_version_that_wrote_them(tmp_path
     assert json.loads((index / "gallery.json").read_text())["written_by"] == version
 
 
+def test_the_version_is_the_codes_own_and_the_one_pyproject_toml_gives(monkeypatch):
+    """Re-read w2 #5: the version came from the installed package's metadata, so the project's editable .venv,
+    installed at 0.1.0, wrote "written_by": "0.1.0" from the 0.2.0 code. Now the code holds its version and
+    pyproject.toml reads it from there: what was installed does not change it."""
+    import importlib
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")  # an install made at an older version
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    module, _, name = project["tool"]["setuptools"]["dynamic"]["version"]["attr"].rpartition(".")
+    given = getattr(importlib.import_module(module), name)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", given) and speciesid_version() == given != "0.1.0"
+
+
 def _drop_embedded_by(index) -> None:
     """The gallery.json of a speciesid before embedded_by (the walk's 130e2dd gallery)."""
     data = json.loads((index / "gallery.json").read_text())
@@ -206,7 +223,11 @@ def test_a_gallery_made_before_embedded_by_says_its_runtime_is_not_recorded(tmp_
     assert info["embedded_note"].startswith(
         "the gallery does not record the runtime and precision that embedded its references (it was made by an "
         "earlier speciesid, which did not record them): similarities differ slightly")
-    assert "--runtime torch --precision fp32" in info["embedded_note"]
+    # what a speciesid before runtimes chose (re-read w2 #6: the note said fp32 unless a transformer, but on a GPU
+    # its auto chose bf16 for every encoder, CNNs included)
+    assert ("--runtime torch and the precision its auto chose: on a GPU --precision bf16 for any encoder, fp16 on a "
+            "GPU without bf16; on a CPU --precision bf16 for an open_clip encoder such as BioCLIP where the CPU has "
+            "native bf16, else fp32, timm models included") in info["embedded_note"], info["embedded_note"]
     code, out, err = _run(capsys, "identify", "--index", index, *ENCODER, tmp_path / "photos" / SPECIES[0] / "0.png")
     assert code == 0 and (out + err).count("the gallery does not record the runtime and precision") == 1, (out, err)
     assert "these photos are embedded with torch fp32" in out + err

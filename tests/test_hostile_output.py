@@ -48,6 +48,32 @@ def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
     assert decode_image(g16, max_pixels=2 * side * side).getpixel((0, 0)) == (155, 155, 155)  # at the limit: read
 
 
+def test_no_mode_a_photo_decodes_in_counts_less_than_it_costs():
+    """Re-read w2 #4: an uncompressed YCbCr TIFF cost 1.8x an 8-bit colour pixel to decode but counted 1x, a
+    palette one 2.1x counted 2x, 8-bit greyscale 1.2x counted 1x. Each now counts at least what it costs
+    (retrieval.images.MODE_WEIGHTS: rounded up to a quarter); one pixel over the weighted limit is refused, saying
+    the weight, and one at it is read."""
+    from retrieval.images import PixelLimitError, decode_image
+
+    def tiff(mode: str, colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, (100, 100), colour).save(buf, "TIFF")
+        return buf.getvalue()
+
+    photos = {"YCbCr": (tiff("YCbCr", (90, 120, 60)), 2, "YCbCr colour"),
+              "LAB": (tiff("LAB", (50, 120, 130)), 2, "CIELAB colour"),
+              "P": (_png(Image.new("P", (100, 100), 5)), 2.25, "palette colour"),
+              "L": (_png(Image.new("L", (100, 100), 90)), 1.25, "8-bit greyscale")}
+    for mode, (data, weight, words) in photos.items():
+        assert Image.open(io.BytesIO(data)).mode == mode
+        at = int(100 * 100 * weight)
+        assert decode_image(data, max_pixels=at).size == (100, 100), mode
+        with pytest.raises(PixelLimitError) as refused:
+            decode_image(data, max_pixels=at - 1, name="x")
+        assert f"for a photo of {words}" in str(refused.value), str(refused.value)
+        assert f"costs {weight:g}x the memory" in str(refused.value), str(refused.value)
+
+
 def test_high_bit_depth_and_transparency_convert_as_before_in_less_memory(monkeypatch):
     """to_rgb rescales 16-bit greyscale in strips (float64 temporaries of a strip, not of the photo) and composites
     transparency on white by a paste: the same bytes as the whole-photo float64 and alpha_composite ways."""
