@@ -60,7 +60,8 @@ print(json.dumps({"s": time.perf_counter() - t,
 
 #: The made photo's colour in each --mode it can be made in.
 _COLOURS = {"RGB": (90, 120, 60), "L": 90, "1": 1, "P": 5, "RGBA": (90, 120, 60, 128), "I;16": 30_000,
-            "YCbCr": (90, 120, 60), "LAB": (50, 120, 130), "CMYK": (10, 20, 30, 40), "LA": (90, 128)}
+            "YCbCr": (90, 120, 60), "LAB": (50, 120, 130), "CMYK": (10, 20, 30, 40), "LA": (90, 128),
+            "I": 30_000, "F": 0.5}
 
 
 def main() -> None:

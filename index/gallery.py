@@ -1349,9 +1349,9 @@ class Gallery:
             info = read_gallery_info(self.root)
         except NewerFormatError as exc:
             self.newer_format = exc
-            logger.warning("gallery %s: %s; answers go on from the record read before, and every write (adds, deletes, "
-                           "probe changes) is refused until this speciesid is upgraded and restarted", self.root,
-                           first_line(exc, 300))
+            logger.warning("gallery %s: %s; answers go on from the record read before, and every write (adds, "
+                           "deletes, probe changes) is refused until this speciesid is upgraded and restarted",
+                           self.root, first_line(exc, 300))
             return
         except ValueError as exc:
             logger.warning("gallery %s: its gallery.json changed and cannot be read (%s); the record read before is "

@@ -39,12 +39,14 @@ OVER_PIXEL_LIMIT = "(possible decompression bomb)"
 
 #: How many times a pixel of a mode counts against the pixel limit: the memory it costs through :func:`decode_image`
 #: (decoded, then made 8-bit RGB) over an 8-bit colour pixel's, rounded up to a quarter, so that no mode a photo can
-#: be decoded in is under-counted. Peak bytes a pixel, measured on 3000 x 3000 photos decoded as an upload is
-#: (``draft=448``), over RGB's 4.4: L and 1 1.2x, CMYK, YCbCr and LAB 1.8x, RGBA 1.9x, 16-bit greyscale 2.0x,
-#: P 2.1x, 32-bit and float greyscale 2.7x, LA 2.8x (docs/api.md, "Limits and errors"). Unlisted modes count 3.
+#: be decoded in is under-counted. Measured with 4 photos decoding at once, as the server's 4 decode threads do
+#: (``benchmarks/bench_decode.py --ways now --mode MODE``, docs/api.md "Limits and errors"): L 1.20x, 1 1.25x,
+#: 16-bit greyscale 1.87x, CMYK 2.17x, YCbCr 2.24x, LAB and RGBA 2.31x, P 2.43x, float greyscale 3.07x, 32-bit
+#: greyscale 3.19x, LA 3.56x. Modes not listed (none a supported format opens in, as far as tried) count 4.
 MODE_WEIGHTS: dict[str, float] = {
-    "RGB": 1, "RGBX": 1, "L": 1.25, "1": 1.25, "YCbCr": 2, "LAB": 2, "CMYK": 2, "RGBA": 2, "I;16": 2, "I;16B": 2,
-    "I;16L": 2, "I;16N": 2, "P": 2.25, "LA": 3, "La": 3, "PA": 3, "RGBa": 3, "I": 3, "F": 3}
+    "RGB": 1, "RGBX": 1, "L": 1.25, "1": 1.25, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "CMYK": 2.25,
+    "YCbCr": 2.25, "LAB": 2.5, "RGBA": 2.5, "RGBa": 2.5, "P": 2.5, "F": 3.25, "I": 3.25, "LA": 3.75, "La": 3.75,
+    "PA": 3.75}
 #: The modes that count more than once, in words for the refusal.
 MODE_WORDS = {"L": "8-bit greyscale", "1": "black and white (1-bit)", "YCbCr": "YCbCr colour",
               "LAB": "CIELAB colour", "CMYK": "CMYK colour", "RGBA": "colour with transparency (RGBA)",
@@ -56,8 +58,8 @@ MODE_WORDS = {"L": "8-bit greyscale", "1": "black and white (1-bit)", "YCbCr": "
 
 
 def mode_weight(mode: str) -> float:
-    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`MODE_WEIGHTS`; 3 when unlisted)."""
-    return MODE_WEIGHTS.get(mode, 3)
+    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`MODE_WEIGHTS`; 4 when unlisted)."""
+    return MODE_WEIGHTS.get(mode, 4)
 
 
 #: ``image.info`` key of the photo's size as stored (before any reduction at decode).

@@ -194,8 +194,9 @@ def test_the_version_is_the_codes_own_and_the_one_pyproject_toml_gives(monkeypat
     pyproject.toml reads it from there: what was installed does not change it."""
     import importlib
     import importlib.metadata
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")  # an install made at an older version
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())

@@ -18,8 +18,8 @@ STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search an
                   "before; adding, deleting, listing species and reference photos answer 503 until it answers again")
 
 #: /readyz's warning while the gallery's gallery.json was written by a newer speciesid than the server's.
-NEWER_FORMAT = ("{why}: identify and search answer from the gallery as this server read it before; adding and deleting "
-                "references answer 409 until the server's speciesid is upgraded and the server restarted")
+NEWER_FORMAT = ("{why}: identify and search answer from the gallery as this server read it before; adding and "
+                "deleting references answer 409 until the server's speciesid is upgraded and the server restarted")
 
 #: The longest /readyz and /metrics wait on the store's look for other processes' writes (then they answer what the
 #: server loaded, degraded while the look is overdue): half of a readiness probe's default timeout (Kubernetes: 1 s).
@@ -52,8 +52,9 @@ def readyz(request: Request) -> JSONResponse:
     While the gallery's store cannot be reached the server is still ready, ``"status": "degraded"``: identify and
     search answer from the references loaded before (a 503 here would take every replica out of a load balancer at
     once during a store outage); ``warning`` names the store and what answers 503 meanwhile. Degraded too while
-    gallery.json was rewritten by a newer speciesid: answers go on, writes answer 409, ``warning`` says so. ``probe``: the probe
-    answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder, never the store.
+    gallery.json was rewritten by a newer speciesid: answers go on, writes answer 409, ``warning`` says so.
+    ``probe``: the probe answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder,
+    never the store.
     ``build``: whether the last build into the gallery completed (``state`` complete, running or interrupted, and a
     ``note``): a gallery a build left partial is ready all the same, and says so (:mod:`index.build_mark`).
     ``venom_applies``: whether answers give venom advice (:meth:`retrieval.identify.Identifier.venom_applies`: on
