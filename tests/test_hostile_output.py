@@ -25,7 +25,7 @@ def _png(img: Image.Image) -> bytes:
 # --------------------------------------------------------------------------------------------- #3 decode memory
 def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
     """A 16-bit greyscale PNG decoded to ~25 bytes a pixel (5 of 49 MP peaked a server at 5.3 GB) while the limit
-    counted it as an 8-bit colour pixel: it now counts twice (transparency twice, 32-bit greyscale three times), and
+    counted it as an 8-bit colour pixel: it now counts twice (RGBA 2.5x, 32-bit greyscale 3.25x: MODE_WEIGHTS), and
     the refusal says so and what to do. Small photos and a lowered limit stand in for 49 MP."""
     from retrieval.images import OVER_PIXEL_LIMIT, PixelLimitError, decode_image
 
@@ -43,9 +43,35 @@ def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
                            "smaller"), text
     with pytest.raises(PixelLimitError, match="for a photo of colour with transparency"):
         decode_image(_png(Image.new("RGBA", (side, side))), max_pixels=limit)
-    with pytest.raises(PixelLimitError, match="of 5,000 for a photo of greyscale with transparency"):
+    with pytest.raises(PixelLimitError, match="of 4,000 for a photo of greyscale with transparency"):
         decode_image(_png(Image.new("LA", (side, side))), max_pixels=limit)
     assert decode_image(g16, max_pixels=2 * side * side).getpixel((0, 0)) == (155, 155, 155)  # at the limit: read
+
+
+def test_no_mode_a_photo_decodes_in_counts_less_than_it_costs():
+    """Re-read w2 #4: an uncompressed YCbCr TIFF cost 1.8x an 8-bit colour pixel to decode but counted 1x, a
+    palette one 2.4x counted 2x, 8-bit greyscale 1.2x counted 1x (4 decoding at once, as a server does). Each now
+    counts at least what it costs (retrieval.images.MODE_WEIGHTS: rounded up to a quarter); one pixel over the
+    weighted limit is refused, saying the weight, and one at it is read."""
+    from retrieval.images import PixelLimitError, decode_image
+
+    def tiff(mode: str, colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, (100, 100), colour).save(buf, "TIFF")
+        return buf.getvalue()
+
+    photos = {"YCbCr": (tiff("YCbCr", (90, 120, 60)), 2.25, "YCbCr colour"),
+              "LAB": (tiff("LAB", (50, 120, 130)), 2.5, "CIELAB colour"),
+              "P": (_png(Image.new("P", (100, 100), 5)), 2.5, "palette colour"),
+              "L": (_png(Image.new("L", (100, 100), 90)), 1.25, "8-bit greyscale")}
+    for mode, (data, weight, words) in photos.items():
+        assert Image.open(io.BytesIO(data)).mode == mode
+        at = int(100 * 100 * weight)
+        assert decode_image(data, max_pixels=at).size == (100, 100), mode
+        with pytest.raises(PixelLimitError) as refused:
+            decode_image(data, max_pixels=at - 1, name="x")
+        assert f"for a photo of {words}" in str(refused.value), str(refused.value)
+        assert f"costs {weight:g}x the memory" in str(refused.value), str(refused.value)
 
 
 def test_high_bit_depth_and_transparency_convert_as_before_in_less_memory(monkeypatch):
