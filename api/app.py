@@ -233,7 +233,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
 
     app = _fastapi(
         title="speciesid",
-        version=speciesid_version(),  # pyproject.toml's, as installed (importlib.metadata)
+        version=speciesid_version(),  # the code's own (index.formats.VERSION, which pyproject.toml reads)
         description="Identify animal species from photos by embedding retrieval. Writes need X-API-Key.",
         lifespan=lifespan,
     )

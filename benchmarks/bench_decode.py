@@ -14,6 +14,7 @@ Each side runs in a fresh process (peak RSS = that process's high-water mark); m
     .venv/bin/python benchmarks/bench_decode.py --format JPEG --side 6000
     .venv/bin/python benchmarks/bench_decode.py --photo IMG_0001.HEIC   # a phone's own photo, 5 copies of it
     .venv/bin/python benchmarks/bench_decode.py --mode "I;16" --side 5000 --ways now   # 16-bit greyscale PNG
+    .venv/bin/python benchmarks/bench_decode.py --mode YCbCr --format TIFF --side 5000 --ways now
 
 A HEIC (HEVC) photo has no reduced-scale decode (libheif decodes every tile), so ``now`` saves memory there, not time.
 """
@@ -57,15 +58,21 @@ print(json.dumps({"s": time.perf_counter() - t,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+#: The made photo's colour in each --mode it can be made in.
+_COLOURS = {"RGB": (90, 120, 60), "L": 90, "1": 1, "P": 5, "RGBA": (90, 120, 60, 128), "I;16": 30_000,
+            "YCbCr": (90, 120, 60), "LAB": (50, 120, 130), "CMYK": (10, 20, 30, 40), "LA": (90, 128),
+            "I": 30_000, "F": 0.5}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=7000, help="photo side in pixels (default 7000: 49 MP)")
-    ap.add_argument("--format", default="PNG", choices=("PNG", "JPEG", "WEBP", "HEIF"),
-                    help="photo format (default PNG; HEIF: a HEIC, written by pillow-heif)")
-    ap.add_argument("--mode", default="RGB", choices=("RGB", "L", "RGBA", "I;16"),
+    ap.add_argument("--format", default="PNG", choices=("PNG", "JPEG", "WEBP", "HEIF", "TIFF"),
+                    help="photo format (default PNG; HEIF: a HEIC, written by pillow-heif; TIFF, uncompressed: the "
+                    "format of --mode YCbCr, LAB and CMYK)")
+    ap.add_argument("--mode", default="RGB", choices=tuple(_COLOURS),
                     help="pixel mode of the made photo (default RGB: 8-bit colour; I;16: 16-bit greyscale, which "
-                    "counts twice against the pixel limit, as RGBA does)")
+                    "counts twice against the pixel limit, as RGBA does: retrieval.images.MODE_WEIGHTS)")
     ap.add_argument("--ways", default="before,now", help="the ways to run, comma-separated (default before,now)")
     ap.add_argument("--photo", type=Path, help="decode this photo (a phone's HEIC, JPEG...) instead of a made one: "
                     "--side and --format are then ignored")
@@ -80,8 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photo = args.photo or Path(tmp) / f"big.{args.format.lower()}"
         if args.photo is None:
-            colour = {"RGB": (90, 120, 60), "L": 90, "RGBA": (90, 120, 60, 128), "I;16": 30_000}[args.mode]
-            Image.new(args.mode, (args.side, args.side), colour).save(photo, args.format)
+            Image.new(args.mode, (args.side, args.side), _COLOURS[args.mode]).save(photo, args.format)
         with Image.open(photo) as img:
             (width, height), kind, mode = img.size, img.format, img.mode
         rows = {}

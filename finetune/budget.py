@@ -22,14 +22,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from finetune.config import FinetuneConfig
 from finetune.engine import autocast, set_train_mode, sizes_measured, train_step
+from index.formats import from_dict
 
 if TYPE_CHECKING:
     from timm.data import Mixup
@@ -70,6 +71,12 @@ class BudgetPlan:
 
     def to_dict(self) -> dict:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any] | None, where: str) -> BudgetPlan | None:
+        """The plan a checkpoint saved (``where``: its file, for the log); None when it saved none. A key this
+        version does not know (a newer one's) is ignored and logged once (:func:`index.formats.from_dict`)."""
+        return from_dict(cls, data, where) if data else None
 
 
 def plan_epochs(budget_s: float, fixed_s: float, epoch_s: float, frozen_epoch_s: float, *, freeze_epochs: int,

@@ -256,7 +256,7 @@ def _prepare(config: FinetuneConfig, *, progress: bool, report: Callable[[str], 
     plan, max_epochs = None, cfg.epochs
     if cfg.time_budget and checkpoint is not None:
         cfg.epochs = int(checkpoint["settings"]["epochs"])  # the epochs fitted when the run began (or re-planned)
-        plan = BudgetPlan(**checkpoint["plan"]) if checkpoint.get("plan") else None  # its deadline goes on
+        plan = BudgetPlan.from_saved(checkpoint.get("plan"), str(out / CHECKPOINT))  # its deadline goes on
         max_epochs = plan.max_epochs if plan is not None else max_epochs
     elif cfg.time_budget:
         rng = rng_state()  # the timed steps draw augmentations: the run goes on as if they had not happened

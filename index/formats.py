@@ -6,8 +6,10 @@
 - **``format`` is bumped only for a real break**: a change an older reader would misread. A reader that meets a
   higher format refuses, before it does anything, with "written by a newer speciesid (format N): upgrade speciesid"
   (:func:`check_format`).
-- **Every write of ``gallery.json`` and ``probe.json`` records ``written_by``**: the speciesid version that wrote it
-  (:func:`speciesid_version`), which ``index info`` shows.
+- **Every write of ``gallery.json``, and every save of a probe (``probe train``, ``probe import``), records
+  ``written_by``**: the speciesid version that wrote it (:func:`speciesid_version`), which ``index info`` shows. A
+  probe brought back (``probe restore``) or taken from the store (a shared probe) is copied as saved, its
+  ``written_by`` with it: it names the version that made the probe, which decides how its settings were chosen.
 
 CONTRIBUTING.md ("Gallery formats") says how to add a field; tests/test_formats.py is the compat test.
 """
@@ -23,11 +25,16 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
+#: speciesid's version, the one place it is written: ``pyproject.toml`` reads it ([tool.setuptools.dynamic]), and
+#: ``speciesid --version``, the API and ``written_by`` give it (:func:`speciesid_version`). A plain string:
+#: setuptools reads it without importing this module.
+VERSION = "0.2.0"
 #: ``gallery.json``'s format: bumped only when a reader of the previous one would misread the file.
 GALLERY_FORMAT = 1
 #: ``probe.json``'s format (a gallery's probe, a fine-tuned model folder's head): bumped likewise.
 PROBE_FORMAT = 1
-#: The key of ``gallery.json`` and ``probe.json`` that names the speciesid version that last wrote the file.
+#: The key of ``gallery.json`` and ``probe.json`` that names the speciesid version that last wrote the file (for
+#: ``probe.json``: that saved the probe, kept when it is restored or taken from the store).
 WRITTEN_BY = "written_by"
 
 T = TypeVar("T")
@@ -36,14 +43,9 @@ _said: set[tuple[str, frozenset[str]]] = set()
 
 
 def speciesid_version() -> str:
-    """The installed speciesid's version (``pyproject.toml``'s, read through importlib.metadata; "unknown" when
-    the code runs from a tree that was never installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("speciesid")
-    except PackageNotFoundError:
-        return "unknown"
+    """The running code's speciesid version (:data:`VERSION`, which ``pyproject.toml`` reads): a source checkout
+    reports its own, whatever version an editable install recorded when it was made."""
+    return VERSION
 
 
 def known_fields(cls: type, data: Mapping[str, Any], where: str, *, level: int = logging.INFO) -> dict[str, Any]:
@@ -67,13 +69,17 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str, *, level: int =
     return cls(**known_fields(cls, data, where, level=level))
 
 
+class NewerFormatError(ValueError):
+    """A gallery folder's record was written by a newer speciesid (a higher ``format``): upgrade speciesid."""
+
+
 def check_format(path: str | Path, found: object, reads: int, *, older: str) -> None:
     """Refuse the file ``path`` whose ``format`` is ``found`` when this speciesid, which reads format ``reads``,
-    cannot read it (ValueError): a higher format was written by a newer speciesid ("upgrade speciesid"); anything
-    else that is not ``reads`` (a lower or damaged one) takes the fix ``older``."""
+    cannot read it (ValueError): a higher format was written by a newer speciesid (:class:`NewerFormatError`,
+    "upgrade speciesid"); anything else that is not ``reads`` (a lower or damaged one) takes the fix ``older``."""
     if found == reads:
         return
     if isinstance(found, int) and not isinstance(found, bool) and found > reads:
-        raise ValueError(f"{path} was written by a newer speciesid (format {found}): upgrade speciesid (this is "
-                         f"{speciesid_version()}, which reads format {reads}) on every machine that uses it")
+        raise NewerFormatError(f"{path} was written by a newer speciesid (format {found}): upgrade speciesid (this "
+                               f"is {speciesid_version()}, which reads format {reads}) on every machine that uses it")
     raise ValueError(f"{path} has format {found!r}; this speciesid reads format {reads}: {older}")

@@ -39,7 +39,14 @@ from index.compaction import (
     compact_fragments_default,
 )
 from index.errors import TableReplacedError, first_line, first_words, store_io_failure
-from index.formats import GALLERY_FORMAT, PROBE_FORMAT, WRITTEN_BY, check_format, speciesid_version
+from index.formats import (
+    GALLERY_FORMAT,
+    PROBE_FORMAT,
+    WRITTEN_BY,
+    NewerFormatError,
+    check_format,
+    speciesid_version,
+)
 from index.ivfpq import MapFn
 from index.layout import WRITE_LOCK, EncoderMismatchError, GalleryLayout, check_encoder
 from index.lease import LeaseError, S3Lease, canonical_s3_uri, half_created_objects, is_s3
@@ -197,6 +204,9 @@ class Gallery:
         self.info = info
         # gallery.json as read: read again when it changes
         self._info_stamp = info_stamp if info_stamp is not None else _file_stamp(self.layout.info)
+        #: gallery.json rewritten by a newer speciesid since it was read (a server's look: :meth:`_look_at_info`):
+        #: every write refuses with it; reads go on from the record read before. None: readable.
+        self.newer_format: NewerFormatError | None = None
         self.index_config = index_config
         self.refresh_s = refresh_s  # how often reads check for other processes' writes (seconds)
         where = info.get("store") or {}
@@ -664,6 +674,8 @@ class Gallery:
     def _save_quietly(self) -> None:
         """Save the repaired index if the write lock is free now (a reader must not wait on writers: when it is not,
         the index is served from memory, and the writer saves its own)."""
+        if self.newer_format is not None:  # a newer speciesid's folder: this one writes nothing in it
+            return
         try:
             with self._writer.hold(timeout=0.0, local=True):  # the folder's own file: not the store's lease
                 if self._saved_is_newer():
@@ -1236,7 +1248,7 @@ class Gallery:
         writer while holding the thread lock would stall every search of this process (they take it to sync).
         ``local``: a step that writes only the folder's own files (not the store's lease, on S3). It waits up to
         ``write_wait_s`` for other writers."""
-        with self._writer.hold(self.write_wait_s, local=local):
+        with self._held(self.write_wait_s, local=local):
             outer = self._write_depth == 0
             try:
                 with self._lock:
@@ -1272,8 +1284,25 @@ class Gallery:
         steps that write only the folder's own files take the folder's lock alone, not the store's lease (on S3);
         a store write nested in them takes the lease itself. It waits up to ``wait`` seconds for other writers
         (default ``write_wait_s``); the writes of this thread nested in it never wait (the lock is re-entrant), so
-        a caller that must answer within a deadline holds it around them with the time it has left."""
-        return self._writer.hold(self.write_wait_s if wait is None else wait, local=local)
+        a caller that must answer within a deadline holds it around them with the time it has left. A gallery.json
+        a newer speciesid wrote since this object read it refuses the write (:class:`index.formats.NewerFormatError`,
+        "upgrade speciesid") before anything is written."""
+        return self._held(self.write_wait_s if wait is None else wait, local=local)
+
+    @contextlib.contextmanager
+    def _held(self, wait: float, *, local: bool) -> Iterator[None]:
+        """The write lock held (:meth:`writing`), then gallery.json looked at: a newer format refuses the write."""
+        with self._writer.hold(wait, local=local):
+            self._refuse_newer()
+            yield
+
+    def _refuse_newer(self) -> None:
+        """Raise :class:`index.formats.NewerFormatError` when gallery.json was written by a newer speciesid since
+        this object read it (looked at again here: a stat, read when it changed). The CLI refuses such a gallery at
+        its open; a server that was running goes on answering from the record read before, and refuses writes."""
+        self._look_at_info()
+        if self.newer_format is not None:
+            raise NewerFormatError(f"{self.newer_format}; nothing was written")
 
     def record_info(self, key: str, value: object) -> None:
         """Record ``key: value`` in the folder's ``gallery.json`` (the folder's lock; re-read first, so another
@@ -1309,18 +1338,27 @@ class Gallery:
         """Read ``gallery.json`` again when it was written since this object read it (another process recorded
         something: the checklist a build was run from, what embedded its references), so that a server says it
         without a restart; the keys it was opened from stay as opened. A stat per look at the store; never raises
-        (a file that cannot be read is logged, and the record read before kept)."""
+        (a file that cannot be read is logged, and the record read before kept). One a newer speciesid wrote (a
+        higher format) is kept in :attr:`newer_format`: every write refuses with it until gallery.json reads again.
+        """
         stamp = _file_stamp(self.layout.info)
         if stamp is None or stamp == self._info_stamp:
             return
         self._info_stamp = stamp
         try:
             info = read_gallery_info(self.root)
+        except NewerFormatError as exc:
+            self.newer_format = exc
+            logger.warning("gallery %s: %s; answers go on from the record read before, and every write (adds, "
+                           "deletes, probe changes) is refused until this speciesid is upgraded and restarted",
+                           self.root, first_line(exc, 300))
+            return
         except ValueError as exc:
             logger.warning("gallery %s: its gallery.json changed and cannot be read (%s); the record read before is "
                            "kept", self.root, first_line(exc, 300))
             return
         self.info = self._as_opened(info)
+        self.newer_format = None
         logger.info("gallery %s: gallery.json changed: read again", self.root)
 
     def save_index(self) -> None:

@@ -334,7 +334,7 @@ def not_photos_text(paths: Sequence[Path], root: str | Path | None = None) -> st
     """Files that are not photos as a warning names them (``a.txt, b.xyz, README``): the first few (relative to
     ``root`` when given), and past them how many there are of each extension (one line however many)."""
     names = [p.relative_to(root).as_posix() if root is not None else str(p) for p in paths]
-    text = first_few([printable(n) for n in names])
+    text = first_few(names)  # as they are: escaped where people's output prints them (the CLI), kept in JSON
     if len(paths) > SKIPPED_SHOWN:
         kinds = Counter("no extension" if read_by_content(Path(n).name) else Path(n).suffix.lower() for n in names)
         text += " (" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
@@ -409,6 +409,23 @@ class PhotoArgs:
         (self.skipped if inside else self.bad_args).append((name, reason))
 
 
+def _unread_text(skipped: Sequence[Skipped]) -> str:
+    """Why a folder whose only entries were skipped holds no photos: those that could be photos cannot be read; a
+    link loop (a link back to a folder above it, never a photo) is said to be one."""
+    loops = sum(why.startswith(LINK_LOOP) for _, why in skipped)
+    unread = len(skipped) - loops
+    said = [f"{'its one entry' if unread == 1 else f'its {unread} entries'} that could be one cannot be read (each "
+            "named with why: not a regular file, a broken link, ...)"] if unread else []
+    if loops:
+        what = "a link loop" if loops == 1 else f"{loops} link loops"
+        if unread:
+            lead = f"besides, {what}"
+        else:
+            lead = f"its only entry is {what}" if loops == 1 else f"its only entries are {what}"
+        said.append(f"{lead} (a link back to a folder above it, which is not searched again through it)")
+    return "; ".join(said)
+
+
 def _special_entries(folder: Path) -> list[Path]:
     """The visible entries of ``folder`` (not below it) that are neither folders nor regular files once links are
     followed (a pipe, a device, a socket), none opened."""
@@ -443,14 +460,11 @@ def expand_photo_args(paths: Iterable[str | Path], *, progress: bool = False) ->
                 n = len(scan.not_photos)
                 out.problem(str(p), f"folder holds {n} file{'s' if n > 1 else ''}, none a photo: "
                             f"{not_photos_text(scan.not_photos, p)}. {NOT_PHOTO_ADVICE}", inside=False)
-            elif scan.skipped:  # a pipe, a device, a broken link named as a photo: named above, each with why
-                n = len(scan.skipped)
-                out.problem(str(p), f"folder holds no photos: {'its one entry' if n == 1 else f'its {n} entries'} "
-                            "that could be one cannot be read (each named with why: not a regular file, a broken "
-                            "link, ...)", inside=False)
+            elif scan.skipped:  # a pipe, a device, a broken link named as a photo, a link loop: each named with why
+                out.problem(str(p), f"folder holds no photos: {_unread_text(scan.skipped)}", inside=False)
             elif special := _special_entries(p):
                 out.problem(str(p), f"folder holds no photos: only entries that are not regular files (a device, a "
-                            f"pipe, a socket): {first_few([printable(e.name) for e in special])}", inside=False)
+                            f"pipe, a socket): {first_few([e.name for e in special])}", inside=False)
             else:
                 out.problem(str(p), "folder holds no photos: no file in it (hidden ones aside)", inside=False)
         elif p.is_file():

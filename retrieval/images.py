@@ -38,22 +38,28 @@ OVER_PIXEL_LIMIT = "(possible decompression bomb)"
 
 
 #: How many times a pixel of a mode counts against the pixel limit: the memory it costs through :func:`decode_image`
-#: (decoded, then made 8-bit RGB) over an 8-bit colour pixel's, rounded up. Peak bytes a pixel, measured on 3000 x 3000
-#: photos decoded as an upload is (``draft=448``): RGB 4.5, L and 1 5.4, CMYK 8.4, RGBA 8.4, 16-bit greyscale 8.8, P
-#: 9.4, LA, 32-bit and float greyscale 12.4 (docs/api.md, "Limits and errors"). Modes not listed count 3.
-MODE_WEIGHTS = {"RGB": 1, "RGBX": 1, "YCbCr": 1, "L": 1, "1": 1, "CMYK": 2, "RGBA": 2, "P": 2, "I;16": 2,
-                "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 3, "La": 3, "PA": 3, "RGBa": 3, "I": 3, "F": 3}
+#: (decoded, then made 8-bit RGB) over an 8-bit colour pixel's, rounded up to a quarter, so that no mode a photo can
+#: be decoded in is under-counted. Measured with 4 photos decoding at once, as the server's 4 decode threads do
+#: (``benchmarks/bench_decode.py --ways now --mode MODE``, docs/api.md "Limits and errors"): L 1.20x, 1 1.25x,
+#: 16-bit greyscale 1.87x, CMYK 2.17x, YCbCr 2.24x, LAB and RGBA 2.31x, P 2.43x, float greyscale 3.07x, 32-bit
+#: greyscale 3.19x, LA 3.56x. Modes not listed (none a supported format opens in, as far as tried) count 4.
+MODE_WEIGHTS: dict[str, float] = {
+    "RGB": 1, "RGBX": 1, "L": 1.25, "1": 1.25, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "CMYK": 2.25,
+    "YCbCr": 2.25, "LAB": 2.5, "RGBA": 2.5, "RGBa": 2.5, "P": 2.5, "F": 3.25, "I": 3.25, "LA": 3.75, "La": 3.75,
+    "PA": 3.75}
 #: The modes that count more than once, in words for the refusal.
-MODE_WORDS = {"CMYK": "CMYK colour", "RGBA": "colour with transparency (RGBA)", "P": "palette colour",
+MODE_WORDS = {"L": "8-bit greyscale", "1": "black and white (1-bit)", "YCbCr": "YCbCr colour",
+              "LAB": "CIELAB colour", "CMYK": "CMYK colour", "RGBA": "colour with transparency (RGBA)",
+              "P": "palette colour",
               "I;16": "16-bit greyscale", "I;16B": "16-bit greyscale", "I;16L": "16-bit greyscale",
               "I;16N": "16-bit greyscale", "LA": "greyscale with transparency", "La": "greyscale with transparency",
               "PA": "palette colour with transparency", "RGBa": "colour with transparency (RGBa)",
               "I": "32-bit greyscale", "F": "floating-point greyscale"}
 
 
-def mode_weight(mode: str) -> int:
-    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`MODE_WEIGHTS`; 3 when unlisted)."""
-    return MODE_WEIGHTS.get(mode, 3)
+def mode_weight(mode: str) -> float:
+    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`MODE_WEIGHTS`; 4 when unlisted)."""
+    return MODE_WEIGHTS.get(mode, 4)
 
 
 #: ``image.info`` key of the photo's size as stored (before any reduction at decode).
@@ -222,10 +228,10 @@ def decode_image(
                                           f"{OVER_PIXEL_LIMIT}")
                 words = MODE_WORDS.get(img.mode, f"mode {img.mode}")
                 raise PixelLimitError(
-                    f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit // weight:,} for a photo of {words} "
-                    f"{OVER_PIXEL_LIMIT}: such a pixel costs {weight}x the memory of an 8-bit colour one to decode, "
-                    f"so counts {weight}x against the limit of {limit:,}; save the photo as an 8-bit JPEG or PNG, or "
-                    "smaller")
+                    f"{name}: {w}x{h} pixels{scaled} is over the limit of {int(limit / weight):,} for a photo of "
+                    f"{words} {OVER_PIXEL_LIMIT}: such a pixel costs {weight:g}x the memory of an 8-bit colour "
+                    f"one to decode, so counts {weight:g}x against the limit of {limit:,}; save the photo as an "
+                    "8-bit JPEG or PNG, or smaller")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)

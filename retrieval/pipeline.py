@@ -178,7 +178,8 @@ class BuildReport:
         if len(repeats) > 10:
             lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
         for path, other in stored[:10] if list_stored else ():
-            lines.append(f"  already in the gallery: {printable(path)} (same bytes as reference {other.removeprefix('id ')})")
+            lines.append(f"  already in the gallery: {printable(path)} (same bytes as reference "
+                         f"{other.removeprefix('id ')})")
         if len(stored) > 10 and list_stored:
             lines.append(f"  ... and {len(stored) - 10} more already in the gallery")
         return "\n".join(lines)

@@ -422,8 +422,12 @@ class ProbeFollower:
         where = f"the shared probe {meta_uri}"
         fix = f"train the probe again with 'speciesid probe train --index {self.gallery.root}'"
         try:
-            check_format(where, json.loads(meta).get("format"), PROBE_FORMAT, older=fix)  # a newer one: never taken
-            check_encoder(where, str(json.loads(meta)["fingerprint"]), self.gallery.fingerprint, fix=fix)
+            said = json.loads(meta)
+            if not isinstance(said, dict):  # not a probe's: refused (and marked seen) like one of another encoder
+                raise ValueError(f"{where} is a JSON {type(said).__name__}, not a probe's record (an object); "
+                                 f"publish the probe again with 'speciesid probe publish'")
+            check_format(where, said.get("format"), PROBE_FORMAT, older=fix)  # a newer one: never taken
+            check_encoder(where, str(said["fingerprint"]), self.gallery.fingerprint, fix=fix)
             if prior is not None:
                 check_encoder(f"the text prior {prior_name} of {where}", str(json.loads(prior)["fingerprint"]),
                               self.gallery.fingerprint, fix=fix)

@@ -136,10 +136,14 @@ BUILD_WRITER, ADD_WRITER, API_WRITER = "index build", "references add", "API add
 UNRECORDED = "unknown"
 EARLIER_WRITER = "an earlier speciesid or a build on Ray"
 #: How to get back the answers given before the upgrade of a gallery that records no runtime.
+#: What a speciesid before runtimes (0.1.0, until 091b4a4) embedded with, its ``auto`` precision (130e2dd's
+#: retrieval/encoders.py ``_pick_dtype``): bf16 on a CUDA GPU for every encoder (fp16 without bf16); on a CPU, bf16
+#: for an open_clip encoder (BioCLIP, CLIP) where the CPU has native bf16, else fp32 (every timm model).
 _REPRODUCE = ("to reproduce the earlier answers, query with the runtime and precision those references were "
-              "embedded with (by a speciesid before runtimes: --runtime torch --precision fp32, or --precision bf16 "
-              "for a transformer encoder such as BioCLIP on a GPU or a CPU with native bf16), or embed them all "
-              "again: speciesid index build into a new folder (docs/runtimes.md)")
+              "embedded with (by a speciesid before runtimes: --runtime torch and the precision its auto chose: on "
+              "a GPU --precision bf16 for any encoder, fp16 on a GPU without bf16; on a CPU --precision bf16 for an "
+              "open_clip encoder such as BioCLIP where the CPU has native bf16, else fp32, timm models included), "
+              "or embed them all again: speciesid index build into a new folder (docs/runtimes.md)")
 
 
 def _same_setup(entry: Mapping[str, object], setup: Mapping[str, str]) -> bool:

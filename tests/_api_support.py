@@ -78,6 +78,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def serving(app, wait_s: float = 20.0, **config) -> Iterator[int]:
+    """``app`` in a real uvicorn on 127.0.0.1 (a thread), its port yielded; stopped on the way out."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + wait_s
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
 def encode_as(path: Path, fmt: str, **save_kw) -> bytes:
     """A photo re-encoded in another format (JPEG, PNG, WEBP, HEIF)."""
     from PIL import Image

@@ -11,8 +11,6 @@ import errno
 import json
 import os
 import socket
-import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -274,28 +272,15 @@ def test_a_photo_the_temporary_disk_cannot_hold_is_a_503_saying_so(route, monkey
 
 
 def test_a_408_closes_the_connection_on_a_real_server():
-    import uvicorn
-    from _api_support import free_port
+    from _api_support import serving
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_app(body_timeout_s=1.0), host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=BLOCKED_S) as conn:
-            conn.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz"
-                         b"\r\nContent-Length: 1000\r\n\r\n--xyz\r\n")  # then nothing more
-            reply = b""
-            while got := conn.recv(4096):  # until the server closes it (a timeout here fails the test)
-                reply += got
-    finally:
-        server.should_exit = True
-        thread.join(20)
+    with serving(_app(body_timeout_s=1.0), lifespan="off") as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=BLOCKED_S) as conn:
+        conn.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz"
+                     b"\r\nContent-Length: 1000\r\n\r\n--xyz\r\n")  # then nothing more
+        reply = b""
+        while got := conn.recv(4096):  # until the server closes it (a timeout here fails the test)
+            reply += got
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"connection: close" in reply.lower()
 

@@ -121,27 +121,14 @@ def _stand_in():
 @pytest.fixture()
 def guarded():
     """The edge guard (one identify slot, a 2 s body deadline) in front of the stand-in, in a real uvicorn."""
-    import uvicorn
-    from _api_support import free_port
+    from _api_support import serving
 
     from api.guard import EdgeGuard
     from api.settings import Settings
 
     settings = Settings(index="nowhere", max_identify_in_flight=1, body_timeout_s=2.0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(EdgeGuard(_stand_in(), settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
+    with serving(EdgeGuard(_stand_in(), settings)) as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 _BODY = (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'

@@ -861,21 +861,29 @@ def test_a_run_that_fails_before_training_leaves_no_out_folder(tmp_path):
     assert not (tmp_path / "ft-x").exists()
 
 
-def test_budgeted_run_resumes_with_the_epochs_it_fitted(tiny_set, tmp_path):
+def _budgeted_run_cut_after_its_first_epoch(tiny_set, out):
+    """A 2-epoch budgeted run stopped (Ctrl-C) after its first epoch; its config returned, to resume it."""
     from finetune.train import FinetuneInterrupted, finetune
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = _config(tiny_set, out, epochs=2, time_budget=30.0)
+    with pytest.raises(FinetuneInterrupted):
+        finetune(cfg, progress=False, on_epoch_end=stop_after_first)
+    return cfg
+
+
+def test_budgeted_run_resumes_with_the_epochs_it_fitted(tiny_set, tmp_path):
+    from finetune.train import finetune
 
     a = _config(tiny_set, tmp_path, epochs=30, time_budget=5.0).resolved()
     b = _config(tiny_set, tmp_path, epochs=7, time_budget=5.0).resolved()
     assert a.training_key() == b.training_key()  # the fitted epochs do not make it another run
     assert a.training_key() != _config(tiny_set, tmp_path, epochs=30, time_budget=6.0).resolved().training_key()
 
-    def stop_after_first(epoch, row):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    cfg = _config(tiny_set, tmp_path / "run", epochs=2, time_budget=30.0)
-    with pytest.raises(FinetuneInterrupted):
-        finetune(cfg, progress=False, on_epoch_end=stop_after_first)
+    cfg = _budgeted_run_cut_after_its_first_epoch(tiny_set, tmp_path / "run")
     seen = []
     r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
     assert seen == [2] and r.epochs_run == 2
@@ -1874,3 +1882,26 @@ print(len(split.species), [m for m in sys.modules if m.split(".")[0] == "lancedb
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["3", "[]"], run.stdout
 
+
+
+def test_a_budgeted_run_resumes_from_a_checkpoint_whose_plan_holds_a_key_it_does_not_know(tiny_set, tmp_path,
+                                                                                         caplog):
+    """Re-read w2 #14: the resume made its budget plan with BudgetPlan(**checkpoint["plan"]), so a checkpoint a
+    newer speciesid saved with one more plan field stopped it (TypeError), against CONTRIBUTING's "never
+    Cls(**data)". Now the plan is read through index.formats.from_dict: the key is ignored, and logged."""
+    import logging
+
+    import torch
+
+    from finetune.train import finetune
+
+    cfg = _budgeted_run_cut_after_its_first_epoch(tiny_set, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["plan"]["warmup_s"] = 1.5  # a field a newer speciesid's plan has
+    torch.save(checkpoint, path)
+    seen = []
+    with caplog.at_level(logging.INFO, logger="index.formats"):
+        r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
+    assert seen == [2] and r.epochs_run == 2
+    assert "'warmup_s'" in caplog.text and "does not know" in caplog.text, caplog.text

@@ -129,9 +129,39 @@ def test_a_higher_format_is_refused_before_anything_is_done(tmp_path, capsys, re
     assert len(Gallery.open(index)) == rows == 12  # the add wrote nothing
 
 
+def test_a_running_server_refuses_writes_once_gallery_json_is_rewritten_at_a_higher_format(tmp_path, capsys):
+    """Re-read w2 #3: a server that met a newer gallery.json on its look only logged it and kept adding (201, 6 -> 7
+    rows) while the CLI refused. Now its writes answer 409 naming the upgrade, identify answers on, and /readyz is
+    degraded saying so; a gallery.json that reads again (format 1) lifts it."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = folder_gallery(tmp_path, capsys, SPECIES[:2], 6)
+    app = create_app(Settings(index=str(index), api_keys="k", precision="fp32", refresh_s=0))
+    photo = _photo(tmp_path / "n" / "0.png", 77, 64).read_bytes()
+    add = {"headers": {"X-API-Key": "k"}, "files": [("images", ("a.png", photo, "image/png"))]}
+    with TestClient(app) as client:
+        _newer(index / "gallery.json")
+        ident = client.post("/v1/identify", files=[("images", ("q.png", photo, "image/png"))])
+        assert ident.status_code == 200, ident.text
+        answer = client.post("/v1/species/Natrix maura/references", **add)
+        said = "gallery.json was written by a newer speciesid (format 2): upgrade speciesid"
+        assert answer.status_code == 409 and said in answer.json()["detail"], answer.text
+        assert "nothing was written" in answer.json()["detail"]
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "degraded" and said in ready["warning"] and "409" in ready["warning"], ready
+        _newer(index / "gallery.json", 1)
+        assert client.get("/readyz").json()["status"] == "ready"
+        answer = client.post("/v1/species/Natrix maura/references", **add)
+        assert answer.status_code == 201, answer.text
+    assert len(Gallery.open(index)) == 7  # the refused add wrote nothing; the one after it, its photo
+
+
 def test_a_newer_probe_kept_for_restore_or_shared_is_not_taken(tmp_path, capsys):
     """``probe restore`` of a probe.prev.json a newer speciesid wrote would lock this version out of the folder:
-    refused, naming the upgrade."""
+    refused, naming the upgrade. The shared probe's take: test_probe_share_layout (moto's S3)."""
     index = _gallery(tmp_path, capsys)
     code, _, err = _run(capsys, "probe", "train", "--index", index, "-q")  # the first probe kept as probe.prev.*
     assert code == 0, err
@@ -158,6 +188,24 @@ def test_gallery_json_and_probe_json_record_the_version_that_wrote_them(tmp_path
     assert json.loads((index / "gallery.json").read_text())["written_by"] == version
 
 
+def test_the_version_is_the_codes_own_and_the_one_pyproject_toml_gives(monkeypatch):
+    """Re-read w2 #5: the version came from the installed package's metadata, so the project's editable .venv,
+    installed at 0.1.0, wrote "written_by": "0.1.0" from the 0.2.0 code. Now the code holds its version and
+    pyproject.toml reads it from there: what was installed does not change it."""
+    import importlib
+    import importlib.metadata
+    from pathlib import Path
+
+    import tomllib
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")  # an install made at an older version
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    module, _, name = project["tool"]["setuptools"]["dynamic"]["version"]["attr"].rpartition(".")
+    given = getattr(importlib.import_module(module), name)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", given) and speciesid_version() == given != "0.1.0"
+
+
 def _drop_embedded_by(index) -> None:
     """The gallery.json of a speciesid before embedded_by (the walk's 130e2dd gallery)."""
     data = json.loads((index / "gallery.json").read_text())
@@ -176,7 +224,11 @@ def test_a_gallery_made_before_embedded_by_says_its_runtime_is_not_recorded(tmp_
     assert info["embedded_note"].startswith(
         "the gallery does not record the runtime and precision that embedded its references (it was made by an "
         "earlier speciesid, which did not record them): similarities differ slightly")
-    assert "--runtime torch --precision fp32" in info["embedded_note"]
+    # what a speciesid before runtimes chose (re-read w2 #6: the note said fp32 unless a transformer, but on a GPU
+    # its auto chose bf16 for every encoder, CNNs included)
+    assert ("--runtime torch and the precision its auto chose: on a GPU --precision bf16 for any encoder, fp16 on a "
+            "GPU without bf16; on a CPU --precision bf16 for an open_clip encoder such as BioCLIP where the CPU has "
+            "native bf16, else fp32, timm models included") in info["embedded_note"], info["embedded_note"]
     code, out, err = _run(capsys, "identify", "--index", index, *ENCODER, tmp_path / "photos" / SPECIES[0] / "0.png")
     assert code == 0 and (out + err).count("the gallery does not record the runtime and precision") == 1, (out, err)
     assert "these photos are embedded with torch fp32" in out + err

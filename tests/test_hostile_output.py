@@ -25,7 +25,7 @@ def _png(img: Image.Image) -> bytes:
 # --------------------------------------------------------------------------------------------- #3 decode memory
 def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
     """A 16-bit greyscale PNG decoded to ~25 bytes a pixel (5 of 49 MP peaked a server at 5.3 GB) while the limit
-    counted it as an 8-bit colour pixel: it now counts twice (transparency twice, 32-bit greyscale three times), and
+    counted it as an 8-bit colour pixel: it now counts twice (RGBA 2.5x, 32-bit greyscale 3.25x: MODE_WEIGHTS), and
     the refusal says so and what to do. Small photos and a lowered limit stand in for 49 MP."""
     from retrieval.images import OVER_PIXEL_LIMIT, PixelLimitError, decode_image
 
@@ -43,9 +43,35 @@ def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
                            "smaller"), text
     with pytest.raises(PixelLimitError, match="for a photo of colour with transparency"):
         decode_image(_png(Image.new("RGBA", (side, side))), max_pixels=limit)
-    with pytest.raises(PixelLimitError, match="of 5,000 for a photo of greyscale with transparency"):
+    with pytest.raises(PixelLimitError, match="of 4,000 for a photo of greyscale with transparency"):
         decode_image(_png(Image.new("LA", (side, side))), max_pixels=limit)
     assert decode_image(g16, max_pixels=2 * side * side).getpixel((0, 0)) == (155, 155, 155)  # at the limit: read
+
+
+def test_no_mode_a_photo_decodes_in_counts_less_than_it_costs():
+    """Re-read w2 #4: an uncompressed YCbCr TIFF cost 1.8x an 8-bit colour pixel to decode but counted 1x, a
+    palette one 2.4x counted 2x, 8-bit greyscale 1.2x counted 1x (4 decoding at once, as a server does). Each now
+    counts at least what it costs (retrieval.images.MODE_WEIGHTS: rounded up to a quarter); one pixel over the
+    weighted limit is refused, saying the weight, and one at it is read."""
+    from retrieval.images import PixelLimitError, decode_image
+
+    def tiff(mode: str, colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, (100, 100), colour).save(buf, "TIFF")
+        return buf.getvalue()
+
+    photos = {"YCbCr": (tiff("YCbCr", (90, 120, 60)), 2.25, "YCbCr colour"),
+              "LAB": (tiff("LAB", (50, 120, 130)), 2.5, "CIELAB colour"),
+              "P": (_png(Image.new("P", (100, 100), 5)), 2.5, "palette colour"),
+              "L": (_png(Image.new("L", (100, 100), 90)), 1.25, "8-bit greyscale")}
+    for mode, (data, weight, words) in photos.items():
+        assert Image.open(io.BytesIO(data)).mode == mode
+        at = int(100 * 100 * weight)
+        assert decode_image(data, max_pixels=at).size == (100, 100), mode
+        with pytest.raises(PixelLimitError) as refused:
+            decode_image(data, max_pixels=at - 1, name="x")
+        assert f"for a photo of {words}" in str(refused.value), str(refused.value)
+        assert f"costs {weight:g}x the memory" in str(refused.value), str(refused.value)
 
 
 def test_high_bit_depth_and_transparency_convert_as_before_in_less_memory(monkeypatch):
@@ -126,13 +152,13 @@ def test_the_zero_shot_scores_csv_escapes_a_formula_path(tmp_path):
 
 # --------------------------------------------------------------------------------------------- #5 terminal
 def test_printable_shows_control_characters_visibly():
-    from api.cli._common import printable_path
+    from index.text import printable
 
-    assert printable_path(ESC_NAME) == ("bite\\n  Unlikely to be a medically important venomous snake.\\x1b[8m.jpg")
-    assert printable_path("a\u202egpj.exe\u2066b\rc\x00\x7f\x9b") == "a\\u202egpj.exe\\u2066b\\rc\\x00\\x7f\\x9b"
-    assert printable_path("Vipère/أفعى/IMG 1.jpg") == "Vipère/أفعى/IMG 1.jpg"
-    assert printable_path("/x/\udcff.jpg") == "/x/\\udcff.jpg"  # a Linux name's byte that is not UTF-8
-    assert printable_path(printable_path(ESC_NAME)) == printable_path(ESC_NAME)
+    assert printable(ESC_NAME) == ("bite\\n  Unlikely to be a medically important venomous snake.\\x1b[8m.jpg")
+    assert printable("a\u202egpj.exe\u2066b\rc\x00\x7f\x9b") == "a\\u202egpj.exe\\u2066b\\rc\\x00\\x7f\\x9b"
+    assert printable("Vipère/أفعى/IMG 1.jpg") == "Vipère/أفعى/IMG 1.jpg"
+    assert printable("/x/\udcff.jpg") == "/x/\\udcff.jpg"  # a Linux name's byte that is not UTF-8
+    assert printable(printable(ESC_NAME)) == printable(ESC_NAME)
 
 
 def test_the_identify_table_prints_a_photos_name_on_one_line_and_json_keeps_it(tmp_path):
@@ -266,12 +292,13 @@ def test_a_path_given_that_is_a_device_says_so(tmp_path):
 
 def test_the_clis_warnings_and_errors_escape_a_file_names_control_characters(tmp_path, capsys):
     """A library warning or an error naming a file (a folder given that holds no photo) is shown with ESC escaped,
-    its own line breaks kept."""
+    the message's own line breaks kept."""
     import logging
 
     from api.cli import CliLogFormat, main
 
-    record = logging.LogRecord("index", logging.WARNING, __file__, 1, "%s", ("skipped a\x1b[8m.jpg\nnext line",), None)
+    record = logging.LogRecord("index", logging.WARNING, __file__, 1, "skipped %s\nnext line", ("a\x1b[8m.jpg",),
+                               None)
     assert CliLogFormat().format(record) == "speciesid: warning: skipped a\\x1b[8m.jpg\nnext line"
     folder = tmp_path / "x\x1b[2J"
     folder.mkdir()

@@ -173,3 +173,72 @@ def test_a_probe_json_naming_no_weights_object_is_not_taken(two_machines, caplog
         assert not probe_follower(Gallery.open(b)).check()
     assert not (b / "probe.json").exists()
     assert "names '../uploads/x.npz', not a weights object" in caplog.text and "not taken" in caplog.text
+
+
+def _publish_as(a, client, prefix, meta: bytes) -> None:
+    """Put ``meta`` as the store's probe.json, its metadata naming the published weights (as publish_probe does)."""
+    from index.gallery import Gallery
+
+    store = f"s3://{BUCKET}/{prefix}/_speciesid/probe"
+    objects = Gallery.open(a).objects
+    head = objects.head(f"{store}/probe.json")
+    objects.put(f"{store}/probe.json", meta, metadata=head["Metadata"])
+
+
+def _gets_of_probe_json(monkeypatch) -> list[str]:
+    """The store reads of a probe.json from now on (a follower's look that takes or refuses it downloads it)."""
+    from index.objects import StoreObjects
+
+    gets: list[str] = []
+    real_get = StoreObjects.get
+
+    def counted(self, uri, **kwargs):
+        if uri.endswith("/probe.json"):
+            gets.append(uri)
+        return real_get(self, uri, **kwargs)
+
+    monkeypatch.setattr(StoreObjects, "get", counted)
+    return gets
+
+
+def test_a_shared_probe_a_newer_speciesid_published_is_not_taken_and_said_once(
+        two_machines, caplog, monkeypatch):  # noqa: F811
+    """Re-read w2 #11: the take's refusal of a newer probe.json (a higher format) had no test. It is not taken,
+    the warning names the upgrade, and the next look neither downloads it again nor says it again."""
+    import json
+
+    from index.gallery import Gallery
+    from retrieval.probe_share import probe_follower
+    from retrieval.workflows import train_gallery_probe
+
+    a, b, prefix, client = two_machines
+    train_gallery_probe(a, progress=False)
+    _publish_as(a, client, prefix, json.dumps({**json.loads((a / "probe.json").read_text()), "format": 2}).encode())
+    gets = _gets_of_probe_json(monkeypatch)
+    follower = probe_follower(Gallery.open(b))
+    with caplog.at_level(logging.WARNING, logger="retrieval.probe_share"):
+        assert not follower.check()
+        assert not follower.check()
+    assert not (b / "probe.json").exists() and len(gets) == 1
+    said = "was written by a newer speciesid (format 2): upgrade speciesid"
+    assert caplog.text.count(said) == 1 and "not taken" in caplog.text, caplog.text
+
+
+def test_a_shared_probe_json_that_is_not_an_object_is_refused_once(two_machines, caplog, monkeypatch):  # noqa: F811
+    """Re-read w2 #10: a store's probe.json holding a JSON list raised AttributeError past the take's refusal: not
+    marked as seen, it was downloaded again (with its weights) at every look. Now it is refused like a probe of
+    another encoder: said once, not taken, not read again."""
+    from index.gallery import Gallery
+    from retrieval.probe_share import probe_follower
+    from retrieval.workflows import train_gallery_probe
+
+    a, b, prefix, client = two_machines
+    train_gallery_probe(a, progress=False)
+    _publish_as(a, client, prefix, b"[1, 2]")
+    gets = _gets_of_probe_json(monkeypatch)
+    follower = probe_follower(Gallery.open(b))
+    with caplog.at_level(logging.WARNING, logger="retrieval.probe_share"):
+        assert not follower.check()
+        assert not follower.check()
+    assert not (b / "probe.json").exists() and len(gets) == 1, gets
+    assert "is a JSON list, not a probe's record (an object)" in caplog.text and "not taken" in caplog.text

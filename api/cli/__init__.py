@@ -11,15 +11,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import numbers
 import os
 import signal
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve  # a Ctrl-C as they
-from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind  # load: api.console
+# a Ctrl-C as these load (numpy): one line and 130, said by the console entry point (api.console), not here
+from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
+from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
+from index.formats import speciesid_version
+from index.text import printable
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
@@ -86,7 +90,7 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
         description="Identify animal species from photos by embedding retrieval.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {speciesid_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for module in modules:
         module.register(sub)
@@ -134,13 +138,6 @@ def _describe_everywhere(subparsers: argparse._SubParsersAction) -> None:
                 _describe_everywhere(action)
 
 
-def _version() -> str:
-    """The installed package's version ("unknown" when run from a tree that was never installed)."""
-    from index.formats import speciesid_version
-
-    return speciesid_version()
-
-
 def _verbose_anywhere(subparsers: argparse._SubParsersAction) -> None:
     """Let ``-v`` also follow the command (``speciesid identify -v ...``); counts add up with one given before it."""
     for command in subparsers.choices.values():
@@ -176,8 +173,12 @@ class CliLogFormat(logging.Formatter):
         self.verbose = verbose
 
     def format(self, record: logging.LogRecord) -> str:
-        """One record as a line (its traceback, when it has one, after it); a file name's control characters in it
-        (ESC, a bidi override) shown escaped (``index.text.printable``), line by line: a message's own lines kept."""
+        """One record as a line (its traceback, when it has one, after it). What the library put into the message
+        (its ``%s`` arguments: a file or folder name, a list of them, a warning naming them) is shown with every
+        control character escaped (``index.text.printable``: a newline too, so a folder named ``a\nspeciesid: ...``
+        cannot fake a line); the message's own text keeps its lines (each line escaped all the same)."""
+        if record.args:
+            record = _shown_args(record)
         text = _shown(super().format(record))
         if self.verbose:
             return f"{record.levelname} {record.name}: {text}"
@@ -186,11 +187,45 @@ class CliLogFormat(logging.Formatter):
         return f"speciesid: {kind}{text}"
 
 
+class _Escaped(str):
+    """A log argument as ``%s`` shows it: escaped (``index.text.printable``); ``%r`` shows its repr, escaped too."""
+
+    repr_text: str
+
+    def __new__(cls, value: object) -> _Escaped:
+        shown = super().__new__(cls, printable(value))
+        shown.repr_text = printable(repr(value))
+        return shown
+
+    def __repr__(self) -> str:
+        return self.repr_text
+
+
+def _shown_args(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` with its arguments escaped (:class:`_Escaped`), numbers aside (``%d``, ``%.1f`` format
+    them); when that does not format (``%d`` of an object that is no Number), only its text, paths and errors."""
+    def escaped(text_only: bool) -> tuple | dict:
+        def one(value: object) -> object:
+            if text_only:
+                return _Escaped(value) if isinstance(value, (str, os.PathLike, BaseException)) else value
+            return value if value is None or isinstance(value, numbers.Number) else _Escaped(value)
+
+        args = record.args
+        if isinstance(args, Mapping):
+            return {key: one(value) for key, value in args.items()}
+        return tuple(one(value) for value in args or ())
+
+    shown = logging.makeLogRecord({**record.__dict__, "args": escaped(text_only=False)})
+    try:
+        shown.getMessage()
+    except (TypeError, ValueError):
+        shown.args = escaped(text_only=True)
+    return shown
+
+
 def _shown(text: str) -> str:
     """``text`` with the control characters of any file name in it escaped (``index.text.printable``), line by
     line: its own line breaks kept."""
-    from index.text import printable
-
     return "\n".join(printable(line) for line in text.split("\n"))
 
 
@@ -279,12 +314,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - a library's error on input we did not foresee: one line, not a trace
         if (outage := store_outage(exc, args)) is not None:  # Lance's RuntimeError: an operational error, not a bug
-            sys.stderr.write(f"speciesid: error: {outage}\n")
+            sys.stderr.write(f"speciesid: error: {_shown(str(outage))}\n")
             return 2
         if args.verbose >= 2:
             raise
         first = first_line(exc, 500)
-        sys.stderr.write(f"speciesid: error: {type(exc).__name__}: {first} (run with -vv for the traceback)\n")
+        sys.stderr.write(f"speciesid: error: {type(exc).__name__}: {printable(first)} (run with -vv for the "
+                         "traceback)\n")
         return 2
 
 

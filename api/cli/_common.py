@@ -9,11 +9,14 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from index.text import printable
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
@@ -32,9 +35,29 @@ def emit(text: str) -> None:
 
 
 def to_json(value: object) -> str:
-    """``--format json`` text: indented, non-ASCII written as itself in UTF-8 (a French or Arabic name readable, as
-    the API writes it), not as \\u escapes."""
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    """``--format json`` text: indented, non-ASCII written as itself (a French or Arabic name readable, as the API
+    writes it), not as \\u escapes; only a lone surrogate (a Linux file name's byte that is not UTF-8, as Python
+    reads it) is written as its \\u escape, so that the text is UTF-8 (``json.loads`` gives the same name back)."""
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, indent=2, ensure_ascii=False))
+
+
+#: A lone surrogate, which UTF-8 cannot encode (:func:`to_json`).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def emit_utf8(text: str, *, bom: bool = False) -> None:
+    """Write output for programs (``--format json`` or ``csv``) as UTF-8 whatever stdout's encoding (on Windows, a
+    file or a pipe takes the PC's code page, which cannot write Arabic): its bytes to stdout's binary buffer, after
+    what was written as text before it (flushed first); ``bom``: :data:`CSV_BOM` first. A stream without a buffer
+    (a caller's in-memory stream) gets the text. A file name's byte that is not UTF-8 is written as it is."""
+    text = text if text.endswith("\n") else text + "\n"
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        emit(text)
+        return
+    sys.stdout.flush()
+    buffer.write(((CSV_BOM if bom else "") + text).encode("utf-8", "surrogateescape"))
+    buffer.flush()
 
 
 #: Written before a CSV that goes to a new file: Excel (Windows) then reads it as UTF-8 ("Vipère", Arabic names)
@@ -53,15 +76,10 @@ def _stdout_is_new_file() -> bool:
 
 
 def emit_csv(text: str) -> None:
-    """Write ``--format csv`` output: to a new file (``> out.csv``) as UTF-8 after a byte-order mark, so that Excel
-    reads its accents and Arabic right, whatever the PC's code page; to a pipe or a terminal as is (no mark in the
-    middle of a pipeline: ``| cut``, ``| python`` read plain UTF-8 as before)."""
-    text = text if text.endswith("\n") else text + "\n"
-    if not _stdout_is_new_file():
-        emit(text)
-        return
-    sys.stdout.buffer.write((CSV_BOM + text).encode("utf-8"))
-    sys.stdout.buffer.flush()
+    """Write ``--format csv`` output in UTF-8 (:func:`emit_utf8`): to a new file (``> out.csv``) after a byte-order
+    mark, so that Excel reads its accents and Arabic right, whatever the PC's code page; to a pipe or a terminal
+    without one (no mark in the middle of a pipeline: ``| cut``, ``| python`` read plain UTF-8)."""
+    emit_utf8(text, bom=_stdout_is_new_file())
 
 
 def fmt_bool(value: bool | None) -> str:
@@ -84,15 +102,6 @@ def to_csv(rows: list[dict], fields: Sequence[str]) -> str:
     writer.writeheader()
     writer.writerows(csv_dict(row) for row in rows)
     return buf.getvalue()
-
-
-def printable_path(path: object) -> str:
-    """A path (or a message holding one) as people's output prints it: newline, ESC, other control characters and
-    bidi overrides written as visible escapes (``\\n``, ``\\x1b``, ``\\u202e``; ``index.text.printable``), so that a
-    file's name cannot hide or fake the lines around it on a terminal. JSON and CSV output keep the path as it is."""
-    from index.text import printable
-
-    return printable(path)
 
 
 def parse_yes_no(value: str | None, what: str = "--venomous") -> bool | None:
@@ -118,10 +127,10 @@ def photo_args(paths: Sequence[str], *, report: bool = True, progress: bool = Fa
 
     got = expand_photo_args(paths, progress=progress)
     if not got.photos:  # the error names every bad argument: said once, not also as "skipped"
-        raise ValueError("no photos to read: " + "; ".join(f"{printable_path(a)}: {printable_path(r)}"
+        raise ValueError("no photos to read: " + "; ".join(f"{printable(a)}: {printable(r)}"
                                                            for a, r in got.problems))
     for arg, reason in got.problems if report else ():
-        sys.stderr.write(f"speciesid: skipped {printable_path(arg)}: {printable_path(reason)}\n")
+        sys.stderr.write(f"speciesid: skipped {printable(arg)}: {printable(reason)}\n")
     return got.photos, got.bad_args, got.skipped
 
 
@@ -297,8 +306,8 @@ def add_vote_args(p: argparse.ArgumentParser, *, rows: bool = False) -> None:
         p.add_argument("--method", default="blend", choices=("blend", "knn", "probe"),
                        help="blend (kNN + probe + text prior, whatever exists; default), knn only (with the probe's "
                        "chosen k, T and metric when there is one), or probe only")
-    p.add_argument("--country", help="ISO code or name (e.g. MA, England; Maroc, المغرب: French and Arabic names of the "
-                   "Maghreb and the Sahel too): favour species recorded in that country: "
+    p.add_argument("--country", help="ISO code or name (e.g. MA, England; Maroc, المغرب: French and Arabic names of "
+                   "the Maghreb and the Sahel too): favour species recorded in that country: "
                    "in the shipped table (SnakeCLEF 2021: snakes only) or by the gallery's own photos (a manifest's "
                    "country column); species neither records keep their scores")
 

@@ -15,13 +15,14 @@ from api.cli._common import (
     at_least,
     emit,
     emit_csv,
+    emit_utf8,
     logger,
     open_identifier,
     photo_args,
-    printable_path,
     to_csv,
     to_json,
 )
+from index.text import printable
 
 RANKS = ("species", "genus", "family")
 #: The answer's own fields, repeated on each of its CSV rows.
@@ -89,7 +90,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     # a partial gallery (a build interrupted), one too small to tell "unlike every"
     notes = answer_notes(ident, rank=args.rank)
     if args.format == "json":
-        emit(to_json(results))
+        emit_utf8(to_json(results))
     elif args.format == "csv":
         emit_csv(_identify_csv(results, args.rank))
     else:
@@ -146,9 +147,9 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     similarity (which is under it); ``photos``: those given, which an observation's ``set_aside`` counts in."""
     from retrieval.advice import NOT_MEANINGFUL
 
-    lines = [printable_path(r["image"])]  # a file's name cannot hide or fake the lines below (newline, ESC)
+    lines = [printable(r["image"])]  # a file's name cannot hide or fake the lines below (newline, ESC)
     if "error" in r:
-        return "\n".join([*lines, f"  error: {printable_path(r['error'])}"])
+        return "\n".join([*lines, f"  error: {printable(r['error'])}"])
     if r.get("far"):
         nearest, limit = _apart(r["nearest_similarity"], far_threshold)
         under = f", under this gallery's far threshold {limit}" if limit else ""
@@ -160,7 +161,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
     if advice and advice["treat_as_venomous"]:  # first, as the page shows it
         lines.append(f"  {advice['text']}")
     if aside := r.get("set_aside"):
-        names = [printable_path(photos[i]) if photos and i < len(photos) else f"photo #{i + 1}" for i in aside]
+        names = [printable(photos[i]) if photos and i < len(photos) else f"photo #{i + 1}" for i in aside]
         lines.append(f"  set aside (unlike every reference, so not counted): {', '.join(names)}")
     if r.get("far"):
         lines.append(f"  closest {'species' if rank == 'species' else rank} ({NOT_MEANINGFUL}):")
@@ -180,7 +181,7 @@ def _identify_table(r: dict, rank: str, neighbours: int = 0, *, far_threshold: f
         lines += _evidence_lines(r["neighbours"])
     if note := r.get("country_note"):  # why --country changed nothing (retrieval.identify)
         lines.append(f"  ({note})")
-    lines += [f"  note: {note}" for note in r.get("notes", [])]  # of the photo as read (an animated GIF)
+    lines += [f"  note: {printable(note)}" for note in r.get("notes", [])]  # of a photo as read: its name escaped
     if advice and not advice["treat_as_venomous"]:  # "unlikely": last, as the page shows it
         lines.append(f"  {advice['text']}")
     return "\n".join(lines)
@@ -211,8 +212,8 @@ def _evidence_lines(neighbours: list[dict]) -> list[str]:
 
 def _file_name(path: str) -> str:
     """The file name of a stored reference path (a local path or an object-store URI), printable (control
-    characters escaped: :func:`printable_path`)."""
-    return printable_path(PurePosixPath(str(path)).name or str(path))
+    characters escaped: :func:`printable`)."""
+    return printable(PurePosixPath(str(path)).name or str(path))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -225,10 +226,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     ident = open_identifier(args)
     neighbours = [n.to_dict() for n in search(ident, paths[0], k=args.k)]
     if args.format == "json":
-        emit(to_json({"image": str(paths[0]), "neighbours": neighbours}))
+        emit_utf8(to_json({"image": str(paths[0]), "neighbours": neighbours}))
     elif args.format == "csv":
-        emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous", "path"]))
+        emit_csv(to_csv(neighbours, ["id", "similarity", "species", "common_name", "genus", "family", "venomous",
+                                     "path"]))
     else:
         for rank, n in enumerate(neighbours, 1):
-            emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {printable_path(n['path'])}")
+            emit(f"{rank:3d}. {n['similarity']:.4f}  #{n['id']}  {n['species']}  {printable(n['path'])}")
     return 0

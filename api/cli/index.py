@@ -16,18 +16,19 @@ from api.cli._common import (
     at_least,
     emit,
     emit_csv,
+    emit_utf8,
     encoder_config,
     fmt_bool,
     interrupted_add,
     number_in,
     parse_yes_no,
-    printable_path,
     to_csv,
     to_json,
 )
 from api.cli._finish import finished
 from index.compaction import AUTO_PRUNE_AGE
 from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
+from index.text import printable
 
 if TYPE_CHECKING:
     from index.objects import StoredObject
@@ -198,7 +199,8 @@ def _build_summary(args: argparse.Namespace, result: BuildResult) -> int:
     # the dataset's warnings (rows skipped, files missing) were logged on stderr as the scan found them: not twice
     if skipped := result.scan.skipped:  # named, with what to do, in the listing's one warning (stderr)
         emit(f"not read: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} under {args.root} (broken links, "
-             "link loops, devices or pipes, unreadable folders: see the warning above), besides the skipped photos counted above")
+             "link loops, devices or pipes, unreadable folders: see the warning above), besides the skipped photos "
+             "counted above")
     if result.clean is not None:
         emit(result.clean.summary())
     from retrieval.workflows import venom_advice_note
@@ -233,7 +235,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     from retrieval.workflows import gallery_info
 
     info = gallery_info(args.index)
-    emit(to_json(info))
+    emit_utf8(to_json(info))
     error = (info.get("store") or {}).get("error")
     if error:  # the folder's facts are printed; the exit status says the store could not be read
         sys.stderr.write(f"speciesid: error: {error}\n")
@@ -309,9 +311,9 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
          f"{report.referenced} in use and {report.young} unused younger than {_age_text(report.older_than_s)}")
     if report.others:  # a stray file (notes.txt): not a name the API gives an upload, never removed
         emit(f"left {_not_uploads(report.others)} (an upload is named <sha256><ext>): "
-             f"{first_few([printable_path(o.uri) for o in report.others])}")
+             f"{first_few([printable(o.uri) for o in report.others])}")
     for o, why in report.failed:
-        sys.stderr.write(f"speciesid: could not remove {printable_path(o.uri)}: {printable_path(why)}\n")
+        sys.stderr.write(f"speciesid: could not remove {printable(o.uri)}: {printable(why)}\n")
     if report.failed:
         n = len(report.failed)
         sys.stderr.write(f"speciesid: error: {n} unused upload{'s' * (n != 1)} not removed (above); they stay, "
@@ -357,7 +359,7 @@ def cmd_species_list(args: argparse.Namespace) -> int:
     fields = ["species", "common_name", "genus", "family", "venomous", "count"]
     species = [{f: getattr(s, f) for f in fields} for s in list_species(args.index)]
     if args.format == "json":
-        emit(to_json(species))
+        emit_utf8(to_json(species))
     elif args.format == "csv":
         emit_csv(to_csv(species, fields))
     else:

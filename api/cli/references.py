@@ -17,10 +17,10 @@ from api.cli._common import (
     interrupted_add,
     parse_yes_no,
     photo_args,
-    printable_path,
     spec_help,
 )
 from api.cli._finish import finished
+from index.text import printable
 
 if TYPE_CHECKING:
     from retrieval.workflows import AddResult
@@ -130,11 +130,13 @@ def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, no
         emit(f"note: {note}")
     elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
-        emit(f"not added: {printable_path(f)} is already reference {i} of {sp} (delete that reference first if it is mislabelled)")
+        emit(f"not added: {printable(f)} is already reference {i} of {sp} (delete that reference first if it is "
+             "mislabelled)")
     hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
     for f, i in hidden:
-        emit(f"not searchable: {printable_path(f)} is already reference {i}, excluded by a clean run (see {args.index}/clean_log.json; "
-             f"'speciesid clean --restore --index {args.index}' undoes the last run, '--restore all' every one)")
+        emit(f"not searchable: {printable(f)} is already reference {i}, excluded by a clean run (see "
+             f"{args.index}/clean_log.json; 'speciesid clean --restore --index {args.index}' undoes the last run, "
+             "'--restore all' every one)")
     return 1 if report.skipped or bad_args or not_read or elsewhere or hidden else 0
 
 

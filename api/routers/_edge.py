@@ -15,6 +15,7 @@ from fastapi import HTTPException, UploadFile
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
 from index.errors import first_line, store_io_failure, store_io_kind, store_table_gone
+from index.formats import NewerFormatError
 from index.gallery import Neighbour
 from index.lease import LeaseError
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
@@ -96,6 +97,12 @@ def photo_field_error(field: str, content_type: str, *, also: str = "") -> HTTPE
     return HTTPException(422, f"send {what} in the multipart field '{field}' {how}")
 
 
+#: The 409 of a write to a gallery whose gallery.json a newer speciesid wrote since the server read it.
+NEWER_FORMAT_WRITE = ("this server's speciesid is older than its gallery: {why}. Identify and search still answer, "
+                      "from the gallery as the server read it before; the server's operator upgrades speciesid and "
+                      "restarts the server")
+
+
 def edge(fn: Callable[[], T]) -> T:
     """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException, and so does a failure
     of the store's write lease (:func:`lease_answer`): never a 400, as the request was not at fault. A failure of
@@ -116,6 +123,8 @@ def edge(fn: Callable[[], T]) -> T:
                                             "as a new species")) from exc
     except (LeaseError, TimeoutError) as exc:  # before ValueError: some lease errors are ValueErrors
         raise lease_answer(exc) from exc
+    except NewerFormatError as exc:  # the server's speciesid is older than the gallery's: not the request's fault
+        raise HTTPException(409, NEWER_FORMAT_WRITE.format(why=exc)) from exc
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
 

@@ -17,6 +17,10 @@ from retrieval.probe_share import probe_status
 STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search answer from the references loaded "
                   "before; adding, deleting, listing species and reference photos answer 503 until it answers again")
 
+#: /readyz's warning while the gallery's gallery.json was written by a newer speciesid than the server's.
+NEWER_FORMAT = ("{why}: identify and search answer from the gallery as this server read it before; adding and "
+                "deleting references answer 409 until the server's speciesid is upgraded and the server restarted")
+
 #: The longest /readyz and /metrics wait on the store's look for other processes' writes (then they answer what the
 #: server loaded, degraded while the look is overdue): half of a readiness probe's default timeout (Kubernetes: 1 s).
 PROBE_STORE_WAIT_S = 0.5
@@ -47,8 +51,10 @@ def readyz(request: Request) -> JSONResponse:
     through this server) and says so in ``warning``: identify and search answer 409 until it holds references.
     While the gallery's store cannot be reached the server is still ready, ``"status": "degraded"``: identify and
     search answer from the references loaded before (a 503 here would take every replica out of a load balancer at
-    once during a store outage); ``warning`` names the store and what answers 503 meanwhile. ``probe``: the probe
-    answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder, never the store.
+    once during a store outage); ``warning`` names the store and what answers 503 meanwhile. Degraded too while
+    gallery.json was rewritten by a newer speciesid: answers go on, writes answer 409, ``warning`` says so.
+    ``probe``: the probe answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder,
+    never the store.
     ``build``: whether the last build into the gallery completed (``state`` complete, running or interrupted, and a
     ``note``): a gallery a build left partial is ready all the same, and says so (:mod:`index.build_mark`).
     ``venom_applies``: whether answers give venom advice (:meth:`retrieval.identify.Identifier.venom_applies`: on
@@ -66,6 +72,8 @@ def readyz(request: Request) -> JSONResponse:
         body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
     elif not gallery.index.ntotal:
         body["warning"] = EMPTY_GALLERY
+    if gallery.newer_format is not None:  # answers go on; writes are refused (409) until the server is upgraded
+        body.update(status="degraded", warning=NEWER_FORMAT.format(why=gallery.newer_format))
     # a build interrupted: still ready, the partial gallery said so; no key needed here: no pid or host
     body["build"] = build_status(gallery.root, api=True)
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
