@@ -515,15 +515,25 @@ def venomous_genus(name: str) -> tuple[TaxonInfo, str] | None:
     nova``, ``juvenile Bitis nova``, ``(Bitis) nova``) does not hide it; an epithet after a genus is not one."""
     if lookup_taxon(name) is not None:
         return None
-    genera, known = _venomous_genera(), _folded_genera()
-    for word in name_words(name):  # every word: "cf. Bitis nova", "juvenile Bitis nova", "Echis.nova"
+    genera = _venomous_genera()
+    for word in genus_words(name, _folded_genera()):  # "cf. Bitis nova", "juvenile Bitis nova", "Echis.nova"
         if (genus := genera.get(word)) is not None:
             example, n = genus
             return example, (f"{name!r} is of the genus {example.genus!r}, all {n} of whose species in the taxonomy "
                              "are medically important venomous")
-        if word in known:  # the name's genus, another one: the words after it are epithets ("Xus naja" is not)
-            break
     return None
+
+
+def genus_words(name: str, genera: Collection[str]) -> list[str]:
+    """The words of ``name`` (:func:`name_words`) that may be its genus: each up to the first one that is a genus of
+    ``genera`` (folded), that one included: a qualifier in front (``cf. Bitis nova``) does not hide the genus, and the
+    epithets after a known genus are not genera (``Lycodon ophiophagus`` is not of *Ophiophagus*)."""
+    words = []
+    for word in name_words(name):
+        words.append(word)
+        if word in genera:
+            break
+    return words
 
 
 def name_words(name: str) -> list[str]:
@@ -549,7 +559,7 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
     own = species_key(name)
     commons = [common_name] if common_name is None or isinstance(common_name, str) else list(common_name)
     givens = [(given, fold_name(given)) for given in dict.fromkeys([name, *commons]) if given]
-    words = name_words(name)  # every word of it may be the genus: "cf. Xus nova", "Xus.nova"
+    words = name_words(name)  # a word of it up to its genus may be the genus: "cf. Xus nova", "Xus.nova"
     others: dict[str, list[SpeciesSummary]] = {}  # genus (one of name's words) -> the gallery's species of it
     for held in gallery_species:
         if species_key(held.species) == own:
@@ -571,7 +581,8 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
                 if (match.real_quick_ratio() >= NEAR_SPELLING and match.quick_ratio() >= NEAR_SPELLING  # difflib's
                         and match.ratio() >= NEAR_SPELLING):  # get_close_matches
                     return held, f"{given!r} is a near-spelling of {what} {spelled!r}"
-    for held_of_genus in others.values() if len(words) > 1 else ():
+    maybe_genus = genus_words(name, _folded_genera() | others.keys())  # not "Lycodon ophiophagus"'s epithet
+    for held_of_genus in (held for genus, held in others.items() if genus in maybe_genus) if len(words) > 1 else ():
         # unrecorded (None) is possibly venomous, as answers take it: only a species recorded harmless breaks "all"
         if all(held.venomous is not False for held in held_of_genus) and \
                 (venomous := [held for held in held_of_genus if held.venomous]):

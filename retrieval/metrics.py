@@ -495,16 +495,19 @@ def _plot_names(methods: Iterable[str]) -> dict[str, str]:
 
 
 def _earlier_plots(out: Path) -> set[str]:
-    """The plots the report in ``out`` (its report.json) names as its own: one per method of its ``results``, and
-    reliability.png. Nothing when there is none, or it cannot be read: a file of the folder that no report named
-    (a user's own ``confusion_matrix_fig3.png``) is never taken for one."""
+    """The plots the report in ``out`` (its report.json) wrote: one per method of its ``results`` that holds a
+    confusion matrix (as :func:`_write_files` writes them), and reliability.png. Nothing when there is none, or it
+    cannot be read: a file of the folder that no report wrote (a user's own ``confusion_matrix_fig3.png``, or
+    ``confusion_knn.png`` beside a report whose knn had no matrix) is never taken for one."""
     try:
         results = json.loads((out / "report.json").read_text(encoding="utf-8")).get("results")
     except (OSError, ValueError, AttributeError):
         return set()
     if not isinstance(results, dict):
         return set()
-    return {*_plot_names(str(method) for method in results).values(), "reliability.png"}
+    names = _plot_names(str(method) for method in results)
+    return {names[str(method)] for method, r in results.items() if isinstance(r, dict) and r.get("confusion")} | {
+        "reliability.png"}
 
 
 def _write_files(out: Path, results: dict[str, dict], *, title: str, notes: list[str],

@@ -184,3 +184,20 @@ def test_an_unrecorded_species_does_not_break_the_gallery_genus_rule():
         check_harmless_flag("Xus nova", gallery_species=held)
     check_harmless_flag("Xus nova", gallery_species=[*held, _held("Xus mitis", None, False)])
     check_harmless_flag("Xus nova", gallery_species=[_held("Xus ignotus", None, None)])  # none venomous: no rule
+
+
+def test_the_gallery_genus_rule_stops_at_the_names_own_genus():
+    """Final re-read #1: the gallery's genus rule took every word of the name for a genus, so the harmless Lycodon
+    ophiophagus (listed harmless in the shipped taxonomy) was refused beside a gallery's venomous Ophiophagus hannah,
+    told it "is of its genus". The words after the name's genus (one the taxonomy or the gallery knows) are
+    epithets, as the shipped rule already took them; a qualifier in front still does not hide the genus."""
+    from index.taxonomy import genus_words
+
+    held = [_held("Ophiophagus hannah", None, True)]
+    check_harmless_flag("Lycodon ophiophagus", gallery_species=held)
+    assert genus_words("Lycodon ophiophagus", {"lycodon"}) == ["lycodon"]
+    assert genus_words("cf. Xus nova", {"xus"}) == ["cf", "xus"]
+    with pytest.raises(ValueError, match=r"may be 'Ophiophagus hannah'.*is of its genus"):
+        check_harmless_flag("cf. Ophiophagus nova", gallery_species=held)
+    # a gallery genus the taxonomy does not know ends the genus words too: "Yus xus" is of Yus, not of Xus
+    check_harmless_flag("Yus xus", gallery_species=[_held("Xus venenatus", None, True), _held("Yus mitis", None, False)])

@@ -321,8 +321,9 @@ def _results():
 
 def _old_report(folder: Path) -> dict[str, bytes]:
     folder.mkdir(parents=True)
-    old = {"report.json": b'{"title": "old", "results": {"blend": {}}}\n', "report.md": b"old\n", "confusion_blend.png": b"old plot",
-           "reliability.png": b"old plot", "mine.txt": b"the user's own file"}
+    old = {"report.json": b'{"title": "old", "results": {"blend": {"confusion": {"A": {"A": 1}}}, "knn": {}}}\n',
+           "report.md": b"old\n", "confusion_blend.png": b"old plot", "reliability.png": b"old plot",
+           "mine.txt": b"the user's own file"}  # its knn had no confusion matrix: it wrote no confusion_knn.png
     for name, data in old.items():
         (folder / name).write_bytes(data)
     return old
@@ -390,6 +391,11 @@ def test_an_evaluation_report_leaves_the_users_own_plots(tmp_path):
         "confusion_knn.png", "confusion_matrix_thesis_fig3.png", "confusion_probe.png", "mine.txt",
         "reliability.png", "report.json", "report.md"]  # the earlier report's confusion_blend.png went
     assert (out / "confusion_matrix_thesis_fig3.png").read_bytes() == b"the user's own figure"
+    # final re-read #2: a method of the earlier report that wrote no plot (no confusion matrix) names none either
+    (out / "report.json").write_text('{"title": "old", "results": {"knn": {}}}')
+    (out / "confusion_knn.png").write_bytes(b"the user's own figure")
+    write_report(out, {"probe": _results()}, title="t")
+    assert (out / "confusion_knn.png").read_bytes() == b"the user's own figure"
     (out / "report.json").write_text("not JSON")  # a report.json that cannot be read names nothing
     write_report(out, {"probe": _results()}, title="t")
     assert (out / "confusion_knn.png").exists() and (out / "confusion_matrix_thesis_fig3.png").exists()
