@@ -158,7 +158,8 @@ class CleanResult:
         """:meth:`summary`'s last lines, from what ``--apply`` did on (its notes included): what a run interrupted
         once it applied says (:class:`CleanInterrupted`)."""
         lines = self.summary().split("\n")
-        first = next((i for i, line in enumerate(lines) if line.startswith("applied: ")), len(lines) - len(self.notes))
+        first = next((i for i, line in enumerate(lines) if line.startswith("applied: ")),
+                     len(lines) - len(self.notes))
         return lines[first:]
 
 

@@ -154,14 +154,15 @@ def heif_kind(data: bytes) -> str | None:
 
 def unreadable_heif(data: bytes) -> str | None:
     """Why a HEIC or AVIF photo cannot be read by this installation (its decoder is missing: pillow-heif for HEIC, a
-    Pillow built with AVIF support for AVIF), worded to say what to install; None when ``data`` is not one, or is one this
-    installation reads (then any failure is the photo's own)."""
+    Pillow built with AVIF support for AVIF), worded to say what to install; None when ``data`` is not one, or is one
+    this installation reads (then any failure is the photo's own)."""
     kind = heif_kind(data)
     if kind is None or ("HEIF" if kind == "HEIC" else "AVIF") in _openers():
         return None
-    how = "install pillow-heif: pip install pillow-heif" if kind == "HEIC" else "install a Pillow built with AVIF support"
-    return f"{'an' if kind == 'AVIF' else 'a'} {kind} photo, which this installation cannot read: its {kind} decoder " \
-        f"is missing ({how})"
+    how = ("install pillow-heif: pip install pillow-heif" if kind == "HEIC"
+           else "install a Pillow built with AVIF support")
+    return (f"{'an' if kind == 'AVIF' else 'a'} {kind} photo, which this installation cannot read: "
+            f"its {kind} decoder is missing ({how})")
 
 
 #: What an answer says of an animated photo (a GIF, an animated WebP or PNG): the decode reads its first frame.

@@ -448,7 +448,8 @@ def write_report(
     The files are made in a hidden folder inside ``out_dir`` and moved in only once all are made (the moves with
     Ctrl-C held back: :func:`index.interrupts.held_interrupt`), with the plots of an earlier report that this one
     has not (a method it did not run, as the earlier report.json lists them) removed: a report cut short leaves the
-    earlier one as it was, never new files beside old ones; no other file of the folder is touched. A staging folder that a killed run left is removed by the next report (after 10 minutes).
+    earlier one as it was, never new files beside old ones; no other file of the folder is touched. A staging folder
+    that a killed run left is removed by the next report (after 10 minutes).
 
     ``results`` maps a method name ("knn", "probe", "blend", ...) to an :func:`evaluate` dict. report.json holds
     {title, notes, results}, and ``embedding`` when given (what embedded the photos:

@@ -140,8 +140,8 @@ from retrieval.textprior import text_prior_digest, text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
-    "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanInterrupted", "CleanResult",
-    "EvaluationRun",
+    "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanInterrupted",
+    "CleanResult", "EvaluationRun",
     "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "delete_references", "evaluate_dataset",
     "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery",

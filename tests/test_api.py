@@ -732,7 +732,8 @@ def test_a_16_bit_reference_over_the_weighted_pixel_limit_is_a_404_saying_so(cli
                              "decodes for a photo (SPECIESID_MAX_PIXELS; a 16-bit or transparent photo's pixels "
                              "count 2-3 times)"), detail
     detail = _is_error(client.post("/v1/identify", files=_one("g16.png", buf.getvalue())), 422)
-    assert detail.startswith("g16.png: 64x48 pixels is over the limit of 1,536 for a photo of 16-bit greyscale"), detail
+    assert detail.startswith("g16.png: 64x48 pixels is over the limit of 1,536 for a photo of "
+                             "16-bit greyscale"), detail
     assert detail.endswith("(ask its operator to raise SPECIESID_MAX_PIXELS)"), detail
 
 

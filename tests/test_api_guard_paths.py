@@ -217,10 +217,12 @@ def test_a_client_leaving_mid_body_is_answered_400_and_counted():
 def test_a_chunked_body_past_the_limit_is_cut_with_a_413_that_closes_the_connection():
     app = _app(max_request_mb=1)  # identify's limit: 1 MB
     body = _photo_body(2 * MB)  # announced by no Content-Length: counted as it arrives
-    chunks = [{"type": "http.request", "body": body[i:i + MB // 2], "more_body": True} for i in range(0, 2 * MB, MB // 2)]
+    chunks = [{"type": "http.request", "body": body[i:i + MB // 2], "more_body": True}
+              for i in range(0, 2 * MB, MB // 2)]
     sent = _run_app(app, "/v1/identify", FORM, chunks)
     assert sent.status == 413 and sent.headers[b"connection"] == b"close", sent.body
-    assert sent.detail.startswith("request body over the 1 MB this route accepts (SPECIESID_MAX_REQUEST_MB"), sent.body
+    assert sent.detail.startswith("request body over the 1 MB this route accepts "
+                                  "(SPECIESID_MAX_REQUEST_MB"), sent.body
 
 
 @pytest.mark.parametrize("how", ["408", "disconnect", "app error"])

@@ -81,8 +81,8 @@ def test_ray_build_holds_the_same_rows_as_a_local_build(cluster, photo_root, tmp
         assert "24 references, 3 species" in out, (engine, out)
         assert "skipped 1 unreadable, 1 duplicates within this run" in out and "zz-corrupt.jpg: not a photo" in out
         assert "zz-copy.jpg (same bytes as" in out
-        assert (f"not read: 1 entry under {photo_root} (broken links, link loops, devices or pipes, unreadable folders: "
-                "see the warning") in out
+        assert (f"not read: 1 entry under {photo_root} (broken links, link loops, devices or pipes, "
+                "unreadable folders: see the warning") in out
         assert "zz-gone.jpg" not in out  # named once, in the listing's warning
     local_rows, local_vecs = _content(tmp_path / "local")
     ray_rows, ray_vecs = _content(tmp_path / "ray")

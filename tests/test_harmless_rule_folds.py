@@ -179,7 +179,8 @@ def test_an_unrecorded_species_does_not_break_the_gallery_genus_rule():
     (an unrecorded species counted as harmless; answers take it as possibly venomous). A recorded harmless one
     still breaks the rule."""
     held = [_held("Xus venenatus", None, True), _held("Xus ignotus", None, None)]
-    with pytest.raises(ValueError, match=r"may be 'Xus venenatus'.*'Xus nova' is of its genus, all of whose 2 species "
+    with pytest.raises(ValueError, match=r"may be 'Xus venenatus'.*'Xus nova' is of its genus, "
+                                         r"all of whose 2 species "
                                          r"this gallery holds are recorded venomous or not recorded \(1\)"):
         check_harmless_flag("Xus nova", gallery_species=held)
     check_harmless_flag("Xus nova", gallery_species=[*held, _held("Xus mitis", None, False)])

@@ -279,8 +279,8 @@ def test_a_folder_holding_only_a_pipe_is_not_said_to_hold_no_file(tmp_path):
     assert reasons[str(named / "x.jpg")].startswith("not a regular file (a named pipe (FIFO))")
     assert reasons[str(named)] == ("folder holds no photos: its one entry that could be one cannot be read (each "
                                    "named with why: not a regular file, a broken link, ...)")
-    assert reasons[str(bare)] == ("folder holds no photos: only entries that are not regular files (a device, a pipe, "
-                                  "a socket): pipe")
+    assert reasons[str(bare)] == ("folder holds no photos: only entries that are not regular files "
+                                  "(a device, a pipe, a socket): pipe")
 
 
 def test_a_path_given_that_is_a_device_says_so(tmp_path):

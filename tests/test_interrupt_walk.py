@@ -267,7 +267,8 @@ def test_a_ctrl_c_while_the_command_line_imports_is_one_line(entry):
 def test_importing_the_command_line_says_nothing_of_a_ctrl_c():
     """Re-read w3 #7: a Ctrl-C as anything imported ``api.cli`` (a test, a program embedding it) became a line on
     stderr and SystemExit(130) from the import itself. Now the importer gets Python's KeyboardInterrupt."""
-    code = (_STOP_AT_SERVE + "try:\n    import api.cli\nexcept KeyboardInterrupt:\n    print('the importer has it')\n")
+    code = (_STOP_AT_SERVE + "try:\n    import api.cli\n"
+            "except KeyboardInterrupt:\n    print('the importer has it')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout, done.stderr) == (0, "the importer has it\n", ""), done
 

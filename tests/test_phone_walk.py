@@ -89,8 +89,8 @@ def test_a_heic_photo_without_its_decoder_is_said_to_need_pillow_heif(tmp_path, 
     monkeypatch.delitem(Image.OPEN, "HEIF")  # an install without pillow-heif
     with pytest.raises(ImageLoadError) as refused:
         decode_image(data, name="cobra.heic")
-    assert str(refused.value) == ("cobra.heic: a HEIC photo, which this installation cannot read: its HEIC decoder is "
-                                  "missing (install pillow-heif: pip install pillow-heif)")
+    assert str(refused.value) == ("cobra.heic: a HEIC photo, which this installation cannot read: "
+                                  "its HEIC decoder is missing (install pillow-heif: pip install pillow-heif)")
     with pytest.raises(ImageLoadError, match=NOT_A_PHOTO):  # not a HEIF container: as before
         decode_image(b"\x00\x00\x00\x18ftypisom" + bytes(40), name="clip.mp4")
 

@@ -264,7 +264,8 @@ def test_lookups_and_suggestions_ignore_accents_and_hamza(tmp_path, capsys):
     bare 404 where 'Cobra d'Égypte' said "did you mean 'Naja haje'?"."""
     from _cli_support import folder_gallery
 
-    index = folder_gallery(tmp_path, capsys, ("Vipère à cornes", "Cobra d'Égypte (Naja haje)", "أفعى", "Natrix maura"))
+    index = folder_gallery(tmp_path, capsys,
+                           ("Vipère à cornes", "Cobra d'Égypte (Naja haje)", "أفعى", "Natrix maura"))
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Vipere a cornes", "yes")
     assert code == 0 and out.startswith("Vipère à cornes: venomous ? -> yes"), (out, err)
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Vipere a corne", "yes")

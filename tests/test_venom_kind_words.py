@@ -94,8 +94,8 @@ def test_a_name_of_a_species_this_gallery_records_venomous_asks_for_the_confirma
         with pytest.raises(ValueError) as refused:
             check_harmless_flag(name, common, gallery_species=held, common_names=commons)
         assert str(refused.value).startswith(
-            f"{name!r} may be 'Xus venenatus', which this gallery records as medically important venomous: {how}; "), \
-            str(refused.value)
+            f"{name!r} may be 'Xus venenatus', which this gallery records as medically important venomous: "
+            f"{how}; "), str(refused.value)
         assert f"add {DISTINCT_OPTION} (the API's add: distinct_from_venomous=true)" in str(refused.value)
         check_harmless_flag(name, common, gallery_species=held, common_names=commons, distinct=True)
     check_harmless_flag("Xus venenatus", gallery_species=held)  # its own flag is its own to change
@@ -117,8 +117,9 @@ def test_the_cli_and_the_api_refuse_a_french_or_arabic_name_of_a_gallery_venomou
     photo = _photo(tmp_path / "new" / "a.png", 40, side=64)
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Vipere de Lataste",
                           "--new-species", "--venomous", "no", photo, *ENCODER)
-    assert code == 2 and ("'Vipere de Lataste' may be 'Vipera latastei', which this gallery records as medically "
-                          "important venomous: 'Vipere de Lataste' is its common name 'Vipère de Lataste'") in err, err
+    assert code == 2 and ("'Vipere de Lataste' may be 'Vipera latastei', which this gallery records as "
+                          "medically important venomous: 'Vipere de Lataste' is its common name "
+                          "'Vipère de Lataste'") in err, err
     assert "Vipere de Lataste" not in venom_flags(capsys, index)
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "أفعى", "no")
     assert code != 0 and "'أفعى' holds 'أفعى', a kind of venomous snake" in err and venom_flags(capsys, index)[

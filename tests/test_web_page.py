@@ -424,11 +424,11 @@ def test_the_page_shows_the_api_venom_advice_not_its_own_threshold():
     than the CLI: it now shows the answer's venom_advice (retrieval.advice), red whenever it says treat as venomous."""
     render = _render()
     assert "0.1" not in render and "likelyVenomous" not in render
-    assert ('if (advice && advice.treat_as_venomous) html += `<div class="warn" id="venom-warning">⚠ '
-            '${withNames(advice.text, names)}</div>`;') in render
+    assert ('if (advice && advice.treat_as_venomous) {\n'
+            '    html += `<div class="warn" id="venom-warning">⚠ ${withNames(advice.text, names)}</div>`;') in render
     # the low probability ('when in doubt...') after the candidates, in grey-green
-    assert ('if (advice && !advice.treat_as_venomous) html += `<div class="advice" id="venom-advice">'
-            '${withNames(advice.text, names)}</div>`;') in render
+    assert ('if (advice && !advice.treat_as_venomous) {\n'
+            '    html += `<div class="advice" id="venom-advice">${withNames(advice.text, names)}</div>`;') in render
 
 
 def test_a_far_answer_greys_its_candidates_out():

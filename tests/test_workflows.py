@@ -255,7 +255,8 @@ def test_a_root_without_photos_for_its_dataset_names_the_layout_and_the_options(
         assert code == 2 and f"no photos found under {loose} {folder_fix}" in err, err
     assert not (tmp_path / "g").exists()
     with pytest.raises(ValueError, match=r"for dataset 'moroccan', which expects ROOT/<Genus-species>/<photos>: "
-                       r"one folder per species of the Moroccan checklist \('Naja-haje', 'Cobra d'Égypte \(Naja haje\)', \.\.\.\); "
+                       r"one folder per species of the Moroccan checklist "
+                       r"\('Naja-haje', 'Cobra d'Égypte \(Naja haje\)', \.\.\.\); "
                        r"point --val-root at such a folder, or "
                        r"give the --val-dataset that fits it"):
         load_photos("moroccan", loose, options="--val-")
