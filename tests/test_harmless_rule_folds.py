@@ -201,4 +201,5 @@ def test_the_gallery_genus_rule_stops_at_the_names_own_genus():
     with pytest.raises(ValueError, match=r"may be 'Ophiophagus hannah'.*is of its genus"):
         check_harmless_flag("cf. Ophiophagus nova", gallery_species=held)
     # a gallery genus the taxonomy does not know ends the genus words too: "Yus xus" is of Yus, not of Xus
-    check_harmless_flag("Yus xus", gallery_species=[_held("Xus venenatus", None, True), _held("Yus mitis", None, False)])
+    check_harmless_flag("Yus xus", gallery_species=[_held("Xus venenatus", None, True),
+                                                    _held("Yus mitis", None, False)])

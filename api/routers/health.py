@@ -19,8 +19,8 @@ STORE_DEGRADED = ("the gallery's store cannot be reached: identify and search an
 
 #: /readyz's warning while the gallery's gallery.json was written by a newer speciesid than the server's.
 NEWER_FORMAT = ("{why}: identify and search answer from the gallery as this server read it before; adding and "
-                "deleting references answer 409 until the server's speciesid is upgraded and the server restarted (or the "
-                "gallery.json reads at this server's format again)")
+                "deleting references answer 409 until the server's speciesid is upgraded and the server restarted "
+                "(or the gallery.json reads at this server's format again)")
 
 #: The longest /readyz and /metrics wait on the store's look for other processes' writes (then they answer what the
 #: server loaded, degraded while the look is overdue): half of a readiness probe's default timeout (Kubernetes: 1 s).
