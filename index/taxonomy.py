@@ -553,7 +553,8 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
     names), or a near-spelling of one (:data:`NEAR_SPELLING`), compared folded (:func:`fold_name`: case, accents,
     hamza, apostrophes and full-width letters aside): ``Vipère de Lataste`` for a gallery's venomous ``Vipera
     latastei`` of that common name, ``افعى موريتانيا`` for ``أفعى موريتانيا``; or ``name`` is of a genus all of whose
-    species the gallery holds are recorded venomous (``Xus mitis`` beside the venomous ``Xus venenatus`` alone).
+    species the gallery holds are recorded venomous (``Xus mitis`` beside the venomous ``Xus venenatus`` alone) and
+    the shipped taxonomy does not list it harmless (``Rhabdophis nigrocinctus`` beside ``Rhabdophis subminiatus``).
     Only ``name``'s own species (:func:`species_key`: the species an add joins, set-venom sets) is not looked at:
     its recorded flag is its own to change; a fold-twin (``Elaps tachete`` beside ``Élaps tacheté``) is another."""
     own = species_key(name)
@@ -582,7 +583,9 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
                         and match.ratio() >= NEAR_SPELLING):  # get_close_matches
                     return held, f"{given!r} is a near-spelling of {what} {spelled!r}"
     maybe_genus = genus_words(name, _folded_genera() | others.keys())  # not "Lycodon ophiophagus"'s epithet
-    for held_of_genus in (held for genus, held in others.items() if genus in maybe_genus) if len(words) > 1 else ():
+    if len(words) < 2 or ((listed := lookup_taxon(name)) is not None and listed.venomous is False):
+        maybe_genus = []  # a species the taxonomy lists harmless (Rhabdophis nigrocinctus) is no unknown of the genus
+    for held_of_genus in (held for genus, held in others.items() if genus in maybe_genus):
         # unrecorded (None) is possibly venomous, as answers take it: only a species recorded harmless breaks "all"
         if all(held.venomous is not False for held in held_of_genus) and \
                 (venomous := [held for held in held_of_genus if held.venomous]):

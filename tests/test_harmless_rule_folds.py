@@ -203,3 +203,13 @@ def test_the_gallery_genus_rule_stops_at_the_names_own_genus():
     # a gallery genus the taxonomy does not know ends the genus words too: "Yus xus" is of Yus, not of Xus
     check_harmless_flag("Yus xus", gallery_species=[_held("Xus venenatus", None, True),
                                                     _held("Yus mitis", None, False)])
+
+
+def test_the_gallery_genus_rule_leaves_a_species_the_taxonomy_lists_harmless():
+    """A gallery holding only the venomous Rhabdophis subminiatus of its genus asked for --distinct-from-venomous to
+    record the keelback Rhabdophis nigrocinctus harmless, which the shipped taxonomy lists as not medically important
+    (as the shipped genus rule already took a listed name); a species it does not list still needs it."""
+    held = [_held("Rhabdophis subminiatus", None, True)]
+    check_harmless_flag("Rhabdophis nigrocinctus", gallery_species=held)
+    with pytest.raises(ValueError, match=r"may be 'Rhabdophis subminiatus'.*is of its genus"):
+        check_harmless_flag("Rhabdophis nova", gallery_species=held)
