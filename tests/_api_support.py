@@ -8,6 +8,7 @@ process and copied for each app that writes to it.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -76,6 +77,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def body_size_app(scope, receive, send) -> None:
+    """A stand-in ASGI app: reads its whole body and answers 200 with its size (what a route does before its work);
+    answers a lifespan's startup and shutdown, for a real uvicorn."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.dumps({"size": size}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 @contextmanager

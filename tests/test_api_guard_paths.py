@@ -14,6 +14,7 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+from _api_support import body_size_app
 
 #: How long a socket waits for an answer that should come at once (generous: a loaded machine).
 BLOCKED_S = 20
@@ -33,18 +34,6 @@ def _scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
             "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
             "root_path": ""}
-
-
-async def _reading_app(scope, receive, send) -> None:
-    """A stand-in app: reads its whole body, answers 200 with its size."""
-    size, more = 0, True
-    while more:
-        message = await receive()
-        size += len(message.get("body", b""))
-        more = message.get("more_body", False)
-    body = json.dumps({"size": size}).encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class _Sent:
@@ -92,7 +81,7 @@ def test_bodies_past_max_receiving_are_shed_unread_and_the_others_served():
     from api.guard import EdgeGuard
     from api.settings import Settings
 
-    guard = EdgeGuard(_reading_app, Settings(index="nowhere", max_identify_in_flight=3, max_receiving=3,
+    guard = EdgeGuard(body_size_app, Settings(index="nowhere", max_identify_in_flight=3, max_receiving=3,
                                              body_timeout_s=60, retry_after_s=1, retry_jitter_s=0))
     clients = 30
     reads, sent = [0] * clients, [_Sent() for _ in range(clients)]
@@ -145,7 +134,7 @@ def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
 
         async def app(scope, receive, send) -> None:
             if scope["path"] != "/v1/identify":
-                return await _reading_app(scope, receive, send)
+                return await body_size_app(scope, receive, send)
             await receive()  # B: its whole body, so it holds the slot until told
             b_holds.set()
             await b_done.wait()

@@ -93,42 +93,16 @@ def test_megabytes_is_one_unit_for_every_size():
 
 
 # ------------------------------------------------------------------------------- the guard, served for real
-def _stand_in():
-    """An ASGI app that reads its whole body and answers its size (what a route does before its work)."""
-
-    async def app(scope, receive, send):
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        size, more = 0, True
-        while more:
-            message = await receive()
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = json.dumps({"size": size}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
-
-
 @pytest.fixture()
 def guarded():
     """The edge guard (one identify slot, a 2 s body deadline) in front of the stand-in, in a real uvicorn."""
-    from _api_support import serving
+    from _api_support import body_size_app, serving
 
     from api.guard import EdgeGuard
     from api.settings import Settings
 
     settings = Settings(index="nowhere", max_identify_in_flight=1, body_timeout_s=2.0)
-    with serving(EdgeGuard(_stand_in(), settings)) as port:
+    with serving(EdgeGuard(body_size_app, settings)) as port:
         yield port
 
 
