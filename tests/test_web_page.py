@@ -9,12 +9,10 @@ missing (CI installs Debian's ``chromium chromium-driver``, see .ci/run).
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from _api_support import API_KEY, COBRA, NEW_SPECIES, SPECIES, binomial, free_port, gallery_copy, photos
+from _api_support import API_KEY, COBRA, NEW_SPECIES, SPECIES, binomial, gallery_copy, photos, serving
 from conftest import needs_shared
 
 CHROMIUM = Path(os.environ.get("SPECIESID_CHROMIUM", "/usr/bin/chromium"))
@@ -35,12 +33,8 @@ def site(tmp_path_factory):
     index = gallery_copy(tmp_path_factory, "api_web")
     app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32"))
     _APPS["site"] = app
-    url, server, thread = _serve(app)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serving(app, wait_s=WAIT_S) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -178,21 +172,6 @@ def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_
     assert lines[1].startswith("Not sure: this photo is unlike every reference photo"), text
 
 
-def _serve(app):
-    """``app`` served by uvicorn in a thread on 127.0.0.1: (its URL, the server, its thread)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-web-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 def _the_page_reads(driver, url: str, heading: str) -> None:
     """Open the page and wait until its heading reads ``heading`` (worded by /readyz's answer, fetched on load)."""
     from selenium.webdriver.common.by import By
@@ -246,8 +225,8 @@ def test_a_gallery_of_birds_shows_no_word_of_venom_once_it_is_turned_off(browser
     Image.new("RGB", (300, 300), (255, 255, 255)).save(blank)
     # refresh_s 0: each look at the gallery reads its record (gallery.json) again when it changed
     app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
-    url, server, thread = _serve(app)
-    try:
+    with serving(app, wait_s=WAIT_S) as port:
+        url = f"http://127.0.0.1:{port}"
         _the_page_reads(browser, url, "speciesid — what snake is this?")  # on until recorded off
         assert _run(capsys, "index", "venom-advice", "--index", index, "off")[0] == 0
         _the_page_reads(browser, url, "speciesid — what species is this?")  # walk s52 #6: 'what snake is this?'
@@ -266,9 +245,6 @@ def test_a_gallery_of_birds_shows_no_word_of_venom_once_it_is_turned_off(browser
         text = _identify(browser, url, root / "Common Raven (Corvus corax)" / "1.png")
         assert text.startswith("Not sure: no species is supported strongly enough"), text
         assert "venom" not in browser.find_element(By.TAG_NAME, "body").text.lower(), text
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_the_page_names_the_photos_set_aside_and_says_once_that_far_scores_mean_nothing(site, browser, tmp_path):
