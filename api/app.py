@@ -27,7 +27,7 @@ from starlette.types import Scope
 
 from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
-from api.routers._edge import photo_field_error, store_answer
+from api.routers._edge import UNPARSED, photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
 from api.settings import Settings
 from index.formats import speciesid_version
@@ -106,8 +106,6 @@ def _without_slash(app: FastAPI, scope: Scope) -> str | None:
 #: The multipart parser's limit of one part's header line, in bytes: a longer one is a file name of thousands of
 #: characters.
 PART_HEADER_BYTES = DEFAULT_MAX_HEADER_SIZE
-#: FastAPI's 400 of a body its form parser failed on with an error of its own (the search route raises it too).
-UNPARSED = "There was an error parsing the body"
 #: The 503 of an upload the form parser could not write to its temporary files (a full disk, most often).
 SPOOL_FAILED = ("this server cannot keep the request's photos in its temporary space now ({why}): retry later; the "
                 "server's operator: free space under TMPDIR (or point TMPDIR at a larger disk)")

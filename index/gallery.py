@@ -549,6 +549,7 @@ class Gallery:
         root = Path(root)
         stamp = _file_stamp(GalleryLayout(root).info)  # before the read: a write in between is read again later
         info = read_gallery_info(root)
+        check_probe_format(root)
         if expected_fingerprint is not None:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
@@ -1563,24 +1564,25 @@ class Gallery:
     def species(self) -> list[SpeciesSummary]:
         """Species in the gallery with counts and metadata. With ``stale_reads`` (a server) as of the version the
         index reflects (no store round trip to ask the latest), and during an outage the list read last."""
-        if not self.stale_reads:
-            return self.store.species()
-        cached = self.store.cached_species()
-        if cached is not None and (cached[0] == self._synced_version or self.reading_stale):
-            return cached[1]
-        return self.store.species(version=self._synced_version)
+        return self.store.species(version=self._species_version())
 
     def species_names(self) -> tuple[list[SpeciesSummary], dict[str, list[str]]]:
         """(:meth:`species`, species -> every common name its references carry) of one version, as :meth:`species`
         reads it (with ``stale_reads``, the index's: no store round trip; else the table's, asked once): a name
         check's list and names (:func:`retrieval.workflows.add_photos`), never of two versions, and never a second
         tally of the table where the first is kept."""
+        return self.store.species_names(version=self._species_version())
+
+    def _species_version(self) -> int | None:
+        """The store version :meth:`species` and :meth:`species_names` read: None (the table's, asked) unless
+        ``stale_reads``; then the one the index reflects, or the one read last when it is that one or the store is
+        out (``reading_stale``)."""
         if not self.stale_reads:
-            return self.store.species_names()
+            return None
         cached = self.store.cached_species()
         if cached is not None and (cached[0] == self._synced_version or self.reading_stale):
-            return self.store.species_names(version=cached[0])
-        return self.store.species_names(version=self._synced_version)
+            return cached[0]
+        return self._synced_version
 
 
 class StoreOpenError(ValueError):
@@ -1696,14 +1698,20 @@ def read_gallery_info(root: str | Path) -> dict:
                          f"or damaged by something else: check its permissions, restore it from a backup, or "
                          f"{rebuild}") from exc
     check_format(path, info.get("format"), GALLERY_FORMAT, older=rebuild)
-    probe = GalleryLayout(root).probe_meta  # its probe too: refused before anything is done, not after a write
+    return info
+
+
+def check_probe_format(root: str | Path) -> None:
+    """Refuse (NewerFormatError) a gallery whose probe.json a newer speciesid wrote, when it is opened: before
+    anything is done, not after a write. An unreadable or damaged probe.json passes: its own load says what is
+    wrong."""
+    probe = GalleryLayout(root).probe_meta
     try:
         probe_format = json.loads(probe.read_text(encoding="utf-8")).get("format") if probe.is_file() else None
-    except (OSError, ValueError, AttributeError):  # unreadable or damaged: the probe's own load says what is wrong
+    except (OSError, ValueError, AttributeError):
         probe_format = None
     if isinstance(probe_format, int) and probe_format > PROBE_FORMAT:
         check_format(probe, probe_format, PROBE_FORMAT, older="")
-    return info
 
 
 def _opt(value: object) -> object | None:

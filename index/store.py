@@ -675,15 +675,11 @@ class ReferenceStore:
             out[name] = (yes, no, int(n) - yes - no)
         return out
 
-    def common_names(self, *, version: int | None = None) -> dict[str, list[str]]:
-        """species -> every common name its searchable rows carry, most frequent first (the summary shows the first:
-        :meth:`species`), from the tally :meth:`species` keeps (read first when it is of another ``version``, default
-        the table's): a species built from folders in several languages carries several."""
-        return self.species_names(version=version)[1]
-
     def species_names(self, *, version: int | None = None) -> tuple[list[SpeciesSummary], dict[str, list[str]]]:
-        """(:meth:`species`, :meth:`common_names`) of one tally, of ``version`` (default the table's: one store round
-        trip), the table read once when the tally kept is of another: what a name check needs, both of one version."""
+        """(:meth:`species`, species -> every common name its searchable rows carry, most frequent first: a species
+        built from folders in several languages carries several) of one tally, of ``version`` (default the table's:
+        one store round trip), the table read once when the tally kept is of another: what a name check needs, both
+        of one version."""
         version = self.version if version is None else version
         cached, tally = self._species_cache, self._species_tally
         if cached is None or cached[0] != version or tally is None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from index.photos import first_few
 from index.records import ReferenceRecord
+from index.text import FORMULA_STARTS
 
 if TYPE_CHECKING:
     from index.store import SpeciesSummary
@@ -57,9 +58,6 @@ class InvalidNameError(ValueError):
 #: An example of each kind of name :func:`check_name` checks, for its messages.
 NAME_EXAMPLES = {"species name": "Naja haje", "genus": "Naja", "family": "Elapidae", "common name": "Egyptian cobra",
                  "class folder name": "Naja haje"}
-#: The characters a spreadsheet (Excel, LibreOffice, Google Sheets) reads as the start of a formula in a CSV cell
-#: (OWASP's CSV injection list; a leading tab or carriage return cannot reach a name: whitespace is collapsed first).
-FORMULA_STARTS = "=+-@"
 #: What replaces an undecodable byte when text is decoded leniently (a URL's ``%FF``): a name holding it was not text.
 REPLACEMENT_CHARACTER = "\ufffd"
 
@@ -107,7 +105,7 @@ def check_name(value: str, what: str = "species name", *, stored: Collection[str
                 f"the {what} {text.encode('utf-8', 'backslashreplace').decode()!r} contains "
                 f"{f'{name} ({code})' if name else f'the control character {code}'}; use printable letters only"
             )
-    if text[0] in FORMULA_STARTS and text not in stored:
+    if text.startswith(FORMULA_STARTS) and text not in stored:  # a tab or CR cannot reach here: collapsed first
         raise InvalidNameError(
             f"the {what} {text!r} starts with {text[0]!r}, which a spreadsheet (Excel, LibreOffice) opening a CSV "
             f"export reads as a formula and runs; leave the {text[0]!r} out, {example}")

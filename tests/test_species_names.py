@@ -293,7 +293,7 @@ def test_an_add_takes_any_common_name_the_species_references_carry(tmp_path, cap
         code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje",
                               "--common-name", given, _photo(tmp_path / f"a{i}.png", 90 + i), *ENCODER)
         assert code == 0 and "Naja haje (existing species)" in out, (given, out, err)
-    names = Gallery.open(index).store.common_names()["Naja haje"]
+    names = Gallery.open(index).store.species_names()[1]["Naja haje"]
     assert sorted(names) == sorted(["Cobra d'Égypte", "Egyptian cobra", "كوبرا مصرية"]), names  # stored as carried
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje",
                           "--common-name", "Cobra royal", _photo(tmp_path / "b.png", 99), *ENCODER)
@@ -415,7 +415,7 @@ def test_a_gallery_holding_a_formula_name_from_before_still_opens_and_takes_phot
     species it holds (its CSV cells are the CSV writers' to escape); a new one is refused."""
     from _cli_support import folder_gallery
 
-    monkeypatch.setattr("index.taxonomy.FORMULA_STARTS", "", raising=False)  # the rule of before
+    monkeypatch.setattr("index.taxonomy.FORMULA_STARTS", (), raising=False)  # the rule of before
     index = folder_gallery(tmp_path, capsys, ("=1+1", "Natrix maura"))
     monkeypatch.undo()
     assert {s.species for s in Gallery.open(index).species()} == {"=1+1", "Natrix maura"}

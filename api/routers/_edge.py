@@ -20,6 +20,10 @@ from index.gallery import Neighbour
 from index.lease import LeaseError
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
 
+#: FastAPI's 400 of a body its form parser failed on with an error of its own (the search route raises it too, for
+#: the app's handler to answer an upload not written to TMPDIR as identify's: api.app.spool_failure).
+UNPARSED = "There was an error parsing the body"
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import ReadKey, Service
-from api.routers._edge import edge, errors, neighbour_out, photo_field_error, read_uploads
+from api.routers._edge import UNPARSED, edge, errors, neighbour_out, photo_field_error, read_uploads
 from api.schemas import SEARCH_K_DEFAULT, IdentifyOut, ResultOut, SearchK, SearchOut, SearchVectorIn
 from api.service import SpeciesService
 from index.geography import resolve_country
@@ -145,7 +145,7 @@ async def _search(request: Request, service: SpeciesService, ctype: str) -> Sear
         try:
             form = await request.form()
         except OSError as exc:  # the parser could not write the photo to a temporary file (a full disk): the
-            raise HTTPException(400, "There was an error parsing the body") from exc  # as FastAPI's: the 503
+            raise HTTPException(400, UNPARSED) from exc  # as FastAPI's: answered 503 by the app's handler
         try:  # its uploads closed at the end, as FastAPI does for identify's
             images = form.getlist("image")
             if len(images) > 1:  # never one silently dropped (nor left unchecked)
