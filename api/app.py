@@ -30,6 +30,7 @@ from api.routers import health, identify, references, species
 from api.routers._edge import UNPARSED, photo_field_error, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService
 from api.settings import Settings
+from index.errors import exception_chain
 from index.formats import speciesid_version
 
 logger = logging.getLogger(__name__)
@@ -111,20 +112,10 @@ SPOOL_FAILED = ("this server cannot keep the request's photos in its temporary s
                 "server's operator: free space under TMPDIR (or point TMPDIR at a larger disk)")
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``)."""
-    seen: set[int] = set()
-    at: BaseException | None = exc
-    while at is not None and id(at) not in seen:
-        seen.add(id(at))
-        yield at
-        at = at.__cause__ or at.__context__
-
-
 def spool_failure(exc: BaseException) -> OSError | None:
     """The OSError behind a form parser's failure to write an upload to its temporary file (in ``exc``'s chain: the
     :data:`UNPARSED` 400 it was raised as), else None."""
-    return next((e for e in _chain(exc) if isinstance(e, OSError)), None)
+    return next((e for e in exception_chain(exc, context=True) if isinstance(e, OSError)), None)
 
 
 def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPException) -> str:
@@ -137,7 +128,8 @@ def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPExcept
         return f"at most {photos} photos per request; this one holds over 1000 files" if photos else detail
     if "multipart" not in detail.lower():
         return detail
-    parser = next((e for e in _chain(exc) if isinstance(e, MultipartParseError)), None)  # Starlette's "Invalid
+    parser = next((e for e in exception_chain(exc, context=True)  # Starlette's "Invalid
+                   if isinstance(e, MultipartParseError)), None)
     if parser is not None and "header size" in str(parser):  # multipart data" hides python-multipart's reason
         return multipart_unreadable(f"a part's header is over {PART_HEADER_BYTES:,} bytes: a file name that long? "
                                     "send a shorter one")

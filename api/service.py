@@ -31,7 +31,7 @@ from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species, gallery_lookalikes
 from retrieval import workflows
 from retrieval.encoders import stack_views
-from retrieval.images import ImageLoadError, PixelLimitError, animation_note, decode_image, header_size
+from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
 from retrieval.pipeline import model_input
 from retrieval.protocol import embedding_note
 from retrieval.vote import Rank
@@ -170,12 +170,12 @@ class SpeciesService:
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding
-                views, size = model_input(data, self.encoder, max_pixels=self.settings.max_pixels, name=name)
+                views, size, note = model_input(data, self.encoder, max_pixels=self.settings.max_pixels, name=name)
             except PixelLimitError as exc:
                 raise BadImage(f"{exc}: this server's limit (ask its operator to raise SPECIESID_MAX_PIXELS)") from exc
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, size=size, views=views, note=animation_note(data))
+            return Upload(name=name, data=data, size=size, views=views, note=note)
 
         return list(self._pool.map(one, files))
 

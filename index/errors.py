@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def exception_chain(exc: BaseException | None, *, context: bool = False) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``), each once (a chain that loops back ends there);
+    with ``context``, an exception without a cause is followed by the one it was raised while handling
+    (``__cause__``, else ``__context__``). Nothing when ``exc`` is None."""
+    seen: set[int] = set()
+    at = exc
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        yield at
+        at = (at.__cause__ or at.__context__) if context else at.__cause__
 
 
 def first_line(exc: BaseException | str | None, limit: int) -> str:
@@ -37,15 +50,10 @@ def store_io_kind(exc: BaseException) -> str | None:
     error (a bug in an ``except`` block) is not that store's error."""
     if not isinstance(exc, (RuntimeError, OSError)):
         return None
-    seen: set[int] = set()
-    err: BaseException | None = exc
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        found = _STORE_IO.search(str(err))
-        if found:
+    for err in exception_chain(exc):
+        if _STORE_IO.search(str(err)):
             kinds = [k for k in re.findall(_GENERIC, str(err)) if k != "N/A"]
             return kinds[0] if kinds else ""
-        err = err.__cause__
     return None
 
 
@@ -83,14 +91,10 @@ def store_table_gone(exc: BaseException) -> bool:
     """Whether ``exc`` (or a cause of it) is Lance's "Not found" of the table itself, not a store's I/O error: the
     store answers, but no longer holds the gallery's table (or holds another: :class:`TableReplacedError`).
     Retrying does not bring it back."""
-    seen: set[int] = set()
-    err: BaseException | None = exc
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
+    for err in exception_chain(exc):
         if isinstance(err, TableReplacedError):
             return True
         if isinstance(err, (RuntimeError, OSError, ValueError)) and _STORE_IO.search(str(err)) is None \
                 and _TABLE_GONE.search(str(err)):
             return True
-        err = err.__cause__
     return False

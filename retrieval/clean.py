@@ -140,6 +140,13 @@ class CleanResult:
                 + first_few([printable(p) for p, _ in self.skipped]) + ")" if self.skipped else ""))
         if self.files:
             lines.append("report: " + ", ".join(printable(p) for p in self.files.values()))
+        lines.extend(self.applied_lines())
+        return "\n".join(lines)
+
+    def applied_lines(self) -> list[str]:
+        """:meth:`summary`'s last lines, from what ``--apply`` did on (its notes included): what a run interrupted
+        once it applied says (:class:`CleanInterrupted`)."""
+        lines = []
         if self.applied is not None:
             a = self.applied
             lines.append(
@@ -152,15 +159,7 @@ class CleanResult:
                 lines.append(f"kept: every reference of {', '.join(a.kept_last)} was flagged; the oldest of each is "
                              "kept so no species disappears (check those findings by hand)")
         lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-    def applied_lines(self) -> list[str]:
-        """:meth:`summary`'s last lines, from what ``--apply`` did on (its notes included): what a run interrupted
-        once it applied says (:class:`CleanInterrupted`)."""
-        lines = self.summary().split("\n")
-        first = next((i for i, line in enumerate(lines) if line.startswith("applied: ")),
-                     len(lines) - len(self.notes))
-        return lines[first:]
+        return lines
 
 
 class CleanInterrupted(KeyboardInterrupt):

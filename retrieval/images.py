@@ -37,33 +37,42 @@ TOO_ELONGATED = "is too elongated"
 OVER_PIXEL_LIMIT = "(possible decompression bomb)"
 
 
-#: How many times a pixel of a mode counts against the pixel limit: the memory it costs through :func:`decode_image`
-#: (decoded, then made 8-bit RGB) over an 8-bit colour pixel's, rounded up to a quarter, so that no mode a photo can
-#: be decoded in is under-counted. Measured with 4 photos decoding at once, as the server's 4 decode threads do
-#: (``benchmarks/bench_decode.py --ways now --mode MODE``, docs/api.md "Limits and errors"): L 1.20x, 1 1.25x,
-#: 16-bit greyscale 1.87x, CMYK 2.17x, YCbCr 2.24x, LAB and RGBA 2.31x, P 2.43x, float greyscale 3.07x, 32-bit
-#: greyscale 3.19x, LA 3.56x. Modes not listed (none a supported format opens in, as far as tried) count 4.
-MODE_WEIGHTS: dict[str, float] = {
-    "RGB": 1, "RGBX": 1, "L": 1.25, "1": 1.25, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "CMYK": 2.25,
-    "YCbCr": 2.25, "LAB": 2.5, "RGBA": 2.5, "RGBa": 2.5, "P": 2.5, "F": 3.25, "I": 3.25, "LA": 3.75, "La": 3.75,
-    "PA": 3.75}
-#: The modes that count more than once, in words for the refusal.
-MODE_WORDS = {"L": "8-bit greyscale", "1": "black and white (1-bit)", "YCbCr": "YCbCr colour",
-              "LAB": "CIELAB colour", "CMYK": "CMYK colour", "RGBA": "colour with transparency (RGBA)",
-              "P": "palette colour",
-              "I;16": "16-bit greyscale", "I;16B": "16-bit greyscale", "I;16L": "16-bit greyscale",
-              "I;16N": "16-bit greyscale", "LA": "greyscale with transparency", "La": "greyscale with transparency",
-              "PA": "palette colour with transparency", "RGBa": "colour with transparency (RGBa)",
-              "I": "32-bit greyscale", "F": "floating-point greyscale"}
+#: Mode -> (weight, words), one row a mode. Its weight: how many times a pixel of the mode counts against the pixel
+#: limit, the memory it costs through :func:`decode_image` (decoded, then made 8-bit RGB) over an 8-bit colour pixel's,
+#: rounded up to a quarter, so that no mode a photo can be decoded in is under-counted. Measured with 4 photos decoding
+#: at once, as the server's 4 decode threads do (``benchmarks/bench_decode.py --ways now --mode MODE``, docs/api.md
+#: "Limits and errors"): L 1.20x, 1 1.25x, 16-bit greyscale 1.87x, CMYK 2.17x, YCbCr 2.24x, LAB and RGBA 2.31x,
+#: P 2.43x, float greyscale 3.07x, 32-bit greyscale 3.19x, LA 3.56x. Modes not listed (none a supported format opens
+#: in, as far as tried) count 4. Its words: the mode as the refusal of a photo over the limit names it.
+PIXEL_MODES: dict[str, tuple[float, str]] = {
+    "RGB": (1, "8-bit colour"), "RGBX": (1, "8-bit colour (RGBX)"), "L": (1.25, "8-bit greyscale"),
+    "1": (1.25, "black and white (1-bit)"), "I;16": (2, "16-bit greyscale"), "I;16B": (2, "16-bit greyscale"),
+    "I;16L": (2, "16-bit greyscale"), "I;16N": (2, "16-bit greyscale"), "CMYK": (2.25, "CMYK colour"),
+    "YCbCr": (2.25, "YCbCr colour"), "LAB": (2.5, "CIELAB colour"),
+    "RGBA": (2.5, "colour with transparency (RGBA)"), "RGBa": (2.5, "colour with transparency (RGBa)"),
+    "P": (2.5, "palette colour"), "F": (3.25, "floating-point greyscale"), "I": (3.25, "32-bit greyscale"),
+    "LA": (3.75, "greyscale with transparency"), "La": (3.75, "greyscale with transparency"),
+    "PA": (3.75, "palette colour with transparency")}
+#: The weights of :data:`PIXEL_MODES` alone (mode -> weight).
+MODE_WEIGHTS: dict[str, float] = {mode: weight for mode, (weight, _) in PIXEL_MODES.items()}
+#: The weight of a mode :data:`PIXEL_MODES` does not list.
+UNLISTED_MODE_WEIGHT = 4
 
 
 def mode_weight(mode: str) -> float:
-    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`MODE_WEIGHTS`; 4 when unlisted)."""
-    return MODE_WEIGHTS.get(mode, 4)
+    """How many times a pixel of ``mode`` counts against the pixel limit (:data:`PIXEL_MODES`; 4 when unlisted)."""
+    return PIXEL_MODES[mode][0] if mode in PIXEL_MODES else UNLISTED_MODE_WEIGHT
+
+
+def mode_words(mode: str) -> str:
+    """``mode`` in words, as a refusal for the pixel limit says it (:data:`PIXEL_MODES`; "mode X" when unlisted)."""
+    return PIXEL_MODES[mode][1] if mode in PIXEL_MODES else f"mode {mode}"
 
 
 #: ``image.info`` key of the photo's size as stored (before any reduction at decode).
 PHOTO_SIZE = "speciesid_photo_size"
+#: ``image.info`` key of what an answer is to say of the photo as decoded (:func:`photo_note`).
+PHOTO_NOTE = "speciesid_photo_note"
 
 
 class ImageLoadError(ValueError):
@@ -173,16 +182,24 @@ _ANIMATED_NAMES = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
 
 def animation_note(data: bytes) -> str | None:
     """:data:`ANIMATED_NOTE` for the photo ``data`` when it has more than one frame (a GIF, WebP or PNG: only their
-    first frame is decoded), else None; reads the header and looks for a second frame, decodes no pixel of it."""
+    first frame is decoded), else None; reads the header and looks for a second frame, decodes no pixel of it.
+    :func:`decode_image` makes the same note from the photo it opens (:func:`photo_note`): no second open."""
     if not (data[:6] in (b"GIF87a", b"GIF89a") or data[:8] == b"\x89PNG\r\n\x1a\n"
             or data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return None
-    img = _header(data)
+    return _animated_note(_header(data))
+
+
+def _animated_note(img: Image.Image | None) -> str | None:
+    """:data:`ANIMATED_NOTE` for the opened, not yet loaded photo ``img`` when it is a GIF, WebP or PNG of more than
+    one frame, else None (looking for its second frame leaves it at its first)."""
+    if img is None or img.format not in _ANIMATED_NAMES:
+        return None
     try:
-        animated = img is not None and bool(getattr(img, "is_animated", False))
+        animated = bool(getattr(img, "is_animated", False))
     except Exception:  # noqa: BLE001 - a frame after the first that cannot be read: the first one is what counts
         animated = False
-    return ANIMATED_NOTE.format(format=_ANIMATED_NAMES.get(img.format, img.format)) if animated else None
+    return ANIMATED_NOTE.format(format=_ANIMATED_NAMES[img.format]) if animated else None
 
 
 def _openers() -> list[str]:
@@ -199,7 +216,8 @@ def decode_image(
     ``draft``: keep both sides at least this many pixels but no more than needed: a JPEG is decoded at reduced
     scale (by 1/2, 1/4, 1/8: much faster for large phone photos that are resized to ~224 px anyway), any other
     photo is box-reduced by a whole factor as soon as it is decoded, so a large PNG is not held at full size.
-    The photo's own size, as stored, is in ``image.info[PHOTO_SIZE]`` (:func:`photo_size`).
+    The photo's own size, as stored, is in ``image.info[PHOTO_SIZE]`` (:func:`photo_size`); an animated photo's
+    :data:`ANIMATED_NOTE` in ``image.info[PHOTO_NOTE]`` (:func:`photo_note`).
 
     ``max_pixels`` bounds the pixels decoded, read from the header before any is (:class:`PixelLimitError`): for
     a JPEG decoded at reduced scale, the reduced size; and no photo is taken over :data:`DEFAULT_MAX_PIXELS` (nor
@@ -227,12 +245,13 @@ def decode_image(
                 if weight == 1:
                     raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} "
                                           f"{OVER_PIXEL_LIMIT}")
-                words = MODE_WORDS.get(img.mode, f"mode {img.mode}")
+                words = mode_words(img.mode)
                 raise PixelLimitError(
                     f"{name}: {w}x{h} pixels{scaled} is over the limit of {int(limit / weight):,} for a photo of "
                     f"{words} {OVER_PIXEL_LIMIT}: such a pixel costs {weight:g}x the memory of an 8-bit colour "
                     f"one to decode, so counts {weight:g}x against the limit of {limit:,}; save the photo as an "
                     "8-bit JPEG or PNG, or smaller")
+            note = _animated_note(img)  # before the load: the header is open already, the first frame not decoded
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)
@@ -240,6 +259,8 @@ def decode_image(
             if factor >= 2:
                 img = img.reduce(factor)
             img.info[PHOTO_SIZE] = (w, h)  # as stored (before draft and reduce), for checks on the photo's size
+            if note:
+                img.info[PHOTO_NOTE] = note
             return img
         except ImageLoadError:
             raise
@@ -264,6 +285,12 @@ def model_image(data: bytes, input_size: int, *, max_pixels: int = DEFAULT_MAX_P
 def photo_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the photo as stored, whatever :func:`decode_image` reduced it to (EXIF rotation aside)."""
     return tuple(image.info.get(PHOTO_SIZE, image.size))  # type: ignore[return-value]
+
+
+def photo_note(image: Image.Image) -> str | None:
+    """What an answer is to say of the photo :func:`decode_image` gave (:data:`ANIMATED_NOTE` for an animated one:
+    only its first frame was read), None when nothing."""
+    return image.info.get(PHOTO_NOTE)
 
 
 def _header(data: bytes) -> Image.Image | None:

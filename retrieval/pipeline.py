@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,9 +35,9 @@ from retrieval.images import (
     OVER_PIXEL_LIMIT,
     TOO_ELONGATED,
     ImageLoadError,
-    animation_note,
     header_size,
     model_image,
+    photo_note,
     photo_size,
     sha256_bytes,
 )
@@ -59,7 +60,7 @@ class Prepared:
     tensor: np.ndarray | tuple | None = None  # preprocessed float32 CHW array, or its views (None when skipped)
     error: str | None = None  # why it was skipped
     duplicate_of: int | None = None  # stored reference id with the same bytes
-    note: str | None = None  # what an answer is to say of the photo as read (retrieval.images.animation_note)
+    note: str | None = None  # what an answer is to say of the photo as read (retrieval.images.photo_note)
 
 
 @dataclass
@@ -190,14 +191,22 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+class ModelInput(NamedTuple):
+    """A photo as the encoder sees it (:func:`model_input`)."""
+
+    views: np.ndarray | tuple  # the encoder's input of every view
+    size: tuple[int, int]  # the photo's (width, height) as stored
+    note: str | None  # what an answer is to say of the photo as read (retrieval.images.photo_note), None when nothing
+
+
 def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                name: str = "image") -> tuple[np.ndarray | tuple, tuple[int, int]]:
-    """A photo's bytes -> (the encoder's input of every view, the photo's (width, height) as stored), decoded at
-    reduced scale (``retrieval.images.model_image``): the one way every path (builds, the CLI, the server) turns a
-    photo into what the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be
-    decoded."""
+                name: str = "image") -> ModelInput:
+    """A photo's bytes -> (the encoder's input of every view, the photo's (width, height) as stored, its note: an
+    animated photo's, read from the header the decode opens), decoded at reduced scale
+    (``retrieval.images.model_image``): the one way every path (builds, the CLI, the server) turns a photo into what
+    the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be decoded."""
     image = model_image(data, int(getattr(encoder, "input_size", 224)), max_pixels=max_pixels, name=name)
-    return encoder.preprocess_views(image), photo_size(image)
+    return ModelInput(encoder.preprocess_views(image), photo_size(image), photo_note(image))
 
 
 def read_error(exc: OSError) -> str:
@@ -234,9 +243,9 @@ def prepare(
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
-        tensor, size = GIVEN, header_size(data) if given else None  # as stored, as the decode's photo_size gives it
+        tensor, size, note = GIVEN, header_size(data) if given else None, None  # size as stored (photo_size's)
         if size is None:
-            tensor, size = model_input(data, encoder, max_pixels=max_pixels, name=name)
+            tensor, size, note = model_input(data, encoder, max_pixels=max_pixels, name=name)
         width, height = size
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "
@@ -246,7 +255,7 @@ def prepare(
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
         return Prepared(position, sha256=digest, error=f"preprocessing failed ({exc})")
     return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor,
-                    note=None if given else animation_note(data))
+                    note=None if given else note)
 
 
 def iter_prepared(

@@ -21,6 +21,7 @@ from index.formats import from_dict
 from index.layout import GalleryLayout, check_encoder
 from index.store import SpeciesSummary
 from retrieval.encoders import Encoder
+from retrieval.probe import probe_text_prior_sha256
 from retrieval.prompts import TEMPLATES
 from retrieval.zeroshot import cached_class_embeddings, logit_scale, zero_shot_probabilities
 
@@ -171,9 +172,14 @@ def _taxa(data: dict) -> list[SpeciesSummary]:
 
 def text_prior_taxa(root: str | Path) -> list[SpeciesSummary]:
     """The species of a gallery's text prior with the genus, family and venomous flag its ``text_prior.json``
-    records, as answers read them ([] without one, or unreadable): what venom advice's refusal and hint count, and
-    the checklist species ``index info`` says the prior can name."""
+    records, as answers take them: [] without one, unreadable, or when its sha256 is not the one the gallery's probe
+    records (:func:`load_text_prior` answers without it). What venom advice's refusal and hint count, and the
+    checklist species ``index info`` says the prior can name; the file is read once, its digest and species alike."""
+    expected = probe_text_prior_sha256(root)
     try:
-        return _taxa(json.loads(GalleryLayout(Path(root)).text_prior.read_text(encoding="utf-8")))
+        raw = GalleryLayout(Path(root)).text_prior.read_bytes()
+        if expected is not None and prior_sha256(raw) != expected:
+            return []
+        return _taxa(json.loads(raw.decode("utf-8")))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return []

@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from index.errors import exception_chain
 from retrieval.encoders import (
     Encoder,
     EncoderConfig,
@@ -611,19 +612,13 @@ def _cache_miss(exc: BaseException | None) -> bool:
     local cache (``LocalEntryNotFoundError``, ``OfflineModeIsEnabled``; open_clip and timm wrap them)."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    while exc is not None:
-        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled))
+               for e in exception_chain(exc, context=True))
 
 
 def _hub_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) says the hub could not be reached."""
-    while exc is not None:
-        text = f"{type(exc).__name__} {exc}".lower()
-        if any(word in text for word in ("hf hub", "connection", "offline", "name or service", "localentrynotfound",
-                                         "outgoing traffic has been disabled")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    words = ("hf hub", "connection", "offline", "name or service", "localentrynotfound",
+             "outgoing traffic has been disabled")
+    return any(any(word in f"{type(e).__name__} {e}".lower() for word in words)
+               for e in exception_chain(exc, context=True))

@@ -116,7 +116,7 @@ from retrieval.pipeline import (
     given_embeddings,
     skip_counts,
 )
-from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe, probe_text_prior_sha256
+from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe
 from retrieval.probe_flows import (
     ProbeResult,
     import_gallery_probe,
@@ -136,7 +136,7 @@ from retrieval.protocol import (
     embedding_note,
     record_embedding,
 )
-from retrieval.textprior import text_prior_digest, text_prior_taxa
+from retrieval.textprior import text_prior_taxa
 from retrieval.vote import Rank, parse_rank
 
 __all__ = [
@@ -1292,22 +1292,13 @@ def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None,
                 prior: list[SpeciesSummary] | None = None) -> list[SpeciesSummary]:
     """The species whose venom flags count for a gallery, as its answers count them
     (:meth:`retrieval.identify.Identifier.taxa`): its own (``held``: ``g.species()`` when None) and its text
-    prior's, with the flags its ``text_prior.json`` records, as its answers take that prior (:func:`_answered_prior`).
+    prior's, with the flags its ``text_prior.json`` records, as its answers take that prior
+    (:func:`retrieval.textprior.text_prior_taxa`).
     The one reading of an add's venom note, the refusal of venom advice off (``index venom-advice off``, ``index
-    build --no-venom-advice``) and its hint. ``prior``: :func:`_answered_prior`'s, where already read."""
+    build --no-venom-advice``) and its hint. ``prior``: ``text_prior_taxa``'s, where already read."""
     held = g.species() if held is None else held
     names = {s.species for s in held}
-    return held + [t for t in (_answered_prior(g) if prior is None else prior) if t.species not in names]
-
-
-def _answered_prior(g: Gallery) -> list[SpeciesSummary]:
-    """The species of ``g``'s text prior (:func:`retrieval.textprior.text_prior_taxa`) as its answers take it:
-    none when its sha256 is not the one the gallery's probe records (:func:`retrieval.textprior.load_text_prior`
-    answers without it)."""
-    expected = probe_text_prior_sha256(g.root)
-    if expected is not None and text_prior_digest(g.root) != expected:
-        return []
-    return text_prior_taxa(g.root)
+    return held + [t for t in (text_prior_taxa(g.root) if prior is None else prior) if t.species not in names]
 
 
 def venom_advice_note(gallery: Gallery | str | Path, taxa: list[SpeciesSummary] | None = None) -> str | None:
@@ -1361,7 +1352,7 @@ def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
         return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
             "build": build_status(gallery), **embedding_info(read_gallery_info(gallery))}
-    species, prior = g.species(), _answered_prior(g)  # each read once; the prior as answers take it
+    species, prior = g.species(), text_prior_taxa(g.root)  # each read once; the prior as answers take it
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
