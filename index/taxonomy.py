@@ -341,11 +341,17 @@ def known_snake(species: str, genus: str | None = None, family: str | None = Non
             or (family is not None and species_key(family) in _families()))
 
 
+#: How many names :func:`lookup_taxon` keeps the answer of (the shipped table never changes in a process).
+LOOKUP_CACHE = 4096
+
+
+@lru_cache(maxsize=LOOKUP_CACHE)
 def lookup_taxon(species: str) -> TaxonInfo | None:
     """Genus, family and venomous flag of a snake species, or None when it is not a known snake.
 
     Matching ignores case and treats ``-``/``_`` as spaces. A trinomial (subspecies) that is not
-    listed falls back to its species (first two words).
+    listed falls back to its species (first two words). Cached (:data:`LOOKUP_CACHE` names): one check of a
+    harmless flag (:func:`check_harmless_flag`) asks it of one name in each of its rules, looked up once.
     """
     table = _taxonomy()
     key = species_key(species)

@@ -167,3 +167,32 @@ def test_the_hub_checks_end_on_a_chain_that_loops():
     assert _cache_miss(a) is False and _hub_unreachable(a) is False
     b.args = ("Connection refused",)
     assert _hub_unreachable(a) is True
+
+
+@pytest.mark.parametrize(("name", "common"), [("Xus nova", "grass snake"), ("Natrix maura", None),
+                                              ("Bitis nova", None), ("Naja haje", None)])
+def test_a_harmless_flag_check_looks_its_name_up_once(name, common):
+    """check_harmless_flag looked ``name`` up in the shipped taxonomy in each of its rules (5 or 6 times a check);
+    lookup_taxon is cached now: one look-up a name, the same answers (tests/test_venom_*.py)."""
+    from index.taxonomy import check_harmless_flag, lookup_taxon
+
+    lookup_taxon.cache_clear()
+    try:
+        check_harmless_flag(name, common)
+    except ValueError:
+        pass
+    info = lookup_taxon.cache_info()
+    assert info.misses == 1, info
+
+
+def test_the_finished_when_interrupted_line_is_worded_in_one_place():
+    """``index build`` and ``references add`` each held their summary's Ctrl-C and worded "the ... had finished
+    when the interrupt came" in their own copies (and ``main`` a third); one helper now (api.cli._finish:
+    held_summary, said_finished), the wording the interrupt walk's tests assert unchanged."""
+    from pathlib import Path
+
+    import api.cli
+
+    cli = Path(api.cli.__file__).parent
+    wording = [p.name for p in sorted(cli.glob("*.py")) if "had finished when the interrupt came" in p.read_text()]
+    assert wording == ["_finish.py"], wording

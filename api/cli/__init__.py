@@ -287,7 +287,7 @@ def _exit_on_ctrl_c(status: int) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     """:func:`main` but for a Ctrl-C outside the command itself (its parser, the logging set up)."""
-    from api.cli._finish import finished_status, starting
+    from api.cli._finish import finished_status, said_finished, starting
 
     starting()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -307,8 +307,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         if (done := finished_status()) is not None:  # as the command's objects were torn down: its work is done
-            sys.stderr.write("speciesid: the command had finished when the interrupt came (Ctrl-C): nothing was "
-                             "lost, the lines above are its whole output\n")
+            said_finished("command", ", the lines above are its whole output")
             return done
         sys.stderr.write("speciesid: interrupted\n")
         return 130

@@ -25,7 +25,7 @@ from api.cli._common import (
     to_csv,
     to_json,
 )
-from api.cli._finish import finished
+from api.cli._finish import finished, held_summary, said_finished
 from index.compaction import AUTO_PRUNE_AGE
 from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
 from index.text import printable
@@ -160,22 +160,16 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         )
     except ReferencesInterrupted as exc:  # what was embedded is committed
         return interrupted_add(exc, args.index)
-    from index.interrupts import held_interrupt
-
-    try:  # the build is done: a Ctrl-C does not cut its summary short (it reads the gallery: maybe a remote store)
-        with held_interrupt("the build is done; finishing its summary", reraise=False) as held:
-            status = _build_summary(args, result)
-    except KeyboardInterrupt:  # a second Ctrl-C: the user does not want the rest of the summary
-        sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost; its "
-                         "summary above was cut short ('speciesid index info --index DIR' shows the gallery)\n")
+    # the build is done: a Ctrl-C does not cut its summary short (it reads the gallery: maybe a remote store)
+    status, came = held_summary("build", lambda: _build_summary(args, result),
+                                cut=" ('speciesid index info --index DIR' shows the gallery)")
+    if status is None:  # a second Ctrl-C: its summary cut short
         return finished(130)
     if result.unread_species is None:  # a second Ctrl-C as the build's result was read
-        sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost; the "
-                         "summary above does not name the species none of whose photos could be used (the second "
-                         "Ctrl-C stopped that look: the skipped photos' lines name them)\n")
-    elif result.interrupted_after or held.came:
-        sys.stderr.write("speciesid: the build had finished when the interrupt came (Ctrl-C): nothing was lost, "
-                         "the lines above are its whole summary\n")
+        said_finished("build", "; the summary above does not name the species none of whose photos could be used "
+                      "(the second Ctrl-C stopped that look: the skipped photos' lines name them)")
+    elif result.interrupted_after or came:
+        said_finished("build")
     return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING
 
 from api.cli._common import (
@@ -19,7 +18,7 @@ from api.cli._common import (
     photo_args,
     spec_help,
 )
-from api.cli._finish import finished
+from api.cli._finish import finished, held_summary, said_finished
 from index.text import printable
 
 if TYPE_CHECKING:
@@ -96,18 +95,11 @@ def cmd_references_add(args: argparse.Namespace) -> int:
         for note in exc.notes:
             emit(f"note: {note}")
         return status
-    from index.interrupts import held_interrupt
-
-    try:  # the add is done: a Ctrl-C does not cut its summary short
-        with held_interrupt("the add is done; finishing its summary", reraise=False) as held:
-            status = _add_summary(args, result, bad_args, not_read)
-    except KeyboardInterrupt:  # a second Ctrl-C: the user does not want the rest of the summary
-        sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost; its "
-                         "summary above was cut short\n")
+    status, came = held_summary("add", lambda: _add_summary(args, result, bad_args, not_read))  # the add is done
+    if status is None:  # a second Ctrl-C: its summary cut short
         return finished(130)
-    if held.came:
-        sys.stderr.write("speciesid: the add had finished when the interrupt came (Ctrl-C): nothing was lost, the "
-                         "lines above are its whole summary\n")
+    if came:
+        said_finished("add")
     return finished(status)  # a Ctrl-C as the model and gallery are torn down keeps it
 
 
