@@ -161,7 +161,7 @@ def build_config(out: Path, protocol: str, items: list[str]):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"--set {', '.join(unknown)}: not a FinetuneConfig field (the fields are those of "
-                         "finetune/config.py, e.g. --set epochs=10, --set augment.mixup=0.2)")
+                         "finetune/config.py, e.g. --set epochs=10, --set augment.hflip=0)")
     if "resume" not in overrides and not (out / CHECKPOINT).is_file():
         overrides["resume"] = "no"
     config = FinetuneConfig(
