@@ -18,9 +18,15 @@ Protocols (``--protocol``):
 ``--set time_budget=20`` runs the shipped recipe (``speciesid finetune --time-budget 20``): the epochs fitted to
 this machine's timed steps. The CPU kind and the minutes are printed.
 
-    .venv/bin/python benchmarks/bench_finetune.py --out runs/ft-ph           # ~20 min on 2 cores
-    .venv/bin/python benchmarks/bench_finetune.py --out runs/ft-ph --reuse   # figures of a finished run
+    .venv/bin/python benchmarks/bench_finetune.py                      # ~20 min on 2 cores, runs/bench-finetune
+    .venv/bin/python benchmarks/bench_finetune.py --reuse              # figures of that finished run
     .venv/bin/python benchmarks/bench_finetune.py --out runs/x --set backbone_lr=1e-4 --set train_size=176
+
+``--out`` (default ``runs/bench-finetune``, a folder no README command uses) is checked before anything is
+written, the settings first: a folder holding files is refused (exit 2) unless it is one of this benchmark's
+runs (it holds ``bench_finetune.json``, written before anything else) or ``--overwrite`` is given. Nothing is ever deleted
+wholesale: a run starting afresh removes only an earlier fine-tuning run's own files
+(``finetune.checkpoint.clear_run``), and a folder holding other files of those names is refused by ``finetune``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import argparse
 import ast
 import dataclasses
 import json
-import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +50,11 @@ from _common import (
     split_embeddings,
 )
 from _hardware import machine_report
+
+#: Written into ``--out`` before the run writes anything: the folder is one of this benchmark's runs, which a later
+#: run may train into again (an earlier run's own files replaced) without ``--overwrite``.
+MARKER = "bench_finetune.json"
+DEFAULT_OUT = "runs/bench-finetune"
 
 
 def _f1(truth: list[str], pred: list[str]) -> float:
@@ -124,41 +135,119 @@ def finetuned(out: Path, tmp: Path, protocol: str, keep: np.ndarray) -> tuple[di
     return _methods(index, va_emb[keep], [val[i].species for i in keep], chosen), settings, info
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/ft-ph", help="fine-tuning output folder (default runs/ft-ph)")
-    ap.add_argument("--protocol", default="split", choices=("split", "val"),
-                    help="split: honest (default); val: 'val selects', over-states")
-    ap.add_argument("--reuse", action="store_true", help="take the finished model in --out, do not train")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a FinetuneConfig field (python literal), e.g. --set epochs=10")
-    ap.add_argument("--skip-frozen", action="store_true")
-    args = ap.parse_args()
-    require_shared()
-    print("bench_finetune: where it ran\n" + machine_report(), flush=True)
-    from finetune.train import FinetuneConfig, finetune
-
-    out = Path(args.out)
-    overrides = {}
-    for item in args.set:
+def parse_overrides(items: list[str]) -> tuple[dict, dict]:
+    """``--set KEY=VALUE`` items as (FinetuneConfig fields, ``augment.`` fields), each value a python literal (else
+    the text as given)."""
+    overrides: dict = {}
+    for item in items:
         k, _, v = item.partition("=")
         try:
             overrides[k] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
             overrides[k] = v
     aug = {k.removeprefix("augment."): overrides.pop(k) for k in list(overrides) if k.startswith("augment.")}
-    minutes = None
-    if not args.reuse:
-        if out.exists() and not (out / "checkpoint.pt").exists():
-            shutil.rmtree(out)
-        config = FinetuneConfig(
-            root=str(PH_SNAKES / "train"), out=str(out), init=MOBILENET_SPEC, device="cpu",
-            val_root=str(PH_SNAKES / "val") if args.protocol == "val" else None, **overrides,
-        )
-        if aug:
+    return overrides, aug
+
+
+def build_config(out: Path, protocol: str, items: list[str]):
+    """The run's FinetuneConfig from ``--set`` items, checked (ValueError, naming what to change) before anything is
+    written: an unknown field, a value ``FinetuneConfig.resolved`` refuses. Without a checkpoint in ``out`` (nothing
+    to resume) the run starts afresh (``resume`` no: an earlier run's own files are removed, nothing else)."""
+    from finetune.checkpoint import CHECKPOINT
+    from finetune.config import FinetuneConfig
+
+    overrides, aug = parse_overrides(items)
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"--set {', '.join(unknown)}: not a FinetuneConfig field (the fields are those of "
+                         "finetune/config.py, e.g. --set epochs=10, --set augment.hflip=0)")
+    if "resume" not in overrides and not (out / CHECKPOINT).is_file():
+        overrides["resume"] = "no"
+    config = FinetuneConfig(
+        root=str(PH_SNAKES / "train"), out=str(out), init=MOBILENET_SPEC, device="cpu",
+        val_root=str(PH_SNAKES / "val") if protocol == "val" else None, **overrides,
+    )
+    if aug:
+        try:
             config.augment = dataclasses.replace(config.augment, **aug)
+        except TypeError as exc:
+            raise ValueError(f"--set augment.*: {exc} (the fields are those of finetune/config.py's "
+                             "AugmentConfig)") from exc
+    config.resolved()  # the values: refused now (ValueError) rather than after the data are read
+    return config
+
+
+def check_out(out: Path, config, *, overwrite: bool) -> None:
+    """Refuse (ValueError, saying what to do) an ``--out`` this benchmark must not train into: one holding files
+    that is not one of its runs (no :data:`MARKER`) unless ``overwrite``, and what ``speciesid finetune`` itself
+    refuses (a file, a gallery, files of a run's names not written by a run: ``finetune.checkpoint.check_out``).
+    Writes nothing and deletes nothing."""
+    from finetune.checkpoint import check_out as finetune_check_out
+
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise ValueError(f"--out {out} holds files and is not a bench_finetune run (no {MARKER} in it): it may be "
+                         "a 'speciesid finetune' model or other work of yours; give a new or empty --out (default "
+                         f"{DEFAULT_OUT}), or pass --overwrite to train into it all the same (an earlier fine-tuning "
+                         "run's own files there are replaced; nothing else is removed)")
+    finetune_check_out(out, config.resolved())
+
+
+def mark_out(out: Path) -> bool:
+    """Make ``out`` (when missing) and write :data:`MARKER` into it, before the run writes anything; True when
+    ``out`` was made here."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text(json.dumps({"written_by": "benchmarks/bench_finetune.py", "argv": sys.argv[1:],
+                                              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+    return made
+
+
+def unmark_out(out: Path, made: bool) -> None:
+    """Undo :func:`mark_out` when the run wrote nothing: the marker removed, and ``out`` too when made here and
+    empty then. Anything else in ``out`` stays."""
+    if made and [p.name for p in out.iterdir()] == [MARKER]:
+        (out / MARKER).unlink()
+        out.rmdir()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help=f"fine-tuning output folder (default {DEFAULT_OUT}); one holding files that is not a "
+                         "bench_finetune run is refused unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="train into an --out that holds files and is not a bench_finetune run (an earlier "
+                         "fine-tuning run's own files there are replaced; nothing else is removed)")
+    ap.add_argument("--protocol", default="split", choices=("split", "val"),
+                    help="split: honest (default); val: 'val selects', over-states")
+    ap.add_argument("--reuse", action="store_true", help="take the finished model in --out, do not train")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a FinetuneConfig field (python literal), e.g. --set epochs=10")
+    ap.add_argument("--skip-frozen", action="store_true", help="skip the frozen encoder's row (part 1)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    config = None
+    if not args.reuse:  # settings, then --out: refused before anything is written (or read at length)
+        try:
+            config = build_config(out, args.protocol, args.set)
+            check_out(out, config, overwrite=args.overwrite)
+        except (TypeError, ValueError) as exc:
+            ap.error(str(exc))
+    require_shared()
+    print("bench_finetune: where it ran\n" + machine_report(), flush=True)
+    minutes = None
+    if config is not None:
+        from finetune.train import finetune
+
+        made = mark_out(out)
         t0 = time.perf_counter()
-        result = finetune(config, progress=True, report=print)
+        try:
+            result = finetune(config, progress=True, report=print)
+        except BaseException:
+            unmark_out(out, made)
+            raise
         minutes = (time.perf_counter() - t0) / 60
         print(f"fine-tuning: {result.epochs_run} epochs, best {result.best_epoch} ({result.stopped}), "
               f"{minutes:.1f} min wall (training loop {result.seconds / 60:.1f} min)")

@@ -1072,22 +1072,23 @@ class Gallery:
                 self._after_write(save=True)
             return found
 
-    def set_venomous(self, species: str, venomous: bool) -> int:
-        """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns how
-        many it holds (0: none, nothing written). No vector changes: the index only follows the store's version, and
-        is not saved (a saved index a version behind is brought up by difference at the next open: the id column
-        read, no vector); this process's cached metadata of the rows goes, and another process's once it reads the
-        new version (:meth:`_drop_edited_rows`)."""
+    def set_venomous(self, species: str, venomous: bool) -> tuple[int, int]:
+        """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns (how
+        many it holds, how many said otherwise and were set); nothing is written when none is held or every one
+        says so already. No vector changes: the index only follows the store's version, and is not saved (a saved
+        index a version behind is brought up by difference at the next open: the id column read, no vector); this
+        process's cached metadata of the rows goes, and another process's once it reads the new version
+        (:meth:`_drop_edited_rows`)."""
         with self._store_write() as alone:
-            found = self.store.set_venomous(species, venomous)
-            if found:
+            found, changed = self.store.set_venomous(species, venomous)
+            if changed:
                 if alone:  # no row came or went: the index is the store's new version as it is
                     self._synced_version = self.store.version
                 else:
                     self._sync_index()
                 self._forget_species({species})  # the rows' flags changed (the one edit of a stored row)
                 self._after_write(save=False)
-            return found
+            return found, changed
 
     def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
         """The index brought to the store's version after this writer's ``set_excluded`` of the sorted ``ids``

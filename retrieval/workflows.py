@@ -1243,6 +1243,7 @@ class VenomSet:
     was: bool | None  # the species' venomous flag before (None: not recorded)
     now: bool  # the flag it has now
     references: int  # references of the species (excluded ones too), every one set
+    changed: int = 0  # of those, the ones that said otherwise (0: every one said so already, nothing written)
 
 
 def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool, *,
@@ -1268,7 +1269,7 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
         check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
                             distinct=distinct_from_venomous or found.venomous is False,
                             gallery_species=held, common_names=common_names)
-    count = g.set_venomous(found.species, venomous)
+    count, changed = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
     if found.venomous and venomous is False:  # the one edit that can make an answer harmless: said, not asked
@@ -1276,7 +1277,7 @@ def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: boo
                        "(venomous yes -> no): answers naming it no longer advise treating a bite as venomous; if "
                        "that is wrong, 'speciesid species set-venom --index %s \"%s\" yes' restores it",
                        found.species, g.root, found.species)
-    return VenomSet(found.species, found.venomous, venomous, count)
+    return VenomSet(found.species, found.venomous, venomous, count, changed)
 
 
 @dataclass(frozen=True)

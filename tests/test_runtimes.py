@@ -261,6 +261,31 @@ def test_unfaithful_exports_are_refused_and_auto_falls_back(tiny_clip_dir, cache
     assert (enc.runtime, enc.precision) == ("torch", "fp32")
 
 
+def test_a_cached_refusal_names_this_requests_encoder(tiny_clip_dir, cache, check_photos, monkeypatch, tmp_path):
+    """The verdict is cached by the weights' digest: a refusal read from an entry another spec of the same weights
+    made (another folder, another user's) names this call's spec, never the folder of whoever made the entry (walk-docs
+    stop 54, finding 3)."""
+    require_module("onnxruntime")
+    import shutil
+
+    from retrieval.encoders import create_encoder
+    from retrieval.runtimes import export as export_mod
+
+    monkeypatch.setattr(export_mod, "MIN_COSINE", 1.5)  # nothing can pass: every export is unfaithful
+    monkeypatch.setenv("SPECIESID_CPU_KIND", "baseline")
+    with pytest.raises(ValueError, match="not faithful"):
+        create_encoder(f"open_clip:local-dir:{tiny_clip_dir}", runtime="onnx", precision="fp32", photos=check_photos)
+    copy = shutil.copytree(tiny_clip_dir, tmp_path / "my-copy")  # the same weights in a folder of this user's
+    spec = f"open_clip:local-dir:{copy}"
+    with pytest.raises(ValueError) as refused:
+        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
+    message = str(refused.value)
+    assert message.startswith(f"onnx fp32 is not faithful for {spec}: min cosine to torch fp32 ")
+    assert str(tiny_clip_dir) not in message
+    assert "(the cached verdict on these weights, digest " in message
+    assert message.endswith("; use another --precision (fp32) or --runtime")
+
+
 def test_missing_runtime_is_named_when_asked_and_skipped_by_auto(tiny_clip_dir, cache, monkeypatch):
     from retrieval.encoders import create_encoder
     from retrieval.runtimes import select

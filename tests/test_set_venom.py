@@ -47,12 +47,42 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
         "(venomous yes -> no)"), said
     caplog.clear()
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "no")
-    assert code == 0 and "venomous no -> no" in out and not caplog.records, (out, caplog.records)  # no change
+    assert code == 0 and out.strip() == "Bufo bufo: venomous already no (3 references): nothing changed", out
+    assert not caplog.records, caplog.records  # no change
     assert venom_flags(capsys, index) == {"Bufo bufo": False, "Rana temporaria": False}
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo buffo", "no")
     assert code != 0 and f"no species 'Bufo buffo' in gallery {index}; did you mean 'Bufo bufo'?" in err, err
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "maybe")
     assert code != 0 and "the venomous flag takes yes or no, not 'maybe'" in err, err
+
+
+def test_set_venom_to_the_flag_it_has_writes_nothing(tmp_path):
+    """A species already flagged so: "already no: nothing changed", and no store version is committed (walk-docs
+    stop 54, finding 13: it said "no -> no" and wrote every row again); one row saying otherwise (a reference of no
+    status beside flagged ones) is set, and only it."""
+    rng = np.random.default_rng(3)
+    g = Gallery.create(tmp_path / "g", ENC)
+    x = rng.standard_normal((4, DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Bufo bufo", venomous=False if i < 3 else None)
+           for i in range(4)], [f"b-{i}" for i in range(4)],
+          (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    done = set_species_venomous(g, "Bufo bufo", False)
+    assert (done.was, done.now, done.references, done.changed) == (False, False, 4, 1)  # the unflagged one
+    version = Gallery.open(g.root).store.version
+    again = set_species_venomous(g, "bufo bufo", False)
+    assert (again.species, again.was, again.now, again.references, again.changed) == ("Bufo bufo", False, False, 4, 0)
+    assert Gallery.open(g.root).store.version == version  # nothing committed
+    assert list(Gallery.open(g.root).store.metadata()["venomous"]) == [False] * 4
+
+
+def test_set_venom_and_venom_advice_say_when_nothing_changed(tmp_path, capsys):
+    """The CLI's words for a setting already in place (exit 0): set-venom and index venom-advice alike."""
+    index = folder_gallery(tmp_path, capsys, ("Rana temporaria", "Bufo bufo"), 4)
+    assert _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "yes")[0] == 0
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Bufo bufo", "yes")
+    assert (code, out.strip()) == (0, "Bufo bufo: venomous already yes (2 references): nothing changed"), err
+    code, out, err = _run(capsys, "index", "venom-advice", "--index", index, "on")
+    assert (code, out.splitlines()[0]) == (0, f"gallery {index}: venom advice already on: nothing changed"), err
 
 
 def test_set_venom_refuses_no_for_a_venomous_snake_of_the_taxonomy(tmp_path, capsys):

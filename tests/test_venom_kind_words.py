@@ -45,7 +45,7 @@ def test_a_species_recorded_no_needs_no_confirmation_again(tmp_path, capsys):
     assert _run(capsys, "species", "set-venom", "--index", index, "Puff adder", "no")[0] != 0  # a lookalike
     assert _run(capsys, "species", "set-venom", "--index", index, "Puff adder", "no", DISTINCT_OPTION)[0] == 0
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Puff adder", "no")
-    assert code == 0 and out.strip().startswith("Puff adder: venomous no -> no"), (out, err)
+    assert code == 0 and out.strip().startswith("Puff adder: venomous already no ("), (out, err)
     photo = _photo(tmp_path / "new" / "a.png", 40)
     code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Puff adder", "--venomous",
                           "no", photo, *ENCODER)

@@ -244,8 +244,12 @@ def cmd_index_venom_advice(args: argparse.Namespace) -> int:
 
     done = set_venom_advice(args.index, None if args.state is None else args.state == "on")
     state = "on" if done.now else "off"
-    emit(f"gallery {args.index}: venom advice {state}" if args.state is None or done.was == done.now
-         else f"gallery {args.index}: venom advice {'on' if done.was else 'off'} -> {state}")
+    if args.state is None:
+        emit(f"gallery {args.index}: venom advice {state}")
+    elif done.was == done.now:
+        emit(f"gallery {args.index}: venom advice already {state}: nothing changed")
+    else:
+        emit(f"gallery {args.index}: venom advice {'on' if done.was else 'off'} -> {state}")
     if done.note:
         emit(f"note: {done.note}")
     return 0
@@ -341,8 +345,9 @@ def cmd_species_set_venom(args: argparse.Namespace) -> int:
 
     done = set_species_venomous(args.index, args.species, parse_yes_no(args.venomous, "the venomous flag"),
                                 distinct_from_venomous=args.distinct_from_venomous)
-    emit(f"{done.species}: venomous {fmt_bool(done.was)} -> {fmt_bool(done.now)} ({done.references} "
-         f"reference{'s' * (done.references != 1)})")
+    references = f"{done.references} reference{'s' * (done.references != 1)}"
+    emit(f"{done.species}: venomous already {fmt_bool(done.now)} ({references}): nothing changed" if not done.changed
+         else f"{done.species}: venomous {fmt_bool(done.was)} -> {fmt_bool(done.now)} ({references})")
     return 0
 
 

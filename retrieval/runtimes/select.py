@@ -199,12 +199,17 @@ def _open_warm(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
     return enc
 
 
-def _refuse(info: dict) -> None:
+def _refuse(info: dict, spec: str, digest: str) -> None:
+    """Refuse (ValueError) an export its faithfulness check rejected, naming this request's encoder ``spec``: the
+    verdict (``info``, the cache entry's) is of the weights (``digest``), and may have been recorded for another
+    spec of the same weights (another folder, another user), which the message must not name."""
     faith = info.get("faithfulness") or {}
+    earlier = (f" (the cached verdict on these weights, digest {digest[:16]})"
+               if info.get("spec") not in (None, spec) else "")
     raise ValueError(
-        f"{info['runtime']} {info['precision']} is not faithful for {info.get('spec')}: min cosine to torch fp32 "
-        f"{faith.get('min_cosine', float('nan')):.4f} < {faith.get('threshold')} on {faith.get('n_photos')} photos; "
-        f"use another --precision (fp32) or --runtime"
+        f"{info['runtime']} {info['precision']} is not faithful for {spec}: min cosine to torch fp32 "
+        f"{faith.get('min_cosine', float('nan')):.4f} < {faith.get('threshold')} on {faith.get('n_photos')} photos"
+        f"{earlier}; use another --precision (fp32) or --runtime"
     )
 
 
@@ -357,7 +362,7 @@ def _open_cold(config: EncoderConfig, parsed: ParsedSpec, runtime: str, kind: st
             if not info.get("accepted"):
                 logger.info("%s %s rejected: min cosine %.4f to torch fp32", rt, prec, faith.get("min_cosine", 0))
                 if runtime != "auto" and config.precision != "auto":
-                    _refuse(info)
+                    _refuse(info, config.spec, digest_full)
                 continue
             if enc is None:
                 continue
