@@ -161,8 +161,9 @@ def test_identify_on_a_warm_cache_never_imports_torch(tiny_clip_dir, tmp_path, c
 
 def test_build_reports_how_long_the_model_waited_for_decoding(tiny_clip_dir, tmp_path, monkeypatch):
     """The wait share tells a decode-bound build from a model-bound one: decoding slowed (0.15 s a photo, one
-    decode thread), the model waits most of the build; the model slowed (0.3 s a batch) and decoding instant,
-    it hardly waits (the decode thread runs ahead)."""
+    decode thread) and the model instant (a stand-in's unit vectors, so a loaded machine's model time cannot
+    outweigh the decoding), the model waits most of the build; the model slowed (0.3 s a batch) and decoding
+    instant, it hardly waits (the decode thread runs ahead)."""
     import time
 
     import retrieval.pipeline
@@ -188,7 +189,12 @@ def test_build_reports_how_long_the_model_waited_for_decoding(tiny_clip_dir, tmp
         time.sleep(0.3)
         return encode(batch)
 
+    def instant_model(batch):
+        n = len(batch[0]) if isinstance(batch, tuple) else len(batch)
+        return np.tile(np.eye(1, enc.dim, dtype=np.float32), (n, 1))
+
     monkeypatch.setattr(retrieval.pipeline, "model_input", slow_decode)
+    monkeypatch.setattr(enc, "encode_batch", instant_model)
     report = build("decode-bound")
     s = report.stats
     assert s.batches >= report.added / 4 and s.encode_s > 0 and s.encode_s + s.wait_s <= report.seconds
