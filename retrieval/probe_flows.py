@@ -27,7 +27,7 @@ from index.sources import absolute_path
 from index.store import SpeciesSummary
 from index.taxonomy import load_checklist
 from retrieval.encoders import Encoder, EncoderConfig
-from retrieval.galleries import no_references_error, open_gallery
+from retrieval.galleries import config_arg, folder_arg, no_references_error, open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
@@ -172,6 +172,7 @@ def train_gallery_probe(
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
+    index_dir, encoder = folder_arg(index_dir, "train_gallery_probe"), config_arg(encoder, "train_gallery_probe")
     if not text_strength >= 0:  # NaN too
         raise ValueError(f"--text-strength is the text prior's weight in photos' worth of evidence: 0 (the prior "
                          f"counts for nothing) or more, got {text_strength:g}")
