@@ -480,8 +480,13 @@ class Identifier:
         return kept[3]
 
     # ------------------------------------------------------------------ answers
-    def identify_images(self, images: Sequence[Image.Image], **kw) -> list[Identification]:
-        """One answer per photo."""
+    def identify_images(self, images: Sequence[Image.Image | np.ndarray], **kw) -> list[Identification]:
+        """One answer per image: PIL images (RGB, L, RGBA), or H x W x 3 uint8 arrays (RGB pixels); ``kw``: as
+        :meth:`identify_embeddings`'s. Photo files and bytes: :func:`retrieval.workflows.identify`, which checks and
+        reads them (and rolls the answers up by rank)."""
+        if isinstance(images, (Image.Image, np.ndarray)):
+            raise ValueError("images is a list, even for one image: pass [image]")
+        images = [_pil_image(im, i) for i, im in enumerate(images)]
         return self.identify_embeddings(self.encoder.encode_images(images), **kw)
 
     def identify_embeddings(
@@ -763,6 +768,20 @@ class Identifier:
                                       unrecorded_names=unrecorded[:3], applies=applies),
             venom_applies=applies,
         )
+
+
+def _pil_image(image: object, i: int) -> Image.Image:
+    """``images[i]`` of :meth:`Identifier.identify_images` as a PIL image (an H x W x 3 uint8 array: its pixels);
+    TypeError saying what to pass otherwise."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            return Image.fromarray(image)
+        raise TypeError(f"images[{i}] is an array of shape {list(image.shape)} and dtype {image.dtype}: "
+                        "pass H x W x 3 uint8 RGB pixels (np.asarray(pil_image.convert('RGB'))), or a PIL image")
+    raise TypeError(f"images[{i}] is a {type(image).__name__}: pass PIL images or H x W x 3 uint8 arrays; for photo "
+                    "files or bytes use retrieval.workflows.identify(ident, [path])")
 
 
 def file_marks(files: Sequence[Path]) -> tuple:

@@ -386,8 +386,8 @@ def not_a_photo(item: object) -> str:
         return ("a PIL image: pass its file's path or bytes, or encode it (buf = io.BytesIO(); image.save(buf, "
                 '"PNG"); buf.getvalue()); Identifier.identify_images([image]) identifies PIL images directly')
     if isinstance(item, np.ndarray):
-        return ("a numpy array: pass the photo's file path or bytes; for pixels (H x W x 3, uint8) use "
-                "Identifier.identify_images([PIL.Image.fromarray(array)])")
+        return ("a numpy array: pass the photo's file path or bytes; pixels (H x W x 3, uint8): "
+                "Identifier.identify_images([array])")
     return f"a {type(item).__name__}: pass the photo's file path (str or Path) or its bytes"
 
 

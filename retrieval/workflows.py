@@ -560,6 +560,8 @@ def evaluate_dataset(
     A set none of whose species the gallery holds is refused (ValueError: a mistyped or renamed folder set), unless
     ``open_set``: an open-set evaluation, of whether unknown species are abstained on and how often a venomous one is
     called harmless. ``scan``: the set as :func:`check_evaluation_set` returned it (checked before the model loaded).
+    ``report_dir``: where report.json, report.md and the plots go (default ``report`` in the current folder; created
+    if missing). ``methods``: a list of knn, probe, blend (an unknown name: ValueError naming the choices).
     """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     from retrieval.protocol import (

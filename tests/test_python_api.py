@@ -15,7 +15,7 @@ from PIL import Image
 from retrieval import workflows as wf
 from retrieval.encoders import EncoderConfig
 from retrieval.pipeline import embed_photos
-from retrieval.probe import PROBE_META
+from retrieval.probe import PROBE_META, LinearProbe
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +105,20 @@ def test_pil_images_arrays_and_none_are_refused_at_the_entry_saying_what_to_pass
     with pytest.raises(TypeError, match=r"photos\[0\] is a PIL image: pass its file's path or bytes.*"
                                         r"Identifier.identify_images\(\[image\]\)"):
         wf.identify(ident, [image])
-    with pytest.raises(TypeError, match=r"photos\[1\] is a numpy array: .*PIL.Image.fromarray\(array\)"):
+    with pytest.raises(TypeError, match=r"photos\[1\] is a numpy array: .*Identifier.identify_images\(\[array\]\)"):
         wf.identify(ident, [COBRA, np.asarray(image)])
     with pytest.raises(TypeError, match=r"photos\[0\] is a NoneType: pass the photo's file path"):
         wf.identify(ident, [None])
     with pytest.raises(TypeError, match="photo is one photo, here a PIL image"):
         wf.search(ident, image)
-    assert ident.identify_images([image.convert("RGB")])[0].scores  # the documented way for PIL images
+    rgb = image.convert("RGB")
+    by_pil = ident.identify_images([rgb])[0]  # the documented way for PIL images, and their pixels
+    by_array = ident.identify_images([np.asarray(rgb)])[0]
+    assert by_pil.scores and list(by_pil.scores) == list(by_array.scores)
+    with pytest.raises(TypeError, match=r"images\[0\] is an array of shape \[4, 4\] and dtype float64: pass H x W"):
+        ident.identify_images([np.zeros((4, 4))])
+    with pytest.raises(TypeError, match=r"images\[0\] is a PosixPath: .*workflows.identify\(ident, \[path\]\)"):
+        ident.identify_images([COBRA])
 
 
 def test_add_photos_refuses_one_path_bare_bytes_and_a_folder_before_any_work(tmp_path_factory, tmp_path):
@@ -223,7 +230,11 @@ def test_a_report_leaves_the_process_matplotlib_backend_as_it_was(tmp_path):
         matplotlib.use(before)
 
 
-def test_gallery_and_identifier_print_short(ident):
+def test_gallery_identifier_and_probe_print_short(ident):
     shown = repr(ident)
     assert shown.startswith("Identifier(") and str(ident.gallery.root) in shown and "references" in shown
     assert repr(ident.gallery).startswith("Gallery(") and len(repr(ident.gallery)) < 300
+    probe = LinearProbe(species=["A", "B"], weight=np.ones((2, 512), np.float32), bias=np.zeros(2, np.float32),
+                        fingerprint="x")
+    shown = repr(probe)  # a ProbeResult prints its probe with it
+    assert shown.startswith("LinearProbe(2 species, dim 512,") and "array" not in shown and len(shown) < 300
