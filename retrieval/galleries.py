@@ -45,7 +45,9 @@ def folder_arg(value: object, func: str) -> str | Path:
         return value  # type: ignore[return-value]
     root = getattr(value, "root", None) or getattr(getattr(value, "gallery", None), "root", None)
     hint = f"its folder: {func}({str(root)!r})" if root is not None else "a folder, e.g. 'galleries/snakes'"
-    raise TypeError(f"{func} takes the gallery's folder (a str or Path), not a {type(value).__name__}: pass {hint}")
+    kind = type(value).__name__
+    raise TypeError(f"{func} takes the gallery's folder (a str or Path), not {'an' if kind[0] in 'AEIOU' else 'a'} "
+                    f"{kind}: pass {hint}")
 
 
 def identifier_arg(value: object, func: str) -> Identifier:

@@ -1464,7 +1464,7 @@ class CompactResult:
 def compact_gallery(index: str | Path, *, prune_older_than: dt.timedelta | None = None) -> CompactResult:
     """Merge the small fragments of a gallery's store and prune its versions superseded longer ago than
     ``prune_older_than`` (:meth:`index.gallery.Gallery.compact`, under the write lock; on S3 the store's lease)."""
-    gallery = Gallery.open(index)
+    gallery = Gallery.open(folder_arg(index, "compact_gallery"))
     before = gallery.store.fragment_stats(versions=True)
     report = gallery.compact(prune_older_than=prune_older_than)
     return CompactResult(gallery, before, gallery.store.fragment_stats(versions=True), report)
@@ -1492,7 +1492,10 @@ def _gallery(gallery: Gallery | Identifier | str | Path) -> Gallery:
         return gallery
     if isinstance(gallery, Identifier):
         return gallery.gallery
-    return Gallery.open(folder_arg(gallery, "this function"))
+    if not isinstance(gallery, (str, os.PathLike)):
+        raise TypeError(f"pass a Gallery, an Identifier or the gallery's folder (a str or Path), not a "
+                        f"{type(gallery).__name__}")
+    return Gallery.open(gallery)
 
 
 # ---------------------------------------------------------------------------------------------- clean
@@ -1502,7 +1505,7 @@ clean = run_clean
 
 def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery, int]:
     """Bring back the references a ``clean --apply`` run excluded (``last``), or every one (``all``)."""
-    gallery = Gallery.open(index)
+    gallery = Gallery.open(folder_arg(index, "restore_exclusions"))
     restored = exclusions.restore(gallery, which)
     if restored:
         refresh_gallery_metric(gallery)

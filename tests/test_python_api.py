@@ -194,6 +194,13 @@ def test_the_wrong_kind_of_first_argument_says_what_to_pass(index, ident, tmp_pa
     with pytest.raises(TypeError, match=r"build_gallery's encoder is an EncoderConfig, not a str"):
         wf.build_gallery(tmp_path / "new", "folder", tmp_path, encoder="timm:x")
     assert not (tmp_path / "new").exists()
+    for func in (wf.restore_gallery_probe, wf.publish_gallery_probe, wf.withdraw_gallery_probe, wf.compact_gallery,
+                 wf.restore_exclusions):
+        with pytest.raises(TypeError, match=rf"{func.__name__} takes the gallery's folder \(a str or Path\), not an "
+                                            rf"Identifier: pass its folder: {func.__name__}\('{re.escape(g)}'\)"):
+            func(ident)
+    with pytest.raises(TypeError, match="pass a Gallery, an Identifier or the gallery's folder .*not a int"):
+        wf.list_species(3)
     assert [s.species for s in wf.list_species(ident)] == [s.species for s in wf.list_species(g)]
 
 
