@@ -1407,6 +1407,14 @@ class Gallery:
     def __len__(self) -> int:
         return self.store.count()
 
+    def __repr__(self) -> str:
+        """One short line: folder, searchable references (the index's count: no store read), encoder."""
+        try:
+            held = f"{self._index.ntotal} references, "
+        except Exception:  # noqa: BLE001 - a repr never raises (a gallery half made)
+            held = ""
+        return f"Gallery({str(self.root)!r}, {held}encoder {self.info.get('encoder', {}).get('spec')!r})"
+
     def search(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
         """Nearest references of each query embedding, best first, with metadata."""
         sims, ids = self.nearest(queries, k)
@@ -1414,8 +1422,10 @@ class Gallery:
         return [self.neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, I)`` of the ``k`` nearest references of each query embedding: cosine float32 (Q, k) best first,
-        ids int64 (Q, k), -1 padded. No metadata: :meth:`neighbours` dresses the ids kept."""
+        """``(D, I)`` of the ``k`` nearest references of each query embedding: inner products float32 (Q, k) best
+        first, ids int64 (Q, k), -1 padded. The references are stored unit length, so ``D`` is the cosine only for
+        unit-length queries: the queries are not scaled here (a query 10 times as long gets ``D`` 10 times as large;
+        :func:`retrieval.metric.unit_queries` scales them). No metadata: :meth:`neighbours` dresses the ids kept."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings are {queries.shape[1]}-d but this gallery holds {self.dim}-d")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +37,60 @@ from retrieval.vote import VoteConfig
 logger = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------- what a public function's first arguments are
+def folder_arg(value: object, func: str) -> str | Path:
+    """``value`` where ``func`` takes a gallery's folder (a str or Path); TypeError saying what to pass otherwise
+    (an open Gallery or Identifier: its folder), raised where the call starts, not deep inside."""
+    if isinstance(value, (str, os.PathLike)):
+        return value  # type: ignore[return-value]
+    root = getattr(value, "root", None) or getattr(getattr(value, "gallery", None), "root", None)
+    hint = f"its folder: {func}({str(root)!r})" if root is not None else "a folder, e.g. 'galleries/snakes'"
+    kind = type(value).__name__
+    raise TypeError(f"{func} takes the gallery's folder (a str or Path), not {'an' if kind[0] in 'AEIOU' else 'a'} "
+                    f"{kind}: pass {hint}")
+
+
+def identifier_arg(value: object, func: str) -> Identifier:
+    """``value`` where ``func`` takes an :class:`Identifier`; TypeError saying how to make one from a folder or a
+    Gallery otherwise. Other objects pass (duck typing)."""
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{func} takes an Identifier, not a folder: open it once, "
+                        f"ident = open_identifier({str(value)!r}), then {func}(ident, ...)")
+    if isinstance(value, Gallery):
+        raise TypeError(f"{func} takes an Identifier, not a Gallery: "
+                        f"ident = open_identifier({str(value.root)!r}), then {func}(ident, ...)")
+    if value is None:
+        raise TypeError(f"{func} takes an Identifier: ident = open_identifier('GALLERY_DIR'), "
+                        f"then {func}(ident, ...)")
+    return value  # type: ignore[return-value]
+
+
+def gallery_arg(value: object, func: str) -> Gallery:
+    """``value`` where ``func`` takes an open :class:`Gallery`; TypeError saying how to get one otherwise (a folder:
+    :func:`open_gallery`; an Identifier: its ``.gallery``)."""
+    if isinstance(value, Gallery):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{func} takes an open Gallery, not a folder: "
+                        f"gallery, encoder = open_gallery({str(value)!r}), then {func}(gallery, encoder, ...)")
+    if isinstance(value, Identifier):
+        raise TypeError(f"{func} takes a Gallery, not an Identifier: pass ident.gallery (and ident.encoder)")
+    raise TypeError(f"{func} takes an open Gallery (gallery, encoder = open_gallery(DIR)), "
+                    f"not a {type(value).__name__}")
+
+
+def config_arg(value: object, func: str) -> EncoderConfig | None:
+    """``value`` where ``func`` takes an encoder's settings (an :class:`EncoderConfig`, or None for the gallery's
+    own); TypeError saying what to pass otherwise (a spec string: ``EncoderConfig(spec=...)``)."""
+    if value is None or isinstance(value, EncoderConfig):
+        return value
+    if isinstance(value, str):
+        raise TypeError(f"{func}'s encoder is an EncoderConfig, not a str: "
+                        f"pass encoder=EncoderConfig(spec={value!r})")
+    raise TypeError(f"{func}'s encoder is an EncoderConfig (e.g. EncoderConfig(spec='bioclip'), or None for the "
+                    f"gallery's own), not a {type(value).__name__}")
+
+
 def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
                  refresh_s: float = 1.0, make_table: bool = False) -> tuple[Gallery, Encoder]:
     """Open a gallery with the encoder that built it (or refuse another one, saying which built it).
@@ -47,6 +102,7 @@ def open_gallery(index_dir: str | Path, encoder: EncoderConfig | None = None, *,
     ``make_table``: a writer's open (``references add``), which makes a store's table where none was ever committed
     (:meth:`Gallery.open`).
     """
+    index_dir, encoder = folder_arg(index_dir, "open_gallery"), config_arg(encoder, "open_gallery")
     info = read_gallery_info(index_dir)
     config = (encoder or EncoderConfig()).resolved(info["encoder"])
     check_encoder_choice(index_dir, info, config)  # before any loading; the fingerprint check stays the last word
@@ -210,6 +266,7 @@ def open_identifier(
     its folder within ``refresh_s`` (one HEAD per look, on a thread of its own: the copy taken is loaded at the
     next look, ``refresh_s`` later at most; a text prior taken with it has its class embeddings computed on that
     thread, before the files change, so no answer waits on them)."""
+    index_dir, encoder = folder_arg(index_dir, "open_identifier"), config_arg(encoder, "open_identifier")
     gallery, enc = open_gallery(index_dir, encoder, refresh_s=refresh_s)
     follower = probe_follower(gallery) if use_probe else None
     if follower is not None:

@@ -43,7 +43,7 @@ from retrieval.advice import (
 )
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
-from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize
+from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize, unit_queries
 from retrieval.probe import LinearProbe, describe_probe, has_probe
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import (
@@ -141,6 +141,16 @@ class Method(str, Enum):
     KNN = "knn"  # nearest-neighbour vote only
     PROBE = "probe"  # linear probe only (closed world: species it was trained on)
     BLEND = "blend"  # kNN + probe (+ text prior when one is attached): the default
+
+
+def parse_method(value: str | Method) -> Method:
+    """'knn' / 'probe' / 'blend' -> Method; ValueError naming the choices otherwise."""
+    if isinstance(value, Method):
+        return value
+    try:
+        return Method(str(value).lower())
+    except ValueError:
+        raise ValueError(f"unknown method {value!r}; choose one of {', '.join(m.value for m in Method)}") from None
 
 
 @dataclass
@@ -285,6 +295,12 @@ class Identifier:
         # (taxa version, text prior, gallery.json as read, it): gallery.json is read again when it changes
         self._coverage: tuple[int, Any, dict, ChecklistCoverage | None] | None = None
         self._countries: tuple[int, dict[str, frozenset[str]]] | None = None  # (taxa version, recorded_countries)
+
+    def __repr__(self) -> str:
+        """One short line: the gallery (:meth:`Gallery.__repr__`), the probe's species count or none."""
+        probe = self.probe
+        return (f"Identifier({self.gallery!r}, probe: {f'{len(probe.species)} species' if probe else 'none'}, "
+                f"k={self.config.k})")
 
     # ------------------------------------------------------- probe, settings, text prior
     def _calibrated(self, probe: LinearProbe | None, text_prior: TextPriorScores | None) -> Calibrated:
@@ -464,8 +480,13 @@ class Identifier:
         return kept[3]
 
     # ------------------------------------------------------------------ answers
-    def identify_images(self, images: Sequence[Image.Image], **kw) -> list[Identification]:
-        """One answer per photo."""
+    def identify_images(self, images: Sequence[Image.Image | np.ndarray], **kw) -> list[Identification]:
+        """One answer per image: PIL images (RGB, L, RGBA), or H x W x 3 uint8 arrays (RGB pixels); ``kw``: as
+        :meth:`identify_embeddings`'s. Photo files and bytes: :func:`retrieval.workflows.identify`, which checks and
+        reads them (and rolls the answers up by rank)."""
+        if isinstance(images, (Image.Image, np.ndarray)):
+            raise ValueError("images is a list, even for one image: pass [image]")
+        images = [_pil_image(im, i) for i, im in enumerate(images)]
         return self.identify_embeddings(self.encoder.encode_images(images), **kw)
 
     def identify_embeddings(
@@ -476,8 +497,9 @@ class Identifier:
         method: Method | str = Method.BLEND,
         presence: Mapping[str, bool] | None = None,
     ) -> list[Identification]:
-        """One answer per embedding row. ``presence``: species -> present in the photo's country."""
-        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        """One answer per embedding row, each row scaled to unit length first (:func:`retrieval.metric.unit_queries`:
+        ValueError for a row all zeros or not finite). ``presence``: species -> present in the photo's country."""
+        emb = unit_queries(embeddings, self.gallery.dim)
         with self._pinned():
             neighbours, nearest = self._neighbours(emb)
             return [
@@ -496,8 +518,9 @@ class Identifier:
         """Several photos of one animal -> one answer: neighbours vote together, the probe sees the mean.
 
         Photos unlike every reference (``far``: a blank frame, a thumbnail) are set aside while another photo is
-        not: they carry nothing about the animal. The evidence lists each reference once."""
-        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        not: they carry nothing about the animal. The evidence lists each reference once. Each row is scaled to unit
+        length first, as :meth:`identify_embeddings` does."""
+        emb = unit_queries(embeddings, self.gallery.dim)
         with self._pinned():
             per_photo, nearest = self._neighbours(emb)
             limit = self.far_threshold()
@@ -518,7 +541,7 @@ class Identifier:
         return answer
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """Raw neighbours of each embedding (cosine)."""
+        """Raw neighbours of each embedding (cosine for unit-length ones; not scaled here: Gallery.nearest)."""
         return self.gallery.search(embeddings, k)
 
     def voting_neighbours(self, embeddings: np.ndarray) -> list[list[Neighbour]]:
@@ -616,13 +639,13 @@ class Identifier:
         self, neighbours: list[Neighbour], embedding: np.ndarray | None, method: Method | str = Method.BLEND
     ) -> dict[str, float]:
         """Species probabilities from the chosen sources (before any country reweighting)."""
-        method = Method(method)
+        method = parse_method(method)
         knn = knn_vote(neighbours, self.config.temperature)
         if method is Method.KNN or embedding is None:
             return knn
         if self.probe is None:
             if method is Method.PROBE:
-                raise ValueError("no probe for this gallery: train one with 'speciesid probe train --index DIR'")
+                raise ValueError(self._no_probe())
             scores = knn
         else:
             probe = self._held_only(self.probe.scores(embedding[None])[0], method)
@@ -634,6 +657,18 @@ class Identifier:
             lam = text_weight(float(np.median(counts)) if counts else 0.0, self.text_prior.strength)
             scores = mix_text_prior(scores, self.text_prior.scores(embedding[None])[0], lam)
         return scores
+
+    def _no_probe(self) -> str:
+        """Why ``method="probe"`` has no probe to answer with, and what to do: train one, or, when the gallery's
+        folder holds one now (trained or imported after this Identifier was opened, or opened without its probe),
+        open the gallery again."""
+        root = self.gallery.root
+        if has_probe(root):
+            return (f"this Identifier has no probe, but gallery {root} has one now (trained or imported after it was "
+                    f"opened, or opened without it): open it again with open_identifier('{root}'), or open it with "
+                    "follow_probe=True to take up each new probe as it is saved")
+        return (f"no probe for this gallery: train one with 'speciesid probe train --index {root}' (from Python: "
+                f"train_gallery_probe('{root}')), or use method knn")
 
     def _held_only(self, probe: dict[str, float], method: Method) -> dict[str, float]:
         """The probe's probabilities over the species the gallery holds now, renormalised: a species whose
@@ -733,6 +768,20 @@ class Identifier:
                                       unrecorded_names=unrecorded[:3], applies=applies),
             venom_applies=applies,
         )
+
+
+def _pil_image(image: object, i: int) -> Image.Image:
+    """``images[i]`` of :meth:`Identifier.identify_images` as a PIL image (an H x W x 3 uint8 array: its pixels);
+    TypeError saying what to pass otherwise."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            return Image.fromarray(image)
+        raise TypeError(f"images[{i}] is an array of shape {list(image.shape)} and dtype {image.dtype}: "
+                        "pass H x W x 3 uint8 RGB pixels (np.asarray(pil_image.convert('RGB'))), or a PIL image")
+    raise TypeError(f"images[{i}] is a {type(image).__name__}: pass PIL images or H x W x 3 uint8 arrays; for photo "
+                    "files or bytes use retrieval.workflows.identify(ident, [path])")
 
 
 def file_marks(files: Sequence[Path]) -> tuple:

@@ -42,6 +42,30 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def unit_queries(embeddings: np.ndarray | Sequence[float] | Sequence[Sequence[float]], dim: int) -> np.ndarray:
+    """Query embeddings made anywhere (an encoder, another tool, a mean of embeddings) as the gallery compares them:
+    ``(n, dim)`` float32, each row scaled to unit length, so a vector and 100 times it get the same answer. One row
+    may be given as a 1-D vector. ValueError for another width, or a row that is all zeros or not finite (NaN,
+    inf), naming that row: it has no direction to compare."""
+    v = np.asarray(embeddings, dtype=np.float64)
+    one = v.ndim == 1
+    if one:
+        v = v[None]
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise ValueError(f"embeddings must be {dim} numbers per row (shape (n, {dim}) or ({dim},)), the gallery "
+                         f"encoder's width; got shape {list(np.shape(embeddings))}")
+    bad = ~np.isfinite(v).all(axis=1) | ~v.any(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        what = "all zeros" if np.isfinite(v[rows[0]]).all() else "not finite (NaN or inf)"
+        more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+        which = "the embedding" if one else f"embedding row {int(rows[0])}"
+        raise ValueError(f"{which} is {what}{more}: an embedding must be finite and not all "
+                         "zeros; drop that row, or embed its photo again")
+    v = v / np.abs(v).max(axis=1, keepdims=True)  # scale first: tiny or huge values must not under/overflow the norm
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
 @dataclass
 class Whitening:
     """z(x) = L2((x - mean) @ matrix): the whitened embedding the vote compares."""

@@ -383,9 +383,18 @@ def tick_label(label: str, width: int = TICK_LABEL_CHARS) -> str:
     return label if len(label) <= width else label[: width - 1].rstrip() + "\u2026"
 
 
-def _plot_confusion(method: str, confusion: Mapping[str, Any]) -> Any:
+def _figure(**kw: Any) -> Any:
+    """A matplotlib Figure drawn on its own Agg canvas: no pyplot, so the process's backend (a notebook's) is left
+    as it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_confusion(method: str, confusion: Mapping[str, Any]) -> Any:
     labels = [tick_label(str(label)) for label in confusion.get("labels") or []]
     m = np.array(confusion.get("matrix") or [], dtype=float).reshape(len(labels), len(labels))
     k = len(labels)
@@ -393,7 +402,7 @@ def _plot_confusion(method: str, confusion: Mapping[str, Any]) -> Any:
     # the tick labels' room (about 0.6 em a character) on top of the matrix's own
     room = 0.6 * fontsize / 72 * max((len(label) for label in labels), default=0)
     size = min(max(4.0, 0.4 * k + 2.5) + room, 44.0)
-    fig = Figure(figsize=(size, size), layout="constrained")
+    fig = _figure(figsize=(size, size), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap="Blues", interpolation="nearest")
     ax.set_xticks(range(k), labels=labels, rotation=90, fontsize=fontsize)
@@ -420,9 +429,7 @@ def _plot_confusion(method: str, confusion: Mapping[str, Any]) -> Any:
 
 
 def _plot_reliability(results: Mapping[str, dict]) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
+    fig = _figure(figsize=(5.5, 5.0), layout="constrained")
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     for m, r in results.items():
@@ -459,10 +466,6 @@ def write_report(
     """
     if not results:
         raise ValueError("write_report() needs at least one method's results")
-    import matplotlib
-
-    matplotlib.use("Agg")
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)  # a staging folder of a run killed more than 10 minutes ago

@@ -384,8 +384,54 @@ class Embedded:
     # (an animated GIF: its first frame; ``Prepared.note``); empty when not kept
 
 
+#: What a caller that gave one photo where a list is wanted is told (every function that takes photos takes a list).
+ONE_PHOTO = 'pass a list of photos, even for one: ["photo.jpg"] (or [photo_bytes])'
+
+
+def not_a_photo(item: object) -> str:
+    """What to pass instead of ``item``, a value that is neither a path nor bytes (:func:`photo_list`)."""
+    module = type(item).__module__
+    if module.startswith("PIL."):
+        return ("a PIL image: pass its file's path or bytes, or encode it (buf = io.BytesIO(); image.save(buf, "
+                '"PNG"); buf.getvalue()); Identifier.identify_images([image]) identifies PIL images directly')
+    if isinstance(item, np.ndarray):
+        return ("a numpy array: pass the photo's file path or bytes; pixels (H x W x 3, uint8): "
+                "Identifier.identify_images([array])")
+    return f"a {type(item).__name__}: pass the photo's file path (str or Path) or its bytes"
+
+
+def photo_list(photos: Iterable[str | Path | bytes] | Iterable[tuple[str, bytes]], *, what: str = "photos",
+               uploads: bool = False) -> list:
+    """``photos`` checked where a public function takes them, as a list (a generator is read once): each a path
+    (str, Path) or a file's bytes, or, with ``uploads`` (:func:`retrieval.workflows.add_photos`), a path or a
+    ``(name, bytes)`` upload. One path or one bytes given alone is refused (ValueError: :data:`ONE_PHOTO`), not read
+    as a list of characters; anything else (a PIL image, a numpy array, None) is refused (TypeError) with what to
+    pass instead. ``what``: the argument's name in the messages."""
+    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} is a list of photos; got one {type(photos).__name__}: {ONE_PHOTO}")
+    if isinstance(photos, tuple) and uploads and len(photos) == 2 and isinstance(photos[1], (bytes, bytearray)):
+        raise ValueError(f"{what} is a list of uploads; got one (name, bytes) tuple: pass [(name, data)]")
+    if not isinstance(photos, Iterable):
+        raise TypeError(f"{what} is a list of photos; got {not_a_photo(photos)}")
+    out: list = []
+    for i, item in enumerate(photos):
+        if isinstance(item, (bytearray, memoryview)):
+            item = bytes(item)
+        if uploads and isinstance(item, bytes):
+            raise TypeError(f"{what}[{i}] is bytes: an upload is a (name, bytes) tuple: pass [(\"photo.jpg\", data)]")
+        if uploads and isinstance(item, tuple):
+            if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], (bytes, bytearray)):
+                raise TypeError(f"{what}[{i}] is a tuple but not an upload: pass (name, bytes), e.g. "
+                                '("photo.jpg", data)')
+            item = (item[0], bytes(item[1]))
+        elif not isinstance(item, (str, os.PathLike, bytes)):
+            raise TypeError(f"{what}[{i}] is {not_a_photo(item)}")
+        out.append(item)
+    return out
+
+
 def embed_photos(
-    sources: Sequence[str | Path | bytes],
+    sources: Iterable[str | Path | bytes],
     encoder: Encoder,
     *,
     cache: tuple[Sequence[str], np.ndarray] | None = None,
@@ -395,7 +441,9 @@ def embed_photos(
     read: Reader = read_source,
 ) -> Embedded:
     """Embed photos (paths or bytes); a photo whose sha256 is in ``cache`` (digests, embeddings) is not re-run.
-    ``read``: a path's bytes (a gallery's stored sources: its ``read_photo``)."""
+    ``read``: a path's bytes (a gallery's stored sources: its ``read_photo``). ``sources`` is a list (or any
+    iterable, read once) even for one photo (:func:`photo_list`: ValueError for one path or bytes alone)."""
+    sources = photo_list(sources)
     known = {sha: i for i, sha in enumerate(cache[0])} if cache is not None else None
     out = Embedded(np.zeros((len(sources), encoder.dim), dtype=np.float32), [None] * len(sources),
                    [None] * len(sources), notes=[None] * len(sources))

@@ -121,6 +121,14 @@ class LinearProbe:
         """Embedding width."""
         return int(self.weight.shape[1])
 
+    def __repr__(self) -> str:
+        """One short line (the weights, whitening and selection digests left out: print them by name)."""
+        c = self.calibration
+        return (f"LinearProbe({len(self.species)} species, dim {self.dim}, trained_on={self.trained_on}, "
+                f"source={self.source or 'logistic regression'}, k={c.k}, temperature={c.temperature}, "
+                f"blend_weight={c.blend_weight}, unknown_threshold={c.unknown_threshold}, metric={c.metric}, "
+                f"selected_on={c.selected_on!r}, made_at={self.made_at!r})")
+
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, dim) -> (N, n_species) raw scores."""
         emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))

@@ -27,7 +27,7 @@ from index.sources import absolute_path
 from index.store import SpeciesSummary
 from index.taxonomy import load_checklist
 from retrieval.encoders import Encoder, EncoderConfig
-from retrieval.galleries import no_references_error, open_gallery
+from retrieval.galleries import config_arg, folder_arg, no_references_error, open_gallery
 from retrieval.identify import fitted_whitening
 from retrieval.metric import Whitening
 from retrieval.pipeline import embed_photos
@@ -172,6 +172,7 @@ def train_gallery_probe(
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
+    index_dir, encoder = folder_arg(index_dir, "train_gallery_probe"), config_arg(encoder, "train_gallery_probe")
     if not text_strength >= 0:  # NaN too
         raise ValueError(f"--text-strength is the text prior's weight in photos' worth of evidence: 0 (the prior "
                          f"counts for nothing) or more, got {text_strength:g}")
@@ -246,6 +247,7 @@ def import_gallery_probe(
     """
     from retrieval.calibrate import select_settings  # sklearn: not on the query path
 
+    index_dir, encoder = folder_arg(index_dir, "import_gallery_probe"), config_arg(encoder, "import_gallery_probe")
     blend_weight = parse_weight_rule(blend_weight)  # before any slow work
     probe = _finetuned_head(from_dir)
     gallery, enc = open_gallery(index_dir, encoder or EncoderConfig(progress=progress))  # -q: the export's too
@@ -377,7 +379,7 @@ def restore_gallery_probe(index_dir: str | Path) -> tuple[str, str, str]:
     FileNotFoundError when none was kept; a kept probe of another encoder than
     the gallery's is refused (EncoderMismatchError). A store on S3 shares the restored probe as it shares a trained
     one, under the same hold (:func:`_saving_and_sharing`; a failed publish: :class:`ProbeNotSharedError`)."""
-    gallery = Gallery.open(index_dir)
+    gallery = Gallery.open(folder_arg(index_dir, "restore_gallery_probe"))
     with _saving_and_sharing(gallery, "the earlier probe is restored") as shared:
         restored, replaced = restore_previous(gallery.root, expected_fingerprint=gallery.fingerprint)
     return restored, replaced, shared.where
@@ -387,7 +389,7 @@ def publish_gallery_probe(index_dir: str | Path) -> str:
     """Share the probe of gallery ``index_dir`` through its S3 store (:func:`retrieval.probe_share.publish_probe`):
     after a ``probe train``, ``import`` or ``restore`` whose publish failed. Returns the probe in words. ValueError
     when the store is not on S3 (nothing to share), FileNotFoundError when the folder has no probe."""
-    gallery = Gallery.open(index_dir)
+    gallery = Gallery.open(folder_arg(index_dir, "publish_gallery_probe"))
     if gallery.objects is None:
         raise ValueError(f"the store of {index_dir} is not on S3: its probe is not shared through the store (every "
                          "process reads the folder's probe files); nothing to publish")
@@ -405,7 +407,7 @@ def withdraw_gallery_probe(index_dir: str | Path) -> list[str]:
     """Withdraw the probe shared through the S3 store of gallery ``index_dir``
     (:func:`retrieval.probe_share.withdraw_probe`): the objects removed, [] when the store held none. ValueError when
     the store is not on S3."""
-    return withdraw_probe(Gallery.open(index_dir))
+    return withdraw_probe(Gallery.open(folder_arg(index_dir, "withdraw_gallery_probe")))
 
 
 def _warn_left_out(left_out: dict[str, int], what: str) -> None:

@@ -22,9 +22,11 @@ import difflib
 import functools
 import itertools
 import logging
+import numbers
 import operator
+import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,14 +101,19 @@ from retrieval.findings import CleanConfig
 from retrieval.galleries import (
     build_encoder,
     check_encoder_choice,
+    config_arg,
     empty_gallery_hint,
+    folder_arg,
+    gallery_arg,
+    identifier_arg,
     no_references_error,
     open_gallery,
     open_identifier,
     stored_species,
 )
-from retrieval.identify import Identification, Identifier, Method, RankedResult, ranked_results
+from retrieval.identify import Identification, Identifier, Method, RankedResult, parse_method, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
+from retrieval.metric import unit_queries
 from retrieval.pipeline import (
     BuildReport,
     Reader,
@@ -114,6 +121,8 @@ from retrieval.pipeline import (
     add_references,
     embed_photos,
     given_embeddings,
+    not_a_photo,
+    photo_list,
     skip_counts,
 )
 from retrieval.probe import MIN_PROBE_PHOTOS, LinearProbe, distinct_count, has_probe
@@ -141,13 +150,15 @@ from retrieval.vote import Rank, parse_rank
 
 __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanInterrupted",
-    "CleanResult", "EvaluationRun",
-    "Identifier", "ProbeResult", "ReferencesInterrupted", "add_photos", "build_encoder", "build_gallery", "clean",
-    "check_evaluation_set", "delete_references", "evaluate_dataset",
+    "CleanResult", "CompactResult", "EncoderConfig", "EvaluationRun", "Gallery", "Identification",
+    "Identifier", "Method", "Neighbour", "ProbeResult", "Rank", "RankedResult", "ReferencesInterrupted",
+    "VectorIndexConfig", "add_photos", "build_encoder", "build_gallery", "clean",
+    "check_evaluation_set", "compact_gallery", "delete_references", "embed_photos", "evaluate_dataset",
     "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery",
     "no_references_error", "open_identifier",
-    "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search", "skip_counts",
-    "train_gallery_probe", "withdraw_gallery_probe",
+    "presence_for", "publish_gallery_probe", "restore_exclusions", "restore_gallery_probe", "search",
+    "set_species_venomous", "set_venom_advice", "skip_counts",
+    "train_gallery_probe", "unit_queries", "withdraw_gallery_probe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -211,6 +222,7 @@ def build_gallery(
     important venomous, as ``index venom-advice off`` is (:func:`refuse_venom_advice_off`): the dataset's species
     before the model loads, the gallery's once it is opened (the weights loaded), before any photo is embedded.
     """
+    index_dir, encoder = folder_arg(index_dir, "build_gallery"), config_arg(encoder, "build_gallery")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     info = read_gallery_info(index_dir) if GalleryLayout(Path(index_dir)).info.is_file() else None
@@ -371,7 +383,7 @@ def photo_notes(names: Sequence[str], notes: Sequence[str | None]) -> list[str]:
 
 def identify(
     ident: Identifier,
-    photos: Sequence[str | Path | bytes] | None = None,
+    photos: Iterable[str | Path | bytes] | None = None,
     *,
     embeddings: np.ndarray | None = None,
     names: Sequence[str] | None = None,
@@ -388,17 +400,37 @@ def identify(
     mean embedding. ``rank``: candidates as species, or rolled up to genus or family with their evidence.
     A photo that cannot be read gets an answer with its ``error`` (the others are still identified); an animated
     one, its first frame read, gets a note saying so (``Answer.notes``).
+
+    ``photos`` is a list (any iterable, read once) of paths or bytes, even for one photo: one path or bytes alone
+    is refused (ValueError), as are PIL images and arrays (TypeError saying what to pass;
+    :meth:`Identifier.identify_images` takes PIL images). ``embeddings``: one row per photo (a 1-D vector: one
+    photo), each scaled to unit length here, so a vector's size changes no answer; a row all zeros or not finite is
+    refused (ValueError naming it). ``names``: one per photo or row (default: the paths, ``image #i``,
+    ``embedding #i``). ``top``: at least 1. ``method``: knn, probe or blend; ``rank``: species, genus or family.
     """
+    ident = identifier_arg(ident, "identify")
     if (photos is None) == (embeddings is None):
         raise ValueError("identify needs photos or embeddings (one of the two)")
+    method = parse_method(method)
     rank = parse_rank(rank)
+    if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1:
+        raise ValueError(f"top must be a whole number >= 1 (the candidates each answer lists), not {top!r}")
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f'names is a list, one name per photo, even for one: pass [{names!r}]')
+    if names is not None:
+        names = [str(n) for n in names]
     presence = presence_for(country, ident)
     if embeddings is None:
-        done = embed_photos(list(photos), ident.encoder, progress=progress, desc="identifying")
+        photos = photo_list(photos)
+        if names is not None and len(names) != len(photos):
+            raise ValueError(f"names must have one entry per photo: {len(photos)} photos, {len(names)} names")
+        done = embed_photos(photos, ident.encoder, progress=progress, desc="identifying")
         emb, errors, notes = done.embeddings, done.errors, done.notes or [None] * len(done.errors)
         names = names or [f"image #{i}" if isinstance(p, bytes) else str(p) for i, p in enumerate(photos)]
     else:
-        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        emb = unit_queries(embeddings, ident.gallery.dim)  # unit length: a vector's size changes no answer
+        if names is not None and len(names) != len(emb):
+            raise ValueError(f"names must have one entry per embedding row: {len(emb)} rows, {len(names)} names")
         errors = notes = [None] * len(emb)
         names = names or [f"embedding #{i}" for i in range(len(emb))]
     ok = [i for i, e in enumerate(errors) if e is None]
@@ -467,9 +499,16 @@ def family_note(ident: Identifier, *, api: bool = False) -> str | None:
 def search(
     ident: Identifier, photo: str | Path | bytes | None = None, *, embedding: Sequence[float] | None = None, k: int = 10
 ) -> list[Neighbour]:
-    """The ``k`` nearest reference photos of one photo, or of an embedding made elsewhere (L2-normalised here)."""
+    """The ``k`` nearest reference photos of one photo (a path or bytes), or of an embedding made elsewhere (scaled
+    to unit length here, as :func:`identify`'s are: :func:`retrieval.metric.unit_queries`)."""
+    ident = identifier_arg(ident, "search")
     if (photo is None) == (embedding is None):
         raise ValueError("search needs a photo or an embedding (one of the two)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a whole number >= 1 (the neighbours to return), not {k!r}")
+    if photo is not None and not isinstance(photo, (str, os.PathLike, bytes)):
+        what = "a list: pass one path or bytes" if isinstance(photo, (list, tuple)) else not_a_photo(photo)
+        raise TypeError(f"photo is one photo, here {what}")
     if embedding is None:
         done = embed_photos([photo], ident.encoder)
         if done.errors[0] is not None:
@@ -479,10 +518,7 @@ def search(
     dim = ident.gallery.dim
     if v.ndim != 1 or v.shape[0] != dim:
         raise ValueError(f"embedding must be a list of {dim} numbers, got shape {list(v.shape)}")
-    if not np.all(np.isfinite(v)) or not np.any(v):
-        raise ValueError("embedding must be finite and not all zeros")
-    v = v / np.abs(v).max()  # scale first: tiny or huge values must not under/overflow the norm
-    return ident.search((v / np.linalg.norm(v)).astype(np.float32)[None], k)[0]
+    return ident.search(unit_queries(v, dim), k)[0]  # unit length, as identify's embeddings are
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -524,6 +560,8 @@ def evaluate_dataset(
     A set none of whose species the gallery holds is refused (ValueError: a mistyped or renamed folder set), unless
     ``open_set``: an open-set evaluation, of whether unknown species are abstained on and how often a venomous one is
     called harmless. ``scan``: the set as :func:`check_evaluation_set` returned it (checked before the model loaded).
+    ``report_dir``: where report.json, report.md and the plots go (default ``report`` in the current folder; created
+    if missing). ``methods``: a list of knn, probe, blend (an unknown name: ValueError naming the choices).
     """
     from retrieval.metrics import EvalItem, evaluate, write_report  # sklearn: not on the query path
     from retrieval.protocol import (
@@ -537,8 +575,13 @@ def evaluate_dataset(
         without_copies,
     )
 
+    ident = identifier_arg(ident, "evaluate_dataset")
     if Path(report_dir).exists() and not Path(report_dir).is_dir():  # before the embedding work, not after it
         raise ValueError(f"the report folder {report_dir} is a file; give a folder (it is created if missing)")
+    if isinstance(methods, (str, Method)):
+        raise ValueError(f"methods is a list, even for one method: pass [{parse_method(methods).value!r}]")
+    if methods is not None:
+        methods = [parse_method(m).value for m in methods]  # an unknown name: ValueError naming the choices
     have = ["knn", "probe", "blend"] if ident.probe is not None else ["knn"]
     if methods is not None and (missing := [m for m in methods if m not in have]):
         raise ValueError(f"gallery {ident.gallery.root} has no probe for method {', '.join(missing)}: train one with "
@@ -890,6 +933,15 @@ def add_photos(
     before its first commit, until it completes, and so does one cut by Ctrl-C after it kept photos: readers say
     the add did not finish until the same add completes (:func:`index.build_mark.adding`).
     """
+    gallery = gallery_arg(gallery, "add_photos")
+    if encoder is None or isinstance(encoder, (str, EncoderConfig)):
+        raise TypeError("add_photos takes the gallery's loaded encoder, not "
+                        f"{'a spec' if isinstance(encoder, str) else 'a ' + type(encoder).__name__}: "
+                        "gallery, encoder = open_gallery(DIR) (or ident.gallery, ident.encoder)")
+    photos = photo_list(photos, uploads=True)
+    if folders := [p for p in photos if not isinstance(p, tuple) and Path(p).is_dir()]:
+        raise ValueError(f"add_photos takes photo files, and {folders[0]} is a folder: pass the photos in it, "
+                         f"e.g. index.photos.find_photos({str(folders[0])!r}) (the CLI expands folders itself)")
     if embeddings is not None:  # a wrong shape is refused before any upload is kept
         embeddings = given_embeddings(embeddings, len(photos), gallery.dim)
     paths: list[Path | str] = []
@@ -1185,7 +1237,7 @@ def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
 _EXTENSIONS = {fmt: exts[0] for fmt, exts in PHOTO_FORMATS.items()}  # a kept upload's file name
 
 
-def delete_references(gallery: Gallery | str | Path, ids: Sequence[int]) -> list[int]:
+def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[int]) -> list[int]:
     """Delete references by id; returns the ids that existed (and are gone now). A photo the API stored
     (``uploads/``, or in an S3 store its ``_speciesid/uploads/``) is removed with its last reference."""
     g = _gallery(gallery)
@@ -1230,7 +1282,7 @@ def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_
                                  removing=removing)
 
 
-def list_species(gallery: Gallery | str | Path) -> list[SpeciesSummary]:
+def list_species(gallery: Gallery | Identifier | str | Path) -> list[SpeciesSummary]:
     """The gallery's species with reference counts and metadata, sorted by name."""
     return _gallery(gallery).species()
 
@@ -1342,7 +1394,7 @@ def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdv
     return VenomAdviceSet(was, venom_advice_on(g.info), venom_advice_note(g))
 
 
-def gallery_info(gallery: Gallery | str | Path) -> dict[str, object]:
+def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object]:
     """What a gallery holds, which encoder built it, and its store: where it is, leftover build journals, and on
     S3 the write lease's holder and the shared id mark (:func:`index.status.store_status`), and its probe (which
     one, and on S3 whether it is the store's copy: :func:`_probe_info`). A store that cannot be opened: what the
@@ -1404,7 +1456,7 @@ class CompactResult:
 def compact_gallery(index: str | Path, *, prune_older_than: dt.timedelta | None = None) -> CompactResult:
     """Merge the small fragments of a gallery's store and prune its versions superseded longer ago than
     ``prune_older_than`` (:meth:`index.gallery.Gallery.compact`, under the write lock; on S3 the store's lease)."""
-    gallery = Gallery.open(index)
+    gallery = Gallery.open(folder_arg(index, "compact_gallery"))
     before = gallery.store.fragment_stats(versions=True)
     report = gallery.compact(prune_older_than=prune_older_than)
     return CompactResult(gallery, before, gallery.store.fragment_stats(versions=True), report)
@@ -1425,8 +1477,17 @@ def _probe_info(g: Gallery) -> dict[str, object]:
     return block
 
 
-def _gallery(gallery: Gallery | str | Path) -> Gallery:
-    return gallery if isinstance(gallery, Gallery) else Gallery.open(gallery)
+def _gallery(gallery: Gallery | Identifier | str | Path) -> Gallery:
+    """An open gallery (an Identifier's own), or the one at a folder, opened; TypeError saying what to pass for
+    anything else."""
+    if isinstance(gallery, Gallery):
+        return gallery
+    if isinstance(gallery, Identifier):
+        return gallery.gallery
+    if not isinstance(gallery, (str, os.PathLike)):
+        raise TypeError(f"pass a Gallery, an Identifier or the gallery's folder (a str or Path), not a "
+                        f"{type(gallery).__name__}")
+    return Gallery.open(gallery)
 
 
 # ---------------------------------------------------------------------------------------------- clean
@@ -1436,7 +1497,7 @@ clean = run_clean
 
 def restore_exclusions(index: str | Path, which: str = "last") -> tuple[Gallery, int]:
     """Bring back the references a ``clean --apply`` run excluded (``last``), or every one (``all``)."""
-    gallery = Gallery.open(index)
+    gallery = Gallery.open(folder_arg(index, "restore_exclusions"))
     restored = exclusions.restore(gallery, which)
     if restored:
         refresh_gallery_metric(gallery)
