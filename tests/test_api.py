@@ -129,6 +129,34 @@ def test_health_and_ready(client):
     assert 'id="identify-button"' in page.text
 
 
+def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(tmp_path):
+    """Walk s54 #12: the page had no Cache-Control and answered a matching If-None-Match with the whole page again,
+    and a favicon 404 on every load; #1, #3: it had no live region for the answer, no alert for the warning and
+    nothing for a browser that does not run its script. (No model needed: the page is served before it loads.)"""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    c = TestClient(create_app(Settings(index=str(tmp_path))))
+    page = c.get("/")
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+    etag = page.headers["etag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}"', etag), etag
+    again = c.get("/", headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    assert again.headers["x-frame-options"] == "DENY" and again.headers["cache-control"] == "no-cache"
+    assert c.get("/", headers={"If-None-Match": f'W/"0", W/{etag}'}).status_code == 304  # weak, in a list
+    assert c.get("/", headers={"If-None-Match": '"0123"'}).status_code == 200
+    html = page.text
+    assert '<link rel="icon" href="data:,">' in html  # no /favicon.ico request
+    assert '<div id="status" role="status"></div>' in html and '<h2 id="result-heading" tabindex="-1" hidden>' in html
+    assert '<div class="warn" id="venom-warning" role="alert">' in html and "<main>" in html
+    assert "<noscript>" in html and "This page needs JavaScript" in html
+    # with no script, the form posts the photos to the API (its JSON answer), not a GET reloading the page
+    assert '<form id="identify-form" method="post" action="/v1/identify" enctype="multipart/form-data">' in html
+
+
 def test_not_ready_until_the_model_is_loaded(tmp_path):
     from fastapi.testclient import TestClient
 

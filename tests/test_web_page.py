@@ -112,8 +112,12 @@ def test_a_file_that_is_not_a_photo_shows_the_message(site, browser, tmp_path):
     notes.write_text("not a photo at all")
     assert _identify(browser, site, notes) == ""
     status = browser.find_element(By.ID, "status")
-    assert "notes.jpg: not a photo: its content is not JPEG" in status.text
+    # said to be an error in words, not by its red alone; tied to the photo field, which has the focus (walk s54 #14)
+    assert status.text.startswith("Error: notes.jpg: not a photo: its content is not JPEG"), status.text
     assert status.find_element(By.CLASS_NAME, "error").is_displayed()
+    field = browser.find_element(By.ID, "photos")
+    assert field.get_attribute("aria-invalid") == "true" and field.get_attribute("aria-describedby") == "identify-error"
+    assert browser.switch_to.active_element == field
 
 
 def test_a_curator_adds_a_species_from_the_page(site, browser):
@@ -143,7 +147,8 @@ def test_a_curator_adds_a_species_from_the_page(site, browser):
     )
     assert status == f"Added 10 photo(s) to {name} (new species)."
     text = _identify(browser, site, photos("val", NEW_SPECIES)[2])
-    assert text.splitlines()[0].startswith(f"Variable Reed Snake ({name})"), text
+    first = browser.find_element(By.CSS_SELECTOR, "#results .result > div").text  # after the venom advice
+    assert first.startswith(f"Variable Reed Snake ({name})"), text
     # one of those photos again under another name: the page says whose reference it already is
     browser.get(site + "/")
     browser.find_element(By.CSS_SELECTOR, "details summary").click()
@@ -158,6 +163,106 @@ def test_a_curator_adds_a_species_from_the_page(site, browser):
     assert f"a reference of {name}, not added here" in status and status.startswith("Added 0 photo(s)"), status
     # nothing stored under the new name: it was not made (exists: false), in the CLI's words
     assert status.startswith("Added 0 photo(s) to Testus novus (not created: no photo added); 1 already present"), status
+
+
+def test_the_answer_is_announced_and_takes_the_focus(site, browser):
+    """Walk s54 #1, #4, #7, #8: the answer was written where no screen reader says it, and the focus fell to the
+    page's start. Now the status (a polite live region) sums the answer up, a warning is an alert, the focus goes to
+    the result's heading (which names the verdict), the venom verdict comes first, the candidates are a ranked list
+    whose reference photos are one line for a screen reader, the encoder is named without the server's path, and a
+    320 px phone does not scroll sideways."""
+    from selenium.webdriver.common.by import By
+
+    text = _identify(browser, site, COBRA)
+    heading = browser.find_element(By.ID, "result-heading")
+    assert browser.switch_to.active_element == heading and heading.text == "Result: treat as venomous"
+    assert heading.tag_name == "h2" and heading.get_attribute("tabindex") == "-1"
+    status = browser.find_element(By.ID, "status")
+    assert status.get_attribute("role") == "status"
+    assert status.text.startswith("Answer shown below. Best candidate: Philippine Cobra (Naja philippinensis), "), \
+        status.text
+    assert browser.find_element(By.ID, "venom-warning").get_attribute("role") == "alert"
+    assert text.splitlines()[0].startswith("⚠ Possibly MEDICALLY IMPORTANT VENOMOUS"), text
+    items = browser.find_elements(By.CSS_SELECTOR, "#results ol.candidates > li.result")
+    assert len(items) > 1 and items[0].find_element(By.TAG_NAME, "div").text.startswith(
+        "Philippine Cobra (Naja philippinensis) Elapidae, venomous — "), items[0].text
+    assert all(img.get_attribute("alt") == "" for img in browser.find_elements(By.CSS_SELECTOR, "#results img"))
+    assert all(e.get_attribute("aria-hidden") == "true" for e in browser.find_elements(By.CSS_SELECTOR, ".evidence"))
+    said = browser.find_element(By.CSS_SELECTOR, "#results li .sr-only").get_attribute("textContent")
+    assert said.startswith("4 reference photo(s) of the gallery, similarity "), said
+    assert text.splitlines()[-1].endswith("encoder timm:mobilenetv1_100.coral_in1k"), text  # no server path
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 320, "height": 640, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 320
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+    text = _identify(browser, site, photos("val", SPECIES[3])[3])  # a harmless snake: the verdict first all the same
+    assert browser.find_element(By.ID, "result-heading").text == "Result: venomous unlikely"
+    assert text.splitlines()[0].startswith("Probability medically important venomous: "), text
+    assert "Probability medically important venomous: " in browser.find_element(By.ID, "status").text
+
+
+def test_a_big_photo_is_sent_as_a_smaller_upright_copy(browser, tmp_path):
+    """Walk s54 #2: the page sent a phone's 2-6 MB photo whole, which a 2G uplink cannot carry within the server's
+    body time limit. A photo over MAX_SIDE px is sent as a JPEG copy of MAX_SIDE px on its long side, turned upright by
+    its EXIF orientation; a smaller photo, or a file the browser cannot decode (HEIC, text), is sent as it is."""
+    from PIL import Image
+
+    big, small, text = tmp_path / "big.jpg", tmp_path / "small.jpg", tmp_path / "notes.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: upright, the photo is portrait
+    Image.effect_noise((2400, 1200), 40).convert("RGB").save(big, quality=95, exif=exif)
+    Image.new("RGB", (640, 480), (90, 120, 60)).save(small)
+    text.write_text("not a photo at all")
+    browser.get(PAGE.as_uri())
+    browser.find_element("id", "photos").send_keys("\n".join(map(str, (big, small, text))))
+    copies = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        Promise.all([...document.getElementById("photos").files].map(async (f) => {
+          const c = await smallerCopy(f);
+          let size = null;
+          try { const b = await createImageBitmap(c); size = [b.width, b.height]; } catch {}
+          return {name: c.name, copied: c !== f, type: c.type, bytes: c.size, size};
+        })).then(done);""")
+    assert browser.execute_script("return MAX_SIDE") == 1600
+    assert copies[0]["copied"] and copies[0]["size"] == [800, 1600] and copies[0]["type"] == "image/jpeg", copies
+    assert copies[0]["name"] == "big.jpg" and copies[0]["bytes"] < big.stat().st_size
+    assert [c["copied"] for c in copies[1:]] == [False, False], copies
+
+
+def test_an_upload_on_a_slow_link_shows_its_progress_and_can_be_cancelled(site, browser, tmp_path):
+    """Walk s54 #2: over 4 minutes of a static "Identifying…" with no way out. The status says how much is sent, and
+    Cancel (which has the focus while the Identify button is disabled) stops the upload."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    noisy = tmp_path / "noisy.jpg"
+    Image.effect_noise((1600, 1200), 60).convert("RGB").save(noisy, quality=95)  # ~1 MB: minutes at 8 KB/s
+    browser.get(site + "/")
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                                 "downloadThroughput": -1, "uploadThroughput": 8000})
+    try:
+        browser.find_element(By.ID, "photos").send_keys(str(noisy))
+        browser.find_element(By.ID, "identify-button").click()
+        status = WebDriverWait(browser, WAIT_S).until(
+            lambda d: d.find_element(By.ID, "status").text.startswith("Sending the photo: ")
+            and d.find_element(By.ID, "status").text)
+        assert status.endswith(" KB") and "% of " in status, status
+        cancel = browser.find_element(By.ID, "cancel-button")
+        assert browser.switch_to.active_element == cancel and cancel.is_displayed()
+        cancel.click()
+        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "identify-button").is_enabled())
+        assert browser.find_element(By.ID, "status").text == "Cancelled: nothing was identified."
+        assert not cancel.is_displayed() and browser.find_element(By.ID, "results").text == ""
+        assert browser.switch_to.active_element == browser.find_element(By.ID, "identify-button")
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                                     "downloadThroughput": -1, "uploadThroughput": -1})
+        browser.execute_cdp_cmd("Network.disable", {})
 
 
 def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_path):
@@ -397,22 +502,28 @@ def _render() -> str:
 
 def test_the_page_shows_the_api_venom_advice_not_its_own_threshold():
     """Walk s51 #1, #3: the page warned from its own 10% (not for an unknown answer under it) and worded it otherwise
-    than the CLI: it now shows the answer's venom_advice (retrieval.advice), red whenever it says treat as venomous."""
+    than the CLI: it now shows the answer's venom_advice (retrieval.advice), red whenever it says treat as venomous
+    (an alert: said at once by a screen reader, walk s54 #1)."""
     render = _render()
     assert "0.1" not in render and "likelyVenomous" not in render
-    assert ('if (advice && advice.treat_as_venomous) {\n'
-            '    html += `<div class="warn" id="venom-warning">⚠ ${withNames(advice.text, names)}</div>`;') in render
-    # the low probability ('when in doubt...') after the candidates, in grey-green
-    assert ('if (advice && !advice.treat_as_venomous) {\n'
-            '    html += `<div class="advice" id="venom-advice">${withNames(advice.text, names)}</div>`;') in render
+    warn = ('if (advice && advice.treat_as_venomous) {\n    html += `<div class="warn" id="venom-warning" '
+            'role="alert">⚠ ${withNames(advice.text, names)}</div>`;')
+    # the low probability ('when in doubt...') in grey-green, first too (walk s54 #8: before the candidates)
+    unlikely = ('if (advice && !advice.treat_as_venomous) {\n'
+                '    html += `<div class="advice" id="venom-advice">${withNames(advice.text, names)}</div>`;')
+    assert warn in render and unlikely in render
+    assert render.index(warn) < render.index(unlikely) < render.index("for (const r of answer.results)")
 
 
 def test_a_far_answer_greys_its_candidates_out():
     """Walk s51 #4: a black frame drew an 80% bar; a far answer's candidates are greyed and said not meaningful."""
     render = _render()
     assert "Closest species (not meaningful: the photo is unlike every reference):" in render
-    assert 'if (answer.far) html += `<div class="meaningless" id="not-meaningful">`;' in render
-    assert ".meaningless { opacity: 0.45; }" in PAGE.read_text(encoding="utf-8")
+    assert ('html += `<ol class="candidates${answer.far ? " meaningless" : ""}"${answer.far ? ` id="not-meaningful"` '
+            ': ""}>`;') in render
+    # only the bars greyed: text at 0.45 opacity was 2.9:1 on white, under WCAG's 4.5:1 (walk s54 #5)
+    assert ".meaningless .bar > div, .meaningless .bar > div.venomous { background: #767676; }" in PAGE.read_text(
+        encoding="utf-8") and "opacity" not in PAGE.read_text(encoding="utf-8")
 
 
 def test_the_photo_input_lets_a_photo_on_the_phone_be_picked():
