@@ -152,7 +152,8 @@ class FinetuneConfig:
     bn: str | None = field(default=None, metadata=option(
         "batch-norm statistics frozen or updated", choices=BN_MODES))
     # label smoothing of the (mixed) targets
-    label_smoothing: float = field(default=0.1, metadata=option("default 0.1"))
+    label_smoothing: float = field(default=0.1, metadata=option(
+        "label smoothing of the (mixed) training targets (default 0.1)"))
     # "weights" (class-weighted loss), "sampler" (class-balanced draws) or "none"
     balance: str | None = field(default=None, metadata=option(
         "class imbalance: class-weighted loss, class-balanced sampling, or none", choices=BALANCE_MODES))

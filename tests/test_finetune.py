@@ -397,6 +397,7 @@ def test_cli_finetune_help(capsys):
     text = capsys.readouterr().out
     assert "--init" in text and "--stage" in text and "--val-split" in text and "--no-emulate-bf16" in text
     assert "starting encoder, required unless --model" in " ".join(text.split())
+    assert "label smoothing of the (mixed) training targets (default 0.1)" in " ".join(text.split())
 
 
 def test_a_run_without_init_or_model_is_refused_before_torch_is_imported(tmp_path):
