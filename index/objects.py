@@ -58,6 +58,7 @@ from index.lease import (
     s3_failure,
 )
 from index.locks import write_lock
+from index.sources import megabytes
 from index.vectors import sorted_unique
 
 if TYPE_CHECKING:
@@ -459,6 +460,25 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
                     if bar is not None:
                         bar.update(1)
     return report
+
+
+def unused_uploads(gallery: Gallery, *, api: bool = False) -> dict[str, Any]:
+    """The ``uploads`` block of ``index info`` and ``/readyz``: the uploads no row uses (an add killed between keeping
+    its photos and committing their rows; a removal that failed), counted by a dry run of :func:`sweep_uploads`
+    (holding nothing: the listing, then every row's source path): ``unused``, of them ``removable`` (older than
+    :data:`SWEEP_GRACE_S`, which ``speciesid index sweep-uploads`` removes; a younger one may be an add's in
+    flight), their ``bytes``, and a ``note`` saying what to run ("" when none is unused). ``api``: the note worded
+    for an HTTP client (the command runs on the server's machine). Not swept here: a sweep takes the gallery's write
+    hold (on S3 the store's lease), and a photo a kill left is younger than the grace age for a day anyway."""
+    report = sweep_uploads(gallery, dry_run=True)
+    unused = len(report.orphans) + report.young
+    where = "the server's gallery folder, on its machine" if api else str(gallery.root)
+    note = "" if not unused else (
+        f"{unused} kept upload photo{'s' * (unused != 1)} that no reference uses ({len(report.orphans)} older than a "
+        f"day, {megabytes(report.bytes)}): adds cut off between keeping their photos and storing their rows (a server "
+        f"killed mid-add), or removals that failed; run `speciesid index sweep-uploads --index` with {where} (it "
+        "removes those older than a day; --older-than sets the age)")
+    return {"unused": unused, "removable": len(report.orphans), "bytes": report.bytes, "note": note}
 
 
 @dataclass(frozen=True)
