@@ -189,11 +189,11 @@ class SpeciesService:
         """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown."""
         try:
             counted = unused_uploads(self.gallery, api=True)
-            if counted["unused"]:
+            if counted["unused"]:  # null when it could not be counted now (the note says why)
                 logger.warning("gallery %s: %s", self.gallery.root, counted["note"].replace(
                     "with the server's gallery folder, on its machine", str(self.gallery.root)))
-        except (OSError, RuntimeError, ValueError) as exc:  # the store unreachable now: counted again later
-            logger.info("the unused uploads of %s were not counted: %s", self.gallery.root, exc)
+        except Exception as exc:  # a thread of its own: nothing to raise to; counted again at the next look
+            logger.warning("the unused uploads of %s were not counted: %s", self.gallery.root, exc)
             counted = None
         with self._uploads_lock:
             self._uploads, self._uploads_counting = (time.monotonic(), counted), False

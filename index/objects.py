@@ -469,8 +469,13 @@ def unused_uploads(gallery: Gallery, *, api: bool = False) -> dict[str, Any]:
     :data:`SWEEP_GRACE_S`, which ``speciesid index sweep-uploads`` removes; a younger one may be an add's in
     flight), their ``bytes``, and a ``note`` saying what to run ("" when none is unused). ``api``: the note worded
     for an HTTP client (the command runs on the server's machine). Not swept here: a sweep takes the gallery's write
-    hold (on S3 the store's lease), and a photo a kill left is younger than the grace age for a day anyway."""
-    report = sweep_uploads(gallery, dry_run=True)
+    hold (on S3 the store's lease), and a photo a kill left is younger than the grace age for a day anyway. A store
+    or folder that cannot be read now: ``unused`` null and a ``note`` saying why."""
+    try:
+        report = sweep_uploads(gallery, dry_run=True)
+    except (OSError, RuntimeError) as exc:  # the store or the folder unreadable now: said, not raised
+        return {"unused": None, "removable": None, "bytes": None,
+                "note": f"the kept uploads could not be counted now: {_first(exc)}"}
     unused = len(report.orphans) + report.young
     where = "the server's gallery folder, on its machine" if api else str(gallery.root)
     note = "" if not unused else (
