@@ -13,6 +13,7 @@ begins and what is in flight then, and when it ends and what was cut.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
@@ -30,6 +31,36 @@ logger = logging.getLogger(__name__)
 
 #: What a request in flight is called in the stop's log lines, by the guard's kind of its route.
 KIND_WORDS = {"write": "add or delete", "identify": "identify or search", "read": "other"}
+
+
+#: The 503 of an upload still arriving when the stop's grace ended.
+CUT_UPLOAD = ("the server is stopping: this request's body was still arriving when its time to finish ran out "
+              "(SPECIESID_SHUTDOWN_GRACE_S), so nothing of it was used; send it again once the server is back")
+#: The 503 of a request whose work was under way when the stop's grace ended (its answer is not sent).
+CUT_ANSWER = ("the server is stopping: this request's answer could not be sent before its time to finish ran out "
+              "(SPECIESID_SHUTDOWN_GRACE_S); its work was not cut (an add or delete was written or refused whole: "
+              "look before sending it again)")
+
+
+async def _stopped(send: Send, detail: str) -> None:
+    """Answer a request the stop cut with a 503 (JSON ``detail``, the connection closed); nothing when the client
+    is gone already."""
+    body = json.dumps({"detail": detail}).encode()
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"), (b"retry-after", b"5")]})
+        await send({"type": "http.response.body", "body": body})
+    except (OSError, RuntimeError) as exc:  # the client left, or the connection is closing
+        logger.debug("a request the stop cut was not answered: %s", exc)
+
+
+def _signal_name(number: int) -> str:
+    """``SIGTERM`` for 15; the number itself for one Python does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _plural(n: int, word: str) -> str:
@@ -60,15 +91,23 @@ class InFlight:
                 entry["receiving"] = False
             return message
 
+        async def sending(message: Message) -> None:
+            entry["answered"] = True
+            await send(message)
+
         with self._lock:
             key, self._next = self._next, self._next + 1
             self._requests[key] = entry
         try:
-            await self.app(scope, receiving, send)
-        except asyncio.CancelledError:
+            await self.app(scope, receiving, sending)
+        except asyncio.CancelledError:  # the stop's grace is over (uvicorn cancels what is left)
+            upload = entry["receiving"]
             with self._lock:
-                self.cut["upload" if entry["receiving"] else kind] += 1
-            raise
+                self.cut["upload" if upload else kind] += 1
+            if entry.get("answered"):
+                raise
+            # a 503 saying what happened, instead of uvicorn's 500 and traceback of a cancelled task
+            await _stopped(send, CUT_UPLOAD if upload else CUT_ANSWER)
         finally:
             with self._lock:
                 self._requests.pop(key, None)
@@ -113,7 +152,7 @@ class GracefulServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         """uvicorn's stop, logged: what is in flight when it begins, what was cut and how long it took."""
-        caught = [signal.Signals(s).name for s in getattr(self, "_captured_signals", ()) if s in signal.Signals]
+        caught = [_signal_name(s) for s in getattr(self, "_captured_signals", ())]  # uvicorn's: SIGTERM, SIGINT
         why = f" ({', '.join(caught)})" if caught else ""
         grace = self.config.timeout_graceful_shutdown
         limit = f"up to {grace:g} s (SPECIESID_SHUTDOWN_GRACE_S)" if grace is not None else "with no limit"

@@ -25,7 +25,7 @@ from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.gallery import Neighbour
 from index.lease import is_s3
-from index.objects import StoreObjectError, unused_uploads
+from index.objects import StoreObjectError, unused_uploads, unused_uploads_words
 from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species, gallery_lookalikes
@@ -190,8 +190,7 @@ class SpeciesService:
         try:
             counted = unused_uploads(self.gallery, api=True)
             if counted["unused"]:  # null when it could not be counted now (the note says why)
-                logger.warning("gallery %s: %s", self.gallery.root, counted["note"].replace(
-                    "with the server's gallery folder, on its machine", str(self.gallery.root)))
+                logger.warning("gallery %s: %s", self.gallery.root, unused_uploads_words(counted, self.gallery.root))
         except Exception as exc:  # a thread of its own: nothing to raise to; counted again at the next look
             logger.warning("the unused uploads of %s were not counted: %s", self.gallery.root, exc)
             counted = None

@@ -476,14 +476,22 @@ def unused_uploads(gallery: Gallery, *, api: bool = False) -> dict[str, Any]:
     except (OSError, RuntimeError) as exc:  # the store or the folder unreadable now: said, not raised
         return {"unused": None, "removable": None, "bytes": None,
                 "note": f"the kept uploads could not be counted now: {_first(exc)}"}
-    unused = len(report.orphans) + report.young
-    where = "the server's gallery folder, on its machine" if api else str(gallery.root)
-    note = "" if not unused else (
-        f"{unused} kept upload photo{'s' * (unused != 1)} that no reference uses ({len(report.orphans)} older than a "
-        f"day, {megabytes(report.bytes)}): adds cut off between keeping their photos and storing their rows (a server "
-        f"killed mid-add), or removals that failed; run `speciesid index sweep-uploads --index` with {where} (it "
-        "removes those older than a day; --older-than sets the age)")
-    return {"unused": unused, "removable": len(report.orphans), "bytes": report.bytes, "note": note}
+    counted = {"unused": len(report.orphans) + report.young, "removable": len(report.orphans), "bytes": report.bytes}
+    return counted | {"note": unused_uploads_words(counted, None if api else gallery.root)}
+
+
+def unused_uploads_words(counted: dict[str, Any], root: str | Path | None) -> str:
+    """The note of :func:`unused_uploads`' count ``counted`` ("" when none is unused); ``root``: the gallery folder
+    to name in the command (None: an HTTP client's words, the server's folder on its machine)."""
+    unused = counted["unused"]
+    if not unused:
+        return ""
+    where = f"`speciesid index sweep-uploads --index {root}`" if root is not None else (
+        "`speciesid index sweep-uploads --index` with the server's gallery folder, on its machine")
+    return (f"{unused} kept upload photo{'s' * (unused != 1)} that no reference uses ({counted['removable']} older "
+            f"than a day: {megabytes(counted['bytes'])}): adds cut off between keeping their photos and storing "
+            f"their rows (a server killed mid-add), or removals that failed; run {where} (it removes those older than "
+            "a day; --older-than sets the age)")
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ def test_index_info_and_readyz_count_the_unused_uploads_and_name_the_sweep(tmp_p
     assert main(["index", "info", "--index", str(index)]) == 0
     uploads = json.loads(capsys.readouterr().out)["uploads"]
     assert {k: uploads[k] for k in ("unused", "removable")} == {"unused": 2, "removable": 1}
-    assert uploads["note"].startswith("2 kept upload photos that no reference uses (1 older than a day, ")
-    assert f"run `speciesid index sweep-uploads --index` with {index}" in uploads["note"]
+    assert uploads["note"].startswith("2 kept upload photos that no reference uses (1 older than a day: ")
+    assert f"run `speciesid index sweep-uploads --index {index}` (it removes" in uploads["note"]
     service = SpeciesService(Settings(index=str(index), precision="fp32"))  # counts them on a thread at start
     try:
         with TestClient(create_app(service=service)) as client:
