@@ -218,8 +218,8 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         if app.state.service.empty:  # the CLI refuses such a gallery; a server may be where references get added
             logger.warning("gallery %s: %s", settings.index, EMPTY_GALLERY)
         yield
-        if owned:
-            app.state.service.close()
+        if owned:  # on a thread: close() waits for a write in progress (api.server), the loop stays free meanwhile
+            await run_in_threadpool(app.state.service.close)
             app.state.service = None
 
     app = _fastapi(

@@ -56,6 +56,10 @@ class IdentifyOut(BaseModel):
                       "than 99.9% of references are to theirs): nothing like the gallery's photos, or too small / "
                       "blank")
     nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
+    near_copy: int | None = Field(None, description="the reference (id) this photo is a near-copy of (cosine >= "
+                                  "0.95, the 'clean' leak rule, all such references of one species) when that kept "
+                                  "the answer from being unknown: a score under the unknown threshold (a probe older "
+                                  "than the reference); the scores and venom advice are unchanged; notes say so")
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
                                          "(null when far: the photo says nothing, treat a bite as venomous; or when no "
                                          "candidate's venom status is recorded)")
@@ -85,9 +89,12 @@ class IdentifyOut(BaseModel):
                              "last build into it was interrupted (its species may not all be in it: run the build "
                              "again; or, every photo in, the step it was in: run it again to finish); it holds too "
                              "few references to mark a photo unlike every reference (far); it cannot name some "
-                             "medically important venomous species of the checklist it was built from; and, of this "
-                             "answer, that a far photo's candidate scores are not meaningful, and that an animated "
-                             "photo (GIF, WebP, APNG) was read from its first frame only (naming the photo)")
+                             "medically important venomous species of the checklist it was built from; its probe is "
+                             "older than its references (how many were added and deleted since; run 'speciesid "
+                             "probe train'); and, of this answer, that a far photo's candidate scores are not "
+                             "meaningful, that the photo is a near-copy of a reference (naming it and its species), "
+                             "and that an animated photo (GIF, WebP, APNG) was read from its first frame only "
+                             "(naming the photo)")
 
 
 #: Search's ``k``: neighbours to return (query string, form field or JSON body), and its default.

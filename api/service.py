@@ -25,7 +25,7 @@ from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.gallery import Neighbour
 from index.lease import is_s3
-from index.objects import StoreObjectError
+from index.objects import StoreObjectError, unused_uploads, unused_uploads_words
 from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
 from index.taxonomy import find_species, gallery_lookalikes
@@ -40,6 +40,9 @@ from retrieval.workflows import AddResult, Answer, open_identifier
 logger = logging.getLogger(__name__)
 #: Thumbnails kept in memory (~10-20 kB each): a page of answers shows up to 20, often the same references.
 THUMBNAILS_KEPT = 1024
+#: How old the count of unused uploads (``/readyz``'s ``uploads``) may get before a ``/readyz`` starts counting again
+#: (on a thread of its own: the count reads every row's source path and lists the uploads).
+UPLOADS_RECOUNT_S = 3600.0
 
 
 class ServiceError(ValueError):
@@ -70,6 +73,17 @@ class TooLarge(ServiceError):
 
 class TooManyPixels(TooLarge):
     """The photos of one request hold more pixels than the server decodes for one request."""
+
+
+class Stopping(ServiceError):
+    """The server is stopping: a write that had not begun is refused (nothing written)."""
+
+    status = 503
+
+
+#: The 503 of a write that reached its turn after the server began to stop.
+STOPPING = ("the server is stopping: nothing of this request was written; send it again once the server is back "
+            "(Retry-After)")
 
 
 class BadImage(ServiceError):
@@ -151,12 +165,49 @@ class SpeciesService:
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads
         self._write_lock = threading.Lock()
+        self._stopping = False  # set by close(): no write starts after it
+        self._uploads: tuple[float, dict | None] | None = None  # (time.monotonic() of the count, unused_uploads)
+        self._uploads_lock = threading.Lock()
+        self._uploads_counting = False
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
         self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
+        self.uploads_status()  # counted once at start, on a thread of its own (an add a kill cut off left them)
+
+    def uploads_status(self) -> dict | None:
+        """The ``uploads`` block of ``/readyz`` (:func:`index.objects.unused_uploads`, worded for an HTTP client): the
+        last count, None until the first is done; a count older than :data:`UPLOADS_RECOUNT_S` (or none) starts
+        another on a thread of its own, so no request waits on it (the server counts once when it starts)."""
+        with self._uploads_lock:
+            kept = self._uploads
+            if (kept is None or time.monotonic() - kept[0] > UPLOADS_RECOUNT_S) and not self._uploads_counting:
+                self._uploads_counting = True
+                threading.Thread(target=self._count_uploads, name="speciesid-uploads", daemon=True).start()
+        return kept[1] if kept is not None else None
+
+    def _count_uploads(self) -> None:
+        """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown."""
+        try:
+            counted = unused_uploads(self.gallery, api=True)
+            if counted["unused"]:  # null when it could not be counted now (the note says why)
+                logger.warning("gallery %s: %s", self.gallery.root, unused_uploads_words(counted, self.gallery.root))
+        except Exception as exc:  # a thread of its own: nothing to raise to; counted again at the next look
+            logger.warning("the unused uploads of %s were not counted: %s", self.gallery.root, exc)
+            counted = None
+        with self._uploads_lock:
+            self._uploads, self._uploads_counting = (time.monotonic(), counted), False
 
     def close(self) -> None:
-        """Stop background threads."""
+        """Stop background threads, once the write in progress (an add's or a delete's commit) is done: no write is
+        cut half-way by a stop, and none starts after (:class:`Stopping`)."""
+        if not self._write_lock.acquire(blocking=False):
+            logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
+                           "committing, or waiting %.0f s at most for the gallery's lock)", self.settings.write_wait_s)
+            self._write_lock.acquire()
+        try:
+            self._stopping = True
+        finally:
+            self._write_lock.release()
         self.batcher.close()
         self._pool.shutdown(wait=False)
 
@@ -353,6 +404,8 @@ class SpeciesService:
             raise TimeoutError(f"this server's other writes to this gallery have kept this one waiting for over "
                                f"{wait:.0f} s; try again when they are done")
         try:
+            if self._stopping:
+                raise Stopping(STOPPING)
             with self.gallery.writing(wait=max(wait - (time.monotonic() - start), 0.0)):
                 yield
         finally:

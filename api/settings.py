@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     max_receiving: int | None = Field(None, ge=1, description="identify/search request bodies received at once, "
                                       "before they take a slot; past it a 429 with Retry-After before the body is "
                                       "read (default: 4 x SPECIESID_MAX_IDENTIFY_IN_FLIGHT)")
+    # A stop (SIGTERM, Ctrl-C) closes the listener at once and lets requests finish for this long; past it the ones
+    # still running are cut (bodies still arriving: a stalled upload would otherwise hold the stop for body_timeout_s).
+    # Below the usual 30 s a service manager waits before SIGKILL (Kubernetes' grace; systemd's is 90 s). An add that
+    # is committing is never cut: the stop waits for it (api.server).
+    shutdown_grace_s: float = Field(25.0, ge=0, description="seconds a stop (SIGTERM, Ctrl-C) lets requests in "
+                                    "flight finish before it cuts them (uploads still arriving included); an add "
+                                    "that is committing always finishes")
     retry_after_s: int = Field(1, ge=1, description="shortest Retry-After of a 429, in seconds")
     retry_jitter_s: int = Field(2, ge=0, description="Retry-After is drawn from retry_after_s .. retry_after_s + "
                                 "retry_jitter_s, so shed clients do not all come back in the same second")

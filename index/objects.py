@@ -58,6 +58,7 @@ from index.lease import (
     s3_failure,
 )
 from index.locks import write_lock
+from index.sources import megabytes
 from index.vectors import sorted_unique
 
 if TYPE_CHECKING:
@@ -459,6 +460,38 @@ def sweep_uploads(gallery: Gallery, *, older_than_s: float = SWEEP_GRACE_S, dry_
                     if bar is not None:
                         bar.update(1)
     return report
+
+
+def unused_uploads(gallery: Gallery, *, api: bool = False) -> dict[str, Any]:
+    """The ``uploads`` block of ``index info`` and ``/readyz``: the uploads no row uses (an add killed between keeping
+    its photos and committing their rows; a removal that failed), counted by a dry run of :func:`sweep_uploads`
+    (holding nothing: the listing, then every row's source path): ``unused``, of them ``removable`` (older than
+    :data:`SWEEP_GRACE_S`, which ``speciesid index sweep-uploads`` removes; a younger one may be an add's in
+    flight), their ``bytes``, and a ``note`` saying what to run ("" when none is unused). ``api``: the note worded
+    for an HTTP client (the command runs on the server's machine). Not swept here: a sweep takes the gallery's write
+    hold (on S3 the store's lease), and a photo a kill left is younger than the grace age for a day anyway. A store
+    or folder that cannot be read now: ``unused`` null and a ``note`` saying why."""
+    try:
+        report = sweep_uploads(gallery, dry_run=True)
+    except (OSError, RuntimeError) as exc:  # the store or the folder unreadable now: said, not raised
+        return {"unused": None, "removable": None, "bytes": None,
+                "note": f"the kept uploads could not be counted now: {_first(exc)}"}
+    counted = {"unused": len(report.orphans) + report.young, "removable": len(report.orphans), "bytes": report.bytes}
+    return counted | {"note": unused_uploads_words(counted, None if api else gallery.root)}
+
+
+def unused_uploads_words(counted: dict[str, Any], root: str | Path | None) -> str:
+    """The note of :func:`unused_uploads`' count ``counted`` ("" when none is unused); ``root``: the gallery folder
+    to name in the command (None: an HTTP client's words, the server's folder on its machine)."""
+    unused = counted["unused"]
+    if not unused:
+        return ""
+    where = f"`speciesid index sweep-uploads --index {root}`" if root is not None else (
+        "`speciesid index sweep-uploads --index` with the server's gallery folder, on its machine")
+    return (f"{unused} kept upload photo{'s' * (unused != 1)} that no reference uses ({counted['removable']} older "
+            f"than a day: {megabytes(counted['bytes'])}): adds cut off between keeping their photos and storing "
+            f"their rows (a server killed mid-add), or removals that failed; run {where} (it removes those older than "
+            "a day; --older-than sets the age)")
 
 
 @dataclass(frozen=True)

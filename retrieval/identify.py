@@ -43,8 +43,9 @@ from retrieval.advice import (
 )
 from retrieval.blend import apply_country, blend_knn_probe, mix_text_prior, text_weight
 from retrieval.encoders import Encoder
+from retrieval.findings import DEFAULT_DUP_THRESHOLD
 from retrieval.metric import DEFAULT_SHRINK, RERANK_CANDIDATES, Whitening, l2_normalize, unit_queries
-from retrieval.probe import LinearProbe, describe_probe, has_probe
+from retrieval.probe import LinearProbe, ReferencesSince, describe_probe, has_probe, references_since
 from retrieval.textprior import TextPriorScores
 from retrieval.vote import (
     Rank,
@@ -74,6 +75,55 @@ FAR_FILE = FAR_THRESHOLD_FILE
 #: The version of :func:`far_threshold`'s rule in :func:`far_key`: a threshold kept by an earlier rule is estimated
 #: again (raise it when the rule changes).
 FAR_RULE = 1
+
+#: Cosine at or above which a photo is a near-copy of a reference (that reference's photo re-saved, re-cropped or
+#: mirrored): the ``speciesid clean`` leak rule, by which ``evaluate`` leaves such photos out of val and ``references
+#: add`` notes them (:data:`retrieval.findings.DEFAULT_DUP_THRESHOLD`).
+NEAR_COPY_COSINE = DEFAULT_DUP_THRESHOLD
+
+
+@dataclass(frozen=True)
+class NearCopyRule:
+    """What :func:`near_copy_rule` found: whether the photo's UNKNOWN is lifted, the reference it copies, a note."""
+
+    lifted: bool
+    reference: int | None
+    note: str
+
+
+def near_copy_rule(neighbours: Sequence[Neighbour], top: str | None, score: float, threshold: float,
+                   unknown: bool) -> NearCopyRule | None:
+    """The near-copy rule of an answer (None when it has nothing to say). A photo whose voting neighbours include
+    references at cosine >= :data:`NEAR_COPY_COSINE` *is* one of those photos by the project's own rule (``clean``,
+    ``evaluate``'s de-duplication, ``references add``'s notes): when they are all of one species and that species
+    is the answer's top candidate (``top``, scored ``score``), a score under the unknown ``threshold`` does not make
+    the answer UNKNOWN (the threshold was chosen on photos with no near-copy in the gallery: cross-validation keeps
+    near-copies in one fold, evaluate leaves them out). Nothing else changes: the scores, the venom probability and
+    the venom advice stay the blend's, so a venomous candidate still warns. Otherwise (another top candidate,
+    near-copies of several species) the answer stays as it is and the note says why the copy did not decide it.
+    Answers without a near-copy, and answers not UNKNOWN whose top candidate is the copy's species, say nothing."""
+    near = [n for n in neighbours if (n.similarity if n.cosine is None else n.cosine) >= NEAR_COPY_COSINE]
+    if not near:
+        return None
+    best = max(near, key=lambda n: n.similarity if n.cosine is None else n.cosine)
+    cosine = best.similarity if best.cosine is None else best.cosine
+    species = sorted({n.species for n in near})
+    ref = f"reference #{best.id} of {best.species} ({Path(best.path).name}, cosine {cosine:.3f})"
+    if len(species) > 1:
+        others = ", ".join(f"#{n.id} {n.species}" for n in near[:4])
+        return NearCopyRule(False, None, f"this photo is a near-copy of references of {len(species)} species "
+                            f"({others}; cosine >= {NEAR_COPY_COSINE}): one of them is likely mislabelled, so "
+                            "the copy decides nothing ('speciesid clean' lists such pairs as label conflicts)")
+    if top != best.species:
+        return NearCopyRule(False, None, f"this photo is a near-copy of {ref}, but the answer ranks "
+                            f"{top or 'no species'} first: check that reference's label; if the probe is older than "
+                            "that reference, retrain it: speciesid probe train")
+    if not unknown:
+        return None
+    return NearCopyRule(True, best.id, f"this photo is a near-copy of {ref}: the gallery holds this photo, so the "
+                        f"answer is its species, not UNKNOWN, though the blend scores it {score:.1%} (under the "
+                        f"unknown threshold {threshold:.0%}); the scores and the venom advice are the blend's, "
+                        "unchanged")
 
 
 def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
@@ -192,6 +242,9 @@ class Identification:
     # gallery whose gallery.json turns venom advice off (venom_applies false: birds)
     venom_applies: bool = True  # venom advice applies to the gallery (retrieval.advice.venom_applies: on unless
     # recorded off): False, no venom wording belongs with its answers
+    near_copy: int | None = None  # the reference the photo is a near-copy of (cosine >= NEAR_COPY_COSINE, all such
+    # references of one species), when that decided the answer was not UNKNOWN (:func:`near_copy_rule`)
+    notes: list[str] = field(default_factory=list)  # what this answer is to be shown with (the near-copy rule's)
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -226,6 +279,7 @@ class Identification:
             "set_aside": list(self.set_aside),
             "venom_advice": self.venom_advice.to_dict() if self.venom_advice is not None else None,
             "venom_applies": self.venom_applies,
+            "near_copy": self.near_copy,
         }
 
 
@@ -295,6 +349,7 @@ class Identifier:
         # (taxa version, text prior, gallery.json as read, it): gallery.json is read again when it changes
         self._coverage: tuple[int, Any, dict, ChecklistCoverage | None] | None = None
         self._countries: tuple[int, dict[str, frozenset[str]]] | None = None  # (taxa version, recorded_countries)
+        self._since: tuple[int, LinearProbe | None, ReferencesSince | None] | None = None  # (version, probe, it)
 
     def __repr__(self) -> str:
         """One short line: the gallery (:meth:`Gallery.__repr__`), the probe's species count or none."""
@@ -449,6 +504,23 @@ class Identifier:
             kept = (self._taxa_version, self.gallery.store.species_countries())
             self._countries = kept
         return kept[1]
+
+    def references_since(self) -> ReferencesSince | None:
+        """How the gallery's searchable references moved since its probe was trained
+        (:func:`retrieval.probe.references_since`), computed once per gallery version and probe, never per answer;
+        None without a probe, or for one not trained on this gallery."""
+        version, probe = self.gallery.version, self.probe
+        kept = self._since
+        if kept is None or kept[0] != version or kept[1] is not probe:
+            kept = (version, probe, references_since(probe, self.gallery.index.ids) if probe is not None else None)
+            self._since = kept
+        return kept[2]
+
+    def stale_probe_note(self, *, api: bool = False) -> str:
+        """The note every answer carries while the probe is older than the gallery (:meth:`references_since`), ""
+        otherwise; ``api``: worded for an HTTP client."""
+        since = self.references_since()
+        return since.note(api=api, root=self.gallery.root) if since is not None else ""
 
     def held_species(self) -> frozenset[str]:
         """The species the gallery holds searchable references of (cached as :meth:`taxa` is)."""
@@ -743,6 +815,11 @@ class Identifier:
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
         unknown = best < self.config.unknown_threshold or not predictions or far
+        rule = None if far or Method(method) is Method.PROBE else near_copy_rule(
+            neighbours, predictions[0].species if predictions else None, best, self.config.unknown_threshold,
+            unknown)
+        if rule is not None and rule.lifted:
+            unknown = False  # the photo is that reference's (near_copy_rule): its scores and venom advice unchanged
         venomous_score = None if far or not venom else max(venom)  # far: the scores say nothing of this photo
         # species of unrecorded status, whatever their names (a toad's counts until set-venom records it harmless)
         unflagged = 0.0 if far or not applies else max(unrecorded_share(d, flags) for d in views)
@@ -767,6 +844,8 @@ class Identifier:
                                       venom_unknown_score=unflagged, venomous_names=named,
                                       unrecorded_names=unrecorded[:3], applies=applies),
             venom_applies=applies,
+            near_copy=rule.reference if rule is not None else None,
+            notes=[rule.note] if rule is not None else [],
         )
 
 

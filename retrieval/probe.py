@@ -36,6 +36,7 @@ from index.layout import (
     check_encoder,
 )
 from index.photos import first_few
+from index.vectors import in_sorted, sorted_unique
 from retrieval.metric import DEFAULT_SHRINK, Whitening
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class LinearProbe:
     # older files): retrieval.textprior.load_text_prior ignores a prior of another digest
     text_prior_sha256: str | None = None
     written_by: str = ""  # the speciesid version that saved it (probe.json's written_by); "" = before 0.2.0
+    # the gallery's searchable reference ids when `probe train` made it (sorted int64, kept in probe.npz); None: not
+    # recorded (imported heads, older files): what :func:`references_since` compares the gallery with
+    reference_ids: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -152,6 +156,8 @@ class LinearProbe:
         arrays = {"weight": self.weight.astype(np.float32), "bias": self.bias.astype(np.float32)}
         if self.whitening is not None:
             arrays.update(whiten_mean=self.whitening.mean, whiten_matrix=self.whitening.matrix)
+        if self.reference_ids is not None:
+            arrays["reference_ids"] = np.asarray(self.reference_ids, dtype=np.int64)
         np.savez(buf, **arrays)
         weights = buf.getvalue()
         self.weights_sha256 = hashlib.sha256(weights).hexdigest()
@@ -213,6 +219,7 @@ class LinearProbe:
             weights_sha256=digest,
             text_prior_sha256=None if meta.get("text_prior_sha256") is None else str(meta["text_prior_sha256"]),
             written_by=str(meta.get(WRITTEN_BY) or ""),
+            reference_ids=arrays["reference_ids"] if "reference_ids" in arrays.files else None,
         )
 
     def added_since(self, gallery: Mapping[str, int]) -> list[str]:
@@ -249,6 +256,63 @@ class LinearProbe:
         """A copy whose logits are divided by ``temperature`` (same ranking, other confidence)."""
         return replace(self, weight=(self.weight / temperature).astype(np.float32),
                        bias=(self.bias / temperature).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class ReferencesSince:
+    """How the gallery's searchable references moved since its probe was trained (:func:`references_since`)."""
+
+    added: int  # references searchable now that the probe never saw
+    deleted: int  # references it was trained beside that are no longer searchable (deleted, or excluded by clean)
+    exact: bool  # counted from the ids the probe recorded; False: an older probe.json, the net change of the counts
+    made_at: str  # when the probe was made ("" = not recorded)
+
+    @property
+    def stale(self) -> bool:
+        """Whether references came or went since the probe was trained."""
+        return bool(self.added or self.deleted)
+
+    def note(self, *, api: bool = False, root: str | Path | None = None) -> str:
+        """What an answer (and ``/readyz``, ``index info``) says of it, "" when nothing moved. ``api``: worded for an
+        HTTP client (the retrain runs on the server's machine); ``root``: the gallery folder the CLI names."""
+        if not self.stale:
+            return ""
+        when = f" on {self.made_at[:16].replace('T', ' ')} UTC" if self.made_at else ""
+        if self.exact:
+            moved = (f"{self.added} reference photo{'s' * (self.added != 1)} added and {self.deleted} deleted since "
+                     f"the probe was trained{when}")
+        else:
+            moved = (f"{self.added or self.deleted} reference photo{'s' * ((self.added or self.deleted) != 1)} "
+                     f"{'more' if self.added else 'fewer'} than when the probe was trained{when} (its probe.json "
+                     "records no id set: net change)")
+        fix = ("run `speciesid probe train` on the server's machine (with the server's gallery folder; the server "
+               "takes the new probe up without a restart)" if api else
+               f"run `speciesid probe train --index {root}`" if root is not None else "run `speciesid probe train`")
+        return (f"the probe is older than the gallery: {moved}. Answers blend the kNN vote, which sees every "
+                "reference, with a probe that never saw those, so a photo like them can come back less sure, or "
+                f"UNKNOWN; {fix}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``references_since`` entry of the ``probe`` block of ``/readyz`` and ``index info``."""
+        return {"added": self.added, "deleted": self.deleted, "exact": self.exact, "stale": self.stale}
+
+
+def references_since(probe: LinearProbe, ids_now: np.ndarray) -> ReferencesSince | None:
+    """How the gallery (``ids_now``: its searchable reference ids, sorted) moved since ``probe`` was trained: from
+    the id set it recorded (ids are never reused, so an id not among them was added since), else from the count
+    it trained on (:attr:`LinearProbe.trained_on` and the references of species it left out): the net change only.
+    None for a probe not trained on this gallery (an imported head) or one that records neither."""
+    if probe.source:
+        return None
+    now = sorted_unique(np.asarray(ids_now, dtype=np.int64))
+    if probe.reference_ids is not None:
+        then = sorted_unique(probe.reference_ids)
+        return ReferencesSince(int((~in_sorted(now, then)).sum()), int((~in_sorted(then, now)).sum()), True,
+                               probe.made_at)
+    if not probe.trained_on:
+        return None
+    then_n = probe.trained_on + sum(probe.calibration.left_out.values())
+    return ReferencesSince(max(len(now) - then_n, 0), max(then_n - len(now), 0), False, probe.made_at)
 
 
 def has_probe(folder: str | Path) -> bool:

@@ -205,6 +205,7 @@ def train_gallery_probe(
     calibration.metrics.update(probe.calibration.metrics)  # a subsample it trained on (max_photos), said
     probe.calibration = calibration
     probe.whitening = _metric_for(calibration, gallery, ids, vectors, labels)
+    probe.reference_ids = np.sort(np.asarray(ids, dtype=np.int64))  # what answers tell a gallery moved on by
     t2 = time.perf_counter()
 
     def text_prior() -> None:  # before the probe, under its hold and before its publish: the store's copy carries it

@@ -60,7 +60,14 @@ from index.layout import PROBE_META, PROBE_WEIGHTS, GalleryLayout, check_encoder
 from index.lease import LeaseError, LeaseLostError
 from index.locks import WriteLock, write_lock
 from index.objects import DELETE_BATCH, StoreObjects, probe_uri
-from retrieval.probe import LinearProbe, keep_previous, now_utc, probe_summary
+from retrieval.probe import (
+    LinearProbe,
+    ReferencesSince,
+    keep_previous,
+    now_utc,
+    probe_summary,
+    references_since,
+)
 from retrieval.textprior import prior_sha256
 
 logger = logging.getLogger(__name__)
@@ -548,12 +555,19 @@ def shared_probe_status(gallery: Gallery, follower: ProbeFollower | None = None,
 
 
 def probe_status(probe: LinearProbe | None, gallery: Gallery, follower: ProbeFollower | None = None, *,
-                 look: bool = False) -> dict[str, Any]:
+                 look: bool = False, since: ReferencesSince | None | bool = True,
+                 api: bool = False) -> dict[str, Any]:
     """The ``probe`` block of ``/readyz`` and ``index info``: ``loaded`` (whether ``probe`` is one), what it is
-    (:func:`retrieval.probe.probe_summary`), and on an S3 store ``shared`` (:func:`shared_probe_status`)."""
+    (:func:`retrieval.probe.probe_summary`), ``references_since`` (the references added and deleted since a probe
+    trained here was, with a ``note`` while any were: :func:`retrieval.probe.references_since`; ``since``: that,
+    computed already (a server's, once per gallery version), or True to compute it here), and on an S3 store
+    ``shared`` (:func:`shared_probe_status`). ``api``: the note worded for an HTTP client."""
     block: dict[str, Any] = {"loaded": probe is not None}
     if probe is not None:
         block.update(probe_summary(probe))
+        moved = references_since(probe, gallery.index.ids) if since is True else since or None
+        if moved is not None:
+            block["references_since"] = moved.to_dict() | {"note": moved.note(api=api, root=gallery.root)}
     shared = shared_probe_status(gallery, follower, look=look)
     if shared is not None:
         block["shared"] = shared

@@ -58,6 +58,7 @@ from index.objects import (
     StoreObjectError,
     SweepReport,
     spellings,
+    unused_uploads,
     upload_uri,
     uploads_uri,
 )
@@ -441,11 +442,12 @@ def identify(
         found = ident.identify_observation(emb[ok], top=max(top, 1), method=method, presence=presence)
         found.set_aside = [ok[i] for i in found.set_aside]  # positions among the photos given, unreadable ones too
         source = ", ".join(names[i] for i in ok)
-        said = photo_notes([names[i] for i in ok], [notes[i] for i in ok])
+        said = photo_notes([names[i] for i in ok], [notes[i] for i in ok]) + found.notes
         return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa()), said), *failed]
     found_each = ident.identify_embeddings(emb[ok], top=max(top, 1), method=method, presence=presence) if ok else []
     answers: dict[int, Answer] = {
-        i: Answer(names[i], None, a, ranked_results(a, rank, top, ident.taxa()), [notes[i]] if notes[i] else [])
+        i: Answer(names[i], None, a, ranked_results(a, rank, top, ident.taxa()),
+                  ([notes[i]] if notes[i] else []) + a.notes)
         for i, a in zip(ok, found_each, strict=True)
     }
     answers.update({i: Answer(names[i], errors[i]) for i in range(len(errors)) if errors[i] is not None})
@@ -475,6 +477,8 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
                      "measures that threshold")
     if parse_rank(rank) is Rank.FAMILY and (family := family_note(ident, api=api)):
         notes.append(family)
+    if stale := ident.stale_probe_note(api=api):  # references added or deleted since the probe was trained
+        notes.append(stale)
     return notes
 
 
@@ -1411,6 +1415,7 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
             "build": build_status(g.root), **embedding_info(g.info, len(g)), WRITTEN_BY: g.info.get(WRITTEN_BY),
+            "uploads": unused_uploads(g),  # photos an add cut off left: what `index sweep-uploads` would take
             **_checklist_info(g, species, prior),
             VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info),
                                "note": venom_advice_note(g, _venom_taxa(g, species, prior)) or ""}}

@@ -99,15 +99,17 @@ async def body_size_app(scope, receive, send) -> None:
 
 
 @contextmanager
-def serving(app, wait_s: float = 20.0, **config) -> Iterator[int]:
-    """``app`` in a real uvicorn on 127.0.0.1 (a thread), its port yielded; stopped on the way out."""
+def serving(app, wait_s: float = 20.0, make=None, **config) -> Iterator[int]:
+    """``app`` in a real uvicorn on 127.0.0.1 (a thread), its port yielded; stopped on the way out. ``make``: builds
+    the server from its ``uvicorn.Config`` (default ``uvicorn.Server``)."""
     import threading
     import time
 
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    server = (make or uvicorn.Server)(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                     **config))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + wait_s

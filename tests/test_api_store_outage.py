@@ -92,7 +92,8 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
     deadline = time.monotonic() + 60
     while client.get("/readyz").json()["status"] != "ready" and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert {k: v for k, v in client.get("/readyz").json().items() if k != "probe"} == {
+    # "uploads": counted on a thread of its own (tests/test_unused_uploads.py), here or not yet
+    assert {k: v for k, v in client.get("/readyz").json().items() if k not in ("probe", "uploads")} == {
         "status": "ready", "references": size, "encoder": service.gallery.encoder_spec,
         "build": {"state": "complete", "note": ""}, "venom_applies": True}
     assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text

@@ -64,9 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """speciesid serve: run the HTTP API on a gallery (exit status)."""
-    import uvicorn
-
     from api.app import create_app
+    from api.server import graceful_server
     from api.settings import Settings
     from index.gallery import read_gallery_info
 
@@ -85,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stderr.write(f"speciesid: serving {settings.index} on http://{host}:{port}/ (web page; API docs at /docs, "
                      "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning"))
+    # a stop lets requests finish for SPECIESID_SHUTDOWN_GRACE_S, then cuts them (never an add's commit), logged
+    server = graceful_server(app, settings, log_level="info" if args.verbose else "warning")
     quiet = _StartupFailure(app)  # uvicorn's traceback of a failed load: only under -vv, as other commands show one
     uvicorn_log = logging.getLogger("uvicorn.error")
     if args.verbose < 2:

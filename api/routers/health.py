@@ -78,7 +78,10 @@ def readyz(request: Request) -> JSONResponse:
     # a build interrupted: still ready, the partial gallery said so; no key needed here: no pid or host
     body["build"] = build_status(gallery.root, api=True)
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
-    body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower)
+    # references added or deleted since the probe was trained: counted once per gallery version (the identifier's)
+    body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower, since=ident.references_since(), api=True)
+    if (uploads := service.uploads_status()) is not None:  # photos an add cut off left: counted on a thread, hourly
+        body["uploads"] = uploads
     try:  # venom advice on or off: the page's wording (api/static/index.html); gallery.json read when it changed
         body["venom_applies"] = ident.venom_applies()
     except (RuntimeError, OSError) as exc:  # the species list unreadable now: left out (the page keeps the snake

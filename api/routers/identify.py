@@ -85,6 +85,7 @@ def identify(
         unknown=answer.identification.unknown,
         far=answer.identification.far,
         nearest_similarity=answer.identification.nearest,
+        near_copy=answer.identification.near_copy,
         venomous_score=answer.identification.venomous_score,
         venom_unknown_score=answer.identification.venom_unknown_score,
         country_applied=answer.identification.country_applied,

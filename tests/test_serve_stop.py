@@ -1,0 +1,125 @@
+"""``serve``'s stop (soak walk, stop 54): a stalled upload held a SIGTERM for SPECIESID_BODY_TIMEOUT_S (120 s) without
+a word in the log. Now the stop lets requests finish for SPECIESID_SHUTDOWN_GRACE_S, then cuts what is left (an
+upload still arriving), never an add that is committing, and logs when it begins, what is in flight and how it ended.
+
+A real uvicorn on a thread (``_api_support.serving``): its stop is the one a signal starts (``should_exit``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from _api_support import API_KEY, SPECIES, body_size_app, gallery_copy, photos, serving
+
+from api.server import GracefulServer, graceful_server
+from api.settings import Settings
+
+
+def _stalled_upload(port: int) -> socket.socket:
+    """An identify request that announces 200,000 bytes, sends half and stops."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+              b"Content-Length: 200000\r\n\r\n" + b"x" * 100_000)
+    return s
+
+
+def _until(what, deadline_s: float = 120.0) -> None:
+    """Wait until ``what()`` holds (a generous deadline: not a timing assertion)."""
+    end = time.monotonic() + deadline_s
+    while not what():
+        assert time.monotonic() < end, "never happened"
+        time.sleep(0.05)
+
+
+def test_a_stalled_upload_is_cut_at_the_grace_limit_and_the_stop_is_logged(caplog):
+    servers: list[GracefulServer] = []
+
+    def make(config):
+        servers.append(GracefulServer(config))
+        return servers[-1]
+
+    assert graceful_server(body_size_app, Settings()).config.timeout_graceful_shutdown == 25.0  # the default
+    with caplog.at_level(logging.WARNING, logger="api.server"):
+        with serving(body_size_app, make=make, timeout_graceful_shutdown=0.5) as port:
+            client = _stalled_upload(port)
+            _until(lambda: servers[0].in_flight.describe() != "no request in flight")
+            servers[0].should_exit = True  # what SIGTERM does; the block's end waits for the stop (20 s at most)
+        answer = client.recv(65536).decode()
+        client.close()
+    assert answer.startswith("HTTP/1.1 503") and "body was still arriving" in answer  # said, not a dropped line
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.server"]
+    assert lines[0].startswith("stopping: no new connections; 1 request in flight: 1 upload still arriving, given "
+                               "up to 0.5 s (SPECIESID_SHUTDOWN_GRACE_S) to finish"), lines
+    # the stop ended, the stalled upload cut (with no grace it waits for the body as long as the client holds it)
+    assert lines[-1].startswith("stopped after ") and lines[-1].endswith(
+        "s: at the grace limit: 1 upload still arriving cut"), lines
+
+
+def test_an_idle_stop_says_it_and_that_every_request_finished(caplog):
+    with caplog.at_level(logging.WARNING, logger="api.server"):
+        with serving(body_size_app, make=GracefulServer, timeout_graceful_shutdown=5) as port:
+            assert httpx.post(f"http://127.0.0.1:{port}/v1/identify", content=b"abc").json() == {"size": 3}
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.server"]
+    assert "stopping: no new connections; no request in flight, given up to 5 s" in lines[0]
+    assert lines[-1].endswith("s: every request in flight finished")
+
+
+def test_an_add_committing_when_the_grace_ends_is_finished_not_cut_and_no_write_starts_after(
+        tmp_path_factory, monkeypatch, caplog):
+    from api import service as service_module
+    from api.app import create_app
+    from api.service import STOPPING, ServiceError
+    from index.gallery import Gallery
+
+    index = gallery_copy(tmp_path_factory, "stop_mid_add")
+    before = len(Gallery.open(index))
+    real = service_module.workflows.add_photos
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_add(*args, **kwargs):  # the add's store steps, held until the stop waits for them
+        inside.set()
+        release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module.workflows, "add_photos", slow_add)
+    settings = Settings(index=str(index), precision="fp32", api_keys=API_KEY, shutdown_grace_s=0.2)
+    app = create_app(settings)
+    servers: list[GracefulServer] = []
+
+    def make(config):
+        servers.append(GracefulServer(config))
+        return servers[-1]
+
+    added: dict[str, object] = {}
+    new = photos("train", SPECIES[0])[10:12]
+
+    def add(port: int) -> None:
+        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in new]
+        try:
+            added["response"] = httpx.post(f"http://127.0.0.1:{port}/v1/species/Naja_philippinensis/references",
+                                           files=files, headers={"X-API-Key": API_KEY}, timeout=300)
+        except httpx.HTTPError as exc:  # the answer is not sent: its work was not cut
+            added["error"] = exc
+
+    with caplog.at_level(logging.WARNING):
+        with serving(app, wait_s=300, make=make, timeout_graceful_shutdown=settings.shutdown_grace_s) as port:
+            _until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
+            service = app.state.service
+            thread = threading.Thread(target=add, args=(port,))
+            thread.start()
+            assert inside.wait(120)  # its body received, its photos embedded, in its write
+            servers[0].should_exit = True
+            # past the grace, the app's shutdown waits for the write, which then commits
+            _until(lambda: "waiting for this server's write in progress" in caplog.text)
+            release.set()
+        thread.join(60)
+    assert len(Gallery.open(index)) == before + 2  # committed whole, while the server stopped
+    with pytest.raises(ServiceError, match="the server is stopping: nothing of this request was written") as exc:
+        with service._writing():  # noqa: SLF001 - what a write that reached its turn after the stop meets
+            pass
+    assert exc.value.status == 503 and str(exc.value) == STOPPING
