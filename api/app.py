@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import re
 import time
@@ -28,8 +28,8 @@ from starlette.types import Scope
 
 from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
-from api.routers._edge import UNPARSED, photo_field_error, store_answer
-from api.service import EMPTY_GALLERY, SpeciesService
+from api.routers._edge import UNPARSED, FieldError, photo_field_error, store_answer
+from api.service import EMPTY_GALLERY, SpeciesService, etag_of
 from api.settings import Settings
 from index.errors import exception_chain
 from index.formats import speciesid_version
@@ -251,7 +251,9 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
             detail = _form_refusal(settings, request, exc)
         if exc.status_code == 404 and detail == "Not Found" and (bare := _without_slash(app, request.scope)):
             detail = f"no route {request.url.path}: send the request to {bare} (without the trailing slash)"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        field = {"field": exc.field} if isinstance(exc, FieldError) else {}  # the parameter it is about
+        return JSONResponse({"detail": detail, **field}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -305,11 +307,17 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
 PAGE_CACHE = "no-cache"
 
 
-def page_response(request: Request) -> Response:
-    """The web page (``api/static/index.html``) with its ETag (the first 32 hex digits of its sha256, as a
-    thumbnail's), or a 304 when ``If-None-Match`` names that ETag."""
+@functools.cache
+def page_file() -> tuple[bytes, str]:
+    """The web page's bytes (``api/static/index.html``) and its ETag (:func:`api.service.etag_of`, as a thumbnail's),
+    read once per process: the file is part of the package, changed only by an upgrade, which restarts the server."""
     body = (STATIC / "index.html").read_bytes()
-    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    return body, etag_of(body)
+
+
+def page_response(request: Request) -> Response:
+    """The web page with its ETag (:func:`page_file`), or a 304 when ``If-None-Match`` names that ETag."""
+    body, etag = page_file()
     headers = {**PAGE_HEADERS, "Cache-Control": PAGE_CACHE, "ETag": etag}
     if references.etag_matches(request.headers.get("if-none-match"), etag):  # as a thumbnail's
         return Response(status_code=304, headers=headers)

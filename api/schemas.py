@@ -47,19 +47,23 @@ class VenomAdviceOut(BaseModel):
 
 
 class IdentifyOut(BaseModel):
-    """The answer for one observation (1-5 photos of one animal)."""
+    """The answer for one observation (1-5 photos of one animal). Its fields are declared, and so serialised, verdict
+    first: ``venom_advice``, then ``unknown`` and ``far``, the candidates (``results``) last, so a person reading the
+    raw JSON (the web page's form with its script off) sees what to do about a bite before any name or score."""
 
-    results: list[ResultOut]
+    venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
+                                                "venomous) whenever the answer is unknown or far; null only for the "
+                                                "answers of a gallery whose venom advice is off (venom_applies "
+                                                "false)")
     unknown: bool = Field(description="true when no candidate is supported strongly enough, or the photo is unlike "
                           "every reference (far)")
     far: bool = Field(False, description="the photo is unlike every reference photo (its nearest one is less similar "
                       "than 99.9% of references are to theirs): nothing like the gallery's photos, or too small / "
                       "blank")
-    nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
-    near_copy: int | None = Field(None, description="the reference (id) this photo is a near-copy of (cosine >= "
-                                  "0.95, the 'clean' leak rule, all such references of one species) when that kept "
-                                  "the answer from being unknown: a score under the unknown threshold (a probe older "
-                                  "than the reference); the scores and venom advice are unchanged; notes say so")
+    venom_applies: bool = Field(True, description="answers give venom advice: true unless the gallery records it off "
+                                "('speciesid index venom-advice off', 'index build --no-venom-advice': birds, "
+                                "plants) and no species of it is recorded venomous (docs/identification.md, 'Venom "
+                                "advice'); false: nothing about venom belongs beside the answer")
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
                                          "(null when far: the photo says nothing, treat a bite as venomous; or when no "
                                          "candidate's venom status is recorded)")
@@ -71,16 +75,11 @@ class IdentifyOut(BaseModel):
     country_applied: bool | None = Field(None, description="null without a country; false when it changed nothing: "
                                          "every candidate recorded there, or none, or none in the country table "
                                          "(snakes only) or the gallery's photo countries; notes then say which")
-    venom_advice: VenomAdviceOut | None = Field(None, description="what to do about a bite: safe (treat as "
-                                                "venomous) whenever the answer is unknown or far; null only for the "
-                                                "answers of a gallery whose venom advice is off (venom_applies "
-                                                "false)")
-    venom_applies: bool = Field(True, description="answers give venom advice: true unless the gallery records it off "
-                                "('speciesid index venom-advice off', 'index build --no-venom-advice': birds, "
-                                "plants) and no species of it is recorded venomous (docs/identification.md, 'Venom "
-                                "advice'); false: nothing about venom belongs beside the answer")
-    encoder: str = Field(description="the encoder that built the gallery")
-    images: int = Field(description="photos sent (those in set_aside included)")
+    nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
+    near_copy: int | None = Field(None, description="the reference (id) this photo is a near-copy of (cosine >= "
+                                  "0.95, the 'clean' leak rule, all such references of one species) when that kept "
+                                  "the answer from being unknown: a score under the unknown threshold (a probe older "
+                                  "than the reference); the scores and venom advice are unchanged; notes say so")
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "
                                  "sent) set aside as unlike every reference while another photo was not: the answer "
                                  "is the others'; empty when every photo counted (or every one was far: then far)")
@@ -95,6 +94,9 @@ class IdentifyOut(BaseModel):
                              "meaningful, that the photo is a near-copy of a reference (naming it and its species), "
                              "and that an animated photo (GIF, WebP, APNG) was read from its first frame only "
                              "(naming the photo)")
+    images: int = Field(description="photos sent (those in set_aside included)")
+    encoder: str = Field(description="the encoder that built the gallery")
+    results: list[ResultOut]
 
 
 #: Search's ``k``: neighbours to return (query string, form field or JSON body), and its default.
@@ -172,3 +174,5 @@ class ErrorOut(BaseModel):
 
     detail: str | list[dict[str, Any]] = Field(
         description="what is wrong and what to do; a list of field errors when a request parameter is invalid")
+    field: str | None = Field(None, description="the request parameter the error is about, where the server names "
+                              "one (identify's unknown country: 'country'); absent otherwise")

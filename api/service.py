@@ -116,17 +116,23 @@ def refused_words(exc: SourceRefused) -> str:
     return "not a regular file (a device or a pipe)"
 
 
+def etag_of(data: bytes) -> str:
+    """The ETag the API gives ``data`` (a thumbnail, the web page): the first 32 hex digits of its sha256, quoted as
+    an ``ETag`` header holds it."""
+    return f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+
+
 @dataclass(frozen=True)
 class Thumbnail:
     """A reference photo's JPEG thumbnail and its ETag, made together (:meth:`SpeciesService.thumbnail`)."""
 
     data: bytes
-    etag: str  # the first 32 hex digits of the sha256 of ``data``, quoted, as an ETag header holds it
+    etag: str  # etag_of(data)
 
     @classmethod
     def of(cls, data: bytes) -> Thumbnail:
         """The thumbnail ``data`` with its tag."""
-        return cls(data, f'"{hashlib.sha256(data).hexdigest()[:32]}"')
+        return cls(data, etag_of(data))
 
 
 @dataclass

@@ -9,6 +9,12 @@ each copy through the API (in process) and prints how many keep the original's t
 level, and the largest change of any candidate's score. ``resave`` is the noise floor: the original re-saved by
 Pillow as a JPEG (q90) at its own size, nothing made smaller.
 
+What it can and cannot show: ph-snakes holds 224 px photos only (its README), and no full-size originals are at
+hand, so each "original" is a 224 px photo upscaled, with no detail above 224 px. The copy then loses nothing the
+encoder could have seen: this measures what the page's resampling and JPEG re-encoding do to answers, not what a
+copy of a real phone photo loses of its finer detail (above 224 px, below ``MAX_SIDE``). Run it on full-size photos
+before claiming more.
+
 Needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver) and selenium.
 Prints where it ran (CPU model, kind, features, versions: benchmarks/_hardware.py) and the command first.
 
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     n = len(val)
     print(f"{n} ph-snakes val photos upscaled to {args.side} px (JPEG q92, mean {original_bytes / n / 1024:.0f} KB); "
           f"gallery: {args.per_species} train photos per species")
+    print("(224 px photos upscaled: no detail above 224 px, so this does not measure what a copy of a full-size "
+          "phone photo loses)")
     for mode, s in stats.items():
         print(f"{mode:<10} mean {s['bytes'] / n / 1024:5.0f} KB: same top-1 {s['top']}/{n}, same venom advice level "
               f"{s['level']}/{n}, largest score change {s['score']:.3f}")

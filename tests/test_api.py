@@ -154,8 +154,53 @@ def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(
     assert '<div id="status" role="status"></div>' in html and '<h2 id="result-heading" tabindex="-1" hidden>' in html
     assert '<div class="warn" id="venom-warning" role="alert">' in html and "<main>" in html
     assert "<noscript>" in html and "This page needs JavaScript" in html
-    # with no script, the form posts the photos to the API (its JSON answer), not a GET reloading the page
-    assert '<form id="identify-form" method="post" action="/v1/identify" enctype="multipart/form-data">' in html
+    # with no script, the form posts the photos to the API (its JSON answer, without neighbours: a short one), not a
+    # GET reloading the page
+    assert ('<form id="identify-form" method="post" action="/v1/identify?neighbours=false" '
+            'enctype="multipart/form-data">') in html
+
+
+def test_the_page_is_read_and_hashed_once_and_tagged_as_a_thumbnail_is(tmp_path, monkeypatch):
+    """s54 re-read #8: the page was read and hashed at every GET, and the ETag's formula was written twice (the page,
+    the thumbnails): read once per process, one helper (api.service.etag_of)."""
+    from hashlib import sha256
+
+    from fastapi.testclient import TestClient
+
+    import api.app
+    from api.app import create_app
+    from api.service import Thumbnail, etag_of
+    from api.settings import Settings
+
+    reads = []
+    real = Path.read_bytes
+
+    def counted(self):
+        if self.name == "index.html":
+            reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    c = TestClient(create_app(Settings(index=str(tmp_path))))
+    pages = [c.get("/") for _ in range(3)]
+    assert len(reads) <= 1 and {p.status_code for p in pages} == {200}, reads  # 0: read by an earlier test
+    body = (api.app.STATIC / "index.html").read_bytes()
+    assert pages[0].content == body and pages[0].headers["etag"] == etag_of(body)
+    assert Thumbnail.of(b"jpeg bytes").etag == etag_of(b"jpeg bytes") == f'"{sha256(b"jpeg bytes").hexdigest()[:32]}"'
+
+
+def test_the_pages_form_without_script_shows_the_venom_advice_first(client):
+    """s54 re-read #1 (unsafe): with the script off the form posts to /v1/identify and the browser shows its raw
+    JSON, where the venom advice came after every candidate and its neighbours (8,316 characters in). Now the answer's
+    fields are declared verdict first (every JSON reader sees the advice first) and the form asks for no neighbours."""
+    html = client.get("/").text
+    action = re.search(r'<form id="identify-form" method="post" action="([^"]+)"', html).group(1)
+    resp = client.post(action, files=_files([COBRA]))  # as the browser posts it: multipart 'images', the action's URL
+    assert resp.status_code == 200, resp.text
+    assert resp.text.startswith('{"venom_advice":{"level":"possibly_venomous","treat_as_venomous":true,'), resp.text
+    assert list(resp.json())[:3] == ["venom_advice", "unknown", "far"] and list(resp.json())[-1] == "results"
+    assert all(r["neighbours"] == [] for r in resp.json()["results"])
+    assert resp.text.index("Possibly MEDICALLY IMPORTANT VENOMOUS") < 200, resp.text
 
 
 def test_not_ready_until_the_model_is_loaded(tmp_path):
@@ -405,9 +450,10 @@ def test_identify_parameters(client):
     assert all(r["neighbours"] == [] for r in bare["results"])
     assert _top(client.post("/v1/identify", files=files, params={"country": "PH"})) == "Naja philippinensis"
     assert _top(client.post("/v1/identify", files=files, params={"country": "Philippines"})) == "Naja philippinensis"
-    assert "unknown country 'Atlantis'" in _is_error(
-        client.post("/v1/identify", files=files, params={"country": "Atlantis"}), 400
-    )
+    refused = client.post("/v1/identify", files=files, params={"country": "Atlantis"})
+    assert "unknown country 'Atlantis'" in _is_error(refused, 400)
+    assert refused.json()["field"] == "country"  # the page marks the country field, not the photos (s54 re-read #2)
+    assert "field" not in client.post("/v1/identify", files=_one("x.jpg", b"not a photo")).json()  # none named
     for bad in ({"k": 0}, {"k": 51}, {"k": "many"}, {"rank": "order"}, {"country": "x" * 65}):
         resp = client.post("/v1/identify", files=files, params=bad)
         assert resp.status_code == 422, (bad, resp.text)

@@ -216,20 +216,41 @@ def test_a_big_photo_is_sent_as_a_smaller_upright_copy(browser, tmp_path):
     Image.effect_noise((2400, 1200), 40).convert("RGB").save(big, quality=95, exif=exif)
     Image.new("RGB", (640, 480), (90, 120, 60)).save(small)
     text.write_text("not a photo at all")
+    # s54 re-read #3: a transparent PNG's copy had a black background where the server reads transparency as white
+    clear = tmp_path / "clear.png"
+    rgba = Image.effect_noise((2400, 1200), 40).convert("RGBA")
+    rgba.paste((0, 0, 0, 0), (0, 0, 400, 400))  # a transparent corner
+    rgba.save(clear)
+    # s54 re-read #10: an animated photo's copy was its first frame alone, losing the server's note that says so
+    frames = [Image.effect_noise((2400, 1200), 40 + 10 * i).convert("RGB") for i in range(2)]
+    moving = [tmp_path / f"moving.{ext}" for ext in ("gif", "webp", "png")]
+    for path in moving:
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    sent = (big, small, text, clear, *moving)
     browser.get(PAGE.as_uri())
-    browser.find_element("id", "photos").send_keys("\n".join(map(str, (big, small, text))))
+    browser.find_element("id", "photos").send_keys("\n".join(map(str, sent)))
     copies = browser.execute_async_script("""
         const done = arguments[arguments.length - 1];
         Promise.all([...document.getElementById("photos").files].map(async (f) => {
           const c = await smallerCopy(f);
-          let size = null;
-          try { const b = await createImageBitmap(c); size = [b.width, b.height]; } catch {}
-          return {name: c.name, copied: c !== f, type: c.type, bytes: c.size, size};
+          let size = null, corner = null;
+          try {
+            const b = await createImageBitmap(c);
+            size = [b.width, b.height];
+            const ctx = Object.assign(document.createElement("canvas"), {width: 4, height: 4}).getContext("2d");
+            ctx.drawImage(b, 0, 0);
+            corner = [...ctx.getImageData(1, 1, 1, 1).data];
+          } catch {}
+          return {name: c.name, copied: c !== f, type: c.type, bytes: c.size, size, corner};
         })).then(done);""")
     assert browser.execute_script("return MAX_SIDE") == 1600
     assert copies[0]["copied"] and copies[0]["size"] == [800, 1600] and copies[0]["type"] == "image/jpeg", copies
     assert copies[0]["name"] == "big.jpg" and copies[0]["bytes"] < big.stat().st_size
-    assert [c["copied"] for c in copies[1:]] == [False, False], copies
+    assert [c["copied"] for c in copies[1:3]] == [False, False], copies
+    made = copies[3]
+    assert made["copied"] and made["size"] == [1600, 800] and made["type"] == "image/jpeg", made
+    assert all(v >= 250 for v in made["corner"]), made  # white, as the server reads it, not black
+    assert [(c["name"], c["copied"]) for c in copies[4:]] == [(p.name, False) for p in moving], copies[4:]
 
 
 def test_an_upload_on_a_slow_link_shows_its_progress_and_can_be_cancelled(site, browser, tmp_path):
@@ -263,6 +284,126 @@ def test_an_upload_on_a_slow_link_shows_its_progress_and_can_be_cancelled(site, 
         browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
                                                                      "downloadThroughput": -1, "uploadThroughput": -1})
         browser.execute_cdp_cmd("Network.disable", {})
+
+
+def test_cancel_while_the_copies_are_made_stops_at_once(browser, tmp_path):
+    """s54 re-read #5: Cancel pressed while the photos' copies were made took effect only once all were made. The
+    page's copy (smallerCopy) is stubbed to wait on the first photo until the test lets it go, and to count its
+    calls; no request may be sent."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chosen = [tmp_path / f"p{i}.jpg" for i in range(3)]
+    for path in chosen:
+        Image.new("RGB", (64, 48), (90, 120, 60)).save(path)
+    browser.get(PAGE.as_uri())
+    browser.execute_script("""
+        window.copies = 0; window.posted = 0;
+        smallerCopy = (f) => { window.copies++;
+          return window.copies > 1 ? Promise.resolve(f) : new Promise((go) => { window.release = () => go(f); }); };
+        post = async () => { window.posted++; return new Response("{}", {status: 500}); };""")
+    browser.find_element(By.ID, "photos").send_keys("\n".join(map(str, chosen)))
+    browser.find_element(By.ID, "identify-button").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.execute_script("return window.copies") == 1)
+    assert browser.find_element(By.ID, "status").text == "Preparing the photos…"
+    browser.find_element(By.ID, "cancel-button").click()
+    browser.execute_script("window.release()")
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "identify-button").is_enabled())
+    assert browser.find_element(By.ID, "status").text == "Cancelled: nothing was identified."
+    assert browser.execute_script("return [window.copies, window.posted]") == [1, 0]  # no copy made after Cancel
+
+
+def _refused(driver, status: int, body: dict, country: str = "") -> None:
+    """Identify on the page opened from its file, the API's answer stubbed as ``status`` with the JSON ``body``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(PAGE.as_uri())
+    driver.execute_script("post = async () => new Response(JSON.stringify(arguments[0]), {status: arguments[1]});",
+                          body, status)
+    driver.find_element(By.ID, "photos").send_keys(str(COBRA))
+    if country:
+        driver.find_element(By.ID, "country").send_keys(country)
+    driver.find_element(By.ID, "identify-button").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "status").text.startswith("Error: "))
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "identify-button").is_enabled())
+
+
+def test_an_unknown_country_marks_the_country_field_not_the_photos(site, browser):
+    """s54 re-read #2: the API's 400 for an unknown country marked the photo field and moved the focus there. The
+    API names the field (``"field": "country"``): the country field is marked and focused, the photos are not."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(site + "/")
+    browser.find_element(By.ID, "photos").send_keys(str(COBRA))
+    browser.find_element(By.ID, "country").send_keys("Atlantis")
+    browser.find_element(By.ID, "identify-button").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "identify-button").is_enabled()
+                                         and d.find_element(By.ID, "status").text.startswith("Error: "))
+    assert browser.find_element(By.ID, "status").text.startswith("Error: unknown country 'Atlantis': ")
+    country, photos_field = browser.find_element(By.ID, "country"), browser.find_element(By.ID, "photos")
+    assert country.get_attribute("aria-invalid") == "true"
+    assert country.get_attribute("aria-describedby") == "identify-error"
+    assert photos_field.get_attribute("aria-invalid") is None and browser.switch_to.active_element == country
+    country.send_keys("x")  # typing in it again clears the mark
+    assert country.get_attribute("aria-invalid") is None
+
+
+def test_a_body_too_slow_for_the_server_is_said_to_be_the_links_not_the_photos(browser):
+    """s54 re-read #2: a 408 (the body not received within the server's time limit) marked the photos as wrong. It
+    says the connection was too slow, suggests a smaller photo, marks no field and leaves the focus on Identify."""
+    from selenium.webdriver.common.by import By
+
+    _refused(browser, 408, {"detail": "the request body was not received within 120 s (SPECIESID_BODY_TIMEOUT_S): "
+                                      "send fewer or smaller photos, or from a faster connection; the connection is "
+                                      "closed"})
+    status = browser.find_element(By.ID, "status").text
+    assert status.startswith("Error: the request body was not received within 120 s"), status
+    assert "the connection was too slow to send these photos in time: send one photo, or a smaller one" in status
+    assert browser.find_element(By.ID, "photos").get_attribute("aria-invalid") is None
+    assert browser.find_element(By.ID, "country").get_attribute("aria-invalid") is None
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "identify-button")
+    # a photo's refusal still marks the photos; a 422 naming the query's country marks the country
+    _refused(browser, 415, {"detail": "send multipart/form-data"})
+    assert browser.find_element(By.ID, "photos").get_attribute("aria-invalid") == "true"
+    _refused(browser, 422, {"detail": [{"loc": ["query", "country"], "msg": "String should have at most 64 "
+                                        "characters", "type": "string_too_long"}]}, country="x")
+    assert browser.find_element(By.ID, "country").get_attribute("aria-invalid") == "true"
+    assert browser.find_element(By.ID, "photos").get_attribute("aria-invalid") is None
+
+
+def test_an_unknown_answer_with_no_candidate_is_summed_up_without_an_error(browser):
+    """s54 re-read #9: summary() threw a TypeError on an unknown answer with no results (shown as "Error: TypeError"
+    under the answer), and rebuilt the names and the not-sure wording render() builds: one source for both."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(PAGE.as_uri())
+    answer = {"results": [], "unknown": True, "far": False, "venom_applies": True, "notes": [], "images": 1,
+              "encoder": "test", "venom_advice": {"treat_as_venomous": True, "text": "Cannot tell: treat as venomous"}}
+    said = browser.execute_script("render(arguments[0]); return summary(arguments[0]);", answer)
+    assert said == "Answer shown below. Not sure: no species is supported strongly enough.", said
+    assert "Not sure: no species is supported strongly enough. Best candidates:" in browser.find_element(
+        By.ID, "results").text
+    named = {**answer, "unknown": False, "venom_advice": None,
+             "results": [{"name": "Naja haje", "common_name": "Egyptian cobra", "score": 0.9, "neighbours": []}]}
+    assert browser.execute_script("return summary(arguments[0]);", named) == \
+        "Answer shown below. Best candidate: Egyptian cobra (Naja haje), 90.0%."
+    html = PAGE.read_text(encoding="utf-8")
+    assert html.count("Not sure: no species is supported strongly enough.") == 1  # one source: notSure()
+    assert html.count("(<i>${bdi(") == 0 and "best.common_name" not in html  # one source: nameOf()
+
+
+def test_without_script_the_page_says_what_needs_it_and_the_curate_form_posts_nowhere():
+    """s54 re-read #6, #7: with the script off, a typed country was silently dropped and a server needing a key was a
+    dead end, unsaid; and the curator's form POSTed to / (a 405). The noscript line says both; the curate form has no
+    method or action (a submit without the script reloads the page, sending nothing)."""
+    html = PAGE.read_text(encoding="utf-8")
+    said = " ".join(html[html.index("<noscript>"):html.index("</noscript>")].split())
+    assert "a country typed here is not applied" in said and "a server that needs an API key" in said, said
+    assert "use the command line or the API for those" in said
+    assert '<form id="curate-form">' in html
 
 
 def test_a_blank_photo_is_answered_as_unlike_every_reference(site, browser, tmp_path):

@@ -85,6 +85,15 @@ def errors(*codes: int) -> dict[int | str, dict]:
     return {code: ERRORS[code] for code in (*codes, 503)}
 
 
+class FieldError(HTTPException):
+    """An error about one request parameter, named in the answer's ``field`` beside its ``detail`` (the web page
+    marks that field, not the photos)."""
+
+    def __init__(self, status_code: int, detail: str, field: str) -> None:
+        super().__init__(status_code, detail)
+        self.field = field
+
+
 #: How each photo field is named in an answer saying how to send it.
 _PHOTO_FIELDS = {"images": "the photos as files", "image": "the photo as a file"}
 

@@ -11,7 +11,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import ReadKey, Service
-from api.routers._edge import UNPARSED, edge, errors, neighbour_out, photo_field_error, read_uploads
+from api.routers._edge import (
+    UNPARSED,
+    FieldError,
+    edge,
+    errors,
+    neighbour_out,
+    photo_field_error,
+    read_uploads,
+)
 from api.schemas import SEARCH_K_DEFAULT, IdentifyOut, ResultOut, SearchK, SearchOut, SearchVectorIn
 from api.service import SpeciesService
 from index.geography import resolve_country
@@ -70,8 +78,11 @@ def identify(
     neighbours: Annotated[bool, Query(description="include the evidence reference photos")] = True,
 ) -> IdentifyOut:
     """Identify the animal in 1-5 photos of one observation, combined into one answer."""
-    if country:
-        edge(lambda: resolve_country(country))  # a bad country is a 400 before any upload is decoded
+    if country:  # a bad country is a 400 before any upload is decoded, naming the field (the page marks it)
+        try:
+            resolve_country(country)
+        except ValueError as exc:
+            raise FieldError(400, str(exc), field="country") from exc
     edge(service.require_references)  # an empty gallery is a 409 before any upload is decoded
     uploads = read_uploads(service, images, at_most=service.settings.max_images)
     answer = edge(lambda: service.identify(uploads, top=k, rank=rank, country=country))
