@@ -397,7 +397,7 @@ def use_gem(model: torch.nn.Module, spec: str, p: float = 3.0) -> None:
 TIMM_WEIGHTS = ("*.safetensors", "*.pth", "*.pth.tar", "*.bin")
 #: How to make a timm folder, said when one is refused (README, "Encoders and weights").
 MAKE_TIMM_FOLDER = ("make one with timm.models.save_for_hf(model, DIR, safe_serialization=True), or download one: "
-                    "huggingface-cli download timm/NAME --local-dir DIR")
+                    "hf download timm/NAME --local-dir DIR")
 
 
 def check_timm_folder(path: Path) -> None:
@@ -598,7 +598,7 @@ def _offline_message(spec: str, unreachable: str | None, exc: BaseException, par
     why = f" ({unreachable}), and they are not in the local Hugging Face cache" if unreachable else ""
     if parsed is not None and parsed.source == "hf-hub":
         folder = parsed.name.rsplit("/", 1)[-1]
-        how = (f"download them once elsewhere (huggingface-cli download {parsed.name} --local-dir {folder}), copy "
+        how = (f"download them once elsewhere (hf download {parsed.name} --local-dir {folder}), copy "
                f"the folder here and give --encoder {parsed.library}:local-dir:{folder}")
     else:
         how = "download them once elsewhere and give --encoder open_clip:local-dir:DIR (or timm:local-dir:DIR)"

@@ -169,7 +169,7 @@ def test_an_unreachable_hub_says_how_to_work_offline(monkeypatch, tmp_path):
                                          "open_clip:local-dir:bioclip") as caught:
         create_encoder("bioclip", runtime="torch", device="cpu")
     # walk s51 #7: the README's download command itself, to run on a machine with network
-    assert "(huggingface-cli download imageomics/bioclip --local-dir bioclip), copy the folder here" in str(caught.value)
+    assert "(hf download imageomics/bioclip --local-dir bioclip), copy the folder here" in str(caught.value)
 
 
 def _closed_port() -> int:
@@ -207,7 +207,7 @@ def test_an_unreachable_hub_fails_at_once_with_the_cause_whole(monkeypatch, tmp_
     assert attempts == [("127.0.0.1", port)], attempts
     assert message.startswith("cannot download the weights of timm:hf-hub:speciesid-tests/not-cached from the "
                               f"Hugging Face hub (no connection to 127.0.0.1:{port}: ")
-    assert "huggingface-cli download speciesid-tests/not-cached --local-dir not-cached" in message
+    assert "hf download speciesid-tests/not-cached --local-dir not-cached" in message
     assert "timm:local-dir:not-cached" in message and "HF_HUB_OFFLINE=1 skips even the hub's connection check" in message
     cause = str(caught.value.__cause__).strip().splitlines()[0]
     assert message.endswith(f"The library said: {cause}")  # whole, not cut mid-sentence
