@@ -984,6 +984,9 @@ class Gallery:
     ) -> list[int]:
         """Store new references and make them searchable at once; returns the ids of the rows stored.
 
+        ``embeddings`` are stored as given: unit-length rows (the search is an inner product; retrieval's adds scale
+        them, :func:`retrieval.pipeline.given_embeddings`).
+
         Photos whose bytes are already stored (by any process) or repeat an earlier photo of the call are
         not stored again: see :meth:`add_unique` for which ones.
         """
@@ -1423,9 +1426,11 @@ class Gallery:
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(D, I)`` of the ``k`` nearest references of each query embedding: inner products float32 (Q, k) best
-        first, ids int64 (Q, k), -1 padded. The references are stored unit length, so ``D`` is the cosine only for
-        unit-length queries: the queries are not scaled here (a query 10 times as long gets ``D`` 10 times as large;
-        :func:`retrieval.metric.unit_queries` scales them). No metadata: :meth:`neighbours` dresses the ids kept."""
+        first, ids int64 (Q, k), -1 padded. The references are unit length (the encoder's rows; rows a caller gives
+        retrieval are scaled: :func:`retrieval.pipeline.given_embeddings`; :meth:`add` stores its rows as given), so
+        ``D`` is the cosine only for unit-length queries: the queries are not scaled here (a query 10 times as long
+        gets ``D`` 10 times as large; :func:`retrieval.metric.unit_queries` scales them). No metadata:
+        :meth:`neighbours` dresses the ids kept."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings are {queries.shape[1]}-d but this gallery holds {self.dim}-d")

@@ -41,6 +41,7 @@ from retrieval.images import (
     photo_size,
     sha256_bytes,
 )
+from retrieval.metric import refuse_rows, unit_rows
 
 logger = logging.getLogger(__name__)
 #: A photo's bytes from its path (a file, a ``SHARD#MEMBER``; a gallery's ``read_photo`` also its store's objects).
@@ -343,12 +344,19 @@ def iter_embeddings(
 
 
 def given_embeddings(embeddings: np.ndarray, n: int, dim: int) -> np.ndarray:
-    """Embeddings a caller gives for ``n`` photos of a gallery ``dim`` wide, as float32 (ValueError when their
-    shape is not ``(n, dim)``; a non-finite row is the pipeline's to skip, as the encoder's would be)."""
+    """Embeddings a caller gives for ``n`` photos of a gallery ``dim`` wide, as the gallery stores them: float32,
+    each row scaled to unit length (:func:`retrieval.metric.unit_rows`: the search is an inner product, so a longer
+    row would win every answer near it). ValueError when their shape is not ``(n, dim)``, or for a row that is all
+    zeros, naming it (:func:`retrieval.metric.refuse_rows`); a non-finite row is kept as given, the pipeline's to
+    skip, as the encoder's would be."""
     out = np.asarray(embeddings, dtype=np.float32)
     if out.shape != (n, dim):
         raise ValueError(f"{n} photos of a gallery {dim} wide need embeddings of shape ({n}, {dim}), not "
                          f"{out.shape}")
+    finite = np.isfinite(out).all(axis=1)
+    refuse_rows(finite & ~out.any(axis=1), out)
+    out = out.copy()  # the caller's array is not changed
+    out[finite] = unit_rows(out[finite])
     return out
 
 
@@ -600,7 +608,8 @@ def add_references(
 
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
     (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
-    size only, not decoded, and the rows stored as the encoder's would be (a non-finite row is skipped).
+    size only, not decoded, and the rows stored as the encoder's would be: scaled to unit length (a row of zeros
+    refused, a non-finite row skipped: :func:`given_embeddings`).
 
     ``read``: a record path's bytes (default the gallery's :meth:`~index.gallery.Gallery.read_photo`; the API serves
     the uploads it holds in memory). A photo that the gallery's own store could not serve (a StoreObjectError:

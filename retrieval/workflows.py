@@ -925,7 +925,9 @@ def add_photos(
     the call, are stored once.
 
     ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
-    its uploads before it takes the write lock); the photos are then not embedded again. ``api``: the notes worded
+    its uploads before it takes the write lock); the photos are then not embedded again. Each row is stored scaled to
+    unit length, as the encoder's are (a row of zeros refused, naming it; a non-finite row skipped: its photo not
+    stored: :func:`retrieval.pipeline.given_embeddings`). ``api``: the notes worded
     for an HTTP client (:func:`retrieval.probe_flows.probe_cannot_name`).
 
     Rows are committed :data:`ADD_CHUNK` photos at a time, or, with ``embeddings``, all in one commit (all there or

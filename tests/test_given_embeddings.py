@@ -1,0 +1,71 @@
+"""Reference embeddings a caller gives ``add_photos`` (the API's, a notebook's) are stored as the encoder's would
+be: unit length, so a species added with long vectors does not win every inner-product search; a row of zeros is
+refused, naming it. Synthetic encoder and vectors: fast, no shared assets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _cli_support import DIM, ENC, FakeEncoder
+from PIL import Image
+
+from index.gallery import Gallery
+from retrieval import workflows as wf
+from retrieval.identify import Identifier
+
+
+class _Encoder(FakeEncoder):
+    """Enough of an encoder for photos whose embeddings are given (their bytes are read, not embedded)."""
+
+    batch_size = 8
+    input_size = 224
+    device = "cpu"
+    runtime = "torch"
+    precision = "fp32"
+
+    def preprocess_views(self, image: Image.Image) -> np.ndarray:
+        return np.zeros((3, 8, 8), np.float32)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """(gallery, encoder, 4 photo files, two unit vectors a and b)."""
+    g = Gallery.create(tmp_path / "g", ENC)
+    rng = np.random.default_rng(1)
+    files = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(p)
+        files.append(p)
+    a, b = rng.standard_normal((2, DIM))
+    return g, _Encoder(), files, a / np.linalg.norm(a), b / np.linalg.norm(b)
+
+
+def test_a_species_added_with_long_vectors_does_not_win_a_query_near_another(setup):
+    """Before, the toad's 100x rows were stored as given: the inner product 21.8 beat the cobra's cosine 0.96."""
+    g, enc, files, a, b = setup
+    wf.add_photos(g, enc, "Naja naja", files[:2], venomous=True, embeddings=np.stack([a, a + 0.01]))
+    given = 100 * np.stack([b, b + 0.01])
+    wf.add_photos(g, enc, "Bufo bufo", files[2:], venomous=False, embeddings=given)
+    assert np.abs(given[0]).max() > 10  # the caller's array is not changed
+    ids = [int(i) for i in g.store.metadata()["id"]]
+    np.testing.assert_allclose(np.linalg.norm(g.reference_vectors(ids), axis=1), 1.0, atol=1e-5)
+    ident = Identifier(enc, g)
+    q = a + 0.3 * b
+    q /= np.linalg.norm(q)  # cosine 0.96 to the cobra's references, 0.21 to the toad's
+    answer = wf.identify(ident, embeddings=q[None], method="knn")[0]
+    assert answer.results[0].name == "Naja naja"
+    assert answer.identification.nearest == pytest.approx(float(q @ a), abs=0.01)  # a cosine, not 21.8
+    assert [n.species for n in wf.search(ident, embedding=q.tolist(), k=4)][:2] == ["Naja naja"] * 2
+
+
+def test_a_given_row_of_zeros_is_refused_naming_it_before_anything_is_stored(setup, tmp_path):
+    g, enc, files, a, _ = setup
+    with pytest.raises(ValueError, match="embedding row 1 is all zeros: an embedding must be finite and not all "
+                                         "zeros; drop that row, or embed its photo again"):
+        wf.add_photos(g, enc, "Naja naja", files[:2], venomous=True, embeddings=np.stack([a, np.zeros(DIM)]))
+    assert len(g) == 0
+    uploads = [(f.name, f.read_bytes()) for f in files[:2]]
+    with pytest.raises(ValueError, match="embedding row 0 is all zeros"):
+        wf.add_photos(g, enc, "Naja naja", uploads, venomous=True, embeddings=np.stack([np.zeros(DIM), a]))
+    assert len(g) == 0 and not any((tmp_path / "g" / "uploads").glob("*"))
