@@ -47,15 +47,21 @@ def unit_queries(embeddings: np.ndarray | Sequence[float] | Sequence[Sequence[fl
     ``(n, dim)`` float32, each row scaled to unit length, so a vector and 100 times it get the same answer. One row
     may be given as a 1-D vector. ValueError for another width, or a row that is all zeros or not finite (NaN,
     inf), naming that row: it has no direction to compare."""
+    v = query_rows(embeddings, dim)
+    refuse_rows(~np.isfinite(v).all(axis=1) | ~v.any(axis=1), v, one=np.ndim(embeddings) == 1)
+    return unit_rows(v)
+
+
+def query_rows(embeddings: np.ndarray | Sequence[float] | Sequence[Sequence[float]], dim: int) -> np.ndarray:
+    """``embeddings`` as ``(n, dim)`` float64 rows, not scaled (one row may be given as a 1-D vector); ValueError
+    for another width. :func:`unit_queries` checks and scales the rows."""
     v = np.asarray(embeddings, dtype=np.float64)
-    one = v.ndim == 1
-    if one:
+    if v.ndim == 1:
         v = v[None]
     if v.ndim != 2 or v.shape[1] != dim:
         raise ValueError(f"embeddings must be {dim} numbers per row (shape (n, {dim}) or ({dim},)), the gallery "
                          f"encoder's width; got shape {list(np.shape(embeddings))}")
-    refuse_rows(~np.isfinite(v).all(axis=1) | ~v.any(axis=1), v, one=one)
-    return unit_rows(v)
+    return v
 
 
 def refuse_rows(bad: np.ndarray, v: np.ndarray, *, one: bool = False) -> None:

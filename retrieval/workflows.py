@@ -113,7 +113,7 @@ from retrieval.galleries import (
 )
 from retrieval.identify import Identification, Identifier, Method, RankedResult, parse_method, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
-from retrieval.metric import unit_queries
+from retrieval.metric import query_rows, unit_queries
 from retrieval.pipeline import (
     BuildReport,
     Reader,
@@ -404,9 +404,10 @@ def identify(
     ``photos`` is a list (any iterable, read once) of paths or bytes, even for one photo: one path or bytes alone
     is refused (ValueError), as are PIL images and arrays (TypeError saying what to pass;
     :meth:`Identifier.identify_images` takes PIL images). ``embeddings``: one row per photo (a 1-D vector: one
-    photo), each scaled to unit length here, so a vector's size changes no answer; a row all zeros or not finite is
-    refused (ValueError naming it). ``names``: one per photo or row (default: the paths, ``image #i``,
-    ``embedding #i``). ``top``: at least 1. ``method``: knn, probe or blend; ``rank``: species, genus or family.
+    photo), each scaled to unit length (once: :meth:`Identifier.identify_embeddings`), so a vector's size changes no
+    answer; a row all zeros or not finite is refused (ValueError naming it). ``names``: one per photo or row
+    (default: the paths, ``image #i``, ``embedding #i``). ``top``: at least 1. ``method``: knn, probe or blend;
+    ``rank``: species, genus or family.
     """
     ident = identifier_arg(ident, "identify")
     if (photos is None) == (embeddings is None):
@@ -428,7 +429,7 @@ def identify(
         emb, errors, notes = done.embeddings, done.errors, done.notes or [None] * len(done.errors)
         names = names or [f"image #{i}" if isinstance(p, bytes) else str(p) for i, p in enumerate(photos)]
     else:
-        emb = unit_queries(embeddings, ident.gallery.dim)  # unit length: a vector's size changes no answer
+        emb = query_rows(embeddings, ident.gallery.dim)  # scaled to unit length once, by the Identifier's methods
         if names is not None and len(names) != len(emb):
             raise ValueError(f"names must have one entry per embedding row: {len(emb)} rows, {len(names)} names")
         errors = notes = [None] * len(emb)

@@ -1,6 +1,8 @@
-"""Reference embeddings a caller gives ``add_photos`` (the API's, a notebook's) are stored as the encoder's would
-be: unit length, so a species added with long vectors does not win every inner-product search; a row of zeros is
-refused, naming it. Synthetic encoder and vectors: fast, no shared assets."""
+"""``retrieval.workflows`` as a library (re-read of stop 54): reference embeddings a caller gives ``add_photos`` (the
+API's, a notebook's) are stored as the encoder's would be, unit length, so a species added with long vectors does
+not win every inner-product search, and a row of zeros is refused, naming it; query embeddings are scaled once;
+``search`` and ``identify`` take the same photo bytes; whole-number arguments are checked by one rule. Synthetic
+encoder and vectors: fast, no shared assets."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from _cli_support import DIM, ENC, FakeEncoder
 from PIL import Image
 
 from index.gallery import Gallery
+from index.records import ReferenceRecord
 from retrieval import workflows as wf
 from retrieval.identify import Identifier
 
@@ -69,3 +72,38 @@ def test_a_given_row_of_zeros_is_refused_naming_it_before_anything_is_stored(set
     with pytest.raises(ValueError, match="embedding row 0 is all zeros"):
         wf.add_photos(g, enc, "Naja naja", uploads, venomous=True, embeddings=np.stack([np.zeros(DIM), a]))
     assert len(g) == 0 and not any((tmp_path / "g" / "uploads").glob("*"))
+
+
+@pytest.fixture
+def ident(tmp_path):
+    """An Identifier over 12 unit references of 3 species (the synthetic encoder)."""
+    g = Gallery.create(tmp_path / "refs", ENC)
+    x = np.random.default_rng(0).standard_normal((12, DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    species = ["Naja naja", "Bufo bufo", "Rana temporaria"]
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species=species[i % 3], venomous=i % 3 == 0) for i in range(12)],
+          [f"{i:064x}" for i in range(12)], x.astype(np.float32))
+    return Identifier(_Encoder(), g)
+
+
+@pytest.mark.parametrize("observation", [False, True])
+def test_identify_scales_given_embeddings_once(ident, monkeypatch, observation):
+    """Before, workflows.identify scaled the rows, then identify_embeddings / identify_observation again."""
+    import retrieval.identify as identify_module
+    from retrieval import metric
+
+    calls = []
+
+    def counted(embeddings, dim):
+        calls.append(len(embeddings))
+        return metric.unit_queries(embeddings, dim)
+
+    monkeypatch.setattr(identify_module, "unit_queries", counted)
+    monkeypatch.setattr(wf, "unit_queries", counted)
+    emb = 3 * np.random.default_rng(5).standard_normal((2, DIM))
+    answers = wf.identify(ident, embeddings=emb, observation=observation, method="knn")
+    assert calls == [2] and len(answers) == (1 if observation else 2) and answers[0].results
+    with pytest.raises(ValueError, match="embedding row 1 is all zeros"):  # still refused, naming the row
+        wf.identify(ident, embeddings=np.stack([emb[0], np.zeros(DIM)]), observation=observation)
+    with pytest.raises(ValueError, match=rf"embeddings must be {DIM} numbers per row"):
+        wf.identify(ident, embeddings=emb[:, :5], observation=observation)
