@@ -423,19 +423,28 @@ def photo_list(photos: Iterable[str | Path | bytes] | Iterable[tuple[str, bytes]
         raise TypeError(f"{what} is a list of photos; got {not_a_photo(photos)}")
     out: list = []
     for i, item in enumerate(photos):
-        if isinstance(item, (bytearray, memoryview)):
-            item = bytes(item)
-        if uploads and isinstance(item, bytes):
-            raise TypeError(f"{what}[{i}] is bytes: an upload is a (name, bytes) tuple: pass [(\"photo.jpg\", data)]")
         if uploads and isinstance(item, tuple):
             if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], (bytes, bytearray)):
                 raise TypeError(f"{what}[{i}] is a tuple but not an upload: pass (name, bytes), e.g. "
                                 '("photo.jpg", data)')
             item = (item[0], bytes(item[1]))
-        elif not isinstance(item, (str, os.PathLike, bytes)):
-            raise TypeError(f"{what}[{i}] is {not_a_photo(item)}")
+        else:
+            item = one_photo(item, f"{what}[{i}] is")
+            if uploads and isinstance(item, bytes):
+                raise TypeError(f"{what}[{i}] is bytes: an upload is a (name, bytes) tuple: pass "
+                                '[("photo.jpg", data)]')
         out.append(item)
     return out
+
+
+def one_photo(item: object, said: str) -> str | os.PathLike | bytes:
+    """One photo as a public function takes it: a path (str, Path) or its file's bytes (a bytearray or memoryview
+    copied to bytes); anything else refused (TypeError: ``said`` and what to pass instead, :func:`not_a_photo`)."""
+    if isinstance(item, (bytearray, memoryview)):
+        return bytes(item)
+    if not isinstance(item, (str, os.PathLike, bytes)):
+        raise TypeError(f"{said} {not_a_photo(item)}")
+    return item
 
 
 def embed_photos(

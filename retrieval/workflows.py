@@ -121,7 +121,7 @@ from retrieval.pipeline import (
     add_references,
     embed_photos,
     given_embeddings,
-    not_a_photo,
+    one_photo,
     photo_list,
     skip_counts,
 )
@@ -500,16 +500,18 @@ def family_note(ident: Identifier, *, api: bool = False) -> str | None:
 def search(
     ident: Identifier, photo: str | Path | bytes | None = None, *, embedding: Sequence[float] | None = None, k: int = 10
 ) -> list[Neighbour]:
-    """The ``k`` nearest reference photos of one photo (a path or bytes), or of an embedding made elsewhere (scaled
+    """The ``k`` nearest reference photos of one photo (a path, or bytes as :func:`identify` takes them:
+    :func:`retrieval.pipeline.one_photo`), or of an embedding made elsewhere (scaled
     to unit length here, as :func:`identify`'s are: :func:`retrieval.metric.unit_queries`)."""
     ident = identifier_arg(ident, "search")
     if (photo is None) == (embedding is None):
         raise ValueError("search needs a photo or an embedding (one of the two)")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a whole number >= 1 (the neighbours to return), not {k!r}")
-    if photo is not None and not isinstance(photo, (str, os.PathLike, bytes)):
-        what = "a list: pass one path or bytes" if isinstance(photo, (list, tuple)) else not_a_photo(photo)
-        raise TypeError(f"photo is one photo, here {what}")
+    if isinstance(photo, (list, tuple)):
+        raise TypeError("photo is one photo, here a list: pass one path or bytes")
+    if photo is not None:
+        photo = one_photo(photo, "photo is one photo, here")  # the bytes identify takes (bytearray, memoryview too)
     if embedding is None:
         done = embed_photos([photo], ident.encoder)
         if done.errors[0] is not None:

@@ -27,7 +27,12 @@ class _Encoder(FakeEncoder):
     precision = "fp32"
 
     def preprocess_views(self, image: Image.Image) -> np.ndarray:
-        return np.zeros((3, 8, 8), np.float32)
+        return np.asarray(image.convert("RGB").resize((8, 8)), np.float32).transpose(2, 0, 1)[None] / 255
+
+    def encode_batch(self, batch: np.ndarray) -> np.ndarray:
+        """A unit row per photo from its pixels (the same photo, the same row)."""
+        rows = batch.reshape(len(batch), -1)[:, :DIM] - 0.5
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture
@@ -107,3 +112,18 @@ def test_identify_scales_given_embeddings_once(ident, monkeypatch, observation):
         wf.identify(ident, embeddings=np.stack([emb[0], np.zeros(DIM)]), observation=observation)
     with pytest.raises(ValueError, match=rf"embeddings must be {DIM} numbers per row"):
         wf.identify(ident, embeddings=emb[:, :5], observation=observation)
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_search_takes_the_photo_bytes_identify_takes(ident, tmp_path, kind):
+    """Before, search(photo=bytearray(...)) was refused ('a bytearray: pass ... its bytes') while identify took it."""
+    p = tmp_path / "q.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+    data = p.read_bytes()
+    near = wf.search(ident, kind(data), k=3)
+    assert [n.id for n in near] == [n.id for n in wf.search(ident, data, k=3)] and len(near) == 3
+    assert wf.identify(ident, [kind(data)])[0].error is None
+    with pytest.raises(TypeError, match="photo is one photo, here a list: pass one path or bytes"):
+        wf.search(ident, [data])
+    with pytest.raises(TypeError, match=r"photo is one photo, here a int: pass the photo's file path"):
+        wf.search(ident, 3)
