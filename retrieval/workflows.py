@@ -364,7 +364,7 @@ class Answer:
     identification: Identification | None = None  # scores, evidence, unknown flag
     results: list[RankedResult] = field(default_factory=list)  # the best candidates at the asked rank
     notes: list[str] = field(default_factory=list)  # what to know of its photos as read (an animated GIF: its first
-    # frame only, retrieval.images.animation_note), each naming its photo in an observation
+    # frame only, retrieval.images.photo_note), each naming its photo in an observation
 
 
 def presence_for(country: str | None, ident: Identifier | None = None) -> dict[str, bool] | None:
