@@ -381,6 +381,13 @@ def photo_notes(names: Sequence[str], notes: Sequence[str | None]) -> list[str]:
     return [f"{name}: {note}" for name, note in zip(names, notes, strict=True) if note]
 
 
+def whole_at_least_1(value: object, name: str, what: str) -> None:
+    """ValueError unless ``value`` is a whole number >= 1 (an int, not a bool): ``name`` is the argument, ``what``
+    what it counts, both said in the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 ({what}), not {value!r}")
+
+
 def identify(
     ident: Identifier,
     photos: Iterable[str | Path | bytes] | None = None,
@@ -414,8 +421,7 @@ def identify(
         raise ValueError("identify needs photos or embeddings (one of the two)")
     method = parse_method(method)
     rank = parse_rank(rank)
-    if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1:
-        raise ValueError(f"top must be a whole number >= 1 (the candidates each answer lists), not {top!r}")
+    whole_at_least_1(top, "top", "the candidates each answer lists")
     if isinstance(names, (str, bytes)):
         raise ValueError(f'names is a list, one name per photo, even for one: pass [{names!r}]')
     if names is not None:
@@ -506,8 +512,7 @@ def search(
     ident = identifier_arg(ident, "search")
     if (photo is None) == (embedding is None):
         raise ValueError("search needs a photo or an embedding (one of the two)")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a whole number >= 1 (the neighbours to return), not {k!r}")
+    whole_at_least_1(k, "k", "the neighbours to return")
     if isinstance(photo, (list, tuple)):
         raise TypeError("photo is one photo, here a list: pass one path or bytes")
     if photo is not None:

@@ -6,6 +6,8 @@ encoder and vectors: fast, no shared assets."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from _cli_support import DIM, ENC, FakeEncoder
@@ -127,3 +129,14 @@ def test_search_takes_the_photo_bytes_identify_takes(ident, tmp_path, kind):
         wf.search(ident, [data])
     with pytest.raises(TypeError, match=r"photo is one photo, here a int: pass the photo's file path"):
         wf.search(ident, 3)
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 2.0, "3"])
+def test_top_and_k_are_whole_numbers_from_1_by_one_rule(ident, bad):
+    emb = np.random.default_rng(2).standard_normal((1, DIM))
+    with pytest.raises(ValueError, match=rf"top must be a whole number >= 1 \(the candidates each answer lists\), "
+                                         rf"not {re.escape(repr(bad))}"):
+        wf.identify(ident, embeddings=emb, top=bad)
+    with pytest.raises(ValueError, match=rf"k must be a whole number >= 1 \(the neighbours to return\), "
+                                         rf"not {re.escape(repr(bad))}"):
+        wf.search(ident, embedding=emb[0].tolist(), k=bad)
