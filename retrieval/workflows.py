@@ -1274,8 +1274,8 @@ def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[
     return [i for i in ids if i in existed]
 
 
-def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
-                  progress: bool = True) -> SweepReport:
+def sweep_uploads(gallery: Gallery | Identifier | str | Path, *, older_than_s: float = SWEEP_GRACE_S,
+                  dry_run: bool = False, progress: bool = True) -> SweepReport:
     """Remove the gallery's uploads no reference uses, older than ``older_than_s`` (the store's on S3, the folder's
     ``uploads/``): :func:`index.objects.sweep_uploads`, with progress bars over the store's listing and the
     removals."""
@@ -1308,7 +1308,7 @@ class VenomSet:
     changed: int = 0  # of those, the ones that said otherwise (0: every one said so already, nothing written)
 
 
-def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool, *,
+def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
                          distinct_from_venomous: bool = False) -> VenomSet:
     """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
     photo (``speciesid species set-venom``): how a species a folder dataset built gets a venom status, or a toad's
@@ -1364,7 +1364,8 @@ def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None,
     return held + [t for t in (text_prior_taxa(g.root) if prior is None else prior) if t.species not in names]
 
 
-def venom_advice_note(gallery: Gallery | str | Path, taxa: list[SpeciesSummary] | None = None) -> str | None:
+def venom_advice_note(gallery: Gallery | Identifier | str | Path,
+                      taxa: list[SpeciesSummary] | None = None) -> str | None:
     """What to tell of a gallery's venom advice (:func:`retrieval.advice.venom_advice_hint`: on for a gallery none
     of whose species the shipped snake taxonomy knows; off while a species is recorded venomous), None when
     nothing: said at the end of ``index build`` and in ``index info``. ``taxa``: :func:`_venom_taxa`'s, where
@@ -1390,7 +1391,7 @@ def refuse_gallery_venom_advice_off(g: Gallery) -> None:
     refuse_venom_advice_off(g.root, recorded_venomous(_venom_taxa(g)))
 
 
-def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdviceSet:
+def set_venom_advice(gallery: Gallery | Identifier | str | Path, on: bool | None) -> VenomAdviceSet:
     """Record whether the gallery's answers give venom advice (``speciesid index venom-advice``), in its
     ``gallery.json`` (the folder's write lock, the file re-read first); ``on`` None: read it, change nothing. A
     running server follows at its next look at the gallery. ``off`` is refused (ValueError) while a species is

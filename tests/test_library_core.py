@@ -140,3 +140,18 @@ def test_top_and_k_are_whole_numbers_from_1_by_one_rule(ident, bad):
     with pytest.raises(ValueError, match=rf"k must be a whole number >= 1 \(the neighbours to return\), "
                                          rf"not {re.escape(repr(bad))}"):
         wf.search(ident, embedding=emb[0].tolist(), k=bad)
+
+
+def test_the_venom_and_sweep_functions_take_an_identifier_as_their_hints_and_docs_say(ident):
+    import typing
+    from pathlib import Path
+
+    assert wf.set_venom_advice(ident, None).now is True
+    assert wf.set_species_venomous(ident, "Bufo bufo", False).was is False
+    assert wf.venom_advice_note(ident) == wf.venom_advice_note(ident.gallery)
+    assert wf.sweep_uploads(ident, dry_run=True, progress=False) is not None
+    for fn in (wf.set_venom_advice, wf.set_species_venomous, wf.venom_advice_note, wf.sweep_uploads):
+        assert Identifier in typing.get_args(typing.get_type_hints(fn)["gallery"]), fn.__name__
+    doc = " ".join((Path(__file__).parents[1] / "docs" / "python.md").read_text().split())
+    assert ("`delete_references`, `set_species_venomous`, `set_venom_advice`, `venom_advice_note` and "
+            "`sweep_uploads` any of the three") in doc
