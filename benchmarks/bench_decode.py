@@ -72,7 +72,7 @@ def main() -> None:
                     "format of --mode YCbCr, LAB and CMYK)")
     ap.add_argument("--mode", default="RGB", choices=tuple(_COLOURS),
                     help="pixel mode of the made photo (default RGB: 8-bit colour; I;16: 16-bit greyscale, which "
-                    "counts twice against the pixel limit, as RGBA does: retrieval.images.MODE_WEIGHTS)")
+                    "counts twice against the pixel limit, as RGBA does: retrieval.images.PIXEL_MODES)")
     ap.add_argument("--ways", default="before,now", help="the ways to run, comma-separated (default before,now)")
     ap.add_argument("--photo", type=Path, help="decode this photo (a phone's HEIC, JPEG...) instead of a made one: "
                     "--side and --format are then ignored")

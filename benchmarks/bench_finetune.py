@@ -24,9 +24,10 @@ this machine's timed steps. The CPU kind and the minutes are printed.
 
 ``--out`` (default ``runs/bench-finetune``, a folder no README command uses) is checked before anything is
 written, the settings first: a folder holding files is refused (exit 2) unless it is one of this benchmark's
-runs (it holds ``bench_finetune.json``, written before anything else) or ``--overwrite`` is given. Nothing is ever deleted
-wholesale: a run starting afresh removes only an earlier fine-tuning run's own files
-(``finetune.checkpoint.clear_run``), and a folder holding other files of those names is refused by ``finetune``.
+runs (it holds ``bench_finetune.json``, written before anything else; taken away again by a run that failed before
+adding anything) or ``--overwrite`` is given. Nothing is ever deleted wholesale: a run starting afresh removes only
+an earlier fine-tuning run's own files (``finetune.checkpoint.clear_run``), and a folder holding other files of
+those names is refused by ``finetune``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from _common import (
@@ -193,22 +195,35 @@ def check_out(out: Path, config, *, overwrite: bool) -> None:
     finetune_check_out(out, config.resolved())
 
 
-def mark_out(out: Path) -> bool:
-    """Make ``out`` (when missing) and write :data:`MARKER` into it, before the run writes anything; True when
-    ``out`` was made here."""
+class Mark(NamedTuple):
+    """What :func:`mark_out` did: whether it made ``out`` and wrote the marker, and the names ``out`` held before."""
+
+    made: bool
+    wrote: bool
+    before: frozenset[str]
+
+
+def mark_out(out: Path) -> Mark:
+    """Make ``out`` (when missing) and write :data:`MARKER` into it (when missing), before the run writes
+    anything."""
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
+    before = frozenset(p.name for p in out.iterdir())
+    wrote = MARKER not in before
+    if wrote:
         (out / MARKER).write_text(json.dumps({"written_by": "benchmarks/bench_finetune.py", "argv": sys.argv[1:],
                                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-    return made
+    return Mark(made, wrote, before)
 
 
-def unmark_out(out: Path, made: bool) -> None:
-    """Undo :func:`mark_out` when the run wrote nothing: the marker removed, and ``out`` too when made here and
-    empty then. Anything else in ``out`` stays."""
-    if made and [p.name for p in out.iterdir()] == [MARKER]:
-        (out / MARKER).unlink()
+def unmark_out(out: Path, mark: Mark) -> None:
+    """Undo :func:`mark_out` when the run added nothing to ``out``: the marker removed when this run wrote it (a
+    folder of other work marked for an ``--overwrite`` run that failed at once is not left looking like one of this
+    benchmark's runs), and ``out`` too when made here and empty then. Anything else in ``out`` stays."""
+    if not mark.wrote or {p.name for p in out.iterdir()} != mark.before | {MARKER}:
+        return
+    (out / MARKER).unlink()
+    if mark.made and not any(out.iterdir()):
         out.rmdir()
 
 
@@ -241,12 +256,12 @@ def main() -> None:
     if config is not None:
         from finetune.train import finetune
 
-        made = mark_out(out)
+        mark = mark_out(out)
         t0 = time.perf_counter()
         try:
             result = finetune(config, progress=True, report=print)
         except BaseException:
-            unmark_out(out, made)
+            unmark_out(out, mark)
             raise
         minutes = (time.perf_counter() - t0) / 60
         print(f"fine-tuning: {result.epochs_run} epochs, best {result.best_epoch} ({result.stopped}), "

@@ -106,6 +106,8 @@ _LOCK_TRY_S = 0.5
 #: gallery.json's keys an open gallery was made from: kept as opened when it reads the file again
 #: (:meth:`Gallery.refresh`: another process recorded something in it).
 _OPENED_FROM = ("format", "encoder", "dim", "store", "index")
+#: ``update_info``'s ``absent`` when not given: an absent key stands for no value (any update writes it).
+_NO_VALUE = object()
 
 __all__ = [
     "GALLERY_FORMAT", "EncoderMismatchError", "Gallery", "Neighbour", "check_gallery_encoder", "gallery_encoder_fix",
@@ -984,6 +986,9 @@ class Gallery:
     ) -> list[int]:
         """Store new references and make them searchable at once; returns the ids of the rows stored.
 
+        ``embeddings`` are stored as given: unit-length rows (the search is an inner product; retrieval's adds scale
+        them, :func:`retrieval.pipeline.given_embeddings`).
+
         Photos whose bytes are already stored (by any process) or repeat an earlier photo of the call are
         not stored again: see :meth:`add_unique` for which ones.
         """
@@ -1313,19 +1318,21 @@ class Gallery:
             return
         self.update_info(key, lambda _: value)
 
-    def update_info(self, key: str, update: Callable[[object], object], *, opened: bool = False) -> None:
+    def update_info(self, key: str, update: Callable[[object], object], *, opened: bool = False,
+                    absent: object = _NO_VALUE) -> None:
         """Set ``gallery.json``'s ``key`` to ``update(its value now)`` (None when absent), under the folder's lock,
         the file re-read first (another process's entries are kept, and ``update`` sees the value they left);
         nothing is written when it reads so already, and a write records the speciesid version that made it
-        (``written_by``: :mod:`index.formats`). ``opened``: ``key`` is one this gallery was opened from
-        (``index``: an index asked for explicitly), replaced here too; such keys are otherwise kept as opened.
-        Every writer of gallery.json holds the folder's lock, so the stamp taken after this write is of this
+        (``written_by``: :mod:`index.formats`). ``absent``: the value an absent ``key`` stands for (venom advice: on):
+        updated to it, an absent key stays absent, nothing written. ``opened``: ``key`` is one this gallery was
+        opened from (``index``: an index asked for explicitly), replaced here too; such keys are otherwise kept as
+        opened. Every writer of gallery.json holds the folder's lock, so the stamp taken after this write is of this
         write."""
         with self.writing(local=True):
             info = read_gallery_info(self.root)
             value = update(info.get(key))
-            unchanged = key in info and info[key] == value
-            written = {**info, key: value, **({} if unchanged else {WRITTEN_BY: speciesid_version()})}
+            unchanged = info[key] == value if key in info else absent is not _NO_VALUE and value == absent
+            written = info if unchanged else {**info, key: value, WRITTEN_BY: speciesid_version()}
             self.info = {**self._as_opened(written), **({key: value} if opened else {})}
             if unchanged:
                 return
@@ -1423,9 +1430,11 @@ class Gallery:
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(D, I)`` of the ``k`` nearest references of each query embedding: inner products float32 (Q, k) best
-        first, ids int64 (Q, k), -1 padded. The references are stored unit length, so ``D`` is the cosine only for
-        unit-length queries: the queries are not scaled here (a query 10 times as long gets ``D`` 10 times as large;
-        :func:`retrieval.metric.unit_queries` scales them). No metadata: :meth:`neighbours` dresses the ids kept."""
+        first, ids int64 (Q, k), -1 padded. The references are unit length (the encoder's rows; rows a caller gives
+        retrieval are scaled: :func:`retrieval.pipeline.given_embeddings`; :meth:`add` stores its rows as given), so
+        ``D`` is the cosine only for unit-length queries: the queries are not scaled here (a query 10 times as long
+        gets ``D`` 10 times as large; :func:`retrieval.metric.unit_queries` scales them). No metadata:
+        :meth:`neighbours` dresses the ids kept."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query embeddings are {queries.shape[1]}-d but this gallery holds {self.dim}-d")

@@ -91,8 +91,9 @@ def venom_advice_on(info: Mapping[str, object]) -> bool:
 def record_venom_advice(gallery: Gallery, on: bool) -> None:
     """Record in the gallery's ``gallery.json`` whether its answers give venom advice (the folder's lock, the file
     re-read first, whatever this object read before: :meth:`index.gallery.Gallery.update_info`); a running server
-    reads it at its next look."""
-    gallery.update_info(VENOM_ADVICE_KEY, lambda _: bool(on))
+    reads it at its next look. Nothing is written when it reads so already, on included where the file records
+    nothing (its default)."""
+    gallery.update_info(VENOM_ADVICE_KEY, lambda _: bool(on), absent=True)  # absent reads on: on writes nothing
 
 
 def recorded_venomous(taxa: Iterable[SpeciesSummary]) -> list[str]:

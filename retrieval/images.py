@@ -53,8 +53,6 @@ PIXEL_MODES: dict[str, tuple[float, str]] = {
     "P": (2.5, "palette colour"), "F": (3.25, "floating-point greyscale"), "I": (3.25, "32-bit greyscale"),
     "LA": (3.75, "greyscale with transparency"), "La": (3.75, "greyscale with transparency"),
     "PA": (3.75, "palette colour with transparency")}
-#: The weights of :data:`PIXEL_MODES` alone (mode -> weight).
-MODE_WEIGHTS: dict[str, float] = {mode: weight for mode, (weight, _) in PIXEL_MODES.items()}
 #: The weight of a mode :data:`PIXEL_MODES` does not list.
 UNLISTED_MODE_WEIGHT = 4
 
@@ -180,16 +178,6 @@ ANIMATED_NOTE = ("an animated {format}: only its first frame was read (if anothe
 _ANIMATED_NAMES = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
 
 
-def animation_note(data: bytes) -> str | None:
-    """:data:`ANIMATED_NOTE` for the photo ``data`` when it has more than one frame (a GIF, WebP or PNG: only their
-    first frame is decoded), else None; reads the header and looks for a second frame, decodes no pixel of it.
-    :func:`decode_image` makes the same note from the photo it opens (:func:`photo_note`): no second open."""
-    if not (data[:6] in (b"GIF87a", b"GIF89a") or data[:8] == b"\x89PNG\r\n\x1a\n"
-            or data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-        return None
-    return _animated_note(_header(data))
-
-
 def _animated_note(img: Image.Image | None) -> str | None:
     """:data:`ANIMATED_NOTE` for the opened, not yet loaded photo ``img`` when it is a GIF, WebP or PNG of more than
     one frame, else None (looking for its second frame leaves it at its first)."""
@@ -222,7 +210,7 @@ def decode_image(
     ``max_pixels`` bounds the pixels decoded, read from the header before any is (:class:`PixelLimitError`): for
     a JPEG decoded at reduced scale, the reduced size; and no photo is taken over :data:`DEFAULT_MAX_PIXELS` (nor
     ``max_pixels``, when larger) as stored, whatever its decode would cost. A pixel of a mode that costs more memory
-    to decode than an 8-bit colour one (16-bit greyscale, transparency, palette: :data:`MODE_WEIGHTS`) counts more
+    to decode than an 8-bit colour one (16-bit greyscale, transparency, palette: :func:`mode_weight`) counts more
     than once against both, so that the limit bounds a decode's memory whatever the photo's bit depth.
     """
     if not data:

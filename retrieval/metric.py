@@ -47,14 +47,25 @@ def unit_queries(embeddings: np.ndarray | Sequence[float] | Sequence[Sequence[fl
     ``(n, dim)`` float32, each row scaled to unit length, so a vector and 100 times it get the same answer. One row
     may be given as a 1-D vector. ValueError for another width, or a row that is all zeros or not finite (NaN,
     inf), naming that row: it has no direction to compare."""
+    v = query_rows(embeddings, dim)
+    refuse_rows(~np.isfinite(v).all(axis=1) | ~v.any(axis=1), v, one=np.ndim(embeddings) == 1)
+    return unit_rows(v)
+
+
+def query_rows(embeddings: np.ndarray | Sequence[float] | Sequence[Sequence[float]], dim: int) -> np.ndarray:
+    """``embeddings`` as ``(n, dim)`` float64 rows, not scaled (one row may be given as a 1-D vector); ValueError
+    for another width. :func:`unit_queries` checks and scales the rows."""
     v = np.asarray(embeddings, dtype=np.float64)
-    one = v.ndim == 1
-    if one:
+    if v.ndim == 1:
         v = v[None]
     if v.ndim != 2 or v.shape[1] != dim:
         raise ValueError(f"embeddings must be {dim} numbers per row (shape (n, {dim}) or ({dim},)), the gallery "
                          f"encoder's width; got shape {list(np.shape(embeddings))}")
-    bad = ~np.isfinite(v).all(axis=1) | ~v.any(axis=1)
+    return v
+
+
+def refuse_rows(bad: np.ndarray, v: np.ndarray, *, one: bool = False) -> None:
+    """ValueError naming the first row of ``v`` marked in ``bad`` (all zeros, or not finite), when there is one."""
     if bad.any():
         rows = np.flatnonzero(bad)
         what = "all zeros" if np.isfinite(v[rows[0]]).all() else "not finite (NaN or inf)"
@@ -62,6 +73,13 @@ def unit_queries(embeddings: np.ndarray | Sequence[float] | Sequence[Sequence[fl
         which = "the embedding" if one else f"embedding row {int(rows[0])}"
         raise ValueError(f"{which} is {what}{more}: an embedding must be finite and not all "
                          "zeros; drop that row, or embed its photo again")
+
+
+def unit_rows(v: np.ndarray) -> np.ndarray:
+    """The rows of ``v`` (2-D, each finite and not all zeros: :func:`refuse_rows`) scaled to unit length, float32."""
+    v = np.asarray(v, dtype=np.float64)
+    if not len(v):
+        return v.astype(np.float32)
     v = v / np.abs(v).max(axis=1, keepdims=True)  # scale first: tiny or huge values must not under/overflow the norm
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 

@@ -41,6 +41,7 @@ from retrieval.images import (
     photo_size,
     sha256_bytes,
 )
+from retrieval.metric import refuse_rows, unit_rows
 
 logger = logging.getLogger(__name__)
 #: A photo's bytes from its path (a file, a ``SHARD#MEMBER``; a gallery's ``read_photo`` also its store's objects).
@@ -343,12 +344,19 @@ def iter_embeddings(
 
 
 def given_embeddings(embeddings: np.ndarray, n: int, dim: int) -> np.ndarray:
-    """Embeddings a caller gives for ``n`` photos of a gallery ``dim`` wide, as float32 (ValueError when their
-    shape is not ``(n, dim)``; a non-finite row is the pipeline's to skip, as the encoder's would be)."""
+    """Embeddings a caller gives for ``n`` photos of a gallery ``dim`` wide, as the gallery stores them: float32,
+    each row scaled to unit length (:func:`retrieval.metric.unit_rows`: the search is an inner product, so a longer
+    row would win every answer near it). ValueError when their shape is not ``(n, dim)``, or for a row that is all
+    zeros, naming it (:func:`retrieval.metric.refuse_rows`); a non-finite row is kept as given, the pipeline's to
+    skip, as the encoder's would be."""
     out = np.asarray(embeddings, dtype=np.float32)
     if out.shape != (n, dim):
         raise ValueError(f"{n} photos of a gallery {dim} wide need embeddings of shape ({n}, {dim}), not "
                          f"{out.shape}")
+    finite = np.isfinite(out).all(axis=1)
+    refuse_rows(finite & ~out.any(axis=1), out)
+    out = out.copy()  # the caller's array is not changed
+    out[finite] = unit_rows(out[finite])
     return out
 
 
@@ -415,19 +423,28 @@ def photo_list(photos: Iterable[str | Path | bytes] | Iterable[tuple[str, bytes]
         raise TypeError(f"{what} is a list of photos; got {not_a_photo(photos)}")
     out: list = []
     for i, item in enumerate(photos):
-        if isinstance(item, (bytearray, memoryview)):
-            item = bytes(item)
-        if uploads and isinstance(item, bytes):
-            raise TypeError(f"{what}[{i}] is bytes: an upload is a (name, bytes) tuple: pass [(\"photo.jpg\", data)]")
         if uploads and isinstance(item, tuple):
             if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], (bytes, bytearray)):
                 raise TypeError(f"{what}[{i}] is a tuple but not an upload: pass (name, bytes), e.g. "
                                 '("photo.jpg", data)')
             item = (item[0], bytes(item[1]))
-        elif not isinstance(item, (str, os.PathLike, bytes)):
-            raise TypeError(f"{what}[{i}] is {not_a_photo(item)}")
+        else:
+            item = one_photo(item, f"{what}[{i}] is")
+            if uploads and isinstance(item, bytes):
+                raise TypeError(f"{what}[{i}] is bytes: an upload is a (name, bytes) tuple: pass "
+                                '[("photo.jpg", data)]')
         out.append(item)
     return out
+
+
+def one_photo(item: object, said: str) -> str | os.PathLike | bytes:
+    """One photo as a public function takes it: a path (str, Path) or its file's bytes (a bytearray or memoryview
+    copied to bytes); anything else refused (TypeError: ``said`` and what to pass instead, :func:`not_a_photo`)."""
+    if isinstance(item, (bytearray, memoryview)):
+        return bytes(item)
+    if not isinstance(item, (str, os.PathLike, bytes)):
+        raise TypeError(f"{said} {not_a_photo(item)}")
+    return item
 
 
 def embed_photos(
@@ -600,7 +617,8 @@ def add_references(
 
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
     (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
-    size only, not decoded, and the rows stored as the encoder's would be (a non-finite row is skipped).
+    size only, not decoded, and the rows stored as the encoder's would be: scaled to unit length (a row of zeros
+    refused, a non-finite row skipped: :func:`given_embeddings`).
 
     ``read``: a record path's bytes (default the gallery's :meth:`~index.gallery.Gallery.read_photo`; the API serves
     the uploads it holds in memory). A photo that the gallery's own store could not serve (a StoreObjectError:

@@ -114,7 +114,7 @@ from retrieval.galleries import (
 )
 from retrieval.identify import Identification, Identifier, Method, RankedResult, parse_method, ranked_results
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
-from retrieval.metric import unit_queries
+from retrieval.metric import query_rows, unit_queries
 from retrieval.pipeline import (
     BuildReport,
     Reader,
@@ -122,7 +122,7 @@ from retrieval.pipeline import (
     add_references,
     embed_photos,
     given_embeddings,
-    not_a_photo,
+    one_photo,
     photo_list,
     skip_counts,
 )
@@ -365,7 +365,7 @@ class Answer:
     identification: Identification | None = None  # scores, evidence, unknown flag
     results: list[RankedResult] = field(default_factory=list)  # the best candidates at the asked rank
     notes: list[str] = field(default_factory=list)  # what to know of its photos as read (an animated GIF: its first
-    # frame only, retrieval.images.animation_note), each naming its photo in an observation
+    # frame only, retrieval.images.photo_note), each naming its photo in an observation
 
 
 def presence_for(country: str | None, ident: Identifier | None = None) -> dict[str, bool] | None:
@@ -380,6 +380,13 @@ def photo_notes(names: Sequence[str], notes: Sequence[str | None]) -> list[str]:
     """What an observation's answer says of its photos as read (an animated GIF: its first frame), one line per
     photo with a note: ``name: note`` (the CLI and the API word them alike)."""
     return [f"{name}: {note}" for name, note in zip(names, notes, strict=True) if note]
+
+
+def whole_at_least_1(value: object, name: str, what: str) -> None:
+    """ValueError unless ``value`` is a whole number >= 1 (an int, not a bool): ``name`` is the argument, ``what``
+    what it counts, both said in the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 ({what}), not {value!r}")
 
 
 def identify(
@@ -405,17 +412,17 @@ def identify(
     ``photos`` is a list (any iterable, read once) of paths or bytes, even for one photo: one path or bytes alone
     is refused (ValueError), as are PIL images and arrays (TypeError saying what to pass;
     :meth:`Identifier.identify_images` takes PIL images). ``embeddings``: one row per photo (a 1-D vector: one
-    photo), each scaled to unit length here, so a vector's size changes no answer; a row all zeros or not finite is
-    refused (ValueError naming it). ``names``: one per photo or row (default: the paths, ``image #i``,
-    ``embedding #i``). ``top``: at least 1. ``method``: knn, probe or blend; ``rank``: species, genus or family.
+    photo), each scaled to unit length (once: :meth:`Identifier.identify_embeddings`), so a vector's size changes no
+    answer; a row all zeros or not finite is refused (ValueError naming it). ``names``: one per photo or row
+    (default: the paths, ``image #i``, ``embedding #i``). ``top``: at least 1. ``method``: knn, probe or blend;
+    ``rank``: species, genus or family.
     """
     ident = identifier_arg(ident, "identify")
     if (photos is None) == (embeddings is None):
         raise ValueError("identify needs photos or embeddings (one of the two)")
     method = parse_method(method)
     rank = parse_rank(rank)
-    if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1:
-        raise ValueError(f"top must be a whole number >= 1 (the candidates each answer lists), not {top!r}")
+    whole_at_least_1(top, "top", "the candidates each answer lists")
     if isinstance(names, (str, bytes)):
         raise ValueError(f'names is a list, one name per photo, even for one: pass [{names!r}]')
     if names is not None:
@@ -429,7 +436,7 @@ def identify(
         emb, errors, notes = done.embeddings, done.errors, done.notes or [None] * len(done.errors)
         names = names or [f"image #{i}" if isinstance(p, bytes) else str(p) for i, p in enumerate(photos)]
     else:
-        emb = unit_queries(embeddings, ident.gallery.dim)  # unit length: a vector's size changes no answer
+        emb = query_rows(embeddings, ident.gallery.dim)  # scaled to unit length once, by the Identifier's methods
         if names is not None and len(names) != len(emb):
             raise ValueError(f"names must have one entry per embedding row: {len(emb)} rows, {len(names)} names")
         errors = notes = [None] * len(emb)
@@ -503,16 +510,17 @@ def family_note(ident: Identifier, *, api: bool = False) -> str | None:
 def search(
     ident: Identifier, photo: str | Path | bytes | None = None, *, embedding: Sequence[float] | None = None, k: int = 10
 ) -> list[Neighbour]:
-    """The ``k`` nearest reference photos of one photo (a path or bytes), or of an embedding made elsewhere (scaled
+    """The ``k`` nearest reference photos of one photo (a path, or bytes as :func:`identify` takes them:
+    :func:`retrieval.pipeline.one_photo`), or of an embedding made elsewhere (scaled
     to unit length here, as :func:`identify`'s are: :func:`retrieval.metric.unit_queries`)."""
     ident = identifier_arg(ident, "search")
     if (photo is None) == (embedding is None):
         raise ValueError("search needs a photo or an embedding (one of the two)")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a whole number >= 1 (the neighbours to return), not {k!r}")
-    if photo is not None and not isinstance(photo, (str, os.PathLike, bytes)):
-        what = "a list: pass one path or bytes" if isinstance(photo, (list, tuple)) else not_a_photo(photo)
-        raise TypeError(f"photo is one photo, here {what}")
+    whole_at_least_1(k, "k", "the neighbours to return")
+    if isinstance(photo, (list, tuple)):
+        raise TypeError("photo is one photo, here a list: pass one path or bytes")
+    if photo is not None:
+        photo = one_photo(photo, "photo is one photo, here")  # the bytes identify takes (bytearray, memoryview too)
     if embedding is None:
         done = embed_photos([photo], ident.encoder)
         if done.errors[0] is not None:
@@ -929,7 +937,9 @@ def add_photos(
     the call, are stored once.
 
     ``embeddings``: the photos' embeddings by ``encoder``, one row per photo in order, made before (the API embeds
-    its uploads before it takes the write lock); the photos are then not embedded again. ``api``: the notes worded
+    its uploads before it takes the write lock); the photos are then not embedded again. Each row is stored scaled to
+    unit length, as the encoder's are (a row of zeros refused, naming it; a non-finite row skipped: its photo not
+    stored: :func:`retrieval.pipeline.given_embeddings`). ``api``: the notes worded
     for an HTTP client (:func:`retrieval.probe_flows.probe_cannot_name`).
 
     Rows are committed :data:`ADD_CHUNK` photos at a time, or, with ``embeddings``, all in one commit (all there or
@@ -1268,8 +1278,8 @@ def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[
     return [i for i in ids if i in existed]
 
 
-def sweep_uploads(gallery: Gallery | str | Path, *, older_than_s: float = SWEEP_GRACE_S, dry_run: bool = False,
-                  progress: bool = True) -> SweepReport:
+def sweep_uploads(gallery: Gallery | Identifier | str | Path, *, older_than_s: float = SWEEP_GRACE_S,
+                  dry_run: bool = False, progress: bool = True) -> SweepReport:
     """Remove the gallery's uploads no reference uses, older than ``older_than_s`` (the store's on S3, the folder's
     ``uploads/``): :func:`index.objects.sweep_uploads`, with progress bars over the store's listing and the
     removals."""
@@ -1302,7 +1312,7 @@ class VenomSet:
     changed: int = 0  # of those, the ones that said otherwise (0: every one said so already, nothing written)
 
 
-def set_species_venomous(gallery: Gallery | str | Path, name: str, venomous: bool, *,
+def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
                          distinct_from_venomous: bool = False) -> VenomSet:
     """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
     photo (``speciesid species set-venom``): how a species a folder dataset built gets a venom status, or a toad's
@@ -1358,7 +1368,8 @@ def _venom_taxa(g: Gallery, held: list[SpeciesSummary] | None = None,
     return held + [t for t in (text_prior_taxa(g.root) if prior is None else prior) if t.species not in names]
 
 
-def venom_advice_note(gallery: Gallery | str | Path, taxa: list[SpeciesSummary] | None = None) -> str | None:
+def venom_advice_note(gallery: Gallery | Identifier | str | Path,
+                      taxa: list[SpeciesSummary] | None = None) -> str | None:
     """What to tell of a gallery's venom advice (:func:`retrieval.advice.venom_advice_hint`: on for a gallery none
     of whose species the shipped snake taxonomy knows; off while a species is recorded venomous), None when
     nothing: said at the end of ``index build`` and in ``index info``. ``taxa``: :func:`_venom_taxa`'s, where
@@ -1384,7 +1395,7 @@ def refuse_gallery_venom_advice_off(g: Gallery) -> None:
     refuse_venom_advice_off(g.root, recorded_venomous(_venom_taxa(g)))
 
 
-def set_venom_advice(gallery: Gallery | str | Path, on: bool | None) -> VenomAdviceSet:
+def set_venom_advice(gallery: Gallery | Identifier | str | Path, on: bool | None) -> VenomAdviceSet:
     """Record whether the gallery's answers give venom advice (``speciesid index venom-advice``), in its
     ``gallery.json`` (the folder's write lock, the file re-read first); ``on`` None: read it, change nothing. A
     running server follows at its next look at the gallery. ``off`` is refused (ValueError) while a species is

@@ -567,7 +567,7 @@ def test_a_large_camera_jpeg_is_identified_and_a_photo_over_the_pixel_limit_name
     assert resp.json()["results"][0]["name"] == "Naja philippinensis"
     detail = _is_error(client.post("/v1/identify", files=_one("big.png", _png(9000, 6000))), 422)  # decoded whole
     assert detail.startswith("big.png: 9000x6000 pixels is over the limit of 40,000,000 for a photo of 8-bit "
-                             "greyscale") and detail.endswith(  # greyscale counts 1.25x (MODE_WEIGHTS)
+                             "greyscale") and detail.endswith(  # greyscale counts 1.25x (PIXEL_MODES)
         "this server's limit (ask its operator to raise SPECIESID_MAX_PIXELS)"), detail
 
 

@@ -62,6 +62,20 @@ def test_a_folder_of_other_work_is_refused_and_kept(tmp_path: Path, fake_shared:
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
 
 
+def test_an_overwrite_run_that_fails_before_writing_leaves_no_marker(tmp_path: Path, fake_shared: Path) -> None:
+    """Re-read stop 54: `--overwrite` into a folder of other work, the run failing on the data (no photos in the fake
+    shared folder) before writing anything, left bench_finetune.json there: the next run, without --overwrite,
+    trained into the folder. Now the marker goes again and that run is refused."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    done = _run(fake_shared, "--out", str(out), "--overwrite", "--set", "epochs=1")
+    assert done.returncode != 0 and "no photos" in done.stderr, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    done = _run(fake_shared, "--out", str(out), "--set", "epochs=1")
+    assert done.returncode == 2 and "pass --overwrite" in done.stderr, done.stderr
+
+
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch, fake_shared: Path):
     """The script imported as a module (benchmarks/ on the path, SPECIESID_SHARED at the fake)."""
@@ -75,8 +89,9 @@ def bench(monkeypatch: pytest.MonkeyPatch, fake_shared: Path):
 
 
 def test_out_checks_marked_runs_overwrite_and_the_default(tmp_path: Path, bench) -> None:
-    """A marked folder (one of its runs) and --overwrite pass the check; a marker made for a run refused at once is
-    taken away again, with the folder it made; the default --out is not the README's runs/ft-ph."""
+    """A marked folder (one of its runs) and --overwrite pass the check; a marker written for a run that failed before
+    adding anything is taken away again, with the folder it made; the default --out is not the README's
+    runs/ft-ph."""
     assert bench.DEFAULT_OUT == "runs/bench-finetune"
     out = _user_folder(tmp_path)
     config = bench.build_config(out, "split", ["epochs=1"])
@@ -84,16 +99,31 @@ def test_out_checks_marked_runs_overwrite_and_the_default(tmp_path: Path, bench)
     with pytest.raises(ValueError, match="pass --overwrite"):
         bench.check_out(out, config, overwrite=False)
     bench.check_out(out, config, overwrite=True)
-    assert bench.mark_out(out) is False and (out / bench.MARKER).is_file()
+    mark = bench.mark_out(out)
+    assert not mark.made and mark.wrote and (out / bench.MARKER).is_file()
     bench.check_out(out, config, overwrite=False)  # marked: one of its runs
-    bench.unmark_out(out, made=False)  # not made here: the folder and its marker stay
-    assert sorted(p.name for p in out.iterdir()) == [bench.MARKER, "config.json", "model.safetensors", "notes.txt"]
+    # an --overwrite run that failed before adding anything: its marker goes, the user's folder is refused again
+    # without --overwrite (before, the marker stayed: the folder was trained into without --overwrite from then on)
+    bench.unmark_out(out, mark)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        bench.check_out(out, config, overwrite=False)
+    mark = bench.mark_out(out)  # one that added a file keeps its marker: the folder holds a run's files now
+    (out / "training_log.csv").write_text("epoch\n")
+    bench.unmark_out(out, mark)
+    assert (out / bench.MARKER).is_file()
+    again = bench.mark_out(out)  # a marker already there (an earlier run's) is not this run's to take away
+    assert not again.wrote
+    (out / "training_log.csv").unlink()
+    bench.unmark_out(out, again)
+    assert (out / bench.MARKER).is_file()
     (out / "config.json").unlink()  # model.safetensors no run wrote: `finetune`'s own check refuses it, even so
     with pytest.raises(ValueError, match="not written by a speciesid fine-tuning run"):
         bench.check_out(out, config, overwrite=True)
     fresh = tmp_path / "new" / "run"
-    assert bench.mark_out(fresh) is True
-    bench.unmark_out(fresh, made=True)
+    mark = bench.mark_out(fresh)
+    assert mark.made and mark.wrote
+    bench.unmark_out(fresh, mark)
     assert not fresh.exists() and (tmp_path / "new").is_dir()
     with pytest.raises(ValueError, match="augment"):
         bench.build_config(out, "split", ["augment.not_a_field=1"])

@@ -25,7 +25,7 @@ def _png(img: Image.Image) -> bytes:
 # --------------------------------------------------------------------------------------------- #3 decode memory
 def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
     """A 16-bit greyscale PNG decoded to ~25 bytes a pixel (5 of 49 MP peaked a server at 5.3 GB) while the limit
-    counted it as an 8-bit colour pixel: it now counts twice (RGBA 2.5x, 32-bit greyscale 3.25x: MODE_WEIGHTS), and
+    counted it as an 8-bit colour pixel: it now counts twice (RGBA 2.5x, 32-bit greyscale 3.25x: PIXEL_MODES), and
     the refusal says so and what to do. Small photos and a lowered limit stand in for 49 MP."""
     from retrieval.images import OVER_PIXEL_LIMIT, PixelLimitError, decode_image
 
@@ -51,7 +51,7 @@ def test_a_16_bit_or_transparent_pixel_counts_more_against_the_pixel_limit():
 def test_no_mode_a_photo_decodes_in_counts_less_than_it_costs():
     """Re-read w2 #4: an uncompressed YCbCr TIFF cost 1.8x an 8-bit colour pixel to decode but counted 1x, a
     palette one 2.4x counted 2x, 8-bit greyscale 1.2x counted 1x (4 decoding at once, as a server does). Each now
-    counts at least what it costs (retrieval.images.MODE_WEIGHTS: rounded up to a quarter); one pixel over the
+    counts at least what it costs (retrieval.images.PIXEL_MODES: rounded up to a quarter); one pixel over the
     weighted limit is refused, saying the weight, and one at it is read."""
     from retrieval.images import PixelLimitError, decode_image
 

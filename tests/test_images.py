@@ -118,7 +118,7 @@ def test_the_pixel_limit_counts_the_pixels_decoded():
     with pytest.raises(PixelLimitError, match=r"9000x6000 pixels \(2250x1500 decoded at reduced scale\) is over "
                                               r"the limit of 1,000,000"):
         decode_image(jpeg, max_pixels=1_000_000, draft=1500)
-    png = _bytes(Image.new("L", (9000, 6000)), "PNG")  # not reduced at decode; greyscale counts 1.25x (MODE_WEIGHTS)
+    png = _bytes(Image.new("L", (9000, 6000)), "PNG")  # not reduced at decode; greyscale counts 1.25x (PIXEL_MODES)
     with pytest.raises(PixelLimitError, match=r"9000x6000 pixels is over the limit of 40,000,000 for a photo of "
                        r"8-bit greyscale"):
         decode_image(png, max_pixels=50_000_000, draft=448)

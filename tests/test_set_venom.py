@@ -4,6 +4,7 @@ a gallery, with no photo (walk s52 #2c: a folder build could not record one, and
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -83,6 +84,23 @@ def test_set_venom_and_venom_advice_say_when_nothing_changed(tmp_path, capsys):
     assert (code, out.strip()) == (0, "Bufo bufo: venomous already yes (2 references): nothing changed"), err
     code, out, err = _run(capsys, "index", "venom-advice", "--index", index, "on")
     assert (code, out.splitlines()[0]) == (0, f"gallery {index}: venom advice already on: nothing changed"), err
+
+
+def test_venom_advice_on_where_gallery_json_records_nothing_writes_nothing(tmp_path):
+    """Re-read stop 54 #5: "venom advice already on: nothing changed" rewrote gallery.json (the key added, written_by
+    stamped, its mtime moved: a running server read it again). Now the file is left as it is; off, then on, write."""
+    from retrieval.advice import VENOM_ADVICE_KEY
+    from retrieval.workflows import set_venom_advice
+
+    g = Gallery.create(tmp_path / "g", ENC)
+    info = g.root / "gallery.json"
+    assert VENOM_ADVICE_KEY not in json.loads(info.read_text())
+    before, stamp = info.read_bytes(), info.stat().st_mtime_ns
+    done = set_venom_advice(g, True)
+    assert (done.was, done.now) == (True, True)
+    assert info.read_bytes() == before and info.stat().st_mtime_ns == stamp
+    assert set_venom_advice(g, False).now is False and json.loads(info.read_text())[VENOM_ADVICE_KEY] is False
+    assert set_venom_advice(g, True).now is True and json.loads(info.read_text())[VENOM_ADVICE_KEY] is True
 
 
 def test_set_venom_refuses_no_for_a_venomous_snake_of_the_taxonomy(tmp_path, capsys):
