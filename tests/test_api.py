@@ -203,6 +203,19 @@ def test_the_pages_form_without_script_shows_the_venom_advice_first(client):
     assert resp.text.index("Possibly MEDICALLY IMPORTANT VENOMOUS") < 200, resp.text
 
 
+def test_the_docs_example_answer_has_every_field_of_identify_out_in_its_order():
+    """s54 re-read w2-page #1: docs/api.md's example answer left out `near_copy` while its prose says the fields
+    come in this order. The example's JSON block is parsed and its keys compared with the model's, in order."""
+    import json
+
+    from api.schemas import IdentifyOut
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text(encoding="utf-8")
+    example = re.search(r"```json\n(\{\n  \"venom_advice\".*?\n\})\n```", text, re.S)
+    assert example, "docs/api.md: no example answer of /v1/identify (a ```json block starting with venom_advice)"
+    assert list(json.loads(example.group(1))) == list(IdentifyOut.model_fields)
+
+
 def test_not_ready_until_the_model_is_loaded(tmp_path):
     from fastapi.testclient import TestClient
 

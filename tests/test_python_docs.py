@@ -2,7 +2,9 @@
 
 The lines marked ``# yours`` (where a reader puts their own folders and encoder) run as written, and the name each
 one sets is then given the test's value instead: a few ph-snakes photos (symlinked into tmp) and the real MobileNetV1
-weights. A ``# yours`` line must be ``NAME = ...`` for a NAME the test gives, so that none is skipped unseen.
+weights. A ``# yours`` line must be ``NAME = ...`` for a NAME the test gives, so that none is skipped unseen. The
+blocks start from an empty namespace (the test's values under ``_given`` only): a name the page uses but never sets
+fails here as it would for a reader copying the blocks (a NameError).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ DOC = REPO / "docs" / "python.md"
 
 
 #: The names the ``# yours`` lines may set: the test gives each its own value after the page's line has run.
-YOURS_NAMES = ("photos", "gallery_dir", "encoder")
+YOURS_NAMES = ("photos", "gallery_dir", "encoder", "photo", "second_photo", "new_photos", "val", "report_dir")
 _YOURS = re.compile(r"(?P<indent>\s*)(?P<name>\w+) = .+# yours\b")
 
 
@@ -85,14 +87,13 @@ def test_every_code_block_of_the_python_page_runs(tmp_path, capsys):
         "gallery_dir": tmp_path / "gallery",
         "encoder": EncoderConfig(spec=MOBILENET_SPEC, precision="fp32"),
         "photo": COBRA,
-        "photo_bytes": COBRA.read_bytes(),
         "second_photo": photos("val", SPECIES[0], 1)[0],
         "new_photos": photos("train", SPECIES[1], 5),
         "val": _linked(tmp_path / "val", "val", SPECIES, 3),
         "report_dir": tmp_path / "report",
     }
-    assert set(YOURS_NAMES) <= set(given)
-    namespace = dict(given, _given=given)
+    assert set(given) == set(YOURS_NAMES)
+    namespace = {"_given": given}  # nothing else: every name a block uses is set on the page
     for i, block in enumerate(blocks):
         try:
             exec(compile(block, f"{DOC}#block{i + 1}", "exec"), namespace)  # noqa: S102 - the page's own code
