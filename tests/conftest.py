@@ -117,7 +117,8 @@ def mobilenet_encoder():
     return create_encoder(MOBILENET_SPEC, precision="fp32")
 
 
-#: (encoder class, fingerprint, pool, dtype, device, input digest) -> its embedding row: see :func:`memo_real_forward`.
+#: (encoder class, fingerprint, pool, dtype, device, input dtype, input digest) -> its embedding row:
+#: :func:`memo_real_forward`.
 _REAL_FORWARD_MEMO: dict[tuple, Any] = {}
 
 
@@ -126,8 +127,9 @@ def memo_real_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real MobileNetV1's forward of model input it already embedded in this session (the same encoder
     fingerprint, pool, dtype, device and pixels) is read back instead of run again. The forward is a pure function
     of that input, so every embedding is still the one the real weights give the photo; the slow end-to-end tests
-    that embed the same ph-snakes photos many times (build, identify, evaluate, the runtime bar's fp32 reference)
-    run the network once per photo. Preprocessing, batching and everything after the forward run as ever."""
+    that embed the same ph-snakes photos many times (clean's real leakage check, the CLI's build, identify and
+    evaluate, the runtime bar's fp32 reference) run the network once per photo. Preprocessing, batching and
+    everything after the forward run as ever (the batch's results agree to float rounding)."""
     import hashlib
 
     import numpy as np
