@@ -791,7 +791,7 @@ LEAK_SPECIES = ("Philippine Rat Snake (Coelognathus erythrurus)",
 
 
 @pytest.mark.slow
-def test_real_leakage_val_against_train(tmp_path, capsys):
+def test_real_leakage_val_against_train(tmp_path, capsys, memo_real_forward):
     needs_shared()
     for split in ("train", "val"):
         for name in LEAK_SPECIES:

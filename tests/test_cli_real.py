@@ -61,7 +61,7 @@ def _accuracy(results: list[dict]) -> float:
 
 
 @pytest.mark.slow
-def test_build_identify_add_species_and_refuse_other_encoder(built, capsys):
+def test_build_identify_add_species_and_refuse_other_encoder(built, capsys, memo_real_forward):
     root, index = built
     code, out, _ = _run(
         capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", index,

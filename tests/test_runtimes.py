@@ -467,7 +467,7 @@ def test_onnx_int8_export_drops_ort_preprocessing_advice_only_during_the_call(ti
 
 
 @pytest.mark.slow
-def test_auto_keeps_mobilenet_knn_top1_within_half_a_point_of_fp32(cache, monkeypatch):
+def test_auto_keeps_mobilenet_knn_top1_within_half_a_point_of_fp32(cache, monkeypatch, memo_real_forward):
     """The benchmark-level bar on real weights and photos: kNN top-1 on ph-snakes val (gallery = train) with the
     runtime ``auto`` picks here stays within 0.5 points of torch fp32 (one val photo is 0.48 points)."""
     from conftest import MOBILENET_SPEC, needs_shared
