@@ -446,12 +446,12 @@ def identify(
     if observation:
         if not ok:
             return failed
-        found = ident.identify_observation(emb[ok], top=max(top, 1), method=method, presence=presence)
+        found = ident.identify_observation(emb[ok], top=top, method=method, presence=presence)
         found.set_aside = [ok[i] for i in found.set_aside]  # positions among the photos given, unreadable ones too
         source = ", ".join(names[i] for i in ok)
         said = photo_notes([names[i] for i in ok], [notes[i] for i in ok]) + found.notes
         return [Answer(source, None, found, ranked_results(found, rank, top, ident.taxa()), said), *failed]
-    found_each = ident.identify_embeddings(emb[ok], top=max(top, 1), method=method, presence=presence) if ok else []
+    found_each = ident.identify_embeddings(emb[ok], top=top, method=method, presence=presence) if ok else []
     answers: dict[int, Answer] = {
         i: Answer(names[i], None, a, ranked_results(a, rank, top, ident.taxa()),
                   ([notes[i]] if notes[i] else []) + a.notes)
@@ -517,8 +517,6 @@ def search(
     if (photo is None) == (embedding is None):
         raise ValueError("search needs a photo or an embedding (one of the two)")
     whole_at_least_1(k, "k", "the neighbours to return")
-    if isinstance(photo, (list, tuple)):
-        raise TypeError("photo is one photo, here a list: pass one path or bytes")
     if photo is not None:
         photo = one_photo(photo, "photo is one photo, here")  # the bytes identify takes (bytearray, memoryview too)
     if embedding is None:

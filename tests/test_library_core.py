@@ -125,7 +125,7 @@ def test_search_takes_the_photo_bytes_identify_takes(ident, tmp_path, kind):
     near = wf.search(ident, kind(data), k=3)
     assert [n.id for n in near] == [n.id for n in wf.search(ident, data, k=3)] and len(near) == 3
     assert wf.identify(ident, [kind(data)])[0].error is None
-    with pytest.raises(TypeError, match="photo is one photo, here a list: pass one path or bytes"):
+    with pytest.raises(TypeError, match=r"photo is one photo, here a list: pass the photo's file path"):
         wf.search(ident, [data])
     with pytest.raises(TypeError, match=r"photo is one photo, here a int: pass the photo's file path"):
         wf.search(ident, 3)
