@@ -57,16 +57,21 @@ def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path,
     assert code != 0 and "the venomous flag takes yes or no, not 'maybe'" in err, err
 
 
-def test_set_venom_to_the_flag_it_has_writes_nothing(tmp_path):
+def test_set_venom_to_the_flag_it_has_writes_nothing(tmp_path, capsys):
     """A species already flagged so: "already no: nothing changed", and no store version is committed (walk-docs
     stop 54, finding 13: it said "no -> no" and wrote every row again); one row saying otherwise (a reference of no
-    status beside flagged ones) is set, and only it."""
+    status beside flagged ones) is set, and only it, and the CLI says so (final read #2: it still said "no -> no")."""
+    import shutil
+
     rng = np.random.default_rng(3)
     g = Gallery.create(tmp_path / "g", ENC)
     x = rng.standard_normal((4, DIM))
     g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Bufo bufo", venomous=False if i < 3 else None)
            for i in range(4)], [f"b-{i}" for i in range(4)],
           (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    cli = shutil.copytree(g.root, tmp_path / "cli")  # the same gallery, for the CLI's words
+    code, out, err = _run(capsys, "species", "set-venom", "--index", cli, "Bufo bufo", "no")
+    assert (code, out.strip()) == (0, "Bufo bufo: venomous no (1 of 4 references set; the others were already no)"), err
     done = set_species_venomous(g, "Bufo bufo", False)
     assert (done.was, done.now, done.references, done.changed) == (False, False, 4, 1)  # the unflagged one
     version = Gallery.open(g.root).store.version

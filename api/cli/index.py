@@ -345,9 +345,13 @@ def cmd_species_set_venom(args: argparse.Namespace) -> int:
 
     done = set_species_venomous(args.index, args.species, parse_yes_no(args.venomous, "the venomous flag"),
                                 distinct_from_venomous=args.distinct_from_venomous)
-    references = f"{done.references} reference{'s' * (done.references != 1)}"
-    emit(f"{done.species}: venomous already {fmt_bool(done.now)} ({references}): nothing changed" if not done.changed
-         else f"{done.species}: venomous {fmt_bool(done.was)} -> {fmt_bool(done.now)} ({references})")
+    references, now = f"{done.references} reference{'s' * (done.references != 1)}", fmt_bool(done.now)
+    if not done.changed:
+        emit(f"{done.species}: venomous already {now} ({references}): nothing changed")
+    elif done.was == done.now:  # some rows said otherwise (no status, most often): not "no -> no"
+        emit(f"{done.species}: venomous {now} ({done.changed} of {references} set; the others were already {now})")
+    else:
+        emit(f"{done.species}: venomous {fmt_bool(done.was)} -> {now} ({references})")
     return 0
 
 
