@@ -28,10 +28,10 @@ from starlette.types import Scope
 
 from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
-from api.routers._edge import UNPARSED, FieldError, photo_field_error, store_answer
+from api.routers._edge import UNPARSED, FieldError, photo_field_error, revalidated, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService, etag_of
 from api.settings import Settings
-from index.errors import exception_chain
+from index.errors import chained
 from index.formats import speciesid_version
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ SPOOL_FAILED = ("this server cannot keep the request's photos in its temporary s
 def spool_failure(exc: BaseException) -> OSError | None:
     """The OSError behind a form parser's failure to write an upload to its temporary file (in ``exc``'s chain: the
     :data:`UNPARSED` 400 it was raised as), else None."""
-    return next((e for e in exception_chain(exc, context=True) if isinstance(e, OSError)), None)
+    return chained(exc, OSError, context=True)
 
 
 def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPException) -> str:
@@ -129,9 +129,9 @@ def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPExcept
         return f"at most {photos} photos per request; this one holds over 1000 files" if photos else detail
     if "multipart" not in detail.lower():
         return detail
-    parser = next((e for e in exception_chain(exc, context=True)  # Starlette's "Invalid
-                   if isinstance(e, MultipartParseError)), None)
-    if parser is not None and "header size" in str(parser):  # multipart data" hides python-multipart's reason
+    # Starlette's "Invalid multipart data" hides python-multipart's reason: found in the exception's chain
+    parser = chained(exc, MultipartParseError, context=True)
+    if parser is not None and "header size" in str(parser):
         return multipart_unreadable(f"a part's header is over {PART_HEADER_BYTES:,} bytes: a file name that long? "
                                     "send a shorter one")
     return multipart_unreadable(detail)
@@ -317,8 +317,5 @@ def page_file() -> tuple[bytes, str]:
 
 def page_response(request: Request) -> Response:
     """The web page with its ETag (:func:`page_file`), or a 304 when ``If-None-Match`` names that ETag."""
-    body, etag = page_file()
-    headers = {**PAGE_HEADERS, "Cache-Control": PAGE_CACHE, "ETag": etag}
-    if references.etag_matches(request.headers.get("if-none-match"), etag):  # as a thumbnail's
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="text/html; charset=utf-8", headers=headers)
+    body, etag = page_file()  # revalidated as a thumbnail is
+    return revalidated(request, body, etag, "text/html; charset=utf-8", {**PAGE_HEADERS, "Cache-Control": PAGE_CACHE})

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 def exception_chain(exc: BaseException | None, *, context: bool = False) -> Iterator[BaseException]:
@@ -17,6 +20,12 @@ def exception_chain(exc: BaseException | None, *, context: bool = False) -> Iter
         seen.add(id(at))
         yield at
         at = (at.__cause__ or at.__context__) if context else at.__cause__
+
+
+def chained(exc: BaseException | None, kind: type[E], *, context: bool = False) -> E | None:
+    """The first exception of type ``kind`` in ``exc``'s chain (:func:`exception_chain`; with ``context``, what
+    each was raised while handling too), else None."""
+    return next((e for e in exception_chain(exc, context=context) if isinstance(e, kind)), None)
 
 
 def first_line(exc: BaseException | str | None, limit: int) -> str:

@@ -1,11 +1,11 @@
 """Work done once (stop 54's leftovers of the final read): a photo's header opened once for its decode and its
-animation note, text_prior.json read once by ``index info``, a clean's applied lines from its own fields, one walk
-of an exception's chain, one taxon look-up a harmless-flag check, one "had finished when the interrupt came" hold."""
+animation note, a clean's applied lines from its own fields, one walk of an exception's chain, one taxon look-up a
+harmless-flag check, one "had finished when the interrupt came" hold. (text_prior.json read once by ``index info``:
+tests/test_venom_applies.py, beside its gallery.)"""
 
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -65,44 +65,6 @@ def test_a_still_photo_has_no_note():
     assert prepare(0, buf.getvalue(), _Stub()).note is None
 
 
-def _count_reads(monkeypatch, name: str) -> list[str]:
-    """The opens of files called ``name`` through :class:`pathlib.Path` (``read_bytes``, ``read_text``, ``open``)."""
-    from pathlib import Path
-
-    reads: list[str] = []
-    real = Path.open
-
-    def counting(self, *args, **kwargs):
-        if self.name == name:
-            reads.append(str(self))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", counting)
-    return reads
-
-
-@pytest.mark.parametrize("recorded", ["own", "another", "none"])
-def test_index_info_reads_text_prior_json_once(tmp_path, monkeypatch, recorded):
-    """``index info`` read text_prior.json twice when the probe records a prior's sha256 (once for its digest, once
-    for its species); once now, and the prior is taken as before: its species when the digest is the probe's."""
-    from test_venom_applies import _gallery, _write_prior
-
-    from retrieval.advice import record_checklist
-    from retrieval.probe import PROBE_META
-    from retrieval.workflows import gallery_info
-
-    g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
-    record_checklist(g, "moroccan")
-    digest = _write_prior(g, "Naja haje", True)
-    if recorded != "none":
-        sha = digest if recorded == "own" else "0" * 64
-        (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": sha}), encoding="utf-8")
-    reads = _count_reads(monkeypatch, "text_prior.json")
-    info = gallery_info(g)
-    assert len(reads) == 1, reads
-    assert ("Naja haje" in info["checklist"]["venomous_missing"]) is (recorded == "another"), info["checklist"]
-
-
 def test_a_cleans_applied_lines_come_from_its_own_fields(monkeypatch):
     """CleanResult.applied_lines (what an interrupted ``clean --apply`` prints) parsed :meth:`summary`'s text back
     (the lines from "applied: " on); it builds them from the result's fields now, as the summary's last lines."""
@@ -155,6 +117,16 @@ def test_one_walk_of_an_exceptions_chain_follows_causes_or_contexts_as_asked():
     a, b = ValueError("a"), ValueError("b")
     a.__cause__, b.__cause__ = b, a  # a chain that loops back: each once, then the walk ends
     assert list(exception_chain(a)) == [a, b] and list(exception_chain(a, context=True)) == [a, b]
+
+
+def test_chained_finds_the_first_exception_of_a_type_in_the_chain():
+    """index.errors.chained: the one search of a chain for a type (the app's spool failure and multipart reason)."""
+    from index.errors import chained
+
+    inner = OSError("disk full")
+    outer = _raised(inner, RuntimeError("while writing"), cause=False)  # a context, no cause
+    assert chained(outer, OSError, context=True) is inner and chained(outer, OSError) is None
+    assert chained(outer, RuntimeError) is outer and chained(None, OSError) is None
 
 
 def test_the_hub_checks_end_on_a_chain_that_loops():

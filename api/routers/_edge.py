@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from fastapi import HTTPException, UploadFile
+from fastapi import HTTPException, Request, Response, UploadFile
 
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, Upload
@@ -116,11 +116,12 @@ NEWER_FORMAT_WRITE = ("this server's speciesid is older than its gallery: {why}.
                       "restarts the server")
 
 
-def edge(fn: Callable[[], T]) -> T:
+def edge(fn: Callable[[], T], field: str | None = None) -> T:
     """Run ``fn``; a ServiceError (or ValueError from the library) becomes an HTTPException, and so does a failure
     of the store's write lease (:func:`lease_answer`): never a 400, as the request was not at fault. A failure of
     the store itself (a RuntimeError or OSError) is raised on to the app's handler, which knows the store and
-    answers with :func:`store_answer`."""
+    answers with :func:`store_answer`. ``field``: the request parameter ``fn`` checks, named in its ValueError's 400
+    (a :class:`FieldError`: the page marks that field)."""
     try:
         return fn()
     except ServiceError as exc:  # a 503 (the store unreachable) says when to retry, as the store's own do
@@ -139,7 +140,24 @@ def edge(fn: Callable[[], T]) -> T:
     except NewerFormatError as exc:  # the server's speciesid is older than the gallery's: not the request's fault
         raise HTTPException(409, NEWER_FORMAT_WRITE.format(why=exc)) from exc
     except ValueError as exc:
-        raise HTTPException(400, str(exc)) from exc
+        raise (FieldError(400, str(exc), field=field) if field else HTTPException(400, str(exc))) from exc
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, as RFC 9110 asks for it; ``*``: any)."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def revalidated(request: Request, body: bytes, etag: str, media_type: str, headers: dict[str, str]) -> Response:
+    """``body`` with its ``ETag`` and ``headers``, or a 304 with no body (the same headers) when the request's
+    ``If-None-Match`` names that ETag (:func:`etag_matches`): the web page's and a thumbnail's answer."""
+    headers = {**headers, "ETag": etag}
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
 
 
 def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException | None:

@@ -55,12 +55,17 @@ def readyz(request: Request) -> JSONResponse:
     once during a store outage); ``warning`` names the store and what answers 503 meanwhile. Degraded too while
     gallery.json was rewritten by a newer speciesid: answers go on, writes answer 409, ``warning`` says so.
     ``probe``: the probe answers use (:func:`retrieval.probe_share.probe_status`), read from memory and the folder,
-    never the store.
+    never the store; with ``references_since`` (references added and deleted since the probe was trained, and a
+    ``note`` while any were), counted once per gallery version, not per request.
     ``build``: whether the last build into the gallery completed (``state`` complete, running or interrupted, and a
     ``note``): a gallery a build left partial is ready all the same, and says so (:mod:`index.build_mark`).
     ``venom_applies``: whether answers give venom advice (:meth:`retrieval.identify.Identifier.venom_applies`: on
     unless gallery.json records it off, ``speciesid index venom-advice``), which the page words itself by; left out
-    when it cannot be told now (a gallery recorded off whose species cannot be read)."""
+    when it cannot be told now (a gallery recorded off whose species cannot be read).
+    ``uploads``: the kept upload photos no reference uses (an add cut off before its commit): ``unused``, of them
+    ``removable`` (older than a day), their ``bytes`` and a ``note`` saying what to run
+    (:func:`index.objects.unused_uploads`); counted on a thread of its own when the server starts, again when a
+    /readyz finds the count over an hour old, and left out until the first count is done."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)

@@ -13,7 +13,6 @@ from starlette.requests import ClientDisconnect
 from api.deps import ReadKey, Service
 from api.routers._edge import (
     UNPARSED,
-    FieldError,
     edge,
     errors,
     neighbour_out,
@@ -79,10 +78,7 @@ def identify(
 ) -> IdentifyOut:
     """Identify the animal in 1-5 photos of one observation, combined into one answer."""
     if country:  # a bad country is a 400 before any upload is decoded, naming the field (the page marks it)
-        try:
-            resolve_country(country)
-        except ValueError as exc:
-            raise FieldError(400, str(exc), field="country") from exc
+        edge(lambda: resolve_country(country), field="country")
     edge(service.require_references)  # an empty gallery is a 409 before any upload is decoded
     uploads = read_uploads(service, images, at_most=service.settings.max_images)
     answer = edge(lambda: service.identify(uploads, top=k, rank=rank, country=country))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import BeforeValidator
 
 from api.deps import ReadKey, Service, WriteKey
-from api.routers._edge import edge, errors
+from api.routers._edge import edge, errors, revalidated
 
 router = APIRouter(prefix="/v1/references", tags=["references"])
 
@@ -36,14 +36,6 @@ def delete_reference(service: Service, _: WriteKey, ref_id: RefId) -> Response:
 THUMBNAIL_CACHE = "private, max-age=3600"
 
 
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, as RFC 9110 asks for it; ``*``: any)."""
-    if not if_none_match:
-        return False
-    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
-    return "*" in tags or etag in tags
-
-
 @router.get(
     "/{ref_id}/image",
     responses={**errors(401, 404, 422), 200: {"content": {"image/jpeg": {}}, "description": "JPEG thumbnail"},
@@ -56,7 +48,4 @@ def reference_image(request: Request, service: Service, _: ReadKey, ref_id: RefI
     first 32 hex digits of the sha256 of the thumbnail's bytes, made with the thumbnail and kept with it) that
     ``If-None-Match`` revalidates with a 304."""
     thumb = edge(lambda: service.thumbnail(ref_id))
-    headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": thumb.etag}
-    if etag_matches(request.headers.get("if-none-match"), thumb.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(thumb.data, media_type="image/jpeg", headers=headers)
+    return revalidated(request, thumb.data, thumb.etag, "image/jpeg", {"Cache-Control": THUMBNAIL_CACHE})
