@@ -14,11 +14,15 @@ import shutil
 import socket
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
+
+if TYPE_CHECKING:
+    import uvicorn
 
 SPECIES = (
     "Philippine Cobra (Naja philippinensis)",
@@ -99,7 +103,8 @@ async def body_size_app(scope, receive, send) -> None:
 
 
 @contextmanager
-def serving(app, wait_s: float = 20.0, make=None, **config) -> Iterator[int]:
+def serving(app, wait_s: float = 20.0, make: Callable[[uvicorn.Config], uvicorn.Server] | None = None,
+            **config) -> Iterator[int]:
     """``app`` in a real uvicorn on 127.0.0.1 (a thread), its port yielded; stopped on the way out. ``make``: builds
     the server from its ``uvicorn.Config`` (default ``uvicorn.Server``)."""
     import threading

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,39 @@ def s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:
     there are none."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def until(cond: Callable[[], bool], what: str, limit: float = 120.0) -> None:
+    """Wait (polling) until ``cond()`` holds, for something done on another thread or process; fails naming
+    ``what`` after ``limit`` seconds (a generous bound, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, f"{what}: not within {limit:g} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def count_opens(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[str]]:
+    """``count_opens(name)``: a list that, from then on in the test, holds the path of every open of a file called
+    ``name`` by any means Python code opens one (``open``, ``io.open``, and through it ``Path.open``,
+    ``read_bytes`` and ``read_text``): a "read once" test asserts its length."""
+    import builtins
+    import io
+
+    def start(name: str) -> list[str]:
+        opens: list[str] = []
+        real = io.open
+
+        def counting(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(file, (str, bytes, os.PathLike)) and Path(os.fsdecode(file)).name == name:
+                opens.append(os.fsdecode(file))
+            return real(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", counting)
+        monkeypatch.setattr(io, "open", counting)
+        return opens
+
+    return start
 
 
 def save_tiny_open_clip(folder: Path, seed: int = 0) -> Path:

@@ -50,6 +50,17 @@ def _is_error(resp, status: int) -> str:
     return detail
 
 
+@pytest.fixture
+def bare_client(tmp_path):
+    """A client of an app with no model loaded (the lifespan does not run): what is served before it loads."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    return TestClient(create_app(Settings(index=str(tmp_path))))
+
+
 @pytest.fixture(scope="module")
 def loads():
     """Counts how often the service opens the model (must be once per app)."""
@@ -130,16 +141,11 @@ def test_health_and_ready(client):
     assert 'id="identify-button"' in page.text
 
 
-def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(tmp_path):
+def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(bare_client):
     """Walk s54 #12: the page had no Cache-Control and answered a matching If-None-Match with the whole page again,
     and a favicon 404 on every load; #1, #3: it had no live region for the answer, no alert for the warning and
     nothing for a browser that does not run its script. (No model needed: the page is served before it loads.)"""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from api.settings import Settings
-
-    c = TestClient(create_app(Settings(index=str(tmp_path))))
+    c = bare_client
     page = c.get("/")
     assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
     etag = page.headers["etag"]
@@ -160,30 +166,19 @@ def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(
             'enctype="multipart/form-data">') in html
 
 
-def test_the_page_is_read_and_hashed_once_and_tagged_as_a_thumbnail_is(tmp_path, monkeypatch):
+def test_the_page_is_read_and_hashed_once_and_tagged_as_a_thumbnail_is(bare_client, count_opens):
     """s54 re-read #8: the page was read and hashed at every GET, and the ETag's formula was written twice (the page,
-    the thumbnails): read once per process, one helper (api.service.etag_of)."""
+    the thumbnails): read once per process, one helper (api.service.etag_of). The cache is emptied first (an earlier
+    test read the page) and every open of the file counted, however it is read (final read #1)."""
     from hashlib import sha256
 
-    from fastapi.testclient import TestClient
-
     import api.app
-    from api.app import create_app
     from api.service import Thumbnail, etag_of
-    from api.settings import Settings
 
-    reads = []
-    real = Path.read_bytes
-
-    def counted(self):
-        if self.name == "index.html":
-            reads.append(self)
-        return real(self)
-
-    monkeypatch.setattr(Path, "read_bytes", counted)
-    c = TestClient(create_app(Settings(index=str(tmp_path))))
-    pages = [c.get("/") for _ in range(3)]
-    assert len(reads) <= 1 and {p.status_code for p in pages} == {200}, reads  # 0: read by an earlier test
+    api.app.page_file.cache_clear()
+    reads = count_opens("index.html")
+    pages = [bare_client.get("/") for _ in range(3)]
+    assert len(reads) == 1 and {p.status_code for p in pages} == {200}, reads
     body = (api.app.STATIC / "index.html").read_bytes()
     assert pages[0].content == body and pages[0].headers["etag"] == etag_of(body)
     assert Thumbnail.of(b"jpeg bytes").etag == etag_of(b"jpeg bytes") == f'"{sha256(b"jpeg bytes").hexdigest()[:32]}"'
@@ -266,16 +261,11 @@ def test_an_empty_gallery_is_said_at_start_in_readyz_and_by_a_409_until_referenc
     del loads[before:]
 
 
-def test_the_docs_pages_load_nothing_from_another_host(tmp_path):
+def test_the_docs_pages_load_nothing_from_another_host(bare_client):
     """/docs and /redoc work offline: every script, style sheet and icon they name is served by this app."""
     import re
 
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-    from api.settings import Settings
-
-    c = TestClient(create_app(Settings(index=str(tmp_path))))  # no model needed: the lifespan does not run
+    c = bare_client  # no model needed: the lifespan does not run
     for page in ("/docs", "/redoc"):
         html = c.get(page).text
         assert "http://" not in html and "https://" not in html, page

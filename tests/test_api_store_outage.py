@@ -9,10 +9,10 @@ gives (walkthrough s47, finding 1).
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 from _api_support import API_KEY, COBRA, SPECIES, binomial, photos, store_client
+from conftest import until
 
 KEYS = {"X-API-Key": API_KEY}
 #: What Lance raises when the S3 endpoint is unreachable (checked against moto's server, stopped).
@@ -89,9 +89,7 @@ def test_a_store_outage_is_a_json_503_with_retry_after_on_every_route_and_counte
         assert _sample(text, f"speciesid_requests_total{{{series}}}") - _sample(
             before, f"speciesid_requests_total{{{series}}}") == 1, series
     # the store answers again: so does every route, from the next look (after the outage's back-off pause)
-    deadline = time.monotonic() + 60
-    while client.get("/readyz").json()["status"] != "ready" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    until(lambda: client.get("/readyz").json()["status"] == "ready", "/readyz ready again", limit=60)
     # "uploads": counted on a thread of its own (tests/test_unused_uploads.py), here or not yet
     assert {k: v for k, v in client.get("/readyz").json().items() if k not in ("probe", "uploads")} == {
         "status": "ready", "references": size, "encoder": service.gallery.encoder_spec,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
+from collections.abc import Callable
 
 import httpx
 import pytest
+import uvicorn
 from _api_support import API_KEY, SPECIES, body_size_app, gallery_copy, photos, serving
+from conftest import until
 
 from api.server import GracefulServer, graceful_server
 from api.settings import Settings
@@ -28,26 +30,25 @@ def _stalled_upload(port: int) -> socket.socket:
     return s
 
 
-def _until(what, deadline_s: float = 120.0) -> None:
-    """Wait until ``what()`` holds (a generous deadline: not a timing assertion)."""
-    end = time.monotonic() + deadline_s
-    while not what():
-        assert time.monotonic() < end, "never happened"
-        time.sleep(0.05)
-
-
-def test_a_stalled_upload_is_cut_at_the_grace_limit_and_the_stop_is_logged(caplog):
+def _recording() -> tuple[list[GracefulServer], Callable[[uvicorn.Config], GracefulServer]]:
+    """A ``make`` for :func:`_api_support.serving` that keeps the server it builds (the test stops it as a signal
+    does), and the list it keeps it in."""
     servers: list[GracefulServer] = []
 
-    def make(config):
+    def make(config: uvicorn.Config) -> GracefulServer:
         servers.append(GracefulServer(config))
         return servers[-1]
 
+    return servers, make
+
+
+def test_a_stalled_upload_is_cut_at_the_grace_limit_and_the_stop_is_logged(caplog):
+    servers, make = _recording()
     assert graceful_server(body_size_app, Settings()).config.timeout_graceful_shutdown == 25.0  # the default
     with caplog.at_level(logging.WARNING, logger="api.server"):
         with serving(body_size_app, make=make, timeout_graceful_shutdown=0.5) as port:
             client = _stalled_upload(port)
-            _until(lambda: servers[0].in_flight.describe() != "no request in flight")
+            until(lambda: servers[0].in_flight.describe() != "no request in flight", "the upload in flight")
             servers[0].should_exit = True  # what SIGTERM does; the block's end waits for the stop (20 s at most)
         answer = client.recv(65536).decode()
         client.close()
@@ -89,11 +90,7 @@ def test_an_add_committing_when_the_grace_ends_is_finished_not_cut_and_no_write_
     monkeypatch.setattr(service_module.workflows, "add_photos", slow_add)
     settings = Settings(index=str(index), precision="fp32", api_keys=API_KEY, shutdown_grace_s=0.2)
     app = create_app(settings)
-    servers: list[GracefulServer] = []
-
-    def make(config):
-        servers.append(GracefulServer(config))
-        return servers[-1]
+    servers, make = _recording()
 
     added: dict[str, object] = {}
     new = photos("train", SPECIES[0])[10:12]
@@ -108,14 +105,14 @@ def test_an_add_committing_when_the_grace_ends_is_finished_not_cut_and_no_write_
 
     with caplog.at_level(logging.WARNING):
         with serving(app, wait_s=300, make=make, timeout_graceful_shutdown=settings.shutdown_grace_s) as port:
-            _until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
+            until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200, "/readyz ready")
             service = app.state.service
             thread = threading.Thread(target=add, args=(port,))
             thread.start()
             assert inside.wait(120)  # its body received, its photos embedded, in its write
             servers[0].should_exit = True
             # past the grace, the app's shutdown waits for the write, which then commits
-            _until(lambda: "waiting for this server's write in progress" in caplog.text)
+            until(lambda: "waiting for this server's write in progress" in caplog.text, "the stop's wait logged")
             release.set()
         thread.join(60)
     assert len(Gallery.open(index)) == before + 2  # committed whole, while the server stopped

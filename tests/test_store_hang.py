@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from _api_support import API_KEY, COBRA, SPECIES, binomial, gallery_copy, photos, store_client
 from _store_proxy import StoreProxy
+from conftest import until
 from test_api_store_outage import _DeadTable
 from test_object_store import _TINY, BUCKET, s3_endpoint, s3_env  # noqa: F401 - the fixtures, reused
 
@@ -49,14 +49,6 @@ def _within(fn: Callable[[], Any], what: str, bound: float = BOUND_S) -> Any:
     if "error" in out:
         raise out["error"]
     return out["value"]
-
-
-def _until(cond: Callable[[], bool], what: str, limit: float = 120.0) -> None:
-    """Wait (polling) until ``cond()`` holds; fails after ``limit`` seconds (a bound, not a timing assert)."""
-    end = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < end, f"{what}: not within {limit:g} s"
-        time.sleep(0.05)
 
 
 def _rows(n: int, start: int, rng: np.random.Generator) -> tuple[list[ReferenceRecord], list[str], np.ndarray]:
@@ -94,9 +86,9 @@ def test_a_hanging_s3_store_leaves_reads_answering_and_a_write_made_meanwhile_is
         (new,) = other.add(*_rows(1, 10, rng))  # written meanwhile, through another machine
 
         proxy.set("forward")  # the store answers again
-        _until(lambda: server.refresh() is not None and new in server.index.ids.tolist(),
-               "the write made during the hang is seen")
-        _until(lambda: not server.reading_stale, "reads are no longer stale")
+        until(lambda: server.refresh() is not None and new in server.index.ids.tolist(),
+              "the write made during the hang is seen")
+        until(lambda: not server.reading_stale, "reads are no longer stale")
         assert "answers again" in caplog.text
     finally:
         proxy.close()
@@ -151,7 +143,7 @@ def test_a_hanging_store_leaves_identify_readyz_and_metrics_answering_and_the_re
     finally:
         hanging.release.set()
         store._table = hanging.table
-    _until(lambda: client.get("/readyz").json()["status"] == "ready", "/readyz ready again")
+    until(lambda: client.get("/readyz").json()["status"] == "ready", "/readyz ready again")
     assert "\nspeciesid_store_up 1.0\n" in client.get("/metrics").text
     assert client.get("/v1/species").status_code == 200
 
@@ -231,7 +223,7 @@ def test_a_store_whose_table_is_gone_answers_a_json_500_saying_so_and_metrics_st
         assert scraped.status_code == 200 and "\nspeciesid_store_up 0.0\n" in scraped.text
     finally:
         store._table = table
-    _until(lambda: client.get("/readyz").status_code == 200, "/readyz ready again")
+    until(lambda: client.get("/readyz").status_code == 200, "/readyz ready again")
 
 
 def test_the_line_of_a_store_that_does_not_answer_names_it_says_to_check_the_network_and_cuts_no_word():
@@ -298,7 +290,7 @@ def test_a_look_waiting_on_this_processs_own_write_is_no_outage_and_one_failing_
         with caplog.at_level(logging.WARNING, logger="index.gallery"):
             gallery.refresh()
             assert not gallery.reading_stale
-            _until(lambda: gallery._check is None, "the look to end")
+            until(lambda: gallery._check is None, "the look to end")
         assert "has not answered" not in caplog.text and not gallery.reading_stale and gallery._failures == 0
         caplog.clear()
     finally:

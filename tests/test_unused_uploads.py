@@ -10,6 +10,7 @@ import os
 import time
 
 from _api_support import gallery_copy
+from conftest import until
 
 from api.cli import main
 
@@ -46,10 +47,8 @@ def test_index_info_and_readyz_count_the_unused_uploads_and_name_the_sweep(tmp_p
     service = SpeciesService(Settings(index=str(index), precision="fp32"))  # counts them on a thread at start
     try:
         with TestClient(create_app(service=service)) as client:
-            end = time.monotonic() + 120
-            while "uploads" not in (body := client.get("/readyz").json()):
-                assert time.monotonic() < end, body
-                time.sleep(0.05)
+            until(lambda: "uploads" in client.get("/readyz").json(), "/readyz's uploads block")
+            body = client.get("/readyz").json()
         assert body["uploads"]["unused"] == 2 and body["uploads"]["removable"] == 1
         assert "with the server's gallery folder, on its machine" in body["uploads"]["note"]
     finally:

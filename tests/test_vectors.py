@@ -230,23 +230,16 @@ def test_save_load_round_trip(kind: str, small: tuple[np.ndarray, np.ndarray], t
 
 
 def test_load_index_reads_the_manifest_once(small: tuple[np.ndarray, np.ndarray], tmp_path: Path,
-                                           monkeypatch) -> None:
+                                           count_opens) -> None:
     """load_index reads the manifest to tell the kind: VectorIndex.load takes that one, not a second read."""
     from index.vectors import load_index, read_manifest
 
     x, ids = small
     path = tmp_path / "gallery.faiss"
     _build("flat", x, ids).save(path, {"store_version": 4})
-    reads: list[str] = []
-    real = Path.read_text
-
-    def counted(self: Path, *args: object, **kwargs: object) -> str:
-        reads.append(self.name)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", counted)
+    reads = count_opens("gallery.faiss.json")
     loaded, meta = load_index(path)
-    assert reads == ["gallery.faiss.json"] and loaded.ntotal == ids.size
+    assert reads == [str(path) + ".json"] and loaded.ntotal == ids.size
     assert meta == {"store_version": 4, "kind": "flat", "dim": 32, "count": ids.size} == read_manifest(path)
 
 

@@ -455,16 +455,23 @@ def test_the_add_note_counts_the_text_priors_venomous_species_as_answers_do(tmp_
             "its venom status stays unknown (answers count it as possibly venomous") in caplog.text, caplog.text
 
 
-def test_index_info_reads_the_text_prior_as_answers_take_it(tmp_path):
-    """Final re-read #2: index info's venom note and checklist block read a text_prior.json whose sha256 is not the
-    probe's, which answers go without; one reading now (workflows._answered_prior), the answers'."""
+def _birds_with_a_cobra_prior(tmp_path) -> tuple[Gallery, str]:
+    """A gallery of two birds with the Moroccan checklist and a text_prior.json naming Naja haje venomous (no probe
+    yet): the gallery and the prior's sha256."""
     from retrieval.advice import record_checklist
-    from retrieval.probe import PROBE_META
-    from retrieval.workflows import gallery_info
 
     g, _ = _gallery(tmp_path, {"Corvus corax": {}, "Passer domesticus": {}})
     record_checklist(g, "moroccan")
-    digest = _write_prior(g, "Naja haje", True)
+    return g, _write_prior(g, "Naja haje", True)
+
+
+def test_index_info_reads_the_text_prior_as_answers_take_it(tmp_path):
+    """Final re-read #2: index info's venom note and checklist block read a text_prior.json whose sha256 is not the
+    probe's, which answers go without; one reading now (workflows._answered_prior), the answers'."""
+    from retrieval.probe import PROBE_META
+    from retrieval.workflows import gallery_info
+
+    g, digest = _birds_with_a_cobra_prior(tmp_path)
     (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": "0" * 64}), encoding="utf-8")  # another's
     info = gallery_info(g)  # the prior taken by no answer: birds only -> the hint; Naja haje not nameable
     assert "none of" in info["venom_advice"]["note"].casefold(), info["venom_advice"]
@@ -472,6 +479,23 @@ def test_index_info_reads_the_text_prior_as_answers_take_it(tmp_path):
     (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": digest}), encoding="utf-8")  # the probe's own
     info = gallery_info(g)  # a cobra among its answers' species: no hint, and its prior names it
     assert info["venom_advice"]["note"] == "" and "Naja haje" not in info["checklist"]["venomous_missing"], info
+
+
+@pytest.mark.parametrize("recorded", ["own", "another", "none"])
+def test_index_info_reads_text_prior_json_once(tmp_path, count_opens, recorded):
+    """``index info`` read text_prior.json twice when the probe records a prior's sha256 (once for its digest, once
+    for its species); once now, and the prior is taken as before: its species when the digest is the probe's."""
+    from retrieval.probe import PROBE_META
+    from retrieval.workflows import gallery_info
+
+    g, digest = _birds_with_a_cobra_prior(tmp_path)
+    if recorded != "none":
+        sha = digest if recorded == "own" else "0" * 64
+        (g.root / PROBE_META).write_text(json.dumps({"text_prior_sha256": sha}), encoding="utf-8")
+    reads = count_opens("text_prior.json")
+    info = gallery_info(g)
+    assert len(reads) == 1, reads
+    assert ("Naja haje" in info["checklist"]["venomous_missing"]) is (recorded == "another"), info["checklist"]
 
 
 def test_an_api_add_names_no_server_path_in_its_refusals(tmp_path):
