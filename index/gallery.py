@@ -130,12 +130,18 @@ class Neighbour:
     dataset: str | None  # dataset it came from
     cosine: float | None = None  # plain cosine similarity to the query, when the vote's metric is another
 
+    @property
+    def plain_cosine(self) -> float:
+        """The plain cosine similarity to the query: :attr:`cosine` when the vote's metric is another, else
+        :attr:`similarity` (which is then that cosine)."""
+        return self.similarity if self.cosine is None else self.cosine
+
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict: ``similarity`` is the plain cosine (as search answers it), ``vote_similarity`` the
         similarity the vote weighed (the same unless the vote runs on the whitened metric)."""
         out = asdict(self)
-        cosine = out.pop("cosine")
-        out["similarity"], out["vote_similarity"] = (self.similarity if cosine is None else cosine), self.similarity
+        del out["cosine"]
+        out["similarity"], out["vote_similarity"] = self.plain_cosine, self.similarity
         return out
 
 
