@@ -25,6 +25,7 @@ from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.gallery import Neighbour
 from index.lease import is_s3
+from index.locks import GIVE_UP_POLL_S, WaitGivenUp
 from index.objects import StoreObjectError, unused_uploads, unused_uploads_words
 from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
@@ -170,8 +171,10 @@ class SpeciesService:
             logger.warning("%s", other)
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads
-        self._write_lock = threading.Lock()
-        self._stopping = False  # set by close(): no write starts after it
+        self._write_lock = threading.Lock()  # this server's turn: one write at a time
+        self._state = threading.Condition()  # guards _stopping and _committing (close() and the writes)
+        self._stopping = False  # set by close(): no write takes the gallery's lock after it
+        self._committing = False  # a write holds the gallery's lock and writes: close() waits for it
         self._uploads: tuple[float, dict | None] | None = None  # (time.monotonic() of the count, unused_uploads)
         self._uploads_lock = threading.Lock()
         self._uploads_counting = False
@@ -204,16 +207,16 @@ class SpeciesService:
             self._uploads, self._uploads_counting = (time.monotonic(), counted), False
 
     def close(self) -> None:
-        """Stop background threads, once the write in progress (an add's or a delete's commit) is done: no write is
-        cut half-way by a stop, and none starts after (:class:`Stopping`)."""
-        if not self._write_lock.acquire(blocking=False):
-            logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
-                           "committing, or waiting %.0f s at most for the gallery's lock)", self.settings.write_wait_s)
-            self._write_lock.acquire()
-        try:
+        """Stop background threads, once the write in its commit (an add's or a delete's, holding the gallery's lock)
+        is done: no write is cut half-way by a stop. Every other write is refused (:class:`Stopping`, a 503,
+        nothing written): one queued behind this server's write in progress, and one still waiting for the
+        gallery's lock (another process's writer, the S3 lease), which stops waiting at once."""
+        with self._state:
             self._stopping = True
-        finally:
-            self._write_lock.release()
+            if self._committing:
+                logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
+                               "committing; writes not yet holding the gallery's lock are refused)")
+                self._state.wait_for(lambda: not self._committing)
         self.batcher.close()
         self._pool.shutdown(wait=False)
 
@@ -403,19 +406,49 @@ class SpeciesService:
         holds nested in it never wait. Past it a TimeoutError (a 503 with Retry-After) before anything is written,
         so a client answered 503 has nothing written. An add's photos are embedded before this (their time is
         not counted in ``write_wait_s``), so neither lock is held while the model runs: other writers wait only
-        for the write itself (the species check, the upload files, the digest re-check, ids, commit, index)."""
+        for the write itself (the species check, the upload files, the digest re-check, ids, commit, index).
+        Once the server is stopping (:meth:`close`), a write waiting for either is refused (:class:`Stopping`, a 503,
+        nothing written); one holding the gallery's lock finishes."""
         wait = self.settings.write_wait_s
         start = time.monotonic()
-        if not self._write_lock.acquire(timeout=wait):
+        if not self._take_turn(start + wait):
             raise TimeoutError(f"this server's other writes to this gallery have kept this one waiting for over "
                                f"{wait:.0f} s; try again when they are done")
         try:
-            if self._stopping:
-                raise Stopping(STOPPING)
-            with self.gallery.writing(wait=max(wait - (time.monotonic() - start), 0.0)):
-                yield
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(self.gallery.writing(wait=max(wait - (time.monotonic() - start), 0.0),
+                                                            give_up=lambda: self._stopping))
+                except WaitGivenUp as exc:  # the server began to stop while this write waited: nothing written
+                    raise Stopping(STOPPING) from exc
+                with self._state:  # close() sets _stopping under it: a write either commits whole or never starts
+                    if self._stopping:
+                        raise Stopping(STOPPING)
+                    self._committing = True
+                try:
+                    yield
+                finally:
+                    with self._state:
+                        self._committing = False
+                        self._state.notify_all()
         finally:
             self._write_lock.release()
+
+    def _take_turn(self, deadline: float) -> bool:
+        """Take this server's turn to write (:meth:`_writing`) by ``deadline`` (time.monotonic()): False when the
+        time ran out; :class:`Stopping` once the server is stopping (a write queued behind another is refused,
+        nothing written), looked at every :data:`index.locks.GIVE_UP_POLL_S` while it waits."""
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            if self._write_lock.acquire(timeout=min(left, GIVE_UP_POLL_S)):
+                if self._stopping:
+                    self._write_lock.release()
+                    raise Stopping(STOPPING)
+                return True
+            if self._stopping:
+                raise Stopping(STOPPING)
+            if left <= 0.0:
+                return False
 
     def add_references(
         self,
