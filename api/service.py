@@ -44,6 +44,9 @@ THUMBNAILS_KEPT = 1024
 #: How old the count of unused uploads (``/readyz``'s ``uploads``) may get before a ``/readyz`` starts counting again
 #: (on a thread of its own: the count reads every row's source path and lists the uploads).
 UPLOADS_RECOUNT_S = 3600.0
+#: After a count that failed (or could not count: ``unused`` null), the next ``/readyz`` counts again once this long
+#: has passed, doubled at each failure in a row up to :data:`UPLOADS_RECOUNT_S`.
+UPLOADS_RETRY_S = 60.0
 
 
 class ServiceError(ValueError):
@@ -178,6 +181,8 @@ class SpeciesService:
         self._uploads: tuple[float, dict | None] | None = None  # (time.monotonic() of the count, unused_uploads)
         self._uploads_lock = threading.Lock()
         self._uploads_counting = False
+        self._uploads_failures = 0  # counts in a row that failed or could not count (the back-off's)
+        self._uploads_thread: threading.Thread | None = None  # the last count's
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
         self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
@@ -186,24 +191,38 @@ class SpeciesService:
     def uploads_status(self) -> dict | None:
         """The ``uploads`` block of ``/readyz`` (:func:`index.objects.unused_uploads`, worded for an HTTP client): the
         last count, None until the first is done; a count older than :data:`UPLOADS_RECOUNT_S` (or none) starts
-        another on a thread of its own, so no request waits on it (the server counts once when it starts)."""
+        another on a thread of its own, so no request waits on it (the server counts once when it starts). A count
+        that failed or could not count is tried again at the first look :data:`UPLOADS_RETRY_S` after it (doubled
+        at each failure in a row, up to the hour)."""
         with self._uploads_lock:
             kept = self._uploads
-            if (kept is None or time.monotonic() - kept[0] > UPLOADS_RECOUNT_S) and not self._uploads_counting:
+            if (kept is None or time.monotonic() - kept[0] > self._recount_after()) and not self._uploads_counting:
                 self._uploads_counting = True
-                threading.Thread(target=self._count_uploads, name="speciesid-uploads", daemon=True).start()
+                self._uploads_thread = threading.Thread(target=self._count_uploads, name="speciesid-uploads",
+                                                        daemon=True)
+                self._uploads_thread.start()
         return kept[1] if kept is not None else None
 
+    def _recount_after(self) -> float:
+        """Seconds after the last count that the next one starts (:meth:`uploads_status`; under its lock)."""
+        if not self._uploads_failures:
+            return UPLOADS_RECOUNT_S
+        return min(UPLOADS_RETRY_S * 2 ** (self._uploads_failures - 1), UPLOADS_RECOUNT_S)
+
     def _count_uploads(self) -> None:
-        """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown."""
+        """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown until
+        the retry (:data:`UPLOADS_RETRY_S`). Each count that finds some unused logs it (at start, then hourly while
+        ``/readyz`` is asked)."""
         try:
             counted = unused_uploads(self.gallery, api=True)
             if counted["unused"]:  # null when it could not be counted now (the note says why)
                 logger.warning("gallery %s: %s", self.gallery.root, unused_uploads_words(counted, self.gallery.root))
-        except Exception as exc:  # a thread of its own: nothing to raise to; counted again at the next look
+        except Exception as exc:  # noqa: BLE001 - a thread of its own: nothing to raise to; counted again soon
             logger.warning("the unused uploads of %s were not counted: %s", self.gallery.root, exc)
             counted = None
         with self._uploads_lock:
+            failed = counted is None or counted["unused"] is None
+            self._uploads_failures = self._uploads_failures + 1 if failed else 0
             self._uploads, self._uploads_counting = (time.monotonic(), counted), False
 
     def close(self) -> None:

@@ -470,10 +470,11 @@ def unused_uploads(gallery: Gallery, *, api: bool = False) -> dict[str, Any]:
     flight), their ``bytes``, and a ``note`` saying what to run ("" when none is unused). ``api``: the note worded
     for an HTTP client (the command runs on the server's machine). Not swept here: a sweep takes the gallery's write
     hold (on S3 the store's lease), and a photo a kill left is younger than the grace age for a day anyway. A store
-    or folder that cannot be read now: ``unused`` null and a ``note`` saying why."""
+    or folder that cannot be read now (any error of the store: lance's ValueError too): ``unused`` null and a
+    ``note`` saying why, never raised (``index info`` goes on)."""
     try:
         report = sweep_uploads(gallery, dry_run=True)
-    except (OSError, RuntimeError) as exc:  # the store or the folder unreadable now: said, not raised
+    except Exception as exc:  # noqa: BLE001 - the store or the folder unreadable now: said, not raised
         return {"unused": None, "removable": None, "bytes": None,
                 "note": f"the kept uploads could not be counted now: {_first(exc)}"}
     counted = {"unused": len(report.orphans) + report.young, "removable": len(report.orphans), "bytes": report.bytes}
