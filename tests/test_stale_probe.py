@@ -212,6 +212,23 @@ def test_the_id_set_survives_a_save_and_an_older_probe_says_the_net_change(tmp_p
     assert references_since(imported, g.index.ids) is None  # a head trained elsewhere: nothing to compare
 
 
+def test_the_net_change_is_counted_and_worded_once_for_answers_and_evaluate(tmp_path):
+    """Re-read of stop 54 (finding 10): evaluate's protocol (``LinearProbe.out_of_date``) counted the net change of
+    an older probe.json again, in words of its own ("the probe trained on 18 references and the gallery now holds
+    20: 2 references were added since"); it now says what answers, /readyz and index info say."""
+    g, _ = _gallery(tmp_path)
+    probe = _probe(g)
+    species = {HARMLESS: 10, VENOMOUS: 10}
+    for trained_on, words in ((18, "2 reference photos more than when the probe was trained"),
+                              (23, "3 reference photos fewer than when the probe was trained")):
+        older = LinearProbe(species=probe.species, weight=probe.weight, bias=probe.bias,
+                            fingerprint=probe.fingerprint, trained_on=trained_on)
+        moved = references_since(older, g.index.ids).moved()
+        assert moved.startswith(words) and moved in references_since(older, g.index.ids).note()
+        assert older.out_of_date(species) == f"{moved} (retrain: speciesid probe train)"
+    assert ": photos that left it may have trained it" in moved
+
+
 def test_the_cli_and_the_server_say_the_probe_is_older_than_photos_added_since(tmp_path_factory, capsys):
     """Real MobileNetV1 weights: train, add 3 photos of a species the probe knows, then identify one (CLI), look at
     ``index info`` and ``/readyz``; train again: nothing to say."""
