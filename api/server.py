@@ -5,11 +5,12 @@ lets the requests in flight finish for ``shutdown_grace_s`` (SPECIESID_SHUTDOWN_
 ``timeout_graceful_shutdown``); past it uvicorn cancels the ones still running, which cuts an upload still arriving
 (a stalled client would otherwise hold the stop for SPECIESID_BODY_TIMEOUT_S). An add or delete is never cut in its
 commit: its body is received before its route runs, the route runs on a worker thread that a cancel does not stop,
-and the app's shutdown (:meth:`api.service.SpeciesService.close`) waits for the write in progress and lets no other
-start. The server logs, at warning level (``serve`` shows uvicorn's own lines only with ``-v``), when the stop
-begins and what is in flight then, and when it ends and what was cut (once the cut requests' cancels have arrived:
-a route on a worker thread gets it only when the thread returns). A request is an upload still arriving while the
-body of a POST to a write or identify route has not all come; a DELETE has none.
+and the app's shutdown (:meth:`api.service.SpeciesService.close`) waits for a write in its commit and refuses every
+other (one queued, or still waiting for the gallery's lock: a 503, nothing written). The server logs, at warning
+level (``serve`` shows uvicorn's own lines only with ``-v``), when the stop begins and what is in flight then, and
+when it ends and what was cut (once the cut requests' cancels have arrived: a route on a worker thread gets it only
+when the thread returns). A request is an upload still arriving while the body of a POST to a write or identify
+route has not all come; a DELETE has none.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from index.layout import FAR_THRESHOLD_FILE, check_encoder
 from index.photos import first_few
 from index.records import rank_genus
 from index.store import SpeciesSummary
-from index.vectors import in_sorted, sorted_unique
 from retrieval.advice import (
     VENOM_WARN_AT,
     ChecklistCoverage,
@@ -518,7 +517,7 @@ class Identifier:
         if since is None or not since.stale:
             return False
         ids = self.probe.reference_ids if self.probe is not None else None
-        return ids is None or not bool(in_sorted(np.array([reference], np.int64), sorted_unique(ids))[0])
+        return ids is None or not bool((ids == reference).any())  # one scan: only answers with a near-copy ask
 
     def stale_probe_note(self, *, api: bool = False) -> str:
         """The note every answer carries while the probe is older than the gallery (:meth:`references_since`), ""
