@@ -158,7 +158,7 @@ class WriteLock:
         try:
             try:  # the flock released whatever comes once it is taken (a Ctrl-C just after included)
                 if self._depth == 0:
-                    waited += self._acquire(wait, give_up)
+                    waited += self._acquire(wait) if give_up is None else self._acquire(wait, give_up)
                 lease = None if local else self.remote
                 took = lease is not None and not lease.held
                 try:

@@ -1231,8 +1231,8 @@ def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_
     lock = WriteLock(tmp_path / ".write.lock")
     flock_waits: list[float] = []  # the wait each hold that really takes the lock (not a nested one) was given
     real_acquire = lock._acquire
-    monkeypatch.setattr(lock, "_acquire", lambda timeout, give_up=None: (flock_waits.append(timeout),
-                                                                         real_acquire(timeout, give_up))[1])
+    monkeypatch.setattr(lock, "_acquire", lambda timeout, *give_up: (flock_waits.append(timeout),
+                                                                     real_acquire(timeout, *give_up))[1])
 
     gallery = mock.MagicMock()  # its writing() as Gallery's: the lock's hold, write_wait_s unless told the wait
     gallery.reading_stale = False  # its store answers (a server refuses writes at once while it does not)
