@@ -47,6 +47,11 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
 )
 
 
+def route_kind(method: str, path: str) -> str:
+    """The kind of the route a request is for (:data:`ROUTES`): "write", "identify", or "read" for any other."""
+    return next((kind for m, pattern, kind in ROUTES if m == method and pattern.match(path)), "read")
+
+
 def no_keys_message(kind: str) -> str:
     """The 401 of a request that needs a key when no SPECIESID_API_KEYS is configured (``kind``: write or a read)."""
     if kind == "write":
@@ -232,14 +237,11 @@ class EdgeGuard:
         self._lock = threading.Lock()
         self.shed = 0  # requests answered 429 so far
 
-    def _kind(self, method: str, path: str) -> str:
-        return next((kind for m, pattern, kind in ROUTES if m == method and pattern.match(path)), "read")
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
-        kind = self._kind(method, path)
+        kind = route_kind(method, path)
         s = self.settings
         if kind == "write" or (kind == "identify" and s.reads_require_key):
             key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"), None)

@@ -77,9 +77,9 @@ class IdentifyOut(BaseModel):
                                          "(snakes only) or the gallery's photo countries; notes then say which")
     nearest_similarity: float | None = Field(None, description="cosine similarity of the nearest reference photo")
     near_copy: int | None = Field(None, description="the reference (id) this photo is a near-copy of (cosine >= "
-                                  "0.95, the 'clean' leak rule, all such references of one species) when that kept "
-                                  "the answer from being unknown: a score under the unknown threshold (a probe older "
-                                  "than the reference); the scores and venom advice are unchanged; notes say so")
+                                  "0.95, the 'clean' leak rule), when all such references are of one species, else "
+                                  "null: information only, it changes nothing (unknown, scores and venom advice are "
+                                  "the blend's); a note names it and its species")
     set_aside: list[int] = Field(default_factory=list, description="the photos (0-based positions, in the order "
                                  "sent) set aside as unlike every reference while another photo was not: the answer "
                                  "is the others'; empty when every photo counted (or every one was far: then far)")

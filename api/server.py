@@ -5,9 +5,12 @@ lets the requests in flight finish for ``shutdown_grace_s`` (SPECIESID_SHUTDOWN_
 ``timeout_graceful_shutdown``); past it uvicorn cancels the ones still running, which cuts an upload still arriving
 (a stalled client would otherwise hold the stop for SPECIESID_BODY_TIMEOUT_S). An add or delete is never cut in its
 commit: its body is received before its route runs, the route runs on a worker thread that a cancel does not stop,
-and the app's shutdown (:meth:`api.service.SpeciesService.close`) waits for the write in progress and lets no other
-start. The server logs, at warning level (``serve`` shows uvicorn's own lines only with ``-v``), when the stop
-begins and what is in flight then, and when it ends and what was cut.
+and the app's shutdown (:meth:`api.service.SpeciesService.close`) waits for a write in its commit and refuses every
+other (one queued, or still waiting for the gallery's lock: a 503, nothing written). The server logs, at warning
+level (``serve`` shows uvicorn's own lines only with ``-v``), when the stop begins and what is in flight then, and
+when it ends and what was cut (once the cut requests' cancels have arrived: a route on a worker thread gets it only
+when the thread returns). A request is an upload still arriving while the body of a POST to a write or identify
+route has not all come; a DELETE has none.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.guard import ROUTES
+from api.guard import route_kind
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: What a request in flight is called in the stop's log lines, by the guard's kind of its route.
 KIND_WORDS = {"write": "add or delete", "identify": "identify or search", "read": "other"}
 
+
+#: Seconds the stop's last log line waits, after the app's shutdown, for the requests cut on a worker thread to get
+#: their cancel (the thread returns: an identify's forward pass; a write is refused or done by then).
+SETTLE_S = 10.0
 
 #: The 503 of an upload still arriving when the stop's grace ended.
 CUT_UPLOAD = ("the server is stopping: this request's body was still arriving when its time to finish ran out "
@@ -82,8 +89,9 @@ class InFlight:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
-        kind = next((k for m, pattern, k in ROUTES if m == method and pattern.match(path)), "read")
-        entry = {"kind": kind, "receiving": kind != "read"}  # an upload until its last chunk is in
+        kind = route_kind(method, path)
+        # an upload until its last chunk is in: a POST of a write or identify route (a DELETE has no body to wait for)
+        entry = {"kind": kind, "receiving": kind != "read" and method == "POST"}
 
         async def receiving() -> Message:
             message = await receive()
@@ -128,18 +136,20 @@ class InFlight:
     def describe_cut(self) -> str:
         """What the stop cut, in words ("every request in flight finished" when nothing): uploads still arriving,
         and requests whose work (on a worker thread, which a cancel does not stop: an add's commit finishes) was
-        under way, whose answer was not sent."""
+        under way, whose answer was not sent; and requests still running (their cancel not arrived yet)."""
         with self._lock:
-            cut = dict(self.cut)
+            cut, running = dict(self.cut), len(self._requests)
+        left = (f"{_plural(running, 'request')} still running on a worker thread, {'its' if running == 1 else 'their'}"
+                " answer not sent") if running else ""
         if not cut:
-            return "every request in flight finished"
+            return f"at the grace limit: {left}" if left else "every request in flight finished"
         uploads = cut.pop("upload", 0)
         parts = [f"{_plural(uploads, 'upload')} still arriving cut"] if uploads else []
         if cut:
             parts.append(f"{sum(cut.values())} answer(s) not sent ("
                          + ", ".join(f"{n} {KIND_WORDS[k]}" for k, n in sorted(cut.items()))
                          + "; their work, on a worker thread, was not cut)")
-        return f"at the grace limit: {'; '.join(parts)}"
+        return f"at the grace limit: {'; '.join(parts + ([left] if left else []))}"
 
 
 class GracefulServer(uvicorn.Server):
@@ -160,6 +170,11 @@ class GracefulServer(uvicorn.Server):
         logger.warning("stopping%s: no new connections; %s, given %s to finish", why, self.in_flight.describe(),
                        limit)
         await super().shutdown(sockets)
+        # a request cut while its route ran on a worker thread gets its cancel (and its 503) only once that thread
+        # returns, after the app's shutdown: the log waits for them (a while at most), so it says what was cut
+        settle = time.monotonic() + SETTLE_S
+        while self.server_state.tasks and not self.force_exit and time.monotonic() < settle:
+            await asyncio.sleep(0.05)
         logger.warning("stopped after %.1f s: %s", time.monotonic() - start, self.in_flight.describe_cut())
 
 

@@ -25,6 +25,7 @@ from api.batcher import EncodeBatcher
 from api.settings import Settings
 from index.gallery import Neighbour
 from index.lease import is_s3
+from index.locks import GIVE_UP_POLL_S, WaitGivenUp
 from index.objects import StoreObjectError, unused_uploads, unused_uploads_words
 from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
@@ -43,6 +44,9 @@ THUMBNAILS_KEPT = 1024
 #: How old the count of unused uploads (``/readyz``'s ``uploads``) may get before a ``/readyz`` starts counting again
 #: (on a thread of its own: the count reads every row's source path and lists the uploads).
 UPLOADS_RECOUNT_S = 3600.0
+#: After a count that failed (or could not count: ``unused`` null), the next ``/readyz`` counts again once this long
+#: has passed, doubled at each failure in a row up to :data:`UPLOADS_RECOUNT_S`.
+UPLOADS_RETRY_S = 60.0
 
 
 class ServiceError(ValueError):
@@ -170,11 +174,15 @@ class SpeciesService:
             logger.warning("%s", other)
         self.batcher = EncodeBatcher(self.encoder, window_ms=settings.batch_window_ms, max_batch=settings.max_batch)
         self.uploads_dir = self.gallery.layout.uploads
-        self._write_lock = threading.Lock()
-        self._stopping = False  # set by close(): no write starts after it
+        self._write_lock = threading.Lock()  # this server's turn: one write at a time
+        self._state = threading.Condition()  # guards _stopping and _committing (close() and the writes)
+        self._stopping = False  # set by close(): no write takes the gallery's lock after it
+        self._committing = False  # a write holds the gallery's lock and writes: close() waits for it
         self._uploads: tuple[float, dict | None] | None = None  # (time.monotonic() of the count, unused_uploads)
         self._uploads_lock = threading.Lock()
         self._uploads_counting = False
+        self._uploads_failures = 0  # counts in a row that failed or could not count (the back-off's)
+        self._uploads_thread: threading.Thread | None = None  # the last count's
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
         self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
@@ -183,37 +191,51 @@ class SpeciesService:
     def uploads_status(self) -> dict | None:
         """The ``uploads`` block of ``/readyz`` (:func:`index.objects.unused_uploads`, worded for an HTTP client): the
         last count, None until the first is done; a count older than :data:`UPLOADS_RECOUNT_S` (or none) starts
-        another on a thread of its own, so no request waits on it (the server counts once when it starts)."""
+        another on a thread of its own, so no request waits on it (the server counts once when it starts). A count
+        that failed or could not count is tried again at the first look :data:`UPLOADS_RETRY_S` after it (doubled
+        at each failure in a row, up to the hour)."""
         with self._uploads_lock:
             kept = self._uploads
-            if (kept is None or time.monotonic() - kept[0] > UPLOADS_RECOUNT_S) and not self._uploads_counting:
+            if (kept is None or time.monotonic() - kept[0] > self._recount_after()) and not self._uploads_counting:
                 self._uploads_counting = True
-                threading.Thread(target=self._count_uploads, name="speciesid-uploads", daemon=True).start()
+                self._uploads_thread = threading.Thread(target=self._count_uploads, name="speciesid-uploads",
+                                                        daemon=True)
+                self._uploads_thread.start()
         return kept[1] if kept is not None else None
 
+    def _recount_after(self) -> float:
+        """Seconds after the last count that the next one starts (:meth:`uploads_status`; under its lock)."""
+        if not self._uploads_failures:
+            return UPLOADS_RECOUNT_S
+        return min(UPLOADS_RETRY_S * 2 ** (self._uploads_failures - 1), UPLOADS_RECOUNT_S)
+
     def _count_uploads(self) -> None:
-        """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown."""
+        """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown until
+        the retry (:data:`UPLOADS_RETRY_S`). Each count that finds some unused logs it (at start, then hourly while
+        ``/readyz`` is asked)."""
         try:
             counted = unused_uploads(self.gallery, api=True)
             if counted["unused"]:  # null when it could not be counted now (the note says why)
                 logger.warning("gallery %s: %s", self.gallery.root, unused_uploads_words(counted, self.gallery.root))
-        except Exception as exc:  # a thread of its own: nothing to raise to; counted again at the next look
+        except Exception as exc:  # noqa: BLE001 - a thread of its own: nothing to raise to; counted again soon
             logger.warning("the unused uploads of %s were not counted: %s", self.gallery.root, exc)
             counted = None
         with self._uploads_lock:
+            failed = counted is None or counted["unused"] is None
+            self._uploads_failures = self._uploads_failures + 1 if failed else 0
             self._uploads, self._uploads_counting = (time.monotonic(), counted), False
 
     def close(self) -> None:
-        """Stop background threads, once the write in progress (an add's or a delete's commit) is done: no write is
-        cut half-way by a stop, and none starts after (:class:`Stopping`)."""
-        if not self._write_lock.acquire(blocking=False):
-            logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
-                           "committing, or waiting %.0f s at most for the gallery's lock)", self.settings.write_wait_s)
-            self._write_lock.acquire()
-        try:
+        """Stop background threads, once the write in its commit (an add's or a delete's, holding the gallery's lock)
+        is done: no write is cut half-way by a stop. Every other write is refused (:class:`Stopping`, a 503,
+        nothing written): one queued behind this server's write in progress, and one still waiting for the
+        gallery's lock (another process's writer, the S3 lease), which stops waiting at once."""
+        with self._state:
             self._stopping = True
-        finally:
-            self._write_lock.release()
+            if self._committing:
+                logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
+                               "committing; writes not yet holding the gallery's lock are refused)")
+                self._state.wait_for(lambda: not self._committing)
         self.batcher.close()
         self._pool.shutdown(wait=False)
 
@@ -403,19 +425,49 @@ class SpeciesService:
         holds nested in it never wait. Past it a TimeoutError (a 503 with Retry-After) before anything is written,
         so a client answered 503 has nothing written. An add's photos are embedded before this (their time is
         not counted in ``write_wait_s``), so neither lock is held while the model runs: other writers wait only
-        for the write itself (the species check, the upload files, the digest re-check, ids, commit, index)."""
+        for the write itself (the species check, the upload files, the digest re-check, ids, commit, index).
+        Once the server is stopping (:meth:`close`), a write waiting for either is refused (:class:`Stopping`, a 503,
+        nothing written); one holding the gallery's lock finishes."""
         wait = self.settings.write_wait_s
         start = time.monotonic()
-        if not self._write_lock.acquire(timeout=wait):
+        if not self._take_turn(start + wait):
             raise TimeoutError(f"this server's other writes to this gallery have kept this one waiting for over "
                                f"{wait:.0f} s; try again when they are done")
         try:
-            if self._stopping:
-                raise Stopping(STOPPING)
-            with self.gallery.writing(wait=max(wait - (time.monotonic() - start), 0.0)):
-                yield
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(self.gallery.writing(wait=max(wait - (time.monotonic() - start), 0.0),
+                                                            give_up=lambda: self._stopping))
+                except WaitGivenUp as exc:  # the server began to stop while this write waited: nothing written
+                    raise Stopping(STOPPING) from exc
+                with self._state:  # close() sets _stopping under it: a write either commits whole or never starts
+                    if self._stopping:
+                        raise Stopping(STOPPING)
+                    self._committing = True
+                try:
+                    yield
+                finally:
+                    with self._state:
+                        self._committing = False
+                        self._state.notify_all()
         finally:
             self._write_lock.release()
+
+    def _take_turn(self, deadline: float) -> bool:
+        """Take this server's turn to write (:meth:`_writing`) by ``deadline`` (time.monotonic()): False when the
+        time ran out; :class:`Stopping` once the server is stopping (a write queued behind another is refused,
+        nothing written), looked at every :data:`index.locks.GIVE_UP_POLL_S` while it waits."""
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            if self._write_lock.acquire(timeout=min(left, GIVE_UP_POLL_S)):
+                if self._stopping:
+                    self._write_lock.release()
+                    raise Stopping(STOPPING)
+                return True
+            if self._stopping:
+                raise Stopping(STOPPING)
+            if left <= 0.0:
+                return False
 
     def add_references(
         self,

@@ -1,4 +1,4 @@
-"""What the near-copy rule (cosine >= the ``speciesid clean`` leak rule, 0.95) catches: ph-snakes train photos
+"""What the near-copy note (cosine >= the ``speciesid clean`` leak rule, 0.95) catches: ph-snakes train photos
 against copies of themselves re-saved as PNG, mirrored, and resized to 3/4 and 1/2 and saved as JPEG quality 80,
 embedded with the real MobileNetV1 weights. Prints, per kind of copy, the cosine to the original (min / median /
 max) and how many copies reach the rule (``references add`` notes them)."""

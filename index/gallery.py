@@ -130,12 +130,18 @@ class Neighbour:
     dataset: str | None  # dataset it came from
     cosine: float | None = None  # plain cosine similarity to the query, when the vote's metric is another
 
+    @property
+    def plain_cosine(self) -> float:
+        """The plain cosine similarity to the query: :attr:`cosine` when the vote's metric is another, else
+        :attr:`similarity` (which is then that cosine)."""
+        return self.similarity if self.cosine is None else self.cosine
+
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict: ``similarity`` is the plain cosine (as search answers it), ``vote_similarity`` the
         similarity the vote weighed (the same unless the vote runs on the whitened metric)."""
         out = asdict(self)
-        cosine = out.pop("cosine")
-        out["similarity"], out["vote_similarity"] = (self.similarity if cosine is None else cosine), self.similarity
+        del out["cosine"]
+        out["similarity"], out["vote_similarity"] = self.plain_cosine, self.similarity
         return out
 
 
@@ -1286,20 +1292,22 @@ class Gallery:
         round trips, no other writer's: not in :attr:`write_waited_s`)."""
         return self._writer.lease_s
 
-    def writing(self, *, local: bool = False, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
+    def writing(self, *, local: bool = False, wait: float | None = None,
+                give_up: Callable[[], bool] | None = None) -> contextlib.AbstractContextManager[None]:
         """Hold the gallery's write lock (across processes) for a few steps that must not interleave. ``local``:
         steps that write only the folder's own files take the folder's lock alone, not the store's lease (on S3);
         a store write nested in them takes the lease itself. It waits up to ``wait`` seconds for other writers
         (default ``write_wait_s``); the writes of this thread nested in it never wait (the lock is re-entrant), so
         a caller that must answer within a deadline holds it around them with the time it has left. A gallery.json
         a newer speciesid wrote since this object read it refuses the write (:class:`index.formats.NewerFormatError`,
-        "upgrade speciesid") before anything is written."""
-        return self._held(self.write_wait_s if wait is None else wait, local=local)
+        "upgrade speciesid") before anything is written. ``give_up``: looked at while it waits; true ends the wait in
+        :class:`index.locks.WaitGivenUp` (a server stopping), nothing held."""
+        return self._held(self.write_wait_s if wait is None else wait, local=local, give_up=give_up)
 
     @contextlib.contextmanager
-    def _held(self, wait: float, *, local: bool) -> Iterator[None]:
+    def _held(self, wait: float, *, local: bool, give_up: Callable[[], bool] | None = None) -> Iterator[None]:
         """The write lock held (:meth:`writing`), then gallery.json looked at: a newer format refuses the write."""
-        with self._writer.hold(wait, local=local):
+        with self._writer.hold(wait, local=local, give_up=give_up):
             self._refuse_newer()
             yield
 

@@ -59,7 +59,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 from index.errors import first_line
-from index.locks import WAIT_ENV, env_seconds, seconds_setting
+from index.locks import WAIT_ENV, WaitGivenUp, env_seconds, seconds_setting
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ class S3Lease:
         return self._etag is not None
 
     # ------------------------------------------------------------------ taking it
-    def acquire(self, timeout: float, *, waited: float = 0.0) -> float:
+    def acquire(self, timeout: float, *, waited: float = 0.0, give_up: Callable[[], bool] | None = None) -> float:
         """Take the lease, waiting up to ``timeout`` seconds for its holder (0: one try); a stale one is taken over.
         ``waited``: seconds this writer already waited before (for the local lock), told in the timeout message.
         Returns the seconds spent waiting for another writer: from the first try that found the lease held to the
@@ -466,7 +466,8 @@ class S3Lease:
         whether or not the holder could be read. TimeoutError names the holder and what to do;
         :class:`ConditionalWritesUnsupported` when the store does not honour conditional writes. A failure once
         this writer's holder body may have been put (a network error with the put itself too: the object is read
-        to tell) frees the lease again (nothing is left for others to wait out), an interrupt included."""
+        to tell) frees the lease again (nothing is left for others to wait out), an interrupt included.
+        ``give_up``: looked at before each pause; true ends the wait in :class:`index.locks.WaitGivenUp`."""
         if self.held:
             raise RuntimeError(f"lease {self.where} is already held by this object")
         start = time.monotonic()
@@ -486,6 +487,8 @@ class S3Lease:
             if spent > 2 and not warned:
                 logger.warning("%s", self._waiting_message(holder or None, waited + timeout))
                 warned = True
+            if give_up is not None and give_up():
+                raise WaitGivenUp(f"the wait for the store's write lease {self.where} was given up")
             time.sleep(min(pause, max(timeout - spent, 0.0)))
             pause = min(pause * 1.5, 1.0)
 

@@ -107,6 +107,15 @@ except ImportError:  # pragma: no cover - Windows: one process per gallery (the 
     fcntl = None  # type: ignore[assignment]
 
 
+class WaitGivenUp(Exception):  # noqa: N818 - a wait given up, not an error of the lock
+    """A wait for the write lock given up because its ``give_up`` said so (a server stopping): nothing was
+    written, nothing is held."""
+
+
+#: Seconds between two looks at ``give_up`` while a hold waits on another thread of this process.
+GIVE_UP_POLL_S = 0.05
+
+
 class WriteLock:
     """Exclusive, re-entrant write lock of one gallery, across threads and processes."""
 
@@ -130,30 +139,33 @@ class WriteLock:
         self._timeout = value
 
     @contextlib.contextmanager
-    def hold(self, timeout: float | None = None, *, local: bool = False) -> Iterator[None]:
+    def hold(self, timeout: float | None = None, *, local: bool = False,
+             give_up: Callable[[], bool] | None = None) -> Iterator[None]:
         """Hold the lock for the ``with`` block (waits for other writers, threads of this process included;
         TimeoutError after ``timeout`` seconds, the lock's own by default; 0: do not wait at all). With a
         ``remote`` lease the store's lease is held too, unless ``local`` (the folder's own files only). The time
         spent waiting for other writers (another thread's hold, another process's ``flock``, the lease while another
         writer holds it) is added to :attr:`waited_s`; the rest of taking the lease (its own S3 round trips: no
-        other writer's) to :attr:`lease_s`."""
+        other writer's) to :attr:`lease_s`. ``give_up``: looked at between the tries of every wait; true, the wait
+        ends in :class:`WaitGivenUp`, nothing held."""
         wait = self.timeout if timeout is None else timeout
         start = time.monotonic()
         waited = 0.0  # for other writers: threads of this process, processes (the flock), the lease's other holder
         if not self._thread_lock.acquire(blocking=False):
-            if not (wait > 0 and self._thread_lock.acquire(timeout=wait)):
+            if not (wait > 0 and self._wait_thread_lock(start + wait, give_up)):
                 raise TimeoutError(f"another thread of this process is writing this gallery (lock {self.path})")
             waited = time.monotonic() - start
         try:
             try:  # the flock released whatever comes once it is taken (a Ctrl-C just after included)
                 if self._depth == 0:
-                    waited += self._acquire(wait)
+                    waited += self._acquire(wait) if give_up is None else self._acquire(wait, give_up)
                 lease = None if local else self.remote
                 took = lease is not None and not lease.held
                 try:
                     if took:
                         taking = time.monotonic()
-                        for_holder = lease.acquire(max(wait - (taking - start), 0.0), waited=waited)
+                        for_holder = lease.acquire(max(wait - (taking - start), 0.0), waited=waited,
+                                                   give_up=give_up)
                         waited += for_holder
                         self.lease_s += time.monotonic() - taking - for_holder
                     self.waited_s += waited
@@ -181,7 +193,21 @@ class WriteLock:
         if (lease := self.held_lease) is not None:
             lease.check()
 
-    def _acquire(self, timeout: float) -> float:
+    def _wait_thread_lock(self, deadline: float, give_up: Callable[[], bool] | None) -> bool:
+        """Wait for the thread lock until ``deadline`` (time.monotonic()); True once taken. With ``give_up``, it is
+        looked at every :data:`GIVE_UP_POLL_S`: true raises :class:`WaitGivenUp`."""
+        while True:
+            left = deadline - time.monotonic()
+            if give_up is None:
+                return left > 0 and self._thread_lock.acquire(timeout=left)
+            if give_up():
+                raise WaitGivenUp(f"the wait for this gallery's write lock was given up (lock {self.path})")
+            if left <= 0:
+                return False
+            if self._thread_lock.acquire(timeout=min(left, GIVE_UP_POLL_S)):
+                return True
+
+    def _acquire(self, timeout: float, give_up: Callable[[], bool] | None = None) -> float:
         """Take the ``flock``, waiting up to ``timeout`` seconds for another process holding it (0: one try); the
         seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder. Once taken, it
         is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
@@ -220,6 +246,9 @@ class WriteLock:
                                        "lock %s); %s sets how long a writer waits", timeout, holder, self.path,
                                        WAIT_ENV)
                         warned = True
+                    if give_up is not None and give_up():
+                        raise WaitGivenUp("the wait for this gallery's write lock was given up "
+                                          f"(lock {self.path})") from None
                     time.sleep(0.02)
         except BaseException:  # a timeout, or a Ctrl-C: the file closed (its flock, if this try took it, goes too)
             if fd >= 0 and fd != self._fd:

@@ -83,47 +83,41 @@ NEAR_COPY_COSINE = DEFAULT_DUP_THRESHOLD
 
 
 @dataclass(frozen=True)
-class NearCopyRule:
-    """What :func:`near_copy_rule` found: whether the photo's UNKNOWN is lifted, the reference it copies, a note."""
+class NearCopyNote:
+    """What :func:`near_copy_note` found: the reference the photo nearly copies (None: copies of several species)
+    and the note the answer carries. Information only: it changes neither the answer nor its venom advice."""
 
-    lifted: bool
     reference: int | None
     note: str
 
 
-def near_copy_rule(neighbours: Sequence[Neighbour], top: str | None, score: float, threshold: float,
-                   unknown: bool) -> NearCopyRule | None:
-    """The near-copy rule of an answer (None when it has nothing to say). A photo whose voting neighbours include
-    references at cosine >= :data:`NEAR_COPY_COSINE` *is* one of those photos by the project's own rule (``clean``,
-    ``evaluate``'s de-duplication, ``references add``'s notes): when they are all of one species and that species
-    is the answer's top candidate (``top``, scored ``score``), a score under the unknown ``threshold`` does not make
-    the answer UNKNOWN (the threshold was chosen on photos with no near-copy in the gallery: cross-validation keeps
-    near-copies in one fold, evaluate leaves them out). Nothing else changes: the scores, the venom probability and
-    the venom advice stay the blend's, so a venomous candidate still warns. Otherwise (another top candidate,
-    near-copies of several species) the answer stays as it is and the note says why the copy did not decide it.
-    Answers without a near-copy, and answers not UNKNOWN whose top candidate is the copy's species, say nothing."""
-    near = [n for n in neighbours if (n.similarity if n.cosine is None else n.cosine) >= NEAR_COPY_COSINE]
+def near_copy_note(neighbours: Sequence[Neighbour], top: str | None,
+                   probe_older: Callable[[int], bool] = lambda _: False) -> NearCopyNote | None:
+    """The near-copy note of an answer (None when no voting neighbour is at cosine >= :data:`NEAR_COPY_COSINE`, the
+    ``clean`` leak rule): the reference the photo nearly copies when all such references are of one species, named
+    with its species; ``top`` (the answer's first candidate) other than that species adds "check its label";
+    ``probe_older(id)`` true (the probe was trained before that reference was added: the stale-probe note) adds that
+    ``speciesid probe train`` lets the probe learn it. Copies of several species: a likely mislabelled pair. It
+    changes nothing: the answer, its UNKNOWN and its venom advice stay the blend's (a photo lifted out of UNKNOWN
+    by its copy would lose its "cannot tell, treat as venomous")."""
+    near = [n for n in neighbours if n.plain_cosine >= NEAR_COPY_COSINE]
     if not near:
         return None
-    best = max(near, key=lambda n: n.similarity if n.cosine is None else n.cosine)
-    cosine = best.similarity if best.cosine is None else best.cosine
+    best = max(near, key=lambda n: n.plain_cosine)
     species = sorted({n.species for n in near})
-    ref = f"reference #{best.id} of {best.species} ({Path(best.path).name}, cosine {cosine:.3f})"
     if len(species) > 1:
         others = ", ".join(f"#{n.id} {n.species}" for n in near[:4])
-        return NearCopyRule(False, None, f"this photo is a near-copy of references of {len(species)} species "
-                            f"({others}; cosine >= {NEAR_COPY_COSINE}): one of them is likely mislabelled, so "
-                            "the copy decides nothing ('speciesid clean' lists such pairs as label conflicts)")
+        return NearCopyNote(None, f"this photo is a near-copy of references of {len(species)} species ({others}; "
+                            f"cosine >= {NEAR_COPY_COSINE}): one of them is likely mislabelled ('speciesid clean' "
+                            "lists such pairs as label conflicts)")
+    ref = f"reference #{best.id} of {best.species} ({Path(best.path).name}, cosine {best.plain_cosine:.3f})"
+    parts = [f"this photo is a near-copy of {ref}; the answer and its venom advice are the blend's all the same"]
     if top != best.species:
-        return NearCopyRule(False, None, f"this photo is a near-copy of {ref}, but the answer ranks "
-                            f"{top or 'no species'} first: check that reference's label; if the probe is older than "
-                            "that reference, retrain it: speciesid probe train")
-    if not unknown:
-        return None
-    return NearCopyRule(True, best.id, f"this photo is a near-copy of {ref}: the gallery holds this photo, so the "
-                        f"answer is its species, not UNKNOWN, though the blend scores it {score:.1%} (under the "
-                        f"unknown threshold {threshold:.0%}); the scores and the venom advice are the blend's, "
-                        "unchanged")
+        parts.append(f"the answer ranks {top or 'no species'} first: check that reference's label")
+    if probe_older(best.id):
+        parts.append("the probe was trained before that reference was added: `speciesid probe train` lets the "
+                     "probe learn it")
+    return NearCopyNote(best.id, "; ".join(parts))
 
 
 def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: int = FAR_SAMPLE,
@@ -243,8 +237,8 @@ class Identification:
     venom_applies: bool = True  # venom advice applies to the gallery (retrieval.advice.venom_applies: on unless
     # recorded off): False, no venom wording belongs with its answers
     near_copy: int | None = None  # the reference the photo is a near-copy of (cosine >= NEAR_COPY_COSINE, all such
-    # references of one species), when that decided the answer was not UNKNOWN (:func:`near_copy_rule`)
-    notes: list[str] = field(default_factory=list)  # what this answer is to be shown with (the near-copy rule's)
+    # references of one species): information only, it changes nothing (:func:`near_copy_note`)
+    notes: list[str] = field(default_factory=list)  # what this answer is to be shown with (the near-copy note)
 
     def at_rank(self, rank: Rank) -> dict[str, float]:
         """Scores at the given rank."""
@@ -515,6 +509,15 @@ class Identifier:
             kept = (version, probe, references_since(probe, self.gallery.index.ids) if probe is not None else None)
             self._since = kept
         return kept[2]
+
+    def _probe_older_than(self, reference: int) -> bool:
+        """Whether the probe was trained before ``reference`` was added (the stale-probe note is on): from the ids it
+        recorded, else (an older probe.json) whenever the gallery moved since it was trained."""
+        since = self.references_since()
+        if since is None or not since.stale:
+            return False
+        ids = self.probe.reference_ids if self.probe is not None else None
+        return ids is None or not bool((ids == reference).any())  # one scan: only answers with a near-copy ask
 
     def stale_probe_note(self, *, api: bool = False) -> str:
         """The note every answer carries while the probe is older than the gallery (:meth:`references_since`), ""
@@ -815,11 +818,8 @@ class Identifier:
         far = limit is not None and nearest < limit
         candidates = [presence.get(s) for s, p in seen.items() if p > 0] if presence is not None else []
         unknown = best < self.config.unknown_threshold or not predictions or far
-        rule = None if far or Method(method) is Method.PROBE else near_copy_rule(
-            neighbours, predictions[0].species if predictions else None, best, self.config.unknown_threshold,
-            unknown)
-        if rule is not None and rule.lifted:
-            unknown = False  # the photo is that reference's (near_copy_rule): its scores and venom advice unchanged
+        copy = None if far or Method(method) is Method.PROBE else near_copy_note(
+            neighbours, predictions[0].species if predictions else None, self._probe_older_than)
         venomous_score = None if far or not venom else max(venom)  # far: the scores say nothing of this photo
         # species of unrecorded status, whatever their names (a toad's counts until set-venom records it harmless)
         unflagged = 0.0 if far or not applies else max(unrecorded_share(d, flags) for d in views)
@@ -844,8 +844,8 @@ class Identifier:
                                       venom_unknown_score=unflagged, venomous_names=named,
                                       unrecorded_names=unrecorded[:3], applies=applies),
             venom_applies=applies,
-            near_copy=rule.reference if rule is not None else None,
-            notes=[rule.note] if rule is not None else [],
+            near_copy=copy.reference if copy is not None else None,
+            notes=[copy.note] if copy is not None else [],
         )
 
 

@@ -222,6 +222,12 @@ class LinearProbe:
             reference_ids=arrays["reference_ids"] if "reference_ids" in arrays.files else None,
         )
 
+    @property
+    def references_then(self) -> int:
+        """The searchable references the gallery held when this probe was trained: those it trained on and those of
+        the species it left out (what :func:`net_change` compares the gallery's count with)."""
+        return self.trained_on + sum(self.calibration.left_out.values())
+
     def added_since(self, gallery: Mapping[str, int]) -> list[str]:
         """The gallery's species (species -> searchable references) this probe neither knows nor left out when it
         was made: added since, so it cannot name them."""
@@ -232,7 +238,6 @@ class LinearProbe:
         """In words, how the gallery (species -> searchable references now) moved on since this probe was made,
         "" when it did not: species added since (the probe cannot name them), species gone (left out of its
         answers) and, for a probe trained here, references that left or came."""
-        left_out = self.calibration.left_out
         added = self.added_since(gallery)
         parts = []
         if added:
@@ -243,13 +248,9 @@ class LinearProbe:
             if gone:
                 parts.append(f"{len(gone)} species it was trained on are no longer in the gallery ({first_few(gone)}): "
                              "they are left out of its answers")
-            then, now = self.trained_on + sum(left_out.values()), sum(gallery.values())
-            held = (f"the probe trained on {then} references" if not left_out else
-                    f"the gallery held {then} references when the probe was trained")
-            if self.trained_on and now < then:
-                parts.append(f"{held} and the gallery now holds {now}: photos that left it may have trained it")
-            elif self.trained_on and now > then and not added:
-                parts.append(f"{held} and the gallery now holds {now}: {now - then} references were added since")
+            moved = net_change(self, sum(gallery.values()))
+            if moved is not None and (moved.deleted or (moved.added and not added)):  # species added: said above
+                parts.append(moved.moved())
         return "; ".join(parts) + (" (retrain: speciesid probe train)" if parts else "")
 
     def scaled(self, temperature: float) -> LinearProbe:
@@ -277,20 +278,27 @@ class ReferencesSince:
         HTTP client (the retrain runs on the server's machine); ``root``: the gallery folder the CLI names."""
         if not self.stale:
             return ""
-        when = f" on {self.made_at[:16].replace('T', ' ')} UTC" if self.made_at else ""
-        if self.exact:
-            moved = (f"{self.added} reference photo{'s' * (self.added != 1)} added and {self.deleted} deleted since "
-                     f"the probe was trained{when}")
-        else:
-            moved = (f"{self.added or self.deleted} reference photo{'s' * ((self.added or self.deleted) != 1)} "
-                     f"{'more' if self.added else 'fewer'} than when the probe was trained{when} (its probe.json "
-                     "records no id set: net change)")
         fix = ("run `speciesid probe train` on the server's machine (with the server's gallery folder; the server "
                "takes the new probe up without a restart)" if api else
                f"run `speciesid probe train --index {root}`" if root is not None else "run `speciesid probe train`")
-        return (f"the probe is older than the gallery: {moved}. Answers blend the kNN vote, which sees every "
+        return (f"the probe is older than the gallery: {self.moved()}. Answers blend the kNN vote, which sees every "
                 "reference, with a probe that never saw those, so a photo like them can come back less sure, or "
                 f"UNKNOWN; {fix}")
+
+    def moved(self) -> str:
+        """How the references moved since the probe was trained, in words (the one wording of a probe older than
+        the gallery: answers' notes, ``/readyz``, ``index info``, ``evaluate``'s protocol): "3 reference photos added
+        and 1 deleted since the probe was trained on ...", or, counted from the counts alone, "2 reference photos
+        more than when the probe was trained on ... (net change of the counts)" (fewer: "...: photos that left it may
+        have trained it")."""
+        when = f" on {self.made_at[:16].replace('T', ' ')} UTC" if self.made_at else ""
+        if self.exact:
+            return (f"{self.added} reference photo{'s' * (self.added != 1)} added and {self.deleted} deleted since "
+                    f"the probe was trained{when}")
+        n = self.added or self.deleted
+        left = ": photos that left it may have trained it" if self.deleted else ""
+        return (f"{n} reference photo{'s' * (n != 1)} {'more' if self.added else 'fewer'} than when the probe was "
+                f"trained{when} (net change of the counts){left}")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``references_since`` entry of the ``probe`` block of ``/readyz`` and ``index info``."""
@@ -309,10 +317,17 @@ def references_since(probe: LinearProbe, ids_now: np.ndarray) -> ReferencesSince
         then = sorted_unique(probe.reference_ids)
         return ReferencesSince(int((~in_sorted(now, then)).sum()), int((~in_sorted(then, now)).sum()), True,
                                probe.made_at)
-    if not probe.trained_on:
+    return net_change(probe, len(now))
+
+
+def net_change(probe: LinearProbe, now: int) -> ReferencesSince | None:
+    """How the gallery's count of searchable references (``now``) moved since ``probe`` was trained, from the count
+    alone (:attr:`LinearProbe.references_then`; ``exact`` False): None for a probe not trained on this gallery (an
+    imported head) or one that records no count."""
+    if probe.source or not probe.trained_on:
         return None
-    then_n = probe.trained_on + sum(probe.calibration.left_out.values())
-    return ReferencesSince(max(len(now) - then_n, 0), max(then_n - len(now), 0), False, probe.made_at)
+    then = probe.references_then
+    return ReferencesSince(max(now - then, 0), max(then - now, 0), False, probe.made_at)
 
 
 def has_probe(folder: str | Path) -> bool:

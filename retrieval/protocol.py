@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.probe import LinearProbe
+from retrieval.probe import LinearProbe, net_change
 
 if TYPE_CHECKING:  # not at run time: it loads the store (see above)
     from index.gallery import Gallery
@@ -340,9 +340,8 @@ def settings_origin(probe: LinearProbe | None, root: str | Path, overridden: boo
     if gallery_species is not None:
         moved = probe.out_of_date(gallery_species)
         extra += f"; {moved}" if moved else ""
-    elif not probe.source and gallery_size is not None and probe.trained_on and probe.trained_on != gallery_size:
-        extra += (f"; the probe trained on {probe.trained_on} references and the gallery now holds {gallery_size}: "
-                  "photos that left it may have trained it (retrain: speciesid probe train)")
+    elif gallery_size is not None and (moved := net_change(probe, gallery_size)) is not None and moved.stale:
+        extra += f"; {moved.moved()} (retrain: speciesid probe train)"
     where = cal.selected_on
     if where.startswith("val:" + HELDOUT_PREFIX):
         return (f"{head}{chosen}, chosen on the photos the fine-tuning run held out of its training photos "

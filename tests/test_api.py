@@ -1224,7 +1224,7 @@ def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_
         """This server's one-write-at-a-time lock, free only after 10 s of another write."""
 
         def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-            if blocking:  # a write's turn; the close at the end only looks (blocking=False) and finds it free
+            if blocking:  # a write's turn
                 clock.now += 10.0
             return True
 
@@ -1234,12 +1234,13 @@ def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_
     lock = WriteLock(tmp_path / ".write.lock")
     flock_waits: list[float] = []  # the wait each hold that really takes the lock (not a nested one) was given
     real_acquire = lock._acquire
-    monkeypatch.setattr(lock, "_acquire", lambda timeout: (flock_waits.append(timeout), real_acquire(timeout))[1])
+    monkeypatch.setattr(lock, "_acquire", lambda timeout, *give_up: (flock_waits.append(timeout),
+                                                                     real_acquire(timeout, *give_up))[1])
 
     gallery = mock.MagicMock()  # its writing() as Gallery's: the lock's hold, write_wait_s unless told the wait
     gallery.reading_stale = False  # its store answers (a server refuses writes at once while it does not)
-    gallery.writing.side_effect = lambda *, local=False, wait=None: lock.hold(
-        gallery.write_wait_s if wait is None else wait, local=local)
+    gallery.writing.side_effect = lambda *, local=False, wait=None, give_up=None: lock.hold(
+        gallery.write_wait_s if wait is None else wait, local=local, give_up=give_up)
 
     def delete_references(gallery, ids):  # the workflow's own holds: the delete, then an upload's removal
         with gallery.writing():

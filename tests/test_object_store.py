@@ -1413,3 +1413,23 @@ def test_a_gallery_named_again_with_s3a_or_a_trailing_slash_is_the_same_store(s3
     assert str(again.store_uri) == f"s3://{BUCKET}/same"
     with pytest.raises(ValueError, match=f"keeps its store at s3://{BUCKET}/same, not s3://{BUCKET}/other"):
         Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/other")
+
+
+def test_a_lease_wait_is_given_up_when_asked_and_takes_nothing():
+    """A server stopping (stop 54's re-read, finding 7): a write waiting for the lease another machine holds stops
+    waiting at its next try (index.locks.WaitGivenUp), not after its timeout, and holds nothing."""
+    from index.locks import WaitGivenUp
+
+    fake = FakeS3()
+    holder = _fake_lease(fake)
+    holder.acquire(timeout=0)
+    waiting = _fake_lease(fake)
+    tries: list[int] = []
+
+    def give_up() -> bool:
+        tries.append(1)
+        return len(tries) >= 2  # the server began to stop during the wait
+
+    with pytest.raises(WaitGivenUp, match="was given up"):
+        waiting.acquire(timeout=600, give_up=give_up)
+    assert len(tries) == 2 and not waiting.held and holder.held

@@ -120,3 +120,104 @@ def test_an_add_committing_when_the_grace_ends_is_finished_not_cut_and_no_write_
         with service._writing():  # noqa: SLF001 - what a write that reached its turn after the stop meets
             pass
     assert exc.value.status == 503 and str(exc.value) == STOPPING
+
+
+def test_a_delete_in_flight_at_the_stop_is_no_upload_and_the_log_waits_for_its_cut(tmp_path_factory, monkeypatch,
+                                                                                    caplog):
+    """Re-read of stop 54 (findings 2, 3): a DELETE in flight was called "an upload still arriving" (its client told
+    "nothing of it was used" though it was committed), and the stop's last line said "every request in flight
+    finished" before the cut one's cancel arrived. Now it is an add or delete, answered as a write whose answer was
+    not sent, and the last line comes after that cut and names it."""
+    from api import service as service_module
+    from api.app import create_app
+    from api.server import CUT_ANSWER
+    from index.gallery import Gallery
+
+    index = gallery_copy(tmp_path_factory, "stop_mid_delete")
+    rid = int(Gallery.open(index).index.ids[0])
+    real = service_module.workflows.delete_references
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_delete(*args, **kwargs):  # committed, then held (in its write) until the stop waits for it
+        out = real(*args, **kwargs)
+        inside.set()
+        release.wait(120)
+        return out
+
+    monkeypatch.setattr(service_module.workflows, "delete_references", slow_delete)
+    app = create_app(Settings(index=str(index), precision="fp32", api_keys=API_KEY, shutdown_grace_s=0.2))
+    servers: list[GracefulServer] = []
+
+    def make(config):
+        servers.append(GracefulServer(config))
+        return servers[-1]
+
+    got: dict[str, object] = {}
+
+    def delete(port: int) -> None:
+        got["response"] = httpx.delete(f"http://127.0.0.1:{port}/v1/references/{rid}",
+                                       headers={"X-API-Key": API_KEY}, timeout=300)
+
+    with caplog.at_level(logging.WARNING):
+        with serving(app, wait_s=300, make=make, timeout_graceful_shutdown=0.2) as port:
+            _until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
+            thread = threading.Thread(target=delete, args=(port,))
+            thread.start()
+            assert inside.wait(120)
+            assert servers[0].in_flight.describe() == "1 request in flight: 1 add or delete"
+            servers[0].should_exit = True
+            _until(lambda: "waiting for this server's write in progress" in caplog.text)  # past the grace
+            release.set()
+        thread.join(60)
+    assert rid not in set(Gallery.open(index).index.ids.tolist())  # committed
+    response = got["response"]
+    assert response.status_code == 503 and response.json()["detail"] == CUT_ANSWER
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.server"]
+    assert "1 request in flight: 1 add or delete, given up to 0.2 s" in lines[0], lines
+    assert lines[-1].startswith("stopped after ") and lines[-1].endswith(
+        "s: at the grace limit: 1 answer(s) not sent (1 add or delete; their work, on a worker thread, was not cut)"
+    ), lines
+
+
+def test_the_stops_last_line_waits_for_a_cancel_that_arrives_after_the_apps_shutdown(monkeypatch, caplog):
+    """A request cut while its route ran on a worker thread gets its cancel only when that thread returns (anyio
+    holds it back), after the app's shutdown: the last line was written before it, "every request in flight
+    finished". Now it waits for it (the cancel here arrives on the loop's next turn after uvicorn's shutdown)."""
+    import asyncio
+
+    import uvicorn
+
+    server = GracefulServer(uvicorn.Config(body_size_app, timeout_graceful_shutdown=0.1))
+    gate = asyncio.Event()
+    sent: list[dict] = []
+
+    async def held(scope, receive, send):  # its route's thread returns when the gate opens: the cancel arrives
+        await receive()  # its body is in
+        await gate.wait()
+        raise asyncio.CancelledError
+
+    async def uvicorn_shutdown(self, sockets=None):  # uvicorn's stop, done: the cancel is still held back
+        asyncio.get_running_loop().call_soon(gate.set)
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def stop() -> None:
+        server.in_flight.app = held
+        scope = {"type": "http", "method": "POST", "path": "/v1/identify", "headers": []}
+        task = asyncio.create_task(server.in_flight(scope, receive, send))
+        server.server_state.tasks.add(task)
+        task.add_done_callback(server.server_state.tasks.discard)
+        await asyncio.sleep(0)  # the request is in flight
+        await server.shutdown()
+
+    monkeypatch.setattr(uvicorn.Server, "shutdown", uvicorn_shutdown)
+    with caplog.at_level(logging.WARNING, logger="api.server"):
+        asyncio.run(stop())
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.server"]
+    assert lines[-1].endswith("s: at the grace limit: 1 answer(s) not sent (1 identify or search; their work, on a "
+                              "worker thread, was not cut)"), lines
+    assert sent and sent[0]["status"] == 503

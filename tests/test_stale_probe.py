@@ -1,6 +1,7 @@
 """A probe older than the gallery: answers, ``/readyz`` and ``index info`` say how many references came and went since
-it was trained; and a photo that is a near-copy of a reference is not answered UNKNOWN by a probe that never saw it
-(the near-copy rule, ``retrieval.identify.near_copy_rule``), its scores and venom advice unchanged.
+it was trained; and a photo that is a near-copy of a reference is told so (``retrieval.identify.near_copy_note``),
+its answer and venom advice the blend's all the same (a lift out of UNKNOWN turned "cannot tell, treat as venomous"
+into "unlikely": stop 54's re-read).
 
 Synthetic galleries (given vectors, a probe of given probabilities) for the rules; the small real MobileNetV1 gallery
 of the API tests for the CLI and the server (soak walk, stop 54: a photo just added answered "UNKNOWN, possibly
@@ -58,7 +59,22 @@ def _add(g: Gallery, species: str, x: np.ndarray, tag: str) -> list[int]:
                  [f"{tag}-{i}" for i in range(len(x))], _unit(x))
 
 
-def test_a_photo_added_after_the_probe_is_its_species_not_unknown_and_still_warns(tmp_path):
+def _without_note(monkeypatch, ident: Identifier, query: np.ndarray):
+    """The answer with no near-copy look at all (:func:`retrieval.identify.near_copy_note` off)."""
+    with monkeypatch.context() as m:
+        m.setattr(identify_module, "near_copy_note", lambda *a, **k: None)
+        (answer,) = ident.identify_embeddings(query[None])
+    return answer
+
+
+def _same_answer(answer, plain) -> None:
+    """The near-copy note changed nothing of the answer: UNKNOWN, scores, venom probability and advice."""
+    assert answer.unknown == plain.unknown and answer.far == plain.far
+    assert answer.scores == plain.scores and answer.venomous_score == plain.venomous_score
+    assert answer.venom_advice == plain.venom_advice
+
+
+def test_a_photo_added_after_the_probe_keeps_the_blends_answer_and_names_its_copy(tmp_path, monkeypatch):
     g, centres = _gallery(tmp_path)
     ident = Identifier(FakeEncoder(), g, probe=_probe(g))
     new = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
@@ -67,33 +83,77 @@ def test_a_photo_added_after_the_probe_is_its_species_not_unknown_and_still_warn
     # kNN: all harmless (its own copy first); the probe says 10 %: blend 0.5 + 0.5 * 0.1 = 0.55, under 0.7
     assert answer.scores[HARMLESS] == pytest.approx(0.55, abs=0.01)
     assert answer.predictions[0].species == HARMLESS
-    assert not answer.unknown and answer.near_copy == rid  # the photo IS reference rid: no UNKNOWN
-    assert answer.venomous_score == pytest.approx(0.45, abs=0.01)  # unchanged: the venomous candidate still warns
+    assert answer.unknown and answer.near_copy == rid  # UNKNOWN as the blend says; the copy named, nothing more
     assert answer.venom_advice.level == "possibly_venomous" and answer.venom_advice.treat_as_venomous
+    _same_answer(answer, _without_note(monkeypatch, ident, new))
     (note,) = answer.notes
-    assert f"near-copy of reference #{rid} of {HARMLESS} (later0.jpg, cosine 1.000)" in note
-    assert "not UNKNOWN, though the blend scores it 55.0%" in note and "venom advice are the blend's" in note
-    # the probe alone is a closed-world answer of its own: the rule is the kNN vote's, not applied there
+    assert note.startswith(f"this photo is a near-copy of reference #{rid} of {HARMLESS} (later0.jpg, cosine 1.000)")
+    assert "the answer and its venom advice are the blend's all the same" in note
+    assert "the probe was trained before that reference was added: `speciesid probe train` lets the probe learn it" \
+        in note
+    # the probe alone is a closed-world answer of its own: not looked at there
     (alone,) = ident.identify_embeddings(new[None], method="probe")
     assert alone.predictions[0].species == VENOMOUS and alone.near_copy is None and not alone.notes
 
 
-def test_a_copy_ranked_another_species_or_a_copy_of_two_species_decides_nothing(tmp_path):
+def test_a_harmless_near_copy_under_the_warning_share_still_cannot_tell_and_treats_as_venomous(tmp_path,
+                                                                                                 monkeypatch):
+    """The re-reader's case (stop 54, p1): a near-copy of a harmless reference, the blend 9.5 % venomous (under the
+    10 % warning) and under the unknown threshold: "cannot tell, treat as venomous" stays, never "unlikely"."""
+    rng = np.random.default_rng(0)
+    harmless2 = "Coronella girondica"
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {s: rng.standard_normal(DIM) for s in (HARMLESS, harmless2, VENOMOUS)}
+    for species, venomous in ((HARMLESS, False), (harmless2, False), (VENOMOUS, True)):
+        g.add([ReferenceRecord(path=f"/p/{species[:4]}{i}.jpg", species=species, venomous=venomous)
+               for i in range(10)], [f"{species}-{i}" for i in range(10)],
+              _unit(centres[species] + 0.3 * rng.standard_normal((10, DIM))))
+    species = sorted(centres)
+    probs = {HARMLESS: 0.01, VENOMOUS: 0.19, harmless2: 0.80}
+    probe = LinearProbe(species=species, weight=np.zeros((3, DIM), np.float32),
+                        bias=np.log(np.array([probs[s] for s in species])).astype(np.float32),
+                        fingerprint=ENC["fingerprint"], trained_on=len(g),
+                        calibration=Calibration(blend_weight=0.5, k=5, temperature=0.03, unknown_threshold=0.7),
+                        reference_ids=np.sort(np.asarray(g.index.ids, dtype=np.int64)))
+    ident = Identifier(FakeEncoder(), g, probe=probe)
+    query = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
+    copy = _unit(query + 0.02 * np.random.default_rng(9).standard_normal(DIM))
+    (rid,) = g.add([ReferenceRecord(path="/p/later.jpg", species=HARMLESS, venomous=False)], ["later"], copy[None])
+    (answer,) = ident.identify_embeddings(query[None])
+    assert answer.neighbours[0].id == rid and answer.neighbours[0].plain_cosine >= 0.99
+    assert answer.venomous_score == pytest.approx(0.095, abs=0.005)  # under VENOM_WARN_AT
+    assert answer.unknown and answer.near_copy == rid
+    assert answer.venom_advice.level == "cannot_tell" and answer.venom_advice.treat_as_venomous
+    _same_answer(answer, _without_note(monkeypatch, ident, query))
+
+
+def test_a_copy_ranked_another_species_or_a_copy_of_two_species_changes_nothing(tmp_path, monkeypatch):
     g, centres = _gallery(tmp_path)
-    ident = Identifier(FakeEncoder(), g, probe=_probe(g, harmless=0.001))
+    probe = _probe(g, harmless=0.001)
+    ident = Identifier(FakeEncoder(), g, probe=probe)
     ident.blend_weight = 0.9  # the probe outweighs the vote: the venomous species ranks first
     new = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(6).standard_normal(DIM))
     (rid,) = _add(g, HARMLESS, new[None], "later")
     (answer,) = ident.identify_embeddings(new[None])
-    assert answer.predictions[0].species == VENOMOUS and answer.near_copy is None  # the answer as it was
+    assert answer.predictions[0].species == VENOMOUS and answer.near_copy == rid  # named, the answer as it was
+    _same_answer(answer, _without_note(monkeypatch, ident, new))
     assert f"near-copy of reference #{rid} of {HARMLESS}" in answer.notes[0]
-    assert f"but the answer ranks {VENOMOUS} first" in answer.notes[0]
+    assert f"the answer ranks {VENOMOUS} first: check that reference's label" in answer.notes[0]
     ident.blend_weight = 0.5
     (other,) = _add(g, VENOMOUS, new[None] * 1.0001, "copy")  # the same photo filed under the other species
     (answer,) = ident.identify_embeddings(new[None])
     assert answer.near_copy is None
     assert "near-copy of references of 2 species" in answer.notes[0] and "likely mislabelled" in answer.notes[0]
     assert f"#{other} {VENOMOUS}" in answer.notes[0] or f"#{rid} {HARMLESS}" in answer.notes[0]
+    _same_answer(answer, _without_note(monkeypatch, ident, new))
+
+
+def test_a_copy_the_probe_trained_beside_says_nothing_of_retraining(tmp_path):
+    g, centres = _gallery(tmp_path)
+    new = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
+    (rid,) = _add(g, HARMLESS, new[None], "later")
+    (answer,) = Identifier(FakeEncoder(), g, probe=_probe(g)).identify_embeddings(new[None])  # trained after it
+    assert answer.near_copy == rid and "probe train" not in answer.notes[0]
 
 
 def test_a_photo_of_no_near_copy_is_answered_as_before(tmp_path):
@@ -150,6 +210,23 @@ def test_the_id_set_survives_a_save_and_an_older_probe_says_the_net_change(tmp_p
     imported = LinearProbe(species=probe.species, weight=probe.weight, bias=probe.bias,
                            fingerprint=probe.fingerprint, source="finetune:/runs/a")
     assert references_since(imported, g.index.ids) is None  # a head trained elsewhere: nothing to compare
+
+
+def test_the_net_change_is_counted_and_worded_once_for_answers_and_evaluate(tmp_path):
+    """Re-read of stop 54 (finding 10): evaluate's protocol (``LinearProbe.out_of_date``) counted the net change of
+    an older probe.json again, in words of its own ("the probe trained on 18 references and the gallery now holds
+    20: 2 references were added since"); it now says what answers, /readyz and index info say."""
+    g, _ = _gallery(tmp_path)
+    probe = _probe(g)
+    species = {HARMLESS: 10, VENOMOUS: 10}
+    for trained_on, words in ((18, "2 reference photos more than when the probe was trained"),
+                              (23, "3 reference photos fewer than when the probe was trained")):
+        older = LinearProbe(species=probe.species, weight=probe.weight, bias=probe.bias,
+                            fingerprint=probe.fingerprint, trained_on=trained_on)
+        moved = references_since(older, g.index.ids).moved()
+        assert moved.startswith(words) and moved in references_since(older, g.index.ids).note()
+        assert older.out_of_date(species) == f"{moved} (retrain: speciesid probe train)"
+    assert ": photos that left it may have trained it" in moved
 
 
 def test_the_cli_and_the_server_say_the_probe_is_older_than_photos_added_since(tmp_path_factory, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 
 from _api_support import gallery_copy
@@ -58,3 +59,90 @@ def test_index_info_and_readyz_count_the_unused_uploads_and_name_the_sweep(tmp_p
         p.unlink()
     assert main(["index", "info", "--index", str(index)]) == 0
     assert json.loads(capsys.readouterr().out)["uploads"] == {"unused": 0, "removable": 0, "bytes": 0, "note": ""}
+
+
+def _stand_in_service(monkeypatch, counts: list):
+    """A service of a stand-in gallery whose counts of unused uploads are ``counts`` in turn (an exception: raised),
+    on a clock of its own (``clock.now``)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import api.service
+    from api.service import SpeciesService
+    from api.settings import Settings
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(api.service, "time", SimpleNamespace(monotonic=lambda: clock.now), raising=False)
+    answers = iter(counts)
+
+    def count(gallery, *, api=False):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(api.service, "unused_uploads", count)
+    started: list[threading.Thread] = []
+
+    def thread(*args, **kwargs) -> threading.Thread:  # the counts' threads, for the test to join
+        started.append(threading.Thread(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(api.service, "threading", SimpleNamespace(
+        Thread=thread, Lock=threading.Lock, Condition=threading.Condition))
+    identifier = mock.MagicMock()
+    identifier.gallery.reading_stale = False
+    service = SpeciesService(Settings(_env_file=None), identifier=identifier)
+    started[-1].join(60)  # the count at start, on its thread
+    return service, clock, started
+
+
+def test_a_failed_count_of_the_unused_uploads_is_tried_again_after_a_minute_not_an_hour(monkeypatch):
+    """Re-read of stop 54 (finding 5): a count that failed was kept as the count for an hour (/readyz without its
+    ``uploads`` block meanwhile). Now the next look a minute on counts again, the wait doubling while it fails."""
+    import api.service
+
+    retry, hour = getattr(api.service, "UPLOADS_RETRY_S", 60.0), api.service.UPLOADS_RECOUNT_S
+    fine = {"unused": 0, "removable": 0, "bytes": 0, "note": ""}
+    could_not = {"unused": None, "removable": None, "bytes": None, "note": "the kept uploads could not be counted now"}
+    service, clock, started = _stand_in_service(monkeypatch, [RuntimeError("the store did not answer"), could_not,
+                                                              fine, fine])
+    try:
+        assert service.uploads_status() is None and len(started) == 1  # failed: not counted again at once
+        clock.now += retry + 1
+        assert service.uploads_status() is None and len(started) == 2  # a minute on: counted again
+        started[-1].join(60)
+        assert service.uploads_status() == could_not  # could not count: the next try waits twice as long
+        clock.now += retry + 1
+        service.uploads_status()
+        assert len(started) == 2  # not yet
+        clock.now += retry
+        service.uploads_status()
+        assert len(started) == 3
+        started[-1].join(60)
+        assert service.uploads_status() == fine
+        clock.now += retry * 4
+        service.uploads_status()
+        assert len(started) == 3  # counted: the next in an hour
+        clock.now += hour
+        service.uploads_status()
+        assert len(started) == 4
+        started[-1].join(60)
+    finally:
+        service.close()
+
+
+def test_a_store_error_of_any_kind_leaves_the_count_unknown_with_a_note(monkeypatch):
+    """lance raises ValueError for some store failures: unused_uploads let it out, and ``index info`` stopped."""
+    from unittest import mock
+
+    import index.objects
+    from index.objects import unused_uploads
+
+    def broken(*args, **kwargs):
+        raise ValueError("lance error: Not found: /g/store/references.lance/_versions/3.manifest")
+
+    monkeypatch.setattr(index.objects, "sweep_uploads", broken)
+    counted = unused_uploads(mock.MagicMock())
+    assert counted["unused"] is None
+    assert counted["note"].startswith("the kept uploads could not be counted now: lance error: Not found")
