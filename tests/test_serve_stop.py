@@ -146,12 +146,7 @@ def test_a_delete_in_flight_at_the_stop_is_no_upload_and_the_log_waits_for_its_c
 
     monkeypatch.setattr(service_module.workflows, "delete_references", slow_delete)
     app = create_app(Settings(index=str(index), precision="fp32", api_keys=API_KEY, shutdown_grace_s=0.2))
-    servers: list[GracefulServer] = []
-
-    def make(config):
-        servers.append(GracefulServer(config))
-        return servers[-1]
-
+    servers, make = _recording()
     got: dict[str, object] = {}
 
     def delete(port: int) -> None:
@@ -160,13 +155,13 @@ def test_a_delete_in_flight_at_the_stop_is_no_upload_and_the_log_waits_for_its_c
 
     with caplog.at_level(logging.WARNING):
         with serving(app, wait_s=300, make=make, timeout_graceful_shutdown=0.2) as port:
-            _until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200)
+            until(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200, "the server ready")
             thread = threading.Thread(target=delete, args=(port,))
             thread.start()
             assert inside.wait(120)
             assert servers[0].in_flight.describe() == "1 request in flight: 1 add or delete"
             servers[0].should_exit = True
-            _until(lambda: "waiting for this server's write in progress" in caplog.text)  # past the grace
+            until(lambda: "waiting for this server's write in progress" in caplog.text, "the stop waiting")  # grace
             release.set()
         thread.join(60)
     assert rid not in set(Gallery.open(index).index.ids.tolist())  # committed
