@@ -139,8 +139,9 @@ class InFlight:
         under way, whose answer was not sent; and requests still running (their cancel not arrived yet)."""
         with self._lock:
             cut, running = dict(self.cut), len(self._requests)
-        left = (f"{_plural(running, 'request')} still running on a worker thread, {'its' if running == 1 else 'their'}"
-                " answer not sent") if running else ""
+        whose = 'its' if running == 1 else 'their'
+        left = (f"{_plural(running, 'request')} still running on a worker thread, {whose} answer not sent"
+                if running else "")
         if not cut:
             return f"at the grace limit: {left}" if left else "every request in flight finished"
         uploads = cut.pop("upload", 0)

@@ -67,10 +67,10 @@ class Settings(BaseSettings):
                                       "before they take a slot; past it a 429 with Retry-After before the body is "
                                       "read (default: 4 x SPECIESID_MAX_IDENTIFY_IN_FLIGHT)")
     # A stop (SIGTERM, Ctrl-C) closes the listener at once and lets requests finish for this long; past it the ones
-    # still running are cut (bodies still arriving: a stalled upload would otherwise hold the stop for body_timeout_s).
-    # Below the usual 30 s a service manager waits before SIGKILL (Kubernetes' grace; systemd's is 90 s). An add that
-    # is committing is never cut: the stop waits for it (api.server), and for no other write (one waiting for the
-    # gallery's lock is refused): the stop lasts this grace plus that commit at most.
+    # still running are cut (bodies still arriving: a stalled upload would otherwise hold the stop for
+    # body_timeout_s). Below the usual 30 s a service manager waits before SIGKILL (Kubernetes' grace; systemd's is
+    # 90 s). An add that is committing is never cut: the stop waits for it (api.server), and for no other write (one
+    # waiting for the gallery's lock is refused): the stop lasts this grace plus that commit at most.
     shutdown_grace_s: float = Field(25.0, ge=0, description="seconds a stop (SIGTERM, Ctrl-C) lets requests in "
                                     "flight finish before it cuts them (uploads still arriving included); an add "
                                     "that is committing always finishes")

@@ -489,8 +489,8 @@ def unused_uploads_words(counted: dict[str, Any], root: str | Path | None) -> st
         "`speciesid index sweep-uploads --index` with the server's gallery folder, on its machine")
     return (f"{unused} kept upload photo{'s' * (unused != 1)} that no reference uses ({counted['removable']} older "
             f"than a day: {megabytes(counted['bytes'])}): adds cut off between keeping their photos and storing "
-            f"their rows (a server killed mid-add), or removals that failed; run {where} (it removes those older than "
-            "a day; --older-than sets the age)")
+            f"their rows (a server killed mid-add), or removals that failed; run {where} (it removes those older "
+            "than a day; --older-than sets the age)")
 
 
 @dataclass(frozen=True)

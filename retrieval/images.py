@@ -38,12 +38,13 @@ OVER_PIXEL_LIMIT = "(possible decompression bomb)"
 
 
 #: Mode -> (weight, words), one row a mode. Its weight: how many times a pixel of the mode counts against the pixel
-#: limit, the memory it costs through :func:`decode_image` (decoded, then made 8-bit RGB) over an 8-bit colour pixel's,
-#: rounded up to a quarter, so that no mode a photo can be decoded in is under-counted. Measured with 4 photos decoding
-#: at once, as the server's 4 decode threads do (``benchmarks/bench_decode.py --ways now --mode MODE``, docs/api.md
-#: "Limits and errors"): L 1.20x, 1 1.25x, 16-bit greyscale 1.87x, CMYK 2.17x, YCbCr 2.24x, LAB and RGBA 2.31x,
-#: P 2.43x, float greyscale 3.07x, 32-bit greyscale 3.19x, LA 3.56x. Modes not listed (none a supported format opens
-#: in, as far as tried) count 4. Its words: the mode as the refusal of a photo over the limit names it.
+#: limit, the memory it costs through :func:`decode_image` (decoded, then made 8-bit RGB) over an 8-bit colour
+#: pixel's, rounded up to a quarter, so that no mode a photo can be decoded in is under-counted. Measured with 4
+#: photos decoding at once, as the server's 4 decode threads do (``benchmarks/bench_decode.py --ways now --mode
+#: MODE``, docs/api.md "Limits and errors"): L 1.20x, 1 1.25x, 16-bit greyscale 1.87x, CMYK 2.17x, YCbCr 2.24x, LAB
+#: and RGBA 2.31x, P 2.43x, float greyscale 3.07x, 32-bit greyscale 3.19x, LA 3.56x. Modes not listed (none a
+#: supported format opens in, as far as tried) count 4. Its words: the mode as the refusal of a photo over the limit
+#: names it.
 PIXEL_MODES: dict[str, tuple[float, str]] = {
     "RGB": (1, "8-bit colour"), "RGBX": (1, "8-bit colour (RGBX)"), "L": (1.25, "8-bit greyscale"),
     "1": (1.25, "black and white (1-bit)"), "I;16": (2, "16-bit greyscale"), "I;16B": (2, "16-bit greyscale"),

@@ -186,8 +186,9 @@ def test_the_page_is_read_and_hashed_once_and_tagged_as_a_thumbnail_is(bare_clie
 
 def test_the_pages_form_without_script_shows_the_venom_advice_first(client):
     """s54 re-read #1 (unsafe): with the script off the form posts to /v1/identify and the browser shows its raw
-    JSON, where the venom advice came after every candidate and its neighbours (8,316 characters in). Now the answer's
-    fields are declared verdict first (every JSON reader sees the advice first) and the form asks for no neighbours."""
+    JSON, where the venom advice came after every candidate and its neighbours (8,316 characters in). Now the
+    answer's fields are declared verdict first (every JSON reader sees the advice first) and the form asks for no
+    neighbours."""
     html = client.get("/").text
     action = re.search(r'<form id="identify-form" method="post" action="([^"]+)"', html).group(1)
     resp = client.post(action, files=_files([COBRA]))  # as the browser posts it: multipart 'images', the action's URL

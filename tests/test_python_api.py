@@ -87,7 +87,8 @@ def test_nearest_says_it_returns_inner_products_the_cosine_for_unit_queries(iden
 # ------------------------------------------------------------------------------ photos: a list, even for one
 @pytest.mark.parametrize("one", [str(COBRA), COBRA, b"\xff\xd8 jpeg bytes"])
 def test_one_photo_alone_is_refused_with_the_list_to_pass(ident, one):
-    said = r'got one (str|PosixPath|bytes): pass a list of photos, even for one: \["photo.jpg"\] \(or \[photo_bytes\]\)'
+    said = (r'got one (str|PosixPath|bytes): pass a list of photos, even for one: \["photo.jpg"\] '
+            r'\(or \[photo_bytes\]\)')
     with pytest.raises(ValueError, match=said):
         wf.identify(ident, one)
     with pytest.raises(ValueError, match=said):
@@ -169,8 +170,8 @@ def test_top_below_1_and_names_of_the_wrong_length_are_refused_with_the_counts(i
 # ------------------------------------------------------------------------------ the first argument's kind
 def test_the_wrong_kind_of_first_argument_says_what_to_pass(index, ident, tmp_path):
     g = str(index)
-    with pytest.raises(TypeError, match=rf"identify takes an Identifier, not a folder: open it once, "
-                                        rf"ident = open_identifier\('{re.escape(g)}'\), then identify\(ident, \.\.\.\)"):
+    with pytest.raises(TypeError, match=rf"identify takes an Identifier, not a folder: open it once, ident = "
+                                        rf"open_identifier\('{re.escape(g)}'\), then identify\(ident, \.\.\.\)"):
         wf.identify(g, [COBRA])
     with pytest.raises(TypeError, match=r"identify takes an Identifier, not a Gallery: ident = open_identifier"):
         wf.identify(ident.gallery, [COBRA])
@@ -208,13 +209,14 @@ def test_the_wrong_kind_of_first_argument_says_what_to_pass(index, ident, tmp_pa
 def test_probe_method_without_a_probe_says_what_to_do_and_that_a_new_probe_needs_a_reopen(tmp_path_factory):
     folder = gallery_copy(tmp_path_factory, "late_probe")
     ident = wf.open_identifier(folder, EncoderConfig(precision="fp32"))
+    f = re.escape(str(folder))
     with pytest.raises(ValueError, match=rf"no probe for this gallery: train one with 'speciesid probe train "
-                                         rf"--index {re.escape(str(folder))}' \(from Python: train_gallery_probe\('{re.escape(str(folder))}'\)\), "
+                                         rf"--index {f}' \(from Python: train_gallery_probe\('{f}'\)\), "
                                          "or use method knn"):
         wf.identify(ident, [COBRA], method="probe")
     (folder / PROBE_META).write_text("{}")  # a probe saved after the open: the Identifier does not reload it
-    with pytest.raises(ValueError, match=rf"this Identifier has no probe, but gallery {re.escape(str(folder))} has one now .*open "
-                                         rf"it again with open_identifier\('{re.escape(str(folder))}'\), or open it with "
+    with pytest.raises(ValueError, match=rf"this Identifier has no probe, but gallery {f} has one now .*open "
+                                         rf"it again with open_identifier\('{f}'\), or open it with "
                                          "follow_probe=True"):
         wf.identify(ident, [COBRA], method="probe")
 

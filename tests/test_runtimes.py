@@ -263,8 +263,8 @@ def test_unfaithful_exports_are_refused_and_auto_falls_back(tiny_clip_dir, cache
 
 def test_a_cached_refusal_names_this_requests_encoder(tiny_clip_dir, cache, check_photos, monkeypatch, tmp_path):
     """The verdict is cached by the weights' digest: a refusal read from an entry another spec of the same weights
-    made (another folder, another user's) names this call's spec, never the folder of whoever made the entry (walk-docs
-    stop 54, finding 3)."""
+    made (another folder, another user's) names this call's spec, never the folder of whoever made the entry
+    (walk-docs stop 54, finding 3)."""
     require_module("onnxruntime")
     import shutil
 

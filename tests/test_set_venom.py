@@ -71,7 +71,8 @@ def test_set_venom_to_the_flag_it_has_writes_nothing(tmp_path, capsys):
           (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
     cli = shutil.copytree(g.root, tmp_path / "cli")  # the same gallery, for the CLI's words
     code, out, err = _run(capsys, "species", "set-venom", "--index", cli, "Bufo bufo", "no")
-    assert (code, out.strip()) == (0, "Bufo bufo: venomous no (1 of 4 references set; the others were already no)"), err
+    said = "Bufo bufo: venomous no (1 of 4 references set; the others were already no)"
+    assert (code, out.strip()) == (0, said), err
     done = set_species_venomous(g, "Bufo bufo", False)
     assert (done.was, done.now, done.references, done.changed) == (False, False, 4, 1)  # the unflagged one
     version = Gallery.open(g.root).store.version

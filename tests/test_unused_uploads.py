@@ -104,7 +104,8 @@ def test_a_failed_count_of_the_unused_uploads_is_tried_again_after_a_minute_not_
 
     retry, hour = getattr(api.service, "UPLOADS_RETRY_S", 60.0), api.service.UPLOADS_RECOUNT_S
     fine = {"unused": 0, "removable": 0, "bytes": 0, "note": ""}
-    could_not = {"unused": None, "removable": None, "bytes": None, "note": "the kept uploads could not be counted now"}
+    could_not = {"unused": None, "removable": None, "bytes": None,
+                 "note": "the kept uploads could not be counted now"}
     service, clock, started = _stand_in_service(monkeypatch, [RuntimeError("the store did not answer"), could_not,
                                                               fine, fine])
     try:

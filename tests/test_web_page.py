@@ -117,7 +117,8 @@ def test_a_file_that_is_not_a_photo_shows_the_message(site, browser, tmp_path):
     assert status.text.startswith("Error: notes.jpg: not a photo: its content is not JPEG"), status.text
     assert status.find_element(By.CLASS_NAME, "error").is_displayed()
     field = browser.find_element(By.ID, "photos")
-    assert field.get_attribute("aria-invalid") == "true" and field.get_attribute("aria-describedby") == "identify-error"
+    assert field.get_attribute("aria-invalid") == "true"
+    assert field.get_attribute("aria-describedby") == "identify-error"
     assert browser.switch_to.active_element == field
 
 
@@ -207,8 +208,9 @@ def test_the_answer_is_announced_and_takes_the_focus(site, browser):
 
 def test_a_big_photo_is_sent_as_a_smaller_upright_copy(browser, tmp_path):
     """Walk s54 #2: the page sent a phone's 2-6 MB photo whole, which a 2G uplink cannot carry within the server's
-    body time limit. A photo over MAX_SIDE px is sent as a JPEG copy of MAX_SIDE px on its long side, turned upright by
-    its EXIF orientation; a smaller photo, or a file the browser cannot decode (HEIC, text), is sent as it is."""
+    body time limit. A photo over MAX_SIDE px is sent as a JPEG copy of MAX_SIDE px on its long side, turned
+    upright by its EXIF orientation; a smaller photo, or a file the browser cannot decode (HEIC, text), is sent as
+    it is."""
     from PIL import Image
 
     big, small, text = tmp_path / "big.jpg", tmp_path / "small.jpg", tmp_path / "notes.jpg"
@@ -282,8 +284,8 @@ def test_an_upload_on_a_slow_link_shows_its_progress_and_can_be_cancelled(site, 
         assert not cancel.is_displayed() and browser.find_element(By.ID, "results").text == ""
         assert browser.switch_to.active_element == browser.find_element(By.ID, "identify-button")
     finally:
-        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
-                                                                     "downloadThroughput": -1, "uploadThroughput": -1})
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions",
+                                {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
         browser.execute_cdp_cmd("Network.disable", {})
 
 
@@ -382,7 +384,8 @@ def test_an_unknown_answer_with_no_candidate_is_summed_up_without_an_error(brows
 
     browser.get(PAGE.as_uri())
     answer = {"results": [], "unknown": True, "far": False, "venom_applies": True, "notes": [], "images": 1,
-              "encoder": "test", "venom_advice": {"treat_as_venomous": True, "text": "Cannot tell: treat as venomous"}}
+              "encoder": "test",
+              "venom_advice": {"treat_as_venomous": True, "text": "Cannot tell: treat as venomous"}}
     said = browser.execute_script("render(arguments[0]); return summary(arguments[0]);", answer)
     assert said == "Answer shown below. Not sure: no species is supported strongly enough.", said
     assert "Not sure: no species is supported strongly enough. Best candidates:" in browser.find_element(
