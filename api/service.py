@@ -207,7 +207,8 @@ class SpeciesService:
         """Seconds after the last count that the next one starts (:meth:`uploads_status`; under its lock)."""
         if not self._uploads_failures:
             return UPLOADS_RECOUNT_S
-        return min(UPLOADS_RETRY_S * 2 ** (self._uploads_failures - 1), UPLOADS_RECOUNT_S)
+        doublings = min(self._uploads_failures - 1, 16)  # capped: 2 ** a long run of failures overflows a float
+        return min(UPLOADS_RETRY_S * 2 ** doublings, UPLOADS_RECOUNT_S)
 
     def _count_uploads(self) -> None:
         """Count the unused uploads (:meth:`uploads_status`); a failure is logged and leaves the count unknown until

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     # still running are cut (bodies still arriving: a stalled upload would otherwise hold the stop for
     # body_timeout_s). Below the usual 30 s a service manager waits before SIGKILL (Kubernetes' grace; systemd's is
     # 90 s). An add that is committing is never cut: the stop waits for it (api.server), and for no other write (one
-    # waiting for the gallery's lock is refused): the stop lasts this grace plus that commit at most.
+    # waiting for the gallery's lock is refused): the stop lasts this grace plus that commit at most, then up to
+    # api.server.SETTLE_S (10 s) more for the stop's last log line only (nothing is written then).
     shutdown_grace_s: float = Field(25.0, ge=0, description="seconds a stop (SIGTERM, Ctrl-C) lets requests in "
                                     "flight finish before it cuts them (uploads still arriving included); an add "
                                     "that is committing always finishes")

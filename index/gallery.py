@@ -1083,15 +1083,16 @@ class Gallery:
                 self._after_write(save=True)
             return found
 
-    def set_venomous(self, species: str, venomous: bool) -> tuple[int, int]:
+    def set_venomous(self, species: str, venomous: bool) -> tuple[int, int, int]:
         """Set the venomous flag of every reference of ``species`` (``speciesid species set-venom``); returns (how
-        many it holds, how many said otherwise and were set); nothing is written when none is held or every one
+        many it holds, how many said otherwise and were set, how many of those said yes: ReferenceStore.set_venomous);
+        nothing is written when none is held or every one
         says so already. No vector changes: the index only follows the store's version, and is not saved (a saved
         index a version behind is brought up by difference at the next open: the id column read, no vector); this
         process's cached metadata of the rows goes, and another process's once it reads the new version
         (:meth:`_drop_edited_rows`)."""
         with self._store_write() as alone:
-            found, changed = self.store.set_venomous(species, venomous)
+            found, changed, turned_off = self.store.set_venomous(species, venomous)
             if changed:
                 if alone:  # no row came or went: the index is the store's new version as it is
                     self._synced_version = self.store.version
@@ -1099,7 +1100,7 @@ class Gallery:
                     self._sync_index()
                 self._forget_species({species})  # the rows' flags changed (the one edit of a stored row)
                 self._after_write(save=False)
-            return found, changed
+            return found, changed, turned_off
 
     def _exclude_in_index(self, ids: np.ndarray, excluded: bool) -> None:
         """The index brought to the store's version after this writer's ``set_excluded`` of the sorted ``ids``

@@ -508,17 +508,19 @@ class ReferenceStore:
             self._table.update(where=where, values={"excluded": excluded})
         return found
 
-    def set_venomous(self, species: str, venomous: bool) -> tuple[int, int]:
+    def set_venomous(self, species: str, venomous: bool) -> tuple[int, int, int]:
         """Set the venomous flag of every row of ``species`` (its exact name; excluded rows too, so a restored one
-        agrees), in one commit; returns (how many rows matched, how many of them said otherwise and were set). No
-        row to change (none matched, or every one says so already): nothing written, no new version."""
+        agrees), in one commit; returns (how many rows matched, how many of them said otherwise and were set, how
+        many of those said yes: a "no" that turns a venomous row harmless, excluded rows included). No row to change
+        (none matched, or every one says so already): nothing written, no new version."""
         where = f"species = {_sql_text(species)}"
         found = int(self._table.count_rows(where))
         differ = f"{where} AND (venomous IS NULL OR venomous <> {'true' if venomous else 'false'})"
         changed = int(self._table.count_rows(differ)) if found else 0
+        turned_off = int(self._table.count_rows(f"{where} AND venomous = true")) if changed and not venomous else 0
         if changed:
             self._table.update(where=differ, values={"venomous": venomous})
-        return found, changed
+        return found, changed, turned_off
 
     def has_species(self, species: str) -> bool:
         """Whether any searchable row (not excluded) is of ``species`` (its exact name), at the version this store

@@ -1308,6 +1308,7 @@ class VenomSet:
     now: bool  # the flag it has now
     references: int  # references of the species (excluded ones too), every one set
     changed: int = 0  # of those, the ones that said otherwise (0: every one said so already, nothing written)
+    turned_off: int = 0  # of those, the ones that said yes (a "no" that made them harmless; excluded ones too)
 
 
 def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
@@ -1333,15 +1334,17 @@ def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, 
         check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
                             distinct=distinct_from_venomous or found.venomous is False,
                             gallery_species=held, common_names=common_names)
-    count, changed = g.set_venomous(found.species, venomous)
+    count, changed, turned_off = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
         raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
-    if found.venomous and venomous is False:  # the one edit that can make an answer harmless: said, not asked
-        logger.warning("%r was recorded medically important venomous by its references and is now recorded harmless "
+    if turned_off:  # the one edit that can make an answer harmless: said, not asked (excluded rows counted too)
+        logger.warning("%r was recorded medically important venomous by %s and is now recorded harmless "
                        "(venomous yes -> no): answers naming it no longer advise treating a bite as venomous; if "
                        "that is wrong, 'speciesid species set-venom --index %s \"%s\" yes' restores it",
-                       found.species, g.root, found.species)
-    return VenomSet(found.species, found.venomous, venomous, count, changed)
+                       found.species, "its references" if found.venomous else
+                       f"{turned_off} of its references (excluded ones: answers use them once restored)",
+                       g.root, found.species)
+    return VenomSet(found.species, found.venomous, venomous, count, changed, turned_off)
 
 
 @dataclass(frozen=True)

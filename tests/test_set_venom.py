@@ -211,3 +211,32 @@ def test_set_venom_leaves_the_saved_index_and_the_next_open_catches_up(tmp_path)
     again = Gallery.open(g.root)
     assert again.version == g.version == g.store.version and len(again) == 6
     assert {s.species: s.venomous for s in again.species()} == {"Bufo bufo": False}
+
+
+def test_a_no_that_turns_an_excluded_yes_harmless_is_said_and_warned(tmp_path, capsys, caplog):
+    """w3 re-read #2: the flag before came from the searchable references only, while the change sets excluded ones
+    too: flags no / no / yes with the yes excluded, `set-venom no` said "1 of 3 references set; the others were
+    already no" and warned nothing, though the one it set was a recorded yes (harmless once restored). It now says
+    so and warns, as for any yes turned no."""
+    import shutil
+
+    rng = np.random.default_rng(5)
+    g = Gallery.create(tmp_path / "g", ENC)
+    x = rng.standard_normal((3, DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Bufo bufo", venomous=i == 2) for i in range(3)],
+          [f"b-{i}" for i in range(3)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    yes = [int(i) for i in g.index.ids if i == max(g.index.ids)]
+    assert g.set_excluded(yes) == 1
+    cli = shutil.copytree(g.root, tmp_path / "cli")  # the same gallery, for the CLI's words
+    caplog.set_level(logging.WARNING, logger="retrieval.workflows")
+    code, out, err = _run(capsys, "species", "set-venom", "--index", cli, "Bufo bufo", "no",
+                          "--distinct-from-venomous")
+    said = ("Bufo bufo: venomous no (1 of 3 references set, 1 of them recorded yes before: excluded references, "
+            "harmless now once restored)")
+    assert (code, out.strip()) == (0, said), err
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith(
+        "'Bufo bufo' was recorded medically important venomous by 1 of its references (excluded ones: answers use "
+        "them once restored) and is now recorded harmless (venomous yes -> no)"), warned
+    done = set_species_venomous(g, "Bufo bufo", False, distinct_from_venomous=True)
+    assert (done.was, done.now, done.references, done.changed, done.turned_off) == (False, False, 3, 1, 1)

@@ -147,3 +147,17 @@ def test_a_store_error_of_any_kind_leaves_the_count_unknown_with_a_note(monkeypa
     counted = unused_uploads(mock.MagicMock())
     assert counted["unused"] is None
     assert counted["note"].startswith("the kept uploads could not be counted now: lance error: Not found")
+
+
+def test_the_recount_back_off_stays_an_hour_however_long_the_count_keeps_failing():
+    """w3 re-read #1: the back-off computed 60 * 2 ** (failures - 1) before its cap, which overflows a float at
+    1,025 failures in a row (about 42 days of a store that keeps failing under /readyz polls): every /readyz then
+    raised, and no count ever started again. The doubling is capped; the wait stays the hour."""
+    import api.service
+
+    service = object.__new__(api.service.SpeciesService)
+    for failures, wait in ((0, api.service.UPLOADS_RECOUNT_S), (1, api.service.UPLOADS_RETRY_S),
+                           (2, 2 * api.service.UPLOADS_RETRY_S), (1025, api.service.UPLOADS_RECOUNT_S),
+                           (10**6, api.service.UPLOADS_RECOUNT_S)):
+        service._uploads_failures = failures
+        assert service._recount_after() == wait, failures

@@ -348,6 +348,9 @@ def cmd_species_set_venom(args: argparse.Namespace) -> int:
     references, now = f"{done.references} reference{'s' * (done.references != 1)}", fmt_bool(done.now)
     if not done.changed:
         emit(f"{done.species}: venomous already {now} ({references}): nothing changed")
+    elif done.turned_off and done.was is not True:  # only excluded rows said yes: not "the others were already"
+        emit(f"{done.species}: venomous {now} ({done.changed} of {references} set, {done.turned_off} of them "
+             "recorded yes before: excluded references, harmless now once restored)")
     elif done.was == done.now:  # some rows said otherwise (no status, most often): not "no -> no"
         emit(f"{done.species}: venomous {now} ({done.changed} of {references} set; the others were already {now})")
     else:
