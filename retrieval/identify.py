@@ -51,6 +51,7 @@ from retrieval.vote import (
     Rank,
     VoteConfig,
     knn_vote,
+    parse_choice,
     rollup,
     top_k,
     venomous_probability,
@@ -189,12 +190,7 @@ class Method(str, Enum):
 
 def parse_method(value: str | Method) -> Method:
     """'knn' / 'probe' / 'blend' -> Method; ValueError naming the choices otherwise."""
-    if isinstance(value, Method):
-        return value
-    try:
-        return Method(str(value).lower())
-    except ValueError:
-        raise ValueError(f"unknown method {value!r}; choose one of {', '.join(m.value for m in Method)}") from None
+    return parse_choice(Method, value, "method")
 
 
 @dataclass

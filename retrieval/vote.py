@@ -7,7 +7,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+E = TypeVar("E", bound=Enum)  # a string enum parse_choice reads (Rank, the identify Method)
 
 
 class Rank(str, Enum):
@@ -81,14 +83,19 @@ def top_k(scores: Mapping[str, float], k: int) -> list[tuple[str, float]]:
     return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
 
 
-def parse_rank(value: str | Rank) -> Rank:
-    """'species' / 'genus' / 'family' -> Rank, with a clear error otherwise."""
-    if isinstance(value, Rank):
+def parse_choice(kind: type[E], value: str | E, what: str) -> E:
+    """``value`` (any case) as a member of the string enum ``kind``; ValueError naming ``what`` and the choices."""
+    if isinstance(value, kind):
         return value
     try:
-        return Rank(str(value).lower())
+        return kind(str(value).lower())
     except ValueError:
-        raise ValueError(f"unknown rank {value!r}; choose one of {', '.join(r.value for r in Rank)}") from None
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in kind)}") from None
+
+
+def parse_rank(value: str | Rank) -> Rank:
+    """'species' / 'genus' / 'family' -> Rank, with a clear error otherwise."""
+    return parse_choice(Rank, value, "rank")
 
 
 def venomous_probability(scores: Mapping[str, float], venomous: Mapping[str, bool | None]) -> float | None:
