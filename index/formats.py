@@ -11,7 +11,8 @@
   probe brought back (``probe restore``) or taken from the store (a shared probe) is copied as saved, its
   ``written_by`` with it: it names the version that made the probe, which decides how its settings were chosen.
 
-CONTRIBUTING.md ("Gallery formats") says how to add a field; tests/test_formats.py is the compat test.
+CONTRIBUTING.md ("Gallery formats") says how to add a field; tests/test_formats.py is the compat test. Values
+written as JSON are made plain here too (:func:`jsonable`: numpy values, paths, NaN).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,24 @@ def speciesid_version() -> str:
     """The running code's speciesid version (:data:`VERSION`, which ``pyproject.toml`` reads): a source checkout
     reports its own, whatever version an editable install recorded when it was made."""
     return VERSION
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain-Python copy of ``obj`` for strict JSON: numpy scalars unwrapped, arrays and tuples as lists, NaN/inf
+    -> None, Paths -> str, mapping keys as str."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def known_fields(cls: type, data: Mapping[str, Any], where: str, *, level: int = logging.INFO) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from index.atomic import atomic_write, fsync_dir, remove_leftovers
+from index.formats import jsonable
 from index.interrupts import held_interrupt
 
 log = logging.getLogger(__name__)
@@ -85,23 +86,6 @@ def _predict(item: EvalItem, venomous: Mapping[str, bool | None]) -> _Pred:
 
 def _mean(values: Sequence[bool] | Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain-Python copy of ``obj`` for strict JSON: numpy scalars unwrapped, NaN/inf -> None, Paths -> str."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _bin_index(confidence: float, n_bins: int = N_RELIABILITY_BINS) -> int:
@@ -242,7 +226,7 @@ def evaluate(
         for i in errors[:N_WORST_ERRORS]
     ]
 
-    return _jsonable(
+    return jsonable(
         {
             "n": n,
             "top1": _mean([p.correct for p in preds]),
@@ -520,7 +504,7 @@ def _write_files(out: Path, results: dict[str, dict], *, title: str, notes: list
     written: dict[str, Path] = {}
 
     path = out / "report.json"
-    payload = {"title": title, "notes": notes, "results": _jsonable(results)}
+    payload = {"title": title, "notes": notes, "results": jsonable(results)}
     if embedding:
         payload["embedding"] = dict(embedding)
     atomic_write(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
