@@ -411,9 +411,10 @@ def identify(
 
     ``photos`` is a list (any iterable, read once) of paths or bytes, even for one photo: one path or bytes alone
     is refused (ValueError), as are PIL images and arrays (TypeError saying what to pass;
-    :meth:`Identifier.identify_images` takes PIL images). ``embeddings``: one row per photo (a 1-D vector: one
-    photo), each scaled to unit length (once: :meth:`Identifier.identify_embeddings`), so a vector's size changes no
-    answer; a row all zeros or not finite is refused (ValueError naming it). ``names``: one per photo or row
+    :meth:`Identifier.identify_images` takes PIL images); an empty list gets no answers (``[]``). ``embeddings``:
+    one row per photo (a 1-D vector: one photo), each scaled to unit length (once:
+    :meth:`Identifier.identify_embeddings`), so a vector's size changes no answer; a row all zeros or not finite is
+    refused (ValueError naming it). ``names``: one per photo or row
     (default: the paths, ``image #i``, ``embedding #i``). ``top``: at least 1. ``method``: knn, probe or blend;
     ``rank``: species, genus or family.
     """
@@ -930,7 +931,8 @@ def add_photos(
 
     ``photos`` are paths, or uploads ``(name, bytes)`` whose bytes are kept by content digest in the gallery's
     ``uploads/`` folder, or, for a store on S3, in the store (``<store>/_speciesid/uploads/``: every machine sharing
-    it reads them), put before the rows commit. One duplicate check for both
+    it reads them), put before the rows commit; at least one (an empty list is refused: ValueError). One duplicate
+    check for both
     (:func:`retrieval.pipeline.add_references`): photos whose bytes are already stored, or repeat an earlier photo of
     the call, are stored once.
 
@@ -951,6 +953,9 @@ def add_photos(
                         f"{'a spec' if isinstance(encoder, str) else 'a ' + type(encoder).__name__}: "
                         "gallery, encoder = open_gallery(DIR) (or ident.gallery, ident.encoder)")
     photos = photo_list(photos, uploads=True)
+    if not photos:  # storing nothing is not an add: said, not answered with a result of nothing stored
+        raise ValueError('photos is empty: no photos were given to add_photos; pass the photo files to store, e.g. '
+                         '["photo.jpg"] (or uploads [("photo.jpg", data)])')
     if folders := [p for p in photos if not isinstance(p, tuple) and Path(p).is_dir()]:
         raise ValueError(f"add_photos takes photo files, and {folders[0]} is a folder: pass the photos in it, "
                          f"e.g. index.photos.find_photos({str(folders[0])!r}) (the CLI expands folders itself)")

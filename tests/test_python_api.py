@@ -122,7 +122,7 @@ def test_pil_images_arrays_and_none_are_refused_at_the_entry_saying_what_to_pass
         ident.identify_images([COBRA])
 
 
-def test_add_photos_refuses_one_path_bare_bytes_and_a_folder_before_any_work(tmp_path_factory, tmp_path):
+def test_add_photos_refuses_one_path_bare_bytes_a_folder_and_no_photos_before_any_work(tmp_path_factory, tmp_path):
     gallery, enc = wf.open_gallery(gallery_copy(tmp_path_factory, "add_args"), EncoderConfig(precision="fp32"))
     before = len(gallery)
     new = photos("val", SPECIES[1], 2)
@@ -134,9 +134,20 @@ def test_add_photos_refuses_one_path_bare_bytes_and_a_folder_before_any_work(tmp
         wf.add_photos(gallery, enc, binomial(SPECIES[1]), [tmp_path])
     with pytest.raises(TypeError, match="add_photos takes the gallery's loaded encoder, not a spec"):
         wf.add_photos(gallery, "timm:x", binomial(SPECIES[1]), new)
+    empty = (r'photos is empty: no photos were given to add_photos; pass the photo files to store, e\.g\. '
+             r'\["photo\.jpg"\] \(or uploads \[\("photo\.jpg", data\)\]\)')
+    for nothing in ([], iter(())):  # not an add of nothing, answered as if every photo were a duplicate
+        with pytest.raises(ValueError, match=empty):
+            wf.add_photos(gallery, enc, "Naja nova", nothing)
+    with pytest.raises(ValueError, match=empty):
+        wf.add_photos(gallery, enc, binomial(SPECIES[1]), [], embeddings=np.zeros((0, gallery.dim), np.float32))
     assert len(gallery) == before
     done = wf.add_photos(gallery, enc, binomial(SPECIES[1]), iter(new))  # a generator: read once
     assert len(done.report.ids) == 2
+
+
+def test_an_empty_list_of_photos_gets_no_answers(ident):
+    assert wf.identify(ident, []) == [] and wf.identify(ident, [], observation=True) == []
 
 
 # ------------------------------------------------------------------------------ methods, top, names
