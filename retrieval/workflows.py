@@ -367,6 +367,12 @@ class Answer:
     notes: list[str] = field(default_factory=list)  # what to know of its photos as read (an animated GIF: its first
     # frame only, retrieval.images.photo_note), each naming its photo in an observation
 
+    @property
+    def unknown(self) -> bool:
+        """True when ``results[0]`` is not the answer to trust: no candidate is supported strongly enough, the photo
+        is unlike every reference (``identification.far``), or it was not read (``error``)."""
+        return self.identification is None or self.identification.unknown
+
 
 def presence_for(country: str | None, ident: Identifier | None = None) -> dict[str, bool] | None:
     """species -> recorded in ``country`` (ISO code or name): the shipped snake table, and the countries of

@@ -5,7 +5,9 @@ Uses the small real MobileNetV1 gallery of the API tests (4 ph-snakes species, 1
 
 from __future__ import annotations
 
+import io
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -148,6 +150,26 @@ def test_add_photos_refuses_one_path_bare_bytes_a_folder_and_no_photos_before_an
 
 def test_an_empty_list_of_photos_gets_no_answers(ident):
     assert wf.identify(ident, []) == [] and wf.identify(ident, [], observation=True) == []
+
+
+# ------------------------------------------------------------------------------ an answer: unknown, plain data
+def _blank_png() -> bytes:
+    """A white frame: unlike every reference photo (far, so UNKNOWN)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (224, 224), "white").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_an_answer_says_whether_it_is_unknown_without_a_look_at_names(index):
+    ident = wf.open_identifier(index, EncoderConfig(precision="fp32"))  # its own: its threshold is changed below
+    cobra, blank, broken = wf.identify(ident, [COBRA, _blank_png(), b"not a photo"])
+    assert (cobra.unknown, blank.unknown, broken.unknown) == (False, True, True)
+    assert blank.identification.far and blank.results  # far: candidates listed all the same
+    assert broken.error and not broken.results  # unreadable: nothing to trust
+    ident.config = replace(ident.config, unknown_threshold=1.0)  # no score reaches it (the best: ~0.998)
+    low = wf.identify(ident, [COBRA])[0]
+    assert low.unknown and low.identification.unknown and not low.identification.far
+    assert low.results[0].name == cobra.results[0].name  # the same best candidate: only the flag says UNKNOWN
 
 
 # ------------------------------------------------------------------------------ methods, top, names
