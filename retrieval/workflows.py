@@ -45,7 +45,7 @@ from index.build_mark import (
 )
 from index.datasets import DatasetScan, iter_dataset, load_dataset, no_photos_error, require_records
 from index.errors import first_line
-from index.formats import WRITTEN_BY
+from index.formats import WRITTEN_BY, jsonable
 from index.gallery import Gallery, Neighbour, StoreOpenError, read_gallery_info
 from index.geography import country_presence, resolve_country
 from index.interrupts import held_interrupt
@@ -82,6 +82,7 @@ from index.vectors import VectorIndexConfig
 from retrieval.advice import (
     VENOM_ADVICE_KEY,
     checklist_coverage,
+    far_note,
     record_checklist,
     record_venom_advice,
     recorded_venomous,
@@ -372,6 +373,35 @@ class Answer:
         """True when ``results[0]`` is not the answer to trust: no candidate is supported strongly enough, the photo
         is unlike every reference (``identification.far``), or it was not read (``error``)."""
         return self.identification is None or self.identification.unknown
+
+    def to_dict(self, *, neighbours: bool = True) -> dict[str, object]:
+        """The answer as plain data for JSON (str, float, int, bool, None, lists, dicts): the fields of the HTTP API's
+        identify answer (``api.schemas.IdentifyOut``, under its names) but ``encoder`` and ``images``, with
+        ``source`` and ``error``; each result's ``neighbours`` (its evidence, ``path`` a str) unless ``neighbours``
+        is False. ``notes``: the answer's own (a far photo's scores, a country that changed nothing, a photo as
+        read, a near-copy), not the gallery's (:func:`answer_notes`). An answer with an ``error``: ``source``,
+        ``error``, ``unknown`` (true) and empty ``notes`` and ``results``."""
+        found = self.identification
+        if found is None:
+            return jsonable({"source": self.source, "error": self.error, "unknown": True, "notes": list(self.notes),
+                             "results": []})
+        return jsonable({
+            "source": self.source,
+            "error": self.error,
+            "venom_advice": found.venom_advice.to_dict() if found.venom_advice is not None else None,
+            "unknown": found.unknown,
+            "far": found.far,
+            "venom_applies": found.venom_applies,
+            "venomous_score": found.venomous_score,
+            "venom_unknown_score": found.venom_unknown_score,
+            "country_applied": found.country_applied,
+            "nearest_similarity": found.nearest,
+            "near_copy": found.near_copy,
+            "set_aside": found.set_aside,
+            "notes": ([far_note()] if found.far else []) + ([note] if (note := found.country_note()) else [])
+            + self.notes,
+            "results": [r.to_dict(neighbours=neighbours) for r in self.results],
+        })
 
 
 def presence_for(country: str | None, ident: Identifier | None = None) -> dict[str, bool] | None:

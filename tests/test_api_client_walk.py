@@ -59,9 +59,10 @@ class StandIn:
 
     def identify(self, uploads, *, top: int, rank, country):
         from retrieval.identify import Identification
+        from retrieval.workflows import Answer
 
         found = Identification(predictions=[], neighbours=[], unknown=True, set_aside=list(self.set_aside))
-        return SimpleNamespace(results=[], identification=found, notes=[])  # an Answer's fields
+        return Answer(", ".join(u.name for u in uploads), identification=found)  # the route calls its to_dict
 
     def thumbnail(self, ref_id: int):
         from api.service import Thumbnail

@@ -6,8 +6,10 @@ Uses the small real MobileNetV1 gallery of the API tests (4 ph-snakes species, 1
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from _api_support import COBRA, SPECIES, base_gallery, binomial, gallery_copy, p
 from PIL import Image
 
 from retrieval import workflows as wf
+from retrieval.advice import far_note
 from retrieval.encoders import EncoderConfig
 from retrieval.pipeline import embed_photos
 from retrieval.probe import PROBE_META, LinearProbe
@@ -170,6 +173,49 @@ def test_an_answer_says_whether_it_is_unknown_without_a_look_at_names(index):
     low = wf.identify(ident, [COBRA])[0]
     assert low.unknown and low.identification.unknown and not low.identification.far
     assert low.results[0].name == cobra.results[0].name  # the same best candidate: only the flag says UNKNOWN
+
+
+def test_an_answer_to_dict_is_plain_json_under_the_http_api_names(ident):
+    from api.schemas import IdentifyOut, NeighbourOut, ResultOut
+
+    cobra, blank, broken = wf.identify(ident, [COBRA, _blank_png(), b"not a photo"], country="MA")
+    for answer in (cobra, blank, broken):
+        d = answer.to_dict()
+        assert json.loads(json.dumps(d, allow_nan=False)) == d  # built-ins only: the same after a JSON round trip
+    d = cobra.to_dict()
+    assert list(d) == ["source", "error", *(k for k in IdentifyOut.model_fields if k not in ("encoder", "images"))]
+    assert (d["source"], d["error"], d["unknown"], d["far"]) == (str(COBRA), None, False, False)
+    assert d["nearest_similarity"] == cobra.identification.nearest
+    assert d["venom_advice"] == cobra.identification.venom_advice.to_dict()
+    assert d["country_applied"] is False and d["notes"] == [cobra.identification.country_note()]
+    top, best = d["results"][0], cobra.results[0]
+    assert list(top) == list(ResultOut.model_fields)
+    assert (top["name"], top["score"], top["venomous"]) == (best.name, best.score, True)
+    assert [n["id"] for n in top["neighbours"]] == [n.id for n in best.neighbours] and best.neighbours
+    near = top["neighbours"][0]
+    assert set(near) == set(NeighbourOut.model_fields) - {"thumbnail_url"} | {"path"}
+    assert near["path"] == str(best.neighbours[0].path) and near["similarity"] == best.neighbours[0].plain_cosine
+    assert all(r["neighbours"] == [] for r in cobra.to_dict(neighbours=False)["results"])
+    far = blank.to_dict()
+    assert (far["unknown"], far["far"], far["venomous_score"]) == (True, True, None)
+    assert far["notes"][0] == far_note() and far["results"]
+    assert broken.to_dict() == {"source": "image #2", "error": broken.error, "unknown": True, "notes": [],
+                                "results": []}
+
+
+def test_to_dict_makes_numpy_values_and_paths_plain(ident):
+    answer = wf.identify(ident, [COBRA])[0]
+    best = answer.results[0]
+    near = replace(best.neighbours[0], id=np.int64(7), similarity=np.float32(0.5), path=Path("refs/a.jpg"))
+    answer.results[0] = replace(best, score=np.float32(0.25), neighbours=[near])
+    answer.identification.nearest = np.float32(0.5)
+    answer.identification.set_aside = np.array([0, 2])
+    d = answer.to_dict()
+    json.dumps(d, allow_nan=False)
+    top = d["results"][0]
+    assert type(top["score"]) is float and top["score"] == 0.25 and type(d["nearest_similarity"]) is float
+    assert top["neighbours"][0]["id"] == 7 and type(top["neighbours"][0]["id"]) is int
+    assert top["neighbours"][0]["path"] == str(Path("refs/a.jpg")) and d["set_aside"] == [0, 2]
 
 
 # ------------------------------------------------------------------------------ methods, top, names

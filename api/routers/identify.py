@@ -22,7 +22,6 @@ from api.routers._edge import (
 from api.schemas import SEARCH_K_DEFAULT, IdentifyOut, ResultOut, SearchK, SearchOut, SearchVectorIn
 from api.service import SpeciesService
 from index.geography import resolve_country
-from retrieval.advice import far_note
 from retrieval.vote import Rank
 
 router = APIRouter(prefix="/v1", tags=["identify"])
@@ -82,29 +81,14 @@ def identify(
     edge(service.require_references)  # an empty gallery is a 409 before any upload is decoded
     uploads = read_uploads(service, images, at_most=service.settings.max_images)
     answer = edge(lambda: service.identify(uploads, top=k, rank=rank, country=country))
-    out = [
-        ResultOut(**{**r.to_dict(neighbours=False),
-                     "neighbours": [neighbour_out(n) for n in r.neighbours] if neighbours else []})
-        for r in answer.results
+    said = answer.to_dict(neighbours=False)  # the library's plain answer: IdentifyOut's fields, under its names
+    results = [  # the evidence as the API shows it: a thumbnail URL, never the server's file path
+        ResultOut(**{**r, "neighbours": [neighbour_out(n) for n in ranked.neighbours] if neighbours else []})
+        for r, ranked in zip(said.pop("results"), answer.results, strict=True)
     ]
-    return IdentifyOut(
-        results=out,
-        unknown=answer.identification.unknown,
-        far=answer.identification.far,
-        nearest_similarity=answer.identification.nearest,
-        near_copy=answer.identification.near_copy,
-        venomous_score=answer.identification.venomous_score,
-        venom_unknown_score=answer.identification.venom_unknown_score,
-        country_applied=answer.identification.country_applied,
-        encoder=service.gallery.encoder_spec,
-        images=len(uploads),
-        venom_advice=advice.to_dict() if (advice := answer.identification.venom_advice) is not None else None,
-        venom_applies=answer.identification.venom_applies,
-        notes=([far_note()] if answer.identification.far else [])
-        + ([note] if (note := answer.identification.country_note()) else []) + answer.notes
-        + service.answer_notes(rank),
-        set_aside=list(answer.identification.set_aside),
-    )
+    said["notes"] += service.answer_notes(rank)  # the answer's own notes, then the gallery's
+    fields = {key: value for key, value in said.items() if key in IdentifyOut.model_fields}  # not source, error
+    return IdentifyOut(**fields, results=results, encoder=service.gallery.encoder_spec, images=len(uploads))
 
 
 _SEARCH_BODY = {
