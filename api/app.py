@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
+from api.compression import CompressAnswers, accepts_gzip, gzip_bytes
 from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
 from api.routers._edge import UNPARSED, FieldError, photo_field_error, revalidated, store_answer
@@ -232,6 +234,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     app.state.service = service
     app.state.startup_error = None  # why the gallery or the model did not load, once the lifespan failed
     app.state.metrics = Metrics(lambda: getattr(app.state, "service", None))
+    app.add_middleware(CompressAnswers)  # gzip for answers worth it (api.compression); first: inside the guard
     app.add_middleware(EdgeGuard, settings=settings)  # keys, load shedding, body limits: before any body is read
 
     @app.exception_handler(StarletteHTTPException)
@@ -307,15 +310,35 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
 PAGE_CACHE = "no-cache"
 
 
+@dataclass(frozen=True)
+class Page:
+    """The web page as sent: its bytes and their ETag, and the same gzipped with an ETag of their own."""
+
+    body: bytes
+    etag: str
+    gzipped: bytes
+    gzip_etag: str
+
+
 @functools.cache
-def page_file() -> tuple[bytes, str]:
-    """The web page's bytes (``api/static/index.html``) and its ETag (:func:`api.service.etag_of`, as a thumbnail's),
-    read once per process: the file is part of the package, changed only by an upgrade, which restarts the server."""
+def page_file() -> Page:
+    """The web page (``api/static/index.html``) with its ETag (:func:`api.service.etag_of`, as a thumbnail's), and
+    gzipped (:func:`api.compression.gzip_bytes`) with that ETag ending ``-gzip`` (another byte sequence, another
+    tag), read and compressed once per process: the file is part of the package, changed only by an upgrade, which
+    restarts the server."""
     body = (STATIC / "index.html").read_bytes()
-    return body, etag_of(body)
+    etag = etag_of(body)
+    return Page(body, etag, gzip_bytes(body), etag.removesuffix('"') + '-gzip"')
 
 
 def page_response(request: Request) -> Response:
-    """The web page with its ETag (:func:`page_file`), or a 304 when ``If-None-Match`` names that ETag."""
-    body, etag = page_file()  # revalidated as a thumbnail is
-    return revalidated(request, body, etag, "text/html; charset=utf-8", {**PAGE_HEADERS, "Cache-Control": PAGE_CACHE})
+    """The web page with its ETag (:func:`page_file`), gzipped when the request accepts gzip, or a 304 when
+    ``If-None-Match`` names the ETag of the one it would get. Either says ``Vary: Accept-Encoding``."""
+    page = page_file()  # revalidated as a thumbnail is
+    gzipped = accepts_gzip(request.headers.get("accept-encoding"))
+    body, etag = (page.gzipped, page.gzip_etag) if gzipped else (page.body, page.etag)
+    headers = {**PAGE_HEADERS, "Cache-Control": PAGE_CACHE, "Vary": "Accept-Encoding"}
+    response = revalidated(request, body, etag, "text/html; charset=utf-8", headers)
+    if gzipped and response.status_code == 200:  # a 304 has no body to say the encoding of
+        response.headers["Content-Encoding"] = "gzip"
+    return response

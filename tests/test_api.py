@@ -146,6 +146,7 @@ def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(
     and a favicon 404 on every load; #1, #3: it had no live region for the answer, no alert for the warning and
     nothing for a browser that does not run its script. (No model needed: the page is served before it loads.)"""
     c = bare_client
+    c.headers["accept-encoding"] = "identity"  # the page as it is (gzipped: the test below)
     page = c.get("/")
     assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
     etag = page.headers["etag"]
@@ -177,11 +178,105 @@ def test_the_page_is_read_and_hashed_once_and_tagged_as_a_thumbnail_is(bare_clie
 
     api.app.page_file.cache_clear()
     reads = count_opens("index.html")
+    bare_client.headers["accept-encoding"] = "identity"  # the page as it is (gzipped: the test below)
     pages = [bare_client.get("/") for _ in range(3)]
     assert len(reads) == 1 and {p.status_code for p in pages} == {200}, reads
     body = (api.app.STATIC / "index.html").read_bytes()
     assert pages[0].content == body and pages[0].headers["etag"] == etag_of(body)
     assert Thumbnail.of(b"jpeg bytes").etag == etag_of(b"jpeg bytes") == f'"{sha256(b"jpeg bytes").hexdigest()[:32]}"'
+
+
+def _raw(client, path: str, method: str = "GET", files: list | None = None,
+         **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """``method`` ``path``: its status, headers and body as sent (the test client's httpx decodes gzip otherwise)."""
+    with client.stream(method, path, headers=headers, files=files) as resp:
+        return resp.status_code, dict(resp.headers), b"".join(resp.iter_raw())
+
+
+def test_the_page_goes_gzipped_to_a_browser_that_accepts_it_with_an_etag_of_its_own(bare_client, monkeypatch):
+    """s55 page #1: the page (29 KB) went uncompressed to phones on 2G. A request that accepts gzip gets it gzipped
+    (compressed once per process) with its own ETag; one that does not gets the page as it is; both say
+    ``Vary: Accept-Encoding`` once, and a 304 answers the ETag of the one the request would get."""
+    import gzip
+
+    import api.app
+    from api.service import etag_of
+
+    body = (api.app.STATIC / "index.html").read_bytes()
+    api.app.page_file.cache_clear()
+    compressed = []
+    real = api.app.gzip_bytes
+    monkeypatch.setattr(api.app, "gzip_bytes", lambda data: compressed.append(len(data)) or real(data))
+    gz_etag = etag_of(body).removesuffix('"') + '-gzip"'
+    for accept in ("gzip, deflate, br, zstd", "br, *", "GZIP;q=0.5"):
+        status, headers, raw = _raw(bare_client, "/", **{"Accept-Encoding": accept})
+        assert status == 200 and headers["content-encoding"] == "gzip" and gzip.decompress(raw) == body, accept
+        assert headers["etag"] == gz_etag and headers["vary"] == "Accept-Encoding", headers
+        assert int(headers["content-length"]) == len(raw) < len(body) / 2
+        assert headers["cache-control"] == "no-cache" and headers["x-frame-options"] == "DENY"
+    assert compressed == [len(body)]  # once, not at every GET
+    status, headers, raw = _raw(bare_client, "/", **{"Accept-Encoding": "gzip", "If-None-Match": gz_etag})
+    assert status == 304 and raw == b"" and headers["etag"] == gz_etag and "content-encoding" not in headers
+    assert headers["vary"] == "Accept-Encoding" and headers["cache-control"] == "no-cache"
+    for accept in ("identity", "gzip;q=0", "br", "*;q=0"):
+        status, headers, raw = _raw(bare_client, "/", **{"Accept-Encoding": accept})
+        assert status == 200 and "content-encoding" not in headers and raw == body, accept
+        assert headers["etag"] == etag_of(body) and headers["vary"] == "Accept-Encoding", headers
+    # the other encoding's ETag is another representation: the page, not a 304
+    assert _raw(bare_client, "/", **{"Accept-Encoding": "gzip", "If-None-Match": etag_of(body)})[0] == 200
+    status, headers, raw = _raw(bare_client, "/", **{"Accept-Encoding": "identity", "If-None-Match": etag_of(body)})
+    assert status == 304 and raw == b"" and headers["etag"] == etag_of(body)
+
+
+def test_accepts_gzip_reads_the_header_as_rfc_9110_says():
+    from api.compression import accepts_gzip
+
+    yes = ("gzip", "gzip, deflate, br", "deflate, GZip;q=0.1", "x-gzip", "*", "br;q=1.0, *;q=0.5", "gzip;q=1, *;q=0")
+    no = (None, "", "identity", "br", "gzip;q=0", "gzip; q=0.000", "*;q=0", "gzip;q=0, *", "gzip;q=x", "gzipped")
+    assert [accepts_gzip(h) for h in yes] == [True] * len(yes)
+    assert [accepts_gzip(h) for h in no] == [False] * len(no)
+
+
+def test_large_answers_go_gzipped_small_ones_and_photos_as_they_are(client):
+    """s55 page #1: JSON answers over api.compression.MIN_BYTES (an identification with its neighbours) are gzipped
+    for a request that accepts it, its upload read as ever; a small answer, a thumbnail's JPEG and a request that
+    does not accept gzip get the bytes as they are."""
+    import gzip
+    import json
+
+    from api.compression import MIN_BYTES
+
+    status, headers, raw = _raw(client, "/v1/identify", "POST", _files([COBRA]), **{"Accept-Encoding": "gzip"})
+    answer = json.loads(gzip.decompress(raw))
+    assert status == 200 and headers["content-encoding"] == "gzip" and headers["vary"] == "Accept-Encoding"
+    assert answer["results"][0]["name"] == "Naja philippinensis" and answer["results"][0]["neighbours"]
+    status, headers, plain = _raw(client, "/v1/identify", "POST", _files([COBRA]), **{"Accept-Encoding": "identity"})
+    assert status == 200 and "content-encoding" not in headers and json.loads(plain) == answer
+    assert len(plain) > MIN_BYTES and len(raw) < len(plain) / 2
+    small = client.get("/healthz", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in small.headers and small.json() == {"status": "ok"}
+    # a reference of its own: a neighbour's thumbnail would be kept for test_reference_thumbnail's decode count
+    added = client.post("/v1/species/Testus gzipus/references", files=_one("z.png", _png(640, 480)), headers=KEYS)
+    (ref,) = added.json()["ids"]
+    status, headers, raw = _raw(client, f"/v1/references/{ref}/image", **{"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-type"] == "image/jpeg" and "content-encoding" not in headers
+    assert raw.startswith(b"\xff\xd8") and headers["etag"] == client.get(f"/v1/references/{ref}/image").headers[
+        "etag"]  # the strong ETag of the JPEG's own bytes
+
+
+def test_a_streamed_answer_with_a_strong_etag_goes_gzipped_with_a_weak_one_and_still_gets_its_304(bare_client):
+    """s55 page #1: /docs' script (1.5 MB, sent in chunks by Starlette's StaticFiles) is gzipped as it streams; the
+    ETag it had names the uncompressed bytes, so the gzipped answer's is weak (W/), which If-None-Match matches."""
+    import gzip
+    import re
+
+    script = re.search(r'src="([^"]+\.js)"', bare_client.get("/docs").text).group(1)
+    status, headers, plain = _raw(bare_client, script, **{"Accept-Encoding": "identity"})
+    assert status == 200 and "content-encoding" not in headers and not headers["etag"].startswith("W/")
+    status, zipped, raw = _raw(bare_client, script, **{"Accept-Encoding": "gzip"})
+    assert status == 200 and zipped["content-encoding"] == "gzip" and gzip.decompress(raw) == plain
+    assert zipped["etag"] == f"W/{headers['etag']}" and len(raw) < len(plain) / 2
+    assert _raw(bare_client, script, **{"Accept-Encoding": "gzip", "If-None-Match": zipped["etag"]})[0] == 304
 
 
 def test_the_pages_form_without_script_shows_the_venom_advice_first(client):

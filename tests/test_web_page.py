@@ -393,7 +393,7 @@ def test_an_unknown_answer_with_no_candidate_is_summed_up_without_an_error(brows
     named = {**answer, "unknown": False, "venom_advice": None,
              "results": [{"name": "Naja haje", "common_name": "Egyptian cobra", "score": 0.9, "neighbours": []}]}
     assert browser.execute_script("return summary(arguments[0]);", named) == \
-        "Answer shown below. Best candidate: Egyptian cobra (Naja haje), 90.0%."
+        "Answer shown below. Best candidate: <bdi>Egyptian cobra</bdi> (<i><bdi>Naja haje</bdi></i>), 90.0%."
     html = PAGE.read_text(encoding="utf-8")
     assert html.count("Not sure: no species is supported strongly enough.") == 1  # one source: notSure()
     assert html.count("(<i>${bdi(") == 0 and "best.common_name" not in html  # one source: nameOf()
@@ -714,13 +714,56 @@ def test_an_arabic_name_keeps_its_score_and_its_order_beside_other_names(browser
     assert _rect(browser, note[0])["right"] <= _rect(browser, note[1])["left"]
 
 
+def _text_rect(driver, element, text: str) -> dict:
+    """Where ``text`` (in one of ``element``'s text nodes) is drawn: its left and right, and in how many pieces."""
+    return driver.execute_script(
+        "const walk = document.createTreeWalker(arguments[0], NodeFilter.SHOW_TEXT);"
+        "for (let node = walk.nextNode(); node; node = walk.nextNode()) {"
+        "  const at = node.data.indexOf(arguments[1]); if (at < 0) continue;"
+        "  const range = document.createRange();"
+        "  range.setStart(node, at); range.setEnd(node, at + arguments[1].length);"
+        "  const r = range.getBoundingClientRect();"
+        "  return {left: r.left, right: r.right, n: range.getClientRects().length};"
+        "}", element, text)
+
+
+def test_an_arabic_family_and_the_status_line_keep_the_score_right_of_the_name(browser):
+    """s55 page #2: a family in Arabic was shown by esc() alone, and the status line's names as plain text: a score
+    after either was pulled into its right-to-left run ("100.0 — فصيلة الأفاعي%"). Both are isolated now (<bdi>), so
+    the score is drawn whole, right of the name."""
+    from selenium.webdriver.common.by import By
+
+    family, viper = "فصيلة الأفاعي", "افعى موريتانيا"
+    answer = {"results": [{"name": "Daboia mauritanica", "common_name": None, "species": "Daboia mauritanica",
+                           "family": family, "score": 1.0, "venomous": False, "neighbours": []},
+                          {"name": viper, "common_name": None, "species": viper, "family": None, "score": 0.0,
+                           "venomous": False, "neighbours": []}],
+              "venom_applies": False, "notes": [], "images": 1, "encoder": "test", "far": False, "unknown": False,
+              "venom_advice": None}
+    browser.get(PAGE.as_uri())
+    browser.execute_script("render(arguments[0]);", answer)
+    line = browser.find_element(By.CSS_SELECTOR, "#results .result > div")
+    assert line.text.endswith(f"{family} — 100.0%"), line.text
+    shown, at = _rect(browser, line.find_element(By.TAG_NAME, "b")), _text_rect(browser, line, family)
+    assert shown["n"] == 1 and shown["left"] >= at["right"], (shown, at)  # "100.0%" in one piece, right of it
+    assert line.find_element(By.CSS_SELECTOR, "small bdi").text == family
+    status = browser.find_element(By.ID, "status")
+    browser.execute_script('$("status").innerHTML = summary(arguments[0]);',
+                           {**answer, "results": answer["results"][::-1]})
+    assert status.text == f"Answer shown below. Best candidate: {viper}, 0.0%.", status.text
+    name, score = _text_rect(browser, status, viper), _text_rect(browser, status, "0.0%")
+    assert score["n"] == 1 and score["left"] >= name["right"], (score, name)
+    assert status.find_element(By.TAG_NAME, "bdi").text == viper
+
+
 def test_the_page_isolates_every_name_it_shows():
     """Walk s53 #2: names (results, notes, advice, the curate form's answers) go through bdi()/withNames(), never a
     bare esc(); the curate form's name boxes and the country box align typed Arabic (dir="auto")."""
     html, render = PAGE.read_text(encoding="utf-8"), _render()
     assert "const bdi = (s) => `<bdi>${esc(s)}</bdi>`;" in html
     assert "esc(r.name)" not in render and "esc(r.common_name)" not in render and "esc(advice.text)" not in render
-    assert "esc(note)" not in render and "esc(n)" not in html
+    assert "esc(note)" not in render and "esc(n)" not in html and "esc(r.family)" not in render
+    assert '$("status").innerHTML = summary(answer);' in html  # the status line's names are isolated too (bdi)
     for box in ('id="species"', 'id="common"', 'id="country"'):
         tag = html[html.index(f"<input {box}"):]
         assert 'dir="auto"' in tag[:tag.index(">")], box
