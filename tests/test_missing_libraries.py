@@ -5,12 +5,16 @@ raises ModuleNotFoundError, as a missing distribution does."""
 from __future__ import annotations
 
 import importlib.abc
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
-from _cli_support import _run, folder_gallery
+from _cli_support import ENCODER, _photo, _run, folder_gallery
 
 from index.store import LANCE_MISSING
+from index.vectors import FAISS_MISSING
 
 
 class _Hide(importlib.abc.MetaPathFinder):
@@ -40,3 +44,35 @@ def test_without_lance_index_info_and_compact_say_to_install_pylance(tmp_path, c
         assert err.startswith(f"speciesid: error: ImportError: {LANCE_MISSING} (run with -vv")
         assert len(err.splitlines()) == 1
     assert LANCE_MISSING.endswith("pip install pylance")
+
+
+def test_without_faiss_help_works_and_a_build_says_to_install_faiss_cpu(tmp_path):
+    """In a fresh interpreter, faiss hidden before anything imports it: ``--help`` exits 0, and ``index build``
+    stops with FAISS_MISSING in one line."""
+    photos = tmp_path / "photos"
+    for i in range(4):
+        _photo(photos / ("Natrix maura", "Naja haje")[i % 2] / f"{i}.png", i)
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname, path=None, target=None):
+                if fullname.split(".")[0] == "faiss":
+                    raise ModuleNotFoundError(f"No module named {{fullname!r}}", name=fullname)
+
+        sys.meta_path.insert(0, Hide())
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from api.cli import main
+        try:
+            main(["--help"])
+        except SystemExit as exc:
+            print("help exit", exc.code)
+        sys.exit(main(["index", "build", "--dataset", "folder", "--root", {str(photos)!r},
+                       "--index", {str(tmp_path / "g")!r}, *{ENCODER!r}, "-q"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "usage: speciesid" in done.stdout and "help exit 0" in done.stdout, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert f"speciesid: error: ImportError: {FAISS_MISSING} (run with -vv" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "pip install faiss-cpu" in FAISS_MISSING
