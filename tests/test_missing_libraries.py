@@ -46,6 +46,19 @@ def test_without_lance_index_info_and_compact_say_to_install_pylance(tmp_path, c
     assert LANCE_MISSING.endswith("pip install pylance")
 
 
+def test_without_lance_a_writes_compaction_warns_what_to_install(tmp_path, capsys, monkeypatch, caplog):
+    """The automatic compaction after a write (SPECIESID_COMPACT_FRAGMENTS small fragments) needs lance too: the
+    write is stored and the warning says what to install."""
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
+    monkeypatch.setenv("SPECIESID_COMPACT_FRAGMENTS", "2")
+    _hide(monkeypatch, "lance")
+    for i in range(3):
+        code, _, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje",
+                            _photo(tmp_path / "new" / f"{i}.png", 100 + i))
+        assert code == 0, err
+    assert f"compacting its store after a write failed ({LANCE_MISSING}); the write itself is stored" in caplog.text
+
+
 def test_without_faiss_help_works_and_a_build_says_to_install_faiss_cpu(tmp_path):
     """In a fresh interpreter, faiss hidden before anything imports it: ``--help`` exits 0, and ``index build``
     stops with FAISS_MISSING in one line."""
