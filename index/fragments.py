@@ -41,12 +41,10 @@ except ImportError:  # pragma: no cover - Windows: journals are kept but never s
 CHECK_VERSIONS = 50
 
 
-def _lance():
-    try:
-        import lance
-    except ImportError as exc:  # pragma: no cover - the base install has no pylance
-        raise ImportError("writing fragments needs pylance: pip install 'speciesid[ray]'") from exc
-    return lance
+def _lance():  # noqa: ANN202 - the lance module
+    from index.store import import_lance
+
+    return import_lance()
 
 
 def write_fragments(table: pa.Table, uri: str, options: dict[str, str] | None = None) -> list[str]:

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import faiss
 import numpy as np
 
 from index.atomic import atomic_write
@@ -48,6 +47,7 @@ from index.vectors import (
     check_k,
     empty_result,
     exact_topk,
+    faiss,  # faiss, or what says to install it (index.vectors.FAISS_MISSING)
     gpu_available,
     has_repeats,
     held_ids,

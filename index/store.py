@@ -236,6 +236,22 @@ assert SMALL_FRAGMENT_ROWS <= LANCEDB_SMALL_ROWS
 BUILD_FRAGMENT_ROWS = 1_048_576
 
 
+#: A missing lance library (the pylance package, which LanceDB itself does not require): what needs it and what to
+#: install, in one line.
+LANCE_MISSING = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
+                 "after writes, worker-written fragments), which is not installed: pip install pylance")
+
+
+def import_lance():  # noqa: ANN201 - the lance module
+    """The ``lance`` module (imported on first use: only the store's fragment, compaction and version calls need
+    it); ImportError :data:`LANCE_MISSING` when it is not installed."""
+    try:
+        import lance
+    except ImportError as exc:
+        raise ImportError(LANCE_MISSING) from exc
+    return lance
+
+
 def version_times(dataset) -> list[tuple[int, float]]:  # noqa: ANN001 - lance.LanceDataset
     """(version, creation time in epoch seconds) of every version the dataset keeps, oldest first. It reads
     every kept version's manifest (on an object store one request each)."""
@@ -718,6 +734,7 @@ class ReferenceStore:
 
     def _dataset(self):  # noqa: ANN202 - lance.LanceDataset (lance imported by LanceDB on demand)
         """The Lance dataset of the table at the version this store reads (one manifest read, no data)."""
+        import_lance()  # LanceDB's own error names pylance but not what needs it
         return self._table.to_lance()
 
     def small_fragments_at_most(self) -> int:

@@ -33,13 +33,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import faiss
 import numpy as np
 
 from index.atomic import atomic_write
 from index.formats import known_fields
 
 logger = logging.getLogger(__name__)
+
+#: A missing faiss (faiss-cpu is a dependency; a CUDA machine may have faiss-gpu instead): what to install, one line.
+FAISS_MISSING = ("the vector index needs faiss, which is not installed: pip install faiss-cpu "
+                 "(or faiss-gpu-cu12 on a CUDA machine)")
+
+
+class _Missing:
+    """Stands for a library that is not installed: the module importing it still loads (the command line's parser
+    reads :data:`KINDS`), and the first use of any of its names raises ImportError saying what to install."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def __getattr__(self, name: str) -> Any:
+        raise ImportError(self._message)
+
+
+try:
+    import faiss
+except ImportError:  # faiss-cpu not installed: the commands that build or search an index say so (FAISS_MISSING)
+    faiss = _Missing(FAISS_MISSING)
 
 KINDS: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 #: FAISS warns below this many training points per IVF list; ``ivf_nlist=None`` keeps nlist <= n // 39.
