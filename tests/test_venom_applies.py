@@ -511,3 +511,56 @@ def test_an_api_add_names_no_server_path_in_its_refusals(tmp_path):
     assert "speciesid species set-venom --index DIR \"Lycodon novus\" no" in str(api.value), api.value
     assert str(g.root) not in str(api.value), api.value
     assert f"speciesid species set-venom --index {g.root} \"Lycodon novus\" no" in str(cli.value), cli.value
+
+
+# ------------------------------------------------------- mixed recorded statuses, and what a country may change
+def _voting(g: Gallery, counts: dict[str, int]) -> list:
+    """Neighbours of equal similarity, ``counts[species]`` each: a k-NN vote of exactly those shares."""
+    from index.gallery import Neighbour
+
+    taxa = {t.species: t for t in g.species()}
+    return [Neighbour(i, 0.8, s, taxa[s].genus, taxa[s].family, None, taxa[s].venomous, f"/photos/{s}/{i}.jpg", None)
+            for i, s in enumerate(s for s, n in counts.items() for _ in range(n))]
+
+
+def test_a_venomous_answer_beside_a_species_of_unrecorded_status_warns(tmp_path):
+    """Walk s55 M02: a cobra at 93% beside a toad of no recorded status at 7% is venomous at 93%; one unrecorded
+    candidate once dropped the venomous share to none, and the answer read 'unlikely' (0.0%, and 7.0% unknown)."""
+    g, _ = _gallery(tmp_path, {"Naja haje": {"venomous": True}, "Bufo bufo": {}})
+    answer = Identifier(FakeEncoder(), g).answer(_voting(g, {"Naja haje": 93, "Bufo bufo": 7}), method="knn")
+    assert not answer.unknown and answer.predictions[0].species == "Naja haje", answer.predictions
+    assert answer.venomous_score == pytest.approx(0.93) and answer.venom_unknown_score == pytest.approx(0.07)
+    assert answer.venom_advice.level == "possibly_venomous" and answer.venom_advice.treat_as_venomous
+    assert answer.venom_advice.text.startswith("Possibly MEDICALLY IMPORTANT VENOMOUS (Naja haje) — probability "
+                                               "93.0%, and 7.0% on species"), answer.venom_advice.text
+
+
+@pytest.mark.parametrize("flag", [True, None], ids=["venomous", "unrecorded"])
+def test_a_country_never_makes_a_bite_look_safer_than_the_photo_does(tmp_path, flag):
+    """Walk s55 M25 (docs/identification.md, --country): the photo says 30% on a venomous (or unrecorded) species
+    the country does not record; the country reorders the candidates (it is then 4%), but the answer's venomous
+    and unrecorded shares are the photo's, and it warns as the photo alone does (not 'unlikely')."""
+    g, _ = _gallery(tmp_path, {"Naja haje": {"venomous": flag}, "Natrix maura": {"venomous": False}})
+    ident = Identifier(FakeEncoder(), g)
+    voting = _voting(g, {"Naja haje": 30, "Natrix maura": 70})
+    photo = ident.answer(voting, method="knn")
+    answer = ident.answer(voting, method="knn", presence={"Naja haje": False, "Natrix maura": True})
+    assert answer.country_applied and answer.scores["Naja haje"] == pytest.approx(0.03 / 0.73), answer.scores
+    share = answer.venomous_score if flag else answer.venom_unknown_score
+    assert share == pytest.approx(0.30), (answer.venomous_score, answer.venom_unknown_score)
+    assert answer.venom_advice.level == photo.venom_advice.level == "possibly_venomous", answer.venom_advice
+    assert answer.venom_advice.treat_as_venomous
+
+
+def test_a_country_never_turns_an_unknown_answer_into_a_named_one(tmp_path):
+    """Walk s55 M24: the photo splits 50/50 between two harmless species (unknown: cannot tell, treat as
+    venomous); a country that records one of them lifts the other to 91%, but the answer stays unknown."""
+    g, _ = _gallery(tmp_path, {"Natrix maura": {"venomous": False}, "Natrix natrix": {"venomous": False}})
+    ident = Identifier(FakeEncoder(), g)
+    voting = _voting(g, {"Natrix maura": 5, "Natrix natrix": 5})
+    assert ident.answer(voting, method="knn").unknown
+    answer = ident.answer(voting, method="knn", presence={"Natrix maura": True, "Natrix natrix": False})
+    assert answer.predictions[0].species == "Natrix maura", answer.predictions
+    assert answer.predictions[0].score == pytest.approx(0.5 / 0.55)
+    assert answer.unknown and answer.venom_advice.level == "cannot_tell", answer.venom_advice
+    assert answer.venom_advice.text == UNKNOWN_TEXT and answer.venom_advice.treat_as_venomous

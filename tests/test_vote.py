@@ -56,6 +56,16 @@ def test_venomous_probability():
     assert venomous_probability(scores, {}) is None
 
 
+def test_venomous_probability_counts_the_recorded_venomous_share_beside_unrecorded_species():
+    """Walk s55 M02: one candidate of unrecorded status must not drop the whole venomous share (a 93% cobra then
+    read 0% venomous, and its answer 'unlikely'); None only when no candidate records a status."""
+    scores = {"Naja haje": 0.93, "Bufo bufo": 0.07}
+    assert venomous_probability(scores, {"Naja haje": True, "Bufo bufo": None}) == pytest.approx(0.93)
+    assert venomous_probability(scores, {"Naja haje": True}) == pytest.approx(0.93)  # a species the map lacks
+    assert venomous_probability(scores, {"Naja haje": False, "Bufo bufo": None}) == 0.0
+    assert venomous_probability(scores, {"Naja haje": None, "Bufo bufo": None}) is None
+
+
 def test_rank_and_config_validation():
     assert parse_rank("Genus") is Rank.GENUS
     with pytest.raises(ValueError, match="unknown rank 'order'; choose one of species, genus, family"):
