@@ -1,0 +1,65 @@
+"""index.locks.WriteLock, with no gallery: a nested hold keeps the cross-process flock until the outermost block
+ends, and a lock file its holder removed or replaced is locked again at its path (walk s55 M17, M18: neither was
+tested). Another process is stood in for by another open of the lock file: flock locks belong to the open file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from index.locks import WriteLock
+
+fcntl = pytest.importorskip("fcntl", reason="the write lock's flock is POSIX only")
+
+
+def _locked_elsewhere(path: Path) -> bool:
+    """Whether another writer (an open of its own of ``path``, as another process has) would find the lock held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # its flock, when it took one, goes with it
+    return False
+
+
+def test_a_nested_hold_keeps_the_lock_until_the_outermost_block_ends(tmp_path):
+    """Adds run inside ``with gallery.writing():`` (retrieval.workflows, api.service): the inner write's end once
+    could release the flock while the outer block still wrote, letting another process's writer in."""
+    path = tmp_path / "write.lock"
+    lock = WriteLock(path)
+    assert not _locked_elsewhere(path)
+    with lock.hold(timeout=0):
+        with lock.hold(timeout=0):
+            assert _locked_elsewhere(path)
+        assert _locked_elsewhere(path)  # the inner block's end released nothing
+    assert not _locked_elsewhere(path)
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_lock_file_removed_or_replaced_while_waiting_is_locked_again_at_its_path(tmp_path, how):
+    """A writer waiting on a lock file its holder then removes (a create that failed removes its folder) or
+    replaces would hold a flock on a file no longer at the path, locking nothing: it locks the path's file."""
+    path = tmp_path / "write.lock"
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    looks = []
+
+    def meanwhile() -> bool:  # looked at after a try found the lock held: the waiter holds the old file open
+        if not looks:
+            if how == "removed":
+                path.unlink()
+            else:
+                (tmp_path / "new.lock").write_text("")
+                os.replace(tmp_path / "new.lock", path)
+            os.close(holder)  # the holder goes: the old file's flock is free
+        looks.append(True)
+        return False
+
+    with WriteLock(path).hold(timeout=10, give_up=meanwhile):
+        assert looks and path.exists()
+        assert _locked_elsewhere(path)  # the file at the path is the one held
+    assert not _locked_elsewhere(path)
