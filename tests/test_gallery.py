@@ -151,6 +151,24 @@ def test_missing_or_stale_index_is_rebuilt_from_the_store(gallery, caplog):
         assert opened and opened[0].index.ntotal == 15
 
 
+def test_a_photo_repeated_in_one_add_is_stored_once_as_the_cli_and_api_store_it(tmp_path):
+    """Walk s55 M19: Gallery.add / add_unique store the first of a call's photos of the same bytes (sha256) and map
+    the repeats to None, as retrieval.pipeline.add_references (the CLI, the API) does; a photo already stored maps
+    to its id. A repeat stored again would be a duplicate reference that votes twice."""
+    import hashlib
+
+    a, b, c, d = (hashlib.sha256(bytes([i])).hexdigest() for i in range(4))
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 4, rng.standard_normal(DIM))
+    recs = _records("Natrix maura", 4)
+    g = Gallery.create(tmp_path / "g", ENC)
+    (first,) = g.add(recs[:1], [c], x[:1])
+    ids, dropped = g.add_unique(recs, [a, a, b, c], x)
+    assert len(ids) == 2 and len(g) == 3 and dropped == {1: None, 3: first}, (ids, dropped)
+    assert g.store.find_sha256([a, b]) == {a: ids[0], b: ids[1]}
+    assert g.add(recs[:3], [d, d, d], x[:3]) == [ids[-1] + 1] and len(g) == 4
+
+
 def test_delete_removes_from_search_and_store(gallery):
     victim = gallery.search(np.asarray(gallery.store.vectors()[1][:1]), 1)[0][0].id
     assert gallery.delete([victim]) == 1
