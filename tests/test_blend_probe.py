@@ -223,3 +223,40 @@ def test_probe_train_refuses_bad_input_before_any_work_and_leaves_the_gallery(en
                      "--checklist", "moroccan"])
         out = capsys.readouterr().out
         assert code == 0 and "text prior: 26 species (gallery + checklist)" in out, out
+
+
+# ------------------------------------------------------------------ the probe's calibration is what answers use
+def test_answers_use_the_probes_calibrated_unknown_threshold_and_blend_weight(tmp_path):
+    """An Identifier with a probe answers with the probe's calibration, not the defaults: its blend weight (0.8 here,
+    not 0.5) and its UNKNOWN threshold (0.8, not the default 0.56): a 0.72 answer is UNKNOWN (walk s55, M49/M50)."""
+    from _cli_support import DIM, ENC, FakeEncoder
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.identify import Identifier
+    from retrieval.probe import Calibration
+    from retrieval.vote import VoteConfig
+
+    harmless, venomous = "Natrix maura", "Naja haje"
+    rng = np.random.default_rng(0)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {s: rng.standard_normal(DIM) for s in (harmless, venomous)}
+    for s in (harmless, venomous):
+        x = centres[s] + 0.3 * rng.standard_normal((10, DIM))
+        g.add([ReferenceRecord(path=f"/p/{s[:4]}{i}.jpg", species=s) for i in range(10)],
+              [f"{s}-{i}" for i in range(10)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    species = sorted(centres)
+    probs = np.array([0.1 if s == harmless else 0.9 for s in species])  # the probe: 10 % harmless, whatever the photo
+    probe = LinearProbe(species=species, weight=np.zeros((2, DIM), np.float32), bias=np.log(probs).astype(np.float32),
+                        fingerprint=ENC["fingerprint"], trained_on=len(g),
+                        calibration=Calibration(blend_weight=0.8, k=5, temperature=0.03, unknown_threshold=0.8),
+                        reference_ids=np.sort(np.asarray(g.index.ids, dtype=np.int64)))
+    ident = Identifier(FakeEncoder(), g, probe=probe)
+    q = (centres[harmless] / np.linalg.norm(centres[harmless]))[None]
+    (answer,) = ident.identify_embeddings(q)
+    # kNN: all harmless; blend 0.2 * 1.0 + 0.8 * 0.1 = 0.28 harmless, 0.72 venomous: under 0.8, so UNKNOWN
+    assert answer.scores == pytest.approx({harmless: 0.28, venomous: 0.72}, abs=1e-3)
+    assert answer.predictions[0].species == venomous and answer.unknown
+    assert ident.config == VoteConfig(k=5, temperature=0.03, unknown_threshold=0.8) and ident.blend_weight == 0.8
+    ident.config = VoteConfig(k=5, temperature=0.03, unknown_threshold=0.7)  # a caller's own settings still win
+    assert not ident.identify_embeddings(q)[0].unknown

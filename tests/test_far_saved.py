@@ -63,3 +63,64 @@ def test_a_threshold_kept_for_another_index_kind_or_rule_is_estimated_again(tmp_
     assert Identifier(FakeEncoder(), hnsw).far_threshold() == -1.0 and calls == [1]
     monkeypatch.setattr(identify, "FAR_RULE", identify.FAR_RULE + 1)
     assert Identifier(FakeEncoder(), Gallery.open(tmp_path / "g")).far_threshold() == -1.0 and calls == [1, 1]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _cluster_gallery(root, n: int = 20, seed: int = 2) -> tuple[Gallery, np.ndarray]:
+    """``n`` references around one centre (their nearest others at cosine ~0.95); and that centre."""
+    rng = np.random.default_rng(seed)
+    centre = rng.standard_normal(DIM)
+    g = Gallery.create(root, ENC)
+    g.add([ReferenceRecord(path=f"/p/a{i}.jpg", species="Naja haje") for i in range(n)], [f"a-{i}" for i in range(n)],
+          _unit(centre + 0.15 * rng.standard_normal((n, DIM))))
+    return g, centre
+
+
+def test_an_off_target_reference_does_not_set_the_far_threshold_alone(tmp_path):
+    """A reference unlike every other (a drawing, a blank) is set aside by the fence: the threshold stays the
+    cluster's, so a blank photo still reads as far (walk s55, M27: without the fence it fell to that reference's)."""
+    g, centre = _cluster_gallery(tmp_path / "g")
+    clean = far_threshold(g)
+    assert 0.8 < clean < 1.0
+    off = np.random.default_rng(3).standard_normal(DIM)
+    off -= (off @ centre) / (centre @ centre) * centre  # at right angles to the cluster: cosine ~0 to every reference
+    g.add([ReferenceRecord(path="/p/drawing.jpg", species="Naja haje")], ["drawing"], _unit(off)[None])
+    assert far_threshold(g) == pytest.approx(clean)
+
+
+def test_a_reference_its_search_misses_counts_its_first_hit_as_its_nearest_other(tmp_path, monkeypatch):
+    """An approximate index may not find a reference itself (or an identical twin may come first): the first hit is
+    then its nearest other, not the second (walk s55, M28: the second hit set a lower threshold)."""
+    g, _ = _cluster_gallery(tmp_path / "g")
+    exact = far_threshold(g)
+    nearest = g.nearest
+
+    def missing_itself(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, found = nearest(queries, k + 1)
+        own = found[np.arange(len(found)), np.argmax(sims, axis=1)]  # each query is a reference's vector
+        keep = [np.flatnonzero(row != i)[:k] for row, i in zip(found, own, strict=True)]
+        return (np.stack([s[j] for s, j in zip(sims, keep, strict=True)]),
+                np.stack([f[j] for f, j in zip(found, keep, strict=True)]))
+
+    monkeypatch.setattr(g, "nearest", missing_itself)
+    assert far_threshold(g) == pytest.approx(exact)
+
+
+def test_one_identifier_estimates_the_far_threshold_again_as_the_gallery_grows(tmp_path, monkeypatch):
+    """A long-running server's Identifier: an add of more than 10 % of the references estimates the threshold again;
+    a smaller one keeps it (walk s55, M30: the first estimate was kept for good)."""
+    g, centre = _cluster_gallery(tmp_path / "g")
+    ident = Identifier(FakeEncoder(), g)
+    first = ident.far_threshold()
+    assert first == pytest.approx(far_threshold(g))
+    calls = []
+    monkeypatch.setattr(identify, "far_threshold", lambda gallery, **kw: calls.append(len(gallery)) or -1.0)
+    rng = np.random.default_rng(4)
+    g.add([ReferenceRecord(path="/p/b0.jpg", species="Naja haje")], ["b-0"], _unit(centre + rng.standard_normal((1, DIM))))
+    assert ident.far_threshold() == first and not calls  # 21 references: within 10 %
+    g.add([ReferenceRecord(path=f"/p/c{i}.jpg", species="Naja haje") for i in range(10)],
+          [f"c-{i}" for i in range(10)], _unit(centre + 0.15 * rng.standard_normal((10, DIM))))
+    assert ident.far_threshold() == -1.0 and calls == [31]

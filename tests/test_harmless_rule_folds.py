@@ -128,6 +128,37 @@ def test_a_label_keeps_a_given_genus_the_shipped_taxonomy_knows_at_genus_rank():
     assert rank_genus("Golden Retriever Dogs", "Golden") == "Golden Retriever Dogs"
     assert rank_genus("Vipère à cornes", None) == "Vipère à cornes"
     assert rank_genus("Bitis arietans", "Bitis") == "Bitis"
+    # another taxon's genus as a label's first word is no genus the snake taxonomy knows: a build's first word
+    assert rank_genus("Parus major (juvenile)", "Parus") == "Parus major (juvenile)"
+
+
+def test_an_answer_groups_labels_at_genus_rank_by_rank_genus(tmp_path):
+    """An answer's genus scores go through rank_genus: two labels of a gallery built before labels kept no genus
+    (each stored with its first word, 'Vipère', as genus) stay two groups; a genus the taxonomy knows is summed
+    (walk s55, M47: the stored genus was summed as it is)."""
+    import numpy as np
+    from _cli_support import DIM, ENC, FakeEncoder
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.identify import Identifier
+
+    rng = np.random.default_rng(0)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centre = rng.standard_normal(DIM)
+    names = {"Vipère aspic": "Vipère", "Vipère péliade": "Vipère", "Bitis arietans": None, "Bitis gabonica": None}
+    for n, (name, genus) in enumerate(names.items()):
+        x = centre + 0.5 * rng.standard_normal((3, DIM))
+        g.add([ReferenceRecord(path=f"/p/{n}{i}.jpg", species=name, genus=genus) for i in range(3)],
+              [f"{n}-{i}" for i in range(3)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    assert {s.species: s.genus for s in g.species()}["Vipère aspic"] == "Vipère"  # stored so, as before
+    ident = Identifier(FakeEncoder(), g)
+    ident.config = type(ident.config)(k=12, temperature=1.0)  # every reference votes: all four species score
+    (answer,) = ident.identify_embeddings((centre / np.linalg.norm(centre))[None])
+    s = answer.scores
+    assert len(s) == 4 and answer.genus_scores == pytest.approx({
+        "Vipère aspic": s["Vipère aspic"], "Vipère péliade": s["Vipère péliade"],
+        "Bitis": s["Bitis arietans"] + s["Bitis gabonica"]})
 
 
 def test_a_name_check_reads_the_species_and_their_common_names_of_one_version_once(tmp_path, capsys, monkeypatch):

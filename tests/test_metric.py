@@ -453,3 +453,13 @@ def test_an_answer_begun_before_a_probe_reload_does_not_leave_its_whitening_to_t
         assert ident.whitening().shrink == old.shrink  # this answer keeps its probe's whitening
     after = ident.whitening()
     assert after.shrink == pytest.approx(0.9)  # the new probe's, not the one the older answer fitted meanwhile
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1.0, 1e200])
+def test_tiny_and_huge_query_vectors_keep_their_direction(scale):
+    """A query of tiny or huge numbers is the same query as ``[1, 1, 1, 1]``: scaled before its norm is taken, not
+    inf (1e-200: the norm underflows to 0) nor zeros (1e200: it overflows) (walk s55, M05)."""
+    from retrieval.metric import unit_queries
+
+    q = unit_queries(np.array([[scale, scale, scale, scale], [scale, -2 * scale, 0.0, 2 * scale]]), 4)
+    np.testing.assert_allclose(q, [[0.5, 0.5, 0.5, 0.5], [1 / 3, -2 / 3, 0.0, 2 / 3]], rtol=1e-6)

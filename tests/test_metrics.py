@@ -235,3 +235,16 @@ def test_write_report(tmp_path, res):
     for name in ("confusion_knn.png", "confusion_probe.png", "reliability.png"):
         assert files[name].read_bytes()[:8] == PNG_SIGNATURE
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_precision_threshold_keeps_the_target_to_the_point():
+    """A threshold whose answered set falls short of the target, even by a little (93 % for 95 %), is not taken; one
+    that reaches it exactly is (walk s55, M37: a 5-point slack passed the test above)."""
+    conf = np.array([0.30] + [0.50 + 0.01 * i for i in range(14)])  # the least confident answer is the one wrong
+    correct = np.array([False] + [True] * 14)
+    assert correct.mean() == pytest.approx(14 / 15)  # 0.933: under 0.95, within 5 points of it
+    assert precision_threshold(conf, correct, 0.95) == (
+        pytest.approx(0.31), pytest.approx(1.0), pytest.approx(14 / 15))
+    exact = np.array([False] + [True] * 19)  # 19 / 20 = 0.95: the target reached exactly
+    assert precision_threshold(np.linspace(0.3, 0.9, 20), exact, 0.95) == (
+        pytest.approx(0.0), pytest.approx(0.95), pytest.approx(1.0))

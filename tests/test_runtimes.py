@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,42 @@ def test_a_cached_refusal_names_this_requests_encoder(tiny_clip_dir, cache, chec
     assert str(tiny_clip_dir) not in message
     assert "(the cached verdict on these weights, digest " in message
     assert message.endswith("; use another --precision (fp32) or --runtime")
+
+
+def test_faithfulness_is_judged_on_the_worst_photo():
+    """One photo embedded badly fails the check however well the others are (the min cosine, not the mean: walk s55,
+    M12)."""
+    from retrieval.runtimes.export import MIN_COSINE, faithfulness
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((16, 8))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    bad = ref.copy()
+    side = np.linalg.qr(np.stack([ref[3], rng.standard_normal(8)]).T)[0][:, 1]  # a unit vector at right angles
+    bad[3] = 0.95 * ref[3] + np.sqrt(1 - 0.95**2) * side  # cosine 0.95 to its reference; the 15 others 1.0
+    faith = faithfulness(ref, bad)
+    assert faith["min_cosine"] == pytest.approx(0.95) and faith["mean_cosine"] > MIN_COSINE
+    assert faith["passed"] is False and faith["n_photos"] == 16
+    assert faithfulness(ref, ref)["passed"] is True
+
+
+def test_a_recorded_choice_of_an_export_its_check_rejected_is_not_loaded(tiny_clip_dir, cache, check_photos):
+    """The warm path loads a recorded choice's export only when its cache entry says it passed the check: an entry
+    that says otherwise (checked again and rejected, or rewritten by another version) is decided again, here
+    refused as not faithful, never served (walk s55, M13)."""
+    require_module("onnxruntime")
+    from retrieval.encoders import create_encoder
+
+    spec = f"open_clip:local-dir:{tiny_clip_dir}"
+    assert create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos).runtime == "onnx"
+    assert list(cache.glob("models/*/choice-*.json"))  # the choice recorded: the next call takes the warm path
+    path = next(cache.glob("models/*/onnx-*-fp32-*/export.json"))
+    info = json.loads(path.read_text())
+    assert info["accepted"] and (path.parent / "model.onnx").is_file()
+    path.write_text(json.dumps({**info, "accepted": False}))  # its files still there: loadable, but rejected
+    refused = "^" + re.escape(f"onnx fp32 is not faithful for {spec}: min cosine to torch fp32 ")
+    with pytest.raises(ValueError, match=refused):
+        create_encoder(spec, runtime="onnx", precision="fp32", photos=check_photos)
 
 
 def test_missing_runtime_is_named_when_asked_and_skipped_by_auto(tiny_clip_dir, cache, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,30 @@ def test_an_identifier_answers_with_the_flag_set(tmp_path):
     assert after.predictions[0].venomous is False and after.neighbours[0].venomous is False
     assert after.venom_advice.level == "unlikely"  # recorded harmless: nothing on venomous or unrecorded species
     assert len(g) == 12 and {s.species: s.venomous for s in Gallery.open(g.root).species()}["Bufo bufo"] is False
+
+
+def test_the_flag_set_then_an_add_of_that_species_still_answers_with_the_new_flag(tmp_path):
+    """set_venomous drops this process's cached rows of the species itself: the venom counts cannot always tell an
+    edit later (a yes set on unrecorded rows, then as many unrecorded photos added: no count went down between the
+    versions the cache saw), and the evidence named the old rows unrecorded (walk s55, M23)."""
+    rng = np.random.default_rng(10)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centre = rng.standard_normal(DIM)
+
+    def add(tag: str, n: int) -> None:
+        x = centre + 0.05 * rng.standard_normal((n, DIM))
+        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Lycodon capucinus") for i in range(n)],
+              [f"{tag}-{i}" for i in range(n)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
+    add("a", 4)
+    ident = Identifier(FakeEncoder(), g)
+    q = (centre / np.linalg.norm(centre))[None].astype(np.float32)
+    for _ in range(2):  # the second answer keeps the venom counts of the version its rows were cached at
+        assert [n.venomous for n in ident.identify_embeddings(q)[0].neighbours] == [None] * 4
+    assert g.set_venomous("Lycodon capucinus", True) == (4, 4, 0)
+    add("b", 4)  # unrecorded, as a folder's photos are: the counts (4 yes, 0 no, 4 unrecorded) lower none of (0, 0, 4)
+    flags = {Path(n.path).name: n.venomous for n in ident.identify_embeddings(q)[0].neighbours}
+    assert {name: f for name, f in flags.items() if name.startswith("a")} == {f"a{i}.jpg": True for i in range(4)}
 
 
 def test_another_process_gallery_answers_with_the_flag_once_it_reads_the_new_version(tmp_path):
