@@ -1299,6 +1299,32 @@ def test_a_refused_name_costs_no_forward_pass(client, service):
     assert not any(s.species == f"{known}x" for s in service.species())
 
 
+def test_a_sliver_too_narrow_for_a_reference_is_a_422_before_any_forward_pass(client, service):
+    """The short side decides (min_reference_px): a 400x20 sliver is refused with the add's 422, all or nothing and
+    no forward pass, as a 1x1 photo is; a check on the long side let it through, to be dropped inside the add
+    (a 201/200 report instead of the documented 422)."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from api.app import create_app
+
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 20), (120, 90, 60)).save(buf, "PNG")
+    quick = _gated_service(service)
+    app = TestClient(create_app(quick.settings, service=quick))
+    shot = photos("val", NEW_SPECIES)[0]
+    try:
+        resp = app.post(f"/v1/species/{binomial(NEW_SPECIES)}/references", headers=KEYS,
+                        files=_files([shot]) + _one("sliver.png", buf.getvalue()))
+    finally:
+        quick.close()
+    least = service.settings.min_reference_px
+    assert _is_error(resp, 422) == (f"sliver.png: 400x20 pixels is too small for a reference photo (at least {least} "
+                                    "px on the short side)")
+    assert quick.encoder.batches == []
+    assert not any(s.species == binomial(NEW_SPECIES) for s in service.species())
+
+
 def test_a_server_write_waits_write_wait_s_in_all_for_its_turn_and_the_gallerys_lock_together(tmp_path,
                                                                                                  monkeypatch):
     """Review s47, 6: a write waited write_wait_s for this server's turn, then write_wait_s again for the gallery's

@@ -315,3 +315,47 @@ def test_a_form_refusal_finds_the_parsers_reason_anywhere_in_the_chain_and_else_
     assert header in refused(too_long)  # the parser's error as the context itself
     assert refused(None).startswith(generic)  # no chain
     assert refused(ValueError("x"), ValueError("header size")).startswith(generic)  # not the parser's error
+
+
+# ------------------------------------------------------------------------------------ keys before the body
+def _refused_unread(app, method: str, path: str, headers) -> tuple[_Sent, list[str]]:
+    """``method path`` sent to ``app`` by a client whose body never ends (each receive recorded, then a
+    disconnect): what it answered, and the receives it was asked for."""
+    sent, received = _Sent(), []
+
+    async def receive() -> dict:
+        received.append("receive")  # none may come: the key is checked before a byte of the body is read
+        if len(received) == 1:
+            return {"type": "http.request", "body": b"--xyz\r\n" + b"x" * 1000, "more_body": True}
+        return {"type": "http.disconnect"}
+
+    scope = dict(_scope(path, headers), method=method)
+    asyncio.run(app(scope, receive, sent))
+    return sent, received
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/species/Naja_naja/references"),
+                                              ("DELETE", "/v1/references/1"),
+                                              ("POST", "/v1/identify"), ("POST", "/v1/search")])
+@pytest.mark.parametrize("key", [None, b"wrong"])
+def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(method, path, key):
+    """Writes (and reads with SPECIESID_READS_REQUIRE_KEY) without the key: a 401 from the guard, the body never
+    received. Without it the app's own key check answered only after the whole upload (writes have no deadline and
+    no receiving cap: keyless clients could hold memory and temporary files)."""
+    headers = FORM + ([(b"x-api-key", key)] if key else [])
+    sent, received = _refused_unread(_app(reads_require_key=True), method, path, headers)
+    assert sent.status == 401, sent.body
+    assert sent.detail == "missing or wrong X-API-Key"
+    assert received == []
+
+
+def test_a_key_is_accepted_whichever_of_the_configured_keys_it_is():
+    """Keys rotate: an old one and a new one are valid together (SPECIESID_API_KEYS)."""
+    from api.guard import key_ok, key_refusal
+
+    keys = ["a", "b", "c"]
+    assert all(key_ok(k, keys) for k in keys)
+    assert not any(key_ok(k, keys) for k in ["", None, "ab", "d", "A"])
+    assert [key_refusal(k, keys, "write") for k in ["a", "b", "c", "ab"]] == [None, None, None,
+                                                                            "missing or wrong X-API-Key"]
+    assert key_refusal("a", [], "write") == "writes are disabled: no SPECIESID_API_KEYS configured"

@@ -1605,6 +1605,12 @@ def test_a_fixed_test_size_weighs_the_untrained_network_at_that_side(tiny_set, t
     info = json.loads((tmp_path / "run" / "config.json").read_text())["speciesid"]
     assert r.test_size == {"size": 96, "setting": "96"} == info["test_size"]
     assert info["against_untrained"]["untrained_nll"] is not None
+    # the side chosen is exported where galleries read it (timm's test_input_size): they embed at 96 px, not 224
+    from retrieval.encoders import create_encoder
+
+    pcfg = json.loads((tmp_path / "run" / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["test_input_size"] == [3, 96, 96]
+    assert create_encoder(f"timm:local-dir:{tmp_path / 'run'}", device="cpu", precision="fp32").input_size == 96
 
 
 def test_model_weights_follow_the_umask(tmp_path):
@@ -1906,3 +1912,89 @@ def test_a_budgeted_run_resumes_from_a_checkpoint_whose_plan_holds_a_key_it_does
         r = finetune(cfg, progress=False, on_epoch_end=lambda e, row: seen.append(e))
     assert seen == [2] and r.epochs_run == 2
     assert "'warmup_s'" in caplog.text and "does not know" in caplog.text, caplog.text
+
+
+def test_rerunning_a_finished_run_is_refused_and_keeps_it(tiny_set, tmp_path):
+    """A finished run keeps no checkpoint: the same command run again (resume auto) would start afresh and remove
+    its model. Refused before anything is read or written, saying how to start afresh."""
+    from finetune.train import finetune
+
+    out = tmp_path / "run"
+    _a_runs_config(out)
+    (out / "model.safetensors").write_text("a finished run's")
+    (out / "log.csv").write_text("a finished run's")
+    before = _tree(out)
+    with pytest.raises(ValueError, match=r"run already holds a finished fine-tuning run \(config.json \+ "
+                       r"model.safetensors of speciesid finetune\); give another --out, or pass --no-resume"):
+        finetune(_config(tiny_set, out, epochs=1), progress=False)
+    assert _tree(out) == before
+
+
+def _stopping_run(*, epoch: int = 3, epochs: int = 10, plan=None, time_limit=None, seconds: float = 0.0,
+                  epoch_s: float = 20.0):
+    """A stand-in run for ``_stop_reason``: ``epoch`` of ``epochs`` done, ``seconds`` trained in this run's epochs
+    (each ``epoch_s``), not out of patience."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(epochs=epochs, time_limit=time_limit, freeze_epochs=0)
+    state = SimpleNamespace(epoch=epoch, seconds=seconds, out_of_patience=lambda cfg: False,
+                            history=[{"epoch": e, "seconds": epoch_s} for e in range(epoch + 1)])
+    return SimpleNamespace(cfg=cfg, state=state, plan=plan)
+
+
+@pytest.mark.parametrize(("final_s", "stop"), [(15.0, "time-budget"), (5.0, "epochs")])
+def test_the_budget_stops_before_an_epoch_whose_final_evaluation_would_not_fit(final_s, stop, monkeypatch):
+    """80 s of a 100 s budget spent, 10 s an epoch: another epoch fits only when the final evaluation and export
+    (``final_s``) fit after it too; else the run would end past its --time-budget."""
+    from types import SimpleNamespace
+
+    import finetune.train as train
+
+    monkeypatch.setattr(train, "_elapsed", lambda run: 80.0)
+    run = _stopping_run(plan=SimpleNamespace(budget_s=100.0, final_s=final_s))
+    assert train._stop_reason(run, 10.0) == stop
+    run.state.epoch = 10  # the last epoch done: nothing to stop
+    assert train._stop_reason(run, 10.0) == "epochs"
+
+
+@pytest.mark.parametrize(("seconds", "stop"), [(50.0, "time-limit"), (30.0, "epochs")])
+def test_the_time_limit_is_in_minutes(seconds, stop):
+    """--time-limit 1: with 20 s an epoch, 50 s trained stops (70 s > 60 s), 30 s goes on (50 s)."""
+    import finetune.train as train
+
+    assert train._stop_reason(_stopping_run(time_limit=1, seconds=seconds, epoch_s=20.0), 20.0) == stop
+
+
+def test_early_stopping_waits_patience_epochs_after_the_best(tiny_set, tmp_path, monkeypatch):
+    """Validation better until epoch 4, then worse: with patience 2 the run stops after epoch 6, keeping epoch 4
+    (the only other early-stopping test stops at min_epochs, whatever the patience)."""
+    import finetune.engine as engine
+    import finetune.train as train
+
+    scores = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15])
+    monkeypatch.setattr(engine, "macro_f1", lambda y, pred, labels: next(scores))
+    r = train.finetune(_config(tiny_set, tmp_path / "run", epochs=10, patience=2, min_epochs=1, select="macro-f1",
+                               batch_size=12), progress=False, on_epoch_end=_stop_after(8))
+    assert (r.epochs_run, r.best_epoch, r.stopped) == (6, 4, "early-stopping")
+
+
+def test_a_resumed_budgeted_run_keeps_the_epochs_its_budget_fitted(tiny_set, tmp_path, monkeypatch):
+    """--epochs 30 whose budget fits 2: resumed after epoch 1, the run goes on for 2 epochs (its learning-rate
+    schedule built for them, as the uninterrupted run's), not for the 30 asked."""
+    import finetune.budget as budget
+    import finetune.train as train
+
+    monkeypatch.setattr(budget, "plan_epochs", lambda *a, **k: 2)  # the budget fits 2 epochs here
+    monkeypatch.setattr(train, "replan", lambda plan, **k: 2)  # and the first epoch's time does not change that
+    cfg = _config(tiny_set, tmp_path / "whole", epochs=30, time_budget=30.0)
+    whole = train.finetune(cfg, progress=False, on_epoch_end=_stop_after(3))
+    assert whole.epochs_run == 2
+    cfg = _config(tiny_set, tmp_path / "cut", epochs=30, time_budget=30.0)
+    with pytest.raises(train.FinetuneInterrupted):
+        train.finetune(cfg, progress=False, on_epoch_end=_stop_after(1))
+    lines: list[str] = []
+    r = train.finetune(_config(tiny_set, tmp_path / "cut", epochs=30, time_budget=30.0), progress=False,
+                       on_epoch_end=_stop_after(3), report=lines.append)  # an interrupt past 2 fails the test
+    assert lines[0].startswith(f"resuming {tmp_path / 'cut' / 'checkpoint.pt'}: after epoch 1 of 2")
+    assert r.epochs_run == 2
+    assert [h["lr"] for h in r.history] == pytest.approx([h["lr"] for h in whole.history])

@@ -132,3 +132,47 @@ def test_a_write_after_close_is_refused(tmp_path):
     with pytest.raises(Stopping, match="the server is stopping: nothing of this request was written"):
         with service._writing():  # noqa: SLF001
             pass
+
+
+def test_a_write_whose_stop_began_after_it_took_the_gallerys_lock_is_refused_before_its_commit(tmp_path):
+    """close() began after the write took its turn and the gallery's lock but before it committed: refused there
+    (under the state lock close() sets the stop under), so no write starts committing once the stop began (the
+    grace limit could cut it half-way)."""
+    import contextlib
+
+    service, _ = _service(tmp_path)
+
+    @contextlib.contextmanager
+    def writing(*, local=False, wait=None, give_up=None):
+        service.close()  # the stop begins while the write holds the gallery's lock, before it commits
+        yield
+
+    service.gallery.writing.side_effect = writing
+    wrote: list[str] = []
+    with pytest.raises(Stopping, match="the server is stopping: nothing of this request was written"):
+        with service._writing():  # noqa: SLF001
+            wrote.append("late")
+    assert wrote == [] and not service._committing  # noqa: SLF001
+    assert not service._write_lock.locked()  # noqa: SLF001 - the turn is given back
+
+
+def test_a_write_whose_stop_began_while_it_waited_for_its_turn_never_reaches_the_gallerys_lock(tmp_path):
+    """The stop began while the write waited for this server's turn, and the turn then came: refused at once, the
+    gallery's lock (another process's writers, the S3 lease) never asked for."""
+    service, _ = _service(tmp_path)
+    turn = service._write_lock  # noqa: SLF001
+
+    class Turn:  # the turn comes just as close() has begun
+        def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+            service._stopping = True  # noqa: SLF001 - as close() sets it
+            return turn.acquire(blocking, timeout)
+
+        def release(self) -> None:
+            turn.release()
+
+    service._write_lock = Turn()  # noqa: SLF001
+    with pytest.raises(Stopping, match="the server is stopping: nothing of this request was written"):
+        with service._writing():  # noqa: SLF001
+            pass
+    assert service.gallery.writing.call_count == 0
+    assert not turn.locked()
