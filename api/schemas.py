@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
+
+
+def _null_is_nan(value: object) -> object:
+    """The library's plain answer (``Answer.to_dict``) holds None where a score was NaN or infinite; the field takes
+    it back as NaN, which the answer writes as null, as it did before that answer went through ``to_dict``."""
+    return math.nan if value is None else value
+
+
+#: A score that is a number in the OpenAPI schema, and null in the rare answer where it is not finite.
+Score = Annotated[float, BeforeValidator(_null_is_nan)]
 
 
 class NeighbourOut(BaseModel):
@@ -28,7 +39,7 @@ class ResultOut(BaseModel):
 
     name: str = Field(description="species binomial, genus or family name")
     rank: str
-    score: float = Field(description="probability in [0, 1]")
+    score: Score = Field(description="probability in [0, 1]")
     species: str | None = None
     common_name: str | None = None
     genus: str | None = None
@@ -67,7 +78,7 @@ class IdentifyOut(BaseModel):
     venomous_score: float | None = Field(None, description="probability that it is medically important venomous "
                                          "(null when far: the photo says nothing, treat a bite as venomous; or when no "
                                          "candidate's venom status is recorded)")
-    venom_unknown_score: float = Field(0.0, description="probability on species whose venom status the gallery does "
+    venom_unknown_score: Score = Field(0.0, description="probability on species whose venom status the gallery does "
                                        "not record, whatever their names (docs/identification.md, 'Venom "
                                        "advice'): not a harmless share (treat as possibly venomous). With a "
                                        "country, this and venomous_score are each the larger of the answer with and "

@@ -10,8 +10,8 @@ into the gallery on the same machine finds and acts on once that driver is gone 
 copied folder, is left alone: that build may still run). Only files named in a journal are ever removed, and
 none that a version committed since references. The removal runs outside the write lock and the store's lease:
 the files are in no version, so no writer reads them. Files of a write task still running when its chunk died
-were never reported: they go with Lance's cleanup of old versions. Needs ``pylance`` (the ``ray`` extra);
-LanceDB alone cannot write detached fragments.
+were never reported: they go with Lance's cleanup of old versions. Needs ``pylance`` (a dependency of speciesid,
+imported on first use: :func:`index.store.import_lance`); LanceDB alone cannot write detached fragments.
 """
 
 from __future__ import annotations

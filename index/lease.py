@@ -344,7 +344,7 @@ def _upgrade_message(why: str) -> str:
     except ImportError:  # pragma: no cover
         version = ""
     return (f"the boto3 installed here{version} is too old for the store's write lease, which sends conditional "
-            f"writes ({why}): upgrade boto3 to {BOTO3_FLOOR} or later: pip install -U 'speciesid[s3]'")
+            f"writes ({why}): upgrade boto3 to {BOTO3_FLOOR} or later: pip install 'speciesid[s3]'")
 
 
 def missing_key_hint(bucket: str, key: str) -> str:

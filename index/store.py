@@ -240,15 +240,22 @@ BUILD_FRAGMENT_ROWS = 1_048_576
 #: install, in one line.
 LANCE_MISSING = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
                  "after writes, worker-written fragments), which is not installed: pip install pylance")
+#: An installed lance whose import failed: its error, then what to do.
+LANCE_BROKEN = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
+                "after writes, worker-written fragments), which is installed but failed to load ({}): fix what that "
+                "names, or reinstall pylance")
 
 
 def import_lance():  # noqa: ANN201 - the lance module
     """The ``lance`` module (imported on first use: only the store's fragment, compaction and version calls need
-    it); ImportError :data:`LANCE_MISSING` when it is not installed."""
+    it); ImportError :data:`LANCE_MISSING` when it is not installed, :data:`LANCE_BROKEN` when its import failed
+    (chained to the import's own error)."""
     try:
         import lance
     except ImportError as exc:
-        raise ImportError(LANCE_MISSING) from exc
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "lance":
+            raise ImportError(LANCE_MISSING) from exc
+        raise ImportError(LANCE_BROKEN.format(" ".join(str(exc).split()) or type(exc).__name__)) from exc
     return lance
 
 

@@ -43,23 +43,35 @@ logger = logging.getLogger(__name__)
 #: A missing faiss (faiss-cpu is a dependency; a CUDA machine may have faiss-gpu instead): what to install, one line.
 FAISS_MISSING = ("the vector index needs faiss, which is not installed: pip install faiss-cpu "
                  "(or faiss-gpu-cu12 on a CUDA machine)")
+#: An installed faiss whose import failed (a library it needs is missing, a broken install): its error, what to do.
+FAISS_BROKEN = ("the vector index needs faiss, which is installed but failed to load ({}): fix what that names, "
+                "or reinstall faiss")
 
 
 class _Missing:
-    """Stands for a library that is not installed: the module importing it still loads (the command line's parser
-    reads :data:`KINDS`), and the first use of any of its names raises ImportError saying what to install."""
+    """Stands for a library that did not import: the module importing it still loads (the command line's parser
+    reads :data:`KINDS`), and the first use of any of its names raises ImportError saying what to do, chained to
+    the import's own error (``-vv`` shows it)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, cause: ImportError) -> None:
         self._message = message
+        self._cause = cause
 
     def __getattr__(self, name: str) -> Any:
-        raise ImportError(self._message)
+        raise ImportError(self._message) from self._cause
+
+
+def _not_importable(exc: ImportError) -> _Missing:
+    """What stands for faiss after its import raised ``exc``: "not installed" only when faiss itself is not there."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "faiss":
+        return _Missing(FAISS_MISSING, exc)
+    return _Missing(FAISS_BROKEN.format(" ".join(str(exc).split()) or type(exc).__name__), exc)
 
 
 try:
     import faiss
-except ImportError:  # faiss-cpu not installed: the commands that build or search an index say so (FAISS_MISSING)
-    faiss = _Missing(FAISS_MISSING)
+except ImportError as exc:  # the commands that build or search an index say why (FAISS_MISSING, FAISS_BROKEN)
+    faiss = _not_importable(exc)
 
 KINDS: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 #: FAISS warns below this many training points per IVF list; ``ivf_nlist=None`` keeps nlist <= n // 39.

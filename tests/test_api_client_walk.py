@@ -258,3 +258,27 @@ def test_the_add_forms_field_errors_are_fastapis_list_as_the_docs_say(client):
     assert isinstance(detail, list), detail
     assert sorted(err["loc"][-1] for err in detail) == ["common_name", "new_species", "venomous"], detail
     assert _detail(client.post(url, headers={"X-API-Key": "k"}, data={"venomous": "true"}), 415)  # no photo: a line
+
+
+def test_a_score_that_is_not_finite_is_null_in_the_answer_not_a_500(client, service, monkeypatch):
+    """NaN and infinite scores should not happen; when one does, identify still answers 200, with null for it (the
+    library's ``to_dict`` makes it None, which the schema's number fields take back), and the schema still says
+    number."""
+    from retrieval.identify import Identification, RankedResult
+    from retrieval.workflows import Answer
+
+    def identify(uploads, *, top, rank, country):
+        found = Identification(predictions=[], neighbours=[], unknown=True, venom_unknown_score=float("inf"))
+        ranked = [RankedResult(name="Naja haje", rank="species", score=float("nan"), species="Naja haje"),
+                  RankedResult(name="Naja naja", rank="species", score=np.float32(0.25), species="Naja naja")]
+        return Answer("a.png", identification=found, results=ranked)
+
+    monkeypatch.setattr(service, "identify", identify)
+    answer = client.post("/v1/identify", files=[_image(field="images")])
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [r["score"] for r in body["results"]] == [None, 0.25]
+    assert body["venom_unknown_score"] is None
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["ResultOut"]["properties"]["score"]["type"] == "number"
+    assert schemas["IdentifyOut"]["properties"]["venom_unknown_score"]["type"] == "number"

@@ -5,6 +5,7 @@ raises ModuleNotFoundError, as a missing distribution does."""
 from __future__ import annotations
 
 import importlib.abc
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,12 @@ from pathlib import Path
 import pytest
 from _cli_support import ENCODER, _photo, _run, folder_gallery
 
-from index.store import LANCE_MISSING
-from index.vectors import FAISS_MISSING
+import index.vectors
+from index.store import LANCE_BROKEN, LANCE_MISSING, import_lance
+from index.vectors import FAISS_BROKEN, FAISS_MISSING
+
+#: What an installed library that cannot load raises on import (here: a shared library it needs is missing).
+LIBGOMP = ImportError("libgomp.so.1: cannot open shared object file: No such file or directory")
 
 
 class _Hide(importlib.abc.MetaPathFinder):
@@ -29,10 +34,67 @@ class _Hide(importlib.abc.MetaPathFinder):
         return None
 
 
-def _hide(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+class _Fail(importlib.abc.MetaPathFinder):
+    """The import of ``name`` raises ``error``: an installed library that fails to load."""
+
+    def __init__(self, name: str, error: ImportError) -> None:
+        self.name = name
+        self.error = error
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN201
+        if fullname == self.name:
+            raise self.error
+        return None
+
+
+def _hide(monkeypatch: pytest.MonkeyPatch, name: str, finder: importlib.abc.MetaPathFinder | None = None) -> None:
     for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
         monkeypatch.delitem(sys.modules, loaded)
-    monkeypatch.setattr(sys, "meta_path", [_Hide(name), *sys.meta_path])
+    monkeypatch.setattr(sys, "meta_path", [finder or _Hide(name), *sys.meta_path])
+
+
+def _fresh_vectors(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202 - a fresh index.vectors module
+    """A fresh copy of ``index.vectors`` (its ``import faiss`` run again), the loaded one left as it is."""
+    spec = importlib.util.spec_from_file_location("_fresh_vectors", index.vectors.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "_fresh_vectors", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_faiss_that_is_not_installed_says_to_install_faiss_cpu(monkeypatch):
+    _hide(monkeypatch, "faiss")
+    with pytest.raises(ImportError) as raised:
+        _fresh_vectors(monkeypatch).faiss.IndexFlatIP(4)
+    assert str(raised.value) == FAISS_MISSING
+    assert isinstance(raised.value.__cause__, ModuleNotFoundError) and raised.value.__cause__.name == "faiss"
+
+
+@pytest.mark.parametrize("error", [LIBGOMP, ModuleNotFoundError("No module named 'faiss._swigfaiss'",
+                                                                name="faiss._swigfaiss")])
+def test_a_faiss_that_fails_to_load_says_so_with_its_error_not_to_install_it(monkeypatch, error):
+    """An installed faiss whose import fails (a library it needs, a part of it, missing) is not "not installed":
+    ``pip install faiss-cpu`` would only answer "Requirement already satisfied". The message keeps its error, and
+    the ImportError is chained to it (``-vv`` shows the traceback)."""
+    _hide(monkeypatch, "faiss", _Fail("faiss", error))
+    with pytest.raises(ImportError) as raised:
+        _fresh_vectors(monkeypatch).faiss.IndexFlatIP(4)
+    assert str(raised.value) == FAISS_BROKEN.format(error)
+    assert str(raised.value).startswith("the vector index needs faiss, which is installed but failed to load (")
+    assert "not installed" not in str(raised.value) and "pip install" not in str(raised.value)
+    assert raised.value.__cause__ is error
+
+
+def test_a_lance_that_fails_to_load_says_so_with_its_error_not_to_install_it(monkeypatch):
+    _hide(monkeypatch, "lance", _Fail("lance", LIBGOMP))
+    with pytest.raises(ImportError) as raised:
+        import_lance()
+    assert str(raised.value) == LANCE_BROKEN.format(LIBGOMP)
+    assert "failed to load (libgomp.so.1: cannot open shared object file" in str(raised.value)
+    assert "not installed" not in str(raised.value) and raised.value.__cause__ is LIBGOMP
+    _hide(monkeypatch, "lance")
+    with pytest.raises(ImportError, match="which is not installed: pip install pylance$"):
+        import_lance()
 
 
 def test_without_lance_index_info_and_compact_say_to_install_pylance(tmp_path, capsys, monkeypatch):

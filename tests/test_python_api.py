@@ -151,10 +151,6 @@ def test_add_photos_refuses_one_path_bare_bytes_a_folder_and_no_photos_before_an
     assert len(done.report.ids) == 2
 
 
-def test_an_empty_list_of_photos_gets_no_answers(ident):
-    assert wf.identify(ident, []) == [] and wf.identify(ident, [], observation=True) == []
-
-
 # ------------------------------------------------------------------------------ an answer: unknown, plain data
 def _blank_png() -> bytes:
     """A white frame: unlike every reference photo (far, so UNKNOWN)."""
