@@ -269,6 +269,7 @@ class Gallery:
         # (set_venomous), which no id difference shows: _drop_edited_rows drops those rows at the version after it
         self._meta_cache: dict[int, Neighbour] = {}
         self._venom_seen: tuple[int, dict[str, tuple[int, int, int]]] | None = None  # (version, store.venom_counts)
+        self._edit_seen: tuple[int, str] | None = None  # store.venom_edit read with _venom_seen (None: not read)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
@@ -1089,8 +1090,9 @@ class Gallery:
         nothing is written when none is held or every one
         says so already. No vector changes: the index only follows the store's version, and is not saved (a saved
         index a version behind is brought up by difference at the next open: the id column read, no vector); this
-        process's cached metadata of the rows goes, and another process's once it reads the new version
-        (:meth:`_drop_edited_rows`)."""
+        process's cached metadata of the rows goes, and another process's once it reads the new version, by the
+        edit the store records (:meth:`ReferenceStore.venom_edit`, read by :meth:`_drop_edited_rows`), an add of
+        the species after it included."""
         with self._store_write() as alone:
             found, changed, turned_off = self.store.set_venomous(species, venomous)
             if changed:
@@ -1507,32 +1509,37 @@ class Gallery:
     def _drop_edited_rows(self) -> None:
         """At a new version of the index (another process's writes synced), drop the cached metadata of each species
         whose rows' venomous flags were edited (``speciesid species set-venom``): no id changes, so the sync by id
-        difference does not see it, and answers would name a row's old flag until a restart. Seen by the store's
-        venom counts per species (:meth:`ReferenceStore.venom_counts`, the tally the species list is made from,
-        which answers read at each version anyway): an add only raises them, an edit lowers one (a delete too, at
-        the cost of a lookup). Without the counts of the version the rows were cached at (none read then), the
-        whole cache goes. Called before rows are cached or used (:meth:`neighbours`, :meth:`preload_metadata`)."""
+        difference does not see it, and answers would name a row's old flag until a restart. Seen by the edit the
+        store records in its manifest (:meth:`ReferenceStore.venom_edit`, one manifest read a version: its
+        generation one up, that species' rows go; more, or fewer, every row), and by the store's venom counts per
+        species (:meth:`ReferenceStore.venom_counts`, the tally answers read at each version anyway: an edit of a
+        speciesid that records none lowers one, unless an add raised it back; a delete too, at the cost of a
+        lookup). Without the counts or the edit of the version the rows were cached at, the whole cache goes. Called
+        before rows are cached or used (:meth:`neighbours`, :meth:`preload_metadata`)."""
         version = self._synced_version
         seen = self._venom_seen
         if seen is not None and seen[0] == version:
             if seen[1] is None:  # the counts of this version, once something (Identifier.taxa) has read them
                 self._venom_seen = (version, self.store.venom_counts(version=version, read=False))
             return
-        if not self._meta_cache or seen is None:  # nothing cached to compare: no store read
+        if not self._meta_cache or seen is None:  # nothing cached to compare: no read but the edit's manifest
             self._venom_seen = (version, self.store.venom_counts(version=version, read=False))
+            self._edit_seen = None if self.reading_stale else self.store.venom_edit()
             return
         counts = self.store.venom_counts(version=version, read=not self.reading_stale)
-        if counts is None:  # the store does not answer: compared once it does
+        if counts is None or self.reading_stale:  # the store does not answer: compared once it does
             return
-        before = seen[1]
-        if before is None:
+        edit, before, edit_before = self.store.venom_edit(), seen[1], self._edit_seen
+        if before is None or edit_before is None or (edit != edit_before and edit[0] != edit_before[0] + 1):
             self._forget_species(None)
         else:
             edited = {name for name, was in before.items()
                       if any(n < w for n, w in zip(counts.get(name, (0, 0, 0)), was, strict=True))}
+            if edit != edit_before:
+                edited.add(edit[1])  # the one edit since (set_venomous): an add after it may hide it from the counts
             if edited:
                 self._forget_species(edited)
-        self._venom_seen = (version, counts)
+        self._venom_seen, self._edit_seen = (version, counts), edit
 
     def _forget_species(self, species: set[str] | None) -> None:
         """Drop the cached metadata of the rows of ``species`` (None: of every row), read again when next asked."""

@@ -18,6 +18,7 @@ table version, and vectors are read in batches (:meth:`ReferenceStore.iter_vecto
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -39,6 +40,9 @@ from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
 logger = logging.getLogger(__name__)
 
 TABLE = "references"
+#: The key of the table's manifest config where :meth:`ReferenceStore.set_venomous` records its last edit (a
+#: generation and the species): every later version carries it, so another process sees an edit by it.
+VENOM_EDIT_KEY = "speciesid.venom_edit"
 #: Metadata columns (everything but the embedding), in table order.
 META_COLUMNS: tuple[str, ...] = (
     "id",
@@ -535,7 +539,10 @@ class ReferenceStore:
         """Set the venomous flag of every row of ``species`` (its exact name; excluded rows too, so a restored one
         agrees), in one commit; returns (how many rows matched, how many of them said otherwise and were set, how
         many of those said yes: a "no" that turns a venomous row harmless, excluded rows included). No row to change
-        (none matched, or every one says so already): nothing written, no new version."""
+        (none matched, or every one says so already): nothing written, no new version. A change is followed by a
+        second commit that records it in the manifest's config (:meth:`venom_edit`: the generation raised, the
+        species), which another process's cached rows follow: its venom counts cannot always show the edit (an add
+        of the species after it can raise the count it lowered)."""
         where = f"species = {_sql_text(species)}"
         found = int(self._table.count_rows(where))
         differ = f"{where} AND (venomous IS NULL OR venomous <> {'true' if venomous else 'false'})"
@@ -543,7 +550,25 @@ class ReferenceStore:
         turned_off = int(self._table.count_rows(f"{where} AND venomous = true")) if changed and not venomous else 0
         if changed:
             self._table.update(where=differ, values={"venomous": venomous})
+            generation = self.venom_edit()[0]  # the writer's hold serialises this read and the commit below
+            self._dataset().update_config({VENOM_EDIT_KEY: json.dumps({"generation": generation + 1,
+                                                                       "species": species})})
+            self._table.checkout_latest()  # the config's commit, read by this store too
         return found, changed, turned_off
+
+    def venom_edit(self) -> tuple[int, str]:
+        """(generation, species) of the last :meth:`set_venomous` change recorded in the manifest of the version this
+        store reads (one manifest read, no data): the generation grows by one with each change; (0, "") when none is
+        recorded (no change yet, or one made by a speciesid that did not record it)."""
+        raw = self._dataset().config().get(VENOM_EDIT_KEY)
+        if raw is None:
+            return 0, ""
+        try:
+            mark = json.loads(raw)
+            return int(mark["generation"]), str(mark["species"])
+        except (ValueError, TypeError, KeyError) as exc:  # written otherwise: taken as no mark
+            logger.debug("store %s: unreadable %s %r (%s)", self.root, VENOM_EDIT_KEY, raw, exc)
+            return 0, ""
 
     def has_species(self, species: str) -> bool:
         """Whether any searchable row (not excluded) is of ``species`` (its exact name), at the version this store
@@ -686,7 +711,8 @@ class ReferenceStore:
         """species -> how many of its searchable rows are flagged venomous, flagged not, and unflagged, from the
         tally :meth:`species` keeps (no other read): of ``version`` (default the table's), read first when the
         tally kept is of another one, or None then when not ``read``. An add only raises these counts; an edit of
-        rows' flags (:meth:`set_venomous`) lowers one, which is how another process sees it."""
+        rows' flags (:meth:`set_venomous`) lowers one, unless an add after it raised it back: another process sees
+        an edit by :meth:`venom_edit`, and by these counts the edits of a speciesid that records none."""
         version = self.version if version is None else version
         cached = self._species_cache
         if cached is None or cached[0] != version:

@@ -1434,3 +1434,41 @@ def test_a_lease_wait_is_given_up_when_asked_and_takes_nothing():
     with pytest.raises(WaitGivenUp, match="was given up"):
         waiting.acquire(timeout=600, give_up=give_up)
     assert len(tries) == 2 and not waiting.held and holder.held
+
+
+def test_a_flag_set_then_an_add_on_one_machine_reaches_the_evidence_of_another(s3_env, tmp_path):
+    """Two machines on one S3 store (no shared folder): set-venom on one, then an add of that species, reach the
+    other's evidence list at its next refresh, by the edit the store's manifest records (ReferenceStore.venom_edit):
+    the venom counts (0, 0, 4) -> (4, 0, 4) lower none, and the other kept the rows' old flag (walk s55, M23)."""
+    import shutil
+
+    from _cli_support import DIM, ENC, FakeEncoder
+
+    from index.gallery import Gallery
+    from index.records import ReferenceRecord
+    from retrieval.identify import Identifier
+
+    rng = np.random.default_rng(12)
+    centre = rng.standard_normal(DIM)
+    a = Gallery.create(tmp_path / "a", ENC, store=f"s3://{BUCKET}/venom-edit")
+
+    def add(tag: str) -> None:
+        x = centre + 0.05 * rng.standard_normal((4, DIM))
+        a.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Lycodon capucinus") for i in range(4)],
+              [f"{tag}{i}".ljust(64, "0") for i in range(4)],
+              (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
+    add("a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the folder copied to a second machine
+    server = Identifier(FakeEncoder(), Gallery.open(tmp_path / "b"))
+    q = (centre / np.linalg.norm(centre))[None].astype(np.float32)
+
+    def evidence() -> dict[str, bool | None]:
+        return {Path(n.path).name: n.venomous for n in server.identify_embeddings(q)[0].neighbours}
+
+    for _ in range(2):  # the second answer keeps the venom counts of the version its rows were cached at
+        assert evidence() == {f"a{i}.jpg": None for i in range(4)}
+    assert a.set_venomous("Lycodon capucinus", True) == (4, 4, 0)
+    add("b")
+    server.gallery.refresh(force=True)
+    assert evidence() == {**{f"a{i}.jpg": True for i in range(4)}, **{f"b{i}.jpg": None for i in range(4)}}

@@ -167,6 +167,44 @@ def test_the_flag_set_then_an_add_of_that_species_still_answers_with_the_new_fla
     assert {name: f for name, f in flags.items() if name.startswith("a")} == {f"a{i}.jpg": True for i in range(4)}
 
 
+@pytest.mark.parametrize("answers_before", [1, 2])
+def test_another_process_evidence_follows_a_flag_set_then_an_add_of_that_species(tmp_path, answers_before):
+    """Another process's evidence list names the new flag of the rows set-venom edited when an add of the species
+    followed it before that process's refresh: a yes set on 4 unrecorded rows, then 4 unrecorded photos added, lower
+    none of the counts (0, 0, 4) -> (4, 0, 4), so the server kept the rows' old flag; it reads the edit the store
+    records (ReferenceStore.venom_edit). Rows of another species stay cached (walk s55, M23)."""
+    rng = np.random.default_rng(11)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centres = {name: rng.standard_normal(DIM) * 3 for name in ("Lycodon capucinus", "Bufo bufo")}
+
+    def add(name: str, tag: str, n: int) -> None:
+        x = centres[name] + 0.05 * rng.standard_normal((n, DIM))
+        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species=name) for i in range(n)],
+              [f"{tag}-{i}" for i in range(n)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
+    add("Lycodon capucinus", "a", 4)
+    add("Bufo bufo", "bufo", 4)
+    server = Identifier(FakeEncoder(), Gallery.open(g.root))
+
+    def evidence(name: str) -> dict[str, bool | None]:
+        q = (centres[name] / np.linalg.norm(centres[name]))[None].astype(np.float32)
+        return {Path(n.path).name: n.venomous for n in server.identify_embeddings(q)[0].neighbours
+                if n.species == name}
+
+    for _ in range(answers_before):  # two: the counts of the version the rows were cached at are read
+        assert evidence("Lycodon capucinus") == {f"a{i}.jpg": None for i in range(4)}
+        assert evidence("Bufo bufo") == {f"bufo{i}.jpg": None for i in range(4)}
+    assert g.set_venomous("Lycodon capucinus", True) == (4, 4, 0)
+    add("Lycodon capucinus", "b", 4)
+    server.gallery.refresh(force=True)
+    server.gallery._drop_edited_rows()
+    if answers_before == 2:  # the counts of the version before were read: only the edited species' rows went
+        assert {n.species for n in server.gallery._meta_cache.values()} == {"Bufo bufo"}
+    assert evidence("Lycodon capucinus") == {**{f"a{i}.jpg": True for i in range(4)},
+                                             **{f"b{i}.jpg": None for i in range(4)}}
+    assert evidence("Bufo bufo") == {f"bufo{i}.jpg": None for i in range(4)}
+
+
 def test_another_process_gallery_answers_with_the_flag_once_it_reads_the_new_version(tmp_path):
     """A server's gallery (another Gallery of the same folder): its answers name the species' new flag once it has
     read the store's new version (docs/identification.md, 'Setting a species' venom status')."""
