@@ -269,7 +269,7 @@ class Gallery:
         # (set_venomous), which no id difference shows: _drop_edited_rows drops those rows at the version after it
         self._meta_cache: dict[int, Neighbour] = {}
         self._venom_seen: tuple[int, dict[str, tuple[int, int, int]]] | None = None  # (version, store.venom_counts)
-        self._edit_seen: tuple[int, str] | None = None  # store.venom_edit read with _venom_seen (None: not read)
+        self._edit_seen: tuple[int, str, int] | None = None  # store.venom_edit read with _venom_seen (None: unknown)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
         self._vector_cache: dict[int, np.ndarray] = {}  # id -> stored vector, for indexes that keep none
         self._checked_at = time.monotonic()
@@ -1089,7 +1089,7 @@ class Gallery:
         many it holds, how many said otherwise and were set, how many of those said yes: ReferenceStore.set_venomous);
         nothing is written when none is held or every one
         says so already. No vector changes: the index only follows the store's version, and is not saved (a saved
-        index a version behind is brought up by difference at the next open: the id column read, no vector); this
+        index versions behind is brought up by difference at the next open: the id column read, no vector); this
         process's cached metadata of the rows goes, and another process's once it reads the new version, by the
         edit the store records (:meth:`ReferenceStore.venom_edit`, read by :meth:`_drop_edited_rows`), an add of
         the species after it included."""
@@ -1510,12 +1510,13 @@ class Gallery:
         """At a new version of the index (another process's writes synced), drop the cached metadata of each species
         whose rows' venomous flags were edited (``speciesid species set-venom``): no id changes, so the sync by id
         difference does not see it, and answers would name a row's old flag until a restart. Seen by the edit the
-        store records in its manifest (:meth:`ReferenceStore.venom_edit`, one manifest read a version: its
-        generation one up, that species' rows go; more, or fewer, every row), and by the store's venom counts per
-        species (:meth:`ReferenceStore.venom_counts`, the tally answers read at each version anyway: an edit of a
-        speciesid that records none lowers one, unless an add raised it back; a delete too, at the cost of a
-        lookup). Without the counts or the edit of the version the rows were cached at, the whole cache goes. Called
-        before rows are cached or used (:meth:`neighbours`, :meth:`preload_metadata`)."""
+        store records in its manifest (:meth:`ReferenceStore.venom_edit`, one manifest read a synced version, of the
+        latest version the store sees: its generation one up, that species' rows go; another change, every row), and
+        by the store's venom counts per species (:meth:`ReferenceStore.venom_counts`, the tally answers read at each
+        version anyway: an edit of a speciesid that records none lowers one, unless an add raised it back; a delete
+        too, at the cost of a lookup). Without the counts, or the edit read then and before (the lance library
+        missing), the whole cache goes. Called before rows are cached or used (:meth:`neighbours`,
+        :meth:`preload_metadata`)."""
         version = self._synced_version
         seen = self._venom_seen
         if seen is not None and seen[0] == version:
@@ -1530,7 +1531,8 @@ class Gallery:
         if counts is None or self.reading_stale:  # the store does not answer: compared once it does
             return
         edit, before, edit_before = self.store.venom_edit(), seen[1], self._edit_seen
-        if before is None or edit_before is None or (edit != edit_before and edit[0] != edit_before[0] + 1):
+        if before is None or edit is None or edit_before is None or (
+                edit != edit_before and edit[0] != edit_before[0] + 1):  # unknown, lost, restored: every row goes
             self._forget_species(None)
         else:
             edited = {name for name, was in before.items()

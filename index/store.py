@@ -1,7 +1,8 @@
 """The reference store: one LanceDB table, embedded on disk, the gallery's source of truth.
 
-Every write is one LanceDB commit (all or nothing); readers see committed versions only, and an open
-store notices other processes' commits within ``refresh_s`` seconds (LanceDB's read consistency
+Every write is one LanceDB commit (all or nothing), but for ``species set-venom``'s two (the flags' update, then
+the manifest config that records the edit: :meth:`ReferenceStore.set_venomous`); readers see committed versions
+only, and an open store notices other processes' commits within ``refresh_s`` seconds (LanceDB's read consistency
 interval). Ids are given by the caller (:class:`index.gallery.Gallery` reserves them under its write lock).
 
 Source paths are stored as text; a path that is not valid UTF-8 (possible on Linux) is stored as its
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 TABLE = "references"
 #: The key of the table's manifest config where :meth:`ReferenceStore.set_venomous` records its last edit (a
-#: generation and the species): every later version carries it, so another process sees an edit by it.
+#: generation, the species and the version of the flags' update): every later version carries it, so another
+#: process sees an edit by it.
 VENOM_EDIT_KEY = "speciesid.venom_edit"
 #: Metadata columns (everything but the embedding), in table order.
 META_COLUMNS: tuple[str, ...] = (
@@ -541,8 +543,11 @@ class ReferenceStore:
         many of those said yes: a "no" that turns a venomous row harmless, excluded rows included). No row to change
         (none matched, or every one says so already): nothing written, no new version. A change is followed by a
         second commit that records it in the manifest's config (:meth:`venom_edit`: the generation raised, the
-        species), which another process's cached rows follow: its venom counts cannot always show the edit (an add
-        of the species after it can raise the count it lowered)."""
+        species, the update's version), which another process's cached rows follow: its venom counts cannot always
+        show the edit (an add of the species after it can raise the count it lowered). Without the lance library the
+        flags are set and the edit is not recorded (a warning says so). The two commits are not one: an edit
+        interrupted between them (a kill, a failed store) leaves the flags set and the edit unrecorded, and another
+        process may keep the rows' old flags until it restarts: restart the servers after an interrupted set-venom."""
         where = f"species = {_sql_text(species)}"
         found = int(self._table.count_rows(where))
         differ = f"{where} AND (venomous IS NULL OR venomous <> {'true' if venomous else 'false'})"
@@ -550,25 +555,40 @@ class ReferenceStore:
         turned_off = int(self._table.count_rows(f"{where} AND venomous = true")) if changed and not venomous else 0
         if changed:
             self._table.update(where=differ, values={"venomous": venomous})
-            generation = self.venom_edit()[0]  # the writer's hold serialises this read and the commit below
-            self._dataset().update_config({VENOM_EDIT_KEY: json.dumps({"generation": generation + 1,
-                                                                       "species": species})})
+            updated = int(self._table.version)
+            edit = self.venom_edit()  # the writer's hold serialises this read and the commit below
+            if edit is None:
+                logger.warning("store %s: venomous flags of %s set, but the edit is not recorded in the store's "
+                               "manifest (the lance library is missing: pip install pylance): other processes see "
+                               "it by the venom counts only, which a later add of the species can hide (restart "
+                               "them if they name its old flags)", self.root, species)
+                return found, changed, turned_off
+            self._dataset().update_config({VENOM_EDIT_KEY: json.dumps({"generation": edit[0] + 1,
+                                                                       "species": species, "version": updated})})
             self._table.checkout_latest()  # the config's commit, read by this store too
         return found, changed, turned_off
 
-    def venom_edit(self) -> tuple[int, str]:
-        """(generation, species) of the last :meth:`set_venomous` change recorded in the manifest of the version this
-        store reads (one manifest read, no data): the generation grows by one with each change; (0, "") when none is
-        recorded (no change yet, or one made by a speciesid that did not record it)."""
-        raw = self._dataset().config().get(VENOM_EDIT_KEY)
+    def venom_edit(self) -> tuple[int, str, int] | None:
+        """(generation, species, version of the flags' update) of the last :meth:`set_venomous` change recorded in the
+        manifest of the latest version this store sees (the table's current version, which LanceDB's read
+        consistency moves on by itself: it may be ahead of a gallery's synced version), one manifest read, no data.
+        The generation grows by one with each change; the version tells two edits apart that a Lance ``restore()``
+        would give the same generation. (0, "", 0) when none is recorded (no change yet, or one made by a speciesid
+        that did not record it); None when it cannot be read (the lance library missing): a change unknown."""
+        try:
+            dataset = self._dataset()
+        except ImportError as exc:
+            logger.debug("store %s: the venom edit mark not read (%s)", self.root, exc)
+            return None
+        raw = dataset.config().get(VENOM_EDIT_KEY)
         if raw is None:
-            return 0, ""
+            return 0, "", 0
         try:
             mark = json.loads(raw)
-            return int(mark["generation"]), str(mark["species"])
-        except (ValueError, TypeError, KeyError) as exc:  # written otherwise: taken as no mark
+            return int(mark["generation"]), str(mark["species"]), int(mark.get("version", 0))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # written otherwise: taken as no mark
             logger.debug("store %s: unreadable %s %r (%s)", self.root, VENOM_EDIT_KEY, raw, exc)
-            return 0, ""
+            return 0, "", 0
 
     def has_species(self, species: str) -> bool:
         """Whether any searchable row (not excluded) is of ``species`` (its exact name), at the version this store

@@ -11,12 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
-from _cli_support import ENCODER, _photo, _run, folder_gallery
+from _cli_support import DIM, ENC, ENCODER, FakeEncoder, _photo, _run, folder_gallery, venom_flags
 
 import index.vectors
+from index.gallery import Gallery
+from index.records import ReferenceRecord
 from index.store import LANCE_BROKEN, LANCE_MISSING, import_lance
 from index.vectors import FAISS_BROKEN, FAISS_MISSING
+from retrieval.identify import Identifier
 
 #: What an installed library that cannot load raises on import (here: a shared library it needs is missing).
 LIBGOMP = ImportError("libgomp.so.1: cannot open shared object file: No such file or directory")
@@ -119,6 +123,52 @@ def test_without_lance_a_writes_compaction_warns_what_to_install(tmp_path, capsy
                             _photo(tmp_path / "new" / f"{i}.png", 100 + i))
         assert code == 0, err
     assert f"compacting its store after a write failed ({LANCE_MISSING}); the write itself is stored" in caplog.text
+
+
+def test_without_lance_identify_answers_and_set_venom_sets_the_flags_with_a_warning(tmp_path, capsys, monkeypatch,
+                                                                                    caplog):
+    """Answers and set-venom need no lance (the edit mark it records in the manifest does): identify answers, and
+    set-venom sets the flags, exits 0 and warns that the edit is not recorded (before: both stopped with
+    LANCE_MISSING, set-venom after the flags had changed; re-read 3 of 0fc5d4a)."""
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"))
+    _hide(monkeypatch, "lance")
+    code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "photos" / "Naja haje" / "1.png", "-q")
+    assert code == 0, err
+    assert "Naja haje" in out or "Natrix maura" in out
+    code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Natrix maura", "yes")
+    assert code == 0, err
+    assert out.startswith("Natrix maura: venomous no -> yes (2 references)")
+    assert "the edit is not recorded in the store's manifest (the lance library is missing: pip install pylance)" \
+        in caplog.text
+    assert venom_flags(capsys, index)["Natrix maura"] is True
+
+
+def test_without_lance_another_gallery_drops_its_cached_rows_at_a_new_version(tmp_path, monkeypatch):
+    """Without lance no edit mark is read: another process's cached metadata all goes at its next synced version,
+    so its evidence names the new flag after a set-venom that an add of the species hid from the counts."""
+    _hide(monkeypatch, "lance")
+    rng = np.random.default_rng(11)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centre = rng.standard_normal(DIM) * 3
+
+    def add(tag: str, n: int) -> None:
+        x = centre + 0.05 * rng.standard_normal((n, DIM))
+        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Lycodon capucinus") for i in range(n)],
+              [f"{tag}-{i}" for i in range(n)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
+    add("a", 4)
+    server = Identifier(FakeEncoder(), Gallery.open(g.root))
+    q = (centre / np.linalg.norm(centre))[None].astype(np.float32)
+
+    def evidence() -> dict[str, bool | None]:
+        return {Path(n.path).name: n.venomous for n in server.identify_embeddings(q)[0].neighbours}
+
+    for _ in range(2):
+        assert evidence() == {f"a{i}.jpg": None for i in range(4)}
+    assert g.set_venomous("Lycodon capucinus", True) == (4, 4, 0)
+    add("b", 4)  # the counts (4 yes, 0 no, 4 unrecorded) lower none of (0, 0, 4)
+    server.gallery.refresh(force=True)
+    assert evidence() == {**{f"a{i}.jpg": True for i in range(4)}, **{f"b{i}.jpg": None for i in range(4)}}
 
 
 def test_without_faiss_help_works_and_a_build_says_to_install_faiss_cpu(tmp_path):

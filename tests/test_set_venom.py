@@ -205,6 +205,42 @@ def test_another_process_evidence_follows_a_flag_set_then_an_add_of_that_species
     assert evidence("Bufo bufo") == {f"bufo{i}.jpg": None for i in range(4)}
 
 
+def test_another_process_evidence_follows_an_edit_after_a_lance_restore_gave_its_mark_back(tmp_path):
+    """A Lance restore() of an older version brings back its older edit mark, so the next set-venom recorded the same
+    (generation, species) the server had seen, and with an add hiding it from the counts the server kept the rows'
+    old flag; the mark records the update's version, which a restore does not give back (re-read 3 of 0fc5d4a)."""
+    import lance
+
+    rng = np.random.default_rng(12)
+    g = Gallery.create(tmp_path / "g", ENC)
+    centre = rng.standard_normal(DIM) * 3
+
+    def add(tag: str, venomous: bool | None) -> None:
+        x = centre + 0.05 * rng.standard_normal((4, DIM))
+        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Lycodon capucinus", venomous=venomous)
+               for i in range(4)],
+              [f"{tag}-{i}" for i in range(4)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
+    add("a", None)
+    v0 = g.store.version
+    assert g.set_venomous("Lycodon capucinus", True) == (4, 4, 0)
+    server = Identifier(FakeEncoder(), Gallery.open(g.root))
+    q = (centre / np.linalg.norm(centre))[None].astype(np.float32)
+
+    def evidence() -> dict[str, bool | None]:
+        return {Path(n.path).name: n.venomous for n in server.identify_embeddings(q)[0].neighbours}
+
+    for _ in range(2):  # the counts {L: (4, 0, 0)} and the mark (1, L) seen
+        assert evidence() == {f"a{i}.jpg": True for i in range(4)}
+    lance.dataset(g.store.uri, version=v0).restore()
+    g.store._table.checkout_latest()
+    assert g.store.venom_edit()[:2] == (0, "")
+    assert g.set_venomous("Lycodon capucinus", False) == (4, 4, 0)  # the restore gave the rows back unrecorded
+    add("b", True)  # the counts (4 yes, 4 no, 0 unrecorded) lower none of (4, 0, 0)
+    server.gallery.refresh(force=True)
+    assert evidence() == {**{f"a{i}.jpg": False for i in range(4)}, **{f"b{i}.jpg": True for i in range(4)}}
+
+
 def test_another_process_gallery_answers_with_the_flag_once_it_reads_the_new_version(tmp_path):
     """A server's gallery (another Gallery of the same folder): its answers name the species' new flag once it has
     read the store's new version (docs/identification.md, 'Setting a species' venom status')."""
