@@ -245,17 +245,18 @@ BUILD_FRAGMENT_ROWS = 1_048_576
 #: A missing lance library (the pylance package, which LanceDB itself does not require): what needs it and what to
 #: install, in one line.
 LANCE_MISSING = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
-                 "after writes, worker-written fragments), which is not installed: pip install pylance")
+                 "after writes, worker-written fragments, set-venom's edit mark), which is not installed: "
+                 "pip install pylance")
 #: An installed lance whose import failed: its error, then what to do.
 LANCE_BROKEN = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
-                "after writes, worker-written fragments), which is installed but failed to load ({}): fix what that "
-                "names, or reinstall pylance")
+                "after writes, worker-written fragments, set-venom's edit mark), which is installed but failed to "
+                "load ({}): fix what that names, or reinstall pylance")
 
 
 def import_lance():  # noqa: ANN201 - the lance module
-    """The ``lance`` module (imported on first use: only the store's fragment, compaction and version calls need
-    it); ImportError :data:`LANCE_MISSING` when it is not installed, :data:`LANCE_BROKEN` when its import failed
-    (chained to the import's own error)."""
+    """The ``lance`` module (imported on first use: only the store's fragment, compaction and version calls and
+    set-venom's edit mark need it); ImportError :data:`LANCE_MISSING` when it is not installed,
+    :data:`LANCE_BROKEN` when its import failed (chained to the import's own error)."""
     try:
         import lance
     except ImportError as exc:
@@ -545,9 +546,10 @@ class ReferenceStore:
         second commit that records it in the manifest's config (:meth:`venom_edit`: the generation raised, the
         species, the update's version), which another process's cached rows follow: its venom counts cannot always
         show the edit (an add of the species after it can raise the count it lowered). Without the lance library the
-        flags are set and the edit is not recorded (a warning says so). The two commits are not one: an edit
-        interrupted between them (a kill, a failed store) leaves the flags set and the edit unrecorded, and another
-        process may keep the rows' old flags until it restarts: restart the servers after an interrupted set-venom."""
+        flags are set and the edit is not recorded (a warning says so, as when the mark's commit fails). The two
+        commits are not one: an edit interrupted between them (a kill) leaves the flags set and the edit unrecorded,
+        and another process may keep the rows' old flags until it restarts: restart the servers after an interrupted
+        set-venom (running it again changes nothing, so records nothing)."""
         where = f"species = {_sql_text(species)}"
         found = int(self._table.count_rows(where))
         differ = f"{where} AND (venomous IS NULL OR venomous <> {'true' if venomous else 'false'})"
@@ -556,16 +558,18 @@ class ReferenceStore:
         if changed:
             self._table.update(where=differ, values={"venomous": venomous})
             updated = int(self._table.version)
-            edit = self.venom_edit()  # the writer's hold serialises this read and the commit below
-            if edit is None:
+            try:  # the writer's hold serialises the mark's read and its commit
+                dataset = self._dataset()  # ImportError LANCE_MISSING / LANCE_BROKEN: says which
+                edit = self.venom_edit() or (0, "", 0)
+                dataset.update_config({VENOM_EDIT_KEY: json.dumps({"generation": edit[0] + 1, "species": species,
+                                                                   "version": updated})})
+                self._table.checkout_latest()  # the config's commit, read by this store too
+            except (ImportError, OSError, RuntimeError) as exc:  # the flags are set: said, not raised as a failure
+                logger.debug("store %s: the venom edit mark not written", self.root, exc_info=exc)
                 logger.warning("store %s: venomous flags of %s set, but the edit is not recorded in the store's "
-                               "manifest (the lance library is missing: pip install pylance): other processes see "
-                               "it by the venom counts only, which a later add of the species can hide (restart "
-                               "them if they name its old flags)", self.root, species)
-                return found, changed, turned_off
-            self._dataset().update_config({VENOM_EDIT_KEY: json.dumps({"generation": edit[0] + 1,
-                                                                       "species": species, "version": updated})})
-            self._table.checkout_latest()  # the config's commit, read by this store too
+                               "manifest (%s): other processes see it by the venom counts only, which a later add "
+                               "of the species can hide: restart them if they name its old flags (running "
+                               "set-venom again changes nothing)", self.root, species, " ".join(str(exc).split()))
         return found, changed, turned_off
 
     def venom_edit(self) -> tuple[int, str, int] | None:
@@ -785,7 +789,7 @@ class ReferenceStore:
         tally.add(added.select(list(_SPECIES_COLUMNS)))
         self._species_cache, self._species_tally = (after, tally.summaries()), tally
 
-    def _dataset(self):  # noqa: ANN202 - lance.LanceDataset (lance imported by LanceDB on demand)
+    def _dataset(self):  # noqa: ANN202 - lance.LanceDataset (lance imported on first use: import_lance)
         """The Lance dataset of the table at the version this store reads (one manifest read, no data)."""
         import_lance()  # LanceDB's own error names pylance but not what needs it
         return self._table.to_lance()

@@ -45,7 +45,7 @@ FAISS_MISSING = ("the vector index needs faiss, which is not installed: pip inst
                  "(or faiss-gpu-cu12 on a CUDA machine)")
 #: An installed faiss whose import failed (a library it needs is missing, a broken install): its error, what to do.
 FAISS_BROKEN = ("the vector index needs faiss, which is installed but failed to load ({}): fix what that names, "
-                "or reinstall faiss")
+                "or reinstall faiss-cpu (faiss-gpu-cu12 on a CUDA machine)")
 
 
 class _Missing:
