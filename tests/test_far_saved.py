@@ -119,7 +119,8 @@ def test_one_identifier_estimates_the_far_threshold_again_as_the_gallery_grows(t
     calls = []
     monkeypatch.setattr(identify, "far_threshold", lambda gallery, **kw: calls.append(len(gallery)) or -1.0)
     rng = np.random.default_rng(4)
-    g.add([ReferenceRecord(path="/p/b0.jpg", species="Naja haje")], ["b-0"], _unit(centre + rng.standard_normal((1, DIM))))
+    g.add([ReferenceRecord(path="/p/b0.jpg", species="Naja haje")], ["b-0"],
+          _unit(centre + rng.standard_normal((1, DIM))))
     assert ident.far_threshold() == first and not calls  # 21 references: within 10 %
     g.add([ReferenceRecord(path=f"/p/c{i}.jpg", species="Naja haje") for i in range(10)],
           [f"c-{i}" for i in range(10)], _unit(centre + 0.15 * rng.standard_normal((10, DIM))))

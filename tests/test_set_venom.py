@@ -162,7 +162,8 @@ def test_the_flag_set_then_an_add_of_that_species_still_answers_with_the_new_fla
     for _ in range(2):  # the second answer keeps the venom counts of the version its rows were cached at
         assert [n.venomous for n in ident.identify_embeddings(q)[0].neighbours] == [None] * 4
     assert g.set_venomous("Lycodon capucinus", True) == (4, 4, 0)
-    add("b", 4)  # unrecorded, as a folder's photos are: the counts (4 yes, 0 no, 4 unrecorded) lower none of (0, 0, 4)
+    add("b", 4)  # unrecorded, as a folder's photos are: the counts (4 yes, 0 no, 4 unrecorded) lower none of
+    # (0, 0, 4)
     flags = {Path(n.path).name: n.venomous for n in ident.identify_embeddings(q)[0].neighbours}
     assert {name: f for name, f in flags.items() if name.startswith("a")} == {f"a{i}.jpg": True for i in range(4)}
 
