@@ -182,7 +182,6 @@ class SpeciesService:
         self._uploads_lock = threading.Lock()
         self._uploads_counting = False
         self._uploads_failures = 0  # counts in a row that failed or could not count (the back-off's)
-        self._uploads_thread: threading.Thread | None = None  # the last count's
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
         self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
@@ -198,9 +197,7 @@ class SpeciesService:
             kept = self._uploads
             if (kept is None or time.monotonic() - kept[0] > self._recount_after()) and not self._uploads_counting:
                 self._uploads_counting = True
-                self._uploads_thread = threading.Thread(target=self._count_uploads, name="speciesid-uploads",
-                                                        daemon=True)
-                self._uploads_thread.start()
+                threading.Thread(target=self._count_uploads, name="speciesid-uploads", daemon=True).start()
         return kept[1] if kept is not None else None
 
     def _recount_after(self) -> float:

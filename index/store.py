@@ -560,7 +560,7 @@ class ReferenceStore:
             updated = int(self._table.version)
             try:  # the writer's hold serialises the mark's read and its commit
                 dataset = self._dataset()  # ImportError LANCE_MISSING / LANCE_BROKEN: says which
-                edit = self.venom_edit() or (0, "", 0)
+                edit = self.venom_edit(dataset)  # read from the dataset just opened: never None
                 dataset.update_config({VENOM_EDIT_KEY: json.dumps({"generation": edit[0] + 1, "species": species,
                                                                    "version": updated})})
                 self._table.checkout_latest()  # the config's commit, read by this store too
@@ -572,18 +572,20 @@ class ReferenceStore:
                                "set-venom again changes nothing)", self.root, species, " ".join(str(exc).split()))
         return found, changed, turned_off
 
-    def venom_edit(self) -> tuple[int, str, int] | None:
+    def venom_edit(self, dataset=None) -> tuple[int, str, int] | None:  # noqa: ANN001 - lance.LanceDataset
         """(generation, species, version of the flags' update) of the last :meth:`set_venomous` change recorded in the
         manifest of the latest version this store sees (the table's current version, which LanceDB's read
         consistency moves on by itself: it may be ahead of a gallery's synced version), one manifest read, no data.
         The generation grows by one with each change; the version tells two edits apart that a Lance ``restore()``
         would give the same generation. (0, "", 0) when none is recorded (no change yet, or one made by a speciesid
-        that did not record it); None when it cannot be read (the lance library missing): a change unknown."""
-        try:
-            dataset = self._dataset()
-        except ImportError as exc:
-            logger.debug("store %s: the venom edit mark not read (%s)", self.root, exc)
-            return None
+        that did not record it); None when it cannot be read (the lance library missing): a change unknown.
+        ``dataset``: the one this store has just opened (:meth:`_dataset`), not read again."""
+        if dataset is None:
+            try:
+                dataset = self._dataset()
+            except ImportError as exc:
+                logger.debug("store %s: the venom edit mark not read (%s)", self.root, exc)
+                return None
         raw = dataset.config().get(VENOM_EDIT_KEY)
         if raw is None:
             return 0, "", 0

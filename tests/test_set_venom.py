@@ -28,6 +28,13 @@ from retrieval.identify import Identifier
 from retrieval.workflows import set_species_venomous
 
 
+def _add_rows(g: Gallery, rng: np.random.Generator, centre: np.ndarray, species: str, tag: str, n: int,
+              venomous: bool | None = None) -> None:
+    """Add ``n`` rows of ``species`` near ``centre`` (unit vectors), named ``/p/{tag}{i}.jpg``, ids ``{tag}-{i}``."""
+    x = centre + 0.05 * rng.standard_normal((n, DIM))
+    g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species=species, venomous=venomous) for i in range(n)],
+          [f"{tag}-{i}" for i in range(n)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+
 def test_set_venom_sets_a_folder_species_flag_and_refuses_what_it_must(tmp_path, capsys, caplog):
     index = folder_gallery(tmp_path, capsys, ("Rana temporaria", "Bufo bufo"), 6)
     assert venom_flags(capsys, index) == {"Bufo bufo": None, "Rana temporaria": None}  # a folder records none
@@ -152,9 +159,7 @@ def test_the_flag_set_then_an_add_of_that_species_still_answers_with_the_new_fla
     centre = rng.standard_normal(DIM)
 
     def add(tag: str, n: int) -> None:
-        x = centre + 0.05 * rng.standard_normal((n, DIM))
-        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Lycodon capucinus") for i in range(n)],
-              [f"{tag}-{i}" for i in range(n)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+        _add_rows(g, rng, centre, "Lycodon capucinus", tag, n)
 
     add("a", 4)
     ident = Identifier(FakeEncoder(), g)
@@ -179,9 +184,7 @@ def test_another_process_evidence_follows_a_flag_set_then_an_add_of_that_species
     centres = {name: rng.standard_normal(DIM) * 3 for name in ("Lycodon capucinus", "Bufo bufo")}
 
     def add(name: str, tag: str, n: int) -> None:
-        x = centres[name] + 0.05 * rng.standard_normal((n, DIM))
-        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species=name) for i in range(n)],
-              [f"{tag}-{i}" for i in range(n)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+        _add_rows(g, rng, centres[name], name, tag, n)
 
     add("Lycodon capucinus", "a", 4)
     add("Bufo bufo", "bufo", 4)
@@ -217,10 +220,7 @@ def test_another_process_evidence_follows_an_edit_after_a_lance_restore_gave_its
     centre = rng.standard_normal(DIM) * 3
 
     def add(tag: str, venomous: bool | None) -> None:
-        x = centre + 0.05 * rng.standard_normal((4, DIM))
-        g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Lycodon capucinus", venomous=venomous)
-               for i in range(4)],
-              [f"{tag}-{i}" for i in range(4)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+        _add_rows(g, rng, centre, "Lycodon capucinus", tag, 4, venomous)
 
     add("a", None)
     v0 = g.store.version

@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from _cli_support import DIM, ENC, FakeEncoder
+from _cli_support import DIM, ENC, FakeEncoder, _run
 
 import retrieval.identify as identify_module
 from index.gallery import Gallery
@@ -236,7 +236,6 @@ def test_the_cli_and_the_server_say_the_probe_is_older_than_photos_added_since(t
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from api.cli import main
     from api.service import SpeciesService
     from api.settings import Settings
     from retrieval.encoders import EncoderConfig
@@ -249,8 +248,7 @@ def test_the_cli_and_the_server_say_the_probe_is_older_than_photos_added_since(t
     said: list[str] = []
 
     def run(*argv) -> str:
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
+        code, out, err = _run(capsys, *argv)
         assert code == 0, err
         said[:] = [line for line in err.splitlines() if "note: the probe is older than the gallery" in line]
         return out
