@@ -27,7 +27,6 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 from finetune.model import CosineHead, InitSource
 from index.atomic import atomic_write
+from index.formats import jsonable
 from retrieval.encoders import FINETUNE_RECORD
 from retrieval.probe import Calibration, LinearProbe
 from retrieval.torch_encoders import seeded_init
@@ -43,16 +43,6 @@ logger = logging.getLogger(__name__)
 
 SPECIESID_KEY = FINETUNE_RECORD  # the block of config.json that retrieval reads back
 _DROP_CFG_KEYS = ("file", "source", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "label_names")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -141,7 +131,7 @@ def save_finetuned(
         "label_names": list(species),
         SPECIESID_KEY: info,
     }
-    text = json.dumps(_jsonable(config), indent=2)
+    text = json.dumps(jsonable(config), indent=2, allow_nan=False)  # NaN/inf as null (as the API writes them)
     atomic_write(out / "config.json", text)
     enc = create_encoder(f"timm:local-dir:{out}", device="cpu", precision="fp32", runtime="torch")  # its fingerprint
     weight = head.export_weight().numpy().astype(np.float32)
@@ -164,7 +154,7 @@ def record_wall_seconds(folder: str | Path, seconds: float) -> None:
     folder = Path(folder)
     cfg = read_finetuned(folder)
     cfg[SPECIESID_KEY]["process_wall_seconds"] = round(float(seconds), 1)
-    atomic_write(folder / "config.json", json.dumps(cfg, indent=2))
+    atomic_write(folder / "config.json", json.dumps(jsonable(cfg), indent=2, allow_nan=False))  # an older NaN: null
 
 
 def read_finetuned(folder: str | Path) -> dict:

@@ -1629,6 +1629,36 @@ def test_model_weights_follow_the_umask(tmp_path):
     assert modes["model.safetensors"] == 0o644 == modes["config.json"], modes
 
 
+def _strict(text: str) -> dict:
+    """``text`` read as strict JSON: a NaN or Infinity in it fails."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_in_the_exported_config_is_written_as_null(tmp_path):
+    """config.json is strict JSON, NaN/inf as null, as index.formats.jsonable writes them (the API, to_dict)."""
+    from finetune.export import SPECIESID_KEY, record_wall_seconds, save_finetuned
+    from finetune.model import CosineHead, create_backbone, feature_dim, resolve_init
+
+    source = resolve_init("timm:test_resnet@random")
+    backbone = create_backbone(source)
+    out = tmp_path / "out"
+    info = {"stage": "local", "val": {"val_loss": float("nan"), "val_top1": np.float32("nan"), "val_f1": 0.5},
+            "final": {"knn_top1": float("inf")}}
+    save_finetuned(out, backbone, CosineHead(feature_dim(backbone), 2, scale=24.0), ["a b", "c d"], source, info)
+    record = _strict((out / "config.json").read_text(encoding="utf-8"))[SPECIESID_KEY]
+    assert record["val"] == {"val_loss": None, "val_top1": None, "val_f1": 0.5} and record["final"] == {
+        "knn_top1": None}, record
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))  # a folder an older version wrote: NaN
+    cfg[SPECIESID_KEY]["val"]["val_loss"] = float("nan")
+    (out / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    record_wall_seconds(out, 12.34)
+    record = _strict((out / "config.json").read_text(encoding="utf-8"))[SPECIESID_KEY]
+    assert record["val"]["val_loss"] is None and record["process_wall_seconds"] == 12.3, record
+
+
 def test_an_unreadable_checkpoint_and_a_failed_write_say_what_to_do(tiny_set, tmp_path, monkeypatch):
     import finetune.checkpoint as checkpoint
     from finetune.train import finetune
