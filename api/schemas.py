@@ -14,8 +14,9 @@ def _null_is_nan(value: object) -> object:
     return math.nan if value is None else value
 
 
-#: A score that is a number in the OpenAPI schema, and null in the rare answer where it is not finite.
-Score = Annotated[float, BeforeValidator(_null_is_nan)]
+#: A score: a number, and null in the rare answer where it is not finite. The schema says so (number or null); the
+#: value is always a float (None taken back as NaN), which the answer writes as null.
+Score = Annotated[float | None, BeforeValidator(_null_is_nan)]
 
 
 class NeighbourOut(BaseModel):

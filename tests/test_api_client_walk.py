@@ -262,8 +262,8 @@ def test_the_add_forms_field_errors_are_fastapis_list_as_the_docs_say(client):
 
 def test_a_score_that_is_not_finite_is_null_in_the_answer_not_a_500(client, service, monkeypatch):
     """NaN and infinite scores should not happen; when one does, identify still answers 200, with null for it (the
-    library's ``to_dict`` makes it None, which the schema's number fields take back), and the schema still says
-    number."""
+    library's ``to_dict`` makes it None, which the schema's score fields take back), and the schema says so: number
+    or null."""
     from retrieval.identify import Identification, RankedResult
     from retrieval.workflows import Answer
 
@@ -280,5 +280,7 @@ def test_a_score_that_is_not_finite_is_null_in_the_answer_not_a_500(client, serv
     assert [r["score"] for r in body["results"]] == [None, 0.25]
     assert body["venom_unknown_score"] is None
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    assert schemas["ResultOut"]["properties"]["score"]["type"] == "number"
-    assert schemas["IdentifyOut"]["properties"]["venom_unknown_score"]["type"] == "number"
+    nullable = [{"type": "number"}, {"type": "null"}]
+    assert schemas["ResultOut"]["properties"]["score"]["anyOf"] == nullable, schemas["ResultOut"]
+    assert schemas["IdentifyOut"]["properties"]["venom_unknown_score"]["anyOf"] == nullable, schemas["IdentifyOut"]
+    assert "score" in schemas["ResultOut"]["required"]  # nullable, not optional: every result carries its score
