@@ -234,7 +234,9 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     app.state.service = service
     app.state.startup_error = None  # why the gallery or the model did not load, once the lifespan failed
     app.state.metrics = Metrics(lambda: getattr(app.state, "service", None))
-    app.add_middleware(CompressAnswers)  # gzip for answers worth it (api.compression); first: inside the guard
+    # gzip for answers worth it (api.compression); first: inside the guard. The docs' files: StaticFiles, whose 304s
+    # and HEADs CompressAnswers gives the headers of the GET (ETag, Vary, Content-Encoding) for the same encoding
+    app.add_middleware(CompressAnswers, files=(f"{DOCS_STATIC}/",))
     app.add_middleware(EdgeGuard, settings=settings)  # keys, load shedding, body limits: before any body is read
 
     @app.exception_handler(StarletteHTTPException)

@@ -54,23 +54,57 @@ class CompressAnswers:
     """ASGI middleware: see the module docstring (Starlette's gzip responders, with :func:`accepts_gzip` choosing).
     An answer it compresses that has a strong ETag (a docs page's script) gets it weak (``W/"..."``), as one ETag
     cannot name two byte sequences; ``If-None-Match`` compares weakly, so the 304 still comes. ``Vary`` values are
-    said once each (the page says ``Vary: Accept-Encoding`` itself)."""
+    said once each (the page says ``Vary: Accept-Encoding`` itself).
 
-    def __init__(self, app: ASGIApp, minimum_size: int = MIN_BYTES, level: int = LEVEL) -> None:
+    ``files``: the path prefixes of a file handler that knows nothing of encodings (Starlette's ``StaticFiles``: the
+    docs' scripts), whose 304 and HEAD answers have no body to decide on: a HEAD gets the headers of the GET for the
+    same ``Accept-Encoding`` (the file run as a GET, its body not sent), and a 304 the ETag and ``Vary`` of the 200
+    that the request without its conditions gets (:meth:`_revalidated`), so that a browser revalidates the variant
+    it holds."""
+
+    def __init__(self, app: ASGIApp, minimum_size: int = MIN_BYTES, level: int = LEVEL,
+                 files: tuple[str, ...] = ()) -> None:
         self.app = app
         self.minimum_size = minimum_size
         self.level = level
+        self.files = files
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not (self.files and scope["path"].startswith(self.files) and scope["method"] in ("GET", "HEAD")):
+            return await self._respond(scope, receive, send)
+        head = scope["method"] == "HEAD"
+        asked = dict(scope)  # the request as it came: routing changes the scope it runs with (its root_path)
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if message["status"] == 304:
+                    await self._revalidated(asked, receive, message)
+                await send(message)
+                if head:
+                    await send({"type": "http.response.body", "body": b""})
+            elif not head:
+                await send(message)
+
+        await self._respond({**scope, "method": "GET"} if head else scope, receive, sending, first_only=head)
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, *, first_only: bool = False) -> None:
+        """The app's answer, gzipped when worth it and accepted. ``first_only`` (a HEAD, a 304's look at its 200):
+        only the app's start and first body message reach the gzip responder, which decides on them (and
+        compresses that one chunk); the rest of the body is dropped, not compressed."""
         encoded = False  # the app's answer came with its own Content-Encoding (the page's): left as it is
+        bodies = 0
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             async def from_app(message: Message) -> None:
-                nonlocal encoded
+                nonlocal encoded, bodies
                 if message["type"] == "http.response.start":
                     encoded = "content-encoding" in Headers(raw=message.get("headers", []))
+                elif message["type"] in ("http.response.body", "http.response.pathsend"):
+                    bodies += 1
+                    if first_only and bodies > 1:
+                        return
                 await send(message)
 
             await self.app(scope, receive, from_app)
@@ -89,6 +123,39 @@ class CompressAnswers:
         else:
             responder = IdentityResponder(app, self.minimum_size)
         await responder(scope, receive, sending)
+
+    async def _revalidated(self, scope: Scope, receive: Receive, message: Message) -> None:
+        """A file handler's 304 (``message``, changed in place) given the ``Vary`` of the 200 that the same request
+        without its conditions gets, and its ETag made weak when that 200's is (gzipped): the file is read again,
+        its first chunk compressed, nothing sent."""
+        conditions = {b"if-none-match", b"if-modified-since", b"range", b"if-range"}  # the whole 200's headers
+        plain = {**scope, "method": "GET",
+                 "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in conditions]}
+        got: list[Message] = []
+        given = False
+
+        async def no_body() -> Message:  # a GET's empty request once, then what the client's connection says
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return await receive()
+
+        async def keep(sent: Message) -> None:
+            if sent["type"] == "http.response.start":
+                got.append(sent)
+
+        await self._respond(plain, no_body, keep, first_only=True)
+        if not got:
+            return
+        full = Headers(raw=got[0].get("headers", []))
+        headers = MutableHeaders(scope=message)
+        for vary in full.getlist("vary"):
+            headers.add_vary_header(vary)
+        _vary_once(headers)
+        etag = headers.get("etag")
+        if etag and full.get("etag") == f"W/{etag}":  # the 200 went gzipped: its ETag is this one, weak
+            headers["etag"] = f"W/{etag}"
 
 
 def _vary_once(headers: MutableHeaders) -> None:

@@ -280,6 +280,30 @@ def test_a_streamed_answer_with_a_strong_etag_goes_gzipped_with_a_weak_one_and_s
     assert _raw(bare_client, script, **{"Accept-Encoding": "gzip", "If-None-Match": zipped["etag"]})[0] == 304
 
 
+def test_a_docs_scripts_304_and_head_carry_the_headers_of_the_get_for_the_same_encoding(bare_client):
+    """s55 closing note: a 304 or a HEAD of /docs' files (Starlette's StaticFiles, gzipped by CompressAnswers) had no
+    body to decide on, so carried the uncompressed variant's headers: the strong ETag, no Vary, no
+    Content-Encoding, unlike the 200 GET a gzip-accepting browser holds. Now a 304 carries the GET's ETag and Vary
+    (no Content-Encoding: a 304 has no body, as the page's), and a HEAD the GET's headers, for either encoding."""
+    docs = bare_client.get("/docs").text
+    files = [re.search(r'src="([^"]+\.js)"', docs).group(1), re.search(r'href="([^"]+\.css)"', docs).group(1)]
+    for path in files:
+        for accept in ("gzip", "identity"):
+            status, got, raw = _raw(bare_client, path, **{"Accept-Encoding": accept})
+            assert status == 200 and got["vary"] == "Accept-Encoding", (path, accept, got)
+            assert ("content-encoding" in got) == (accept == "gzip") and got["etag"].startswith("W/") == (
+                accept == "gzip"), (path, accept, got)
+            status, again, raw = _raw(bare_client, path, **{"Accept-Encoding": accept, "If-None-Match": got["etag"]})
+            assert status == 304 and raw == b"", (path, accept, status)
+            assert again["etag"] == got["etag"] and again["vary"] == got["vary"], (path, accept, again, got)
+            assert "content-encoding" not in again, again
+            status, head, raw = _raw(bare_client, path, "HEAD", **{"Accept-Encoding": accept})
+            assert status == 200 and raw == b"" and head == got, (path, accept, head, got)
+            status, head, raw = _raw(bare_client, path, "HEAD", **{"Accept-Encoding": accept,
+                                                                    "If-None-Match": got["etag"]})
+            assert status == 304 and raw == b"" and head == again, (path, accept, head, again)
+
+
 def test_the_pages_form_without_script_shows_the_venom_advice_first(client):
     """s54 re-read #1 (unsafe): with the script off the form posts to /v1/identify and the browser shows its raw
     JSON, where the venom advice came after every candidate and its neighbours (8,316 characters in). Now the
