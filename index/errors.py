@@ -52,6 +52,24 @@ _STORE_IO = re.compile(rf"LanceError\(IO\)|{_GENERIC}")
 NETWORK_STORES = frozenset({"S3", "GCS", "MicrosoftAzure", "Azure", "HTTP"})
 
 
+def library_messages(needs: str, install: str, reinstall: str | None = None) -> tuple[str, str]:
+    """The two one-line messages of a library that did not import, after what ``needs`` it ("the vector index needs
+    faiss"): not installed (``pip install`` ``install``), and installed but failed to load (a ``{}`` for the import's
+    own error, :func:`import_failure`: fix what it names, or reinstall ``reinstall``, by default ``install``)."""
+    return (f"{needs}, which is not installed: pip install {install}",
+            f"{needs}, which is installed but failed to load ({{}}): fix what that names, or reinstall "
+            f"{install if reinstall is None else reinstall}")
+
+
+def import_failure(exc: ImportError, module: str, missing: str, broken: str) -> str:
+    """What to say of ``exc``, raised importing ``module``: ``missing`` when ``module`` itself is not there, else
+    ``broken`` (:func:`library_messages`) naming the import's error in one line (a library it needs, a broken
+    install)."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name == module:
+        return missing
+    return broken.format(" ".join(str(exc).split()) or type(exc).__name__)
+
+
 def store_io_kind(exc: BaseException) -> str | None:
     """When ``exc`` is a store's I/O error (a RuntimeError or OSError whose text, or its ``__cause__``'s, is
     Lance's I/O error), the kind of store it names (``S3``, ``GCS``, ``LocalFileSystem``; ``""`` when it names

@@ -36,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from index.errors import import_failure, library_messages
 from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
 
 logger = logging.getLogger(__name__)
@@ -243,14 +244,10 @@ BUILD_FRAGMENT_ROWS = 1_048_576
 
 
 #: A missing lance library (the pylance package, which LanceDB itself does not require): what needs it and what to
-#: install, in one line.
-LANCE_MISSING = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
-                 "after writes, worker-written fragments, set-venom's edit mark), which is not installed: "
-                 "pip install pylance")
-#: An installed lance whose import failed: its error, then what to do.
-LANCE_BROKEN = ("the gallery's store needs the lance library for this (index info, index compact, compacting "
-                "after writes, worker-written fragments, set-venom's edit mark), which is installed but failed to "
-                "load ({}): fix what that names, or reinstall pylance")
+#: install, in one line; and an installed lance whose import failed: its error, then what to do.
+LANCE_MISSING, LANCE_BROKEN = library_messages(
+    "the gallery's store needs the lance library for this (index info, index compact, compacting after writes, "
+    "worker-written fragments, set-venom's edit mark)", "pylance")
 
 
 def import_lance():  # noqa: ANN201 - the lance module
@@ -260,9 +257,7 @@ def import_lance():  # noqa: ANN201 - the lance module
     try:
         import lance
     except ImportError as exc:
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "lance":
-            raise ImportError(LANCE_MISSING) from exc
-        raise ImportError(LANCE_BROKEN.format(" ".join(str(exc).split()) or type(exc).__name__)) from exc
+        raise ImportError(import_failure(exc, "lance", LANCE_MISSING, LANCE_BROKEN)) from exc
     return lance
 
 

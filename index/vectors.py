@@ -36,16 +36,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from index.atomic import atomic_write
+from index.errors import import_failure, library_messages
 from index.formats import known_fields
 
 logger = logging.getLogger(__name__)
 
-#: A missing faiss (faiss-cpu is a dependency; a CUDA machine may have faiss-gpu instead): what to install, one line.
-FAISS_MISSING = ("the vector index needs faiss, which is not installed: pip install faiss-cpu "
-                 "(or faiss-gpu-cu12 on a CUDA machine)")
-#: An installed faiss whose import failed (a library it needs is missing, a broken install): its error, what to do.
-FAISS_BROKEN = ("the vector index needs faiss, which is installed but failed to load ({}): fix what that names, "
-                "or reinstall faiss-cpu (faiss-gpu-cu12 on a CUDA machine)")
+#: A missing faiss (faiss-cpu is a dependency; a CUDA machine may have faiss-gpu instead): what to install, one line;
+#: and an installed faiss whose import failed (a library it needs is missing, a broken install): its error, what
+#: to do.
+FAISS_MISSING, FAISS_BROKEN = library_messages("the vector index needs faiss",
+                                               "faiss-cpu (or faiss-gpu-cu12 on a CUDA machine)",
+                                               "faiss-cpu (faiss-gpu-cu12 on a CUDA machine)")
 
 
 class _Missing:
@@ -63,9 +64,7 @@ class _Missing:
 
 def _not_importable(exc: ImportError) -> _Missing:
     """What stands for faiss after its import raised ``exc``: "not installed" only when faiss itself is not there."""
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "faiss":
-        return _Missing(FAISS_MISSING, exc)
-    return _Missing(FAISS_BROKEN.format(" ".join(str(exc).split()) or type(exc).__name__), exc)
+    return _Missing(import_failure(exc, "faiss", FAISS_MISSING, FAISS_BROKEN), exc)
 
 
 try:
