@@ -275,6 +275,24 @@ def test_cli_help_everywhere(capsys):
     assert exc.value.code == 0 and re.fullmatch(r"speciesid \S+\n", capsys.readouterr().out)
 
 
+def test_a_help_that_names_a_docs_file_says_where_it_is(capsys):
+    """s55 closing note: --help texts name docs/*.md, which an installed package (a wheel) does not carry. Every
+    --help (as `speciesid ... --help` prints it) that names a docs/ file ends saying they are in the source
+    repository; no other says it."""
+    from api.cli import build_parser
+
+    note = "The docs/*.md files named above are in speciesid's source repository, not in the installed package."
+    named = []
+    for argv in [(), *_commands(build_parser())]:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        says = out.endswith(note)
+        assert says == ("docs/" in out.replace(note, "")), (argv, out[-300:])
+        named += [argv] if says else []
+    assert {("serve",), ("index", "build"), ("identify",), ("clean",)} <= set(named), named
+
+
 def test_every_command_says_what_it_does_and_every_option_its_default():
     """``--help`` of every command has a description, every option a help text, and one that takes a value with a
     default says it; ``serve --help`` names every SPECIESID_* setting and where they are described."""

@@ -32,6 +32,8 @@ VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for de
 WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
                    "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
                    "that wait (0: do not wait).")
+#: The end of every --help that names a docs/ file: an installed package (a wheel) carries none of them.
+DOCS_HELP = "The docs/*.md files named above are in speciesid's source repository, not in the installed package."
 #: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
 WRITERS = (("index", "build"), ("references", "add"), ("references", "delete"), ("probe", "train"),
            ("probe", "import"), ("probe", "restore"), ("probe", "publish"), ("probe", "withdraw"), ("clean",),
@@ -99,7 +101,22 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
     _name_values(sub)
     _note_wait(sub)
     parser.epilog = WRITE_WAIT_HELP
+    _note_docs(parser)
     return parser
+
+
+def _note_docs(parser: argparse.ArgumentParser) -> None:
+    """End the ``--help`` of ``parser`` and of each command under it with :data:`DOCS_HELP` where it names a docs/
+    file (its description, epilog, an option's help or a sub-command's line)."""
+    texts = [parser.description, parser.epilog]
+    for action in parser._actions:
+        texts.append(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            texts += [choice.help for choice in action._choices_actions]
+            for command in action.choices.values():
+                _note_docs(command)
+    if any("docs/" in str(text or "") for text in texts):
+        parser.epilog = f"{parser.epilog} {DOCS_HELP}" if parser.epilog else DOCS_HELP
 
 
 def _note_wait(subparsers: argparse._SubParsersAction) -> None:
