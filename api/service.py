@@ -231,15 +231,15 @@ class SpeciesService:
             self._uploads, self._uploads_counting = (time.monotonic(), counted), False
 
     def close(self) -> None:
-        """Stop background threads, once the write in its commit (an add's or a delete's, holding the gallery's lock)
-        is done: no write is cut half-way by a stop. Every other write is refused (:class:`Stopping`, a 503,
-        nothing written): one queued behind this server's write in progress, and one still waiting for the
+        """Stop background threads, once the write in its commit (an add's, a delete's or a set-venom's, holding the
+        gallery's lock) is done: no write is cut half-way by a stop. Every other write is refused (:class:`Stopping`,
+        a 503, nothing written): one queued behind this server's write in progress, and one still waiting for the
         gallery's lock (another process's writer, the S3 lease), which stops waiting at once."""
         with self._state:
             self._stopping = True
             if self._committing:
-                logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
-                               "committing; writes not yet holding the gallery's lock are refused)")
+                logger.warning("stopping: waiting for this server's write in progress to finish (an add, a delete "
+                               "or a set-venom committing; writes not yet holding the gallery's lock are refused)")
                 self._state.wait_for(lambda: not self._committing)
         self.batcher.close()
         self._pool.shutdown(wait=False)
