@@ -1,7 +1,7 @@
 """The edge guard (pure ASGI, before the app sees a request): API keys of write routes, load shedding, body limits.
 
-- **Keys first.** A write route (adding or deleting references) without a valid ``X-API-Key`` gets its 401
-  before a byte of the body is read; so do reads when ``reads_require_key`` is set.
+- **Keys first.** A write route (adding or deleting references, setting a species' venomous flag) without a valid
+  ``X-API-Key`` gets its 401 before a byte of the body is read; so do reads when ``reads_require_key`` is set.
 - **Load shedding.** At most ``max_identify_in_flight`` identify/search requests are served at once; past
   that a fast 429 with ``Retry-After``, before the body is read when the slots are full as the request arrives.
   Writes do not count against it: they have their own lane.
@@ -41,6 +41,7 @@ from index.sources import MB, megabytes
 #: (method, path pattern, kind): kind is "write", "identify" (shed under load) or "read".
 ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("POST", re.compile(r"^/v1/species/[^/]+/references/?$"), "write"),
+    ("PUT", re.compile(r"^/v1/species/.+/venomous/?$"), "write"),  # a name holding '/' too: its 422 after the key
     ("DELETE", re.compile(r"^/v1/references/[^/]+/?$"), "write"),
     ("POST", re.compile(r"^/v1/identify/?$"), "identify"),
     ("POST", re.compile(r"^/v1/search/?$"), "identify"),
@@ -115,6 +116,9 @@ def body_limit_detail(settings: Settings, method: str, path: str, size: int | No
         if path.rstrip("/") == "/v1/search":
             return (f"JSON {what} over the {limit / MB:.0f} MB this route accepts; an embedding's JSON is far "
                     'smaller: send only {"embedding": [...], "k": 10}')
+        if route_kind(method, path) == "write" and method == "PUT":
+            return (f"JSON {what} over the {limit / MB:.0f} MB this route accepts; its JSON is far smaller: send "
+                    'only {"venomous": true}')
         return (f"JSON {what} over the {limit / MB:.0f} MB this route accepts; this route takes no JSON: send "
                 "multipart/form-data photos, as curl -F or a browser's FormData does")
     if settings.max_request_mb * MB < _photo_limit(settings, photos):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def _null_is_nan(value: object) -> object:
@@ -146,6 +146,32 @@ class SpeciesOut(BaseModel):
     family: str | None = None
     venomous: bool | None = None
     count: int = Field(description="reference photos")
+
+
+class VenomousIn(BaseModel):
+    """The body of PUT /v1/species/{name}/venomous: the species' medically important venomous flag, set on every one
+    of its references (the CLI's ``speciesid species set-venom NAME yes|no``). A key it does not know is refused
+    (a misspelt ``distinct_from_venomous`` would else be dropped unread)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    venomous: bool = Field(description="medically important venomous: true or false (there is no unknown to set "
+                           "back to)")
+    distinct_from_venomous: bool = Field(False, description="confirm venomous=false for a name that may be a "
+                                         "medically important venomous species (the CLI's --distinct-from-venomous, "
+                                         "the same rule as the add's form field): refused (409) without; a species "
+                                         "the shipped taxonomy records venomous is refused whatever this says")
+
+
+class VenomousOut(BaseModel):
+    """What setting a species' venomous flag did."""
+
+    species: SpeciesOut = Field(description="the species after the change, as GET /v1/species/{name} gives it")
+    was: bool | None = Field(description="its flag before (null: not recorded)")
+    found: int = Field(description="its references, excluded ones too: every one is set")
+    changed: int = Field(description="of those, the ones that said otherwise and were set (0: nothing was written)")
+    turned_off: int = Field(description="of those changed, the ones that said true: a false that makes answers "
+                            "naming it stop advising on a bite")
 
 
 class DuplicateOut(BaseModel):

@@ -29,14 +29,14 @@ from index.locks import GIVE_UP_POLL_S, WaitGivenUp
 from index.objects import StoreObjectError, unused_uploads, unused_uploads_words
 from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
-from index.taxonomy import find_species, gallery_lookalikes
+from index.taxonomy import HarmlessFlagRefused, find_species, gallery_lookalikes
 from retrieval import workflows
 from retrieval.encoders import stack_views
 from retrieval.images import ImageLoadError, PixelLimitError, decode_image, header_size
 from retrieval.pipeline import model_input
 from retrieval.protocol import embedding_note
 from retrieval.vote import Rank
-from retrieval.workflows import AddResult, Answer, open_identifier
+from retrieval.workflows import AddResult, Answer, SpeciesNotFound, VenomSet, open_identifier
 
 logger = logging.getLogger(__name__)
 #: Thumbnails kept in memory (~10-20 kB each): a page of answers shows up to 20, often the same references.
@@ -59,6 +59,13 @@ class NotFound(ServiceError):
     """The thing asked for does not exist."""
 
     status = 404
+
+
+class Refused(ServiceError):
+    """A write the gallery's records refuse as it was sent (a harmless flag for a name that may be venomous): the
+    message says what to send instead, if anything."""
+
+    status = 409
 
 
 class StoreUnavailable(ServiceError):
@@ -224,15 +231,15 @@ class SpeciesService:
             self._uploads, self._uploads_counting = (time.monotonic(), counted), False
 
     def close(self) -> None:
-        """Stop background threads, once the write in its commit (an add's or a delete's, holding the gallery's lock)
-        is done: no write is cut half-way by a stop. Every other write is refused (:class:`Stopping`, a 503,
-        nothing written): one queued behind this server's write in progress, and one still waiting for the
+        """Stop background threads, once the write in its commit (an add's, a delete's or a set-venom's, holding the
+        gallery's lock) is done: no write is cut half-way by a stop. Every other write is refused (:class:`Stopping`,
+        a 503, nothing written): one queued behind this server's write in progress, and one still waiting for the
         gallery's lock (another process's writer, the S3 lease), which stops waiting at once."""
         with self._state:
             self._stopping = True
             if self._committing:
-                logger.warning("stopping: waiting for this server's write in progress to finish (an add or delete "
-                               "committing; writes not yet holding the gallery's lock are refused)")
+                logger.warning("stopping: waiting for this server's write in progress to finish (an add, a delete "
+                               "or a set-venom committing; writes not yet holding the gallery's lock are refused)")
                 self._state.wait_for(lambda: not self._committing)
         self.batcher.close()
         self._pool.shutdown(wait=False)
@@ -503,6 +510,26 @@ class SpeciesService:
             raise StoreUnavailable(str(exc), transient=True) from exc
         self.identifier.whitening()  # a new species refits the vote's metric now: on the writer's time, not a reader's
         return result
+
+    def set_venomous(self, name: str, venomous: bool, *,
+                     distinct_from_venomous: bool = False) -> tuple[VenomSet, SpeciesSummary]:
+        """Set a gallery species' medically important venomous flag on every one of its references (the CLI's
+        ``species set-venom``: :func:`retrieval.workflows.set_species_venomous`, the same rule), in this server's
+        turn to write; what it did, and the species' summary after it. NotFound (404) for a name the gallery does
+        not hold; :class:`Refused` (409) for ``venomous`` False on a name that may be venomous, unless
+        ``distinct_from_venomous`` (never for one the shipped taxonomy records venomous); 503 during the store's
+        outage (:meth:`require_store`). This server's answers see the change at once, another process's at its next
+        look at the store (the edit the store records: :meth:`index.gallery.Gallery.set_venomous`)."""
+        self.require_store("writes")
+        try:
+            with self._writing():
+                done = workflows.set_species_venomous(self.gallery, name, venomous, api=True,
+                                                      distinct_from_venomous=distinct_from_venomous)
+        except SpeciesNotFound as exc:
+            raise NotFound(str(exc)) from exc
+        except HarmlessFlagRefused as exc:
+            raise Refused(str(exc)) from exc
+        return done, self.get_species(done.species)
 
     def delete_reference(self, ref_id: int) -> None:
         """Delete one reference (and its uploaded photo, when no other reference uses it); 503 during the store's

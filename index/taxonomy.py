@@ -600,9 +600,18 @@ def gallery_venomous_lookalike(name: str, common_name: str | Iterable[str] | Non
     return None
 
 
+#: How a refused harmless flag is told to confirm, by default (:func:`check_harmless_flag`'s ``confirm``).
+CONFIRM_HARMLESS = f"add {DISTINCT_OPTION} (the API's add: distinct_from_venomous=true)"
+
+
+class HarmlessFlagRefused(ValueError):
+    """:func:`check_harmless_flag`'s refusal (the API's set-venom answers it 409, not the 400 of a bad request)."""
+
+
 def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False,
                         gallery_species: Iterable[SpeciesSummary] = (),
-                        common_names: Mapping[str, Iterable[str]] | None = None) -> None:
+                        common_names: Mapping[str, Iterable[str]] | None = None,
+                        confirm: str = CONFIRM_HARMLESS) -> None:
     """Refuse (ValueError) recording ``name`` harmless (venomous no) when it may be a medically important venomous
     taxon (:func:`venomous_lookalike`), a species of ``gallery_species`` recorded venomous
     (:func:`gallery_venomous_lookalike`; ``common_names``: every common name of a species' references), or holds a
@@ -611,41 +620,39 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
     species (:data:`DISTINCT_OPTION`); refused outright, whatever ``distinct``, when the shipped taxonomy records
     ``name`` itself venomous. Every common name is looked at: ``common_name`` and every one ``name``'s references
     carry (``common_names[name]``), not only the one its summary shows. The one rule of ``species set-venom NAME
-    no`` and ``references add --venomous no``."""
+    no`` (the API's ``PUT /v1/species/{name}/venomous``) and ``references add --venomous no``. Refused:
+    :class:`HarmlessFlagRefused`, whose message says how to confirm in ``confirm``'s words."""
     if (listed := lookup_taxon(name)) is not None and listed.venomous:
-        raise ValueError(f"{listed.species!r} is medically important venomous in the shipped taxonomy (SnakeCLEF's "
-                         "list): its flag stays yes (an add with no venomous flag takes it from there); a harmless "
-                         "answer for a venomous snake is the costly error")
+        raise HarmlessFlagRefused(f"{listed.species!r} is medically important venomous in the shipped taxonomy "
+                                  "(SnakeCLEF's list): its flag stays yes (an add with no venomous flag takes it "
+                                  "from there); a harmless answer for a venomous snake is the costly error")
     commons = [c for c in dict.fromkeys([common_name, *((common_names or {}).get(name, ()))]) if c] or [None]
     if not distinct and (held := gallery_venomous_lookalike(name, commons, gallery_species, common_names)):
         species, how = held
-        raise ValueError(f"{name!r} may be {species.species!r}, which this gallery records as medically important "
-                         f"venomous: {how}; a harmless answer for a venomous snake is the costly error. If you are "
-                         f"sure it is another, harmless species, add {DISTINCT_OPTION} (the API's add: "
-                         "distinct_from_venomous=true); else leave the flag out (its status stays unrecorded: "
-                         "answers treat it as possibly venomous)")
+        raise HarmlessFlagRefused(f"{name!r} may be {species.species!r}, which this gallery records as medically "
+                                  f"important venomous: {how}; a harmless answer for a venomous snake is the costly "
+                                  f"error. If you are sure it is another, harmless species, {confirm}; else leave "
+                                  "the flag out (its status stays unrecorded: answers treat it as possibly venomous)")
     found = None if distinct else next(filter(None, (venomous_lookalike(name, c) for c in commons)), None)
     if found is None:
         word = None if distinct else next(
             ((c, w) for c in commons if (w := venomous_kind_word(name, c))), None)  # not a lookalike: a kind's name
         if word is not None:
             common_name, word = word
-            raise ValueError(f"{name!r}{f' ({common_name!r})' if common_name else ''} holds {word!r}, a kind of "
-                             "venomous snake: it may be medically important venomous (the shipped taxonomy gives "
-                             "common names to the Moroccan checklist's species only, so it cannot tell which); a "
-                             "harmless answer for a venomous snake is the costly error. If you are sure it is a "
-                             f"harmless species, add {DISTINCT_OPTION} (the API's add: distinct_from_venomous=true); "
-                             "else leave the flag out (its status stays unrecorded: answers treat it as possibly "
-                             "venomous)")
+            raise HarmlessFlagRefused(f"{name!r}{f' ({common_name!r})' if common_name else ''} holds {word!r}, a "
+                                      "kind of venomous snake: it may be medically important venomous (the shipped "
+                                      "taxonomy gives common names to the Moroccan checklist's species only, so it "
+                                      "cannot tell which); a harmless answer for a venomous snake is the costly "
+                                      f"error. If you are sure it is a harmless species, {confirm}; else leave the "
+                                      "flag out (its status stays unrecorded: answers treat it as possibly venomous)")
         found = None if distinct else venomous_genus(name)  # after the words: 'Naja nova' is told of 'naja'
         if found is None:
             return
     taxon, how = found
-    raise ValueError(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped taxonomy "
-                     f"(SnakeCLEF's list): {how}; a harmless answer for a venomous snake is the costly error. If "
-                     f"you are sure it is another, harmless species, add {DISTINCT_OPTION} (the API's add: "
-                     "distinct_from_venomous=true); else leave the flag out (its status stays unrecorded: answers "
-                     "treat it as possibly venomous)")
+    raise HarmlessFlagRefused(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped "
+                              f"taxonomy (SnakeCLEF's list): {how}; a harmless answer for a venomous snake is the "
+                              f"costly error. If you are sure it is another, harmless species, {confirm}; else leave "
+                              "the flag out (its status stays unrecorded: answers treat it as possibly venomous)")
 
 
 def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | None = None,
@@ -659,7 +666,8 @@ def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | N
     the CLI commands name)."""
     if venomous is not None:
         return ""
-    record = ("the gallery's operator records it with 'speciesid species set-venom' (no API route)" if api else
+    record = (f"PUT /v1/species/{species.replace(' ', '_')}/venomous with {{\"venomous\": true}} (or false) and an "
+              "API key records it" if api else
               f"'speciesid species set-venom --index {root} \"{species}\" yes' (or no) records it")
     if advice_on:
         if lookup_taxon(species) is not None:
@@ -689,7 +697,9 @@ def advice_off_snakes_note(snakes: Sequence[str], root: str | Path = "DIR", *, a
     turn_on = ("the gallery's operator turns it on with 'speciesid index venom-advice on'" if api else
                f"'speciesid index venom-advice --index {root} on' turns it on")
     name = f'"{snakes[0]}"' if one else "NAME"
-    record = ("the operator records a species' status with 'speciesid species set-venom' (no API route)" if api else
+    route = snakes[0].replace(" ", "_") if one else "{name}"
+    record = (f"PUT /v1/species/{route}/venomous with {{\"venomous\": true}} (or false) and an API key records a "
+              "species' status" if api else
               f"'speciesid species set-venom --index {root} {name} yes' (or no) records a species' status")
     return (f"this gallery records no venom advice, but {first_few(list(snakes))} {'is' if one else 'are'} of a "
             f"snake genus or family the shipped snake taxonomy knows, with no venom status recorded: "

@@ -154,6 +154,7 @@ __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanInterrupted",
     "CleanResult", "CompactResult", "EncoderConfig", "EvaluationRun", "Gallery", "Identification",
     "Identifier", "Method", "Neighbour", "ProbeResult", "Rank", "RankedResult", "ReferencesInterrupted",
+    "SpeciesNotFound",
     "VectorIndexConfig", "add_photos", "build_encoder", "build_gallery", "clean",
     "check_evaluation_set", "compact_gallery", "delete_references", "embed_photos", "evaluate_dataset",
     "answer_notes", "gallery_info", "identify", "import_gallery_probe", "list_species", "open_gallery",
@@ -1352,32 +1353,46 @@ class VenomSet:
     turned_off: int = 0  # of those, the ones that said yes (a "no" that made them harmless; excluded ones too)
 
 
+class SpeciesNotFound(ValueError):
+    """:func:`set_species_venomous` was given a name the gallery does not hold (the API answers it 404)."""
+
+
+#: How the API's set-venom (``PUT /v1/species/{name}/venomous``) is told to confirm a harmless flag
+#: (:func:`index.taxonomy.check_harmless_flag`'s ``confirm``).
+API_CONFIRM_HARMLESS = 'send "distinct_from_venomous": true beside "venomous": false in the JSON body'
+
+
 def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
-                         distinct_from_venomous: bool = False) -> VenomSet:
+                         distinct_from_venomous: bool = False, api: bool = False) -> VenomSet:
     """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
-    photo (``speciesid species set-venom``): how a species a folder dataset built gets a venom status, or a toad's
-    flag says "no". ``name`` in any spelling of a gallery species (case, ``_``, ``-``). Refused (ValueError): a name
-    the gallery does not hold (naming the species it may mean), and ``no`` for a species the shipped snake taxonomy
-    records as medically important venomous (the rule of ``references add --venomous no``), or for a name that may
-    be one (a near-spelling, its common name, its epithet, one of no other genus there) unless
-    ``distinct_from_venomous`` (:func:`index.taxonomy.check_harmless_flag`). A recorded yes turned no is logged as
-    a warning naming the change (its answers stop advising on a bite by it)."""
+    photo (``speciesid species set-venom``, the API's ``PUT /v1/species/{name}/venomous``): how a species a folder
+    dataset built gets a venom status, or a toad's flag says "no". ``name`` in any spelling of a gallery species
+    (case, ``_``, ``-``). Refused: a name the gallery does not hold (:class:`SpeciesNotFound`, naming the species it
+    may mean), and ``no`` for a species the shipped snake taxonomy records as medically important venomous (the rule
+    of ``references add --venomous no``), or for a name that may be one (a near-spelling, its common name, its
+    epithet, one of no other genus there) unless ``distinct_from_venomous``
+    (:func:`index.taxonomy.check_harmless_flag`: :class:`~index.taxonomy.HarmlessFlagRefused`). A recorded yes
+    turned no is logged as a warning naming the change (its answers stop advising on a bite by it). ``api``: the
+    messages name no server path, and say what an HTTP client sends and where it lists the species."""
     g = _gallery(gallery)
+    where, listing = ("this gallery", "GET /v1/species") if api else (
+        f"gallery {g.root}", f"'speciesid species list --index {g.root}'")
     held, common_names = g.species_names()  # one version, one store round trip at most
     found = find_species(held, name, folded=True)  # "Vipere a cornes" finds "Vipère à cornes"
     if found is None:
         same_common, close = gallery_lookalikes(held, name)
         meant = list(dict.fromkeys(s.species for s in same_common + close))
-        raise ValueError(f"no species {name!r} in gallery {g.root}"
-                         + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else "")
-                         + f" ('speciesid species list --index {g.root}' lists them)")
+        raise SpeciesNotFound(f"no species {name!r} in {where}"
+                              + (f"; did you mean {' or '.join(map(repr, meant))}?" if meant else "")
+                              + f" ({listing} lists them)")
     if venomous is False:
         check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
                             distinct=distinct_from_venomous or found.venomous is False,
-                            gallery_species=held, common_names=common_names)
+                            gallery_species=held, common_names=common_names,
+                            **({"confirm": API_CONFIRM_HARMLESS} if api else {}))
     count, changed, turned_off = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
-        raise ValueError(f"no species {found.species!r} in gallery {g.root} any more (another writer deleted it)")
+        raise SpeciesNotFound(f"no species {found.species!r} in {where} any more (another writer deleted it)")
     if turned_off:  # the one edit that can make an answer harmless: said, not asked (excluded rows counted too)
         logger.warning("%r was recorded medically important venomous by %s and is now recorded harmless "
                        "(venomous yes -> no): answers naming it no longer advise treating a bite as venomous; if "

@@ -21,6 +21,7 @@ OPERATIONS = [
     ("GET", "/v1/species"),
     ("GET", "/v1/species/{name}"),
     ("POST", "/v1/species/{name}/references"),
+    ("PUT", "/v1/species/{name}/venomous"),
     ("DELETE", "/v1/references/{ref_id}"),
     ("GET", "/v1/references/{ref_id}/image"),
     ("GET", "/healthz"),

@@ -44,5 +44,25 @@ def test_the_api_add_tells_its_client_of_an_unrecorded_status(tmp_path, capsys):
         notes = done.json()["notes"]
         assert any(n.startswith("'Sylvia atricapilla' is not in the shipped snake taxonomy (snakes only) and no "
                                 "venomous flag was given: its venom status stays unknown (answers count it as "
-                                "possibly venomous; the gallery's operator records it with 'speciesid species "
-                                "set-venom'") for n in notes), notes
+                                "possibly venomous; PUT /v1/species/Sylvia_atricapilla/venomous with "
+                                '{"venomous": true} (or false) and an API key records it)') for n in notes), notes
+
+
+def test_the_api_add_to_an_off_gallery_names_the_route_that_records_a_status(tmp_path, capsys):
+    """The note of a snake added to a gallery of no venom advice names the set-venom route (it said "no API
+    route": the CLI on the gallery's machine was the only way)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index = folder_gallery(tmp_path, capsys, BIRDS, extra=["--no-venom-advice"])
+    photo = _photo(tmp_path / "new" / "a.png", 40, side=256)
+    files = [("images", (photo.name, photo.read_bytes(), "image/png"))]
+    with TestClient(create_app(Settings(index=str(index), api_keys="secret", precision="fp32"))) as client:
+        done = client.post("/v1/species/Bungarus suzhenae/references", files=files, headers={"X-API-Key": "secret"})
+        assert done.status_code == 201, done.json()
+        assert any(n.endswith("if it holds snakes, the gallery's operator turns it on with 'speciesid index "
+                              "venom-advice on' (PUT /v1/species/Bungarus_suzhenae/venomous with {\"venomous\": "
+                              "true} (or false) and an API key records a species' status)")
+                   for n in done.json()["notes"]), done.json()["notes"]

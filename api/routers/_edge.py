@@ -62,13 +62,18 @@ ERRORS: dict[int | str, dict] = {
     409: {"model": ErrorOut, "description": "identify / search: the gallery holds no searchable references yet, add "
           "some first (POST /v1/species/{name}/references, or `speciesid references add`); adding references: a new "
           "species name that looks like a gallery species (a near-spelling, or its common name) or a species of the "
-          "shipped taxonomy (a near-spelling), the message names it; send new_species=true if the species is new"},
+          "shipped taxonomy (a near-spelling), the message names it; send new_species=true if the species is new; "
+          "setting a species' venomous flag: false for a name that may be a medically important venomous species, "
+          "the message names it; send distinct_from_venomous=true if it is another, harmless one (a species the "
+          "shipped taxonomy records venomous: refused whatever is sent)"},
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
-          "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded)"},
+          "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded); a body "
+          "over what the route accepts"},
     422: {"model": ErrorOut, "description": "not a photo, truncated, corrupt, refused (decompression bomb, too "
           "elongated, too small for a reference), an invalid name, or an invalid parameter: the server's own "
           "answers a string (one line, naming the field), FastAPI's check of a query, path or form parameter "
-          "(the add's common_name, venomous, new_species) a list of {loc, msg, type}"},
+          "(the add's common_name, venomous, new_species) a list of {loc, msg, type}; a set-venom body that is not "
+          "{\"venomous\": true|false} a string saying what to send"},
     415: {"model": ErrorOut, "description": "not a multipart body (/v1/search: nor a JSON embedding)"},
     429: {"model": ErrorOut, "description": "busy: too many identifications in progress; retry after Retry-After s"},
     500: {"model": ErrorOut, "description": "a write the server's gallery store refuses: the store is misconfigured "

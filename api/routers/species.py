@@ -1,7 +1,9 @@
-"""GET /v1/species, GET /v1/species/{name}, POST /v1/species/{name}/references."""
+"""GET /v1/species, GET /v1/species/{name}, POST /v1/species/{name}/references, PUT
+/v1/species/{name}/venomous."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Annotated
 
@@ -10,7 +12,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import ReadKey, Service, WriteKey
 from api.routers._edge import edge, errors, read_uploads
-from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut
+from api.schemas import AddReferencesOut, DuplicateOut, SpeciesOut, VenomousIn, VenomousOut
 from index.taxonomy import HARMLESS_RULE_HELP, InvalidNameError, check_name
 
 router = APIRouter(prefix="/v1/species", tags=["species"])
@@ -62,6 +64,37 @@ def add_references(
                             notes=result.notes)
 
 
+#: The set-venom route's path (the app's 422 of its body: :func:`venomous_body_error`).
+VENOMOUS_ROUTE = "/v1/species/{name}/venomous"
+#: What that route's body is, for a client that sent another.
+VENOMOUS_BODY = ('send a JSON body {"venomous": true} or {"venomous": false} (with "distinct_from_venomous": true '
+                 "to confirm a harmless flag refused without it)")
+
+
+def venomous_body_error(errors: Sequence[Mapping]) -> str:
+    """The 422 of a set-venom body that is not :class:`VenomousIn` (FastAPI's ``errors``), in one line: what to send,
+    then what is wrong with each field (``body`` for the body itself: not JSON, not an object, missing)."""
+    wrong = "; ".join(f"{'.'.join(x for x in e.get('loc', ())[1:] if isinstance(x, str)) or 'body'}: "
+                      f"{e.get('msg', 'invalid')}" for e in errors)  # a JSON decode error's loc: a position
+    return f"{VENOMOUS_BODY}: {wrong}"
+
+
+@router.put("/{name}/venomous", response_model=VenomousOut, responses=errors(401, 404, 409, 413, 422, 500))
+def set_venomous(
+    service: Service,
+    _: WriteKey,
+    name: Annotated[str, Path(max_length=200, description="a gallery species, e.g. Bufo bufo (any case; _ or - "
+                              "for the space)")],
+    body: VenomousIn,
+) -> VenomousOut:
+    """Set whether a gallery species is medically important venomous, on every one of its references, with no photo
+    (the CLI's ``speciesid species set-venom``, the same rule): answers see it from the next request on."""
+    done, summary = edge(lambda: service.set_venomous(name, body.venomous,
+                                                      distinct_from_venomous=body.distinct_from_venomous))
+    return VenomousOut(species=SpeciesOut(**asdict(summary)), was=done.was, found=done.references,
+                       changed=done.changed, turned_off=done.turned_off)
+
+
 class _SlashedName(Convertor):
     """A path part that holds a ``/`` inside a name (``Naja/haje``): what ``Naja%2Fhaje`` arrives as, or ``/tmp/abs``
     (``%2Ftmp%2Fabs``, a leading ``/``). Not a name followed by ``/references`` (that is the references route, or
@@ -82,6 +115,12 @@ register_url_convertor("slashed", _SlashedName())
 @router.post("/{name:slashed}/references", include_in_schema=False)
 def add_under_a_name_with_a_slash(_: WriteKey, name: str) -> None:
     """A name with ``/`` in it matches no route above: say why (after the key), instead of a bare 404."""
+    raise _slashed(name)
+
+
+@router.put("/{name:slashed}/venomous", include_in_schema=False)
+def set_venomous_of_a_name_with_a_slash(_: WriteKey, name: str) -> None:
+    """As above, for the venomous flag."""
     raise _slashed(name)
 
 
