@@ -34,7 +34,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from _common import REPO
+from _common import REPO, CpuWatch
 
 
 def _best_ms(fn, repeat: int) -> float:
@@ -231,10 +231,12 @@ def main() -> None:
     from _hardware import machine_report
 
     print(machine_report())
+    watch = CpuWatch()
     if not args.no_arrays:
         arrays(args.sizes, args.repeat)
     if args.gallery:
         gallery(args.gallery, args.data.resolve(), args.preload)
+    print(watch.report())
 
 
 if __name__ == "__main__":
