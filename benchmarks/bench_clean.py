@@ -57,6 +57,7 @@ from _common import (
     MOBILENET_SPEC,
     PH_SNAKES,
     VIT_SPEC,
+    CpuWatch,
     median,
     peak_rss_mib,
     percentiles,
@@ -535,6 +536,7 @@ def main() -> None:
     repeats = args.repeats or (1 if q else 3)
     print(machine_report(), flush=True)
     require_shared()
+    watch = CpuWatch()
     import torch
 
     from index.datasets import load_dataset
@@ -573,6 +575,7 @@ def main() -> None:
             knn_part(self_sizes, repeats)
         if "peer" in parts:
             peer_part(peer_phash(), lists, args.phash_max_distance, repeats, ours)
+    print(watch.report())
 
 
 if __name__ == "__main__":

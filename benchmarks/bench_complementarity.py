@@ -58,13 +58,13 @@ def print_row(name: str, r: dict, note: str = "") -> None:
           f"{note} |", flush=True)
 
 
-def frozen_row(d: FrozenSplits) -> dict:
-    """The frozen pipeline, every setting chosen inside train."""
+def frozen_row(d: FrozenSplits, folds: int = 5) -> dict:
+    """The frozen pipeline, every setting chosen inside train (in ``folds`` cross-validation folds)."""
     from retrieval.calibrate import knn_matrix, probe_matrix, select_settings
     from retrieval.probe import train_probe
 
     x, y, xv, yv, n = d.train, d.y, d.val, d.yv, len(d.species)
-    cal = select_settings(x, [str(v) for v in y], fingerprint="bench")
+    cal = select_settings(x, [str(v) for v in y], fingerprint="bench", folds=folds)
     probe = train_probe(x, [str(v) for v in y], fingerprint="bench", C=cal.C)
     pp, known = probe_matrix(probe, xv, {str(i): i for i in range(n)}, n)
     kn = knn_matrix(xv, x, y, n, cal.k, cal.temperature, metric=cal.metric)
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("finetuned", nargs="*", type=Path, help="speciesid finetune output folders (timm local-dir)")
     ap.add_argument("--train-val", action="store_true",
                     help="also read each fine-tuned run with a train + val gallery (5-fold over val, 2 repeats)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: the frozen row's settings chosen in 2 folds, not 5 (figures not to quote)")
     args = ap.parse_args()
     require_shared()
     print("bench_complementarity: where it ran\n" + machine_report(), flush=True)
@@ -121,7 +123,7 @@ def main() -> None:
           "either right - max | one side right | phi | settings |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     t0 = time.perf_counter()
-    r = frozen_row(d)
+    r = frozen_row(d, 2 if args.quick else 5)
     print_row("frozen, train gallery", r, r["settings"])
     rows: dict[str, list[dict]] = {}
     for folder in args.finetuned:

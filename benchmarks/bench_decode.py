@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, median
+from _common import REPO, CpuWatch, median
 from _hardware import machine_report
 
 _CHILD = """
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per side (default 3)")
     args = ap.parse_args()
     print(machine_report(), flush=True)
+    watch = CpuWatch()
     from PIL import Image
 
     import retrieval.images  # noqa: F401 - registers pillow-heif's HEIF writer and reader
@@ -104,6 +105,7 @@ def main() -> None:
     if {"before", "now"} <= set(rows):
         print(f"peak memory before / now: {rows['before'][1] / rows['now'][1]:.2f}x; "
               f"time before / now: {rows['before'][0] / rows['now'][0]:.2f}x")
+    print(watch.report())
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from _common import MOBILENET_SPEC, PH_SNAKES, median, peak_rss_mib, percentiles, require_shared
+from _common import MOBILENET_SPEC, PH_SNAKES, CpuWatch, median, peak_rss_mib, percentiles, require_shared
 from _hardware import (
     GFLOP_PER_IMAGE,
     machine_report,
@@ -324,6 +324,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device here: run with --device cpu for a smoke run, or on a machine with a GPU")
     print("bench_gpu: where it ran\n" + machine_report() + "\n" + gpu_report(args.device), flush=True)
+    watch = CpuWatch()
     from index.datasets import load_dataset
 
     photos = [str(r.path) for s in ("train", "val") for r in load_dataset("folder", PH_SNAKES / s).records]
@@ -339,6 +340,7 @@ def main() -> None:
     if "peer" in parts:
         peer_part(args, photos)
     print(f"\nbench_gpu: {time.perf_counter() - t0:.0f} s; peak RSS {peak_rss_mib():.0f} MiB")
+    print(watch.report())
 
 
 if __name__ == "__main__":

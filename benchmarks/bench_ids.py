@@ -34,10 +34,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from _common import REPO
+from _common import REPO, CpuWatch
 
 
 def _best_ms(fn, repeat: int) -> float:
+    """Best of ``repeat`` timed calls of ``fn``, ms, after one untimed call (a first call's imports and caches)."""
+    fn()
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def _new_load(raw: np.ndarray) -> None:
 
 def arrays(sizes: list[int], repeat: int) -> None:
     """Part 1: the id-array work of one add, one remove, one load and one sync, before and now."""
-    print(f"\nPart 1: id arrays (best of {repeat}, ms; numpy {np.__version__})")
+    print(f"\nPart 1: id arrays (best of {repeat} after a warm-up call, ms; numpy {np.__version__})")
     print(f"{'n':>9} | {'step':<34} | {'before':>9} | {'now':>9} | {'x':>6}")
     rng = np.random.default_rng(0)
     for n in sizes:
@@ -129,7 +131,7 @@ def arrays(sizes: list[int], repeat: int) -> None:
         ]
         for name, old, now, inputs in rows:
             before, after = _best_ms(partial(old, *inputs), repeat), _best_ms(partial(now, *inputs), repeat)
-            print(f"{n:>9,} | {name:<34} | {before:>9.2f} | {after:>9.3f} | {before / max(after, 1e-6):>6.0f}")
+            print(f"{n:>9,} | {name:<34} | {before:>9.2f} | {after:>9.3f} | {before / max(after, 1e-6):>6.1f}")
 
 
 def _build(root: Path, n: int) -> None:
@@ -231,10 +233,12 @@ def main() -> None:
     from _hardware import machine_report
 
     print(machine_report())
+    watch = CpuWatch()
     if not args.no_arrays:
         arrays(args.sizes, args.repeat)
     if args.gallery:
         gallery(args.gallery, args.data.resolve(), args.preload)
+    print(watch.report())
 
 
 if __name__ == "__main__":

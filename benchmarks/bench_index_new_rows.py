@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import CpuWatch
 from _hardware import machine_report
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_report(), flush=True)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+    watch = CpuWatch()
 
     from index.records import ReferenceRecord
     from index.store import ReferenceStore
@@ -68,6 +70,7 @@ def main() -> None:
         after = lookup_ms()
     print(f"{args.bulk} indexed + {args.new} new rows ({args.dim}-d): index_new_rows {merge:.0f} ms; "
           f"find_sha256 of 20 p50 {before:.1f} ms before, {after:.1f} ms after")
+    print(watch.report())
 
 
 if __name__ == "__main__":

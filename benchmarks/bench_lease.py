@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import CpuWatch
 from _hardware import machine_report
 
 logger = logging.getLogger("bench_lease")
@@ -71,6 +72,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     print(machine_report(), flush=True)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+    watch = CpuWatch()
     sides = [True, False] if args.side == "both" else [args.side == "lease"]
     proc, endpoint = _moto()
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -94,6 +96,7 @@ def main() -> None:
         ratio = statistics.median(every[True]) / statistics.median(every[False])
         print(f"\nlease / no lease, medians: {ratio:.2f}x "
               f"(+{statistics.median(every[True]) - statistics.median(every[False]):.0f} ms an add)")
+    print(watch.report())
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--repo", type=Path, default=None, help="import retrieval/ and index/ from this checkout")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import status_mib  # puts this checkout first on sys.path
+    from _common import CpuWatch, status_mib  # puts this checkout first on sys.path
     from _hardware import machine_report
     from _synth import n_species_for
 
@@ -59,6 +59,7 @@ def main() -> None:
 
     print(machine_report(), flush=True)
     print(f"code: {Path(retrieval.__file__).resolve().parents[1]}", flush=True)
+    watch = CpuWatch()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     species = args.species or n_species_for(args.refs)
     x, y = gallery(args.refs, species, args.dim)
@@ -89,6 +90,7 @@ def main() -> None:
         print(f"train: {wall:.1f} s wall, {cpu:.1f} s CPU, peak {status_mib('VmHWM'):.0f} MiB; trained on "
               f"{used:.0f} photos, {len(probe.species)} species; fresh top-1 {top1:.4f} ({len(keep)} photos)",
               flush=True)
+    print(watch.report())
 
 
 if __name__ == "__main__":

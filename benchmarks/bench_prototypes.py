@@ -42,14 +42,14 @@ def probe_proba(xr: np.ndarray, yr: np.ndarray, xq: np.ndarray, n: int, c: float
     return probe_matrix(probe, xq, {str(i): i for i in range(n)}, n)[0]
 
 
-def prototype_settings(x: np.ndarray, y: np.ndarray, n: int, c: float) -> tuple[float, float]:
-    """(T, w) of the prototype + probe blend with the least 5-fold out-of-fold log-loss inside train."""
+def prototype_settings(x: np.ndarray, y: np.ndarray, n: int, c: float, folds: int = 5) -> tuple[float, float]:
+    """(T, w) of the prototype + probe blend with the least ``folds``-fold out-of-fold log-loss inside train."""
     from sklearn.model_selection import StratifiedKFold
 
     from retrieval.calibrate import blend_matrix
 
     nll = {(t, w): 0.0 for t in PROTO_T for w in PROTO_W}
-    for a, b in StratifiedKFold(5, shuffle=True, random_state=0).split(x, y):
+    for a, b in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y):
         pp = probe_proba(x[a], y[a], x[b], n, c)
         for t in PROTO_T:
             pt = prototypes(x[b], x[a], y[a], n, t)
@@ -59,15 +59,15 @@ def prototype_settings(x: np.ndarray, y: np.ndarray, n: int, c: float) -> tuple[
     return min(nll, key=nll.get)
 
 
-def row(name: str, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: int) -> None:
+def row(name: str, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n: int, folds: int = 5) -> None:
     from retrieval.calibrate import blend_matrix, knn_matrix, select_settings
 
     t0 = time.perf_counter()
-    cal = select_settings(x, [str(v) for v in y], fingerprint="bench")
+    cal = select_settings(x, [str(v) for v in y], fingerprint="bench", folds=folds)
     known = np.ones(n, bool)
     pp = probe_proba(x, y, xv, n, cal.C)
     kn = knn_matrix(xv, x, y, n, cal.k, cal.temperature, metric=cal.metric)
-    t_p, w_p = prototype_settings(x, y, n, cal.C)
+    t_p, w_p = prototype_settings(x, y, n, cal.C, folds)
     pt = prototypes(xv, x, y, n, t_p)
     cols = [kn, pp, blend_matrix(kn, pp, known, cal.blend_weight), pt, blend_matrix(pt, pp, known, w_p),
             blend_matrix(0.5 * (kn + pt), pp, known, cal.blend_weight)]
@@ -79,7 +79,10 @@ def row(name: str, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("finetuned", nargs="*", help="speciesid finetune output folders (timm local-dir)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: the settings chosen in 2 cross-validation folds, not 5 (figures not to quote)")
     args = ap.parse_args()
+    folds = 2 if args.quick else 5
     require_shared()
     print("bench_prototypes: where it ran\n" + machine_report(), flush=True)
     d = frozen_splits()
@@ -88,13 +91,13 @@ def main() -> None:
     print("| features | settings (inside train) | kNN | probe | blend | prototypes | prototypes + probe | "
           "(kNN + prototypes)/2 + probe | time |")
     print("|---|---|---|---|---|---|---|---|---|")
-    row("frozen", tr, y, d.val, yv, n)
+    row("frozen", tr, y, d.val, yv, n, folds)
     for folder in args.finetuned:
         ft, ftv = finetuned_embeddings(folder, d.train_paths), finetuned_embeddings(folder, d.val_paths)
         name = folder.rstrip("/").split("/")[-1]
-        row(f"fine-tuned {name}", ft, y, ftv, yv, n)
+        row(f"fine-tuned {name}", ft, y, ftv, yv, n, folds)
         row(f"frozen + fine-tuned {name}, concatenated", np.hstack([tr, ft]) / np.sqrt(2), y,
-            np.hstack([d.val, ftv]) / np.sqrt(2), yv, n)
+            np.hstack([d.val, ftv]) / np.sqrt(2), yv, n, folds)
 
 
 if __name__ == "__main__":

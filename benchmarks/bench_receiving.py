@@ -18,6 +18,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import CpuWatch  # noqa: E402
+from _hardware import machine_report  # noqa: E402
+
 from api.app import create_app  # noqa: E402
 from api.settings import Settings  # noqa: E402
 
@@ -89,7 +92,10 @@ def main() -> None:
     parser.add_argument("head_mib", type=float, help="MiB of a photo part each sends before it stalls")
     parser.add_argument("max_receiving", type=int, help="SPECIESID_MAX_RECEIVING")
     args = parser.parse_args()
+    print("bench_receiving: where it ran\n" + machine_report(), flush=True)
+    watch = CpuWatch()
     asyncio.run(measure(args.clients, int(args.head_mib * 2**20), args.max_receiving))
+    print(watch.report())
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import CpuWatch
 from _hardware import machine_report
 from _synth import SpeciesSpace
 from PIL import Image
@@ -81,6 +82,7 @@ def main() -> None:
 
     print(machine_report())
     print("code:", Path(index.__file__).parent.parent)
+    watch = CpuWatch()
     work = Path(tempfile.mkdtemp(prefix="bench_species_"))
     root = args.keep or work / "g"
     rng = np.random.default_rng(0)
@@ -120,6 +122,7 @@ def main() -> None:
     took = _ms(lambda: run_clean(dataset="folder", root=work / "photos", index=root, encoder=encoder, progress=False),
                1)[0]
     print(f"clean --dataset (6 photos, 2 stored) --index: {took / 1000:.2f} s")
+    print(watch.report())
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -8,7 +8,8 @@ adds of one random ``--dim``-d row (precomputed embeddings: no encoder). At each
 adds by default) it times what a request pays: an identify's nearest + its neighbours' metadata read from the store
 (:meth:`ReferenceStore.metadata`, as for any neighbour not cached yet), and ``ids()`` (each sync with other processes'
 writes), ``--reads`` times each; and counts the store's files, MB on disk and fragments. Prints the machine, a table
-per side, peak memory, and the on / off ratios. Nothing here asserts: it prints.
+per side, its peak memory (VmHWM of its own process, and the part the imports held before the gallery), and the
+on / off ratios. Nothing here asserts: it prints.
 
     nice .venv/bin/python benchmarks/bench_store_growth.py          # 600 adds, 1000 bulk rows, 512-d (1.5 min)
     nice .venv/bin/python benchmarks/bench_store_growth.py --adds 1000 --checkpoints 0 250 500 1000   # docs' table
@@ -68,6 +69,7 @@ def child(args: argparse.Namespace) -> dict:
                  for i in range(start, start + n)], [f"{i:064x}" for i in range(start, start + n)],
                 x / np.linalg.norm(x, axis=1, keepdims=True))
 
+    start_mib = status_mib("VmRSS")  # the imports' share of the peak, the same on both sides
     with tempfile.TemporaryDirectory(prefix="bench_store_growth_") as folder:
         g = Gallery.create(Path(folder) / "g", {"spec": "bench", "fingerprint": "bench#0", "dim": dim})
         g.compact_fragments = args.threshold if args.side == "on" else 0
@@ -135,7 +137,7 @@ def child(args: argparse.Namespace) -> dict:
         if args.adds not in wanted:
             checkpoint()
     return {"side": args.side, "add": _pcts(adds_ms), "add_mean": float(np.mean(adds_ms)),
-            "checkpoints": checkpoints, "peak_mib": status_mib("VmHWM"),
+            "checkpoints": checkpoints, "peak_mib": status_mib("VmHWM"), "start_mib": start_mib,
             "during": {**_pcts(during), "n": len(during)} if during else None}
 
 
@@ -195,7 +197,8 @@ def main() -> None:
     for side, r in results.items():
         a = r["add"]
         print(f"{side}: all {args.adds} adds p50 {a['p50']:.1f} / p95 {a['p95']:.1f} / p99 {a['p99']:.1f} / max "
-              f"{a['max']:.0f} ms (mean {r['add_mean']:.1f}); peak memory {r['peak_mib']:.0f} MiB")
+              f"{a['max']:.0f} ms (mean {r['add_mean']:.1f}); peak memory {r['peak_mib']:.0f} MiB (its own process; "
+              f"{r['start_mib']:.0f} MiB of it before the gallery: the imports)")
         if r.get("during"):
             d = r["during"]
             print(f"{side}: {d['n']} identifies while the adds ran: p50 {d['p50']:.1f} / p95 {d['p95']:.1f} / p99 "

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from _common import CpuWatch
 from _hardware import machine_report
 
 BUCKET = "bench"
@@ -95,6 +96,7 @@ def main() -> None:
     print(machine_report(), flush=True)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     print(f"index imported from {Path(index.__file__).parent}", flush=True)
+    watch = CpuWatch()
     proc, endpoint, _ = _moto()
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
@@ -142,6 +144,7 @@ def main() -> None:
     print(f"\nmedians over {args.runs} sweeps of {args.rows} rows ({args.orphans} orphans each"
           f"{', a row added meanwhile' if args.meanwhile else ''}): sweep {statistics.median(sweeps):.0f} ms, "
           f"lease held {statistics.median(lease):.0f} ms")
+    print(watch.report())
 
 
 if __name__ == "__main__":

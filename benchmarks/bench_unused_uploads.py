@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import CpuWatch
 from _hardware import machine_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000, help="upload rows of the gallery built (default 50000)")
     parser.add_argument("--gallery", type=Path, help="a gallery this script built before (skips the build)")
     args = parser.parse_args()
+    watch = CpuWatch()
     from index.gallery import Gallery
     from index.objects import unused_uploads
 
@@ -63,6 +65,7 @@ def main() -> None:
     print(machine_report())
     print(f"{len(g)} rows, {counted['unused']} unused: count best of 3 {min(r[0] for r in runs):.2f} s CPU, "
           f"{min(r[1] for r in runs):.2f} s wall ({root})")
+    print(watch.report())
 
 
 if __name__ == "__main__":

@@ -317,6 +317,7 @@ class IvfPqIndex:
         self._delta = np.zeros(0, np.int64) if delta is None else np.sort(np.asarray(delta, np.int64))
         self._tomb = np.zeros(0, np.int64) if tomb is None else np.sort(np.asarray(tomb, np.int64))
         self.calibration = calibration or {}
+        self._clamp_logged = False  # a caller's nprobe outside 1..nlist, clamped: said once
 
     # ---------------------------------------------------------------- properties
     @property
@@ -411,15 +412,31 @@ class IvfPqIndex:
         """The re-rank store's vectors of ``ids`` (float16 on disk), (len(ids), dim) float32 in that order."""
         return self._rerank.gather(np.asarray(ids, dtype=np.int64))
 
+    def _probes(self, nprobe: int | None) -> int:
+        """A caller's ``nprobe`` clamped to 1..nlist, as the constructor clamps its own (None, 0: the calibrated one).
+
+        FAISS takes a larger one without complaint and then returns wrong neighbours (recall@10 1.0 -> 0.02).
+        """
+        if not nprobe:
+            return self._nprobe
+        got = max(1, min(int(nprobe), self.nlist))
+        if got != nprobe and not self._clamp_logged:
+            self._clamp_logged = True
+            logger.info("ivfpq: nprobe %d asked, %d used (the index has %d lists)", nprobe, got, self.nlist)
+        return got
+
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: ``D`` float32 (Q, k) best first, ``I`` int64 (Q, k) ids (-1 padded)."""
+        """Top-``k`` by inner product: ``D`` float32 (Q, k) best first, ``I`` int64 (Q, k) ids (-1 padded).
+
+        ``nprobe``: lists visited instead of the calibrated number, clamped to 1..nlist.
+        """
         k = check_k(k)
         xq = as_vectors(queries, "queries", self._dim)
         dists, labels = empty_result(xq.shape[0], k)
         if self.ntotal == 0 or xq.shape[0] == 0:
             return dists, labels
         kk = min(k, self.ntotal)
-        cand = self._candidates_of(xq, kk, nprobe or self._nprobe)
+        cand = self._candidates_of(xq, kk, self._probes(nprobe))
         dists[:, :kk], labels[:, :kk] = self._rerank_rows(xq, cand, kk)
         return dists, labels
 
