@@ -29,6 +29,7 @@ from index.locks import GIVE_UP_POLL_S, WaitGivenUp
 from index.objects import StoreObjectError, unused_uploads, unused_uploads_words
 from index.sources import MAX_PHOTO_BYTES, MB, NotAPhotoFile, PhotoTooLarge, SourceRefused, megabytes
 from index.store import SpeciesSummary, source_file
+from index.store_cache import set_cache_mb
 from index.taxonomy import HarmlessFlagRefused, find_species, gallery_lookalikes
 from retrieval import workflows
 from retrieval.encoders import stack_views
@@ -163,6 +164,8 @@ class SpeciesService:
 
     def __init__(self, settings: Settings, identifier: workflows.Identifier | None = None) -> None:
         self.settings = settings
+        # before the gallery's store connects (a .env file included): every store of the process shares the caps
+        set_cache_mb(metadata=settings.store_metadata_cache_mb, index=settings.store_index_cache_mb)
         self.identifier = identifier or open_identifier(
             settings.index, settings.encoder_config(), refresh_s=settings.refresh_s,
             follow_probe=True,  # `probe train` / `probe import` elsewhere: no restart

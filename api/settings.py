@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from index.compaction import COMPACT_FRAGMENTS, parse_compact_fragments
 from index.lease import LEASE_TTL_S, parse_lease_ttl
 from index.locks import parse_wait
+from index.store_cache import INDEX_CACHE_MB, INDEX_ENV, METADATA_CACHE_MB, METADATA_ENV, parse_cache_mb
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
@@ -95,6 +96,12 @@ class Settings(BaseSettings):
                                    "them (and, at most once a day, prunes store versions superseded more than 7 "
                                    "days ago); 0: never (then run 'speciesid index compact'); the CLI reads the "
                                    "same variable")
+    # LanceDB caches the manifest of each store version it reads, and each add or exclusion is one: without a cap a
+    # server grew ~150 kB per add (index.store_cache; docs/scale.md, "What breaks first").
+    store_metadata_cache_mb: int = Field(METADATA_CACHE_MB, description="MiB of store manifests (one per table "
+                                         "version) LanceDB keeps cached; the CLI reads the same variable")
+    store_index_cache_mb: int = Field(INDEX_CACHE_MB, description="MiB of store index pages (the id and sha256 "
+                                      "lookups) LanceDB keeps cached; the CLI reads the same variable")
     device: str = Field("auto", description="encoder device: auto, cpu, cuda, cuda:N")
     precision: str = Field("auto", description="encoder precision: auto, fp32, bf16, int8, fp16 (CUDA)")
     runtime: str = Field("auto", description="inference runtime: auto (fastest faithful for this CPU), torch, onnx, "
@@ -144,6 +151,14 @@ class Settings(BaseSettings):
         """SPECIESID_COMPACT_FRAGMENTS through the command line's parser (``index.compaction.parse_compact_fragments``):
         a whole number, 0 or more, or refused at start naming the variable."""
         return parse_compact_fragments(value)  # type: ignore[arg-type]
+
+    @field_validator("store_metadata_cache_mb", "store_index_cache_mb", mode="before")
+    @classmethod
+    def _cache_mb(cls, value: object, info: ValidationInfo) -> int:
+        """SPECIESID_STORE_METADATA_CACHE_MB / _INDEX_CACHE_MB through the command line's parser
+        (``index.store_cache.parse_cache_mb``): a whole number of MiB, 1 or more, or refused at start."""
+        name = METADATA_ENV if info.field_name == "store_metadata_cache_mb" else INDEX_ENV
+        return parse_cache_mb(name, value)  # type: ignore[arg-type]
 
     @field_validator("device", "runtime", "precision", mode="before")
     @classmethod

@@ -15,6 +15,13 @@ on / off ratios. Nothing here asserts: it prints.
     nice .venv/bin/python benchmarks/bench_store_growth.py --adds 1000 --checkpoints 0 250 500 1000   # docs' table
     nice .venv/bin/python benchmarks/bench_store_growth.py --adds 100 --checkpoints 0 50 100          # a quick look
     nice .venv/bin/python benchmarks/bench_store_growth.py --reader   # + identifies from a thread during the adds
+    nice .venv/bin/python benchmarks/bench_store_growth.py --side on --cache both --adds 600 --bulk 60 --dim 1024
+        # the store's LanceDB caches: LanceDB's own caps (1 GiB + 6 GiB) against speciesid's (index.store_cache)
+
+Each checkpoint also records the process's anonymous memory (RssAnon) and the size of the stores' shared LanceDB
+session (:func:`index.store.store_session`); ``--cache`` picks its caps: ``capped`` (speciesid's,
+SPECIESID_STORE_METADATA_CACHE_MB / _INDEX_CACHE_MB), ``lance`` (LanceDB's own, as every release before them), or
+``both``, side by side.
 
 The 'off' side slows down with every add (each read opens every fragment): 1000 adds took it ~3.5 min (Intel Xeon,
 AMX kind, 2 cores, other processes using 1.2-1.3 of them; the default run above: 1 min 26 s wall, others
@@ -38,6 +45,8 @@ from _common import CpuWatch, percentile_values, status_mib
 from _hardware import machine_report
 
 MARK = "@@bench@@ "
+#: LanceDB's own cache caps, MiB (metadata, index): what every store had before index.store_cache.
+LANCE_CAPS_MB = (1024, 6144)
 
 
 def _disk(folder: Path) -> tuple[int, float]:
@@ -59,6 +68,11 @@ def child(args: argparse.Namespace) -> dict:
     """One side: the gallery, the timed adds and the checkpoints' reads; a dict of figures."""
     from index.gallery import Gallery
     from index.records import ReferenceRecord
+    from index.store import store_session
+    from index.store_cache import set_cache_mb
+
+    if args.cache == "lance":
+        set_cache_mb(metadata=LANCE_CAPS_MB[0], index=LANCE_CAPS_MB[1])
 
     rng = np.random.default_rng(0)
     dim = args.dim
@@ -91,10 +105,12 @@ def child(args: argparse.Namespace) -> dict:
                 ids.append((time.perf_counter() - t) * 1000)
             files, mb = _disk(Path(folder) / "g" / "store")
             stats = g.store.fragment_stats()
+            session = store_session()
             checkpoints.append({"adds": done, "add": _pcts(window) if window else None, "identify": _pcts(identify),
                                 "ids": _pcts(ids), "files": files, "mb": mb, "fragments": stats.fragments,
-                                "small": stats.small, "version": g.store.version})
-            print(f"  {args.side}: {done} adds, fragments {stats.fragments}, identify p50 "
+                                "small": stats.small, "version": g.store.version, "anon_mib": status_mib("RssAnon"),
+                                "session_mib": session.size_bytes / 2**20 if session is not None else float("nan")})
+            print(f"  {args.label}: {done} adds, fragments {stats.fragments}, identify p50 "
                   f"{checkpoints[-1]['identify']['p50']:.1f} ms", file=sys.stderr, flush=True)
 
         wanted = sorted(set(args.checkpoints))
@@ -136,7 +152,7 @@ def child(args: argparse.Namespace) -> dict:
             thread.join()
         if args.adds not in wanted:
             checkpoint()
-    return {"side": args.side, "add": _pcts(adds_ms), "add_mean": float(np.mean(adds_ms)),
+    return {"side": args.label, "add": _pcts(adds_ms), "add_mean": float(np.mean(adds_ms)),
             "checkpoints": checkpoints, "peak_mib": status_mib("VmHWM"), "start_mib": start_mib,
             "during": {**_pcts(during), "n": len(during)} if during else None}
 
@@ -147,7 +163,7 @@ def _row(side: str, c: dict) -> str:
     ident, ids = c["identify"], c["ids"]
     return (f"| {side} | {c['adds']} | {adds} | {ident['p50']:.1f} / {ident['p95']:.1f} / {ident['p99']:.1f} | "
             f"{ids['p50']:.1f} / {ids['p95']:.1f} / {ids['p99']:.1f} | {c['fragments']} ({c['small']} small) | "
-            f"{c['files']} | {c['mb']:.1f} |")
+            f"{c['files']} | {c['mb']:.1f} | {c['anon_mib']:.1f} | {c['session_mib']:.1f} |")
 
 
 def main() -> None:
@@ -165,31 +181,45 @@ def main() -> None:
                         help="also time identifies (nearest + neighbours' metadata) from a thread while the adds run, "
                         "as a server's requests beside its uploads (the checkpoints' reads are made with the adds "
                         "paused)")
+    parser.add_argument("--cache", choices=("capped", "lance", "both"), default="capped",
+                        help="the store's LanceDB cache caps: speciesid's (capped, the default), LanceDB's own "
+                        "1 GiB + 6 GiB (lance), or each side run with both")
+    parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threshold is None:
         from index.compaction import COMPACT_FRAGMENTS
 
         args.threshold = COMPACT_FRAGMENTS
+    if args.label is None:
+        args.label = args.side
     if args.child:
         print(MARK + json.dumps(child(args)), flush=True)
         return
+    from index.store_cache import INDEX_ENV, METADATA_ENV, cache_mb
+
     print(machine_report(), flush=True)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     watch = CpuWatch()
     results = {}
+    caches = ("lance", "capped") if args.cache == "both" else (args.cache,)
     for side in (("off", "on") if args.side == "both" else (args.side,)):
-        cmd = [sys.executable, __file__, "--child", "--side", side, "--adds", str(args.adds), "--bulk",
-               str(args.bulk), "--dim", str(args.dim), "--reads", str(args.reads), "--threshold",
-               str(args.threshold), "--checkpoints", *map(str, args.checkpoints), *(["--reader"] if args.reader else [])]
-        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results[side] = json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK):])
+        for cache in caches:
+            label = f"{side}, {cache}" if len(caches) > 1 else side
+            cmd = [sys.executable, __file__, "--child", "--side", side, "--adds", str(args.adds), "--bulk",
+                   str(args.bulk), "--dim", str(args.dim), "--reads", str(args.reads), "--threshold",
+                   str(args.threshold), "--checkpoints", *map(str, args.checkpoints), "--cache", cache, "--label",
+                   label, *(["--reader"] if args.reader else [])]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            results[label] = json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK):])
     print(f"\n{args.bulk} bulk rows (built: compacted, indexed), then {args.adds} adds of one {args.dim}-d row through "
           f"Gallery.add; 'on' compacts at {args.threshold} small fragments. Times in ms: add = p50 / p95 / p99 / max "
           f"of the adds since the last checkpoint; identify = nearest (k=10) + the neighbours' metadata from the "
-          f"store, and ids() = a sync's read, p50 / p95 / p99 of {args.reads} each.\n")
-    print("| compaction | adds | add ms | identify ms | ids() ms | fragments | files | MB |")
-    print("|---|---:|---|---|---|---|---:|---:|")
+          f"store, and ids() = a sync's read, p50 / p95 / p99 of {args.reads} each; anon = RssAnon MiB, session = "
+          f"the stores' LanceDB session MiB (caps: capped {cache_mb(METADATA_ENV)} + {cache_mb(INDEX_ENV)} MiB, "
+          f"lance {LANCE_CAPS_MB[0]} + {LANCE_CAPS_MB[1]} MiB).\n")
+    print("| compaction | adds | add ms | identify ms | ids() ms | fragments | files | MB | anon | session |")
+    print("|---|---:|---|---|---|---|---:|---:|---:|---:|")
     for side, r in results.items():
         for c in r["checkpoints"]:
             print(_row(side, c))
@@ -203,7 +233,7 @@ def main() -> None:
             d = r["during"]
             print(f"{side}: {d['n']} identifies while the adds ran: p50 {d['p50']:.1f} / p95 {d['p95']:.1f} / p99 "
                   f"{d['p99']:.1f} / max {d['max']:.0f} ms")
-    if len(results) == 2:
+    if "off" in results and "on" in results:
         off, on = results["off"], results["on"]
         last_off, last_on = off["checkpoints"][-1], on["checkpoints"][-1]
         print(f"\non / off after {last_on['adds']} adds: identify p50 {last_on['identify']['p50'] / last_off['identify']['p50']:.2f}x, "

@@ -14,14 +14,20 @@ storage options: :func:`storage_options`), so that workers on other machines can
 indexes once a build finishes (:meth:`ReferenceStore.ensure_scalar_indexes`), neighbours' metadata and
 duplicate checks are ``IN`` queries on them, the species summary is streamed over four columns and cached per
 table version, and vectors are read in batches (:meth:`ReferenceStore.iter_vectors`).
+
+Every store of a process (views at an old version, fragment readers) connects through one LanceDB session whose
+caches are capped (:func:`store_session`, :mod:`index.store_cache`), so that a long-running server's memory levels
+off instead of keeping the manifest of every version it wrote.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from collections import Counter
@@ -38,6 +44,7 @@ import pyarrow.compute as pc
 
 from index.errors import import_failure, library_messages
 from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
+from index.store_cache import cache_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +378,33 @@ def half_created(table: str | Path) -> list[str] | None:
     return uncommitted_files(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
+_session: tuple[tuple[int, int], object] | None = None  # (caps, the lancedb.Session made for them)
+_session_lock = threading.Lock()
+
+
+def store_session():  # noqa: ANN201 - a lancedb.Session, or None
+    """The one LanceDB session every store of this process connects with: its caches capped
+    (:func:`index.store_cache.cache_bytes`; a new session when the caps change). Without it each connection caches
+    the manifest of every version it reads, up to LanceDB's 1 GiB + 6 GiB, and a server grows with each add.
+    None with a LanceDB that has no sessions (its own caches then)."""
+    global _session
+    make = getattr(lancedb, "Session", None)
+    if make is None or "session" not in inspect.signature(lancedb.connect).parameters:
+        return None
+    caps = cache_bytes()
+    with _session_lock:
+        if _session is None or _session[0] != caps:
+            _session = (caps, make(metadata_cache_size_bytes=caps[0], index_cache_size_bytes=caps[1]))
+        return _session[1]
+
+
+def _connect(root: str, interval: dt.timedelta | None, options: dict[str, str]):  # noqa: ANN202 - a connection
+    """``lancedb.connect`` of a store's root, through the shared :func:`store_session` when LanceDB takes one."""
+    session = store_session()
+    kwargs = {"session": session} if session is not None else {}
+    return lancedb.connect(root, read_consistency_interval=interval, storage_options=options or None, **kwargs)
+
+
 class ReferenceStore:
     """LanceDB table of reference photos: metadata + embedding, one row per photo."""
 
@@ -391,8 +425,7 @@ class ReferenceStore:
         interval = None if refresh_s is None else dt.timedelta(seconds=refresh_s)
         if not create and not is_uri(self.root) and not Path(self.root).is_dir():  # connecting would make the folder
             raise MissingTableError(f"the store {self.root} holds no table {TABLE} yet")
-        self._db = lancedb.connect(str(self.root), read_consistency_interval=interval,
-                                   storage_options=self.options or None)
+        self._db = _connect(str(self.root), interval, self.options)
         self._species_cache: tuple[int, list[SpeciesSummary]] | None = None
         self._species_tally: _SpeciesTally | None = None  # what the cached summary was made from
         if TABLE in self._table_names():
