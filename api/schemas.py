@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 
 def _null_is_nan(value: object) -> object:
@@ -155,9 +155,9 @@ class VenomousIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    venomous: bool = Field(description="medically important venomous: true or false (there is no unknown to set "
-                           "back to)")
-    distinct_from_venomous: bool = Field(False, description="confirm venomous=false for a name that may be a "
+    venomous: StrictBool = Field(description="medically important venomous: JSON true or false, nothing else (no "
+                                 "\"no\", 0 or 1: a safety flag is not guessed; there is no unknown to set back to)")
+    distinct_from_venomous: StrictBool = Field(False, description="confirm venomous=false for a name that may be a "
                                          "medically important venomous species (the CLI's --distinct-from-venomous, "
                                          "the same rule as the add's form field): refused (409) without; a species "
                                          "the shipped taxonomy records venomous is refused whatever this says")

@@ -54,8 +54,16 @@ def test_a_put_without_a_valid_key_is_refused_before_its_body_is_read(key):
 
 def test_a_body_that_is_not_the_flag_is_a_422_saying_what_to_send(gallery):
     with _client(gallery) as client:
-        for body, wrong in [({"venomous": "maybe"}, "venomous: Input should be a valid boolean, unable to interpret "
-                             "input"),
+        for body, wrong in [({"venomous": "maybe"}, "venomous: Input should be a valid boolean"),
+                            ({"venomous": "no"}, "venomous: Input should be a valid boolean"),  # not taken as false
+                            ({"venomous": 0}, "venomous: Input should be a valid boolean"),
+                            ({"venomous": 1}, "venomous: Input should be a valid boolean"),
+                            ({"venomous": "yes"}, "venomous: Input should be a valid boolean"),
+                            ({"venomous": False, "distinct_from_venomous": "yes"},
+                             "distinct_from_venomous: Input should be a valid boolean"),
+                            ({"venomous": "no", "distinct_from_venomous": 1},
+                             "venomous: Input should be a valid boolean; distinct_from_venomous: Input should be a "
+                             "valid boolean"),
                             ({"venomous": None}, "venomous: Input should be a valid boolean"),
                             ({}, "venomous: Field required"),
                             ({"venomous": False, "distinct_from_venomus": True},
