@@ -268,7 +268,8 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
                 error = photo_field_error(str(loc[1]), request.headers.get("content-type", ""))
                 return JSONResponse({"detail": error.detail}, status_code=error.status_code)
         if getattr(request.scope.get("route"), "path", None) == species.VENOMOUS_ROUTE:  # one line: what to send
-            return JSONResponse({"detail": species.venomous_body_error(exc.errors())}, status_code=422)
+            error = species.venomous_body_error(exc.errors(), request.headers.get("content-type", ""))
+            return JSONResponse({"detail": error}, status_code=422)
         return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(RuntimeError)

@@ -72,7 +72,24 @@ def test_a_body_that_is_not_the_flag_is_a_422_saying_what_to_send(gallery):
             assert resp.status_code == 422 and resp.json()["detail"] == SEND + wrong, (body, resp.text)
         form = client.put("/v1/species/Bufo_bufo/venomous", data={"venomous": "true"}, headers=KEYS)
         assert form.status_code == 422 and form.json()["detail"] == (
-            SEND + "body: Input should be a valid dictionary or object to extract fields from"), form.text
+            SEND[:-2] + ", with Content-Type: application/json (curl -H 'Content-Type: application/json' -d "
+            "'{\"venomous\": true}', or curl --json '{\"venomous\": true}'), not application/x-www-form-urlencoded"
+        ), form.text
+        for sent, said in [({"Content-Type": "application/x-www-form-urlencoded"}, "application/x-www-form-urlencoded"),
+                           ({"Content-Type": "text/plain"}, "text/plain"),
+                           ({}, "a request without a Content-Type")]:  # curl -d without -H: JSON in a form
+            plain = client.put("/v1/species/Bufo_bufo/venomous", content=b'{"venomous": true}',
+                               headers={**KEYS, **sent})
+            assert plain.status_code == 422, plain.text
+            assert plain.json()["detail"].startswith(SEND[:-2] + ", with Content-Type: application/json (curl -H")
+            assert plain.json()["detail"].endswith(f", not {said}"), plain.text
+        long = _put(client, "a" * 201, {"venomous": True})  # the path's name: not told to fix its JSON
+        assert long.status_code == 422 and long.json()["detail"] == (
+            "the species name in the path: String should have at most 200 characters (a gallery species, e.g. "
+            "Bufo_bufo; GET /v1/species lists them)"), long.text
+        both = _put(client, "a" * 201, {"venomous": "no"})
+        assert both.status_code == 422 and both.json()["detail"] == (
+            long.json()["detail"] + "; " + SEND + "venomous: Input should be a valid boolean"), both.text
         broken = client.put("/v1/species/Bufo_bufo/venomous", content=b'{"venomous": tr',
                             headers={**KEYS, "Content-Type": "application/json"})
         assert broken.status_code == 422 and broken.json()["detail"] == SEND + "body: JSON decode error", broken.text

@@ -71,12 +71,26 @@ VENOMOUS_BODY = ('send a JSON body {"venomous": true} or {"venomous": false} (wi
                  "to confirm a harmless flag refused without it)")
 
 
-def venomous_body_error(errors: Sequence[Mapping]) -> str:
-    """The 422 of a set-venom body that is not :class:`VenomousIn` (FastAPI's ``errors``), in one line: what to send,
-    then what is wrong with each field (``body`` for the body itself: not JSON, not an object, missing)."""
-    wrong = "; ".join(f"{'.'.join(x for x in e.get('loc', ())[1:] if isinstance(x, str)) or 'body'}: "
-                      f"{e.get('msg', 'invalid')}" for e in errors)  # a JSON decode error's loc: a position
-    return f"{VENOMOUS_BODY}: {wrong}"
+def venomous_body_error(errors: Sequence[Mapping], content_type: str = "application/json") -> str:
+    """The 422 of a set-venom request that is not a species name and a :class:`VenomousIn` (FastAPI's ``errors``), in
+    one line: an error of the path's name said as the name's, then the body's: what to send, then what is wrong with
+    each field (``body`` for the body itself: not JSON, not an object, missing). A body sent without a JSON
+    ``content_type`` (curl's ``-d`` alone sends a form) is told to name it."""
+    def where(e: Mapping) -> str:
+        return ".".join(x for x in e.get("loc", ())[1:] if isinstance(x, str)) or "body"  # a decode error: a position
+
+    path = [e for e in errors if e.get("loc", ("",))[0] == "path"]
+    body = [e for e in errors if e.get("loc", ("",))[0] != "path"]
+    said = [f"the species name in the path: {e.get('msg', 'invalid')} (a gallery species, e.g. Bufo_bufo; "
+            "GET /v1/species lists them)" for e in path]
+    kind = content_type.split(";")[0].strip().lower()
+    if body and kind != "application/json" and not kind.endswith("+json"):
+        said.append(f"{VENOMOUS_BODY}, with Content-Type: application/json (curl -H 'Content-Type: "
+                    f"application/json' -d '{{\"venomous\": true}}', or curl --json '{{\"venomous\": true}}'), not "
+                    f"{kind or 'a request without a Content-Type'}")
+    elif body:
+        said.append(f"{VENOMOUS_BODY}: " + "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in body))
+    return "; ".join(said)
 
 
 @router.put("/{name}/venomous", response_model=VenomousOut, responses=errors(401, 404, 409, 413, 422, 500))
