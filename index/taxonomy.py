@@ -720,6 +720,7 @@ def new_species_references(
     distinct_from_venomous: bool = False,
     root: str | Path = "DIR",
     common_names: Mapping[str, Iterable[str]] | None = None,
+    api: bool = False,
 ) -> tuple[str, list[ReferenceRecord], SpeciesSummary | None]:
     """(species name used, records for ``paths``, the gallery species they join or None when new).
 
@@ -741,7 +742,8 @@ def new_species_references(
     its references carry (its summary's or ``common_names``: species -> every common name of its references, a
     species built from folders in several languages has several), compared folded (:func:`fold_name`), and stored
     as they carry it; another is refused.
-    ``root``: the gallery the commands its messages name take (``DIR`` when not known). Every name is checked by
+    ``root``: the gallery the commands its messages name take (``DIR`` when not known); ``api``: they name the HTTP
+    route instead (an API client's add). Every name is checked by
     :func:`check_name` first, confirmed or not (a gallery species' own name is taken with a leading formula
     character it was stored with before that rule).
     """
@@ -768,7 +770,8 @@ def new_species_references(
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
             "photos says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first "
-            f"with 'speciesid species set-venom --index {root} \"{prior.species}\" no'")
+            + (f"with PUT /v1/species/{prior.species.replace(' ', '_')}/venomous and {{\"venomous\": false}}" if api
+               else f"with 'speciesid species set-venom --index {root} \"{prior.species}\" no'"))
     if venomous is False:  # a venomous taxon, or its near-spelling, common name or synonym unless confirmed
         check_harmless_flag(species, common_name or (prior.common_name if prior else None),
                             distinct=distinct_from_venomous or (prior is not None and prior.venomous is False),

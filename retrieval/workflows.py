@@ -933,7 +933,7 @@ def check_new_references(
     new_species_references(species, held, [], dataset="added", common_name=common_name,
                            venomous=venomous, new_species=new_species,
                            distinct_from_venomous=distinct_from_venomous, root="DIR" if api else gallery.root,
-                           common_names=names)
+                           common_names=names, api=api)
 
 
 #: Photos an add (:func:`add_photos`) commits at a time: one LanceDB commit each. An add of more photos marks the
@@ -1015,6 +1015,7 @@ def add_photos(
         family=family, new_species=new_species, distinct_from_venomous=distinct_from_venomous,
         root="DIR" if api else gallery.root,  # an HTTP client is told no server path
         common_names=common_names,  # every name of a species' references (several languages)
+        api=api,
     )  # a refused name or flag leaves nothing behind: the uploads are kept only from here
     # a new species of no flag: possibly venomous where the advice applies; where it does not, said of a snake's
     venom_note = "" if prior is not None or not records else unrecorded_venom_note(

@@ -184,3 +184,22 @@ def test_a_json_body_over_the_limit_is_told_the_flag_is_all_it_takes():
     assert resp.status_code == 413 and resp.json()["detail"] == (
         'JSON request body of 2.0 MB is over the 1 MB this route accepts; its JSON is far smaller: send only '
         '{"venomous": true}'), resp.text
+
+
+def test_the_add_of_a_harmless_flag_for_a_species_recorded_venomous_names_the_route(gallery, tmp_path):
+    """The add's 400 for venomous=false on a species recorded venomous tells an HTTP client to set the flag with
+    this route, as its notes do (it named only the CLI)."""
+    from _cli_support import _photo
+
+    photo = _photo(tmp_path / "new" / "a.png", 40, side=256)
+    files = [("images", (photo.name, photo.read_bytes(), "image/png"))]
+    with _client(gallery) as client:
+        assert _put(client, "Bufo bufo", {"venomous": True}).status_code == 200
+        refused = client.post("/v1/species/Bufo bufo/references", files=files, data={"venomous": "false"},
+                              headers=KEYS)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["detail"] == (
+            "'Bufo bufo' is recorded as venomous, and a species stays venomous while any of its reference photos "
+            "says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first with "
+            'PUT /v1/species/Bufo_bufo/venomous and {"venomous": false}'), refused.text
+        assert client.get("/v1/species/Bufo bufo").json()["count"] == 2  # nothing added
