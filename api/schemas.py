@@ -159,7 +159,7 @@ class VenomousIn(BaseModel):
                                  "\"no\", 0 or 1: a safety flag is not guessed; there is no unknown to set back to)")
     distinct_from_venomous: StrictBool = Field(False, description="confirm venomous=false for a name that may be a "
                                          "medically important venomous species (the CLI's --distinct-from-venomous, "
-                                         "the same rule as the add's form field): refused (409) without; a species "
+                                         "the same rule as the add's form field): refused (400) without; a species "
                                          "the shipped taxonomy records venomous is refused whatever this says")
 
 

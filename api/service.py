@@ -64,9 +64,10 @@ class NotFound(ServiceError):
 
 class Refused(ServiceError):
     """A write the gallery's records refuse as it was sent (a harmless flag for a name that may be venomous): the
-    message says what to send instead, if anything."""
+    message says what to send instead, if anything. A 400, as the add answers the same rule (the page reads a 409
+    as "a new species?": api/static/index.html)."""
 
-    status = 409
+    status = 400
 
 
 class StoreUnavailable(ServiceError):
@@ -519,7 +520,7 @@ class SpeciesService:
         """Set a gallery species' medically important venomous flag on every one of its references (the CLI's
         ``species set-venom``: :func:`retrieval.workflows.set_species_venomous`, the same rule), in this server's
         turn to write; what it did, and the species' summary after it. NotFound (404) for a name the gallery does
-        not hold; :class:`Refused` (409) for ``venomous`` False on a name that may be venomous, unless
+        not hold; :class:`Refused` (400, as the add's) for ``venomous`` False on a name that may be venomous, unless
         ``distinct_from_venomous`` (never for one the shipped taxonomy records venomous); 503 during the store's
         outage (:meth:`require_store`). This server's answers see the change at once, another process's at its next
         look at the store (the edit the store records: :meth:`index.gallery.Gallery.set_venomous`)."""

@@ -605,7 +605,7 @@ CONFIRM_HARMLESS = f"add {DISTINCT_OPTION} (the API's add: distinct_from_venomou
 
 
 class HarmlessFlagRefused(ValueError):
-    """:func:`check_harmless_flag`'s refusal (the API's set-venom answers it 409, not the 400 of a bad request)."""
+    """:func:`check_harmless_flag`'s refusal (the API answers it 400 on the add and the set-venom alike)."""
 
 
 def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False,

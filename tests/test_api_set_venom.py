@@ -1,8 +1,8 @@
 """``PUT /v1/species/{name}/venomous``: the CLI's ``speciesid species set-venom NAME yes|no`` over HTTP (the venom
 status of a running service's species could only be mended on the gallery's machine; the API's notes said "no API
-route"). The key before the body, the body's 422, an unknown species' 404, the harmless flag's confirmation (409),
-the answer's summary and counts, identify's venom advice at once, and a second server on the same gallery at its
-next look. Most run on galleries of the tiny random encoder; the identify test on the small real MobileNetV1
+route"). The key before the body, the body's 422, an unknown species' 404, the harmless flag's confirmation (400,
+as the add's), the answer's summary and counts, identify's venom advice at once, and a second server on the same
+gallery at its next look. Most run on galleries of the tiny random encoder; the identify test on the small real MobileNetV1
 gallery of the other API tests."""
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_the_answer_is_the_species_after_the_change_and_its_counts(gallery):
 def test_no_for_a_venomous_looking_name_needs_the_confirmation_field(gallery):
     with _client(gallery) as client:
         refused = _put(client, "Calamaria nova", {"venomous": False})
-        assert refused.status_code == 409, refused.text
+        assert refused.status_code == 400, refused.text  # the add's code (409: a new name)
         assert refused.json()["detail"] == (
             "'Calamaria nova' ('Reed viper') holds 'viper', a kind of venomous snake: it may be medically important "
             "venomous (the shipped taxonomy gives common names to the Moroccan checklist's species only, so it "
@@ -138,7 +138,7 @@ def test_no_for_a_venomous_looking_name_needs_the_confirmation_field(gallery):
         assert done.status_code == 200, done.text
         assert done.json()["species"]["venomous"] is False and done.json()["changed"] == 2
         listed = _put(client, "Naja samarensis", {"venomous": False, "distinct_from_venomous": True})
-        assert listed.status_code == 409, listed.text  # the shipped taxonomy's venomous species: whatever is sent
+        assert listed.status_code == 400, listed.text  # the shipped taxonomy's venomous species: whatever is sent
         assert listed.json()["detail"].startswith("'Naja samarensis' is medically important venomous in the shipped "
                                                   "taxonomy (SnakeCLEF's list): its flag stays yes"), listed.text
         assert client.get("/v1/species/Naja samarensis").json()["venomous"] is True

@@ -56,16 +56,16 @@ class _Every:
 _STORE_WARNINGS = _Every(STORE_WARN_EVERY_S)
 
 ERRORS: dict[int | str, dict] = {
-    400: {"model": ErrorOut, "description": "bad request (the message says what to fix)"},
+    400: {"model": ErrorOut, "description": "bad request (the message says what to fix); adding references or "
+          "setting a species' venomous flag: false for a name that may be a medically important venomous species, "
+          "the message names it; send distinct_from_venomous=true if it is another, harmless one (a species the "
+          "shipped taxonomy records venomous: refused whatever is sent)"},
     401: {"model": ErrorOut, "description": "missing or wrong X-API-Key"},
     404: {"model": ErrorOut, "description": "not found"},
     409: {"model": ErrorOut, "description": "identify / search: the gallery holds no searchable references yet, add "
           "some first (POST /v1/species/{name}/references, or `speciesid references add`); adding references: a new "
           "species name that looks like a gallery species (a near-spelling, or its common name) or a species of the "
-          "shipped taxonomy (a near-spelling), the message names it; send new_species=true if the species is new; "
-          "setting a species' venomous flag: false for a name that may be a medically important venomous species, "
-          "the message names it; send distinct_from_venomous=true if it is another, harmless one (a species the "
-          "shipped taxonomy records venomous: refused whatever is sent)"},
+          "shipped taxonomy (a near-spelling), the message names it; send new_species=true if the species is new"},
     413: {"model": ErrorOut, "description": "an upload over the size limit (max_upload_mb), or the request's photos "
           "over its pixel limit (max_request_megapixels, summed from their headers before any is decoded); a body "
           "over what the route accepts"},

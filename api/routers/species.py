@@ -93,7 +93,7 @@ def venomous_body_error(errors: Sequence[Mapping], content_type: str = "applicat
     return "; ".join(said)
 
 
-@router.put("/{name}/venomous", response_model=VenomousOut, responses=errors(401, 404, 409, 413, 422, 500))
+@router.put("/{name}/venomous", response_model=VenomousOut, responses=errors(400, 401, 404, 409, 413, 422, 500))
 def set_venomous(
     service: Service,
     _: WriteKey,
