@@ -11,6 +11,7 @@ per process with an ETag of its own). Requests, uploads included, are passed on 
 from __future__ import annotations
 
 import gzip
+import logging
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.gzip import GZipResponder, IdentityResponder
@@ -22,6 +23,27 @@ MIN_BYTES = 1024
 #: zlib's level for answers compressed as they are sent: 6 (zlib's default) is within 1% of 9's size for the API's
 #: JSON (/openapi.json: 7,458 bytes against 7,429), at less CPU per answer; the page is compressed once, at 9.
 LEVEL = 6
+
+logger = logging.getLogger(__name__)
+
+
+class _Decided(Exception):  # not an error: the headers are known, the rest of the file is not read
+    """Raised from a re-run's ``send`` once the gzip responder has decided on the first chunk: stops the file."""
+
+
+def _decided(exc: BaseException) -> bool:
+    """Whether ``exc`` is :class:`_Decided`, or a group (a task group's) of it alone."""
+    group = getattr(exc, "exceptions", None)  # an ExceptionGroup (Python 3.11 on; anyio's backport before)
+    if isinstance(group, tuple):
+        return bool(group) and all(_decided(e) for e in group)
+    return isinstance(exc, _Decided)
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path without the ``root_path`` a proxy mounts the app under (``uvicorn --root-path /api``):
+    Starlette 1.x's ``scope["path"]`` holds it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def accepts_gzip(accept_encoding: str | None) -> bool:
@@ -72,7 +94,7 @@ class CompressAnswers:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not (self.files and scope["path"].startswith(self.files) and scope["method"] in ("GET", "HEAD")):
+        if not (self.files and route_path(scope).startswith(self.files) and scope["method"] in ("GET", "HEAD")):
             return await self._respond(scope, receive, send)
         head = scope["method"] == "HEAD"
         asked = dict(scope)  # the request as it came: routing changes the scope it runs with (its root_path)
@@ -84,10 +106,15 @@ class CompressAnswers:
                 await send(message)
                 if head:
                     await send({"type": "http.response.body", "body": b""})
+                    raise _Decided  # the rest of the file is not read
             elif not head:
                 await send(message)
 
-        await self._respond({**scope, "method": "GET"} if head else scope, receive, sending, first_only=head)
+        try:
+            await self._respond({**scope, "method": "GET"} if head else scope, receive, sending, first_only=head)
+        except BaseException as exc:
+            if not _decided(exc):
+                raise
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, *, first_only: bool = False) -> None:
         """The app's answer, gzipped when worth it and accepted. ``first_only`` (a HEAD, a 304's look at its 200):
@@ -127,7 +154,8 @@ class CompressAnswers:
     async def _revalidated(self, scope: Scope, receive: Receive, message: Message) -> None:
         """A file handler's 304 (``message``, changed in place) given the ``Vary`` of the 200 that the same request
         without its conditions gets, and its ETag made weak when that 200's is (gzipped): the file is read again,
-        its first chunk compressed, nothing sent."""
+        its first chunk compressed, nothing sent, the rest not read (:class:`_Decided`). A re-run that fails (the
+        file removed since) leaves the 304 as the file handler made it (logged at debug), never a 500."""
         conditions = {b"if-none-match", b"if-modified-since", b"range", b"if-range"}  # the whole 200's headers
         plain = {**scope, "method": "GET",
                  "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in conditions]}
@@ -144,9 +172,16 @@ class CompressAnswers:
         async def keep(sent: Message) -> None:
             if sent["type"] == "http.response.start":
                 got.append(sent)
+                raise _Decided  # the gzip responder has seen the first chunk: the headers are known
 
-        await self._respond(plain, no_body, keep, first_only=True)
-        if not got:
+        try:
+            await self._respond(plain, no_body, keep, first_only=True)
+        except Exception as exc:  # the 304 is due whatever the re-run did
+            if not _decided(exc):
+                logger.debug("a 304 of %s keeps the file handler's headers: its re-run failed: %r",
+                             scope["path"], exc)
+                return
+        if not got or got[0]["status"] != 200:
             return
         full = Headers(raw=got[0].get("headers", []))
         headers = MutableHeaders(scope=message)

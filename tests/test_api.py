@@ -304,6 +304,93 @@ def test_a_docs_scripts_304_and_head_carry_the_headers_of_the_get_for_the_same_e
             assert status == 304 and raw == b"" and head == again, (path, accept, head, again)
 
 
+def _docs_script(client) -> str:
+    """The path of /docs' script (1.5 MB, sent by StaticFiles in 64 KiB chunks)."""
+    return re.search(r'src="([^"]+\.js)"', client.get("/docs").text).group(1)
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    """The bytes each FileResponse reads from its file, one entry per file opened."""
+    from contextlib import asynccontextmanager
+
+    from starlette.responses import FileResponse
+
+    opened = FileResponse._open_file
+    reads: list[int] = []
+
+    @asynccontextmanager
+    async def counting(self):
+        async with opened(self) as file:
+            reads.append(0)
+            read = file.read
+
+            async def counted(*args):
+                chunk = await read(*args)
+                reads[-1] += len(chunk)
+                return chunk
+
+            file.read = counted
+            yield file
+
+    monkeypatch.setattr(FileResponse, "_open_file", counting)
+    return reads
+
+
+def test_a_docs_scripts_304_and_head_read_only_the_first_chunk_of_the_file(bare_client, monkeypatch):
+    """s56 re-read api #6: a 304 of a docs file re-ran the file to learn the 200's headers and read all of it
+    (1.5 MB per revalidation): now the re-run stops once the first chunk has decided them, and so does a HEAD."""
+    from starlette.responses import FileResponse
+
+    script = _docs_script(bare_client)
+    etag = _raw(bare_client, script, **{"Accept-Encoding": "gzip"})[1]["etag"]
+    reads = _count_reads(monkeypatch)
+    assert _raw(bare_client, script, **{"Accept-Encoding": "gzip", "If-None-Match": etag})[0] == 304
+    assert len(reads) == 1 and 0 < reads[0] <= FileResponse.chunk_size, reads
+    for accept in ("gzip", "identity"):
+        reads.clear()
+        assert _raw(bare_client, script, "HEAD", **{"Accept-Encoding": accept})[0] == 200
+        assert len(reads) == 1 and 0 < reads[0] <= FileResponse.chunk_size, (accept, reads)
+
+
+def test_a_docs_scripts_304_whose_re_run_fails_is_the_file_handlers_304(bare_client, monkeypatch, caplog):
+    """s56 re-read api #7: the 304's re-run runs inside the 304's send; its failure (the file gone since) made the
+    due 304 a 500. Now the 304 goes as StaticFiles made it (its strong ETag, no Vary), the failure logged at
+    debug."""
+    from starlette.responses import FileResponse
+
+    script = _docs_script(bare_client)
+    plain = _raw(bare_client, script, **{"Accept-Encoding": "identity"})[1]
+
+    def gone(self):
+        raise FileNotFoundError(2, "No such file or directory", str(self.path))
+
+    monkeypatch.setattr(FileResponse, "_open_file", gone)
+    with caplog.at_level(logging.DEBUG, logger="api.compression"):
+        status, headers, raw = _raw(bare_client, script, **{"Accept-Encoding": "gzip",
+                                                             "If-None-Match": plain["etag"]})
+    assert status == 304 and raw == b"" and headers["etag"] == plain["etag"], (status, headers)
+    assert "vary" not in headers and "content-encoding" not in headers, headers
+    assert "keeps the file handler's headers: its re-run failed: " in caplog.text, caplog.text
+
+
+def test_a_docs_scripts_head_and_304_behind_a_root_path_carry_the_gets_headers(tmp_path):
+    """s56 re-read api #8: the prefix test used scope["path"], which holds the root_path a proxy mounts the app
+    under (uvicorn --root-path /api): there a HEAD or 304 had the uncompressed variant's headers again."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    client = TestClient(create_app(Settings(index=str(tmp_path))), root_path="/api")
+    script = "/api" + _docs_script(client).removeprefix("/api")
+    status, got, _ = _raw(client, script, **{"Accept-Encoding": "gzip"})
+    assert status == 200 and got["content-encoding"] == "gzip" and got["etag"].startswith("W/"), got
+    status, head, raw = _raw(client, script, "HEAD", **{"Accept-Encoding": "gzip"})
+    assert status == 200 and raw == b"" and head == got, (head, got)
+    status, again, _ = _raw(client, script, **{"Accept-Encoding": "gzip", "If-None-Match": got["etag"]})
+    assert status == 304 and again["etag"] == got["etag"] and again["vary"] == "Accept-Encoding", again
+
+
 def test_the_pages_form_without_script_shows_the_venom_advice_first(client):
     """s54 re-read #1 (unsafe): with the script off the form posts to /v1/identify and the browser shows its raw
     JSON, where the venom advice came after every candidate and its neighbours (8,316 characters in). Now the
