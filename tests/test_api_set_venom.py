@@ -2,8 +2,8 @@
 status of a running service's species could only be mended on the gallery's machine; the API's notes said "no API
 route"). The key before the body, the body's 422, an unknown species' 404, the harmless flag's confirmation (400,
 as the add's), the answer's summary and counts, identify's venom advice at once, and a second server on the same
-gallery at its next look. Most run on galleries of the tiny random encoder; the identify test on the small real MobileNetV1
-gallery of the other API tests."""
+gallery at its next look. Most run on galleries of the tiny random encoder; the identify test on the small real
+MobileNetV1 gallery of the other API tests."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def test_a_body_that_is_not_the_flag_is_a_422_saying_what_to_send(gallery):
             SEND[:-2] + ", with Content-Type: application/json (curl -H 'Content-Type: application/json' -d "
             "'{\"venomous\": true}', or curl --json '{\"venomous\": true}'), not application/x-www-form-urlencoded"
         ), form.text
-        for sent, said in [({"Content-Type": "application/x-www-form-urlencoded"}, "application/x-www-form-urlencoded"),
+        form_type = "application/x-www-form-urlencoded"
+        for sent, said in [({"Content-Type": form_type}, form_type),
                            ({"Content-Type": "text/plain"}, "text/plain"),
                            ({}, "a request without a Content-Type")]:  # curl -d without -H: JSON in a form
             plain = client.put("/v1/species/Bufo_bufo/venomous", content=b'{"venomous": true}',
