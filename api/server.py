@@ -3,14 +3,14 @@
 A stop (SIGTERM, Ctrl-C) closes the listener at once (new connections are refused: a load balancer moves on), then
 lets the requests in flight finish for ``shutdown_grace_s`` (SPECIESID_SHUTDOWN_GRACE_S, uvicorn's
 ``timeout_graceful_shutdown``); past it uvicorn cancels the ones still running, which cuts an upload still arriving
-(a stalled client would otherwise hold the stop for SPECIESID_BODY_TIMEOUT_S). An add or delete is never cut in its
-commit: its body is received before its route runs, the route runs on a worker thread that a cancel does not stop,
-and the app's shutdown (:meth:`api.service.SpeciesService.close`) waits for a write in its commit and refuses every
-other (one queued, or still waiting for the gallery's lock: a 503, nothing written). The server logs, at warning
-level (``serve`` shows uvicorn's own lines only with ``-v``), when the stop begins and what is in flight then, and
-when it ends and what was cut (once the cut requests' cancels have arrived: a route on a worker thread gets it only
-when the thread returns). A request is an upload still arriving while the body of a POST to a write or identify
-route has not all come; a DELETE has none.
+(a stalled client would otherwise hold the stop for SPECIESID_BODY_TIMEOUT_S). A write (an add, a delete, a
+set-venom) is never cut in its commit: its body is received before its route runs, the route runs on a worker thread
+that a cancel does not stop, and the app's shutdown (:meth:`api.service.SpeciesService.close`) waits for a write in
+its commit and refuses every other (one queued, or still waiting for the gallery's lock: a 503, nothing written).
+The server logs, at warning level (``serve`` shows uvicorn's own lines only with ``-v``), when the stop begins and
+what is in flight then, and when it ends and what was cut (once the cut requests' cancels have arrived: a route on a
+worker thread gets it only when the thread returns). A request is an upload still arriving while the body of a POST
+or PUT to a write or identify route has not all come; a DELETE has none.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from api.settings import Settings
 logger = logging.getLogger(__name__)
 
 #: What a request in flight is called in the stop's log lines, by the guard's kind of its route.
-KIND_WORDS = {"write": "add or delete", "identify": "identify or search", "read": "other"}
+KIND_WORDS = {"write": "add, delete or set-venom", "identify": "identify or search", "read": "other"}
 
 
 #: Seconds the stop's last log line waits, after the app's shutdown, for the requests cut on a worker thread to get
@@ -45,8 +45,8 @@ CUT_UPLOAD = ("the server is stopping: this request's body was still arriving wh
               "(SPECIESID_SHUTDOWN_GRACE_S), so nothing of it was used; send it again once the server is back")
 #: The 503 of a request whose work was under way when the stop's grace ended (its answer is not sent).
 CUT_ANSWER = ("the server is stopping: this request's answer could not be sent before its time to finish ran out "
-              "(SPECIESID_SHUTDOWN_GRACE_S); its work was not cut (an add or delete was written or refused whole: "
-              "look before sending it again)")
+              "(SPECIESID_SHUTDOWN_GRACE_S); its work was not cut (an add, delete or set-venom was written or "
+              "refused whole: look before sending it again)")
 
 
 async def _stopped(send: Send, detail: str) -> None:
@@ -90,8 +90,8 @@ class InFlight:
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
         kind = route_kind(method, path)
-        # an upload until its last chunk is in: a POST of a write or identify route (a DELETE has no body to wait for)
-        entry = {"kind": kind, "receiving": kind != "read" and method == "POST"}
+        # an upload until its last chunk is in: a POST or PUT of a write or identify route (a DELETE has no body)
+        entry = {"kind": kind, "receiving": kind != "read" and method in ("POST", "PUT")}
 
         async def receiving() -> Message:
             message = await receive()

@@ -126,8 +126,8 @@ def test_a_delete_in_flight_at_the_stop_is_no_upload_and_the_log_waits_for_its_c
                                                                                     caplog):
     """Re-read of stop 54 (findings 2, 3): a DELETE in flight was called "an upload still arriving" (its client told
     "nothing of it was used" though it was committed), and the stop's last line said "every request in flight
-    finished" before the cut one's cancel arrived. Now it is an add or delete, answered as a write whose answer was
-    not sent, and the last line comes after that cut and names it."""
+    finished" before the cut one's cancel arrived. Now it is a write (add, delete or set-venom), answered as a
+    write whose answer was not sent, and the last line comes after that cut and names it."""
     from api import service as service_module
     from api.app import create_app
     from api.server import CUT_ANSWER
@@ -159,7 +159,7 @@ def test_a_delete_in_flight_at_the_stop_is_no_upload_and_the_log_waits_for_its_c
             thread = threading.Thread(target=delete, args=(port,))
             thread.start()
             assert inside.wait(120)
-            assert servers[0].in_flight.describe() == "1 request in flight: 1 add or delete"
+            assert servers[0].in_flight.describe() == "1 request in flight: 1 add, delete or set-venom"
             servers[0].should_exit = True
             until(lambda: "waiting for this server's write in progress" in caplog.text, "the stop waiting")  # grace
             release.set()
@@ -168,10 +168,10 @@ def test_a_delete_in_flight_at_the_stop_is_no_upload_and_the_log_waits_for_its_c
     response = got["response"]
     assert response.status_code == 503 and response.json()["detail"] == CUT_ANSWER
     lines = [r.getMessage() for r in caplog.records if r.name == "api.server"]
-    assert "1 request in flight: 1 add or delete, given up to 0.2 s" in lines[0], lines
+    assert "1 request in flight: 1 add, delete or set-venom, given up to 0.2 s" in lines[0], lines
     assert lines[-1].startswith("stopped after ") and lines[-1].endswith(
-        "s: at the grace limit: 1 answer(s) not sent (1 add or delete; their work, on a worker thread, was not cut)"
-    ), lines
+        "s: at the grace limit: 1 answer(s) not sent (1 add, delete or set-venom; their work, on a worker thread, "
+        "was not cut)"), lines
 
 
 def test_the_stops_last_line_waits_for_a_cancel_that_arrives_after_the_apps_shutdown(monkeypatch, caplog):
@@ -216,3 +216,35 @@ def test_the_stops_last_line_waits_for_a_cancel_that_arrives_after_the_apps_shut
     assert lines[-1].endswith("s: at the grace limit: 1 answer(s) not sent (1 identify or search; their work, on a "
                               "worker thread, was not cut)"), lines
     assert sent and sent[0]["status"] == 503
+
+
+def test_a_set_venom_put_is_an_upload_until_its_body_is_in_then_named_as_the_write_it_is():
+    """s56 re-read api #9: a PUT's body was never counted as still arriving (only a POST's), and a set-venom in
+    flight was called "add or delete" in the stop's log. An app that reads the body in two chunks, asked for
+    between them."""
+    import asyncio
+
+    from api.server import InFlight
+
+    said: list[str] = []
+    chunks = [{"type": "http.request", "body": b'{"venomous"', "more_body": True},
+              {"type": "http.request", "body": b": true}", "more_body": False}]
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        said.append(flight.describe())
+        await receive()
+        said.append(flight.describe())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(message) -> None:
+        pass
+
+    flight = InFlight(app)
+    scope = {"type": "http", "method": "PUT", "path": "/v1/species/Bufo_bufo/venomous", "headers": []}
+    asyncio.run(flight(scope, receive, send))
+    assert said == ["1 request in flight: 1 upload still arriving", "1 request in flight: 1 add, delete or set-venom"]
