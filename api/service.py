@@ -521,12 +521,15 @@ class SpeciesService:
         ``species set-venom``: :func:`retrieval.workflows.set_species_venomous`, the same rule), in this server's
         turn to write; what it did, and the species' summary after it. NotFound (404) for a name the gallery does
         not hold; :class:`Refused` (400, as the add's) for ``venomous`` False on a name that may be venomous, unless
-        ``distinct_from_venomous`` (never for one the shipped taxonomy records venomous); 503 during the store's
+        ``distinct_from_venomous`` (never for one the shipped taxonomy records venomous), both before the wait for
+        the gallery's write lock (and again under it); 503 during the store's
         outage (:meth:`require_store`). This server's answers see the change at once, another process's at its next
         look at the store (the edit the store records: :meth:`index.gallery.Gallery.set_venomous`)."""
         self.require_store("writes")
-        try:
-            with self._writing():
+        try:  # a misspelt name or a refused flag answered before the wait for the lock (on S3: the lease)
+            workflows.check_species_venomous(self.gallery, name, venomous, api=True,
+                                             distinct_from_venomous=distinct_from_venomous)
+            with self._writing():  # checked again under it: another writer may have changed the species
                 done = workflows.set_species_venomous(self.gallery, name, venomous, api=True,
                                                       distinct_from_venomous=distinct_from_venomous)
         except SpeciesNotFound as exc:

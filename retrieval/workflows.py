@@ -1363,19 +1363,9 @@ class SpeciesNotFound(ValueError):
 API_CONFIRM_HARMLESS = 'send "distinct_from_venomous": true beside "venomous": false in the JSON body'
 
 
-def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
-                         distinct_from_venomous: bool = False, api: bool = False) -> VenomSet:
-    """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
-    photo (``speciesid species set-venom``, the API's ``PUT /v1/species/{name}/venomous``): how a species a folder
-    dataset built gets a venom status, or a toad's flag says "no". ``name`` in any spelling of a gallery species
-    (case, ``_``, ``-``). Refused: a name the gallery does not hold (:class:`SpeciesNotFound`, naming the species it
-    may mean), and ``no`` for a species the shipped snake taxonomy records as medically important venomous (the rule
-    of ``references add --venomous no``), or for a name that may be one (a near-spelling, its common name, its
-    epithet, one of no other genus there) unless ``distinct_from_venomous``
-    (:func:`index.taxonomy.check_harmless_flag`: :class:`~index.taxonomy.HarmlessFlagRefused`). A recorded yes
-    turned no is logged as a warning naming the change (its answers stop advising on a bite by it). ``api``: the
-    messages name no server path, and say what an HTTP client sends and where it lists the species."""
-    g = _gallery(gallery)
+def _venom_target(g: Gallery, name: str, venomous: bool, *, distinct_from_venomous: bool,
+                  api: bool) -> SpeciesSummary:
+    """The gallery species ``name`` is, refused as :func:`set_species_venomous` refuses it (its first part)."""
     where, listing = ("this gallery", "GET /v1/species") if api else (
         f"gallery {g.root}", f"'speciesid species list --index {g.root}'")
     held, common_names = g.species_names()  # one version, one store round trip at most
@@ -1391,9 +1381,35 @@ def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, 
                             distinct=distinct_from_venomous or found.venomous is False,
                             gallery_species=held, common_names=common_names,
                             **({"confirm": API_CONFIRM_HARMLESS} if api else {}))
+    return found
+
+
+def check_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
+                           distinct_from_venomous: bool = False, api: bool = False) -> None:
+    """Refuse what :func:`set_species_venomous` would refuse (a name the gallery does not hold, a harmless flag the
+    rule refuses), with no lock: a caller that waits for the gallery's write lock (the API) answers a misspelt name
+    or a refused flag at once. :func:`set_species_venomous` checks again under the lock."""
+    _venom_target(_gallery(gallery), name, venomous, distinct_from_venomous=distinct_from_venomous, api=api)
+
+
+def set_species_venomous(gallery: Gallery | Identifier | str | Path, name: str, venomous: bool, *,
+                         distinct_from_venomous: bool = False, api: bool = False) -> VenomSet:
+    """Set the medically-important-venomous flag of a gallery species, on every one of its references, with no
+    photo (``speciesid species set-venom``, the API's ``PUT /v1/species/{name}/venomous``): how a species a folder
+    dataset built gets a venom status, or a toad's flag says "no". ``name`` in any spelling of a gallery species
+    (case, ``_``, ``-``). Refused: a name the gallery does not hold (:class:`SpeciesNotFound`, naming the species it
+    may mean), and ``no`` for a species the shipped snake taxonomy records as medically important venomous (the rule
+    of ``references add --venomous no``), or for a name that may be one (a near-spelling, its common name, its
+    epithet, one of no other genus there) unless ``distinct_from_venomous``
+    (:func:`index.taxonomy.check_harmless_flag`: :class:`~index.taxonomy.HarmlessFlagRefused`). A recorded yes
+    turned no is logged as a warning naming the change (its answers stop advising on a bite by it). ``api``: the
+    messages name no server path, and say what an HTTP client sends and where it lists the species."""
+    g = _gallery(gallery)
+    found = _venom_target(g, name, venomous, distinct_from_venomous=distinct_from_venomous, api=api)
     count, changed, turned_off = g.set_venomous(found.species, venomous)
     if not count:  # deleted by another writer since the list was read
-        raise SpeciesNotFound(f"no species {found.species!r} in {where} any more (another writer deleted it)")
+        raise SpeciesNotFound(f"no species {found.species!r} in {'this gallery' if api else f'gallery {g.root}'} "
+                              "any more (another writer deleted it)")
     if turned_off:  # the one edit that can make an answer harmless: said, not asked (excluded rows counted too)
         logger.warning("%r was recorded medically important venomous by %s and is now recorded harmless "
                        "(venomous yes -> no): answers naming it no longer advise treating a bite as venomous; if "

@@ -204,3 +204,26 @@ def test_the_add_of_a_harmless_flag_for_a_species_recorded_venomous_names_the_ro
             "says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first with "
             'PUT /v1/species/Bufo_bufo/venomous and {"venomous": false}'), refused.text
         assert client.get("/v1/species/Bufo bufo").json()["count"] == 2  # nothing added
+
+
+def test_a_misspelt_name_or_a_refused_flag_is_answered_without_waiting_for_the_write_lock(gallery, monkeypatch):
+    """s56 re-read api #10: the name and the harmless-flag rule were checked inside the write (this server's turn,
+    the gallery's lock: up to SPECIESID_WRITE_WAIT_S, on S3 the lease). Now they are checked before it too: with the
+    lock held elsewhere (its wait made to fail if it is ever asked for), a 404 and a 400 come, and a good request
+    meets the lock."""
+    from index.gallery import Gallery
+
+    def held_elsewhere(self, *args, **kwargs):
+        raise AssertionError("waited for the gallery's write lock")
+
+    with _client(gallery) as client:
+        monkeypatch.setattr(Gallery, "writing", held_elsewhere)
+        missing = _put(client, "Bufo buffo", {"venomous": True})
+        assert missing.status_code == 404 and missing.json()["detail"].startswith("no species 'Bufo buffo'"), (
+            missing.text)
+        refused = _put(client, "Calamaria nova", {"venomous": False})
+        assert refused.status_code == 400 and "holds 'viper'" in refused.json()["detail"], refused.text
+        listed = _put(client, "Naja samarensis", {"venomous": False, "distinct_from_venomous": True})
+        assert listed.status_code == 400 and "in the shipped taxonomy" in listed.json()["detail"], listed.text
+        with pytest.raises(AssertionError, match="waited for the gallery's write lock"):
+            _put(client, "Bufo bufo", {"venomous": True})  # a good one does wait for it (the test client raises)
