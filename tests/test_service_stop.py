@@ -176,3 +176,49 @@ def test_a_write_whose_stop_began_while_it_waited_for_its_turn_never_reaches_the
             pass
     assert service.gallery.writing.call_count == 0
     assert not turn.locked()
+
+
+def test_a_set_venom_committing_at_close_finishes_and_one_queued_behind_it_is_refused(tmp_path):
+    """s56 re-read api #12: close() names a set-venom among the writes it waits for; no test put one through a stop.
+    One in its commit when close() begins is finished (its answer returned), a second, queued, is refused."""
+    service, _ = _service(tmp_path)
+    inside, go = threading.Event(), threading.Event()
+    wrote: list[str] = []
+
+    def set_venom(gallery, name, venomous, **kwargs):  # the library's edit, held in its commit until close() waits
+        wrote.append(name)
+        inside.set()
+        go.wait(60)
+        return mock.Mock(species=name)
+
+    done: list[object] = []
+
+    def put(name: str) -> None:
+        try:
+            done.append(service.set_venomous(name, True)[0])
+        except BaseException as exc:  # noqa: BLE001 - kept for the test to look at
+            done.append(exc)
+
+    with mock.patch("api.service.workflows.check_species_venomous"), \
+            mock.patch("api.service.workflows.set_species_venomous", side_effect=set_venom), \
+            mock.patch.object(SpeciesService, "get_species", return_value=None):
+        first = threading.Thread(target=put, args=("Bufo bufo",))
+        first.start()
+        assert inside.wait(60)
+        queued = threading.Thread(target=put, args=("Naja nova",))
+        queued.start()
+        said = _Said("waiting for this server's write in progress")
+        logging.getLogger("api.service").addHandler(said)
+        try:
+            closing = threading.Thread(target=service.close)
+            closing.start()
+            assert said.event.wait(60)
+        finally:
+            logging.getLogger("api.service").removeHandler(said)
+        go.set()
+        for t in (first, closing, queued):
+            t.join(60)
+    assert wrote == ["Bufo bufo"]
+    assert [d.species for d in done if not isinstance(d, BaseException)] == ["Bufo bufo"]  # its answer returned
+    (refused,) = [d for d in done if isinstance(d, BaseException)]
+    assert isinstance(refused, Stopping) and str(refused) == STOPPING
