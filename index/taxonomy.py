@@ -611,7 +611,7 @@ class HarmlessFlagRefused(ValueError):
 def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: bool = False,
                         gallery_species: Iterable[SpeciesSummary] = (),
                         common_names: Mapping[str, Iterable[str]] | None = None,
-                        confirm: str = CONFIRM_HARMLESS) -> None:
+                        confirm: str = CONFIRM_HARMLESS, status: str | None = None) -> None:
     """Refuse (ValueError) recording ``name`` harmless (venomous no) when it may be a medically important venomous
     taxon (:func:`venomous_lookalike`), a species of ``gallery_species`` recorded venomous
     (:func:`gallery_venomous_lookalike`; ``common_names``: every common name of a species' references), or holds a
@@ -621,18 +621,23 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
     ``name`` itself venomous. Every common name is looked at: ``common_name`` and every one ``name``'s references
     carry (``common_names[name]``), not only the one its summary shows. The one rule of ``species set-venom NAME
     no`` (the API's ``PUT /v1/species/{name}/venomous``) and ``references add --venomous no``. Refused:
-    :class:`HarmlessFlagRefused`, whose message says how to confirm in ``confirm``'s words."""
+    :class:`HarmlessFlagRefused`, whose message says how to confirm in ``confirm``'s words, then what else to do: an
+    add's "leave the flag out" (its status stays unrecorded), or, given the species' recorded ``status`` (a
+    set-venom's: ``recorded venomous``), that it stays as it is."""
+    stays = (f"its flag stays as it is ({status})" if status is not None else
+             "its flag stays yes (an add with no venomous flag takes it from there)")
+    otherwise = (f"else leave it as it is ({status})" if status is not None else
+                 "else leave the flag out (its status stays unrecorded: answers treat it as possibly venomous)")
     if (listed := lookup_taxon(name)) is not None and listed.venomous:
         raise HarmlessFlagRefused(f"{listed.species!r} is medically important venomous in the shipped taxonomy "
-                                  "(SnakeCLEF's list): its flag stays yes (an add with no venomous flag takes it "
-                                  "from there); a harmless answer for a venomous snake is the costly error")
+                                  f"(SnakeCLEF's list): {stays}; a harmless answer for a venomous snake is the "
+                                  "costly error")
     commons = [c for c in dict.fromkeys([common_name, *((common_names or {}).get(name, ()))]) if c] or [None]
     if not distinct and (held := gallery_venomous_lookalike(name, commons, gallery_species, common_names)):
         species, how = held
         raise HarmlessFlagRefused(f"{name!r} may be {species.species!r}, which this gallery records as medically "
                                   f"important venomous: {how}; a harmless answer for a venomous snake is the costly "
-                                  f"error. If you are sure it is another, harmless species, {confirm}; else leave "
-                                  "the flag out (its status stays unrecorded: answers treat it as possibly venomous)")
+                                  f"error. If you are sure it is another, harmless species, {confirm}; {otherwise}")
     found = None if distinct else next(filter(None, (venomous_lookalike(name, c) for c in commons)), None)
     if found is None:
         word = None if distinct else next(
@@ -643,16 +648,15 @@ def check_harmless_flag(name: str, common_name: str | None = None, *, distinct: 
                                       "kind of venomous snake: it may be medically important venomous (the shipped "
                                       "taxonomy gives common names to the Moroccan checklist's species only, so it "
                                       "cannot tell which); a harmless answer for a venomous snake is the costly "
-                                      f"error. If you are sure it is a harmless species, {confirm}; else leave the "
-                                      "flag out (its status stays unrecorded: answers treat it as possibly venomous)")
+                                      f"error. If you are sure it is a harmless species, {confirm}; {otherwise}")
         found = None if distinct else venomous_genus(name)  # after the words: 'Naja nova' is told of 'naja'
         if found is None:
             return
     taxon, how = found
     raise HarmlessFlagRefused(f"{name!r} may be {taxon.species!r}, medically important venomous in the shipped "
                               f"taxonomy (SnakeCLEF's list): {how}; a harmless answer for a venomous snake is the "
-                              f"costly error. If you are sure it is another, harmless species, {confirm}; else leave "
-                              "the flag out (its status stays unrecorded: answers treat it as possibly venomous)")
+                              f"costly error. If you are sure it is another, harmless species, {confirm}; "
+                              f"{otherwise}")
 
 
 def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | None = None,

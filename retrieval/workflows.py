@@ -1363,6 +1363,11 @@ class SpeciesNotFound(ValueError):
 API_CONFIRM_HARMLESS = 'send "distinct_from_venomous": true beside "venomous": false in the JSON body'
 
 
+#: A species' recorded venom status, as a refused set-venom says it stays (:func:`check_harmless_flag`'s ``status``).
+RECORDED = {True: "recorded venomous", False: "recorded harmless",
+            None: "not recorded: answers treat it as possibly venomous"}
+
+
 def _venom_target(g: Gallery, name: str, venomous: bool, *, distinct_from_venomous: bool,
                   api: bool) -> SpeciesSummary:
     """The gallery species ``name`` is, refused as :func:`set_species_venomous` refuses it (its first part)."""
@@ -1379,8 +1384,8 @@ def _venom_target(g: Gallery, name: str, venomous: bool, *, distinct_from_venomo
     if venomous is False:
         check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
                             distinct=distinct_from_venomous or found.venomous is False,
-                            gallery_species=held, common_names=common_names,
-                            **({"confirm": API_CONFIRM_HARMLESS} if api else {}))
+                            gallery_species=held, common_names=common_names, status=RECORDED[found.venomous],
+                            **({"confirm": API_CONFIRM_HARMLESS} if api else {}))  # no flag to leave out: it stays
     return found
 
 

@@ -133,16 +133,31 @@ def test_no_for_a_venomous_looking_name_needs_the_confirmation_field(gallery):
             "venomous (the shipped taxonomy gives common names to the Moroccan checklist's species only, so it "
             "cannot tell which); a harmless answer for a venomous snake is the costly error. If you are sure it is "
             'a harmless species, send "distinct_from_venomous": true beside "venomous": false in the JSON body; else '
-            "leave the flag out (its status stays unrecorded: answers treat it as possibly venomous)")
+            "leave it as it is (not recorded: answers treat it as possibly venomous)")  # no flag to leave out
         assert client.get("/v1/species/Calamaria nova").json()["venomous"] is None  # nothing written
         done = _put(client, "Calamaria nova", {"venomous": False, "distinct_from_venomous": True})
         assert done.status_code == 200, done.text
         assert done.json()["species"]["venomous"] is False and done.json()["changed"] == 2
         listed = _put(client, "Naja samarensis", {"venomous": False, "distinct_from_venomous": True})
         assert listed.status_code == 400, listed.text  # the shipped taxonomy's venomous species: whatever is sent
-        assert listed.json()["detail"].startswith("'Naja samarensis' is medically important venomous in the shipped "
-                                                  "taxonomy (SnakeCLEF's list): its flag stays yes"), listed.text
+        assert listed.json()["detail"] == (
+            "'Naja samarensis' is medically important venomous in the shipped taxonomy (SnakeCLEF's list): its flag "
+            "stays as it is (recorded venomous); a harmless answer for a venomous snake is the costly error"), (
+            listed.text)
         assert client.get("/v1/species/Naja samarensis").json()["venomous"] is True
+
+
+def test_a_refused_no_for_a_species_recorded_venomous_says_it_stays_venomous(gallery):
+    """s56 re-read core #1: the refusal ended "else leave the flag out (its status stays unrecorded...)", wrong for a
+    species recorded venomous and for a set-venom (no flag to leave out): it now says the species' status stays."""
+    with _client(gallery) as client:
+        assert _put(client, "Calamaria nova", {"venomous": True}).status_code == 200
+        refused = _put(client, "Calamaria nova", {"venomous": False})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["detail"].endswith(
+            'send "distinct_from_venomous": true beside "venomous": false in the JSON body; else leave it as it is '
+            "(recorded venomous)"), refused.text
+        assert client.get("/v1/species/Calamaria nova").json()["venomous"] is True
 
 
 def test_a_second_server_on_the_same_gallery_sees_the_change_at_its_next_look(gallery):

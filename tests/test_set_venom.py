@@ -122,7 +122,7 @@ def test_set_venom_refuses_no_for_a_venomous_snake_of_the_taxonomy(tmp_path, cap
     assert venom_flags(capsys, index)["Naja samarensis"] is True
     code, out, err = _run(capsys, "species", "set-venom", "--index", index, "Naja samarensis", "no")
     assert code != 0 and ("'Naja samarensis' is medically important venomous in the shipped taxonomy (SnakeCLEF's "
-                          "list): its flag stays yes") in err, err
+                          "list): its flag stays as it is (recorded venomous); a harmless") in err, err
     assert venom_flags(capsys, index)["Naja samarensis"] is True
 
 
