@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     @classmethod
     def _cache_mb(cls, value: object, info: ValidationInfo) -> int:
         """SPECIESID_STORE_METADATA_CACHE_MB / _INDEX_CACHE_MB through the command line's parser
-        (``index.store_cache.parse_cache_mb``): a whole number of MiB, 1 or more, or refused at start."""
+        (``index.store_cache.parse_cache_mb``): a whole number of MiB, 1 to 16777216 (16 TiB), or refused at start."""
         name = METADATA_ENV if info.field_name == "store_metadata_cache_mb" else INDEX_ENV
         return parse_cache_mb(name, value)  # type: ignore[arg-type]
 

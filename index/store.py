@@ -17,12 +17,15 @@ table version, and vectors are read in batches (:meth:`ReferenceStore.iter_vecto
 
 Every store of a process (views at an old version, fragment readers) connects through one LanceDB session whose
 caches are capped (:func:`store_session`, :mod:`index.store_cache`), so that a long-running server's memory levels
-off instead of keeping the manifest of every version it wrote.
+off instead of keeping the manifest of every version it wrote. The Lance datasets that a compaction, a prune, a
+venom edit or a fragment commit opens (:meth:`ReferenceStore._dataset`, :mod:`index.fragments`) are short-lived,
+with Lance's own caches (a ``lancedb.Session`` is not a ``lance`` one), dropped after use.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import inspect
 import json
 import logging
@@ -382,14 +385,30 @@ _session: tuple[tuple[int, int], object] | None = None  # (caps, the lancedb.Ses
 _session_lock = threading.Lock()
 
 
-def store_session():  # noqa: ANN201 - a lancedb.Session, or None
+def _reset_session() -> None:
+    """A forked child's own lock and session: the parent's lock may have been held by a thread the child lacks."""
+    global _session, _session_lock
+    _session, _session_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_session)
+
+
+@functools.cache
+def _connect_takes_session() -> bool:
+    """Whether this LanceDB's ``connect`` takes a session (looked at once: ~30 µs, and every connect asked)."""
+    return "session" in inspect.signature(lancedb.connect).parameters
+
+
+def store_session() -> lancedb.Session | None:
     """The one LanceDB session every store of this process connects with: its caches capped
     (:func:`index.store_cache.cache_bytes`; a new session when the caps change). Without it each connection caches
     the manifest of every version it reads, up to LanceDB's 1 GiB + 6 GiB, and a server grows with each add.
     None with a LanceDB that has no sessions (its own caches then)."""
     global _session
     make = getattr(lancedb, "Session", None)
-    if make is None or "session" not in inspect.signature(lancedb.connect).parameters:
+    if make is None or not _connect_takes_session():
         return None
     caps = cache_bytes()
     with _session_lock:

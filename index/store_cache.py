@@ -5,7 +5,8 @@ LanceDB caches the manifest of every table version a connection reads (metadata)
 BTREE indexes on ``id`` and ``sha256``). Every add or exclusion is a new version, whose manifest stays cached until
 the cache is full: with LanceDB's own caps (1 GiB metadata, 6 GiB index) a server's memory grew ~150 kB per add for
 ~13,000 commits. Every connection of the process shares one session with these smaller caps
-(:func:`index.store.store_session`; docs/scale.md, "What breaks first": memory of a long-running server).
+(:func:`index.store.store_session`; docs/scale.md, "What breaks first": memory of a long-running server); the Lance
+datasets a compaction, a prune or a fragment commit opens are short-lived, with Lance's own caches.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import os
 METADATA_CACHE_MB = 64
 #: MiB of index pages cached (the BTREE indexes a neighbour's metadata lookup and a duplicate check read).
 INDEX_CACHE_MB = 256
+#: The largest cap taken, in MiB (16 TiB): LanceDB takes the caps in bytes as a u64, which a cap over 2**44 MiB
+#: overflows at the first store open.
+MAX_CACHE_MB = 1 << 24
 #: The variables that set them (the server's settings and the command line read them).
 METADATA_ENV = "SPECIESID_STORE_METADATA_CACHE_MB"
 INDEX_ENV = "SPECIESID_STORE_INDEX_CACHE_MB"
@@ -26,17 +30,17 @@ _chosen: dict[str, int] = {}  # what the server's settings set (a .env file incl
 
 
 def parse_cache_mb(name: str, raw: str | int) -> int:
-    """The value of the variable ``name`` (:data:`METADATA_ENV`, :data:`INDEX_ENV`): a whole number of MiB, 1 or
-    more. A ValueError names the variable and what to set."""
+    """The value of the variable ``name`` (:data:`METADATA_ENV`, :data:`INDEX_ENV`): a whole number of MiB, 1 to
+    :data:`MAX_CACHE_MB`. A ValueError names the variable and what to set."""
     try:
         value = int(str(raw).strip())
     except ValueError:
         value = 0
-    if value < 1:
+    if not 1 <= value <= MAX_CACHE_MB:
         shown = raw.strip() if isinstance(raw, str) else raw
         default = METADATA_CACHE_MB if name == METADATA_ENV else INDEX_CACHE_MB
-        raise ValueError(f"{name}={shown} is not a whole number of MiB, 1 or more: set the cap of the store's "
-                         f"cache in MiB (default {default}), or unset it")
+        raise ValueError(f"{name}={shown} is not a whole number of MiB from 1 to {MAX_CACHE_MB}: set the cap of the "
+                         f"store's cache in MiB (default {default}), or unset it")
     return value
 
 

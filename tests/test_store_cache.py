@@ -4,6 +4,9 @@ LanceDB's own caps, 1 GiB + 6 GiB, a server's memory grew ~150 kB per add)."""
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import lancedb
 import numpy as np
 import pytest
@@ -87,8 +90,8 @@ def test_a_lancedb_without_sessions_keeps_its_own_caches(tmp_path, monkeypatch):
 
 
 def test_a_bad_cap_is_refused_naming_the_variable(monkeypatch):
-    with pytest.raises(ValueError, match=rf"^{METADATA_ENV}=0 is not a whole number of MiB, 1 or more: set the cap "
-                                         r"of the store's cache in MiB \(default 64\), or unset it$"):
+    with pytest.raises(ValueError, match=rf"^{METADATA_ENV}=0 is not a whole number of MiB from 1 to 16777216: set "
+                                         r"the cap of the store's cache in MiB \(default 64\), or unset it$"):
         parse_cache_mb(METADATA_ENV, "0")
     monkeypatch.setenv(INDEX_ENV, "lots")
     with pytest.raises(ValueError, match=rf"^{INDEX_ENV}=lots is not a whole number of MiB.*\(default 256\)"):
@@ -110,3 +113,39 @@ def test_the_server_settings_set_the_caps(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="opened"):
         SpeciesService(Settings(index=str(tmp_path), store_metadata_cache_mb=7, store_index_cache_mb="9"))
     assert cache_bytes() == (7 << 20, 9 << 20)
+
+
+def test_a_cap_too_big_for_lancedb_is_refused_as_a_bad_one(tmp_path, monkeypatch):
+    """s56 re-read core #2: a huge cap passed every check, then failed at the first store open with a bare
+    OverflowError (LanceDB takes bytes as a u64). Now it gets the same one-line refusal, at start for a server."""
+    assert parse_cache_mb(INDEX_ENV, str(1 << 24)) == 1 << 24  # 16 TiB: taken
+    monkeypatch.setenv(INDEX_ENV, "99999999999999999")
+    with pytest.raises(ValueError, match=rf"^{INDEX_ENV}=99999999999999999 is not a whole number of MiB from 1 to "
+                                         r"16777216: set the cap of the store's cache in MiB \(default 256\)"):
+        ReferenceStore(tmp_path / "s", DIM, refresh_s=None)
+    with pytest.raises(SettingsError, match=f"{INDEX_ENV}=99999999999999999 is not a whole number"):
+        Settings.load()
+
+
+def test_the_session_check_is_made_once_not_at_every_connect(tmp_path, monkeypatch):
+    """s56 re-read core #6: every connect looked at lancedb.connect's signature again (~30 µs each)."""
+    import inspect
+
+    store_module._connect_takes_session.cache_clear()
+    session = store_session()
+    monkeypatch.setattr(inspect, "signature", mock.Mock(side_effect=AssertionError("looked at again")))
+    assert store_session() is session
+    store = ReferenceStore(tmp_path / "s", DIM, refresh_s=None)
+    assert store._db.session is session
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_a_forked_child_gets_a_free_session_lock(monkeypatch):
+    """s56 re-read core #5: the module's lock was inherited as it was at the fork; held then by another thread (in
+    a session's making), the child's first store open would wait forever. A forked child now gets a fresh one."""
+    with store_module._session_lock:  # held at the fork, as another thread's would be
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 when its lock is free
+            os._exit(0 if store_module._session_lock.acquire(blocking=False) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
