@@ -152,7 +152,9 @@ def child_query(args: argparse.Namespace) -> dict:
     out: dict = {"load_s": load_s, "rss_after_load_mib": _rss_mib() - rss0}
     above = sorted(p for p in args.nprobe if p > index.nlist)  # more lists than there are: measured as every list
     out["nprobe_above_nlist"] = above
-    for nprobe in sorted({index.nprobe, *(min(p, index.nlist) for p in args.nprobe)}):
+    out["nprobe_below_1"] = sorted(p for p in args.nprobe if p < 1)  # 0: the calibrated one; negative: 1
+    measured = {index.nprobe if p == 0 else max(1, min(p, index.nlist)) for p in args.nprobe}  # as the index does
+    for nprobe in sorted({index.nprobe, *measured}):
         wall, cpu, got = [], [], []
         index.search(queries[:5], K, nprobe=nprobe)  # warm the page cache of the re-rank file a little
         for q in queries:
@@ -263,6 +265,9 @@ def _print_size(n: int, b: dict, s: dict) -> None:
     if s.get("nprobe_above_nlist"):
         print(f"    nprobe {', '.join(map(str, s['nprobe_above_nlist']))} asked: more than the {b['nlist']} lists, "
               f"so measured as nprobe={b['nlist']} (every list)")
+    if s.get("nprobe_below_1"):
+        print(f"    nprobe {', '.join(map(str, s['nprobe_below_1']))} asked: 0 is measured as the calibrated nprobe "
+              f"({b['nprobe']}), a negative one as nprobe=1 (as the index takes them)")
     if "exact_flat" in s:
         e = s["exact_flat"]
         print(f"    exact (FAISS flat, 1 thread): p50 {e['wall_ms']['p50']:.1f} ms / p99 {e['wall_ms']['p99']:.1f} ms wall, "

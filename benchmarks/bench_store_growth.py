@@ -233,10 +233,14 @@ def main() -> None:
             d = r["during"]
             print(f"{side}: {d['n']} identifies while the adds ran: p50 {d['p50']:.1f} / p95 {d['p95']:.1f} / p99 "
                   f"{d['p99']:.1f} / max {d['max']:.0f} ms")
-    if "off" in results and "on" in results:
-        off, on = results["off"], results["on"]
+    for cache in caches:  # one ratio line per cache (--side both --cache both: two)
+        named = f", {cache}" if len(caches) > 1 else ""
+        if f"off{named}" not in results or f"on{named}" not in results:
+            continue
+        off, on = results[f"off{named}"], results[f"on{named}"]
         last_off, last_on = off["checkpoints"][-1], on["checkpoints"][-1]
-        print(f"\non / off after {last_on['adds']} adds: identify p50 {last_on['identify']['p50'] / last_off['identify']['p50']:.2f}x, "
+        identify = last_on["identify"]["p50"] / last_off["identify"]["p50"]
+        print(f"\non / off{named} after {last_on['adds']} adds: identify p50 {identify:.2f}x, "
               f"ids() p50 {last_on['ids']['p50'] / last_off['ids']['p50']:.2f}x, add p50 "
               f"{on['add']['p50'] / off['add']['p50']:.2f}x, add mean {on['add_mean'] / off['add_mean']:.2f}x, "
               f"files {last_on['files'] / last_off['files']:.2f}x, MB {last_on['mb'] / last_off['mb']:.2f}x")

@@ -35,10 +35,11 @@ def _typo(key: str, rng: random.Random) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--typos", type=int, default=300, help="species given a typo (default 300)")
+    ap.add_argument("--typos", type=int, default=None, help="species given a typo (default 300; --quick: 20)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 20 typos, and the leave-one-out over 200 sampled taxa instead of every one")
+                    help="a smoke run: 20 typos (unless --typos), and the leave-one-out over 200 sampled taxa "
+                    "instead of every one")
     args = ap.parse_args()
     print(machine_report())
     from index.taxonomy import NEAR_SPELLING, SUGGESTION, _taxonomy, taxonomy_lookalikes
@@ -46,7 +47,8 @@ def main() -> None:
     table = _taxonomy()
     keys = list(table)
     rng = random.Random(args.seed)
-    typos = [(k, t) for k in rng.sample(keys, 20 if args.quick else args.typos) if (t := _typo(k, rng)) not in table]
+    n = args.typos if args.typos is not None else (20 if args.quick else 300)
+    typos = [(k, t) for k in rng.sample(keys, n) if (t := _typo(k, rng)) not in table]
     left_out = rng.sample(keys, 200) if args.quick else keys  # the leave-one-out: the part that costs
     print(f"{len(keys)} taxa in the shipped taxonomy; {len(typos)} one-edit typos (seed {args.seed})")
     for cutoff in (NEAR_SPELLING, SUGGESTION):
