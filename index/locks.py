@@ -21,6 +21,7 @@ lease itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -212,8 +213,7 @@ class WriteLock:
         seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder. Once taken, it
         is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
         that closes the file, and with it the ``flock`` if the try had taken it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(self.path)
         if fcntl is None:  # pragma: no cover
             self._fd = fd
             return 0.0
@@ -227,8 +227,7 @@ class WriteLock:
                     if not _still_there(fd, self.path):  # removed by its holder meanwhile (a create that failed
                         os.close(fd)  # removes the folder it made): a lock on it locks nothing; the path's is taken
                         fd = -1
-                        self.path.parent.mkdir(parents=True, exist_ok=True)
-                        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                        fd = _open_lock(self.path)
                         continue
                     self._fd = fd
                     self._sign(fd)
@@ -275,6 +274,27 @@ class WriteLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+#: errno values of a lock file that cannot be opened for writing because the folder is not writable by this user.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _open_lock(path: Path) -> int:
+    """Open (made if missing, its folder too) the lock file at ``path`` for writing; a folder this user cannot write
+    (a read-only mount, no write permission) is a PermissionError saying so and what to do, in one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if exc.errno not in _NOT_WRITABLE:
+            raise
+        refused = PermissionError(
+            f"the gallery folder {path.parent} is read-only for this user ({os.strerror(exc.errno)}: its write lock "
+            f"{path.name} cannot be opened): reading it works; to write, get write access to the folder or work on "
+            "a writable copy of the gallery")
+        refused.errno = exc.errno
+        raise refused from exc
 
 
 def _busy_message(path: Path, holder: str, timeout: float) -> str:
