@@ -1134,7 +1134,7 @@ class Gallery:
             if synced and self.store.version != before:  # the index commit or the merge: ids unchanged
                 self._synced_version = self.store.version
                 self._index.save(self.layout.vectors, self._manifest())
-            return report
+            return replace(report, version_before=before)  # the index commit counted among the versions made
 
     def _prune_due(self) -> bool:
         """Whether a write's compaction prunes old versions this time: at most once per :data:`AUTO_PRUNE_EVERY`

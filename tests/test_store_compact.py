@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -281,6 +282,10 @@ def test_cli_compact_prints_before_and_after_and_prunes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fragments: 10 -> 1 (small: 10 -> 1; 10 merged)" in out
     assert f"versions: {versions} -> 1 (" in out and "superseded over 0 s ago pruned" in out and "MB deleted" in out
+    # walk chaos #8: the counts add up (before + made - pruned = after): the compaction's own commits are counted
+    kept, left, made, pruned = map(int, re.search(r"versions: (\d+) -> (\d+) \((\d+) made by this compaction, "
+                                                  r"(\d+) superseded over 0 s ago pruned", out).groups())
+    assert made >= 1 and kept + made - pruned == left == 1, out
     reopened = Gallery.open(tmp_path / "g")
     assert np.array_equal(reopened.store.ids(), ids) and reopened.store.fragment_stats(versions=True).versions == 1
 

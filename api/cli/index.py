@@ -411,8 +411,9 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
     emit(f"gallery {result.gallery.root}: store {result.gallery.store_uri}\n"
          f"  fragments: {before.fragments} -> {after.fragments} (small: {before.small} -> {after.small}; "
          f"{report.fragments_rewritten} merged)\n"
-         f"  versions: {_kept(before.versions, after.versions)}{report.versions_removed} superseded over "
-         f"{_age_text(args.prune_older_than)} ago pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
+         f"  versions: {_kept(before.versions, after.versions)}{report.version_after - report.version_before} "
+         f"made by this compaction, {report.versions_removed} superseded over {_age_text(args.prune_older_than)} "
+         f"ago pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
          f"  store version: {report.version_before} -> {report.version_after}")
     return 0
 
