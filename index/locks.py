@@ -4,8 +4,8 @@ Readers never take it (they read LanceDB's committed versions), except an open t
 missing or half-created: it makes the table under the lock (and, on S3, the store's lease). Writers hold it
 for the few steps that must not interleave between processes: re-checking duplicates against the latest
 version, reserving ids, committing the rows, and saving the derived vector index. Embedding photos happens
-outside it, except in a server's write, which holds it for the whole request so that one deadline bounds its wait
-(``api.service``).
+outside it, in a server's write too: the server embeds its uploads first, holding neither its turn nor the lock, then
+waits for both together, one deadline (``SPECIESID_WRITE_WAIT_S``) bounding that wait (``api.service``).
 
 ``flock`` locks belong to an open file description: a process killed while holding the lock releases it
 at once (the kernel closes its files), so a crashed writer never blocks the gallery. The lock is also
