@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from index.lease import S3Lease
@@ -81,16 +81,47 @@ def default_wait() -> float:
     return env_seconds(WAIT_ENV, parse_wait, WRITE_WAIT_S)
 
 
-def _lock_holder(fd: int) -> str:
-    """Who holds the lock file open on ``fd``, as its holder wrote it (host, pid, since), or '' when it wrote nothing
-    readable (a holder of an earlier version)."""
+def _holder_record(fd: int) -> dict[str, Any] | None:
+    """The record (host, pid, since) the holder of the lock file open on ``fd`` wrote, or None when it holds nothing
+    readable (a holder of an earlier version; a released lock, whose record its holder cleared)."""
     try:
         holder = json.loads(os.pread(fd, 512, 0) or b"{}")
     except (OSError, ValueError):
-        return ""
-    if not isinstance(holder, dict) or "pid" not in holder:
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock file open on ``fd``, as its holder wrote it (host, pid, since), or '' when it wrote nothing
+    readable."""
+    if (holder := _holder_record(fd)) is None:
         return ""
     return f"held by host {holder.get('host', '?')}, pid {holder['pid']}, since {holder.get('since', '?')}"
+
+
+def look(path: str | Path) -> dict[str, Any]:
+    """Whether a writer holds the lock file at ``path`` now, for ``index info``: ``{"file", "held", "holder"}``,
+    ``holder`` its record (host, pid, since; None when not held or not recorded). A shared ``flock`` tried without
+    waiting and let go at once: nothing is written, and a writer's try in that instant only tries again. ``held``
+    is None when it cannot be told (the file unreadable, a system without ``flock``)."""
+    status: dict[str, Any] = {"file": str(path), "held": False, "holder": None}
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # no writer ever took it
+        return status
+    except OSError:
+        return status | {"held": None}
+    try:
+        if fcntl is None:  # pragma: no cover
+            return status | {"held": None}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return status | {"held": True, "holder": _holder_record(fd)}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return status
+    finally:
+        os.close(fd)
 
 
 def _still_there(fd: int, path: Path) -> bool:
@@ -270,6 +301,8 @@ class WriteLock:
         if fd is None:
             return
         try:
+            with contextlib.suppress(OSError):  # the record goes with the hold (a killed holder's stays: the flock
+                os.ftruncate(fd, 0)  # is what counts, and the next holder writes its own)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:

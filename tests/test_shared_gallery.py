@@ -424,3 +424,26 @@ def test_the_api_answers_exists_for_a_species_another_writer_made_meanwhile(tmp_
     assert body["exists"] is True and body["created"] is False and body["added"] == 0, body
     assert [d["species"] for d in body["duplicates"]] == ["Ptyas carinata"] * 2, body
     assert not any("is not in the gallery" in n for n in body["notes"]), body
+
+
+def test_index_info_names_a_live_write_lock_holder_and_a_released_lock_keeps_no_record(tmp_path, capsys):
+    """Walk chaos #6: 'index info' named no holder of a local write lock (a stuck writer), and '.write.lock' kept
+    the last holder's host and pid after it let go. info now says whether the lock is held and by whom; a hold
+    clears its record when it ends (a killed holder's stays, read as not held: the flock is what counts)."""
+    from _cli_support import _run, folder_gallery
+
+    from index.gallery import Gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",))
+    gallery = Gallery.open(index)
+    with _lock_held_elsewhere(gallery, tmp_path) as holder:
+        code, out, err = _run(capsys, "index", "info", "--index", index)
+        lock = json.loads(out)["store"]["write_lock"]
+        assert code == 0 and lock["held"] is True and lock["holder"]["pid"] == holder.pid, (lock, err)
+        assert lock["file"] == str(gallery.layout.write_lock) and lock["holder"]["since"], lock
+    assert gallery.layout.write_lock.read_text() == ""  # released: no record of a process that is gone
+    lock = json.loads(_run(capsys, "index", "info", "--index", index)[1])["store"]["write_lock"]
+    assert lock == {"file": str(gallery.layout.write_lock), "held": False, "holder": None}, lock
+    gallery.layout.write_lock.write_text('{"host": "h", "pid": 4242, "since": "then"}')  # a killed holder's
+    lock = json.loads(_run(capsys, "index", "info", "--index", index)[1])["store"]["write_lock"]
+    assert lock["held"] is False and lock["holder"] is None, lock
