@@ -176,6 +176,12 @@ def _found_and_live(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     return found, [m for m in found if _live(m)]
 
 
+def any_running(root: str | Path) -> bool:
+    """Whether a build or add into ``root`` is marked running by a process that is alive (or may be: another
+    host's)."""
+    return bool(_found_and_live(root)[1])
+
+
 def unfinished_ids(root: str | Path) -> set[str]:
     """The ids of the marks in ``root`` of builds (or adds) that did not finish and that no build running now takes
     up (``"legacy"`` for the old layout's): read before a build scans its dataset, what it may take up
