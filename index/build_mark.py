@@ -59,6 +59,12 @@ logger = logging.getLogger(__name__)
 INTERRUPTED_NOTE = "the last build into this gallery was interrupted: run it again to add the rest"
 
 
+#: What readers say of a gallery that holds no row, no mark, and records no writer that ever committed one: a build
+#: killed after it made the table, before it marked the folder (or one that could use none of its photos).
+NEVER_STORED_NOTE = ("no photo was ever stored in this gallery: the build that made it was interrupted before its "
+                     "first photo (or could use none of them): run it again to add them")
+
+
 def interrupted_note(key: dict[str, Any] | None, after: str | None = None, *, api: bool = False) -> str:
     """What readers say while the mark of a build of ``key`` (:func:`dataset_key`) that was cut short stands: the
     build named (its root and ``--dataset``, ``--metadata``: the command to run again), or, for a build cut short
@@ -170,6 +176,12 @@ def _found_and_live(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
     return found, [m for m in found if _live(m)]
 
 
+def any_running(root: str | Path) -> bool:
+    """Whether a build or add into ``root`` is marked running by a process that is alive (or may be: another
+    host's)."""
+    return bool(_found_and_live(root)[1])
+
+
 def unfinished_ids(root: str | Path) -> set[str]:
     """The ids of the marks in ``root`` of builds (or adds) that did not finish and that no build running now takes
     up (``"legacy"`` for the old layout's): read before a build scans its dataset, what it may take up
@@ -184,13 +196,25 @@ def _note(mark: dict[str, Any], api: bool = False) -> str:
     return interrupted_note(mark.get("key"), mark.get("after"), api=api)
 
 
-def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
+def _never_stored(root: str | Path) -> bool:
+    """Whether ``root``'s ``gallery.json`` records that no writer ever committed a row (``embedded_by`` empty: each
+    writer records itself there before its first commit; a gallery of an older speciesid has no such key)."""
+    try:
+        info = json.loads(GalleryLayout(Path(root)).info.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("embedded_by") == []
+
+
+def build_status(root: str | Path, *, api: bool = False, references: int | None = None) -> dict[str, str]:
     """``{"state", "note"}`` of the builds into ``root``: ``complete`` (none unfinished; note ""), ``interrupted``
     (one or more did not finish and were not covered since: their notes, builds' first, each naming its build
     (:func:`interrupted_note`; :data:`INTERRUPTED_NOTE` for a mark that names none), for one cut short once every
     photo was committed the step it was in and "run it again to finish"; an add's, naming its species) or
     ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP client, who may
-    hold no key (``/readyz``): the running build's pid and host are left out."""
+    hold no key (``/readyz``): the running build's pid and host are left out. ``references``: how many the gallery
+    holds, when the caller knows: 0 with no mark in a gallery no row was ever committed to is a build killed after
+    it made the table, before it marked the folder, read as interrupted (:data:`NEVER_STORED_NOTE`)."""
     found, live = _found_and_live(root)
     if unfinished := _unfinished(found, live):
         ordered = sorted((m.get("kind") == "add", "id" in m and bool(m.get("key")), str(m.get("started")),
@@ -199,6 +223,8 @@ def build_status(root: str | Path, *, api: bool = False) -> dict[str, str]:
         return {"state": "interrupted", "note": "; ".join(notes)}
     if live:
         return {"state": "running", "note": _running_note(live[0], api)}
+    if references == 0 and not found and _never_stored(root):
+        return {"state": "interrupted", "note": NEVER_STORED_NOTE}
     return {"state": "complete", "note": ""}
 
 

@@ -1118,7 +1118,9 @@ class Gallery:
     def compact(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """Merge the store's small fragments (:meth:`index.store.ReferenceStore.compact`; bigger ones are never
         rewritten), bring the scalar indexes over the new rows, and with ``prune_older_than`` delete its versions
-        superseded longer ago than that (:meth:`index.store.ReferenceStore.prune_versions`; never the latest). A
+        superseded longer ago than that (:meth:`index.store.ReferenceStore.prune_versions`; never the latest; a zero
+        age, when no writer can be writing outside this hold, the files no version uses too:
+        :meth:`_written_here_only`). A
         store write: under the write lock (on S3 the store's lease, checked before the commit). Ids and rows are
         unchanged, so the vector index stays as it is (it then reflects the new version) and other processes' syncs
         find nothing to do."""
@@ -1129,12 +1131,13 @@ class Gallery:
             self._writer.check()  # on S3: the store's lease is still ours
             # the indexes first: their commit is then no version a prune of 0 leaves beside the latest
             self.store.index_new_rows()
-            report = self.store.compact(prune_older_than=prune_older_than)
+            report = self.store.compact(prune_older_than=prune_older_than,
+                                        unverified=prune_older_than == dt.timedelta(0) and self._written_here_only())
             self._compacted(report, pruned=prune_older_than is not None)
             if synced and self.store.version != before:  # the index commit or the merge: ids unchanged
                 self._synced_version = self.store.version
                 self._index.save(self.layout.vectors, self._manifest())
-            return report
+            return replace(report, version_before=before)  # the index commit counted among the versions made
 
     def _prune_due(self) -> bool:
         """Whether a write's compaction prunes old versions this time: at most once per :data:`AUTO_PRUNE_EVERY`
@@ -1145,6 +1148,16 @@ class Gallery:
         except (OSError, ValueError, KeyError, TypeError):
             return True
         return not 0 <= time.time() - last < AUTO_PRUNE_EVERY.total_seconds()
+
+    def _written_here_only(self) -> bool:
+        """Whether, under this folder's write hold, no writer can be writing the store's files: a local store (inside
+        this folder: every writer takes its lock before a file is written), no Ray build running or left journalled
+        (its workers write files outside the lock), no build or add marked running. Then a prune of every version
+        but the latest may delete the files no version uses whatever their age (a killed writer's leftovers)."""
+        from index.build_mark import any_running
+        from index.fragments import list_journals
+
+        return not is_uri(str(self.store_uri)) and not list_journals(self.root) and not any_running(self.root)
 
     def _compacted(self, report: CompactReport, *, pruned: bool) -> None:
         """After a compaction: what the next write's check counts from, and the time of a prune."""

@@ -4,8 +4,8 @@ Readers never take it (they read LanceDB's committed versions), except an open t
 missing or half-created: it makes the table under the lock (and, on S3, the store's lease). Writers hold it
 for the few steps that must not interleave between processes: re-checking duplicates against the latest
 version, reserving ids, committing the rows, and saving the derived vector index. Embedding photos happens
-outside it, except in a server's write, which holds it for the whole request so that one deadline bounds its wait
-(``api.service``).
+outside it, in a server's write too: the server embeds its uploads first, holding neither its turn nor the lock, then
+waits for both together, one deadline (``SPECIESID_WRITE_WAIT_S``) bounding that wait (``api.service``).
 
 ``flock`` locks belong to an open file description: a process killed while holding the lock releases it
 at once (the kernel closes its files), so a crashed writer never blocks the gallery. The lock is also
@@ -21,6 +21,7 @@ lease itself.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from index.lease import S3Lease
@@ -80,16 +81,47 @@ def default_wait() -> float:
     return env_seconds(WAIT_ENV, parse_wait, WRITE_WAIT_S)
 
 
-def _lock_holder(fd: int) -> str:
-    """Who holds the lock file open on ``fd``, as its holder wrote it (host, pid, since), or '' when it wrote nothing
-    readable (a holder of an earlier version)."""
+def _holder_record(fd: int) -> dict[str, Any] | None:
+    """The record (host, pid, since) the holder of the lock file open on ``fd`` wrote, or None when it holds nothing
+    readable (a holder of an earlier version; a released lock, whose record its holder cleared)."""
     try:
         holder = json.loads(os.pread(fd, 512, 0) or b"{}")
     except (OSError, ValueError):
-        return ""
-    if not isinstance(holder, dict) or "pid" not in holder:
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock file open on ``fd``, as its holder wrote it (host, pid, since), or '' when it wrote nothing
+    readable."""
+    if (holder := _holder_record(fd)) is None:
         return ""
     return f"held by host {holder.get('host', '?')}, pid {holder['pid']}, since {holder.get('since', '?')}"
+
+
+def look(path: str | Path) -> dict[str, Any]:
+    """Whether a writer holds the lock file at ``path`` now, for ``index info``: ``{"file", "held", "holder"}``,
+    ``holder`` its record (host, pid, since; None when not held or not recorded). A shared ``flock`` tried without
+    waiting and let go at once: nothing is written, and a writer's try in that instant only tries again. ``held``
+    is None when it cannot be told (the file unreadable, a system without ``flock``)."""
+    status: dict[str, Any] = {"file": str(path), "held": False, "holder": None}
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # no writer ever took it
+        return status
+    except OSError:
+        return status | {"held": None}
+    try:
+        if fcntl is None:  # pragma: no cover
+            return status | {"held": None}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return status | {"held": True, "holder": _holder_record(fd)}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return status
+    finally:
+        os.close(fd)
 
 
 def _still_there(fd: int, path: Path) -> bool:
@@ -212,8 +244,7 @@ class WriteLock:
         seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder. Once taken, it
         is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
         that closes the file, and with it the ``flock`` if the try had taken it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(self.path)
         if fcntl is None:  # pragma: no cover
             self._fd = fd
             return 0.0
@@ -227,8 +258,7 @@ class WriteLock:
                     if not _still_there(fd, self.path):  # removed by its holder meanwhile (a create that failed
                         os.close(fd)  # removes the folder it made): a lock on it locks nothing; the path's is taken
                         fd = -1
-                        self.path.parent.mkdir(parents=True, exist_ok=True)
-                        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                        fd = _open_lock(self.path)
                         continue
                     self._fd = fd
                     self._sign(fd)
@@ -271,10 +301,33 @@ class WriteLock:
         if fd is None:
             return
         try:
+            with contextlib.suppress(OSError):  # the record goes with the hold (a killed holder's stays: the flock
+                os.ftruncate(fd, 0)  # is what counts, and the next holder writes its own)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+#: errno values of a lock file that cannot be opened for writing because the folder is not writable by this user.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _open_lock(path: Path) -> int:
+    """Open (made if missing, its folder too) the lock file at ``path`` for writing; a folder this user cannot write
+    (a read-only mount, no write permission) is a PermissionError saying so and what to do, in one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if exc.errno not in _NOT_WRITABLE:
+            raise
+        refused = PermissionError(
+            f"the gallery folder {path.parent} is read-only for this user ({os.strerror(exc.errno)}: its write lock "
+            f"{path.name} cannot be opened): reading it works; to write, get write access to the folder or work on "
+            "a writable copy of the gallery")
+        refused.errno = exc.errno
+        raise refused from exc
 
 
 def _busy_message(path: Path, holder: str, timeout: float) -> str:

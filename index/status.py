@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from index.errors import first_line
 from index.fragments import list_journals
 from index.lease import is_s3
+from index.locks import look as look_at_lock
 from index.locks import write_lock
 
 if TYPE_CHECKING:
@@ -26,10 +27,12 @@ logger = logging.getLogger(__name__)
 
 def store_status(gallery: Gallery) -> dict[str, Any]:
     """The ``store`` block of ``index info``: ``uri``, ``journals`` (leftover build journals, with host and pid),
-    and on S3 ``lease`` (None when no writer ever took it) and ``ids`` (the shared id mark: ``next`` and
+    ``write_lock`` (whether a writer holds the folder's lock now, and its holder: :func:`index.locks.look`), and on
+    S3 ``lease`` (None when no writer ever took it) and ``ids`` (the shared id mark: ``next`` and
     ``object``; None when no writer recorded one)."""
     uri = str(gallery.store_uri)
-    status: dict[str, Any] = {"uri": uri, "journals": list_journals(gallery.root)}
+    status: dict[str, Any] = {"uri": uri, "journals": list_journals(gallery.root),
+                              "write_lock": look_at_lock(gallery.layout.write_lock)}
     lease = write_lock(gallery.layout.write_lock).remote
     if not is_s3(uri) or lease is None:
         return status

@@ -291,8 +291,15 @@ def superseded_versions(times: Sequence[tuple[int, float]], older_than: dt.timed
     return [v for (v, _), (_, then) in zip(ordered, ordered[1:], strict=False) if age <= 0 or now - then > age]
 
 
-def _prune(dataset, older_than: dt.timedelta) -> tuple[int, int]:  # noqa: ANN001 - lance.LanceDataset
-    """:meth:`ReferenceStore.prune_versions` on a dataset already open: (versions deleted, bytes deleted)."""
+def _prune(dataset, older_than: dt.timedelta, *, unverified: bool = False) -> tuple[int, int]:  # noqa: ANN001
+    """:meth:`ReferenceStore.prune_versions` on a dataset already open (a lance.LanceDataset): (versions deleted,
+    bytes deleted). ``unverified`` (a zero age, no other writer possible: :meth:`ReferenceStore.compact`): Lance
+    also deletes the files no version uses whatever their age (``delete_unverified``: a killed writer's data file),
+    which it otherwise keeps for 7 days, as a writer's in progress may look the same."""
+    if unverified and older_than <= dt.timedelta(0):  # every version but the latest, as a zero age prunes below
+        cleaned = dataset.cleanup_old_versions(older_than=dt.timedelta(0), delete_unverified=True,
+                                               error_if_tagged_old_versions=False)
+        return int(cleaned.old_versions), int(cleaned.bytes_removed)
     doomed = superseded_versions(version_times(dataset), older_than, time.time())
     if not doomed:
         return 0, 0
@@ -859,8 +866,8 @@ class ReferenceStore:
             kept = sum(1 for p in folder.iterdir() if p.name.endswith(".manifest")) if folder.is_dir() else 0
         return replace(_fragment_stats(self._dataset()), versions=kept)
 
-    def compact(self, *, prune_older_than: dt.timedelta | None = None,
-                target_rows: int = SMALL_FRAGMENT_ROWS) -> CompactReport:
+    def compact(self, *, prune_older_than: dt.timedelta | None = None, target_rows: int = SMALL_FRAGMENT_ROWS,
+                unverified: bool = False) -> CompactReport:
         """Merge the small fragments (under :data:`SMALL_FRAGMENT_ROWS` rows) into fragments of up to
         ``target_rows`` rows, leaving every bigger one as it is; then, with ``prune_older_than``, delete the versions
         superseded longer ago than that (:meth:`prune_versions`). One commit (none when fewer than two fragments are
@@ -871,7 +878,9 @@ class ReferenceStore:
         compaction. Here every fragment of :data:`SMALL_FRAGMENT_ROWS` rows or more is excluded from the plan (and
         is a boundary it never merges across), whatever the target.
 
-        Call it under the gallery's write hold (on S3 the store's lease): it is a store write.
+        Call it under the gallery's write hold (on S3 the store's lease): it is a store write. ``unverified``: with a
+        zero ``prune_older_than``, the files no version uses are deleted too, whatever their age (:func:`_prune`):
+        only when no writer can be writing files outside that hold (the caller's to tell: :meth:`Gallery.compact`).
         """
         if target_rows < SMALL_FRAGMENT_ROWS:
             raise ValueError(f"target_rows={target_rows}: a compaction merges into at least {SMALL_FRAGMENT_ROWS} "
@@ -890,7 +899,7 @@ class ReferenceStore:
             self._carry_species(version)  # rows unchanged
         versions_removed = bytes_removed = 0
         if prune_older_than is not None:
-            versions_removed, bytes_removed = _prune(dataset, prune_older_than)
+            versions_removed, bytes_removed = _prune(dataset, prune_older_than, unverified=unverified)
         after = _fragment_stats(dataset) if rewritten else before
         return CompactReport(fragments_before=before.fragments, fragments_after=after.fragments,
                              small_before=before.small, small_after=after.small, fragments_rewritten=rewritten,

@@ -214,7 +214,7 @@ def no_references_error(gallery: Gallery, shown: str | Path | None = None) -> st
     excluded by ``clean --apply`` (``clean --restore``), or none added yet. ``shown``: the gallery as the user named
     it (default its folder)."""
     why = []
-    if (status := build_status(gallery.root))["state"] != "complete":
+    if (status := build_status(gallery.root, references=len(gallery)))["state"] != "complete":
         why.append(status["note"])
     try:
         excluded = gallery.store.count(include_excluded=True) - gallery.store.count()

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,9 +151,11 @@ class BuildReport:
         """The :attr:`duplicates` that repeat an earlier photo of this run: ``(path, the path of its first copy)``."""
         return [d for d, stored in zip(self.duplicates, self._stored(), strict=True) if not stored]
 
-    def summary(self, *, list_stored: bool = True) -> str:
+    def summary(self, *, list_stored: bool = True, said_apart: Collection[str] = ()) -> str:
         """One human-readable paragraph. ``list_stored`` False: the photos already in the gallery are counted, not
-        listed (a resumed build's, which are expected)."""
+        listed (a resumed build's, which are expected). ``said_apart``: paths of photos already in the gallery that
+        the caller lists itself, with a more specific reason (a reference of another species): counted, not listed
+        here."""
         waited = (f"; the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time"
                   if self.stats.batches else "")  # measured by the local pipeline's model thread only
         counts = skip_counts(reason for _, reason in self.skipped)
@@ -179,11 +181,12 @@ class BuildReport:
             lines.append(f"  duplicate {printable(path)} (same bytes as {printable(other)})")
         if len(repeats) > 10:
             lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
-        for path, other in stored[:10] if list_stored else ():
+        listed = [(path, other) for path, other in stored if path not in said_apart] if list_stored else []
+        for path, other in listed[:10]:
             lines.append(f"  already in the gallery: {printable(path)} (same bytes as reference "
                          f"{other.removeprefix('id ')})")
-        if len(stored) > 10 and list_stored:
-            lines.append(f"  ... and {len(stored) - 10} more already in the gallery")
+        if len(listed) > 10:
+            lines.append(f"  ... and {len(listed) - 10} more already in the gallery")
         return "\n".join(lines)
 
 

@@ -1044,7 +1044,7 @@ def add_photos(
                                     embeddings=embeddings, read=_upload_reader(gallery, uploads),
                                     before_commit=note_species)
         except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
-            exc.species, exc.existed = name, held_at_commit[0] if held_at_commit else prior is not None
+            exc.species, exc.existed = name, _existed(gallery, name, prior, held_at_commit)
             exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
             if exc.after:  # every photo is in (the Ctrl-C came at the last commit): the add is complete
                 complete = exc
@@ -1058,7 +1058,7 @@ def add_photos(
         return _added(gallery, name, prior, report, held_at_commit, uploads, written, names, venom_note, api=api)
     except KeyboardInterrupt as interrupt:  # every photo is committed: the notes and checks that follow are not
         done = ReferencesInterrupted(report, after="checking the photos added")  # the add's: said as such
-        done.species, done.existed = name, held_at_commit[0] if held_at_commit else prior is not None
+        done.species, done.existed = name, _existed(gallery, name, prior, held_at_commit)
         done.notes = _interrupted_notes(gallery, name, prior, report)
         raise done from interrupt
 
@@ -1101,13 +1101,28 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
     except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed (a reference deleted
         logger.warning("the near-copy check of the photos added was skipped: %s", exc)  # meanwhile, the store)
         near = []
-    existed = held_at_commit[0] if held_at_commit else prior is not None  # as the commit found it, when one was made
+    existed = _existed(gallery, name, prior, held_at_commit)  # as the commit found it, else as the store is now
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
                      venom_note=venom_note if api and report.ids else "",  # the CLI has the log line
                      few_note=few_note, near_copies=near,
                      absent_note=_absent_note(name, report) if not existed and not report.ids else "")
+
+
+def _existed(gallery: Gallery, name: str, prior: SpeciesSummary | None, held_at_commit: list[bool]) -> bool:
+    """Whether species ``name`` was in the gallery for an add: as its first commit found it, under the write lock;
+    with no commit (every photo a duplicate), as the store holds it now, read again: another writer may have stored
+    the same photos under this name since ``prior`` was read, before the lock (``prior`` when that read fails)."""
+    if held_at_commit:
+        return held_at_commit[0]
+    try:
+        gallery.store.refresh()
+        return gallery.store.has_species(name)
+    except Exception as exc:  # noqa: BLE001 - the add is done: its answer falls back to what was read before
+        logger.warning("could not read again whether %s is in the gallery (%s): answered as read before the add",
+                       name, exc)
+        return prior is not None
 
 
 def _absent_note(name: str, report: BuildReport) -> str:
@@ -1504,7 +1519,8 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root), **embedding_info(g.info, len(g)), WRITTEN_BY: g.info.get(WRITTEN_BY),
+            "build": build_status(g.root, references=len(g)), **embedding_info(g.info, len(g)),
+            WRITTEN_BY: g.info.get(WRITTEN_BY),
             "uploads": unused_uploads(g),  # photos an add cut off left: what `index sweep-uploads` would take
             **_checklist_info(g, species, prior),
             VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info),

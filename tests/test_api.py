@@ -1151,7 +1151,10 @@ def _lease_failures() -> dict[str, list[Exception]]:
                                          "store is busy or failing for now; try again shortly", transient=True),
                          _S3Refusal("SlowDown")),
                   TimeoutError("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
-                               "waited 600 s: try again when it is done")],
+                               "waited 600 s: try again when it is done"),
+                  TimeoutError("another process is writing this gallery (held by host h, pid 7, since "
+                               "2026-12-07T20:39:02+0000; lock /g/.write.lock); this one waited 30 s: try again when "
+                               "it is done (SPECIESID_WRITE_WAIT_S sets how long a writer waits)")],
         "misconfigured": [ConditionalWritesUnsupported("the object store of s3://b/g does not honour conditional "
                                                        "writes"),
                           caused(LeaseStoreError("the write lease ...: taking it was refused (AccessDenied: no). The "
@@ -1182,6 +1185,10 @@ def test_a_write_the_stores_lease_refuses_is_a_503_to_retry_or_a_500_never_a_400
         got = answer(exc)
         assert got.status_code == 503 and got.headers == {"Retry-After": str(WRITE_RETRY_AFTER_S)}, exc
         assert str(exc) in got.detail and f"retry in {WRITE_RETRY_AFTER_S} s" in got.detail
+        # walk chaos #7: a wait given up on another writer blamed the store ("the gallery's store could not take")
+        why = ("another writer holds this gallery's write lock" if isinstance(exc, TimeoutError)
+               else "the gallery's store could not take this write now")
+        assert got.detail == f"{why}; retry in {WRITE_RETRY_AFTER_S} s ({exc})", got.detail
     for exc in failures["misconfigured"]:
         got = answer(exc)
         assert got.status_code == 500 and "the server's gallery store is misconfigured" in got.detail, exc

@@ -18,6 +18,7 @@ from _cli_support import ENCODER, _photo, _run
 
 from index.build_mark import (
     INTERRUPTED_NOTE,
+    NEVER_STORED_NOTE,
     build_note,
     build_status,
     building,
@@ -608,3 +609,37 @@ def test_an_api_add_is_one_commit_and_writes_no_mark(tmp_path, capsys, monkeypat
     embeddings = workflows.embed_photos(photos, enc).embeddings
     result = workflows.add_photos(gallery, enc, "Naja haje", uploads, embeddings=embeddings, api=True)
     assert len(result.report.ids) == 5 and commits == [(5, [])] and _mark_files(index) == []
+
+
+def test_a_build_killed_after_it_made_the_table_before_its_mark_reads_as_interrupted(tmp_path, capsys, monkeypatch):
+    """Walk chaos #2: a build killed once the table existed, before it marked the folder, left a gallery of no rows
+    and no mark that ``index info`` called a complete build. A gallery no row was ever committed to now reads as
+    interrupted, saying to run the build again; one whose references were all deleted stays complete."""
+    from retrieval import workflows
+
+    for i in range(2):
+        _photo(tmp_path / "photos" / "Natrix maura" / f"{i}.png", i)
+    index = tmp_path / "g"
+
+    def killed(*args, **kwargs):
+        raise SystemExit(137)  # as a kill -9 leaves it: the table made, no mark written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workflows, "building", killed)
+        with pytest.raises(SystemExit):
+            workflows.build_gallery(index, "folder", tmp_path / "photos",
+                                    encoder=workflows.EncoderConfig(spec="timm:test_vit@random", precision="fp32"),
+                                    progress=False)
+    assert not GalleryLayout(index).build_marks.exists() and GalleryLayout(index).info.is_file()
+    code, out, err = _run(capsys, "index", "info", "--index", index)
+    assert code == 0, err
+    assert json.loads(out)["build"] == {"state": "interrupted", "note": NEVER_STORED_NOTE}, out
+    code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "photos" / "Natrix maura" / "0.png")
+    assert code == 2 and NEVER_STORED_NOTE in err, err
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                          index, *ENCODER, "-q")  # run again: complete
+    assert code == 0, err
+    assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"]["state"] == "complete"
+    assert _run(capsys, "references", "delete", "1", "2", "--index", index)[0] == 0  # emptied: still complete
+    info = json.loads(_run(capsys, "index", "info", "--index", index)[1])
+    assert info["references"] == 0 and info["build"] == {"state": "complete", "note": ""}, info

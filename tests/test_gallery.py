@@ -456,9 +456,28 @@ def test_adding_again_a_photo_a_clean_run_excluded_says_it_stays_unsearchable(tm
                  "--precision", "fp32"])
     out = capsys.readouterr().out
     assert code == 1 and f"not searchable: {folder / '0.png'} is already reference {hidden}, excluded" in out, out
+    assert f"already in the gallery: {folder / '0.png'}" not in out, out  # listed once, under its reason
     assert main(["index", "info", "--index", str(index)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["references"] == 2 and info["excluded"] == 1
+
+
+def test_a_photo_stored_under_another_species_is_listed_once_as_not_added(tmp_path, capsys):
+    """Walk chaos #4: a photo already a reference of another species was listed twice by 'references add': as
+    'already in the gallery' and as 'not added ... of another species'. It is now listed once, under the latter;
+    a plain duplicate of the same species is still listed as already in the gallery."""
+    from _cli_support import ENCODER, _run, folder_gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Naja haje", "Natrix maura"), 4)
+    photos = tmp_path / "photos"
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Naja haje",
+                          photos / "Natrix maura" / "1.png", photos / "Naja haje" / "0.png", *ENCODER)
+    ids = {Path(p).name: int(i) for i, p in Gallery.open(index).store.metadata()["source_path"].items()}
+    assert code == 1, (out, err)
+    assert out.count("1.png") == 1 and (f"not added: {photos / 'Natrix maura' / '1.png'} is already reference "
+                                        f"{ids['1.png']} of Natrix maura") in out, out
+    assert f"already in the gallery: {photos / 'Naja haje' / '0.png'} (same bytes as reference {ids['0.png']})" \
+        in out and "2 already in the gallery" in out, out
 
 
 def test_a_store_holding_an_id_twice_still_opens_searches_and_can_be_repaired(tmp_path, caplog):

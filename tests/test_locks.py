@@ -4,6 +4,7 @@ tested). Another process is stood in for by another open of the lock file: flock
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -63,3 +64,52 @@ def test_a_lock_file_removed_or_replaced_while_waiting_is_locked_again_at_its_pa
         assert looks and path.exists()
         assert _locked_elsewhere(path)  # the file at the path is the one held
     assert not _locked_elsewhere(path)
+
+
+READ_ONLY = ("the gallery folder {dir} is read-only for this user ({why}: its write lock .write.lock cannot be "
+             "opened): reading it works; to write, get write access to the folder or work on a writable copy of the "
+             "gallery")
+
+
+def _refuse_lock_files(monkeypatch, code: int) -> None:
+    """os.open of a gallery's lock file fails with ``code``, as on a read-only mount (root ignores file modes)."""
+    real = os.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith(".write.lock"):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_read_only_gallery_folder_is_said_in_one_line_not_as_a_raw_errno(tmp_path, capsys, monkeypatch, code):
+    """Walk chaos #5: an add to a gallery on a read-only mount failed with '[Errno 30] Read-only file system:
+    '.../.write.lock''. It now says the folder is read-only for this user and what to do."""
+    from _cli_support import ENCODER, _photo, _run, folder_gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",))
+    with monkeypatch.context() as patch:
+        _refuse_lock_files(patch, code)
+        with pytest.raises(PermissionError) as raised:
+            with WriteLock(tmp_path / "g" / ".write.lock").hold():
+                pass
+        assert str(raised.value) == READ_ONLY.format(dir=index, why=os.strerror(code)) and raised.value.errno == code
+        got = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura",
+                   _photo(tmp_path / "new" / "a.png", 70), *ENCODER, "-q")
+    assert got[0] == 2 and got[2] == f"speciesid: error: {READ_ONLY.format(dir=index, why=os.strerror(code))}\n", got
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder whatever its mode")
+def test_a_folder_without_write_permission_is_said_read_only(tmp_path):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=r"^the gallery folder .* is read-only for this user \(Permission "
+                                                  r"denied: its write lock"):
+            with WriteLock(folder / ".write.lock").hold():
+                pass
+    finally:
+        folder.chmod(0o755)

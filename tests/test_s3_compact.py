@@ -41,7 +41,8 @@ def test_a_store_on_s3_is_compacted_under_its_lease(request, tmp_path, monkeypat
     assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
     out = capsys.readouterr().out
     assert "fragments: 3 -> 1 (small: 3 -> 1; 3 merged)" in out
-    pruned = re.search(r"versions: \(not counted on an object store; (\d+) superseded over 0 s ago pruned", out)
+    pruned = re.search(r"versions: \(not counted on an object store; \d+ made by this compaction, (\d+) "
+                       r"superseded over 0 s ago pruned", out)
     assert pruned and int(pruned.group(1)) > 0, out
     assert held == [True, True]
     g.refresh(force=True)

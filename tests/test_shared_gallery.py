@@ -366,3 +366,84 @@ def test_a_reader_never_waits_on_a_writer_to_repair_the_index(tmp_path):
         shutil.move(g.root / "vectors.faiss", tmp_path / "moved.faiss")  # missing altogether
         missing = Gallery.open(g.root)
         assert missing.search(eye[1:2], 1)[0][0].id == 2 and holder.poll() is None
+
+
+def _race_the_first_read(monkeypatch, index: Path, species: str, photos: list[Path]) -> list:
+    """Make the next add of ``species`` lose a race: once it has read the gallery's species (before its write
+    lock), another writer (a second Gallery object of the folder) stores ``photos`` under the same name."""
+    from retrieval import workflows
+
+    real, other = workflows.new_species_references, []
+
+    def racing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not other:  # the first read done, the lock not taken yet
+            other.append(None)
+            gallery, enc = workflows.open_gallery(index)
+            other[0] = workflows.add_photos(gallery, enc, species, photos, progress=False)
+        return out
+
+    monkeypatch.setattr(workflows, "new_species_references", racing)
+    return other
+
+
+def test_an_add_whose_photos_another_writer_stored_meanwhile_says_the_species_is_there(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Walk chaos #1: two adds of the same new species at once; the one that stored nothing (every photo a
+    duplicate of the other's) said the species was not created and 'is not in the gallery', from what it read
+    before the lock, though the other had just made it. It now reads the store again when it commits nothing."""
+    from _cli_support import ENCODER, _photo, _run, two_species_gallery
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    new = [_photo(tmp_path / "new" / f"{i}.png", 300 + i) for i in range(3)]
+    other = _race_the_first_read(monkeypatch, index, "Ptyas carinata", new)
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Ptyas carinata", *new,
+                          *ENCODER, "-q")
+    assert other[0].created and len(other[0].report.ids) == 3, other
+    assert code == 0 and out.startswith("Ptyas carinata (existing species): added 0, "), (out, err)
+    assert "is not in the gallery" not in out + err, (out, err)
+
+
+def test_the_api_answers_exists_for_a_species_another_writer_made_meanwhile(tmp_path, capsys, monkeypatch):
+    """Walk chaos #1, the API: the losing upload answered "exists": false and a note that the species is not in
+    the gallery, beside duplicates of that species' references."""
+    from _cli_support import _photo, two_species_gallery
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    new = [_photo(tmp_path / "new" / f"{i}.png", 310 + i, side=256) for i in range(2)]
+    other = _race_the_first_read(monkeypatch, index, "Ptyas carinata", new)
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in new]
+    with TestClient(create_app(Settings(index=str(index), api_keys="secret", precision="fp32"))) as client:
+        done = client.post("/v1/species/Ptyas carinata/references", files=files, headers={"X-API-Key": "secret"})
+    body = done.json()
+    assert other[0].created and done.status_code == 200, body
+    assert body["exists"] is True and body["created"] is False and body["added"] == 0, body
+    assert [d["species"] for d in body["duplicates"]] == ["Ptyas carinata"] * 2, body
+    assert not any("is not in the gallery" in n for n in body["notes"]), body
+
+
+def test_index_info_names_a_live_write_lock_holder_and_a_released_lock_keeps_no_record(tmp_path, capsys):
+    """Walk chaos #6: 'index info' named no holder of a local write lock (a stuck writer), and '.write.lock' kept
+    the last holder's host and pid after it let go. info now says whether the lock is held and by whom; a hold
+    clears its record when it ends (a killed holder's stays, read as not held: the flock is what counts)."""
+    from _cli_support import _run, folder_gallery
+
+    from index.gallery import Gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",))
+    gallery = Gallery.open(index)
+    with _lock_held_elsewhere(gallery, tmp_path) as holder:
+        code, out, err = _run(capsys, "index", "info", "--index", index)
+        lock = json.loads(out)["store"]["write_lock"]
+        assert code == 0 and lock["held"] is True and lock["holder"]["pid"] == holder.pid, (lock, err)
+        assert lock["file"] == str(gallery.layout.write_lock) and lock["holder"]["since"], lock
+    assert gallery.layout.write_lock.read_text() == ""  # released: no record of a process that is gone
+    lock = json.loads(_run(capsys, "index", "info", "--index", index)[1])["store"]["write_lock"]
+    assert lock == {"file": str(gallery.layout.write_lock), "held": False, "holder": None}, lock
+    gallery.layout.write_lock.write_text('{"host": "h", "pid": 4242, "since": "then"}')  # a killed holder's
+    lock = json.loads(_run(capsys, "index", "info", "--index", index)[1])["store"]["write_lock"]
+    assert lock["held"] is False and lock["holder"] is None, lock

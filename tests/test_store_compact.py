@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import logging
 import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +283,10 @@ def test_cli_compact_prints_before_and_after_and_prunes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fragments: 10 -> 1 (small: 10 -> 1; 10 merged)" in out
     assert f"versions: {versions} -> 1 (" in out and "superseded over 0 s ago pruned" in out and "MB deleted" in out
+    # walk chaos #8: the counts add up (before + made - pruned = after): the compaction's own commits are counted
+    kept, left, made, pruned = map(int, re.search(r"versions: (\d+) -> (\d+) \((\d+) made by this compaction, "
+                                                  r"(\d+) superseded over 0 s ago pruned", out).groups())
+    assert made >= 1 and kept + made - pruned == left == 1, out
     reopened = Gallery.open(tmp_path / "g")
     assert np.array_equal(reopened.store.ids(), ids) and reopened.store.fragment_stats(versions=True).versions == 1
 
@@ -602,3 +608,28 @@ def test_two_store_writes_in_one_write_keep_the_first_ones_save_of_the_index(tmp
         assert g.compactions.runs == 0
     assert g.compactions.runs == 1 and g.version == g.store.version
     assert json.loads(manifest_path(g.layout.vectors).read_text())["store_version"] == g.version != saved
+
+
+def test_a_prune_of_every_old_version_deletes_a_killed_writers_unused_file_when_no_writer_can_run(tmp_path, capsys):
+    """Walk chaos #3: a writer killed after it wrote a data file, before its commit, left the file, which no
+    version uses, and 'index compact --prune-older-than 0' kept it (Lance keeps such files 7 days: a writer's in
+    progress looks the same). A zero-age prune of a local store, with no Ray build journalled and no build running,
+    now passes Lance's delete_unverified; otherwise the file stays."""
+    from index.build_mark import building
+
+    rng = np.random.default_rng(8)
+    g = _gallery(tmp_path, threshold=0)
+    _add_one_by_one(g, 0, 3, rng)
+    data = Path(g.store.uri) / "data"
+    orphan = data / ("0" * 40 + ".lance")
+    orphan.write_bytes(next(data.glob("*.lance")).read_bytes())  # a data file no version names
+    assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "1s"]) == 0
+    assert orphan.exists()  # not a zero age: kept
+    with building(tmp_path / "g", key={"dataset": "folder"}):  # a build runs: kept
+        assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+    assert orphan.exists()
+    capsys.readouterr()
+    assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+    assert not orphan.exists(), capsys.readouterr().out
+    reopened = Gallery.open(tmp_path / "g")
+    assert len(reopened) == 3 and sorted(reopened.store.ids().tolist()) == [1, 2, 3]

@@ -391,9 +391,10 @@ def register_compact(s_index: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-older-than", type=_age, default=DEFAULT_PRUNE_S, metavar="AGE",
                    help="delete the store's versions that stopped being the latest longer ago than this (the version "
                    "after them is that old), and the files only they use: 30s, 10m, 1h, 7d, or 0 for every version "
-                   "but the latest (default 7d, as a write's own compaction). A server "
-                   "or a copy of the folder elsewhere still reading a pruned version fails its next read of it: "
-                   "prune closer than a few minutes only with every other reader and writer stopped")
+                   "but the latest (default 7d, as a write's own compaction); 0 on a local store with no build "
+                   "running also deletes the files no version uses (a killed writer's), whatever their age. A "
+                   "server or a copy of the folder elsewhere still reading a pruned version fails its next read of "
+                   "it: prune closer than a few minutes only with every other reader and writer stopped")
     p.set_defaults(func=cmd_index_compact)
 
 
@@ -411,8 +412,9 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
     emit(f"gallery {result.gallery.root}: store {result.gallery.store_uri}\n"
          f"  fragments: {before.fragments} -> {after.fragments} (small: {before.small} -> {after.small}; "
          f"{report.fragments_rewritten} merged)\n"
-         f"  versions: {_kept(before.versions, after.versions)}{report.versions_removed} superseded over "
-         f"{_age_text(args.prune_older_than)} ago pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
+         f"  versions: {_kept(before.versions, after.versions)}{report.version_after - report.version_before} "
+         f"made by this compaction, {report.versions_removed} superseded over {_age_text(args.prune_older_than)} "
+         f"ago pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
          f"  store version: {report.version_before} -> {report.version_after}")
     return 0
 

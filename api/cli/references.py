@@ -109,7 +109,10 @@ def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, no
     report = result.report
     status = ("existing species" if result.existed else "new species" if result.created
               else "not created: no photo added")  # a new name none of whose photos was stored
-    lines = report.summary().split("\n")
+    elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
+    hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
+    # each photo listed once: one of another species, or excluded, under that reason below, not also as a duplicate
+    lines = report.summary(said_apart={str(f) for f, *_ in elsewhere + hidden}).split("\n")
     if bad_args:  # a missing file or a folder without photos: counted beside the photos that were read
         lines[0] += f"; {len(bad_args)} argument(s) not found or holding no photo (named above)"
     if not_read:  # a broken link, a sub-folder that cannot be listed, a file that cannot be read, inside a folder
@@ -120,11 +123,9 @@ def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, no
         emit(f"ids: {id_runs(report.ids)}")
     for note in result.notes:
         emit(f"note: {note}")
-    elsewhere = [(f, i, sp) for f, i, sp in result.duplicates if sp is not None and sp != result.species]
     for f, i, sp in elsewhere:
         emit(f"not added: {printable(f)} is already reference {i} of {sp} (delete that reference first if it is "
              "mislabelled)")
-    hidden = [(f, i) for f, i, _ in result.duplicates if i in result.excluded]
     for f, i in hidden:
         emit(f"not searchable: {printable(f)} is already reference {i}, excluded by a clean run (see "
              f"{args.index}/clean_log.json; 'speciesid clean --restore --index {args.index}' undoes the last run, "

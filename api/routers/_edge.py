@@ -203,14 +203,18 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
 
 def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
     """The answer to a write the gallery's store did not take. 503 with Retry-After when a later try may succeed
-    (another writer held the store past the wait, a TimeoutError; a lease error whose ``transient`` says so: the
-    lease lost, racing writes, a busy store); 500 otherwise: the server's store is misconfigured (credentials
-    refused, a store without conditional writes, a client too old) or damaged (an unreadable shared id mark), which
-    the client cannot fix. The 500 names no bucket or credential: the log has the error's whole message."""
+    (another writer held the gallery's write lock or its store's lease past the wait, a TimeoutError: said so; a
+    lease error whose ``transient`` says so: the lease lost, racing writes, a busy store); 500 otherwise: the
+    server's store is misconfigured (credentials refused, a store without conditional writes, a client too old) or
+    damaged (an unreadable shared id mark), which the client cannot fix. The 500 names no bucket or credential: the
+    log has the error's whole message."""
     if isinstance(exc, TimeoutError) or getattr(exc, "transient", False):
         logger.warning("write answered 503 (retry in %d s): %s", WRITE_RETRY_AFTER_S, exc)
-        return HTTPException(503, f"the gallery's store could not take this write now; retry in "
-                             f"{WRITE_RETRY_AFTER_S} s ({exc})", headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
+        # a wait given up on another writer (its lock, or on S3 the store's lease, named in exc) is no store fault
+        why = ("another writer holds this gallery's write lock" if isinstance(exc, TimeoutError) else
+               "the gallery's store could not take this write now")
+        return HTTPException(503, f"{why}; retry in {WRITE_RETRY_AFTER_S} s ({exc})",
+                             headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
     logger.error("write refused by the gallery's store, answered 500 (fix the server's store): %s", exc)
     return HTTPException(500, "the server's gallery store is misconfigured or damaged: it refused this write, and "
                          "will refuse every write until the server's operator fixes it (the server's log says what "
