@@ -64,6 +64,7 @@ from index.store import (
     is_uri,
     public_options,
     source_file,
+    source_text,
     storage_options,
 )
 from index.vectors import (
@@ -1045,6 +1046,7 @@ class Gallery:
             self._writer.check()  # on S3: the store's lease is still ours, after the ids and the caller's look
             self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
                            self.fingerprint, ids)
+            self._cache_added([records[i] for i in keep], ids)
             if alone:  # the index only lacks our rows: no need to read the store's ids
                 self._index.add(embeddings[keep], np.asarray(ids, dtype=np.int64))
                 self._synced_version = self.store.version
@@ -1505,6 +1507,17 @@ class Gallery:
                      cols["source_path"], cols["dataset"], strict=True)}
         self._meta_cache.update(fresh)
         return fresh
+
+    def _cache_added(self, records: Sequence[ReferenceRecord], ids: Sequence[int]) -> None:
+        """Cache the metadata of rows this process just stored, as the store gives it back: answers naming them read
+        nothing (and still answer while the store does not: a store outage, docs/api.md)."""
+        if len(self._meta_cache) + len(ids) > META_CACHE_ROWS:  # a gallery too big to keep whole: looked up
+            return
+        for rid, r in zip(ids, records, strict=True):
+            self._meta_cache[int(rid)] = Neighbour(
+                id=int(rid), similarity=0.0, species=r.species, genus=_opt(r.genus), family=_opt(r.family),
+                common_name=_opt(r.common_name), venomous=r.venomous, path=source_text(r.path),
+                dataset=_opt(r.dataset))
 
     def _drop_edited_rows(self) -> None:
         """At a new version of the index (another process's writes synced), drop the cached metadata of each species

@@ -183,3 +183,35 @@ def test_an_outages_503s_are_logged_at_most_once_per_minute_with_the_count_betwe
         edge_module.store_answer(RuntimeError(LANCE_S3_DOWN), "s3://bucket/g")
         lines = [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
         assert len(lines) == 2 and "(4 more answered so since the last such line)" in lines[1], lines
+
+
+def test_identify_and_search_answer_from_the_references_this_server_added_during_an_outage(tmp_path_factory,
+                                                                                            caplog):
+    """Walk s56-logs #3: once the server itself had added references, identify and search answered 503 during an
+    outage (their rows' metadata was not cached: each answer naming one looked it up in the store), while the log
+    said it answered from the references loaded. Now an add caches its rows' metadata: answers name them unread."""
+    from _api_support import NEW_SPECIES
+
+    with store_client(tmp_path_factory, "api_outage_adds") as c:
+        new = photos("val", NEW_SPECIES, 2)
+        added = c.post(f"/v1/species/{binomial(NEW_SPECIES)}/references", headers=KEYS,
+                       files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in new])
+        assert added.status_code == 201, added.text[:300]
+        assert c.delete("/v1/references/1", headers=KEYS).status_code == 204
+        gallery = c.app.state.service.gallery
+        ids = added.json()["ids"]
+        cached = {i: gallery._meta_cache.get(i) for i in ids}
+        assert gallery._cache_metadata(gallery.store.metadata(ids)) == cached  # as the store gives them back
+        store = gallery.store
+        table = store._table
+        store._table = _DeadTable()
+        try:
+            with caplog.at_level(logging.WARNING):
+                for _ in range(2):
+                    ident = c.post("/v1/identify", files=[("images", (new[0].name, new[0].read_bytes(),
+                                                                      "image/jpeg"))])
+                    assert ident.status_code == 200, ident.text[:300]
+                    assert ident.json()["results"][0]["name"] == binomial(NEW_SPECIES)
+                    assert "answering from the" in caplog.text
+        finally:
+            store._table = table
