@@ -18,6 +18,7 @@ from index.errors import first_line, store_io_failure, store_io_kind, store_tabl
 from index.formats import NewerFormatError
 from index.gallery import Neighbour
 from index.lease import LeaseError
+from index.store import is_uri
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
 
 #: FastAPI's 400 of a body its form parser failed on with an error of its own (the search route raises it too, for
@@ -176,9 +177,9 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
     help, naming nothing of the server's disk. The server's log has the store's whole error."""
     kind = store_io_kind(exc)
     if kind is None and store_table_gone(exc):  # the store answers, without the table: no outage, a 500
-        logger.error("answered 500: the gallery's store %s no longer holds its table (its bucket emptied or its prefix "
-                     "deleted?): restore the store, or rebuild the gallery and restart the server: %s", store,
-                     first_line(exc, 500))
+        how = "its bucket emptied or its prefix deleted" if is_uri(str(store)) else "its folder emptied or deleted"
+        logger.error("answered 500: the gallery's store %s no longer holds its table (%s?): restore the store, or "
+                     "rebuild the gallery and restart the server: %s", store, how, first_line(exc, 500))
         return HTTPException(500, "the server's gallery store no longer holds the gallery's table (emptied or "
                              "deleted); retrying does not help until the server's operator restores the store from a "
                              "backup, or rebuilds the gallery and restarts the server (the server's log has the "
