@@ -243,6 +243,7 @@ def test_a_local_stores_data_files_deleted_are_a_500_saying_it_cannot_be_read_an
                 assert "cannot be read or written" in detail and "retrying does not help" in detail, detail
                 assert "no longer holds" not in detail and str(data) not in detail
         assert "cannot be read or written" in caplog.text and "Not found" in caplog.text
+        assert "GET /v1/references/2/image: answered 500: the gallery's store" in caplog.text  # which request
         assert "bucket" not in caplog.text and "no longer holds" not in caplog.text
     finally:
         data.rmdir()
