@@ -263,3 +263,29 @@ def test_debug_logging_redacts_signed_headers_and_keeps_storage_libraries_quiet_
     assert "'X-Amz-Security-Token': b'[redacted]'" in vvv and "'Authorization': b'[redacted]'" in vvv
     assert "x-amz-security-token:[redacted]" in vvv and "Signature:\n[redacted]" in vvv
     assert "X-Amz-Signature=[redacted]&X-Amz-Credential=[redacted] HTTP/1.1" in vvv
+
+
+def test_progress_bars_only_when_stderr_is_a_terminal(monkeypatch, tmp_path):
+    """Walk s56-logs #5 (finding 11): the bars' redraws went to stderr when it was a file or a CI log (a one-hour
+    build: ~0.8 MB of them); only -q turned them off. Now a command draws them only on a terminal, and never with
+    -q (here: what ``index sweep-uploads`` hands its workflow)."""
+    import io
+
+    import retrieval.workflows as workflows
+    from api.cli import main
+
+    class _Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    seen = []
+
+    def sweep(index, *, progress, **kwargs):
+        seen.append(progress)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(workflows, "sweep_uploads", sweep)
+    for stderr, quiet, bars in ((io.StringIO(), [], False), (_Tty(), [], True), (_Tty(), ["-q"], False)):
+        monkeypatch.setattr("sys.stderr", stderr)
+        assert main(["index", "sweep-uploads", "--index", str(tmp_path), *quiet]) == 2
+        assert seen.pop() is bars and "stop here" in stderr.getvalue()
