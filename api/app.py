@@ -30,7 +30,7 @@ from starlette.types import Scope
 from api.compression import CompressAnswers, accepts_gzip, gzip_bytes
 from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
 from api.routers import health, identify, references, species
-from api.routers._edge import UNPARSED, FieldError, photo_field_error, revalidated, store_answer
+from api.routers._edge import REQUEST, UNPARSED, FieldError, photo_field_error, revalidated, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService, etag_of
 from api.settings import Settings
 from index.errors import chained
@@ -287,6 +287,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
     async def observe(request: Request, call_next: RequestResponseEndpoint) -> Response:
         start = time.perf_counter()
         status = 500  # what the server answers a request that raised
+        said = REQUEST.set(f"{request.method} {request.url.path}")  # named by the log lines of its 5xx
         try:
             response = await call_next(request)
             status = response.status_code
@@ -299,6 +300,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
             method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
             m.requests.labels(method, path, str(status)).inc()
             m.latency.labels(method, path).observe(time.perf_counter() - start)
+            REQUEST.reset(said)
 
     for router in (identify.router, species.router, references.router, health.router):
         app.include_router(router)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import random
 import re
 import threading
@@ -37,6 +38,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.settings import Settings
 from index.sources import MB, megabytes
+
+logger = logging.getLogger(__name__)
+#: The most often a refused key (a 401) is logged: at most one line per this many seconds, the next with the count.
+REFUSAL_LOG_EVERY_S = 60.0
 
 #: (method, path pattern, kind): kind is "write", "identify" (shed under load) or "read".
 ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
@@ -69,6 +74,31 @@ def key_refusal(given: str | None, keys: list[str], kind: str) -> str | None:
     if not key_ok(given, keys):
         return "missing or wrong X-API-Key"
     return None
+
+
+class _Refusals:
+    """The 401s answered since the last line about them: logged at most once per :data:`REFUSAL_LOG_EVERY_S`."""
+
+    def __init__(self) -> None:
+        self.last, self.unlogged, self.lock = float("-inf"), 0, threading.Lock()
+
+    def log(self, scope: Scope, given: str | None, kind: str, refusal: str) -> None:
+        """A WARNING naming the request (method, path, client address) and why (no key, a wrong key, no keys
+        configured), never the key; at most once per :data:`REFUSAL_LOG_EVERY_S`, with the count between."""
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last < REFUSAL_LOG_EVERY_S:
+                self.unlogged += 1
+                return
+            unlogged, self.last, self.unlogged = self.unlogged, now, 0
+        why = "no X-API-Key" if not given else "a wrong X-API-Key" if "wrong" in refusal else "no keys configured"
+        client = scope.get("client") or ("unknown", 0)
+        since = f"; {unlogged} more refused since the last such line" if unlogged else ""
+        logger.warning("refused a %s with 401 (%s): %s %s from %s%s; said at most once per %.0f s", kind, why,
+                       scope.get("method"), scope.get("path"), client[0], since, REFUSAL_LOG_EVERY_S)
+
+
+_REFUSALS = _Refusals()
 
 
 def key_ok(given: str | None, keys: list[str]) -> bool:
@@ -251,6 +281,7 @@ class EdgeGuard:
             key = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-api-key"), None)
             refusal = key_refusal(key, s.key_list(), kind)
             if refusal:
+                _REFUSALS.log(scope, key, kind, refusal)
                 return await _json(send, 401, refusal)
         limit = body_limit(s, method, path)
         headers = dict(scope["headers"])

@@ -42,6 +42,8 @@ from retrieval.workflows import AddResult, Answer, SpeciesNotFound, VenomSet, op
 logger = logging.getLogger(__name__)
 #: Thumbnails kept in memory (~10-20 kB each): a page of answers shows up to 20, often the same references.
 THUMBNAILS_KEPT = 1024
+#: A reference whose photo cannot be read is logged at most once per this many seconds (any client can ask again).
+UNREADABLE_LOG_EVERY_S = 600.0
 #: How old the count of unused uploads (``/readyz``'s ``uploads``) may get before a ``/readyz`` starts counting again
 #: (on a thread of its own: the count reads every row's source path and lists the uploads).
 UPLOADS_RECOUNT_S = 3600.0
@@ -196,6 +198,7 @@ class SpeciesService:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="speciesid-decode")
         self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
+        self._unreadable_said: OrderedDict[int, float] = OrderedDict()  # reference -> when its warning was logged
         self.uploads_status()  # counted once at start, on a thread of its own (an add a kill cut off left them)
 
     def uploads_status(self) -> dict | None:
@@ -407,7 +410,10 @@ class SpeciesService:
                            "2-3 times). The reference itself is valid: the server's operator can replace its file by "
                            "an 8-bit JPEG of it, or raise the limit") from exc
         except (OSError, ImageLoadError) as exc:  # the path stays in the server's log, never in an answer
-            logger.warning("reference %d: its photo is no longer readable at %s: %s", ref_id, path, exc)
+            if self._say_unreadable(ref_id):  # the path once: an OSError's own text names it again
+                why = exc.strerror if isinstance(exc, OSError) and exc.filename and exc.strerror else exc
+                logger.warning("reference %d: its photo is no longer readable at %s: %s (said at most once per "
+                               "%.0f min for a reference)", ref_id, path, why, UNREADABLE_LOG_EVERY_S / 60)
             if is_s3(stored):  # an upload kept in the shared store: every machine reads it there, no folder to sync
                 raise NotFound(f"the photo of reference {ref_id} is no longer in the gallery's store (deleted "
                                "there?); the reference itself is valid: add its photo again") from exc
@@ -424,6 +430,20 @@ class SpeciesService:
             while len(self._thumbs) > THUMBNAILS_KEPT:
                 self._thumbs.popitem(last=False)
         return thumb
+
+    def _say_unreadable(self, ref_id: int) -> bool:
+        """Whether to log that reference ``ref_id``'s photo cannot be read: not within
+        :data:`UNREADABLE_LOG_EVERY_S` of the last time (the last :data:`THUMBNAILS_KEPT` references remembered)."""
+        now = time.monotonic()
+        with self._thumb_lock:
+            last = self._unreadable_said.get(ref_id)
+            if last is not None and now - last < UNREADABLE_LOG_EVERY_S:
+                return False
+            self._unreadable_said[ref_id] = now
+            self._unreadable_said.move_to_end(ref_id)
+            while len(self._unreadable_said) > THUMBNAILS_KEPT:
+                self._unreadable_said.popitem(last=False)
+            return True
 
     # ----------------------------------------------------------------- writes
     @contextlib.contextmanager

@@ -78,6 +78,10 @@ def store_io_kind(exc: BaseException) -> str | None:
     if not isinstance(exc, (RuntimeError, OSError)):
         return None
     for err in exception_chain(exc):
+        if isinstance(err, StoreFilesMissingError):
+            return "LocalFileSystem"
+        if _DATA_FILE_GONE.search(str(err)):  # a data file of the table deleted: the store damaged
+            return ""
         if _STORE_IO.search(str(err)):
             kinds = [k for k in re.findall(_GENERIC, str(err)) if k != "N/A"]
             return kinds[0] if kinds else ""
@@ -93,7 +97,8 @@ def store_io_failure(exc: BaseException, store: str | Path | None = None) -> str
     outage: :func:`store_io_kind` tells it apart from other errors, which are neither (a programming error, a bad
     argument)."""
     kind = store_io_kind(exc)
-    if kind is None:
+    if kind is None or any(_DATA_FILE_GONE.search(str(err)) and not _STORE_IO.search(str(err))
+                           for err in exception_chain(exc)):  # Lance's plain "Not found" of a data file: damaged
         return None
     if kind in NETWORK_STORES:
         return kind
@@ -105,6 +110,14 @@ def store_io_failure(exc: BaseException, store: str | Path | None = None) -> str
 #: How Lance words a table whose files are gone from under an open gallery (its bucket emptied, its prefix deleted,
 #: a store made again elsewhere): ``lance error: Not found: snakes/references.lance/_versions``.
 _TABLE_GONE = re.compile(r"Not found: \S*\.lance(/|\b)")
+#: How Lance words one data file of a table gone while the table is there (a local store damaged: a file deleted or
+#: moved from under it): ``lance error: Not found: tmp/g/store/references.lance/data/0010....lance, .../local.rs``.
+_DATA_FILE_GONE = re.compile(r"Not found: \S*\.lance/data/\S")
+
+
+class StoreFilesMissingError(FileNotFoundError):
+    """Data files of a local store's table (its version read) are not in its folder: deleted or moved from under the
+    gallery. The store's I/O error (:func:`store_io_kind`: ``LocalFileSystem``), no outage: it does not come back."""
 
 
 class TableReplacedError(RuntimeError):
@@ -122,6 +135,6 @@ def store_table_gone(exc: BaseException) -> bool:
         if isinstance(err, TableReplacedError):
             return True
         if isinstance(err, (RuntimeError, OSError, ValueError)) and _STORE_IO.search(str(err)) is None \
-                and _TABLE_GONE.search(str(err)):
+                and _TABLE_GONE.search(str(err)) and store_io_kind(err) is None:  # a data file gone: damaged
             return True
     return False

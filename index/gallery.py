@@ -38,7 +38,7 @@ from index.compaction import (
     CompactionCounts,
     compact_fragments_default,
 )
-from index.errors import TableReplacedError, first_line, first_words, store_io_failure
+from index.errors import StoreFilesMissingError, TableReplacedError, first_line, first_words, store_io_failure
 from index.formats import (
     GALLERY_FORMAT,
     PROBE_FORMAT,
@@ -64,6 +64,7 @@ from index.store import (
     is_uri,
     public_options,
     source_file,
+    source_text,
     storage_options,
 )
 from index.vectors import (
@@ -268,6 +269,7 @@ class Gallery:
         # id -> its metadata. Ids are never reused; the one edit of a stored row is a species' venomous flag
         # (set_venomous), which no id difference shows: _drop_edited_rows drops those rows at the version after it
         self._meta_cache: dict[int, Neighbour] = {}
+        self._files_checked_at, self._files_missing = -float("inf"), None  # check_files: when, what it found
         self._venom_seen: tuple[int, dict[str, tuple[int, int, int]]] | None = None  # (version, store.venom_counts)
         self._edit_seen: tuple[int, str, int] | None = None  # store.venom_edit read with _venom_seen (None: unknown)
         self._meta_scanned = False  # the whole metadata was read once (preload_metadata)
@@ -1045,6 +1047,7 @@ class Gallery:
             self._writer.check()  # on S3: the store's lease is still ours, after the ids and the caller's look
             self.store.add([records[i] for i in keep], [sha256s[i] for i in keep], embeddings[keep],
                            self.fingerprint, ids)
+            self._cache_added([records[i] for i in keep], ids)
             if alone:  # the index only lacks our rows: no need to read the store's ids
                 self._index.add(embeddings[keep], np.asarray(ids, dtype=np.int64))
                 self._synced_version = self.store.version
@@ -1518,6 +1521,35 @@ class Gallery:
                      cols["source_path"], cols["dataset"], strict=True)}
         self._meta_cache.update(fresh)
         return fresh
+
+    def check_files(self) -> None:
+        """:class:`~index.errors.StoreFilesMissingError` when a local store's folder lacks data files of the table's
+        version read (deleted or moved from under the gallery: reads and writes of those rows fail), which the look
+        at the store's version does not see. Looked at most once per ``refresh_s`` (one manifest read and a stat per
+        data file; an object store's never; not during an outage), the last finding kept in between: for a health
+        check (/readyz)."""
+        now = time.monotonic()
+        if self.reading_stale:  # the store does not answer (an outage): nothing to look at now
+            return
+        if now - self._files_checked_at >= self.refresh_s:
+            self._files_checked_at = now
+            missing = self.store.missing_data_files()
+            self._files_missing = None if not missing else (
+                f"Not found: {missing[0]}: {len(missing)} data file(s) of the store's table at version "
+                f"{self.store.version} are not in its folder (deleted or moved)")
+        if self._files_missing is not None:
+            raise StoreFilesMissingError(self._files_missing)
+
+    def _cache_added(self, records: Sequence[ReferenceRecord], ids: Sequence[int]) -> None:
+        """Cache the metadata of rows this process just stored, as the store gives it back: answers naming them read
+        nothing (and still answer while the store does not: a store outage, docs/api.md)."""
+        if len(self._meta_cache) + len(ids) > META_CACHE_ROWS:  # a gallery too big to keep whole: looked up
+            return
+        for rid, r in zip(ids, records, strict=True):
+            self._meta_cache[int(rid)] = Neighbour(
+                id=int(rid), similarity=0.0, species=r.species, genus=_opt(r.genus), family=_opt(r.family),
+                common_name=_opt(r.common_name), venomous=r.venomous, path=source_text(r.path),
+                dataset=_opt(r.dataset))
 
     def _drop_edited_rows(self) -> None:
         """At a new version of the index (another process's writes synced), drop the cached metadata of each species

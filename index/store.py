@@ -850,6 +850,17 @@ class ReferenceStore:
         import_lance()  # LanceDB's own error names pylance but not what needs it
         return self._table.to_lance()
 
+    def missing_data_files(self) -> list[str]:
+        """The data files of the table (at the version this store reads) that a local store's folder lacks: deleted
+        or moved from under it. One manifest read and one stat per data file; [] for an object store (not looked
+        at: a request per file)."""
+        if is_uri(self.root):
+            return []
+        dataset = self._dataset()
+        base = Path(dataset.uri) / "data"
+        return [str(base / data.path) for fragment in dataset.get_fragments() for data in fragment.data_files()
+                if not (base / data.path).is_file()]
+
     def small_fragments_at_most(self) -> int:
         """An upper bound of the small fragments (:data:`SMALL_FRAGMENT_ROWS`): LanceDB's own count of fragments under
         :data:`LANCEDB_SMALL_ROWS` rows, from the version of the table already open (no manifest read). A write checks

@@ -953,6 +953,27 @@ def test_reference_thumbnail(client, service, monkeypatch):
     assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
 
 
+def test_a_thumbnail_whose_file_is_gone_is_logged_once_per_reference_naming_its_path_once(client, service, caplog):
+    """Walk s56-logs #5: each request for the thumbnail of a reference whose file is gone logged a ~330-byte
+    warning naming the path twice (the OSError's text repeats it): any client could grow the log at will. Now once
+    per reference per UNREADABLE_LOG_EVERY_S, the path once."""
+    from index.store import source_file
+
+    added = client.post("/v1/species/Testus logus/references", files=_one("l.png", _png(64, 40)), headers=KEYS)
+    (ref,) = added.json()["ids"]
+    photo = source_file(_source(service, ref))
+    photo.unlink()
+    try:
+        with caplog.at_level(logging.WARNING, logger="api.service"):
+            for _ in range(3):
+                _is_error(client.get(f"/v1/references/{ref}/image"), 404)
+        lines = [r.getMessage() for r in caplog.records if f"reference {ref}:" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].count(str(photo)) == 1, lines
+        assert lines[0].endswith(": No such file or directory (said at most once per 10 min for a reference)")
+    finally:
+        assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
+
+
 def test_a_thumbnail_whose_file_is_a_fifo_or_over_the_upload_limit_is_a_404_at_once_unread(client, service,
                                                                                             monkeypatch):
     """s53 hostile walk #1: a reference's file swapped for a FIFO hung a server thread per request (a link to

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import socket
 from types import SimpleNamespace
@@ -359,3 +360,29 @@ def test_a_key_is_accepted_whichever_of_the_configured_keys_it_is():
     assert [key_refusal(k, keys, "write") for k in ["a", "b", "c", "ab"]] == [None, None, None,
                                                                             "missing or wrong X-API-Key"]
     assert key_refusal("a", [], "write") == "writes are disabled: no SPECIESID_API_KEYS configured"
+
+
+def test_a_refused_key_leaves_one_warning_naming_the_request_never_the_key(monkeypatch, caplog):
+    """Walk s56-logs #5: a write refused for a missing or wrong key (401) left no log line at the default level.
+    Now a WARNING naming the request, its client and why, never the key; at most once a minute, with the count."""
+    import api.guard as guard
+
+    clock = [1000.0]
+    monkeypatch.setattr(guard.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(guard, "_REFUSALS", guard._Refusals())
+    app = _app()
+    refused = [(b"x-api-key", b"s3cretKEY-guess-1")]
+    with caplog.at_level(logging.WARNING, logger="api.guard"):
+        for headers in (refused, refused, []):
+            sent = _run_app(app, "/v1/species/Naja%20naja/references", headers, [{"type": "http.request"}])
+            assert sent.status == 401
+            clock[0] += 1.0
+        clock[0] += guard.REFUSAL_LOG_EVERY_S
+        _run_app(app, "/v1/species/Naja%20naja/references", [], [{"type": "http.request"}])
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.guard"]
+    assert lines == [
+        "refused a write with 401 (a wrong X-API-Key): POST /v1/species/Naja%20naja/references from c; said at most "
+        "once per 60 s",
+        "refused a write with 401 (no X-API-Key): POST /v1/species/Naja%20naja/references from c; 2 more refused "
+        "since the last such line; said at most once per 60 s"], lines
+    assert "s3cretKEY" not in caplog.text

@@ -9,6 +9,7 @@ gives (walkthrough s47, finding 1).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from _api_support import API_KEY, COBRA, SPECIES, binomial, photos, store_client
@@ -132,6 +133,12 @@ def test_only_lances_io_errors_count_as_a_store_outage_and_only_of_a_network_sto
     except RuntimeError as bug:
         assert bug.__context__ is not None and store_io_kind(bug) is None and store_io_failure(bug) is None
     assert store_io_failure(RuntimeError("a bug, not an outage")) is None
+    # Lance's plain "Not found" of one data file (a local table's file deleted): the store damaged, no table gone
+    from index.errors import store_table_gone
+
+    plain = RuntimeError("lance error: Not found: tmp/g/store/references.lance/data/0010.lance, /x/local.rs:273:40")
+    assert store_io_kind(plain) == "" and store_io_failure(plain, "s3://b/g") is None and not store_table_gone(plain)
+    assert store_table_gone(RuntimeError("lance error: Not found: snakes/references.lance/_versions"))
     assert store_io_failure(ValueError(LANCE_S3_DOWN)) is None  # a refusal of the request, not an outage
 
 
@@ -183,3 +190,63 @@ def test_an_outages_503s_are_logged_at_most_once_per_minute_with_the_count_betwe
         edge_module.store_answer(RuntimeError(LANCE_S3_DOWN), "s3://bucket/g")
         lines = [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
         assert len(lines) == 2 and "(4 more answered so since the last such line)" in lines[1], lines
+
+
+def test_identify_and_search_answer_from_the_references_this_server_added_during_an_outage(tmp_path_factory,
+                                                                                            caplog):
+    """Walk s56-logs #3: once the server itself had added references, identify and search answered 503 during an
+    outage (their rows' metadata was not cached: each answer naming one looked it up in the store), while the log
+    said it answered from the references loaded. Now an add caches its rows' metadata: answers name them unread."""
+    from _api_support import NEW_SPECIES
+
+    with store_client(tmp_path_factory, "api_outage_adds") as c:
+        new = photos("val", NEW_SPECIES, 2)
+        added = c.post(f"/v1/species/{binomial(NEW_SPECIES)}/references", headers=KEYS,
+                       files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in new])
+        assert added.status_code == 201, added.text[:300]
+        assert c.delete("/v1/references/1", headers=KEYS).status_code == 204
+        gallery = c.app.state.service.gallery
+        ids = added.json()["ids"]
+        cached = {i: gallery._meta_cache.get(i) for i in ids}
+        assert gallery._cache_metadata(gallery.store.metadata(ids)) == cached  # as the store gives them back
+        store = gallery.store
+        table = store._table
+        store._table = _DeadTable()
+        try:
+            with caplog.at_level(logging.WARNING):
+                for _ in range(2):
+                    ident = c.post("/v1/identify", files=[("images", (new[0].name, new[0].read_bytes(),
+                                                                      "image/jpeg"))])
+                    assert ident.status_code == 200, ident.text[:300]
+                    assert ident.json()["results"][0]["name"] == binomial(NEW_SPECIES)
+                    assert "answering from the" in caplog.text
+        finally:
+            store._table = table
+
+
+def test_a_local_stores_data_files_deleted_are_a_500_saying_it_cannot_be_read_and_readyz_says_so(client, caplog):
+    """Walk s56-logs #4: with the data files of a local store deleted, the 500 said the store no longer held its
+    table and the log blamed an emptied bucket, while /readyz answered 200 "ready" (it reads only the version). Now
+    both are the 500 of a store that cannot be read or written (docs/api.md), the log naming no bucket."""
+    import shutil
+
+    gallery = client.app.state.service.gallery
+    data = Path(gallery.store.root) / "references.lance" / "data"
+    aside = data.parent / "data-aside"
+    shutil.move(data, aside)
+    data.mkdir()
+    try:
+        with caplog.at_level(logging.ERROR, logger="api.routers._edge"):
+            for resp in (client.get("/v1/references/2/image"), client.get("/readyz")):
+                assert resp.status_code == 500, (resp.status_code, resp.text[:300])
+                detail = resp.json()["detail"]
+                assert "cannot be read or written" in detail and "retrying does not help" in detail, detail
+                assert "no longer holds" not in detail and str(data) not in detail
+        assert "cannot be read or written" in caplog.text and "Not found" in caplog.text
+        assert "GET /v1/references/2/image: answered 500: the gallery's store" in caplog.text  # which request
+        assert "bucket" not in caplog.text and "no longer holds" not in caplog.text
+    finally:
+        data.rmdir()
+        shutil.move(aside, data)
+    until(lambda: client.get("/readyz").status_code == 200, "/readyz ready again", limit=60)
+    assert client.get("/v1/references/2/image").status_code == 200

@@ -214,3 +214,78 @@ def test_the_one_time_export_is_a_note_not_a_warning(tmp_path, monkeypatch, capl
     said = [r for r in caplog.records if "for this CPU" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO and said[0].note is True
     assert said[0].getMessage().startswith("preparing timm:some-model for this CPU (once; cached under ")
+
+
+def test_debug_logging_redacts_signed_headers_and_keeps_storage_libraries_quiet_under_vv():
+    """Walk s56-logs #1: -vv (what every unexpected error says to rerun with) set the root logger to DEBUG, so
+    botocore's dump of each signed request (its ``Authorization`` header, ``X-Amz-Security-Token``) reached stderr.
+    Now the storage libraries stay at INFO under -vv (-vvv shows their DEBUG), and every line the CLI's handler
+    writes has its credentials and signatures redacted, whichever level and logger. A fresh process: pytest's own
+    log capture keeps the CLI from installing its handler here."""
+    import subprocess
+    import sys
+
+    dump = ("Sending http request: <AWSPreparedRequest stream_output=False, method=PUT, url=http://127.0.0.1:1/b/g, "
+            "headers={'X-Amz-Security-Token': b'SESSIONTOKENyyy888', 'Authorization': b'AWS4-HMAC-SHA256 "
+            "Credential=AKIALOGSWALKID/20261207/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-date, "
+            "Signature=0123456789abcdef0123456789abcdef'}>")
+    script = (
+        "import logging, sys\n"
+        "from api.cli import setup_logging\n"
+        "setup_logging(int(sys.argv[1]))\n"
+        "logging.getLogger('botocore.endpoint').debug('%s', sys.argv[2])\n"
+        "logging.getLogger('botocore.auth').debug('CanonicalRequest:\\nx-amz-security-token:SESSIONTOKENyyy888')\n"
+        "logging.getLogger('botocore.auth').debug('Signature:\\n%s', 'fedcba9876543210fedcba9876543210')\n"
+        "logging.getLogger('urllib3.connectionpool').debug('GET /b/k?X-Amz-Signature=abcdef0123456789&"
+        "X-Amz-Credential=AKIAX%%2F1 HTTP/1.1')\n"
+        "logging.getLogger('api.server').warning('env AWS_SECRET_ACCESS_KEY=AWSSECRETzzz999, key X-API-Key: "
+        "s3cretKEY-alpha-123456, Authorization: Bearer TOPSECRETBEARER')\n"
+        "logging.getLogger('retrieval.workflows').debug('a debug detail')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+
+    def err(verbose: int) -> str:
+        run = subprocess.run([sys.executable, "-c", script, str(verbose), dump], cwd=repo, capture_output=True,
+                             text=True, check=True)
+        return run.stderr
+
+    for verbose in (0, 2, 3):
+        said = err(verbose)
+        for secret in ("SESSIONTOKENyyy888", "AKIALOGSWALKID", "0123456789abcdef0123", "fedcba9876543210",
+                       "abcdef0123456789", "AKIAX", "AWSSECRETzzz999", "s3cretKEY", "TOPSECRETBEARER"):
+            assert secret not in said, (verbose, secret, said)
+        assert "AWS_SECRET_ACCESS_KEY=[redacted]" in said and "X-API-Key: [redacted]" in said
+    vv = err(2)
+    assert "botocore" not in vv and "urllib3" not in vv  # -vv: the storage libraries' DEBUG is not shown
+    assert "DEBUG retrieval.workflows: a debug detail" in vv
+    vvv = err(3)
+    assert "DEBUG botocore.endpoint: Sending http request" in vvv
+    assert "'X-Amz-Security-Token': b'[redacted]'" in vvv and "'Authorization': b'[redacted]'" in vvv
+    assert "x-amz-security-token:[redacted]" in vvv and "Signature:\n[redacted]" in vvv
+    assert "X-Amz-Signature=[redacted]&X-Amz-Credential=[redacted] HTTP/1.1" in vvv
+
+
+def test_progress_bars_only_when_stderr_is_a_terminal(monkeypatch, tmp_path):
+    """Walk s56-logs #5 (finding 11): the bars' redraws went to stderr when it was a file or a CI log (a one-hour
+    build: ~0.8 MB of them); only -q turned them off. Now a command draws them only on a terminal, and never with
+    -q (here: what ``index sweep-uploads`` hands its workflow)."""
+    import io
+
+    import retrieval.workflows as workflows
+    from api.cli import main
+
+    class _Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    seen = []
+
+    def sweep(index, *, progress, **kwargs):
+        seen.append(progress)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(workflows, "sweep_uploads", sweep)
+    for stderr, quiet, bars in ((io.StringIO(), [], False), (_Tty(), [], True), (_Tty(), ["-q"], False)):
+        monkeypatch.setattr("sys.stderr", stderr)
+        assert main(["index", "sweep-uploads", "--index", str(tmp_path), *quiet]) == 2
+        assert seen.pop() is bars and "stop here" in stderr.getvalue()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import numbers
 import os
+import re
 import signal
 import sys
 import types
@@ -27,7 +28,8 @@ from index.text import printable
 
 logger = logging.getLogger(__name__)
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
-                "unexpected error)")
+                "unexpected error; -vvv adds the storage libraries' debug: botocore, urllib3); credentials "
+                "and signatures in any line are shown as [redacted]")
 #: The epilog of the commands that write a gallery: how long they wait for another writer.
 WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
                    "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
@@ -251,16 +253,94 @@ def _shown_without_verbose(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or bool(getattr(record, "note", False))
 
 
+#: The libraries whose DEBUG lines dump every store request (its signed headers among them): at INFO under -vv,
+#: DEBUG only with -vvv (their lines redacted all the same: :class:`RedactSecrets`).
+CHATTY_LIBRARIES = ("botocore", "boto3", "s3transfer", "aiobotocore", "urllib3")
+_REDACTED = "[redacted]"
+#: What a log line may carry that lets its reader act as the server or the user: the value after the name.
+#: The lookahead ``(?!\[redacted\]|b['"])`` keeps a second pass from redacting a redacted value again.
+_SECRETS = (
+    re.compile(r"(?i)(\bauthorization['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s][^'\"\r\n]*)"),
+    re.compile(r"(?i)((?:x-amz-security-token|x-amz-signature|x-amz-credential|aws_secret_access_key|"
+               r"aws_session_token|aws_security_token|secret_access_key|session_token|x-api-key|api_keys?)"
+               r"['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s&,;}\]]+)"),
+    re.compile(r"(?i)(\bsignature['\"]?\s*[:=]\s*(?:b?['\"])?)([0-9a-f]{16,})"),  # botocore.auth's "Signature:"
+    re.compile(r"(?i)(\bbearer\s+)(?!\[redacted\])([^'\"\s,;]+)"),
+)
+
+
+def redacted(text: str) -> str:
+    """``text`` with the values of credentials and signatures in it (a signed request's ``Authorization`` header,
+    ``X-Amz-Security-Token``, a presigned URL's ``X-Amz-Signature``, ``AWS_SECRET_ACCESS_KEY=...``, an
+    ``X-API-Key`` or ``Bearer`` value) replaced by ``[redacted]``; the names kept."""
+    for pattern in _SECRETS:
+        text = pattern.sub(lambda found: found.group(1) + _REDACTED, text)
+    return text
+
+
+class _RedactedArg(str):
+    """A log argument that held a secret, as ``%s`` and ``%r`` show it: redacted."""
+
+    repr_text: str
+
+    def __new__(cls, value: object) -> _RedactedArg:
+        shown = super().__new__(cls, redacted(str(value)))
+        shown.repr_text = redacted(repr(value))
+        return shown
+
+    def __repr__(self) -> str:
+        return self.repr_text
+
+
+class RedactSecrets(logging.Filter):
+    """A handler's filter: every record's message, arguments and traceback with its secrets redacted
+    (:func:`redacted`), so that no log line (-vv's, which bug reports quote) carries one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redacted(record.msg)
+        if isinstance(record.args, Mapping):
+            record.args = {key: self._arg(value) for key, value in record.args.items()}
+        elif record.args:
+            record.args = tuple(self._arg(value) for value in record.args)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = None
+        if message is not None and redacted(message) != message:  # a secret spanning the text and an argument
+            record.msg, record.args = redacted(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redacted(record.exc_text)
+        return True
+
+    @staticmethod
+    def _arg(value: object) -> object:
+        if value is None or isinstance(value, numbers.Number):
+            return value
+        try:
+            text, rep = str(value), repr(value)
+        except Exception:  # noqa: BLE001 - an argument that cannot show itself: left to logging's own handling
+            return value
+        return _RedactedArg(value) if redacted(text) != text or redacted(rep) != rep else value
+
+
 def setup_logging(verbose: int) -> None:
     """Log to stderr in the command line's style (:class:`CliLogFormat`): warnings, errors and notes; -v adds
-    INFO, -vv DEBUG. Left as it is when the root logger has a handler already (a program that embeds the CLI, a
-    test's capture), as ``logging.basicConfig`` does."""
+    INFO, -vv DEBUG (the storage libraries' DEBUG only with -vvv: :data:`CHATTY_LIBRARIES`); secrets redacted
+    (:class:`RedactSecrets`). Left as it is when the root logger has a handler already (a program that embeds the
+    CLI, a test's capture), as ``logging.basicConfig`` does."""
     logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
     root = logging.getLogger()
     if root.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(CliLogFormat(verbose))
+    handler.addFilter(RedactSecrets())
+    if verbose == 2:
+        for name in CHATTY_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:
         handler.addFilter(_shown_without_verbose)
         for name in PACKAGES:  # our INFO records reach the handler, which shows the notes among them

@@ -173,7 +173,14 @@ def interrupted_add(exc: ReferencesInterrupted, index: str | Path,
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """-q / --quiet: no progress bar."""
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (none either when stderr is not a terminal: a log file, a CI job)")
+
+
+def show_bars(args: argparse.Namespace) -> bool:
+    """Whether the command draws progress bars: not with -q, nor when stderr is not a terminal (a log file, a CI
+    job, a journal would keep every redraw of a bar)."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 WEIGHTS_HELP = "weights file for 'open_clip:ARCH' or 'timm:NAME' specs"
@@ -245,7 +252,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     given = {field: getattr(args, dest) for field, dest in _ENCODER_OPTIONS.items()
              if getattr(args, dest, None) is not None}
     run = run_options(getattr(args, "device", None), getattr(args, "runtime", None), getattr(args, "precision", None))
-    return EncoderConfig(**{**given, **run}, progress=not getattr(args, "quiet", False))
+    return EncoderConfig(**{**given, **run}, progress=show_bars(args))
 
 
 def at_least(low: int, high: int | None = None):

@@ -13,6 +13,7 @@ from api.cli._common import (
     emit,
     encoder_config,
     number_in,
+    show_bars,
     spec_help,
 )
 
@@ -129,7 +130,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             apply=args.apply,
             apply_kinds=kinds,
             workers=args.workers,
-            progress=not args.quiet,
+            progress=show_bars(args),
         )
     except CleanInterrupted as exc:  # the exclusion is saved: what it did, and how to undo it
         emit("\n".join(exc.result.applied_lines()))

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from api.cli._common import add_encoder_args, add_quiet, add_vote_args, emit, fmt_opt, open_identifier
+from api.cli._common import (
+    add_encoder_args,
+    add_quiet,
+    add_vote_args,
+    emit,
+    fmt_opt,
+    open_identifier,
+    show_bars,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ident = open_identifier(args)
     overridden = any(v is not None for v in (args.knn, args.temperature, args.unknown_threshold))
     run = evaluate_dataset(ident, args.dataset, args.root, metadata=args.metadata, country=args.country,
-                           report_dir=args.report, progress=not args.quiet, keep_duplicates=args.keep_duplicates,
+                           report_dir=args.report, progress=show_bars(args), keep_duplicates=args.keep_duplicates,
                            settings_overridden=overridden, methods=None if args.method == "all" else [args.method],
                            open_set=args.open_set, scan=scan)
     if run.unreadable:

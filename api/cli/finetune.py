@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from api.cli._common import at_least, emit, number_in
+from api.cli._common import at_least, emit, number_in, show_bars
 
 if typing.TYPE_CHECKING:
     from finetune.config import FinetuneConfig
@@ -183,7 +183,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         from tqdm.auto import tqdm
 
-        r = train.finetune(config, progress=not args.quiet, report=None if args.quiet else tqdm.write)
+        r = train.finetune(config, progress=show_bars(args), report=None if args.quiet else tqdm.write)
     except train.FinetuneInterrupted as exc:
         sys.stderr.write(
             f"speciesid: fine-tuning interrupted after epoch {exc.epoch}; the checkpoint {exc.out}/checkpoint.pt "

@@ -19,6 +19,7 @@ from api.cli._common import (
     logger,
     open_identifier,
     photo_args,
+    show_bars,
     to_csv,
     to_json,
 )
@@ -69,10 +70,10 @@ def cmd_identify(args: argparse.Namespace) -> int:
     """speciesid identify: the candidate species of each photo, or of one observation (exit status)."""
     from retrieval.workflows import answer_notes, identify
 
-    paths, bad_args, not_read = photo_args(args.images, report=False, progress=not args.quiet)
+    paths, bad_args, not_read = photo_args(args.images, report=False, progress=show_bars(args))
     ident = open_identifier(args)
     answers = identify(ident, paths, observation=args.observation, top=args.k, method=args.method,
-                       rank=args.rank, country=args.country, progress=not args.quiet and len(paths) > 20)
+                       rank=args.rank, country=args.country, progress=show_bars(args) and len(paths) > 20)
     skipped = bad_args + not_read
     results = [{"image": arg, "error": reason} for arg, reason in skipped]  # every input is in the output
     for a in answers:

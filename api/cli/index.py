@@ -22,6 +22,7 @@ from api.cli._common import (
     interrupted_add,
     number_in,
     parse_yes_no,
+    show_bars,
     to_csv,
     to_json,
 )
@@ -155,7 +156,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         result = build_gallery(
             args.index, args.dataset, args.root, metadata=args.metadata, encoder=encoder_config(args),
             index_kind=args.index_kind, workers=args.workers,
-            progress=not args.quiet, clean=clean, engine=args.engine, ray=ray, store=args.store,
+            progress=show_bars(args), clean=clean, engine=args.engine, ray=ray, store=args.store,
             new_store=args.new_store, venom_advice=args.venom_advice,
         )
     except ReferencesInterrupted as exc:  # what was embedded is committed
@@ -297,7 +298,7 @@ def cmd_index_sweep_uploads(args: argparse.Namespace) -> int:
     from index.photos import first_few
     from retrieval.workflows import sweep_uploads
 
-    report = sweep_uploads(args.index, older_than_s=args.older_than, dry_run=args.dry_run, progress=not args.quiet)
+    report = sweep_uploads(args.index, older_than_s=args.older_than, dry_run=args.dry_run, progress=show_bars(args))
     verb = "would remove" if report.dry_run else "removed"
     for o in report.orphans:
         emit(f"{verb} {o.uri} ({o.size} bytes, {o.age_s / 3600:.1f} h old)")

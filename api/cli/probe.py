@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from api.cli._common import add_quiet, add_runtime_args, at_least, emit, encoder_config, number_in
+from api.cli._common import add_quiet, add_runtime_args, at_least, emit, encoder_config, number_in, show_bars
 
 if TYPE_CHECKING:
     from retrieval.probe_flows import ProbeResult
@@ -86,7 +86,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     result = train_gallery_probe(
         args.index, val_dataset=args.val_dataset, val_root=args.val_root, val_metadata=args.val_metadata,
         checklist=args.checklist, text_strength=args.text_strength, folds=args.folds, rule=args.rule,
-        encoder=encoder_config(args), progress=not args.quiet, keep_duplicates=args.keep_duplicates,
+        encoder=encoder_config(args), progress=show_bars(args), keep_duplicates=args.keep_duplicates,
         max_photos="auto" if args.max_photos is None else (args.max_photos or None),
     )
     _emit_dropped(result)
@@ -116,7 +116,7 @@ def cmd_probe_import(args: argparse.Namespace) -> int:
     result = import_gallery_probe(
         args.index, args.from_dir, val_dataset=args.val_dataset, val_root=args.val_root,
         val_metadata=args.val_metadata, folds=args.folds, rule=args.rule, blend_weight=args.blend_weight,
-        encoder=encoder_config(args), progress=not args.quiet, keep_duplicates=args.keep_duplicates,
+        encoder=encoder_config(args), progress=show_bars(args), keep_duplicates=args.keep_duplicates,
     )
     _emit_dropped(result)  # the species the head and the gallery do not share: warned about once, by the library
     p = result.probe

@@ -16,6 +16,7 @@ from api.cli._common import (
     interrupted_add,
     parse_yes_no,
     photo_args,
+    show_bars,
     spec_help,
 )
 from api.cli._finish import finished, held_summary, said_finished
@@ -76,13 +77,13 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from retrieval.workflows import ReferencesInterrupted, add_photos, open_gallery
 
     # named on stderr now, counted in the summary below
-    paths, bad_args, not_read = photo_args(args.images, progress=not args.quiet)
+    paths, bad_args, not_read = photo_args(args.images, progress=show_bars(args))
     gallery, enc = open_gallery(args.index, encoder_config(args), make_table=True)  # a writer: may make the table
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                             venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
                             new_species=args.new_species, distinct_from_venomous=args.distinct_from_venomous,
-                            progress=not args.quiet and len(paths) > 20)
+                            progress=show_bars(args) and len(paths) > 20)
     except SpeciesNameConflictError as exc:  # worded for this command's options
         raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc

@@ -86,6 +86,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # a stop lets requests finish for SPECIESID_SHUTDOWN_GRACE_S, then cuts them (never an add's commit), logged
     server = graceful_server(app, settings, log_level="info" if args.verbose else "warning")
+    from api.cli import RedactSecrets
+
+    for name in ("uvicorn", "uvicorn.access"):  # uvicorn's own handlers (its access log keeps query strings)
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(RedactSecrets())
     quiet = _StartupFailure(app)  # uvicorn's traceback of a failed load: only under -vv, as other commands show one
     uvicorn_log = logging.getLogger("uvicorn.error")
     if args.verbose < 2:

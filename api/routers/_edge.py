@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,7 @@ from index.errors import first_line, store_io_failure, store_io_kind, store_tabl
 from index.formats import NewerFormatError
 from index.gallery import Neighbour
 from index.lease import LeaseError
+from index.store import is_uri
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
 
 #: FastAPI's 400 of a body its form parser failed on with an error of its own (the search route raises it too, for
@@ -54,6 +56,15 @@ class _Every:
 
 
 _STORE_WARNINGS = _Every(STORE_WARN_EVERY_S)
+#: The request being answered, ``POST /v1/species/Naja naja/references`` (set by the app's middleware): the log
+#: lines of its 5xx name it.
+REQUEST: ContextVar[str] = ContextVar("speciesid_request", default="")
+
+
+def _request() -> str:
+    """The request being answered and ": " (:data:`REQUEST`), to start a log line; "" when not known."""
+    said = REQUEST.get()
+    return f"{said}: " if said else ""
 
 ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorOut, "description": "bad request (the message says what to fix); adding references or "
@@ -176,9 +187,9 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
     help, naming nothing of the server's disk. The server's log has the store's whole error."""
     kind = store_io_kind(exc)
     if kind is None and store_table_gone(exc):  # the store answers, without the table: no outage, a 500
-        logger.error("answered 500: the gallery's store %s no longer holds its table (its bucket emptied or its prefix "
-                     "deleted?): restore the store, or rebuild the gallery and restart the server: %s", store,
-                     first_line(exc, 500))
+        how = "its bucket emptied or its prefix deleted" if is_uri(str(store)) else "its folder emptied or deleted"
+        logger.error("%sanswered 500: the gallery's store %s no longer holds its table (%s?): restore the store, or "
+                     "rebuild the gallery and restart the server: %s", _request(), store, how, first_line(exc, 500))
         return HTTPException(500, "the server's gallery store no longer holds the gallery's table (emptied or "
                              "deleted); retrying does not help until the server's operator restores the store from a "
                              "backup, or rebuilds the gallery and restarts the server (the server's log has the "
@@ -186,16 +197,18 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
     if kind is None:
         return None
     if store_io_failure(exc, store) is None:
-        logger.error("answered 500: the gallery's store %s cannot be read or written (damaged, a full disk, a "
-                     "permission; check it, or rebuild the gallery): %s", store, first_line(exc, 500), exc_info=exc)
+        logger.error("%sanswered 500: the gallery's store %s cannot be read or written (damaged, a full disk, a "
+                     "permission; check it, or rebuild the gallery): %s", _request(), store, first_line(exc, 500),
+                     exc_info=exc)
         return HTTPException(500, "the server's gallery store cannot be read or written (damaged, or its disk "
                              "full or not permitted); retrying does not help until the server's operator fixes it "
                              "(the server's log has the store's error)")
     named = f"{kind} store" if kind else "store"
     if (unlogged := _STORE_WARNINGS.due()) is not None:  # an outage meets every request: not one line each
         since = f" ({unlogged} more answered so since the last such line)" if unlogged else ""
-        logger.warning("answered 503 (retry in %d s): the gallery's %s cannot be reached: %s%s; said at most once "
-                       "per %.0f s", STORE_RETRY_AFTER_S, named, first_line(exc, 500), since, STORE_WARN_EVERY_S)
+        logger.warning("%sanswered 503 (retry in %d s): the gallery's %s cannot be reached: %s%s; said at most "
+                       "once per %.0f s", _request(), STORE_RETRY_AFTER_S, named, first_line(exc, 500), since,
+                       STORE_WARN_EVERY_S)
     return HTTPException(503, f"the gallery's {named} cannot be reached now (a network or storage outage); this "
                          f"server looks at it again shortly: retry in {STORE_RETRY_AFTER_S} s (the server's "
                          "log has the store's error)", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
@@ -209,13 +222,13 @@ def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
     damaged (an unreadable shared id mark), which the client cannot fix. The 500 names no bucket or credential: the
     log has the error's whole message."""
     if isinstance(exc, TimeoutError) or getattr(exc, "transient", False):
-        logger.warning("write answered 503 (retry in %d s): %s", WRITE_RETRY_AFTER_S, exc)
+        logger.warning("%swrite answered 503 (retry in %d s): %s", _request(), WRITE_RETRY_AFTER_S, exc)
         # a wait given up on another writer (its lock, or on S3 the store's lease, named in exc) is no store fault
         why = ("another writer holds this gallery's write lock" if isinstance(exc, TimeoutError) else
                "the gallery's store could not take this write now")
         return HTTPException(503, f"{why}; retry in {WRITE_RETRY_AFTER_S} s ({exc})",
                              headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
-    logger.error("write refused by the gallery's store, answered 500 (fix the server's store): %s", exc)
+    logger.error("%swrite refused by the gallery's store, answered 500 (fix the server's store): %s", _request(), exc)
     return HTTPException(500, "the server's gallery store is misconfigured or damaged: it refused this write, and "
                          "will refuse every write until the server's operator fixes it (the server's log says what "
                          "to fix); retrying does not help")

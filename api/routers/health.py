@@ -73,6 +73,7 @@ def readyz(request: Request) -> JSONResponse:
     # at most once per refresh_s, waited for PROBE_STORE_WAIT_S at most; never raises on an outage (stale reads),
     # a damaged store or a table gone does (a JSON 500: api.app)
     gallery.refresh(wait=PROBE_STORE_WAIT_S)
+    gallery.check_files()  # a local store's data files deleted from under it: the same 500 (once per refresh_s)
     body = {"status": "ready", "references": gallery.index.ntotal, "encoder": gallery.encoder_spec}
     if gallery.reading_stale:  # the store did not answer: the references identify answers from
         body.update(status="degraded", store=str(gallery.store_uri), warning=STORE_DEGRADED)
