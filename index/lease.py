@@ -108,9 +108,12 @@ class LeaseError(Exception):
     """A failure of the store's write lease whose message says what to do (passed on as it is, never re-worded).
     ``transient``: whether a later try may get past it (racing writes, a busy or failing server, the lease lost),
     or not until someone fixes the store or this machine's setup (credentials, a store or client too old); the
-    API answers the one 503 with Retry-After, the other 500."""
+    API answers the one 503 with Retry-After, the other 500. ``public``: what an API client may be told of it when
+    more than the API's own words, naming nothing of the server (no bucket, object, endpoint, path or host: those
+    stay in its message, for the server's log); None: the API's own words."""
 
     transient: bool = False
+    public: str | None = None
 
 
 class ConditionalWritesUnsupported(LeaseError, ValueError):

@@ -586,9 +586,11 @@ def _store_failures_raise(read: Reader) -> Reader:
             return read(source)
         except StoreObjectError as exc:
             name = str(source).rsplit("/", 1)[-1]  # the object's name: an answer names no bucket
-            raise LeaseStoreError(f"the photo {name} could not be read from the gallery's store, so this add "
-                                  f"stopped (photos committed before it stay stored); add it again: {exc}",
-                                  transient=exc.transient) from exc
+            stopped = (f"the photo {name} could not be read from the gallery's store, so this add stopped (photos "
+                       "committed before it stay stored)")
+            error = LeaseStoreError(f"{stopped}; add it again: {exc}", transient=exc.transient)
+            error.public = stopped  # the API's answer: the store's error (its object, its bucket) only in its log
+            raise error from exc
 
     return reader
 

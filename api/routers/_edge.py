@@ -219,15 +219,21 @@ def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
     (another writer held the gallery's write lock or its store's lease past the wait, a TimeoutError: said so; a
     lease error whose ``transient`` says so: the lease lost, racing writes, a busy store); 500 otherwise: the
     server's store is misconfigured (credentials refused, a store without conditional writes, a client too old) or
-    damaged (an unreadable shared id mark), which the client cannot fix. The 500 names no bucket or credential: the
-    log has the error's whole message."""
+    damaged (an unreadable shared id mark), which the client cannot fix. Neither names a path, host, pid, bucket or
+    credential: the log has the error's whole message."""
     if isinstance(exc, TimeoutError) or getattr(exc, "transient", False):
         logger.warning("%swrite answered 503 (retry in %d s): %s", _request(), WRITE_RETRY_AFTER_S, exc)
-        # a wait given up on another writer (its lock, or on S3 the store's lease, named in exc) is no store fault
-        why = ("another writer holds this gallery's write lock" if isinstance(exc, TimeoutError) else
-               "the gallery's store could not take this write now")
-        return HTTPException(503, f"{why}; retry in {WRITE_RETRY_AFTER_S} s ({exc})",
-                             headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
+        # the answer names nothing exc does (the lock file's path, the holder's host and pid; on S3 the store's URI
+        # and lease object): the log has them. A wait given up on another writer is no store fault: said so.
+        if isinstance(exc, TimeoutError):
+            detail = ("another writer holds this gallery's write lock, and this write waited for it as long as the "
+                      "server waits (SPECIESID_WRITE_WAIT_S on the server sets that); "
+                      f"retry in {WRITE_RETRY_AFTER_S} s (the server's log names the writer)")
+        else:
+            why = exc.public or ("the gallery's store could not take this write now (its write lease lost to another "
+                                 "writer, racing writes, or the store busy or not answering)")
+            detail = f"{why}; retry in {WRITE_RETRY_AFTER_S} s (the server's log has the store's error)"
+        return HTTPException(503, detail, headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
     logger.error("%swrite refused by the gallery's store, answered 500 (fix the server's store): %s", _request(), exc)
     return HTTPException(500, "the server's gallery store is misconfigured or damaged: it refused this write, and "
                          "will refuse every write until the server's operator fixes it (the server's log says what "
