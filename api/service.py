@@ -73,11 +73,14 @@ class Refused(ServiceError):
 
 
 class StoreUnavailable(ServiceError):
-    """The gallery's store could not serve a read now (503 when a later try may get past it, else 500)."""
+    """The gallery's store could not serve a read now (503 when a later try may get past it, else 500). ``outage``:
+    during a store outage, the store and its error for the server's log (the API edge's line, at most one a
+    minute, counting the 503s answered meanwhile)."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, outage: str | None = None) -> None:
         super().__init__(message)
         self.status = 503 if transient else 500
+        self.outage = outage
 
 
 class TooLarge(ServiceError):
@@ -349,7 +352,9 @@ class SpeciesService:
             kind = f"{kind} store" if kind else "store"
             raise StoreUnavailable(f"the gallery's {kind} cannot be reached now (a network or storage outage): {what} "
                                    "answer 503 until it answers again, while identify and search answer from the "
-                                   "references loaded; retry in the seconds Retry-After says", transient=True)
+                                   "references loaded; retry in the seconds Retry-After says", transient=True,
+                                   outage=f"the gallery's {kind} cannot be reached (answered at once: its store "
+                                   f"{self.gallery.store_uri} {self.gallery.stale_reason})")
 
     def species(self) -> list[SpeciesSummary]:
         """Species summaries, read from the store (503 during its outage: :meth:`require_store`)."""

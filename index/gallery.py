@@ -245,6 +245,7 @@ class Gallery:
         # CLI leaves it off and fails, saying so. Writes never do.
         self.stale_reads = False
         self._stale_since: float | None = None  # when the store last became unreadable to a stale read
+        self._stale_why = ""  # why, as the last failed look found it (stale_reason)
         # stale_reads: the store's look runs in one background thread at most (a read waits STORE_CHECK_WAIT_S)
         self._check: _StoreCheck | None = None  # the look running now
         self._check_guard = threading.Lock()  # guards _check (never held across store I/O)
@@ -888,6 +889,7 @@ class Gallery:
 
     def _went_stale(self, why: str, since: float | None = None) -> None:
         """Reads answer from the references loaded until the store answers again: logged once an outage."""
+        self._stale_why = why
         if self._stale_since is None:
             self._stale_since = time.monotonic() if since is None else since
             logger.warning("gallery %s: its store %s %s: answering from the %d references loaded at store version "
@@ -905,6 +907,14 @@ class Gallery:
     def stale_store_kind(self) -> str:
         """While :attr:`reading_stale`: the kind of store that fails (``S3``, ``GCS``; ``""`` when not known)."""
         return self._stale_kind or ("S3" if is_s3(str(self.store_uri)) else "")
+
+    @property
+    def stale_reason(self) -> str:
+        """While :attr:`reading_stale`: why, as the last look found it: ``cannot be read (the store's error)`` or
+        ``has not answered within 2 s``."""
+        if self._stale_since is None or not self._stale_why:  # a look running past STORE_CHECK_WAIT_S, not said yet
+            return f"has not answered within {STORE_CHECK_WAIT_S:g} s"
+        return self._stale_why
 
     def _readable_again(self) -> None:
         """Say that the store answers again, after stale reads."""

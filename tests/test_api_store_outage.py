@@ -192,6 +192,40 @@ def test_an_outages_503s_are_logged_at_most_once_per_minute_with_the_count_betwe
         assert len(lines) == 2 and "(4 more answered so since the last such line)" in lines[1], lines
 
 
+def test_the_503s_answered_at_once_during_an_outage_are_logged_and_counted(client, monkeypatch, caplog):
+    """Walk s56-logs #10: once the store was known down, the species list, thumbnails and writes answered 503 at
+    once (require_store) with no log line and no count, though the docs promise the store's error in the log, one
+    line a minute at most counting the 503s since the last. Now they go through the same line as the others."""
+    import api.routers._edge as edge_module
+
+    service = client.app.state.service
+    cobra = [("images", (COBRA.name, COBRA.read_bytes(), "image/jpeg"))]
+    store = service.gallery.store
+    table = store._table
+    store._table = _DeadTable()
+    warnings = edge_module._Every(edge_module.STORE_WARN_EVERY_S)
+    monkeypatch.setattr(edge_module, "_STORE_WARNINGS", warnings)
+    try:
+        assert client.post("/v1/identify", files=cobra).status_code == 200  # the look fails: reads answer stale
+        assert service.gallery.reading_stale
+        with caplog.at_level(logging.WARNING, logger="api.routers._edge"):
+            for _ in range(3):
+                _unavailable(client.get("/v1/species"))
+            lines = [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
+            assert len(lines) == 1, lines
+            assert lines[0].startswith("GET /v1/species: answered 503 (retry in 5 s): the gallery's S3 store cannot "
+                                       "be reached (answered at once: its store "), lines
+            assert "Generic S3 error" in lines[0] and "at most once per 60 s" in lines[0], lines
+            warnings._last = float("-inf")  # a minute later (no clock patched: the server's threads use it)
+            _unavailable(client.delete("/v1/references/1", headers=KEYS))
+            lines = [r.getMessage() for r in caplog.records if "answered 503" in r.getMessage()]
+            assert len(lines) == 2 and lines[1].startswith("DELETE /v1/references/1: answered 503"), lines
+            assert "(2 more answered so since the last such line)" in lines[1], lines
+    finally:
+        store._table = table
+    until(lambda: client.get("/readyz").json()["status"] == "ready", "/readyz ready again", limit=60)
+
+
 def test_identify_and_search_answer_from_the_references_this_server_added_during_an_outage(tmp_path_factory,
                                                                                             caplog):
     """Walk s56-logs #3: once the server itself had added references, identify and search answered 503 during an

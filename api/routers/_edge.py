@@ -14,7 +14,7 @@ from typing import TypeVar
 from fastapi import HTTPException, Request, Response, UploadFile
 
 from api.schemas import ErrorOut, NeighbourOut
-from api.service import ServiceError, SpeciesService, Upload
+from api.service import ServiceError, SpeciesService, StoreUnavailable, Upload
 from index.errors import first_line, store_io_failure, store_io_kind, store_table_gone
 from index.formats import NewerFormatError
 from index.gallery import Neighbour
@@ -141,6 +141,8 @@ def edge(fn: Callable[[], T], field: str | None = None) -> T:
     try:
         return fn()
     except ServiceError as exc:  # a 503 (the store unreachable) says when to retry, as the store's own do
+        if isinstance(exc, StoreUnavailable) and exc.outage:  # answered at once: logged and counted as the others
+            _log_outage(exc.outage)
         retry = {"Retry-After": str(STORE_RETRY_AFTER_S)} if exc.status == 503 else None
         raise HTTPException(exc.status, str(exc), headers=retry) from exc
     except InvalidNameError as exc:
@@ -204,14 +206,19 @@ def store_answer(exc: BaseException, store: str | Path | None) -> HTTPException 
                              "full or not permitted); retrying does not help until the server's operator fixes it "
                              "(the server's log has the store's error)")
     named = f"{kind} store" if kind else "store"
-    if (unlogged := _STORE_WARNINGS.due()) is not None:  # an outage meets every request: not one line each
-        since = f" ({unlogged} more answered so since the last such line)" if unlogged else ""
-        logger.warning("%sanswered 503 (retry in %d s): the gallery's %s cannot be reached: %s%s; said at most "
-                       "once per %.0f s", _request(), STORE_RETRY_AFTER_S, named, first_line(exc, 500), since,
-                       STORE_WARN_EVERY_S)
+    _log_outage(f"the gallery's {named} cannot be reached: {first_line(exc, 500)}")
     return HTTPException(503, f"the gallery's {named} cannot be reached now (a network or storage outage); this "
                          f"server looks at it again shortly: retry in {STORE_RETRY_AFTER_S} s (the server's "
                          "log has the store's error)", headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+
+def _log_outage(what: str) -> None:
+    """Log a 503 of a store outage (``what``: the store and its error) at most once per :data:`STORE_WARN_EVERY_S`,
+    saying how many were answered so since the last line: an outage meets every request, not one line each."""
+    if (unlogged := _STORE_WARNINGS.due()) is not None:
+        since = f" ({unlogged} more answered so since the last such line)" if unlogged else ""
+        logger.warning("%sanswered 503 (retry in %d s): %s%s; said at most once per %.0f s", _request(),
+                       STORE_RETRY_AFTER_S, what, since, STORE_WARN_EVERY_S)
 
 
 def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
