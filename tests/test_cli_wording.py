@@ -289,3 +289,44 @@ def test_progress_bars_only_when_stderr_is_a_terminal(monkeypatch, tmp_path):
         monkeypatch.setattr("sys.stderr", stderr)
         assert main(["index", "sweep-uploads", "--index", str(tmp_path), *quiet]) == 2
         assert seen.pop() is bars and "stop here" in stderr.getvalue()
+
+
+def _uvicorn_logging_run(verbose: int, lines: str) -> tuple[str, str]:
+    """stdout and stderr of a fresh process with the CLI's logging (``setup_logging(verbose)``) and serve's uvicorn
+    config (``UVICORN_LOGGING``, at serve's level for ``verbose``), that runs ``lines`` (``logging`` imported). A
+    fresh process: pytest's own log capture keeps the CLI from installing its handler here."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "import uvicorn\n"
+        "from api.cli import setup_logging\n"
+        "from api.cli.serve import UVICORN_LOGGING\n"
+        "verbose = int(sys.argv[1])\n"
+        "setup_logging(verbose)\n"
+        "uvicorn.Config(lambda scope, receive, send: None, log_config=UVICORN_LOGGING,\n"
+        "               log_level='info' if verbose else 'warning')\n"
+        + lines
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(verbose)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    return run.stdout, run.stderr
+
+
+def test_serves_access_log_goes_to_stderr_in_the_clis_format_only_with_verbose():
+    """Walk s56-logs #6: serve -v wrote uvicorn's access lines to stdout in uvicorn's format (``INFO:     127.0.0.1
+    ...``), everything else to stderr in speciesid's. Now uvicorn's loggers go through the CLI's handler: stderr,
+    ``LEVEL module: ...``, secrets redacted; the access log only with -v, as before."""
+    lines = ("logging.getLogger('uvicorn.error').info('Started server process [%d]', 42)\n"
+             "logging.getLogger('uvicorn.access').info('%s - \"%s %s HTTP/%s\" %d', '127.0.0.1:5', 'POST',\n"
+             "                                         '/v1/identify?k=1&X-API-Key=s3cretKEY-alpha', '1.1', 200)\n"
+             "logging.getLogger('uvicorn.error').warning('Invalid HTTP request received.')\n")
+    out, err = _uvicorn_logging_run(1, lines)
+    assert out == ""
+    assert err.splitlines() == ["INFO uvicorn.error: Started server process [42]",
+                                'INFO uvicorn.access: 127.0.0.1:5 - "POST /v1/identify?k=1&X-API-Key=[redacted] '
+                                'HTTP/1.1" 200',
+                                "WARNING uvicorn.error: Invalid HTTP request received."], err
+    out, err = _uvicorn_logging_run(0, lines)
+    assert out == "" and err.splitlines() == ["speciesid: warning: Invalid HTTP request received."], err

@@ -17,6 +17,14 @@ if TYPE_CHECKING:
 
 #: The settings ``serve``'s options override (``--index`` ... ``--precision``), as ``api.settings.Settings`` names them.
 OPTION_SETTINGS = ("index", "device", "runtime", "precision")
+#: uvicorn's logging (its ``log_config``): its loggers without handlers of their own, so that their records, the
+#: access log's (``uvicorn.access``, INFO: with -v only) among them, reach the command line's handler: on stderr,
+#: in its format, secrets redacted (:func:`api.cli.setup_logging`). uvicorn's default wrote the access log to stdout.
+UVICORN_LOGGING: dict = {
+    "version": 1, "disable_existing_loggers": False,
+    "loggers": {name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error",
+                                                                       "uvicorn.access")},
+}
 
 
 def setting_names() -> list[str]:
@@ -85,12 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      "ready when /readyz answers 200); Ctrl-C stops it; -v logs each request\n")
     app = create_app(settings)
     # a stop lets requests finish for SPECIESID_SHUTDOWN_GRACE_S, then cuts them (never an add's commit), logged
-    server = graceful_server(app, settings, log_level="info" if args.verbose else "warning")
-    from api.cli import RedactSecrets
-
-    for name in ("uvicorn", "uvicorn.access"):  # uvicorn's own handlers (its access log keeps query strings)
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(RedactSecrets())
+    server = graceful_server(app, settings, log_level="info" if args.verbose else "warning",
+                             log_config=UVICORN_LOGGING)
     quiet = _StartupFailure(app)  # uvicorn's traceback of a failed load: only under -vv, as other commands show one
     uvicorn_log = logging.getLogger("uvicorn.error")
     if args.verbose < 2:
