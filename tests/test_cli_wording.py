@@ -330,3 +330,18 @@ def test_serves_access_log_goes_to_stderr_in_the_clis_format_only_with_verbose()
                                 "WARNING uvicorn.error: Invalid HTTP request received."], err
     out, err = _uvicorn_logging_run(0, lines)
     assert out == "" and err.splitlines() == ["speciesid: warning: Invalid HTTP request received."], err
+
+
+def test_a_stops_cut_is_not_uvicorns_error_line_and_other_errors_stay():
+    """Walk s56-logs #7: a planned stop that cut a slow upload logged uvicorn's ``ERROR: Cancel 1 running task(s),
+    timeout graceful shutdown exceeded`` at the default level, beside the server's own warnings that say it (an
+    "alert on ERROR" rule fires on every rolling deploy). Now that one record is INFO: shown with -v only. Any other
+    error of uvicorn's is still an error."""
+    lines = ("logging.getLogger('uvicorn.error').error('Cancel %s running task(s), timeout graceful shutdown "
+             "exceeded', 1)\n"
+             "logging.getLogger('uvicorn.error').error('Exception in ASGI application')\n")
+    out, err = _uvicorn_logging_run(0, lines)
+    assert out == "" and err.splitlines() == ["speciesid: error: Exception in ASGI application"], err
+    out, err = _uvicorn_logging_run(1, lines)
+    assert err.splitlines() == ["INFO uvicorn.error: Cancel 1 running task(s), timeout graceful shutdown exceeded",
+                                "ERROR uvicorn.error: Exception in ASGI application"], err

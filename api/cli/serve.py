@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import re
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -17,13 +18,32 @@ if TYPE_CHECKING:
 
 #: The settings ``serve``'s options override (``--index`` ... ``--precision``), as ``api.settings.Settings`` names them.
 OPTION_SETTINGS = ("index", "device", "runtime", "precision")
+
+
+class _PlannedCut(logging.Filter):
+    """uvicorn's ERROR "Cancel N running task(s), timeout graceful shutdown exceeded" made an INFO record (shown
+    with -v only): the cut of a planned stop, which the server's own warnings say (:mod:`api.server`), not an error
+    to alert on. Every other record passes unchanged."""
+
+    said = re.compile(r"Cancel \d+ running task\(s\), timeout graceful shutdown exceeded")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO and "graceful shutdown" in str(record.msg) and \
+                self.said.fullmatch(record.getMessage()):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
 #: uvicorn's logging (its ``log_config``): its loggers without handlers of their own, so that their records, the
 #: access log's (``uvicorn.access``, INFO: with -v only) among them, reach the command line's handler: on stderr,
 #: in its format, secrets redacted (:func:`api.cli.setup_logging`). uvicorn's default wrote the access log to stdout.
+#: A stop's cut is not uvicorn's ERROR (:class:`_PlannedCut`).
 UVICORN_LOGGING: dict = {
     "version": 1, "disable_existing_loggers": False,
-    "loggers": {name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error",
-                                                                       "uvicorn.access")},
+    "filters": {"planned_cut": {"()": _PlannedCut}},
+    "loggers": {"uvicorn": {"handlers": [], "propagate": True},
+                "uvicorn.error": {"handlers": [], "propagate": True, "filters": ["planned_cut"]},
+                "uvicorn.access": {"handlers": [], "propagate": True}},
 }
 
 
