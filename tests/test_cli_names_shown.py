@@ -29,12 +29,13 @@ def _line(msg: str, *args: object) -> str:
 def test_a_name_put_into_a_log_message_is_escaped_whole_and_the_messages_own_lines_kept():
     """The CLI's formatter escaped line by line, keeping '\\n': a class folder named 'Bogus\\nspeciesid: note: all
     harmless' in a library warning printed a line of its own. What the library puts into a message (its
-    arguments) is now escaped whole; numbers keep their format; the record the other handlers see is unchanged."""
+    arguments) is now escaped whole; numbers keep their format; the record the other handlers see is unchanged. The
+    message's own further lines are indented (walk s56-logs #12)."""
     assert _line("%s", f"1 class folder(s) not written as scientific names: {FAKE}. Read as ...") == (
         "speciesid: warning: 1 class folder(s) not written as scientific names: Bogus\\nspeciesid: note: all "
         "harmless. Read as ...")
     assert _line("read %d photos in %.1f s under %s\nthen %s", np.int64(3), 1.25, Path("/p") / FAKE, "x\x1b[8m") == (
-        "speciesid: warning: read 3 photos in 1.2 s under /p/Bogus\\nspeciesid: note: all harmless\nthen x\\x1b[8m")
+        "speciesid: warning: read 3 photos in 1.2 s under /p/Bogus\\nspeciesid: note: all harmless\n  then x\\x1b[8m")
     assert _line("folder %r skipped", FAKE) == "speciesid: warning: folder 'Bogus\\nspeciesid: note: all harmless' " \
         "skipped"
     assert _line("%(name)s: %(n)d", {"name": FAKE, "n": 2}).count("\n") == 0

@@ -261,7 +261,7 @@ def test_debug_logging_redacts_signed_headers_and_keeps_storage_libraries_quiet_
     vvv = err(3)
     assert "DEBUG botocore.endpoint: Sending http request" in vvv
     assert "'X-Amz-Security-Token': b'[redacted]'" in vvv and "'Authorization': b'[redacted]'" in vvv
-    assert "x-amz-security-token:[redacted]" in vvv and "Signature:\n[redacted]" in vvv
+    assert "x-amz-security-token:[redacted]" in vvv and "Signature:\n  [redacted]" in vvv  # its lines indented (#12)
     assert "X-Amz-Signature=[redacted]&X-Amz-Credential=[redacted] HTTP/1.1" in vvv
 
 
@@ -345,3 +345,39 @@ def test_a_stops_cut_is_not_uvicorns_error_line_and_other_errors_stay():
     out, err = _uvicorn_logging_run(1, lines)
     assert err.splitlines() == ["INFO uvicorn.error: Cancel 1 running task(s), timeout graceful shutdown exceeded",
                                 "ERROR uvicorn.error: Exception in ASGI application"], err
+
+
+def test_verbose_keeps_faiss_loaders_chatter_out_and_a_record_of_several_lines_is_one_line_at_the_margin():
+    """Walk s56-logs #12: -v began with faiss' loader's INFO "Could not load library with AVX512 support due to:" and,
+    on a line of its own with no level or module, its ModuleNotFoundError: reading like a failure, and breaking
+    one-record-per-line parsing. Now faiss.loader stays at WARNING under -v (its INFO shown with -vv), and a record's
+    further lines (its message's own, a traceback) are indented: a line at the margin begins a record."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from api.cli import setup_logging\n"
+        "setup_logging(int(sys.argv[1]))\n"
+        "logging.getLogger('faiss.loader').info('Could not load library with AVX512 support due to:\\n'\n"
+        "                                       'ModuleNotFoundError(\"No module named faiss.swigfaiss_avx512\")')\n"
+        "logging.getLogger('retrieval.workflows').info('first line\\nsecond line')\n"
+        "try:\n"
+        "    raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    logging.getLogger('index.gallery').warning('it failed', exc_info=True)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+
+    def err(verbose: int) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", script, str(verbose)], cwd=repo, capture_output=True, text=True,
+                             check=True)
+        return run.stderr.splitlines()
+
+    v = err(1)
+    assert v[:3] == ["INFO retrieval.workflows: first line", "  second line", "WARNING index.gallery: it failed"], v
+    assert v[3] == "  Traceback (most recent call last):" and v[-1] == "  ValueError: boom", v
+    assert all(line.startswith(("INFO ", "WARNING ", "  ")) for line in v), v  # faiss' loader: not at all
+    vv = err(2)
+    assert vv[:2] == ["INFO faiss.loader: Could not load library with AVX512 support due to:",
+                      '  ModuleNotFoundError("No module named faiss.swigfaiss_avx512")'], vv

@@ -292,14 +292,14 @@ def test_a_path_given_that_is_a_device_says_so(tmp_path):
 
 def test_the_clis_warnings_and_errors_escape_a_file_names_control_characters(tmp_path, capsys):
     """A library warning or an error naming a file (a folder given that holds no photo) is shown with ESC escaped,
-    the message's own line breaks kept."""
+    the message's own line breaks kept (its further lines indented: walk s56-logs #12)."""
     import logging
 
     from api.cli import CliLogFormat, main
 
     record = logging.LogRecord("index", logging.WARNING, __file__, 1, "skipped %s\nnext line", ("a\x1b[8m.jpg",),
                                None)
-    assert CliLogFormat().format(record) == "speciesid: warning: skipped a\\x1b[8m.jpg\nnext line"
+    assert CliLogFormat().format(record) == "speciesid: warning: skipped a\\x1b[8m.jpg\n  next line"
     folder = tmp_path / "x\x1b[2J"
     folder.mkdir()
     assert main(["identify", "--index", str(tmp_path / "none"), str(folder)]) == 2

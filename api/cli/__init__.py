@@ -183,6 +183,11 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 PACKAGES = ("api", "index", "retrieval", "finetune", "speciesid")
 
 
+#: What starts a log record's further lines (a library's message of several lines, a traceback): one record, one
+#: line at the margin.
+CONTINUED = "  "
+
+
 class CliLogFormat(logging.Formatter):
     """The command line's log lines in the style of its other messages: ``speciesid: warning: ...`` (``error:`` for
     ERROR and above) and a note as ``speciesid: ...``; with -v / -vv, ``LEVEL module: ...`` (where each comes from)."""
@@ -195,10 +200,11 @@ class CliLogFormat(logging.Formatter):
         """One record as a line (its traceback, when it has one, after it). What the library put into the message
         (its ``%s`` arguments: a file or folder name, a list of them, a warning naming them) is shown with every
         control character escaped (``index.text.printable``: a newline too, so a folder named ``a\nspeciesid: ...``
-        cannot fake a line); the message's own text keeps its lines (each line escaped all the same)."""
+        cannot fake a line); the message's own text keeps its lines (each line escaped all the same), each after
+        the first indented (:data:`CONTINUED`), as are a traceback's: a line at the margin begins a record."""
         if record.args:
             record = _shown_args(record)
-        text = _shown(super().format(record))
+        text = _shown(super().format(record)).replace("\n", "\n" + CONTINUED)
         if self.verbose:
             return f"{record.levelname} {record.name}: {text}"
         kind = "error: " if record.levelno >= logging.ERROR else "warning: " if record.levelno >= logging.WARNING \
@@ -328,9 +334,9 @@ class RedactSecrets(logging.Filter):
 
 def setup_logging(verbose: int) -> None:
     """Log to stderr in the command line's style (:class:`CliLogFormat`): warnings, errors and notes; -v adds
-    INFO, -vv DEBUG (the storage libraries' DEBUG only with -vvv: :data:`CHATTY_LIBRARIES`); secrets redacted
-    (:class:`RedactSecrets`). Left as it is when the root logger has a handler already (a program that embeds the
-    CLI, a test's capture), as ``logging.basicConfig`` does."""
+    INFO (faiss' loader's only with -vv), -vv DEBUG (the storage libraries' only with -vvv:
+    :data:`CHATTY_LIBRARIES`); secrets redacted (:class:`RedactSecrets`). Left as it is when the root logger has a
+    handler already (a program that embeds the CLI, a test's capture), as ``logging.basicConfig`` does."""
     logging.getLogger("huggingface_hub").propagate = False  # it prints through a handler of its own: once, not twice
     root = logging.getLogger()
     if root.handlers:
@@ -338,6 +344,8 @@ def setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(CliLogFormat(verbose))
     handler.addFilter(RedactSecrets())
+    if verbose == 1:  # faiss' loader says at INFO which of its builds it could not load: reads like a failure
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if verbose == 2:
         for name in CHATTY_LIBRARIES:
             logging.getLogger(name).setLevel(logging.INFO)
