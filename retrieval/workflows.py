@@ -1519,7 +1519,8 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root, references=len(g)), **embedding_info(g.info, len(g)),
+            "build": build_status(g.root, references=g.store.count(include_excluded=True)),
+            **embedding_info(g.info, len(g)),
             WRITTEN_BY: g.info.get(WRITTEN_BY),
             "uploads": unused_uploads(g),  # photos an add cut off left: what `index sweep-uploads` would take
             **_checklist_info(g, species, prior),
