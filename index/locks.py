@@ -139,6 +139,16 @@ except ImportError:  # pragma: no cover - Windows: one process per gallery (the 
     fcntl = None  # type: ignore[assignment]
 
 
+class WriterBusy(TimeoutError):
+    """A wait given up on another writer's hold: ``held`` names what it held, this gallery's write lock (another
+    process) or, on S3, the gallery store's write lease (:mod:`index.lease`). A TimeoutError of another kind (a
+    server's own queue of writes) is not one."""
+
+    def __init__(self, message: str, held: str = "this gallery's write lock") -> None:
+        super().__init__(message)
+        self.held = held
+
+
 class WaitGivenUp(Exception):  # noqa: N818 - a wait given up, not an error of the lock
     """A wait for the write lock given up because its ``give_up`` said so (a server stopping): nothing was
     written, nothing is held."""
@@ -241,7 +251,7 @@ class WriteLock:
 
     def _acquire(self, timeout: float, give_up: Callable[[], bool] | None = None) -> float:
         """Take the ``flock``, waiting up to ``timeout`` seconds for another process holding it (0: one try); the
-        seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder. Once taken, it
+        seconds spent waiting for it (0.0 when the first try took it). :class:`WriterBusy` names the holder. Once taken, it
         is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
         that closes the file, and with it the ``flock`` if the try had taken it."""
         fd = _open_lock(self.path)
@@ -269,7 +279,7 @@ class WriteLock:
                     waited = now - start
                     if waited >= timeout:
                         holder = _lock_holder(fd) or "its holder not recorded"
-                        raise TimeoutError(_busy_message(self.path, holder, timeout)) from None
+                        raise WriterBusy(_busy_message(self.path, holder, timeout)) from None
                     if waited > WARN_AFTER_S and not warned:
                         holder = _lock_holder(fd) or "its holder not recorded"
                         logger.warning("waiting up to %.0f s in all for another process writing this gallery (%s; "

@@ -1158,6 +1158,7 @@ def _lease_failures() -> dict[str, list[Exception]]:
     says itself whether a later try may get past it (``transient``): a conflict raised without its S3 cause chained
     is a 503 too (before, the API read the S3 code off ``__cause__``, and answered it 500)."""
     from index.lease import ConditionalWritesUnsupported, LeaseLostError, LeaseStoreError
+    from index.locks import WriterBusy
 
     def caused(error: Exception, cause: Exception) -> Exception:
         error.__cause__ = cause
@@ -1171,11 +1172,12 @@ def _lease_failures() -> dict[str, list[Exception]]:
                   caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate): the "
                                          "store is busy or failing for now; try again shortly", transient=True),
                          _S3Refusal("SlowDown")),
-                  TimeoutError("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
-                               "waited 600 s: try again when it is done"),
-                  TimeoutError("another process is writing this gallery (held by host h, pid 7, since "
-                               "2026-12-07T20:39:02+0000; lock /g/.write.lock); this one waited 30 s: try again when "
-                               "it is done (SPECIESID_WRITE_WAIT_S sets how long a writer waits)")],
+                  WriterBusy("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
+                             "waited 600 s: try again when it is done", held="the gallery store's write lease"),
+                  WriterBusy("another process is writing this gallery (held by host h, pid 7, since "
+                             "2026-12-07T20:39:02+0000; lock /g/.write.lock); this one waited 30 s: try again when "
+                             "it is done (SPECIESID_WRITE_WAIT_S sets how long a writer waits)"),
+                  TimeoutError("this server's other writes to this gallery have kept this one waiting for over 30 s")],
         "misconfigured": [ConditionalWritesUnsupported("the object store of s3://b/g does not honour conditional "
                                                        "writes"),
                           caused(LeaseStoreError("the write lease ...: taking it was refused (AccessDenied: no). The "
@@ -1207,7 +1209,11 @@ def test_a_write_the_stores_lease_refuses_is_a_503_to_retry_or_a_500_never_a_400
         assert got.status_code == 503 and got.headers == {"Retry-After": str(WRITE_RETRY_AFTER_S)}, exc
         assert str(exc) in got.detail and f"retry in {WRITE_RETRY_AFTER_S} s" in got.detail
         # walk chaos #7: a wait given up on another writer blamed the store ("the gallery's store could not take")
-        why = ("another writer holds this gallery's write lock" if isinstance(exc, TimeoutError)
+        # re-read chaos #3: this server's own queue of writes (a plain TimeoutError) blamed another writer's lock
+        text = str(exc)
+        why = ("another writer holds the gallery store's write lease" if "holds the store s3://" in text
+               else "another writer holds this gallery's write lock" if "another process is writing" in text
+               else "this server is busy with other writes to this gallery" if "this server's other" in text
                else "the gallery's store could not take this write now")
         assert got.detail == f"{why}; retry in {WRITE_RETRY_AFTER_S} s ({exc})", got.detail
     for exc in failures["misconfigured"]:
@@ -1288,6 +1294,7 @@ def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_
         resp = _add_while_held(quick, WriteLock(service.gallery.layout.write_lock).hold)
     finally:
         service.gallery.write_wait_s = service.settings.write_wait_s
+    assert _is_error(resp, 503).startswith("another writer holds this gallery's write lock; retry"), resp.text
     assert "another process is writing this gallery (held by host " in _is_error(resp, 503), resp.text
     assert "this one waited 1 s: try again when it is done" in _is_error(resp, 503), resp.text
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
@@ -1306,6 +1313,8 @@ def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_
     quick = SpeciesService(Settings(**{**service.settings.model_dump(), "write_wait_s": 1}),
                            identifier=service.identifier)  # the same gallery, another server's settings
     resp = _add_while_held(quick, lambda: quick._write_lock)  # this server writing another request
+    # re-read chaos #3: no other process holds anything; it said "another writer holds this gallery's write lock"
+    assert _is_error(resp, 503).startswith("this server is busy with other writes to this gallery; retry"), resp.text
     assert "this server's other writes to this gallery have kept this one waiting for over 1 s" in _is_error(
         resp, 503), resp.text
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from index.locks import WriteLock
+from index.locks import WriteLock, WriterBusy
 
 fcntl = pytest.importorskip("fcntl", reason="the write lock's flock is POSIX only")
 
@@ -113,3 +113,20 @@ def test_a_folder_without_write_permission_is_said_read_only(tmp_path):
                 pass
     finally:
         folder.chmod(0o755)
+
+
+def test_a_wait_given_up_on_another_process_is_a_writer_busy_naming_the_lock(tmp_path):
+    """Re-read chaos #3: the server answered every TimeoutError (its own queue of writes too) as "another writer
+    holds this gallery's write lock". A wait given up on another process's flock raises WriterBusy, which says what
+    was held; a TimeoutError of another kind is not one."""
+    path = tmp_path / ".write.lock"
+    path.touch()
+    holder = os.open(path, os.O_RDWR)  # another process's open file
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(WriterBusy, match="another process is writing this gallery") as refused:
+            with WriteLock(path).hold(timeout=0):
+                pass
+    finally:
+        os.close(holder)
+    assert isinstance(refused.value, TimeoutError) and refused.value.held == "this gallery's write lock"

@@ -19,6 +19,7 @@ from index.errors import first_line, store_io_failure, store_io_kind, store_tabl
 from index.formats import NewerFormatError
 from index.gallery import Neighbour
 from index.lease import LeaseError
+from index.locks import WriterBusy
 from index.store import is_uri
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
 
@@ -224,7 +225,8 @@ def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
     if isinstance(exc, TimeoutError) or getattr(exc, "transient", False):
         logger.warning("%swrite answered 503 (retry in %d s): %s", _request(), WRITE_RETRY_AFTER_S, exc)
         # a wait given up on another writer (its lock, or on S3 the store's lease, named in exc) is no store fault
-        why = ("another writer holds this gallery's write lock" if isinstance(exc, TimeoutError) else
+        why = (f"another writer holds {exc.held}" if isinstance(exc, WriterBusy) else
+               "this server is busy with other writes to this gallery" if isinstance(exc, TimeoutError) else
                "the gallery's store could not take this write now")
         return HTTPException(503, f"{why}; retry in {WRITE_RETRY_AFTER_S} s ({exc})",
                              headers={"Retry-After": str(WRITE_RETRY_AFTER_S)})
