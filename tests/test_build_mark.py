@@ -636,6 +636,13 @@ def test_a_build_killed_after_it_made_the_table_before_its_mark_reads_as_interru
     assert json.loads(out)["build"] == {"state": "interrupted", "note": NEVER_STORED_NOTE}, out
     code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "photos" / "Natrix maura" / "0.png")
     assert code == 2 and NEVER_STORED_NOTE in err, err
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    with TestClient(create_app(Settings(index=str(index), precision="fp32"))) as c:  # re-read chaos #6: "complete"
+        assert c.get("/readyz").json()["build"] == {"state": "interrupted", "note": NEVER_STORED_NOTE}
     code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
                           index, *ENCODER, "-q")  # run again: complete
     assert code == 0, err
