@@ -665,3 +665,30 @@ def test_a_prune_of_every_old_version_keeps_unused_files_while_one_is_young(tmp_
     assert not old.exists() and not young.exists()
     assert "  unused files of killed writers: 2 deleted\n" in capsys.readouterr().out
     assert sorted(Gallery.open(tmp_path / "g").store.ids().tolist()) == [1, 2, 3]
+
+
+def test_a_prune_of_every_old_version_keeps_unused_files_while_a_ray_journal_is_held(tmp_path, capsys):
+    """Re-read chaos #9: a live Ray chunk's journal alone (no build mark) keeps a killed writer's old unused file,
+    and compact says why; once the journal goes, the file is deleted."""
+    from index.fragments import PendingFiles
+
+    rng = np.random.default_rng(8)
+    g = _gallery(tmp_path, threshold=0)
+    _add_one_by_one(g, 0, 3, rng)
+    data = Path(g.store.uri) / "data"
+    orphan = data / ("0" * 40 + ".lance")
+    orphan.write_bytes(next(data.glob("*.lance")).read_bytes())
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+    pending = PendingFiles(tmp_path / "g", g.store.uri, g.store.version)  # a chunk's driver, still at work
+    try:
+        capsys.readouterr()
+        assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+        out = capsys.readouterr().out
+        assert orphan.exists()
+        assert (f"  unused files of killed writers (if any): kept: a Ray build's journal {pending.path.name} (driver "
+                f"pid {os.getpid()} on host ") in out, out
+    finally:
+        pending.committed()
+    assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+    assert not orphan.exists()
