@@ -286,9 +286,9 @@ class WriteLock:
 
     def _acquire(self, timeout: float, give_up: Callable[[], bool] | None = None) -> float:
         """Take the ``flock``, waiting up to ``timeout`` seconds for another process holding it (0: one try); the
-        seconds spent waiting for it (0.0 when the first try took it). :class:`WriterBusy` names the holder. Once taken, it
-        is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
-        that closes the file, and with it the ``flock`` if the try had taken it."""
+        seconds spent waiting for it (0.0 when the first try took it). :class:`WriterBusy` names the holder. Once
+        taken, it is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception
+        before that closes the file, and with it the ``flock`` if the try had taken it."""
         fd = _open_lock(self.path)
         if fcntl is None:  # pragma: no cover
             self._fd = fd

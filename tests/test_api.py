@@ -1177,7 +1177,8 @@ def _lease_failures() -> dict[str, list[Exception]]:
                   WriterBusy("another process is writing this gallery (held by host h, pid 7, since "
                              "2026-12-07T20:39:02+0000; lock /g/.write.lock); this one waited 30 s: try again when "
                              "it is done (SPECIESID_WRITE_WAIT_S sets how long a writer waits)"),
-                  TimeoutError("this server's other writes to this gallery have kept this one waiting for over 30 s")],
+                  TimeoutError("this server's other writes to this gallery have kept this one waiting for over "
+                               "30 s")],
         "misconfigured": [ConditionalWritesUnsupported("the object store of s3://b/g does not honour conditional "
                                                        "writes"),
                           caused(LeaseStoreError("the write lease ...: taking it was refused (AccessDenied: no). The "
