@@ -62,7 +62,7 @@ INTERRUPTED_NOTE = "the last build into this gallery was interrupted: run it aga
 #: What readers say of a gallery that holds no row, no mark, and records no writer that ever committed one: a build
 #: killed after it made the table, before it marked the folder (or one that could use none of its photos).
 NEVER_STORED_NOTE = ("no photo was ever stored in this gallery: the build that made it was interrupted before its "
-                     "first photo (or could use none of them): run it again to add them")
+                     "first photo: run it again to add them")
 
 
 def interrupted_note(key: dict[str, Any] | None, after: str | None = None, *, api: bool = False) -> str:
@@ -213,8 +213,11 @@ def build_status(root: str | Path, *, api: bool = False, references: int | None 
     photo was committed the step it was in and "run it again to finish"; an add's, naming its species) or
     ``running`` (a build runs now: its species may not all be in yet). ``api``: worded for an HTTP client, who may
     hold no key (``/readyz``): the running build's pid and host are left out. ``references``: how many the gallery
-    holds, when the caller knows: 0 with no mark in a gallery no row was ever committed to is a build killed after
-    it made the table, before it marked the folder, read as interrupted (:data:`NEVER_STORED_NOTE`)."""
+    holds, excluded ones included, when the caller knows: 0 in a gallery no row was ever committed to
+    (:func:`_never_stored`) and whose folder never held a mark (no ``build-marks/``: every build or add that marked
+    it leaves the folder, a Ray build's too, which records no embedding, and one that could use none of its photos)
+    is a build killed after it made the table, before it marked the folder, read as interrupted
+    (:data:`NEVER_STORED_NOTE`)."""
     found, live = _found_and_live(root)
     if unfinished := _unfinished(found, live):
         ordered = sorted((m.get("kind") == "add", "id" in m and bool(m.get("key")), str(m.get("started")),
@@ -223,7 +226,7 @@ def build_status(root: str | Path, *, api: bool = False, references: int | None 
         return {"state": "interrupted", "note": "; ".join(notes)}
     if live:
         return {"state": "running", "note": _running_note(live[0], api)}
-    if references == 0 and not found and _never_stored(root):
+    if references == 0 and not found and not GalleryLayout(Path(root)).build_marks.exists() and _never_stored(root):
         return {"state": "interrupted", "note": NEVER_STORED_NOTE}
     return {"state": "complete", "note": ""}
 

@@ -23,6 +23,10 @@ COMPACT_ENV = "SPECIESID_COMPACT_FRAGMENTS"
 #: ``retrieval.whitening_sync`` reads an old version only back to its last saved statistics, falling back when it is
 #: gone. ``speciesid index compact --prune-older-than`` prunes closer.
 AUTO_PRUNE_AGE = dt.timedelta(days=7)
+#: How young a file no version uses may be for a zero-age prune to delete such files (Lance's ``delete_unverified``):
+#: one written more recently may be a writer's not yet committed (one this folder's lock, journal and marks cannot
+#: see: an older speciesid's Ray build, a folder whose flock is not shared), so then every such file is kept.
+UNVERIFIED_GRACE = dt.timedelta(hours=1)
 #: A write's compaction prunes at most this often per gallery folder (the time of the last prune is kept in the
 #: folder: :attr:`index.layout.GalleryLayout.store_pruned`): listing the versions reads every kept version's manifest (on
 #: S3 one request each), inside the write hold, which a server's searches wait on.

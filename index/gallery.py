@@ -1133,10 +1133,9 @@ class Gallery:
         rewritten), bring the scalar indexes over the new rows, and with ``prune_older_than`` delete its versions
         superseded longer ago than that (:meth:`index.store.ReferenceStore.prune_versions`; never the latest; a zero
         age, when no writer can be writing outside this hold, the files no version uses too:
-        :meth:`_written_here_only`). A
-        store write: under the write lock (on S3 the store's lease, checked before the commit). Ids and rows are
-        unchanged, so the vector index stays as it is (it then reflects the new version) and other processes' syncs
-        find nothing to do."""
+        :meth:`_unverified_kept_because`, said in the report). A store write: under the write lock (on S3 the
+        store's lease, checked before the commit). Ids and rows are unchanged, so the vector index stays as it is
+        (it then reflects the new version) and other processes' syncs find nothing to do."""
         with self._write():
             self.store.refresh()
             before = self.store.version
@@ -1144,8 +1143,10 @@ class Gallery:
             self._writer.check()  # on S3: the store's lease is still ours
             # the indexes first: their commit is then no version a prune of 0 leaves beside the latest
             self.store.index_new_rows()
-            report = self.store.compact(prune_older_than=prune_older_than,
-                                        unverified=prune_older_than == dt.timedelta(0) and self._written_here_only())
+            zero = prune_older_than == dt.timedelta(0)
+            because = self._unverified_kept_because() if zero else ""
+            report = replace(self.store.compact(prune_older_than=prune_older_than, unverified=zero and not because),
+                             unused_kept_because=because)
             self._compacted(report, pruned=prune_older_than is not None)
             if synced and self.store.version != before:  # the index commit or the merge: ids unchanged
                 self._synced_version = self.store.version
@@ -1162,15 +1163,25 @@ class Gallery:
             return True
         return not 0 <= time.time() - last < AUTO_PRUNE_EVERY.total_seconds()
 
-    def _written_here_only(self) -> bool:
-        """Whether, under this folder's write hold, no writer can be writing the store's files: a local store (inside
-        this folder: every writer takes its lock before a file is written), no Ray build running or left journalled
-        (its workers write files outside the lock), no build or add marked running. Then a prune of every version
-        but the latest may delete the files no version uses whatever their age (a killed writer's leftovers)."""
+    def _unverified_kept_because(self) -> str:
+        """Why, under this folder's write hold, a writer may be writing the store's files ("" when none can): an
+        object store (only a local store's writers all take this folder's lock before a file is written), a Ray
+        build running or left journalled (its workers write files outside the lock), a build or add marked running.
+        With none, a prune of every version but the latest may delete the files no version uses (a killed writer's
+        leftovers; :func:`index.store._prune` still keeps them when one is young)."""
         from index.build_mark import any_running
         from index.fragments import list_journals
 
-        return not is_uri(str(self.store_uri)) and not list_journals(self.root) and not any_running(self.root)
+        if is_uri(str(self.store_uri)):
+            return "the store is on an object store, whose writers this folder's lock does not see"
+        journals = list_journals(self.root)
+        if journals:
+            j = journals[0]
+            return (f"a Ray build's journal {j['file']} (driver pid {j.get('pid')} on host {j.get('host')}, "
+                    f"{j.get('driver')}) may still commit them: see docs/scale.md")
+        if any_running(self.root):
+            return "a build or add is running"
+        return ""
 
     def _compacted(self, report: CompactReport, *, pruned: bool) -> None:
         """After a compaction: what the next write's check counts from, and the time of a prune."""

@@ -59,7 +59,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 from index.errors import first_line
-from index.locks import WAIT_ENV, WaitGivenUp, env_seconds, seconds_setting
+from index.locks import WAIT_ENV, WaitGivenUp, WriterBusy, env_seconds, seconds_setting
 
 logger = logging.getLogger(__name__)
 
@@ -466,7 +466,8 @@ class S3Lease:
         try that took it (0.0 when the first try took it; the lease's own requests are no wait for anyone).
 
         Every try that finds the lease taken pauses (growing to 1 s) before the next, and the timeout is honoured
-        whether or not the holder could be read. TimeoutError names the holder and what to do;
+        whether or not the holder could be read. :class:`index.locks.WriterBusy` (a TimeoutError) names the holder
+        and what to do;
         :class:`ConditionalWritesUnsupported` when the store does not honour conditional writes. A failure once
         this writer's holder body may have been put (a network error with the put itself too: the object is read
         to tell) frees the lease again (nothing is left for others to wait out), an interrupt included.
@@ -485,8 +486,8 @@ class S3Lease:
             busy_since = now if busy_since is None else busy_since
             spent = now - start
             if spent >= timeout:
-                raise TimeoutError(self._busy_message(holder or None, waited + spent,
-                                                      waits=timeout > 0 or waited > 0))
+                raise WriterBusy(self._busy_message(holder or None, waited + spent, waits=timeout > 0 or waited > 0),
+                                 held="the gallery store's write lease")
             if spent > 2 and not warned:
                 logger.warning("%s", self._waiting_message(holder or None, waited + timeout))
                 warned = True

@@ -99,11 +99,44 @@ def _lock_holder(fd: int) -> str:
     return f"held by host {holder.get('host', '?')}, pid {holder['pid']}, since {holder.get('since', '?')}"
 
 
+#: Where Linux lists every file lock held now (one line a lock: ``N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE ...``).
+PROC_LOCKS = Path("/proc/locks")
+
+
+def _flocked(st: os.stat_result, proc_locks: Path = PROC_LOCKS) -> bool | None:
+    """Whether a ``flock`` is held on the file of ``st``, read from ``proc_locks`` (Linux) without taking any lock:
+    True for a held one on that device and inode (a waiter's ``->`` line is no hold), False when no line names the
+    inode, None when it cannot be told (no such file, unreadable, or the inode named on another device: a file
+    system whose device numbers differ there, btrfs, overlayfs)."""
+    try:
+        lines = proc_locks.read_text(encoding="ascii", errors="replace").splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    named = False
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":  # not a flock, or a waiter's line ("N: -> FLOCK ...")
+            continue
+        dev_major, dev_minor, inode = (fields[5].split(":") + ["", "", ""])[:3]
+        if inode != str(st.st_ino):
+            continue
+        try:
+            if f"{int(dev_major, 16):02x}:{int(dev_minor, 16):02x}" == device:
+                return True
+        except ValueError:
+            pass
+        named = True
+    return None if named else False
+
+
 def look(path: str | Path) -> dict[str, Any]:
     """Whether a writer holds the lock file at ``path`` now, for ``index info``: ``{"file", "held", "holder"}``,
-    ``holder`` its record (host, pid, since; None when not held or not recorded). A shared ``flock`` tried without
-    waiting and let go at once: nothing is written, and a writer's try in that instant only tries again. ``held``
-    is None when it cannot be told (the file unreadable, a system without ``flock``)."""
+    ``holder`` its record (host, pid, since; None when not held or not recorded). On Linux it reads
+    :data:`PROC_LOCKS` and takes no lock, so no writer's try can meet it; elsewhere (or when that cannot tell) a
+    shared ``flock`` tried without waiting and let go at once: a writer waiting for the lock then only tries again,
+    but one set not to wait (a wait of 0 s) whose one try falls in that instant fails as if busy. Nothing is written.
+    ``held`` is None when it cannot be told (the file unreadable, a system without ``flock``)."""
     status: dict[str, Any] = {"file": str(path), "held": False, "holder": None}
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -112,6 +145,8 @@ def look(path: str | Path) -> dict[str, Any]:
     except OSError:
         return status | {"held": None}
     try:
+        if (held := _flocked(os.fstat(fd))) is not None:
+            return status | {"held": True, "holder": _holder_record(fd)} if held else status
         if fcntl is None:  # pragma: no cover
             return status | {"held": None}
         try:
@@ -137,6 +172,16 @@ try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows: one process per gallery (the thread lock still holds)
     fcntl = None  # type: ignore[assignment]
+
+
+class WriterBusy(TimeoutError):
+    """A wait given up on another writer's hold: ``held`` names what it held, this gallery's write lock (another
+    process) or, on S3, the gallery store's write lease (:mod:`index.lease`). A TimeoutError of another kind (a
+    server's own queue of writes) is not one."""
+
+    def __init__(self, message: str, held: str = "this gallery's write lock") -> None:
+        super().__init__(message)
+        self.held = held
 
 
 class WaitGivenUp(Exception):  # noqa: N818 - a wait given up, not an error of the lock
@@ -241,9 +286,9 @@ class WriteLock:
 
     def _acquire(self, timeout: float, give_up: Callable[[], bool] | None = None) -> float:
         """Take the ``flock``, waiting up to ``timeout`` seconds for another process holding it (0: one try); the
-        seconds spent waiting for it (0.0 when the first try took it). TimeoutError names the holder. Once taken, it
-        is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception before
-        that closes the file, and with it the ``flock`` if the try had taken it."""
+        seconds spent waiting for it (0.0 when the first try took it). :class:`WriterBusy` names the holder. Once
+        taken, it is :attr:`_fd`'s (released by :meth:`hold` whatever comes next, a Ctrl-C included); an exception
+        before that closes the file, and with it the ``flock`` if the try had taken it."""
         fd = _open_lock(self.path)
         if fcntl is None:  # pragma: no cover
             self._fd = fd
@@ -269,7 +314,7 @@ class WriteLock:
                     waited = now - start
                     if waited >= timeout:
                         holder = _lock_holder(fd) or "its holder not recorded"
-                        raise TimeoutError(_busy_message(self.path, holder, timeout)) from None
+                        raise WriterBusy(_busy_message(self.path, holder, timeout)) from None
                     if waited > WARN_AFTER_S and not warned:
                         holder = _lock_holder(fd) or "its holder not recorded"
                         logger.warning("waiting up to %.0f s in all for another process writing this gallery (%s; "

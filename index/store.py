@@ -45,6 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from index.compaction import UNVERIFIED_GRACE
 from index.errors import import_failure, library_messages
 from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
 from index.store_cache import cache_bytes
@@ -291,20 +292,69 @@ def superseded_versions(times: Sequence[tuple[int, float]], older_than: dt.timed
     return [v for (v, _), (_, then) in zip(ordered, ordered[1:], strict=False) if age <= 0 or now - then > age]
 
 
-def _prune(dataset, older_than: dt.timedelta, *, unverified: bool = False) -> tuple[int, int]:  # noqa: ANN001
-    """:meth:`ReferenceStore.prune_versions` on a dataset already open (a lance.LanceDataset): (versions deleted,
-    bytes deleted). ``unverified`` (a zero age, no other writer possible: :meth:`ReferenceStore.compact`): Lance
-    also deletes the files no version uses whatever their age (``delete_unverified``: a killed writer's data file),
-    which it otherwise keeps for 7 days, as a writer's in progress may look the same."""
+@dataclass
+class Pruned:
+    """What :func:`_prune` deleted, and the files no version uses it kept or deleted (a zero age, ``unverified``)."""
+
+    versions: int  # versions deleted
+    bytes: int  # bytes of the files deleted
+    unused_deleted: int = 0  # files no version used, deleted (a killed writer's)
+    unused_kept: int = 0  # files no version uses, kept: one of them is younger than UNVERIFIED_GRACE
+
+
+def _unused_files(dataset) -> list[Path]:  # noqa: ANN001 - lance.LanceDataset of a local table
+    """The data, deletion and index files of a local ``dataset``'s folder that none of its kept versions names."""
+    root = Path(dataset.uri)
+    named: set[str] = set()
+    for version in dataset.versions():
+        at = dataset.checkout_version(int(version["version"]))
+        for fragment in at.get_fragments():
+            meta = fragment.metadata
+            named.update(f"data/{f.path}" for f in meta.files)
+            if meta.deletion_file is not None:
+                named.add(f"_deletions/{meta.deletion_file.path(meta.id)}")
+        named.update(f"_indices/{seg.uuid}" for index in at.describe_indices() for seg in index.segments)
+    found = [p for p in (root / "data").glob("*.lance") if f"data/{p.name}" not in named]
+    found += [p for p in (root / "_deletions").glob("*") if f"_deletions/{p.name}" not in named]
+    found += [p for p in (root / "_indices").glob("*") if f"_indices/{p.name}" not in named]
+    return found
+
+
+def _newest_mtime(paths: Sequence[Path]) -> float:
+    """The newest modification time among ``paths`` (an index folder: of the files in it); 0 for none."""
+    times = [0.0]
+    for path in paths:
+        try:
+            times += [q.stat().st_mtime for q in path.rglob("*")] if path.is_dir() else [path.stat().st_mtime]
+        except OSError:  # gone meanwhile: nothing to keep
+            continue
+    return max(times)
+
+
+def _prune(dataset, older_than: dt.timedelta, *, unverified: bool = False) -> Pruned:  # noqa: ANN001
+    """:meth:`ReferenceStore.prune_versions` on a dataset already open (a lance.LanceDataset). ``unverified`` (a zero
+    age, a local store, no other writer of this version possible: :meth:`ReferenceStore.compact`): then the files no
+    kept version uses (a killed writer's data file, which Lance otherwise keeps 7 days, as a writer's in progress
+    looks the same) are deleted too (Lance's ``delete_unverified``), but only when none of them is younger than
+    :data:`UNVERIFIED_GRACE`: a young one may be a live writer's that this folder's lock cannot see, so then all are
+    kept (:attr:`Pruned.unused_kept`)."""
     if unverified and older_than <= dt.timedelta(0):  # every version but the latest, as a zero age prunes below
+        cleaned = dataset.cleanup_old_versions(older_than=dt.timedelta(0), error_if_tagged_old_versions=False)
+        pruned = Pruned(int(cleaned.old_versions), int(cleaned.bytes_removed))
+        unused = _unused_files(dataset)
+        if not unused:
+            return pruned
+        if time.time() - _newest_mtime(unused) < UNVERIFIED_GRACE.total_seconds():
+            return replace(pruned, unused_kept=len(unused))
         cleaned = dataset.cleanup_old_versions(older_than=dt.timedelta(0), delete_unverified=True,
                                                error_if_tagged_old_versions=False)
-        return int(cleaned.old_versions), int(cleaned.bytes_removed)
+        return Pruned(pruned.versions + int(cleaned.old_versions), pruned.bytes + int(cleaned.bytes_removed),
+                      unused_deleted=len(unused))
     doomed = superseded_versions(version_times(dataset), older_than, time.time())
     if not doomed:
-        return 0, 0
+        return Pruned(0, 0)
     cleaned = dataset.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
-    return int(cleaned.old_versions), int(cleaned.bytes_removed)
+    return Pruned(int(cleaned.old_versions), int(cleaned.bytes_removed))
 
 
 @dataclass
@@ -337,6 +387,9 @@ class CompactReport:
     bytes_removed: int  # bytes of the files deleted with them
     version_before: int  # the table's version before
     version_after: int  # and after (more by one when fragments were merged)
+    unused_deleted: int = 0  # files no version used, deleted by a zero-age prune (a killed writer's: _prune)
+    unused_kept: int = 0  # files no version uses kept by it: one is younger than UNVERIFIED_GRACE
+    unused_kept_because: str = ""  # why a zero-age prune did not look at them (Gallery.compact: a writer may run)
 
 
 class MissingTableError(ValueError):
@@ -890,8 +943,9 @@ class ReferenceStore:
         is a boundary it never merges across), whatever the target.
 
         Call it under the gallery's write hold (on S3 the store's lease): it is a store write. ``unverified``: with a
-        zero ``prune_older_than``, the files no version uses are deleted too, whatever their age (:func:`_prune`):
-        only when no writer can be writing files outside that hold (the caller's to tell: :meth:`Gallery.compact`).
+        zero ``prune_older_than``, the files no version uses are deleted too when none is younger than
+        :data:`UNVERIFIED_GRACE` (:func:`_prune`): only when no writer can be writing files outside that hold (the
+        caller's to tell: :meth:`Gallery.compact`).
         """
         if target_rows < SMALL_FRAGMENT_ROWS:
             raise ValueError(f"target_rows={target_rows}: a compaction merges into at least {SMALL_FRAGMENT_ROWS} "
@@ -908,14 +962,14 @@ class ReferenceStore:
             rewritten = int(metrics.fragments_removed)
             self.refresh()
             self._carry_species(version)  # rows unchanged
-        versions_removed = bytes_removed = 0
-        if prune_older_than is not None:
-            versions_removed, bytes_removed = _prune(dataset, prune_older_than, unverified=unverified)
+        pruned = _prune(dataset, prune_older_than, unverified=unverified) if prune_older_than is not None else None
         after = _fragment_stats(dataset) if rewritten else before
         return CompactReport(fragments_before=before.fragments, fragments_after=after.fragments,
                              small_before=before.small, small_after=after.small, fragments_rewritten=rewritten,
-                             versions_removed=versions_removed, bytes_removed=bytes_removed,
-                             version_before=version, version_after=self.version)
+                             versions_removed=pruned.versions if pruned else 0,
+                             bytes_removed=pruned.bytes if pruned else 0, version_before=version,
+                             version_after=self.version, unused_deleted=pruned.unused_deleted if pruned else 0,
+                             unused_kept=pruned.unused_kept if pruned else 0)
 
     def prune_versions(self, older_than: dt.timedelta) -> tuple[int, int]:
         """Delete the versions that stopped being the latest more than ``older_than`` ago
@@ -929,7 +983,8 @@ class ReferenceStore:
         never meets a pruned one.
         """
         self.refresh()
-        return _prune(self._dataset(), older_than)
+        pruned = _prune(self._dataset(), older_than)
+        return pruned.versions, pruned.bytes
 
     def optimize(self, *, prune_older_than: dt.timedelta | None = None) -> CompactReport:
         """The end of a bulk build: :meth:`compact` into fragments of up to :data:`BUILD_FRAGMENT_ROWS` rows (the

@@ -214,13 +214,13 @@ def no_references_error(gallery: Gallery, shown: str | Path | None = None) -> st
     excluded by ``clean --apply`` (``clean --restore``), or none added yet. ``shown``: the gallery as the user named
     it (default its folder)."""
     why = []
-    if (status := build_status(gallery.root, references=len(gallery)))["state"] != "complete":
-        why.append(status["note"])
     try:
         excluded = gallery.store.count(include_excluded=True) - gallery.store.count()
     except Exception:  # noqa: BLE001 - only to word an error better: the store's own error comes at its next read
         logger.debug("could not count the excluded references of %s", gallery.root, exc_info=True)
         excluded = 0
+    if (status := build_status(gallery.root, references=len(gallery) + excluded))["state"] != "complete":
+        why.append(status["note"])
     if excluded:
         why.append(f"{'its' if excluded > 1 else 'the'} {excluded} reference{'s are all' if excluded > 1 else ' is'} "
                    "excluded by 'speciesid clean --apply': 'speciesid clean --restore' brings them back")

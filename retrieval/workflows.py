@@ -1044,7 +1044,7 @@ def add_photos(
                                     embeddings=embeddings, read=_upload_reader(gallery, uploads),
                                     before_commit=note_species)
         except ReferencesInterrupted as exc:  # what was committed is kept: say what the normal path would say of it
-            exc.species, exc.existed = name, _existed(gallery, name, prior, held_at_commit)
+            exc.species, exc.existed = name, _existed(gallery, name, prior, held_at_commit, read_again=False)
             exc.notes = _interrupted_notes(gallery, name, prior, exc.report)
             if exc.after:  # every photo is in (the Ctrl-C came at the last commit): the add is complete
                 complete = exc
@@ -1058,7 +1058,7 @@ def add_photos(
         return _added(gallery, name, prior, report, held_at_commit, uploads, written, names, venom_note, api=api)
     except KeyboardInterrupt as interrupt:  # every photo is committed: the notes and checks that follow are not
         done = ReferencesInterrupted(report, after="checking the photos added")  # the add's: said as such
-        done.species, done.existed = name, _existed(gallery, name, prior, held_at_commit)
+        done.species, done.existed = name, _existed(gallery, name, prior, held_at_commit, read_again=False)
         done.notes = _interrupted_notes(gallery, name, prior, report)
         raise done from interrupt
 
@@ -1110,14 +1110,19 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
                      absent_note=_absent_note(name, report) if not existed and not report.ids else "")
 
 
-def _existed(gallery: Gallery, name: str, prior: SpeciesSummary | None, held_at_commit: list[bool]) -> bool:
+def _existed(gallery: Gallery, name: str, prior: SpeciesSummary | None, held_at_commit: list[bool], *,
+             read_again: bool = True) -> bool:
     """Whether species ``name`` was in the gallery for an add: as its first commit found it, under the write lock;
-    with no commit (every photo a duplicate), as the store holds it now, read again: another writer may have stored
-    the same photos under this name since ``prior`` was read, before the lock (``prior`` when that read fails)."""
+    with no commit (every photo a duplicate), as the store holds it now, read again after the gallery's own look
+    (:meth:`Gallery.refresh`, which moves the store under the gallery's lock): another writer may have stored the
+    same photos under this name since ``prior`` was read, before the lock (``prior`` when that read fails, and
+    without ``read_again``: an interrupt's handling does no store I/O that a second Ctrl-C would cut short)."""
     if held_at_commit:
         return held_at_commit[0]
+    if not read_again:
+        return prior is not None
     try:
-        gallery.store.refresh()
+        gallery.refresh(force=True)
         return gallery.store.has_species(name)
     except Exception as exc:  # noqa: BLE001 - the add is done: its answer falls back to what was read before
         logger.warning("could not read again whether %s is in the gallery (%s): answered as read before the add",
@@ -1289,7 +1294,7 @@ def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
     lease is checked right before the delete: lost meanwhile, the object stays (logged), for ``index sweep-uploads``."""
     assert gallery.objects is not None
     with gallery.writing():
-        gallery.store.refresh()
+        gallery.refresh(force=True)
         if any(gallery.store.uses_source(text) for text in spellings(uri)):  # s3a:// rows name it too
             return
         try:  # the reads above may have outlasted the lease: another machine's add may have committed meanwhile
@@ -1519,7 +1524,8 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),
             "index_kind": g.index.kind, "store_version": g.store.version, **_calibration_info(g),
             "store": store_status(g) | {"fragments": _fragments_info(g)}, "probe": _probe_info(g),
-            "build": build_status(g.root, references=len(g)), **embedding_info(g.info, len(g)),
+            "build": build_status(g.root, references=g.store.count(include_excluded=True)),
+            **embedding_info(g.info, len(g)),
             WRITTEN_BY: g.info.get(WRITTEN_BY),
             "uploads": unused_uploads(g),  # photos an add cut off left: what `index sweep-uploads` would take
             **_checklist_info(g, species, prior),

@@ -1158,6 +1158,7 @@ def _lease_failures() -> dict[str, list[Exception]]:
     says itself whether a later try may get past it (``transient``): a conflict raised without its S3 cause chained
     is a 503 too (before, the API read the S3 code off ``__cause__``, and answered it 500)."""
     from index.lease import ConditionalWritesUnsupported, LeaseLostError, LeaseStoreError
+    from index.locks import WriterBusy
 
     def caused(error: Exception, cause: Exception) -> Exception:
         error.__cause__ = cause
@@ -1171,11 +1172,13 @@ def _lease_failures() -> dict[str, list[Exception]]:
                   caused(LeaseStoreError("the write lease ...: taking it failed (SlowDown: reduce your rate): the "
                                          "store is busy or failing for now; try again shortly", transient=True),
                          _S3Refusal("SlowDown")),
-                  TimeoutError("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
-                               "waited 600 s: try again when it is done"),
-                  TimeoutError("another process is writing this gallery (held by host h, pid 7, since "
-                               "2026-12-07T20:39:02+0000; lock /g/.write.lock); this one waited 30 s: try again when "
-                               "it is done (SPECIESID_WRITE_WAIT_S sets how long a writer waits)")],
+                  WriterBusy("another writer holds the store s3://b/g (held by host h, pid 7, for 700 s); this one "
+                             "waited 600 s: try again when it is done", held="the gallery store's write lease"),
+                  WriterBusy("another process is writing this gallery (held by host h, pid 7, since "
+                             "2026-12-07T20:39:02+0000; lock /g/.write.lock); this one waited 30 s: try again when "
+                             "it is done (SPECIESID_WRITE_WAIT_S sets how long a writer waits)"),
+                  TimeoutError("this server's other writes to this gallery have kept this one waiting for over "
+                               "30 s")],
         "misconfigured": [ConditionalWritesUnsupported("the object store of s3://b/g does not honour conditional "
                                                        "writes"),
                           caused(LeaseStoreError("the write lease ...: taking it was refused (AccessDenied: no). The "
@@ -1196,6 +1199,7 @@ def test_a_write_the_stores_lease_refuses_is_a_503_to_retry_or_a_500_never_a_400
 
     from api.routers._edge import WRITE_RETRY_AFTER_S, edge
     from index.lease import LeaseStoreError
+    from index.locks import WriterBusy
 
     def answer(exc: Exception) -> HTTPException:
         def fail() -> None:
@@ -1209,10 +1213,15 @@ def test_a_write_the_stores_lease_refuses_is_a_503_to_retry_or_a_500_never_a_400
         got = answer(exc)
         assert got.status_code == 503 and got.headers == {"Retry-After": str(WRITE_RETRY_AFTER_S)}, exc
         # walk chaos #7: a wait given up on another writer blamed the store ("the gallery's store could not take")
-        if isinstance(exc, TimeoutError):
-            assert got.detail == ("another writer holds this gallery's write lock, and this write waited for it as "
-                                  "long as the server waits (SPECIESID_WRITE_WAIT_S on the server sets that); retry "
-                                  "in 5 s (the server's log names the writer)"), got.detail
+        # walk logs #2: the answer names no path, host, pid or store; re-read chaos #3: this server's own queue of
+        # writes (a plain TimeoutError) is not another writer's lock
+        waited = "as long as the server waits (SPECIESID_WRITE_WAIT_S on the server sets that); retry in 5 s"
+        if isinstance(exc, WriterBusy):
+            assert got.detail == (f"another writer holds {exc.held}, and this write waited for it {waited} (the "
+                                  "server's log names the writer)"), got.detail
+        elif isinstance(exc, TimeoutError):
+            assert got.detail == (f"this server is busy with other writes to this gallery, and this write waited "
+                                  f"{waited}"), got.detail
         else:
             assert got.detail == ("the gallery's store could not take this write now (its write lease lost to "
                                   "another writer, racing writes, or the store busy or not answering); retry in 5 s "
@@ -1304,7 +1313,8 @@ def test_a_write_waits_write_wait_s_for_another_writer_then_answers_503_the_cli_
         resp = _add_while_held(quick, WriteLock(service.gallery.layout.write_lock).hold)
     finally:
         service.gallery.write_wait_s = service.settings.write_wait_s
-    assert "another writer holds this gallery's write lock, and this write waited" in _is_error(resp, 503), resp.text
+    assert _is_error(resp, 503).startswith("another writer holds this gallery's write lock, and this write waited"), \
+        resp.text
     assert "held by host" not in resp.text and service.gallery.layout.write_lock.name not in resp.text  # walk logs #2
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
     assert client.get(f"/v1/species/{binomial(NEW_SPECIES)}").status_code == 404  # nothing stored
@@ -1322,7 +1332,9 @@ def test_a_write_queued_behind_this_servers_writes_answers_503_after_write_wait_
     quick = SpeciesService(Settings(**{**service.settings.model_dump(), "write_wait_s": 1}),
                            identifier=service.identifier)  # the same gallery, another server's settings
     resp = _add_while_held(quick, lambda: quick._write_lock)  # this server writing another request
-    assert "another writer holds this gallery's write lock, and this write waited" in _is_error(resp, 503), resp.text
+    # re-read chaos #3: no other process holds anything; it said "another writer holds this gallery's write lock"
+    assert _is_error(resp, 503).startswith("this server is busy with other writes to this gallery, and this write "
+                                           "waited"), resp.text
     assert resp.headers["retry-after"] == str(WRITE_RETRY_AFTER_S)
     with quick._write_lock:  # its turn has come (the other write is done): it does not run now
         pass

@@ -636,10 +636,50 @@ def test_a_build_killed_after_it_made_the_table_before_its_mark_reads_as_interru
     assert json.loads(out)["build"] == {"state": "interrupted", "note": NEVER_STORED_NOTE}, out
     code, out, err = _run(capsys, "identify", "--index", index, tmp_path / "photos" / "Natrix maura" / "0.png")
     assert code == 2 and NEVER_STORED_NOTE in err, err
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    with TestClient(create_app(Settings(index=str(index), precision="fp32"))) as c:  # re-read chaos #6: "complete"
+        assert c.get("/readyz").json()["build"] == {"state": "interrupted", "note": NEVER_STORED_NOTE}
     code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
                           index, *ENCODER, "-q")  # run again: complete
     assert code == 0, err
     assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"]["state"] == "complete"
     assert _run(capsys, "references", "delete", "1", "2", "--index", index)[0] == 0  # emptied: still complete
     info = json.loads(_run(capsys, "index", "info", "--index", index)[1])
+    assert info["references"] == 0 and info["build"] == {"state": "complete", "note": ""}, info
+
+
+def test_an_emptied_ray_built_gallery_and_a_build_of_no_usable_photo_read_as_complete(tmp_path, capsys):
+    """Re-read chaos #2: a gallery of no row whose gallery.json records no embedding read as a build interrupted
+    before its first photo ("run it again") when a Ray build made it (Ray records no embedding) and its references
+    were all deleted or excluded, or when its build could use none of its photos (running it again cannot help).
+    Both marked the folder once (build-marks/ stays): complete."""
+    from index.gallery import Gallery
+
+    for i in range(2):
+        _photo(tmp_path / "photos" / "Natrix maura" / f"{i}.png", i)
+    index = tmp_path / "g"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                        index, *ENCODER, "-q")
+    assert code == 0, err
+    info_file = GalleryLayout(index).info
+    info_file.write_text(json.dumps(json.loads(info_file.read_text()) | {"embedded_by": []}))  # as Ray leaves it
+    Gallery.open(index).set_excluded([1, 2])  # clean --apply's exclusion: none searchable, both stored
+    info = json.loads(_run(capsys, "index", "info", "--index", index)[1])
+    assert info["references"] == 0 and info["build"] == {"state": "complete", "note": ""}, info
+    assert _run(capsys, "references", "delete", "1", "2", "--index", index)[0] == 0  # emptied
+    info = json.loads(_run(capsys, "index", "info", "--index", index)[1])
+    assert info["references"] == 0 and info["build"] == {"state": "complete", "note": ""}, info
+
+    for i in range(2):  # photos the build cannot read
+        (tmp_path / "bad" / "Natrix maura").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bad" / "Natrix maura" / f"{i}.png").write_bytes(b"not a photo")
+    bad = tmp_path / "gbad"
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "bad", "--index", bad,
+                        *ENCODER, "-q")
+    assert code == 1, err  # completed: a species with no usable photo
+    info = json.loads(_run(capsys, "index", "info", "--index", bad)[1])
     assert info["references"] == 0 and info["build"] == {"state": "complete", "note": ""}, info

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from index.locks import WriteLock
+from index.locks import WriteLock, WriterBusy
 
 fcntl = pytest.importorskip("fcntl", reason="the write lock's flock is POSIX only")
 
@@ -113,3 +113,75 @@ def test_a_folder_without_write_permission_is_said_read_only(tmp_path):
                 pass
     finally:
         folder.chmod(0o755)
+
+
+def test_a_wait_given_up_on_another_process_is_a_writer_busy_naming_the_lock(tmp_path):
+    """Re-read chaos #3: the server answered every TimeoutError (its own queue of writes too) as "another writer
+    holds this gallery's write lock". A wait given up on another process's flock raises WriterBusy, which says what
+    was held; a TimeoutError of another kind is not one."""
+    path = tmp_path / ".write.lock"
+    path.touch()
+    holder = os.open(path, os.O_RDWR)  # another process's open file
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(WriterBusy, match="another process is writing this gallery") as refused:
+            with WriteLock(path).hold(timeout=0):
+                pass
+    finally:
+        os.close(holder)
+    assert isinstance(refused.value, TimeoutError) and refused.value.held == "this gallery's write lock"
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="/proc/locks is Linux's")
+def test_index_infos_look_at_the_lock_takes_none_a_writer_set_not_to_wait_could_meet(tmp_path, monkeypatch):
+    """Re-read chaos #4: look (``index info``'s write_lock) took a shared flock for an instant, and a writer set not
+    to wait (SPECIESID_WRITE_WAIT_S=0, a reader saving a repaired index) whose one try fell in it failed as busy. On
+    Linux it reads /proc/locks: no flock taken, so a writer trying at that instant takes the lock."""
+    import index.locks as locks
+
+    path = tmp_path / ".write.lock"
+    path.touch()
+    met: list[str] = []
+    real = fcntl.flock
+
+    class Fcntl:  # the writer's one try lands in any lock look takes
+        LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+
+        @staticmethod
+        def flock(fd: int, op: int) -> None:
+            real(fd, op)
+            if op & fcntl.LOCK_SH:
+                try:
+                    with WriteLock(path).hold(timeout=0):
+                        met.append("took it")
+                except WriterBusy as exc:
+                    met.append(str(exc))
+
+    monkeypatch.setattr(locks, "fcntl", Fcntl)
+    assert locks.look(path) == {"file": str(path), "held": False, "holder": None}
+    assert met == [], met
+    monkeypatch.setattr(locks, "fcntl", fcntl)
+    holder = os.open(path, os.O_RDWR)  # another process's hold: seen from /proc/locks
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        monkeypatch.setattr(locks, "fcntl", Fcntl)
+        assert locks.look(path)["held"] is True and met == [], met
+    finally:
+        os.close(holder)
+
+
+def test_proc_locks_lines_are_read_as_holds_only_for_the_files_device_and_inode(tmp_path):
+    """A waiter's line is no hold; the inode named on another device cannot be told (None: the flock try then)."""
+    from index.locks import _flocked
+
+    st = os.stat(tmp_path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    proc = tmp_path / "locks"
+    for text, held in [(f"1: FLOCK  ADVISORY  WRITE 7 {dev}:{st.st_ino} 0 EOF\n", True),
+                       (f"1: FLOCK  ADVISORY  WRITE 7 {dev}:{st.st_ino + 1} 0 EOF\n", False),
+                       (f"1: POSIX  ADVISORY  WRITE 7 {dev}:{st.st_ino} 0 EOF\n", False),
+                       (f"1: -> FLOCK  ADVISORY  WRITE 7 {dev}:{st.st_ino} 0 EOF\n", False),
+                       (f"1: FLOCK  ADVISORY  WRITE 7 ab:cd:{st.st_ino} 0 EOF\n", None)]:
+        proc.write_text(text)
+        assert _flocked(st, proc) is held, text
+    assert _flocked(st, tmp_path / "none") is None

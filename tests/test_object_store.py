@@ -17,6 +17,7 @@ from _api_support import free_port
 from conftest import PH_SNAKES, needs_shared, require_module, s3_keys
 
 from api.cli import main
+from index.locks import WriterBusy
 
 if TYPE_CHECKING:
     from index.gallery import Gallery
@@ -339,6 +340,7 @@ def test_a_held_lease_is_renewed_waits_its_rival_out_naming_the_holder_and_is_re
                                            r"pid \d+, since 20.+, for \d+ s; lease .+write.lock, renewed [01] s "
                                            r"ago\); this one waited 1 s: try again.*lapses 2 s after") as refused:
         rival.acquire(timeout=1.0)
+    assert isinstance(refused.value, WriterBusy) and refused.value.held == "the gallery store's write lease"
     held = int(re.search(r", for (\d+) s;", str(refused.value)).group(1))
     assert held >= 3  # the holder's real age: 2.5 s slept + the rival's 1 s wait (a loaded machine only adds to it)
     holder.check()  # still ours

@@ -447,3 +447,48 @@ def test_index_info_names_a_live_write_lock_holder_and_a_released_lock_keeps_no_
     gallery.layout.write_lock.write_text('{"host": "h", "pid": 4242, "since": "then"}')  # a killed holder's
     lock = json.loads(_run(capsys, "index", "info", "--index", index)[1])["store"]["write_lock"]
     assert lock["held"] is False and lock["holder"] is None, lock
+
+
+def test_an_add_cut_by_ctrl_c_before_its_commit_does_no_store_io_in_the_interrupts_handling(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """Re-read chaos #5: an add cut by Ctrl-C before any commit read the store again (whether its species exists)
+    inside the interrupt's handling, where a second Ctrl-C (or a slow store) lost the interrupt's notes. It answers
+    from what it read before; the read again, when nothing was committed, goes through the gallery's own look."""
+    from _cli_support import _photo, two_species_gallery
+
+    from index.gallery import Gallery
+    from index.store import ReferenceStore
+    from retrieval import workflows
+    from retrieval.pipeline import BuildReport, ReferencesInterrupted
+
+    index, _ = two_species_gallery(tmp_path, capsys)
+    new = [_photo(tmp_path / "new" / f"{i}.png", 400 + i) for i in range(2)]
+    gallery, enc = workflows.open_gallery(index)
+
+    class SecondCtrlC(BaseException):  # as a second Ctrl-C while the store is read (pytest stops on a real one)
+        pass
+
+    def second_ctrl_c(*args, **kwargs):
+        raise SecondCtrlC
+
+    def cut(*args, **kwargs):
+        raise ReferencesInterrupted(BuildReport())  # Ctrl-C before the first commit
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workflows, "add_references", cut)
+        patch.setattr(ReferenceStore, "refresh", second_ctrl_c)
+        patch.setattr(ReferenceStore, "has_species", second_ctrl_c)
+        with pytest.raises(ReferencesInterrupted) as caught:
+            workflows.add_photos(gallery, enc, "Ptyas carinata", new, progress=False)
+    assert caught.value.species == "Ptyas carinata" and caught.value.existed is False
+    looks: list[bool] = []
+    real = Gallery.refresh
+
+    def looked(self, **kwargs):
+        looks.append(kwargs.get("force", False))
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Gallery, "refresh", looked)
+    monkeypatch.setattr(workflows, "add_references", lambda *a, **k: BuildReport())  # nothing committed
+    workflows.add_photos(gallery, enc, "Ptyas carinata", new, progress=False)
+    assert True in looks, looks  # the read again: after the gallery's own look, under its lock

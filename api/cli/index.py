@@ -27,12 +27,13 @@ from api.cli._common import (
     to_json,
 )
 from api.cli._finish import finished, held_summary, said_finished
-from index.compaction import AUTO_PRUNE_AGE
+from index.compaction import AUTO_PRUNE_AGE, UNVERIFIED_GRACE
 from index.taxonomy import DISTINCT_OPTION, HARMLESS_RULE_HELP
 from index.text import printable
 
 if TYPE_CHECKING:
     from index.objects import StoredObject
+    from index.store import CompactReport
     from retrieval.workflows import BuildResult
 
 
@@ -392,8 +393,9 @@ def register_compact(s_index: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-older-than", type=_age, default=DEFAULT_PRUNE_S, metavar="AGE",
                    help="delete the store's versions that stopped being the latest longer ago than this (the version "
                    "after them is that old), and the files only they use: 30s, 10m, 1h, 7d, or 0 for every version "
-                   "but the latest (default 7d, as a write's own compaction); 0 on a local store with no build "
-                   "running also deletes the files no version uses (a killed writer's), whatever their age. A "
+                   "but the latest (default 7d, as a write's own compaction); 0 on a local store with no build or "
+                   "add running or journalled also deletes the files no version uses (a killed writer's), when none "
+                   "was written in the last hour (else it keeps them all and says so). A "
                    "server or a copy of the folder elsewhere still reading a pruned version fails its next read of "
                    "it: prune closer than a few minutes only with every other reader and writer stopped")
     p.set_defaults(func=cmd_index_compact)
@@ -417,7 +419,22 @@ def cmd_index_compact(args: argparse.Namespace) -> int:
          f"made by this compaction, {report.versions_removed} superseded over {_age_text(args.prune_older_than)} "
          f"ago pruned, {report.bytes_removed / 1e6:.1f} MB deleted)\n"
          f"  store version: {report.version_before} -> {report.version_after}")
+    unused = _unused_line(report) if args.prune_older_than == 0 else ""
+    if unused:
+        emit(unused)
     return 0
+
+
+def _unused_line(report: CompactReport) -> str:
+    """The line of a zero-age prune on the files no version uses (a killed writer's): deleted, or why kept."""
+    if report.unused_kept_because:
+        return f"  unused files of killed writers (if any): kept: {report.unused_kept_because}"
+    if report.unused_kept:
+        return (f"  {report.unused_kept} unused file(s) kept, one written in the last "
+                f"{_age_text(UNVERIFIED_GRACE.total_seconds())}: a writer may still commit them; run again later")
+    if report.unused_deleted:
+        return f"  unused files of killed writers: {report.unused_deleted} deleted"
+    return ""
 
 
 def _kept(before: int | None, after: int | None) -> str:

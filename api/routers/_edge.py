@@ -19,6 +19,7 @@ from index.errors import first_line, store_io_failure, store_io_kind, store_tabl
 from index.formats import NewerFormatError
 from index.gallery import Neighbour
 from index.lease import LeaseError
+from index.locks import WriterBusy
 from index.store import is_uri
 from index.taxonomy import InvalidNameError, SpeciesNameConflictError
 
@@ -231,11 +232,15 @@ def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
     if isinstance(exc, TimeoutError) or getattr(exc, "transient", False):
         logger.warning("%swrite answered 503 (retry in %d s): %s", _request(), WRITE_RETRY_AFTER_S, exc)
         # the answer names nothing exc does (the lock file's path, the holder's host and pid; on S3 the store's URI
-        # and lease object): the log has them. A wait given up on another writer is no store fault: said so.
-        if isinstance(exc, TimeoutError):
-            detail = ("another writer holds this gallery's write lock, and this write waited for it as long as the "
-                      "server waits (SPECIESID_WRITE_WAIT_S on the server sets that); "
-                      f"retry in {WRITE_RETRY_AFTER_S} s (the server's log names the writer)")
+        # and lease object): the log has them. A wait given up on another writer is no store fault: said so; nor is
+        # this server's own queue of writes (a TimeoutError not a WriterBusy): no other process holds anything.
+        waited = ("as long as the server waits (SPECIESID_WRITE_WAIT_S on the server sets that); "
+                  f"retry in {WRITE_RETRY_AFTER_S} s")
+        if isinstance(exc, WriterBusy):
+            detail = (f"another writer holds {exc.held}, and this write waited for it {waited} (the server's log "
+                      "names the writer)")
+        elif isinstance(exc, TimeoutError):
+            detail = f"this server is busy with other writes to this gallery, and this write waited {waited}"
         else:
             why = exc.public or ("the gallery's store could not take this write now (its write lease lost to another "
                                  "writer, racing writes, or the store busy or not answering)")

@@ -81,8 +81,9 @@ def readyz(request: Request) -> JSONResponse:
         body["warning"] = EMPTY_GALLERY
     if gallery.newer_format is not None:  # answers go on; writes are refused (409) until the server is upgraded
         body.update(status="degraded", warning=NEWER_FORMAT.format(why=gallery.newer_format))
-    # a build interrupted: still ready, the partial gallery said so; no key needed here: no pid or host
-    body["build"] = build_status(gallery.root, api=True)
+    # a build interrupted: still ready, the partial gallery said so; no key needed here: no pid or host. The
+    # references as index info passes them: a gallery no photo was ever stored in reads as a build interrupted
+    body["build"] = build_status(gallery.root, api=True, references=gallery.index.ntotal)
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
     # references added or deleted since the probe was trained: counted once per gallery version (the identifier's)
     body["probe"] = probe_status(ident.probe, gallery, ident.probe_follower, since=ident.references_since(), api=True)
