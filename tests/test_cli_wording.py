@@ -381,3 +381,32 @@ def test_verbose_keeps_faiss_loaders_chatter_out_and_a_record_of_several_lines_i
     vv = err(2)
     assert vv[:2] == ["INFO faiss.loader: Could not load library with AVX512 support due to:",
                       '  ModuleNotFoundError("No module named faiss.swigfaiss_avx512")'], vv
+
+
+def test_redaction_covers_aws_camelcase_credentials_of_sts_and_sso_answers():
+    """Re-read 4 #1: -vvv logs botocore's STS / SSO answers and requests (an assumed role on EKS, an SSO profile):
+    ``<SecretAccessKey>`` elements, ``"SecretAccessKey": "..."``, ``'WebIdentityToken': '...'``, which the
+    snake_case-only names let through. Now those values are redacted too; the AccessKeyId (no secret) is kept."""
+    from api.cli import redacted
+
+    cases = {
+        "<Credentials><AccessKeyId>ASIA1</AccessKeyId><SecretAccessKey>wJalrX</SecretAccessKey>"
+        "<SessionToken>IQoJb3</SessionToken></Credentials>":
+            "<Credentials><AccessKeyId>ASIA1</AccessKeyId><SecretAccessKey>[redacted]</SecretAccessKey>"
+            "<SessionToken>[redacted]</SessionToken></Credentials>",
+        "<token>abc</token> <WebIdentityToken>eyJ.p.s</WebIdentityToken>":
+            "<token>[redacted]</token> <WebIdentityToken>[redacted]</WebIdentityToken>",
+        "{'Action': 'AssumeRoleWithWebIdentity', 'WebIdentityToken': 'eyJhbGci.payload.sig'}":
+            "{'Action': 'AssumeRoleWithWebIdentity', 'WebIdentityToken': '[redacted]'}",
+        '{"SecretAccessKey": "wJal", "AccessKeyId": "ASIA2"}':
+            '{"SecretAccessKey": "[redacted]", "AccessKeyId": "ASIA2"}',
+        "SecretAccessKey: ABC": "SecretAccessKey: [redacted]",
+        "<Credentials SecretAccessKey=wJal SessionToken=IQo>":
+            "<Credentials SecretAccessKey=[redacted] SessionToken=[redacted]>",
+        "{'aws_session_token': 'SESS', 'aws_access_key_id': 'AKIA'}":
+            "{'aws_session_token': '[redacted]', 'aws_access_key_id': 'AKIA'}",
+        '{"accessToken": "ssoTOK", "Token": "ct"}': '{"accessToken": "[redacted]", "Token": "[redacted]"}',
+    }
+    for text, shown in cases.items():
+        assert redacted(text) == shown, text
+        assert redacted(shown) == shown  # a second pass changes nothing

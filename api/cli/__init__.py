@@ -263,13 +263,19 @@ def _shown_without_verbose(record: logging.LogRecord) -> bool:
 #: DEBUG only with -vvv (their lines redacted all the same: :class:`RedactSecrets`).
 CHATTY_LIBRARIES = ("botocore", "boto3", "s3transfer", "aiobotocore", "urllib3")
 _REDACTED = "[redacted]"
-#: What a log line may carry that lets its reader act as the server or the user: the value after the name.
+#: What a log line may carry that lets its reader act as the server or the user: the value after the name (AWS's
+#: CamelCase spellings too: an STS or SSO answer, ``"SecretAccessKey": "..."``; AccessKeyId is no secret).
 #: The lookahead ``(?!\[redacted\]|b['"])`` keeps a second pass from redacting a redacted value again.
+_SECRET_NAMES = (r"x-amz-security-token|x-amz-signature|x-amz-credential|(?:aws_?)?secret_?access_?key|"
+                 r"(?:aws_?)?session_?token|(?:aws_?)?security_?token|web_?identity_?token|access_?token|"
+                 r"x-api-key|api_keys?")
 _SECRETS = (
     re.compile(r"(?i)(\bauthorization['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s][^'\"\r\n]*)"),
-    re.compile(r"(?i)((?:x-amz-security-token|x-amz-signature|x-amz-credential|aws_secret_access_key|"
-               r"aws_session_token|aws_security_token|secret_access_key|session_token|x-api-key|api_keys?)"
-               r"['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s&,;}\]]+)"),
+    re.compile(rf"(?i)((?:{_SECRET_NAMES})['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s&,;}}\]<>]+)"),
+    # an STS / SSO answer's XML: <SecretAccessKey>...</SecretAccessKey>, <SessionToken>, <Token>
+    re.compile(r"(?i)(<(?:secret_?access_?key|session_?token|security_?token|token|web_?identity_?token|"
+               r"access_?token)>)(?!\[redacted\])([^<]+)"),
+    re.compile(r"(?i)(['\"]token['\"]\s*:\s*b?['\"])(?!\[redacted\])([^'\"]+)"),  # a JSON / dict "Token": "..."
     re.compile(r"(?i)(\bsignature['\"]?\s*[:=]\s*(?:b?['\"])?)([0-9a-f]{16,})"),  # botocore.auth's "Signature:"
     re.compile(r"(?i)(\bbearer\s+)(?!\[redacted\])([^'\"\s,;]+)"),
 )
@@ -277,8 +283,9 @@ _SECRETS = (
 
 def redacted(text: str) -> str:
     """``text`` with the values of credentials and signatures in it (a signed request's ``Authorization`` header,
-    ``X-Amz-Security-Token``, a presigned URL's ``X-Amz-Signature``, ``AWS_SECRET_ACCESS_KEY=...``, an
-    ``X-API-Key`` or ``Bearer`` value) replaced by ``[redacted]``; the names kept."""
+    ``X-Amz-Security-Token``, a presigned URL's ``X-Amz-Signature``, ``AWS_SECRET_ACCESS_KEY=...``, an STS or SSO
+    answer's ``SecretAccessKey`` / ``SessionToken`` / ``Token``, an ``X-API-Key`` or ``Bearer`` value) replaced by
+    ``[redacted]``; the names kept."""
     for pattern in _SECRETS:
         text = pattern.sub(lambda found: found.group(1) + _REDACTED, text)
     return text
