@@ -312,7 +312,7 @@ def _unused_files(dataset) -> list[Path]:  # noqa: ANN001 - lance.LanceDataset o
             meta = fragment.metadata
             named.update(f"data/{f.path}" for f in meta.files)
             if meta.deletion_file is not None:
-                named.add(f"_deletions/{meta.deletion_file.path(meta.id)}")
+                named.add(meta.deletion_file.path(meta.id))  # already "_deletions/NAME": no prefix of ours
         named.update(f"_indices/{seg.uuid}" for index in at.describe_indices() for seg in index.segments)
     found = [p for p in (root / "data").glob("*.lance") if f"data/{p.name}" not in named]
     found += [p for p in (root / "_deletions").glob("*") if f"_deletions/{p.name}" not in named]
@@ -348,8 +348,9 @@ def _prune(dataset, older_than: dt.timedelta, *, unverified: bool = False) -> Pr
             return replace(pruned, unused_kept=len(unused))
         cleaned = dataset.cleanup_old_versions(older_than=dt.timedelta(0), delete_unverified=True,
                                                error_if_tagged_old_versions=False)
+        gone = sum(not path.exists() for path in unused)  # what Lance's own check let go: the count said
         return Pruned(pruned.versions + int(cleaned.old_versions), pruned.bytes + int(cleaned.bytes_removed),
-                      unused_deleted=len(unused))
+                      unused_deleted=gone)
     doomed = superseded_versions(version_times(dataset), older_than, time.time())
     if not doomed:
         return Pruned(0, 0)

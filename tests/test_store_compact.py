@@ -692,3 +692,30 @@ def test_a_prune_of_every_old_version_keeps_unused_files_while_a_ray_journal_is_
         pending.committed()
     assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
     assert not orphan.exists()
+
+
+def test_a_zero_age_prune_after_a_delete_counts_no_live_deletion_file_as_unused(tmp_path, capsys):
+    """Re-read 4 #5: the deletion file's path got ``_deletions/`` twice, so the live version's deletion file
+    counted as unused: after any recent delete a zero-age prune said "1 unused file(s) kept, ... run again later"
+    and kept a killed writer's old file, and later said "N deleted" of files it never deleted. Now the deletion
+    file of the live version is no unused file: the old orphan is deleted, the deletion file kept, and the count
+    is of what was deleted."""
+    rng = np.random.default_rng(9)
+    g = _gallery(tmp_path, threshold=0)
+    records, digests, x = _rows(0, 4, rng)
+    ids = g.add(records, digests, x)
+    g.delete(ids[1:2])
+    root = Path(g.store.uri)
+    deletions = sorted((root / "_deletions").glob("*"))
+    assert deletions  # the delete wrote a deletion file, which the latest version names
+    data = root / "data"
+    orphan = data / ("0" * 40 + ".lance")
+    orphan.write_bytes(next(data.glob("*.lance")).read_bytes())  # a data file no version names
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+    capsys.readouterr()
+    assert main(["index", "compact", "--index", str(tmp_path / "g"), "--prune-older-than", "0"]) == 0
+    out = capsys.readouterr().out
+    assert not orphan.exists(), out
+    assert "  unused files of killed writers: 1 deleted\n" in out, out
+    assert sorted(Gallery.open(tmp_path / "g").store.ids().tolist()) == sorted(i for i in ids if i != ids[1])
