@@ -410,3 +410,54 @@ def test_redaction_covers_aws_camelcase_credentials_of_sts_and_sso_answers():
     for text, shown in cases.items():
         assert redacted(text) == shown, text
         assert redacted(shown) == shown  # a second pass changes nothing
+
+
+def test_redaction_formats_first_hides_every_key_of_a_list_and_leaves_harmless_text(capsys):
+    """Re-read 4 #3, #4, #7, #8, #9: a template ``api_key=%s`` was redacted alone, lost its ``%s``, and logging's
+    error report printed the raw argument; only the first of several API keys was hidden; "bearer of bad news"
+    and ``session_token=None`` were mangled; a header tuple list kept its values; ``stack_info`` was not redacted.
+    Now the formatted message is redacted, a key list whole, only token-like Bearer values, tuples too."""
+    import io
+
+    from api.cli import CliLogFormat, RedactSecrets, redacted
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(CliLogFormat(2))
+    handler.addFilter(RedactSecrets())
+    log = logging.getLogger("tests.redaction")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("api_key=%s", "SECRETKEY")
+        log.warning("x-amz-security-token:%s and %s", "TOKSPLIT", "a\nspeciesid: fake")
+        log.warning("Authorization: %s", "Bearer eyJhbGciOiJI.body.sig")
+    finally:
+        log.removeHandler(handler)
+    said, err = stream.getvalue(), capsys.readouterr().err
+    assert "Logging error" not in err and "SECRETKEY" not in err + said and "TOKSPLIT" not in said, (said, err)
+    assert said.splitlines()[:2] == [
+        "WARNING tests.redaction: api_key=[redacted]",
+        "WARNING tests.redaction: x-amz-security-token:[redacted] and a\\nspeciesid: fake"]  # still escaped
+    assert "eyJhbGciOiJI" not in said
+
+    cases = {
+        "SPECIESID_API_KEYS=k1,k2,k3 set": "SPECIESID_API_KEYS=[redacted] set",
+        "{'SPECIESID_API_KEYS': 'k1,k2;}]'}": "{'SPECIESID_API_KEYS': '[redacted]'}",
+        "api_keys=['k1', 'k2']": "api_keys=[redacted]",
+        "Settings(api_keys=('k1', 'k2'))": "Settings(api_keys=[redacted])",
+        "bearer of bad news": "bearer of bad news",
+        "session_token=None, {'session_token': None, 'api_key': ''}":
+            "session_token=None, {'session_token': None, 'api_key': ''}",
+        "[(b'x-api-key', b'secret'), (b'authorization', b'AWS4-HMAC-SHA256 Credential=A, Signature=0123')]":
+            "[(b'x-api-key', b'[redacted]'), (b'authorization', b'[redacted]')]",
+        "[('Authorization', 'Basic dXNlcjpw')]": "[('Authorization', '[redacted]')]",
+        "Authorization: Bearer eyJhbGciOi.x.y": "Authorization: [redacted]",
+    }
+    for text, shown in cases.items():
+        assert redacted(text) == shown, text
+        assert redacted(shown) == shown
+
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "here", None, None, sinfo="api_key=STACKKEY")
+    RedactSecrets().filter(record)
+    assert record.stack_info == "api_key=[redacted]"

@@ -265,19 +265,26 @@ CHATTY_LIBRARIES = ("botocore", "boto3", "s3transfer", "aiobotocore", "urllib3")
 _REDACTED = "[redacted]"
 #: What a log line may carry that lets its reader act as the server or the user: the value after the name (AWS's
 #: CamelCase spellings too: an STS or SSO answer, ``"SecretAccessKey": "..."``; AccessKeyId is no secret).
-#: The lookahead ``(?!\[redacted\]|b['"])`` keeps a second pass from redacting a redacted value again.
+#: The lookaheads ``(?!\[redacted\])`` keep a second pass from redacting a redacted value again; ``None``, ``null``
+#: and an empty value are no secret.
 _SECRET_NAMES = (r"x-amz-security-token|x-amz-signature|x-amz-credential|(?:aws_?)?secret_?access_?key|"
                  r"(?:aws_?)?session_?token|(?:aws_?)?security_?token|web_?identity_?token|access_?token|"
                  r"x-api-key|api_keys?")
 _SECRETS = (
     re.compile(r"(?i)(\bauthorization['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s][^'\"\r\n]*)"),
-    re.compile(rf"(?i)((?:{_SECRET_NAMES})['\"]?\s*[:=]\s*(?:b?['\"])?)(?!\[redacted\]|b['\"])([^'\"\s&,;}}\]<>]+)"),
+    # a quoted value up to its closing quote, a bracketed list whole, a bare one through commas (k1,k2,k3)
+    re.compile(rf"(?i)((?:{_SECRET_NAMES})['\"]?\s*[:=]\s*)(?!\[redacted\])"
+               r"(b?(['\"])(?!(?:None|null)?\3)(?:(?!\3).)+|[\[({][^\])}]*[\])}]|(?!(?:None|null)\b)"
+               r"[^'\"\s&,;}\]<>]+(?:,[^'\"\s&,;}\]<>]+)*)"),
+    # a header list's tuple: ('Authorization', '...'), (b'x-api-key', b'...')
+    re.compile(rf"(?i)(\(\s*b?['\"](?:(?:proxy-)?authorization|{_SECRET_NAMES})['\"]\s*,\s*)"
+               r"(?!b?['\"]\[redacted\])(b?(['\"])(?:(?!\3).)+)"),
     # an STS / SSO answer's XML: <SecretAccessKey>...</SecretAccessKey>, <SessionToken>, <Token>
     re.compile(r"(?i)(<(?:secret_?access_?key|session_?token|security_?token|token|web_?identity_?token|"
                r"access_?token)>)(?!\[redacted\])([^<]+)"),
     re.compile(r"(?i)(['\"]token['\"]\s*:\s*b?['\"])(?!\[redacted\])([^'\"]+)"),  # a JSON / dict "Token": "..."
     re.compile(r"(?i)(\bsignature['\"]?\s*[:=]\s*(?:b?['\"])?)([0-9a-f]{16,})"),  # botocore.auth's "Signature:"
-    re.compile(r"(?i)(\bbearer\s+)(?!\[redacted\])([^'\"\s,;]+)"),
+    re.compile(r"(?i)(\bbearer\s+)(?!\[redacted\])([A-Za-z0-9._~+/=-]{8,})"),  # a token: no "bearer of bad news"
 )
 
 
@@ -287,8 +294,15 @@ def redacted(text: str) -> str:
     answer's ``SecretAccessKey`` / ``SessionToken`` / ``Token``, an ``X-API-Key`` or ``Bearer`` value) replaced by
     ``[redacted]``; the names kept."""
     for pattern in _SECRETS:
-        text = pattern.sub(lambda found: found.group(1) + _REDACTED, text)
+        text = pattern.sub(_hidden, text)
     return text
+
+
+def _hidden(found: re.Match) -> str:
+    """A match of :data:`_SECRETS` with its value (group 2) redacted; a quoted value's opening quote kept."""
+    quote = found.group(3) if (found.re.groups >= 3) else None
+    opening = found.group(2)[:found.group(2).index(quote) + 1] if quote else ""
+    return found.group(1) + opening + _REDACTED
 
 
 class _RedactedArg(str):
@@ -306,26 +320,31 @@ class _RedactedArg(str):
 
 
 class RedactSecrets(logging.Filter):
-    """A handler's filter: every record's message, arguments and traceback with its secrets redacted
-    (:func:`redacted`), so that no log line (-vv's, which bug reports quote) carries one."""
+    """A handler's filter: every record's message, arguments, traceback and stack with its secrets redacted
+    (:func:`redacted`), so that no log line (-vv's, which bug reports quote) carries one. huggingface_hub's own
+    handler and Ray's loggers (which do not propagate) bypass it: neither prints our secrets today."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
+        if record.args:  # the message as formatted (its arguments escaped as the CLI shows them), then redacted:
+            # a template alone, redacted, could lose its "%s" to the argument it names (api_key=%s)
+            if isinstance(record.args, Mapping):
+                record.args = {key: self._arg(value) for key, value in record.args.items()}
+            else:
+                record.args = tuple(self._arg(value) for value in record.args)
+            try:
+                message = _shown_args(record).getMessage()
+            except (TypeError, ValueError):  # a template its arguments do not fit: logging says so, redacted
+                message = None
+            if message is not None:
+                record.msg, record.args = redacted(message), None
+        elif isinstance(record.msg, str):
             record.msg = redacted(record.msg)
-        if isinstance(record.args, Mapping):
-            record.args = {key: self._arg(value) for key, value in record.args.items()}
-        elif record.args:
-            record.args = tuple(self._arg(value) for value in record.args)
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):
-            message = None
-        if message is not None and redacted(message) != message:  # a secret spanning the text and an argument
-            record.msg, record.args = redacted(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redacted(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redacted(record.stack_info)
         return True
 
     @staticmethod
@@ -350,7 +369,6 @@ def setup_logging(verbose: int) -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(CliLogFormat(verbose))
-    handler.addFilter(RedactSecrets())
     if verbose == 1:  # faiss' loader says at INFO which of its builds it could not load: reads like a failure
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if verbose == 2:
@@ -360,6 +378,7 @@ def setup_logging(verbose: int) -> None:
         handler.addFilter(_shown_without_verbose)
         for name in PACKAGES:  # our INFO records reach the handler, which shows the notes among them
             logging.getLogger(name).setLevel(logging.INFO)
+    handler.addFilter(RedactSecrets())  # after the visibility filter: a record dropped costs no redaction
     root.addHandler(handler)
     root.setLevel(logging.WARNING - 10 * min(verbose, 2))
 
