@@ -1290,11 +1290,17 @@ def _remove_unused_upload(gallery: Gallery, uri: str) -> None:
     commits its rows under the store's lease, not this folder's ``flock``; holding the lease makes the check and
     the delete one step against every machine's commits (an add that put the same bytes before and commits after
     puts them again: :func:`add_photos`). The store is re-read first: a commit another machine made within
-    ``refresh_s`` is seen; every spelling of the URI a row may hold counts (:func:`index.objects.spellings`). The
-    lease is checked right before the delete: lost meanwhile, the object stays (logged), for ``index sweep-uploads``."""
+    ``refresh_s`` is seen (a server's look that does not answer in time: the object stays, for the sweep); every
+    spelling of the URI a row may hold counts (:func:`index.objects.spellings`). The lease is checked right before
+    the delete: lost meanwhile, the object stays (logged), for ``index sweep-uploads``."""
     assert gallery.objects is not None
     with gallery.writing():
         gallery.refresh(force=True)
+        if gallery.reading_stale:  # a server's look not answered in time: the store not re-read (re-read 4 #2)
+            logger.info("did not remove %s now: the store did not answer in time, so a reference another machine "
+                        "committed may use it; it stays, harmless, and 'speciesid index sweep-uploads --index %s' "
+                        "removes it once it is unused and older than a day", uri, gallery.root)
+            return
         if any(gallery.store.uses_source(text) for text in spellings(uri)):  # s3a:// rows name it too
             return
         try:  # the reads above may have outlasted the lease: another machine's add may have committed meanwhile

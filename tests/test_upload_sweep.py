@@ -749,3 +749,29 @@ def test_the_sweep_reads_two_columns_of_the_rows_not_every_metadata_column(tmp_p
     read = objects._rows_read(g.store)
     assert read.ids.tolist() == sorted(ids) and sorted(read.texts) == [f"/up/{i}.jpg" for i in range(5)]
     assert read.version == g.store.version
+
+
+def test_an_uploads_delete_keeps_it_when_a_servers_look_at_the_store_did_not_answer(client, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """Re-read 4 #2: a server's forced refresh waits at most STORE_CHECK_WAIT_S for its look and then returns without
+    the store re-read, so the "is it used" check could miss another machine's commit naming the object and delete
+    it. Now a look not answered keeps the object (said at INFO), for the sweep."""
+    from index.gallery import Gallery
+    from retrieval.workflows import delete_references
+
+    prefix = f"late-{tmp_path.name}"
+    g = Gallery.create(tmp_path / "g", _TINY, store=f"s3://{BUCKET}/{prefix}")
+    uri, key, _ = _put(g, b"a photo another machine may use")
+    (ref,) = _rows(g, [uri])
+    g.stale_reads = True
+
+    def late(self, *, force: bool = False, wait: float | None = None) -> bool:  # what _overdue leaves
+        self._went_stale("has not answered within 2 s")
+        return False
+
+    monkeypatch.setattr(Gallery, "refresh", late)
+    with caplog.at_level(logging.INFO, logger="retrieval.workflows"):
+        assert delete_references(g, [ref]) == [ref]
+    assert _keys(client, prefix) == [key]  # kept: the sweep removes it once unused and old
+    assert f"did not remove {uri} now: the store did not answer in time" in caplog.text, caplog.text
+    assert f"speciesid index sweep-uploads --index {g.root}" in caplog.text
