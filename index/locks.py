@@ -133,9 +133,11 @@ def _flocked(st: os.stat_result, proc_locks: Path = PROC_LOCKS) -> bool | None:
 def look(path: str | Path) -> dict[str, Any]:
     """Whether a writer holds the lock file at ``path`` now, for ``index info``: ``{"file", "held", "holder"}``,
     ``holder`` its record (host, pid, since; None when not held or not recorded). On Linux it reads
-    :data:`PROC_LOCKS` and takes no lock, so no writer's try can meet it; elsewhere (or when that cannot tell) a
-    shared ``flock`` tried without waiting and let go at once: a writer waiting for the lock then only tries again,
-    but one set not to wait (a wait of 0 s) whose one try falls in that instant fails as if busy. Nothing is written.
+    :data:`PROC_LOCKS` and takes no lock, so no writer's try can meet it; its "not held" is believed only when the
+    file holds no holder record (a holder in another pid namespace or on another host is not listed there).
+    Elsewhere (or when that cannot tell) a shared ``flock`` tried without waiting and let go at once: a writer
+    waiting for the lock then only tries again, but one set not to wait (a wait of 0 s) whose one try falls in that
+    instant fails as if busy. Nothing is written.
     ``held`` is None when it cannot be told (the file unreadable, a system without ``flock``)."""
     status: dict[str, Any] = {"file": str(path), "held": False, "holder": None}
     try:
@@ -145,7 +147,10 @@ def look(path: str | Path) -> dict[str, Any]:
     except OSError:
         return status | {"held": None}
     try:
-        if (held := _flocked(os.fstat(fd))) is not None:
+        held = _flocked(os.fstat(fd))
+        if held is False and _holder_record(fd) is not None:  # a holder /proc/locks may not show: another pid
+            held = None  # namespace's (a container beside), another host's (NFS); or a killed one: the try tells
+        if held is not None:
             return status | {"held": True, "holder": _holder_record(fd)} if held else status
         if fcntl is None:  # pragma: no cover
             return status | {"held": None}
