@@ -160,31 +160,35 @@ def test_id_runs_joins_consecutive_ids_and_counts_past_the_runs_shown():
     assert id_runs(scattered) == ", ".join(map(str, scattered[:ID_RUNS_SHOWN])) + ", ... (5 more)"
 
 
+def _logging_run(verbose: int, lines: str, *argv: str) -> str:
+    """stderr of a fresh process with the CLI's logging (``setup_logging(verbose)``) that runs ``lines``
+    (``logging`` and ``sys`` imported; ``sys.argv[2:]`` is ``argv``). A fresh process: pytest's own log capture
+    keeps the CLI from installing its handler here."""
+    import subprocess
+    import sys
+
+    script = "import logging, sys\nfrom api.cli import setup_logging\nsetup_logging(int(sys.argv[1]))\n" + lines
+    run = subprocess.run([sys.executable, "-c", script, str(verbose), *argv], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    return run.stderr
+
+
 def test_log_lines_are_in_the_command_lines_style_and_module_names_only_with_verbose(tmp_path):
     """Walk s50 #4: the CLI printed library warnings as ``WARNING retrieval.pipeline: ...`` beside its own
     ``speciesid: ...`` lines, and the one-time export as ``WARNING retrieval.runtimes.select: speciesid: preparing
     ...``. Now ``speciesid: warning: ...``, a note (INFO, ``extra={"note": True}``) as a plain ``speciesid: ...``
     line, other INFO records hidden; -v names each line's level and module. A fresh process: pytest's own log
     capture keeps the CLI from installing its handler here."""
-    import subprocess
-    import sys
-
-    script = (
-        "import logging, sys\n"
-        "from api.cli import setup_logging\n"
-        "setup_logging(int(sys.argv[1]))\n"
+    lines = (
         "logging.getLogger('retrieval.pipeline').warning('interrupted: committing')\n"
         "logging.getLogger('index.photos').error('cannot read')\n"
         "logging.getLogger('retrieval.runtimes.select').info('preparing X for this CPU', extra={'note': True})\n"
         "logging.getLogger('retrieval.workflows').info('a detail')\n"
         "logging.getLogger('retrieval.workflows').debug('a debug detail')\n"
     )
-    repo = Path(__file__).resolve().parents[1]
 
     def err(verbose: int) -> list[str]:
-        run = subprocess.run([sys.executable, "-c", script, str(verbose)], cwd=repo, capture_output=True, text=True,
-                             check=True)
-        return run.stderr.splitlines()
+        return _logging_run(verbose, lines).splitlines()
 
     assert err(0) == ["speciesid: warning: interrupted: committing", "speciesid: error: cannot read",
                       "speciesid: preparing X for this CPU"]
@@ -222,17 +226,11 @@ def test_debug_logging_redacts_signed_headers_and_keeps_storage_libraries_quiet_
     Now the storage libraries stay at INFO under -vv (-vvv shows their DEBUG), and every line the CLI's handler
     writes has its credentials and signatures redacted, whichever level and logger. A fresh process: pytest's own
     log capture keeps the CLI from installing its handler here."""
-    import subprocess
-    import sys
-
     dump = ("Sending http request: <AWSPreparedRequest stream_output=False, method=PUT, url=http://127.0.0.1:1/b/g, "
             "headers={'X-Amz-Security-Token': b'SESSIONTOKENyyy888', 'Authorization': b'AWS4-HMAC-SHA256 "
             "Credential=AKIALOGSWALKID/20261207/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-date, "
             "Signature=0123456789abcdef0123456789abcdef'}>")
-    script = (
-        "import logging, sys\n"
-        "from api.cli import setup_logging\n"
-        "setup_logging(int(sys.argv[1]))\n"
+    lines = (
         "logging.getLogger('botocore.endpoint').debug('%s', sys.argv[2])\n"
         "logging.getLogger('botocore.auth').debug('CanonicalRequest:\\nx-amz-security-token:SESSIONTOKENyyy888')\n"
         "logging.getLogger('botocore.auth').debug('Signature:\\n%s', 'fedcba9876543210fedcba9876543210')\n"
@@ -242,12 +240,9 @@ def test_debug_logging_redacts_signed_headers_and_keeps_storage_libraries_quiet_
         "s3cretKEY-alpha-123456, Authorization: Bearer TOPSECRETBEARER')\n"
         "logging.getLogger('retrieval.workflows').debug('a debug detail')\n"
     )
-    repo = Path(__file__).resolve().parents[1]
 
     def err(verbose: int) -> str:
-        run = subprocess.run([sys.executable, "-c", script, str(verbose), dump], cwd=repo, capture_output=True,
-                             text=True, check=True)
-        return run.stderr
+        return _logging_run(verbose, lines, dump)
 
     for verbose in (0, 2, 3):
         said = err(verbose)
@@ -352,13 +347,7 @@ def test_verbose_keeps_faiss_loaders_chatter_out_and_a_record_of_several_lines_i
     on a line of its own with no level or module, its ModuleNotFoundError: reading like a failure, and breaking
     one-record-per-line parsing. Now faiss.loader stays at WARNING under -v (its INFO shown with -vv), and a record's
     further lines (its message's own, a traceback) are indented: a line at the margin begins a record."""
-    import subprocess
-    import sys
-
-    script = (
-        "import logging, sys\n"
-        "from api.cli import setup_logging\n"
-        "setup_logging(int(sys.argv[1]))\n"
+    lines = (
         "logging.getLogger('faiss.loader').info('Could not load library with AVX512 support due to:\\n'\n"
         "                                       'ModuleNotFoundError(\"No module named faiss.swigfaiss_avx512\")')\n"
         "logging.getLogger('retrieval.workflows').info('first line\\nsecond line')\n"
@@ -367,12 +356,9 @@ def test_verbose_keeps_faiss_loaders_chatter_out_and_a_record_of_several_lines_i
         "except ValueError:\n"
         "    logging.getLogger('index.gallery').warning('it failed', exc_info=True)\n"
     )
-    repo = Path(__file__).resolve().parents[1]
 
     def err(verbose: int) -> list[str]:
-        run = subprocess.run([sys.executable, "-c", script, str(verbose)], cwd=repo, capture_output=True, text=True,
-                             check=True)
-        return run.stderr.splitlines()
+        return _logging_run(verbose, lines).splitlines()
 
     v = err(1)
     assert v[:3] == ["INFO retrieval.workflows: first line", "  second line", "WARNING index.gallery: it failed"], v
