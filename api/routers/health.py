@@ -82,7 +82,8 @@ def readyz(request: Request) -> JSONResponse:
     if gallery.newer_format is not None:  # answers go on; writes are refused (409) until the server is upgraded
         body.update(status="degraded", warning=NEWER_FORMAT.format(why=gallery.newer_format))
     # a build interrupted: still ready, the partial gallery said so; no key needed here: no pid or host. The
-    # references as index info passes them: a gallery no photo was ever stored in reads as a build interrupted
+    # references as index info passes them, excluded rows aside (they differ only for a gallery whose every row is
+    # excluded, with no build marks: practically never): a gallery no photo was ever stored in reads as interrupted
     body["build"] = build_status(gallery.root, api=True, references=gallery.index.ntotal)
     ident = service.identifier  # the probe answers use now; on S3 the store's copy as last looked at (no request)
     # references added or deleted since the probe was trained: counted once per gallery version (the identifier's)
