@@ -95,6 +95,15 @@ def until(cond: Callable[[], bool], what: str, limit: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def stderr_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the (captured) stderr say it is a terminal, so that commands draw their progress bars
+    (``api.cli._common.show_bars``: bars only on a terminal) for a test that reads them. Call it in the test's body,
+    once capsys / capfd has replaced ``sys.stderr``."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+
+
 @pytest.fixture
 def count_opens(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[str]]:
     """``count_opens(name)``: a list that, from then on in the test, holds the path of every open of a file called

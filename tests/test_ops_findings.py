@@ -118,14 +118,16 @@ def _photos(tmp_path: Path, per_species: int = 3) -> Path:
 
 
 @pytest.mark.slow
-def test_a_ray_build_shows_its_progress_per_chunk_unless_quiet(tmp_path, capsys):
+def test_a_ray_build_shows_its_progress_per_chunk_unless_quiet(tmp_path, capsys, monkeypatch):
     """A Ray build printed nothing between its chunks without -v (a default 100k-photo chunk: about 45 min of
     silence on 2 cores). It now moves a bar on stderr at each committed chunk, as the local build does; -q hides it."""
     require_module("ray.data")
-    from conftest import MOBILENET_SPEC
+    from conftest import MOBILENET_SPEC, stderr_a_terminal
 
     from api.cli import main
     from retrieval.distributed import RayOptions, start_ray, stop_ray
+
+    stderr_a_terminal(monkeypatch)  # bars only on a terminal
 
     root = _photos(tmp_path)
     started = start_ray(RayOptions(actors=1, local_cpus=2))

@@ -217,12 +217,17 @@ def test_a_head_sharing_no_species_with_the_gallery_is_refused_naming_the_first_
         species_differences(many, ["Naja haje"], "g", "run")
 
 
-def test_a_replaced_probe_is_kept_named_and_restored_and_a_server_follows_each_swap(tmp_path_factory, capsys):
+def test_a_replaced_probe_is_kept_named_and_restored_and_a_server_follows_each_swap(tmp_path_factory, capsys,
+                                                                                   monkeypatch):
     """`probe train` (or `probe import`) over a probe said nothing and kept nothing: minutes of work lost. Now the
     replaced one is kept as probe.prev.*, named in one line with how to get it back, and `probe restore` swaps."""
+    from conftest import stderr_a_terminal
+
     from index.layout import PROBE_PREV_META
     from retrieval.probe import LinearProbe
     from retrieval.workflows import open_identifier
+
+    stderr_a_terminal(monkeypatch)  # the folds' bar below: bars only on a terminal
 
     index = gallery_copy(tmp_path_factory, "probe_replaced")
     code, out, err = _run(capsys, "probe", "train", "--index", index, "--folds", "3")

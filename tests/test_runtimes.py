@@ -193,9 +193,12 @@ def test_the_command_lines_quiet_flag_silences_nncfs_progress_bars(tiny_clip_dir
     bars still go to stderr, stdout stays clean either way. A real export of a tiny open_clip model, run twice,
     each in a fresh cache."""
     pytest.importorskip("openvino")
+    from conftest import stderr_a_terminal
+
     from api.cli import main
 
     monkeypatch.delenv("SPECIESID_RUNTIME", raising=False)
+    stderr_a_terminal(monkeypatch)  # NNCF's bars, like ours, only on a terminal
     root = tmp_path / "photos"
     for i, photo in enumerate(check_photos[:24]):
         folder = root / ("Naja haje" if i % 2 else "Naja naja")
