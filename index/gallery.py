@@ -1534,9 +1534,7 @@ class Gallery:
         cols = {c: df[c].tolist() for c in ("id", "species", "genus", "family", "common_name", "venomous",
                                             "source_path", "dataset")}
         venomous = [None if _opt(v) is None else bool(v) for v in cols["venomous"]]
-        fresh = {int(rid): Neighbour(id=int(rid), similarity=0.0, species=species, genus=_opt(genus),
-                                     family=_opt(family), common_name=_opt(common), venomous=ven, path=path,
-                                     dataset=_opt(dataset))
+        fresh = {int(rid): _cached_neighbour(rid, species, genus, family, common, ven, path, dataset)
                  for rid, species, genus, family, common, ven, path, dataset in zip(
                      cols["id"], cols["species"], cols["genus"], cols["family"], cols["common_name"], venomous,
                      cols["source_path"], cols["dataset"], strict=True)}
@@ -1567,10 +1565,8 @@ class Gallery:
         if len(self._meta_cache) + len(ids) > META_CACHE_ROWS:  # a gallery too big to keep whole: looked up
             return
         for rid, r in zip(ids, records, strict=True):
-            self._meta_cache[int(rid)] = Neighbour(
-                id=int(rid), similarity=0.0, species=r.species, genus=_opt(r.genus), family=_opt(r.family),
-                common_name=_opt(r.common_name), venomous=r.venomous, path=source_text(r.path),
-                dataset=_opt(r.dataset))
+            self._meta_cache[int(rid)] = _cached_neighbour(rid, r.species, r.genus, r.family, r.common_name,
+                                                           r.venomous, source_text(r.path), r.dataset)
 
     def _drop_edited_rows(self) -> None:
         """At a new version of the index (another process's writes synced), drop the cached metadata of each species
@@ -1816,6 +1812,13 @@ def check_probe_format(root: str | Path) -> None:
         probe_format = None
     if isinstance(probe_format, int) and probe_format > PROBE_FORMAT:
         check_format(probe, probe_format, PROBE_FORMAT, older="")
+
+
+def _cached_neighbour(rid: int, species: str, genus: object, family: object, common: object,
+                      venomous: bool | None, path: str, dataset: object) -> Neighbour:
+    """A row's metadata as the meta cache keeps it: similarity 0, its missing (None, NaN) texts None."""
+    return Neighbour(id=int(rid), similarity=0.0, species=species, genus=_opt(genus), family=_opt(family),
+                     common_name=_opt(common), venomous=venomous, path=path, dataset=_opt(dataset))
 
 
 def _opt(value: object) -> object | None:

@@ -963,14 +963,14 @@ class ReferenceStore:
             rewritten = int(metrics.fragments_removed)
             self.refresh()
             self._carry_species(version)  # rows unchanged
-        pruned = _prune(dataset, prune_older_than, unverified=unverified) if prune_older_than is not None else None
+        pruned = (_prune(dataset, prune_older_than, unverified=unverified) if prune_older_than is not None
+                  else Pruned(0, 0))
         after = _fragment_stats(dataset) if rewritten else before
         return CompactReport(fragments_before=before.fragments, fragments_after=after.fragments,
                              small_before=before.small, small_after=after.small, fragments_rewritten=rewritten,
-                             versions_removed=pruned.versions if pruned else 0,
-                             bytes_removed=pruned.bytes if pruned else 0, version_before=version,
-                             version_after=self.version, unused_deleted=pruned.unused_deleted if pruned else 0,
-                             unused_kept=pruned.unused_kept if pruned else 0)
+                             versions_removed=pruned.versions, bytes_removed=pruned.bytes, version_before=version,
+                             version_after=self.version, unused_deleted=pruned.unused_deleted,
+                             unused_kept=pruned.unused_kept)
 
     def prune_versions(self, older_than: dt.timedelta) -> tuple[int, int]:
         """Delete the versions that stopped being the latest more than ``older_than`` ago

@@ -25,6 +25,7 @@ MAX_CACHE_MB = 1 << 24
 #: The variables that set them (the server's settings and the command line read them).
 METADATA_ENV = "SPECIESID_STORE_METADATA_CACHE_MB"
 INDEX_ENV = "SPECIESID_STORE_INDEX_CACHE_MB"
+_DEFAULT_MB = {METADATA_ENV: METADATA_CACHE_MB, INDEX_ENV: INDEX_CACHE_MB}  # each variable's default cap
 
 _chosen: dict[str, int] = {}  # what the server's settings set (a .env file included), over the environment
 
@@ -38,9 +39,8 @@ def parse_cache_mb(name: str, raw: str | int) -> int:
         value = 0
     if not 1 <= value <= MAX_CACHE_MB:
         shown = raw.strip() if isinstance(raw, str) else raw
-        default = METADATA_CACHE_MB if name == METADATA_ENV else INDEX_CACHE_MB
         raise ValueError(f"{name}={shown} is not a whole number of MiB from 1 to {MAX_CACHE_MB}: set the cap of the "
-                         f"store's cache in MiB (default {default}), or unset it")
+                         f"store's cache in MiB (default {_DEFAULT_MB[name]}), or unset it")
     return value
 
 
@@ -62,7 +62,7 @@ def cache_mb(name: str) -> int:
     raw = os.environ.get(name, "").strip()
     if raw:
         return parse_cache_mb(name, raw)
-    return METADATA_CACHE_MB if name == METADATA_ENV else INDEX_CACHE_MB
+    return _DEFAULT_MB[name]
 
 
 def cache_bytes() -> tuple[int, int]:

@@ -670,7 +670,7 @@ def unrecorded_venom_note(species: str, venomous: bool | None, *, genus: str | N
     the CLI commands name)."""
     if venomous is not None:
         return ""
-    record = (f"PUT /v1/species/{species.replace(' ', '_')}/venomous with {{\"venomous\": true}} (or false) and an "
+    record = (f"{venom_route(species)} with {{\"venomous\": true}} (or false) and an "
               "API key records it" if api else
               f"'speciesid species set-venom --index {root} \"{species}\" yes' (or no) records it")
     if advice_on:
@@ -692,6 +692,11 @@ def unrecorded_snake(species: str, venomous: bool | None, genus: str | None = No
     return venomous is None and known_snake(species, genus, family)
 
 
+def venom_route(species: str) -> str:
+    """The API's route that records ``species``' venom status, as notes and errors name it."""
+    return f"PUT /v1/species/{species.replace(' ', '_')}/venomous"
+
+
 def advice_off_snakes_note(snakes: Sequence[str], root: str | Path = "DIR", *, api: bool = False) -> str:
     """What to tell of ``snakes`` (:func:`unrecorded_snake`) in a gallery that records no venom advice: their answers
     say nothing of a bite, and how to turn it on. The one wording of an add's note (:func:`unrecorded_venom_note`)
@@ -701,9 +706,8 @@ def advice_off_snakes_note(snakes: Sequence[str], root: str | Path = "DIR", *, a
     turn_on = ("the gallery's operator turns it on with 'speciesid index venom-advice on'" if api else
                f"'speciesid index venom-advice --index {root} on' turns it on")
     name = f'"{snakes[0]}"' if one else "NAME"
-    route = snakes[0].replace(" ", "_") if one else "{name}"
-    record = (f"PUT /v1/species/{route}/venomous with {{\"venomous\": true}} (or false) and an API key records a "
-              "species' status" if api else
+    route = venom_route(snakes[0] if one else "{name}")
+    record = (f"{route} with {{\"venomous\": true}} (or false) and an API key records a species' status" if api else
               f"'speciesid species set-venom --index {root} {name} yes' (or no) records a species' status")
     return (f"this gallery records no venom advice, but {first_few(list(snakes))} {'is' if one else 'are'} of a "
             f"snake genus or family the shipped snake taxonomy knows, with no venom status recorded: "
@@ -774,7 +778,7 @@ def new_species_references(
         raise ValueError(
             f"{prior.species!r} is recorded as venomous, and a species stays venomous while any of its reference "
             "photos says so: leave the venomous flag out to add these photos; if that flag is wrong, set it first "
-            + (f"with PUT /v1/species/{prior.species.replace(' ', '_')}/venomous and {{\"venomous\": false}}" if api
+            + (f"with {venom_route(prior.species)} and {{\"venomous\": false}}" if api
                else f"with 'speciesid species set-venom --index {root} \"{prior.species}\" no'"))
     if venomous is False:  # a venomous taxon, or its near-spelling, common name or synonym unless confirmed
         check_harmless_flag(species, common_name or (prior.common_name if prior else None),

@@ -67,6 +67,7 @@ from index.photos import PHOTO_FORMATS, first_few
 from index.status import folder_status, store_status
 from index.store import CompactReport, FragmentStats, SpeciesSummary, source_file, source_text
 from index.taxonomy import (
+    CONFIRM_HARMLESS,
     SUGGESTION,
     check_harmless_flag,
     find_species,
@@ -1410,8 +1411,9 @@ def _venom_target(g: Gallery, name: str, venomous: bool, *, distinct_from_venomo
     if venomous is False:
         check_harmless_flag(found.species, found.common_name,  # recorded no already: confirmed when recorded
                             distinct=distinct_from_venomous or found.venomous is False,
-                            gallery_species=held, common_names=common_names, status=RECORDED[found.venomous],
-                            **({"confirm": API_CONFIRM_HARMLESS} if api else {}))  # no flag to leave out: it stays
+                            gallery_species=held, common_names=common_names,
+                            status=RECORDED[found.venomous],  # no flag to leave out: it stays
+                            confirm=API_CONFIRM_HARMLESS if api else CONFIRM_HARMLESS)
     return found
 
 
