@@ -76,21 +76,34 @@ def key_refusal(given: str | None, keys: list[str], kind: str) -> str | None:
     return None
 
 
-class _Refusals:
+class _Every:
+    """Says whether to log now (at most once per ``seconds``) and how many were left unlogged since the last."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self._last, self._unlogged, self._lock = seconds, float("-inf"), 0, threading.Lock()
+
+    def due(self) -> int | None:
+        """The count of unlogged ones before this one when it is time to log, else None (this one is counted)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.seconds:
+                self._unlogged += 1
+                return None
+            unlogged, self._last, self._unlogged = self._unlogged, now, 0
+            return unlogged
+
+
+class _Refusals(_Every):
     """The 401s answered since the last line about them: logged at most once per :data:`REFUSAL_LOG_EVERY_S`."""
 
     def __init__(self) -> None:
-        self.last, self.unlogged, self.lock = float("-inf"), 0, threading.Lock()
+        super().__init__(REFUSAL_LOG_EVERY_S)
 
     def log(self, scope: Scope, given: str | None, kind: str, refusal: str) -> None:
         """A WARNING naming the request (method, path, client address) and why (no key, a wrong key, no keys
         configured), never the key; at most once per :data:`REFUSAL_LOG_EVERY_S`, with the count between."""
-        now = time.monotonic()
-        with self.lock:
-            if now - self.last < REFUSAL_LOG_EVERY_S:
-                self.unlogged += 1
-                return
-            unlogged, self.last, self.unlogged = self.unlogged, now, 0
+        if (unlogged := self.due()) is None:
+            return
         why = "no X-API-Key" if not given else "a wrong X-API-Key" if "wrong" in refusal else "no keys configured"
         client = scope.get("client") or ("unknown", 0)
         since = f"; {unlogged} more refused since the last such line" if unlogged else ""

@@ -202,6 +202,7 @@ class SpeciesService:
         self._thumbs: OrderedDict[tuple, Thumbnail] = OrderedDict()  # the latest thumbnails served, with their tags
         self._thumb_lock = threading.Lock()
         self._unreadable_said: OrderedDict[int, float] = OrderedDict()  # reference -> when its warning was logged
+        self._unreadable_lock = threading.Lock()
         self.uploads_status()  # counted once at start, on a thread of its own (an add a kill cut off left them)
 
     def uploads_status(self) -> dict | None:
@@ -440,7 +441,7 @@ class SpeciesService:
         """Whether to log that reference ``ref_id``'s photo cannot be read: not within
         :data:`UNREADABLE_LOG_EVERY_S` of the last time (the last :data:`THUMBNAILS_KEPT` references remembered)."""
         now = time.monotonic()
-        with self._thumb_lock:
+        with self._unreadable_lock:
             last = self._unreadable_said.get(ref_id)
             if last is not None and now - last < UNREADABLE_LOG_EVERY_S:
                 return False

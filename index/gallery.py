@@ -1547,9 +1547,9 @@ class Gallery:
         at the store's version does not see. Looked at most once per ``refresh_s`` (one manifest read and a stat per
         data file; an object store's never; not during an outage), the last finding kept in between: for a health
         check (/readyz)."""
-        now = time.monotonic()
         if self.reading_stale:  # the store does not answer (an outage): nothing to look at now
             return
+        now = time.monotonic()
         if now - self._files_checked_at >= self.refresh_s:
             self._files_checked_at = now
             missing = self.store.missing_data_files()

@@ -310,9 +310,9 @@ class _RedactedArg(str):
 
     repr_text: str
 
-    def __new__(cls, value: object) -> _RedactedArg:
-        shown = super().__new__(cls, redacted(str(value)))
-        shown.repr_text = redacted(repr(value))
+    def __new__(cls, text: str, repr_text: str) -> _RedactedArg:
+        shown = super().__new__(cls, text)
+        shown.repr_text = repr_text
         return shown
 
     def __repr__(self) -> str:
@@ -355,7 +355,8 @@ class RedactSecrets(logging.Filter):
             text, rep = str(value), repr(value)
         except Exception:  # noqa: BLE001 - an argument that cannot show itself: left to logging's own handling
             return value
-        return _RedactedArg(value) if redacted(text) != text or redacted(rep) != rep else value
+        red_text, red_rep = redacted(text), redacted(rep)
+        return _RedactedArg(red_text, red_rep) if red_text != text or red_rep != rep else value
 
 
 def setup_logging(verbose: int) -> None:

@@ -70,10 +70,11 @@ def cmd_identify(args: argparse.Namespace) -> int:
     """speciesid identify: the candidate species of each photo, or of one observation (exit status)."""
     from retrieval.workflows import answer_notes, identify
 
-    paths, bad_args, not_read = photo_args(args.images, report=False, progress=show_bars(args))
+    bars = show_bars(args)
+    paths, bad_args, not_read = photo_args(args.images, report=False, progress=bars)
     ident = open_identifier(args)
     answers = identify(ident, paths, observation=args.observation, top=args.k, method=args.method,
-                       rank=args.rank, country=args.country, progress=show_bars(args) and len(paths) > 20)
+                       rank=args.rank, country=args.country, progress=bars and len(paths) > 20)
     skipped = bad_args + not_read
     results = [{"image": arg, "error": reason} for arg, reason in skipped]  # every input is in the output
     for a in answers:

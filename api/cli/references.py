@@ -76,14 +76,15 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     from index.taxonomy import SpeciesNameConflictError
     from retrieval.workflows import ReferencesInterrupted, add_photos, open_gallery
 
+    bars = show_bars(args)
     # named on stderr now, counted in the summary below
-    paths, bad_args, not_read = photo_args(args.images, progress=show_bars(args))
+    paths, bad_args, not_read = photo_args(args.images, progress=bars)
     gallery, enc = open_gallery(args.index, encoder_config(args), make_table=True)  # a writer: may make the table
     try:
         result = add_photos(gallery, enc, args.species, paths, common_name=args.common_name,
                             venomous=parse_yes_no(args.venomous), genus=args.genus, family=args.family,
                             new_species=args.new_species, distinct_from_venomous=args.distinct_from_venomous,
-                            progress=show_bars(args) and len(paths) > 20)
+                            progress=bars and len(paths) > 20)
     except SpeciesNameConflictError as exc:  # worded for this command's options
         raise ValueError(exc.advice(use=f"give --species {exc.meant!r} to add to it",
                                     confirm=f"give --new-species if {exc.name!r} is a new species")) from exc

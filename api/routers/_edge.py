@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
+import time  # noqa: F401 - tests patch its monotonic clock here (the store warnings' _Every reads it)
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from functools import partial
@@ -13,6 +12,7 @@ from typing import TypeVar
 
 from fastapi import HTTPException, Request, Response, UploadFile
 
+from api.guard import _Every
 from api.schemas import ErrorOut, NeighbourOut
 from api.service import ServiceError, SpeciesService, StoreUnavailable, Upload
 from index.errors import first_line, store_io_failure, store_io_kind, store_table_gone
@@ -37,25 +37,6 @@ WRITE_RETRY_AFTER_S = 5
 STORE_RETRY_AFTER_S = 5
 #: During a store outage every request meets it: its 503 is logged at most once per this many seconds.
 STORE_WARN_EVERY_S = 60.0
-
-
-class _Every:
-    """Says whether to log now (at most once per ``seconds``) and how many were left unlogged since the last."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds, self._last, self._unlogged, self._lock = seconds, float("-inf"), 0, threading.Lock()
-
-    def due(self) -> int | None:
-        """The count of unlogged ones before this one when it is time to log, else None (this one is counted)."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self.seconds:
-                self._unlogged += 1
-                return None
-            unlogged, self._last, self._unlogged = self._unlogged, now, 0
-            return unlogged
-
-
 _STORE_WARNINGS = _Every(STORE_WARN_EVERY_S)
 #: The request being answered, ``POST /v1/species/Naja naja/references`` (set by the app's middleware): the log
 #: lines of its 5xx name it.

@@ -71,7 +71,7 @@ VENOMOUS_BODY = ('send a JSON body {"venomous": true} or {"venomous": false} (wi
                  "to confirm a harmless flag refused without it)")
 
 
-def venomous_body_error(errors: Sequence[Mapping], content_type: str = "application/json") -> str:
+def venomous_body_error(errors: Sequence[Mapping], content_type: str) -> str:
     """The 422 of a set-venom request that is not a species name and a :class:`VenomousIn` (FastAPI's ``errors``), in
     one line: an error of the path's name said as the name's, then the body's: what to send, then what is wrong with
     each field (``body`` for the body itself: not JSON, not an object, missing). A body sent without a JSON
@@ -93,7 +93,8 @@ def venomous_body_error(errors: Sequence[Mapping], content_type: str = "applicat
     return "; ".join(said)
 
 
-@router.put("/{name}/venomous", response_model=VenomousOut, responses=errors(400, 401, 404, 409, 413, 422, 500))
+@router.put(VENOMOUS_ROUTE.removeprefix(router.prefix), response_model=VenomousOut,
+            responses=errors(400, 401, 404, 409, 413, 422, 500))
 def set_venomous(
     service: Service,
     _: WriteKey,
