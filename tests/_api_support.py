@@ -7,6 +7,7 @@ process and copied for each app that writes to it.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from conftest import MOBILENET_SPEC, PH_SNAKES, needs_shared
@@ -171,3 +173,57 @@ def store_client(tmp_path_factory, name: str) -> Iterator:
     app = create_app(Settings(index=str(index), api_keys=API_KEY, precision="fp32", refresh_s=0.0))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
+
+
+#: The header of a JSON body.
+JSON = [(b"content-type", b"application/json")]
+
+
+def http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    """An ASGI ``POST path`` request's scope with ``headers``."""
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+            "root_path": ""}
+
+
+class Sent:
+    """What an app sent: its status, headers and body."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.headers = message["status"], dict(message.get("headers", []))
+        else:
+            self.body += message.get("body", b"")
+
+    @property
+    def detail(self) -> str:
+        return json.loads(self.body)["detail"]
+
+
+def stand_in_app(**settings):
+    """The app with a stand-in service no request reaches (the body is refused, or the route fails)."""
+    from api.app import create_app
+    from api.settings import Settings
+
+    return create_app(Settings(index="nowhere", api_keys="k", **settings), service=SimpleNamespace())
+
+
+def refused_unread(app, method: str, path: str, headers) -> tuple[Sent, list[str]]:
+    """``method path`` sent to ``app`` by a client whose body never ends (each receive recorded, then a
+    disconnect): what it answered, and the receives it was asked for."""
+    sent, received = Sent(), []
+
+    async def receive() -> dict:
+        received.append("receive")  # none may come: the key is checked before a byte of the body is read
+        if len(received) == 1:
+            return {"type": "http.request", "body": b"--xyz\r\n" + b"x" * 1000, "more_body": True}
+        return {"type": "http.disconnect"}
+
+    scope = dict(http_scope(path, headers), method=method)
+    asyncio.run(app(scope, receive, sent))
+    return sent, received

@@ -67,3 +67,8 @@ class FakeEncoder:
     spec = ENC["spec"]
     fingerprint = ENC["fingerprint"]
     dim = DIM
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """``x``'s rows (or ``x`` itself) scaled to length 1, as float32: a synthetic gallery's vectors."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)

@@ -280,13 +280,18 @@ def test_a_streamed_answer_with_a_strong_etag_goes_gzipped_with_a_weak_one_and_s
     assert _raw(bare_client, script, **{"Accept-Encoding": "gzip", "If-None-Match": zipped["etag"]})[0] == 304
 
 
+def _docs_script(client) -> str:
+    """The path of /docs' script (1.5 MB, sent by StaticFiles in 64 KiB chunks)."""
+    return re.search(r'src="([^"]+\.js)"', client.get("/docs").text).group(1)
+
+
 def test_a_docs_scripts_304_and_head_carry_the_headers_of_the_get_for_the_same_encoding(bare_client):
     """s55 closing note: a 304 or a HEAD of /docs' files (Starlette's StaticFiles, gzipped by CompressAnswers) had no
     body to decide on, so carried the uncompressed variant's headers: the strong ETag, no Vary, no
     Content-Encoding, unlike the 200 GET a gzip-accepting browser holds. Now a 304 carries the GET's ETag and Vary
     (no Content-Encoding: a 304 has no body, as the page's), and a HEAD the GET's headers, for either encoding."""
     docs = bare_client.get("/docs").text
-    files = [re.search(r'src="([^"]+\.js)"', docs).group(1), re.search(r'href="([^"]+\.css)"', docs).group(1)]
+    files = [_docs_script(bare_client), re.search(r'href="([^"]+\.css)"', docs).group(1)]
     for path in files:
         for accept in ("gzip", "identity"):
             status, got, raw = _raw(bare_client, path, **{"Accept-Encoding": accept})
@@ -302,11 +307,6 @@ def test_a_docs_scripts_304_and_head_carry_the_headers_of_the_get_for_the_same_e
             status, head, raw = _raw(bare_client, path, "HEAD", **{"Accept-Encoding": accept,
                                                                     "If-None-Match": got["etag"]})
             assert status == 304 and raw == b"" and head == again, (path, accept, head, again)
-
-
-def _docs_script(client) -> str:
-    """The path of /docs' script (1.5 MB, sent by StaticFiles in 64 KiB chunks)."""
-    return re.search(r'src="([^"]+\.js)"', client.get("/docs").text).group(1)
 
 
 def _count_reads(monkeypatch) -> list[int]:
@@ -1377,14 +1377,20 @@ def _gated_service(service, **settings):
     return quick
 
 
+def _gated_client(quick):
+    """A TestClient of an app on ``quick`` (a :func:`_gated_service`)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    return TestClient(create_app(quick.settings, service=quick))
+
+
 def test_an_upload_is_embedded_before_any_write_lock_is_taken(client, service):
     """Brief s48: the API embedded an upload's photos holding this server's turn and the gallery's write lock (on
     S3 the store's lease), so every other writer (another thread, process or machine, the CLI) and this server's
     next upload waited for the model too. Now, while an upload is in the model, this server's turn is free and
     another writer takes the gallery's lock at once; the upload is stored after. Before, both were held."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
     from index.locks import WriteLock
 
     quick = _gated_service(service)
@@ -1394,7 +1400,7 @@ def test_an_upload_is_embedded_before_any_write_lock_is_taken(client, service):
     try:
         with ThreadPoolExecutor(1) as pool:
             try:
-                posted = pool.submit(TestClient(create_app(quick.settings, service=quick)).post,
+                posted = pool.submit(_gated_client(quick).post,
                                      f"/v1/species/{binomial(NEW_SPECIES)}/references", files=_files([shot]),
                                      headers=KEYS)
                 assert model.entered.wait(30), "the upload never reached the model"
@@ -1418,14 +1424,11 @@ def test_concurrent_uploads_share_a_forward_pass_then_commit_one_at_a_time(clien
     """Brief s48: two uploads to one server at once are embedded together, through the batcher (one forward pass
     of both photos), then committed one after the other; each is stored with the embedding its photo gets alone.
     Before, each was embedded on its own, under the write lock, one upload after the other."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
     from retrieval.encoders import stack_views
     from retrieval.pipeline import model_input
 
     quick = _gated_service(service, batch_window_ms=5000, max_batch=2)  # the pass starts once both are in
-    app = TestClient(create_app(quick.settings, service=quick))
+    app = _gated_client(quick)
     shots = photos("val", NEW_SPECIES)[:2]
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -1447,12 +1450,8 @@ def test_a_refused_name_costs_no_forward_pass(client, service):
     """Stop 48's re-read: once uploads were embedded before the write lock, a name add_photos refuses (a look-alike
     of a gallery species, 409; a bad name, 422) was found only after the photos went through the model. The name is
     checked first now: no forward pass, nothing stored."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
     quick = _gated_service(service)
-    app = TestClient(create_app(quick.settings, service=quick))
+    app = _gated_client(quick)
     known = binomial(SPECIES[0])  # "Naja philippinensis": one letter more is a look-alike the taxonomy does not know
     shot = photos("val", NEW_SPECIES)[0]
     try:
@@ -1470,15 +1469,12 @@ def test_a_sliver_too_narrow_for_a_reference_is_a_422_before_any_forward_pass(cl
     """The short side decides (min_reference_px): a 400x20 sliver is refused with the add's 422, all or nothing and
     no forward pass, as a 1x1 photo is; a check on the long side let it through, to be dropped inside the add
     (a 201/200 report instead of the documented 422)."""
-    from fastapi.testclient import TestClient
     from PIL import Image
-
-    from api.app import create_app
 
     buf = io.BytesIO()
     Image.new("RGB", (400, 20), (120, 90, 60)).save(buf, "PNG")
     quick = _gated_service(service)
-    app = TestClient(create_app(quick.settings, service=quick))
+    app = _gated_client(quick)
     shot = photos("val", NEW_SPECIES)[0]
     try:
         resp = app.post(f"/v1/species/{binomial(NEW_SPECIES)}/references", headers=KEYS,

@@ -12,15 +12,13 @@ import json
 import logging
 import os
 import socket
-from types import SimpleNamespace
 
 import pytest
-from _api_support import body_size_app
+from _api_support import JSON, Sent, body_size_app, http_scope, refused_unread, stand_in_app
 
 #: How long a socket waits for an answer that should come at once (generous: a loaded machine).
 BLOCKED_S = 20
 MB = 1024 * 1024
-JSON = [(b"content-type", b"application/json")]
 FORM = [(b"content-type", b"multipart/form-data; boundary=xyz")]
 
 
@@ -29,31 +27,6 @@ def _photo_body(size: int) -> bytes:
     file)."""
     return (b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
             b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff" + b"x" * size + b"\r\n--xyz--\r\n")
-
-
-def _scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
-    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
-            "root_path": ""}
-
-
-class _Sent:
-    """What an app sent: its status, headers and body."""
-
-    def __init__(self) -> None:
-        self.status: int | None = None
-        self.headers: dict[bytes, bytes] = {}
-        self.body = b""
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.status, self.headers = message["status"], dict(message.get("headers", []))
-        else:
-            self.body += message.get("body", b"")
-
-    @property
-    def detail(self) -> str:
-        return json.loads(self.body)["detail"]
 
 
 def _temp_files() -> int:
@@ -67,14 +40,6 @@ def _temp_files() -> int:
     return n
 
 
-def _app(**settings):
-    """The app with a stand-in service no request below reaches (the body is refused, or the route fails)."""
-    from api.app import create_app
-    from api.settings import Settings
-
-    return create_app(Settings(index="nowhere", api_keys="k", **settings), service=SimpleNamespace())
-
-
 # ------------------------------------------------------------------------------------ how many are received
 def test_bodies_past_max_receiving_are_shed_unread_and_the_others_served():
     """500 stalled clients each held 1 MB (and a temporary file) with nothing shed: past SPECIESID_MAX_RECEIVING
@@ -85,7 +50,7 @@ def test_bodies_past_max_receiving_are_shed_unread_and_the_others_served():
     guard = EdgeGuard(body_size_app, Settings(index="nowhere", max_identify_in_flight=3, max_receiving=3,
                                              body_timeout_s=60, retry_after_s=1, retry_jitter_s=0))
     clients = 30
-    reads, sent = [0] * clients, [_Sent() for _ in range(clients)]
+    reads, sent = [0] * clients, [Sent() for _ in range(clients)]
 
     async def run() -> None:
         go = asyncio.Event()
@@ -98,7 +63,7 @@ def test_bodies_past_max_receiving_are_shed_unread_and_the_others_served():
                 await go.wait()  # a client that stalls after its first chunk
                 return {"type": "http.request", "body": b"[1]}", "more_body": False}
 
-            await guard(_scope("/v1/search", JSON), receive, sent[i])
+            await guard(http_scope("/v1/search", JSON), receive, sent[i])
 
         tasks = [asyncio.create_task(client(i)) for i in range(clients)]
         for _ in range(50):  # every client has arrived: the shed ones are answered, the others hold
@@ -130,7 +95,7 @@ def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
     from api.guard import EdgeGuard
     from api.settings import Settings
 
-    async def run() -> tuple[_Sent, _Sent, EdgeGuard]:
+    async def run() -> tuple[Sent, Sent, EdgeGuard]:
         a_rest, b_holds, b_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         async def app(scope, receive, send) -> None:
@@ -144,7 +109,7 @@ def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
 
         guard = EdgeGuard(app, Settings(index="nowhere", max_identify_in_flight=1, body_timeout_s=60,
                                         retry_after_s=2, retry_jitter_s=0))
-        a_sent, b_sent, a_reads = _Sent(), _Sent(), []
+        a_sent, b_sent, a_reads = Sent(), Sent(), []
 
         async def a_receive() -> dict:
             a_reads.append(1)
@@ -156,10 +121,10 @@ def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
         async def b_receive() -> dict:
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        a = asyncio.create_task(guard(_scope("/v1/search", JSON), a_receive, a_sent))
+        a = asyncio.create_task(guard(http_scope("/v1/search", JSON), a_receive, a_sent))
         while not a_reads:
             await asyncio.sleep(0)
-        b = asyncio.create_task(guard(_scope("/v1/identify", JSON), b_receive, b_sent))
+        b = asyncio.create_task(guard(http_scope("/v1/identify", JSON), b_receive, b_sent))
         await b_holds.wait()
         a_rest.set()
         await a
@@ -175,9 +140,9 @@ def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
 
 
 # ------------------------------------------------------------------------------------ refusals mid-body
-def _run_app(app, path: str, headers, messages) -> _Sent:
+def _run_app(app, path: str, headers, messages) -> Sent:
     """``messages`` sent to ``app`` one per receive (then the call waits: a stalled client); what it answered."""
-    sent, queue = _Sent(), list(messages)
+    sent, queue = Sent(), list(messages)
 
     async def receive() -> dict:
         if queue:
@@ -186,7 +151,7 @@ def _run_app(app, path: str, headers, messages) -> _Sent:
             await asyncio.sleep(0.01)
         return {"type": "http.disconnect"}
 
-    asyncio.run(app(_scope(path, headers), receive, sent))
+    asyncio.run(app(http_scope(path, headers), receive, sent))
     return sent
 
 
@@ -196,7 +161,7 @@ def _counted(app, route: str, status: int) -> float:
 
 
 def test_a_client_leaving_mid_body_is_answered_400_and_counted():
-    app = _app()
+    app = stand_in_app()
     body = _photo_body(100)
     sent = _run_app(app, "/v1/identify", FORM, [{"type": "http.request", "body": body[:50], "more_body": True},
                                                 {"type": "http.disconnect"}])
@@ -205,7 +170,7 @@ def test_a_client_leaving_mid_body_is_answered_400_and_counted():
 
 
 def test_a_chunked_body_past_the_limit_is_cut_with_a_413_that_closes_the_connection():
-    app = _app(max_request_mb=1)  # identify's limit: 1 MB
+    app = stand_in_app(max_request_mb=1)  # identify's limit: 1 MB
     body = _photo_body(2 * MB)  # announced by no Content-Length: counted as it arrives
     chunks = [{"type": "http.request", "body": body[i:i + MB // 2], "more_body": True}
               for i in range(0, 2 * MB, MB // 2)]
@@ -219,7 +184,7 @@ def test_a_chunked_body_past_the_limit_is_cut_with_a_413_that_closes_the_connect
 def test_the_form_parsers_temporary_file_is_closed_on_every_way_out(how, monkeypatch):
     """A photo over 1 MB is in a temporary file while its body arrives: closed on a 408, on the client leaving and
     on the route failing after the form was read."""
-    app = _app(body_timeout_s=1.0)
+    app = stand_in_app(body_timeout_s=1.0)
     body = _photo_body(3 * MB)
     held: list[int] = []
     before = _temp_files()
@@ -255,7 +220,8 @@ def test_a_photo_the_temporary_disk_cannot_hold_is_a_503_saying_so(route, monkey
 
     monkeypatch.setattr(formparsers, "SpooledTemporaryFile", Full)
     field = "image" if route == "/v1/search" else "images"
-    resp = TestClient(_app()).post(route, files=[(field, ("a.jpg", b"\xff\xd8\xff" + b"x" * 100, "image/jpeg"))])
+    resp = TestClient(stand_in_app()).post(route, files=[(field, ("a.jpg", b"\xff\xd8\xff" + b"x" * 100,
+                                                                  "image/jpeg"))])
     assert resp.status_code == 503, resp.text
     detail = resp.json()["detail"]
     assert detail.startswith("this server cannot keep the request's photos in its temporary space now (No space "
@@ -266,7 +232,7 @@ def test_a_photo_the_temporary_disk_cannot_hold_is_a_503_saying_so(route, monkey
 def test_a_408_closes_the_connection_on_a_real_server():
     from _api_support import serving
 
-    with serving(_app(body_timeout_s=1.0), lifespan="off") as port, \
+    with serving(stand_in_app(body_timeout_s=1.0), lifespan="off") as port, \
             socket.create_connection(("127.0.0.1", port), timeout=BLOCKED_S) as conn:
         conn.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz"
                      b"\r\nContent-Length: 1000\r\n\r\n--xyz\r\n")  # then nothing more
@@ -281,7 +247,7 @@ def test_a_408_closes_the_connection_on_a_real_server():
 def test_a_json_body_over_the_limit_is_told_what_the_route_takes():
     from fastapi.testclient import TestClient
 
-    client = TestClient(_app(max_upload_mb=1))  # identify: 6 MB, search: 2 MB
+    client = TestClient(stand_in_app(max_upload_mb=1))  # identify: 6 MB, search: 2 MB
     body = b"x" * (7 * MB)
     search = client.post("/v1/search", content=body, headers={"Content-Type": "application/json"}).json()["detail"]
     hint = search.split("send only ", 1)[1]
@@ -319,22 +285,6 @@ def test_a_form_refusal_finds_the_parsers_reason_anywhere_in_the_chain_and_else_
 
 
 # ------------------------------------------------------------------------------------ keys before the body
-def _refused_unread(app, method: str, path: str, headers) -> tuple[_Sent, list[str]]:
-    """``method path`` sent to ``app`` by a client whose body never ends (each receive recorded, then a
-    disconnect): what it answered, and the receives it was asked for."""
-    sent, received = _Sent(), []
-
-    async def receive() -> dict:
-        received.append("receive")  # none may come: the key is checked before a byte of the body is read
-        if len(received) == 1:
-            return {"type": "http.request", "body": b"--xyz\r\n" + b"x" * 1000, "more_body": True}
-        return {"type": "http.disconnect"}
-
-    scope = dict(_scope(path, headers), method=method)
-    asyncio.run(app(scope, receive, sent))
-    return sent, received
-
-
 @pytest.mark.parametrize(("method", "path"), [("POST", "/v1/species/Naja_naja/references"),
                                               ("DELETE", "/v1/references/1"),
                                               ("POST", "/v1/identify"), ("POST", "/v1/search")])
@@ -344,7 +294,7 @@ def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(method
     received. Without it the app's own key check answered only after the whole upload (writes have no deadline and
     no receiving cap: keyless clients could hold memory and temporary files)."""
     headers = FORM + ([(b"x-api-key", key)] if key else [])
-    sent, received = _refused_unread(_app(reads_require_key=True), method, path, headers)
+    sent, received = refused_unread(stand_in_app(reads_require_key=True), method, path, headers)
     assert sent.status == 401, sent.body
     assert sent.detail == "missing or wrong X-API-Key"
     assert received == []
@@ -370,7 +320,7 @@ def test_a_refused_key_leaves_one_warning_naming_the_request_never_the_key(monke
     clock = [1000.0]
     monkeypatch.setattr(guard.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(guard, "_REFUSALS", guard._Refusals())
-    app = _app()
+    app = stand_in_app()
     refused = [(b"x-api-key", b"s3cretKEY-guess-1")]
     with caplog.at_level(logging.WARNING, logger="api.guard"):
         for headers in (refused, refused, []):

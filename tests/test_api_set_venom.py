@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _api_support import API_KEY, SPECIES, gallery_copy, photos
+from _api_support import API_KEY, JSON, SPECIES, gallery_copy, photos, refused_unread, stand_in_app
 from _cli_support import folder_gallery
-from test_api_guard_paths import JSON, _app, _refused_unread
 
 KEYS = {"X-API-Key": API_KEY}
 #: What a body that is not the flag is told first (api.routers.species.VENOMOUS_BODY).
@@ -46,7 +45,7 @@ def _put(client, name: str, body: dict, headers: dict | None = None):
 def test_a_put_without_a_valid_key_is_refused_before_its_body_is_read(key):
     """A 401 from the edge guard, as an add's: the body never received (before, the route did not exist: a 405)."""
     headers = JSON + ([(b"x-api-key", key)] if key else [])
-    sent, received = _refused_unread(_app(), "PUT", "/v1/species/Bufo_bufo/venomous", headers)
+    sent, received = refused_unread(stand_in_app(), "PUT", "/v1/species/Bufo_bufo/venomous", headers)
     assert sent.status == 401, sent.body
     assert sent.detail == "missing or wrong X-API-Key"
     assert received == []
@@ -194,7 +193,7 @@ def test_a_json_body_over_the_limit_is_told_the_flag_is_all_it_takes():
     """Not told "this route takes no JSON: send multipart/form-data photos", as a route of photos is."""
     from fastapi.testclient import TestClient
 
-    client = TestClient(_app())
+    client = TestClient(stand_in_app())
     resp = client.put("/v1/species/Bufo_bufo/venomous", content=b"x" * (2 * 1024 * 1024),
                       headers={"X-API-Key": "k", "Content-Type": "application/json"})
     assert resp.status_code == 413 and resp.json()["detail"] == (

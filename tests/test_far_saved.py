@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from _cli_support import DIM, ENC, FakeEncoder
+from _cli_support import DIM, ENC, FakeEncoder, unit
 
 import retrieval.identify as identify
 from index.gallery import Gallery
@@ -65,17 +65,13 @@ def test_a_threshold_kept_for_another_index_kind_or_rule_is_estimated_again(tmp_
     assert Identifier(FakeEncoder(), Gallery.open(tmp_path / "g")).far_threshold() == -1.0 and calls == [1, 1]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def _cluster_gallery(root, n: int = 20, seed: int = 2) -> tuple[Gallery, np.ndarray]:
     """``n`` references around one centre (their nearest others at cosine ~0.95); and that centre."""
     rng = np.random.default_rng(seed)
     centre = rng.standard_normal(DIM)
     g = Gallery.create(root, ENC)
     g.add([ReferenceRecord(path=f"/p/a{i}.jpg", species="Naja haje") for i in range(n)], [f"a-{i}" for i in range(n)],
-          _unit(centre + 0.15 * rng.standard_normal((n, DIM))))
+          unit(centre + 0.15 * rng.standard_normal((n, DIM))))
     return g, centre
 
 
@@ -87,7 +83,7 @@ def test_an_off_target_reference_does_not_set_the_far_threshold_alone(tmp_path):
     assert 0.8 < clean < 1.0
     off = np.random.default_rng(3).standard_normal(DIM)
     off -= (off @ centre) / (centre @ centre) * centre  # at right angles to the cluster: cosine ~0 to every reference
-    g.add([ReferenceRecord(path="/p/drawing.jpg", species="Naja haje")], ["drawing"], _unit(off)[None])
+    g.add([ReferenceRecord(path="/p/drawing.jpg", species="Naja haje")], ["drawing"], unit(off)[None])
     assert far_threshold(g) == pytest.approx(clean)
 
 
@@ -120,8 +116,8 @@ def test_one_identifier_estimates_the_far_threshold_again_as_the_gallery_grows(t
     monkeypatch.setattr(identify, "far_threshold", lambda gallery, **kw: calls.append(len(gallery)) or -1.0)
     rng = np.random.default_rng(4)
     g.add([ReferenceRecord(path="/p/b0.jpg", species="Naja haje")], ["b-0"],
-          _unit(centre + rng.standard_normal((1, DIM))))
+          unit(centre + rng.standard_normal((1, DIM))))
     assert ident.far_threshold() == first and not calls  # 21 references: within 10 %
     g.add([ReferenceRecord(path=f"/p/c{i}.jpg", species="Naja haje") for i in range(10)],
-          [f"c-{i}" for i in range(10)], _unit(centre + 0.15 * rng.standard_normal((10, DIM))))
+          [f"c-{i}" for i in range(10)], unit(centre + 0.15 * rng.standard_normal((10, DIM))))
     assert ident.far_threshold() == -1.0 and calls == [31]

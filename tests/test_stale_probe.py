@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from _cli_support import DIM, ENC, FakeEncoder, _run
+from _cli_support import DIM, ENC, FakeEncoder, _run, unit
 
 import retrieval.identify as identify_module
 from index.gallery import Gallery
@@ -27,17 +27,13 @@ from retrieval.workflows import answer_notes
 HARMLESS, VENOMOUS = "Natrix maura", "Naja haje"
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def _gallery(tmp_path) -> tuple[Gallery, dict[str, np.ndarray]]:
     """Two species of 10 photos each around two centres (one harmless, one venomous)."""
     rng = np.random.default_rng(0)
     g = Gallery.create(tmp_path / "g", ENC)
     centres = {HARMLESS: rng.standard_normal(DIM), VENOMOUS: rng.standard_normal(DIM)}
     for species, venomous in ((HARMLESS, False), (VENOMOUS, True)):
-        x = _unit(centres[species] + 0.3 * rng.standard_normal((10, DIM)))
+        x = unit(centres[species] + 0.3 * rng.standard_normal((10, DIM)))
         g.add([ReferenceRecord(path=f"/p/{species[:4]}{i}.jpg", species=species, venomous=venomous)
                for i in range(10)], [f"{species}-{i}" for i in range(10)], x)
     return g, centres
@@ -56,7 +52,7 @@ def _probe(g: Gallery, harmless: float = 0.1) -> LinearProbe:
 
 def _add(g: Gallery, species: str, x: np.ndarray, tag: str) -> list[int]:
     return g.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species=species) for i in range(len(x))],
-                 [f"{tag}-{i}" for i in range(len(x))], _unit(x))
+                 [f"{tag}-{i}" for i in range(len(x))], unit(x))
 
 
 def _without_note(monkeypatch, ident: Identifier, query: np.ndarray):
@@ -77,7 +73,7 @@ def _same_answer(answer, plain) -> None:
 def test_a_photo_added_after_the_probe_keeps_the_blends_answer_and_names_its_copy(tmp_path, monkeypatch):
     g, centres = _gallery(tmp_path)
     ident = Identifier(FakeEncoder(), g, probe=_probe(g))
-    new = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
+    new = unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
     (rid,) = _add(g, HARMLESS, new[None], "later")
     (answer,) = ident.identify_embeddings(new[None])
     # kNN: all harmless (its own copy first); the probe says 10 %: blend 0.5 + 0.5 * 0.1 = 0.55, under 0.7
@@ -107,7 +103,7 @@ def test_a_harmless_near_copy_under_the_warning_share_still_cannot_tell_and_trea
     for species, venomous in ((HARMLESS, False), (harmless2, False), (VENOMOUS, True)):
         g.add([ReferenceRecord(path=f"/p/{species[:4]}{i}.jpg", species=species, venomous=venomous)
                for i in range(10)], [f"{species}-{i}" for i in range(10)],
-              _unit(centres[species] + 0.3 * rng.standard_normal((10, DIM))))
+              unit(centres[species] + 0.3 * rng.standard_normal((10, DIM))))
     species = sorted(centres)
     probs = {HARMLESS: 0.01, VENOMOUS: 0.19, harmless2: 0.80}
     probe = LinearProbe(species=species, weight=np.zeros((3, DIM), np.float32),
@@ -116,8 +112,8 @@ def test_a_harmless_near_copy_under_the_warning_share_still_cannot_tell_and_trea
                         calibration=Calibration(blend_weight=0.5, k=5, temperature=0.03, unknown_threshold=0.7),
                         reference_ids=np.sort(np.asarray(g.index.ids, dtype=np.int64)))
     ident = Identifier(FakeEncoder(), g, probe=probe)
-    query = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
-    copy = _unit(query + 0.02 * np.random.default_rng(9).standard_normal(DIM))
+    query = unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
+    copy = unit(query + 0.02 * np.random.default_rng(9).standard_normal(DIM))
     (rid,) = g.add([ReferenceRecord(path="/p/later.jpg", species=HARMLESS, venomous=False)], ["later"], copy[None])
     (answer,) = ident.identify_embeddings(query[None])
     assert answer.neighbours[0].id == rid and answer.neighbours[0].plain_cosine >= 0.99
@@ -132,7 +128,7 @@ def test_a_copy_ranked_another_species_or_a_copy_of_two_species_changes_nothing(
     probe = _probe(g, harmless=0.001)
     ident = Identifier(FakeEncoder(), g, probe=probe)
     ident.blend_weight = 0.9  # the probe outweighs the vote: the venomous species ranks first
-    new = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(6).standard_normal(DIM))
+    new = unit(centres[HARMLESS] + 0.3 * np.random.default_rng(6).standard_normal(DIM))
     (rid,) = _add(g, HARMLESS, new[None], "later")
     (answer,) = ident.identify_embeddings(new[None])
     assert answer.predictions[0].species == VENOMOUS and answer.near_copy == rid  # named, the answer as it was
@@ -150,7 +146,7 @@ def test_a_copy_ranked_another_species_or_a_copy_of_two_species_changes_nothing(
 
 def test_a_copy_the_probe_trained_beside_says_nothing_of_retraining(tmp_path):
     g, centres = _gallery(tmp_path)
-    new = _unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
+    new = unit(centres[HARMLESS] + 0.3 * np.random.default_rng(5).standard_normal(DIM))
     (rid,) = _add(g, HARMLESS, new[None], "later")
     (answer,) = Identifier(FakeEncoder(), g, probe=_probe(g)).identify_embeddings(new[None])  # trained after it
     assert answer.near_copy == rid and "probe train" not in answer.notes[0]
@@ -159,7 +155,7 @@ def test_a_copy_the_probe_trained_beside_says_nothing_of_retraining(tmp_path):
 def test_a_photo_of_no_near_copy_is_answered_as_before(tmp_path):
     g, centres = _gallery(tmp_path)
     ident = Identifier(FakeEncoder(), g, probe=_probe(g))
-    query = _unit(centres[HARMLESS] + 0.6 * np.random.default_rng(7).standard_normal(DIM))
+    query = unit(centres[HARMLESS] + 0.6 * np.random.default_rng(7).standard_normal(DIM))
     assert g.search(query[None], 1)[0][0].similarity < 0.95
     (answer,) = ident.identify_embeddings(query[None])
     assert answer.unknown and answer.near_copy is None and not answer.notes
