@@ -28,7 +28,7 @@ from starlette.routing import Match, Mount
 from starlette.types import Scope
 
 from api.compression import CompressAnswers, accepts_gzip, gzip_bytes
-from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_photos
+from api.guard import EdgeAnswer, EdgeGuard, body_limit_detail, multipart_unreadable, route_path, route_photos
 from api.routers import health, identify, references, species
 from api.routers._edge import REQUEST, UNPARSED, FieldError, photo_field_error, revalidated, store_answer
 from api.service import EMPTY_GALLERY, SpeciesService, etag_of
@@ -67,9 +67,10 @@ def _fastapi(**kwargs) -> FastAPI:
     return FastAPIOffline(static_url=DOCS_STATIC, **kwargs)
 
 
-def _route_path(app: FastAPI, request: Request) -> str:
+def _route_path(app: FastAPI, request: Request, path: str) -> str:
     """The route template a request was for (``/v1/species/{name}``), also when the edge guard answered it (a 401,
-    429 or 413 before routing), else ``unmatched``."""
+    429 or 413 before routing), else ``unmatched``. ``path``: the request's :func:`api.guard.route_path` as it came
+    (routing into a mount, the docs' files, puts the mount's prefix in its ``root_path``)."""
     route = request.scope.get("route")
     if route is not None:  # a path convertor ({name:slashed}) is not part of the route's name
         return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)
@@ -77,8 +78,8 @@ def _route_path(app: FastAPI, request: Request) -> str:
         # exact: with redirect_slashes off, ``/v1/identify/`` is a 404 no route serves, so ``unmatched``
         app.state.route_templates = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "$"), t)
                                      for t in app.openapi()["paths"]]
-    found = next((t for pattern, t in app.state.route_templates if pattern.match(request.url.path)), None)
-    return found or _other_route(app, request.scope) or "unmatched"
+    found = next((t for pattern, t in app.state.route_templates if pattern.match(path)), None)
+    return found or _other_route(app, request.scope, path) or "unmatched"
 
 
 def _bare_scope(scope: Scope, path: str) -> Scope:
@@ -86,10 +87,10 @@ def _bare_scope(scope: Scope, path: str) -> Scope:
     return {"type": "http", "path": path, "root_path": "", "method": scope.get("method", "GET")}
 
 
-def _other_route(app: FastAPI, scope: Scope) -> str | None:
-    """The path of the route outside the OpenAPI schema that ``scope`` is for (``/openapi.json``, the docs pages;
-    ``/static-offline-docs/{path}`` for the docs' files), else None."""
-    bare = _bare_scope(scope, scope.get("path", ""))
+def _other_route(app: FastAPI, scope: Scope, path: str) -> str | None:
+    """The path of the route outside the OpenAPI schema that ``scope``, for ``path`` (as :func:`_route_path`'s), is
+    for (``/openapi.json``, the docs pages; ``/static-offline-docs/{path}`` for the docs' files), else None."""
+    bare = _bare_scope(scope, path)
     for route in app.router.routes:
         match, _ = route.matches(bare)
         if match is not Match.NONE:
@@ -99,12 +100,14 @@ def _other_route(app: FastAPI, scope: Scope) -> str | None:
 
 
 def _without_slash(app: FastAPI, scope: Scope) -> str | None:
-    """The path of ``scope`` without its trailing slash when a route serves that (the 404's hint), else None."""
-    path = scope.get("path", "")
+    """The path of ``scope`` without its trailing slash when a route serves that (the 404's hint), else None; behind
+    a ``root_path``, with it (the path the client sends)."""
+    path = route_path(scope)
     if len(path) < 2 or not path.endswith("/"):
         return None
     bare = _bare_scope(scope, path.rstrip("/"))
-    return bare["path"] if any(r.matches(bare)[0] is not Match.NONE for r in app.router.routes) else None
+    served = any(r.matches(bare)[0] is not Match.NONE for r in app.router.routes)
+    return scope["path"].rstrip("/") if served else None
 
 
 #: The multipart parser's limit of one part's header line, in bytes: a longer one is a file name of thousands of
@@ -127,7 +130,7 @@ def _form_refusal(settings: Settings, request: Request, exc: StarletteHTTPExcept
     name, said so, when python-multipart's own error is found in the exception's chain); any other 400 as it is."""
     detail = str(exc.detail)
     if detail.startswith("Too many files"):  # the parser's 1000: the route's own limit is the one that matters
-        photos = route_photos(settings, request.method, request.scope["path"])
+        photos = route_photos(settings, request.method, route_path(request.scope))
         return f"at most {photos} photos per request; this one holds over 1000 files" if photos else detail
     if "multipart" not in detail.lower():
         return detail
@@ -250,7 +253,7 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
                                 headers={"retry-after": str(settings.retry_after_s)})
         detail = exc.detail
         if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit, while streaming
-            detail = body_limit_detail(settings, request.method, request.scope["path"],  # as the guard words its own
+            detail = body_limit_detail(settings, request.method, route_path(request.scope),  # as the guard's own
                                        content_type=request.headers.get("content-type", ""))
         if exc.status_code == 400 and isinstance(detail, str):
             detail = _form_refusal(settings, request, exc)
@@ -288,14 +291,15 @@ def create_app(settings: Settings | None = None, service: SpeciesService | None 
         start = time.perf_counter()
         status = 500  # what the server answers a request that raised
         said = REQUEST.set(f"{request.method} {request.url.path}")  # named by the log lines of its 5xx
+        routed = route_path(request.scope)  # behind a root_path too; before routing changes the scope
         try:
             response = await call_next(request)
             status = response.status_code
-            if request.url.path in DOCS_PAGES:  # the docs' API-key field, as the page's: never framed elsewhere
+            if routed in DOCS_PAGES:  # the docs' API-key field, as the page's: never framed
                 response.headers.update(PAGE_HEADERS)
             return response
         finally:  # a request that raised is counted too (as the 500 it is answered)
-            path = _route_path(app, request)
+            path = _route_path(app, request, routed)
             m = app.state.metrics
             method = request.method if request.method in HTTP_METHODS else "other"  # no label per invented method
             m.requests.labels(method, path, str(status)).inc()

@@ -17,6 +17,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.gzip import GZipResponder, IdentityResponder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.guard import route_path
+
 #: Answers smaller than this many bytes go as they are: they fit one TCP packet (about 1,400 bytes of payload with
 #: the headers) either way, and gzip's 18 bytes of framing can make a small answer bigger.
 MIN_BYTES = 1024
@@ -37,13 +39,6 @@ def _decided(exc: BaseException) -> bool:
     if isinstance(group, tuple):
         return bool(group) and all(_decided(e) for e in group)
     return isinstance(exc, _Decided)
-
-
-def route_path(scope: Scope) -> str:
-    """The request's path without the ``root_path`` a proxy mounts the app under (``uvicorn --root-path /api``):
-    Starlette 1.x's ``scope["path"]`` holds it."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 def accepts_gzip(accept_encoding: str | None) -> bool:

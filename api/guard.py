@@ -53,6 +53,18 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
 )
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path without the ``root_path`` a proxy mounts the app under (``uvicorn --root-path /api``):
+    Starlette 1.x's ``scope["path"]`` holds it. The path routes are matched on, as Starlette's router takes it: the
+    root stripped only where it ends at a ``/`` (or the path's end), else the path as it is (a server that did not
+    prefix it: routed as it is, so matched as it is). Of a scope as the request came: routing into a mount (the
+    docs' files) puts the mount's prefix in its ``root_path``."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
+
+
 def route_kind(method: str, path: str) -> str:
     """The kind of the route a request is for (:data:`ROUTES`): "write", "identify", or "read" for any other."""
     return next((kind for m, pattern, kind in ROUTES if m == method and pattern.match(path)), "read")
@@ -287,7 +299,7 @@ class EdgeGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], route_path(scope)  # the log lines name scope["path"]: what was sent
         kind = route_kind(method, path)
         s = self.settings
         if kind == "write" or (kind == "identify" and s.reads_require_key):

@@ -27,7 +27,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.guard import route_kind
+from api.guard import route_kind, route_path
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class InFlight:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], route_path(scope)
         kind = route_kind(method, path)
         # an upload until its last chunk is in: a POST or PUT of a write or identify route (a DELETE has no body)
         entry = {"kind": kind, "receiving": kind != "read" and method in ("POST", "PUT")}

@@ -179,11 +179,12 @@ def store_client(tmp_path_factory, name: str) -> Iterator:
 JSON = [(b"content-type", b"application/json")]
 
 
-def http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
-    """An ASGI ``POST path`` request's scope with ``headers``."""
+def http_scope(path: str, headers: list[tuple[bytes, bytes]], root_path: str = "") -> dict:
+    """An ASGI ``POST path`` request's scope with ``headers``; ``root_path``: the prefix a proxy mounts the app
+    under, which ``path`` holds as uvicorn's ``--root-path`` gives it (``/api`` + ``/v1/identify``)."""
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
             "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
-            "root_path": ""}
+            "root_path": root_path}
 
 
 class Sent:
@@ -213,9 +214,9 @@ def stand_in_app(**settings):
     return create_app(Settings(index="nowhere", api_keys="k", **settings), service=SimpleNamespace())
 
 
-def refused_unread(app, method: str, path: str, headers) -> tuple[Sent, list[str]]:
+def refused_unread(app, method: str, path: str, headers, root_path: str = "") -> tuple[Sent, list[str]]:
     """``method path`` sent to ``app`` by a client whose body never ends (each receive recorded, then a
-    disconnect): what it answered, and the receives it was asked for."""
+    disconnect): what it answered, and the receives it was asked for (``root_path``: as :func:`http_scope`'s)."""
     sent, received = Sent(), []
 
     async def receive() -> dict:
@@ -224,6 +225,6 @@ def refused_unread(app, method: str, path: str, headers) -> tuple[Sent, list[str
             return {"type": "http.request", "body": b"--xyz\r\n" + b"x" * 1000, "more_body": True}
         return {"type": "http.disconnect"}
 
-    scope = dict(http_scope(path, headers), method=method)
+    scope = dict(http_scope(path, headers, root_path), method=method)
     asyncio.run(app(scope, receive, sent))
     return sent, received

@@ -197,18 +197,21 @@ def test_the_docs_pages_may_not_be_framed(client):
         assert resp.headers["content-security-policy"] == "frame-ancestors 'none'", path
 
 
-def test_metrics_label_the_schema_and_docs_routes():
+@pytest.mark.parametrize("root", ["", "/api"])
+def test_metrics_label_the_schema_and_docs_routes(root):
+    """s57: behind a root_path (``root``, which the paths hold) too: the docs' files were ``unmatched`` there."""
     from api.app import create_app
     from api.settings import Settings
 
-    client = TestClient(create_app(Settings(index="nowhere")))  # no service: the metrics are the requests'
-    client.get("/openapi.json")
-    client.get("/docs")
-    files = client.get("/static-offline-docs/swagger-ui.css")
+    # no service: the metrics are the requests'
+    client = TestClient(create_app(Settings(index="nowhere")), root_path=root)
+    client.get(root + "/openapi.json")
+    client.get(root + "/docs")
+    files = client.get(root + "/static-offline-docs/swagger-ui.css")
     assert files.status_code == 200
-    client.get("/no/such/route")
-    assert client.post("/v1/identify/").status_code == 404  # a trailing slash: no route serves it
-    metrics = client.get("/metrics").text
+    client.get(root + "/no/such/route")
+    assert client.post(root + "/v1/identify/").status_code == 404  # a trailing slash: no route serves it
+    metrics = client.get(root + "/metrics").text
     for route in ("/openapi.json", "/docs", "/static-offline-docs/{path}"):
         assert f'route="{route}",status="200"' in metrics, route
     assert 'route="unmatched",status="200"' not in metrics
@@ -224,6 +227,22 @@ def test_a_trailing_slash_is_a_404_naming_the_route_not_a_redirect_built_from_ho
     species = client.get("/v1/species/", follow_redirects=False)
     assert species.status_code == 404 and "send the request to /v1/species (" in species.json()["detail"]
     assert client.get("/no/such/", follow_redirects=False).json()["detail"] == "Not Found"
+
+
+def test_behind_a_root_path_the_docs_frame_headers_and_the_slash_hint_hold(service):
+    """s57: behind a root_path (``uvicorn --root-path /api``: the path holds it) the docs pages lost their frame
+    headers and a trailing slash its hint, the app matching the path with the prefix against its routes."""
+    from api.app import create_app
+
+    client = TestClient(create_app(service.settings, service=service), root_path="/api")
+    for path in ("/api/docs", "/api/redoc"):
+        resp = client.get(path)
+        assert resp.status_code == 200 and resp.headers["x-frame-options"] == "DENY", path
+    resp = client.post("/api/v1/identify/", files=[_image(field="images")], follow_redirects=False)
+    assert resp.status_code == 404, (resp.status_code, resp.headers.get("location"))
+    assert resp.json()["detail"] == ("no route /api/v1/identify/: send the request to /api/v1/identify (without the "
+                                     "trailing slash)")
+    assert client.get("/api/no/such/", follow_redirects=False).json()["detail"] == "Not Found"
 
 
 def test_identify_without_a_body_says_so_in_words(client):

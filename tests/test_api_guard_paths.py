@@ -140,8 +140,9 @@ def test_a_request_whose_slot_filled_while_its_body_arrived_is_shed_after_it():
 
 
 # ------------------------------------------------------------------------------------ refusals mid-body
-def _run_app(app, path: str, headers, messages) -> Sent:
-    """``messages`` sent to ``app`` one per receive (then the call waits: a stalled client); what it answered."""
+def _run_app(app, path: str, headers, messages, root_path: str = "") -> Sent:
+    """``messages`` sent to ``app`` one per receive (then the call waits: a stalled client); what it answered.
+    ``root_path``: as :func:`_api_support.http_scope`'s."""
     sent, queue = Sent(), list(messages)
 
     async def receive() -> dict:
@@ -151,7 +152,7 @@ def _run_app(app, path: str, headers, messages) -> Sent:
             await asyncio.sleep(0.01)
         return {"type": "http.disconnect"}
 
-    asyncio.run(app(http_scope(path, headers), receive, sent))
+    asyncio.run(app(http_scope(path, headers, root_path), receive, sent))
     return sent
 
 
@@ -336,3 +337,108 @@ def test_a_refused_key_leaves_one_warning_naming_the_request_never_the_key(monke
         "refused a write with 401 (no X-API-Key): POST /v1/species/Naja%20naja/references from c; 2 more refused "
         "since the last such line; said at most once per 60 s"], lines
     assert "s3cretKEY" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------ behind a root path
+#: The prefix a proxy mounts the app under (``speciesid serve --root-path /api``): uvicorn puts it in front of the
+#: path it received, Starlette 1.x routes on the path without it.
+ROOT = "/api"
+
+
+@pytest.mark.parametrize(("method", "path", "route"), [
+    ("POST", "/v1/species/Naja_naja/references", "/v1/species/{name}/references"),
+    ("DELETE", "/v1/references/1", "/v1/references/{ref_id}"),
+    ("PUT", "/v1/species/Naja_naja/venomous", "/v1/species/{name}/venomous"),
+    ("POST", "/v1/identify", "/v1/identify"), ("POST", "/v1/search", "/v1/search")])
+def test_behind_a_root_path_a_request_without_a_key_is_refused_before_its_body_is_read(method, path, route):
+    """s57: the guard matched its routes on scope["path"], which holds the root_path: behind ``--root-path`` every
+    write (and a read with SPECIESID_READS_REQUIRE_KEY) passed it, its body read before the route's own 401."""
+    app = stand_in_app(reads_require_key=True)
+    sent, received = refused_unread(app, method, ROOT + path, FORM, root_path=ROOT)
+    assert (sent.status, sent.detail, received) == (401, "missing or wrong X-API-Key", [])
+    assert app.state.metrics.requests.labels(method, route, "401")._value.get() == 1  # the route's label
+
+
+def _guarded(**settings):
+    """The guard in front of :func:`body_size_app` (its 200 says the body's size), keys ``k``."""
+    from api.guard import EdgeGuard
+    from api.settings import Settings
+
+    return EdgeGuard(body_size_app, Settings(index="nowhere", api_keys="k", retry_after_s=1, retry_jitter_s=0,
+                                             **settings))
+
+
+def _answered(app, path: str, headers, messages, root_path: str) -> tuple[int | None, str]:
+    """The status and the detail (or the body) of ``POST path`` behind ``root_path`` ("": none)."""
+    sent = _run_app(app, root_path + path, headers, messages, root_path)
+    return sent.status, sent.body.decode()
+
+
+@pytest.mark.parametrize(("path", "headers", "size"), [
+    ("/v1/identify", [(b"content-length", b"%d" % (120 * MB))], None),  # over 5 photos x 20 MB + 1 MB
+    ("/v1/species/Naja_naja/references", [(b"x-api-key", b"k"), (b"content-length", b"%d" % (300 * MB))], None),
+    ("/v1/identify", [], 3 * MB),  # within identify's limit, over the 1 MB of a route without photos
+    ("/v1/species/Naja_naja/references", [(b"x-api-key", b"k")], 3 * MB),
+])
+def test_behind_a_root_path_each_route_has_its_own_body_limit(path, headers, size):
+    """s57: behind a root_path every route got the 1 MB limit of a route without photos: an identify of one 3 MB
+    photo was a 413, and a body over a route's own limit was told about "a route without photos"."""
+    messages = [{"type": "http.request", "body": _photo_body(size) if size else b"", "more_body": False}]
+    plain = _answered(_guarded(), path, FORM + headers, messages, "")
+    behind = _answered(_guarded(), path, FORM + headers, messages, ROOT)
+    assert behind == plain, (behind, plain)
+    if size:
+        assert json.loads(behind[1]) == {"size": len(messages[0]["body"])}
+    else:
+        assert behind[0] == 413 and "a route without photos" not in behind[1], behind
+
+
+def test_behind_a_root_path_identify_is_shed_when_the_slots_are_full():
+    """s57: behind a root_path an identify took no slot and was never shed (a 429) however many ran."""
+    guard = _guarded(max_identify_in_flight=1)
+    guard._in_flight = 1  # every slot taken
+    sent, received = refused_unread(guard, "POST", ROOT + "/v1/identify", FORM, root_path=ROOT)
+    assert (sent.status, sent.detail, received) == (429, "busy: 1 identification in progress; retry in 1 s", [])
+    assert guard.shed == 1
+
+
+def test_behind_a_root_path_a_refused_key_is_logged_with_the_path_as_sent(monkeypatch, caplog):
+    """s57: behind a root_path a write without its key passed the guard, which logs the 401s: none was logged."""
+    import api.guard as guard
+
+    monkeypatch.setattr(guard, "_REFUSALS", guard._Refusals())
+    with caplog.at_level(logging.WARNING, logger="api.guard"):
+        sent = _run_app(stand_in_app(), ROOT + "/v1/species/Naja_naja/references", [], [{"type": "http.request"}],
+                        ROOT)
+    assert sent.status == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.guard"]
+    assert lines == ["refused a write with 401 (no X-API-Key): POST /api/v1/species/Naja_naja/references from c; "
+                     "said at most once per 60 s"], lines
+
+
+@pytest.mark.parametrize(("path", "root"), [
+    ("/v1/identify", "/api"), ("/api", "/api"), ("/api/", "/api"), ("/apiv1/identify", "/api"),
+    ("/api/v1/identify", "/api/"), ("/api//v1/identify", "/api/"), ("/v1/identify", "/v"), ("/v/v1/x", "/v"),
+    ("/v1/identify", ""), ("", "")])
+def test_the_path_routes_are_matched_on_is_starlettes(path, root):
+    """s57: the guard, the stop's log and the app's hints take the path without its root_path as Starlette's router
+    does: the root stripped only where it ends at a "/" (``/v`` is no prefix of ``/v1/identify``), a path that does
+    not start with it taken as it is (a server that did not put it in front)."""
+    from starlette._utils import get_route_path
+
+    from api.guard import route_path
+
+    scope = {"path": path, "root_path": root}
+    assert route_path(scope) == get_route_path(scope)
+
+
+@pytest.mark.parametrize(("path", "status"), [("/v1/species/Naja_naja/references", 401), ("/api", 404),
+                                              ("/apiv1/identify", 404), ("/api/", 405)])
+def test_behind_a_root_path_a_path_without_it_is_routed_and_guarded_as_it_is(path, status):
+    """s57: a path that does not start with the root_path (a server that did not put it in front) is routed as it
+    is, so guarded as it is: a write without its key is a 401 unread; a path no route serves, a 404, no crash (the
+    root itself: ``/api/`` is the page's ``/``, which takes no POST)."""
+    sent, received = refused_unread(stand_in_app(), "POST", path, FORM, root_path=ROOT)
+    assert sent.status == status, sent.body
+    if status == 401:
+        assert received == []

@@ -218,10 +218,11 @@ def test_the_stops_last_line_waits_for_a_cancel_that_arrives_after_the_apps_shut
     assert sent and sent[0]["status"] == 503
 
 
-def test_a_set_venom_put_is_an_upload_until_its_body_is_in_then_named_as_the_write_it_is():
+@pytest.mark.parametrize("root", ["", "/api"])
+def test_a_set_venom_put_is_an_upload_until_its_body_is_in_then_named_as_the_write_it_is(root):
     """s56 re-read api #9: a PUT's body was never counted as still arriving (only a POST's), and a set-venom in
     flight was called "add or delete" in the stop's log. An app that reads the body in two chunks, asked for
-    between them."""
+    between them. s57: behind a root_path (``root``, which the path holds) too: there it was "1 other"."""
     import asyncio
 
     from api.server import InFlight
@@ -245,6 +246,7 @@ def test_a_set_venom_put_is_an_upload_until_its_body_is_in_then_named_as_the_wri
         pass
 
     flight = InFlight(app)
-    scope = {"type": "http", "method": "PUT", "path": "/v1/species/Bufo_bufo/venomous", "headers": []}
+    scope = {"type": "http", "method": "PUT", "path": root + "/v1/species/Bufo_bufo/venomous", "root_path": root,
+             "headers": []}
     asyncio.run(flight(scope, receive, send))
     assert said == ["1 request in flight: 1 upload still arriving", "1 request in flight: 1 add, delete or set-venom"]
