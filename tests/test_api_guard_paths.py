@@ -442,3 +442,19 @@ def test_behind_a_root_path_a_path_without_it_is_routed_and_guarded_as_it_is(pat
     assert sent.status == status, sent.body
     if status == 401:
         assert received == []
+
+
+def test_behind_uvicorns_root_path_a_write_without_a_key_is_refused_before_its_body_is_sent():
+    """s57, on a real server: uvicorn's ``--root-path /api`` puts the prefix in front of the path it received, as
+    the scopes above do; a write without its key is answered while its body is still to come."""
+    from _api_support import serving
+
+    with serving(stand_in_app(), lifespan="off", root_path=ROOT) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=BLOCKED_S) as conn:
+        conn.sendall(b"POST /v1/species/Naja_naja/references HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                     b"form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n--xyz\r\n")  # then nothing more
+        reply = b""
+        while not reply.endswith(b"}") and (got := conn.recv(4096)):  # a timeout here fails the test: the server
+            reply += got  # waited for the body
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    assert reply.endswith(b'{"detail":"missing or wrong X-API-Key"}'), reply
