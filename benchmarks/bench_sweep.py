@@ -155,7 +155,8 @@ def main() -> None:
         proc.wait(timeout=10)
     print(f"\nmedian (min-max) of {args.runs} sweeps of {args.rows} rows ({args.orphans} orphans each"
           f"{', a row added meanwhile' if args.meanwhile else ''}): sweep {median(sweeps):.0f} ms "
-          f"({min(sweeps):.0f}-{max(sweeps):.0f}), lease held {median(lease):.0f} ms ({min(lease):.0f}-{max(lease):.0f})")
+          f"({min(sweeps):.0f}-{max(sweeps):.0f}), lease held {median(lease):.0f} ms "
+          f"({min(lease):.0f}-{max(lease):.0f})")
     print(f"peak RSS of this process {peak_rss_mib():.0f} MiB (moto's server not counted); {watch.report()}")
 
 
