@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -45,3 +47,21 @@ def test_species_cache_prints_percentiles_spread_ratios_and_memory(tmp_path: Pat
     assert "clean --dataset (6 photos, 2 stored) --index: median " in out and "peak RSS of this process " in out
     assert "not written as scientific names" not in out
     assert _left(tmp_path) == []
+
+
+def test_sweep_prints_spread_and_memory(tmp_path: Path) -> None:
+    """A sweep is one-shot: median and min-max of --repeats sweeps, the peak RSS (moto's S3 server, the dev extra)."""
+    pytest.importorskip("moto")
+    out = _run(tmp_path, "bench_sweep.py", "--rows", "40", "--uploads", "4", "--orphans", "3", "--batch", "20",
+               "--repeats", "2")
+    assert "; kind " in out and "run 2: removed 3, kept 4 in use" in out
+    assert "median (min-max) of 2 sweeps of 40 rows (3 orphans each): sweep " in out and "lease held " in out
+    assert "peak RSS of this process " in out and "(moto's server not counted)" in out
+    assert _left(tmp_path) == []
+
+
+def test_lease_prints_percentiles_ratio_and_memory(tmp_path: Path) -> None:
+    pytest.importorskip("moto")
+    out = _run(tmp_path, "bench_lease.py", "--runs", "1", "--adds", "3", "--warmup", "1")
+    assert "; kind " in out and "| lease | 3 |" in out and "| no lease | 3 |" in out
+    assert "lease / no lease, medians: " in out and "peak RSS of this process " in out
