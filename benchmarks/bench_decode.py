@@ -64,6 +64,11 @@ _COLOURS = {"RGB": (90, 120, 60), "L": 90, "1": 1, "P": 5, "RGBA": (90, 120, 60,
             "I": 30_000, "F": 0.5}
 
 
+def megapixels(width: int, height: int) -> str:
+    """A photo's megapixels to 3 significant digits (a 500 x 500 photo is 0.25 MP, not 0)."""
+    return f"{width * height / 1e6:.3g}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=7000, help="photo side in pixels (default 7000: 49 MP)")
@@ -97,7 +102,7 @@ def main() -> None:
                                               cwd=REPO, check=True, capture_output=True, text=True).stdout)
                     for _ in range(args.repeats)]
             rows[way] = (median([r["s"] for r in runs]), median([r["peak_mib"] for r in runs]))
-    print(f"\n{args.photos} x {width}x{height} {kind} {mode} ({width * height / 1e6:.0f} MP each), "
+    print(f"\n{args.photos} x {width}x{height} {kind} {mode} ({megapixels(width, height)} MP each), "
           f"4 decode threads; medians of {args.repeats}")
     print("| way | seconds | peak RSS MiB |\n| --- | ---: | ---: |")
     for way, (s, mib) in rows.items():

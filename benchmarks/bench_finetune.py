@@ -260,6 +260,9 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             result = finetune(config, progress=True, report=print)
+        except ValueError as exc:  # a setting this machine cannot run (a budget that fits no epoch): as the CLI
+            unmark_out(out, mark)
+            sys.exit(f"bench_finetune: {exc}")
         except BaseException:
             unmark_out(out, mark)
             raise

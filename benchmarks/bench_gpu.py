@@ -77,6 +77,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
+def _cell(value: float | None, fmt: str = ".1f") -> str:
+    """A table cell: the number, or "-" where there is none (None or NaN: no GPU memory on the CPU, no batch)."""
+    return "-" if value is None or value != value else format(value, fmt)
+
+
 def _peak_gpu_mib(device: str) -> float:
     import torch
 
@@ -166,13 +171,13 @@ def encode_part(args: argparse.Namespace, photos: list[str]) -> None:
                     few = sel[: args.cpu_vit_photos if name == "ViT-B-16" else 4 * bs]
                 _reset_peak(device)
                 build = build_rate(enc, few, dev, 1 if few is not sel else args.repeats, workers)
-                fwd = forward_rate(enc, sel, dev, args.forward_seconds) if bs > 1 else float("nan")
+                fwd = forward_rate(enc, sel, dev, args.forward_seconds) if bs > 1 else None  # naive: no batch
                 lat = percentiles(one_photo_ms(enc, lat_sel, dev)) if way == "ours" or bs == 1 else "-"
-                peak = _peak_gpu_mib(device) if dev != "cpu" else float("nan")
+                peak = _peak_gpu_mib(device) if dev != "cpu" else None
                 precision = str(enc.dtype).removeprefix("torch.")
                 rates[(name, f"{way} {precision}")] = build
                 print(f"| {name} | {way} | {dev}, {precision} | {bs} | {build:.1f} ({len(few)} photos) | "
-                      f"{fwd:.1f} | {lat} | {peak:.0f} |", flush=True)
+                      f"{_cell(fwd)} | {lat} | {_cell(peak, '.0f')} |", flush=True)
                 del enc
             except Exception:  # noqa: BLE001 - print and go on: the other rows still count
                 print(f"| {name} | {way} | {dev}, {prec} | {bs} | failed | | | |", flush=True)
@@ -188,7 +193,10 @@ def encode_part(args: argparse.Namespace, photos: list[str]) -> None:
         naive = next((r for (mm, w), r in rates.items() if mm == m and w.startswith("naive")), float("nan"))
         cpu = next((r for (mm, w), r in rates.items() if mm == m and "CPU" in w), float("nan"))
         versus_cpu = f", {best[m] / cpu:.1f}x this machine's CPU on torch ({cpu:.1f} img/s)" if cpu == cpu else ""
-        print(f"{m}: best build {best[m]:.0f} img/s = {best[m] / naive:.1f}x the naive loop{versus_cpu}")
+        if best[m] != best[m]:  # no "ours" row of this model ran
+            continue
+        versus_naive = f" = {best[m] / naive:.1f}x the naive loop" if naive == naive else ""
+        print(f"{m}: best build {best[m]:.3g} img/s{versus_naive}{versus_cpu}")
 
 
 def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
@@ -278,7 +286,7 @@ def finetune_part(args: argparse.Namespace, deadline: float | None) -> None:
             print(f"| {seed} | {res.epochs_run} ({res.best_epoch}), {res.stopped} | "
                   f"{statistics.median(_epoch_seconds(out)):.1f} | {last_min:.1f} min "
                   f"({info.get('process_wall_seconds', 0) / 60:.1f} in the run) | {res.test_size.get('size')} | "
-                  f"{res.best.get('val_top1', float('nan')):.3f} | {trio} | {_peak_gpu_mib(args.device):.0f} | "
+                  f"{_cell(res.best.get('val_top1'), '.3f')} | {trio} | {_cell(_peak_gpu_mib(args.device), '.0f')} | "
                   f"{peak_rss_mib():.0f} |", flush=True)
             print(f"  seed {seed}: final evaluation settings "
                   + json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}), flush=True)

@@ -4,7 +4,8 @@ id mark is then found by reading the store's whole id column), side by side in o
 
 Each run: a fresh gallery on the store per side, ``--warmup`` adds, then ``--adds`` timed adds of one 8-float row;
 the sides alternate run by run. Prints the machine, each run's median, then p50/p95/p99 over all timed adds per
-side and the ratio of the medians. Needs the ``s3`` extra and ``moto[server]`` (the ``dev`` extra).
+side, the ratio of the medians and the peak RSS of this process. Needs the ``s3`` extra and ``moto[server]`` (the
+``dev`` extra).
 
     .venv/bin/python benchmarks/bench_lease.py                 # both sides, 3 runs each (docs/shared-gallery.md)
     .venv/bin/python benchmarks/bench_lease.py --side lease    # one side only
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch
+from _common import CpuWatch, peak_rss_mib
 from _hardware import machine_report
 
 logger = logging.getLogger("bench_lease")
@@ -96,7 +97,7 @@ def main() -> None:
         ratio = statistics.median(every[True]) / statistics.median(every[False])
         print(f"\nlease / no lease, medians: {ratio:.2f}x "
               f"(+{statistics.median(every[True]) - statistics.median(every[False]):.0f} ms an add)")
-    print(watch.report())
+    print(f"peak RSS of this process {peak_rss_mib():.0f} MiB (moto's server not counted); {watch.report()}")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ rows name ``--uploads`` uploads among them, and as many orphan uploads put besid
 Each run puts the orphans again and sweeps them (``--older-than 0``: every unused upload goes), timing the sweep
 and the hold of the lease (from taken to given back: :meth:`index.gallery.Gallery.writing`); ``--meanwhile`` adds a
 row between the sweep's first read and its lease (another machine's add), so the hold includes reading what was
-committed since. Prints the machine, each run, and the medians. The code measured is whichever ``index`` is
-imported: run it with ``PYTHONPATH`` naming a checkout to measure that one. Needs the ``s3`` extra and
-``moto[server]`` (the ``dev`` extra).
+committed since. A sweep is a one-shot job (no latency distribution to take percentiles of): it runs
+``--repeats`` times, and the script prints the machine, each run, the median and spread (min-max) of the sweep and
+of the lease hold, and the peak RSS of this process (moto's server runs in a process of its own). The code measured
+is this checkout's ``index``, or the one of the checkout ``--repo`` names (the code before a change). Needs the
+``s3`` extra and ``moto[server]`` (the ``dev`` extra).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_sweep.py --rows 20000      # docs/shared-gallery.md
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_sweep.py --rows 20000 --meanwhile
+    nice .venv/bin/python benchmarks/bench_sweep.py --rows 20000      # docs/shared-gallery.md
+    nice .venv/bin/python benchmarks/bench_sweep.py --rows 20000 --meanwhile
+    nice .venv/bin/python benchmarks/bench_sweep.py --rows 20000 --repo ../main      # the code before a change
+    nice .venv/bin/python benchmarks/bench_sweep.py --rows 200 --repeats 2      # a smoke run
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch
+from _common import CpuWatch, median, peak_rss_mib
 from _hardware import machine_report
 
 BUCKET = "bench"
@@ -78,15 +81,24 @@ def _orphans(g, run: int, n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n    ")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20000, help="rows of the gallery (default 20000)")
     parser.add_argument("--uploads", type=int, default=100, help="uploads its rows use (default 100)")
     parser.add_argument("--orphans", type=int, default=100, help="orphan uploads put before each sweep (default 100)")
     parser.add_argument("--batch", type=int, default=2000, help="rows per commit when filling it (default 2000)")
-    parser.add_argument("--runs", type=int, default=5, help="sweeps timed (default 5)")
+    parser.add_argument("--repeats", "--runs", dest="runs", type=int, default=5, metavar="N",
+                        help="sweeps timed; median and min-max (default 5)")
     parser.add_argument("--meanwhile", action="store_true",
                         help="add a row between each sweep's first read and its lease (another machine's add)")
+    parser.add_argument("--repo", type=Path, help="import index/ from this checkout (the code before a change)")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--repeats must be 1 or more")
+    if args.repo is not None:  # ahead of this checkout, which _common put first on sys.path
+        if not (args.repo / "index" / "__init__.py").is_file():
+            parser.error(f"--repo {args.repo}: no index/__init__.py there; name the root of a speciesid checkout")
+        sys.path.insert(0, str(args.repo.resolve()))
     logging.basicConfig(level=logging.WARNING)
     import index
     from index.gallery import Gallery
@@ -141,10 +153,11 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    print(f"\nmedians over {args.runs} sweeps of {args.rows} rows ({args.orphans} orphans each"
-          f"{', a row added meanwhile' if args.meanwhile else ''}): sweep {statistics.median(sweeps):.0f} ms, "
-          f"lease held {statistics.median(lease):.0f} ms")
-    print(watch.report())
+    print(f"\nmedian (min-max) of {args.runs} sweeps of {args.rows} rows ({args.orphans} orphans each"
+          f"{', a row added meanwhile' if args.meanwhile else ''}): sweep {median(sweeps):.0f} ms "
+          f"({min(sweeps):.0f}-{max(sweeps):.0f}), lease held {median(lease):.0f} ms "
+          f"({min(lease):.0f}-{max(lease):.0f})")
+    print(f"peak RSS of this process {peak_rss_mib():.0f} MiB (moto's server not counted); {watch.report()}")
 
 
 if __name__ == "__main__":

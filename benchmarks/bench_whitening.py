@@ -13,7 +13,8 @@ times the writer's refit, both ways on the same gallery:
 * ``difference`` (now): the statistics saved by the previous refit, brought up to date by the 20 new rows.
 
 Printed per size: median and spread of each (seconds), the ratio, the peak RSS of the process, and the parts of
-the difference (id column read, new rows read, eigendecomposition). Prints only; never asserts.
+the difference (id column read, new rows read, eigendecomposition: timed in an extra pass before the last repeat's
+refit, not a split of the timed refit). Prints only; never asserts.
 
     .venv/bin/python benchmarks/bench_whitening.py                    # 10k, 50k, 200k photos, 3 repeats
     .venv/bin/python benchmarks/bench_whitening.py --sizes 10000 --repeats 1   # smoke run
@@ -121,7 +122,8 @@ def main() -> None:
                 where = parts(gallery) if r == args.repeats - 1 else ""  # reads only; the refit below does it again
                 diff.append(timed_refit(gallery))
                 print(f"  repeat {r}: stream {stream[-1]:.3f} s, difference {diff[-1]:.3f} s")
-            print(f"  the difference, in parts: {where}")
+            print(f"  the difference, in parts (an extra pass of its reads and fit before the last repeat's timed "
+                  f"refit, not a split of that refit: the parts need not add up to it): {where}")
             rows.append((n, median(stream), min(stream), max(stream), median(diff), min(diff), max(diff)))
         print("\nwriter's refit after adding a new species of 20 photos (median of repeats; min-max)")
         print(f"{'photos':>9} | {'stream (before) s':>22} | {'difference (now) s':>22} | ratio")

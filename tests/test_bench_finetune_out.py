@@ -127,3 +127,21 @@ def test_out_checks_marked_runs_overwrite_and_the_default(tmp_path: Path, bench)
     assert not fresh.exists() and (tmp_path / "new").is_dir()
     with pytest.raises(ValueError, match="augment"):
         bench.build_config(out, "split", ["augment.not_a_field=1"])
+
+
+def test_a_setting_the_run_refuses_is_one_error_line(tmp_path: Path, bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """finetune's ValueError (a --time-budget that fits no epoch) ends the script with its message as one line, not a
+    traceback, and the marker this run wrote is taken away (walk-bench finding 12)."""
+    import finetune.train
+
+    def refused(config, **kw) -> None:  # noqa: ANN001, ANN003 - finetune's signature
+        raise ValueError("--time-budget 1 min fits no epoch on this machine: give a bigger --time-budget")
+
+    monkeypatch.setattr(finetune.train, "finetune", refused)
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["bench_finetune.py", "--out", str(out), "--set", "time_budget=1"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == "bench_finetune: --time-budget 1 min fits no epoch on this machine: give a bigger " \
+                              "--time-budget"
+    assert not out.exists()

@@ -1,0 +1,32 @@
+"""benchmarks/bench_api.py keeps an explicit ``--windows`` under ``--quick`` (walk-bench finding 15: ``--quick``
+replaced it with 0 and 5)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """The script imported as a module (benchmarks/ on the path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("_common", "_hardware", "bench_api"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import bench_api
+
+    return bench_api
+
+
+def test_quick_keeps_explicit_windows(bench) -> None:
+    assert bench.chosen_windows("0", quick=True) == ["0"]
+    assert bench.chosen_windows(" off, 20 ,", quick=True) == ["off", "20"]
+
+
+def test_defaults_with_and_without_quick(bench) -> None:
+    assert bench.chosen_windows(None, quick=True) == ["0", "5"]
+    assert bench.chosen_windows(None, quick=False) == ["off", "0", "5", "20"]

@@ -1,0 +1,32 @@
+"""How two benchmarks write a figure (walk-bench finding 11 and 13): bench_gpu's table shows "-" where a cell has
+no figure (no GPU memory on the CPU, no batch in the naive loop) instead of nan; bench_decode's small photos are
+not "0 MP"."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, name: str):
+    """The script ``name`` imported as a module (benchmarks/ on the path)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for module in ("_common", "_hardware", name):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    return __import__(name)
+
+
+def test_gpu_cells_without_a_figure_are_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = _script(monkeypatch, "bench_gpu")
+    assert [gpu._cell(None), gpu._cell(float("nan"), ".0f")] == ["-", "-"]
+    assert [gpu._cell(0.4), gpu._cell(1234.6, ".0f"), gpu._cell(0.8754, ".3f")] == ["0.4", "1235", "0.875"]
+
+
+def test_decode_megapixels_of_a_small_photo(monkeypatch: pytest.MonkeyPatch) -> None:
+    decode = _script(monkeypatch, "bench_decode")
+    assert [decode.megapixels(500, 500), decode.megapixels(7000, 7000), decode.megapixels(8064, 6048)] == \
+        ["0.25", "49", "48.8"]
