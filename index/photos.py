@@ -9,7 +9,8 @@ The rule:
   ``IMG_1.JPG_original``, the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy,
   not read twice.
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
-  skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
+  skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files), and so
+  is ``__MACOSX`` (:data:`MACOS_ZIP_FOLDER`: the metadata a zip made on a Mac holds, ``._`` files, no photo).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
   each real folder is visited once, so a link loop cannot recurse for ever, and a link to the folder it is in or to
   one above it (``loop -> ..``) is not followed: skipped as a loop, named (from a class folder it would read the
@@ -45,6 +46,9 @@ from index.text import printable
 
 logger = logging.getLogger(__name__)
 
+#: The folder a zip made on a Mac holds beside its content (its ``._`` metadata files, no photo): hidden like a
+#: name starting with ``.`` (:func:`is_hidden`), never a class folder.
+MACOS_ZIP_FOLDER = "__MACOSX"
 #: How many skipped paths a warning names (the rest are counted).
 SKIPPED_SHOWN = 5
 #: What to do about skipped entries (said once, with them: :func:`skipped_summary`), when none of the kinds below
@@ -88,6 +92,11 @@ _HEIF_BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"hevc": "HEIF", b"hevx": "HEI
                 b"avif": "AVIF", b"avis": "AVIF"}
 #: BMP info-header sizes (the Windows and OS/2 versions Pillow reads).
 _BMP_HEADERS = {12, 16, 40, 52, 56, 64, 108, 124}
+
+
+def is_hidden(name: str) -> bool:
+    """Whether the search skips the entry ``name`` unsaid: a name starting with ``.``, or :data:`MACOS_ZIP_FOLDER`."""
+    return name.startswith(".") or name == MACOS_ZIP_FOLDER
 
 
 def _file_suffix(name: str) -> bool:
@@ -291,7 +300,7 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
         folders: list[Path] = []
         for entry in entries:
             name = entry.name
-            if name.startswith("."):
+            if is_hidden(name):
                 continue
             path = here / name
             if _is(entry.is_dir):  # follows links
@@ -432,7 +441,7 @@ def _special_entries(folder: Path) -> list[Path]:
     try:
         with os.scandir(folder) as listing:
             return sorted(Path(e.path) for e in listing
-                          if not e.name.startswith(".") and not _is(e.is_dir) and not _is(e.is_file)
+                          if not is_hidden(e.name) and not _is(e.is_dir) and not _is(e.is_file)
                           and os.path.exists(e.path))
     except OSError:
         return []
