@@ -14,7 +14,8 @@ The rule:
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
   each real folder is visited once, so a link loop cannot recurse for ever, and a link to the folder it is in or to
   one above it (``loop -> ..``) is not followed: skipped as a loop, named (from a class folder it would read the
-  other classes' photos under this one's name). A link whose target is
+  other classes' photos under this one's name). A link to a file the same search finds comes after that file,
+  whatever their names: the file is the one stored, the link its duplicate. A link whose target is
   missing is not a photo (nor reported, when its name is another kind of file's: ``notes.txt``).
 - Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
   a photo-named entry that is not a regular file are returned as *skipped*, with the reason
@@ -263,7 +264,21 @@ def scan_photos(folder: str | Path, *, progress: bool = False) -> PhotoScan:
     def key(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
-    return PhotoScan(sorted(photos, key=key), skipped, sorted(not_photos, key=key))
+    return PhotoScan(_files_before_their_links(sorted(photos, key=key), root), skipped, sorted(not_photos, key=key))
+
+
+def _files_before_their_links(photos: list[Path], root: Path) -> list[Path]:
+    """``photos`` (found under ``root``) in their order, but a symbolic link to another of them, a file reached
+    through no link, after it: of the two (the same bytes), the file is read first, so the one stored, and the link
+    is the duplicate (removing the link later loses nothing)."""
+    links = [p for p in photos if _is(p.is_symlink)]
+    if not links:
+        return photos
+    real_root, linked = os.path.realpath(root), set(links)
+    files = {os.path.join(real_root, p.relative_to(root)) for p in photos if p not in linked}
+    files &= {os.path.realpath(p) for p in photos if p not in linked}  # reached through no link: its own real path
+    later = {p for p in links if os.path.realpath(p) in files}
+    return [p for p in photos if p not in later] + [p for p in photos if p in later]
 
 
 def scan_files(folder: str | Path, wanted: Callable[[str], bool],

@@ -181,7 +181,8 @@ class BuildReport:
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more skipped")
         for path, other in repeats[:10]:
-            lines.append(f"  duplicate {printable(path)} (same bytes as {printable(other)})")
+            how = "a link to" if _link_to(path, other) else "same bytes as"
+            lines.append(f"  duplicate {printable(path)} ({how} {printable(other)})")
         if len(repeats) > 10:
             lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
         listed = [(path, other) for path, other in stored if path not in said_apart] if list_stored else []
@@ -191,6 +192,14 @@ class BuildReport:
         if len(listed) > 10:
             lines.append(f"  ... and {len(listed) - 10} more already in the gallery")
         return "\n".join(lines)
+
+
+def _link_to(path: str, other: str) -> bool:
+    """Whether ``path`` is a symbolic link to the file ``other`` (a repeat within a run said as such)."""
+    try:
+        return os.path.islink(path) and os.path.realpath(path) == os.path.realpath(other)
+    except (OSError, ValueError):
+        return False
 
 
 def default_workers() -> int:

@@ -332,3 +332,20 @@ def test_the_command_line_reads_photos_under_the_servers_pixel_limit(built, tmp_
     assert code == 2 and err == ("speciesid: error: SPECIESID_MAX_PIXELS=lots is not a whole number of pixels from 1 "
                                  "to 256,000,000: set the most pixels one photo may decode to (default 50000000), or "
                                  "unset it\n"), (code, err)
+
+
+def test_a_link_and_its_file_in_one_folder_store_the_file_and_call_the_link_a_link(built, tmp_path, capsys):
+    """Walk s57 #11: 'link.jpg -> upright.jpg' in one folder stored the link (first by name) and called the real
+    file the duplicate: removing the link later lost the reference's photo. The file is stored; the link is the
+    duplicate, said to be a link to it."""
+    from index.gallery import Gallery
+
+    index, _ = built
+    folder = tmp_path / "linked"
+    real = _photo(folder / "upright.png", 31)
+    (folder / "a_link.png").symlink_to(real.name)  # sorts before its target
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", folder,
+                          *ENCODER, "-q")
+    assert code == 0 and f"  duplicate {folder / 'a_link.png'} (a link to {real})" in out.splitlines(), (out, err)
+    ids = [int(n) for n in out.split("ids: ")[1].split("\n")[0].split("-")]
+    assert len(ids) == 1 and Gallery.open(index).source_path(ids[0]) == str(real), out
