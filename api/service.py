@@ -266,8 +266,9 @@ class SpeciesService:
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding
                 views, size, note = model_input(data, self.encoder, max_pixels=self.settings.max_pixels, name=name)
-            except PixelLimitError as exc:
-                raise BadImage(f"{exc}: this server's limit (ask its operator to raise SPECIESID_MAX_PIXELS)") from exc
+            except PixelLimitError as exc:  # one line: send it smaller, or (when that would take it) the setting
+                raise BadImage(exc.advise("send", "ask this server's operator to raise SPECIESID_MAX_PIXELS")
+                               ) from exc
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
             return Upload(name=name, data=data, size=size, views=views, note=note)

@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted photo, in MB (bigger -> 413)")
-    max_pixels: int = Field(50_000_000, ge=1,
-                            description="largest accepted photo, in pixels (decompression-bomb guard)")
+    max_pixels: int = Field(50_000_000, ge=1, le=256_000_000,  # retrieval.images: PHOTO_MAX_PIXELS, its cap
+                            description="most pixels one photo may decode to (decompression-bomb guard), at most "
+                            "256000000: no photo over that as stored is taken; the command line reads it too")
     # The pixels of all the photos of one request, summed from their headers before any is decoded (bigger -> 413):
     # it bounds the decoding one request may ask of the server, which max_pixels bounds per photo only. The
     # default admits an identify at its own limits (max_images 5 x max_pixels 50 MP = 250 MP) and an add of
@@ -144,6 +145,15 @@ class Settings(BaseSettings):
         accept, or refused at start naming the variable."""
         parse = parse_wait if info.field_name == "write_wait_s" else parse_lease_ttl
         return parse(value)  # type: ignore[arg-type]
+
+    @field_validator("max_pixels", mode="before")
+    @classmethod
+    def _max_pixels(cls, value: object) -> int:
+        """SPECIESID_MAX_PIXELS through the command line's parser (``retrieval.images.parse_max_pixels``): a whole
+        number from 1 to 256000000, or refused at start naming the variable."""
+        from retrieval.images import parse_max_pixels
+
+        return parse_max_pixels(value)  # type: ignore[arg-type]
 
     @field_validator("compact_fragments", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from index.photos import (
     PhotoScan,
     entry_problem,
     first_few,
+    is_hidden,
     is_photo_file,
     not_photos_text,
     not_photos_warning,
@@ -282,7 +283,7 @@ def _class_folders(root: Path, warnings: list[str], skipped: list[tuple[Path, st
     """Visible sub-folders of ``root``, sorted; warns about photos lying directly in ``root``; a visible entry
     that is neither a folder nor a file (a broken link to a class folder) goes to ``skipped``."""
     entries = sorted(root.iterdir())  # listed once
-    visible = [p for p in entries if not p.name.startswith(".")]
+    visible = [p for p in entries if not is_hidden(p.name)]  # __MACOSX (a Mac's zip) too: no class
     folders = sorted((p for p in visible if p.is_dir()), key=lambda p: p.name)
     skipped.extend((p, entry_problem(p)) for p in visible if not p.is_dir() and not p.is_file())
     loose = [p.name for p in visible if p.is_file() and is_photo_file(p)]
@@ -311,7 +312,7 @@ def _holds_photos(folder: Path) -> bool:
 def _holds_classes(folder: Path) -> bool:
     """Whether ``folder`` has visible sub-folders with photos directly inside (False when it cannot be listed)."""
     try:
-        return any(p.is_dir() and not p.name.startswith(".") and _holds_photos(p) for p in folder.iterdir())
+        return any(p.is_dir() and not is_hidden(p.name) and _holds_photos(p) for p in folder.iterdir())
     except OSError:
         return False
 

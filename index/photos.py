@@ -9,11 +9,13 @@ The rule:
   ``IMG_1.JPG_original``, the backup exiftool leaves beside a photo it edits, ``x.jpg~``, ``x.jpeg.1``): a copy,
   not read twice.
 - Inside a folder the search is recursive and sorted by relative path. Names starting with ``.`` are
-  skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files).
+  skipped, files and folders alike (``.DS_Store``, ``.thumbnails/``, editors' and sync tools' hidden files), and so
+  is ``__MACOSX`` (:data:`MACOS_ZIP_FOLDER`: the metadata a zip made on a Mac holds, ``._`` files, no photo).
 - Symbolic links to files and to folders are followed (a class folder may be a link to another disk);
   each real folder is visited once, so a link loop cannot recurse for ever, and a link to the folder it is in or to
   one above it (``loop -> ..``) is not followed: skipped as a loop, named (from a class folder it would read the
-  other classes' photos under this one's name). A link whose target is
+  other classes' photos under this one's name). A link to a file the same search finds comes after that file,
+  whatever their names: the file is the one stored, the link its duplicate. A link whose target is
   missing is not a photo (nor reported, when its name is another kind of file's: ``notes.txt``).
 - Nothing is skipped silently: a link whose target is missing (or a loop), a folder that cannot be listed and
   a photo-named entry that is not a regular file are returned as *skipped*, with the reason
@@ -45,6 +47,9 @@ from index.text import printable
 
 logger = logging.getLogger(__name__)
 
+#: The folder a zip made on a Mac holds beside its content (its ``._`` metadata files, no photo): hidden like a
+#: name starting with ``.`` (:func:`is_hidden`), never a class folder.
+MACOS_ZIP_FOLDER = "__MACOSX"
 #: How many skipped paths a warning names (the rest are counted).
 SKIPPED_SHOWN = 5
 #: What to do about skipped entries (said once, with them: :func:`skipped_summary`), when none of the kinds below
@@ -88,6 +93,11 @@ _HEIF_BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"hevc": "HEIF", b"hevx": "HEI
                 b"avif": "AVIF", b"avis": "AVIF"}
 #: BMP info-header sizes (the Windows and OS/2 versions Pillow reads).
 _BMP_HEADERS = {12, 16, 40, 52, 56, 64, 108, 124}
+
+
+def is_hidden(name: str) -> bool:
+    """Whether the search skips the entry ``name`` unsaid: a name starting with ``.``, or :data:`MACOS_ZIP_FOLDER`."""
+    return name.startswith(".") or name == MACOS_ZIP_FOLDER
 
 
 def _file_suffix(name: str) -> bool:
@@ -254,7 +264,21 @@ def scan_photos(folder: str | Path, *, progress: bool = False) -> PhotoScan:
     def key(p: Path) -> str:
         return p.relative_to(root).as_posix()
 
-    return PhotoScan(sorted(photos, key=key), skipped, sorted(not_photos, key=key))
+    return PhotoScan(_files_before_their_links(sorted(photos, key=key), root), skipped, sorted(not_photos, key=key))
+
+
+def _files_before_their_links(photos: list[Path], root: Path) -> list[Path]:
+    """``photos`` (found under ``root``) in their order, but a symbolic link to another of them, a file reached
+    through no link, after it: of the two (the same bytes), the file is read first, so the one stored, and the link
+    is the duplicate (removing the link later loses nothing)."""
+    links = [p for p in photos if _is(p.is_symlink)]
+    if not links:
+        return photos
+    real_root, linked = os.path.realpath(root), set(links)
+    files = {os.path.join(real_root, p.relative_to(root)) for p in photos if p not in linked}
+    files &= {os.path.realpath(p) for p in photos if p not in linked}  # reached through no link: its own real path
+    later = {p for p in links if os.path.realpath(p) in files}
+    return [p for p in photos if p not in later] + [p for p in photos if p in later]
 
 
 def scan_files(folder: str | Path, wanted: Callable[[str], bool],
@@ -291,7 +315,7 @@ def scan_files(folder: str | Path, wanted: Callable[[str], bool],
         folders: list[Path] = []
         for entry in entries:
             name = entry.name
-            if name.startswith("."):
+            if is_hidden(name):
                 continue
             path = here / name
             if _is(entry.is_dir):  # follows links
@@ -432,7 +456,7 @@ def _special_entries(folder: Path) -> list[Path]:
     try:
         with os.scandir(folder) as listing:
             return sorted(Path(e.path) for e in listing
-                          if not e.name.startswith(".") and not _is(e.is_dir) and not _is(e.is_file)
+                          if not is_hidden(e.name) and not _is(e.is_dir) and not _is(e.is_file)
                           and os.path.exists(e.path))
     except OSError:
         return []

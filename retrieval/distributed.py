@@ -48,7 +48,7 @@ from index.records import HIGHER_RANKS, ReferenceRecord
 from index.sources import read_source
 from index.store import rows_table, source_file, source_text
 from retrieval.encoders import Encoder, EncoderConfig, create_encoder_from_config, preprocess_with
-from retrieval.images import MIN_REFERENCE_SIDE, sha256_bytes
+from retrieval.images import MIN_REFERENCE_SIDE, max_pixels_setting, sha256_bytes
 from retrieval.pipeline import NON_FINITE, BuildReport, prepare, read_error
 
 logger = logging.getLogger(__name__)
@@ -200,8 +200,10 @@ def hash_batch(batch: pa.Table) -> pa.Table:
                      "error": pa.array(errors, pa.string())})
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_side: int) -> dict[str, np.ndarray]:
-    """Stage 3: decode + preprocess with the local build's :func:`prepare` (same arrays); errors reported."""
+def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_side: int,
+                 max_pixels: int | None = None) -> dict[str, np.ndarray]:
+    """Stage 3: decode + preprocess with the local build's :func:`prepare` (same arrays); errors reported.
+    ``max_pixels``: the driver's pixel limit (``retrieval.images.max_pixels_setting``, read where the build runs)."""
     tensors: list[np.ndarray | None] = []
     errors = list(batch["error"]) if "error" in batch else [""] * len(batch["pos"])
     digests = list(batch["sha256"])
@@ -212,7 +214,8 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_s
             tensors.append(None)
             errors[i] = read_error(exc)
             continue
-        done = prepare(int(batch["pos"][i]), data, preprocessor, min_side=min_side)  # type: ignore[arg-type]
+        done = prepare(int(batch["pos"][i]), data, preprocessor,  # type: ignore[arg-type]
+                       max_pixels=max_pixels, min_side=min_side)
         tensors.append(None if done.tensor is None else np.asarray(done.tensor, dtype=np.float32))
         errors[i] = done.error or ""
         digests[i] = done.sha256 or digests[i]
@@ -417,8 +420,9 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
     sub = table.take(pa.array(keep)).append_column("id", pa.array(ids, pa.int64())).append_column(
         "sha256", pa.array([digests[i] for i in keep], pa.string()))
     blocks = _blocks(len(keep), batch_size)
+    limits = {"preprocessor": pre, "min_side": min_side, "max_pixels": max_pixels_setting()}  # the driver's setting
     ds = (ray.data.from_arrow(sub).repartition(blocks)
-          .map_batches(decode_batch, fn_kwargs={"preprocessor": pre, "min_side": min_side}, batch_format="numpy",
+          .map_batches(decode_batch, fn_kwargs=limits, batch_format="numpy",
                        batch_size=max(8, batch_size), num_cpus=1)
           .map_batches(Embedder, fn_constructor_kwargs={"config": config, "fingerprint": encoder.fingerprint,
                                                          "threads": int(max(1, cpus))},

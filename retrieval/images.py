@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import math
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -20,8 +24,24 @@ try:  # HEIC/HEIF phone photos, when pillow-heif is installed
 except ImportError:  # pragma: no cover - optional
     pass
 
-#: Refuse images with more pixels than this (decompression-bomb guard): 16,000 x 16,000.
+logger = logging.getLogger(__name__)
+#: The module of Pillow's warnings about a photo's damaged EXIF or TIFF tags (``UserWarning``s of its TIFF tag
+#: reader, which reads EXIF for every format), silenced while a photo is opened or decoded: printed, they showed a
+#: site-packages path and no photo's name. :func:`decode_image` logs its own line, naming the photo, instead.
+_EXIF_WARNINGS = r"PIL\.TiffImagePlugin"
+
+#: No photo is taken with more pixels than this as stored (decompression-bomb guard): 16,000 x 16,000, whatever
+#: limit is asked for (a larger one counts as this) and whatever its decode would cost (a JPEG decoded at reduced
+#: scale included). The largest phone photos (200 MP) are under it.
 DEFAULT_MAX_PIXELS = 256_000_000
+#: The setting of the most pixels one photo may decode to, read by the server (``api.settings``) and by every
+#: command that reads photos (:func:`max_pixels_setting`).
+MAX_PIXELS_ENV = "SPECIESID_MAX_PIXELS"
+#: Its default: an 8-bit colour photo costs about 4 MiB of memory a megapixel while a decode thread holds it
+#: (docs/api.md, "Limits and errors": 5 x 49 MP PNGs on 4 threads peaked at 791 MiB; one 100 MP PNG alone took
+#: 386 MiB more), so ~200 MiB a thread at 50 MP, where 256 MP cost ~1 GB a thread. A JPEG counts at the reduced
+#: scale it is decoded at (a 200 MP phone photo: ~3 MP).
+PHOTO_MAX_PIXELS = 50_000_000
 #: Pillow's own guard (a warning past it, an error past twice it) moved to ours: without this, Pillow refuses anything
 #: over 179M pixels (a 200-megapixel phone photo) whatever the limit asked for; :func:`decode_image` checks that.
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
@@ -74,12 +94,50 @@ PHOTO_SIZE = "speciesid_photo_size"
 PHOTO_NOTE = "speciesid_photo_note"
 
 
+def parse_max_pixels(raw: str | int) -> int:
+    """:data:`MAX_PIXELS_ENV`'s value: a whole number of pixels from 1 to :data:`DEFAULT_MAX_PIXELS` (no photo is
+    taken over it as stored, so a larger limit would mean nothing). A ValueError names the variable and what to
+    set."""
+    try:
+        value = int(str(raw).strip().replace("_", ""))
+    except ValueError:
+        value = 0
+    if not 1 <= value <= DEFAULT_MAX_PIXELS:
+        shown = raw.strip() if isinstance(raw, str) else raw
+        raise ValueError(f"{MAX_PIXELS_ENV}={shown} is not a whole number of pixels from 1 to "
+                         f"{DEFAULT_MAX_PIXELS:,}: set the most pixels one photo may decode to (default "
+                         f"{PHOTO_MAX_PIXELS}), or unset it")
+    return value
+
+
+def max_pixels_setting() -> int:
+    """The most pixels one photo may decode to: :data:`MAX_PIXELS_ENV` when set (:func:`parse_max_pixels`), else
+    :data:`PHOTO_MAX_PIXELS`: what ``retrieval.pipeline`` reads photos with unless told otherwise."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    return parse_max_pixels(raw) if raw else PHOTO_MAX_PIXELS
+
+
 class ImageLoadError(ValueError):
     """A photo could not be decoded; the message says why."""
 
 
 class PixelLimitError(ImageLoadError):
-    """A photo with more pixels than the limit asked for (the decompression-bomb guard)."""
+    """A photo with more pixels than the limit asked for (the decompression-bomb guard). ``what``: the refusal;
+    ``long_side``: the most pixels its long side may have to be read; ``needed``: the limit that would take it as
+    it is (None when no limit up to :data:`DEFAULT_MAX_PIXELS` would). ``str()``: :meth:`advise`'s default."""
+
+    def __init__(self, what: str, long_side: int, needed: int | None = None) -> None:
+        self.what, self.long_side, self.needed = what, max(1, long_side), needed
+        super().__init__(self.advise())
+
+    def advise(self, verb: str = "save", setting: str = "") -> str:
+        """The refusal in one line, saying what to do: ``verb`` the photo at most :attr:`long_side` px on its long
+        side; ``setting``: how to raise the limit (``{needed}`` in it: :attr:`needed`), said when that would take
+        the photo."""
+        text = f"{self.what}: {verb} it at most {self.long_side} px on its long side"
+        if setting and self.needed:
+            text += ", or " + setting.format(needed=self.needed)
+        return text
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -209,15 +267,19 @@ def decode_image(
     :data:`ANIMATED_NOTE` in ``image.info[PHOTO_NOTE]`` (:func:`photo_note`).
 
     ``max_pixels`` bounds the pixels decoded, read from the header before any is (:class:`PixelLimitError`): for
-    a JPEG decoded at reduced scale, the reduced size; and no photo is taken over :data:`DEFAULT_MAX_PIXELS` (nor
-    ``max_pixels``, when larger) as stored, whatever its decode would cost. A pixel of a mode that costs more memory
-    to decode than an 8-bit colour one (16-bit greyscale, transparency, palette: :func:`mode_weight`) counts more
-    than once against both, so that the limit bounds a decode's memory whatever the photo's bit depth.
+    a JPEG decoded at reduced scale, the reduced size; and no photo is taken over :data:`DEFAULT_MAX_PIXELS` as
+    stored, whatever its decode would cost (a larger ``max_pixels`` counts as that). A pixel of a mode that costs
+    more memory to decode than an 8-bit colour one (16-bit greyscale, transparency, palette: :func:`mode_weight`)
+    counts more than once against both, so that the limit bounds a decode's memory whatever the photo's bit depth.
+    A photo whose EXIF cannot be read is decoded as stored, its orientation ignored (one warning logged, naming it).
     """
     if not data:
         raise ImageLoadError(f"{name}: the file is empty")
+    cap = DEFAULT_MAX_PIXELS
+    max_pixels = min(max_pixels, cap)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is max_pixels, checked below
+        warnings.filterwarnings("ignore", category=UserWarning, module=_EXIF_WARNINGS)  # said below, naming it
         try:
             img = Image.open(io.BytesIO(data), formats=_openers())
             w, h = img.size
@@ -226,23 +288,16 @@ def decode_image(
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))  # only sets the scale: the size below is what will be decoded
             dw, dh = img.size
-            cap = max(max_pixels, DEFAULT_MAX_PIXELS)
             weight = mode_weight(img.mode)  # a 16-bit or transparent pixel costs more memory to decode: counts more
             if w * h * weight > cap or dw * dh * weight > max_pixels:
-                limit, scaled = (cap, "") if w * h * weight > cap else (
-                    max_pixels, f" ({dw}x{dh} decoded at reduced scale)" if (dw, dh) != (w, h) else "")
-                if weight == 1:
-                    raise PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} "
-                                          f"{OVER_PIXEL_LIMIT}")
-                words = mode_words(img.mode)
-                raise PixelLimitError(
-                    f"{name}: {w}x{h} pixels{scaled} is over the limit of {int(limit / weight):,} for a photo of "
-                    f"{words} {OVER_PIXEL_LIMIT}: such a pixel costs {weight:g}x the memory of an 8-bit colour "
-                    f"one to decode, so counts {weight:g}x against the limit of {limit:,}; save the photo as an "
-                    "8-bit JPEG or PNG, or smaller")
+                raise _over_limit(name, img.mode, (w, h), (dw, dh), max_pixels)
             note = _animated_note(img)  # before the load: the header is open already, the first frame not decoded
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
+            if not _exif_readable(img):
+                logger.warning("%s: its EXIF data is damaged, so its orientation is ignored (if it shows sideways, "
+                               "save it upright)", name)
+            else:
+                ImageOps.exif_transpose(img, in_place=True)  # no full-size copy when the photo is upright
             img = to_rgb(img)
             factor = min(img.size) // draft if draft else 1
             if factor >= 2:
@@ -253,13 +308,56 @@ def decode_image(
             return img
         except ImageLoadError:
             raise
-        except Image.DecompressionBombError as exc:  # over twice Pillow's guard, refused while opening
-            limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
-            raise PixelLimitError(f"{name}: more pixels than the limit of {limit:,} {OVER_PIXEL_LIMIT}") from exc
+        except Image.DecompressionBombError as exc:  # over twice Pillow's guard (so over the cap), refused at open
+            raise PixelLimitError(f"{name}: more pixels than the limit of {max_pixels:,} {OVER_PIXEL_LIMIT}",
+                                  math.isqrt(max_pixels)) from exc
         except UnidentifiedImageError as exc:  # a HEIC of an install without pillow-heif is no less a photo
             raise ImageLoadError(f"{name}: {unreadable_heif(data) or NOT_A_PHOTO}") from exc
         except (OSError, SyntaxError, ValueError, TypeError) as exc:
-            raise ImageLoadError(f"{name}: the image is truncated or corrupt ({exc})") from exc
+            raise ImageLoadError(damaged_text(name, exc)) from exc
+
+
+def _over_limit(name: str, mode: str, stored: tuple[int, int], decoded: tuple[int, int],
+                max_pixels: int) -> PixelLimitError:
+    """The refusal of a photo of ``mode`` over the pixel limit: its ``stored`` size over :data:`DEFAULT_MAX_PIXELS`,
+    or the size it would be ``decoded`` at over ``max_pixels``; the long side it may have to be read, and the
+    limit that would take it when one up to :data:`DEFAULT_MAX_PIXELS` would."""
+    (w, h), (dw, dh), weight = stored, decoded, mode_weight(mode)
+    over_decoded = dw * dh * weight > max_pixels
+    limit, (lw, lh) = (max_pixels, decoded) if over_decoded else (DEFAULT_MAX_PIXELS, stored)
+    long_side = math.floor(max(lw, lh) * math.sqrt(limit / (lw * lh * weight)))
+    needed = math.ceil(dw * dh * weight) if over_decoded and w * h * weight <= DEFAULT_MAX_PIXELS else None
+    scaled = f" ({dw}x{dh} decoded at reduced scale)" if over_decoded and (dw, dh) != (w, h) else ""
+    if weight == 1:
+        return PixelLimitError(f"{name}: {w}x{h} pixels{scaled} is over the limit of {limit:,} {OVER_PIXEL_LIMIT}",
+                               long_side, needed)
+    return PixelLimitError(f"{name}: {w}x{h} pixels{scaled} of {mode_words(mode)}, which cost {weight:g}x the memory "
+                           f"of 8-bit colour ones to decode, is over the limit of {int(limit / weight):,} for such a "
+                           f"photo {OVER_PIXEL_LIMIT}", long_side, needed)
+
+
+def damaged_text(name: str, exc: BaseException) -> str:
+    """What a photo whose decoder failed with ``exc`` is said to be, and what to do: cut short (a copy or an upload
+    that did not finish), or damaged (the decoder's words, without their brackets)."""
+    words = str(exc)
+    if "truncated" in words.lower():
+        return (f"{name}: the photo is cut short (the copy or upload did not finish): copy or send it again from "
+                "the camera or phone")
+    words = re.sub(r"\s*\([^()]*\)", "", words).strip() or type(exc).__name__
+    return (f"{name}: the photo is damaged and cannot be decoded ({words}): copy or send it again from the camera "
+            "or phone")
+
+
+def _exif_readable(img: Image.Image) -> bool:
+    """False when ``img`` carries an EXIF block of which nothing can be read (Pillow's warnings about it are
+    silenced: :data:`_EXIF_WARNINGS`), True otherwise (none, or one that reads)."""
+    raw = img.info.get("exif")
+    if not raw:
+        return True
+    try:
+        return len(img.getexif()) > 0
+    except Exception:  # noqa: BLE001 - an EXIF Pillow cannot parse at all: the photo is read as stored
+        return False
 
 
 def model_image(data: bytes, input_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -286,6 +384,7 @@ def _header(data: bytes) -> Image.Image | None:
     """The photo opened lazily (Pillow reads its header, not its pixels), None when not an accepted image."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header: nothing is decoded
+        warnings.filterwarnings("ignore", category=UserWarning, module=_EXIF_WARNINGS)  # decode_image says it
         try:
             return Image.open(io.BytesIO(data), formats=_openers())
         except Exception:  # noqa: BLE001 - anything PIL cannot open is "not an image"

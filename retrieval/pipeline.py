@@ -31,11 +31,14 @@ from index.text import printable
 from retrieval.encoders import Encoder, stack_views
 from retrieval.images import (
     DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
     MIN_REFERENCE_SIDE,
     OVER_PIXEL_LIMIT,
     TOO_ELONGATED,
     ImageLoadError,
+    PixelLimitError,
     header_size,
+    max_pixels_setting,
     model_image,
     photo_note,
     photo_size,
@@ -178,7 +181,8 @@ class BuildReport:
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more skipped")
         for path, other in repeats[:10]:
-            lines.append(f"  duplicate {printable(path)} (same bytes as {printable(other)})")
+            how = "a link to" if _link_to(path, other) else "same bytes as"
+            lines.append(f"  duplicate {printable(path)} ({how} {printable(other)})")
         if len(repeats) > 10:
             lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
         listed = [(path, other) for path, other in stored if path not in said_apart] if list_stored else []
@@ -188,6 +192,14 @@ class BuildReport:
         if len(listed) > 10:
             lines.append(f"  ... and {len(listed) - 10} more already in the gallery")
         return "\n".join(lines)
+
+
+def _link_to(path: str, other: str) -> bool:
+    """Whether ``path`` is a symbolic link to the file ``other`` (a repeat within a run said as such)."""
+    try:
+        return os.path.islink(path) and os.path.realpath(path) == os.path.realpath(other)
+    except (OSError, ValueError):
+        return False
 
 
 def default_workers() -> int:
@@ -226,13 +238,15 @@ def prepare(
     source: str | Path | bytes,
     encoder: Encoder,
     known: dict[str, int] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     min_side: int = 0,
     given: bool = False,
     read: Reader = read_source,
 ) -> Prepared:
     """Read + hash + decode + preprocess one photo (runs in a worker thread).
 
+    ``max_pixels``: the most pixels the photo may decode to (default :data:`~retrieval.images.MAX_PIXELS_ENV`'s,
+    ``retrieval.images.max_pixels_setting``); over it, refused saying how small to save it, or the setting to raise.
     ``min_side``: photos whose short side is under this many pixels are refused (reference photos).
     ``given``: the caller embedded the photo already: its size is read from its header for that check (decoded
     only when the header cannot be read), and its tensor is :data:`GIVEN`. ``read``: a path's bytes (a gallery's
@@ -249,11 +263,15 @@ def prepare(
     try:
         tensor, size, note = GIVEN, header_size(data) if given else None, None  # size as stored (photo_size's)
         if size is None:
-            tensor, size, note = model_input(data, encoder, max_pixels=max_pixels, name=name)
+            limit = max_pixels_setting() if max_pixels is None else max_pixels
+            tensor, size, note = model_input(data, encoder, max_pixels=limit, name=name)
         width, height = size
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "
                             f"(at least {min_side} px on the short side)")
+    except PixelLimitError as exc:
+        why = exc.advise("save", f"set {MAX_PIXELS_ENV}={{needed}} (or more) to read it as it is")
+        return Prepared(position, sha256=digest, error=why.removeprefix(f"{name}: "))
     except ImageLoadError as exc:
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
@@ -273,21 +291,23 @@ def iter_prepared(
     stats: PipelineStats | None = None,
     given: bool = False,
     read: Reader = read_source,
+    max_pixels: int | None = None,
 ) -> Iterator[Prepared]:
     """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead (``read``: a path's
-    bytes, :func:`prepare`).
+    bytes, ``max_pixels``: the pixel limit of each photo, default the setting's, read once: :func:`prepare`).
 
     ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
     :func:`prepare`. A consumer that stops early (Ctrl-C, an error, ``close()``) is not kept waiting for the photos
     being prepared: the look-ahead not started is cancelled, and the decoders at work finish their photo on their
     own (the interpreter's exit waits for them), so that a Ctrl-C reaches the caller at once."""
     workers = workers or default_workers()
+    limit = max_pixels_setting() if max_pixels is None else max_pixels  # a bad setting: refused before any photo
     pending: deque[Future[Prepared]] = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speciesid-decode")
     try:
         it = iter(enumerate(sources))
         for pos, src in it:
-            pending.append(pool.submit(prepare, pos, src, encoder, known, min_side=min_side, given=given,
+            pending.append(pool.submit(prepare, pos, src, encoder, known, limit, min_side=min_side, given=given,
                                        read=read))
             if len(pending) >= prefetch:
                 break
@@ -298,7 +318,7 @@ def iter_prepared(
                 stats.wait_s += time.perf_counter() - t0
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, min_side=min_side,
+                pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, limit, min_side=min_side,
                                            given=given, read=read))
             yield done
     except BaseException:  # GeneratorExit, KeyboardInterrupt, an error: not joined (a second Ctrl-C would land here)

@@ -6,6 +6,7 @@ Galleries here use the tiny random ``timm:test_vit@random`` encoder on random ph
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,55 @@ def test_the_api_refuses_a_lookalike_new_species_in_its_own_words_unless_confirm
                       headers=keys)
         assert resp.status_code == 201 and resp.json()["created"] is True, resp.text
         assert c.get("/v1/species/Naja samarensiss").json()["family"] == "Elapidae"
+
+
+def test_the_command_line_reads_photos_under_the_servers_pixel_limit(built, tmp_path, capsys, monkeypatch):
+    """Walk s57 #4: the command line decoded up to 256 MP a photo (~1 GB a decode thread, from a file of a few
+    hundred KB) with no knob. It reads SPECIESID_MAX_PIXELS, the server's setting, with its default (50,000,000): a
+    photo over it is skipped with the reason and what to do, the others go on; a bad value stops it at once."""
+    from _api_support import png_bomb
+
+    index, _ = built
+    folder = tmp_path / "new"
+    _photo(folder / "small.png", 21)  # 48 x 48: 2,304 pixels
+    _photo(folder / "big.png", 22, side=100)  # 10,000 pixels
+    (folder / "bomb.png").write_bytes(png_bomb(7_000, 7_000))  # 61 MP counted (greyscale 1.25x): over the default
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", folder,
+                          *ENCODER, "-q")
+    assert code == 1 and "): added 2, skipped 0 unreadable, 1 over the pixel limit, " in out, (out, err)
+    assert (f"  skipped {folder / 'bomb.png'}: 7000x7000 pixels of 8-bit greyscale, which cost 1.25x the memory of "
+            "8-bit colour ones to decode, is over the limit of 40,000,000 for such a photo (possible decompression "
+            "bomb): save it at most 6324 px on its long side, or set SPECIESID_MAX_PIXELS=61250000 (or more) to "
+            "read it as it is") in out.splitlines(), out
+    monkeypatch.setenv("SPECIESID_MAX_PIXELS", "5000")
+    (folder / "bomb.png").unlink()
+    _photo(folder / "other.png", 23)
+    code, out, err = _run(capsys, "identify", "--index", index, folder / "big.png", folder / "other.png",
+                          "--format", "json", "-q")
+    answers = {Path(a["image"]).name: a for a in json.loads(out)}
+    assert code == 1 and answers["other.png"]["predictions"], (out, err)  # the other photo is answered
+    assert answers["big.png"]["error"] == (
+        "100x100 pixels is over the limit of 5,000 (possible decompression bomb): save it at most 70 px on its long "
+        "side, or set SPECIESID_MAX_PIXELS=10000 (or more) to read it as it is"), out
+    monkeypatch.setenv("SPECIESID_MAX_PIXELS", "lots")
+    code, out, err = _run(capsys, "identify", "--index", index, folder / "other.png", "-q")
+    assert code == 2 and err == ("speciesid: error: SPECIESID_MAX_PIXELS=lots is not a whole number of pixels from 1 "
+                                 "to 256,000,000: set the most pixels one photo may decode to (default 50000000), or "
+                                 "unset it\n"), (code, err)
+
+
+def test_a_link_and_its_file_in_one_folder_store_the_file_and_call_the_link_a_link(built, tmp_path, capsys):
+    """Walk s57 #11: 'link.jpg -> upright.jpg' in one folder stored the link (first by name) and called the real
+    file the duplicate: removing the link later lost the reference's photo. The file is stored; the link is the
+    duplicate, said to be a link to it."""
+    from index.gallery import Gallery
+
+    index, _ = built
+    folder = tmp_path / "linked"
+    real = _photo(folder / "upright.png", 31)
+    (folder / "a_link.png").symlink_to(real.name)  # sorts before its target
+    code, out, err = _run(capsys, "references", "add", "--index", index, "--species", "Natrix maura", folder,
+                          *ENCODER, "-q")
+    assert code == 0 and f"  duplicate {folder / 'a_link.png'} (a link to {real})" in out.splitlines(), (out, err)
+    ids = [int(n) for n in out.split("ids: ")[1].split("\n")[0].split("-")]
+    assert len(ids) == 1 and Gallery.open(index).source_path(ids[0]) == str(real), out

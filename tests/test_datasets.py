@@ -698,3 +698,19 @@ def test_moroccan_names_a_species_folder_whose_files_are_no_photos(tmp_path: Pat
     (tmp_path / "Naja-haje" / "cobra.xyz").write_bytes(b"x")
     (warning,) = [w for w in load_dataset("moroccan", tmp_path).warnings if "no photos" in w]
     assert "Naja haje (holds 1 file, none a photo: cobra.xyz)" in warning and "Bitis arietans; " in warning, warning
+
+
+def test_a_macs_zip_metadata_folder_is_skipped_as_hidden_files_are(tmp_path: Path) -> None:
+    """Walk s57 #12: a dataset unzipped from a Mac's zip has ``__MACOSX/<species>/._x.jpg`` beside its classes; it
+    was warned about as a class folder with no photos. It is skipped unsaid, like ``.DS_Store``, also by a search
+    of a folder of photos (``references add DIR``)."""
+    from index.photos import scan_photos
+
+    make_image(tmp_path / "Naja haje" / "1.jpg")
+    make_image(tmp_path / "Naja haje" / "__MACOSX" / "2.jpg")  # a real one would hold ._ files; never read
+    (tmp_path / "__MACOSX" / "Naja haje").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "Naja haje" / "._1.jpg").write_bytes(b"\0\5\26\7" + b"\0" * 60)
+    scan = load_dataset("folder", tmp_path)
+    assert [r.path.name for r in scan.records] == ["1.jpg"] and scan.species == ["Naja haje"]
+    assert scan.warnings == [], scan.warnings
+    assert scan_photos(tmp_path).photos == [tmp_path / "Naja haje" / "1.jpg"]

@@ -69,8 +69,16 @@ def test_exif_orientation_is_applied():
 
 def test_corrupt_truncated_empty_and_non_images(tmp_path, test_vit):
     good = _bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
-    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
-        decode_image(good[: len(good) // 3])
+    with pytest.raises(ImageLoadError) as cut:  # walk s57 #7: what to do, no brackets in brackets
+        decode_image(good[: len(good) // 3], name="IMG_1.jpg")
+    assert str(cut.value) == ("IMG_1.jpg: the photo is cut short (the copy or upload did not finish): copy or send "
+                              "it again from the camera or phone")
+    broken = bytearray(_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "WEBP"))
+    broken[30:] = bytes(len(broken) - 30)  # its header whole, its data zeroed: the decoder fails
+    with pytest.raises(ImageLoadError) as damaged:
+        decode_image(bytes(broken), name="x.webp")
+    assert str(damaged.value).startswith("x.webp: the photo is damaged and cannot be decoded ("), damaged.value
+    assert str(damaged.value).endswith("): copy or send it again from the camera or phone"), damaged.value
     with pytest.raises(ImageLoadError, match="not a photo: its content is not JPEG"):
         decode_image(b"this is a text file, not a photo")
     with pytest.raises(ImageLoadError, match="empty"):
@@ -97,12 +105,37 @@ def test_decompression_bomb_is_refused():
 
     # the limit asked for is the limit: 169M pixels (a 200-megapixel phone photo's size) is not refused by Pillow's
     # own 179M guard (the header-only file is then truncated); 900M is refused, naming the limit that applies
-    with pytest.raises(ImageLoadError, match="truncated"):
+    with pytest.raises(ImageLoadError, match="cut short"):
         decode_image(png_bomb(13_000, 13_000))
-    with pytest.raises(ImageLoadError, match=r"more pixels than the limit of 256,000,000 \(possible decompression"):
-        decode_image(png_bomb(30_000, 30_000))
-    with pytest.raises(ImageLoadError, match=r"more pixels than the limit of 512,000,000"):  # Pillow's, at twice ours
+    with pytest.raises(ImageLoadError) as refused:
+        decode_image(png_bomb(30_000, 30_000), name="x.png")
+    assert str(refused.value) == ("x.png: more pixels than the limit of 256,000,000 (possible decompression bomb): "
+                                  "save it at most 16000 px on its long side")
+    with pytest.raises(ImageLoadError, match=r"more pixels than the limit of 256,000,000"):  # a larger limit: the cap
         decode_image(png_bomb(30_000, 30_000), max_pixels=1_000_000_000)
+
+
+def test_no_limit_asked_for_takes_a_photo_over_256_megapixels_as_stored():
+    """Walk s57 #5: docs/api.md says no photo over 256,000,000 pixels as stored is taken; a larger ``max_pixels``
+    (a server's SPECIESID_MAX_PIXELS of 500000000 took a 400 MP PNG) counts as that cap, and the setting itself is
+    refused over it, naming the variable, by the server and the command line alike."""
+    from _api_support import png_bomb
+
+    from retrieval.images import PixelLimitError, parse_max_pixels
+
+    with pytest.raises(PixelLimitError) as refused:
+        decode_image(png_bomb(17_000, 17_000), max_pixels=500_000_000, name="x.png")
+    assert str(refused.value) == ("x.png: 17000x17000 pixels of 8-bit greyscale, which cost 1.25x the memory of "
+                                  "8-bit colour ones to decode, is over the limit of 204,800,000 for such a photo "
+                                  "(possible decompression bomb): save it at most 14310 px on its long side")
+    assert refused.value.needed is None  # no setting would take it: none is offered
+    assert parse_max_pixels(" 256000000 ") == 256_000_000 and parse_max_pixels(1) == 1
+    for bad in ("500000000", "0", "-5", "50 MP", "1e6"):
+        with pytest.raises(ValueError) as said:
+            parse_max_pixels(bad)
+        assert str(said.value) == (f"SPECIESID_MAX_PIXELS={bad} is not a whole number of pixels from 1 to "
+                                   "256,000,000: set the most pixels one photo may decode to (default 50000000), or "
+                                   "unset it"), said.value
 
 
 def test_the_pixel_limit_counts_the_pixels_decoded():
@@ -119,9 +152,14 @@ def test_the_pixel_limit_counts_the_pixels_decoded():
                                               r"the limit of 1,000,000"):
         decode_image(jpeg, max_pixels=1_000_000, draft=1500)
     png = _bytes(Image.new("L", (9000, 6000)), "PNG")  # not reduced at decode; greyscale counts 1.25x (PIXEL_MODES)
-    with pytest.raises(PixelLimitError, match=r"9000x6000 pixels is over the limit of 40,000,000 for a photo of "
-                       r"8-bit greyscale"):
-        decode_image(png, max_pixels=50_000_000, draft=448)
+    with pytest.raises(PixelLimitError) as refused:
+        decode_image(png, max_pixels=50_000_000, draft=448, name="grey.png")
+    # walk s57 #6: one line saying what to do, not to save an 8-bit PNG as an 8-bit PNG
+    assert str(refused.value) == ("grey.png: 9000x6000 pixels of 8-bit greyscale, which cost 1.25x the memory of "
+                                  "8-bit colour ones to decode, is over the limit of 40,000,000 for such a photo "
+                                  "(possible decompression bomb): save it at most 7745 px on its long side")
+    assert 7745 * 7745 * 2 // 3 * 1.25 <= 50_000_000 < 7746 * 7746 * 2 // 3 * 1.25  # the most it may be
+    assert refused.value.needed == 67_500_000  # 9000 x 6000 x 1.25: the limit that would take it as it is
 
 
 def test_a_photo_file_is_hashed_on_its_bytes(tmp_path, test_vit):
@@ -169,3 +207,27 @@ def test_a_photo_reduced_at_decode_is_size_checked_at_its_own_size():
     small = io.BytesIO()
     Image.new("RGB", (500, 400), (80, 120, 60)).save(small, "PNG")
     assert prepare(0, small.getvalue(), enc, min_side=600).error.startswith("500x400 pixels is too small")
+
+
+def test_a_photo_with_damaged_exif_is_read_upright_as_stored_and_said_once_by_name(caplog):
+    """Walk s57 #8: Pillow's "Corrupt EXIF data" UserWarning reached stderr with its site-packages path and no
+    photo's name, twice. It is silenced; one warning names the photo and says its orientation is ignored."""
+    import logging
+    import warnings
+
+    from retrieval.images import header_size
+
+    tiff = b"II*\x00\x08\x00\x00\x00" + b"\x05\x00" + b"\x12\x01\x03\x00"  # 5 entries said, a third of one there
+    data = _bytes(Image.new("RGB", (60, 40), (10, 200, 10)), "JPEG", exif=b"Exif\x00\x00" + tiff)
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING, "retrieval.images"):
+        warnings.simplefilter("always")
+        assert header_size(data) == (60, 40)
+        assert decode_image(data, name="IMG_7.jpg").size == (60, 40)
+    assert [str(w.message) for w in shown] == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "IMG_7.jpg: its EXIF data is damaged, so its orientation is ignored (if it shows sideways, save it upright)"]
+    caplog.clear()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a whole EXIF: turned, nothing said
+    assert decode_image(_bytes(Image.new("RGB", (60, 40)), "JPEG", exif=exif), name="ok.jpg").size == (40, 60)
+    assert caplog.records == []

@@ -182,3 +182,25 @@ def test_every_speciesid_variable_the_code_names_is_a_setting_or_a_known_other_v
     unknown = {name: sorted(where) for name, where in named.items() if name not in known | NOT_VARIABLES}
     assert not unknown, f"add these to api.settings.OTHER_VARIABLES (or make them settings): {unknown}"
     assert Settings.unknown_variables({"SPECIESID_REQUIRE_ALL": "1", "SPECIESID_SHARED": "/x"}, env_file="/none") == []
+
+
+def test_the_pixel_limit_over_the_stored_cap_is_refused_at_start(monkeypatch, tmp_path):
+    """Walk s57 #5: SPECIESID_MAX_PIXELS=500000000 lifted the 256,000,000-pixel cap docs/api.md says no photo
+    passes; the setting is now refused over it, in the words the command line uses for it."""
+    import pytest
+
+    from api.settings import Settings, SettingsError
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("SPECIESID_MAX_PIXELS", "500000000")
+    with pytest.raises(SettingsError) as refused:
+        Settings.load()
+    assert str(refused.value) == ("SPECIESID_MAX_PIXELS=500000000 is not a whole number of pixels from 1 to "
+                                  "256,000,000: set the most pixels one photo may decode to (default 50000000), "
+                                  "or unset it"), refused.value
+    monkeypatch.setenv("SPECIESID_MAX_PIXELS", "256000000")
+    assert Settings.load().max_pixels == 256_000_000
+    monkeypatch.delenv("SPECIESID_MAX_PIXELS")
+    from retrieval.images import PHOTO_MAX_PIXELS
+
+    assert Settings.load().max_pixels == PHOTO_MAX_PIXELS  # the server's default is the command line's

@@ -104,15 +104,16 @@ def test_every_writer_listed_is_a_command_and_its_help_says_how_long_it_waits():
     """WRITERS is hand-kept (docs/architecture.md, "A command"): a path that names no command was skipped silently."""
     import argparse
 
-    from api.cli import DOCS_HELP, WRITE_WAIT_HELP, WRITERS, build_parser
+    from api.cli import DOCS_HELP, PIXELS_HELP, READERS, WRITE_WAIT_HELP, WRITERS, build_parser
 
-    for path in WRITERS:
+    for path in WRITERS + READERS:
         parser = build_parser()
         for name in path:
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            assert name in sub.choices, f"WRITERS names {' '.join(path)!r}, which is no command"
+            assert name in sub.choices, f"{' '.join(path)!r} is no command"
             parser = sub.choices[name]
-        assert parser.epilog in (WRITE_WAIT_HELP, f"{WRITE_WAIT_HELP} {DOCS_HELP}"), path  # docs/ named: where
+        said = [WRITE_WAIT_HELP] * (path in WRITERS) + [PIXELS_HELP] * (path in READERS)  # walk s57 #4: the pixels
+        assert parser.epilog in (" ".join(said), " ".join([*said, DOCS_HELP])), path  # docs/ named: where
 
 
 def test_decoding_photos_for_a_model_imports_no_gallery_stack(tmp_path):

@@ -34,6 +34,15 @@ VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for de
 WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of it (its lock; on S3 the store's "
                    "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
                    "that wait (0: do not wait).")
+#: The epilog of the commands that read photos: the pixel limit, and what a photo costs a decode thread
+#: (``retrieval.images.PHOTO_MAX_PIXELS``).
+PIXELS_HELP = ("A photo is read when it decodes to at most SPECIESID_MAX_PIXELS pixels (the server's setting; "
+               "default 50000000, at most 256000000; a JPEG counts at the reduced scale it is decoded at), else "
+               "skipped saying how small to save it; a decode thread holding a photo takes about 4 MiB a megapixel: "
+               "~200 MiB at 50 MP, ~1 GB at 256 MP.")
+#: The commands that read photos (their --help ends with PIXELS_HELP, after WRITE_WAIT_HELP where they write).
+READERS = (("index", "build"), ("references", "add"), ("identify",), ("search",), ("clean",), ("evaluate",),
+           ("probe", "train"))
 #: The end of every --help that names a docs/ file: an installed package (a wheel) carries none of them.
 DOCS_HELP = "The docs/*.md files named above are in speciesid's source repository, not in the installed package."
 #: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
@@ -121,16 +130,27 @@ def _note_docs(parser: argparse.ArgumentParser) -> None:
         parser.epilog = f"{parser.epilog} {DOCS_HELP}" if parser.epilog else DOCS_HELP
 
 
+def _command(subparsers: argparse._SubParsersAction, path: Sequence[str]) -> argparse.ArgumentParser | None:
+    """The parser of the command ``path`` (``("index", "build")``), None when there is none."""
+    command = subparsers.choices.get(path[0])
+    for name in path[1:]:
+        nested = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None) \
+            if command is not None else None
+        command = nested.choices.get(name) if nested is not None else None
+    return command
+
+
 def _note_wait(subparsers: argparse._SubParsersAction) -> None:
-    """End the ``--help`` of every command that writes a gallery with :data:`WRITE_WAIT_HELP`."""
+    """End the ``--help`` of every command that writes a gallery with :data:`WRITE_WAIT_HELP`, and of every one
+    that reads photos with :data:`PIXELS_HELP`."""
     for path in WRITERS:
-        command = subparsers.choices.get(path[0])
-        for name in path[1:]:
-            nested = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None) \
-                if command is not None else None
-            command = nested.choices.get(name) if nested is not None else None
+        command = _command(subparsers, path)
         if command is not None and not command.epilog:
             command.epilog = WRITE_WAIT_HELP
+    for path in READERS:
+        command = _command(subparsers, path)
+        if command is not None:
+            command.epilog = f"{command.epilog} {PIXELS_HELP}" if command.epilog else PIXELS_HELP
 
 
 def _name_values(subparsers: argparse._SubParsersAction) -> None:
