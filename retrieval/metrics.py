@@ -258,7 +258,7 @@ def precision_threshold(confidence: np.ndarray, correct: np.ndarray, target: flo
     ``target`` precision (share of answered items that are ``correct``).
 
     Returns (t, precision, coverage), coverage being the answered share of all items; (1.0, nan, 0.0) if no
-    threshold reaches the target.
+    threshold reaches the target. How many items answered is the caller's to weigh (:func:`min_answered`).
     """
     conf = np.asarray(confidence, dtype=float)
     correct = np.asarray(correct, dtype=bool)
@@ -269,6 +269,13 @@ def precision_threshold(confidence: np.ndarray, correct: np.ndarray, target: flo
             if precision >= target - 1e-12:
                 return float(t), precision, float(answered.sum() / len(conf))
     return 1.0, float("nan"), 0.0
+
+
+def min_answered(target: float = 0.95) -> int:
+    """The fewest answered items a threshold's precision must rest on before it is trusted: the count at which one
+    wrong answer can still meet ``target`` (20 for 95 %). Under it, "reaches 95 %" only means that no mistake was seen
+    (one wrong answer in 19 is 94.7 %): 2 correct photos of 2 would set the threshold (walk s57, finding 3)."""
+    return max(1, math.ceil(round(1 / max(1 - target, 1e-6), 6)))
 
 
 # ---------------------------------------------------------------------------------------------------- report

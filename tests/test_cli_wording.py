@@ -447,3 +447,20 @@ def test_redaction_formats_first_hides_every_key_of_a_list_and_leaves_harmless_t
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "here", None, None, sinfo="api_key=STACKKEY")
     RedactSecrets().filter(record)
     assert record.stack_info == "api_key=[redacted]"
+
+
+def test_probe_trains_selection_line_says_why_the_default_unknown_threshold_is_kept():
+    """Walk s57, finding 3: a threshold reaching 95 % on too few photos is not taken; the line said "precision
+    1.000 at coverage 0.200" (2 photos) and the gallery answered at 0.42. Now it says the default is kept, and why."""
+    from api.cli.probe import _selection_line
+
+    base = {"queries": 10.0, "knn_top1": 0.3, "probe_top1": 0.3, "blend_top1": 0.3}
+    few = _selection_line({**base, "unknown_precision": float("nan"), "unknown_coverage": 0.0,
+                           "unknown_answered": 2.0, "unknown_min_answered": 20.0}, "probe")
+    assert few == ("selection top-1 (10 queries): kNN 0.300, probe 0.300, blend 0.300; the unknown threshold reaching "
+                   "95% precision here answers only 2 photos: too few to trust (at least 20), the default is kept")
+    none = _selection_line({**base, "unknown_precision": None, "unknown_coverage": 0.0, "unknown_answered": 0.0},
+                           "probe")
+    assert none.endswith("; no unknown threshold reaches 95% precision here: the default is kept")
+    taken = _selection_line({**base, "unknown_precision": 0.952, "unknown_coverage": 0.639}, "probe")
+    assert taken.endswith("; unknown threshold gives precision 0.952 at coverage 0.639")

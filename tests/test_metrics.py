@@ -248,3 +248,11 @@ def test_precision_threshold_keeps_the_target_to_the_point():
     exact = np.array([False] + [True] * 19)  # 19 / 20 = 0.95: the target reached exactly
     assert precision_threshold(np.linspace(0.3, 0.9, 20), exact, 0.95) == (
         pytest.approx(0.0), pytest.approx(0.95), pytest.approx(1.0))
+
+
+def test_min_answered_is_where_one_wrong_answer_can_still_meet_the_target():
+    """Walk s57, finding 3: under this count, reaching the target means no mistake was seen at all."""
+    from retrieval.metrics import min_answered
+
+    assert min_answered(0.95) == 20 and min_answered(0.9) == 10 and min_answered(0.99) == 100
+    assert 19 / 20 >= 0.95 > 18 / 19  # 20 answers hold one mistake at 95 %, 19 do not
