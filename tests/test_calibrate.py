@@ -335,3 +335,24 @@ def test_a_threshold_resting_on_enough_photos_is_taken(caplog):
     s = select_settings(x, y, fingerprint="f", grid=GRID)
     assert s.metrics["unknown_answered"] == 40 and s.metrics["unknown_coverage"] == 1.0
     assert s.unknown_threshold == 0.0 and "too few to trust" not in caplog.text
+
+
+def test_a_figure_not_measured_is_written_as_null_and_read_back_as_nan(tmp_path):
+    """Walk s57, finding 10: probe.json held `"unknown_precision": NaN` (no threshold reached the target), which
+    strict JSON parsers (jq, JavaScript, Go) refuse. It is written as null and read back as NaN."""
+    import json
+    import math
+
+    draw = _species()
+    x, y = draw(10, np.random.default_rng(2))
+    probe = train_probe(x, y, fingerprint="f")
+    probe.calibration = Calibration(metrics={"unknown_precision": float("nan"), "unknown_coverage": 0.0})
+    probe.save(tmp_path)
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    meta = json.loads((tmp_path / "probe.json").read_text(encoding="utf-8"), parse_constant=refuse)
+    assert meta["settings"]["metrics"] == {"unknown_precision": None, "unknown_coverage": 0.0}
+    metrics = LinearProbe.load(tmp_path).calibration.metrics
+    assert math.isnan(metrics["unknown_precision"]) and metrics["unknown_coverage"] == 0.0
