@@ -662,7 +662,10 @@ def train_probe(
     x = np.asarray(embeddings, dtype=np.float32)
     species = sorted(set(labels))
     if len(species) < 2:
-        raise ValueError(f"a probe needs at least 2 species with reference photos, got {len(species)}")
+        raise ValueError(f"a probe needs at least 2 species with reference photos, got {len(species)}"
+                         + (f" ({species[0]})" if species else "") + ": add references of another species "
+                         "('speciesid references add'); without a probe 'speciesid identify --method knn' answers "
+                         "with the kNN vote alone")
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} embeddings but {len(labels)} labels")
     index = {s: i for i, s in enumerate(species)}

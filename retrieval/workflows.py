@@ -1342,6 +1342,9 @@ def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[
                 logger.info("removed %s: no reference uses it any more", path)
     if found:
         refresh_gallery_metric(g)
+        if len(g) == 0:  # identify, search and probe train refuse it now: said at once, not at the next identify
+            logger.warning("gallery %s holds no searchable reference now: identify and probe train refuse it until "
+                           "photos are added ('speciesid references add' or 'speciesid index build')", g.root)
     existed = set(meta.index.tolist())
     return [i for i in ids if i in existed]
 

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from _cli_support import _photo, _run, two_species_gallery
+from _cli_support import _photo, _run, folder_gallery, two_species_gallery
 
 from api.cli import main
 
@@ -464,3 +464,32 @@ def test_probe_trains_selection_line_says_why_the_default_unknown_threshold_is_k
     assert none.endswith("; no unknown threshold reaches 95% precision here: the default is kept")
     taken = _selection_line({**base, "unknown_precision": 0.952, "unknown_coverage": 0.639}, "probe")
     assert taken.endswith("; unknown threshold gives precision 0.952 at coverage 0.639")
+
+
+def test_probe_train_on_one_species_says_what_to_do(tmp_path, capsys):
+    """Walk s57, finding 11: the refusal gave no next step."""
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",), 4)
+    code, _, err = _run(capsys, "probe", "train", "--index", index, "-q")
+    assert code != 0
+    assert ("a probe needs at least 2 species with reference photos, got 1 (Natrix maura): add references of another "
+            "species ('speciesid references add'); without a probe 'speciesid identify --method knn' answers with "
+            "the kNN vote alone") in err, err
+
+
+def test_deleting_every_reference_warns_and_identify_says_they_were_deleted(built, capsys, caplog):
+    """Walk s57, finding 11: deleting the last reference said nothing, and identify then said "none was added"."""
+    index, photos = built
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        code, out, err = _run(capsys, "references", "delete", "--index", index, *range(1, 7))
+    assert code == 0 and "deleted 6 of 6 references" in out, err
+    assert (f"gallery {index} holds no searchable reference now: identify and probe train refuse it until photos are "
+            "added ('speciesid references add' or 'speciesid index build')") in caplog.text
+    caplog.clear()
+    code, _, err = _run(capsys, "identify", "--index", index, next(photos.rglob("*.png")), "-q")
+    assert code != 0
+    assert (f"gallery {index} has no searchable references: all were deleted: add photos with 'speciesid index "
+            "build' or 'speciesid references add'") in err, err
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):  # nothing deleted: nothing new to say
+        code, out, err = _run(capsys, "references", "delete", "--index", index, 1)
+    assert code == 1 and "holds no searchable reference now" not in caplog.text
+
