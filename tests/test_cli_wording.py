@@ -7,6 +7,7 @@ Galleries here use the tiny random ``timm:test_vit@random`` encoder on random ph
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -493,3 +494,42 @@ def test_deleting_every_reference_warns_and_identify_says_they_were_deleted(buil
         code, out, err = _run(capsys, "references", "delete", "--index", index, 1)
     assert code == 1 and "holds no searchable reference now" not in caplog.text
 
+
+def _report_notes(report: Path) -> list[str]:
+    return json.loads((report / "report.json").read_text(encoding="utf-8"))["notes"]
+
+
+def test_evaluate_on_a_small_gallery_says_which_figures_it_makes_trivial(built, tmp_path, capsys):
+    """Walk s57, finding 8: on a gallery of 5 species or fewer top-5 is right by construction, and a species with
+    no reference got a ROC-AUC of 0.5 counted in the macro; the report said neither."""
+    index, _ = built
+    val = tmp_path / "val"
+    for i in range(2):
+        _photo(val / "Natrix maura" / f"{i}.png", 70 + i)
+        _photo(val / "Naja haje" / f"{i}.png", 80 + i)
+    code, _, err = _evaluate(capsys, index, val, tmp_path / "report")
+    assert code == 0, err
+    notes = _report_notes(tmp_path / "report")
+    assert ("note: the gallery holds 2 species: every answer lists them all, so top-5 is trivially right on their "
+            "photos") in notes
+    assert ("note: ROC-AUC (per species and macro) leaves out the 1 evaluated species with no reference in the "
+            "gallery (Naja haje): no answer scores them, so theirs would be 0.5 by construction") in notes
+    result = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))["results"]["knn"]
+    assert "Naja haje" not in result["roc_auc"] and result["roc_auc_unscored"] == ["Naja haje"]
+
+
+def test_evaluate_on_a_one_species_one_photo_gallery_says_top1_cannot_be_wrong(tmp_path, capsys):
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",), 1)
+    val = tmp_path / "val"
+    for i in range(2):
+        _photo(val / "Natrix maura" / f"{i}.png", 90 + i)
+    code, _, err = _evaluate(capsys, index, val, tmp_path / "report")
+    assert code == 0, err
+    notes = _report_notes(tmp_path / "report")
+    assert ("note: the gallery holds one species (Natrix maura): every answer names it, so top-1 cannot be wrong "
+            "on its photos, and the figures say nothing of telling species apart; add references of other "
+            "species") in notes
+    assert ("note: the gallery holds 1 reference photo: too few to measure how unlike every reference a photo may "
+            "be, so no answer is UNKNOWN for that and coverage counts photos of anything; add reference photos (from "
+            "2, the gallery measures that threshold)") in notes
+    assert not any("top-5 is trivially" in n for n in notes)  # the one-species note says more
