@@ -458,8 +458,9 @@ def test_probe_trains_selection_line_says_why_the_default_unknown_threshold_is_k
     base = {"queries": 10.0, "knn_top1": 0.3, "probe_top1": 0.3, "blend_top1": 0.3}
     few = _selection_line({**base, "unknown_precision": float("nan"), "unknown_coverage": 0.0,
                            "unknown_answered": 2.0, "unknown_min_answered": 20.0}, "probe")
-    assert few == ("selection top-1 (10 queries): kNN 0.300, probe 0.300, blend 0.300; the unknown threshold reaching "
-                   "95% precision here answers only 2 photos: too few to trust (at least 20), the default is kept")
+    assert few == ("selection top-1 (10 queries): kNN 0.300, probe 0.300, blend 0.300; the unknown threshold "
+                   "reaching 95% precision here answers only 2 photos: too few to trust (at least 20), the default "
+                   "is kept")
     none = _selection_line({**base, "unknown_precision": None, "unknown_coverage": 0.0, "unknown_answered": 0.0},
                            "probe")
     assert none.endswith("; no unknown threshold reaches 95% precision here: the default is kept")
