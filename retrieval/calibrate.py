@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.metric import METRICS, fit_whitening
-from retrieval.metrics import precision_threshold
+from retrieval.metrics import min_answered, precision_threshold
 from retrieval.probe import (
     DUPLICATE_COSINE,
     MIN_PROBE_PHOTOS,
@@ -561,10 +561,17 @@ def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision:
     y = oof.y
     b = oof.blended(c, (k, t, m), w)
     thr, prec, cov = precision_threshold(b.max(1), b.argmax(1) == y, target_precision)
+    answered, least = round(cov * len(y)), min_answered(target_precision)
     if cov == 0.0:  # no threshold reaches the target here: one of 1.0 would answer "unknown" to every photo
         logger.warning("no unknown threshold reaches %.0f%% precision on these %d photos (blend top-1 %.3f): the "
                        "default %.2f is kept", 100 * target_precision, len(y), oof.top1(b), DEFAULT_UNKNOWN_THRESHOLD)
         thr = DEFAULT_UNKNOWN_THRESHOLD
+    elif answered < least:  # a threshold set by a few lucky photos (a larger one answers fewer still)
+        logger.warning("the unknown threshold %.2f reaches %.0f%% precision on these %d photos, but only %d photos "
+                       "answered above it: too few to trust (at least %d, so that one wrong answer can show): the "
+                       "default %.2f is kept; add reference photos, or give --val-root more validation photos",
+                       thr, 100 * target_precision, len(y), answered, least, DEFAULT_UNKNOWN_THRESHOLD)
+        thr, prec, cov = DEFAULT_UNKNOWN_THRESHOLD, float("nan"), 0.0
     metrics = {
         "queries": float(len(y)),
         "knn_top1": oof.top1(oof.knn[k, t, m]),
@@ -573,6 +580,10 @@ def calibration_from(oof: OutOfFold, rule: str = DEFAULT_RULE, target_precision:
         "blend_nll": float(photo_nll(b, y).mean()),
         "unknown_precision": prec,
         "unknown_coverage": cov,
+        # photos answered above the threshold that reached the target (0: none did); under unknown_min_answered the
+        # default was kept (unknown_coverage 0)
+        "unknown_answered": float(answered),
+        "unknown_min_answered": float(least),
     }
     logger.info("selected C=%s k=%s T=%s w=%s metric=%s on %s by %s: %s", c, k, t, w, m, oof.selected_on, rule,
                 metrics)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -211,8 +212,8 @@ def stored_species(index_dir: str | Path) -> list[SpeciesSummary] | None:
 def no_references_error(gallery: Gallery, shown: str | Path | None = None) -> str:
     """Why ``gallery`` (which holds no searchable reference) holds none, and what to do, in one line: a build or add
     into it that did not finish (run it again: :func:`index.build_mark.build_status`'s note), references all
-    excluded by ``clean --apply`` (``clean --restore``), or none added yet. ``shown``: the gallery as the user named
-    it (default its folder)."""
+    excluded by ``clean --apply`` (``clean --restore``), all deleted, or none added yet. ``shown``: the gallery as
+    the user named it (default its folder)."""
     why = []
     try:
         excluded = gallery.store.count(include_excluded=True) - gallery.store.count()
@@ -225,8 +226,18 @@ def no_references_error(gallery: Gallery, shown: str | Path | None = None) -> st
         why.append(f"{'its' if excluded > 1 else 'the'} {excluded} reference{'s are all' if excluded > 1 else ' is'} "
                    "excluded by 'speciesid clean --apply': 'speciesid clean --restore' brings them back")
     if not why:
-        why.append("none was added: add photos with 'speciesid index build' or 'speciesid references add'")
+        why.append(("all were deleted" if _ids_given(gallery) else "none was added")  # ids.json: ever given
+                   + ": add photos with 'speciesid index build' or 'speciesid references add'")
     return f"gallery {gallery.root if shown is None else shown} has no searchable references: {'; '.join(why)}"
+
+
+def _ids_given(gallery: Gallery) -> int:
+    """How many reference ids the gallery's folder records as given (its ids.json mark, never lowered: a deleted
+    reference's id stays given); 0 when it records none or cannot be read."""
+    try:
+        return max(0, int(json.loads(gallery.layout.ids.read_text(encoding="utf-8"))["next"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 @contextlib.contextmanager

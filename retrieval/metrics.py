@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,8 @@ def macro_f1(y_true: Sequence, y_pred: Sequence, labels: Sequence) -> float:
 
 
 def evaluate(
-    items: list[EvalItem], *, venomous: dict[str, bool | None], labels: list[str] | None = None
+    items: list[EvalItem], *, venomous: dict[str, bool | None], labels: list[str] | None = None,
+    scored: Collection[str] | None = None,
 ) -> dict:
     """All evaluation metrics for one method's answers, as a JSON-ready dict.
 
@@ -147,6 +148,10 @@ def evaluate(
 
     ``country_macro_f1`` is SnakeCLEF 2021's metric: per country, macro-F1 over the species that truly occur in
     that country's items; then the plain mean over countries (items without a country are left out).
+
+    ``scored``: the species the answers can name (a gallery's, its probe's); a species of ``labels`` outside it (no
+    reference in the gallery) gets no ROC-AUC, nor a share of ``roc_auc_macro``: no answer scores it, so its 0.5
+    would be by construction. Those with photos are listed in ``roc_auc_unscored``.
     """
     if not items:
         raise ValueError("evaluate() needs at least one item")
@@ -187,9 +192,10 @@ def evaluate(
     score_matrix = np.nan_to_num(score_matrix, nan=0.0)
     truth_arr = np.array(y_true, dtype=object)
     roc_auc: dict[str, float] = {}
+    unscored = sorted({s for s in y_true if scored is not None and s not in scored})
     for j, s in enumerate(labels):
         y_bin = truth_arr == s
-        if 0 < y_bin.sum() < n:
+        if 0 < y_bin.sum() < n and (scored is None or s in scored):
             roc_auc[s] = float(roc_auc_score(y_bin, score_matrix[:, j]))
 
     # Venomous safety.
@@ -236,6 +242,7 @@ def evaluate(
             "per_species": per_species,
             "roc_auc": roc_auc,
             "roc_auc_macro": _mean(list(roc_auc.values())),
+            "roc_auc_unscored": unscored,
             "n_venomous": len(ven_idx),
             "venomous_recall": _mean(flagged),
             "venomous_recall_top1": _mean(top1_ven),
@@ -258,7 +265,7 @@ def precision_threshold(confidence: np.ndarray, correct: np.ndarray, target: flo
     ``target`` precision (share of answered items that are ``correct``).
 
     Returns (t, precision, coverage), coverage being the answered share of all items; (1.0, nan, 0.0) if no
-    threshold reaches the target.
+    threshold reaches the target. How many items answered is the caller's to weigh (:func:`min_answered`).
     """
     conf = np.asarray(confidence, dtype=float)
     correct = np.asarray(correct, dtype=bool)
@@ -269,6 +276,13 @@ def precision_threshold(confidence: np.ndarray, correct: np.ndarray, target: flo
             if precision >= target - 1e-12:
                 return float(t), precision, float(answered.sum() / len(conf))
     return 1.0, float("nan"), 0.0
+
+
+def min_answered(target: float = 0.95) -> int:
+    """The fewest answered items a threshold's precision must rest on before it is trusted: the count at which one
+    wrong answer can still meet ``target`` (20 for 95 %). Under it, "reaches 95 %" only means that no mistake was seen
+    (one wrong answer in 19 is 94.7 %): 2 correct photos of 2 would set the threshold (walk s57, finding 3)."""
+    return max(1, math.ceil(round(1 / max(1 - target, 1e-6), 6)))
 
 
 # ---------------------------------------------------------------------------------------------------- report

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +26,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from index.atomic import atomic_write, fsync_dir, write_json_atomic
-from index.formats import PROBE_FORMAT, WRITTEN_BY, check_format, from_dict, speciesid_version
+from index.formats import PROBE_FORMAT, WRITTEN_BY, check_format, from_dict, jsonable, speciesid_version
 from index.layout import (
     PROBE_META,
     PROBE_PREV_META,
@@ -173,7 +174,7 @@ class LinearProbe:
             "made_at": self.made_at,
             "weights_sha256": self.weights_sha256,  # the pair's bond (load checks it)
             **({} if self.text_prior_sha256 is None else {"text_prior_sha256": self.text_prior_sha256}),
-            "settings": asdict(self.calibration),
+            "settings": jsonable(asdict(self.calibration)),  # a figure not measured (NaN) as null: strict JSON
             "whitening": None if self.whitening is None else {
                 "shrink": self.whitening.shrink, "photos": self.whitening.photos,
                 "species": list(self.whitening.species)},
@@ -211,7 +212,7 @@ class LinearProbe:
             weight=arrays["weight"],
             bias=arrays["bias"],
             fingerprint=meta["fingerprint"],
-            calibration=from_dict(Calibration, meta.get("settings") or {}, f"{meta_path} settings"),
+            calibration=_calibration_of(meta, meta_path),
             trained_on=int(meta.get("trained_on", 0)),
             source=meta.get("source"),
             whitening=whitening,
@@ -382,6 +383,14 @@ def probe_origin(meta: Mapping) -> str:
     rule = f", rule {settings['rule']}" if settings.get("rule") else ""
     return (f"the probe 'probe train' trained{when} (C={settings.get('C', Calibration.C):g}, settings chosen on "
             f"{settings.get('selected_on', 'default')}{rule}){digest}")
+
+
+def _calibration_of(meta: Mapping[str, Any], meta_path: Path) -> Calibration:
+    """The :class:`Calibration` of a probe.json: its ``metrics`` as floats, a null (a figure not measured, as
+    :meth:`LinearProbe.save` writes NaN) read back as NaN."""
+    calibration = from_dict(Calibration, meta.get("settings") or {}, f"{meta_path} settings")
+    calibration.metrics = {k: math.nan if v is None else v for k, v in (calibration.metrics or {}).items()}
+    return calibration
 
 
 def probe_summary(probe: LinearProbe) -> dict[str, Any]:
@@ -653,7 +662,10 @@ def train_probe(
     x = np.asarray(embeddings, dtype=np.float32)
     species = sorted(set(labels))
     if len(species) < 2:
-        raise ValueError(f"a probe needs at least 2 species with reference photos, got {len(species)}")
+        raise ValueError(f"a probe needs at least 2 species with reference photos, got {len(species)}"
+                         + (f" ({species[0]})" if species else "") + ": add references of another species "
+                         "('speciesid references add'); without a probe 'speciesid identify --method knn' answers "
+                         "with the kNN vote alone")
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} embeddings but {len(labels)} labels")
     index = {s: i for i, s in enumerate(species)}

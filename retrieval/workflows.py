@@ -26,7 +26,7 @@ import numbers
 import operator
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -674,13 +674,15 @@ def evaluate_dataset(
             info = lookup_taxon(r.species)
             venomous[r.species] = r.venomous if r.venomous is not None else (info.venomous if info else None)
     results = {}
+    named = set(held) | set(ident.text_prior.taxa if ident.text_prior else ())  # what answers can name
     for method in methods:
         answers = ident.identify_embeddings(done.embeddings[ok], top=len(taxa) or 5, method=method,
                                             presence=presence)
         items = [EvalItem(truth=scan.records[i].species, scores=a.scores, unknown=a.unknown,
                           country=scan.records[i].country, image=str(scan.records[i].path))
                  for i, a in zip(ok, answers, strict=True)]
-        results[method] = evaluate(items, venomous=venomous)
+        scored = named | (set(ident.probe.species) if ident.probe is not None and method != "knn" else set())
+        results[method] = evaluate(items, venomous=venomous, scored=scored)
     c = ident.config
     notes = [
         f"gallery {ident.gallery.root} ({len(ident.gallery)} references, encoder {ident.gallery.encoder_spec})",
@@ -704,11 +706,41 @@ def evaluate_dataset(
     if other := embedding_note(ident.gallery.info, ident.encoder):  # said once, on stderr too: a note, not an error
         logger.info("%s", other, extra={"note": True})
         notes.append(f"note: {other}")
+    for caveat in _figure_notes(ident, named, results):  # figures a small gallery makes trivial (walk s57, #8)
+        logger.info("%s", caveat, extra={"note": True})
+        notes.append(f"note: {caveat}")
     notes += [f"protocol: {line}" for line in protocol.lines()]
     files = write_report(report_dir, results, title=f"speciesid evaluation: {dataset}", notes=notes,
                          embedding=embedding)
     return EvaluationRun(results, notes, files, len(ok), len(scan.records) - readable, protocol.lines(),
                          protocol.unseen)
+
+
+def _figure_notes(ident: Identifier, named: set[str], results: Mapping[str, dict]) -> list[str]:
+    """The report's notes on figures the gallery makes trivial or leaves out: one species (top-1 cannot be wrong),
+    5 or fewer (top-5 lists them all), 1 reference photo (no far check: coverage counts every photo), and the
+    evaluated species ROC-AUC leaves out (no reference: no answer scores them)."""
+    notes = []
+    names = sorted(named | (set(ident.probe.species) if ident.probe is not None else set()))
+    if len(names) == 1:
+        notes.append(f"the gallery holds one species ({names[0]}): every answer names it, so top-1 cannot be wrong "
+                     "on its photos, and the figures say nothing of telling species apart; add references of other "
+                     "species")
+    elif 1 < len(names) <= 5:
+        notes.append(f"the gallery holds {len(names)} species: every answer lists them all, so top-5 is trivially "
+                     "right on their photos")
+    n = ident.gallery.index.ntotal
+    if n and ident.far_threshold() is None:
+        notes.append(f"the gallery holds {n} reference photo{'s' * (n != 1)}: too few to measure how unlike every "
+                     "reference a photo may be, so no answer is UNKNOWN for that and coverage counts photos of "
+                     "anything; add reference photos (from 2, the gallery measures that threshold)")
+    unscored = sorted({s for r in results.values() for s in r.get("roc_auc_unscored") or ()})
+    if unscored:
+        shown = ", ".join(unscored[:5]) + (f" and {len(unscored) - 5} more" if len(unscored) > 5 else "")
+        notes.append(f"ROC-AUC (per species and macro) leaves out the {len(unscored)} evaluated species with no "
+                     f"reference in the gallery ({shown}): no answer scores them, so theirs would be 0.5 by "
+                     "construction")
+    return notes
 
 
 def species_not_held(evaluated: Sequence[str], gallery_species: Sequence[SpeciesSummary]) -> str:
@@ -1342,6 +1374,9 @@ def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[
                 logger.info("removed %s: no reference uses it any more", path)
     if found:
         refresh_gallery_metric(g)
+        if len(g) == 0:  # identify, search and probe train refuse it now: said at once, not at the next identify
+            logger.warning("gallery %s holds no searchable reference now: identify and probe train refuse it until "
+                           "photos are added ('speciesid references add' or 'speciesid index build')", g.root)
     existed = set(meta.index.tolist())
     return [i for i in ids if i in existed]
 

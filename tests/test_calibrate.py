@@ -303,3 +303,56 @@ def test_the_settings_bar_is_closed_on_an_error_and_warnings_are_written_above_i
     assert caught.value and closed == [True]
     assert "_TqdmLoggingHandler" in handlers[0], handlers  # logging goes through tqdm.write while the bar is up
     assert "_TqdmLoggingHandler" not in [type(h).__name__ for h in logging.getLogger().handlers]
+
+
+def _tight(n_cls: int, per: int, seed: int = 0):
+    """Species far apart, their photos near each other (not near-copies): every held-out photo is answered right."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_cls, 64))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.concatenate([centres[c] + 0.1 * rng.standard_normal((per, 64)) for c in range(n_cls)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), [f"Genus s{c}" for c in range(n_cls) for _ in range(per)]
+
+
+def test_a_threshold_resting_on_too_few_photos_keeps_the_default(caplog):
+    """Walk s57, finding 3: a threshold that 'reaches 95 % precision' on a handful of photos was taken (2 correct
+    photos of 10 set 0.42, reported as precision 1.000; 63 % on held-out photos). Under 20 answered photos (one
+    wrong answer in 19 already misses 95 %) the default is kept and the log says why."""
+    from retrieval.vote import DEFAULT_UNKNOWN_THRESHOLD
+
+    x, y = _tight(4, 4)  # 16 photos, all answered right: every threshold 'reaches' 100 %
+    s = select_settings(x, y, fingerprint="f", grid=GRID, folds=3)
+    assert s.unknown_threshold == DEFAULT_UNKNOWN_THRESHOLD
+    assert s.metrics["unknown_coverage"] == 0.0 and np.isnan(s.metrics["unknown_precision"])
+    assert s.metrics["unknown_answered"] == 16 and s.metrics["unknown_min_answered"] == 20
+    assert ("on these 16 photos, but only 16 photos answered above it: too few to trust (at least 20, so that one "
+            "wrong answer can show): the default 0.56 is kept") in caplog.text
+
+
+def test_a_threshold_resting_on_enough_photos_is_taken(caplog):
+    x, y = _tight(8, 5)  # 40 photos, all answered right
+    s = select_settings(x, y, fingerprint="f", grid=GRID)
+    assert s.metrics["unknown_answered"] == 40 and s.metrics["unknown_coverage"] == 1.0
+    assert s.unknown_threshold == 0.0 and "too few to trust" not in caplog.text
+
+
+def test_a_figure_not_measured_is_written_as_null_and_read_back_as_nan(tmp_path):
+    """Walk s57, finding 10: probe.json held `"unknown_precision": NaN` (no threshold reached the target), which
+    strict JSON parsers (jq, JavaScript, Go) refuse. It is written as null and read back as NaN."""
+    import json
+    import math
+
+    draw = _species()
+    x, y = draw(10, np.random.default_rng(2))
+    probe = train_probe(x, y, fingerprint="f")
+    probe.calibration = Calibration(metrics={"unknown_precision": float("nan"), "unknown_coverage": 0.0})
+    probe.save(tmp_path)
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    meta = json.loads((tmp_path / "probe.json").read_text(encoding="utf-8"), parse_constant=refuse)
+    assert meta["settings"]["metrics"] == {"unknown_precision": None, "unknown_coverage": 0.0}
+    metrics = LinearProbe.load(tmp_path).calibration.metrics
+    assert math.isnan(metrics["unknown_precision"]) and metrics["unknown_coverage"] == 0.0

@@ -7,11 +7,12 @@ Galleries here use the tiny random ``timm:test_vit@random`` encoder on random ph
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
-from _cli_support import _photo, _run, two_species_gallery
+from _cli_support import _photo, _run, folder_gallery, two_species_gallery
 
 from api.cli import main
 
@@ -447,3 +448,89 @@ def test_redaction_formats_first_hides_every_key_of_a_list_and_leaves_harmless_t
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "here", None, None, sinfo="api_key=STACKKEY")
     RedactSecrets().filter(record)
     assert record.stack_info == "api_key=[redacted]"
+
+
+def test_probe_trains_selection_line_says_why_the_default_unknown_threshold_is_kept():
+    """Walk s57, finding 3: a threshold reaching 95 % on too few photos is not taken; the line said "precision
+    1.000 at coverage 0.200" (2 photos) and the gallery answered at 0.42. Now it says the default is kept, and why."""
+    from api.cli.probe import _selection_line
+
+    base = {"queries": 10.0, "knn_top1": 0.3, "probe_top1": 0.3, "blend_top1": 0.3}
+    few = _selection_line({**base, "unknown_precision": float("nan"), "unknown_coverage": 0.0,
+                           "unknown_answered": 2.0, "unknown_min_answered": 20.0}, "probe")
+    assert few == ("selection top-1 (10 queries): kNN 0.300, probe 0.300, blend 0.300; the unknown threshold "
+                   "reaching 95% precision here answers only 2 photos: too few to trust (at least 20), the default "
+                   "is kept")
+    none = _selection_line({**base, "unknown_precision": None, "unknown_coverage": 0.0, "unknown_answered": 0.0},
+                           "probe")
+    assert none.endswith("; no unknown threshold reaches 95% precision here: the default is kept")
+    taken = _selection_line({**base, "unknown_precision": 0.952, "unknown_coverage": 0.639}, "probe")
+    assert taken.endswith("; unknown threshold gives precision 0.952 at coverage 0.639")
+
+
+def test_probe_train_on_one_species_says_what_to_do(tmp_path, capsys):
+    """Walk s57, finding 11: the refusal gave no next step."""
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",), 4)
+    code, _, err = _run(capsys, "probe", "train", "--index", index, "-q")
+    assert code != 0
+    assert ("a probe needs at least 2 species with reference photos, got 1 (Natrix maura): add references of another "
+            "species ('speciesid references add'); without a probe 'speciesid identify --method knn' answers with "
+            "the kNN vote alone") in err, err
+
+
+def test_deleting_every_reference_warns_and_identify_says_they_were_deleted(built, capsys, caplog):
+    """Walk s57, finding 11: deleting the last reference said nothing, and identify then said "none was added"."""
+    index, photos = built
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):
+        code, out, err = _run(capsys, "references", "delete", "--index", index, *range(1, 7))
+    assert code == 0 and "deleted 6 of 6 references" in out, err
+    assert (f"gallery {index} holds no searchable reference now: identify and probe train refuse it until photos are "
+            "added ('speciesid references add' or 'speciesid index build')") in caplog.text
+    caplog.clear()
+    code, _, err = _run(capsys, "identify", "--index", index, next(photos.rglob("*.png")), "-q")
+    assert code != 0
+    assert (f"gallery {index} has no searchable references: all were deleted: add photos with 'speciesid index "
+            "build' or 'speciesid references add'") in err, err
+    with caplog.at_level(logging.WARNING, logger="retrieval.workflows"):  # nothing deleted: nothing new to say
+        code, out, err = _run(capsys, "references", "delete", "--index", index, 1)
+    assert code == 1 and "holds no searchable reference now" not in caplog.text
+
+
+def _report_notes(report: Path) -> list[str]:
+    return json.loads((report / "report.json").read_text(encoding="utf-8"))["notes"]
+
+
+def test_evaluate_on_a_small_gallery_says_which_figures_it_makes_trivial(built, tmp_path, capsys):
+    """Walk s57, finding 8: on a gallery of 5 species or fewer top-5 is right by construction, and a species with
+    no reference got a ROC-AUC of 0.5 counted in the macro; the report said neither."""
+    index, _ = built
+    val = tmp_path / "val"
+    for i in range(2):
+        _photo(val / "Natrix maura" / f"{i}.png", 70 + i)
+        _photo(val / "Naja haje" / f"{i}.png", 80 + i)
+    code, _, err = _evaluate(capsys, index, val, tmp_path / "report")
+    assert code == 0, err
+    notes = _report_notes(tmp_path / "report")
+    assert ("note: the gallery holds 2 species: every answer lists them all, so top-5 is trivially right on their "
+            "photos") in notes
+    assert ("note: ROC-AUC (per species and macro) leaves out the 1 evaluated species with no reference in the "
+            "gallery (Naja haje): no answer scores them, so theirs would be 0.5 by construction") in notes
+    result = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))["results"]["knn"]
+    assert "Naja haje" not in result["roc_auc"] and result["roc_auc_unscored"] == ["Naja haje"]
+
+
+def test_evaluate_on_a_one_species_one_photo_gallery_says_top1_cannot_be_wrong(tmp_path, capsys):
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura",), 1)
+    val = tmp_path / "val"
+    for i in range(2):
+        _photo(val / "Natrix maura" / f"{i}.png", 90 + i)
+    code, _, err = _evaluate(capsys, index, val, tmp_path / "report")
+    assert code == 0, err
+    notes = _report_notes(tmp_path / "report")
+    assert ("note: the gallery holds one species (Natrix maura): every answer names it, so top-1 cannot be wrong "
+            "on its photos, and the figures say nothing of telling species apart; add references of other "
+            "species") in notes
+    assert ("note: the gallery holds 1 reference photo: too few to measure how unlike every reference a photo may "
+            "be, so no answer is UNKNOWN for that and coverage counts photos of anything; add reference photos (from "
+            "2, the gallery measures that threshold)") in notes
+    assert not any("top-5 is trivially" in n for n in notes)  # the one-species note says more

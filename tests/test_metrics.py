@@ -248,3 +248,24 @@ def test_precision_threshold_keeps_the_target_to_the_point():
     exact = np.array([False] + [True] * 19)  # 19 / 20 = 0.95: the target reached exactly
     assert precision_threshold(np.linspace(0.3, 0.9, 20), exact, 0.95) == (
         pytest.approx(0.0), pytest.approx(0.95), pytest.approx(1.0))
+
+
+def test_min_answered_is_where_one_wrong_answer_can_still_meet_the_target():
+    """Walk s57, finding 3: under this count, reaching the target means no mistake was seen at all."""
+    from retrieval.metrics import min_answered
+
+    assert min_answered(0.95) == 20 and min_answered(0.9) == 10 and min_answered(0.99) == 100
+    assert 19 / 20 >= 0.95 > 18 / 19  # 20 answers hold one mistake at 95 %, 19 do not
+
+
+def test_a_species_no_answer_can_score_is_left_out_of_roc_auc():
+    """Walk s57, finding 8: a species with no reference in the gallery got a per-species ROC-AUC of 0.5 (constant
+    scores), which counted toward the macro ROC-AUC."""
+    items = [EvalItem("A", {"A": 0.9, "B": 0.1}), EvalItem("B", {"A": 0.3, "B": 0.7}),
+             EvalItem("C", {"A": 0.6, "B": 0.4}), EvalItem("A", {"A": 0.8, "B": 0.2})]
+    before = evaluate(items, venomous={})
+    assert before["roc_auc"]["C"] == 0.5 and before["roc_auc_unscored"] == []
+    res = evaluate(items, venomous={}, scored={"A", "B"})
+    assert set(res["roc_auc"]) == {"A", "B"} and res["roc_auc_unscored"] == ["C"]
+    assert res["roc_auc_macro"] == pytest.approx((res["roc_auc"]["A"] + res["roc_auc"]["B"]) / 2)
+    assert res["top1"] == before["top1"]  # nothing else moves

@@ -71,12 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _selection_line(m: dict, head: str) -> str:
-    return (
-        f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
-        f"{head} {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; " + (
-            f"unknown threshold gives precision {m['unknown_precision']:.3f} at coverage {m['unknown_coverage']:.3f}"
-            if m.get("unknown_coverage") else "no unknown threshold reaches 95% precision here: the default is kept")
-    )
+    if m.get("unknown_coverage"):
+        threshold = (f"unknown threshold gives precision {m['unknown_precision']:.3f} at coverage "
+                     f"{m['unknown_coverage']:.3f}")
+    elif m.get("unknown_answered"):  # one reached 95% on too few photos (retrieval.metrics.min_answered)
+        threshold = (f"the unknown threshold reaching 95% precision here answers only {m['unknown_answered']:.0f} "
+                     f"photos: too few to trust (at least {m.get('unknown_min_answered', 20):.0f}), the default is "
+                     "kept")
+    else:
+        threshold = "no unknown threshold reaches 95% precision here: the default is kept"
+    return (f"selection top-1 ({int(m.get('queries', 0))} queries): kNN {m.get('knn_top1', 0):.3f}, "
+            f"{head} {m.get('probe_top1', 0):.3f}, blend {m.get('blend_top1', 0):.3f}; {threshold}")
 
 
 def cmd_probe_train(args: argparse.Namespace) -> int:
