@@ -212,7 +212,8 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_s
             tensors.append(None)
             errors[i] = read_error(exc)
             continue
-        done = prepare(int(batch["pos"][i]), data, preprocessor, min_side=min_side)  # type: ignore[arg-type]
+        done = prepare(int(batch["pos"][i]), data, preprocessor, min_side=min_side,  # type: ignore[arg-type]
+                       blank_ok=False)  # a reference: a blank photo refused, as the local build refuses it
         tensors.append(None if done.tensor is None else np.asarray(done.tensor, dtype=np.float32))
         errors[i] = done.error or ""
         digests[i] = done.sha256 or digests[i]
