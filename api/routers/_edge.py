@@ -246,7 +246,7 @@ def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_mos
         if size is not None:  # known from the spooled upload: refused before it is read
             edge(partial(service.check_size, name, size))
         raw.append((name, f.file.read(service.upload_limit + 1)))
-    return edge(lambda: service.decode(raw, references=references))
+    return edge(lambda: service.decode(raw, references=True) if references else service.decode(raw))
 
 
 def neighbour_out(n: Neighbour) -> NeighbourOut:
