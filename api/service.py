@@ -110,6 +110,22 @@ class BadImage(ServiceError):
     status = 422
 
 
+#: Photos a 422 names one by one (:func:`refused`); the rest are counted.
+REFUSED_NAMED = 20
+
+
+def refused(reasons: Sequence[str], total: int) -> str:
+    """A 422's one line for the photos of a request of ``total`` that cannot be used (``reasons``: ``name: why``
+    each): a single one as it is; several numbered, every one named (up to :data:`REFUSED_NAMED`), so that a client
+    fixes them all at once (the request is all or nothing: none was taken)."""
+    if len(reasons) == 1:
+        return reasons[0]
+    named = "; ".join(f"[{i}] {why}" for i, why in enumerate(reasons[:REFUSED_NAMED], 1))
+    more = f"; and {len(reasons) - REFUSED_NAMED} more" if len(reasons) > REFUSED_NAMED else ""
+    return (f"{len(reasons)} of the {total} photos cannot be used, so none of this request was taken (send it again "
+            f"without them, or with them fixed): {named}{more}")
+
+
 class EmptyGallery(ServiceError):
     """The gallery holds no searchable reference: nothing to compare a photo with."""
 
@@ -163,6 +179,7 @@ class Upload:
     size: tuple[int, int]  # (width, height) of the photo as stored (the decode itself may be reduced)
     views: np.ndarray | tuple  # the encoder's input (every view), as the CLI's pipeline makes it
     note: str | None = None  # what the answer is to say of the photo as read (an animated GIF: its first frame)
+    blank: str | None = None  # why it cannot be a reference when it is blank (retrieval.images.blank_reason)
 
 
 class SpeciesService:
@@ -256,8 +273,10 @@ class SpeciesService:
         self._pool.shutdown(wait=False)
 
     # ---------------------------------------------------------------- uploads
-    def decode(self, files: Sequence[tuple[str, bytes]]) -> list[Upload]:
-        """Decode every upload or raise (413 / 422) naming the bad one; nothing is kept on failure."""
+    def decode(self, files: Sequence[tuple[str, bytes]], *, references: bool = False) -> list[Upload]:
+        """Decode every upload or raise (413 / 422) naming the bad ones, every one (:func:`refused`); nothing is kept
+        on failure. ``references``: the uploads are to be references: a 422 for photos that cannot be read names
+        those too small or blank as well (:meth:`unfit_reference`), so that one answer names every photo to fix."""
         for name, data in files:
             self.check_size(name, len(data))
         self.check_pixels(files)
@@ -265,15 +284,36 @@ class SpeciesService:
         def one(item: tuple[str, bytes]) -> Upload:
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding
-                views, size, note = model_input(data, self.encoder, max_pixels=self.settings.max_pixels, name=name)
+                views, size, note, blank = model_input(data, self.encoder, max_pixels=self.settings.max_pixels,
+                                                       name=name)
             except PixelLimitError as exc:  # one line: send it smaller, or (when that would take it) the setting
                 raise BadImage(exc.advise("send", "ask this server's operator to raise SPECIESID_MAX_PIXELS")
                                ) from exc
             except ImageLoadError as exc:
                 raise BadImage(str(exc)) from exc
-            return Upload(name=name, data=data, size=size, views=views, note=note)
+            return Upload(name=name, data=data, size=size, views=views, note=note, blank=blank)
 
-        return list(self._pool.map(one, files))
+        def kept(item: tuple[str, bytes]) -> Upload | BadImage:
+            try:
+                return one(item)
+            except BadImage as exc:  # said with the others: one answer names every photo that cannot be used
+                return exc
+
+        done = list(self._pool.map(kept, files))
+        if any(isinstance(d, BadImage) for d in done):  # in the order sent
+            bad = [str(d) if isinstance(d, BadImage) else self.unfit_reference(d) if references else None
+                   for d in done]
+            raise BadImage(refused([why for why in bad if why], len(files)))
+        return done  # type: ignore[return-value]  # every one an Upload
+
+    def unfit_reference(self, upload: Upload) -> str | None:
+        """Why ``upload`` cannot be a reference (``name: reason``): under ``min_reference_px`` on its short side, or
+        blank (``retrieval.images.blank_reason``); None when it can."""
+        least = self.settings.min_reference_px
+        if min(upload.size) < least:
+            return (f"{upload.name}: {upload.size[0]}x{upload.size[1]} pixels is too small for a reference photo "
+                    f"(at least {least} px on the short side)")
+        return f"{upload.name}: {upload.blank}" if upload.blank else None
 
     @property
     def upload_limit(self) -> int:
@@ -524,11 +564,8 @@ class SpeciesService:
                                        api=True)
         # a refused name (422, 409) costs no forward pass
         least = self.settings.min_reference_px
-        small = [u for u in uploads if min(u.size) < least]
-        if small:
-            u = small[0]
-            raise BadImage(f"{u.name}: {u.size[0]}x{u.size[1]} pixels is too small for a reference photo "
-                           f"(at least {least} px on the short side)")
+        if unfit := [why for why in map(self.unfit_reference, uploads) if why]:  # every one named: none stored
+            raise BadImage(refused(unfit, len(uploads)))
         embeddings = self.embed(uploads)  # before any lock: uploads share forward passes, and no writer waits on it
         try:
             with self._writing():

@@ -215,7 +215,8 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_s
             errors[i] = read_error(exc)
             continue
         done = prepare(int(batch["pos"][i]), data, preprocessor,  # type: ignore[arg-type]
-                       max_pixels=max_pixels, min_side=min_side)
+                       max_pixels=max_pixels, min_side=min_side,
+                       blank_ok=False)  # a reference: a blank photo refused, as the local build refuses it
         tensors.append(None if done.tensor is None else np.asarray(done.tensor, dtype=np.float32))
         errors[i] = done.error or ""
         digests[i] = done.sha256 or digests[i]

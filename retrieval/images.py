@@ -234,19 +234,45 @@ def unreadable_heif(data: bytes) -> str | None:
 #: What an answer says of an animated photo (a GIF, an animated WebP or PNG): the decode reads its first frame.
 ANIMATED_NOTE = ("an animated {format}: only its first frame was read (if another frame shows the animal better, "
                  "send that frame as a still photo)")
-_ANIMATED_NAMES = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
+#: What an answer says of a TIFF of several pages: the decode reads its first page, as it reads an animation's frame.
+PAGES_NOTE = ("a {pages}-page TIFF: only its first page was read (if another page shows the animal better, send "
+              "that page as a photo of its own)")
+_ANIMATED_NAMES = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP", "TIFF": "TIFF"}
+#: ``image.info`` key of a photo of several frames or pages: (what it is, "frame" or "page"), e.g. ("an animated
+#: GIF", "frame"), ("a 2-page TIFF", "page"): the words of its blank refusal (:func:`blank_reason`).
+PHOTO_FRAMES = "speciesid_photo_frames"
 
 
-def _animated_note(img: Image.Image | None) -> str | None:
-    """:data:`ANIMATED_NOTE` for the opened, not yet loaded photo ``img`` when it is a GIF, WebP or PNG of more than
-    one frame, else None (looking for its second frame leaves it at its first)."""
+def _frames(img: Image.Image | None) -> tuple[str, str, str] | None:
+    """(:data:`ANIMATED_NOTE` or :data:`PAGES_NOTE`, what the photo is, "frame" or "page") for the opened, not yet
+    loaded photo ``img`` when it is a GIF, WebP, PNG or TIFF of more than one frame (page), else None (looking for
+    its second frame leaves it at its first)."""
     if img is None or img.format not in _ANIMATED_NAMES:
         return None
     try:
         animated = bool(getattr(img, "is_animated", False))
+        pages = int(getattr(img, "n_frames", 1)) if animated and img.format == "TIFF" else 0
     except Exception:  # noqa: BLE001 - a frame after the first that cannot be read: the first one is what counts
-        animated = False
-    return ANIMATED_NOTE.format(format=_ANIMATED_NAMES[img.format]) if animated else None
+        return None
+    if not animated:
+        return None
+    if img.format == "TIFF":
+        return PAGES_NOTE.format(pages=pages), f"a {pages}-page TIFF", "page"
+    return ANIMATED_NOTE.format(format=_ANIMATED_NAMES[img.format]), f"an animated {_ANIMATED_NAMES[img.format]}", \
+        "frame"
+
+
+def _animated_note(img: Image.Image | None) -> str | None:
+    """:data:`ANIMATED_NOTE` (:data:`PAGES_NOTE` for a TIFF) for the opened, not yet loaded photo ``img`` when it has
+    more than one frame (page), else None."""
+    frames = _frames(img)
+    return frames[0] if frames else None
+
+
+def header_note(data: bytes) -> str | None:
+    """What an answer is to say of the photo ``data`` as :func:`decode_image` reads it (:func:`photo_note`: only the
+    first frame of an animation, the first page of a TIFF), told from its header alone; None when nothing."""
+    return _animated_note(_header(data))
 
 
 def _openers() -> list[str]:
@@ -291,7 +317,7 @@ def decode_image(
             weight = mode_weight(img.mode)  # a 16-bit or transparent pixel costs more memory to decode: counts more
             if w * h * weight > cap or dw * dh * weight > max_pixels:
                 raise _over_limit(name, img.mode, (w, h), (dw, dh), max_pixels)
-            note = _animated_note(img)  # before the load: the header is open already, the first frame not decoded
+            frames = _frames(img)  # before the load: the header is open already, the first frame not decoded
             img.load()
             if not _exif_readable(img):
                 logger.warning("%s: its EXIF data is damaged, so its orientation is ignored (if it shows sideways, "
@@ -303,8 +329,8 @@ def decode_image(
             if factor >= 2:
                 img = img.reduce(factor)
             img.info[PHOTO_SIZE] = (w, h)  # as stored (before draft and reduce), for checks on the photo's size
-            if note:
-                img.info[PHOTO_NOTE] = note
+            if frames:
+                img.info[PHOTO_NOTE], img.info[PHOTO_FRAMES] = frames[0], frames[1:]
             return img
         except ImageLoadError:
             raise
@@ -378,6 +404,32 @@ def photo_note(image: Image.Image) -> str | None:
     """What an answer is to say of the photo :func:`decode_image` gave (:data:`ANIMATED_NOTE` for an animated one:
     only its first frame was read), None when nothing."""
     return image.info.get(PHOTO_NOTE)
+
+
+#: A photo is blank (almost one colour: a lens cap, a black first frame, a fully transparent PNG on white) when no
+#: colour channel of it varies by this many 8-bit levels (standard deviation over up to 128 x 128 of its pixels).
+#: The 542 ph-snakes photos vary by 22-84; one of them darkened to 5 % of its brightness by 2.4 (not blank), to 2 %
+#: by 0.9; a black photo of sensor noise (8 +- 3 levels, JPEG) by 1.6.
+BLANK_LEVELS = 2.0
+#: The words of the refusal of a blank photo as a reference (counted apart from unreadable ones: "blank").
+BLANK_PHOTO = "blank photo (almost one colour)"
+
+
+def blank_reason(image: Image.Image) -> str | None:
+    """Why the photo :func:`decode_image` gave cannot be a reference because it is blank (every colour channel
+    varies by less than :data:`BLANK_LEVELS`): nothing to match against, and a blank reference would draw every dark
+    or blank query to its species; None when it is not blank. The one test of "blank" of every reference path (the
+    CLI's add and build, the HTTP add). A photo of several frames (pages) says its first one was the one read."""
+    small = image.resize((min(image.width, 128), min(image.height, 128)), Image.Resampling.NEAREST)
+    pixels = np.asarray(small, dtype=np.float32).reshape(small.width * small.height, -1)
+    if not len(pixels) or float(pixels.std(axis=0).max()) >= BLANK_LEVELS:
+        return None
+    frames = image.info.get(PHOTO_FRAMES)
+    if frames:
+        what, unit = frames
+        return (f"{BLANK_PHOTO} in its first {unit}, the only one read of {what}: send the {unit} that shows the "
+                f"animal as a photo of its own")
+    return f"{BLANK_PHOTO}: nothing to match against; send a photo that shows the animal"
 
 
 def _header(data: bytes) -> Image.Image | None:

@@ -30,6 +30,7 @@ from index.sources import SourceRefused, read_source
 from index.text import printable
 from retrieval.encoders import Encoder, stack_views
 from retrieval.images import (
+    BLANK_PHOTO,
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_ENV,
     MIN_REFERENCE_SIDE,
@@ -37,6 +38,8 @@ from retrieval.images import (
     TOO_ELONGATED,
     ImageLoadError,
     PixelLimitError,
+    blank_reason,
+    header_note,
     header_size,
     max_pixels_setting,
     model_image,
@@ -86,6 +89,7 @@ TOO_SMALL = "is too small for a reference photo"
 #: for their size, shape or pixel count; any other reason (empty, corrupt, not a photo, missing) is "unreadable".
 SKIP_KINDS: tuple[tuple[str, str], ...] = (
     ("too small", TOO_SMALL), ("too elongated", TOO_ELONGATED), ("over the pixel limit", OVER_PIXEL_LIMIT),
+    ("blank", BLANK_PHOTO),
 )
 #: The second field of a duplicate whose bytes the gallery held already (before this run, or stored meanwhile by
 #: another writer): the id it repeats; a repeat within the run names the path of its first copy instead.
@@ -93,8 +97,8 @@ _STORED_ID = re.compile(r"id \d+")
 
 
 def skip_kind(reason: str) -> str:
-    """What the reason a photo was skipped counts as: "too small", "too elongated", "over the pixel limit" (read,
-    but refused: :data:`SKIP_KINDS`) or "unreadable"."""
+    """What the reason a photo was skipped counts as: "too small", "too elongated", "over the pixel limit", "blank"
+    (read, but refused: :data:`SKIP_KINDS`) or "unreadable"."""
     return next((kind for kind, words in SKIP_KINDS if words in reason), "unreadable")
 
 
@@ -121,6 +125,8 @@ class BuildReport:
     waited_s: float = 0.0  # of it, waiting for other writers of the gallery (their lock; on S3 the store's lease)
     lease_s: float = 0.0  # of it, taking the store's write lease (on S3): its own round trips, counted as work
     ids: list[int] = field(default_factory=list)  # ids of the stored photos, in input order
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, note) of stored photos read in part: an
+    #                                  animation's first frame, a TIFF's first page (retrieval.images.photo_note)
     stats: PipelineStats = field(default_factory=PipelineStats)  # model-thread time: waiting vs encoding
 
     @property
@@ -193,6 +199,15 @@ class BuildReport:
             lines.append(f"  ... and {len(listed) - 10} more already in the gallery")
         return "\n".join(lines)
 
+    def note_lines(self, at_most: int = 10) -> list[str]:
+        """The :attr:`notes` of the photos stored, one line each (``path: note``) for the first ``at_most``, one more
+        counting the rest."""
+        lines = [f"{printable(path)}: {note}" for path, note in self.notes[:at_most]]
+        if len(self.notes) > at_most:
+            lines.append(f"... and {len(self.notes) - at_most} more photos of several frames or pages, each read "
+                         "from its first")
+        return lines
+
 
 def _link_to(path: str, other: str) -> bool:
     """Whether ``path`` is a symbolic link to the file ``other`` (a repeat within a run said as such)."""
@@ -213,16 +228,18 @@ class ModelInput(NamedTuple):
     views: np.ndarray | tuple  # the encoder's input of every view
     size: tuple[int, int]  # the photo's (width, height) as stored
     note: str | None  # what an answer is to say of the photo as read (retrieval.images.photo_note), None when nothing
+    blank: str | None = None  # why it cannot be a reference, when it is blank (retrieval.images.blank_reason)
 
 
 def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 name: str = "image") -> ModelInput:
     """A photo's bytes -> (the encoder's input of every view, the photo's (width, height) as stored, its note: an
-    animated photo's, read from the header the decode opens), decoded at reduced scale
-    (``retrieval.images.model_image``): the one way every path (builds, the CLI, the server) turns a photo into what
-    the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be decoded."""
+    animated photo's, read from the header the decode opens; why it cannot be a reference when it is blank), decoded
+    at reduced scale (``retrieval.images.model_image``): the one way every path (builds, the CLI, the server) turns
+    a photo into what the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be
+    decoded."""
     image = model_image(data, int(getattr(encoder, "input_size", 224)), max_pixels=max_pixels, name=name)
-    return ModelInput(encoder.preprocess_views(image), photo_size(image), photo_note(image))
+    return ModelInput(encoder.preprocess_views(image), photo_size(image), photo_note(image), blank_reason(image))
 
 
 def read_error(exc: OSError) -> str:
@@ -242,15 +259,18 @@ def prepare(
     min_side: int = 0,
     given: bool = False,
     read: Reader = read_source,
+    blank_ok: bool = True,
 ) -> Prepared:
     """Read + hash + decode + preprocess one photo (runs in a worker thread).
 
     ``max_pixels``: the most pixels the photo may decode to (default :data:`~retrieval.images.MAX_PIXELS_ENV`'s,
     ``retrieval.images.max_pixels_setting``); over it, refused saying how small to save it, or the setting to raise.
-    ``min_side``: photos whose short side is under this many pixels are refused (reference photos).
-    ``given``: the caller embedded the photo already: its size is read from its header for that check (decoded
-    only when the header cannot be read), and its tensor is :data:`GIVEN`. ``read``: a path's bytes (a gallery's
-    :meth:`~index.gallery.Gallery.read_photo` reads its store's objects too).
+    ``min_side``: photos whose short side is under this many pixels are refused (reference photos); ``blank_ok``
+    False: so are blank ones (:func:`retrieval.images.blank_reason`).
+    ``given``: the caller embedded the photo already (and checked it is not blank: the server's decode does): its
+    size and note are read from its header (decoded only when the header cannot be read), and its tensor is
+    :data:`GIVEN`. ``read``: a path's bytes (a gallery's :meth:`~index.gallery.Gallery.read_photo` reads its store's
+    objects too).
     """
     name = f"image #{position}" if isinstance(source, bytes) else str(source)
     try:
@@ -261,14 +281,17 @@ def prepare(
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
-        tensor, size, note = GIVEN, header_size(data) if given else None, None  # size as stored (photo_size's)
+        size = header_size(data) if given else None  # size as stored (photo_size's)
+        tensor, note, blank = (GIVEN, header_note(data), None) if size is not None else (None, None, None)
         if size is None:
             limit = max_pixels_setting() if max_pixels is None else max_pixels
-            tensor, size, note = model_input(data, encoder, max_pixels=limit, name=name)
+            tensor, size, note, blank = model_input(data, encoder, max_pixels=limit, name=name)
         width, height = size
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "
                             f"(at least {min_side} px on the short side)")
+        if blank and not blank_ok:
+            return Prepared(position, sha256=digest, error=blank)
     except PixelLimitError as exc:
         why = exc.advise("save", f"set {MAX_PIXELS_ENV}={{needed}} (or more) to read it as it is")
         return Prepared(position, sha256=digest, error=why.removeprefix(f"{name}: "))
@@ -276,8 +299,7 @@ def prepare(
         return Prepared(position, sha256=digest, error=str(exc).removeprefix(f"{name}: "))
     except Exception as exc:  # noqa: BLE001 - a transform failure must not abort a build
         return Prepared(position, sha256=digest, error=f"preprocessing failed ({exc})")
-    return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor,
-                    note=None if given else note)
+    return Prepared(position, sha256=digest, tensor=GIVEN if given else tensor, note=note)
 
 
 def iter_prepared(
@@ -292,9 +314,11 @@ def iter_prepared(
     given: bool = False,
     read: Reader = read_source,
     max_pixels: int | None = None,
+    blank_ok: bool = True,
 ) -> Iterator[Prepared]:
     """Prepare photos in a thread pool, yielding in input order with a bounded look-ahead (``read``: a path's
-    bytes, ``max_pixels``: the pixel limit of each photo, default the setting's, read once: :func:`prepare`).
+    bytes, ``max_pixels``: the pixel limit of each photo, default the setting's, read once; ``blank_ok``:
+    :func:`prepare`).
 
     ``stats.wait_s`` adds up the time the consumer spends blocked on a photo not yet prepared; ``given``: see
     :func:`prepare`. A consumer that stops early (Ctrl-C, an error, ``close()``) is not kept waiting for the photos
@@ -308,7 +332,7 @@ def iter_prepared(
         it = iter(enumerate(sources))
         for pos, src in it:
             pending.append(pool.submit(prepare, pos, src, encoder, known, limit, min_side=min_side, given=given,
-                                       read=read))
+                                       read=read, blank_ok=blank_ok))
             if len(pending) >= prefetch:
                 break
         while pending:
@@ -319,7 +343,7 @@ def iter_prepared(
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(prepare, nxt[0], nxt[1], encoder, known, limit, min_side=min_side,
-                                           given=given, read=read))
+                                           given=given, read=read, blank_ok=blank_ok))
             yield done
     except BaseException:  # GeneratorExit, KeyboardInterrupt, an error: not joined (a second Ctrl-C would land here)
         pool.shutdown(wait=False, cancel_futures=True)
@@ -632,8 +656,10 @@ def add_references(
 ) -> BuildReport:
     """Embed reference photos and store them in the gallery (searchable when this returns).
 
-    Unreadable photos are skipped and reported; photos whose bytes are already stored (looked up per batch,
-    before embedding) or repeat an earlier photo of this call are reported as duplicates and stored once.
+    Unreadable photos, and readable ones refused as references (too small, blank: :func:`prepare`), are skipped and
+    reported; the notes of photos stored from their first frame or page are in ``report.notes``; photos whose bytes
+    are already stored (looked up per batch, before embedding) or repeat an earlier photo of this call are reported
+    as duplicates and stored once.
     Rows are committed every ``chunk`` photos; the gallery re-checks the digests under its write lock, so
     two processes adding the same photo at once store it once. On Ctrl-C the photos embedded so far are committed
     (one commit, said at once in a warning; a second Ctrl-C cuts it short, and it is not made when another writer
@@ -641,9 +667,10 @@ def add_references(
     call kept.
 
     ``embeddings``: the photos' embeddings, one row per record in order, made by ``encoder`` from the same bytes
-    (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest and
-    size only, not decoded, and the rows stored as the encoder's would be: scaled to unit length (a row of zeros
-    refused, a non-finite row skipped: :func:`given_embeddings`).
+    (e.g. a server that embeds before it takes the write lock); the photos are then read for their digest, size
+    and note only, not decoded (nor checked for blank: the caller's decode does it), and the rows stored as the
+    encoder's would be: scaled to unit length (a row of zeros refused, a non-finite row skipped:
+    :func:`given_embeddings`).
 
     ``read``: a record path's bytes (default the gallery's :meth:`~index.gallery.Gallery.read_photo`; the API serves
     the uploads it holds in memory). A photo that the gallery's own store could not serve (a StoreObjectError:
@@ -704,7 +731,7 @@ def add_references(
 
     done = 0
     prepared = iter_prepared([r.path for r in records], encoder, workers=workers, min_side=min_side,
-                             stats=report.stats, given=embeddings is not None,
+                             stats=report.stats, given=embeddings is not None, blank_ok=False,
                              read=_store_failures_raise(read or gallery.read_photo))  # S3-kept uploads too
     batches = (iter_embeddings(prepared, encoder, before_encode=drop_stored, stats=report.stats)
                if embeddings is None else _given_embeddings(prepared, embeddings, encoder.batch_size, drop_stored))
@@ -729,6 +756,8 @@ def add_references(
                     else:
                         first_path[item.sha256] = str(rec.path)
                         buf.append((rec, item.sha256, emb[row : row + 1]))
+                        if item.note:  # an animation's first frame, a TIFF's first page: said with the add
+                            report.notes.append((str(rec.path), item.note))
                         row += 1
                 if len(buf) >= chunk:
                     flush()

@@ -832,6 +832,9 @@ class AddResult:
     #: where the gallery gives no venom advice, a snake's genus with no bite advice; the API's (``api``): the CLI
     #: has the add's log line
     venom_note: str = ""
+    #: photos stored from their first frame or page (an animated GIF, a TIFF of several pages), one note each:
+    #: ``name: note`` (the upload's name, else the path), as an identify's answer says it
+    photo_notes: list[str] = field(default_factory=list)
 
     @property
     def exists(self) -> bool:
@@ -842,11 +845,11 @@ class AddResult:
     @property
     def notes(self) -> list[str]:
         """The notes a caller shows beside the result (``absent_note``, ``taxon_note``, ``venom_note``,
-        ``probe_note``, ``few_note``, then the near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one
-        more counting the rest), those that say something."""
+        ``probe_note``, ``few_note``, the ``photo_notes``, then the near-copies: one note each for the first
+        :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say something."""
         return ([note for note in (self.absent_note, self.taxon_note, self.venom_note, self.probe_note, self.few_note)
                  if note]
-                + near_copy_notes(self.near_copies))
+                + self.photo_notes + near_copy_notes(self.near_copies))
 
 
 #: Nearest references each stored photo is compared with to find one held before that it nearly copies: this many
@@ -1112,6 +1115,8 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
             _drop_upload(gallery, path)
     lost = [path for path, data in uploads  # a concurrent delete of the last reference of the same bytes may have
             if source_text(path) in stored and not _keep_upload_again(gallery, path, data)]  # removed it meanwhile
+    said = photo_notes([names[src][0] if names.get(src := source_text(path)) else str(path)  # an upload by its
+                        for path, _ in report.notes], [note for _, note in report.notes])  # client's name
     for path in stored & names.keys():
         names[path].pop(0)  # the first upload with those bytes is the one stored; the rest are duplicates
     known = [i for i in report.duplicate_ids if i is not None]
@@ -1139,7 +1144,7 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
                      venom_note=venom_note if api and report.ids else "",  # the CLI has the log line
-                     few_note=few_note, near_copies=near,
+                     few_note=few_note, near_copies=near, photo_notes=said,
                      absent_note=_absent_note(name, report) if not existed and not report.ids else "")
 
 

@@ -724,10 +724,12 @@ def _bad_photos() -> dict[str, tuple[bytes, str]]:
 
 
 def _png(width: int, height: int) -> bytes:
+    """A grey gradient of ``width`` x ``height`` px (top dark, bottom light): not blank, so it may be a reference
+    (retrieval.images.blank_reason); one size, one file's bytes."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("L", (width, height), 128).save(buf, "PNG")
+    Image.linear_gradient("L").resize((width, height)).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -1035,7 +1037,8 @@ def test_a_16_bit_reference_over_the_weighted_pixel_limit_is_a_404_saying_so(cli
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.full((48, 64), 30_000, dtype=np.uint16)).save(buf, "PNG")
+    gradient = np.linspace(0, 60_000, 48, dtype=np.uint16)[:, None].repeat(64, axis=1)  # not blank: a reference
+    Image.fromarray(gradient).save(buf, "PNG")
     added = client.post("/v1/species/Testus sedecimus/references", files=_one("g16.png", buf.getvalue()),
                         headers=KEYS)
     ref, = added.json()["ids"]

@@ -185,6 +185,8 @@ def _build_summary(args: argparse.Namespace, result: BuildResult) -> int:
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"
         f"{result.report.summary(list_stored=not quiet_stored)}"
     )
+    for line in result.report.note_lines():  # photos stored from their first frame or page: said as an add says
+        emit(f"note: {line}")
     if quiet_stored and (stored := len(result.report.already_stored)):
         emit(f"resumed the interrupted build: the {stored} photo{'s' * (stored != 1)} already in the gallery "
              "counted above, not listed (-v lists them)")

@@ -124,7 +124,7 @@ def _add_summary(args: argparse.Namespace, result: AddResult, bad_args: list, no
     if report.ids:
         emit(f"ids: {id_runs(report.ids)}")
     for note in result.notes:
-        emit(f"note: {note}")
+        emit(f"note: {printable(note)}")  # a photo's name among them: shown as the skipped lines show it
     for f, i, sp in elsewhere:
         emit(f"not added: {printable(f)} is already reference {i} of {sp} (delete that reference first if it is "
              "mislabelled)")

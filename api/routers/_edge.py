@@ -233,8 +233,9 @@ def lease_answer(exc: LeaseError | TimeoutError) -> HTTPException:
                          "to fix); retrying does not help")
 
 
-def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_most: int) -> list[Upload]:
-    """Size-check, read and decode uploads (all or nothing)."""
+def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_most: int,
+                 references: bool = False) -> list[Upload]:
+    """Size-check, read and decode uploads (all or nothing; ``references``: :meth:`SpeciesService.decode`)."""
     if not files:
         raise HTTPException(400, "send at least one photo in the multipart field 'images'")
     if len(files) > at_most:
@@ -245,7 +246,7 @@ def read_uploads(service: SpeciesService, files: Sequence[UploadFile], *, at_mos
         if size is not None:  # known from the spooled upload: refused before it is read
             edge(partial(service.check_size, name, size))
         raw.append((name, f.file.read(service.upload_limit + 1)))
-    return edge(lambda: service.decode(raw))
+    return edge(lambda: service.decode(raw, references=True) if references else service.decode(raw))
 
 
 def neighbour_out(n: Neighbour) -> NeighbourOut:

@@ -50,7 +50,7 @@ def add_references(
     *, response: Response,
 ) -> AddReferencesOut:
     """Add reference photos, creating the species if new; searchable by the very next request."""
-    uploads = read_uploads(service, images, at_most=service.settings.max_add_images)
+    uploads = read_uploads(service, images, at_most=service.settings.max_add_images, references=True)
     result = edge(lambda: service.add_references(name, uploads, common_name=common_name, venomous=venomous,
                                                  new_species=new_species,
                                                  distinct_from_venomous=distinct_from_venomous))
