@@ -86,19 +86,26 @@ MapFn = Callable[[Callable[..., Any], list[tuple]], Iterable[Any]]
 class VectorSource(Protocol):
     """Vectors to index, readable in shards by workers (must pickle)."""
 
-    dim: int
+    @property
+    def dim(self) -> int:
+        """The vectors' width."""
+        ...
 
     def count(self) -> int:
         """Vectors in the source."""
+        ...
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """About ``n`` vectors at random (float32)."""
+        ...
 
     def shards(self, rows: int) -> list[Any]:
         """Shard descriptions of about ``rows`` vectors each, in id order; all rows of an id in one shard."""
+        ...
 
     def read(self, shard: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids int64, float32 vectors) batches of one shard."""
+        ...
 
 
 @dataclass
