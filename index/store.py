@@ -34,7 +34,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
@@ -442,7 +442,7 @@ def half_created(table: str | Path) -> list[str] | None:
     return uncommitted_files(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-_session: tuple[tuple[int, int], object] | None = None  # (caps, the lancedb.Session made for them)
+_session: tuple[tuple[int, int], lancedb.Session] | None = None  # (caps, the lancedb.Session made for them)
 _session_lock = threading.Lock()
 
 
@@ -468,7 +468,7 @@ def store_session() -> lancedb.Session | None:
     the manifest of every version it reads, up to LanceDB's 1 GiB + 6 GiB, and a server grows with each add.
     None with a LanceDB that has no sessions (its own caches then)."""
     global _session
-    make = getattr(lancedb, "Session", None)
+    make: Callable[..., lancedb.Session] | None = getattr(lancedb, "Session", None)  # older LanceDB: none
     if make is None or not _connect_takes_session():
         return None
     caps = cache_bytes()
