@@ -378,6 +378,7 @@ class Identifier:
 
     @config.setter
     def config(self, value: VoteConfig) -> None:
+        """Set the vote's settings: kept when the probe is loaded again (:meth:`follow_probe`)."""
         self._given_config = value
         self._state = replace(self._state, config=value)
 
@@ -388,6 +389,7 @@ class Identifier:
 
     @blend_weight.setter
     def blend_weight(self, value: float) -> None:
+        """Set the probe's share: kept when the probe is loaded again (:meth:`follow_probe`)."""
         self._given_weight = value
         self._state = replace(self._state, blend_weight=value)
 
@@ -398,6 +400,7 @@ class Identifier:
 
     @text_prior.setter
     def text_prior(self, value: TextPriorScores | None) -> None:
+        """Set the text prior (None: none); the species metadata is read again at the next answer (:meth:`taxa`)."""
         self._state = replace(self._state, text_prior=value)
         self._taxa_version = -1
 

@@ -334,6 +334,7 @@ class RedactSecrets(logging.Filter):
     handler and Ray's loggers (which do not propagate) bypass it: neither prints our secrets today."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place; always True (the record is kept)."""
         if record.args:  # the message as formatted (its arguments escaped as the CLI shows them), then redacted:
             # a template alone, redacted, could lose its "%s" to the argument it names (api_key=%s)
             if isinstance(record.args, Mapping):
