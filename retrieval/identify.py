@@ -554,7 +554,7 @@ class Identifier:
         return kept[3]
 
     # ------------------------------------------------------------------ answers
-    def identify_images(self, images: Sequence[Image.Image | np.ndarray], **kw) -> list[Identification]:
+    def identify_images(self, images: Sequence[Image.Image | np.ndarray], **kw: Any) -> list[Identification]:
         """One answer per image: PIL images (RGB, L, RGBA), or H x W x 3 uint8 arrays (RGB pixels); ``kw``: as
         :meth:`identify_embeddings`'s. Photo files and bytes: :func:`retrieval.workflows.identify`, which checks and
         reads them (and rolls the answers up by rank)."""
