@@ -154,6 +154,7 @@ class EncoderCounts(ServiceCounts):
     grow while a service runs (a restarted service starts them at 0 again, which ``rate()`` takes as a reset)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        """The batcher's forward passes and photos encoded (0 while no service runs)."""
         service = self.service()
         batcher = service.batcher if service is not None else None
         yield CounterMetricFamily("speciesid_encoder_batches", "encoder forward passes run for identify and search "
@@ -169,6 +170,7 @@ class StoreCounts(ServiceCounts):
     Prometheus counters, read at each scrape from memory (never a request to the store)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        """The compactions run, those that failed, and the seconds spent (0 while no service runs)."""
         service = self.service()
         counts = getattr(service.gallery, "compactions", None) if service is not None else None
         yield CounterMetricFamily("speciesid_store_compactions", "store compactions after this server's writes "

@@ -194,7 +194,8 @@ def fit_to_budget(net: torch.nn.Module, data: FinetuneData, cfg: FinetuneConfig,
                   workers: int, mixup: Mixup | None,
                   spent_s: float, steps: int = 4, test_sizes: Sequence[int] = (), eval_size: int = 0,
                   load: tuple[float, int] | None = None) -> BudgetPlan:
-    """Time a few steps of this run on this machine and plan its epochs within ``cfg.time_budget`` minutes.
+    """Time a few steps of this run on this machine and plan its epochs within ``cfg.time_budget`` minutes (``cfg``
+    resolved: :meth:`FinetuneConfig.resolved`).
 
     ``test_sizes``: the sides the final evaluation measures the head at (``finetune.engine.choose_test_size``),
     ``eval_size`` the side the timed evaluation batches have; an evaluation costs as the pixels do.

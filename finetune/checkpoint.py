@@ -18,8 +18,10 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,25 @@ PROGRESS_FILES = (CHECKPOINT, PHOTOS_FILE)
 LAST_DIR = "last"
 #: How many example paths a refused resume names per kind of change.
 _EXAMPLES = 3
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+#: What a checkpoint of ours holds beyond tensors and plain Python values: the uint32 array of the numpy RNG state
+#: (:func:`rng_state`; ``_reconstruct`` under numpy 2's name and numpy 1's). A checkpoint is read with
+#: ``weights_only=True`` and these alone allowed: a pickle asking for anything else (code to run) is refused before
+#: any of it runs.
+_SAFE_GLOBALS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+    (_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` of ``path`` on the CPU, safely: tensors, plain Python values and :data:`_SAFE_GLOBALS` only
+    (pickle.UnpicklingError for a file that asks for more)."""
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def seed_all(seed: int) -> None:
@@ -207,9 +228,9 @@ def _ours(folder: Path) -> bool | None:
 
 def _our_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a checkpoint a speciesid fine-tuning run wrote (read memory-mapped: the weights are
-    not loaded)."""
+    not loaded; safely: a pickle asking to run code is not ours, and nothing of it runs)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = _load(path, mmap=True)
     except Exception:  # noqa: BLE001 - not a torch file, cut short, another pickle
         return False
     return isinstance(checkpoint, dict) and "format" in checkpoint and "key" in checkpoint
@@ -254,16 +275,23 @@ def _first_line(exc: BaseException, empty: str) -> str:
 def load_checkpoint(out: Path, cfg: FinetuneConfig) -> dict | None:
     """The checkpoint in ``out`` to resume, or None to start afresh.
 
-    Refused (ValueError): a checkpoint that cannot be read, of a format no longer resumed or of other settings,
-    and a finished model in ``out`` (all unless ``cfg.resume == "no"``, which starts afresh: :func:`clear_run`).
-    Whether its photos are the run's is checked once they are listed (:func:`check_photos`).
+    Refused (ValueError): a checkpoint that cannot be read, or not safely (a pickle asking to run code: none of it
+    runs), of a format no longer resumed or of other settings, and a finished model in ``out`` (all unless
+    ``cfg.resume == "no"``, which starts afresh: :func:`clear_run`). Whether its photos are the run's is checked once
+    they are listed (:func:`check_photos`).
     """
     path = out / CHECKPOINT
     if cfg.resume == "no":
         return None
     if path.is_file():
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = _load(path)
+        except pickle.UnpicklingError as exc:  # torch's weights-only refusal: what it asked for, when it says
+            asked = re.search(r"GLOBAL (\S+)", str(exc))
+            raise ValueError(
+                f"{path} is not a speciesid fine-tuning checkpoint, or not one that can be loaded safely (it asks "
+                f"for {asked[1] if asked else 'what a checkpoint of ours never holds'}; nothing of it was run): "
+                "delete it to start afresh, or give another --out") from exc
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, pickle errors, EOFError ...
             raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {_first_line(exc, '')}"
                              "): it may be cut short (a full disk, a copy interrupted); delete it to start afresh, or "

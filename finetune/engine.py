@@ -169,7 +169,8 @@ class Optimisation:
 
 
 def create_optimisation(net: Net, cfg: FinetuneConfig, steps_per_epoch: int, device: torch.device) -> Optimisation:
-    """AdamW (timm's ``create_optimizer_v2``) over the layer-wise groups, with :class:`StagedCosineLR`."""
+    """AdamW (timm's ``create_optimizer_v2``) over the layer-wise groups, with :class:`StagedCosineLR` (``cfg``
+    resolved: :meth:`FinetuneConfig.resolved`)."""
     from timm.optim import create_optimizer_v2
 
     groups = param_groups(net, lr=cfg.lr, backbone_lr=cfg.backbone_lr, layer_decay=cfg.layer_decay,
@@ -181,8 +182,8 @@ def create_optimisation(net: Net, cfg: FinetuneConfig, steps_per_epoch: int, dev
 
 
 def staged_schedule(opt: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_epoch: int) -> StagedCosineLR:
-    """The run's :class:`StagedCosineLR` over ``cfg.epochs`` (made again when a time budget re-plans them: the
-    rate depends on the step and the total only, so the run goes on from the step it is at)."""
+    """The run's :class:`StagedCosineLR` over ``cfg.epochs`` (``cfg`` resolved; made again when a time budget
+    re-plans them: the rate depends on the step and the total only, so the run goes on from the step it is at)."""
     return StagedCosineLR(opt, total=cfg.epochs * steps_per_epoch,
                           warmup=int(round(cfg.warmup_epochs * steps_per_epoch)),
                           unfreeze=cfg.freeze_epochs * steps_per_epoch)
@@ -291,7 +292,8 @@ def train_one_epoch(
 ) -> tuple[dict, int]:
     """One pass over ``loader`` from optimiser step ``step``: ({train_loss, train_top1, lr}, the next step).
 
-    During the first ``cfg.freeze_epochs`` epochs the backbone only runs forward (eval mode, no gradients);
+    ``cfg`` resolved (:meth:`FinetuneConfig.resolved`). During the first ``cfg.freeze_epochs`` epochs the backbone
+    only runs forward (eval mode, no gradients);
     with ``cfg.bn == "eval"`` batch-norm statistics stay frozen. The EMA follows every step.
     """
     from tqdm.auto import tqdm

@@ -173,6 +173,7 @@ class CosineHead(nn.Module):
         return self.log_scale.exp()
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes) of features (N, dim)."""
         return self.scale * F.normalize(feats.float(), dim=-1) @ F.normalize(self.weight, dim=-1).T
 
     def export_weight(self) -> torch.Tensor:
@@ -190,6 +191,7 @@ class Net(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's logits, the backbone's features) of images ``x``."""
         feats = self.backbone(x)
         return self.head(feats), feats
 

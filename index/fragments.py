@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import string
+import types
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ except ImportError:  # pragma: no cover - Windows: journals are kept but never s
 CHECK_VERSIONS = 50
 
 
-def _lance():  # noqa: ANN202 - the lance module
+def _lance() -> types.ModuleType:  # lance imported on first use
     from index.store import import_lance
 
     return import_lance()

@@ -1040,7 +1040,9 @@ class Gallery:
                              "one of each per photo")
         with self._store_write() as alone:  # before any id is given or row committed
             stored = self.store.find_sha256(sha256s)
-            keep, dropped, seen = [], {}, set()
+            keep: list[int] = []
+            dropped: dict[int, int | None] = {}
+            seen: set[str] = set()
             for i, sha in enumerate(sha256s):
                 if sha in stored:
                     dropped[i] = stored[sha]

@@ -86,19 +86,26 @@ MapFn = Callable[[Callable[..., Any], list[tuple]], Iterable[Any]]
 class VectorSource(Protocol):
     """Vectors to index, readable in shards by workers (must pickle)."""
 
-    dim: int
+    @property
+    def dim(self) -> int:
+        """The vectors' width."""
+        ...
 
     def count(self) -> int:
         """Vectors in the source."""
+        ...
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """About ``n`` vectors at random (float32)."""
+        ...
 
     def shards(self, rows: int) -> list[Any]:
         """Shard descriptions of about ``rows`` vectors each, in id order; all rows of an id in one shard."""
+        ...
 
     def read(self, shard: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids int64, float32 vectors) batches of one shard."""
+        ...
 
 
 @dataclass
@@ -110,21 +117,26 @@ class ArraySource:
 
     @property
     def dim(self) -> int:
+        """The vectors' width."""
         return int(self.vectors.shape[1])
 
     def count(self) -> int:
+        """Vectors held."""
         return int(len(self.ids))
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` vectors drawn with ``seed`` without replacement, in row order (all of them when there are fewer)."""
         if n >= len(self.ids):
             return np.ascontiguousarray(self.vectors, dtype=np.float32)
         pick = np.sort(np.random.default_rng(seed).choice(len(self.ids), n, replace=False))
         return np.ascontiguousarray(self.vectors[pick], dtype=np.float32)
 
     def shards(self, rows: int) -> list[tuple[int, int]]:
+        """(start, end) row ranges of ``rows`` rows each (the last one fewer)."""
         return [(s, min(s + rows, len(self.ids))) for s in range(0, len(self.ids), max(rows, 1))]
 
     def read(self, shard: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, float32 vectors) batches of one shard's rows, 65,536 at most each."""
         lo, hi = shard
         for s in range(lo, hi, 65_536):
             e = min(s + 65_536, hi)

@@ -218,6 +218,7 @@ class WriteLock:
 
     @timeout.setter
     def timeout(self, value: float | None) -> None:
+        """Set the lock's own wait (None: :func:`default_wait` again)."""
         self._timeout = value
 
     @contextlib.contextmanager

@@ -162,7 +162,7 @@ class RerankStore:
             _append(ids_path, rows * 8, todo.tobytes())
             self._map(rows + len(todo))
         self._pending.clear()
-        return self.token, self._rows  # type: ignore[return-value]
+        return self.token, self._rows
 
     def _too_many_dead(self, live: np.ndarray) -> bool:
         """Whether more than :data:`DEAD_FRACTION` of the file's rows are no longer live: the exact count only when

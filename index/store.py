@@ -34,9 +34,10 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes, urlparse
 
 import lancedb
@@ -49,6 +50,11 @@ from index.compaction import UNVERIFIED_GRACE
 from index.errors import import_failure, library_messages
 from index.records import HIGHER_RANKS, ReferenceRecord, is_uri
 from index.store_cache import cache_bytes
+
+if TYPE_CHECKING:  # lance is imported on first use (import_lance): its names for the hints only
+    import types
+
+    from lance import LanceDataset
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +267,7 @@ LANCE_MISSING, LANCE_BROKEN = library_messages(
     "worker-written fragments, set-venom's edit mark)", "pylance")
 
 
-def import_lance():  # noqa: ANN201 - the lance module
+def import_lance() -> types.ModuleType:
     """The ``lance`` module (imported on first use: only the store's fragment, compaction and version calls and
     set-venom's edit mark need it); ImportError :data:`LANCE_MISSING` when it is not installed,
     :data:`LANCE_BROKEN` when its import failed (chained to the import's own error)."""
@@ -272,7 +278,7 @@ def import_lance():  # noqa: ANN201 - the lance module
     return lance
 
 
-def version_times(dataset) -> list[tuple[int, float]]:  # noqa: ANN001 - lance.LanceDataset
+def version_times(dataset: LanceDataset) -> list[tuple[int, float]]:
     """(version, creation time in epoch seconds) of every version the dataset keeps, oldest first. It reads
     every kept version's manifest (on an object store one request each)."""
     # lance gives naive local datetimes (datetime.fromtimestamp): .timestamp() reads them back as local
@@ -302,7 +308,7 @@ class Pruned:
     unused_kept: int = 0  # files no version uses, kept: one of them is younger than UNVERIFIED_GRACE
 
 
-def _unused_files(dataset) -> list[Path]:  # noqa: ANN001 - lance.LanceDataset of a local table
+def _unused_files(dataset: LanceDataset) -> list[Path]:  # of a local table
     """The data, deletion and index files of a local ``dataset``'s folder that none of its kept versions names."""
     root = Path(dataset.uri)
     named: set[str] = set()
@@ -331,7 +337,7 @@ def _newest_mtime(paths: Sequence[Path]) -> float:
     return max(times)
 
 
-def _prune(dataset, older_than: dt.timedelta, *, unverified: bool = False) -> Pruned:  # noqa: ANN001
+def _prune(dataset: LanceDataset, older_than: dt.timedelta, *, unverified: bool = False) -> Pruned:
     """:meth:`ReferenceStore.prune_versions` on a dataset already open (a lance.LanceDataset). ``unverified`` (a zero
     age, a local store, no other writer of this version possible: :meth:`ReferenceStore.compact`): then the files no
     kept version uses (a killed writer's data file, which Lance otherwise keeps 7 days, as a writer's in progress
@@ -368,7 +374,7 @@ class FragmentStats:
     versions: int | None  # versions kept (None: not counted)
 
 
-def _fragment_stats(dataset) -> FragmentStats:  # noqa: ANN001 - lance.LanceDataset
+def _fragment_stats(dataset: LanceDataset) -> FragmentStats:
     """The fragments of ``dataset``'s version (its manifest, no data); versions not counted."""
     rows = [f.metadata.physical_rows for f in dataset.get_fragments()]
     return FragmentStats(fragments=len(rows), small=sum(r < SMALL_FRAGMENT_ROWS for r in rows),
@@ -442,7 +448,7 @@ def half_created(table: str | Path) -> list[str] | None:
     return uncommitted_files(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-_session: tuple[tuple[int, int], object] | None = None  # (caps, the lancedb.Session made for them)
+_session: tuple[tuple[int, int], lancedb.Session] | None = None  # (caps, the lancedb.Session made for them)
 _session_lock = threading.Lock()
 
 
@@ -468,7 +474,7 @@ def store_session() -> lancedb.Session | None:
     the manifest of every version it reads, up to LanceDB's 1 GiB + 6 GiB, and a server grows with each add.
     None with a LanceDB that has no sessions (its own caches then)."""
     global _session
-    make = getattr(lancedb, "Session", None)
+    make: Callable[..., lancedb.Session] | None = getattr(lancedb, "Session", None)  # older LanceDB: none
     if make is None or not _connect_takes_session():
         return None
     caps = cache_bytes()
@@ -680,7 +686,7 @@ class ReferenceStore:
                                "set-venom again changes nothing)", self.root, species, " ".join(str(exc).split()))
         return found, changed, turned_off
 
-    def venom_edit(self, dataset=None) -> tuple[int, str, int] | None:  # noqa: ANN001 - lance.LanceDataset
+    def venom_edit(self, dataset: LanceDataset | None = None) -> tuple[int, str, int] | None:
         """(generation, species, version of the flags' update) of the last :meth:`set_venomous` change recorded in the
         manifest of the latest version this store sees (the table's current version, which LanceDB's read
         consistency moves on by itself: it may be ahead of a gallery's synced version), one manifest read, no data.
@@ -899,7 +905,7 @@ class ReferenceStore:
         tally.add(added.select(list(_SPECIES_COLUMNS)))
         self._species_cache, self._species_tally = (after, tally.summaries()), tally
 
-    def _dataset(self):  # noqa: ANN202 - lance.LanceDataset (lance imported on first use: import_lance)
+    def _dataset(self) -> LanceDataset:  # lance imported on first use: import_lance
         """The Lance dataset of the table at the version this store reads (one manifest read, no data)."""
         import_lance()  # LanceDB's own error names pylance but not what needs it
         return self._table.to_lance()

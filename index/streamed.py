@@ -69,7 +69,7 @@ def _text(value: object) -> str | None:
 
 def _flag(value: object) -> bool | None:
     if value is None or isinstance(value, bool):
-        return value  # type: ignore[return-value]
+        return value
     text = str(value).strip().lower()
     if text.endswith(".0"):
         text = text[:-2]

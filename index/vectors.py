@@ -483,6 +483,9 @@ class SearchIndex(Protocol):
     def dim(self) -> int: ...  # embedding width
 
     @property
+    def kind(self) -> str: ...  # resolved: "flat", "hnsw", "ivf" or "ivfpq" (index info and build name it)
+
+    @property
     def ids(self) -> np.ndarray: ...  # sorted copy of the ids held
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None: ...

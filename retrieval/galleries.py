@@ -151,13 +151,15 @@ def build_encoder(index_dir: str | Path, encoder: EncoderConfig | None = None) -
 def check_encoder_choice(index_dir: str | Path, info: dict, config: EncoderConfig) -> None:
     """Refuse, before anything is loaded or downloaded, an encoder the gallery of ``info`` (its ``gallery.json``)
     would refuse by its fingerprint, with the message the fingerprint check gives (EncoderMismatchError).
+    ``config``'s unset options are the gallery's (:meth:`EncoderConfig.resolved` with its record, as callers do).
 
     Refused: other pooling or views; a named encoder (an alias, a hub or timm model) other than the one that built
     the gallery while that one is at hand here; the same spec with or without a ``--weights`` file where the gallery
     was built the other way. Two folders or two weights files may hold the same weights: those are left to the
     fingerprint check after loading (nothing is downloaded for them)."""
     built = info["encoder"]
-    source, built_source = spec_key(config.spec), spec_key(str(built["spec"]))
+    config = config.resolved(built)
+    source, built_source = spec_key(str(config.spec)), spec_key(str(built["spec"]))
     built_weights = built.get("weights")
     at_hand = ((built_source[0] == "named" or Path(built_source[1]).exists())
                and (not built_weights or Path(str(built_weights)).exists()))

@@ -379,6 +379,7 @@ class Identifier:
 
     @config.setter
     def config(self, value: VoteConfig) -> None:
+        """Set the vote's settings: kept when the probe is loaded again (:meth:`follow_probe`)."""
         self._given_config = value
         self._state = replace(self._state, config=value)
 
@@ -389,6 +390,7 @@ class Identifier:
 
     @blend_weight.setter
     def blend_weight(self, value: float) -> None:
+        """Set the probe's share: kept when the probe is loaded again (:meth:`follow_probe`)."""
         self._given_weight = value
         self._state = replace(self._state, blend_weight=value)
 
@@ -399,6 +401,7 @@ class Identifier:
 
     @text_prior.setter
     def text_prior(self, value: TextPriorScores | None) -> None:
+        """Set the text prior (None: none); the species metadata is read again at the next answer (:meth:`taxa`)."""
         self._state = replace(self._state, text_prior=value)
         self._taxa_version = -1
 
@@ -552,7 +555,7 @@ class Identifier:
         return kept[3]
 
     # ------------------------------------------------------------------ answers
-    def identify_images(self, images: Sequence[Image.Image | np.ndarray], **kw) -> list[Identification]:
+    def identify_images(self, images: Sequence[Image.Image | np.ndarray], **kw: Any) -> list[Identification]:
         """One answer per image: PIL images (RGB, L, RGBA), or H x W x 3 uint8 arrays (RGB pixels); ``kw``: as
         :meth:`identify_embeddings`'s. Photo files and bytes: :func:`retrieval.workflows.identify`, which checks and
         reads them (and rolls the answers up by rank)."""

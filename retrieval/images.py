@@ -397,7 +397,8 @@ def model_image(data: bytes, input_size: int, *, max_pixels: int = DEFAULT_MAX_P
 
 def photo_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the photo as stored, whatever :func:`decode_image` reduced it to (EXIF rotation aside)."""
-    return tuple(image.info.get(PHOTO_SIZE, image.size))  # type: ignore[return-value]
+    width, height = image.info.get(PHOTO_SIZE, image.size)  # decode_image's (w, h), else the image's own
+    return width, height
 
 
 def photo_note(image: Image.Image) -> str | None:

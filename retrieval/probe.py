@@ -537,6 +537,7 @@ def finish_interrupted_swap(folder: str | Path) -> str:
         if weights_path.exists():
             _remove_files(folder, PROBE_SWAP_WEIGHTS)
         return ""
+    target = None  # a json that cannot be read, or is not a swap's record: the swap names no probe (below)
     try:
         target = json.loads(meta_path.read_text(encoding="utf-8")).get(_SWAP_TARGET)
         swap = _read_pair(folder, PROBE_SWAP_META, PROBE_SWAP_WEIGHTS)
@@ -552,6 +553,9 @@ def finish_interrupted_swap(folder: str | Path) -> str:
         swap[0].pop(_SWAP_TARGET, None)
         _write_pair(folder, *swap, PROBE_META, PROBE_WEIGHTS)
         done = "undone"
+    elif not target:  # damaged (a hand edit, a bad copy): it names no probe, so it can finish or undo nothing
+        logger.warning("%s in %s is not the record of an interrupted 'probe restore' that this version can read: "
+                       "removed, the probe files beside it left as they are", PROBE_SWAP_META, folder)
     else:  # both pairs written since (not through this module): the copy is of no use any more
         logger.warning("%s of an interrupted 'probe restore' in %s matches neither probe there now: removed",
                        PROBE_SWAP_META, folder)

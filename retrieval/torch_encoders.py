@@ -376,6 +376,7 @@ class GeM(torch.nn.Module):
         self.flatten = flatten if flatten is not None else torch.nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps (N, C, H, W) pooled to (N, C, 1, 1) in float32, then ``flatten``ed, in ``x``'s dtype."""
         pooled = x.float().clamp(min=self.eps).pow(self.p).mean(dim=(2, 3), keepdim=True).pow(1.0 / self.p)
         return self.flatten(pooled.to(x.dtype))
 

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -1565,8 +1566,9 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
     try:
         g = _gallery(gallery)
     except StoreOpenError as exc:  # the store unreachable or refused: what the folder knows, and the store's error
-        return folder_status(gallery, exc) | {  # type: ignore[arg-type] - a Gallery is open already: never here
-            "build": build_status(gallery), **embedding_info(read_gallery_info(gallery))}
+        folder = cast("str | Path", gallery)  # only a folder is opened: a Gallery (an Identifier's) is open already
+        return folder_status(folder, exc) | {
+            "build": build_status(folder), **embedding_info(read_gallery_info(folder))}
     species, prior = g.species(), text_prior_taxa(g.root)  # each read once; the prior as answers take it
     return {"index": str(g.root), "encoder": g.info["encoder"], "references": len(g),
             "excluded": g.store.count(include_excluded=True) - g.store.count(), "species": len(species),

@@ -79,3 +79,19 @@ def test_a_gallery_built_with_views_refuses_queries_without_them(tmp_path):
         with pytest.raises(EncoderMismatchError, match=r"with options .*give the gallery's own \(--pool gem3 "
                            r"--views flip: queries take them"):
             open_gallery(tmp_path / "g", EncoderConfig(runtime="torch", **kw))
+
+
+def test_the_encoder_choice_check_resolves_the_config_it_is_given(tmp_path):
+    """Stop 57's types walk: check_encoder_choice, public and typed to take any EncoderConfig, failed with an
+    AttributeError on one not resolved (spec None). It resolves it with the gallery's record now, as its callers do:
+    unset options are the gallery's, and one set otherwise is refused as before."""
+    from index.layout import EncoderMismatchError
+    from retrieval.galleries import check_encoder_choice
+
+    info = {"encoder": {"spec": "timm:mobilenetv1_100", "pool": "model", "views": "single",
+                        "fingerprint": "timm:mobilenetv1_100#abc"}}
+    check_encoder_choice(tmp_path, info, EncoderConfig())  # the gallery's own
+    check_encoder_choice(tmp_path, info, EncoderConfig(pool="model"))
+    with pytest.raises(EncoderMismatchError, match=r"with options 'pool=model\+views=single', not with the "
+                       r"options given \('pool=gem3'\)"):
+        check_encoder_choice(tmp_path, info, EncoderConfig(pool="gem3"))

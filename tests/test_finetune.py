@@ -1686,6 +1686,63 @@ def test_an_unreadable_checkpoint_and_a_failed_write_say_what_to_do(tiny_set, tm
         finetune(_config(tiny_set, out, resume="no"), progress=False)
 
 
+class _RunsCode:
+    """A pickled object that runs a shell command when it is unpickled (a crafted checkpoint.pt)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import shlex
+
+        return os.system, (f"echo ran > {shlex.quote(str(self.marker))}",)
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_says_it_is_not_one_of_ours(tiny_set, tmp_path, capsys):
+    """Stop 57's types walk: torch.load(weights_only=False) unpickled any checkpoint.pt in --out, to resume it and
+    (with --no-resume) only to recognise it, so a crafted one ran its code. It is read with weights_only=True now:
+    refused, with what it asked for and what to do, and nothing of it runs."""
+    from api.cli import main
+    from finetune.train import finetune
+
+    out, marker = tmp_path / "run", tmp_path / "ran.txt"
+    out.mkdir()
+    torch.save({"format": 4, "key": "x", "payload": _RunsCode(marker)}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a speciesid fine-tuning checkpoint, or not one that "
+                       r"can be loaded safely \(it asks for \w+\.system; nothing of it was run\): delete it to start "
+                       r"afresh, or give another --out$"):
+        finetune(_config(tiny_set, out), progress=False)
+    with pytest.raises(ValueError, match=r"holds checkpoint.pt, not written by a speciesid fine-tuning run"):
+        finetune(_config(tiny_set, out, resume="no"), progress=False)
+    assert main(["finetune", "--root", str(tiny_set), "--init", MOBILENET_SPEC, "--out", str(out), "-q"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing of it was run): delete it to start afresh" in err, err
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_ours_needs_nothing_but_numpy_arrays_beyond_what_torch_loads_safely(tiny_set, tmp_path):
+    """What the safe load allows (finetune.checkpoint._SAFE_GLOBALS) is what a run's checkpoint holds: the numpy RNG
+    state's arrays; an EMA run's checkpoint, interrupted, resumes through it (test_interrupted_run_resumes too)."""
+    from finetune.checkpoint import load_checkpoint
+    from finetune.train import FinetuneInterrupted, finetune
+
+    out = tmp_path / "run"
+    cfg = _config(tiny_set, out, epochs=2, ema=0.9, time_budget=30.0)
+
+    def stop_after_first(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(FinetuneInterrupted):
+        finetune(cfg, progress=False, on_epoch_end=stop_after_first)
+    needs = set(torch.serialization.get_unsafe_globals_in_checkpoint(out / "checkpoint.pt"))
+    assert needs <= {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                     "numpy.dtype"}, needs
+    checkpoint = load_checkpoint(out, cfg.resolved())
+    assert checkpoint is not None and checkpoint["rng"]["numpy"][1].dtype == np.uint32 and checkpoint["plan"]
+    assert finetune(cfg, progress=False).epochs_run == 2
+
+
 def test_messages_say_what_is_wrong(tiny_set, tmp_path, capsys, caplog):
     """--val-root of none of the training species; the help of --no-amp, --no-resume, --epochs, --seed; no timm
     warning about the cosine schedule of a 2-epoch run with a frozen first epoch."""

@@ -152,3 +152,26 @@ def test_a_restore_between_two_probes_of_the_same_weights_crashing_mid_write_is_
     assert not (tmp_path / PROBE_SWAP_META).exists()
     restore_previous(tmp_path)  # and back
     assert LinearProbe.load(tmp_path).calibration.C == 50.0
+
+
+@pytest.mark.parametrize("damaged", [b"not json", b"null", b"[]", b"{}"])
+def test_a_damaged_swap_record_is_removed_with_a_warning_and_restore_and_train_go_on(tmp_path, caplog, damaged):
+    """Stop 57's types walk: a probe.swap.json that did not parse, or was not an object, left the swap's target
+    unbound, and every probe write (restore, a train's keep_previous) failed with a bare UnboundLocalError. It names
+    no probe, so it can finish or undo nothing: removed with a warning, and the restore or train goes on."""
+    for name, write in (("restore", restore_previous), ("train", keep_previous)):
+        folder = tmp_path / name
+        folder.mkdir()
+        a, b = _two_probes(folder)
+        (folder / PROBE_SWAP_META).write_bytes(damaged)
+        (folder / PROBE_SWAP_WEIGHTS).write_bytes(b"half a copy")
+        caplog.clear()
+        write(folder)
+        assert f"{PROBE_SWAP_META} in {folder} is not the record of an interrupted 'probe restore' that this " \
+               "version can read: removed, the probe files beside it left as they are" in caplog.text
+        assert not (folder / PROBE_SWAP_META).exists() and not (folder / PROBE_SWAP_WEIGHTS).exists()
+        if name == "restore":  # B brought back, A kept
+            assert _whole(folder, PROBE_META, PROBE_WEIGHTS) == b and _whole(folder, PROBE_PREV_META,
+                                                                            PROBE_PREV_WEIGHTS) == a
+        else:  # A, the current probe, set aside whole
+            assert _whole(folder, PROBE_PREV_META, PROBE_PREV_WEIGHTS) == a

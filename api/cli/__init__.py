@@ -17,8 +17,8 @@ import re
 import signal
 import sys
 import types
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar, overload
 
 # a Ctrl-C as these load (numpy): one line and 130, said by the console entry point (api.console), not here
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
@@ -27,6 +27,7 @@ from index.formats import speciesid_version
 from index.text import printable
 
 logger = logging.getLogger(__name__)
+_N = TypeVar("_N")  # a namespace object: CommandParser.parse_known_args returns the one it is given
 VERBOSE_HELP = ("more logging, each line naming its level and module (-vv for debug, and the traceback of an "
                 "unexpected error; -vvv adds the storage libraries' debug: botocore, urllib3); credentials "
                 "and signatures in any line are shown as [redacted]")
@@ -84,8 +85,16 @@ class CommandParser(OneLineErrors):
     #: Said after "unrecognized arguments: ..." when they are all words, no option (``search a.jpg b.jpg``).
     extra_words_hint: str | None = None
 
-    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-                         ) -> tuple[argparse.Namespace, list[str]]:
+    # argparse's own overloads: the namespace given (any object) is the one returned, a new Namespace without one
+    @overload
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: None = None
+                         ) -> tuple[argparse.Namespace, list[str]]: ...
+    @overload
+    def parse_known_args(self, args: Iterable[str] | None, namespace: _N) -> tuple[_N, list[str]]: ...
+    @overload
+    def parse_known_args(self, *, namespace: _N) -> tuple[_N, list[str]]: ...
+
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
         """argparse's, but an argument left over is refused here (the parsers above a command take none after it)."""
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
@@ -345,6 +354,7 @@ class RedactSecrets(logging.Filter):
     handler and Ray's loggers (which do not propagate) bypass it: neither prints our secrets today."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place; always True (the record is kept)."""
         if record.args:  # the message as formatted (its arguments escaped as the CLI shows them), then redacted:
             # a template alone, redacted, could lose its "%s" to the argument it names (api_key=%s)
             if isinstance(record.args, Mapping):

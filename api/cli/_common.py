@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from index.text import printable
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
+    from retrieval.identify import Identifier
     from retrieval.pipeline import ReferencesInterrupted
 
 logger = logging.getLogger("speciesid")
@@ -255,7 +256,7 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     return EncoderConfig(**{**given, **run}, progress=show_bars(args))
 
 
-def at_least(low: int, high: int | None = None):
+def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an int >= ``low`` (and <= ``high``)."""
 
     def parse(text: str) -> int:
@@ -271,7 +272,7 @@ def at_least(low: int, high: int | None = None):
     return parse
 
 
-def number_in(low: float, high: float | None = None, bounds: str = "[]"):
+def number_in(low: float, high: float | None = None, bounds: str = "[]") -> Callable[[str], float]:
     """An argparse ``type``: a finite float from ``low`` to ``high`` (None: no upper bound); ``bounds`` in interval
     notation says whether each end is allowed ("(]": above ``low``, up to ``high``), so that a value out of range
     is refused by the parser (``argument --X: ...; see 'speciesid CMD --help'``), not deeper under another name."""
@@ -319,7 +320,7 @@ def add_vote_args(p: argparse.ArgumentParser, *, rows: bool = False) -> None:
                    "country column); species neither records keep their scores")
 
 
-def open_identifier(args: argparse.Namespace):
+def open_identifier(args: argparse.Namespace) -> Identifier:
     """The gallery's Identifier, with the command line's vote overrides."""
     from retrieval.vote import VoteConfig
     from retrieval.workflows import open_identifier as open_ident

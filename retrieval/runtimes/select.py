@@ -121,7 +121,8 @@ def _wants_cuda(device: str) -> bool:
 
 
 def open_encoder(config: EncoderConfig, *, photos: Photos | None = None) -> Encoder:
-    """The encoder for ``config`` (see the module docstring for how the runtime is chosen)."""
+    """The encoder for a resolved ``config`` (:meth:`EncoderConfig.resolved`; see the module docstring for how the
+    runtime is chosen)."""
     runtime = resolve_runtime(config.runtime)
     check_choice("precision", config.precision, PRECISIONS)
     parsed = parse_spec(config.spec)
