@@ -144,15 +144,27 @@ class VectorIndexConfig:
         except ValueError as exc:
             raise ValueError(f"{where}: {exc} (docs/scale.md says what each setting takes)") from None
 
+    def check_width(self, dim: int, where: str) -> None:
+        """ValueError (``where`` names the settings) when ``ivfpq_m`` does not divide the embedding width ``dim`` of
+        a gallery that may build ivfpq: said when the gallery opens, not by a build that has stored its photos."""
+        if self.kind in ("ivfpq", "auto") and self.ivfpq_m is not None and dim % self.ivfpq_m:
+            raise ValueError(f"{where}: ivfpq_m is {self.ivfpq_m}; it takes a divisor of the embedding width {dim}, "
+                             "or null (docs/scale.md)")
+
     def resolve(self, n: int) -> str:
-        """The kind to build for ``n`` vectors: "auto" by size; ivfpq below its minimum is flat."""
+        """The kind to build for ``n`` vectors: "auto" by size; ivfpq below its minimum (16 vectors, or fewer than
+        ``ivfpq_nlist``) is flat, with a warning (:func:`not_built`) unless n is 0 (a gallery's empty create)."""
         from index.ivfpq import MIN_VECTORS
 
         kind = self.kind
         if kind == "auto":
             kind = "ivfpq" if n > self.approx_threshold else "flat"
         if kind == "ivfpq" and n < MIN_VECTORS:
-            logger.info("only %d vectors: too few for ivfpq, building a flat index instead", n)
+            not_built("ivfpq", n, f"{n} vectors are too few to train it (it needs at least {MIN_VECTORS})")
+            kind = "flat"
+        elif kind == "ivfpq" and self.ivfpq_nlist is not None and n < self.ivfpq_nlist:
+            not_built("ivfpq", n, f"ivfpq_nlist is {self.ivfpq_nlist}, more lists than the {n} vectors to train "
+                      "them on (lower ivfpq_nlist in gallery.json's \"index\", or set it to null)")
             kind = "flat"
         return kind
 
@@ -178,6 +190,13 @@ def as_vectors(x: Any, name: str = "vectors", dim: int | None = None) -> np.ndar
     if arr.size and not np.isfinite(arr).all():
         raise ValueError(f"{name} contain NaN or inf")
     return arr
+
+
+def not_built(kind: str, n: int, why: str) -> None:
+    """Say that the ``kind`` index asked for is not built over ``n`` vectors, and ``why``: a flat one is, instead.
+    A warning, except for n = 0 (a gallery's empty create: the kind is chosen again when vectors come)."""
+    logger.log(logging.WARNING if n else logging.DEBUG,
+               "%s index not built: %s; a flat index is built instead", kind, why)
 
 
 def _as_ids(x: Any, n: int | None = None) -> np.ndarray:
@@ -546,7 +565,10 @@ class VectorIndex:
         if kind == "ivf":
             nlist = _nlist_for(n, cfg.ivf_nlist)
             if nlist < 1:
-                logger.warning("only %d vectors: too few to train IVF, building a flat index instead", n)
+                not_built("ivf", n, f"{n} vectors are too few to train it (it needs at least {MIN_POINTS_PER_LIST})"
+                          if cfg.ivf_nlist is None else
+                          f"ivf_nlist is {cfg.ivf_nlist}, more lists than the {n} vectors to train them on "
+                          "(lower ivf_nlist in gallery.json's \"index\", or set it to null)")
                 kind = "flat"
         if kind == "flat":
             index = _new_flat(d)
