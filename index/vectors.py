@@ -199,8 +199,9 @@ def not_built(kind: str, n: int, why: str) -> None:
                "%s index not built: %s; a flat index is built instead", kind, why)
 
 
-def _as_ids(x: Any, n: int | None = None) -> np.ndarray:
-    """``x`` as a C-contiguous 1-D int64 array (of length ``n`` when given), else ValueError."""
+def _as_ids(x: Any, n: int | None = None, *, negative: bool = False) -> np.ndarray:
+    """``x`` as a C-contiguous 1-D int64 array (of length ``n`` when given), else ValueError. ``negative``: negative
+    ids pass (a removal's: no index holds one)."""
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"ids must be a 1-D int64 array, got {arr.ndim}-D with shape {arr.shape}")
@@ -213,8 +214,10 @@ def _as_ids(x: Any, n: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"ids must have one entry per vector: expected {n} ids, got {arr.shape[0]}")
-    if (arr == -1).any():
-        raise ValueError("ids must not contain -1 (FAISS uses -1 to mark missing results)")
+    if not negative and arr.size and arr.min() < 0:
+        bad = arr[arr < 0]
+        raise ValueError(f"ids must be >= 0 (FAISS marks missing results with negative ids), got "
+                         f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}")
     return arr
 
 
@@ -314,8 +317,9 @@ def new_entries(vectors: Any, ids: Any, *, dim: int, present: np.ndarray) -> tup
 
 
 def held_ids(ids: Any, present: np.ndarray) -> np.ndarray:
-    """The distinct ``ids`` that the index (sorted ids ``present``) holds: what a removal removes."""
-    ids = sorted_unique(_as_ids(ids))
+    """The distinct ``ids`` that the index (sorted ids ``present``) holds: what a removal removes (a negative id
+    is held by none)."""
+    ids = sorted_unique(_as_ids(ids, negative=True))
     return ids[in_sorted(ids, present)]
 
 

@@ -141,6 +141,14 @@ def test_a_build_with_more_lists_than_vectors_is_refused_naming_the_setting():
         ivfpq.build(ivfpq.ArraySource(np.arange(42), x), nlist=64)
 
 
+def test_a_source_with_negative_ids_is_refused():
+    """As every index kind refuses them (walk-tiny 7): a search reads a negative id as "no result"."""
+    x = clustered(40, seed=7)
+    with pytest.raises(ValueError, match=r"ids must be >= 0 \(FAISS marks missing results with negative ids\), "
+                       r"got \[-3\]"):
+        ivfpq.build(ivfpq.ArraySource(np.r_[-3, np.arange(1, 40)], x))
+
+
 def test_too_few_vectors_fall_back_to_flat_and_growth_retrains(tmp_path):
     x = clustered(700, seed=3)
     g = _gallery(tmp_path / "g", 10, x)
