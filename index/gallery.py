@@ -1473,7 +1473,9 @@ class Gallery:
         return f"Gallery({str(self.root)!r}, {held}encoder {self.info.get('encoder', {}).get('spec')!r})"
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """Nearest references of each query embedding, best first, with metadata."""
+        """Nearest references of each query embedding, best first, with metadata. The queries are used as given (not
+        scaled, not checked for zero rows): ``similarity`` is their inner product with the unit-length references, a
+        cosine only for unit-length queries."""
         sims, ids = self.nearest(queries, k)
         self.expect_answers(len(ids))
         return [self.neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]
