@@ -64,17 +64,19 @@ def knn_vote(neighbours: Sequence[Votable], temperature: float = DEFAULT_TEMPERA
     Returns species -> probability, best first. No neighbours (or only ``-inf`` ones: a search's padding, no
     reference) -> empty dict. ValueError for a temperature that is not a finite number > 0, or a NaN similarity.
     """
-    check_temperature(temperature)
+    if not (type(temperature) is float and 0.0 < temperature < math.inf):  # the usual case, told apart cheaply
+        check_temperature(temperature)
+    if not neighbours:
+        return {}
     sims = [n.similarity for n in neighbours]
-    if any(math.isnan(x) for x in sims):
+    if math.isnan(sum(sims)) and any(math.isnan(x) for x in sims):  # one sum: no per-neighbour check on the way
         raise ValueError("similarities must be numbers, got NaN: the embeddings compared were not finite")
-    top = max(sims, default=-math.inf)
-    if top == -math.inf:
+    top = max(sims)
+    if top == -math.inf:  # only padding: no reference voted
         return {}
     scores: dict[str, float] = defaultdict(float)
     for n, x in zip(neighbours, sims, strict=True):
-        if x > -math.inf:  # padding: no reference, no vote
-            scores[n.species] += math.exp((x - top) / temperature)
+        scores[n.species] += math.exp((x - top) / temperature)  # padding (-inf) adds 0
     total = sum(scores.values())
     return dict(sorted(((s, v / total) for s, v in scores.items()), key=lambda kv: -kv[1]))
 

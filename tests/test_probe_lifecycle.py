@@ -298,7 +298,8 @@ def test_a_probe_refuses_to_score_rows_that_are_not_finite():
     p = _two_species_probe(1.0)
     rows = np.ones((3, 8), np.float32)
     rows[1, 2], rows[2, 0] = np.nan, np.inf
-    with pytest.raises(ValueError, match="embeddings must be finite: rows 1, 2 hold NaN or inf"):
+    with pytest.raises(ValueError, match=r"embeddings must be finite: rows 1, 2 hold NaN or inf \(or values too "
+                       r"large to score\)"):
         p.predict_proba(rows)
     with pytest.raises(ValueError, match="embeddings must be finite: row 0 holds NaN or inf"):
         p.scores(rows[1])
