@@ -219,7 +219,7 @@ def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> Shard
     seen = np.zeros(0, dtype=np.int64)
     dropped = 0
     for batch_ids, vectors in source.read(shard):
-        if len(batch_ids) and batch_ids.min() < 0:  # as index.vectors refuses them: a search reads them as "no result"
+        if len(batch_ids) and batch_ids.min() < 0:  # as index.vectors refuses them: a search reads them as no result
             raise ValueError(f"ids must be >= 0 (FAISS marks missing results with negative ids), got "
                              f"{batch_ids[batch_ids < 0][:10].tolist()}")
         ids, vectors, repeated = one_row_per_id(batch_ids, vectors, seen=seen)
