@@ -506,6 +506,7 @@ class Gallery:
         if _foreign(root):
             raise ValueError(f"{root} exists and is not a speciesid gallery; choose an empty or new --index DIR")
         config = index_config or VectorIndexConfig()
+        config.check_width(int(encoder["dim"]), "index_config")
         info = {
             "format": GALLERY_FORMAT,
             WRITTEN_BY: speciesid_version(),  # every write of gallery.json records the version that wrote it
@@ -566,6 +567,7 @@ class Gallery:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
                                                             f'{GalleryLayout(root).info} "index"')
+        config.check_width(int(info["dim"]), f'{GalleryLayout(root).info} "index"')
         return cls(root, info, config, refresh_s=refresh_s, options=options, make_table=make_table,
                    new_store=new_store, info_stamp=stamp)
 
@@ -1473,7 +1475,9 @@ class Gallery:
         return f"Gallery({str(self.root)!r}, {held}encoder {self.info.get('encoder', {}).get('spec')!r})"
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """Nearest references of each query embedding, best first, with metadata."""
+        """Nearest references of each query embedding, best first, with metadata. The queries are used as given (not
+        scaled, not checked for zero rows): ``similarity`` is their inner product with the unit-length references, a
+        cosine only for unit-length queries."""
         sims, ids = self.nearest(queries, k)
         self.expect_answers(len(ids))
         return [self.neighbours(row_ids, row_sims) for row_ids, row_sims in zip(ids, sims, strict=True)]

@@ -155,6 +155,9 @@ def plan(n: int, dim: int, nlist: int | None = None, m: int | None = None) -> tu
     if nlist is None:
         nlist = 2 ** round(math.log2(max(math.sqrt(max(n, 1)), 1)))
         nlist = max(1, min(nlist, n // 39))
+    elif nlist > n:  # k-means needs a training point a list (FAISS's own error names neither setting nor count)
+        raise ValueError(f"ivfpq_nlist is {nlist}, more lists than the {n} vectors to train them on: lower it, or "
+                         "leave it None (gallery.json's \"index\": null)")
     if m is None:
         cap = max(1, min(128, dim // 4))
         m = max(d for d in range(1, cap + 1) if dim % d == 0)
@@ -164,8 +167,8 @@ def plan(n: int, dim: int, nlist: int | None = None, m: int | None = None) -> tu
 
 
 def train_size(n: int, nlist: int) -> int:
-    """Training sample: 64 vectors a list, at least 16,384, at most 262,144 (and n)."""
-    return int(min(n, max(64 * nlist, 16_384), 262_144))
+    """Training sample: 64 vectors a list, at least 16,384 (and one a list), at most 262,144 (and n)."""
+    return int(min(n, max(min(max(64 * nlist, 16_384), 262_144), nlist)))
 
 
 @contextlib.contextmanager
@@ -228,6 +231,9 @@ def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> Shard
     seen = np.zeros(0, dtype=np.int64)
     dropped = 0
     for batch_ids, vectors in source.read(shard):
+        if len(batch_ids) and batch_ids.min() < 0:  # as index.vectors refuses them: a search reads them as no result
+            raise ValueError(f"ids must be >= 0 (FAISS marks missing results with negative ids), got "
+                             f"{batch_ids[batch_ids < 0][:10].tolist()}")
         ids, vectors, repeated = one_row_per_id(batch_ids, vectors, seen=seen)
         dropped += len(batch_ids) - len(ids)
         if repeated.size:

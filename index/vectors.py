@@ -144,15 +144,27 @@ class VectorIndexConfig:
         except ValueError as exc:
             raise ValueError(f"{where}: {exc} (docs/scale.md says what each setting takes)") from None
 
+    def check_width(self, dim: int, where: str) -> None:
+        """ValueError (``where`` names the settings) when ``ivfpq_m`` does not divide the embedding width ``dim`` of
+        a gallery that may build ivfpq: said when the gallery opens, not by a build that has stored its photos."""
+        if self.kind in ("ivfpq", "auto") and self.ivfpq_m is not None and dim % self.ivfpq_m:
+            raise ValueError(f"{where}: ivfpq_m is {self.ivfpq_m}; it takes a divisor of the embedding width {dim}, "
+                             "or null (docs/scale.md)")
+
     def resolve(self, n: int) -> str:
-        """The kind to build for ``n`` vectors: "auto" by size; ivfpq below its minimum is flat."""
+        """The kind to build for ``n`` vectors: "auto" by size; ivfpq below its minimum (16 vectors, or fewer than
+        ``ivfpq_nlist``) is flat, with a warning (:func:`not_built`) unless n is 0 (a gallery's empty create)."""
         from index.ivfpq import MIN_VECTORS
 
         kind = self.kind
         if kind == "auto":
             kind = "ivfpq" if n > self.approx_threshold else "flat"
         if kind == "ivfpq" and n < MIN_VECTORS:
-            logger.info("only %d vectors: too few for ivfpq, building a flat index instead", n)
+            not_built("ivfpq", n, f"{n} vectors are too few to train it (it needs at least {MIN_VECTORS})")
+            kind = "flat"
+        elif kind == "ivfpq" and self.ivfpq_nlist is not None and n < self.ivfpq_nlist:
+            not_built("ivfpq", n, f"ivfpq_nlist is {self.ivfpq_nlist}, more lists than the {n} vectors to train "
+                      "them on (lower ivfpq_nlist in gallery.json's \"index\", or set it to null)")
             kind = "flat"
         return kind
 
@@ -180,8 +192,16 @@ def as_vectors(x: Any, name: str = "vectors", dim: int | None = None) -> np.ndar
     return arr
 
 
-def _as_ids(x: Any, n: int | None = None) -> np.ndarray:
-    """``x`` as a C-contiguous 1-D int64 array (of length ``n`` when given), else ValueError."""
+def not_built(kind: str, n: int, why: str) -> None:
+    """Say that the ``kind`` index asked for is not built over ``n`` vectors, and ``why``: a flat one is, instead.
+    A warning, except for n = 0 (a gallery's empty create: the kind is chosen again when vectors come)."""
+    logger.log(logging.WARNING if n else logging.DEBUG,
+               "%s index not built: %s; a flat index is built instead", kind, why)
+
+
+def _as_ids(x: Any, n: int | None = None, *, negative: bool = False) -> np.ndarray:
+    """``x`` as a C-contiguous 1-D int64 array (of length ``n`` when given), else ValueError. ``negative``: negative
+    ids pass (a removal's: no index holds one)."""
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"ids must be a 1-D int64 array, got {arr.ndim}-D with shape {arr.shape}")
@@ -194,8 +214,10 @@ def _as_ids(x: Any, n: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"ids must have one entry per vector: expected {n} ids, got {arr.shape[0]}")
-    if (arr == -1).any():
-        raise ValueError("ids must not contain -1 (FAISS uses -1 to mark missing results)")
+    if not negative and arr.size and arr.min() < 0:
+        bad = arr[arr < 0]
+        raise ValueError(f"ids must be >= 0 (FAISS marks missing results with negative ids), got "
+                         f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}")
     return arr
 
 
@@ -295,8 +317,9 @@ def new_entries(vectors: Any, ids: Any, *, dim: int, present: np.ndarray) -> tup
 
 
 def held_ids(ids: Any, present: np.ndarray) -> np.ndarray:
-    """The distinct ``ids`` that the index (sorted ids ``present``) holds: what a removal removes."""
-    ids = sorted_unique(_as_ids(ids))
+    """The distinct ``ids`` that the index (sorted ids ``present``) holds: what a removal removes (a negative id
+    is held by none)."""
+    ids = sorted_unique(_as_ids(ids, negative=True))
     return ids[in_sorted(ids, present)]
 
 
@@ -549,7 +572,10 @@ class VectorIndex:
         if kind == "ivf":
             nlist = _nlist_for(n, cfg.ivf_nlist)
             if nlist < 1:
-                logger.warning("only %d vectors: too few to train IVF, building a flat index instead", n)
+                not_built("ivf", n, f"{n} vectors are too few to train it (it needs at least {MIN_POINTS_PER_LIST})"
+                          if cfg.ivf_nlist is None else
+                          f"ivf_nlist is {cfg.ivf_nlist}, more lists than the {n} vectors to train them on "
+                          "(lower ivf_nlist in gallery.json's \"index\", or set it to null)")
                 kind = "flat"
         if kind == "flat":
             index = _new_flat(d)

@@ -594,8 +594,11 @@ class Identifier:
 
         Photos unlike every reference (``far``: a blank frame, a thumbnail) are set aside while another photo is
         not: they carry nothing about the animal. The evidence lists each reference once. Each row is scaled to unit
-        length first, as :meth:`identify_embeddings` does."""
+        length first, as :meth:`identify_embeddings` does; ValueError for no row."""
         emb = unit_queries(embeddings, self.gallery.dim)
+        if not len(emb):
+            raise ValueError("identify_observation needs at least one embedding (one row per photo of the animal), "
+                             "got 0 rows")
         with self._pinned():
             per_photo, nearest = self._neighbours(emb)
             limit = self.far_threshold()
@@ -616,7 +619,9 @@ class Identifier:
         return answer
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[Neighbour]]:
-        """Raw neighbours of each embedding (cosine for unit-length ones; not scaled here: Gallery.nearest)."""
+        """Raw neighbours of each embedding, which is used as given (:meth:`index.gallery.Gallery.search`): not scaled
+        nor checked, so ``similarity`` is the inner product, a cosine only for unit-length rows (a zero row is 0.0 to
+        every reference). :func:`retrieval.metric.unit_queries` scales rows as :meth:`identify_embeddings` does."""
         return self.gallery.search(embeddings, k)
 
     def voting_neighbours(self, embeddings: np.ndarray) -> list[list[Neighbour]]:

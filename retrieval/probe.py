@@ -142,8 +142,16 @@ class LinearProbe:
         return emb @ self.weight.T + self.bias
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
-        """(N, dim) -> (N, n_species) probabilities (softmax)."""
-        return softmax(self.logits(embeddings), axis=1)
+        """(N, dim) -> (N, n_species) probabilities (softmax); ValueError for a row that is not finite."""
+        with np.errstate(invalid="ignore", over="ignore"):  # said below, naming the rows
+            z = self.logits(embeddings)
+        bad = ~np.isfinite(z).all(axis=1)  # a NaN or inf row has a score that is not finite: (N, species), cheap
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise ValueError(f"embeddings must be finite: row{'s' if rows.size > 1 else ''} "
+                             f"{', '.join(map(str, rows[:10].tolist()))}{' ...' if rows.size > 10 else ''} "
+                             f"{'hold' if rows.size > 1 else 'holds'} NaN or inf (or values too large to score)")
+        return softmax(z, axis=1)
 
     def scores(self, embeddings: np.ndarray) -> list[dict[str, float]]:
         """Per embedding: species -> probability."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +36,9 @@ class VoteConfig:
     unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD  # best score under this -> answer "unknown"
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+            raise ValueError(f"k must be a whole number of at least 1, got {self.k!r}")
+        check_temperature(self.temperature)
         if not 0.0 <= self.unknown_threshold <= 1.0:
             raise ValueError(f"unknown_threshold must be in [0, 1], got {self.unknown_threshold}")
 
@@ -50,17 +50,33 @@ class Votable(Protocol):
     similarity: float
 
 
+def check_temperature(temperature: float) -> float:
+    """``temperature`` when it is a finite number > 0 (the vote divides by it), else ValueError."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return temperature
+
+
 def knn_vote(neighbours: Sequence[Votable], temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
     """Weighted vote: each neighbour adds exp(similarity / T); scores are normalised to sum to 1.
 
-    Returns species -> probability, best first. No neighbours -> empty dict.
+    Returns species -> probability, best first. No neighbours (or only ``-inf`` ones: a search's padding, no
+    reference) -> empty dict. ValueError for a temperature that is not a finite number > 0, or a NaN similarity.
     """
+    if not (type(temperature) is float and 0.0 < temperature < math.inf):  # the usual case, told apart cheaply
+        check_temperature(temperature)
     if not neighbours:
         return {}
-    top = max(n.similarity for n in neighbours)
+    sims = [n.similarity for n in neighbours]
+    if math.isnan(sum(sims)) and any(math.isnan(x) for x in sims):  # one sum: no per-neighbour check on the way
+        raise ValueError("similarities must be numbers, got NaN: the embeddings compared were not finite")
+    top = max(sims)
+    if top == -math.inf:  # only padding: no reference voted
+        return {}
     scores: dict[str, float] = defaultdict(float)
-    for n in neighbours:
-        scores[n.species] += math.exp((n.similarity - top) / temperature)
+    for n, x in zip(neighbours, sims, strict=True):
+        scores[n.species] += math.exp((x - top) / temperature)  # padding (-inf) adds 0
     total = sum(scores.values())
     return dict(sorted(((s, v / total) for s, v in scores.items()), key=lambda kv: -kv[1]))
 
@@ -79,7 +95,9 @@ def rollup(scores: Mapping[str, float], parent: Mapping[str, str | None], rank: 
 
 
 def top_k(scores: Mapping[str, float], k: int) -> list[tuple[str, float]]:
-    """The k best (label, score) pairs."""
+    """The k best (label, score) pairs; ValueError for a k that is not a whole number >= 1 (the answer's ``top``)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"top must be a whole number of at least 1, got {k!r}")
     return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
 
 

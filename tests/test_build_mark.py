@@ -683,3 +683,42 @@ def test_an_emptied_ray_built_gallery_and_a_build_of_no_usable_photo_read_as_com
     assert code == 1, err  # completed: a species with no usable photo
     info = json.loads(_run(capsys, "index", "info", "--index", bad)[1])
     assert info["references"] == 0 and info["build"] == {"state": "complete", "note": ""}, info
+
+
+def _ivfpq_settings_rebuilt(tmp_path: Path, capsys, **settings: object) -> tuple[Path, int, str]:
+    """A flat gallery of 20 random photos, its gallery.json "index" set to ivfpq with ``settings`` by hand (as
+    docs/scale.md says), then built again: (gallery, exit code, stderr of the second build)."""
+    from _cli_support import folder_gallery
+
+    index = folder_gallery(tmp_path, capsys, ("Natrix maura", "Naja haje"), 20)
+    info = json.loads((index / "gallery.json").read_text())
+    info["index"] |= {"kind": "ivfpq", **settings}
+    (index / "gallery.json").write_text(json.dumps(info))
+    code, _, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", tmp_path / "photos", "--index",
+                        index, *ENCODER, "-q")
+    return index, code, err
+
+
+def test_an_ivfpq_nlist_above_the_reference_count_builds_flat_with_a_warning_and_leaves_no_mark(tmp_path, capsys,
+                                                                                               caplog):
+    """Walk-tiny 6: FAISS's RuntimeError ("Number of training points (42) should be at least as large as number of
+    clusters (64)") and a gallery left "interrupted: run it again", which failed the same way. Now as IVF does: flat,
+    with a warning naming the setting and the count."""
+    index, code, err = _ivfpq_settings_rebuilt(tmp_path, capsys, ivfpq_nlist=64)
+    assert code == 0, err
+    assert ("ivfpq index not built: ivfpq_nlist is 64, more lists than the 20 vectors to train them on (lower "
+            "ivfpq_nlist in gallery.json's \"index\", or set it to null); a flat index is built instead"
+            ) in caplog.text
+    assert build_status(index) == {"state": "complete", "note": ""}
+    assert json.loads((index / "vectors.faiss.json").read_text())["kind"] == "flat"
+
+
+def test_an_ivfpq_m_that_does_not_divide_the_width_is_refused_before_the_build_marks_the_gallery(tmp_path, capsys):
+    """The other ivfpq setting FAISS cannot build with: refused when the gallery opens, naming the setting and the
+    width, not mid-build (which left the gallery "interrupted: run it again", failing the same way again)."""
+    index, code, err = _ivfpq_settings_rebuilt(tmp_path, capsys, ivfpq_m=7)
+    dim = json.loads((index / "gallery.json").read_text())["dim"]
+    assert code != 0 and dim % 7
+    assert (f'gallery.json "index": ivfpq_m is 7; it takes a divisor of the embedding width {dim}, or null '
+            "(docs/scale.md)") in err
+    assert build_status(index) == {"state": "complete", "note": ""}

@@ -68,6 +68,26 @@ def test_identifier_votes_and_flags_unknown(gallery):
     assert ans2.unknown  # half-way between two species: no answer is strong enough
 
 
+def test_an_observation_of_no_photo_and_a_top_under_1_are_refused_clearly(gallery):
+    """Walk-tiny 12: identify_observation of 0 rows warned "Mean of empty slice", then failed inside numpy ("zero-size
+    array to reduction operation maximum"); top=-1 acted as the slice [:-1], top=0 gave no prediction."""
+    import warnings
+
+    ident = Identifier(FakeEncoder(), gallery)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on the way
+        with pytest.raises(ValueError, match=r"identify_observation needs at least one embedding \(one row per photo "
+                           r"of the animal\), got 0 rows"):
+            ident.identify_observation(np.zeros((0, DIM), np.float32))
+    q = (gallery.centres["Natrix maura"] / np.linalg.norm(gallery.centres["Natrix maura"]))[None]
+    for top in (-1, 0):
+        with pytest.raises(ValueError, match=f"top must be a whole number of at least 1, got {top}"):
+            ident.identify_embeddings(q, top=top)
+        with pytest.raises(ValueError, match=f"top must be a whole number of at least 1, got {top}"):
+            ident.identify_observation(q, top=top)
+    assert len(ident.identify_embeddings(q, top=1)[0].predictions) == 1
+
+
 def test_a_country_reorders_but_never_makes_an_answer_surer_or_a_bite_safer(tmp_path):
     from retrieval.vote import VoteConfig
 

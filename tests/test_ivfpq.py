@@ -132,6 +132,23 @@ def test_small_galleries_work(n):
     assert 1 <= index.nlist <= max(1, n // 39) and index.calibration["recall_at_10"] >= 0.95
 
 
+def test_a_build_with_more_lists_than_vectors_is_refused_naming_the_setting():
+    """Walk-tiny 6: FAISS's own RuntimeError ("Number of training points (42) should be at least as large as number
+    of clusters (64)") named neither the setting nor what to do. A gallery builds flat instead (VectorIndexConfig)."""
+    x = clustered(42, seed=6)
+    with pytest.raises(ValueError, match=r"ivfpq_nlist is 64, more lists than the 42 vectors to train them on: lower "
+                       r"it, or leave it None \(gallery.json's \"index\": null\)"):
+        ivfpq.build(ivfpq.ArraySource(np.arange(42), x), nlist=64)
+
+
+def test_a_source_with_negative_ids_is_refused():
+    """As every index kind refuses them (walk-tiny 7): a search reads a negative id as "no result"."""
+    x = clustered(40, seed=7)
+    with pytest.raises(ValueError, match=r"ids must be >= 0 \(FAISS marks missing results with negative ids\), "
+                       r"got \[-3\]"):
+        ivfpq.build(ivfpq.ArraySource(np.r_[-3, np.arange(1, 40)], x))
+
+
 def test_too_few_vectors_fall_back_to_flat_and_growth_retrains(tmp_path):
     x = clustered(700, seed=3)
     g = _gallery(tmp_path / "g", 10, x)

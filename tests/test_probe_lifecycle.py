@@ -293,6 +293,19 @@ def _two_species_probe(c: float, seed: int = 0):
     return p
 
 
+def test_a_probe_refuses_to_score_rows_that_are_not_finite():
+    """Walk-tiny 12: predict_proba of a NaN row gave NaN probabilities without complaint."""
+    p = _two_species_probe(1.0)
+    rows = np.ones((3, 8), np.float32)
+    rows[1, 2], rows[2, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"embeddings must be finite: rows 1, 2 hold NaN or inf \(or values too "
+                       r"large to score\)"):
+        p.predict_proba(rows)
+    with pytest.raises(ValueError, match="embeddings must be finite: row 0 holds NaN or inf"):
+        p.scores(rows[1])
+    assert np.allclose(p.predict_proba(rows[:1]).sum(axis=1), 1.0)
+
+
 def test_a_torn_probe_is_not_kept_and_an_older_one_is_kept_with_its_time(tmp_path, caplog):
     from index.layout import PROBE_META, PROBE_PREV_META, PROBE_WEIGHTS
     from retrieval.probe import LinearProbe, keep_previous

@@ -334,7 +334,8 @@ def test_input_validation_messages(small: tuple[np.ndarray, np.ndarray]) -> None
         index.add(x[:2], np.array([4, 4]))
     with pytest.raises(ValueError, match=r"duplicate ids in input: \[9\]"):
         VectorIndex.build(x[:3], np.array([9, 9, 8]))
-    with pytest.raises(ValueError, match="must not contain -1"):
+    with pytest.raises(ValueError, match=r"ids must be >= 0 \(FAISS marks missing results with negative ids\), "
+                       r"got \[-1\]"):
         index.add(x[:1], np.array([-1]))
     with pytest.raises(ValueError, match="NaN or inf"):
         index.add(np.full((1, 32), np.nan, dtype=np.float32), np.array([1]))
@@ -366,8 +367,49 @@ def test_ivf_with_too_few_vectors_falls_back_to_flat(small: tuple[np.ndarray, np
     with caplog.at_level(logging.WARNING, logger="index.vectors"):
         index = VectorIndex.build(x[:20], ids[:20], VectorIndexConfig(kind="ivf"))
     assert index.kind == "flat"
-    assert "too few to train IVF" in caplog.text
+    assert ("ivf index not built: 20 vectors are too few to train it (it needs at least 39); a flat index is built "
+            "instead") in caplog.text
     assert VectorIndex.build(x[:400], ids[:400], VectorIndexConfig(kind="ivf")).kind == "ivf"
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ({"kind": "ivf"}, "ivf index not built: 5 vectors are too few to train it (it needs at least 39)"),
+    ({"kind": "ivf", "ivf_nlist": 8}, "ivf index not built: ivf_nlist is 8, more lists than the 5 vectors to train "
+                                      "them on (lower ivf_nlist in gallery.json's \"index\", or set it to null)"),
+    ({"kind": "ivfpq"}, "ivfpq index not built: 5 vectors are too few to train it (it needs at least 16)"),
+    ({"kind": "ivfpq", "ivfpq_nlist": 64}, "ivfpq index not built: ivfpq_nlist is 64, more lists than the 20 "
+                                           "vectors to train them on (lower ivfpq_nlist in gallery.json's \"index\", "
+                                           "or set it to null)"),
+])
+def test_every_fallback_to_flat_warns_alike_and_an_empty_create_does_not(small, caplog, config, said) -> None:
+    """Walk-tiny 9: an ivfpq fallback was said at INFO only, and every new IVF gallery warned "only 0 vectors: too
+    few to train IVF" at its empty create. Now one wording, a warning, for a kind asked for and not built; none
+    for n = 0 (the kind is chosen again when vectors come)."""
+    x, ids = small
+    n = 20 if "ivfpq_nlist" in config else 5
+    with caplog.at_level(logging.DEBUG, logger="index.vectors"):
+        assert VectorIndex.build(x[:n], ids[:n], VectorIndexConfig(**config)).kind == "flat"
+    said_at = [(r.levelno, r.getMessage()) for r in caplog.records if "not built" in r.getMessage()]
+    assert said_at == [(logging.WARNING, f"{said}; a flat index is built instead")]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="index.vectors"):
+        assert VectorIndex.build(x[:0], ids[:0], VectorIndexConfig(**config)).kind == "flat"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_negative_ids_are_refused_by_every_kinds_build_and_add(small, kind) -> None:
+    """Walk-tiny 7: only -1 was refused; an id of -5 was indexed, and its exact match came back at -inf (a search
+    reads every negative id as "no result")."""
+    x, ids = small
+    said = r"ids must be >= 0 \(FAISS marks missing results with negative ids\), got \[-5, -7\]"
+    with pytest.raises(ValueError, match=said):
+        VectorIndex.build(x[:400], np.r_[-5, ids[1:399], -7], VectorIndexConfig(kind=kind))
+    index = VectorIndex.build(x[:400], ids[:400], VectorIndexConfig(kind=kind))
+    with pytest.raises(ValueError, match=said):
+        index.add(x[400:402], np.array([-5, -7]))
+    assert index.ntotal == 400
+    assert index.remove(np.array([-5, -1, ids[0]])) == 1  # a removal of ids no index holds: ignored
 
 
 @pytest.mark.parametrize("kind", ["auto", "flat", "hnsw", "ivf"])
