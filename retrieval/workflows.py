@@ -114,7 +114,15 @@ from retrieval.galleries import (
     open_identifier,
     stored_species,
 )
-from retrieval.identify import Identification, Identifier, Method, RankedResult, parse_method, ranked_results
+from retrieval.identify import (
+    NEAR_COPY_COSINE,
+    Identification,
+    Identifier,
+    Method,
+    RankedResult,
+    parse_method,
+    ranked_results,
+)
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.metric import query_rows, unit_queries
 from retrieval.pipeline import (
@@ -517,10 +525,13 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
     if n and ident.far_threshold() is None:
         how = "POST /v1/species/{name}/references" if api else "speciesid references add"
-        notes.append(f"this gallery holds {n} reference photo{'s' * (n != 1)}: too few to tell a photo unlike every "
+        many = n > 1  # 2 or more: each one's nearest others are near-copies of it (far_threshold passes them over)
+        said = (f"{n} reference photos, each a near-copy of the others near it (cosine >= {NEAR_COPY_COSINE}: the "
+                "same photo saved again)" if many else "1 reference photo")
+        notes.append(f"this gallery holds {said}: too few to tell a photo unlike every "
                      "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
-                     f"for that, however unlike the photo is; add reference photos ({how}): from 2, the gallery "
-                     "measures that threshold")
+                     f"for that, however unlike the photo is; add reference photos ({how}): from 2"
+                     f"{' that are not near-copies' if many else ''}, the gallery measures that threshold")
     if parse_rank(rank) is Rank.FAMILY and (family := family_note(ident, api=api)):
         notes.append(family)
     if stale := ident.stale_probe_note(api=api):  # references added or deleted since the probe was trained

@@ -74,7 +74,8 @@ def test_an_interrupted_build_is_said_by_info_identify_and_evaluate_until_a_buil
     assert json.loads(_run(capsys, "index", "info", "--index", index)[1])["build"] == {"state": "complete",
                                                                                       "note": ""}
     code, out, err = _run(capsys, "identify", "--index", index, query, "-q", "--precision", "fp32")
-    assert code == 0 and "note:" not in out and "note:" not in err, (out, err)
+    # the build's note is gone (the random encoder's photos lie at cosine ~0.95: a near-copy note may come)
+    assert code == 0 and note not in out and note not in err and "was interrupted" not in out + err, (out, err)
 
 
 def test_a_build_of_another_dataset_completing_does_not_clear_an_interrupted_builds_mark(tmp_path, capsys,
