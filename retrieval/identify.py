@@ -536,6 +536,16 @@ class Identifier:
         self.taxa()
         return self._held
 
+    def one_species(self) -> str | None:
+        """The one species the gallery can name, when it holds photos of one species only (and its text prior, if
+        any, names no other): it cannot tell species apart (:func:`retrieval.advice.one_species_note`); None
+        otherwise. Cached as :meth:`taxa` is."""
+        held = self.held_species()
+        prior = self.text_prior
+        if len(held) != 1 or (prior is not None and set(prior.species) - held):
+            return None
+        return next(iter(held))
+
     def venom_applies(self) -> bool:
         """Whether venom advice applies to the gallery (:func:`retrieval.advice.venom_applies`): on unless its
         ``gallery.json`` records it off (read again when it changes), and on while a species is recorded venomous
@@ -848,7 +858,8 @@ class Identifier:
             country_covered=None if presence is None else any(c is not None for c in candidates),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
-                                      unrecorded_names=unrecorded[:3], applies=applies),
+                                      unrecorded_names=unrecorded[:3], applies=applies,
+                                      one_species=self.one_species()),
             venom_applies=applies,
             near_copy=copy.reference if copy is not None else None,
             notes=[copy.note] if copy is not None else [],

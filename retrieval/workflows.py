@@ -84,9 +84,11 @@ from retrieval.advice import (
     VENOM_ADVICE_KEY,
     checklist_coverage,
     far_note,
+    one_species_note,
     record_checklist,
     record_venom_advice,
     recorded_venomous,
+    species_notes,
     venom_advice_hint,
     venom_advice_on,
     venom_applies,
@@ -299,8 +301,25 @@ def build_gallery(
         late = late or held.came
     except KeyboardInterrupt:  # a second Ctrl-C: the build is done all the same, its summary goes without them
         late = True
+    if not late:
+        warn_species(gallery)
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
                        unread_species=unread, interrupted_after=late)
+
+
+def warn_species(gallery: Gallery, *, only_one: bool = False) -> None:
+    """Log a warning for each of the gallery's species notes (:func:`retrieval.advice.species_notes`: one species,
+    or photo counts that differ a lot; ``only_one``: only when it holds one species), after a build or a delete. A
+    note must not fail a write that is done: a failure to read the species is logged at info."""
+    try:
+        counts = {s.species: s.count for s in gallery.species()}
+    except Exception as exc:  # noqa: BLE001 - the write is committed: its notes are a courtesy
+        logger.info("the gallery's species were not read for its notes: %s", exc)
+        return
+    if only_one and sum(n > 0 for n in counts.values()) != 1:
+        return
+    for note in species_notes(counts):
+        logger.warning("%s", note)
 
 
 def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:
@@ -362,6 +381,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         record_venom_advice(gallery, False)
     for warning in warnings:
         logger.warning("%s", warning)
+    warn_species(gallery)
     scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings, skipped=skipped)
     return BuildResult(gallery=gallery, scan=scan, report=report, resumed=earlier is not None)
 
@@ -532,6 +552,8 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
                      "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
                      f"for that, however unlike the photo is; add reference photos ({how}): from 2"
                      f"{' that are not near-copies' if many else ''}, the gallery measures that threshold")
+    if (one := ident.one_species()) is not None:  # its 100% says nothing: never "venom unlikely" either
+        notes.append(one_species_note(one, api=api))
     if parse_rank(rank) is Rank.FAMILY and (family := family_note(ident, api=api)):
         notes.append(family)
     if stale := ident.stale_probe_note(api=api):  # references added or deleted since the probe was trained
@@ -811,6 +833,9 @@ class AddResult:
     #: where the gallery gives no venom advice, a snake's genus with no bite advice; the API's (``api``): the CLI
     #: has the add's log line
     venom_note: str = ""
+    #: the gallery's species after the add (retrieval.advice.species_notes): one species, or photo counts that
+    #: differ a lot
+    species_note: str = ""
 
     @property
     def exists(self) -> bool:
@@ -821,10 +846,10 @@ class AddResult:
     @property
     def notes(self) -> list[str]:
         """The notes a caller shows beside the result (``absent_note``, ``taxon_note``, ``venom_note``,
-        ``probe_note``, ``few_note``, then the near-copies: one note each for the first :data:`NEAR_COPY_NOTES`, one
-        more counting the rest), those that say something."""
-        return ([note for note in (self.absent_note, self.taxon_note, self.venom_note, self.probe_note, self.few_note)
-                 if note]
+        ``probe_note``, ``few_note``, ``species_note``, then the near-copies: one note each for the first
+        :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say something."""
+        return ([note for note in (self.absent_note, self.taxon_note, self.venom_note, self.probe_note, self.few_note,
+                                   self.species_note) if note]
                 + near_copy_notes(self.near_copies))
 
 
@@ -1114,11 +1139,17 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
         logger.warning("the near-copy check of the photos added was skipped: %s", exc)  # meanwhile, the store)
         near = []
     existed = _existed(gallery, name, prior, held_at_commit)  # as the commit found it, else as the store is now
+    species_note = ""
+    if report.ids:
+        try:
+            species_note = "; ".join(species_notes({s.species: s.count for s in gallery.species()}, api=api))
+        except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed
+            logger.info("the gallery's species were not read for the add's notes: %s", exc)
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
                      venom_note=venom_note if api and report.ids else "",  # the CLI has the log line
-                     few_note=few_note, near_copies=near,
+                     few_note=few_note, near_copies=near, species_note=species_note,
                      absent_note=_absent_note(name, report) if not existed and not report.ids else "")
 
 
@@ -1353,6 +1384,7 @@ def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[
                 logger.info("removed %s: no reference uses it any more", path)
     if found:
         refresh_gallery_metric(g)
+        warn_species(g, only_one=True)  # left with one species: it cannot tell species apart
     existed = set(meta.index.tolist())
     return [i for i in ids if i in existed]
 
@@ -1548,6 +1580,7 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
             WRITTEN_BY: g.info.get(WRITTEN_BY),
             "uploads": unused_uploads(g),  # photos an add cut off left: what `index sweep-uploads` would take
             **_checklist_info(g, species, prior),
+            "species_notes": species_notes({s.species: s.count for s in species}),
             VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info),
                                "note": venom_advice_note(g, _venom_taxa(g, species, prior)) or ""}}
 

@@ -376,6 +376,10 @@ def cmd_species_list(args: argparse.Namespace) -> int:
             emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  "
                  f"venomous: {fmt_bool(s['venomous'])}")
         emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
+        from retrieval.advice import species_notes
+
+        for note in species_notes({s["species"]: s["count"] for s in species}):  # one species, or very uneven
+            emit(f"note: {printable(note)}")
     return 0
 
 
