@@ -198,6 +198,28 @@ class BuildResult:
     #: a Ctrl-C came once the build was done (every photo committed, the index finished, the cleaning made): it
     #: stopped nothing, and the result is whole
     interrupted_after: bool = False
+    #: photos of the dataset whose bytes are stored under another species (a repeat of an earlier photo of this
+    #: build, or a reference held before): one of the two labels is wrong (:func:`_label_conflicts`)
+    label_conflicts: list[LabelConflict] = field(default_factory=list)
+    #: species of the dataset none of whose photos is in the gallery because each was stored under another species
+    conflict_species: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LabelConflict:
+    """A photo of a build stored once, under another species than its own: the same bytes carry two labels."""
+
+    photo: str  # the photo's path
+    species: str  # its species in the dataset
+    stored_as: str  # the path of its first copy in this build, or "reference N" (held before)
+    stored_species: str  # the species it is stored under
+
+    def line(self) -> str:
+        """One line for people: both photos and both species, and what to do (a terminal's caller escapes it:
+        :func:`index.text.printable`)."""
+        return (f"{self.photo} ({self.species}) is the same file as {self.stored_as} "
+                f"({self.stored_species}): stored once, as {self.stored_species}; one of the two labels is wrong "
+                "(move or delete the wrong copy, then build again)")
 
 
 def build_gallery(
@@ -295,16 +317,43 @@ def build_gallery(
             raise
         late = True
     unread: dict[str, dict[str, int]] | None = None
+    conflicts: tuple[list[LabelConflict], list[str]] = ([], [])
     try:  # the build is done: its result is read whole (the gallery's species: a remote store's round trip)
         with held_interrupt("the build is done; reading its species for the summary", reraise=False) as held:
             unread = _species_unread(scan, report, gallery)
+            conflicts = _label_conflicts(scan, report, gallery)
         late = late or held.came
     except KeyboardInterrupt:  # a second Ctrl-C: the build is done all the same, its summary goes without them
         late = True
     if not late:
         warn_species(gallery)
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
-                       unread_species=unread, interrupted_after=late)
+                       unread_species=unread, interrupted_after=late, label_conflicts=conflicts[0],
+                       conflict_species=conflicts[1])
+
+
+def _label_conflicts(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> tuple[list[LabelConflict],
+                                                                                     list[str]]:
+    """(the duplicates of a build ``report`` stored under another species than their own: label conflicts, the
+    species of ``scan`` the gallery does not hold because each of their photos is one of them), species compared
+    as the gallery joins names (:func:`index.taxonomy.species_key`)."""
+    label = {str(r.path): r.species for r in scan.records}
+    stored = set(report.already_stored)
+    held_ids = [i for d, i in zip(report.duplicates, report.duplicate_ids, strict=True)
+                if d in stored and i is not None]
+    owner = gallery.store.metadata(held_ids)["species"].to_dict() if held_ids else {}
+    found = []
+    for (path, other), i in zip(report.duplicates, report.duplicate_ids, strict=True):
+        mine = label.get(path)
+        if (path, other) in stored:
+            theirs, where = owner.get(i), f"reference {i}"
+        else:
+            theirs, where = label.get(other), other
+        if mine is not None and theirs is not None and species_key(mine) != species_key(theirs):
+            found.append(LabelConflict(path, mine, where, theirs))
+    held = {species_key(s.species) for s in gallery.species() if s.count > 0}
+    lost = sorted({c.species for c in found if species_key(c.species) not in held})
+    return found, lost
 
 
 def warn_species(gallery: Gallery, *, only_one: bool = False) -> None:

@@ -1,7 +1,7 @@
-"""Galleries that cannot tell species apart, or favour some (walk s57, findings 1 and 2): a gallery of one species
+"""Galleries that cannot tell species apart, or favour some (walk s57, findings 1, 2 and 5): a gallery of one species
 answered other species "100% <that species>, venom unlikely"; a 70-photo species swamped 1-photo ones with no
-warning. Synthetic galleries (given vectors) and the tiny random ``timm:test_vit@random`` encoder: no shared
-assets."""
+warning; the same photo under two species was a plain "duplicate", and the near-copy note of a tie named one species
+of two. Synthetic galleries (given vectors) and the tiny random ``timm:test_vit@random`` encoder: no shared assets."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import logging
 import numpy as np
 from _cli_support import DIM, ENC, ENCODER, FakeEncoder, _photo, _run, folder_gallery, unit
 
-from index.gallery import Gallery
+from index.gallery import Gallery, Neighbour
 from index.records import ReferenceRecord
 from retrieval.advice import imbalance_note, one_species_note, species_notes, venom_advice
-from retrieval.identify import Identifier
+from retrieval.identify import Identifier, near_copy_note
 from retrieval.workflows import answer_notes, warn_species
 
 WOLF = "Lycodon capucinus"
@@ -126,3 +126,38 @@ def test_references_add_says_the_gallery_is_unbalanced(tmp_path, capsys):
     assert code == 0, (out, err)
     assert ("note: photo counts per species differ a lot (Lycodon capucinus has 21 reference photos, Natrix maura 1)"
             in out), out
+
+
+# -------------------------------------------------------------------------------------- the same photo, two labels
+def test_the_same_file_under_two_species_is_a_label_conflict_naming_both(tmp_path, capsys):
+    root = tmp_path / "photos"
+    first = _photo(root / "Philippine Cobra (Naja philippinensis)" / "x1.png", 1)
+    (root / "Samar Cobra (Naja samarensis)").mkdir()
+    (root / "Samar Cobra (Naja samarensis)" / "x1.png").write_bytes(first.read_bytes())
+    code, out, err = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", tmp_path / "g",
+                          *ENCODER, "-q")
+    assert code == 0, err
+    assert "1 references, 1 species" in out and "  duplicate " not in out, out
+    assert any(line.startswith("label conflict: ") and "(Naja samarensis) is the same file as " in line
+               and "(Naja philippinensis): stored once, as Naja philippinensis; one of the two labels is wrong" in line
+               for line in out.splitlines()), out
+    assert ("species left with no photos, each of theirs stored under another species (the label conflicts above): "
+            "Naja samarensis") in out
+
+
+def _neighbour(i: int, cosine: float, species: str) -> Neighbour:
+    return Neighbour(i, cosine, species, species.split()[0], None, None, True, f"/p/{i}.jpg", None)
+
+
+def test_the_near_copy_note_of_several_species_names_a_reference_of_each():
+    """Walk s57: "a near-copy of references of 2 species (#10 Naja samarensis, #9 ..., #7 Naja samarensis; ...)"."""
+    near = [_neighbour(10 - i, 1.0, "Naja samarensis") for i in range(5)] + \
+        [_neighbour(5 - i, 1.0, "Naja philippinensis") for i in range(5)]
+    note = near_copy_note(near, "Naja samarensis").note
+    assert note.startswith("this photo is a near-copy of references of 2 species (#10 Naja samarensis, #9 Naja "
+                           "samarensis, #8 Naja samarensis, #5 Naja philippinensis; cosine >= 0.95)"), note
+    three = near[:5] + [_neighbour(20, 0.99, "Naja naja"), _neighbour(21, 0.98, "Naja sumatrana"),
+                        _neighbour(22, 0.97, "Naja philippinensis")]
+    note = near_copy_note(three, "Naja samarensis").note
+    assert "references of 4 species (#10 Naja samarensis, #20 Naja naja, #21 Naja sumatrana, #22 Naja " \
+           "philippinensis;" in note, note

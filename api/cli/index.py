@@ -180,11 +180,19 @@ def _build_summary(args: argparse.Namespace, result: BuildResult) -> int:
     g = result.gallery
     # a resumed build's photos already in: expected, counted (listed at -v)
     quiet_stored = result.resumed and not getattr(args, "verbose", 0)
+    conflicts = result.label_conflicts
     emit(
         f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"
-        f"{result.report.summary(list_stored=not quiet_stored)}"
+        f"{result.report.summary(list_stored=not quiet_stored, said_apart={c.photo for c in conflicts})}"
     )
+    for c in conflicts[:10]:  # the same bytes under two species: not a plain duplicate
+        emit(f"label conflict: {printable(c.line())}")
+    if len(conflicts) > 10:
+        emit(f"... and {len(conflicts) - 10} more label conflicts")
+    if result.conflict_species:
+        emit("species left with no photos, each of theirs stored under another species (the label conflicts "
+             f"above): {printable(', '.join(result.conflict_species))}")
     if quiet_stored and (stored := len(result.report.already_stored)):
         emit(f"resumed the interrupted build: the {stored} photo{'s' * (stored != 1)} already in the gallery "
              "counted above, not listed (-v lists them)")
