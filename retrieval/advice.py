@@ -63,8 +63,9 @@ FAR_TEXT = "This photo cannot be identified: if someone was bitten, treat the bi
 UNKNOWN_TEXT = ("This photo cannot be identified with confidence (no species is supported strongly enough), so its "
                 "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical care.")
 #: The advice of a gallery of one species (``{species}``: its name) for any answer not far.
-ONE_SPECIES_TEXT = ("This gallery holds one species ({species}), so it cannot tell species apart and the photo's venom "
-                    "status cannot be told: if someone was bitten, treat the bite as venomous and seek medical care.")
+ONE_SPECIES_TEXT = ("This gallery holds one species ({species}), so it cannot tell species apart and the photo's "
+                    "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical "
+                    "care.")
 #: The caveat of an "unlikely" answer: the gallery names none but its own species.
 ONLY_OWN = "among this gallery's own species only (a snake of another species is shown as the closest of them)"
 #: Said of a far answer's candidates (the CLI's heading over them, the API's note, the page's line).

@@ -155,7 +155,7 @@ def test_a_gallery_of_copies_of_one_photo_has_no_far_threshold_and_its_answers_s
           [f"d-{i}" for i in range(10)], np.repeat(v[None], 10, axis=0))
     assert far_threshold(g) is None
     notes = answer_notes(Identifier(FakeEncoder(), g), api=True)
-    assert ("this gallery holds 10 reference photos, each a near-copy of the others near it (cosine >= 0.95: the same "
-            "photo saved again): too few to tell a photo unlike every reference") in notes[0]
+    assert ("this gallery holds 10 reference photos, each a near-copy of the others near it (cosine >= 0.95: the "
+            "same photo saved again): too few to tell a photo unlike every reference") in notes[0]
     assert notes[0].endswith("add reference photos (POST /v1/species/{name}/references): from 2 that are not "
                              "near-copies, the gallery measures that threshold")

@@ -18,9 +18,9 @@ from retrieval.identify import Identifier, near_copy_note
 from retrieval.workflows import answer_notes, warn_species
 
 WOLF = "Lycodon capucinus"
-ONE_WOLF = ("this gallery holds one species (Lycodon capucinus): it cannot tell species apart, so every photo it does "
-            "not mark far or UNKNOWN is answered as Lycodon capucinus at 100%, whatever animal it shows, and its venom "
-            "advice is 'cannot tell, treat as venomous'; add reference photos of other species ({how})")
+ONE_WOLF = ("this gallery holds one species (Lycodon capucinus): it cannot tell species apart, so every photo it "
+            "does not mark far or UNKNOWN is answered as Lycodon capucinus at 100%, whatever animal it shows, and "
+            "its venom advice is 'cannot tell, treat as venomous'; add reference photos of other species ({how})")
 
 
 def _gallery(root, counts: dict[str, int], *, seed: int = 0, venomous: bool | None = False) -> Gallery:
@@ -63,7 +63,8 @@ def test_a_gallery_of_two_species_keeps_its_venom_unlikely_advice(tmp_path):
 def test_venom_advice_of_one_species_is_cannot_tell_unless_far_or_off():
     kw = {"venom_unknown_score": 0.0, "one_species": "Naja samarensis"}
     said = venom_advice(unknown=False, far=False, venomous_score=1.0, **kw)  # a venomous one: not "probability 100%"
-    assert (said.level, said.treat_as_venomous) == ("cannot_tell", True) and "one species (Naja samarensis)" in said.text
+    assert (said.level, said.treat_as_venomous) == ("cannot_tell", True)
+    assert "one species (Naja samarensis)" in said.text
     assert venom_advice(unknown=False, far=True, venomous_score=None, **kw).text.startswith(
         "This photo cannot be identified")
     assert venom_advice(unknown=False, far=False, venomous_score=0.0, applies=False, **kw) is None
@@ -139,7 +140,8 @@ def test_the_same_file_under_two_species_is_a_label_conflict_naming_both(tmp_pat
     assert code == 0, err
     assert "1 references, 1 species" in out and "  duplicate " not in out, out
     assert any(line.startswith("label conflict: ") and "(Naja samarensis) is the same file as " in line
-               and "(Naja philippinensis): stored once, as Naja philippinensis; one of the two labels is wrong" in line
+               and "(Naja philippinensis): stored once, as Naja philippinensis; one of the two labels is wrong"
+               in line
                for line in out.splitlines()), out
     assert ("species left with no photos, each of theirs stored under another species (the label conflicts above): "
             "Naja samarensis") in out
