@@ -9,7 +9,10 @@ The advice (:func:`venom_advice`), in order:
   photos get a harmless top-1: docs/identification.md);
 - ``cannot_tell``, treat as venomous: the answer is ``unknown`` (no species supported strongly enough);
 - ``unlikely``: a species is named and under 10% (as printed) is on venomous or unrecorded species; said with the
-  caveat that only the gallery's own species can be named.
+  caveat that only the gallery's own species can be named;
+- ``cannot_tell``, treat as venomous, instead of the two above where the gallery holds one species (``one_species``):
+  it cannot tell species apart, so its 100% and its venomous share say nothing of the photo
+  (:func:`one_species_note`).
 
 Every gallery gets the advice, named answers included (a gallery none of whose species records a venom status:
 "venom status not recorded ... treat as venomous"), unless its ``gallery.json`` records that it gives no venom
@@ -59,6 +62,10 @@ VENOM_WARN_AT = 0.10
 FAR_TEXT = "This photo cannot be identified: if someone was bitten, treat the bite as venomous and seek medical care."
 UNKNOWN_TEXT = ("This photo cannot be identified with confidence (no species is supported strongly enough), so its "
                 "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical care.")
+#: The advice of a gallery of one species (``{species}``: its name) for any answer not far.
+ONE_SPECIES_TEXT = ("This gallery holds one species ({species}), so it cannot tell species apart and the photo's "
+                    "venom status cannot be told: if someone was bitten, treat the bite as venomous and seek medical "
+                    "care.")
 #: The caveat of an "unlikely" answer: the gallery names none but its own species.
 ONLY_OWN = "among this gallery's own species only (a snake of another species is shown as the closest of them)"
 #: Said of a far answer's candidates (the CLI's heading over them, the API's note, the page's line).
@@ -140,15 +147,18 @@ def unrecorded_share(scores: Mapping[str, float], venomous: Mapping[str, bool | 
 
 def venom_advice(*, unknown: bool, far: bool, venomous_score: float | None, venom_unknown_score: float,
                  venomous_names: Sequence[str] = (), unrecorded_names: Sequence[str] = (),
-                 applies: bool = True) -> VenomAdvice | None:
+                 applies: bool = True, one_species: str | None = None) -> VenomAdvice | None:
     """The advice of an answer (the module's rule); ``venomous_names``: its venomous candidates of at least
     :data:`VENOM_WARN_AT`, named in the warning; ``unrecorded_names``: its candidates of unrecorded venom status,
     named when the warning comes from them alone; ``venom_unknown_score``: their share (:func:`unrecorded_share`);
-    ``applies``: :func:`venom_applies` of the gallery (False: no advice at all, None)."""
+    ``applies``: :func:`venom_applies` of the gallery (False: no advice at all, None); ``one_species``: the species
+    of a gallery that holds only it (cannot tell, treat as venomous: never "unlikely")."""
     if not applies:
         return None  # recorded off (birds): no bite to advise on, far and unknown answers included
     if far:
         return VenomAdvice("cannot_tell", True, FAR_TEXT)
+    if one_species is not None:  # its 100% is no match: a cobra is answered as the one harmless species it holds
+        return VenomAdvice("cannot_tell", True, ONE_SPECIES_TEXT.format(species=one_species))
     venomous = venomous_score or 0.0
     share = venomous + venom_unknown_score
     # compared as printed too: a share that prints as 10.0% warns, as 10% does
@@ -176,6 +186,54 @@ def far_note() -> str:
     """The note of a far answer: its candidates' scores are shares among the gallery's species, not a match."""
     return (f"the candidates' scores are {NOT_MEANINGFUL} photo (they are shares among the gallery's species, not "
             "a match)")
+
+
+# ------------------------------------------------------------------------------------------ the gallery's species
+#: The imbalance note (:func:`imbalance_note`): the largest species holds more than this many times the photos of
+#: the smallest...
+IMBALANCE_RATIO = 10
+#: ... and at least this many (a gallery of 1 and 11 photos is small rather than skewed: the few-photos notes say so).
+IMBALANCE_MIN_PHOTOS = 20
+
+
+def _add_how(api: bool) -> str:
+    return "POST /v1/species/{name}/references" if api else "speciesid references add"
+
+
+def one_species_note(species: str, *, api: bool = False) -> str:
+    """What a gallery holding one species (``species``) is to be shown with: it cannot tell species apart."""
+    return (f"this gallery holds one species ({species}): it cannot tell species apart, so every photo it does not "
+            f"mark far or UNKNOWN is answered as {species} at 100%, whatever animal it shows, and its venom advice "
+            f"is 'cannot tell, treat as venomous'; add reference photos of other species ({_add_how(api)})")
+
+
+def imbalance_note(counts: Mapping[str, int], *, api: bool = False) -> str:
+    """What a gallery whose species' photo counts (``counts``: species -> searchable photos) differ a lot is to be
+    shown with (more than :data:`IMBALANCE_RATIO` times, the largest of at least :data:`IMBALANCE_MIN_PHOTOS`):
+    the kNN vote favours the large species; "" otherwise."""
+    held = {s: n for s, n in counts.items() if n > 0}
+    if len(held) < 2:
+        return ""
+    big = max(sorted(held), key=lambda s: held[s])
+    small = sorted((s for s in held if held[big] > IMBALANCE_RATIO * held[s]), key=lambda s: (held[s], s))
+    if held[big] < IMBALANCE_MIN_PHOTOS or not small:
+        return ""
+    few = f"{small[0]} {held[small[0]]}" + (f"; {len(small)} species have under a tenth of that ({first_few(small)})"
+                                            if len(small) > 1 else "")
+    return (f"photo counts per species differ a lot ({big} has {held[big]} reference photos, {few}): the kNN vote "
+            "counts each neighbouring photo, so it favours species with many photos (a photo of a small species "
+            f"is often answered as a large one); add photos of the small species ({_add_how(api)}), and 'speciesid "
+            "probe train' (its probe weighs every species alike, blended with the vote) lessens it")
+
+
+def species_notes(counts: Mapping[str, int], *, api: bool = False) -> list[str]:
+    """What a gallery of these species (``counts``: species -> searchable photos) is to be shown with at a build, an
+    add or a delete and beside its answers: one species (:func:`one_species_note`), or photo counts that differ a
+    lot (:func:`imbalance_note`); [] otherwise."""
+    held = sorted(s for s, n in counts.items() if n > 0)
+    if len(held) == 1:
+        return [one_species_note(held[0], api=api)]
+    return [note] if (note := imbalance_note(counts, api=api)) else []
 
 
 # ------------------------------------------------------------------------------------------ checklist coverage

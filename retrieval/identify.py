@@ -74,8 +74,11 @@ FAR_FILE = FAR_THRESHOLD_FILE
 
 
 #: The version of :func:`far_threshold`'s rule in :func:`far_key`: a threshold kept by an earlier rule is estimated
-#: again (raise it when the rule changes).
-FAR_RULE = 1
+#: again (raise it when the rule changes). 2: near-copies are passed over as a reference's nearest other.
+FAR_RULE = 2
+#: Neighbours of each reference :func:`far_threshold` searches (itself among them) for its nearest other that is not
+#: a near-copy of it (a photo saved twice, re-cropped): a reference with only near-copies among them is left out.
+FAR_NEIGHBOURS = 10
 
 #: Cosine at or above which a photo is a near-copy of a reference (that reference's photo re-saved, re-cropped or
 #: mirrored): the ``speciesid clean`` leak rule, by which ``evaluate`` leaves such photos out of val and ``references
@@ -106,8 +109,20 @@ def near_copy_note(neighbours: Sequence[Neighbour], top: str | None,
         return None
     best = max(near, key=lambda n: n.plain_cosine)
     species = sorted({n.species for n in near})
-    if len(species) > 1:
-        others = ", ".join(f"#{n.id} {n.species}" for n in near[:4])
+    if len(species) > 1:  # one reference of each species at least (the nearest of each), up to 4 when fewer
+        first: dict[str, Neighbour] = {}
+        for n in near:
+            first.setdefault(n.species, n)
+        shown = {n.id for n in first.values()}
+        for n in near:
+            if len(shown) >= max(4, len(first)):
+                break
+            shown.add(n.id)
+        listed: dict[int, Neighbour] = {}  # nearest first, each reference once (an observation's may repeat)
+        for n in near:
+            if n.id in shown:
+                listed.setdefault(n.id, n)
+        others = ", ".join(f"#{n.id} {n.species}" for n in listed.values())
         return NearCopyNote(None, f"this photo is a near-copy of references of {len(species)} species ({others}; "
                             f"cosine >= {NEAR_COPY_COSINE}): one of them is likely mislabelled ('speciesid clean' "
                             "lists such pairs as label conflicts)")
@@ -125,7 +140,11 @@ def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: i
                   seed: int = 0) -> float | None:
     """The cosine under which a query is unlike every reference: the ``quantile`` of the references' similarity to
     their nearest other reference (up to ``sample`` of them), leaving out references far below the rest (under
-    Q1 - 3 IQR: off-target ones). None for a gallery of fewer than 2 references.
+    Q1 - 3 IQR: off-target ones). A reference's nearest other is the nearest that is not a near-copy of it (cosine
+    under :data:`NEAR_COPY_COSINE`, among its :data:`FAR_NEIGHBOURS` nearest): a photo saved twice would otherwise
+    set a threshold near 1, under which every real photo is far; a reference with only near-copies there is left
+    out. None for a gallery of fewer than 2 references, or one whose references are all near-copies of each other
+    (its answers say which: :func:`retrieval.workflows.answer_notes`).
 
     On ph-snakes with MobileNetV1 it is 0.60: the 206 val photos' nearest references lie at 0.64-0.97, while a
     blank, a noise or a 5 x 5 px image lies at 0.30-0.49 (docs/identification.md), while no blank photo is a
@@ -135,9 +154,12 @@ def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: i
         return None
     if len(ids) > sample:
         ids = np.sort(np.random.default_rng(seed).choice(ids, sample, replace=False))
-    sims, found = gallery.nearest(gallery.reference_vectors(ids.tolist()), 2)
-    other = np.where(found[:, 0] == ids, sims[:, 1], sims[:, 0])  # an identical twin may come first: it counts
-    other = other[np.isfinite(other) & (found[:, 1] >= 0)]
+    sims, found = gallery.nearest(gallery.reference_vectors(ids.tolist()), FAR_NEIGHBOURS)
+    # itself, a twin (found before itself or not) and any near-copy are passed over: the first hit left is its
+    # nearest other (the hits come nearest first)
+    usable = (found >= 0) & (found != ids[:, None]) & np.isfinite(sims) & (sims < NEAR_COPY_COSINE)
+    has = usable.any(axis=1)
+    other = sims[np.arange(len(ids)), usable.argmax(axis=1)][has]
     if len(other) >= 8:  # an off-target reference (a drawing, noise) would set a small gallery's quantile alone:
         q1, q3 = np.quantile(other, [0.25, 0.75])  # Tukey's far-out fence sets such outliers aside (on the
         other = other[other >= q1 - 3 * (q3 - q1)]  # ph-snakes galleries, frozen and fine-tuned, it sets none aside)
@@ -530,6 +552,16 @@ class Identifier:
         self.taxa()
         return self._held
 
+    def one_species(self) -> str | None:
+        """The one species the gallery can name, when it holds photos of one species only (and its text prior, if
+        any, names no other): it cannot tell species apart (:func:`retrieval.advice.one_species_note`); None
+        otherwise. Cached as :meth:`taxa` is."""
+        held = self.held_species()
+        prior = self.text_prior
+        if len(held) != 1 or (prior is not None and set(prior.species) - held):
+            return None
+        return next(iter(held))
+
     def venom_applies(self) -> bool:
         """Whether venom advice applies to the gallery (:func:`retrieval.advice.venom_applies`): on unless its
         ``gallery.json`` records it off (read again when it changes), and on while a species is recorded venomous
@@ -847,7 +879,8 @@ class Identifier:
             country_covered=None if presence is None else any(c is not None for c in candidates),
             venom_advice=venom_advice(unknown=unknown, far=far, venomous_score=venomous_score,
                                       venom_unknown_score=unflagged, venomous_names=named,
-                                      unrecorded_names=unrecorded[:3], applies=applies),
+                                      unrecorded_names=unrecorded[:3], applies=applies,
+                                      one_species=self.one_species()),
             venom_applies=applies,
             near_copy=copy.reference if copy is not None else None,
             notes=[copy.note] if copy is not None else [],

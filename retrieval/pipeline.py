@@ -162,9 +162,9 @@ class BuildReport:
 
     def summary(self, *, list_stored: bool = True, said_apart: Collection[str] = ()) -> str:
         """One human-readable paragraph. ``list_stored`` False: the photos already in the gallery are counted, not
-        listed (a resumed build's, which are expected). ``said_apart``: paths of photos already in the gallery that
-        the caller lists itself, with a more specific reason (a reference of another species): counted, not listed
-        here."""
+        listed (a resumed build's, which are expected). ``said_apart``: paths of duplicates (already in the gallery,
+        or repeats within the run) that the caller lists itself, with a more specific reason (a reference of another
+        species, a label conflict): counted, not listed here."""
         waited = (f"; the model waited for decoding {self.stats.wait_share(self.seconds):.0%} of the time"
                   if self.stats.batches else "")  # measured by the local pipeline's model thread only
         counts = skip_counts(reason for _, reason in self.skipped)
@@ -186,11 +186,12 @@ class BuildReport:
             lines.append(f"  skipped {printable(path)}: {printable(reason)}")
         if len(self.skipped) > 20:
             lines.append(f"  ... and {len(self.skipped) - 20} more skipped")
-        for path, other in repeats[:10]:
+        shown = [(path, other) for path, other in repeats if path not in said_apart]
+        for path, other in shown[:10]:
             how = "a link to" if _link_to(path, other) else "same bytes as"
             lines.append(f"  duplicate {printable(path)} ({how} {printable(other)})")
-        if len(repeats) > 10:
-            lines.append(f"  ... and {len(repeats) - 10} more duplicates within this run")
+        if len(shown) > 10:
+            lines.append(f"  ... and {len(shown) - 10} more duplicates within this run")
         listed = [(path, other) for path, other in stored if path not in said_apart] if list_stored else []
         for path, other in listed[:10]:
             lines.append(f"  already in the gallery: {printable(path)} (same bytes as reference "

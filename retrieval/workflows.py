@@ -85,9 +85,11 @@ from retrieval.advice import (
     VENOM_ADVICE_KEY,
     checklist_coverage,
     far_note,
+    one_species_note,
     record_checklist,
     record_venom_advice,
     recorded_venomous,
+    species_notes,
     venom_advice_hint,
     venom_advice_on,
     venom_applies,
@@ -115,7 +117,15 @@ from retrieval.galleries import (
     open_identifier,
     stored_species,
 )
-from retrieval.identify import Identification, Identifier, Method, RankedResult, parse_method, ranked_results
+from retrieval.identify import (
+    NEAR_COPY_COSINE,
+    Identification,
+    Identifier,
+    Method,
+    RankedResult,
+    parse_method,
+    ranked_results,
+)
 from retrieval.images import MIN_REFERENCE_SIDE, ImageLoadError, image_format, sha256_bytes
 from retrieval.metric import query_rows, unit_queries
 from retrieval.pipeline import (
@@ -189,6 +199,28 @@ class BuildResult:
     #: a Ctrl-C came once the build was done (every photo committed, the index finished, the cleaning made): it
     #: stopped nothing, and the result is whole
     interrupted_after: bool = False
+    #: photos of the dataset whose bytes are stored under another species (a repeat of an earlier photo of this
+    #: build, or a reference held before): one of the two labels is wrong (:func:`_label_conflicts`)
+    label_conflicts: list[LabelConflict] = field(default_factory=list)
+    #: species of the dataset none of whose photos is in the gallery because each was stored under another species
+    conflict_species: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LabelConflict:
+    """A photo of a build stored once, under another species than its own: the same bytes carry two labels."""
+
+    photo: str  # the photo's path
+    species: str  # its species in the dataset
+    stored_as: str  # the path of its first copy in this build, or "reference N" (held before)
+    stored_species: str  # the species it is stored under
+
+    def line(self) -> str:
+        """One line for people: both photos and both species, and what to do (a terminal's caller escapes it:
+        :func:`index.text.printable`)."""
+        return (f"{self.photo} ({self.species}) is the same file as {self.stored_as} "
+                f"({self.stored_species}): stored once, as {self.stored_species}; one of the two labels is wrong "
+                "(move or delete the wrong copy, then build again)")
 
 
 def build_gallery(
@@ -286,14 +318,58 @@ def build_gallery(
             raise
         late = True
     unread: dict[str, dict[str, int]] | None = None
+    conflicts: tuple[list[LabelConflict], list[str]] = ([], [])
     try:  # the build is done: its result is read whole (the gallery's species: a remote store's round trip)
         with held_interrupt("the build is done; reading its species for the summary", reraise=False) as held:
             unread = _species_unread(scan, report, gallery)
+            conflicts = _label_conflicts(scan, report, gallery)
         late = late or held.came
     except KeyboardInterrupt:  # a second Ctrl-C: the build is done all the same, its summary goes without them
         late = True
+    if not late:
+        warn_species(gallery)
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
-                       unread_species=unread, interrupted_after=late)
+                       unread_species=unread, interrupted_after=late, label_conflicts=conflicts[0],
+                       conflict_species=conflicts[1])
+
+
+def _label_conflicts(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> tuple[list[LabelConflict],
+                                                                                     list[str]]:
+    """(the duplicates of a build ``report`` stored under another species than their own: label conflicts, the
+    species of ``scan`` the gallery does not hold because each of their photos is one of them), species compared
+    as the gallery joins names (:func:`index.taxonomy.species_key`)."""
+    label = {str(r.path): r.species for r in scan.records}
+    stored = set(report.already_stored)
+    held_ids = [i for d, i in zip(report.duplicates, report.duplicate_ids, strict=True)
+                if d in stored and i is not None]
+    owner = gallery.store.metadata(held_ids)["species"].to_dict() if held_ids else {}
+    found = []
+    for (path, other), i in zip(report.duplicates, report.duplicate_ids, strict=True):
+        mine = label.get(path)
+        if (path, other) in stored:
+            theirs, where = owner.get(i), f"reference {i}"
+        else:
+            theirs, where = label.get(other), other
+        if mine is not None and theirs is not None and species_key(mine) != species_key(theirs):
+            found.append(LabelConflict(path, mine, where, theirs))
+    held = {species_key(s.species) for s in gallery.species() if s.count > 0}
+    lost = sorted({c.species for c in found if species_key(c.species) not in held})
+    return found, lost
+
+
+def warn_species(gallery: Gallery, *, only_one: bool = False) -> None:
+    """Log a warning for each of the gallery's species notes (:func:`retrieval.advice.species_notes`: one species,
+    or photo counts that differ a lot; ``only_one``: only when it holds one species), after a build or a delete. A
+    note must not fail a write that is done: a failure to read the species is logged at info."""
+    try:
+        counts = {s.species: s.count for s in gallery.species()}
+    except Exception as exc:  # noqa: BLE001 - the write is committed: its notes are a courtesy
+        logger.info("the gallery's species were not read for its notes: %s", exc)
+        return
+    if only_one and sum(n > 0 for n in counts.values()) != 1:
+        return
+    for note in species_notes(counts):
+        logger.warning("%s", note)
 
 
 def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:
@@ -355,6 +431,7 @@ def _build_on_ray(index_dir: str | Path, dataset: str, root: str | Path, *, meta
         record_venom_advice(gallery, False)
     for warning in warnings:
         logger.warning("%s", warning)
+    warn_species(gallery)
     scan = DatasetScan(name=dataset, root=Path(root), records=[], warnings=warnings, skipped=skipped)
     return BuildResult(gallery=gallery, scan=scan, report=report, resumed=earlier is not None)
 
@@ -518,10 +595,15 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
     if n and ident.far_threshold() is None:
         how = "POST /v1/species/{name}/references" if api else "speciesid references add"
-        notes.append(f"this gallery holds {n} reference photo{'s' * (n != 1)}: too few to tell a photo unlike every "
+        many = n > 1  # 2 or more: each one's nearest others are near-copies of it (far_threshold passes them over)
+        said = (f"{n} reference photos, each a near-copy of the others near it (cosine >= {NEAR_COPY_COSINE}: the "
+                "same photo saved again)" if many else "1 reference photo")
+        notes.append(f"this gallery holds {said}: too few to tell a photo unlike every "
                      "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
-                     f"for that, however unlike the photo is; add reference photos ({how}): from 2, the gallery "
-                     "measures that threshold")
+                     f"for that, however unlike the photo is; add reference photos ({how}): from 2"
+                     f"{' that are not near-copies' if many else ''}, the gallery measures that threshold")
+    if (one := ident.one_species()) is not None:  # its 100% says nothing: never "venom unlikely" either
+        notes.append(one_species_note(one, api=api))
     if parse_rank(rank) is Rank.FAMILY and (family := family_note(ident, api=api)):
         notes.append(family)
     if stale := ident.stale_probe_note(api=api):  # references added or deleted since the probe was trained
@@ -836,6 +918,9 @@ class AddResult:
     #: photos stored from their first frame or page (an animated GIF, a TIFF of several pages), one note each:
     #: ``name: note`` (the upload's name, else the path), as an identify's answer says it
     photo_notes: list[str] = field(default_factory=list)
+    #: the gallery's species after the add (retrieval.advice.species_notes): one species, or photo counts that
+    #: differ a lot
+    species_note: str = ""
 
     @property
     def exists(self) -> bool:
@@ -846,10 +931,10 @@ class AddResult:
     @property
     def notes(self) -> list[str]:
         """The notes a caller shows beside the result (``absent_note``, ``taxon_note``, ``venom_note``,
-        ``probe_note``, ``few_note``, the ``photo_notes``, then the near-copies: one note each for the first
-        :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say something."""
-        return ([note for note in (self.absent_note, self.taxon_note, self.venom_note, self.probe_note, self.few_note)
-                 if note]
+        ``probe_note``, ``few_note``, ``species_note``, the ``photo_notes``, then the near-copies: one note each
+        for the first :data:`NEAR_COPY_NOTES`, one more counting the rest), those that say something."""
+        return ([note for note in (self.absent_note, self.taxon_note, self.venom_note, self.probe_note, self.few_note,
+                                   self.species_note) if note]
                 + self.photo_notes + near_copy_notes(self.near_copies))
 
 
@@ -1141,11 +1226,17 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
         logger.warning("the near-copy check of the photos added was skipped: %s", exc)  # meanwhile, the store)
         near = []
     existed = _existed(gallery, name, prior, held_at_commit)  # as the commit found it, else as the store is now
+    species_note = ""
+    if report.ids:
+        try:
+            species_note = "; ".join(species_notes({s.species: s.count for s in gallery.species()}, api=api))
+        except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed
+            logger.info("the gallery's species were not read for the add's notes: %s", exc)
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
                      venom_note=venom_note if api and report.ids else "",  # the CLI has the log line
-                     few_note=few_note, near_copies=near, photo_notes=said,
+                     few_note=few_note, near_copies=near, photo_notes=said, species_note=species_note,
                      absent_note=_absent_note(name, report) if not existed and not report.ids else "")
 
 
@@ -1383,6 +1474,8 @@ def delete_references(gallery: Gallery | Identifier | str | Path, ids: Sequence[
         if len(g) == 0:  # identify, search and probe train refuse it now: said at once, not at the next identify
             logger.warning("gallery %s holds no searchable reference now: identify and probe train refuse it until "
                            "photos are added ('speciesid references add' or 'speciesid index build')", g.root)
+        else:
+            warn_species(g, only_one=True)  # left with one species: it cannot tell species apart
     existed = set(meta.index.tolist())
     return [i for i in ids if i in existed]
 
@@ -1579,6 +1672,7 @@ def gallery_info(gallery: Gallery | Identifier | str | Path) -> dict[str, object
             WRITTEN_BY: g.info.get(WRITTEN_BY),
             "uploads": unused_uploads(g),  # photos an add cut off left: what `index sweep-uploads` would take
             **_checklist_info(g, species, prior),
+            "species_notes": species_notes({s.species: s.count for s in species}),
             VENOM_ADVICE_KEY: {"on": venom_advice_on(g.info),
                                "note": venom_advice_note(g, _venom_taxa(g, species, prior)) or ""}}
 

@@ -66,12 +66,13 @@ def test_a_threshold_kept_for_another_index_kind_or_rule_is_estimated_again(tmp_
 
 
 def _cluster_gallery(root, n: int = 20, seed: int = 2) -> tuple[Gallery, np.ndarray]:
-    """``n`` references around one centre (their nearest others at cosine ~0.95); and that centre."""
+    """``n`` references around one centre (their nearest others at cosine ~0.9, under the near-copy rule); and that
+    centre."""
     rng = np.random.default_rng(seed)
     centre = rng.standard_normal(DIM)
     g = Gallery.create(root, ENC)
     g.add([ReferenceRecord(path=f"/p/a{i}.jpg", species="Naja haje") for i in range(n)], [f"a-{i}" for i in range(n)],
-          unit(centre + 0.15 * rng.standard_normal((n, DIM))))
+          unit(centre + 0.4 * rng.standard_normal((n, DIM))))
     return g, centre
 
 
@@ -121,3 +122,40 @@ def test_one_identifier_estimates_the_far_threshold_again_as_the_gallery_grows(t
     g.add([ReferenceRecord(path=f"/p/c{i}.jpg", species="Naja haje") for i in range(10)],
           [f"c-{i}" for i in range(10)], unit(centre + 0.15 * rng.standard_normal((10, DIM))))
     assert ident.far_threshold() == -1.0 and calls == [31]
+
+
+def test_near_copies_among_the_references_do_not_raise_the_far_threshold(tmp_path):
+    """Each photo saved twice (walk s57, finding 4): a reference's nearest other was its own copy, so the threshold
+    rose to ~0.94-1.00 and every real photo was far. Near-copies (cosine >= the near-copy rule) are passed over:
+    the threshold is the one of the same gallery without the copies."""
+    rng = np.random.default_rng(5)
+    centre = rng.standard_normal(DIM)
+    x = unit(centre + 0.4 * rng.standard_normal((20, DIM)))
+    single = Gallery.create(tmp_path / "single", ENC)
+    single.add([ReferenceRecord(path=f"/p/a{i}.jpg", species="Naja haje") for i in range(20)],
+               [f"a-{i}" for i in range(20)], x)
+    twins = Gallery.create(tmp_path / "twins", ENC)  # each photo again, re-saved: its vector nudged (cosine ~0.999)
+    copies = unit(x + 0.01 * rng.standard_normal(x.shape))
+    assert ((x * copies).sum(axis=1) >= identify.NEAR_COPY_COSINE).all()
+    twins.add([ReferenceRecord(path=f"/p/{tag}{i}.jpg", species="Naja haje") for tag in "ab" for i in range(20)],
+              [f"{tag}-{i}" for tag in "ab" for i in range(20)], np.concatenate([x, copies]))
+    expected = far_threshold(single)
+    assert 0.8 < expected < 0.95
+    assert far_threshold(twins) == pytest.approx(expected, abs=0.01)
+
+
+def test_a_gallery_of_copies_of_one_photo_has_no_far_threshold_and_its_answers_say_why(tmp_path):
+    """Ten references with the same pixels (walk s57: threshold 1.00, every photo not an exact copy far): none has a
+    nearest other that is not a near-copy, so the gallery has no far threshold, and its answers say why."""
+    from retrieval.workflows import answer_notes
+
+    g = Gallery.create(tmp_path / "g", ENC)
+    v = unit(np.random.default_rng(6).standard_normal(DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Naja haje" if i < 5 else "Naja naja") for i in range(10)],
+          [f"d-{i}" for i in range(10)], np.repeat(v[None], 10, axis=0))
+    assert far_threshold(g) is None
+    notes = answer_notes(Identifier(FakeEncoder(), g), api=True)
+    assert ("this gallery holds 10 reference photos, each a near-copy of the others near it (cosine >= 0.95: the "
+            "same photo saved again): too few to tell a photo unlike every reference") in notes[0]
+    assert notes[0].endswith("add reference photos (POST /v1/species/{name}/references): from 2 that are not "
+                             "near-copies, the gallery measures that threshold")

@@ -26,14 +26,14 @@ HINT = "none of this gallery's species is in the shipped snake taxonomy"
 
 def _gallery(tmp_path, species: dict[str, dict]) -> tuple[Gallery, np.ndarray]:
     """A gallery of 6 references of each species (``species``: name -> the records' other fields) around its own
-    centre; with the first species' centre."""
+    centre (spread so that they are not near-copies of each other: cosine ~0.9); with the first species' centre."""
     rng = np.random.default_rng(5)
     g = Gallery.create(tmp_path / "g", ENC)
     first = None
     for name, fields in species.items():
         centre = rng.standard_normal(DIM)
         first = centre if first is None else first
-        x = centre + 0.05 * rng.standard_normal((6, DIM))
+        x = centre + 0.4 * rng.standard_normal((6, DIM))
         g.add([ReferenceRecord(path=f"/photos/{name}/{i}.jpg", species=name, **fields) for i in range(6)],
               [f"{name}-{i}" for i in range(6)], (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
     return g, first / np.linalg.norm(first)

@@ -180,11 +180,19 @@ def _build_summary(args: argparse.Namespace, result: BuildResult) -> int:
     g = result.gallery
     # a resumed build's photos already in: expected, counted (listed at -v)
     quiet_stored = result.resumed and not getattr(args, "verbose", 0)
+    conflicts = result.label_conflicts
     emit(
         f"gallery {g.root}: {len(g)} references, {len(g.species())} species, "
         f"encoder {g.encoder_spec}, {g.index.kind} index\n"
-        f"{result.report.summary(list_stored=not quiet_stored)}"
+        f"{result.report.summary(list_stored=not quiet_stored, said_apart={c.photo for c in conflicts})}"
     )
+    for c in conflicts[:10]:  # the same bytes under two species: not a plain duplicate
+        emit(f"label conflict: {printable(c.line())}")
+    if len(conflicts) > 10:
+        emit(f"... and {len(conflicts) - 10} more label conflicts")
+    if result.conflict_species:
+        emit("species left with no photos, each of theirs stored under another species (the label conflicts "
+             f"above): {printable(', '.join(result.conflict_species))}")
     for line in result.report.note_lines():  # photos stored from their first frame or page: said as an add says
         emit(f"note: {line}")
     if quiet_stored and (stored := len(result.report.already_stored)):
@@ -378,6 +386,10 @@ def cmd_species_list(args: argparse.Namespace) -> int:
             emit(f"{s['count']:6d}  {s['species']}{common}  [{s['family'] or '?'}]  "
                  f"venomous: {fmt_bool(s['venomous'])}")
         emit(f"{len(species)} species, {sum(s['count'] for s in species)} references")
+        from retrieval.advice import species_notes
+
+        for note in species_notes({s["species"]: s["count"] for s in species}):  # one species, or very uneven
+            emit(f"note: {printable(note)}")
     return 0
 
 
