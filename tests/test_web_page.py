@@ -256,9 +256,11 @@ def test_a_big_photo_is_sent_as_a_smaller_upright_copy(browser, tmp_path):
     assert [(c["name"], c["copied"]) for c in copies[4:]] == [(p.name, False) for p in moving], copies[4:]
 
 
-def test_a_big_reference_photo_is_sent_as_the_same_smaller_copy(browser, tmp_path):
-    """Walk s57 #9: identify sent a big photo as a smaller copy (smallerCopy), the add of references its original,
-    which a server's per-photo size limit refused (413). The add sends the same copy; a small photo as it is. The
+def test_a_reference_photo_is_sent_whole_and_as_a_smaller_copy_only_after_a_413(browser, tmp_path):
+    """Walk s57 #9: the add of references sent a big photo whole, which a server's per-photo size limit refused
+    (413). s57 re-read #1: sending every big photo as a copy (smallerCopy) made new bytes, which the server's
+    same-bytes duplicate check and its "already a reference of another species" guard no longer matched. The add
+    sends the originals; after a 413 it sends again, the big photo as identify's copy and a small one as it is. The
     page's request is stubbed: what the form sends is read from it."""
     from PIL import Image
     from selenium.webdriver.common.by import By
@@ -268,26 +270,42 @@ def test_a_big_reference_photo_is_sent_as_the_same_smaller_copy(browser, tmp_pat
     Image.effect_noise((2400, 1200), 40).convert("RGB").save(big, quality=95)
     Image.effect_noise((640, 480), 40).convert("RGB").save(small)
     browser.get(PAGE.as_uri())
-    browser.execute_script("""
-        window.sent = null;
-        fetch = async (url, init) => {
-          window.sent = await Promise.all(init.body.getAll("images").map(async (f) => {
-            const b = await createImageBitmap(f);
-            return {name: f.name, type: f.type, bytes: f.size, size: [b.width, b.height]};
-          }));
-          return new Response(JSON.stringify({species: "Naja haje", created: false, exists: true, ids: [1, 2],
-                                              added: 2, duplicates: [], notes: []}), {status: 201});
-        };""")
     browser.find_element(By.CSS_SELECTOR, "details summary").click()
     browser.find_element(By.ID, "species").send_keys("Naja haje")
-    browser.find_element(By.ID, "ref-photos").send_keys(f"{big}\n{small}")
     browser.find_element(By.ID, "apikey").send_keys(API_KEY)
-    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
-    sent = WebDriverWait(browser, WAIT_S).until(lambda d: d.execute_script("return window.sent"))
-    assert sent[0]["name"] == "big.jpg" and sent[0]["type"] == "image/jpeg" and sent[0]["size"] == [1600, 800], sent
-    assert sent[0]["bytes"] < big.stat().st_size
-    assert sent[1] == {"name": "small.png", "type": "image/png", "bytes": small.stat().st_size, "size": [640, 480]}
-    WebDriverWait(browser, WAIT_S).until(lambda d: "Added" in d.find_element(By.ID, "curate-status").text)
+
+    def add(refuse: int) -> list:
+        """Add both photos with the server stubbed to answer 413 to the first ``refuse`` requests: what each sent."""
+        browser.execute_script("""
+            window.sent = []; window.refuse = arguments[0];
+            fetch = async (url, init) => {
+              window.sent.push(await Promise.all(init.body.getAll("images").map(async (f) => {
+                const b = await createImageBitmap(f);
+                return {name: f.name, type: f.type, bytes: f.size, size: [b.width, b.height]};
+              })));
+              if (window.sent.length <= window.refuse)
+                return new Response(JSON.stringify({detail: "too big"}), {status: 413});
+              return new Response(JSON.stringify({species: "Naja haje", created: false, exists: true, ids: [1, 2],
+                                                  added: 2, duplicates: [], notes: []}), {status: 201});
+            };""", refuse)
+        browser.find_element(By.ID, "ref-photos").clear()
+        browser.find_element(By.ID, "ref-photos").send_keys(f"{big}\n{small}")
+        browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "curate-status").text.startswith(
+            ("Added", "Error")))
+        return browser.execute_script("return window.sent")
+
+    whole = {"name": "big.jpg", "type": "image/jpeg", "bytes": big.stat().st_size, "size": [2400, 1200]}
+    as_is = {"name": "small.png", "type": "image/png", "bytes": small.stat().st_size, "size": [640, 480]}
+    assert add(0) == [[whole, as_is]]
+    assert browser.find_element(By.ID, "curate-status").text.startswith("Added 2 photo(s)")
+    first, again = add(1)
+    assert first == [whole, as_is]
+    assert again[0]["name"] == "big.jpg" and again[0]["type"] == "image/jpeg" and again[0]["size"] == [1600, 800]
+    assert again[0]["bytes"] < big.stat().st_size and again[1] == as_is, again
+    assert browser.find_element(By.ID, "curate-status").text.startswith("Added 2 photo(s)")
+    assert len(add(2)) == 2  # the copies refused too: said, not sent a third time
+    assert browser.find_element(By.ID, "curate-status").text == "Error: too big"
 
 
 def test_an_upload_on_a_slow_link_shows_its_progress_and_can_be_cancelled(site, browser, tmp_path):
