@@ -250,3 +250,32 @@ def test_a_set_venom_put_is_an_upload_until_its_body_is_in_then_named_as_the_wri
              "headers": []}
     asyncio.run(flight(scope, receive, send))
     assert said == ["1 request in flight: 1 upload still arriving", "1 request in flight: 1 add, delete or set-venom"]
+
+
+@pytest.mark.parametrize(("given", "root_path"), [([], ""), (["--root-path", "/api/"], "/api")])
+def test_serve_passes_its_root_path_to_uvicorn(monkeypatch, tmp_path, given, root_path):
+    """s57 re-read #2: the root-path fix served a setup ``speciesid serve`` could not be run in (uvicorn's
+    ``root_path``, which serve never set). ``--root-path`` is passed on to uvicorn's config, without a last slash."""
+    import api.cli.serve as serve_cli
+    import api.server
+    import index.gallery
+    from api.cli import main
+
+    configs: list[dict] = []
+
+    class Started:
+        started = True
+
+        def run(self, sockets) -> None:
+            for sock in sockets:
+                sock.close()
+
+    def fake_server(app, settings, **config) -> Started:
+        configs.append(config)
+        return Started()
+
+    monkeypatch.setattr(api.server, "graceful_server", fake_server)
+    monkeypatch.setattr(index.gallery, "read_gallery_info", lambda index: None)
+    monkeypatch.setattr(serve_cli, "listening_socket", lambda host, port: socket.create_server((host, 0)))
+    assert main(["serve", "--index", str(tmp_path), *given]) == 0
+    assert [c["root_path"] for c in configs] == [root_path]

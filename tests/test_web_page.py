@@ -836,3 +836,35 @@ def test_the_curate_forms_validation_error_is_shown_as_text_not_json(browser):
         "const done = arguments[arguments.length - 1];"
         "errorText(new Response(JSON.stringify({detail: 'plain words'}), {status: 400})).then(done);")
     assert text == "plain words"
+
+
+def test_the_page_asks_for_every_url_relative_to_itself(browser, tmp_path):
+    """s57 re-read #2: the page's fetches, links and form were absolute (/v1/identify, /readyz): behind a reverse
+    proxy serving the API under a prefix (``serve --root-path /api``), the page at /api/ asked outside it. Each
+    names its URL without a leading slash, and the add of references asks for the one beside the page."""
+    import re
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    source = PAGE.read_text()
+    absolute = re.findall(r'(?:href|action|src)="/[^"]*"|(?:fetch|post)\(\s*["`]/[^"`]*|const url = `/[^`]*', source)
+    assert absolute == []
+    browser.get(PAGE.as_uri())
+    browser.execute_script("""
+        window.asked = null;
+        fetch = async (url, init) => {
+          window.asked = new URL(url, location.href).href;
+          return new Response(JSON.stringify({species: "Naja haje", created: false, exists: true, ids: [1],
+                                              added: 1, duplicates: [], notes: []}), {status: 201});
+        };""")
+    browser.find_element(By.CSS_SELECTOR, "details summary").click()
+    browser.find_element(By.ID, "species").send_keys("Naja haje")
+    shot = tmp_path / "shot.png"
+    Image.new("RGB", (320, 240), (90, 120, 60)).save(shot)
+    browser.find_element(By.ID, "ref-photos").send_keys(str(shot))
+    browser.find_element(By.ID, "apikey").send_keys(API_KEY)
+    browser.find_element(By.CSS_SELECTOR, "#curate-form button").click()
+    asked = WebDriverWait(browser, WAIT_S).until(lambda d: d.execute_script("return window.asked"))
+    assert asked == PAGE.parent.as_uri() + "/v1/species/Naja%20haje/references"

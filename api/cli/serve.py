@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gallery directory (default SPECIESID_INDEX, else runs/gallery)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=at_least(1, 65535), default=8000, help="port, 1-65535 (default 8000)")
+    p.add_argument("--root-path", default="", metavar="PREFIX",
+                   help="the path prefix a reverse proxy serves the API under and strips before passing a request "
+                   "on (e.g. /api): the API docs and the web page work under it (default: none)")
     p.add_argument("--device", default=None, help="encoder device (default SPECIESID_DEVICE or auto)")
     p.add_argument("--runtime", default=None, choices=RUNTIMES,
                    help="inference runtime (default SPECIESID_RUNTIME or auto)")
@@ -114,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # a stop lets requests finish for SPECIESID_SHUTDOWN_GRACE_S, then cuts them (never an add's commit), logged
     server = graceful_server(app, settings, log_level="info" if args.verbose else "warning",
-                             log_config=UVICORN_LOGGING)
+                             log_config=UVICORN_LOGGING, root_path=args.root_path.rstrip("/"))
     quiet = _StartupFailure(app)  # uvicorn's traceback of a failed load: only under -vv, as other commands show one
     uvicorn_log = logging.getLogger("uvicorn.error")
     if args.verbose < 2:
