@@ -29,7 +29,7 @@ from _hardware import machine_report
 
 def main() -> None:
     """Build the store, time the lookups, the index merge, and the lookups again; print them."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n    ")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bulk", type=int, default=100_000, help="indexed rows (default 100000)")
     parser.add_argument("--new", type=int, default=1_000, help="rows added after the indexes (default 1000)")

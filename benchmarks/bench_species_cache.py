@@ -88,7 +88,7 @@ def build(root: Path, rows: int, photos: list[Path], encoder) -> Gallery:  # noq
 
 def main() -> None:
     """Build, time, print."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20_000, help="synthetic references (default 20000)")
     ap.add_argument("--repeats", type=int, default=20, help="calls timed per per-call figure (default 20)")
     ap.add_argument("--job-repeats", type=int, default=3,

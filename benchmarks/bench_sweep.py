@@ -81,7 +81,7 @@ def _orphans(g, run: int, n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n    ")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20000, help="rows of the gallery (default 20000)")
     parser.add_argument("--uploads", type=int, default=100, help="uploads its rows use (default 100)")

@@ -69,7 +69,7 @@ def count(root: Path, repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Build (or open) the gallery and time its count."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n    ")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=50_000, help="upload rows of the gallery built (default 50000)")
     parser.add_argument("--repeats", type=int, default=5, help="timed counts; median and min-max (default 5)")

@@ -65,3 +65,14 @@ def test_lease_prints_percentiles_ratio_and_memory(tmp_path: Path) -> None:
     out = _run(tmp_path, "bench_lease.py", "--runs", "1", "--adds", "3", "--warmup", "1")
     assert "; kind " in out and "| lease | 3 |" in out and "| no lease | 3 |" in out
     assert "lease / no lease, medians: " in out and "peak RSS of this process " in out
+
+
+@pytest.mark.parametrize("script", ["bench_index_new_rows.py", "bench_sweep.py", "bench_unused_uploads.py",
+                                    "bench_species_cache.py"])
+def test_the_smoke_command_is_in_the_help(script: str) -> None:
+    """s57 re-read #4: docs/benchmarks.md says these four scripts' smoke sizes are in their ``--help``; the help cut
+    the docstring off before its commands. ``--help`` shows the whole docstring, the smoke command among them."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                          timeout=120, check=True)
+    smoke = [line.strip() for line in done.stdout.splitlines() if "smoke" in line]
+    assert len(smoke) == 1 and smoke[0].startswith(f"nice .venv/bin/python benchmarks/{script} --"), done.stdout
