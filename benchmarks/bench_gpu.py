@@ -82,6 +82,11 @@ def _cell(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None or value != value else format(value, fmt)
 
 
+def _rate(value: float) -> str:
+    """A rate in img/s: whole from 100 up (1024, not .3g's 1.02e+03), 3 significant digits below (0.4, not 0)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _peak_gpu_mib(device: str) -> float:
     import torch
 
@@ -196,7 +201,7 @@ def encode_part(args: argparse.Namespace, photos: list[str]) -> None:
         if best[m] != best[m]:  # no "ours" row of this model ran
             continue
         versus_naive = f" = {best[m] / naive:.1f}x the naive loop" if naive == naive else ""
-        print(f"{m}: best build {best[m]:.3g} img/s{versus_naive}{versus_cpu}")
+        print(f"{m}: best build {_rate(best[m])} img/s{versus_naive}{versus_cpu}")
 
 
 def peer_part(args: argparse.Namespace, photos: list[str]) -> None:
