@@ -529,7 +529,8 @@ def chosen_windows(windows: str | None, *, quick: bool) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: fewer requests, windows 0 and 5 only")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: fewer requests; windows 0 and 5 unless --windows names others")
     ap.add_argument("--passes", type=int, default=None, help="passes over every measurement; medians reported "
                     "(default 3, --quick 1)")
     ap.add_argument("--no-vit", action="store_true", help="skip the ViT-B-16 part")
