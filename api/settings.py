@@ -15,6 +15,7 @@ from index.compaction import COMPACT_FRAGMENTS, parse_compact_fragments
 from index.lease import LEASE_TTL_S, parse_lease_ttl
 from index.locks import parse_wait
 from index.store_cache import INDEX_CACHE_MB, INDEX_ENV, METADATA_CACHE_MB, METADATA_ENV, parse_cache_mb
+from retrieval.images import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS, parse_max_pixels
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
@@ -37,9 +38,12 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted photo, in MB (bigger -> 413)")
-    max_pixels: int = Field(50_000_000, ge=1, le=256_000_000,  # retrieval.images: PHOTO_MAX_PIXELS, its cap
+    # The default and the cap are retrieval.images' PHOTO_MAX_PIXELS and DEFAULT_MAX_PIXELS; _max_pixels checks the
+    # bounds (parse_max_pixels: 1 to the cap), in the command line's words.
+    max_pixels: int = Field(PHOTO_MAX_PIXELS,
                             description="most pixels one photo may decode to (decompression-bomb guard), at most "
-                            "256000000: no photo over that as stored is taken; the command line reads it too")
+                            f"{DEFAULT_MAX_PIXELS}: no photo over that as stored is taken; the command line reads "
+                            "it too")
     # The pixels of all the photos of one request, summed from their headers before any is decoded (bigger -> 413):
     # it bounds the decoding one request may ask of the server, which max_pixels bounds per photo only. The
     # default admits an identify at its own limits (max_images 5 x max_pixels 50 MP = 250 MP) and an add of
@@ -150,9 +154,7 @@ class Settings(BaseSettings):
     @classmethod
     def _max_pixels(cls, value: object) -> int:
         """SPECIESID_MAX_PIXELS through the command line's parser (``retrieval.images.parse_max_pixels``): a whole
-        number from 1 to 256000000, or refused at start naming the variable."""
-        from retrieval.images import parse_max_pixels
-
+        number from 1 to DEFAULT_MAX_PIXELS, or refused at start naming the variable."""
         return parse_max_pixels(value)  # type: ignore[arg-type]
 
     @field_validator("compact_fragments", mode="before")

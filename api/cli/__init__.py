@@ -25,6 +25,7 @@ from api.cli import clean, evaluate, finetune, identify, index, probe, reference
 from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
 from index.formats import speciesid_version
 from index.text import printable
+from retrieval.images import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 _N = TypeVar("_N")  # a namespace object: CommandParser.parse_known_args returns the one it is given
@@ -38,9 +39,10 @@ WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of 
 #: The epilog of the commands that read photos: the pixel limit, and what a photo costs a decode thread
 #: (``retrieval.images.PHOTO_MAX_PIXELS``).
 PIXELS_HELP = ("A photo is read when it decodes to at most SPECIESID_MAX_PIXELS pixels (the server's setting; "
-               "default 50000000, at most 256000000; a JPEG counts at the reduced scale it is decoded at), else "
-               "skipped saying how small to save it; a decode thread holding a photo takes about 4 MiB a megapixel: "
-               "~200 MiB at 50 MP, ~1 GB at 256 MP.")
+               f"default {PHOTO_MAX_PIXELS}, at most {DEFAULT_MAX_PIXELS}; a JPEG counts at the reduced scale it is "
+               "decoded at), else skipped saying how small to save it; a decode thread holding a photo takes about "
+               f"4 MiB a megapixel: ~{4 * PHOTO_MAX_PIXELS // 10**6} MiB at {PHOTO_MAX_PIXELS // 10**6} MP, "
+               f"~{4 * DEFAULT_MAX_PIXELS / 10**6 / 1024:.0f} GB at {DEFAULT_MAX_PIXELS // 10**6} MP.")
 #: The commands that read photos (their --help ends with PIXELS_HELP, after WRITE_WAIT_HELP where they write).
 READERS = (("index", "build"), ("references", "add"), ("identify",), ("search",), ("clean",), ("evaluate",),
            ("probe", "train"))
