@@ -1942,3 +1942,18 @@ def test_metrics_count_the_store_compactions_of_the_servers_writes(client, servi
     assert _sample(client.get("/metrics").text, "speciesid_store_compaction_failures_total") == failures + 1
     for ref in added:
         assert client.delete(f"/v1/references/{ref}", headers=KEYS).status_code == 204
+
+
+def test_a_refusal_of_more_than_20_photos_names_20_and_counts_the_rest():
+    """s57 re-read #9: docs/api.md says the first 20 refused photos are named and the rest counted
+    (``REFUSED_NAMED``); no test reached more than 4."""
+    from api.service import REFUSED_NAMED, refused
+
+    reasons = [f"p{i}.jpg: not a photo" for i in range(1, 26)]
+    said = refused(reasons, 30)
+    assert REFUSED_NAMED == 20
+    assert said.startswith("25 of the 30 photos cannot be used, so none of this request was taken (send it again "
+                           "without them, or with them fixed): [1] p1.jpg: not a photo; [2] p2.jpg: not a photo; ")
+    assert said.endswith("; [20] p20.jpg: not a photo; and 5 more"), said
+    assert "p21.jpg" not in said and "[21]" not in said
+    assert refused(reasons[:20], 20).endswith("[20] p20.jpg: not a photo")  # 20 exactly: all named, none counted
