@@ -39,4 +39,5 @@ def test_the_quick_help_says_explicit_windows_are_kept() -> None:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_api.py"), "--help"], capture_output=True,
                           text=True, timeout=120, check=True, env={"COLUMNS": "200", "PATH": ""})
     quick = next(line for line in done.stdout.splitlines() if line.strip().startswith("--quick "))
-    assert quick.split(None, 1)[1].strip() == "smoke run: fewer requests; windows 0 and 5 unless --windows names others"
+    said = quick.split(None, 1)[1].strip()
+    assert said == "smoke run: fewer requests; windows 0 and 5 unless --windows names others", quick
