@@ -162,8 +162,8 @@ def test_the_page_is_revalidated_by_its_etag_and_serves_its_accessibility_hooks(
     assert '<div class="warn" id="venom-warning" role="alert">' in html and "<main>" in html
     assert "<noscript>" in html and "This page needs JavaScript" in html
     # with no script, the form posts the photos to the API (its JSON answer, without neighbours: a short one), not a
-    # GET reloading the page
-    assert ('<form id="identify-form" method="post" action="/v1/identify?neighbours=false" '
+    # GET reloading the page; to the URL beside the page, so that it works behind serve --root-path too
+    assert ('<form id="identify-form" method="post" action="v1/identify?neighbours=false" '
             'enctype="multipart/form-data">') in html
 
 
