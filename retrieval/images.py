@@ -130,6 +130,10 @@ class PixelLimitError(ImageLoadError):
         self.what, self.long_side, self.needed = what, max(1, long_side), needed
         super().__init__(self.advise())
 
+    def __reduce__(self) -> tuple:
+        """Pickles as its three fields (``args`` holds only the text), so it crosses a process or Ray task whole."""
+        return (type(self), (self.what, self.long_side, self.needed))
+
     def advise(self, verb: str = "save", setting: str = "") -> str:
         """The refusal in one line, saying what to do: ``verb`` the photo at most :attr:`long_side` px on its long
         side; ``setting``: how to raise the limit (``{needed}`` in it: :attr:`needed`), said when that would take
@@ -375,15 +379,18 @@ def damaged_text(name: str, exc: BaseException) -> str:
 
 
 def _exif_readable(img: Image.Image) -> bool:
-    """False when ``img`` carries an EXIF block of which nothing can be read (Pillow's warnings about it are
-    silenced: :data:`_EXIF_WARNINGS`), True otherwise (none, or one that reads)."""
+    """False when ``img`` carries an EXIF block that Pillow fails on or warns about (those warnings are not shown:
+    :data:`_EXIF_WARNINGS`), True otherwise: none, or one that reads, empty included (a valid block of no tags)."""
     raw = img.info.get("exif")
     if not raw:
         return True
-    try:
-        return len(img.getexif()) > 0
-    except Exception:  # noqa: BLE001 - an EXIF Pillow cannot parse at all: the photo is read as stored
-        return False
+    with warnings.catch_warnings(record=True) as said:
+        warnings.filterwarnings("always", category=UserWarning, module=_EXIF_WARNINGS)
+        try:
+            Image.Exif().load(raw)  # read afresh: the one Pillow read at open is kept, its warnings long gone
+        except Exception:  # noqa: BLE001 - an EXIF Pillow cannot parse at all: the photo is read as stored
+            return False
+    return not any(issubclass(w.category, UserWarning) for w in said)
 
 
 def model_image(data: bytes, input_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
