@@ -386,6 +386,12 @@ class Gallery:
             seen["next_id"] = mark
         return seen or None
 
+    def ids_given(self) -> int:
+        """How many reference ids this folder records as given (its ids.json mark, never lowered: a deleted
+        reference's id stays given); 0 when it records none or cannot be read."""
+        mark = _read_next_id(self.layout.ids)
+        return max(0, mark - 1) if mark is not None else 0
+
     def _lost_message(self, seen: dict[str, int]) -> str:
         """What :class:`StoreLostError` says: the store, what the folder last saw, and the two ways on."""
         saw = []
