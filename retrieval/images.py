@@ -35,7 +35,8 @@ _EXIF_WARNINGS = r"PIL\.TiffImagePlugin"
 #: scale included). The largest phone photos (200 MP) are under it.
 DEFAULT_MAX_PIXELS = 256_000_000
 #: The setting of the most pixels one photo may decode to, read by the server (``api.settings``) and by every
-#: command that reads photos (:func:`max_pixels_setting`).
+#: command that reads photos to embed them, finetune included (:func:`max_pixels_setting`); ``clean``'s report
+#: thumbnails and the runtime check read the gallery's own photos up to :data:`DEFAULT_MAX_PIXELS`.
 MAX_PIXELS_ENV = "SPECIESID_MAX_PIXELS"
 #: Its default: an 8-bit colour photo costs about 4 MiB of memory a megapixel while a decode thread holds it
 #: (docs/api.md, "Limits and errors": 5 x 49 MP PNGs on 4 threads peaked at 791 MiB; one 100 MP PNG alone took
