@@ -280,6 +280,13 @@ def header_note(data: bytes) -> str | None:
     return _animated_note(_header(data))
 
 
+def header_facts(data: bytes) -> tuple[tuple[int, int], str | None] | None:
+    """:func:`header_size` and :func:`header_note` of ``data`` from one open of its header; None when it is not an
+    accepted image."""
+    img = _header(data)
+    return None if img is None else (img.size, _animated_note(img))
+
+
 def _openers() -> list[str]:
     """The accepted formats this Pillow can open (HEIF needs pillow-heif, AVIF a recent Pillow)."""
     Image.init()
