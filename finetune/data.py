@@ -108,12 +108,14 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
 
 
 def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_side: int | None = None,
-          max_pixels: int) -> Image.Image:
+          max_pixels: int | None = None) -> Image.Image:
     """A photo (a file, or a ``SHARD#MEMBER`` of a webdataset shard: ``index.sources.read_source``, the reader
     ``index build`` uses; ``data``: its bytes, already read) decoded by ``retrieval.images.decode_image``, at most
     ``max_side`` px on the short side; with ``model_side``, as a gallery decodes it for a model input of that side
-    (``retrieval.images.model_image``) instead. Over ``max_pixels`` decoded: a ``PixelLimitError`` (a ValueError)."""
+    (``retrieval.images.model_image``) instead. Over ``max_pixels`` decoded (default: SPECIESID_MAX_PIXELS,
+    ``retrieval.images.max_pixels_setting``): a ``PixelLimitError`` (a ValueError)."""
     data = read_source(path) if data is None else data
+    max_pixels = max_pixels_setting() if max_pixels is None else max_pixels
     if model_side:
         return model_image(data, model_side, max_pixels=max_pixels, name=str(path))
     img = decode_image(data, max_pixels=max_pixels, name=str(path), draft=max_side)
