@@ -706,3 +706,11 @@ def test_an_unreadable_or_foreign_gallery_json_says_what_to_do(tmp_path, text, s
     with pytest.raises(ValueError) as err:
         read_gallery_info(tmp_path)
     assert says in str(err.value), err.value
+
+
+def test_ids_given_counts_every_id_ever_given_deleted_ones_too(gallery, tmp_path):
+    """``Gallery.ids_given``: the ids.json mark (re-read s57 core #5: retrieval.galleries read the file itself)."""
+    assert gallery.ids_given() == 12
+    gallery.delete([1, 2])
+    assert len(gallery) == 10 and gallery.ids_given() == 12
+    assert Gallery.create(tmp_path / "new", ENC).ids_given() == 0
