@@ -30,7 +30,7 @@ from finetune.augment import eval_transform, train_transform
 from finetune.config import BALANCE_MODES, FinetuneConfig
 from index.datasets import load_dataset, require_records
 from index.sources import read_source, split_locator
-from retrieval.images import decode_image, model_image, sha256_bytes, sha256_file
+from retrieval.images import decode_image, max_pixels_setting, model_image, sha256_bytes, sha256_file
 from retrieval.preprocess import timm_input_side
 
 logger = logging.getLogger(__name__)
@@ -107,16 +107,18 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
     return sorted(train), sorted(val)
 
 
-def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_side: int | None = None
-          ) -> Image.Image:
+def _open(path: Path, max_side: int | None, data: bytes | None = None, *, model_side: int | None = None,
+          max_pixels: int | None = None) -> Image.Image:
     """A photo (a file, or a ``SHARD#MEMBER`` of a webdataset shard: ``index.sources.read_source``, the reader
     ``index build`` uses; ``data``: its bytes, already read) decoded by ``retrieval.images.decode_image``, at most
     ``max_side`` px on the short side; with ``model_side``, as a gallery decodes it for a model input of that side
-    (``retrieval.images.model_image``) instead."""
+    (``retrieval.images.model_image``) instead. Over ``max_pixels`` decoded (default: SPECIESID_MAX_PIXELS,
+    ``retrieval.images.max_pixels_setting``): a ``PixelLimitError`` (a ValueError)."""
     data = read_source(path) if data is None else data
+    max_pixels = max_pixels_setting() if max_pixels is None else max_pixels
     if model_side:
-        return model_image(data, model_side, name=str(path))
-    img = decode_image(data, name=str(path), draft=max_side)
+        return model_image(data, model_side, max_pixels=max_pixels, name=str(path))
+    img = decode_image(data, max_pixels=max_pixels, name=str(path), draft=max_side)
     if max_side and min(img.size) > max_side:
         w, h = img.size
         r = max_side / min(w, h)
@@ -134,7 +136,9 @@ class PhotoDataset(torch.utils.data.Dataset):
 
     A photo that cannot be read when its turn comes (a set too large to decode up front) is warned about once
     and, in training (``stand_in``), replaced by another photo of its species; in evaluation it is left out
-    (the item is None, which :func:`loader`'s batches drop). Never fatal.
+    (the item is None, which :func:`loader`'s batches drop). Never fatal. ``max_pixels``: the most pixels a photo
+    may decode to (default ``retrieval.images.max_pixels_setting()``, SPECIESID_MAX_PIXELS); one over it is
+    unreadable.
     """
 
     def __init__(
@@ -147,7 +151,9 @@ class PhotoDataset(torch.utils.data.Dataset):
         cache: bool | None = None,
         stand_in: bool = True,
         model_side: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
+        self.max_pixels = max_pixels_setting() if max_pixels is None else max_pixels
         self.paths = photos.paths
         self.targets = [class_index[s] for s in photos.labels]
         self.transform = transform
@@ -178,7 +184,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         for i, p in enumerate(tqdm(self.paths, desc="decoding photos", unit="img", disable=not progress)):
             try:
                 data = read_source(p)
-                image = _open(p, self.cache_side, data, model_side=self.model_side)
+                image = _open(p, self.cache_side, data, model_side=self.model_side, max_pixels=self.max_pixels)
             except (OSError, ValueError) as exc:
                 bad.append(_why(p, exc))
                 unread.add(i)
@@ -220,14 +226,14 @@ class PhotoDataset(torch.utils.data.Dataset):
         """Photo ``i`` as this dataset decodes it (the cache when it holds it)."""
         if self._cache is not None and self._cache[i] is not None:
             return self._cache[i]
-        return _open(self.paths[i], self.cache_side, model_side=self.model_side)
+        return _open(self.paths[i], self.cache_side, model_side=self.model_side, max_pixels=self.max_pixels)
 
     def model_image(self, i: int, side: int) -> Image.Image:
         """Photo ``i`` as a gallery decodes it for a model input of ``side`` px (``retrieval.images.model_image``):
         the cache when it holds the photo so, else read now."""
         if side == self.model_side:
             return self.image(i)
-        return _open(self.paths[i], None, model_side=side)
+        return _open(self.paths[i], None, model_side=side, max_pixels=self.max_pixels)
 
     def readable(self, i: int, *, stand_in: bool, side: int | None = None) -> Image.Image | None:
         """Photo ``i`` (with ``side``: as a gallery decodes it for that side, :meth:`model_image`); when it cannot
@@ -450,9 +456,11 @@ def build_data(split: Split, data_cfg: dict, cfg: FinetuneConfig, *, train_size:
     embeds its photos at the model's own side, an unreadable one left out); photos decoded now."""
     class_index = split.class_index
     model_side = timm_input_side(data_cfg)
-    train_ds = PhotoDataset(split.train, class_index, train_transform(data_cfg, train_size, cfg.augment))
+    max_pixels = max_pixels_setting()  # SPECIESID_MAX_PIXELS, read once: as index build reads it
+    train_ds = PhotoDataset(split.train, class_index, train_transform(data_cfg, train_size, cfg.augment),
+                            max_pixels=max_pixels)
     val_ds = PhotoDataset(split.val, class_index, eval_transform(data_cfg), stand_in=False,
-                          model_side=model_side)
+                          model_side=model_side, max_pixels=max_pixels)
     for bad in train_ds.preload(progress) + val_ds.preload(progress):
         logger.warning("unreadable photo, left out: %s", bad)
     unread = [split.species[c] for c in sorted(set(class_index.values()) - set(train_ds.targets))]

@@ -386,6 +386,12 @@ class Gallery:
             seen["next_id"] = mark
         return seen or None
 
+    def ids_given(self) -> int:
+        """How many reference ids this folder records as given (its ids.json mark, never lowered: a deleted
+        reference's id stays given); 0 when it records none or cannot be read."""
+        mark = _read_next_id(self.layout.ids)
+        return max(0, mark - 1) if mark is not None else 0
+
     def _lost_message(self, seen: dict[str, int]) -> str:
         """What :class:`StoreLostError` says: the store, what the folder last saw, and the two ways on."""
         saw = []
@@ -567,7 +573,9 @@ class Gallery:
             check_gallery_encoder(root, info, expected_fingerprint)
         config = index_config or VectorIndexConfig.from_json(info.get("index", {}),
                                                             f'{GalleryLayout(root).info} "index"')
-        config.check_width(int(info["dim"]), f'{GalleryLayout(root).info} "index"')
+        if make_table:  # a writer's open (index build, references add): said before a build marks the folder; a
+            # reader (identify, index info) opens: its saved index may need no ivfpq_m (checked if it builds one)
+            config.check_width(int(info["dim"]), f'{GalleryLayout(root).info} "index"')
         return cls(root, info, config, refresh_s=refresh_s, options=options, make_table=make_table,
                    new_store=new_store, info_stamp=stamp)
 
@@ -652,6 +660,7 @@ class Gallery:
             version = self.store.version
             kind = self.index_config.resolve(self.store.count())
             if kind == "ivfpq":
+                self.index_config.check_width(self.dim, f'{self.layout.info} "index"')
                 source = StoreVectors(str(self.store_uri), self.dim, self.storage_options, version)
                 self._index = ivfpq.build(source, folder=self.root, map_fn=map_fn,
                                           **self.index_config.ivfpq_options())

@@ -146,7 +146,8 @@ class VectorIndexConfig:
 
     def check_width(self, dim: int, where: str) -> None:
         """ValueError (``where`` names the settings) when ``ivfpq_m`` does not divide the embedding width ``dim`` of
-        a gallery that may build ivfpq: said when the gallery opens, not by a build that has stored its photos."""
+        a gallery that may build ivfpq: said when a writer opens the gallery (not by a build that has stored its
+        photos) and before an ivfpq index is built; a reader's open does not ask it (its index may need none)."""
         if self.kind in ("ivfpq", "auto") and self.ivfpq_m is not None and dim % self.ivfpq_m:
             raise ValueError(f"{where}: ivfpq_m is {self.ivfpq_m}; it takes a divisor of the embedding width {dim}, "
                              "or null (docs/scale.md)")
@@ -567,6 +568,8 @@ class VectorIndex:
         kind = cfg.resolve(n)
         if kind == "ivfpq":
             from index import ivfpq
+
+            cfg.check_width(d, "index_config")
 
             return ivfpq.build(ivfpq.ArraySource(ids, xb), **cfg.ivfpq_options())  # type: ignore[return-value]
         if kind == "ivf":

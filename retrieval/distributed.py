@@ -205,6 +205,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_s
     """Stage 3: decode + preprocess with the local build's :func:`prepare` (same arrays); errors reported.
     ``max_pixels``: the driver's pixel limit (``retrieval.images.max_pixels_setting``, read where the build runs)."""
     tensors: list[np.ndarray | None] = []
+    notes = [""] * len(batch["pos"])  # an animation's first frame, a TIFF's first page: said with the add
     errors = list(batch["error"]) if "error" in batch else [""] * len(batch["pos"])
     digests = list(batch["sha256"])
     for i, text in enumerate(batch["source"]):
@@ -219,11 +220,13 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor, min_s
                        blank_ok=False)  # a reference: a blank photo refused, as the local build refuses it
         tensors.append(None if done.tensor is None else np.asarray(done.tensor, dtype=np.float32))
         errors[i] = done.error or ""
+        notes[i] = done.note or ""
         digests[i] = done.sha256 or digests[i]
     shape = next((t.shape for t in tensors if t is not None), (3, preprocessor.input_size, preprocessor.input_size))
     stacked = np.stack([t if t is not None else np.zeros(shape, np.float32) for t in tensors])
     return {**{k: v for k, v in batch.items() if k not in ("error", "sha256")}, "tensor": stacked,
-            "sha256": np.asarray(digests, dtype=object), "error": np.asarray(errors, dtype=object)}
+            "sha256": np.asarray(digests, dtype=object), "error": np.asarray(errors, dtype=object),
+            "note": np.asarray(notes, dtype=object)}
 
 
 class Embedder:
@@ -265,9 +268,11 @@ def write_batch(batch: dict[str, np.ndarray], uri: str, dim: int, fingerprint: s
         fragments = write_fragments(table, uri, options)
     written = {int(batch["id"][i]): str(batch["sha256"][i]) for i in ok}
     failed = [(int(batch["pos"][i]), str(e)) for i, e in enumerate(batch["error"]) if e]
+    notes = [(int(batch["pos"][i]), str(batch["note"][i])) for i in ok if "note" in batch and batch["note"][i]]
     return {"fragments": np.asarray([json.dumps(fragments)], dtype=object),
             "written": np.asarray([json.dumps(written)], dtype=object),
-            "failed": np.asarray([json.dumps(failed)], dtype=object)}
+            "failed": np.asarray([json.dumps(failed)], dtype=object),
+            "notes": np.asarray([json.dumps(notes)], dtype=object)}
 
 
 def _record(batch: dict[str, np.ndarray], i: int) -> ReferenceRecord:
@@ -436,6 +441,7 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
     fragments: list[str] = []
     written: dict[int, str] = {}
     failed: dict[int, str] = {}
+    notes: dict[int, str] = {}  # chunk position -> the first-frame/page note of a photo written
     pending = PendingFiles(gallery.root, gallery.store.uri, gallery.store.version, gallery.storage_options)
     try:
         for row in ds.iter_rows():
@@ -444,6 +450,7 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
             fragments += done
             written.update({int(k): v for k, v in json.loads(row["written"]).items()})
             failed.update({int(p): e for p, e in json.loads(row["failed"])})
+            notes.update({int(p): n for p, n in json.loads(row["notes"])})
         repeats = gallery.commit_fragments(fragments, written)
     except BaseException:  # a failed or interrupted chunk: its workers' files go now, not in Lance's 7 days
         try:
@@ -465,3 +472,5 @@ def _embed_and_commit(gallery: Gallery, config: EncoderConfig, encoder: Encoder,
         elif rid in written:
             report.ids.append(rid)
             report.added += 1
+            if (base + i) in notes:  # as the local build says it (retrieval.pipeline.build_gallery)
+                report.notes.append((str(rec.path), notes[base + i]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import re
@@ -228,18 +227,9 @@ def no_references_error(gallery: Gallery, shown: str | Path | None = None) -> st
         why.append(f"{'its' if excluded > 1 else 'the'} {excluded} reference{'s are all' if excluded > 1 else ' is'} "
                    "excluded by 'speciesid clean --apply': 'speciesid clean --restore' brings them back")
     if not why:
-        why.append(("all were deleted" if _ids_given(gallery) else "none was added")  # ids.json: ever given
+        why.append(("all were deleted" if gallery.ids_given() else "none was added")  # ids.json: ever given
                    + ": add photos with 'speciesid index build' or 'speciesid references add'")
     return f"gallery {gallery.root if shown is None else shown} has no searchable references: {'; '.join(why)}"
-
-
-def _ids_given(gallery: Gallery) -> int:
-    """How many reference ids the gallery's folder records as given (its ids.json mark, never lowered: a deleted
-    reference's id stays given); 0 when it records none or cannot be read."""
-    try:
-        return max(0, int(json.loads(gallery.layout.ids.read_text(encoding="utf-8"))["next"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 @contextlib.contextmanager

@@ -147,8 +147,9 @@ def far_threshold(gallery: Gallery, *, quantile: float = FAR_QUANTILE, sample: i
     (its answers say which: :func:`retrieval.workflows.answer_notes`).
 
     On ph-snakes with MobileNetV1 it is 0.60: the 206 val photos' nearest references lie at 0.64-0.97, while a
-    blank, a noise or a 5 x 5 px image lies at 0.30-0.49 (docs/identification.md), while no blank photo is a
-    reference: every reference path refuses one (``retrieval.images.blank_reason``)."""
+    blank, a noise or a 5 x 5 px image lies at 0.30-0.49 (docs/identification.md). Since stop 57 every reference
+    path but ``add_references(embeddings=)`` refuses a blank photo (``retrieval.images.blank_reason``); a gallery
+    built before may hold some."""
     ids = np.asarray(gallery.index.ids, dtype=np.int64)
     if len(ids) < 2:
         return None

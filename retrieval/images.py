@@ -35,7 +35,8 @@ _EXIF_WARNINGS = r"PIL\.TiffImagePlugin"
 #: scale included). The largest phone photos (200 MP) are under it.
 DEFAULT_MAX_PIXELS = 256_000_000
 #: The setting of the most pixels one photo may decode to, read by the server (``api.settings``) and by every
-#: command that reads photos (:func:`max_pixels_setting`).
+#: command that reads photos to embed them, finetune included (:func:`max_pixels_setting`); ``clean``'s report
+#: thumbnails and the runtime check read the gallery's own photos up to :data:`DEFAULT_MAX_PIXELS`.
 MAX_PIXELS_ENV = "SPECIESID_MAX_PIXELS"
 #: Its default: an 8-bit colour photo costs about 4 MiB of memory a megapixel while a decode thread holds it
 #: (docs/api.md, "Limits and errors": 5 x 49 MP PNGs on 4 threads peaked at 791 MiB; one 100 MP PNG alone took
@@ -129,6 +130,10 @@ class PixelLimitError(ImageLoadError):
     def __init__(self, what: str, long_side: int, needed: int | None = None) -> None:
         self.what, self.long_side, self.needed = what, max(1, long_side), needed
         super().__init__(self.advise())
+
+    def __reduce__(self) -> tuple:
+        """Pickles as its three fields (``args`` holds only the text), so it crosses a process or Ray task whole."""
+        return (type(self), (self.what, self.long_side, self.needed))
 
     def advise(self, verb: str = "save", setting: str = "") -> str:
         """The refusal in one line, saying what to do: ``verb`` the photo at most :attr:`long_side` px on its long
@@ -275,6 +280,13 @@ def header_note(data: bytes) -> str | None:
     return _animated_note(_header(data))
 
 
+def header_facts(data: bytes) -> tuple[tuple[int, int], str | None] | None:
+    """:func:`header_size` and :func:`header_note` of ``data`` from one open of its header; None when it is not an
+    accepted image."""
+    img = _header(data)
+    return None if img is None else (img.size, _animated_note(img))
+
+
 def _openers() -> list[str]:
     """The accepted formats this Pillow can open (HEIF needs pillow-heif, AVIF a recent Pillow)."""
     Image.init()
@@ -375,15 +387,18 @@ def damaged_text(name: str, exc: BaseException) -> str:
 
 
 def _exif_readable(img: Image.Image) -> bool:
-    """False when ``img`` carries an EXIF block of which nothing can be read (Pillow's warnings about it are
-    silenced: :data:`_EXIF_WARNINGS`), True otherwise (none, or one that reads)."""
+    """False when ``img`` carries an EXIF block that Pillow fails on or warns about (those warnings are not shown:
+    :data:`_EXIF_WARNINGS`), True otherwise: none, or one that reads, empty included (a valid block of no tags)."""
     raw = img.info.get("exif")
     if not raw:
         return True
-    try:
-        return len(img.getexif()) > 0
-    except Exception:  # noqa: BLE001 - an EXIF Pillow cannot parse at all: the photo is read as stored
-        return False
+    with warnings.catch_warnings(record=True) as said:
+        warnings.filterwarnings("always", category=UserWarning, module=_EXIF_WARNINGS)
+        try:
+            Image.Exif().load(raw)  # read afresh: the one Pillow read at open is kept, its warnings long gone
+        except Exception:  # noqa: BLE001 - an EXIF Pillow cannot parse at all: the photo is read as stored
+            return False
+    return not any(issubclass(w.category, UserWarning) for w in said)
 
 
 def model_image(data: bytes, input_size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -39,8 +39,7 @@ from retrieval.images import (
     ImageLoadError,
     PixelLimitError,
     blank_reason,
-    header_note,
-    header_size,
+    header_facts,
     max_pixels_setting,
     model_image,
     photo_note,
@@ -233,14 +232,15 @@ class ModelInput(NamedTuple):
 
 
 def model_input(data: bytes, encoder: Encoder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                name: str = "image") -> ModelInput:
+                name: str = "image", blank: bool = True) -> ModelInput:
     """A photo's bytes -> (the encoder's input of every view, the photo's (width, height) as stored, its note: an
     animated photo's, read from the header the decode opens; why it cannot be a reference when it is blank), decoded
     at reduced scale (``retrieval.images.model_image``): the one way every path (builds, the CLI, the server) turns
-    a photo into what the encoder sees, so one photo gets one embedding. :class:`ImageLoadError` when it cannot be
-    decoded."""
+    a photo into what the encoder sees, so one photo gets one embedding. ``blank`` False: the blank test is not
+    run (a query's; its ``blank`` is None). :class:`ImageLoadError` when it cannot be decoded."""
     image = model_image(data, int(getattr(encoder, "input_size", 224)), max_pixels=max_pixels, name=name)
-    return ModelInput(encoder.preprocess_views(image), photo_size(image), photo_note(image), blank_reason(image))
+    return ModelInput(encoder.preprocess_views(image), photo_size(image), photo_note(image),
+                      blank_reason(image) if blank else None)
 
 
 def read_error(exc: OSError) -> str:
@@ -282,11 +282,12 @@ def prepare(
     if known is not None and digest in known:
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
-        size = header_size(data) if given else None  # size as stored (photo_size's)
-        tensor, note, blank = (GIVEN, header_note(data), None) if size is not None else (None, None, None)
+        facts = header_facts(data) if given else None  # size as stored (photo_size's) and note: one header open
+        tensor, blank = (GIVEN, None) if facts is not None else (None, None)
+        size, note = facts if facts is not None else (None, None)
         if size is None:
             limit = max_pixels_setting() if max_pixels is None else max_pixels
-            tensor, size, note, blank = model_input(data, encoder, max_pixels=limit, name=name)
+            tensor, size, note, blank = model_input(data, encoder, max_pixels=limit, name=name, blank=not blank_ok)
         width, height = size
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "

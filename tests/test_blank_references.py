@@ -189,3 +189,26 @@ def test_an_identify_of_several_unreadable_photos_names_every_one(client_of, tmp
     assert resp.json()["detail"].startswith("2 of the 3 photos cannot be used, so none of this request was taken")
     assert "[1] a.jpg: not a photo: " in resp.json()["detail"]
     assert resp.json()["detail"].endswith("; [2] b.jpg: the file is empty"), resp.text
+
+
+def test_a_query_runs_no_blank_test_and_a_given_photo_opens_its_header_once(tmp_path, monkeypatch):
+    """Re-read s57 core #7: ``model_input`` ran the blank test on every decode (identify, search, evaluate), where
+    nothing used it, and ``prepare(given=True)`` opened the header twice (size, then note)."""
+    import retrieval.images
+    import retrieval.pipeline
+    from retrieval.encoders import create_encoder
+    from retrieval.pipeline import prepare
+
+    enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
+    black = _bytes(Image.new("RGB", (64, 64)), "PNG")
+    tested: list[int] = []
+    real_blank = retrieval.pipeline.blank_reason
+    monkeypatch.setattr(retrieval.pipeline, "blank_reason", lambda im: tested.append(1) or real_blank(im))
+    assert prepare(0, black, enc).error is None and tested == []  # a query: not asked
+    assert prepare(0, black, enc, blank_ok=False).error == BLANK and tested == [1]  # a reference: asked
+    opened: list[int] = []
+    real_header = retrieval.images._header
+    monkeypatch.setattr(retrieval.images, "_header", lambda data: opened.append(1) or real_header(data))
+    _several(tmp_path)
+    done = prepare(0, (tmp_path / "moving.gif").read_bytes(), enc, given=True)
+    assert (done.note, opened) == (FIRST_FRAME, [1])

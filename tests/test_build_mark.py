@@ -729,3 +729,9 @@ def test_an_ivfpq_m_that_does_not_divide_the_width_is_refused_before_the_build_m
     assert (f'gallery.json "index": ivfpq_m is 7; it takes a divisor of the embedding width {dim}, or null '
             "(docs/scale.md)") in err
     assert build_status(index) == {"state": "complete", "note": ""}
+    # a reader still opens it: its saved index is flat and needs no ivfpq_m (s57: every open was refused)
+    code, out, err = _run(capsys, "index", "info", "--index", index)
+    assert code == 0 and json.loads(out)["references"] == 20, err
+    photo = next((tmp_path / "photos").rglob("*.png"))
+    code, out, err = _run(capsys, "identify", "--index", index, photo, *ENCODER)
+    assert code == 0, err

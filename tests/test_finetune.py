@@ -179,6 +179,28 @@ def test_unreadable_photos_are_left_out_and_a_species_with_none_readable_is_name
         finetune(_config(root, tmp_path / "run2", epochs=1, val_split=0.5), progress=False)
 
 
+def test_a_photo_over_speciesid_max_pixels_is_left_out_as_unreadable(tmp_path, monkeypatch):
+    """Re-read s57 core #2: finetune decoded up to 256 MP whatever SPECIESID_MAX_PIXELS said, so a photo that
+    index build skips was trained on. It is read once per dataset and a photo over it is left out, saying why."""
+    from PIL import Image
+
+    from finetune.data import LabelledPhotos, PhotoDataset
+
+    (tmp_path / "Naja haje").mkdir()
+    small, big = tmp_path / "Naja haje" / "small.png", tmp_path / "Naja haje" / "big.png"
+    Image.new("RGB", (300, 300), (90, 120, 60)).save(small)
+    Image.new("RGB", (600, 600), (90, 120, 60)).save(big)
+    monkeypatch.setenv("SPECIESID_MAX_PIXELS", "200000")
+    photos = LabelledPhotos([small, big], ["Naja haje"] * 2)
+    ds = PhotoDataset(photos, {"Naja haje": 0}, lambda im: im.size, cache=True)
+    monkeypatch.delenv("SPECIESID_MAX_PIXELS")  # read when the dataset was made: not again
+    assert ds.preload() == [f"{big}: 600x600 pixels is over the limit of 200,000 (possible decompression bomb): "
+                            "save it at most 447 px on its long side"]
+    assert ds.paths == [small]
+    view = PhotoDataset(photos, {"Naja haje": 0}, lambda im: im.size, cache=False, stand_in=False, max_pixels=200000)
+    assert view[0] == ((300, 300), 0) and view[1] is None  # read on its turn: left out as well
+
+
 def test_stage2_from_stage1_with_other_species(stage1, tiny_set, tmp_path):
     import timm
 

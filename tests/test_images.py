@@ -231,3 +231,19 @@ def test_a_photo_with_damaged_exif_is_read_upright_as_stored_and_said_once_by_na
     exif[0x0112] = 6  # a whole EXIF: turned, nothing said
     assert decode_image(_bytes(Image.new("RGB", (60, 40)), "JPEG", exif=exif), name="ok.jpg").size == (40, 60)
     assert caplog.records == []
+    empty = _bytes(Image.new("RGB", (60, 40)), "JPEG", exif=Image.Exif())  # re-read s57 #3: valid, no tags
+    assert Image.open(io.BytesIO(empty)).info["exif"].startswith(b"Exif")
+    with caplog.at_level(logging.WARNING, "retrieval.images"):
+        assert decode_image(empty, name="empty.jpg").size == (60, 40)
+    assert caplog.records == []
+
+
+def test_a_pixel_limit_error_pickles_whole():
+    """Re-read s57 #4: its ``args`` held only the text, so unpickling called ``PixelLimitError(text)`` and failed."""
+    import pickle
+
+    from retrieval.images import PixelLimitError
+
+    back = pickle.loads(pickle.dumps(PixelLimitError("x.png: big", 100, 2000)))
+    assert (type(back), back.what, back.long_side, back.needed) == (PixelLimitError, "x.png: big", 100, 2000)
+    assert str(back) == "x.png: big: save it at most 100 px on its long side"

@@ -467,3 +467,12 @@ def test_use_gpu_true_without_gpu_raises(small: tuple[np.ndarray, np.ndarray]) -
         VectorIndex.build(x, ids, VectorIndexConfig(kind="flat", use_gpu=True))
     assert not VectorIndex.build(x, ids, VectorIndexConfig(kind="flat")).on_gpu
     assert not VectorIndex.build(x, ids, VectorIndexConfig(kind="flat", use_gpu=False)).on_gpu
+
+
+def test_an_ivfpq_build_refuses_an_ivfpq_m_that_does_not_divide_the_width() -> None:
+    """A gallery's reader open no longer checks ivfpq_m (its saved index may need none): the build of an ivfpq
+    index does, naming the setting and the width, before FAISS is asked."""
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^index_config: ivfpq_m is 7; it takes a divisor of the embedding width "
+                                         r"32, or null \(docs/scale\.md\)$"):
+        VectorIndex.build(x, np.arange(64), VectorIndexConfig(kind="ivfpq", ivfpq_m=7))

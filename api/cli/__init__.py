@@ -45,7 +45,7 @@ PIXELS_HELP = ("A photo is read when it decodes to at most SPECIESID_MAX_PIXELS 
                f"~{4 * DEFAULT_MAX_PIXELS / 10**6 / 1024:.0f} GB at {DEFAULT_MAX_PIXELS // 10**6} MP.")
 #: The commands that read photos (their --help ends with PIXELS_HELP, after WRITE_WAIT_HELP where they write).
 READERS = (("index", "build"), ("references", "add"), ("identify",), ("search",), ("clean",), ("evaluate",),
-           ("probe", "train"))
+           ("probe", "train"), ("finetune",))
 #: The end of every --help that names a docs/ file: an installed package (a wheel) carries none of them.
 DOCS_HELP = "The docs/*.md files named above are in speciesid's source repository, not in the installed package."
 #: The commands that write a gallery (their --help ends with WRITE_WAIT_HELP).
