@@ -521,7 +521,8 @@ def print_tables(results: dict) -> None:
 
 
 def chosen_windows(windows: str | None, *, quick: bool) -> list[str]:
-    """The batch windows to compare: ``--windows`` as given (``--quick`` too), else the default list or the quick one."""
+    """The batch windows to compare: ``--windows`` as given (``--quick`` too), else the default list or the quick
+    one."""
     if windows is None:
         return list(QUICK_WINDOWS if quick else WINDOWS)
     return [w.strip() for w in windows.split(",") if w.strip()]
