@@ -595,13 +595,11 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
     if n and ident.far_threshold() is None:
         how = "POST /v1/species/{name}/references" if api else "speciesid references add"
-        many = n > 1  # 2 or more: each one's nearest others are near-copies of it (far_threshold passes them over)
-        said = (f"{n} reference photos, each a near-copy of the others near it (cosine >= {NEAR_COPY_COSINE}: the "
-                "same photo saved again)" if many else "1 reference photo")
+        said, tail = _no_far_said(n)
         notes.append(f"this gallery holds {said}: too few to tell a photo unlike every "
                      "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
                      f"for that, however unlike the photo is; add reference photos ({how}): from 2"
-                     f"{' that are not near-copies' if many else ''}, the gallery measures that threshold")
+                     f"{tail}, the gallery measures that threshold")
     if (one := ident.one_species()) is not None:  # its 100% says nothing: never "venom unlikely" either
         notes.append(one_species_note(one, api=api))
     if parse_rank(rank) is Rank.FAMILY and (family := family_note(ident, api=api)):
@@ -609,6 +607,16 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
     if stale := ident.stale_probe_note(api=api):  # references added or deleted since the probe was trained
         notes.append(stale)
     return notes
+
+
+def _no_far_said(n: int) -> tuple[str, str]:
+    """What a gallery of ``n`` (>= 1) references with no far threshold holds, and the tail of "add reference photos:
+    from 2 ..." (" that are not near-copies" for 2 or more: each one's nearest others are near-copies of it, which
+    far_threshold passes over); shared by :func:`answer_notes` and the evaluation report's notes."""
+    if n > 1:
+        return (f"{n} reference photos, each a near-copy of the others near it (cosine >= {NEAR_COPY_COSINE}: the "
+                "same photo saved again)", " that are not near-copies")
+    return "1 reference photo", ""
 
 
 def family_note(ident: Identifier, *, api: bool = False) -> str | None:
@@ -801,8 +809,9 @@ def evaluate_dataset(
 
 def _figure_notes(ident: Identifier, named: set[str], results: Mapping[str, dict]) -> list[str]:
     """The report's notes on figures the gallery makes trivial or leaves out: one species (top-1 cannot be wrong),
-    5 or fewer (top-5 lists them all), 1 reference photo (no far check: coverage counts every photo), and the
-    evaluated species ROC-AUC leaves out (no reference: no answer scores them)."""
+    5 or fewer (top-5 lists them all), no far threshold (1 reference photo, or references that are all near-copies
+    of each other: coverage counts every photo), and the evaluated species ROC-AUC leaves out (no reference: no
+    answer scores them)."""
     notes = []
     names = sorted(named | (set(ident.probe.species) if ident.probe is not None else set()))
     if len(names) == 1:
@@ -814,9 +823,10 @@ def _figure_notes(ident: Identifier, named: set[str], results: Mapping[str, dict
                      "right on their photos")
     n = ident.gallery.index.ntotal
     if n and ident.far_threshold() is None:
-        notes.append(f"the gallery holds {n} reference photo{'s' * (n != 1)}: too few to measure how unlike every "
+        said, tail = _no_far_said(n)
+        notes.append(f"the gallery holds {said}: too few to measure how unlike every "
                      "reference a photo may be, so no answer is UNKNOWN for that and coverage counts photos of "
-                     "anything; add reference photos (from 2, the gallery measures that threshold)")
+                     f"anything; add reference photos (from 2{tail}, the gallery measures that threshold)")
     unscored = sorted({s for r in results.values() for s in r.get("roc_auc_unscored") or ()})
     if unscored:
         shown = ", ".join(unscored[:5]) + (f" and {len(unscored) - 5} more" if len(unscored) > 5 else "")

@@ -159,3 +159,19 @@ def test_a_gallery_of_copies_of_one_photo_has_no_far_threshold_and_its_answers_s
             "same photo saved again): too few to tell a photo unlike every reference") in notes[0]
     assert notes[0].endswith("add reference photos (POST /v1/species/{name}/references): from 2 that are not "
                              "near-copies, the gallery measures that threshold")
+
+
+def test_the_evaluation_note_on_a_gallery_of_near_copies_says_why_it_has_no_far_threshold(tmp_path):
+    """final-core s57 #1: the report's note said "too few ... (from 2, the gallery measures that threshold)" for 10
+    references that are copies of one photo; it names the near-copies, as answer_notes does."""
+    from retrieval.workflows import _figure_notes
+
+    g = Gallery.create(tmp_path / "g", ENC)
+    v = unit(np.random.default_rng(6).standard_normal(DIM))
+    g.add([ReferenceRecord(path=f"/p/{i}.jpg", species="Naja haje" if i < 5 else "Naja naja") for i in range(10)],
+          [f"d-{i}" for i in range(10)], np.repeat(v[None], 10, axis=0))
+    notes = _figure_notes(Identifier(FakeEncoder(), g), {"Naja haje", "Naja naja"}, {})
+    assert ("the gallery holds 10 reference photos, each a near-copy of the others near it (cosine >= 0.95: the "
+            "same photo saved again): too few to measure how unlike every reference a photo may be, so no answer "
+            "is UNKNOWN for that and coverage counts photos of anything; add reference photos (from 2 that are not "
+            "near-copies, the gallery measures that threshold)") in notes
