@@ -319,25 +319,27 @@ def build_gallery(
         late = True
     unread: dict[str, dict[str, int]] | None = None
     conflicts: tuple[list[LabelConflict], list[str]] = ([], [])
-    try:  # the build is done: its result is read whole (the gallery's species: a remote store's round trip)
+    species: list[SpeciesSummary] | None = None
+    try:  # the build is done: its result is read whole (the gallery's species: a remote store's round trip, once)
         with held_interrupt("the build is done; reading its species for the summary", reraise=False) as held:
-            unread = _species_unread(scan, report, gallery)
-            conflicts = _label_conflicts(scan, report, gallery)
+            species = gallery.species()
+            unread = _species_unread(scan, report, species)
+            conflicts = _label_conflicts(scan, report, gallery, species)
         late = late or held.came
     except KeyboardInterrupt:  # a second Ctrl-C: the build is done all the same, its summary goes without them
         late = True
-    if not late:
-        warn_species(gallery)
+    if not late and species is not None:
+        warn_species(gallery, counts={s.species: s.count for s in species})
     return BuildResult(gallery=gallery, scan=scan, report=report, clean=cleaned, resumed=earlier is not None,
                        unread_species=unread, interrupted_after=late, label_conflicts=conflicts[0],
                        conflict_species=conflicts[1])
 
 
-def _label_conflicts(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> tuple[list[LabelConflict],
-                                                                                     list[str]]:
+def _label_conflicts(scan: DatasetScan, report: BuildReport, gallery: Gallery,
+                     species: Sequence[SpeciesSummary]) -> tuple[list[LabelConflict], list[str]]:
     """(the duplicates of a build ``report`` stored under another species than their own: label conflicts, the
     species of ``scan`` the gallery does not hold because each of their photos is one of them), species compared
-    as the gallery joins names (:func:`index.taxonomy.species_key`)."""
+    as the gallery joins names (:func:`index.taxonomy.species_key`); ``species``: the gallery's, read once."""
     label = {str(r.path): r.species for r in scan.records}
     stored = set(report.already_stored)
     held_ids = [i for d, i in zip(report.duplicates, report.duplicate_ids, strict=True)
@@ -352,19 +354,27 @@ def _label_conflicts(scan: DatasetScan, report: BuildReport, gallery: Gallery) -
             theirs, where = label.get(other), other
         if mine is not None and theirs is not None and species_key(mine) != species_key(theirs):
             found.append(LabelConflict(path, mine, where, theirs))
-    held = {species_key(s.species) for s in gallery.species() if s.count > 0}
+    held = {species_key(s.species) for s in species if s.count > 0}
     lost = sorted({c.species for c in found if species_key(c.species) not in held})
     return found, lost
 
 
-def warn_species(gallery: Gallery, *, only_one: bool = False) -> None:
+def _species_counts(gallery: Gallery, what: str) -> dict[str, int] | None:
+    """The gallery's photo count of each species, or None where they could not be read (logged at info: a note
+    must not fail a write that is committed; ``what``: the notes they were read for)."""
+    try:
+        return {s.species: s.count for s in gallery.species()}
+    except Exception as exc:  # noqa: BLE001 - the write is committed: its notes are a courtesy
+        logger.info("the gallery's species were not read for %s: %s", what, exc)
+        return None
+
+
+def warn_species(gallery: Gallery, *, only_one: bool = False, counts: Mapping[str, int] | None = None) -> None:
     """Log a warning for each of the gallery's species notes (:func:`retrieval.advice.species_notes`: one species,
     or photo counts that differ a lot; ``only_one``: only when it holds one species), after a build or a delete. A
-    note must not fail a write that is done: a failure to read the species is logged at info."""
-    try:
-        counts = {s.species: s.count for s in gallery.species()}
-    except Exception as exc:  # noqa: BLE001 - the write is committed: its notes are a courtesy
-        logger.info("the gallery's species were not read for its notes: %s", exc)
+    note must not fail a write that is done: a failure to read the species is logged at info. ``counts``: the
+    species' photo counts where the caller has read them (not read again)."""
+    if counts is None and (counts := _species_counts(gallery, "its notes")) is None:
         return
     if only_one and sum(n > 0 for n in counts.values()) != 1:
         return
@@ -372,16 +382,17 @@ def warn_species(gallery: Gallery, *, only_one: bool = False) -> None:
         logger.warning("%s", note)
 
 
-def _species_unread(scan: DatasetScan, report: BuildReport, gallery: Gallery) -> dict[str, dict[str, int]]:
+def _species_unread(scan: DatasetScan, report: BuildReport,
+                    species: Sequence[SpeciesSummary]) -> dict[str, dict[str, int]]:
     """The species of ``scan`` none of whose photos could be used (every one skipped by the build ``report``:
     unreadable, or read but too small, too elongated, over the pixel limit) and that the gallery does not hold,
     sorted, each with its skipped photos' kinds of reason (:func:`retrieval.pipeline.skip_counts`, 0s left out):
-    they are not in it, and only the skipped files' lines would say so."""
+    they are not in it, and only the skipped files' lines would say so; ``species``: the gallery's, read once."""
     skipped = dict(report.skipped)
     photos: dict[str, list[str]] = {}
     for r in scan.records:
         photos.setdefault(r.species, []).append(str(r.path))
-    held = {species_key(s.species) for s in gallery.species()}
+    held = {species_key(s.species) for s in species}
     return {s: {kind: n for kind, n in skip_counts(skipped[p] for p in photos[s]).items() if n}
             for s in sorted(photos)
             if species_key(s) not in held and all(p in skipped for p in photos[s])}
@@ -1238,10 +1249,8 @@ def _added(gallery: Gallery, name: str, prior: SpeciesSummary | None, report: Bu
     existed = _existed(gallery, name, prior, held_at_commit)  # as the commit found it, else as the store is now
     species_note = ""
     if report.ids:
-        try:
-            species_note = "; ".join(species_notes({s.species: s.count for s in gallery.species()}, api=api))
-        except Exception as exc:  # noqa: BLE001 - a note must not fail an add that is committed
-            logger.info("the gallery's species were not read for the add's notes: %s", exc)
+        if (counts := _species_counts(gallery, "the add's notes")) is not None:
+            species_note = "; ".join(species_notes(counts, api=api))
     return AddResult(species=name, created=not existed and bool(report.ids), existed=existed,
                      report=report, duplicates=duplicates, excluded=excluded, probe_note=probe_note,
                      taxon_note=_taxon_note(name) if prior is None and report.ids else "",
