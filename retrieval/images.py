@@ -274,15 +274,10 @@ def _animated_note(img: Image.Image | None) -> str | None:
     return frames[0] if frames else None
 
 
-def header_note(data: bytes) -> str | None:
-    """What an answer is to say of the photo ``data`` as :func:`decode_image` reads it (:func:`photo_note`: only the
-    first frame of an animation, the first page of a TIFF), told from its header alone; None when nothing."""
-    return _animated_note(_header(data))
-
-
 def header_facts(data: bytes) -> tuple[tuple[int, int], str | None] | None:
-    """:func:`header_size` and :func:`header_note` of ``data`` from one open of its header; None when it is not an
-    accepted image."""
+    """:func:`header_size` of ``data`` and what an answer is to say of it as :func:`decode_image` reads it
+    (:func:`photo_note`'s note: only the first frame of an animation, the first page of a TIFF; None when nothing),
+    from one open of its header; None when it is not an accepted image."""
     img = _header(data)
     return None if img is None else (img.size, _animated_note(img))
 

@@ -283,16 +283,16 @@ def prepare(
         return Prepared(position, sha256=digest, duplicate_of=known[digest])
     try:
         facts = header_facts(data) if given else None  # size as stored (photo_size's) and note: one header open
-        tensor, blank = (GIVEN, None) if facts is not None else (None, None)
-        size, note = facts if facts is not None else (None, None)
-        if size is None:
+        if facts is not None:
+            (size, note), tensor, blank = facts, GIVEN, None
+        else:
             limit = max_pixels_setting() if max_pixels is None else max_pixels
             tensor, size, note, blank = model_input(data, encoder, max_pixels=limit, name=name, blank=not blank_ok)
         width, height = size
         if min(width, height) < min_side:  # the photo's size, not the reduced decode's
             return Prepared(position, sha256=digest, error=f"{width}x{height} pixels {TOO_SMALL} "
                             f"(at least {min_side} px on the short side)")
-        if blank and not blank_ok:
+        if blank:  # set only where blank_ok is False (model_input's blank=)
             return Prepared(position, sha256=digest, error=blank)
     except PixelLimitError as exc:
         why = exc.advise("save", f"set {MAX_PIXELS_ENV}={{needed}} (or more) to read it as it is")
