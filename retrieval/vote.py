@@ -27,6 +27,11 @@ DEFAULT_TEMPERATURE = 0.03
 DEFAULT_UNKNOWN_THRESHOLD = 0.56
 
 
+def is_count(value: object) -> bool:
+    """Whether ``value`` is a whole number >= 1 (an integer, not a bool): a k, a top, a count of photos."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+
+
 @dataclass
 class VoteConfig:
     """How neighbours are turned into species scores."""
@@ -36,7 +41,7 @@ class VoteConfig:
     unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD  # best score under this -> answer "unknown"
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+        if not is_count(self.k):
             raise ValueError(f"k must be a whole number of at least 1, got {self.k!r}")
         check_temperature(self.temperature)
         if not 0.0 <= self.unknown_threshold <= 1.0:
@@ -96,7 +101,7 @@ def rollup(scores: Mapping[str, float], parent: Mapping[str, str | None], rank: 
 
 def top_k(scores: Mapping[str, float], k: int) -> list[tuple[str, float]]:
     """The k best (label, score) pairs; ValueError for a k that is not a whole number >= 1 (the answer's ``top``)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+    if not is_count(k):
         raise ValueError(f"top must be a whole number of at least 1, got {k!r}")
     return sorted(scores.items(), key=lambda kv: -kv[1])[:k]
 

@@ -22,7 +22,6 @@ import difflib
 import functools
 import itertools
 import logging
-import numbers
 import operator
 import os
 from collections import Counter
@@ -160,7 +159,7 @@ from retrieval.protocol import (
     record_embedding,
 )
 from retrieval.textprior import text_prior_taxa
-from retrieval.vote import Rank, parse_rank
+from retrieval.vote import Rank, is_count, parse_rank
 
 __all__ = [
     "DEFAULT_ENCODER", "ENGINES", "AddResult", "Answer", "BuildResult", "CleanConfig", "CleanInterrupted",
@@ -512,7 +511,7 @@ def photo_notes(names: Sequence[str], notes: Sequence[str | None]) -> list[str]:
 def whole_at_least_1(value: object, name: str, what: str) -> None:
     """ValueError unless ``value`` is a whole number >= 1 (an int, not a bool): ``name`` is the argument, ``what``
     what it counts, both said in the message."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_count(value):
         raise ValueError(f"{name} must be a whole number >= 1 ({what}), not {value!r}")
 
 
