@@ -57,6 +57,7 @@ from index.vectors import (
     new_entries,
     one_row_per_id,
     read_manifest,
+    refuse_negative_ids,
     report_repeated_ids,
     sorted_unique,
     union_sorted,
@@ -231,9 +232,7 @@ def encode_shard(trained: np.ndarray, source: VectorSource, shard: Any) -> Shard
     seen = np.zeros(0, dtype=np.int64)
     dropped = 0
     for batch_ids, vectors in source.read(shard):
-        if len(batch_ids) and batch_ids.min() < 0:  # as index.vectors refuses them: a search reads them as no result
-            raise ValueError(f"ids must be >= 0 (FAISS marks missing results with negative ids), got "
-                             f"{batch_ids[batch_ids < 0][:10].tolist()}")
+        refuse_negative_ids(np.asarray(batch_ids))  # as index.vectors refuses them: a search reads them as no result
         ids, vectors, repeated = one_row_per_id(batch_ids, vectors, seen=seen)
         dropped += len(batch_ids) - len(ids)
         if repeated.size:

@@ -215,11 +215,18 @@ def _as_ids(x: Any, n: int | None = None, *, negative: bool = False) -> np.ndarr
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if n is not None and arr.shape[0] != n:
         raise ValueError(f"ids must have one entry per vector: expected {n} ids, got {arr.shape[0]}")
-    if not negative and arr.size and arr.min() < 0:
-        bad = arr[arr < 0]
+    if not negative:
+        refuse_negative_ids(arr)
+    return arr
+
+
+def refuse_negative_ids(ids: np.ndarray) -> None:
+    """ValueError naming the first 10 negative ``ids`` (FAISS marks missing results with them: a search would read
+    such a reference as no result); nothing when there is none."""
+    if ids.size and ids.min() < 0:
+        bad = ids[ids < 0]
         raise ValueError(f"ids must be >= 0 (FAISS marks missing results with negative ids), got "
                          f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}")
-    return arr
 
 
 # Id-set helpers for the sorted id arrays the indexes keep. NumPy 2.x's plain ``np.unique`` (and ``np.union1d``,
