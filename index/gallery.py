@@ -660,10 +660,9 @@ class Gallery:
             version = self.store.version
             kind = self.index_config.resolve(self.store.count())
             if kind == "ivfpq":
-                self.index_config.check_width(self.dim, f'{self.layout.info} "index"')
+                options = self.index_config.ivfpq_options(self.dim, f'{self.layout.info} "index"')  # refused first
                 source = StoreVectors(str(self.store_uri), self.dim, self.storage_options, version)
-                self._index = ivfpq.build(source, folder=self.root, map_fn=map_fn,
-                                          **self.index_config.ivfpq_options())
+                self._index = ivfpq.build(source, folder=self.root, map_fn=map_fn, **options)
             else:
                 ids, vectors = _one_row_per_id(*self.store.vectors())
                 self._index = VectorIndex.build(vectors, ids, replace(self.index_config, kind=kind), dim=self.dim)

@@ -169,8 +169,10 @@ class VectorIndexConfig:
             kind = "flat"
         return kind
 
-    def ivfpq_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`index.ivfpq.build` from this config."""
+    def ivfpq_options(self, dim: int, where: str) -> dict[str, Any]:
+        """Keyword arguments of :func:`index.ivfpq.build` from this config, for an embedding width ``dim``: ValueError
+        first (:meth:`check_width`, ``where`` names the settings) when ``ivfpq_m`` does not divide it."""
+        self.check_width(dim, where)
         return {"nlist": self.ivfpq_nlist, "m": self.ivfpq_m, "nprobe": self.ivfpq_nprobe,
                 "candidates": self.ivfpq_candidates, "shard_rows": self.shard_rows, "use_gpu": self.use_gpu}
 
@@ -576,9 +578,8 @@ class VectorIndex:
         if kind == "ivfpq":
             from index import ivfpq
 
-            cfg.check_width(d, "index_config")
-
-            return ivfpq.build(ivfpq.ArraySource(ids, xb), **cfg.ivfpq_options())  # type: ignore[return-value]
+            return ivfpq.build(ivfpq.ArraySource(ids, xb),  # type: ignore[return-value]
+                               **cfg.ivfpq_options(d, "index_config"))
         if kind == "ivf":
             nlist = _nlist_for(n, cfg.ivf_nlist)
             if nlist < 1:
