@@ -77,6 +77,17 @@ PHOTO_FORMATS: dict[str, tuple[str, ...]] = {
 IMAGE_EXTENSIONS = frozenset(ext for exts in PHOTO_FORMATS.values() for ext in exts)
 #: The accepted formats in words, for messages.
 PHOTO_FORMAT_WORDS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP, GIF or PPM"
+#: No photo is taken with more pixels than this as stored (decompression-bomb guard): 16,000 x 16,000, whatever
+#: limit is asked for (a larger one counts as this) and whatever its decode would cost (a JPEG decoded at reduced
+#: scale included). The largest phone photos (200 MP) are under it.
+DEFAULT_MAX_PIXELS = 256_000_000
+#: The default of the most pixels one photo may decode to (``retrieval.images.MAX_PIXELS_ENV``): an 8-bit colour
+#: photo costs about 4 MiB of memory a megapixel while a decode thread holds it (docs/api.md, "Limits and errors":
+#: 5 x 49 MP PNGs on 4 threads peaked at 791 MiB; one 100 MP PNG alone took 386 MiB more), so ~200 MiB a thread at
+#: 50 MP, where 256 MP cost ~1 GB a thread. A JPEG counts at the reduced scale it is decoded at (a 200 MP phone
+#: photo: ~3 MP). Both limits are defined here, not in retrieval.images (which re-exports them), so that the command
+#: line reads them without importing Pillow's plugins (pillow-heif) at start-up.
+PHOTO_MAX_PIXELS = 50_000_000
 #: What to do about files that are not photos (said once, with them: :func:`not_photos_warning`).
 NOT_PHOTO_ADVICE = ("A photo among them is read once its name ends in its format's extension (.jpg, .png, .webp, "
                     ".heic, ...) or has no extension")

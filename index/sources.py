@@ -30,7 +30,7 @@ _CACHED_SHARDS = 16
 MB = 1024 * 1024
 #: The most bytes a photo file is read with (:func:`read_source`): a bigger one is refused from its size, without
 #: being read (a video or a disk image named as a photo). Generous: an 8-bit RGB photo at the largest pixel count any
-#: command decodes (``retrieval.images.DEFAULT_MAX_PIXELS``, 256 MP) is under it only when compressed, as every
+#: command decodes (``index.photos.DEFAULT_MAX_PIXELS``, 256 MP) is under it only when compressed, as every
 #: camera's and phone's JPEG, HEIC or PNG is; an uncompressed TIFF that large is refused (convert it first).
 MAX_PHOTO_BYTES = 256 * MB
 #: Bytes read to tell a photo from another file by its signature (``index.photos.SNIFF_BYTES``).

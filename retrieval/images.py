@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from index.photos import PHOTO_FORMAT_WORDS, PHOTO_FORMATS
+from index.photos import DEFAULT_MAX_PIXELS, PHOTO_FORMAT_WORDS, PHOTO_FORMATS, PHOTO_MAX_PIXELS
 from index.sources import read_source
 
 try:  # HEIC/HEIF phone photos, when pillow-heif is installed
@@ -30,19 +30,12 @@ logger = logging.getLogger(__name__)
 #: site-packages path and no photo's name. :func:`decode_image` logs its own line, naming the photo, instead.
 _EXIF_WARNINGS = r"PIL\.TiffImagePlugin"
 
-#: No photo is taken with more pixels than this as stored (decompression-bomb guard): 16,000 x 16,000, whatever
-#: limit is asked for (a larger one counts as this) and whatever its decode would cost (a JPEG decoded at reduced
-#: scale included). The largest phone photos (200 MP) are under it.
-DEFAULT_MAX_PIXELS = 256_000_000
 #: The setting of the most pixels one photo may decode to, read by the server (``api.settings``) and by every
 #: command that reads photos to embed them, finetune included (:func:`max_pixels_setting`); ``clean``'s report
 #: thumbnails and the runtime check read the gallery's own photos up to :data:`DEFAULT_MAX_PIXELS`.
 MAX_PIXELS_ENV = "SPECIESID_MAX_PIXELS"
-#: Its default: an 8-bit colour photo costs about 4 MiB of memory a megapixel while a decode thread holds it
-#: (docs/api.md, "Limits and errors": 5 x 49 MP PNGs on 4 threads peaked at 791 MiB; one 100 MP PNG alone took
-#: 386 MiB more), so ~200 MiB a thread at 50 MP, where 256 MP cost ~1 GB a thread. A JPEG counts at the reduced
-#: scale it is decoded at (a 200 MP phone photo: ~3 MP).
-PHOTO_MAX_PIXELS = 50_000_000
+# Its default and the cap: index.photos' PHOTO_MAX_PIXELS and DEFAULT_MAX_PIXELS (imported above, and so still
+# importable from here), defined there so that the command line reads them without this module's Pillow plugins.
 #: Pillow's own guard (a warning past it, an error past twice it) moved to ours: without this, Pillow refuses anything
 #: over 179M pixels (a 200-megapixel phone photo) whatever the limit asked for; :func:`decode_image` checks that.
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
