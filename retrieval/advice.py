@@ -196,7 +196,8 @@ IMBALANCE_RATIO = 10
 IMBALANCE_MIN_PHOTOS = 20
 
 
-def _add_how(api: bool) -> str:
+def add_how(api: bool) -> str:
+    """How to add reference photos: the API's route for an HTTP client (``api``), else the CLI command."""
     return "POST /v1/species/{name}/references" if api else "speciesid references add"
 
 
@@ -204,7 +205,7 @@ def one_species_note(species: str, *, api: bool = False) -> str:
     """What a gallery holding one species (``species``) is to be shown with: it cannot tell species apart."""
     return (f"this gallery holds one species ({species}): it cannot tell species apart, so every photo it does not "
             f"mark far or UNKNOWN is answered as {species} at 100%, whatever animal it shows, and its venom advice "
-            f"is 'cannot tell, treat as venomous'; add reference photos of other species ({_add_how(api)})")
+            f"is 'cannot tell, treat as venomous'; add reference photos of other species ({add_how(api)})")
 
 
 def imbalance_note(counts: Mapping[str, int], *, api: bool = False) -> str:
@@ -222,7 +223,7 @@ def imbalance_note(counts: Mapping[str, int], *, api: bool = False) -> str:
                                             if len(small) > 1 else "")
     return (f"photo counts per species differ a lot ({big} has {held[big]} reference photos, {few}): the kNN vote "
             "counts each neighbouring photo, so it favours species with many photos (a photo of a small species "
-            f"is often answered as a large one); add photos of the small species ({_add_how(api)}), and 'speciesid "
+            f"is often answered as a large one); add photos of the small species ({add_how(api)}), and 'speciesid "
             "probe train' (its probe weighs every species alike, blended with the vote) lessens it")
 
 

@@ -82,6 +82,7 @@ from index.taxonomy import (
 from index.vectors import VectorIndexConfig
 from retrieval.advice import (
     VENOM_ADVICE_KEY,
+    add_how,
     checklist_coverage,
     far_note,
     one_species_note,
@@ -601,10 +602,10 @@ def answer_notes(ident: Identifier, *, api: bool = False, rank: Rank | str = Ran
     if not api and (other := embedding_note(ident.gallery.info, ident.encoder)):  # a server logs it once at start
         notes.append(other)
     if (coverage := ident.checklist_coverage()) and (gap := coverage.note()):  # venomous checklist species
-        notes.append(gap + (" (POST /v1/species/{name}/references)" if api else " (speciesid references add)"))
+        notes.append(f"{gap} ({add_how(api)})")
     n = ident.gallery.index.ntotal  # the index's count: never a read of the store (an answer during its outage)
     if n and ident.far_threshold() is None:
-        how = "POST /v1/species/{name}/references" if api else "speciesid references add"
+        how = add_how(api)
         said, tail = _no_far_said(n)
         notes.append(f"this gallery holds {said}: too few to tell a photo unlike every "
                      "reference (a blank frame, another animal) from a match, so no answer is marked far or UNKNOWN "
