@@ -110,18 +110,16 @@ def near_copy_note(neighbours: Sequence[Neighbour], top: str | None,
     best = max(near, key=lambda n: n.plain_cosine)
     species = sorted({n.species for n in near})
     if len(species) > 1:  # one reference of each species at least (the nearest of each), up to 4 when fewer
-        first: dict[str, Neighbour] = {}
+        firsts: dict[str, int] = {}
         for n in near:
-            first.setdefault(n.species, n)
-        shown = {n.id for n in first.values()}
-        for n in near:
-            if len(shown) >= max(4, len(first)):
-                break
-            shown.add(n.id)
+            firsts.setdefault(n.species, n.id)
+        keep = set(firsts.values())
+        room = max(4, len(keep)) - len(keep)  # the other references shown
         listed: dict[int, Neighbour] = {}  # nearest first, each reference once (an observation's may repeat)
         for n in near:
-            if n.id in shown:
-                listed.setdefault(n.id, n)
+            if n.id not in listed and (n.id in keep or room > 0):
+                room -= n.id not in keep
+                listed[n.id] = n
         others = ", ".join(f"#{n.id} {n.species}" for n in listed.values())
         return NearCopyNote(None, f"this photo is a near-copy of references of {len(species)} species ({others}; "
                             f"cosine >= {NEAR_COPY_COSINE}): one of them is likely mislabelled ('speciesid clean' "
