@@ -24,8 +24,8 @@ from typing import Any, NoReturn, TypeVar, overload
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
 from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
 from index.formats import speciesid_version
+from index.photos import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS
 from index.text import printable
-from retrieval.images import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 _N = TypeVar("_N")  # a namespace object: CommandParser.parse_known_args returns the one it is given
