@@ -121,7 +121,7 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
     _verbose_anywhere(sub)
     _describe_everywhere(sub)
     _name_values(sub)
-    _note_wait(sub)
+    _note_wait_and_pixels(sub)
     parser.epilog = WRITE_WAIT_HELP
     _note_docs(parser)
     return parser
@@ -151,7 +151,7 @@ def _command(subparsers: argparse._SubParsersAction, path: Sequence[str]) -> arg
     return command
 
 
-def _note_wait(subparsers: argparse._SubParsersAction) -> None:
+def _note_wait_and_pixels(subparsers: argparse._SubParsersAction) -> None:
     """End the ``--help`` of every command that writes a gallery with :data:`WRITE_WAIT_HELP`, and of every one
     that reads photos with :data:`PIXELS_HELP`."""
     for path in WRITERS:
