@@ -20,7 +20,7 @@ def bench(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_runtimes_already_built_are_not_added_again(bench) -> None:
-    got = bench.with_runtimes(BASE, "torch:fp32, onnx:int8,onnx:int8,auto:auto")
+    got = bench.with_runtimes(BASE, bench.parse_runtimes("torch:fp32, onnx:int8,onnx:int8,auto:auto"))
     assert got == [*BASE[:3], ("ours", "onnx", "int8")]
 
 
