@@ -281,30 +281,25 @@ class SpeciesService:
             self.check_size(name, len(data))
         self.check_pixels(files)
 
-        def one(item: tuple[str, bytes]) -> Upload:
+        def one(item: tuple[str, bytes]) -> Upload | BadImage:
+            """The upload decoded, or the BadImage saying why not: said with the others, so that one answer names
+            every photo that cannot be used."""
             name, data = item
             try:  # as a gallery build and the CLI turn a photo into the encoder's input: the same embedding
                 views, size, note, blank = model_input(data, self.encoder, max_pixels=self.settings.max_pixels,
                                                        name=name)
             except PixelLimitError as exc:  # one line: send it smaller, or (when that would take it) the setting
-                raise BadImage(exc.advise("send", "ask this server's operator to raise SPECIESID_MAX_PIXELS")
-                               ) from exc
+                return BadImage(exc.advise("send", "ask this server's operator to raise SPECIESID_MAX_PIXELS"))
             except ImageLoadError as exc:
-                raise BadImage(str(exc)) from exc
+                return BadImage(str(exc))
             return Upload(name=name, data=data, size=size, views=views, note=note, blank=blank)
 
-        def kept(item: tuple[str, bytes]) -> Upload | BadImage:
-            try:
-                return one(item)
-            except BadImage as exc:  # said with the others: one answer names every photo that cannot be used
-                return exc
-
-        done = list(self._pool.map(kept, files))
+        done = list(self._pool.map(one, files))
         if any(isinstance(d, BadImage) for d in done):  # in the order sent
             bad = [str(d) if isinstance(d, BadImage) else self.unfit_reference(d) if references else None
                    for d in done]
             raise BadImage(refused([why for why in bad if why], len(files)))
-        return done  # type: ignore[return-value]  # every one an Upload
+        return [d for d in done if isinstance(d, Upload)]  # every one an Upload
 
     def unfit_reference(self, upload: Upload) -> str | None:
         """Why ``upload`` cannot be a reference (``name: reason``): under ``min_reference_px`` on its short side, or

@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from index.compaction import COMPACT_FRAGMENTS, parse_compact_fragments
 from index.lease import LEASE_TTL_S, parse_lease_ttl
 from index.locks import parse_wait
+from index.photos import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS
 from index.store_cache import INDEX_CACHE_MB, INDEX_ENV, METADATA_CACHE_MB, METADATA_ENV, parse_cache_mb
-from retrieval.images import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS, parse_max_pixels
 
 if TYPE_CHECKING:
     from retrieval.encoders import EncoderConfig
@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     def _max_pixels(cls, value: object) -> int:
         """SPECIESID_MAX_PIXELS through the command line's parser (``retrieval.images.parse_max_pixels``): a whole
         number from 1 to DEFAULT_MAX_PIXELS, or refused at start naming the variable."""
+        from retrieval.images import parse_max_pixels  # here: it loads PIL and pillow-heif
+
         return parse_max_pixels(value)  # type: ignore[arg-type]
 
     @field_validator("compact_fragments", mode="before")

@@ -112,6 +112,11 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def min_max(values: list[float], fmt: str = ".0f") -> str:
+    """The range of ``values`` as ``A-B`` (each formatted with ``fmt``), for a "median (min-max)" line."""
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -73,14 +73,21 @@ def default_configs(model: str, kind: str, quick: bool) -> list[tuple[str, str, 
     return out + [("ours", rt, p) for rt, p in extra]
 
 
-def with_runtimes(configs: list[tuple[str, str, str]], runtimes: str) -> list[tuple[str, str, str]]:
-    """``--runtimes``: naive, torch fp32 and auto (the first three of ``configs``), then each runtime:precision
-    named, once (one the three already hold, e.g. torch:fp32, is not built twice)."""
-    named = [x.strip() for x in runtimes.split(",") if x.strip()]
+def parse_runtimes(text: str) -> list[tuple[str, str]]:
+    """``--runtimes``' comma-separated runtime:precision as (runtime, precision) pairs; ValueError naming the ones
+    not written so."""
+    named = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in named if x.count(":") != 1]
     if bad:
         raise ValueError(f"--runtimes {','.join(bad)}: write each as runtime:precision, e.g. onnx:int8")
-    return list(dict.fromkeys(configs[:3] + [("ours", *x.split(":")) for x in named]))
+    return [(runtime, precision) for runtime, precision in (x.split(":") for x in named)]
+
+
+def with_runtimes(configs: list[tuple[str, str, str]],
+                  runtimes: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``--runtimes`` (:func:`parse_runtimes`): naive, torch fp32 and auto (the first three of ``configs``), then
+    each runtime:precision named, once (one the three already hold, e.g. torch:fp32, is not built twice)."""
+    return list(dict.fromkeys(configs[:3] + [("ours", *x) for x in runtimes]))
 
 
 class Worker:
@@ -317,9 +324,10 @@ def main() -> None:
     if args.worker:
         worker_main(*json.loads(args.worker))
         return
+    runtimes: list[tuple[str, str]] = []
     if args.runtimes:
         try:
-            with_runtimes([], args.runtimes)
+            runtimes = parse_runtimes(args.runtimes)
         except ValueError as exc:
             ap.error(str(exc))
     require_shared()
@@ -343,7 +351,7 @@ def main() -> None:
     for name, spec, n in models:
         configs = default_configs(name, kind, args.quick)
         if args.runtimes:
-            configs = with_runtimes(configs, args.runtimes)
+            configs = with_runtimes(configs, runtimes)
         if name == "MobileNetV1":
             chosen = [(c[1], c[2]) for c in configs if c[0] == "ours" and c[1] != "torch"]
         print(f"\n{name}: {n} photos per build, batch {args.batch_size}")

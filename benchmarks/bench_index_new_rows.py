@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch, median, peak_rss_mib, percentile_values, percentiles
+from _common import CpuWatch, median, min_max, peak_rss_mib, percentile_values, percentiles
 from _hardware import machine_report
 
 
@@ -88,7 +88,7 @@ def main() -> None:
                   flush=True)
     ratio = percentile_values(before)["p50"] / max(percentile_values(after)["p50"], 1e-9)
     print(f"\n{args.bulk} indexed + {args.new} new rows a repeat ({args.dim}-d), {args.repeats} repeats:\n"
-          f"index_new_rows median {median(merges):.0f} ms (min-max {min(merges):.0f}-{max(merges):.0f})\n"
+          f"index_new_rows median {median(merges):.0f} ms (min-max {min_max(merges)})\n"
           f"find_sha256 of 20, {len(before)} lookups a side: before the merge {percentiles(before)}; "
           f"after {percentiles(after)}\n"
           f"after / before the merge: {ratio:.2f}x as fast by p50")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch, median, peak_rss_mib, percentile_values, percentiles
+from _common import CpuWatch, median, min_max, peak_rss_mib, percentile_values, percentiles
 from _hardware import machine_report
 from _synth import SpeciesSpace
 from PIL import Image
@@ -58,7 +58,7 @@ def _ms(f, repeats: int) -> list[float]:
 def _spread(xs: list[float], unit: str = "ms", scale: float = 1.0) -> str:
     """'median M unit (min-max A-B, runs N)' of a one-shot job's repeats."""
     v, digits = [x * scale for x in xs], 1 if unit == "ms" else 2
-    return f"median {median(v):.{digits}f} {unit} (min-max {min(v):.{digits}f}-{max(v):.{digits}f}, runs {len(v)})"
+    return f"median {median(v):.{digits}f} {unit} (min-max {min_max(v, f'.{digits}f')}, runs {len(v)})"
 
 
 def _p50(xs: list[float]) -> float:

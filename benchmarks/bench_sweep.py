@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch, median, peak_rss_mib
+from _common import CpuWatch, median, min_max, peak_rss_mib
 from _hardware import machine_report
 
 BUCKET = "bench"
@@ -155,8 +155,7 @@ def main() -> None:
         proc.wait(timeout=10)
     print(f"\nmedian (min-max) of {args.runs} sweeps of {args.rows} rows ({args.orphans} orphans each"
           f"{', a row added meanwhile' if args.meanwhile else ''}): sweep {median(sweeps):.0f} ms "
-          f"({min(sweeps):.0f}-{max(sweeps):.0f}), lease held {median(lease):.0f} ms "
-          f"({min(lease):.0f}-{max(lease):.0f})")
+          f"({min_max(sweeps)}), lease held {median(lease):.0f} ms ({min_max(lease)})")
     print(f"peak RSS of this process {peak_rss_mib():.0f} MiB (moto's server not counted); {watch.report()}")
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CpuWatch, median, peak_rss_mib
+from _common import CpuWatch, median, min_max, peak_rss_mib
 from _hardware import machine_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -63,8 +63,8 @@ def count(root: Path, repeats: int) -> None:
         cpu_s.append(time.process_time() - cpu)
         wall_s.append(time.perf_counter() - wall)
     print(f"{len(g)} rows, {counted['unused']} unused ({root}); count, median of {repeats} (min-max): "
-          f"{median(cpu_s):.2f} s CPU ({min(cpu_s):.2f}-{max(cpu_s):.2f}), "
-          f"{median(wall_s):.2f} s wall ({min(wall_s):.2f}-{max(wall_s):.2f})")
+          f"{median(cpu_s):.2f} s CPU ({min_max(cpu_s, '.2f')}), "
+          f"{median(wall_s):.2f} s wall ({min_max(wall_s, '.2f')})")
 
 
 def main(argv: list[str] | None = None) -> None:

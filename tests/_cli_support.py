@@ -4,6 +4,7 @@ vectors. Fast, no shared assets."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,13 @@ def _photo(path: Path, seed: int, side: int = 48) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def image_bytes(image: Image.Image, fmt: str, **kw) -> bytes:
+    """``image`` saved in ``fmt`` (Pillow's name) with ``kw``, in memory."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ REQUIRE_ALL = "SPECIESID_REQUIRE_ALL"
 PH_SNAKES = SHARED / "data" / "ph-snakes"
 MOBILENET = SHARED / "models" / "mobilenetv1_100.coral_in1k"
 MOBILENET_SPEC = f"timm:local-dir:{MOBILENET}"
+#: The benchmark scripts (imported as modules by :func:`bench_script`).
+BENCHMARKS = REPO / "benchmarks"
 
 #: A CLIP small enough to build in a second, in open_clip's own config format.
 TINY_CLIP_CFG = {
@@ -77,6 +80,17 @@ def require_module(name: str) -> Any:
             pytest.fail(f"could not import {name!r} ({exc}); {REQUIRE_ALL} is set: install the extras "
                         "`make test` installs", pytrace=False)
         pytest.skip(f"could not import {name!r}: {exc}", allow_module_level=True)
+
+
+def bench_script(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """The benchmark script ``name`` (``bench_api``) imported afresh as a module, benchmarks/ on the path (its
+    ``_common`` and ``_hardware`` imported afresh too)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for module in ("_common", "_hardware", name):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    return importlib.import_module(name)
 
 
 def s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:

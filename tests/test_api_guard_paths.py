@@ -44,11 +44,7 @@ def _temp_files() -> int:
 def test_bodies_past_max_receiving_are_shed_unread_and_the_others_served():
     """500 stalled clients each held 1 MB (and a temporary file) with nothing shed: past SPECIESID_MAX_RECEIVING
     bodies being received, a 429 with Retry-After before a byte is read."""
-    from api.guard import EdgeGuard
-    from api.settings import Settings
-
-    guard = EdgeGuard(body_size_app, Settings(index="nowhere", max_identify_in_flight=3, max_receiving=3,
-                                             body_timeout_s=60, retry_after_s=1, retry_jitter_s=0))
+    guard = _guarded(api_keys="", max_identify_in_flight=3, max_receiving=3, body_timeout_s=60)
     clients = 30
     reads, sent = [0] * clients, [Sent() for _ in range(clients)]
 
@@ -362,12 +358,13 @@ def test_behind_a_root_path_a_request_without_a_key_is_refused_before_its_body_i
 
 
 def _guarded(**settings):
-    """The guard in front of :func:`body_size_app` (its 200 says the body's size), keys ``k``."""
+    """The guard in front of :func:`body_size_app` (its 200 says the body's size), keys ``k``, Retry-After 1 s;
+    ``settings`` add to or override those."""
     from api.guard import EdgeGuard
     from api.settings import Settings
 
-    return EdgeGuard(body_size_app, Settings(index="nowhere", api_keys="k", retry_after_s=1, retry_jitter_s=0,
-                                             **settings))
+    return EdgeGuard(body_size_app, Settings(**{"index": "nowhere", "api_keys": "k", "retry_after_s": 1,
+                                                "retry_jitter_s": 0, **settings}))
 
 
 def _answered(app, path: str, headers, messages, root_path: str) -> tuple[int | None, str]:

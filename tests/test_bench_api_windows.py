@@ -4,22 +4,15 @@ replaced it with 0 and 5)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import BENCHMARKS, bench_script
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch):
     """The script imported as a module (benchmarks/ on the path)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for name in ("_common", "_hardware", "bench_api"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    import bench_api
-
-    return bench_api
+    return bench_script(monkeypatch, "bench_api")
 
 
 def test_quick_keeps_explicit_windows(bench) -> None:

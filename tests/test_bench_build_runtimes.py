@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, bench_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_build.py"
+SCRIPT = BENCHMARKS / "bench_build.py"
 BASE = [("naive", "torch", "fp32"), ("ours", "torch", "fp32"), ("ours", "auto", "auto"), ("ours", "onnx", "fp32")]
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch):
     """The script imported as a module (benchmarks/ on the path)."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    for name in ("_common", "_hardware", "bench_build"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    import bench_build
-
-    return bench_build
+    return bench_script(monkeypatch, "bench_build")
 
 
 def test_runtimes_already_built_are_not_added_again(bench) -> None:
-    got = bench.with_runtimes(BASE, "torch:fp32, onnx:int8,onnx:int8,auto:auto")
+    got = bench.with_runtimes(BASE, bench.parse_runtimes("torch:fp32, onnx:int8,onnx:int8,auto:auto"))
     assert got == [*BASE[:3], ("ours", "onnx", "int8")]
 
 

@@ -4,20 +4,8 @@ not "0 MP"."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _script(monkeypatch: pytest.MonkeyPatch, name: str):
-    """The script ``name`` imported as a module (benchmarks/ on the path)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    for module in ("_common", "_hardware", name):
-        monkeypatch.delitem(sys.modules, module, raising=False)
-    return __import__(name)
+from conftest import bench_script as _script
 
 
 def test_gpu_cells_without_a_figure_are_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:

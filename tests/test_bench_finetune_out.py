@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_finetune.py"
@@ -80,12 +81,7 @@ def test_an_overwrite_run_that_fails_before_writing_leaves_no_marker(tmp_path: P
 def bench(monkeypatch: pytest.MonkeyPatch, fake_shared: Path):
     """The script imported as a module (benchmarks/ on the path, SPECIESID_SHARED at the fake)."""
     monkeypatch.setenv("SPECIESID_SHARED", str(fake_shared))
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    for name in ("_common", "_hardware", "bench_finetune"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    import bench_finetune
-
-    return bench_finetune
+    return bench_script(monkeypatch, "bench_finetune")
 
 
 def test_out_checks_marked_runs_overwrite_and_the_default(tmp_path: Path, bench) -> None:

@@ -8,21 +8,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, bench_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unused_uploads.py"
+SCRIPT = BENCHMARKS / "bench_unused_uploads.py"
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """The script imported as a module (benchmarks/ on the path), its temporary folders under ``tmp_path/tmp``."""
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    for name in ("_common", "_hardware", "bench_unused_uploads"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    import bench_unused_uploads
-
-    return bench_unused_uploads
+    return bench_script(monkeypatch, "bench_unused_uploads")
 
 
 def _main(bench, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:

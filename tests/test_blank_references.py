@@ -5,12 +5,11 @@ pages) says so on the reference paths too; a 422 names every photo of a request 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _cli_support import ENCODER, _photo, _run, folder_gallery
+from _cli_support import ENCODER, _photo, _run, folder_gallery, image_bytes
 from PIL import Image
 
 from retrieval.images import decode_image, photo_note
@@ -26,12 +25,6 @@ BLANK_FRAME = ("blank photo (almost one colour) in its first frame, the only one
                "frame that shows the animal as a photo of its own")
 BLANK_PAGE = ("blank photo (almost one colour) in its first page, the only one read of a 2-page TIFF: send the page "
               "that shows the animal as a photo of its own")
-
-
-def _bytes(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def _noise(seed: int, side: int = 64) -> Image.Image:
@@ -64,12 +57,13 @@ def test_one_test_of_blank_refuses_one_colour_photos_and_keeps_dark_ones():
 
     rng = np.random.default_rng(0)
     noisy_black = np.clip(rng.normal(8, 3, (480, 640, 3)), 0, 255).astype(np.uint8)
-    for data in (_bytes(Image.new("RGB", (300, 300)), "JPEG"), _bytes(Image.new("RGB", (300, 300), "white"), "PNG"),
-                 _bytes(Image.fromarray(noisy_black), "JPEG", quality=90),
-                 _bytes(Image.new("LA", (80, 80), (0, 0)), "PNG")):  # fully transparent: white once on white
+    for data in (image_bytes(Image.new("RGB", (300, 300)), "JPEG"),
+                 image_bytes(Image.new("RGB", (300, 300), "white"), "PNG"),
+                 image_bytes(Image.fromarray(noisy_black), "JPEG", quality=90),
+                 image_bytes(Image.new("LA", (80, 80), (0, 0)), "PNG")):  # fully transparent: white once on white
         assert blank_reason(decode_image(data)) == BLANK
     night = (np.asarray(_noise(5, 300), dtype=np.float32) * 0.05).astype(np.uint8)  # 0-12 levels
-    for data in (_bytes(_noise(6, 300), "PNG"), _bytes(Image.fromarray(night), "JPEG", quality=95)):
+    for data in (image_bytes(_noise(6, 300), "PNG"), image_bytes(Image.fromarray(night), "JPEG", quality=95)):
         assert blank_reason(decode_image(data)) is None
 
 
@@ -78,7 +72,7 @@ def test_a_tiff_of_several_pages_is_said_to_be_read_from_its_first_page(tmp_path
     its black first page); it gets a note as an animated GIF does."""
     _several(tmp_path)
     assert photo_note(decode_image((tmp_path / "pages.tif").read_bytes())) == FIRST_PAGE
-    assert photo_note(decode_image(_bytes(_noise(7), "TIFF"))) is None  # one page: nothing to say
+    assert photo_note(decode_image(image_bytes(_noise(7), "TIFF"))) is None  # one page: nothing to say
 
 
 def test_index_build_skips_blank_photos_and_lists_them_and_says_which_were_read_from_their_first_frame(
@@ -200,7 +194,7 @@ def test_a_query_runs_no_blank_test_and_a_given_photo_opens_its_header_once(tmp_
     from retrieval.pipeline import prepare
 
     enc = create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
-    black = _bytes(Image.new("RGB", (64, 64)), "PNG")
+    black = image_bytes(Image.new("RGB", (64, 64)), "PNG")
     tested: list[int] = []
     real_blank = retrieval.pipeline.blank_reason
     monkeypatch.setattr(retrieval.pipeline, "blank_reason", lambda im: tested.append(1) or real_blank(im))

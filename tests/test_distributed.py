@@ -100,16 +100,15 @@ def test_a_ray_build_says_which_photos_were_read_from_their_first_frame_or_page(
     """Re-read s57 core #1: ``decode_batch`` kept the tensor, digest and error of ``prepare`` but not its note, so a
     Ray build stored an animated GIF or a TIFF of several pages without a word; it says them as the local build
     does (test_blank_references: the local half)."""
-    from _cli_support import ENCODER, _photo
+    from _cli_support import ENCODER, _photo, _run
     from test_blank_references import COBRA, _several
 
     root = tmp_path / "photos"
     for i in range(3):
         _photo(root / COBRA / f"{i}.png", i, side=64)
     notes = _several(root / COBRA)
-    code = main([str(a) for a in ("index", "build", "--dataset", "folder", "--root", root, "--index", tmp_path / "g",
-                                  *ENCODER, "--engine", "ray", "--ray-actors", "2", "-q")])
-    out = capsys.readouterr().out
+    code, out, _ = _run(capsys, "index", "build", "--dataset", "folder", "--root", root, "--index", tmp_path / "g",
+                        *ENCODER, "--engine", "ray", "--ray-actors", "2", "-q")
     assert code == 0 and "added 5," in out, out
     for name, note in notes.items():
         assert f"note: {root / COBRA / name}: {note}\n" in out, out

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from _cli_support import image_bytes
 from PIL import Image
 
 from retrieval.images import ImageLoadError, decode_image, to_rgb
@@ -20,15 +21,9 @@ def test_vit():
     return create_encoder("timm:test_vit@random", precision="fp32", runtime="torch")
 
 
-def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def test_rgba_is_composited_on_white():
     img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
-    out = decode_image(_bytes(img, "PNG"))
+    out = decode_image(image_bytes(img, "PNG"))
     assert out.mode == "RGB"
     assert out.getpixel((0, 0)) == (255, 255, 255)
 
@@ -36,22 +31,22 @@ def test_rgba_is_composited_on_white():
 def test_palette_with_transparency_and_cmyk_and_grayscale():
     pal = Image.new("P", (4, 4), 0)
     pal.putpalette([10, 20, 30] + [0] * 765)
-    assert decode_image(_bytes(pal, "PNG")).getpixel((0, 0)) == (10, 20, 30)
+    assert decode_image(image_bytes(pal, "PNG")).getpixel((0, 0)) == (10, 20, 30)
     pal_t = pal.copy()
     pal_t.info["transparency"] = 0
-    assert decode_image(_bytes(pal_t, "PNG", transparency=0)).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(image_bytes(pal_t, "PNG", transparency=0)).getpixel((0, 0)) == (255, 255, 255)
     cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
-    r, g, b = decode_image(_bytes(cmyk, "JPEG", quality=100)).getpixel((0, 0))
+    r, g, b = decode_image(image_bytes(cmyk, "JPEG", quality=100)).getpixel((0, 0))
     assert r > 200 and g < 60 and b < 60
     gray = Image.new("L", (4, 4), 77)
-    assert decode_image(_bytes(gray, "PNG")).getpixel((0, 0)) == (77, 77, 77)
+    assert decode_image(image_bytes(gray, "PNG")).getpixel((0, 0)) == (77, 77, 77)
 
 
 def test_16_bit_grayscale_is_rescaled_not_clipped():
     arr = np.array([[0, 32768], [65535, 16384]], dtype=np.uint16)
     img = Image.fromarray(arr)
     assert img.mode.startswith("I")
-    out = decode_image(_bytes(img, "PNG"))
+    out = decode_image(image_bytes(img, "PNG"))
     px = np.asarray(out)[..., 0]
     assert px[0, 0] == 0 and px[1, 0] == 255 and 120 <= px[0, 1] <= 135  # mid-grey, not white
 
@@ -61,19 +56,19 @@ def test_exif_orientation_is_applied():
     img.paste((255, 0, 0), (0, 0, 8, 8))  # a red mark in the top-left corner shows which way it turned
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display: the top-left corner goes to the top right
-    out = np.asarray(decode_image(_bytes(img, "JPEG", exif=exif))).astype(int)
+    out = np.asarray(decode_image(image_bytes(img, "JPEG", exif=exif))).astype(int)
     assert out.shape[:2] == (40, 20)  # (height, width)
     red = lambda px: px[0] > 200 and px[1] < 60  # noqa: E731
     assert red(out[3, 16]) and not red(out[3, 3]) and not red(out[36, 16]) and not red(out[36, 3])
 
 
 def test_corrupt_truncated_empty_and_non_images(tmp_path, test_vit):
-    good = _bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    good = image_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     with pytest.raises(ImageLoadError) as cut:  # walk s57 #7: what to do, no brackets in brackets
         decode_image(good[: len(good) // 3], name="IMG_1.jpg")
     assert str(cut.value) == ("IMG_1.jpg: the photo is cut short (the copy or upload did not finish): copy or send "
                               "it again from the camera or phone")
-    broken = bytearray(_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "WEBP"))
+    broken = bytearray(image_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "WEBP"))
     broken[30:] = bytes(len(broken) - 30)  # its header whole, its data zeroed: the decoder fails
     with pytest.raises(ImageLoadError) as damaged:
         decode_image(bytes(broken), name="x.webp")
@@ -92,13 +87,13 @@ def test_corrupt_truncated_empty_and_non_images(tmp_path, test_vit):
                                   "BMP, GIF or PPM")  # never handed to Ghostscript: only photo formats' decoders are tried
     for fmt in ("PCX", "TGA", "SGI"):  # formats Pillow reads, no photo comes in, and whose decoders stay out of reach
         with pytest.raises(ImageLoadError, match="not a photo: its content is not"):
-            decode_image(_bytes(Image.new("RGB", (40, 40)), fmt))
+            decode_image(image_bytes(Image.new("RGB", (40, 40)), fmt))
     for fmt in ("PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM"):
-        assert decode_image(_bytes(Image.new("RGB", (40, 40), (9, 200, 9)), fmt)).getpixel((5, 5))[1] > 150
+        assert decode_image(image_bytes(Image.new("RGB", (40, 40), (9, 200, 9)), fmt)).getpixel((5, 5))[1] > 150
 
 
 def test_decompression_bomb_is_refused():
-    big = _bytes(Image.new("L", (2000, 2000)), "PNG")
+    big = image_bytes(Image.new("L", (2000, 2000)), "PNG")
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         decode_image(big, max_pixels=1_000_000)
     from _api_support import png_bomb  # a header of N x N pixels, no data
@@ -143,7 +138,7 @@ def test_the_pixel_limit_counts_the_pixels_decoded():
     50 MP limit; the same photo decoded whole, or a PNG (decoded whole), does not; none passes the 256 MP cap."""
     from retrieval.images import PixelLimitError
 
-    jpeg = _bytes(Image.new("RGB", (9000, 6000), (120, 90, 60)), "JPEG")
+    jpeg = image_bytes(Image.new("RGB", (9000, 6000), (120, 90, 60)), "JPEG")
     image = decode_image(jpeg, max_pixels=50_000_000, draft=448)
     assert image.size == (1125, 750) and image.info["speciesid_photo_size"] == (9000, 6000)
     with pytest.raises(PixelLimitError, match=r"9000x6000 pixels is over the limit of 50,000,000"):
@@ -151,7 +146,7 @@ def test_the_pixel_limit_counts_the_pixels_decoded():
     with pytest.raises(PixelLimitError, match=r"9000x6000 pixels \(2250x1500 decoded at reduced scale\) is over "
                                               r"the limit of 1,000,000"):
         decode_image(jpeg, max_pixels=1_000_000, draft=1500)
-    png = _bytes(Image.new("L", (9000, 6000)), "PNG")  # not reduced at decode; greyscale counts 1.25x (PIXEL_MODES)
+    png = image_bytes(Image.new("L", (9000, 6000)), "PNG")  # not reduced at decode; greyscale: 1.25x (PIXEL_MODES)
     with pytest.raises(PixelLimitError) as refused:
         decode_image(png, max_pixels=50_000_000, draft=448, name="grey.png")
     # walk s57 #6: one line saying what to do, not to save an 8-bit PNG as an 8-bit PNG
@@ -166,7 +161,7 @@ def test_a_photo_file_is_hashed_on_its_bytes(tmp_path, test_vit):
     import hashlib
 
     p = tmp_path / "a.png"
-    p.write_bytes(_bytes(Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"))
+    p.write_bytes(image_bytes(Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"))
     prepared = prepare(0, p, test_vit)
     assert prepared.error is None and prepared.tensor is not None
     assert prepared.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
@@ -176,19 +171,19 @@ def test_a_photo_file_is_hashed_on_its_bytes(tmp_path, test_vit):
 
 def test_jpeg_draft_keeps_at_least_the_requested_size():
     img = Image.new("RGB", (2000, 1500), (10, 200, 30))
-    out = decode_image(_bytes(img, "JPEG"), draft=448)
+    out = decode_image(image_bytes(img, "JPEG"), draft=448)
     assert min(out.size) >= 448 and out.size[0] < 2000
 
 
 def test_long_strips_are_refused_before_decoding(tmp_path, test_vit):
     """A few-kB 1 x 20,000 strip would become a 224 x 4.5M px tensor after the short-side resize."""
-    strip = _bytes(Image.new("L", (20_000, 1)), "PNG")
+    strip = image_bytes(Image.new("L", (20_000, 1)), "PNG")
     with pytest.raises(ImageLoadError, match="too elongated"):
         decode_image(strip)
     p = tmp_path / "strip.png"  # the CLI / gallery path too
     p.write_bytes(strip)
     assert prepare(0, p, test_vit).error == "20000x1 pixels is too elongated (over 25:1) to be a photo"
-    assert decode_image(_bytes(Image.new("RGB", (500, 20)), "PNG")).size == (500, 20)  # 25:1 still passes
+    assert decode_image(image_bytes(Image.new("RGB", (500, 20)), "PNG")).size == (500, 20)  # 25:1 still passes
 
 
 def test_a_photo_reduced_at_decode_is_size_checked_at_its_own_size():
@@ -218,7 +213,7 @@ def test_a_photo_with_damaged_exif_is_read_upright_as_stored_and_said_once_by_na
     from retrieval.images import header_size
 
     tiff = b"II*\x00\x08\x00\x00\x00" + b"\x05\x00" + b"\x12\x01\x03\x00"  # 5 entries said, a third of one there
-    data = _bytes(Image.new("RGB", (60, 40), (10, 200, 10)), "JPEG", exif=b"Exif\x00\x00" + tiff)
+    data = image_bytes(Image.new("RGB", (60, 40), (10, 200, 10)), "JPEG", exif=b"Exif\x00\x00" + tiff)
     with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING, "retrieval.images"):
         warnings.simplefilter("always")
         assert header_size(data) == (60, 40)
@@ -229,9 +224,9 @@ def test_a_photo_with_damaged_exif_is_read_upright_as_stored_and_said_once_by_na
     caplog.clear()
     exif = Image.Exif()
     exif[0x0112] = 6  # a whole EXIF: turned, nothing said
-    assert decode_image(_bytes(Image.new("RGB", (60, 40)), "JPEG", exif=exif), name="ok.jpg").size == (40, 60)
+    assert decode_image(image_bytes(Image.new("RGB", (60, 40)), "JPEG", exif=exif), name="ok.jpg").size == (40, 60)
     assert caplog.records == []
-    empty = _bytes(Image.new("RGB", (60, 40)), "JPEG", exif=Image.Exif())  # re-read s57 #3: valid, no tags
+    empty = image_bytes(Image.new("RGB", (60, 40)), "JPEG", exif=Image.Exif())  # re-read s57 #3: valid, no tags
     assert Image.open(io.BytesIO(empty)).info["exif"].startswith(b"Exif")
     with caplog.at_level(logging.WARNING, "retrieval.images"):
         assert decode_image(empty, name="empty.jpg").size == (60, 40)

@@ -24,8 +24,8 @@ from typing import Any, NoReturn, TypeVar, overload
 from api.cli import clean, evaluate, finetune, identify, index, probe, references, serve
 from index.errors import TableReplacedError, first_line, store_io_failure, store_io_kind
 from index.formats import speciesid_version
+from index.photos import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS
 from index.text import printable
-from retrieval.images import DEFAULT_MAX_PIXELS, PHOTO_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 _N = TypeVar("_N")  # a namespace object: CommandParser.parse_known_args returns the one it is given
@@ -121,7 +121,7 @@ def build_parser(modules: Sequence[types.ModuleType] = COMMANDS) -> argparse.Arg
     _verbose_anywhere(sub)
     _describe_everywhere(sub)
     _name_values(sub)
-    _note_wait(sub)
+    _note_wait_and_pixels(sub)
     parser.epilog = WRITE_WAIT_HELP
     _note_docs(parser)
     return parser
@@ -151,7 +151,7 @@ def _command(subparsers: argparse._SubParsersAction, path: Sequence[str]) -> arg
     return command
 
 
-def _note_wait(subparsers: argparse._SubParsersAction) -> None:
+def _note_wait_and_pixels(subparsers: argparse._SubParsersAction) -> None:
     """End the ``--help`` of every command that writes a gallery with :data:`WRITE_WAIT_HELP`, and of every one
     that reads photos with :data:`PIXELS_HELP`."""
     for path in WRITERS:
