@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated keys accepted in X-API-Key for writes")
     reads_require_key: bool = Field(False, description="also require X-API-Key for reads")
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted photo, in MB (bigger -> 413)")
-    # The default and the cap are retrieval.images' PHOTO_MAX_PIXELS and DEFAULT_MAX_PIXELS; _max_pixels checks the
+    # The default and the cap are index.photos' PHOTO_MAX_PIXELS and DEFAULT_MAX_PIXELS; _max_pixels checks the
     # bounds (parse_max_pixels: 1 to the cap), in the command line's words.
     max_pixels: int = Field(PHOTO_MAX_PIXELS,
                             description="most pixels one photo may decode to (decompression-bomb guard), at most "

@@ -75,9 +75,6 @@ PHOTO_FORMATS: dict[str, tuple[str, ...]] = {
     "PPM": (".ppm",),
 }
 IMAGE_EXTENSIONS = frozenset(ext for exts in PHOTO_FORMATS.values() for ext in exts)
-#: The pixel limits (the cap and its default), defined in retrieval.images; here so the CLI reads them without PIL.
-DEFAULT_MAX_PIXELS = 256_000_000
-PHOTO_MAX_PIXELS = 50_000_000
 #: The accepted formats in words, for messages.
 PHOTO_FORMAT_WORDS = "JPEG, PNG, WebP, HEIC, AVIF, TIFF, BMP, GIF or PPM"
 #: No photo is taken with more pixels than this as stored (decompression-bomb guard): 16,000 x 16,000, whatever

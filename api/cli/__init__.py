@@ -37,7 +37,7 @@ WRITE_WAIT_HELP = ("A command that writes a gallery waits for another writer of 
                    "lease) up to 600 s, saying whom it waits for after 2 s; SPECIESID_WRITE_WAIT_S=SECONDS sets "
                    "that wait (0: do not wait).")
 #: The epilog of the commands that read photos: the pixel limit, and what a photo costs a decode thread
-#: (``retrieval.images.PHOTO_MAX_PIXELS``).
+#: (``index.photos.PHOTO_MAX_PIXELS``).
 PIXELS_HELP = ("A photo is read when it decodes to at most SPECIESID_MAX_PIXELS pixels (the server's setting; "
                f"default {PHOTO_MAX_PIXELS}, at most {DEFAULT_MAX_PIXELS}; a JPEG counts at the reduced scale it is "
                "decoded at), else skipped saying how small to save it; a decode thread holding a photo takes about "
