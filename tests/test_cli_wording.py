@@ -174,6 +174,11 @@ def _logging_run(verbose: int, lines: str, *argv: str) -> str:
     return run.stderr
 
 
+def _logging_lines(verbose: int, lines: str) -> list[str]:
+    """:func:`_logging_run`'s stderr, a list of its lines."""
+    return _logging_run(verbose, lines).splitlines()
+
+
 def test_log_lines_are_in_the_command_lines_style_and_module_names_only_with_verbose(tmp_path):
     """Walk s50 #4: the CLI printed library warnings as ``WARNING retrieval.pipeline: ...`` beside its own
     ``speciesid: ...`` lines, and the one-time export as ``WARNING retrieval.runtimes.select: speciesid: preparing
@@ -188,15 +193,13 @@ def test_log_lines_are_in_the_command_lines_style_and_module_names_only_with_ver
         "logging.getLogger('retrieval.workflows').debug('a debug detail')\n"
     )
 
-    def err(verbose: int) -> list[str]:
-        return _logging_run(verbose, lines).splitlines()
-
-    assert err(0) == ["speciesid: warning: interrupted: committing", "speciesid: error: cannot read",
-                      "speciesid: preparing X for this CPU"]
-    assert err(1) == ["WARNING retrieval.pipeline: interrupted: committing", "ERROR index.photos: cannot read",
-                      "INFO retrieval.runtimes.select: preparing X for this CPU",
-                      "INFO retrieval.workflows: a detail"]
-    assert err(2)[-1] == "DEBUG retrieval.workflows: a debug detail"
+    assert _logging_lines(0, lines) == ["speciesid: warning: interrupted: committing",
+                                        "speciesid: error: cannot read", "speciesid: preparing X for this CPU"]
+    assert _logging_lines(1, lines) == ["WARNING retrieval.pipeline: interrupted: committing",
+                                        "ERROR index.photos: cannot read",
+                                        "INFO retrieval.runtimes.select: preparing X for this CPU",
+                                        "INFO retrieval.workflows: a detail"]
+    assert _logging_lines(2, lines)[-1] == "DEBUG retrieval.workflows: a debug detail"
 
 
 def test_the_one_time_export_is_a_note_not_a_warning(tmp_path, monkeypatch, caplog):
@@ -358,14 +361,11 @@ def test_verbose_keeps_faiss_loaders_chatter_out_and_a_record_of_several_lines_i
         "    logging.getLogger('index.gallery').warning('it failed', exc_info=True)\n"
     )
 
-    def err(verbose: int) -> list[str]:
-        return _logging_run(verbose, lines).splitlines()
-
-    v = err(1)
+    v = _logging_lines(1, lines)
     assert v[:3] == ["INFO retrieval.workflows: first line", "  second line", "WARNING index.gallery: it failed"], v
     assert v[3] == "  Traceback (most recent call last):" and v[-1] == "  ValueError: boom", v
     assert all(line.startswith(("INFO ", "WARNING ", "  ")) for line in v), v  # faiss' loader: not at all
-    vv = err(2)
+    vv = _logging_lines(2, lines)
     assert vv[:2] == ["INFO faiss.loader: Could not load library with AVX512 support due to:",
                       '  ModuleNotFoundError("No module named faiss.swigfaiss_avx512")'], vv
 
